@@ -354,6 +354,15 @@ impl Config {
                 }
             }
         }
+        for n in &self.nodes {
+            let admin: SocketAddr = n.admin.parse().map_err(|_| ConfigError::Invalid(format!("node {}: admin address", n.id)))?;
+            if !admin.ip().is_loopback() && self.admin.token.as_deref().map(str::is_empty).unwrap_or(true) {
+                return bad(format!(
+                    "node {}: admin = {} is not on loopback, so [admin] token is required",
+                    n.id, n.admin
+                ));
+            }
+        }
         if self.nodes.len() > 1 {
             for n in &self.nodes {
                 if n.cluster.is_none() {
@@ -513,6 +522,7 @@ mod tests {
             ("[[node]]\nid='n1'\nlisten='nope'\nadmin='127.0.0.1:2'", "not an IP:port"),
             ("[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:1'", "used twice"),
             ("", "at least one [[node]]"),
+            ("[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='0.0.0.0:2'", "token is required"),
             ("[store]\nbackend='postgres'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "store.url"),
             ("[delivery]\nstrategy='Sometimes'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "Sometimes"),
             (

@@ -11,6 +11,8 @@
 //! - [`cluster`]: the authenticated TCP peer protocol, session directory, notifications.
 //! - [`admin`]: the admin HTTP listener.
 //! - [`client`]: the agent side of the same protocols (tests, load generator).
+//! - [`metrics`]: Prometheus counters and gauges, `mailroom_*`.
+//! - [`logging`], [`signals`]: tracing setup; SIGTERM/SIGINT.
 //! - [`node`]: the composition root: opens the store, starts actors and listeners, shuts down.
 #![forbid(unsafe_code)]
 
@@ -19,8 +21,11 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod didcomm;
+pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod protocols;
 pub mod registry;
 pub mod session;
+pub mod signals;
 pub mod store;

@@ -1,1 +1,400 @@
-//! (being written)
+//! The composition root: open the store, load the mediator identity, start the registry,
+//! the cluster and the listeners; on shutdown, tear down in a fixed order.
+//!
+//! `run` takes bound listeners and a shutdown future, so tests start whole nodes in-process
+//! on `127.0.0.1:0` ([`spawn`]).
+
+use crate::admin::{self, AdminState};
+use crate::cluster::{ClusterConfig, ClusterEvent, ClusterHandle, PeerConfig};
+use crate::config::{Config, NodeEntry};
+use crate::metrics::Metrics;
+use crate::protocols::{now_ms, Mediator, MediatorKeys};
+use crate::registry::{CloseAll, Registry, WakeLocal};
+use crate::session::{http as public_http, Shared};
+use crate::store::{self, Store};
+use actix::Actor;
+use actix_web::{App, HttpServer};
+use anyhow::Context as _;
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long in-flight requests get to finish on shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The node's bound sockets.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub admin: TcpListener,
+    pub cluster: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses of a `[[node]]` entry.
+    pub fn bind(node: &NodeEntry) -> std::io::Result<Listeners> {
+        let bind = |a: &str| -> std::io::Result<TcpListener> {
+            TcpListener::bind(a).map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind {a}: {e}")))
+        };
+        Ok(Listeners {
+            public: bind(&node.listen)?,
+            admin: bind(&node.admin)?,
+            cluster: node.cluster.as_deref().map(bind).transpose()?,
+        })
+    }
+
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public.local_addr().expect("a bound listener has an address")
+    }
+}
+
+/// Opens the store the config names.
+pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match cfg.store.backend.as_str() {
+        "postgres" => {
+            let url = cfg.store.url.as_deref().context("store.url is required for postgres")?;
+            Ok(store::open_postgres(url, cfg.store.pool_size).await?)
+        }
+        _ => Ok(store::open_sled(&cfg.store.path).await?),
+    }
+}
+
+/// What a node is started with besides its config and listeners.
+#[derive(Default, Clone)]
+pub struct NodeOptions {
+    /// Use this store instead of opening the config's (several in-process nodes share one).
+    pub store: Option<Arc<dyn Store>>,
+    /// The file the config came from: SIGHUP and `POST /reload` re-read its peer list.
+    pub config_path: Option<std::path::PathBuf>,
+}
+
+/// Runs one node until `shutdown` resolves. Must be called inside an actix `System`.
+pub async fn run(
+    cfg: Config,
+    node_id: &str,
+    listeners: Listeners,
+    opts: NodeOptions,
+    shutdown: impl Future<Output = ()>,
+    ready_flag: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let store = opts.store.clone();
+    let cfg = Arc::new(cfg);
+    let node = cfg.node(node_id)?.clone();
+    let store = match store {
+        Some(s) => s,
+        None => open_store(&cfg).await?,
+    };
+    let candidate = MediatorKeys::generate().to_identity(now_ms());
+    let identity = store.identity_get_or_create(candidate).await?;
+    let keys = MediatorKeys::from_identity(&identity).map_err(anyhow::Error::msg)?;
+    let public_addr = listeners.public_addr();
+    let public_url = cfg.public_url(&node, Some(public_addr));
+    let mediator = Arc::new(Mediator::new(store.clone(), keys, &cfg, node_id, &public_url));
+    let metrics = Arc::new(Metrics::new());
+
+    // Cluster: every other [[node]] is a peer.
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel::<ClusterEvent>(4096);
+    let cluster = match listeners.cluster {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            let l = tokio::net::TcpListener::from_std(l)?;
+            let cc = cluster_config(&cfg, node_id)?;
+            Some(ClusterHandle::start(cc, l, events_tx).await?)
+        }
+        None => None,
+    };
+    let registry = Registry::new(cluster.clone()).start();
+    let shared = Arc::new(Shared::new(mediator.clone(), registry.clone(), cluster.clone(), cfg.clone(), metrics.clone()));
+
+    // Notifications from peers wake local sessions; the store holds the messages.
+    {
+        let shared = shared.clone();
+        actix_rt::spawn(async move {
+            while let Some(ev) = events_rx.recv().await {
+                match ev {
+                    ClusterEvent::MessageQueued { conn } => {
+                        shared.metrics.notifications_received.inc();
+                        let _ = shared.registry.send(WakeLocal { conn }).await;
+                    }
+                    ClusterEvent::PeerUp { node } => tracing::info!(peer = %node, "peer up"),
+                    ClusterEvent::PeerDown { node } => tracing::warn!(peer = %node, "peer down"),
+                    _ => {}
+                }
+            }
+        });
+    }
+
+    // The sweep: bounded delay for lost notifications and expired leases.
+    {
+        let shared = shared.clone();
+        let every = Duration::from_millis(cfg.delivery.sweep_interval_ms);
+        actix_rt::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut n: u64 = 0;
+            loop {
+                tick.tick().await;
+                n += 1;
+                shared.sweep(n % 10 == 0).await;
+            }
+        });
+    }
+
+    // Message time-to-live.
+    if cfg.limits.message_ttl_secs > 0 {
+        let shared = shared.clone();
+        let ttl_ms = (cfg.limits.message_ttl_secs * 1000) as i64;
+        let every = Duration::from_millis((ttl_ms as u64 / 4).clamp(100, 60_000));
+        actix_rt::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                match shared.mediator.store.expire(now_ms() - ttl_ms).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        shared.metrics.expired.inc_by(n);
+                        tracing::info!(expired = n, "expired queued messages past their time-to-live");
+                    }
+                    Err(e) => tracing::warn!("expiry sweep: {e}"),
+                }
+            }
+        });
+    }
+
+    let public_server = {
+        let shared = shared.clone();
+        HttpServer::new(move || App::new().configure(|c| public_http::configure(c, shared.clone())))
+            .listen(listeners.public)?
+            .disable_signals()
+            .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+            .run()
+    };
+    let public_handle = public_server.handle();
+    let admin_addr = listeners.admin.local_addr()?;
+    let reloader = Arc::new(Reloader {
+        path: opts.config_path.clone(),
+        node_id: node_id.to_string(),
+        cluster: cluster.clone(),
+    });
+    let admin_state = Arc::new(AdminState::new(shared.clone(), ready_flag.clone(), admin_addr, reloader.clone()));
+    // SIGHUP re-reads the peer list (scaling by adding nodes without a restart).
+    {
+        let reloader = reloader.clone();
+        actix_rt::spawn(async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                match reloader.reload() {
+                    Ok(n) => tracing::info!(peers = n, "SIGHUP: peer list reloaded"),
+                    Err(e) => tracing::error!("SIGHUP: reload refused, peers unchanged: {e}"),
+                }
+            }
+        });
+    }
+    let admin_server = {
+        let st = admin_state.clone();
+        HttpServer::new(move || App::new().configure(|c| admin::configure(c, st.clone())))
+            .listen(listeners.admin)?
+            .disable_signals()
+            .workers(1)
+            .shutdown_timeout(2)
+            .run()
+    };
+    let admin_handle = admin_server.handle();
+    let public_task = actix_rt::spawn(public_server);
+    let admin_task = actix_rt::spawn(admin_server);
+    ready_flag.store(true, Ordering::SeqCst);
+    tracing::info!(node = node_id, public = %public_addr, admin = %admin_addr, store = store.backend(), "mailroom node ready");
+    println!("mailroom node {node_id} listening on http://{public_addr} (admin http://{admin_addr})");
+    println!("invitation: {}", crate::protocols::oob::invitation_url(&mediator, &crate::protocols::oob::public_invitation(&mediator)));
+
+    shutdown.await;
+
+    // Ordered teardown: stop accepting sockets, close sessions with 1001 so wallets reconnect
+    // elsewhere, leave the cluster, finish in-flight requests, hand leases back, flush.
+    tracing::info!(node = node_id, "shutting down");
+    ready_flag.store(false, Ordering::SeqCst);
+    shared.draining.store(true, Ordering::SeqCst);
+    let closed = registry
+        .send(CloseAll {
+            code: 1001,
+            reason: "mediator node shutting down: reconnect".into(),
+        })
+        .await
+        .unwrap_or(0);
+    tracing::info!(sessions = closed, "sessions closed");
+    if let Some(c) = &cluster {
+        c.leave().await;
+    }
+    public_handle.stop(true).await;
+    admin_handle.stop(true).await;
+    let _ = public_task.await;
+    let _ = admin_task.await;
+    if let Err(e) = store.release_owner(&shared.http_owner()).await {
+        tracing::warn!("leases not released on shutdown (they expire): {e}");
+    }
+    store.flush().await?;
+    if let Some(c) = &cluster {
+        c.shutdown().await;
+    }
+    tracing::info!(node = node_id, "stopped");
+    Ok(())
+}
+
+/// Re-reads the config file's `[[node]]` list and hands the peers to the cluster: new nodes
+/// are dialled, removed ones forgotten, existing links and sessions untouched.
+pub struct Reloader {
+    path: Option<std::path::PathBuf>,
+    node_id: String,
+    cluster: Option<ClusterHandle>,
+}
+
+impl Reloader {
+    /// Returns the number of peers now configured.
+    pub fn reload(&self) -> anyhow::Result<usize> {
+        let path = self.path.as_ref().context("this node was not started from a config file")?;
+        let cfg = Config::load(path)?;
+        cfg.node(&self.node_id)
+            .with_context(|| format!("the new file no longer lists this node ({})", self.node_id))?;
+        let cluster = self.cluster.as_ref().context("this node has no cluster listener")?;
+        let cc = cluster_config(&cfg, &self.node_id)?;
+        let n = cc.peers.len();
+        cluster.update_peers(cc.peers);
+        Ok(n)
+    }
+}
+
+/// The cluster settings of one node: every other `[[node]]` is a peer.
+pub fn cluster_config(cfg: &Config, node_id: &str) -> anyhow::Result<ClusterConfig> {
+    let mut peers = Vec::new();
+    for n in cfg.nodes.iter().filter(|n| n.id != node_id) {
+        if let Some(c) = &n.cluster {
+            peers.push(PeerConfig {
+                id: n.id.clone(),
+                addr: c.parse().with_context(|| format!("node {} cluster address", n.id))?,
+            });
+        }
+    }
+    Ok(ClusterConfig {
+        node_id: node_id.to_string(),
+        cluster_name: cfg.cluster.name.clone(),
+        secret: cfg.cluster_secret()?,
+        peers,
+        heartbeat_interval: Duration::from_millis(cfg.cluster.heartbeat_ms),
+        failure_timeout: Duration::from_millis(cfg.cluster.failure_timeout_ms),
+        max_frame: cfg.cluster.max_frame_bytes,
+        peer_queue: cfg.cluster.peer_queue,
+    })
+}
+
+/// A node running on its own thread and actix system (tests, benchmarks).
+pub struct RunningNode {
+    pub node_id: String,
+    pub public_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub cluster_addr: Option<SocketAddr>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningNode {
+    pub fn public_url(&self) -> String {
+        format!("http://{}", self.public_addr)
+    }
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
+    /// Graceful shutdown; waits for the node's thread.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| anyhow::anyhow!("node thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningNode {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}
+
+/// Starts a node on a thread of its own with the given (already bound) listeners; returns
+/// once it serves.
+pub fn spawn(cfg: Config, node_id: &str, listeners: Listeners, opts: NodeOptions) -> anyhow::Result<RunningNode> {
+    let public_addr = listeners.public.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
+    let cluster_addr = listeners.cluster.as_ref().map(|l| l.local_addr()).transpose()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let ready = Arc::new(AtomicBool::new(false));
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let id = node_id.to_string();
+    let r2 = ready.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("mailroom-{id}"))
+        .spawn(move || {
+            let sys = actix_rt::System::new();
+            let started = started_tx.clone();
+            let res = sys.block_on(async move {
+                let watcher = {
+                    let r = r2.clone();
+                    actix_rt::spawn(async move {
+                        while !r.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        let _ = started.send(Ok(()));
+                    })
+                };
+                let res = run(cfg, &id, listeners, opts, async { let _ = stop_rx.await; }, r2).await;
+                watcher.abort();
+                res
+            });
+            if let Err(e) = &res {
+                let _ = started_tx.send(Err(format!("{e:#}")));
+            }
+            res
+        })?;
+    match started_rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => anyhow::bail!("node {node_id} failed to start: {e}"),
+        Err(_) => anyhow::bail!("node {node_id} did not become ready within 60 s"),
+    }
+    Ok(RunningNode {
+        node_id: node_id.to_string(),
+        public_addr,
+        admin_addr,
+        cluster_addr,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
+}
+
+/// Binds `127.0.0.1:0` listeners for a node in tests and rewrites its entry to match.
+pub fn bind_ephemeral(cfg: &mut Config, node_id: &str, with_cluster: bool) -> std::io::Result<Listeners> {
+    let l = Listeners {
+        public: TcpListener::bind("127.0.0.1:0")?,
+        admin: TcpListener::bind("127.0.0.1:0")?,
+        cluster: if with_cluster { Some(TcpListener::bind("127.0.0.1:0")?) } else { None },
+    };
+    let entry = NodeEntry {
+        id: node_id.to_string(),
+        listen: l.public.local_addr()?.to_string(),
+        cluster: l.cluster.as_ref().map(|c| c.local_addr().map(|a| a.to_string())).transpose()?,
+        admin: l.admin.local_addr()?.to_string(),
+    };
+    match cfg.nodes.iter_mut().find(|n| n.id == node_id) {
+        Some(n) => *n = entry,
+        None => cfg.nodes.push(entry),
+    }
+    Ok(l)
+}

@@ -1,1 +1,230 @@
-//! (being written)
+//! The admin listener: health, readiness, status of the node and the cluster, sessions,
+//! connections, fresh invitations, Prometheus metrics.
+//!
+//! A bearer token (`[admin] token`) guards every route but `/health` and `/ready` when set;
+//! the config refuses an admin address off loopback without one.
+
+use crate::protocols::{now_ms, oob};
+use crate::registry::{Count, ListSessions};
+use crate::session::Shared;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct AdminState {
+    pub shared: Arc<Shared>,
+    pub ready: Arc<AtomicBool>,
+    pub started: Instant,
+    pub addr: SocketAddr,
+    pub reloader: Arc<crate::node::Reloader>,
+}
+
+impl AdminState {
+    pub fn new(shared: Arc<Shared>, ready: Arc<AtomicBool>, addr: SocketAddr, reloader: Arc<crate::node::Reloader>) -> AdminState {
+        AdminState {
+            shared,
+            ready,
+            started: Instant::now(),
+            addr,
+            reloader,
+        }
+    }
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig, st: Arc<AdminState>) {
+    cfg.app_data(web::Data::from(st))
+        .route("/health", web::get().to(health))
+        .route("/ready", web::get().to(ready))
+        .route("/status", web::get().to(status))
+        .route("/cluster", web::get().to(cluster))
+        .route("/sessions", web::get().to(sessions))
+        .route("/connections", web::get().to(connections))
+        .route("/connections/{id}", web::get().to(connection))
+        .route("/invitations", web::post().to(new_invitation))
+        .route("/reload", web::post().to(reload))
+        .route("/metrics", web::get().to(metrics));
+}
+
+/// `None` when the request may proceed, else the 401 to send.
+fn unauthorized(req: &HttpRequest, st: &AdminState) -> Option<HttpResponse> {
+    let token = st.shared.cfg.admin.token.as_deref()?;
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let ok = given
+        .map(|g| {
+            // Constant-time comparison of equal-length strings.
+            g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+        })
+        .unwrap_or(false);
+    if ok {
+        None
+    } else {
+        Some(
+            HttpResponse::Unauthorized()
+                .insert_header(("WWW-Authenticate", "Bearer"))
+                .json(json!({"error": "unauthorized", "reason": "a valid bearer token is required"})),
+        )
+    }
+}
+
+macro_rules! guard {
+    ($req:expr, $st:expr) => {
+        if let Some(r) = unauthorized(&$req, &$st) {
+            return r;
+        }
+    };
+}
+
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+async fn ready(st: web::Data<AdminState>) -> HttpResponse {
+    let store_ok = st.shared.mediator.store.health().await.is_ok();
+    let listening = st.ready.load(Ordering::SeqCst);
+    let cluster_ok = st.shared.cluster.as_ref().map(|c| c.handshake_attempted()).unwrap_or(true);
+    let body = json!({"ready": store_ok && listening && cluster_ok, "store": store_ok, "listeners": listening, "cluster_handshake_attempted": cluster_ok});
+    if store_ok && listening && cluster_ok {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+async fn status_json(st: &AdminState) -> Value {
+    let sh = &st.shared;
+    let sessions = sh.registry.send(Count).await.unwrap_or(0);
+    let store = &sh.mediator.store;
+    let (queued, store_health) = match (store.total_queued().await, store.health().await) {
+        (Ok(q), Ok(())) => (json!(q), json!("ok")),
+        (q, h) => (json!(q.ok()), json!(h.err().map(|e| e.to_string()).unwrap_or_else(|| "ok".into()))),
+    };
+    let peers: Value = match &sh.cluster {
+        Some(c) => serde_json::to_value(c.status().peers).unwrap_or(json!([])),
+        None => json!([]),
+    };
+    json!({
+        "node": sh.mediator.node_id,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": st.started.elapsed().as_secs(),
+        "public_url": sh.mediator.public_url,
+        "strategy": format!("{:?}", sh.mediator.strategy),
+        "peers": peers,
+        "sessions": sessions,
+        "open_sockets": sh.open_sockets.load(Ordering::Relaxed),
+        "queued": queued,
+        "store": { "backend": store.backend(), "health": store_health },
+    })
+}
+
+async fn status(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
+    guard!(req, st);
+    HttpResponse::Ok().json(status_json(&st).await)
+}
+
+async fn cluster(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
+    guard!(req, st);
+    let me = status_json(&st).await;
+    let cluster = st.shared.cluster.as_ref().map(|c| serde_json::to_value(c.status()).unwrap_or(Value::Null));
+    HttpResponse::Ok().json(json!({ "node": st.shared.mediator.node_id, "self": me, "cluster": cluster }))
+}
+
+async fn sessions(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
+    guard!(req, st);
+    let list = st.shared.registry.send(ListSessions).await.unwrap_or_default();
+    HttpResponse::Ok().json(json!({ "node": st.shared.mediator.node_id, "sessions": list }))
+}
+
+#[derive(Deserialize)]
+struct Page {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn connection_json(st: &AdminState, c: &crate::store::Connection) -> Value {
+    let store = &st.shared.mediator.store;
+    let keys = store.keys_of(&c.id).await.unwrap_or_default();
+    let now = now_ms();
+    let q = store.queue_stats(&c.id, now).await.ok();
+    json!({
+        "id": c.id,
+        "state": c.state,
+        "protocol": c.protocol,
+        "label": c.label,
+        "their_did": c.their_did,
+        "their_endpoints": c.their_endpoints,
+        "mediation": format!("{:?}", c.mediation).to_lowercase(),
+        "routing_keys": keys,
+        "queue": q.map(|q| json!({
+            "depth": q.pending + q.leased,
+            "pending": q.pending,
+            "in_flight": q.leased,
+            "bytes": q.bytes,
+            "oldest_age_ms": q.oldest_received_ms.map(|o| now - o),
+        })),
+        "created_at_ms": c.created_at_ms,
+    })
+}
+
+async fn connections(req: HttpRequest, st: web::Data<AdminState>, page: web::Query<Page>) -> HttpResponse {
+    guard!(req, st);
+    let limit = page.limit.unwrap_or(100).clamp(1, 1000);
+    match st.shared.mediator.store.list_connections(page.after.as_deref(), limit).await {
+        Ok(list) => {
+            let mut out = Vec::with_capacity(list.len());
+            for c in &list {
+                out.push(connection_json(&st, c).await);
+            }
+            let next = if list.len() == limit { list.last().map(|c| c.id.clone()) } else { None };
+            HttpResponse::Ok().json(json!({ "connections": out, "next": next }))
+        }
+        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": "store-unavailable", "reason": e.to_string()})),
+    }
+}
+
+async fn connection(req: HttpRequest, st: web::Data<AdminState>, id: web::Path<String>) -> HttpResponse {
+    guard!(req, st);
+    match st.shared.mediator.store.get_connection(&id).await {
+        Ok(Some(c)) => HttpResponse::Ok().json(connection_json(&st, &c).await),
+        Ok(None) => HttpResponse::NotFound().json(json!({"error": "not-found", "reason": format!("no connection {id}")})),
+        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": "store-unavailable", "reason": e.to_string()})),
+    }
+}
+
+async fn new_invitation(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
+    guard!(req, st);
+    let m = &st.shared.mediator;
+    let inv = oob::invitation(m, &uuid::Uuid::new_v4().to_string());
+    HttpResponse::Created().json(json!({ "invitation_url": oob::invitation_url(m, &inv), "invitation": inv, "multi_use": true }))
+}
+
+/// Re-reads the peer list from the config file (as SIGHUP does).
+async fn reload(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
+    guard!(req, st);
+    match st.reloader.reload() {
+        Ok(n) => HttpResponse::Ok().json(json!({"reloaded": true, "peers": n})),
+        Err(e) => HttpResponse::BadRequest().json(json!({"error": "reload-refused", "reason": format!("{e:#}")})),
+    }
+}
+
+async fn metrics(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
+    guard!(req, st);
+    let sh = &st.shared;
+    if let Ok(q) = sh.mediator.store.total_queued().await {
+        sh.metrics.queue_depth.set(q as i64);
+    }
+    if let Some(c) = &sh.cluster {
+        let up = c.status().peers.iter().filter(|p| p.connected).count();
+        sh.metrics.peers_up.set(up as i64);
+    }
+    HttpResponse::Ok()
+        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .body(sh.metrics.encode())
+}

@@ -1,1 +1,402 @@
-//! (being written)
+//! The agent side of the same protocols, in Rust: a wallet that connects to a mediator
+//! (didexchange 1.1), asks for mediation, registers keys, picks up (pickup 1.0/2.0, live
+//! mode, implicit) over HTTP or WebSocket; and a sender that forwards messages to it.
+//! Used by the integration tests and the load generator; it shares the envelope code with
+//! the mediator, and is checked against real Credo and ACA-Py peers by the interop suite.
+
+pub mod status;
+
+use crate::didcomm::keys::{normalize_verkey, KeyPair};
+use crate::didcomm::message::new_id;
+use crate::didcomm::{did, envelope, jws};
+use anyhow::{anyhow, bail, Context};
+use base64::Engine;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::time::Duration;
+
+pub const CONTENT_TYPE: &str = "application/didcomm-envelope-enc";
+
+/// What a mediator granted.
+#[derive(Clone, Debug)]
+pub struct Grant {
+    pub endpoint: String,
+    pub routing_keys: Vec<String>,
+}
+
+/// An agent without an endpoint of its own (a wallet), connected to one mediator.
+pub struct Agent {
+    /// The key of our DID for this connection.
+    pub key: KeyPair,
+    pub did: String,
+    /// The mediator's key we talk to, base58.
+    pub mediator_verkey: String,
+    /// The mediator's HTTP endpoint.
+    pub endpoint: String,
+    pub grant: Option<Grant>,
+    /// Every key we can unpack with (the DID key and registered recipient keys).
+    keyring: HashMap<String, KeyPair>,
+    timeout: Duration,
+}
+
+/// A parsed out-of-band invitation: its id, the recipient key and the endpoints.
+#[derive(Clone, Debug)]
+pub struct Invitation {
+    pub id: String,
+    pub recipient_key: String,
+    pub http: String,
+    pub ws: Option<String>,
+}
+
+impl Invitation {
+    pub fn parse(inv: &Value) -> anyhow::Result<Invitation> {
+        let services = inv["services"].as_array().context("invitation without services")?;
+        let mut http = None;
+        let mut ws = None;
+        let mut key = None;
+        for s in services {
+            let ep = s["serviceEndpoint"].as_str().unwrap_or_default();
+            if key.is_none() {
+                key = s["recipientKeys"][0].as_str().map(str::to_string);
+            }
+            if ep.starts_with("http") && http.is_none() {
+                http = Some(ep.to_string());
+            }
+            if ep.starts_with("ws") && ws.is_none() {
+                ws = Some(ep.to_string());
+            }
+        }
+        Ok(Invitation {
+            id: inv["@id"].as_str().unwrap_or_default().to_string(),
+            recipient_key: normalize_verkey(&key.context("invitation without recipientKeys")?)?,
+            http: http.context("invitation without an http endpoint")?,
+            ws,
+        })
+    }
+
+    /// Reads the `oob=` parameter of an invitation URL.
+    pub fn from_url(url: &str) -> anyhow::Result<Invitation> {
+        let u = url::Url::parse(url)?;
+        let oob = u
+            .query_pairs()
+            .find(|(k, _)| k == "oob")
+            .map(|(_, v)| v.into_owned())
+            .context("invitation URL without oob=")?;
+        let bytes = crate::protocols::decode_b64_any(&oob).context("oob= is not base64")?;
+        Self::parse(&serde_json::from_slice(&bytes)?)
+    }
+}
+
+/// POSTs an envelope; returns the response body if there is one.
+pub async fn post(url: &str, body: Vec<u8>, timeout: Duration) -> anyhow::Result<(u16, Vec<u8>)> {
+    let client = awc::Client::builder().timeout(timeout).finish();
+    let mut res = client
+        .post(url)
+        .insert_header(("Content-Type", CONTENT_TYPE))
+        .send_body(body)
+        .await
+        .map_err(|e| anyhow!("POST {url}: {e}"))?;
+    let status = res.status().as_u16();
+    let body = res.body().limit(64 << 20).await.map_err(|e| anyhow!("POST {url} body: {e}"))?;
+    Ok((status, body.to_vec()))
+}
+
+impl Agent {
+    /// Connects to a mediator through its invitation with didexchange 1.1 over HTTP with
+    /// return-route (as a wallet does).
+    pub async fn connect(inv: &Invitation) -> anyhow::Result<Agent> {
+        Self::connect_with_endpoint(inv, None).await
+    }
+
+    /// As [`Agent::connect`], for an agent with an HTTP endpoint of its own in its DID document.
+    pub async fn connect_with_endpoint(inv: &Invitation, endpoint: Option<&str>) -> anyhow::Result<Agent> {
+        let key = KeyPair::generate();
+        let ep = endpoint.unwrap_or("didcomm:transport/queue").to_string();
+        let did = did::create_peer4(&key.verkey(), &[ep], &[]);
+        let mut keyring = HashMap::new();
+        keyring.insert(key.verkey(), key.clone());
+        let mut a = Agent {
+            key,
+            did,
+            mediator_verkey: inv.recipient_key.clone(),
+            endpoint: inv.http.clone(),
+            grant: None,
+            keyring,
+            timeout: Duration::from_secs(20),
+        };
+        let req_id = new_id();
+        let request = json!({
+            "@type": "https://didcomm.org/didexchange/1.1/request",
+            "@id": req_id,
+            "label": "mailroom-client",
+            "did": a.did,
+            "~thread": { "pthid": inv.id },
+            "~transport": { "return_route": "all" },
+        });
+        let response = a.request(&request).await?.context("no didexchange response")?;
+        if response["@type"].as_str() != Some("https://didcomm.org/didexchange/1.1/response") {
+            bail!("expected a didexchange response, got {response}");
+        }
+        if response["~thread"]["thid"].as_str() != Some(req_id.as_str()) {
+            bail!("didexchange response answers another thread: {response}");
+        }
+        let their_did = response["did"].as_str().context("response without did")?;
+        let att = &response["did_rotate~attach"]["data"];
+        let signer = jws::verify_attachment_base64(att["base64"].as_str().unwrap_or_default(), &att["jws"])
+            .map_err(|e| anyhow!("did_rotate~attach: {e}"))?;
+        if signer != inv.recipient_key {
+            bail!("did_rotate~attach signed by {signer}, not the invitation key");
+        }
+        let doc = did::resolve(their_did, None).map_err(|e| anyhow!("resolve {their_did}: {e}"))?;
+        a.mediator_verkey = doc.recipient_keys.first().cloned().context("mediator DID without keys")?;
+        let complete = json!({
+            "@type": "https://didcomm.org/didexchange/1.1/complete",
+            "@id": new_id(),
+            "~thread": { "thid": req_id, "pthid": inv.id },
+        });
+        a.send(&complete).await?;
+        Ok(a)
+    }
+
+    pub fn with_timeout(mut self, t: Duration) -> Agent {
+        self.timeout = t;
+        self
+    }
+
+    /// Packs a plaintext for the mediator (authcrypt from our DID key).
+    pub fn pack(&self, msg: &Value) -> anyhow::Result<Vec<u8>> {
+        Ok(envelope::pack(
+            &serde_json::to_vec(msg)?,
+            std::slice::from_ref(&self.mediator_verkey),
+            Some(&self.key),
+        )?)
+    }
+
+    /// Unpacks anything addressed to one of our keys.
+    pub fn unpack(&self, env: &[u8]) -> anyhow::Result<(Value, String)> {
+        let u = envelope::unpack(env, &|kid| self.keyring.get(kid).cloned())?;
+        Ok((serde_json::from_slice(&u.plaintext)?, u.recipient_verkey))
+    }
+
+    /// Sends a message over HTTP and returns the unpacked reply, if any.
+    pub async fn request(&self, msg: &Value) -> anyhow::Result<Option<Value>> {
+        let (status, body) = post(&self.endpoint, self.pack(msg)?, self.timeout).await?;
+        if !(200..300).contains(&status) {
+            bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+        }
+        if body.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(self.unpack(&body)?.0))
+    }
+
+    /// Sends a message over HTTP without expecting a reply.
+    pub async fn send(&self, msg: &Value) -> anyhow::Result<u16> {
+        let (status, body) = post(&self.endpoint, self.pack(msg)?, self.timeout).await?;
+        if !(200..300).contains(&status) {
+            bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+        }
+        Ok(status)
+    }
+
+    /// coordinate-mediation 1.0: mediate-request -> grant.
+    pub async fn mediate(&mut self) -> anyhow::Result<Grant> {
+        let reply = self
+            .request(&json!({
+                "@type": "https://didcomm.org/coordinate-mediation/1.0/mediate-request",
+                "@id": new_id(),
+                "~transport": { "return_route": "all" },
+            }))
+            .await?
+            .context("no reply to mediate-request")?;
+        if !reply["@type"].as_str().unwrap_or_default().ends_with("/mediate-grant") {
+            bail!("mediation not granted: {reply}");
+        }
+        let g = Grant {
+            endpoint: reply["endpoint"].as_str().unwrap_or_default().to_string(),
+            routing_keys: reply["routing_keys"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect(),
+        };
+        self.grant = Some(g.clone());
+        Ok(g)
+    }
+
+    /// A new recipient key the wallet can unpack with (register it with `keylist_update`).
+    pub fn new_recipient_key(&mut self) -> KeyPair {
+        let k = KeyPair::generate();
+        self.keyring.insert(k.verkey(), k.clone());
+        k
+    }
+
+    /// keylist-update; returns the `updated` array.
+    pub async fn keylist_update(&self, add: &[String], remove: &[String]) -> anyhow::Result<Vec<Value>> {
+        let mut updates: Vec<Value> = add.iter().map(|k| json!({"recipient_key": k, "action": "add"})).collect();
+        updates.extend(remove.iter().map(|k| json!({"recipient_key": k, "action": "remove"})));
+        let reply = self
+            .request(&json!({
+                "@type": "https://didcomm.org/coordinate-mediation/1.0/keylist-update",
+                "@id": new_id(),
+                "updates": updates,
+                "~transport": { "return_route": "all" },
+            }))
+            .await?
+            .context("no reply to keylist-update")?;
+        reply["updated"]
+            .as_array()
+            .cloned()
+            .ok_or_else(|| anyhow!("keylist-update answered with {reply}"))
+    }
+
+    /// Onboards a wallet: connect, mediate, register one recipient key. Returns the key.
+    pub async fn onboard(inv: &Invitation) -> anyhow::Result<(Agent, KeyPair)> {
+        let mut a = Agent::connect(inv).await?;
+        a.mediate().await?;
+        let k = a.new_recipient_key();
+        let updated = a.keylist_update(&[k.did_key()], &[]).await?;
+        if updated.first().and_then(|u| u["result"].as_str()) != Some("success") {
+            bail!("keylist-update failed: {updated:?}");
+        }
+        Ok((a, k))
+    }
+
+    /// The unpacked inner messages of a pickup 2.0 `delivery` or 1.0 `batch`, with their
+    /// queue ids.
+    pub fn open_delivery(&self, msg: &Value) -> anyhow::Result<Vec<(String, Value)>> {
+        let mut out = Vec::new();
+        let atts = msg["~attach"].as_array().or_else(|| msg["messages~attach"].as_array());
+        for a in atts.into_iter().flatten() {
+            let id = a["@id"].as_str().unwrap_or_default().to_string();
+            let env = if let Some(j) = a["data"].get("json") {
+                serde_json::to_vec(j)?
+            } else if let Some(m) = a.get("message") {
+                match m {
+                    Value::String(s) => s.as_bytes().to_vec(),
+                    other => serde_json::to_vec(other)?,
+                }
+            } else if let Some(b) = a["data"]["base64"].as_str() {
+                crate::protocols::decode_b64_any(b).context("attachment base64")?
+            } else {
+                bail!("attachment without data: {a}");
+            };
+            out.push((id, self.unpack(&env)?.0));
+        }
+        Ok(out)
+    }
+
+    /// Opens a WebSocket to the mediator (its ws URL).
+    pub async fn websocket(&self, ws_url: &str) -> anyhow::Result<WsClient> {
+        let (_res, framed) = awc::Client::new()
+            .ws(ws_url)
+            .max_frame_size(64 << 20)
+            .connect()
+            .await
+            .map_err(|e| anyhow!("WebSocket {ws_url}: {e}"))?;
+        Ok(WsClient { framed })
+    }
+}
+
+/// A WebSocket to the mediator.
+pub struct WsClient {
+    framed: actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>,
+}
+
+/// What arrived on a socket.
+#[derive(Debug)]
+pub enum WsEvent {
+    Envelope(Vec<u8>),
+    Closed(Option<awc::ws::CloseReason>),
+}
+
+impl WsClient {
+    pub async fn send_envelope(&mut self, env: Vec<u8>, binary: bool) -> anyhow::Result<()> {
+        let msg = if binary {
+            awc::ws::Message::Binary(env.into())
+        } else {
+            awc::ws::Message::Text(String::from_utf8(env)?.into())
+        };
+        self.framed.send(msg).await.map_err(|e| anyhow!("ws send: {e}"))
+    }
+
+    pub async fn send_raw(&mut self, msg: awc::ws::Message) -> anyhow::Result<()> {
+        self.framed.send(msg).await.map_err(|e| anyhow!("ws send: {e}"))
+    }
+
+    /// Next text/binary frame or close, within `timeout`; answers pings on the way.
+    pub async fn next(&mut self, timeout: Duration) -> anyhow::Result<WsEvent> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.framed.next())
+                .await
+                .map_err(|_| anyhow!("nothing received within {timeout:?}"))?;
+            match frame {
+                None => return Ok(WsEvent::Closed(None)),
+                Some(Err(e)) => bail!("ws receive: {e}"),
+                Some(Ok(awc::ws::Frame::Text(b))) | Some(Ok(awc::ws::Frame::Binary(b))) => return Ok(WsEvent::Envelope(b.to_vec())),
+                Some(Ok(awc::ws::Frame::Ping(p))) => {
+                    let _ = self.framed.send(awc::ws::Message::Pong(p)).await;
+                }
+                Some(Ok(awc::ws::Frame::Close(r))) => return Ok(WsEvent::Closed(r)),
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.framed.send(awc::ws::Message::Close(None)).await;
+    }
+}
+
+/// A sender: packs a message for a mediated recipient and forwards it through the mediator.
+pub struct Sender {
+    pub key: KeyPair,
+    timeout: Duration,
+}
+
+impl Default for Sender {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sender {
+    pub fn new() -> Sender {
+        Sender {
+            key: KeyPair::generate(),
+            timeout: Duration::from_secs(20),
+        }
+    }
+
+    /// The outer envelope for `msg` to `recipient` (base58 or did:key), routed through
+    /// `routing_keys` (as granted).
+    pub fn forward_envelope(&self, msg: &Value, recipient: &str, routing_keys: &[String]) -> anyhow::Result<Vec<u8>> {
+        let recipient = normalize_verkey(recipient)?;
+        let inner = envelope::pack(&serde_json::to_vec(msg)?, std::slice::from_ref(&recipient), Some(&self.key))?;
+        Ok(envelope::wrap_forward(&inner, &recipient, routing_keys)?)
+    }
+
+    /// POSTs a forward; returns the HTTP status.
+    pub async fn forward(&self, endpoint: &str, msg: &Value, recipient: &str, routing_keys: &[String]) -> anyhow::Result<u16> {
+        let env = self.forward_envelope(msg, recipient, routing_keys)?;
+        Ok(post(endpoint, env, self.timeout).await?.0)
+    }
+}
+
+/// A basic message, the payload the tests send through the mediator.
+pub fn basic_message(content: &str) -> Value {
+    json!({
+        "@type": "https://didcomm.org/basicmessage/1.0/message",
+        "@id": new_id(),
+        "content": content,
+        "sent_time": crate::protocols::rfc3339_ms(crate::protocols::now_ms()),
+    })
+}
+
+/// base64url (no pad) of a JSON value, as invitations and attachments carry it.
+pub fn b64url_json(v: &Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}

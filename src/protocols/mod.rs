@@ -1,1 +1,408 @@
-//! (being written)
+//! The mediator's protocol families, one module each, behind one entry point: [`Mediator::handle`].
+//!
+//! An envelope comes in from a transport (HTTP POST, WebSocket frame); `handle` unpacks it,
+//! finds the connection its sender key belongs to, dispatches on `@type`, and returns an
+//! [`Outcome`]: replies to pack, forwards it queued, and what the transport should do next
+//! (bind the session to a connection, switch live mode). This module knows nothing of actix
+//! or sockets; it reaches durable state only through [`crate::store::Store`].
+//!
+//! DIDComm v2 families will sit beside these under the same entry point.
+
+pub mod connections;
+pub mod didexchange;
+pub mod discover;
+pub mod mediation;
+pub mod oob;
+pub mod pickup;
+pub mod problem;
+pub mod routing;
+pub mod trust_ping;
+
+pub use didexchange::decode_b64_any;
+
+use crate::config::{Config, Strategy};
+use crate::didcomm::envelope::{self, EnvelopeError};
+use crate::didcomm::keys::KeyPair;
+use crate::didcomm::message::{self, MessageType, ReturnRoute};
+use crate::store::{Connection, Identity, MessageId, Store, StoreError};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The mediator's long-lived keys, kept in the store's identity record so every node of a
+/// cluster uses the same ones.
+#[derive(Clone)]
+pub struct MediatorKeys {
+    /// Invitation key: the key of the mediator's DID and of its invitations.
+    pub did_key: KeyPair,
+    /// The routing key granted to mediatees; senders anoncrypt forwards to it.
+    pub routing: KeyPair,
+}
+
+impl MediatorKeys {
+    pub fn generate() -> MediatorKeys {
+        MediatorKeys {
+            did_key: KeyPair::generate(),
+            routing: KeyPair::generate(),
+        }
+    }
+
+    pub fn to_identity(&self, now_ms: i64) -> Identity {
+        Identity {
+            created_at_ms: now_ms,
+            secrets: json!({
+                "did_seed": hex::encode(self.did_key.secret_bytes()),
+                "routing_seed": hex::encode(self.routing.secret_bytes()),
+            }),
+        }
+    }
+
+    pub fn from_identity(id: &Identity) -> Result<MediatorKeys, String> {
+        let seed = |field: &str| -> Result<KeyPair, String> {
+            let hexs = id.secrets[field]
+                .as_str()
+                .ok_or_else(|| format!("identity record lacks {field}"))?;
+            let bytes = hex::decode(hexs).map_err(|e| format!("identity {field}: {e}"))?;
+            KeyPair::from_secret_bytes(&bytes).map_err(|e| format!("identity {field}: {e}"))
+        };
+        Ok(MediatorKeys {
+            did_key: seed("did_seed")?,
+            routing: seed("routing_seed")?,
+        })
+    }
+}
+
+/// What the mediator knows of itself: keys, URLs, DID, delivery settings.
+pub struct Mediator {
+    pub store: Arc<dyn Store>,
+    pub keys: MediatorKeys,
+    pub node_id: String,
+    pub label: String,
+    /// `http(s)://` public URL (the load balancer's).
+    pub public_url: String,
+    /// `ws(s)://` twin of `public_url`.
+    pub public_ws_url: String,
+    /// The mediator's DID (did:peer:4 long form), stable for the identity and URLs.
+    pub did: String,
+    pub strategy: Strategy,
+    pub lease_ms: i64,
+    pub batch_size: usize,
+    pub limits: crate::store::EnqueueLimits,
+    /// The stable id of the public multi-use invitation.
+    pub invitation_id: String,
+    by_verkey: HashMap<String, KeyPair>,
+}
+
+impl Mediator {
+    pub fn new(store: Arc<dyn Store>, keys: MediatorKeys, cfg: &Config, node_id: &str, public_url: &str) -> Mediator {
+        let public_url = public_url.trim_end_matches('/').to_string();
+        let public_ws_url = crate::config::ws_url(&public_url);
+        let did = crate::didcomm::did::create_peer4(
+            &keys.did_key.verkey(),
+            &[public_url.clone(), public_ws_url.clone()],
+            &[],
+        );
+        let mut by_verkey = HashMap::new();
+        by_verkey.insert(keys.did_key.verkey(), keys.did_key.clone());
+        by_verkey.insert(keys.routing.verkey(), keys.routing.clone());
+        // The public invitation's id is derived from the identity so every node serves the same.
+        let invitation_id = uuid_from_bytes(&keys.did_key.public_bytes());
+        Mediator {
+            store,
+            node_id: node_id.to_string(),
+            label: cfg.mediator.label.clone(),
+            public_url,
+            public_ws_url,
+            did,
+            strategy: cfg.delivery.strategy,
+            lease_ms: cfg.delivery.lease_ms as i64,
+            batch_size: cfg.delivery.batch_size,
+            limits: crate::store::EnqueueLimits {
+                max_messages: cfg.limits.max_queue_messages,
+                max_bytes: cfg.limits.max_queue_bytes,
+                dedup_window_ms: (cfg.limits.dedup_window_secs * 1000) as i64,
+            },
+            invitation_id,
+            by_verkey,
+            keys,
+        }
+    }
+
+    pub fn key_for(&self, verkey: &str) -> Option<KeyPair> {
+        self.by_verkey.get(verkey).cloned()
+    }
+
+    /// Unpacks an envelope with the mediator's keys.
+    pub fn unpack(&self, env: &[u8]) -> Result<envelope::Unpacked, EnvelopeError> {
+        envelope::unpack(env, &|kid| self.key_for(kid))
+    }
+
+    /// Packs a reply for a connection: authcrypt from the key the peer talks to.
+    pub fn pack_for(&self, conn: &Connection, msg: &Value) -> Result<Vec<u8>, HandleError> {
+        let sender = self
+            .key_for(&conn.our_verkey)
+            .unwrap_or_else(|| self.keys.did_key.clone());
+        if conn.their_verkeys.is_empty() {
+            return Err(HandleError::Internal(format!("connection {} has no keys", conn.id)));
+        }
+        let body = serde_json::to_vec(msg).map_err(|e| HandleError::Internal(e.to_string()))?;
+        let packed = envelope::pack(&body, &conn.their_verkeys[..1], Some(&sender))
+            .map_err(|e| HandleError::Internal(format!("pack: {e}")))?;
+        if conn.their_routing_keys.is_empty() {
+            Ok(packed)
+        } else {
+            envelope::wrap_forward(&packed, &conn.their_verkeys[0], &conn.their_routing_keys)
+                .map_err(|e| HandleError::Internal(format!("wrap forward: {e}")))
+        }
+    }
+
+    /// Handles one inbound envelope. `transport` says what the transport can carry back.
+    pub async fn handle(&self, env: &[u8], transport: TransportKind, lease_owner: &str) -> Result<Outcome, HandleError> {
+        let unpacked = self.unpack(env).map_err(HandleError::Envelope)?;
+        let msg: Value = serde_json::from_slice(&unpacked.plaintext)
+            .map_err(|e| HandleError::BadMessage(format!("plaintext is not JSON: {e}")))?;
+        if !msg.is_object() {
+            return Err(HandleError::BadMessage("plaintext is not a JSON object".into()));
+        }
+        let type_str = msg["@type"].as_str().unwrap_or_default().to_string();
+        let mtype = MessageType::parse(&type_str);
+        let return_route = message::return_route(&msg);
+        let conn = match &unpacked.sender_verkey {
+            Some(sk) => self.store.connection_by_their_verkey(sk).await?,
+            None => None,
+        };
+        let ctx = Inbound {
+            msg,
+            mtype,
+            type_str,
+            recipient_verkey: unpacked.recipient_verkey,
+            sender_verkey: unpacked.sender_verkey,
+            conn,
+            return_route,
+            transport,
+            lease_owner: lease_owner.to_string(),
+        };
+        let mut out = self.dispatch(&ctx).await?;
+        out.return_route = ctx.return_route.clone();
+        if out.connection.is_none() {
+            out.connection = ctx.conn.clone();
+        }
+        Ok(out)
+    }
+
+    async fn dispatch(&self, ctx: &Inbound) -> Result<Outcome, HandleError> {
+        let Some(t) = &ctx.mtype else {
+            return problem::unknown_type(self, ctx);
+        };
+        match (t.family.as_str(), t.name.as_str()) {
+            ("routing", "forward") => routing::forward(self, ctx).await,
+            ("didexchange", "request") => didexchange::request(self, ctx).await,
+            ("didexchange", "complete") => didexchange::complete(self, ctx).await,
+            ("didexchange", "problem_report") | ("connections", "problem_report") | ("report-problem", "problem-report") => {
+                problem::received(self, ctx)
+            }
+            ("connections", "request") => connections::request(self, ctx).await,
+            ("out-of-band", "handshake-reuse") => oob::handshake_reuse(self, ctx),
+            ("coordinate-mediation", "mediate-request") => mediation::mediate_request(self, ctx).await,
+            ("coordinate-mediation", "keylist-update") => mediation::keylist_update(self, ctx).await,
+            ("coordinate-mediation", "keylist-query") => mediation::keylist_query(self, ctx).await,
+            ("messagepickup", _) => pickup::handle(self, ctx).await,
+            ("trust_ping", "ping") => trust_ping::ping(self, ctx),
+            ("trust_ping", "ping_response") => Ok(Outcome::default()),
+            ("discover-features", "query") | ("discover-features", "queries") => discover::query(self, ctx),
+            _ => problem::unknown_type(self, ctx),
+        }
+    }
+}
+
+/// What the transport that carried a message can do with replies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    /// An HTTP POST: at most one reply in the response body.
+    Http,
+    /// A WebSocket session: any number of replies, and live delivery.
+    WebSocket,
+}
+
+/// One unpacked inbound message with what is known about its sender.
+pub struct Inbound {
+    pub msg: Value,
+    pub mtype: Option<MessageType>,
+    pub type_str: String,
+    pub recipient_verkey: String,
+    pub sender_verkey: Option<String>,
+    /// The connection whose key authenticated the message (authcrypt sender), if any.
+    pub conn: Option<Connection>,
+    pub return_route: ReturnRoute,
+    pub transport: TransportKind,
+    /// Who leases pickup 2.0 deliveries: the WebSocket session, or the node for HTTP.
+    pub lease_owner: String,
+}
+
+impl Inbound {
+    pub fn id(&self) -> String {
+        self.msg["@id"].as_str().unwrap_or_default().to_string()
+    }
+    pub fn thid(&self) -> String {
+        message::thid(&self.msg)
+    }
+    /// The connection, or a refusal for messages that need one.
+    pub fn require_conn(&self) -> Result<&Connection, HandleError> {
+        self.conn.as_ref().ok_or(HandleError::NoConnection)
+    }
+    /// A reply to this message of the given name, in the same family, version and prefix.
+    pub fn reply(&self, name: &str) -> Value {
+        let t = self
+            .mtype
+            .as_ref()
+            .map(|t| t.reply_type(name))
+            .unwrap_or_else(|| name.to_string());
+        json!({ "@type": t, "@id": message::new_id(), "~thread": { "thid": self.thid() } })
+    }
+}
+
+/// The result of handling one message.
+pub struct Outcome {
+    /// Plaintext replies for `connection` (packed by the transport or the sender).
+    pub replies: Vec<Value>,
+    /// Replies for a peer that has no connection yet (DID exchange response), with the keys
+    /// to pack them for and the endpoints to use without return-route.
+    pub replies_to: Option<Recipient>,
+    /// The connection the message came from, or that it created.
+    pub connection: Option<Connection>,
+    /// Queue ids leased for this transport by a pickup delivery (acked by messages-received).
+    pub leased: Vec<MessageId>,
+    /// A forward was queued for this connection: wake whoever owns its session.
+    pub queued_for: Vec<crate::store::ConnId>,
+    /// A forward was answered: the HTTP status to give (202, or a refusal).
+    pub forward: Option<ForwardResult>,
+    /// pickup 2.0 live-delivery-change.
+    pub live_mode: Option<bool>,
+    /// pickup 2.0 messages-received acknowledged messages: more may be deliverable.
+    pub acked: u64,
+    pub return_route: ReturnRoute,
+}
+
+impl Default for Outcome {
+    fn default() -> Self {
+        Outcome {
+            replies: Vec::new(),
+            replies_to: None,
+            connection: None,
+            leased: Vec::new(),
+            queued_for: Vec::new(),
+            forward: None,
+            live_mode: None,
+            acked: 0,
+            return_route: ReturnRoute::None,
+        }
+    }
+}
+
+/// Where replies to a not-yet-recorded peer go.
+#[derive(Clone, Debug)]
+pub struct Recipient {
+    pub verkeys: Vec<String>,
+    pub routing_keys: Vec<String>,
+    pub endpoints: Vec<String>,
+    pub our_verkey: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ForwardResult {
+    Queued { duplicate: bool },
+}
+
+/// Why a message could not be handled. Mapped to HTTP statuses, WebSocket error frames or
+/// problem reports in one place ([`HandleError::http_status`], [`problem`]).
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error("envelope: {0}")]
+    Envelope(#[from] EnvelopeError),
+    #[error("bad message: {0}")]
+    BadMessage(String),
+    #[error("no connection: the sender key is not one of a connection of this mediator")]
+    NoConnection,
+    #[error("forward to unknown recipient key {0}")]
+    UnknownRecipient(String),
+    #[error("queue full for this recipient ({pending} messages, {bytes} bytes): try later")]
+    QueueFull { pending: u64, bytes: u64 },
+    #[error("store: {0}")]
+    Store(StoreError),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for HandleError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::QueueFull { pending, bytes } => HandleError::QueueFull { pending, bytes },
+            other => HandleError::Store(other),
+        }
+    }
+}
+
+impl HandleError {
+    /// The HTTP status for this refusal: 4xx for what the client sent, 5xx for our failures.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            HandleError::Envelope(_) | HandleError::BadMessage(_) => 400,
+            HandleError::NoConnection => 403,
+            HandleError::UnknownRecipient(_) => 404,
+            HandleError::QueueFull { .. } => 429,
+            HandleError::Store(_) => 503,
+            HandleError::Internal(_) => 500,
+        }
+    }
+
+    /// A stable short code for logs, metrics and error bodies.
+    pub fn code(&self) -> &'static str {
+        match self {
+            HandleError::Envelope(_) => "bad-envelope",
+            HandleError::BadMessage(_) => "bad-message",
+            HandleError::NoConnection => "no-connection",
+            HandleError::UnknownRecipient(_) => "unknown-recipient",
+            HandleError::QueueFull { .. } => "queue-full",
+            HandleError::Store(_) => "store-unavailable",
+            HandleError::Internal(_) => "internal",
+        }
+    }
+
+    /// The JSON body of an error answer on HTTP or a WebSocket error frame.
+    pub fn body(&self) -> Value {
+        json!({ "error": self.code(), "reason": self.to_string() })
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 UTC time with milliseconds, as Credo writes `lastmod_time`.
+pub fn rfc3339_ms(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    t.format(&f).unwrap_or_default()
+}
+
+fn uuid_from_bytes(b: &[u8; 32]) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(b);
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&h[..16]);
+    uuid::Builder::from_random_bytes(u).into_uuid().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_has_millis() {
+        assert_eq!(rfc3339_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+    }
+}

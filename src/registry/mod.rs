@@ -1,1 +1,247 @@
-//! (being written)
+//! The per-node registry actor: connection id -> the live sessions on this node.
+//!
+//! Sessions register once a connection authenticates a message on them with return-route,
+//! and unregister on every exit path. The registry wakes a connection's sessions when a
+//! message for it is queued (they then drain from the store themselves), and tells the
+//! cluster which connections this node owns. It does no store I/O; its handlers never block.
+//!
+//! Keyed by (connection, session id) so a late unregister of an old session cannot remove a
+//! newer one.
+
+use actix::prelude::*;
+use std::collections::HashMap;
+
+use crate::cluster::ClusterHandle;
+
+pub type SessionId = u64;
+
+/// Ask a session to drain its connection's queue.
+#[derive(Message, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Wake;
+
+/// Ask a session to close (graceful shutdown: WebSocket close 1001 so the wallet reconnects
+/// to another node).
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Close {
+    pub code: u16,
+    pub reason: String,
+}
+
+struct Entry {
+    session: SessionId,
+    wake: Recipient<Wake>,
+    close: Recipient<Close>,
+    opened_ms: i64,
+}
+
+/// Cluster ownership of a connection, held while it has at least one session here.
+struct Owned {
+    epoch: u64,
+}
+
+pub struct Registry {
+    by_conn: HashMap<String, Vec<Entry>>,
+    owned: HashMap<String, Owned>,
+    cluster: Option<ClusterHandle>,
+    sessions: usize,
+}
+
+impl Registry {
+    pub fn new(cluster: Option<ClusterHandle>) -> Registry {
+        Registry {
+            by_conn: HashMap::new(),
+            owned: HashMap::new(),
+            cluster,
+            sessions: 0,
+        }
+    }
+
+    fn wake_conn(&self, conn: &str) -> bool {
+        match self.by_conn.get(conn) {
+            Some(entries) if !entries.is_empty() => {
+                for e in entries {
+                    // A full mailbox already holds a wake-up: dropping this one loses nothing.
+                    let _ = e.wake.try_send(Wake);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Forwards arrive faster than 16 at a time; notifications must not be refused.
+        ctx.set_mailbox_capacity(65_536);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Register {
+    pub conn: String,
+    pub session: SessionId,
+    pub wake: Recipient<Wake>,
+    pub close: Recipient<Close>,
+}
+
+impl Handler<Register> for Registry {
+    type Result = ();
+    fn handle(&mut self, m: Register, _: &mut Context<Self>) {
+        let entries = self.by_conn.entry(m.conn.clone()).or_default();
+        if entries.iter().any(|e| e.session == m.session) {
+            return;
+        }
+        entries.push(Entry {
+            session: m.session,
+            wake: m.wake,
+            close: m.close,
+            opened_ms: crate::protocols::now_ms(),
+        });
+        self.sessions += 1;
+        // A new session always re-announces: a newer epoch moves ownership to this node.
+        if let Some(c) = &self.cluster {
+            let epoch = c.announce_session(&m.conn);
+            self.owned.insert(m.conn.clone(), Owned { epoch });
+        }
+        tracing::info!(connection = %m.conn, session = m.session, "session bound");
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unregister {
+    pub conn: String,
+    pub session: SessionId,
+}
+
+impl Handler<Unregister> for Registry {
+    type Result = ();
+    fn handle(&mut self, m: Unregister, _: &mut Context<Self>) {
+        let Some(entries) = self.by_conn.get_mut(&m.conn) else {
+            return;
+        };
+        let before = entries.len();
+        entries.retain(|e| e.session != m.session);
+        self.sessions -= before - entries.len();
+        if entries.is_empty() {
+            self.by_conn.remove(&m.conn);
+            if let (Some(c), Some(o)) = (&self.cluster, self.owned.remove(&m.conn)) {
+                c.withdraw_session(&m.conn, o.epoch);
+            }
+        }
+    }
+}
+
+/// Wake the local sessions of a connection; answers whether there was one.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct WakeLocal {
+    pub conn: String,
+}
+
+impl Handler<WakeLocal> for Registry {
+    type Result = bool;
+    fn handle(&mut self, m: WakeLocal, _: &mut Context<Self>) -> bool {
+        self.wake_conn(&m.conn)
+    }
+}
+
+/// Wake the local sessions of many connections (the sweep); answers how many had one.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct WakeMany {
+    pub conns: Vec<String>,
+}
+
+impl Handler<WakeMany> for Registry {
+    type Result = usize;
+    fn handle(&mut self, m: WakeMany, _: &mut Context<Self>) -> usize {
+        m.conns.iter().filter(|c| self.wake_conn(c)).count()
+    }
+}
+
+/// Whether this node holds a live session of the connection.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct IsLocal {
+    pub conn: String,
+}
+
+impl Handler<IsLocal> for Registry {
+    type Result = bool;
+    fn handle(&mut self, m: IsLocal, _: &mut Context<Self>) -> bool {
+        self.by_conn.get(&m.conn).map(|e| !e.is_empty()).unwrap_or(false)
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionInfo {
+    pub connection: String,
+    pub session: SessionId,
+    pub opened_ms: i64,
+}
+
+/// The live sessions on this node, for the admin endpoint.
+#[derive(Message)]
+#[rtype(result = "Vec<SessionInfo>")]
+pub struct ListSessions;
+
+impl Handler<ListSessions> for Registry {
+    type Result = MessageResult<ListSessions>;
+    fn handle(&mut self, _: ListSessions, _: &mut Context<Self>) -> Self::Result {
+        let mut v: Vec<SessionInfo> = self
+            .by_conn
+            .iter()
+            .flat_map(|(c, es)| {
+                es.iter().map(|e| SessionInfo {
+                    connection: c.clone(),
+                    session: e.session,
+                    opened_ms: e.opened_ms,
+                })
+            })
+            .collect();
+        v.sort_by_key(|s| s.opened_ms);
+        MessageResult(v)
+    }
+}
+
+/// How many bound sessions this node holds.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Count;
+
+impl Handler<Count> for Registry {
+    type Result = usize;
+    fn handle(&mut self, _: Count, _: &mut Context<Self>) -> usize {
+        self.sessions
+    }
+}
+
+/// Close every session (graceful shutdown); ownership is withdrawn as they unregister.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct CloseAll {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl Handler<CloseAll> for Registry {
+    type Result = usize;
+    fn handle(&mut self, m: CloseAll, _: &mut Context<Self>) -> usize {
+        let mut n = 0;
+        for e in self.by_conn.values().flatten() {
+            let _ = e.close.try_send(Close {
+                code: m.code,
+                reason: m.reason.clone(),
+            });
+            n += 1;
+        }
+        n
+    }
+}

@@ -1,1 +1,156 @@
-//! (being written)
+//! Transports: the public listener's HTTP POST and WebSocket sessions, and outbound delivery
+//! to agents that have an HTTP endpoint of their own. The only module that knows
+//! actix-web-actors (in [`ws`]).
+//!
+//! [`Shared`] is what every transport needs: the mediator, the registry, the cluster handle,
+//! limits and metrics. Its [`Shared::queued`] decides how a newly queued message reaches its
+//! wallet: a local session, the owning node over the cluster, or the agent's own endpoint.
+
+pub mod http;
+pub mod outbound;
+pub mod ws;
+
+use crate::cluster::{ClusterHandle, NotifyOutcome};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::protocols::{now_ms, Mediator};
+use crate::registry::{IsLocal, Registry, WakeLocal, WakeMany};
+use actix::Addr;
+use parking_lot::Mutex;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+pub struct Shared {
+    pub mediator: Arc<Mediator>,
+    pub registry: Addr<Registry>,
+    pub cluster: Option<ClusterHandle>,
+    pub cfg: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    /// WebSocket sessions open on this node (bound or not), for `limits.max_sessions`.
+    pub open_sockets: AtomicUsize,
+    next_session: AtomicU64,
+    /// Connections whose queue is being POSTed to their endpoint by this node.
+    endpoint_busy: Mutex<HashSet<String>>,
+    /// Set once shutdown starts: new sockets are refused.
+    pub draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(
+        mediator: Arc<Mediator>,
+        registry: Addr<Registry>,
+        cluster: Option<ClusterHandle>,
+        cfg: Arc<Config>,
+        metrics: Arc<Metrics>,
+    ) -> Shared {
+        Shared {
+            mediator,
+            registry,
+            cluster,
+            cfg,
+            metrics,
+            open_sockets: AtomicUsize::new(0),
+            next_session: AtomicU64::new(1),
+            endpoint_busy: Mutex::new(HashSet::new()),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub fn next_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Lease owner for deliveries over HTTP (they expire, or are acknowledged).
+    pub fn http_owner(&self) -> String {
+        format!("{}/http", self.mediator.node_id)
+    }
+
+    /// Lease owner of one WebSocket session (released when the session ends).
+    pub fn session_owner(&self, session: u64) -> String {
+        format!("{}/ws/{}/{}", self.mediator.node_id, std::process::id(), session)
+    }
+
+    /// A message for `conn` was queued (or acknowledged, freeing room): make whoever holds the
+    /// wallet's session drain it. Correctness never depends on this: the sweep catches up.
+    pub async fn queued(self: &Arc<Self>, conn: &str) {
+        if self
+            .registry
+            .send(WakeLocal { conn: conn.to_string() })
+            .await
+            .unwrap_or(false)
+        {
+            return;
+        }
+        if let Some(c) = &self.cluster {
+            match c.notify_queued(conn) {
+                NotifyOutcome::Sent(_) => {
+                    self.metrics.notifications_sent.inc();
+                    return;
+                }
+                NotifyOutcome::Failed(_) => {
+                    self.metrics.notifications_failed.inc();
+                    return;
+                }
+                NotifyOutcome::Local | NotifyOutcome::NoOwner => {}
+            }
+        }
+        self.deliver_to_endpoint(conn).await;
+    }
+
+    /// POSTs a connection's queue to its own HTTP endpoint, if it has one (ACA-Py-style
+    /// mediation clients). One drain per connection per node at a time; leases keep nodes apart.
+    pub async fn deliver_to_endpoint(self: &Arc<Self>, conn: &str) {
+        let Ok(Some(c)) = self.mediator.store.get_connection(conn).await else {
+            return;
+        };
+        let Some(endpoint) = c
+            .their_endpoints
+            .iter()
+            .find(|e| e.starts_with("http://") || e.starts_with("https://"))
+            .cloned()
+        else {
+            return;
+        };
+        if !self.endpoint_busy.lock().insert(conn.to_string()) {
+            return;
+        }
+        let this = self.clone();
+        let conn = conn.to_string();
+        actix_rt::spawn(async move {
+            outbound::drain_to_endpoint(&this, &c, &endpoint).await;
+            this.endpoint_busy.lock().remove(&conn);
+        });
+    }
+
+    /// One pass of the sweep: wake local sessions of connections with deliverable messages
+    /// (a lost notification or an expired lease only delays delivery by one period), and
+    /// retry endpoint delivery for connections nobody holds a session for.
+    pub async fn sweep(self: &Arc<Self>, with_endpoints: bool) {
+        let pending = match self.mediator.store.connections_with_pending(now_ms(), 10_000).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("sweep: store unavailable: {e}");
+                return;
+            }
+        };
+        if pending.is_empty() {
+            return;
+        }
+        let _ = self.registry.send(WakeMany { conns: pending.clone() }).await;
+        if !with_endpoints {
+            return;
+        }
+        for conn in pending {
+            if self.registry.send(IsLocal { conn: conn.clone() }).await.unwrap_or(false) {
+                continue;
+            }
+            if let Some(c) = &self.cluster {
+                if c.owner_of(&conn).is_some() {
+                    continue;
+                }
+            }
+            self.deliver_to_endpoint(&conn).await;
+        }
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command: every Rust test (unit, store conformance on sled and PostgreSQL, whole
+# nodes and clusters on 127.0.0.1:0), then the interop suite with real Credo 0.6.3 and
+# ACA-Py 1.7.0 peers. Installs what a fresh machine lacks (PostgreSQL start, npm packages,
+# the askar library, the ACA-Py venv; cached under ~/.cache/mailroom).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/ensure-postgres.sh
+cargo build --locked --bins
+cargo test --locked -- --test-threads="${MAILROOM_TEST_THREADS:-4}"
+if [ "${MAILROOM_SKIP_INTEROP:-}" = "1" ]; then
+  echo "interop: skipped (MAILROOM_SKIP_INTEROP=1)"
+  exit 0
+fi
+MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/interop.sh

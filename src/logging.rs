@@ -1,0 +1,17 @@
+//! tracing setup: a human format by default, JSON by `[log] format = "json"`; `RUST_LOG`
+//! overrides `[log] level`.
+
+use crate::config::LogSection;
+use tracing_subscriber::EnvFilter;
+
+pub fn init(cfg: &LogSection) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let res = if cfg.format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    // A second init (tests starting several nodes) keeps the first subscriber.
+    let _ = res;
+}

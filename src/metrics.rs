@@ -1,0 +1,100 @@
+//! Prometheus metrics (prometheus-client), all named `mailroom_*`. Counters are bumped where
+//! things happen; gauges that need the store (queue depth) are refreshed on scrape.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabel {
+    pub path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub forwards_received: Counter,
+    pub forwards_queued: Counter,
+    pub forwards_duplicate: Counter,
+    pub delivered: Family<PathLabel, Counter>,
+    pub acknowledged: Counter,
+    pub redelivered: Counter,
+    pub expired: Counter,
+    pub rejected: Family<ReasonLabel, Counter>,
+    pub sessions: Gauge,
+    pub peers_up: Gauge,
+    pub queue_depth: Gauge,
+    pub notifications_sent: Counter,
+    pub notifications_received: Counter,
+    pub notifications_failed: Counter,
+    pub store_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("mailroom");
+        let m = Metrics {
+            forwards_received: Counter::default(),
+            forwards_queued: Counter::default(),
+            forwards_duplicate: Counter::default(),
+            delivered: Family::default(),
+            acknowledged: Counter::default(),
+            redelivered: Counter::default(),
+            expired: Counter::default(),
+            rejected: Family::default(),
+            sessions: Gauge::default(),
+            peers_up: Gauge::default(),
+            queue_depth: Gauge::default(),
+            notifications_sent: Counter::default(),
+            notifications_received: Counter::default(),
+            notifications_failed: Counter::default(),
+            store_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            registry: Registry::default(),
+        };
+        registry.register("forwards_received", "Forward messages received", m.forwards_received.clone());
+        registry.register("forwards_queued", "Forwards committed to the queue", m.forwards_queued.clone());
+        registry.register("forwards_duplicate", "Forwards dropped as duplicates within the dedup window", m.forwards_duplicate.clone());
+        registry.register("delivered", "Messages delivered, by path (live, pickup, implicit, endpoint)", m.delivered.clone());
+        registry.register("acknowledged", "Messages acknowledged by messages-received", m.acknowledged.clone());
+        registry.register("redelivered", "Messages delivered more than once", m.redelivered.clone());
+        registry.register("expired", "Messages removed by the TTL sweep", m.expired.clone());
+        registry.register("rejected", "Inputs refused, by reason", m.rejected.clone());
+        registry.register("sessions", "Live WebSocket sessions bound to a connection on this node", m.sessions.clone());
+        registry.register("peers_up", "Cluster peers with a live link", m.peers_up.clone());
+        registry.register("queue_depth", "Messages queued in the store", m.queue_depth.clone());
+        registry.register("cluster_notifications_sent", "Message-queued notifications sent to peers", m.notifications_sent.clone());
+        registry.register("cluster_notifications_received", "Message-queued notifications received from peers", m.notifications_received.clone());
+        registry.register("cluster_notifications_failed", "Notifications that could not be sent", m.notifications_failed.clone());
+        registry.register("store_enqueue_seconds", "Latency of durable enqueue", m.store_latency.clone());
+        Metrics { registry, ..m }
+    }
+
+    pub fn delivered(&self, path: &str, n: u64) {
+        self.delivered.get_or_create(&PathLabel { path: path.into() }).inc_by(n);
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.rejected
+            .get_or_create(&ReasonLabel { reason: reason.into() })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}

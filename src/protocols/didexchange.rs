@@ -1,0 +1,149 @@
+//! didexchange 1.0/1.1, responder side.
+//!
+//! The response carries `~thread.pthid` (the invitation id) beside `thid`: ACA-Py 1.7 cannot
+//! complete the exchange without it. 1.1 answers with the mediator's did:peer:4 and a
+//! `did_rotate~attach` signed by the invitation key; 1.0 with a legacy DID and a signed
+//! `did_doc~attach`.
+
+use super::{now_ms, HandleError, Inbound, Mediator, Outcome};
+use crate::didcomm::did::{self, ResolvedDoc};
+use crate::didcomm::{jws, message};
+use crate::store::{Connection, MediationState};
+use base64::Engine;
+use serde_json::{json, Value};
+
+/// Reads the DID document a request attaches (base64 or inline JSON), if any.
+pub(crate) fn attached_doc(att: &Value) -> Result<Option<Value>, HandleError> {
+    if att.is_null() {
+        return Ok(None);
+    }
+    let data = &att["data"];
+    if let Some(j) = data.get("json") {
+        return Ok(Some(j.clone()));
+    }
+    if let Some(b) = data["base64"].as_str() {
+        let bytes = decode_b64_any(b).ok_or_else(|| HandleError::BadMessage("did_doc~attach is not base64".into()))?;
+        let v: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| HandleError::BadMessage(format!("did_doc~attach is not JSON: {e}")))?;
+        return Ok(Some(v));
+    }
+    Err(HandleError::BadMessage("did_doc~attach has neither data.json nor data.base64".into()))
+}
+
+pub fn decode_b64_any(s: &str) -> Option<Vec<u8>> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    [URL_SAFE_NO_PAD, URL_SAFE, STANDARD, STANDARD_NO_PAD]
+        .iter()
+        .find_map(|e| e.decode(s.trim()).ok())
+}
+
+/// Builds the connection record for a peer whose DID document we resolved.
+pub(crate) fn new_connection(m: &Mediator, ctx: &Inbound, protocol: &str, their_did: &str, doc: &ResolvedDoc) -> Connection {
+    let mut their_verkeys = doc.recipient_keys.clone();
+    if let Some(s) = &ctx.sender_verkey {
+        if !their_verkeys.contains(s) {
+            their_verkeys.push(s.clone());
+        }
+    }
+    let now = now_ms();
+    Connection {
+        id: uuid::Uuid::new_v4().to_string(),
+        created_at_ms: now,
+        updated_at_ms: now,
+        state: "responded".into(),
+        protocol: protocol.into(),
+        label: ctx.msg["label"].as_str().map(str::to_string),
+        our_verkey: m.keys.did_key.verkey(),
+        our_did: None,
+        their_did: Some(their_did.to_string()),
+        their_verkeys,
+        their_endpoints: doc
+            .endpoints
+            .iter()
+            .filter(|e| e.starts_with("http://") || e.starts_with("https://") || e.starts_with("ws://") || e.starts_with("wss://"))
+            .cloned()
+            .collect(),
+        their_routing_keys: doc.routing_keys.clone(),
+        mediation: MediationState::None,
+        invitation_id: message::pthid(&ctx.msg),
+        thread_id: Some(ctx.id()),
+        extra: json!({}),
+    }
+}
+
+pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
+    let version = ctx.mtype.as_ref().map(|t| t.version.clone()).unwrap_or_default();
+    let their_did = ctx.msg["did"]
+        .as_str()
+        .ok_or_else(|| HandleError::BadMessage("didexchange request has no `did`".into()))?;
+    let attached = attached_doc(&ctx.msg["did_doc~attach"])?;
+    let doc = did::resolve(their_did, attached.as_ref())
+        .map_err(|e| HandleError::BadMessage(format!("cannot resolve {their_did}: {e}")))?;
+    if doc.recipient_keys.is_empty() {
+        return Err(HandleError::BadMessage(format!("{their_did} has no recipient keys")));
+    }
+    let mut conn = new_connection(m, ctx, &format!("didexchange/{version}"), their_did, &doc);
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut response = ctx.reply("response");
+    response["~thread"] = json!({ "thid": ctx.id() });
+    if let Some(p) = message::pthid(&ctx.msg) {
+        response["~thread"]["pthid"] = json!(p);
+    }
+    if version == "1.0" {
+        // 1.0 peers expect a DID with its document attached and signed.
+        let legacy = legacy_did(&m.keys.did_key.public_bytes());
+        let doc = did::legacy_diddoc(&legacy, &m.keys.did_key.verkey(), &[m.public_url.clone(), m.public_ws_url.clone()], &[]);
+        let data = b64.encode(doc.to_string());
+        response["did"] = json!(legacy);
+        response["did_doc~attach"] = json!({
+            "@id": message::new_id(),
+            "mime-type": "application/json",
+            "data": { "base64": data, "jws": jws::sign_attachment_base64(&data, &m.keys.did_key) },
+        });
+        conn.our_did = Some(legacy);
+    } else {
+        let data = b64.encode(&m.did);
+        response["did"] = json!(m.did);
+        response["did_rotate~attach"] = json!({
+            "@id": message::new_id(),
+            "mime-type": "text/string",
+            "data": { "base64": data, "jws": jws::sign_attachment_base64(&data, &m.keys.did_key) },
+        });
+        conn.our_did = Some(m.did.clone());
+    }
+    m.store.put_connection(&conn).await?;
+    tracing::info!(connection = %conn.id, label = conn.label.as_deref().unwrap_or(""), their_did = %short(their_did), "didexchange request accepted");
+    Ok(Outcome {
+        replies: vec![response],
+        connection: Some(conn),
+        ..Outcome::default()
+    })
+}
+
+pub async fn complete(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
+    let conn = match &ctx.conn {
+        Some(c) => Some(c.clone()),
+        None => m.store.connection_by_thread(&ctx.thid()).await?,
+    };
+    let Some(mut conn) = conn else {
+        return Err(HandleError::NoConnection);
+    };
+    if conn.state != "completed" {
+        conn.state = "completed".into();
+        conn.updated_at_ms = now_ms();
+        m.store.put_connection(&conn).await?;
+    }
+    Ok(Outcome {
+        connection: Some(conn),
+        ..Outcome::default()
+    })
+}
+
+/// An unqualified (Indy-style) DID: base58 of the first 16 bytes of the verkey.
+pub(crate) fn legacy_did(verkey: &[u8; 32]) -> String {
+    bs58::encode(&verkey[..16]).into_string()
+}
+
+fn short(did: &str) -> &str {
+    &did[..did.len().min(48)]
+}

@@ -1,0 +1,126 @@
+//! coordinate-mediation 1.0, mediator side: mediate-request -> grant, keylist-update ->
+//! keylist-update-response, keylist-query -> keylist.
+//!
+//! A key another connection already holds is refused (`client_error`): Credo's and ACA-Py's
+//! mediators accept it and then drop every forward to it while the sender gets 200.
+
+use super::{problem, HandleError, Inbound, Mediator, Outcome};
+use crate::didcomm::keys::normalize_verkey;
+use crate::store::{KeyUpdate, MediationState};
+use serde_json::{json, Value};
+
+/// Keys a single keylist-update may carry.
+pub const MAX_UPDATES: usize = 1000;
+
+pub async fn mediate_request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
+    let conn = ctx.require_conn()?;
+    let mut conn = conn.clone();
+    if conn.mediation != MediationState::Granted {
+        conn.mediation = MediationState::Granted;
+        conn.updated_at_ms = super::now_ms();
+        m.store.put_connection(&conn).await?;
+        tracing::info!(connection = %conn.id, "mediation granted");
+    }
+    let mut grant = ctx.reply("mediate-grant");
+    grant["endpoint"] = json!(m.public_url);
+    grant["routing_keys"] = json!([m.keys.routing.did_key()]);
+    Ok(Outcome {
+        replies: vec![grant],
+        connection: Some(conn),
+        ..Outcome::default()
+    })
+}
+
+fn require_mediation(ctx: &Inbound) -> Result<(), Outcome> {
+    match &ctx.conn {
+        Some(c) if c.mediation == MediationState::Granted => Ok(()),
+        _ => Err(problem::report(
+            ctx,
+            "request_not_accepted",
+            "this connection has no mediation granted: send mediate-request first",
+        )),
+    }
+}
+
+pub async fn keylist_update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
+    let conn = ctx.require_conn()?;
+    if let Err(o) = require_mediation(ctx) {
+        return Ok(o);
+    }
+    let Some(updates) = ctx.msg["updates"].as_array() else {
+        return Ok(problem::report(ctx, "invalid_message", "keylist-update needs an `updates` array"));
+    };
+    if updates.len() > MAX_UPDATES {
+        return Ok(problem::report(ctx, "invalid_message", "too many updates in one keylist-update"));
+    }
+    // (original form as sent, normalized, action)
+    let mut items: Vec<(String, Result<String, String>, String)> = Vec::new();
+    for u in updates {
+        let raw = u["recipient_key"].as_str().unwrap_or_default().to_string();
+        let action = u["action"].as_str().unwrap_or_default().to_string();
+        let norm = normalize_verkey(&raw).map_err(|e| e.to_string());
+        items.push((raw, norm, action));
+    }
+    let add: Vec<String> = items
+        .iter()
+        .filter(|(_, n, a)| a == "add" && n.is_ok())
+        .filter_map(|(_, n, _)| n.clone().ok())
+        .collect();
+    let remove: Vec<String> = items
+        .iter()
+        .filter(|(_, n, a)| a == "remove" && n.is_ok())
+        .filter_map(|(_, n, _)| n.clone().ok())
+        .collect();
+    let results = m.store.update_keys(&conn.id, &add, &remove).await?;
+    let mut updated = Vec::new();
+    for (raw, norm, action) in &items {
+        let result = match (norm, action.as_str()) {
+            (Err(_), _) => "client_error",
+            (Ok(_), a) if a != "add" && a != "remove" => "client_error",
+            (Ok(k), _) => match results.iter().find(|(rk, _)| rk == k).map(|(_, r)| r) {
+                Some(KeyUpdate::Added) | Some(KeyUpdate::Removed) => "success",
+                Some(KeyUpdate::AlreadyAdded) | Some(KeyUpdate::NotFound) => "no_change",
+                Some(KeyUpdate::HeldByOther) => {
+                    tracing::warn!(connection = %conn.id, key = %k, "keylist-update refused: key held by another connection");
+                    "client_error"
+                }
+                None => "server_error",
+            },
+        };
+        updated.push(json!({ "recipient_key": raw, "action": action, "result": result }));
+    }
+    let mut reply = ctx.reply("keylist-update-response");
+    reply["updated"] = Value::Array(updated);
+    Ok(Outcome {
+        replies: vec![reply],
+        ..Outcome::default()
+    })
+}
+
+pub async fn keylist_query(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
+    let conn = ctx.require_conn()?;
+    if let Err(o) = require_mediation(ctx) {
+        return Ok(o);
+    }
+    let keys = m.store.keys_of(&conn.id).await?;
+    let offset = ctx.msg["paginate"]["offset"].as_u64().unwrap_or(0) as usize;
+    let limit = ctx.msg["paginate"]["limit"].as_u64().map(|l| l as usize).unwrap_or(keys.len());
+    let page: Vec<Value> = keys
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|k| {
+            let did_key = crate::didcomm::keys::parse_verkey(k)
+                .map(|b| crate::didcomm::keys::verkey_to_did_key(&b))
+                .unwrap_or_else(|_| k.clone());
+            json!({ "recipient_key": did_key })
+        })
+        .collect();
+    let mut reply = ctx.reply("keylist");
+    reply["pagination"] = json!({ "count": page.len(), "offset": offset, "remaining": keys.len().saturating_sub(offset + page.len()) });
+    reply["keys"] = Value::Array(page);
+    Ok(Outcome {
+        replies: vec![reply],
+        ..Outcome::default()
+    })
+}

@@ -1,0 +1,56 @@
+//! out-of-band 1.1: the mediator's multi-use invitation (served at `GET /invitation`), fresh
+//! invitations for the admin API, and handshake-reuse.
+
+use super::{HandleError, Inbound, Mediator, Outcome};
+use base64::Engine;
+use serde_json::{json, Value};
+
+pub const HANDSHAKE_PROTOCOLS: &[&str] = &[
+    "https://didcomm.org/didexchange/1.1",
+    "https://didcomm.org/didexchange/1.0",
+    "https://didcomm.org/connections/1.0",
+];
+
+/// An out-of-band 1.1 invitation with the http and ws forms of the public URL, as Credo's own
+/// mediator advertises them (Credo opens its live-mode socket on the ws one).
+pub fn invitation(m: &Mediator, id: &str) -> Value {
+    let key = m.keys.did_key.did_key();
+    let service = |n: usize, endpoint: &str| {
+        json!({
+            "id": format!("#inline-{n}"),
+            "type": "did-communication",
+            "serviceEndpoint": endpoint,
+            "recipientKeys": [key],
+            "routingKeys": [],
+        })
+    };
+    json!({
+        "@type": "https://didcomm.org/out-of-band/1.1/invitation",
+        "@id": id,
+        "label": m.label,
+        "accept": ["didcomm/aip1", "didcomm/aip2;env=rfc19"],
+        "handshake_protocols": HANDSHAKE_PROTOCOLS,
+        "services": [service(0, &m.public_url), service(1, &m.public_ws_url)],
+    })
+}
+
+/// `public_url?oob=<base64url(invitation)>`.
+pub fn invitation_url(m: &Mediator, inv: &Value) -> String {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(inv.to_string());
+    format!("{}?oob={b64}", m.public_url)
+}
+
+/// The public multi-use invitation: the same on every node of a cluster.
+pub fn public_invitation(m: &Mediator) -> Value {
+    invitation(m, &m.invitation_id)
+}
+
+pub fn handshake_reuse(_m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
+    ctx.require_conn()?;
+    let mut r = ctx.reply("handshake-reuse-accepted");
+    r["~thread"] = json!({ "thid": ctx.id(), "pthid": crate::didcomm::message::pthid(&ctx.msg) });
+    Ok(Outcome {
+        replies: vec![r],
+        ..Outcome::default()
+    })
+}

@@ -1,0 +1,166 @@
+//! messagepickup 1.0 (batch-pickup -> batch, noop) and 2.0 (status-request, delivery-request,
+//! messages-received, live-delivery-change), mediator side, over any transport.
+//!
+//! 2.0 deliveries are leased to the transport's owner and deleted only on messages-received;
+//! 1.0 batches have no acknowledgement and are deleted when handed out.
+
+use super::{now_ms, problem, rfc3339_ms, HandleError, Inbound, Mediator, Outcome, TransportKind};
+use crate::store::{Connection, MediationState, QueuedMessage};
+use serde_json::{json, Value};
+
+/// Most messages one delivery or batch carries, whatever the client asks for.
+pub const MAX_BATCH: usize = 100;
+
+pub async fn handle(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
+    let conn = ctx.require_conn()?.clone();
+    if conn.mediation != MediationState::Granted {
+        return Ok(problem::report(
+            ctx,
+            "request_not_accepted",
+            "pickup needs mediation: this connection has none granted",
+        ));
+    }
+    let t = ctx.mtype.as_ref().expect("dispatch matched a message type");
+    let major = t.version.split('.').next().unwrap_or("");
+    match (major, t.name.as_str()) {
+        ("1", "batch-pickup") => batch_pickup(m, ctx, &conn).await,
+        ("1", "noop") | ("2", "noop") => Ok(Outcome::default()),
+        ("2", "status-request") => Ok(Outcome {
+            replies: vec![status(m, ctx, &conn, None).await?],
+            ..Outcome::default()
+        }),
+        ("2", "delivery-request") => delivery_request(m, ctx, &conn).await,
+        ("2", "messages-received") => messages_received(m, ctx, &conn).await,
+        ("2", "live-delivery-change") => live_delivery_change(m, ctx, &conn).await,
+        _ => problem::unknown_type(m, ctx),
+    }
+}
+
+/// A pickup 2.0 `status` for `conn`.
+pub async fn status(m: &Mediator, ctx: &Inbound, conn: &Connection, live: Option<bool>) -> Result<Value, HandleError> {
+    let now = now_ms();
+    let stats = m.store.queue_stats(&conn.id, now).await?;
+    let mut s = ctx.reply("status");
+    s["message_count"] = json!(stats.pending);
+    if let Some(o) = stats.oldest_received_ms {
+        s["oldest_received_time"] = json!(rfc3339_ms(o));
+    }
+    if let Some(l) = live {
+        s["live_delivery"] = json!(l);
+    }
+    if let Some(k) = ctx.msg["recipient_key"].as_str() {
+        s["recipient_key"] = json!(k);
+    }
+    Ok(s)
+}
+
+/// The pickup 2.0 `delivery` message for leased queue entries; attachment ids are queue ids.
+pub fn delivery_message(prefix_of: &Inbound, msgs: &[QueuedMessage]) -> Value {
+    let mut d = prefix_of.reply("delivery");
+    d["~attach"] = Value::Array(msgs.iter().map(attachment).collect());
+    d
+}
+
+/// A standalone `delivery` (live mode pushes, no inbound message to answer).
+pub fn live_delivery(legacy: bool, msgs: &[QueuedMessage]) -> Value {
+    let prefix = if legacy {
+        crate::didcomm::message::LEGACY_PREFIX
+    } else {
+        crate::didcomm::message::DIDCOMM_PREFIX
+    };
+    json!({
+        "@type": format!("{prefix}messagepickup/2.0/delivery"),
+        "@id": crate::didcomm::message::new_id(),
+        "~attach": msgs.iter().map(attachment).collect::<Vec<_>>(),
+    })
+}
+
+fn attachment(q: &QueuedMessage) -> Value {
+    let data = match serde_json::from_slice::<Value>(&q.payload) {
+        Ok(v) => json!({ "json": v }),
+        Err(_) => json!({ "base64": base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &q.payload) }),
+    };
+    json!({ "@id": q.id.to_string(), "lastmod_time": rfc3339_ms(q.received_at_ms), "data": data })
+}
+
+async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
+    let limit = ctx.msg["limit"].as_u64().unwrap_or(m.batch_size as u64).clamp(1, MAX_BATCH as u64) as usize;
+    let now = now_ms();
+    let msgs = m
+        .store
+        .lease(&conn.id, limit, &ctx.lease_owner, now, now + m.lease_ms)
+        .await?;
+    if msgs.is_empty() {
+        return Ok(Outcome {
+            replies: vec![status(m, ctx, conn, None).await?],
+            ..Outcome::default()
+        });
+    }
+    Ok(Outcome {
+        replies: vec![delivery_message(ctx, &msgs)],
+        leased: msgs.iter().map(|q| q.id).collect(),
+        ..Outcome::default()
+    })
+}
+
+async fn messages_received(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
+    let ids: Vec<i64> = ctx.msg["message_id_list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().and_then(|s| s.parse().ok()).or_else(|| v.as_i64()))
+        .take(10 * MAX_BATCH)
+        .collect();
+    let acked = if ids.is_empty() { 0 } else { m.store.ack(&conn.id, &ids).await? };
+    Ok(Outcome {
+        replies: vec![status(m, ctx, conn, None).await?],
+        acked,
+        ..Outcome::default()
+    })
+}
+
+async fn live_delivery_change(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
+    let Some(live) = ctx.msg["live_delivery"].as_bool() else {
+        return Ok(problem::report(ctx, "invalid_message", "live-delivery-change needs a boolean live_delivery"));
+    };
+    if ctx.transport != TransportKind::WebSocket {
+        return Ok(problem::report(
+            ctx,
+            "delivery_not_possible",
+            "live delivery needs a WebSocket session with return_route all",
+        ));
+    }
+    Ok(Outcome {
+        replies: vec![status(m, ctx, conn, Some(live)).await?],
+        live_mode: Some(live),
+        ..Outcome::default()
+    })
+}
+
+async fn batch_pickup(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
+    let size = ctx.msg["batch_size"].as_u64().unwrap_or(m.batch_size as u64).clamp(1, MAX_BATCH as u64) as usize;
+    let now = now_ms();
+    let msgs = m
+        .store
+        .lease(&conn.id, size, &ctx.lease_owner, now, now + m.lease_ms)
+        .await?;
+    let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
+    // pickup 1.0 has no acknowledgement: what is handed out is gone.
+    if !ids.is_empty() {
+        m.store.ack(&conn.id, &ids).await?;
+    }
+    let mut batch = ctx.reply("batch");
+    batch["messages~attach"] = Value::Array(
+        msgs.iter()
+            .map(|q| {
+                let message = serde_json::from_slice::<Value>(&q.payload)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&q.payload).into_owned()));
+                json!({ "@id": q.id.to_string(), "message": message })
+            })
+            .collect(),
+    );
+    Ok(Outcome {
+        replies: vec![batch],
+        ..Outcome::default()
+    })
+}

@@ -1,0 +1,127 @@
+//! The public listener: `POST /` (an envelope), `GET /` with `Upgrade: websocket`, and
+//! `GET /invitation`.
+//!
+//! An HTTP POST is a short-lived session: with `~transport.return_route` its reply comes back
+//! in the response body (Credo 0.6.3 sends pickup messages this way even while its socket is
+//! open); without, replies go to the sender's own endpoint.
+
+use super::{outbound, ws, Shared};
+use crate::didcomm::message::ReturnRoute;
+use crate::protocols::{oob, ForwardResult, HandleError, TransportKind};
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::json;
+use std::sync::Arc;
+
+pub fn configure(cfg: &mut web::ServiceConfig, shared: Arc<Shared>) {
+    let limit = shared.cfg.limits.max_envelope_bytes;
+    cfg.app_data(web::Data::from(shared))
+        .app_data(web::PayloadConfig::new(limit))
+        .route("/", web::post().to(post_envelope))
+        .route("/", web::get().to(get_root))
+        .route("/invitation", web::get().to(get_invitation));
+}
+
+async fn get_invitation(shared: web::Data<Shared>) -> HttpResponse {
+    let m = &shared.mediator;
+    let inv = oob::public_invitation(m);
+    HttpResponse::Ok().json(json!({ "invitation_url": oob::invitation_url(m, &inv), "invitation": inv }))
+}
+
+async fn get_root(req: HttpRequest, stream: web::Payload, shared: web::Data<Shared>) -> HttpResponse {
+    let is_upgrade = req
+        .headers()
+        .get("upgrade")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.eq_ignore_ascii_case("websocket"))
+        .unwrap_or(false);
+    if !is_upgrade {
+        // A browser or a wallet resolving an invitation URL: show where to go.
+        if req.query_string().contains("oob=") {
+            return get_invitation(shared).await;
+        }
+        return HttpResponse::Ok().content_type("text/plain").body(format!(
+            "mailroom DIDComm mediator (node {}). POST envelopes here, or open a WebSocket. Invitation: {}/invitation\n",
+            shared.mediator.node_id, shared.mediator.public_url
+        ));
+    }
+    ws::upgrade(req, stream, shared.into_inner()).await
+}
+
+/// Refusals as JSON with a stable code; never 200 for something we could not read.
+pub fn error_response(e: &HandleError) -> HttpResponse {
+    let status = actix_web::http::StatusCode::from_u16(e.http_status()).unwrap_or(actix_web::http::StatusCode::BAD_REQUEST);
+    HttpResponse::build(status).json(e.body())
+}
+
+async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpResponse {
+    let shared = shared.into_inner();
+    let owner = shared.http_owner();
+    let out = match shared.mediator.handle(&body, TransportKind::Http, &owner).await {
+        Ok(out) => out,
+        Err(e) => {
+            shared.metrics.rejected(e.code());
+            tracing::info!(code = e.code(), "POST refused: {e}");
+            return error_response(&e);
+        }
+    };
+    if out.forward.is_some() {
+        shared.metrics.forwards_received.inc();
+    }
+    if let Some(ForwardResult::Queued { duplicate }) = &out.forward {
+        if *duplicate {
+            shared.metrics.forwards_duplicate.inc();
+        } else {
+            shared.metrics.forwards_queued.inc();
+        }
+    }
+    if out.acked > 0 {
+        shared.metrics.acknowledged.inc_by(out.acked);
+    }
+    if !out.leased.is_empty() {
+        shared.metrics.delivered("pickup", out.leased.len() as u64);
+    }
+    // Wake whoever holds the wallet's session; acknowledgements free it to send more.
+    let mut wake: Vec<String> = out.queued_for.clone();
+    if out.acked > 0 {
+        if let Some(c) = &out.connection {
+            wake.push(c.id.clone());
+        }
+    }
+    if !wake.is_empty() {
+        let s = shared.clone();
+        actix_rt::spawn(async move {
+            for c in wake {
+                s.queued(&c).await;
+            }
+        });
+    }
+    let Some(conn) = out.connection.clone() else {
+        return HttpResponse::Accepted().finish();
+    };
+    if out.replies.is_empty() {
+        return HttpResponse::Accepted().finish();
+    }
+    match out.return_route {
+        ReturnRoute::All | ReturnRoute::Thread(_) => {
+            // One reply fits in a response; any others go to the endpoint, if there is one.
+            let mut replies = out.replies;
+            let first = replies.remove(0);
+            if !replies.is_empty() {
+                let s = shared.clone();
+                let c = conn.clone();
+                actix_rt::spawn(async move { outbound::send_replies(&s, &c, &replies).await });
+            }
+            match shared.mediator.pack_for(&conn, &first) {
+                Ok(packed) => HttpResponse::Ok()
+                    .content_type(outbound::ENVELOPE_CONTENT_TYPE)
+                    .body(packed),
+                Err(e) => error_response(&e),
+            }
+        }
+        ReturnRoute::None => {
+            let s = shared.clone();
+            actix_rt::spawn(async move { outbound::send_replies(&s, &conn, &out.replies).await });
+            HttpResponse::Accepted().finish()
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! A WebSocket session actor (actix-web-actors; keep it in this file so a move to actix-ws
+//! touches one place).
+//!
+//! The socket binds to a connection when that connection sends a message on it with
+//! return-route; from then on it is registered with the registry, which wakes it when a
+//! message is queued. A woken session drains from the store itself:
+//! - pickup 2.0 live mode: `delivery` messages, leased until messages-received;
+//! - otherwise (implicit pickup, `DirectDelivery`): the raw forwarded messages, deleted once
+//!   written to the socket.
+//!
+//! Binary and text frames are accepted; replies are text frames. Heartbeats: a ping every
+//! `HEARTBEAT`, closed after `CLIENT_TIMEOUT` without a pong or frame.
+
+use super::Shared;
+use crate::config::Strategy;
+use crate::protocols::{now_ms, pickup, Outcome, TransportKind};
+use crate::registry::{Close, Register, Unregister, Wake};
+use crate::store::QueuedMessage;
+use actix::prelude::*;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws;
+use bytes::{Bytes, BytesMut};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const HEARTBEAT: Duration = Duration::from_secs(15);
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Consecutive unreadable frames before the socket is closed (policy violation).
+const MAX_BAD_FRAMES: u32 = 20;
+
+pub async fn upgrade(req: HttpRequest, stream: web::Payload, shared: Arc<Shared>) -> HttpResponse {
+    if shared.draining.load(Ordering::Relaxed) {
+        return HttpResponse::ServiceUnavailable().json(serde_json::json!({"error": "shutting-down", "reason": "this node is shutting down: reconnect"}));
+    }
+    let max = shared.cfg.limits.max_sessions;
+    if shared.open_sockets.load(Ordering::Relaxed) >= max {
+        shared.metrics.rejected("session-limit");
+        return HttpResponse::ServiceUnavailable().json(serde_json::json!({"error": "session-limit", "reason": format!("this node holds its limit of {max} sessions")}));
+    }
+    let frame = shared.cfg.limits.max_ws_frame_bytes;
+    let session = WsSession::new(shared);
+    match ws::WsResponseBuilder::new(session, &req, stream).frame_size(frame).start() {
+        Ok(r) => r,
+        Err(e) => HttpResponse::BadRequest().body(format!("WebSocket handshake failed: {e}")),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// Not bound, or bound without anything to push (QueueOnly).
+    Quiet,
+    /// Raw forwarded messages pushed as they arrive (implicit pickup / DirectDelivery).
+    Implicit,
+    /// pickup 2.0 live mode.
+    Live,
+}
+
+pub struct WsSession {
+    id: u64,
+    shared: Arc<Shared>,
+    conn: Option<crate::store::Connection>,
+    mode: Mode,
+    /// Use the legacy `did:sov:` prefix for pushed deliveries (the wallet used it).
+    legacy: bool,
+    last_seen: Instant,
+    draining: bool,
+    wake_again: bool,
+    bad_frames: u32,
+    partial: Option<(bool, BytesMut)>,
+}
+
+impl WsSession {
+    fn new(shared: Arc<Shared>) -> WsSession {
+        shared.open_sockets.fetch_add(1, Ordering::Relaxed);
+        WsSession {
+            id: shared.next_session_id(),
+            shared,
+            conn: None,
+            mode: Mode::Quiet,
+            legacy: false,
+            last_seen: Instant::now(),
+            draining: false,
+            wake_again: false,
+            bad_frames: 0,
+            partial: None,
+        }
+    }
+
+    fn owner(&self) -> String {
+        self.shared.session_owner(self.id)
+    }
+
+    fn conn_id(&self) -> &str {
+        self.conn.as_ref().map(|c| c.id.as_str()).unwrap_or("-")
+    }
+
+    fn on_envelope(&mut self, bytes: Bytes, ctx: &mut ws::WebsocketContext<Self>) {
+        self.last_seen = Instant::now();
+        let shared = self.shared.clone();
+        let owner = self.owner();
+        let fut = async move { shared.mediator.handle(&bytes, TransportKind::WebSocket, &owner).await };
+        // ctx.spawn, not ctx.wait: heartbeats and deliveries go on while the store works.
+        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| match res {
+            Ok(out) => {
+                act.bad_frames = 0;
+                act.apply(out, ctx);
+            }
+            Err(e) => {
+                act.shared.metrics.rejected(e.code());
+                tracing::info!(connection = act.conn_id(), session = act.id, code = e.code(), "frame refused: {e}");
+                ctx.text(e.body().to_string());
+                act.bad_frames += 1;
+                if act.bad_frames >= MAX_BAD_FRAMES {
+                    ctx.close(Some(ws::CloseReason {
+                        code: ws::CloseCode::Policy,
+                        description: Some("too many unreadable messages".into()),
+                    }));
+                    ctx.stop();
+                }
+            }
+        }));
+    }
+
+    fn apply(&mut self, out: Outcome, ctx: &mut ws::WebsocketContext<Self>) {
+        let shared = self.shared.clone();
+        if out.forward.is_some() {
+            shared.metrics.forwards_received.inc();
+            shared.metrics.forwards_queued.inc_by(out.queued_for.len() as u64);
+        }
+        if out.acked > 0 {
+            shared.metrics.acknowledged.inc_by(out.acked);
+        }
+        if !out.leased.is_empty() {
+            shared.metrics.delivered("pickup", out.leased.len() as u64);
+        }
+        let wants_route = !matches!(out.return_route, crate::didcomm::message::ReturnRoute::None);
+        if let Some(conn) = &out.connection {
+            if wants_route {
+                self.bind(conn.clone(), ctx);
+            }
+        }
+        if let Some(live) = out.live_mode {
+            self.mode = if live { Mode::Live } else { self.idle_mode() };
+            if live {
+                ctx.notify(Wake);
+            }
+        }
+        for c in &out.queued_for {
+            let s = shared.clone();
+            let c = c.clone();
+            actix_rt::spawn(async move { s.queued(&c).await });
+        }
+        if out.acked > 0 {
+            if let Some(c) = &out.connection {
+                let s = shared.clone();
+                let c = c.id.clone();
+                actix_rt::spawn(async move { s.queued(&c).await });
+            }
+        }
+        let Some(conn) = out.connection.clone() else { return };
+        if wants_route {
+            for r in &out.replies {
+                match shared.mediator.pack_for(&conn, r) {
+                    Ok(p) => ctx.text(String::from_utf8_lossy(&p).into_owned()),
+                    Err(e) => tracing::warn!(connection = %conn.id, "reply not packed: {e}"),
+                }
+            }
+        } else if !out.replies.is_empty() {
+            let replies = out.replies;
+            actix_rt::spawn(async move { super::outbound::send_replies(&shared, &conn, &replies).await });
+        }
+    }
+
+    /// What this socket pushes when not in live mode, by strategy.
+    fn idle_mode(&self) -> Mode {
+        match self.shared.cfg.delivery.strategy {
+            Strategy::QueueOnly => Mode::Quiet,
+            Strategy::QueueAndLiveModeDelivery | Strategy::DirectDelivery => Mode::Implicit,
+        }
+    }
+
+    fn bind(&mut self, conn: crate::store::Connection, ctx: &mut ws::WebsocketContext<Self>) {
+        let same = self.conn.as_ref().map(|c| c.id == conn.id).unwrap_or(false);
+        if same {
+            self.conn = Some(conn);
+            return;
+        }
+        if let Some(old) = self.conn.take() {
+            self.shared.registry.do_send(Unregister { conn: old.id, session: self.id });
+        }
+        let addr = ctx.address();
+        self.shared.registry.do_send(Register {
+            conn: conn.id.clone(),
+            session: self.id,
+            wake: addr.clone().recipient(),
+            close: addr.recipient(),
+        });
+        self.shared.metrics.sessions.inc();
+        if self.mode == Mode::Quiet {
+            self.mode = self.idle_mode();
+        }
+        self.conn = Some(conn);
+        // Anything already queued goes out now.
+        ctx.notify(Wake);
+    }
+
+    /// Leases one batch and pushes it; schedules the next batch while batches come back full.
+    fn drain(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        if self.mode == Mode::Quiet || self.conn.is_none() {
+            return;
+        }
+        if self.draining {
+            self.wake_again = true;
+            return;
+        }
+        self.draining = true;
+        self.wake_again = false;
+        let shared = self.shared.clone();
+        let conn = self.conn.clone().expect("checked above");
+        let owner = self.owner();
+        let batch = shared.mediator.batch_size;
+        let lease_ms = shared.mediator.lease_ms;
+        let fut = async move {
+            let now = now_ms();
+            shared.mediator.store.lease(&conn.id, batch, &owner, now, now + lease_ms).await
+        };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            act.draining = false;
+            let msgs = match res {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(connection = act.conn_id(), "drain: store: {e}");
+                    return;
+                }
+            };
+            let full = msgs.len() >= batch;
+            if !msgs.is_empty() {
+                act.push(msgs, ctx);
+            }
+            if full || act.wake_again {
+                ctx.notify(Wake);
+            }
+        }));
+    }
+
+    fn push(&mut self, msgs: Vec<QueuedMessage>, ctx: &mut ws::WebsocketContext<Self>) {
+        let Some(conn) = self.conn.clone() else { return };
+        let shared = self.shared.clone();
+        let redelivered = msgs.iter().filter(|q| q.attempts > 1).count() as u64;
+        shared.metrics.redelivered.inc_by(redelivered);
+        match self.mode {
+            Mode::Live => {
+                let delivery = pickup::live_delivery(self.legacy, &msgs);
+                match shared.mediator.pack_for(&conn, &delivery) {
+                    Ok(p) => {
+                        ctx.text(String::from_utf8_lossy(&p).into_owned());
+                        shared.metrics.delivered("live", msgs.len() as u64);
+                    }
+                    Err(e) => tracing::warn!(connection = %conn.id, "delivery not packed: {e}"),
+                }
+            }
+            Mode::Implicit => {
+                for q in &msgs {
+                    ctx.text(String::from_utf8_lossy(&q.payload).into_owned());
+                }
+                shared.metrics.delivered("implicit", msgs.len() as u64);
+                // Implicit pickup has no acknowledgement: handed to the socket is delivered.
+                let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
+                let store = shared.mediator.store.clone();
+                let c = conn.id.clone();
+                actix_rt::spawn(async move {
+                    if let Err(e) = store.ack(&c, &ids).await {
+                        tracing::warn!(connection = %c, "implicit delivery not removed: {e}");
+                    }
+                });
+            }
+            Mode::Quiet => {
+                // Mode changed while leasing: hand them back.
+                let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
+                let store = shared.mediator.store.clone();
+                let c = conn.id.clone();
+                actix_rt::spawn(async move {
+                    let _ = store.release(&c, &ids).await;
+                });
+            }
+        }
+    }
+
+    fn on_frame_part(&mut self, item: actix_http::ws::Item, ctx: &mut ws::WebsocketContext<Self>) {
+        let max = self.shared.cfg.limits.max_ws_frame_bytes;
+        match item {
+            actix_http::ws::Item::FirstText(b) => self.partial = Some((true, BytesMut::from(&b[..]))),
+            actix_http::ws::Item::FirstBinary(b) => self.partial = Some((false, BytesMut::from(&b[..]))),
+            actix_http::ws::Item::Continue(b) | actix_http::ws::Item::Last(b) => {
+                let last = matches!(item, actix_http::ws::Item::Last(_));
+                let Some((_, buf)) = self.partial.as_mut() else {
+                    ctx.text(r#"{"error":"bad-frame","reason":"continuation without a first frame"}"#);
+                    return;
+                };
+                buf.extend_from_slice(&b);
+                if buf.len() > max {
+                    self.partial = None;
+                    self.close_too_big(ctx);
+                    return;
+                }
+                if last {
+                    let (_, buf) = self.partial.take().expect("checked above");
+                    self.on_envelope(buf.freeze(), ctx);
+                }
+            }
+        }
+    }
+
+    fn close_too_big(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        self.shared.metrics.rejected("frame-too-big");
+        ctx.close(Some(ws::CloseReason {
+            code: ws::CloseCode::Size,
+            description: Some(format!(
+                "message larger than limits.max_ws_frame_bytes = {}",
+                self.shared.cfg.limits.max_ws_frame_bytes
+            )),
+        }));
+        ctx.stop();
+    }
+}
+
+impl Actor for WsSession {
+    type Context = ws::WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(HEARTBEAT, |act, ctx| {
+            if act.last_seen.elapsed() > CLIENT_TIMEOUT {
+                tracing::info!(connection = act.conn_id(), session = act.id, "session timed out");
+                ctx.stop();
+                return;
+            }
+            ctx.ping(b"");
+        });
+        tracing::debug!(session = self.id, "socket opened");
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
+        if let Some(conn) = self.conn.take() {
+            self.shared.metrics.sessions.dec();
+            self.shared.registry.do_send(Unregister {
+                conn: conn.id.clone(),
+                session: self.id,
+            });
+            // Unacknowledged live deliveries become deliverable again at once.
+            let store = self.shared.mediator.store.clone();
+            let owner = self.owner();
+            let shared = self.shared.clone();
+            let cid = conn.id.clone();
+            actix_rt::spawn(async move {
+                match store.release_owner(&owner).await {
+                    Ok(n) if n > 0 => {
+                        tracing::info!(connection = %cid, released = n, "session closed with unacknowledged deliveries");
+                        shared.queued(&cid).await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(connection = %cid, "leases not released (they expire): {e}"),
+                }
+            });
+            tracing::info!(connection = %conn.id, session = self.id, "session closed");
+        }
+    }
+}
+
+impl Handler<Wake> for WsSession {
+    type Result = ();
+    fn handle(&mut self, _: Wake, ctx: &mut Self::Context) {
+        self.drain(ctx);
+    }
+}
+
+impl Handler<Close> for WsSession {
+    type Result = ();
+    fn handle(&mut self, m: Close, ctx: &mut Self::Context) {
+        ctx.close(Some(ws::CloseReason {
+            code: ws::CloseCode::from(m.code),
+            description: Some(m.reason),
+        }));
+        ctx.stop();
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
+    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        let msg = match msg {
+            Ok(m) => m,
+            Err(ws::ProtocolError::Overflow) => {
+                self.close_too_big(ctx);
+                return;
+            }
+            Err(e) => {
+                tracing::info!(connection = self.conn_id(), session = self.id, "WebSocket protocol error: {e}");
+                ctx.close(Some(ws::CloseReason {
+                    code: ws::CloseCode::Protocol,
+                    description: Some(e.to_string()),
+                }));
+                ctx.stop();
+                return;
+            }
+        };
+        self.last_seen = Instant::now();
+        match msg {
+            ws::Message::Text(t) => self.on_envelope(t.into_bytes(), ctx),
+            ws::Message::Binary(b) => self.on_envelope(b, ctx),
+            ws::Message::Continuation(item) => self.on_frame_part(item, ctx),
+            ws::Message::Ping(p) => ctx.pong(&p),
+            ws::Message::Pong(_) => {}
+            ws::Message::Close(reason) => {
+                ctx.close(reason);
+                ctx.stop();
+            }
+            ws::Message::Nop => {}
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Clusters of real nodes (in-process, real TCP between them) on the real PostgreSQL at
+//! 127.0.0.1:5432, a fresh database per test: the credo-ts #1625 scenario, session moves,
+//! cut links, refused peers, and a node added at runtime.
+
+mod common;
+
+use common::cluster::*;
+use common::*;
+use mailroom::client::{basic_message, Agent, Sender, WsClient};
+use mailroom::didcomm::keys::KeyPair;
+use mailroom::node::RunningNode;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+
+/// Sweeps so slow that only cluster notifications can deliver within the test's wait.
+const NO_SWEEP: u64 = 600_000;
+
+async fn cluster_json(n: &RunningNode) -> Value {
+    get_json(&format!("{}/cluster", n.admin_url())).await
+}
+
+async fn owner_seen_by(n: &RunningNode, conn: &str) -> Option<String> {
+    let v = cluster_json(n).await;
+    v["cluster"]["directory"]
+        .as_array()?
+        .iter()
+        .find(|e| e["conn"] == conn)
+        .and_then(|e| e["node"].as_str().map(str::to_string))
+}
+
+async fn wait_owner(nodes: &[&RunningNode], conn: &str, owner: &str) {
+    for n in nodes {
+        eventually(&format!("{} sees {conn} owned by {owner}", n.node_id), || async {
+            (owner_seen_by(n, conn).await.as_deref() == Some(owner)).then_some(())
+        })
+        .await;
+    }
+}
+
+async fn peer_connected(n: &RunningNode, peer: &str) -> bool {
+    let v = get_json(&format!("{}/status", n.admin_url())).await;
+    v["peers"]
+        .as_array()
+        .map(|ps| ps.iter().any(|p| p["id"] == peer && p["connected"] == true))
+        .unwrap_or(false)
+}
+
+/// Opens a live-mode socket on `node` and waits for the status answer.
+async fn live_socket(a: &Agent, node: &RunningNode) -> WsClient {
+    let mut ws = a.websocket(&ws_url(node)).await.unwrap();
+    let st = ws_request(a, &mut ws, &pickup("live-delivery-change", json!({"live_delivery": true}))).await;
+    assert_eq!(type_name(&st), "status", "{st}");
+    ws
+}
+
+/// Reads deliveries until `want` distinct contents arrived; acknowledges each over HTTP on
+/// `ack_via`, as Credo 0.6.3 does. Returns (contents in order, duplicates).
+async fn receive(a: &mut Agent, ws: &mut WsClient, ack_via: &str, want: usize) -> (Vec<String>, usize) {
+    let mut seen = Vec::new();
+    let mut uniq = HashSet::new();
+    let mut dups = 0;
+    while uniq.len() < want {
+        let d = ws_next_message(a, ws).await;
+        if type_name(&d) != "delivery" {
+            continue;
+        }
+        let mut ids = Vec::new();
+        for (id, m) in a.open_delivery(&d).unwrap() {
+            ids.push(id);
+            let c = m["content"].as_str().unwrap().to_string();
+            if !uniq.insert(c.clone()) {
+                dups += 1;
+            }
+            seen.push(c);
+        }
+        a.endpoint = ack_via.to_string();
+        a.request(&pickup("messages-received", json!({"message_id_list": ids}))).await.unwrap();
+    }
+    (seen, dups)
+}
+
+async fn forward_via(node: &RunningNode, routing: &[String], key: &KeyPair, text: &str) -> u16 {
+    Sender::new()
+        .forward(&node.public_url(), &basic_message(text), &key.verkey(), routing)
+        .await
+        .unwrap()
+}
+
+struct Fixture {
+    nodes: Vec<RunningNode>,
+    _db: FreshDb,
+}
+
+async fn three_nodes(sweep_ms: u64) -> Fixture {
+    let db = FreshDb::create().await;
+    let (cfg, ls) = bind_cluster(3, &db.url, sweep_ms);
+    let store = mailroom::node::open_store(&cfg).await.unwrap();
+    let mut nodes = Vec::new();
+    for (i, l) in ls.into_iter().enumerate() {
+        nodes.push(start_node(&cfg, &format!("n{}", i + 1), l, &store, None));
+    }
+    for n in &nodes {
+        for p in &nodes {
+            if p.node_id != n.node_id {
+                eventually("cluster links up", || async { peer_connected(n, &p.node_id).await.then_some(()) }).await;
+            }
+        }
+    }
+    Fixture { nodes, _db: db }
+}
+
+/// credo-ts #1625: the wallet's socket is on node 1; forwards land on nodes 2 and 3; every
+/// one is delivered live through node 1 without the wallet reconnecting. Then the session
+/// moves to node 2 and forwards on node 1 follow it there.
+#[actix_rt::test]
+async fn forwards_on_other_nodes_reach_the_live_session_and_follow_it_when_it_moves() {
+    let f = three_nodes(NO_SWEEP).await;
+    let (n1, n2, n3) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
+    let inv = invitation(n1).await;
+    let (mut a, k) = Agent::onboard(&inv).await.unwrap();
+    let conn = a_connection_id(n1).await;
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let mut ws = live_socket(&a, n1).await;
+    wait_owner(&[n2, n3], &conn, "n1").await;
+    for i in 0..10 {
+        assert_eq!(forward_via(n2, &routing, &k, &format!("via-n2-{i}")).await, 202);
+        assert_eq!(forward_via(n3, &routing, &k, &format!("via-n3-{i}")).await, 202);
+    }
+    let (got, dups) = receive(&mut a, &mut ws, &n2.public_url(), 20).await;
+    assert_eq!(dups, 0, "{got:?}");
+    ws.close().await;
+
+    // The wallet reconnects through the load balancer and lands on node 2.
+    let mut ws2 = live_socket(&a, n2).await;
+    wait_owner(&[n1, n3], &conn, "n2").await;
+    for i in 0..10 {
+        assert_eq!(forward_via(n1, &routing, &k, &format!("moved-{i}")).await, 202);
+    }
+    let (got, dups) = receive(&mut a, &mut ws2, &n3.public_url(), 10).await;
+    assert_eq!(dups, 0);
+    assert!(got.iter().all(|c| c.starts_with("moved-")), "{got:?}");
+    let st = get_json(&format!("{}/status", n1.admin_url())).await;
+    assert_eq!(st["sessions"], 0, "nothing is held for the dead session on node 1");
+    assert_eq!(queue_depth(n1).await, 0);
+}
+
+async fn a_connection_id(n: &RunningNode) -> String {
+    let v = get_json(&format!("{}/connections", n.admin_url())).await;
+    v["connections"][0]["id"].as_str().unwrap().to_string()
+}
+
+/// The link between two nodes is cut: delivery still completes through the sweep; the link
+/// heals and the directory is resynchronised.
+#[actix_rt::test]
+async fn a_cut_link_only_delays_delivery_and_heals() {
+    let db = FreshDb::create().await;
+    let (cfg, ls) = bind_cluster(2, &db.url, 300);
+    let store = mailroom::node::open_store(&cfg).await.unwrap();
+    let real1: std::net::SocketAddr = cfg.nodes[0].cluster.clone().unwrap().parse().unwrap();
+    let real2: std::net::SocketAddr = cfg.nodes[1].cluster.clone().unwrap().parse().unwrap();
+    let p1 = Proxy::start(real1).await; // n2 -> n1
+    let p2 = Proxy::start(real2).await; // n1 -> n2
+    // Each node reaches the other only through a proxy.
+    let mut cfg1 = cfg.clone();
+    cfg1.nodes[1].cluster = Some(p2.addr.to_string());
+    let mut cfg2 = cfg.clone();
+    cfg2.nodes[0].cluster = Some(p1.addr.to_string());
+    let mut ls = ls.into_iter();
+    let n1 = start_node(&cfg1, "n1", ls.next().unwrap(), &store, None);
+    let n2 = start_node(&cfg2, "n2", ls.next().unwrap(), &store, None);
+    eventually("link up", || async { peer_connected(&n2, "n1").await.then_some(()) }).await;
+
+    let inv = invitation(&n1).await;
+    let (mut a, k) = Agent::onboard(&inv).await.unwrap();
+    let conn = a_connection_id(&n1).await;
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let mut ws = live_socket(&a, &n1).await;
+    wait_owner(&[&n2], &conn, "n1").await;
+
+    p1.cut();
+    p2.cut();
+    eventually("n2 sees n1 down", || async { (!peer_connected(&n2, "n1").await).then_some(()) }).await;
+    for i in 0..5 {
+        assert_eq!(forward_via(&n2, &routing, &k, &format!("cut-{i}")).await, 202);
+    }
+    let (got, _) = receive(&mut a, &mut ws, &n1.public_url(), 5).await;
+    assert_eq!(got.len(), 5);
+
+    p1.restore();
+    p2.restore();
+    eventually("link healed", || async { peer_connected(&n2, "n1").await.then_some(()) }).await;
+    wait_owner(&[&n2], &conn, "n1").await;
+    assert_eq!(queue_depth(&n1).await, 0);
+}
+
+/// A peer with the wrong secret, or naming another cluster, is refused and counted; the
+/// cluster keeps working.
+#[actix_rt::test]
+async fn peers_with_a_wrong_secret_or_cluster_name_are_refused() {
+    let f = three_nodes(NO_SWEEP).await;
+    let n1 = &f.nodes[0];
+    let store = mailroom::node::open_store(&{
+        let mut c = mailroom::config::Config::single_node_default();
+        c.store.backend = "postgres".into();
+        c.store.url = Some(f._db.url.clone());
+        c
+    })
+    .await
+    .unwrap();
+    for (secret, name) in [("not-the-secret", "test"), (SECRET, "other-cluster")] {
+        let mut rogue_cfg = mailroom::config::Config::single_node_default();
+        rogue_cfg.nodes.clear();
+        rogue_cfg.cluster.secret = Some(secret.into());
+        rogue_cfg.cluster.name = name.into();
+        rogue_cfg.cluster.heartbeat_ms = 100;
+        rogue_cfg.cluster.failure_timeout_ms = 800;
+        let l = bind_listeners();
+        // The rogue claims to be n3 and dials n1.
+        rogue_cfg.nodes.push(entry("n3", &l));
+        rogue_cfg.nodes.push(mailroom::config::NodeEntry {
+            id: "n1".into(),
+            listen: n1.public_addr.to_string(),
+            cluster: Some(n1.cluster_addr.unwrap().to_string()),
+            admin: n1.admin_addr.to_string(),
+        });
+        let before = cluster_json(n1).await["cluster"]["counters"]["auth_failures"].as_u64().unwrap_or(0);
+        let rogue = start_node(&rogue_cfg, "n3", l, &store, None);
+        eventually("n1 counts the refused handshake", || async {
+            let now = cluster_json(n1).await["cluster"]["counters"]["auth_failures"].as_u64().unwrap_or(0);
+            (now > before).then_some(())
+        })
+        .await;
+        assert!(!peer_connected(&rogue, "n1").await, "the rogue never gets a link");
+        drop(rogue);
+    }
+    // Still a working cluster.
+    let inv = invitation(n1).await;
+    let (mut a, k) = Agent::onboard(&inv).await.unwrap();
+    let conn = a_connection_id(n1).await;
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let mut ws = live_socket(&a, n1).await;
+    wait_owner(&[&f.nodes[1]], &conn, "n1").await;
+    forward_via(&f.nodes[1], &routing, &k, "after-rogues").await;
+    receive(&mut a, &mut ws, &n1.public_url(), 1).await;
+}
+
+/// A fourth node joins a running cluster through the reload: its sessions get notifications
+/// from the others, and what was in flight is not lost.
+#[actix_rt::test]
+async fn a_node_added_by_reload_gets_notifications() {
+    let db = FreshDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cluster.toml");
+    let (mut cfg, mut ls) = bind_cluster(4, &db.url, NO_SWEEP);
+    let l4 = ls.pop().unwrap();
+    let e4 = cfg.nodes.pop().unwrap();
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let store = mailroom::node::open_store(&cfg).await.unwrap();
+    let mut nodes = Vec::new();
+    for (i, l) in ls.into_iter().enumerate() {
+        nodes.push(start_node(&cfg, &format!("n{}", i + 1), l, &store, Some(path.clone())));
+    }
+    // A wallet with messages in flight on the old cluster.
+    let inv = invitation(&nodes[0]).await;
+    let (mut a, k) = Agent::onboard(&inv).await.unwrap();
+    let conn = a_connection_id(&nodes[0]).await;
+    let routing = a.grant.clone().unwrap().routing_keys;
+    for i in 0..3 {
+        forward_via(&nodes[1], &routing, &k, &format!("before-{i}")).await;
+    }
+    // Scale out: the file gains n4; n4 starts; the others reload.
+    cfg.nodes.push(e4);
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let n4 = start_node(&cfg, "n4", l4, &store, Some(path.clone()));
+    for n in &nodes {
+        let (st, body) = post_raw(&format!("{}/reload", n.admin_url()), "application/json", vec![]).await;
+        assert_eq!(st, 200, "{body}");
+        assert!(body.contains("\"peers\":3"), "{body}");
+    }
+    for n in &nodes {
+        eventually("links to n4", || async { peer_connected(n, "n4").await.then_some(()) }).await;
+    }
+    let mut ws = live_socket(&a, &n4).await;
+    wait_owner(&[&nodes[0], &nodes[1], &nodes[2]], &conn, "n4").await;
+    for (i, n) in nodes.iter().enumerate() {
+        forward_via(n, &routing, &k, &format!("after-{i}")).await;
+    }
+    let (got, dups) = receive(&mut a, &mut ws, &n4.public_url(), 6).await;
+    assert_eq!(dups, 0);
+    let got: HashSet<String> = got.into_iter().collect();
+    for want in ["before-0", "before-1", "before-2", "after-0", "after-1", "after-2"] {
+        assert!(got.contains(want), "{want} missing from {got:?}");
+    }
+    // A bad file is refused and changes nothing.
+    std::fs::write(&path, "not = [valid").unwrap();
+    let (st, _) = post_raw(&format!("{}/reload", nodes[0].admin_url()), "application/json", vec![]).await;
+    assert_eq!(st, 400);
+    assert!(peer_connected(&nodes[0], "n4").await);
+}

@@ -1,0 +1,179 @@
+//! Real `mailroom` processes on PostgreSQL: kill -9 of the node that holds the wallet's
+//! session while forwards stream in, and graceful shutdown (SIGTERM) of it. The wallet
+//! reconnects to another node and receives every forward that was answered 2xx.
+
+mod common;
+
+use common::cluster::*;
+use common::*;
+use mailroom::client::{basic_message, Agent, Sender, WsEvent};
+use mailroom::config::NodeEntry;
+use serde_json::json;
+use std::collections::HashSet;
+use std::time::Duration;
+
+fn write_config(dir: &std::path::Path, db_url: &str, nodes: &[NodeEntry]) -> std::path::PathBuf {
+    let mut text = format!(
+        "[cluster]\nname = \"proc\"\nsecret = \"{SECRET}\"\nheartbeat_ms = 100\nfailure_timeout_ms = 800\n\n\
+         [store]\nbackend = \"postgres\"\nurl = \"{db_url}\"\npool_size = 4\n\n\
+         [delivery]\nsweep_interval_ms = 200\nlease_ms = 2000\n\n"
+    );
+    for n in nodes {
+        text.push_str(&format!(
+            "[[node]]\nid = \"{}\"\nlisten = \"{}\"\ncluster = \"{}\"\nadmin = \"{}\"\n\n",
+            n.id,
+            n.listen,
+            n.cluster.as_deref().unwrap(),
+            n.admin
+        ));
+    }
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn wait_ready(p: &NodeProcess) {
+    let url = format!("{}/ready", p.admin_url());
+    eventually(&format!("{} ready", p.entry.id), || {
+        let url = url.clone();
+        async move {
+            let res = awc::Client::default().get(&url).send().await.ok()?;
+            res.status().is_success().then_some(())
+        }
+    })
+    .await;
+}
+
+async fn run_failover(graceful: bool) {
+    let db = FreshDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let entries: Vec<NodeEntry> = (1..=2)
+        .map(|i| NodeEntry {
+            id: format!("n{i}"),
+            listen: free_addr(),
+            cluster: Some(free_addr()),
+            admin: free_addr(),
+        })
+        .collect();
+    let path = write_config(dir.path(), &db.url, &entries);
+    let mut p1 = NodeProcess::spawn(&path, &entries[0], &dir.path().join("n1.log"));
+    let p2 = NodeProcess::spawn(&path, &entries[1], &dir.path().join("n2.log"));
+    wait_ready(&p1).await;
+    wait_ready(&p2).await;
+
+    let inv = {
+        let v = get_json(&format!("{}/invitation", p1.public_url())).await;
+        mailroom::client::Invitation::parse(&v["invitation"]).unwrap()
+    };
+    let (mut a, k) = Agent::onboard(&inv).await.unwrap();
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let mut ws = a.websocket(&p1.ws_url()).await.unwrap();
+    let st = ws_request(&a, &mut ws, &pickup("live-delivery-change", json!({"live_delivery": true}))).await;
+    assert_eq!(type_name(&st), "status");
+
+    // A sender streams 100 forwards into node 2, 5 ms apart.
+    let sender_url = p2.public_url();
+    let verkey = k.verkey();
+    let sending = actix_rt::spawn(async move {
+        let s = Sender::new();
+        let mut accepted = Vec::new();
+        for i in 0..100 {
+            let text = format!("f{i}");
+            if let Ok(202) = s.forward(&sender_url, &basic_message(&text), &verkey, &routing).await {
+                accepted.push(text);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        accepted
+    });
+
+    let mut received: Vec<String> = Vec::new();
+    let mut killed = false;
+    let mut ack_url = p1.public_url();
+    loop {
+        if !killed && received.len() >= 20 {
+            if graceful {
+                let status = p1.terminate();
+                assert!(status.success(), "graceful shutdown exits 0: {status:?}");
+            } else {
+                p1.kill9();
+            }
+            killed = true;
+        }
+        match ws.next(Duration::from_secs(20)).await {
+            Ok(WsEvent::Envelope(e)) => {
+                let (m, _) = a.unpack(&e).unwrap();
+                if type_name(&m) != "delivery" {
+                    continue;
+                }
+                let mut ids = Vec::new();
+                for (id, inner) in a.open_delivery(&m).unwrap() {
+                    ids.push(id);
+                    received.push(inner["content"].as_str().unwrap().to_string());
+                }
+                a.endpoint = ack_url.clone();
+                // The node may be gone between the delivery and the ack: that is the point.
+                let _ = a.request(&pickup("messages-received", json!({"message_id_list": ids}))).await;
+            }
+            other if killed => {
+                if graceful {
+                    if let Ok(WsEvent::Closed(Some(r))) = &other {
+                        assert_eq!(u16::from(r.code), 1001, "graceful close says going away");
+                    }
+                }
+                // Reconnect through "the load balancer": node 2.
+                ack_url = p2.public_url();
+                ws = a.websocket(&p2.ws_url()).await.unwrap();
+                let st = ws_request(&a, &mut ws, &pickup("live-delivery-change", json!({"live_delivery": true}))).await;
+                assert_eq!(type_name(&st), "status");
+            }
+            Ok(WsEvent::Closed(r)) => panic!("socket closed before the kill: {r:?}"),
+            Err(e) => panic!("no delivery: {e} (received {})", received.len()),
+        }
+        if sending.is_finished() {
+            break;
+        }
+    }
+    let accepted = sending.await.unwrap();
+    let mut uniq: HashSet<String> = received.iter().cloned().collect();
+    while !accepted.iter().all(|t| uniq.contains(t)) {
+        match ws.next(Duration::from_secs(20)).await.expect("remaining deliveries") {
+            WsEvent::Envelope(e) => {
+                let (m, _) = a.unpack(&e).unwrap();
+                if type_name(&m) != "delivery" {
+                    continue;
+                }
+                let mut ids = Vec::new();
+                for (id, inner) in a.open_delivery(&m).unwrap() {
+                    ids.push(id);
+                    let c = inner["content"].as_str().unwrap().to_string();
+                    received.push(c.clone());
+                    uniq.insert(c);
+                }
+                a.endpoint = p2.public_url();
+                a.request(&pickup("messages-received", json!({"message_id_list": ids}))).await.unwrap();
+            }
+            WsEvent::Closed(r) => panic!("node 2 closed the socket: {r:?}"),
+        }
+    }
+    let dups = received.len() - uniq.len();
+    println!(
+        "failover ({}): {} forwards accepted, {} delivered, {} duplicates",
+        if graceful { "SIGTERM" } else { "kill -9" },
+        accepted.len(),
+        uniq.len(),
+        dups
+    );
+    assert!(accepted.len() >= 95, "node 2 kept accepting: {}", accepted.len());
+    drop(p2);
+}
+
+#[actix_rt::test]
+async fn kill_9_of_the_session_node_loses_no_accepted_forward() {
+    run_failover(false).await;
+}
+
+#[actix_rt::test]
+async fn sigterm_closes_sessions_with_1001_and_loses_nothing() {
+    run_failover(true).await;
+}

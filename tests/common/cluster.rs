@@ -1,0 +1,227 @@
+//! Cluster test harness: several real nodes (in-process, each on its own actix system and
+//! thread, real TCP between them) sharing one PostgreSQL database made fresh for the test;
+//! a TCP proxy that can cut a link; child processes for kill -9.
+#![allow(dead_code)]
+
+use mailroom::config::{Config, NodeEntry, Strategy};
+use mailroom::node::{self, Listeners, NodeOptions, RunningNode};
+use mailroom::store::Store;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub const SECRET: &str = "cluster-test-secret";
+
+/// A database created for one test and dropped after it.
+pub struct FreshDb {
+    pub name: String,
+    pub url: String,
+}
+
+pub const PG_ADMIN_URL: &str = "host=127.0.0.1 port=5432 user=postgres dbname=postgres";
+
+async fn admin_exec(sql: String) {
+    let (client, conn) = tokio_postgres::connect(PG_ADMIN_URL, tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (run scripts/ensure-postgres.sh)");
+    let task = tokio::spawn(conn);
+    client.batch_execute(&sql).await.expect(&sql);
+    drop(client);
+    let _ = task.await;
+}
+
+impl FreshDb {
+    pub async fn create() -> FreshDb {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!("mailroom_t_{}_{}", std::process::id(), nanos);
+        admin_exec(format!("CREATE DATABASE {name}")).await;
+        FreshDb {
+            url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
+            name,
+        }
+    }
+}
+
+impl Drop for FreshDb {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(admin_exec(sql));
+            }
+        })
+        .join();
+    }
+}
+
+/// The config of an n-node cluster whose listeners are already bound on 127.0.0.1:0.
+pub fn bind_cluster(n: usize, db_url: &str, sweep_ms: u64) -> (Config, Vec<Listeners>) {
+    let mut cfg = Config::single_node_default();
+    cfg.nodes.clear();
+    cfg.cluster.name = "test".into();
+    cfg.cluster.secret = Some(SECRET.into());
+    cfg.cluster.heartbeat_ms = 100;
+    cfg.cluster.failure_timeout_ms = 800;
+    cfg.store.backend = "postgres".into();
+    cfg.store.url = Some(db_url.to_string());
+    cfg.store.pool_size = 4;
+    cfg.delivery.strategy = Strategy::QueueAndLiveModeDelivery;
+    cfg.delivery.sweep_interval_ms = sweep_ms;
+    cfg.delivery.lease_ms = 2_000;
+    let mut ls = Vec::new();
+    for i in 1..=n {
+        let l = bind_listeners();
+        cfg.nodes.push(entry(&format!("n{i}"), &l));
+        ls.push(l);
+    }
+    (cfg, ls)
+}
+
+pub fn bind_listeners() -> Listeners {
+    Listeners {
+        public: TcpListener::bind("127.0.0.1:0").unwrap(),
+        admin: TcpListener::bind("127.0.0.1:0").unwrap(),
+        cluster: Some(TcpListener::bind("127.0.0.1:0").unwrap()),
+    }
+}
+
+pub fn entry(id: &str, l: &Listeners) -> NodeEntry {
+    NodeEntry {
+        id: id.into(),
+        listen: l.public.local_addr().unwrap().to_string(),
+        cluster: Some(l.cluster.as_ref().unwrap().local_addr().unwrap().to_string()),
+        admin: l.admin.local_addr().unwrap().to_string(),
+    }
+}
+
+/// Starts node `id` of `cfg` in-process on the shared store.
+pub fn start_node(cfg: &Config, id: &str, l: Listeners, store: &Arc<dyn Store>, path: Option<PathBuf>) -> RunningNode {
+    node::spawn(
+        cfg.clone(),
+        id,
+        l,
+        NodeOptions {
+            store: Some(store.clone()),
+            config_path: path,
+        },
+    )
+    .expect("node starts")
+}
+
+/// A TCP proxy in front of `target` whose links can be cut and restored.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let (gen_tx, gen_rx) = tokio::sync::watch::channel(0u64);
+        let c2 = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if c2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let mut gen = gen_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    gen.borrow_and_update();
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = gen.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            addr,
+            cut,
+            generation: Arc::new(gen_tx),
+        }
+    }
+
+    /// Drops every open link and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// A free port on 127.0.0.1 for a child process's config (bound, then released).
+pub fn free_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// A mailroom process; killed (SIGKILL) on drop unless already stopped.
+pub struct NodeProcess {
+    pub child: std::process::Child,
+    pub entry: NodeEntry,
+}
+
+impl NodeProcess {
+    pub fn spawn(config: &std::path::Path, entry: &NodeEntry, log: &std::path::Path) -> NodeProcess {
+        let out = std::fs::File::create(log).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+            .args(["run", "--config"])
+            .arg(config)
+            .args(["--node", &entry.id])
+            .env("RUST_LOG", "info")
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn mailroom");
+        NodeProcess {
+            child,
+            entry: entry.clone(),
+        }
+    }
+
+    pub fn public_url(&self) -> String {
+        format!("http://{}", self.entry.listen)
+    }
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/", self.entry.listen)
+    }
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.entry.admin)
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Shared helpers for integration tests: real nodes on 127.0.0.1:0, wallets, waiting on
+//! conditions (never fixed sleeps as synchronisation).
+#![allow(dead_code)]
+
+use mailroom::client::{Agent, Invitation, WsClient, WsEvent};
+use mailroom::config::{Config, Strategy};
+use mailroom::node::{self, RunningNode};
+use serde_json::{json, Value};
+use std::future::Future;
+use std::time::Duration;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A config for one test node: sled in `dir`, fast sweeps.
+pub fn test_config(dir: &std::path::Path, strategy: Strategy) -> Config {
+    let mut cfg = Config::single_node_default();
+    cfg.nodes.clear();
+    cfg.store.path = dir.join("data");
+    cfg.delivery.strategy = strategy;
+    cfg.delivery.sweep_interval_ms = 100;
+    cfg.delivery.lease_ms = 2_000;
+    cfg
+}
+
+pub fn start(cfg: &Config) -> RunningNode {
+    let mut cfg = cfg.clone();
+    let l = node::bind_ephemeral(&mut cfg, "n1", false).expect("bind 127.0.0.1:0");
+    node::spawn(cfg, "n1", l, Default::default()).expect("node starts")
+}
+
+pub async fn invitation(n: &RunningNode) -> Invitation {
+    let v = get_json(&format!("{}/invitation", n.public_url())).await;
+    Invitation::parse(&v["invitation"]).expect("invitation parses")
+}
+
+pub async fn get_json(url: &str) -> Value {
+    let mut res = awc::Client::default().get(url).send().await.expect("GET");
+    assert!(res.status().is_success(), "GET {url}: {}", res.status());
+    res.json::<Value>().limit(16 << 20).await.expect("JSON")
+}
+
+pub async fn get_status(url: &str, token: Option<&str>) -> (u16, String) {
+    let mut req = awc::Client::default().get(url);
+    if let Some(t) = token {
+        req = req.insert_header(("Authorization", format!("Bearer {t}")));
+    }
+    let mut res = req.send().await.expect("GET");
+    let body = res.body().limit(16 << 20).await.expect("body");
+    (res.status().as_u16(), String::from_utf8_lossy(&body).into_owned())
+}
+
+pub async fn post_raw(url: &str, content_type: &str, body: Vec<u8>) -> (u16, String) {
+    let mut res = awc::Client::default()
+        .post(url)
+        .insert_header(("Content-Type", content_type))
+        .send_body(body)
+        .await
+        .expect("POST");
+    let body = res.body().limit(16 << 20).await.expect("body");
+    (res.status().as_u16(), String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Polls `f` until it returns Some, or panics after `WAIT`.
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn ws_url(n: &RunningNode) -> String {
+    format!("ws://{}/", n.public_addr)
+}
+
+pub fn pickup(name: &str, extra: Value) -> Value {
+    let mut m = json!({
+        "@type": format!("https://didcomm.org/messagepickup/2.0/{name}"),
+        "@id": mailroom::didcomm::message::new_id(),
+        "~transport": { "return_route": "all" },
+    });
+    if let (Some(o), Some(e)) = (m.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            o.insert(k.clone(), v.clone());
+        }
+    }
+    m
+}
+
+/// Sends a message on the socket (binary, as Credo does) and returns the next unpacked reply.
+pub async fn ws_request(a: &Agent, ws: &mut WsClient, msg: &Value) -> Value {
+    ws.send_envelope(a.pack(msg).unwrap(), true).await.unwrap();
+    ws_next_message(a, ws).await
+}
+
+pub async fn ws_next_message(a: &Agent, ws: &mut WsClient) -> Value {
+    match ws.next(WAIT).await.expect("a frame") {
+        WsEvent::Envelope(e) => a.unpack(&e).expect("reply unpacks").0,
+        WsEvent::Closed(r) => panic!("socket closed: {r:?}"),
+    }
+}
+
+pub fn type_name(v: &Value) -> &str {
+    v["@type"].as_str().unwrap_or_default().rsplit('/').next().unwrap_or_default()
+}
+
+pub async fn queue_depth(n: &RunningNode) -> u64 {
+    get_json(&format!("{}/status", n.admin_url())).await["queued"].as_u64().unwrap_or(u64::MAX)
+}

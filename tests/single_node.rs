@@ -1,0 +1,468 @@
+//! One real node on 127.0.0.1:0 (sled), driven by the Rust client over HTTP and WebSocket:
+//! onboarding, mediation, keylists, forwards, every pickup flavour, live delivery,
+//! redelivery, restart, endpoint delivery, and each kind of bad input.
+
+mod common;
+
+use common::*;
+use mailroom::client::{basic_message, Agent, Sender, WsEvent};
+use mailroom::config::Strategy;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::time::Duration;
+
+async fn forward_to(n: &mailroom::node::RunningNode, a: &Agent, key: &mailroom::didcomm::keys::KeyPair, text: &str) -> u16 {
+    let g = a.grant.clone().expect("mediated");
+    Sender::new()
+        .forward(&n.public_url(), &basic_message(text), &key.verkey(), &g.routing_keys)
+        .await
+        .expect("forward POST")
+}
+
+#[actix_rt::test]
+async fn onboarding_mediation_and_keylist() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let inv = invitation(&n).await;
+    let mut a = Agent::connect(&inv).await.expect("didexchange");
+    let g = a.mediate().await.expect("grant");
+    assert_eq!(g.endpoint, n.public_url());
+    assert!(g.routing_keys[0].starts_with("did:key:z6Mk"), "{:?}", g.routing_keys);
+    let k1 = a.new_recipient_key();
+    let k2 = a.new_recipient_key();
+    let updated = a.keylist_update(&[k1.did_key(), k2.verkey()], &[]).await.unwrap();
+    assert_eq!(updated.len(), 2);
+    assert!(updated.iter().all(|u| u["result"] == "success"), "{updated:?}");
+    // Adding again changes nothing; removing works.
+    let again = a.keylist_update(&[k1.did_key()], &[k2.verkey()]).await.unwrap();
+    assert_eq!(again[0]["result"], "no_change");
+    assert_eq!(again[1]["result"], "success");
+    let list = a
+        .request(&json!({"@type": "https://didcomm.org/coordinate-mediation/1.0/keylist-query", "@id": "q1", "~transport": {"return_route": "all"}}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(type_name(&list), "keylist");
+    assert_eq!(list["keys"], json!([{ "recipient_key": k1.did_key() }]));
+    // Trust ping and discover features.
+    let pong = a
+        .request(&json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "p1", "response_requested": true, "~transport": {"return_route": "all"}}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(type_name(&pong), "ping_response");
+    assert_eq!(pong["~thread"]["thid"], "p1");
+    let disclose = a
+        .request(&json!({"@type": "https://didcomm.org/discover-features/1.0/query", "@id": "d1", "query": "https://didcomm.org/messagepickup/*", "~transport": {"return_route": "all"}}))
+        .await
+        .unwrap()
+        .unwrap();
+    let pids: Vec<&str> = disclose["protocols"].as_array().unwrap().iter().filter_map(|p| p["pid"].as_str()).collect();
+    assert_eq!(pids, vec!["https://didcomm.org/messagepickup/1.0", "https://didcomm.org/messagepickup/2.0"]);
+    // The legacy prefix is understood too.
+    let pong = a
+        .request(&json!({"@type": "did:sov:BzCbsNYhMrjHiqZDTUASHg;spec/trust_ping/1.0/ping", "@id": "p2", "~transport": {"return_route": "all"}}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pong["@type"], "did:sov:BzCbsNYhMrjHiqZDTUASHg;spec/trust_ping/1.0/ping_response");
+}
+
+#[actix_rt::test]
+async fn a_key_held_by_another_connection_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let inv = invitation(&n).await;
+    let (_a, k) = Agent::onboard(&inv).await.unwrap();
+    let mut b = Agent::connect(&inv).await.unwrap();
+    b.mediate().await.unwrap();
+    let updated = b.keylist_update(&[k.did_key()], &[]).await.unwrap();
+    assert_eq!(updated[0]["result"], "client_error", "{updated:?}");
+}
+
+#[actix_rt::test]
+async fn pickup_v2_over_http_leases_until_messages_received() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    for i in 0..3 {
+        assert_eq!(forward_to(&n, &a, &k, &format!("m{i}")).await, 202);
+    }
+    let status = a.request(&pickup("status-request", json!({}))).await.unwrap().unwrap();
+    assert_eq!(type_name(&status), "status");
+    assert_eq!(status["message_count"], 3);
+    let delivery = a.request(&pickup("delivery-request", json!({"limit": 2}))).await.unwrap().unwrap();
+    assert_eq!(type_name(&delivery), "delivery");
+    let opened = a.open_delivery(&delivery).unwrap();
+    assert_eq!(opened.len(), 2);
+    assert_eq!(opened[0].1["content"], "m0");
+    assert_eq!(opened[1].1["content"], "m1");
+    // Leased: not counted as pending, not delivered again.
+    let status = a.request(&pickup("status-request", json!({}))).await.unwrap().unwrap();
+    assert_eq!(status["message_count"], 1);
+    let ids: Vec<String> = opened.iter().map(|(id, _)| id.clone()).collect();
+    let after = a
+        .request(&pickup("messages-received", json!({"message_id_list": ids})))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(type_name(&after), "status");
+    assert_eq!(after["message_count"], 1);
+    let last = a.request(&pickup("delivery-request", json!({"limit": 10}))).await.unwrap().unwrap();
+    let opened = a.open_delivery(&last).unwrap();
+    assert_eq!(opened.len(), 1);
+    assert_eq!(opened[0].1["content"], "m2");
+    a.request(&pickup("messages-received", json!({"message_id_list": [opened[0].0]}))).await.unwrap();
+    assert_eq!(queue_depth(&n).await, 0);
+    // Empty queue: delivery-request answers with a status of 0.
+    let empty = a.request(&pickup("delivery-request", json!({"limit": 10}))).await.unwrap().unwrap();
+    assert_eq!(type_name(&empty), "status");
+    assert_eq!(empty["message_count"], 0);
+}
+
+#[actix_rt::test]
+async fn unacknowledged_http_delivery_comes_back_after_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    forward_to(&n, &a, &k, "again").await;
+    let d1 = a.request(&pickup("delivery-request", json!({"limit": 5}))).await.unwrap().unwrap();
+    let first = a.open_delivery(&d1).unwrap();
+    assert_eq!(first.len(), 1);
+    // No messages-received: after the 2 s lease the same message is delivered again.
+    let again = eventually("redelivery after the lease", || {
+        let a = &a;
+        async move {
+            let d = a.request(&pickup("delivery-request", json!({"limit": 5}))).await.ok()??;
+            (type_name(&d) == "delivery").then(|| a.open_delivery(&d).unwrap())
+        }
+    })
+    .await;
+    assert_eq!(again[0].0, first[0].0);
+    assert_eq!(again[0].1["content"], "again");
+}
+
+#[actix_rt::test]
+async fn pickup_v1_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    for i in 0..4 {
+        forward_to(&n, &a, &k, &format!("b{i}")).await;
+    }
+    let batch = a
+        .request(&json!({"@type": "https://didcomm.org/messagepickup/1.0/batch-pickup", "@id": "bp", "batch_size": 3, "~transport": {"return_route": "all"}}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(type_name(&batch), "batch");
+    let got: Vec<String> = a.open_delivery(&batch).unwrap().iter().map(|(_, m)| m["content"].as_str().unwrap().to_string()).collect();
+    assert_eq!(got, vec!["b0", "b1", "b2"]);
+    assert_eq!(queue_depth(&n).await, 1);
+}
+
+#[actix_rt::test]
+async fn live_mode_over_websocket_with_acks_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    forward_to(&n, &a, &k, "queued-before").await;
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let status = ws_request(&a, &mut ws, &pickup("live-delivery-change", json!({"live_delivery": true}))).await;
+    assert_eq!(type_name(&status), "status");
+    assert_eq!(status["live_delivery"], true);
+    let mut seen = Vec::new();
+    let mut ids = Vec::new();
+    // What was queued before goes out at once; new forwards arrive live.
+    let first = ws_next_message(&a, &mut ws).await;
+    assert_eq!(type_name(&first), "delivery");
+    for (id, m) in a.open_delivery(&first).unwrap() {
+        ids.push(id);
+        seen.push(m["content"].as_str().unwrap().to_string());
+    }
+    for i in 0..5 {
+        assert_eq!(forward_to(&n, &a, &k, &format!("live{i}")).await, 202);
+    }
+    while seen.len() < 6 {
+        let d = ws_next_message(&a, &mut ws).await;
+        assert_eq!(type_name(&d), "delivery", "{d}");
+        for (id, m) in a.open_delivery(&d).unwrap() {
+            ids.push(id);
+            seen.push(m["content"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(seen[0], "queued-before");
+    let uniq: HashSet<&String> = seen.iter().collect();
+    assert_eq!(uniq.len(), 6, "no duplicates: {seen:?}");
+    // Credo 0.6.3 acknowledges over HTTP while the socket stays open.
+    a.request(&pickup("messages-received", json!({"message_id_list": ids}))).await.unwrap();
+    assert_eq!(queue_depth(&n).await, 0);
+    ws.close().await;
+}
+
+#[actix_rt::test]
+async fn live_delivery_unacknowledged_comes_back_on_a_new_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.delivery.lease_ms = 60_000; // only the session's end can free it in time
+    let n = start(&cfg);
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    ws_request(&a, &mut ws, &pickup("live-delivery-change", json!({"live_delivery": true}))).await;
+    forward_to(&n, &a, &k, "unacked").await;
+    let d = ws_next_message(&a, &mut ws).await;
+    let first = a.open_delivery(&d).unwrap();
+    assert_eq!(first[0].1["content"], "unacked");
+    ws.close().await; // dropped without messages-received
+    let mut ws2 = a.websocket(&ws_url(&n)).await.unwrap();
+    let status = ws_request(&a, &mut ws2, &pickup("live-delivery-change", json!({"live_delivery": true}))).await;
+    assert_eq!(type_name(&status), "status");
+    let d2 = ws_next_message(&a, &mut ws2).await;
+    let again = a.open_delivery(&d2).unwrap();
+    assert_eq!(again[0].0, first[0].0, "the same queue entry is delivered again");
+    a.request(&pickup("messages-received", json!({"message_id_list": [again[0].0]}))).await.unwrap();
+    assert_eq!(queue_depth(&n).await, 0);
+}
+
+#[actix_rt::test]
+async fn implicit_pickup_on_a_return_route_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    forward_to(&n, &a, &k, "i0").await;
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    // Text frames work as well as binary ones.
+    let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "p", "response_requested": false, "~transport": {"return_route": "all"}});
+    ws.send_envelope(a.pack(&ping).unwrap(), false).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        if got.len() == 1 {
+            forward_to(&n, &a, &k, "i1").await;
+            forward_to(&n, &a, &k, "i2").await;
+        }
+        let m = ws_next_message(&a, &mut ws).await;
+        assert_eq!(type_name(&m), "message", "raw forwarded message: {m}");
+        got.push(m["content"].as_str().unwrap().to_string());
+    }
+    assert_eq!(got, vec!["i0", "i1", "i2"]);
+    eventually("implicit deliveries removed", || async { (queue_depth(&n).await == 0).then_some(()) }).await;
+}
+
+#[actix_rt::test]
+async fn queue_only_pushes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueOnly));
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "p", "~transport": {"return_route": "all"}});
+    let pong = ws_request(&a, &mut ws, &ping).await;
+    assert_eq!(type_name(&pong), "ping_response");
+    forward_to(&n, &a, &k, "stay").await;
+    assert!(ws.next(Duration::from_millis(600)).await.is_err(), "nothing pushed under QueueOnly");
+    let status = a.request(&pickup("status-request", json!({}))).await.unwrap().unwrap();
+    assert_eq!(status["message_count"], 1);
+}
+
+#[actix_rt::test]
+async fn queued_messages_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    let n = start(&cfg);
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    for i in 0..10 {
+        assert_eq!(forward_to(&n, &a, &k, &format!("r{i}")).await, 202);
+    }
+    n.stop().unwrap();
+    let n2 = start(&cfg);
+    let mut a = a;
+    a.endpoint = n2.public_url();
+    let d = a.request(&pickup("delivery-request", json!({"limit": 100}))).await.unwrap().unwrap();
+    let got: Vec<String> = a.open_delivery(&d).unwrap().iter().map(|(_, m)| m["content"].as_str().unwrap().to_string()).collect();
+    assert_eq!(got, (0..10).map(|i| format!("r{i}")).collect::<Vec<_>>());
+}
+
+#[actix_rt::test]
+async fn duplicate_forward_is_queued_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueOnly));
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let s = Sender::new();
+    let g = a.grant.clone().unwrap();
+    let env = s.forward_envelope(&basic_message("once"), &k.verkey(), &g.routing_keys).unwrap();
+    let (st1, _) = post_raw(&n.public_url(), "application/didcomm-envelope-enc", env.clone()).await;
+    let (st2, _) = post_raw(&n.public_url(), "application/didcomm-envelope-enc", env).await;
+    assert_eq!((st1, st2), (202, 202));
+    assert_eq!(queue_depth(&n).await, 1);
+}
+
+#[actix_rt::test]
+async fn bad_inputs_get_clear_errors_and_the_node_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.limits.max_envelope_bytes = 64 * 1024;
+    cfg.limits.max_ws_frame_bytes = 64 * 1024;
+    let n = start(&cfg);
+    let url = n.public_url();
+    let ct = "application/didcomm-envelope-enc";
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+
+    let (st, body) = post_raw(&url, ct, b"this is not json".to_vec()).await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("bad-envelope"), "{body}");
+
+    let good = a.pack(&json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "x"})).unwrap();
+    let (st, body) = post_raw(&url, ct, good[..good.len() / 2].to_vec()).await;
+    assert_eq!(st, 400, "truncated: {body}");
+
+    // Packed for a key this mediator does not have.
+    let stranger = mailroom::didcomm::keys::KeyPair::generate();
+    let wrong = mailroom::didcomm::envelope::pack(b"{}", &[stranger.verkey()], None).unwrap();
+    let (st, body) = post_raw(&url, ct, wrong).await;
+    assert_eq!(st, 400, "wrong key: {body}");
+
+    // A forward to a key nobody registered.
+    let g = a.grant.clone().unwrap();
+    let st = Sender::new()
+        .forward(&url, &basic_message("lost?"), &stranger.verkey(), &g.routing_keys)
+        .await
+        .unwrap();
+    assert_eq!(st, 404);
+
+    // An unknown message type from a connection: a problem report.
+    let pr = a
+        .request(&json!({"@type": "https://didcomm.org/no-such-protocol/1.0/hello", "@id": "u1", "~transport": {"return_route": "all"}}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(type_name(&pr), "problem-report");
+    assert_eq!(pr["~thread"]["thid"], "u1");
+
+    // Oversized body: 413.
+    let (st, _) = post_raw(&url, ct, vec![b'{'; 100 * 1024]).await;
+    assert_eq!(st, 413);
+
+    // Oversized WebSocket frame: closed with 1009.
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    ws.send_envelope(vec![b'x'; 100 * 1024], true).await.unwrap();
+    match ws.next(WAIT).await.unwrap() {
+        WsEvent::Closed(Some(r)) => assert_eq!(u16::from(r.code), 1009, "{r:?}"),
+        other => panic!("expected a close, got {other:?}"),
+    }
+
+    // Garbage on a socket: an error frame, and the socket stays usable.
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    ws.send_envelope(b"{\"protected\": 5}".to_vec(), false).await.unwrap();
+    match ws.next(WAIT).await.unwrap() {
+        WsEvent::Envelope(e) => {
+            let v: Value = serde_json::from_slice(&e).unwrap();
+            assert_eq!(v["error"], "bad-envelope");
+        }
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+    let pong = ws_request(&a, &mut ws, &json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "after", "~transport": {"return_route": "all"}})).await;
+    assert_eq!(type_name(&pong), "ping_response");
+
+    // A connection without mediation asks for pickup: a problem report.
+    let b = Agent::connect(&inv).await.unwrap();
+    let pr = b.request(&pickup("status-request", json!({}))).await.unwrap().unwrap();
+    assert_eq!(type_name(&pr), "problem-report", "{pr}");
+
+    // An unknown sender's pickup: refused outright.
+    let mut c = Agent::connect(&inv).await.unwrap();
+    c.key = mailroom::didcomm::keys::KeyPair::generate();
+    let err = c.request(&pickup("status-request", json!({}))).await.unwrap_err().to_string();
+    assert!(err.contains("403"), "{err}");
+
+    // Still serving, and nothing queued was lost.
+    assert_eq!(forward_to(&n, &a, &k, "still here").await, 202);
+    let d = a.request(&pickup("delivery-request", json!({"limit": 10}))).await.unwrap().unwrap();
+    assert_eq!(a.open_delivery(&d).unwrap()[0].1["content"], "still here");
+}
+
+/// An agent with its own HTTP endpoint gets its messages POSTed there, kept queued until a
+/// POST succeeds.
+#[actix_rt::test]
+async fn endpoint_delivery_retries_until_accepted() {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let refuse_first = Arc::new(AtomicUsize::new(1));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}/", listener.local_addr().unwrap());
+    let (r2, f2) = (received.clone(), refuse_first.clone());
+    let server = HttpServer::new(move || {
+        let (r, f) = (r2.clone(), f2.clone());
+        App::new().route(
+            "/",
+            web::post().to(move |body: web::Bytes| {
+                let (r, f) = (r.clone(), f.clone());
+                async move {
+                    if f.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1)).is_ok() {
+                        return HttpResponse::InternalServerError().finish();
+                    }
+                    r.lock().unwrap().push(body.to_vec());
+                    HttpResponse::Accepted().finish()
+                }
+            }),
+        )
+    })
+    .listen(listener)
+    .unwrap()
+    .workers(1)
+    .run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+
+    let inv = invitation(&n).await;
+    let mut a = Agent::connect_with_endpoint(&inv, Some(&endpoint)).await.unwrap();
+    a.mediate().await.unwrap();
+    let k = a.new_recipient_key();
+    a.keylist_update(&[k.did_key()], &[]).await.unwrap();
+    assert_eq!(forward_to(&n, &a, &k, "to-endpoint").await, 202);
+    let body = eventually("endpoint POST accepted", || {
+        let received = received.clone();
+        async move { received.lock().unwrap().first().cloned() }
+    })
+    .await;
+    assert_eq!(refuse_first.load(Ordering::SeqCst), 0, "the first POST was refused and retried");
+    let (m, _) = a.unpack(&body).unwrap();
+    assert_eq!(m["content"], "to-endpoint");
+    eventually("queue empty after delivery", || async { (queue_depth(&n).await == 0).then_some(()) }).await;
+    handle.stop(true).await;
+}
+
+#[actix_rt::test]
+async fn admin_health_ready_status_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let (st, _) = get_status(&format!("{}/health", n.admin_url()), None).await;
+    assert_eq!(st, 200);
+    let (st, _) = get_status(&format!("{}/ready", n.admin_url()), None).await;
+    assert_eq!(st, 200);
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    forward_to(&n, &a, &k, "count me").await;
+    let s = get_json(&format!("{}/status", n.admin_url())).await;
+    assert_eq!(s["node"], "n1");
+    assert_eq!(s["queued"], 1);
+    assert_eq!(s["sessions"], 0);
+    assert!(s["peers"].is_array());
+    let (st, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    assert_eq!(st, 200);
+    assert!(text.contains("mailroom_forwards_received_total 1"), "{text}");
+    assert!(text.contains("mailroom_queue_depth 1"), "{text}");
+}
