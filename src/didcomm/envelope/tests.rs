@@ -237,3 +237,290 @@ fn wrap_forward_layers_innermost_first() {
     assert_eq!(u0.plaintext, b"{\"hi\":true}");
     assert_eq!(u0.sender_verkey, Some(alice.verkey()));
 }
+
+fn fixture_dir(sub: &str) -> Vec<(String, serde_json::Value)> {
+    let dir = format!(
+        "{}/tests/fixtures/didcomm/{sub}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut out: Vec<(String, serde_json::Value)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .map(|p| {
+            let v = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            (p.file_name().unwrap().to_string_lossy().into_owned(), v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Kids of a protected header decoded independently of `parse` (plain base64 + JSON).
+fn decoded_kids(protected: &serde_json::Value) -> Vec<String> {
+    protected["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["header"]["kid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn credo_capture_envelopes() {
+    let stranger = kp(99);
+    let mut n = 0;
+    for (name, cap) in fixture_dir("credo") {
+        let env = serde_json::to_vec(&cap["encryptedEnvelope"]).unwrap();
+        let kids = recipient_kids(&env).unwrap();
+        assert_eq!(
+            kids,
+            decoded_kids(&cap["encryptedEnvelopeProtectedDecoded"]),
+            "{name}"
+        );
+        // Real peers: a 12-byte payload nonce under the xchacha label.
+        let iv = b64::decode(cap["encryptedEnvelope"]["iv"].as_str().unwrap()).unwrap();
+        assert_eq!(iv.len(), 12, "{name}");
+        assert_eq!(cap["encryptedEnvelopeProtectedDecoded"]["enc"], ENC_LABEL);
+        assert!(matches!(
+            unpack(&env, &finder(std::slice::from_ref(&stranger))),
+            Err(EnvelopeError::NoMatchingKey)
+        ));
+        // A forward's inner message is addressed to forward.to.
+        if cap["plaintext"]["@type"] == FORWARD_TYPE {
+            let inner = serde_json::to_vec(&cap["plaintext"]["msg"]).unwrap();
+            assert_eq!(
+                recipient_kids(&inner).unwrap(),
+                vec![cap["plaintext"]["to"].as_str().unwrap().to_owned()]
+            );
+        }
+        n += 1;
+    }
+    assert_eq!(n, 15);
+}
+
+#[test]
+fn acapy_capture_envelopes() {
+    let mut n = 0;
+    for (name, cap) in fixture_dir("acapy") {
+        if name.contains("envelope") {
+            let env = serde_json::to_vec(&cap).unwrap();
+            let raw = b64::decode(cap["protected"].as_str().unwrap()).unwrap();
+            let protected: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+            assert_eq!(
+                recipient_kids(&env).unwrap(),
+                decoded_kids(&protected),
+                "{name}"
+            );
+            n += 1;
+        } else if cap["@type"] == FORWARD_TYPE {
+            let inner = serde_json::to_vec(&cap["msg"]).unwrap();
+            assert_eq!(
+                recipient_kids(&inner).unwrap(),
+                vec![cap["to"].as_str().unwrap().to_owned()],
+                "{name}"
+            );
+            n += 1;
+        }
+    }
+    assert_eq!(n, 16);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interop vectors with aries-staticagent / PyNaCl (scripts/didcomm-vectors/gen.py).
+
+#[derive(serde::Deserialize, serde::Serialize)]
+struct VectorFile {
+    seeds_hex: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    verkeys: std::collections::BTreeMap<String, String>,
+    vectors: Vec<Vector>,
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+struct Vector {
+    name: String,
+    recipients: Vec<String>,
+    sender_verkey: Option<String>,
+    plaintext: String,
+    envelope: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    forward_via: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    forward_to: Option<String>,
+}
+
+fn fixture_path(name: &str) -> String {
+    format!(
+        "{}/tests/fixtures/didcomm/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+fn load_vectors(name: &str) -> VectorFile {
+    serde_json::from_str(&std::fs::read_to_string(fixture_path(name)).unwrap()).unwrap()
+}
+
+fn seeded(file: &VectorFile, name: &str) -> KeyPair {
+    KeyPair::from_secret_bytes(&hex::decode(&file.seeds_hex[name]).unwrap()).unwrap()
+}
+
+#[test]
+fn unpacks_python_vectors() {
+    let file = load_vectors("python_vectors.json");
+    // Same seed -> same verkey in both implementations.
+    for (name, vk) in &file.verkeys {
+        assert_eq!(&seeded(&file, name).verkey(), vk, "{name}");
+    }
+    let mut nonce_sizes = std::collections::BTreeSet::new();
+    for v in &file.vectors {
+        let env = serde_json::to_vec(&v.envelope).unwrap();
+        let iv = b64::decode(v.envelope["iv"].as_str().unwrap()).unwrap();
+        nonce_sizes.insert(iv.len());
+        let want_kids: Vec<String> = v
+            .recipients
+            .iter()
+            .map(|r| seeded(&file, r).verkey())
+            .collect();
+        assert_eq!(recipient_kids(&env).unwrap(), want_kids, "{}", v.name);
+        for r in &v.recipients {
+            let key = seeded(&file, r);
+            let u = unpack(&env, &finder(std::slice::from_ref(&key)))
+                .unwrap_or_else(|e| panic!("{}: {e}", v.name));
+            assert_eq!(
+                String::from_utf8(u.plaintext).unwrap(),
+                v.plaintext,
+                "{}",
+                v.name
+            );
+            assert_eq!(u.sender_verkey, v.sender_verkey, "{}", v.name);
+            assert_eq!(u.recipient_verkey, key.verkey());
+        }
+        let med = seeded(&file, "mediator");
+        assert!(matches!(
+            unpack(&env, &finder(std::slice::from_ref(&med))),
+            Err(EnvelopeError::NoMatchingKey)
+        ));
+    }
+    assert_eq!(nonce_sizes.into_iter().collect::<Vec<_>>(), vec![12, 24]);
+}
+
+/// Writes tests/fixtures/didcomm/rust_vectors.json for `gen.py check`. Run by hand:
+/// `cargo test --lib didcomm -- --ignored write_rust_vectors`.
+#[test]
+#[ignore]
+fn write_rust_vectors() {
+    let py = load_vectors("python_vectors.json");
+    let k = |n: &str| seeded(&py, n);
+    let ascii = r#"{"@type":"https://didcomm.org/trust_ping/1.0/ping","@id":"rust-1","response_requested":true}"#;
+    let utf8 = r#"{"@type":"https://didcomm.org/basicmessage/1.0/message","@id":"rust-2","content":"grüße ✓"}"#;
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let vk = |v: &[&str]| v.iter().map(|s| k(s).verkey()).collect::<Vec<_>>();
+    let dk = |v: &[&str]| v.iter().map(|s| k(s).did_key()).collect::<Vec<_>>();
+    let sender = k("sender");
+    let mut vectors = vec![];
+    let mut push = |name: &str, recips: &[&str], s: Option<&KeyPair>, pt: &str, env: Vec<u8>| {
+        vectors.push(Vector {
+            name: name.into(),
+            recipients: names(recips),
+            sender_verkey: s.map(KeyPair::verkey),
+            plaintext: pt.into(),
+            envelope: serde_json::from_slice(&env).unwrap(),
+            forward_via: None,
+            forward_to: None,
+        });
+    };
+    let r1 = ["recipient1"];
+    let r12 = ["recipient1", "recipient2"];
+    let r123 = ["recipient1", "recipient2", "recipient3"];
+    push(
+        "rust_authcrypt_1",
+        &r1,
+        Some(&sender),
+        ascii,
+        pack(ascii.as_bytes(), &vk(&r1), Some(&sender)).unwrap(),
+    );
+    push(
+        "rust_anoncrypt_2",
+        &r12,
+        None,
+        ascii,
+        pack(ascii.as_bytes(), &vk(&r12), None).unwrap(),
+    );
+    push(
+        "rust_authcrypt_3_from_did_keys",
+        &r123,
+        Some(&sender),
+        ascii,
+        pack(ascii.as_bytes(), &dk(&r123), Some(&sender)).unwrap(),
+    );
+    push(
+        "rust_xchacha24_authcrypt_utf8",
+        &r12,
+        Some(&sender),
+        utf8,
+        pack_with(
+            utf8.as_bytes(),
+            &vk(&r12),
+            Some(&sender),
+            PayloadCipher::XChaCha20Poly1305,
+        )
+        .unwrap(),
+    );
+    let inner = pack(ascii.as_bytes(), &vk(&r1), Some(&sender)).unwrap();
+    let outer = wrap_forward(
+        &inner,
+        &k("recipient1").did_key(),
+        &[k("mediator").did_key()],
+    )
+    .unwrap();
+    vectors.push(Vector {
+        name: "rust_forward_via_mediator".into(),
+        recipients: names(&["mediator"]),
+        sender_verkey: Some(sender.verkey()),
+        plaintext: ascii.into(),
+        envelope: serde_json::from_slice(&outer).unwrap(),
+        forward_via: Some("mediator".into()),
+        forward_to: Some("recipient1".into()),
+    });
+    let out = VectorFile {
+        seeds_hex: py.seeds_hex.clone(),
+        verkeys: py.verkeys.clone(),
+        vectors,
+    };
+    std::fs::write(
+        fixture_path("rust_vectors.json"),
+        serde_json::to_string_pretty(&out).unwrap() + "\n",
+    )
+    .unwrap();
+}
+
+#[test]
+fn rust_vectors_were_opened_by_python() {
+    use sha2::Digest;
+    let file = load_vectors("rust_vectors.json");
+    let check: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture_path("python_check.json")).unwrap())
+            .unwrap();
+    let results = check["results"].as_array().unwrap();
+    assert_eq!(results.len(), file.vectors.len());
+    for (v, r) in file.vectors.iter().zip(results) {
+        assert_eq!(r["name"], v.name.as_str());
+        assert_eq!(r["ok"], true, "{}: {}", v.name, r["error"]);
+        // The check is about exactly this envelope (compact JSON with sorted keys).
+        let canon = serde_json::to_string(&v.envelope).unwrap();
+        let sha = hex::encode(sha2::Sha256::digest(canon.as_bytes()));
+        assert_eq!(r["envelope_sha256"], sha.as_str(), "{}", v.name);
+        assert_eq!(r["opened_by"].as_array().unwrap().len(), v.recipients.len());
+        // And Rust still opens what it committed.
+        let env = serde_json::to_vec(&v.envelope).unwrap();
+        let first = seeded(&file, &v.recipients[0]);
+        let u = unpack(&env, &finder(std::slice::from_ref(&first))).unwrap();
+        if v.forward_via.is_none() {
+            assert_eq!(String::from_utf8(u.plaintext).unwrap(), v.plaintext);
+        }
+    }
+    assert!(results
+        .iter()
+        .any(|r| r["how"].as_str().unwrap().starts_with("aries-staticagent")));
+}
