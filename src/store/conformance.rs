@@ -875,6 +875,103 @@ pub mod sled_backend {
     }
 }
 
+pub mod pg_backend {
+    use super::*;
+
+    /// Server URL without database; the checks make their own database on it.
+    fn server_url() -> String {
+        std::env::var("MAILROOM_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+    }
+
+    async fn admin() -> tokio_postgres::Client {
+        let url = format!("{}/postgres", server_url());
+        let (client, conn) = match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            Ok(c) => c,
+            Err(e) => panic!(
+                "PostgreSQL is not reachable at {url} ({e}); the PostgreSQL conformance tests \
+                 need it. Start it with `pg_ctlcluster --skip-systemctl-redirect \
+                 $(ls /etc/postgresql) main start` or set MAILROOM_TEST_PG"
+            ),
+        };
+        tokio::spawn(conn);
+        client
+    }
+
+    pub struct PgBackend {
+        pub url: String,
+    }
+
+    #[async_trait::async_trait]
+    impl Backend for PgBackend {
+        async fn open(&self) -> Arc<dyn Store> {
+            open_postgres(&self.url, 8)
+                .await
+                .expect("open postgres store")
+        }
+    }
+
+    /// Creates `mailroom_test_<pid>_<random>`, runs the check, drops the database.
+    pub async fn run<F, Fut>(check: F)
+    where
+        F: FnOnce(Arc<dyn Backend>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let name = format!(
+            "mailroom_test_{}_{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let admin = admin().await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let b = Arc::new(PgBackend {
+            url: format!("{}/{name}", server_url()),
+        });
+        let r = run_check(b, check).await;
+        admin
+            .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .await
+            .expect("drop test database");
+        rethrow(r);
+    }
+
+    /// Several pools (nodes) open one fresh database at once: migrations apply once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_open_migrates_once() {
+        run(|b| async move {
+            let mut tasks = Vec::new();
+            for _ in 0..4 {
+                let b = b.clone();
+                tasks.push(tokio::spawn(async move { b.open().await }));
+            }
+            let mut stores = Vec::new();
+            for t in tasks {
+                stores.push(t.await.unwrap());
+            }
+            for s in &stores {
+                s.health().await.unwrap();
+                assert_eq!(s.backend(), "postgres");
+            }
+            // Two nodes on one queue: leases never overlap across pools either.
+            let c = new_conn(&stores[0]).await;
+            let m = (0..50).map(|i| msg(&c, &format!("{i}"), T0)).collect();
+            enqueue_ok(&stores[1], m).await;
+            let (a, b2) = tokio::join!(
+                stores[2].lease(&c, 50, "n2", T0, T0 + 1000),
+                stores[3].lease(&c, 50, "n3", T0, T0 + 1000)
+            );
+            let (a, b2) = (a.unwrap(), b2.unwrap());
+            assert_eq!(a.len() + b2.len(), 50);
+            let ia: HashSet<_> = ids(&a).into_iter().collect();
+            assert!(ids(&b2).iter().all(|i| !ia.contains(i)));
+        })
+        .await
+    }
+}
+
 macro_rules! conformance {
     ($name:ident, $backend:ident) => {
         mod $name {
@@ -940,3 +1037,4 @@ macro_rules! conformance {
 }
 
 conformance!(sled, sled_backend);
+conformance!(postgres, pg_backend);

@@ -281,6 +281,5 @@ pub async fn open_sled(path: &std::path::Path) -> StoreResult<std::sync::Arc<dyn
 
 /// Connects to PostgreSQL, applies migrations (idempotent, safe when nodes start together).
 pub async fn open_postgres(url: &str, pool_size: usize) -> StoreResult<std::sync::Arc<dyn Store>> {
-    let _ = PgStore::open(url, pool_size).await?;
-    Err(StoreError::Unavailable("postgres: not yet".into()))
+    Ok(std::sync::Arc::new(PgStore::open(url, pool_size).await?))
 }
