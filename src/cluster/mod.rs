@@ -1,1 +1,405 @@
-//! (being written)
+//! The cluster subsystem: an authenticated TCP peer protocol between mailroom nodes, the
+//! session directory (which node holds the live session of which connection) and
+//! message-queued notifications.
+//!
+//! Owns: everything on the cluster port. The rest of the node sees only [`ClusterHandle`]
+//! and the [`ClusterEvent`]s it sends; it must not reach into the submodules' state.
+//! Must not touch the store, the registry or actix: a notification is only a wake-up, the
+//! queue in the store stays the truth, and a periodic sweep elsewhere covers every loss.
+//!
+//! Layers (each testable alone):
+//! - [`proto`]: wire types and the only use of bincode; pinned by fixed-bytes tests.
+//! - [`codec`]: `u32` big-endian length + payload framing, capped at `max_frame`.
+//! - [`handshake`]: preamble (`MLRM` + version) and mutual HMAC challenge-response.
+//! - [`directory`], [`membership`]: pure state machines, `(state, event, now) -> effects`.
+//! - `peer`: the tokio tasks (listener, dialers with backoff, links with heartbeats, the
+//!   failure-detector tick) that feed those state machines and carry out their effects.
+//!
+//! Limits: frame size (`max_frame`, at most [`proto::MAX_FRAME_CEILING`]), per-link send queue
+//! (`peer_queue`; full queues drop and count, directory changes then fall back to a resync),
+//! pending handshakes (64), claims per peer (1,000,000).
+//!
+//! Security: peers prove knowledge of the shared secret; the secret never travels. After the
+//! handshake, frames are neither encrypted nor individually authenticated: run the cluster
+//! port on a private network (or under a tunnel) if an on-path attacker is in scope.
+
+pub mod codec;
+pub mod directory;
+pub mod handshake;
+pub mod membership;
+mod peer;
+pub mod proto;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+pub use directory::Entry;
+pub use peer::CounterSnapshot;
+
+use peer::{Settings, Shared};
+
+/// Another node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub id: String,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This node's id; must be unique in the cluster and listed in every peer's config.
+    pub node_id: String,
+    /// Peers naming another cluster are refused.
+    pub cluster_name: String,
+    /// Shared secret every node proves knowledge of; never sent.
+    pub secret: String,
+    /// All OTHER nodes.
+    pub peers: Vec<PeerConfig>,
+    /// How often each link sends a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A peer heard from for no longer than this is declared down and its sessions dropped.
+    pub failure_timeout: Duration,
+    /// Largest frame accepted or sent, in bytes (clamped to [`proto::MAX_FRAME_CEILING`]).
+    pub max_frame: usize,
+    /// Frames queued per peer link before new ones are dropped (and counted).
+    pub peer_queue: usize,
+}
+
+impl ClusterConfig {
+    pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(500);
+    pub const DEFAULT_FAILURE_TIMEOUT: Duration = Duration::from_secs(3);
+    pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
+    pub const DEFAULT_PEER_QUEUE: usize = 1024;
+
+    /// A config with the documented defaults for the tunables.
+    pub fn new(
+        node_id: impl Into<String>,
+        cluster_name: impl Into<String>,
+        secret: impl Into<String>,
+        peers: Vec<PeerConfig>,
+    ) -> Self {
+        ClusterConfig {
+            node_id: node_id.into(),
+            cluster_name: cluster_name.into(),
+            secret: secret.into(),
+            peers,
+            heartbeat_interval: Self::DEFAULT_HEARTBEAT,
+            failure_timeout: Self::DEFAULT_FAILURE_TIMEOUT,
+            max_frame: Self::DEFAULT_MAX_FRAME,
+            peer_queue: Self::DEFAULT_PEER_QUEUE,
+        }
+    }
+
+    /// Checks the config; the error names the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_id.is_empty() {
+            return Err("cluster node_id is empty".into());
+        }
+        if self.cluster_name.is_empty() {
+            return Err("cluster name is empty".into());
+        }
+        if self.secret.is_empty() {
+            return Err("cluster secret is empty".into());
+        }
+        validate_peers(&self.node_id, &self.peers)?;
+        if self.heartbeat_interval.is_zero() {
+            return Err("cluster heartbeat_interval must be > 0".into());
+        }
+        if self.failure_timeout <= self.heartbeat_interval {
+            return Err("cluster failure_timeout must exceed heartbeat_interval".into());
+        }
+        if self.max_frame < 1024 || self.max_frame > proto::MAX_FRAME_CEILING {
+            return Err(format!(
+                "cluster max_frame must be in 1024..={}",
+                proto::MAX_FRAME_CEILING
+            ));
+        }
+        if self.peer_queue == 0 {
+            return Err("cluster peer_queue must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+fn validate_peers(node_id: &str, peers: &[PeerConfig]) -> Result<(), String> {
+    for (i, p) in peers.iter().enumerate() {
+        if p.id.is_empty() {
+            return Err("cluster peer with an empty id".into());
+        }
+        if p.id == node_id {
+            return Err(format!("cluster peer {:?} is this node", p.id));
+        }
+        if peers[..i].iter().any(|q| q.id == p.id) {
+            return Err(format!("cluster peer {:?} listed twice", p.id));
+        }
+    }
+    Ok(())
+}
+
+/// What the cluster tells the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterEvent {
+    /// A peer queued a message for `conn`, whose session this node holds: drain its queue.
+    MessageQueued {
+        conn: String,
+    },
+    PeerUp {
+        node: String,
+    },
+    /// The peer is gone (silent past the failure timeout, left, or removed); its sessions
+    /// were dropped from the directory.
+    PeerDown {
+        node: String,
+    },
+    /// Another node took ownership of a conn we hold (a newer session there): close our
+    /// session? The node decides.
+    SessionMoved {
+        conn: String,
+        node: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum NotifyOutcome {
+    /// This node holds the session: wake it locally.
+    Local,
+    /// No node holds a session of this conn.
+    NoOwner,
+    /// The notification is on its way to the owner.
+    Sent(String),
+    /// The owner is known but unreachable right now (no link, or its queue is full): counted
+    /// in `notifications_failed`; the sweep will deliver.
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub connected: bool,
+    /// Considered alive by the failure detector (may be briefly true with no link).
+    pub up: bool,
+    pub last_heartbeat_age_ms: Option<u64>,
+    pub rtt_ms: Option<f64>,
+    pub handshake_attempted: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    pub node: String,
+    pub peers: Vec<PeerStatus>,
+    pub directory: Vec<Entry>,
+    pub counters: CounterSnapshot,
+}
+
+/// The node's handle on the cluster. Cheap to clone; every method is non-blocking except
+/// `start`, `leave` and `shutdown`.
+#[derive(Clone)]
+pub struct ClusterHandle {
+    shared: Arc<Shared>,
+}
+
+/// How long `leave` waits for peers to be told, and `shutdown` for tasks to end.
+const LEAVE_GRACE: Duration = Duration::from_secs(1);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+impl ClusterHandle {
+    /// Starts the listener on `listener`, dials every configured peer and returns at once
+    /// (links come up in the background; see [`ClusterHandle::handshake_attempted`]).
+    pub async fn start(
+        cfg: ClusterConfig,
+        listener: TcpListener,
+        events: mpsc::Sender<ClusterEvent>,
+    ) -> std::io::Result<ClusterHandle> {
+        cfg.validate()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let settings = Settings {
+            node_id: cfg.node_id.clone(),
+            cluster_name: cfg.cluster_name.clone(),
+            secret: cfg.secret.clone().into_bytes(),
+            heartbeat_interval: cfg.heartbeat_interval,
+            failure_timeout: cfg.failure_timeout,
+            // Long enough for a loaded peer, short enough that a silent socket is let go.
+            handshake_timeout: cfg.failure_timeout.max(Duration::from_secs(1)),
+            max_frame: cfg.max_frame,
+            peer_queue: cfg.peer_queue,
+        };
+        let shared = Shared::new(settings, &cfg.peers, events);
+        shared.spawn(peer::accept_loop(shared.clone(), listener));
+        let ticker = shared.clone();
+        shared.spawn(async move {
+            let period =
+                (ticker.settings.failure_timeout / 8).min(ticker.settings.heartbeat_interval);
+            let mut iv = tokio::time::interval(period);
+            let mut shutdown = ticker.shutdown_rx.clone();
+            loop {
+                tokio::select! {
+                    _ = iv.tick() => ticker.tick(),
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
+        tracing::info!(node = %cfg.node_id, peers = cfg.peers.len(), "cluster started");
+        Ok(ClusterHandle { shared })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.shared.settings.node_id
+    }
+
+    /// Records that this node holds a live session of `conn` and tells every peer. Returns
+    /// the epoch to pass to [`ClusterHandle::withdraw_session`] when that session ends.
+    pub fn announce_session(&self, conn: &str) -> u64 {
+        self.shared.announce(conn)
+    }
+
+    /// The session announced at `epoch` ended. A newer session of the same conn (announced
+    /// later, with a higher epoch) is not affected.
+    pub fn withdraw_session(&self, conn: &str, epoch: u64) {
+        self.shared.withdraw(conn, epoch)
+    }
+
+    pub fn owner_of(&self, conn: &str) -> Option<String> {
+        self.shared
+            .state
+            .lock()
+            .dir
+            .owner(conn)
+            .map(|(n, _)| n.to_string())
+    }
+
+    /// Wakes the owner of `conn`: sends `Queued` to that node only.
+    pub fn notify_queued(&self, conn: &str) -> NotifyOutcome {
+        self.shared.notify(conn)
+    }
+
+    /// Reload: dials new peers, closes and forgets removed ones, keeps the other links.
+    /// An invalid list (duplicates, this node) is refused with a log and changes nothing.
+    pub fn update_peers(&self, peers: Vec<PeerConfig>) {
+        if let Err(e) = validate_peers(&self.shared.settings.node_id, &peers) {
+            tracing::warn!(reason = %e, "cluster peer update refused");
+            return;
+        }
+        if self.shared.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        self.shared.update_peers(&peers);
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let now = Instant::now();
+        let st = self.shared.state.lock();
+        let mut peers: Vec<PeerStatus> = st
+            .peers
+            .iter()
+            .map(|(id, slot)| {
+                let v = st.members.view(id).unwrap_or_default();
+                PeerStatus {
+                    id: id.clone(),
+                    addr: slot.addr,
+                    connected: slot.link.is_some(),
+                    up: v.up,
+                    last_heartbeat_age_ms: v
+                        .last_heard
+                        .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                    rtt_ms: v.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                    handshake_attempted: v.attempted,
+                }
+            })
+            .collect();
+        peers.sort_by(|a, b| a.id.cmp(&b.id));
+        ClusterStatus {
+            node: self.shared.settings.node_id.clone(),
+            peers,
+            directory: st.dir.entries(),
+            counters: self.shared.counters.snapshot(),
+        }
+    }
+
+    /// True once every configured peer was tried at least once (for `/ready`).
+    pub fn handshake_attempted(&self) -> bool {
+        self.shared.state.lock().members.all_attempted()
+    }
+
+    /// Graceful exit: every peer gets `Leave` (and drops our sessions at once), then
+    /// everything stops as in [`ClusterHandle::shutdown`].
+    pub async fn leave(&self) {
+        let asked = self.shared.begin_leave();
+        tracing::info!(links = asked, "leaving the cluster");
+        let deadline = tokio::time::Instant::now() + LEAVE_GRACE;
+        while self.shared.links_open() > 0 {
+            let ended = self.shared.link_ended().notified();
+            if tokio::time::timeout_at(deadline, async {
+                tokio::select! {
+                    _ = ended => {}
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            })
+            .await
+            .is_err()
+            {
+                tracing::warn!("not every peer acknowledged our leave in time");
+                break;
+            }
+        }
+        self.shutdown().await;
+    }
+
+    /// Stops accepting, dialing and heartbeating, closes every link (peers notice via EOF and
+    /// the failure timeout), and waits for the tasks to end (bounded). Idempotent.
+    pub async fn shutdown(&self) {
+        self.shared.signal_shutdown();
+        let rx = self.shared.all_done.lock().take();
+        if let Some(mut rx) = rx {
+            if tokio::time::timeout(SHUTDOWN_GRACE, rx.recv())
+                .await
+                .is_err()
+            {
+                tracing::warn!("cluster tasks did not stop within the grace period");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ClusterConfig {
+        ClusterConfig::new(
+            "n1",
+            "c",
+            "s",
+            vec![PeerConfig {
+                id: "n2".into(),
+                addr: "127.0.0.1:1".parse().unwrap(),
+            }],
+        )
+    }
+
+    #[test]
+    fn validate_catches_bad_configs() {
+        assert!(cfg().validate().is_ok());
+        let mut c = cfg();
+        c.peers.push(c.peers[0].clone());
+        assert!(c.validate().unwrap_err().contains("twice"));
+        let mut c = cfg();
+        c.peers[0].id = "n1".into();
+        assert!(c.validate().is_err());
+        let mut c = cfg();
+        c.failure_timeout = c.heartbeat_interval;
+        assert!(c.validate().is_err());
+        let mut c = cfg();
+        c.max_frame = proto::MAX_FRAME_CEILING + 1;
+        assert!(c.validate().is_err());
+        let mut c = cfg();
+        c.secret.clear();
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,1 +1,285 @@
-//! (being written)
+//! Durable state of a mediator node, behind one trait: [`Store`].
+//!
+//! Owns: the mediator identity, connections (and their indexes by peer verkey and by thread),
+//! routing keys (recipient key -> connection) and the per-connection message queue with leases,
+//! dedup, limits and expiry. Two backends implement the same contract:
+//! - [`sled_store::SledStore`]: embedded, one process (several in-process nodes may share one
+//!   handle by cloning the `Arc`).
+//! - [`postgres::PgStore`]: shared by every node of a multi-machine cluster.
+//!
+//! Must not touch: sockets other than the database, the cluster, actix. No other module of the
+//! crate names sled or SQL; they go through [`Store`].
+//!
+//! One conformance suite (`conformance.rs`) runs the same checks on both backends, so a caller
+//! can rely on the behaviour described on each method whatever the backend.
+//!
+//! # Write path and group commit
+//! `enqueue` returns only when its messages are durable. Both backends funnel enqueues through
+//! one writer (a thread for sled, a task for PostgreSQL) that drains every request waiting in
+//! its channel, writes them together and makes them durable once (one `fsync` for sled, one
+//! `COMMIT` of a multi-row insert for PostgreSQL), then answers every caller. Concurrent callers
+//! therefore share the cost of durability.
+//!
+//! Measured on the 2-core development machine with `conformance::group_commit_throughput`
+//! (64 concurrent tasks, each enqueueing one ~40-byte message per call, 6,400 in all; every
+//! call waits for durability):
+//! - sled, debug build (`cargo test --lib store`): ~12,000 messages/s.
+//!
+//! # Semantics shared by both backends
+//! - A message is *pending* when it is not leased or its lease ran out (`lease_until <= now`),
+//!   *leased* otherwise. Leases are a delivery hint, never a loss: an expired lease makes the
+//!   message deliverable again (at-least-once).
+//! - Queue limits count every queued message of the connection, pending or leased. An enqueue is
+//!   refused with [`StoreError::QueueFull`] when the connection already holds `max_messages`, or
+//!   when adding the message would put it over `max_bytes`. Nothing queued is ever dropped to
+//!   make room.
+//! - Dedup records outlive the message they point at (an acknowledged message that is sent again
+//!   within the window is still a duplicate: the sender retried after we answered). They are
+//!   pruned by [`Store::expire`].
+use serde::{Deserialize, Serialize};
+
+#[cfg(test)]
+mod conformance;
+pub mod postgres;
+pub mod sled_store;
+
+pub use postgres::PgStore;
+pub use sled_store::SledStore;
+
+/// Connection id: a uuid string.
+pub type ConnId = String;
+/// Queue message id: monotonically increasing per store (gaps allowed, never reused).
+pub type MessageId = i64;
+
+/// The mediator's own identity. Opaque to the store: the node keeps its keys in `secrets`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Identity {
+    pub created_at_ms: i64,
+    pub secrets: serde_json::Value,
+}
+
+/// Mediation state of a connection (coordinate-mediation 1.0).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum MediationState {
+    #[default]
+    None,
+    Requested,
+    Granted,
+    Denied,
+}
+
+/// An agent that connected to us.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Connection {
+    pub id: ConnId,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// "requested" | "responded" | "completed"
+    pub state: String,
+    /// "didexchange/1.1", "connections/1.0", ...
+    pub protocol: String,
+    pub label: Option<String>,
+    /// base58: which of our keys the peer talks to.
+    pub our_verkey: String,
+    pub our_did: Option<String>,
+    pub their_did: Option<String>,
+    /// base58 recipient keys of the peer (the authcrypt sender is one of them). Indexed:
+    /// [`Store::connection_by_their_verkey`].
+    pub their_verkeys: Vec<String>,
+    pub their_endpoints: Vec<String>,
+    pub their_routing_keys: Vec<String>,
+    pub mediation: MediationState,
+    pub invitation_id: Option<String>,
+    /// Indexed: [`Store::connection_by_thread`].
+    pub thread_id: Option<String>,
+    /// Room for protocol data (did doc etc.).
+    pub extra: serde_json::Value,
+}
+
+/// A message to queue for a connection.
+#[derive(Clone, Debug)]
+pub struct NewMessage {
+    pub connection: ConnId,
+    pub recipient_key: String,
+    /// The inner JWE, as received.
+    pub payload: Vec<u8>,
+    pub received_at_ms: i64,
+    /// Hash of the inner message; see [`EnqueueLimits::dedup_window_ms`].
+    pub dedup_key: Option<[u8; 32]>,
+}
+
+/// Per-call limits of [`Store::enqueue`] (they come from config).
+#[derive(Clone, Copy, Debug)]
+pub struct EnqueueLimits {
+    pub max_messages: u64,
+    pub max_bytes: u64,
+    /// A message whose `(connection, dedup_key)` was enqueued at most this long before its
+    /// `received_at_ms` is not queued again.
+    pub dedup_window_ms: i64,
+}
+
+impl EnqueueLimits {
+    /// No limits, no dedup window.
+    pub const UNLIMITED: EnqueueLimits = EnqueueLimits {
+        max_messages: u64::MAX,
+        max_bytes: u64::MAX,
+        dedup_window_ms: 0,
+    };
+}
+
+/// Outcome of one queued message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Enqueued {
+    pub id: MessageId,
+    /// The message was a duplicate of `id`, which was queued earlier; nothing new was queued.
+    pub duplicate: bool,
+}
+
+/// A message handed out by [`Store::lease`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueuedMessage {
+    pub id: MessageId,
+    pub connection: ConnId,
+    pub recipient_key: String,
+    pub payload: Vec<u8>,
+    pub received_at_ms: i64,
+    /// How many times the message was leased, this lease included (> 1: a redelivery).
+    pub attempts: u32,
+}
+
+/// Queue of one connection at a given time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub pending: u64,
+    pub leased: u64,
+    /// Payload bytes of every queued message, pending or leased.
+    pub bytes: u64,
+    pub oldest_received_ms: Option<i64>,
+}
+
+/// Per-key result of [`Store::update_keys`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyUpdate {
+    Added,
+    AlreadyAdded,
+    Removed,
+    /// Removal of a key this connection does not hold (also when another connection holds it:
+    /// a removal never tells one connection about another's keys).
+    NotFound,
+    /// Addition of a key another connection holds: refused.
+    HeldByOther,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend cannot be reached or failed (I/O, pool, connection lost).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The connection's queue is at its limit; nothing was queued and nothing dropped.
+    #[error("queue full: {pending} messages, {bytes} bytes queued")]
+    QueueFull { pending: u64, bytes: u64 },
+    /// The connection (or other named object) does not exist.
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Stored data could not be decoded.
+    #[error("corrupt store data: {0}")]
+    Corrupt(String),
+    /// The store is shutting down (its writer stopped).
+    #[error("store closed")]
+    Closed,
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Durable state of a mediator. Every method is safe to call concurrently, from many tasks and
+/// (for PostgreSQL) from many nodes. No method blocks the async runtime.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// "sled" | "postgres"
+    fn backend(&self) -> &'static str;
+
+    /// Ok when the backend answers (PostgreSQL: a round trip; sled: the writer is alive).
+    async fn health(&self) -> StoreResult<()>;
+
+    /// Returns the stored identity, storing `candidate` first if there is none. Race-free: when
+    /// several callers (or nodes) race, the first writer wins and all get the same identity.
+    async fn identity_get_or_create(&self, candidate: Identity) -> StoreResult<Identity>;
+
+    /// Inserts or replaces a connection and maintains its indexes (their verkeys, thread id).
+    async fn put_connection(&self, c: &Connection) -> StoreResult<()>;
+    async fn get_connection(&self, id: &str) -> StoreResult<Option<Connection>>;
+    /// The connection one of whose `their_verkeys` is `verkey`. If several connections list the
+    /// same key, the most recently written one.
+    async fn connection_by_their_verkey(&self, verkey: &str) -> StoreResult<Option<Connection>>;
+    async fn connection_by_thread(&self, thid: &str) -> StoreResult<Option<Connection>>;
+    /// Connections ordered by id, strictly after `after`, at most `limit` (pagination).
+    async fn list_connections(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<Connection>>;
+
+    /// Adds then removes routing keys of `conn`; atomic per key. Results in input order: every
+    /// `add` first, then every `remove`. `Err(NotFound)` if the connection does not exist.
+    async fn update_keys(
+        &self,
+        conn: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> StoreResult<Vec<(String, KeyUpdate)>>;
+    /// Routing keys of `conn`, sorted.
+    async fn keys_of(&self, conn: &str) -> StoreResult<Vec<String>>;
+    /// The connection that registered `recipient_key`. Hot path.
+    async fn route(&self, recipient_key: &str) -> StoreResult<Option<ConnId>>;
+
+    /// Queues messages, each for its own connection, FIFO by arrival. One outcome per message,
+    /// in input order: `Ok(Enqueued)` or `Err(QueueFull)`. Every `Ok` is durable when this
+    /// returns. The outer `Err` means nothing is known to be durable.
+    async fn enqueue(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>>;
+
+    /// Leases up to `max` pending messages of `conn`, oldest first, to `owner` until `until_ms`.
+    /// Concurrent leasers (tasks or nodes) never get the same message.
+    async fn lease(
+        &self,
+        conn: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>>;
+    /// Deletes messages of `conn` (leased or not); ids of other connections are ignored.
+    /// Returns how many were deleted.
+    async fn ack(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64>;
+    /// Returns leased messages of `conn` to pending. Returns how many were leased.
+    async fn release(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64>;
+    /// Returns every message leased by `owner` to pending (session or node shutdown).
+    async fn release_owner(&self, owner: &str) -> StoreResult<u64>;
+    async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats>;
+    /// Messages queued in the whole store, pending or leased.
+    async fn total_queued(&self) -> StoreResult<u64>;
+    /// Connections that have messages deliverable at `now_ms`, the one with the oldest pending
+    /// message first, at most `limit` (the sweep that makes up for lost notifications).
+    async fn connections_with_pending(&self, now_ms: i64, limit: usize)
+        -> StoreResult<Vec<ConnId>>;
+    /// Deletes messages received before `received_before_ms` (leased or not) and dedup records
+    /// as old. Returns how many messages were deleted.
+    async fn expire(&self, received_before_ms: i64) -> StoreResult<u64>;
+    /// Makes every write so far durable (acks and leases are not flushed one by one).
+    async fn flush(&self) -> StoreResult<()>;
+}
+
+/// Opens (or creates) the sled store at `path`.
+pub async fn open_sled(path: &std::path::Path) -> StoreResult<std::sync::Arc<dyn Store>> {
+    Ok(std::sync::Arc::new(SledStore::open(path).await?))
+}
+
+/// Connects to PostgreSQL, applies migrations (idempotent, safe when nodes start together).
+pub async fn open_postgres(url: &str, pool_size: usize) -> StoreResult<std::sync::Arc<dyn Store>> {
+    Ok(std::sync::Arc::new(PgStore::open(url, pool_size).await?))
+}

@@ -1,0 +1,506 @@
+//! Membership and failure detection: which configured peers are up, and which link to each
+//! is the one in use.
+//!
+//! Owns: a pure state machine, `handle(event, now) -> effects`. Must not touch sockets,
+//! timers or channels; the runtime feeds it link events and periodic ticks and carries out the
+//! effects (install or close a link, emit PeerUp/PeerDown, drop directory entries).
+//!
+//! Rules:
+//! - A peer is up from its first authenticated link until nothing was heard from it for
+//!   `failure_timeout` (any frame counts, heartbeats guarantee there is one), or until it
+//!   sends `Leave`, or until it is removed from the config.
+//! - A closed link alone does not make a peer down: a reconnect within the timeout keeps its
+//!   directory entries (and the resync on the new link corrects them).
+//! - At most one link per peer. When both nodes dial each other at once, the link dialed by
+//!   the lower node id is kept on both sides; otherwise a newer link replaces an older one
+//!   (the peer reconnected, the old one is dead or dying).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Identifies one TCP link, unique within a node's lifetime.
+pub type LinkId = u64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberEvent {
+    /// A peer was added to the configuration.
+    Added { peer: String },
+    /// A peer was removed from the configuration.
+    Removed { peer: String },
+    /// A dial attempt finished (successfully or not).
+    DialAttempted { peer: String },
+    /// A link finished its handshake.
+    LinkUp {
+        peer: String,
+        link: LinkId,
+        we_dialed: bool,
+    },
+    /// A frame arrived on a link.
+    Heard { peer: String, link: LinkId },
+    /// A heartbeat round trip was measured on a link.
+    Rtt {
+        peer: String,
+        link: LinkId,
+        rtt: Duration,
+    },
+    /// A link ended (EOF, error, bad frame).
+    LinkClosed { peer: String, link: LinkId },
+    /// The peer said `Leave` on a link.
+    Left { peer: String, link: LinkId },
+    /// Periodic check for silent peers.
+    Tick,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberEffect {
+    /// Use this link for the peer (start its writer, send a resync).
+    Install {
+        peer: String,
+        link: LinkId,
+    },
+    /// Close this new link: another one is preferred, or the peer is not configured.
+    Reject {
+        peer: String,
+        link: LinkId,
+    },
+    /// Close this previously installed link.
+    Close {
+        peer: String,
+        link: LinkId,
+    },
+    Up {
+        peer: String,
+    },
+    /// The peer is down: drop its directory entries.
+    Down {
+        peer: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Link {
+    id: LinkId,
+    preferred: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PeerView {
+    pub up: bool,
+    pub connected: bool,
+    pub last_heard: Option<Instant>,
+    pub rtt: Option<Duration>,
+    pub attempted: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Peer {
+    up: bool,
+    link: Option<Link>,
+    last_heard: Option<Instant>,
+    rtt: Option<Duration>,
+    attempted: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Membership {
+    local: String,
+    failure_timeout: Duration,
+    peers: BTreeMap<String, Peer>,
+}
+
+impl Membership {
+    pub fn new(local: impl Into<String>, failure_timeout: Duration) -> Self {
+        Membership {
+            local: local.into(),
+            failure_timeout,
+            peers: BTreeMap::new(),
+        }
+    }
+
+    pub fn is_configured(&self, peer: &str) -> bool {
+        self.peers.contains_key(peer)
+    }
+
+    /// The installed link of a peer.
+    pub fn link_of(&self, peer: &str) -> Option<LinkId> {
+        self.peers.get(peer)?.link.map(|l| l.id)
+    }
+
+    pub fn is_up(&self, peer: &str) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.up)
+    }
+
+    pub fn view(&self, peer: &str) -> Option<PeerView> {
+        self.peers.get(peer).map(|p| PeerView {
+            up: p.up,
+            connected: p.link.is_some(),
+            last_heard: p.last_heard,
+            rtt: p.rtt,
+            attempted: p.attempted,
+        })
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = &str> {
+        self.peers.keys().map(String::as_str)
+    }
+
+    /// True once every configured peer was tried (dialed, or connected to us) at least once.
+    pub fn all_attempted(&self) -> bool {
+        self.peers.values().all(|p| p.attempted)
+    }
+
+    pub fn handle(&mut self, ev: MemberEvent, now: Instant) -> Vec<MemberEffect> {
+        let mut fx = Vec::new();
+        match ev {
+            MemberEvent::Added { peer } => {
+                if peer != self.local {
+                    self.peers.entry(peer).or_default();
+                }
+            }
+            MemberEvent::Removed { peer } => {
+                if let Some(p) = self.peers.remove(&peer) {
+                    if let Some(l) = p.link {
+                        fx.push(MemberEffect::Close {
+                            peer: peer.clone(),
+                            link: l.id,
+                        });
+                    }
+                    if p.up {
+                        fx.push(MemberEffect::Down { peer });
+                    }
+                }
+            }
+            MemberEvent::DialAttempted { peer } => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.attempted = true;
+                }
+            }
+            MemberEvent::LinkUp {
+                peer,
+                link,
+                we_dialed,
+            } => {
+                let local_lower = self.local < peer;
+                let Some(p) = self.peers.get_mut(&peer) else {
+                    fx.push(MemberEffect::Reject { peer, link });
+                    return fx;
+                };
+                p.attempted = true;
+                // Preferred: dialed by the lower node id. Both sides compute the same answer.
+                let preferred = we_dialed == local_lower;
+                if let Some(old) = p.link {
+                    if old.preferred && !preferred {
+                        fx.push(MemberEffect::Reject { peer, link });
+                        return fx;
+                    }
+                    fx.push(MemberEffect::Close {
+                        peer: peer.clone(),
+                        link: old.id,
+                    });
+                }
+                p.link = Some(Link {
+                    id: link,
+                    preferred,
+                });
+                p.last_heard = Some(now);
+                fx.push(MemberEffect::Install {
+                    peer: peer.clone(),
+                    link,
+                });
+                if !p.up {
+                    p.up = true;
+                    fx.push(MemberEffect::Up { peer });
+                }
+            }
+            MemberEvent::Heard { peer, link } => {
+                if let Some(p) = self.current(&peer, link) {
+                    p.last_heard = Some(now);
+                }
+            }
+            MemberEvent::Rtt { peer, link, rtt } => {
+                if let Some(p) = self.current(&peer, link) {
+                    p.rtt = Some(rtt);
+                }
+            }
+            MemberEvent::LinkClosed { peer, link } => {
+                if let Some(p) = self.current(&peer, link) {
+                    p.link = None;
+                }
+            }
+            MemberEvent::Left { peer, link } => {
+                if let Some(p) = self.current(&peer, link) {
+                    p.link = None;
+                    fx.push(MemberEffect::Close {
+                        peer: peer.clone(),
+                        link,
+                    });
+                    if p.up {
+                        p.up = false;
+                        fx.push(MemberEffect::Down { peer });
+                    }
+                }
+            }
+            MemberEvent::Tick => {
+                for (id, p) in self.peers.iter_mut() {
+                    let silent = match p.last_heard {
+                        None => true,
+                        Some(t) => now.saturating_duration_since(t) >= self.failure_timeout,
+                    };
+                    if p.up && silent {
+                        p.up = false;
+                        if let Some(l) = p.link.take() {
+                            fx.push(MemberEffect::Close {
+                                peer: id.clone(),
+                                link: l.id,
+                            });
+                        }
+                        fx.push(MemberEffect::Down { peer: id.clone() });
+                    }
+                }
+            }
+        }
+        fx
+    }
+
+    fn current(&mut self, peer: &str, link: LinkId) -> Option<&mut Peer> {
+        self.peers
+            .get_mut(peer)
+            .filter(|p| p.link.is_some_and(|l| l.id == link))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const T: Duration = Duration::from_secs(3);
+
+    fn m(local: &str, peers: &[&str]) -> Membership {
+        let mut m = Membership::new(local, T);
+        let now = Instant::now();
+        for p in peers {
+            m.handle(
+                MemberEvent::Added {
+                    peer: p.to_string(),
+                },
+                now,
+            );
+        }
+        m
+    }
+
+    fn up(peer: &str, link: LinkId, we_dialed: bool) -> MemberEvent {
+        MemberEvent::LinkUp {
+            peer: peer.into(),
+            link,
+            we_dialed,
+        }
+    }
+
+    #[test]
+    fn link_up_then_silence_is_down() {
+        let t0 = Instant::now();
+        let mut s = m("n1", &["n2"]);
+        let fx = s.handle(up("n2", 1, true), t0);
+        assert!(fx.contains(&MemberEffect::Up { peer: "n2".into() }));
+        assert!(s.is_up("n2"));
+        s.handle(
+            MemberEvent::Heard {
+                peer: "n2".into(),
+                link: 1,
+            },
+            t0 + Duration::from_secs(2),
+        );
+        assert!(s
+            .handle(MemberEvent::Tick, t0 + Duration::from_secs(4))
+            .is_empty());
+        let fx = s.handle(MemberEvent::Tick, t0 + Duration::from_secs(5));
+        assert_eq!(
+            fx,
+            vec![
+                MemberEffect::Close {
+                    peer: "n2".into(),
+                    link: 1
+                },
+                MemberEffect::Down { peer: "n2".into() }
+            ]
+        );
+        assert!(!s.is_up("n2"));
+        // no repeated Down
+        assert!(s
+            .handle(MemberEvent::Tick, t0 + Duration::from_secs(9))
+            .is_empty());
+    }
+
+    #[test]
+    fn closed_link_keeps_peer_up_until_timeout() {
+        let t0 = Instant::now();
+        let mut s = m("n1", &["n2"]);
+        s.handle(up("n2", 1, true), t0);
+        s.handle(
+            MemberEvent::LinkClosed {
+                peer: "n2".into(),
+                link: 1,
+            },
+            t0,
+        );
+        assert!(s.is_up("n2"));
+        assert_eq!(s.link_of("n2"), None);
+        // reconnect within the timeout: no Up (it never went down)
+        let fx = s.handle(up("n2", 2, true), t0 + Duration::from_secs(1));
+        assert_eq!(
+            fx,
+            vec![MemberEffect::Install {
+                peer: "n2".into(),
+                link: 2
+            }]
+        );
+    }
+
+    #[test]
+    fn leave_is_immediate_down() {
+        let t0 = Instant::now();
+        let mut s = m("n1", &["n2"]);
+        s.handle(up("n2", 1, false), t0);
+        let fx = s.handle(
+            MemberEvent::Left {
+                peer: "n2".into(),
+                link: 1,
+            },
+            t0,
+        );
+        assert!(fx.contains(&MemberEffect::Down { peer: "n2".into() }));
+        // a Leave from a stale link is ignored
+        s.handle(up("n2", 2, false), t0);
+        let fx = s.handle(
+            MemberEvent::Left {
+                peer: "n2".into(),
+                link: 1,
+            },
+            t0,
+        );
+        assert!(fx.is_empty());
+        assert!(s.is_up("n2"));
+    }
+
+    #[test]
+    fn simultaneous_dial_keeps_link_dialed_by_lower_id_on_both_sides() {
+        let t0 = Instant::now();
+        // link A: n1 dialed n2. link B: n2 dialed n1. Each side sees them in any order.
+        for a_first in [true, false] {
+            for b_first in [true, false] {
+                let mut s1 = m("n1", &["n2"]);
+                let mut s2 = m("n2", &["n1"]);
+                let (la, lb) = (10, 20);
+                let seq1 = if a_first {
+                    vec![up("n2", la, true), up("n2", lb, false)]
+                } else {
+                    vec![up("n2", lb, false), up("n2", la, true)]
+                };
+                let seq2 = if b_first {
+                    vec![up("n1", lb, true), up("n1", la, false)]
+                } else {
+                    vec![up("n1", la, false), up("n1", lb, true)]
+                };
+                for e in seq1 {
+                    s1.handle(e, t0);
+                }
+                for e in seq2 {
+                    s2.handle(e, t0);
+                }
+                assert_eq!(s1.link_of("n2"), Some(la));
+                assert_eq!(s2.link_of("n1"), Some(la));
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_peer_rejected_and_removed_peer_closed() {
+        let t0 = Instant::now();
+        let mut s = m("n1", &["n2"]);
+        assert_eq!(
+            s.handle(up("n9", 1, false), t0),
+            vec![MemberEffect::Reject {
+                peer: "n9".into(),
+                link: 1
+            }]
+        );
+        s.handle(up("n2", 2, true), t0);
+        let fx = s.handle(MemberEvent::Removed { peer: "n2".into() }, t0);
+        assert_eq!(
+            fx,
+            vec![
+                MemberEffect::Close {
+                    peer: "n2".into(),
+                    link: 2
+                },
+                MemberEffect::Down { peer: "n2".into() }
+            ]
+        );
+        assert!(!s.is_configured("n2"));
+        assert!(s.all_attempted());
+    }
+
+    #[test]
+    fn attempted_tracks_every_peer() {
+        let t0 = Instant::now();
+        let mut s = m("n1", &["n2", "n3"]);
+        assert!(!s.all_attempted());
+        s.handle(MemberEvent::DialAttempted { peer: "n2".into() }, t0);
+        assert!(!s.all_attempted());
+        s.handle(up("n3", 1, false), t0);
+        assert!(s.all_attempted());
+    }
+
+    fn arb_event() -> impl Strategy<Value = MemberEvent> {
+        let peer = prop_oneof![Just("n0"), Just("n2"), Just("n3")].prop_map(String::from);
+        prop_oneof![
+            (peer.clone(), 0u64..4, any::<bool>()).prop_map(|(peer, link, we_dialed)| {
+                MemberEvent::LinkUp {
+                    peer,
+                    link,
+                    we_dialed,
+                }
+            }),
+            (peer.clone(), 0u64..4).prop_map(|(peer, link)| MemberEvent::Heard { peer, link }),
+            (peer.clone(), 0u64..4).prop_map(|(peer, link)| MemberEvent::LinkClosed { peer, link }),
+            (peer.clone(), 0u64..4).prop_map(|(peer, link)| MemberEvent::Left { peer, link }),
+            peer.clone().prop_map(|peer| MemberEvent::Removed { peer }),
+            peer.prop_map(|peer| MemberEvent::Added { peer }),
+            Just(MemberEvent::Tick),
+        ]
+    }
+
+    proptest! {
+        /// Up and Down alternate per peer, and a peer that is down has no link.
+        #[test]
+        fn up_down_alternate(evs in proptest::collection::vec((arb_event(), 0u64..2000), 0..80)) {
+            let mut s = m("n1", &["n0", "n2", "n3"]);
+            let mut now = Instant::now();
+            let mut up: BTreeMap<String, bool> = BTreeMap::new();
+            for (ev, dt) in evs {
+                now += Duration::from_millis(dt);
+                for fx in s.handle(ev, now) {
+                    match fx {
+                        MemberEffect::Up { peer } => {
+                            prop_assert!(!up.get(&peer).copied().unwrap_or(false));
+                            up.insert(peer, true);
+                        }
+                        MemberEffect::Down { peer } => {
+                            prop_assert!(up.get(&peer).copied().unwrap_or(false));
+                            up.insert(peer, false);
+                        }
+                        _ => {}
+                    }
+                }
+                for p in ["n0", "n2", "n3"] {
+                    prop_assert_eq!(s.is_up(p), up.get(p).copied().unwrap_or(false));
+                    if !s.is_up(p) {
+                        prop_assert_eq!(s.link_of(p), None);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,365 @@
+use super::*;
+use crate::didcomm::keys::KeyPair;
+
+fn fixture(path: &str) -> Value {
+    let full = format!(
+        "{}/tests/fixtures/didcomm/{path}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{full}: {e}"));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn capture_did(path: &str) -> String {
+    let v = fixture(path);
+    let msg = v.get("plaintext").unwrap_or(&v);
+    msg["did"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn did_key() {
+    let kp = KeyPair::from_secret_bytes(&[4; 32]).unwrap();
+    let r = resolve(&kp.did_key(), None).unwrap();
+    assert_eq!(r.recipient_keys, vec![kp.verkey()]);
+    assert!(r.routing_keys.is_empty() && r.endpoints.is_empty());
+    assert_eq!(r.doc["id"], kp.did_key());
+    // did:peer:0 is the same key
+    let p0 = kp.did_key().replace("did:key:", "did:peer:0");
+    assert_eq!(
+        resolve(&p0, None).unwrap().recipient_keys,
+        vec![kp.verkey()]
+    );
+    assert!(resolve(
+        "did:key:z6LSmZwZbdrDh9Ve3FYu6iKBMNWJj7mjMRtTsGwo1dutPhVD",
+        None
+    )
+    .is_err());
+}
+
+#[test]
+fn credo_peer4_from_captures() {
+    let did = capture_did("credo/didexchange_1.1_response.json");
+    let r = resolve(&did, None).unwrap();
+    assert_eq!(r.id, did);
+    assert_eq!(
+        r.recipient_keys,
+        vec!["5CEyBuFE2sRPbvfzaMJvA9qiAdoGPG4etCubexwB1VTJ"]
+    );
+    assert!(r.routing_keys.is_empty());
+    assert_eq!(
+        r.endpoints,
+        vec!["http://127.0.0.1:3035", "ws://127.0.0.1:3035"]
+    );
+    let short_form = peer4_short_form(&did).unwrap();
+    assert_eq!(
+        short_form,
+        "did:peer:4zQmNdzJkKbRvb4mr3o9AeKVKL5tABUtQ1eaHbimmaqS99uE"
+    );
+    assert_eq!(r.doc["alsoKnownAs"][0], short_form.as_str());
+
+    let did = capture_did("credo/didexchange_1.1_request.json");
+    let r = resolve(&did, None).unwrap();
+    assert_eq!(
+        r.recipient_keys,
+        vec!["A755GLWNcun5UxspcZQBtncYVnFCp8TZqHcezFhodTfh"]
+    );
+    assert_eq!(r.endpoints, vec!["http://127.0.0.1:3036"]);
+}
+
+#[test]
+fn acapy_peer4_from_captures() {
+    let r = resolve(
+        &capture_did("acapy/mediator_in_01_didexchange-1.1-request.json"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        r.recipient_keys,
+        vec!["DSmqZ8gfFkg51wozanTxMENp9cyHFYnq5fDSSWE3phb2"]
+    );
+    assert_eq!(r.endpoints, vec!["http://127.0.0.1:8030"]);
+
+    // Mediated: the routing key is a did:key reference, as in ACA-Py's mediate-grant.
+    let r = resolve(
+        &capture_did("acapy/sender_in_01_didexchange-1.1-response.json"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        r.recipient_keys,
+        vec!["6wWnbHuAzQ9VarmrisCV2R6AwF1fahd9oZH4uJvq6kJW"]
+    );
+    assert_eq!(
+        r.routing_keys,
+        vec!["47ozuVPcRimDWjRT6rH4Gmf1YppBEAX767Xn8dDD95mp"]
+    );
+    assert_eq!(r.endpoints, vec!["http://127.0.0.1:8020"]);
+
+    let r = resolve(
+        &capture_did("acapy/recipient_in_01_didexchange-1.1-response.json"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        r.recipient_keys,
+        vec!["4Q4ivmgJNpr1dJ4v48UYtidRC4f4sTCU8UJH8au33Srx"]
+    );
+    assert_eq!(
+        r.endpoints,
+        vec!["http://127.0.0.1:8020", "ws://127.0.0.1:8022"]
+    );
+}
+
+#[test]
+fn acapy_peer2_from_captures() {
+    // ACA-Py's own DID (two services, priorities 0 and 1).
+    let r = resolve(
+        &capture_did("acapy/client_didexchange_request_reply_plaintext.json"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        r.recipient_keys,
+        vec!["BzEFLJBKNqgWsnpZeSRfgMAoz4Yh2bZ9R3izrYiaR7b5"]
+    );
+    assert_eq!(
+        r.endpoints,
+        vec!["http://127.0.0.1:8020", "ws://127.0.0.1:8022"]
+    );
+    assert_eq!(r.doc["service"][0]["type"], "did-communication");
+    assert_eq!(
+        r.doc["service"][0]["serviceEndpoint"],
+        "http://127.0.0.1:8020"
+    );
+
+    // The scripted client's DID: queue endpoint only -> no endpoints. Its key is the kid
+    // ACA-Py encrypted its reply to.
+    let r = resolve(
+        &capture_did("acapy/client_didexchange_request_plaintext.json"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        r.recipient_keys,
+        vec!["B7esQk7m8d7XdiYtSE3KhWW9NmAuqXcSH9JfVaaLFr6z"]
+    );
+    assert!(r.endpoints.is_empty());
+    let reply = serde_json::to_vec(&fixture(
+        "acapy/client_didexchange_request_reply_envelope_from_acapy.json",
+    ))
+    .unwrap();
+    assert_eq!(
+        crate::didcomm::envelope::recipient_kids(&reply).unwrap(),
+        r.recipient_keys
+    );
+}
+
+fn peer2_service(json: &str) -> String {
+    b64::encode(json.as_bytes())
+}
+
+#[test]
+fn peer2_abbreviated_and_full_services() {
+    let kp = KeyPair::from_secret_bytes(&[5; 32]).unwrap();
+    let mediator = KeyPair::from_secret_bytes(&[6; 32]).unwrap();
+    let v = kp.did_key().trim_start_matches("did:key:").to_owned();
+    // Abbreviated DIDCommMessaging service with a nested endpoint object, as the 2023 spec
+    // writes it; no recipientKeys -> the authentication key.
+    let abbreviated = peer2_service(&format!(
+        r#"{{"t":"dm","s":{{"uri":"https://m.example/","a":["didcomm/aip2;env=rfc19"],"r":["{}"]}}}}"#,
+        mediator.did_key()
+    ));
+    let did = format!("did:peer:2.V{v}.S{abbreviated}");
+    let r = resolve(&did, None).unwrap();
+    assert_eq!(r.recipient_keys, vec![kp.verkey()]);
+    assert_eq!(r.routing_keys, vec![mediator.verkey()]);
+    assert_eq!(r.endpoints, vec!["https://m.example/"]);
+    assert_eq!(r.doc["service"][0]["type"], "DIDCommMessaging");
+    assert_eq!(r.doc["service"][0]["id"], "#service");
+
+    // Full (unabbreviated) legacy service with padded base64 and a did:key#frag routing key.
+    let full = b64::encode_padded(
+        format!(
+            r##"{{"type":"did-communication","serviceEndpoint":"http://a.example","recipientKeys":["#key-1"],"routingKeys":["{0}#{1}"],"priority":0}}"##,
+            mediator.did_key(),
+            mediator.did_key().trim_start_matches("did:key:")
+        )
+        .as_bytes(),
+    );
+    let did = format!("did:peer:2.V{v}.S{full}");
+    let r = resolve(&did, None).unwrap();
+    assert_eq!(r.recipient_keys, vec![kp.verkey()]);
+    assert_eq!(r.routing_keys, vec![mediator.verkey()]);
+    assert_eq!(r.endpoints, vec!["http://a.example"]);
+
+    // Garbage
+    for bad in [
+        "did:peer:2",
+        "did:peer:2.",
+        "did:peer:2.Qz6Mk",
+        "did:peer:2.Vnotakey.S!!!",
+        "did:peer:2.V.S",
+    ] {
+        assert!(resolve(bad, None).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn peer4_hash_is_checked_and_short_form_needs_long() {
+    let did = capture_did("credo/didexchange_1.1_response.json");
+    let short_form = peer4_short_form(&did).unwrap();
+    // Corrupt one character of the hash, then of the document.
+    let mut chars: Vec<char> = did.chars().collect();
+    chars[15] = if chars[15] == 'a' { 'b' } else { 'a' };
+    let bad_hash: String = chars.iter().collect();
+    assert!(matches!(
+        resolve(&bad_hash, None),
+        Err(DidError::HashMismatch | DidError::Malformed(_))
+    ));
+    let mut chars: Vec<char> = did.chars().collect();
+    let n = chars.len() - 5;
+    chars[n] = if chars[n] == 'a' { 'b' } else { 'a' };
+    let bad_doc: String = chars.iter().collect();
+    assert!(matches!(
+        resolve(&bad_doc, None),
+        Err(DidError::HashMismatch)
+    ));
+    assert!(peer4_short_form(&bad_doc).is_err());
+
+    assert!(matches!(
+        resolve(&short_form, None),
+        Err(DidError::NeedsLongForm)
+    ));
+    let r = resolve(&short_form, Some(&Value::String(did.clone()))).unwrap();
+    assert_eq!(
+        r.recipient_keys,
+        vec!["5CEyBuFE2sRPbvfzaMJvA9qiAdoGPG4etCubexwB1VTJ"]
+    );
+    let r2 = resolve(
+        &short_form,
+        Some(&json!({"id": short_form, "alsoKnownAs": [did]})),
+    )
+    .unwrap();
+    assert_eq!(r2, r);
+    // A long form of another DID does not help.
+    let other = capture_did("credo/didexchange_1.1_request.json");
+    assert!(matches!(
+        resolve(&short_form, Some(&Value::String(other))),
+        Err(DidError::NeedsLongForm)
+    ));
+}
+
+#[test]
+fn create_peer4_roundtrip() {
+    let kp = KeyPair::from_secret_bytes(&[8; 32]).unwrap();
+    let m = KeyPair::from_secret_bytes(&[9; 32]).unwrap();
+    let eps = vec![
+        "https://mailroom.example".to_owned(),
+        "wss://mailroom.example/ws".to_owned(),
+    ];
+    let did = create_peer4(&kp.verkey(), &eps, &[m.did_key()]);
+    let r = resolve(&did, None).unwrap();
+    assert_eq!(r.recipient_keys, vec![kp.verkey()]);
+    assert_eq!(r.routing_keys, vec![m.verkey()]);
+    assert_eq!(r.endpoints, eps);
+    // Same shape as Credo's own: key in authentication, X25519 in keyAgreement.
+    assert_eq!(
+        r.doc["authentication"][0]["type"],
+        "Ed25519VerificationKey2018"
+    );
+    assert_eq!(
+        r.doc["keyAgreement"][0]["type"],
+        "X25519KeyAgreementKey2019"
+    );
+    assert_eq!(r.doc["service"][0]["recipientKeys"][0], "#key-1");
+    assert!(peer4_short_form(&did).unwrap().starts_with("did:peer:4zQm"));
+    // Deterministic
+    assert_eq!(did, create_peer4(&kp.verkey(), &eps, &[m.did_key()]));
+}
+
+#[test]
+fn legacy_inline_doc() {
+    let kp = KeyPair::from_secret_bytes(&[10; 32]).unwrap();
+    let m = KeyPair::from_secret_bytes(&[11; 32]).unwrap();
+    let did = legacy_did_from_verkey(&kp.public_bytes());
+    let doc = legacy_diddoc(
+        &did,
+        &kp.verkey(),
+        &["http://x.example".into()],
+        &[m.did_key()],
+    );
+    let r = resolve(&did, Some(&doc)).unwrap();
+    assert_eq!(r.recipient_keys, vec![kp.verkey()]);
+    assert_eq!(r.routing_keys, vec![m.verkey()]);
+    assert_eq!(r.endpoints, vec!["http://x.example"]);
+    assert_eq!(doc["service"][0]["routingKeys"][0], m.verkey().as_str());
+    assert!(matches!(resolve(&did, None), Err(DidError::NeedsDoc(_))));
+
+    // A connections 1.0 doc as old ACA-Py/AFJ sent it: did:sov ids, key refs "did#1" in
+    // recipientKeys, authentication by reference.
+    let doc = json!({
+        "@context": "https://w3id.org/did/v1",
+        "id": format!("did:sov:{did}"),
+        "publicKey": [{"id": format!("did:sov:{did}#1"), "type": "Ed25519VerificationKey2018",
+                       "controller": format!("did:sov:{did}"), "publicKeyBase58": kp.verkey()}],
+        "authentication": [{"type": "Ed25519SignatureAuthentication2018",
+                            "publicKey": format!("did:sov:{did}#1")}],
+        "service": [
+            {"id": "did:sov:x;queue", "type": "IndyAgent", "priority": 0,
+             "recipientKeys": [format!("did:sov:{did}#1")], "routingKeys": [],
+             "serviceEndpoint": "didcomm:transport/queue"},
+            {"id": "did:sov:x;indy", "type": "IndyAgent", "priority": 1,
+             "recipientKeys": [kp.verkey()], "routingKeys": [m.verkey()],
+             "serviceEndpoint": "https://y.example"}
+        ]
+    });
+    let r = resolve(&did, Some(&doc)).unwrap();
+    assert_eq!(r.recipient_keys, vec![kp.verkey()]);
+    assert_eq!(r.routing_keys, vec![m.verkey()]);
+    assert_eq!(r.endpoints, vec!["https://y.example"]);
+    let r2 = resolve(&format!("did:sov:{did}"), Some(&doc)).unwrap();
+    assert_eq!(r2.recipient_keys, r.recipient_keys);
+
+    // A doc for another DID is refused.
+    let other = legacy_did_from_verkey(&m.public_bytes());
+    assert!(resolve(&other, Some(&doc)).is_err());
+    // A doc whose recipient key reference dangles is refused.
+    let mut bad = doc.clone();
+    bad["service"][1]["recipientKeys"] = json!(["#nope"]);
+    assert!(resolve(&did, Some(&bad)).is_err());
+}
+
+#[test]
+fn peer1_needs_doc() {
+    assert!(matches!(
+        resolve("did:peer:1zQmZ", None),
+        Err(DidError::NeedsDoc(_))
+    ));
+    let kp = KeyPair::from_secret_bytes(&[12; 32]).unwrap();
+    let doc = json!({
+        "id": "did:peer:1zQmZ",
+        "publicKey": [{"id": "#1", "type": "Ed25519VerificationKey2018", "publicKeyBase58": kp.verkey()}],
+        "service": [{"type": "did-communication", "serviceEndpoint": "http://p.example",
+                     "recipientKeys": ["#1"]}]
+    });
+    let r = resolve("did:peer:1zQmZ", Some(&doc)).unwrap();
+    assert_eq!(r.recipient_keys, vec![kp.verkey()]);
+    assert_eq!(r.endpoints, vec!["http://p.example"]);
+}
+
+#[test]
+fn unsupported_methods() {
+    for d in [
+        "did:web:example.com",
+        "did:peer:9abc",
+        "",
+        "did:",
+        "hello world",
+    ] {
+        assert!(resolve(d, None).is_err(), "{d}");
+    }
+    assert!(matches!(
+        resolve(&"did:peer:2.".repeat(5000), None),
+        Err(DidError::TooLong)
+    ));
+}

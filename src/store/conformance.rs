@@ -1,0 +1,1040 @@
+//! The one conformance suite of [`Store`]: every check is an async fn taking a [`Backend`] (a
+//! way to open handles on one fresh, empty store) and runs unchanged on sled and PostgreSQL.
+//!
+//! sled runs in a temporary directory; PostgreSQL in a database created for the test
+//! (`mailroom_test_<pid>_<random>` via the `postgres` database) and dropped afterwards, even
+//! when the test fails. PostgreSQL is never skipped: if it is unreachable the tests fail and
+//! say how to start it. `MAILROOM_TEST_PG` overrides the server URL (without database).
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::*;
+
+const T0: i64 = 1_700_000_000_000;
+
+/// Opens handles on one store. `open` may be called again once every earlier handle is
+/// dropped (sled allows one open handle per directory).
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync {
+    async fn open(&self) -> Arc<dyn Store>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn conn(id: &str) -> Connection {
+    Connection {
+        id: id.to_owned(),
+        created_at_ms: T0,
+        updated_at_ms: T0,
+        state: "completed".into(),
+        protocol: "didexchange/1.1".into(),
+        label: Some("wallet".into()),
+        our_verkey: format!("our-{id}"),
+        our_did: Some("did:peer:4zQm".into()),
+        their_did: Some("did:peer:2.Ez".into()),
+        their_verkeys: vec![format!("theirs-{id}")],
+        their_endpoints: vec!["ws://127.0.0.1:1".into()],
+        their_routing_keys: vec![],
+        mediation: MediationState::None,
+        invitation_id: Some("inv-1".into()),
+        thread_id: Some(format!("thread-{id}")),
+        extra: serde_json::json!({"doc": {"service": []}}),
+    }
+}
+
+async fn new_conn(s: &Arc<dyn Store>) -> String {
+    let id = new_id();
+    s.put_connection(&conn(&id)).await.unwrap();
+    id
+}
+
+fn msg(conn: &str, payload: &str, at: i64) -> NewMessage {
+    NewMessage {
+        connection: conn.to_owned(),
+        recipient_key: format!("rk-{conn}"),
+        payload: payload.as_bytes().to_vec(),
+        received_at_ms: at,
+        dedup_key: None,
+    }
+}
+
+fn dmsg(conn: &str, payload: &str, at: i64, key: u8) -> NewMessage {
+    NewMessage {
+        dedup_key: Some([key; 32]),
+        ..msg(conn, payload, at)
+    }
+}
+
+async fn enqueue_ok(s: &Arc<dyn Store>, msgs: Vec<NewMessage>) -> Vec<MessageId> {
+    s.enqueue(msgs, &EnqueueLimits::UNLIMITED)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            let e = r.unwrap();
+            assert!(!e.duplicate);
+            e.id
+        })
+        .collect()
+}
+
+fn ids(v: &[QueuedMessage]) -> Vec<MessageId> {
+    v.iter().map(|m| m.id).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// the checks
+
+pub async fn identity_race(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.identity_get_or_create(Identity {
+                created_at_ms: T0 + i,
+                secrets: serde_json::json!({ "candidate": i }),
+            })
+            .await
+            .unwrap()
+        }));
+    }
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(t.await.unwrap());
+    }
+    assert!(
+        got.iter().all(|g| *g == got[0]),
+        "all racers get the same identity"
+    );
+    let n = got[0].secrets["candidate"].as_i64().unwrap();
+    assert_eq!(
+        got[0].created_at_ms,
+        T0 + n,
+        "the winner is one of the candidates, whole"
+    );
+    let later = s
+        .identity_get_or_create(Identity {
+            created_at_ms: 1,
+            secrets: serde_json::json!("late"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(later, got[0]);
+}
+
+pub async fn connection_crud_and_indexes(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    s.health().await.unwrap();
+    assert!(s.get_connection(&new_id()).await.unwrap().is_none());
+    let id = new_id();
+    let mut c = conn(&id);
+    c.their_verkeys = vec!["vkA".into(), "vkB".into()];
+    c.thread_id = Some("thr-1".into());
+    s.put_connection(&c).await.unwrap();
+    assert_eq!(s.get_connection(&id).await.unwrap().as_ref(), Some(&c));
+    assert_eq!(
+        s.connection_by_their_verkey("vkA").await.unwrap().as_ref(),
+        Some(&c)
+    );
+    assert_eq!(
+        s.connection_by_their_verkey("vkB").await.unwrap().as_ref(),
+        Some(&c)
+    );
+    assert_eq!(
+        s.connection_by_thread("thr-1").await.unwrap().as_ref(),
+        Some(&c)
+    );
+    assert!(s.connection_by_their_verkey("vkC").await.unwrap().is_none());
+
+    // Update: indexes follow the new version.
+    c.their_verkeys = vec!["vkB".into(), "vkC".into()];
+    c.thread_id = Some("thr-2".into());
+    c.state = "responded".into();
+    c.mediation = MediationState::Granted;
+    c.updated_at_ms += 5;
+    s.put_connection(&c).await.unwrap();
+    assert_eq!(s.get_connection(&id).await.unwrap().as_ref(), Some(&c));
+    assert!(s.connection_by_their_verkey("vkA").await.unwrap().is_none());
+    assert_eq!(
+        s.connection_by_their_verkey("vkC").await.unwrap().as_ref(),
+        Some(&c)
+    );
+    assert!(s.connection_by_thread("thr-1").await.unwrap().is_none());
+    assert_eq!(
+        s.connection_by_thread("thr-2").await.unwrap().unwrap().id,
+        id
+    );
+
+    // Pagination by id.
+    let mut all = vec![id.clone()];
+    for _ in 0..6 {
+        all.push(new_conn(&s).await);
+    }
+    all.sort();
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s.list_connections(after.as_deref(), 3).await.unwrap();
+        assert!(page.len() <= 3);
+        if page.is_empty() {
+            break;
+        }
+        after = Some(page.last().unwrap().id.clone());
+        seen.extend(page.into_iter().map(|c| c.id));
+    }
+    assert_eq!(seen, all, "pages in id order, each connection once");
+    assert_eq!(s.list_connections(None, 100).await.unwrap().len(), 7);
+}
+
+pub async fn routing_keys(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let missing = new_id();
+    assert!(matches!(
+        s.update_keys(&missing, &["x".into()], &[]).await,
+        Err(StoreError::NotFound)
+    ));
+    let c1 = new_conn(&s).await;
+    let c2 = new_conn(&s).await;
+    let k = |s: &str| s.to_string();
+    assert_eq!(
+        s.update_keys(&c1, &[k("k2"), k("k1")], &[]).await.unwrap(),
+        vec![(k("k2"), KeyUpdate::Added), (k("k1"), KeyUpdate::Added)]
+    );
+    assert_eq!(
+        s.update_keys(&c1, &[k("k1")], &[]).await.unwrap(),
+        vec![(k("k1"), KeyUpdate::AlreadyAdded)]
+    );
+    assert_eq!(
+        s.update_keys(&c2, &[k("k1"), k("k3")], &[k("k2")])
+            .await
+            .unwrap(),
+        vec![
+            (k("k1"), KeyUpdate::HeldByOther),
+            (k("k3"), KeyUpdate::Added),
+            (k("k2"), KeyUpdate::NotFound)
+        ]
+    );
+    assert_eq!(s.route("k1").await.unwrap(), Some(c1.clone()));
+    assert_eq!(s.route("k2").await.unwrap(), Some(c1.clone()));
+    assert_eq!(s.route("k3").await.unwrap(), Some(c2.clone()));
+    assert_eq!(s.route("nope").await.unwrap(), None);
+    assert_eq!(s.keys_of(&c1).await.unwrap(), vec![k("k1"), k("k2")]);
+    assert_eq!(s.keys_of(&c2).await.unwrap(), vec![k("k3")]);
+    assert_eq!(
+        s.update_keys(&c1, &[], &[k("k1"), k("zz")]).await.unwrap(),
+        vec![
+            (k("k1"), KeyUpdate::Removed),
+            (k("zz"), KeyUpdate::NotFound)
+        ]
+    );
+    assert_eq!(s.route("k1").await.unwrap(), None);
+    assert_eq!(s.keys_of(&c1).await.unwrap(), vec![k("k2")]);
+    assert_eq!(
+        s.update_keys(&c2, &[k("k1")], &[]).await.unwrap(),
+        vec![(k("k1"), KeyUpdate::Added)]
+    );
+    assert_eq!(s.route("k1").await.unwrap(), Some(c2.clone()));
+
+    // Many connections race for one key: exactly one wins, the route names the winner.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let s = s.clone();
+        let c = new_conn(&s).await;
+        tasks.push(tokio::spawn(async move {
+            let r = s.update_keys(&c, &["contested".into()], &[]).await.unwrap();
+            (c, r[0].1)
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        let (c, r) = t.await.unwrap();
+        match r {
+            KeyUpdate::Added => winners.push(c),
+            KeyUpdate::HeldByOther => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1);
+    assert_eq!(
+        s.route("contested").await.unwrap(),
+        Some(winners[0].clone())
+    );
+}
+
+pub async fn enqueue_fifo(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c1 = new_conn(&s).await;
+    let c2 = new_conn(&s).await;
+    let a = enqueue_ok(
+        &s,
+        vec![
+            msg(&c1, "a1", T0),
+            msg(&c2, "b1", T0),
+            msg(&c1, "a2", T0 + 1),
+        ],
+    )
+    .await;
+    let b2 = enqueue_ok(&s, vec![msg(&c1, "a3", T0 + 2)]).await;
+    assert!(
+        a[0] < a[1] && a[1] < a[2] && a[2] < b2[0],
+        "ids increase: {a:?} {b2:?}"
+    );
+    let got = s.lease(&c1, 10, "o", T0, T0 + 60_000).await.unwrap();
+    let payloads: Vec<&[u8]> = got.iter().map(|m| m.payload.as_slice()).collect();
+    assert_eq!(payloads, vec![&b"a1"[..], b"a2", b"a3"]);
+    assert_eq!(ids(&got), vec![a[0], a[2], b2[0]]);
+    assert!(got.iter().all(|m| m.attempts == 1 && m.connection == c1));
+    assert_eq!(got[0].recipient_key, format!("rk-{c1}"));
+    assert_eq!(got[1].received_at_ms, T0 + 1);
+    let got2 = s.lease(&c2, 10, "o", T0, T0 + 60_000).await.unwrap();
+    assert_eq!(ids(&got2), vec![a[1]]);
+    assert_eq!(
+        s.enqueue(vec![], &EnqueueLimits::UNLIMITED)
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
+    // Binary payloads come back byte for byte.
+    let bin: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    let m = NewMessage {
+        payload: bin.clone(),
+        ..msg(&c2, "", T0)
+    };
+    enqueue_ok(&s, vec![m]).await;
+    let got3 = s.lease(&c2, 10, "o", T0, T0 + 60_000).await.unwrap();
+    assert_eq!(got3.len(), 1);
+    assert_eq!(got3[0].payload, bin);
+}
+
+pub async fn durability_across_reopen(b: Arc<dyn Backend>) {
+    let (c, first_ids, identity) = {
+        let s = b.open().await;
+        let identity = s
+            .identity_get_or_create(Identity {
+                created_at_ms: T0,
+                secrets: serde_json::json!({"seed": "abc"}),
+            })
+            .await
+            .unwrap();
+        let c = new_conn(&s).await;
+        s.update_keys(&c, &["rk-durable".into()], &[])
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        for i in 0..10 {
+            ids.extend(enqueue_ok(&s, vec![dmsg(&c, &format!("m{i}"), T0 + i, i as u8)]).await);
+        }
+        // Leased when the store goes away: deliverable again after the reopen.
+        assert_eq!(
+            s.lease(&c, 3, "gone", T0, T0 + 3_600_000)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+        // enqueue returned: durable without any explicit flush.
+        (c, ids, identity)
+    };
+    let s = b.open().await;
+    assert_eq!(
+        s.identity_get_or_create(Identity {
+            created_at_ms: 0,
+            secrets: serde_json::json!(null)
+        })
+        .await
+        .unwrap(),
+        identity
+    );
+    assert_eq!(s.get_connection(&c).await.unwrap().unwrap().id, c);
+    assert_eq!(s.route("rk-durable").await.unwrap(), Some(c.clone()));
+    assert_eq!(s.total_queued().await.unwrap(), 10);
+    // The lease of the old process is released explicitly by its owner on a clean shutdown;
+    // a crashed owner's leases run out. Either way the messages come back.
+    s.release_owner("gone").await.unwrap();
+    let got = s
+        .lease(&c, 100, "o", T0 + 3_600_000, T0 + 3_700_000)
+        .await
+        .unwrap();
+    assert_eq!(ids(&got), first_ids);
+    assert_eq!(got[9].payload, b"m9");
+    // Dedup records survive too.
+    let limits = EnqueueLimits {
+        dedup_window_ms: 60_000,
+        ..EnqueueLimits::UNLIMITED
+    };
+    let r = s
+        .enqueue(vec![dmsg(&c, "m0", T0 + 100, 0)], &limits)
+        .await
+        .unwrap();
+    assert_eq!(
+        r[0].as_ref().unwrap(),
+        &Enqueued {
+            id: first_ids[0],
+            duplicate: true
+        }
+    );
+    // Ids keep growing after a reopen.
+    let next = enqueue_ok(&s, vec![msg(&c, "after", T0)]).await;
+    assert!(next[0] > *first_ids.last().unwrap());
+}
+
+pub async fn lease_ack_release(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let m: Vec<NewMessage> = (0..5).map(|i| msg(&c, &format!("p{i}"), T0 + i)).collect();
+    let id = enqueue_ok(&s, m).await;
+    let until = T0 + 30_000;
+    let l1 = s.lease(&c, 2, "A", T0, until).await.unwrap();
+    assert_eq!(ids(&l1), id[0..2].to_vec());
+    let l2 = s.lease(&c, 10, "A", T0, until).await.unwrap();
+    assert_eq!(ids(&l2), id[2..5].to_vec());
+    assert!(s
+        .lease(&c, 10, "B", T0 + 1, until)
+        .await
+        .unwrap()
+        .is_empty());
+    let st = s.queue_stats(&c, T0 + 1).await.unwrap();
+    assert_eq!((st.pending, st.leased), (0, 5));
+
+    assert_eq!(s.ack(&c, &[id[0]]).await.unwrap(), 1);
+    assert_eq!(
+        s.ack(&c, &[id[0]]).await.unwrap(),
+        0,
+        "ack twice deletes once"
+    );
+    assert_eq!(s.release(&c, &[id[1]]).await.unwrap(), 1);
+    let l3 = s.lease(&c, 10, "B", T0 + 2, until).await.unwrap();
+    assert_eq!(ids(&l3), vec![id[1]]);
+    assert_eq!(l3[0].attempts, 2, "a released message is a redelivery");
+    // A's leases (ids 2..5) go back; B's lease of id 1 stays.
+    assert_eq!(s.release_owner("A").await.unwrap(), 3);
+    let st = s.queue_stats(&c, T0 + 3).await.unwrap();
+    assert_eq!((st.pending, st.leased), (3, 1));
+    let l4 = s.lease(&c, 10, "C", T0 + 3, until).await.unwrap();
+    assert_eq!(ids(&l4), id[2..5].to_vec());
+    assert!(l4.iter().all(|m| m.attempts == 2));
+    assert_eq!(s.ack(&c, &id).await.unwrap(), 4);
+    assert_eq!(s.total_queued().await.unwrap(), 0);
+    assert_eq!(s.queue_stats(&c, T0).await.unwrap(), QueueStats::default());
+    assert_eq!(s.release_owner("nobody").await.unwrap(), 0);
+}
+
+pub async fn lease_expiry(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let id = enqueue_ok(&s, vec![msg(&c, "x", T0), msg(&c, "y", T0)]).await;
+    assert_eq!(s.lease(&c, 10, "A", T0, T0 + 100).await.unwrap().len(), 2);
+    assert!(s
+        .lease(&c, 10, "B", T0 + 99, T0 + 200)
+        .await
+        .unwrap()
+        .is_empty());
+    let st = s.queue_stats(&c, T0 + 99).await.unwrap();
+    assert_eq!((st.pending, st.leased), (0, 2));
+    let st = s.queue_stats(&c, T0 + 100).await.unwrap();
+    assert_eq!(
+        (st.pending, st.leased),
+        (2, 0),
+        "a lease runs out at until_ms"
+    );
+    assert_eq!(
+        s.connections_with_pending(T0 + 100, 10).await.unwrap(),
+        vec![c.clone()]
+    );
+    let again = s.lease(&c, 10, "B", T0 + 100, T0 + 200).await.unwrap();
+    assert_eq!(ids(&again), id);
+    assert!(again.iter().all(|m| m.attempts == 2));
+}
+
+pub async fn ack_is_scoped_to_connection(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c1 = new_conn(&s).await;
+    let c2 = new_conn(&s).await;
+    let id = enqueue_ok(&s, vec![msg(&c1, "secret", T0)]).await;
+    s.lease(&c1, 1, "A", T0, T0 + 1000).await.unwrap();
+    assert_eq!(s.ack(&c2, &id).await.unwrap(), 0);
+    assert_eq!(s.release(&c2, &id).await.unwrap(), 0);
+    assert!(s
+        .lease(&c2, 10, "B", T0 + 5000, T0 + 6000)
+        .await
+        .unwrap()
+        .is_empty());
+    let st = s.queue_stats(&c1, T0).await.unwrap();
+    assert_eq!(
+        (st.pending, st.leased),
+        (0, 1),
+        "the other connection changed nothing"
+    );
+    assert_eq!(s.ack(&c1, &id).await.unwrap(), 1);
+}
+
+pub async fn concurrent_leasers_never_share(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let mut all = Vec::new();
+    for chunk in 0..5 {
+        let m = (0..100)
+            .map(|i| msg(&c, &format!("{chunk}-{i}"), T0))
+            .collect();
+        all.extend(enqueue_ok(&s, m).await);
+    }
+    assert_eq!(all.len(), 500);
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let s = s.clone();
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let owner = format!("leaser-{t}");
+            let mut got = Vec::new();
+            loop {
+                let l = s.lease(&c, 7, &owner, T0, T0 + 600_000).await.unwrap();
+                if l.is_empty() {
+                    break;
+                }
+                got.extend(ids(&l));
+                tokio::task::yield_now().await;
+            }
+            got
+        }));
+    }
+    let mut union = Vec::new();
+    for t in tasks {
+        union.extend(t.await.unwrap());
+    }
+    let distinct: HashSet<_> = union.iter().copied().collect();
+    assert_eq!(union.len(), distinct.len(), "a message was leased twice");
+    assert_eq!(distinct, all.iter().copied().collect::<HashSet<_>>());
+    assert_eq!(s.ack(&c, &all).await.unwrap(), 500);
+}
+
+pub async fn queue_limits(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let other = new_conn(&s).await;
+    let lim = EnqueueLimits {
+        max_messages: 3,
+        max_bytes: u64::MAX,
+        dedup_window_ms: 0,
+    };
+    let r = s
+        .enqueue(
+            (0..5).map(|i| msg(&c, &format!("m{i}"), T0)).collect(),
+            &lim,
+        )
+        .await
+        .unwrap();
+    assert!(r[..3].iter().all(|r| r.is_ok()));
+    for e in &r[3..] {
+        assert!(
+            matches!(e, Err(StoreError::QueueFull { pending: 3, .. })),
+            "{e:?}"
+        );
+    }
+    let r = s
+        .enqueue(vec![msg(&c, "late", T0), msg(&other, "o", T0)], &lim)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            r[0],
+            Err(StoreError::QueueFull {
+                pending: 3,
+                bytes: 6
+            })
+        ),
+        "{:?}",
+        r[0]
+    );
+    assert!(r[1].is_ok(), "another connection is not affected");
+    // Nothing already queued was dropped; leased messages still count.
+    let l = s.lease(&c, 10, "A", T0, T0 + 1000).await.unwrap();
+    let payloads: Vec<&[u8]> = l.iter().map(|m| m.payload.as_slice()).collect();
+    assert_eq!(payloads, vec![&b"m0"[..], b"m1", b"m2"]);
+    assert!(s.enqueue(vec![msg(&c, "x", T0)], &lim).await.unwrap()[0].is_err());
+    assert_eq!(s.ack(&c, &[l[0].id]).await.unwrap(), 1);
+    assert!(s.enqueue(vec![msg(&c, "x", T0)], &lim).await.unwrap()[0].is_ok());
+
+    // Byte limit: refused when the message would go over it.
+    let c2 = new_conn(&s).await;
+    let lim = EnqueueLimits {
+        max_messages: u64::MAX,
+        max_bytes: 100,
+        dedup_window_ms: 0,
+    };
+    let p = |n: usize| "z".repeat(n);
+    let r = s.enqueue(vec![msg(&c2, &p(60), T0)], &lim).await.unwrap();
+    assert!(r[0].is_ok());
+    let r = s.enqueue(vec![msg(&c2, &p(50), T0)], &lim).await.unwrap();
+    assert!(
+        matches!(
+            r[0],
+            Err(StoreError::QueueFull {
+                pending: 1,
+                bytes: 60
+            })
+        ),
+        "{:?}",
+        r[0]
+    );
+    let r = s.enqueue(vec![msg(&c2, &p(40), T0)], &lim).await.unwrap();
+    assert!(r[0].is_ok(), "exactly at the limit is accepted");
+    let st = s.queue_stats(&c2, T0).await.unwrap();
+    assert_eq!((st.pending, st.bytes), (2, 100));
+}
+
+pub async fn dedup_window(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let c2 = new_conn(&s).await;
+    let lim = EnqueueLimits {
+        max_messages: u64::MAX,
+        max_bytes: u64::MAX,
+        dedup_window_ms: 1000,
+    };
+    let r = s.enqueue(vec![dmsg(&c, "a", T0, 1)], &lim).await.unwrap();
+    let first = *r[0].as_ref().unwrap();
+    assert!(!first.duplicate);
+    let r = s
+        .enqueue(
+            vec![
+                dmsg(&c, "a", T0 + 500, 1),
+                dmsg(&c2, "a", T0 + 500, 1),
+                dmsg(&c, "b", T0 + 500, 2),
+                dmsg(&c, "b", T0 + 501, 2),
+                msg(&c, "no key", T0 + 502),
+                msg(&c, "no key", T0 + 502),
+            ],
+            &lim,
+        )
+        .await
+        .unwrap();
+    let r: Vec<Enqueued> = r.into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(
+        r[0],
+        Enqueued {
+            id: first.id,
+            duplicate: true
+        }
+    );
+    assert!(!r[1].duplicate, "dedup is per connection");
+    assert!(!r[2].duplicate);
+    assert_eq!(
+        r[3],
+        Enqueued {
+            id: r[2].id,
+            duplicate: true
+        },
+        "dedup within one call"
+    );
+    assert!(!r[4].duplicate && !r[5].duplicate && r[4].id != r[5].id);
+    assert_eq!(s.queue_stats(&c, T0).await.unwrap().pending, 4);
+
+    // Concurrent callers with the same key: one message queued.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let s = s.clone();
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            s.enqueue(vec![dmsg(&c, "r", T0 + 600, 3)], &lim)
+                .await
+                .unwrap()[0]
+                .as_ref()
+                .copied()
+                .unwrap()
+        }));
+    }
+    let mut outs = Vec::new();
+    for t in tasks {
+        outs.push(t.await.unwrap());
+    }
+    assert_eq!(outs.iter().filter(|e| !e.duplicate).count(), 1);
+    assert!(outs.iter().all(|e| e.id == outs[0].id));
+
+    // Acknowledged, then sent again within the window: still a duplicate.
+    s.lease(&c, 100, "A", T0, T0 + 10).await.unwrap();
+    assert_eq!(s.ack(&c, &[first.id]).await.unwrap(), 1);
+    let r = s
+        .enqueue(vec![dmsg(&c, "a", T0 + 900, 1)], &lim)
+        .await
+        .unwrap();
+    assert_eq!(
+        *r[0].as_ref().unwrap(),
+        Enqueued {
+            id: first.id,
+            duplicate: true
+        }
+    );
+    // Outside the window: queued again.
+    let r = s
+        .enqueue(vec![dmsg(&c, "a", T0 + 1001, 1)], &lim)
+        .await
+        .unwrap();
+    let again = *r[0].as_ref().unwrap();
+    assert!(!again.duplicate && again.id > first.id);
+    // A window of 0 disables dedup.
+    let r = s
+        .enqueue(vec![dmsg(&c, "a", T0 + 1001, 1)], &EnqueueLimits::UNLIMITED)
+        .await
+        .unwrap();
+    let latest = *r[0].as_ref().unwrap();
+    assert!(!latest.duplicate && latest.id > again.id);
+    // A duplicate is answered even when the queue is full; it names the latest copy.
+    let full = EnqueueLimits {
+        max_messages: 0,
+        ..lim
+    };
+    let r = s
+        .enqueue(vec![dmsg(&c, "a", T0 + 1002, 1)], &full)
+        .await
+        .unwrap();
+    assert_eq!(
+        *r[0].as_ref().unwrap(),
+        Enqueued {
+            id: latest.id,
+            duplicate: true
+        }
+    );
+}
+
+pub async fn expire_old_messages(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c1 = new_conn(&s).await;
+    let c2 = new_conn(&s).await;
+    let lim = EnqueueLimits {
+        dedup_window_ms: i64::MAX / 4,
+        ..EnqueueLimits::UNLIMITED
+    };
+    let r = s
+        .enqueue(
+            vec![
+                dmsg(&c1, "old", T0 + 100, 9),
+                msg(&c2, "old2", T0 + 200),
+                msg(&c1, "new", T0 + 300),
+            ],
+            &lim,
+        )
+        .await
+        .unwrap();
+    let keep = r[2].as_ref().unwrap().id;
+    s.lease(&c2, 10, "A", T0, T0 + 10_000).await.unwrap();
+    assert_eq!(s.expire(T0 + 250).await.unwrap(), 2, "leased or not");
+    assert_eq!(s.expire(T0 + 250).await.unwrap(), 0);
+    assert_eq!(s.total_queued().await.unwrap(), 1);
+    assert_eq!(s.queue_stats(&c2, T0).await.unwrap(), QueueStats::default());
+    let l = s.lease(&c1, 10, "A", T0, T0 + 10_000).await.unwrap();
+    assert_eq!(ids(&l), vec![keep]);
+    // The expired message's dedup record went with it.
+    let r = s
+        .enqueue(vec![dmsg(&c1, "old", T0 + 400, 9)], &lim)
+        .await
+        .unwrap();
+    assert!(!r[0].as_ref().unwrap().duplicate);
+}
+
+pub async fn pending_sweep_and_stats(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let busy = new_conn(&s).await; // everything leased
+    let older = new_conn(&s).await;
+    let newer = new_conn(&s).await;
+    let _empty = new_conn(&s).await;
+    enqueue_ok(&s, vec![msg(&busy, "b", T0)]).await;
+    enqueue_ok(
+        &s,
+        vec![msg(&older, "o1", T0 + 5), msg(&older, "o22", T0 + 6)],
+    )
+    .await;
+    enqueue_ok(&s, vec![msg(&newer, "n1", T0 + 7)]).await;
+    s.lease(&busy, 10, "A", T0, T0 + 1000).await.unwrap();
+    assert_eq!(
+        s.connections_with_pending(T0, 10).await.unwrap(),
+        vec![older.clone(), newer.clone()],
+        "oldest pending first; fully leased and empty connections left out"
+    );
+    assert_eq!(
+        s.connections_with_pending(T0, 1).await.unwrap(),
+        vec![older.clone()]
+    );
+    assert_eq!(
+        s.connections_with_pending(T0 + 1000, 10)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(s.total_queued().await.unwrap(), 4);
+    s.lease(&older, 1, "A", T0, T0 + 1000).await.unwrap();
+    assert_eq!(
+        s.queue_stats(&older, T0).await.unwrap(),
+        QueueStats {
+            pending: 1,
+            leased: 1,
+            bytes: 5,
+            oldest_received_ms: Some(T0 + 5)
+        }
+    );
+    assert_eq!(
+        s.queue_stats(&new_id(), T0).await.unwrap(),
+        QueueStats::default()
+    );
+    s.flush().await.unwrap();
+}
+
+/// Many tasks, each enqueueing one small message per call: the figure shows whether their
+/// flushes are shared. Printed, not asserted (it depends on the machine and build).
+pub async fn group_commit_throughput(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let tasks_n = 64;
+    let per_task = 100;
+    let conns: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..8 {
+            v.push(new_conn(&s).await);
+        }
+        v
+    };
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..tasks_n {
+        let s = s.clone();
+        let c = conns[t % conns.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_task {
+                let payload = format!("{{\"protected\":\"x\",\"ciphertext\":\"{t}-{i}\"}}");
+                let r = s.enqueue(vec![msg(&c, &payload, T0)], &EnqueueLimits::UNLIMITED);
+                r.await.unwrap()[0].as_ref().unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let dt = start.elapsed();
+    let n = (tasks_n * per_task) as u64;
+    assert_eq!(s.total_queued().await.unwrap(), n);
+    println!(
+        "group commit [{}]: {n} messages from {tasks_n} concurrent tasks in {:.3}s = {:.0} msg/s",
+        s.backend(),
+        dt.as_secs_f64(),
+        n as f64 / dt.as_secs_f64()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// backends
+
+/// Runs `check` on its own task so that a failure still lets the caller clean up.
+async fn run_check<F, Fut>(b: Arc<dyn Backend>, check: F) -> Result<(), tokio::task::JoinError>
+where
+    F: FnOnce(Arc<dyn Backend>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(check(b)).await
+}
+
+fn rethrow(r: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = r {
+        match e.try_into_panic() {
+            Ok(p) => std::panic::resume_unwind(p),
+            Err(e) => panic!("check task failed: {e}"),
+        }
+    }
+}
+
+pub mod sled_backend {
+    use super::*;
+
+    pub struct SledBackend {
+        pub dir: tempfile::TempDir,
+    }
+
+    #[async_trait::async_trait]
+    impl Backend for SledBackend {
+        async fn open(&self) -> Arc<dyn Store> {
+            open_sled(self.dir.path()).await.expect("open sled store")
+        }
+    }
+
+    pub async fn run<F, Fut>(check: F)
+    where
+        F: FnOnce(Arc<dyn Backend>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let b = Arc::new(SledBackend {
+            dir: tempfile::tempdir().expect("tempdir"),
+        });
+        rethrow(run_check(b, check).await);
+    }
+}
+
+pub mod pg_backend {
+    use super::*;
+
+    /// Server URL without database; the checks make their own database on it.
+    fn server_url() -> String {
+        std::env::var("MAILROOM_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+    }
+
+    async fn admin() -> tokio_postgres::Client {
+        let url = format!("{}/postgres", server_url());
+        let (client, conn) = match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            Ok(c) => c,
+            Err(e) => panic!(
+                "PostgreSQL is not reachable at {url} ({e}); the PostgreSQL conformance tests \
+                 need it. Start it with `pg_ctlcluster --skip-systemctl-redirect \
+                 $(ls /etc/postgresql) main start` or set MAILROOM_TEST_PG"
+            ),
+        };
+        tokio::spawn(conn);
+        client
+    }
+
+    pub struct PgBackend {
+        pub url: String,
+    }
+
+    #[async_trait::async_trait]
+    impl Backend for PgBackend {
+        async fn open(&self) -> Arc<dyn Store> {
+            open_postgres(&self.url, 8)
+                .await
+                .expect("open postgres store")
+        }
+    }
+
+    /// Creates `mailroom_test_<pid>_<random>`, runs the check, drops the database.
+    pub async fn run<F, Fut>(check: F)
+    where
+        F: FnOnce(Arc<dyn Backend>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let name = format!(
+            "mailroom_test_{}_{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let admin = admin().await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let b = Arc::new(PgBackend {
+            url: format!("{}/{name}", server_url()),
+        });
+        let r = run_check(b, check).await;
+        admin
+            .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .await
+            .expect("drop test database");
+        rethrow(r);
+    }
+
+    /// Several pools (nodes) open one fresh database at once: migrations apply once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_open_migrates_once() {
+        run(|b| async move {
+            let mut tasks = Vec::new();
+            for _ in 0..4 {
+                let b = b.clone();
+                tasks.push(tokio::spawn(async move { b.open().await }));
+            }
+            let mut stores = Vec::new();
+            for t in tasks {
+                stores.push(t.await.unwrap());
+            }
+            for s in &stores {
+                s.health().await.unwrap();
+                assert_eq!(s.backend(), "postgres");
+            }
+            // Two nodes on one queue: leases never overlap across pools either.
+            let c = new_conn(&stores[0]).await;
+            let m = (0..50).map(|i| msg(&c, &format!("{i}"), T0)).collect();
+            enqueue_ok(&stores[1], m).await;
+            let (a, b2) = tokio::join!(
+                stores[2].lease(&c, 50, "n2", T0, T0 + 1000),
+                stores[3].lease(&c, 50, "n3", T0, T0 + 1000)
+            );
+            let (a, b2) = (a.unwrap(), b2.unwrap());
+            assert_eq!(a.len() + b2.len(), 50);
+            let ia: HashSet<_> = ids(&a).into_iter().collect();
+            assert!(ids(&b2).iter().all(|i| !ia.contains(i)));
+        })
+        .await
+    }
+}
+
+macro_rules! conformance {
+    ($name:ident, $backend:ident) => {
+        mod $name {
+            use super::$backend as backend;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn identity_race() {
+                backend::run(super::identity_race).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn connection_crud_and_indexes() {
+                backend::run(super::connection_crud_and_indexes).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn routing_keys() {
+                backend::run(super::routing_keys).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn enqueue_fifo() {
+                backend::run(super::enqueue_fifo).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn durability_across_reopen() {
+                backend::run(super::durability_across_reopen).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn lease_ack_release() {
+                backend::run(super::lease_ack_release).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn lease_expiry() {
+                backend::run(super::lease_expiry).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn ack_is_scoped_to_connection() {
+                backend::run(super::ack_is_scoped_to_connection).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_leasers_never_share() {
+                backend::run(super::concurrent_leasers_never_share).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn queue_limits() {
+                backend::run(super::queue_limits).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn dedup_window() {
+                backend::run(super::dedup_window).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn expire_old_messages() {
+                backend::run(super::expire_old_messages).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn pending_sweep_and_stats() {
+                backend::run(super::pending_sweep_and_stats).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn group_commit_throughput() {
+                backend::run(super::group_commit_throughput).await
+            }
+        }
+    };
+}
+
+conformance!(sled, sled_backend);
+conformance!(postgres, pg_backend);

@@ -1,0 +1,881 @@
+//! The PostgreSQL backend: one database shared by every node of a cluster.
+//!
+//! Tables (all prefixed `mailroom_`, text keys in the "C" collation so ordering is bytewise, as
+//! on sled): `meta` (identity), `connections` (+ `connection_verkeys` index), `routing_keys`,
+//! `messages` (the queue; lease columns on the row), `dedup` (outlives its message until
+//! [`Store::expire`]). Migrations are numbered and applied at open inside a transaction holding
+//! an advisory lock, so nodes starting together apply each one once.
+//!
+//! Concurrency across nodes:
+//! - `lease` picks rows with `FOR UPDATE SKIP LOCKED`: two leasers never get the same message.
+//! - `enqueue` takes a transaction-scoped advisory lock per connection (in sorted order, so
+//!   batches never deadlock) before checking limits and dedup and allocating ids: limits and
+//!   dedup hold across nodes, and ids of one connection grow in commit order.
+//! - `expire` skips rows locked by others (they go at the next call) and never waits on them.
+//!
+//! Write path: enqueues go through a channel to [`WRITER_TASKS`] writer tasks; each drains the
+//! waiting requests into one transaction with multi-row inserts (`unnest` arrays) and one
+//! `COMMIT`, then answers every caller.
+//!
+//! Must not: block the runtime (everything is async over a deadpool pool).
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
+use tokio_postgres::NoTls;
+
+use super::{
+    ConnId, Connection, EnqueueLimits, Enqueued, Identity, KeyUpdate, MessageId, NewMessage,
+    QueueStats, QueuedMessage, Store, StoreError, StoreResult,
+};
+
+/// Most messages in one enqueue transaction.
+pub const MAX_BATCH_MESSAGES: usize = 1024;
+/// Most payload bytes in one enqueue transaction (a batch always takes one request).
+pub const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Enqueue requests waiting for a writer; callers beyond it wait (backpressure).
+pub const WRITER_CHANNEL: usize = 4096;
+/// Enqueue transactions in flight at once from one node (one fills while the other commits).
+pub const WRITER_TASKS: usize = 2;
+/// How long a caller waits for a pooled connection before `Unavailable`.
+pub const POOL_WAIT: Duration = Duration::from_secs(10);
+
+/// First key of every advisory lock this crate takes ("mail").
+const LOCK_NS: i32 = 0x6d61_696c;
+/// Second key of the migration lock (connection locks use a hash of the id).
+const MIGRATION_LOCK: i32 = 0;
+
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE mailroom_meta (k text COLLATE "C" PRIMARY KEY, v text NOT NULL);
+CREATE SEQUENCE mailroom_connection_writes;
+CREATE TABLE mailroom_connections (
+    id text COLLATE "C" PRIMARY KEY,
+    thread_id text COLLATE "C",
+    written bigint NOT NULL,
+    data text NOT NULL
+);
+CREATE INDEX mailroom_connections_thread ON mailroom_connections (thread_id);
+CREATE TABLE mailroom_connection_verkeys (
+    verkey text COLLATE "C" NOT NULL,
+    conn_id text COLLATE "C" NOT NULL REFERENCES mailroom_connections (id) ON DELETE CASCADE,
+    PRIMARY KEY (verkey, conn_id)
+);
+CREATE INDEX mailroom_connection_verkeys_conn ON mailroom_connection_verkeys (conn_id);
+CREATE TABLE mailroom_routing_keys (
+    key text COLLATE "C" PRIMARY KEY,
+    conn_id text COLLATE "C" NOT NULL
+);
+CREATE INDEX mailroom_routing_keys_conn ON mailroom_routing_keys (conn_id, key);
+CREATE SEQUENCE mailroom_message_ids;
+CREATE TABLE mailroom_messages (
+    id bigint PRIMARY KEY,
+    conn_id text COLLATE "C" NOT NULL,
+    recipient_key text NOT NULL,
+    payload bytea NOT NULL,
+    size bigint NOT NULL,
+    received_at_ms bigint NOT NULL,
+    lease_until_ms bigint NOT NULL DEFAULT 0,
+    lease_owner text,
+    attempts integer NOT NULL DEFAULT 0
+);
+CREATE INDEX mailroom_messages_conn ON mailroom_messages (conn_id, id);
+CREATE INDEX mailroom_messages_received ON mailroom_messages (received_at_ms);
+CREATE INDEX mailroom_messages_owner ON mailroom_messages (lease_owner)
+    WHERE lease_owner IS NOT NULL;
+CREATE TABLE mailroom_dedup (
+    conn_id text COLLATE "C" NOT NULL,
+    key bytea NOT NULL,
+    msg_id bigint NOT NULL,
+    received_at_ms bigint NOT NULL,
+    PRIMARY KEY (conn_id, key)
+);
+CREATE INDEX mailroom_dedup_received ON mailroom_dedup (received_at_ms);
+"#,
+)];
+
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) => {
+            StoreError::Unavailable(format!("postgres: {} ({})", db.message(), db.code().code()))
+        }
+        None => {
+            let mut msg = format!("postgres: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            StoreError::Unavailable(msg)
+        }
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Unavailable(format!("postgres pool: {e}"))
+}
+
+fn json_err(e: serde_json::Error) -> StoreError {
+    StoreError::Corrupt(format!("postgres json: {e}"))
+}
+
+/// Advisory lock key of a connection: FNV-1a of its id. Collisions only serialise two
+/// connections' enqueues.
+fn conn_lock_key(conn: &str) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in conn.as_bytes() {
+        h ^= *b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h as i32
+}
+
+struct EnqueueReq {
+    msgs: Vec<NewMessage>,
+    limits: EnqueueLimits,
+    reply: oneshot::Sender<StoreResult<Vec<StoreResult<Enqueued>>>>,
+}
+
+/// The PostgreSQL [`Store`].
+pub struct PgStore {
+    pool: Pool,
+    tx: mpsc::Sender<EnqueueReq>,
+}
+
+impl PgStore {
+    /// Connects with a pool of `pool_size` connections and applies pending migrations.
+    pub async fn open(url: &str, pool_size: usize) -> StoreResult<PgStore> {
+        let cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Unavailable(format!("postgres url: {e}")))?;
+        let mgr = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(pool_size.max(WRITER_TASKS + 1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(POOL_WAIT))
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("postgres pool: {e}")))?;
+        migrate(&pool).await?;
+        let (tx, rx) = mpsc::channel(WRITER_CHANNEL);
+        let rx = Arc::new(AsyncMutex::new(rx));
+        for _ in 0..WRITER_TASKS {
+            tokio::spawn(writer_task(pool.clone(), rx.clone()));
+        }
+        Ok(PgStore { pool, tx })
+    }
+
+    async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(pool_err)
+    }
+}
+
+async fn migrate(pool: &Pool) -> StoreResult<()> {
+    let mut client = pool.get().await.map_err(pool_err)?;
+    let tx = client.transaction().await.map_err(pg_err)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, $2)",
+        &[&LOCK_NS, &MIGRATION_LOCK],
+    )
+    .await
+    .map_err(pg_err)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS mailroom_schema (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .map_err(pg_err)?;
+    let row = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM mailroom_schema", &[])
+        .await
+        .map_err(pg_err)?;
+    let current: i32 = row.get(0);
+    for (version, sql) in MIGRATIONS {
+        if *version > current {
+            tx.batch_execute(sql).await.map_err(pg_err)?;
+            tx.execute(
+                "INSERT INTO mailroom_schema (version) VALUES ($1)",
+                &[version],
+            )
+            .await
+            .map_err(pg_err)?;
+            tracing::info!(version, "applied store migration");
+        }
+    }
+    tx.commit().await.map_err(pg_err)
+}
+
+async fn writer_task(pool: Pool, rx: Arc<AsyncMutex<mpsc::Receiver<EnqueueReq>>>) {
+    loop {
+        let batch = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            let mut n = first.msgs.len();
+            let mut bytes: usize = first.msgs.iter().map(|m| m.payload.len()).sum();
+            let mut batch = vec![first];
+            while n < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        n += r.msgs.len();
+                        bytes += r.msgs.iter().map(|m| m.payload.len()).sum::<usize>();
+                        batch.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        match commit_batch(&pool, &batch).await {
+            Ok(outcomes) => {
+                for (req, out) in batch.into_iter().zip(outcomes) {
+                    let _ = req.reply.send(Ok(out));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "postgres enqueue batch failed");
+                let msg = e.to_string();
+                for req in batch {
+                    let _ = req.reply.send(Err(StoreError::Unavailable(msg.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// One transaction for a whole batch: lock the connections, read their counts and dedup
+/// records, decide every message, insert, commit.
+async fn commit_batch(
+    pool: &Pool,
+    batch: &[EnqueueReq],
+) -> StoreResult<Vec<Vec<StoreResult<Enqueued>>>> {
+    let mut conns: Vec<&str> = batch
+        .iter()
+        .flat_map(|r| r.msgs.iter().map(|m| m.connection.as_str()))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    conns.sort_unstable();
+    let mut lock_keys: Vec<i32> = conns.iter().map(|c| conn_lock_key(c)).collect();
+    lock_keys.sort_unstable();
+    lock_keys.dedup();
+    let dedup_keys: Vec<Vec<u8>> = batch
+        .iter()
+        .flat_map(|r| {
+            r.msgs
+                .iter()
+                .filter_map(|m| m.dedup_key.map(|k| k.to_vec()))
+        })
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+
+    let mut client = pool.get().await.map_err(pool_err)?;
+    let tx = client.transaction().await.map_err(pg_err)?;
+    let lock = tx
+        .prepare_cached(
+            "SELECT pg_advisory_xact_lock($1, k) FROM (SELECT unnest($2::int4[]) AS k) s",
+        )
+        .await
+        .map_err(pg_err)?;
+    tx.execute(&lock, &[&LOCK_NS, &lock_keys])
+        .await
+        .map_err(pg_err)?;
+
+    let counts_q = tx
+        .prepare_cached(
+            "SELECT conn_id, count(*)::int8, coalesce(sum(size), 0)::int8 FROM mailroom_messages \
+             WHERE conn_id = ANY($1) GROUP BY conn_id",
+        )
+        .await
+        .map_err(pg_err)?;
+    let mut counts: HashMap<String, (u64, u64)> = HashMap::new();
+    for row in tx.query(&counts_q, &[&conns]).await.map_err(pg_err)? {
+        let c: String = row.get(0);
+        let n: i64 = row.get(1);
+        let b: i64 = row.get(2);
+        counts.insert(c, (n as u64, b as u64));
+    }
+    let mut dedup: HashMap<(String, [u8; 32]), (MessageId, i64)> = HashMap::new();
+    if !dedup_keys.is_empty() {
+        let dedup_q = tx
+            .prepare_cached(
+                "SELECT conn_id, key, msg_id, received_at_ms FROM mailroom_dedup \
+                 WHERE conn_id = ANY($1) AND key = ANY($2)",
+            )
+            .await
+            .map_err(pg_err)?;
+        for row in tx
+            .query(&dedup_q, &[&conns, &dedup_keys])
+            .await
+            .map_err(pg_err)?
+        {
+            let c: String = row.get(0);
+            let k: Vec<u8> = row.get(1);
+            let Ok(k) = <[u8; 32]>::try_from(k.as_slice()) else {
+                continue;
+            };
+            dedup.insert((c, k), (row.get(2), row.get(3)));
+        }
+    }
+
+    // Decide. Accepted messages get a placeholder id (their index), replaced below.
+    enum Slot {
+        Done(StoreResult<Enqueued>),
+        New(usize),
+        /// Duplicate of a message accepted earlier in this batch.
+        DupOfNew(usize),
+    }
+    let mut slots: Vec<Vec<Slot>> = Vec::with_capacity(batch.len());
+    let mut accepted: Vec<&NewMessage> = Vec::new();
+    let mut local_dedup: HashMap<(&str, [u8; 32]), (usize, i64)> = HashMap::new();
+    for req in batch {
+        let mut out = Vec::with_capacity(req.msgs.len());
+        for m in &req.msgs {
+            let conn = m.connection.as_str();
+            if let Some(dk) = m.dedup_key {
+                if req.limits.dedup_window_ms > 0 {
+                    let start = m.received_at_ms.saturating_sub(req.limits.dedup_window_ms);
+                    if let Some((i, at)) = local_dedup.get(&(conn, dk)) {
+                        if *at >= start {
+                            out.push(Slot::DupOfNew(*i));
+                            continue;
+                        }
+                    } else if let Some((id, at)) = dedup.get(&(conn.to_owned(), dk)) {
+                        if *at >= start {
+                            out.push(Slot::Done(Ok(Enqueued {
+                                id: *id,
+                                duplicate: true,
+                            })));
+                            continue;
+                        }
+                    }
+                }
+            }
+            let (n, b) = counts.get(conn).copied().unwrap_or((0, 0));
+            let size = m.payload.len() as u64;
+            if n >= req.limits.max_messages || b.saturating_add(size) > req.limits.max_bytes {
+                out.push(Slot::Done(Err(StoreError::QueueFull {
+                    pending: n,
+                    bytes: b,
+                })));
+                continue;
+            }
+            let e = counts.entry(conn.to_owned()).or_insert((0, 0));
+            e.0 += 1;
+            e.1 += size;
+            if let Some(dk) = m.dedup_key {
+                local_dedup.insert((conn, dk), (accepted.len(), m.received_at_ms));
+            }
+            out.push(Slot::New(accepted.len()));
+            accepted.push(m);
+        }
+        slots.push(out);
+    }
+
+    let mut ids: Vec<MessageId> = Vec::new();
+    if !accepted.is_empty() {
+        let ids_q = tx
+            .prepare_cached(
+                "SELECT nextval('mailroom_message_ids') FROM generate_series(1, $1::int8)",
+            )
+            .await
+            .map_err(pg_err)?;
+        ids = tx
+            .query(&ids_q, &[&(accepted.len() as i64)])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| r.get::<_, i64>(0))
+            .collect();
+        ids.sort_unstable();
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO mailroom_messages (id, conn_id, recipient_key, payload, size, received_at_ms) \
+                 SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::bytea[], $5::int8[], $6::int8[])",
+            )
+            .await
+            .map_err(pg_err)?;
+        let c: Vec<&str> = accepted.iter().map(|m| m.connection.as_str()).collect();
+        let rk: Vec<&str> = accepted.iter().map(|m| m.recipient_key.as_str()).collect();
+        let p: Vec<&[u8]> = accepted.iter().map(|m| m.payload.as_slice()).collect();
+        let sz: Vec<i64> = accepted.iter().map(|m| m.payload.len() as i64).collect();
+        let at: Vec<i64> = accepted.iter().map(|m| m.received_at_ms).collect();
+        tx.execute(&insert, &[&ids, &c, &rk, &p, &sz, &at])
+            .await
+            .map_err(pg_err)?;
+
+        // Dedup records: the latest copy of each (connection, key) in the batch.
+        let mut latest: HashMap<(&str, [u8; 32]), (MessageId, i64)> = HashMap::new();
+        for (i, m) in accepted.iter().enumerate() {
+            if let Some(dk) = m.dedup_key {
+                latest.insert((m.connection.as_str(), dk), (ids[i], m.received_at_ms));
+            }
+        }
+        if !latest.is_empty() {
+            let upsert = tx
+                .prepare_cached(
+                    "INSERT INTO mailroom_dedup (conn_id, key, msg_id, received_at_ms) \
+                     SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::int8[]) \
+                     ON CONFLICT (conn_id, key) DO UPDATE \
+                     SET msg_id = excluded.msg_id, received_at_ms = excluded.received_at_ms",
+                )
+                .await
+                .map_err(pg_err)?;
+            let mut dc = Vec::new();
+            let mut dk = Vec::new();
+            let mut di = Vec::new();
+            let mut da = Vec::new();
+            for ((c, k), (id, at)) in latest {
+                dc.push(c);
+                dk.push(k.to_vec());
+                di.push(id);
+                da.push(at);
+            }
+            tx.execute(&upsert, &[&dc, &dk, &di, &da])
+                .await
+                .map_err(pg_err)?;
+        }
+    }
+    tx.commit().await.map_err(pg_err)?;
+
+    Ok(slots
+        .into_iter()
+        .map(|out| {
+            out.into_iter()
+                .map(|s| match s {
+                    Slot::Done(r) => r,
+                    Slot::New(i) => Ok(Enqueued {
+                        id: ids[i],
+                        duplicate: false,
+                    }),
+                    Slot::DupOfNew(i) => Ok(Enqueued {
+                        id: ids[i],
+                        duplicate: true,
+                    }),
+                })
+                .collect()
+        })
+        .collect())
+}
+
+fn decode_conn(data: &str) -> StoreResult<Connection> {
+    serde_json::from_str(data).map_err(json_err)
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn health(&self) -> StoreResult<()> {
+        if self.tx.is_closed() {
+            return Err(StoreError::Closed);
+        }
+        let c = self.client().await?;
+        c.simple_query("SELECT 1").await.map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn identity_get_or_create(&self, candidate: Identity) -> StoreResult<Identity> {
+        let c = self.client().await?;
+        let v = serde_json::to_string(&candidate).map_err(json_err)?;
+        // ON CONFLICT waits for a concurrent insert to commit; the SELECT then sees the winner.
+        c.execute(
+            "INSERT INTO mailroom_meta (k, v) VALUES ('identity', $1) ON CONFLICT (k) DO NOTHING",
+            &[&v],
+        )
+        .await
+        .map_err(pg_err)?;
+        let row = c
+            .query_one("SELECT v FROM mailroom_meta WHERE k = 'identity'", &[])
+            .await
+            .map_err(pg_err)?;
+        serde_json::from_str(row.get::<_, &str>(0)).map_err(json_err)
+    }
+
+    async fn put_connection(&self, conn: &Connection) -> StoreResult<()> {
+        let data = serde_json::to_string(conn).map_err(json_err)?;
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err)?;
+        let upsert = tx
+            .prepare_cached(
+                "INSERT INTO mailroom_connections (id, thread_id, written, data) \
+                 VALUES ($1, $2, nextval('mailroom_connection_writes'), $3) \
+                 ON CONFLICT (id) DO UPDATE SET thread_id = excluded.thread_id, \
+                 written = excluded.written, data = excluded.data",
+            )
+            .await
+            .map_err(pg_err)?;
+        tx.execute(&upsert, &[&conn.id, &conn.thread_id, &data])
+            .await
+            .map_err(pg_err)?;
+        tx.execute(
+            "DELETE FROM mailroom_connection_verkeys WHERE conn_id = $1",
+            &[&conn.id],
+        )
+        .await
+        .map_err(pg_err)?;
+        if !conn.their_verkeys.is_empty() {
+            tx.execute(
+                "INSERT INTO mailroom_connection_verkeys (verkey, conn_id) \
+                 SELECT DISTINCT unnest($2::text[]), $1 ON CONFLICT DO NOTHING",
+                &[&conn.id, &conn.their_verkeys],
+            )
+            .await
+            .map_err(pg_err)?;
+        }
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn get_connection(&self, id: &str) -> StoreResult<Option<Connection>> {
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached("SELECT data FROM mailroom_connections WHERE id = $1")
+            .await
+            .map_err(pg_err)?;
+        match c.query_opt(&q, &[&id]).await.map_err(pg_err)? {
+            Some(row) => Ok(Some(decode_conn(row.get(0))?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn connection_by_their_verkey(&self, verkey: &str) -> StoreResult<Option<Connection>> {
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "SELECT c.data FROM mailroom_connection_verkeys v \
+                 JOIN mailroom_connections c ON c.id = v.conn_id \
+                 WHERE v.verkey = $1 ORDER BY c.written DESC LIMIT 1",
+            )
+            .await
+            .map_err(pg_err)?;
+        match c.query_opt(&q, &[&verkey]).await.map_err(pg_err)? {
+            Some(row) => Ok(Some(decode_conn(row.get(0))?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn connection_by_thread(&self, thid: &str) -> StoreResult<Option<Connection>> {
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "SELECT data FROM mailroom_connections WHERE thread_id = $1 \
+                 ORDER BY written DESC LIMIT 1",
+            )
+            .await
+            .map_err(pg_err)?;
+        match c.query_opt(&q, &[&thid]).await.map_err(pg_err)? {
+            Some(row) => Ok(Some(decode_conn(row.get(0))?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn list_connections(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<Connection>> {
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "SELECT data FROM mailroom_connections WHERE ($1::text IS NULL OR id > $1) \
+                 ORDER BY id LIMIT $2",
+            )
+            .await
+            .map_err(pg_err)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        c.query(&q, &[&after, &limit])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| decode_conn(r.get(0)))
+            .collect()
+    }
+
+    async fn update_keys(
+        &self,
+        conn: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> StoreResult<Vec<(String, KeyUpdate)>> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err)?;
+        // Share-lock the connection row: it cannot vanish while its keys change.
+        if tx
+            .query_opt(
+                "SELECT 1 FROM mailroom_connections WHERE id = $1 FOR SHARE",
+                &[&conn],
+            )
+            .await
+            .map_err(pg_err)?
+            .is_none()
+        {
+            return Err(StoreError::NotFound);
+        }
+        let ins = tx
+            .prepare_cached(
+                "INSERT INTO mailroom_routing_keys (key, conn_id) VALUES ($1, $2) \
+                 ON CONFLICT (key) DO NOTHING",
+            )
+            .await
+            .map_err(pg_err)?;
+        let holder = tx
+            .prepare_cached("SELECT conn_id FROM mailroom_routing_keys WHERE key = $1")
+            .await
+            .map_err(pg_err)?;
+        let del = tx
+            .prepare_cached("DELETE FROM mailroom_routing_keys WHERE key = $1 AND conn_id = $2")
+            .await
+            .map_err(pg_err)?;
+        let mut out = Vec::with_capacity(add.len() + remove.len());
+        for k in add {
+            let mut r = KeyUpdate::HeldByOther;
+            // The unique key makes this atomic; the loop covers a holder that removed the key
+            // between our insert and our read.
+            for _ in 0..3 {
+                if tx.execute(&ins, &[k, &conn]).await.map_err(pg_err)? == 1 {
+                    r = KeyUpdate::Added;
+                    break;
+                }
+                if let Some(row) = tx.query_opt(&holder, &[k]).await.map_err(pg_err)? {
+                    r = if row.get::<_, &str>(0) == conn {
+                        KeyUpdate::AlreadyAdded
+                    } else {
+                        KeyUpdate::HeldByOther
+                    };
+                    break;
+                }
+            }
+            out.push((k.clone(), r));
+        }
+        for k in remove {
+            let n = tx.execute(&del, &[k, &conn]).await.map_err(pg_err)?;
+            let r = if n == 1 {
+                KeyUpdate::Removed
+            } else {
+                KeyUpdate::NotFound
+            };
+            out.push((k.clone(), r));
+        }
+        tx.commit().await.map_err(pg_err)?;
+        Ok(out)
+    }
+
+    async fn keys_of(&self, conn: &str) -> StoreResult<Vec<String>> {
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached("SELECT key FROM mailroom_routing_keys WHERE conn_id = $1 ORDER BY key")
+            .await
+            .map_err(pg_err)?;
+        Ok(c.query(&q, &[&conn])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    async fn route(&self, recipient_key: &str) -> StoreResult<Option<ConnId>> {
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached("SELECT conn_id FROM mailroom_routing_keys WHERE key = $1")
+            .await
+            .map_err(pg_err)?;
+        Ok(c.query_opt(&q, &[&recipient_key])
+            .await
+            .map_err(pg_err)?
+            .map(|r| r.get(0)))
+    }
+
+    async fn enqueue(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(EnqueueReq {
+                msgs,
+                limits: *limits,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn lease(
+        &self,
+        conn: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "WITH picked AS ( \
+                   SELECT id FROM mailroom_messages \
+                   WHERE conn_id = $1 AND lease_until_ms <= $2 \
+                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                 UPDATE mailroom_messages m \
+                 SET lease_until_ms = $4, lease_owner = $5, attempts = m.attempts + 1 \
+                 FROM picked WHERE m.id = picked.id \
+                 RETURNING m.id, m.recipient_key, m.payload, m.received_at_ms, m.attempts",
+            )
+            .await
+            .map_err(pg_err)?;
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        let mut out: Vec<QueuedMessage> = c
+            .query(&q, &[&conn, &now_ms, &max, &until_ms, &owner])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| QueuedMessage {
+                id: r.get(0),
+                connection: conn.to_owned(),
+                recipient_key: r.get(1),
+                payload: r.get(2),
+                received_at_ms: r.get(3),
+                attempts: r.get::<_, i32>(4).max(0) as u32,
+            })
+            .collect();
+        out.sort_unstable_by_key(|m| m.id);
+        Ok(out)
+    }
+
+    async fn ack(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached("DELETE FROM mailroom_messages WHERE conn_id = $1 AND id = ANY($2)")
+            .await
+            .map_err(pg_err)?;
+        c.execute(&q, &[&conn, &ids]).await.map_err(pg_err)
+    }
+
+    async fn release(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL \
+                 WHERE conn_id = $1 AND id = ANY($2) AND lease_owner IS NOT NULL",
+            )
+            .await
+            .map_err(pg_err)?;
+        c.execute(&q, &[&conn, &ids]).await.map_err(pg_err)
+    }
+
+    async fn release_owner(&self, owner: &str) -> StoreResult<u64> {
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL \
+                 WHERE lease_owner = $1",
+            )
+            .await
+            .map_err(pg_err)?;
+        c.execute(&q, &[&owner]).await.map_err(pg_err)
+    }
+
+    async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "SELECT count(*) FILTER (WHERE lease_until_ms <= $2), \
+                        count(*) FILTER (WHERE lease_until_ms > $2), \
+                        coalesce(sum(size), 0)::int8, min(received_at_ms) \
+                 FROM mailroom_messages WHERE conn_id = $1",
+            )
+            .await
+            .map_err(pg_err)?;
+        let r = c.query_one(&q, &[&conn, &now_ms]).await.map_err(pg_err)?;
+        Ok(QueueStats {
+            pending: r.get::<_, i64>(0) as u64,
+            leased: r.get::<_, i64>(1) as u64,
+            bytes: r.get::<_, i64>(2) as u64,
+            oldest_received_ms: r.get(3),
+        })
+    }
+
+    async fn total_queued(&self) -> StoreResult<u64> {
+        let c = self.client().await?;
+        let r = c
+            .query_one("SELECT count(*) FROM mailroom_messages", &[])
+            .await
+            .map_err(pg_err)?;
+        Ok(r.get::<_, i64>(0) as u64)
+    }
+
+    async fn connections_with_pending(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<ConnId>> {
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "SELECT conn_id FROM mailroom_messages WHERE lease_until_ms <= $1 \
+                 GROUP BY conn_id ORDER BY min(id) LIMIT $2",
+            )
+            .await
+            .map_err(pg_err)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Ok(c.query(&q, &[&now_ms, &limit])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
+        let c = self.client().await?;
+        // Rows locked by a leaser or an ack right now are skipped, never waited on: no
+        // deadlock with them; they expire at the next call.
+        let n = c
+            .execute(
+                "DELETE FROM mailroom_messages WHERE id IN ( \
+                   SELECT id FROM mailroom_messages WHERE received_at_ms < $1 \
+                   ORDER BY id FOR UPDATE SKIP LOCKED)",
+                &[&received_before_ms],
+            )
+            .await
+            .map_err(pg_err)?;
+        c.execute(
+            "DELETE FROM mailroom_dedup WHERE received_at_ms < $1",
+            &[&received_before_ms],
+        )
+        .await
+        .map_err(pg_err)?;
+        Ok(n)
+    }
+
+    async fn flush(&self) -> StoreResult<()> {
+        // Every write commits before it returns.
+        Ok(())
+    }
+}

@@ -1,0 +1,1046 @@
+//! The sled backend: embedded, one process.
+//!
+//! Layout (trees):
+//! - `meta`: `identity` -> JSON.
+//! - `conns`: connection id -> JSON [`Connection`]; `by_verkey`: their verkey -> id;
+//!   `by_thread`: thread id -> id (indexes written in the same transaction as the connection).
+//! - `keys`: routing key -> connection id; `conn_keys`: `len16(conn) conn key` -> () (keys_of).
+//! - `msgs`: id (u64 BE) -> fixed layout (see [`encode_msg`]): header, connection, recipient
+//!   key, dedup key, payload. JSON would double the size of binary payloads.
+//! - `attempts`: id -> u32 BE, written when a message is leased (not flushed on its own).
+//! - `dedup`: `len16(conn) key32` -> id (i64 BE) + received_at (i64 BE).
+//!
+//! The queue is indexed in memory ([`Queues`]: per connection, id -> size, time, lease), rebuilt
+//! from `msgs`/`attempts`/`dedup` at open. sled allows one process per database, so this
+//! process's memory is the only place leases live: they are deliberately not persisted, a
+//! restart makes every message pending again (at-least-once). `lease`, `ack`, `release` only
+//! take the in-memory lock for their decision and never wait for a disk flush.
+//!
+//! Write path: every `enqueue` goes through one writer thread ([`writer_loop`]) that drains the
+//! waiting requests (up to [`MAX_BATCH_MESSAGES`]), decides limits and dedup for all of them,
+//! writes them, flushes once, publishes them in the index and answers every caller.
+//!
+//! Must not: run sled calls on an async runtime thread (they go to `spawn_blocking` or to the
+//! writer thread).
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    ConnId, Connection, EnqueueLimits, Enqueued, Identity, KeyUpdate, MessageId, NewMessage,
+    QueueStats, QueuedMessage, Store, StoreError, StoreResult,
+};
+
+/// Most messages the writer puts in one flush. Bounds the latency of the first caller of a
+/// batch and the memory of one batch.
+pub const MAX_BATCH_MESSAGES: usize = 2048;
+/// Most payload bytes in one batch (a batch always takes at least one request).
+pub const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Enqueue requests waiting for the writer; callers beyond it wait (backpressure).
+pub const WRITER_CHANNEL: usize = 4096;
+
+const MSG_FORMAT_V1: u8 = 1;
+const IDENTITY_KEY: &[u8] = b"identity";
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("sled: {e}"))
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(format!("sled: {what}"))
+}
+
+/// Per-message lease state, in memory only.
+#[derive(Clone, Debug)]
+struct Meta {
+    size: u64,
+    received_at_ms: i64,
+    /// 0: never leased or released. Pending when `<= now`.
+    lease_until_ms: i64,
+    owner: Option<Arc<str>>,
+    attempts: u32,
+}
+
+#[derive(Default, Debug)]
+struct ConnQueue {
+    msgs: BTreeMap<MessageId, Meta>,
+    bytes: u64,
+}
+
+#[derive(Default, Debug)]
+struct Queues {
+    by_conn: HashMap<ConnId, ConnQueue>,
+    total: u64,
+    /// conn -> dedup key -> (id, received_at_ms)
+    dedup: HashMap<ConnId, HashMap<[u8; 32], (MessageId, i64)>>,
+}
+
+impl Queues {
+    fn insert(&mut self, conn: &str, id: MessageId, meta: Meta) {
+        let q = match self.by_conn.get_mut(conn) {
+            Some(q) => q,
+            None => self.by_conn.entry(conn.to_owned()).or_default(),
+        };
+        q.bytes += meta.size;
+        if q.msgs.insert(id, meta).is_none() {
+            self.total += 1;
+        }
+    }
+}
+
+struct Inner {
+    db: sled::Db,
+    meta: sled::Tree,
+    conns: sled::Tree,
+    by_verkey: sled::Tree,
+    by_thread: sled::Tree,
+    keys: sled::Tree,
+    conn_keys: sled::Tree,
+    msgs: sled::Tree,
+    attempts: sled::Tree,
+    dedup: sled::Tree,
+    /// Serialises connection and key writes (transactions then never conflict).
+    meta_lock: Mutex<()>,
+    queues: Mutex<Queues>,
+}
+
+struct EnqueueReq {
+    msgs: Vec<NewMessage>,
+    limits: EnqueueLimits,
+    reply: oneshot::Sender<StoreResult<Vec<StoreResult<Enqueued>>>>,
+}
+
+/// The sled [`Store`]. Share one handle between in-process nodes by cloning an `Arc` of it.
+/// Dropping the last handle stops the writer thread after it has flushed.
+pub struct SledStore {
+    inner: Arc<Inner>,
+    tx: Option<mpsc::Sender<EnqueueReq>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer loop; joining makes the database lock free for a
+        // reopen as soon as this returns.
+        self.tx.take();
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl SledStore {
+    /// Opens or creates the database at `path`.
+    pub async fn open(path: &Path) -> StoreResult<SledStore> {
+        let cfg = sled::Config::new().path(path);
+        Self::open_config(cfg).await
+    }
+
+    /// A database deleted when dropped (tests).
+    pub async fn temporary() -> StoreResult<SledStore> {
+        Self::open_config(sled::Config::new().temporary(true)).await
+    }
+
+    async fn open_config(cfg: sled::Config) -> StoreResult<SledStore> {
+        let inner = tokio::task::spawn_blocking(move || Inner::open(cfg))
+            .await
+            .map_err(unavailable)??;
+        let inner = Arc::new(inner);
+        let (tx, rx) = mpsc::channel(WRITER_CHANNEL);
+        let w = inner.clone();
+        let writer = std::thread::Builder::new()
+            .name("mailroom-sled-writer".into())
+            .spawn(move || writer_loop(w, rx))
+            .map_err(unavailable)?;
+        Ok(SledStore {
+            inner,
+            tx: Some(tx),
+            writer: Some(writer),
+        })
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> StoreResult<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("blocking task failed: {e}")))?
+    }
+}
+
+impl Inner {
+    fn open(cfg: sled::Config) -> StoreResult<Inner> {
+        let db = cfg.open().map_err(unavailable)?;
+        let t = |name: &str| db.open_tree(name).map_err(unavailable);
+        let inner = Inner {
+            meta: t("meta")?,
+            conns: t("conns")?,
+            by_verkey: t("by_verkey")?,
+            by_thread: t("by_thread")?,
+            keys: t("keys")?,
+            conn_keys: t("conn_keys")?,
+            msgs: t("msgs")?,
+            attempts: t("attempts")?,
+            dedup: t("dedup")?,
+            db,
+            meta_lock: Mutex::new(()),
+            queues: Mutex::new(Queues::default()),
+        };
+        inner.rebuild_index()?;
+        Ok(inner)
+    }
+
+    /// Rebuilds the in-memory queue index from disk. Leases start empty: every message is
+    /// pending after a restart.
+    fn rebuild_index(&self) -> StoreResult<()> {
+        let mut q = Queues::default();
+        let mut attempts: HashMap<MessageId, u32> = HashMap::new();
+        for kv in self.attempts.iter() {
+            let (k, v) = kv.map_err(unavailable)?;
+            let id = decode_id(&k)?;
+            let n = u32::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt("attempts"))?);
+            attempts.insert(id, n);
+        }
+        for kv in self.msgs.iter() {
+            let (k, v) = kv.map_err(unavailable)?;
+            let id = decode_id(&k)?;
+            let m = decode_msg(&v)?;
+            q.insert(
+                m.connection,
+                id,
+                Meta {
+                    size: m.payload.len() as u64,
+                    received_at_ms: m.received_at_ms,
+                    lease_until_ms: 0,
+                    owner: None,
+                    attempts: attempts.get(&id).copied().unwrap_or(0),
+                },
+            );
+        }
+        for kv in self.dedup.iter() {
+            let (k, v) = kv.map_err(unavailable)?;
+            let (conn, key) = decode_dedup_key(&k)?;
+            if v.len() != 16 {
+                return Err(corrupt("dedup value"));
+            }
+            let id = i64::from_be_bytes(v[..8].try_into().expect("length checked"));
+            let at = i64::from_be_bytes(v[8..].try_into().expect("length checked"));
+            q.dedup.entry(conn).or_default().insert(key, (id, at));
+        }
+        *self.queues.lock() = q;
+        Ok(())
+    }
+
+    fn next_id(&self) -> StoreResult<MessageId> {
+        // sled persists its id generator and skips ahead after a crash: ids never repeat.
+        let id = self.db.generate_id().map_err(unavailable)?;
+        i64::try_from(id + 1).map_err(|_| corrupt("id space exhausted"))
+    }
+
+    fn get_conn(&self, id: &str) -> StoreResult<Option<Connection>> {
+        match self.conns.get(id.as_bytes()).map_err(unavailable)? {
+            Some(v) => Ok(Some(decode_conn(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn flush(&self) -> StoreResult<()> {
+        self.db.flush().map_err(unavailable).map(|_| ())
+    }
+
+    /// One batch of the writer: decide, write, flush once, publish, answer.
+    fn write_batch(&self, batch: Vec<EnqueueReq>) {
+        struct Planned {
+            id: MessageId,
+            conn_idx: usize,
+            meta: Meta,
+        }
+        // Decide under the lock, with the batch's own additions counted.
+        let mut outcomes: Vec<Vec<StoreResult<Enqueued>>> = Vec::with_capacity(batch.len());
+        let mut planned: Vec<Planned> = Vec::new();
+        let mut msg_batch = sled::Batch::default();
+        let mut dedup_batch = sled::Batch::default();
+        let mut new_dedup: Vec<(usize, [u8; 32], MessageId, i64)> = Vec::new();
+        let mut conn_names: Vec<&str> = Vec::new();
+        let mut failed: Option<StoreError> = None;
+        {
+            let q = self.queues.lock();
+            // batch-local: conn -> (count, bytes) added; (conn, dedup key) -> (id, at)
+            let mut added: HashMap<&str, (u64, u64)> = HashMap::new();
+            let mut local_dedup: HashMap<(&str, [u8; 32]), (MessageId, i64)> = HashMap::new();
+            for req in batch.iter() {
+                let mut out = Vec::with_capacity(req.msgs.len());
+                for m in &req.msgs {
+                    let conn = m.connection.as_str();
+                    if conn.len() > u16::MAX as usize || m.recipient_key.len() > u16::MAX as usize {
+                        out.push(Err(StoreError::Conflict(
+                            "connection id or recipient key too long".into(),
+                        )));
+                        continue;
+                    }
+                    // Dedup first: a duplicate is answered even when the queue is full.
+                    if let Some(dk) = m.dedup_key {
+                        let window_start =
+                            m.received_at_ms.saturating_sub(req.limits.dedup_window_ms);
+                        let existing = local_dedup
+                            .get(&(conn, dk))
+                            .copied()
+                            .or_else(|| q.dedup.get(conn).and_then(|d| d.get(&dk)).copied());
+                        if let Some((id, at)) = existing {
+                            if req.limits.dedup_window_ms > 0 && at >= window_start {
+                                out.push(Ok(Enqueued {
+                                    id,
+                                    duplicate: true,
+                                }));
+                                continue;
+                            }
+                        }
+                    }
+                    let (have_n, have_b) = q
+                        .by_conn
+                        .get(conn)
+                        .map(|c| (c.msgs.len() as u64, c.bytes))
+                        .unwrap_or((0, 0));
+                    let (add_n, add_b) = added.get(conn).copied().unwrap_or((0, 0));
+                    let (n, b) = (have_n + add_n, have_b + add_b);
+                    let size = m.payload.len() as u64;
+                    if n >= req.limits.max_messages || b.saturating_add(size) > req.limits.max_bytes
+                    {
+                        out.push(Err(StoreError::QueueFull {
+                            pending: n,
+                            bytes: b,
+                        }));
+                        continue;
+                    }
+                    let id = match self.next_id() {
+                        Ok(id) => id,
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    };
+                    let e = added.entry(conn).or_insert((0, 0));
+                    e.0 += 1;
+                    e.1 += size;
+                    let conn_idx = match conn_names.iter().position(|c| *c == conn) {
+                        Some(i) => i,
+                        None => {
+                            conn_names.push(conn);
+                            conn_names.len() - 1
+                        }
+                    };
+                    msg_batch.insert(&encode_id(id), encode_msg(m));
+                    if let Some(dk) = m.dedup_key {
+                        local_dedup.insert((conn, dk), (id, m.received_at_ms));
+                        dedup_batch
+                            .insert(dedup_tree_key(conn, &dk), dedup_value(id, m.received_at_ms));
+                        new_dedup.push((conn_idx, dk, id, m.received_at_ms));
+                    }
+                    planned.push(Planned {
+                        id,
+                        conn_idx,
+                        meta: Meta {
+                            size,
+                            received_at_ms: m.received_at_ms,
+                            lease_until_ms: 0,
+                            owner: None,
+                            attempts: 0,
+                        },
+                    });
+                    out.push(Ok(Enqueued {
+                        id,
+                        duplicate: false,
+                    }));
+                }
+                outcomes.push(out);
+                if failed.is_some() {
+                    break;
+                }
+            }
+        }
+        // Write and make durable without holding the index lock.
+        let written = match failed {
+            Some(e) => Err(e),
+            None => self
+                .msgs
+                .apply_batch(msg_batch)
+                .and_then(|_| self.dedup.apply_batch(dedup_batch))
+                .and_then(|_| self.db.flush())
+                .map_err(unavailable),
+        };
+        match written {
+            Ok(_) => {
+                let conn_ids: Vec<String> = conn_names.iter().map(|s| s.to_string()).collect();
+                let mut q = self.queues.lock();
+                for p in planned {
+                    q.insert(&conn_ids[p.conn_idx], p.id, p.meta);
+                }
+                for (ci, dk, id, at) in new_dedup {
+                    q.dedup
+                        .entry(conn_ids[ci].clone())
+                        .or_default()
+                        .insert(dk, (id, at));
+                }
+                drop(q);
+                for (req, out) in batch.into_iter().zip(outcomes) {
+                    let _ = req.reply.send(Ok(out));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "sled enqueue batch failed");
+                let msg = e.to_string();
+                for req in batch {
+                    let _ = req.reply.send(Err(StoreError::Unavailable(msg.clone())));
+                }
+            }
+        }
+    }
+}
+
+fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<EnqueueReq>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut n = first.msgs.len();
+        let mut bytes: usize = first.msgs.iter().map(|m| m.payload.len()).sum();
+        let mut batch = vec![first];
+        while n < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(r) => {
+                    n += r.msgs.len();
+                    bytes += r.msgs.iter().map(|m| m.payload.len()).sum::<usize>();
+                    batch.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        inner.write_batch(batch);
+    }
+    if let Err(e) = inner.flush() {
+        tracing::error!(error = %e, "sled final flush failed");
+    }
+}
+
+// ---- encodings ----
+
+fn encode_id(id: MessageId) -> [u8; 8] {
+    (id as u64).to_be_bytes()
+}
+
+fn decode_id(k: &[u8]) -> StoreResult<MessageId> {
+    let b: [u8; 8] = k.try_into().map_err(|_| corrupt("message id"))?;
+    Ok(u64::from_be_bytes(b) as i64)
+}
+
+fn push_str16(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// `v1 | received_at i64 | len16 conn | conn | len16 rkey | rkey | 0 or 1+key32 | payload`
+fn encode_msg(m: &NewMessage) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        1 + 8 + 4 + m.connection.len() + m.recipient_key.len() + 33 + m.payload.len(),
+    );
+    out.push(MSG_FORMAT_V1);
+    out.extend_from_slice(&m.received_at_ms.to_be_bytes());
+    push_str16(&mut out, &m.connection);
+    push_str16(&mut out, &m.recipient_key);
+    match &m.dedup_key {
+        Some(k) => {
+            out.push(1);
+            out.extend_from_slice(k);
+        }
+        None => out.push(0),
+    }
+    out.extend_from_slice(&m.payload);
+    out
+}
+
+struct MsgRef<'a> {
+    received_at_ms: i64,
+    connection: &'a str,
+    recipient_key: &'a str,
+    payload: &'a [u8],
+}
+
+fn decode_msg(v: &[u8]) -> StoreResult<MsgRef<'_>> {
+    fn take<'a>(v: &mut &'a [u8], n: usize) -> StoreResult<&'a [u8]> {
+        if v.len() < n {
+            return Err(corrupt("message truncated"));
+        }
+        let (a, b) = v.split_at(n);
+        *v = b;
+        Ok(a)
+    }
+    fn take_str<'a>(v: &mut &'a [u8]) -> StoreResult<&'a str> {
+        let n = u16::from_be_bytes(take(v, 2)?.try_into().expect("2 bytes")) as usize;
+        std::str::from_utf8(take(v, n)?).map_err(|_| corrupt("message string"))
+    }
+    let mut v = v;
+    if take(&mut v, 1)?[0] != MSG_FORMAT_V1 {
+        return Err(corrupt("unknown message format"));
+    }
+    let received_at_ms = i64::from_be_bytes(take(&mut v, 8)?.try_into().expect("8 bytes"));
+    let connection = take_str(&mut v)?;
+    let recipient_key = take_str(&mut v)?;
+    match take(&mut v, 1)?[0] {
+        0 => {}
+        1 => {
+            take(&mut v, 32)?;
+        }
+        _ => return Err(corrupt("dedup flag")),
+    }
+    Ok(MsgRef {
+        received_at_ms,
+        connection,
+        recipient_key,
+        payload: v,
+    })
+}
+
+fn dedup_tree_key(conn: &str, key: &[u8; 32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + conn.len() + 32);
+    push_str16(&mut out, conn);
+    out.extend_from_slice(key);
+    out
+}
+
+fn decode_dedup_key(k: &[u8]) -> StoreResult<(String, [u8; 32])> {
+    if k.len() < 2 {
+        return Err(corrupt("dedup key"));
+    }
+    let n = u16::from_be_bytes([k[0], k[1]]) as usize;
+    if k.len() != 2 + n + 32 {
+        return Err(corrupt("dedup key length"));
+    }
+    let conn = std::str::from_utf8(&k[2..2 + n]).map_err(|_| corrupt("dedup conn"))?;
+    let key: [u8; 32] = k[2 + n..].try_into().expect("length checked");
+    Ok((conn.to_owned(), key))
+}
+
+fn dedup_value(id: MessageId, at: i64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(&at.to_be_bytes());
+    v
+}
+
+fn conn_key_entry(conn: &str, key: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + conn.len() + key.len());
+    push_str16(&mut out, conn);
+    out.extend_from_slice(key.as_bytes());
+    out
+}
+
+fn conn_prefix(conn: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + conn.len());
+    push_str16(&mut out, conn);
+    out
+}
+
+fn decode_conn(v: &[u8]) -> StoreResult<Connection> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))
+}
+
+fn tx_err(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => unavailable(e),
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for SledStore {
+    fn backend(&self) -> &'static str {
+        "sled"
+    }
+
+    async fn health(&self) -> StoreResult<()> {
+        match &self.tx {
+            Some(tx) if !tx.is_closed() => Ok(()),
+            _ => Err(StoreError::Closed),
+        }
+    }
+
+    async fn identity_get_or_create(&self, candidate: Identity) -> StoreResult<Identity> {
+        self.blocking(move |inner| {
+            let bytes = serde_json::to_vec(&candidate)
+                .map_err(|e| StoreError::Corrupt(format!("identity: {e}")))?;
+            let r = inner
+                .meta
+                .compare_and_swap(IDENTITY_KEY, None as Option<&[u8]>, Some(bytes))
+                .map_err(unavailable)?;
+            match r {
+                Ok(()) => {
+                    inner.flush()?;
+                    Ok(candidate)
+                }
+                Err(cas) => {
+                    let cur = cas.current.ok_or_else(|| corrupt("identity vanished"))?;
+                    serde_json::from_slice(&cur)
+                        .map_err(|e| StoreError::Corrupt(format!("identity: {e}")))
+                }
+            }
+        })
+        .await
+    }
+
+    async fn put_connection(&self, c: &Connection) -> StoreResult<()> {
+        let c = c.clone();
+        self.blocking(move |inner| {
+            let bytes = serde_json::to_vec(&c)
+                .map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
+            let _g = inner.meta_lock.lock();
+            let old = inner.get_conn(&c.id)?;
+            let id = c.id.as_bytes();
+            (&inner.conns, &inner.by_verkey, &inner.by_thread)
+                .transaction(|(conns, by_verkey, by_thread)| {
+                    if let Some(old) = &old {
+                        for k in &old.their_verkeys {
+                            if by_verkey.get(k.as_bytes())?.as_deref() == Some(id) {
+                                by_verkey.remove(k.as_bytes())?;
+                            }
+                        }
+                        if let Some(t) = &old.thread_id {
+                            if by_thread.get(t.as_bytes())?.as_deref() == Some(id) {
+                                by_thread.remove(t.as_bytes())?;
+                            }
+                        }
+                    }
+                    for k in &c.their_verkeys {
+                        by_verkey.insert(k.as_bytes(), id)?;
+                    }
+                    if let Some(t) = &c.thread_id {
+                        by_thread.insert(t.as_bytes(), id)?;
+                    }
+                    conns.insert(id, bytes.as_slice())?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(tx_err)?;
+            inner.flush()
+        })
+        .await
+    }
+
+    async fn get_connection(&self, id: &str) -> StoreResult<Option<Connection>> {
+        let id = id.to_owned();
+        self.blocking(move |inner| inner.get_conn(&id)).await
+    }
+
+    async fn connection_by_their_verkey(&self, verkey: &str) -> StoreResult<Option<Connection>> {
+        let verkey = verkey.to_owned();
+        self.blocking(move |inner| {
+            let Some(id) = inner
+                .by_verkey
+                .get(verkey.as_bytes())
+                .map_err(unavailable)?
+            else {
+                return Ok(None);
+            };
+            let id = std::str::from_utf8(&id).map_err(|_| corrupt("verkey index"))?;
+            // The index is maintained in the connection's transaction; checking again keeps a
+            // stale entry from ever returning the wrong connection.
+            Ok(inner
+                .get_conn(id)?
+                .filter(|c| c.their_verkeys.contains(&verkey)))
+        })
+        .await
+    }
+
+    async fn connection_by_thread(&self, thid: &str) -> StoreResult<Option<Connection>> {
+        let thid = thid.to_owned();
+        self.blocking(move |inner| {
+            let Some(id) = inner.by_thread.get(thid.as_bytes()).map_err(unavailable)? else {
+                return Ok(None);
+            };
+            let id = std::str::from_utf8(&id).map_err(|_| corrupt("thread index"))?;
+            Ok(inner
+                .get_conn(id)?
+                .filter(|c| c.thread_id.as_deref() == Some(thid.as_str())))
+        })
+        .await
+    }
+
+    async fn list_connections(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<Connection>> {
+        let after = after.map(|s| s.as_bytes().to_vec());
+        self.blocking(move |inner| {
+            let lower = match &after {
+                Some(a) => Bound::Excluded(a.as_slice()),
+                None => Bound::Unbounded,
+            };
+            let mut out = Vec::new();
+            for kv in inner
+                .conns
+                .range::<&[u8], _>((lower, Bound::Unbounded))
+                .take(limit)
+            {
+                let (_, v) = kv.map_err(unavailable)?;
+                out.push(decode_conn(&v)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn update_keys(
+        &self,
+        conn: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> StoreResult<Vec<(String, KeyUpdate)>> {
+        let conn = conn.to_owned();
+        let add = add.to_vec();
+        let remove = remove.to_vec();
+        self.blocking(move |inner| {
+            let _g = inner.meta_lock.lock();
+            if !inner
+                .conns
+                .contains_key(conn.as_bytes())
+                .map_err(unavailable)?
+            {
+                return Err(StoreError::NotFound);
+            }
+            let cid = conn.as_bytes();
+            let out = (&inner.keys, &inner.conn_keys)
+                .transaction(|(keys, conn_keys)| {
+                    let mut out = Vec::with_capacity(add.len() + remove.len());
+                    for k in &add {
+                        let r = match keys.get(k.as_bytes())? {
+                            None => {
+                                keys.insert(k.as_bytes(), cid)?;
+                                conn_keys.insert(conn_key_entry(&conn, k), &[][..])?;
+                                KeyUpdate::Added
+                            }
+                            Some(holder) if holder.as_ref() == cid => KeyUpdate::AlreadyAdded,
+                            Some(_) => KeyUpdate::HeldByOther,
+                        };
+                        out.push((k.clone(), r));
+                    }
+                    for k in &remove {
+                        let r = match keys.get(k.as_bytes())? {
+                            Some(holder) if holder.as_ref() == cid => {
+                                keys.remove(k.as_bytes())?;
+                                conn_keys.remove(conn_key_entry(&conn, k))?;
+                                KeyUpdate::Removed
+                            }
+                            _ => KeyUpdate::NotFound,
+                        };
+                        out.push((k.clone(), r));
+                    }
+                    Ok::<_, ConflictableTransactionError<StoreError>>(out)
+                })
+                .map_err(tx_err)?;
+            inner.flush()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn keys_of(&self, conn: &str) -> StoreResult<Vec<String>> {
+        let conn = conn.to_owned();
+        self.blocking(move |inner| {
+            let prefix = conn_prefix(&conn);
+            let mut out = Vec::new();
+            for kv in inner.conn_keys.scan_prefix(&prefix) {
+                let (k, _) = kv.map_err(unavailable)?;
+                let key = std::str::from_utf8(&k[prefix.len()..]).map_err(|_| corrupt("key"))?;
+                out.push(key.to_owned());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn route(&self, recipient_key: &str) -> StoreResult<Option<ConnId>> {
+        let key = recipient_key.to_owned();
+        self.blocking(
+            move |inner| match inner.keys.get(key.as_bytes()).map_err(unavailable)? {
+                Some(v) => Ok(Some(
+                    String::from_utf8(v.to_vec()).map_err(|_| corrupt("route"))?,
+                )),
+                None => Ok(None),
+            },
+        )
+        .await
+    }
+
+    async fn enqueue(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(EnqueueReq {
+            msgs,
+            limits: *limits,
+            reply,
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn lease(
+        &self,
+        conn: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        let conn = conn.to_owned();
+        let owner: Arc<str> = Arc::from(owner);
+        self.blocking(move |inner| {
+            let picked: Vec<(MessageId, u32)> = {
+                let mut q = inner.queues.lock();
+                let Some(cq) = q.by_conn.get_mut(&conn) else {
+                    return Ok(Vec::new());
+                };
+                let mut picked = Vec::new();
+                for (id, m) in cq.msgs.iter_mut() {
+                    if picked.len() >= max {
+                        break;
+                    }
+                    if m.lease_until_ms <= now_ms {
+                        m.lease_until_ms = until_ms;
+                        m.owner = Some(owner.clone());
+                        m.attempts = m.attempts.saturating_add(1);
+                        picked.push((*id, m.attempts));
+                    }
+                }
+                picked
+            };
+            let mut out = Vec::with_capacity(picked.len());
+            let mut attempts = sled::Batch::default();
+            for (id, n) in picked {
+                // A message acked or expired meanwhile is simply not returned.
+                let Some(v) = inner.msgs.get(encode_id(id)).map_err(unavailable)? else {
+                    continue;
+                };
+                let m = decode_msg(&v)?;
+                out.push(QueuedMessage {
+                    id,
+                    connection: m.connection.to_owned(),
+                    recipient_key: m.recipient_key.to_owned(),
+                    payload: m.payload.to_vec(),
+                    received_at_ms: m.received_at_ms,
+                    attempts: n,
+                });
+                attempts.insert(&encode_id(id), &n.to_be_bytes());
+            }
+            // Not flushed: losing an attempt count only under-reports redeliveries.
+            inner.attempts.apply_batch(attempts).map_err(unavailable)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ack(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
+        let conn = conn.to_owned();
+        let ids = ids.to_vec();
+        self.blocking(move |inner| {
+            let removed: Vec<MessageId> = {
+                let mut guard = inner.queues.lock();
+                let q = &mut *guard;
+                let Some(cq) = q.by_conn.get_mut(&conn) else {
+                    return Ok(0);
+                };
+                let mut removed = Vec::new();
+                for id in ids {
+                    if let Some(m) = cq.msgs.remove(&id) {
+                        cq.bytes -= m.size;
+                        removed.push(id);
+                    }
+                }
+                q.total -= removed.len() as u64;
+                if cq.msgs.is_empty() {
+                    q.by_conn.remove(&conn);
+                }
+                removed
+            };
+            let mut b = sled::Batch::default();
+            for id in &removed {
+                b.remove(&encode_id(*id));
+            }
+            let mut a = sled::Batch::default();
+            for id in &removed {
+                a.remove(&encode_id(*id));
+            }
+            inner.msgs.apply_batch(b).map_err(unavailable)?;
+            inner.attempts.apply_batch(a).map_err(unavailable)?;
+            Ok(removed.len() as u64)
+        })
+        .await
+    }
+
+    async fn release(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
+        let conn = conn.to_owned();
+        let ids = ids.to_vec();
+        self.blocking(move |inner| {
+            let mut q = inner.queues.lock();
+            let Some(cq) = q.by_conn.get_mut(&conn) else {
+                return Ok(0);
+            };
+            let mut n = 0;
+            for id in ids {
+                if let Some(m) = cq.msgs.get_mut(&id) {
+                    if m.owner.take().is_some() {
+                        n += 1;
+                    }
+                    m.lease_until_ms = 0;
+                }
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn release_owner(&self, owner: &str) -> StoreResult<u64> {
+        let owner = owner.to_owned();
+        self.blocking(move |inner| {
+            let mut q = inner.queues.lock();
+            let mut n = 0;
+            for cq in q.by_conn.values_mut() {
+                for m in cq.msgs.values_mut() {
+                    if m.owner.as_deref() == Some(owner.as_str()) {
+                        m.owner = None;
+                        m.lease_until_ms = 0;
+                        n += 1;
+                    }
+                }
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
+        let conn = conn.to_owned();
+        self.blocking(move |inner| {
+            let q = inner.queues.lock();
+            let Some(cq) = q.by_conn.get(&conn) else {
+                return Ok(QueueStats::default());
+            };
+            let mut s = QueueStats {
+                bytes: cq.bytes,
+                ..Default::default()
+            };
+            for m in cq.msgs.values() {
+                if m.lease_until_ms <= now_ms {
+                    s.pending += 1;
+                } else {
+                    s.leased += 1;
+                }
+                s.oldest_received_ms = Some(match s.oldest_received_ms {
+                    Some(o) => o.min(m.received_at_ms),
+                    None => m.received_at_ms,
+                });
+            }
+            Ok(s)
+        })
+        .await
+    }
+
+    async fn total_queued(&self) -> StoreResult<u64> {
+        // Memory only: no need for a blocking thread.
+        Ok(self.inner.queues.lock().total)
+    }
+
+    async fn connections_with_pending(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<ConnId>> {
+        self.blocking(move |inner| {
+            let q = inner.queues.lock();
+            let mut found: Vec<(MessageId, &str)> = q
+                .by_conn
+                .iter()
+                .filter_map(|(c, cq)| {
+                    cq.msgs
+                        .iter()
+                        .find(|(_, m)| m.lease_until_ms <= now_ms)
+                        .map(|(id, _)| (*id, c.as_str()))
+                })
+                .collect();
+            found.sort_unstable();
+            Ok(found
+                .into_iter()
+                .take(limit)
+                .map(|(_, c)| c.to_owned())
+                .collect())
+        })
+        .await
+    }
+
+    async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
+        self.blocking(move |inner| {
+            let (removed, dedup_removed) = {
+                let mut guard = inner.queues.lock();
+                let q = &mut *guard;
+                let mut removed = Vec::new();
+                q.by_conn.retain(|_, cq| {
+                    cq.msgs.retain(|id, m| {
+                        if m.received_at_ms < received_before_ms {
+                            cq.bytes -= m.size;
+                            removed.push(*id);
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                    !cq.msgs.is_empty()
+                });
+                q.total -= removed.len() as u64;
+                let mut dedup_removed = Vec::new();
+                q.dedup.retain(|conn, d| {
+                    d.retain(|k, (_, at)| {
+                        if *at < received_before_ms {
+                            dedup_removed.push(dedup_tree_key(conn, k));
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                    !d.is_empty()
+                });
+                (removed, dedup_removed)
+            };
+            let mut b = sled::Batch::default();
+            let mut a = sled::Batch::default();
+            for id in &removed {
+                b.remove(&encode_id(*id));
+                a.remove(&encode_id(*id));
+            }
+            let mut d = sled::Batch::default();
+            for k in dedup_removed {
+                d.remove(k);
+            }
+            inner.msgs.apply_batch(b).map_err(unavailable)?;
+            inner.attempts.apply_batch(a).map_err(unavailable)?;
+            inner.dedup.apply_batch(d).map_err(unavailable)?;
+            Ok(removed.len() as u64)
+        })
+        .await
+    }
+
+    async fn flush(&self) -> StoreResult<()> {
+        self.blocking(|inner| inner.flush()).await
+    }
+}
