@@ -371,6 +371,12 @@ async fn bad_inputs_get_clear_errors_and_the_node_keeps_serving() {
     }
     let pong = ws_request(&a, &mut ws, &json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "after", "~transport": {"return_route": "all"}})).await;
     assert_eq!(type_name(&pong), "ping_response");
+    // (closed so that the next forward is not pushed down this implicit-pickup socket)
+    ws.close().await;
+    eventually("socket unbound", || async {
+        (get_json(&format!("{}/status", n.admin_url())).await["sessions"] == 0).then_some(())
+    })
+    .await;
 
     // A connection without mediation asks for pickup: a problem report.
     let b = Agent::connect(&inv).await.unwrap();

@@ -292,8 +292,12 @@ impl WsSession {
         match item {
             actix_http::ws::Item::FirstText(b) => self.partial = Some((true, BytesMut::from(&b[..]))),
             actix_http::ws::Item::FirstBinary(b) => self.partial = Some((false, BytesMut::from(&b[..]))),
-            actix_http::ws::Item::Continue(b) | actix_http::ws::Item::Last(b) => {
-                let last = matches!(item, actix_http::ws::Item::Last(_));
+            item @ (actix_http::ws::Item::Continue(_) | actix_http::ws::Item::Last(_)) => {
+                let (last, b) = match item {
+                    actix_http::ws::Item::Last(b) => (true, b),
+                    actix_http::ws::Item::Continue(b) => (false, b),
+                    _ => unreachable!("matched above"),
+                };
                 let Some((_, buf)) = self.partial.as_mut() else {
                     ctx.text(r#"{"error":"bad-frame","reason":"continuation without a first frame"}"#);
                     return;

@@ -2,6 +2,8 @@
 //! conditions (never fixed sleeps as synchronisation).
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use mailroom::client::{Agent, Invitation, WsClient, WsEvent};
 use mailroom::config::{Config, Strategy};
 use mailroom::node::{self, RunningNode};
