@@ -5,9 +5,10 @@
 //! - Both label the payload cipher `xchacha20poly1305_ietf` but generate a ChaCha20-Poly1305
 //!   (IETF, **12-byte** nonce) content key and decrypt with that algorithm whatever the label
 //!   says (Credo `didcommV1Unpack` and ACA-Py `askar/didcomm/v1.py` both build a `C20P` key).
-//!   The spec'd indy-sdk form is XChaCha20-Poly1305 with a 24-byte nonce. So unpack chooses the
-//!   AEAD by nonce length, and pack writes the label real peers write with a 12-byte nonce:
-//!   the only form both of them can open.
+//!   Credo 0.6 (`DidCommEnvelopeService.decryptDidcommV1Message`) also *rejects* any other
+//!   `enc` label. The spec'd indy-sdk form is XChaCha20-Poly1305 with a 24-byte nonce. So
+//!   unpack chooses the AEAD by nonce length, and pack writes the label real peers write with a
+//!   12-byte nonce: the only form both of them can open.
 //! - `kid`s are base58 verkeys (Credo matches them by string equality with base58).
 //! - ACA-Py pads base64 and writes `"sender": null, "iv": null` for anoncrypt; Credo does not.
 //! - The AEAD's associated data is the `protected` field exactly as sent (its ASCII bytes).
