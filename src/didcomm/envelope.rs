@@ -481,5 +481,20 @@ pub fn wrap_forward(
     Ok(current)
 }
 
+/// Pack for a recipient's keys and wrap for its mediators in one go, as Credo's
+/// `packMessage` does: `pack` to every recipient key, then [`wrap_forward`] with the first
+/// recipient key as the forward `to`. Typically called with a resolved DID's
+/// `recipient_keys` and `routing_keys`.
+pub fn pack_for(
+    plaintext: &[u8],
+    recipient_keys: &[String],
+    routing_keys: &[String],
+    sender: Option<&KeyPair>,
+) -> Result<Vec<u8>, EnvelopeError> {
+    let first = recipient_keys.first().ok_or(EnvelopeError::NoRecipients)?;
+    let packed = pack(plaintext, recipient_keys, sender)?;
+    wrap_forward(&packed, first, routing_keys)
+}
+
 #[cfg(test)]
 mod tests;
