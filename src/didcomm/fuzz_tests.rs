@@ -253,3 +253,48 @@ fn deep_json_does_not_overflow() {
     let b = serde_json::to_vec(&deep_header).unwrap();
     assert!(envelope::recipient_kids(&b).is_err());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn pack_unpack_roundtrip(
+        plaintext in bytes(2048),
+        seeds in prop::collection::vec(any::<[u8; 32]>(), 1..4),
+        sender_seed in prop::option::of(any::<[u8; 32]>()),
+        did_key_form in any::<bool>(),
+        xchacha in any::<bool>(),
+    ) {
+        let keys: Vec<KeyPair> = seeds.iter().map(|s| KeyPair::from_secret_bytes(s).unwrap()).collect();
+        let sender = sender_seed.map(|s| KeyPair::from_secret_bytes(&s).unwrap());
+        let recips: Vec<String> = keys
+            .iter()
+            .map(|k| if did_key_form { k.did_key() } else { k.verkey() })
+            .collect();
+        let cipher = if xchacha {
+            envelope::PayloadCipher::XChaCha20Poly1305
+        } else {
+            envelope::PayloadCipher::ChaCha20Poly1305
+        };
+        let env = envelope::pack_with(&plaintext, &recips, sender.as_ref(), cipher).unwrap();
+        let kids = envelope::recipient_kids(&env).unwrap();
+        prop_assert_eq!(kids.len(), keys.len());
+        let last = keys.last().unwrap().clone();
+        let u = envelope::unpack(&env, &|vk: &str| (vk == last.verkey()).then(|| last.clone())).unwrap();
+        prop_assert_eq!(u.plaintext, plaintext);
+        prop_assert_eq!(u.recipient_verkey, last.verkey());
+        prop_assert_eq!(u.sender_verkey, sender.map(|s| s.verkey()));
+    }
+
+    #[test]
+    fn message_type_reply_roundtrip(family in "[a-z_-]{1,20}", name in "[a-z_-]{1,20}",
+                                    minor in 0u32..10, legacy in any::<bool>()) {
+        let prefix = if legacy { message::LEGACY_PREFIX } else { message::DIDCOMM_PREFIX };
+        let t = message::MessageType::parse(&format!("{prefix}{family}/1.{minor}/ping")).unwrap();
+        let reply = message::MessageType::parse(&t.reply_type(&name)).unwrap();
+        prop_assert_eq!(&reply.family, &family);
+        prop_assert_eq!(&reply.name, &name);
+        prop_assert_eq!(reply.legacy, legacy);
+        prop_assert!(reply.is(&family, &name));
+    }
+}
