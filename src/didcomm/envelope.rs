@@ -234,6 +234,25 @@ pub fn unpack(
         })
         .ok_or(EnvelopeError::NoMatchingKey)?;
 
+    // Cheap checks before any public-key cryptography.
+    let nonce = b64::decode(&outer.iv)
+        .ok_or_else(|| EnvelopeError::Malformed("iv is not base64".into()))?;
+    let tag = b64::decode(&outer.tag)
+        .ok_or_else(|| EnvelopeError::Malformed("tag is not base64".into()))?;
+    if tag.len() != TAG_LEN {
+        return Err(EnvelopeError::Malformed(format!(
+            "tag must be {TAG_LEN} bytes"
+        )));
+    }
+    let mut buf = b64::decode(&outer.ciphertext)
+        .ok_or_else(|| EnvelopeError::Malformed("ciphertext is not base64".into()))?;
+    buf.extend_from_slice(&tag);
+    if nonce.len() != 12 && nonce.len() != 24 {
+        return Err(EnvelopeError::Malformed(format!(
+            "iv must be 12 or 24 bytes, got {}",
+            nonce.len()
+        )));
+    }
     let encrypted_key = b64::decode(&recipient.encrypted_key)
         .ok_or_else(|| EnvelopeError::Malformed("encrypted_key is not base64".into()))?;
     let recip_x = key.x25519();
@@ -273,18 +292,6 @@ pub fn unpack(
         }
     };
 
-    let nonce = b64::decode(&outer.iv)
-        .ok_or_else(|| EnvelopeError::Malformed("iv is not base64".into()))?;
-    let tag = b64::decode(&outer.tag)
-        .ok_or_else(|| EnvelopeError::Malformed("tag is not base64".into()))?;
-    if tag.len() != TAG_LEN {
-        return Err(EnvelopeError::Malformed(format!(
-            "tag must be {TAG_LEN} bytes"
-        )));
-    }
-    let mut buf = b64::decode(&outer.ciphertext)
-        .ok_or_else(|| EnvelopeError::Malformed("ciphertext is not base64".into()))?;
-    buf.extend_from_slice(&tag);
     let aad = outer.protected.as_bytes();
     match nonce.len() {
         12 => Chacha20Key::<C20P>::from_secret_bytes(cek.as_ref())
