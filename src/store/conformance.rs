@@ -863,6 +863,94 @@ pub mod sled_backend {
         }
     }
 
+    const CRASH_DIR: &str = "MAILROOM_STORE_CRASH_DIR";
+    const CRASH_TEST: &str = "store::conformance::sled_backend::enqueue_is_durable_when_it_returns";
+
+    /// `enqueue` must not answer before its messages are on disk. A child process (this same
+    /// test binary, re-run on this test with `MAILROOM_STORE_CRASH_DIR` set) enqueues from 16
+    /// tasks, prints each id it got back, and exits abruptly mid-stream (no destructor, no
+    /// final flush, sled's periodic flush disabled). The parent reopens the directory: every
+    /// printed id must be there.
+    #[test]
+    fn enqueue_is_durable_when_it_returns() {
+        match std::env::var(CRASH_DIR) {
+            Ok(dir) => crash_child(std::path::Path::new(&dir)),
+            Err(_) => crash_parent(),
+        }
+    }
+
+    fn crash_child(dir: &std::path::Path) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let s = Arc::new(SledStore::open_without_background_flush(dir).await.unwrap());
+            let c = "crash-conn".to_string();
+            let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            for t in 0..16 {
+                let (s, c, acked) = (s.clone(), c.clone(), acked.clone());
+                tokio::spawn(async move {
+                    for i in 0.. {
+                        let m = msg(&c, &format!("{t}-{i}"), T0);
+                        let r = s.enqueue(vec![m], &EnqueueLimits::UNLIMITED).await.unwrap();
+                        let id = r[0].as_ref().unwrap().id;
+                        println!("ENQ {id}");
+                        acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                });
+            }
+            while acked.load(std::sync::atomic::Ordering::SeqCst) < 2000 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            // Crash: other enqueues are in flight.
+            std::process::exit(0);
+        });
+    }
+
+    fn crash_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([CRASH_TEST, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CRASH_DIR, dir.path())
+            .output()
+            .expect("run crash child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let acked: Vec<MessageId> = stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("ENQ "))
+            .map(|n| n.trim().parse().unwrap())
+            .collect();
+        assert!(
+            acked.len() >= 2000,
+            "child acknowledged {} messages; stderr: {}",
+            acked.len(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let s = open_sled(dir.path()).await.unwrap();
+            let got = s
+                .lease("crash-conn", 1_000_000, "o", T0, T0 + 1)
+                .await
+                .unwrap();
+            let have: HashSet<MessageId> = ids(&got).into_iter().collect();
+            let lost: Vec<_> = acked.iter().filter(|id| !have.contains(id)).collect();
+            assert!(
+                lost.is_empty(),
+                "{} acknowledged messages lost: {:?}",
+                lost.len(),
+                &lost[..lost.len().min(10)]
+            );
+            println!(
+                "crash test: {} acknowledged, {} on disk after the crash",
+                acked.len(),
+                have.len()
+            );
+        });
+    }
+
     pub async fn run<F, Fut>(check: F)
     where
         F: FnOnce(Arc<dyn Backend>) -> Fut,

@@ -142,6 +142,13 @@ impl SledStore {
         Self::open_config(cfg).await
     }
 
+    /// Like [`SledStore::open`] without sled's periodic background flush, so that only the
+    /// store's own flushes make data durable (the crash test proves `enqueue` flushes).
+    #[cfg(test)]
+    pub(crate) async fn open_without_background_flush(path: &Path) -> StoreResult<SledStore> {
+        Self::open_config(sled::Config::new().path(path).flush_every_ms(None)).await
+    }
+
     /// A database deleted when dropped (tests).
     pub async fn temporary() -> StoreResult<SledStore> {
         Self::open_config(sled::Config::new().temporary(true)).await
