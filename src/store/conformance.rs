@@ -415,15 +415,19 @@ pub async fn lease_ack_release(b: Arc<dyn Backend>) {
     let l3 = s.lease(&c, 10, "B", T0 + 2, until).await.unwrap();
     assert_eq!(ids(&l3), vec![id[1]]);
     assert_eq!(l3[0].attempts, 2, "a released message is a redelivery");
-    // A's leases (ids 2..5) go back; B's lease of id 1 stays.
-    assert_eq!(s.release_owner("A").await.unwrap(), 3);
+    // A's leases (ids 2..5, and one on another connection) go back; B's lease of id 1 stays.
+    let c2 = new_conn(&s).await;
+    enqueue_ok(&s, vec![msg(&c2, "other", T0)]).await;
+    assert_eq!(s.lease(&c2, 10, "A", T0, until).await.unwrap().len(), 1);
+    assert_eq!(s.release_owner("A").await.unwrap(), 4);
+    assert_eq!(s.queue_stats(&c2, T0 + 3).await.unwrap().pending, 1);
     let st = s.queue_stats(&c, T0 + 3).await.unwrap();
     assert_eq!((st.pending, st.leased), (3, 1));
     let l4 = s.lease(&c, 10, "C", T0 + 3, until).await.unwrap();
     assert_eq!(ids(&l4), id[2..5].to_vec());
     assert!(l4.iter().all(|m| m.attempts == 2));
     assert_eq!(s.ack(&c, &id).await.unwrap(), 4);
-    assert_eq!(s.total_queued().await.unwrap(), 0);
+    assert_eq!(s.total_queued().await.unwrap(), 1);
     assert_eq!(s.queue_stats(&c, T0).await.unwrap(), QueueStats::default());
     assert_eq!(s.release_owner("nobody").await.unwrap(), 0);
 }
@@ -453,6 +457,10 @@ pub async fn lease_expiry(b: Arc<dyn Backend>) {
     let again = s.lease(&c, 10, "B", T0 + 100, T0 + 200).await.unwrap();
     assert_eq!(ids(&again), id);
     assert!(again.iter().all(|m| m.attempts == 2));
+    // A's lease ran out and B holds them now: A's shutdown must not release B's lease.
+    assert_eq!(s.release_owner("A").await.unwrap(), 0);
+    let st = s.queue_stats(&c, T0 + 150).await.unwrap();
+    assert_eq!((st.pending, st.leased), (0, 2));
 }
 
 pub async fn ack_is_scoped_to_connection(b: Arc<dyn Backend>) {
@@ -788,6 +796,81 @@ pub async fn pending_sweep_and_stats(b: Arc<dyn Backend>) {
     s.flush().await.unwrap();
 }
 
+/// Input no backend can hold (a NUL from the network, an oversized key) is refused for itself
+/// only: other messages of the same batch, and of concurrent callers, are queued.
+pub async fn unstorable_input_is_refused_alone(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let bad_key = NewMessage {
+        recipient_key: "k\0ey".into(),
+        ..msg(&c, "x", T0)
+    };
+    let long = "k".repeat(MAX_TEXT_LEN + 1);
+    let (r1, r2) = tokio::join!(
+        s.enqueue(
+            vec![
+                msg(&c, "ok1", T0),
+                bad_key,
+                msg("con\0n", "y", T0),
+                msg(&c, "ok2", T0)
+            ],
+            &EnqueueLimits::UNLIMITED
+        ),
+        s.enqueue(vec![msg(&c, "ok3", T0)], &EnqueueLimits::UNLIMITED)
+    );
+    let r1 = r1.unwrap();
+    assert!(r1[0].is_ok() && r1[3].is_ok() && r2.unwrap()[0].is_ok());
+    assert!(matches!(r1[1], Err(StoreError::Invalid(_))), "{:?}", r1[1]);
+    assert!(matches!(r1[2], Err(StoreError::Invalid(_))), "{:?}", r1[2]);
+    assert_eq!(s.queue_stats(&c, T0).await.unwrap().pending, 3);
+
+    assert!(matches!(
+        s.update_keys(&c, &["good".into(), "b\0d".into()], &[])
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.update_keys(&c, &[long.clone()], &[]).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(
+        s.route("good").await.unwrap(),
+        None,
+        "a refused call changes nothing"
+    );
+    let mut bad = conn(&new_id());
+    bad.their_verkeys.push("v\0k".into());
+    assert!(matches!(
+        s.put_connection(&bad).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(s.get_connection(&bad.id).await.unwrap().is_none());
+    // Lookups of such input find nothing instead of failing.
+    assert_eq!(s.route("b\0d").await.unwrap(), None);
+    assert_eq!(s.route(&long).await.unwrap(), None);
+    assert!(s.get_connection("a\0").await.unwrap().is_none());
+    assert!(s
+        .connection_by_their_verkey("v\0k")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s.connection_by_thread("t\0").await.unwrap().is_none());
+    assert!(s.keys_of("c\0").await.unwrap().is_empty());
+    assert!(s
+        .lease("c\0", 10, "o", T0, T0 + 1)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(s.ack("c\0", &[1]).await.unwrap(), 0);
+    assert_eq!(s.release("c\0", &[1]).await.unwrap(), 0);
+    assert_eq!(s.release_owner("o\0").await.unwrap(), 0);
+    assert_eq!(
+        s.queue_stats("c\0", T0).await.unwrap(),
+        QueueStats::default()
+    );
+    assert_eq!(s.list_connections(Some("\0"), 10).await.unwrap().len(), 1);
+}
+
 /// Many tasks, each enqueueing one small message per call: the figure shows whether their
 /// flushes are shared. Printed, not asserted (it depends on the machine and build).
 pub async fn group_commit_throughput(b: Arc<dyn Backend>) {
@@ -1115,6 +1198,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn pending_sweep_and_stats() {
                 backend::run(super::pending_sweep_and_stats).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn unstorable_input_is_refused_alone() {
+                backend::run(super::unstorable_input_is_refused_alone).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn group_commit_throughput() {
