@@ -830,7 +830,7 @@ pub async fn unstorable_input_is_refused_alone(b: Arc<dyn Backend>) {
         Err(StoreError::Invalid(_))
     ));
     assert!(matches!(
-        s.update_keys(&c, &[long.clone()], &[]).await,
+        s.update_keys(&c, std::slice::from_ref(&long), &[]).await,
         Err(StoreError::Invalid(_))
     ));
     assert_eq!(
