@@ -583,3 +583,55 @@ async fn update_peers_adds_and_removes_nodes_at_runtime() {
         n.h.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_peer_queues_fall_back_to_a_resync() {
+    let (l1, a1) = bind().await;
+    let (l2, a2) = bind().await;
+    let mut c1 = cfg("n1", peers(&[("n2", a2)]));
+    c1.peer_queue = 1; // nearly every directory frame overflows
+    let n1 = start(c1, l1).await;
+    let n2 = start(cfg("n2", peers(&[("n1", a1)])), l2).await;
+    wait_until("linked", || connected(&n1, "n2") && connected(&n2, "n1")).await;
+
+    let epochs: Vec<u64> = (0..500)
+        .map(|i| n1.h.announce_session(&format!("q{i:03}")))
+        .collect();
+    for (i, e) in epochs.iter().enumerate().take(250) {
+        n1.h.withdraw_session(&format!("q{i:03}"), *e);
+    }
+    let want: Vec<String> = (250..500).map(|i| format!("q{i:03}")).collect();
+    wait_until("n2 converges on exactly n1's live sessions", || {
+        let got: Vec<String> =
+            n2.h.status()
+                .directory
+                .into_iter()
+                .filter(|e| e.node == "n1")
+                .map(|e| e.conn)
+                .collect();
+        got == want
+    })
+    .await;
+    assert!(n1.h.status().counters.queue_drops > 0);
+
+    // The handle works from a thread with no tokio runtime (e.g. a config-reload thread).
+    let (dead_l, dead) = bind().await;
+    drop(dead_l);
+    let h = n1.h.clone();
+    std::thread::spawn(move || {
+        h.update_peers(peers(&[("n2", a2), ("n3", dead)]));
+        assert_eq!(h.notify_queued("q499"), NotifyOutcome::Local);
+    })
+    .join()
+    .unwrap();
+    wait_until("n3 dialed from the runtime", || {
+        n1.h.status()
+            .peers
+            .iter()
+            .any(|p| p.id == "n3" && p.handshake_attempted)
+    })
+    .await;
+    assert!(connected(&n1, "n2"));
+    n1.h.shutdown().await;
+    n2.h.shutdown().await;
+}

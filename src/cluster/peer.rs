@@ -145,9 +145,13 @@ pub(crate) struct Shared {
     pub all_done: Mutex<Option<mpsc::Receiver<()>>>,
     pub stopped: AtomicBool,
     started: Instant,
+    /// The runtime `start` ran on. Every task goes there, whichever thread calls the handle
+    /// (an actix arbiter's runtime, or no runtime at all).
+    rt: tokio::runtime::Handle,
 }
 
 impl Shared {
+    /// Must be called from within a tokio runtime (`ClusterHandle::start` is async).
     pub fn new(
         settings: Settings,
         peers: &[PeerConfig],
@@ -175,6 +179,7 @@ impl Shared {
             all_done: Mutex::new(Some(done_rx)),
             stopped: AtomicBool::new(false),
             started: Instant::now(),
+            rt: tokio::runtime::Handle::current(),
         });
         shared.add_peers(peers);
         shared
@@ -188,7 +193,7 @@ impl Shared {
         let Some(done) = self.task_done.lock().clone() else {
             return;
         };
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             fut.await;
             drop(done);
         });
@@ -282,7 +287,7 @@ impl Shared {
                     // Membership and ownership changes are rare and matter: wait for room,
                     // off the caller's path (may reorder with later events).
                     let tx = self.events.clone();
-                    tokio::spawn(async move {
+                    self.rt.spawn(async move {
                         let _ = tx.send(ev).await;
                     });
                 }
