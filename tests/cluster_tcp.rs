@@ -190,6 +190,15 @@ async fn three_nodes_notify_the_owner_only_and_follow_moves_and_crashes() {
     .await;
     let t0 = Instant::now();
     nodes[0].h.shutdown().await;
+    // Link gone but the failure timeout not yet over: the owner is known, unreachable.
+    wait_until("n2 sees the link closed", || !connected(&nodes[1], "n1")).await;
+    if t0.elapsed() < FAILURE / 2 {
+        assert_eq!(
+            nodes[1].h.notify_queued("c9"),
+            NotifyOutcome::Failed("n1".into())
+        );
+        assert_eq!(nodes[1].h.status().counters.notifications_failed, 1);
+    }
     let [_, n2, n3] = &mut nodes[..] else {
         unreachable!()
     };

@@ -29,6 +29,8 @@ pub mod handshake;
 pub mod membership;
 mod peer;
 pub mod proto;
+#[cfg(test)]
+mod sim_tests;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
