@@ -644,3 +644,29 @@ async fn full_peer_queues_fall_back_to_a_resync() {
     n1.h.shutdown().await;
     n2.h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_stops_the_node() {
+    let (l1, a1) = bind().await;
+    let (l2, a2) = bind().await;
+    let n1 = start(cfg("n1", peers(&[("n2", a2)])), l1).await;
+    let mut n2 = start(cfg("n2", peers(&[("n1", a1)])), l2).await;
+    wait_until("linked", || connected(&n2, "n1")).await;
+    let clone = n1.h.clone();
+    drop(n1);
+    // A clone keeps it alive.
+    assert!(TcpStream::connect(a1).await.is_ok());
+    assert!(connected(&n2, "n1"));
+    drop(clone);
+    wait_event(
+        &mut n2.ev,
+        "PeerDown after drop",
+        |e| matches!(e, ClusterEvent::PeerDown { node } if node == "n1"),
+    )
+    .await;
+    wait_until("listener closed", || {
+        std::net::TcpStream::connect_timeout(&a1, Duration::from_millis(100)).is_err()
+    })
+    .await;
+    n2.h.shutdown().await;
+}

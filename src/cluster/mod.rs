@@ -201,10 +201,21 @@ pub struct ClusterStatus {
 }
 
 /// The node's handle on the cluster. Cheap to clone; every method is non-blocking except
-/// `start`, `leave` and `shutdown`.
+/// `start`, `leave` and `shutdown`. Dropping the last clone shuts the cluster down (without
+/// `Leave`), so forgotten handles do not leave tasks and sockets behind.
 #[derive(Clone)]
 pub struct ClusterHandle {
     shared: Arc<Shared>,
+    _last: Arc<ShutdownOnDrop>,
+}
+
+/// Held only by handles (tasks hold `Shared` directly), so it drops with the last handle.
+struct ShutdownOnDrop(Arc<Shared>);
+
+impl Drop for ShutdownOnDrop {
+    fn drop(&mut self) {
+        self.0.signal_shutdown();
+    }
 }
 
 /// How long `leave` waits for peers to be told, and `shutdown` for tasks to end.
@@ -248,7 +259,10 @@ impl ClusterHandle {
             }
         });
         tracing::info!(node = %cfg.node_id, peers = cfg.peers.len(), "cluster started");
-        Ok(ClusterHandle { shared })
+        Ok(ClusterHandle {
+            _last: Arc::new(ShutdownOnDrop(shared.clone())),
+            shared,
+        })
     }
 
     pub fn node_id(&self) -> &str {

@@ -538,6 +538,9 @@ async fn dial_loop(shared: Arc<Shared>, peer: String, mut stop: watch::Receiver<
     let mut shutdown = shared.shutdown_rx.clone();
     let mut backoff = BACKOFF_START;
     loop {
+        if stop.has_changed().is_err() {
+            return; // our slot was dropped (peer removed, maybe re-added with a new dialer)
+        }
         let addr = {
             let st = shared.state.lock();
             if st.left || *shutdown.borrow() {
