@@ -19,6 +19,30 @@
 //! (`peer_queue`; full queues drop and count, directory changes then fall back to a resync),
 //! pending handshakes (64), claims per peer (1,000,000).
 //!
+//! Use from the node:
+//!
+//! ```no_run
+//! # async fn demo(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+//! use mailroom::cluster::{ClusterConfig, ClusterEvent, ClusterHandle, NotifyOutcome};
+//! let (tx, mut events) = tokio::sync::mpsc::channel(1024);
+//! let cfg = ClusterConfig::new("n1", "local", "change-me", vec![/* the other nodes */]);
+//! let cluster = ClusterHandle::start(cfg, listener, tx).await?;
+//! // a session of connection "conn-1" opened here:
+//! let epoch = cluster.announce_session("conn-1");
+//! // a message for "conn-2" was committed to the store:
+//! match cluster.notify_queued("conn-2") {
+//!     NotifyOutcome::Local => { /* wake the local session */ }
+//!     NotifyOutcome::Sent(_) | NotifyOutcome::Failed(_) | NotifyOutcome::NoOwner => {}
+//! }
+//! while let Some(ev) = events.recv().await {
+//!     if let ClusterEvent::MessageQueued { conn } = ev { let _ = conn; /* wake its session */ }
+//! #   break;
+//! }
+//! cluster.withdraw_session("conn-1", epoch); // that session ended
+//! cluster.leave().await; // on shutdown, after closing sessions
+//! # Ok(()) }
+//! ```
+//!
 //! Security: peers prove knowledge of the shared secret; the secret never travels. After the
 //! handshake, frames are neither encrypted nor individually authenticated: run the cluster
 //! port on a private network (or under a tunnel) if an on-path attacker is in scope.

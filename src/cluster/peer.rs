@@ -615,7 +615,7 @@ async fn dial(shared: &Shared, peer: &str, addr: SocketAddr) -> Result<TcpStream
 /// Runs one authenticated link until it ends, then tells membership.
 async fn run_link(shared: Arc<Shared>, stream: TcpStream, peer: String, we_dialed: bool) {
     let link = shared.next_link.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = mpsc::channel(shared.settings.peer_queue);
+    let (tx, mut rx) = mpsc::channel(shared.settings.peer_queue);
     let resync = Arc::new(Notify::new());
     let leave = Arc::new(Notify::new());
     let (close_tx, close_rx) = oneshot::channel();
@@ -673,7 +673,7 @@ async fn run_link(shared: Arc<Shared>, stream: TcpStream, peer: String, we_diale
             Ok(why) => why.to_string(),
             Err(e) => e,
         },
-        r = write_loop(&shared, &mut wr, rx, snapshot, &resync, &leave) => match r {
+        r = write_loop(&shared, &mut wr, &mut rx, snapshot, &resync, &leave) => match r {
             Ok(why) => why.to_string(),
             Err(e) => format!("write failed: {e}"),
         },
@@ -692,6 +692,17 @@ async fn run_link(shared: Arc<Shared>, stream: TcpStream, peer: String, we_diale
         if let Some(slot) = st.peers.get_mut(&peer) {
             if slot.link.as_ref().is_some_and(|l| l.id == link) {
                 slot.link = None;
+            }
+            // Replaced by another link: hand it the wake-ups we did not get to send (directory
+            // frames are covered by the resync the new link starts with).
+            rx.close();
+            while let Ok(f) = rx.try_recv() {
+                if let Frame::Queued { .. } = f {
+                    let moved = slot.link.as_ref().is_some_and(|l| l.tx.try_send(f).is_ok());
+                    if !moved {
+                        bump(&shared.counters.notifications_failed);
+                    }
+                }
             }
         }
     }
@@ -809,7 +820,7 @@ async fn read_loop(
 async fn write_loop(
     shared: &Shared,
     wr: &mut BufWriter<OwnedWriteHalf>,
-    mut rx: mpsc::Receiver<Frame>,
+    rx: &mut mpsc::Receiver<Frame>,
     snapshot: Vec<(String, u64)>,
     resync: &Notify,
     leave: &Notify,
