@@ -19,6 +19,30 @@
 //! (`peer_queue`; full queues drop and count, directory changes then fall back to a resync),
 //! pending handshakes (64), claims per peer (1,000,000).
 //!
+//! Use from the node:
+//!
+//! ```no_run
+//! # async fn demo(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+//! use mailroom::cluster::{ClusterConfig, ClusterEvent, ClusterHandle, NotifyOutcome};
+//! let (tx, mut events) = tokio::sync::mpsc::channel(1024);
+//! let cfg = ClusterConfig::new("n1", "local", "change-me", vec![/* the other nodes */]);
+//! let cluster = ClusterHandle::start(cfg, listener, tx).await?;
+//! // a session of connection "conn-1" opened here:
+//! let epoch = cluster.announce_session("conn-1");
+//! // a message for "conn-2" was committed to the store:
+//! match cluster.notify_queued("conn-2") {
+//!     NotifyOutcome::Local => { /* wake the local session */ }
+//!     NotifyOutcome::Sent(_) | NotifyOutcome::Failed(_) | NotifyOutcome::NoOwner => {}
+//! }
+//! while let Some(ev) = events.recv().await {
+//!     if let ClusterEvent::MessageQueued { conn } = ev { let _ = conn; /* wake its session */ }
+//! #   break;
+//! }
+//! cluster.withdraw_session("conn-1", epoch); // that session ended
+//! cluster.leave().await; // on shutdown, after closing sessions
+//! # Ok(()) }
+//! ```
+//!
 //! Security: peers prove knowledge of the shared secret; the secret never travels. After the
 //! handshake, frames are neither encrypted nor individually authenticated: run the cluster
 //! port on a private network (or under a tunnel) if an on-path attacker is in scope.
@@ -29,6 +53,8 @@ pub mod handshake;
 pub mod membership;
 mod peer;
 pub mod proto;
+#[cfg(test)]
+mod sim_tests;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -199,10 +225,21 @@ pub struct ClusterStatus {
 }
 
 /// The node's handle on the cluster. Cheap to clone; every method is non-blocking except
-/// `start`, `leave` and `shutdown`.
+/// `start`, `leave` and `shutdown`. Dropping the last clone shuts the cluster down (without
+/// `Leave`), so forgotten handles do not leave tasks and sockets behind.
 #[derive(Clone)]
 pub struct ClusterHandle {
     shared: Arc<Shared>,
+    _last: Arc<ShutdownOnDrop>,
+}
+
+/// Held only by handles (tasks hold `Shared` directly), so it drops with the last handle.
+struct ShutdownOnDrop(Arc<Shared>);
+
+impl Drop for ShutdownOnDrop {
+    fn drop(&mut self) {
+        self.0.signal_shutdown();
+    }
 }
 
 /// How long `leave` waits for peers to be told, and `shutdown` for tasks to end.
@@ -246,7 +283,10 @@ impl ClusterHandle {
             }
         });
         tracing::info!(node = %cfg.node_id, peers = cfg.peers.len(), "cluster started");
-        Ok(ClusterHandle { shared })
+        Ok(ClusterHandle {
+            _last: Arc::new(ShutdownOnDrop(shared.clone())),
+            shared,
+        })
     }
 
     pub fn node_id(&self) -> &str {

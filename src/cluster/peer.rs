@@ -145,9 +145,13 @@ pub(crate) struct Shared {
     pub all_done: Mutex<Option<mpsc::Receiver<()>>>,
     pub stopped: AtomicBool,
     started: Instant,
+    /// The runtime `start` ran on. Every task goes there, whichever thread calls the handle
+    /// (an actix arbiter's runtime, or no runtime at all).
+    rt: tokio::runtime::Handle,
 }
 
 impl Shared {
+    /// Must be called from within a tokio runtime (`ClusterHandle::start` is async).
     pub fn new(
         settings: Settings,
         peers: &[PeerConfig],
@@ -175,6 +179,7 @@ impl Shared {
             all_done: Mutex::new(Some(done_rx)),
             stopped: AtomicBool::new(false),
             started: Instant::now(),
+            rt: tokio::runtime::Handle::current(),
         });
         shared.add_peers(peers);
         shared
@@ -188,7 +193,7 @@ impl Shared {
         let Some(done) = self.task_done.lock().clone() else {
             return;
         };
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             fut.await;
             drop(done);
         });
@@ -282,7 +287,7 @@ impl Shared {
                     // Membership and ownership changes are rare and matter: wait for room,
                     // off the caller's path (may reorder with later events).
                     let tx = self.events.clone();
-                    tokio::spawn(async move {
+                    self.rt.spawn(async move {
                         let _ = tx.send(ev).await;
                     });
                 }
@@ -533,6 +538,9 @@ async fn dial_loop(shared: Arc<Shared>, peer: String, mut stop: watch::Receiver<
     let mut shutdown = shared.shutdown_rx.clone();
     let mut backoff = BACKOFF_START;
     loop {
+        if stop.has_changed().is_err() {
+            return; // our slot was dropped (peer removed, maybe re-added with a new dialer)
+        }
         let addr = {
             let st = shared.state.lock();
             if st.left || *shutdown.borrow() {
@@ -607,7 +615,7 @@ async fn dial(shared: &Shared, peer: &str, addr: SocketAddr) -> Result<TcpStream
 /// Runs one authenticated link until it ends, then tells membership.
 async fn run_link(shared: Arc<Shared>, stream: TcpStream, peer: String, we_dialed: bool) {
     let link = shared.next_link.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = mpsc::channel(shared.settings.peer_queue);
+    let (tx, mut rx) = mpsc::channel(shared.settings.peer_queue);
     let resync = Arc::new(Notify::new());
     let leave = Arc::new(Notify::new());
     let (close_tx, close_rx) = oneshot::channel();
@@ -665,7 +673,7 @@ async fn run_link(shared: Arc<Shared>, stream: TcpStream, peer: String, we_diale
             Ok(why) => why.to_string(),
             Err(e) => e,
         },
-        r = write_loop(&shared, &mut wr, rx, snapshot, &resync, &leave) => match r {
+        r = write_loop(&shared, &mut wr, &mut rx, snapshot, &resync, &leave) => match r {
             Ok(why) => why.to_string(),
             Err(e) => format!("write failed: {e}"),
         },
@@ -684,6 +692,17 @@ async fn run_link(shared: Arc<Shared>, stream: TcpStream, peer: String, we_diale
         if let Some(slot) = st.peers.get_mut(&peer) {
             if slot.link.as_ref().is_some_and(|l| l.id == link) {
                 slot.link = None;
+            }
+            // Replaced by another link: hand it the wake-ups we did not get to send (directory
+            // frames are covered by the resync the new link starts with).
+            rx.close();
+            while let Ok(f) = rx.try_recv() {
+                if let Frame::Queued { .. } = f {
+                    let moved = slot.link.as_ref().is_some_and(|l| l.tx.try_send(f).is_ok());
+                    if !moved {
+                        bump(&shared.counters.notifications_failed);
+                    }
+                }
             }
         }
     }
@@ -801,7 +820,7 @@ async fn read_loop(
 async fn write_loop(
     shared: &Shared,
     wr: &mut BufWriter<OwnedWriteHalf>,
-    mut rx: mpsc::Receiver<Frame>,
+    rx: &mut mpsc::Receiver<Frame>,
     snapshot: Vec<(String, u64)>,
     resync: &Notify,
     leave: &Notify,

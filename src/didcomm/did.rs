@@ -11,9 +11,10 @@ use sha2::{Digest, Sha256};
 use super::b64;
 use super::keys::{self, KeyError, ED25519_CODEC, X25519_CODEC};
 
-/// Longest DID we look at. A did:peer:4 long form with two services is ~1.5 KiB; did:peer:2
+/// Longest DID we look at (base58 decoding is quadratic, so this bounds CPU per resolve).
+/// A did:peer:4 long form with two services is ~1.5 KiB; did:peer:2
 /// with a few services ~1 KiB.
-pub const MAX_DID_LEN: usize = 16 * 1024;
+pub const MAX_DID_LEN: usize = 8 * 1024;
 /// Most services and verification methods we read from one document.
 pub const MAX_SERVICES: usize = 16;
 pub const MAX_VERIFICATION_METHODS: usize = 32;
@@ -58,7 +59,8 @@ pub enum DidError {
 /// where to send.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResolvedDoc {
-    /// The DID as given (for did:peer:4, the long form when it was resolved from one).
+    /// The DID as given (for did:peer:4 the long or short form; `doc.id` is the long form and
+    /// `doc.alsoKnownAs` the short one).
     pub id: String,
     /// Base58 Ed25519 verkeys to pack for, in service priority order.
     pub recipient_keys: Vec<String>,
@@ -351,7 +353,7 @@ fn resolve_peer4(did: &str, attached: Option<&Value>, depth: u8) -> Result<Resol
         .and_then(|a| find_long_form(did, a))
         .ok_or(DidError::NeedsLongForm)?;
     let mut r = resolve_peer4_long(&long, depth)?;
-    r.id = long;
+    r.id = did.to_owned();
     Ok(r)
 }
 
@@ -519,7 +521,11 @@ pub fn legacy_did_from_verkey(pk: &[u8; 32]) -> String {
 
 struct Vm {
     id: String,
+    /// Ed25519 key, if the method is one.
     key: Option<[u8; 32]>,
+    /// X25519 key, if the method is one: Credo dereferences `recipientKeys` that point at a
+    /// keyAgreement key to the Ed25519 key that converts to it, and so do we.
+    x25519: Option<[u8; 32]>,
 }
 
 /// Read keys, services and endpoints out of a DID doc. `aliases` are the DIDs that relative
@@ -548,6 +554,7 @@ fn interpret(did: &str, doc: &Value, aliases: &[&str], depth: u8) -> Result<Reso
                         vms.push(Vm {
                             id: id.to_owned(),
                             key,
+                            x25519: vm_x25519(o),
                         });
                     }
                 }
@@ -741,6 +748,7 @@ fn doc_vms(doc: &Value) -> Vec<Vm> {
             Some(Vm {
                 id: o.get("id")?.as_str()?.to_owned(),
                 key: vm_key(o),
+                x25519: vm_x25519(o),
             })
         })
         .collect()
@@ -757,7 +765,39 @@ fn find_vm(vms: &[Vm], full: &str, frag: &str, aliases: &[&str]) -> Option<[u8; 
                 None => vm.id == frag,
             }
         })
-        .and_then(|vm| vm.key)
+        .and_then(|vm| {
+            vm.key.or_else(|| {
+                let x = vm.x25519?;
+                vms.iter().filter_map(|v| v.key).find(|ed| {
+                    keys::ed_to_x25519_public(ed)
+                        .map(|xk| keys::x25519_public_bytes(&xk) == x)
+                        .unwrap_or(false)
+                })
+            })
+        })
+}
+
+/// The X25519 key of a verification method object, if it has one.
+fn vm_x25519(o: &Map<String, Value>) -> Option<[u8; 32]> {
+    let ty = o.get("type").and_then(Value::as_str).unwrap_or("");
+    if let Some(mb) = o.get("publicKeyMultibase").and_then(Value::as_str) {
+        return keys::decode_multikey(mb, X25519_CODEC).ok();
+    }
+    if let Some(jwk) = o.get("publicKeyJwk").and_then(Value::as_object) {
+        if jwk.get("crv").and_then(Value::as_str) == Some("X25519") {
+            return b64::decode(jwk.get("x")?.as_str()?)?.try_into().ok();
+        }
+        return None;
+    }
+    if ty.contains("X25519") {
+        let b58 = o.get("publicKeyBase58")?.as_str()?;
+        if b58.len() > 64 {
+            return None;
+        }
+        let b = bs58::decode(b58).into_vec().ok()?;
+        return b.try_into().ok();
+    }
+    None
 }
 
 #[cfg(test)]

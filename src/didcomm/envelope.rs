@@ -5,9 +5,10 @@
 //! - Both label the payload cipher `xchacha20poly1305_ietf` but generate a ChaCha20-Poly1305
 //!   (IETF, **12-byte** nonce) content key and decrypt with that algorithm whatever the label
 //!   says (Credo `didcommV1Unpack` and ACA-Py `askar/didcomm/v1.py` both build a `C20P` key).
-//!   The spec'd indy-sdk form is XChaCha20-Poly1305 with a 24-byte nonce. So unpack chooses the
-//!   AEAD by nonce length, and pack writes the label real peers write with a 12-byte nonce:
-//!   the only form both of them can open.
+//!   Credo 0.6 (`DidCommEnvelopeService.decryptDidcommV1Message`) also *rejects* any other
+//!   `enc` label. The spec'd indy-sdk form is XChaCha20-Poly1305 with a 24-byte nonce. So
+//!   unpack chooses the AEAD by nonce length, and pack writes the label real peers write with a
+//!   12-byte nonce: the only form both of them can open.
 //! - `kid`s are base58 verkeys (Credo matches them by string equality with base58).
 //! - ACA-Py pads base64 and writes `"sender": null, "iv": null` for anoncrypt; Credo does not.
 //! - The AEAD's associated data is the `protected` field exactly as sent (its ASCII bytes).
@@ -20,6 +21,7 @@ use askar_crypto::encrypt::crypto_box::{
 use askar_crypto::encrypt::KeyAeadInPlace;
 use askar_crypto::repr::KeySecretBytes;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 use super::b64;
 use super::keys::{self, KeyPair};
@@ -75,12 +77,33 @@ pub struct Unpacked {
     pub sender_verkey: Option<String>,
 }
 
-#[derive(Deserialize, Serialize)]
+#[derive(Serialize)]
 struct Outer {
     protected: String,
     iv: String,
     ciphertext: String,
     tag: String,
+}
+
+/// The envelope as read: borrowed where the JSON has no escapes, so reading a large
+/// ciphertext copies nothing.
+#[derive(Deserialize)]
+struct OuterIn<'a> {
+    #[serde(borrow)]
+    protected: Cow<'a, str>,
+    #[serde(borrow)]
+    iv: Cow<'a, str>,
+    #[serde(borrow)]
+    ciphertext: Cow<'a, str>,
+    #[serde(borrow)]
+    tag: Cow<'a, str>,
+}
+
+/// Just the header, for [`recipient_kids`].
+#[derive(Deserialize)]
+struct OuterHeader<'a> {
+    #[serde(borrow)]
+    protected: Cow<'a, str>,
 }
 
 #[derive(Deserialize)]
@@ -134,20 +157,13 @@ enum Alg {
     Anoncrypt,
 }
 
-struct Parsed {
-    outer: Outer,
-    alg: Alg,
-    recipients: Vec<RecipientIn>,
-}
-
-fn parse(envelope: &[u8]) -> Result<Parsed, EnvelopeError> {
-    let outer: Outer = serde_json::from_slice(envelope).map_err(|_| EnvelopeError::NotJson)?;
-    if outer.protected.len() > MAX_PROTECTED_LEN {
+fn parse_protected(protected: &str) -> Result<(Alg, Vec<RecipientIn>), EnvelopeError> {
+    if protected.len() > MAX_PROTECTED_LEN {
         return Err(EnvelopeError::Malformed(format!(
             "protected header longer than {MAX_PROTECTED_LEN} bytes"
         )));
     }
-    let raw = b64::decode(&outer.protected)
+    let raw = b64::decode(protected)
         .ok_or_else(|| EnvelopeError::Malformed("protected is not base64".into()))?;
     let prot: ProtectedIn = serde_json::from_slice(&raw).map_err(|e| {
         EnvelopeError::Malformed(format!("protected header: {}", short(&e.to_string())))
@@ -174,11 +190,7 @@ fn parse(envelope: &[u8]) -> Result<Parsed, EnvelopeError> {
     if prot.recipients.len() > MAX_RECIPIENTS {
         return Err(EnvelopeError::TooManyRecipients(prot.recipients.len()));
     }
-    Ok(Parsed {
-        outer,
-        alg,
-        recipients: prot.recipients,
-    })
+    Ok((alg, prot.recipients))
 }
 
 fn short(s: &str) -> String {
@@ -189,9 +201,10 @@ fn short(s: &str) -> String {
 /// mediator needs to route a forward's inner message. `kid`s that are not verkeys are skipped;
 /// if none is left the envelope is malformed.
 pub fn recipient_kids(envelope: &[u8]) -> Result<Vec<String>, EnvelopeError> {
-    let parsed = parse(envelope)?;
-    let kids: Vec<String> = parsed
-        .recipients
+    let outer: OuterHeader =
+        serde_json::from_slice(envelope).map_err(|_| EnvelopeError::NotJson)?;
+    let (_, recipients) = parse_protected(&outer.protected)?;
+    let kids: Vec<String> = recipients
         .iter()
         .filter_map(|r| keys::normalize_verkey(&r.header.kid).ok())
         .collect();
@@ -209,9 +222,9 @@ pub fn unpack(
     envelope: &[u8],
     find_key: &dyn Fn(&str) -> Option<KeyPair>,
 ) -> Result<Unpacked, EnvelopeError> {
-    let parsed = parse(envelope)?;
-    let (recipient, key) = parsed
-        .recipients
+    let outer: OuterIn = serde_json::from_slice(envelope).map_err(|_| EnvelopeError::NotJson)?;
+    let (alg, recipients) = parse_protected(&outer.protected)?;
+    let (recipient, key) = recipients
         .iter()
         .find_map(|r| {
             let vk = keys::normalize_verkey(&r.header.kid).ok()?;
@@ -221,10 +234,29 @@ pub fn unpack(
         })
         .ok_or(EnvelopeError::NoMatchingKey)?;
 
+    // Cheap checks before any public-key cryptography.
+    let nonce = b64::decode(&outer.iv)
+        .ok_or_else(|| EnvelopeError::Malformed("iv is not base64".into()))?;
+    let tag = b64::decode(&outer.tag)
+        .ok_or_else(|| EnvelopeError::Malformed("tag is not base64".into()))?;
+    if tag.len() != TAG_LEN {
+        return Err(EnvelopeError::Malformed(format!(
+            "tag must be {TAG_LEN} bytes"
+        )));
+    }
+    let mut buf = b64::decode(&outer.ciphertext)
+        .ok_or_else(|| EnvelopeError::Malformed("ciphertext is not base64".into()))?;
+    buf.extend_from_slice(&tag);
+    if nonce.len() != 12 && nonce.len() != 24 {
+        return Err(EnvelopeError::Malformed(format!(
+            "iv must be 12 or 24 bytes, got {}",
+            nonce.len()
+        )));
+    }
     let encrypted_key = b64::decode(&recipient.encrypted_key)
         .ok_or_else(|| EnvelopeError::Malformed("encrypted_key is not base64".into()))?;
     let recip_x = key.x25519();
-    let (cek, sender_verkey) = match parsed.alg {
+    let (cek, sender_verkey) = match alg {
         Alg::Authcrypt => {
             let (Some(sender), Some(iv)) = (&recipient.header.sender, &recipient.header.iv) else {
                 return Err(EnvelopeError::Malformed(
@@ -260,19 +292,6 @@ pub fn unpack(
         }
     };
 
-    let outer = &parsed.outer;
-    let nonce = b64::decode(&outer.iv)
-        .ok_or_else(|| EnvelopeError::Malformed("iv is not base64".into()))?;
-    let tag = b64::decode(&outer.tag)
-        .ok_or_else(|| EnvelopeError::Malformed("tag is not base64".into()))?;
-    if tag.len() != TAG_LEN {
-        return Err(EnvelopeError::Malformed(format!(
-            "tag must be {TAG_LEN} bytes"
-        )));
-    }
-    let mut buf = b64::decode(&outer.ciphertext)
-        .ok_or_else(|| EnvelopeError::Malformed("ciphertext is not base64".into()))?;
-    buf.extend_from_slice(&tag);
     let aad = outer.protected.as_bytes();
     match nonce.len() {
         12 => Chacha20Key::<C20P>::from_secret_bytes(cek.as_ref())
@@ -467,6 +486,21 @@ pub fn wrap_forward(
         })?;
     }
     Ok(current)
+}
+
+/// Pack for a recipient's keys and wrap for its mediators in one go, as Credo's
+/// `packMessage` does: `pack` to every recipient key, then [`wrap_forward`] with the first
+/// recipient key as the forward `to`. Typically called with a resolved DID's
+/// `recipient_keys` and `routing_keys`.
+pub fn pack_for(
+    plaintext: &[u8],
+    recipient_keys: &[String],
+    routing_keys: &[String],
+    sender: Option<&KeyPair>,
+) -> Result<Vec<u8>, EnvelopeError> {
+    let first = recipient_keys.first().ok_or(EnvelopeError::NoRecipients)?;
+    let packed = pack(plaintext, recipient_keys, sender)?;
+    wrap_forward(&packed, first, routing_keys)
 }
 
 #[cfg(test)]

@@ -14,3 +14,6 @@ pub mod envelope;
 pub mod jws;
 pub mod keys;
 pub mod message;
+
+#[cfg(test)]
+mod fuzz_tests;

@@ -415,15 +415,19 @@ pub async fn lease_ack_release(b: Arc<dyn Backend>) {
     let l3 = s.lease(&c, 10, "B", T0 + 2, until).await.unwrap();
     assert_eq!(ids(&l3), vec![id[1]]);
     assert_eq!(l3[0].attempts, 2, "a released message is a redelivery");
-    // A's leases (ids 2..5) go back; B's lease of id 1 stays.
-    assert_eq!(s.release_owner("A").await.unwrap(), 3);
+    // A's leases (ids 2..5, and one on another connection) go back; B's lease of id 1 stays.
+    let c2 = new_conn(&s).await;
+    enqueue_ok(&s, vec![msg(&c2, "other", T0)]).await;
+    assert_eq!(s.lease(&c2, 10, "A", T0, until).await.unwrap().len(), 1);
+    assert_eq!(s.release_owner("A").await.unwrap(), 4);
+    assert_eq!(s.queue_stats(&c2, T0 + 3).await.unwrap().pending, 1);
     let st = s.queue_stats(&c, T0 + 3).await.unwrap();
     assert_eq!((st.pending, st.leased), (3, 1));
     let l4 = s.lease(&c, 10, "C", T0 + 3, until).await.unwrap();
     assert_eq!(ids(&l4), id[2..5].to_vec());
     assert!(l4.iter().all(|m| m.attempts == 2));
     assert_eq!(s.ack(&c, &id).await.unwrap(), 4);
-    assert_eq!(s.total_queued().await.unwrap(), 0);
+    assert_eq!(s.total_queued().await.unwrap(), 1);
     assert_eq!(s.queue_stats(&c, T0).await.unwrap(), QueueStats::default());
     assert_eq!(s.release_owner("nobody").await.unwrap(), 0);
 }
@@ -453,6 +457,10 @@ pub async fn lease_expiry(b: Arc<dyn Backend>) {
     let again = s.lease(&c, 10, "B", T0 + 100, T0 + 200).await.unwrap();
     assert_eq!(ids(&again), id);
     assert!(again.iter().all(|m| m.attempts == 2));
+    // A's lease ran out and B holds them now: A's shutdown must not release B's lease.
+    assert_eq!(s.release_owner("A").await.unwrap(), 0);
+    let st = s.queue_stats(&c, T0 + 150).await.unwrap();
+    assert_eq!((st.pending, st.leased), (0, 2));
 }
 
 pub async fn ack_is_scoped_to_connection(b: Arc<dyn Backend>) {
@@ -788,6 +796,81 @@ pub async fn pending_sweep_and_stats(b: Arc<dyn Backend>) {
     s.flush().await.unwrap();
 }
 
+/// Input no backend can hold (a NUL from the network, an oversized key) is refused for itself
+/// only: other messages of the same batch, and of concurrent callers, are queued.
+pub async fn unstorable_input_is_refused_alone(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let bad_key = NewMessage {
+        recipient_key: "k\0ey".into(),
+        ..msg(&c, "x", T0)
+    };
+    let long = "k".repeat(MAX_TEXT_LEN + 1);
+    let (r1, r2) = tokio::join!(
+        s.enqueue(
+            vec![
+                msg(&c, "ok1", T0),
+                bad_key,
+                msg("con\0n", "y", T0),
+                msg(&c, "ok2", T0)
+            ],
+            &EnqueueLimits::UNLIMITED
+        ),
+        s.enqueue(vec![msg(&c, "ok3", T0)], &EnqueueLimits::UNLIMITED)
+    );
+    let r1 = r1.unwrap();
+    assert!(r1[0].is_ok() && r1[3].is_ok() && r2.unwrap()[0].is_ok());
+    assert!(matches!(r1[1], Err(StoreError::Invalid(_))), "{:?}", r1[1]);
+    assert!(matches!(r1[2], Err(StoreError::Invalid(_))), "{:?}", r1[2]);
+    assert_eq!(s.queue_stats(&c, T0).await.unwrap().pending, 3);
+
+    assert!(matches!(
+        s.update_keys(&c, &["good".into(), "b\0d".into()], &[])
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.update_keys(&c, std::slice::from_ref(&long), &[]).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(
+        s.route("good").await.unwrap(),
+        None,
+        "a refused call changes nothing"
+    );
+    let mut bad = conn(&new_id());
+    bad.their_verkeys.push("v\0k".into());
+    assert!(matches!(
+        s.put_connection(&bad).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(s.get_connection(&bad.id).await.unwrap().is_none());
+    // Lookups of such input find nothing instead of failing.
+    assert_eq!(s.route("b\0d").await.unwrap(), None);
+    assert_eq!(s.route(&long).await.unwrap(), None);
+    assert!(s.get_connection("a\0").await.unwrap().is_none());
+    assert!(s
+        .connection_by_their_verkey("v\0k")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s.connection_by_thread("t\0").await.unwrap().is_none());
+    assert!(s.keys_of("c\0").await.unwrap().is_empty());
+    assert!(s
+        .lease("c\0", 10, "o", T0, T0 + 1)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(s.ack("c\0", &[1]).await.unwrap(), 0);
+    assert_eq!(s.release("c\0", &[1]).await.unwrap(), 0);
+    assert_eq!(s.release_owner("o\0").await.unwrap(), 0);
+    assert_eq!(
+        s.queue_stats("c\0", T0).await.unwrap(),
+        QueueStats::default()
+    );
+    assert_eq!(s.list_connections(Some("\0"), 10).await.unwrap().len(), 1);
+}
+
 /// Many tasks, each enqueueing one small message per call: the figure shows whether their
 /// flushes are shared. Printed, not asserted (it depends on the machine and build).
 pub async fn group_commit_throughput(b: Arc<dyn Backend>) {
@@ -861,6 +944,94 @@ pub mod sled_backend {
         async fn open(&self) -> Arc<dyn Store> {
             open_sled(self.dir.path()).await.expect("open sled store")
         }
+    }
+
+    const CRASH_DIR: &str = "MAILROOM_STORE_CRASH_DIR";
+    const CRASH_TEST: &str = "store::conformance::sled_backend::enqueue_is_durable_when_it_returns";
+
+    /// `enqueue` must not answer before its messages are on disk. A child process (this same
+    /// test binary, re-run on this test with `MAILROOM_STORE_CRASH_DIR` set) enqueues from 16
+    /// tasks, prints each id it got back, and exits abruptly mid-stream (no destructor, no
+    /// final flush, sled's periodic flush disabled). The parent reopens the directory: every
+    /// printed id must be there.
+    #[test]
+    fn enqueue_is_durable_when_it_returns() {
+        match std::env::var(CRASH_DIR) {
+            Ok(dir) => crash_child(std::path::Path::new(&dir)),
+            Err(_) => crash_parent(),
+        }
+    }
+
+    fn crash_child(dir: &std::path::Path) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let s = Arc::new(SledStore::open_without_background_flush(dir).await.unwrap());
+            let c = "crash-conn".to_string();
+            let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            for t in 0..16 {
+                let (s, c, acked) = (s.clone(), c.clone(), acked.clone());
+                tokio::spawn(async move {
+                    for i in 0.. {
+                        let m = msg(&c, &format!("{t}-{i}"), T0);
+                        let r = s.enqueue(vec![m], &EnqueueLimits::UNLIMITED).await.unwrap();
+                        let id = r[0].as_ref().unwrap().id;
+                        println!("ENQ {id}");
+                        acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                });
+            }
+            while acked.load(std::sync::atomic::Ordering::SeqCst) < 2000 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            // Crash: other enqueues are in flight.
+            std::process::exit(0);
+        });
+    }
+
+    fn crash_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([CRASH_TEST, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CRASH_DIR, dir.path())
+            .output()
+            .expect("run crash child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let acked: Vec<MessageId> = stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("ENQ "))
+            .map(|n| n.trim().parse().unwrap())
+            .collect();
+        assert!(
+            acked.len() >= 2000,
+            "child acknowledged {} messages; stderr: {}",
+            acked.len(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let s = open_sled(dir.path()).await.unwrap();
+            let got = s
+                .lease("crash-conn", 1_000_000, "o", T0, T0 + 1)
+                .await
+                .unwrap();
+            let have: HashSet<MessageId> = ids(&got).into_iter().collect();
+            let lost: Vec<_> = acked.iter().filter(|id| !have.contains(id)).collect();
+            assert!(
+                lost.is_empty(),
+                "{} acknowledged messages lost: {:?}",
+                lost.len(),
+                &lost[..lost.len().min(10)]
+            );
+            println!(
+                "crash test: {} acknowledged, {} on disk after the crash",
+                acked.len(),
+                have.len()
+            );
+        });
     }
 
     pub async fn run<F, Fut>(check: F)
@@ -1027,6 +1198,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn pending_sweep_and_stats() {
                 backend::run(super::pending_sweep_and_stats).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn unstorable_input_is_refused_alone() {
+                backend::run(super::unstorable_input_is_refused_alone).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn group_commit_throughput() {

@@ -183,6 +183,10 @@ pub enum StoreError {
     NotFound,
     #[error("conflict: {0}")]
     Conflict(String),
+    /// Input the store cannot hold: a NUL character, or more than [`MAX_TEXT_LEN`] bytes, in an
+    /// id or key. Refused before anything is written; lookups of such input find nothing.
+    #[error("invalid input: {0}")]
+    Invalid(String),
     /// Stored data could not be decoded.
     #[error("corrupt store data: {0}")]
     Corrupt(String),
@@ -192,6 +196,37 @@ pub enum StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Longest id, key or owner name the store accepts (sled keeps their lengths in 16 bits).
+pub const MAX_TEXT_LEN: usize = u16::MAX as usize;
+
+/// Whether `s` can be stored as an id or key by every backend (PostgreSQL text cannot hold NUL;
+/// a NUL from the network must be a refusal of that input, never a failed batch of others).
+pub(crate) fn storable(s: &str) -> bool {
+    s.len() <= MAX_TEXT_LEN && !s.as_bytes().contains(&0)
+}
+
+pub(crate) fn check_storable(what: &str, s: &str) -> StoreResult<()> {
+    if storable(s) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "{what} contains a NUL character or is longer than {MAX_TEXT_LEN} bytes"
+        )))
+    }
+}
+
+/// Checks the ids and indexed keys of a connection before it is written.
+pub(crate) fn check_connection(c: &Connection) -> StoreResult<()> {
+    check_storable("connection id", &c.id)?;
+    if let Some(t) = &c.thread_id {
+        check_storable("thread id", t)?;
+    }
+    for k in &c.their_verkeys {
+        check_storable("their verkey", k)?;
+    }
+    Ok(())
+}
 
 /// Durable state of a mediator. Every method is safe to call concurrently, from many tasks and
 /// (for PostgreSQL) from many nodes. No method blocks the async runtime.

@@ -27,8 +27,9 @@ use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
 use tokio_postgres::NoTls;
 
 use super::{
-    ConnId, Connection, EnqueueLimits, Enqueued, Identity, KeyUpdate, MessageId, NewMessage,
-    QueueStats, QueuedMessage, Store, StoreError, StoreResult,
+    check_connection, check_storable, storable, ConnId, Connection, EnqueueLimits, Enqueued,
+    Identity, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError,
+    StoreResult,
 };
 
 /// Most messages in one enqueue transaction.
@@ -261,6 +262,7 @@ async fn commit_batch(
     let mut conns: Vec<&str> = batch
         .iter()
         .flat_map(|r| r.msgs.iter().map(|m| m.connection.as_str()))
+        .filter(|c| storable(c))
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
@@ -342,6 +344,12 @@ async fn commit_batch(
         let mut out = Vec::with_capacity(req.msgs.len());
         for m in &req.msgs {
             let conn = m.connection.as_str();
+            if let Err(e) = check_storable("connection id", conn)
+                .and_then(|_| check_storable("recipient key", &m.recipient_key))
+            {
+                out.push(Slot::Done(Err(e)));
+                continue;
+            }
             if let Some(dk) = m.dedup_key {
                 if req.limits.dedup_window_ms > 0 {
                     let start = m.received_at_ms.saturating_sub(req.limits.dedup_window_ms);
@@ -505,6 +513,7 @@ impl Store for PgStore {
     }
 
     async fn put_connection(&self, conn: &Connection) -> StoreResult<()> {
+        check_connection(conn)?;
         let data = serde_json::to_string(conn).map_err(json_err)?;
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg_err)?;
@@ -539,6 +548,9 @@ impl Store for PgStore {
     }
 
     async fn get_connection(&self, id: &str) -> StoreResult<Option<Connection>> {
+        if !storable(id) {
+            return Ok(None);
+        }
         let c = self.client().await?;
         let q = c
             .prepare_cached("SELECT data FROM mailroom_connections WHERE id = $1")
@@ -551,6 +563,9 @@ impl Store for PgStore {
     }
 
     async fn connection_by_their_verkey(&self, verkey: &str) -> StoreResult<Option<Connection>> {
+        if !storable(verkey) {
+            return Ok(None);
+        }
         let c = self.client().await?;
         let q = c
             .prepare_cached(
@@ -567,6 +582,9 @@ impl Store for PgStore {
     }
 
     async fn connection_by_thread(&self, thid: &str) -> StoreResult<Option<Connection>> {
+        if !storable(thid) {
+            return Ok(None);
+        }
         let c = self.client().await?;
         let q = c
             .prepare_cached(
@@ -595,6 +613,8 @@ impl Store for PgStore {
             .await
             .map_err(pg_err)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // No stored id holds a NUL: cutting `after` there keeps the same order position.
+        let after = after.map(|a| a.split('\0').next().unwrap_or(""));
         c.query(&q, &[&after, &limit])
             .await
             .map_err(pg_err)?
@@ -609,6 +629,10 @@ impl Store for PgStore {
         add: &[String],
         remove: &[String],
     ) -> StoreResult<Vec<(String, KeyUpdate)>> {
+        check_storable("connection id", conn)?;
+        for k in add.iter().chain(remove) {
+            check_storable("routing key", k)?;
+        }
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg_err)?;
         // Share-lock the connection row: it cannot vanish while its keys change.
@@ -673,6 +697,9 @@ impl Store for PgStore {
     }
 
     async fn keys_of(&self, conn: &str) -> StoreResult<Vec<String>> {
+        if !storable(conn) {
+            return Ok(Vec::new());
+        }
         let c = self.client().await?;
         let q = c
             .prepare_cached("SELECT key FROM mailroom_routing_keys WHERE conn_id = $1 ORDER BY key")
@@ -687,6 +714,9 @@ impl Store for PgStore {
     }
 
     async fn route(&self, recipient_key: &str) -> StoreResult<Option<ConnId>> {
+        if !storable(recipient_key) {
+            return Ok(None);
+        }
         let c = self.client().await?;
         let q = c
             .prepare_cached("SELECT conn_id FROM mailroom_routing_keys WHERE key = $1")
@@ -726,7 +756,8 @@ impl Store for PgStore {
         now_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<QueuedMessage>> {
-        if max == 0 {
+        check_storable("lease owner", owner)?;
+        if !storable(conn) || max == 0 {
             return Ok(Vec::new());
         }
         let c = self.client().await?;
@@ -763,7 +794,7 @@ impl Store for PgStore {
     }
 
     async fn ack(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
-        if ids.is_empty() {
+        if !storable(conn) || ids.is_empty() {
             return Ok(0);
         }
         let c = self.client().await?;
@@ -775,7 +806,7 @@ impl Store for PgStore {
     }
 
     async fn release(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
-        if ids.is_empty() {
+        if !storable(conn) || ids.is_empty() {
             return Ok(0);
         }
         let c = self.client().await?;
@@ -790,6 +821,9 @@ impl Store for PgStore {
     }
 
     async fn release_owner(&self, owner: &str) -> StoreResult<u64> {
+        if !storable(owner) {
+            return Ok(0);
+        }
         let c = self.client().await?;
         let q = c
             .prepare_cached(
@@ -802,6 +836,9 @@ impl Store for PgStore {
     }
 
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
+        if !storable(conn) {
+            return Ok(QueueStats::default());
+        }
         let c = self.client().await?;
         let q = c
             .prepare_cached(

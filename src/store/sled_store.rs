@@ -33,8 +33,9 @@ use sled::Transactional;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ConnId, Connection, EnqueueLimits, Enqueued, Identity, KeyUpdate, MessageId, NewMessage,
-    QueueStats, QueuedMessage, Store, StoreError, StoreResult,
+    check_connection, check_storable, storable, ConnId, Connection, EnqueueLimits, Enqueued,
+    Identity, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError,
+    StoreResult,
 };
 
 /// Most messages the writer puts in one flush. Bounds the latency of the first caller of a
@@ -79,6 +80,9 @@ struct Queues {
     total: u64,
     /// conn -> dedup key -> (id, received_at_ms)
     dedup: HashMap<ConnId, HashMap<[u8; 32], (MessageId, i64)>>,
+    /// owner -> connections where it leased messages (a superset: pruned by `expire` and
+    /// `release_owner`), so `release_owner` scans only those queues.
+    by_owner: HashMap<Arc<str>, std::collections::HashSet<ConnId>>,
 }
 
 impl Queues {
@@ -140,6 +144,13 @@ impl SledStore {
     pub async fn open(path: &Path) -> StoreResult<SledStore> {
         let cfg = sled::Config::new().path(path);
         Self::open_config(cfg).await
+    }
+
+    /// Like [`SledStore::open`] without sled's periodic background flush, so that only the
+    /// store's own flushes make data durable (the crash test proves `enqueue` flushes).
+    #[cfg(test)]
+    pub(crate) async fn open_without_background_flush(path: &Path) -> StoreResult<SledStore> {
+        Self::open_config(sled::Config::new().path(path).flush_every_ms(None)).await
     }
 
     /// A database deleted when dropped (tests).
@@ -281,10 +292,10 @@ impl Inner {
                 let mut out = Vec::with_capacity(req.msgs.len());
                 for m in &req.msgs {
                     let conn = m.connection.as_str();
-                    if conn.len() > u16::MAX as usize || m.recipient_key.len() > u16::MAX as usize {
-                        out.push(Err(StoreError::Conflict(
-                            "connection id or recipient key too long".into(),
-                        )));
+                    if let Err(e) = check_storable("connection id", conn)
+                        .and_then(|_| check_storable("recipient key", &m.recipient_key))
+                    {
+                        out.push(Err(e));
                         continue;
                     }
                     // Dedup first: a duplicate is answered even when the queue is full.
@@ -594,6 +605,7 @@ impl Store for SledStore {
     }
 
     async fn put_connection(&self, c: &Connection) -> StoreResult<()> {
+        check_connection(c)?;
         let c = c.clone();
         self.blocking(move |inner| {
             let bytes = serde_json::to_vec(&c)
@@ -631,11 +643,17 @@ impl Store for SledStore {
     }
 
     async fn get_connection(&self, id: &str) -> StoreResult<Option<Connection>> {
+        if !storable(id) {
+            return Ok(None);
+        }
         let id = id.to_owned();
         self.blocking(move |inner| inner.get_conn(&id)).await
     }
 
     async fn connection_by_their_verkey(&self, verkey: &str) -> StoreResult<Option<Connection>> {
+        if !storable(verkey) {
+            return Ok(None);
+        }
         let verkey = verkey.to_owned();
         self.blocking(move |inner| {
             let Some(id) = inner
@@ -656,6 +674,9 @@ impl Store for SledStore {
     }
 
     async fn connection_by_thread(&self, thid: &str) -> StoreResult<Option<Connection>> {
+        if !storable(thid) {
+            return Ok(None);
+        }
         let thid = thid.to_owned();
         self.blocking(move |inner| {
             let Some(id) = inner.by_thread.get(thid.as_bytes()).map_err(unavailable)? else {
@@ -700,6 +721,10 @@ impl Store for SledStore {
         add: &[String],
         remove: &[String],
     ) -> StoreResult<Vec<(String, KeyUpdate)>> {
+        check_storable("connection id", conn)?;
+        for k in add.iter().chain(remove) {
+            check_storable("routing key", k)?;
+        }
         let conn = conn.to_owned();
         let add = add.to_vec();
         let remove = remove.to_vec();
@@ -749,6 +774,9 @@ impl Store for SledStore {
     }
 
     async fn keys_of(&self, conn: &str) -> StoreResult<Vec<String>> {
+        if !storable(conn) {
+            return Ok(Vec::new());
+        }
         let conn = conn.to_owned();
         self.blocking(move |inner| {
             let prefix = conn_prefix(&conn);
@@ -764,6 +792,9 @@ impl Store for SledStore {
     }
 
     async fn route(&self, recipient_key: &str) -> StoreResult<Option<ConnId>> {
+        if !storable(recipient_key) {
+            return Ok(None);
+        }
         let key = recipient_key.to_owned();
         self.blocking(
             move |inner| match inner.keys.get(key.as_bytes()).map_err(unavailable)? {
@@ -804,6 +835,10 @@ impl Store for SledStore {
         now_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<QueuedMessage>> {
+        check_storable("lease owner", owner)?;
+        if !storable(conn) || max == 0 {
+            return Ok(Vec::new());
+        }
         let conn = conn.to_owned();
         let owner: Arc<str> = Arc::from(owner);
         self.blocking(move |inner| {
@@ -812,7 +847,7 @@ impl Store for SledStore {
                 let Some(cq) = q.by_conn.get_mut(&conn) else {
                     return Ok(Vec::new());
                 };
-                let mut picked = Vec::new();
+                let mut picked = Vec::with_capacity(max.min(cq.msgs.len()));
                 for (id, m) in cq.msgs.iter_mut() {
                     if picked.len() >= max {
                         break;
@@ -822,6 +857,12 @@ impl Store for SledStore {
                         m.owner = Some(owner.clone());
                         m.attempts = m.attempts.saturating_add(1);
                         picked.push((*id, m.attempts));
+                    }
+                }
+                if !picked.is_empty() {
+                    let conns = q.by_owner.entry(owner.clone()).or_default();
+                    if !conns.contains(&conn) {
+                        conns.insert(conn.clone());
                     }
                 }
                 picked
@@ -852,6 +893,9 @@ impl Store for SledStore {
     }
 
     async fn ack(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
+        if !storable(conn) || ids.is_empty() {
+            return Ok(0);
+        }
         let conn = conn.to_owned();
         let ids = ids.to_vec();
         self.blocking(move |inner| {
@@ -914,9 +958,16 @@ impl Store for SledStore {
     async fn release_owner(&self, owner: &str) -> StoreResult<u64> {
         let owner = owner.to_owned();
         self.blocking(move |inner| {
-            let mut q = inner.queues.lock();
+            let mut guard = inner.queues.lock();
+            let q = &mut *guard;
+            let Some(conns) = q.by_owner.remove(owner.as_str()) else {
+                return Ok(0);
+            };
             let mut n = 0;
-            for cq in q.by_conn.values_mut() {
+            for c in conns {
+                let Some(cq) = q.by_conn.get_mut(&c) else {
+                    continue;
+                };
                 for m in cq.msgs.values_mut() {
                     if m.owner.as_deref() == Some(owner.as_str()) {
                         m.owner = None;
@@ -1019,6 +1070,18 @@ impl Store for SledStore {
                         }
                     });
                     !d.is_empty()
+                });
+                // Prune the owner index down to queues where the owner still holds a message.
+                let by_conn = &q.by_conn;
+                q.by_owner.retain(|owner, conns| {
+                    conns.retain(|c| {
+                        by_conn.get(c).is_some_and(|cq| {
+                            cq.msgs
+                                .values()
+                                .any(|m| m.owner.as_deref() == Some(&**owner))
+                        })
+                    });
+                    !conns.is_empty()
                 });
                 (removed, dedup_removed)
             };

@@ -363,3 +363,30 @@ fn unsupported_methods() {
         Err(DidError::TooLong)
     ));
 }
+
+#[test]
+fn recipient_key_pointing_at_key_agreement_maps_to_ed25519() {
+    // Credo dereferences a recipientKeys entry that names the X25519 keyAgreement key to the
+    // Ed25519 key it was converted from.
+    let kp = KeyPair::from_secret_bytes(&[13; 32]).unwrap();
+    let did = create_peer4(&kp.verkey(), &["http://z.example".into()], &[]);
+    let mut doc = resolve(&did, None).unwrap().doc;
+    doc["service"][0]["recipientKeys"] = json!(["#key-2"]);
+    doc.as_object_mut().unwrap().remove("id");
+    doc.as_object_mut().unwrap().remove("alsoKnownAs");
+    let did2 = {
+        let mut raw = JSON_CODEC.to_vec();
+        raw.extend_from_slice(doc.to_string().as_bytes());
+        let enc = format!("z{}", bs58::encode(raw).into_string());
+        let mut mh = SHA256_MULTIHASH.to_vec();
+        mh.extend_from_slice(&Sha256::digest(enc.as_bytes()));
+        format!("did:peer:4z{}:{enc}", bs58::encode(mh).into_string())
+    };
+    let r = resolve(&did2, None).unwrap();
+    assert_eq!(r.recipient_keys, vec![kp.verkey()]);
+    // Short form resolved through the long one keeps the short id.
+    let short_form = peer4_short_form(&did2).unwrap();
+    let r = resolve(&short_form, Some(&Value::String(did2.clone()))).unwrap();
+    assert_eq!(r.id, short_form);
+    assert_eq!(r.doc["id"], did2.as_str());
+}

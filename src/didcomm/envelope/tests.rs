@@ -524,3 +524,29 @@ fn rust_vectors_were_opened_by_python() {
         .iter()
         .any(|r| r["how"].as_str().unwrap().starts_with("aries-staticagent")));
 }
+
+#[test]
+fn pack_for_resolved_did() {
+    let (alice, bob, med) = (kp(1), kp(2), kp(40));
+    let did = crate::didcomm::did::create_peer4(
+        &bob.verkey(),
+        &["https://bob.example".to_owned()],
+        &[med.did_key()],
+    );
+    let r = crate::didcomm::did::resolve(&did, None).unwrap();
+    let env = pack_for(b"{}", &r.recipient_keys, &r.routing_keys, Some(&alice)).unwrap();
+    assert_eq!(recipient_kids(&env).unwrap(), vec![med.verkey()]);
+    let fwd = unpack(&env, &finder(std::slice::from_ref(&med))).unwrap();
+    let fwd: serde_json::Value = serde_json::from_slice(&fwd.plaintext).unwrap();
+    assert_eq!(fwd["to"], bob.verkey());
+    let inner = serde_json::to_vec(&fwd["msg"]).unwrap();
+    let u = unpack(&inner, &finder(std::slice::from_ref(&bob))).unwrap();
+    assert_eq!(u.sender_verkey, Some(alice.verkey()));
+    // No routing keys: the plain envelope.
+    let env = pack_for(b"{}", &r.recipient_keys, &[], None).unwrap();
+    assert_eq!(recipient_kids(&env).unwrap(), vec![bob.verkey()]);
+    assert!(matches!(
+        pack_for(b"{}", &[], &[], None),
+        Err(EnvelopeError::NoRecipients)
+    ));
+}

@@ -1,0 +1,672 @@
+//! Real-TCP, in-process tests of the cluster subsystem: nodes on 127.0.0.1:0, conditions
+//! awaited with timeouts (no fixed sleeps), a tiny TCP proxy to cut and restore links.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mailroom::cluster::{
+    handshake, ClusterConfig, ClusterEvent, ClusterHandle, NotifyOutcome, PeerConfig,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+const HEARTBEAT: Duration = Duration::from_millis(100);
+const FAILURE: Duration = Duration::from_millis(1000);
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Node {
+    h: ClusterHandle,
+    ev: mpsc::Receiver<ClusterEvent>,
+}
+
+async fn bind() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+fn peers(list: &[(&str, SocketAddr)]) -> Vec<PeerConfig> {
+    list.iter()
+        .map(|(id, addr)| PeerConfig {
+            id: id.to_string(),
+            addr: *addr,
+        })
+        .collect()
+}
+
+fn cfg(id: &str, peers: Vec<PeerConfig>) -> ClusterConfig {
+    let mut c = ClusterConfig::new(id, "test", "s3cret", peers);
+    c.heartbeat_interval = HEARTBEAT;
+    c.failure_timeout = FAILURE;
+    c
+}
+
+async fn start(cfg: ClusterConfig, l: TcpListener) -> Node {
+    let (tx, ev) = mpsc::channel(1024);
+    let h = ClusterHandle::start(cfg, l, tx).await.unwrap();
+    Node { h, ev }
+}
+
+/// Starts `ids.len()` fully meshed nodes.
+async fn mesh(ids: &[&str]) -> (Vec<Node>, Vec<SocketAddr>) {
+    let mut ls = Vec::new();
+    for _ in ids {
+        ls.push(bind().await);
+    }
+    let addrs: Vec<SocketAddr> = ls.iter().map(|(_, a)| *a).collect();
+    let mut nodes = Vec::new();
+    for (i, (l, _)) in ls.into_iter().enumerate() {
+        let others: Vec<(&str, SocketAddr)> = ids
+            .iter()
+            .zip(&addrs)
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, (id, a))| (*id, *a))
+            .collect();
+        nodes.push(start(cfg(ids[i], peers(&others)), l).await);
+    }
+    (nodes, addrs)
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_event(
+    rx: &mut mpsc::Receiver<ClusterEvent>,
+    what: &str,
+    mut pred: impl FnMut(&ClusterEvent) -> bool,
+) -> ClusterEvent {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(ev)) if pred(&ev) => return ev,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("event channel closed waiting for: {what}"),
+            Err(_) => panic!("timed out waiting for event: {what}"),
+        }
+    }
+}
+
+fn connected(n: &Node, peer: &str) -> bool {
+    n.h.status()
+        .peers
+        .iter()
+        .any(|p| p.id == peer && p.connected)
+}
+
+fn all_connected(nodes: &[Node]) -> bool {
+    nodes.iter().all(|n| {
+        let s = n.h.status();
+        s.peers.len() == nodes.len() - 1 && s.peers.iter().all(|p| p.connected)
+    })
+}
+
+fn queued(conn: &str) -> impl FnMut(&ClusterEvent) -> bool + '_ {
+    move |e| matches!(e, ClusterEvent::MessageQueued { conn: c } if c == conn)
+}
+
+fn owner_is(n: &Node, conn: &str, node: Option<&str>) -> bool {
+    n.h.owner_of(conn).as_deref() == node
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_notify_the_owner_only_and_follow_moves_and_crashes() {
+    let (mut nodes, _) = mesh(&["n1", "n2", "n3"]).await;
+    wait_until("full mesh", || all_connected(&nodes)).await;
+    wait_until("handshakes attempted", || {
+        nodes.iter().all(|n| n.h.handshake_attempted())
+    })
+    .await;
+
+    let e1 = nodes[0].h.announce_session("c1");
+    wait_until("n2, n3 see n1 owning c1", || {
+        owner_is(&nodes[1], "c1", Some("n1")) && owner_is(&nodes[2], "c1", Some("n1"))
+    })
+    .await;
+
+    assert_eq!(
+        nodes[1].h.notify_queued("c1"),
+        NotifyOutcome::Sent("n1".into())
+    );
+    assert_eq!(
+        nodes[2].h.notify_queued("c1"),
+        NotifyOutcome::Sent("n1".into())
+    );
+    wait_event(&mut nodes[0].ev, "first Queued on n1", queued("c1")).await;
+    wait_event(&mut nodes[0].ev, "second Queued on n1", queued("c1")).await;
+    // Targeted, not broadcast: nobody else received a notification.
+    assert_eq!(nodes[0].h.status().counters.notifications_received, 2);
+    assert_eq!(nodes[1].h.status().counters.notifications_received, 0);
+    assert_eq!(nodes[2].h.status().counters.notifications_received, 0);
+    assert_eq!(nodes[1].h.status().counters.notifications_sent, 1);
+
+    assert_eq!(nodes[0].h.notify_queued("c1"), NotifyOutcome::Local);
+    assert_eq!(nodes[0].h.notify_queued("nobody"), NotifyOutcome::NoOwner);
+
+    // The wallet reconnects through n2: a newer epoch there wins everywhere.
+    let e2 = nodes[1].h.announce_session("c1");
+    assert!(e2 > e1);
+    wait_until("everyone sees n2 owning c1", || {
+        nodes.iter().all(|n| owner_is(n, "c1", Some("n2")))
+    })
+    .await;
+    wait_event(
+        &mut nodes[0].ev,
+        "SessionMoved on n1",
+        |e| matches!(e, ClusterEvent::SessionMoved { conn, node } if conn == "c1" && node == "n2"),
+    )
+    .await;
+    assert_eq!(
+        nodes[2].h.notify_queued("c1"),
+        NotifyOutcome::Sent("n2".into())
+    );
+    wait_event(&mut nodes[1].ev, "Queued on n2", queued("c1")).await;
+    assert_eq!(nodes[0].h.status().counters.notifications_received, 2);
+
+    // n1's old session ends late: it must not remove n2's newer one.
+    nodes[0].h.withdraw_session("c1", e1);
+    nodes[1].h.withdraw_session("c1", e1); // stale epoch for n2's claim: ignored
+    let e3 = nodes[2].h.announce_session("probe"); // a marker behind the withdrawals
+    wait_until("probe seen", || owner_is(&nodes[0], "probe", Some("n3"))).await;
+    wait_until("probe seen on n2", || {
+        owner_is(&nodes[1], "probe", Some("n3"))
+    })
+    .await;
+    assert!(nodes.iter().all(|n| owner_is(n, "c1", Some("n2"))));
+    nodes[2].h.withdraw_session("probe", e3);
+
+    // Crash of n1 (no Leave): n2 and n3 mark it down within the failure timeout and drop its
+    // sessions.
+    nodes[0].h.announce_session("c9");
+    wait_until("c9 seen", || {
+        owner_is(&nodes[1], "c9", Some("n1")) && owner_is(&nodes[2], "c9", Some("n1"))
+    })
+    .await;
+    let t0 = Instant::now();
+    nodes[0].h.shutdown().await;
+    // Link gone but the failure timeout not yet over: the owner is known, unreachable.
+    wait_until("n2 sees the link closed", || !connected(&nodes[1], "n1")).await;
+    if t0.elapsed() < FAILURE / 2 {
+        assert_eq!(
+            nodes[1].h.notify_queued("c9"),
+            NotifyOutcome::Failed("n1".into())
+        );
+        assert_eq!(nodes[1].h.status().counters.notifications_failed, 1);
+    }
+    let [_, n2, n3] = &mut nodes[..] else {
+        unreachable!()
+    };
+    for n in [n2, n3] {
+        wait_event(
+            &mut n.ev,
+            "PeerDown n1",
+            |e| matches!(e, ClusterEvent::PeerDown { node } if node == "n1"),
+        )
+        .await;
+        assert!(owner_is(n, "c9", None));
+        assert!(n.h.status().directory.iter().all(|e| e.node != "n1"));
+    }
+    // Heartbeats stop at shutdown: down after ~FAILURE, well before twice that plus slack.
+    assert!(t0.elapsed() < FAILURE * 2 + Duration::from_millis(500));
+    assert!(connected(&nodes[1], "n3") && connected(&nodes[2], "n2"));
+    nodes[1].h.shutdown().await;
+    nodes[2].h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_drops_entries_at_once() {
+    let (mut ls, mut addrs) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        let (l, a) = bind().await;
+        ls.push(l);
+        addrs.push(a);
+    }
+    // A failure timeout far longer than the test: only Leave can explain a quick PeerDown.
+    let mut c1 = cfg("n1", peers(&[("n2", addrs[1])]));
+    let mut c2 = cfg("n2", peers(&[("n1", addrs[0])]));
+    c1.failure_timeout = Duration::from_secs(60);
+    c2.failure_timeout = Duration::from_secs(60);
+    let l2 = ls.pop().unwrap();
+    let l1 = ls.pop().unwrap();
+    let n1 = start(c1, l1).await;
+    let mut n2 = start(c2, l2).await;
+    n1.h.announce_session("a");
+    wait_until("n2 sees a", || owner_is(&n2, "a", Some("n1"))).await;
+    let t0 = Instant::now();
+    n1.h.leave().await;
+    wait_event(
+        &mut n2.ev,
+        "PeerDown after Leave",
+        |e| matches!(e, ClusterEvent::PeerDown { node } if node == "n1"),
+    )
+    .await;
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(owner_is(&n2, "a", None));
+    n2.h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secret_and_wrong_cluster_are_refused_while_the_rest_works() {
+    let mut ls = Vec::new();
+    for _ in 0..4 {
+        ls.push(bind().await);
+    }
+    let a: Vec<SocketAddr> = ls.iter().map(|x| x.1).collect();
+    let all = |me: usize| {
+        let ids = ["n1", "n2", "n3", "n4"];
+        peers(
+            &(0..4)
+                .filter(|&j| j != me)
+                .map(|j| (ids[j], a[j]))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let mut it = ls.into_iter().map(|x| x.0);
+    let mut n1 = start(cfg("n1", all(0)), it.next().unwrap()).await;
+    let n2 = start(cfg("n2", all(1)), it.next().unwrap()).await;
+    let mut bad_secret = cfg("n3", all(2));
+    bad_secret.secret = "wrong".into();
+    let n3 = start(bad_secret, it.next().unwrap()).await;
+    let mut bad_cluster = cfg("n4", all(3));
+    bad_cluster.cluster_name = "other".into();
+    let n4 = start(bad_cluster, it.next().unwrap()).await;
+
+    wait_until("n1 <-> n2", || connected(&n1, "n2") && connected(&n2, "n1")).await;
+    wait_until("refusals counted on n1 and n2", || {
+        n1.h.status().counters.auth_failures >= 2 && n2.h.status().counters.auth_failures >= 2
+    })
+    .await;
+    wait_until("every peer tried", || n1.h.handshake_attempted()).await;
+    for n in [&n1, &n2] {
+        assert!(!connected(n, "n3") && !connected(n, "n4"));
+    }
+    assert!(!connected(&n3, "n1") && !connected(&n4, "n1"));
+    assert!(n3.h.status().counters.auth_failures >= 1);
+    assert!(n4.h.status().counters.auth_failures >= 1);
+
+    // The good pair still works.
+    n1.h.announce_session("x");
+    wait_until("n2 sees x", || owner_is(&n2, "x", Some("n1"))).await;
+    assert_eq!(n2.h.notify_queued("x"), NotifyOutcome::Sent("n1".into()));
+    wait_event(&mut n1.ev, "Queued x", queued("x")).await;
+    // Refused nodes never got n1's sessions.
+    assert!(owner_is(&n3, "x", None) && owner_is(&n4, "x", None));
+    for n in [n1, n2, n3, n4] {
+        n.h.shutdown().await;
+    }
+}
+
+/// Reads until the server closes the connection; true if it did within the wait.
+async fn closed_by_server(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue, // our peer's preamble/hello/refusal
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_bad_frames_close_that_connection_only() {
+    let mut ls = Vec::new();
+    for _ in 0..3 {
+        ls.push(bind().await);
+    }
+    let addrs: Vec<SocketAddr> = ls.iter().map(|x| x.1).collect();
+    // "ghost" is configured on n1 but never runs (its port is closed): the test speaks as it.
+    let ghost_addr = bind().await.1;
+    let mut it = ls.into_iter().map(|x| x.0);
+    let mut nodes = vec![
+        start(
+            cfg(
+                "n1",
+                peers(&[("n2", addrs[1]), ("n3", addrs[2]), ("ghost", ghost_addr)]),
+            ),
+            it.next().unwrap(),
+        )
+        .await,
+        start(
+            cfg("n2", peers(&[("n1", addrs[0]), ("n3", addrs[2])])),
+            it.next().unwrap(),
+        )
+        .await,
+        start(
+            cfg("n3", peers(&[("n1", addrs[0]), ("n2", addrs[1])])),
+            it.next().unwrap(),
+        )
+        .await,
+    ];
+    let mesh_ok = |nodes: &[Node]| {
+        connected(&nodes[0], "n2")
+            && connected(&nodes[0], "n3")
+            && connected(&nodes[1], "n3")
+            && connected(&nodes[1], "n1")
+            && connected(&nodes[2], "n1")
+            && connected(&nodes[2], "n2")
+    };
+    wait_until("mesh", || mesh_ok(&nodes)).await;
+
+    // 1. Not our protocol at all.
+    let mut s = TcpStream::connect(addrs[0]).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(closed_by_server(&mut s).await);
+
+    // 2. Right preamble, then an absurd length.
+    let mut s = TcpStream::connect(addrs[0]).await.unwrap();
+    s.write_all(b"MLRM\x00\x01\xff\xff\xff\xff").await.unwrap();
+    assert!(closed_by_server(&mut s).await);
+
+    wait_until("both rejections counted", || {
+        nodes[0].h.status().counters.frames_rejected >= 2
+    })
+    .await;
+
+    // 3. An authenticated peer (the ghost's identity, with the secret) then sending an
+    //    oversize frame: n1 closes that link only.
+    let mut s = TcpStream::connect(addrs[0]).await.unwrap();
+    let local = handshake::Local {
+        cluster: "test",
+        node: "ghost",
+        secret: b"s3cret",
+        max_frame: 1 << 20,
+    };
+    let res = handshake::run(&mut s, &local, handshake::Role::Dialer, Some("n1"), |_| {
+        true
+    })
+    .await;
+    assert_eq!(res.unwrap(), "n1");
+    wait_until("ghost link installed", || connected(&nodes[0], "ghost")).await;
+    s.write_all(&(16u32 << 20).to_be_bytes()).await.unwrap();
+    assert!(closed_by_server(&mut s).await);
+    wait_until("oversize frame counted", || {
+        nodes[0].h.status().counters.frames_rejected >= 3
+    })
+    .await;
+
+    wait_until("ghost link closed", || !connected(&nodes[0], "ghost")).await;
+
+    // Everything else still works.
+    assert!(mesh_ok(&nodes));
+    nodes[0].h.announce_session("g");
+    wait_until("g seen", || {
+        owner_is(&nodes[1], "g", Some("n1")) && owner_is(&nodes[2], "g", Some("n1"))
+    })
+    .await;
+    assert_eq!(
+        nodes[1].h.notify_queued("g"),
+        NotifyOutcome::Sent("n1".into())
+    );
+    wait_event(&mut nodes[0].ev, "Queued g", queued("g")).await;
+    for n in &nodes {
+        n.h.shutdown().await;
+    }
+}
+
+/// A TCP proxy that can cut every connection through it and refuse new ones until reopened.
+struct Proxy {
+    addr: SocketAddr,
+    open: watch::Sender<bool>,
+}
+
+async fn proxy(target: SocketAddr) -> Proxy {
+    let (l, addr) = bind().await;
+    let (open, rx) = watch::channel(true);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = l.accept().await else {
+                return;
+            };
+            if !*rx.borrow() {
+                continue; // dropped: link is cut
+            }
+            let mut rx = rx.clone();
+            tokio::spawn(async move {
+                let Ok(mut outbound) = TcpStream::connect(target).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    _ = rx.wait_for(|open| !*open) => {}
+                }
+            });
+        }
+    });
+    Proxy { addr, open }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_cut_then_restored_resyncs() {
+    let mut ls = Vec::new();
+    for _ in 0..3 {
+        ls.push(bind().await);
+    }
+    let a: Vec<SocketAddr> = ls.iter().map(|x| x.1).collect();
+    // n1 and n2 reach each other only through proxies; n3 directly.
+    let p12 = proxy(a[1]).await;
+    let p21 = proxy(a[0]).await;
+    let mut it = ls.into_iter().map(|x| x.0);
+    let mut n1 = start(
+        cfg("n1", peers(&[("n2", p12.addr), ("n3", a[2])])),
+        it.next().unwrap(),
+    )
+    .await;
+    let mut n2 = start(
+        cfg("n2", peers(&[("n1", p21.addr), ("n3", a[2])])),
+        it.next().unwrap(),
+    )
+    .await;
+    let n3 = start(
+        cfg("n3", peers(&[("n1", a[0]), ("n2", a[1])])),
+        it.next().unwrap(),
+    )
+    .await;
+    let nodes_ok = |n1: &Node, n2: &Node, n3: &Node| {
+        connected(n1, "n2")
+            && connected(n1, "n3")
+            && connected(n2, "n1")
+            && connected(n2, "n3")
+            && connected(n3, "n1")
+            && connected(n3, "n2")
+    };
+    wait_until("mesh", || nodes_ok(&n1, &n2, &n3)).await;
+    n1.h.announce_session("s1");
+    wait_until("n2 sees s1", || owner_is(&n2, "s1", Some("n1"))).await;
+
+    // Cut.
+    p12.open.send_replace(false);
+    p21.open.send_replace(false);
+    wait_event(
+        &mut n2.ev,
+        "n2: PeerDown n1",
+        |e| matches!(e, ClusterEvent::PeerDown { node } if node == "n1"),
+    )
+    .await;
+    wait_event(
+        &mut n1.ev,
+        "n1: PeerDown n2",
+        |e| matches!(e, ClusterEvent::PeerDown { node } if node == "n2"),
+    )
+    .await;
+    assert!(owner_is(&n2, "s1", None));
+    assert_eq!(n2.h.notify_queued("s1"), NotifyOutcome::NoOwner);
+    // n3 is unaffected and still knows s1's owner.
+    assert!(connected(&n3, "n1") && connected(&n3, "n2"));
+    assert!(owner_is(&n3, "s1", Some("n1")));
+    // A session announced during the cut reaches n2 only by the resync.
+    n1.h.announce_session("s2");
+
+    // Restore: reconnect (backoff capped at 2 s) and resync.
+    p12.open.send_replace(true);
+    p21.open.send_replace(true);
+    wait_event(
+        &mut n2.ev,
+        "n2: PeerUp n1",
+        |e| matches!(e, ClusterEvent::PeerUp { node } if node == "n1"),
+    )
+    .await;
+    wait_until("n2 sees n1's sessions again", || {
+        owner_is(&n2, "s1", Some("n1")) && owner_is(&n2, "s2", Some("n1"))
+    })
+    .await;
+    assert_eq!(n2.h.notify_queued("s2"), NotifyOutcome::Sent("n1".into()));
+    wait_event(&mut n1.ev, "Queued s2", queued("s2")).await;
+    for n in [n1, n2, n3] {
+        n.h.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_peers_adds_and_removes_nodes_at_runtime() {
+    let ids = ["n1", "n2", "n3"];
+    let (mut nodes, addrs) = mesh(&ids).await;
+    wait_until("mesh", || all_connected(&nodes)).await;
+
+    let (l4, a4) = bind().await;
+    let mut n4 = start(
+        cfg(
+            "n4",
+            peers(&[("n1", addrs[0]), ("n2", addrs[1]), ("n3", addrs[2])]),
+        ),
+        l4,
+    )
+    .await;
+    for (i, n) in nodes.iter().enumerate() {
+        let mut ps: Vec<(&str, SocketAddr)> = ids
+            .iter()
+            .zip(&addrs)
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, (id, a))| (*id, *a))
+            .collect();
+        ps.push(("n4", a4));
+        n.h.update_peers(peers(&ps));
+    }
+    wait_until("n4 joined", || {
+        ["n1", "n2", "n3"].iter().all(|p| connected(&n4, p))
+            && nodes.iter().all(|n| connected(n, "n4"))
+    })
+    .await;
+    // Existing links were kept (no PeerDown among the original three).
+    for n in nodes.iter_mut() {
+        while let Ok(e) = n.ev.try_recv() {
+            assert!(!matches!(e, ClusterEvent::PeerDown { .. }), "{e:?}");
+        }
+    }
+
+    n4.h.announce_session("c4");
+    wait_until("everyone sees c4 on n4", || {
+        nodes.iter().all(|n| owner_is(n, "c4", Some("n4")))
+    })
+    .await;
+    assert_eq!(
+        nodes[0].h.notify_queued("c4"),
+        NotifyOutcome::Sent("n4".into())
+    );
+    wait_event(&mut n4.ev, "Queued c4 on n4", queued("c4")).await;
+
+    // Remove n4 from n1's config: link closed, its sessions forgotten, n1 keeps the others.
+    let ps = peers(&[("n2", addrs[1]), ("n3", addrs[2])]);
+    nodes[0].h.update_peers(ps);
+    assert!(owner_is(&nodes[0], "c4", None));
+    assert!(nodes[0].h.status().peers.iter().all(|p| p.id != "n4"));
+    wait_until("n4 sees the link to n1 gone", || !connected(&n4, "n1")).await;
+    assert!(connected(&nodes[0], "n2") && connected(&nodes[0], "n3"));
+    // n1 now refuses n4 as an unknown node.
+    wait_until("n1 refuses n4", || {
+        nodes[0].h.status().counters.auth_failures >= 1
+    })
+    .await;
+    assert!(!connected(&nodes[0], "n4"));
+    for n in nodes.iter().chain([&n4]) {
+        n.h.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_peer_queues_fall_back_to_a_resync() {
+    let (l1, a1) = bind().await;
+    let (l2, a2) = bind().await;
+    let mut c1 = cfg("n1", peers(&[("n2", a2)]));
+    c1.peer_queue = 1; // nearly every directory frame overflows
+    let n1 = start(c1, l1).await;
+    let n2 = start(cfg("n2", peers(&[("n1", a1)])), l2).await;
+    wait_until("linked", || connected(&n1, "n2") && connected(&n2, "n1")).await;
+
+    let epochs: Vec<u64> = (0..500)
+        .map(|i| n1.h.announce_session(&format!("q{i:03}")))
+        .collect();
+    for (i, e) in epochs.iter().enumerate().take(250) {
+        n1.h.withdraw_session(&format!("q{i:03}"), *e);
+    }
+    let want: Vec<String> = (250..500).map(|i| format!("q{i:03}")).collect();
+    wait_until("n2 converges on exactly n1's live sessions", || {
+        let got: Vec<String> =
+            n2.h.status()
+                .directory
+                .into_iter()
+                .filter(|e| e.node == "n1")
+                .map(|e| e.conn)
+                .collect();
+        got == want
+    })
+    .await;
+    assert!(n1.h.status().counters.queue_drops > 0);
+
+    // The handle works from a thread with no tokio runtime (e.g. a config-reload thread).
+    let (dead_l, dead) = bind().await;
+    drop(dead_l);
+    let h = n1.h.clone();
+    std::thread::spawn(move || {
+        h.update_peers(peers(&[("n2", a2), ("n3", dead)]));
+        assert_eq!(h.notify_queued("q499"), NotifyOutcome::Local);
+    })
+    .join()
+    .unwrap();
+    wait_until("n3 dialed from the runtime", || {
+        n1.h.status()
+            .peers
+            .iter()
+            .any(|p| p.id == "n3" && p.handshake_attempted)
+    })
+    .await;
+    assert!(connected(&n1, "n2"));
+    n1.h.shutdown().await;
+    n2.h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_stops_the_node() {
+    let (l1, a1) = bind().await;
+    let (l2, a2) = bind().await;
+    let n1 = start(cfg("n1", peers(&[("n2", a2)])), l1).await;
+    let mut n2 = start(cfg("n2", peers(&[("n1", a1)])), l2).await;
+    wait_until("linked", || connected(&n2, "n1")).await;
+    let clone = n1.h.clone();
+    drop(n1);
+    // A clone keeps it alive.
+    assert!(TcpStream::connect(a1).await.is_ok());
+    assert!(connected(&n2, "n1"));
+    drop(clone);
+    wait_event(
+        &mut n2.ev,
+        "PeerDown after drop",
+        |e| matches!(e, ClusterEvent::PeerDown { node } if node == "n1"),
+    )
+    .await;
+    wait_until("listener closed", || {
+        std::net::TcpStream::connect_timeout(&a1, Duration::from_millis(100)).is_err()
+    })
+    .await;
+    n2.h.shutdown().await;
+}
