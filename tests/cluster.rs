@@ -94,7 +94,7 @@ struct Fixture {
 async fn three_nodes(sweep_ms: u64) -> Fixture {
     let db = FreshDb::create().await;
     let (cfg, ls) = bind_cluster(3, &db.url, sweep_ms);
-    let store = mailroom::node::open_store(&cfg).await.unwrap();
+    let store = open_shared_store(&cfg).await;
     let mut nodes = Vec::new();
     for (i, l) in ls.into_iter().enumerate() {
         nodes.push(start_node(&cfg, &format!("n{}", i + 1), l, &store, None));
@@ -155,7 +155,7 @@ async fn a_connection_id(n: &RunningNode) -> String {
 async fn a_cut_link_only_delays_delivery_and_heals() {
     let db = FreshDb::create().await;
     let (cfg, ls) = bind_cluster(2, &db.url, 300);
-    let store = mailroom::node::open_store(&cfg).await.unwrap();
+    let store = open_shared_store(&cfg).await;
     let real1: std::net::SocketAddr = cfg.nodes[0].cluster.clone().unwrap().parse().unwrap();
     let real2: std::net::SocketAddr = cfg.nodes[1].cluster.clone().unwrap().parse().unwrap();
     let p1 = Proxy::start(real1).await; // n2 -> n1
@@ -199,14 +199,13 @@ async fn a_cut_link_only_delays_delivery_and_heals() {
 async fn peers_with_a_wrong_secret_or_cluster_name_are_refused() {
     let f = three_nodes(NO_SWEEP).await;
     let n1 = &f.nodes[0];
-    let store = mailroom::node::open_store(&{
+    let store = open_shared_store(&{
         let mut c = mailroom::config::Config::single_node_default();
         c.store.backend = "postgres".into();
         c.store.url = Some(f._db.url.clone());
         c
     })
-    .await
-    .unwrap();
+    .await;
     for (secret, name) in [("not-the-secret", "test"), (SECRET, "other-cluster")] {
         let mut rogue_cfg = mailroom::config::Config::single_node_default();
         rogue_cfg.nodes.clear();
@@ -255,7 +254,7 @@ async fn a_node_added_by_reload_gets_notifications() {
     let l4 = ls.pop().unwrap();
     let e4 = cfg.nodes.pop().unwrap();
     std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-    let store = mailroom::node::open_store(&cfg).await.unwrap();
+    let store = open_shared_store(&cfg).await;
     let mut nodes = Vec::new();
     for (i, l) in ls.into_iter().enumerate() {
         nodes.push(start_node(&cfg, &format!("n{}", i + 1), l, &store, Some(path.clone())));

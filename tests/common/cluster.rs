@@ -58,6 +58,30 @@ impl Drop for FreshDb {
     }
 }
 
+/// A runtime that lives as long as the test process. Stores shared by in-process nodes are
+/// opened on it, so their background tasks (the PostgreSQL writers) keep running while the
+/// test's own thread waits on a node.
+pub fn background_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("background runtime")
+    })
+}
+
+/// Opens the store of `cfg` for several in-process nodes to share.
+pub async fn open_shared_store(cfg: &Config) -> Arc<dyn Store> {
+    let cfg = cfg.clone();
+    background_runtime()
+        .spawn(async move { mailroom::node::open_store(&cfg).await })
+        .await
+        .expect("store task")
+        .expect("store opens")
+}
+
 /// The config of an n-node cluster whose listeners are already bound on 127.0.0.1:0.
 pub fn bind_cluster(n: usize, db_url: &str, sweep_ms: u64) -> (Config, Vec<Listeners>) {
     let mut cfg = Config::single_node_default();
@@ -71,7 +95,8 @@ pub fn bind_cluster(n: usize, db_url: &str, sweep_ms: u64) -> (Config, Vec<Liste
     cfg.store.pool_size = 4;
     cfg.delivery.strategy = Strategy::QueueAndLiveModeDelivery;
     cfg.delivery.sweep_interval_ms = sweep_ms;
-    cfg.delivery.lease_ms = 2_000;
+    // Longer than the slowest test consumer, so a duplicate means a bug, not a slow ack.
+    cfg.delivery.lease_ms = 30_000;
     let mut ls = Vec::new();
     for i in 1..=n {
         let l = bind_listeners();
