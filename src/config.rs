@@ -15,10 +15,7 @@ pub const EXIT_BAD_CONFIG: i32 = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     #[error("invalid configuration: {0}")]
@@ -325,15 +322,9 @@ impl Config {
         for n in &self.nodes {
             if n.id.is_empty()
                 || n.id.len() > 64
-                || !n
-                    .id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                || !n.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             {
-                return bad(format!(
-                    "node id {:?} must be 1-64 characters of [A-Za-z0-9_-]",
-                    n.id
-                ));
+                return bad(format!("node id {:?} must be 1-64 characters of [A-Za-z0-9_-]", n.id));
             }
             if !ids.insert(n.id.clone()) {
                 return bad(format!("node id {:?} is listed twice", n.id));
@@ -344,10 +335,7 @@ impl Config {
             }
             for (field, v) in fields {
                 let a: SocketAddr = v.parse().map_err(|_| {
-                    ConfigError::Invalid(format!(
-                        "node {}: {field} = {v:?} is not an IP:port address",
-                        n.id
-                    ))
+                    ConfigError::Invalid(format!("node {}: {field} = {v:?} is not an IP:port address", n.id))
                 })?;
                 if a.port() != 0 && !addrs.insert(a) {
                     return bad(format!("node {}: {field} address {a} is used twice", n.id));
@@ -355,7 +343,10 @@ impl Config {
             }
         }
         for n in &self.nodes {
-            let admin: SocketAddr = n.admin.parse().map_err(|_| ConfigError::Invalid(format!("node {}: admin address", n.id)))?;
+            let admin: SocketAddr = n
+                .admin
+                .parse()
+                .map_err(|_| ConfigError::Invalid(format!("node {}: admin address", n.id)))?;
             if !admin.ip().is_loopback() && self.admin.token.as_deref().map(str::is_empty).unwrap_or(true) {
                 return bad(format!(
                     "node {}: admin = {} is not on loopback, so [admin] token is required",
@@ -366,7 +357,10 @@ impl Config {
         if self.nodes.len() > 1 {
             for n in &self.nodes {
                 if n.cluster.is_none() {
-                    return bad(format!("node {}: a cluster of several nodes needs a `cluster` address on every node", n.id));
+                    return bad(format!(
+                        "node {}: a cluster of several nodes needs a `cluster` address on every node",
+                        n.id
+                    ));
                 }
             }
             match self.cluster_secret() {
@@ -381,33 +375,19 @@ impl Config {
         if let Some(u) = &self.cluster.public_url {
             match url::Url::parse(u) {
                 Ok(p) if p.scheme() == "http" || p.scheme() == "https" => {}
-                _ => {
-                    return bad(format!(
-                        "cluster.public_url {u:?} must be an http:// or https:// URL"
-                    ))
-                }
+                _ => return bad(format!("cluster.public_url {u:?} must be an http:// or https:// URL")),
             }
         }
-        if self.cluster.heartbeat_ms == 0
-            || self.cluster.failure_timeout_ms <= self.cluster.heartbeat_ms
-        {
+        if self.cluster.heartbeat_ms == 0 || self.cluster.failure_timeout_ms <= self.cluster.heartbeat_ms {
             return bad("cluster.failure_timeout_ms must exceed cluster.heartbeat_ms > 0".into());
         }
         match self.store.backend.as_str() {
             "sled" => {}
             "postgres" => match &self.store.url {
                 Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {}
-                _ => {
-                    return bad(
-                        "store.backend = \"postgres\" needs store.url = \"postgres://...\"".into(),
-                    )
-                }
+                _ => return bad("store.backend = \"postgres\" needs store.url = \"postgres://...\"".into()),
             },
-            other => {
-                return bad(format!(
-                    "store.backend {other:?} is not \"sled\" or \"postgres\""
-                ))
-            }
+            other => return bad(format!("store.backend {other:?} is not \"sled\" or \"postgres\"")),
         }
         if self.store.pool_size == 0 {
             return bad("store.pool_size must be at least 1".into());
@@ -416,28 +396,16 @@ impl Config {
             return bad("delivery.batch_size must be 1..=1000".into());
         }
         if self.delivery.lease_ms < 100 || self.delivery.sweep_interval_ms < 10 {
-            return bad(
-                "delivery.lease_ms must be >= 100 and delivery.sweep_interval_ms >= 10".into(),
-            );
+            return bad("delivery.lease_ms must be >= 100 and delivery.sweep_interval_ms >= 10".into());
         }
         if self.limits.max_envelope_bytes < 1024 || self.limits.max_ws_frame_bytes < 1024 {
-            return bad(
-                "limits.max_envelope_bytes and limits.max_ws_frame_bytes must be >= 1024".into(),
-            );
+            return bad("limits.max_envelope_bytes and limits.max_ws_frame_bytes must be >= 1024".into());
         }
-        if self.limits.max_sessions == 0
-            || self.limits.max_queue_messages == 0
-            || self.limits.max_queue_bytes == 0
-        {
-            return bad(
-                "limits.max_sessions, max_queue_messages and max_queue_bytes must be > 0".into(),
-            );
+        if self.limits.max_sessions == 0 || self.limits.max_queue_messages == 0 || self.limits.max_queue_bytes == 0 {
+            return bad("limits.max_sessions, max_queue_messages and max_queue_bytes must be > 0".into());
         }
         if self.log.format != "human" && self.log.format != "json" {
-            return bad(format!(
-                "log.format {:?} is not \"human\" or \"json\"",
-                self.log.format
-            ));
+            return bad(format!("log.format {:?} is not \"human\" or \"json\"", self.log.format));
         }
         Ok(())
     }
@@ -452,11 +420,8 @@ impl Config {
     /// The shared secret, from `secret` or the variable named by `secret_env`.
     pub fn cluster_secret(&self) -> Result<String, ConfigError> {
         if let Some(var) = &self.cluster.secret_env {
-            return std::env::var(var).map_err(|_| {
-                ConfigError::Invalid(format!(
-                    "cluster.secret_env names {var:?}, which is not set"
-                ))
-            });
+            return std::env::var(var)
+                .map_err(|_| ConfigError::Invalid(format!("cluster.secret_env names {var:?}, which is not set")));
         }
         Ok(self.cluster.secret.clone().unwrap_or_default())
     }
@@ -467,9 +432,7 @@ impl Config {
             Some(u) => u.trim_end_matches('/').to_string(),
             None => format!(
                 "http://{}",
-                bound
-                    .map(|a| a.to_string())
-                    .unwrap_or_else(|| node.listen.clone())
+                bound.map(|a| a.to_string()).unwrap_or_else(|| node.listen.clone())
             ),
         }
     }

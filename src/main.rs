@@ -51,7 +51,13 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
-                println!("{}: ok ({} node(s), store {}, strategy {:?})", config.display(), c.nodes.len(), c.store.backend, c.delivery.strategy);
+                println!(
+                    "{}: ok ({} node(s), store {}, strategy {:?})",
+                    config.display(),
+                    c.nodes.len(),
+                    c.store.backend,
+                    c.delivery.strategy
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => bad_config(e),
@@ -79,7 +85,18 @@ fn main() -> ExitCode {
             };
             let sys = actix_rt::System::new();
             let res = sys.block_on(async move {
-                node::run(cfg, &node_id, listeners, node::NodeOptions { store: None, config_path: config }, mailroom::signals::shutdown_signal(), Arc::new(AtomicBool::new(false))).await
+                node::run(
+                    cfg,
+                    &node_id,
+                    listeners,
+                    node::NodeOptions {
+                        store: None,
+                        config_path: config,
+                    },
+                    mailroom::signals::shutdown_signal(),
+                    Arc::new(AtomicBool::new(false)),
+                )
+                .await
             });
             match res {
                 Ok(()) => ExitCode::SUCCESS,

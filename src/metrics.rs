@@ -64,21 +64,65 @@ impl Metrics {
             store_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             registry: Registry::default(),
         };
-        registry.register("forwards_received", "Forward messages received", m.forwards_received.clone());
-        registry.register("forwards_queued", "Forwards committed to the queue", m.forwards_queued.clone());
-        registry.register("forwards_duplicate", "Forwards dropped as duplicates within the dedup window", m.forwards_duplicate.clone());
-        registry.register("delivered", "Messages delivered, by path (live, pickup, implicit, endpoint)", m.delivered.clone());
-        registry.register("acknowledged", "Messages acknowledged by messages-received", m.acknowledged.clone());
-        registry.register("redelivered", "Messages delivered more than once", m.redelivered.clone());
+        registry.register(
+            "forwards_received",
+            "Forward messages received",
+            m.forwards_received.clone(),
+        );
+        registry.register(
+            "forwards_queued",
+            "Forwards committed to the queue",
+            m.forwards_queued.clone(),
+        );
+        registry.register(
+            "forwards_duplicate",
+            "Forwards dropped as duplicates within the dedup window",
+            m.forwards_duplicate.clone(),
+        );
+        registry.register(
+            "delivered",
+            "Messages delivered, by path (live, pickup, implicit, endpoint)",
+            m.delivered.clone(),
+        );
+        registry.register(
+            "acknowledged",
+            "Messages acknowledged by messages-received",
+            m.acknowledged.clone(),
+        );
+        registry.register(
+            "redelivered",
+            "Messages delivered more than once",
+            m.redelivered.clone(),
+        );
         registry.register("expired", "Messages removed by the TTL sweep", m.expired.clone());
         registry.register("rejected", "Inputs refused, by reason", m.rejected.clone());
-        registry.register("sessions", "Live WebSocket sessions bound to a connection on this node", m.sessions.clone());
+        registry.register(
+            "sessions",
+            "Live WebSocket sessions bound to a connection on this node",
+            m.sessions.clone(),
+        );
         registry.register("peers_up", "Cluster peers with a live link", m.peers_up.clone());
         registry.register("queue_depth", "Messages queued in the store", m.queue_depth.clone());
-        registry.register("cluster_notifications_sent", "Message-queued notifications sent to peers", m.notifications_sent.clone());
-        registry.register("cluster_notifications_received", "Message-queued notifications received from peers", m.notifications_received.clone());
-        registry.register("cluster_notifications_failed", "Notifications that could not be sent", m.notifications_failed.clone());
-        registry.register("store_enqueue_seconds", "Latency of durable enqueue", m.store_latency.clone());
+        registry.register(
+            "cluster_notifications_sent",
+            "Message-queued notifications sent to peers",
+            m.notifications_sent.clone(),
+        );
+        registry.register(
+            "cluster_notifications_received",
+            "Message-queued notifications received from peers",
+            m.notifications_received.clone(),
+        );
+        registry.register(
+            "cluster_notifications_failed",
+            "Notifications that could not be sent",
+            m.notifications_failed.clone(),
+        );
+        registry.register(
+            "store_enqueue_seconds",
+            "Latency of durable enqueue",
+            m.store_latency.clone(),
+        );
         Metrics { registry, ..m }
     }
 

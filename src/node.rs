@@ -105,7 +105,13 @@ pub async fn run(
         None => None,
     };
     let registry = Registry::new(cluster.clone()).start();
-    let shared = Arc::new(Shared::new(mediator.clone(), registry.clone(), cluster.clone(), cfg.clone(), metrics.clone()));
+    let shared = Arc::new(Shared::new(
+        mediator.clone(),
+        registry.clone(),
+        cluster.clone(),
+        cfg.clone(),
+        metrics.clone(),
+    ));
 
     // Notifications from peers wake local sessions; the store holds the messages.
     {
@@ -177,7 +183,12 @@ pub async fn run(
         node_id: node_id.to_string(),
         cluster: cluster.clone(),
     });
-    let admin_state = Arc::new(AdminState::new(shared.clone(), ready_flag.clone(), admin_addr, reloader.clone()));
+    let admin_state = Arc::new(AdminState::new(
+        shared.clone(),
+        ready_flag.clone(),
+        admin_addr,
+        reloader.clone(),
+    ));
     // SIGHUP re-reads the peer list (scaling by adding nodes without a restart).
     {
         let reloader = reloader.clone();
@@ -208,7 +219,10 @@ pub async fn run(
     ready_flag.store(true, Ordering::SeqCst);
     tracing::info!(node = node_id, public = %public_addr, admin = %admin_addr, store = store.backend(), "mailroom node ready");
     println!("mailroom node {node_id} listening on http://{public_addr} (admin http://{admin_addr})");
-    println!("invitation: {}", crate::protocols::oob::invitation_url(&mediator, &crate::protocols::oob::public_invitation(&mediator)));
+    println!(
+        "invitation: {}",
+        crate::protocols::oob::invitation_url(&mediator, &crate::protocols::oob::public_invitation(&mediator))
+    );
 
     shutdown.await;
 
@@ -254,7 +268,10 @@ pub struct Reloader {
 impl Reloader {
     /// Returns the number of peers now configured.
     pub fn reload(&self) -> anyhow::Result<usize> {
-        let path = self.path.as_ref().context("this node was not started from a config file")?;
+        let path = self
+            .path
+            .as_ref()
+            .context("this node was not started from a config file")?;
         let cfg = Config::load(path)?;
         cfg.node(&self.node_id)
             .with_context(|| format!("the new file no longer lists this node ({})", self.node_id))?;
@@ -355,7 +372,17 @@ pub fn spawn(cfg: Config, node_id: &str, listeners: Listeners, opts: NodeOptions
                         let _ = started.send(Ok(()));
                     })
                 };
-                let res = run(cfg, &id, listeners, opts, async { let _ = stop_rx.await; }, r2).await;
+                let res = run(
+                    cfg,
+                    &id,
+                    listeners,
+                    opts,
+                    async {
+                        let _ = stop_rx.await;
+                    },
+                    r2,
+                )
+                .await;
                 watcher.abort();
                 res
             });
@@ -384,12 +411,20 @@ pub fn bind_ephemeral(cfg: &mut Config, node_id: &str, with_cluster: bool) -> st
     let l = Listeners {
         public: TcpListener::bind("127.0.0.1:0")?,
         admin: TcpListener::bind("127.0.0.1:0")?,
-        cluster: if with_cluster { Some(TcpListener::bind("127.0.0.1:0")?) } else { None },
+        cluster: if with_cluster {
+            Some(TcpListener::bind("127.0.0.1:0")?)
+        } else {
+            None
+        },
     };
     let entry = NodeEntry {
         id: node_id.to_string(),
         listen: l.public.local_addr()?.to_string(),
-        cluster: l.cluster.as_ref().map(|c| c.local_addr().map(|a| a.to_string())).transpose()?,
+        cluster: l
+            .cluster
+            .as_ref()
+            .map(|c| c.local_addr().map(|a| a.to_string()))
+            .transpose()?,
         admin: l.admin.local_addr()?.to_string(),
     };
     match cfg.nodes.iter_mut().find(|n| n.id == node_id) {

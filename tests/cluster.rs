@@ -48,7 +48,12 @@ async fn peer_connected(n: &RunningNode, peer: &str) -> bool {
 /// Opens a live-mode socket on `node` and waits for the status answer.
 async fn live_socket(a: &Agent, node: &RunningNode) -> WsClient {
     let mut ws = a.websocket(&ws_url(node)).await.unwrap();
-    let st = ws_request(a, &mut ws, &pickup("live-delivery-change", json!({"live_delivery": true}))).await;
+    let st = ws_request(
+        a,
+        &mut ws,
+        &pickup("live-delivery-change", json!({"live_delivery": true})),
+    )
+    .await;
     assert_eq!(type_name(&st), "status", "{st}");
     ws
 }
@@ -74,7 +79,9 @@ async fn receive(a: &mut Agent, ws: &mut WsClient, ack_via: &str, want: usize) -
             seen.push(c);
         }
         a.endpoint = ack_via.to_string();
-        a.request(&pickup("messages-received", json!({"message_id_list": ids}))).await.unwrap();
+        a.request(&pickup("messages-received", json!({"message_id_list": ids})))
+            .await
+            .unwrap();
     }
     (seen, dups)
 }
@@ -102,7 +109,10 @@ async fn three_nodes(sweep_ms: u64) -> Fixture {
     for n in &nodes {
         for p in &nodes {
             if p.node_id != n.node_id {
-                eventually("cluster links up", || async { peer_connected(n, &p.node_id).await.then_some(()) }).await;
+                eventually("cluster links up", || async {
+                    peer_connected(n, &p.node_id).await.then_some(())
+                })
+                .await;
             }
         }
     }
@@ -160,7 +170,7 @@ async fn a_cut_link_only_delays_delivery_and_heals() {
     let real2: std::net::SocketAddr = cfg.nodes[1].cluster.clone().unwrap().parse().unwrap();
     let p1 = Proxy::start(real1).await; // n2 -> n1
     let p2 = Proxy::start(real2).await; // n1 -> n2
-    // Each node reaches the other only through a proxy.
+                                        // Each node reaches the other only through a proxy.
     let mut cfg1 = cfg.clone();
     cfg1.nodes[1].cluster = Some(p2.addr.to_string());
     let mut cfg2 = cfg.clone();
@@ -179,7 +189,10 @@ async fn a_cut_link_only_delays_delivery_and_heals() {
 
     p1.cut();
     p2.cut();
-    eventually("n2 sees n1 down", || async { (!peer_connected(&n2, "n1").await).then_some(()) }).await;
+    eventually("n2 sees n1 down", || async {
+        (!peer_connected(&n2, "n1").await).then_some(())
+    })
+    .await;
     for i in 0..5 {
         assert_eq!(forward_via(&n2, &routing, &k, &format!("cut-{i}")).await, 202);
     }
@@ -188,7 +201,10 @@ async fn a_cut_link_only_delays_delivery_and_heals() {
 
     p1.restore();
     p2.restore();
-    eventually("link healed", || async { peer_connected(&n2, "n1").await.then_some(()) }).await;
+    eventually("link healed", || async {
+        peer_connected(&n2, "n1").await.then_some(())
+    })
+    .await;
     wait_owner(&[&n2], &conn, "n1").await;
     assert_eq!(queue_depth(&n1).await, 0);
 }
@@ -222,10 +238,14 @@ async fn peers_with_a_wrong_secret_or_cluster_name_are_refused() {
             cluster: Some(n1.cluster_addr.unwrap().to_string()),
             admin: n1.admin_addr.to_string(),
         });
-        let before = cluster_json(n1).await["cluster"]["counters"]["auth_failures"].as_u64().unwrap_or(0);
+        let before = cluster_json(n1).await["cluster"]["counters"]["auth_failures"]
+            .as_u64()
+            .unwrap_or(0);
         let rogue = start_node(&rogue_cfg, "n3", l, &store, None);
         eventually("n1 counts the refused handshake", || async {
-            let now = cluster_json(n1).await["cluster"]["counters"]["auth_failures"].as_u64().unwrap_or(0);
+            let now = cluster_json(n1).await["cluster"]["counters"]["auth_failures"]
+                .as_u64()
+                .unwrap_or(0);
             (now > before).then_some(())
         })
         .await;

@@ -68,7 +68,12 @@ async fn run_failover(graceful: bool) {
     let (mut a, k) = Agent::onboard(&inv).await.unwrap();
     let routing = a.grant.clone().unwrap().routing_keys;
     let mut ws = a.websocket(&p1.ws_url()).await.unwrap();
-    let st = ws_request(&a, &mut ws, &pickup("live-delivery-change", json!({"live_delivery": true}))).await;
+    let st = ws_request(
+        &a,
+        &mut ws,
+        &pickup("live-delivery-change", json!({"live_delivery": true})),
+    )
+    .await;
     assert_eq!(type_name(&st), "status");
 
     // A sender streams 100 forwards into node 2, 5 ms apart.
@@ -113,7 +118,9 @@ async fn run_failover(graceful: bool) {
                 }
                 a.endpoint = ack_url.clone();
                 // The node may be gone between the delivery and the ack: that is the point.
-                let _ = a.request(&pickup("messages-received", json!({"message_id_list": ids}))).await;
+                let _ = a
+                    .request(&pickup("messages-received", json!({"message_id_list": ids})))
+                    .await;
             }
             other if killed => {
                 if graceful {
@@ -124,7 +131,12 @@ async fn run_failover(graceful: bool) {
                 // Reconnect through "the load balancer": node 2.
                 ack_url = p2.public_url();
                 ws = a.websocket(&p2.ws_url()).await.unwrap();
-                let st = ws_request(&a, &mut ws, &pickup("live-delivery-change", json!({"live_delivery": true}))).await;
+                let st = ws_request(
+                    &a,
+                    &mut ws,
+                    &pickup("live-delivery-change", json!({"live_delivery": true})),
+                )
+                .await;
                 assert_eq!(type_name(&st), "status");
             }
             Ok(WsEvent::Closed(r)) => panic!("socket closed before the kill: {r:?}"),
@@ -151,7 +163,9 @@ async fn run_failover(graceful: bool) {
                     uniq.insert(c);
                 }
                 a.endpoint = p2.public_url();
-                a.request(&pickup("messages-received", json!({"message_id_list": ids}))).await.unwrap();
+                a.request(&pickup("messages-received", json!({"message_id_list": ids})))
+                    .await
+                    .unwrap();
             }
             WsEvent::Closed(r) => panic!("node 2 closed the socket: {r:?}"),
         }

@@ -4,9 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mailroom::cluster::{
-    handshake, ClusterConfig, ClusterEvent, ClusterHandle, NotifyOutcome, PeerConfig,
-};
+use mailroom::cluster::{handshake, ClusterConfig, ClusterEvent, ClusterHandle, NotifyOutcome, PeerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -94,10 +92,7 @@ async fn wait_event(
 }
 
 fn connected(n: &Node, peer: &str) -> bool {
-    n.h.status()
-        .peers
-        .iter()
-        .any(|p| p.id == peer && p.connected)
+    n.h.status().peers.iter().any(|p| p.id == peer && p.connected)
 }
 
 fn all_connected(nodes: &[Node]) -> bool {
@@ -130,14 +125,8 @@ async fn three_nodes_notify_the_owner_only_and_follow_moves_and_crashes() {
     })
     .await;
 
-    assert_eq!(
-        nodes[1].h.notify_queued("c1"),
-        NotifyOutcome::Sent("n1".into())
-    );
-    assert_eq!(
-        nodes[2].h.notify_queued("c1"),
-        NotifyOutcome::Sent("n1".into())
-    );
+    assert_eq!(nodes[1].h.notify_queued("c1"), NotifyOutcome::Sent("n1".into()));
+    assert_eq!(nodes[2].h.notify_queued("c1"), NotifyOutcome::Sent("n1".into()));
     wait_event(&mut nodes[0].ev, "first Queued on n1", queued("c1")).await;
     wait_event(&mut nodes[0].ev, "second Queued on n1", queued("c1")).await;
     // Targeted, not broadcast: nobody else received a notification.
@@ -162,10 +151,7 @@ async fn three_nodes_notify_the_owner_only_and_follow_moves_and_crashes() {
         |e| matches!(e, ClusterEvent::SessionMoved { conn, node } if conn == "c1" && node == "n2"),
     )
     .await;
-    assert_eq!(
-        nodes[2].h.notify_queued("c1"),
-        NotifyOutcome::Sent("n2".into())
-    );
+    assert_eq!(nodes[2].h.notify_queued("c1"), NotifyOutcome::Sent("n2".into()));
     wait_event(&mut nodes[1].ev, "Queued on n2", queued("c1")).await;
     assert_eq!(nodes[0].h.status().counters.notifications_received, 2);
 
@@ -174,10 +160,7 @@ async fn three_nodes_notify_the_owner_only_and_follow_moves_and_crashes() {
     nodes[1].h.withdraw_session("c1", e1); // stale epoch for n2's claim: ignored
     let e3 = nodes[2].h.announce_session("probe"); // a marker behind the withdrawals
     wait_until("probe seen", || owner_is(&nodes[0], "probe", Some("n3"))).await;
-    wait_until("probe seen on n2", || {
-        owner_is(&nodes[1], "probe", Some("n3"))
-    })
-    .await;
+    wait_until("probe seen on n2", || owner_is(&nodes[1], "probe", Some("n3"))).await;
     assert!(nodes.iter().all(|n| owner_is(n, "c1", Some("n2"))));
     nodes[2].h.withdraw_session("probe", e3);
 
@@ -193,15 +176,10 @@ async fn three_nodes_notify_the_owner_only_and_follow_moves_and_crashes() {
     // Link gone but the failure timeout not yet over: the owner is known, unreachable.
     wait_until("n2 sees the link closed", || !connected(&nodes[1], "n1")).await;
     if t0.elapsed() < FAILURE / 2 {
-        assert_eq!(
-            nodes[1].h.notify_queued("c9"),
-            NotifyOutcome::Failed("n1".into())
-        );
+        assert_eq!(nodes[1].h.notify_queued("c9"), NotifyOutcome::Failed("n1".into()));
         assert_eq!(nodes[1].h.status().counters.notifications_failed, 1);
     }
-    let [_, n2, n3] = &mut nodes[..] else {
-        unreachable!()
-    };
+    let [_, n2, n3] = &mut nodes[..] else { unreachable!() };
     for n in [n2, n3] {
         wait_event(
             &mut n.ev,
@@ -260,12 +238,7 @@ async fn wrong_secret_and_wrong_cluster_are_refused_while_the_rest_works() {
     let a: Vec<SocketAddr> = ls.iter().map(|x| x.1).collect();
     let all = |me: usize| {
         let ids = ["n1", "n2", "n3", "n4"];
-        peers(
-            &(0..4)
-                .filter(|&j| j != me)
-                .map(|j| (ids[j], a[j]))
-                .collect::<Vec<_>>(),
-        )
+        peers(&(0..4).filter(|&j| j != me).map(|j| (ids[j], a[j])).collect::<Vec<_>>())
     };
     let mut it = ls.into_iter().map(|x| x.0);
     let mut n1 = start(cfg("n1", all(0)), it.next().unwrap()).await;
@@ -357,9 +330,7 @@ async fn garbage_and_bad_frames_close_that_connection_only() {
 
     // 1. Not our protocol at all.
     let mut s = TcpStream::connect(addrs[0]).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     assert!(closed_by_server(&mut s).await);
 
     // 2. Right preamble, then an absurd length.
@@ -381,10 +352,7 @@ async fn garbage_and_bad_frames_close_that_connection_only() {
         secret: b"s3cret",
         max_frame: 1 << 20,
     };
-    let res = handshake::run(&mut s, &local, handshake::Role::Dialer, Some("n1"), |_| {
-        true
-    })
-    .await;
+    let res = handshake::run(&mut s, &local, handshake::Role::Dialer, Some("n1"), |_| true).await;
     assert_eq!(res.unwrap(), "n1");
     wait_until("ghost link installed", || connected(&nodes[0], "ghost")).await;
     s.write_all(&(16u32 << 20).to_be_bytes()).await.unwrap();
@@ -403,10 +371,7 @@ async fn garbage_and_bad_frames_close_that_connection_only() {
         owner_is(&nodes[1], "g", Some("n1")) && owner_is(&nodes[2], "g", Some("n1"))
     })
     .await;
-    assert_eq!(
-        nodes[1].h.notify_queued("g"),
-        NotifyOutcome::Sent("n1".into())
-    );
+    assert_eq!(nodes[1].h.notify_queued("g"), NotifyOutcome::Sent("n1".into()));
     wait_event(&mut nodes[0].ev, "Queued g", queued("g")).await;
     for n in &nodes {
         n.h.shutdown().await;
@@ -456,21 +421,9 @@ async fn link_cut_then_restored_resyncs() {
     let p12 = proxy(a[1]).await;
     let p21 = proxy(a[0]).await;
     let mut it = ls.into_iter().map(|x| x.0);
-    let mut n1 = start(
-        cfg("n1", peers(&[("n2", p12.addr), ("n3", a[2])])),
-        it.next().unwrap(),
-    )
-    .await;
-    let mut n2 = start(
-        cfg("n2", peers(&[("n1", p21.addr), ("n3", a[2])])),
-        it.next().unwrap(),
-    )
-    .await;
-    let n3 = start(
-        cfg("n3", peers(&[("n1", a[0]), ("n2", a[1])])),
-        it.next().unwrap(),
-    )
-    .await;
+    let mut n1 = start(cfg("n1", peers(&[("n2", p12.addr), ("n3", a[2])])), it.next().unwrap()).await;
+    let mut n2 = start(cfg("n2", peers(&[("n1", p21.addr), ("n3", a[2])])), it.next().unwrap()).await;
+    let n3 = start(cfg("n3", peers(&[("n1", a[0]), ("n2", a[1])])), it.next().unwrap()).await;
     let nodes_ok = |n1: &Node, n2: &Node, n3: &Node| {
         connected(n1, "n2")
             && connected(n1, "n3")
@@ -534,10 +487,7 @@ async fn update_peers_adds_and_removes_nodes_at_runtime() {
 
     let (l4, a4) = bind().await;
     let mut n4 = start(
-        cfg(
-            "n4",
-            peers(&[("n1", addrs[0]), ("n2", addrs[1]), ("n3", addrs[2])]),
-        ),
+        cfg("n4", peers(&[("n1", addrs[0]), ("n2", addrs[1]), ("n3", addrs[2])])),
         l4,
     )
     .await;
@@ -553,8 +503,7 @@ async fn update_peers_adds_and_removes_nodes_at_runtime() {
         n.h.update_peers(peers(&ps));
     }
     wait_until("n4 joined", || {
-        ["n1", "n2", "n3"].iter().all(|p| connected(&n4, p))
-            && nodes.iter().all(|n| connected(n, "n4"))
+        ["n1", "n2", "n3"].iter().all(|p| connected(&n4, p)) && nodes.iter().all(|n| connected(n, "n4"))
     })
     .await;
     // Existing links were kept (no PeerDown among the original three).
@@ -569,10 +518,7 @@ async fn update_peers_adds_and_removes_nodes_at_runtime() {
         nodes.iter().all(|n| owner_is(n, "c4", Some("n4")))
     })
     .await;
-    assert_eq!(
-        nodes[0].h.notify_queued("c4"),
-        NotifyOutcome::Sent("n4".into())
-    );
+    assert_eq!(nodes[0].h.notify_queued("c4"), NotifyOutcome::Sent("n4".into()));
     wait_event(&mut n4.ev, "Queued c4 on n4", queued("c4")).await;
 
     // Remove n4 from n1's config: link closed, its sessions forgotten, n1 keeps the others.
@@ -583,10 +529,7 @@ async fn update_peers_adds_and_removes_nodes_at_runtime() {
     wait_until("n4 sees the link to n1 gone", || !connected(&n4, "n1")).await;
     assert!(connected(&nodes[0], "n2") && connected(&nodes[0], "n3"));
     // n1 now refuses n4 as an unknown node.
-    wait_until("n1 refuses n4", || {
-        nodes[0].h.status().counters.auth_failures >= 1
-    })
-    .await;
+    wait_until("n1 refuses n4", || nodes[0].h.status().counters.auth_failures >= 1).await;
     assert!(!connected(&nodes[0], "n4"));
     for n in nodes.iter().chain([&n4]) {
         n.h.shutdown().await;
@@ -603,9 +546,7 @@ async fn full_peer_queues_fall_back_to_a_resync() {
     let n2 = start(cfg("n2", peers(&[("n1", a1)])), l2).await;
     wait_until("linked", || connected(&n1, "n2") && connected(&n2, "n1")).await;
 
-    let epochs: Vec<u64> = (0..500)
-        .map(|i| n1.h.announce_session(&format!("q{i:03}")))
-        .collect();
+    let epochs: Vec<u64> = (0..500).map(|i| n1.h.announce_session(&format!("q{i:03}"))).collect();
     for (i, e) in epochs.iter().enumerate().take(250) {
         n1.h.withdraw_session(&format!("q{i:03}"), *e);
     }

@@ -11,7 +11,12 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::time::Duration;
 
-async fn forward_to(n: &mailroom::node::RunningNode, a: &Agent, key: &mailroom::didcomm::keys::KeyPair, text: &str) -> u16 {
+async fn forward_to(
+    n: &mailroom::node::RunningNode,
+    a: &Agent,
+    key: &mailroom::didcomm::keys::KeyPair,
+    text: &str,
+) -> u16 {
     let g = a.grant.clone().expect("mediated");
     Sender::new()
         .forward(&n.public_url(), &basic_message(text), &key.verkey(), &g.routing_keys)
@@ -57,15 +62,29 @@ async fn onboarding_mediation_and_keylist() {
         .await
         .unwrap()
         .unwrap();
-    let pids: Vec<&str> = disclose["protocols"].as_array().unwrap().iter().filter_map(|p| p["pid"].as_str()).collect();
-    assert_eq!(pids, vec!["https://didcomm.org/messagepickup/1.0", "https://didcomm.org/messagepickup/2.0"]);
+    let pids: Vec<&str> = disclose["protocols"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["pid"].as_str())
+        .collect();
+    assert_eq!(
+        pids,
+        vec![
+            "https://didcomm.org/messagepickup/1.0",
+            "https://didcomm.org/messagepickup/2.0"
+        ]
+    );
     // The legacy prefix is understood too.
     let pong = a
         .request(&json!({"@type": "did:sov:BzCbsNYhMrjHiqZDTUASHg;spec/trust_ping/1.0/ping", "@id": "p2", "~transport": {"return_route": "all"}}))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(pong["@type"], "did:sov:BzCbsNYhMrjHiqZDTUASHg;spec/trust_ping/1.0/ping_response");
+    assert_eq!(
+        pong["@type"],
+        "did:sov:BzCbsNYhMrjHiqZDTUASHg;spec/trust_ping/1.0/ping_response"
+    );
 }
 
 #[actix_rt::test]
@@ -92,7 +111,11 @@ async fn pickup_v2_over_http_leases_until_messages_received() {
     let status = a.request(&pickup("status-request", json!({}))).await.unwrap().unwrap();
     assert_eq!(type_name(&status), "status");
     assert_eq!(status["message_count"], 3);
-    let delivery = a.request(&pickup("delivery-request", json!({"limit": 2}))).await.unwrap().unwrap();
+    let delivery = a
+        .request(&pickup("delivery-request", json!({"limit": 2})))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(type_name(&delivery), "delivery");
     let opened = a.open_delivery(&delivery).unwrap();
     assert_eq!(opened.len(), 2);
@@ -109,14 +132,24 @@ async fn pickup_v2_over_http_leases_until_messages_received() {
         .unwrap();
     assert_eq!(type_name(&after), "status");
     assert_eq!(after["message_count"], 1);
-    let last = a.request(&pickup("delivery-request", json!({"limit": 10}))).await.unwrap().unwrap();
+    let last = a
+        .request(&pickup("delivery-request", json!({"limit": 10})))
+        .await
+        .unwrap()
+        .unwrap();
     let opened = a.open_delivery(&last).unwrap();
     assert_eq!(opened.len(), 1);
     assert_eq!(opened[0].1["content"], "m2");
-    a.request(&pickup("messages-received", json!({"message_id_list": [opened[0].0]}))).await.unwrap();
+    a.request(&pickup("messages-received", json!({"message_id_list": [opened[0].0]})))
+        .await
+        .unwrap();
     assert_eq!(queue_depth(&n).await, 0);
     // Empty queue: delivery-request answers with a status of 0.
-    let empty = a.request(&pickup("delivery-request", json!({"limit": 10}))).await.unwrap().unwrap();
+    let empty = a
+        .request(&pickup("delivery-request", json!({"limit": 10})))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(type_name(&empty), "status");
     assert_eq!(empty["message_count"], 0);
 }
@@ -128,14 +161,21 @@ async fn unacknowledged_http_delivery_comes_back_after_the_lease() {
     let inv = invitation(&n).await;
     let (a, k) = Agent::onboard(&inv).await.unwrap();
     forward_to(&n, &a, &k, "again").await;
-    let d1 = a.request(&pickup("delivery-request", json!({"limit": 5}))).await.unwrap().unwrap();
+    let d1 = a
+        .request(&pickup("delivery-request", json!({"limit": 5})))
+        .await
+        .unwrap()
+        .unwrap();
     let first = a.open_delivery(&d1).unwrap();
     assert_eq!(first.len(), 1);
     // No messages-received: after the 2 s lease the same message is delivered again.
     let again = eventually("redelivery after the lease", || {
         let a = &a;
         async move {
-            let d = a.request(&pickup("delivery-request", json!({"limit": 5}))).await.ok()??;
+            let d = a
+                .request(&pickup("delivery-request", json!({"limit": 5})))
+                .await
+                .ok()??;
             (type_name(&d) == "delivery").then(|| a.open_delivery(&d).unwrap())
         }
     })
@@ -159,7 +199,12 @@ async fn pickup_v1_batch() {
         .unwrap()
         .unwrap();
     assert_eq!(type_name(&batch), "batch");
-    let got: Vec<String> = a.open_delivery(&batch).unwrap().iter().map(|(_, m)| m["content"].as_str().unwrap().to_string()).collect();
+    let got: Vec<String> = a
+        .open_delivery(&batch)
+        .unwrap()
+        .iter()
+        .map(|(_, m)| m["content"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(got, vec!["b0", "b1", "b2"]);
     assert_eq!(queue_depth(&n).await, 1);
 }
@@ -172,7 +217,12 @@ async fn live_mode_over_websocket_with_acks_over_http() {
     let (a, k) = Agent::onboard(&inv).await.unwrap();
     forward_to(&n, &a, &k, "queued-before").await;
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
-    let status = ws_request(&a, &mut ws, &pickup("live-delivery-change", json!({"live_delivery": true}))).await;
+    let status = ws_request(
+        &a,
+        &mut ws,
+        &pickup("live-delivery-change", json!({"live_delivery": true})),
+    )
+    .await;
     assert_eq!(type_name(&status), "status");
     assert_eq!(status["live_delivery"], true);
     let mut seen = Vec::new();
@@ -199,7 +249,9 @@ async fn live_mode_over_websocket_with_acks_over_http() {
     let uniq: HashSet<&String> = seen.iter().collect();
     assert_eq!(uniq.len(), 6, "no duplicates: {seen:?}");
     // Credo 0.6.3 acknowledges over HTTP while the socket stays open.
-    a.request(&pickup("messages-received", json!({"message_id_list": ids}))).await.unwrap();
+    a.request(&pickup("messages-received", json!({"message_id_list": ids})))
+        .await
+        .unwrap();
     assert_eq!(queue_depth(&n).await, 0);
     ws.close().await;
 }
@@ -213,19 +265,31 @@ async fn live_delivery_unacknowledged_comes_back_on_a_new_session() {
     let inv = invitation(&n).await;
     let (a, k) = Agent::onboard(&inv).await.unwrap();
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
-    ws_request(&a, &mut ws, &pickup("live-delivery-change", json!({"live_delivery": true}))).await;
+    ws_request(
+        &a,
+        &mut ws,
+        &pickup("live-delivery-change", json!({"live_delivery": true})),
+    )
+    .await;
     forward_to(&n, &a, &k, "unacked").await;
     let d = ws_next_message(&a, &mut ws).await;
     let first = a.open_delivery(&d).unwrap();
     assert_eq!(first[0].1["content"], "unacked");
     ws.close().await; // dropped without messages-received
     let mut ws2 = a.websocket(&ws_url(&n)).await.unwrap();
-    let status = ws_request(&a, &mut ws2, &pickup("live-delivery-change", json!({"live_delivery": true}))).await;
+    let status = ws_request(
+        &a,
+        &mut ws2,
+        &pickup("live-delivery-change", json!({"live_delivery": true})),
+    )
+    .await;
     assert_eq!(type_name(&status), "status");
     let d2 = ws_next_message(&a, &mut ws2).await;
     let again = a.open_delivery(&d2).unwrap();
     assert_eq!(again[0].0, first[0].0, "the same queue entry is delivered again");
-    a.request(&pickup("messages-received", json!({"message_id_list": [again[0].0]}))).await.unwrap();
+    a.request(&pickup("messages-received", json!({"message_id_list": [again[0].0]})))
+        .await
+        .unwrap();
     assert_eq!(queue_depth(&n).await, 0);
 }
 
@@ -251,7 +315,10 @@ async fn implicit_pickup_on_a_return_route_socket() {
         got.push(m["content"].as_str().unwrap().to_string());
     }
     assert_eq!(got, vec!["i0", "i1", "i2"]);
-    eventually("implicit deliveries removed", || async { (queue_depth(&n).await == 0).then_some(()) }).await;
+    eventually("implicit deliveries removed", || async {
+        (queue_depth(&n).await == 0).then_some(())
+    })
+    .await;
 }
 
 #[actix_rt::test]
@@ -261,11 +328,15 @@ async fn queue_only_pushes_nothing() {
     let inv = invitation(&n).await;
     let (a, k) = Agent::onboard(&inv).await.unwrap();
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
-    let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "p", "~transport": {"return_route": "all"}});
+    let ping =
+        json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "p", "~transport": {"return_route": "all"}});
     let pong = ws_request(&a, &mut ws, &ping).await;
     assert_eq!(type_name(&pong), "ping_response");
     forward_to(&n, &a, &k, "stay").await;
-    assert!(ws.next(Duration::from_millis(600)).await.is_err(), "nothing pushed under QueueOnly");
+    assert!(
+        ws.next(Duration::from_millis(600)).await.is_err(),
+        "nothing pushed under QueueOnly"
+    );
     let status = a.request(&pickup("status-request", json!({}))).await.unwrap().unwrap();
     assert_eq!(status["message_count"], 1);
 }
@@ -284,8 +355,17 @@ async fn queued_messages_survive_a_restart() {
     let n2 = start(&cfg);
     let mut a = a;
     a.endpoint = n2.public_url();
-    let d = a.request(&pickup("delivery-request", json!({"limit": 100}))).await.unwrap().unwrap();
-    let got: Vec<String> = a.open_delivery(&d).unwrap().iter().map(|(_, m)| m["content"].as_str().unwrap().to_string()).collect();
+    let d = a
+        .request(&pickup("delivery-request", json!({"limit": 100})))
+        .await
+        .unwrap()
+        .unwrap();
+    let got: Vec<String> = a
+        .open_delivery(&d)
+        .unwrap()
+        .iter()
+        .map(|(_, m)| m["content"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(got, (0..10).map(|i| format!("r{i}")).collect::<Vec<_>>());
 }
 
@@ -297,7 +377,9 @@ async fn duplicate_forward_is_queued_once() {
     let (a, k) = Agent::onboard(&inv).await.unwrap();
     let s = Sender::new();
     let g = a.grant.clone().unwrap();
-    let env = s.forward_envelope(&basic_message("once"), &k.verkey(), &g.routing_keys).unwrap();
+    let env = s
+        .forward_envelope(&basic_message("once"), &k.verkey(), &g.routing_keys)
+        .unwrap();
     let (st1, _) = post_raw(&n.public_url(), "application/didcomm-envelope-enc", env.clone()).await;
     let (st2, _) = post_raw(&n.public_url(), "application/didcomm-envelope-enc", env).await;
     assert_eq!((st1, st2), (202, 202));
@@ -320,7 +402,9 @@ async fn bad_inputs_get_clear_errors_and_the_node_keeps_serving() {
     assert_eq!(st, 400, "{body}");
     assert!(body.contains("bad-envelope"), "{body}");
 
-    let good = a.pack(&json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "x"})).unwrap();
+    let good = a
+        .pack(&json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "x"}))
+        .unwrap();
     let (st, body) = post_raw(&url, ct, good[..good.len() / 2].to_vec()).await;
     assert_eq!(st, 400, "truncated: {body}");
 
@@ -386,12 +470,20 @@ async fn bad_inputs_get_clear_errors_and_the_node_keeps_serving() {
     // An unknown sender's pickup: refused outright.
     let mut c = Agent::connect(&inv).await.unwrap();
     c.key = mailroom::didcomm::keys::KeyPair::generate();
-    let err = c.request(&pickup("status-request", json!({}))).await.unwrap_err().to_string();
+    let err = c
+        .request(&pickup("status-request", json!({})))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("403"), "{err}");
 
     // Still serving, and nothing queued was lost.
     assert_eq!(forward_to(&n, &a, &k, "still here").await, 202);
-    let d = a.request(&pickup("delivery-request", json!({"limit": 10}))).await.unwrap().unwrap();
+    let d = a
+        .request(&pickup("delivery-request", json!({"limit": 10})))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(a.open_delivery(&d).unwrap()[0].1["content"], "still here");
 }
 
@@ -417,7 +509,9 @@ async fn endpoint_delivery_retries_until_accepted() {
             web::post().to(move |body: web::Bytes| {
                 let (r, f) = (r.clone(), f.clone());
                 async move {
-                    if f.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1)).is_ok() {
+                    if f.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+                        .is_ok()
+                    {
                         return HttpResponse::InternalServerError().finish();
                     }
                     r.lock().unwrap().push(body.to_vec());
@@ -444,10 +538,17 @@ async fn endpoint_delivery_retries_until_accepted() {
         async move { received.lock().unwrap().first().cloned() }
     })
     .await;
-    assert_eq!(refuse_first.load(Ordering::SeqCst), 0, "the first POST was refused and retried");
+    assert_eq!(
+        refuse_first.load(Ordering::SeqCst),
+        0,
+        "the first POST was refused and retried"
+    );
     let (m, _) = a.unpack(&body).unwrap();
     assert_eq!(m["content"], "to-endpoint");
-    eventually("queue empty after delivery", || async { (queue_depth(&n).await == 0).then_some(()) }).await;
+    eventually("queue empty after delivery", || async {
+        (queue_depth(&n).await == 0).then_some(())
+    })
+    .await;
     handle.stop(true).await;
 }
 

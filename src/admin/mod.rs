@@ -24,7 +24,12 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    pub fn new(shared: Arc<Shared>, ready: Arc<AtomicBool>, addr: SocketAddr, reloader: Arc<crate::node::Reloader>) -> AdminState {
+    pub fn new(
+        shared: Arc<Shared>,
+        ready: Arc<AtomicBool>,
+        addr: SocketAddr,
+        reloader: Arc<crate::node::Reloader>,
+    ) -> AdminState {
         AdminState {
             shared,
             ready,
@@ -89,7 +94,12 @@ async fn health() -> HttpResponse {
 async fn ready(st: web::Data<AdminState>) -> HttpResponse {
     let store_ok = st.shared.mediator.store.health().await.is_ok();
     let listening = st.ready.load(Ordering::SeqCst);
-    let cluster_ok = st.shared.cluster.as_ref().map(|c| c.handshake_attempted()).unwrap_or(true);
+    let cluster_ok = st
+        .shared
+        .cluster
+        .as_ref()
+        .map(|c| c.handshake_attempted())
+        .unwrap_or(true);
     let body = json!({"ready": store_ok && listening && cluster_ok, "store": store_ok, "listeners": listening, "cluster_handshake_attempted": cluster_ok});
     if store_ok && listening && cluster_ok {
         HttpResponse::Ok().json(body)
@@ -104,7 +114,10 @@ async fn status_json(st: &AdminState) -> Value {
     let store = &sh.mediator.store;
     let (queued, store_health) = match (store.total_queued().await, store.health().await) {
         (Ok(q), Ok(())) => (json!(q), json!("ok")),
-        (q, h) => (json!(q.ok()), json!(h.err().map(|e| e.to_string()).unwrap_or_else(|| "ok".into()))),
+        (q, h) => (
+            json!(q.ok()),
+            json!(h.err().map(|e| e.to_string()).unwrap_or_else(|| "ok".into())),
+        ),
     };
     let peers: Value = match &sh.cluster {
         Some(c) => serde_json::to_value(c.status().peers).unwrap_or(json!([])),
@@ -132,7 +145,11 @@ async fn status(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
 async fn cluster(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
     guard!(req, st);
     let me = status_json(&st).await;
-    let cluster = st.shared.cluster.as_ref().map(|c| serde_json::to_value(c.status()).unwrap_or(Value::Null));
+    let cluster = st
+        .shared
+        .cluster
+        .as_ref()
+        .map(|c| serde_json::to_value(c.status()).unwrap_or(Value::Null));
     HttpResponse::Ok().json(json!({ "node": st.shared.mediator.node_id, "self": me, "cluster": cluster }))
 }
 
@@ -176,16 +193,28 @@ async fn connection_json(st: &AdminState, c: &crate::store::Connection) -> Value
 async fn connections(req: HttpRequest, st: web::Data<AdminState>, page: web::Query<Page>) -> HttpResponse {
     guard!(req, st);
     let limit = page.limit.unwrap_or(100).clamp(1, 1000);
-    match st.shared.mediator.store.list_connections(page.after.as_deref(), limit).await {
+    match st
+        .shared
+        .mediator
+        .store
+        .list_connections(page.after.as_deref(), limit)
+        .await
+    {
         Ok(list) => {
             let mut out = Vec::with_capacity(list.len());
             for c in &list {
                 out.push(connection_json(&st, c).await);
             }
-            let next = if list.len() == limit { list.last().map(|c| c.id.clone()) } else { None };
+            let next = if list.len() == limit {
+                list.last().map(|c| c.id.clone())
+            } else {
+                None
+            };
             HttpResponse::Ok().json(json!({ "connections": out, "next": next }))
         }
-        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": "store-unavailable", "reason": e.to_string()})),
+        Err(e) => {
+            HttpResponse::ServiceUnavailable().json(json!({"error": "store-unavailable", "reason": e.to_string()}))
+        }
     }
 }
 
@@ -193,8 +222,12 @@ async fn connection(req: HttpRequest, st: web::Data<AdminState>, id: web::Path<S
     guard!(req, st);
     match st.shared.mediator.store.get_connection(&id).await {
         Ok(Some(c)) => HttpResponse::Ok().json(connection_json(&st, &c).await),
-        Ok(None) => HttpResponse::NotFound().json(json!({"error": "not-found", "reason": format!("no connection {id}")})),
-        Err(e) => HttpResponse::ServiceUnavailable().json(json!({"error": "store-unavailable", "reason": e.to_string()})),
+        Ok(None) => {
+            HttpResponse::NotFound().json(json!({"error": "not-found", "reason": format!("no connection {id}")}))
+        }
+        Err(e) => {
+            HttpResponse::ServiceUnavailable().json(json!({"error": "store-unavailable", "reason": e.to_string()}))
+        }
     }
 }
 
@@ -202,7 +235,8 @@ async fn new_invitation(req: HttpRequest, st: web::Data<AdminState>) -> HttpResp
     guard!(req, st);
     let m = &st.shared.mediator;
     let inv = oob::invitation(m, &uuid::Uuid::new_v4().to_string());
-    HttpResponse::Created().json(json!({ "invitation_url": oob::invitation_url(m, &inv), "invitation": inv, "multi_use": true }))
+    HttpResponse::Created()
+        .json(json!({ "invitation_url": oob::invitation_url(m, &inv), "invitation": inv, "multi_use": true }))
 }
 
 /// Re-reads the peer list from the config file (as SIGHUP does).

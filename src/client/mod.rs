@@ -98,7 +98,11 @@ pub async fn post(url: &str, body: Vec<u8>, timeout: Duration) -> anyhow::Result
         .await
         .map_err(|e| anyhow!("POST {url}: {e}"))?;
     let status = res.status().as_u16();
-    let body = res.body().limit(64 << 20).await.map_err(|e| anyhow!("POST {url} body: {e}"))?;
+    let body = res
+        .body()
+        .limit(64 << 20)
+        .await
+        .map_err(|e| anyhow!("POST {url} body: {e}"))?;
     Ok((status, body.to_vec()))
 }
 
@@ -149,7 +153,11 @@ impl Agent {
             bail!("did_rotate~attach signed by {signer}, not the invitation key");
         }
         let doc = did::resolve(their_did, None).map_err(|e| anyhow!("resolve {their_did}: {e}"))?;
-        a.mediator_verkey = doc.recipient_keys.first().cloned().context("mediator DID without keys")?;
+        a.mediator_verkey = doc
+            .recipient_keys
+            .first()
+            .cloned()
+            .context("mediator DID without keys")?;
         let complete = json!({
             "@type": "https://didcomm.org/didexchange/1.1/complete",
             "@id": new_id(),
@@ -235,7 +243,10 @@ impl Agent {
 
     /// keylist-update; returns the `updated` array.
     pub async fn keylist_update(&self, add: &[String], remove: &[String]) -> anyhow::Result<Vec<Value>> {
-        let mut updates: Vec<Value> = add.iter().map(|k| json!({"recipient_key": k, "action": "add"})).collect();
+        let mut updates: Vec<Value> = add
+            .iter()
+            .map(|k| json!({"recipient_key": k, "action": "add"}))
+            .collect();
         updates.extend(remove.iter().map(|k| json!({"recipient_key": k, "action": "remove"})));
         let reply = self
             .request(&json!({
@@ -336,7 +347,9 @@ impl WsClient {
             match frame {
                 None => return Ok(WsEvent::Closed(None)),
                 Some(Err(e)) => bail!("ws receive: {e}"),
-                Some(Ok(awc::ws::Frame::Text(b))) | Some(Ok(awc::ws::Frame::Binary(b))) => return Ok(WsEvent::Envelope(b.to_vec())),
+                Some(Ok(awc::ws::Frame::Text(b))) | Some(Ok(awc::ws::Frame::Binary(b))) => {
+                    return Ok(WsEvent::Envelope(b.to_vec()))
+                }
                 Some(Ok(awc::ws::Frame::Ping(p))) => {
                     let _ = self.framed.send(awc::ws::Message::Pong(p)).await;
                 }
@@ -375,12 +388,22 @@ impl Sender {
     /// `routing_keys` (as granted).
     pub fn forward_envelope(&self, msg: &Value, recipient: &str, routing_keys: &[String]) -> anyhow::Result<Vec<u8>> {
         let recipient = normalize_verkey(recipient)?;
-        let inner = envelope::pack(&serde_json::to_vec(msg)?, std::slice::from_ref(&recipient), Some(&self.key))?;
+        let inner = envelope::pack(
+            &serde_json::to_vec(msg)?,
+            std::slice::from_ref(&recipient),
+            Some(&self.key),
+        )?;
         Ok(envelope::wrap_forward(&inner, &recipient, routing_keys)?)
     }
 
     /// POSTs a forward; returns the HTTP status.
-    pub async fn forward(&self, endpoint: &str, msg: &Value, recipient: &str, routing_keys: &[String]) -> anyhow::Result<u16> {
+    pub async fn forward(
+        &self,
+        endpoint: &str,
+        msg: &Value,
+        recipient: &str,
+        routing_keys: &[String],
+    ) -> anyhow::Result<u16> {
         let env = self.forward_envelope(msg, recipient, routing_keys)?;
         Ok(post(endpoint, env, self.timeout).await?.0)
     }

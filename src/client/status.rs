@@ -14,7 +14,10 @@ async fn get(url: &str, token: Option<&str>) -> anyhow::Result<Value> {
     if !res.status().is_success() {
         bail!("GET {url}: HTTP {}", res.status());
     }
-    res.json::<Value>().limit(16 << 20).await.map_err(|e| anyhow!("GET {url}: {e}"))
+    res.json::<Value>()
+        .limit(16 << 20)
+        .await
+        .map_err(|e| anyhow!("GET {url}: {e}"))
 }
 
 /// Renders `/status` as a few lines of text (also used by tests).
@@ -28,17 +31,33 @@ pub fn render(status: &Value) -> String {
         status["store"]["backend"].as_str().unwrap_or("?"),
         status["store"]["health"].as_str().unwrap_or("?"),
     ));
-    out.push_str(&format!("sessions {}  queued {}\n", status["sessions"], status["queued"]));
+    out.push_str(&format!(
+        "sessions {}  queued {}\n",
+        status["sessions"], status["queued"]
+    ));
     let peers = status["peers"].as_array().cloned().unwrap_or_default();
     if !peers.is_empty() {
-        out.push_str(&format!("{:<12} {:<10} {:>14} {:>10}\n", "PEER", "LINK", "HEARTBEAT AGE", "RTT"));
+        out.push_str(&format!(
+            "{:<12} {:<10} {:>14} {:>10}\n",
+            "PEER", "LINK", "HEARTBEAT AGE", "RTT"
+        ));
         for p in peers {
             out.push_str(&format!(
                 "{:<12} {:<10} {:>14} {:>10}\n",
                 p["id"].as_str().unwrap_or("?"),
-                if p["connected"].as_bool().unwrap_or(false) { "up" } else { "DOWN" },
-                p["last_heartbeat_age_ms"].as_u64().map(|a| format!("{a} ms")).unwrap_or_else(|| "-".into()),
-                p["rtt_ms"].as_f64().map(|r| format!("{r:.1} ms")).unwrap_or_else(|| "-".into()),
+                if p["connected"].as_bool().unwrap_or(false) {
+                    "up"
+                } else {
+                    "DOWN"
+                },
+                p["last_heartbeat_age_ms"]
+                    .as_u64()
+                    .map(|a| format!("{a} ms"))
+                    .unwrap_or_else(|| "-".into()),
+                p["rtt_ms"]
+                    .as_f64()
+                    .map(|r| format!("{r:.1} ms"))
+                    .unwrap_or_else(|| "-".into()),
             ));
         }
     }

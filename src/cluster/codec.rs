@@ -39,10 +39,7 @@ impl CodecError {
 ///
 /// Not cancel-safe (it uses `read_exact`): each link has one dedicated reader task that only
 /// stops by being dropped together with its stream.
-pub async fn read_frame<R: AsyncRead + Unpin>(
-    r: &mut R,
-    max_frame: usize,
-) -> Result<Option<Frame>, CodecError> {
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max_frame: usize) -> Result<Option<Frame>, CodecError> {
     let mut len = [0u8; 4];
     // Distinguish EOF before the first byte (clean close) from EOF inside the header.
     let n = r.read(&mut len[..1]).await?;
@@ -55,10 +52,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         return Err(CodecError::Empty);
     }
     if len > max_frame {
-        return Err(CodecError::TooLarge {
-            len,
-            max: max_frame,
-        });
+        return Err(CodecError::TooLarge { len, max: max_frame });
     }
     let mut buf = vec![0u8; len];
     read_exact(r, &mut buf).await?;
@@ -90,11 +84,7 @@ pub fn encode_record(frame: &Frame, max_frame: usize) -> Result<Vec<u8>, CodecEr
 }
 
 /// Writes one frame (not flushed: callers batch and flush).
-pub async fn write_frame<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    frame: &Frame,
-    max_frame: usize,
-) -> Result<(), CodecError> {
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame, max_frame: usize) -> Result<(), CodecError> {
     let rec = encode_record(frame, max_frame)?;
     w.write_all(&rec).await?;
     Ok(())
@@ -104,9 +94,7 @@ pub async fn write_preamble<W: AsyncWrite + Unpin>(w: &mut W) -> io::Result<()> 
     w.write_all(&proto::preamble()).await
 }
 
-pub async fn read_preamble<R: AsyncRead + Unpin>(
-    r: &mut R,
-) -> Result<[u8; PREAMBLE_LEN], CodecError> {
+pub async fn read_preamble<R: AsyncRead + Unpin>(r: &mut R) -> Result<[u8; PREAMBLE_LEN], CodecError> {
     let mut p = [0u8; PREAMBLE_LEN];
     read_exact(r, &mut p).await?;
     Ok(p)
@@ -118,9 +106,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime")
+        tokio::runtime::Builder::new_current_thread().build().expect("runtime")
     }
 
     #[tokio::test]
@@ -128,9 +114,7 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(64);
         let frames = vec![
             Frame::Ping { t: 1 },
-            Frame::Queued {
-                conn: "x".repeat(200),
-            },
+            Frame::Queued { conn: "x".repeat(200) },
             Frame::Leave,
         ];
         let sent = frames.clone();
@@ -164,31 +148,17 @@ mod tests {
     #[tokio::test]
     async fn empty_and_truncated_frames() {
         let mut input: &[u8] = &[0, 0, 0, 0];
-        assert!(matches!(
-            read_frame(&mut input, 1024).await,
-            Err(CodecError::Empty)
-        ));
+        assert!(matches!(read_frame(&mut input, 1024).await, Err(CodecError::Empty)));
         let mut input: &[u8] = &[0, 0];
-        assert!(matches!(
-            read_frame(&mut input, 1024).await,
-            Err(CodecError::Truncated)
-        ));
+        assert!(matches!(read_frame(&mut input, 1024).await, Err(CodecError::Truncated)));
         let mut input: &[u8] = &[0, 0, 0, 5, 9];
-        assert!(matches!(
-            read_frame(&mut input, 1024).await,
-            Err(CodecError::Truncated)
-        ));
+        assert!(matches!(read_frame(&mut input, 1024).await, Err(CodecError::Truncated)));
     }
 
     #[test]
     fn oversize_frame_not_written() {
-        let f = Frame::Queued {
-            conn: "x".repeat(100),
-        };
-        assert!(matches!(
-            encode_record(&f, 50),
-            Err(CodecError::TooLarge { .. })
-        ));
+        let f = Frame::Queued { conn: "x".repeat(100) };
+        assert!(matches!(encode_record(&f, 50), Err(CodecError::TooLarge { .. })));
         let rec = encode_record(&f, 1000).unwrap();
         assert_eq!(&rec[..4], &(rec.len() as u32 - 4).to_be_bytes());
     }

@@ -30,23 +30,10 @@ pub struct Entry {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DirEvent {
-    Own {
-        conn: String,
-        node: String,
-        epoch: u64,
-    },
-    Disown {
-        conn: String,
-        node: String,
-        epoch: u64,
-    },
-    NodeGone {
-        node: String,
-    },
-    Resync {
-        node: String,
-        claims: Vec<(String, u64)>,
-    },
+    Own { conn: String, node: String, epoch: u64 },
+    Disown { conn: String, node: String, epoch: u64 },
+    NodeGone { node: String },
+    Resync { node: String, claims: Vec<(String, u64)> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -391,13 +378,12 @@ mod tests {
         let conn = prop_oneof![Just("a"), Just("b"), Just("c")].prop_map(String::from);
         let node = prop_oneof![Just("n1"), Just("n2"), Just("n3")].prop_map(String::from);
         prop_oneof![
-            (conn.clone(), node.clone(), 0u64..6).prop_map(|(conn, node, epoch)| DirEvent::Own {
+            (conn.clone(), node.clone(), 0u64..6).prop_map(|(conn, node, epoch)| DirEvent::Own { conn, node, epoch }),
+            (conn.clone(), node.clone(), 0u64..6).prop_map(|(conn, node, epoch)| DirEvent::Disown {
                 conn,
                 node,
                 epoch
             }),
-            (conn.clone(), node.clone(), 0u64..6)
-                .prop_map(|(conn, node, epoch)| DirEvent::Disown { conn, node, epoch }),
             node.clone().prop_map(|node| DirEvent::NodeGone { node }),
             (node, proptest::collection::vec((conn, 0u64..6), 0..4))
                 .prop_map(|(node, claims)| DirEvent::Resync { node, claims }),

@@ -51,10 +51,7 @@ impl Role {
 pub enum HandshakeError {
     #[error("not a mailroom cluster peer (bad magic)")]
     BadMagic,
-    #[error(
-        "protocol version {got} not supported (we speak {})",
-        proto::PROTOCOL_VERSION
-    )]
+    #[error("protocol version {got} not supported (we speak {})", proto::PROTOCOL_VERSION)]
     Version { got: u16 },
     #[error("peer is in cluster {got:?}, not ours")]
     WrongCluster { got: String },
@@ -122,18 +119,10 @@ pub fn proof(
     acceptor_nonce: &[u8; NONCE_LEN],
     prover: Role,
 ) -> [u8; 32] {
-    transcript(
-        secret,
-        cluster,
-        dialer,
-        acceptor,
-        dialer_nonce,
-        acceptor_nonce,
-        prover,
-    )
-    .finalize()
-    .into_bytes()
-    .into()
+    transcript(secret, cluster, dialer, acceptor, dialer_nonce, acceptor_nonce, prover)
+        .finalize()
+        .into_bytes()
+        .into()
 }
 
 fn transcript(
@@ -238,17 +227,9 @@ where
         Role::Acceptor => Role::Dialer,
     };
     // `verify_slice` compares in constant time.
-    if transcript(
-        local.secret,
-        local.cluster,
-        dialer,
-        acceptor,
-        dn,
-        an,
-        peer_role,
-    )
-    .verify_slice(&theirs)
-    .is_err()
+    if transcript(local.secret, local.cluster, dialer, acceptor, dn, an, peer_role)
+        .verify_slice(&theirs)
+        .is_err()
     {
         return refuse(stream, local, HandshakeError::BadProof).await;
     }
@@ -260,10 +241,7 @@ where
 }
 
 /// Reads the next handshake frame, turning a `Refused` and a close into errors.
-async fn next<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    local: &Local<'_>,
-) -> Result<Frame, HandshakeError> {
+async fn next<S: AsyncRead + Unpin>(stream: &mut S, local: &Local<'_>) -> Result<Frame, HandshakeError> {
     match codec::read_frame(stream, local.max_frame).await? {
         None => Err(HandshakeError::Closed),
         Some(Frame::Refused { reason }) => Err(HandshakeError::PeerRefused(reason)),
@@ -271,11 +249,7 @@ async fn next<S: AsyncRead + Unpin>(
     }
 }
 
-async fn send<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    local: &Local<'_>,
-    f: &Frame,
-) -> Result<(), HandshakeError> {
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, local: &Local<'_>, f: &Frame) -> Result<(), HandshakeError> {
     codec::write_frame(stream, f, local.max_frame).await?;
     stream.flush().await.map_err(CodecError::from)?;
     Ok(())
@@ -313,21 +287,11 @@ mod tests {
         a: Local<'static>,
         b: Local<'static>,
         known_by_b: &'static [&'static str],
-    ) -> (
-        Result<String, HandshakeError>,
-        Result<String, HandshakeError>,
-    ) {
+    ) -> (Result<String, HandshakeError>, Result<String, HandshakeError>) {
         let (mut sa, mut sb) = tokio::io::duplex(4096);
         let expected_b = b.node;
-        let ta = tokio::spawn(async move {
-            run(&mut sa, &a, Role::Dialer, Some(expected_b), |_| true).await
-        });
-        let tb = tokio::spawn(async move {
-            run(&mut sb, &b, Role::Acceptor, None, |n| {
-                known_by_b.contains(&n)
-            })
-            .await
-        });
+        let ta = tokio::spawn(async move { run(&mut sa, &a, Role::Dialer, Some(expected_b), |_| true).await });
+        let tb = tokio::spawn(async move { run(&mut sb, &b, Role::Acceptor, None, |n| known_by_b.contains(&n)).await });
         (ta.await.unwrap(), tb.await.unwrap())
     }
 
@@ -376,10 +340,7 @@ mod tests {
             let l = local("c", "n3", b"s");
             run(&mut sb, &l, Role::Acceptor, None, |_| true).await
         });
-        assert!(matches!(
-            ta.await.unwrap(),
-            Err(HandshakeError::UnexpectedNode { .. })
-        ));
+        assert!(matches!(ta.await.unwrap(), Err(HandshakeError::UnexpectedNode { .. })));
         assert!(tb.await.unwrap().is_err());
     }
 

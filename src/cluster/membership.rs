@@ -38,11 +38,7 @@ pub enum MemberEvent {
     /// A frame arrived on a link.
     Heard { peer: String, link: LinkId },
     /// A heartbeat round trip was measured on a link.
-    Rtt {
-        peer: String,
-        link: LinkId,
-        rtt: Duration,
-    },
+    Rtt { peer: String, link: LinkId, rtt: Duration },
     /// A link ended (EOF, error, bad frame).
     LinkClosed { peer: String, link: LinkId },
     /// The peer said `Leave` on a link.
@@ -175,11 +171,7 @@ impl Membership {
                     p.attempted = true;
                 }
             }
-            MemberEvent::LinkUp {
-                peer,
-                link,
-                we_dialed,
-            } => {
+            MemberEvent::LinkUp { peer, link, we_dialed } => {
                 let local_lower = self.local < peer;
                 let Some(p) = self.peers.get_mut(&peer) else {
                     fx.push(MemberEffect::Reject { peer, link });
@@ -198,10 +190,7 @@ impl Membership {
                         link: old.id,
                     });
                 }
-                p.link = Some(Link {
-                    id: link,
-                    preferred,
-                });
+                p.link = Some(Link { id: link, preferred });
                 p.last_heard = Some(now);
                 fx.push(MemberEffect::Install {
                     peer: peer.clone(),
@@ -280,12 +269,7 @@ mod tests {
         let mut m = Membership::new(local, T);
         let now = Instant::now();
         for p in peers {
-            m.handle(
-                MemberEvent::Added {
-                    peer: p.to_string(),
-                },
-                now,
-            );
+            m.handle(MemberEvent::Added { peer: p.to_string() }, now);
         }
         m
     }
@@ -312,9 +296,7 @@ mod tests {
             },
             t0 + Duration::from_secs(2),
         );
-        assert!(s
-            .handle(MemberEvent::Tick, t0 + Duration::from_secs(4))
-            .is_empty());
+        assert!(s.handle(MemberEvent::Tick, t0 + Duration::from_secs(4)).is_empty());
         let fx = s.handle(MemberEvent::Tick, t0 + Duration::from_secs(5));
         assert_eq!(
             fx,
@@ -328,9 +310,7 @@ mod tests {
         );
         assert!(!s.is_up("n2"));
         // no repeated Down
-        assert!(s
-            .handle(MemberEvent::Tick, t0 + Duration::from_secs(9))
-            .is_empty());
+        assert!(s.handle(MemberEvent::Tick, t0 + Duration::from_secs(9)).is_empty());
     }
 
     #[test]
@@ -456,13 +436,8 @@ mod tests {
     fn arb_event() -> impl Strategy<Value = MemberEvent> {
         let peer = prop_oneof![Just("n0"), Just("n2"), Just("n3")].prop_map(String::from);
         prop_oneof![
-            (peer.clone(), 0u64..4, any::<bool>()).prop_map(|(peer, link, we_dialed)| {
-                MemberEvent::LinkUp {
-                    peer,
-                    link,
-                    we_dialed,
-                }
-            }),
+            (peer.clone(), 0u64..4, any::<bool>())
+                .prop_map(|(peer, link, we_dialed)| { MemberEvent::LinkUp { peer, link, we_dialed } }),
             (peer.clone(), 0u64..4).prop_map(|(peer, link)| MemberEvent::Heard { peer, link }),
             (peer.clone(), 0u64..4).prop_map(|(peer, link)| MemberEvent::LinkClosed { peer, link }),
             (peer.clone(), 0u64..4).prop_map(|(peer, link)| MemberEvent::Left { peer, link }),

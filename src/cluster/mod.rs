@@ -271,8 +271,7 @@ impl ClusterHandle {
         shared.spawn(peer::accept_loop(shared.clone(), listener));
         let ticker = shared.clone();
         shared.spawn(async move {
-            let period =
-                (ticker.settings.failure_timeout / 8).min(ticker.settings.heartbeat_interval);
+            let period = (ticker.settings.failure_timeout / 8).min(ticker.settings.heartbeat_interval);
             let mut iv = tokio::time::interval(period);
             let mut shutdown = ticker.shutdown_rx.clone();
             loop {
@@ -306,12 +305,7 @@ impl ClusterHandle {
     }
 
     pub fn owner_of(&self, conn: &str) -> Option<String> {
-        self.shared
-            .state
-            .lock()
-            .dir
-            .owner(conn)
-            .map(|(n, _)| n.to_string())
+        self.shared.state.lock().dir.owner(conn).map(|(n, _)| n.to_string())
     }
 
     /// Wakes the owner of `conn`: sends `Queued` to that node only.
@@ -397,10 +391,7 @@ impl ClusterHandle {
         self.shared.signal_shutdown();
         let rx = self.shared.all_done.lock().take();
         if let Some(mut rx) = rx {
-            if tokio::time::timeout(SHUTDOWN_GRACE, rx.recv())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(SHUTDOWN_GRACE, rx.recv()).await.is_err() {
                 tracing::warn!("cluster tasks did not stop within the grace period");
             }
         }

@@ -152,11 +152,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Must be called from within a tokio runtime (`ClusterHandle::start` is async).
-    pub fn new(
-        settings: Settings,
-        peers: &[PeerConfig],
-        events: mpsc::Sender<ClusterEvent>,
-    ) -> Arc<Shared> {
+    pub fn new(settings: Settings, peers: &[PeerConfig], events: mpsc::Sender<ClusterEvent>) -> Arc<Shared> {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (done_tx, done_rx) = mpsc::channel(1);
         let state = State {
@@ -236,8 +232,7 @@ impl Shared {
                         _dialer_stop: stop_tx,
                     },
                 );
-                st.members
-                    .handle(MemberEvent::Added { peer: p.id.clone() }, now);
+                st.members.handle(MemberEvent::Added { peer: p.id.clone() }, now);
                 to_dial.push((p.id.clone(), stop_rx));
             }
         }
@@ -261,9 +256,7 @@ impl Shared {
                 .collect();
             for id in removed {
                 info!(peer = %id, "cluster peer removed from config");
-                let fx = st
-                    .members
-                    .handle(MemberEvent::Removed { peer: id.clone() }, now);
+                let fx = st.members.handle(MemberEvent::Removed { peer: id.clone() }, now);
                 self.apply_member_effects(&mut st, fx);
                 st.dir.apply(DirEvent::NodeGone { node: id.clone() });
                 // Dropping the slot closes its link and stops its dialer.
@@ -299,9 +292,7 @@ impl Shared {
     fn apply_dir_effects(&self, fx: Vec<DirEffect>) {
         for e in fx {
             match e {
-                DirEffect::SessionMoved { conn, node } => {
-                    self.emit(ClusterEvent::SessionMoved { conn, node })
-                }
+                DirEffect::SessionMoved { conn, node } => self.emit(ClusterEvent::SessionMoved { conn, node }),
             }
         }
     }
@@ -350,9 +341,7 @@ impl Shared {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let epoch = (now_ms << 16)
-            .max(st.last_epoch + 1)
-            .max(st.dir.max_epoch(conn) + 1);
+        let epoch = (now_ms << 16).max(st.last_epoch + 1).max(st.dir.max_epoch(conn) + 1);
         st.last_epoch = epoch;
         let fx = st.dir.apply(DirEvent::Own {
             conn: conn.to_string(),
@@ -412,12 +401,7 @@ impl Shared {
             .peers
             .get(&owner)
             .and_then(|s| s.link.as_ref())
-            .is_some_and(|l| {
-                l.tx.try_send(Frame::Queued {
-                    conn: conn.to_string(),
-                })
-                .is_ok()
-            });
+            .is_some_and(|l| l.tx.try_send(Frame::Queued { conn: conn.to_string() }).is_ok());
         if sent {
             bump(&self.counters.notifications_sent);
             NotifyOutcome::Sent(owner)
@@ -443,12 +427,7 @@ impl Shared {
     }
 
     pub fn links_open(&self) -> usize {
-        self.state
-            .lock()
-            .peers
-            .values()
-            .filter(|s| s.link.is_some())
-            .count()
+        self.state.lock().peers.values().filter(|s| s.link.is_some()).count()
     }
 
     pub fn link_ended(&self) -> &Notify {
@@ -570,10 +549,11 @@ async fn dial_loop(shared: Arc<Shared>, peer: String, mut stop: watch::Receiver<
             r = stop.changed() => if r.is_err() { return } else { continue },
             _ = shutdown.changed() => return,
         };
-        shared.state.lock().members.handle(
-            MemberEvent::DialAttempted { peer: peer.clone() },
-            Instant::now(),
-        );
+        shared
+            .state
+            .lock()
+            .members
+            .handle(MemberEvent::DialAttempted { peer: peer.clone() }, Instant::now());
         match res {
             Ok(stream) => {
                 backoff = BACKOFF_START;
@@ -880,17 +860,10 @@ async fn write_loop(
 
 /// Writes one frame; a frame too large to send (an absurd conn id) is logged and skipped
 /// rather than taking the link down.
-async fn write_one(
-    wr: &mut BufWriter<OwnedWriteHalf>,
-    f: &Frame,
-    max: usize,
-) -> Result<(), CodecError> {
+async fn write_one(wr: &mut BufWriter<OwnedWriteHalf>, f: &Frame, max: usize) -> Result<(), CodecError> {
     match codec::write_frame(wr, f, max).await {
         Err(CodecError::TooLarge { len, max }) => {
-            warn!(
-                kind = f.kind(),
-                len, max, "cluster frame too large to send, skipped"
-            );
+            warn!(kind = f.kind(), len, max, "cluster frame too large to send, skipped");
             Ok(())
         }
         r => r,
@@ -920,10 +893,7 @@ pub(crate) fn resync_chunks(claims: Vec<(String, u64)>, max: usize) -> Vec<Frame
     for (conn, epoch) in claims {
         let cost = conn.len() + 18;
         if cost > budget {
-            warn!(
-                len = conn.len(),
-                "conn id too long for a resync frame, skipped"
-            );
+            warn!(len = conn.len(), "conn id too long for a resync frame, skipped");
             continue;
         }
         if size + cost > budget {
@@ -951,12 +921,7 @@ mod tests {
     #[test]
     fn resync_chunks_fit_and_end_with_last() {
         let claims: Vec<(String, u64)> = (0..1000)
-            .map(|i| {
-                (
-                    format!("conn-{i:05}-{}", "x".repeat(i % 50)),
-                    u64::MAX - i as u64,
-                )
-            })
+            .map(|i| (format!("conn-{i:05}-{}", "x".repeat(i % 50)), u64::MAX - i as u64))
             .collect();
         let frames = resync_chunks(claims.clone(), 2048);
         assert!(frames.len() > 1);

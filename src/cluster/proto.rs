@@ -122,8 +122,8 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtoError> {
 /// Decodes exactly one frame from `bytes`; any leftover byte is an error (a frame is the whole
 /// payload of one length-prefixed record).
 pub fn decode(bytes: &[u8]) -> Result<Frame, ProtoError> {
-    let (frame, used): (Frame, usize) = bincode::serde::decode_from_slice(bytes, config())
-        .map_err(|e| ProtoError::Malformed(e.to_string()))?;
+    let (frame, used): (Frame, usize) =
+        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| ProtoError::Malformed(e.to_string()))?;
     if used != bytes.len() {
         return Err(ProtoError::TrailingBytes(bytes.len() - used));
     }
@@ -194,12 +194,7 @@ mod tests {
     fn fixed_bytes_small_frames() {
         assert_eq!(bytes(&Frame::Proof { mac: [0xab; 32] })[..2], [1, 0xab]);
         assert_eq!(bytes(&Frame::Proof { mac: [0xab; 32] }).len(), 33);
-        assert_eq!(
-            bytes(&Frame::Refused {
-                reason: "no".into()
-            }),
-            vec![3, 2, b'n', b'o']
-        );
+        assert_eq!(bytes(&Frame::Refused { reason: "no".into() }), vec![3, 2, b'n', b'o']);
         assert_eq!(bytes(&Frame::Ping { t: 5 }), vec![4, 5]);
         // varint: values >= 251 take a marker byte (251 = u16) + little-endian payload
         assert_eq!(bytes(&Frame::Pong { t: 300 }), vec![5, 251, 0x2c, 0x01]);
@@ -236,10 +231,7 @@ mod tests {
             }),
             vec![8, 1, 1, b'a', 2, 1]
         );
-        assert_eq!(
-            bytes(&Frame::Queued { conn: "xy".into() }),
-            vec![9, 2, b'x', b'y']
-        );
+        assert_eq!(bytes(&Frame::Queued { conn: "xy".into() }), vec![9, 2, b'x', b'y']);
     }
 
     #[test]
@@ -275,13 +267,8 @@ mod tests {
 
     fn arb_frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
-            (arb_string(), arb_string(), any::<[u8; 32]>()).prop_map(|(cluster, node, nonce)| {
-                Frame::Hello(Hello {
-                    cluster,
-                    node,
-                    nonce,
-                })
-            }),
+            (arb_string(), arb_string(), any::<[u8; 32]>())
+                .prop_map(|(cluster, node, nonce)| { Frame::Hello(Hello { cluster, node, nonce }) }),
             any::<[u8; 32]>().prop_map(|mac| Frame::Proof { mac }),
             arb_string().prop_map(|reason| Frame::Refused { reason }),
             any::<u64>().prop_map(|t| Frame::Ping { t }),

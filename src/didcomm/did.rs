@@ -25,12 +25,7 @@ pub const MAX_KEYS_PER_SERVICE: usize = 8;
 pub const QUEUE_ENDPOINT: &str = "didcomm:transport/queue";
 
 /// Service types whose endpoints carry DIDComm.
-const DIDCOMM_SERVICE_TYPES: &[&str] = &[
-    "did-communication",
-    "IndyAgent",
-    "DIDCommMessaging",
-    "DIDComm",
-];
+const DIDCOMM_SERVICE_TYPES: &[&str] = &["did-communication", "IndyAgent", "DIDCommMessaging", "DIDComm"];
 
 /// Multicodec prefix of JSON (varint 0x0200), used by did:peer:4's encoded document.
 const JSON_CODEC: [u8; 2] = [0x80, 0x04];
@@ -208,11 +203,7 @@ fn resolve_peer2(did: &str, depth: u8) -> Result<ResolvedDoc, DidError> {
             'I' => Some("capabilityInvocation"),
             'D' => Some("capabilityDelegation"),
             'S' => None,
-            _ => {
-                return Err(DidError::Malformed(format!(
-                    "unknown did:peer:2 purpose {purpose}"
-                )))
-            }
+            _ => return Err(DidError::Malformed(format!("unknown did:peer:2 purpose {purpose}"))),
         };
         match rel {
             Some(rel) => {
@@ -231,18 +222,15 @@ fn resolve_peer2(did: &str, depth: u8) -> Result<ResolvedDoc, DidError> {
                 vms.push(json!({
                     "id": vm_id, "type": ty, "controller": did, "publicKeyMultibase": value,
                 }));
-                let entry = by_purpose
-                    .entry(rel.to_owned())
-                    .or_insert_with(|| Value::Array(vec![]));
+                let entry = by_purpose.entry(rel.to_owned()).or_insert_with(|| Value::Array(vec![]));
                 if let Value::Array(a) = entry {
                     a.push(Value::String(vm_id.clone()));
                 }
             }
             None => {
-                let raw = b64::decode(value)
-                    .ok_or_else(|| DidError::Malformed("service is not base64".into()))?;
-                let parsed: Value = serde_json::from_slice(&raw)
-                    .map_err(|_| DidError::Malformed("service is not JSON".into()))?;
+                let raw = b64::decode(value).ok_or_else(|| DidError::Malformed("service is not base64".into()))?;
+                let parsed: Value =
+                    serde_json::from_slice(&raw).map_err(|_| DidError::Malformed("service is not JSON".into()))?;
                 let list = match parsed {
                     Value::Array(a) => a,
                     other => vec![other],
@@ -392,9 +380,7 @@ fn resolve_peer4_long(did: &str, depth: u8) -> Result<ResolvedDoc, DidError> {
         .map_err(|_| DidError::Malformed("did:peer:4 document is not JSON".into()))?;
     let short_form = format!("did:peer:4{}", p.hash);
     let Value::Object(obj) = &mut doc else {
-        return Err(DidError::Malformed(
-            "did:peer:4 document is not an object".into(),
-        ));
+        return Err(DidError::Malformed("did:peer:4 document is not an object".into()));
     };
     // Contextualize (peer DID spec, method 4): the input doc has no id.
     obj.insert("id".into(), did.into());
@@ -469,12 +455,7 @@ pub fn create_peer4(verkey_b58: &str, endpoints: &[String], routing_keys: &[Stri
 /// An RFC 0067 DID doc as Credo and ACA-Py write it for connections 1.0 and the didexchange
 /// 1.0 `did_doc~attach`: one Ed25519 key `did#1`, one `IndyAgent` service per endpoint with
 /// base58 recipient and routing keys. `did` is the unqualified or `did:sov` DID.
-pub fn legacy_diddoc(
-    did: &str,
-    verkey_b58: &str,
-    endpoints: &[String],
-    routing_keys: &[String],
-) -> Value {
+pub fn legacy_diddoc(did: &str, verkey_b58: &str, endpoints: &[String], routing_keys: &[String]) -> Value {
     let key_id = format!("{did}#1");
     let routing: Vec<String> = routing_keys
         .iter()
@@ -575,22 +556,14 @@ fn interpret(did: &str, doc: &Value, aliases: &[&str], depth: u8) -> Result<Reso
     // References in authentication may point at methods listed after it.
     if auth_keys.is_empty() {
         if let Some(Value::Array(items)) = obj.get("authentication") {
-            for r in items
-                .iter()
-                .take(MAX_VERIFICATION_METHODS)
-                .filter_map(Value::as_str)
-            {
+            for r in items.iter().take(MAX_VERIFICATION_METHODS).filter_map(Value::as_str) {
                 auth_keys.extend(deref_key(r, &vms, aliases, depth));
             }
         }
     }
 
     let mut services: Vec<&Map<String, Value>> = match obj.get("service") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .take(MAX_SERVICES)
-            .filter_map(Value::as_object)
-            .collect(),
+        Some(Value::Array(a)) => a.iter().take(MAX_SERVICES).filter_map(Value::as_object).collect(),
         Some(Value::Object(o)) => vec![o],
         _ => vec![],
     };
@@ -606,17 +579,15 @@ fn interpret(did: &str, doc: &Value, aliases: &[&str], depth: u8) -> Result<Reso
     let mut endpoints = Vec::new();
     for s in &services {
         for r in key_list(s.get("recipientKeys")) {
-            let pk = deref_key(r, &vms, aliases, depth).ok_or_else(|| {
-                DidError::Malformed(format!("recipient key {} not found", short(r)))
-            })?;
+            let pk = deref_key(r, &vms, aliases, depth)
+                .ok_or_else(|| DidError::Malformed(format!("recipient key {} not found", short(r))))?;
             push_unique(&mut recipient_keys, keys::verkey_to_base58(&pk));
         }
         let ep = s.get("serviceEndpoint");
         let nested_routing = ep.and_then(|e| e.get("routingKeys"));
         for r in key_list(s.get("routingKeys")).chain(key_list(nested_routing)) {
-            let pk = deref_key(r, &vms, aliases, depth).ok_or_else(|| {
-                DidError::Malformed(format!("routing key {} not found", short(r)))
-            })?;
+            let pk = deref_key(r, &vms, aliases, depth)
+                .ok_or_else(|| DidError::Malformed(format!("routing key {} not found", short(r))))?;
             push_unique(&mut routing_keys, keys::verkey_to_base58(&pk));
         }
         for uri in endpoint_uris(ep) {
@@ -628,10 +599,7 @@ fn interpret(did: &str, doc: &Value, aliases: &[&str], depth: u8) -> Result<Reso
     if recipient_keys.is_empty() {
         // DIDCommMessaging services have no recipientKeys: use the authentication keys, else
         // any Ed25519 key of the doc.
-        for pk in auth_keys
-            .iter()
-            .chain(vms.iter().filter_map(|v| v.key.as_ref()))
-        {
+        for pk in auth_keys.iter().chain(vms.iter().filter_map(|v| v.key.as_ref())) {
             push_unique(&mut recipient_keys, keys::verkey_to_base58(pk));
         }
     }
@@ -651,11 +619,9 @@ fn push_unique(v: &mut Vec<String>, s: String) {
 }
 
 fn key_list(v: Option<&Value>) -> impl Iterator<Item = &str> {
-    v.and_then(Value::as_array).into_iter().flat_map(|a| {
-        a.iter()
-            .take(MAX_KEYS_PER_SERVICE)
-            .filter_map(Value::as_str)
-    })
+    v.and_then(Value::as_array)
+        .into_iter()
+        .flat_map(|a| a.iter().take(MAX_KEYS_PER_SERVICE).filter_map(Value::as_str))
 }
 
 fn endpoint_uris(ep: Option<&Value>) -> Vec<&str> {
@@ -713,9 +679,7 @@ fn deref_key(r: &str, vms: &[Vm], aliases: &[&str], depth: u8) -> Option<[u8; 32
     };
     let Some(frag) = frag else {
         // No fragment: a bare verkey, or a method id written without '#'.
-        return keys::parse_verkey(r)
-            .ok()
-            .or_else(|| find_vm(vms, r, r, aliases));
+        return keys::parse_verkey(r).ok().or_else(|| find_vm(vms, r, r, aliases));
     };
     if did_part.is_empty() || aliases.contains(&did_part) {
         return find_vm(vms, r, frag, aliases).or_else(|| {
@@ -730,12 +694,8 @@ fn deref_key(r: &str, vms: &[Vm], aliases: &[&str], depth: u8) -> Option<[u8; 32
     }
     let other = resolve_depth(did_part, None, depth + 1).ok()?;
     let other_vms = doc_vms(&other.doc);
-    find_vm(&other_vms, r, frag, &[did_part]).or_else(|| {
-        other
-            .recipient_keys
-            .first()
-            .and_then(|k| keys::parse_verkey(k).ok())
-    })
+    find_vm(&other_vms, r, frag, &[did_part])
+        .or_else(|| other.recipient_keys.first().and_then(|k| keys::parse_verkey(k).ok()))
 }
 
 fn doc_vms(doc: &Value) -> Vec<Vm> {

@@ -15,9 +15,7 @@
 
 use askar_crypto::alg::chacha20::{Chacha20Key, C20P, XC20P};
 use askar_crypto::buffer::SecretBytes;
-use askar_crypto::encrypt::crypto_box::{
-    crypto_box, crypto_box_open, crypto_box_seal, crypto_box_seal_open,
-};
+use askar_crypto::encrypt::crypto_box::{crypto_box, crypto_box_open, crypto_box_seal, crypto_box_seal_open};
 use askar_crypto::encrypt::KeyAeadInPlace;
 use askar_crypto::repr::KeySecretBytes;
 use serde::{Deserialize, Serialize};
@@ -163,26 +161,16 @@ fn parse_protected(protected: &str) -> Result<(Alg, Vec<RecipientIn>), EnvelopeE
             "protected header longer than {MAX_PROTECTED_LEN} bytes"
         )));
     }
-    let raw = b64::decode(protected)
-        .ok_or_else(|| EnvelopeError::Malformed("protected is not base64".into()))?;
-    let prot: ProtectedIn = serde_json::from_slice(&raw).map_err(|e| {
-        EnvelopeError::Malformed(format!("protected header: {}", short(&e.to_string())))
-    })?;
+    let raw = b64::decode(protected).ok_or_else(|| EnvelopeError::Malformed("protected is not base64".into()))?;
+    let prot: ProtectedIn = serde_json::from_slice(&raw)
+        .map_err(|e| EnvelopeError::Malformed(format!("protected header: {}", short(&e.to_string()))))?;
     let alg = match prot.alg.as_str() {
         "Authcrypt" => Alg::Authcrypt,
         "Anoncrypt" => Alg::Anoncrypt,
-        other => {
-            return Err(EnvelopeError::UnsupportedAlg(format!(
-                "alg {}",
-                short(other)
-            )))
-        }
+        other => return Err(EnvelopeError::UnsupportedAlg(format!("alg {}", short(other)))),
     };
     if prot.enc != ENC_LABEL && prot.enc != ENC_LABEL_C20P {
-        return Err(EnvelopeError::UnsupportedAlg(format!(
-            "enc {}",
-            short(&prot.enc)
-        )));
+        return Err(EnvelopeError::UnsupportedAlg(format!("enc {}", short(&prot.enc))));
     }
     if prot.recipients.is_empty() {
         return Err(EnvelopeError::Malformed("no recipients".into()));
@@ -201,27 +189,21 @@ fn short(s: &str) -> String {
 /// mediator needs to route a forward's inner message. `kid`s that are not verkeys are skipped;
 /// if none is left the envelope is malformed.
 pub fn recipient_kids(envelope: &[u8]) -> Result<Vec<String>, EnvelopeError> {
-    let outer: OuterHeader =
-        serde_json::from_slice(envelope).map_err(|_| EnvelopeError::NotJson)?;
+    let outer: OuterHeader = serde_json::from_slice(envelope).map_err(|_| EnvelopeError::NotJson)?;
     let (_, recipients) = parse_protected(&outer.protected)?;
     let kids: Vec<String> = recipients
         .iter()
         .filter_map(|r| keys::normalize_verkey(&r.header.kid).ok())
         .collect();
     if kids.is_empty() {
-        return Err(EnvelopeError::Malformed(
-            "no recipient kid is a verkey".into(),
-        ));
+        return Err(EnvelopeError::Malformed("no recipient kid is a verkey".into()));
     }
     Ok(kids)
 }
 
 /// Open an envelope with the first recipient whose key `find_key` (called with base58
 /// verkeys) returns.
-pub fn unpack(
-    envelope: &[u8],
-    find_key: &dyn Fn(&str) -> Option<KeyPair>,
-) -> Result<Unpacked, EnvelopeError> {
+pub fn unpack(envelope: &[u8], find_key: &dyn Fn(&str) -> Option<KeyPair>) -> Result<Unpacked, EnvelopeError> {
     let outer: OuterIn = serde_json::from_slice(envelope).map_err(|_| EnvelopeError::NotJson)?;
     let (alg, recipients) = parse_protected(&outer.protected)?;
     let (recipient, key) = recipients
@@ -235,17 +217,13 @@ pub fn unpack(
         .ok_or(EnvelopeError::NoMatchingKey)?;
 
     // Cheap checks before any public-key cryptography.
-    let nonce = b64::decode(&outer.iv)
-        .ok_or_else(|| EnvelopeError::Malformed("iv is not base64".into()))?;
-    let tag = b64::decode(&outer.tag)
-        .ok_or_else(|| EnvelopeError::Malformed("tag is not base64".into()))?;
+    let nonce = b64::decode(&outer.iv).ok_or_else(|| EnvelopeError::Malformed("iv is not base64".into()))?;
+    let tag = b64::decode(&outer.tag).ok_or_else(|| EnvelopeError::Malformed("tag is not base64".into()))?;
     if tag.len() != TAG_LEN {
-        return Err(EnvelopeError::Malformed(format!(
-            "tag must be {TAG_LEN} bytes"
-        )));
+        return Err(EnvelopeError::Malformed(format!("tag must be {TAG_LEN} bytes")));
     }
-    let mut buf = b64::decode(&outer.ciphertext)
-        .ok_or_else(|| EnvelopeError::Malformed("ciphertext is not base64".into()))?;
+    let mut buf =
+        b64::decode(&outer.ciphertext).ok_or_else(|| EnvelopeError::Malformed("ciphertext is not base64".into()))?;
     buf.extend_from_slice(&tag);
     if nonce.len() != 12 && nonce.len() != 24 {
         return Err(EnvelopeError::Malformed(format!(
@@ -263,17 +241,14 @@ pub fn unpack(
                     "authcrypt recipient needs sender and iv".into(),
                 ));
             };
-            let sender = b64::decode(sender)
-                .ok_or_else(|| EnvelopeError::Malformed("sender is not base64".into()))?;
-            let nonce = b64::decode(iv)
-                .ok_or_else(|| EnvelopeError::Malformed("recipient iv is not base64".into()))?;
+            let sender = b64::decode(sender).ok_or_else(|| EnvelopeError::Malformed("sender is not base64".into()))?;
+            let nonce = b64::decode(iv).ok_or_else(|| EnvelopeError::Malformed("recipient iv is not base64".into()))?;
             if nonce.len() != CBOX_NONCE_LEN {
                 return Err(EnvelopeError::Malformed(format!(
                     "recipient iv must be {CBOX_NONCE_LEN} bytes"
                 )));
             }
-            let sender_vk_bytes =
-                crypto_box_seal_open(recip_x, &sender).map_err(|_| EnvelopeError::Decrypt)?;
+            let sender_vk_bytes = crypto_box_seal_open(recip_x, &sender).map_err(|_| EnvelopeError::Decrypt)?;
             let sender_vk = std::str::from_utf8(sender_vk_bytes.as_ref())
                 .map_err(|_| EnvelopeError::Malformed("sender is not a verkey".into()))?;
             let sender_pk = keys::parse_verkey(sender_vk)
@@ -281,13 +256,11 @@ pub fn unpack(
             let sender_x = keys::ed_to_x25519_public(&sender_pk)
                 .map_err(|_| EnvelopeError::Malformed("sender is not an ed25519 verkey".into()))?;
             let mut cek = SecretBytes::from_slice(&encrypted_key);
-            crypto_box_open(recip_x, &sender_x, &mut cek, &nonce)
-                .map_err(|_| EnvelopeError::Decrypt)?;
+            crypto_box_open(recip_x, &sender_x, &mut cek, &nonce).map_err(|_| EnvelopeError::Decrypt)?;
             (cek, Some(keys::verkey_to_base58(&sender_pk)))
         }
         Alg::Anoncrypt => {
-            let cek = crypto_box_seal_open(recip_x, &encrypted_key)
-                .map_err(|_| EnvelopeError::Decrypt)?;
+            let cek = crypto_box_seal_open(recip_x, &encrypted_key).map_err(|_| EnvelopeError::Decrypt)?;
             (cek, None)
         }
     };
@@ -300,11 +273,7 @@ pub fn unpack(
         24 => Chacha20Key::<XC20P>::from_secret_bytes(cek.as_ref())
             .map_err(|_| EnvelopeError::Decrypt)?
             .decrypt_in_place(&mut buf, &nonce, aad),
-        n => {
-            return Err(EnvelopeError::Malformed(format!(
-                "iv must be 12 or 24 bytes, got {n}"
-            )))
-        }
+        n => return Err(EnvelopeError::Malformed(format!("iv must be 12 or 24 bytes, got {n}"))),
     }
     .map_err(|_| EnvelopeError::Decrypt)?;
 
@@ -332,12 +301,7 @@ pub fn pack(
     recipient_verkeys: &[String],
     sender: Option<&KeyPair>,
 ) -> Result<Vec<u8>, EnvelopeError> {
-    pack_with(
-        plaintext,
-        recipient_verkeys,
-        sender,
-        PayloadCipher::ChaCha20Poly1305,
-    )
+    pack_with(plaintext, recipient_verkeys, sender, PayloadCipher::ChaCha20Poly1305)
 }
 
 /// [`pack`] with a choice of payload cipher.
@@ -359,20 +323,13 @@ pub fn pack_with(
 
     let mut recipients = Vec::with_capacity(recipient_verkeys.len());
     for rk in recipient_verkeys {
-        let pk = keys::parse_verkey(rk).map_err(|source| EnvelopeError::InvalidKey {
-            key: short(rk),
-            source,
-        })?;
+        let pk = keys::parse_verkey(rk).map_err(|source| EnvelopeError::InvalidKey { key: short(rk), source })?;
         let recip_x =
-            keys::ed_to_x25519_public(&pk).map_err(|source| EnvelopeError::InvalidKey {
-                key: short(rk),
-                source,
-            })?;
+            keys::ed_to_x25519_public(&pk).map_err(|source| EnvelopeError::InvalidKey { key: short(rk), source })?;
         let kid = keys::verkey_to_base58(&pk);
         let rec = match sender {
             Some(sender) => {
-                let enc_sender =
-                    crypto_box_seal(&recip_x, sender.verkey().as_bytes()).map_err(crypto)?;
+                let enc_sender = crypto_box_seal(&recip_x, sender.verkey().as_bytes()).map_err(crypto)?;
                 let mut nonce = [0u8; CBOX_NONCE_LEN];
                 rand::Rng::fill(&mut rand::rngs::OsRng, &mut nonce[..]);
                 let mut enc_cek = SecretBytes::from_slice(&cek);
@@ -387,9 +344,7 @@ pub fn pack_with(
                 }
             }
             None => RecipientOut {
-                encrypted_key: b64::encode(
-                    crypto_box_seal(&recip_x, &cek).map_err(crypto)?.as_ref(),
-                ),
+                encrypted_key: b64::encode(crypto_box_seal(&recip_x, &cek).map_err(crypto)?.as_ref()),
                 header: RecipientHeaderOut {
                     kid,
                     sender: None,
@@ -403,15 +358,10 @@ pub fn pack_with(
     let protected = ProtectedOut {
         enc: ENC_LABEL,
         typ: TYP,
-        alg: if sender.is_some() {
-            "Authcrypt"
-        } else {
-            "Anoncrypt"
-        },
+        alg: if sender.is_some() { "Authcrypt" } else { "Anoncrypt" },
         recipients,
     };
-    let protected_json =
-        serde_json::to_vec(&protected).map_err(|e| EnvelopeError::Crypto(e.to_string()))?;
+    let protected_json = serde_json::to_vec(&protected).map_err(|e| EnvelopeError::Crypto(e.to_string()))?;
     let protected_b64 = b64::encode(&protected_json);
 
     let mut buf = plaintext.to_vec();
@@ -453,11 +403,7 @@ pub fn pack_with(
 /// forward `to` the recipient, the next one a forward `to` the first routing key, and so on.
 /// Every layer is anoncrypt. Returns the outermost envelope; with no routing keys, `packed`
 /// unchanged.
-pub fn wrap_forward(
-    packed: &[u8],
-    to_verkey: &str,
-    routing_keys: &[String],
-) -> Result<Vec<u8>, EnvelopeError> {
+pub fn wrap_forward(packed: &[u8], to_verkey: &str, routing_keys: &[String]) -> Result<Vec<u8>, EnvelopeError> {
     if routing_keys.len() > MAX_ROUTING_KEYS {
         return Err(EnvelopeError::Malformed(format!(
             "more than {MAX_ROUTING_KEYS} routing keys"
@@ -469,21 +415,16 @@ pub fn wrap_forward(
     })?;
     let mut current = packed.to_vec();
     for rk in routing_keys {
-        let msg: serde_json::Value =
-            serde_json::from_slice(&current).map_err(|_| EnvelopeError::NotJson)?;
+        let msg: serde_json::Value = serde_json::from_slice(&current).map_err(|_| EnvelopeError::NotJson)?;
         let forward = serde_json::json!({
             "@type": FORWARD_TYPE,
             "@id": super::message::new_id(),
             "to": to,
             "msg": msg,
         });
-        let plaintext =
-            serde_json::to_vec(&forward).map_err(|e| EnvelopeError::Crypto(e.to_string()))?;
+        let plaintext = serde_json::to_vec(&forward).map_err(|e| EnvelopeError::Crypto(e.to_string()))?;
         current = pack(&plaintext, std::slice::from_ref(rk), None)?;
-        to = keys::normalize_verkey(rk).map_err(|source| EnvelopeError::InvalidKey {
-            key: short(rk),
-            source,
-        })?;
+        to = keys::normalize_verkey(rk).map_err(|source| EnvelopeError::InvalidKey { key: short(rk), source })?;
     }
     Ok(current)
 }

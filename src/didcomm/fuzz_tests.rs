@@ -119,11 +119,7 @@ fn arb_envelope() -> impl Strategy<Value = Vec<u8>> {
         prop::sample::select(&["Authcrypt", "Anoncrypt", "ECDH-1PU"][..]),
         prop::sample::select(&["xchacha20poly1305_ietf", "chacha20poly1305_ietf", "A256GCM"][..]),
         any::<bool>(),
-        (
-            bytes(100),
-            prop::option::of(bytes(120)),
-            prop::option::of(bytes(30)),
-        ),
+        (bytes(100), prop::option::of(bytes(120)), prop::option::of(bytes(30))),
         (
             prop::sample::select(&[0usize, 11, 12, 13, 24, 30][..]),
             bytes(64),
@@ -132,32 +128,29 @@ fn arb_envelope() -> impl Strategy<Value = Vec<u8>> {
         any::<bool>(),
         0usize..4,
     )
-        .prop_map(
-            |(alg, enc, ours, (ek, sender, iv), (nlen, ct, tag), pad, extra)| {
-                let kid = if ours {
-                    KeyPair::from_secret_bytes(&[1; 32]).unwrap().verkey()
-                } else {
-                    "3vQB7B6MrGQZaxCuFg4oh".to_owned()
-                };
-                let mut recips = vec![json!({
-                    "encrypted_key": enc_b64(&ek, pad),
-                    "header": {"kid": kid, "sender": sender.map(|s| enc_b64(&s, pad)),
-                               "iv": iv.map(|s| enc_b64(&s, pad))}
-                })];
-                for _ in 0..extra {
-                    recips.push(json!({"encrypted_key": "", "header": {"kid": "x"}}));
-                }
-                let protected =
-                    json!({"enc": enc, "typ": "JWM/1.0", "alg": alg, "recipients": recips});
-                serde_json::to_vec(&json!({
-                    "protected": enc_b64(protected.to_string().as_bytes(), pad),
-                    "iv": enc_b64(&vec![7u8; nlen], pad),
-                    "ciphertext": enc_b64(&ct, pad),
-                    "tag": enc_b64(&tag, pad),
-                }))
-                .unwrap()
-            },
-        )
+        .prop_map(|(alg, enc, ours, (ek, sender, iv), (nlen, ct, tag), pad, extra)| {
+            let kid = if ours {
+                KeyPair::from_secret_bytes(&[1; 32]).unwrap().verkey()
+            } else {
+                "3vQB7B6MrGQZaxCuFg4oh".to_owned()
+            };
+            let mut recips = vec![json!({
+                "encrypted_key": enc_b64(&ek, pad),
+                "header": {"kid": kid, "sender": sender.map(|s| enc_b64(&s, pad)),
+                           "iv": iv.map(|s| enc_b64(&s, pad))}
+            })];
+            for _ in 0..extra {
+                recips.push(json!({"encrypted_key": "", "header": {"kid": "x"}}));
+            }
+            let protected = json!({"enc": enc, "typ": "JWM/1.0", "alg": alg, "recipients": recips});
+            serde_json::to_vec(&json!({
+                "protected": enc_b64(protected.to_string().as_bytes(), pad),
+                "iv": enc_b64(&vec![7u8; nlen], pad),
+                "ciphertext": enc_b64(&ct, pad),
+                "tag": enc_b64(&tag, pad),
+            }))
+            .unwrap()
+        })
 }
 
 fn find_key(vk: &str) -> Option<KeyPair> {
@@ -248,8 +241,7 @@ fn deep_json_does_not_overflow() {
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     assert!(envelope::unpack(deep.as_bytes(), &find_key).is_err());
     assert!(envelope::recipient_kids(deep.as_bytes()).is_err());
-    let deep_header =
-        json!({"protected": b64::encode(deep.as_bytes()), "iv": "", "ciphertext": "", "tag": ""});
+    let deep_header = json!({"protected": b64::encode(deep.as_bytes()), "iv": "", "ciphertext": "", "tag": ""});
     let b = serde_json::to_vec(&deep_header).unwrap();
     assert!(envelope::recipient_kids(&b).is_err());
 }

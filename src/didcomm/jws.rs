@@ -9,8 +9,7 @@ use super::keys::{self, KeyPair};
 
 /// `@type`s of the connections 1.0 signature decorator (new and legacy prefix).
 pub const SIG_TYPE: &str = "https://didcomm.org/signature/1.0/ed25519Sha512_single";
-const SIG_TYPE_LEGACY: &str =
-    "did:sov:BzCbsNYhMrjHiqZDTUASHg;spec/signature/1.0/ed25519Sha512_single";
+const SIG_TYPE_LEGACY: &str = "did:sov:BzCbsNYhMrjHiqZDTUASHg;spec/signature/1.0/ed25519Sha512_single";
 
 /// Most signatures read from one general-form JWS (Credo 0.6.3 writes the same one twice).
 pub const MAX_SIGNATURES: usize = 8;
@@ -62,8 +61,7 @@ pub fn sign_attachment_base64(data_base64: &str, key: &KeyPair) -> Value {
     let protected_b64 = b64::encode(protected.to_string().as_bytes());
     // Our own data: if it is not base64, sign the string re-encoded so the output is at least
     // self-consistent; callers always pass base64 they produced.
-    let payload =
-        payload_segment(data_base64).unwrap_or_else(|_| b64::encode(data_base64.as_bytes()));
+    let payload = payload_segment(data_base64).unwrap_or_else(|_| b64::encode(data_base64.as_bytes()));
     let sig = key.sign(format!("{protected_b64}.{payload}").as_bytes());
     json!({
         "header": {"kid": did_key},
@@ -126,18 +124,14 @@ fn verify_one(payload: &str, sig: &Value) -> Result<[u8; 32], JwsError> {
             if jwk.get("kty").and_then(Value::as_str) != Some("OKP")
                 || jwk.get("crv").and_then(Value::as_str) != Some("Ed25519")
             {
-                return Err(JwsError::UnsupportedAlg(
-                    "jwk is not an Ed25519 OKP key".into(),
-                ));
+                return Err(JwsError::UnsupportedAlg("jwk is not an Ed25519 OKP key".into()));
             }
             let x = jwk
                 .get("x")
                 .and_then(Value::as_str)
                 .and_then(b64::decode)
                 .ok_or_else(|| malformed("jwk.x is not base64"))?;
-            let pk: [u8; 32] = x
-                .try_into()
-                .map_err(|_| malformed("jwk.x is not 32 bytes"))?;
+            let pk: [u8; 32] = x.try_into().map_err(|_| malformed("jwk.x is not 32 bytes"))?;
             Some(pk)
         }
         None => None,
@@ -226,8 +220,7 @@ pub fn verify_connection(sig: &Value) -> Result<(Value, String), JwsError> {
     let json_part = sig_data
         .get(8..)
         .ok_or_else(|| malformed("sig_data shorter than its timestamp"))?;
-    let connection: Value =
-        serde_json::from_slice(json_part).map_err(|_| malformed("signed data is not JSON"))?;
+    let connection: Value = serde_json::from_slice(json_part).map_err(|_| malformed("signed data is not JSON"))?;
     Ok((connection, keys::verkey_to_base58(&pk)))
 }
 
@@ -236,10 +229,7 @@ mod tests {
     use super::*;
 
     fn fixture(path: &str) -> Value {
-        let full = format!(
-            "{}/tests/fixtures/didcomm/{path}",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let full = format!("{}/tests/fixtures/didcomm/{path}", env!("CARGO_MANIFEST_DIR"));
         serde_json::from_str(&std::fs::read_to_string(&full).unwrap()).unwrap()
     }
 
@@ -291,15 +281,11 @@ mod tests {
         let att = &msg["did_rotate~attach"]["data"];
         let data = att["base64"].as_str().unwrap();
         // It signs the DID string.
-        assert_eq!(
-            b64::decode(data).unwrap(),
-            msg["did"].as_str().unwrap().as_bytes()
-        );
+        assert_eq!(b64::decode(data).unwrap(), msg["did"].as_str().unwrap().as_bytes());
         let signer = verify_attachment_base64(data, &att["jws"]).unwrap();
         assert_eq!(
             signer,
-            keys::normalize_verkey("did:key:z6MktTJbkn7GPdLmreuRke9TCTimNHGinCzVBHBDEUfyjQb3")
-                .unwrap()
+            keys::normalize_verkey("did:key:z6MktTJbkn7GPdLmreuRke9TCTimNHGinCzVBHBDEUfyjQb3").unwrap()
         );
         // Tampered data.
         let mut d = b64::decode(data).unwrap();
@@ -320,10 +306,7 @@ mod tests {
             let msg = fixture(f);
             let att = &msg["did_rotate~attach"]["data"];
             let data = att["base64"].as_str().unwrap();
-            assert_eq!(
-                b64::decode(data).unwrap(),
-                msg["did"].as_str().unwrap().as_bytes()
-            );
+            assert_eq!(b64::decode(data).unwrap(), msg["did"].as_str().unwrap().as_bytes());
             let signer = verify_attachment_base64(data, &att["jws"]).unwrap();
             let kid = att["jws"]["header"]["kid"].as_str().unwrap();
             assert_eq!(signer, keys::normalize_verkey(kid).unwrap(), "{f}");
@@ -349,28 +332,16 @@ mod tests {
         let mut d = data.clone();
         d[9] ^= 1;
         bad["sig_data"] = b64::encode(&d).into();
-        assert!(matches!(
-            verify_connection(&bad),
-            Err(JwsError::BadSignature)
-        ));
+        assert!(matches!(verify_connection(&bad), Err(JwsError::BadSignature)));
         let mut bad = sig.clone();
-        bad["signer"] = KeyPair::from_secret_bytes(&[6; 32])
-            .unwrap()
-            .verkey()
-            .into();
-        assert!(matches!(
-            verify_connection(&bad),
-            Err(JwsError::BadSignature)
-        ));
+        bad["signer"] = KeyPair::from_secret_bytes(&[6; 32]).unwrap().verkey().into();
+        assert!(matches!(verify_connection(&bad), Err(JwsError::BadSignature)));
         let mut legacy = sig.clone();
         legacy["@type"] = SIG_TYPE_LEGACY.into();
         legacy["sig_data"] = b64::encode(&data).into();
         assert!(verify_connection(&legacy).is_ok());
         let mut other = sig;
         other["@type"] = "https://didcomm.org/signature/1.0/other".into();
-        assert!(matches!(
-            verify_connection(&other),
-            Err(JwsError::UnsupportedAlg(_))
-        ));
+        assert!(matches!(verify_connection(&other), Err(JwsError::UnsupportedAlg(_))));
     }
 }

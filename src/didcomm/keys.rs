@@ -58,9 +58,7 @@ impl KeyPair {
     }
 
     pub fn secret_bytes(&self) -> [u8; 32] {
-        self.ed
-            .with_secret_bytes(|s| s.and_then(to_array32))
-            .unwrap_or([0; 32])
+        self.ed.with_secret_bytes(|s| s.and_then(to_array32)).unwrap_or([0; 32])
     }
 
     pub fn public_bytes(&self) -> [u8; 32] {
@@ -238,10 +236,7 @@ mod tests {
     fn rejects_bad_keys() {
         assert!(matches!(parse_verkey("0OIl"), Err(KeyError::NotBase58(_))));
         assert!(matches!(parse_verkey("abc"), Err(KeyError::BadLength(_))));
-        assert!(matches!(
-            parse_verkey(&"1".repeat(300)),
-            Err(KeyError::TooLong)
-        ));
+        assert!(matches!(parse_verkey(&"1".repeat(300)), Err(KeyError::TooLong)));
         // x25519 did:key is not a verkey
         assert!(parse_verkey("did:key:z6LSmZwZbdrDh9Ve3FYu6iKBMNWJj7mjMRtTsGwo1dutPhVD").is_err());
         assert!(KeyPair::from_secret_bytes(&[1; 31]).is_err());

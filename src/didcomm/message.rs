@@ -59,11 +59,7 @@ impl MessageType {
 
     /// The type of a reply named `name` in the same family, prefix and version.
     pub fn reply_type(&self, name: &str) -> String {
-        let prefix = if self.legacy {
-            LEGACY_PREFIX
-        } else {
-            DIDCOMM_PREFIX
-        };
+        let prefix = if self.legacy { LEGACY_PREFIX } else { DIDCOMM_PREFIX };
         format!("{prefix}{}/{}/{name}", self.family, self.version)
     }
 }
@@ -111,10 +107,7 @@ pub fn thid(msg: &Value) -> String {
 
 /// `~thread.pthid`, the parent thread (e.g. the out-of-band invitation a DID exchange answers).
 pub fn pthid(msg: &Value) -> Option<String> {
-    msg.get("~thread")?
-        .get("pthid")?
-        .as_str()
-        .map(str::to_owned)
+    msg.get("~thread")?.get("pthid")?.as_str().map(str::to_owned)
 }
 
 /// RFC 0092 `~transport.return_route`.
@@ -152,8 +145,7 @@ mod tests {
 
     #[test]
     fn parses_types() {
-        let t = MessageType::parse("https://didcomm.org/coordinate-mediation/1.0/mediate-request")
-            .unwrap();
+        let t = MessageType::parse("https://didcomm.org/coordinate-mediation/1.0/mediate-request").unwrap();
         assert!(!t.legacy);
         assert_eq!(t.family, "coordinate-mediation");
         assert_eq!(t.version, "1.0");
@@ -165,18 +157,14 @@ mod tests {
             "https://didcomm.org/coordinate-mediation/1.0/mediate-grant"
         );
 
-        let l =
-            MessageType::parse("did:sov:BzCbsNYhMrjHiqZDTUASHg;spec/trust_ping/1.0/ping").unwrap();
+        let l = MessageType::parse("did:sov:BzCbsNYhMrjHiqZDTUASHg;spec/trust_ping/1.0/ping").unwrap();
         assert!(l.legacy);
         assert!(l.is("trust_ping", "ping"));
         assert_eq!(
             l.reply_type("ping_response"),
             "did:sov:BzCbsNYhMrjHiqZDTUASHg;spec/trust_ping/1.0/ping_response"
         );
-        assert_eq!(
-            l.to_string(),
-            "did:sov:BzCbsNYhMrjHiqZDTUASHg;spec/trust_ping/1.0/ping"
-        );
+        assert_eq!(l.to_string(), "did:sov:BzCbsNYhMrjHiqZDTUASHg;spec/trust_ping/1.0/ping");
 
         let minor = MessageType::parse("https://didcomm.org/didexchange/1.1/request").unwrap();
         assert!(minor.is("didexchange", "request"));
@@ -228,9 +216,7 @@ mod tests {
             ReturnRoute::None
         );
         assert_eq!(
-            return_route(
-                &json!({"@id": "i", "~transport": {"return_route": "thread", "return_route_thread": "x"}})
-            ),
+            return_route(&json!({"@id": "i", "~transport": {"return_route": "thread", "return_route_thread": "x"}})),
             ReturnRoute::Thread("x".into())
         );
         assert_eq!(

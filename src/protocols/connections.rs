@@ -20,7 +20,12 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     }
     let mut conn = new_connection(m, ctx, "connections/1.0", their_did, &doc);
     let ours = legacy_did(&m.keys.did_key.public_bytes());
-    let our_doc = did::legacy_diddoc(&ours, &m.keys.did_key.verkey(), &[m.public_url.clone(), m.public_ws_url.clone()], &[]);
+    let our_doc = did::legacy_diddoc(
+        &ours,
+        &m.keys.did_key.verkey(),
+        &[m.public_url.clone(), m.public_ws_url.clone()],
+        &[],
+    );
     conn.our_did = Some(ours.clone());
     let mut response = ctx.reply("response");
     response["connection~sig"] = jws::sign_connection(&json!({ "DID": ours, "DIDDoc": our_doc }), &m.keys.did_key);

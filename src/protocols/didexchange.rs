@@ -27,7 +27,9 @@ pub(crate) fn attached_doc(att: &Value) -> Result<Option<Value>, HandleError> {
             .map_err(|e| HandleError::BadMessage(format!("did_doc~attach is not JSON: {e}")))?;
         return Ok(Some(v));
     }
-    Err(HandleError::BadMessage("did_doc~attach has neither data.json nor data.base64".into()))
+    Err(HandleError::BadMessage(
+        "did_doc~attach has neither data.json nor data.base64".into(),
+    ))
 }
 
 pub fn decode_b64_any(s: &str) -> Option<Vec<u8>> {
@@ -38,7 +40,13 @@ pub fn decode_b64_any(s: &str) -> Option<Vec<u8>> {
 }
 
 /// Builds the connection record for a peer whose DID document we resolved.
-pub(crate) fn new_connection(m: &Mediator, ctx: &Inbound, protocol: &str, their_did: &str, doc: &ResolvedDoc) -> Connection {
+pub(crate) fn new_connection(
+    m: &Mediator,
+    ctx: &Inbound,
+    protocol: &str,
+    their_did: &str,
+    doc: &ResolvedDoc,
+) -> Connection {
     let mut their_verkeys = doc.recipient_keys.clone();
     if let Some(s) = &ctx.sender_verkey {
         if !their_verkeys.contains(s) {
@@ -60,7 +68,12 @@ pub(crate) fn new_connection(m: &Mediator, ctx: &Inbound, protocol: &str, their_
         their_endpoints: doc
             .endpoints
             .iter()
-            .filter(|e| e.starts_with("http://") || e.starts_with("https://") || e.starts_with("ws://") || e.starts_with("wss://"))
+            .filter(|e| {
+                e.starts_with("http://")
+                    || e.starts_with("https://")
+                    || e.starts_with("ws://")
+                    || e.starts_with("wss://")
+            })
             .cloned()
             .collect(),
         their_routing_keys: doc.routing_keys.clone(),
@@ -92,7 +105,12 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     if version == "1.0" {
         // 1.0 peers expect a DID with its document attached and signed.
         let legacy = legacy_did(&m.keys.did_key.public_bytes());
-        let doc = did::legacy_diddoc(&legacy, &m.keys.did_key.verkey(), &[m.public_url.clone(), m.public_ws_url.clone()], &[]);
+        let doc = did::legacy_diddoc(
+            &legacy,
+            &m.keys.did_key.verkey(),
+            &[m.public_url.clone(), m.public_ws_url.clone()],
+            &[],
+        );
         let data = b64.encode(doc.to_string());
         response["did"] = json!(legacy);
         response["did_doc~attach"] = json!({

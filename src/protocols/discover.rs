@@ -63,9 +63,18 @@ pub fn query(_m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
 mod tests {
     #[test]
     fn wildcard_and_exact_matching() {
-        assert!(super::matches("https://didcomm.org/messagepickup/*", "https://didcomm.org/messagepickup/2.0"));
+        assert!(super::matches(
+            "https://didcomm.org/messagepickup/*",
+            "https://didcomm.org/messagepickup/2.0"
+        ));
         assert!(super::matches("*", "https://didcomm.org/routing/1.0"));
-        assert!(super::matches("https://didcomm.org/routing/1.0", "https://didcomm.org/routing/1.0"));
-        assert!(!super::matches("https://didcomm.org/routing/2.0", "https://didcomm.org/routing/1.0"));
+        assert!(super::matches(
+            "https://didcomm.org/routing/1.0",
+            "https://didcomm.org/routing/1.0"
+        ));
+        assert!(!super::matches(
+            "https://didcomm.org/routing/2.0",
+            "https://didcomm.org/routing/1.0"
+        ));
     }
 }

@@ -31,10 +31,11 @@ pub async fn mediate_request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, Han
     })
 }
 
-fn require_mediation(ctx: &Inbound) -> Result<(), Outcome> {
+/// The refusal to send when the connection has no mediation, if it has none.
+fn refuse_without_mediation(ctx: &Inbound) -> Option<Outcome> {
     match &ctx.conn {
-        Some(c) if c.mediation == MediationState::Granted => Ok(()),
-        _ => Err(problem::report(
+        Some(c) if c.mediation == MediationState::Granted => None,
+        _ => Some(problem::report(
             ctx,
             "request_not_accepted",
             "this connection has no mediation granted: send mediate-request first",
@@ -44,14 +45,22 @@ fn require_mediation(ctx: &Inbound) -> Result<(), Outcome> {
 
 pub async fn keylist_update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     let conn = ctx.require_conn()?;
-    if let Err(o) = require_mediation(ctx) {
-        return Ok(o);
+    if let Some(refusal) = refuse_without_mediation(ctx) {
+        return Ok(refusal);
     }
     let Some(updates) = ctx.msg["updates"].as_array() else {
-        return Ok(problem::report(ctx, "invalid_message", "keylist-update needs an `updates` array"));
+        return Ok(problem::report(
+            ctx,
+            "invalid_message",
+            "keylist-update needs an `updates` array",
+        ));
     };
     if updates.len() > MAX_UPDATES {
-        return Ok(problem::report(ctx, "invalid_message", "too many updates in one keylist-update"));
+        return Ok(problem::report(
+            ctx,
+            "invalid_message",
+            "too many updates in one keylist-update",
+        ));
     }
     // (original form as sent, normalized, action)
     let mut items: Vec<(String, Result<String, String>, String)> = Vec::new();
@@ -99,12 +108,15 @@ pub async fn keylist_update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, Hand
 
 pub async fn keylist_query(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     let conn = ctx.require_conn()?;
-    if let Err(o) = require_mediation(ctx) {
-        return Ok(o);
+    if let Some(refusal) = refuse_without_mediation(ctx) {
+        return Ok(refusal);
     }
     let keys = m.store.keys_of(&conn.id).await?;
     let offset = ctx.msg["paginate"]["offset"].as_u64().unwrap_or(0) as usize;
-    let limit = ctx.msg["paginate"]["limit"].as_u64().map(|l| l as usize).unwrap_or(keys.len());
+    let limit = ctx.msg["paginate"]["limit"]
+        .as_u64()
+        .map(|l| l as usize)
+        .unwrap_or(keys.len());
     let page: Vec<Value> = keys
         .iter()
         .skip(offset)
@@ -117,7 +129,8 @@ pub async fn keylist_query(m: &Mediator, ctx: &Inbound) -> Result<Outcome, Handl
         })
         .collect();
     let mut reply = ctx.reply("keylist");
-    reply["pagination"] = json!({ "count": page.len(), "offset": offset, "remaining": keys.len().saturating_sub(offset + page.len()) });
+    reply["pagination"] =
+        json!({ "count": page.len(), "offset": offset, "remaining": keys.len().saturating_sub(offset + page.len()) });
     reply["keys"] = Value::Array(page);
     Ok(Outcome {
         replies: vec![reply],

@@ -157,7 +157,12 @@ impl Mediator {
     }
 
     /// Handles one inbound envelope. `transport` says what the transport can carry back.
-    pub async fn handle(&self, env: &[u8], transport: TransportKind, lease_owner: &str) -> Result<Outcome, HandleError> {
+    pub async fn handle(
+        &self,
+        env: &[u8],
+        transport: TransportKind,
+        lease_owner: &str,
+    ) -> Result<Outcome, HandleError> {
         let unpacked = self.unpack(env).map_err(HandleError::Envelope)?;
         let msg: Value = serde_json::from_slice(&unpacked.plaintext)
             .map_err(|e| HandleError::BadMessage(format!("plaintext is not JSON: {e}")))?;
@@ -198,9 +203,9 @@ impl Mediator {
             ("routing", "forward") => routing::forward(self, ctx).await,
             ("didexchange", "request") => didexchange::request(self, ctx).await,
             ("didexchange", "complete") => didexchange::complete(self, ctx).await,
-            ("didexchange", "problem_report") | ("connections", "problem_report") | ("report-problem", "problem-report") => {
-                problem::received(self, ctx)
-            }
+            ("didexchange", "problem_report")
+            | ("connections", "problem_report")
+            | ("report-problem", "problem-report") => problem::received(self, ctx),
             ("connections", "request") => connections::request(self, ctx).await,
             ("out-of-band", "handshake-reuse") => oob::handshake_reuse(self, ctx),
             ("coordinate-mediation", "mediate-request") => mediation::mediate_request(self, ctx).await,
@@ -265,9 +270,6 @@ impl Inbound {
 pub struct Outcome {
     /// Plaintext replies for `connection` (packed by the transport or the sender).
     pub replies: Vec<Value>,
-    /// Replies for a peer that has no connection yet (DID exchange response), with the keys
-    /// to pack them for and the endpoints to use without return-route.
-    pub replies_to: Option<Recipient>,
     /// The connection the message came from, or that it created.
     pub connection: Option<Connection>,
     /// Queue ids leased for this transport by a pickup delivery (acked by messages-received).
@@ -287,7 +289,6 @@ impl Default for Outcome {
     fn default() -> Self {
         Outcome {
             replies: Vec::new(),
-            replies_to: None,
             connection: None,
             leased: Vec::new(),
             queued_for: Vec::new(),
@@ -297,15 +298,6 @@ impl Default for Outcome {
             return_route: ReturnRoute::None,
         }
     }
-}
-
-/// Where replies to a not-yet-recorded peer go.
-#[derive(Clone, Debug)]
-pub struct Recipient {
-    pub verkeys: Vec<String>,
-    pub routing_keys: Vec<String>,
-    pub endpoints: Vec<String>,
-    pub our_verkey: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

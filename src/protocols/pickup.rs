@@ -78,13 +78,18 @@ pub fn live_delivery(legacy: bool, msgs: &[QueuedMessage]) -> Value {
 fn attachment(q: &QueuedMessage) -> Value {
     let data = match serde_json::from_slice::<Value>(&q.payload) {
         Ok(v) => json!({ "json": v }),
-        Err(_) => json!({ "base64": base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &q.payload) }),
+        Err(_) => {
+            json!({ "base64": base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &q.payload) })
+        }
     };
     json!({ "@id": q.id.to_string(), "lastmod_time": rfc3339_ms(q.received_at_ms), "data": data })
 }
 
 async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
-    let limit = ctx.msg["limit"].as_u64().unwrap_or(m.batch_size as u64).clamp(1, MAX_BATCH as u64) as usize;
+    let limit = ctx.msg["limit"]
+        .as_u64()
+        .unwrap_or(m.batch_size as u64)
+        .clamp(1, MAX_BATCH as u64) as usize;
     let now = now_ms();
     let msgs = m
         .store
@@ -111,7 +116,11 @@ async fn messages_received(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Re
         .filter_map(|v| v.as_str().and_then(|s| s.parse().ok()).or_else(|| v.as_i64()))
         .take(10 * MAX_BATCH)
         .collect();
-    let acked = if ids.is_empty() { 0 } else { m.store.ack(&conn.id, &ids).await? };
+    let acked = if ids.is_empty() {
+        0
+    } else {
+        m.store.ack(&conn.id, &ids).await?
+    };
     Ok(Outcome {
         replies: vec![status(m, ctx, conn, None).await?],
         acked,
@@ -121,7 +130,11 @@ async fn messages_received(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Re
 
 async fn live_delivery_change(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
     let Some(live) = ctx.msg["live_delivery"].as_bool() else {
-        return Ok(problem::report(ctx, "invalid_message", "live-delivery-change needs a boolean live_delivery"));
+        return Ok(problem::report(
+            ctx,
+            "invalid_message",
+            "live-delivery-change needs a boolean live_delivery",
+        ));
     };
     if ctx.transport != TransportKind::WebSocket {
         return Ok(problem::report(
@@ -138,7 +151,10 @@ async fn live_delivery_change(m: &Mediator, ctx: &Inbound, conn: &Connection) ->
 }
 
 async fn batch_pickup(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
-    let size = ctx.msg["batch_size"].as_u64().unwrap_or(m.batch_size as u64).clamp(1, MAX_BATCH as u64) as usize;
+    let size = ctx.msg["batch_size"]
+        .as_u64()
+        .unwrap_or(m.batch_size as u64)
+        .clamp(1, MAX_BATCH as u64) as usize;
     let now = now_ms();
     let msgs = m
         .store

@@ -17,7 +17,11 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
             serde_json::to_vec(v).map_err(|e| HandleError::Internal(e.to_string()))?
         }
         Value::String(s) if !s.is_empty() => s.as_bytes().to_vec(),
-        _ => return Err(HandleError::BadMessage("forward `msg` is not an encrypted message".into())),
+        _ => {
+            return Err(HandleError::BadMessage(
+                "forward `msg` is not an encrypted message".into(),
+            ))
+        }
     };
     let conn = m
         .store
@@ -42,7 +46,9 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
         .pop()
         .ok_or_else(|| HandleError::Internal("enqueue returned no result".into()))??;
     Ok(Outcome {
-        forward: Some(ForwardResult::Queued { duplicate: enq.duplicate }),
+        forward: Some(ForwardResult::Queued {
+            duplicate: enq.duplicate,
+        }),
         queued_for: if enq.duplicate { vec![] } else { vec![conn] },
         ..Outcome::default()
     })

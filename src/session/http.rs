@@ -49,7 +49,8 @@ async fn get_root(req: HttpRequest, stream: web::Payload, shared: web::Data<Shar
 
 /// Refusals as JSON with a stable code; never 200 for something we could not read.
 pub fn error_response(e: &HandleError) -> HttpResponse {
-    let status = actix_web::http::StatusCode::from_u16(e.http_status()).unwrap_or(actix_web::http::StatusCode::BAD_REQUEST);
+    let status =
+        actix_web::http::StatusCode::from_u16(e.http_status()).unwrap_or(actix_web::http::StatusCode::BAD_REQUEST);
     HttpResponse::build(status).json(e.body())
 }
 

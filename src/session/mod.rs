@@ -142,7 +142,12 @@ impl Shared {
             return;
         }
         for conn in pending {
-            if self.registry.send(IsLocal { conn: conn.clone() }).await.unwrap_or(false) {
+            if self
+                .registry
+                .send(IsLocal { conn: conn.clone() })
+                .await
+                .unwrap_or(false)
+            {
                 continue;
             }
             if let Some(c) = &self.cluster {

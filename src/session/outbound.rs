@@ -63,7 +63,13 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &Connection, endpoint
     loop {
         let now = now_ms();
         let batch = match store
-            .lease(&conn.id, shared.mediator.batch_size, &owner, now, now + shared.mediator.lease_ms)
+            .lease(
+                &conn.id,
+                shared.mediator.batch_size,
+                &owner,
+                now,
+                now + shared.mediator.lease_ms,
+            )
             .await
         {
             Ok(b) if !b.is_empty() => b,

@@ -31,7 +31,8 @@ const MAX_BAD_FRAMES: u32 = 20;
 
 pub async fn upgrade(req: HttpRequest, stream: web::Payload, shared: Arc<Shared>) -> HttpResponse {
     if shared.draining.load(Ordering::Relaxed) {
-        return HttpResponse::ServiceUnavailable().json(serde_json::json!({"error": "shutting-down", "reason": "this node is shutting down: reconnect"}));
+        return HttpResponse::ServiceUnavailable()
+            .json(serde_json::json!({"error": "shutting-down", "reason": "this node is shutting down: reconnect"}));
     }
     let max = shared.cfg.limits.max_sessions;
     if shared.open_sockets.load(Ordering::Relaxed) >= max {
@@ -40,7 +41,10 @@ pub async fn upgrade(req: HttpRequest, stream: web::Payload, shared: Arc<Shared>
     }
     let frame = shared.cfg.limits.max_ws_frame_bytes;
     let session = WsSession::new(shared);
-    match ws::WsResponseBuilder::new(session, &req, stream).frame_size(frame).start() {
+    match ws::WsResponseBuilder::new(session, &req, stream)
+        .frame_size(frame)
+        .start()
+    {
         Ok(r) => r,
         Err(e) => HttpResponse::BadRequest().body(format!("WebSocket handshake failed: {e}")),
     }
@@ -108,7 +112,12 @@ impl WsSession {
             }
             Err(e) => {
                 act.shared.metrics.rejected(e.code());
-                tracing::info!(connection = act.conn_id(), session = act.id, code = e.code(), "frame refused: {e}");
+                tracing::info!(
+                    connection = act.conn_id(),
+                    session = act.id,
+                    code = e.code(),
+                    "frame refused: {e}"
+                );
                 ctx.text(e.body().to_string());
                 act.bad_frames += 1;
                 if act.bad_frames >= MAX_BAD_FRAMES {
@@ -187,7 +196,10 @@ impl WsSession {
             return;
         }
         if let Some(old) = self.conn.take() {
-            self.shared.registry.do_send(Unregister { conn: old.id, session: self.id });
+            self.shared.registry.do_send(Unregister {
+                conn: old.id,
+                session: self.id,
+            });
         }
         let addr = ctx.address();
         self.shared.registry.do_send(Register {
@@ -223,7 +235,11 @@ impl WsSession {
         let lease_ms = shared.mediator.lease_ms;
         let fut = async move {
             let now = now_ms();
-            shared.mediator.store.lease(&conn.id, batch, &owner, now, now + lease_ms).await
+            shared
+                .mediator
+                .store
+                .lease(&conn.id, batch, &owner, now, now + lease_ms)
+                .await
         };
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             act.draining = false;
@@ -399,7 +415,11 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
                 return;
             }
             Err(e) => {
-                tracing::info!(connection = self.conn_id(), session = self.id, "WebSocket protocol error: {e}");
+                tracing::info!(
+                    connection = self.conn_id(),
+                    session = self.id,
+                    "WebSocket protocol error: {e}"
+                );
                 ctx.close(Some(ws::CloseReason {
                     code: ws::CloseCode::Protocol,
                     description: Some(e.to_string()),

@@ -250,20 +250,12 @@ pub trait Store: Send + Sync + 'static {
     async fn connection_by_their_verkey(&self, verkey: &str) -> StoreResult<Option<Connection>>;
     async fn connection_by_thread(&self, thid: &str) -> StoreResult<Option<Connection>>;
     /// Connections ordered by id, strictly after `after`, at most `limit` (pagination).
-    async fn list_connections(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<Vec<Connection>>;
+    async fn list_connections(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Connection>>;
 
     /// Adds then removes routing keys of `conn`; atomic per key. Results in input order: every
     /// `add` first, then every `remove`. `Err(NotFound)` if the connection does not exist.
-    async fn update_keys(
-        &self,
-        conn: &str,
-        add: &[String],
-        remove: &[String],
-    ) -> StoreResult<Vec<(String, KeyUpdate)>>;
+    async fn update_keys(&self, conn: &str, add: &[String], remove: &[String])
+        -> StoreResult<Vec<(String, KeyUpdate)>>;
     /// Routing keys of `conn`, sorted.
     async fn keys_of(&self, conn: &str) -> StoreResult<Vec<String>>;
     /// The connection that registered `recipient_key`. Hot path.
@@ -272,11 +264,7 @@ pub trait Store: Send + Sync + 'static {
     /// Queues messages, each for its own connection, FIFO by arrival. One outcome per message,
     /// in input order: `Ok(Enqueued)` or `Err(QueueFull)`. Every `Ok` is durable when this
     /// returns. The outer `Err` means nothing is known to be durable.
-    async fn enqueue(
-        &self,
-        msgs: Vec<NewMessage>,
-        limits: &EnqueueLimits,
-    ) -> StoreResult<Vec<StoreResult<Enqueued>>>;
+    async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>>;
 
     /// Leases up to `max` pending messages of `conn`, oldest first, to `owner` until `until_ms`.
     /// Concurrent leasers (tasks or nodes) never get the same message.
@@ -300,8 +288,7 @@ pub trait Store: Send + Sync + 'static {
     async fn total_queued(&self) -> StoreResult<u64>;
     /// Connections that have messages deliverable at `now_ms`, the one with the oldest pending
     /// message first, at most `limit` (the sweep that makes up for lost notifications).
-    async fn connections_with_pending(&self, now_ms: i64, limit: usize)
-        -> StoreResult<Vec<ConnId>>;
+    async fn connections_with_pending(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>>;
     /// Deletes messages received before `received_before_ms` (leased or not) and dedup records
     /// as old. Returns how many messages were deleted.
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64>;

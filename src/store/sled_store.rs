@@ -33,9 +33,8 @@ use sled::Transactional;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    check_connection, check_storable, storable, ConnId, Connection, EnqueueLimits, Enqueued,
-    Identity, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError,
-    StoreResult,
+    check_connection, check_storable, storable, ConnId, Connection, EnqueueLimits, Enqueued, Identity, KeyUpdate,
+    MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
 };
 
 /// Most messages the writer puts in one flush. Bounds the latency of the first caller of a
@@ -300,18 +299,14 @@ impl Inner {
                     }
                     // Dedup first: a duplicate is answered even when the queue is full.
                     if let Some(dk) = m.dedup_key {
-                        let window_start =
-                            m.received_at_ms.saturating_sub(req.limits.dedup_window_ms);
+                        let window_start = m.received_at_ms.saturating_sub(req.limits.dedup_window_ms);
                         let existing = local_dedup
                             .get(&(conn, dk))
                             .copied()
                             .or_else(|| q.dedup.get(conn).and_then(|d| d.get(&dk)).copied());
                         if let Some((id, at)) = existing {
                             if req.limits.dedup_window_ms > 0 && at >= window_start {
-                                out.push(Ok(Enqueued {
-                                    id,
-                                    duplicate: true,
-                                }));
+                                out.push(Ok(Enqueued { id, duplicate: true }));
                                 continue;
                             }
                         }
@@ -324,12 +319,8 @@ impl Inner {
                     let (add_n, add_b) = added.get(conn).copied().unwrap_or((0, 0));
                     let (n, b) = (have_n + add_n, have_b + add_b);
                     let size = m.payload.len() as u64;
-                    if n >= req.limits.max_messages || b.saturating_add(size) > req.limits.max_bytes
-                    {
-                        out.push(Err(StoreError::QueueFull {
-                            pending: n,
-                            bytes: b,
-                        }));
+                    if n >= req.limits.max_messages || b.saturating_add(size) > req.limits.max_bytes {
+                        out.push(Err(StoreError::QueueFull { pending: n, bytes: b }));
                         continue;
                     }
                     let id = match self.next_id() {
@@ -352,8 +343,7 @@ impl Inner {
                     msg_batch.insert(&encode_id(id), encode_msg(m));
                     if let Some(dk) = m.dedup_key {
                         local_dedup.insert((conn, dk), (id, m.received_at_ms));
-                        dedup_batch
-                            .insert(dedup_tree_key(conn, &dk), dedup_value(id, m.received_at_ms));
+                        dedup_batch.insert(dedup_tree_key(conn, &dk), dedup_value(id, m.received_at_ms));
                         new_dedup.push((conn_idx, dk, id, m.received_at_ms));
                     }
                     planned.push(Planned {
@@ -367,10 +357,7 @@ impl Inner {
                             attempts: 0,
                         },
                     });
-                    out.push(Ok(Enqueued {
-                        id,
-                        duplicate: false,
-                    }));
+                    out.push(Ok(Enqueued { id, duplicate: false }));
                 }
                 outcomes.push(out);
                 if failed.is_some() {
@@ -396,10 +383,7 @@ impl Inner {
                     q.insert(&conn_ids[p.conn_idx], p.id, p.meta);
                 }
                 for (ci, dk, id, at) in new_dedup {
-                    q.dedup
-                        .entry(conn_ids[ci].clone())
-                        .or_default()
-                        .insert(dk, (id, at));
+                    q.dedup.entry(conn_ids[ci].clone()).or_default().insert(dk, (id, at));
                 }
                 drop(q);
                 for (req, out) in batch.into_iter().zip(outcomes) {
@@ -457,9 +441,7 @@ fn push_str16(out: &mut Vec<u8>, s: &str) {
 
 /// `v1 | received_at i64 | len16 conn | conn | len16 rkey | rkey | 0 or 1+key32 | payload`
 fn encode_msg(m: &NewMessage) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        1 + 8 + 4 + m.connection.len() + m.recipient_key.len() + 33 + m.payload.len(),
-    );
+    let mut out = Vec::with_capacity(1 + 8 + 4 + m.connection.len() + m.recipient_key.len() + 33 + m.payload.len());
     out.push(MSG_FORMAT_V1);
     out.extend_from_slice(&m.received_at_ms.to_be_bytes());
     push_str16(&mut out, &m.connection);
@@ -583,8 +565,7 @@ impl Store for SledStore {
 
     async fn identity_get_or_create(&self, candidate: Identity) -> StoreResult<Identity> {
         self.blocking(move |inner| {
-            let bytes = serde_json::to_vec(&candidate)
-                .map_err(|e| StoreError::Corrupt(format!("identity: {e}")))?;
+            let bytes = serde_json::to_vec(&candidate).map_err(|e| StoreError::Corrupt(format!("identity: {e}")))?;
             let r = inner
                 .meta
                 .compare_and_swap(IDENTITY_KEY, None as Option<&[u8]>, Some(bytes))
@@ -596,8 +577,7 @@ impl Store for SledStore {
                 }
                 Err(cas) => {
                     let cur = cas.current.ok_or_else(|| corrupt("identity vanished"))?;
-                    serde_json::from_slice(&cur)
-                        .map_err(|e| StoreError::Corrupt(format!("identity: {e}")))
+                    serde_json::from_slice(&cur).map_err(|e| StoreError::Corrupt(format!("identity: {e}")))
                 }
             }
         })
@@ -608,8 +588,7 @@ impl Store for SledStore {
         check_connection(c)?;
         let c = c.clone();
         self.blocking(move |inner| {
-            let bytes = serde_json::to_vec(&c)
-                .map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
+            let bytes = serde_json::to_vec(&c).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
             let _g = inner.meta_lock.lock();
             let old = inner.get_conn(&c.id)?;
             let id = c.id.as_bytes();
@@ -656,19 +635,13 @@ impl Store for SledStore {
         }
         let verkey = verkey.to_owned();
         self.blocking(move |inner| {
-            let Some(id) = inner
-                .by_verkey
-                .get(verkey.as_bytes())
-                .map_err(unavailable)?
-            else {
+            let Some(id) = inner.by_verkey.get(verkey.as_bytes()).map_err(unavailable)? else {
                 return Ok(None);
             };
             let id = std::str::from_utf8(&id).map_err(|_| corrupt("verkey index"))?;
             // The index is maintained in the connection's transaction; checking again keeps a
             // stale entry from ever returning the wrong connection.
-            Ok(inner
-                .get_conn(id)?
-                .filter(|c| c.their_verkeys.contains(&verkey)))
+            Ok(inner.get_conn(id)?.filter(|c| c.their_verkeys.contains(&verkey)))
         })
         .await
     }
@@ -690,11 +663,7 @@ impl Store for SledStore {
         .await
     }
 
-    async fn list_connections(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<Vec<Connection>> {
+    async fn list_connections(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Connection>> {
         let after = after.map(|s| s.as_bytes().to_vec());
         self.blocking(move |inner| {
             let lower = match &after {
@@ -702,11 +671,7 @@ impl Store for SledStore {
                 None => Bound::Unbounded,
             };
             let mut out = Vec::new();
-            for kv in inner
-                .conns
-                .range::<&[u8], _>((lower, Bound::Unbounded))
-                .take(limit)
-            {
+            for kv in inner.conns.range::<&[u8], _>((lower, Bound::Unbounded)).take(limit) {
                 let (_, v) = kv.map_err(unavailable)?;
                 out.push(decode_conn(&v)?);
             }
@@ -730,11 +695,7 @@ impl Store for SledStore {
         let remove = remove.to_vec();
         self.blocking(move |inner| {
             let _g = inner.meta_lock.lock();
-            if !inner
-                .conns
-                .contains_key(conn.as_bytes())
-                .map_err(unavailable)?
-            {
+            if !inner.conns.contains_key(conn.as_bytes()).map_err(unavailable)? {
                 return Err(StoreError::NotFound);
             }
             let cid = conn.as_bytes();
@@ -798,20 +759,14 @@ impl Store for SledStore {
         let key = recipient_key.to_owned();
         self.blocking(
             move |inner| match inner.keys.get(key.as_bytes()).map_err(unavailable)? {
-                Some(v) => Ok(Some(
-                    String::from_utf8(v.to_vec()).map_err(|_| corrupt("route"))?,
-                )),
+                Some(v) => Ok(Some(String::from_utf8(v.to_vec()).map_err(|_| corrupt("route"))?)),
                 None => Ok(None),
             },
         )
         .await
     }
 
-    async fn enqueue(
-        &self,
-        msgs: Vec<NewMessage>,
-        limits: &EnqueueLimits,
-    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+    async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
         if msgs.is_empty() {
             return Ok(Vec::new());
         }
@@ -1013,11 +968,7 @@ impl Store for SledStore {
         Ok(self.inner.queues.lock().total)
     }
 
-    async fn connections_with_pending(
-        &self,
-        now_ms: i64,
-        limit: usize,
-    ) -> StoreResult<Vec<ConnId>> {
+    async fn connections_with_pending(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
         self.blocking(move |inner| {
             let q = inner.queues.lock();
             let mut found: Vec<(MessageId, &str)> = q
@@ -1031,11 +982,7 @@ impl Store for SledStore {
                 })
                 .collect();
             found.sort_unstable();
-            Ok(found
-                .into_iter()
-                .take(limit)
-                .map(|(_, c)| c.to_owned())
-                .collect())
+            Ok(found.into_iter().take(limit).map(|(_, c)| c.to_owned()).collect())
         })
         .await
     }
@@ -1075,11 +1022,9 @@ impl Store for SledStore {
                 let by_conn = &q.by_conn;
                 q.by_owner.retain(|owner, conns| {
                     conns.retain(|c| {
-                        by_conn.get(c).is_some_and(|cq| {
-                            cq.msgs
-                                .values()
-                                .any(|m| m.owner.as_deref() == Some(&**owner))
-                        })
+                        by_conn
+                            .get(c)
+                            .is_some_and(|cq| cq.msgs.values().any(|m| m.owner.as_deref() == Some(&**owner)))
                     });
                     !conns.is_empty()
                 });

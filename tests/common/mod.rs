@@ -112,9 +112,16 @@ pub async fn ws_next_message(a: &Agent, ws: &mut WsClient) -> Value {
 }
 
 pub fn type_name(v: &Value) -> &str {
-    v["@type"].as_str().unwrap_or_default().rsplit('/').next().unwrap_or_default()
+    v["@type"]
+        .as_str()
+        .unwrap_or_default()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
 }
 
 pub async fn queue_depth(n: &RunningNode) -> u64 {
-    get_json(&format!("{}/status", n.admin_url())).await["queued"].as_u64().unwrap_or(u64::MAX)
+    get_json(&format!("{}/status", n.admin_url())).await["queued"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
 }

@@ -2,10 +2,7 @@ use super::*;
 use crate::didcomm::keys::KeyPair;
 
 fn fixture(path: &str) -> Value {
-    let full = format!(
-        "{}/tests/fixtures/didcomm/{path}",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let full = format!("{}/tests/fixtures/didcomm/{path}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{full}: {e}"));
     serde_json::from_str(&text).unwrap()
 }
@@ -25,15 +22,8 @@ fn did_key() {
     assert_eq!(r.doc["id"], kp.did_key());
     // did:peer:0 is the same key
     let p0 = kp.did_key().replace("did:key:", "did:peer:0");
-    assert_eq!(
-        resolve(&p0, None).unwrap().recipient_keys,
-        vec![kp.verkey()]
-    );
-    assert!(resolve(
-        "did:key:z6LSmZwZbdrDh9Ve3FYu6iKBMNWJj7mjMRtTsGwo1dutPhVD",
-        None
-    )
-    .is_err());
+    assert_eq!(resolve(&p0, None).unwrap().recipient_keys, vec![kp.verkey()]);
+    assert!(resolve("did:key:z6LSmZwZbdrDh9Ve3FYu6iKBMNWJj7mjMRtTsGwo1dutPhVD", None).is_err());
 }
 
 #[test]
@@ -41,58 +31,29 @@ fn credo_peer4_from_captures() {
     let did = capture_did("credo/didexchange_1.1_response.json");
     let r = resolve(&did, None).unwrap();
     assert_eq!(r.id, did);
-    assert_eq!(
-        r.recipient_keys,
-        vec!["5CEyBuFE2sRPbvfzaMJvA9qiAdoGPG4etCubexwB1VTJ"]
-    );
+    assert_eq!(r.recipient_keys, vec!["5CEyBuFE2sRPbvfzaMJvA9qiAdoGPG4etCubexwB1VTJ"]);
     assert!(r.routing_keys.is_empty());
-    assert_eq!(
-        r.endpoints,
-        vec!["http://127.0.0.1:3035", "ws://127.0.0.1:3035"]
-    );
+    assert_eq!(r.endpoints, vec!["http://127.0.0.1:3035", "ws://127.0.0.1:3035"]);
     let short_form = peer4_short_form(&did).unwrap();
-    assert_eq!(
-        short_form,
-        "did:peer:4zQmNdzJkKbRvb4mr3o9AeKVKL5tABUtQ1eaHbimmaqS99uE"
-    );
+    assert_eq!(short_form, "did:peer:4zQmNdzJkKbRvb4mr3o9AeKVKL5tABUtQ1eaHbimmaqS99uE");
     assert_eq!(r.doc["alsoKnownAs"][0], short_form.as_str());
 
     let did = capture_did("credo/didexchange_1.1_request.json");
     let r = resolve(&did, None).unwrap();
-    assert_eq!(
-        r.recipient_keys,
-        vec!["A755GLWNcun5UxspcZQBtncYVnFCp8TZqHcezFhodTfh"]
-    );
+    assert_eq!(r.recipient_keys, vec!["A755GLWNcun5UxspcZQBtncYVnFCp8TZqHcezFhodTfh"]);
     assert_eq!(r.endpoints, vec!["http://127.0.0.1:3036"]);
 }
 
 #[test]
 fn acapy_peer4_from_captures() {
-    let r = resolve(
-        &capture_did("acapy/mediator_in_01_didexchange-1.1-request.json"),
-        None,
-    )
-    .unwrap();
-    assert_eq!(
-        r.recipient_keys,
-        vec!["DSmqZ8gfFkg51wozanTxMENp9cyHFYnq5fDSSWE3phb2"]
-    );
+    let r = resolve(&capture_did("acapy/mediator_in_01_didexchange-1.1-request.json"), None).unwrap();
+    assert_eq!(r.recipient_keys, vec!["DSmqZ8gfFkg51wozanTxMENp9cyHFYnq5fDSSWE3phb2"]);
     assert_eq!(r.endpoints, vec!["http://127.0.0.1:8030"]);
 
     // Mediated: the routing key is a did:key reference, as in ACA-Py's mediate-grant.
-    let r = resolve(
-        &capture_did("acapy/sender_in_01_didexchange-1.1-response.json"),
-        None,
-    )
-    .unwrap();
-    assert_eq!(
-        r.recipient_keys,
-        vec!["6wWnbHuAzQ9VarmrisCV2R6AwF1fahd9oZH4uJvq6kJW"]
-    );
-    assert_eq!(
-        r.routing_keys,
-        vec!["47ozuVPcRimDWjRT6rH4Gmf1YppBEAX767Xn8dDD95mp"]
-    );
+    let r = resolve(&capture_did("acapy/sender_in_01_didexchange-1.1-response.json"), None).unwrap();
+    assert_eq!(r.recipient_keys, vec!["6wWnbHuAzQ9VarmrisCV2R6AwF1fahd9oZH4uJvq6kJW"]);
+    assert_eq!(r.routing_keys, vec!["47ozuVPcRimDWjRT6rH4Gmf1YppBEAX767Xn8dDD95mp"]);
     assert_eq!(r.endpoints, vec!["http://127.0.0.1:8020"]);
 
     let r = resolve(
@@ -100,14 +61,8 @@ fn acapy_peer4_from_captures() {
         None,
     )
     .unwrap();
-    assert_eq!(
-        r.recipient_keys,
-        vec!["4Q4ivmgJNpr1dJ4v48UYtidRC4f4sTCU8UJH8au33Srx"]
-    );
-    assert_eq!(
-        r.endpoints,
-        vec!["http://127.0.0.1:8020", "ws://127.0.0.1:8022"]
-    );
+    assert_eq!(r.recipient_keys, vec!["4Q4ivmgJNpr1dJ4v48UYtidRC4f4sTCU8UJH8au33Srx"]);
+    assert_eq!(r.endpoints, vec!["http://127.0.0.1:8020", "ws://127.0.0.1:8022"]);
 }
 
 #[test]
@@ -118,31 +73,15 @@ fn acapy_peer2_from_captures() {
         None,
     )
     .unwrap();
-    assert_eq!(
-        r.recipient_keys,
-        vec!["BzEFLJBKNqgWsnpZeSRfgMAoz4Yh2bZ9R3izrYiaR7b5"]
-    );
-    assert_eq!(
-        r.endpoints,
-        vec!["http://127.0.0.1:8020", "ws://127.0.0.1:8022"]
-    );
+    assert_eq!(r.recipient_keys, vec!["BzEFLJBKNqgWsnpZeSRfgMAoz4Yh2bZ9R3izrYiaR7b5"]);
+    assert_eq!(r.endpoints, vec!["http://127.0.0.1:8020", "ws://127.0.0.1:8022"]);
     assert_eq!(r.doc["service"][0]["type"], "did-communication");
-    assert_eq!(
-        r.doc["service"][0]["serviceEndpoint"],
-        "http://127.0.0.1:8020"
-    );
+    assert_eq!(r.doc["service"][0]["serviceEndpoint"], "http://127.0.0.1:8020");
 
     // The scripted client's DID: queue endpoint only -> no endpoints. Its key is the kid
     // ACA-Py encrypted its reply to.
-    let r = resolve(
-        &capture_did("acapy/client_didexchange_request_plaintext.json"),
-        None,
-    )
-    .unwrap();
-    assert_eq!(
-        r.recipient_keys,
-        vec!["B7esQk7m8d7XdiYtSE3KhWW9NmAuqXcSH9JfVaaLFr6z"]
-    );
+    let r = resolve(&capture_did("acapy/client_didexchange_request_plaintext.json"), None).unwrap();
+    assert_eq!(r.recipient_keys, vec!["B7esQk7m8d7XdiYtSE3KhWW9NmAuqXcSH9JfVaaLFr6z"]);
     assert!(r.endpoints.is_empty());
     let reply = serde_json::to_vec(&fixture(
         "acapy/client_didexchange_request_reply_envelope_from_acapy.json",
@@ -220,26 +159,13 @@ fn peer4_hash_is_checked_and_short_form_needs_long() {
     let n = chars.len() - 5;
     chars[n] = if chars[n] == 'a' { 'b' } else { 'a' };
     let bad_doc: String = chars.iter().collect();
-    assert!(matches!(
-        resolve(&bad_doc, None),
-        Err(DidError::HashMismatch)
-    ));
+    assert!(matches!(resolve(&bad_doc, None), Err(DidError::HashMismatch)));
     assert!(peer4_short_form(&bad_doc).is_err());
 
-    assert!(matches!(
-        resolve(&short_form, None),
-        Err(DidError::NeedsLongForm)
-    ));
+    assert!(matches!(resolve(&short_form, None), Err(DidError::NeedsLongForm)));
     let r = resolve(&short_form, Some(&Value::String(did.clone()))).unwrap();
-    assert_eq!(
-        r.recipient_keys,
-        vec!["5CEyBuFE2sRPbvfzaMJvA9qiAdoGPG4etCubexwB1VTJ"]
-    );
-    let r2 = resolve(
-        &short_form,
-        Some(&json!({"id": short_form, "alsoKnownAs": [did]})),
-    )
-    .unwrap();
+    assert_eq!(r.recipient_keys, vec!["5CEyBuFE2sRPbvfzaMJvA9qiAdoGPG4etCubexwB1VTJ"]);
+    let r2 = resolve(&short_form, Some(&json!({"id": short_form, "alsoKnownAs": [did]}))).unwrap();
     assert_eq!(r2, r);
     // A long form of another DID does not help.
     let other = capture_did("credo/didexchange_1.1_request.json");
@@ -263,14 +189,8 @@ fn create_peer4_roundtrip() {
     assert_eq!(r.routing_keys, vec![m.verkey()]);
     assert_eq!(r.endpoints, eps);
     // Same shape as Credo's own: key in authentication, X25519 in keyAgreement.
-    assert_eq!(
-        r.doc["authentication"][0]["type"],
-        "Ed25519VerificationKey2018"
-    );
-    assert_eq!(
-        r.doc["keyAgreement"][0]["type"],
-        "X25519KeyAgreementKey2019"
-    );
+    assert_eq!(r.doc["authentication"][0]["type"], "Ed25519VerificationKey2018");
+    assert_eq!(r.doc["keyAgreement"][0]["type"], "X25519KeyAgreementKey2019");
     assert_eq!(r.doc["service"][0]["recipientKeys"][0], "#key-1");
     assert!(peer4_short_form(&did).unwrap().starts_with("did:peer:4zQm"));
     // Deterministic
@@ -282,12 +202,7 @@ fn legacy_inline_doc() {
     let kp = KeyPair::from_secret_bytes(&[10; 32]).unwrap();
     let m = KeyPair::from_secret_bytes(&[11; 32]).unwrap();
     let did = legacy_did_from_verkey(&kp.public_bytes());
-    let doc = legacy_diddoc(
-        &did,
-        &kp.verkey(),
-        &["http://x.example".into()],
-        &[m.did_key()],
-    );
+    let doc = legacy_diddoc(&did, &kp.verkey(), &["http://x.example".into()], &[m.did_key()]);
     let r = resolve(&did, Some(&doc)).unwrap();
     assert_eq!(r.recipient_keys, vec![kp.verkey()]);
     assert_eq!(r.routing_keys, vec![m.verkey()]);
@@ -331,10 +246,7 @@ fn legacy_inline_doc() {
 
 #[test]
 fn peer1_needs_doc() {
-    assert!(matches!(
-        resolve("did:peer:1zQmZ", None),
-        Err(DidError::NeedsDoc(_))
-    ));
+    assert!(matches!(resolve("did:peer:1zQmZ", None), Err(DidError::NeedsDoc(_))));
     let kp = KeyPair::from_secret_bytes(&[12; 32]).unwrap();
     let doc = json!({
         "id": "did:peer:1zQmZ",
@@ -349,13 +261,7 @@ fn peer1_needs_doc() {
 
 #[test]
 fn unsupported_methods() {
-    for d in [
-        "did:web:example.com",
-        "did:peer:9abc",
-        "",
-        "did:",
-        "hello world",
-    ] {
+    for d in ["did:web:example.com", "did:peer:9abc", "", "did:", "hello world"] {
         assert!(resolve(d, None).is_err(), "{d}");
     }
     assert!(matches!(

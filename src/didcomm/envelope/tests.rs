@@ -82,10 +82,7 @@ fn authcrypt_several_recipients_and_both_nonce_sizes() {
     let sender = kp(3);
     let keys: Vec<KeyPair> = (20..23).map(kp).collect();
     let recips: Vec<String> = keys.iter().map(KeyPair::verkey).collect();
-    for cipher in [
-        PayloadCipher::ChaCha20Poly1305,
-        PayloadCipher::XChaCha20Poly1305,
-    ] {
+    for cipher in [PayloadCipher::ChaCha20Poly1305, PayloadCipher::XChaCha20Poly1305] {
         for s in [Some(&sender), None] {
             let env = pack_with(b"payload", &recips, s, cipher).unwrap();
             let outer: serde_json::Value = serde_json::from_slice(&env).unwrap();
@@ -150,10 +147,7 @@ fn tampering_is_detected() {
         let mut b = b64::decode(o[field].as_str().unwrap()).unwrap();
         b[0] ^= 1;
         o[field] = b64::encode(&b).into();
-        let r = unpack(
-            &serde_json::to_vec(&o).unwrap(),
-            &finder(std::slice::from_ref(&bob)),
-        );
+        let r = unpack(&serde_json::to_vec(&o).unwrap(), &finder(std::slice::from_ref(&bob)));
         assert!(matches!(r, Err(EnvelopeError::Decrypt)), "{field}: {r:?}");
     }
     // A protected header changed in any way breaks the aad (here: a different but equivalent
@@ -162,10 +156,7 @@ fn tampering_is_detected() {
     let prot = b64::decode(o["protected"].as_str().unwrap()).unwrap();
     o["protected"] = b64::encode_padded(&prot).into();
     if o["protected"] != outer["protected"] {
-        let r = unpack(
-            &serde_json::to_vec(&o).unwrap(),
-            &finder(std::slice::from_ref(&bob)),
-        );
+        let r = unpack(&serde_json::to_vec(&o).unwrap(), &finder(std::slice::from_ref(&bob)));
         assert!(matches!(r, Err(EnvelopeError::Decrypt)), "{r:?}");
     }
 }
@@ -174,10 +165,7 @@ fn tampering_is_detected() {
 fn rejects_unsupported_and_malformed() {
     let bob = kp(2);
     let f = finder(std::slice::from_ref(&bob));
-    assert!(matches!(
-        unpack(b"not json", &f),
-        Err(EnvelopeError::NotJson)
-    ));
+    assert!(matches!(unpack(b"not json", &f), Err(EnvelopeError::NotJson)));
     assert!(matches!(unpack(b"{}", &f), Err(EnvelopeError::NotJson)));
     let env = pack(b"x", &[bob.verkey()], None).unwrap();
     let mut o: serde_json::Value = serde_json::from_slice(&env).unwrap();
@@ -203,10 +191,7 @@ fn rejects_unsupported_and_malformed() {
         recipient_kids(&serde_json::to_vec(&o).unwrap()),
         Err(EnvelopeError::TooManyRecipients(_))
     ));
-    assert!(matches!(
-        pack(b"x", &[], None),
-        Err(EnvelopeError::NoRecipients)
-    ));
+    assert!(matches!(pack(b"x", &[], None), Err(EnvelopeError::NoRecipients)));
     assert!(matches!(
         pack(b"x", &["nope".into()], None),
         Err(EnvelopeError::InvalidKey { .. })
@@ -239,10 +224,7 @@ fn wrap_forward_layers_innermost_first() {
 }
 
 fn fixture_dir(sub: &str) -> Vec<(String, serde_json::Value)> {
-    let dir = format!(
-        "{}/tests/fixtures/didcomm/{sub}",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let dir = format!("{}/tests/fixtures/didcomm/{sub}", env!("CARGO_MANIFEST_DIR"));
     let mut out: Vec<(String, serde_json::Value)> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -273,11 +255,7 @@ fn credo_capture_envelopes() {
     for (name, cap) in fixture_dir("credo") {
         let env = serde_json::to_vec(&cap["encryptedEnvelope"]).unwrap();
         let kids = recipient_kids(&env).unwrap();
-        assert_eq!(
-            kids,
-            decoded_kids(&cap["encryptedEnvelopeProtectedDecoded"]),
-            "{name}"
-        );
+        assert_eq!(kids, decoded_kids(&cap["encryptedEnvelopeProtectedDecoded"]), "{name}");
         // Real peers: a 12-byte payload nonce under the xchacha label.
         let iv = b64::decode(cap["encryptedEnvelope"]["iv"].as_str().unwrap()).unwrap();
         assert_eq!(iv.len(), 12, "{name}");
@@ -307,11 +285,7 @@ fn acapy_capture_envelopes() {
             let env = serde_json::to_vec(&cap).unwrap();
             let raw = b64::decode(cap["protected"].as_str().unwrap()).unwrap();
             let protected: serde_json::Value = serde_json::from_slice(&raw).unwrap();
-            assert_eq!(
-                recipient_kids(&env).unwrap(),
-                decoded_kids(&protected),
-                "{name}"
-            );
+            assert_eq!(recipient_kids(&env).unwrap(), decoded_kids(&protected), "{name}");
             n += 1;
         } else if cap["@type"] == FORWARD_TYPE {
             let inner = serde_json::to_vec(&cap["msg"]).unwrap();
@@ -351,10 +325,7 @@ struct Vector {
 }
 
 fn fixture_path(name: &str) -> String {
-    format!(
-        "{}/tests/fixtures/didcomm/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    )
+    format!("{}/tests/fixtures/didcomm/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
 fn load_vectors(name: &str) -> VectorFile {
@@ -377,22 +348,12 @@ fn unpacks_python_vectors() {
         let env = serde_json::to_vec(&v.envelope).unwrap();
         let iv = b64::decode(v.envelope["iv"].as_str().unwrap()).unwrap();
         nonce_sizes.insert(iv.len());
-        let want_kids: Vec<String> = v
-            .recipients
-            .iter()
-            .map(|r| seeded(&file, r).verkey())
-            .collect();
+        let want_kids: Vec<String> = v.recipients.iter().map(|r| seeded(&file, r).verkey()).collect();
         assert_eq!(recipient_kids(&env).unwrap(), want_kids, "{}", v.name);
         for r in &v.recipients {
             let key = seeded(&file, r);
-            let u = unpack(&env, &finder(std::slice::from_ref(&key)))
-                .unwrap_or_else(|e| panic!("{}: {e}", v.name));
-            assert_eq!(
-                String::from_utf8(u.plaintext).unwrap(),
-                v.plaintext,
-                "{}",
-                v.name
-            );
+            let u = unpack(&env, &finder(std::slice::from_ref(&key))).unwrap_or_else(|e| panic!("{}: {e}", v.name));
+            assert_eq!(String::from_utf8(u.plaintext).unwrap(), v.plaintext, "{}", v.name);
             assert_eq!(u.sender_verkey, v.sender_verkey, "{}", v.name);
             assert_eq!(u.recipient_verkey, key.verkey());
         }
@@ -468,12 +429,7 @@ fn write_rust_vectors() {
         .unwrap(),
     );
     let inner = pack(ascii.as_bytes(), &vk(&r1), Some(&sender)).unwrap();
-    let outer = wrap_forward(
-        &inner,
-        &k("recipient1").did_key(),
-        &[k("mediator").did_key()],
-    )
-    .unwrap();
+    let outer = wrap_forward(&inner, &k("recipient1").did_key(), &[k("mediator").did_key()]).unwrap();
     vectors.push(Vector {
         name: "rust_forward_via_mediator".into(),
         recipients: names(&["mediator"]),
@@ -500,8 +456,7 @@ fn rust_vectors_were_opened_by_python() {
     use sha2::Digest;
     let file = load_vectors("rust_vectors.json");
     let check: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture_path("python_check.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture_path("python_check.json")).unwrap()).unwrap();
     let results = check["results"].as_array().unwrap();
     assert_eq!(results.len(), file.vectors.len());
     for (v, r) in file.vectors.iter().zip(results) {
@@ -528,11 +483,7 @@ fn rust_vectors_were_opened_by_python() {
 #[test]
 fn pack_for_resolved_did() {
     let (alice, bob, med) = (kp(1), kp(2), kp(40));
-    let did = crate::didcomm::did::create_peer4(
-        &bob.verkey(),
-        &["https://bob.example".to_owned()],
-        &[med.did_key()],
-    );
+    let did = crate::didcomm::did::create_peer4(&bob.verkey(), &["https://bob.example".to_owned()], &[med.did_key()]);
     let r = crate::didcomm::did::resolve(&did, None).unwrap();
     let env = pack_for(b"{}", &r.recipient_keys, &r.routing_keys, Some(&alice)).unwrap();
     assert_eq!(recipient_kids(&env).unwrap(), vec![med.verkey()]);
