@@ -40,6 +40,8 @@ pub const MAX_BATCH_BYTES: usize = 16 << 20;
 pub const WRITER_CHANNEL: usize = 4096;
 /// Enqueue transactions in flight at once from one node (one fills while the other commits).
 pub const WRITER_TASKS: usize = 2;
+/// Tries of a single-statement write aborted as a deadlock victim.
+pub const STATEMENT_TRIES: u32 = 3;
 /// How long a caller waits for a pooled connection before `Unavailable`.
 pub const POOL_WAIT: Duration = Duration::from_secs(10);
 
@@ -47,6 +49,8 @@ pub const POOL_WAIT: Duration = Duration::from_secs(10);
 const LOCK_NS: i32 = 0x6d61_696c;
 /// Second key of the migration lock (connection locks use a hash of the id).
 const MIGRATION_LOCK: i32 = 0;
+/// First key of routing-key locks (second: a hash of the key).
+const KEY_LOCK_NS: i32 = LOCK_NS + 1;
 
 const MIGRATIONS: &[(i32, &str)] = &[(
     1,
@@ -115,6 +119,13 @@ fn pg_err(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
+/// Deadlock victim or serialization failure: the statement had no effect and may run again.
+fn is_transient(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    matches!(e.code(), Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED
+        || *c == SqlState::T_R_SERIALIZATION_FAILURE)
+}
+
 fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     StoreError::Unavailable(format!("postgres pool: {e}"))
 }
@@ -123,9 +134,9 @@ fn json_err(e: serde_json::Error) -> StoreError {
     StoreError::Corrupt(format!("postgres json: {e}"))
 }
 
-/// Advisory lock key of a connection: FNV-1a of its id. Collisions only serialise two
-/// connections' enqueues.
-fn conn_lock_key(conn: &str) -> i32 {
+/// Advisory lock key of a connection or routing key: FNV-1a of it. Collisions only serialise
+/// two unrelated writers.
+fn lock_key(conn: &str) -> i32 {
     let mut h: u32 = 0x811c_9dc5;
     for b in conn.as_bytes() {
         h ^= *b as u32;
@@ -177,6 +188,29 @@ impl PgStore {
 
     async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
         self.pool.get().await.map_err(pool_err)
+    }
+
+    /// One statement in its own transaction, tried again (at most [`STATEMENT_TRIES`] times)
+    /// when PostgreSQL aborted it as a deadlock victim or serialization failure. Every
+    /// multi-row write locks rows in id order, so this is a second line of defence.
+    async fn execute_retrying(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> StoreResult<u64> {
+        let c = self.client().await?;
+        let q = c.prepare_cached(sql).await.map_err(pg_err)?;
+        let mut tries = 1;
+        loop {
+            match c.execute(&q, params).await {
+                Ok(n) => return Ok(n),
+                Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+                    tracing::warn!(error = %e, "postgres statement retried");
+                    tries += 1;
+                }
+                Err(e) => return Err(pg_err(e)),
+            }
+        }
     }
 }
 
@@ -267,7 +301,7 @@ async fn commit_batch(
         .into_iter()
         .collect();
     conns.sort_unstable();
-    let mut lock_keys: Vec<i32> = conns.iter().map(|c| conn_lock_key(c)).collect();
+    let mut lock_keys: Vec<i32> = conns.iter().map(|c| lock_key(c)).collect();
     lock_keys.sort_unstable();
     lock_keys.dedup();
     let dedup_keys: Vec<Vec<u8>> = batch
@@ -647,6 +681,20 @@ impl Store for PgStore {
         {
             return Err(StoreError::NotFound);
         }
+        // Lock every key involved, in one global order: two updates touching the same keys in
+        // different orders would otherwise deadlock on each other's inserted rows.
+        let mut locks: Vec<i32> = add.iter().chain(remove).map(|k| lock_key(k)).collect();
+        locks.sort_unstable();
+        locks.dedup();
+        let lock = tx
+            .prepare_cached(
+                "SELECT pg_advisory_xact_lock($1, k) FROM (SELECT unnest($2::int4[]) AS k) s",
+            )
+            .await
+            .map_err(pg_err)?;
+        tx.execute(&lock, &[&KEY_LOCK_NS, &locks])
+            .await
+            .map_err(pg_err)?;
         let ins = tx
             .prepare_cached(
                 "INSERT INTO mailroom_routing_keys (key, conn_id) VALUES ($1, $2) \
@@ -797,42 +845,39 @@ impl Store for PgStore {
         if !storable(conn) || ids.is_empty() {
             return Ok(0);
         }
-        let c = self.client().await?;
-        let q = c
-            .prepare_cached("DELETE FROM mailroom_messages WHERE conn_id = $1 AND id = ANY($2)")
-            .await
-            .map_err(pg_err)?;
-        c.execute(&q, &[&conn, &ids]).await.map_err(pg_err)
+        self.execute_retrying(
+            "DELETE FROM mailroom_messages WHERE id IN ( \
+               SELECT id FROM mailroom_messages WHERE conn_id = $1 AND id = ANY($2) \
+               ORDER BY id FOR UPDATE)",
+            &[&conn, &ids],
+        )
+        .await
     }
 
     async fn release(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
         if !storable(conn) || ids.is_empty() {
             return Ok(0);
         }
-        let c = self.client().await?;
-        let q = c
-            .prepare_cached(
-                "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL \
-                 WHERE conn_id = $1 AND id = ANY($2) AND lease_owner IS NOT NULL",
-            )
-            .await
-            .map_err(pg_err)?;
-        c.execute(&q, &[&conn, &ids]).await.map_err(pg_err)
+        self.execute_retrying(
+            "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL WHERE id IN ( \
+               SELECT id FROM mailroom_messages \
+               WHERE conn_id = $1 AND id = ANY($2) AND lease_owner IS NOT NULL \
+               ORDER BY id FOR UPDATE)",
+            &[&conn, &ids],
+        )
+        .await
     }
 
     async fn release_owner(&self, owner: &str) -> StoreResult<u64> {
         if !storable(owner) {
             return Ok(0);
         }
-        let c = self.client().await?;
-        let q = c
-            .prepare_cached(
-                "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL \
-                 WHERE lease_owner = $1",
-            )
-            .await
-            .map_err(pg_err)?;
-        c.execute(&q, &[&owner]).await.map_err(pg_err)
+        self.execute_retrying(
+            "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL WHERE id IN ( \
+               SELECT id FROM mailroom_messages WHERE lease_owner = $1 ORDER BY id FOR UPDATE)",
+            &[&owner],
+        )
+        .await
     }
 
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
@@ -890,24 +935,21 @@ impl Store for PgStore {
     }
 
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
-        let c = self.client().await?;
-        // Rows locked by a leaser or an ack right now are skipped, never waited on: no
-        // deadlock with them; they expire at the next call.
-        let n = c
-            .execute(
+        // Rows locked by a leaser or an ack right now are skipped, never waited on: they
+        // expire at the next call.
+        let n = self
+            .execute_retrying(
                 "DELETE FROM mailroom_messages WHERE id IN ( \
                    SELECT id FROM mailroom_messages WHERE received_at_ms < $1 \
                    ORDER BY id FOR UPDATE SKIP LOCKED)",
                 &[&received_before_ms],
             )
-            .await
-            .map_err(pg_err)?;
-        c.execute(
+            .await?;
+        self.execute_retrying(
             "DELETE FROM mailroom_dedup WHERE received_at_ms < $1",
             &[&received_before_ms],
         )
-        .await
-        .map_err(pg_err)?;
+        .await?;
         Ok(n)
     }
 
