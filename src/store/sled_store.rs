@@ -270,48 +270,44 @@ impl Inner {
 
     /// One batch of the writer: decide, write, flush once, publish, answer.
     fn write_batch(&self, batch: Vec<EnqueueReq>) {
-        struct Planned {
-            id: MessageId,
-            conn_idx: usize,
-            meta: Meta,
+        enum Slot {
+            Done(StoreResult<Enqueued>),
+            /// Accepted: index into `accepted`.
+            New(usize),
+            /// Duplicate of a message accepted earlier in this batch.
+            DupOfNew(usize),
         }
-        // Decide under the lock, with the batch's own additions counted.
-        let mut outcomes: Vec<Vec<StoreResult<Enqueued>>> = Vec::with_capacity(batch.len());
-        let mut planned: Vec<Planned> = Vec::new();
-        let mut msg_batch = sled::Batch::default();
-        let mut dedup_batch = sled::Batch::default();
-        let mut new_dedup: Vec<(usize, [u8; 32], MessageId, i64)> = Vec::new();
-        let mut conn_names: Vec<&str> = Vec::new();
-        let mut failed: Option<StoreError> = None;
+        // 1. Decide under the index lock (memory only), counting the batch's own additions.
+        let mut slots: Vec<Vec<Slot>> = Vec::with_capacity(batch.len());
+        let mut accepted: Vec<&NewMessage> = Vec::new();
         {
             let q = self.queues.lock();
-            // batch-local: conn -> (count, bytes) added; (conn, dedup key) -> (id, at)
             let mut added: HashMap<&str, (u64, u64)> = HashMap::new();
-            let mut local_dedup: HashMap<(&str, [u8; 32]), (MessageId, i64)> = HashMap::new();
-            for req in batch.iter() {
+            let mut local_dedup: HashMap<(&str, [u8; 32]), (usize, i64)> = HashMap::new();
+            for req in &batch {
                 let mut out = Vec::with_capacity(req.msgs.len());
                 for m in &req.msgs {
                     let conn = m.connection.as_str();
                     if let Err(e) = check_storable("connection id", conn)
                         .and_then(|_| check_storable("recipient key", &m.recipient_key))
                     {
-                        out.push(Err(e));
+                        out.push(Slot::Done(Err(e)));
                         continue;
                     }
                     // Dedup first: a duplicate is answered even when the queue is full.
-                    if let Some(dk) = m.dedup_key {
-                        let window_start =
-                            m.received_at_ms.saturating_sub(req.limits.dedup_window_ms);
-                        let existing = local_dedup
-                            .get(&(conn, dk))
-                            .copied()
-                            .or_else(|| q.dedup.get(conn).and_then(|d| d.get(&dk)).copied());
-                        if let Some((id, at)) = existing {
-                            if req.limits.dedup_window_ms > 0 && at >= window_start {
-                                out.push(Ok(Enqueued {
-                                    id,
+                    if let (Some(dk), true) = (m.dedup_key, req.limits.dedup_window_ms > 0) {
+                        let start = m.received_at_ms.saturating_sub(req.limits.dedup_window_ms);
+                        if let Some((i, at)) = local_dedup.get(&(conn, dk)) {
+                            if *at >= start {
+                                out.push(Slot::DupOfNew(*i));
+                                continue;
+                            }
+                        } else if let Some((id, at)) = q.dedup.get(conn).and_then(|d| d.get(&dk)) {
+                            if *at >= start {
+                                out.push(Slot::Done(Ok(Enqueued {
+                                    id: *id,
                                     duplicate: true,
-                                }));
+                                })));
                                 continue;
                             }
                         }
@@ -321,98 +317,101 @@ impl Inner {
                         .get(conn)
                         .map(|c| (c.msgs.len() as u64, c.bytes))
                         .unwrap_or((0, 0));
-                    let (add_n, add_b) = added.get(conn).copied().unwrap_or((0, 0));
-                    let (n, b) = (have_n + add_n, have_b + add_b);
+                    let added = added.entry(conn).or_insert((0, 0));
+                    let (n, b) = (have_n + added.0, have_b + added.1);
                     let size = m.payload.len() as u64;
                     if n >= req.limits.max_messages || b.saturating_add(size) > req.limits.max_bytes
                     {
-                        out.push(Err(StoreError::QueueFull {
+                        out.push(Slot::Done(Err(StoreError::QueueFull {
                             pending: n,
                             bytes: b,
-                        }));
+                        })));
                         continue;
                     }
-                    let id = match self.next_id() {
-                        Ok(id) => id,
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
-                        }
-                    };
-                    let e = added.entry(conn).or_insert((0, 0));
-                    e.0 += 1;
-                    e.1 += size;
-                    let conn_idx = match conn_names.iter().position(|c| *c == conn) {
-                        Some(i) => i,
-                        None => {
-                            conn_names.push(conn);
-                            conn_names.len() - 1
-                        }
-                    };
-                    msg_batch.insert(&encode_id(id), encode_msg(m));
+                    added.0 += 1;
+                    added.1 += size;
                     if let Some(dk) = m.dedup_key {
-                        local_dedup.insert((conn, dk), (id, m.received_at_ms));
-                        dedup_batch
-                            .insert(dedup_tree_key(conn, &dk), dedup_value(id, m.received_at_ms));
-                        new_dedup.push((conn_idx, dk, id, m.received_at_ms));
+                        local_dedup.insert((conn, dk), (accepted.len(), m.received_at_ms));
                     }
-                    planned.push(Planned {
-                        id,
-                        conn_idx,
-                        meta: Meta {
-                            size,
-                            received_at_ms: m.received_at_ms,
-                            lease_until_ms: 0,
-                            owner: None,
-                            attempts: 0,
-                        },
-                    });
-                    out.push(Ok(Enqueued {
-                        id,
-                        duplicate: false,
-                    }));
+                    out.push(Slot::New(accepted.len()));
+                    accepted.push(m);
                 }
-                outcomes.push(out);
-                if failed.is_some() {
-                    break;
-                }
+                slots.push(out);
             }
         }
-        // Write and make durable without holding the index lock.
-        let written = match failed {
-            Some(e) => Err(e),
-            None => self
-                .msgs
-                .apply_batch(msg_batch)
-                .and_then(|_| self.dedup.apply_batch(dedup_batch))
-                .and_then(|_| self.db.flush())
-                .map_err(unavailable),
-        };
-        match written {
-            Ok(_) => {
-                let conn_ids: Vec<String> = conn_names.iter().map(|s| s.to_string()).collect();
-                let mut q = self.queues.lock();
-                for p in planned {
-                    q.insert(&conn_ids[p.conn_idx], p.id, p.meta);
-                }
-                for (ci, dk, id, at) in new_dedup {
-                    q.dedup
-                        .entry(conn_ids[ci].clone())
-                        .or_default()
-                        .insert(dk, (id, at));
-                }
-                drop(q);
-                for (req, out) in batch.into_iter().zip(outcomes) {
-                    let _ = req.reply.send(Ok(out));
+
+        // 2. Ids, write, one flush: without the index lock (leases and acks go on meanwhile).
+        let written = (|| -> StoreResult<Vec<MessageId>> {
+            let ids = accepted
+                .iter()
+                .map(|_| self.next_id())
+                .collect::<StoreResult<Vec<_>>>()?;
+            let mut msgs = sled::Batch::default();
+            let mut dedup = sled::Batch::default();
+            for (m, id) in accepted.iter().zip(&ids) {
+                msgs.insert(&encode_id(*id), encode_msg(m));
+                if let Some(dk) = &m.dedup_key {
+                    dedup.insert(
+                        dedup_tree_key(&m.connection, dk),
+                        dedup_value(*id, m.received_at_ms),
+                    );
                 }
             }
+            self.msgs.apply_batch(msgs).map_err(unavailable)?;
+            self.dedup.apply_batch(dedup).map_err(unavailable)?;
+            self.flush()?;
+            Ok(ids)
+        })();
+
+        // 3. Publish to the index only once durable, then answer.
+        let ids = match written {
+            Ok(ids) => ids,
             Err(e) => {
                 tracing::error!(error = %e, "sled enqueue batch failed");
                 let msg = e.to_string();
                 for req in batch {
                     let _ = req.reply.send(Err(StoreError::Unavailable(msg.clone())));
                 }
+                return;
             }
+        };
+        {
+            let mut q = self.queues.lock();
+            for (m, id) in accepted.iter().zip(&ids) {
+                let meta = Meta {
+                    size: m.payload.len() as u64,
+                    received_at_ms: m.received_at_ms,
+                    lease_until_ms: 0,
+                    owner: None,
+                    attempts: 0,
+                };
+                q.insert(&m.connection, *id, meta);
+                if let Some(dk) = m.dedup_key {
+                    let d = match q.dedup.get_mut(m.connection.as_str()) {
+                        Some(d) => d,
+                        None => q.dedup.entry(m.connection.clone()).or_default(),
+                    };
+                    d.insert(dk, (*id, m.received_at_ms));
+                }
+            }
+        }
+        let results = slots.into_iter().map(|out| {
+            out.into_iter()
+                .map(|s| match s {
+                    Slot::Done(r) => r,
+                    Slot::New(i) => Ok(Enqueued {
+                        id: ids[i],
+                        duplicate: false,
+                    }),
+                    Slot::DupOfNew(i) => Ok(Enqueued {
+                        id: ids[i],
+                        duplicate: true,
+                    }),
+                })
+                .collect()
+        });
+        for (req, out) in batch.into_iter().zip(results) {
+            let _ = req.reply.send(Ok(out));
         }
     }
 }
