@@ -5,18 +5,18 @@
 //! - `conns`: connection id -> JSON [`Connection`]; `by_verkey`: their verkey -> id;
 //!   `by_thread`: thread id -> id (indexes written in the same transaction as the connection).
 //! - `keys`: routing key -> connection id; `conn_keys`: `len16(conn) conn key` -> () (keys_of).
-//! - `msgs`: id (u64 BE) -> fixed layout (see [`encode_msg`]): header, connection, recipient
+//! - `msgs`: id (u64 BE) -> fixed layout (see `encode_msg`): header, connection, recipient
 //!   key, dedup key, payload. JSON would double the size of binary payloads.
 //! - `attempts`: id -> u32 BE, written when a message is leased (not flushed on its own).
 //! - `dedup`: `len16(conn) key32` -> id (i64 BE) + received_at (i64 BE).
 //!
-//! The queue is indexed in memory ([`Queues`]: per connection, id -> size, time, lease), rebuilt
+//! The queue is indexed in memory (`Queues`: per connection, id -> size, time, lease), rebuilt
 //! from `msgs`/`attempts`/`dedup` at open. sled allows one process per database, so this
 //! process's memory is the only place leases live: they are deliberately not persisted, a
 //! restart makes every message pending again (at-least-once). `lease`, `ack`, `release` only
 //! take the in-memory lock for their decision and never wait for a disk flush.
 //!
-//! Write path: every `enqueue` goes through one writer thread ([`writer_loop`]) that drains the
+//! Write path: every `enqueue` goes through one writer thread (`writer_loop`) that drains the
 //! waiting requests (up to [`MAX_BATCH_MESSAGES`]), decides limits and dedup for all of them,
 //! writes them, flushes once, publishes them in the index and answers every caller.
 //!
