@@ -1126,6 +1126,32 @@ pub mod sled_backend {
         });
     }
 
+    /// In-process nodes opening one path share one store (sled allows one handle per
+    /// directory): both see the same data and the same leases; once all are dropped the path
+    /// opens again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn same_path_opened_twice_is_one_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = tokio::join!(open_sled(dir.path()), open_sled(dir.path()));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let c = new_conn(&a).await;
+        assert!(b.get_connection(&c).await.unwrap().is_some());
+        let id = enqueue_ok(&a, vec![msg(&c, "m", T0)]).await;
+        assert_eq!(
+            ids(&b.lease(&c, 10, "n2", T0, T0 + 1000).await.unwrap()),
+            id
+        );
+        assert!(a
+            .lease(&c, 10, "n1", T0, T0 + 1000)
+            .await
+            .unwrap()
+            .is_empty());
+        drop(a);
+        drop(b);
+        let again = open_sled(dir.path()).await.unwrap();
+        assert_eq!(again.total_queued().await.unwrap(), 1);
+    }
+
     pub async fn run<F, Fut>(check: F)
     where
         F: FnOnce(Arc<dyn Backend>) -> Fut,

@@ -332,9 +332,10 @@ pub trait Store: Send + Sync + 'static {
     async fn flush(&self) -> StoreResult<()>;
 }
 
-/// Opens (or creates) the sled store at `path`.
+/// Opens (or creates) the sled store at `path`. Opening a path already open in this process
+/// returns the same store (in-process nodes share it).
 pub async fn open_sled(path: &std::path::Path) -> StoreResult<std::sync::Arc<dyn Store>> {
-    Ok(std::sync::Arc::new(SledStore::open(path).await?))
+    Ok(SledStore::open_shared(path).await?)
 }
 
 /// Connects to PostgreSQL, applies migrations (idempotent, safe when nodes start together).

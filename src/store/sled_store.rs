@@ -24,8 +24,8 @@
 //! writer thread).
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::Mutex;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -139,8 +139,60 @@ impl Drop for SledStore {
     }
 }
 
+/// Stores open in this process, by canonical path: sled allows one open handle per directory,
+/// so a second open of the same path (two in-process nodes) gets the same store.
+fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<SledStore>>> {
+    static OPEN: OnceLock<Mutex<HashMap<PathBuf, Weak<SledStore>>>> = OnceLock::new();
+    OPEN.get_or_init(Default::default)
+}
+
+/// Serialises opens, so two concurrent opens of one path do not both try sled's file lock.
+fn opening() -> &'static tokio::sync::Mutex<()> {
+    static OPENING: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
+    OPENING.get_or_init(Default::default)
+}
+
+/// How long an open waits for a store of the same path that is being dropped to let go of
+/// sled's file lock.
+const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl SledStore {
-    /// Opens or creates the database at `path`.
+    /// Opens or creates the database at `path`, or returns the store already open on it in this
+    /// process. Used by [`super::open_sled`].
+    pub async fn open_shared(path: &Path) -> StoreResult<Arc<SledStore>> {
+        let path = path.to_owned();
+        let key = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&path)?;
+            path.canonicalize()
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)?;
+        let _opening = opening().lock().await;
+        if let Some(s) = registry().lock().get(&key).and_then(Weak::upgrade) {
+            return Ok(s);
+        }
+        let deadline = std::time::Instant::now() + REOPEN_WAIT;
+        let store = loop {
+            match SledStore::open(&key).await {
+                Ok(s) => break s,
+                // The last handle of this path may be finishing its drop on another thread.
+                Err(e)
+                    if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let store = Arc::new(store);
+        let mut reg = registry().lock();
+        reg.retain(|_, w| w.strong_count() > 0);
+        reg.insert(key, Arc::downgrade(&store));
+        Ok(store)
+    }
+
+    /// Opens or creates the database at `path` (fails if it is open elsewhere).
     pub async fn open(path: &Path) -> StoreResult<SledStore> {
         let cfg = sled::Config::new().path(path);
         Self::open_config(cfg).await
