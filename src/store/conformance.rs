@@ -1187,6 +1187,34 @@ pub mod pg_backend {
         client
     }
 
+    /// Drops test databases left by test processes that died before their cleanup (killed on
+    /// a timeout): `mailroom_test_<pid>_<hex>` whose pid no longer runs on this machine.
+    async fn drop_leftovers(admin: &tokio_postgres::Client) {
+        let rows = admin
+            .query(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'mailroom\\_test\\_%'",
+                &[],
+            )
+            .await
+            .expect("list test databases");
+        for r in rows {
+            let name: String = r.get(0);
+            let mut parts = name.trim_start_matches("mailroom_test_").splitn(2, '_');
+            let (Some(pid), Some(rand)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let well_formed = pid.chars().all(|c| c.is_ascii_digit())
+                && rand.len() == 32
+                && rand.chars().all(|c| c.is_ascii_hexdigit());
+            if well_formed && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                // Another run may be dropping it at the same moment: ignore errors.
+                let _ = admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            }
+        }
+    }
+
     pub struct PgBackend {
         pub url: String,
     }
@@ -1212,6 +1240,7 @@ pub mod pg_backend {
             uuid::Uuid::new_v4().simple()
         );
         let admin = admin().await;
+        drop_leftovers(&admin).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
