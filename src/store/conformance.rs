@@ -173,8 +173,71 @@ pub async fn connection_crud_and_indexes(b: Arc<dyn Backend>) {
         id
     );
 
+    // Two connections listing one verkey or thread (an agent with a public DID connecting
+    // twice): the most recently written wins; removing it from one leaves the other findable.
+    let (x, y) = (new_id(), new_id());
+    let mut cx = conn(&x);
+    cx.their_verkeys = vec!["shared-vk".into()];
+    cx.thread_id = Some("shared-thr".into());
+    let mut cy = conn(&y);
+    cy.their_verkeys = vec!["shared-vk".into(), "y-only".into()];
+    cy.thread_id = Some("shared-thr".into());
+    s.put_connection(&cx).await.unwrap();
+    s.put_connection(&cy).await.unwrap();
+    assert_eq!(
+        s.connection_by_their_verkey("shared-vk")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        y
+    );
+    assert_eq!(
+        s.connection_by_thread("shared-thr")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        y
+    );
+    s.put_connection(&cx).await.unwrap();
+    assert_eq!(
+        s.connection_by_their_verkey("shared-vk")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        x
+    );
+    cx.their_verkeys.clear();
+    cx.thread_id = None;
+    s.put_connection(&cx).await.unwrap();
+    assert_eq!(
+        s.connection_by_their_verkey("shared-vk")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        y
+    );
+    assert_eq!(
+        s.connection_by_thread("shared-thr")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        y
+    );
+    cy.their_verkeys = vec!["y-only".into()];
+    s.put_connection(&cy).await.unwrap();
+    assert!(s
+        .connection_by_their_verkey("shared-vk")
+        .await
+        .unwrap()
+        .is_none());
+
     // Pagination by id.
-    let mut all = vec![id.clone()];
+    let mut all = vec![id.clone(), x, y];
     for _ in 0..6 {
         all.push(new_conn(&s).await);
     }
@@ -191,7 +254,7 @@ pub async fn connection_crud_and_indexes(b: Arc<dyn Backend>) {
         seen.extend(page.into_iter().map(|c| c.id));
     }
     assert_eq!(seen, all, "pages in id order, each connection once");
-    assert_eq!(s.list_connections(None, 100).await.unwrap().len(), 7);
+    assert_eq!(s.list_connections(None, 100).await.unwrap().len(), 9);
 }
 
 pub async fn routing_keys(b: Arc<dyn Backend>) {

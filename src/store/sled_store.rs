@@ -2,8 +2,10 @@
 //!
 //! Layout (trees):
 //! - `meta`: `identity` -> JSON.
-//! - `conns`: connection id -> JSON [`Connection`]; `by_verkey`: their verkey -> id;
-//!   `by_thread`: thread id -> id (indexes written in the same transaction as the connection).
+//! - `conns`: connection id -> JSON [`Connection`]; `by_verkey`: `len16(verkey) verkey id` ->
+//!   write sequence; `by_thread`: `len16(thread) thread id` -> write sequence. Written in the
+//!   connection's transaction; several connections may share a key, a lookup takes the most
+//!   recently written one (as PostgreSQL does).
 //! - `keys`: routing key -> connection id; `conn_keys`: `len16(conn) conn key` -> () (keys_of).
 //! - `msgs`: id (u64 BE) -> fixed layout (see `encode_msg`): header, connection, recipient
 //!   key, dedup key, payload. JSON would double the size of binary payloads.
@@ -595,6 +597,29 @@ fn dedup_value(id: MessageId, at: i64) -> Vec<u8> {
     v
 }
 
+/// `len16(a) a b`: keys of multi-valued indexes (a -> several b), scanned by `len16(a) a`.
+fn pair_key(a: &str, b: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + a.len() + b.len());
+    push_str16(&mut out, a);
+    out.extend_from_slice(b.as_bytes());
+    out
+}
+
+/// The connection written last among those a multi-valued index lists under `key`.
+fn latest_of(tree: &sled::Tree, key: &str) -> StoreResult<Option<String>> {
+    let prefix = conn_prefix(key);
+    let mut best: Option<(u64, String)> = None;
+    for kv in tree.scan_prefix(&prefix) {
+        let (k, v) = kv.map_err(unavailable)?;
+        let seq = u64::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt("index seq"))?);
+        if best.as_ref().map_or(true, |(s, _)| seq > *s) {
+            let id = std::str::from_utf8(&k[prefix.len()..]).map_err(|_| corrupt("index id"))?;
+            best = Some((seq, id.to_owned()));
+        }
+    }
+    Ok(best.map(|(_, id)| id))
+}
+
 fn conn_key_entry(conn: &str, key: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(2 + conn.len() + key.len());
     push_str16(&mut out, conn);
@@ -663,26 +688,23 @@ impl Store for SledStore {
                 .map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
             let _g = inner.meta_lock.lock();
             let old = inner.get_conn(&c.id)?;
+            let seq = inner.db.generate_id().map_err(unavailable)?.to_be_bytes();
             let id = c.id.as_bytes();
             (&inner.conns, &inner.by_verkey, &inner.by_thread)
                 .transaction(|(conns, by_verkey, by_thread)| {
                     if let Some(old) = &old {
                         for k in &old.their_verkeys {
-                            if by_verkey.get(k.as_bytes())?.as_deref() == Some(id) {
-                                by_verkey.remove(k.as_bytes())?;
-                            }
+                            by_verkey.remove(pair_key(k, &c.id))?;
                         }
                         if let Some(t) = &old.thread_id {
-                            if by_thread.get(t.as_bytes())?.as_deref() == Some(id) {
-                                by_thread.remove(t.as_bytes())?;
-                            }
+                            by_thread.remove(pair_key(t, &c.id))?;
                         }
                     }
                     for k in &c.their_verkeys {
-                        by_verkey.insert(k.as_bytes(), id)?;
+                        by_verkey.insert(pair_key(k, &c.id), &seq[..])?;
                     }
                     if let Some(t) = &c.thread_id {
-                        by_thread.insert(t.as_bytes(), id)?;
+                        by_thread.insert(pair_key(t, &c.id), &seq[..])?;
                     }
                     conns.insert(id, bytes.as_slice())?;
                     Ok::<_, ConflictableTransactionError<StoreError>>(())
@@ -707,18 +729,13 @@ impl Store for SledStore {
         }
         let verkey = verkey.to_owned();
         self.blocking(move |inner| {
-            let Some(id) = inner
-                .by_verkey
-                .get(verkey.as_bytes())
-                .map_err(unavailable)?
-            else {
+            let Some(id) = latest_of(&inner.by_verkey, &verkey)? else {
                 return Ok(None);
             };
-            let id = std::str::from_utf8(&id).map_err(|_| corrupt("verkey index"))?;
             // The index is maintained in the connection's transaction; checking again keeps a
             // stale entry from ever returning the wrong connection.
             Ok(inner
-                .get_conn(id)?
+                .get_conn(&id)?
                 .filter(|c| c.their_verkeys.contains(&verkey)))
         })
         .await
@@ -730,12 +747,11 @@ impl Store for SledStore {
         }
         let thid = thid.to_owned();
         self.blocking(move |inner| {
-            let Some(id) = inner.by_thread.get(thid.as_bytes()).map_err(unavailable)? else {
+            let Some(id) = latest_of(&inner.by_thread, &thid)? else {
                 return Ok(None);
             };
-            let id = std::str::from_utf8(&id).map_err(|_| corrupt("thread index"))?;
             Ok(inner
-                .get_conn(id)?
+                .get_conn(&id)?
                 .filter(|c| c.thread_id.as_deref() == Some(thid.as_str())))
         })
         .await
