@@ -110,7 +110,10 @@ pub async fn identity_race(b: Arc<dyn Backend>) {
     for t in tasks {
         got.push(t.await.unwrap());
     }
-    assert!(got.iter().all(|g| *g == got[0]), "all racers get the same identity");
+    assert!(
+        got.iter().all(|g| *g == got[0]),
+        "all racers get the same identity"
+    );
     let n = got[0].secrets["candidate"].as_i64().unwrap();
     assert_eq!(
         got[0].created_at_ms,
@@ -137,9 +140,18 @@ pub async fn connection_crud_and_indexes(b: Arc<dyn Backend>) {
     c.thread_id = Some("thr-1".into());
     s.put_connection(&c).await.unwrap();
     assert_eq!(s.get_connection(&id).await.unwrap().as_ref(), Some(&c));
-    assert_eq!(s.connection_by_their_verkey("vkA").await.unwrap().as_ref(), Some(&c));
-    assert_eq!(s.connection_by_their_verkey("vkB").await.unwrap().as_ref(), Some(&c));
-    assert_eq!(s.connection_by_thread("thr-1").await.unwrap().as_ref(), Some(&c));
+    assert_eq!(
+        s.connection_by_their_verkey("vkA").await.unwrap().as_ref(),
+        Some(&c)
+    );
+    assert_eq!(
+        s.connection_by_their_verkey("vkB").await.unwrap().as_ref(),
+        Some(&c)
+    );
+    assert_eq!(
+        s.connection_by_thread("thr-1").await.unwrap().as_ref(),
+        Some(&c)
+    );
     assert!(s.connection_by_their_verkey("vkC").await.unwrap().is_none());
 
     // Update: indexes follow the new version.
@@ -151,12 +163,81 @@ pub async fn connection_crud_and_indexes(b: Arc<dyn Backend>) {
     s.put_connection(&c).await.unwrap();
     assert_eq!(s.get_connection(&id).await.unwrap().as_ref(), Some(&c));
     assert!(s.connection_by_their_verkey("vkA").await.unwrap().is_none());
-    assert_eq!(s.connection_by_their_verkey("vkC").await.unwrap().as_ref(), Some(&c));
+    assert_eq!(
+        s.connection_by_their_verkey("vkC").await.unwrap().as_ref(),
+        Some(&c)
+    );
     assert!(s.connection_by_thread("thr-1").await.unwrap().is_none());
-    assert_eq!(s.connection_by_thread("thr-2").await.unwrap().unwrap().id, id);
+    assert_eq!(
+        s.connection_by_thread("thr-2").await.unwrap().unwrap().id,
+        id
+    );
+
+    // Two connections listing one verkey or thread (an agent with a public DID connecting
+    // twice): the most recently written wins; removing it from one leaves the other findable.
+    let (x, y) = (new_id(), new_id());
+    let mut cx = conn(&x);
+    cx.their_verkeys = vec!["shared-vk".into()];
+    cx.thread_id = Some("shared-thr".into());
+    let mut cy = conn(&y);
+    cy.their_verkeys = vec!["shared-vk".into(), "y-only".into()];
+    cy.thread_id = Some("shared-thr".into());
+    s.put_connection(&cx).await.unwrap();
+    s.put_connection(&cy).await.unwrap();
+    assert_eq!(
+        s.connection_by_their_verkey("shared-vk")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        y
+    );
+    assert_eq!(
+        s.connection_by_thread("shared-thr")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        y
+    );
+    s.put_connection(&cx).await.unwrap();
+    assert_eq!(
+        s.connection_by_their_verkey("shared-vk")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        x
+    );
+    cx.their_verkeys.clear();
+    cx.thread_id = None;
+    s.put_connection(&cx).await.unwrap();
+    assert_eq!(
+        s.connection_by_their_verkey("shared-vk")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        y
+    );
+    assert_eq!(
+        s.connection_by_thread("shared-thr")
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        y
+    );
+    cy.their_verkeys = vec!["y-only".into()];
+    s.put_connection(&cy).await.unwrap();
+    assert!(s
+        .connection_by_their_verkey("shared-vk")
+        .await
+        .unwrap()
+        .is_none());
 
     // Pagination by id.
-    let mut all = vec![id.clone()];
+    let mut all = vec![id.clone(), x, y];
     for _ in 0..6 {
         all.push(new_conn(&s).await);
     }
@@ -173,7 +254,7 @@ pub async fn connection_crud_and_indexes(b: Arc<dyn Backend>) {
         seen.extend(page.into_iter().map(|c| c.id));
     }
     assert_eq!(seen, all, "pages in id order, each connection once");
-    assert_eq!(s.list_connections(None, 100).await.unwrap().len(), 7);
+    assert_eq!(s.list_connections(None, 100).await.unwrap().len(), 9);
 }
 
 pub async fn routing_keys(b: Arc<dyn Backend>) {
@@ -195,7 +276,9 @@ pub async fn routing_keys(b: Arc<dyn Backend>) {
         vec![(k("k1"), KeyUpdate::AlreadyAdded)]
     );
     assert_eq!(
-        s.update_keys(&c2, &[k("k1"), k("k3")], &[k("k2")]).await.unwrap(),
+        s.update_keys(&c2, &[k("k1"), k("k3")], &[k("k2")])
+            .await
+            .unwrap(),
         vec![
             (k("k1"), KeyUpdate::HeldByOther),
             (k("k3"), KeyUpdate::Added),
@@ -210,7 +293,10 @@ pub async fn routing_keys(b: Arc<dyn Backend>) {
     assert_eq!(s.keys_of(&c2).await.unwrap(), vec![k("k3")]);
     assert_eq!(
         s.update_keys(&c1, &[], &[k("k1"), k("zz")]).await.unwrap(),
-        vec![(k("k1"), KeyUpdate::Removed), (k("zz"), KeyUpdate::NotFound)]
+        vec![
+            (k("k1"), KeyUpdate::Removed),
+            (k("zz"), KeyUpdate::NotFound)
+        ]
     );
     assert_eq!(s.route("k1").await.unwrap(), None);
     assert_eq!(s.keys_of(&c1).await.unwrap(), vec![k("k2")]);
@@ -240,16 +326,59 @@ pub async fn routing_keys(b: Arc<dyn Backend>) {
         }
     }
     assert_eq!(winners.len(), 1);
-    assert_eq!(s.route("contested").await.unwrap(), Some(winners[0].clone()));
+    assert_eq!(
+        s.route("contested").await.unwrap(),
+        Some(winners[0].clone())
+    );
+
+    // Two connections update overlapping keys in opposite orders, many times: no deadlock, no
+    // error, and every key ends up with exactly one holder.
+    let (ca, cb) = (new_conn(&s).await, new_conn(&s).await);
+    let keys: Vec<String> = (0..6).map(|i| format!("swap-{i}")).collect();
+    let mut tasks = Vec::new();
+    for (c, rev) in [(ca.clone(), false), (cb.clone(), true)] {
+        let s = s.clone();
+        let mut ks = keys.clone();
+        if rev {
+            ks.reverse();
+        }
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..20 {
+                s.update_keys(&c, &ks, &[]).await.unwrap();
+                s.update_keys(&c, &[], &ks).await.unwrap();
+            }
+            s.update_keys(&c, &ks, &[]).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for k in &keys {
+        let holder = s.route(k).await.unwrap().unwrap();
+        assert!(holder == ca || holder == cb);
+    }
+    let held = s.keys_of(&ca).await.unwrap().len() + s.keys_of(&cb).await.unwrap().len();
+    assert_eq!(held, keys.len());
 }
 
 pub async fn enqueue_fifo(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let c1 = new_conn(&s).await;
     let c2 = new_conn(&s).await;
-    let a = enqueue_ok(&s, vec![msg(&c1, "a1", T0), msg(&c2, "b1", T0), msg(&c1, "a2", T0 + 1)]).await;
+    let a = enqueue_ok(
+        &s,
+        vec![
+            msg(&c1, "a1", T0),
+            msg(&c2, "b1", T0),
+            msg(&c1, "a2", T0 + 1),
+        ],
+    )
+    .await;
     let b2 = enqueue_ok(&s, vec![msg(&c1, "a3", T0 + 2)]).await;
-    assert!(a[0] < a[1] && a[1] < a[2] && a[2] < b2[0], "ids increase: {a:?} {b2:?}");
+    assert!(
+        a[0] < a[1] && a[1] < a[2] && a[2] < b2[0],
+        "ids increase: {a:?} {b2:?}"
+    );
     let got = s.lease(&c1, 10, "o", T0, T0 + 60_000).await.unwrap();
     let payloads: Vec<&[u8]> = got.iter().map(|m| m.payload.as_slice()).collect();
     assert_eq!(payloads, vec![&b"a1"[..], b"a2", b"a3"]);
@@ -259,7 +388,13 @@ pub async fn enqueue_fifo(b: Arc<dyn Backend>) {
     assert_eq!(got[1].received_at_ms, T0 + 1);
     let got2 = s.lease(&c2, 10, "o", T0, T0 + 60_000).await.unwrap();
     assert_eq!(ids(&got2), vec![a[1]]);
-    assert_eq!(s.enqueue(vec![], &EnqueueLimits::UNLIMITED).await.unwrap().len(), 0);
+    assert_eq!(
+        s.enqueue(vec![], &EnqueueLimits::UNLIMITED)
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
     // Binary payloads come back byte for byte.
     let bin: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
     let m = NewMessage {
@@ -283,13 +418,21 @@ pub async fn durability_across_reopen(b: Arc<dyn Backend>) {
             .await
             .unwrap();
         let c = new_conn(&s).await;
-        s.update_keys(&c, &["rk-durable".into()], &[]).await.unwrap();
+        s.update_keys(&c, &["rk-durable".into()], &[])
+            .await
+            .unwrap();
         let mut ids = Vec::new();
         for i in 0..10 {
             ids.extend(enqueue_ok(&s, vec![dmsg(&c, &format!("m{i}"), T0 + i, i as u8)]).await);
         }
         // Leased when the store goes away: deliverable again after the reopen.
-        assert_eq!(s.lease(&c, 3, "gone", T0, T0 + 3_600_000).await.unwrap().len(), 3);
+        assert_eq!(
+            s.lease(&c, 3, "gone", T0, T0 + 3_600_000)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
         // enqueue returned: durable without any explicit flush.
         (c, ids, identity)
     };
@@ -309,7 +452,10 @@ pub async fn durability_across_reopen(b: Arc<dyn Backend>) {
     // The lease of the old process is released explicitly by its owner on a clean shutdown;
     // a crashed owner's leases run out. Either way the messages come back.
     s.release_owner("gone").await.unwrap();
-    let got = s.lease(&c, 100, "o", T0 + 3_600_000, T0 + 3_700_000).await.unwrap();
+    let got = s
+        .lease(&c, 100, "o", T0 + 3_600_000, T0 + 3_700_000)
+        .await
+        .unwrap();
     assert_eq!(ids(&got), first_ids);
     assert_eq!(got[9].payload, b"m9");
     // Dedup records survive too.
@@ -317,7 +463,10 @@ pub async fn durability_across_reopen(b: Arc<dyn Backend>) {
         dedup_window_ms: 60_000,
         ..EnqueueLimits::UNLIMITED
     };
-    let r = s.enqueue(vec![dmsg(&c, "m0", T0 + 100, 0)], &limits).await.unwrap();
+    let r = s
+        .enqueue(vec![dmsg(&c, "m0", T0 + 100, 0)], &limits)
+        .await
+        .unwrap();
     assert_eq!(
         r[0].as_ref().unwrap(),
         &Enqueued {
@@ -340,12 +489,20 @@ pub async fn lease_ack_release(b: Arc<dyn Backend>) {
     assert_eq!(ids(&l1), id[0..2].to_vec());
     let l2 = s.lease(&c, 10, "A", T0, until).await.unwrap();
     assert_eq!(ids(&l2), id[2..5].to_vec());
-    assert!(s.lease(&c, 10, "B", T0 + 1, until).await.unwrap().is_empty());
+    assert!(s
+        .lease(&c, 10, "B", T0 + 1, until)
+        .await
+        .unwrap()
+        .is_empty());
     let st = s.queue_stats(&c, T0 + 1).await.unwrap();
     assert_eq!((st.pending, st.leased), (0, 5));
 
     assert_eq!(s.ack(&c, &[id[0]]).await.unwrap(), 1);
-    assert_eq!(s.ack(&c, &[id[0]]).await.unwrap(), 0, "ack twice deletes once");
+    assert_eq!(
+        s.ack(&c, &[id[0]]).await.unwrap(),
+        0,
+        "ack twice deletes once"
+    );
     assert_eq!(s.release(&c, &[id[1]]).await.unwrap(), 1);
     let l3 = s.lease(&c, 10, "B", T0 + 2, until).await.unwrap();
     assert_eq!(ids(&l3), vec![id[1]]);
@@ -372,12 +529,23 @@ pub async fn lease_expiry(b: Arc<dyn Backend>) {
     let c = new_conn(&s).await;
     let id = enqueue_ok(&s, vec![msg(&c, "x", T0), msg(&c, "y", T0)]).await;
     assert_eq!(s.lease(&c, 10, "A", T0, T0 + 100).await.unwrap().len(), 2);
-    assert!(s.lease(&c, 10, "B", T0 + 99, T0 + 200).await.unwrap().is_empty());
+    assert!(s
+        .lease(&c, 10, "B", T0 + 99, T0 + 200)
+        .await
+        .unwrap()
+        .is_empty());
     let st = s.queue_stats(&c, T0 + 99).await.unwrap();
     assert_eq!((st.pending, st.leased), (0, 2));
     let st = s.queue_stats(&c, T0 + 100).await.unwrap();
-    assert_eq!((st.pending, st.leased), (2, 0), "a lease runs out at until_ms");
-    assert_eq!(s.connections_with_pending(T0 + 100, 10).await.unwrap(), vec![c.clone()]);
+    assert_eq!(
+        (st.pending, st.leased),
+        (2, 0),
+        "a lease runs out at until_ms"
+    );
+    assert_eq!(
+        s.connections_with_pending(T0 + 100, 10).await.unwrap(),
+        vec![c.clone()]
+    );
     let again = s.lease(&c, 10, "B", T0 + 100, T0 + 200).await.unwrap();
     assert_eq!(ids(&again), id);
     assert!(again.iter().all(|m| m.attempts == 2));
@@ -395,9 +563,17 @@ pub async fn ack_is_scoped_to_connection(b: Arc<dyn Backend>) {
     s.lease(&c1, 1, "A", T0, T0 + 1000).await.unwrap();
     assert_eq!(s.ack(&c2, &id).await.unwrap(), 0);
     assert_eq!(s.release(&c2, &id).await.unwrap(), 0);
-    assert!(s.lease(&c2, 10, "B", T0 + 5000, T0 + 6000).await.unwrap().is_empty());
+    assert!(s
+        .lease(&c2, 10, "B", T0 + 5000, T0 + 6000)
+        .await
+        .unwrap()
+        .is_empty());
     let st = s.queue_stats(&c1, T0).await.unwrap();
-    assert_eq!((st.pending, st.leased), (0, 1), "the other connection changed nothing");
+    assert_eq!(
+        (st.pending, st.leased),
+        (0, 1),
+        "the other connection changed nothing"
+    );
     assert_eq!(s.ack(&c1, &id).await.unwrap(), 1);
 }
 
@@ -406,7 +582,9 @@ pub async fn concurrent_leasers_never_share(b: Arc<dyn Backend>) {
     let c = new_conn(&s).await;
     let mut all = Vec::new();
     for chunk in 0..5 {
-        let m = (0..100).map(|i| msg(&c, &format!("{chunk}-{i}"), T0)).collect();
+        let m = (0..100)
+            .map(|i| msg(&c, &format!("{chunk}-{i}"), T0))
+            .collect();
         all.extend(enqueue_ok(&s, m).await);
     }
     assert_eq!(all.len(), 500);
@@ -438,6 +616,69 @@ pub async fn concurrent_leasers_never_share(b: Arc<dyn Backend>) {
     assert_eq!(s.ack(&c, &all).await.unwrap(), 500);
 }
 
+/// Acks, releases, owner releases, leases and expiry racing on the same rows, each taking
+/// them in its own order: none fails (no deadlock), and the counts add up.
+pub async fn concurrent_writers_on_same_rows(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let all = enqueue_ok(
+        &s,
+        (0..300).map(|i| msg(&c, &format!("{i}"), T0 + i)).collect(),
+    )
+    .await;
+    assert_eq!(
+        s.lease(&c, 300, "A", T0, T0 + 600_000).await.unwrap().len(),
+        300
+    );
+    let acker = {
+        let (s, c, all) = (s.clone(), c.clone(), all.clone());
+        tokio::spawn(async move {
+            let mut acked = 0;
+            // Descending chunks: the opposite of every other writer's order.
+            for chunk in all.iter().rev().copied().collect::<Vec<_>>().chunks(15) {
+                acked += s.ack(&c, chunk).await.unwrap();
+            }
+            acked
+        })
+    };
+    let releaser = {
+        let (s, c, all) = (s.clone(), c.clone(), all.clone());
+        tokio::spawn(async move {
+            for round in 0..10 {
+                let mut ids = all.clone();
+                ids.rotate_left(round * 29);
+                for chunk in ids.chunks(40) {
+                    s.release(&c, chunk).await.unwrap();
+                }
+            }
+        })
+    };
+    let owner = {
+        let (s, c) = (s.clone(), c.clone());
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                s.lease(&c, 100, "A", T0, T0 + 600_000).await.unwrap();
+                s.release_owner("A").await.unwrap();
+            }
+        })
+    };
+    let expirer = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let mut expired = 0;
+            for i in 0..10 {
+                expired += s.expire(T0 + i * 5).await.unwrap();
+            }
+            expired
+        })
+    };
+    let acked = acker.await.unwrap();
+    releaser.await.unwrap();
+    owner.await.unwrap();
+    let expired = expirer.await.unwrap();
+    assert_eq!(s.total_queued().await.unwrap(), 300 - acked - expired);
+}
+
 pub async fn queue_limits(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let c = new_conn(&s).await;
@@ -448,19 +689,31 @@ pub async fn queue_limits(b: Arc<dyn Backend>) {
         dedup_window_ms: 0,
     };
     let r = s
-        .enqueue((0..5).map(|i| msg(&c, &format!("m{i}"), T0)).collect(), &lim)
+        .enqueue(
+            (0..5).map(|i| msg(&c, &format!("m{i}"), T0)).collect(),
+            &lim,
+        )
         .await
         .unwrap();
     assert!(r[..3].iter().all(|r| r.is_ok()));
     for e in &r[3..] {
-        assert!(matches!(e, Err(StoreError::QueueFull { pending: 3, .. })), "{e:?}");
+        assert!(
+            matches!(e, Err(StoreError::QueueFull { pending: 3, .. })),
+            "{e:?}"
+        );
     }
     let r = s
         .enqueue(vec![msg(&c, "late", T0), msg(&other, "o", T0)], &lim)
         .await
         .unwrap();
     assert!(
-        matches!(r[0], Err(StoreError::QueueFull { pending: 3, bytes: 6 })),
+        matches!(
+            r[0],
+            Err(StoreError::QueueFull {
+                pending: 3,
+                bytes: 6
+            })
+        ),
         "{:?}",
         r[0]
     );
@@ -485,7 +738,13 @@ pub async fn queue_limits(b: Arc<dyn Backend>) {
     assert!(r[0].is_ok());
     let r = s.enqueue(vec![msg(&c2, &p(50), T0)], &lim).await.unwrap();
     assert!(
-        matches!(r[0], Err(StoreError::QueueFull { pending: 1, bytes: 60 })),
+        matches!(
+            r[0],
+            Err(StoreError::QueueFull {
+                pending: 1,
+                bytes: 60
+            })
+        ),
         "{:?}",
         r[0]
     );
@@ -548,7 +807,9 @@ pub async fn dedup_window(b: Arc<dyn Backend>) {
         let s = s.clone();
         let c = c.clone();
         tasks.push(tokio::spawn(async move {
-            s.enqueue(vec![dmsg(&c, "r", T0 + 600, 3)], &lim).await.unwrap()[0]
+            s.enqueue(vec![dmsg(&c, "r", T0 + 600, 3)], &lim)
+                .await
+                .unwrap()[0]
                 .as_ref()
                 .copied()
                 .unwrap()
@@ -564,7 +825,10 @@ pub async fn dedup_window(b: Arc<dyn Backend>) {
     // Acknowledged, then sent again within the window: still a duplicate.
     s.lease(&c, 100, "A", T0, T0 + 10).await.unwrap();
     assert_eq!(s.ack(&c, &[first.id]).await.unwrap(), 1);
-    let r = s.enqueue(vec![dmsg(&c, "a", T0 + 900, 1)], &lim).await.unwrap();
+    let r = s
+        .enqueue(vec![dmsg(&c, "a", T0 + 900, 1)], &lim)
+        .await
+        .unwrap();
     assert_eq!(
         *r[0].as_ref().unwrap(),
         Enqueued {
@@ -573,7 +837,10 @@ pub async fn dedup_window(b: Arc<dyn Backend>) {
         }
     );
     // Outside the window: queued again.
-    let r = s.enqueue(vec![dmsg(&c, "a", T0 + 1001, 1)], &lim).await.unwrap();
+    let r = s
+        .enqueue(vec![dmsg(&c, "a", T0 + 1001, 1)], &lim)
+        .await
+        .unwrap();
     let again = *r[0].as_ref().unwrap();
     assert!(!again.duplicate && again.id > first.id);
     // A window of 0 disables dedup.
@@ -584,8 +851,14 @@ pub async fn dedup_window(b: Arc<dyn Backend>) {
     let latest = *r[0].as_ref().unwrap();
     assert!(!latest.duplicate && latest.id > again.id);
     // A duplicate is answered even when the queue is full; it names the latest copy.
-    let full = EnqueueLimits { max_messages: 0, ..lim };
-    let r = s.enqueue(vec![dmsg(&c, "a", T0 + 1002, 1)], &full).await.unwrap();
+    let full = EnqueueLimits {
+        max_messages: 0,
+        ..lim
+    };
+    let r = s
+        .enqueue(vec![dmsg(&c, "a", T0 + 1002, 1)], &full)
+        .await
+        .unwrap();
     assert_eq!(
         *r[0].as_ref().unwrap(),
         Enqueued {
@@ -623,7 +896,10 @@ pub async fn expire_old_messages(b: Arc<dyn Backend>) {
     let l = s.lease(&c1, 10, "A", T0, T0 + 10_000).await.unwrap();
     assert_eq!(ids(&l), vec![keep]);
     // The expired message's dedup record went with it.
-    let r = s.enqueue(vec![dmsg(&c1, "old", T0 + 400, 9)], &lim).await.unwrap();
+    let r = s
+        .enqueue(vec![dmsg(&c1, "old", T0 + 400, 9)], &lim)
+        .await
+        .unwrap();
     assert!(!r[0].as_ref().unwrap().duplicate);
 }
 
@@ -634,7 +910,11 @@ pub async fn pending_sweep_and_stats(b: Arc<dyn Backend>) {
     let newer = new_conn(&s).await;
     let _empty = new_conn(&s).await;
     enqueue_ok(&s, vec![msg(&busy, "b", T0)]).await;
-    enqueue_ok(&s, vec![msg(&older, "o1", T0 + 5), msg(&older, "o22", T0 + 6)]).await;
+    enqueue_ok(
+        &s,
+        vec![msg(&older, "o1", T0 + 5), msg(&older, "o22", T0 + 6)],
+    )
+    .await;
     enqueue_ok(&s, vec![msg(&newer, "n1", T0 + 7)]).await;
     s.lease(&busy, 10, "A", T0, T0 + 1000).await.unwrap();
     assert_eq!(
@@ -642,8 +922,17 @@ pub async fn pending_sweep_and_stats(b: Arc<dyn Backend>) {
         vec![older.clone(), newer.clone()],
         "oldest pending first; fully leased and empty connections left out"
     );
-    assert_eq!(s.connections_with_pending(T0, 1).await.unwrap(), vec![older.clone()]);
-    assert_eq!(s.connections_with_pending(T0 + 1000, 10).await.unwrap().len(), 3);
+    assert_eq!(
+        s.connections_with_pending(T0, 1).await.unwrap(),
+        vec![older.clone()]
+    );
+    assert_eq!(
+        s.connections_with_pending(T0 + 1000, 10)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
     assert_eq!(s.total_queued().await.unwrap(), 4);
     s.lease(&older, 1, "A", T0, T0 + 1000).await.unwrap();
     assert_eq!(
@@ -655,7 +944,10 @@ pub async fn pending_sweep_and_stats(b: Arc<dyn Backend>) {
             oldest_received_ms: Some(T0 + 5)
         }
     );
-    assert_eq!(s.queue_stats(&new_id(), T0).await.unwrap(), QueueStats::default());
+    assert_eq!(
+        s.queue_stats(&new_id(), T0).await.unwrap(),
+        QueueStats::default()
+    );
     s.flush().await.unwrap();
 }
 
@@ -671,7 +963,12 @@ pub async fn unstorable_input_is_refused_alone(b: Arc<dyn Backend>) {
     let long = "k".repeat(MAX_TEXT_LEN + 1);
     let (r1, r2) = tokio::join!(
         s.enqueue(
-            vec![msg(&c, "ok1", T0), bad_key, msg("con\0n", "y", T0), msg(&c, "ok2", T0)],
+            vec![
+                msg(&c, "ok1", T0),
+                bad_key,
+                msg("con\0n", "y", T0),
+                msg(&c, "ok2", T0)
+            ],
             &EnqueueLimits::UNLIMITED
         ),
         s.enqueue(vec![msg(&c, "ok3", T0)], &EnqueueLimits::UNLIMITED)
@@ -683,30 +980,49 @@ pub async fn unstorable_input_is_refused_alone(b: Arc<dyn Backend>) {
     assert_eq!(s.queue_stats(&c, T0).await.unwrap().pending, 3);
 
     assert!(matches!(
-        s.update_keys(&c, &["good".into(), "b\0d".into()], &[]).await,
+        s.update_keys(&c, &["good".into(), "b\0d".into()], &[])
+            .await,
         Err(StoreError::Invalid(_))
     ));
     assert!(matches!(
         s.update_keys(&c, std::slice::from_ref(&long), &[]).await,
         Err(StoreError::Invalid(_))
     ));
-    assert_eq!(s.route("good").await.unwrap(), None, "a refused call changes nothing");
+    assert_eq!(
+        s.route("good").await.unwrap(),
+        None,
+        "a refused call changes nothing"
+    );
     let mut bad = conn(&new_id());
     bad.their_verkeys.push("v\0k".into());
-    assert!(matches!(s.put_connection(&bad).await, Err(StoreError::Invalid(_))));
+    assert!(matches!(
+        s.put_connection(&bad).await,
+        Err(StoreError::Invalid(_))
+    ));
     assert!(s.get_connection(&bad.id).await.unwrap().is_none());
     // Lookups of such input find nothing instead of failing.
     assert_eq!(s.route("b\0d").await.unwrap(), None);
     assert_eq!(s.route(&long).await.unwrap(), None);
     assert!(s.get_connection("a\0").await.unwrap().is_none());
-    assert!(s.connection_by_their_verkey("v\0k").await.unwrap().is_none());
+    assert!(s
+        .connection_by_their_verkey("v\0k")
+        .await
+        .unwrap()
+        .is_none());
     assert!(s.connection_by_thread("t\0").await.unwrap().is_none());
     assert!(s.keys_of("c\0").await.unwrap().is_empty());
-    assert!(s.lease("c\0", 10, "o", T0, T0 + 1).await.unwrap().is_empty());
+    assert!(s
+        .lease("c\0", 10, "o", T0, T0 + 1)
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(s.ack("c\0", &[1]).await.unwrap(), 0);
     assert_eq!(s.release("c\0", &[1]).await.unwrap(), 0);
     assert_eq!(s.release_owner("o\0").await.unwrap(), 0);
-    assert_eq!(s.queue_stats("c\0", T0).await.unwrap(), QueueStats::default());
+    assert_eq!(
+        s.queue_stats("c\0", T0).await.unwrap(),
+        QueueStats::default()
+    );
     assert_eq!(s.list_connections(Some("\0"), 10).await.unwrap().len(), 1);
 }
 
@@ -853,7 +1169,10 @@ pub mod sled_backend {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
             let s = open_sled(dir.path()).await.unwrap();
-            let got = s.lease("crash-conn", 1_000_000, "o", T0, T0 + 1).await.unwrap();
+            let got = s
+                .lease("crash-conn", 1_000_000, "o", T0, T0 + 1)
+                .await
+                .unwrap();
             let have: HashSet<MessageId> = ids(&got).into_iter().collect();
             let lost: Vec<_> = acked.iter().filter(|id| !have.contains(id)).collect();
             assert!(
@@ -868,6 +1187,32 @@ pub mod sled_backend {
                 have.len()
             );
         });
+    }
+
+    /// In-process nodes opening one path share one store (sled allows one handle per
+    /// directory): both see the same data and the same leases; once all are dropped the path
+    /// opens again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn same_path_opened_twice_is_one_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = tokio::join!(open_sled(dir.path()), open_sled(dir.path()));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let c = new_conn(&a).await;
+        assert!(b.get_connection(&c).await.unwrap().is_some());
+        let id = enqueue_ok(&a, vec![msg(&c, "m", T0)]).await;
+        assert_eq!(
+            ids(&b.lease(&c, 10, "n2", T0, T0 + 1000).await.unwrap()),
+            id
+        );
+        assert!(a
+            .lease(&c, 10, "n1", T0, T0 + 1000)
+            .await
+            .unwrap()
+            .is_empty());
+        drop(a);
+        drop(b);
+        let again = open_sled(dir.path()).await.unwrap();
+        assert_eq!(again.total_queued().await.unwrap(), 1);
     }
 
     pub async fn run<F, Fut>(check: F)
@@ -887,7 +1232,8 @@ pub mod pg_backend {
 
     /// Server URL without database; the checks make their own database on it.
     fn server_url() -> String {
-        std::env::var("MAILROOM_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+        std::env::var("MAILROOM_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
     }
 
     async fn admin() -> tokio_postgres::Client {
@@ -904,6 +1250,34 @@ pub mod pg_backend {
         client
     }
 
+    /// Drops test databases left by test processes that died before their cleanup (killed on
+    /// a timeout): `mailroom_test_<pid>_<hex>` whose pid no longer runs on this machine.
+    async fn drop_leftovers(admin: &tokio_postgres::Client) {
+        let rows = admin
+            .query(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'mailroom\\_test\\_%'",
+                &[],
+            )
+            .await
+            .expect("list test databases");
+        for r in rows {
+            let name: String = r.get(0);
+            let mut parts = name.trim_start_matches("mailroom_test_").splitn(2, '_');
+            let (Some(pid), Some(rand)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let well_formed = pid.chars().all(|c| c.is_ascii_digit())
+                && rand.len() == 32
+                && rand.chars().all(|c| c.is_ascii_hexdigit());
+            if well_formed && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                // Another run may be dropping it at the same moment: ignore errors.
+                let _ = admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            }
+        }
+    }
+
     pub struct PgBackend {
         pub url: String,
     }
@@ -911,7 +1285,9 @@ pub mod pg_backend {
     #[async_trait::async_trait]
     impl Backend for PgBackend {
         async fn open(&self) -> Arc<dyn Store> {
-            open_postgres(&self.url, 8).await.expect("open postgres store")
+            open_postgres(&self.url, 8)
+                .await
+                .expect("open postgres store")
         }
     }
 
@@ -921,8 +1297,13 @@ pub mod pg_backend {
         F: FnOnce(Arc<dyn Backend>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let name = format!("mailroom_test_{}_{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        let name = format!(
+            "mailroom_test_{}_{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        );
         let admin = admin().await;
+        drop_leftovers(&admin).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
@@ -1011,6 +1392,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_leasers_never_share() {
                 backend::run(super::concurrent_leasers_never_share).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_writers_on_same_rows() {
+                backend::run(super::concurrent_writers_on_same_rows).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn queue_limits() {

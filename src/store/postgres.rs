@@ -27,8 +27,9 @@ use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
 use tokio_postgres::NoTls;
 
 use super::{
-    check_connection, check_storable, storable, ConnId, Connection, EnqueueLimits, Enqueued, Identity, KeyUpdate,
-    MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
+    check_connection, check_storable, storable, ConnId, Connection, EnqueueLimits, Enqueued,
+    Identity, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError,
+    StoreResult,
 };
 
 /// Most messages in one enqueue transaction.
@@ -37,8 +38,12 @@ pub const MAX_BATCH_MESSAGES: usize = 1024;
 pub const MAX_BATCH_BYTES: usize = 16 << 20;
 /// Enqueue requests waiting for a writer; callers beyond it wait (backpressure).
 pub const WRITER_CHANNEL: usize = 4096;
-/// Enqueue transactions in flight at once from one node (one fills while the other commits).
-pub const WRITER_TASKS: usize = 2;
+/// Enqueue transactions in flight at once from one node. One: the channel fills while it
+/// commits, and the next batch takes everything (measured: 2 writers halve throughput, as
+/// their batches wait on each other's connection locks).
+pub const WRITER_TASKS: usize = 1;
+/// Tries of a single-statement write aborted as a deadlock victim.
+pub const STATEMENT_TRIES: u32 = 3;
 /// How long a caller waits for a pooled connection before `Unavailable`.
 pub const POOL_WAIT: Duration = Duration::from_secs(10);
 
@@ -46,6 +51,8 @@ pub const POOL_WAIT: Duration = Duration::from_secs(10);
 const LOCK_NS: i32 = 0x6d61_696c;
 /// Second key of the migration lock (connection locks use a hash of the id).
 const MIGRATION_LOCK: i32 = 0;
+/// First key of routing-key locks (second: a hash of the key).
+const KEY_LOCK_NS: i32 = LOCK_NS + 1;
 
 const MIGRATIONS: &[(i32, &str)] = &[(
     1,
@@ -99,7 +106,9 @@ CREATE INDEX mailroom_dedup_received ON mailroom_dedup (received_at_ms);
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
-        Some(db) => StoreError::Unavailable(format!("postgres: {} ({})", db.message(), db.code().code())),
+        Some(db) => {
+            StoreError::Unavailable(format!("postgres: {} ({})", db.message(), db.code().code()))
+        }
         None => {
             let mut msg = format!("postgres: {e}");
             let mut src = std::error::Error::source(&e);
@@ -112,6 +121,13 @@ fn pg_err(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
+/// Deadlock victim or serialization failure: the statement had no effect and may run again.
+fn is_transient(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    matches!(e.code(), Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED
+        || *c == SqlState::T_R_SERIALIZATION_FAILURE)
+}
+
 fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     StoreError::Unavailable(format!("postgres pool: {e}"))
 }
@@ -120,9 +136,9 @@ fn json_err(e: serde_json::Error) -> StoreError {
     StoreError::Corrupt(format!("postgres json: {e}"))
 }
 
-/// Advisory lock key of a connection: FNV-1a of its id. Collisions only serialise two
-/// connections' enqueues.
-fn conn_lock_key(conn: &str) -> i32 {
+/// Advisory lock key of a connection or routing key: FNV-1a of it. Collisions only serialise
+/// two unrelated writers.
+fn lock_key(conn: &str) -> i32 {
     let mut h: u32 = 0x811c_9dc5;
     for b in conn.as_bytes() {
         h ^= *b as u32;
@@ -175,14 +191,40 @@ impl PgStore {
     async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
         self.pool.get().await.map_err(pool_err)
     }
+
+    /// One statement in its own transaction, tried again (at most [`STATEMENT_TRIES`] times)
+    /// when PostgreSQL aborted it as a deadlock victim or serialization failure. Every
+    /// multi-row write locks rows in id order, so this is a second line of defence.
+    async fn execute_retrying(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> StoreResult<u64> {
+        let c = self.client().await?;
+        let q = c.prepare_cached(sql).await.map_err(pg_err)?;
+        let mut tries = 1;
+        loop {
+            match c.execute(&q, params).await {
+                Ok(n) => return Ok(n),
+                Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+                    tracing::warn!(error = %e, "postgres statement retried");
+                    tries += 1;
+                }
+                Err(e) => return Err(pg_err(e)),
+            }
+        }
+    }
 }
 
 async fn migrate(pool: &Pool) -> StoreResult<()> {
     let mut client = pool.get().await.map_err(pool_err)?;
     let tx = client.transaction().await.map_err(pg_err)?;
-    tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &MIGRATION_LOCK])
-        .await
-        .map_err(pg_err)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, $2)",
+        &[&LOCK_NS, &MIGRATION_LOCK],
+    )
+    .await
+    .map_err(pg_err)?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS mailroom_schema (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
     )
@@ -196,9 +238,12 @@ async fn migrate(pool: &Pool) -> StoreResult<()> {
     for (version, sql) in MIGRATIONS {
         if *version > current {
             tx.batch_execute(sql).await.map_err(pg_err)?;
-            tx.execute("INSERT INTO mailroom_schema (version) VALUES ($1)", &[version])
-                .await
-                .map_err(pg_err)?;
+            tx.execute(
+                "INSERT INTO mailroom_schema (version) VALUES ($1)",
+                &[version],
+            )
+            .await
+            .map_err(pg_err)?;
             tracing::info!(version, "applied store migration");
         }
     }
@@ -246,7 +291,10 @@ async fn writer_task(pool: Pool, rx: Arc<AsyncMutex<mpsc::Receiver<EnqueueReq>>>
 
 /// One transaction for a whole batch: lock the connections, read their counts and dedup
 /// records, decide every message, insert, commit.
-async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<StoreResult<Enqueued>>>> {
+async fn commit_batch(
+    pool: &Pool,
+    batch: &[EnqueueReq],
+) -> StoreResult<Vec<Vec<StoreResult<Enqueued>>>> {
     let mut conns: Vec<&str> = batch
         .iter()
         .flat_map(|r| r.msgs.iter().map(|m| m.connection.as_str()))
@@ -255,12 +303,16 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
         .into_iter()
         .collect();
     conns.sort_unstable();
-    let mut lock_keys: Vec<i32> = conns.iter().map(|c| conn_lock_key(c)).collect();
+    let mut lock_keys: Vec<i32> = conns.iter().map(|c| lock_key(c)).collect();
     lock_keys.sort_unstable();
     lock_keys.dedup();
     let dedup_keys: Vec<Vec<u8>> = batch
         .iter()
-        .flat_map(|r| r.msgs.iter().filter_map(|m| m.dedup_key.map(|k| k.to_vec())))
+        .flat_map(|r| {
+            r.msgs
+                .iter()
+                .filter_map(|m| m.dedup_key.map(|k| k.to_vec()))
+        })
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
@@ -268,10 +320,14 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
     let mut client = pool.get().await.map_err(pool_err)?;
     let tx = client.transaction().await.map_err(pg_err)?;
     let lock = tx
-        .prepare_cached("SELECT pg_advisory_xact_lock($1, k) FROM (SELECT unnest($2::int4[]) AS k) s")
+        .prepare_cached(
+            "SELECT pg_advisory_xact_lock($1, k) FROM (SELECT unnest($2::int4[]) AS k) s",
+        )
         .await
         .map_err(pg_err)?;
-    tx.execute(&lock, &[&LOCK_NS, &lock_keys]).await.map_err(pg_err)?;
+    tx.execute(&lock, &[&LOCK_NS, &lock_keys])
+        .await
+        .map_err(pg_err)?;
 
     let counts_q = tx
         .prepare_cached(
@@ -280,30 +336,38 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
         )
         .await
         .map_err(pg_err)?;
+    let dedup_q = tx
+        .prepare_cached(
+            "SELECT conn_id, key, msg_id, received_at_ms FROM mailroom_dedup \
+             WHERE conn_id = ANY($1) AND key = ANY($2)",
+        )
+        .await
+        .map_err(pg_err)?;
+    // Both reads go out in one pipeline.
+    let count_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&conns];
+    let (count_rows, dedup_rows) = tokio::try_join!(tx.query(&counts_q, &count_params), async {
+        if dedup_keys.is_empty() {
+            Ok(Vec::new())
+        } else {
+            tx.query(&dedup_q, &[&conns, &dedup_keys]).await
+        }
+    })
+    .map_err(pg_err)?;
     let mut counts: HashMap<String, (u64, u64)> = HashMap::new();
-    for row in tx.query(&counts_q, &[&conns]).await.map_err(pg_err)? {
+    for row in count_rows {
         let c: String = row.get(0);
         let n: i64 = row.get(1);
         let b: i64 = row.get(2);
         counts.insert(c, (n as u64, b as u64));
     }
     let mut dedup: HashMap<(String, [u8; 32]), (MessageId, i64)> = HashMap::new();
-    if !dedup_keys.is_empty() {
-        let dedup_q = tx
-            .prepare_cached(
-                "SELECT conn_id, key, msg_id, received_at_ms FROM mailroom_dedup \
-                 WHERE conn_id = ANY($1) AND key = ANY($2)",
-            )
-            .await
-            .map_err(pg_err)?;
-        for row in tx.query(&dedup_q, &[&conns, &dedup_keys]).await.map_err(pg_err)? {
-            let c: String = row.get(0);
-            let k: Vec<u8> = row.get(1);
-            let Ok(k) = <[u8; 32]>::try_from(k.as_slice()) else {
-                continue;
-            };
-            dedup.insert((c, k), (row.get(2), row.get(3)));
-        }
+    for row in dedup_rows {
+        let c: String = row.get(0);
+        let k: Vec<u8> = row.get(1);
+        let Ok(k) = <[u8; 32]>::try_from(k.as_slice()) else {
+            continue;
+        };
+        dedup.insert((c, k), (row.get(2), row.get(3)));
     }
 
     // Decide. Accepted messages get a placeholder id (their index), replaced below.
@@ -320,8 +384,8 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
         let mut out = Vec::with_capacity(req.msgs.len());
         for m in &req.msgs {
             let conn = m.connection.as_str();
-            if let Err(e) =
-                check_storable("connection id", conn).and_then(|_| check_storable("recipient key", &m.recipient_key))
+            if let Err(e) = check_storable("connection id", conn)
+                .and_then(|_| check_storable("recipient key", &m.recipient_key))
             {
                 out.push(Slot::Done(Err(e)));
                 continue;
@@ -348,7 +412,10 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
             let (n, b) = counts.get(conn).copied().unwrap_or((0, 0));
             let size = m.payload.len() as u64;
             if n >= req.limits.max_messages || b.saturating_add(size) > req.limits.max_bytes {
-                out.push(Slot::Done(Err(StoreError::QueueFull { pending: n, bytes: b })));
+                out.push(Slot::Done(Err(StoreError::QueueFull {
+                    pending: n,
+                    bytes: b,
+                })));
                 continue;
             }
             let e = counts.entry(conn.to_owned()).or_insert((0, 0));
@@ -366,7 +433,9 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
     let mut ids: Vec<MessageId> = Vec::new();
     if !accepted.is_empty() {
         let ids_q = tx
-            .prepare_cached("SELECT nextval('mailroom_message_ids') FROM generate_series(1, $1::int8)")
+            .prepare_cached(
+                "SELECT nextval('mailroom_message_ids') FROM generate_series(1, $1::int8)",
+            )
             .await
             .map_err(pg_err)?;
         ids = tx
@@ -389,10 +458,6 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
         let p: Vec<&[u8]> = accepted.iter().map(|m| m.payload.as_slice()).collect();
         let sz: Vec<i64> = accepted.iter().map(|m| m.payload.len() as i64).collect();
         let at: Vec<i64> = accepted.iter().map(|m| m.received_at_ms).collect();
-        tx.execute(&insert, &[&ids, &c, &rk, &p, &sz, &at])
-            .await
-            .map_err(pg_err)?;
-
         // Dedup records: the latest copy of each (connection, key) in the batch.
         let mut latest: HashMap<(&str, [u8; 32]), (MessageId, i64)> = HashMap::new();
         for (i, m) in accepted.iter().enumerate() {
@@ -400,28 +465,36 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
                 latest.insert((m.connection.as_str(), dk), (ids[i], m.received_at_ms));
             }
         }
-        if !latest.is_empty() {
-            let upsert = tx
-                .prepare_cached(
-                    "INSERT INTO mailroom_dedup (conn_id, key, msg_id, received_at_ms) \
+        let upsert = tx
+            .prepare_cached(
+                "INSERT INTO mailroom_dedup (conn_id, key, msg_id, received_at_ms) \
                      SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::int8[]) \
                      ON CONFLICT (conn_id, key) DO UPDATE \
                      SET msg_id = excluded.msg_id, received_at_ms = excluded.received_at_ms",
-                )
-                .await
-                .map_err(pg_err)?;
-            let mut dc = Vec::new();
-            let mut dk = Vec::new();
-            let mut di = Vec::new();
-            let mut da = Vec::new();
-            for ((c, k), (id, at)) in latest {
-                dc.push(c);
-                dk.push(k.to_vec());
-                di.push(id);
-                da.push(at);
-            }
-            tx.execute(&upsert, &[&dc, &dk, &di, &da]).await.map_err(pg_err)?;
+            )
+            .await
+            .map_err(pg_err)?;
+        let mut dc = Vec::new();
+        let mut dk = Vec::new();
+        let mut di = Vec::new();
+        let mut da = Vec::new();
+        for ((c, k), (id, at)) in latest {
+            dc.push(c);
+            dk.push(k.to_vec());
+            di.push(id);
+            da.push(at);
         }
+        // Both writes go out in one pipeline.
+        let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+            [&ids, &c, &rk, &p, &sz, &at];
+        tokio::try_join!(tx.execute(&insert, &insert_params), async {
+            if dc.is_empty() {
+                Ok(0)
+            } else {
+                tx.execute(&upsert, &[&dc, &dk, &di, &da]).await
+            }
+        })
+        .map_err(pg_err)?;
     }
     tx.commit().await.map_err(pg_err)?;
 
@@ -568,7 +641,11 @@ impl Store for PgStore {
         }
     }
 
-    async fn list_connections(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Connection>> {
+    async fn list_connections(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<Connection>> {
         let c = self.client().await?;
         let q = c
             .prepare_cached(
@@ -602,13 +679,30 @@ impl Store for PgStore {
         let tx = c.transaction().await.map_err(pg_err)?;
         // Share-lock the connection row: it cannot vanish while its keys change.
         if tx
-            .query_opt("SELECT 1 FROM mailroom_connections WHERE id = $1 FOR SHARE", &[&conn])
+            .query_opt(
+                "SELECT 1 FROM mailroom_connections WHERE id = $1 FOR SHARE",
+                &[&conn],
+            )
             .await
             .map_err(pg_err)?
             .is_none()
         {
             return Err(StoreError::NotFound);
         }
+        // Lock every key involved, in one global order: two updates touching the same keys in
+        // different orders would otherwise deadlock on each other's inserted rows.
+        let mut locks: Vec<i32> = add.iter().chain(remove).map(|k| lock_key(k)).collect();
+        locks.sort_unstable();
+        locks.dedup();
+        let lock = tx
+            .prepare_cached(
+                "SELECT pg_advisory_xact_lock($1, k) FROM (SELECT unnest($2::int4[]) AS k) s",
+            )
+            .await
+            .map_err(pg_err)?;
+        tx.execute(&lock, &[&KEY_LOCK_NS, &locks])
+            .await
+            .map_err(pg_err)?;
         let ins = tx
             .prepare_cached(
                 "INSERT INTO mailroom_routing_keys (key, conn_id) VALUES ($1, $2) \
@@ -690,7 +784,11 @@ impl Store for PgStore {
             .map(|r| r.get(0)))
     }
 
-    async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+    async fn enqueue(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
         if msgs.is_empty() {
             return Ok(Vec::new());
         }
@@ -755,42 +853,39 @@ impl Store for PgStore {
         if !storable(conn) || ids.is_empty() {
             return Ok(0);
         }
-        let c = self.client().await?;
-        let q = c
-            .prepare_cached("DELETE FROM mailroom_messages WHERE conn_id = $1 AND id = ANY($2)")
-            .await
-            .map_err(pg_err)?;
-        c.execute(&q, &[&conn, &ids]).await.map_err(pg_err)
+        self.execute_retrying(
+            "DELETE FROM mailroom_messages WHERE id IN ( \
+               SELECT id FROM mailroom_messages WHERE conn_id = $1 AND id = ANY($2) \
+               ORDER BY id FOR UPDATE)",
+            &[&conn, &ids],
+        )
+        .await
     }
 
     async fn release(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
         if !storable(conn) || ids.is_empty() {
             return Ok(0);
         }
-        let c = self.client().await?;
-        let q = c
-            .prepare_cached(
-                "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL \
-                 WHERE conn_id = $1 AND id = ANY($2) AND lease_owner IS NOT NULL",
-            )
-            .await
-            .map_err(pg_err)?;
-        c.execute(&q, &[&conn, &ids]).await.map_err(pg_err)
+        self.execute_retrying(
+            "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL WHERE id IN ( \
+               SELECT id FROM mailroom_messages \
+               WHERE conn_id = $1 AND id = ANY($2) AND lease_owner IS NOT NULL \
+               ORDER BY id FOR UPDATE)",
+            &[&conn, &ids],
+        )
+        .await
     }
 
     async fn release_owner(&self, owner: &str) -> StoreResult<u64> {
         if !storable(owner) {
             return Ok(0);
         }
-        let c = self.client().await?;
-        let q = c
-            .prepare_cached(
-                "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL \
-                 WHERE lease_owner = $1",
-            )
-            .await
-            .map_err(pg_err)?;
-        c.execute(&q, &[&owner]).await.map_err(pg_err)
+        self.execute_retrying(
+            "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL WHERE id IN ( \
+               SELECT id FROM mailroom_messages WHERE lease_owner = $1 ORDER BY id FOR UPDATE)",
+            &[&owner],
+        )
+        .await
     }
 
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
@@ -825,7 +920,11 @@ impl Store for PgStore {
         Ok(r.get::<_, i64>(0) as u64)
     }
 
-    async fn connections_with_pending(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
+    async fn connections_with_pending(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<ConnId>> {
         let c = self.client().await?;
         let q = c
             .prepare_cached(
@@ -844,24 +943,21 @@ impl Store for PgStore {
     }
 
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
-        let c = self.client().await?;
-        // Rows locked by a leaser or an ack right now are skipped, never waited on: no
-        // deadlock with them; they expire at the next call.
-        let n = c
-            .execute(
+        // Rows locked by a leaser or an ack right now are skipped, never waited on: they
+        // expire at the next call.
+        let n = self
+            .execute_retrying(
                 "DELETE FROM mailroom_messages WHERE id IN ( \
                    SELECT id FROM mailroom_messages WHERE received_at_ms < $1 \
                    ORDER BY id FOR UPDATE SKIP LOCKED)",
                 &[&received_before_ms],
             )
-            .await
-            .map_err(pg_err)?;
-        c.execute(
+            .await?;
+        self.execute_retrying(
             "DELETE FROM mailroom_dedup WHERE received_at_ms < $1",
             &[&received_before_ms],
         )
-        .await
-        .map_err(pg_err)?;
+        .await?;
         Ok(n)
     }
 

@@ -2,21 +2,23 @@
 //!
 //! Layout (trees):
 //! - `meta`: `identity` -> JSON.
-//! - `conns`: connection id -> JSON [`Connection`]; `by_verkey`: their verkey -> id;
-//!   `by_thread`: thread id -> id (indexes written in the same transaction as the connection).
+//! - `conns`: connection id -> JSON [`Connection`]; `by_verkey`: `len16(verkey) verkey id` ->
+//!   write sequence; `by_thread`: `len16(thread) thread id` -> write sequence. Written in the
+//!   connection's transaction; several connections may share a key, a lookup takes the most
+//!   recently written one (as PostgreSQL does).
 //! - `keys`: routing key -> connection id; `conn_keys`: `len16(conn) conn key` -> () (keys_of).
-//! - `msgs`: id (u64 BE) -> fixed layout (see [`encode_msg`]): header, connection, recipient
+//! - `msgs`: id (u64 BE) -> fixed layout (see `encode_msg`): header, connection, recipient
 //!   key, dedup key, payload. JSON would double the size of binary payloads.
 //! - `attempts`: id -> u32 BE, written when a message is leased (not flushed on its own).
 //! - `dedup`: `len16(conn) key32` -> id (i64 BE) + received_at (i64 BE).
 //!
-//! The queue is indexed in memory ([`Queues`]: per connection, id -> size, time, lease), rebuilt
+//! The queue is indexed in memory (`Queues`: per connection, id -> size, time, lease), rebuilt
 //! from `msgs`/`attempts`/`dedup` at open. sled allows one process per database, so this
 //! process's memory is the only place leases live: they are deliberately not persisted, a
 //! restart makes every message pending again (at-least-once). `lease`, `ack`, `release` only
 //! take the in-memory lock for their decision and never wait for a disk flush.
 //!
-//! Write path: every `enqueue` goes through one writer thread ([`writer_loop`]) that drains the
+//! Write path: every `enqueue` goes through one writer thread (`writer_loop`) that drains the
 //! waiting requests (up to [`MAX_BATCH_MESSAGES`]), decides limits and dedup for all of them,
 //! writes them, flushes once, publishes them in the index and answers every caller.
 //!
@@ -24,8 +26,8 @@
 //! writer thread).
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::Mutex;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -33,8 +35,9 @@ use sled::Transactional;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    check_connection, check_storable, storable, ConnId, Connection, EnqueueLimits, Enqueued, Identity, KeyUpdate,
-    MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
+    check_connection, check_storable, storable, ConnId, Connection, EnqueueLimits, Enqueued,
+    Identity, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError,
+    StoreResult,
 };
 
 /// Most messages the writer puts in one flush. Bounds the latency of the first caller of a
@@ -138,8 +141,60 @@ impl Drop for SledStore {
     }
 }
 
+/// Stores open in this process, by canonical path: sled allows one open handle per directory,
+/// so a second open of the same path (two in-process nodes) gets the same store.
+fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<SledStore>>> {
+    static OPEN: OnceLock<Mutex<HashMap<PathBuf, Weak<SledStore>>>> = OnceLock::new();
+    OPEN.get_or_init(Default::default)
+}
+
+/// Serialises opens, so two concurrent opens of one path do not both try sled's file lock.
+fn opening() -> &'static tokio::sync::Mutex<()> {
+    static OPENING: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
+    OPENING.get_or_init(Default::default)
+}
+
+/// How long an open waits for a store of the same path that is being dropped to let go of
+/// sled's file lock.
+const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl SledStore {
-    /// Opens or creates the database at `path`.
+    /// Opens or creates the database at `path`, or returns the store already open on it in this
+    /// process. Used by [`super::open_sled`].
+    pub async fn open_shared(path: &Path) -> StoreResult<Arc<SledStore>> {
+        let path = path.to_owned();
+        let key = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&path)?;
+            path.canonicalize()
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)?;
+        let _opening = opening().lock().await;
+        if let Some(s) = registry().lock().get(&key).and_then(Weak::upgrade) {
+            return Ok(s);
+        }
+        let deadline = std::time::Instant::now() + REOPEN_WAIT;
+        let store = loop {
+            match SledStore::open(&key).await {
+                Ok(s) => break s,
+                // The last handle of this path may be finishing its drop on another thread.
+                Err(e)
+                    if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let store = Arc::new(store);
+        let mut reg = registry().lock();
+        reg.retain(|_, w| w.strong_count() > 0);
+        reg.insert(key, Arc::downgrade(&store));
+        Ok(store)
+    }
+
+    /// Opens or creates the database at `path` (fails if it is open elsewhere).
     pub async fn open(path: &Path) -> StoreResult<SledStore> {
         let cfg = sled::Config::new().path(path);
         Self::open_config(cfg).await
@@ -269,44 +324,44 @@ impl Inner {
 
     /// One batch of the writer: decide, write, flush once, publish, answer.
     fn write_batch(&self, batch: Vec<EnqueueReq>) {
-        struct Planned {
-            id: MessageId,
-            conn_idx: usize,
-            meta: Meta,
+        enum Slot {
+            Done(StoreResult<Enqueued>),
+            /// Accepted: index into `accepted`.
+            New(usize),
+            /// Duplicate of a message accepted earlier in this batch.
+            DupOfNew(usize),
         }
-        // Decide under the lock, with the batch's own additions counted.
-        let mut outcomes: Vec<Vec<StoreResult<Enqueued>>> = Vec::with_capacity(batch.len());
-        let mut planned: Vec<Planned> = Vec::new();
-        let mut msg_batch = sled::Batch::default();
-        let mut dedup_batch = sled::Batch::default();
-        let mut new_dedup: Vec<(usize, [u8; 32], MessageId, i64)> = Vec::new();
-        let mut conn_names: Vec<&str> = Vec::new();
-        let mut failed: Option<StoreError> = None;
+        // 1. Decide under the index lock (memory only), counting the batch's own additions.
+        let mut slots: Vec<Vec<Slot>> = Vec::with_capacity(batch.len());
+        let mut accepted: Vec<&NewMessage> = Vec::new();
         {
             let q = self.queues.lock();
-            // batch-local: conn -> (count, bytes) added; (conn, dedup key) -> (id, at)
             let mut added: HashMap<&str, (u64, u64)> = HashMap::new();
-            let mut local_dedup: HashMap<(&str, [u8; 32]), (MessageId, i64)> = HashMap::new();
-            for req in batch.iter() {
+            let mut local_dedup: HashMap<(&str, [u8; 32]), (usize, i64)> = HashMap::new();
+            for req in &batch {
                 let mut out = Vec::with_capacity(req.msgs.len());
                 for m in &req.msgs {
                     let conn = m.connection.as_str();
                     if let Err(e) = check_storable("connection id", conn)
                         .and_then(|_| check_storable("recipient key", &m.recipient_key))
                     {
-                        out.push(Err(e));
+                        out.push(Slot::Done(Err(e)));
                         continue;
                     }
                     // Dedup first: a duplicate is answered even when the queue is full.
-                    if let Some(dk) = m.dedup_key {
-                        let window_start = m.received_at_ms.saturating_sub(req.limits.dedup_window_ms);
-                        let existing = local_dedup
-                            .get(&(conn, dk))
-                            .copied()
-                            .or_else(|| q.dedup.get(conn).and_then(|d| d.get(&dk)).copied());
-                        if let Some((id, at)) = existing {
-                            if req.limits.dedup_window_ms > 0 && at >= window_start {
-                                out.push(Ok(Enqueued { id, duplicate: true }));
+                    if let (Some(dk), true) = (m.dedup_key, req.limits.dedup_window_ms > 0) {
+                        let start = m.received_at_ms.saturating_sub(req.limits.dedup_window_ms);
+                        if let Some((i, at)) = local_dedup.get(&(conn, dk)) {
+                            if *at >= start {
+                                out.push(Slot::DupOfNew(*i));
+                                continue;
+                            }
+                        } else if let Some((id, at)) = q.dedup.get(conn).and_then(|d| d.get(&dk)) {
+                            if *at >= start {
+                                out.push(Slot::Done(Ok(Enqueued {
+                                    id: *id,
+                                    duplicate: true,
+                                })));
                                 continue;
                             }
                         }
@@ -316,87 +371,101 @@ impl Inner {
                         .get(conn)
                         .map(|c| (c.msgs.len() as u64, c.bytes))
                         .unwrap_or((0, 0));
-                    let (add_n, add_b) = added.get(conn).copied().unwrap_or((0, 0));
-                    let (n, b) = (have_n + add_n, have_b + add_b);
+                    let added = added.entry(conn).or_insert((0, 0));
+                    let (n, b) = (have_n + added.0, have_b + added.1);
                     let size = m.payload.len() as u64;
-                    if n >= req.limits.max_messages || b.saturating_add(size) > req.limits.max_bytes {
-                        out.push(Err(StoreError::QueueFull { pending: n, bytes: b }));
+                    if n >= req.limits.max_messages || b.saturating_add(size) > req.limits.max_bytes
+                    {
+                        out.push(Slot::Done(Err(StoreError::QueueFull {
+                            pending: n,
+                            bytes: b,
+                        })));
                         continue;
                     }
-                    let id = match self.next_id() {
-                        Ok(id) => id,
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
-                        }
-                    };
-                    let e = added.entry(conn).or_insert((0, 0));
-                    e.0 += 1;
-                    e.1 += size;
-                    let conn_idx = match conn_names.iter().position(|c| *c == conn) {
-                        Some(i) => i,
-                        None => {
-                            conn_names.push(conn);
-                            conn_names.len() - 1
-                        }
-                    };
-                    msg_batch.insert(&encode_id(id), encode_msg(m));
+                    added.0 += 1;
+                    added.1 += size;
                     if let Some(dk) = m.dedup_key {
-                        local_dedup.insert((conn, dk), (id, m.received_at_ms));
-                        dedup_batch.insert(dedup_tree_key(conn, &dk), dedup_value(id, m.received_at_ms));
-                        new_dedup.push((conn_idx, dk, id, m.received_at_ms));
+                        local_dedup.insert((conn, dk), (accepted.len(), m.received_at_ms));
                     }
-                    planned.push(Planned {
-                        id,
-                        conn_idx,
-                        meta: Meta {
-                            size,
-                            received_at_ms: m.received_at_ms,
-                            lease_until_ms: 0,
-                            owner: None,
-                            attempts: 0,
-                        },
-                    });
-                    out.push(Ok(Enqueued { id, duplicate: false }));
+                    out.push(Slot::New(accepted.len()));
+                    accepted.push(m);
                 }
-                outcomes.push(out);
-                if failed.is_some() {
-                    break;
-                }
+                slots.push(out);
             }
         }
-        // Write and make durable without holding the index lock.
-        let written = match failed {
-            Some(e) => Err(e),
-            None => self
-                .msgs
-                .apply_batch(msg_batch)
-                .and_then(|_| self.dedup.apply_batch(dedup_batch))
-                .and_then(|_| self.db.flush())
-                .map_err(unavailable),
-        };
-        match written {
-            Ok(_) => {
-                let conn_ids: Vec<String> = conn_names.iter().map(|s| s.to_string()).collect();
-                let mut q = self.queues.lock();
-                for p in planned {
-                    q.insert(&conn_ids[p.conn_idx], p.id, p.meta);
-                }
-                for (ci, dk, id, at) in new_dedup {
-                    q.dedup.entry(conn_ids[ci].clone()).or_default().insert(dk, (id, at));
-                }
-                drop(q);
-                for (req, out) in batch.into_iter().zip(outcomes) {
-                    let _ = req.reply.send(Ok(out));
+
+        // 2. Ids, write, one flush: without the index lock (leases and acks go on meanwhile).
+        let written = (|| -> StoreResult<Vec<MessageId>> {
+            let ids = accepted
+                .iter()
+                .map(|_| self.next_id())
+                .collect::<StoreResult<Vec<_>>>()?;
+            let mut msgs = sled::Batch::default();
+            let mut dedup = sled::Batch::default();
+            for (m, id) in accepted.iter().zip(&ids) {
+                msgs.insert(&encode_id(*id), encode_msg(m));
+                if let Some(dk) = &m.dedup_key {
+                    dedup.insert(
+                        dedup_tree_key(&m.connection, dk),
+                        dedup_value(*id, m.received_at_ms),
+                    );
                 }
             }
+            self.msgs.apply_batch(msgs).map_err(unavailable)?;
+            self.dedup.apply_batch(dedup).map_err(unavailable)?;
+            self.flush()?;
+            Ok(ids)
+        })();
+
+        // 3. Publish to the index only once durable, then answer.
+        let ids = match written {
+            Ok(ids) => ids,
             Err(e) => {
                 tracing::error!(error = %e, "sled enqueue batch failed");
                 let msg = e.to_string();
                 for req in batch {
                     let _ = req.reply.send(Err(StoreError::Unavailable(msg.clone())));
                 }
+                return;
             }
+        };
+        {
+            let mut q = self.queues.lock();
+            for (m, id) in accepted.iter().zip(&ids) {
+                let meta = Meta {
+                    size: m.payload.len() as u64,
+                    received_at_ms: m.received_at_ms,
+                    lease_until_ms: 0,
+                    owner: None,
+                    attempts: 0,
+                };
+                q.insert(&m.connection, *id, meta);
+                if let Some(dk) = m.dedup_key {
+                    let d = match q.dedup.get_mut(m.connection.as_str()) {
+                        Some(d) => d,
+                        None => q.dedup.entry(m.connection.clone()).or_default(),
+                    };
+                    d.insert(dk, (*id, m.received_at_ms));
+                }
+            }
+        }
+        let results = slots.into_iter().map(|out| {
+            out.into_iter()
+                .map(|s| match s {
+                    Slot::Done(r) => r,
+                    Slot::New(i) => Ok(Enqueued {
+                        id: ids[i],
+                        duplicate: false,
+                    }),
+                    Slot::DupOfNew(i) => Ok(Enqueued {
+                        id: ids[i],
+                        duplicate: true,
+                    }),
+                })
+                .collect()
+        });
+        for (req, out) in batch.into_iter().zip(results) {
+            let _ = req.reply.send(Ok(out));
         }
     }
 }
@@ -441,7 +510,9 @@ fn push_str16(out: &mut Vec<u8>, s: &str) {
 
 /// `v1 | received_at i64 | len16 conn | conn | len16 rkey | rkey | 0 or 1+key32 | payload`
 fn encode_msg(m: &NewMessage) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + 8 + 4 + m.connection.len() + m.recipient_key.len() + 33 + m.payload.len());
+    let mut out = Vec::with_capacity(
+        1 + 8 + 4 + m.connection.len() + m.recipient_key.len() + 33 + m.payload.len(),
+    );
     out.push(MSG_FORMAT_V1);
     out.extend_from_slice(&m.received_at_ms.to_be_bytes());
     push_str16(&mut out, &m.connection);
@@ -526,6 +597,29 @@ fn dedup_value(id: MessageId, at: i64) -> Vec<u8> {
     v
 }
 
+/// `len16(a) a b`: keys of multi-valued indexes (a -> several b), scanned by `len16(a) a`.
+fn pair_key(a: &str, b: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + a.len() + b.len());
+    push_str16(&mut out, a);
+    out.extend_from_slice(b.as_bytes());
+    out
+}
+
+/// The connection written last among those a multi-valued index lists under `key`.
+fn latest_of(tree: &sled::Tree, key: &str) -> StoreResult<Option<String>> {
+    let prefix = conn_prefix(key);
+    let mut best: Option<(u64, String)> = None;
+    for kv in tree.scan_prefix(&prefix) {
+        let (k, v) = kv.map_err(unavailable)?;
+        let seq = u64::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt("index seq"))?);
+        if best.as_ref().map_or(true, |(s, _)| seq > *s) {
+            let id = std::str::from_utf8(&k[prefix.len()..]).map_err(|_| corrupt("index id"))?;
+            best = Some((seq, id.to_owned()));
+        }
+    }
+    Ok(best.map(|(_, id)| id))
+}
+
 fn conn_key_entry(conn: &str, key: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(2 + conn.len() + key.len());
     push_str16(&mut out, conn);
@@ -565,7 +659,8 @@ impl Store for SledStore {
 
     async fn identity_get_or_create(&self, candidate: Identity) -> StoreResult<Identity> {
         self.blocking(move |inner| {
-            let bytes = serde_json::to_vec(&candidate).map_err(|e| StoreError::Corrupt(format!("identity: {e}")))?;
+            let bytes = serde_json::to_vec(&candidate)
+                .map_err(|e| StoreError::Corrupt(format!("identity: {e}")))?;
             let r = inner
                 .meta
                 .compare_and_swap(IDENTITY_KEY, None as Option<&[u8]>, Some(bytes))
@@ -577,7 +672,8 @@ impl Store for SledStore {
                 }
                 Err(cas) => {
                     let cur = cas.current.ok_or_else(|| corrupt("identity vanished"))?;
-                    serde_json::from_slice(&cur).map_err(|e| StoreError::Corrupt(format!("identity: {e}")))
+                    serde_json::from_slice(&cur)
+                        .map_err(|e| StoreError::Corrupt(format!("identity: {e}")))
                 }
             }
         })
@@ -588,29 +684,27 @@ impl Store for SledStore {
         check_connection(c)?;
         let c = c.clone();
         self.blocking(move |inner| {
-            let bytes = serde_json::to_vec(&c).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
+            let bytes = serde_json::to_vec(&c)
+                .map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
             let _g = inner.meta_lock.lock();
             let old = inner.get_conn(&c.id)?;
+            let seq = inner.db.generate_id().map_err(unavailable)?.to_be_bytes();
             let id = c.id.as_bytes();
             (&inner.conns, &inner.by_verkey, &inner.by_thread)
                 .transaction(|(conns, by_verkey, by_thread)| {
                     if let Some(old) = &old {
                         for k in &old.their_verkeys {
-                            if by_verkey.get(k.as_bytes())?.as_deref() == Some(id) {
-                                by_verkey.remove(k.as_bytes())?;
-                            }
+                            by_verkey.remove(pair_key(k, &c.id))?;
                         }
                         if let Some(t) = &old.thread_id {
-                            if by_thread.get(t.as_bytes())?.as_deref() == Some(id) {
-                                by_thread.remove(t.as_bytes())?;
-                            }
+                            by_thread.remove(pair_key(t, &c.id))?;
                         }
                     }
                     for k in &c.their_verkeys {
-                        by_verkey.insert(k.as_bytes(), id)?;
+                        by_verkey.insert(pair_key(k, &c.id), &seq[..])?;
                     }
                     if let Some(t) = &c.thread_id {
-                        by_thread.insert(t.as_bytes(), id)?;
+                        by_thread.insert(pair_key(t, &c.id), &seq[..])?;
                     }
                     conns.insert(id, bytes.as_slice())?;
                     Ok::<_, ConflictableTransactionError<StoreError>>(())
@@ -635,13 +729,14 @@ impl Store for SledStore {
         }
         let verkey = verkey.to_owned();
         self.blocking(move |inner| {
-            let Some(id) = inner.by_verkey.get(verkey.as_bytes()).map_err(unavailable)? else {
+            let Some(id) = latest_of(&inner.by_verkey, &verkey)? else {
                 return Ok(None);
             };
-            let id = std::str::from_utf8(&id).map_err(|_| corrupt("verkey index"))?;
             // The index is maintained in the connection's transaction; checking again keeps a
             // stale entry from ever returning the wrong connection.
-            Ok(inner.get_conn(id)?.filter(|c| c.their_verkeys.contains(&verkey)))
+            Ok(inner
+                .get_conn(&id)?
+                .filter(|c| c.their_verkeys.contains(&verkey)))
         })
         .await
     }
@@ -652,18 +747,21 @@ impl Store for SledStore {
         }
         let thid = thid.to_owned();
         self.blocking(move |inner| {
-            let Some(id) = inner.by_thread.get(thid.as_bytes()).map_err(unavailable)? else {
+            let Some(id) = latest_of(&inner.by_thread, &thid)? else {
                 return Ok(None);
             };
-            let id = std::str::from_utf8(&id).map_err(|_| corrupt("thread index"))?;
             Ok(inner
-                .get_conn(id)?
+                .get_conn(&id)?
                 .filter(|c| c.thread_id.as_deref() == Some(thid.as_str())))
         })
         .await
     }
 
-    async fn list_connections(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Connection>> {
+    async fn list_connections(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<Connection>> {
         let after = after.map(|s| s.as_bytes().to_vec());
         self.blocking(move |inner| {
             let lower = match &after {
@@ -671,7 +769,11 @@ impl Store for SledStore {
                 None => Bound::Unbounded,
             };
             let mut out = Vec::new();
-            for kv in inner.conns.range::<&[u8], _>((lower, Bound::Unbounded)).take(limit) {
+            for kv in inner
+                .conns
+                .range::<&[u8], _>((lower, Bound::Unbounded))
+                .take(limit)
+            {
                 let (_, v) = kv.map_err(unavailable)?;
                 out.push(decode_conn(&v)?);
             }
@@ -695,7 +797,11 @@ impl Store for SledStore {
         let remove = remove.to_vec();
         self.blocking(move |inner| {
             let _g = inner.meta_lock.lock();
-            if !inner.conns.contains_key(conn.as_bytes()).map_err(unavailable)? {
+            if !inner
+                .conns
+                .contains_key(conn.as_bytes())
+                .map_err(unavailable)?
+            {
                 return Err(StoreError::NotFound);
             }
             let cid = conn.as_bytes();
@@ -759,14 +865,20 @@ impl Store for SledStore {
         let key = recipient_key.to_owned();
         self.blocking(
             move |inner| match inner.keys.get(key.as_bytes()).map_err(unavailable)? {
-                Some(v) => Ok(Some(String::from_utf8(v.to_vec()).map_err(|_| corrupt("route"))?)),
+                Some(v) => Ok(Some(
+                    String::from_utf8(v.to_vec()).map_err(|_| corrupt("route"))?,
+                )),
                 None => Ok(None),
             },
         )
         .await
     }
 
-    async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+    async fn enqueue(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
         if msgs.is_empty() {
             return Ok(Vec::new());
         }
@@ -968,7 +1080,11 @@ impl Store for SledStore {
         Ok(self.inner.queues.lock().total)
     }
 
-    async fn connections_with_pending(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
+    async fn connections_with_pending(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<ConnId>> {
         self.blocking(move |inner| {
             let q = inner.queues.lock();
             let mut found: Vec<(MessageId, &str)> = q
@@ -982,7 +1098,11 @@ impl Store for SledStore {
                 })
                 .collect();
             found.sort_unstable();
-            Ok(found.into_iter().take(limit).map(|(_, c)| c.to_owned()).collect())
+            Ok(found
+                .into_iter()
+                .take(limit)
+                .map(|(_, c)| c.to_owned())
+                .collect())
         })
         .await
     }
@@ -1022,9 +1142,11 @@ impl Store for SledStore {
                 let by_conn = &q.by_conn;
                 q.by_owner.retain(|owner, conns| {
                     conns.retain(|c| {
-                        by_conn
-                            .get(c)
-                            .is_some_and(|cq| cq.msgs.values().any(|m| m.owner.as_deref() == Some(&**owner)))
+                        by_conn.get(c).is_some_and(|cq| {
+                            cq.msgs
+                                .values()
+                                .any(|m| m.owner.as_deref() == Some(&**owner))
+                        })
                     });
                     !conns.is_empty()
                 });
