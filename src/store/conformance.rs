@@ -110,10 +110,7 @@ pub async fn identity_race(b: Arc<dyn Backend>) {
     for t in tasks {
         got.push(t.await.unwrap());
     }
-    assert!(
-        got.iter().all(|g| *g == got[0]),
-        "all racers get the same identity"
-    );
+    assert!(got.iter().all(|g| *g == got[0]), "all racers get the same identity");
     let n = got[0].secrets["candidate"].as_i64().unwrap();
     assert_eq!(
         got[0].created_at_ms,
@@ -140,18 +137,9 @@ pub async fn connection_crud_and_indexes(b: Arc<dyn Backend>) {
     c.thread_id = Some("thr-1".into());
     s.put_connection(&c).await.unwrap();
     assert_eq!(s.get_connection(&id).await.unwrap().as_ref(), Some(&c));
-    assert_eq!(
-        s.connection_by_their_verkey("vkA").await.unwrap().as_ref(),
-        Some(&c)
-    );
-    assert_eq!(
-        s.connection_by_their_verkey("vkB").await.unwrap().as_ref(),
-        Some(&c)
-    );
-    assert_eq!(
-        s.connection_by_thread("thr-1").await.unwrap().as_ref(),
-        Some(&c)
-    );
+    assert_eq!(s.connection_by_their_verkey("vkA").await.unwrap().as_ref(), Some(&c));
+    assert_eq!(s.connection_by_their_verkey("vkB").await.unwrap().as_ref(), Some(&c));
+    assert_eq!(s.connection_by_thread("thr-1").await.unwrap().as_ref(), Some(&c));
     assert!(s.connection_by_their_verkey("vkC").await.unwrap().is_none());
 
     // Update: indexes follow the new version.
@@ -163,15 +151,9 @@ pub async fn connection_crud_and_indexes(b: Arc<dyn Backend>) {
     s.put_connection(&c).await.unwrap();
     assert_eq!(s.get_connection(&id).await.unwrap().as_ref(), Some(&c));
     assert!(s.connection_by_their_verkey("vkA").await.unwrap().is_none());
-    assert_eq!(
-        s.connection_by_their_verkey("vkC").await.unwrap().as_ref(),
-        Some(&c)
-    );
+    assert_eq!(s.connection_by_their_verkey("vkC").await.unwrap().as_ref(), Some(&c));
     assert!(s.connection_by_thread("thr-1").await.unwrap().is_none());
-    assert_eq!(
-        s.connection_by_thread("thr-2").await.unwrap().unwrap().id,
-        id
-    );
+    assert_eq!(s.connection_by_thread("thr-2").await.unwrap().unwrap().id, id);
 
     // Two connections listing one verkey or thread (an agent with a public DID connecting
     // twice): the most recently written wins; removing it from one leaves the other findable.
@@ -184,57 +166,18 @@ pub async fn connection_crud_and_indexes(b: Arc<dyn Backend>) {
     cy.thread_id = Some("shared-thr".into());
     s.put_connection(&cx).await.unwrap();
     s.put_connection(&cy).await.unwrap();
-    assert_eq!(
-        s.connection_by_their_verkey("shared-vk")
-            .await
-            .unwrap()
-            .unwrap()
-            .id,
-        y
-    );
-    assert_eq!(
-        s.connection_by_thread("shared-thr")
-            .await
-            .unwrap()
-            .unwrap()
-            .id,
-        y
-    );
+    assert_eq!(s.connection_by_their_verkey("shared-vk").await.unwrap().unwrap().id, y);
+    assert_eq!(s.connection_by_thread("shared-thr").await.unwrap().unwrap().id, y);
     s.put_connection(&cx).await.unwrap();
-    assert_eq!(
-        s.connection_by_their_verkey("shared-vk")
-            .await
-            .unwrap()
-            .unwrap()
-            .id,
-        x
-    );
+    assert_eq!(s.connection_by_their_verkey("shared-vk").await.unwrap().unwrap().id, x);
     cx.their_verkeys.clear();
     cx.thread_id = None;
     s.put_connection(&cx).await.unwrap();
-    assert_eq!(
-        s.connection_by_their_verkey("shared-vk")
-            .await
-            .unwrap()
-            .unwrap()
-            .id,
-        y
-    );
-    assert_eq!(
-        s.connection_by_thread("shared-thr")
-            .await
-            .unwrap()
-            .unwrap()
-            .id,
-        y
-    );
+    assert_eq!(s.connection_by_their_verkey("shared-vk").await.unwrap().unwrap().id, y);
+    assert_eq!(s.connection_by_thread("shared-thr").await.unwrap().unwrap().id, y);
     cy.their_verkeys = vec!["y-only".into()];
     s.put_connection(&cy).await.unwrap();
-    assert!(s
-        .connection_by_their_verkey("shared-vk")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(s.connection_by_their_verkey("shared-vk").await.unwrap().is_none());
 
     // Pagination by id.
     let mut all = vec![id.clone(), x, y];
@@ -276,9 +219,7 @@ pub async fn routing_keys(b: Arc<dyn Backend>) {
         vec![(k("k1"), KeyUpdate::AlreadyAdded)]
     );
     assert_eq!(
-        s.update_keys(&c2, &[k("k1"), k("k3")], &[k("k2")])
-            .await
-            .unwrap(),
+        s.update_keys(&c2, &[k("k1"), k("k3")], &[k("k2")]).await.unwrap(),
         vec![
             (k("k1"), KeyUpdate::HeldByOther),
             (k("k3"), KeyUpdate::Added),
@@ -293,10 +234,7 @@ pub async fn routing_keys(b: Arc<dyn Backend>) {
     assert_eq!(s.keys_of(&c2).await.unwrap(), vec![k("k3")]);
     assert_eq!(
         s.update_keys(&c1, &[], &[k("k1"), k("zz")]).await.unwrap(),
-        vec![
-            (k("k1"), KeyUpdate::Removed),
-            (k("zz"), KeyUpdate::NotFound)
-        ]
+        vec![(k("k1"), KeyUpdate::Removed), (k("zz"), KeyUpdate::NotFound)]
     );
     assert_eq!(s.route("k1").await.unwrap(), None);
     assert_eq!(s.keys_of(&c1).await.unwrap(), vec![k("k2")]);
@@ -326,10 +264,7 @@ pub async fn routing_keys(b: Arc<dyn Backend>) {
         }
     }
     assert_eq!(winners.len(), 1);
-    assert_eq!(
-        s.route("contested").await.unwrap(),
-        Some(winners[0].clone())
-    );
+    assert_eq!(s.route("contested").await.unwrap(), Some(winners[0].clone()));
 
     // Two connections update overlapping keys in opposite orders, many times: no deadlock, no
     // error, and every key ends up with exactly one holder.
@@ -365,20 +300,9 @@ pub async fn enqueue_fifo(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let c1 = new_conn(&s).await;
     let c2 = new_conn(&s).await;
-    let a = enqueue_ok(
-        &s,
-        vec![
-            msg(&c1, "a1", T0),
-            msg(&c2, "b1", T0),
-            msg(&c1, "a2", T0 + 1),
-        ],
-    )
-    .await;
+    let a = enqueue_ok(&s, vec![msg(&c1, "a1", T0), msg(&c2, "b1", T0), msg(&c1, "a2", T0 + 1)]).await;
     let b2 = enqueue_ok(&s, vec![msg(&c1, "a3", T0 + 2)]).await;
-    assert!(
-        a[0] < a[1] && a[1] < a[2] && a[2] < b2[0],
-        "ids increase: {a:?} {b2:?}"
-    );
+    assert!(a[0] < a[1] && a[1] < a[2] && a[2] < b2[0], "ids increase: {a:?} {b2:?}");
     let got = s.lease(&c1, 10, "o", T0, T0 + 60_000).await.unwrap();
     let payloads: Vec<&[u8]> = got.iter().map(|m| m.payload.as_slice()).collect();
     assert_eq!(payloads, vec![&b"a1"[..], b"a2", b"a3"]);
@@ -388,13 +312,7 @@ pub async fn enqueue_fifo(b: Arc<dyn Backend>) {
     assert_eq!(got[1].received_at_ms, T0 + 1);
     let got2 = s.lease(&c2, 10, "o", T0, T0 + 60_000).await.unwrap();
     assert_eq!(ids(&got2), vec![a[1]]);
-    assert_eq!(
-        s.enqueue(vec![], &EnqueueLimits::UNLIMITED)
-            .await
-            .unwrap()
-            .len(),
-        0
-    );
+    assert_eq!(s.enqueue(vec![], &EnqueueLimits::UNLIMITED).await.unwrap().len(), 0);
     // Binary payloads come back byte for byte.
     let bin: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
     let m = NewMessage {
@@ -418,21 +336,13 @@ pub async fn durability_across_reopen(b: Arc<dyn Backend>) {
             .await
             .unwrap();
         let c = new_conn(&s).await;
-        s.update_keys(&c, &["rk-durable".into()], &[])
-            .await
-            .unwrap();
+        s.update_keys(&c, &["rk-durable".into()], &[]).await.unwrap();
         let mut ids = Vec::new();
         for i in 0..10 {
             ids.extend(enqueue_ok(&s, vec![dmsg(&c, &format!("m{i}"), T0 + i, i as u8)]).await);
         }
         // Leased when the store goes away: deliverable again after the reopen.
-        assert_eq!(
-            s.lease(&c, 3, "gone", T0, T0 + 3_600_000)
-                .await
-                .unwrap()
-                .len(),
-            3
-        );
+        assert_eq!(s.lease(&c, 3, "gone", T0, T0 + 3_600_000).await.unwrap().len(), 3);
         // enqueue returned: durable without any explicit flush.
         (c, ids, identity)
     };
@@ -452,10 +362,7 @@ pub async fn durability_across_reopen(b: Arc<dyn Backend>) {
     // The lease of the old process is released explicitly by its owner on a clean shutdown;
     // a crashed owner's leases run out. Either way the messages come back.
     s.release_owner("gone").await.unwrap();
-    let got = s
-        .lease(&c, 100, "o", T0 + 3_600_000, T0 + 3_700_000)
-        .await
-        .unwrap();
+    let got = s.lease(&c, 100, "o", T0 + 3_600_000, T0 + 3_700_000).await.unwrap();
     assert_eq!(ids(&got), first_ids);
     assert_eq!(got[9].payload, b"m9");
     // Dedup records survive too.
@@ -463,10 +370,7 @@ pub async fn durability_across_reopen(b: Arc<dyn Backend>) {
         dedup_window_ms: 60_000,
         ..EnqueueLimits::UNLIMITED
     };
-    let r = s
-        .enqueue(vec![dmsg(&c, "m0", T0 + 100, 0)], &limits)
-        .await
-        .unwrap();
+    let r = s.enqueue(vec![dmsg(&c, "m0", T0 + 100, 0)], &limits).await.unwrap();
     assert_eq!(
         r[0].as_ref().unwrap(),
         &Enqueued {
@@ -489,20 +393,12 @@ pub async fn lease_ack_release(b: Arc<dyn Backend>) {
     assert_eq!(ids(&l1), id[0..2].to_vec());
     let l2 = s.lease(&c, 10, "A", T0, until).await.unwrap();
     assert_eq!(ids(&l2), id[2..5].to_vec());
-    assert!(s
-        .lease(&c, 10, "B", T0 + 1, until)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(s.lease(&c, 10, "B", T0 + 1, until).await.unwrap().is_empty());
     let st = s.queue_stats(&c, T0 + 1).await.unwrap();
     assert_eq!((st.pending, st.leased), (0, 5));
 
     assert_eq!(s.ack(&c, &[id[0]]).await.unwrap(), 1);
-    assert_eq!(
-        s.ack(&c, &[id[0]]).await.unwrap(),
-        0,
-        "ack twice deletes once"
-    );
+    assert_eq!(s.ack(&c, &[id[0]]).await.unwrap(), 0, "ack twice deletes once");
     assert_eq!(s.release(&c, &[id[1]]).await.unwrap(), 1);
     let l3 = s.lease(&c, 10, "B", T0 + 2, until).await.unwrap();
     assert_eq!(ids(&l3), vec![id[1]]);
@@ -529,23 +425,12 @@ pub async fn lease_expiry(b: Arc<dyn Backend>) {
     let c = new_conn(&s).await;
     let id = enqueue_ok(&s, vec![msg(&c, "x", T0), msg(&c, "y", T0)]).await;
     assert_eq!(s.lease(&c, 10, "A", T0, T0 + 100).await.unwrap().len(), 2);
-    assert!(s
-        .lease(&c, 10, "B", T0 + 99, T0 + 200)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(s.lease(&c, 10, "B", T0 + 99, T0 + 200).await.unwrap().is_empty());
     let st = s.queue_stats(&c, T0 + 99).await.unwrap();
     assert_eq!((st.pending, st.leased), (0, 2));
     let st = s.queue_stats(&c, T0 + 100).await.unwrap();
-    assert_eq!(
-        (st.pending, st.leased),
-        (2, 0),
-        "a lease runs out at until_ms"
-    );
-    assert_eq!(
-        s.connections_with_pending(T0 + 100, 10).await.unwrap(),
-        vec![c.clone()]
-    );
+    assert_eq!((st.pending, st.leased), (2, 0), "a lease runs out at until_ms");
+    assert_eq!(s.connections_with_pending(T0 + 100, 10).await.unwrap(), vec![c.clone()]);
     let again = s.lease(&c, 10, "B", T0 + 100, T0 + 200).await.unwrap();
     assert_eq!(ids(&again), id);
     assert!(again.iter().all(|m| m.attempts == 2));
@@ -563,17 +448,9 @@ pub async fn ack_is_scoped_to_connection(b: Arc<dyn Backend>) {
     s.lease(&c1, 1, "A", T0, T0 + 1000).await.unwrap();
     assert_eq!(s.ack(&c2, &id).await.unwrap(), 0);
     assert_eq!(s.release(&c2, &id).await.unwrap(), 0);
-    assert!(s
-        .lease(&c2, 10, "B", T0 + 5000, T0 + 6000)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(s.lease(&c2, 10, "B", T0 + 5000, T0 + 6000).await.unwrap().is_empty());
     let st = s.queue_stats(&c1, T0).await.unwrap();
-    assert_eq!(
-        (st.pending, st.leased),
-        (0, 1),
-        "the other connection changed nothing"
-    );
+    assert_eq!((st.pending, st.leased), (0, 1), "the other connection changed nothing");
     assert_eq!(s.ack(&c1, &id).await.unwrap(), 1);
 }
 
@@ -582,9 +459,7 @@ pub async fn concurrent_leasers_never_share(b: Arc<dyn Backend>) {
     let c = new_conn(&s).await;
     let mut all = Vec::new();
     for chunk in 0..5 {
-        let m = (0..100)
-            .map(|i| msg(&c, &format!("{chunk}-{i}"), T0))
-            .collect();
+        let m = (0..100).map(|i| msg(&c, &format!("{chunk}-{i}"), T0)).collect();
         all.extend(enqueue_ok(&s, m).await);
     }
     assert_eq!(all.len(), 500);
@@ -621,15 +496,8 @@ pub async fn concurrent_leasers_never_share(b: Arc<dyn Backend>) {
 pub async fn concurrent_writers_on_same_rows(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let c = new_conn(&s).await;
-    let all = enqueue_ok(
-        &s,
-        (0..300).map(|i| msg(&c, &format!("{i}"), T0 + i)).collect(),
-    )
-    .await;
-    assert_eq!(
-        s.lease(&c, 300, "A", T0, T0 + 600_000).await.unwrap().len(),
-        300
-    );
+    let all = enqueue_ok(&s, (0..300).map(|i| msg(&c, &format!("{i}"), T0 + i)).collect()).await;
+    assert_eq!(s.lease(&c, 300, "A", T0, T0 + 600_000).await.unwrap().len(), 300);
     let acker = {
         let (s, c, all) = (s.clone(), c.clone(), all.clone());
         tokio::spawn(async move {
@@ -689,31 +557,19 @@ pub async fn queue_limits(b: Arc<dyn Backend>) {
         dedup_window_ms: 0,
     };
     let r = s
-        .enqueue(
-            (0..5).map(|i| msg(&c, &format!("m{i}"), T0)).collect(),
-            &lim,
-        )
+        .enqueue((0..5).map(|i| msg(&c, &format!("m{i}"), T0)).collect(), &lim)
         .await
         .unwrap();
     assert!(r[..3].iter().all(|r| r.is_ok()));
     for e in &r[3..] {
-        assert!(
-            matches!(e, Err(StoreError::QueueFull { pending: 3, .. })),
-            "{e:?}"
-        );
+        assert!(matches!(e, Err(StoreError::QueueFull { pending: 3, .. })), "{e:?}");
     }
     let r = s
         .enqueue(vec![msg(&c, "late", T0), msg(&other, "o", T0)], &lim)
         .await
         .unwrap();
     assert!(
-        matches!(
-            r[0],
-            Err(StoreError::QueueFull {
-                pending: 3,
-                bytes: 6
-            })
-        ),
+        matches!(r[0], Err(StoreError::QueueFull { pending: 3, bytes: 6 })),
         "{:?}",
         r[0]
     );
@@ -738,13 +594,7 @@ pub async fn queue_limits(b: Arc<dyn Backend>) {
     assert!(r[0].is_ok());
     let r = s.enqueue(vec![msg(&c2, &p(50), T0)], &lim).await.unwrap();
     assert!(
-        matches!(
-            r[0],
-            Err(StoreError::QueueFull {
-                pending: 1,
-                bytes: 60
-            })
-        ),
+        matches!(r[0], Err(StoreError::QueueFull { pending: 1, bytes: 60 })),
         "{:?}",
         r[0]
     );
@@ -807,9 +657,7 @@ pub async fn dedup_window(b: Arc<dyn Backend>) {
         let s = s.clone();
         let c = c.clone();
         tasks.push(tokio::spawn(async move {
-            s.enqueue(vec![dmsg(&c, "r", T0 + 600, 3)], &lim)
-                .await
-                .unwrap()[0]
+            s.enqueue(vec![dmsg(&c, "r", T0 + 600, 3)], &lim).await.unwrap()[0]
                 .as_ref()
                 .copied()
                 .unwrap()
@@ -825,10 +673,7 @@ pub async fn dedup_window(b: Arc<dyn Backend>) {
     // Acknowledged, then sent again within the window: still a duplicate.
     s.lease(&c, 100, "A", T0, T0 + 10).await.unwrap();
     assert_eq!(s.ack(&c, &[first.id]).await.unwrap(), 1);
-    let r = s
-        .enqueue(vec![dmsg(&c, "a", T0 + 900, 1)], &lim)
-        .await
-        .unwrap();
+    let r = s.enqueue(vec![dmsg(&c, "a", T0 + 900, 1)], &lim).await.unwrap();
     assert_eq!(
         *r[0].as_ref().unwrap(),
         Enqueued {
@@ -837,10 +682,7 @@ pub async fn dedup_window(b: Arc<dyn Backend>) {
         }
     );
     // Outside the window: queued again.
-    let r = s
-        .enqueue(vec![dmsg(&c, "a", T0 + 1001, 1)], &lim)
-        .await
-        .unwrap();
+    let r = s.enqueue(vec![dmsg(&c, "a", T0 + 1001, 1)], &lim).await.unwrap();
     let again = *r[0].as_ref().unwrap();
     assert!(!again.duplicate && again.id > first.id);
     // A window of 0 disables dedup.
@@ -851,14 +693,8 @@ pub async fn dedup_window(b: Arc<dyn Backend>) {
     let latest = *r[0].as_ref().unwrap();
     assert!(!latest.duplicate && latest.id > again.id);
     // A duplicate is answered even when the queue is full; it names the latest copy.
-    let full = EnqueueLimits {
-        max_messages: 0,
-        ..lim
-    };
-    let r = s
-        .enqueue(vec![dmsg(&c, "a", T0 + 1002, 1)], &full)
-        .await
-        .unwrap();
+    let full = EnqueueLimits { max_messages: 0, ..lim };
+    let r = s.enqueue(vec![dmsg(&c, "a", T0 + 1002, 1)], &full).await.unwrap();
     assert_eq!(
         *r[0].as_ref().unwrap(),
         Enqueued {
@@ -896,10 +732,7 @@ pub async fn expire_old_messages(b: Arc<dyn Backend>) {
     let l = s.lease(&c1, 10, "A", T0, T0 + 10_000).await.unwrap();
     assert_eq!(ids(&l), vec![keep]);
     // The expired message's dedup record went with it.
-    let r = s
-        .enqueue(vec![dmsg(&c1, "old", T0 + 400, 9)], &lim)
-        .await
-        .unwrap();
+    let r = s.enqueue(vec![dmsg(&c1, "old", T0 + 400, 9)], &lim).await.unwrap();
     assert!(!r[0].as_ref().unwrap().duplicate);
 }
 
@@ -910,11 +743,7 @@ pub async fn pending_sweep_and_stats(b: Arc<dyn Backend>) {
     let newer = new_conn(&s).await;
     let _empty = new_conn(&s).await;
     enqueue_ok(&s, vec![msg(&busy, "b", T0)]).await;
-    enqueue_ok(
-        &s,
-        vec![msg(&older, "o1", T0 + 5), msg(&older, "o22", T0 + 6)],
-    )
-    .await;
+    enqueue_ok(&s, vec![msg(&older, "o1", T0 + 5), msg(&older, "o22", T0 + 6)]).await;
     enqueue_ok(&s, vec![msg(&newer, "n1", T0 + 7)]).await;
     s.lease(&busy, 10, "A", T0, T0 + 1000).await.unwrap();
     assert_eq!(
@@ -922,17 +751,8 @@ pub async fn pending_sweep_and_stats(b: Arc<dyn Backend>) {
         vec![older.clone(), newer.clone()],
         "oldest pending first; fully leased and empty connections left out"
     );
-    assert_eq!(
-        s.connections_with_pending(T0, 1).await.unwrap(),
-        vec![older.clone()]
-    );
-    assert_eq!(
-        s.connections_with_pending(T0 + 1000, 10)
-            .await
-            .unwrap()
-            .len(),
-        3
-    );
+    assert_eq!(s.connections_with_pending(T0, 1).await.unwrap(), vec![older.clone()]);
+    assert_eq!(s.connections_with_pending(T0 + 1000, 10).await.unwrap().len(), 3);
     assert_eq!(s.total_queued().await.unwrap(), 4);
     s.lease(&older, 1, "A", T0, T0 + 1000).await.unwrap();
     assert_eq!(
@@ -944,10 +764,7 @@ pub async fn pending_sweep_and_stats(b: Arc<dyn Backend>) {
             oldest_received_ms: Some(T0 + 5)
         }
     );
-    assert_eq!(
-        s.queue_stats(&new_id(), T0).await.unwrap(),
-        QueueStats::default()
-    );
+    assert_eq!(s.queue_stats(&new_id(), T0).await.unwrap(), QueueStats::default());
     s.flush().await.unwrap();
 }
 
@@ -963,12 +780,7 @@ pub async fn unstorable_input_is_refused_alone(b: Arc<dyn Backend>) {
     let long = "k".repeat(MAX_TEXT_LEN + 1);
     let (r1, r2) = tokio::join!(
         s.enqueue(
-            vec![
-                msg(&c, "ok1", T0),
-                bad_key,
-                msg("con\0n", "y", T0),
-                msg(&c, "ok2", T0)
-            ],
+            vec![msg(&c, "ok1", T0), bad_key, msg("con\0n", "y", T0), msg(&c, "ok2", T0)],
             &EnqueueLimits::UNLIMITED
         ),
         s.enqueue(vec![msg(&c, "ok3", T0)], &EnqueueLimits::UNLIMITED)
@@ -980,49 +792,30 @@ pub async fn unstorable_input_is_refused_alone(b: Arc<dyn Backend>) {
     assert_eq!(s.queue_stats(&c, T0).await.unwrap().pending, 3);
 
     assert!(matches!(
-        s.update_keys(&c, &["good".into(), "b\0d".into()], &[])
-            .await,
+        s.update_keys(&c, &["good".into(), "b\0d".into()], &[]).await,
         Err(StoreError::Invalid(_))
     ));
     assert!(matches!(
         s.update_keys(&c, std::slice::from_ref(&long), &[]).await,
         Err(StoreError::Invalid(_))
     ));
-    assert_eq!(
-        s.route("good").await.unwrap(),
-        None,
-        "a refused call changes nothing"
-    );
+    assert_eq!(s.route("good").await.unwrap(), None, "a refused call changes nothing");
     let mut bad = conn(&new_id());
     bad.their_verkeys.push("v\0k".into());
-    assert!(matches!(
-        s.put_connection(&bad).await,
-        Err(StoreError::Invalid(_))
-    ));
+    assert!(matches!(s.put_connection(&bad).await, Err(StoreError::Invalid(_))));
     assert!(s.get_connection(&bad.id).await.unwrap().is_none());
     // Lookups of such input find nothing instead of failing.
     assert_eq!(s.route("b\0d").await.unwrap(), None);
     assert_eq!(s.route(&long).await.unwrap(), None);
     assert!(s.get_connection("a\0").await.unwrap().is_none());
-    assert!(s
-        .connection_by_their_verkey("v\0k")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(s.connection_by_their_verkey("v\0k").await.unwrap().is_none());
     assert!(s.connection_by_thread("t\0").await.unwrap().is_none());
     assert!(s.keys_of("c\0").await.unwrap().is_empty());
-    assert!(s
-        .lease("c\0", 10, "o", T0, T0 + 1)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(s.lease("c\0", 10, "o", T0, T0 + 1).await.unwrap().is_empty());
     assert_eq!(s.ack("c\0", &[1]).await.unwrap(), 0);
     assert_eq!(s.release("c\0", &[1]).await.unwrap(), 0);
     assert_eq!(s.release_owner("o\0").await.unwrap(), 0);
-    assert_eq!(
-        s.queue_stats("c\0", T0).await.unwrap(),
-        QueueStats::default()
-    );
+    assert_eq!(s.queue_stats("c\0", T0).await.unwrap(), QueueStats::default());
     assert_eq!(s.list_connections(Some("\0"), 10).await.unwrap().len(), 1);
 }
 
@@ -1169,10 +962,7 @@ pub mod sled_backend {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
             let s = open_sled(dir.path()).await.unwrap();
-            let got = s
-                .lease("crash-conn", 1_000_000, "o", T0, T0 + 1)
-                .await
-                .unwrap();
+            let got = s.lease("crash-conn", 1_000_000, "o", T0, T0 + 1).await.unwrap();
             let have: HashSet<MessageId> = ids(&got).into_iter().collect();
             let lost: Vec<_> = acked.iter().filter(|id| !have.contains(id)).collect();
             assert!(
@@ -1200,15 +990,8 @@ pub mod sled_backend {
         let c = new_conn(&a).await;
         assert!(b.get_connection(&c).await.unwrap().is_some());
         let id = enqueue_ok(&a, vec![msg(&c, "m", T0)]).await;
-        assert_eq!(
-            ids(&b.lease(&c, 10, "n2", T0, T0 + 1000).await.unwrap()),
-            id
-        );
-        assert!(a
-            .lease(&c, 10, "n1", T0, T0 + 1000)
-            .await
-            .unwrap()
-            .is_empty());
+        assert_eq!(ids(&b.lease(&c, 10, "n2", T0, T0 + 1000).await.unwrap()), id);
+        assert!(a.lease(&c, 10, "n1", T0, T0 + 1000).await.unwrap().is_empty());
         drop(a);
         drop(b);
         let again = open_sled(dir.path()).await.unwrap();
@@ -1232,8 +1015,7 @@ pub mod pg_backend {
 
     /// Server URL without database; the checks make their own database on it.
     fn server_url() -> String {
-        std::env::var("MAILROOM_TEST_PG")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+        std::env::var("MAILROOM_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
     }
 
     async fn admin() -> tokio_postgres::Client {
@@ -1285,9 +1067,7 @@ pub mod pg_backend {
     #[async_trait::async_trait]
     impl Backend for PgBackend {
         async fn open(&self) -> Arc<dyn Store> {
-            open_postgres(&self.url, 8)
-                .await
-                .expect("open postgres store")
+            open_postgres(&self.url, 8).await.expect("open postgres store")
         }
     }
 
@@ -1297,11 +1077,7 @@ pub mod pg_backend {
         F: FnOnce(Arc<dyn Backend>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let name = format!(
-            "mailroom_test_{}_{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        );
+        let name = format!("mailroom_test_{}_{}", std::process::id(), uuid::Uuid::new_v4().simple());
         let admin = admin().await;
         drop_leftovers(&admin).await;
         admin

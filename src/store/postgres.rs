@@ -27,9 +27,8 @@ use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
 use tokio_postgres::NoTls;
 
 use super::{
-    check_connection, check_storable, storable, ConnId, Connection, EnqueueLimits, Enqueued,
-    Identity, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError,
-    StoreResult,
+    check_connection, check_storable, storable, ConnId, Connection, EnqueueLimits, Enqueued, Identity, KeyUpdate,
+    MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
 };
 
 /// Most messages in one enqueue transaction.
@@ -106,9 +105,7 @@ CREATE INDEX mailroom_dedup_received ON mailroom_dedup (received_at_ms);
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
-        Some(db) => {
-            StoreError::Unavailable(format!("postgres: {} ({})", db.message(), db.code().code()))
-        }
+        Some(db) => StoreError::Unavailable(format!("postgres: {} ({})", db.message(), db.code().code())),
         None => {
             let mut msg = format!("postgres: {e}");
             let mut src = std::error::Error::source(&e);
@@ -219,12 +216,9 @@ impl PgStore {
 async fn migrate(pool: &Pool) -> StoreResult<()> {
     let mut client = pool.get().await.map_err(pool_err)?;
     let tx = client.transaction().await.map_err(pg_err)?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1, $2)",
-        &[&LOCK_NS, &MIGRATION_LOCK],
-    )
-    .await
-    .map_err(pg_err)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &MIGRATION_LOCK])
+        .await
+        .map_err(pg_err)?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS mailroom_schema (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
     )
@@ -238,12 +232,9 @@ async fn migrate(pool: &Pool) -> StoreResult<()> {
     for (version, sql) in MIGRATIONS {
         if *version > current {
             tx.batch_execute(sql).await.map_err(pg_err)?;
-            tx.execute(
-                "INSERT INTO mailroom_schema (version) VALUES ($1)",
-                &[version],
-            )
-            .await
-            .map_err(pg_err)?;
+            tx.execute("INSERT INTO mailroom_schema (version) VALUES ($1)", &[version])
+                .await
+                .map_err(pg_err)?;
             tracing::info!(version, "applied store migration");
         }
     }
@@ -291,10 +282,7 @@ async fn writer_task(pool: Pool, rx: Arc<AsyncMutex<mpsc::Receiver<EnqueueReq>>>
 
 /// One transaction for a whole batch: lock the connections, read their counts and dedup
 /// records, decide every message, insert, commit.
-async fn commit_batch(
-    pool: &Pool,
-    batch: &[EnqueueReq],
-) -> StoreResult<Vec<Vec<StoreResult<Enqueued>>>> {
+async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<StoreResult<Enqueued>>>> {
     let mut conns: Vec<&str> = batch
         .iter()
         .flat_map(|r| r.msgs.iter().map(|m| m.connection.as_str()))
@@ -308,11 +296,7 @@ async fn commit_batch(
     lock_keys.dedup();
     let dedup_keys: Vec<Vec<u8>> = batch
         .iter()
-        .flat_map(|r| {
-            r.msgs
-                .iter()
-                .filter_map(|m| m.dedup_key.map(|k| k.to_vec()))
-        })
+        .flat_map(|r| r.msgs.iter().filter_map(|m| m.dedup_key.map(|k| k.to_vec())))
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
@@ -320,14 +304,10 @@ async fn commit_batch(
     let mut client = pool.get().await.map_err(pool_err)?;
     let tx = client.transaction().await.map_err(pg_err)?;
     let lock = tx
-        .prepare_cached(
-            "SELECT pg_advisory_xact_lock($1, k) FROM (SELECT unnest($2::int4[]) AS k) s",
-        )
+        .prepare_cached("SELECT pg_advisory_xact_lock($1, k) FROM (SELECT unnest($2::int4[]) AS k) s")
         .await
         .map_err(pg_err)?;
-    tx.execute(&lock, &[&LOCK_NS, &lock_keys])
-        .await
-        .map_err(pg_err)?;
+    tx.execute(&lock, &[&LOCK_NS, &lock_keys]).await.map_err(pg_err)?;
 
     let counts_q = tx
         .prepare_cached(
@@ -384,8 +364,8 @@ async fn commit_batch(
         let mut out = Vec::with_capacity(req.msgs.len());
         for m in &req.msgs {
             let conn = m.connection.as_str();
-            if let Err(e) = check_storable("connection id", conn)
-                .and_then(|_| check_storable("recipient key", &m.recipient_key))
+            if let Err(e) =
+                check_storable("connection id", conn).and_then(|_| check_storable("recipient key", &m.recipient_key))
             {
                 out.push(Slot::Done(Err(e)));
                 continue;
@@ -412,10 +392,7 @@ async fn commit_batch(
             let (n, b) = counts.get(conn).copied().unwrap_or((0, 0));
             let size = m.payload.len() as u64;
             if n >= req.limits.max_messages || b.saturating_add(size) > req.limits.max_bytes {
-                out.push(Slot::Done(Err(StoreError::QueueFull {
-                    pending: n,
-                    bytes: b,
-                })));
+                out.push(Slot::Done(Err(StoreError::QueueFull { pending: n, bytes: b })));
                 continue;
             }
             let e = counts.entry(conn.to_owned()).or_insert((0, 0));
@@ -433,9 +410,7 @@ async fn commit_batch(
     let mut ids: Vec<MessageId> = Vec::new();
     if !accepted.is_empty() {
         let ids_q = tx
-            .prepare_cached(
-                "SELECT nextval('mailroom_message_ids') FROM generate_series(1, $1::int8)",
-            )
+            .prepare_cached("SELECT nextval('mailroom_message_ids') FROM generate_series(1, $1::int8)")
             .await
             .map_err(pg_err)?;
         ids = tx
@@ -485,8 +460,7 @@ async fn commit_batch(
             da.push(at);
         }
         // Both writes go out in one pipeline.
-        let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-            [&ids, &c, &rk, &p, &sz, &at];
+        let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [&ids, &c, &rk, &p, &sz, &at];
         tokio::try_join!(tx.execute(&insert, &insert_params), async {
             if dc.is_empty() {
                 Ok(0)
@@ -641,11 +615,7 @@ impl Store for PgStore {
         }
     }
 
-    async fn list_connections(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<Vec<Connection>> {
+    async fn list_connections(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Connection>> {
         let c = self.client().await?;
         let q = c
             .prepare_cached(
@@ -679,10 +649,7 @@ impl Store for PgStore {
         let tx = c.transaction().await.map_err(pg_err)?;
         // Share-lock the connection row: it cannot vanish while its keys change.
         if tx
-            .query_opt(
-                "SELECT 1 FROM mailroom_connections WHERE id = $1 FOR SHARE",
-                &[&conn],
-            )
+            .query_opt("SELECT 1 FROM mailroom_connections WHERE id = $1 FOR SHARE", &[&conn])
             .await
             .map_err(pg_err)?
             .is_none()
@@ -695,14 +662,10 @@ impl Store for PgStore {
         locks.sort_unstable();
         locks.dedup();
         let lock = tx
-            .prepare_cached(
-                "SELECT pg_advisory_xact_lock($1, k) FROM (SELECT unnest($2::int4[]) AS k) s",
-            )
+            .prepare_cached("SELECT pg_advisory_xact_lock($1, k) FROM (SELECT unnest($2::int4[]) AS k) s")
             .await
             .map_err(pg_err)?;
-        tx.execute(&lock, &[&KEY_LOCK_NS, &locks])
-            .await
-            .map_err(pg_err)?;
+        tx.execute(&lock, &[&KEY_LOCK_NS, &locks]).await.map_err(pg_err)?;
         let ins = tx
             .prepare_cached(
                 "INSERT INTO mailroom_routing_keys (key, conn_id) VALUES ($1, $2) \
@@ -784,11 +747,7 @@ impl Store for PgStore {
             .map(|r| r.get(0)))
     }
 
-    async fn enqueue(
-        &self,
-        msgs: Vec<NewMessage>,
-        limits: &EnqueueLimits,
-    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+    async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
         if msgs.is_empty() {
             return Ok(Vec::new());
         }
@@ -920,11 +879,7 @@ impl Store for PgStore {
         Ok(r.get::<_, i64>(0) as u64)
     }
 
-    async fn connections_with_pending(
-        &self,
-        now_ms: i64,
-        limit: usize,
-    ) -> StoreResult<Vec<ConnId>> {
+    async fn connections_with_pending(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
         let c = self.client().await?;
         let q = c
             .prepare_cached(

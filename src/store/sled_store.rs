@@ -35,9 +35,8 @@ use sled::Transactional;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    check_connection, check_storable, storable, ConnId, Connection, EnqueueLimits, Enqueued,
-    Identity, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError,
-    StoreResult,
+    check_connection, check_storable, storable, ConnId, Connection, EnqueueLimits, Enqueued, Identity, KeyUpdate,
+    MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
 };
 
 /// Most messages the writer puts in one flush. Bounds the latency of the first caller of a
@@ -179,9 +178,7 @@ impl SledStore {
             match SledStore::open(&key).await {
                 Ok(s) => break s,
                 // The last handle of this path may be finishing its drop on another thread.
-                Err(e)
-                    if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
-                {
+                Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < deadline => {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
                 Err(e) => return Err(e),
@@ -374,12 +371,8 @@ impl Inner {
                     let added = added.entry(conn).or_insert((0, 0));
                     let (n, b) = (have_n + added.0, have_b + added.1);
                     let size = m.payload.len() as u64;
-                    if n >= req.limits.max_messages || b.saturating_add(size) > req.limits.max_bytes
-                    {
-                        out.push(Slot::Done(Err(StoreError::QueueFull {
-                            pending: n,
-                            bytes: b,
-                        })));
+                    if n >= req.limits.max_messages || b.saturating_add(size) > req.limits.max_bytes {
+                        out.push(Slot::Done(Err(StoreError::QueueFull { pending: n, bytes: b })));
                         continue;
                     }
                     added.0 += 1;
@@ -405,10 +398,7 @@ impl Inner {
             for (m, id) in accepted.iter().zip(&ids) {
                 msgs.insert(&encode_id(*id), encode_msg(m));
                 if let Some(dk) = &m.dedup_key {
-                    dedup.insert(
-                        dedup_tree_key(&m.connection, dk),
-                        dedup_value(*id, m.received_at_ms),
-                    );
+                    dedup.insert(dedup_tree_key(&m.connection, dk), dedup_value(*id, m.received_at_ms));
                 }
             }
             self.msgs.apply_batch(msgs).map_err(unavailable)?;
@@ -510,9 +500,7 @@ fn push_str16(out: &mut Vec<u8>, s: &str) {
 
 /// `v1 | received_at i64 | len16 conn | conn | len16 rkey | rkey | 0 or 1+key32 | payload`
 fn encode_msg(m: &NewMessage) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        1 + 8 + 4 + m.connection.len() + m.recipient_key.len() + 33 + m.payload.len(),
-    );
+    let mut out = Vec::with_capacity(1 + 8 + 4 + m.connection.len() + m.recipient_key.len() + 33 + m.payload.len());
     out.push(MSG_FORMAT_V1);
     out.extend_from_slice(&m.received_at_ms.to_be_bytes());
     push_str16(&mut out, &m.connection);
@@ -659,8 +647,7 @@ impl Store for SledStore {
 
     async fn identity_get_or_create(&self, candidate: Identity) -> StoreResult<Identity> {
         self.blocking(move |inner| {
-            let bytes = serde_json::to_vec(&candidate)
-                .map_err(|e| StoreError::Corrupt(format!("identity: {e}")))?;
+            let bytes = serde_json::to_vec(&candidate).map_err(|e| StoreError::Corrupt(format!("identity: {e}")))?;
             let r = inner
                 .meta
                 .compare_and_swap(IDENTITY_KEY, None as Option<&[u8]>, Some(bytes))
@@ -672,8 +659,7 @@ impl Store for SledStore {
                 }
                 Err(cas) => {
                     let cur = cas.current.ok_or_else(|| corrupt("identity vanished"))?;
-                    serde_json::from_slice(&cur)
-                        .map_err(|e| StoreError::Corrupt(format!("identity: {e}")))
+                    serde_json::from_slice(&cur).map_err(|e| StoreError::Corrupt(format!("identity: {e}")))
                 }
             }
         })
@@ -684,8 +670,7 @@ impl Store for SledStore {
         check_connection(c)?;
         let c = c.clone();
         self.blocking(move |inner| {
-            let bytes = serde_json::to_vec(&c)
-                .map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
+            let bytes = serde_json::to_vec(&c).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
             let _g = inner.meta_lock.lock();
             let old = inner.get_conn(&c.id)?;
             let seq = inner.db.generate_id().map_err(unavailable)?.to_be_bytes();
@@ -734,9 +719,7 @@ impl Store for SledStore {
             };
             // The index is maintained in the connection's transaction; checking again keeps a
             // stale entry from ever returning the wrong connection.
-            Ok(inner
-                .get_conn(&id)?
-                .filter(|c| c.their_verkeys.contains(&verkey)))
+            Ok(inner.get_conn(&id)?.filter(|c| c.their_verkeys.contains(&verkey)))
         })
         .await
     }
@@ -757,11 +740,7 @@ impl Store for SledStore {
         .await
     }
 
-    async fn list_connections(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<Vec<Connection>> {
+    async fn list_connections(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Connection>> {
         let after = after.map(|s| s.as_bytes().to_vec());
         self.blocking(move |inner| {
             let lower = match &after {
@@ -769,11 +748,7 @@ impl Store for SledStore {
                 None => Bound::Unbounded,
             };
             let mut out = Vec::new();
-            for kv in inner
-                .conns
-                .range::<&[u8], _>((lower, Bound::Unbounded))
-                .take(limit)
-            {
+            for kv in inner.conns.range::<&[u8], _>((lower, Bound::Unbounded)).take(limit) {
                 let (_, v) = kv.map_err(unavailable)?;
                 out.push(decode_conn(&v)?);
             }
@@ -797,11 +772,7 @@ impl Store for SledStore {
         let remove = remove.to_vec();
         self.blocking(move |inner| {
             let _g = inner.meta_lock.lock();
-            if !inner
-                .conns
-                .contains_key(conn.as_bytes())
-                .map_err(unavailable)?
-            {
+            if !inner.conns.contains_key(conn.as_bytes()).map_err(unavailable)? {
                 return Err(StoreError::NotFound);
             }
             let cid = conn.as_bytes();
@@ -865,20 +836,14 @@ impl Store for SledStore {
         let key = recipient_key.to_owned();
         self.blocking(
             move |inner| match inner.keys.get(key.as_bytes()).map_err(unavailable)? {
-                Some(v) => Ok(Some(
-                    String::from_utf8(v.to_vec()).map_err(|_| corrupt("route"))?,
-                )),
+                Some(v) => Ok(Some(String::from_utf8(v.to_vec()).map_err(|_| corrupt("route"))?)),
                 None => Ok(None),
             },
         )
         .await
     }
 
-    async fn enqueue(
-        &self,
-        msgs: Vec<NewMessage>,
-        limits: &EnqueueLimits,
-    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+    async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
         if msgs.is_empty() {
             return Ok(Vec::new());
         }
@@ -1080,11 +1045,7 @@ impl Store for SledStore {
         Ok(self.inner.queues.lock().total)
     }
 
-    async fn connections_with_pending(
-        &self,
-        now_ms: i64,
-        limit: usize,
-    ) -> StoreResult<Vec<ConnId>> {
+    async fn connections_with_pending(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
         self.blocking(move |inner| {
             let q = inner.queues.lock();
             let mut found: Vec<(MessageId, &str)> = q
@@ -1098,11 +1059,7 @@ impl Store for SledStore {
                 })
                 .collect();
             found.sort_unstable();
-            Ok(found
-                .into_iter()
-                .take(limit)
-                .map(|(_, c)| c.to_owned())
-                .collect())
+            Ok(found.into_iter().take(limit).map(|(_, c)| c.to_owned()).collect())
         })
         .await
     }
@@ -1142,11 +1099,9 @@ impl Store for SledStore {
                 let by_conn = &q.by_conn;
                 q.by_owner.retain(|owner, conns| {
                     conns.retain(|c| {
-                        by_conn.get(c).is_some_and(|cq| {
-                            cq.msgs
-                                .values()
-                                .any(|m| m.owner.as_deref() == Some(&**owner))
-                        })
+                        by_conn
+                            .get(c)
+                            .is_some_and(|cq| cq.msgs.values().any(|m| m.owner.as_deref() == Some(&**owner)))
                     });
                     !conns.is_empty()
                 });
