@@ -34,7 +34,8 @@ pub struct Metrics {
     pub notifications_sent: Counter,
     pub notifications_received: Counter,
     pub notifications_failed: Counter,
-    pub store_latency: Histogram,
+    /// Time to accept one forward durably: unpack, route, commit.
+    pub forward_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -61,7 +62,7 @@ impl Metrics {
             notifications_sent: Counter::default(),
             notifications_received: Counter::default(),
             notifications_failed: Counter::default(),
-            store_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            forward_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             registry: Registry::default(),
         };
         registry.register(
@@ -119,9 +120,9 @@ impl Metrics {
             m.notifications_failed.clone(),
         );
         registry.register(
-            "store_enqueue_seconds",
-            "Latency of durable enqueue",
-            m.store_latency.clone(),
+            "forward_seconds",
+            "Time to accept a forward durably (unpack, route, commit)",
+            m.forward_seconds.clone(),
         );
         Metrics { registry, ..m }
     }

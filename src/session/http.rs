@@ -57,6 +57,7 @@ pub fn error_response(e: &HandleError) -> HttpResponse {
 async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpResponse {
     let shared = shared.into_inner();
     let owner = shared.http_owner();
+    let started = std::time::Instant::now();
     let out = match shared.mediator.handle(&body, TransportKind::Http, &owner).await {
         Ok(out) => out,
         Err(e) => {
@@ -67,6 +68,7 @@ async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpRespo
     };
     if out.forward.is_some() {
         shared.metrics.forwards_received.inc();
+        shared.metrics.forward_seconds.observe(started.elapsed().as_secs_f64());
     }
     if let Some(ForwardResult::Queued { duplicate }) = &out.forward {
         if *duplicate {

@@ -1,0 +1,327 @@
+//! What an operator relies on: the admin endpoints (codes, fields, token rules), limits with
+//! clear refusals that drop nothing already queued, message time-to-live, the CLI.
+
+mod common;
+
+use common::*;
+use mailroom::client::{basic_message, Agent, Sender};
+use mailroom::config::Strategy;
+use serde_json::{json, Value};
+
+async fn forward(n: &mailroom::node::RunningNode, a: &Agent, key: &str, text: &str) -> u16 {
+    let g = a.grant.clone().unwrap();
+    Sender::new()
+        .forward(&n.public_url(), &basic_message(text), key, &g.routing_keys)
+        .await
+        .unwrap()
+}
+
+#[actix_rt::test]
+async fn admin_endpoints_show_connections_sessions_and_invitations() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let admin = n.admin_url();
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    for _ in 0..2 {
+        Agent::connect(&inv).await.unwrap();
+    }
+    forward(&n, &a, &k.verkey(), "one").await;
+    forward(&n, &a, &k.verkey(), "two").await;
+    // Lease one over HTTP so it shows as in flight.
+    a.request(&pickup("delivery-request", json!({"limit": 1})))
+        .await
+        .unwrap();
+
+    // Pagination: 3 connections, 2 per page.
+    let p1 = get_json(&format!("{admin}/connections?limit=2")).await;
+    assert_eq!(p1["connections"].as_array().unwrap().len(), 2);
+    let next = p1["next"].as_str().expect("a next cursor").to_string();
+    let p2 = get_json(&format!("{admin}/connections?limit=2&after={next}")).await;
+    assert_eq!(p2["connections"].as_array().unwrap().len(), 1);
+    assert!(p2["next"].is_null());
+
+    let all: Vec<Value> = [p1, p2]
+        .iter()
+        .flat_map(|p| p["connections"].as_array().unwrap().clone())
+        .collect();
+    let mediated = all
+        .iter()
+        .find(|c| c["mediation"] == "granted")
+        .expect("the mediated connection");
+    let id = mediated["id"].as_str().unwrap();
+    let one = get_json(&format!("{admin}/connections/{id}")).await;
+    assert_eq!(one["routing_keys"], json!([k.verkey()]));
+    assert_eq!(one["queue"]["depth"], 2);
+    assert_eq!(one["queue"]["in_flight"], 1);
+    assert_eq!(one["queue"]["pending"], 1);
+    assert!(one["queue"]["oldest_age_ms"].as_i64().unwrap() >= 0);
+    let (st, _) = get_status(&format!("{admin}/connections/no-such-id"), None).await;
+    assert_eq!(st, 404);
+
+    // A live session shows up in /sessions and /status.
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    ws_request(
+        &a,
+        &mut ws,
+        &pickup("live-delivery-change", json!({"live_delivery": true})),
+    )
+    .await;
+    let sessions = get_json(&format!("{admin}/sessions")).await;
+    assert_eq!(sessions["sessions"][0]["connection"], id);
+    let status = get_json(&format!("{admin}/status")).await;
+    assert_eq!(status["sessions"], 1);
+    assert_eq!(status["store"]["backend"], "sled");
+    assert_eq!(status["store"]["health"], "ok");
+    let cluster = get_json(&format!("{admin}/cluster")).await;
+    assert_eq!(cluster["node"], "n1");
+
+    // A fresh invitation is usable.
+    let (st, body) = post_raw(&format!("{admin}/invitations"), "application/json", vec![]).await;
+    assert_eq!(st, 201, "{body}");
+    let fresh: Value = serde_json::from_str(&body).unwrap();
+    assert_ne!(fresh["invitation"]["@id"], inv.id.as_str());
+    let fresh_inv = mailroom::client::Invitation::from_url(fresh["invitation_url"].as_str().unwrap()).unwrap();
+    Agent::connect(&fresh_inv)
+        .await
+        .expect("connect through a fresh invitation");
+
+    // Metrics carry the operator's counters.
+    let (_, text) = get_status(&format!("{admin}/metrics"), None).await;
+    for name in [
+        "mailroom_forwards_received_total",
+        "mailroom_forwards_queued_total",
+        "mailroom_delivered_total{path=\"pickup\"}",
+        "mailroom_sessions",
+        "mailroom_queue_depth",
+        "mailroom_forward_seconds_bucket",
+        "mailroom_cluster_notifications_sent_total",
+    ] {
+        assert!(text.contains(name), "{name} missing from\n{text}");
+    }
+    ws.close().await;
+}
+
+#[actix_rt::test]
+async fn admin_token_is_required_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.admin.token = Some("s3cret-token".into());
+    let n = start(&cfg);
+    let admin = n.admin_url();
+    for path in ["/status", "/cluster", "/sessions", "/connections", "/metrics"] {
+        let (st, _) = get_status(&format!("{admin}{path}"), None).await;
+        assert_eq!(st, 401, "{path} without a token");
+        let (st, _) = get_status(&format!("{admin}{path}"), Some("wrong")).await;
+        assert_eq!(st, 401, "{path} with a wrong token");
+        let (st, _) = get_status(&format!("{admin}{path}"), Some("s3cret-token")).await;
+        assert_eq!(st, 200, "{path} with the token");
+    }
+    let (st, _) = post_raw(&format!("{admin}/invitations"), "application/json", vec![]).await;
+    assert_eq!(st, 401);
+    // Probes stay open for load balancers.
+    assert_eq!(get_status(&format!("{admin}/health"), None).await.0, 200);
+    assert_eq!(get_status(&format!("{admin}/ready"), None).await.0, 200);
+}
+
+#[actix_rt::test]
+async fn a_full_queue_refuses_new_forwards_and_keeps_what_it_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
+    cfg.limits.max_queue_messages = 3;
+    let n = start(&cfg);
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    for i in 0..3 {
+        assert_eq!(forward(&n, &a, &k.verkey(), &format!("q{i}")).await, 202);
+    }
+    let g = a.grant.clone().unwrap();
+    let env = Sender::new()
+        .forward_envelope(&basic_message("one too many"), &k.verkey(), &g.routing_keys)
+        .unwrap();
+    let (st, body) = post_raw(&n.public_url(), "application/didcomm-envelope-enc", env).await;
+    assert_eq!(st, 429, "{body}");
+    assert!(body.contains("queue-full"), "{body}");
+    let d = a
+        .request(&pickup("delivery-request", json!({"limit": 10})))
+        .await
+        .unwrap()
+        .unwrap();
+    let got: Vec<String> = a
+        .open_delivery(&d)
+        .unwrap()
+        .iter()
+        .map(|(_, m)| m["content"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, vec!["q0", "q1", "q2"]);
+    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    assert!(
+        text.contains("mailroom_rejected_total{reason=\"queue-full\"} 1"),
+        "{text}"
+    );
+}
+
+#[actix_rt::test]
+async fn queue_bytes_limit_refuses_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
+    cfg.limits.max_queue_bytes = 10_000;
+    let n = start(&cfg);
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let big = "x".repeat(1500);
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        codes.push(forward(&n, &a, &k.verkey(), &big).await);
+    }
+    let accepted = codes.iter().filter(|c| **c == 202).count();
+    assert!(accepted >= 2, "{codes:?}");
+    assert!(codes[accepted..].iter().all(|c| *c == 429), "accepted until full, then refused: {codes:?}");
+    assert_eq!(queue_depth(&n).await, accepted as u64);
+}
+
+#[actix_rt::test]
+async fn messages_past_their_time_to_live_are_expired_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
+    cfg.limits.message_ttl_secs = 1;
+    let n = start(&cfg);
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    forward(&n, &a, &k.verkey(), "short-lived").await;
+    eventually("the message expires", || async {
+        (queue_depth(&n).await == 0).then_some(())
+    })
+    .await;
+    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    assert!(text.contains("mailroom_expired_total 1"), "{text}");
+}
+
+#[actix_rt::test]
+async fn sessions_beyond_the_limit_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.limits.max_sessions = 1;
+    let n = start(&cfg);
+    let inv = invitation(&n).await;
+    let (a, _) = Agent::onboard(&inv).await.unwrap();
+    let _first = a.websocket(&ws_url(&n)).await.unwrap();
+    assert!(a.websocket(&ws_url(&n)).await.is_err(), "a second socket must be refused");
+    // The refusal is a 503 with the reason, for an operator reading the wallet's logs.
+    let mut res = awc::Client::default()
+        .get(ws_url(&n).replace("ws://", "http://"))
+        .insert_header(("Upgrade", "websocket"))
+        .insert_header(("Connection", "Upgrade"))
+        .insert_header(("Sec-WebSocket-Version", "13"))
+        .insert_header(("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 503);
+    let body = res.body().await.unwrap();
+    assert!(String::from_utf8_lossy(&body).contains("session-limit"));
+}
+
+#[test]
+fn check_config_exits_64_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[cluster]\nname = 'x'\n[[node]]\nid = 'n1'\nlisten = 'nowhere'\nadmin = '127.0.0.1:1'\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listen") && err.contains("not an IP:port"), "{err}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args([
+            "check-config",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/cluster.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // `run` refuses a bad file the same way, before binding anything.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args([
+            "run",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/cluster.toml"),
+            "--node",
+            "n9",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(64));
+}
+
+/// `mailroom run` with a JSON log config, then `mailroom status` against its admin port.
+#[actix_rt::test]
+async fn the_binary_serves_logs_json_and_status_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = |l: std::net::TcpListener| l.local_addr().unwrap().to_string();
+    let listen = addr(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let admin = addr(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let cfg = format!(
+        "[store]\npath = \"{}\"\n[log]\nformat = \"json\"\n[[node]]\nid = \"solo\"\nlisten = \"{listen}\"\nadmin = \"{admin}\"\n",
+        dir.path().join("data").display()
+    );
+    let path = dir.path().join("mailroom.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let log = dir.path().join("out.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("err.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let ready = format!("http://{admin}/ready");
+    eventually("binary ready", || {
+        let ready = ready.clone();
+        async move {
+            let r = awc::Client::default().get(&ready).send().await.ok()?;
+            r.status().is_success().then_some(())
+        }
+    })
+    .await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args(["status", "--admin", &format!("http://{admin}")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("node solo") && text.contains("store sled (ok)"), "{text}");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM is a clean exit: {status:?}");
+    let logs = std::fs::read_to_string(&log).unwrap();
+    let json_lines: Vec<Value> = logs.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(
+        json_lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "mailroom node ready"),
+        "JSON log lines expected:\n{logs}"
+    );
+    assert!(
+        logs.contains("invitation: http://"),
+        "the invitation URL is printed:\n{logs}"
+    );
+}
