@@ -1381,6 +1381,33 @@ pub mod pg_backend {
         rethrow(r);
     }
 
+    /// A node pointed at a database that does not exist yet creates it (several at once).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn missing_database_is_created() {
+        let name = format!(
+            "mailroom_test_{}_{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let url = format!("{}/{name}", server_url());
+        let (a, b) = tokio::join!(open_postgres(&url, 2), open_postgres(&url, 2));
+        let r = async {
+            let (a, b) = (a?, b?);
+            a.health().await?;
+            let c = new_id();
+            a.put_connection(&conn(&c)).await?;
+            assert!(b.get_connection(&c).await?.is_some());
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        admin()
+            .await
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .expect("drop test database");
+        r.unwrap();
+    }
+
     /// Several pools (nodes) open one fresh database at once: migrations apply once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_open_migrates_once() {
