@@ -12,6 +12,11 @@
 //!   batches never deadlock) before checking limits and dedup and allocating ids: limits and
 //!   dedup hold across nodes, and ids of one connection grow in commit order.
 //! - `expire` skips rows locked by others (they go at the next call) and never waits on them.
+//! - `ack`, `release`, `release_owner` lock their rows in id order; `update_keys` takes sorted
+//!   advisory locks on its keys first. Writers therefore never deadlock each other; a
+//!   single-statement write aborted anyway (deadlock victim, serialization failure) is retried.
+//!
+//! `open` creates the database if it does not exist (via the `postgres` maintenance database).
 //!
 //! Write path: enqueues go through a channel to [`WRITER_TASKS`] writer tasks; each drains the
 //! waiting requests into one transaction with multi-row inserts (`unnest` arrays) and one
