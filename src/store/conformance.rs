@@ -547,6 +547,68 @@ pub async fn concurrent_writers_on_same_rows(b: Arc<dyn Backend>) {
     assert_eq!(s.total_queued().await.unwrap(), 300 - acked - expired);
 }
 
+/// Two handles on one store (two nodes: PostgreSQL pools, or the shared sled store) enqueue to
+/// one connection at once: the limit and the dedup window hold across them, and ids of the
+/// connection still come out of `lease` in FIFO order.
+pub async fn limits_and_dedup_hold_across_nodes(b: Arc<dyn Backend>) {
+    let n1 = b.open().await;
+    let n2 = b.open().await;
+    let c = new_conn(&n1).await;
+    let lim = EnqueueLimits {
+        max_messages: 50,
+        max_bytes: u64::MAX,
+        dedup_window_ms: 60_000,
+    };
+    let mut tasks = Vec::new();
+    for (node, s) in [n1.clone(), n2.clone()].into_iter().enumerate() {
+        for t in 0..8 {
+            let (s, c) = (s.clone(), c.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut ok = 0;
+                let mut full = 0;
+                for i in 0..10 {
+                    // Every task also sends key 7 once: one copy is queued in all.
+                    let m = if i == 0 {
+                        dmsg(&c, "dup", T0, 7)
+                    } else {
+                        msg(&c, &format!("{node}-{t}-{i}"), T0)
+                    };
+                    match &s.enqueue(vec![m], &lim).await.unwrap()[0] {
+                        Ok(e) if !e.duplicate => ok += 1,
+                        Ok(_) => {}
+                        Err(StoreError::QueueFull { .. }) => full += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                (ok, full)
+            }));
+        }
+    }
+    let (mut ok, mut full) = (0, 0);
+    for t in tasks {
+        let (o, f) = t.await.unwrap();
+        ok += o;
+        full += f;
+    }
+    assert_eq!(ok, 50, "exactly the limit was queued");
+    assert_eq!(s_total(&n2).await, 50);
+    assert!(full > 0);
+    let leased = n2.lease(&c, 100, "o", T0, T0 + 1000).await.unwrap();
+    let got = ids(&leased);
+    let mut sorted = got.clone();
+    sorted.sort_unstable();
+    assert_eq!(got, sorted);
+    let dups = leased.iter().filter(|m| m.payload == b"dup").count();
+    assert!(
+        dups <= 1,
+        "the deduplicated message was queued {dups} times"
+    );
+}
+
+async fn s_total(s: &Arc<dyn Store>) -> u64 {
+    s.total_queued().await.unwrap()
+}
+
 pub async fn queue_limits(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let c = new_conn(&s).await;
@@ -1095,6 +1157,33 @@ pub mod pg_backend {
         rethrow(r);
     }
 
+    /// A node pointed at a database that does not exist yet creates it (several at once).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn missing_database_is_created() {
+        let name = format!(
+            "mailroom_test_{}_{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let url = format!("{}/{name}", server_url());
+        let (a, b) = tokio::join!(open_postgres(&url, 2), open_postgres(&url, 2));
+        let r = async {
+            let (a, b) = (a?, b?);
+            a.health().await?;
+            let c = new_id();
+            a.put_connection(&conn(&c)).await?;
+            assert!(b.get_connection(&c).await?.is_some());
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        admin()
+            .await
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .expect("drop test database");
+        r.unwrap();
+    }
+
     /// Several pools (nodes) open one fresh database at once: migrations apply once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_open_migrates_once() {
@@ -1172,6 +1261,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_writers_on_same_rows() {
                 backend::run(super::concurrent_writers_on_same_rows).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn limits_and_dedup_hold_across_nodes() {
+                backend::run(super::limits_and_dedup_hold_across_nodes).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn queue_limits() {

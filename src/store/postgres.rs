@@ -12,6 +12,11 @@
 //!   batches never deadlock) before checking limits and dedup and allocating ids: limits and
 //!   dedup hold across nodes, and ids of one connection grow in commit order.
 //! - `expire` skips rows locked by others (they go at the next call) and never waits on them.
+//! - `ack`, `release`, `release_owner` lock their rows in id order; `update_keys` takes sorted
+//!   advisory locks on its keys first. Writers therefore never deadlock each other; a
+//!   single-statement write aborted anyway (deadlock victim, serialization failure) is retried.
+//!
+//! `open` creates the database if it does not exist (via the `postgres` maintenance database).
 //!
 //! Write path: enqueues go through a channel to [`WRITER_TASKS`] writer tasks; each drains the
 //! waiting requests into one transaction with multi-row inserts (`unnest` arrays) and one
@@ -163,7 +168,7 @@ impl PgStore {
             .parse()
             .map_err(|e| StoreError::Unavailable(format!("postgres url: {e}")))?;
         let mgr = Manager::from_config(
-            cfg,
+            cfg.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -176,7 +181,16 @@ impl PgStore {
             .create_timeout(Some(POOL_WAIT))
             .build()
             .map_err(|e| StoreError::Unavailable(format!("postgres pool: {e}")))?;
-        migrate(&pool).await?;
+        let client = match pool.get().await {
+            Err(deadpool_postgres::PoolError::Backend(e))
+                if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME) =>
+            {
+                create_database(&cfg).await?;
+                pool.get().await.map_err(pool_err)?
+            }
+            r => r.map_err(pool_err)?,
+        };
+        migrate(client).await?;
         let (tx, rx) = mpsc::channel(WRITER_CHANNEL);
         let rx = Arc::new(AsyncMutex::new(rx));
         for _ in 0..WRITER_TASKS {
@@ -213,8 +227,43 @@ impl PgStore {
     }
 }
 
-async fn migrate(pool: &Pool) -> StoreResult<()> {
-    let mut client = pool.get().await.map_err(pool_err)?;
+/// Creates the database named in `cfg` through the `postgres` maintenance database, so a node
+/// pointed at a fresh server (`.../mailroom`) starts without a manual step. Another node
+/// creating it at the same time is fine.
+async fn create_database(cfg: &tokio_postgres::Config) -> StoreResult<()> {
+    let name = cfg
+        .get_dbname()
+        .or(cfg.get_user())
+        .ok_or_else(|| StoreError::Unavailable("postgres url names no database".into()))?
+        .to_owned();
+    let mut admin = cfg.clone();
+    admin.dbname("postgres");
+    let (client, conn) = admin.connect(NoTls).await.map_err(pg_err)?;
+    let conn = tokio::spawn(conn);
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    let r = client
+        .batch_execute(&format!("CREATE DATABASE {quoted}"))
+        .await;
+    drop(client);
+    let _ = conn.await;
+    match r {
+        Ok(()) => {
+            tracing::info!(database = %name, "created store database");
+            Ok(())
+        }
+        // Created by someone else meanwhile (a racing CREATE surfaces as a catalog unique
+        // violation rather than duplicate_database).
+        Err(e)
+            if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+                || e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(pg_err(e)),
+    }
+}
+
+async fn migrate(mut client: deadpool_postgres::Object) -> StoreResult<()> {
     let tx = client.transaction().await.map_err(pg_err)?;
     tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &MIGRATION_LOCK])
         .await
