@@ -176,7 +176,10 @@ async fn queue_bytes_limit_refuses_too() {
     }
     let accepted = codes.iter().filter(|c| **c == 202).count();
     assert!(accepted >= 2, "{codes:?}");
-    assert!(codes[accepted..].iter().all(|c| *c == 429), "accepted until full, then refused: {codes:?}");
+    assert!(
+        codes[accepted..].iter().all(|c| *c == 429),
+        "accepted until full, then refused: {codes:?}"
+    );
     assert_eq!(queue_depth(&n).await, accepted as u64);
 }
 
@@ -206,7 +209,10 @@ async fn sessions_beyond_the_limit_are_refused() {
     let inv = invitation(&n).await;
     let (a, _) = Agent::onboard(&inv).await.unwrap();
     let _first = a.websocket(&ws_url(&n)).await.unwrap();
-    assert!(a.websocket(&ws_url(&n)).await.is_err(), "a second socket must be refused");
+    assert!(
+        a.websocket(&ws_url(&n)).await.is_err(),
+        "a second socket must be refused"
+    );
     // The refusal is a 503 with the reason, for an operator reading the wallet's logs.
     let mut res = awc::Client::default()
         .get(ws_url(&n).replace("ws://", "http://"))

@@ -599,10 +599,7 @@ pub async fn limits_and_dedup_hold_across_nodes(b: Arc<dyn Backend>) {
     sorted.sort_unstable();
     assert_eq!(got, sorted);
     let dups = leased.iter().filter(|m| m.payload == b"dup").count();
-    assert!(
-        dups <= 1,
-        "the deduplicated message was queued {dups} times"
-    );
+    assert!(dups <= 1, "the deduplicated message was queued {dups} times");
 }
 
 async fn s_total(s: &Arc<dyn Store>) -> u64 {
@@ -1160,11 +1157,7 @@ pub mod pg_backend {
     /// A node pointed at a database that does not exist yet creates it (several at once).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn missing_database_is_created() {
-        let name = format!(
-            "mailroom_test_{}_{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        );
+        let name = format!("mailroom_test_{}_{}", std::process::id(), uuid::Uuid::new_v4().simple());
         let url = format!("{}/{name}", server_url());
         let (a, b) = tokio::join!(open_postgres(&url, 2), open_postgres(&url, 2));
         let r = async {

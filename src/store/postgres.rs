@@ -241,9 +241,7 @@ async fn create_database(cfg: &tokio_postgres::Config) -> StoreResult<()> {
     let (client, conn) = admin.connect(NoTls).await.map_err(pg_err)?;
     let conn = tokio::spawn(conn);
     let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-    let r = client
-        .batch_execute(&format!("CREATE DATABASE {quoted}"))
-        .await;
+    let r = client.batch_execute(&format!("CREATE DATABASE {quoted}")).await;
     drop(client);
     let _ = conn.await;
     match r {
