@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-postgres.sh
+# The status page is checked in headless Chromium (Debian's package).
+[ -x scripts/install-chromium.sh ] && scripts/install-chromium.sh
 cargo build --locked --bins
 cargo test --locked -- --test-threads="${MAILROOM_TEST_THREADS:-4}"
 if [ "${MAILROOM_SKIP_INTEROP:-}" = "1" ]; then

@@ -573,3 +573,77 @@ async fn admin_health_ready_status_metrics() {
     assert!(text.contains("mailroom_forwards_received_total 1"), "{text}");
     assert!(text.contains("mailroom_queue_depth 1"), "{text}");
 }
+
+/// connections 1.0 (RFC 0160) with a legacy DID and inline DIDDoc: the response's
+/// `connection~sig` is signed by the invitation key and names a DID document with the
+/// mediator's key and endpoints; the connection then works.
+#[actix_rt::test]
+async fn connections_1_0_and_didexchange_1_0_with_legacy_dids() {
+    use mailroom::didcomm::{did, envelope, jws, keys::KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let inv = invitation(&n).await;
+
+    // connections 1.0
+    let key = KeyPair::generate();
+    let my_did = did::legacy_did_from_verkey(&key.public_bytes());
+    let request = json!({
+        "@type": "did:sov:BzCbsNYhMrjHiqZDTUASHg;spec/connections/1.0/request",
+        "@id": "c-req",
+        "label": "legacy",
+        "connection": { "DID": my_did, "DIDDoc": did::legacy_diddoc(&my_did, &key.verkey(), &[], &[]) },
+        "~transport": { "return_route": "all" },
+    });
+    let env = envelope::pack(request.to_string().as_bytes(), &[inv.recipient_key.clone()], Some(&key)).unwrap();
+    let (st, body) = post_raw(&n.public_url(), "application/ssi-agent-wire", env).await;
+    assert_eq!(st, 200, "{body}");
+    let a = Agent::from_parts(key.clone(), my_did.clone(), inv.recipient_key.clone(), n.public_url());
+    let (resp, _) = a.unpack(body.as_bytes()).unwrap();
+    assert_eq!(
+        resp["@type"],
+        "did:sov:BzCbsNYhMrjHiqZDTUASHg;spec/connections/1.0/response"
+    );
+    assert_eq!(resp["~thread"]["thid"], "c-req");
+    let (connection, signer) = jws::verify_connection(&resp["connection~sig"]).unwrap();
+    assert_eq!(signer, inv.recipient_key, "signed by the invitation key");
+    let doc = did::resolve(connection["DID"].as_str().unwrap(), Some(&connection["DIDDoc"])).unwrap();
+    assert_eq!(doc.recipient_keys, vec![inv.recipient_key.clone()]);
+    assert!(doc.endpoints.contains(&n.public_url()), "{:?}", doc.endpoints);
+    let mut a = a;
+    a.mediate().await.expect("the legacy connection works for mediation");
+
+    // didexchange 1.0 with a signed did_doc~attach
+    let key = KeyPair::generate();
+    let my_did = did::legacy_did_from_verkey(&key.public_bytes());
+    let doc_b64 = mailroom::client::b64url_json(&did::legacy_diddoc(&my_did, &key.verkey(), &[], &[]));
+    let request = json!({
+        "@type": "https://didcomm.org/didexchange/1.0/request",
+        "@id": "dx-req",
+        "label": "didexchange-1.0",
+        "did": my_did,
+        "did_doc~attach": { "@id": "d", "mime-type": "application/json", "data": { "base64": doc_b64, "jws": jws::sign_attachment_base64(&doc_b64, &key) } },
+        "~thread": { "pthid": inv.id },
+        "~transport": { "return_route": "all" },
+    });
+    let env = envelope::pack(request.to_string().as_bytes(), &[inv.recipient_key.clone()], Some(&key)).unwrap();
+    let (st, body) = post_raw(&n.public_url(), "application/didcomm-envelope-enc", env).await;
+    assert_eq!(st, 200, "{body}");
+    let b = Agent::from_parts(key, my_did, inv.recipient_key.clone(), n.public_url());
+    let (resp, _) = b.unpack(body.as_bytes()).unwrap();
+    assert_eq!(resp["@type"], "https://didcomm.org/didexchange/1.0/response");
+    assert_eq!(resp["~thread"]["thid"], "dx-req");
+    assert_eq!(resp["~thread"]["pthid"], inv.id.as_str());
+    let att = &resp["did_doc~attach"]["data"];
+    let signer = jws::verify_attachment_base64(att["base64"].as_str().unwrap(), &att["jws"]).unwrap();
+    assert_eq!(signer, inv.recipient_key);
+    let doc_json: Value =
+        serde_json::from_slice(&mailroom::protocols::decode_b64_any(att["base64"].as_str().unwrap()).unwrap()).unwrap();
+    let doc = did::resolve(resp["did"].as_str().unwrap(), Some(&doc_json)).unwrap();
+    assert_eq!(doc.recipient_keys, vec![inv.recipient_key.clone()]);
+    let pong = b
+        .request(&json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "p", "~transport": {"return_route": "all"}}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(type_name(&pong), "ping_response");
+}

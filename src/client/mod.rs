@@ -167,6 +167,22 @@ impl Agent {
         Ok(a)
     }
 
+    /// An agent already connected by other means (a hand-made exchange in tests): our DID key,
+    /// our DID, the mediator's key and HTTP endpoint.
+    pub fn from_parts(key: KeyPair, did: String, mediator_verkey: String, endpoint: String) -> Agent {
+        let mut keyring = HashMap::new();
+        keyring.insert(key.verkey(), key.clone());
+        Agent {
+            key,
+            did,
+            mediator_verkey,
+            endpoint,
+            grant: None,
+            keyring,
+            timeout: Duration::from_secs(20),
+        }
+    }
+
     pub fn with_timeout(mut self, t: Duration) -> Agent {
         self.timeout = t;
         self

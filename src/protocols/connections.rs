@@ -1,7 +1,7 @@
 //! connections 1.0, responder side (RFC 0160): request -> response with a signed
 //! `connection~sig` holding the mediator's legacy DID and DID document.
 
-use super::didexchange::{legacy_did, new_connection};
+use super::didexchange::new_connection;
 use super::{HandleError, Inbound, Mediator, Outcome};
 use crate::didcomm::{did, jws};
 use serde_json::json;
@@ -19,7 +19,7 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
         return Err(HandleError::BadMessage(format!("{their_did} has no recipient keys")));
     }
     let mut conn = new_connection(m, ctx, "connections/1.0", their_did, &doc);
-    let ours = legacy_did(&m.keys.did_key.public_bytes());
+    let ours = did::legacy_did_from_verkey(&m.keys.did_key.public_bytes());
     let our_doc = did::legacy_diddoc(
         &ours,
         &m.keys.did_key.verkey(),

@@ -104,7 +104,7 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     }
     if version == "1.0" {
         // 1.0 peers expect a DID with its document attached and signed.
-        let legacy = legacy_did(&m.keys.did_key.public_bytes());
+        let legacy = did::legacy_did_from_verkey(&m.keys.did_key.public_bytes());
         let doc = did::legacy_diddoc(
             &legacy,
             &m.keys.did_key.verkey(),
@@ -155,11 +155,6 @@ pub async fn complete(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleErro
         connection: Some(conn),
         ..Outcome::default()
     })
-}
-
-/// An unqualified (Indy-style) DID: base58 of the first 16 bytes of the verkey.
-pub(crate) fn legacy_did(verkey: &[u8; 32]) -> String {
-    bs58::encode(&verkey[..16]).into_string()
 }
 
 fn short(did: &str) -> &str {
