@@ -594,7 +594,7 @@ async fn connections_1_0_and_didexchange_1_0_with_legacy_dids() {
         "connection": { "DID": my_did, "DIDDoc": did::legacy_diddoc(&my_did, &key.verkey(), &[], &[]) },
         "~transport": { "return_route": "all" },
     });
-    let env = envelope::pack(request.to_string().as_bytes(), &[inv.recipient_key.clone()], Some(&key)).unwrap();
+    let env = envelope::pack(request.to_string().as_bytes(), std::slice::from_ref(&inv.recipient_key), Some(&key)).unwrap();
     let (st, body) = post_raw(&n.public_url(), "application/ssi-agent-wire", env).await;
     assert_eq!(st, 200, "{body}");
     let a = Agent::from_parts(key.clone(), my_did.clone(), inv.recipient_key.clone(), n.public_url());
@@ -625,7 +625,7 @@ async fn connections_1_0_and_didexchange_1_0_with_legacy_dids() {
         "~thread": { "pthid": inv.id },
         "~transport": { "return_route": "all" },
     });
-    let env = envelope::pack(request.to_string().as_bytes(), &[inv.recipient_key.clone()], Some(&key)).unwrap();
+    let env = envelope::pack(request.to_string().as_bytes(), std::slice::from_ref(&inv.recipient_key), Some(&key)).unwrap();
     let (st, body) = post_raw(&n.public_url(), "application/didcomm-envelope-enc", env).await;
     assert_eq!(st, 200, "{body}");
     let b = Agent::from_parts(key, my_did, inv.recipient_key.clone(), n.public_url());
