@@ -161,12 +161,18 @@ class CredoAgent:
         if pickup:
             argv += ["--pickup", pickup]
         self.name = name
+        self.control = None
+        self.ready_timeout = ready_timeout
+        self._t0 = time.monotonic()
         self.proc = Proc(name, argv, workdir, cwd=str(CREDO_DIR))
-        t0 = time.monotonic()
-        line = self.proc.wait_line("READY ", ready_timeout)
-        self.ready_s = time.monotonic() - t0
-        info = json.loads(line[len("READY "):])
-        self.control = info["control"]
+
+    def wait_ready(self) -> "CredoAgent":
+        """Waits for the READY line (a mediatee prints it once mediation is granted)."""
+        if self.control is None:
+            line = self.proc.wait_line("READY ", self.ready_timeout)
+            self.ready_s = time.monotonic() - self._t0
+            self.control = json.loads(line[len("READY "):])["control"]
+        return self
 
     def call(self, method: str, path: str, body=None, timeout: float = 60.0):
         try:
@@ -210,7 +216,7 @@ class CredoAgent:
         return self.call("POST", "/agent/start", {}, timeout=60)
 
     def close(self):
-        if self.proc.alive():
+        if self.proc.alive() and self.control:
             try:
                 http_json("POST", self.control + "/exit", {}, timeout=5)
             except StepError:
@@ -297,15 +303,17 @@ class AcaPy:
             argv += ["--inbound-transport", "ws", LOOPBACK, str(self.ws_port), "--outbound-transport", "ws"]
         argv += extra_args or []
         # ACAPY_HOME puts the askar sqlite wallet in the scenario's temp dir, not ~/.acapy_agent.
+        self.ready_timeout = ready_timeout
+        self.ready_s = None
+        self._t0 = time.monotonic()
         self.proc = Proc(name, argv, workdir, env={"ACAPY_HOME": str(home)})
-        t0 = time.monotonic()
-        try:
-            wait_until(lambda: self.proc.alive() and self._ready() or self._check_alive(),
-                       ready_timeout, f"{name} admin /status/ready", every=0.3)
-        except StepError:
-            self.close()
-            raise
-        self.ready_s = time.monotonic() - t0
+
+    def wait_ready(self) -> "AcaPy":
+        if self.ready_s is None:
+            wait_until(lambda: (self.proc.alive() and self._ready()) or self._check_alive(),
+                       self.ready_timeout, f"{self.name} admin /status/ready", every=0.3)
+            self.ready_s = time.monotonic() - self._t0
+        return self
 
     def _check_alive(self):
         if not self.proc.alive():
