@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,7 +38,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_json(method: str, url: str, body=None, timeout: float = 30.0, ok=(200,)):
+def http_json(method: str, url: str, body=None, timeout: float = 30.0, ok=range(200, 300)):
     """A JSON request; returns the decoded body. Raises StepError with the server's text."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
@@ -128,6 +129,14 @@ class Proc:
             if t.strip():
                 parts.append(f"[{p.name}] {t}")
         return " | ".join(parts).replace("\n", "\n    ")
+
+    def last_error(self) -> str:
+        """The last line of stderr that names an error or exception (a short FAIL reason)."""
+        lines = tail(self.err, 400).splitlines()
+        for line in reversed(lines):
+            if re.search(r"(Error|Exception)\b.*:|\bERROR\b", line):
+                return line.strip()[:400]
+        return lines[-1].strip()[:400] if lines else ""
 
     def stop(self, grace: float = 10.0):
         if self.alive():
@@ -364,7 +373,8 @@ class AcaPy:
             except StepError:
                 pass
             raise StepError(f"{e}; state={c.get('state')} rfc23={c.get('rfc23_state')} "
-                            f"error={c.get('error_msg')}; log: {self.proc.logs(8)}") from e
+                            f"error={c.get('error_msg')}; last error in {self.name}'s log: "
+                            f"{self.proc.last_error()}") from e
 
     def wait_connection_for_invitation(self, invi_msg_id: str, timeout: float = 30.0) -> dict:
         def find():
