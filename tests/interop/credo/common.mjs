@@ -14,8 +14,8 @@ export const LOOPBACK = '127.0.0.1'
 /** Credo's log level from INTEROP_LOG (error by default: the harness prints its own lines). */
 export function makeLogger() {
   const name = (process.env.INTEROP_LOG || 'error').toLowerCase()
-  const levels = { test: LogLevel.Test, trace: LogLevel.Trace, debug: LogLevel.Debug, info: LogLevel.Info, warn: LogLevel.Warn, error: LogLevel.Error, off: LogLevel.Off }
-  return new ConsoleLogger(levels[name] ?? LogLevel.Error)
+  const level = LogLevel[name]
+  return new ConsoleLogger(typeof level === 'number' ? level : LogLevel.error)
 }
 
 /** Listens on 127.0.0.1 with an OS-chosen port (or `port`); resolves once bound. */
