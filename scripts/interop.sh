@@ -72,7 +72,13 @@ wait_http() {
     sleep 0.2
   done
 }
-show_med_log() { say "mediator log (last 40 lines):"; tail -n 40 "$WORK/mediator.log" | sed 's/^/    /'; }
+show_med_log() {
+  # Distinct lines (timestamps dropped) in order of first appearance, with repeat counts, so a
+  # message loop shows as one line and the line that started it stays visible.
+  say "mediator log (distinct lines of the last 3000, with counts; full log in $WORK/mediator.log):"
+  tail -n 3000 "$WORK/mediator.log" | sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^[0-9]\{4\}-[0-9-]*T[0-9:.]*Z *//' \
+    | awk '{ if (!($0 in n)) order[++k] = $0; n[$0]++ } END { s = (k > 40) ? k - 39 : 1; for (i = s; i <= k; i++) printf "    %5dx %s\n", n[order[i]], substr(order[i], 1, 380) }'
+}
 
 PORT=$(free_port); ADMIN_PORT=$(free_port); CLUSTER_PORT=$(free_port)
 RUN_ARGS=()
@@ -103,7 +109,7 @@ listen = "127.0.0.1:$PORT"
 cluster = "127.0.0.1:$CLUSTER_PORT"
 admin = "127.0.0.1:$ADMIN_PORT"
 EOF
-    "$BIN" run --config "$WORK/cluster.toml" --node n1 >"$WORK/mediator.log" 2>&1 &
+    NO_COLOR=1 "$BIN" run --config "$WORK/cluster.toml" --node n1 >"$WORK/mediator.log" 2>&1 &
     MED_PID=$!
     wait_http "http://127.0.0.1:$ADMIN_PORT/ready" 60 || { show_med_log; fail_setup "mailroom did not become ready"; }
     RUN_ARGS=(--mediator-url "http://127.0.0.1:$PORT" --admin-url "http://127.0.0.1:$ADMIN_PORT")

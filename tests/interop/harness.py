@@ -138,6 +138,28 @@ class Proc:
                 return line.strip()[:400]
         return lines[-1].strip()[:400] if lines else ""
 
+    def credo_errors(self, limit: int = 3) -> list[str]:
+        """Distinct Credo `ERROR:` headlines from stderr, each with the first validation detail
+        that follows it (Credo logs the cause as multi-line JSON)."""
+        out: list[str] = []
+        lines = tail(self.err, 2000).splitlines()
+        for i, line in enumerate(lines):
+            if not line.startswith("ERROR: "):
+                continue
+            head = line[len("ERROR: "):].rstrip(" {")
+            detail = ""
+            for nxt in lines[i + 1:i + 12]:
+                m = re.search(r"(property [^\\]*constraints: [^\\]*)", nxt)
+                if m:
+                    detail = f" ({m.group(1).strip()})"
+                    break
+            entry = head + detail
+            if entry not in out:
+                out.append(entry)
+            if len(out) >= limit:
+                break
+        return out
+
     def stop(self, grace: float = 10.0):
         if self.alive():
             try:

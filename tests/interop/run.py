@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -42,6 +43,15 @@ def log(msg: str):
         print(f"  .. {msg}", flush=True)
 
 
+@contextlib.contextmanager
+def step(what: str):
+    """Names the step in a failure: 'mediatee creates its invitation: <error>'."""
+    try:
+        yield
+    except StepError as e:
+        raise StepError(f"{what}: {e}") from e
+
+
 def decode_invitation(url: str) -> dict:
     """The invitation JSON carried in an `oob=` (or legacy `c_i=`) URL parameter."""
     q = urllib.parse.parse_qs(urllib.parse.urlparse(url).query)
@@ -61,6 +71,7 @@ class Ctx:
         self.count = args.count
         self.acapy_bin = args.acapy_bin
         self._cleanup = []
+        self.owned = []
         self.timed_out = False
         self._lock = threading.Lock()
 
@@ -83,6 +94,7 @@ class Ctx:
         """Registers a process wrapper to be closed when the scenario ends."""
         with self._lock:
             self._cleanup.append(thing)
+            self.owned.append(thing)
         if self.timed_out:
             self.close_all()
         return thing
@@ -117,12 +129,15 @@ def connect_credo_sender_to_mediatee(sender: CredoAgent, mediatee: CredoAgent) -
     """The mediatee invites (its DIDs route through the mediator), the sender accepts.
     Returns the sender's connection id and the seconds it took until both sides completed."""
     t0 = time.monotonic()
-    inv = mediatee.create_invitation()
+    with step("mediatee creates an invitation routed through the mediator (keylist-update)"):
+        inv = mediatee.create_invitation()
     svc = (inv["invitation"].get("services") or [{}])[0]
     if isinstance(svc, dict) and not svc.get("routingKeys"):
         raise StepError(f"mediatee invitation has no routingKeys (not routed through the mediator): {svc}")
-    conn = sender.receive_invitation(inv["invitationUrl"], timeout=30)
-    mediatee.wait_connection(inv["outOfBandId"], timeout=30)
+    with step("sender connects to the mediatee through the mediator (DID exchange)"):
+        conn = sender.receive_invitation(inv["invitationUrl"], timeout=30)
+    with step("mediatee completes the DID exchange"):
+        mediatee.wait_connection(inv["outOfBandId"], timeout=30)
     return conn, time.monotonic() - t0
 
 
@@ -142,8 +157,10 @@ def scenario_pickup(ctx: Ctx, strategy: str) -> str:
     wd = ctx.workdir(f"s1-{strategy}")
     mediatee = ctx.mediatee(wd, f"mediatee-{strategy}", strategy)
     sender = ctx.sender(wd)
-    sender.wait_ready()
-    mediatee.wait_ready()
+    with step("sender starts"):
+        sender.wait_ready()
+    with step("mediatee starts (connects to the mediator, mediation granted)"):
+        mediatee.wait_ready()
     log(f"agents ready: sender {sender.ready_s:.1f}s, mediatee (mediation granted) {mediatee.ready_s:.1f}s")
     conn, conn_s = connect_credo_sender_to_mediatee(sender, mediatee)
     log(f"connected in {conn_s:.1f}s")
@@ -167,15 +184,18 @@ def scenario_offline(ctx: Ctx) -> str:
     wd = ctx.workdir("s2-offline")
     mediatee = ctx.mediatee(wd, "mediatee-offline", "PickUpV2LiveMode")
     sender = ctx.sender(wd)
-    sender.wait_ready()
-    mediatee.wait_ready()
+    with step("sender starts"):
+        sender.wait_ready()
+    with step("mediatee starts (connects to the mediator, mediation granted)"):
+        mediatee.wait_ready()
     conn, _ = connect_credo_sender_to_mediatee(sender, mediatee)
     # Online first: one message proves the live path before the mediatee goes away.
     sender.send(conn, 1, "s2-warmup")
     warm = mediatee.wait_received("s2-warmup", 1, timeout=20)
     if warm["unique"] < 1:
         raise StepError("mediatee did not receive the warm-up message while online")
-    mediatee.stop_agent()
+    with step("mediatee shuts its agent down"):
+        mediatee.stop_agent()
     log("mediatee offline (agent shut down, wallet kept)")
     prefix = "s2-offline"
     sent = sender.send(conn, n, prefix, timeout=90)
@@ -185,7 +205,8 @@ def scenario_offline(ctx: Ctx) -> str:
     if early["total"]:
         raise StepError(f"mediatee got {early['total']} messages while its agent was shut down")
     t0 = time.monotonic()
-    started = mediatee.start_agent()
+    with step("mediatee restarts on the same wallet"):
+        started = mediatee.start_agent()
     log(f"mediatee back online in {started.get('ms', 0) / 1000:.1f}s")
     got = mediatee.wait_received(prefix, n, timeout=90)
     deliver_s = time.monotonic() - t0
@@ -201,8 +222,10 @@ def scenario_acapy_sender(ctx: Ctx) -> str:
     wd = ctx.workdir("s3-acapy-sender")
     mediatee = ctx.mediatee(wd, "mediatee-acapy", "PickUpV2LiveMode")
     aca = ctx.acapy(wd, "acapy-sender")
-    mediatee.wait_ready()
-    aca.wait_ready()
+    with step("mediatee starts (connects to the mediator, mediation granted)"):
+        mediatee.wait_ready()
+    with step("ACA-Py starts"):
+        aca.wait_ready()
     log(f"acapy ready in {aca.ready_s:.1f}s")
     inviter = ctx.args.s3_inviter
     t0 = time.monotonic()
@@ -221,8 +244,10 @@ def scenario_acapy_sender(ctx: Ctx) -> str:
     else:
         # ACA-Py invites; the mediatee (requester) publishes a DID that routes through the mediator.
         inv = aca.create_invitation()
-        mediatee.receive_invitation(inv["invitation_url"], timeout=30)
-        aca_conn = aca.wait_connection_for_invitation(inv["invi_msg_id"], timeout=30)["connection_id"]
+        with step("mediatee accepts ACA-Py's invitation (DID exchange, its DID routed through the mediator)"):
+            mediatee.receive_invitation(inv["invitation_url"], timeout=30)
+        with step("ACA-Py completes the DID exchange"):
+            aca_conn = aca.wait_connection_for_invitation(inv["invi_msg_id"], timeout=30)["connection_id"]
     log(f"connected ({inviter} invited) in {time.monotonic() - t0:.1f}s")
     prefix = "s3-acapy"
     t0 = time.monotonic()
@@ -243,11 +268,14 @@ def scenario_acapy_mediatee(ctx: Ctx) -> str:
     wd = ctx.workdir("s4-acapy-mediatee")
     aca = ctx.acapy(wd, "acapy-mediatee")
     sender = ctx.sender(wd)
-    aca.wait_ready()
-    sender.wait_ready()
+    with step("ACA-Py starts"):
+        aca.wait_ready()
+    with step("sender starts"):
+        sender.wait_ready()
     t0 = time.monotonic()
     invitation, note = acapy_compatible(ctx.invitation)
-    oob = aca.receive_invitation(invitation)
+    with step("ACA-Py receives the mediator's invitation"):
+        oob = aca.receive_invitation(invitation)
     med_conn = oob.get("connection_id")
     if not med_conn:
         raise StepError(f"ACA-Py made no connection from the mediator's invitation: {json.dumps(oob)[:300]}")
@@ -274,9 +302,11 @@ def scenario_acapy_mediatee(ctx: Ctx) -> str:
     svc = (inv["invitation"].get("services") or [{}])[0]
     if isinstance(svc, dict) and not svc.get("routingKeys"):
         raise StepError(f"ACA-Py's invitation does not route through the mediator: {svc}")
-    sender.receive_invitation(inv["invitation_url"], timeout=30)
+    with step("sender connects to ACA-Py through the mediator (DID exchange)"):
+        sender.receive_invitation(inv["invitation_url"], timeout=30)
     conn = [c for c in sender.status()["connections"] if c["theirLabel"] == "acapy-mediatee"]
-    aca.wait_connection_for_invitation(inv["invi_msg_id"], timeout=30)
+    with step("ACA-Py completes the DID exchange"):
+        aca.wait_connection_for_invitation(inv["invi_msg_id"], timeout=30)
     if not conn:
         raise StepError("sender has no connection to ACA-Py")
     prefix = "s4-to-acapy"
@@ -416,6 +446,15 @@ def main() -> int:
             reason, ok = f"harness error {type(e).__name__}: {e}\n{traceback.format_exc()}", False
         finally:
             ctx.close_all()
+        if not ok:
+            said = []
+            for t in ctx.owned:
+                if isinstance(t, CredoAgent):
+                    errs = t.proc.credo_errors()
+                    if errs:
+                        said.append(f"{t.name} logged: " + " | ".join(errs))
+            if said:
+                reason += "\n    " + "\n    ".join(said)
         dt = time.monotonic() - t0
         if ok:
             passed += 1
