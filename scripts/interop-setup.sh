@@ -111,12 +111,18 @@ find_python() {
   return 1
 }
 VENV=$CACHE/acapy-$ACAPY_VERSION
+ACAPY_BIN=$VENV/bin/aca-py
 if [ ! -x "$VENV/bin/aca-py" ] || ! "$VENV/bin/python" -c 'import acapy_agent' 2>/dev/null; then
-  py=$(find_python) || { log "Python 3.13 or 3.12 is needed for acapy-agent $ACAPY_VERSION (set INTEROP_PYTHON)"; exit 1; }
-  log "creating the ACA-Py $ACAPY_VERSION venv with $("$py" --version) in $VENV"
-  rm -rf "$VENV"
-  run venv "$py" -m venv "$VENV"
-  run pip bash -c "'$VENV/bin/pip' install -q --disable-pip-version-check 'acapy-agent==$ACAPY_VERSION'"
+  if py=$(find_python); then
+    log "creating the ACA-Py $ACAPY_VERSION venv with $("$py" --version) in $VENV"
+    rm -rf "$VENV"
+    run venv "$py" -m venv "$VENV"
+    run pip bash -c "'$VENV/bin/pip' install -q --disable-pip-version-check 'acapy-agent==$ACAPY_VERSION'"
+  else
+    # The Credo scenarios can still run; the ACA-Py ones fail saying why.
+    log "WARNING: no Python 3.13/3.12 found (set INTEROP_PYTHON); ACA-Py $ACAPY_VERSION is not installed"
+    ACAPY_BIN=
+  fi
 fi
 
-echo "LIB_ASKAR_PATH=$ASKAR_DIR ACAPY_BIN=$VENV/bin/aca-py"
+echo "LIB_ASKAR_PATH=$ASKAR_DIR ACAPY_BIN=$ACAPY_BIN"

@@ -56,7 +56,8 @@ env_line=$(printf '%s\n' "$setup_out" | tail -n1)
 LIB_ASKAR_PATH=$(printf '%s' "$env_line" | sed -n 's/.*LIB_ASKAR_PATH=\([^ ]*\).*/\1/p')
 ACAPY_BIN=$(printf '%s' "$env_line" | sed -n 's/.*ACAPY_BIN=\([^ ]*\).*/\1/p')
 export LIB_ASKAR_PATH ACAPY_BIN
-PY=$(dirname "$ACAPY_BIN")/python
+# The scenario runner needs only the standard library: the ACA-Py venv's Python, else python3.
+if [ -n "$ACAPY_BIN" ]; then PY=$(dirname "$ACAPY_BIN")/python; else PY=$(command -v python3); fi
 say "setup ready in $(( $(date +%s) - T_START ))s"
 
 
@@ -122,6 +123,7 @@ EOF
     RUN_ARGS=(--mediator-url "http://127.0.0.1:$PORT" --admin-url "http://127.0.0.1:$ADMIN_PORT")
     ;;
   acapy)
+    [ -n "$ACAPY_BIN" ] || fail_setup "ACA-Py is not installed (no Python 3.13/3.12)"
     WS_PORT=$(free_port)
     mkdir -p "$WORK/acapy-home"
     ACAPY_HOME="$WORK/acapy-home" "$ACAPY_BIN" start --label acapy-mediator \

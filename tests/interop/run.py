@@ -121,7 +121,8 @@ class Ctx:
 
     def acapy(self, wd: Path, name: str, extra=None) -> AcaPy:
         if not self.acapy_bin:
-            raise StepError("no ACA-Py binary (--acapy-bin / ACAPY_BIN)")
+            raise StepError("ACA-Py is not installed: scripts/interop-setup.sh found no Python 3.13/3.12 "
+                            "(set INTEROP_PYTHON, or ACAPY_BIN / --acapy-bin)")
         return self.own(AcaPy(name, wd, self.acapy_bin, extra_args=extra))
 
 
