@@ -8,7 +8,8 @@
 # Knobs: INTEROP_STRATEGY (QueueAndLiveModeDelivery | QueueOnly | DirectDelivery),
 # INTEROP_SCENARIOS (comma-separated name prefixes, e.g. s1-PickUpV2,s3), INTEROP_COUNT (20),
 # INTEROP_OFFLINE_COUNT (100), INTEROP_VERBOSE=1, INTEROP_KEEP=1 (keep the temp dir),
-# INTEROP_NO_SKIP=1 (also run what a reference mediator is known not to pass),
+# INTEROP_NO_SKIP=1 (also run what a reference mediator is known not to pass), INTEROP_REPEAT=N,
+# INTEROP_LOG=error|warn|info|debug (Credo agents' log level; their logs stay in the work dir),
 # MAILROOM_CACHE (where the askar library and the ACA-Py venv are cached).
 #
 # Installs what it needs (scripts/interop-setup.sh, idempotent), picks free ports on 127.0.0.1,

@@ -86,8 +86,12 @@ class Ctx:
         self._watchdog.start()
 
     def workdir(self, name: str) -> Path:
-        d = self.root / name
-        d.mkdir(parents=True, exist_ok=True)
+        """A new directory per scenario run (a repeat never reuses a wallet)."""
+        d, i = self.root / name, 1
+        while d.exists():
+            i += 1
+            d = self.root / f"{name}-{i}"
+        d.mkdir(parents=True)
         return d
 
     def own(self, thing):
@@ -355,8 +359,9 @@ SCENARIOS = [
 
 
 def known_limit(mediator: str, strategy: str, name: str) -> str | None:
-    """Why a reference mediator cannot pass a scenario (then it is skipped, not failed).
-    mailroom has no entry: against it every scenario runs."""
+    """Why a mediator cannot pass a scenario (then it is skipped, not failed): the reference
+    mediators' known gaps, and what a delivery strategy rules out by definition. mailroom has no
+    entry of its own: under its default strategy every scenario runs."""
     if mediator == "credo":
         if name == "s4-acapy-mediatee":
             return ("Credo 0.6.3's DID-exchange responder omits ~thread.pthid, so ACA-Py 1.7 cannot connect to it "
@@ -364,6 +369,8 @@ def known_limit(mediator: str, strategy: str, name: str) -> str | None:
         if name == "s1-Implicit" and strategy != "DirectDelivery":
             return ("Credo 0.6.3's mediator pushes to an implicit (return-route) socket only under DirectDelivery; "
                     "run with INTEROP_STRATEGY=DirectDelivery")
+    if strategy == "QueueOnly" and name == "s1-Implicit":
+        return "QueueOnly never pushes, and implicit pickup only receives what is pushed"
     if mediator == "acapy" and name != "s1-Implicit" and name != "s4-acapy-mediatee":
         return "ACA-Py 1.7 has no pickup protocol (implicit return-route only)"
     return None
@@ -379,6 +386,8 @@ def main() -> int:
     ap.add_argument("--acapy-bin", default=os.environ.get("ACAPY_BIN"))
     ap.add_argument("--scenarios", default=os.environ.get("INTEROP_SCENARIOS", ""),
                     help="comma-separated name prefixes (default: all)")
+    ap.add_argument("--repeat", type=int, default=int(os.environ.get("INTEROP_REPEAT", "1")),
+                    help="run the selected scenarios this many times (to catch intermittent races)")
     ap.add_argument("--count", type=int, default=int(os.environ.get("INTEROP_COUNT", "20")))
     ap.add_argument("--offline-count", type=int, default=int(os.environ.get("INTEROP_OFFLINE_COUNT", "100")))
     ap.add_argument("--polling-ms", type=int, default=1000, help="mediatee polling interval (PickUpV2, PickUpV1)")
@@ -419,7 +428,12 @@ def main() -> int:
         invitation = decode_invitation(invitation_url)
 
     wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    chosen = [(n, f) for n, f in SCENARIOS if not wanted or any(n.startswith(w) for w in wanted)]
+    names = {n for n, _ in SCENARIOS}
+
+    def selected(n: str) -> bool:
+        # A full scenario name selects only that scenario; anything else is a name prefix.
+        return not wanted or any(n == w or (w not in names and n.startswith(w)) for w in wanted)
+    chosen = [(n, f) for n, f in SCENARIOS if selected(n)] * max(1, args.repeat)
     root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mailroom-interop-"))
     root.mkdir(parents=True, exist_ok=True)
     print(f"interop: {len(chosen)} scenarios against {args.mediator_name} ({invitation_url[:60]}...), work dir {root}",
