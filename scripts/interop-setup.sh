@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Installs the real peers that tests/interop drives, from package registries only:
+#   - Credo 0.6.3 (Node 20) in tests/interop/credo/node_modules, from the committed lockfile;
+#   - libaries_askar.so 0.4.6, built from the crates.io crate (the npm wrapper's own
+#     download reaches GitHub, which these machines cannot);
+#   - a Python 3.13/3.12 venv with acapy-agent 1.7.0.
+# The askar library and the venv live in a cache outside the repo
+# (${MAILROOM_CACHE:-$HOME/.cache/mailroom}) and are reused; every step is skipped when its
+# result is already there, so running this twice is cheap. Output is quiet unless a step fails
+# (then its log is printed). Set INTEROP_VERBOSE=1 to see everything.
+#
+# Prints, as its last line on success, the environment the scenarios need:
+#   LIB_ASKAR_PATH=... ACAPY_BIN=...
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${MAILROOM_CACHE:-$HOME/.cache/mailroom}
+ASKAR_VERSION=0.4.6
+ACAPY_VERSION=1.7.0
+ASKAR_DIR=$CACHE/askar-$ASKAR_VERSION
+CREDO_DIR=$ROOT/tests/interop/credo
+mkdir -p "$CACHE"
+
+log() { echo "[interop-setup] $*" >&2; }
+
+# run NAME CMD...: runs CMD with its output in a log file; prints the log only on failure.
+run() {
+  local name=$1; shift
+  local logf="$CACHE/setup-$name.log"
+  if [ "${INTEROP_VERBOSE:-0}" = 1 ]; then
+    "$@" 2>&1 | tee "$logf"; return "${PIPESTATUS[0]}"
+  fi
+  if ! "$@" >"$logf" 2>&1; then
+    log "step '$name' failed: $*"; tail -n 60 "$logf" >&2; return 1
+  fi
+}
+
+# ---------------------------------------------------------------------------- askar
+build_askar() {
+  local work; work=$(mktemp -d "$CACHE/askar-build.XXXXXX")
+  # A throwaway crate depending on aries-askar so cargo fetches exactly that version.
+  mkdir -p "$work/probe/src"
+  cat >"$work/probe/Cargo.toml" <<EOF
+[package]
+name = "askar-probe"
+version = "0.0.0"
+edition = "2021"
+publish = false
+[dependencies]
+aries-askar = "=$ASKAR_VERSION"
+[workspace]
+EOF
+  : >"$work/probe/src/lib.rs"
+  (cd "$work/probe" && cargo fetch -q) || return 1
+  local src
+  src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/aries-askar-$ASKAR_VERSION 2>/dev/null | head -n1)
+  [ -n "$src" ] || { log "aries-askar-$ASKAR_VERSION source not found after cargo fetch"; return 1; }
+  cp -r "$src" "$work/askar"
+  chmod -R u+w "$work/askar"
+  # The published crate ships no lockfile: use the probe's (same dependency graph, resolved once).
+  local locked=()
+  if [ -f "$work/askar/Cargo.lock" ]; then locked=(--locked); fi
+  (cd "$work/askar" && CARGO_TARGET_DIR="$work/target" cargo build --release --lib "${locked[@]}") || return 1
+  mkdir -p "$ASKAR_DIR"
+  cp "$work/target/release/libaries_askar.so" "$ASKAR_DIR/libaries_askar.so.tmp"
+  mv "$ASKAR_DIR/libaries_askar.so.tmp" "$ASKAR_DIR/libaries_askar.so"
+  rm -rf "$work"
+}
+
+if [ ! -s "$ASKAR_DIR/libaries_askar.so" ]; then
+  command -v cargo >/dev/null || { log "cargo is needed to build libaries_askar.so"; exit 1; }
+  log "building libaries_askar.so $ASKAR_VERSION from crates.io (2-5 min, once; cached in $ASKAR_DIR)"
+  run askar build_askar
+fi
+
+# ---------------------------------------------------------------------------- credo (node)
+command -v node >/dev/null || { log "node (20.x) is needed"; exit 1; }
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+[ "$node_major" -ge 18 ] || { log "node >= 18 needed, found $(node --version)"; exit 1; }
+
+lock_sum=$( (cat "$CREDO_DIR/package.json" "$CREDO_DIR/package-lock.json"; node --version) | sha256sum | cut -c1-16)
+stamp=$CREDO_DIR/node_modules/.interop-stamp
+if [ "$(cat "$stamp" 2>/dev/null)" != "$lock_sum" ]; then
+  log "installing Credo 0.6.3 from the lockfile"
+  # --ignore-scripts: askar-nodejs's install script downloads its binary from GitHub.
+  run npm-ci bash -c "cd '$CREDO_DIR' && npm ci --ignore-scripts --no-audit --no-fund"
+  # Compile the ffi addons against the local node headers (no header download).
+  nodedir=/usr
+  [ -f /usr/include/node/node.h ] || nodedir=$(dirname "$(dirname "$(command -v node)")")
+  run npm-rebuild bash -c "cd '$CREDO_DIR' && npm_config_nodedir='$nodedir' npm rebuild @2060.io/ref-napi @2060.io/ffi-napi"
+  echo "$lock_sum" >"$stamp"
+fi
+# Point the wrapper at the cached library, and stop any later install from downloading it.
+native=$CREDO_DIR/node_modules/@openwallet-foundation/askar-nodejs/native
+mkdir -p "$native"
+ln -sf "$ASKAR_DIR/libaries_askar.so" "$native/libaries_askar.so"
+echo "{\"version\":\"v$ASKAR_VERSION\"}" >"$native/version.json"
+
+# ---------------------------------------------------------------------------- acapy (python)
+find_python() {
+  local c
+  for c in "${INTEROP_PYTHON:-}" "$HOME/.pyenv/versions/3.13.0/bin/python3" \
+           $(ls -d "$HOME"/.pyenv/versions/3.13*/bin/python3 "$HOME"/.pyenv/versions/3.12*/bin/python3 2>/dev/null) \
+           python3.13 python3.12 python3; do
+    [ -n "$c" ] || continue
+    c=$(command -v "$c" 2>/dev/null) || continue
+    if "$c" -c 'import sys; sys.exit(0 if sys.version_info[:2] in ((3,13),(3,12)) else 1)' 2>/dev/null; then
+      echo "$c"; return 0
+    fi
+  done
+  return 1
+}
+VENV=$CACHE/acapy-$ACAPY_VERSION
+ACAPY_BIN=$VENV/bin/aca-py
+if [ ! -x "$VENV/bin/aca-py" ] || ! "$VENV/bin/python" -c 'import acapy_agent' 2>/dev/null; then
+  if py=$(find_python); then
+    log "creating the ACA-Py $ACAPY_VERSION venv with $("$py" --version) in $VENV"
+    rm -rf "$VENV"
+    run venv "$py" -m venv "$VENV"
+    run pip bash -c "'$VENV/bin/pip' install -q --disable-pip-version-check 'acapy-agent==$ACAPY_VERSION'"
+  else
+    # The Credo scenarios can still run; the ACA-Py ones fail saying why.
+    log "WARNING: no Python 3.13/3.12 found (set INTEROP_PYTHON); ACA-Py $ACAPY_VERSION is not installed"
+    ACAPY_BIN=
+  fi
+fi
+
+echo "LIB_ASKAR_PATH=$ASKAR_DIR ACAPY_BIN=$ACAPY_BIN"
