@@ -430,6 +430,15 @@ async fn bad_inputs_get_clear_errors_and_the_node_keeps_serving() {
         .unwrap();
     assert_eq!(type_name(&pr), "problem-report");
     assert_eq!(pr["~thread"]["thid"], "u1");
+    // A problem report, of any family, is never answered (no report ping-pong).
+    let none = a
+        .request(
+            &json!({"@type": "https://didcomm.org/notification/1.0/problem-report", "@id": "pr1",
+            "description": {"code": "message-parse-failure", "en": "x"}, "~transport": {"return_route": "all"}}),
+        )
+        .await
+        .unwrap();
+    assert!(none.is_none(), "{none:?}");
 
     // Oversized body: 413.
     let (st, _) = post_raw(&url, ct, vec![b'{'; 100 * 1024]).await;
@@ -594,7 +603,12 @@ async fn connections_1_0_and_didexchange_1_0_with_legacy_dids() {
         "connection": { "DID": my_did, "DIDDoc": did::legacy_diddoc(&my_did, &key.verkey(), &[], &[]) },
         "~transport": { "return_route": "all" },
     });
-    let env = envelope::pack(request.to_string().as_bytes(), std::slice::from_ref(&inv.recipient_key), Some(&key)).unwrap();
+    let env = envelope::pack(
+        request.to_string().as_bytes(),
+        std::slice::from_ref(&inv.recipient_key),
+        Some(&key),
+    )
+    .unwrap();
     let (st, body) = post_raw(&n.public_url(), "application/ssi-agent-wire", env).await;
     assert_eq!(st, 200, "{body}");
     let a = Agent::from_parts(key.clone(), my_did.clone(), inv.recipient_key.clone(), n.public_url());
@@ -625,7 +639,12 @@ async fn connections_1_0_and_didexchange_1_0_with_legacy_dids() {
         "~thread": { "pthid": inv.id },
         "~transport": { "return_route": "all" },
     });
-    let env = envelope::pack(request.to_string().as_bytes(), std::slice::from_ref(&inv.recipient_key), Some(&key)).unwrap();
+    let env = envelope::pack(
+        request.to_string().as_bytes(),
+        std::slice::from_ref(&inv.recipient_key),
+        Some(&key),
+    )
+    .unwrap();
     let (st, body) = post_raw(&n.public_url(), "application/didcomm-envelope-enc", env).await;
     assert_eq!(st, 200, "{body}");
     let b = Agent::from_parts(key, my_did, inv.recipient_key.clone(), n.public_url());

@@ -203,9 +203,9 @@ impl Mediator {
             ("routing", "forward") => routing::forward(self, ctx).await,
             ("didexchange", "request") => didexchange::request(self, ctx).await,
             ("didexchange", "complete") => didexchange::complete(self, ctx).await,
-            ("didexchange", "problem_report")
-            | ("connections", "problem_report")
-            | ("report-problem", "problem-report") => problem::received(self, ctx),
+            // Any family's problem report (Credo sends `notification/1.0/problem-report`) is
+            // logged, never answered: answering would ping-pong reports forever.
+            (_, "problem-report") | (_, "problem_report") => problem::received(self, ctx),
             ("connections", "request") => connections::request(self, ctx).await,
             ("out-of-band", "handshake-reuse") => oob::handshake_reuse(self, ctx),
             ("coordinate-mediation", "mediate-request") => mediation::mediate_request(self, ctx).await,

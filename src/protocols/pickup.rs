@@ -75,6 +75,12 @@ pub fn live_delivery(legacy: bool, msgs: &[QueuedMessage]) -> Value {
     })
 }
 
+/// A queue id as it appears in attachments and `message_id_list`: zero-padded to 12 digits,
+/// since Credo validates batch ids against `[-_./a-zA-Z0-9]{8,64}`.
+pub fn external_id(id: i64) -> String {
+    format!("{id:012}")
+}
+
 fn attachment(q: &QueuedMessage) -> Value {
     let data = match serde_json::from_slice::<Value>(&q.payload) {
         Ok(v) => json!({ "json": v }),
@@ -82,7 +88,7 @@ fn attachment(q: &QueuedMessage) -> Value {
             json!({ "base64": base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &q.payload) })
         }
     };
-    json!({ "@id": q.id.to_string(), "lastmod_time": rfc3339_ms(q.received_at_ms), "data": data })
+    json!({ "@id": external_id(q.id), "lastmod_time": rfc3339_ms(q.received_at_ms), "data": data })
 }
 
 async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
@@ -171,7 +177,8 @@ async fn batch_pickup(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<
             .map(|q| {
                 let message = serde_json::from_slice::<Value>(&q.payload)
                     .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&q.payload).into_owned()));
-                json!({ "@id": q.id.to_string(), "message": message })
+                // RFC 0212 names the id `@id`; Credo reads (and validates) `id`: write both.
+                json!({ "@id": external_id(q.id), "id": external_id(q.id), "message": message })
             })
             .collect(),
     );
