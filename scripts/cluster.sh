@@ -16,6 +16,7 @@ CONFIG=${CLUSTER_CONFIG:-cluster.toml}
 RUN=${CLUSTER_RUN:-.cluster}
 BIN=${MAILROOM_BIN:-target/release/mailroom}
 mkdir -p "$RUN"
+RUN=$(cd "$RUN" && pwd)
 
 # node lines: "id listen admin"; and the public listen address of the load balancer
 nodes() {
@@ -65,13 +66,13 @@ write_nginx_conf() {
   while read -r id listen admin; do servers+="    server ${listen} max_fails=1 fail_timeout=2s;"$'\n'; done < <(nodes)
   cat > "$RUN/nginx.conf" <<NGINX
 worker_processes 1;
-pid $PWD/$RUN/nginx.pid;
-error_log $PWD/$RUN/nginx-error.log warn;
+pid $RUN/nginx.pid;
+error_log $RUN/nginx-error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
-  client_body_temp_path $PWD/$RUN/nginx-tmp;
-  proxy_temp_path $PWD/$RUN/nginx-tmp;
+  client_body_temp_path $RUN/nginx-tmp;
+  proxy_temp_path $RUN/nginx-tmp;
   map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
   upstream mailroom {
 $servers  }
@@ -107,16 +108,16 @@ up() {
   ensure_nginx
   write_nginx_conf
   if alive "$RUN/nginx.pid"; then
-    nginx -c "$PWD/$RUN/nginx.conf" -s reload
+    nginx -c "$RUN/nginx.conf" -s reload
   else
-    nginx -c "$PWD/$RUN/nginx.conf"
+    nginx -c "$RUN/nginx.conf"
   fi
   wait_ready "http://$(public_addr)/invitation"
   echo "load balancer: http://$(public_addr)  invitation: http://$(public_addr)/invitation"
 }
 
 down() {
-  if alive "$RUN/nginx.pid"; then nginx -c "$PWD/$RUN/nginx.conf" -s quit || true; fi
+  if alive "$RUN/nginx.pid"; then nginx -c "$RUN/nginx.conf" -s quit || true; fi
   while read -r id listen admin; do
     if alive "$RUN/$id.pid"; then
       pid=$(cat "$RUN/$id.pid")

@@ -15,3 +15,4 @@ if [ "${MAILROOM_SKIP_INTEROP:-}" = "1" ]; then
   exit 0
 fi
 MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/interop.sh
+MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/interop-cluster.sh
