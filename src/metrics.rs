@@ -31,6 +31,8 @@ pub struct Metrics {
     pub sessions: Gauge,
     pub peers_up: Gauge,
     pub queue_depth: Gauge,
+    /// Age of the oldest queued message, seconds (0 when the queue is empty).
+    pub oldest_message_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub notifications_sent: Counter,
     pub notifications_received: Counter,
     pub notifications_failed: Counter,
@@ -59,6 +61,7 @@ impl Metrics {
             sessions: Gauge::default(),
             peers_up: Gauge::default(),
             queue_depth: Gauge::default(),
+            oldest_message_age: Gauge::default(),
             notifications_sent: Counter::default(),
             notifications_received: Counter::default(),
             notifications_failed: Counter::default(),
@@ -104,6 +107,11 @@ impl Metrics {
         );
         registry.register("peers_up", "Cluster peers with a live link", m.peers_up.clone());
         registry.register("queue_depth", "Messages queued in the store", m.queue_depth.clone());
+        registry.register(
+            "oldest_message_age_seconds",
+            "Age of the oldest queued message",
+            m.oldest_message_age.clone(),
+        );
         registry.register(
             "cluster_notifications_sent",
             "Message-queued notifications sent to peers",

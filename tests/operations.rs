@@ -94,6 +94,7 @@ async fn admin_endpoints_show_connections_sessions_and_invitations() {
         "mailroom_delivered_total{path=\"pickup\"}",
         "mailroom_sessions",
         "mailroom_queue_depth",
+        "mailroom_oldest_message_age_seconds",
         "mailroom_forward_seconds_bucket",
         "mailroom_cluster_notifications_sent_total",
     ] {

@@ -316,6 +316,8 @@ pub trait Store: Send + Sync + 'static {
     /// as old. Returns how many messages were deleted.
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64>;
     /// Makes every write so far durable (acks and leases are not flushed one by one).
+    /// When the oldest queued message (leased or not) was received: the queue-age gauge.
+    async fn oldest_received_ms(&self) -> StoreResult<Option<i64>>;
     async fn flush(&self) -> StoreResult<()>;
 }
 

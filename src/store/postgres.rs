@@ -963,6 +963,15 @@ impl Store for PgStore {
         Ok(n)
     }
 
+    async fn oldest_received_ms(&self) -> StoreResult<Option<i64>> {
+        let c = self.client().await?;
+        let r = c
+            .query_one("SELECT min(received_at_ms) FROM mailroom_messages", &[])
+            .await
+            .map_err(pg_err)?;
+        Ok(r.get::<_, Option<i64>>(0))
+    }
+
     async fn flush(&self) -> StoreResult<()> {
         // Every write commits before it returns.
         Ok(())

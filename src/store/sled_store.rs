@@ -1125,6 +1125,15 @@ impl Store for SledStore {
         .await
     }
 
+    async fn oldest_received_ms(&self) -> StoreResult<Option<i64>> {
+        // Memory only; each queue's first entry is its oldest (ids grow with arrival).
+        let q = self.inner.queues.lock();
+        Ok(q.by_conn
+            .values()
+            .filter_map(|cq| cq.msgs.values().next().map(|m| m.received_at_ms))
+            .min())
+    }
+
     async fn flush(&self) -> StoreResult<()> {
         self.blocking(|inner| inner.flush()).await
     }
