@@ -250,6 +250,7 @@ async fn the_status_page_shows_the_cluster_its_links_and_sessions() {
     assert!(dom.contains("data-tile=\"store\""), "{context}");
     assert!(dom.contains("postgres"), "the store backend is shown\n{context}");
     assert!(dom.contains(">2 / 2<"), "both peers up\n{context}");
+    assert_eq!(text_of(&dom, "totalsessions"), "1", "{context}");
     assert!(
         text_of(&dom, "refreshed").starts_with("updated "),
         "the last refresh time is shown\n{context}"
