@@ -4,6 +4,8 @@
 //! A bearer token (`[admin] token`) guards every route but `/health` and `/ready` when set;
 //! the config refuses an admin address off loopback without one.
 
+pub mod page;
+
 use crate::protocols::{now_ms, oob};
 use crate::registry::{Count, ListSessions};
 use crate::session::Shared;
@@ -42,6 +44,7 @@ impl AdminState {
 
 pub fn configure(cfg: &mut web::ServiceConfig, st: Arc<AdminState>) {
     cfg.app_data(web::Data::from(st))
+        .route("/", web::get().to(page::index))
         .route("/health", web::get().to(health))
         .route("/ready", web::get().to(ready))
         .route("/status", web::get().to(status))

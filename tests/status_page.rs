@@ -1,0 +1,328 @@
+//! The operator's status page (`GET /` on the admin listener) in a real headless Chromium:
+//! a 3-node cluster on PostgreSQL with a live wallet session, the DOM after the page's
+//! scripts ran, a screenshot (`target/status-page.png`), and the admin token case.
+//!
+//! Needs `/usr/bin/chromium` (`scripts/install-chromium.sh` installs it) and PostgreSQL on
+//! 127.0.0.1:5432 (`scripts/ensure-postgres.sh`).
+
+mod common;
+
+use common::cluster::*;
+use common::*;
+use mailroom::client::{Agent, WsClient};
+use mailroom::config::Strategy;
+use mailroom::node::RunningNode;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+/// Virtual time the page gets before the DOM is dumped or the picture taken: the first
+/// fetch of `/cluster` completes well within it.
+const BUDGET_MS: &str = "5000";
+/// Wall-clock limit of one Chromium run.
+const CHROMIUM_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn chromium() -> &'static str {
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: the status page test needs Debian's chromium package; \
+         run scripts/install-chromium.sh (as root) first"
+    );
+    CHROMIUM
+}
+
+/// Runs headless Chromium on `url` with `args` (a fresh profile each time); returns stdout.
+async fn run_chromium(args: &[String], url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(chromium());
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .arg(format!("--virtual-time-budget={BUDGET_MS}"))
+    .args(args)
+    .arg(url)
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(CHROMIUM_TIMEOUT, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("chromium did not finish within {CHROMIUM_TIMEOUT:?} on {url}"))
+        .expect("chromium runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "chromium {args:?} {url} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The DOM after the page's scripts ran, without its `<script>`, `<style>` and comments (whose
+/// text would match the assertions on what is shown).
+async fn dump_dom(url: &str) -> String {
+    let mut dom = run_chromium(&["--dump-dom".into()], url).await;
+    for (open, close) in [("<script", "</script>"), ("<style", "</style>"), ("<!--", "-->")] {
+        while let Some(i) = dom.find(open) {
+            let j = dom[i..].find(close).map(|j| i + j + close.len()).expect("closed");
+            dom.replace_range(i..j, "");
+        }
+    }
+    dom
+}
+
+/// The text of the element with this id (which holds no other element).
+fn text_of<'a>(dom: &'a str, id: &str) -> &'a str {
+    let s = dom
+        .split(&format!("id=\"{id}\""))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no #{id} in the page"));
+    let s = &s[s.find('>').unwrap() + 1..];
+    &s[..s.find('<').unwrap()]
+}
+
+/// The text of the error banner.
+fn banner(dom: &str) -> &str {
+    text_of(dom, "bannertext")
+}
+
+/// The `<tr>` of `node` in the page's nodes table.
+fn node_row<'a>(dom: &'a str, node: &str) -> &'a str {
+    let start = dom
+        .find(&format!("<tr data-node=\"{node}\""))
+        .unwrap_or_else(|| panic!("no row for {node} in the page:\n{dom}"));
+    let end = dom[start..].find("</tr>").map(|e| start + e).expect("row ends");
+    &dom[start..end]
+}
+
+/// The number in the row's sessions cell.
+fn sessions_in(row: &str) -> u64 {
+    let cell = row
+        .split("data-col=\"sessions\">")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no sessions cell in {row}"));
+    cell[..cell.find('<').unwrap()].replace(',', "").parse().expect(row)
+}
+
+fn body_state(dom: &str) -> &str {
+    let i = dom.find("<body").expect("a body");
+    let tag = &dom[i..i + dom[i..].find('>').unwrap()];
+    let s = tag.split("data-state=\"").nth(1).expect("data-state on body");
+    &s[..s.find('"').unwrap()]
+}
+
+async fn peer_connected(n: &RunningNode, peer: &str) -> bool {
+    let v = get_json(&format!("{}/status", n.admin_url())).await;
+    v["peers"]
+        .as_array()
+        .map(|ps| ps.iter().any(|p| p["id"] == peer && p["connected"] == true))
+        .unwrap_or(false)
+}
+
+async fn owner_seen_by(n: &RunningNode, conn: &str) -> Option<String> {
+    let v = get_json(&format!("{}/cluster", n.admin_url())).await;
+    v["cluster"]["directory"]
+        .as_array()?
+        .iter()
+        .find(|e| e["conn"] == conn)
+        .and_then(|e| e["node"].as_str().map(str::to_string))
+}
+
+/// Opens a live-mode socket on `node` and waits for the status answer.
+async fn live_socket(a: &Agent, node: &RunningNode) -> WsClient {
+    let mut ws = a.websocket(&ws_url(node)).await.unwrap();
+    let st = ws_request(
+        a,
+        &mut ws,
+        &pickup("live-delivery-change", json!({"live_delivery": true})),
+    )
+    .await;
+    assert_eq!(type_name(&st), "status", "{st}");
+    ws
+}
+
+/// Takes a 1280x900 screenshot of `url` to `target/<name>` and checks it is a real picture.
+async fn screenshot(url: &str, name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join(name);
+    let _ = std::fs::remove_file(&path);
+    run_chromium(
+        &[
+            format!("--screenshot={}", path.display()),
+            "--window-size=1280,900".into(),
+        ],
+        url,
+    )
+    .await;
+    assert_png(&path, 1280, 900);
+    path
+}
+
+/// A PNG of `w`x`h` with more in it than a blank page.
+fn assert_png(path: &Path, w: u32, h: u32) {
+    let png = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{} is not a PNG", path.display());
+    assert_eq!(&png[12..16], b"IHDR");
+    let be = |i: usize| u32::from_be_bytes(png[i..i + 4].try_into().unwrap());
+    assert_eq!((be(16), be(20)), (w, h), "screenshot size");
+    // A blank 1280x900 page compresses to a few kB; text, tables and colours take far more.
+    assert!(
+        png.len() > 25_000,
+        "{} is only {} bytes: the page looks empty",
+        path.display(),
+        png.len()
+    );
+}
+
+/// The page on n1 of a 3-node cluster, with a wallet's live session on n1: every node, its
+/// link and its sessions are shown; a screenshot is taken.
+#[actix_rt::test]
+async fn the_status_page_shows_the_cluster_its_links_and_sessions() {
+    chromium();
+    let db = FreshDb::create().await;
+    let (cfg, ls) = bind_cluster(3, &db.url, 1_000);
+    let store = open_shared_store(&cfg).await;
+    let nodes: Vec<RunningNode> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| start_node(&cfg, &format!("n{}", i + 1), l, &store, None))
+        .collect();
+    for n in &nodes {
+        for p in nodes.iter().filter(|p| p.node_id != n.node_id) {
+            eventually(&format!("{} links to {}", n.node_id, p.node_id), || async {
+                peer_connected(n, &p.node_id).await.then_some(())
+            })
+            .await;
+        }
+    }
+    let n1 = &nodes[0];
+
+    // A wallet with a live session on n1, known to the whole cluster.
+    let inv = invitation(n1).await;
+    let (a, _key) = Agent::onboard(&inv).await.unwrap();
+    let ws = live_socket(&a, n1).await;
+    let conns = get_json(&format!("{}/connections", n1.admin_url())).await;
+    let conn = conns["connections"][0]["id"].as_str().unwrap().to_string();
+    for n in &nodes {
+        eventually(&format!("{} sees the session on n1", n.node_id), || async {
+            (owner_seen_by(n, &conn).await.as_deref() == Some("n1")).then_some(())
+        })
+        .await;
+    }
+
+    // The HTML itself: no token configured, served as self-contained HTML.
+    let (status, html) = get_status(&format!("{}/", n1.admin_url()), None).await;
+    assert_eq!(status, 200);
+    assert!(html.starts_with("<!doctype html>"), "{}", &html[..80.min(html.len())]);
+    for external in ["src=\"http", "href=\"http", "@import", "url(http"] {
+        assert!(
+            !html.contains(external),
+            "the page must not load external assets ({external})"
+        );
+    }
+
+    let page = format!("{}/", n1.admin_url());
+    let started = std::time::Instant::now();
+    let dom = dump_dom(&page).await;
+    let cluster: Value = get_json(&format!("{}/cluster", n1.admin_url())).await;
+    let context = format!("/cluster = {cluster:#}\nDOM:\n{dom}");
+    assert_eq!(body_state(&dom), "ok", "the page did not load its data\n{context}");
+    assert_eq!(banner(&dom), "", "{context}");
+    let r1 = node_row(&dom, "n1");
+    assert!(r1.contains("data-link=\"self\""), "{r1}");
+    assert!(r1.contains("this node"), "{r1}");
+    assert_eq!(sessions_in(r1), 1, "n1 holds the wallet's session\n{context}");
+    for peer in ["n2", "n3"] {
+        let r = node_row(&dom, peer);
+        assert!(r.contains("data-link=\"up\""), "{peer}'s link is up\n{context}");
+        assert!(r.contains(">up<"), "{peer} shows 'up': {r}");
+        assert!(r.contains(" ms<"), "{peer} shows heartbeat age and RTT: {r}");
+        assert_eq!(sessions_in(r), 0, "{peer} holds no session\n{context}");
+    }
+    assert!(dom.contains("data-tile=\"store\""), "{context}");
+    assert!(dom.contains("postgres"), "the store backend is shown\n{context}");
+    assert!(dom.contains(">2 / 2<"), "both peers up\n{context}");
+    assert_eq!(text_of(&dom, "totalsessions"), "1", "{context}");
+    assert!(
+        text_of(&dom, "refreshed").starts_with("updated "),
+        "the last refresh time is shown\n{context}"
+    );
+
+    let shot = screenshot(&page, "status-page.png").await;
+    eprintln!(
+        "status page: DOM and screenshot ({}) in {:?}",
+        shot.display(),
+        started.elapsed()
+    );
+
+    // n3 goes away: the page shows its link down and the cluster degraded.
+    let mut nodes = nodes;
+    nodes.pop().unwrap().stop().unwrap();
+    let n1 = &nodes[0];
+    eventually("n1 sees n3 down", || async {
+        (!peer_connected(n1, "n3").await).then_some(())
+    })
+    .await;
+    let dom = dump_dom(&page).await;
+    let r3 = node_row(&dom, "n3");
+    assert!(!r3.contains("data-link=\"up\""), "n3 is not shown up: {r3}");
+    assert!(node_row(&dom, "n2").contains("data-link=\"up\""), "{dom}");
+    assert!(dom.contains(">1 / 2<"), "one peer of two up:\n{dom}");
+    assert!(dom.contains("1 peer not up"), "the headline says so:\n{dom}");
+    screenshot(&page, "status-page-peer-down.png").await;
+
+    ws.close().await;
+}
+
+/// With `[admin] token` set the page still loads, says the token is required, and shows the
+/// data once given `#token=...`. A lone node (no cluster) shows itself.
+#[actix_rt::test]
+async fn with_an_admin_token_the_page_asks_for_it_and_then_shows_the_node() {
+    chromium();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    let token = "page-test-token-3am";
+    cfg.admin.token = Some(token.into());
+    let n = start(&cfg);
+    let page = format!("{}/", n.admin_url());
+
+    let (status, _) = get_status(&page, None).await;
+    assert_eq!(status, 200, "the page itself needs no token");
+    let (status, _) = get_status(&format!("{}/cluster", n.admin_url()), None).await;
+    assert_eq!(status, 401, "its data does");
+
+    let dom = dump_dom(&page).await;
+    assert_eq!(body_state(&dom), "unauthorized", "{dom}");
+    assert!(
+        banner(&dom).starts_with("Token required (401)"),
+        "the banner says so:\n{dom}"
+    );
+    assert!(!dom.contains("<tr data-node="), "no data without the token:\n{dom}");
+
+    screenshot(&page, "status-page-token-required.png").await;
+
+    let dom = dump_dom(&format!("{page}#token=wrong")).await;
+    assert_eq!(body_state(&dom), "unauthorized", "{dom}");
+    assert!(banner(&dom).starts_with("Token rejected (401)"), "{dom}");
+
+    let dom = dump_dom(&format!("{page}#token={token}")).await;
+    assert_eq!(body_state(&dom), "ok", "{dom}");
+    assert_eq!(banner(&dom), "", "{dom}");
+    assert!(!dom.contains(token), "the token is not left in the page:\n{dom}");
+    let r1 = node_row(&dom, "n1");
+    assert!(r1.contains("data-link=\"self\""), "{r1}");
+    assert_eq!(sessions_in(r1), 0);
+    assert!(
+        dom.contains("Single node"),
+        "a lone node says it has no cluster:\n{dom}"
+    );
+    assert!(dom.contains("sled"), "{dom}");
+}
