@@ -1,7 +1,8 @@
 //! The admin listener: health, readiness, status of the node and the cluster, sessions,
 //! connections, fresh invitations, Prometheus metrics.
 //!
-//! A bearer token (`[admin] token`) guards every route but `/health` and `/ready` when set;
+//! A bearer token (`[admin] token`) guards every route but `/health`, `/ready` and the status
+//! page `/` (whose data calls are guarded) when set;
 //! the config refuses an admin address off loopback without one.
 
 pub mod page;

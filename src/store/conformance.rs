@@ -359,7 +359,11 @@ pub async fn durability_across_reopen(b: Arc<dyn Backend>) {
     assert_eq!(s.get_connection(&c).await.unwrap().unwrap().id, c);
     assert_eq!(s.route("rk-durable").await.unwrap(), Some(c.clone()));
     assert_eq!(s.total_queued().await.unwrap(), 10);
-    assert_eq!(s.oldest_received_ms().await.unwrap(), Some(T0), "the first message's arrival");
+    assert_eq!(
+        s.oldest_received_ms().await.unwrap(),
+        Some(T0),
+        "the first message's arrival"
+    );
     // The lease of the old process is released explicitly by its owner on a clean shutdown;
     // a crashed owner's leases run out. Either way the messages come back.
     s.release_owner("gone").await.unwrap();
