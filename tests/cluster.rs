@@ -9,54 +9,11 @@ use common::*;
 use mailroom::client::{basic_message, Agent, Sender, WsClient};
 use mailroom::didcomm::keys::KeyPair;
 use mailroom::node::RunningNode;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::HashSet;
 
 /// Sweeps so slow that only cluster notifications can deliver within the test's wait.
 const NO_SWEEP: u64 = 600_000;
-
-async fn cluster_json(n: &RunningNode) -> Value {
-    get_json(&format!("{}/cluster", n.admin_url())).await
-}
-
-async fn owner_seen_by(n: &RunningNode, conn: &str) -> Option<String> {
-    let v = cluster_json(n).await;
-    v["cluster"]["directory"]
-        .as_array()?
-        .iter()
-        .find(|e| e["conn"] == conn)
-        .and_then(|e| e["node"].as_str().map(str::to_string))
-}
-
-async fn wait_owner(nodes: &[&RunningNode], conn: &str, owner: &str) {
-    for n in nodes {
-        eventually(&format!("{} sees {conn} owned by {owner}", n.node_id), || async {
-            (owner_seen_by(n, conn).await.as_deref() == Some(owner)).then_some(())
-        })
-        .await;
-    }
-}
-
-async fn peer_connected(n: &RunningNode, peer: &str) -> bool {
-    let v = get_json(&format!("{}/status", n.admin_url())).await;
-    v["peers"]
-        .as_array()
-        .map(|ps| ps.iter().any(|p| p["id"] == peer && p["connected"] == true))
-        .unwrap_or(false)
-}
-
-/// Opens a live-mode socket on `node` and waits for the status answer.
-async fn live_socket(a: &Agent, node: &RunningNode) -> WsClient {
-    let mut ws = a.websocket(&ws_url(node)).await.unwrap();
-    let st = ws_request(
-        a,
-        &mut ws,
-        &pickup("live-delivery-change", json!({"live_delivery": true})),
-    )
-    .await;
-    assert_eq!(type_name(&st), "status", "{st}");
-    ws
-}
 
 /// Reads deliveries until `want` distinct contents arrived; acknowledges each over HTTP on
 /// `ack_via`, as Credo 0.6.3 does. Returns (contents in order, duplicates).
@@ -152,11 +109,6 @@ async fn forwards_on_other_nodes_reach_the_live_session_and_follow_it_when_it_mo
     let st = get_json(&format!("{}/status", n1.admin_url())).await;
     assert_eq!(st["sessions"], 0, "nothing is held for the dead session on node 1");
     assert_eq!(queue_depth(n1).await, 0);
-}
-
-async fn a_connection_id(n: &RunningNode) -> String {
-    let v = get_json(&format!("{}/connections", n.admin_url())).await;
-    v["connections"][0]["id"].as_str().unwrap().to_string()
 }
 
 /// The link between two nodes is cut: delivery still completes through the sweep; the link

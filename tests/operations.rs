@@ -148,12 +148,7 @@ async fn a_full_queue_refuses_new_forwards_and_keeps_what_it_has() {
         .await
         .unwrap()
         .unwrap();
-    let got: Vec<String> = a
-        .open_delivery(&d)
-        .unwrap()
-        .iter()
-        .map(|(_, m)| m["content"].as_str().unwrap().to_string())
-        .collect();
+    let got = contents(&a, &d);
     assert_eq!(got, vec!["q0", "q1", "q2"]);
     let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
     assert!(

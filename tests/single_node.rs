@@ -199,13 +199,14 @@ async fn pickup_v1_batch() {
         .unwrap()
         .unwrap();
     assert_eq!(type_name(&batch), "batch");
-    let got: Vec<String> = a
-        .open_delivery(&batch)
-        .unwrap()
-        .iter()
-        .map(|(_, m)| m["content"].as_str().unwrap().to_string())
-        .collect();
+    let got = contents(&a, &batch);
     assert_eq!(got, vec!["b0", "b1", "b2"]);
+    // Credo reads `id` (RFC 0212 says `@id`) and validates it against [-_./a-zA-Z0-9]{8,64}.
+    for item in batch["messages~attach"].as_array().unwrap() {
+        let id = item["id"].as_str().expect("id as Credo reads it");
+        assert_eq!(item["@id"], id);
+        assert!(id.len() >= 8 && id.chars().all(|c| c.is_ascii_digit()), "{id}");
+    }
     assert_eq!(queue_depth(&n).await, 1);
 }
 
@@ -360,12 +361,7 @@ async fn queued_messages_survive_a_restart() {
         .await
         .unwrap()
         .unwrap();
-    let got: Vec<String> = a
-        .open_delivery(&d)
-        .unwrap()
-        .iter()
-        .map(|(_, m)| m["content"].as_str().unwrap().to_string())
-        .collect();
+    let got = contents(&a, &d);
     assert_eq!(got, (0..10).map(|i| format!("r{i}")).collect::<Vec<_>>());
 }
 

@@ -9,10 +9,10 @@ mod common;
 
 use common::cluster::*;
 use common::*;
-use mailroom::client::{Agent, WsClient};
+use mailroom::client::Agent;
 use mailroom::config::Strategy;
 use mailroom::node::RunningNode;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -118,36 +118,6 @@ fn body_state(dom: &str) -> &str {
     let tag = &dom[i..i + dom[i..].find('>').unwrap()];
     let s = tag.split("data-state=\"").nth(1).expect("data-state on body");
     &s[..s.find('"').unwrap()]
-}
-
-async fn peer_connected(n: &RunningNode, peer: &str) -> bool {
-    let v = get_json(&format!("{}/status", n.admin_url())).await;
-    v["peers"]
-        .as_array()
-        .map(|ps| ps.iter().any(|p| p["id"] == peer && p["connected"] == true))
-        .unwrap_or(false)
-}
-
-async fn owner_seen_by(n: &RunningNode, conn: &str) -> Option<String> {
-    let v = get_json(&format!("{}/cluster", n.admin_url())).await;
-    v["cluster"]["directory"]
-        .as_array()?
-        .iter()
-        .find(|e| e["conn"] == conn)
-        .and_then(|e| e["node"].as_str().map(str::to_string))
-}
-
-/// Opens a live-mode socket on `node` and waits for the status answer.
-async fn live_socket(a: &Agent, node: &RunningNode) -> WsClient {
-    let mut ws = a.websocket(&ws_url(node)).await.unwrap();
-    let st = ws_request(
-        a,
-        &mut ws,
-        &pickup("live-delivery-change", json!({"live_delivery": true})),
-    )
-    .await;
-    assert_eq!(type_name(&st), "status", "{st}");
-    ws
 }
 
 /// Takes a 1280x900 screenshot of `url` to `target/<name>` and checks it is a real picture.

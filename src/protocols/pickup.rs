@@ -91,16 +91,26 @@ fn attachment(q: &QueuedMessage) -> Value {
     json!({ "@id": external_id(q.id), "lastmod_time": rfc3339_ms(q.received_at_ms), "data": data })
 }
 
-async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
-    let limit = ctx.msg["limit"]
+/// Leases up to `field` (the client's limit, capped at [`MAX_BATCH`]) messages to the
+/// transport's owner.
+async fn lease_requested(
+    m: &Mediator,
+    ctx: &Inbound,
+    conn: &Connection,
+    field: &str,
+) -> Result<Vec<QueuedMessage>, HandleError> {
+    let n = ctx.msg[field]
         .as_u64()
         .unwrap_or(m.batch_size as u64)
         .clamp(1, MAX_BATCH as u64) as usize;
     let now = now_ms();
-    let msgs = m
-        .store
-        .lease(&conn.id, limit, &ctx.lease_owner, now, now + m.lease_ms)
-        .await?;
+    Ok(m.store
+        .lease(&conn.id, n, &ctx.lease_owner, now, now + m.lease_ms)
+        .await?)
+}
+
+async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
+    let msgs = lease_requested(m, ctx, conn, "limit").await?;
     if msgs.is_empty() {
         return Ok(Outcome {
             replies: vec![status(m, ctx, conn, None).await?],
@@ -157,15 +167,7 @@ async fn live_delivery_change(m: &Mediator, ctx: &Inbound, conn: &Connection) ->
 }
 
 async fn batch_pickup(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
-    let size = ctx.msg["batch_size"]
-        .as_u64()
-        .unwrap_or(m.batch_size as u64)
-        .clamp(1, MAX_BATCH as u64) as usize;
-    let now = now_ms();
-    let msgs = m
-        .store
-        .lease(&conn.id, size, &ctx.lease_owner, now, now + m.lease_ms)
-        .await?;
+    let msgs = lease_requested(m, ctx, conn, "batch_size").await?;
     let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
     // pickup 1.0 has no acknowledgement: what is handed out is gone.
     if !ids.is_empty() {

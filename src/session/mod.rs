@@ -104,12 +104,7 @@ impl Shared {
         let Ok(Some(c)) = self.mediator.store.get_connection(conn).await else {
             return;
         };
-        let Some(endpoint) = c
-            .their_endpoints
-            .iter()
-            .find(|e| e.starts_with("http://") || e.starts_with("https://"))
-            .cloned()
-        else {
+        let Some(endpoint) = outbound::http_endpoint(&c).map(str::to_string) else {
             return;
         };
         if !self.endpoint_busy.lock().insert(conn.to_string()) {

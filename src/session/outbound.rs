@@ -12,6 +12,14 @@ use std::time::Duration;
 
 pub const ENVELOPE_CONTENT_TYPE: &str = "application/didcomm-envelope-enc";
 
+/// The agent's own HTTP(S) endpoint, if its DID document has one (wallets have none).
+pub fn http_endpoint(conn: &Connection) -> Option<&str> {
+    conn.their_endpoints
+        .iter()
+        .map(String::as_str)
+        .find(|e| e.starts_with("http://") || e.starts_with("https://"))
+}
+
 /// POSTs one envelope; Ok on a 2xx answer.
 pub async fn post_envelope(url: &str, body: Vec<u8>, timeout: Duration) -> Result<(), String> {
     let client = awc::Client::builder().timeout(timeout).finish();
@@ -31,11 +39,7 @@ pub async fn post_envelope(url: &str, body: Vec<u8>, timeout: Duration) -> Resul
 /// Sends replies that could not go back on the inbound transport (no return-route) to the
 /// connection's own endpoint. Agents without one (wallets) only ever use return-route.
 pub async fn send_replies(shared: &Arc<Shared>, conn: &Connection, replies: &[Value]) {
-    let Some(endpoint) = conn
-        .their_endpoints
-        .iter()
-        .find(|e| e.starts_with("http://") || e.starts_with("https://"))
-    else {
+    let Some(endpoint) = http_endpoint(conn) else {
         if !replies.is_empty() {
             tracing::debug!(connection = %conn.id, "no return route and no endpoint: {} replies dropped", replies.len());
         }

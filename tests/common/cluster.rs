@@ -11,6 +11,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use super::{eventually, get_json, pickup, type_name, ws_request, ws_url};
+use mailroom::client::{Agent, WsClient};
+use serde_json::{json, Value};
+
 pub const SECRET: &str = "cluster-test-secret";
 
 /// A database created for one test and dropped after it.
@@ -253,4 +257,54 @@ impl Drop for NodeProcess {
             self.kill9();
         }
     }
+}
+
+// ---- what the nodes say about the cluster (admin API) ----
+
+pub async fn cluster_json(n: &RunningNode) -> Value {
+    get_json(&format!("{}/cluster", n.admin_url())).await
+}
+
+pub async fn owner_seen_by(n: &RunningNode, conn: &str) -> Option<String> {
+    let v = cluster_json(n).await;
+    v["cluster"]["directory"]
+        .as_array()?
+        .iter()
+        .find(|e| e["conn"] == conn)
+        .and_then(|e| e["node"].as_str().map(str::to_string))
+}
+
+pub async fn wait_owner(nodes: &[&RunningNode], conn: &str, owner: &str) {
+    for n in nodes {
+        eventually(&format!("{} sees {conn} owned by {owner}", n.node_id), || async {
+            (owner_seen_by(n, conn).await.as_deref() == Some(owner)).then_some(())
+        })
+        .await;
+    }
+}
+
+pub async fn peer_connected(n: &RunningNode, peer: &str) -> bool {
+    let v = get_json(&format!("{}/status", n.admin_url())).await;
+    v["peers"]
+        .as_array()
+        .map(|ps| ps.iter().any(|p| p["id"] == peer && p["connected"] == true))
+        .unwrap_or(false)
+}
+
+/// Opens a live-mode socket on `node` and waits for the status answer.
+pub async fn live_socket(a: &Agent, node: &RunningNode) -> WsClient {
+    let mut ws = a.websocket(&ws_url(node)).await.unwrap();
+    let st = ws_request(
+        a,
+        &mut ws,
+        &pickup("live-delivery-change", json!({"live_delivery": true})),
+    )
+    .await;
+    assert_eq!(type_name(&st), "status", "{st}");
+    ws
+}
+
+pub async fn a_connection_id(n: &RunningNode) -> String {
+    let v = get_json(&format!("{}/connections", n.admin_url())).await;
+    v["connections"][0]["id"].as_str().unwrap().to_string()
 }

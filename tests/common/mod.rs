@@ -125,3 +125,12 @@ pub async fn queue_depth(n: &RunningNode) -> u64 {
         .as_u64()
         .unwrap_or(u64::MAX)
 }
+
+/// The `content` of every basic message in a delivery or batch, in order.
+pub fn contents(a: &Agent, delivery: &Value) -> Vec<String> {
+    a.open_delivery(delivery)
+        .expect("delivery opens")
+        .iter()
+        .map(|(_, m)| m["content"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
