@@ -8,7 +8,7 @@
 use super::{now_ms, HandleError, Inbound, Mediator, Outcome};
 use crate::didcomm::did::{self, ResolvedDoc};
 use crate::didcomm::{jws, message};
-use crate::store::{Connection, MediationState};
+use crate::store::{Connection, ConnectionPatch, MediationState};
 use base64::Engine;
 use serde_json::{json, Value};
 
@@ -143,14 +143,17 @@ pub async fn complete(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleErro
         Some(c) => Some(c.clone()),
         None => m.store.connection_by_thread(&ctx.thid()).await?,
     };
-    let Some(mut conn) = conn else {
+    let Some(conn) = conn else {
         return Err(HandleError::NoConnection);
     };
-    if conn.state != "completed" {
-        conn.state = "completed".into();
-        conn.updated_at_ms = now_ms();
-        m.store.put_connection(&conn).await?;
-    }
+    // A patch, not a write of the copy loaded when the message arrived: Credo sends
+    // mediate-request right behind `complete`, and its grant must not be overwritten.
+    let patch = ConnectionPatch {
+        state: Some("completed".into()),
+        updated_at_ms: now_ms(),
+        ..ConnectionPatch::default()
+    };
+    let conn = m.store.update_connection(&conn.id, &patch).await?.unwrap_or(conn);
     Ok(Outcome {
         connection: Some(conn),
         ..Outcome::default()

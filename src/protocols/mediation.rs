@@ -6,7 +6,7 @@
 
 use super::{problem, HandleError, Inbound, Mediator, Outcome};
 use crate::didcomm::keys::normalize_verkey;
-use crate::store::{KeyUpdate, MediationState};
+use crate::store::{ConnectionPatch, KeyUpdate, MediationState};
 use serde_json::{json, Value};
 
 /// Keys a single keylist-update may carry.
@@ -14,13 +14,22 @@ pub const MAX_UPDATES: usize = 1000;
 
 pub async fn mediate_request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     let conn = ctx.require_conn()?;
-    let mut conn = conn.clone();
-    if conn.mediation != MediationState::Granted {
-        conn.mediation = MediationState::Granted;
-        conn.updated_at_ms = super::now_ms();
-        m.store.put_connection(&conn).await?;
-        tracing::info!(connection = %conn.id, "mediation granted");
-    }
+    let conn = if conn.mediation == MediationState::Granted {
+        conn.clone()
+    } else {
+        let patch = ConnectionPatch {
+            mediation: Some(MediationState::Granted),
+            updated_at_ms: super::now_ms(),
+            ..ConnectionPatch::default()
+        };
+        let granted = m
+            .store
+            .update_connection(&conn.id, &patch)
+            .await?
+            .ok_or(HandleError::NoConnection)?;
+        tracing::info!(connection = %granted.id, "mediation granted");
+        granted
+    };
     let mut grant = ctx.reply("mediate-grant");
     grant["endpoint"] = json!(m.public_url);
     grant["routing_keys"] = json!([m.keys.routing.did_key()]);

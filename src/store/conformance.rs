@@ -200,6 +200,53 @@ pub async fn connection_crud_and_indexes(b: Arc<dyn Backend>) {
     assert_eq!(s.list_connections(None, 100).await.unwrap().len(), 9);
 }
 
+/// Concurrent patches of different fields of one connection all land: none is overwritten
+/// by another's stale copy.
+pub async fn connection_patches_do_not_overwrite_each_other(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let id = new_conn(&s).await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let s = s.clone();
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            let patch = if i == 7 {
+                ConnectionPatch {
+                    mediation: Some(MediationState::Granted),
+                    updated_at_ms: i,
+                    ..ConnectionPatch::default()
+                }
+            } else {
+                ConnectionPatch {
+                    state: Some("patched".into()),
+                    updated_at_ms: i,
+                    ..ConnectionPatch::default()
+                }
+            };
+            s.update_connection(&id, &patch).await.unwrap().expect("exists")
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let c = s.get_connection(&id).await.unwrap().unwrap();
+    assert_eq!(c.state, "patched");
+    assert_eq!(
+        c.mediation,
+        MediationState::Granted,
+        "the grant survived 19 concurrent state patches"
+    );
+    assert_eq!(c.updated_at_ms, 19.max(c.created_at_ms));
+    assert!(s
+        .update_connection("no-such-connection", &ConnectionPatch::default())
+        .await
+        .unwrap()
+        .is_none());
+    // The indexes still find it.
+    let vk = c.their_verkeys[0].clone();
+    assert_eq!(s.connection_by_their_verkey(&vk).await.unwrap().unwrap().id, id);
+}
+
 pub async fn routing_keys(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let missing = new_id();
@@ -1232,6 +1279,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn connection_crud_and_indexes() {
                 backend::run(super::connection_crud_and_indexes).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn connection_patches_do_not_overwrite_each_other() {
+                backend::run(super::connection_patches_do_not_overwrite_each_other).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn routing_keys() {

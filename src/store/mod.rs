@@ -80,6 +80,29 @@ pub struct Identity {
     pub secrets: serde_json::Value,
 }
 
+/// A change to the fields of a connection that protocols update on their own. Applied
+/// atomically by [`Store::update_connection`], so two messages of one peer handled at once
+/// (didexchange `complete` and `mediate-request`, back to back from Credo, possibly on two
+/// nodes) cannot overwrite each other's field with a stale copy of the record.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ConnectionPatch {
+    pub state: Option<String>,
+    pub mediation: Option<MediationState>,
+    pub updated_at_ms: i64,
+}
+
+impl ConnectionPatch {
+    pub fn apply(&self, c: &mut Connection) {
+        if let Some(s) = &self.state {
+            c.state = s.clone();
+        }
+        if let Some(m) = self.mediation {
+            c.mediation = m;
+        }
+        c.updated_at_ms = c.updated_at_ms.max(self.updated_at_ms);
+    }
+}
+
 /// Mediation state of a connection (coordinate-mediation 1.0).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub enum MediationState {
@@ -268,6 +291,8 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts or replaces a connection and maintains its indexes (their verkeys, thread id).
     async fn put_connection(&self, c: &Connection) -> StoreResult<()>;
     async fn get_connection(&self, id: &str) -> StoreResult<Option<Connection>>;
+    /// Applies `patch` to the stored connection atomically; `None` when there is none.
+    async fn update_connection(&self, id: &str, patch: &ConnectionPatch) -> StoreResult<Option<Connection>>;
     /// The connection one of whose `their_verkeys` is `verkey`. If several connections list the
     /// same key, the most recently written one.
     async fn connection_by_their_verkey(&self, verkey: &str) -> StoreResult<Option<Connection>>;

@@ -32,8 +32,8 @@ use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
 use tokio_postgres::NoTls;
 
 use super::{
-    check_connection, check_storable, storable, ConnId, Connection, EnqueueLimits, Enqueued, Identity, KeyUpdate,
-    MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
+    check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, EnqueueLimits, Enqueued, Identity,
+    KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
 };
 
 /// Most messages in one enqueue transaction.
@@ -608,6 +608,34 @@ impl Store for PgStore {
             .map_err(pg_err)?;
         }
         tx.commit().await.map_err(pg_err)
+    }
+
+    async fn update_connection(&self, id: &str, patch: &ConnectionPatch) -> StoreResult<Option<Connection>> {
+        if !storable(id) {
+            return Ok(None);
+        }
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err)?;
+        // Row lock: concurrent patches of one connection apply one after the other.
+        let Some(row) = tx
+            .query_opt("SELECT data FROM mailroom_connections WHERE id = $1 FOR UPDATE", &[&id])
+            .await
+            .map_err(pg_err)?
+        else {
+            return Ok(None);
+        };
+        let data: String = row.get(0);
+        let mut conn: Connection = serde_json::from_str(&data).map_err(json_err)?;
+        patch.apply(&mut conn);
+        let data = serde_json::to_string(&conn).map_err(json_err)?;
+        tx.execute(
+            "UPDATE mailroom_connections SET data = $2, written = nextval('mailroom_connection_writes') WHERE id = $1",
+            &[&id, &data],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(Some(conn))
     }
 
     async fn get_connection(&self, id: &str) -> StoreResult<Option<Connection>> {

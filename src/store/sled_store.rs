@@ -35,8 +35,8 @@ use sled::Transactional;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    check_connection, check_storable, storable, ConnId, Connection, EnqueueLimits, Enqueued, Identity, KeyUpdate,
-    MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
+    check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, EnqueueLimits, Enqueued, Identity,
+    KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
 };
 
 /// Most messages the writer puts in one flush. Bounds the latency of the first caller of a
@@ -696,6 +696,26 @@ impl Store for SledStore {
                 })
                 .map_err(tx_err)?;
             inner.flush()
+        })
+        .await
+    }
+
+    async fn update_connection(&self, id: &str, patch: &ConnectionPatch) -> StoreResult<Option<Connection>> {
+        if !storable(id) {
+            return Ok(None);
+        }
+        let (id, patch) = (id.to_owned(), patch.clone());
+        self.blocking(move |inner| {
+            // The same lock as put_connection: read, patch and write are one step.
+            let _g = inner.meta_lock.lock();
+            let Some(mut c) = inner.get_conn(&id)? else {
+                return Ok(None);
+            };
+            patch.apply(&mut c);
+            let bytes = serde_json::to_vec(&c).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
+            inner.conns.insert(id.as_bytes(), bytes).map_err(unavailable)?;
+            inner.flush()?;
+            Ok(Some(c))
         })
         .await
     }
