@@ -88,6 +88,33 @@ async fn onboarding_mediation_and_keylist() {
 }
 
 #[actix_rt::test]
+async fn invitation_has_http_and_ws_services_or_one_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let both = get_json(&format!("{}/invitation", n.public_url())).await;
+    let eps: Vec<&str> = both["invitation"]["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["serviceEndpoint"].as_str().unwrap())
+        .collect();
+    assert_eq!(eps, vec![n.public_url(), format!("ws://{}", n.public_addr)]);
+    assert!(both["invitation_url"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("{}?oob=", n.public_url())));
+    let http_only = get_json(&format!("{}/invitation?transport=http", n.public_url())).await;
+    assert_eq!(http_only["invitation"]["services"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        http_only["invitation"]["services"][0]["serviceEndpoint"],
+        n.public_url()
+    );
+    assert_eq!(http_only["invitation"]["@id"], both["invitation"]["@id"]);
+    let (st, _) = get_status(&format!("{}/invitation?transport=smoke", n.public_url()), None).await;
+    assert_eq!(st, 400);
+}
+
+#[actix_rt::test]
 async fn a_key_held_by_another_connection_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));

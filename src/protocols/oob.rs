@@ -45,6 +45,18 @@ pub fn public_invitation(m: &Mediator) -> Value {
     invitation(m, &m.invitation_id)
 }
 
+/// The same invitation with only the services whose endpoint starts with `scheme`
+/// (`http` or `ws`): ACA-Py 1.7 refuses an invitation with more than one service.
+pub fn only_transport(mut inv: Value, scheme: &str) -> Value {
+    if let Some(services) = inv["services"].as_array_mut() {
+        services.retain(|s| {
+            let ep = s["serviceEndpoint"].as_str().unwrap_or_default();
+            ep.starts_with(&format!("{scheme}://")) || ep.starts_with(&format!("{scheme}s://"))
+        });
+    }
+    inv
+}
+
 pub fn handshake_reuse(_m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     ctx.require_conn()?;
     let mut r = ctx.reply("handshake-reuse-accepted");

@@ -21,9 +21,23 @@ pub fn configure(cfg: &mut web::ServiceConfig, shared: Arc<Shared>) {
         .route("/invitation", web::get().to(get_invitation));
 }
 
-async fn get_invitation(shared: web::Data<Shared>) -> HttpResponse {
+#[derive(serde::Deserialize)]
+struct InvitationQuery {
+    /// `http` or `ws`: only that service (for agents that take one, like ACA-Py 1.7).
+    transport: Option<String>,
+}
+
+async fn get_invitation(shared: web::Data<Shared>, q: web::Query<InvitationQuery>) -> HttpResponse {
     let m = &shared.mediator;
-    let inv = oob::public_invitation(m);
+    let mut inv = oob::public_invitation(m);
+    match q.transport.as_deref() {
+        None => {}
+        Some(t @ ("http" | "ws")) => inv = oob::only_transport(inv, t),
+        Some(other) => {
+            return HttpResponse::BadRequest()
+                .json(json!({"error": "bad-transport", "reason": format!("transport={other}: use http or ws")}))
+        }
+    }
     HttpResponse::Ok().json(json!({ "invitation_url": oob::invitation_url(m, &inv), "invitation": inv }))
 }
 
@@ -37,7 +51,7 @@ async fn get_root(req: HttpRequest, stream: web::Payload, shared: web::Data<Shar
     if !is_upgrade {
         // A browser or a wallet resolving an invitation URL: show where to go.
         if req.query_string().contains("oob=") {
-            return get_invitation(shared).await;
+            return get_invitation(shared, web::Query(InvitationQuery { transport: None })).await;
         }
         return HttpResponse::Ok().content_type("text/plain").body(format!(
             "mailroom DIDComm mediator (node {}). POST envelopes here, or open a WebSocket. Invitation: {}/invitation\n",
