@@ -85,6 +85,28 @@ async fn admin_endpoints_show_connections_sessions_and_invitations() {
     Agent::connect(&fresh_inv)
         .await
         .expect("connect through a fresh invitation");
+    assert_eq!(fresh["multi_use"], false, "single-use by default");
+    let again = Agent::connect(&fresh_inv)
+        .await
+        .err()
+        .expect("a single-use invitation admits one")
+        .to_string();
+    assert!(again.contains("410") && again.contains("invitation-used"), "{again}");
+    let (st, body) = post_raw(
+        &format!("{admin}/invitations"),
+        "application/json",
+        br#"{"multi_use": true}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    let multi: Value = serde_json::from_str(&body).unwrap();
+    let multi_inv = mailroom::client::Invitation::from_url(multi["invitation_url"].as_str().unwrap()).unwrap();
+    Agent::connect(&multi_inv).await.expect("first");
+    Agent::connect(&multi_inv)
+        .await
+        .expect("second through a multi-use invitation");
+    let (st, _) = post_raw(&format!("{admin}/invitations"), "application/json", b"{nope".to_vec()).await;
+    assert_eq!(st, 400);
 
     // Metrics carry the operator's counters.
     let (_, text) = get_status(&format!("{admin}/metrics"), None).await;

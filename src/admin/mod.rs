@@ -235,12 +235,34 @@ async fn connection(req: HttpRequest, st: web::Data<AdminState>, id: web::Path<S
     }
 }
 
-async fn new_invitation(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
+#[derive(Deserialize, Default)]
+struct NewInvitation {
+    /// Multi-use invitations admit any number of connections; single-use (the default) one.
+    #[serde(default)]
+    multi_use: bool,
+}
+
+async fn new_invitation(req: HttpRequest, st: web::Data<AdminState>, body: web::Bytes) -> HttpResponse {
     guard!(req, st);
+    let opts: NewInvitation = if body.is_empty() {
+        NewInvitation::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(o) => o,
+            Err(e) => return HttpResponse::BadRequest().json(json!({"error": "bad-request", "reason": e.to_string()})),
+        }
+    };
     let m = &st.shared.mediator;
-    let inv = oob::invitation(m, &uuid::Uuid::new_v4().to_string());
-    HttpResponse::Created()
-        .json(json!({ "invitation_url": oob::invitation_url(m, &inv), "invitation": inv, "multi_use": true }))
+    let id = uuid::Uuid::new_v4().to_string();
+    if let Err(e) = m.store.put_invitation(&id, !opts.multi_use, now_ms()).await {
+        return HttpResponse::ServiceUnavailable().json(json!({"error": "store-unavailable", "reason": e.to_string()}));
+    }
+    let inv = oob::invitation(m, &id);
+    HttpResponse::Created().json(json!({
+        "invitation_url": oob::invitation_url(m, &inv),
+        "invitation": inv,
+        "multi_use": opts.multi_use,
+    }))
 }
 
 /// Re-reads the peer list from the config file (as SIGHUP does).

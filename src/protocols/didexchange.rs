@@ -95,6 +95,7 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     if doc.recipient_keys.is_empty() {
         return Err(HandleError::BadMessage(format!("{their_did} has no recipient keys")));
     }
+    super::oob::claim(m, ctx).await?;
     let mut conn = new_connection(m, ctx, &format!("didexchange/{version}"), their_did, &doc);
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let mut response = ctx.reply("response");

@@ -317,6 +317,8 @@ pub enum HandleError {
     NoConnection,
     #[error("forward to unknown recipient key {0}")]
     UnknownRecipient(String),
+    #[error("invitation {0} was single-use and is already used")]
+    InvitationUsed(String),
     #[error("queue full for this recipient ({pending} messages, {bytes} bytes): try later")]
     QueueFull { pending: u64, bytes: u64 },
     #[error("store: {0}")]
@@ -341,6 +343,7 @@ impl HandleError {
             HandleError::Envelope(_) | HandleError::BadMessage(_) => 400,
             HandleError::NoConnection => 403,
             HandleError::UnknownRecipient(_) => 404,
+            HandleError::InvitationUsed(_) => 410,
             HandleError::QueueFull { .. } => 429,
             HandleError::Store(_) => 503,
             HandleError::Internal(_) => 500,
@@ -354,6 +357,7 @@ impl HandleError {
             HandleError::BadMessage(_) => "bad-message",
             HandleError::NoConnection => "no-connection",
             HandleError::UnknownRecipient(_) => "unknown-recipient",
+            HandleError::InvitationUsed(_) => "invitation-used",
             HandleError::QueueFull { .. } => "queue-full",
             HandleError::Store(_) => "store-unavailable",
             HandleError::Internal(_) => "internal",

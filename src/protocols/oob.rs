@@ -57,6 +57,18 @@ pub fn only_transport(mut inv: Value, scheme: &str) -> Value {
     inv
 }
 
+/// Claims the invitation a handshake request names (`~thread.pthid`): refused when it was
+/// single-use and is taken. Requests naming no invitation, or the public one, pass.
+pub async fn claim(m: &Mediator, ctx: &Inbound) -> Result<(), HandleError> {
+    let Some(p) = crate::didcomm::message::pthid(&ctx.msg) else {
+        return Ok(());
+    };
+    match m.store.use_invitation(&p).await? {
+        crate::store::InvitationUse::AlreadyUsed => Err(HandleError::InvitationUsed(p)),
+        _ => Ok(()),
+    }
+}
+
 pub fn handshake_reuse(_m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     ctx.require_conn()?;
     let mut r = ctx.reply("handshake-reuse-accepted");

@@ -247,6 +247,34 @@ pub async fn connection_patches_do_not_overwrite_each_other(b: Arc<dyn Backend>)
     assert_eq!(s.connection_by_their_verkey(&vk).await.unwrap().unwrap().id, id);
 }
 
+/// A single-use invitation is claimed once, even by racing handshakes on several nodes.
+pub async fn single_use_invitations_are_claimed_once(b: Arc<dyn Backend>) {
+    let s1 = b.open().await;
+    let s2 = b.open().await;
+    s1.put_invitation("inv-single", true, T0).await.unwrap();
+    s1.put_invitation("inv-multi", false, T0).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let s = if i % 2 == 0 { s1.clone() } else { s2.clone() };
+        tasks.push(tokio::spawn(
+            async move { s.use_invitation("inv-single").await.unwrap() },
+        ));
+    }
+    let mut uses = Vec::new();
+    for t in tasks {
+        uses.push(t.await.unwrap());
+    }
+    assert_eq!(
+        uses.iter().filter(|u| **u == InvitationUse::FirstUse).count(),
+        1,
+        "{uses:?}"
+    );
+    assert_eq!(uses.iter().filter(|u| **u == InvitationUse::AlreadyUsed).count(), 9);
+    assert_eq!(s2.use_invitation("inv-multi").await.unwrap(), InvitationUse::MultiUse);
+    assert_eq!(s2.use_invitation("inv-multi").await.unwrap(), InvitationUse::MultiUse);
+    assert_eq!(s1.use_invitation("never-issued").await.unwrap(), InvitationUse::Unknown);
+}
+
 pub async fn routing_keys(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let missing = new_id();
@@ -1283,6 +1311,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn connection_patches_do_not_overwrite_each_other() {
                 backend::run(super::connection_patches_do_not_overwrite_each_other).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn single_use_invitations_are_claimed_once() {
+                backend::run(super::single_use_invitations_are_claimed_once).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn routing_keys() {

@@ -103,6 +103,19 @@ impl ConnectionPatch {
     }
 }
 
+/// What a handshake may do with the invitation it names (`~thread.pthid`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InvitationUse {
+    /// Not recorded (the public multi-use invitation, or one this store never issued).
+    Unknown,
+    /// A recorded multi-use invitation.
+    MultiUse,
+    /// A single-use invitation, claimed now by this handshake.
+    FirstUse,
+    /// A single-use invitation someone already used: refuse.
+    AlreadyUsed,
+}
+
 /// Mediation state of a connection (coordinate-mediation 1.0).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub enum MediationState {
@@ -291,6 +304,11 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts or replaces a connection and maintains its indexes (their verkeys, thread id).
     async fn put_connection(&self, c: &Connection) -> StoreResult<()>;
     async fn get_connection(&self, id: &str) -> StoreResult<Option<Connection>>;
+    /// Records an invitation the admin API issued.
+    async fn put_invitation(&self, id: &str, single_use: bool, created_at_ms: i64) -> StoreResult<()>;
+    /// Claims an invitation for a handshake; a single-use one is claimed once, atomically
+    /// across every node sharing the store.
+    async fn use_invitation(&self, id: &str) -> StoreResult<InvitationUse>;
     /// Applies `patch` to the stored connection atomically; `None` when there is none.
     async fn update_connection(&self, id: &str, patch: &ConnectionPatch) -> StoreResult<Option<Connection>>;
     /// The connection one of whose `their_verkeys` is `verkey`. If several connections list the

@@ -33,7 +33,7 @@ use tokio_postgres::NoTls;
 
 use super::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, EnqueueLimits, Enqueued, Identity,
-    KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
+    InvitationUse, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
 };
 
 /// Most messages in one enqueue transaction.
@@ -58,9 +58,10 @@ const MIGRATION_LOCK: i32 = 0;
 /// First key of routing-key locks (second: a hash of the key).
 const KEY_LOCK_NS: i32 = LOCK_NS + 1;
 
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE mailroom_meta (k text COLLATE "C" PRIMARY KEY, v text NOT NULL);
 CREATE SEQUENCE mailroom_connection_writes;
 CREATE TABLE mailroom_connections (
@@ -106,7 +107,19 @@ CREATE TABLE mailroom_dedup (
 );
 CREATE INDEX mailroom_dedup_received ON mailroom_dedup (received_at_ms);
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+CREATE TABLE mailroom_invitations (
+    id text COLLATE "C" PRIMARY KEY,
+    single_use boolean NOT NULL,
+    used boolean NOT NULL DEFAULT false,
+    created_at_ms bigint NOT NULL
+);
+"#,
+    ),
+];
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
@@ -608,6 +621,46 @@ impl Store for PgStore {
             .map_err(pg_err)?;
         }
         tx.commit().await.map_err(pg_err)
+    }
+
+    async fn put_invitation(&self, id: &str, single_use: bool, created_at_ms: i64) -> StoreResult<()> {
+        check_storable("invitation id", id)?;
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO mailroom_invitations (id, single_use, created_at_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (id) DO NOTHING",
+            &[&id, &single_use, &created_at_ms],
+        )
+        .await
+        .map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn use_invitation(&self, id: &str) -> StoreResult<InvitationUse> {
+        if !storable(id) {
+            return Ok(InvitationUse::Unknown);
+        }
+        let c = self.client().await?;
+        // One statement: the claim of a single-use invitation is atomic across nodes.
+        let claimed = c
+            .execute(
+                "UPDATE mailroom_invitations SET used = true WHERE id = $1 AND single_use AND NOT used",
+                &[&id],
+            )
+            .await
+            .map_err(pg_err)?;
+        if claimed == 1 {
+            return Ok(InvitationUse::FirstUse);
+        }
+        let row = c
+            .query_opt("SELECT single_use FROM mailroom_invitations WHERE id = $1", &[&id])
+            .await
+            .map_err(pg_err)?;
+        Ok(match row.map(|r| r.get::<_, bool>(0)) {
+            None => InvitationUse::Unknown,
+            Some(true) => InvitationUse::AlreadyUsed,
+            Some(false) => InvitationUse::MultiUse,
+        })
     }
 
     async fn update_connection(&self, id: &str, patch: &ConnectionPatch) -> StoreResult<Option<Connection>> {

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, EnqueueLimits, Enqueued, Identity,
-    KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
+    InvitationUse, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
 };
 
 /// Most messages the writer puts in one flush. Bounds the latency of the first caller of a
@@ -110,6 +110,8 @@ struct Inner {
     msgs: sled::Tree,
     attempts: sled::Tree,
     dedup: sled::Tree,
+    /// invitation id -> [single_use, used]
+    invitations: sled::Tree,
     /// Serialises connection and key writes (transactions then never conflict).
     meta_lock: Mutex<()>,
     queues: Mutex<Queues>,
@@ -253,6 +255,7 @@ impl Inner {
             msgs: t("msgs")?,
             attempts: t("attempts")?,
             dedup: t("dedup")?,
+            invitations: t("invitations")?,
             db,
             meta_lock: Mutex::new(()),
             queues: Mutex::new(Queues::default()),
@@ -696,6 +699,45 @@ impl Store for SledStore {
                 })
                 .map_err(tx_err)?;
             inner.flush()
+        })
+        .await
+    }
+
+    async fn put_invitation(&self, id: &str, single_use: bool, _created_at_ms: i64) -> StoreResult<()> {
+        check_storable("invitation id", id)?;
+        let id = id.to_owned();
+        self.blocking(move |inner| {
+            inner
+                .invitations
+                .insert(id.as_bytes(), &[u8::from(single_use), 0][..])
+                .map_err(unavailable)?;
+            inner.flush()
+        })
+        .await
+    }
+
+    async fn use_invitation(&self, id: &str) -> StoreResult<InvitationUse> {
+        if !storable(id) {
+            return Ok(InvitationUse::Unknown);
+        }
+        let id = id.to_owned();
+        self.blocking(move |inner| {
+            let _g = inner.meta_lock.lock();
+            let Some(v) = inner.invitations.get(id.as_bytes()).map_err(unavailable)? else {
+                return Ok(InvitationUse::Unknown);
+            };
+            match (v.first().copied(), v.get(1).copied()) {
+                (Some(1), Some(0)) => {
+                    inner
+                        .invitations
+                        .insert(id.as_bytes(), &[1u8, 1][..])
+                        .map_err(unavailable)?;
+                    inner.flush()?;
+                    Ok(InvitationUse::FirstUse)
+                }
+                (Some(1), _) => Ok(InvitationUse::AlreadyUsed),
+                _ => Ok(InvitationUse::MultiUse),
+            }
         })
         .await
     }
