@@ -38,6 +38,8 @@ pub struct Metrics {
     pub notifications_failed: Counter,
     /// Time to accept one forward durably: unpack, route, commit.
     pub forward_seconds: Histogram,
+    /// Every store call, by operation (`op` label), whatever the backend.
+    pub store_latency: crate::store::metered::StoreLatency,
 }
 
 impl Default for Metrics {
@@ -66,6 +68,7 @@ impl Metrics {
             notifications_received: Counter::default(),
             notifications_failed: Counter::default(),
             forward_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            store_latency: crate::store::metered::latency_family(),
             registry: Registry::default(),
         };
         registry.register(
@@ -131,6 +134,11 @@ impl Metrics {
             "forward_seconds",
             "Time to accept a forward durably (unpack, route, commit)",
             m.forward_seconds.clone(),
+        );
+        registry.register(
+            "store_seconds",
+            "Store call latency by operation",
+            m.store_latency.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -81,17 +81,18 @@ pub async fn run(
     let store = opts.store.clone();
     let cfg = Arc::new(cfg);
     let node = cfg.node(node_id)?.clone();
+    let metrics = Arc::new(Metrics::new());
     let store = match store {
         Some(s) => s,
         None => open_store(&cfg).await?,
     };
+    let store = crate::store::metered::Metered::wrap(store, metrics.store_latency.clone());
     let candidate = MediatorKeys::generate().to_identity(now_ms());
     let identity = store.identity_get_or_create(candidate).await?;
     let keys = MediatorKeys::from_identity(&identity).map_err(anyhow::Error::msg)?;
     let public_addr = listeners.public_addr();
     let public_url = cfg.public_url(&node, Some(public_addr));
     let mediator = Arc::new(Mediator::new(store.clone(), keys, &cfg, node_id, &public_url));
-    let metrics = Arc::new(Metrics::new());
 
     // Cluster: every other [[node]] is a peer.
     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel::<ClusterEvent>(4096);

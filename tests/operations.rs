@@ -118,6 +118,8 @@ async fn admin_endpoints_show_connections_sessions_and_invitations() {
         "mailroom_queue_depth",
         "mailroom_oldest_message_age_seconds",
         "mailroom_forward_seconds_bucket",
+        "mailroom_store_seconds_bucket{le=\"0.00005\",op=\"enqueue\"}",
+        "mailroom_store_seconds_count{op=\"route\"}",
         "mailroom_cluster_notifications_sent_total",
     ] {
         assert!(text.contains(name), "{name} missing from\n{text}");

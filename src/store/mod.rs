@@ -62,6 +62,7 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(test)]
 mod conformance;
+pub mod metered;
 pub mod postgres;
 pub mod sled_store;
 

@@ -1,0 +1,152 @@
+//! A [`Store`] wrapper that times every call into a histogram labelled by operation
+//! (`mailroom_store_seconds{op="enqueue"}`), whatever the backend. The node wraps its store
+//! in it; nothing else changes.
+
+use super::*;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: &'static str,
+}
+
+pub type StoreLatency = Family<OpLabel, Histogram, fn() -> Histogram>;
+
+/// 50 us .. ~1.6 s.
+pub fn latency_family() -> StoreLatency {
+    Family::new_with_constructor(|| {
+        Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+            0.00005, 2.0, 16,
+        ))
+    })
+}
+
+pub struct Metered {
+    inner: Arc<dyn Store>,
+    latency: StoreLatency,
+}
+
+impl Metered {
+    pub fn wrap(inner: Arc<dyn Store>, latency: StoreLatency) -> Arc<dyn Store> {
+        Arc::new(Metered { inner, latency })
+    }
+
+    async fn timed<T>(&self, op: &'static str, f: impl Future<Output = T>) -> T {
+        let start = Instant::now();
+        let out = f.await;
+        self.latency
+            .get_or_create(&OpLabel { op })
+            .observe(start.elapsed().as_secs_f64());
+        out
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Metered {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn health(&self) -> StoreResult<()> {
+        self.timed("health", self.inner.health()).await
+    }
+    async fn identity_get_or_create(&self, candidate: Identity) -> StoreResult<Identity> {
+        self.timed("identity", self.inner.identity_get_or_create(candidate))
+            .await
+    }
+    async fn put_connection(&self, c: &Connection) -> StoreResult<()> {
+        self.timed("put_connection", self.inner.put_connection(c)).await
+    }
+    async fn get_connection(&self, id: &str) -> StoreResult<Option<Connection>> {
+        self.timed("get_connection", self.inner.get_connection(id)).await
+    }
+    async fn put_invitation(&self, id: &str, single_use: bool, created_at_ms: i64) -> StoreResult<()> {
+        self.timed(
+            "put_invitation",
+            self.inner.put_invitation(id, single_use, created_at_ms),
+        )
+        .await
+    }
+    async fn use_invitation(&self, id: &str) -> StoreResult<InvitationUse> {
+        self.timed("use_invitation", self.inner.use_invitation(id)).await
+    }
+    async fn update_connection(&self, id: &str, patch: &ConnectionPatch) -> StoreResult<Option<Connection>> {
+        self.timed("update_connection", self.inner.update_connection(id, patch))
+            .await
+    }
+    async fn connection_by_their_verkey(&self, verkey: &str) -> StoreResult<Option<Connection>> {
+        self.timed("connection_by_verkey", self.inner.connection_by_their_verkey(verkey))
+            .await
+    }
+    async fn connection_by_thread(&self, thid: &str) -> StoreResult<Option<Connection>> {
+        self.timed("connection_by_thread", self.inner.connection_by_thread(thid))
+            .await
+    }
+    async fn list_connections(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Connection>> {
+        self.timed("list_connections", self.inner.list_connections(after, limit))
+            .await
+    }
+    async fn update_keys(
+        &self,
+        conn: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> StoreResult<Vec<(String, KeyUpdate)>> {
+        self.timed("update_keys", self.inner.update_keys(conn, add, remove))
+            .await
+    }
+    async fn keys_of(&self, conn: &str) -> StoreResult<Vec<String>> {
+        self.timed("keys_of", self.inner.keys_of(conn)).await
+    }
+    async fn route(&self, recipient_key: &str) -> StoreResult<Option<ConnId>> {
+        self.timed("route", self.inner.route(recipient_key)).await
+    }
+    async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        self.timed("enqueue", self.inner.enqueue(msgs, limits)).await
+    }
+    async fn lease(
+        &self,
+        conn: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        self.timed("lease", self.inner.lease(conn, max, owner, now_ms, until_ms))
+            .await
+    }
+    async fn ack(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
+        self.timed("ack", self.inner.ack(conn, ids)).await
+    }
+    async fn release(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
+        self.timed("release", self.inner.release(conn, ids)).await
+    }
+    async fn release_owner(&self, owner: &str) -> StoreResult<u64> {
+        self.timed("release_owner", self.inner.release_owner(owner)).await
+    }
+    async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
+        self.timed("queue_stats", self.inner.queue_stats(conn, now_ms)).await
+    }
+    async fn total_queued(&self) -> StoreResult<u64> {
+        self.timed("total_queued", self.inner.total_queued()).await
+    }
+    async fn connections_with_pending(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
+        self.timed(
+            "connections_with_pending",
+            self.inner.connections_with_pending(now_ms, limit),
+        )
+        .await
+    }
+    async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
+        self.timed("expire", self.inner.expire(received_before_ms)).await
+    }
+    async fn oldest_received_ms(&self) -> StoreResult<Option<i64>> {
+        self.timed("oldest_received", self.inner.oldest_received_ms()).await
+    }
+    async fn flush(&self) -> StoreResult<()> {
+        self.timed("flush", self.inner.flush()).await
+    }
+}
