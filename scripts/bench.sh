@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds mailroom in release and runs the load generator (benches/loadgen.rs): prints one table
+# of the figures the project is measured on (method: docs/BENCHMARKS.md). Everything runs on
+# 127.0.0.1 against a mailroom child process or in-process nodes; PostgreSQL on 127.0.0.1:5432
+# (a fresh database per run, dropped after it). Takes about 3 minutes after the build.
+#
+#   scripts/bench.sh                        # every section
+#   LOADGEN_ONLY=sled,live scripts/bench.sh # some sections: crypto,sled,pg,cluster,sweep,live,sessions
+#   LOADGEN_MD=bench.md scripts/bench.sh    # also write the table as Markdown
+# Other knobs (LOADGEN_SECS, LOADGEN_SENDERS, LOADGEN_ENVELOPES, ...) are listed at the top of
+# benches/loadgen.rs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ ",${LOADGEN_ONLY:-pg}," =~ ,(pg|cluster|sweep), ]]; then
+  scripts/ensure-postgres.sh
+fi
+# The sessions section needs one descriptor per socket on each side.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+cargo bench --locked --bench loadgen
