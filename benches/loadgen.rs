@@ -570,6 +570,10 @@ impl ChildNode {
             admin,
             _dir: dir,
         };
+        eprintln!(
+            "  mailroom child pid {} (public {public}, admin {admin})",
+            node.child.id()
+        );
         let ready = format!("http://{admin}/ready");
         wait_for("the mailroom child to be ready", Duration::from_secs(60), || async {
             get_json(&ready).await.ok().filter(|v| v["ready"] == true)
@@ -617,6 +621,22 @@ async fn pg_exec(admin: &str, sql: &str) -> Result<()> {
     drop(client);
     let _ = task.await;
     Ok(())
+}
+
+/// The server processes serving database `db` (the node's pool connections).
+async fn pg_backend_pids(admin: &str, db: &str) -> Result<Vec<String>> {
+    let (client, conn) = tokio_postgres::connect(admin, tokio_postgres::NoTls).await?;
+    let task = tokio::spawn(conn);
+    let rows = client
+        .query("SELECT pid FROM pg_stat_activity WHERE datname = $1", &[&db])
+        .await?;
+    drop(client);
+    let _ = task.await;
+    Ok(rows.iter().map(|r| r.get::<_, i32>(0).to_string()).collect())
+}
+
+fn cpu_sum(pids: &[String]) -> f64 {
+    pids.iter().filter_map(|p| cpu_secs(p).ok()).sum()
 }
 
 impl FreshDb {
@@ -733,26 +753,39 @@ struct LoadResult {
     lat_us: Vec<u64>,
     node_cpu: f64,
     self_cpu: f64,
+    /// CPU of the node's PostgreSQL backends over the window (PostgreSQL runs only).
+    pg_cpu: f64,
+    pg_backends: usize,
     exhausted: bool,
     warm: u64,
 }
 
 /// `senders` tasks on this (single) thread POST pre-built requests back to back: a warm-up,
 /// then the measured window. Each request is used once.
-async fn forward_load(node: &ChildNode, reqs: Arc<Vec<Vec<u8>>>, o: &Opts) -> Result<LoadResult> {
+async fn forward_load(node: &ChildNode, reqs: Arc<Vec<Vec<u8>>>, o: &Opts, db: Option<&FreshDb>) -> Result<LoadResult> {
     let start = Instant::now();
     let measure_from = start + Duration::from_millis(o.warmup_ms);
     let deadline = measure_from + Duration::from_secs(o.secs);
     let next = Rc::new(Cell::new(0usize));
-    let cpu0: Rc<Cell<Option<(f64, f64)>>> = Rc::new(Cell::new(None));
+    let cpu0: Rc<Cell<Option<(f64, f64, f64)>>> = Rc::new(Cell::new(None));
+    let pg_pids: Rc<RefCell<Vec<String>>> = Rc::new(RefCell::new(Vec::new()));
     let pid = node.pid().to_string();
     {
-        let cpu0 = cpu0.clone();
-        let pid = pid.clone();
+        let (cpu0, pid, pg_pids) = (cpu0.clone(), pid.clone(), pg_pids.clone());
+        let db = db.map(|d| (d.admin.clone(), d.name.clone()));
         actix_rt::spawn(async move {
+            if let Some((admin, name)) = &db {
+                // Find the node's PostgreSQL backends shortly before the window (after the pool
+                // has grown under the warm-up).
+                tokio::time::sleep_until((measure_from - Duration::from_millis(200)).into()).await;
+                if let Ok(p) = pg_backend_pids(admin, name).await {
+                    *pg_pids.borrow_mut() = p;
+                }
+            }
             tokio::time::sleep_until(measure_from.into()).await;
             if let (Ok(a), Ok(b)) = (cpu_secs(&pid), cpu_secs("self")) {
-                cpu0.set(Some((a, b)));
+                let pg = cpu_sum(&pg_pids.borrow());
+                cpu0.set(Some((a, b, pg)));
             }
         });
     }
@@ -804,6 +837,8 @@ async fn forward_load(node: &ChildNode, reqs: Arc<Vec<Vec<u8>>>, o: &Opts) -> Re
         lat_us: Vec::new(),
         node_cpu: 0.0,
         self_cpu: 0.0,
+        pg_cpu: 0.0,
+        pg_backends: 0,
         exhausted: false,
         warm: 0,
     };
@@ -823,9 +858,11 @@ async fn forward_load(node: &ChildNode, reqs: Arc<Vec<Vec<u8>>>, o: &Opts) -> Re
     }
     let end = Instant::now();
     res.window = end.saturating_duration_since(measure_from);
-    let (c0, s0) = cpu0.get().context("the warm-up did not finish (too few envelopes?)")?;
+    let (c0, s0, p0) = cpu0.get().context("the warm-up did not finish (too few envelopes?)")?;
     res.node_cpu = cpu_secs(&pid)? - c0;
     res.self_cpu = cpu_secs("self")? - s0;
+    res.pg_cpu = cpu_sum(&pg_pids.borrow()) - p0;
+    res.pg_backends = pg_pids.borrow().len();
     res.lat_us.sort_unstable();
     Ok(res)
 }
@@ -855,7 +892,7 @@ async fn single_node_forwards(t: &mut Table, o: &Opts, backend: &str, floor_us: 
         o.warmup_ms,
         o.secs
     );
-    let r = forward_load(&node, reqs, o).await?;
+    let r = forward_load(&node, reqs, o, db.as_ref()).await?;
     let secs = r.window.as_secs_f64();
     let rate = r.accepted as f64 / secs;
     let admin = node.admin_url();
@@ -916,6 +953,19 @@ async fn single_node_forwards(t: &mut Table, o: &Opts, backend: &str, floor_us: 
             r.self_cpu / (r.accepted.max(1) as f64) * 1e6
         ),
     );
+    if db.is_some() {
+        t.add(
+            "PostgreSQL backend CPU per accepted forward",
+            format!("{:.0}", r.pg_cpu / r.accepted.max(1) as f64 * 1e6),
+            "us",
+            "",
+            format!(
+                "utime+stime of the {} server processes serving the node's database ({:.2} cores busy); WAL writer and checkpointer not included",
+                r.pg_backends,
+                r.pg_cpu / secs
+            ),
+        );
+    }
     drop(node);
     drop(db);
     Ok(())
