@@ -7,6 +7,7 @@
 //! - `sled`/`pg`: forwards accepted/s by one `mailroom` child process (sled / PostgreSQL),
 //!   request latency p50/p99, and the child's CPU time per accepted forward.
 //! - `cluster`:  cross-node live delivery latency on 3 in-process nodes sharing PostgreSQL.
+//! - `samenode`: the same with the POSTs on the socket's own node (baseline for the hop).
 //! - `sweep`:    the same with the cluster link cut: delivery bounded by the sweep interval.
 //! - `sessions`: RSS per idle bound WebSocket session of a `mailroom` child process.
 //! - `live`:     delivered msg/s to one wallet in live mode (1,000 queued, delivered, acked).
@@ -182,6 +183,16 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
+}
+
+/// p90/p95/p98 of a sorted latency list, for the notes.
+fn tail(sorted: &[u64]) -> String {
+    format!(
+        "p90 {} p95 {} p98 {} ms",
+        ms(pct(sorted, 0.90)),
+        ms(pct(sorted, 0.95)),
+        ms(pct(sorted, 0.98))
+    )
 }
 
 fn ms(us: u64) -> String {
@@ -1076,7 +1087,30 @@ struct LatencyResult {
 /// Forwards POSTed to `via` at `rate`/s for `secs`; the wallet's live socket is on `home`;
 /// latency = delivery frame read on the socket - POST's 2xx read. Deliveries are acknowledged
 /// with messages-received over HTTP to `home`, as Credo 0.6.3 does.
-async fn live_latency(home: &RunningNode, via: &RunningNode, rate: u64, secs: u64, cut: bool) -> Result<LatencyResult> {
+/// Where a latency run sends: an in-process node or a child process.
+struct Target {
+    node_id: String,
+    public_addr: SocketAddr,
+    admin: String,
+}
+
+impl Target {
+    fn of(n: &RunningNode) -> Target {
+        Target {
+            node_id: n.node_id.clone(),
+            public_addr: n.public_addr,
+            admin: n.admin_url(),
+        }
+    }
+    fn public_url(&self) -> String {
+        format!("http://{}", self.public_addr)
+    }
+    fn admin_url(&self) -> String {
+        self.admin.clone()
+    }
+}
+
+async fn live_latency(home: &Target, via: &Target, rate: u64, secs: u64, cut: bool) -> Result<LatencyResult> {
     let ws_url = format!("ws://{}/", home.public_addr);
     let wallets = onboard(&home.public_url(), 1).await?;
     let w = wallets.into_iter().next().context("one wallet")?;
@@ -1085,7 +1119,7 @@ async fn live_latency(home: &RunningNode, via: &RunningNode, rate: u64, secs: u6
         .context("connection id")?
         .to_string();
     let ws = live_socket(&w.agent, &ws_url).await?;
-    if !cut {
+    if !cut && home.node_id != via.node_id {
         let url = format!("{}/cluster", via.admin_url());
         wait_for(
             "the sending node sees the wallet's session owner",
@@ -1237,18 +1271,26 @@ async fn live_latency(home: &RunningNode, via: &RunningNode, rate: u64, secs: u6
 
 async fn cluster_latency(t: &mut Table, o: &Opts) -> Result<()> {
     let c = start_cluster(o, 3, false).await?;
-    let r = live_latency(&c.nodes[0], &c.nodes[1], o.rate, o.secs, false).await?;
+    let r = live_latency(
+        &Target::of(&c.nodes[0]),
+        &Target::of(&c.nodes[1]),
+        o.rate,
+        o.secs,
+        false,
+    )
+    .await?;
     let note = format!(
-        "3 in-process nodes, one PostgreSQL; socket on n1, {}/s POSTed to n2 for {} s: {} sent, {} accepted, {} delivered live; {} arrived before the POST's 2xx (counted 0); from POST sent: p50 {} p99 {} ms; max {} ms",
+        "3 in-process nodes, one PostgreSQL; socket on n1, {}/s POSTed to n2 for {} s: {} sent, {} accepted, {} delivered live; {} arrived before the POST's 2xx (counted 0); {}; max {} ms; from POST sent: p50 {} p99 {} ms",
         o.rate,
         o.secs,
         r.sent,
         r.accepted,
         r.delivered,
         r.before_2xx,
+        tail(&r.lat_us),
+        ms(r.lat_us.last().copied().unwrap_or(0)),
         ms(pct(&r.from_send_us, 0.5)),
         ms(pct(&r.from_send_us, 0.99)),
-        ms(r.lat_us.last().copied().unwrap_or(0)),
     );
     t.add(
         "cross-node live delivery latency p50",
@@ -1268,10 +1310,69 @@ async fn cluster_latency(t: &mut Table, o: &Opts) -> Result<()> {
     Ok(())
 }
 
+/// Baselines for the cluster hop: the same measurement with the POSTs on the socket's own node,
+/// on PostgreSQL (one in-process node) and on sled (a child process).
+async fn same_node_latency(t: &mut Table, o: &Opts) -> Result<()> {
+    for backend in ["PostgreSQL", "sled"] {
+        let (r, what) = if backend == "sled" {
+            let node = ChildNode::start(None).await?;
+            let tg = Target {
+                node_id: "n1".into(),
+                public_addr: node.public,
+                admin: node.admin_url(),
+            };
+            (
+                live_latency(&tg, &tg, o.rate, o.secs, false).await?,
+                "a mailroom child process",
+            )
+        } else {
+            let c = start_cluster(o, 1, false).await?;
+            let tg = Target::of(&c.nodes[0]);
+            (
+                live_latency(&tg, &tg, o.rate, o.secs, false).await?,
+                "one in-process node",
+            )
+        };
+        t.add(
+            &format!("same-node live delivery latency p50, {backend}"),
+            ms(pct(&r.lat_us, 0.50)),
+            "ms",
+            "",
+            format!("baseline for the cluster hop: {what}, POSTs to the socket's own node"),
+        );
+        t.add(
+            &format!("same-node live delivery latency p99, {backend}"),
+            ms(pct(&r.lat_us, 0.99)),
+            "ms",
+            "",
+            format!(
+                "{}/s for {} s: {} sent, {} accepted, {} delivered; {} arrived before the POST's 2xx; {}; from POST sent: p50 {} p99 {} ms",
+                o.rate,
+                o.secs,
+                r.sent,
+                r.accepted,
+                r.delivered,
+                r.before_2xx,
+                tail(&r.lat_us),
+                ms(pct(&r.from_send_us, 0.5)),
+                ms(pct(&r.from_send_us, 0.99)),
+            ),
+        );
+    }
+    Ok(())
+}
+
 async fn sweep_latency(t: &mut Table, o: &Opts) -> Result<()> {
     let c = start_cluster(o, 2, true).await?;
     let sweep = Config::single_node_default().delivery.sweep_interval_ms;
-    let r = live_latency(&c.nodes[0], &c.nodes[1], o.sweep_rate, o.secs, true).await?;
+    let r = live_latency(
+        &Target::of(&c.nodes[0]),
+        &Target::of(&c.nodes[1]),
+        o.sweep_rate,
+        o.secs,
+        true,
+    )
+    .await?;
     let note = format!(
         "cluster link cut (peer addresses point at closed ports), sweep_interval_ms = {sweep} (default); {}/s POSTed to n2 for {} s: {} sent, {} accepted, {} delivered; max {} ms",
         o.sweep_rate,
@@ -1539,6 +1640,12 @@ fn main() {
             eprintln!("[cluster] cross-node live delivery latency");
             if let Err(e) = cluster_latency(&mut t, &o).await {
                 t.failed("cluster", &e);
+            }
+        }
+        if o.wants("samenode") {
+            eprintln!("[samenode] live delivery latency on one node (baseline)");
+            if let Err(e) = same_node_latency(&mut t, &o).await {
+                t.failed("samenode", &e);
             }
         }
         if o.wants("sweep") {

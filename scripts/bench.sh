@@ -5,13 +5,13 @@
 # (a fresh database per run, dropped after it). Takes about 3 minutes after the build.
 #
 #   scripts/bench.sh                        # every section
-#   LOADGEN_ONLY=sled,live scripts/bench.sh # some sections: crypto,sled,pg,cluster,sweep,live,sessions
+#   LOADGEN_ONLY=sled,live scripts/bench.sh # some sections: crypto,sled,pg,cluster,samenode,sweep,live,sessions
 #   LOADGEN_MD=bench.md scripts/bench.sh    # also write the table as Markdown
 # Other knobs (LOADGEN_SECS, LOADGEN_SENDERS, LOADGEN_ENVELOPES, ...) are listed at the top of
 # benches/loadgen.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [[ ",${LOADGEN_ONLY:-pg}," =~ ,(pg|cluster|sweep), ]]; then
+if [[ ",${LOADGEN_ONLY:-pg}," =~ ,(pg|cluster|samenode|sweep), ]]; then
   scripts/ensure-postgres.sh
 fi
 # The sessions section needs one descriptor per socket on each side.
