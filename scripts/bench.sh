@@ -2,7 +2,7 @@
 # Builds mailroom in release and runs the load generator (benches/loadgen.rs): prints one table
 # of the figures the project is measured on (method: docs/BENCHMARKS.md). Everything runs on
 # 127.0.0.1 against a mailroom child process or in-process nodes; PostgreSQL on 127.0.0.1:5432
-# (a fresh database per run, dropped after it). Takes about 3 minutes after the build.
+# (a fresh database per run, dropped after it). The runs take ~2 minutes after the build.
 #
 #   scripts/bench.sh                        # every section
 #   LOADGEN_ONLY=sled,live scripts/bench.sh # some sections: crypto,sled,pg,cluster,samenode,sweep,live,sessions
