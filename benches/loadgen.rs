@@ -16,7 +16,7 @@
 //! LOADGEN_WARMUP_MS (1000), LOADGEN_SENDERS (64), LOADGEN_ENVELOPES (60000),
 //! LOADGEN_WALLETS (16), LOADGEN_RATE (200), LOADGEN_SWEEP_RATE (50), LOADGEN_SESSIONS (5000),
 //! LOADGEN_LIVE_MSGS (1000), LOADGEN_PG (admin connection string), LOADGEN_MD (write the table
-//! as Markdown to this file too).
+//! as Markdown to this file too), LOADGEN_RUN=1 (run when started without `--bench`).
 
 use anyhow::{anyhow, bail, Context, Result};
 use mailroom::client::{basic_message, Agent, Invitation, Sender, WsClient, WsEvent};
@@ -1603,6 +1603,12 @@ async fn live_throughput(t: &mut Table, o: &Opts) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 
 fn main() {
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary without it, and a
+    // two-minute load run has no place in a test run.
+    if !std::env::args().any(|a| a == "--bench") && std::env::var_os("LOADGEN_RUN").is_none() {
+        println!("loadgen: run with `cargo bench --bench loadgen` or scripts/bench.sh (or LOADGEN_RUN=1); skipped");
+        return;
+    }
     let o = Opts::from_env();
     let started = Instant::now();
     let date = std::process::Command::new("date")
