@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds mailroom in release and runs the load generator (benches/loadgen.rs): prints one table
+# of the figures the project is measured on (method: docs/BENCHMARKS.md). Everything runs on
+# 127.0.0.1 against a mailroom child process or in-process nodes; PostgreSQL on 127.0.0.1:5432
+# (a fresh database per run, dropped after it). The runs take ~2 minutes after the build.
+#
+#   scripts/bench.sh                        # every section
+#   LOADGEN_ONLY=sled,live scripts/bench.sh # some sections: crypto,sled,pg,cluster,samenode,sweep,live,sessions
+#   LOADGEN_MD=bench.md scripts/bench.sh    # also write the table as Markdown
+# Other knobs (LOADGEN_SECS, LOADGEN_SENDERS, LOADGEN_ENVELOPES, ...) are listed at the top of
+# benches/loadgen.rs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ ",${LOADGEN_ONLY:-pg}," =~ ,(pg|cluster|samenode|sweep), ]]; then
+  scripts/ensure-postgres.sh
+fi
+# The sessions section needs one descriptor per socket on each side.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+# In-process nodes print their listen address and invitation on stdout: keep the table readable.
+cargo bench --locked --bench loadgen | grep -Ev '^(invitation: |mailroom node )'
