@@ -172,6 +172,9 @@ pub async fn run(
     let public_server = {
         let shared = shared.clone();
         HttpServer::new(move || App::new().configure(|c| public_http::configure(c, shared.clone())))
+            // Live deliveries are small frames written back to back: without TCP_NODELAY each
+            // waits for the wallet's delayed ACK (up to 40 ms; measured in docs/BENCHMARKS.md).
+            .tcp_nodelay(true)
             .listen(listeners.public)?
             .disable_signals()
             .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
@@ -208,6 +211,7 @@ pub async fn run(
     let admin_server = {
         let st = admin_state.clone();
         HttpServer::new(move || App::new().configure(|c| admin::configure(c, st.clone())))
+            .tcp_nodelay(true)
             .listen(listeners.admin)?
             .disable_signals()
             .workers(1)

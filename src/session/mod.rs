@@ -21,6 +21,9 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+/// Entries of the connection -> endpoint cache before it is cleared.
+const ENDPOINT_CACHE_MAX: usize = 200_000;
+
 pub struct Shared {
     pub mediator: Arc<Mediator>,
     pub registry: Addr<Registry>,
@@ -32,6 +35,10 @@ pub struct Shared {
     next_session: AtomicU64,
     /// Connections whose queue is being POSTed to their endpoint by this node.
     endpoint_busy: Mutex<HashSet<String>>,
+    /// connection -> its own HTTP endpoint, if any. Endpoints are fixed when a connection is
+    /// made, so this never goes stale; it spares a store read on every forward to an offline
+    /// wallet (almost every forward). Cleared when it reaches `ENDPOINT_CACHE_MAX`.
+    endpoint_cache: Mutex<std::collections::HashMap<String, Option<String>>>,
     /// Set once shutdown starts: new sockets are refused.
     pub draining: AtomicBool,
 }
@@ -53,6 +60,7 @@ impl Shared {
             open_sockets: AtomicUsize::new(0),
             next_session: AtomicU64::new(1),
             endpoint_busy: Mutex::new(HashSet::new()),
+            endpoint_cache: Mutex::new(std::collections::HashMap::new()),
             draining: AtomicBool::new(false),
         }
     }
@@ -101,10 +109,23 @@ impl Shared {
     /// POSTs a connection's queue to its own HTTP endpoint, if it has one (ACA-Py-style
     /// mediation clients). One drain per connection per node at a time; leases keep nodes apart.
     pub async fn deliver_to_endpoint(self: &Arc<Self>, conn: &str) {
-        let Ok(Some(c)) = self.mediator.store.get_connection(conn).await else {
-            return;
+        let cached = self.endpoint_cache.lock().get(conn).cloned();
+        let endpoint = match cached {
+            Some(e) => e,
+            None => {
+                let Ok(Some(c)) = self.mediator.store.get_connection(conn).await else {
+                    return;
+                };
+                let e = outbound::http_endpoint(&c).map(str::to_string);
+                let mut cache = self.endpoint_cache.lock();
+                if cache.len() >= ENDPOINT_CACHE_MAX {
+                    cache.clear();
+                }
+                cache.insert(conn.to_string(), e.clone());
+                e
+            }
         };
-        let Some(endpoint) = outbound::http_endpoint(&c).map(str::to_string) else {
+        let Some(endpoint) = endpoint else {
             return;
         };
         if !self.endpoint_busy.lock().insert(conn.to_string()) {
@@ -113,7 +134,7 @@ impl Shared {
         let this = self.clone();
         let conn = conn.to_string();
         actix_rt::spawn(async move {
-            outbound::drain_to_endpoint(&this, &c, &endpoint).await;
+            outbound::drain_to_endpoint(&this, &conn, &endpoint).await;
             this.endpoint_busy.lock().remove(&conn);
         });
     }

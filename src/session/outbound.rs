@@ -60,7 +60,7 @@ pub async fn send_replies(shared: &Arc<Shared>, conn: &Connection, replies: &[Va
 
 /// Drains a connection's queue to its endpoint, a batch at a time, until it is empty or a
 /// POST fails.
-pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &Connection, endpoint: &str) {
+pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str) {
     let store = &shared.mediator.store;
     let owner = format!("{}/endpoint", shared.mediator.node_id);
     let timeout = Duration::from_millis(shared.cfg.delivery.endpoint_timeout_ms);
@@ -68,7 +68,7 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &Connection, endpoint
         let now = now_ms();
         let batch = match store
             .lease(
-                &conn.id,
+                conn,
                 shared.mediator.batch_size,
                 &owner,
                 now,
@@ -79,7 +79,7 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &Connection, endpoint
             Ok(b) if !b.is_empty() => b,
             Ok(_) => return,
             Err(e) => {
-                tracing::warn!(connection = %conn.id, "endpoint delivery: store: {e}");
+                tracing::warn!(connection = %conn, "endpoint delivery: store: {e}");
                 return;
             }
         };
@@ -92,17 +92,17 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &Connection, endpoint
             match post_envelope(endpoint, q.payload.clone(), timeout).await {
                 Ok(()) => done.push(q.id),
                 Err(e) => {
-                    tracing::info!(connection = %conn.id, "endpoint delivery failed, kept queued: {e}");
+                    tracing::info!(connection = %conn, "endpoint delivery failed, kept queued: {e}");
                     failed.push(q.id);
                 }
             }
         }
         if !done.is_empty() {
-            let _ = store.ack(&conn.id, &done).await;
+            let _ = store.ack(conn, &done).await;
             shared.metrics.delivered("endpoint", done.len() as u64);
         }
         if !failed.is_empty() {
-            let _ = store.release(&conn.id, &failed).await;
+            let _ = store.release(conn, &failed).await;
             return;
         }
     }
