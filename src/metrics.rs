@@ -38,6 +38,8 @@ pub struct Metrics {
     pub notifications_failed: Counter,
     /// Time to accept one forward durably: unpack, route, commit.
     pub forward_seconds: Histogram,
+    /// Delivery to acknowledgement (pickup 2.0 messages-received).
+    pub ack_lag: Histogram,
     /// Every store call, by operation (`op` label), whatever the backend.
     pub store_latency: crate::store::metered::StoreLatency,
 }
@@ -68,6 +70,7 @@ impl Metrics {
             notifications_received: Counter::default(),
             notifications_failed: Counter::default(),
             forward_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            ack_lag: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             store_latency: crate::store::metered::latency_family(),
             registry: Registry::default(),
         };
@@ -136,6 +139,11 @@ impl Metrics {
             m.forward_seconds.clone(),
         );
         registry.register(
+            "ack_lag_seconds",
+            "Time from a delivery to its messages-received",
+            m.ack_lag.clone(),
+        );
+        registry.register(
             "store_seconds",
             "Store call latency by operation",
             m.store_latency.clone(),
@@ -151,6 +159,14 @@ impl Metrics {
         self.rejected
             .get_or_create(&ReasonLabel { reason: reason.into() })
             .inc();
+    }
+
+    /// Counts acknowledgements and their lag (from the protocol outcome).
+    pub fn acknowledged(&self, count: u64, lags_ms: &[i64]) {
+        self.acknowledged.inc_by(count);
+        for l in lags_ms {
+            self.ack_lag.observe(*l as f64 / 1000.0);
+        }
     }
 
     pub fn encode(&self) -> String {

@@ -281,6 +281,10 @@ async fn live_mode_over_websocket_with_acks_over_http() {
         .await
         .unwrap();
     assert_eq!(queue_depth(&n).await, 0);
+    // Six deliveries acknowledged: six observations of the delivery -> ack lag.
+    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    assert!(text.contains("mailroom_ack_lag_seconds_count 6"), "{text}");
+    assert!(text.contains("mailroom_acknowledged_total 6"), "{text}");
     ws.close().await;
 }
 

@@ -282,6 +282,9 @@ pub struct Outcome {
     pub live_mode: Option<bool>,
     /// pickup 2.0 messages-received acknowledged messages: more may be deliverable.
     pub acked: u64,
+    /// For each acknowledged message that had been delivered: milliseconds from delivery to
+    /// acknowledgement.
+    pub ack_lags_ms: Vec<i64>,
     pub return_route: ReturnRoute,
 }
 
@@ -295,6 +298,7 @@ impl Default for Outcome {
             forward: None,
             live_mode: None,
             acked: 0,
+            ack_lags_ms: Vec::new(),
             return_route: ReturnRoute::None,
         }
     }

@@ -132,14 +132,22 @@ async fn messages_received(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Re
         .filter_map(|v| v.as_str().and_then(|s| s.parse().ok()).or_else(|| v.as_i64()))
         .take(10 * MAX_BATCH)
         .collect();
-    let acked = if ids.is_empty() {
-        0
+    let leases = if ids.is_empty() {
+        Vec::new()
     } else {
-        m.store.ack(&conn.id, &ids).await?
+        m.store.ack_leased(&conn.id, &ids).await?
     };
+    // Delivered when leased: lease deadline minus the lease length.
+    let now = now_ms();
+    let ack_lags_ms = leases
+        .iter()
+        .filter(|l| **l > 0)
+        .map(|l| (now - (l - m.lease_ms)).max(0))
+        .collect();
     Ok(Outcome {
         replies: vec![status(m, ctx, conn, None).await?],
-        acked,
+        acked: leases.len() as u64,
+        ack_lags_ms,
         ..Outcome::default()
     })
 }

@@ -92,7 +92,7 @@ async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpRespo
         }
     }
     if out.acked > 0 {
-        shared.metrics.acknowledged.inc_by(out.acked);
+        shared.metrics.acknowledged(out.acked, &out.ack_lags_ms);
     }
     if !out.leased.is_empty() {
         shared.metrics.delivered("pickup", out.leased.len() as u64);

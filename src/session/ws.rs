@@ -138,7 +138,7 @@ impl WsSession {
             shared.metrics.forwards_queued.inc_by(out.queued_for.len() as u64);
         }
         if out.acked > 0 {
-            shared.metrics.acknowledged.inc_by(out.acked);
+            shared.metrics.acknowledged(out.acked, &out.ack_lags_ms);
         }
         if !out.leased.is_empty() {
             shared.metrics.delivered("pickup", out.leased.len() as u64);

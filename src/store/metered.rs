@@ -118,8 +118,8 @@ impl Store for Metered {
         self.timed("lease", self.inner.lease(conn, max, owner, now_ms, until_ms))
             .await
     }
-    async fn ack(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
-        self.timed("ack", self.inner.ack(conn, ids)).await
+    async fn ack_leased(&self, conn: &str, ids: &[MessageId]) -> StoreResult<Vec<i64>> {
+        self.timed("ack", self.inner.ack_leased(conn, ids)).await
     }
     async fn release(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
         self.timed("release", self.inner.release(conn, ids)).await

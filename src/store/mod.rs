@@ -345,7 +345,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<QueuedMessage>>;
     /// Deletes messages of `conn` (leased or not); ids of other connections are ignored.
     /// Returns how many were deleted.
-    async fn ack(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64>;
+    async fn ack(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
+        Ok(self.ack_leased(conn, ids).await?.len() as u64)
+    }
+    /// As [`Store::ack`], returning the lease deadline (`lease_until_ms`, 0 if never leased)
+    /// of each deleted message: the node derives the acknowledgement lag from it.
+    async fn ack_leased(&self, conn: &str, ids: &[MessageId]) -> StoreResult<Vec<i64>>;
     /// Returns leased messages of `conn` to pending. Returns how many were leased.
     async fn release(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64>;
     /// Returns every message leased by `owner` to pending (session or node shutdown).

@@ -936,17 +936,31 @@ impl Store for PgStore {
         Ok(out)
     }
 
-    async fn ack(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
+    async fn ack_leased(&self, conn: &str, ids: &[MessageId]) -> StoreResult<Vec<i64>> {
         if !storable(conn) || ids.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        self.execute_retrying(
-            "DELETE FROM mailroom_messages WHERE id IN ( \
-               SELECT id FROM mailroom_messages WHERE conn_id = $1 AND id = ANY($2) \
-               ORDER BY id FOR UPDATE)",
-            &[&conn, &ids],
-        )
-        .await
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "DELETE FROM mailroom_messages WHERE id IN ( \
+                   SELECT id FROM mailroom_messages WHERE conn_id = $1 AND id = ANY($2) \
+                   ORDER BY id FOR UPDATE) \
+                 RETURNING lease_until_ms",
+            )
+            .await
+            .map_err(pg_err)?;
+        let mut tries = 1;
+        loop {
+            match c.query(&q, &[&conn, &ids]).await {
+                Ok(rows) => return Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect()),
+                Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+                    tracing::warn!(error = %e, "postgres statement retried");
+                    tries += 1;
+                }
+                Err(e) => return Err(pg_err(e)),
+            }
+        }
     }
 
     async fn release(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {

@@ -986,24 +986,24 @@ impl Store for SledStore {
         .await
     }
 
-    async fn ack(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
+    async fn ack_leased(&self, conn: &str, ids: &[MessageId]) -> StoreResult<Vec<i64>> {
         if !storable(conn) || ids.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let conn = conn.to_owned();
         let ids = ids.to_vec();
         self.blocking(move |inner| {
-            let removed: Vec<MessageId> = {
+            let removed: Vec<(MessageId, i64)> = {
                 let mut guard = inner.queues.lock();
                 let q = &mut *guard;
                 let Some(cq) = q.by_conn.get_mut(&conn) else {
-                    return Ok(0);
+                    return Ok(Vec::new());
                 };
                 let mut removed = Vec::new();
                 for id in ids {
                     if let Some(m) = cq.msgs.remove(&id) {
                         cq.bytes -= m.size;
-                        removed.push(id);
+                        removed.push((id, m.lease_until_ms));
                     }
                 }
                 q.total -= removed.len() as u64;
@@ -1013,16 +1013,16 @@ impl Store for SledStore {
                 removed
             };
             let mut b = sled::Batch::default();
-            for id in &removed {
+            for (id, _) in &removed {
                 b.remove(&encode_id(*id));
             }
             let mut a = sled::Batch::default();
-            for id in &removed {
+            for (id, _) in &removed {
                 a.remove(&encode_id(*id));
             }
             inner.msgs.apply_batch(b).map_err(unavailable)?;
             inner.attempts.apply_batch(a).map_err(unavailable)?;
-            Ok(removed.len() as u64)
+            Ok(removed.into_iter().map(|(_, lease)| lease).collect())
         })
         .await
     }
