@@ -164,6 +164,32 @@ async fn three_nodes_notify_the_owner_only_and_follow_moves_and_crashes() {
     assert!(nodes.iter().all(|n| owner_is(n, "c1", Some("n2"))));
     nodes[2].h.withdraw_session("probe", e3);
 
+    // Status, as the admin endpoint will serialize it.
+    let v = serde_json::to_value(nodes[0].h.status()).unwrap();
+    assert_eq!(v["node"], "n1");
+    let ps = v["peers"].as_array().unwrap();
+    assert_eq!(ps.len(), 2);
+    for p in ps {
+        assert_eq!(p["connected"], true);
+        assert_eq!(p["handshake_attempted"], true);
+        assert!(p["id"].is_string() && p["addr"].is_string());
+        assert!(p["last_heartbeat_age_ms"].as_u64().unwrap() < FAILURE.as_millis() as u64);
+        assert!(p.get("rtt_ms").is_some());
+    }
+    let dir = v["directory"].as_array().unwrap();
+    assert!(dir
+        .iter()
+        .any(|e| e["conn"] == "c1" && e["node"] == "n2" && e["epoch"] == e2));
+    for k in [
+        "notifications_sent",
+        "notifications_received",
+        "notifications_failed",
+        "frames_rejected",
+        "auth_failures",
+    ] {
+        assert!(v["counters"][k].is_u64(), "{k}");
+    }
+
     // Crash of n1 (no Leave): n2 and n3 mark it down within the failure timeout and drop its
     // sessions.
     nodes[0].h.announce_session("c9");
@@ -340,6 +366,16 @@ async fn garbage_and_bad_frames_close_that_connection_only() {
 
     wait_until("both rejections counted", || {
         nodes[0].h.status().counters.frames_rejected >= 2
+    })
+    .await;
+
+    // 2b. A future protocol version: refused as an auth failure, with a reason, and closed.
+    let before = nodes[0].h.status().counters.auth_failures;
+    let mut s = TcpStream::connect(addrs[0]).await.unwrap();
+    s.write_all(b"MLRM\x00\x02").await.unwrap();
+    assert!(closed_by_server(&mut s).await);
+    wait_until("version refusal counted", || {
+        nodes[0].h.status().counters.auth_failures > before
     })
     .await;
 

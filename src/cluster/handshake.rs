@@ -357,6 +357,58 @@ mod tests {
         assert!(e.is_bad_input());
     }
 
+    #[tokio::test]
+    async fn the_secret_never_travels() {
+        use tokio::io::AsyncReadExt;
+        const SECRET: &[u8] = b"a-secret-nobody-may-see-on-the-wire";
+        let (mut a, a_mid) = tokio::io::duplex(4096);
+        let (b_mid, mut b) = tokio::io::duplex(4096);
+        let (mut a_r, mut a_w) = tokio::io::split(a_mid);
+        let (mut b_r, mut b_w) = tokio::io::split(b_mid);
+        // Relay both directions, recording every byte.
+        let fwd = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = a_r.read(&mut buf).await {
+                if n == 0 || b_w.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+            }
+            seen
+        });
+        let back = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = b_r.read(&mut buf).await {
+                if n == 0 || a_w.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+            }
+            seen
+        });
+        let ta = tokio::spawn(async move {
+            let l = local("c", "n1", SECRET);
+            let r = run(&mut a, &l, Role::Dialer, Some("n2"), |_| true).await;
+            drop(a);
+            r
+        });
+        let tb = tokio::spawn(async move {
+            let l = local("c", "n2", SECRET);
+            let r = run(&mut b, &l, Role::Acceptor, None, |_| true).await;
+            drop(b);
+            r
+        });
+        assert_eq!(ta.await.unwrap().unwrap(), "n2");
+        assert_eq!(tb.await.unwrap().unwrap(), "n1");
+        let mut wire = fwd.await.unwrap();
+        wire.extend(back.await.unwrap());
+        assert!(wire.len() > 2 * (6 + 32 + 32));
+        assert!(!wire.windows(SECRET.len()).any(|w| w == SECRET));
+        assert!(!wire.windows(8).any(|w| w == &SECRET[..8]));
+    }
+
     #[test]
     fn proof_binds_every_field() {
         let n1 = [1u8; 32];

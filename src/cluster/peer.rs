@@ -556,8 +556,13 @@ async fn dial_loop(shared: Arc<Shared>, peer: String, mut stop: watch::Receiver<
             .handle(MemberEvent::DialAttempted { peer: peer.clone() }, Instant::now());
         match res {
             Ok(stream) => {
-                backoff = BACKOFF_START;
+                let t = Instant::now();
                 run_link(shared.clone(), stream, peer.clone(), true).await;
+                // Only a link that held for a while proves the peer healthy; one that dies
+                // right after the handshake keeps backing off.
+                if t.elapsed() >= shared.settings.failure_timeout {
+                    backoff = BACKOFF_START;
+                }
             }
             Err(e) => {
                 shared.count_handshake_error(&e);
