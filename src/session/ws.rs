@@ -195,11 +195,13 @@ impl WsSession {
             self.conn = Some(conn);
             return;
         }
-        if let Some(old) = self.conn.take() {
-            self.shared.registry.do_send(Unregister {
+        match self.conn.take() {
+            // Rebound to another connection: still one session.
+            Some(old) => self.shared.registry.do_send(Unregister {
                 conn: old.id,
                 session: self.id,
-            });
+            }),
+            None => self.shared.metrics.sessions.inc(),
         }
         let addr = ctx.address();
         self.shared.registry.do_send(Register {
@@ -208,7 +210,6 @@ impl WsSession {
             wake: addr.clone().recipient(),
             close: addr.recipient(),
         });
-        self.shared.metrics.sessions.inc();
         if self.mode == Mode::Quiet {
             self.mode = self.idle_mode();
         }
