@@ -201,7 +201,9 @@ impl WsSession {
                 conn: old.id,
                 session: self.id,
             }),
-            None => self.shared.metrics.sessions.inc(),
+            None => {
+                self.shared.metrics.sessions.inc();
+            }
         }
         let addr = ctx.address();
         self.shared.registry.do_send(Register {
