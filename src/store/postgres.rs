@@ -119,6 +119,45 @@ CREATE TABLE mailroom_invitations (
 );
 "#,
     ),
+    (
+        3,
+        // Per-connection queue counters kept by statement triggers, so the limit check of an
+        // enqueue batch reads one row per connection instead of counting its whole queue.
+        // Rows are locked in connection order to keep concurrent statements deadlock-free.
+        r#"
+CREATE TABLE mailroom_queue_counts (
+    conn_id text COLLATE "C" PRIMARY KEY,
+    n bigint NOT NULL,
+    bytes bigint NOT NULL
+);
+INSERT INTO mailroom_queue_counts (conn_id, n, bytes)
+    SELECT conn_id, count(*), coalesce(sum(size), 0) FROM mailroom_messages GROUP BY conn_id;
+CREATE FUNCTION mailroom_counts_added() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE r record;
+BEGIN
+    FOR r IN SELECT conn_id, count(*) AS n, coalesce(sum(size), 0) AS bytes
+             FROM added GROUP BY conn_id ORDER BY conn_id LOOP
+        INSERT INTO mailroom_queue_counts (conn_id, n, bytes) VALUES (r.conn_id, r.n, r.bytes)
+        ON CONFLICT (conn_id) DO UPDATE
+        SET n = mailroom_queue_counts.n + excluded.n, bytes = mailroom_queue_counts.bytes + excluded.bytes;
+    END LOOP;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION mailroom_counts_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE r record;
+BEGIN
+    FOR r IN SELECT conn_id, count(*) AS n, coalesce(sum(size), 0) AS bytes
+             FROM removed GROUP BY conn_id ORDER BY conn_id LOOP
+        UPDATE mailroom_queue_counts SET n = n - r.n, bytes = bytes - r.bytes WHERE conn_id = r.conn_id;
+    END LOOP;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER mailroom_messages_added AFTER INSERT ON mailroom_messages
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION mailroom_counts_added();
+CREATE TRIGGER mailroom_messages_removed AFTER DELETE ON mailroom_messages
+    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION mailroom_counts_removed();
+"#,
+    ),
 ];
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
@@ -371,8 +410,7 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
 
     let counts_q = tx
         .prepare_cached(
-            "SELECT conn_id, count(*)::int8, coalesce(sum(size), 0)::int8 FROM mailroom_messages \
-             WHERE conn_id = ANY($1) GROUP BY conn_id",
+            "SELECT conn_id, n, bytes FROM mailroom_queue_counts WHERE conn_id = ANY($1)",
         )
         .await
         .map_err(pg_err)?;
