@@ -151,12 +151,10 @@ async fn admin_token_is_required_when_configured() {
 
 #[actix_rt::test]
 async fn a_full_queue_refuses_new_forwards_and_keeps_what_it_has() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
-    cfg.limits.max_queue_messages = 3;
-    let n = start(&cfg);
-    let inv = invitation(&n).await;
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |c| {
+        c.limits.max_queue_messages = 3;
+    })
+    .await;
     for i in 0..3 {
         assert_eq!(forward(&n, &a, &k.verkey(), &format!("q{i}")).await, 202);
     }
@@ -183,12 +181,10 @@ async fn a_full_queue_refuses_new_forwards_and_keeps_what_it_has() {
 
 #[actix_rt::test]
 async fn queue_bytes_limit_refuses_too() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
-    cfg.limits.max_queue_bytes = 10_000;
-    let n = start(&cfg);
-    let inv = invitation(&n).await;
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |c| {
+        c.limits.max_queue_bytes = 10_000;
+    })
+    .await;
     let big = "x".repeat(1500);
     let mut codes = Vec::new();
     for _ in 0..8 {
@@ -205,12 +201,10 @@ async fn queue_bytes_limit_refuses_too() {
 
 #[actix_rt::test]
 async fn messages_past_their_time_to_live_are_expired_and_counted() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
-    cfg.limits.message_ttl_secs = 1;
-    let n = start(&cfg);
-    let inv = invitation(&n).await;
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |c| {
+        c.limits.message_ttl_secs = 1;
+    })
+    .await;
     forward(&n, &a, &k.verkey(), "short-lived").await;
     eventually("the message expires", || async {
         (queue_depth(&n).await == 0).then_some(())
@@ -222,12 +216,10 @@ async fn messages_past_their_time_to_live_are_expired_and_counted() {
 
 #[actix_rt::test]
 async fn sessions_beyond_the_limit_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
-    cfg.limits.max_sessions = 1;
-    let n = start(&cfg);
-    let inv = invitation(&n).await;
-    let (a, _) = Agent::onboard(&inv).await.unwrap();
+    let (_dir, n, a, _) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.max_sessions = 1;
+    })
+    .await;
     let _first = a.websocket(&ws_url(&n)).await.unwrap();
     assert!(
         a.websocket(&ws_url(&n)).await.is_err(),

@@ -128,10 +128,7 @@ async fn a_key_held_by_another_connection_is_refused() {
 
 #[actix_rt::test]
 async fn pickup_v2_over_http_leases_until_messages_received() {
-    let dir = tempfile::tempdir().unwrap();
-    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
-    let inv = invitation(&n).await;
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
     for i in 0..3 {
         assert_eq!(forward_to(&n, &a, &k, &format!("m{i}")).await, 202);
     }
@@ -183,10 +180,7 @@ async fn pickup_v2_over_http_leases_until_messages_received() {
 
 #[actix_rt::test]
 async fn unacknowledged_http_delivery_comes_back_after_the_lease() {
-    let dir = tempfile::tempdir().unwrap();
-    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
-    let inv = invitation(&n).await;
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
     forward_to(&n, &a, &k, "again").await;
     let d1 = a
         .request(&pickup("delivery-request", json!({"limit": 5})))
@@ -213,10 +207,7 @@ async fn unacknowledged_http_delivery_comes_back_after_the_lease() {
 
 #[actix_rt::test]
 async fn pickup_v1_batch() {
-    let dir = tempfile::tempdir().unwrap();
-    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
-    let inv = invitation(&n).await;
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
     for i in 0..4 {
         forward_to(&n, &a, &k, &format!("b{i}")).await;
     }
@@ -239,10 +230,7 @@ async fn pickup_v1_batch() {
 
 #[actix_rt::test]
 async fn live_mode_over_websocket_with_acks_over_http() {
-    let dir = tempfile::tempdir().unwrap();
-    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
-    let inv = invitation(&n).await;
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
     forward_to(&n, &a, &k, "queued-before").await;
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
     let status = ws_request(
@@ -290,12 +278,10 @@ async fn live_mode_over_websocket_with_acks_over_http() {
 
 #[actix_rt::test]
 async fn live_delivery_unacknowledged_comes_back_on_a_new_session() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
-    cfg.delivery.lease_ms = 60_000; // only the session's end can free it in time
-    let n = start(&cfg);
-    let inv = invitation(&n).await;
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.delivery.lease_ms = 60_000; // only the session's end can free it in time
+    })
+    .await;
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
     ws_request(
         &a,
@@ -327,10 +313,7 @@ async fn live_delivery_unacknowledged_comes_back_on_a_new_session() {
 
 #[actix_rt::test]
 async fn implicit_pickup_on_a_return_route_socket() {
-    let dir = tempfile::tempdir().unwrap();
-    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
-    let inv = invitation(&n).await;
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
     forward_to(&n, &a, &k, "i0").await;
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
     // Text frames work as well as binary ones.
@@ -355,10 +338,7 @@ async fn implicit_pickup_on_a_return_route_socket() {
 
 #[actix_rt::test]
 async fn queue_only_pushes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let n = start(&test_config(dir.path(), Strategy::QueueOnly));
-    let inv = invitation(&n).await;
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |_| {}).await;
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
     let ping =
         json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "p", "~transport": {"return_route": "all"}});
@@ -398,10 +378,7 @@ async fn queued_messages_survive_a_restart() {
 
 #[actix_rt::test]
 async fn duplicate_forward_is_queued_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let n = start(&test_config(dir.path(), Strategy::QueueOnly));
-    let inv = invitation(&n).await;
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |_| {}).await;
     let s = Sender::new();
     let g = a.grant.clone().unwrap();
     let env = s

@@ -409,9 +409,7 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
     tx.execute(&lock, &[&LOCK_NS, &lock_keys]).await.map_err(pg_err)?;
 
     let counts_q = tx
-        .prepare_cached(
-            "SELECT conn_id, n, bytes FROM mailroom_queue_counts WHERE conn_id = ANY($1)",
-        )
+        .prepare_cached("SELECT conn_id, n, bytes FROM mailroom_queue_counts WHERE conn_id = ANY($1)")
         .await
         .map_err(pg_err)?;
     let dedup_q = tx

@@ -134,3 +134,18 @@ pub fn contents(a: &Agent, delivery: &Value) -> Vec<String> {
         .map(|(_, m)| m["content"].as_str().unwrap_or_default().to_string())
         .collect()
 }
+
+/// A node (config from [`test_config`], adjusted by `edit`) and one onboarded wallet with one
+/// registered key. Keep the `TempDir` alive for the test.
+pub async fn node_with_wallet(
+    strategy: Strategy,
+    edit: impl FnOnce(&mut Config),
+) -> (tempfile::TempDir, RunningNode, Agent, mailroom::didcomm::keys::KeyPair) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), strategy);
+    edit(&mut cfg);
+    let n = start(&cfg);
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.expect("onboarding");
+    (dir, n, a, k)
+}
