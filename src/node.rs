@@ -342,6 +342,7 @@ pub fn cluster_config(cfg: &Config, node_id: &str) -> anyhow::Result<ClusterConf
         failure_timeout: Duration::from_millis(cfg.cluster.failure_timeout_ms),
         max_frame: cfg.cluster.max_frame_bytes,
         peer_queue: cfg.cluster.peer_queue,
+        max_peer_claims: ClusterConfig::DEFAULT_MAX_PEER_CLAIMS,
     })
 }
 

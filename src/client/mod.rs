@@ -322,14 +322,19 @@ impl Agent {
 
     /// Opens a WebSocket to the mediator (its ws URL).
     pub async fn websocket(&self, ws_url: &str) -> anyhow::Result<WsClient> {
-        let (_res, framed) = awc::Client::new()
-            .ws(ws_url)
-            .max_frame_size(64 << 20)
-            .connect()
-            .await
-            .map_err(|e| anyhow!("WebSocket {ws_url}: {e}"))?;
-        Ok(WsClient { framed })
+        websocket(ws_url).await
     }
+}
+
+/// Opens a WebSocket to the mediator (no connection bound until a message says so).
+pub async fn websocket(ws_url: &str) -> anyhow::Result<WsClient> {
+    let (_res, framed) = awc::Client::new()
+        .ws(ws_url)
+        .max_frame_size(64 << 20)
+        .connect()
+        .await
+        .map_err(|e| anyhow!("WebSocket {ws_url}: {e}"))?;
+    Ok(WsClient { framed })
 }
 
 /// A WebSocket to the mediator.
