@@ -1003,7 +1003,7 @@ pub async fn pending_sweep_and_stats(b: Arc<dyn Backend>) {
     among.sort();
     assert_eq!(among, vec![newer.clone()]);
     assert_eq!(
-        s.pending_among(&[busy.clone()], T0 + 1000).await.unwrap(),
+        s.pending_among(std::slice::from_ref(&busy), T0 + 1000).await.unwrap(),
         vec![busy.clone()]
     );
     assert!(s.pending_among(&[], T0).await.unwrap().is_empty());
