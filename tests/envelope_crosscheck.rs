@@ -58,7 +58,7 @@ fn pack_fresh_envelopes() {
     let sender = k("sender");
     let mut vectors = Vec::new();
     let mut i = 0;
-    let mut push =
+    let push =
         |vectors: &mut Vec<Value>, name: &str, recips: &[&str], from: Option<&KeyPair>, pt: &str, env: Vec<u8>| {
             vectors.push(json!({
                 "name": name,

@@ -9,7 +9,6 @@ use mailroom::client::{basic_message, Agent, Sender, WsEvent};
 use mailroom::config::Strategy;
 use serde_json::{json, Value};
 use std::collections::HashSet;
-use std::time::Duration;
 
 async fn forward_to(
     n: &mailroom::node::RunningNode,
