@@ -9,7 +9,6 @@ use mailroom::client::{basic_message, Agent, Sender, WsEvent};
 use mailroom::config::Strategy;
 use serde_json::{json, Value};
 use std::collections::HashSet;
-use std::time::Duration;
 
 async fn forward_to(
     n: &mailroom::node::RunningNode,
@@ -351,10 +350,38 @@ async fn queue_only_pushes_nothing() {
         json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "p", "~transport": {"return_route": "all"}});
     let pong = ws_request(&a, &mut ws, &ping).await;
     assert_eq!(type_name(&pong), "ping_response");
-    forward_to(&n, &a, &k, "stay").await;
-    assert!(
-        ws.next(Duration::from_millis(600)).await.is_err(),
-        "nothing pushed under QueueOnly"
+    assert_eq!(forward_to(&n, &a, &k, "stay").await, 202);
+    // Not silence as proof: a positive marker. Several sweeps run after the forward was
+    // queued, then a second ping on the same socket; its answer must be the very next frame
+    // (a push of "stay" would come before it), and the message must still be pending, never
+    // leased to this socket.
+    let sweeps = |text: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with("mailroom_store_seconds_count{") && l.contains("op=\"connections_with_pending\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    let metrics_url = format!("{}/metrics", n.admin_url());
+    let before = sweeps(&get_status(&metrics_url, None).await.1);
+    eventually("three sweeps after the forward", || async {
+        (sweeps(&get_status(&metrics_url, None).await.1) >= before + 3).then_some(())
+    })
+    .await;
+    let ping2 =
+        json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "p2", "~transport": {"return_route": "all"}});
+    let next = ws_request(&a, &mut ws, &ping2).await;
+    assert_eq!(type_name(&next), "ping_response", "pushed under QueueOnly: {next}");
+    let conns = get_json(&format!("{}/connections", n.admin_url())).await;
+    let q = &conns["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["mediation"] == "granted")
+        .expect("the mediated connection")["queue"];
+    assert_eq!(
+        (q["pending"].as_u64(), q["in_flight"].as_u64()),
+        (Some(1), Some(0)),
+        "{q}"
     );
     let status = a.request(&pickup("status-request", json!({}))).await.unwrap().unwrap();
     assert_eq!(status["message_count"], 1);
