@@ -67,6 +67,8 @@ pub struct NodeOptions {
     pub store: Option<Arc<dyn Store>>,
     /// The file the config came from: SIGHUP and `POST /reload` re-read its peer list.
     pub config_path: Option<std::path::PathBuf>,
+    /// Tests: told the instant each push provider request goes out (latency figures).
+    pub push_observer: Option<Arc<dyn Fn(std::time::Instant) + Send + Sync>>,
 }
 
 /// Runs one node until `shutdown` resolves. Must be called inside an actix `System`.
@@ -113,6 +115,26 @@ pub async fn run(
         cfg.clone(),
         metrics.clone(),
     ));
+
+    // Push notifications wake wallets that no node holds a session of.
+    if let Some(pc) = &cfg.push {
+        let settings = pc.load().map_err(anyhow::Error::msg)?;
+        let handle = crate::push::start(
+            settings,
+            crate::push::Deps {
+                store: store.clone(),
+                presence: Arc::new(crate::session::NodePresence {
+                    registry: registry.clone(),
+                    cluster: cluster.clone(),
+                }),
+                metrics: metrics.push.clone(),
+                node_id: node_id.to_string(),
+                on_request: opts.push_observer.clone(),
+            },
+        )
+        .map_err(anyhow::Error::msg)?;
+        let _ = shared.push.set(handle);
+    }
 
     // Notifications from peers wake local sessions; the store holds the messages.
     {
@@ -244,6 +266,9 @@ pub async fn run(
         .await
         .unwrap_or(0);
     tracing::info!(sessions = closed, "sessions closed");
+    if let Some(p) = shared.push.get() {
+        p.stop();
+    }
     if let Some(c) = &cluster {
         c.leave().await;
     }

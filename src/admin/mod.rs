@@ -174,6 +174,7 @@ async fn connection_json(st: &AdminState, c: &crate::store::Connection) -> Value
     let keys = store.keys_of(&c.id).await.unwrap_or_default();
     let now = now_ms();
     let q = store.queue_stats(&c.id, now).await.ok();
+    let device = store.device_of(&c.id).await.ok().flatten();
     json!({
         "id": c.id,
         "state": c.state,
@@ -191,6 +192,13 @@ async fn connection_json(st: &AdminState, c: &crate::store::Connection) -> Value
             "oldest_age_ms": q.oldest_received_ms.map(|o| now - o),
         })),
         "created_at_ms": c.created_at_ms,
+        // The token wakes the wallet: only its first characters are shown.
+        "push": device.map(|d| json!({
+            "service": d.service.as_str(),
+            "platform": d.platform,
+            "token": crate::push::redact(&d.token),
+            "updated_at_ms": d.updated_at_ms,
+        })),
     })
 }
 

@@ -1002,6 +1002,60 @@ pub async fn group_commit_throughput(b: Arc<dyn Backend>) {
 // backends
 
 /// Runs `check` on its own task so that a failure still lets the caller clean up.
+pub async fn device_registrations(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let a = new_conn(&s).await;
+    let other = new_conn(&s).await;
+    assert_eq!(s.device_of(&a).await.unwrap(), None);
+    let d1 = Device {
+        service: PushService::Fcm,
+        token: "token-1".into(),
+        platform: Some("android".into()),
+        updated_at_ms: T0,
+    };
+    s.set_device(&a, Some(&d1)).await.unwrap();
+    assert_eq!(s.device_of(&a).await.unwrap(), Some(d1.clone()));
+    assert_eq!(
+        s.device_of(&other).await.unwrap(),
+        None,
+        "a registration is per connection"
+    );
+    // Replaced, not added.
+    let d2 = Device {
+        service: PushService::Apns,
+        token: "token-2".into(),
+        platform: None,
+        updated_at_ms: T0 + 1,
+    };
+    s.set_device(&a, Some(&d2)).await.unwrap();
+    assert_eq!(s.device_of(&a).await.unwrap(), Some(d2.clone()));
+    // A dead token reported late does not remove a newer registration.
+    assert!(!s.forget_device_token(&a, "token-1").await.unwrap());
+    assert_eq!(s.device_of(&a).await.unwrap(), Some(d2.clone()));
+    assert!(s.forget_device_token(&a, "token-2").await.unwrap());
+    assert_eq!(s.device_of(&a).await.unwrap(), None);
+    assert!(!s.forget_device_token(&a, "token-2").await.unwrap());
+    // Unregister.
+    s.set_device(&a, Some(&d1)).await.unwrap();
+    s.set_device(&a, None).await.unwrap();
+    assert_eq!(s.device_of(&a).await.unwrap(), None);
+    s.set_device(&a, None).await.unwrap();
+    // No registration without a connection.
+    let ghost = new_id();
+    assert!(matches!(
+        s.set_device(&ghost, Some(&d1)).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(s.device_of(&ghost).await.unwrap(), None);
+    // Rewriting the connection (a protocol update) keeps its registration; it is durable.
+    s.set_device(&other, Some(&d1)).await.unwrap();
+    s.put_connection(&conn(&other)).await.unwrap();
+    drop(s);
+    let s = b.open().await;
+    assert_eq!(s.device_of(&other).await.unwrap(), Some(d1));
+    assert_eq!(s.device_of("bad\0id").await.unwrap(), None);
+}
+
 async fn run_check<F, Fut>(b: Arc<dyn Backend>, check: F) -> Result<(), tokio::task::JoinError>
 where
     F: FnOnce(Arc<dyn Backend>) -> Fut,
@@ -1372,6 +1426,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn unstorable_input_is_refused_alone() {
                 backend::run(super::unstorable_input_is_refused_alone).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn device_registrations() {
+                backend::run(super::device_registrations).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn group_commit_throughput() {

@@ -149,4 +149,14 @@ impl Store for Metered {
     async fn flush(&self) -> StoreResult<()> {
         self.timed("flush", self.inner.flush()).await
     }
+    async fn device_of(&self, conn: &str) -> StoreResult<Option<Device>> {
+        self.timed("device_of", self.inner.device_of(conn)).await
+    }
+    async fn set_device(&self, conn: &str, device: Option<&Device>) -> StoreResult<()> {
+        self.timed("set_device", self.inner.set_device(conn, device)).await
+    }
+    async fn forget_device_token(&self, conn: &str, token: &str) -> StoreResult<bool> {
+        self.timed("forget_device_token", self.inner.forget_device_token(conn, token))
+            .await
+    }
 }

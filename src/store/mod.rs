@@ -155,6 +155,36 @@ pub struct Connection {
     pub extra: serde_json::Value,
 }
 
+/// The push service a wallet registered its device with (the protocol it used).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum PushService {
+    /// push-notifications-fcm 1.0 (RFC 0734): Firebase Cloud Messaging.
+    Fcm,
+    /// push-notifications-apns 1.0 (RFC 0699): Apple Push Notification service.
+    Apns,
+}
+
+impl PushService {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PushService::Fcm => "fcm",
+            PushService::Apns => "apns",
+        }
+    }
+}
+
+/// The device registration of a connection: where to wake the wallet when mail is queued.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Device {
+    pub service: PushService,
+    /// The provider's device token (a secret of the wallet: shown redacted by the admin API).
+    pub token: String,
+    /// `device_platform` of push-notifications-fcm (`"android"`, `"ios"`, ...), if sent.
+    pub platform: Option<String>,
+    pub updated_at_ms: i64,
+}
+
 /// A message to queue for a connection.
 #[derive(Clone, Debug)]
 pub struct NewMessage {
@@ -368,6 +398,19 @@ pub trait Store: Send + Sync + 'static {
     /// When the oldest queued message (leased or not) was received: the queue-age gauge.
     async fn oldest_received_ms(&self) -> StoreResult<Option<i64>>;
     async fn flush(&self) -> StoreResult<()>;
+
+    // ---- push notifications (issue 7) ----
+
+    /// The device registration of `conn`, if any.
+    async fn device_of(&self, conn: &str) -> StoreResult<Option<Device>>;
+    /// Registers (`Some`) or unregisters (`None`) the device of `conn`, replacing any earlier
+    /// registration; durable when it returns. `Err(NotFound)` when the connection does not
+    /// exist (a registration never outlives its connection: removing the connection removes it).
+    async fn set_device(&self, conn: &str, device: Option<&Device>) -> StoreResult<()>;
+    /// Removes the registration of `conn` only while its token is still `token` (a provider
+    /// called that token dead; a newer registration of the wallet is kept). Returns whether
+    /// it removed one.
+    async fn forget_device_token(&self, conn: &str, token: &str) -> StoreResult<bool>;
 }
 
 /// Opens (or creates) the sled store at `path`. Opening a path already open in this process

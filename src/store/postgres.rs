@@ -32,8 +32,9 @@ use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
 use tokio_postgres::NoTls;
 
 use super::{
-    check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, EnqueueLimits, Enqueued, Identity,
-    InvitationUse, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
+    check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
+    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError,
+    StoreResult,
 };
 
 /// Most messages in one enqueue transaction.
@@ -156,6 +157,20 @@ CREATE TRIGGER mailroom_messages_added AFTER INSERT ON mailroom_messages
     REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION mailroom_counts_added();
 CREATE TRIGGER mailroom_messages_removed AFTER DELETE ON mailroom_messages
     REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION mailroom_counts_removed();
+"#,
+    ),
+    (
+        4,
+        // Push notifications (issue 7): one device registration per connection, removed with
+        // the connection.
+        r#"
+CREATE TABLE mailroom_devices (
+    conn_id text COLLATE "C" PRIMARY KEY REFERENCES mailroom_connections (id) ON DELETE CASCADE,
+    service text NOT NULL,
+    token text NOT NULL,
+    platform text,
+    updated_at_ms bigint NOT NULL
+);
 "#,
     ),
 ];
@@ -1106,5 +1121,79 @@ impl Store for PgStore {
     async fn flush(&self) -> StoreResult<()> {
         // Every write commits before it returns.
         Ok(())
+    }
+
+    async fn device_of(&self, conn: &str) -> StoreResult<Option<Device>> {
+        if !storable(conn) {
+            return Ok(None);
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached("SELECT service, token, platform, updated_at_ms FROM mailroom_devices WHERE conn_id = $1")
+            .await
+            .map_err(pg_err)?;
+        let Some(row) = c.query_opt(&q, &[&conn]).await.map_err(pg_err)? else {
+            return Ok(None);
+        };
+        let service: String = row.get(0);
+        let service = serde_json::from_value(serde_json::Value::String(service.clone()))
+            .map_err(|_| StoreError::Corrupt(format!("postgres: device service {service:?}")))?;
+        Ok(Some(Device {
+            service,
+            token: row.get(1),
+            platform: row.get(2),
+            updated_at_ms: row.get(3),
+        }))
+    }
+
+    async fn set_device(&self, conn: &str, device: Option<&Device>) -> StoreResult<()> {
+        check_storable("connection id", conn)?;
+        match device {
+            Some(d) => {
+                check_storable("device token", &d.token)?;
+                if let Some(p) = &d.platform {
+                    check_storable("device platform", p)?;
+                }
+                // The foreign key refuses a device of a connection that does not exist.
+                let n = self
+                    .execute_retrying(
+                        "INSERT INTO mailroom_devices (conn_id, service, token, platform, updated_at_ms) \
+                         SELECT id, $2, $3, $4, $5 FROM mailroom_connections WHERE id = $1 \
+                         ON CONFLICT (conn_id) DO UPDATE SET service = excluded.service, token = excluded.token, \
+                         platform = excluded.platform, updated_at_ms = excluded.updated_at_ms",
+                        &[&conn, &d.service.as_str(), &d.token, &d.platform, &d.updated_at_ms],
+                    )
+                    .await?;
+                if n == 0 {
+                    return Err(StoreError::NotFound);
+                }
+            }
+            None => {
+                self.execute_retrying("DELETE FROM mailroom_devices WHERE conn_id = $1", &[&conn])
+                    .await?;
+                let c = self.client().await?;
+                let exists = c
+                    .query_opt("SELECT 1 FROM mailroom_connections WHERE id = $1", &[&conn])
+                    .await
+                    .map_err(pg_err)?;
+                if exists.is_none() {
+                    return Err(StoreError::NotFound);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn forget_device_token(&self, conn: &str, token: &str) -> StoreResult<bool> {
+        if !storable(conn) || !storable(token) {
+            return Ok(false);
+        }
+        let n = self
+            .execute_retrying(
+                "DELETE FROM mailroom_devices WHERE conn_id = $1 AND token = $2",
+                &[&conn, &token],
+            )
+            .await?;
+        Ok(n > 0)
     }
 }

@@ -35,8 +35,9 @@ use sled::Transactional;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, EnqueueLimits, Enqueued, Identity,
-    InvitationUse, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
+    check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
+    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError,
+    StoreResult,
 };
 
 /// Most messages the writer puts in one flush. Bounds the latency of the first caller of a
@@ -112,6 +113,8 @@ struct Inner {
     dedup: sled::Tree,
     /// invitation id -> [single_use, used]
     invitations: sled::Tree,
+    /// connection id -> JSON [`Device`] (push registration).
+    devices: sled::Tree,
     /// Serialises connection and key writes (transactions then never conflict).
     meta_lock: Mutex<()>,
     queues: Mutex<Queues>,
@@ -256,6 +259,7 @@ impl Inner {
             attempts: t("attempts")?,
             dedup: t("dedup")?,
             invitations: t("invitations")?,
+            devices: t("devices")?,
             db,
             meta_lock: Mutex::new(()),
             queues: Mutex::new(Queues::default()),
@@ -1198,5 +1202,63 @@ impl Store for SledStore {
 
     async fn flush(&self) -> StoreResult<()> {
         self.blocking(|inner| inner.flush()).await
+    }
+
+    async fn device_of(&self, conn: &str) -> StoreResult<Option<Device>> {
+        if !storable(conn) {
+            return Ok(None);
+        }
+        let conn = conn.to_owned();
+        self.blocking(
+            move |inner| match inner.devices.get(conn.as_bytes()).map_err(unavailable)? {
+                Some(v) => serde_json::from_slice(&v)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt(format!("device: {e}"))),
+                None => Ok(None),
+            },
+        )
+        .await
+    }
+
+    async fn set_device(&self, conn: &str, device: Option<&Device>) -> StoreResult<()> {
+        check_storable("connection id", conn)?;
+        let conn = conn.to_owned();
+        let bytes = device
+            .map(|d| serde_json::to_vec(d).map_err(|e| StoreError::Corrupt(format!("device: {e}"))))
+            .transpose()?;
+        self.blocking(move |inner| {
+            // Under the connection lock: a connection removed meanwhile cannot keep a device.
+            let _g = inner.meta_lock.lock();
+            if !inner.conns.contains_key(conn.as_bytes()).map_err(unavailable)? {
+                return Err(StoreError::NotFound);
+            }
+            match bytes {
+                Some(b) => inner.devices.insert(conn.as_bytes(), b).map_err(unavailable)?,
+                None => inner.devices.remove(conn.as_bytes()).map_err(unavailable)?,
+            };
+            inner.flush()
+        })
+        .await
+    }
+
+    async fn forget_device_token(&self, conn: &str, token: &str) -> StoreResult<bool> {
+        if !storable(conn) {
+            return Ok(false);
+        }
+        let (conn, token) = (conn.to_owned(), token.to_owned());
+        self.blocking(move |inner| {
+            let _g = inner.meta_lock.lock();
+            let Some(v) = inner.devices.get(conn.as_bytes()).map_err(unavailable)? else {
+                return Ok(false);
+            };
+            let d: Device = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(format!("device: {e}")))?;
+            if d.token != token {
+                return Ok(false);
+            }
+            inner.devices.remove(conn.as_bytes()).map_err(unavailable)?;
+            inner.flush()?;
+            Ok(true)
+        })
+        .await
     }
 }
