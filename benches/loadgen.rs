@@ -1049,7 +1049,6 @@ async fn start_cluster(o: &Opts, n: usize, cut: bool) -> Result<Cluster> {
             NodeOptions {
                 store: Some(store.clone()),
                 config_path: None,
-                ..Default::default()
             },
         )?);
     }

@@ -92,7 +92,6 @@ fn main() -> ExitCode {
                     node::NodeOptions {
                         store: None,
                         config_path: config,
-                        ..Default::default()
                     },
                     mailroom::signals::shutdown_signal(),
                     Arc::new(AtomicBool::new(false)),

@@ -67,8 +67,6 @@ pub struct NodeOptions {
     pub store: Option<Arc<dyn Store>>,
     /// The file the config came from: SIGHUP and `POST /reload` re-read its peer list.
     pub config_path: Option<std::path::PathBuf>,
-    /// Tests: told the instant each push provider request goes out (latency figures).
-    pub push_observer: Option<Arc<dyn Fn(std::time::Instant) + Send + Sync>>,
 }
 
 /// Runs one node until `shutdown` resolves. Must be called inside an actix `System`.
@@ -129,7 +127,6 @@ pub async fn run(
                 }),
                 metrics: metrics.push.clone(),
                 node_id: node_id.to_string(),
-                on_request: opts.push_observer.clone(),
             },
         )
         .map_err(anyhow::Error::msg)?;

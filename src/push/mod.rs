@@ -90,8 +90,6 @@ pub struct HttpAnswer {
 /// The HTTP client of the push thread (HTTP/2 over TLS where the server offers it).
 pub struct Transport {
     client: awc::Client,
-    /// Called with the instant each provider request goes out (latency figures).
-    on_request: Option<Box<dyn Fn(Instant)>>,
 }
 
 impl Transport {
@@ -120,19 +118,13 @@ impl Transport {
             .timeout(timeout)
             .disable_redirects()
             .finish();
-        Ok(Transport {
-            client,
-            on_request: None,
-        })
+        Ok(Transport { client })
     }
 
     pub async fn post(&self, url: &str, headers: Vec<(String, String)>, body: Vec<u8>) -> Result<HttpAnswer, String> {
         let mut req = self.client.post(url);
         for (k, v) in &headers {
             req = req.insert_header((k.as_str(), v.as_str()));
-        }
-        if let Some(f) = &self.on_request {
-            f(Instant::now());
         }
         let host = url::Url::parse(url)
             .ok()
@@ -288,8 +280,6 @@ pub struct Deps {
     pub presence: Arc<dyn Presence>,
     pub metrics: PushMetrics,
     pub node_id: String,
-    /// Tests: told when each provider request goes out.
-    pub on_request: Option<Arc<dyn Fn(Instant) + Send + Sync>>,
 }
 
 /// Starts the push worker on an arbiter (thread) of its own. Fails on credentials that do not
@@ -330,10 +320,7 @@ struct Ctx {
 
 async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>) {
     let built = (|| -> Result<Ctx, String> {
-        let mut transport = Transport::new(&settings)?;
-        if let Some(f) = deps.on_request.clone() {
-            transport.on_request = Some(Box::new(move |t| f(t)));
-        }
+        let transport = Transport::new(&settings)?;
         Ok(Ctx {
             fcm: fcm::Fcm::new(&settings.fcm)?,
             apns: settings.apns.as_ref().map(apns::Apns::new).transpose()?,

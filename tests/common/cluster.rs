@@ -136,7 +136,6 @@ pub fn start_node(cfg: &Config, id: &str, l: Listeners, store: &Arc<dyn Store>, 
         NodeOptions {
             store: Some(store.clone()),
             config_path: path,
-            ..Default::default()
         },
     )
     .expect("node starts")
