@@ -456,3 +456,102 @@ async fn unacknowledged_deliveries_on_close_wake_the_wallet() {
     assert_clean(&hits);
     assert_eq!(hits[0].body["message"]["data"]["message_count"], "1");
 }
+
+/// Concurrent pushes share one access-token request; a token close to its expiry is renewed.
+#[actix_rt::test]
+async fn one_token_refresh_in_flight_and_renewal_before_expiry() {
+    let si = StandIn::start();
+    // Renewed 300 s before expiry: a 301 s token is good for one second.
+    *si.state.expires_in.lock() = 301;
+    let (_d, n, a, k) = push_node(&si, 0, &["proj-a"], false).await;
+    set_device(&a, FCM, json!("token-refresh"), Some("android")).await;
+    let texts: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
+    let sends: Vec<_> = texts.iter().map(|t| forward(&n, &a, &k, t)).collect();
+    futures_util::future::join_all(sends).await;
+    let hits = wait_hits(&si, "fcm:", 8).await;
+    assert_clean(&hits);
+    assert_eq!(si.state.hits("token").len(), 1, "eight concurrent pushes, one grant");
+    let first = si.state.hits("token")[0].at;
+    eventually("the access token is due for renewal", || async {
+        (first.elapsed() > Duration::from_millis(1100)).then_some(())
+    })
+    .await;
+    forward(&n, &a, &k, "later").await;
+    wait_hits(&si, "fcm:", 9).await;
+    assert_eq!(si.state.hits("token").len(), 2, "renewed before it expires");
+    assert_clean(&si.state.hits(""));
+}
+
+/// `check-config` refuses a `[push]` section whose credentials are missing, unreadable or
+/// malformed, with exit 64 and the reason, and never prints the secret.
+#[test]
+fn check_config_refuses_bad_push_credentials() {
+    let si = StandIn::start();
+    let dir = tempfile::tempdir().unwrap();
+    let good_sa = si.service_account("proj-a");
+    let bad_key_sa = dir.path().join("bad-key.json");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&good_sa).unwrap()).unwrap();
+    v["private_key"] = json!(
+        "-----BEGIN PRIVATE KEY-----\nMIIBVQIBADANBgkqhkiG9w0BAQEFAASC-secret-bytes\n-----END PRIVATE KEY-----\n"
+    );
+    std::fs::write(&bad_key_sa, v.to_string()).unwrap();
+    let not_json = dir.path().join("not-json.json");
+    std::fs::write(&not_json, "{ \"private_key\": \"MIIsecret").unwrap();
+    let bad_p8 = dir.path().join("bad.p8");
+    std::fs::write(
+        &bad_p8,
+        "-----BEGIN PRIVATE KEY-----\nMIGTsecret\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let head = "[[node]]\nid = 'n1'\nlisten = '127.0.0.1:0'\nadmin = '127.0.0.1:0'\n";
+    let apns = |key: &std::path::Path| {
+        format!("[push.apns]\nkey_file = {key:?}\nkey_id = 'ABC123DEFG'\nteam_id = 'DEF123GHIJ'\ntopic = 'org.example.wallet'\n")
+    };
+    let cases: Vec<(String, &str, &str)> = vec![
+        (format!("[[push.fcm]]\nservice_account = {:?}\n", dir.path().join("missing.json")), "cannot read", "-"),
+        (format!("[[push.fcm]]\nservice_account = {not_json:?}\n"), "not JSON", "MIIsecret"),
+        (format!("[[push.fcm]]\nservice_account = {bad_key_sa:?}\n"), "not an RSA private key", "secret-bytes"),
+        (apns(&bad_p8), "not a P-256 private key", "MIGTsecret"),
+        (
+            "[push.webhook]\nurl = 'https://push.example.org/mailroom'\nsecret_env = 'MAILROOM_TEST_UNSET_PUSH_SECRET'\n".into(),
+            "MAILROOM_TEST_UNSET_PUSH_SECRET is not set",
+            "-",
+        ),
+        (
+            "[push.webhook]\nurl = 'https://push.example.org/mailroom'\nsecret = 'tooshort'\n".into(),
+            "at least 16",
+            "tooshort",
+        ),
+        ("[push]\nmin_interval_secs = 5\n".into(), "names no provider", "-"),
+        ("[push]\nmin_interval = 5\n".into(), "unknown field", "-"),
+        (
+            format!("[[push.fcm]]\nservice_account = {good_sa:?}\nbase_url = 'ftp://x'\n"),
+            "base_url",
+            "-",
+        ),
+    ];
+    let run = |toml: &str| {
+        let f = dir.path().join("cluster.toml");
+        std::fs::write(&f, format!("{head}{toml}")).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+            .args(["check-config", "--config"])
+            .arg(&f)
+            .env_remove("MAILROOM_TEST_UNSET_PUSH_SECRET")
+            .output()
+            .unwrap()
+    };
+    for (toml, reason, secret) in &cases {
+        let out = run(toml);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{toml} -> {err}");
+        assert!(err.contains(reason), "{toml}: {err:?} should say {reason:?}");
+        assert!(!err.contains(secret), "{toml}: the secret leaked: {err}");
+    }
+    // The same credentials, good, pass.
+    let good = format!(
+        "[push]\nmin_interval_secs = 60\n[[push.fcm]]\nservice_account = {good_sa:?}\n{}[push.webhook]\nurl = 'https://push.example.org/mailroom'\nsecret = 'a-long-enough-webhook-secret'\n",
+        apns(&si.apns_key_file)
+    );
+    let out = run(&good);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
