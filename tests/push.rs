@@ -140,6 +140,10 @@ async fn fcm_registration_grant_and_message() {
         metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"sent\"}").await,
         1.0
     );
+    let status = get_json(&format!("{}/status", n.admin_url())).await;
+    assert_eq!(status["push"]["enabled"], true, "{status}");
+    assert_eq!(status["push"]["sent"]["fcm"], 1);
+    assert_eq!(status["push"]["coalesced"], 10);
 
     // Unregister with "" (BC Wallet): get-device-info now says not registered.
     let ack = set_device(&a, FCM, json!(""), None).await;
@@ -411,6 +415,16 @@ async fn cluster_session_on_another_node_means_no_push() {
     assert_eq!(hooks.len(), 1);
     assert_eq!(hooks[0].body["node"], "n2", "the node that accepted the forward pushes");
     assert_eq!(metric(&n1, "mailroom_push_total").await, 0.0, "n1 sent nothing");
+
+    // The registration goes with its connection (issue 11's DELETE removes the row).
+    let (pg, task) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    actix_rt::spawn(task);
+    let count = "SELECT count(*) FROM mailroom_devices WHERE conn_id = $1";
+    assert_eq!(pg.query_one(count, &[&conn]).await.unwrap().get::<_, i64>(0), 1);
+    pg.execute("DELETE FROM mailroom_connections WHERE id = $1", &[&conn])
+        .await
+        .unwrap();
+    assert_eq!(pg.query_one(count, &[&conn]).await.unwrap().get::<_, i64>(0), 0);
 }
 
 /// Forward 2xx -> the provider receiving the push, one node, no coalescing: p50/p99.

@@ -138,6 +138,33 @@ async fn status_json(st: &AdminState) -> Value {
         "open_sockets": sh.open_sockets.load(Ordering::Relaxed),
         "queued": queued,
         "store": { "backend": store.backend(), "health": store_health },
+        "push": push_json(sh),
+    })
+}
+
+/// Push notifications of this node: whether they are on, and the counters since start.
+fn push_json(sh: &crate::session::Shared) -> Value {
+    let m = &sh.metrics.push;
+    let by_result = |result: &str| -> u64 {
+        ["fcm", "apns", "webhook"]
+            .iter()
+            .map(|p| {
+                m.total
+                    .get_or_create(&crate::push::ProviderResult {
+                        provider: (*p).into(),
+                        result: result.into(),
+                    })
+                    .get()
+            })
+            .sum()
+    };
+    json!({
+        "enabled": sh.push.get().is_some(),
+        "sent": { "fcm": m.sent("fcm"), "apns": m.sent("apns"), "webhook": m.sent("webhook") },
+        "failed": by_result("failed") + by_result("gave_up"),
+        "retried": by_result("retry"),
+        "coalesced": m.coalesced.get(),
+        "dropped_tokens": m.dropped_tokens.get(),
     })
 }
 
