@@ -379,3 +379,47 @@ impl PushConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Wrapper {
+        push: PushConfig,
+    }
+
+    /// Every `[push]` example of the README parses with the names outside tests drive.
+    #[test]
+    fn readme_push_examples_parse() {
+        let readme = include_str!("../../README.md");
+        let mut n = 0;
+        for block in readme.split("```toml").skip(1) {
+            let block = block.split("```").next().unwrap();
+            if !block.contains("[push]") {
+                continue;
+            }
+            let w: Wrapper = toml::from_str(block).unwrap_or_else(|e| panic!("{block}: {e}"));
+            n += 1;
+            if let Some(a) = &w.push.apns {
+                assert_eq!((a.key_id.as_str(), a.team_id.as_str()), ("ABC123DEFG", "DEF123GHIJ"));
+            }
+        }
+        assert_eq!(n, 3, "one example per provider");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret("-----BEGIN PRIVATE KEY-----".into());
+        assert_eq!(format!("{s:?}"), "<redacted>");
+        assert!(parse_service_account("{\"private_key\": \"MIIsecret\"")
+            .unwrap_err()
+            .contains("not JSON"));
+        let e = parse_service_account(
+            r#"{"type":"service_account","project_id":"p","client_email":"e@x","token_uri":"https://oauth2.googleapis.com/token","private_key":"-----BEGIN PRIVATE KEY-----\nMIIsecret\n-----END PRIVATE KEY-----\n"}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("not an RSA private key") && !e.contains("MIIsecret"), "{e}");
+    }
+}
