@@ -7,9 +7,12 @@
 //! session of the wallet on any node (its registry, then the cluster directory) and calls
 //! [`PushHandle::queued`], which never waits: the event goes through a bounded channel to the
 //! worker, which runs on a thread (actix arbiter) of its own with its own HTTP/2 client. There
-//! the [`schedule::Coalescer`] lets one push through at once and folds a burst into at most one
-//! trailing push per window; the trailing push checks again that no session appeared and that
-//! mail is still queued. A push is retried on 429/5xx with backoff (honouring `Retry-After`),
+//! the wallet's push window, kept in the store and shared by every node
+//! ([`crate::store::Store::push_event`]), lets one push through at once and folds a burst into
+//! at most one trailing push per window, whichever nodes the forwards landed on; every node
+//! polls for due trailing pushes, each taken by one node, so a node that dies leaves its
+//! trailing pushes to the others. A trailing push checks again that no session appeared and
+//! that mail is still queued. A push is retried on 429/5xx with backoff (honouring `Retry-After`),
 //! and a token the provider calls dead is forgotten in the store. Nothing here touches the
 //! queue, and a push that is slow or fails never delays or fails a forward.
 //!
@@ -24,7 +27,7 @@ pub mod fcm;
 pub mod schedule;
 pub mod webhook;
 
-use crate::store::{PushService, Store};
+use crate::store::{Device, PushService, PushSlot, Store};
 use futures_util::future::BoxFuture;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -40,8 +43,6 @@ pub use config::{PushConfig, PushSettings};
 /// Events waiting for the worker; beyond it events are dropped and counted (the store still
 /// holds the mail, and the next event of that wallet pushes).
 pub const EVENT_QUEUE: usize = 65_536;
-/// Coalescer entries pruned this often.
-const PRUNE_EVERY: Duration = Duration::from_secs(30);
 
 /// A device token as logs and the admin API show it: its first characters and its length.
 pub fn redact(token: &str) -> String {
@@ -340,56 +341,48 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
             return;
         }
     };
-    let mut coalescer = schedule::Coalescer::new(settings.min_interval_ms);
-    let started = Instant::now();
-    let mono_ms = move || started.elapsed().as_millis() as i64;
-    let mut last_prune = Instant::now();
+    let window = settings.min_interval_ms;
+    // Trailing pushes are due at most this late (any node's poll may take them).
+    let mut poll = tokio::time::interval(Duration::from_millis((window as u64 / 4).clamp(50, 1000)));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(
         fcm_projects = settings.fcm.len(),
         apns = settings.apns.is_some(),
         webhook = settings.webhook.is_some(),
-        min_interval_ms = settings.min_interval_ms,
+        min_interval_ms = window,
         "push notifications on"
     );
     loop {
-        let wait = coalescer
-            .next_due()
-            .map(|due| Duration::from_millis((due - mono_ms()).max(0) as u64))
-            .unwrap_or(PRUNE_EVERY);
         tokio::select! {
             cmd = rx.recv() => match cmd {
                 None | Some(Cmd::Stop) => break,
-                Some(Cmd::Queued { conn, at }) => match coalescer.on_event(&conn, mono_ms()) {
-                    schedule::Decision::Now => {
-                        actix_rt::spawn(push_one(ctx.clone(), conn, at, false));
-                    }
-                    schedule::Decision::Trailing { .. } => {
-                        ctx.metrics.coalesced.inc();
-                    }
-                },
+                Some(Cmd::Queued { conn, at }) => {
+                    actix_rt::spawn(on_event(ctx.clone(), conn, at));
+                }
             },
-            _ = tokio::time::sleep(wait) => {}
-        }
-        for conn in coalescer.take_due(mono_ms()) {
-            actix_rt::spawn(push_one(ctx.clone(), conn, Instant::now(), true));
-        }
-        if last_prune.elapsed() >= PRUNE_EVERY {
-            coalescer.prune(mono_ms());
-            last_prune = Instant::now();
+            _ = poll.tick(), if window > 0 => {
+                let now = crate::protocols::now_ms();
+                // Windows idle for twice their length are forgotten.
+                match ctx.store.push_take_due(now, now - 2 * window, TAKE_DUE_BATCH).await {
+                    Ok(due) => {
+                        for conn in due {
+                            actix_rt::spawn(push_one(ctx.clone(), conn, Instant::now(), None));
+                        }
+                    }
+                    Err(e) => tracing::warn!("push: trailing pushes not polled: {e}"),
+                }
+            }
         }
     }
     tracing::info!("push worker stopped");
 }
 
-/// Sends the push of one event, with retries, to the wallet's provider and the webhook.
-async fn push_one(ctx: Rc<Ctx>, conn: String, at: Instant, trailing: bool) {
-    let Ok(_slot) = ctx.slots.acquire().await else {
-        return;
-    };
-    // A trailing push goes out a window later: the wallet may be back, or have picked up.
-    if trailing && ctx.presence.online(&conn).await {
-        return;
-    }
+/// Trailing pushes one poll takes at most.
+const TAKE_DUE_BATCH: usize = 256;
+
+/// One queued event: a wallet with a device registration gets a push now, or the event is
+/// folded into its window's trailing push (the window is shared by every node).
+async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant) {
     let device = match ctx.store.device_of(&conn).await {
         Ok(Some(d)) => d,
         Ok(None) => return,
@@ -398,6 +391,51 @@ async fn push_one(ctx: Rc<Ctx>, conn: String, at: Instant, trailing: bool) {
             ctx.metrics.count("store", "failed");
             return;
         }
+    };
+    let window = ctx.settings.min_interval_ms;
+    let slot = if window == 0 {
+        PushSlot::Now
+    } else {
+        match ctx.store.push_event(&conn, crate::protocols::now_ms(), window).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Better a push too many than a wallet left asleep.
+                tracing::warn!(connection = %conn, "push window unavailable, pushing: {e}");
+                PushSlot::Now
+            }
+        }
+    };
+    match slot {
+        PushSlot::Now => push_one(ctx, conn, at, Some(device)).await,
+        PushSlot::Trailing { .. } => {
+            ctx.metrics.coalesced.inc();
+        }
+    }
+}
+
+/// Sends the push of one event, with retries, to the wallet's provider and the webhook.
+/// `device` is the registration read for an immediate push; `None` for a trailing push, which
+/// goes out a window later and checks again.
+async fn push_one(ctx: Rc<Ctx>, conn: String, at: Instant, device: Option<Device>) {
+    let Ok(_slot) = ctx.slots.acquire().await else {
+        return;
+    };
+    let trailing = device.is_none();
+    // A trailing push goes out a window later: the wallet may be back, or have picked up.
+    if trailing && ctx.presence.online(&conn).await {
+        return;
+    }
+    let device = match device {
+        Some(d) => d,
+        None => match ctx.store.device_of(&conn).await {
+            Ok(Some(d)) => d,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(connection = %conn, "push skipped: store unavailable: {e}");
+                ctx.metrics.count("store", "failed");
+                return;
+            }
+        },
     };
     let count = match ctx.store.queue_stats(&conn, crate::protocols::now_ms()).await {
         Ok(q) => q.pending + q.leased,

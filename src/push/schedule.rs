@@ -1,122 +1,12 @@
 //! When to push, as pure functions of (state, event, now): no I/O, no clock of its own.
 //!
-//! - [`Coalescer`]: per wallet, one push at once and at most one trailing push per window;
-//!   an event inside the window is folded into the trailing push, so the last message is
-//!   never left without a wake-up.
+//! - [`window`]: per wallet, one push at once and at most one trailing push per window; an
+//!   event inside the window is folded into the trailing push, so the last message is never
+//!   left without a wake-up. The rule is [`crate::store::push_window_step`]; the state lives in
+//!   the store so that every node shares it.
 //! - [`retry_delay`]: exponential backoff with full jitter, honouring `Retry-After`, bounded.
 
-use std::collections::{BTreeSet, HashMap};
-
-/// What to do with one queued event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
-    /// Push now.
-    Now,
-    /// Folded into the trailing push due at this time (scheduled now or earlier).
-    Trailing { due_ms: i64, newly_scheduled: bool },
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-struct ConnState {
-    last_push_ms: i64,
-    trailing_due_ms: Option<i64>,
-}
-
-/// Per-connection coalescing. `window_ms` 0 pushes every event.
-#[derive(Debug)]
-pub struct Coalescer {
-    window_ms: i64,
-    conns: HashMap<String, ConnState>,
-    /// (due, conn) of every scheduled trailing push.
-    due: BTreeSet<(i64, String)>,
-}
-
-impl Coalescer {
-    pub fn new(window_ms: i64) -> Coalescer {
-        Coalescer {
-            window_ms: window_ms.max(0),
-            conns: HashMap::new(),
-            due: BTreeSet::new(),
-        }
-    }
-
-    /// A message was queued for `conn` at `now`.
-    pub fn on_event(&mut self, conn: &str, now: i64) -> Decision {
-        match self.conns.get_mut(conn) {
-            Some(st) if now < st.last_push_ms + self.window_ms => {
-                if let Some(due) = st.trailing_due_ms {
-                    return Decision::Trailing {
-                        due_ms: due,
-                        newly_scheduled: false,
-                    };
-                }
-                let due = st.last_push_ms + self.window_ms;
-                st.trailing_due_ms = Some(due);
-                self.due.insert((due, conn.to_string()));
-                Decision::Trailing {
-                    due_ms: due,
-                    newly_scheduled: true,
-                }
-            }
-            Some(st) => {
-                // Window over. A trailing push still pending would fire now anyway: this is it.
-                if let Some(due) = st.trailing_due_ms.take() {
-                    self.due.remove(&(due, conn.to_string()));
-                }
-                st.last_push_ms = now;
-                Decision::Now
-            }
-            None => {
-                self.conns.insert(
-                    conn.to_string(),
-                    ConnState {
-                        last_push_ms: now,
-                        trailing_due_ms: None,
-                    },
-                );
-                Decision::Now
-            }
-        }
-    }
-
-    /// Trailing pushes due at `now`, each recorded as pushed at `now` (so a later event
-    /// inside the new window is folded again).
-    pub fn take_due(&mut self, now: i64) -> Vec<String> {
-        let mut out = Vec::new();
-        while let Some((due, conn)) = self.due.first().cloned() {
-            if due > now {
-                break;
-            }
-            self.due.pop_first();
-            if let Some(st) = self.conns.get_mut(&conn) {
-                st.trailing_due_ms = None;
-                st.last_push_ms = now;
-            }
-            out.push(conn);
-        }
-        out
-    }
-
-    /// When the next trailing push is due.
-    pub fn next_due(&self) -> Option<i64> {
-        self.due.first().map(|(d, _)| *d)
-    }
-
-    /// Forgets wallets whose window is over and that have nothing scheduled (bounded memory).
-    pub fn prune(&mut self, now: i64) {
-        let w = self.window_ms;
-        self.conns
-            .retain(|_, st| st.trailing_due_ms.is_some() || now < st.last_push_ms + w);
-    }
-
-    pub fn len(&self) -> usize {
-        self.conns.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
-    }
-}
+pub use crate::store::push_window_step as window;
 
 /// The wait before try `attempt + 1` (`attempt` >= 1 tries done): full jitter over
 /// `base * 2^(attempt-1)` capped at `max`, and never less than `Retry-After`. `None`: give up
@@ -161,68 +51,54 @@ pub fn parse_retry_after(v: &str, now_unix_s: u64) -> Option<u64> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn one_now_then_one_trailing_per_window() {
-        let mut c = Coalescer::new(1000);
-        assert_eq!(c.on_event("a", 0), Decision::Now);
-        // A burst inside the window: one trailing push at the window's end.
-        assert_eq!(
-            c.on_event("a", 10),
-            Decision::Trailing {
-                due_ms: 1000,
-                newly_scheduled: true
-            }
-        );
-        for t in 11..100 {
-            assert_eq!(
-                c.on_event("a", t),
-                Decision::Trailing {
-                    due_ms: 1000,
-                    newly_scheduled: false
+    use crate::store::PushSlot;
+
+    /// Replays events at the given times through the window rule; returns the pushes (times)
+    /// with trailing ones taken when due, as the nodes' poll does.
+    fn replay(events: &[i64], window_ms: i64) -> Vec<i64> {
+        let mut st = None;
+        let mut pushes = Vec::new();
+        for &t in events {
+            if let Some((_, Some(due))) = st {
+                if due <= t {
+                    pushes.push(due);
+                    st = Some((due, None));
                 }
-            );
-        }
-        // Another wallet is independent.
-        assert_eq!(c.on_event("b", 50), Decision::Now);
-        assert_eq!(c.next_due(), Some(1000));
-        assert!(c.take_due(999).is_empty());
-        assert_eq!(c.take_due(1000), vec!["a".to_string()]);
-        assert_eq!(c.next_due(), None);
-        // After the trailing push a new window starts at its time.
-        assert_eq!(
-            c.on_event("a", 1500),
-            Decision::Trailing {
-                due_ms: 2000,
-                newly_scheduled: true
             }
-        );
-        assert_eq!(c.take_due(2100), vec!["a".to_string()]);
-        // Quiet for a window: the next event pushes at once.
-        assert_eq!(c.on_event("a", 3200), Decision::Now);
+            let (next, slot) = window(st, t, window_ms);
+            st = Some(next);
+            if slot == PushSlot::Now {
+                pushes.push(t);
+            }
+        }
+        if let Some((_, Some(due))) = st {
+            pushes.push(due);
+        }
+        pushes
     }
 
     #[test]
-    fn nothing_left_without_a_wake_up_and_state_is_bounded() {
-        let mut c = Coalescer::new(1000);
-        let mut pushes = 0;
-        let mut t = 0;
-        // 100 events 7 ms apart: pushes at 0, then one per window at most.
-        for _ in 0..100 {
-            pushes += c.take_due(t).len();
-            if c.on_event("w", t) == Decision::Now {
-                pushes += 1;
-            }
-            t += 7;
-        }
-        // The last event has a trailing push scheduled.
-        assert!(c.next_due().is_some());
-        pushes += c.take_due(t + 1000).len();
-        assert_eq!(pushes, 1 + 1, "700 ms of events fit one window: one now, one trailing");
-        c.prune(t + 5000);
-        assert!(c.is_empty());
-        let mut z = Coalescer::new(0);
-        assert_eq!(z.on_event("x", 5), Decision::Now);
-        assert_eq!(z.on_event("x", 5), Decision::Now);
+    fn one_now_then_one_trailing_per_window() {
+        assert_eq!(window(None, 0, 1000), ((0, None), PushSlot::Now));
+        assert_eq!(
+            window(Some((0, None)), 10, 1000),
+            ((0, Some(1000)), PushSlot::Trailing { due_ms: 1000 })
+        );
+        assert_eq!(
+            window(Some((0, Some(1000))), 999, 1000),
+            ((0, Some(1000)), PushSlot::Trailing { due_ms: 1000 })
+        );
+        // After the window a new event pushes at once (a trailing push not yet taken is this one).
+        assert_eq!(window(Some((0, Some(1000))), 1000, 1000), ((1000, None), PushSlot::Now));
+        // 100 events 7 ms apart: one now, one trailing at the window's end.
+        let burst: Vec<i64> = (0..100).map(|i| i * 7).collect();
+        assert_eq!(replay(&burst, 1000), vec![0, 1000]);
+        // A steady stream: at most one push per window.
+        let stream: Vec<i64> = (0..300).map(|i| i * 10).collect();
+        let p = replay(&stream, 1000);
+        assert_eq!(p, vec![0, 1000, 2000, 3000]);
+        // No window: every event pushes.
+        assert_eq!(replay(&[5, 5, 6], 0), vec![5, 5, 6]);
     }
 
     #[test]

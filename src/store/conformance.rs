@@ -1056,6 +1056,54 @@ pub async fn device_registrations(b: Arc<dyn Backend>) {
     assert_eq!(s.device_of("bad\0id").await.unwrap(), None);
 }
 
+pub async fn push_windows_are_shared(b: Arc<dyn Backend>) {
+    let n1 = b.open().await;
+    let n2 = b.open().await;
+    let c = new_id();
+    // A burst from two nodes at once: one push now, every other event folded into one trailing push.
+    let mut tasks = Vec::new();
+    for i in 0..16i64 {
+        let s = if i % 2 == 0 { n1.clone() } else { n2.clone() };
+        let c = c.clone();
+        tasks.push(tokio::spawn(
+            async move { s.push_event(&c, T0 + i, 1000).await.unwrap() },
+        ));
+    }
+    let mut now = 0;
+    let mut dues = HashSet::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            PushSlot::Now => now += 1,
+            PushSlot::Trailing { due_ms } => {
+                dues.insert(due_ms);
+            }
+        }
+    }
+    assert_eq!(now, 1, "one push now across nodes");
+    assert_eq!(dues.len(), 1, "one trailing push: {dues:?}");
+    let due = *dues.iter().next().unwrap();
+    assert!((T0 + 1000..T0 + 1016).contains(&due));
+    assert!(n1.push_take_due(due - 1, 0, 100).await.unwrap().is_empty());
+    // Due: taken by exactly one of the nodes polling at once.
+    let (a, b2) = tokio::join!(n1.push_take_due(due, 0, 100), n2.push_take_due(due, 0, 100));
+    let mut taken = a.unwrap();
+    taken.extend(b2.unwrap());
+    assert_eq!(taken, vec![c.clone()]);
+    assert!(n1.push_take_due(due + 10, 0, 100).await.unwrap().is_empty());
+    // The trailing push restarted the window.
+    assert_eq!(
+        n2.push_event(&c, due + 1, 1000).await.unwrap(),
+        PushSlot::Trailing { due_ms: due + 1000 }
+    );
+    // An event after the window pushes now; the trailing push not yet taken is that push.
+    assert_eq!(n1.push_event(&c, due + 5000, 1000).await.unwrap(), PushSlot::Now);
+    assert!(n1.push_take_due(due + 6000, 0, 100).await.unwrap().is_empty());
+    // No window: every event pushes.
+    let d = new_id();
+    assert_eq!(n1.push_event(&d, T0, 0).await.unwrap(), PushSlot::Now);
+    assert_eq!(n2.push_event(&d, T0, 0).await.unwrap(), PushSlot::Now);
+}
+
 async fn run_check<F, Fut>(b: Arc<dyn Backend>, check: F) -> Result<(), tokio::task::JoinError>
 where
     F: FnOnce(Arc<dyn Backend>) -> Fut,
@@ -1430,6 +1478,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn device_registrations() {
                 backend::run(super::device_registrations).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn push_windows_are_shared() {
+                backend::run(super::push_windows_are_shared).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn group_commit_throughput() {

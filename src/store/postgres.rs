@@ -33,7 +33,7 @@ use tokio_postgres::NoTls;
 
 use super::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
-    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError,
+    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, PushSlot, QueueStats, QueuedMessage, Store, StoreError,
     StoreResult,
 };
 
@@ -171,6 +171,20 @@ CREATE TABLE mailroom_devices (
     platform text,
     updated_at_ms bigint NOT NULL
 );
+"#,
+    ),
+    (
+        5,
+        // Push windows shared by every node: one push now and one trailing push per window
+        // and wallet, cluster-wide; a trailing push survives the node that scheduled it.
+        r#"
+CREATE TABLE mailroom_push_windows (
+    conn_id text COLLATE "C" PRIMARY KEY,
+    last_push_ms bigint NOT NULL,
+    trailing_due_ms bigint
+);
+CREATE INDEX mailroom_push_windows_due ON mailroom_push_windows (trailing_due_ms)
+    WHERE trailing_due_ms IS NOT NULL;
 "#,
     ),
 ];
@@ -1195,5 +1209,51 @@ impl Store for PgStore {
             )
             .await?;
         Ok(n > 0)
+    }
+
+    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64) -> StoreResult<PushSlot> {
+        check_storable("connection id", conn)?;
+        let c = self.client().await?;
+        // push_window_step in one statement: the row lock orders concurrent events.
+        let q = c
+            .prepare_cached(
+                "INSERT INTO mailroom_push_windows AS w (conn_id, last_push_ms, trailing_due_ms) VALUES ($1, $2, NULL) \
+                 ON CONFLICT (conn_id) DO UPDATE SET \
+                 trailing_due_ms = CASE WHEN $2 < w.last_push_ms + $3 \
+                     THEN coalesce(w.trailing_due_ms, w.last_push_ms + $3) ELSE NULL END, \
+                 last_push_ms = CASE WHEN $2 < w.last_push_ms + $3 THEN w.last_push_ms ELSE $2 END \
+                 RETURNING trailing_due_ms",
+            )
+            .await
+            .map_err(pg_err)?;
+        let row = c.query_one(&q, &[&conn, &now_ms, &window_ms]).await.map_err(pg_err)?;
+        Ok(match row.get::<_, Option<i64>>(0) {
+            Some(due_ms) => PushSlot::Trailing { due_ms },
+            None => PushSlot::Now,
+        })
+    }
+
+    async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
+        let c = self.client().await?;
+        let take = c
+            .prepare_cached(
+                "UPDATE mailroom_push_windows SET trailing_due_ms = NULL, last_push_ms = $1 \
+                 WHERE conn_id IN (SELECT conn_id FROM mailroom_push_windows \
+                     WHERE trailing_due_ms <= $1 ORDER BY trailing_due_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 RETURNING conn_id",
+            )
+            .await
+            .map_err(pg_err)?;
+        let rows = c
+            .query(&take, &[&now_ms, &(limit.min(i64::MAX as usize) as i64)])
+            .await
+            .map_err(pg_err)?;
+        c.execute(
+            "DELETE FROM mailroom_push_windows WHERE trailing_due_ms IS NULL AND last_push_ms < $1",
+            &[&idle_before_ms],
+        )
+        .await
+        .map_err(pg_err)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 }

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
-    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError,
+    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, PushSlot, QueueStats, QueuedMessage, Store, StoreError,
     StoreResult,
 };
 
@@ -115,6 +115,10 @@ struct Inner {
     invitations: sled::Tree,
     /// connection id -> JSON [`Device`] (push registration).
     devices: sled::Tree,
+    /// Push windows: connection -> (last push, trailing push due). Memory only (one process
+    /// holds a sled store; in-process nodes share it): a restart forgets a pending trailing
+    /// push.
+    push_windows: Mutex<HashMap<ConnId, (i64, Option<i64>)>>,
     /// Serialises connection and key writes (transactions then never conflict).
     meta_lock: Mutex<()>,
     queues: Mutex<Queues>,
@@ -260,6 +264,7 @@ impl Inner {
             dedup: t("dedup")?,
             invitations: t("invitations")?,
             devices: t("devices")?,
+            push_windows: Mutex::new(HashMap::new()),
             db,
             meta_lock: Mutex::new(()),
             queues: Mutex::new(Queues::default()),
@@ -1260,5 +1265,28 @@ impl Store for SledStore {
             Ok(true)
         })
         .await
+    }
+
+    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64) -> StoreResult<PushSlot> {
+        check_storable("connection id", conn)?;
+        let mut w = self.inner.push_windows.lock();
+        let (state, slot) = super::push_window_step(w.get(conn).copied(), now_ms, window_ms);
+        w.insert(conn.to_owned(), state);
+        Ok(slot)
+    }
+
+    async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
+        let mut w = self.inner.push_windows.lock();
+        let mut due: Vec<(i64, ConnId)> = w
+            .iter()
+            .filter_map(|(c, (_, d))| d.filter(|d| *d <= now_ms).map(|d| (d, c.clone())))
+            .collect();
+        due.sort();
+        due.truncate(limit);
+        for (_, c) in &due {
+            w.insert(c.clone(), (now_ms, None));
+        }
+        w.retain(|_, (last, d)| d.is_some() || *last >= idle_before_ms);
+        Ok(due.into_iter().map(|(_, c)| c).collect())
     }
 }
