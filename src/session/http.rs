@@ -97,16 +97,19 @@ async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpRespo
         shared.metrics.delivered("pickup", out.leased.len() as u64);
     }
     // Wake whoever holds the wallet's session; acknowledgements free it to send more.
-    let mut wake: Vec<String> = out.queued_for.clone();
-    if out.acked > 0 {
-        if let Some(c) = &out.connection {
-            wake.push(c.id.clone());
-        }
-    }
-    if !wake.is_empty() {
+    // New messages may also wake the wallet by push (no session anywhere).
+    let queued: Vec<String> = out.queued_for.clone();
+    let acked_conn = match (&out.connection, out.acked > 0) {
+        (Some(c), true) => Some(c.id.clone()),
+        _ => None,
+    };
+    if !queued.is_empty() || acked_conn.is_some() {
         let s = shared.clone();
         actix_rt::spawn(async move {
-            for c in wake {
+            for c in queued {
+                s.queued_new(&c).await;
+            }
+            if let Some(c) = acked_conn {
                 s.queued(&c).await;
             }
         });
