@@ -89,6 +89,9 @@ pub struct StoreSection {
     /// PostgreSQL pool size per node.
     #[serde(default = "default_pool")]
     pub pool_size: usize,
+    /// sled page cache, MiB (sled's own default, 1 GiB, lets a node's memory grow towards it).
+    #[serde(default = "default_sled_cache_mib")]
+    pub sled_cache_mib: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -145,6 +148,10 @@ pub struct Limits {
     /// The same inner message forwarded twice within this window is queued once, seconds.
     #[serde(default = "default_dedup")]
     pub dedup_window_secs: u64,
+    /// Messages of one WebSocket being handled at once; beyond it a frame is answered
+    /// `{"error":"busy"}` and not handled (the sender retries).
+    #[serde(default = "default_ws_inflight")]
+    pub max_ws_inflight: usize,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -243,6 +250,12 @@ fn default_ttl() -> u64 {
 }
 fn default_dedup() -> u64 {
     300
+}
+fn default_sled_cache_mib() -> u64 {
+    64
+}
+fn default_ws_inflight() -> usize {
+    32
 }
 fn default_log_format() -> String {
     "human".into()
@@ -391,6 +404,12 @@ impl Config {
         }
         if self.store.pool_size == 0 {
             return bad("store.pool_size must be at least 1".into());
+        }
+        if self.store.sled_cache_mib == 0 || self.store.sled_cache_mib > 1 << 20 {
+            return bad("store.sled_cache_mib must be 1..=1048576".into());
+        }
+        if self.limits.max_ws_inflight == 0 {
+            return bad("limits.max_ws_inflight must be at least 1".into());
         }
         if self.delivery.batch_size == 0 || self.delivery.batch_size > 1000 {
             return bad("delivery.batch_size must be 1..=1000".into());

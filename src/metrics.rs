@@ -31,6 +31,8 @@ pub struct Metrics {
     pub sessions: Gauge,
     pub peers_up: Gauge,
     pub queue_depth: Gauge,
+    /// Dedup records held by the store (pruned once their window has passed).
+    pub dedup_records: Gauge,
     /// Age of the oldest queued message, seconds (0 when the queue is empty).
     pub oldest_message_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub notifications_sent: Counter,
@@ -65,6 +67,7 @@ impl Metrics {
             sessions: Gauge::default(),
             peers_up: Gauge::default(),
             queue_depth: Gauge::default(),
+            dedup_records: Gauge::default(),
             oldest_message_age: Gauge::default(),
             notifications_sent: Counter::default(),
             notifications_received: Counter::default(),
@@ -113,6 +116,11 @@ impl Metrics {
         );
         registry.register("peers_up", "Cluster peers with a live link", m.peers_up.clone());
         registry.register("queue_depth", "Messages queued in the store", m.queue_depth.clone());
+        registry.register(
+            "dedup_records",
+            "Dedup records held in the store (each lives one dedup window)",
+            m.dedup_records.clone(),
+        );
         registry.register(
             "oldest_message_age_seconds",
             "Age of the oldest queued message",

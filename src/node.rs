@@ -9,7 +9,7 @@ use crate::cluster::{ClusterConfig, ClusterEvent, ClusterHandle, PeerConfig};
 use crate::config::{Config, NodeEntry};
 use crate::metrics::Metrics;
 use crate::protocols::{now_ms, Mediator, MediatorKeys};
-use crate::registry::{CloseAll, Registry, WakeLocal};
+use crate::registry::{CloseAll, Registry, SessionMoved, WakeLocal};
 use crate::session::{http as public_http, Shared};
 use crate::store::{self, Store};
 use actix::Actor;
@@ -23,6 +23,8 @@ use std::time::Duration;
 
 /// How long in-flight requests get to finish on shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Dedup records pruned per store call (the call repeats while batches come back full).
+const DEDUP_PRUNE_BATCH: usize = 10_000;
 
 /// The node's bound sockets.
 pub struct Listeners {
@@ -56,7 +58,7 @@ pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
             let url = cfg.store.url.as_deref().context("store.url is required for postgres")?;
             Ok(store::open_postgres(url, cfg.store.pool_size).await?)
         }
-        _ => Ok(store::open_sled(&cfg.store.path).await?),
+        _ => Ok(store::open_sled_with_cache(&cfg.store.path, cfg.store.sled_cache_mib << 20).await?),
     }
 }
 
@@ -126,7 +128,10 @@ pub async fn run(
                     }
                     ClusterEvent::PeerUp { node } => tracing::info!(peer = %node, "peer up"),
                     ClusterEvent::PeerDown { node } => tracing::warn!(peer = %node, "peer down"),
-                    _ => {}
+                    ClusterEvent::SessionMoved { conn, node } => {
+                        tracing::debug!(connection = %conn, to = %node, "session moved");
+                        let _ = shared.registry.send(SessionMoved { conn }).await;
+                    }
                 }
             }
         });
@@ -144,6 +149,35 @@ pub async fn run(
                 tick.tick().await;
                 n += 1;
                 shared.sweep(n % 10 == 0).await;
+            }
+        });
+    }
+
+    // Dedup records outlive their window by at most one period (a bounded batch at a time):
+    // memory and disk stay flat under steady traffic.
+    {
+        let shared = shared.clone();
+        let window_ms = (cfg.limits.dedup_window_secs * 1000) as i64;
+        let every = Duration::from_millis((window_ms as u64 / 4).clamp(100, 5_000));
+        actix_rt::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let store = &shared.mediator.store;
+                loop {
+                    match store.prune_dedup(now_ms() - window_ms, DEDUP_PRUNE_BATCH).await {
+                        Ok(n) if n as usize == DEDUP_PRUNE_BATCH => tokio::task::yield_now().await,
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!("dedup pruning: {e}");
+                            break;
+                        }
+                    }
+                }
+                if let Ok(n) = store.dedup_records().await {
+                    shared.metrics.dedup_records.set(n as i64);
+                }
             }
         });
     }
@@ -308,6 +342,7 @@ pub fn cluster_config(cfg: &Config, node_id: &str) -> anyhow::Result<ClusterConf
         failure_timeout: Duration::from_millis(cfg.cluster.failure_timeout_ms),
         max_frame: cfg.cluster.max_frame_bytes,
         peer_queue: cfg.cluster.peer_queue,
+        max_peer_claims: ClusterConfig::DEFAULT_MAX_PEER_CLAIMS,
     })
 }
 

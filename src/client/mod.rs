@@ -35,6 +35,8 @@ pub struct Agent {
     /// The mediator's HTTP endpoint.
     pub endpoint: String,
     pub grant: Option<Grant>,
+    /// The thread of the exchange that made the connection (the request's `@id`).
+    pub thread_id: String,
     /// Every key we can unpack with (the DID key and registered recipient keys).
     keyring: HashMap<String, KeyPair>,
     timeout: Duration,
@@ -126,10 +128,12 @@ impl Agent {
             mediator_verkey: inv.recipient_key.clone(),
             endpoint: inv.http.clone(),
             grant: None,
+            thread_id: String::new(),
             keyring,
             timeout: Duration::from_secs(20),
         };
         let req_id = new_id();
+        a.thread_id = req_id.clone();
         let request = json!({
             "@type": "https://didcomm.org/didexchange/1.1/request",
             "@id": req_id,
@@ -178,6 +182,7 @@ impl Agent {
             mediator_verkey,
             endpoint,
             grant: None,
+            thread_id: String::new(),
             keyring,
             timeout: Duration::from_secs(20),
         }
@@ -317,14 +322,19 @@ impl Agent {
 
     /// Opens a WebSocket to the mediator (its ws URL).
     pub async fn websocket(&self, ws_url: &str) -> anyhow::Result<WsClient> {
-        let (_res, framed) = awc::Client::new()
-            .ws(ws_url)
-            .max_frame_size(64 << 20)
-            .connect()
-            .await
-            .map_err(|e| anyhow!("WebSocket {ws_url}: {e}"))?;
-        Ok(WsClient { framed })
+        websocket(ws_url).await
     }
+}
+
+/// Opens a WebSocket to the mediator (no connection bound until a message says so).
+pub async fn websocket(ws_url: &str) -> anyhow::Result<WsClient> {
+    let (_res, framed) = awc::Client::new()
+        .ws(ws_url)
+        .max_frame_size(64 << 20)
+        .connect()
+        .await
+        .map_err(|e| anyhow!("WebSocket {ws_url}: {e}"))?;
+    Ok(WsClient { framed })
 }
 
 /// A WebSocket to the mediator.

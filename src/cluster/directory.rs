@@ -43,6 +43,16 @@ pub enum DirEffect {
     SessionMoved { conn: String, node: String },
 }
 
+/// How far a peer's clock may run ahead of ours before its epochs are refused.
+pub const MAX_EPOCH_AHEAD_MS: u64 = 24 * 3600 * 1000;
+
+/// Whether a peer's epoch can be real: epochs are `unix_ms << 16 | counter`, so one beyond
+/// `MAX_EPOCH_AHEAD_MS` from now is a broken or hostile peer (an `Own` at `u64::MAX` would
+/// otherwise pin the conn forever and overflow the next local epoch).
+pub fn plausible_epoch(epoch: u64, now_ms: u64) -> bool {
+    epoch <= (now_ms.saturating_add(MAX_EPOCH_AHEAD_MS) << 16) | 0xffff
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct Directory {
     local: String,
@@ -111,6 +121,15 @@ impl Directory {
             .collect();
         v.sort_by(|a, b| a.conn.cmp(&b.conn));
         v
+    }
+
+    /// How many conns `node` claims, and whether it claims `conn` (the bound on a peer's
+    /// claims applies to new ones only).
+    pub fn claims_by(&self, node: &str, conn: &str) -> (usize, bool) {
+        match self.by_node.get(node) {
+            Some(m) => (m.len(), m.contains_key(conn)),
+            None => (0, false),
+        }
     }
 
     /// Number of conns with at least one claim.
@@ -247,6 +266,25 @@ impl Directory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epochs_from_far_ahead_are_implausible() {
+        let now = 1_700_000_000_000u64;
+        assert!(plausible_epoch(now << 16, now));
+        assert!(plausible_epoch(((now + 3_600_000) << 16) | 7, now));
+        assert!(!plausible_epoch((now + MAX_EPOCH_AHEAD_MS + 1) << 16, now));
+        assert!(!plausible_epoch(u64::MAX, now));
+    }
+
+    #[test]
+    fn claims_by_counts_a_nodes_claims() {
+        let mut d = Directory::new("n1");
+        d.apply(own("a", "n2", 1));
+        d.apply(own("b", "n2", 1));
+        assert_eq!(d.claims_by("n2", "a"), (2, true));
+        assert_eq!(d.claims_by("n2", "c"), (2, false));
+        assert_eq!(d.claims_by("n3", "a"), (0, false));
+    }
     use proptest::prelude::*;
 
     fn own(conn: &str, node: &str, epoch: u64) -> DirEvent {

@@ -95,6 +95,9 @@ pub struct ClusterConfig {
     pub max_frame: usize,
     /// Frames queued per peer link before new ones are dropped (and counted).
     pub peer_queue: usize,
+    /// Most session claims one peer may hold in this node's directory (`Own` frames beyond
+    /// it are ignored and counted; a larger resync closes the link).
+    pub max_peer_claims: usize,
 }
 
 impl ClusterConfig {
@@ -102,6 +105,7 @@ impl ClusterConfig {
     pub const DEFAULT_FAILURE_TIMEOUT: Duration = Duration::from_secs(3);
     pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
     pub const DEFAULT_PEER_QUEUE: usize = 1024;
+    pub const DEFAULT_MAX_PEER_CLAIMS: usize = 1_000_000;
 
     /// A config with the documented defaults for the tunables.
     pub fn new(
@@ -119,6 +123,7 @@ impl ClusterConfig {
             failure_timeout: Self::DEFAULT_FAILURE_TIMEOUT,
             max_frame: Self::DEFAULT_MAX_FRAME,
             peer_queue: Self::DEFAULT_PEER_QUEUE,
+            max_peer_claims: Self::DEFAULT_MAX_PEER_CLAIMS,
         }
     }
 
@@ -266,6 +271,7 @@ impl ClusterHandle {
             handshake_timeout: cfg.failure_timeout.max(Duration::from_secs(1)),
             max_frame: cfg.max_frame,
             peer_queue: cfg.peer_queue,
+            max_peer_claims: cfg.max_peer_claims.max(1),
         };
         let shared = Shared::new(settings, &cfg.peers, events);
         shared.spawn(peer::accept_loop(shared.clone(), listener));

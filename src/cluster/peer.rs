@@ -27,14 +27,12 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::codec::{self, CodecError};
-use super::directory::{DirEffect, DirEvent, Directory};
+use super::directory::{plausible_epoch, DirEffect, DirEvent, Directory};
 use super::handshake::{self, HandshakeError, Role};
 use super::membership::{LinkId, MemberEffect, MemberEvent, Membership};
 use super::proto::{Claim, Frame};
 use super::{ClusterEvent, PeerConfig};
 
-/// A peer may hold this many sessions; a resync claiming more closes the link.
-const MAX_RESYNC_CLAIMS: usize = 1_000_000;
 /// Connections accepted but not yet authenticated, at most (a flood of idle sockets must not
 /// starve real peers of file descriptors or tasks).
 const MAX_PENDING_HANDSHAKES: usize = 64;
@@ -54,6 +52,7 @@ pub(crate) struct Settings {
     pub handshake_timeout: Duration,
     pub max_frame: usize,
     pub peer_queue: usize,
+    pub max_peer_claims: usize,
 }
 
 #[derive(Default)]
@@ -95,6 +94,13 @@ impl Counters {
             events_dropped: g(&self.events_dropped),
         }
     }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn bump(a: &AtomicU64) {
@@ -341,7 +347,10 @@ impl Shared {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let epoch = (now_ms << 16).max(st.last_epoch + 1).max(st.dir.max_epoch(conn) + 1);
+        // Saturating: peers' epochs are checked (plausible_epoch), this is the second line.
+        let epoch = (now_ms << 16)
+            .max(st.last_epoch.saturating_add(1))
+            .max(st.dir.max_epoch(conn).saturating_add(1));
         st.last_epoch = epoch;
         let fx = st.dir.apply(DirEvent::Own {
             conn: conn.to_string(),
@@ -747,6 +756,18 @@ async fn read_loop(
                 );
             }
             Frame::Own { conn, epoch } => {
+                if !plausible_epoch(epoch, unix_ms()) {
+                    bump(&shared.counters.frames_rejected);
+                    warn!(peer, conn = %conn, epoch, "claim with an epoch from beyond a day ahead ignored");
+                    continue;
+                }
+                let (claims, has) = st.dir.claims_by(peer, &conn);
+                let cap = shared.settings.max_peer_claims;
+                if claims >= cap && !has {
+                    bump(&shared.counters.frames_rejected);
+                    warn!(peer, "claim over {cap} claims of one peer ignored");
+                    continue;
+                }
                 let fx = st.dir.apply(DirEvent::Own {
                     conn,
                     node: peer.to_string(),
@@ -762,11 +783,24 @@ async fn read_loop(
                 });
             }
             Frame::Resync { claims, last } => {
-                if resync.len() + claims.len() > MAX_RESYNC_CLAIMS {
+                let cap = shared.settings.max_peer_claims;
+                if resync.len() + claims.len() > cap {
                     bump(&shared.counters.frames_rejected);
-                    return Err(format!("resync over {MAX_RESYNC_CLAIMS} claims"));
+                    return Err(format!("resync over {cap} claims"));
                 }
-                resync.extend(claims.into_iter().map(|c| (c.conn, c.epoch)));
+                let now = unix_ms();
+                let sent = claims.len();
+                let kept: Vec<(String, u64)> = claims
+                    .into_iter()
+                    .filter(|c| plausible_epoch(c.epoch, now))
+                    .map(|c| (c.conn, c.epoch))
+                    .collect();
+                let dropped = sent - kept.len();
+                resync.extend(kept);
+                if dropped > 0 {
+                    // Counted, not precise per claim: one frame held implausible epochs.
+                    bump(&shared.counters.frames_rejected);
+                }
                 if last {
                     let fx = st.dir.apply(DirEvent::Resync {
                         node: peer.to_string(),

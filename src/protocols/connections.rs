@@ -18,6 +18,7 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     if doc.recipient_keys.is_empty() {
         return Err(HandleError::BadMessage(format!("{their_did} has no recipient keys")));
     }
+    super::didexchange::proven_sender(ctx, &doc)?;
     super::oob::claim(m, ctx).await?;
     let mut conn = new_connection(m, ctx, "connections/1.0", their_did, &doc);
     let ours = did::legacy_did_from_verkey(&m.keys.did_key.public_bytes());

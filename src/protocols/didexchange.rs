@@ -39,6 +39,16 @@ pub fn decode_b64_any(s: &str) -> Option<Vec<u8>> {
         .find_map(|e| e.decode(s.trim()).ok())
 }
 
+/// The authcrypt sender key of a handshake request, when the DID document it presents lists
+/// it: the sender proved it holds a key of that document. Anything else (anoncrypt, or a
+/// document listing keys the sender did not prove, such as another wallet's) is refused.
+pub(crate) fn proven_sender(ctx: &Inbound, doc: &ResolvedDoc) -> Result<String, HandleError> {
+    match &ctx.sender_verkey {
+        Some(s) if doc.recipient_keys.contains(s) => Ok(s.clone()),
+        _ => Err(HandleError::Unproven),
+    }
+}
+
 /// Builds the connection record for a peer whose DID document we resolved.
 pub(crate) fn new_connection(
     m: &Mediator,
@@ -47,12 +57,8 @@ pub(crate) fn new_connection(
     their_did: &str,
     doc: &ResolvedDoc,
 ) -> Connection {
-    let mut their_verkeys = doc.recipient_keys.clone();
-    if let Some(s) = &ctx.sender_verkey {
-        if !their_verkeys.contains(s) {
-            their_verkeys.push(s.clone());
-        }
-    }
+    // The sender's key is one of them (see `proven_sender`).
+    let their_verkeys = doc.recipient_keys.clone();
     let now = now_ms();
     Connection {
         id: uuid::Uuid::new_v4().to_string(),
@@ -95,6 +101,7 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     if doc.recipient_keys.is_empty() {
         return Err(HandleError::BadMessage(format!("{their_did} has no recipient keys")));
     }
+    proven_sender(ctx, &doc)?;
     super::oob::claim(m, ctx).await?;
     let mut conn = new_connection(m, ctx, &format!("didexchange/{version}"), their_did, &doc);
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -130,6 +137,7 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
         });
         conn.our_did = Some(m.did.clone());
     }
+    // Refused (409) when a key of the document belongs to another connection.
     m.store.put_connection(&conn).await?;
     tracing::info!(connection = %conn.id, label = conn.label.as_deref().unwrap_or(""), their_did = %short(their_did), "didexchange request accepted");
     Ok(Outcome {
@@ -139,14 +147,16 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     })
 }
 
+/// `complete` acts on the connection whose proven key authcrypted it, and only on the
+/// exchange that connection started: an anoncrypted `complete` naming someone else's thread
+/// takes over nothing.
 pub async fn complete(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
-    let conn = match &ctx.conn {
-        Some(c) => Some(c.clone()),
-        None => m.store.connection_by_thread(&ctx.thid()).await?,
-    };
-    let Some(conn) = conn else {
-        return Err(HandleError::NoConnection);
-    };
+    let conn = ctx.require_conn()?.clone();
+    if conn.thread_id.as_deref() != Some(ctx.thid().as_str()) {
+        return Err(HandleError::BadMessage(
+            "didexchange complete names a thread this connection did not start".into(),
+        ));
+    }
     // A patch, not a write of the copy loaded when the message arrived: Credo sends
     // mediate-request right behind `complete`, and its grant must not be overwritten.
     let patch = ConnectionPatch {
@@ -161,6 +171,24 @@ pub async fn complete(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleErro
     })
 }
 
+/// The first 48 characters of an untrusted string, for logs (never cut inside a character).
 fn short(did: &str) -> &str {
-    &did[..did.len().min(48)]
+    match did.char_indices().nth(48) {
+        Some((i, _)) => &did[..i],
+        None => did,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short;
+
+    #[test]
+    fn short_never_cuts_a_character() {
+        let did = format!("{}é{}", "a".repeat(47), "b".repeat(10));
+        assert_eq!(short(&did), format!("{}é", "a".repeat(47)));
+        assert_eq!(short("did:key:z"), "did:key:z");
+        let crafted = format!("{}€tail", "x".repeat(47));
+        assert!(short(&crafted).ends_with('€'));
+    }
 }

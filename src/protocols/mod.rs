@@ -323,6 +323,13 @@ pub enum HandleError {
     UnknownRecipient(String),
     #[error("invitation {0} was single-use and is already used")]
     InvitationUsed(String),
+    /// A handshake whose authcrypt sender key is not in the DID document it presents (or that
+    /// is anoncrypted): nothing proves the sender holds the keys it claims.
+    #[error("no proof of possession: the request must be authcrypted with a key of the DID document it presents")]
+    Unproven,
+    /// A handshake presenting a key another connection holds.
+    #[error("key {0} belongs to another connection")]
+    KeyTaken(String),
     #[error("queue full for this recipient ({pending} messages, {bytes} bytes): try later")]
     QueueFull { pending: u64, bytes: u64 },
     #[error("store: {0}")]
@@ -335,6 +342,7 @@ impl From<StoreError> for HandleError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::QueueFull { pending, bytes } => HandleError::QueueFull { pending, bytes },
+            StoreError::KeyTaken(k) => HandleError::KeyTaken(k),
             other => HandleError::Store(other),
         }
     }
@@ -345,7 +353,8 @@ impl HandleError {
     pub fn http_status(&self) -> u16 {
         match self {
             HandleError::Envelope(_) | HandleError::BadMessage(_) => 400,
-            HandleError::NoConnection => 403,
+            HandleError::NoConnection | HandleError::Unproven => 403,
+            HandleError::KeyTaken(_) => 409,
             HandleError::UnknownRecipient(_) => 404,
             HandleError::InvitationUsed(_) => 410,
             HandleError::QueueFull { .. } => 429,
@@ -360,6 +369,8 @@ impl HandleError {
             HandleError::Envelope(_) => "bad-envelope",
             HandleError::BadMessage(_) => "bad-message",
             HandleError::NoConnection => "no-connection",
+            HandleError::Unproven => "no-proof-of-possession",
+            HandleError::KeyTaken(_) => "key-taken",
             HandleError::UnknownRecipient(_) => "unknown-recipient",
             HandleError::InvitationUsed(_) => "invitation-used",
             HandleError::QueueFull { .. } => "queue-full",

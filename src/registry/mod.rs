@@ -29,10 +29,17 @@ pub struct Close {
     pub reason: String,
 }
 
+/// Tell a session that a newer session on another node owns its connection now: it stops
+/// delivering (a half-open socket would swallow implicit deliveries) and hands back its leases.
+#[derive(Message, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Superseded;
+
 struct Entry {
     session: SessionId,
     wake: Recipient<Wake>,
     close: Recipient<Close>,
+    superseded: Recipient<Superseded>,
     opened_ms: i64,
 }
 
@@ -88,6 +95,7 @@ pub struct Register {
     pub session: SessionId,
     pub wake: Recipient<Wake>,
     pub close: Recipient<Close>,
+    pub superseded: Recipient<Superseded>,
 }
 
 impl Handler<Register> for Registry {
@@ -101,6 +109,7 @@ impl Handler<Register> for Registry {
             session: m.session,
             wake: m.wake,
             close: m.close,
+            superseded: m.superseded,
             opened_ms: crate::protocols::now_ms(),
         });
         self.sessions += 1;
@@ -135,6 +144,50 @@ impl Handler<Unregister> for Registry {
                 c.withdraw_session(&m.conn, o.epoch);
             }
         }
+    }
+}
+
+/// The cluster says a newer session on another node owns `conn` (its epoch is higher): the
+/// sessions here stop delivering and leave the registry; a session that speaks again with
+/// return-route binds anew (and takes ownership back with a newer epoch).
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct SessionMoved {
+    pub conn: String,
+}
+
+impl Handler<SessionMoved> for Registry {
+    type Result = usize;
+    fn handle(&mut self, m: SessionMoved, _: &mut Context<Self>) -> usize {
+        // Only when the directory still names another owner: a session bound here since the
+        // event announced a newer epoch of its own.
+        let Some(c) = &self.cluster else { return 0 };
+        match c.owner_of(&m.conn) {
+            Some(owner) if owner != c.node_id() => {}
+            _ => return 0,
+        }
+        let Some(entries) = self.by_conn.remove(&m.conn) else {
+            return 0;
+        };
+        self.owned.remove(&m.conn);
+        self.sessions -= entries.len();
+        for e in &entries {
+            let _ = e.superseded.try_send(Superseded);
+        }
+        tracing::info!(connection = %m.conn, sessions = entries.len(), "session moved to another node: stopped delivering here");
+        entries.len()
+    }
+}
+
+/// The connections this node holds live sessions of (the sweep asks the store about these).
+#[derive(Message)]
+#[rtype(result = "Vec<String>")]
+pub struct LocalConns;
+
+impl Handler<LocalConns> for Registry {
+    type Result = MessageResult<LocalConns>;
+    fn handle(&mut self, _: LocalConns, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.by_conn.keys().cloned().collect())
     }
 }
 

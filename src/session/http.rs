@@ -23,21 +23,20 @@ pub fn configure(cfg: &mut web::ServiceConfig, shared: Arc<Shared>) {
 
 #[derive(serde::Deserialize)]
 struct InvitationQuery {
-    /// `http` or `ws`: only that service (for agents that take one, like ACA-Py 1.7).
+    /// `http` (the default) or `ws`: the transport of the invitation's one service.
     transport: Option<String>,
 }
 
 async fn get_invitation(shared: web::Data<Shared>, q: web::Query<InvitationQuery>) -> HttpResponse {
     let m = &shared.mediator;
-    let mut inv = oob::public_invitation(m);
-    match q.transport.as_deref() {
-        None => {}
-        Some(t @ ("http" | "ws")) => inv = oob::only_transport(inv, t),
+    let inv = match q.transport.as_deref() {
+        None | Some("http") => oob::public_invitation(m),
+        Some("ws") => oob::invitation_over(m, &m.invitation_id, &m.public_ws_url),
         Some(other) => {
             return HttpResponse::BadRequest()
                 .json(json!({"error": "bad-transport", "reason": format!("transport={other}: use http or ws")}))
         }
-    }
+    };
     HttpResponse::Ok().json(json!({ "invitation_url": oob::invitation_url(m, &inv), "invitation": inv }))
 }
 

@@ -14,7 +14,7 @@ use crate::cluster::{ClusterHandle, NotifyOutcome};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocols::{now_ms, Mediator};
-use crate::registry::{IsLocal, Registry, WakeLocal, WakeMany};
+use crate::registry::{IsLocal, LocalConns, Registry, WakeLocal, WakeMany};
 use actix::Addr;
 use parking_lot::Mutex;
 use std::collections::HashSet;
@@ -23,6 +23,11 @@ use std::sync::Arc;
 
 /// Entries of the connection -> endpoint cache before it is cleared.
 const ENDPOINT_CACHE_MAX: usize = 200_000;
+/// Local connections asked about per store call of the sweep.
+const SWEEP_CHUNK: usize = 1_000;
+/// Connections with pending messages retried at their endpoints per sweep pass (a cursor
+/// walks the rest in later passes).
+const ENDPOINT_PAGE: usize = 10_000;
 
 pub struct Shared {
     pub mediator: Arc<Mediator>,
@@ -41,6 +46,8 @@ pub struct Shared {
     endpoint_cache: Mutex<std::collections::HashMap<String, Option<String>>>,
     /// Set once shutdown starts: new sockets are refused.
     pub draining: AtomicBool,
+    /// Where the endpoint retry of the sweep goes on from (connection id order).
+    endpoint_cursor: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -62,6 +69,7 @@ impl Shared {
             endpoint_busy: Mutex::new(HashSet::new()),
             endpoint_cache: Mutex::new(std::collections::HashMap::new()),
             draining: AtomicBool::new(false),
+            endpoint_cursor: Mutex::new(None),
         }
     }
 
@@ -142,21 +150,51 @@ impl Shared {
     /// One pass of the sweep: wake local sessions of connections with deliverable messages
     /// (a lost notification or an expired lease only delays delivery by one period), and
     /// retry endpoint delivery for connections nobody holds a session for.
+    ///
+    /// The wake-up half asks the store about the connections this node holds sessions of,
+    /// never the whole store: however many offline wallets hold older messages (normal with a
+    /// 30-day TTL), a live wallet is reached within one period.
     pub async fn sweep(self: &Arc<Self>, with_endpoints: bool) {
-        let pending = match self.mediator.store.connections_with_pending(now_ms(), 10_000).await {
+        let local = self.registry.send(LocalConns).await.unwrap_or_default();
+        let now = now_ms();
+        for chunk in local.chunks(SWEEP_CHUNK) {
+            match self.mediator.store.pending_among(chunk, now).await {
+                Ok(p) if p.is_empty() => {}
+                Ok(p) => {
+                    let _ = self.registry.send(WakeMany { conns: p }).await;
+                }
+                Err(e) => {
+                    tracing::warn!("sweep: store unavailable: {e}");
+                    return;
+                }
+            }
+        }
+        if with_endpoints {
+            self.retry_endpoints(now).await;
+        }
+    }
+
+    /// Retries endpoint delivery for a page of connections with pending messages that no
+    /// node holds a session of; the cursor goes round all of them over successive passes.
+    async fn retry_endpoints(self: &Arc<Self>, now: i64) {
+        let after = self.endpoint_cursor.lock().clone();
+        let pending = match self
+            .mediator
+            .store
+            .connections_with_pending(now, after.as_deref(), ENDPOINT_PAGE)
+            .await
+        {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!("sweep: store unavailable: {e}");
                 return;
             }
         };
-        if pending.is_empty() {
-            return;
-        }
-        let _ = self.registry.send(WakeMany { conns: pending.clone() }).await;
-        if !with_endpoints {
-            return;
-        }
+        *self.endpoint_cursor.lock() = if pending.len() < ENDPOINT_PAGE {
+            None
+        } else {
+            pending.last().cloned()
+        };
         for conn in pending {
             if self
                 .registry

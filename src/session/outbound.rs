@@ -102,7 +102,7 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str)
             shared.metrics.delivered("endpoint", done.len() as u64);
         }
         if !failed.is_empty() {
-            let _ = store.release(conn, &failed).await;
+            let _ = store.release(conn, &failed, &owner).await;
             return;
         }
     }

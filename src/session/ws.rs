@@ -14,7 +14,7 @@
 use super::Shared;
 use crate::config::Strategy;
 use crate::protocols::{now_ms, pickup, Outcome, TransportKind};
-use crate::registry::{Close, Register, Unregister, Wake};
+use crate::registry::{Close, Register, Superseded, Unregister, Wake};
 use crate::store::QueuedMessage;
 use actix::prelude::*;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -72,6 +72,11 @@ pub struct WsSession {
     wake_again: bool,
     bad_frames: u32,
     partial: Option<(bool, BytesMut)>,
+    /// Registered with the registry for `conn` (false once a newer session elsewhere
+    /// superseded this one, until it binds again).
+    registered: bool,
+    /// Messages of this socket being handled now (`limits.max_ws_inflight`).
+    inflight: usize,
 }
 
 impl WsSession {
@@ -88,6 +93,8 @@ impl WsSession {
             wake_again: false,
             bad_frames: 0,
             partial: None,
+            registered: false,
+            inflight: 0,
         }
     }
 
@@ -101,26 +108,46 @@ impl WsSession {
 
     fn on_envelope(&mut self, bytes: Bytes, ctx: &mut ws::WebsocketContext<Self>) {
         self.last_seen = Instant::now();
+        // A client that writes faster than its messages are handled would otherwise grow this
+        // session's tasks (and store load) without bound.
+        let max = self.shared.cfg.limits.max_ws_inflight;
+        if self.inflight >= max {
+            self.shared.metrics.rejected("busy");
+            ctx.text(
+                serde_json::json!({
+                    "error": "busy",
+                    "reason": format!("{max} messages of this socket are being handled (limits.max_ws_inflight): send again"),
+                })
+                .to_string(),
+            );
+            return;
+        }
+        self.inflight += 1;
         let shared = self.shared.clone();
         let owner = self.owner();
         let fut = async move { shared.mediator.handle(&bytes, TransportKind::WebSocket, &owner).await };
         // ctx.spawn, not ctx.wait: heartbeats and deliveries go on while the store works.
-        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| match res {
+        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| act.handled(res, ctx)));
+    }
+
+    fn handled(&mut self, res: Result<Outcome, crate::protocols::HandleError>, ctx: &mut ws::WebsocketContext<Self>) {
+        self.inflight -= 1;
+        match res {
             Ok(out) => {
-                act.bad_frames = 0;
-                act.apply(out, ctx);
+                self.bad_frames = 0;
+                self.apply(out, ctx);
             }
             Err(e) => {
-                act.shared.metrics.rejected(e.code());
+                self.shared.metrics.rejected(e.code());
                 tracing::info!(
-                    connection = act.conn_id(),
-                    session = act.id,
+                    connection = self.conn_id(),
+                    session = self.id,
                     code = e.code(),
                     "frame refused: {e}"
                 );
                 ctx.text(e.body().to_string());
-                act.bad_frames += 1;
-                if act.bad_frames >= MAX_BAD_FRAMES {
+                self.bad_frames += 1;
+                if self.bad_frames >= MAX_BAD_FRAMES {
                     ctx.close(Some(ws::CloseReason {
                         code: ws::CloseCode::Policy,
                         description: Some("too many unreadable messages".into()),
@@ -128,7 +155,7 @@ impl WsSession {
                     ctx.stop();
                 }
             }
-        }));
+        }
     }
 
     fn apply(&mut self, out: Outcome, ctx: &mut ws::WebsocketContext<Self>) {
@@ -191,11 +218,13 @@ impl WsSession {
 
     fn bind(&mut self, conn: crate::store::Connection, ctx: &mut ws::WebsocketContext<Self>) {
         let same = self.conn.as_ref().map(|c| c.id == conn.id).unwrap_or(false);
-        if same {
+        if same && self.registered {
             self.conn = Some(conn);
             return;
         }
         match self.conn.take() {
+            // Superseded, and speaking again: bind anew (a newer epoch takes ownership back).
+            Some(old) if old.id == conn.id => {}
             // Rebound to another connection: still one session.
             Some(old) => self.shared.registry.do_send(Unregister {
                 conn: old.id,
@@ -205,12 +234,14 @@ impl WsSession {
                 self.shared.metrics.sessions.inc();
             }
         }
+        self.registered = true;
         let addr = ctx.address();
         self.shared.registry.do_send(Register {
             conn: conn.id.clone(),
             session: self.id,
             wake: addr.clone().recipient(),
-            close: addr.recipient(),
+            close: addr.clone().recipient(),
+            superseded: addr.recipient(),
         });
         if self.mode == Mode::Quiet {
             self.mode = self.idle_mode();
@@ -222,7 +253,7 @@ impl WsSession {
 
     /// Leases one batch and pushes it; schedules the next batch while batches come back full.
     fn drain(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        if self.mode == Mode::Quiet || self.conn.is_none() {
+        if self.mode == Mode::Quiet || self.conn.is_none() || !self.registered {
             return;
         }
         if self.draining {
@@ -268,7 +299,8 @@ impl WsSession {
         let shared = self.shared.clone();
         let redelivered = msgs.iter().filter(|q| q.attempts > 1).count() as u64;
         shared.metrics.redelivered.inc_by(redelivered);
-        match self.mode {
+        let mode = if self.registered { self.mode } else { Mode::Quiet };
+        match mode {
             Mode::Live => {
                 let delivery = pickup::live_delivery(self.legacy, &msgs);
                 match shared.mediator.pack_for(&conn, &delivery) {
@@ -295,12 +327,13 @@ impl WsSession {
                 });
             }
             Mode::Quiet => {
-                // Mode changed while leasing: hand them back.
+                // Mode changed (or superseded) while leasing: hand them back.
                 let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
                 let store = shared.mediator.store.clone();
                 let c = conn.id.clone();
+                let owner = self.owner();
                 actix_rt::spawn(async move {
-                    let _ = store.release(&c, &ids).await;
+                    let _ = store.release(&c, &ids, &owner).await;
                 });
             }
         }
@@ -395,6 +428,29 @@ impl Handler<Wake> for WsSession {
     type Result = ();
     fn handle(&mut self, _: Wake, ctx: &mut Self::Context) {
         self.drain(ctx);
+    }
+}
+
+impl Handler<Superseded> for WsSession {
+    type Result = ();
+    fn handle(&mut self, _: Superseded, _: &mut Self::Context) {
+        if !self.registered {
+            return;
+        }
+        self.registered = false;
+        let Some(conn) = self.conn.clone() else { return };
+        tracing::info!(connection = %conn.id, session = self.id, "superseded by a newer session on another node: delivery stopped here");
+        // Leases of this session go back at once, and the new owner is told.
+        let store = self.shared.mediator.store.clone();
+        let owner = self.owner();
+        let shared = self.shared.clone();
+        actix_rt::spawn(async move {
+            match store.release_owner(&owner).await {
+                Ok(n) if n > 0 => shared.queued(&conn.id).await,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(connection = %conn.id, "leases not released (they expire): {e}"),
+            }
+        });
     }
 }
 

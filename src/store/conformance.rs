@@ -155,24 +155,33 @@ pub async fn connection_crud_and_indexes(b: Arc<dyn Backend>) {
     assert!(s.connection_by_thread("thr-1").await.unwrap().is_none());
     assert_eq!(s.connection_by_thread("thr-2").await.unwrap().unwrap().id, id);
 
-    // Two connections listing one verkey or thread (an agent with a public DID connecting
-    // twice): the most recently written wins; removing it from one leaves the other findable.
+    // A peer key names one connection: a second connection listing a key another holds is
+    // refused whole (a DID document claiming a victim's key), and lookups by that key keep
+    // answering the holder. Threads may repeat: the most recently written wins.
     let (x, y) = (new_id(), new_id());
     let mut cx = conn(&x);
     cx.their_verkeys = vec!["shared-vk".into()];
     cx.thread_id = Some("shared-thr".into());
     let mut cy = conn(&y);
-    cy.their_verkeys = vec!["shared-vk".into(), "y-only".into()];
+    cy.their_verkeys = vec!["y-only".into(), "shared-vk".into()];
     cy.thread_id = Some("shared-thr".into());
     s.put_connection(&cx).await.unwrap();
-    s.put_connection(&cy).await.unwrap();
-    assert_eq!(s.connection_by_their_verkey("shared-vk").await.unwrap().unwrap().id, y);
-    assert_eq!(s.connection_by_thread("shared-thr").await.unwrap().unwrap().id, y);
+    match s.put_connection(&cy).await {
+        Err(StoreError::KeyTaken(k)) => assert_eq!(k, "shared-vk"),
+        other => panic!("a key held by another connection must be refused, got {other:?}"),
+    }
+    assert!(
+        s.get_connection(&y).await.unwrap().is_none(),
+        "nothing of a refused write stays"
+    );
+    assert!(s.connection_by_their_verkey("y-only").await.unwrap().is_none());
+    assert_eq!(s.connection_by_their_verkey("shared-vk").await.unwrap().unwrap().id, x);
+    // Rewriting the holder keeps its own key; once it lets go, another may take it.
     s.put_connection(&cx).await.unwrap();
     assert_eq!(s.connection_by_their_verkey("shared-vk").await.unwrap().unwrap().id, x);
     cx.their_verkeys.clear();
-    cx.thread_id = None;
     s.put_connection(&cx).await.unwrap();
+    s.put_connection(&cy).await.unwrap();
     assert_eq!(s.connection_by_their_verkey("shared-vk").await.unwrap().unwrap().id, y);
     assert_eq!(s.connection_by_thread("shared-thr").await.unwrap().unwrap().id, y);
     cy.their_verkeys = vec!["y-only".into()];
@@ -479,7 +488,12 @@ pub async fn lease_ack_release(b: Arc<dyn Backend>) {
 
     assert_eq!(s.ack(&c, &[id[0]]).await.unwrap(), 1);
     assert_eq!(s.ack(&c, &[id[0]]).await.unwrap(), 0, "ack twice deletes once");
-    assert_eq!(s.release(&c, &[id[1]]).await.unwrap(), 1);
+    assert_eq!(
+        s.release(&c, &[id[1]], "B").await.unwrap(),
+        0,
+        "only the lease owner releases"
+    );
+    assert_eq!(s.release(&c, &[id[1]], "A").await.unwrap(), 1);
     let l3 = s.lease(&c, 10, "B", T0 + 2, until).await.unwrap();
     assert_eq!(ids(&l3), vec![id[1]]);
     assert_eq!(l3[0].attempts, 2, "a released message is a redelivery");
@@ -510,12 +524,17 @@ pub async fn lease_expiry(b: Arc<dyn Backend>) {
     assert_eq!((st.pending, st.leased), (0, 2));
     let st = s.queue_stats(&c, T0 + 100).await.unwrap();
     assert_eq!((st.pending, st.leased), (2, 0), "a lease runs out at until_ms");
-    assert_eq!(s.connections_with_pending(T0 + 100, 10).await.unwrap(), vec![c.clone()]);
+    assert_eq!(
+        s.connections_with_pending(T0 + 100, None, 10).await.unwrap(),
+        vec![c.clone()]
+    );
     let again = s.lease(&c, 10, "B", T0 + 100, T0 + 200).await.unwrap();
     assert_eq!(ids(&again), id);
     assert!(again.iter().all(|m| m.attempts == 2));
-    // A's lease ran out and B holds them now: A's shutdown must not release B's lease.
+    // A's lease ran out and B holds them now: neither A's shutdown nor a stale release of
+    // A's (a late messages-received, a failed endpoint POST) may free B's lease.
     assert_eq!(s.release_owner("A").await.unwrap(), 0);
+    assert_eq!(s.release(&c, &id, "A").await.unwrap(), 0);
     let st = s.queue_stats(&c, T0 + 150).await.unwrap();
     assert_eq!((st.pending, st.leased), (0, 2));
 }
@@ -527,7 +546,7 @@ pub async fn ack_is_scoped_to_connection(b: Arc<dyn Backend>) {
     let id = enqueue_ok(&s, vec![msg(&c1, "secret", T0)]).await;
     s.lease(&c1, 1, "A", T0, T0 + 1000).await.unwrap();
     assert_eq!(s.ack(&c2, &id).await.unwrap(), 0);
-    assert_eq!(s.release(&c2, &id).await.unwrap(), 0);
+    assert_eq!(s.release(&c2, &id, "A").await.unwrap(), 0);
     assert!(s.lease(&c2, 10, "B", T0 + 5000, T0 + 6000).await.unwrap().is_empty());
     let st = s.queue_stats(&c1, T0).await.unwrap();
     assert_eq!((st.pending, st.leased), (0, 1), "the other connection changed nothing");
@@ -596,7 +615,7 @@ pub async fn concurrent_writers_on_same_rows(b: Arc<dyn Backend>) {
                 let mut ids = all.clone();
                 ids.rotate_left(round * 29);
                 for chunk in ids.chunks(40) {
-                    s.release(&c, chunk).await.unwrap();
+                    s.release(&c, chunk, "A").await.unwrap();
                 }
             }
         })
@@ -843,6 +862,77 @@ pub async fn dedup_window(b: Arc<dyn Backend>) {
     );
 }
 
+/// Dedup records go once their window has passed (not with message expiry, 30 days later):
+/// one per forward would otherwise grow with traffic. Pruning is bounded per call.
+pub async fn dedup_records_are_pruned(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let lim = EnqueueLimits {
+        max_messages: u64::MAX,
+        max_bytes: u64::MAX,
+        dedup_window_ms: 1000,
+    };
+    for i in 0..5u8 {
+        s.enqueue(vec![dmsg(&c, "x", T0 + i64::from(i), i)], &lim)
+            .await
+            .unwrap();
+    }
+    // A later copy of key 0, outside its window, replaces its record.
+    let r = s.enqueue(vec![dmsg(&c, "x", T0 + 2000, 0)], &lim).await.unwrap();
+    assert!(!r[0].as_ref().unwrap().duplicate);
+    assert_eq!(s.dedup_records().await.unwrap(), 5);
+    // Acknowledged messages keep their records (a retry is still a duplicate).
+    let all = s.lease(&c, 100, "A", T0, T0 + 10).await.unwrap();
+    s.ack(&c, &ids(&all)).await.unwrap();
+    assert_eq!(s.dedup_records().await.unwrap(), 5);
+    assert_eq!(s.prune_dedup(T0 + 1000, 2).await.unwrap(), 2, "bounded per call");
+    assert_eq!(s.prune_dedup(T0 + 1000, 10).await.unwrap(), 2);
+    assert_eq!(s.prune_dedup(T0 + 1000, 10).await.unwrap(), 0);
+    assert_eq!(
+        s.dedup_records().await.unwrap(),
+        1,
+        "the replaced record of key 0 stays"
+    );
+    let r = s.enqueue(vec![dmsg(&c, "x", T0 + 2500, 0)], &lim).await.unwrap();
+    assert!(
+        r[0].as_ref().unwrap().duplicate,
+        "a record within its window still dedups"
+    );
+    assert_eq!(s.prune_dedup(T0 + 10_000, 10).await.unwrap(), 1);
+    assert_eq!(s.dedup_records().await.unwrap(), 0);
+}
+
+/// A peer key is claimed by one connection across every handle (node) of the store, even
+/// when two claim it at once.
+pub async fn peer_keys_are_unique_across_nodes(b: Arc<dyn Backend>) {
+    let n1 = b.open().await;
+    let n2 = b.open().await;
+    for round in 0..10 {
+        let key = format!("contested-{round}");
+        let (x, y) = (new_id(), new_id());
+        let mut cx = conn(&x);
+        cx.their_verkeys = vec![format!("x-{round}"), key.clone()];
+        let mut cy = conn(&y);
+        cy.their_verkeys = vec![key.clone(), format!("y-{round}")];
+        let (rx, ry) = tokio::join!(n1.put_connection(&cx), n2.put_connection(&cy));
+        let ok = [rx.is_ok(), ry.is_ok()];
+        assert_eq!(
+            ok.iter().filter(|o| **o).count(),
+            1,
+            "exactly one claim wins: {rx:?} {ry:?}"
+        );
+        for r in [rx, ry] {
+            if let Err(e) = r {
+                assert!(matches!(e, StoreError::KeyTaken(ref k) if *k == key), "{e:?}");
+            }
+        }
+        let winner = if ok[0] { &x } else { &y };
+        for s in [&n1, &n2] {
+            assert_eq!(&s.connection_by_their_verkey(&key).await.unwrap().unwrap().id, winner);
+        }
+    }
+}
+
 pub async fn expire_old_messages(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let c1 = new_conn(&s).await;
@@ -885,13 +975,38 @@ pub async fn pending_sweep_and_stats(b: Arc<dyn Backend>) {
     enqueue_ok(&s, vec![msg(&older, "o1", T0 + 5), msg(&older, "o22", T0 + 6)]).await;
     enqueue_ok(&s, vec![msg(&newer, "n1", T0 + 7)]).await;
     s.lease(&busy, 10, "A", T0, T0 + 1000).await.unwrap();
+    let mut expect = vec![older.clone(), newer.clone()];
+    expect.sort();
     assert_eq!(
-        s.connections_with_pending(T0, 10).await.unwrap(),
-        vec![older.clone(), newer.clone()],
-        "oldest pending first; fully leased and empty connections left out"
+        s.connections_with_pending(T0, None, 10).await.unwrap(),
+        expect,
+        "in id order; fully leased and empty connections left out"
     );
-    assert_eq!(s.connections_with_pending(T0, 1).await.unwrap(), vec![older.clone()]);
-    assert_eq!(s.connections_with_pending(T0 + 1000, 10).await.unwrap().len(), 3);
+    // A cursor: pages of one reach every connection.
+    let first = s.connections_with_pending(T0, None, 1).await.unwrap();
+    assert_eq!(first, vec![expect[0].clone()]);
+    assert_eq!(
+        s.connections_with_pending(T0, Some(&first[0]), 1).await.unwrap(),
+        vec![expect[1].clone()]
+    );
+    assert!(s
+        .connections_with_pending(T0, Some(&expect[1]), 1)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(s.connections_with_pending(T0 + 1000, None, 10).await.unwrap().len(), 3);
+    // Asked about given connections (the sweep's local sessions) only.
+    let mut among = s
+        .pending_among(&[busy.clone(), newer.clone(), _empty.clone(), new_id()], T0)
+        .await
+        .unwrap();
+    among.sort();
+    assert_eq!(among, vec![newer.clone()]);
+    assert_eq!(
+        s.pending_among(std::slice::from_ref(&busy), T0 + 1000).await.unwrap(),
+        vec![busy.clone()]
+    );
+    assert!(s.pending_among(&[], T0).await.unwrap().is_empty());
     assert_eq!(s.total_queued().await.unwrap(), 4);
     s.lease(&older, 1, "A", T0, T0 + 1000).await.unwrap();
     assert_eq!(
@@ -952,7 +1067,7 @@ pub async fn unstorable_input_is_refused_alone(b: Arc<dyn Backend>) {
     assert!(s.keys_of("c\0").await.unwrap().is_empty());
     assert!(s.lease("c\0", 10, "o", T0, T0 + 1).await.unwrap().is_empty());
     assert_eq!(s.ack("c\0", &[1]).await.unwrap(), 0);
-    assert_eq!(s.release("c\0", &[1]).await.unwrap(), 0);
+    assert_eq!(s.release("c\0", &[1], "o").await.unwrap(), 0);
     assert_eq!(s.release_owner("o\0").await.unwrap(), 0);
     assert_eq!(s.queue_stats("c\0", T0).await.unwrap(), QueueStats::default());
     assert_eq!(s.list_connections(Some("\0"), 10).await.unwrap().len(), 1);
@@ -1263,6 +1378,81 @@ pub mod pg_backend {
         r.unwrap();
     }
 
+    /// A store written by an older version (one peer key listed by two connections; queue
+    /// counters that drifted while migration 3 ran beside older writers) is repaired by
+    /// migration 4: the latest holder keeps the key, counters are recounted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migration_4_makes_keys_unique_and_recounts_queues() {
+        let name = format!("mailroom_test_{}_{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        let admin = admin().await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let url = format!("{}/{name}", server_url());
+        let r = async move {
+            let (c, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn_task);
+            c.batch_execute(
+                "CREATE TABLE mailroom_schema (version integer PRIMARY KEY, \
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+            )
+            .await
+            .unwrap();
+            for (v, sql) in super::super::postgres::MIGRATIONS.iter().filter(|(v, _)| *v <= 3) {
+                c.batch_execute(sql).await.unwrap();
+                c.execute("INSERT INTO mailroom_schema (version) VALUES ($1)", &[v])
+                    .await
+                    .unwrap();
+            }
+            let mut old = conn("old");
+            old.their_verkeys = vec!["vk".into(), "vk-old".into()];
+            let mut new = conn("new");
+            new.their_verkeys = vec!["vk".into()];
+            for (c_, written) in [(&old, 1i64), (&new, 2)] {
+                c.execute(
+                    "INSERT INTO mailroom_connections (id, thread_id, written, data) VALUES ($1, NULL, $2, $3)",
+                    &[&c_.id, &written, &serde_json::to_string(c_).unwrap()],
+                )
+                .await
+                .unwrap();
+            }
+            c.batch_execute(
+                "INSERT INTO mailroom_connection_verkeys VALUES ('vk', 'old'), ('vk', 'new'), ('vk-old', 'old'); \
+                 INSERT INTO mailroom_messages (id, conn_id, recipient_key, payload, size, received_at_ms) \
+                   VALUES (nextval('mailroom_message_ids'), 'new', 'rk', '\\x00', 1, 0), (nextval('mailroom_message_ids'), 'new', 'rk', '\\x0000', 2, 0); \
+                 UPDATE mailroom_queue_counts SET n = 7, bytes = 70",
+            )
+            .await
+            .unwrap();
+            let s = open_postgres(&url, 2).await.unwrap();
+            assert_eq!(s.connection_by_their_verkey("vk").await.unwrap().unwrap().id, "new");
+            assert_eq!(s.connection_by_their_verkey("vk-old").await.unwrap().unwrap().id, "old");
+            assert!(matches!(s.put_connection(&old).await, Err(StoreError::KeyTaken(_))));
+            // Counters recounted: 2 queued, so a limit of 3 takes exactly one more.
+            let lim = EnqueueLimits {
+                max_messages: 3,
+                ..EnqueueLimits::UNLIMITED
+            };
+            let r = s
+                .enqueue(vec![msg("new", "a", T0), msg("new", "b", T0)], &lim)
+                .await
+                .unwrap();
+            assert!(r[0].is_ok(), "{:?}", r[0]);
+            assert!(
+                matches!(r[1], Err(StoreError::QueueFull { pending: 3, .. })),
+                "{:?}",
+                r[1]
+            );
+        };
+        let r = tokio::spawn(r).await;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .expect("drop test database");
+        r.unwrap();
+    }
+
     /// Several pools (nodes) open one fresh database at once: migrations apply once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_open_migrates_once() {
@@ -1360,6 +1550,14 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn dedup_window() {
                 backend::run(super::dedup_window).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn dedup_records_are_pruned() {
+                backend::run(super::dedup_records_are_pruned).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn peer_keys_are_unique_across_nodes() {
+                backend::run(super::peer_keys_are_unique_across_nodes).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn expire_old_messages() {

@@ -121,8 +121,8 @@ impl Store for Metered {
     async fn ack_leased(&self, conn: &str, ids: &[MessageId]) -> StoreResult<Vec<i64>> {
         self.timed("ack", self.inner.ack_leased(conn, ids)).await
     }
-    async fn release(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
-        self.timed("release", self.inner.release(conn, ids)).await
+    async fn release(&self, conn: &str, ids: &[MessageId], owner: &str) -> StoreResult<u64> {
+        self.timed("release", self.inner.release(conn, ids, owner)).await
     }
     async fn release_owner(&self, owner: &str) -> StoreResult<u64> {
         self.timed("release_owner", self.inner.release_owner(owner)).await
@@ -133,12 +133,27 @@ impl Store for Metered {
     async fn total_queued(&self) -> StoreResult<u64> {
         self.timed("total_queued", self.inner.total_queued()).await
     }
-    async fn connections_with_pending(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
+    async fn connections_with_pending(
+        &self,
+        now_ms: i64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<ConnId>> {
         self.timed(
             "connections_with_pending",
-            self.inner.connections_with_pending(now_ms, limit),
+            self.inner.connections_with_pending(now_ms, after, limit),
         )
         .await
+    }
+    async fn pending_among(&self, conns: &[ConnId], now_ms: i64) -> StoreResult<Vec<ConnId>> {
+        self.timed("pending_among", self.inner.pending_among(conns, now_ms))
+            .await
+    }
+    async fn prune_dedup(&self, before_ms: i64, max: usize) -> StoreResult<u64> {
+        self.timed("prune_dedup", self.inner.prune_dedup(before_ms, max)).await
+    }
+    async fn dedup_records(&self) -> StoreResult<u64> {
+        self.inner.dedup_records().await
     }
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
         self.timed("expire", self.inner.expire(received_before_ms)).await

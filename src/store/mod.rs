@@ -48,8 +48,12 @@
 //!   make room.
 //! - Dedup records outlive the message they point at (an acknowledged message that is sent again
 //!   within the window is still a duplicate: the sender retried after we answered). A record
-//!   names the latest queued copy of its `(connection, key)`. They are pruned by
-//!   [`Store::expire`]. A duplicate is answered even when the queue is full.
+//!   names the latest queued copy of its `(connection, key)`. They are pruned once their window
+//!   has passed by [`Store::prune_dedup`] (the node calls it every few seconds, bounded per
+//!   call), and by [`Store::expire`]. A duplicate is answered even when the queue is full.
+//! - A peer key (`Connection::their_verkeys`) belongs to one connection only:
+//!   [`Store::put_connection`] refuses a key another connection holds
+//!   ([`StoreError::KeyTaken`]), so [`Store::connection_by_their_verkey`] is unambiguous.
 //! - `enqueue` does not check that the connection exists (the caller routed to it).
 //! - Durability beyond `enqueue`: connection, key and identity writes are durable when they
 //!   return. `lease`, `ack` and `release` are not flushed one by one on sled (PostgreSQL commits
@@ -243,6 +247,10 @@ pub enum StoreError {
     NotFound,
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A peer key of the connection being written is held by another connection; nothing
+    /// was written.
+    #[error("key {0} belongs to another connection")]
+    KeyTaken(String),
     /// Input the store cannot hold: a NUL character, or more than [`MAX_TEXT_LEN`] bytes, in an
     /// id or key. Refused before anything is written; lookups of such input find nothing.
     #[error("invalid input: {0}")]
@@ -303,6 +311,9 @@ pub trait Store: Send + Sync + 'static {
     async fn identity_get_or_create(&self, candidate: Identity) -> StoreResult<Identity>;
 
     /// Inserts or replaces a connection and maintains its indexes (their verkeys, thread id).
+    /// Refused with [`StoreError::KeyTaken`] (nothing written) when one of `their_verkeys` is
+    /// held by another connection: a peer key names one connection, atomically across every
+    /// node sharing the store.
     async fn put_connection(&self, c: &Connection) -> StoreResult<()>;
     async fn get_connection(&self, id: &str) -> StoreResult<Option<Connection>>;
     /// Records an invitation the admin API issued.
@@ -312,8 +323,8 @@ pub trait Store: Send + Sync + 'static {
     async fn use_invitation(&self, id: &str) -> StoreResult<InvitationUse>;
     /// Applies `patch` to the stored connection atomically; `None` when there is none.
     async fn update_connection(&self, id: &str, patch: &ConnectionPatch) -> StoreResult<Option<Connection>>;
-    /// The connection one of whose `their_verkeys` is `verkey`. If several connections list the
-    /// same key, the most recently written one.
+    /// The connection one of whose `their_verkeys` is `verkey` (at most one: see
+    /// [`Store::put_connection`]).
     async fn connection_by_their_verkey(&self, verkey: &str) -> StoreResult<Option<Connection>>;
     async fn connection_by_thread(&self, thid: &str) -> StoreResult<Option<Connection>>;
     /// Connections ordered by id, strictly after `after`, at most `limit` (pagination).
@@ -351,16 +362,32 @@ pub trait Store: Send + Sync + 'static {
     /// As [`Store::ack`], returning the lease deadline (`lease_until_ms`, 0 if never leased)
     /// of each deleted message: the node derives the acknowledgement lag from it.
     async fn ack_leased(&self, conn: &str, ids: &[MessageId]) -> StoreResult<Vec<i64>>;
-    /// Returns leased messages of `conn` to pending. Returns how many were leased.
-    async fn release(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64>;
+    /// Returns messages of `conn` leased by `owner` to pending; a lease another owner holds
+    /// (the message was leased again after this owner's ran out) is left alone. Returns how
+    /// many were released.
+    async fn release(&self, conn: &str, ids: &[MessageId], owner: &str) -> StoreResult<u64>;
     /// Returns every message leased by `owner` to pending (session or node shutdown).
     async fn release_owner(&self, owner: &str) -> StoreResult<u64>;
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats>;
     /// Messages queued in the whole store, pending or leased.
     async fn total_queued(&self) -> StoreResult<u64>;
-    /// Connections that have messages deliverable at `now_ms`, the one with the oldest pending
-    /// message first, at most `limit` (the sweep that makes up for lost notifications).
-    async fn connections_with_pending(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>>;
+    /// Connections that have messages deliverable at `now_ms`, in id order, strictly after
+    /// `after`, at most `limit`: a cursor, so repeated calls reach every connection however
+    /// many there are (endpoint retries page through them).
+    async fn connections_with_pending(
+        &self,
+        now_ms: i64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<ConnId>>;
+    /// Those of `conns` that have messages deliverable at `now_ms` (the sweep asks about the
+    /// connections whose sessions this node holds). Order unspecified.
+    async fn pending_among(&self, conns: &[ConnId], now_ms: i64) -> StoreResult<Vec<ConnId>>;
+    /// Deletes at most `max` dedup records made before `before_ms` (their window has passed).
+    /// Returns how many were deleted; call again while it returns `max`.
+    async fn prune_dedup(&self, before_ms: i64, max: usize) -> StoreResult<u64>;
+    /// Dedup records held (the `mailroom_dedup_records` gauge).
+    async fn dedup_records(&self) -> StoreResult<u64>;
     /// Deletes messages received before `received_before_ms` (leased or not) and dedup records
     /// as old. Returns how many messages were deleted.
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64>;
@@ -374,6 +401,11 @@ pub trait Store: Send + Sync + 'static {
 /// returns the same store (in-process nodes share it).
 pub async fn open_sled(path: &std::path::Path) -> StoreResult<std::sync::Arc<dyn Store>> {
     Ok(SledStore::open_shared(path).await?)
+}
+
+/// As [`open_sled`] with sled's page cache bounded to `cache_bytes` (`store.sled_cache_mib`).
+pub async fn open_sled_with_cache(path: &std::path::Path, cache_bytes: u64) -> StoreResult<std::sync::Arc<dyn Store>> {
+    Ok(SledStore::open_shared_with_cache(path, cache_bytes).await?)
 }
 
 /// Connects to PostgreSQL, applies migrations (idempotent, safe when nodes start together).

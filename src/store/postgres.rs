@@ -58,7 +58,7 @@ const MIGRATION_LOCK: i32 = 0;
 /// First key of routing-key locks (second: a hash of the key).
 const KEY_LOCK_NS: i32 = LOCK_NS + 1;
 
-const MIGRATIONS: &[(i32, &str)] = &[
+pub(crate) const MIGRATIONS: &[(i32, &str)] = &[
     (
         1,
         r#"
@@ -130,6 +130,9 @@ CREATE TABLE mailroom_queue_counts (
     n bigint NOT NULL,
     bytes bigint NOT NULL
 );
+-- Nodes of an older version may still be writing: hold their inserts and deletes until the
+-- triggers exist, so the seeded counters cannot miss a row.
+LOCK TABLE mailroom_messages IN SHARE ROW EXCLUSIVE MODE;
 INSERT INTO mailroom_queue_counts (conn_id, n, bytes)
     SELECT conn_id, count(*), coalesce(sum(size), 0) FROM mailroom_messages GROUP BY conn_id;
 CREATE FUNCTION mailroom_counts_added() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -156,6 +159,28 @@ CREATE TRIGGER mailroom_messages_added AFTER INSERT ON mailroom_messages
     REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION mailroom_counts_added();
 CREATE TRIGGER mailroom_messages_removed AFTER DELETE ON mailroom_messages
     REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION mailroom_counts_removed();
+"#,
+    ),
+    (
+        4,
+        // A peer key names one connection (lookups by authcrypt sender must be unambiguous):
+        // keep the most recently written holder of each key, as lookups answered before.
+        // Counters seeded by a migration 3 that ran beside older writers may have drifted:
+        // recount them with writers held off.
+        r#"
+LOCK TABLE mailroom_connection_verkeys IN SHARE ROW EXCLUSIVE MODE;
+DELETE FROM mailroom_connection_verkeys v USING mailroom_connections c
+    WHERE c.id = v.conn_id AND EXISTS (
+        SELECT 1 FROM mailroom_connection_verkeys v2
+        JOIN mailroom_connections c2 ON c2.id = v2.conn_id
+        WHERE v2.verkey = v.verkey AND c2.written > c.written);
+ALTER TABLE mailroom_connection_verkeys DROP CONSTRAINT mailroom_connection_verkeys_pkey;
+ALTER TABLE mailroom_connection_verkeys ADD PRIMARY KEY (verkey);
+LOCK TABLE mailroom_messages IN SHARE ROW EXCLUSIVE MODE;
+LOCK TABLE mailroom_queue_counts IN EXCLUSIVE MODE;
+DELETE FROM mailroom_queue_counts;
+INSERT INTO mailroom_queue_counts (conn_id, n, bytes)
+    SELECT conn_id, count(*), coalesce(sum(size), 0) FROM mailroom_messages GROUP BY conn_id;
 "#,
     ),
 ];
@@ -648,13 +673,32 @@ impl Store for PgStore {
         .await
         .map_err(pg_err)?;
         if !conn.their_verkeys.is_empty() {
-            tx.execute(
-                "INSERT INTO mailroom_connection_verkeys (verkey, conn_id) \
-                 SELECT DISTINCT unnest($2::text[]), $1 ON CONFLICT DO NOTHING",
-                &[&conn.id, &conn.their_verkeys],
-            )
-            .await
-            .map_err(pg_err)?;
+            // The key's primary key makes the claim atomic across nodes; a conflicting insert
+            // waits for the other transaction and then inserts nothing.
+            let mut keys = conn.their_verkeys.clone();
+            keys.sort();
+            keys.dedup();
+            let inserted = tx
+                .execute(
+                    "INSERT INTO mailroom_connection_verkeys (verkey, conn_id) \
+                     SELECT unnest($2::text[]), $1 ON CONFLICT (verkey) DO NOTHING",
+                    &[&conn.id, &keys],
+                )
+                .await
+                .map_err(pg_err)?;
+            if inserted < keys.len() as u64 {
+                let row = tx
+                    .query_opt(
+                        "SELECT verkey FROM mailroom_connection_verkeys \
+                         WHERE verkey = ANY($1) AND conn_id <> $2 LIMIT 1",
+                        &[&keys, &conn.id],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                let key = row.map(|r| r.get::<_, String>(0)).unwrap_or_default();
+                // Dropping the transaction rolls it back: nothing of this write stays.
+                return Err(StoreError::KeyTaken(key));
+            }
         }
         tx.commit().await.map_err(pg_err)
     }
@@ -751,7 +795,7 @@ impl Store for PgStore {
             .prepare_cached(
                 "SELECT c.data FROM mailroom_connection_verkeys v \
                  JOIN mailroom_connections c ON c.id = v.conn_id \
-                 WHERE v.verkey = $1 ORDER BY c.written DESC LIMIT 1",
+                 WHERE v.verkey = $1",
             )
             .await
             .map_err(pg_err)?;
@@ -999,16 +1043,16 @@ impl Store for PgStore {
         }
     }
 
-    async fn release(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
-        if !storable(conn) || ids.is_empty() {
+    async fn release(&self, conn: &str, ids: &[MessageId], owner: &str) -> StoreResult<u64> {
+        if !storable(conn) || !storable(owner) || ids.is_empty() {
             return Ok(0);
         }
         self.execute_retrying(
             "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL WHERE id IN ( \
                SELECT id FROM mailroom_messages \
-               WHERE conn_id = $1 AND id = ANY($2) AND lease_owner IS NOT NULL \
+               WHERE conn_id = $1 AND id = ANY($2) AND lease_owner = $3 \
                ORDER BY id FOR UPDATE)",
-            &[&conn, &ids],
+            &[&conn, &ids, &owner],
         )
         .await
     }
@@ -1057,22 +1101,69 @@ impl Store for PgStore {
         Ok(r.get::<_, i64>(0) as u64)
     }
 
-    async fn connections_with_pending(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
+    async fn connections_with_pending(
+        &self,
+        now_ms: i64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<ConnId>> {
         let c = self.client().await?;
         let q = c
             .prepare_cached(
-                "SELECT conn_id FROM mailroom_messages WHERE lease_until_ms <= $1 \
-                 GROUP BY conn_id ORDER BY min(id) LIMIT $2",
+                "SELECT DISTINCT conn_id FROM mailroom_messages \
+                 WHERE lease_until_ms <= $1 AND conn_id > $2 ORDER BY conn_id LIMIT $3",
             )
             .await
             .map_err(pg_err)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        Ok(c.query(&q, &[&now_ms, &limit])
+        let after = after.filter(|a| storable(a)).unwrap_or("");
+        Ok(c.query(&q, &[&now_ms, &after, &limit])
             .await
             .map_err(pg_err)?
             .iter()
             .map(|r| r.get(0))
             .collect())
+    }
+
+    async fn pending_among(&self, conns: &[ConnId], now_ms: i64) -> StoreResult<Vec<ConnId>> {
+        let conns: Vec<&str> = conns.iter().map(String::as_str).filter(|c| storable(c)).collect();
+        if conns.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "SELECT DISTINCT conn_id FROM mailroom_messages \
+                 WHERE conn_id = ANY($1) AND lease_until_ms <= $2",
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(c.query(&q, &[&conns, &now_ms])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    async fn prune_dedup(&self, before_ms: i64, max: usize) -> StoreResult<u64> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        self.execute_retrying(
+            "DELETE FROM mailroom_dedup WHERE ctid IN ( \
+               SELECT ctid FROM mailroom_dedup WHERE received_at_ms < $1 \
+               ORDER BY received_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&before_ms, &max],
+        )
+        .await
+    }
+
+    async fn dedup_records(&self) -> StoreResult<u64> {
+        let c = self.client().await?;
+        let r = c
+            .query_one("SELECT count(*) FROM mailroom_dedup", &[])
+            .await
+            .map_err(pg_err)?;
+        Ok(r.get::<_, i64>(0) as u64)
     }
 
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {

@@ -24,7 +24,7 @@
 //!
 //! Must not: run sled calls on an async runtime thread (they go to `spawn_blocking` or to the
 //! writer thread).
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, Weak};
@@ -48,6 +48,8 @@ pub const MAX_BATCH_BYTES: usize = 16 << 20;
 pub const WRITER_CHANNEL: usize = 4096;
 
 const MSG_FORMAT_V1: u8 = 1;
+/// sled page cache when the config does not say (`store.sled_cache_mib`, 64).
+pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
 const IDENTITY_KEY: &[u8] = b"identity";
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -81,6 +83,10 @@ struct Queues {
     total: u64,
     /// conn -> dedup key -> (id, received_at_ms)
     dedup: HashMap<ConnId, HashMap<[u8; 32], (MessageId, i64)>>,
+    /// Dedup records in the order they were made, for [`Store::prune_dedup`]. An entry whose
+    /// record was replaced (a later copy) or removed since is skipped when it is reached.
+    dedup_order: VecDeque<(i64, ConnId, [u8; 32])>,
+    dedup_count: u64,
     /// owner -> connections where it leased messages (a superset: pruned by `expire` and
     /// `release_owner`), so `release_owner` scans only those queues.
     by_owner: HashMap<Arc<str>, std::collections::HashSet<ConnId>>,
@@ -163,6 +169,12 @@ impl SledStore {
     /// Opens or creates the database at `path`, or returns the store already open on it in this
     /// process. Used by [`super::open_sled`].
     pub async fn open_shared(path: &Path) -> StoreResult<Arc<SledStore>> {
+        Self::open_shared_with_cache(path, DEFAULT_CACHE_BYTES).await
+    }
+
+    /// As [`SledStore::open_shared`], with sled's page cache bounded to `cache_bytes` (sled's
+    /// own default is 1 GiB: a node's memory would grow towards it under steady traffic).
+    pub async fn open_shared_with_cache(path: &Path, cache_bytes: u64) -> StoreResult<Arc<SledStore>> {
         let path = path.to_owned();
         let key = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&path)?;
@@ -177,7 +189,7 @@ impl SledStore {
         }
         let deadline = std::time::Instant::now() + REOPEN_WAIT;
         let store = loop {
-            match SledStore::open(&key).await {
+            match SledStore::open_config(sled::Config::new().path(&key).cache_capacity(cache_bytes)).await {
                 Ok(s) => break s,
                 // The last handle of this path may be finishing its drop on another thread.
                 Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < deadline => {
@@ -195,7 +207,7 @@ impl SledStore {
 
     /// Opens or creates the database at `path` (fails if it is open elsewhere).
     pub async fn open(path: &Path) -> StoreResult<SledStore> {
-        let cfg = sled::Config::new().path(path);
+        let cfg = sled::Config::new().path(path).cache_capacity(DEFAULT_CACHE_BYTES);
         Self::open_config(cfg).await
     }
 
@@ -260,8 +272,50 @@ impl Inner {
             meta_lock: Mutex::new(()),
             queues: Mutex::new(Queues::default()),
         };
+        inner.fold_verkey_index()?;
         inner.rebuild_index()?;
         Ok(inner)
+    }
+
+    /// Stores written before peer keys were unique may list one key under several connections:
+    /// keep the most recently written holder (what lookups answered then), drop the others, so
+    /// lookups are unambiguous from now on.
+    fn fold_verkey_index(&self) -> StoreResult<()> {
+        let mut stale = Vec::new();
+        let mut best: Option<(Vec<u8>, u64, sled::IVec)> = None;
+        for kv in self.by_verkey.iter() {
+            let (k, v) = kv.map_err(unavailable)?;
+            let seq = u64::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt("index seq"))?);
+            if k.len() < 2 {
+                return Err(corrupt("verkey index key"));
+            }
+            let n = u16::from_be_bytes([k[0], k[1]]) as usize;
+            let prefix = k.get(..2 + n).ok_or_else(|| corrupt("verkey index key"))?.to_vec();
+            match &mut best {
+                Some((p, s, key)) if *p == prefix => {
+                    if seq > *s {
+                        stale.push(std::mem::replace(key, k));
+                        *s = seq;
+                    } else {
+                        stale.push(k);
+                    }
+                }
+                _ => best = Some((prefix, seq, k)),
+            }
+        }
+        if !stale.is_empty() {
+            tracing::warn!(
+                entries = stale.len(),
+                "peer keys listed by several connections: kept the latest holder of each"
+            );
+            let mut b = sled::Batch::default();
+            for k in stale {
+                b.remove(k);
+            }
+            self.by_verkey.apply_batch(b).map_err(unavailable)?;
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// Rebuilds the in-memory queue index from disk. Leases start empty: every message is
@@ -299,8 +353,11 @@ impl Inner {
             }
             let id = i64::from_be_bytes(v[..8].try_into().expect("length checked"));
             let at = i64::from_be_bytes(v[8..].try_into().expect("length checked"));
+            q.dedup_order.push_back((at, conn.clone(), key));
             q.dedup.entry(conn).or_default().insert(key, (id, at));
         }
+        q.dedup_count = q.dedup.values().map(|d| d.len() as u64).sum();
+        q.dedup_order.make_contiguous().sort_by_key(|e| e.0);
         *self.queues.lock() = q;
         Ok(())
     }
@@ -438,7 +495,10 @@ impl Inner {
                         Some(d) => d,
                         None => q.dedup.entry(m.connection.clone()).or_default(),
                     };
-                    d.insert(dk, (*id, m.received_at_ms));
+                    if d.insert(dk, (*id, m.received_at_ms)).is_none() {
+                        q.dedup_count += 1;
+                    }
+                    q.dedup_order.push_back((m.received_at_ms, m.connection.clone(), dk));
                 }
             }
         }
@@ -675,6 +735,16 @@ impl Store for SledStore {
         self.blocking(move |inner| {
             let bytes = serde_json::to_vec(&c).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
             let _g = inner.meta_lock.lock();
+            // Every connection write holds meta_lock: the check and the write are one step.
+            for k in &c.their_verkeys {
+                let prefix = conn_prefix(k);
+                for kv in inner.by_verkey.scan_prefix(&prefix) {
+                    let (key, _) = kv.map_err(unavailable)?;
+                    if &key[prefix.len()..] != c.id.as_bytes() {
+                        return Err(StoreError::KeyTaken(k.clone()));
+                    }
+                }
+            }
             let old = inner.get_conn(&c.id)?;
             let seq = inner.db.generate_id().map_err(unavailable)?.to_be_bytes();
             let id = c.id.as_bytes();
@@ -1027,9 +1097,10 @@ impl Store for SledStore {
         .await
     }
 
-    async fn release(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
+    async fn release(&self, conn: &str, ids: &[MessageId], owner: &str) -> StoreResult<u64> {
         let conn = conn.to_owned();
         let ids = ids.to_vec();
+        let owner = owner.to_owned();
         self.blocking(move |inner| {
             let mut q = inner.queues.lock();
             let Some(cq) = q.by_conn.get_mut(&conn) else {
@@ -1038,10 +1109,11 @@ impl Store for SledStore {
             let mut n = 0;
             for id in ids {
                 if let Some(m) = cq.msgs.get_mut(&id) {
-                    if m.owner.take().is_some() {
+                    if m.owner.as_deref() == Some(owner.as_str()) {
+                        m.owner = None;
+                        m.lease_until_ms = 0;
                         n += 1;
                     }
-                    m.lease_until_ms = 0;
                 }
             }
             Ok(n)
@@ -1107,23 +1179,82 @@ impl Store for SledStore {
         Ok(self.inner.queues.lock().total)
     }
 
-    async fn connections_with_pending(&self, now_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
+    async fn connections_with_pending(
+        &self,
+        now_ms: i64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<ConnId>> {
+        let after = after.map(str::to_owned);
         self.blocking(move |inner| {
             let q = inner.queues.lock();
-            let mut found: Vec<(MessageId, &str)> = q
+            let mut found: Vec<&str> = q
                 .by_conn
                 .iter()
-                .filter_map(|(c, cq)| {
-                    cq.msgs
-                        .iter()
-                        .find(|(_, m)| m.lease_until_ms <= now_ms)
-                        .map(|(id, _)| (*id, c.as_str()))
-                })
+                .filter(|(c, _)| after.as_deref().map_or(true, |a| c.as_str() > a))
+                .filter(|(_, cq)| cq.msgs.values().any(|m| m.lease_until_ms <= now_ms))
+                .map(|(c, _)| c.as_str())
                 .collect();
             found.sort_unstable();
-            Ok(found.into_iter().take(limit).map(|(_, c)| c.to_owned()).collect())
+            Ok(found.into_iter().take(limit).map(str::to_owned).collect())
         })
         .await
+    }
+
+    async fn pending_among(&self, conns: &[ConnId], now_ms: i64) -> StoreResult<Vec<ConnId>> {
+        // Memory only: no need for a blocking thread.
+        let q = self.inner.queues.lock();
+        Ok(conns
+            .iter()
+            .filter(|c| {
+                q.by_conn
+                    .get(c.as_str())
+                    .is_some_and(|cq| cq.msgs.values().any(|m| m.lease_until_ms <= now_ms))
+            })
+            .cloned()
+            .collect())
+    }
+
+    async fn prune_dedup(&self, before_ms: i64, max: usize) -> StoreResult<u64> {
+        self.blocking(move |inner| {
+            let removed = {
+                let mut guard = inner.queues.lock();
+                let q = &mut *guard;
+                let mut removed = Vec::new();
+                // Entries skipped below are popped once each: the work stays linear in records.
+                while removed.len() < max {
+                    match q.dedup_order.front() {
+                        Some((at, _, _)) if *at < before_ms => {}
+                        _ => break,
+                    }
+                    let (at, conn, key) = q.dedup_order.pop_front().expect("front checked");
+                    let Some(d) = q.dedup.get_mut(&conn) else { continue };
+                    // Replaced by a later copy: that one has its own entry further on.
+                    if d.get(&key).map(|(_, a)| *a) != Some(at) {
+                        continue;
+                    }
+                    d.remove(&key);
+                    if d.is_empty() {
+                        q.dedup.remove(&conn);
+                    }
+                    q.dedup_count -= 1;
+                    removed.push(dedup_tree_key(&conn, &key));
+                }
+                removed
+            };
+            let n = removed.len() as u64;
+            let mut b = sled::Batch::default();
+            for k in removed {
+                b.remove(k);
+            }
+            inner.dedup.apply_batch(b).map_err(unavailable)?;
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn dedup_records(&self) -> StoreResult<u64> {
+        Ok(self.inner.queues.lock().dedup_count)
     }
 
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
@@ -1146,10 +1277,12 @@ impl Store for SledStore {
                 });
                 q.total -= removed.len() as u64;
                 let mut dedup_removed = Vec::new();
+                let count = &mut q.dedup_count;
                 q.dedup.retain(|conn, d| {
                     d.retain(|k, (_, at)| {
                         if *at < received_before_ms {
                             dedup_removed.push(dedup_tree_key(conn, k));
+                            *count -= 1;
                             false
                         } else {
                             true

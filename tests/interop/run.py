@@ -279,7 +279,7 @@ def scenario_acapy_mediatee(ctx: Ctx) -> str:
     with step("sender starts"):
         sender.wait_ready()
     t0 = time.monotonic()
-    invitation, note = acapy_compatible(ctx.invitation)
+    invitation, note = acapy_compatible(ctx.invitation, ctx.args.mediator_name)
     with step("ACA-Py receives the mediator's invitation"):
         oob = aca.receive_invitation(invitation)
     med_conn = oob.get("connection_id")
@@ -335,14 +335,17 @@ def scenario_acapy_mediatee(ctx: Ctx) -> str:
     return f"{reason}; all delivered after {deliver_s:.1f}s{note}"
 
 
-def acapy_compatible(invitation: dict) -> tuple[dict, str]:
+def acapy_compatible(invitation: dict, mediator: str) -> tuple[dict, str]:
     """ACA-Py 1.7's receive-invitation refuses an invitation whose `services` has more than one
-    element ('service array must have exactly one element'); a mediator advertising http and ws
-    (as Credo's and mailroom's do) must be trimmed to its http service for ACA-Py. The mediator's
-    DID document, received in the DID exchange, still carries both."""
+    element ('service array must have exactly one element'). mailroom's invitation has one
+    service, so ACA-Py gets it exactly as `mailroom run` prints it: a second service there is a
+    failure, not something to trim. Other mediators advertising http and ws (Credo's) are
+    trimmed to their http service for ACA-Py; their DID documents still carry both."""
     services = invitation.get("services") or []
     if len(services) <= 1:
         return invitation, ""
+    if mediator == "mailroom":
+        raise StepError(f"mailroom's invitation has {len(services)} services: ACA-Py 1.7 refuses more than one")
     http_svc = [s for s in services if isinstance(s, dict) and str(s.get("serviceEndpoint", "")).startswith("http")]
     trimmed = dict(invitation, services=(http_svc or services)[:1])
     return trimmed, f" (note: invitation trimmed from {len(services)} services to 1 for ACA-Py)"

@@ -1,0 +1,140 @@
+//! The delivery contract under conditions a busy production mediator meets: a live wallet is
+//! reached by the sweep however many offline wallets hold older mail; dedup records do not
+//! outlive their window (memory stays flat); one socket cannot flood its node with messages
+//! being handled at once.
+
+mod common;
+
+use common::cluster::live_socket;
+use common::*;
+use mailroom::client::{basic_message, Sender, WsEvent};
+use mailroom::config::Strategy;
+use mailroom::didcomm::envelope;
+use mailroom::didcomm::keys::KeyPair;
+use mailroom::store::{EnqueueLimits, NewMessage};
+use serde_json::{json, Value};
+
+/// A live wallet whose wake-up was lost (the message is written to the store behind the
+/// node's back, as when a notification is dropped or a lease runs out) is found by the next
+/// sweep, even with 10,001 offline wallets holding older messages in the same store.
+#[actix_rt::test]
+async fn the_sweep_reaches_a_live_wallet_behind_many_older_offline_queues() {
+    let (dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
+    let conn = common::cluster::a_connection_id(&n).await;
+    let mut ws = live_socket(&a, &n).await;
+
+    // The node's own store: an in-process open of the same path is the same store.
+    let store = mailroom::store::open_sled(&dir.path().join("data")).await.unwrap();
+    let long_ago = mailroom::protocols::now_ms() - 3_600_000;
+    let offline: Vec<NewMessage> = (0..10_001)
+        .map(|i| NewMessage {
+            // Ids before any uuid, and older: first in any whole-store order.
+            connection: format!("!offline-{i:05}"),
+            recipient_key: "k".into(),
+            payload: b"{}".to_vec(),
+            received_at_ms: long_ago + i,
+            dedup_key: None,
+        })
+        .collect();
+    for chunk in offline.chunks(2000) {
+        for r in store.enqueue(chunk.to_vec(), &EnqueueLimits::UNLIMITED).await.unwrap() {
+            r.unwrap();
+        }
+    }
+    let sender = KeyPair::generate();
+    let inner = envelope::pack(
+        &serde_json::to_vec(&basic_message("lost wake-up")).unwrap(),
+        &[k.verkey()],
+        Some(&sender),
+    )
+    .unwrap();
+    let r = store
+        .enqueue(
+            vec![NewMessage {
+                connection: conn.clone(),
+                recipient_key: k.verkey(),
+                payload: inner,
+                received_at_ms: mailroom::protocols::now_ms(),
+                dedup_key: None,
+            }],
+            &EnqueueLimits::UNLIMITED,
+        )
+        .await
+        .unwrap();
+    r[0].as_ref().unwrap();
+
+    // Only the sweep can deliver it (nothing told the session).
+    let d = ws_next_message(&a, &mut ws).await;
+    assert_eq!(type_name(&d), "delivery", "{d}");
+    assert_eq!(contents(&a, &d), vec!["lost wake-up".to_string()]);
+}
+
+async fn metric(n: &mailroom::node::RunningNode, name: &str) -> Option<f64> {
+    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// One dedup record per forward, even once acknowledged, would grow memory with traffic;
+/// they go once their window has passed, with no message expiry at all (`ttl = 0`).
+#[actix_rt::test]
+async fn dedup_records_are_pruned_once_their_window_passes() {
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |c| {
+        c.limits.dedup_window_secs = 1;
+        c.limits.message_ttl_secs = 0;
+    })
+    .await;
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let sender = Sender::new();
+    for i in 0..30 {
+        let s = sender
+            .forward(&n.public_url(), &basic_message(&format!("m{i}")), &k.verkey(), &routing)
+            .await
+            .unwrap();
+        assert_eq!(s, 202);
+    }
+    assert_eq!(queue_depth(&n).await, 30);
+    eventually("the dedup gauge counts the records", || async {
+        (metric(&n, "mailroom_dedup_records").await? >= 1.0).then_some(())
+    })
+    .await;
+    eventually("every record pruned after its window", || async {
+        (metric(&n, "mailroom_dedup_records").await? == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(queue_depth(&n).await, 30, "pruning dedup records touches no message");
+}
+
+/// `limits.max_ws_inflight`: messages beyond it are answered `busy`, not queued up as tasks;
+/// every message gets exactly one answer.
+#[actix_rt::test]
+async fn a_socket_cannot_have_more_messages_in_flight_than_its_limit() {
+    let (_dir, n, a, _k) = node_with_wallet(Strategy::QueueOnly, |c| c.limits.max_ws_inflight = 1).await;
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let total = 40;
+    for i in 0..total {
+        let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": format!("p{i}"), "response_requested": true, "~transport": {"return_route": "all"}});
+        ws.send_envelope(a.pack(&ping).unwrap(), true).await.unwrap();
+    }
+    let (mut pongs, mut busy) = (0, 0);
+    while pongs + busy < total {
+        match ws.next(WAIT).await.unwrap() {
+            WsEvent::Envelope(f) => match serde_json::from_slice::<Value>(&f) {
+                Ok(v) if v["error"] == "busy" => busy += 1,
+                _ => {
+                    let (m, _) = a.unpack(&f).expect("a packed reply");
+                    assert_eq!(type_name(&m), "ping_response", "{m}");
+                    pongs += 1;
+                }
+            },
+            WsEvent::Closed(r) => panic!("closed: {r:?}"),
+        }
+    }
+    assert!(
+        busy >= 1,
+        "40 back-to-back messages with a limit of 1 in flight: none refused"
+    );
+    assert!(pongs >= 1);
+}

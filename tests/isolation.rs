@@ -1,0 +1,255 @@
+//! Isolation: a message acts only on the connection whose proven key sent it. Two real
+//! clients, a victim and an attacker, over HTTP and WebSocket, on one node and across the
+//! nodes of a PostgreSQL cluster:
+//! - an anoncrypted (or someone else's) didexchange `complete` naming the victim's thread
+//!   takes over nothing: no socket is bound to the victim, nothing of its queue moves;
+//! - a handshake whose DID document lists the victim's key (beside the attacker's, or alone)
+//!   is refused, so the victim's own messages keep acting on the victim's connection;
+//! - a session that moved to another node stops taking deliveries on the old one.
+
+mod common;
+
+use common::cluster::*;
+use common::*;
+use mailroom::client::{basic_message, post, Agent, Sender, WsEvent};
+use mailroom::config::Strategy;
+use mailroom::didcomm::keys::KeyPair;
+use mailroom::didcomm::message::new_id;
+use mailroom::didcomm::{did, envelope};
+use mailroom::node::RunningNode;
+use serde_json::{json, Value};
+
+const DIDEXCHANGE: &str = "https://didcomm.org/didexchange/1.1";
+
+fn b64(v: &Value) -> String {
+    mailroom::client::b64url_json(v)
+}
+
+/// Packs `msg` for the mediator key `to`: authcrypt from `from`, or anoncrypt.
+fn pack(msg: &Value, to: &str, from: Option<&KeyPair>) -> Vec<u8> {
+    envelope::pack(&serde_json::to_vec(msg).unwrap(), &[to.to_string()], from).unwrap()
+}
+
+/// Sends `env` over HTTP to `http` and over a fresh WebSocket to `ws`; returns the HTTP
+/// status and the `error` code of the first frame the socket answers with (the frame must be
+/// an error, not a delivery).
+async fn refused_both_ways(env: Vec<u8>, http: &str, ws: &str) -> (u16, String) {
+    let (status, body) = post(http, env.clone(), WAIT).await.unwrap();
+    let mut sock = mailroom::client::websocket(ws).await.unwrap();
+    sock.send_envelope(env, true).await.unwrap();
+    let code = match sock.next(WAIT).await.unwrap() {
+        WsEvent::Envelope(f) => {
+            let v: Value = serde_json::from_slice(&f).unwrap_or_else(|_| {
+                panic!(
+                    "the socket was answered with a non-JSON frame: {}",
+                    String::from_utf8_lossy(&f)
+                )
+            });
+            v["error"]
+                .as_str()
+                .unwrap_or_else(|| panic!("the socket got something other than a refusal: {v}"))
+                .to_string()
+        }
+        WsEvent::Closed(r) => panic!("socket closed: {r:?}"),
+    };
+    sock.close().await;
+    assert!(
+        !(200..300).contains(&status),
+        "HTTP accepted it: {status} {}",
+        String::from_utf8_lossy(&body)
+    );
+    (status, code)
+}
+
+/// The victim's queued messages, picked up over HTTP on `via` (and acknowledged).
+async fn pick_up(victim: &mut Agent, via: &str) -> Vec<String> {
+    victim.endpoint = via.to_string();
+    let d = victim
+        .request(&pickup("delivery-request", json!({"limit": 100})))
+        .await
+        .unwrap()
+        .expect("a reply");
+    if type_name(&d) != "delivery" {
+        return Vec::new();
+    }
+    contents(victim, &d)
+}
+
+/// Item 1: the takeover attempts, from the node at `http`/`ws`.
+async fn complete_attacks(victim: &Agent, attacker: &Agent, http: &str, ws: &str) {
+    let complete = json!({
+        "@type": format!("{DIDEXCHANGE}/complete"),
+        "@id": new_id(),
+        "~thread": { "thid": victim.thread_id },
+        "~transport": { "return_route": "all" },
+    });
+    // Anoncrypted: acts on no connection at all.
+    let (status, code) = refused_both_ways(pack(&complete, &victim.mediator_verkey, None), http, ws).await;
+    assert_eq!((status, code.as_str()), (403, "no-connection"));
+    // Authcrypted by another connection: not that connection's exchange.
+    let env = pack(&complete, &attacker.mediator_verkey, Some(&attacker.key));
+    let (status, code) = refused_both_ways(env, http, ws).await;
+    assert_eq!((status, code.as_str()), (400, "bad-message"));
+}
+
+/// Item 2: handshakes presenting the victim's key, from the node at `http`/`ws`.
+async fn key_claims(victim: &Agent, inv_key: &str, http: &str, ws: &str) {
+    let attacker = KeyPair::generate();
+    let legacy = did::legacy_did_from_verkey(&attacker.public_bytes());
+    let doc_with = |keys: Vec<String>| {
+        let mut doc = did::legacy_diddoc(&legacy, &attacker.verkey(), &["http://127.0.0.1:9/".into()], &[]);
+        doc["service"][0]["recipientKeys"] = json!(keys);
+        doc
+    };
+    let both = doc_with(vec![attacker.verkey(), victim.key.verkey()]);
+    let only_victim = doc_with(vec![victim.key.verkey()]);
+    let didexchange = |doc: &Value| {
+        json!({
+            "@type": "https://didcomm.org/didexchange/1.0/request",
+            "@id": new_id(),
+            "label": "attacker",
+            "did": legacy,
+            "did_doc~attach": { "@id": new_id(), "mime-type": "application/json", "data": { "base64": b64(doc) } },
+            "~transport": { "return_route": "all" },
+        })
+    };
+    let connections = |doc: &Value| {
+        json!({
+            "@type": "https://didcomm.org/connections/1.0/request",
+            "@id": new_id(),
+            "label": "attacker",
+            "connection": { "DID": legacy, "DIDDoc": doc },
+            "~transport": { "return_route": "all" },
+        })
+    };
+    for req in [didexchange(&both), connections(&both)] {
+        // Authcrypted with a key of the document (proof of possession), but the document
+        // also lists the victim's key: refused, nothing stored.
+        let (status, code) = refused_both_ways(pack(&req, inv_key, Some(&attacker)), http, ws).await;
+        assert_eq!((status, code.as_str()), (409, "key-taken"), "{req}");
+    }
+    for req in [didexchange(&only_victim), connections(&only_victim)] {
+        // The sender's key is not in the document it presents.
+        let (status, code) = refused_both_ways(pack(&req, inv_key, Some(&attacker)), http, ws).await;
+        assert_eq!((status, code.as_str()), (403, "no-proof-of-possession"), "{req}");
+        // Anoncrypted: nothing proves anything.
+        let (status, code) = refused_both_ways(pack(&req, inv_key, None), http, ws).await;
+        assert_eq!((status, code.as_str()), (403, "no-proof-of-possession"), "{req}");
+    }
+}
+
+/// After the attacks the victim's connection is intact: its queued message is still there,
+/// its keylist-update registers for itself, and forwards to the new key reach it.
+async fn victim_is_intact(victim: &mut Agent, via: &RunningNode, queued: &str) {
+    victim.endpoint = via.public_url();
+    let k2 = victim.new_recipient_key();
+    let r = victim.keylist_update(&[k2.did_key()], &[]).await.unwrap();
+    assert_eq!(r[0]["result"], "success", "{r:?}");
+    let routing = victim.grant.clone().unwrap().routing_keys;
+    let status = Sender::new()
+        .forward(
+            &via.public_url(),
+            &basic_message("to the new key"),
+            &k2.verkey(),
+            &routing,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 202);
+    let mut got = pick_up(victim, &via.public_url()).await;
+    got.sort();
+    assert_eq!(got, vec![queued.to_string(), "to the new key".to_string()]);
+}
+
+async fn queue_for(victim: &Agent, key: &KeyPair, node: &RunningNode, text: &str) {
+    let routing = victim.grant.clone().unwrap().routing_keys;
+    let status = Sender::new()
+        .forward(&node.public_url(), &basic_message(text), &key.verkey(), &routing)
+        .await
+        .unwrap();
+    assert_eq!(status, 202);
+}
+
+#[actix_rt::test]
+async fn one_node_attacks_over_http_and_websocket() {
+    // The default strategy: a socket bound to the victim would get its queue pushed raw.
+    let (_d, n, mut victim, vk) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
+    let inv = invitation(&n).await;
+    let (attacker, _) = Agent::onboard(&inv).await.unwrap();
+    queue_for(&victim, &vk, &n, "for the victim").await;
+
+    complete_attacks(&victim, &attacker, &n.public_url(), &ws_url(&n)).await;
+    assert_eq!(queue_depth(&n).await, 1, "nothing of the victim's queue moved");
+    key_claims(&victim, &inv.recipient_key, &n.public_url(), &ws_url(&n)).await;
+    victim_is_intact(&mut victim, &n, "for the victim").await;
+}
+
+#[actix_rt::test]
+async fn cluster_attacks_from_another_node() {
+    let db = FreshDb::create().await;
+    let (cfg, ls) = bind_cluster(2, &db.url, 100);
+    let store = open_shared_store(&cfg).await;
+    let mut nodes = Vec::new();
+    for (i, l) in ls.into_iter().enumerate() {
+        nodes.push(start_node(&cfg, &format!("n{}", i + 1), l, &store, None));
+    }
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    eventually("link up", || async { peer_connected(n1, "n2").await.then_some(()) }).await;
+    let inv1 = invitation(n1).await;
+    let inv2 = invitation(n2).await;
+    let (mut victim, vk) = Agent::onboard(&inv1).await.unwrap();
+    let (mut attacker, _) = Agent::onboard(&inv2).await.unwrap();
+    attacker.endpoint = n2.public_url();
+    queue_for(&victim, &vk, n1, "for the victim").await;
+
+    complete_attacks(&victim, &attacker, &n2.public_url(), &ws_url(n2)).await;
+    key_claims(&victim, &inv2.recipient_key, &n2.public_url(), &ws_url(n2)).await;
+    // And the same from the victim's own node.
+    complete_attacks(&victim, &attacker, &n1.public_url(), &ws_url(n1)).await;
+    victim_is_intact(&mut victim, n2, "for the victim").await;
+}
+
+/// Item 4: the wallet reconnects on n2 while its old socket on n1 is half-open (the test
+/// simply stops reading it). In implicit mode a delivery written into the old socket would be
+/// lost; once n2's newer epoch owns the connection, n1 stops delivering there and the
+/// message reaches the new socket.
+#[actix_rt::test]
+async fn a_moved_session_stops_taking_deliveries_on_its_old_node() {
+    let db = FreshDb::create().await;
+    // No sweep during the test: only the notification path can deliver.
+    let (cfg, ls) = bind_cluster(2, &db.url, 600_000);
+    let store = open_shared_store(&cfg).await;
+    let mut nodes = Vec::new();
+    for (i, l) in ls.into_iter().enumerate() {
+        nodes.push(start_node(&cfg, &format!("n{}", i + 1), l, &store, None));
+    }
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    eventually("link up", || async { peer_connected(n1, "n2").await.then_some(()) }).await;
+    let inv = invitation(n1).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let conn = a_connection_id(n1).await;
+    let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": new_id(), "response_requested": false, "~transport": {"return_route": "all"}});
+
+    let mut old = a.websocket(&ws_url(n1)).await.unwrap();
+    old.send_envelope(a.pack(&ping).unwrap(), true).await.unwrap();
+    wait_owner(&[n1, n2], &conn, "n1").await;
+    let mut new = a.websocket(&ws_url(n2)).await.unwrap();
+    new.send_envelope(a.pack(&ping).unwrap(), true).await.unwrap();
+    wait_owner(&[n1, n2], &conn, "n2").await;
+    eventually("n1 let go of the superseded session", || async {
+        let v = get_json(&format!("{}/sessions", n1.admin_url())).await;
+        v["sessions"].as_array().unwrap().is_empty().then_some(())
+    })
+    .await;
+
+    // A forward lands on the old node.
+    queue_for(&a, &k, n1, "after the move").await;
+    match new.next(WAIT).await.unwrap() {
+        WsEvent::Envelope(e) => {
+            let (m, _) = a.unpack(&e).unwrap();
+            assert_eq!(m["content"], "after the move");
+        }
+        WsEvent::Closed(r) => panic!("new socket closed: {r:?}"),
+    }
+    drop(old);
+}
