@@ -260,7 +260,8 @@ async fn peers_with_a_wrong_secret_or_cluster_name_are_refused() {
     let mut ws = live_socket(&a, n1).await;
     wait_owner(&[&f.nodes[1]], &conn, "n1").await;
     forward_via(&f.nodes[1], &routing, &k, "after-rogues").await;
-    receive(&mut a, &mut ws, &n1.public_url(), 1).await;
+    let (got, dups) = receive(&mut a, &mut ws, &n1.public_url(), 1).await;
+    assert_eq!((got.len(), dups), (1, 0), "{got:?}");
 }
 
 /// A fourth node joins a running cluster through the reload: its sessions get notifications

@@ -32,16 +32,24 @@ fn write_config(dir: &std::path::Path, db_url: &str, nodes: &[NodeEntry]) -> std
     path
 }
 
+/// A child process on a fresh database (migrations first) while the 2-core box is busy: a
+/// generous bound of its own, longer than the shared `eventually`'s.
 async fn wait_ready(p: &NodeProcess) {
     let url = format!("{}/ready", p.admin_url());
-    eventually(&format!("{} ready", p.entry.id), || {
-        let url = url.clone();
-        async move {
-            let res = awc::Client::default().get(&url).send().await.ok()?;
-            res.status().is_success().then_some(())
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(res) = awc::Client::default().get(&url).send().await {
+            if res.status().is_success() {
+                return;
+            }
         }
-    })
-    .await;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} not ready after 90 s (log in the test's temp dir)",
+            p.entry.id
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Sends SIGTERM to `p` and waits (bounded) for it to exit 0, then checks that the node really

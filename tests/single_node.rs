@@ -357,7 +357,12 @@ async fn queue_only_pushes_nothing() {
     // leased to this socket.
     let sweeps = |text: &str| -> u64 {
         text.lines()
-            .filter(|l| l.starts_with("mailroom_store_seconds_count{") && l.contains("op=\"connections_with_pending\""))
+            .filter(|l| {
+                // The sweep's store query: for the node's own sessions, or every 10th sweep
+                // for all connections.
+                l.starts_with("mailroom_store_seconds_count{")
+                    && (l.contains("op=\"pending_among\"") || l.contains("op=\"connections_with_pending\""))
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     };
