@@ -422,9 +422,9 @@ fn method_key(vm: &Value) -> Result<Key, V2Error> {
 
 /// A did:peer:2 with key agreement keys (`E`) first, then authentication keys (`V`), then one
 /// `S` element per service `(uri, routing_keys)`, each in the v2.1 object shape with
-/// `accept: ["didcomm/v2"]` (what Veramo and Indicio both read). Service JSON is ASCII without
-/// `>`, `?`, `~` so its base64url has no `-`/`_` (Veramo's did:peer:2 pattern refuses them):
-/// URIs with a query string are refused.
+/// `accept: ["didcomm/v2"]` (what Veramo and Indicio both read). Check the result with
+/// [`veramo_readable`]: Veramo refuses a did:peer:2 whose service base64url has `-` or `_`
+/// (ASCII JSON gets them only from `>`, `?`, `~`, e.g. a query string in a URI).
 pub fn create_peer2(agreement: &[Key], auth: &[Key], services: &[(String, Vec<String>)]) -> Result<String, V2Error> {
     let mut did = String::from("did:peer:2");
     for k in agreement {
@@ -453,6 +453,16 @@ pub fn create_peer2(agreement: &[Key], auth: &[Key], services: &[(String, Vec<St
         did.push_str(&enc);
     }
     Ok(did)
+}
+
+/// Whether Veramo's did:peer:2 pattern (`[0-9a-zA-Z=]` in every element) accepts `did`.
+pub fn veramo_readable(did: &str) -> bool {
+    did.strip_prefix("did:peer:2.")
+        .map(|b| {
+            b.split('.')
+                .all(|e| e.chars().all(|c| c.is_ascii_alphanumeric() || c == '='))
+        })
+        .unwrap_or(false)
 }
 
 /// The JSON DID document of a resolved DID (for the admin views and tests).

@@ -85,26 +85,31 @@ impl Unpacked {
     }
 }
 
-/// True if `bytes` look like a DIDComm v2 envelope rather than a v1 one: a JWE whose `alg`
-/// (protected) is an ECDH one, a JWS, or a plaintext message with `type` and no `@type`.
+/// True if `bytes` look like a DIDComm v2 envelope rather than a v1 one: a general JWE
+/// (top-level `recipients`; v1 keeps them inside `protected`), a flattened JWE
+/// (`encrypted_key`), a JWS (`payload`), or a plaintext message with `type` and no `@type`.
+/// Reads the top-level keys only, allocating nothing, so v1's hot path pays one scan.
 pub fn is_v2(bytes: &[u8]) -> bool {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
-        return false;
-    };
-    if v.get("ciphertext").is_some() {
-        let Some(p) = v["protected"].as_str() else { return false };
-        let Some(raw) = crate::didcomm::b64::decode(p) else {
-            return false;
-        };
-        let Ok(h) = serde_json::from_slice::<serde_json::Value>(&raw) else {
-            return false;
-        };
-        return h.get("typ").and_then(|t| t.as_str()) != Some("JWM/1.0");
+    use serde::de::IgnoredAny;
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        recipients: Option<IgnoredAny>,
+        encrypted_key: Option<IgnoredAny>,
+        payload: Option<IgnoredAny>,
+        #[serde(rename = "type")]
+        typ: Option<IgnoredAny>,
+        #[serde(rename = "@type")]
+        at_type: Option<IgnoredAny>,
     }
-    if v.get("payload").is_some() && (v.get("signatures").is_some() || v.get("signature").is_some()) {
-        return true;
+    match serde_json::from_slice::<Probe>(bytes) {
+        Ok(p) => {
+            p.recipients.is_some()
+                || p.encrypted_key.is_some()
+                || p.payload.is_some()
+                || (p.typ.is_some() && p.at_type.is_none())
+        }
+        Err(_) => false,
     }
-    v.get("type").is_some() && v.get("@type").is_none()
 }
 
 /// Unpacks any v2 form: JWE (possibly wrapping a JWS), JWS, or plaintext.

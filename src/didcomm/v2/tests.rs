@@ -639,5 +639,8 @@ fn service_uri_that_is_a_did_and_legacy_ids() {
     assert!(did::resolve("did:web:example.org").is_err());
     assert!(did::resolve("did:peer:2.Xz6LS").is_err());
     assert!(did::resolve("did:peer:2.Ez6LSnot-a-key").is_err());
-    assert!(did::create_peer2(&[x], &[], &[("http://h/?a=b>".into(), vec![])]).is_err());
+    let q = did::create_peer2(&[x], &[], &[("http://h/?a=b>".into(), vec![])]).unwrap();
+    assert!(did::resolve(&q).is_ok());
+    assert!(!did::veramo_readable(&q));
+    assert!(did::veramo_readable(&d));
 }
