@@ -444,11 +444,6 @@ pub fn create_peer2(agreement: &[Key], auth: &[Key], services: &[(String, Vec<St
         }
         let s = json!({ "t": "dm", "s": Value::Object(ep) }).to_string();
         let enc = b64::encode(s.as_bytes());
-        if enc.contains(['-', '_']) {
-            return Err(bad(format!(
-                "service uri {uri} would make a did:peer:2 Veramo cannot read"
-            )));
-        }
         did.push_str(".S");
         did.push_str(&enc);
     }
