@@ -50,7 +50,13 @@ async fn receive_live(a: &V2Agent, s: &mut V2Socket, want: usize) -> (Vec<String
     let mut seen = Vec::new();
     let mut uniq = HashSet::new();
     let mut dups = 0;
+    let deadline = std::time::Instant::now() + WAIT;
     while uniq.len() < want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {want} delivered: {seen:?}",
+            uniq.len()
+        );
         let d = a.recv(s, WAIT).await.unwrap();
         if kind(&d) != "delivery" {
             continue;
@@ -81,6 +87,12 @@ async fn mediation_forward_and_pickup_over_http() {
     let mut a = V2Agent::new(m.clone()).unwrap();
     let r = a.onboard().await.unwrap();
     assert_eq!(a.routing_did.as_deref(), Some(m.did.as_str()));
+    // The spec's authcrypt (draft-04, the tag in the KDF) answered in kind: Indicio needs it.
+    let d = a.last_reply_dialect().unwrap();
+    assert!(
+        d.tag_in_kdf && d.enc == mailroom::didcomm::v2::jwe::Enc::A256CbcHs512,
+        "{d:?}"
+    );
 
     // Query the keylist (3.0).
     let q = a
@@ -129,6 +141,8 @@ async fn veramo_dialect_mediation_2_0_and_the_recipient_filter() {
     // the same dialect, or the client could not open the grant.
     a.veramo_dialect = true;
     a.mediate("2.0").await.unwrap();
+    let d = a.last_reply_dialect().unwrap();
+    assert!(!d.tag_in_kdf, "Veramo opens 1PU only without the tag in the KDF: {d:?}");
     let r1 = a.recipient_did.clone().unwrap();
     // A second recipient DID (registered as a DID URL: stored as its DID).
     let other = V2Agent::new(a.mediator.clone()).unwrap();

@@ -71,6 +71,8 @@ pub struct V2Agent {
     pub recipient_did: Option<String>,
     /// Pack as Veramo does: authcrypt A256GCM without the tag in the 1PU KDF.
     pub veramo_dialect: bool,
+    /// How the last envelope we opened was packed (what the mediator answered in).
+    last_dialect: std::sync::Mutex<Option<Dialect>>,
     timeout: Duration,
 }
 
@@ -90,8 +92,14 @@ impl V2Agent {
             routing_did: None,
             recipient_did: None,
             veramo_dialect: false,
+            last_dialect: std::sync::Mutex::new(None),
             timeout: Duration::from_secs(20),
         })
+    }
+
+    /// How the last envelope this agent opened was packed.
+    pub fn last_reply_dialect(&self) -> Option<Dialect> {
+        *self.last_dialect.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn kid(&self) -> String {
@@ -138,6 +146,7 @@ impl V2Agent {
             ours.then(|| self.agreement.clone())
         };
         let u = dv2::unpack(env, &mine, &did::resolve_key)?;
+        *self.last_dialect.lock().unwrap_or_else(|e| e.into_inner()) = u.dialect;
         Ok(serde_json::from_slice(&u.plaintext)?)
     }
 
