@@ -143,13 +143,14 @@ async fn update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
         })
         .collect();
     updated.extend(bad);
-    let name = if ctx.major() == 2 {
-        "keylist-update-response"
+    let (name, body) = if ctx.major() == 2 {
+        ("keylist-update-response", json!({ "updated": updated }))
     } else {
-        "recipient-update-response"
+        // The spec says `updated`; Veramo 7.0.1 reads `updates` (what its own mediator writes).
+        ("recipient-update-response", json!({ "updated": updated, "updates": updated }))
     };
     Ok(Outcome {
-        replies: vec![ctx.reply(m, name, json!({ "updated": updated }))],
+        replies: vec![ctx.reply(m, name, body)],
         ..Outcome::default()
     })
 }

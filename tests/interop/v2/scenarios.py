@@ -6,6 +6,7 @@
   Veramo sender (routing 2.0 through the mediator, authcrypt A256GCM as Veramo defaults to).
 - v2-indicio-live: an Indicio mediatee in pickup 3.0 live mode over a WebSocket and an Indicio
   sender (authcrypt A256CBC-HS512, draft-04, forward anoncrypted XC20P).
+- v2-indicio-poll: the same Indicio wallet polling pickup 3.0 over HTTP (return_route all).
 - v2-indicio-to-veramo: an Indicio sender (anoncrypt: Veramo cannot open Indicio's authcrypt)
   to a Veramo mediatee: both dialects through one mediator.
 """
@@ -163,6 +164,15 @@ def scenario_v2_indicio_live(ctx) -> str:
                 prefix)
 
 
+def scenario_v2_indicio_poll(ctx) -> str:
+    need_peers(False, True)
+    prefix = "v2-indicio-poll"
+    return _run(ctx, "v2-indicio-poll",
+                lambda wd, inv: indicio_mediatee(ctx, wd, inv, "poll"),
+                lambda wd, to: indicio_sender(ctx, wd, to, ctx.count, prefix, anoncrypt=False),
+                prefix)
+
+
 def scenario_v2_indicio_to_veramo(ctx) -> str:
     need_peers(True, True)
     prefix = "v2-indicio-to-veramo"
@@ -175,5 +185,6 @@ def scenario_v2_indicio_to_veramo(ctx) -> str:
 SCENARIOS = [
     ("v2-veramo", scenario_v2_veramo),
     ("v2-indicio-live", scenario_v2_indicio_live),
+    ("v2-indicio-poll", scenario_v2_indicio_poll),
     ("v2-indicio-to-veramo", scenario_v2_indicio_to_veramo),
 ]
