@@ -147,7 +147,10 @@ async fn update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
         ("keylist-update-response", json!({ "updated": updated }))
     } else {
         // The spec says `updated`; Veramo 7.0.1 reads `updates` (what its own mediator writes).
-        ("recipient-update-response", json!({ "updated": updated, "updates": updated }))
+        (
+            "recipient-update-response",
+            json!({ "updated": updated, "updates": updated }),
+        )
     };
     Ok(Outcome {
         replies: vec![ctx.reply(m, name, body)],
