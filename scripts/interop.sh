@@ -57,6 +57,10 @@ env_line=$(printf '%s\n' "$setup_out" | tail -n1)
 LIB_ASKAR_PATH=$(printf '%s' "$env_line" | sed -n 's/.*LIB_ASKAR_PATH=\([^ ]*\).*/\1/p')
 ACAPY_BIN=$(printf '%s' "$env_line" | sed -n 's/.*ACAPY_BIN=\([^ ]*\).*/\1/p')
 export LIB_ASKAR_PATH ACAPY_BIN
+# INTEROP_V2=1: the v2 peers (Veramo, Indicio's didcomm-messaging) for the v2 scenarios.
+VERAMO_DIR=$(printf '%s' "$env_line" | sed -n 's/.*VERAMO_DIR=\([^ ]*\).*/\1/p')
+INDICIO_PYTHON=$(printf '%s' "$env_line" | sed -n 's/.*INDICIO_PYTHON=\([^ ]*\).*/\1/p')
+export VERAMO_DIR INDICIO_PYTHON
 # The scenario runner needs only the standard library: the ACA-Py venv's Python, else python3.
 if [ -n "$ACAPY_BIN" ]; then PY=$(dirname "$ACAPY_BIN")/python; else PY=$(command -v python3); fi
 say "setup ready in $(( $(date +%s) - T_START ))s"

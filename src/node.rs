@@ -281,6 +281,10 @@ pub async fn run(
         "invitation: {}",
         crate::protocols::oob::invitation_url(&mediator, &crate::protocols::oob::public_invitation(&mediator))
     );
+    println!(
+        "invitation (DIDComm v2): {}",
+        crate::protocols::v2::invitation_url(&mediator, &crate::protocols::v2::invitation(&mediator))
+    );
 
     shutdown.await;
 

@@ -5,6 +5,7 @@
 //! the mediator, and is checked against real Credo and ACA-Py peers by the interop suite.
 
 pub mod status;
+pub mod v2;
 
 use crate::didcomm::keys::{normalize_verkey, KeyPair};
 use crate::didcomm::message::new_id;
@@ -92,10 +93,20 @@ impl Invitation {
 
 /// POSTs an envelope; returns the response body if there is one.
 pub async fn post(url: &str, body: Vec<u8>, timeout: Duration) -> anyhow::Result<(u16, Vec<u8>)> {
+    post_typed(url, body, CONTENT_TYPE, timeout).await
+}
+
+/// POSTs a body with the given content type; returns the status and the response body.
+pub async fn post_typed(
+    url: &str,
+    body: Vec<u8>,
+    content_type: &str,
+    timeout: Duration,
+) -> anyhow::Result<(u16, Vec<u8>)> {
     let client = awc::Client::builder().timeout(timeout).finish();
     let mut res = client
         .post(url)
-        .insert_header(("Content-Type", CONTENT_TYPE))
+        .insert_header(("Content-Type", content_type))
         .send_body(body)
         .await
         .map_err(|e| anyhow!("POST {url}: {e}"))?;

@@ -265,7 +265,7 @@ fn resolve_peer2(did: &str, depth: u8) -> Result<ResolvedDoc, DidError> {
 }
 
 /// did:peer:2 service abbreviations (peer DID spec "Service abbreviation").
-fn expand_abbreviations(v: Value) -> Value {
+pub(crate) fn expand_abbreviations(v: Value) -> Value {
     match v {
         Value::Object(obj) => Value::Object(
             obj.into_iter()

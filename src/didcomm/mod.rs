@@ -8,12 +8,13 @@
 //! Interop reference: real Credo 0.6.3 and ACA-Py 1.7 captures under
 //! `/work/shared/interop/captures`; fixtures copied into `tests/fixtures/didcomm/`.
 
-mod b64;
+pub(crate) mod b64;
 pub mod did;
 pub mod envelope;
 pub mod jws;
 pub mod keys;
 pub mod message;
+pub mod v2;
 
 #[cfg(test)]
 mod fuzz_tests;

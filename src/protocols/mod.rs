@@ -18,6 +18,7 @@ pub mod problem;
 pub mod push;
 pub mod routing;
 pub mod trust_ping;
+pub mod v2;
 
 pub use didexchange::decode_b64_any;
 
@@ -92,6 +93,8 @@ pub struct Mediator {
     /// The stable id of the public multi-use invitation.
     pub invitation_id: String,
     by_verkey: HashMap<String, KeyPair>,
+    /// The DIDComm v2 identity (did:peer:2), derived from the same keys.
+    pub v2: v2::V2Identity,
 }
 
 impl Mediator {
@@ -108,6 +111,11 @@ impl Mediator {
         by_verkey.insert(keys.routing.verkey(), keys.routing.clone());
         // The public invitation's id is derived from the identity so every node serves the same.
         let invitation_id = uuid_from_bytes(&keys.did_key.public_bytes());
+        // Infallible for keys read from an identity record (32-byte seeds).
+        let v2 = v2::V2Identity::derive(&keys, &public_url, &public_ws_url).expect("v2 identity from valid seeds");
+        if !crate::didcomm::v2::did::veramo_readable(&v2.did) {
+            tracing::warn!(did = %v2.did, "public_url makes a did:peer:2 Veramo cannot resolve (avoid ?, > and ~ in it)");
+        }
         Mediator {
             store,
             node_id: node_id.to_string(),
@@ -126,6 +134,7 @@ impl Mediator {
             invitation_id,
             by_verkey,
             keys,
+            v2,
         }
     }
 
@@ -140,6 +149,9 @@ impl Mediator {
 
     /// Packs a reply for a connection: authcrypt from the key the peer talks to.
     pub fn pack_for(&self, conn: &Connection, msg: &Value) -> Result<Vec<u8>, HandleError> {
+        if conn.protocol == v2::PROTOCOL {
+            return v2::pack(self, conn, msg);
+        }
         let sender = self
             .key_for(&conn.our_verkey)
             .unwrap_or_else(|| self.keys.did_key.clone());
@@ -164,6 +176,9 @@ impl Mediator {
         transport: TransportKind,
         lease_owner: &str,
     ) -> Result<Outcome, HandleError> {
+        if crate::didcomm::v2::is_v2(env) {
+            return v2::handle(self, env, transport, lease_owner).await;
+        }
         let unpacked = self.unpack(env).map_err(HandleError::Envelope)?;
         let msg: Value = serde_json::from_slice(&unpacked.plaintext)
             .map_err(|e| HandleError::BadMessage(format!("plaintext is not JSON: {e}")))?;
@@ -341,6 +356,18 @@ pub enum HandleError {
     Store(StoreError),
     #[error("internal: {0}")]
     Internal(String),
+    /// A DIDComm v2 envelope the node cannot open or trust.
+    #[error("DIDComm v2 envelope: {0}")]
+    V2(crate::didcomm::v2::V2Error),
+    /// A refusal of a DIDComm v2 message whose sender is known: `packed` is a report-problem
+    /// 2.0 for it, the body of the refusal.
+    #[error("{reason}")]
+    Problem {
+        status: u16,
+        code: &'static str,
+        reason: String,
+        packed: Vec<u8>,
+    },
 }
 
 impl From<StoreError> for HandleError {
@@ -365,6 +392,8 @@ impl HandleError {
             HandleError::QueueFull { .. } => 429,
             HandleError::Store(_) => 503,
             HandleError::Internal(_) => 500,
+            HandleError::V2(_) => 400,
+            HandleError::Problem { status, .. } => *status,
         }
     }
 
@@ -381,6 +410,8 @@ impl HandleError {
             HandleError::QueueFull { .. } => "queue-full",
             HandleError::Store(_) => "store-unavailable",
             HandleError::Internal(_) => "internal",
+            HandleError::V2(_) => "bad-envelope",
+            HandleError::Problem { code, .. } => code,
         }
     }
 

@@ -25,10 +25,28 @@ pub fn configure(cfg: &mut web::ServiceConfig, shared: Arc<Shared>) {
 struct InvitationQuery {
     /// `http` (the default) or `ws`: the transport of the invitation's one service.
     transport: Option<String>,
+    /// `v2`: the out-of-band 2.0 invitation (`?_oob=`) from the mediator's did:peer:2.
+    didcomm: Option<String>,
 }
 
 async fn get_invitation(shared: web::Data<Shared>, q: web::Query<InvitationQuery>) -> HttpResponse {
     let m = &shared.mediator;
+    match q.didcomm.as_deref() {
+        None | Some("v1") => {}
+        Some("v2") => {
+            let inv = crate::protocols::v2::invitation(m);
+            return HttpResponse::Ok().json(json!({
+                "invitation_url": crate::protocols::v2::invitation_url(m, &inv),
+                "invitation": inv,
+                "did": m.v2.did,
+                "did_document": m.v2.doc_json(),
+            }));
+        }
+        Some(other) => {
+            return HttpResponse::BadRequest()
+                .json(json!({"error": "bad-didcomm", "reason": format!("didcomm={other}: use v1 or v2")}))
+        }
+    }
     let inv = match q.transport.as_deref() {
         None | Some("http") => oob::public_invitation(m),
         Some("ws") => oob::invitation_over(m, &m.invitation_id, &m.public_ws_url),
@@ -49,8 +67,19 @@ async fn get_root(req: HttpRequest, stream: web::Payload, shared: web::Data<Shar
         .unwrap_or(false);
     if !is_upgrade {
         // A browser or a wallet resolving an invitation URL: show where to go.
+        if req.query_string().contains("_oob=") {
+            let q = InvitationQuery {
+                transport: None,
+                didcomm: Some("v2".into()),
+            };
+            return get_invitation(shared, web::Query(q)).await;
+        }
         if req.query_string().contains("oob=") {
-            return get_invitation(shared, web::Query(InvitationQuery { transport: None })).await;
+            let q = InvitationQuery {
+                transport: None,
+                didcomm: None,
+            };
+            return get_invitation(shared, web::Query(q)).await;
         }
         return HttpResponse::Ok().content_type("text/plain").body(format!(
             "mailroom DIDComm mediator (node {}). POST envelopes here, or open a WebSocket. Invitation: {}/invitation\n",
@@ -64,6 +93,12 @@ async fn get_root(req: HttpRequest, stream: web::Payload, shared: web::Data<Shar
 pub fn error_response(e: &HandleError) -> HttpResponse {
     let status =
         actix_web::http::StatusCode::from_u16(e.http_status()).unwrap_or(actix_web::http::StatusCode::BAD_REQUEST);
+    // A DIDComm v2 refusal carries a problem report packed for its sender.
+    if let HandleError::Problem { packed, .. } = e {
+        return HttpResponse::build(status)
+            .content_type(crate::didcomm::v2::TYP_ENCRYPTED)
+            .body(packed.clone());
+    }
     HttpResponse::build(status).json(e.body())
 }
 
@@ -130,10 +165,13 @@ async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpRespo
                 let c = conn.clone();
                 actix_rt::spawn(async move { outbound::send_replies(&s, &c, &replies).await });
             }
+            let content_type = if conn.protocol == crate::protocols::v2::PROTOCOL {
+                crate::didcomm::v2::TYP_ENCRYPTED
+            } else {
+                outbound::ENVELOPE_CONTENT_TYPE
+            };
             match shared.mediator.pack_for(&conn, &first) {
-                Ok(packed) => HttpResponse::Ok()
-                    .content_type(outbound::ENVELOPE_CONTENT_TYPE)
-                    .body(packed),
+                Ok(packed) => HttpResponse::Ok().content_type(content_type).body(packed),
                 Err(e) => error_response(&e),
             }
         }

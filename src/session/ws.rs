@@ -145,7 +145,13 @@ impl WsSession {
                     code = e.code(),
                     "frame refused: {e}"
                 );
-                ctx.text(e.body().to_string());
+                match &e {
+                    // A DIDComm v2 refusal: its problem report, packed for the sender.
+                    crate::protocols::HandleError::Problem { packed, .. } => {
+                        ctx.text(String::from_utf8_lossy(packed).into_owned())
+                    }
+                    _ => ctx.text(e.body().to_string()),
+                }
                 self.bad_frames += 1;
                 if self.bad_frames >= MAX_BAD_FRAMES {
                     ctx.close(Some(ws::CloseReason {
@@ -172,7 +178,8 @@ impl WsSession {
         }
         let wants_route = !matches!(out.return_route, crate::didcomm::message::ReturnRoute::None);
         if let Some(conn) = &out.connection {
-            if wants_route {
+            // A v2 reply address that is not a stored connection binds nothing.
+            if wants_route && !crate::protocols::v2::is_ephemeral(conn) {
                 self.bind(conn.clone(), ctx);
             }
         }
@@ -302,7 +309,11 @@ impl WsSession {
         let mode = if self.registered { self.mode } else { Mode::Quiet };
         match mode {
             Mode::Live => {
-                let delivery = pickup::live_delivery(self.legacy, &msgs);
+                let delivery = if conn.protocol == crate::protocols::v2::PROTOCOL {
+                    crate::protocols::v2::pickup::live_delivery(&shared.mediator, &conn, &msgs)
+                } else {
+                    pickup::live_delivery(self.legacy, &msgs)
+                };
                 match shared.mediator.pack_for(&conn, &delivery) {
                     Ok(p) => {
                         ctx.text(String::from_utf8_lossy(&p).into_owned());

@@ -361,6 +361,13 @@ SCENARIOS = [
     ("s4-acapy-mediatee", scenario_acapy_mediatee),
 ]
 
+# DIDComm v2 peers (Veramo, Indicio's didcomm-messaging) on the mediator's v2 endpoint.
+if os.environ.get("INTEROP_V2") == "1":
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "v2"))
+    from scenarios import SCENARIOS as V2_SCENARIOS  # noqa: E402
+
+    SCENARIOS = SCENARIOS + V2_SCENARIOS
+
 
 def known_limit(mediator: str, strategy: str, name: str) -> str | None:
     """Why a mediator cannot pass a scenario (then it is skipped, not failed): the reference

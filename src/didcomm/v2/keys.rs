@@ -1,0 +1,124 @@
+//! Keys of DIDComm v2 peers: X25519, P-256, P-384 (key agreement), Ed25519, P-256, secp256k1
+//! (signing), read from multibase multicodec (did:peer, did:key), JWK and base58 forms.
+//! Every public key is checked on its curve by askar-crypto when it is read.
+
+use askar_crypto::alg::{AnyKey, AnyKeyCreate, EcCurves, KeyAlg};
+use askar_crypto::jwk::{FromJwk, ToJwk};
+use askar_crypto::repr::ToPublicBytes;
+use serde_json::Value;
+use std::sync::Arc;
+
+use super::V2Error;
+
+/// A public or private key of any supported type.
+pub type Key = Arc<AnyKey>;
+
+const MAX_KEY_STRING: usize = 256;
+
+/// Multicodec prefixes (unsigned varints) of the public key types v2 peers put in DIDs.
+const CODECS: &[(&[u8], KeyAlg)] = &[
+    (&[0xed, 0x01], KeyAlg::Ed25519),
+    (&[0xec, 0x01], KeyAlg::X25519),
+    (&[0xe7, 0x01], KeyAlg::EcCurve(EcCurves::Secp256k1)),
+    (&[0x80, 0x24], KeyAlg::EcCurve(EcCurves::Secp256r1)),
+    (&[0x81, 0x24], KeyAlg::EcCurve(EcCurves::Secp384r1)),
+];
+
+fn bad(what: &str, s: &str) -> V2Error {
+    V2Error::BadKey(format!("{what}: {}", s.chars().take(60).collect::<String>()))
+}
+
+/// A multibase (`z`, base58btc) multicodec public key.
+pub fn from_multibase(mb: &str) -> Result<Key, V2Error> {
+    if mb.len() > MAX_KEY_STRING {
+        return Err(bad("key string too long", mb));
+    }
+    let raw = mb
+        .strip_prefix('z')
+        .and_then(|s| bs58::decode(s).into_vec().ok())
+        .ok_or_else(|| bad("not base58btc multibase", mb))?;
+    for (codec, alg) in CODECS {
+        if let Some(pk) = raw.strip_prefix(*codec) {
+            return from_public_bytes(*alg, pk).map_err(|_| bad("not a point on its curve", mb));
+        }
+    }
+    Err(bad("unsupported multicodec", mb))
+}
+
+/// Multibase multicodec form of a public key (X25519, Ed25519, or compressed EC).
+pub fn to_multibase(key: &AnyKey) -> Result<String, V2Error> {
+    let alg = key.algorithm();
+    let codec = CODECS
+        .iter()
+        .find(|(_, a)| *a == alg)
+        .map(|(c, _)| *c)
+        .ok_or_else(|| V2Error::BadKey(format!("no multicodec for {}", alg.as_str())))?;
+    let pk = key.to_public_bytes().map_err(|e| V2Error::BadKey(e.to_string()))?;
+    let mut raw = codec.to_vec();
+    raw.extend_from_slice(&pk);
+    Ok(format!("z{}", bs58::encode(raw).into_string()))
+}
+
+pub fn from_public_bytes(alg: KeyAlg, pk: &[u8]) -> Result<Key, V2Error> {
+    Arc::<AnyKey>::from_public_bytes(alg, pk).map_err(|e| V2Error::BadKey(format!("{}: {e}", alg.as_str())))
+}
+
+/// A JWK (public, or private with `d`). NIST points are checked on-curve.
+pub fn from_jwk(jwk: &Value) -> Result<Key, V2Error> {
+    if !jwk.is_object() {
+        return Err(V2Error::BadKey("JWK is not an object".into()));
+    }
+    let s = jwk.to_string();
+    if s.len() > 4 * MAX_KEY_STRING {
+        return Err(V2Error::BadKey("JWK too long".into()));
+    }
+    Arc::<AnyKey>::from_jwk(&s).map_err(|e| {
+        V2Error::BadKey(format!(
+            "JWK {} {}: {e}",
+            jwk["kty"].as_str().unwrap_or("?"),
+            jwk["crv"].as_str().unwrap_or("?")
+        ))
+    })
+}
+
+/// The public JWK of a key, as a JSON object.
+pub fn to_public_jwk(key: &AnyKey) -> Result<Value, V2Error> {
+    let s = key.to_jwk_public(None).map_err(|e| V2Error::BadKey(e.to_string()))?;
+    serde_json::from_str(&s).map_err(|e| V2Error::BadKey(e.to_string()))
+}
+
+/// A fresh private key of the algorithm.
+pub fn generate(alg: KeyAlg) -> Result<Key, V2Error> {
+    Arc::<AnyKey>::random(alg).map_err(|e| V2Error::Crypto(e.to_string()))
+}
+
+/// A private key from its secret bytes (32-byte Ed25519 seed, X25519 scalar, EC scalar).
+pub fn from_secret_bytes(alg: KeyAlg, secret: &[u8]) -> Result<Key, V2Error> {
+    Arc::<AnyKey>::from_secret_bytes(alg, secret).map_err(|e| V2Error::BadKey(e.to_string()))
+}
+
+/// The X25519 key of an Ed25519 one (did:key's keyAgreement).
+pub fn ed25519_to_x25519(key: &Key) -> Result<Key, V2Error> {
+    key.convert_key(KeyAlg::X25519)
+        .map_err(|e| V2Error::BadKey(e.to_string()))
+}
+
+/// The JOSE curve name of a key agreement key.
+pub fn curve_name(alg: KeyAlg) -> &'static str {
+    match alg {
+        KeyAlg::X25519 => "X25519",
+        KeyAlg::Ed25519 => "Ed25519",
+        KeyAlg::EcCurve(EcCurves::Secp256r1) => "P-256",
+        KeyAlg::EcCurve(EcCurves::Secp384r1) => "P-384",
+        KeyAlg::EcCurve(EcCurves::Secp256k1) => "secp256k1",
+        _ => "other",
+    }
+}
+
+/// Whether a key can do ECDH in a DIDComm v2 JWE.
+pub fn is_agreement_alg(alg: KeyAlg) -> bool {
+    matches!(
+        alg,
+        KeyAlg::X25519 | KeyAlg::EcCurve(EcCurves::Secp256r1) | KeyAlg::EcCurve(EcCurves::Secp384r1)
+    )
+}

@@ -1,0 +1,167 @@
+//! DIDComm v2 core, beside v1: JWE envelopes (anoncrypt `ECDH-ES+A256KW`, authcrypt
+//! `ECDH-1PU+A256KW`), JWS, plaintext, and the DIDs v2 peers use (did:peer:2, did:peer:4,
+//! did:key). Pure code: no I/O, no clocks, no store. All cryptography is askar-crypto's.
+//!
+//! Interop reference: Veramo 7.0.1 and Indicio didcomm-messaging 0.1.1 captures in
+//! `tests/fixtures/didcomm/v2/`, and what each needs in `tests/interop/v2/README.md`.
+
+pub mod did;
+pub mod jwe;
+pub mod jws;
+pub mod keys;
+
+#[cfg(test)]
+mod tests;
+
+pub use keys::Key;
+
+/// Media types of the three DIDComm v2 message forms.
+pub const TYP_ENCRYPTED: &str = "application/didcomm-encrypted+json";
+pub const TYP_SIGNED: &str = "application/didcomm-signed+json";
+pub const TYP_PLAIN: &str = "application/didcomm-plain+json";
+
+/// Largest DIDComm v2 envelope read (JWE, JWS or plaintext). The transport's configured limit
+/// is usually lower; this one bounds what pure code ever parses.
+pub const MAX_ENVELOPE_LEN: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum V2Error {
+    #[error("envelope too large ({0} bytes, at most {MAX_ENVELOPE_LEN})")]
+    TooLarge(usize),
+    #[error("not a DIDComm v2 envelope: {0}")]
+    NotV2(String),
+    #[error("malformed JWE: {0}")]
+    Malformed(String),
+    #[error("unsupported algorithm: {0}")]
+    UnsupportedAlg(String),
+    #[error("alg {alg} cannot be used with enc {enc}")]
+    AlgEncMismatch { alg: String, enc: String },
+    #[error("too many recipients ({0}, at most {max})", max = jwe::MAX_RECIPIENTS)]
+    TooManyRecipients(usize),
+    #[error("no recipient kid of this envelope is a key of ours")]
+    UnknownKid,
+    #[error("sender key {0} is not a key agreement key of the sender's DID")]
+    UnknownSender(String),
+    #[error("apu does not match skid")]
+    ApuMismatch,
+    #[error("apv does not match the recipient kids")]
+    ApvMismatch,
+    #[error("invalid key {0}")]
+    BadKey(String),
+    #[error("key curves differ: {0}")]
+    CurveMismatch(String),
+    #[error("could not decrypt the envelope (wrong key or tampered)")]
+    Decrypt,
+    #[error("signature: {0}")]
+    Signature(String),
+    #[error("DID: {0}")]
+    Did(String),
+    #[error("encryption failed: {0}")]
+    Crypto(String),
+}
+
+/// What an inbound v2 envelope turned out to be, unwrapped down to the plaintext message.
+#[derive(Debug, Clone)]
+pub struct Unpacked {
+    /// The plaintext message (JSON bytes).
+    pub plaintext: Vec<u8>,
+    /// Which of our keys opened the outermost JWE (`None` for a bare JWS or plaintext).
+    pub recipient_kid: Option<String>,
+    /// The authcrypt sender's key id (`skid`), when the JWE was authcrypted.
+    pub sender_kid: Option<String>,
+    /// The JWS signer's key id, when the message was signed.
+    pub signer_kid: Option<String>,
+    /// How the JWE was made, so a reply can be packed in the dialect the peer opens.
+    pub dialect: Option<jwe::Dialect>,
+}
+
+impl Unpacked {
+    /// The DID that authenticated the message (authcrypt sender or signer), if any.
+    pub fn authenticated_did(&self) -> Option<&str> {
+        self.sender_kid
+            .as_deref()
+            .or(self.signer_kid.as_deref())
+            .map(|k| k.split('#').next().unwrap_or(k))
+    }
+}
+
+/// True if `bytes` look like a DIDComm v2 envelope rather than a v1 one: a general JWE
+/// (top-level `recipients`; v1 keeps them inside `protected`), a flattened JWE
+/// (`encrypted_key`), a JWS (`payload`), or a plaintext message with `type` and no `@type`.
+/// Reads the top-level keys only, allocating nothing, so v1's hot path pays one scan.
+pub fn is_v2(bytes: &[u8]) -> bool {
+    use serde::de::IgnoredAny;
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        recipients: Option<IgnoredAny>,
+        encrypted_key: Option<IgnoredAny>,
+        payload: Option<IgnoredAny>,
+        #[serde(rename = "type")]
+        typ: Option<IgnoredAny>,
+        #[serde(rename = "@type")]
+        at_type: Option<IgnoredAny>,
+    }
+    match serde_json::from_slice::<Probe>(bytes) {
+        Ok(p) => {
+            p.recipients.is_some()
+                || p.encrypted_key.is_some()
+                || p.payload.is_some()
+                || (p.typ.is_some() && p.at_type.is_none())
+        }
+        Err(_) => false,
+    }
+}
+
+/// Unpacks any v2 form: JWE (possibly wrapping a JWS), JWS, or plaintext.
+///
+/// `our_key` looks up our private key by kid; `resolve_key` finds a peer's public key by DID URL
+/// (authcrypt `skid` in keyAgreement, JWS `kid` in authentication).
+pub fn unpack(
+    bytes: &[u8],
+    our_key: &dyn Fn(&str) -> Option<Key>,
+    resolve_key: &dyn Fn(&str, did::Purpose) -> Result<Key, V2Error>,
+) -> Result<Unpacked, V2Error> {
+    if bytes.len() > MAX_ENVELOPE_LEN {
+        return Err(V2Error::TooLarge(bytes.len()));
+    }
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| V2Error::NotV2(format!("not JSON: {e}")))?;
+    if v.get("ciphertext").is_some() {
+        let opened = jwe::unpack_value(&v, our_key, &|k| resolve_key(k, did::Purpose::KeyAgreement))?;
+        let mut out = Unpacked {
+            plaintext: opened.plaintext,
+            recipient_kid: Some(opened.recipient_kid),
+            sender_kid: opened.sender_kid,
+            signer_kid: None,
+            dialect: Some(opened.dialect),
+        };
+        // Sign-then-encrypt: the JWE may carry a JWS.
+        if let Ok(inner) = serde_json::from_slice::<serde_json::Value>(&out.plaintext) {
+            if inner.get("payload").is_some() {
+                let (payload, kid) = jws::verify(&inner, &|k| resolve_key(k, did::Purpose::Authentication))?;
+                out.plaintext = payload;
+                out.signer_kid = Some(kid);
+            }
+        }
+        return Ok(out);
+    }
+    if v.get("payload").is_some() {
+        let (payload, kid) = jws::verify(&v, &|k| resolve_key(k, did::Purpose::Authentication))?;
+        return Ok(Unpacked {
+            plaintext: payload,
+            recipient_kid: None,
+            sender_kid: None,
+            signer_kid: Some(kid),
+            dialect: None,
+        });
+    }
+    if v.get("type").and_then(|t| t.as_str()).is_some() {
+        return Ok(Unpacked {
+            plaintext: bytes.to_vec(),
+            recipient_kid: None,
+            sender_kid: None,
+            signer_kid: None,
+            dialect: None,
+        });
+    }
+    Err(V2Error::NotV2("neither JWE, JWS nor a plaintext message".into()))
+}

@@ -1,0 +1,175 @@
+//! coordinate-mediation 2.0 and 3.0 over one keylist: mediate-request -> mediate-grant
+//! (`routing_did` sent as an array: both real clients read `routing_did[0]`), 2.0
+//! keylist-update / keylist-query, 3.0 recipient-update / recipient-query. Registered
+//! recipient DIDs are the connection's routing keys (a DID URL is stored as its DID).
+
+use super::{Inbound, PROTOCOL};
+use crate::didcomm::v2::did;
+use crate::protocols::{now_ms, HandleError, Mediator, Outcome};
+use crate::store::{Connection, KeyUpdate, MediationState};
+use serde_json::{json, Value};
+
+/// Most keylist updates read from one message.
+pub const MAX_UPDATES: usize = 100;
+
+pub async fn handle(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
+    match (ctx.major(), ctx.name.as_str()) {
+        (_, "mediate-request") => mediate_request(m, ctx).await,
+        (2, "keylist-update") | (3, "recipient-update") => update(m, ctx).await,
+        (2, "keylist-query") | (3, "recipient-query") => query(m, ctx).await,
+        _ => Err(HandleError::BadMessage(format!(
+            "unsupported message type {:?}",
+            ctx.type_str
+        ))),
+    }
+}
+
+/// A recipient DID as stored: the DID of a DID URL.
+pub fn normalize_recipient(s: &str) -> Result<String, HandleError> {
+    let d = did::did_of(s.trim());
+    if !d.starts_with("did:") || d.len() > crate::didcomm::did::MAX_DID_LEN {
+        return Err(HandleError::BadMessage(format!(
+            "recipient {:?} is not a DID",
+            s.chars().take(80).collect::<String>()
+        )));
+    }
+    Ok(d.to_string())
+}
+
+async fn mediate_request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
+    let sender = ctx.sender.clone().ok_or(HandleError::Unproven)?;
+    let conn = match &ctx.conn {
+        Some(c) if c.mediation == MediationState::Granted => c.clone(),
+        Some(c) => m
+            .store
+            .update_connection(
+                &c.id,
+                &crate::store::ConnectionPatch {
+                    mediation: Some(MediationState::Granted),
+                    updated_at_ms: now_ms(),
+                    ..Default::default()
+                },
+            )
+            .await?
+            .unwrap_or_else(|| c.clone()),
+        None => create(m, ctx, &sender).await?,
+    };
+    let grant = ctx.reply(m, "mediate-grant", json!({ "routing_did": [m.v2.did] }));
+    Ok(Outcome {
+        replies: vec![grant],
+        connection: Some(conn),
+        ..Outcome::default()
+    })
+}
+
+async fn create(m: &Mediator, ctx: &Inbound, sender: &str) -> Result<Connection, HandleError> {
+    let now = now_ms();
+    let conn = Connection {
+        id: uuid::Uuid::new_v4().to_string(),
+        created_at_ms: now,
+        updated_at_ms: now,
+        state: "completed".into(),
+        protocol: PROTOCOL.into(),
+        label: None,
+        our_verkey: m.v2.agreement_kid.clone(),
+        our_did: Some(m.v2.did.clone()),
+        their_did: Some(sender.to_string()),
+        their_verkeys: vec![sender.to_string()],
+        their_endpoints: vec![],
+        their_routing_keys: vec![],
+        mediation: MediationState::Granted,
+        invitation_id: None,
+        thread_id: Some(ctx.thid()),
+        extra: json!({ "didcomm": "v2" }),
+    };
+    match m.store.put_connection(&conn).await {
+        Ok(()) => Ok(conn),
+        // Two requests of one DID at once (two nodes): the first one's record wins.
+        Err(crate::store::StoreError::KeyTaken(_)) => m
+            .store
+            .connection_by_their_verkey(sender)
+            .await?
+            .ok_or_else(|| HandleError::Internal("connection vanished".into())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn granted(ctx: &Inbound) -> Result<&Connection, HandleError> {
+    let c = ctx.require_conn()?;
+    if c.mediation != MediationState::Granted {
+        return Err(HandleError::BadMessage(
+            "no mediation granted to this DID: send mediate-request".into(),
+        ));
+    }
+    Ok(c)
+}
+
+async fn update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
+    let conn = granted(ctx)?;
+    let updates = ctx.msg["body"]["updates"]
+        .as_array()
+        .ok_or_else(|| HandleError::BadMessage("updates must be an array".into()))?;
+    if updates.len() > MAX_UPDATES {
+        return Err(HandleError::BadMessage(format!(
+            "at most {MAX_UPDATES} updates per message"
+        )));
+    }
+    let (mut add, mut remove, mut bad) = (Vec::new(), Vec::new(), Vec::new());
+    for u in updates {
+        // 3.0 and 2.0 both say `recipient_did`; some 2.0 clients wrote `recipient_key`.
+        let raw = u["recipient_did"]
+            .as_str()
+            .or_else(|| u["recipient_key"].as_str())
+            .unwrap_or_default();
+        let action = u["action"].as_str().unwrap_or_default().to_string();
+        match (normalize_recipient(raw), action.as_str()) {
+            (Ok(d), "add") => add.push(d),
+            (Ok(d), "remove") => remove.push(d),
+            _ => bad.push(json!({ "recipient_did": raw, "action": action, "result": "client_error" })),
+        }
+    }
+    let results = m.store.update_keys(&conn.id, &add, &remove).await?;
+    let mut updated: Vec<Value> = results
+        .into_iter()
+        .enumerate()
+        .map(|(i, (k, r))| {
+            let action = if i < add.len() { "add" } else { "remove" };
+            let result = match r {
+                KeyUpdate::Added | KeyUpdate::Removed => "success",
+                KeyUpdate::AlreadyAdded | KeyUpdate::NotFound => "no_change",
+                KeyUpdate::HeldByOther => "client_error",
+            };
+            json!({ "recipient_did": k, "action": action, "result": result })
+        })
+        .collect();
+    updated.extend(bad);
+    let (name, body) = if ctx.major() == 2 {
+        ("keylist-update-response", json!({ "updated": updated }))
+    } else {
+        // The spec says `updated`; Veramo 7.0.1 reads `updates` (what its own mediator writes).
+        (
+            "recipient-update-response",
+            json!({ "updated": updated, "updates": updated }),
+        )
+    };
+    Ok(Outcome {
+        replies: vec![ctx.reply(m, name, body)],
+        ..Outcome::default()
+    })
+}
+
+async fn query(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
+    let conn = granted(ctx)?;
+    let keys = m.store.keys_of(&conn.id).await?;
+    let reply = if ctx.major() == 2 {
+        let list: Vec<Value> = keys.iter().map(|k| json!({ "recipient_did": k })).collect();
+        ctx.reply(m, "keylist", json!({ "keys": list }))
+    } else {
+        let list: Vec<Value> = keys.iter().map(|k| json!({ "recipient_did": k })).collect();
+        ctx.reply(m, "recipient", json!({ "dids": list }))
+    };
+    Ok(Outcome {
+        replies: vec![reply],
+        ..Outcome::default()
+    })
+}

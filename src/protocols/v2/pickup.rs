@@ -1,0 +1,166 @@
+//! messagepickup 3.0 (and 4.0: same messages) over v1's queue: status-request -> status,
+//! delivery-request -> delivery (attachments in `data.json`, ids = queue ids) or status when
+//! empty, messages-received -> status, live-delivery-change (WebSocket only). Deliveries are
+//! leased to the transport's owner and deleted on messages-received, as in pickup 2.0.
+//! `recipient_did` narrows a delivery to messages forwarded for that DID.
+
+use super::Inbound;
+use crate::protocols::pickup::{external_id, MAX_BATCH};
+use crate::protocols::{now_ms, HandleError, Mediator, Outcome, TransportKind};
+use crate::store::{Connection, MediationState, QueuedMessage};
+use serde_json::{json, Value};
+
+pub async fn handle(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
+    let conn = ctx.require_conn()?.clone();
+    if conn.mediation != MediationState::Granted {
+        return Err(HandleError::BadMessage(
+            "pickup needs mediation: send mediate-request first".into(),
+        ));
+    }
+    match ctx.name.as_str() {
+        "status-request" => Ok(Outcome {
+            replies: vec![status(m, ctx, &conn, None).await?],
+            ..Outcome::default()
+        }),
+        "delivery-request" => delivery_request(m, ctx, &conn).await,
+        "messages-received" => messages_received(m, ctx, &conn).await,
+        "live-delivery-change" => live_delivery_change(m, ctx, &conn).await,
+        _ => Err(HandleError::BadMessage(format!(
+            "unsupported message type {:?}",
+            ctx.type_str
+        ))),
+    }
+}
+
+fn recipient_filter(ctx: &Inbound) -> Result<Option<String>, HandleError> {
+    match ctx.msg["body"]["recipient_did"].as_str() {
+        Some(r) => super::mediation::normalize_recipient(r).map(Some),
+        None => Ok(None),
+    }
+}
+
+async fn status(m: &Mediator, ctx: &Inbound, conn: &Connection, live: Option<bool>) -> Result<Value, HandleError> {
+    let now = now_ms();
+    let filter = recipient_filter(ctx)?;
+    let stats = match &filter {
+        Some(f) => m.store.queue_stats_for_key(&conn.id, f, now).await?,
+        None => m.store.queue_stats(&conn.id, now).await?,
+    };
+    let mut body = json!({ "message_count": stats.pending });
+    if let Some(o) = stats.oldest_received_ms {
+        body["oldest_received_time"] = json!(o / 1000);
+    }
+    if let Some(l) = live {
+        body["live_delivery"] = json!(l);
+    }
+    if let Some(r) = filter {
+        body["recipient_did"] = json!(r);
+    }
+    Ok(ctx.reply(m, "status", body))
+}
+
+fn attachment(q: &QueuedMessage) -> Value {
+    let data = match serde_json::from_slice::<Value>(&q.payload) {
+        Ok(v) if v.is_object() => json!({ "json": v }),
+        _ => json!({ "base64": crate::didcomm::b64::encode(&q.payload) }),
+    };
+    json!({ "id": external_id(q.id), "media_type": crate::didcomm::v2::TYP_ENCRYPTED, "data": data })
+}
+
+/// A standalone `delivery` pushed in live mode.
+pub fn live_delivery(m: &Mediator, conn: &Connection, msgs: &[QueuedMessage]) -> Value {
+    let mut d = json!({
+        "id": crate::didcomm::message::new_id(),
+        "type": format!("{}messagepickup/3.0/delivery", super::PREFIX),
+        "from": m.v2.did,
+        "created_time": now_ms() / 1000,
+        "body": {},
+        "attachments": msgs.iter().map(attachment).collect::<Vec<_>>(),
+    });
+    if let Some(t) = &conn.their_did {
+        d["to"] = json!([t]);
+    }
+    d
+}
+
+async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
+    let limit = ctx.msg["body"]["limit"]
+        .as_u64()
+        .unwrap_or(m.batch_size as u64)
+        .clamp(1, MAX_BATCH as u64) as usize;
+    let filter = recipient_filter(ctx)?;
+    let now = now_ms();
+    let until = now + m.lease_ms;
+    let msgs = match &filter {
+        // Only that DID's messages are leased: the others are neither touched nor counted as
+        // attempts, however many come first.
+        Some(f) => {
+            m.store
+                .lease_for_key(&conn.id, f, limit, &ctx.lease_owner, now, until)
+                .await?
+        }
+        None => m.store.lease(&conn.id, limit, &ctx.lease_owner, now, until).await?,
+    };
+    if msgs.is_empty() {
+        return Ok(Outcome {
+            replies: vec![status(m, ctx, conn, None).await?],
+            ..Outcome::default()
+        });
+    }
+    let mut body = json!({});
+    if let Some(f) = &filter {
+        body["recipient_did"] = json!(f);
+    }
+    let mut d = ctx.reply(m, "delivery", body);
+    d["attachments"] = Value::Array(msgs.iter().map(attachment).collect());
+    Ok(Outcome {
+        replies: vec![d],
+        leased: msgs.iter().map(|q| q.id).collect(),
+        ..Outcome::default()
+    })
+}
+
+async fn messages_received(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
+    let ids: Vec<i64> = ctx.msg["body"]["message_id_list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().and_then(|s| s.parse().ok()).or_else(|| v.as_i64()))
+        .take(10 * MAX_BATCH)
+        .collect();
+    let leases = if ids.is_empty() {
+        Vec::new()
+    } else {
+        m.store.ack_leased(&conn.id, &ids).await?
+    };
+    let now = now_ms();
+    let ack_lags_ms = leases
+        .iter()
+        .filter(|l| **l > 0)
+        .map(|l| (now - (l - m.lease_ms)).max(0))
+        .collect();
+    Ok(Outcome {
+        replies: vec![status(m, ctx, conn, None).await?],
+        acked: leases.len() as u64,
+        ack_lags_ms,
+        ..Outcome::default()
+    })
+}
+
+async fn live_delivery_change(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
+    let Some(live) = ctx.msg["body"]["live_delivery"].as_bool() else {
+        return Err(HandleError::BadMessage(
+            "live-delivery-change needs a boolean body.live_delivery".into(),
+        ));
+    };
+    if live && ctx.transport != TransportKind::WebSocket {
+        return Err(HandleError::BadMessage(
+            "e.m.live-mode-not-supported: live delivery needs a WebSocket".into(),
+        ));
+    }
+    Ok(Outcome {
+        replies: vec![status(m, ctx, conn, Some(live)).await?],
+        live_mode: Some(live),
+        ..Outcome::default()
+    })
+}

@@ -1,0 +1,109 @@
+//! routing 2.0 `forward`: `body.next` (a DID, a DID URL, or a did:key in its Ed25519 or X25519
+//! form) names a recipient DID some connection registered; every attachment is queued for it
+//! before the transport answers 2xx. An `expires_time` in the past is refused.
+
+use super::Inbound;
+use crate::didcomm::v2::{did, keys};
+use crate::protocols::{now_ms, ForwardResult, HandleError, Mediator, Outcome};
+use crate::store::NewMessage;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Most attachments queued from one forward.
+pub const MAX_ATTACHMENTS: usize = 16;
+
+/// The connection that registered `next`, and the recipient DID it registered.
+async fn route(m: &Mediator, next: &str) -> Result<Option<(String, String)>, HandleError> {
+    let d = did::did_of(next.trim()).to_string();
+    if let Some(c) = m.store.route(&d).await? {
+        return Ok(Some((c, d)));
+    }
+    // A did:key in the other key form: an Ed25519 did:key also names its X25519 key.
+    if let Some(mb) = d.strip_prefix("did:key:") {
+        if let Ok(k) = keys::from_multibase(mb) {
+            if k.algorithm() == askar_crypto::alg::KeyAlg::Ed25519 {
+                if let Ok(x) = keys::ed25519_to_x25519(&k).and_then(|x| keys::to_multibase(&x)) {
+                    for alt in [format!("did:key:{x}"), format!("did:key:{x}#{x}")] {
+                        if let Some(c) = m.store.route(&alt).await? {
+                            return Ok(Some((c, alt)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Registered with a fragment by an older client.
+    if next != d {
+        if let Some(c) = m.store.route(next).await? {
+            return Ok(Some((c, next.to_string())));
+        }
+    }
+    Ok(None)
+}
+
+pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
+    let next = ctx.msg["body"]["next"]
+        .as_str()
+        .ok_or_else(|| HandleError::BadMessage("forward has no string body.next".into()))?;
+    if next.len() > crate::didcomm::did::MAX_DID_LEN {
+        return Err(HandleError::BadMessage("forward body.next too long".into()));
+    }
+    let now = now_ms();
+    if let Some(exp) = ctx.msg["expires_time"].as_i64() {
+        if exp * 1000 < now {
+            return Err(HandleError::BadMessage(format!(
+                "forward expired at {exp} (expires_time, seconds): not queued"
+            )));
+        }
+    }
+    let atts = ctx.msg["attachments"]
+        .as_array()
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| HandleError::BadMessage("forward has no attachments".into()))?;
+    if atts.len() > MAX_ATTACHMENTS {
+        return Err(HandleError::BadMessage(format!(
+            "at most {MAX_ATTACHMENTS} attachments per forward"
+        )));
+    }
+    let mut payloads = Vec::with_capacity(atts.len());
+    for a in atts {
+        let data = &a["data"];
+        let p = match (data.get("json"), data.get("base64").and_then(Value::as_str)) {
+            (Some(j @ Value::Object(_)), _) => {
+                serde_json::to_vec(j).map_err(|e| HandleError::Internal(e.to_string()))?
+            }
+            (_, Some(b)) => crate::didcomm::b64::decode(b)
+                .ok_or_else(|| HandleError::BadMessage("forward attachment base64 is not base64".into()))?,
+            _ => {
+                return Err(HandleError::BadMessage(
+                    "forward attachment has neither data.json nor data.base64".into(),
+                ))
+            }
+        };
+        payloads.push(p);
+    }
+    let (conn, recipient) = route(m, next)
+        .await?
+        .ok_or_else(|| HandleError::UnknownRecipient(next.chars().take(200).collect()))?;
+    let msgs = payloads
+        .into_iter()
+        .map(|payload| NewMessage {
+            connection: conn.clone(),
+            recipient_key: recipient.clone(),
+            dedup_key: Some(Sha256::digest(&payload).into()),
+            payload,
+            received_at_ms: now,
+        })
+        .collect();
+    let results = m.store.enqueue(msgs, &m.limits).await?;
+    let mut all_dup = true;
+    for r in results {
+        let e = r?;
+        all_dup &= e.duplicate;
+    }
+    Ok(Outcome {
+        forward: Some(ForwardResult::Queued { duplicate: all_dup }),
+        queued_for: if all_dup { vec![] } else { vec![conn] },
+        ..Outcome::default()
+    })
+}

@@ -1,0 +1,419 @@
+//! DIDComm v2 beside v1 on real nodes: the v2 Rust client (src/client/v2.rs) mediates,
+//! registers, forwards and picks up over HTTP and live over a WebSocket; refusals come back
+//! 4xx with a report-problem 2.0 the sender can open, and the node serves on; a v1 and a v2
+//! wallet are live on one node at once; on a 2-node PostgreSQL cluster a v2 wallet's socket on
+//! n1 receives live what a sender forwarded to n2.
+
+mod common;
+
+use common::cluster::*;
+use common::*;
+use mailroom::client::v2::{V2Agent, V2Mediator, V2Sender, V2Socket};
+use mailroom::client::{basic_message, Agent};
+use mailroom::config::Strategy;
+use mailroom::didcomm::v2::{did, TYP_ENCRYPTED};
+use mailroom::node::RunningNode;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+
+fn node() -> (RunningNode, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    (n, dir)
+}
+
+async fn v2_mediator(n: &RunningNode) -> V2Mediator {
+    let v = get_json(&format!("{}/invitation?didcomm=v2", n.public_url())).await;
+    let url = v["invitation_url"].as_str().unwrap();
+    assert!(url.contains("?_oob="), "{url}");
+    assert_eq!(
+        v["invitation"]["type"],
+        "https://didcomm.org/out-of-band/2.0/invitation"
+    );
+    let m = V2Mediator::from_invitation_url(url).unwrap();
+    assert!(m.did.starts_with("did:peer:2."), "{}", m.did);
+    assert!(did::veramo_readable(&m.did));
+    m
+}
+
+fn kind(m: &Value) -> &str {
+    m["type"]
+        .as_str()
+        .unwrap_or_default()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+}
+
+/// Reads live deliveries until `want` distinct contents arrived; acks each on the socket.
+async fn receive_live(a: &V2Agent, s: &mut V2Socket, want: usize) -> (Vec<String>, usize) {
+    let mut seen = Vec::new();
+    let mut uniq = HashSet::new();
+    let mut dups = 0;
+    let deadline = std::time::Instant::now() + WAIT;
+    while uniq.len() < want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {want} delivered: {seen:?}",
+            uniq.len()
+        );
+        let d = a.recv(s, WAIT).await.unwrap();
+        if kind(&d) != "delivery" {
+            continue;
+        }
+        let mut ids = Vec::new();
+        for (id, m) in a.open_delivery(&d).unwrap() {
+            ids.push(id);
+            let c = m["body"]["content"].as_str().unwrap().to_string();
+            if !uniq.insert(c.clone()) {
+                dups += 1;
+            }
+            seen.push(c);
+        }
+        let ack = a.message(
+            "https://didcomm.org/messagepickup/3.0/messages-received",
+            json!({ "message_id_list": ids }),
+        );
+        a.send(s, &ack).await.unwrap();
+    }
+    (seen, dups)
+}
+
+#[actix_rt::test]
+async fn mediation_forward_and_pickup_over_http() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    assert_eq!(m.http, n.public_url().trim_end_matches('/'));
+    let mut a = V2Agent::new(m.clone()).unwrap();
+    let r = a.onboard().await.unwrap();
+    assert_eq!(a.routing_did.as_deref(), Some(m.did.as_str()));
+    // The spec's authcrypt (draft-04, the tag in the KDF) answered in kind: Indicio needs it.
+    let d = a.last_reply_dialect().unwrap();
+    assert!(
+        d.tag_in_kdf && d.enc == mailroom::didcomm::v2::jwe::Enc::A256CbcHs512,
+        "{d:?}"
+    );
+
+    // Query the keylist (3.0).
+    let q = a
+        .request(
+            &a.message(
+                "https://didcomm.org/coordinate-mediation/3.0/recipient-query",
+                json!({}),
+            ),
+            "recipient",
+        )
+        .await
+        .unwrap();
+    assert_eq!(q["body"]["dids"], json!([{ "recipient_did": r }]));
+
+    let s = V2Sender::new().unwrap();
+    for i in 0..3 {
+        assert_eq!(s.forward(&r, &s.basic(&r, &format!("hello-{i}"))).await.unwrap(), 202);
+    }
+    assert_eq!(a.status(None).await.unwrap(), 3);
+    let got = a.delivery(2, None).await.unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].1["body"]["content"], "hello-0");
+    assert_eq!(got[0].1["from"], json!(s.did));
+    let ids: Vec<String> = got.iter().map(|(i, _)| i.clone()).collect();
+    assert_eq!(a.ack(&ids).await.unwrap(), 1);
+    let rest = a.delivery(10, None).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(a.ack(&[rest[0].0.clone()]).await.unwrap(), 0);
+    assert!(a.delivery(10, None).await.unwrap().is_empty());
+    assert_eq!(queue_depth(&n).await, 0);
+
+    // A resent forward inside the dedup window is not queued twice.
+    let (http, env) = s.forward_envelope(&r, &s.basic(&r, "once")).unwrap();
+    for _ in 0..2 {
+        assert_eq!(post_raw(&http, TYP_ENCRYPTED, env.clone()).await.0, 202);
+    }
+    assert_eq!(a.status(None).await.unwrap(), 1);
+}
+
+#[actix_rt::test]
+async fn veramo_dialect_mediation_2_0_and_the_recipient_filter() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut a = V2Agent::new(m).unwrap();
+    // Authcrypt as Veramo writes it (A256GCM, no tag in the 1PU KDF): the mediator answers in
+    // the same dialect, or the client could not open the grant.
+    a.veramo_dialect = true;
+    a.mediate("2.0").await.unwrap();
+    let d = a.last_reply_dialect().unwrap();
+    assert!(!d.tag_in_kdf, "Veramo opens 1PU only without the tag in the KDF: {d:?}");
+    let r1 = a.recipient_did.clone().unwrap();
+    // A second recipient DID (registered as a DID URL: stored as its DID).
+    let other = V2Agent::new(a.mediator.clone()).unwrap();
+    let r2 = other.did.clone();
+    let up = a
+        .update("2.0", &[r1.clone(), format!("{r2}#key-1")], &[])
+        .await
+        .unwrap();
+    assert!(up.iter().all(|u| u["result"] == "success"), "{up:?}");
+    let kl = a
+        .request(
+            &a.message("https://didcomm.org/coordinate-mediation/2.0/keylist-query", json!({})),
+            "keylist",
+        )
+        .await
+        .unwrap();
+    assert_eq!(kl["body"]["keys"].as_array().unwrap().len(), 2);
+    // Adding a DID another connection holds is refused per key.
+    let mut b = V2Agent::new(a.mediator.clone()).unwrap();
+    b.mediate("3.0").await.unwrap();
+    let up = b.update("3.0", std::slice::from_ref(&r1), &[]).await.unwrap();
+    assert_eq!(up[0]["result"], "client_error");
+
+    let s = V2Sender::new().unwrap();
+    assert_eq!(s.forward(&r1, &s.basic(&r1, "for-r1")).await.unwrap(), 202);
+    // r2 has no service: forward by hand through the mediator, next = r2 as a DID URL.
+    let sender2 = V2Sender::new().unwrap();
+    let fwd2 = forward_to(&sender2, &a.mediator, &format!("{r2}#key-1"), &other, "for-r2");
+    assert_eq!(post_raw(&a.mediator.http, TYP_ENCRYPTED, fwd2).await.0, 202);
+    assert_eq!(a.status(None).await.unwrap(), 2);
+    let only_r1 = a.delivery(10, Some(&r1)).await.unwrap();
+    assert_eq!(only_r1.len(), 1);
+    assert_eq!(only_r1[0].1["body"]["content"], "for-r1");
+    // The other one is still pending, and comes with no filter.
+    assert!(a.delivery(10, Some(&r1)).await.unwrap().is_empty());
+}
+
+/// A forward anoncrypted to the mediator whose inner message is for `to_agent`.
+fn forward_to(s: &V2Sender, m: &V2Mediator, next: &str, to_agent: &V2Agent, content: &str) -> Vec<u8> {
+    use mailroom::didcomm::v2::jwe::{self, Alg, Dialect, Enc};
+    let inner_doc = did::resolve(&to_agent.did).unwrap();
+    let inner = jwe::pack(
+        &serde_json::to_vec(&s.basic(&to_agent.did, content)).unwrap(),
+        &inner_doc.agreement_keys(),
+        None,
+        Dialect {
+            alg: Alg::EcdhEsA256Kw,
+            enc: Enc::Xc20p,
+            tag_in_kdf: false,
+        },
+    )
+    .unwrap();
+    let fwd = json!({
+        "id": "f-1", "type": "https://didcomm.org/routing/2.0/forward", "to": [m.did],
+        "body": { "next": next },
+        "attachments": [{ "id": "a", "data": { "json": serde_json::from_slice::<Value>(&inner).unwrap() } }],
+    });
+    let mdoc = did::resolve(&m.did).unwrap();
+    jwe::pack(
+        &serde_json::to_vec(&fwd).unwrap(),
+        &mdoc.agreement_keys(),
+        None,
+        Dialect {
+            alg: Alg::EcdhEsA256Kw,
+            enc: Enc::Xc20p,
+            tag_in_kdf: false,
+        },
+    )
+    .unwrap()
+}
+
+#[actix_rt::test]
+async fn live_delivery_over_websocket_beside_a_v1_wallet() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut a = V2Agent::new(m).unwrap();
+    let r = a.onboard().await.unwrap();
+    let mut sock = a.live().await.unwrap();
+
+    // A v1 wallet live on the same node at the same time.
+    let inv = invitation(&n).await;
+    let (v1, k1) = Agent::onboard(&inv).await.unwrap();
+    let mut v1ws = common::cluster::live_socket(&v1, &n).await;
+
+    let s = V2Sender::new().unwrap();
+    for i in 0..5 {
+        assert_eq!(s.forward(&r, &s.basic(&r, &format!("live-{i}"))).await.unwrap(), 202);
+    }
+    let routing = v1.grant.clone().unwrap().routing_keys;
+    let v1s = mailroom::client::Sender::new();
+    assert_eq!(
+        v1s.forward(&n.public_url(), &basic_message("v1-live"), &k1.verkey(), &routing)
+            .await
+            .unwrap(),
+        202
+    );
+    let (got, dups) = receive_live(&a, &mut sock, 5).await;
+    assert_eq!(dups, 0, "{got:?}");
+    let d = ws_next_message(&v1, &mut v1ws).await;
+    assert_eq!(type_name(&d), "delivery");
+    assert_eq!(contents(&v1, &d), vec!["v1-live".to_string()]);
+    let ids: Vec<String> = v1.open_delivery(&d).unwrap().into_iter().map(|(i, _)| i).collect();
+    v1.request(&pickup("messages-received", json!({ "message_id_list": ids })))
+        .await
+        .unwrap();
+    eventually("v2 queue drained", || async {
+        (queue_depth(&n).await == 0).then_some(())
+    })
+    .await;
+}
+
+#[actix_rt::test]
+async fn refusals_are_4xx_with_a_problem_report_and_the_node_serves_on() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let a = V2Agent::new(m.clone()).unwrap();
+
+    // Pickup without mediation: 4xx and a report-problem 2.0 the wallet opens.
+    let (st, rep) = a
+        .post(&a.message("https://didcomm.org/messagepickup/3.0/status-request", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(st, 403);
+    let rep = rep.unwrap();
+    assert_eq!(rep["type"], "https://didcomm.org/report-problem/2.0/problem-report");
+    assert_eq!(rep["body"]["code"], "e.p.req.not-authorized");
+
+    // An unknown protocol.
+    let (st, rep) = a
+        .post(&a.message("https://didcomm.org/nope/9.0/what", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(st, 400);
+    assert_eq!(rep.unwrap()["body"]["code"], "e.p.msg.unsupported");
+
+    // `from` that is not the authcrypting DID.
+    let mut forged = a.message("https://didcomm.org/trust-ping/2.0/ping", json!({}));
+    forged["from"] = json!(V2Agent::new(m.clone()).unwrap().did);
+    assert_eq!(a.post(&forged).await.map(|r| r.0).unwrap(), 403);
+
+    // Forward to nobody; expired forward.
+    let s = V2Sender::new().unwrap();
+    let other = V2Agent::new(m.clone()).unwrap();
+    let env = forward_to(&s, &m, &other.did, &other, "x");
+    assert_eq!(post_raw(&m.http, TYP_ENCRYPTED, env).await.0, 404);
+
+    // Garbage, a tampered envelope, an unknown kid, an oversized body: 4xx, never 5xx.
+    assert_eq!(
+        post_raw(&m.http, TYP_ENCRYPTED, b"{\"recipients\":[]}".to_vec())
+            .await
+            .0,
+        400
+    );
+    let ping = a
+        .pack(&a.message("https://didcomm.org/trust-ping/2.0/ping", json!({})))
+        .unwrap();
+    let mut v: Value = serde_json::from_slice(&ping).unwrap();
+    let t = v["tag"].as_str().unwrap().to_string();
+    v["tag"] = json!(format!("{}{}", if t.starts_with('A') { "B" } else { "A" }, &t[1..]));
+    assert_eq!(
+        post_raw(&m.http, TYP_ENCRYPTED, serde_json::to_vec(&v).unwrap())
+            .await
+            .0,
+        400
+    );
+    let stranger = V2Agent::new(V2Mediator {
+        did: did::create_peer2(
+            &[mailroom::didcomm::v2::keys::generate(askar_crypto::alg::KeyAlg::X25519).unwrap()],
+            &[],
+            &[],
+        )
+        .unwrap(),
+        http: m.http.clone(),
+        ws: None,
+    })
+    .unwrap();
+    let wrong = stranger
+        .pack(&stranger.message("https://didcomm.org/trust-ping/2.0/ping", json!({})))
+        .unwrap();
+    let (st, body) = post_raw(&m.http, TYP_ENCRYPTED, wrong).await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("kid"), "{body}");
+
+    // Still serving: a trust ping is answered.
+    let pong = a
+        .request(
+            &a.message(
+                "https://didcomm.org/trust-ping/2.0/ping",
+                json!({"response_requested": true}),
+            ),
+            "ping-response",
+        )
+        .await
+        .unwrap();
+    assert!(pong["thid"].as_str().is_some());
+    let disc = a
+        .request(
+            &a.message(
+                "https://didcomm.org/discover-features/2.0/queries",
+                json!({"queries": [{"feature-type": "protocol", "match": "https://didcomm.org/messagepickup/*"}]}),
+            ),
+            "disclose",
+        )
+        .await
+        .unwrap();
+    assert_eq!(disc["body"]["disclosures"].as_array().unwrap().len(), 2);
+}
+
+#[actix_rt::test]
+async fn isolation_a_wallet_picks_up_only_its_own_queue() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut a = V2Agent::new(m.clone()).unwrap();
+    let ra = a.onboard().await.unwrap();
+    let mut b = V2Agent::new(m.clone()).unwrap();
+    b.onboard().await.unwrap();
+    let s = V2Sender::new().unwrap();
+    assert_eq!(s.forward(&ra, &s.basic(&ra, "for-a")).await.unwrap(), 202);
+    assert_eq!(b.status(None).await.unwrap(), 0);
+    assert!(b.delivery(10, Some(&ra)).await.unwrap().is_empty());
+    // B acknowledging A's message id does nothing to A's queue.
+    let got = a.delivery(10, None).await.unwrap();
+    assert_eq!(b.ack(&[got[0].0.clone()]).await.unwrap(), 0);
+    assert_eq!(queue_depth(&n).await, 1);
+    assert_eq!(a.ack(&[got[0].0.clone()]).await.unwrap(), 0);
+    assert_eq!(queue_depth(&n).await, 0);
+}
+
+/// #1625 on v2: the wallet's socket is on n1; forwards POSTed to n2 are delivered live
+/// through n1, each once.
+#[actix_rt::test]
+async fn cluster_socket_on_n1_forward_to_n2_delivered_live() {
+    let db = FreshDb::create().await;
+    let (mut cfg, ls) = bind_cluster(2, &db.url, 600_000);
+    // The load balancer's URL: what the mediator's DID advertises on every node.
+    cfg.cluster.public_url = Some("http://127.0.0.1:9".into());
+    let store = open_shared_store(&cfg).await;
+    let mut nodes = Vec::new();
+    for (i, l) in ls.into_iter().enumerate() {
+        nodes.push(start_node(&cfg, &format!("n{}", i + 1), l, &store, None));
+    }
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    for (x, y) in [(n1, n2), (n2, n1)] {
+        eventually("cluster link up", || async {
+            peer_connected(x, &y.node_id).await.then_some(())
+        })
+        .await;
+    }
+    let m1 = v2_mediator(n1).await;
+    let m2 = v2_mediator(n2).await;
+    assert_eq!(m1.did, m2.did, "every node has the same v2 DID");
+    let on_n1 = V2Mediator {
+        did: m1.did.clone(),
+        http: n1.public_url(),
+        ws: Some(ws_url(n1)),
+    };
+    let mut a = V2Agent::new(on_n1).unwrap();
+    let r = a.onboard().await.unwrap();
+    let mut sock = a.live().await.unwrap();
+    let conn = a_connection_id(n1).await;
+    wait_owner(&[n2], &conn, "n1").await;
+    let s = V2Sender::new().unwrap();
+    for i in 0..10 {
+        assert_eq!(
+            s.forward_via(&n2.public_url(), &r, &s.basic(&r, &format!("via-n2-{i}")))
+                .await
+                .unwrap(),
+            202
+        );
+    }
+    let (got, dups) = receive_live(&a, &mut sock, 10).await;
+    assert_eq!(dups, 0, "{got:?}");
+    eventually("queue drained", || async { (queue_depth(n1).await == 0).then_some(()) }).await;
+}
