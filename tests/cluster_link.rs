@@ -577,22 +577,25 @@ fn old_hello(node: &str) -> Vec<u8> {
 
 /// Reads what a current node answers an old one: its preamble, its hello, then a refusal.
 async fn read_refusal(s: &mut TcpStream) -> String {
-    let pre = codec::read_preamble(s).await.unwrap();
-    assert_eq!(pre, proto::preamble());
-    assert_eq!(&pre[4..], &proto::PROTOCOL_VERSION.to_be_bytes());
-    assert!(matches!(
-        codec::read_frame(s, 1 << 20).await.unwrap(),
-        Some(Frame::Hello(_))
-    ));
-    let Some(Frame::Refused { reason }) = codec::read_frame(s, 1 << 20).await.unwrap() else {
-        panic!("no refusal")
+    let read = async {
+        let pre = codec::read_preamble(s).await.unwrap();
+        assert_eq!(pre, proto::preamble());
+        assert_eq!(&pre[4..], &proto::PROTOCOL_VERSION.to_be_bytes());
+        assert!(matches!(
+            codec::read_frame(s, 1 << 20).await.unwrap(),
+            Some(Frame::Hello(_))
+        ));
+        let Some(Frame::Refused { reason }) = codec::read_frame(s, 1 << 20).await.unwrap() else {
+            panic!("no refusal")
+        };
+        // Then it closes (a reset is fine: it did not read all we sent).
+        assert!(
+            !matches!(codec::read_frame(s, 1 << 20).await, Ok(Some(_))),
+            "then it closes"
+        );
+        reason
     };
-    // Then it closes (a reset is fine: it did not read all we sent).
-    assert!(
-        !matches!(codec::read_frame(s, 1 << 20).await, Ok(Some(_))),
-        "then it closes"
-    );
-    reason
+    tokio::time::timeout(WAIT, read).await.expect("an answer in time")
 }
 
 /// A node of protocol version 1 is refused with a reason both sides can read, in either

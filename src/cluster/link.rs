@@ -296,3 +296,159 @@ where
         writer,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::proto::Claim;
+    use proptest::prelude::*;
+
+    /// Both ends of one in-memory Noise session, as the handshake would leave them (before
+    /// its `Welcome`s).
+    fn pair(max_dialer: usize, max_acceptor: usize) -> (SecureChannel, SecureChannel) {
+        let params: snow::params::NoiseParams = handshake::NOISE_PARAMS.parse().unwrap();
+        let psk = [1u8; 32];
+        let mut i = snow::Builder::new(params.clone())
+            .psk(0, &psk)
+            .build_initiator()
+            .unwrap();
+        let mut r = snow::Builder::new(params).psk(0, &psk).build_responder().unwrap();
+        let (mut m, mut p) = ([0u8; 256], [0u8; 256]);
+        let n = i.write_message(&[], &mut m).unwrap();
+        r.read_message(&m[..n], &mut p).unwrap();
+        let n = r.write_message(&[], &mut m).unwrap();
+        i.read_message(&m[..n], &mut p).unwrap();
+        (
+            SecureChannel::new(i.into_stateless_transport_mode().unwrap(), max_dialer),
+            SecureChannel::new(r.into_stateless_transport_mode().unwrap(), max_acceptor),
+        )
+    }
+
+    /// Splits sealed bytes into their records.
+    fn records(mut b: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while !b.is_empty() {
+            let n = u32::from_be_bytes(b[..4].try_into().unwrap()) as usize;
+            out.push(b[..4 + n].to_vec());
+            b = &b[4 + n..];
+        }
+        out
+    }
+
+    fn big_resync(claims: usize) -> Frame {
+        Frame::Resync {
+            claims: (0..claims)
+                .map(|i| Claim {
+                    conn: format!("conn-{i:08}-{}", "x".repeat(40)),
+                    epoch: i as u64,
+                })
+                .collect(),
+            last: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn large_frames_span_records_and_come_back_whole() {
+        let (a, b) = pair(1 << 20, 1 << 20);
+        let (_, mut seal) = a.split();
+        let (mut open, _) = b.split();
+        let f = big_resync(4000); // ~230 KB
+        let wire = seal.seal(&f).unwrap().to_vec();
+        let recs = records(&wire);
+        assert!(recs.len() >= 4, "{} records", recs.len());
+        assert!(recs.iter().all(|r| r.len() - 4 <= MAX_RECORD));
+        let small = seal.seal(&Frame::Leave).unwrap().to_vec();
+        let mut input = [wire.clone(), small].concat();
+        let mut r = &input[..];
+        assert_eq!(open.read_frame(&mut r).await.unwrap(), Some(f));
+        assert_eq!(open.read_frame(&mut r).await.unwrap(), Some(Frame::Leave));
+        assert_eq!(open.read_frame(&mut r).await.unwrap(), None);
+
+        // Dropping a middle record, or the stream ending inside the frame, is refused.
+        let (a, b) = pair(1 << 20, 1 << 20);
+        let (_, mut seal) = a.split();
+        let wire = seal.seal(&big_resync(4000)).unwrap().to_vec();
+        let recs = records(&wire);
+        let (mut open, _) = b.split();
+        input = [recs[0].clone(), recs[2].clone()].concat();
+        let err = open.read_frame(&mut &input[..]).await.unwrap_err();
+        assert!(matches!(err, CodecError::Unauthentic) && err.is_bad_input());
+        let (a, b) = pair(1 << 20, 1 << 20);
+        let (_, mut seal) = a.split();
+        let wire = seal.seal(&big_resync(4000)).unwrap().to_vec();
+        let recs = records(&wire);
+        let (mut open, _) = b.split();
+        let input = [recs[0].clone(), recs[1].clone()].concat();
+        let err = open.read_frame(&mut &input[..]).await.unwrap_err();
+        assert!(matches!(err, CodecError::Truncated), "{err}");
+    }
+
+    #[tokio::test]
+    async fn frame_limits_hold_on_both_sides() {
+        // The sender refuses a frame over its limit without spending a counter.
+        let (a, b) = pair(1024, 1 << 20);
+        let (_, mut seal) = a.split();
+        let (mut open, _) = b.split();
+        assert!(matches!(seal.seal(&big_resync(100)), Err(CodecError::TooLarge { .. })));
+        let wire = seal.seal(&Frame::Leave).unwrap().to_vec();
+        assert_eq!(open.read_frame(&mut &wire[..]).await.unwrap(), Some(Frame::Leave));
+        // The receiver refuses a frame over its own limit, whatever the sender allows.
+        let (a, b) = pair(1 << 20, 4096);
+        let (_, mut seal) = a.split();
+        let (mut open, _) = b.split();
+        let wire = seal.seal(&big_resync(2000)).unwrap().to_vec();
+        let err = open.read_frame(&mut &wire[..]).await.unwrap_err();
+        assert!(matches!(err, CodecError::TooLarge { max: 4096, .. }) && err.is_bad_input());
+        // A record length over Noise's limit is refused before reading it.
+        let (mut open, _) = pair(1 << 20, 1 << 20).1.split();
+        let input = [&(MAX_RECORD as u32 + 1).to_be_bytes()[..], &[0; 8]].concat();
+        assert!(matches!(
+            open.read_frame(&mut &input[..]).await,
+            Err(CodecError::TooLarge { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn every_single_bit_flip_is_refused() {
+        let f = Frame::Own {
+            conn: "conn-1".into(),
+            epoch: 42,
+        };
+        let (a, b) = pair(1 << 20, 1 << 20);
+        let (_, mut seal) = a.split();
+        let wire = seal.seal(&f).unwrap().to_vec();
+        let (b_open, _) = b.split();
+        // A fresh receiver per try, expecting counter 0 as the real one would.
+        let fresh = || Opener {
+            state: b_open.state.clone(),
+            nonce: 0,
+            max_frame: 1 << 20,
+            record: Vec::new(),
+            plain: Vec::new(),
+            frame: Vec::new(),
+        };
+        assert_eq!(fresh().read_frame(&mut &wire[..]).await.unwrap(), Some(f));
+        for bit in 0..wire.len() * 8 {
+            let mut w = wire.clone();
+            w[bit / 8] ^= 1 << (bit % 8);
+            assert!(fresh().read_frame(&mut &w[..]).await.is_err(), "bit {bit}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn random_input_never_panics(b in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let (mut open, _) = pair(1 << 20, 4096).1.split();
+                let mut input: &[u8] = &b;
+                for _ in 0..8 {
+                    match open.read_frame(&mut input).await {
+                        Ok(Some(_)) => continue,
+                        _ => break,
+                    }
+                }
+            });
+        }
+    }
+}
