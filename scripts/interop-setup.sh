@@ -32,14 +32,21 @@ mkdir -p "$CACHE"
 log() { echo "[interop-setup] $*" >&2; }
 
 # run NAME CMD...: runs CMD with its output in a log file; prints the log only on failure.
+# CMD runs as a background job and its status is taken by `wait`: run as `if ! CMD`, a shell
+# function would have `set -e` switched off inside it (bash ignores errexit in a condition), so
+# a failing command in the middle of it went unnoticed. Call `run` as a plain command (not in
+# `if`/`||`/`&&`), for the same reason; a step function also checks its own commands.
 run() {
   local name=$1; shift
-  local logf="$CACHE/setup-$name.log"
+  local logf="$CACHE/setup-$name.log" rc=0
   if [ "${INTEROP_VERBOSE:-0}" = 1 ]; then
-    "$@" 2>&1 | tee "$logf"; return "${PIPESTATUS[0]}"
+    "$@" > >(tee "$logf" >&2) 2>&1 &
+  else
+    "$@" >"$logf" 2>&1 &
   fi
-  if ! "$@" >"$logf" 2>&1; then
-    log "step '$name' failed: $*"; tail -n 60 "$logf" >&2; return 1
+  wait "$!" || rc=$?
+  if [ "$rc" != 0 ]; then
+    log "step '$name' failed (exit $rc): $*"; tail -n 60 "$logf" >&2; return "$rc"
   fi
 }
 
@@ -98,10 +105,12 @@ fi
 
 # ---------------------------------------------------------------------------- askar
 build_askar() {
-  local work; work=$(mktemp -d "$CACHE/askar-build.XXXXXX")
+  # Every command is checked here as well (`|| return 1`): the function fails on its first
+  # error even where errexit does not apply.
+  local work; work=$(mktemp -d "$CACHE/askar-build.XXXXXX") || return 1
   # A throwaway crate depending on aries-askar so cargo fetches exactly that version.
-  mkdir -p "$work/probe/src"
-  cat >"$work/probe/Cargo.toml" <<EOF
+  mkdir -p "$work/probe/src" || return 1
+  cat >"$work/probe/Cargo.toml" <<EOF || return 1
 [package]
 name = "askar-probe"
 version = "0.0.0"
@@ -111,20 +120,20 @@ publish = false
 aries-askar = "=$ASKAR_VERSION"
 [workspace]
 EOF
-  : >"$work/probe/src/lib.rs"
+  : >"$work/probe/src/lib.rs" || return 1
   (cd "$work/probe" && cargo fetch -q) || return 1
   local src
   src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/aries-askar-$ASKAR_VERSION 2>/dev/null | head -n1)
   [ -n "$src" ] || { log "aries-askar-$ASKAR_VERSION source not found after cargo fetch"; return 1; }
-  cp -r "$src" "$work/askar"
-  chmod -R u+w "$work/askar"
+  cp -r "$src" "$work/askar" || return 1
+  chmod -R u+w "$work/askar" || return 1
   # The published crate ships no lockfile: use the probe's (same dependency graph, resolved once).
   local locked=()
   if [ -f "$work/askar/Cargo.lock" ]; then locked=(--locked); fi
   (cd "$work/askar" && CARGO_TARGET_DIR="$work/target" cargo build --release --lib "${locked[@]}") || return 1
-  mkdir -p "$ASKAR_DIR"
-  cp "$work/target/release/libaries_askar.so" "$ASKAR_DIR/libaries_askar.so.tmp"
-  mv "$ASKAR_DIR/libaries_askar.so.tmp" "$ASKAR_DIR/libaries_askar.so"
+  mkdir -p "$ASKAR_DIR" || return 1
+  cp "$work/target/release/libaries_askar.so" "$ASKAR_DIR/libaries_askar.so.tmp" || return 1
+  mv "$ASKAR_DIR/libaries_askar.so.tmp" "$ASKAR_DIR/libaries_askar.so" || return 1
   rm -rf "$work"
 }
 
@@ -132,6 +141,7 @@ if [ ! -s "$ASKAR_DIR/libaries_askar.so" ]; then
   command -v cargo >/dev/null || { log "cargo is needed to build libaries_askar.so"; exit 1; }
   log "building libaries_askar.so $ASKAR_VERSION from crates.io (2-5 min, once; cached in $ASKAR_DIR)"
   run askar build_askar
+  [ -s "$ASKAR_DIR/libaries_askar.so" ] || { log "build_askar left no $ASKAR_DIR/libaries_askar.so"; exit 1; }
 fi
 
 # ---------------------------------------------------------------------------- credo (node)

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The test command: every Rust test (unit, store conformance on sled and PostgreSQL, whole
-# nodes and clusters on 127.0.0.1:0), then the interop suite with real Credo 0.6.3 and
-# ACA-Py 1.7.0 peers. Installs what a fresh machine lacks (PostgreSQL start, npm packages,
-# the askar library, the ACA-Py venv; cached under ~/.cache/mailroom).
+# nodes and clusters on 127.0.0.1:0), checks of the interop runner itself, today's envelopes
+# opened by ACA-Py's independent Python code (and the reverse), then the interop suite with
+# real Credo 0.6.3 and ACA-Py 1.7.0 peers. Installs what a fresh machine lacks (PostgreSQL
+# start, npm packages, the askar library, the ACA-Py venv; cached under ~/.cache/mailroom).
+#
+# MAILROOM_SKIP_INTEROP=1 leaves out everything that needs those peers (for a quick local
+# run only: .ci/run refuses it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-postgres.sh
@@ -10,9 +14,11 @@ scripts/ensure-postgres.sh
 [ -x scripts/install-chromium.sh ] && scripts/install-chromium.sh
 cargo build --locked --bins
 cargo test --locked -- --test-threads="${MAILROOM_TEST_THREADS:-4}"
+scripts/interop-runner-check.sh
 if [ "${MAILROOM_SKIP_INTEROP:-}" = "1" ]; then
-  echo "interop: skipped (MAILROOM_SKIP_INTEROP=1)"
+  echo "interop: SKIPPED (MAILROOM_SKIP_INTEROP=1): no envelope cross-check, no interop suite; this is not a full run"
   exit 0
 fi
+scripts/envelope-crosscheck.sh
 MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/interop.sh
 MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/interop-cluster.sh

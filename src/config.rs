@@ -41,6 +41,9 @@ pub struct Config {
     pub log: LogSection,
     #[serde(default)]
     pub mediator: MediatorSection,
+    /// Push notifications that wake offline wallets (off when absent).
+    #[serde(default)]
+    pub push: Option<crate::push::PushConfig>,
     #[serde(default, rename = "node")]
     pub nodes: Vec<NodeEntry>,
 }
@@ -425,6 +428,10 @@ impl Config {
         }
         if self.log.format != "human" && self.log.format != "json" {
             return bad(format!("log.format {:?} is not \"human\" or \"json\"", self.log.format));
+        }
+        if let Some(p) = &self.push {
+            // Reads and parses every credential: a bad one stops the node before it starts.
+            p.load().map_err(ConfigError::Invalid)?;
         }
         Ok(())
     }

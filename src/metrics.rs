@@ -44,6 +44,8 @@ pub struct Metrics {
     pub ack_lag: Histogram,
     /// Every store call, by operation (`op` label), whatever the backend.
     pub store_latency: crate::store::metered::StoreLatency,
+    /// `mailroom_push_*`.
+    pub push: crate::push::PushMetrics,
 }
 
 impl Default for Metrics {
@@ -75,6 +77,7 @@ impl Metrics {
             forward_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             ack_lag: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             store_latency: crate::store::metered::latency_family(),
+            push: crate::push::PushMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -156,6 +159,7 @@ impl Metrics {
             "Store call latency by operation",
             m.store_latency.clone(),
         );
+        m.push.register(&mut registry);
         Metrics { registry, ..m }
     }
 

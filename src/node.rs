@@ -116,6 +116,25 @@ pub async fn run(
         metrics.clone(),
     ));
 
+    // Push notifications wake wallets that no node holds a session of.
+    if let Some(pc) = &cfg.push {
+        let settings = pc.load().map_err(anyhow::Error::msg)?;
+        let handle = crate::push::start(
+            settings,
+            crate::push::Deps {
+                store: store.clone(),
+                presence: Arc::new(crate::session::NodePresence {
+                    registry: registry.clone(),
+                    cluster: cluster.clone(),
+                }),
+                metrics: metrics.push.clone(),
+                node_id: node_id.to_string(),
+            },
+        )
+        .map_err(anyhow::Error::msg)?;
+        let _ = shared.push.set(handle);
+    }
+
     // Notifications from peers wake local sessions; the store holds the messages.
     {
         let shared = shared.clone();
@@ -282,6 +301,9 @@ pub async fn run(
         .await
         .unwrap_or(0);
     tracing::info!(sessions = closed, "sessions closed");
+    if let Some(p) = shared.push.get() {
+        p.stop();
+    }
     if let Some(c) = &cluster {
         c.leave().await;
     }

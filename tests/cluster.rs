@@ -6,28 +6,31 @@ mod common;
 
 use common::cluster::*;
 use common::*;
-use mailroom::client::{basic_message, Agent, Sender, WsClient};
+use mailroom::client::{basic_message, Agent, Sender, WsClient, WsEvent};
 use mailroom::didcomm::keys::KeyPair;
 use mailroom::node::RunningNode;
 use serde_json::json;
 use std::collections::HashSet;
+use std::time::Duration;
 
 /// Sweeps so slow that only cluster notifications can deliver within the test's wait.
 const NO_SWEEP: u64 = 600_000;
 
+/// After the last expected message, the socket must stay quiet this long before duplicates
+/// are counted: a duplicate that comes later than the last original arrives inside it.
+const SETTLE: Duration = Duration::from_secs(2);
+
 /// Reads deliveries until `want` distinct contents arrived; acknowledges each over HTTP on
-/// `ack_via`, as Credo 0.6.3 does. Returns (contents in order, duplicates).
+/// `ack_via`, as Credo 0.6.3 does. Then drains: keeps reading until the socket was quiet for
+/// `SETTLE`, and finally sends a trust ping on the socket and reads up to its answer, so every
+/// delivery the node wrote before that point is counted. Returns (contents in order,
+/// duplicates).
 async fn receive(a: &mut Agent, ws: &mut WsClient, ack_via: &str, want: usize) -> (Vec<String>, usize) {
     let mut seen = Vec::new();
     let mut uniq = HashSet::new();
     let mut dups = 0;
-    while uniq.len() < want {
-        let d = ws_next_message(a, ws).await;
-        if type_name(&d) != "delivery" {
-            continue;
-        }
-        let mut ids = Vec::new();
-        for (id, m) in a.open_delivery(&d).unwrap() {
+    let mut take = |a: &Agent, d: &serde_json::Value, ids: &mut Vec<String>| {
+        for (id, m) in a.open_delivery(d).unwrap() {
             ids.push(id);
             let c = m["content"].as_str().unwrap().to_string();
             if !uniq.insert(c.clone()) {
@@ -35,12 +38,57 @@ async fn receive(a: &mut Agent, ws: &mut WsClient, ack_via: &str, want: usize) -
             }
             seen.push(c);
         }
-        a.endpoint = ack_via.to_string();
-        a.request(&pickup("messages-received", json!({"message_id_list": ids})))
-            .await
-            .unwrap();
+        uniq.len()
+    };
+    let mut have = 0;
+    while have < want {
+        let d = ws_next_message(a, ws).await;
+        if type_name(&d) != "delivery" {
+            continue;
+        }
+        let mut ids = Vec::new();
+        have = take(a, &d, &mut ids);
+        ack(a, ack_via, ids).await;
+    }
+    // Settle: whatever still arrives is counted (and acknowledged) too.
+    loop {
+        match ws.next(SETTLE).await {
+            Err(e) if e.to_string().contains("nothing received") => break,
+            Err(e) => panic!("socket error while settling: {e}"),
+            Ok(WsEvent::Closed(r)) => panic!("socket closed while settling: {r:?}"),
+            Ok(WsEvent::Envelope(e)) => {
+                let d = a.unpack(&e).expect("unpacks").0;
+                if type_name(&d) == "delivery" {
+                    let mut ids = Vec::new();
+                    take(a, &d, &mut ids);
+                    ack(a, ack_via, ids).await;
+                }
+            }
+        }
+    }
+    // A positive end marker: the ping's answer; deliveries written before it are counted.
+    let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": mailroom::didcomm::message::new_id(), "response_requested": true, "~transport": {"return_route": "all"}});
+    ws.send_envelope(a.pack(&ping).unwrap(), true).await.unwrap();
+    loop {
+        let d = ws_next_message(a, ws).await;
+        match type_name(&d) {
+            "ping_response" => break,
+            "delivery" => {
+                let mut ids = Vec::new();
+                take(a, &d, &mut ids);
+                ack(a, ack_via, ids).await;
+            }
+            _ => {}
+        }
     }
     (seen, dups)
+}
+
+async fn ack(a: &mut Agent, via: &str, ids: Vec<String>) {
+    a.endpoint = via.to_string();
+    a.request(&pickup("messages-received", json!({"message_id_list": ids})))
+        .await
+        .unwrap();
 }
 
 async fn forward_via(node: &RunningNode, routing: &[String], key: &KeyPair, text: &str) -> u16 {
@@ -212,7 +260,8 @@ async fn peers_with_a_wrong_secret_or_cluster_name_are_refused() {
     let mut ws = live_socket(&a, n1).await;
     wait_owner(&[&f.nodes[1]], &conn, "n1").await;
     forward_via(&f.nodes[1], &routing, &k, "after-rogues").await;
-    receive(&mut a, &mut ws, &n1.public_url(), 1).await;
+    let (got, dups) = receive(&mut a, &mut ws, &n1.public_url(), 1).await;
+    assert_eq!((got.len(), dups), (1, 0), "{got:?}");
 }
 
 /// A fourth node joins a running cluster through the reload: its sessions get notifications

@@ -32,16 +32,53 @@ fn write_config(dir: &std::path::Path, db_url: &str, nodes: &[NodeEntry]) -> std
     path
 }
 
+/// A child process on a fresh database (migrations first) while the 2-core box is busy: a
+/// generous bound of its own, longer than the shared `eventually`'s.
 async fn wait_ready(p: &NodeProcess) {
     let url = format!("{}/ready", p.admin_url());
-    eventually(&format!("{} ready", p.entry.id), || {
-        let url = url.clone();
-        async move {
-            let res = awc::Client::default().get(&url).send().await.ok()?;
-            res.status().is_success().then_some(())
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(res) = awc::Client::default().get(&url).send().await {
+            if res.status().is_success() {
+                return;
+            }
         }
-    })
-    .await;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} not ready after 90 s (log in the test's temp dir)",
+            p.entry.id
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends SIGTERM to `p` and waits (bounded) for it to exit 0, then checks that the node really
+/// received the signal: its log says so. A signal that was never delivered, or a node that
+/// exits for another reason, fails here rather than passing as a "graceful shutdown".
+async fn sigterm_and_wait(p: &mut NodeProcess, log: &std::path::Path) {
+    let pid = p.child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -TERM {pid} failed: {sent:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = p.child.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {pid} still running 60 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "graceful shutdown exits 0: {status:?}");
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(
+        text.contains("SIGTERM received"),
+        "the node's log does not show the SIGTERM:\n{text}"
+    );
 }
 
 async fn run_failover(graceful: bool) {
@@ -56,7 +93,8 @@ async fn run_failover(graceful: bool) {
         })
         .collect();
     let path = write_config(dir.path(), &db.url, &entries);
-    let mut p1 = NodeProcess::spawn(&path, &entries[0], &dir.path().join("n1.log"));
+    let n1_log = dir.path().join("n1.log");
+    let mut p1 = NodeProcess::spawn(&path, &entries[0], &n1_log);
     let p2 = NodeProcess::spawn(&path, &entries[1], &dir.path().join("n2.log"));
     wait_ready(&p1).await;
     wait_ready(&p2).await;
@@ -94,12 +132,13 @@ async fn run_failover(graceful: bool) {
 
     let mut received: Vec<String> = Vec::new();
     let mut killed = false;
+    let mut reconnected = false;
     let mut ack_url = p1.public_url();
     loop {
-        if !killed && received.len() >= 20 {
+        // Mid-stream (or, on a slow machine, once the sender is done: the kill must happen).
+        if !killed && (received.len() >= 20 || sending.is_finished()) {
             if graceful {
-                let status = p1.terminate();
-                assert!(status.success(), "graceful shutdown exits 0: {status:?}");
+                sigterm_and_wait(&mut p1, &n1_log).await;
             } else {
                 p1.kill9();
             }
@@ -124,8 +163,16 @@ async fn run_failover(graceful: bool) {
             }
             other if killed => {
                 if graceful {
-                    if let Ok(WsEvent::Closed(Some(r))) = &other {
-                        assert_eq!(u16::from(r.code), 1001, "graceful close says going away");
+                    // The node closes the session itself, with a close frame saying "going
+                    // away" (1001), before it exits: not a dropped TCP link, not silence.
+                    match &other {
+                        Ok(WsEvent::Closed(Some(r))) => {
+                            assert_eq!(u16::from(r.code), 1001, "graceful close says going away: {r:?}")
+                        }
+                        Ok(WsEvent::Closed(None)) => {
+                            panic!("the socket ended without a close frame (expected code 1001)")
+                        }
+                        other => panic!("expected a close frame with code 1001, got {other:?}"),
                     }
                 }
                 // Reconnect through "the load balancer": node 2.
@@ -138,14 +185,18 @@ async fn run_failover(graceful: bool) {
                 )
                 .await;
                 assert_eq!(type_name(&st), "status");
+                reconnected = true;
             }
             Ok(WsEvent::Closed(r)) => panic!("socket closed before the kill: {r:?}"),
             Err(e) => panic!("no delivery: {e} (received {})", received.len()),
         }
-        if sending.is_finished() {
+        // Not before the old socket's end was read: deliveries buffered before the kill come
+        // first, then (SIGTERM) the close frame that the checks above are about.
+        if sending.is_finished() && reconnected {
             break;
         }
     }
+    assert!(killed && reconnected);
     let accepted = sending.await.unwrap();
     let mut uniq: HashSet<String> = received.iter().cloned().collect();
     while !accepted.iter().all(|t| uniq.contains(t)) {

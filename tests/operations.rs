@@ -192,11 +192,36 @@ async fn queue_bytes_limit_refuses_too() {
     }
     let accepted = codes.iter().filter(|c| **c == 202).count();
     assert!(accepted >= 2, "{codes:?}");
+    // Eight ~2 kB messages do not fit in 10 000 bytes: the limit must refuse some of them.
+    assert!(
+        accepted < codes.len() && codes.contains(&429),
+        "nothing refused at max_queue_bytes = 10000: {codes:?}"
+    );
     assert!(
         codes[accepted..].iter().all(|c| *c == 429),
         "accepted until full, then refused: {codes:?}"
     );
     assert_eq!(queue_depth(&n).await, accepted as u64);
+    // Refused because of the byte limit (not the message count): what is queued fits in it,
+    // and one more message of the same size would not.
+    let v = get_json(&format!("{}/connections", n.admin_url())).await;
+    let conn = v["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["mediation"] == "granted")
+        .expect("the mediated connection")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let one = get_json(&format!("{}/connections/{conn}", n.admin_url())).await;
+    let bytes = one["queue"]["bytes"].as_u64().expect("queue.bytes");
+    let per_message = bytes / accepted as u64;
+    assert!(bytes <= 10_000, "queued {bytes} bytes over the 10000 limit");
+    assert!(
+        bytes + per_message > 10_000,
+        "refused with room left: {bytes} bytes queued, {per_message} per message"
+    );
 }
 
 #[actix_rt::test]

@@ -12,7 +12,8 @@ unpacks RFC 0019 envelopes. Run manually, not in CI; commit what it writes:
     /tmp/dcvenv/bin/python scripts/didcomm-vectors/gen.py check
         -> tests/fixtures/didcomm/python_check.json     (what Python made of Rust's envelopes)
 
-The seeds are throwaway test keys.
+The seeds are throwaway test keys. What today's pack() writes is cross-checked on every run of
+the test command by scripts/envelope-crosscheck.sh (fresh envelopes, ACA-Py's Python code).
 """
 import hashlib
 import json

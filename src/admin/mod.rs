@@ -138,6 +138,33 @@ async fn status_json(st: &AdminState) -> Value {
         "open_sockets": sh.open_sockets.load(Ordering::Relaxed),
         "queued": queued,
         "store": { "backend": store.backend(), "health": store_health },
+        "push": push_json(sh),
+    })
+}
+
+/// Push notifications of this node: whether they are on, and the counters since start.
+fn push_json(sh: &crate::session::Shared) -> Value {
+    let m = &sh.metrics.push;
+    let by_result = |result: &str| -> u64 {
+        ["fcm", "apns", "webhook"]
+            .iter()
+            .map(|p| {
+                m.total
+                    .get_or_create(&crate::push::ProviderResult {
+                        provider: (*p).into(),
+                        result: result.into(),
+                    })
+                    .get()
+            })
+            .sum()
+    };
+    json!({
+        "enabled": sh.push.get().is_some(),
+        "sent": { "fcm": m.sent("fcm"), "apns": m.sent("apns"), "webhook": m.sent("webhook") },
+        "failed": by_result("failed") + by_result("gave_up"),
+        "retried": by_result("retry"),
+        "coalesced": m.coalesced.get(),
+        "dropped_tokens": m.dropped_tokens.get(),
     })
 }
 
@@ -174,6 +201,7 @@ async fn connection_json(st: &AdminState, c: &crate::store::Connection) -> Value
     let keys = store.keys_of(&c.id).await.unwrap_or_default();
     let now = now_ms();
     let q = store.queue_stats(&c.id, now).await.ok();
+    let device = store.device_of(&c.id).await.ok().flatten();
     json!({
         "id": c.id,
         "state": c.state,
@@ -191,6 +219,13 @@ async fn connection_json(st: &AdminState, c: &crate::store::Connection) -> Value
             "oldest_age_ms": q.oldest_received_ms.map(|o| now - o),
         })),
         "created_at_ms": c.created_at_ms,
+        // The token wakes the wallet: only its first characters are shown.
+        "push": device.map(|d| json!({
+            "service": d.service.as_str(),
+            "platform": d.platform,
+            "token": crate::push::redact(&d.token),
+            "updated_at_ms": d.updated_at_ms,
+        })),
     })
 }
 

@@ -16,6 +16,8 @@ pub const PROTOCOLS: &[&str] = &[
     "https://didcomm.org/discover-features/1.0",
     "https://didcomm.org/discover-features/2.0",
     "https://didcomm.org/report-problem/1.0",
+    "https://didcomm.org/push-notifications-fcm/1.0",
+    "https://didcomm.org/push-notifications-apns/1.0",
 ];
 
 /// `*`-suffix matching as RFC 0031 describes.
@@ -61,6 +63,65 @@ pub fn query(_m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn push_protocols_are_disclosed_by_1_0_and_2_0() {
+        use crate::didcomm::message::{MessageType, ReturnRoute};
+        use crate::protocols::{Inbound, Mediator, MediatorKeys, TransportKind};
+        use serde_json::{json, Value};
+        let store = std::sync::Arc::new(crate::store::SledStore::temporary().await.unwrap());
+        let cfg = crate::config::Config::single_node_default();
+        let m = Mediator::new(store, MediatorKeys::generate(), &cfg, "n1", "http://127.0.0.1:1");
+        let ask = |msg: Value| {
+            let type_str = msg["@type"].as_str().unwrap().to_string();
+            let ctx = Inbound {
+                mtype: MessageType::parse(&type_str),
+                type_str,
+                msg,
+                recipient_verkey: "r".into(),
+                sender_verkey: None,
+                conn: None,
+                return_route: ReturnRoute::All,
+                transport: TransportKind::Http,
+                lease_owner: "o".into(),
+            };
+            super::query(&m, &ctx).unwrap().replies.remove(0)
+        };
+        let v1 = ask(
+            json!({"@type": "https://didcomm.org/discover-features/1.0/query", "@id": "q", "query": "https://didcomm.org/push-notifications-*"}),
+        );
+        let pids: Vec<&str> = v1["protocols"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["pid"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            pids,
+            [
+                "https://didcomm.org/push-notifications-fcm/1.0",
+                "https://didcomm.org/push-notifications-apns/1.0"
+            ]
+        );
+        let v2 = ask(
+            json!({"@type": "https://didcomm.org/discover-features/2.0/queries", "@id": "q",
+            "queries": [{"feature-type": "protocol", "match": "https://didcomm.org/push-notifications-fcm/*"},
+                        {"feature-type": "protocol", "match": "https://didcomm.org/push-notifications-apns/1.0"}]}),
+        );
+        let ids: Vec<&str> = v2["disclosures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "https://didcomm.org/push-notifications-fcm/1.0",
+                "https://didcomm.org/push-notifications-apns/1.0"
+            ]
+        );
+    }
+
     #[test]
     fn wildcard_and_exact_matching() {
         assert!(super::matches(

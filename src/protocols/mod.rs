@@ -15,6 +15,7 @@ pub mod mediation;
 pub mod oob;
 pub mod pickup;
 pub mod problem;
+pub mod push;
 pub mod routing;
 pub mod trust_ping;
 pub mod v2;
@@ -230,6 +231,10 @@ impl Mediator {
             ("trust_ping", "ping") => trust_ping::ping(self, ctx),
             ("trust_ping", "ping_response") => Ok(Outcome::default()),
             ("discover-features", "query") | ("discover-features", "queries") => discover::query(self, ctx),
+            (family, _) if push::service_of(family).is_some() && t.version_numbers().0 == 1 => {
+                let service = push::service_of(family).expect("checked by the guard");
+                push::handle(self, ctx, service).await
+            }
             _ => problem::unknown_type(self, ctx),
         }
     }

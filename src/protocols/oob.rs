@@ -11,9 +11,16 @@ pub const HANDSHAKE_PROTOCOLS: &[&str] = &[
     "https://didcomm.org/connections/1.0",
 ];
 
-/// An out-of-band 1.1 invitation with the http and ws forms of the public URL, as Credo's own
-/// mediator advertises them (Credo opens its live-mode socket on the ws one).
+/// An out-of-band 1.1 invitation with one service, the http form of the public URL: every
+/// client takes it (ACA-Py 1.7 refuses an invitation with more than one service). Credo still
+/// finds the ws endpoint for its live-mode socket: it opens it on the services of the DID the
+/// mediator answers the exchange with (did:peer:4 listing the http and ws URLs).
 pub fn invitation(m: &Mediator, id: &str) -> Value {
+    invitation_over(m, id, &m.public_url)
+}
+
+/// The invitation with its one service at `endpoint` (`GET /invitation?transport=ws`).
+pub fn invitation_over(m: &Mediator, id: &str, endpoint: &str) -> Value {
     let key = m.keys.did_key.did_key();
     let service = |n: usize, endpoint: &str| {
         json!({
@@ -30,7 +37,7 @@ pub fn invitation(m: &Mediator, id: &str) -> Value {
         "label": m.label,
         "accept": ["didcomm/aip1", "didcomm/aip2;env=rfc19"],
         "handshake_protocols": HANDSHAKE_PROTOCOLS,
-        "services": [service(0, &m.public_url), service(1, &m.public_ws_url)],
+        "services": [service(0, endpoint)],
     })
 }
 
@@ -43,18 +50,6 @@ pub fn invitation_url(m: &Mediator, inv: &Value) -> String {
 /// The public multi-use invitation: the same on every node of a cluster.
 pub fn public_invitation(m: &Mediator) -> Value {
     invitation(m, &m.invitation_id)
-}
-
-/// The same invitation with only the services whose endpoint starts with `scheme`
-/// (`http` or `ws`): ACA-Py 1.7 refuses an invitation with more than one service.
-pub fn only_transport(mut inv: Value, scheme: &str) -> Value {
-    if let Some(services) = inv["services"].as_array_mut() {
-        services.retain(|s| {
-            let ep = s["serviceEndpoint"].as_str().unwrap_or_default();
-            ep.starts_with(&format!("{scheme}://")) || ep.starts_with(&format!("{scheme}s://"))
-        });
-    }
-    inv
 }
 
 /// Claims the invitation a handshake request names (`~thread.pthid`): refused when it was

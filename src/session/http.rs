@@ -23,7 +23,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, shared: Arc<Shared>) {
 
 #[derive(serde::Deserialize)]
 struct InvitationQuery {
-    /// `http` or `ws`: only that service (for agents that take one, like ACA-Py 1.7).
+    /// `http` (the default) or `ws`: the transport of the invitation's one service.
     transport: Option<String>,
     /// `v2`: the out-of-band 2.0 invitation (`?_oob=`) from the mediator's did:peer:2.
     didcomm: Option<String>,
@@ -47,15 +47,14 @@ async fn get_invitation(shared: web::Data<Shared>, q: web::Query<InvitationQuery
                 .json(json!({"error": "bad-didcomm", "reason": format!("didcomm={other}: use v1 or v2")}))
         }
     }
-    let mut inv = oob::public_invitation(m);
-    match q.transport.as_deref() {
-        None => {}
-        Some(t @ ("http" | "ws")) => inv = oob::only_transport(inv, t),
+    let inv = match q.transport.as_deref() {
+        None | Some("http") => oob::public_invitation(m),
+        Some("ws") => oob::invitation_over(m, &m.invitation_id, &m.public_ws_url),
         Some(other) => {
             return HttpResponse::BadRequest()
                 .json(json!({"error": "bad-transport", "reason": format!("transport={other}: use http or ws")}))
         }
-    }
+    };
     HttpResponse::Ok().json(json!({ "invitation_url": oob::invitation_url(m, &inv), "invitation": inv }))
 }
 
@@ -133,16 +132,19 @@ async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpRespo
         shared.metrics.delivered("pickup", out.leased.len() as u64);
     }
     // Wake whoever holds the wallet's session; acknowledgements free it to send more.
-    let mut wake: Vec<String> = out.queued_for.clone();
-    if out.acked > 0 {
-        if let Some(c) = &out.connection {
-            wake.push(c.id.clone());
-        }
-    }
-    if !wake.is_empty() {
+    // New messages may also wake the wallet by push (no session anywhere).
+    let queued: Vec<String> = out.queued_for.clone();
+    let acked_conn = match (&out.connection, out.acked > 0) {
+        (Some(c), true) => Some(c.id.clone()),
+        _ => None,
+    };
+    if !queued.is_empty() || acked_conn.is_some() {
         let s = shared.clone();
         actix_rt::spawn(async move {
-            for c in wake {
+            for c in queued {
+                s.queued_new(&c).await;
+            }
+            if let Some(c) = acked_conn {
                 s.queued(&c).await;
             }
         });

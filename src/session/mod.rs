@@ -48,6 +48,8 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Where the endpoint retry of the sweep goes on from (connection id order).
     endpoint_cursor: Mutex<Option<String>>,
+    /// The push worker, when `[push]` is configured (set once by the node at start).
+    pub push: std::sync::OnceLock<crate::push::PushHandle>,
 }
 
 impl Shared {
@@ -70,6 +72,7 @@ impl Shared {
             endpoint_cache: Mutex::new(std::collections::HashMap::new()),
             draining: AtomicBool::new(false),
             endpoint_cursor: Mutex::new(None),
+            push: std::sync::OnceLock::new(),
         }
     }
 
@@ -90,28 +93,47 @@ impl Shared {
     /// A message for `conn` was queued (or acknowledged, freeing room): make whoever holds the
     /// wallet's session drain it. Correctness never depends on this: the sweep catches up.
     pub async fn queued(self: &Arc<Self>, conn: &str) {
+        self.reach(conn).await;
+    }
+
+    /// A new message was queued for `conn` (a forward this node accepted, or deliveries a
+    /// closed session left unacknowledged): wake whoever holds its session, and when no node
+    /// holds one, push the wallet. Only the node that queued the message calls this, so one
+    /// node pushes per queued event.
+    pub async fn queued_new(self: &Arc<Self>, conn: &str) {
+        if !self.reach(conn).await {
+            if let Some(p) = self.push.get() {
+                p.queued(conn);
+            }
+        }
+    }
+
+    /// Wakes the session of `conn` here or on its owner node; else delivers to the agent's
+    /// own endpoint, if any. Whether some node holds a session of it.
+    async fn reach(self: &Arc<Self>, conn: &str) -> bool {
         if self
             .registry
             .send(WakeLocal { conn: conn.to_string() })
             .await
             .unwrap_or(false)
         {
-            return;
+            return true;
         }
         if let Some(c) = &self.cluster {
             match c.notify_queued(conn) {
                 NotifyOutcome::Sent(_) => {
                     self.metrics.notifications_sent.inc();
-                    return;
+                    return true;
                 }
                 NotifyOutcome::Failed(_) => {
                     self.metrics.notifications_failed.inc();
-                    return;
+                    return true;
                 }
                 NotifyOutcome::Local | NotifyOutcome::NoOwner => {}
             }
         }
         self.deliver_to_endpoint(conn).await;
+        false
     }
 
     /// POSTs a connection's queue to its own HTTP endpoint, if it has one (ACA-Py-style
@@ -211,5 +233,31 @@ impl Shared {
             }
             self.deliver_to_endpoint(&conn).await;
         }
+    }
+}
+
+/// [`crate::push::Presence`] over this node's registry and the cluster directory: a wallet is
+/// online when a session of it is bound here or announced by any node.
+pub struct NodePresence {
+    pub registry: Addr<Registry>,
+    pub cluster: Option<ClusterHandle>,
+}
+
+impl crate::push::Presence for NodePresence {
+    fn online<'a>(&'a self, conn: &'a str) -> futures_util::future::BoxFuture<'a, bool> {
+        Box::pin(async move {
+            if self
+                .registry
+                .send(IsLocal { conn: conn.to_string() })
+                .await
+                .unwrap_or(false)
+            {
+                return true;
+            }
+            self.cluster
+                .as_ref()
+                .map(|c| c.owner_of(conn).is_some())
+                .unwrap_or(false)
+        })
     }
 }

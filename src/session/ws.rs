@@ -192,7 +192,7 @@ impl WsSession {
         for c in &out.queued_for {
             let s = shared.clone();
             let c = c.clone();
-            actix_rt::spawn(async move { s.queued(&c).await });
+            actix_rt::spawn(async move { s.queued_new(&c).await });
         }
         if out.acked > 0 {
             if let Some(c) = &out.connection {
@@ -424,7 +424,7 @@ impl Actor for WsSession {
                 match store.release_owner(&owner).await {
                     Ok(n) if n > 0 => {
                         tracing::info!(connection = %cid, released = n, "session closed with unacknowledged deliveries");
-                        shared.queued(&cid).await;
+                        shared.queued_new(&cid).await;
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(connection = %cid, "leases not released (they expire): {e}"),

@@ -164,4 +164,22 @@ impl Store for Metered {
     async fn flush(&self) -> StoreResult<()> {
         self.timed("flush", self.inner.flush()).await
     }
+    async fn device_of(&self, conn: &str) -> StoreResult<Option<Device>> {
+        self.timed("device_of", self.inner.device_of(conn)).await
+    }
+    async fn set_device(&self, conn: &str, device: Option<&Device>) -> StoreResult<()> {
+        self.timed("set_device", self.inner.set_device(conn, device)).await
+    }
+    async fn forget_device_token(&self, conn: &str, token: &str) -> StoreResult<bool> {
+        self.timed("forget_device_token", self.inner.forget_device_token(conn, token))
+            .await
+    }
+    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64) -> StoreResult<PushSlot> {
+        self.timed("push_event", self.inner.push_event(conn, now_ms, window_ms))
+            .await
+    }
+    async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
+        self.timed("push_take_due", self.inner.push_take_due(now_ms, idle_before_ms, limit))
+            .await
+    }
 }

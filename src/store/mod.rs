@@ -159,6 +159,63 @@ pub struct Connection {
     pub extra: serde_json::Value,
 }
 
+/// The push service a wallet registered its device with (the protocol it used).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum PushService {
+    /// push-notifications-fcm 1.0 (RFC 0734): Firebase Cloud Messaging.
+    Fcm,
+    /// push-notifications-apns 1.0 (RFC 0699): Apple Push Notification service.
+    Apns,
+}
+
+impl PushService {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PushService::Fcm => "fcm",
+            PushService::Apns => "apns",
+        }
+    }
+}
+
+/// The device registration of a connection: where to wake the wallet when mail is queued.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Device {
+    pub service: PushService,
+    /// The provider's device token (a secret of the wallet: shown redacted by the admin API).
+    pub token: String,
+    /// `device_platform` of push-notifications-fcm (`"android"`, `"ios"`, ...), if sent.
+    pub platform: Option<String>,
+    pub updated_at_ms: i64,
+}
+
+/// What a queued event does to a wallet's push window (see [`Store::push_event`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushSlot {
+    /// Push now: the window restarts at this event.
+    Now,
+    /// Folded into the trailing push due at `due_ms` (scheduled by this event or an earlier one).
+    Trailing { due_ms: i64 },
+}
+
+/// One step of a push window, the rule both backends implement: `state` is `(last push,
+/// trailing push due)`. An event inside the window schedules (or joins) one trailing push at
+/// the window's end; an event after it pushes now and drops a trailing push not yet taken
+/// (this push is it).
+pub fn push_window_step(
+    state: Option<(i64, Option<i64>)>,
+    now_ms: i64,
+    window_ms: i64,
+) -> ((i64, Option<i64>), PushSlot) {
+    match state {
+        Some((last, due)) if now_ms < last + window_ms => {
+            let due = due.unwrap_or(last + window_ms);
+            ((last, Some(due)), PushSlot::Trailing { due_ms: due })
+        }
+        _ => ((now_ms, None), PushSlot::Now),
+    }
+}
+
 /// A message to queue for a connection.
 #[derive(Clone, Debug)]
 pub struct NewMessage {
@@ -395,6 +452,28 @@ pub trait Store: Send + Sync + 'static {
     /// When the oldest queued message (leased or not) was received: the queue-age gauge.
     async fn oldest_received_ms(&self) -> StoreResult<Option<i64>>;
     async fn flush(&self) -> StoreResult<()>;
+
+    // ---- push notifications (issue 7) ----
+
+    /// The device registration of `conn`, if any.
+    async fn device_of(&self, conn: &str) -> StoreResult<Option<Device>>;
+    /// Registers (`Some`) or unregisters (`None`) the device of `conn`, replacing any earlier
+    /// registration; durable when it returns. `Err(NotFound)` when the connection does not
+    /// exist (a registration never outlives its connection: removing the connection removes it).
+    async fn set_device(&self, conn: &str, device: Option<&Device>) -> StoreResult<()>;
+    /// Removes the registration of `conn` only while its token is still `token` (a provider
+    /// called that token dead; a newer registration of the wallet is kept). Returns whether
+    /// it removed one.
+    async fn forget_device_token(&self, conn: &str, token: &str) -> StoreResult<bool>;
+    /// Records a queued event in the push window of `conn`, shared by every node of the
+    /// store, by [`push_window_step`]: one caller cluster-wide gets `Now` per window; the
+    /// others' events are folded into one trailing push. Atomic across nodes.
+    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64) -> StoreResult<PushSlot>;
+    /// Claims trailing pushes due at `now_ms`, each for exactly one caller across nodes (a
+    /// node that dies leaves its windows to the others), at most `limit`; the window of each
+    /// restarts at `now_ms`. Forgets windows with nothing scheduled whose last push is before
+    /// `idle_before_ms`.
+    async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>>;
 }
 
 /// Opens (or creates) the sled store at `path`. Opening a path already open in this process

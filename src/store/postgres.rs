@@ -32,8 +32,9 @@ use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
 use tokio_postgres::NoTls;
 
 use super::{
-    check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, EnqueueLimits, Enqueued, Identity,
-    InvitationUse, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
+    check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
+    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, PushSlot, QueueStats, QueuedMessage, Store, StoreError,
+    StoreResult,
 };
 
 /// Most messages in one enqueue transaction.
@@ -181,6 +182,34 @@ LOCK TABLE mailroom_queue_counts IN EXCLUSIVE MODE;
 DELETE FROM mailroom_queue_counts;
 INSERT INTO mailroom_queue_counts (conn_id, n, bytes)
     SELECT conn_id, count(*), coalesce(sum(size), 0) FROM mailroom_messages GROUP BY conn_id;
+"#,
+    ),
+    (
+        5,
+        // Push notifications (issue 7): one device registration per connection, removed with
+        // the connection.
+        r#"
+CREATE TABLE mailroom_devices (
+    conn_id text COLLATE "C" PRIMARY KEY REFERENCES mailroom_connections (id) ON DELETE CASCADE,
+    service text NOT NULL,
+    token text NOT NULL,
+    platform text,
+    updated_at_ms bigint NOT NULL
+);
+"#,
+    ),
+    (
+        6,
+        // Push windows shared by every node: one push now and one trailing push per window
+        // and wallet, cluster-wide; a trailing push survives the node that scheduled it.
+        r#"
+CREATE TABLE mailroom_push_windows (
+    conn_id text COLLATE "C" PRIMARY KEY,
+    last_push_ms bigint NOT NULL,
+    trailing_due_ms bigint
+);
+CREATE INDEX mailroom_push_windows_due ON mailroom_push_windows (trailing_due_ms)
+    WHERE trailing_due_ms IS NOT NULL;
 "#,
     ),
 ];
@@ -1197,5 +1226,125 @@ impl Store for PgStore {
     async fn flush(&self) -> StoreResult<()> {
         // Every write commits before it returns.
         Ok(())
+    }
+
+    async fn device_of(&self, conn: &str) -> StoreResult<Option<Device>> {
+        if !storable(conn) {
+            return Ok(None);
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached("SELECT service, token, platform, updated_at_ms FROM mailroom_devices WHERE conn_id = $1")
+            .await
+            .map_err(pg_err)?;
+        let Some(row) = c.query_opt(&q, &[&conn]).await.map_err(pg_err)? else {
+            return Ok(None);
+        };
+        let service: String = row.get(0);
+        let service = serde_json::from_value(serde_json::Value::String(service.clone()))
+            .map_err(|_| StoreError::Corrupt(format!("postgres: device service {service:?}")))?;
+        Ok(Some(Device {
+            service,
+            token: row.get(1),
+            platform: row.get(2),
+            updated_at_ms: row.get(3),
+        }))
+    }
+
+    async fn set_device(&self, conn: &str, device: Option<&Device>) -> StoreResult<()> {
+        check_storable("connection id", conn)?;
+        match device {
+            Some(d) => {
+                check_storable("device token", &d.token)?;
+                if let Some(p) = &d.platform {
+                    check_storable("device platform", p)?;
+                }
+                // The foreign key refuses a device of a connection that does not exist.
+                let n = self
+                    .execute_retrying(
+                        "INSERT INTO mailroom_devices (conn_id, service, token, platform, updated_at_ms) \
+                         SELECT id, $2, $3, $4, $5 FROM mailroom_connections WHERE id = $1 \
+                         ON CONFLICT (conn_id) DO UPDATE SET service = excluded.service, token = excluded.token, \
+                         platform = excluded.platform, updated_at_ms = excluded.updated_at_ms",
+                        &[&conn, &d.service.as_str(), &d.token, &d.platform, &d.updated_at_ms],
+                    )
+                    .await?;
+                if n == 0 {
+                    return Err(StoreError::NotFound);
+                }
+            }
+            None => {
+                self.execute_retrying("DELETE FROM mailroom_devices WHERE conn_id = $1", &[&conn])
+                    .await?;
+                let c = self.client().await?;
+                let exists = c
+                    .query_opt("SELECT 1 FROM mailroom_connections WHERE id = $1", &[&conn])
+                    .await
+                    .map_err(pg_err)?;
+                if exists.is_none() {
+                    return Err(StoreError::NotFound);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn forget_device_token(&self, conn: &str, token: &str) -> StoreResult<bool> {
+        if !storable(conn) || !storable(token) {
+            return Ok(false);
+        }
+        let n = self
+            .execute_retrying(
+                "DELETE FROM mailroom_devices WHERE conn_id = $1 AND token = $2",
+                &[&conn, &token],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64) -> StoreResult<PushSlot> {
+        check_storable("connection id", conn)?;
+        let c = self.client().await?;
+        // push_window_step in one statement: the row lock orders concurrent events.
+        let q = c
+            .prepare_cached(
+                "INSERT INTO mailroom_push_windows AS w (conn_id, last_push_ms, trailing_due_ms) VALUES ($1, $2, NULL) \
+                 ON CONFLICT (conn_id) DO UPDATE SET \
+                 trailing_due_ms = CASE WHEN $2 < w.last_push_ms + $3 \
+                     THEN coalesce(w.trailing_due_ms, w.last_push_ms + $3) ELSE NULL END, \
+                 last_push_ms = CASE WHEN $2 < w.last_push_ms + $3 THEN w.last_push_ms ELSE $2 END \
+                 RETURNING trailing_due_ms",
+            )
+            .await
+            .map_err(pg_err)?;
+        let row = c.query_one(&q, &[&conn, &now_ms, &window_ms]).await.map_err(pg_err)?;
+        Ok(match row.get::<_, Option<i64>>(0) {
+            Some(due_ms) => PushSlot::Trailing { due_ms },
+            None => PushSlot::Now,
+        })
+    }
+
+    async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
+        let c = self.client().await?;
+        let take = c
+            .prepare_cached(
+                "UPDATE mailroom_push_windows SET trailing_due_ms = NULL, last_push_ms = $1 \
+                 WHERE conn_id IN (SELECT conn_id FROM mailroom_push_windows \
+                     WHERE trailing_due_ms <= $1 ORDER BY trailing_due_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 RETURNING conn_id",
+            )
+            .await
+            .map_err(pg_err)?;
+        let rows = c
+            .query(&take, &[&now_ms, &(limit.min(i64::MAX as usize) as i64)])
+            .await
+            .map_err(pg_err)?;
+        c.execute(
+            "DELETE FROM mailroom_push_windows WHERE trailing_due_ms IS NULL AND last_push_ms < $1",
+            &[&idle_before_ms],
+        )
+        .await
+        .map_err(pg_err)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 }

@@ -35,8 +35,9 @@ use sled::Transactional;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, EnqueueLimits, Enqueued, Identity,
-    InvitationUse, KeyUpdate, MessageId, NewMessage, QueueStats, QueuedMessage, Store, StoreError, StoreResult,
+    check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
+    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, PushSlot, QueueStats, QueuedMessage, Store, StoreError,
+    StoreResult,
 };
 
 /// Most messages the writer puts in one flush. Bounds the latency of the first caller of a
@@ -118,6 +119,12 @@ struct Inner {
     dedup: sled::Tree,
     /// invitation id -> [single_use, used]
     invitations: sled::Tree,
+    /// connection id -> JSON [`Device`] (push registration).
+    devices: sled::Tree,
+    /// Push windows: connection -> (last push, trailing push due). Memory only (one process
+    /// holds a sled store; in-process nodes share it): a restart forgets a pending trailing
+    /// push.
+    push_windows: Mutex<HashMap<ConnId, (i64, Option<i64>)>>,
     /// Serialises connection and key writes (transactions then never conflict).
     meta_lock: Mutex<()>,
     queues: Mutex<Queues>,
@@ -268,6 +275,8 @@ impl Inner {
             attempts: t("attempts")?,
             dedup: t("dedup")?,
             invitations: t("invitations")?,
+            devices: t("devices")?,
+            push_windows: Mutex::new(HashMap::new()),
             db,
             meta_lock: Mutex::new(()),
             queues: Mutex::new(Queues::default()),
@@ -1331,5 +1340,86 @@ impl Store for SledStore {
 
     async fn flush(&self) -> StoreResult<()> {
         self.blocking(|inner| inner.flush()).await
+    }
+
+    async fn device_of(&self, conn: &str) -> StoreResult<Option<Device>> {
+        if !storable(conn) {
+            return Ok(None);
+        }
+        let conn = conn.to_owned();
+        self.blocking(
+            move |inner| match inner.devices.get(conn.as_bytes()).map_err(unavailable)? {
+                Some(v) => serde_json::from_slice(&v)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt(format!("device: {e}"))),
+                None => Ok(None),
+            },
+        )
+        .await
+    }
+
+    async fn set_device(&self, conn: &str, device: Option<&Device>) -> StoreResult<()> {
+        check_storable("connection id", conn)?;
+        let conn = conn.to_owned();
+        let bytes = device
+            .map(|d| serde_json::to_vec(d).map_err(|e| StoreError::Corrupt(format!("device: {e}"))))
+            .transpose()?;
+        self.blocking(move |inner| {
+            // Under the connection lock: a connection removed meanwhile cannot keep a device.
+            let _g = inner.meta_lock.lock();
+            if !inner.conns.contains_key(conn.as_bytes()).map_err(unavailable)? {
+                return Err(StoreError::NotFound);
+            }
+            match bytes {
+                Some(b) => inner.devices.insert(conn.as_bytes(), b).map_err(unavailable)?,
+                None => inner.devices.remove(conn.as_bytes()).map_err(unavailable)?,
+            };
+            inner.flush()
+        })
+        .await
+    }
+
+    async fn forget_device_token(&self, conn: &str, token: &str) -> StoreResult<bool> {
+        if !storable(conn) {
+            return Ok(false);
+        }
+        let (conn, token) = (conn.to_owned(), token.to_owned());
+        self.blocking(move |inner| {
+            let _g = inner.meta_lock.lock();
+            let Some(v) = inner.devices.get(conn.as_bytes()).map_err(unavailable)? else {
+                return Ok(false);
+            };
+            let d: Device = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(format!("device: {e}")))?;
+            if d.token != token {
+                return Ok(false);
+            }
+            inner.devices.remove(conn.as_bytes()).map_err(unavailable)?;
+            inner.flush()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64) -> StoreResult<PushSlot> {
+        check_storable("connection id", conn)?;
+        let mut w = self.inner.push_windows.lock();
+        let (state, slot) = super::push_window_step(w.get(conn).copied(), now_ms, window_ms);
+        w.insert(conn.to_owned(), state);
+        Ok(slot)
+    }
+
+    async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
+        let mut w = self.inner.push_windows.lock();
+        let mut due: Vec<(i64, ConnId)> = w
+            .iter()
+            .filter_map(|(c, (_, d))| d.filter(|d| *d <= now_ms).map(|d| (d, c.clone())))
+            .collect();
+        due.sort();
+        due.truncate(limit);
+        for (_, c) in &due {
+            w.insert(c.clone(), (now_ms, None));
+        }
+        w.retain(|_, (last, d)| d.is_some() || *last >= idle_before_ms);
+        Ok(due.into_iter().map(|(_, c)| c).collect())
     }
 }

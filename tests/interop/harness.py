@@ -89,10 +89,62 @@ def tail(path: Path, lines: int = 25) -> str:
     return "\n".join(data[-lines:])
 
 
+# Every process started here and not yet seen to exit, by PID: what end_all() ends when the
+# runner is told to stop (SIGTERM/SIGINT), whatever the scenario was doing at that moment.
+_LIVE: dict[int, "Proc"] = {}
+_LIVE_LOCK = threading.Lock()
+# While a process is being started and registered, a termination signal is held back (see
+# spawning() and hold_signal()): ending the runner between fork and registration would leak it.
+_spawning = False
+_held_signal: int | None = None
+
+
+def spawning() -> bool:
+    return _spawning
+
+
+def hold_signal(signum: int):
+    """Called by the runner's handler while spawning(): re-raised once the child is registered."""
+    global _held_signal
+    _held_signal = signum
+
+
+def end_all(grace: float = 5.0) -> list[str]:
+    """Ends every process started here that is still running: SIGTERM to each PID, up to
+    `grace` seconds for all of them together, then SIGKILL. Returns the names it ended."""
+    with _LIVE_LOCK:
+        procs = list(_LIVE.values())
+    ended = []
+    for p in procs:
+        if p.popen.poll() is None:
+            ended.append(p.name)
+            try:
+                os.kill(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    while any(p.popen.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for p in procs:
+        if p.popen.poll() is None:
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                p.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        with _LIVE_LOCK:
+            _LIVE.pop(p.pid, None)
+    return ended
+
+
 class Proc:
     """A child process whose stdout/stderr go to files; stop() ends only this PID."""
 
     def __init__(self, name: str, argv: list[str], workdir: Path, env: dict | None = None, cwd=None):
+        global _spawning, _held_signal
         self.name = name
         self.out = workdir / f"{name}.out.log"
         self.err = workdir / f"{name}.err.log"
@@ -100,11 +152,20 @@ class Proc:
         full_env.update(env or {})
         self._out_f = open(self.out, "wb")
         self._err_f = open(self.err, "wb")
-        self.popen = subprocess.Popen(
-            argv, stdout=self._out_f, stderr=self._err_f, stdin=subprocess.DEVNULL,
-            env=full_env, cwd=cwd, start_new_session=True,
-        )
-        self.pid = self.popen.pid
+        _spawning = True
+        try:
+            self.popen = subprocess.Popen(
+                argv, stdout=self._out_f, stderr=self._err_f, stdin=subprocess.DEVNULL,
+                env=full_env, cwd=cwd, start_new_session=True,
+            )
+            self.pid = self.popen.pid
+            with _LIVE_LOCK:
+                _LIVE[self.pid] = self
+        finally:
+            _spawning = False
+            held, _held_signal = _held_signal, None
+        if held is not None:
+            signal.raise_signal(held)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -174,6 +235,8 @@ class Proc:
                 except ProcessLookupError:
                     pass
                 self.popen.wait(timeout=5)
+        with _LIVE_LOCK:
+            _LIVE.pop(self.pid, None)
         self._out_f.close()
         self._err_f.close()
 

@@ -32,6 +32,7 @@ import urllib.parse
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 from harness import AcaPy, CredoAgent, StepError, http_json, wait_until  # noqa: E402
 
 ACKED = ("PickUpV2LiveMode", "PickUpV2")  # strategies that acknowledge (messages-received)
@@ -278,7 +279,7 @@ def scenario_acapy_mediatee(ctx: Ctx) -> str:
     with step("sender starts"):
         sender.wait_ready()
     t0 = time.monotonic()
-    invitation, note = acapy_compatible(ctx.invitation)
+    invitation, note = acapy_compatible(ctx.invitation, ctx.args.mediator_name)
     with step("ACA-Py receives the mediator's invitation"):
         oob = aca.receive_invitation(invitation)
     med_conn = oob.get("connection_id")
@@ -334,14 +335,17 @@ def scenario_acapy_mediatee(ctx: Ctx) -> str:
     return f"{reason}; all delivered after {deliver_s:.1f}s{note}"
 
 
-def acapy_compatible(invitation: dict) -> tuple[dict, str]:
+def acapy_compatible(invitation: dict, mediator: str) -> tuple[dict, str]:
     """ACA-Py 1.7's receive-invitation refuses an invitation whose `services` has more than one
-    element ('service array must have exactly one element'); a mediator advertising http and ws
-    (as Credo's and mailroom's do) must be trimmed to its http service for ACA-Py. The mediator's
-    DID document, received in the DID exchange, still carries both."""
+    element ('service array must have exactly one element'). mailroom's invitation has one
+    service, so ACA-Py gets it exactly as `mailroom run` prints it: a second service there is a
+    failure, not something to trim. Other mediators advertising http and ws (Credo's) are
+    trimmed to their http service for ACA-Py; their DID documents still carry both."""
     services = invitation.get("services") or []
     if len(services) <= 1:
         return invitation, ""
+    if mediator == "mailroom":
+        raise StepError(f"mailroom's invitation has {len(services)} services: ACA-Py 1.7 refuses more than one")
     http_svc = [s for s in services if isinstance(s, dict) and str(s.get("serviceEndpoint", "")).startswith("http")]
     trimmed = dict(invitation, services=(http_svc or services)[:1])
     return trimmed, f" (note: invitation trimmed from {len(services)} services to 1 for ACA-Py)"
@@ -383,6 +387,18 @@ def known_limit(mediator: str, strategy: str, name: str) -> str | None:
     return None
 
 
+def on_termination_signal(signum, _frame):
+    if harness.spawning():
+        harness.hold_signal(signum)  # re-raised as soon as the new child is registered
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+    ended = harness.end_all()
+    print(f"interop: {signal.Signals(signum).name}: ended {len(ended)} agent processes"
+          + (f" ({', '.join(ended)})" if ended else ""), flush=True)
+    sys.exit(128 + signum)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -411,8 +427,11 @@ def main() -> int:
     ap.add_argument("--summary-file", help="also write 'PASSED FAILED' here (the caller prints the closing line)")
     ap.add_argument("--no-summary", action="store_true", help="do not print the closing 'N passed, N failed' line")
     args = ap.parse_args()
-    # SIGTERM unwinds like Ctrl-C, so each scenario's `finally` ends the agents it started.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # SIGTERM/SIGINT/SIGHUP: every agent process this run started is ended here, at once (by
+    # PID: SIGTERM, then SIGKILL after a few seconds), whatever the scenario was doing; a
+    # scenario's own cleanup can be the very thing the signal interrupts. Then exit 128+N.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_termination_signal)
 
     if args.admin_url:
         wait_until(lambda: http_json("GET", args.admin_url.rstrip("/") + args.ready_path, timeout=2) is not None,
@@ -437,10 +456,24 @@ def main() -> int:
     wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     names = {n for n, _ in SCENARIOS}
 
-    def selected(n: str) -> bool:
+    def matches(n: str, w: str) -> bool:
         # A full scenario name selects only that scenario; anything else is a name prefix.
-        return not wanted or any(n == w or (w not in names and n.startswith(w)) for w in wanted)
+        return n == w or (w not in names and n.startswith(w))
+
+    def selected(n: str) -> bool:
+        return not wanted or any(matches(n, w) for w in wanted)
     chosen = [(n, f) for n, f in SCENARIOS if selected(n)] * max(1, args.repeat)
+    # Asked for something that does not exist: a failure, not "0 passed, 0 failed".
+    unmatched = [w for w in wanted if not any(matches(n, w) for n in names)]
+    if unmatched or not chosen or args.repeat < 1:
+        why = (f"--scenarios/INTEROP_SCENARIOS entries match no scenario: {', '.join(unmatched)}" if unmatched
+               else f"no scenario selected (--repeat {args.repeat})")
+        print(f"FAIL setup: {why}; known: {', '.join(n for n, _ in SCENARIOS)}", flush=True)
+        if args.summary_file:
+            Path(args.summary_file).write_text("0 1\n")
+        if not args.no_summary:
+            print("0 passed, 1 failed", flush=True)
+        return 1
     root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mailroom-interop-"))
     root.mkdir(parents=True, exist_ok=True)
     print(f"interop: {len(chosen)} scenarios against {args.mediator_name} ({invitation_url[:60]}...), work dir {root}",
@@ -483,6 +516,12 @@ def main() -> int:
         else:
             failed += 1
         print(f"{'PASS' if ok else 'FAIL'} {name} ({dt:.1f}s): {reason}", flush=True)
+    # Every chosen scenario ran (or was skipped for a stated reason), and at least one ran.
+    ran = passed + failed
+    if ran + skipped != len(chosen) or ran == 0:
+        print(f"FAIL run: {ran} scenarios ran and {skipped} were skipped, of {len(chosen)} asked for",
+              flush=True)
+        failed += 1
     if not args.work and os.environ.get("INTEROP_KEEP") != "1" and failed == 0:
         shutil.rmtree(root, ignore_errors=True)
     elif failed:

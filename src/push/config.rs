@@ -1,0 +1,425 @@
+//! The `[push]` section of `cluster.toml` and the credentials it names.
+//!
+//! Parsing and checking only: `check-config` calls [`PushConfig::load`], which reads every
+//! credential file (or variable) and parses its key, so a bad or unreadable credential is
+//! refused before a node starts (exit 64 with the reason). Secrets are never put in an error,
+//! a log line or a `Debug` output: [`Secret`] prints as `<redacted>`.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_FCM_BASE: &str = "https://fcm.googleapis.com";
+pub const DEFAULT_APNS_BASE: &str = "https://api.push.apple.com";
+/// The OAuth2 scope of FCM HTTP v1.
+pub const FCM_SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushConfig {
+    /// Per wallet: one push now, at most one trailing push per window, seconds.
+    #[serde(default = "default_min_interval")]
+    pub min_interval_secs: u64,
+    /// One entry per Firebase project (dev/stage/prod apps); a token is tried on each until
+    /// one accepts it, and that project is remembered for the token.
+    #[serde(default)]
+    pub fcm: Vec<FcmConfig>,
+    #[serde(default)]
+    pub apns: Option<ApnsConfig>,
+    #[serde(default)]
+    pub webhook: Option<WebhookConfig>,
+    /// PEM file of extra trust anchors for provider TLS (a private PKI, or tests' stand-ins);
+    /// the public web roots are always trusted.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Timeout of one provider request, milliseconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// Tries of one push (the first included) on 429 and 5xx answers.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay, milliseconds; doubled each try, with jitter.
+    #[serde(default = "default_retry_base")]
+    pub retry_base_ms: u64,
+    /// Longest wait before a retry, milliseconds; a `Retry-After` longer than this gives up.
+    #[serde(default = "default_retry_max")]
+    pub retry_max_ms: u64,
+    /// Pushes being sent at once by one node; events beyond wait in a bounded queue.
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FcmConfig {
+    /// Google's service-account JSON (`project_id`, `client_email`, `private_key`, `token_uri`).
+    #[serde(default)]
+    pub service_account: Option<PathBuf>,
+    /// Or: the name of an environment variable holding that JSON.
+    #[serde(default)]
+    pub service_account_env: Option<String>,
+    /// `https://fcm.googleapis.com` by default; `http://` allowed for local stand-ins.
+    #[serde(default = "default_fcm_base")]
+    pub base_url: String,
+    /// A visible notification's title and body; without them the push is data-only.
+    #[serde(default)]
+    pub notification_title: Option<String>,
+    #[serde(default)]
+    pub notification_body: Option<String>,
+    /// Collapse key: pushes of one wallet not yet delivered replace each other.
+    #[serde(default = "default_collapse")]
+    pub collapse_key: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApnsConfig {
+    /// The `.p8` signing key (PKCS#8 PEM, P-256) from Apple.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Or: the name of an environment variable holding that PEM.
+    #[serde(default)]
+    pub key_env: Option<String>,
+    pub key_id: String,
+    pub team_id: String,
+    /// The app's bundle id (`apns-topic`).
+    pub topic: String,
+    #[serde(default = "default_apns_base")]
+    pub base_url: String,
+    /// `apns-push-type`: "alert" (visible, priority 10) or "background" (silent, priority 5).
+    #[serde(default = "default_push_type")]
+    pub push_type: String,
+    #[serde(default)]
+    pub alert_title: Option<String>,
+    #[serde(default)]
+    pub alert_body: Option<String>,
+    /// `apns-collapse-id`.
+    #[serde(default = "default_collapse")]
+    pub collapse_id: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    /// HMAC-SHA256 key of the `X-Mailroom-Signature` header.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Or: the name of an environment variable holding it.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+}
+
+fn default_min_interval() -> u64 {
+    60
+}
+fn default_timeout() -> u64 {
+    10_000
+}
+fn default_attempts() -> u32 {
+    5
+}
+fn default_retry_base() -> u64 {
+    500
+}
+fn default_retry_max() -> u64 {
+    60_000
+}
+fn default_in_flight() -> usize {
+    64
+}
+fn default_fcm_base() -> String {
+    DEFAULT_FCM_BASE.into()
+}
+fn default_apns_base() -> String {
+    DEFAULT_APNS_BASE.into()
+}
+fn default_collapse() -> String {
+    "mailroom".into()
+}
+fn default_push_type() -> String {
+    "alert".into()
+}
+
+/// A secret value: never printed.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A Firebase project's service account, parsed and its key checked.
+#[derive(Clone, Debug)]
+pub struct ServiceAccount {
+    pub project_id: String,
+    pub client_email: String,
+    pub private_key_id: Option<String>,
+    /// PKCS#8 PEM of the RSA key.
+    pub private_key: Secret,
+    pub token_uri: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct FcmProject {
+    pub account: ServiceAccount,
+    pub base_url: String,
+    pub notification: Option<(String, String)>,
+    pub collapse_key: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct ApnsCredentials {
+    pub key_pem: Secret,
+    pub key_id: String,
+    pub team_id: String,
+    pub topic: String,
+    pub base_url: String,
+    pub push_type: String,
+    pub alert: (Option<String>, Option<String>),
+    pub collapse_id: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct WebhookCredentials {
+    pub url: String,
+    pub secret: Secret,
+}
+
+/// Everything a node needs to send pushes, loaded and checked.
+#[derive(Clone, Debug)]
+pub struct PushSettings {
+    pub min_interval_ms: i64,
+    pub fcm: Vec<FcmProject>,
+    pub apns: Option<ApnsCredentials>,
+    pub webhook: Option<WebhookCredentials>,
+    /// DER certificates of the extra trust anchors.
+    pub extra_roots: Vec<Vec<u8>>,
+    pub timeout_ms: u64,
+    pub max_attempts: u32,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    pub max_in_flight: usize,
+}
+
+fn check_url(what: &str, u: &str) -> Result<(), String> {
+    match url::Url::parse(u) {
+        Ok(p) if (p.scheme() == "https" || p.scheme() == "http") && p.host().is_some() => Ok(()),
+        _ => Err(format!("{what} {u:?} must be an https:// (or http://) URL")),
+    }
+}
+
+/// Reads a file or a variable, one of which must be named. The error names the source, never
+/// the content.
+fn read_source(what: &str, file: &Option<PathBuf>, env: &Option<String>) -> Result<String, String> {
+    match (file, env) {
+        (Some(_), Some(_)) => Err(format!("{what}: set the file or the variable, not both")),
+        (None, None) => Err(format!("{what}: a file or a variable is required")),
+        (Some(p), None) => read_file(what, p),
+        (None, Some(v)) => match std::env::var(v) {
+            Ok(s) if !s.trim().is_empty() => Ok(s),
+            _ => Err(format!("{what}: environment variable {v} is not set")),
+        },
+    }
+}
+
+fn read_file(what: &str, p: &Path) -> Result<String, String> {
+    std::fs::read_to_string(p).map_err(|e| format!("{what}: cannot read {}: {e}", p.display()))
+}
+
+/// Parses Google's service-account JSON and checks its key signs.
+pub fn parse_service_account(json: &str) -> Result<ServiceAccount, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("not JSON (line {}, column {})", e.line(), e.column()))?;
+    let field = |k: &str| -> Result<String, String> {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| format!("lacks the string field `{k}`"))
+    };
+    if let Some(t) = v.get("type").and_then(|t| t.as_str()) {
+        if t != "service_account" {
+            return Err(format!("`type` is {t:?}, not \"service_account\""));
+        }
+    }
+    let project_id = field("project_id")?;
+    let client_email = field("client_email")?;
+    let private_key = field("private_key")?;
+    let token_uri = field("token_uri")?;
+    check_url("token_uri", &token_uri)?;
+    jsonwebtoken::EncodingKey::from_rsa_pem(private_key.as_bytes())
+        .map_err(|_| "`private_key` is not an RSA private key in PEM".to_string())?;
+    Ok(ServiceAccount {
+        project_id,
+        client_email,
+        private_key_id: v.get("private_key_id").and_then(|x| x.as_str()).map(str::to_owned),
+        private_key: Secret(private_key),
+        token_uri,
+    })
+}
+
+impl PushConfig {
+    /// Checks the section and loads every credential it names.
+    pub fn load(&self) -> Result<PushSettings, String> {
+        if self.fcm.is_empty() && self.apns.is_none() && self.webhook.is_none() {
+            return Err("[push] names no provider: add [[push.fcm]], [push.apns] or [push.webhook]".into());
+        }
+        if self.max_attempts == 0 || self.max_attempts > 20 {
+            return Err("push.max_attempts must be 1..=20".into());
+        }
+        if self.timeout_ms < 100 || self.retry_base_ms == 0 || self.retry_max_ms < self.retry_base_ms {
+            return Err("push.timeout_ms must be >= 100 and 0 < push.retry_base_ms <= push.retry_max_ms".into());
+        }
+        if self.max_in_flight == 0 {
+            return Err("push.max_in_flight must be at least 1".into());
+        }
+        if self.min_interval_secs > 86_400 {
+            return Err("push.min_interval_secs must be at most 86400".into());
+        }
+        let mut fcm = Vec::new();
+        for (i, f) in self.fcm.iter().enumerate() {
+            let what = format!("push.fcm[{i}].service_account");
+            let json = read_source(&what, &f.service_account, &f.service_account_env)?;
+            let account = parse_service_account(&json).map_err(|e| format!("{what}: {e}"))?;
+            check_url(&format!("push.fcm[{i}].base_url"), &f.base_url)?;
+            if fcm
+                .iter()
+                .any(|p: &FcmProject| p.account.project_id == account.project_id)
+            {
+                return Err(format!("{what}: project {:?} is listed twice", account.project_id));
+            }
+            let notification = match (&f.notification_title, &f.notification_body) {
+                (None, None) => None,
+                (t, b) => Some((t.clone().unwrap_or_default(), b.clone().unwrap_or_default())),
+            };
+            fcm.push(FcmProject {
+                account,
+                base_url: f.base_url.trim_end_matches('/').to_string(),
+                notification,
+                collapse_key: f.collapse_key.clone(),
+            });
+        }
+        let apns = match &self.apns {
+            None => None,
+            Some(a) => {
+                let pem = read_source("push.apns.key_file", &a.key_file, &a.key_env)?;
+                jsonwebtoken::EncodingKey::from_ec_pem(pem.as_bytes())
+                    .map_err(|_| "push.apns.key_file: not a P-256 private key in PEM (.p8)".to_string())?;
+                let token_ok = |s: &str| !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_alphanumeric());
+                if !token_ok(&a.key_id) || !token_ok(&a.team_id) {
+                    return Err("push.apns.key_id and team_id must be Apple's short alphanumeric ids".into());
+                }
+                if a.topic.is_empty() {
+                    return Err("push.apns.topic (the app's bundle id) is required".into());
+                }
+                if a.push_type != "alert" && a.push_type != "background" {
+                    return Err(format!(
+                        "push.apns.push_type {:?} is not \"alert\" or \"background\"",
+                        a.push_type
+                    ));
+                }
+                check_url("push.apns.base_url", &a.base_url)?;
+                Some(ApnsCredentials {
+                    key_pem: Secret(pem),
+                    key_id: a.key_id.clone(),
+                    team_id: a.team_id.clone(),
+                    topic: a.topic.clone(),
+                    base_url: a.base_url.trim_end_matches('/').to_string(),
+                    push_type: a.push_type.clone(),
+                    alert: (a.alert_title.clone(), a.alert_body.clone()),
+                    collapse_id: a.collapse_id.clone(),
+                })
+            }
+        };
+        let webhook = match &self.webhook {
+            None => None,
+            Some(w) => {
+                check_url("push.webhook.url", &w.url)?;
+                let secret = match (&w.secret, &w.secret_env) {
+                    (Some(_), Some(_)) => return Err("push.webhook: set secret or secret_env, not both".into()),
+                    (Some(s), None) => s.clone(),
+                    (None, Some(v)) => std::env::var(v)
+                        .map_err(|_| format!("push.webhook.secret_env: environment variable {v} is not set"))?,
+                    (None, None) => return Err("push.webhook: secret or secret_env is required".into()),
+                };
+                if secret.len() < 16 {
+                    return Err("push.webhook secret must be at least 16 characters".into());
+                }
+                Some(WebhookCredentials {
+                    url: w.url.clone(),
+                    secret: Secret(secret),
+                })
+            }
+        };
+        let mut extra_roots = Vec::new();
+        if let Some(p) = &self.ca_file {
+            use rustls_pki_types::pem::PemObject;
+            let pem = std::fs::read(p).map_err(|e| format!("push.ca_file: cannot read {}: {e}", p.display()))?;
+            for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+                let c = c.map_err(|e| format!("push.ca_file {}: {e}", p.display()))?;
+                extra_roots.push(c.as_ref().to_vec());
+            }
+            if extra_roots.is_empty() {
+                return Err(format!("push.ca_file {}: no certificate in it", p.display()));
+            }
+        }
+        Ok(PushSettings {
+            min_interval_ms: (self.min_interval_secs * 1000) as i64,
+            fcm,
+            apns,
+            webhook,
+            extra_roots,
+            timeout_ms: self.timeout_ms,
+            max_attempts: self.max_attempts,
+            retry_base_ms: self.retry_base_ms,
+            retry_max_ms: self.retry_max_ms,
+            max_in_flight: self.max_in_flight,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Wrapper {
+        push: PushConfig,
+    }
+
+    /// Every `[push]` example of the README parses with the names outside tests drive.
+    #[test]
+    fn readme_push_examples_parse() {
+        let readme = include_str!("../../README.md");
+        let mut n = 0;
+        for block in readme.split("```toml").skip(1) {
+            let block = block.split("```").next().unwrap();
+            if !block.contains("[push]") {
+                continue;
+            }
+            let w: Wrapper = toml::from_str(block).unwrap_or_else(|e| panic!("{block}: {e}"));
+            n += 1;
+            if let Some(a) = &w.push.apns {
+                assert_eq!((a.key_id.as_str(), a.team_id.as_str()), ("ABC123DEFG", "DEF123GHIJ"));
+            }
+        }
+        assert_eq!(n, 3, "one example per provider");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret("-----BEGIN PRIVATE KEY-----".into());
+        assert_eq!(format!("{s:?}"), "<redacted>");
+        assert!(parse_service_account("{\"private_key\": \"MIIsecret\"")
+            .unwrap_err()
+            .contains("not JSON"));
+        let e = parse_service_account(
+            r#"{"type":"service_account","project_id":"p","client_email":"e@x","token_uri":"https://oauth2.googleapis.com/token","private_key":"-----BEGIN PRIVATE KEY-----\nMIIsecret\n-----END PRIVATE KEY-----\n"}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("not an RSA private key") && !e.contains("MIIsecret"), "{e}");
+    }
+}

@@ -1,0 +1,550 @@
+//! Waking offline wallets: push notifications through FCM, APNs and a signed webhook.
+//!
+//! Owns: the `[push]` settings ([`config`]), the decision *when* to push ([`schedule`], pure),
+//! one sender per provider ([`fcm`], [`apns`], [`webhook`]) and the node's push worker.
+//!
+//! Flow: a forward is committed and answered 2xx; the node that accepted it finds no live
+//! session of the wallet on any node (its registry, then the cluster directory) and calls
+//! [`PushHandle::queued`], which never waits: the event goes through a bounded channel to the
+//! worker, which runs on a thread (actix arbiter) of its own with its own HTTP/2 client. There
+//! the wallet's push window, kept in the store and shared by every node
+//! ([`crate::store::Store::push_event`]), lets one push through at once and folds a burst into
+//! at most one trailing push per window, whichever nodes the forwards landed on; every node
+//! polls for due trailing pushes, each taken by one node, so a node that dies leaves its
+//! trailing pushes to the others. A trailing push checks again that no session appeared and
+//! that mail is still queued. A push is retried on 429/5xx with backoff (honouring `Retry-After`),
+//! and a token the provider calls dead is forgotten in the store. Nothing here touches the
+//! queue, and a push that is slow or fails never delays or fails a forward.
+//!
+//! Exactly one node sends for a queued event: only the node that accepted the forward calls
+//! `queued`, and only when no node holds a session.
+//!
+//! Must not: block the caller, log a device token or a credential in full, touch the queue.
+
+pub mod apns;
+pub mod config;
+pub mod fcm;
+pub mod schedule;
+pub mod webhook;
+
+use crate::store::{Device, PushService, PushSlot, Store};
+use futures_util::future::BoxFuture;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+pub use config::{PushConfig, PushSettings};
+
+/// Events waiting for the worker; beyond it events are dropped and counted (the store still
+/// holds the mail, and the next event of that wallet pushes).
+pub const EVENT_QUEUE: usize = 65_536;
+
+/// A device token as logs and the admin API show it: its first characters and its length.
+pub fn redact(token: &str) -> String {
+    let head: String = token.chars().take(6).collect();
+    format!("{head}…({} chars)", token.chars().count())
+}
+
+pub(crate) fn unix_now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One push to send.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub conn: String,
+    pub service: PushService,
+    pub token: String,
+    pub platform: Option<String>,
+    /// Messages queued for the wallet when the push is sent.
+    pub count: u64,
+}
+
+/// What a provider made of one try.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Sent,
+    Retry {
+        retry_after_ms: Option<u64>,
+        reason: String,
+    },
+    /// The provider says the token is dead: forget it.
+    Dead(String),
+    Failed(String),
+}
+
+/// A provider's HTTP answer.
+pub struct HttpAnswer {
+    pub status: u16,
+    pub retry_after_ms: Option<u64>,
+    pub body: Vec<u8>,
+}
+
+/// The HTTP client of the push thread (HTTP/2 over TLS where the server offers it).
+pub struct Transport {
+    client: awc::Client,
+}
+
+impl Transport {
+    pub fn new(s: &PushSettings) -> Result<Transport, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for der in &s.extra_roots {
+            roots
+                .add(rustls_pki_types::CertificateDer::from(der.clone()))
+                .map_err(|e| format!("push.ca_file: {e}"))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let timeout = Duration::from_millis(s.timeout_ms);
+        let connector = awc::Connector::new()
+            .rustls_0_23(Arc::new(tls))
+            .timeout(timeout)
+            .limit(s.max_in_flight.max(16));
+        let client = awc::Client::builder()
+            .connector(connector)
+            .timeout(timeout)
+            .disable_redirects()
+            .finish();
+        Ok(Transport { client })
+    }
+
+    pub async fn post(&self, url: &str, headers: Vec<(String, String)>, body: Vec<u8>) -> Result<HttpAnswer, String> {
+        let mut req = self.client.post(url);
+        for (k, v) in &headers {
+            req = req.insert_header((k.as_str(), v.as_str()));
+        }
+        let host = url::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .unwrap_or_default();
+        let mut resp = req.send_body(body).await.map_err(|e| format!("{host}: {e}"))?;
+        let status = resp.status().as_u16();
+        let retry_after_ms = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| schedule::parse_retry_after(v, unix_now_s()));
+        let body = resp
+            .body()
+            .limit(256 * 1024)
+            .await
+            .map(|b| b.to_vec())
+            .unwrap_or_default();
+        Ok(HttpAnswer {
+            status,
+            retry_after_ms,
+            body,
+        })
+    }
+}
+
+/// Whether a wallet has a live session anywhere in the cluster (implemented by the node over
+/// its registry and the cluster directory).
+pub trait Presence: Send + Sync + 'static {
+    fn online<'a>(&'a self, conn: &'a str) -> BoxFuture<'a, bool>;
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderResult {
+    pub provider: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabel {
+    pub provider: String,
+}
+
+/// `mailroom_push_*` metrics.
+#[derive(Clone)]
+pub struct PushMetrics {
+    /// Tries by provider and result: sent, retry, gave_up, dead_token, failed, no_provider.
+    pub total: Family<ProviderResult, Counter>,
+    /// Queued event to the provider's 2xx, seconds (retries included).
+    pub latency: Family<ProviderLabel, Histogram, fn() -> Histogram>,
+    /// Events folded into a trailing push.
+    pub coalesced: Counter,
+    /// Tokens forgotten because the provider called them dead.
+    pub dropped_tokens: Counter,
+    /// Events dropped because the worker's queue was full.
+    pub overflow: Counter,
+}
+
+impl Default for PushMetrics {
+    fn default() -> Self {
+        PushMetrics {
+            total: Family::default(),
+            latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16))),
+            coalesced: Counter::default(),
+            dropped_tokens: Counter::default(),
+            overflow: Counter::default(),
+        }
+    }
+}
+
+impl PushMetrics {
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "push",
+            "Push notification tries by provider and result",
+            self.total.clone(),
+        );
+        r.register(
+            "push_latency_seconds",
+            "From the queued message to the provider's acceptance of its push",
+            self.latency.clone(),
+        );
+        r.register(
+            "push_coalesced",
+            "Queued messages folded into a wallet's trailing push",
+            self.coalesced.clone(),
+        );
+        r.register(
+            "push_dropped_tokens",
+            "Device tokens forgotten because the provider called them dead",
+            self.dropped_tokens.clone(),
+        );
+        r.register(
+            "push_overflow",
+            "Push events dropped because the push queue was full",
+            self.overflow.clone(),
+        );
+    }
+
+    fn count(&self, provider: &str, result: &str) {
+        self.total
+            .get_or_create(&ProviderResult {
+                provider: provider.into(),
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// Sum over results of one provider (status page, tests).
+    pub fn sent(&self, provider: &str) -> u64 {
+        self.total
+            .get_or_create(&ProviderResult {
+                provider: provider.into(),
+                result: "sent".into(),
+            })
+            .get()
+    }
+}
+
+enum Cmd {
+    Queued { conn: String, at: Instant },
+    Stop,
+}
+
+/// The node's handle on its push worker. Cheap to clone; never blocks.
+#[derive(Clone)]
+pub struct PushHandle {
+    tx: mpsc::Sender<Cmd>,
+    metrics: PushMetrics,
+}
+
+impl PushHandle {
+    /// A message was queued for `conn` and no node holds a session of it.
+    pub fn queued(&self, conn: &str) {
+        let cmd = Cmd::Queued {
+            conn: conn.to_string(),
+            at: Instant::now(),
+        };
+        if self.tx.try_send(cmd).is_err() {
+            self.metrics.overflow.inc();
+        }
+    }
+
+    /// Stops the worker (node shutdown); pushes in flight are abandoned.
+    pub fn stop(&self) {
+        let _ = self.tx.try_send(Cmd::Stop);
+    }
+}
+
+/// What the worker needs, besides its settings.
+pub struct Deps {
+    pub store: Arc<dyn Store>,
+    pub presence: Arc<dyn Presence>,
+    pub metrics: PushMetrics,
+    pub node_id: String,
+}
+
+/// Starts the push worker on an arbiter (thread) of its own. Fails on credentials that do not
+/// load (they were checked by `check-config` already).
+pub fn start(settings: PushSettings, deps: Deps) -> Result<PushHandle, String> {
+    // Build once here so a bad key is an error of the node's start, not a silent thread.
+    fcm::Fcm::new(&settings.fcm)?;
+    if let Some(a) = &settings.apns {
+        apns::Apns::new(a)?;
+    }
+    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+    let metrics = deps.metrics.clone();
+    let arbiter = actix_rt::Arbiter::new();
+    let handle = arbiter.handle();
+    let ok = handle.spawn_fn(move || {
+        actix_rt::spawn(async move {
+            worker(settings, deps, rx).await;
+            actix_rt::Arbiter::current().stop();
+        });
+    });
+    if !ok {
+        return Err("push worker thread did not start".into());
+    }
+    Ok(PushHandle { tx, metrics })
+}
+
+struct Ctx {
+    settings: PushSettings,
+    store: Arc<dyn Store>,
+    presence: Arc<dyn Presence>,
+    metrics: PushMetrics,
+    node_id: String,
+    transport: Transport,
+    fcm: fcm::Fcm,
+    apns: Option<apns::Apns>,
+    slots: tokio::sync::Semaphore,
+}
+
+async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>) {
+    let built = (|| -> Result<Ctx, String> {
+        let transport = Transport::new(&settings)?;
+        Ok(Ctx {
+            fcm: fcm::Fcm::new(&settings.fcm)?,
+            apns: settings.apns.as_ref().map(apns::Apns::new).transpose()?,
+            slots: tokio::sync::Semaphore::new(settings.max_in_flight),
+            transport,
+            store: deps.store.clone(),
+            presence: deps.presence.clone(),
+            metrics: deps.metrics.clone(),
+            node_id: deps.node_id.clone(),
+            settings: settings.clone(),
+        })
+    })();
+    let ctx = match built {
+        Ok(c) => Rc::new(c),
+        Err(e) => {
+            tracing::error!("push worker not started: {e}");
+            return;
+        }
+    };
+    let window = settings.min_interval_ms;
+    // Trailing pushes are due at most this late (any node's poll may take them).
+    let mut poll = tokio::time::interval(Duration::from_millis((window as u64 / 4).clamp(50, 1000)));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::info!(
+        fcm_projects = settings.fcm.len(),
+        apns = settings.apns.is_some(),
+        webhook = settings.webhook.is_some(),
+        min_interval_ms = window,
+        "push notifications on"
+    );
+    loop {
+        tokio::select! {
+            cmd = rx.recv() => match cmd {
+                None | Some(Cmd::Stop) => break,
+                Some(Cmd::Queued { conn, at }) => {
+                    actix_rt::spawn(on_event(ctx.clone(), conn, at));
+                }
+            },
+            _ = poll.tick(), if window > 0 => {
+                let now = crate::protocols::now_ms();
+                // Windows idle for twice their length are forgotten.
+                match ctx.store.push_take_due(now, now - 2 * window, TAKE_DUE_BATCH).await {
+                    Ok(due) => {
+                        for conn in due {
+                            actix_rt::spawn(push_one(ctx.clone(), conn, Instant::now(), None));
+                        }
+                    }
+                    Err(e) => tracing::warn!("push: trailing pushes not polled: {e}"),
+                }
+            }
+        }
+    }
+    tracing::info!("push worker stopped");
+}
+
+/// Trailing pushes one poll takes at most.
+const TAKE_DUE_BATCH: usize = 256;
+
+/// One queued event: a wallet with a device registration gets a push now, or the event is
+/// folded into its window's trailing push (the window is shared by every node).
+async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant) {
+    let device = match ctx.store.device_of(&conn).await {
+        Ok(Some(d)) => d,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(connection = %conn, "push skipped: store unavailable: {e}");
+            ctx.metrics.count("store", "failed");
+            return;
+        }
+    };
+    let window = ctx.settings.min_interval_ms;
+    let slot = if window == 0 {
+        PushSlot::Now
+    } else {
+        match ctx.store.push_event(&conn, crate::protocols::now_ms(), window).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Better a push too many than a wallet left asleep.
+                tracing::warn!(connection = %conn, "push window unavailable, pushing: {e}");
+                PushSlot::Now
+            }
+        }
+    };
+    match slot {
+        PushSlot::Now => push_one(ctx, conn, at, Some(device)).await,
+        PushSlot::Trailing { .. } => {
+            ctx.metrics.coalesced.inc();
+        }
+    }
+}
+
+/// Sends the push of one event, with retries, to the wallet's provider and the webhook.
+/// `device` is the registration read for an immediate push; `None` for a trailing push, which
+/// goes out a window later and checks again.
+async fn push_one(ctx: Rc<Ctx>, conn: String, at: Instant, device: Option<Device>) {
+    let Ok(_slot) = ctx.slots.acquire().await else {
+        return;
+    };
+    let trailing = device.is_none();
+    // A trailing push goes out a window later: the wallet may be back, or have picked up.
+    if trailing && ctx.presence.online(&conn).await {
+        return;
+    }
+    let device = match device {
+        Some(d) => d,
+        None => match ctx.store.device_of(&conn).await {
+            Ok(Some(d)) => d,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(connection = %conn, "push skipped: store unavailable: {e}");
+                ctx.metrics.count("store", "failed");
+                return;
+            }
+        },
+    };
+    let count = match ctx.store.queue_stats(&conn, crate::protocols::now_ms()).await {
+        Ok(q) => q.pending + q.leased,
+        Err(_) => 1,
+    };
+    if trailing && count == 0 {
+        return;
+    }
+    let ev = Event {
+        conn: conn.clone(),
+        service: device.service,
+        token: device.token.clone(),
+        platform: device.platform.clone(),
+        count,
+    };
+    let provider = match (device.service, ctx.fcm.is_empty(), ctx.apns.is_some()) {
+        (PushService::Fcm, false, _) => Some("fcm"),
+        (PushService::Apns, _, true) => Some("apns"),
+        _ => None,
+    };
+    let main = async {
+        match provider {
+            Some(p) => with_retries(&ctx, p, &ev, at).await,
+            None if ctx.settings.webhook.is_none() => {
+                ctx.metrics.count(device.service.as_str(), "no_provider");
+                tracing::debug!(connection = %conn, service = device.service.as_str(), "no provider configured for this device");
+            }
+            None => {}
+        }
+    };
+    let hook = async {
+        if ctx.settings.webhook.is_some() {
+            with_retries(&ctx, "webhook", &ev, at).await;
+        }
+    };
+    futures_util::join!(main, hook);
+}
+
+async fn try_once(ctx: &Ctx, provider: &str, ev: &Event) -> Outcome {
+    match provider {
+        "fcm" => ctx.fcm.send(&ctx.transport, ev).await,
+        "apns" => match &ctx.apns {
+            Some(a) => a.send(&ctx.transport, ev).await,
+            None => Outcome::Failed("APNs not configured".into()),
+        },
+        _ => match &ctx.settings.webhook {
+            Some(w) => webhook::send(&ctx.transport, w, &ctx.node_id, ev).await,
+            None => Outcome::Failed("webhook not configured".into()),
+        },
+    }
+}
+
+async fn with_retries(ctx: &Ctx, provider: &str, ev: &Event, at: Instant) {
+    let s = &ctx.settings;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match try_once(ctx, provider, ev).await {
+            Outcome::Sent => {
+                ctx.metrics.count(provider, "sent");
+                ctx.metrics
+                    .latency
+                    .get_or_create(&ProviderLabel {
+                        provider: provider.into(),
+                    })
+                    .observe(at.elapsed().as_secs_f64());
+                tracing::debug!(connection = %ev.conn, provider, count = ev.count, "push sent");
+                return;
+            }
+            Outcome::Dead(reason) => {
+                ctx.metrics.count(provider, "dead_token");
+                // The webhook cannot call a token dead; a provider can.
+                match ctx.store.forget_device_token(&ev.conn, &ev.token).await {
+                    Ok(true) => {
+                        ctx.metrics.dropped_tokens.inc();
+                        tracing::info!(connection = %ev.conn, provider, token = %redact(&ev.token), "device token forgotten: {reason}");
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(connection = %ev.conn, "dead device token not forgotten: {e}"),
+                }
+                return;
+            }
+            Outcome::Failed(reason) => {
+                ctx.metrics.count(provider, "failed");
+                tracing::warn!(connection = %ev.conn, provider, "push failed: {reason}");
+                return;
+            }
+            Outcome::Retry { retry_after_ms, reason } => {
+                let jitter: f64 = rand::random();
+                match schedule::retry_delay(
+                    attempt,
+                    s.max_attempts,
+                    retry_after_ms,
+                    s.retry_base_ms,
+                    s.retry_max_ms,
+                    jitter,
+                ) {
+                    Some(d) => {
+                        ctx.metrics.count(provider, "retry");
+                        tracing::debug!(connection = %ev.conn, provider, attempt, delay_ms = d, "push retried: {reason}");
+                        tokio::time::sleep(Duration::from_millis(d)).await;
+                    }
+                    None => {
+                        ctx.metrics.count(provider, "gave_up");
+                        tracing::warn!(connection = %ev.conn, provider, attempt, "push given up: {reason}");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,571 @@
+//! Push notifications end to end: real nodes, a wallet registering its device over DIDComm,
+//! forwards from a sender, and local HTTPS stand-ins for Google's OAuth2 and FCM endpoints,
+//! APNs (HTTP/2) and a webhook, which check every request as the real ones would.
+
+mod common;
+#[path = "common/push.rs"]
+mod standin;
+
+use common::cluster::*;
+use common::*;
+use mailroom::client::{basic_message, Agent, Sender, WsClient};
+use mailroom::config::Strategy;
+use mailroom::didcomm::keys::KeyPair;
+use mailroom::didcomm::message::new_id;
+use mailroom::node::RunningNode;
+use serde_json::{json, Value};
+use standin::{Hit, Reply, StandIn};
+use std::time::{Duration, Instant};
+
+const FCM: &str = "push-notifications-fcm";
+const APNS: &str = "push-notifications-apns";
+
+async fn set_device(a: &Agent, family: &str, token: Value, platform: Option<&str>) -> Value {
+    let mut m = json!({
+        "@type": format!("https://didcomm.org/{family}/1.0/set-device-info"),
+        "@id": new_id(),
+        "device_token": token,
+        "~transport": { "return_route": "all" },
+    });
+    if family == FCM {
+        m["device_platform"] = json!(platform);
+    }
+    a.request(&m).await.unwrap().expect("a reply to set-device-info")
+}
+
+async fn get_device(a: &Agent, family: &str) -> Value {
+    a.request(&json!({
+        "@type": format!("https://didcomm.org/{family}/1.0/get-device-info"),
+        "@id": new_id(),
+        "~transport": { "return_route": "all" },
+    }))
+    .await
+    .unwrap()
+    .expect("a reply to get-device-info")
+}
+
+async fn forward(n: &RunningNode, a: &Agent, k: &KeyPair, text: &str) {
+    let routing = a.grant.as_ref().unwrap().routing_keys.clone();
+    let status = Sender::new()
+        .forward(&n.public_url(), &basic_message(text), &k.verkey(), &routing)
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "forward accepted");
+}
+
+async fn metric(n: &RunningNode, name: &str) -> f64 {
+    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn wait_hits(si: &StandIn, kind: &str, n: usize) -> Vec<Hit> {
+    eventually(&format!("{n} {kind} request(s) at the stand-in"), || async {
+        let h = si.state.hits(kind);
+        (h.len() >= n).then_some(h)
+    })
+    .await
+}
+
+fn assert_clean(hits: &[Hit]) {
+    for h in hits {
+        assert!(h.problems.is_empty(), "{} {}: {:?}", h.kind, h.path, h.problems);
+    }
+}
+
+async fn push_node(
+    si: &StandIn,
+    min_interval: u64,
+    projects: &[&str],
+    webhook: bool,
+) -> (tempfile::TempDir, RunningNode, Agent, KeyPair) {
+    let pc = si.push_config(min_interval, projects, webhook);
+    node_with_wallet(Strategy::QueueAndLiveModeDelivery, move |c| c.push = Some(pc)).await
+}
+
+/// The whole FCM path: registration over DIDComm (ack, device-info, admin view redacted),
+/// the RS256 grant verified against the service account's public key, the message's shape,
+/// the access token reused, and a burst folded into the trailing push.
+#[actix_rt::test]
+async fn fcm_registration_grant_and_message() {
+    let si = StandIn::start();
+    let (_d, n, a, k) = push_node(&si, 60, &["proj-a"], false).await;
+    let token = "fcm-token-0123456789-abcdefghijklmnopqrstuvwxyz";
+
+    let ack = set_device(&a, FCM, json!(token), Some("ios")).await;
+    assert_eq!(
+        ack["@type"], "https://didcomm.org/push-notifications-fcm/1.0/ack",
+        "{ack}"
+    );
+    let info = get_device(&a, FCM).await;
+    assert_eq!(type_name(&info), "device-info", "{info}");
+    assert_eq!(info["device_token"], token);
+    assert_eq!(info["device_platform"], "ios");
+    let conns = get_json(&format!("{}/connections", n.admin_url())).await;
+    let shown = conns["connections"][0]["push"].clone();
+    assert_eq!(shown["service"], "fcm");
+    assert!(
+        !shown.to_string().contains(token),
+        "the admin API shows the token redacted: {shown}"
+    );
+
+    forward(&n, &a, &k, "first").await;
+    let hits = wait_hits(&si, "fcm:", 1).await;
+    assert_clean(&hits);
+    assert_clean(&si.state.hits("token"));
+    assert_eq!(si.state.hits("token").len(), 1);
+    let h = &hits[0];
+    assert_eq!(h.path, "/v1/projects/proj-a/messages:send");
+    let m = &h.body["message"];
+    assert_eq!(m["token"], token);
+    assert_eq!(m["data"]["message_count"], "1");
+    assert_eq!(m["notification"]["title"], "New message");
+    assert_eq!(m["android"]["priority"], "high");
+    // An iOS token through FCM carries APNs headers.
+    assert_eq!(m["apns"]["headers"]["apns-push-type"], "alert");
+    assert!(m["apns"]["headers"]["apns-collapse-id"].is_string());
+
+    // A burst inside the window: every event folded into the trailing push, none sent now.
+    let texts: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
+    let sends: Vec<_> = texts.iter().map(|t| forward(&n, &a, &k, t)).collect();
+    futures_util::future::join_all(sends).await;
+    eventually("10 events coalesced", || async {
+        (metric(&n, "mailroom_push_coalesced_total").await >= 10.0).then_some(())
+    })
+    .await;
+    assert_eq!(si.state.hits("fcm:").len(), 1, "one push per window");
+    assert_eq!(
+        metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"sent\"}").await,
+        1.0
+    );
+    let status = get_json(&format!("{}/status", n.admin_url())).await;
+    assert_eq!(status["push"]["enabled"], true, "{status}");
+    assert_eq!(status["push"]["sent"]["fcm"], 1);
+    assert_eq!(status["push"]["coalesced"], 10);
+
+    // Unregister with "" (BC Wallet): get-device-info now says not registered.
+    let ack = set_device(&a, FCM, json!(""), None).await;
+    assert_eq!(type_name(&ack), "ack");
+    let info = get_device(&a, FCM).await;
+    assert_eq!(
+        info["description"]["code"], "not-registered-for-push-notifications",
+        "{info}"
+    );
+}
+
+/// An offline wallet and a burst of forwards: one push at once and one trailing push at the
+/// window's end that counts every message; nothing more.
+#[actix_rt::test]
+async fn burst_gives_one_push_now_and_one_trailing() {
+    let si = StandIn::start();
+    let (_d, n, a, k) = push_node(&si, 2, &["proj-a"], false).await;
+    set_device(&a, FCM, json!("burst-token"), Some("android")).await;
+    let started = Instant::now();
+    let texts: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
+    let sends: Vec<_> = texts.iter().map(|t| forward(&n, &a, &k, t)).collect();
+    futures_util::future::join_all(sends).await;
+    let burst = started.elapsed();
+    let hits = wait_hits(&si, "fcm:", 2).await;
+    assert_clean(&hits);
+    let window = Duration::from_secs(2);
+    let first = hits[0].at;
+    assert!(
+        hits[1].at >= first + window - Duration::from_millis(50),
+        "the trailing push waits for the window"
+    );
+    assert_eq!(
+        hits[1].body["message"]["data"]["message_count"], "30",
+        "the trailing push counts every message"
+    );
+    if burst < window {
+        assert_eq!(
+            metric(&n, "mailroom_push_coalesced_total").await,
+            29.0,
+            "29 of 30 events folded into the trailing push"
+        );
+    }
+    // Nothing else is scheduled: the worker has no more events and the window closed.
+    eventually("the trailing push counted", || async {
+        (metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"sent\"}").await == 2.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(window + Duration::from_millis(500)).await;
+    assert_eq!(si.state.hits("fcm:").len(), 2, "one push now, one trailing, no more");
+}
+
+/// 429 with Retry-After, then 500, then 200: retried with backoff honouring Retry-After, the
+/// cached access token reused.
+#[actix_rt::test]
+async fn retries_honour_retry_after_then_succeed() {
+    let si = StandIn::start();
+    let (_d, n, a, k) = push_node(&si, 0, &["proj-a"], false).await;
+    set_device(&a, FCM, json!("retry-token"), Some("android")).await;
+    si.state.script(
+        "fcm:proj-a",
+        vec![
+            Reply::new(429, json!({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [{"errorCode": "QUOTA_EXCEEDED"}]}}))
+                .retry_after("1"),
+            Reply::new(500, json!({"error": {"code": 500, "status": "INTERNAL"}})),
+        ],
+    );
+    forward(&n, &a, &k, "x").await;
+    let hits = wait_hits(&si, "fcm:", 3).await;
+    assert_clean(&hits);
+    assert_eq!((hits[0].status, hits[1].status, hits[2].status), (429, 500, 200));
+    assert!(
+        hits[1].at.duration_since(hits[0].at) >= Duration::from_millis(950),
+        "Retry-After: 1 honoured ({:?})",
+        hits[1].at.duration_since(hits[0].at)
+    );
+    assert_eq!(si.state.hits("token").len(), 1, "one access token for the three tries");
+    eventually("sent counted", || async {
+        (metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"sent\"}").await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"retry\"}").await,
+        2.0
+    );
+}
+
+/// FCM UNREGISTERED and APNs 410 make the mediator forget the token.
+#[actix_rt::test]
+async fn dead_tokens_are_forgotten() {
+    let si = StandIn::start();
+    let (_d, n, a, k) = push_node(&si, 0, &["proj-a"], false).await;
+    set_device(&a, FCM, json!("dead-fcm-token"), Some("android")).await;
+    si.state.script("fcm:proj-a", vec![Reply::unregistered()]);
+    forward(&n, &a, &k, "x").await;
+    wait_hits(&si, "fcm:", 1).await;
+    eventually("FCM token forgotten", || async {
+        let info = get_device(&a, FCM).await;
+        (info["description"]["code"] == "not-registered-for-push-notifications").then_some(())
+    })
+    .await;
+
+    set_device(&a, APNS, json!("dead-apns-token"), None).await;
+    si.state.script(
+        "apns",
+        vec![Reply::new(410, json!({"reason": "Unregistered", "timestamp": 1}))],
+    );
+    forward(&n, &a, &k, "y").await;
+    let hits = wait_hits(&si, "apns", 1).await;
+    assert_clean(&hits);
+    eventually("APNs token forgotten", || async {
+        let info = get_device(&a, APNS).await;
+        (info["description"]["code"] == "not-registered-for-push-notifications").then_some(())
+    })
+    .await;
+    assert_eq!(metric(&n, "mailroom_push_dropped_tokens_total").await, 2.0);
+    // No device, no push.
+    forward(&n, &a, &k, "z").await;
+    let conns = get_json(&format!("{}/connections", n.admin_url())).await;
+    assert!(conns["connections"][0]["push"].is_null());
+}
+
+/// APNs over HTTP/2: the ES256 provider token verifies against the key's public half, the
+/// headers are there, and the token is reused for the next push.
+#[actix_rt::test]
+async fn apns_over_http2_with_a_reused_provider_token() {
+    let si = StandIn::start();
+    let (_d, n, a, k) = push_node(&si, 0, &["proj-a"], false).await;
+    let ack = set_device(&a, APNS, json!("a1b2c3d4e5f6"), None).await;
+    assert_eq!(
+        ack["@type"], "https://didcomm.org/push-notifications-apns/1.0/ack",
+        "{ack}"
+    );
+    let info = get_device(&a, APNS).await;
+    assert_eq!(info["device_token"], "a1b2c3d4e5f6");
+    forward(&n, &a, &k, "one").await;
+    forward(&n, &a, &k, "two").await;
+    let hits = wait_hits(&si, "apns", 2).await;
+    assert_clean(&hits);
+    assert!(hits.iter().all(|h| h.http2), "APNs is spoken over HTTP/2");
+    assert_eq!(hits[0].path, "/3/device/a1b2c3d4e5f6");
+    assert_eq!(hits[0].headers["apns-push-type"], "alert");
+    assert_eq!(hits[0].headers["apns-collapse-id"], "mailroom");
+    assert_eq!(
+        hits[0].headers["authorization"], hits[1].headers["authorization"],
+        "provider token reused"
+    );
+    assert!(
+        si.state.hits("fcm:").is_empty(),
+        "an APNs registration is not pushed through FCM"
+    );
+}
+
+/// Several Firebase projects: a token of the second one is refused by the first
+/// (SENDER_ID_MISMATCH), sent by the second, which is then remembered. The webhook gets every
+/// push event, signed.
+#[actix_rt::test]
+async fn several_projects_and_the_webhook() {
+    let si = StandIn::start();
+    let (_d, n, a, k) = push_node(&si, 0, &["proj-a", "proj-b"], true).await;
+    set_device(&a, FCM, json!("token-of-b"), Some("android")).await;
+    si.state.script("fcm:proj-a", vec![Reply::sender_id_mismatch()]);
+    forward(&n, &a, &k, "x").await;
+    let b = wait_hits(&si, "fcm:proj-b", 1).await;
+    assert_clean(&b);
+    assert_eq!(si.state.hits("fcm:proj-a").len(), 1);
+    forward(&n, &a, &k, "y").await;
+    wait_hits(&si, "fcm:proj-b", 2).await;
+    assert_eq!(
+        si.state.hits("fcm:proj-a").len(),
+        1,
+        "the accepting project is remembered"
+    );
+    let hooks = wait_hits(&si, "hook", 2).await;
+    assert_clean(&hooks);
+    let e = &hooks[0].body;
+    assert_eq!(e["event"], "message_queued");
+    assert_eq!(e["token"], "token-of-b");
+    assert_eq!(e["service"], "fcm");
+    assert_eq!(e["node"], "n1");
+    assert!(e["connection_id"].is_string() && e["count"].is_u64());
+}
+
+/// Reads one delivery on a live socket and acknowledges it there.
+async fn receive_and_ack(a: &Agent, ws: &mut WsClient) -> usize {
+    loop {
+        let d = ws_next_message(a, ws).await;
+        if type_name(&d) != "delivery" {
+            continue;
+        }
+        let ids: Vec<String> = a.open_delivery(&d).unwrap().into_iter().map(|(id, _)| id).collect();
+        let n = ids.len();
+        ws.send_envelope(
+            a.pack(&pickup("messages-received", json!({ "message_id_list": ids })))
+                .unwrap(),
+            true,
+        )
+        .await
+        .unwrap();
+        return n;
+    }
+}
+
+/// A wallet with a live WebSocket session gets its messages there and no push; once the
+/// socket closes, pushes resume.
+#[actix_rt::test]
+async fn a_live_session_means_no_push() {
+    let si = StandIn::start();
+    let (_d, n, a, k) = push_node(&si, 0, &["proj-a"], false).await;
+    set_device(&a, FCM, json!("live-token"), Some("android")).await;
+    let mut ws = live_socket(&a, &n).await;
+    for i in 0..5 {
+        forward(&n, &a, &k, &format!("live-{i}")).await;
+        assert_eq!(receive_and_ack(&a, &mut ws).await, 1);
+    }
+    eventually("queue empty", || async { (queue_depth(&n).await == 0).then_some(()) }).await;
+    ws.close().await;
+    eventually("session gone", || async {
+        let v = get_json(&format!("{}/status", n.admin_url())).await;
+        (v["sessions"] == 0).then_some(())
+    })
+    .await;
+    forward(&n, &a, &k, "offline").await;
+    // Every event goes through the worker in order, with no coalescing window: a push for one
+    // of the five live forwards would have reached the stand-in before this one.
+    let hits = wait_hits(&si, "fcm:", 1).await;
+    assert_clean(&hits);
+    assert_eq!(hits.len(), 1, "no push while the session was live");
+    assert_eq!(hits[0].body["message"]["data"]["message_count"], "1");
+}
+
+/// Two nodes on PostgreSQL: the wallet's socket on n1, forwards to n2 -> no push from
+/// anyone; the socket closes -> n2 pushes, once.
+#[actix_rt::test]
+async fn cluster_session_on_another_node_means_no_push() {
+    let si = StandIn::start();
+    let db = FreshDb::create().await;
+    let (mut cfg, ls) = bind_cluster(2, &db.url, 100);
+    cfg.push = Some(si.push_config(0, &["proj-a"], true));
+    let store = open_shared_store(&cfg).await;
+    let mut it = ls.into_iter();
+    let n1 = start_node(&cfg, "n1", it.next().unwrap(), &store, None);
+    let n2 = start_node(&cfg, "n2", it.next().unwrap(), &store, None);
+    for (x, y) in [(&n1, "n2"), (&n2, "n1")] {
+        eventually("link up", || async { peer_connected(x, y).await.then_some(()) }).await;
+    }
+    let inv = invitation(&n1).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    set_device(&a, FCM, json!("cluster-token"), Some("android")).await;
+    let conn = a_connection_id(&n1).await;
+    let mut ws = live_socket(&a, &n1).await;
+    wait_owner(&[&n2], &conn, "n1").await;
+    for i in 0..5 {
+        forward(&n2, &a, &k, &format!("via-n2-{i}")).await;
+        assert_eq!(receive_and_ack(&a, &mut ws).await, 1);
+    }
+    // Every delivery acknowledged: closing the socket leaves nothing to hand back (a session
+    // that ends with unacknowledged deliveries counts as queued again, and would push).
+    eventually("queue empty", || async { (queue_depth(&n1).await == 0).then_some(()) }).await;
+    ws.close().await;
+    eventually("n2 sees no owner", || async {
+        owner_seen_by(&n2, &conn).await.is_none().then_some(())
+    })
+    .await;
+    forward(&n2, &a, &k, "offline").await;
+    let hits = wait_hits(&si, "fcm:", 1).await;
+    assert_clean(&hits);
+    let hooks = wait_hits(&si, "hook", 1).await;
+    assert_eq!(hits.len(), 1, "no push while the session was live on n1");
+    assert_eq!(hooks.len(), 1);
+    assert_eq!(hooks[0].body["node"], "n2", "the node that accepted the forward pushes");
+    assert_eq!(metric(&n1, "mailroom_push_total").await, 0.0, "n1 sent nothing");
+
+    // The registration goes with its connection (issue 11's DELETE removes the row).
+    let (pg, task) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    actix_rt::spawn(task);
+    let count = "SELECT count(*) FROM mailroom_devices WHERE conn_id = $1";
+    assert_eq!(pg.query_one(count, &[&conn]).await.unwrap().get::<_, i64>(0), 1);
+    pg.execute("DELETE FROM mailroom_connections WHERE id = $1", &[&conn])
+        .await
+        .unwrap();
+    assert_eq!(pg.query_one(count, &[&conn]).await.unwrap().get::<_, i64>(0), 0);
+}
+
+/// Forward 2xx -> the provider receiving the push, one node, no coalescing: p50/p99.
+#[actix_rt::test]
+async fn push_latency_figures() {
+    let si = StandIn::start();
+    let (_d, n, a, k) = push_node(&si, 0, &["proj-a"], false).await;
+    set_device(&a, FCM, json!("latency-token"), Some("android")).await;
+    let mut lat = Vec::new();
+    for i in 0..40 {
+        forward(&n, &a, &k, &format!("l{i}")).await;
+        let answered = Instant::now();
+        let h = wait_hits(&si, "fcm:", i + 1).await;
+        lat.push(h[i].at.saturating_duration_since(answered).as_secs_f64() * 1000.0);
+    }
+    lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    let p = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "push latency forward 2xx -> FCM stand-in request (n={}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        lat.len(),
+        p(0.5),
+        p(0.99),
+        lat[lat.len() - 1]
+    );
+}
+
+/// A session that ends with delivered but unacknowledged messages hands them back to the
+/// queue: that counts as queued, and the wallet is pushed.
+#[actix_rt::test]
+async fn unacknowledged_deliveries_on_close_wake_the_wallet() {
+    let si = StandIn::start();
+    let (_d, n, a, k) = push_node(&si, 0, &["proj-a"], false).await;
+    set_device(&a, FCM, json!("close-token"), Some("android")).await;
+    let mut ws = live_socket(&a, &n).await;
+    forward(&n, &a, &k, "never-acked").await;
+    loop {
+        if type_name(&ws_next_message(&a, &mut ws).await) == "delivery" {
+            break;
+        }
+    }
+    ws.close().await;
+    let hits = wait_hits(&si, "fcm:", 1).await;
+    assert_clean(&hits);
+    assert_eq!(hits[0].body["message"]["data"]["message_count"], "1");
+}
+
+/// Concurrent pushes share one access-token request; a token close to its expiry is renewed.
+#[actix_rt::test]
+async fn one_token_refresh_in_flight_and_renewal_before_expiry() {
+    let si = StandIn::start();
+    // Renewed 300 s before expiry: a 301 s token is good for one second.
+    *si.state.expires_in.lock() = 301;
+    let (_d, n, a, k) = push_node(&si, 0, &["proj-a"], false).await;
+    set_device(&a, FCM, json!("token-refresh"), Some("android")).await;
+    let texts: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
+    let sends: Vec<_> = texts.iter().map(|t| forward(&n, &a, &k, t)).collect();
+    futures_util::future::join_all(sends).await;
+    let hits = wait_hits(&si, "fcm:", 8).await;
+    assert_clean(&hits);
+    assert_eq!(si.state.hits("token").len(), 1, "eight concurrent pushes, one grant");
+    let first = si.state.hits("token")[0].at;
+    eventually("the access token is due for renewal", || async {
+        (first.elapsed() > Duration::from_millis(1100)).then_some(())
+    })
+    .await;
+    forward(&n, &a, &k, "later").await;
+    wait_hits(&si, "fcm:", 9).await;
+    assert_eq!(si.state.hits("token").len(), 2, "renewed before it expires");
+    assert_clean(&si.state.hits(""));
+}
+
+/// `check-config` refuses a `[push]` section whose credentials are missing, unreadable or
+/// malformed, with exit 64 and the reason, and never prints the secret.
+#[test]
+fn check_config_refuses_bad_push_credentials() {
+    let si = StandIn::start();
+    let dir = tempfile::tempdir().unwrap();
+    let good_sa = si.service_account("proj-a");
+    let bad_key_sa = dir.path().join("bad-key.json");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&good_sa).unwrap()).unwrap();
+    v["private_key"] = json!(
+        "-----BEGIN PRIVATE KEY-----\nMIIBVQIBADANBgkqhkiG9w0BAQEFAASC-secret-bytes\n-----END PRIVATE KEY-----\n"
+    );
+    std::fs::write(&bad_key_sa, v.to_string()).unwrap();
+    let not_json = dir.path().join("not-json.json");
+    std::fs::write(&not_json, "{ \"private_key\": \"MIIsecret").unwrap();
+    let bad_p8 = dir.path().join("bad.p8");
+    std::fs::write(
+        &bad_p8,
+        "-----BEGIN PRIVATE KEY-----\nMIGTsecret\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let head = "[[node]]\nid = 'n1'\nlisten = '127.0.0.1:0'\nadmin = '127.0.0.1:0'\n";
+    let apns = |key: &std::path::Path| {
+        format!("[push.apns]\nkey_file = {key:?}\nkey_id = 'ABC123DEFG'\nteam_id = 'DEF123GHIJ'\ntopic = 'org.example.wallet'\n")
+    };
+    let cases: Vec<(String, &str, &str)> = vec![
+        (format!("[[push.fcm]]\nservice_account = {:?}\n", dir.path().join("missing.json")), "cannot read", "-"),
+        (format!("[[push.fcm]]\nservice_account = {not_json:?}\n"), "not JSON", "MIIsecret"),
+        (format!("[[push.fcm]]\nservice_account = {bad_key_sa:?}\n"), "not an RSA private key", "secret-bytes"),
+        (apns(&bad_p8), "not a P-256 private key", "MIGTsecret"),
+        (
+            "[push.webhook]\nurl = 'https://push.example.org/mailroom'\nsecret_env = 'MAILROOM_TEST_UNSET_PUSH_SECRET'\n".into(),
+            "MAILROOM_TEST_UNSET_PUSH_SECRET is not set",
+            "-",
+        ),
+        (
+            "[push.webhook]\nurl = 'https://push.example.org/mailroom'\nsecret = 'tooshort'\n".into(),
+            "at least 16",
+            "tooshort",
+        ),
+        ("[push]\nmin_interval_secs = 5\n".into(), "names no provider", "-"),
+        ("[push]\nmin_interval = 5\n".into(), "unknown field", "-"),
+        (
+            format!("[[push.fcm]]\nservice_account = {good_sa:?}\nbase_url = 'ftp://x'\n"),
+            "base_url",
+            "-",
+        ),
+    ];
+    let run = |toml: &str| {
+        let f = dir.path().join("cluster.toml");
+        std::fs::write(&f, format!("{head}{toml}")).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+            .args(["check-config", "--config"])
+            .arg(&f)
+            .env_remove("MAILROOM_TEST_UNSET_PUSH_SECRET")
+            .output()
+            .unwrap()
+    };
+    for (toml, reason, secret) in &cases {
+        let out = run(toml);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{toml} -> {err}");
+        assert!(err.contains(reason), "{toml}: {err:?} should say {reason:?}");
+        assert!(!err.contains(secret), "{toml}: the secret leaked: {err}");
+    }
+    // The same credentials, good, pass.
+    let good = format!(
+        "[push]\nmin_interval_secs = 60\n[[push.fcm]]\nservice_account = {good_sa:?}\n{}[push.webhook]\nurl = 'https://push.example.org/mailroom'\nsecret = 'a-long-enough-webhook-secret'\n",
+        apns(&si.apns_key_file)
+    );
+    let out = run(&good);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
