@@ -173,6 +173,8 @@ async fn veramo_dialect_mediation_2_0_and_the_recipient_filter() {
     let fwd2 = forward_to(&sender2, &a.mediator, &format!("{r2}#key-1"), &other, "for-r2");
     assert_eq!(post_raw(&a.mediator.http, TYP_ENCRYPTED, fwd2).await.0, 202);
     assert_eq!(a.status(None).await.unwrap(), 2);
+    assert_eq!(a.status(Some(&r1)).await.unwrap(), 1);
+    assert_eq!(a.status(Some(&format!("{r2}#key-1"))).await.unwrap(), 1);
     let only_r1 = a.delivery(10, Some(&r1)).await.unwrap();
     assert_eq!(only_r1.len(), 1);
     assert_eq!(only_r1[0].1["body"]["content"], "for-r1");

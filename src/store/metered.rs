@@ -182,4 +182,11 @@ impl Store for Metered {
         self.timed("push_take_due", self.inner.push_take_due(now_ms, idle_before_ms, limit))
             .await
     }
+    async fn pending_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<u64> {
+        self.timed(
+            "pending_for_key",
+            self.inner.pending_for_key(conn, recipient_key, now_ms),
+        )
+        .await
+    }
 }

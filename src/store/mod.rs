@@ -474,6 +474,12 @@ pub trait Store: Send + Sync + 'static {
     /// restarts at `now_ms`. Forgets windows with nothing scheduled whose last push is before
     /// `idle_before_ms`.
     async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>>;
+
+    // ---- DIDComm v2 (issue 8) ----
+
+    /// Messages of `conn` queued for `recipient_key` and deliverable at `now_ms` (pickup 3.0
+    /// `status` for one `recipient_did`). 0 for unknown or unstorable input.
+    async fn pending_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<u64>;
 }
 
 /// Opens (or creates) the sled store at `path`. Opening a path already open in this process

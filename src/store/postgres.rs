@@ -1347,4 +1347,23 @@ impl Store for PgStore {
         .map_err(pg_err)?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
+
+    async fn pending_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<u64> {
+        if !storable(conn) || !storable(recipient_key) {
+            return Ok(0);
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "SELECT count(*) FROM mailroom_messages \
+                 WHERE conn_id = $1 AND recipient_key = $2 AND lease_until_ms <= $3",
+            )
+            .await
+            .map_err(pg_err)?;
+        let r = c
+            .query_one(&q, &[&conn, &recipient_key, &now_ms])
+            .await
+            .map_err(pg_err)?;
+        Ok(r.get::<_, i64>(0) as u64)
+    }
 }

@@ -70,6 +70,8 @@ struct Meta {
     lease_until_ms: i64,
     owner: Option<Arc<str>>,
     attempts: u32,
+    /// For [`Store::pending_for_key`].
+    recipient_key: Arc<str>,
 }
 
 #[derive(Default, Debug)]
@@ -351,6 +353,7 @@ impl Inner {
                     lease_until_ms: 0,
                     owner: None,
                     attempts: attempts.get(&id).copied().unwrap_or(0),
+                    recipient_key: Arc::from(m.recipient_key),
                 },
             );
         }
@@ -497,6 +500,7 @@ impl Inner {
                     lease_until_ms: 0,
                     owner: None,
                     attempts: 0,
+                    recipient_key: Arc::from(m.recipient_key.as_str()),
                 };
                 q.insert(&m.connection, *id, meta);
                 if let Some(dk) = m.dedup_key {
@@ -1421,5 +1425,19 @@ impl Store for SledStore {
         }
         w.retain(|_, (last, d)| d.is_some() || *last >= idle_before_ms);
         Ok(due.into_iter().map(|(_, c)| c).collect())
+    }
+
+    async fn pending_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<u64> {
+        // Memory only: no need for a blocking thread.
+        let q = self.inner.queues.lock();
+        Ok(q.by_conn
+            .get(conn)
+            .map(|cq| {
+                cq.msgs
+                    .values()
+                    .filter(|m| m.lease_until_ms <= now_ms && &*m.recipient_key == recipient_key)
+                    .count() as u64
+            })
+            .unwrap_or(0))
     }
 }

@@ -50,6 +50,8 @@ async fn status(m: &Mediator, ctx: &Inbound, conn: &Connection, live: Option<boo
         body["live_delivery"] = json!(l);
     }
     if let Some(r) = recipient_filter(ctx)? {
+        // Only the messages forwarded for that DID.
+        body["message_count"] = json!(m.store.pending_for_key(&conn.id, &r, now).await?);
         body["recipient_did"] = json!(r);
     }
     Ok(ctx.reply(m, "status", body))
