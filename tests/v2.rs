@@ -18,7 +18,10 @@ use std::collections::HashSet;
 
 fn node() -> (RunningNode, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    // Longer than the slowest acknowledgement on a loaded machine: a duplicate means a bug.
+    cfg.delivery.lease_ms = 30_000;
+    let n = start(&cfg);
     (n, dir)
 }
 
@@ -254,6 +257,16 @@ async fn live_delivery_over_websocket_beside_a_v1_wallet() {
         (queue_depth(&n).await == 0).then_some(())
     })
     .await;
+    // Deliveries are counted by DIDComm version.
+    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    assert!(
+        text.contains("mailroom_delivered_total{path=\"live\",didcomm=\"v2\"} 5"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mailroom_delivered_total{path=\"live\",didcomm=\"v1\"} 1"),
+        "{text}"
+    );
 }
 
 #[actix_rt::test]
@@ -351,6 +364,11 @@ async fn refusals_are_4xx_with_a_problem_report_and_the_node_serves_on() {
         .await
         .unwrap();
     assert_eq!(disc["body"]["disclosures"].as_array().unwrap().len(), 2);
+    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    assert!(
+        text.contains("mailroom_rejected_total{reason=\"no-connection\",didcomm=\"v2\"} 1"),
+        "{text}"
+    );
 }
 
 #[actix_rt::test]
