@@ -15,6 +15,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 BIN=${MAILROOM_BIN:-$ROOT/target/debug/mailroom}
 SCENARIOS=${INTEROP_SCENARIOS:-s1-PickUpV2LiveMode,s1-PickUpV2,s2-offline}
+# INTEROP_V2=1: the v2 wallets' sockets and the senders' forwards land on different nodes too.
+if [ "${INTEROP_V2:-0}" = 1 ] && [ -z "${INTEROP_SCENARIOS:-}" ]; then SCENARIOS="$SCENARIOS,v2"; fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mailroom-interop-cluster.XXXXXX")
 DB="mailroom_interop_$$"
 SUMMARY=""
@@ -42,6 +44,9 @@ env_line=$(printf '%s\n' "$setup_out" | tail -n1)
 LIB_ASKAR_PATH=$(printf '%s' "$env_line" | sed -n 's/.*LIB_ASKAR_PATH=\([^ ]*\).*/\1/p')
 ACAPY_BIN=$(printf '%s' "$env_line" | sed -n 's/.*ACAPY_BIN=\([^ ]*\).*/\1/p')
 export LIB_ASKAR_PATH ACAPY_BIN
+VERAMO_DIR=$(printf '%s' "$env_line" | sed -n 's/.*VERAMO_DIR=\([^ ]*\).*/\1/p')
+INDICIO_PYTHON=$(printf '%s' "$env_line" | sed -n 's/.*INDICIO_PYTHON=\([^ ]*\).*/\1/p')
+export VERAMO_DIR INDICIO_PYTHON
 scripts/ensure-postgres.sh
 [ -x "$BIN" ] || cargo build --locked --bin mailroom
 

@@ -20,5 +20,7 @@ if [ "${MAILROOM_SKIP_INTEROP:-}" = "1" ]; then
   exit 0
 fi
 scripts/envelope-crosscheck.sh
+# DIDComm v2 peers (Veramo, Indicio's didcomm-messaging) too, unless INTEROP_V2=0.
+export INTEROP_V2=${INTEROP_V2:-1}
 MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/interop.sh
 MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/interop-cluster.sh

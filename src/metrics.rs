@@ -11,11 +11,15 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PathLabel {
     pub path: String,
+    /// `v1` | `v2`: the DIDComm version of the connection.
+    pub didcomm: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: String,
+    /// `v1` | `v2` (the envelope's), or `unknown` when refused before one was read.
+    pub didcomm: String,
 }
 
 pub struct Metrics {
@@ -163,13 +167,21 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    pub fn delivered(&self, path: &str, n: u64) {
-        self.delivered.get_or_create(&PathLabel { path: path.into() }).inc_by(n);
+    pub fn delivered(&self, path: &str, didcomm: &str, n: u64) {
+        self.delivered
+            .get_or_create(&PathLabel {
+                path: path.into(),
+                didcomm: didcomm.into(),
+            })
+            .inc_by(n);
     }
 
-    pub fn rejected(&self, reason: &str) {
+    pub fn rejected(&self, reason: &str, didcomm: &str) {
         self.rejected
-            .get_or_create(&ReasonLabel { reason: reason.into() })
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+                didcomm: didcomm.into(),
+            })
             .inc();
     }
 

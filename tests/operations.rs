@@ -113,7 +113,7 @@ async fn admin_endpoints_show_connections_sessions_and_invitations() {
     for name in [
         "mailroom_forwards_received_total",
         "mailroom_forwards_queued_total",
-        "mailroom_delivered_total{path=\"pickup\"}",
+        "mailroom_delivered_total{path=\"pickup\",didcomm=\"v1\"}",
         "mailroom_sessions",
         "mailroom_queue_depth",
         "mailroom_oldest_message_age_seconds",
@@ -174,7 +174,7 @@ async fn a_full_queue_refuses_new_forwards_and_keeps_what_it_has() {
     assert_eq!(got, vec!["q0", "q1", "q2"]);
     let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
     assert!(
-        text.contains("mailroom_rejected_total{reason=\"queue-full\"} 1"),
+        text.contains("mailroom_rejected_total{reason=\"queue-full\",didcomm=\"v1\"} 1"),
         "{text}"
     );
 }

@@ -18,7 +18,10 @@ use std::collections::HashSet;
 
 fn node() -> (RunningNode, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    // Longer than the slowest acknowledgement on a loaded machine: a duplicate means a bug.
+    cfg.delivery.lease_ms = 30_000;
+    let n = start(&cfg);
     (n, dir)
 }
 
@@ -173,6 +176,8 @@ async fn veramo_dialect_mediation_2_0_and_the_recipient_filter() {
     let fwd2 = forward_to(&sender2, &a.mediator, &format!("{r2}#key-1"), &other, "for-r2");
     assert_eq!(post_raw(&a.mediator.http, TYP_ENCRYPTED, fwd2).await.0, 202);
     assert_eq!(a.status(None).await.unwrap(), 2);
+    assert_eq!(a.status(Some(&r1)).await.unwrap(), 1);
+    assert_eq!(a.status(Some(&format!("{r2}#key-1"))).await.unwrap(), 1);
     let only_r1 = a.delivery(10, Some(&r1)).await.unwrap();
     assert_eq!(only_r1.len(), 1);
     assert_eq!(only_r1[0].1["body"]["content"], "for-r1");
@@ -252,6 +257,16 @@ async fn live_delivery_over_websocket_beside_a_v1_wallet() {
         (queue_depth(&n).await == 0).then_some(())
     })
     .await;
+    // Deliveries are counted by DIDComm version.
+    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    assert!(
+        text.contains("mailroom_delivered_total{path=\"live\",didcomm=\"v2\"} 5"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mailroom_delivered_total{path=\"live\",didcomm=\"v1\"} 1"),
+        "{text}"
+    );
 }
 
 #[actix_rt::test]
@@ -349,6 +364,11 @@ async fn refusals_are_4xx_with_a_problem_report_and_the_node_serves_on() {
         .await
         .unwrap();
     assert_eq!(disc["body"]["disclosures"].as_array().unwrap().len(), 2);
+    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    assert!(
+        text.contains("mailroom_rejected_total{reason=\"no-connection\",didcomm=\"v2\"} 1"),
+        "{text}"
+    );
 }
 
 #[actix_rt::test]

@@ -109,7 +109,9 @@ async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpRespo
     let out = match shared.mediator.handle(&body, TransportKind::Http, &owner).await {
         Ok(out) => out,
         Err(e) => {
-            shared.metrics.rejected(e.code());
+            shared
+                .metrics
+                .rejected(e.code(), crate::protocols::v2::envelope_label(&body));
             tracing::info!(code = e.code(), "POST refused: {e}");
             return error_response(&e);
         }
@@ -129,7 +131,12 @@ async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpRespo
         shared.metrics.acknowledged(out.acked, &out.ack_lags_ms);
     }
     if !out.leased.is_empty() {
-        shared.metrics.delivered("pickup", out.leased.len() as u64);
+        let v = out
+            .connection
+            .as_ref()
+            .map(crate::protocols::v2::version_label)
+            .unwrap_or("v1");
+        shared.metrics.delivered("pickup", v, out.leased.len() as u64);
     }
     // Wake whoever holds the wallet's session; acknowledgements free it to send more.
     // New messages may also wake the wallet by push (no session anywhere).

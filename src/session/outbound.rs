@@ -99,7 +99,7 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str)
         }
         if !done.is_empty() {
             let _ = store.ack(conn, &done).await;
-            shared.metrics.delivered("endpoint", done.len() as u64);
+            shared.metrics.delivered("endpoint", "v1", done.len() as u64);
         }
         if !failed.is_empty() {
             let _ = store.release(conn, &failed, &owner).await;

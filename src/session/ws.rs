@@ -36,7 +36,7 @@ pub async fn upgrade(req: HttpRequest, stream: web::Payload, shared: Arc<Shared>
     }
     let max = shared.cfg.limits.max_sessions;
     if shared.open_sockets.load(Ordering::Relaxed) >= max {
-        shared.metrics.rejected("session-limit");
+        shared.metrics.rejected("session-limit", "unknown");
         return HttpResponse::ServiceUnavailable().json(serde_json::json!({"error": "session-limit", "reason": format!("this node holds its limit of {max} sessions")}));
     }
     let frame = shared.cfg.limits.max_ws_frame_bytes;
@@ -112,7 +112,9 @@ impl WsSession {
         // session's tasks (and store load) without bound.
         let max = self.shared.cfg.limits.max_ws_inflight;
         if self.inflight >= max {
-            self.shared.metrics.rejected("busy");
+            self.shared
+                .metrics
+                .rejected("busy", crate::protocols::v2::envelope_label(&bytes));
             ctx.text(
                 serde_json::json!({
                     "error": "busy",
@@ -125,12 +127,21 @@ impl WsSession {
         self.inflight += 1;
         let shared = self.shared.clone();
         let owner = self.owner();
+        let version = crate::protocols::v2::envelope_label(&bytes);
         let fut = async move { shared.mediator.handle(&bytes, TransportKind::WebSocket, &owner).await };
         // ctx.spawn, not ctx.wait: heartbeats and deliveries go on while the store works.
-        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| act.handled(res, ctx)));
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(move |res, act, ctx| act.handled(res, version, ctx)),
+        );
     }
 
-    fn handled(&mut self, res: Result<Outcome, crate::protocols::HandleError>, ctx: &mut ws::WebsocketContext<Self>) {
+    fn handled(
+        &mut self,
+        res: Result<Outcome, crate::protocols::HandleError>,
+        version: &'static str,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
         self.inflight -= 1;
         match res {
             Ok(out) => {
@@ -138,7 +149,7 @@ impl WsSession {
                 self.apply(out, ctx);
             }
             Err(e) => {
-                self.shared.metrics.rejected(e.code());
+                self.shared.metrics.rejected(e.code(), version);
                 tracing::info!(
                     connection = self.conn_id(),
                     session = self.id,
@@ -174,7 +185,12 @@ impl WsSession {
             shared.metrics.acknowledged(out.acked, &out.ack_lags_ms);
         }
         if !out.leased.is_empty() {
-            shared.metrics.delivered("pickup", out.leased.len() as u64);
+            let v = out
+                .connection
+                .as_ref()
+                .map(crate::protocols::v2::version_label)
+                .unwrap_or("v1");
+            shared.metrics.delivered("pickup", v, out.leased.len() as u64);
         }
         let wants_route = !matches!(out.return_route, crate::didcomm::message::ReturnRoute::None);
         if let Some(conn) = &out.connection {
@@ -317,7 +333,9 @@ impl WsSession {
                 match shared.mediator.pack_for(&conn, &delivery) {
                     Ok(p) => {
                         ctx.text(String::from_utf8_lossy(&p).into_owned());
-                        shared.metrics.delivered("live", msgs.len() as u64);
+                        shared
+                            .metrics
+                            .delivered("live", crate::protocols::v2::version_label(&conn), msgs.len() as u64);
                     }
                     Err(e) => tracing::warn!(connection = %conn.id, "delivery not packed: {e}"),
                 }
@@ -326,7 +344,11 @@ impl WsSession {
                 for q in &msgs {
                     ctx.text(String::from_utf8_lossy(&q.payload).into_owned());
                 }
-                shared.metrics.delivered("implicit", msgs.len() as u64);
+                shared.metrics.delivered(
+                    "implicit",
+                    crate::protocols::v2::version_label(&conn),
+                    msgs.len() as u64,
+                );
                 // Implicit pickup has no acknowledgement: handed to the socket is delivered.
                 let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
                 let store = shared.mediator.store.clone();
@@ -380,7 +402,7 @@ impl WsSession {
     }
 
     fn close_too_big(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        self.shared.metrics.rejected("frame-too-big");
+        self.shared.metrics.rejected("frame-too-big", "unknown");
         ctx.close(Some(ws::CloseReason {
             code: ws::CloseCode::Size,
             description: Some(format!(

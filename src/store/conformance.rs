@@ -553,6 +553,42 @@ pub async fn ack_is_scoped_to_connection(b: Arc<dyn Backend>) {
     assert_eq!(s.ack(&c1, &id).await.unwrap(), 1);
 }
 
+pub async fn pending_for_key_counts_one_recipient(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c1 = new_conn(&s).await;
+    let c2 = new_conn(&s).await;
+    let keyed = |conn: &str, key: &str, p: &str| NewMessage {
+        recipient_key: key.to_owned(),
+        ..msg(conn, p, T0)
+    };
+    enqueue_ok(
+        &s,
+        vec![
+            keyed(&c1, "did:a", "1"),
+            keyed(&c1, "did:b", "2"),
+            keyed(&c1, "did:a", "3"),
+            keyed(&c2, "did:a", "4"),
+        ],
+    )
+    .await;
+    assert_eq!(s.queue_stats_for_key(&c1, "did:a", T0).await.unwrap().pending, 2);
+    assert_eq!(s.queue_stats_for_key(&c1, "did:b", T0).await.unwrap().pending, 1);
+    assert_eq!(s.queue_stats_for_key(&c2, "did:a", T0).await.unwrap().pending, 1);
+    assert_eq!(s.queue_stats_for_key(&c1, "did:none", T0).await.unwrap().pending, 0);
+    assert_eq!(
+        s.queue_stats_for_key("no-such-conn", "did:a", T0)
+            .await
+            .unwrap()
+            .pending,
+        0
+    );
+    assert_eq!(s.queue_stats_for_key(&c1, "did:\0a", T0).await.unwrap().pending, 0);
+    // The oldest (did:a "1") leased: no longer pending until its lease runs out.
+    s.lease(&c1, 1, "A", T0, T0 + 1000).await.unwrap();
+    assert_eq!(s.queue_stats_for_key(&c1, "did:a", T0).await.unwrap().pending, 1);
+    assert_eq!(s.queue_stats_for_key(&c1, "did:a", T0 + 1000).await.unwrap().pending, 2);
+}
+
 pub async fn concurrent_leasers_never_share(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let c = new_conn(&s).await;
@@ -1679,6 +1715,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn ack_is_scoped_to_connection() {
                 backend::run(super::ack_is_scoped_to_connection).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn pending_for_key_counts_one_recipient() {
+                backend::run(super::pending_for_key_counts_one_recipient).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_leasers_never_share() {

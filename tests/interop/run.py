@@ -373,6 +373,8 @@ def known_limit(mediator: str, strategy: str, name: str) -> str | None:
     """Why a mediator cannot pass a scenario (then it is skipped, not failed): the reference
     mediators' known gaps, and what a delivery strategy rules out by definition. mailroom has no
     entry of its own: under its default strategy every scenario runs."""
+    if name.startswith("v2-") and mediator in ("credo", "acapy"):
+        return f"{mediator} is a DIDComm v1 mediator (no v2 endpoint)"
     if mediator == "credo":
         if name == "s4-acapy-mediatee":
             return ("Credo 0.6.3's DID-exchange responder omits ~thread.pthid, so ACA-Py 1.7 cannot connect to it "

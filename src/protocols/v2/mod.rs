@@ -268,6 +268,24 @@ fn ephemeral(did: &str) -> Connection {
     }
 }
 
+/// The `didcomm` metrics label of a connection: `v2` or `v1`.
+pub fn version_label(c: &Connection) -> &'static str {
+    if c.protocol == PROTOCOL {
+        "v2"
+    } else {
+        "v1"
+    }
+}
+
+/// The `didcomm` metrics label of an envelope.
+pub fn envelope_label(env: &[u8]) -> &'static str {
+    if crate::didcomm::v2::is_v2(env) {
+        "v2"
+    } else {
+        "v1"
+    }
+}
+
 /// Whether a connection was bound by this code (not stored: see [`ephemeral`]).
 pub fn is_ephemeral(c: &Connection) -> bool {
     c.id.starts_with("v2-unbound:")
