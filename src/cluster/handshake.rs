@@ -332,6 +332,11 @@ async fn refuse<S: AsyncWrite + Unpin, T>(
     let reason = match &err {
         // Do not tell an unauthenticated stranger more than needed.
         HandshakeError::BadProof => "authentication failed".to_string(),
+        // Worded for the reader: the old node logs it as "peer refused us: ...".
+        HandshakeError::Version { got } => format!(
+            "cluster protocol version mismatch: this node speaks {}, you speak {got}; every node of a cluster must run the same protocol version",
+            proto::PROTOCOL_VERSION
+        ),
         other => other.to_string(),
     };
     let _ = send(stream, local, &Frame::Refused { reason }).await;
