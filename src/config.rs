@@ -48,13 +48,15 @@ pub struct Config {
     pub nodes: Vec<NodeEntry>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// `Debug` shows every field but the secret.
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
     /// Peers must name the same cluster in their handshake.
     #[serde(default = "default_cluster_name")]
     pub name: String,
-    /// Shared secret proving membership (never sent on the wire).
+    /// Shared secret proving membership and keying the link encryption (never sent on the
+    /// wire, never in logs or `Debug` output).
     #[serde(default)]
     pub secret: Option<String>,
     /// Name of an environment variable holding the secret instead.
@@ -75,6 +77,21 @@ pub struct ClusterSection {
     /// Frames queued per peer before new notifications are dropped (the sweep covers them).
     #[serde(default = "default_peer_queue")]
     pub peer_queue: usize,
+}
+
+impl std::fmt::Debug for ClusterSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterSection")
+            .field("name", &self.name)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret_env", &self.secret_env)
+            .field("public_url", &self.public_url)
+            .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("failure_timeout_ms", &self.failure_timeout_ms)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("peer_queue", &self.peer_queue)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

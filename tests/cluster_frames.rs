@@ -1,12 +1,13 @@
 //! An authenticated peer is still not trusted blindly: a claim with an epoch no clock can
 //! produce (`u64::MAX`) is ignored instead of pinning the session and overflowing the next
 //! local epoch, and one peer cannot grow this node's directory past `max_peer_claims`.
-//! Real TCP on 127.0.0.1:0; the test speaks as a configured peer ("ghost") with the secret.
+//! Real TCP on 127.0.0.1:0; the test speaks as a configured peer ("ghost") with the secret,
+//! over the encrypted link (`cluster::link`).
 
 use std::time::Duration;
 
 use mailroom::cluster::proto::Frame;
-use mailroom::cluster::{codec, handshake, ClusterConfig, ClusterEvent, ClusterHandle, PeerConfig};
+use mailroom::cluster::{handshake, link, ClusterConfig, ClusterEvent, ClusterHandle, PeerConfig};
 use tokio::net::{TcpListener, TcpStream};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -45,15 +46,16 @@ async fn implausible_epochs_and_claim_floods_are_refused() {
     let (tx, mut ev) = tokio::sync::mpsc::channel(1024);
     let n1 = ClusterHandle::start(cfg, l, tx).await.unwrap();
 
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    let s = TcpStream::connect(addr).await.unwrap();
     let local = handshake::Local {
         cluster: "test",
         node: "ghost",
         secret: b"s3cret",
         max_frame: max,
     };
-    let peer = handshake::run(&mut s, &local, handshake::Role::Dialer, Some("n1"), |_| true).await;
-    assert_eq!(peer.unwrap(), "n1");
+    let link = link::open(s, &local, handshake::Role::Dialer, Some("n1"), |_| true).await;
+    let mut link = link.unwrap();
+    assert_eq!(link.peer, "n1");
     let rejected_before = n1.status().counters.frames_rejected;
 
     let now_epoch = (std::time::SystemTime::now()
@@ -76,8 +78,9 @@ async fn implausible_epochs_and_claim_floods_are_refused() {
         Frame::Queued { conn: "marker".into() },
     ];
     for f in &frames {
-        codec::write_frame(&mut s, f, max).await.unwrap();
+        link.writer.write_frame(f).await.unwrap();
     }
+    link.writer.flush().await.unwrap();
     wait_queued(&mut ev, "marker").await;
 
     assert_eq!(n1.owner_of("pinned"), None, "an epoch no clock can make is ignored");
@@ -94,9 +97,7 @@ async fn implausible_epochs_and_claim_floods_are_refused() {
     // tried to pin is owned here (no overflow, no panic).
     n1.announce_session("pinned");
     assert_eq!(n1.owner_of("pinned").as_deref(), Some("n1"));
-    codec::write_frame(&mut s, &Frame::Queued { conn: "after".into() }, max)
-        .await
-        .unwrap();
+    link.writer.send(&Frame::Queued { conn: "after".into() }).await.unwrap();
     wait_queued(&mut ev, "after").await;
     n1.shutdown().await;
 }

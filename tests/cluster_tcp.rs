@@ -388,7 +388,7 @@ async fn garbage_and_bad_frames_close_that_connection_only() {
 
     // 2. Right preamble, then an absurd length.
     let mut s = TcpStream::connect(addrs[0]).await.unwrap();
-    s.write_all(b"MLRM\x00\x01\xff\xff\xff\xff").await.unwrap();
+    s.write_all(b"MLRM\x00\x02\xff\xff\xff\xff").await.unwrap();
     assert!(closed_by_server(&mut s).await);
 
     wait_until("both rejections counted", || {
@@ -399,7 +399,7 @@ async fn garbage_and_bad_frames_close_that_connection_only() {
     // 2b. A future protocol version: refused as an auth failure, with a reason, and closed.
     let before = nodes[0].h.status().counters.auth_failures;
     let mut s = TcpStream::connect(addrs[0]).await.unwrap();
-    s.write_all(b"MLRM\x00\x02").await.unwrap();
+    s.write_all(b"MLRM\x00\x03").await.unwrap();
     assert!(closed_by_server(&mut s).await);
     wait_until("version refusal counted", || {
         nodes[0].h.status().counters.auth_failures > before
@@ -416,7 +416,7 @@ async fn garbage_and_bad_frames_close_that_connection_only() {
         max_frame: 1 << 20,
     };
     let res = handshake::run(&mut s, &local, handshake::Role::Dialer, Some("n1"), |_| true).await;
-    assert_eq!(res.unwrap(), "n1");
+    assert_eq!(res.unwrap().peer, "n1");
     wait_until("ghost link installed", || connected(&nodes[0], "ghost")).await;
     s.write_all(&(16u32 << 20).to_be_bytes()).await.unwrap();
     assert!(closed_by_server(&mut s).await);

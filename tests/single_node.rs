@@ -709,3 +709,49 @@ async fn connections_1_0_and_didexchange_1_0_with_legacy_dids() {
         .unwrap();
     assert_eq!(type_name(&pong), "ping_response");
 }
+
+/// pickup 2.0 `recipient_key`: status and delivery-request naming a key cover only the
+/// messages forwarded to that key (either key form), and leave the others queued.
+#[actix_rt::test]
+async fn pickup_recipient_key_filters_status_and_delivery() {
+    let (_d, n, mut a, k1) = node_with_wallet(Strategy::QueueOnly, |_| {}).await;
+    let k2 = a.new_recipient_key();
+    let r = a.keylist_update(&[k2.did_key()], &[]).await.unwrap();
+    assert_eq!(r[0]["result"], "success");
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let sender = Sender::new();
+    for (k, text) in [(&k1, "one-a"), (&k2, "two"), (&k1, "one-b")] {
+        let st = sender
+            .forward(
+                &n.public_url(),
+                &mailroom::client::basic_message(text),
+                &k.verkey(),
+                &routing,
+            )
+            .await
+            .unwrap();
+        assert_eq!(st, 202);
+    }
+    let status = a
+        .request(&pickup("status-request", json!({"recipient_key": k1.verkey()})))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status["message_count"], 2, "{status}");
+    assert_eq!(status["recipient_key"], k1.verkey());
+    let d = a
+        .request(&pickup(
+            "delivery-request",
+            json!({"limit": 10, "recipient_key": k2.did_key()}),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(contents(&a, &d), vec!["two".to_string()]);
+    let d = a
+        .request(&pickup("delivery-request", json!({"limit": 10})))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(contents(&a, &d), vec!["one-a".to_string(), "one-b".to_string()]);
+}

@@ -1,9 +1,10 @@
-//! Length-prefixed framing of [`Frame`]s over tokio byte streams.
+//! Length-prefixed framing of [`Frame`]s over tokio byte streams, in clear: the handshake's
+//! frames only (after it, `link.rs` seals every frame).
 //!
 //! Owns: the record format `u32 big-endian length || payload` with `0 < length <= max_frame`,
-//! and reading/writing the raw preamble. Must not know bincode (that is `proto.rs`) nor any
-//! peer or cluster state. Any error returned here means "close this connection": the caller
-//! logs the reason and drops only that peer's link.
+//! reading/writing the raw preamble, and the errors of both framings. Must not know bincode
+//! (that is `proto.rs`) nor any peer or cluster state. Any error returned here means "close
+//! this connection": the caller logs the reason and drops only that peer's link.
 
 use std::io;
 
@@ -23,6 +24,13 @@ pub enum CodecError {
     Truncated,
     #[error(transparent)]
     Proto(#[from] ProtoError),
+    /// An encrypted record failed to open: altered, truncated, replayed, reordered, dropped
+    /// before it, or sealed for another link.
+    #[error("record failed authentication (altered, replayed, reordered or not of this link)")]
+    Unauthentic,
+    /// 2^64-1 records in one direction of one link (not reachable in practice).
+    #[error("link counter exhausted")]
+    NonceExhausted,
 }
 
 impl CodecError {
@@ -30,7 +38,7 @@ impl CodecError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            CodecError::TooLarge { .. } | CodecError::Empty | CodecError::Proto(_)
+            CodecError::TooLarge { .. } | CodecError::Empty | CodecError::Proto(_) | CodecError::Unauthentic
         )
     }
 }

@@ -1,22 +1,32 @@
-//! Mutual authentication of a new cluster connection.
+//! Mutual authentication of a new cluster connection, and the keys of its encrypted link.
 //!
-//! Owns: the handshake sequence and the transcript MAC. Must not touch cluster state: it gets
-//! a predicate saying which node ids are acceptable and returns the authenticated peer id.
+//! Owns: the handshake sequence, the prologue and the PSK derivation. Must not touch cluster
+//! state: it gets a predicate saying which node ids are acceptable and returns the
+//! authenticated peer id with the link's keys ([`Established`]).
 //!
 //! Sequence (both sides run it at once, on every new TCP connection):
-//! 1. write preamble (`MLRM` + u16 version) and `Hello { cluster, node, nonce }`;
+//! 1. write preamble (`MLRM` + u16 version) and `Hello { cluster, node, nonce }` in clear;
 //! 2. read the peer's preamble and `Hello`; refuse a wrong magic/version/cluster, an unknown
-//!    or unexpected node id, or our own id;
-//! 3. write `Proof { mac }` where `mac = HMAC-SHA256(secret, transcript || prover-role)`;
-//! 4. read the peer's `Proof`, verify it in constant time, write `Welcome`;
-//! 5. read the peer's `Welcome`. Only then is the link up, so a side whose proof was refused
-//!    never believes it is connected.
+//!    or unexpected node id, or our own id (with a `Refused { reason }` frame, in clear, that
+//!    a node of any version can read);
+//! 3. run `Noise_NNpsk0_25519_ChaChaPoly_SHA256` (the dialer initiates) inside
+//!    `Frame::Noise` records: `-> psk, e` then `<- e, ee`. The PSK is
+//!    `HMAC-SHA256(secret, "mailroom-cluster-v2 psk" || cluster)`; the prologue binds the
+//!    protocol version, the cluster name, both node ids in dialer/acceptor order and both
+//!    nonces, so a side whose view of the `Hello`s differs, or that lacks the secret, fails to
+//!    open the other's Noise message and refuses with "authentication failed";
+//! 4. each side sends `Welcome` as its first encrypted frame and reads the peer's. Only then
+//!    is the link up, so a side whose keys differ never believes it is connected.
 //!
-//! The secret never travels. The transcript binds the cluster name, both node ids in
-//! dialer/acceptor order and both nonces, and the prover's role, so a proof cannot be
-//! replayed on another connection nor reflected back in the other direction.
-//! Not provided: confidentiality or per-frame integrity after the handshake (see the module
-//! docs of `mod.rs`).
+//! What authenticates a node id: only the shared secret. Any holder of the secret can claim
+//! any configured id (as before: the secret is the cluster's membership credential); an
+//! on-path attacker without it can neither complete a handshake nor alter the ids in one.
+//! The secret and the PSK never travel; the ephemeral Diffie-Hellman makes the link keys
+//! fresh per link (and secret even from a later thief of the secret, for links it only
+//! recorded). A recorded handshake tells an offline guesser as much as before (one PSK-keyed
+//! tag per handshake): choose a long random secret.
+
+use std::fmt;
 
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -24,34 +34,37 @@ use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::codec::{self, CodecError};
+use super::link::SecureChannel;
 use super::proto::{self, Frame, Hello, PreambleCheck, NONCE_LEN};
 
 type HmacSha256 = Hmac<Sha256>;
 
-const DOMAIN: &[u8] = b"mailroom-cluster-v1";
+/// Binds every derivation to this protocol version.
+const DOMAIN: &[u8] = b"mailroom-cluster-v2";
+
+/// The Noise protocol of the link. NN: no static keys (the nodes have none); psk0: both sides
+/// must hold the cluster's PSK from the first message on.
+pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_SHA256";
+
+/// Largest handshake message of `NOISE_PARAMS` (32-byte ephemeral key + 16-byte tag), with room.
+const NOISE_MSG_MAX: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// We opened the TCP connection.
+    /// We opened the TCP connection (the Noise initiator).
     Dialer,
-    /// We accepted it.
+    /// We accepted it (the Noise responder).
     Acceptor,
-}
-
-impl Role {
-    fn tag(self) -> &'static [u8] {
-        match self {
-            Role::Dialer => b"dialer",
-            Role::Acceptor => b"acceptor",
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
     #[error("not a mailroom cluster peer (bad magic)")]
     BadMagic,
-    #[error("protocol version {got} not supported (we speak {})", proto::PROTOCOL_VERSION)]
+    #[error(
+        "peer speaks cluster protocol version {got}, this node speaks {}: every node of a cluster must run the same protocol version",
+        proto::PROTOCOL_VERSION
+    )]
     Version { got: u16 },
     #[error("peer is in cluster {got:?}, not ours")]
     WrongCluster { got: String },
@@ -71,12 +84,14 @@ pub enum HandshakeError {
     Closed,
     #[error("handshake timed out")]
     Timeout,
+    #[error("noise: {0}")]
+    Noise(String),
     #[error(transparent)]
     Codec(#[from] CodecError),
 }
 
 impl HandshakeError {
-    /// A refusal for identity or secret reasons (the `auth_failures` counter).
+    /// A refusal for identity, secret or version reasons (the `auth_failures` counter).
     pub fn is_auth_failure(&self) -> bool {
         matches!(
             self,
@@ -90,6 +105,11 @@ impl HandshakeError {
         )
     }
 
+    /// The peer speaks another protocol version (also counted in `version_mismatches`).
+    pub fn is_version_mismatch(&self) -> bool {
+        matches!(self, HandshakeError::Version { .. })
+    }
+
     /// Bytes that are not our protocol at all (the `frames_rejected` counter).
     pub fn is_bad_input(&self) -> bool {
         match self {
@@ -100,7 +120,7 @@ impl HandshakeError {
     }
 }
 
-/// Our side of the handshake.
+/// Our side of the handshake. Its `Debug` never shows the secret.
 pub struct Local<'a> {
     pub cluster: &'a str,
     pub node: &'a str,
@@ -108,48 +128,64 @@ pub struct Local<'a> {
     pub max_frame: usize,
 }
 
-/// Computes the proof that `prover` knows `secret` for this transcript.
-#[allow(clippy::too_many_arguments)]
-pub fn proof(
-    secret: &[u8],
-    cluster: &str,
-    dialer: &str,
-    acceptor: &str,
-    dialer_nonce: &[u8; NONCE_LEN],
-    acceptor_nonce: &[u8; NONCE_LEN],
-    prover: Role,
-) -> [u8; 32] {
-    transcript(secret, cluster, dialer, acceptor, dialer_nonce, acceptor_nonce, prover)
-        .finalize()
-        .into_bytes()
-        .into()
+impl fmt::Debug for Local<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Local")
+            .field("cluster", &self.cluster)
+            .field("node", &self.node)
+            .field("secret", &"<redacted>")
+            .field("max_frame", &self.max_frame)
+            .finish()
+    }
 }
 
-fn transcript(
-    secret: &[u8],
-    cluster: &str,
-    dialer: &str,
-    acceptor: &str,
-    dialer_nonce: &[u8; NONCE_LEN],
-    acceptor_nonce: &[u8; NONCE_LEN],
-    prover: Role,
-) -> HmacSha256 {
+/// A completed handshake: who the peer is, and the keys of the link to it.
+#[derive(Debug)]
+pub struct Established {
+    pub peer: String,
+    /// Both directions, each past the `Welcome` the handshake exchanged.
+    pub channel: SecureChannel,
+}
+
+/// The 32-byte Noise PSK of a cluster: HMAC-SHA256 keyed with the secret (any length), over a
+/// label and the cluster name, so two clusters sharing a secret still have distinct keys.
+pub fn derive_psk(secret: &[u8], cluster: &str) -> [u8; 32] {
     // HMAC accepts keys of any length; `new_from_slice` cannot fail for HMAC.
     let mut mac = <HmacSha256 as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(DOMAIN);
-    // Length-prefix variable fields so ("ab","c") and ("a","bc") differ.
+    mac.update(b" psk");
+    mac.update(&(cluster.len() as u32).to_be_bytes());
+    mac.update(cluster.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// The Noise prologue: what both sides saw in clear, which the handshake then authenticates.
+/// Variable fields are length-prefixed so ("ab","c") and ("a","bc") differ.
+pub fn prologue(
+    cluster: &str,
+    dialer: &str,
+    acceptor: &str,
+    dialer_nonce: &[u8; NONCE_LEN],
+    acceptor_nonce: &[u8; NONCE_LEN],
+) -> Vec<u8> {
+    let mut p = Vec::with_capacity(DOMAIN.len() + 12 + cluster.len() + dialer.len() + acceptor.len() + 2 * NONCE_LEN);
+    p.extend_from_slice(DOMAIN);
     for field in [cluster.as_bytes(), dialer.as_bytes(), acceptor.as_bytes()] {
-        mac.update(&(field.len() as u32).to_be_bytes());
-        mac.update(field);
+        p.extend_from_slice(&(field.len() as u32).to_be_bytes());
+        p.extend_from_slice(field);
     }
-    mac.update(dialer_nonce);
-    mac.update(acceptor_nonce);
-    mac.update(prover.tag());
-    mac
+    p.extend_from_slice(dialer_nonce);
+    p.extend_from_slice(acceptor_nonce);
+    p
+}
+
+fn noise_err(e: snow::Error) -> HandshakeError {
+    HandshakeError::Noise(e.to_string())
 }
 
 /// Runs the handshake on a fresh connection. `accept_node` says whether a claimed peer id is
-/// acceptable (configured); `expected` is the id a dialer meant to reach. Returns the peer id.
+/// acceptable (configured); `expected` is the id a dialer meant to reach. Returns the peer id
+/// and the link's keys: every later frame on `stream` must go through them (see `link.rs`).
 ///
 /// On refusal it tries to tell the peer why with a `Refused` frame, then returns the error;
 /// the caller logs it and drops the connection. No timeout inside: wrap it.
@@ -159,7 +195,7 @@ pub async fn run<S, F>(
     role: Role,
     expected: Option<&str>,
     accept_node: F,
-) -> Result<String, HandshakeError>
+) -> Result<Established, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: Fn(&str) -> bool,
@@ -215,28 +251,60 @@ where
         Role::Dialer => (local.node, peer.node.as_str(), &nonce, &peer.nonce),
         Role::Acceptor => (peer.node.as_str(), local.node, &peer.nonce, &nonce),
     };
-    let mine = proof(local.secret, local.cluster, dialer, acceptor, dn, an, role);
-    send(stream, local, &Frame::Proof { mac: mine }).await?;
+    let prologue = prologue(local.cluster, dialer, acceptor, dn, an);
+    let psk = zeroize::Zeroizing::new(derive_psk(local.secret, local.cluster));
+    let builder = snow::Builder::new(NOISE_PARAMS.parse().map_err(noise_err)?)
+        .prologue(&prologue)
+        .psk(0, &psk[..]);
+    let mut msg = [0u8; NOISE_MSG_MAX];
+    let mut payload = [0u8; NOISE_MSG_MAX];
+    let hs = match role {
+        Role::Dialer => {
+            let mut hs = builder.build_initiator().map_err(noise_err)?;
+            let n = hs.write_message(&[], &mut msg).map_err(noise_err)?;
+            send(stream, local, &Frame::Noise { msg: msg[..n].to_vec() }).await?;
+            let theirs = match next(stream, local).await? {
+                Frame::Noise { msg } => msg,
+                other => return Err(HandshakeError::Unexpected(other.kind())),
+            };
+            if theirs.len() > NOISE_MSG_MAX || hs.read_message(&theirs, &mut payload).is_err() {
+                return refuse(stream, local, HandshakeError::BadProof).await;
+            }
+            hs
+        }
+        Role::Acceptor => {
+            let mut hs = builder.build_responder().map_err(noise_err)?;
+            let theirs = match next(stream, local).await? {
+                Frame::Noise { msg } => msg,
+                other => return Err(HandshakeError::Unexpected(other.kind())),
+            };
+            if theirs.len() > NOISE_MSG_MAX || hs.read_message(&theirs, &mut payload).is_err() {
+                return refuse(stream, local, HandshakeError::BadProof).await;
+            }
+            let n = hs.write_message(&[], &mut msg).map_err(noise_err)?;
+            send(stream, local, &Frame::Noise { msg: msg[..n].to_vec() }).await?;
+            hs
+        }
+    };
+    let transport = hs.into_stateless_transport_mode().map_err(noise_err)?;
+    let mut channel = SecureChannel::new(transport, local.max_frame);
 
-    let theirs = match next(stream, local).await? {
-        Frame::Proof { mac } => mac,
-        other => return Err(HandshakeError::Unexpected(other.kind())),
-    };
-    let peer_role = match role {
-        Role::Dialer => Role::Acceptor,
-        Role::Acceptor => Role::Dialer,
-    };
-    // `verify_slice` compares in constant time.
-    if transcript(local.secret, local.cluster, dialer, acceptor, dn, an, peer_role)
-        .verify_slice(&theirs)
-        .is_err()
-    {
-        return refuse(stream, local, HandshakeError::BadProof).await;
-    }
-    send(stream, local, &Frame::Welcome).await?;
-    match next(stream, local).await? {
-        Frame::Welcome => Ok(peer.node),
-        other => Err(HandshakeError::Unexpected(other.kind())),
+    // Key confirmation: each side's first encrypted frame is `Welcome`.
+    let (opener, sealer) = channel.parts();
+    let rec = sealer.seal(&Frame::Welcome)?;
+    stream.write_all(rec).await.map_err(CodecError::from)?;
+    stream.flush().await.map_err(CodecError::from)?;
+    match opener.read_frame(stream).await {
+        Ok(Some(Frame::Welcome)) => Ok(Established {
+            peer: peer.node,
+            channel,
+        }),
+        Ok(Some(Frame::Refused { reason })) => Err(HandshakeError::PeerRefused(reason)),
+        Ok(Some(other)) => Err(HandshakeError::Unexpected(other.kind())),
+        Ok(None) => Err(HandshakeError::Closed),
+        // The peer holds other keys: it did not derive them from our handshake.
+        Err(CodecError::Unauthentic) => Err(HandshakeError::BadProof),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -256,11 +324,11 @@ async fn send<S: AsyncWrite + Unpin>(stream: &mut S, local: &Local<'_>, f: &Fram
 }
 
 /// Best effort: tell the peer why, then fail with `err`.
-async fn refuse<S: AsyncWrite + Unpin>(
+async fn refuse<S: AsyncWrite + Unpin, T>(
     stream: &mut S,
     local: &Local<'_>,
     err: HandshakeError,
-) -> Result<String, HandshakeError> {
+) -> Result<T, HandshakeError> {
     let reason = match &err {
         // Do not tell an unauthenticated stranger more than needed.
         HandshakeError::BadProof => "authentication failed".to_string(),
@@ -287,7 +355,7 @@ mod tests {
         a: Local<'static>,
         b: Local<'static>,
         known_by_b: &'static [&'static str],
-    ) -> (Result<String, HandshakeError>, Result<String, HandshakeError>) {
+    ) -> (Result<Established, HandshakeError>, Result<Established, HandshakeError>) {
         let (mut sa, mut sb) = tokio::io::duplex(4096);
         let expected_b = b.node;
         let ta = tokio::spawn(async move { run(&mut sa, &a, Role::Dialer, Some(expected_b), |_| true).await });
@@ -298,8 +366,56 @@ mod tests {
     #[tokio::test]
     async fn good_handshake() {
         let (a, b) = pair(local("c", "n1", b"s"), local("c", "n2", b"s"), &["n1"]).await;
-        assert_eq!(a.unwrap(), "n2");
-        assert_eq!(b.unwrap(), "n1");
+        assert_eq!(a.unwrap().peer, "n2");
+        assert_eq!(b.unwrap().peer, "n1");
+    }
+
+    #[tokio::test]
+    async fn both_sides_hold_the_same_keys_one_per_direction() {
+        let (a, b) = pair(local("c", "n1", b"s"), local("c", "n2", b"s"), &["n1"]).await;
+        let (mut a_open, mut a_seal) = a.unwrap().channel.split();
+        let (mut b_open, mut b_seal) = b.unwrap().channel.split();
+        let to_b = a_seal.seal(&Frame::Queued { conn: "x".into() }).unwrap().to_vec();
+        let to_a = b_seal.seal(&Frame::Queued { conn: "x".into() }).unwrap().to_vec();
+        // Same plaintext, same counter, other direction: other bytes.
+        assert_ne!(to_a, to_b);
+        let got = b_open.read_frame(&mut &to_b[..]).await.unwrap();
+        assert_eq!(got, Some(Frame::Queued { conn: "x".into() }));
+        let got = a_open.read_frame(&mut &to_a[..]).await.unwrap();
+        assert_eq!(got, Some(Frame::Queued { conn: "x".into() }));
+        // A record sent one way cannot be reflected back the other way.
+        let (mut a_open2, _) = {
+            let (a, _b) = pair(local("c", "n1", b"s"), local("c", "n2", b"s"), &["n1"]).await;
+            a.unwrap().channel.split()
+        };
+        assert!(a_open2.read_frame(&mut &to_b[..]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn every_link_has_fresh_keys() {
+        let seal_one = |e: Established| {
+            let (_, mut s) = e.channel.split();
+            s.seal(&Frame::Leave).unwrap().to_vec()
+        };
+        let (a1, _) = pair(local("c", "n1", b"s"), local("c", "n2", b"s"), &["n1"]).await;
+        let (a2, _) = pair(local("c", "n1", b"s"), local("c", "n2", b"s"), &["n1"]).await;
+        assert_ne!(seal_one(a1.unwrap()), seal_one(a2.unwrap()));
+    }
+
+    #[tokio::test]
+    async fn debug_output_hides_the_secret() {
+        let l = local("c", "n1", b"hunter2-hunter2");
+        assert!(!format!("{l:?}").contains("hunter2"));
+        let psk = derive_psk(b"hunter2-hunter2", "c");
+        let (a, _) = pair(
+            local("c", "n1", b"hunter2-hunter2"),
+            local("c", "n2", b"hunter2-hunter2"),
+            &["n1"],
+        )
+        .await;
+        let dbg = format!("{:?}", a.unwrap());
+        assert!(dbg.contains("n2") && dbg.contains("sent: 1"), "{dbg}");
+        assert!(!dbg.contains("hunter2") && !dbg.contains(&hex::encode(psk)), "{dbg}");
     }
 
     #[tokio::test]
@@ -400,28 +516,27 @@ mod tests {
             drop(b);
             r
         });
-        assert_eq!(ta.await.unwrap().unwrap(), "n2");
-        assert_eq!(tb.await.unwrap().unwrap(), "n1");
+        assert_eq!(ta.await.unwrap().unwrap().peer, "n2");
+        assert_eq!(tb.await.unwrap().unwrap().peer, "n1");
         let mut wire = fwd.await.unwrap();
         wire.extend(back.await.unwrap());
         assert!(wire.len() > 2 * (6 + 32 + 32));
         assert!(!wire.windows(SECRET.len()).any(|w| w == SECRET));
         assert!(!wire.windows(8).any(|w| w == &SECRET[..8]));
+        let psk = derive_psk(SECRET, "c");
+        assert!(!wire.windows(8).any(|w| w == &psk[..8]));
     }
 
     #[test]
-    fn proof_binds_every_field() {
+    fn prologue_and_psk_bind_every_field() {
         let n1 = [1u8; 32];
         let n2 = [2u8; 32];
-        let base = proof(b"s", "c", "a", "b", &n1, &n2, Role::Dialer);
-        assert_ne!(base, proof(b"t", "c", "a", "b", &n1, &n2, Role::Dialer));
-        assert_ne!(base, proof(b"s", "d", "a", "b", &n1, &n2, Role::Dialer));
-        assert_ne!(base, proof(b"s", "c", "b", "a", &n1, &n2, Role::Dialer));
-        assert_ne!(base, proof(b"s", "c", "a", "b", &n2, &n1, Role::Dialer));
-        assert_ne!(base, proof(b"s", "c", "a", "b", &n1, &n2, Role::Acceptor));
-        assert_ne!(
-            proof(b"s", "c", "ab", "c", &n1, &n2, Role::Dialer),
-            proof(b"s", "ca", "b", "c", &n1, &n2, Role::Dialer)
-        );
+        let base = prologue("c", "a", "b", &n1, &n2);
+        assert_ne!(base, prologue("d", "a", "b", &n1, &n2));
+        assert_ne!(base, prologue("c", "b", "a", &n1, &n2));
+        assert_ne!(base, prologue("c", "a", "b", &n2, &n1));
+        assert_ne!(prologue("c", "ab", "c", &n1, &n2), prologue("ca", "b", "c", &n1, &n2));
+        assert_ne!(derive_psk(b"s", "c"), derive_psk(b"t", "c"));
+        assert_ne!(derive_psk(b"s", "c"), derive_psk(b"s", "d"));
     }
 }

@@ -20,15 +20,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use rand::Rng;
 use serde::Serialize;
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::BufWriter;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tracing::{debug, info, warn};
 
-use super::codec::{self, CodecError};
+use super::codec::CodecError;
 use super::directory::{plausible_epoch, DirEffect, DirEvent, Directory};
-use super::handshake::{self, HandshakeError, Role};
+use super::handshake::{self, Established, HandshakeError, Role};
+use super::link::{LinkReader, LinkWriter, SecureChannel};
 use super::membership::{LinkId, MemberEffect, MemberEvent, Membership};
 use super::proto::{Claim, Frame};
 use super::{ClusterEvent, PeerConfig};
@@ -62,6 +63,7 @@ pub(crate) struct Counters {
     pub notifications_failed: AtomicU64,
     pub frames_rejected: AtomicU64,
     pub auth_failures: AtomicU64,
+    pub version_mismatches: AtomicU64,
     pub queue_drops: AtomicU64,
     pub events_dropped: AtomicU64,
 }
@@ -74,6 +76,9 @@ pub struct CounterSnapshot {
     pub notifications_failed: u64,
     pub frames_rejected: u64,
     pub auth_failures: u64,
+    /// Peers refused because they speak another cluster protocol version (also counted in
+    /// `auth_failures`): a node of an older or newer release in the cluster.
+    pub version_mismatches: u64,
     /// Frames dropped because a peer's send queue was full (directory frames are recovered
     /// by a resync; notifications by the sweep).
     pub queue_drops: u64,
@@ -90,6 +95,7 @@ impl Counters {
             notifications_failed: g(&self.notifications_failed),
             frames_rejected: g(&self.frames_rejected),
             auth_failures: g(&self.auth_failures),
+            version_mismatches: g(&self.version_mismatches),
             queue_drops: g(&self.queue_drops),
             events_dropped: g(&self.events_dropped),
         }
@@ -448,6 +454,9 @@ impl Shared {
     }
 
     fn count_handshake_error(&self, e: &HandshakeError) {
+        if e.is_version_mismatch() {
+            bump(&self.counters.version_mismatches);
+        }
         if e.is_auth_failure() {
             bump(&self.counters.auth_failures);
         } else if e.is_bad_input() {
@@ -499,9 +508,9 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             };
             drop(permit);
             match res {
-                Ok(peer) => {
+                Ok(Established { peer, channel }) => {
                     debug!(%addr, peer = %peer, "inbound cluster link authenticated");
-                    run_link(me, stream, peer, false).await;
+                    run_link(me, stream, channel, peer, false).await;
                 }
                 Err(e) => {
                     me.count_handshake_error(&e);
@@ -564,9 +573,9 @@ async fn dial_loop(shared: Arc<Shared>, peer: String, mut stop: watch::Receiver<
             .members
             .handle(MemberEvent::DialAttempted { peer: peer.clone() }, Instant::now());
         match res {
-            Ok(stream) => {
+            Ok((stream, est)) => {
                 let t = Instant::now();
-                run_link(shared.clone(), stream, peer.clone(), true).await;
+                run_link(shared.clone(), stream, est.channel, peer.clone(), true).await;
                 // Only a link that held for a while proves the peer healthy; one that dies
                 // right after the handshake keeps backing off.
                 if t.elapsed() >= shared.settings.failure_timeout {
@@ -593,21 +602,22 @@ async fn dial_loop(shared: Arc<Shared>, peer: String, mut stop: watch::Receiver<
     }
 }
 
-async fn dial(shared: &Shared, peer: &str, addr: SocketAddr) -> Result<TcpStream, HandshakeError> {
+async fn dial(shared: &Shared, peer: &str, addr: SocketAddr) -> Result<(TcpStream, Established), HandshakeError> {
     let fut = async {
         let mut stream = TcpStream::connect(addr).await.map_err(CodecError::from)?;
         let _ = stream.set_nodelay(true);
         let local = local_params(shared);
-        handshake::run(&mut stream, &local, Role::Dialer, Some(peer), |n| n == peer).await?;
-        Ok(stream)
+        let est = handshake::run(&mut stream, &local, Role::Dialer, Some(peer), |n| n == peer).await?;
+        Ok((stream, est))
     };
     tokio::time::timeout(shared.settings.handshake_timeout, fut)
         .await
         .unwrap_or(Err(HandshakeError::Timeout))
 }
 
-/// Runs one authenticated link until it ends, then tells membership.
-async fn run_link(shared: Arc<Shared>, stream: TcpStream, peer: String, we_dialed: bool) {
+/// Runs one authenticated link until it ends, then tells membership. Every frame goes through
+/// `channel`, the keys of this link's handshake.
+async fn run_link(shared: Arc<Shared>, stream: TcpStream, channel: SecureChannel, peer: String, we_dialed: bool) {
     let link = shared.next_link.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel(shared.settings.peer_queue);
     let resync = Arc::new(Notify::new());
@@ -649,14 +659,13 @@ async fn run_link(shared: Arc<Shared>, stream: TcpStream, peer: String, we_diale
         }
     };
     let (rd, wr) = stream.into_split();
-    let mut wr = BufWriter::new(wr);
+    let (rd, mut wr) = channel.into_link(rd, BufWriter::new(wr));
     let Some(snapshot) = snapshot else {
         debug!(peer = %peer, link, "duplicate cluster link closed");
         let f = Frame::Refused {
             reason: "duplicate link".into(),
         };
-        let _ = codec::write_frame(&mut wr, &f, shared.settings.max_frame).await;
-        let _ = wr.flush().await;
+        let _ = wr.send(&f).await;
         return;
     };
     info!(peer = %peer, link, we_dialed, "cluster link up");
@@ -707,15 +716,14 @@ async fn run_link(shared: Arc<Shared>, stream: TcpStream, peer: String, we_diale
 /// Reads frames until the link ends. `Ok` is a normal end, `Err` a reason worth a warning.
 async fn read_loop(
     shared: &Shared,
-    mut rd: OwnedReadHalf,
+    mut rd: LinkReader<OwnedReadHalf>,
     peer: &str,
     link: LinkId,
     tx: mpsc::Sender<Frame>,
 ) -> Result<&'static str, String> {
-    let max = shared.settings.max_frame;
     let mut resync: Vec<(String, u64)> = Vec::new();
     loop {
-        let frame = match codec::read_frame(&mut rd, max).await {
+        let frame = match rd.read_frame().await {
             Ok(Some(f)) => f,
             Ok(None) => return Ok("peer closed the connection"),
             Err(e) => {
@@ -827,7 +835,7 @@ async fn read_loop(
             Frame::Refused { reason } => {
                 return Err(format!("peer closed the link: {reason}"));
             }
-            other @ (Frame::Hello(_) | Frame::Proof { .. } | Frame::Welcome) => {
+            other @ (Frame::Hello(_) | Frame::Proof { .. } | Frame::Welcome | Frame::Noise { .. }) => {
                 bump(&shared.counters.frames_rejected);
                 return Err(format!("unexpected {} frame after handshake", other.kind()));
             }
@@ -835,10 +843,13 @@ async fn read_loop(
     }
 }
 
+/// The sending half of a link as `run_link` uses it.
+type Writer = LinkWriter<BufWriter<OwnedWriteHalf>>;
+
 /// Writes the initial resync, then queued frames, heartbeats and resyncs until the link ends.
 async fn write_loop(
     shared: &Shared,
-    wr: &mut BufWriter<OwnedWriteHalf>,
+    wr: &mut Writer,
     rx: &mut mpsc::Receiver<Frame>,
     snapshot: Vec<(String, u64)>,
     resync: &Notify,
@@ -853,17 +864,17 @@ async fn write_loop(
         tokio::select! {
             f = rx.recv() => {
                 let Some(f) = f else { return Ok("link handle dropped") };
-                write_one(wr, &f, max).await?;
+                write_one(wr, &f).await?;
                 for _ in 1..WRITE_BATCH {
                     match rx.try_recv() {
-                        Ok(f) => write_one(wr, &f, max).await?,
+                        Ok(f) => write_one(wr, &f).await?,
                         Err(_) => break,
                     }
                 }
                 wr.flush().await?;
             }
             _ = hb.tick() => {
-                write_one(wr, &Frame::Ping { t: shared.micros() }, max).await?;
+                write_one(wr, &Frame::Ping { t: shared.micros() }).await?;
                 wr.flush().await?;
             }
             _ = resync.notified() => {
@@ -880,15 +891,15 @@ async fn write_loop(
                 };
                 write_resync(wr, snapshot, max).await?;
                 for f in &keep {
-                    write_one(wr, f, max).await?;
+                    write_one(wr, f).await?;
                 }
                 wr.flush().await?;
             }
             _ = leave.notified() => {
                 while let Ok(f) = rx.try_recv() {
-                    write_one(wr, &f, max).await?;
+                    write_one(wr, &f).await?;
                 }
-                write_one(wr, &Frame::Leave, max).await?;
+                write_one(wr, &Frame::Leave).await?;
                 wr.flush().await?;
                 let _ = wr.shutdown().await;
                 return Ok("we left the cluster");
@@ -899,8 +910,8 @@ async fn write_loop(
 
 /// Writes one frame; a frame too large to send (an absurd conn id) is logged and skipped
 /// rather than taking the link down.
-async fn write_one(wr: &mut BufWriter<OwnedWriteHalf>, f: &Frame, max: usize) -> Result<(), CodecError> {
-    match codec::write_frame(wr, f, max).await {
+async fn write_one(wr: &mut Writer, f: &Frame) -> Result<(), CodecError> {
+    match wr.write_frame(f).await {
         Err(CodecError::TooLarge { len, max }) => {
             warn!(kind = f.kind(), len, max, "cluster frame too large to send, skipped");
             Ok(())
@@ -910,13 +921,9 @@ async fn write_one(wr: &mut BufWriter<OwnedWriteHalf>, f: &Frame, max: usize) ->
 }
 
 /// Sends our claims in chunks that each fit in a frame; the last chunk has `last: true`.
-async fn write_resync(
-    wr: &mut BufWriter<OwnedWriteHalf>,
-    claims: Vec<(String, u64)>,
-    max: usize,
-) -> Result<(), CodecError> {
+async fn write_resync(wr: &mut Writer, claims: Vec<(String, u64)>, max: usize) -> Result<(), CodecError> {
     for chunk in resync_chunks(claims, max) {
-        write_one(wr, &chunk, max).await?;
+        write_one(wr, &chunk).await?;
     }
     Ok(())
 }

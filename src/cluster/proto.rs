@@ -16,7 +16,11 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 4] = *b"MLRM";
 
 /// Version of this wire format, written as u16 big-endian right after [`MAGIC`].
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// History: 1 = HMAC challenge-response, then plain frames; 2 = Noise NNpsk0 handshake, then
+/// every frame encrypted and authenticated (`link.rs`). A node refuses any other version with
+/// a `Refused` frame naming both versions.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The raw preamble: magic + big-endian version. Kept outside bincode so a peer speaking a
 /// different format version is still recognised and refused with a clear reason.
@@ -30,7 +34,7 @@ pub const MAX_FRAME_CEILING: usize = 8 * 1024 * 1024;
 /// [`MAX_FRAME_CEILING`]; the input slice itself is already capped by the codec.
 const DECODE_LIMIT: usize = 64 * 1024 * 1024;
 
-/// Length of the handshake nonce and of an HMAC-SHA256 tag.
+/// Length of the handshake nonce.
 pub const NONCE_LEN: usize = 32;
 
 /// One session claim as carried in a resync: `conn` is held by the sending node at `epoch`.
@@ -48,7 +52,8 @@ pub struct Hello {
     pub nonce: [u8; NONCE_LEN],
 }
 
-/// Everything that travels on a cluster link after the preamble.
+/// Everything that travels on a cluster link after the preamble: `Hello`, `Noise` and
+/// `Refused` in clear during the handshake, every other frame inside the encrypted link.
 ///
 /// Frames after the handshake carry no node id: the sender is always the authenticated peer
 /// at the other end of the link, so a node can only ever speak for itself.
@@ -56,9 +61,10 @@ pub struct Hello {
 pub enum Frame {
     /// Handshake step 1 (both directions).
     Hello(Hello),
-    /// Handshake step 2: HMAC-SHA256 over the transcript; see `handshake.rs`.
+    /// Version 1's HMAC proof. Retired in version 2 (never sent, refused if received); kept so
+    /// the variants after it keep their indexes.
     Proof { mac: [u8; 32] },
-    /// Handshake step 3: the sender verified the receiver's proof; the link is up.
+    /// The first encrypted frame each side sends: it derived the same keys; the link is up.
     Welcome,
     /// Sent before closing a connection that is refused (handshake or duplicate link).
     Refused { reason: String },
@@ -77,6 +83,8 @@ pub enum Frame {
     Queued { conn: String },
     /// The sender leaves the cluster gracefully: drop its claims now.
     Leave,
+    /// One Noise handshake message (see `handshake.rs`), in clear.
+    Noise { msg: Vec<u8> },
 }
 
 impl Frame {
@@ -95,6 +103,7 @@ impl Frame {
             Frame::Resync { .. } => "resync",
             Frame::Queued { .. } => "queued",
             Frame::Leave => "leave",
+            Frame::Noise { .. } => "noise",
         }
     }
 }
@@ -165,16 +174,21 @@ mod tests {
         encode(f).expect("encodable")
     }
 
-    // Fixed bytes: these pin the wire format of PROTOCOL_VERSION 1. If one fails, the format
+    // Fixed bytes: these pin the wire format of PROTOCOL_VERSION 2. If one fails, the format
     // changed: bump PROTOCOL_VERSION and update the vectors deliberately.
     #[test]
     fn preamble_bytes() {
-        assert_eq!(preamble(), [b'M', b'L', b'R', b'M', 0, 1]);
+        assert_eq!(preamble(), [b'M', b'L', b'R', b'M', 0, 2]);
         assert_eq!(check_preamble(&preamble()), PreambleCheck::Ok);
         assert_eq!(check_preamble(b"GET / "), PreambleCheck::BadMagic);
+        // A version-1 node (plain frames after an HMAC handshake) is refused, not misread.
         assert_eq!(
-            check_preamble(&[b'M', b'L', b'R', b'M', 0, 2]),
-            PreambleCheck::Version(2)
+            check_preamble(&[b'M', b'L', b'R', b'M', 0, 1]),
+            PreambleCheck::Version(1)
+        );
+        assert_eq!(
+            check_preamble(&[b'M', b'L', b'R', b'M', 0, 3]),
+            PreambleCheck::Version(3)
         );
     }
 
@@ -199,6 +213,7 @@ mod tests {
         // varint: values >= 251 take a marker byte (251 = u16) + little-endian payload
         assert_eq!(bytes(&Frame::Pong { t: 300 }), vec![5, 251, 0x2c, 0x01]);
         assert_eq!(bytes(&Frame::Leave), vec![10]);
+        assert_eq!(bytes(&Frame::Noise { msg: vec![1, 2] }), vec![11, 2, 1, 2]);
         assert_eq!(bytes(&Frame::Welcome), vec![2]);
     }
 
@@ -243,6 +258,7 @@ mod tests {
 
     #[test]
     fn unknown_variant_and_truncation_refused() {
+        assert!(decode(&[12]).is_err());
         assert!(decode(&[11]).is_err());
         assert!(decode(&[]).is_err());
         assert!(decode(&[6, 9, b'a']).is_err());
@@ -286,6 +302,7 @@ mod tests {
             arb_string().prop_map(|conn| Frame::Queued { conn }),
             Just(Frame::Welcome),
             Just(Frame::Leave),
+            proptest::collection::vec(any::<u8>(), 0..64).prop_map(|msg| Frame::Noise { msg }),
         ]
     }
 

@@ -36,10 +36,27 @@ pub async fn handle(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError>
     }
 }
 
-/// A pickup 2.0 `status` for `conn`.
+/// The `recipient_key` a status-request or delivery-request names (base58 or did:key), as the
+/// queue stores keys (base58).
+fn recipient_filter(ctx: &Inbound) -> Result<Option<String>, HandleError> {
+    match ctx.msg.get("recipient_key") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(k)) => crate::didcomm::keys::normalize_verkey(k)
+            .map(Some)
+            .map_err(|e| HandleError::BadMessage(format!("recipient_key {k:?}: {e}"))),
+        Some(other) => Err(HandleError::BadMessage(format!(
+            "recipient_key is not a string: {other}"
+        ))),
+    }
+}
+
+/// A pickup 2.0 `status` for `conn` (for the `recipient_key` it names, if any).
 pub async fn status(m: &Mediator, ctx: &Inbound, conn: &Connection, live: Option<bool>) -> Result<Value, HandleError> {
     let now = now_ms();
-    let stats = m.store.queue_stats(&conn.id, now).await?;
+    let stats = match recipient_filter(ctx)? {
+        Some(k) => m.store.queue_stats_for_key(&conn.id, &k, now).await?,
+        None => m.store.queue_stats(&conn.id, now).await?,
+    };
     let mut s = ctx.reply("status");
     s["message_count"] = json!(stats.pending);
     if let Some(o) = stats.oldest_received_ms {
@@ -104,9 +121,15 @@ async fn lease_requested(
         .unwrap_or(m.batch_size as u64)
         .clamp(1, MAX_BATCH as u64) as usize;
     let now = now_ms();
-    Ok(m.store
-        .lease(&conn.id, n, &ctx.lease_owner, now, now + m.lease_ms)
-        .await?)
+    let until = now + m.lease_ms;
+    Ok(match recipient_filter(ctx)? {
+        Some(k) => {
+            m.store
+                .lease_for_key(&conn.id, &k, n, &ctx.lease_owner, now, until)
+                .await?
+        }
+        None => m.store.lease(&conn.id, n, &ctx.lease_owner, now, until).await?,
+    })
 }
 
 async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {

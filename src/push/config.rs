@@ -97,7 +97,7 @@ pub struct ApnsConfig {
     pub collapse_id: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     pub url: String,
@@ -107,6 +107,17 @@ pub struct WebhookConfig {
     /// Or: the name of an environment variable holding it.
     #[serde(default)]
     pub secret_env: Option<String>,
+}
+
+/// The secret never prints, even in a `{:?}` of the whole configuration.
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &self.url)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret_env", &self.secret_env)
+            .finish()
+    }
 }
 
 fn default_min_interval() -> u64 {
@@ -413,6 +424,12 @@ mod tests {
     fn secrets_do_not_print() {
         let s = Secret("-----BEGIN PRIVATE KEY-----".into());
         assert_eq!(format!("{s:?}"), "<redacted>");
+        let w: Wrapper =
+            toml::from_str("[push.webhook]\nurl = \"https://h.example/x\"\nsecret = \"hunter2hunter2hunter2\"\n")
+                .unwrap();
+        assert!(!format!("{:?}", w.push).contains("hunter2"));
+        let loaded = w.push.load().unwrap();
+        assert!(!format!("{loaded:?}").contains("hunter2"));
         assert!(parse_service_account("{\"private_key\": \"MIIsecret\"")
             .unwrap_err()
             .contains("not JSON"));

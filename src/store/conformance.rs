@@ -553,36 +553,6 @@ pub async fn ack_is_scoped_to_connection(b: Arc<dyn Backend>) {
     assert_eq!(s.ack(&c1, &id).await.unwrap(), 1);
 }
 
-pub async fn pending_for_key_counts_one_recipient(b: Arc<dyn Backend>) {
-    let s = b.open().await;
-    let c1 = new_conn(&s).await;
-    let c2 = new_conn(&s).await;
-    let keyed = |conn: &str, key: &str, p: &str| NewMessage {
-        recipient_key: key.to_owned(),
-        ..msg(conn, p, T0)
-    };
-    enqueue_ok(
-        &s,
-        vec![
-            keyed(&c1, "did:a", "1"),
-            keyed(&c1, "did:b", "2"),
-            keyed(&c1, "did:a", "3"),
-            keyed(&c2, "did:a", "4"),
-        ],
-    )
-    .await;
-    assert_eq!(s.pending_for_key(&c1, "did:a", T0).await.unwrap(), 2);
-    assert_eq!(s.pending_for_key(&c1, "did:b", T0).await.unwrap(), 1);
-    assert_eq!(s.pending_for_key(&c2, "did:a", T0).await.unwrap(), 1);
-    assert_eq!(s.pending_for_key(&c1, "did:none", T0).await.unwrap(), 0);
-    assert_eq!(s.pending_for_key("no-such-conn", "did:a", T0).await.unwrap(), 0);
-    assert_eq!(s.pending_for_key(&c1, "did:\0a", T0).await.unwrap(), 0);
-    // The oldest (did:a "1") leased: no longer pending until its lease runs out.
-    s.lease(&c1, 1, "A", T0, T0 + 1000).await.unwrap();
-    assert_eq!(s.pending_for_key(&c1, "did:a", T0).await.unwrap(), 1);
-    assert_eq!(s.pending_for_key(&c1, "did:a", T0 + 1000).await.unwrap(), 2);
-}
-
 pub async fn concurrent_leasers_never_share(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let c = new_conn(&s).await;
@@ -890,6 +860,53 @@ pub async fn dedup_window(b: Arc<dyn Backend>) {
             duplicate: true
         }
     );
+}
+
+/// Pickup filters: leases and counts of one recipient key only, the others untouched.
+pub async fn recipient_key_filters(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let for_key = |k: &str, p: &str, at: i64| NewMessage {
+        recipient_key: k.to_owned(),
+        ..msg(&c, p, at)
+    };
+    // 150 messages for key A first: a filter for B must look past them.
+    let mut m: Vec<NewMessage> = (0..150).map(|i| for_key("A", "a", T0 + i)).collect();
+    m.push(for_key("B", "b1", T0 + 200));
+    m.push(for_key("B", "b22", T0 + 201));
+    let id = enqueue_ok(&s, m).await;
+    let st = s.queue_stats_for_key(&c, "B", T0).await.unwrap();
+    assert_eq!(
+        st,
+        QueueStats {
+            pending: 2,
+            leased: 0,
+            bytes: 5,
+            oldest_received_ms: Some(T0 + 200)
+        }
+    );
+    assert_eq!(
+        s.queue_stats_for_key(&c, "none", T0).await.unwrap(),
+        QueueStats::default()
+    );
+    let l = s.lease_for_key(&c, "B", 1, "o", T0, T0 + 1000).await.unwrap();
+    assert_eq!(ids(&l), vec![id[150]]);
+    assert_eq!(l[0].recipient_key, "B");
+    let l = s.lease_for_key(&c, "B", 10, "o", T0, T0 + 1000).await.unwrap();
+    assert_eq!(ids(&l), vec![id[151]]);
+    assert!(s
+        .lease_for_key(&c, "B", 10, "o", T0, T0 + 1000)
+        .await
+        .unwrap()
+        .is_empty());
+    let st = s.queue_stats_for_key(&c, "B", T0).await.unwrap();
+    assert_eq!((st.pending, st.leased), (0, 2));
+    // Nothing of key A was touched: all pending, never attempted.
+    let a = s.lease(&c, 1000, "p", T0, T0 + 1000).await.unwrap();
+    assert_eq!(a.len(), 150);
+    assert!(a.iter().all(|q| q.recipient_key == "A" && q.attempts == 1));
+    // Owner release still applies to filtered leases.
+    assert_eq!(s.release_owner("o").await.unwrap(), 2);
 }
 
 /// Dedup records go once their window has passed (not with message expiry, 30 days later):
@@ -1664,10 +1681,6 @@ macro_rules! conformance {
                 backend::run(super::ack_is_scoped_to_connection).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn pending_for_key_counts_one_recipient() {
-                backend::run(super::pending_for_key_counts_one_recipient).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_leasers_never_share() {
                 backend::run(super::concurrent_leasers_never_share).await
             }
@@ -1686,6 +1699,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn dedup_window() {
                 backend::run(super::dedup_window).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn recipient_key_filters() {
+                backend::run(super::recipient_key_filters).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn dedup_records_are_pruned() {

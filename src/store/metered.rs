@@ -155,6 +155,29 @@ impl Store for Metered {
     async fn dedup_records(&self) -> StoreResult<u64> {
         self.inner.dedup_records().await
     }
+    async fn lease_for_key(
+        &self,
+        conn: &str,
+        recipient_key: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        self.timed(
+            "lease_for_key",
+            self.inner
+                .lease_for_key(conn, recipient_key, max, owner, now_ms, until_ms),
+        )
+        .await
+    }
+    async fn queue_stats_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<QueueStats> {
+        self.timed(
+            "queue_stats_for_key",
+            self.inner.queue_stats_for_key(conn, recipient_key, now_ms),
+        )
+        .await
+    }
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
         self.timed("expire", self.inner.expire(received_before_ms)).await
     }
@@ -181,12 +204,5 @@ impl Store for Metered {
     async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
         self.timed("push_take_due", self.inner.push_take_due(now_ms, idle_before_ms, limit))
             .await
-    }
-    async fn pending_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<u64> {
-        self.timed(
-            "pending_for_key",
-            self.inner.pending_for_key(conn, recipient_key, now_ms),
-        )
-        .await
     }
 }

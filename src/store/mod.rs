@@ -475,11 +475,20 @@ pub trait Store: Send + Sync + 'static {
     /// `idle_before_ms`.
     async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>>;
 
-    // ---- DIDComm v2 (issue 8) ----
+    // ---- pickup filters (pickup 2.0 `recipient_key`, pickup 3.0 `recipient_did`) ----
 
-    /// Messages of `conn` queued for `recipient_key` and deliverable at `now_ms` (pickup 3.0
-    /// `status` for one `recipient_did`). 0 for unknown or unstorable input.
-    async fn pending_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<u64>;
+    /// As [`Store::lease`], only messages of `conn` queued for `recipient_key`.
+    async fn lease_for_key(
+        &self,
+        conn: &str,
+        recipient_key: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>>;
+    /// As [`Store::queue_stats`], only messages of `conn` queued for `recipient_key`.
+    async fn queue_stats_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<QueueStats>;
 }
 
 /// Opens (or creates) the sled store at `path`. Opening a path already open in this process

@@ -1045,6 +1045,78 @@ impl Store for PgStore {
         Ok(out)
     }
 
+    async fn lease_for_key(
+        &self,
+        conn: &str,
+        recipient_key: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        check_storable("lease owner", owner)?;
+        if !storable(conn) || !storable(recipient_key) || max == 0 {
+            return Ok(Vec::new());
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "WITH picked AS ( \
+                   SELECT id FROM mailroom_messages \
+                   WHERE conn_id = $1 AND lease_until_ms <= $2 AND recipient_key = $6 \
+                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                 UPDATE mailroom_messages m \
+                 SET lease_until_ms = $4, lease_owner = $5, attempts = m.attempts + 1 \
+                 FROM picked WHERE m.id = picked.id \
+                 RETURNING m.id, m.recipient_key, m.payload, m.received_at_ms, m.attempts",
+            )
+            .await
+            .map_err(pg_err)?;
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        let mut out: Vec<QueuedMessage> = c
+            .query(&q, &[&conn, &now_ms, &max, &until_ms, &owner, &recipient_key])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| QueuedMessage {
+                id: r.get(0),
+                connection: conn.to_owned(),
+                recipient_key: r.get(1),
+                payload: r.get(2),
+                received_at_ms: r.get(3),
+                attempts: r.get::<_, i32>(4).max(0) as u32,
+            })
+            .collect();
+        out.sort_unstable_by_key(|m| m.id);
+        Ok(out)
+    }
+
+    async fn queue_stats_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<QueueStats> {
+        if !storable(conn) || !storable(recipient_key) {
+            return Ok(QueueStats::default());
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "SELECT count(*) FILTER (WHERE lease_until_ms <= $2), \
+                        count(*) FILTER (WHERE lease_until_ms > $2), \
+                        coalesce(sum(size), 0)::int8, min(received_at_ms) \
+                 FROM mailroom_messages WHERE conn_id = $1 AND recipient_key = $3",
+            )
+            .await
+            .map_err(pg_err)?;
+        let r = c
+            .query_one(&q, &[&conn, &now_ms, &recipient_key])
+            .await
+            .map_err(pg_err)?;
+        Ok(QueueStats {
+            pending: r.get::<_, i64>(0) as u64,
+            leased: r.get::<_, i64>(1) as u64,
+            bytes: r.get::<_, i64>(2) as u64,
+            oldest_received_ms: r.get(3),
+        })
+    }
+
     async fn ack_leased(&self, conn: &str, ids: &[MessageId]) -> StoreResult<Vec<i64>> {
         if !storable(conn) || ids.is_empty() {
             return Ok(Vec::new());
@@ -1346,24 +1418,5 @@ impl Store for PgStore {
         .await
         .map_err(pg_err)?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
-    }
-
-    async fn pending_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<u64> {
-        if !storable(conn) || !storable(recipient_key) {
-            return Ok(0);
-        }
-        let c = self.client().await?;
-        let q = c
-            .prepare_cached(
-                "SELECT count(*) FROM mailroom_messages \
-                 WHERE conn_id = $1 AND recipient_key = $2 AND lease_until_ms <= $3",
-            )
-            .await
-            .map_err(pg_err)?;
-        let r = c
-            .query_one(&q, &[&conn, &recipient_key, &now_ms])
-            .await
-            .map_err(pg_err)?;
-        Ok(r.get::<_, i64>(0) as u64)
     }
 }

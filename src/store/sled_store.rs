@@ -70,8 +70,6 @@ struct Meta {
     lease_until_ms: i64,
     owner: Option<Arc<str>>,
     attempts: u32,
-    /// For [`Store::pending_for_key`].
-    recipient_key: Arc<str>,
 }
 
 #[derive(Default, Debug)]
@@ -353,7 +351,6 @@ impl Inner {
                     lease_until_ms: 0,
                     owner: None,
                     attempts: attempts.get(&id).copied().unwrap_or(0),
-                    recipient_key: Arc::from(m.recipient_key),
                 },
             );
         }
@@ -389,6 +386,31 @@ impl Inner {
 
     fn flush(&self) -> StoreResult<()> {
         self.db.flush().map_err(unavailable).map(|_| ())
+    }
+
+    /// Reads the messages just leased (id, attempts) and records their attempt counts.
+    fn load_leased(&self, picked: Vec<(MessageId, u32)>) -> StoreResult<Vec<QueuedMessage>> {
+        let mut out = Vec::with_capacity(picked.len());
+        let mut attempts = sled::Batch::default();
+        for (id, n) in picked {
+            // A message acked or expired meanwhile is simply not returned.
+            let Some(v) = self.msgs.get(encode_id(id)).map_err(unavailable)? else {
+                continue;
+            };
+            let m = decode_msg(&v)?;
+            out.push(QueuedMessage {
+                id,
+                connection: m.connection.to_owned(),
+                recipient_key: m.recipient_key.to_owned(),
+                payload: m.payload.to_vec(),
+                received_at_ms: m.received_at_ms,
+                attempts: n,
+            });
+            attempts.insert(&encode_id(id), &n.to_be_bytes());
+        }
+        // Not flushed: losing an attempt count only under-reports redeliveries.
+        self.attempts.apply_batch(attempts).map_err(unavailable)?;
+        Ok(out)
     }
 
     /// One batch of the writer: decide, write, flush once, publish, answer.
@@ -500,7 +522,6 @@ impl Inner {
                     lease_until_ms: 0,
                     owner: None,
                     attempts: 0,
-                    recipient_key: Arc::from(m.recipient_key.as_str()),
                 };
                 q.insert(&m.connection, *id, meta);
                 if let Some(dk) = m.dedup_key {
@@ -1044,27 +1065,107 @@ impl Store for SledStore {
                 }
                 picked
             };
-            let mut out = Vec::with_capacity(picked.len());
-            let mut attempts = sled::Batch::default();
-            for (id, n) in picked {
-                // A message acked or expired meanwhile is simply not returned.
+            inner.load_leased(picked)
+        })
+        .await
+    }
+
+    async fn lease_for_key(
+        &self,
+        conn: &str,
+        recipient_key: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        check_storable("lease owner", owner)?;
+        if !storable(conn) || max == 0 {
+            return Ok(Vec::new());
+        }
+        let (conn, key) = (conn.to_owned(), recipient_key.to_owned());
+        let owner: Arc<str> = Arc::from(owner);
+        self.blocking(move |inner| {
+            // Recipient keys live on disk only (the index holds sizes and leases): pick the
+            // pending ids, read their keys outside the lock, then lease those still pending.
+            let pending: Vec<MessageId> = {
+                let q = inner.queues.lock();
+                let Some(cq) = q.by_conn.get(&conn) else {
+                    return Ok(Vec::new());
+                };
+                cq.msgs
+                    .iter()
+                    .filter(|(_, m)| m.lease_until_ms <= now_ms)
+                    .map(|(id, _)| *id)
+                    .collect()
+            };
+            let mut matching = Vec::new();
+            for id in pending {
+                if matching.len() >= max {
+                    break;
+                }
+                if let Some(v) = inner.msgs.get(encode_id(id)).map_err(unavailable)? {
+                    if decode_msg(&v)?.recipient_key == key {
+                        matching.push(id);
+                    }
+                }
+            }
+            let picked: Vec<(MessageId, u32)> = {
+                let mut q = inner.queues.lock();
+                let Some(cq) = q.by_conn.get_mut(&conn) else {
+                    return Ok(Vec::new());
+                };
+                let mut picked = Vec::with_capacity(matching.len());
+                for id in matching {
+                    if let Some(m) = cq.msgs.get_mut(&id) {
+                        if m.lease_until_ms <= now_ms {
+                            m.lease_until_ms = until_ms;
+                            m.owner = Some(owner.clone());
+                            m.attempts = m.attempts.saturating_add(1);
+                            picked.push((id, m.attempts));
+                        }
+                    }
+                }
+                if !picked.is_empty() {
+                    q.by_owner.entry(owner.clone()).or_default().insert(conn.clone());
+                }
+                picked
+            };
+            inner.load_leased(picked)
+        })
+        .await
+    }
+
+    async fn queue_stats_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<QueueStats> {
+        let (conn, key) = (conn.to_owned(), recipient_key.to_owned());
+        self.blocking(move |inner| {
+            let metas: Vec<(MessageId, Meta)> = {
+                let q = inner.queues.lock();
+                let Some(cq) = q.by_conn.get(&conn) else {
+                    return Ok(QueueStats::default());
+                };
+                cq.msgs.iter().map(|(id, m)| (*id, m.clone())).collect()
+            };
+            let mut s = QueueStats::default();
+            for (id, m) in metas {
                 let Some(v) = inner.msgs.get(encode_id(id)).map_err(unavailable)? else {
                     continue;
                 };
-                let m = decode_msg(&v)?;
-                out.push(QueuedMessage {
-                    id,
-                    connection: m.connection.to_owned(),
-                    recipient_key: m.recipient_key.to_owned(),
-                    payload: m.payload.to_vec(),
-                    received_at_ms: m.received_at_ms,
-                    attempts: n,
-                });
-                attempts.insert(&encode_id(id), &n.to_be_bytes());
+                if decode_msg(&v)?.recipient_key != key {
+                    continue;
+                }
+                if m.lease_until_ms <= now_ms {
+                    s.pending += 1;
+                } else {
+                    s.leased += 1;
+                }
+                s.bytes += m.size;
+                s.oldest_received_ms = Some(
+                    s.oldest_received_ms
+                        .map_or(m.received_at_ms, |o| o.min(m.received_at_ms)),
+                );
             }
-            // Not flushed: losing an attempt count only under-reports redeliveries.
-            inner.attempts.apply_batch(attempts).map_err(unavailable)?;
-            Ok(out)
+            Ok(s)
         })
         .await
     }
@@ -1425,19 +1526,5 @@ impl Store for SledStore {
         }
         w.retain(|_, (last, d)| d.is_some() || *last >= idle_before_ms);
         Ok(due.into_iter().map(|(_, c)| c).collect())
-    }
-
-    async fn pending_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<u64> {
-        // Memory only: no need for a blocking thread.
-        let q = self.inner.queues.lock();
-        Ok(q.by_conn
-            .get(conn)
-            .map(|cq| {
-                cq.msgs
-                    .values()
-                    .filter(|m| m.lease_until_ms <= now_ms && &*m.recipient_key == recipient_key)
-                    .count() as u64
-            })
-            .unwrap_or(0))
     }
 }

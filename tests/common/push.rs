@@ -162,7 +162,7 @@ impl StandIn {
             .unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let base_url = format!("https://localhost:{port}");
+        let base_url = format!("https://127.0.0.1:{port}");
         *state.token_uri.lock() = format!("{base_url}/token");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();

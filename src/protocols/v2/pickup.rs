@@ -41,7 +41,11 @@ fn recipient_filter(ctx: &Inbound) -> Result<Option<String>, HandleError> {
 
 async fn status(m: &Mediator, ctx: &Inbound, conn: &Connection, live: Option<bool>) -> Result<Value, HandleError> {
     let now = now_ms();
-    let stats = m.store.queue_stats(&conn.id, now).await?;
+    let filter = recipient_filter(ctx)?;
+    let stats = match &filter {
+        Some(f) => m.store.queue_stats_for_key(&conn.id, f, now).await?,
+        None => m.store.queue_stats(&conn.id, now).await?,
+    };
     let mut body = json!({ "message_count": stats.pending });
     if let Some(o) = stats.oldest_received_ms {
         body["oldest_received_time"] = json!(o / 1000);
@@ -49,9 +53,7 @@ async fn status(m: &Mediator, ctx: &Inbound, conn: &Connection, live: Option<boo
     if let Some(l) = live {
         body["live_delivery"] = json!(l);
     }
-    if let Some(r) = recipient_filter(ctx)? {
-        // Only the messages forwarded for that DID.
-        body["message_count"] = json!(m.store.pending_for_key(&conn.id, &r, now).await?);
+    if let Some(r) = filter {
         body["recipient_did"] = json!(r);
     }
     Ok(ctx.reply(m, "status", body))
@@ -88,24 +90,17 @@ async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Res
         .clamp(1, MAX_BATCH as u64) as usize;
     let filter = recipient_filter(ctx)?;
     let now = now_ms();
-    // With a recipient filter: lease a full batch and hand back what is for other DIDs.
-    let want = if filter.is_some() { MAX_BATCH } else { limit };
-    let mut msgs = m
-        .store
-        .lease(&conn.id, want, &ctx.lease_owner, now, now + m.lease_ms)
-        .await?;
-    if let Some(f) = &filter {
-        let (keep, back): (Vec<_>, Vec<_>) = msgs.into_iter().partition(|q| &q.recipient_key == f);
-        let mut keep = keep;
-        let mut back_ids: Vec<i64> = back.iter().map(|q| q.id).collect();
-        if keep.len() > limit {
-            back_ids.extend(keep.split_off(limit).iter().map(|q| q.id));
+    let until = now + m.lease_ms;
+    let msgs = match &filter {
+        // Only that DID's messages are leased: the others are neither touched nor counted as
+        // attempts, however many come first.
+        Some(f) => {
+            m.store
+                .lease_for_key(&conn.id, f, limit, &ctx.lease_owner, now, until)
+                .await?
         }
-        if !back_ids.is_empty() {
-            m.store.release(&conn.id, &back_ids, &ctx.lease_owner).await?;
-        }
-        msgs = keep;
-    }
+        None => m.store.lease(&conn.id, limit, &ctx.lease_owner, now, until).await?,
+    };
     if msgs.is_empty() {
         return Ok(Outcome {
             replies: vec![status(m, ctx, conn, None).await?],
