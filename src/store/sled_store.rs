@@ -128,6 +128,9 @@ struct Inner {
     /// Serialises connection and key writes (transactions then never conflict).
     meta_lock: Mutex<()>,
     queues: Mutex<Queues>,
+    /// The last flush failed (disk full, I/O error): [`Store::health`] says so until a flush
+    /// succeeds again, so `/ready` turns a load balancer away while writes cannot land.
+    write_failed: std::sync::atomic::AtomicBool,
 }
 
 struct EnqueueReq {
@@ -280,6 +283,7 @@ impl Inner {
             db,
             meta_lock: Mutex::new(()),
             queues: Mutex::new(Queues::default()),
+            write_failed: std::sync::atomic::AtomicBool::new(false),
         };
         inner.fold_verkey_index()?;
         inner.rebuild_index()?;
@@ -385,7 +389,9 @@ impl Inner {
     }
 
     fn flush(&self) -> StoreResult<()> {
-        self.db.flush().map_err(unavailable).map(|_| ())
+        let r = self.db.flush();
+        self.write_failed.store(r.is_err(), std::sync::atomic::Ordering::SeqCst);
+        r.map_err(unavailable).map(|_| ())
     }
 
     /// Reads the messages just leased (id, attempts) and records their attempt counts.
@@ -506,6 +512,7 @@ impl Inner {
             Ok(ids) => ids,
             Err(e) => {
                 tracing::error!(error = %e, "sled enqueue batch failed");
+                self.write_failed.store(true, std::sync::atomic::Ordering::SeqCst);
                 let msg = e.to_string();
                 for req in batch {
                     let _ = req.reply.send(Err(StoreError::Unavailable(msg.clone())));
@@ -737,9 +744,14 @@ impl Store for SledStore {
 
     async fn health(&self) -> StoreResult<()> {
         match &self.tx {
-            Some(tx) if !tx.is_closed() => Ok(()),
-            _ => Err(StoreError::Closed),
+            Some(tx) if !tx.is_closed() => {}
+            _ => return Err(StoreError::Closed),
         }
+        if self.inner.write_failed.load(std::sync::atomic::Ordering::SeqCst) {
+            // Probe: a flush that succeeds again clears the failure.
+            self.blocking(|inner| inner.flush()).await?;
+        }
+        Ok(())
     }
 
     async fn identity_get_or_create(&self, candidate: Identity) -> StoreResult<Identity> {

@@ -1,0 +1,274 @@
+//! Store outages (issue 9): the store goes away under a steady stream of forwards.
+//!
+//! While it is away every forward is refused with 503 (never 2xx, never 500), the admin
+//! `/ready` answers 503, and open sessions stay open; when it returns the node recovers
+//! without a restart, and every forward that was answered 2xx reaches its wallet.
+//!
+//! The outage is local to the test: the node talks to PostgreSQL through a TCP proxy the test
+//! cuts and restores (the shared server on 127.0.0.1:5432 keeps running for other tests); the
+//! sled node writes to a small tmpfs the test fills. sled 0.34 latches an I/O error until the
+//! database is reopened, so the sled node recovers by a restart (nothing accepted is lost);
+//! recovering in place needs the store to reopen sled (not done yet).
+
+mod common;
+
+use common::cluster::{live_socket, FreshDb, Proxy};
+use common::*;
+use mailroom::client::{basic_message, Agent, Sender, WsClient, WsEvent};
+use mailroom::config::Strategy;
+use mailroom::node::RunningNode;
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Statuses of a stream of forwards, by message text.
+type Answers = Arc<Mutex<BTreeMap<String, u16>>>;
+
+/// Sends forwards one after another until `stop` is set; records every answer.
+fn stream_forwards(
+    url: String,
+    verkey: String,
+    routing: Vec<String>,
+    prefix: &'static str,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (Answers, tokio::task::JoinHandle<()>) {
+    let answers: Answers = Default::default();
+    let a2 = answers.clone();
+    let task = tokio::task::spawn_local(async move {
+        let sender = Sender::new();
+        let mut i = 0u32;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let text = format!("{prefix}-{i:05}");
+            i += 1;
+            let status = match sender.forward(&url, &basic_message(&text), &verkey, &routing).await {
+                Ok(s) => s,
+                Err(e) => panic!("forward {text}: no HTTP answer: {e}"),
+            };
+            a2.lock().unwrap().insert(text, status);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    (answers, task)
+}
+
+async fn ready_status(n: &RunningNode) -> u16 {
+    get_status(&format!("{}/ready", n.admin_url()), None).await.0
+}
+
+/// Reads deliveries from the live socket, acknowledging each, until every text in `want` was
+/// seen. Returns every text seen (duplicates are allowed by at-least-once; losses are not).
+async fn drain_until(a: &Agent, ws: &mut WsClient, want: &BTreeSet<String>, seen: &mut BTreeSet<String>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !want.is_subset(seen) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lost: {:?}",
+            want.difference(seen).collect::<Vec<_>>()
+        );
+        let ev = ws.next(Duration::from_secs(30)).await.expect("a frame");
+        let env = match ev {
+            WsEvent::Envelope(e) => e,
+            WsEvent::Closed(r) => panic!("the session was closed: {r:?}"),
+        };
+        let m = a.unpack(&env).expect("unpacks").0;
+        if type_name(&m) != "delivery" {
+            continue;
+        }
+        let mut ids = Vec::new();
+        for (id, inner) in a.open_delivery(&m).unwrap() {
+            ids.push(id);
+            seen.insert(inner["content"].as_str().unwrap_or_default().to_string());
+        }
+        let ack = a
+            .pack(&pickup("messages-received", json!({"message_id_list": ids})))
+            .unwrap();
+        ws.send_envelope(ack, true).await.unwrap();
+    }
+}
+
+/// Under a stream of forwards to a live wallet: cut the store, check the refusals (only 503,
+/// `/ready` 503), restore it. With `in_place` the node must recover by itself (`/ready` 200,
+/// forwards accepted again, the socket opened before the outage receives everything accepted).
+/// Returns the texts answered 202 and the still-open socket.
+async fn outage_under_stream(
+    n: &RunningNode,
+    a: &Agent,
+    k: &mailroom::didcomm::keys::KeyPair,
+    cut: impl Fn(),
+    restore: impl Fn(),
+    in_place: bool,
+) -> (BTreeSet<String>, WsClient) {
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let mut ws = live_socket(a, n).await;
+    assert_eq!(ready_status(n).await, 200);
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (answers, task) = stream_forwards(n.public_url(), k.verkey(), routing, "m", stop.clone());
+    let count = |pred: fn(u16) -> bool| answers.lock().unwrap().values().filter(|s| pred(**s)).count();
+
+    eventually("forwards accepted before the outage", || async {
+        (count(|s| s == 202) >= 10).then_some(())
+    })
+    .await;
+    cut();
+    eventually("/ready says not ready", || async {
+        (ready_status(n).await == 503).then_some(())
+    })
+    .await;
+    let refused_before = count(|s| s == 503);
+    eventually("forwards refused with 503 during the outage", || async {
+        (count(|s| s == 503) >= refused_before + 5).then_some(())
+    })
+    .await;
+    // Still down: forwards keep being refused, /ready stays 503.
+    assert_eq!(ready_status(n).await, 503);
+    let accepted_in_outage = count(|s| s == 202);
+    let refused = count(|s| s == 503);
+    eventually("more refusals", || async {
+        (count(|s| s == 503) >= refused + 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        count(|s| s == 202),
+        accepted_in_outage,
+        "no forward accepted while the store is down"
+    );
+
+    restore();
+    if in_place {
+        eventually("/ready is ready again (no restart)", || async {
+            (ready_status(n).await == 200).then_some(())
+        })
+        .await;
+        let accepted = count(|s| s == 202);
+        eventually("forwards accepted after the outage", || async {
+            (count(|s| s == 202) >= accepted + 10).then_some(())
+        })
+        .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    task.await.unwrap();
+
+    let answers = answers.lock().unwrap().clone();
+    let odd: Vec<_> = answers.iter().filter(|(_, s)| **s != 202 && **s != 503).collect();
+    assert!(odd.is_empty(), "only 202 or 503: {odd:?}");
+    let want: BTreeSet<String> = answers
+        .iter()
+        .filter(|(_, s)| **s == 202)
+        .map(|(t, _)| t.clone())
+        .collect();
+    eprintln!(
+        "{} forwards: {} accepted, {} refused with 503",
+        answers.len(),
+        want.len(),
+        answers.len() - want.len()
+    );
+    if in_place {
+        // The socket opened before the outage is still the one that gets everything.
+        let mut seen = BTreeSet::new();
+        drain_until(a, &mut ws, &want, &mut seen).await;
+    }
+    (want, ws)
+}
+
+#[actix_rt::test]
+async fn postgres_outage_refuses_with_503_and_recovers_without_restart() {
+    let db = FreshDb::create().await;
+    // On the background runtime: node::spawn blocks this thread while the node opens its store.
+    let proxy = common::cluster::background_runtime()
+        .spawn(Proxy::start("127.0.0.1:5432".parse().unwrap()))
+        .await
+        .unwrap();
+    let url = format!("postgres://postgres@{}/{}", proxy.addr, db.name);
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.store.backend = "postgres".into();
+        c.store.url = Some(url);
+        c.store.pool_size = 4;
+    })
+    .await;
+    let (_, ws) = outage_under_stream(&n, &a, &k, || proxy.cut(), || proxy.restore(), true).await;
+    ws.close().await;
+}
+
+/// A tmpfs of `size` mounted for the test; unmounted on drop.
+struct Tmpfs {
+    path: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then(|| Tmpfs {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// Fills the filesystem holding `path` (a file `path`), leaving nothing free.
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let block = vec![0u8; 64 << 10];
+    while f.write_all(&block).is_ok() {}
+    let small = [0u8; 512];
+    while f.write_all(&small).is_ok() {}
+    let _ = f.sync_all();
+}
+
+#[actix_rt::test]
+async fn sled_disk_full_refuses_with_503_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    let Some(fs) = Tmpfs::mount(&mnt, "16m") else {
+        // Mounting needs root (CI here runs as root); say so rather than pass quietly.
+        panic!(
+            "cannot mount a tmpfs at {} (the disk-full test needs root)",
+            mnt.display()
+        );
+    };
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.store.path = fs.path.join("data");
+    let n = start(&cfg);
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.expect("onboarding");
+    let filler = fs.path.join("filler");
+    let f2 = filler.clone();
+    let (want, ws) = outage_under_stream(
+        &n,
+        &a,
+        &k,
+        || fill(&filler),
+        move || std::fs::remove_file(&f2).unwrap(),
+        false,
+    )
+    .await;
+    // sled 0.34 latches an I/O error until the database is reopened: the node stays not ready
+    // (and refuses) after space returns, and a restart brings it back with nothing lost.
+    assert_eq!(
+        ready_status(&n).await,
+        503,
+        "a latched sled error keeps the node not ready"
+    );
+    ws.close().await;
+    // Its final flush fails too (the latched error): that is reported, not a loss.
+    let _ = n.stop();
+    let n = start(&cfg);
+    assert_eq!(ready_status(&n).await, 200);
+    let mut ws = live_socket(&a, &n).await;
+    let mut seen = BTreeSet::new();
+    drain_until(&a, &mut ws, &want, &mut seen).await;
+    ws.close().await;
+}
