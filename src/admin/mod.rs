@@ -14,7 +14,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +24,8 @@ pub struct AdminState {
     pub started: Instant,
     pub addr: SocketAddr,
     pub reloader: Arc<crate::node::Reloader>,
+    /// When an operator drained the node (`POST /drain`); 0 when not drained.
+    pub drained_at_ms: AtomicI64,
 }
 
 impl AdminState {
@@ -39,6 +41,7 @@ impl AdminState {
             started: Instant::now(),
             addr,
             reloader,
+            drained_at_ms: AtomicI64::new(0),
         }
     }
 }
@@ -53,6 +56,11 @@ pub fn configure(cfg: &mut web::ServiceConfig, st: Arc<AdminState>) {
         .route("/sessions", web::get().to(sessions))
         .route("/connections", web::get().to(connections))
         .route("/connections/{id}", web::get().to(connection))
+        .route("/connections/{id}", web::delete().to(ops::delete_connection))
+        .route("/connections/{id}/queue", web::delete().to(ops::drop_queue))
+        .route("/connections/{id}/mediation", web::post().to(ops::set_mediation))
+        .route("/drain", web::post().to(ops::drain))
+        .route("/undrain", web::post().to(ops::undrain))
         .route("/invitations", web::post().to(new_invitation))
         .route("/reload", web::post().to(reload))
         .route("/metrics", web::get().to(metrics));
@@ -91,6 +99,9 @@ macro_rules! guard {
     };
 }
 
+mod ops;
+pub use ops::OPERATOR_CLOSE_CODE;
+
 async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
@@ -104,8 +115,12 @@ async fn ready(st: web::Data<AdminState>) -> HttpResponse {
         .as_ref()
         .map(|c| c.handshake_attempted())
         .unwrap_or(true);
-    let body = json!({"ready": store_ok && listening && cluster_ok, "store": store_ok, "listeners": listening, "cluster_handshake_attempted": cluster_ok});
-    if store_ok && listening && cluster_ok {
+    // Draining (an operator's `POST /drain`, or shutdown): the load balancer must stop
+    // sending wallets here.
+    let draining = st.shared.draining.load(Ordering::SeqCst);
+    let ok = store_ok && listening && cluster_ok && !draining;
+    let body = json!({"ready": ok, "store": store_ok, "listeners": listening, "cluster_handshake_attempted": cluster_ok, "draining": draining});
+    if ok {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)
@@ -139,6 +154,7 @@ async fn status_json(st: &AdminState) -> Value {
         "queued": queued,
         "store": { "backend": store.backend(), "health": store_health },
         "push": push_json(sh),
+        "drain": ops::drain_json(st).await,
     })
 }
 

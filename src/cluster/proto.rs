@@ -77,6 +77,10 @@ pub enum Frame {
     Queued { conn: String },
     /// The sender leaves the cluster gracefully: drop its claims now.
     Leave,
+    /// An operator removed `conn` (or revoked its mediation): close every live session of it
+    /// the receiver holds, telling the wallet `reason`. Sent to every peer, not only the
+    /// owner the sender knows of, so a directory out of date misses none.
+    CloseSessions { conn: String, reason: String },
 }
 
 impl Frame {
@@ -95,6 +99,7 @@ impl Frame {
             Frame::Resync { .. } => "resync",
             Frame::Queued { .. } => "queued",
             Frame::Leave => "leave",
+            Frame::CloseSessions { .. } => "close-sessions",
         }
     }
 }
