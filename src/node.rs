@@ -256,6 +256,7 @@ pub async fn run(
         admin_addr,
         reloader.clone(),
     ));
+    admin::spawn_history_sampler(admin_state.clone());
     // SIGHUP re-reads the peer list (scaling by adding nodes without a restart).
     {
         let reloader = reloader.clone();

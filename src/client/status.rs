@@ -121,5 +121,109 @@ pub async fn print(admin: &str, token: Option<&str>) -> anyhow::Result<()> {
     let base = admin.trim_end_matches('/');
     let status = get(&format!("{base}/status"), token).await?;
     print!("{}", render(&status));
+    // The history, as the status page shows it (a node of an older version has none).
+    if let Ok(h) = get(&format!("{base}/history"), token).await {
+        print!("{}", render_history(&h));
+    }
     Ok(())
+}
+
+/// Mean rate of `key` over the last `secs` seconds of a series of per-step rates.
+fn mean_rate(points: &[Value], step_s: u64, secs: u64, key: &str) -> Option<f64> {
+    let n = (secs / step_s.max(1)) as usize;
+    if points.is_empty() {
+        return None;
+    }
+    let tail = &points[points.len().saturating_sub(n)..];
+    let v = |p: &Value| -> f64 {
+        if key == "refusals" {
+            p["refusals"]
+                .as_object()
+                .map(|o| o.values().filter_map(Value::as_f64).sum())
+                .unwrap_or(0.0)
+        } else {
+            p[key].as_f64().unwrap_or(0.0)
+        }
+    };
+    Some(tail.iter().map(v).sum::<f64>() / tail.len() as f64)
+}
+
+/// Renders `/history`: the cluster's rates over the last minute, 10 minutes and hour, the
+/// nodes (sessions, drain), the refusal reasons, and the deepest and oldest queues.
+pub fn render_history(h: &Value) -> String {
+    let mut out = String::new();
+    let empty = Vec::new();
+    let fine = h["cluster"]["fine"].as_array().unwrap_or(&empty);
+    let coarse = h["cluster"]["coarse"].as_array().unwrap_or(&empty);
+    out.push_str(&format!(
+        "{:<12} {:>10} {:>10} {:>10}\n",
+        "RATE /s", "1 min", "10 min", "1 hour"
+    ));
+    for key in ["forwards", "deliveries", "acks", "refusals", "pushes"] {
+        let f = |x: Option<f64>| x.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
+        let ten = if coarse.len() >= 6 {
+            mean_rate(coarse, 10, 600, key)
+        } else {
+            mean_rate(fine, 1, 600, key)
+        };
+        let hour = if coarse.is_empty() {
+            None
+        } else {
+            mean_rate(coarse, 10, 3600, key)
+        };
+        out.push_str(&format!(
+            "{:<12} {:>10} {:>10} {:>10}\n",
+            key,
+            f(mean_rate(fine, 1, 60, key)),
+            f(ten),
+            f(hour)
+        ));
+    }
+    let mut reasons = std::collections::BTreeMap::<String, f64>::new();
+    for p in coarse.iter().chain(fine.iter()) {
+        for (k, v) in p["refusals"].as_object().into_iter().flatten() {
+            *reasons.entry(k.clone()).or_default() += v.as_f64().unwrap_or(0.0);
+        }
+    }
+    if !reasons.is_empty() {
+        out.push_str(&format!(
+            "refusal reasons: {}\n",
+            reasons.keys().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    for n in h["nodes"].as_array().unwrap_or(&empty) {
+        let id = n["id"].as_str().unwrap_or("?");
+        if n["reachable"] == false {
+            out.push_str(&format!(
+                "node {id}: unreachable ({})\n",
+                n["error"].as_str().unwrap_or("?")
+            ));
+        } else {
+            out.push_str(&format!(
+                "node {id}: {} sessions, {}\n",
+                n["sessions"],
+                render_drain(&n["drain"])
+            ));
+        }
+    }
+    for (what, key) in [("DEEPEST QUEUES", "deepest"), ("OLDEST QUEUES", "oldest")] {
+        let list = h["queues"][key].as_array().unwrap_or(&empty);
+        if list.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("{what:<38} {:<16} {:>8} {:>12}\n", "LABEL", "MSGS", "OLDEST"));
+        for q in list {
+            out.push_str(&format!(
+                "{:<38} {:<16} {:>8} {:>12}\n",
+                q["connection"].as_str().unwrap_or("?"),
+                q["label"].as_str().unwrap_or("-"),
+                q["depth"],
+                q["oldest_age_ms"]
+                    .as_i64()
+                    .map(|a| format!("{}s", a / 1000))
+                    .unwrap_or_else(|| "-".into())
+            ));
+        }
+    }
+    out
 }
