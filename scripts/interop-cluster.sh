@@ -5,7 +5,9 @@
 # different nodes: the credo-ts #1625 situation. Last line: `N passed, N failed`.
 #
 # MAILROOM_BIN (default target/debug/mailroom), INTEROP_SCENARIOS (default the live-mode,
-# polled and offline Credo scenarios), INTEROP_KEEP=1 keeps the work dir.
+# polled and offline Credo scenarios and s6-drain: the node holding the live wallet's socket is
+# drained, the wallet must reconnect to another node and get everything), INTEROP_KEEP=1 keeps
+# the work dir.
 #
 # nginx routes around a node that fails (max_fails, proxy_next_upstream), so the scenarios can
 # pass with a node down: after them, every node must still be running and must have served
@@ -14,7 +16,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 BIN=${MAILROOM_BIN:-$ROOT/target/debug/mailroom}
-SCENARIOS=${INTEROP_SCENARIOS:-s1-PickUpV2LiveMode,s1-PickUpV2,s2-offline}
+SCENARIOS=${INTEROP_SCENARIOS:-s1-PickUpV2LiveMode,s1-PickUpV2,s2-offline,s6-drain}
 # INTEROP_V2=1: the v2 wallets' sockets and the senders' forwards land on different nodes too.
 if [ "${INTEROP_V2:-0}" = 1 ] && [ -z "${INTEROP_SCENARIOS:-}" ]; then SCENARIOS="$SCENARIOS,v2"; fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mailroom-interop-cluster.XXXXXX")
@@ -68,6 +70,7 @@ if [ -n "$ACAPY_BIN" ]; then PY=$(dirname "$ACAPY_BIN")/python; else PY=$(comman
 set +e
 INTEROP_MEDIATOR=mailroom "$PY" tests/interop/run.py --mediator-url "http://127.0.0.1:$LB" \
   --mediator-name "mailroom cluster behind nginx" --scenarios "$SCENARIOS" \
+  --node-admin-urls "$(for id in "${NODES[@]}"; do printf 'http://%s,' "${ADMIN[$id]}"; done)" \
   --work "$WORK/scenarios" --summary-file "$WORK/summary" --no-summary &
 RUN_PID=$!
 wait "$RUN_PID"

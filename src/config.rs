@@ -180,6 +180,9 @@ pub struct AdminSection {
     /// Bearer token for the admin listener; required unless it binds loopback.
     #[serde(default)]
     pub token: Option<String>,
+    /// Who the token stands for in the audit log of operator actions (default `"admin-token"`).
+    #[serde(default)]
+    pub token_label: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -39,11 +39,64 @@ enum Cmd {
         #[arg(long, env = "MAILROOM_ADMIN_TOKEN")]
         token: Option<String>,
     },
+    /// Drain a node: not ready for the load balancer, WebSockets closed with 1001 so wallets
+    /// reconnect elsewhere, no new sessions. Names the node by --node (with --config) or --admin.
+    Drain(NodeTarget),
+    /// Reverse `drain`: the node is ready and accepts sessions again.
+    Undrain(NodeTarget),
+}
+
+#[derive(clap::Args)]
+struct NodeTarget {
+    /// The [[node]] whose admin listener to call (from --config).
+    #[arg(long)]
+    node: Option<String>,
+    #[arg(long, default_value = "cluster.toml")]
+    config: PathBuf,
+    /// The admin URL, instead of --node.
+    #[arg(long)]
+    admin: Option<String>,
+    /// Bearer token (default: [admin] token of --config).
+    #[arg(long, env = "MAILROOM_ADMIN_TOKEN")]
+    token: Option<String>,
+}
+
+impl NodeTarget {
+    /// (admin URL, token), or the reason the target is unusable.
+    fn resolve(self) -> Result<(String, Option<String>), String> {
+        if let Some(a) = self.admin {
+            return Ok((a, self.token));
+        }
+        let node = self
+            .node
+            .ok_or("name the node with --node ID (and --config FILE) or --admin URL")?;
+        let cfg = Config::load(&self.config).map_err(|e| format!("{}: {e}", self.config.display()))?;
+        let entry = cfg.node(&node).map_err(|e| e.to_string())?;
+        Ok((
+            format!("http://{}", entry.admin),
+            self.token.or(cfg.admin.token.clone()),
+        ))
+    }
 }
 
 fn bad_config(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("mailroom: bad configuration: {msg}");
     ExitCode::from(EXIT_BAD_CONFIG as u8)
+}
+
+fn drain(target: NodeTarget, on: bool) -> ExitCode {
+    let (admin, token) = match target.resolve() {
+        Ok(x) => x,
+        Err(e) => return bad_config(e),
+    };
+    let sys = actix_rt::System::new();
+    match sys.block_on(mailroom::client::status::drain(&admin, token.as_deref(), on)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailroom {}drain: {e:#}", if on { "" } else { "un" });
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -106,6 +159,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Drain(t) => drain(t, true),
+        Cmd::Undrain(t) => drain(t, false),
         Cmd::Status { admin, token } => {
             let sys = actix_rt::System::new();
             match sys.block_on(mailroom::client::status::print(&admin, token.as_deref())) {

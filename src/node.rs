@@ -9,7 +9,7 @@ use crate::cluster::{ClusterConfig, ClusterEvent, ClusterHandle, PeerConfig};
 use crate::config::{Config, NodeEntry};
 use crate::metrics::Metrics;
 use crate::protocols::{now_ms, Mediator, MediatorKeys};
-use crate::registry::{CloseAll, Registry, SessionMoved, WakeLocal};
+use crate::registry::{CloseAll, CloseConn, Registry, SessionMoved, WakeLocal};
 use crate::session::{http as public_http, Shared};
 use crate::store::{self, Store};
 use actix::Actor;
@@ -151,6 +151,16 @@ pub async fn run(
                         tracing::debug!(connection = %conn, to = %node, "session moved");
                         let _ = shared.registry.send(SessionMoved { conn }).await;
                     }
+                    ClusterEvent::CloseSessions { conn, reason } => {
+                        let _ = shared
+                            .registry
+                            .send(CloseConn {
+                                conn,
+                                code: crate::admin::OPERATOR_CLOSE_CODE,
+                                reason,
+                            })
+                            .await;
+                    }
                 }
             }
         });
@@ -246,6 +256,7 @@ pub async fn run(
         admin_addr,
         reloader.clone(),
     ));
+    admin::spawn_history_sampler(admin_state.clone());
     // SIGHUP re-reads the peer list (scaling by adding nodes without a restart).
     {
         let reloader = reloader.clone();

@@ -350,6 +350,34 @@ async fn the_binary_serves_logs_json_and_status_reads_it() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("node solo") && text.contains("store sled (ok)"), "{text}");
+    assert!(text.contains("drain: no"), "{text}");
+    // Drain by node id from the config, as an operator does before maintenance.
+    let mailroom = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let cfg_path = path.to_str().unwrap();
+    let out = mailroom(&["drain", "--config", cfg_path, "--node", "solo"]);
+    assert!(out.contains("DRAINING") && out.contains("EMPTY"), "{out}");
+    assert_eq!(get_status(&ready, None).await.0, 503, "a drained node is not ready");
+    let out = mailroom(&["status", "--admin", &format!("http://{admin}")]);
+    assert!(out.contains("drain: DRAINING"), "{out}");
+    let out = mailroom(&["undrain", "--config", cfg_path, "--node", "solo"]);
+    assert!(out.contains("drain: no"), "{out}");
+    assert_eq!(get_status(&ready, None).await.0, 200);
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args(["drain", "--config", cfg_path, "--node", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(64), "an unknown node is a usage error");
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -367,4 +395,13 @@ async fn the_binary_serves_logs_json_and_status_reads_it() {
         logs.contains("invitation: http://"),
         "the invitation URL is printed:\n{logs}"
     );
+    let audits: Vec<&Value> = json_lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "operator action")
+        .collect();
+    assert_eq!(audits.len(), 2, "one audit line per action:\n{logs}");
+    assert_eq!(audits[0]["fields"]["action"], "drain");
+    assert!(audits[0]["fields"]["who"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(audits[0]["fields"]["at_ms"].as_i64().is_some());
+    assert_eq!(audits[1]["fields"]["action"], "undrain");
 }

@@ -188,6 +188,33 @@ async fn the_status_page_shows_the_cluster_its_links_and_sessions() {
         .await;
     }
 
+    // A second wallet, offline, with mail waiting: the queue lists show it with its label.
+    let (b, kb) = Agent::onboard(&inv).await.unwrap();
+    let g = b.grant.clone().unwrap();
+    for i in 0..3 {
+        mailroom::client::Sender::new()
+            .forward(
+                &n1.public_url(),
+                &mailroom::client::basic_message(&format!("q{i}")),
+                &kb.verkey(),
+                &g.routing_keys,
+            )
+            .await
+            .unwrap();
+    }
+    let queued_conn = {
+        let all = get_json(&format!("{}/connections", n1.admin_url())).await;
+        all["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["queue"]["depth"] == 3)
+            .expect("the offline wallet's queue")["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+
     // The HTML itself: no token configured, served as self-contained HTML.
     let (status, html) = get_status(&format!("{}/", n1.admin_url()), None).await;
     assert_eq!(status, 200);
@@ -226,7 +253,36 @@ async fn the_status_page_shows_the_cluster_its_links_and_sessions() {
         "the last refresh time is shown\n{context}"
     );
 
+    // History: charts of the rates, the queues with their labels, sessions per node.
+    for chart in ["forwards", "deliveries", "acks", "refusals", "pushes"] {
+        assert!(
+            dom.contains(&format!("data-chart=\"{chart}\"")),
+            "a {chart} chart is drawn\n{context}"
+        );
+    }
+    assert!(dom.contains("<polyline"), "the charts have lines\n{context}");
+    assert!(
+        dom.contains(&format!("data-queue=\"{queued_conn}\"")),
+        "the queued connection is listed among the deepest queues\n{context}"
+    );
+    assert!(dom.contains(">mailroom-client<"), "with its label\n{context}");
+    assert!(dom.contains("data-histnode=\"n2\""), "{context}");
+
     let shot = screenshot(&page, "status-page.png").await;
+    // And as a phone shows it.
+    let phone = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join("status-page-phone.png");
+    let _ = std::fs::remove_file(&phone);
+    run_chromium(
+        &[
+            format!("--screenshot={}", phone.display()),
+            "--window-size=390,1600".into(),
+        ],
+        &page,
+    )
+    .await;
+    assert_png(&phone, 390, 1600);
     eprintln!(
         "status page: DOM and screenshot ({}) in {:?}",
         shot.display(),

@@ -5,6 +5,7 @@
 //! page `/` (whose data calls are guarded) when set;
 //! the config refuses an admin address off loopback without one.
 
+pub mod history;
 pub mod page;
 
 use crate::protocols::{now_ms, oob};
@@ -14,7 +15,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +25,10 @@ pub struct AdminState {
     pub started: Instant,
     pub addr: SocketAddr,
     pub reloader: Arc<crate::node::Reloader>,
+    /// When an operator drained the node (`POST /drain`); 0 when not drained.
+    pub drained_at_ms: AtomicI64,
+    /// Rates of the last hour (see [`history`]).
+    pub history: Arc<history::History>,
 }
 
 impl AdminState {
@@ -39,6 +44,8 @@ impl AdminState {
             started: Instant::now(),
             addr,
             reloader,
+            drained_at_ms: AtomicI64::new(0),
+            history: Arc::new(history::History::default()),
         }
     }
 }
@@ -53,6 +60,12 @@ pub fn configure(cfg: &mut web::ServiceConfig, st: Arc<AdminState>) {
         .route("/sessions", web::get().to(sessions))
         .route("/connections", web::get().to(connections))
         .route("/connections/{id}", web::get().to(connection))
+        .route("/connections/{id}", web::delete().to(ops::delete_connection))
+        .route("/connections/{id}/queue", web::delete().to(ops::drop_queue))
+        .route("/connections/{id}/mediation", web::post().to(ops::set_mediation))
+        .route("/history", web::get().to(history_view))
+        .route("/drain", web::post().to(ops::drain))
+        .route("/undrain", web::post().to(ops::undrain))
         .route("/invitations", web::post().to(new_invitation))
         .route("/reload", web::post().to(reload))
         .route("/metrics", web::get().to(metrics));
@@ -91,6 +104,9 @@ macro_rules! guard {
     };
 }
 
+mod ops;
+pub use ops::OPERATOR_CLOSE_CODE;
+
 async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
@@ -104,8 +120,12 @@ async fn ready(st: web::Data<AdminState>) -> HttpResponse {
         .as_ref()
         .map(|c| c.handshake_attempted())
         .unwrap_or(true);
-    let body = json!({"ready": store_ok && listening && cluster_ok, "store": store_ok, "listeners": listening, "cluster_handshake_attempted": cluster_ok});
-    if store_ok && listening && cluster_ok {
+    // Draining (an operator's `POST /drain`, or shutdown): the load balancer must stop
+    // sending wallets here.
+    let draining = st.shared.draining.load(Ordering::SeqCst);
+    let ok = store_ok && listening && cluster_ok && !draining;
+    let body = json!({"ready": ok, "store": store_ok, "listeners": listening, "cluster_handshake_attempted": cluster_ok, "draining": draining});
+    if ok {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)
@@ -139,6 +159,7 @@ async fn status_json(st: &AdminState) -> Value {
         "queued": queued,
         "store": { "backend": store.backend(), "health": store_health },
         "push": push_json(sh),
+        "drain": ops::drain_json(st).await,
     })
 }
 
@@ -326,4 +347,126 @@ async fn metrics(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
         .body(sh.metrics.encode())
+}
+
+/// Samples this node's counters into its history once a second, for as long as the node runs.
+pub fn spawn_history_sampler(st: Arc<AdminState>) {
+    actix_rt::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let totals = history::Totals::from_metrics_text(&st.shared.metrics.encode());
+            st.history.sample(now_ms(), totals);
+        }
+    });
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    /// `node`: this node's own history only (what peers ask each other); default: the cluster.
+    scope: Option<String>,
+}
+
+async fn node_history_json(st: &AdminState) -> Value {
+    json!({
+        "id": st.shared.mediator.node_id,
+        "reachable": true,
+        "sessions": st.shared.registry.send(Count).await.unwrap_or(0),
+        "drain": ops::drain_json(st).await,
+        "history": st.history.snapshot(),
+    })
+}
+
+/// A peer's own history from its admin listener, or why it could not be read.
+async fn peer_history(id: &str, admin: &str, token: Option<&str>) -> Value {
+    let url = format!("http://{admin}/history?scope=node");
+    let client = awc::Client::builder()
+        .timeout(std::time::Duration::from_secs(2))
+        .finish();
+    let mut req = client.get(&url);
+    if let Some(t) = token {
+        req = req.insert_header(("Authorization", format!("Bearer {t}")));
+    }
+    let res = async {
+        let mut r = req.send().await.map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!("HTTP {}", r.status()));
+        }
+        r.json::<Value>().limit(4 << 20).await.map_err(|e| e.to_string())
+    }
+    .await;
+    match res {
+        Ok(v) => v,
+        Err(e) => json!({"id": id, "reachable": false, "error": e}),
+    }
+}
+
+/// `GET /history`: rates of the last hour per node and for the cluster, the ten deepest and ten
+/// oldest queues with their labels, sessions per node, drain state, links.
+async fn history_view(req: HttpRequest, st: web::Data<AdminState>, q: web::Query<HistoryQuery>) -> HttpResponse {
+    guard!(req, st);
+    let me = node_history_json(&st).await;
+    if q.scope.as_deref() == Some("node") {
+        return HttpResponse::Ok().json(me);
+    }
+    let sh = &st.shared;
+    let token = sh.cfg.admin.token.as_deref();
+    let peers = sh
+        .cfg
+        .nodes
+        .iter()
+        .filter(|n| n.id != sh.mediator.node_id && sh.cluster.is_some());
+    let fetched = futures_util::future::join_all(peers.map(|n| peer_history(&n.id, &n.admin, token))).await;
+    let mut nodes = vec![me];
+    nodes.extend(fetched);
+    let parsed: Vec<history::NodeHistory> = nodes
+        .iter()
+        .filter_map(|n| serde_json::from_value(n["history"].clone()).ok())
+        .collect();
+    let cluster = history::sum(&parsed.iter().collect::<Vec<_>>());
+    let store = &sh.mediator.store;
+    let now = now_ms();
+    let queues = match store.top_queues(10).await {
+        Ok(top) => {
+            let mut labels = std::collections::HashMap::new();
+            for s in top.deepest.iter().chain(&top.oldest) {
+                if !labels.contains_key(&s.connection) {
+                    let l = store
+                        .get_connection(&s.connection)
+                        .await
+                        .ok()
+                        .flatten()
+                        .and_then(|c| c.label);
+                    labels.insert(s.connection.clone(), l);
+                }
+            }
+            let show = |v: &Vec<crate::store::QueueSummary>| -> Vec<Value> {
+                v.iter()
+                    .map(|s| {
+                        json!({
+                            "connection": s.connection,
+                            "label": labels.get(&s.connection).cloned().flatten(),
+                            "depth": s.depth,
+                            "oldest_age_ms": s.oldest_received_ms.map(|o| (now - o).max(0)),
+                        })
+                    })
+                    .collect()
+            };
+            json!({"deepest": show(&top.deepest), "oldest": show(&top.oldest)})
+        }
+        Err(e) => json!({"error": e.to_string()}),
+    };
+    let links = sh
+        .cluster
+        .as_ref()
+        .map(|c| serde_json::to_value(c.status().peers).unwrap_or(json!([])))
+        .unwrap_or(json!([]));
+    HttpResponse::Ok().json(json!({
+        "node": sh.mediator.node_id,
+        "nodes": nodes,
+        "cluster": cluster,
+        "queues": queues,
+        "links": links,
+    }))
 }

@@ -220,6 +220,11 @@ pub enum ClusterEvent {
         conn: String,
         node: String,
     },
+    /// A peer's operator removed `conn` or revoked its mediation: close its sessions here.
+    CloseSessions {
+        conn: String,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -343,6 +348,15 @@ impl ClusterHandle {
     /// Wakes the owner of `conn`: sends `Queued` to that node only.
     pub fn notify_queued(&self, conn: &str) -> NotifyOutcome {
         self.shared.notify(conn)
+    }
+
+    /// Asks every connected peer to close its live sessions of `conn` with `reason` (an
+    /// operator action). Returns the peers the request was queued for.
+    pub fn close_sessions_everywhere(&self, conn: &str, reason: &str) -> Vec<String> {
+        self.shared.broadcast(&proto::Frame::CloseSessions {
+            conn: conn.to_string(),
+            reason: reason.to_string(),
+        })
     }
 
     /// Reload: dials new peers, closes and forgets removed ones, keeps the other links.

@@ -404,6 +404,16 @@ impl Shared {
         }
     }
 
+    /// Queues `frame` on every open link; returns the peers it was queued for.
+    pub fn broadcast(&self, frame: &Frame) -> Vec<String> {
+        let st = self.state.lock();
+        st.peers
+            .iter()
+            .filter(|(_, s)| s.link.as_ref().is_some_and(|l| l.tx.try_send(frame.clone()).is_ok()))
+            .map(|(id, _)| id.to_string())
+            .collect()
+    }
+
     pub fn notify(&self, conn: &str) -> super::NotifyOutcome {
         use super::NotifyOutcome;
         let st = self.state.lock();
@@ -820,6 +830,9 @@ async fn read_loop(
             Frame::Queued { conn } => {
                 bump(&shared.counters.notifications_received);
                 shared.emit(ClusterEvent::MessageQueued { conn });
+            }
+            Frame::CloseSessions { conn, reason } => {
+                shared.emit(ClusterEvent::CloseSessions { conn, reason });
             }
             Frame::Leave => {
                 let fx = st.members.handle(

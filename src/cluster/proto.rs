@@ -85,6 +85,10 @@ pub enum Frame {
     Leave,
     /// One Noise handshake message (see `handshake.rs`), in clear.
     Noise { msg: Vec<u8> },
+    /// An operator removed `conn` (or revoked its mediation): close every live session of it
+    /// the receiver holds, telling the wallet `reason`. Sent to every peer, not only the
+    /// owner the sender knows of, so a directory out of date misses none.
+    CloseSessions { conn: String, reason: String },
 }
 
 impl Frame {
@@ -104,6 +108,7 @@ impl Frame {
             Frame::Queued { .. } => "queued",
             Frame::Leave => "leave",
             Frame::Noise { .. } => "noise",
+            Frame::CloseSessions { .. } => "close-sessions",
         }
     }
 }

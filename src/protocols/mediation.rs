@@ -14,6 +14,15 @@ pub const MAX_UPDATES: usize = 1000;
 
 pub async fn mediate_request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     let conn = ctx.require_conn()?;
+    if conn.mediation == MediationState::Denied {
+        // Revoked by the operator (admin `POST /connections/{id}/mediation`): it stays so.
+        tracing::info!(connection = %conn.id, "mediate-request of a connection whose mediation was revoked: denied");
+        return Ok(Outcome {
+            replies: vec![ctx.reply("mediate-deny")],
+            connection: Some(conn.clone()),
+            ..Outcome::default()
+        });
+    }
     let conn = if conn.mediation == MediationState::Granted {
         conn.clone()
     } else {

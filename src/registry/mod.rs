@@ -298,3 +298,30 @@ impl Handler<CloseAll> for Registry {
         n
     }
 }
+
+/// Close the live sessions of one connection on this node (an operator removed it or revoked
+/// its mediation); they unregister as they stop. Answers how many were asked to close.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct CloseConn {
+    pub conn: String,
+    pub code: u16,
+    pub reason: String,
+}
+
+impl Handler<CloseConn> for Registry {
+    type Result = usize;
+    fn handle(&mut self, m: CloseConn, _: &mut Context<Self>) -> usize {
+        let Some(entries) = self.by_conn.get(&m.conn) else {
+            return 0;
+        };
+        for e in entries {
+            let _ = e.close.try_send(Close {
+                code: m.code,
+                reason: m.reason.clone(),
+            });
+        }
+        tracing::info!(connection = %m.conn, sessions = entries.len(), reason = %m.reason, "sessions closed by an operator action");
+        entries.len()
+    }
+}

@@ -240,6 +240,15 @@ impl WsSession {
     }
 
     fn bind(&mut self, conn: crate::store::Connection, ctx: &mut ws::WebsocketContext<Self>) {
+        if self.shared.draining.load(Ordering::Relaxed) && !self.registered {
+            // The node drains: no new session here; the wallet reconnects elsewhere.
+            ctx.close(Some(ws::CloseReason {
+                code: ws::CloseCode::Away,
+                description: Some("mediator node draining: reconnect".into()),
+            }));
+            ctx.stop();
+            return;
+        }
         let same = self.conn.as_ref().map(|c| c.id == conn.id).unwrap_or(false);
         if same && self.registered {
             self.conn = Some(conn);

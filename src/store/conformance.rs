@@ -1254,6 +1254,111 @@ pub async fn device_registrations(b: Arc<dyn Backend>) {
     assert_eq!(s.device_of("bad\0id").await.unwrap(), None);
 }
 
+pub async fn operator_removals(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let a = new_conn(&s).await;
+    let other = new_conn(&s).await;
+    let limits = EnqueueLimits {
+        dedup_window_ms: 60_000,
+        ..EnqueueLimits::UNLIMITED
+    };
+    s.update_keys(&a, &["rk-a1".into(), "rk-a2".into()], &[]).await.unwrap();
+    s.update_keys(&other, &["rk-o1".into()], &[]).await.unwrap();
+    for (i, c) in [&a, &a, &a, &other].into_iter().enumerate() {
+        let r = s
+            .enqueue(vec![dmsg(c, "m", T0 + i as i64, i as u8)], &limits)
+            .await
+            .unwrap();
+        assert!(r[0].is_ok());
+    }
+    // One of a's messages is leased: it goes too.
+    assert_eq!(s.lease(&a, 1, "n1", T0, T0 + 60_000).await.unwrap().len(), 1);
+    let dev = Device {
+        service: PushService::Fcm,
+        token: "tok".into(),
+        platform: None,
+        updated_at_ms: T0,
+    };
+    s.set_device(&a, Some(&dev)).await.unwrap();
+    s.push_event(&a, T0, 1000).await.unwrap();
+
+    // drop_queue: messages only.
+    assert_eq!(s.drop_queue(&other).await.unwrap(), 1);
+    assert_eq!(s.drop_queue(&other).await.unwrap(), 0, "idempotent");
+    assert_eq!(s.queue_stats(&other, T0).await.unwrap().pending, 0);
+    assert_eq!(s.route("rk-o1").await.unwrap(), Some(other.clone()), "keys stay");
+    assert!(s.get_connection(&other).await.unwrap().is_some());
+    let again = s.enqueue(vec![dmsg(&other, "m", T0 + 5, 3)], &limits).await.unwrap();
+    assert!(again[0].as_ref().unwrap().duplicate, "dedup records stay");
+
+    let top = s.top_queues(10).await.unwrap();
+    assert_eq!(top.deepest.len(), 1);
+    assert_eq!(top.deepest[0].connection, a);
+    assert_eq!(top.deepest[0].depth, 3);
+    assert_eq!(top.oldest[0].oldest_received_ms, Some(T0));
+
+    // delete_connection: everything of a, nothing of other.
+    let removed = s.delete_connection(&a).await.unwrap();
+    assert_eq!(
+        removed,
+        Removed {
+            connection: true,
+            peer_keys: 1,
+            routing_keys: 2,
+            messages: 3,
+            dedup_records: 3,
+            device: true,
+        }
+    );
+    assert_eq!(s.get_connection(&a).await.unwrap(), None);
+    assert_eq!(
+        s.connection_by_their_verkey(&format!("theirs-{a}")).await.unwrap(),
+        None
+    );
+    assert_eq!(s.connection_by_thread(&format!("thread-{a}")).await.unwrap(), None);
+    assert_eq!(s.route("rk-a1").await.unwrap(), None);
+    assert_eq!(s.route("rk-a2").await.unwrap(), None);
+    assert!(s.keys_of(&a).await.unwrap().is_empty());
+    assert_eq!(s.queue_stats(&a, T0).await.unwrap(), QueueStats::default());
+    assert_eq!(s.device_of(&a).await.unwrap(), None);
+    assert_eq!(s.total_queued().await.unwrap(), 0);
+    assert!(s
+        .lease(&a, 10, "n2", T0 + 120_000, T0 + 180_000)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s.top_queues(10).await.unwrap().deepest.is_empty());
+    // Idempotent.
+    assert_eq!(s.delete_connection(&a).await.unwrap(), Removed::default());
+    assert_eq!(s.delete_connection("bad\0id").await.unwrap(), Removed::default());
+    // Other connection untouched; a's keys are free for someone else; no key update on a.
+    assert_eq!(s.route("rk-o1").await.unwrap(), Some(other.clone()));
+    assert!(matches!(
+        s.update_keys(&a, &["rk-a1".into()], &[]).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        s.update_keys(&other, &["rk-a1".into()], &[]).await.unwrap()[0].1,
+        KeyUpdate::Added
+    );
+    // A new message for the same dedup key is queued again (its record went with a).
+    let r = s.enqueue(vec![dmsg(&a, "m", T0 + 10, 0)], &limits).await.unwrap();
+    assert!(!r[0].as_ref().unwrap().duplicate);
+    // Removing again clears what was queued for the id since, without a connection.
+    let removed = s.delete_connection(&a).await.unwrap();
+    assert_eq!(
+        (removed.connection, removed.messages, removed.dedup_records),
+        (false, 1, 1)
+    );
+    // Durable: still gone after reopening.
+    drop(s);
+    let s = b.open().await;
+    assert_eq!(s.get_connection(&a).await.unwrap(), None);
+    assert_eq!(s.route("rk-a2").await.unwrap(), None);
+    assert_eq!(s.total_queued().await.unwrap(), 0);
+    assert_eq!(s.dedup_records().await.unwrap(), 1, "only other's record is left");
+}
+
 pub async fn push_windows_are_shared(b: Arc<dyn Backend>) {
     let n1 = b.open().await;
     let n2 = b.open().await;
@@ -1767,6 +1872,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn device_registrations() {
                 backend::run(super::device_registrations).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn operator_removals() {
+                backend::run(super::operator_removals).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn push_windows_are_shared() {

@@ -205,4 +205,13 @@ impl Store for Metered {
         self.timed("push_take_due", self.inner.push_take_due(now_ms, idle_before_ms, limit))
             .await
     }
+    async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
+        self.timed("delete_connection", self.inner.delete_connection(id)).await
+    }
+    async fn drop_queue(&self, conn: &str) -> StoreResult<u64> {
+        self.timed("drop_queue", self.inner.drop_queue(conn)).await
+    }
+    async fn top_queues(&self, limit: usize) -> StoreResult<TopQueues> {
+        self.timed("top_queues", self.inner.top_queues(limit)).await
+    }
 }

@@ -489,6 +489,48 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<QueuedMessage>>;
     /// As [`Store::queue_stats`], only messages of `conn` queued for `recipient_key`.
     async fn queue_stats_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<QueueStats>;
+    // ---- operator actions (issue 11) ----
+
+    /// Removes connection `id` and everything that names it: its peer keys and thread index,
+    /// its routing keys (a later forward to one finds no route), its queued messages (pending
+    /// and leased), its dedup records, its device registration and push window. Atomic with
+    /// respect to enqueues and key updates of the connection on every node sharing the store.
+    /// Idempotent: removing a connection that does not exist (any more) returns zero counts.
+    async fn delete_connection(&self, id: &str) -> StoreResult<Removed>;
+    /// Deletes every queued message of `conn` (pending or leased); the connection, its keys and
+    /// its dedup records stay (a retried forward is still a duplicate). Returns how many.
+    async fn drop_queue(&self, conn: &str) -> StoreResult<u64>;
+    /// The `limit` connections with the most queued messages (most first, ties by id) and the
+    /// `limit` whose oldest queued message is oldest (oldest first): the status page's lists.
+    async fn top_queues(&self, limit: usize) -> StoreResult<TopQueues>;
+}
+
+/// What [`Store::delete_connection`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Removed {
+    pub connection: bool,
+    pub peer_keys: u64,
+    pub routing_keys: u64,
+    /// Queued messages, pending and leased.
+    pub messages: u64,
+    pub dedup_records: u64,
+    pub device: bool,
+}
+
+/// One connection's queue in [`TopQueues`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct QueueSummary {
+    pub connection: ConnId,
+    /// Queued messages, pending and leased.
+    pub depth: u64,
+    pub oldest_received_ms: Option<i64>,
+}
+
+/// See [`Store::top_queues`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TopQueues {
+    pub deepest: Vec<QueueSummary>,
+    pub oldest: Vec<QueueSummary>,
 }
 
 /// Opens (or creates) the sled store at `path`. Opening a path already open in this process

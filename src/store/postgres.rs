@@ -33,8 +33,8 @@ use tokio_postgres::NoTls;
 
 use super::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
-    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, PushSlot, QueueStats, QueuedMessage, Store, StoreError,
-    StoreResult,
+    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, PushSlot, QueueStats, QueueSummary, QueuedMessage,
+    Removed, Store, StoreError, StoreResult, TopQueues,
 };
 
 /// Most messages in one enqueue transaction.
@@ -1418,5 +1418,122 @@ impl Store for PgStore {
         .await
         .map_err(pg_err)?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
+        if !storable(id) {
+            return Ok(Removed::default());
+        }
+        let mut c = self.client().await?;
+        let mut tries = 1;
+        loop {
+            match PgStore::delete_connection_once(&mut c, id).await {
+                Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+                    tracing::warn!(error = %e, "postgres delete_connection retried");
+                    tries += 1;
+                }
+                r => return r.map_err(pg_err),
+            }
+        }
+    }
+
+    async fn drop_queue(&self, conn: &str) -> StoreResult<u64> {
+        if !storable(conn) {
+            return Ok(0);
+        }
+        // Rows a leaser or an acknowledgement holds right now are waited for (not skipped):
+        // the operator is told every message is gone.
+        self.execute_retrying(
+            "DELETE FROM mailroom_messages WHERE id IN ( \
+               SELECT id FROM mailroom_messages WHERE conn_id = $1 ORDER BY id FOR UPDATE)",
+            &[&conn],
+        )
+        .await
+    }
+
+    async fn top_queues(&self, limit: usize) -> StoreResult<TopQueues> {
+        let limit = limit.min(1000) as i64;
+        let c = self.client().await?;
+        // The counters give the deepest queues without counting rows; the oldest message of
+        // each connection comes from the (conn_id, id) index (ids grow with arrival).
+        let deepest = c
+            .query(
+                "SELECT q.conn_id, q.n, (SELECT min(received_at_ms) FROM mailroom_messages m \
+                     WHERE m.conn_id = q.conn_id) \
+                 FROM mailroom_queue_counts q WHERE q.n > 0 ORDER BY q.n DESC, q.conn_id LIMIT $1",
+                &[&limit],
+            )
+            .await
+            .map_err(pg_err)?;
+        let oldest = c
+            .query(
+                "SELECT o.conn_id, coalesce(q.n, 0), o.at FROM ( \
+                     SELECT conn_id, min(received_at_ms) AS at FROM mailroom_messages \
+                     GROUP BY conn_id ORDER BY at, conn_id LIMIT $1) o \
+                 LEFT JOIN mailroom_queue_counts q ON q.conn_id = o.conn_id ORDER BY o.at, o.conn_id",
+                &[&limit],
+            )
+            .await
+            .map_err(pg_err)?;
+        let summary = |r: &tokio_postgres::Row| QueueSummary {
+            connection: r.get(0),
+            depth: r.get::<_, i64>(1).max(0) as u64,
+            oldest_received_ms: r.get(2),
+        };
+        Ok(TopQueues {
+            deepest: deepest.iter().map(summary).collect(),
+            oldest: oldest.iter().map(summary).collect(),
+        })
+    }
+}
+
+impl PgStore {
+    async fn delete_connection_once(
+        c: &mut deadpool_postgres::Object,
+        id: &str,
+    ) -> Result<Removed, tokio_postgres::Error> {
+        let tx = c.transaction().await?;
+        // The enqueue lock of the connection: no batch can add a message to it meanwhile.
+        tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(id)])
+            .await?;
+        // The row lock: key updates (which share-lock the row) wait, then find no connection.
+        let conn = tx
+            .query_opt("SELECT id FROM mailroom_connections WHERE id = $1 FOR UPDATE", &[&id])
+            .await?;
+        let peer_keys = tx
+            .execute("DELETE FROM mailroom_connection_verkeys WHERE conn_id = $1", &[&id])
+            .await?;
+        let device = tx
+            .execute("DELETE FROM mailroom_devices WHERE conn_id = $1", &[&id])
+            .await?;
+        let routing_keys = tx
+            .execute("DELETE FROM mailroom_routing_keys WHERE conn_id = $1", &[&id])
+            .await?;
+        let messages = tx
+            .execute(
+                "DELETE FROM mailroom_messages WHERE id IN ( \
+                   SELECT id FROM mailroom_messages WHERE conn_id = $1 ORDER BY id FOR UPDATE)",
+                &[&id],
+            )
+            .await?;
+        let dedup_records = tx
+            .execute("DELETE FROM mailroom_dedup WHERE conn_id = $1", &[&id])
+            .await?;
+        tx.execute("DELETE FROM mailroom_queue_counts WHERE conn_id = $1 AND n = 0", &[&id])
+            .await?;
+        tx.execute("DELETE FROM mailroom_push_windows WHERE conn_id = $1", &[&id])
+            .await?;
+        let connection = tx
+            .execute("DELETE FROM mailroom_connections WHERE id = $1", &[&id])
+            .await?;
+        tx.commit().await?;
+        Ok(Removed {
+            connection: conn.is_some() && connection == 1,
+            peer_keys,
+            routing_keys,
+            messages,
+            dedup_records,
+            device: device == 1,
+        })
     }
 }

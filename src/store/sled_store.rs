@@ -36,8 +36,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
-    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, PushSlot, QueueStats, QueuedMessage, Store, StoreError,
-    StoreResult,
+    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, PushSlot, QueueStats, QueueSummary, QueuedMessage,
+    Removed, Store, StoreError, StoreResult, TopQueues,
 };
 
 /// Most messages the writer puts in one flush. Bounds the latency of the first caller of a
@@ -131,6 +131,9 @@ struct Inner {
     /// The last flush failed (disk full, I/O error): [`Store::health`] says so until a flush
     /// succeeds again, so `/ready` turns a load balancer away while writes cannot land.
     write_failed: std::sync::atomic::AtomicBool,
+    /// Held by the writer over a whole batch (decide, write, publish) and by the removal of a
+    /// queue: a removal never lands between a batch's decision and its publication.
+    batch_lock: Mutex<()>,
 }
 
 struct EnqueueReq {
@@ -284,6 +287,7 @@ impl Inner {
             meta_lock: Mutex::new(()),
             queues: Mutex::new(Queues::default()),
             write_failed: std::sync::atomic::AtomicBool::new(false),
+            batch_lock: Mutex::new(()),
         };
         inner.fold_verkey_index()?;
         inner.rebuild_index()?;
@@ -420,6 +424,46 @@ impl Inner {
     }
 
     /// One batch of the writer: decide, write, flush once, publish, answer.
+    /// Deletes every queued message of `conn` (and, with `dedup`, its dedup records). The caller
+    /// holds `batch_lock`. Returns (messages, dedup records) removed.
+    fn remove_queue(&self, conn: &str, dedup: bool) -> StoreResult<(u64, u64)> {
+        let (ids, dedup_n) = {
+            let mut q = self.queues.lock();
+            let ids: Vec<MessageId> = match q.by_conn.remove(conn) {
+                Some(cq) => cq.msgs.into_keys().collect(),
+                None => Vec::new(),
+            };
+            q.total -= ids.len() as u64;
+            let mut dedup_n = 0;
+            if dedup {
+                if let Some(d) = q.dedup.remove(conn) {
+                    dedup_n = d.len() as u64;
+                    q.dedup_count -= dedup_n;
+                }
+            }
+            (ids, dedup_n)
+        };
+        let mut b = sled::Batch::default();
+        for id in &ids {
+            b.remove(&encode_id(*id));
+        }
+        let mut a = sled::Batch::default();
+        for id in &ids {
+            a.remove(&encode_id(*id));
+        }
+        self.msgs.apply_batch(b).map_err(unavailable)?;
+        self.attempts.apply_batch(a).map_err(unavailable)?;
+        if dedup {
+            let mut d = sled::Batch::default();
+            for kv in self.dedup.scan_prefix(conn_prefix(conn)) {
+                let (k, _) = kv.map_err(unavailable)?;
+                d.remove(k);
+            }
+            self.dedup.apply_batch(d).map_err(unavailable)?;
+        }
+        Ok((ids.len() as u64, dedup_n))
+    }
+
     fn write_batch(&self, batch: Vec<EnqueueReq>) {
         enum Slot {
             Done(StoreResult<Enqueued>),
@@ -579,6 +623,7 @@ fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<EnqueueReq>) {
                 Err(_) => break,
             }
         }
+        let _g = inner.batch_lock.lock();
         inner.write_batch(batch);
     }
     if let Err(e) = inner.flush() {
@@ -1538,5 +1583,108 @@ impl Store for SledStore {
         }
         w.retain(|_, (last, d)| d.is_some() || *last >= idle_before_ms);
         Ok(due.into_iter().map(|(_, c)| c).collect())
+    }
+
+    async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
+        if !storable(id) {
+            return Ok(Removed::default());
+        }
+        let id = id.to_owned();
+        self.blocking(move |inner| {
+            // Lock order: batch (enqueues) then meta (connection and key writes).
+            let _b = inner.batch_lock.lock();
+            let _g = inner.meta_lock.lock();
+            let old = inner.get_conn(&id)?;
+            let prefix = conn_prefix(&id);
+            let mut keys = Vec::new();
+            for kv in inner.conn_keys.scan_prefix(&prefix) {
+                let (k, _) = kv.map_err(unavailable)?;
+                keys.push(k[prefix.len()..].to_vec());
+            }
+            let had_device = inner.devices.contains_key(id.as_bytes()).map_err(unavailable)?;
+            (
+                &inner.conns,
+                &inner.by_verkey,
+                &inner.by_thread,
+                &inner.keys,
+                &inner.conn_keys,
+                &inner.devices,
+            )
+                .transaction(|(conns, by_verkey, by_thread, rkeys, conn_keys, devices)| {
+                    if let Some(old) = &old {
+                        for k in &old.their_verkeys {
+                            by_verkey.remove(pair_key(k, &id))?;
+                        }
+                        if let Some(t) = &old.thread_id {
+                            by_thread.remove(pair_key(t, &id))?;
+                        }
+                    }
+                    for k in &keys {
+                        // Only while it still names this connection (it always does under meta_lock).
+                        if rkeys.get(k)?.is_some_and(|h| h.as_ref() == id.as_bytes()) {
+                            rkeys.remove(k.as_slice())?;
+                        }
+                        let mut entry = prefix.clone();
+                        entry.extend_from_slice(k);
+                        conn_keys.remove(entry)?;
+                    }
+                    devices.remove(id.as_bytes())?;
+                    conns.remove(id.as_bytes())?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(tx_err)?;
+            let (messages, dedup_records) = inner.remove_queue(&id, true)?;
+            inner.push_windows.lock().remove(&id);
+            inner.flush()?;
+            Ok(Removed {
+                connection: old.is_some(),
+                peer_keys: old.as_ref().map_or(0, |c| c.their_verkeys.len() as u64),
+                routing_keys: keys.len() as u64,
+                messages,
+                dedup_records,
+                device: had_device,
+            })
+        })
+        .await
+    }
+
+    async fn drop_queue(&self, conn: &str) -> StoreResult<u64> {
+        if !storable(conn) {
+            return Ok(0);
+        }
+        let conn = conn.to_owned();
+        self.blocking(move |inner| {
+            let _b = inner.batch_lock.lock();
+            let (n, _) = inner.remove_queue(&conn, false)?;
+            inner.flush()?;
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn top_queues(&self, limit: usize) -> StoreResult<TopQueues> {
+        // Memory only.
+        let q = self.inner.queues.lock();
+        let all: Vec<QueueSummary> = q
+            .by_conn
+            .iter()
+            .map(|(c, cq)| QueueSummary {
+                connection: c.clone(),
+                depth: cq.msgs.len() as u64,
+                oldest_received_ms: cq.msgs.values().next().map(|m| m.received_at_ms),
+            })
+            .collect();
+        drop(q);
+        let mut deepest = all.clone();
+        deepest.sort_by(|a, b| b.depth.cmp(&a.depth).then_with(|| a.connection.cmp(&b.connection)));
+        deepest.truncate(limit);
+        let mut oldest = all;
+        oldest.sort_by(|a, b| {
+            a.oldest_received_ms
+                .cmp(&b.oldest_received_ms)
+                .then_with(|| a.connection.cmp(&b.connection))
+        });
+        oldest.truncate(limit);
+        Ok(TopQueues { deepest, oldest })
     }
 }

@@ -351,6 +351,62 @@ def acapy_compatible(invitation: dict, mediator: str) -> tuple[dict, str]:
     return trimmed, f" (note: invitation trimmed from {len(services)} services to 1 for ACA-Py)"
 
 
+# ---------------------------------------------------------------------------- scenario 6
+def scenario_drain(ctx: Ctx) -> str:
+    """A cluster node is drained (admin POST /drain) under a live-mode Credo wallet: its socket
+    is closed with 1001, the wallet reconnects through the load balancer to another node, and
+    every message sent after the drain is delivered. Needs --node-admin-urls."""
+    admins = [u.strip().rstrip("/") for u in (ctx.args.node_admin_urls or "").split(",") if u.strip()]
+    if len(admins) < 2:
+        raise StepError("s6-drain needs --node-admin-urls with at least two nodes' admin URLs")
+
+    def holders() -> list[str]:
+        return [u for u in admins if http_json("GET", u + "/sessions", timeout=5).get("sessions")]
+
+    wd = ctx.workdir("s6-drain")
+    mediatee = ctx.mediatee(wd, "mediatee-drain", "PickUpV2LiveMode")
+    sender = ctx.sender(wd)
+    with step("sender starts"):
+        sender.wait_ready()
+    with step("mediatee starts (connects to the mediator, mediation granted)"):
+        mediatee.wait_ready()
+    conn, _ = connect_credo_sender_to_mediatee(sender, mediatee)
+    sender.send(conn, 1, "s6-warmup")
+    if mediatee.wait_received("s6-warmup", 1, timeout=20)["unique"] < 1:
+        raise StepError("mediatee did not receive the warm-up message before the drain")
+    with step("find the node holding the mediatee's live session"):
+        drained = wait_until(lambda: (holders() or [None])[0], 20, "a node holding a session")
+    drained_at = time.monotonic()
+    try:
+        with step(f"drain {drained}"):
+            http_json("POST", drained + "/drain", {}, timeout=10)
+        with step("the drained node reports not ready and empty"):
+            r = http_json("GET", drained + "/ready", timeout=5, ok=range(100, 600))
+            if r.get("ready") is not False:
+                raise StepError(f"/ready of a drained node: {r}")
+            wait_until(lambda: http_json("GET", drained + "/status", timeout=5)["drain"]["empty"], 30,
+                       "the drained node to hold no session")
+        with step("the wallet reconnects to another node"):
+            moved = wait_until(lambda: [u for u in holders() if u != drained], 60,
+                               "a session of the mediatee on another node")
+        moved_s = time.monotonic() - drained_at
+        prefix = "s6-drain"
+        sent = sender.send(conn, ctx.count, prefix)
+        if sent["failed"]:
+            raise StepError(f"sender could not send {sent['failed']}/{ctx.count} after the drain: {sent['errors']}")
+        got = mediatee.wait_received(prefix, ctx.count, timeout=60)
+        if got["unique"] >= ctx.count:
+            time.sleep(SETTLE_S)  # a window in which late duplicates would show
+            got = mediatee.received(prefix)
+        if drained in holders():
+            raise StepError(f"the drained node {drained} holds a session again")
+        reason = check_received(got, ctx.count, True, "after the drain")
+        return f"{reason}; wallet moved from {drained} to {moved[0]} in {moved_s:.1f}s"
+    finally:
+        with contextlib.suppress(Exception):
+            http_json("POST", drained + "/undrain", {}, timeout=10)
+
+
 SCENARIOS = [
     ("s1-PickUpV2LiveMode", lambda c: scenario_pickup(c, "PickUpV2LiveMode")),
     ("s1-PickUpV2", lambda c: scenario_pickup(c, "PickUpV2")),
@@ -359,6 +415,7 @@ SCENARIOS = [
     ("s2-offline-100", scenario_offline),
     ("s3-acapy-sender", scenario_acapy_sender),
     ("s4-acapy-mediatee", scenario_acapy_mediatee),
+    ("s6-drain", scenario_drain),
 ]
 
 # DIDComm v2 peers (Veramo, Indicio's didcomm-messaging) on the mediator's v2 endpoint.
@@ -408,6 +465,8 @@ def main() -> int:
     src.add_argument("--invitation-url", help="the mediator's out-of-band invitation URL")
     ap.add_argument("--admin-url", help="admin URL; GET /ready must answer 200 first")
     ap.add_argument("--ready-path", default="/ready")
+    ap.add_argument("--node-admin-urls", default=os.environ.get("INTEROP_NODE_ADMIN_URLS", ""),
+                    help="comma-separated admin URLs of every cluster node (s6-drain drains one of them)")
     ap.add_argument("--acapy-bin", default=os.environ.get("ACAPY_BIN"))
     ap.add_argument("--scenarios", default=os.environ.get("INTEROP_SCENARIOS", ""),
                     help="comma-separated name prefixes (default: all)")

@@ -1,0 +1,231 @@
+//! Operator actions on the admin listener (issue 11): remove a connection everywhere in the
+//! cluster, drop its queue, revoke its mediation, drain and undrain the node.
+//!
+//! Every action writes one audit line (tracing target `mailroom::audit`): who (the token's
+//! label when a token guards the listener, else the peer address), what, on which connection,
+//! the outcome and when.
+
+use super::{unauthorized, AdminState};
+use crate::protocols::now_ms;
+use crate::registry::{CloseAll, CloseConn, Count};
+use crate::store::{ConnectionPatch, MediationState};
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+
+/// WebSocket close code for sessions an operator action ends (1008: policy violation; the
+/// wallet must not simply reconnect and carry on).
+pub const OPERATOR_CLOSE_CODE: u16 = 1008;
+
+/// Who acts: the token's label when a token guards the listener, else the peer address.
+fn who(req: &HttpRequest, st: &AdminState) -> String {
+    let peer = req
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    match &st.shared.cfg.admin.token {
+        Some(_) => format!(
+            "{} ({peer})",
+            st.shared.cfg.admin.token_label.as_deref().unwrap_or("admin-token")
+        ),
+        None => peer,
+    }
+}
+
+fn audit(req: &HttpRequest, st: &AdminState, action: &str, connection: Option<&str>, outcome: &Value) {
+    tracing::info!(
+        target: "mailroom::audit",
+        who = %who(req, st),
+        action,
+        connection = connection.unwrap_or("-"),
+        outcome = %outcome,
+        at_ms = now_ms(),
+        node = %st.shared.mediator.node_id,
+        "operator action"
+    );
+}
+
+fn store_error(e: crate::store::StoreError) -> HttpResponse {
+    match e {
+        crate::store::StoreError::Invalid(r) => {
+            HttpResponse::BadRequest().json(json!({"error": "bad-request", "reason": r}))
+        }
+        e => HttpResponse::ServiceUnavailable().json(json!({"error": "store-unavailable", "reason": e.to_string()})),
+    }
+}
+
+/// Closes the sessions of `conn` here and asks every peer to close theirs. Returns (closed
+/// here, peers asked).
+async fn close_everywhere(st: &AdminState, conn: &str, reason: &str) -> (usize, Vec<String>) {
+    let here = st
+        .shared
+        .registry
+        .send(CloseConn {
+            conn: conn.to_string(),
+            code: OPERATOR_CLOSE_CODE,
+            reason: reason.to_string(),
+        })
+        .await
+        .unwrap_or(0);
+    let peers = st
+        .shared
+        .cluster
+        .as_ref()
+        .map(|c| c.close_sessions_everywhere(conn, reason))
+        .unwrap_or_default();
+    (here, peers)
+}
+
+/// `DELETE /connections/{id}`: the connection, its keys, queue, dedup records and device
+/// registration leave the store; its sessions close on every node. Idempotent.
+pub async fn delete_connection(req: HttpRequest, st: web::Data<AdminState>, id: web::Path<String>) -> HttpResponse {
+    guard!(req, st);
+    let removed = match st.shared.mediator.store.delete_connection(&id).await {
+        Ok(r) => r,
+        Err(e) => return store_error(e),
+    };
+    // After the store: a session that reconnects meanwhile finds no connection any more.
+    let (here, peers) = close_everywhere(&st, &id, "connection removed by the mediator's operator").await;
+    let body = json!({
+        "id": id.as_str(),
+        "removed": removed,
+        "sessions_closed_here": here,
+        "close_requested_on": peers,
+    });
+    audit(&req, &st, "delete-connection", Some(&id), &body);
+    HttpResponse::Ok().json(body)
+}
+
+/// `DELETE /connections/{id}/queue`: drops its queued messages (counted, not shown).
+pub async fn drop_queue(req: HttpRequest, st: web::Data<AdminState>, id: web::Path<String>) -> HttpResponse {
+    guard!(req, st);
+    let store = &st.shared.mediator.store;
+    match store.get_connection(&id).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return HttpResponse::NotFound()
+                .json(json!({"error": "not-found", "reason": format!("no connection {id}")}))
+        }
+        Err(e) => return store_error(e),
+    }
+    let dropped = match store.drop_queue(&id).await {
+        Ok(n) => n,
+        Err(e) => return store_error(e),
+    };
+    let body = json!({"id": id.as_str(), "dropped": dropped});
+    audit(&req, &st, "drop-queue", Some(&id), &body);
+    HttpResponse::Ok().json(body)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MediationChange {
+    state: String,
+}
+
+/// `POST /connections/{id}/mediation` with `{"state": "denied"}`: revokes mediation. Its
+/// routing keys go (forwards to them get 404), keylist-update and pickup get problem reports,
+/// a new mediate-request is denied, and its sessions close on every node.
+pub async fn set_mediation(
+    req: HttpRequest,
+    st: web::Data<AdminState>,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> HttpResponse {
+    guard!(req, st);
+    let change: MediationChange = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => {
+            return HttpResponse::BadRequest()
+                .json(json!({"error": "bad-request", "reason": format!("expected {{\"state\": \"denied\"}}: {e}")}))
+        }
+    };
+    if change.state != "denied" {
+        return HttpResponse::BadRequest().json(json!({"error": "bad-request", "reason": format!("state {:?} cannot be set by an operator: only \"denied\"", change.state)}));
+    }
+    let store = &st.shared.mediator.store;
+    let patch = ConnectionPatch {
+        mediation: Some(MediationState::Denied),
+        updated_at_ms: now_ms(),
+        ..ConnectionPatch::default()
+    };
+    match store.update_connection(&id, &patch).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return HttpResponse::NotFound()
+                .json(json!({"error": "not-found", "reason": format!("no connection {id}")}))
+        }
+        Err(e) => return store_error(e),
+    }
+    // The keys go after the state: a keylist-update racing with this is refused from now on,
+    // and whatever it added before is removed here.
+    let keys = match store.keys_of(&id).await {
+        Ok(k) => k,
+        Err(e) => return store_error(e),
+    };
+    let removed = match store.update_keys(&id, &[], &keys).await {
+        Ok(r) => r.len(),
+        Err(crate::store::StoreError::NotFound) => 0,
+        Err(e) => return store_error(e),
+    };
+    let (here, peers) = close_everywhere(&st, &id, "mediation revoked by the mediator's operator").await;
+    let body = json!({
+        "id": id.as_str(),
+        "mediation": "denied",
+        "routing_keys_removed": removed,
+        "sessions_closed_here": here,
+        "close_requested_on": peers,
+    });
+    audit(&req, &st, "revoke-mediation", Some(&id), &body);
+    HttpResponse::Ok().json(body)
+}
+
+/// The drain state for `/status`.
+pub async fn drain_json(st: &AdminState) -> Value {
+    let since = st.drained_at_ms.load(Ordering::SeqCst);
+    let draining = st.shared.draining.load(Ordering::SeqCst);
+    let sessions = st.shared.registry.send(Count).await.unwrap_or(0);
+    let sockets = st.shared.open_sockets.load(Ordering::Relaxed);
+    json!({
+        "draining": draining,
+        "since_ms": if since > 0 { Some(since) } else { None },
+        "sessions": sessions,
+        "open_sockets": sockets,
+        "empty": draining && sessions == 0 && sockets == 0,
+    })
+}
+
+/// `POST /drain`: not ready on `/ready`, no new WebSockets, every WebSocket closed with 1001
+/// (wallets reconnect through the load balancer to another node); requests in flight and
+/// HTTP POSTs are still answered. `/status` `drain.empty` says when no session is left.
+pub async fn drain(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
+    guard!(req, st);
+    let was = st.shared.draining.swap(true, Ordering::SeqCst);
+    if !was {
+        st.drained_at_ms.store(now_ms(), Ordering::SeqCst);
+    }
+    let closed = st
+        .shared
+        .registry
+        .send(CloseAll {
+            code: 1001,
+            reason: "mediator node draining: reconnect".into(),
+        })
+        .await
+        .unwrap_or(0);
+    let mut body = drain_json(&st).await;
+    body["sessions_closed"] = json!(closed);
+    audit(&req, &st, "drain", None, &body);
+    HttpResponse::Ok().json(body)
+}
+
+/// `POST /undrain`: ready again, accepts sessions again.
+pub async fn undrain(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
+    guard!(req, st);
+    st.shared.draining.store(false, Ordering::SeqCst);
+    st.drained_at_ms.store(0, Ordering::SeqCst);
+    let body = drain_json(&st).await;
+    audit(&req, &st, "undrain", None, &body);
+    HttpResponse::Ok().json(body)
+}

@@ -1,0 +1,294 @@
+//! Operator actions across a 3-node cluster on the real PostgreSQL (a fresh database per
+//! test): the action is taken on one node's admin listener, its effect is checked on the
+//! others. Also the node drain: not ready, sessions closed with 1001, no new sessions, the
+//! wallet carries on through another node without losing a message.
+
+mod common;
+
+use common::cluster::*;
+use common::*;
+use mailroom::client::{basic_message, Agent, Sender, WsClient, WsEvent};
+use mailroom::didcomm::keys::KeyPair;
+use mailroom::node::RunningNode;
+use serde_json::{json, Value};
+
+struct Fixture {
+    nodes: Vec<RunningNode>,
+    _db: FreshDb,
+}
+
+async fn three_nodes() -> Fixture {
+    let db = FreshDb::create().await;
+    // A fast sweep: the drain test relies on delivery after the session moved.
+    let (cfg, ls) = bind_cluster(3, &db.url, 200);
+    let store = open_shared_store(&cfg).await;
+    let mut nodes = Vec::new();
+    for (i, l) in ls.into_iter().enumerate() {
+        nodes.push(start_node(&cfg, &format!("n{}", i + 1), l, &store, None));
+    }
+    for n in &nodes {
+        for p in &nodes {
+            if p.node_id != n.node_id {
+                eventually("cluster links up", || async {
+                    peer_connected(n, &p.node_id).await.then_some(())
+                })
+                .await;
+            }
+        }
+    }
+    Fixture { nodes, _db: db }
+}
+
+async fn admin(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
+    let c = awc::Client::default();
+    let req = match method {
+        "DELETE" => c.delete(url),
+        "POST" => c.post(url),
+        _ => c.get(url),
+    };
+    let mut res = match body {
+        Some(b) => req.send_json(&b).await,
+        None => req.send().await,
+    }
+    .expect("admin request");
+    let bytes = res.body().limit(16 << 20).await.expect("body");
+    (
+        res.status().as_u16(),
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+async fn forward_via(node: &RunningNode, a: &Agent, key: &KeyPair, text: &str) -> u16 {
+    Sender::new()
+        .forward(
+            &node.public_url(),
+            &basic_message(text),
+            &key.verkey(),
+            &a.grant.as_ref().unwrap().routing_keys,
+        )
+        .await
+        .unwrap()
+}
+
+/// Reads the socket until it closes; returns the close code.
+async fn closed_with(ws: &mut WsClient) -> u16 {
+    loop {
+        match ws.next(WAIT).await.expect("the socket closes") {
+            WsEvent::Closed(r) => return r.map(|r| u16::from(r.code)).unwrap_or(0),
+            WsEvent::Envelope(_) => continue,
+        }
+    }
+}
+
+async fn connection_status(n: &RunningNode, id: &str) -> (u16, Value) {
+    admin("GET", &format!("{}/connections/{id}", n.admin_url()), None).await
+}
+
+async fn local_sessions(n: &RunningNode, conn: &str) -> usize {
+    let v = get_json(&format!("{}/sessions", n.admin_url())).await;
+    v["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["connection"] == conn)
+        .count()
+}
+
+#[actix_rt::test]
+async fn deleting_a_connection_on_one_node_removes_it_everywhere() {
+    let f = three_nodes().await;
+    let (n1, n2, n3) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
+    let inv = invitation(n1).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let id = a_connection_id(n1).await;
+    // Queued while offline, then handed to the live session on n2 and left unacknowledged:
+    // leased messages must go too.
+    for i in 0..2 {
+        assert_eq!(forward_via(n3, &a, &k, &format!("m{i}")).await, 202);
+    }
+    let mut ws = live_socket(&a, n2).await;
+    wait_owner(&[n1, n2, n3], &id, "n2").await;
+    eventually("both messages in flight on n2", || async {
+        let (_, c) = connection_status(n1, &id).await;
+        (c["queue"]["in_flight"] == 2).then_some(())
+    })
+    .await;
+
+    // The operator acts on n3: the session lives on n2.
+    let (code, body) = admin("DELETE", &format!("{}/connections/{id}", n3.admin_url()), None).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["removed"]["connection"], true, "{body}");
+    assert_eq!(body["removed"]["routing_keys"], 1, "{body}");
+    assert_eq!(body["removed"]["messages"], 2, "{body}");
+    assert_eq!(body["sessions_closed_here"], 0, "{body}");
+    assert_eq!(body["close_requested_on"].as_array().unwrap().len(), 2, "{body}");
+    assert_eq!(
+        closed_with(&mut ws).await,
+        1008,
+        "the session on n2 is closed with a reason"
+    );
+    eventually("n2 holds no session of the removed connection", || async {
+        (local_sessions(n2, &id).await == 0).then_some(())
+    })
+    .await;
+
+    for n in [n1, n2, n3] {
+        assert_eq!(connection_status(n, &id).await.0, 404, "{} still knows {id}", n.node_id);
+        assert_eq!(queue_depth(n).await, 0);
+        assert_eq!(
+            forward_via(n, &a, &k, "after").await,
+            404,
+            "a forward to a removed key on {} is refused like any unknown key",
+            n.node_id
+        );
+    }
+    // The wallet itself is gone too: its messages no longer authenticate a connection.
+    let ping = a
+        .request(&json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "p1", "response_requested": true, "~transport": {"return_route": "all"}}))
+        .await;
+    assert!(ping
+        .map(|r| r.is_none() || type_name(&r.unwrap()) != "ping_response")
+        .unwrap_or(true));
+
+    // Idempotent, from any node.
+    let (code, again) = admin("DELETE", &format!("{}/connections/{id}", n1.admin_url()), None).await;
+    assert_eq!(code, 200);
+    assert_eq!(again["removed"]["connection"], false, "{again}");
+    assert_eq!(again["removed"]["messages"], 0, "{again}");
+}
+
+#[actix_rt::test]
+async fn dropping_a_queue_and_revoking_mediation_hold_on_every_node() {
+    let f = three_nodes().await;
+    let (n1, n2, n3) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
+    let inv = invitation(n1).await;
+    let (mut a, k) = Agent::onboard(&inv).await.unwrap();
+    let id = a_connection_id(n1).await;
+    for i in 0..3 {
+        assert_eq!(forward_via(n2, &a, &k, &format!("m{i}")).await, 202);
+    }
+    assert_eq!(connection_status(n1, &id).await.1["queue"]["depth"], 3);
+
+    // Drop the queue on n3; n1 sees it empty, the connection and its key stay.
+    let (code, body) = admin("DELETE", &format!("{}/connections/{id}/queue", n3.admin_url()), None).await;
+    assert_eq!((code, body["dropped"].as_u64()), (200, Some(3)), "{body}");
+    let (_, c) = connection_status(n1, &id).await;
+    assert_eq!(c["queue"]["depth"], 0, "{c}");
+    assert_eq!(c["routing_keys"].as_array().unwrap().len(), 1, "{c}");
+    assert_eq!(
+        admin("DELETE", &format!("{}/connections/nope/queue", n3.admin_url()), None)
+            .await
+            .0,
+        404
+    );
+
+    // Revoke mediation on n2 while the wallet's live session is on n1.
+    let mut ws = live_socket(&a, n1).await;
+    wait_owner(&[n1, n2, n3], &id, "n1").await;
+    let url = format!("{}/connections/{id}/mediation", n2.admin_url());
+    let (code, body) = admin("POST", &url, Some(json!({"state": "granted"}))).await;
+    assert_eq!(code, 400, "only a revocation: {body}");
+    let (code, body) = admin("POST", &url, Some(json!({"state": "denied"}))).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["routing_keys_removed"], 1, "{body}");
+    assert_eq!(
+        closed_with(&mut ws).await,
+        1008,
+        "the session on n1 is closed with a reason"
+    );
+    assert_eq!(connection_status(n3, &id).await.1["mediation"], "denied");
+    for n in [n1, n2, n3] {
+        assert_eq!(forward_via(n, &a, &k, "after").await, 404, "forward via {}", n.node_id);
+    }
+    // The wallet, through any node: keylist-update and pickup are refused, mediation too.
+    a.endpoint = n3.public_url();
+    let k2 = a.new_recipient_key();
+    let r = a
+        .request(&json!({
+            "@type": "https://didcomm.org/coordinate-mediation/1.0/keylist-update",
+            "@id": "ku1",
+            "updates": [{"recipient_key": k2.did_key(), "action": "add"}],
+            "~transport": {"return_route": "all"},
+        }))
+        .await
+        .unwrap()
+        .expect("a reply");
+    assert_eq!(type_name(&r), "problem-report", "{r}");
+    let r = a
+        .request(&pickup("status-request", json!({})))
+        .await
+        .unwrap()
+        .expect("a reply");
+    assert_eq!(type_name(&r), "problem-report", "{r}");
+    a.endpoint = n2.public_url();
+    assert!(a.mediate().await.is_err(), "a revoked mediation is not granted again");
+    assert_eq!(connection_status(n1, &id).await.1["mediation"], "denied");
+}
+
+#[actix_rt::test]
+async fn a_drained_node_sends_its_wallets_elsewhere_and_loses_nothing() {
+    let f = three_nodes().await;
+    let (n1, n2, n3) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
+    let inv = invitation(n1).await;
+    let (mut a, k) = Agent::onboard(&inv).await.unwrap();
+    let id = a_connection_id(n1).await;
+    let mut ws = live_socket(&a, n1).await;
+    wait_owner(&[n1, n2, n3], &id, "n1").await;
+    assert_eq!(forward_via(n2, &a, &k, "before").await, 202);
+    let d = ws_next_message(&a, &mut ws).await;
+    let ids: Vec<String> = a.open_delivery(&d).unwrap().into_iter().map(|(i, _)| i).collect();
+    a.endpoint = n1.public_url();
+    a.request(&pickup("messages-received", json!({"message_id_list": ids})))
+        .await
+        .unwrap();
+
+    let (code, body) = admin("POST", &format!("{}/drain", n1.admin_url()), None).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["draining"], true);
+    assert_eq!(closed_with(&mut ws).await, 1001, "the live socket is closed with 1001");
+    assert_eq!(get_status(&format!("{}/ready", n1.admin_url()), None).await.0, 503);
+    assert_eq!(get_status(&format!("{}/ready", n2.admin_url()), None).await.0, 200);
+    // No new session on n1.
+    assert!(
+        a.websocket(&ws_url(n1)).await.is_err(),
+        "a WebSocket upgrade on a draining node is refused"
+    );
+    eventually("n1 says it is empty", || async {
+        let s = get_json(&format!("{}/status", n1.admin_url())).await;
+        (s["drain"]["empty"] == true).then_some(())
+    })
+    .await;
+    // Forwards still answered on n1 (the load balancer may still have some in flight).
+    assert_eq!(forward_via(n1, &a, &k, "during-1").await, 202);
+    // The wallet reconnects through the load balancer and lands on n2: everything arrives.
+    a.endpoint = n2.public_url();
+    let mut ws = live_socket(&a, n2).await;
+    assert_eq!(forward_via(n3, &a, &k, "during-2").await, 202);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let d = ws_next_message(&a, &mut ws).await;
+        if type_name(&d) != "delivery" {
+            continue;
+        }
+        let mut ids = Vec::new();
+        for (i, m) in a.open_delivery(&d).unwrap() {
+            ids.push(i);
+            got.push(m["content"].as_str().unwrap().to_string());
+        }
+        a.request(&pickup("messages-received", json!({"message_id_list": ids})))
+            .await
+            .unwrap();
+    }
+    got.sort();
+    assert_eq!(got, vec!["during-1", "during-2"]);
+    eventually("nothing left queued", || async {
+        (queue_depth(n2).await == 0).then_some(())
+    })
+    .await;
+
+    let (code, body) = admin("POST", &format!("{}/undrain", n1.admin_url()), None).await;
+    assert_eq!((code, body["draining"].clone()), (200, json!(false)), "{body}");
+    assert_eq!(get_status(&format!("{}/ready", n1.admin_url()), None).await.0, 200);
+    let ws = a.websocket(&ws_url(n1)).await;
+    assert!(ws.is_ok(), "sessions accepted again after undrain");
+}
