@@ -29,7 +29,7 @@ COPY benches benches
 RUN cargo build --release --locked --bin mailroom
 
 FROM ${BASE} AS runtime
-RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/mailroom --no-create-home \
+RUN useradd --uid 10001 --user-group --home-dir /var/lib/mailroom --no-create-home \
         --shell /usr/sbin/nologin mailroom \
     && mkdir -p /var/lib/mailroom /etc/mailroom \
     && chown mailroom:mailroom /var/lib/mailroom

@@ -22,3 +22,6 @@ fi
 scripts/envelope-crosscheck.sh
 MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/interop.sh
 MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/interop-cluster.sh
+# The container image: built with podman, the interop scenario through 3 containers + nginx,
+# SIGTERM (1001, exit 0), the health check when the store goes away.
+MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/container-test.sh
