@@ -10,6 +10,10 @@
 #
 # CLUSTER_CONFIG (default cluster.toml), MAILROOM_BIN (default target/release/mailroom, built
 # when absent), CLUSTER_RUN (state: PIDs, logs, nginx.conf; default .cluster).
+# MAILROOM_IMAGE (e.g. localhost/mailroom:test): run each node as a podman container of that
+# image instead (host network, the config mounted at /etc/mailroom/cluster.toml, MAILROOM_NODE);
+# its .pid file holds the container's main process, .cid the container, and `down` stops it
+# with SIGTERM and prints its exit code.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CLUSTER_CONFIG:-cluster.toml}
@@ -101,8 +105,16 @@ up() {
   "$BIN" check-config --config "$CONFIG" >/dev/null
   while read -r id listen admin; do
     if alive "$RUN/$id.pid"; then echo "$id already running (pid $(cat "$RUN/$id.pid"))"; continue; fi
-    nohup "$BIN" run --config "$CONFIG" --node "$id" >"$RUN/$id.log" 2>&1 &
-    echo $! > "$RUN/$id.pid"
+    if [ -n "${MAILROOM_IMAGE:-}" ]; then
+      . scripts/podman-env.sh
+      pm run -d "${PM_RUN_FLAGS[@]}" --log-driver k8s-file --log-opt "path=$RUN/$id.log" \
+        -v "$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG"):/etc/mailroom/cluster.toml:ro" \
+        -e MAILROOM_NODE="$id" "$MAILROOM_IMAGE" > "$RUN/$id.cid"
+      pm inspect -f '{{.State.Pid}}' "$(cat "$RUN/$id.cid")" > "$RUN/$id.pid"
+    else
+      nohup "$BIN" run --config "$CONFIG" --node "$id" >"$RUN/$id.log" 2>&1 &
+      echo $! > "$RUN/$id.pid"
+    fi
   done < <(nodes)
   while read -r id listen admin; do wait_ready "http://$admin/ready"; echo "$id ready: http://$listen (admin http://$admin)"; done < <(nodes)
   ensure_nginx
@@ -119,6 +131,15 @@ up() {
 down() {
   if alive "$RUN/nginx.pid"; then nginx -c "$RUN/nginx.conf" -s quit || true; fi
   while read -r id listen admin; do
+    if [ -s "$RUN/$id.cid" ]; then
+      . scripts/podman-env.sh
+      cid=$(cat "$RUN/$id.cid")
+      pm stop -t 30 "$cid" >/dev/null || true
+      echo "$id stopped (container exit code $(pm inspect -f '{{.State.ExitCode}}' "$cid"))"
+      pm rm -f "$cid" >/dev/null || true
+      rm -f "$RUN/$id.cid" "$RUN/$id.pid"
+      continue
+    fi
     if alive "$RUN/$id.pid"; then
       pid=$(cat "$RUN/$id.pid")
       kill -TERM "$pid"

@@ -324,18 +324,49 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let c = Self::load_unvalidated(path)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reads and parses a file without [`Config::validate`] (the caller validates, e.g. after
+    /// [`Config::apply_env`]).
+    fn load_unvalidated(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        let c = Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.display().to_string(),
-                message,
-            },
-            other => other,
-        })?;
-        Ok(c)
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// What `mailroom run` runs with: the file (or [`Config::single_node_default`]), the
+    /// node id (default: the first `[[node]]`), and the environment overrides applied before
+    /// validation, so a file may leave to the environment what it must not hold (an admin
+    /// token for a non-loopback listener, the cluster secret). Returns the config, the node id
+    /// and the names of the variables applied.
+    pub fn load_for_node(
+        path: Option<&Path>,
+        node: Option<&str>,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<(Config, String, Vec<&'static str>), ConfigError> {
+        let mut c = match path {
+            Some(p) => Self::load_unvalidated(p)?,
+            None => Config::single_node_default(),
+        };
+        let node_id = match (node, c.nodes.first()) {
+            (Some(n), _) => n.to_string(),
+            (None, Some(first)) => first.id.clone(),
+            (None, None) => {
+                c.validate()?;
+                unreachable!("validate refuses a config without nodes")
+            }
+        };
+        c.node(&node_id)?;
+        let applied = c.apply_env(&node_id, get)?;
+        Ok((c, node_id, applied))
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -385,7 +416,7 @@ impl Config {
                 .map_err(|_| ConfigError::Invalid(format!("node {}: admin address", n.id)))?;
             if !admin.ip().is_loopback() && self.admin.token.as_deref().map(str::is_empty).unwrap_or(true) {
                 return bad(format!(
-                    "node {}: admin = {} is not on loopback, so [admin] token is required",
+                    "node {}: admin = {} is not on loopback, so [admin] token (or MAILROOM_ADMIN_TOKEN) is required",
                     n.id, n.admin
                 ));
             }
@@ -456,6 +487,106 @@ impl Config {
         Ok(())
     }
 
+    /// Applies the `MAILROOM_*` environment overrides ([`ENV_OVERRIDES`]) to the whole config
+    /// and to node `node_id`'s entry, then validates the result like a file: how a container
+    /// listens on all interfaces and gets its secrets without editing the defaults for
+    /// everyone. `get` reads a variable (`std::env::var` in the binary). Returns the names of
+    /// the variables applied. A set but empty or malformed variable is refused with its name.
+    pub fn apply_env(
+        &mut self,
+        node_id: &str,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<Vec<&'static str>, ConfigError> {
+        let bad = |m: String| ConfigError::Invalid(m);
+        let mut applied = Vec::new();
+        // VAR, or the contents of the file named by VAR_FILE (mounted secrets); not both.
+        let mut value = |var: &'static str, from_file: bool| -> Result<Option<String>, ConfigError> {
+            let direct = get(var);
+            let file_var = format!("{var}_FILE");
+            let file = if from_file { get(&file_var) } else { None };
+            let v = match (direct, file) {
+                (Some(_), Some(_)) => return Err(bad(format!("set {var} or {file_var}, not both"))),
+                (Some(v), None) => v,
+                (None, Some(path)) => {
+                    if path.is_empty() {
+                        return Err(bad(format!("{file_var} is set but empty")));
+                    }
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| bad(format!("{file_var}: cannot read {path}: {e}")))?;
+                    text.trim_end_matches(['\n', '\r']).to_string()
+                }
+                (None, None) => return Ok(None),
+            };
+            if v.trim().is_empty() {
+                return Err(bad(format!("{var} is set but empty")));
+            }
+            applied.push(var);
+            Ok(Some(v))
+        };
+        let addr = |var: &str, v: &str| -> Result<(), ConfigError> {
+            v.parse::<SocketAddr>()
+                .map(|_| ())
+                .map_err(|_| bad(format!("{var} = {v:?} is not an IP:port address")))
+        };
+        let listen = value("MAILROOM_LISTEN", false)?;
+        let admin = value("MAILROOM_ADMIN", false)?;
+        let cluster = value("MAILROOM_CLUSTER_LISTEN", false)?;
+        let public_url = value("MAILROOM_PUBLIC_URL", false)?;
+        let store_url = value("MAILROOM_STORE_URL", true)?;
+        let data_dir = value("MAILROOM_DATA_DIR", false)?;
+        let token = value("MAILROOM_ADMIN_TOKEN", true)?;
+        let secret = value("MAILROOM_CLUSTER_SECRET", true)?;
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.id == node_id)
+            .ok_or_else(|| ConfigError::UnknownNode(node_id.into()))?;
+        if let Some(v) = listen {
+            addr("MAILROOM_LISTEN", &v)?;
+            node.listen = v;
+        }
+        if let Some(v) = admin {
+            addr("MAILROOM_ADMIN", &v)?;
+            node.admin = v;
+        }
+        if let Some(v) = cluster {
+            addr("MAILROOM_CLUSTER_LISTEN", &v)?;
+            node.cluster = Some(v);
+        }
+        if let Some(v) = public_url {
+            match url::Url::parse(&v) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => self.cluster.public_url = Some(v),
+                _ => {
+                    return Err(bad(format!(
+                        "MAILROOM_PUBLIC_URL = {v:?} is not an http:// or https:// URL"
+                    )))
+                }
+            }
+        }
+        if let Some(v) = store_url {
+            if !(v.starts_with("postgres://") || v.starts_with("postgresql://")) {
+                // The URL may hold a password: name the variable, not its value.
+                return Err(bad(
+                    "MAILROOM_STORE_URL must be a postgres:// or postgresql:// URL".into()
+                ));
+            }
+            self.store.backend = "postgres".into();
+            self.store.url = Some(v);
+        }
+        if let Some(v) = data_dir {
+            self.store.path = PathBuf::from(v);
+        }
+        if let Some(v) = token {
+            self.admin.token = Some(v);
+        }
+        if let Some(v) = secret {
+            self.cluster.secret = Some(v);
+            self.cluster.secret_env = None;
+        }
+        self.validate()?;
+        Ok(applied)
+    }
+
     pub fn node(&self, id: &str) -> Result<&NodeEntry, ConfigError> {
         self.nodes
             .iter()
@@ -487,6 +618,34 @@ impl Config {
         Duration::from_millis(self.delivery.lease_ms)
     }
 }
+
+/// The environment variables [`Config::apply_env`] reads, with what each sets (the README
+/// lists them). Those marked `_FILE` may instead name a file holding the value.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    (
+        "MAILROOM_LISTEN",
+        "this node's public listener (node.listen), e.g. 0.0.0.0:8080",
+    ),
+    (
+        "MAILROOM_ADMIN",
+        "this node's admin listener (node.admin); off loopback it needs a token",
+    ),
+    ("MAILROOM_CLUSTER_LISTEN", "this node's cluster listener (node.cluster)"),
+    (
+        "MAILROOM_PUBLIC_URL",
+        "cluster.public_url, the URL wallets and senders use",
+    ),
+    (
+        "MAILROOM_STORE_URL[_FILE]",
+        "store.url, and store.backend = \"postgres\"",
+    ),
+    ("MAILROOM_DATA_DIR", "store.path, the sled directory"),
+    ("MAILROOM_ADMIN_TOKEN[_FILE]", "admin.token, the admin bearer token"),
+    (
+        "MAILROOM_CLUSTER_SECRET[_FILE]",
+        "cluster.secret (replaces cluster.secret_env)",
+    ),
+];
 
 /// `ws://` twin of an `http://` URL (and `wss://` of `https://`).
 pub fn ws_url(http_url: &str) -> String {
@@ -531,7 +690,7 @@ mod tests {
             ("[[node]]\nid='n1'\nlisten='nope'\nadmin='127.0.0.1:2'", "not an IP:port"),
             ("[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:1'", "used twice"),
             ("", "at least one [[node]]"),
-            ("[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='0.0.0.0:2'", "token is required"),
+            ("[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='0.0.0.0:2'", "token (or MAILROOM_ADMIN_TOKEN) is required"),
             ("[store]\nbackend='postgres'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "store.url"),
             ("[delivery]\nstrategy='Sometimes'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "Sometimes"),
             (
@@ -543,5 +702,188 @@ mod tests {
             let err = Config::parse(text).expect_err(text).to_string();
             assert!(err.contains(want), "{err:?} should mention {want:?}");
         }
+    }
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn env_overrides_set_addresses_store_and_secrets_of_the_running_node_only() {
+        let mut c = Config::parse(include_str!("../cluster.toml")).unwrap();
+        let applied = c
+            .apply_env(
+                "n2",
+                env(&[
+                    ("MAILROOM_LISTEN", "0.0.0.0:8080"),
+                    ("MAILROOM_ADMIN", "0.0.0.0:8081"),
+                    ("MAILROOM_CLUSTER_LISTEN", "0.0.0.0:7000"),
+                    ("MAILROOM_PUBLIC_URL", "https://mediator.example.org"),
+                    ("MAILROOM_STORE_URL", "postgres://mailroom:pw@db:5432/mailroom"),
+                    ("MAILROOM_ADMIN_TOKEN", "admin-token"),
+                    ("MAILROOM_CLUSTER_SECRET", "from-the-environment"),
+                    ("UNRELATED", "x"),
+                ]),
+            )
+            .unwrap();
+        assert_eq!(applied.len(), 7, "{applied:?}");
+        let n2 = c.node("n2").unwrap();
+        assert_eq!(
+            (n2.listen.as_str(), n2.admin.as_str()),
+            ("0.0.0.0:8080", "0.0.0.0:8081")
+        );
+        assert_eq!(n2.cluster.as_deref(), Some("0.0.0.0:7000"));
+        // The other nodes' entries (their peer addresses) are the file's.
+        assert_eq!(c.node("n1").unwrap().listen, "127.0.0.1:8001");
+        assert_eq!(c.node("n3").unwrap().cluster.as_deref(), Some("127.0.0.1:7003"));
+        assert_eq!(c.cluster.public_url.as_deref(), Some("https://mediator.example.org"));
+        assert_eq!(c.store.url.as_deref(), Some("postgres://mailroom:pw@db:5432/mailroom"));
+        assert_eq!(c.admin.token.as_deref(), Some("admin-token"));
+        assert_eq!(c.cluster_secret().unwrap(), "from-the-environment");
+    }
+
+    #[test]
+    fn env_overrides_on_the_default_node_and_none_set_changes_nothing() {
+        let mut c = Config::single_node_default();
+        assert!(c.apply_env("n1", env(&[])).unwrap().is_empty());
+        assert_eq!(c.nodes[0].listen, "127.0.0.1:8080");
+        assert_eq!(c.store.backend, "sled");
+        c.apply_env(
+            "n1",
+            env(&[
+                ("MAILROOM_STORE_URL", "postgresql://db/m"),
+                ("MAILROOM_DATA_DIR", "/var/lib/mailroom"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.store.backend, "postgres");
+        assert_eq!(c.store.path, PathBuf::from("/var/lib/mailroom"));
+    }
+
+    #[test]
+    fn secrets_can_come_from_mounted_files() {
+        let dir = std::env::temp_dir().join(format!("mailroom-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tok = dir.join("token");
+        std::fs::write(&tok, "file-token\n").unwrap();
+        let sec = dir.join("secret");
+        std::fs::write(&sec, "file-secret-123").unwrap();
+        let (tok_s, sec_s) = (tok.display().to_string(), sec.display().to_string());
+        let mut c = Config::parse(include_str!("../cluster.toml")).unwrap();
+        c.apply_env(
+            "n1",
+            env(&[
+                ("MAILROOM_ADMIN", "0.0.0.0:9001"),
+                ("MAILROOM_ADMIN_TOKEN_FILE", &tok_s),
+                ("MAILROOM_CLUSTER_SECRET_FILE", &sec_s),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.admin.token.as_deref(),
+            Some("file-token"),
+            "the trailing newline is not part of it"
+        );
+        assert_eq!(c.cluster_secret().unwrap(), "file-secret-123");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_env_overrides_are_refused_with_the_variable_named() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("MAILROOM_LISTEN", "0.0.0.0")],
+                "MAILROOM_LISTEN = \"0.0.0.0\" is not an IP:port",
+            ),
+            (&[("MAILROOM_ADMIN", "localhost:8081")], "MAILROOM_ADMIN"),
+            (&[("MAILROOM_CLUSTER_LISTEN", "x")], "MAILROOM_CLUSTER_LISTEN"),
+            (&[("MAILROOM_PUBLIC_URL", "ftp://x")], "MAILROOM_PUBLIC_URL"),
+            (
+                &[("MAILROOM_STORE_URL", "mysql://u:secretpw@db/x")],
+                "MAILROOM_STORE_URL must be a postgres://",
+            ),
+            (&[("MAILROOM_ADMIN_TOKEN", "")], "MAILROOM_ADMIN_TOKEN is set but empty"),
+            (&[("MAILROOM_LISTEN", " ")], "MAILROOM_LISTEN is set but empty"),
+            (
+                &[
+                    ("MAILROOM_ADMIN_TOKEN", "a"),
+                    ("MAILROOM_ADMIN_TOKEN_FILE", "/nonexistent"),
+                ],
+                "not both",
+            ),
+            (
+                &[("MAILROOM_CLUSTER_SECRET_FILE", "/nonexistent/secret")],
+                "cannot read /nonexistent/secret",
+            ),
+            // The rule of the file holds for the environment: admin off loopback needs a token.
+            (
+                &[("MAILROOM_ADMIN", "0.0.0.0:8081")],
+                "token (or MAILROOM_ADMIN_TOKEN) is required",
+            ),
+            // And a clash with another listener of the same node.
+            (&[("MAILROOM_LISTEN", "127.0.0.1:8081")], "used twice"),
+        ];
+        for (vars, want) in cases {
+            let mut c = Config::single_node_default();
+            let err = c.apply_env("n1", env(vars)).expect_err(want).to_string();
+            assert!(err.contains(want), "{vars:?}: {err:?} should mention {want:?}");
+            assert!(
+                !err.contains("secretpw"),
+                "a store URL's password is never echoed: {err}"
+            );
+        }
+        let err = Config::single_node_default()
+            .apply_env("n9", env(&[]))
+            .expect_err("unknown node")
+            .to_string();
+        assert!(err.contains("n9"), "{err}");
+    }
+
+    #[test]
+    fn a_file_may_leave_the_admin_token_and_secret_to_the_environment() {
+        let dir = std::env::temp_dir().join(format!("mailroom-envfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cluster.toml");
+        std::fs::write(
+            &path,
+            "[[node]]\nid='a'\nlisten='10.0.0.1:8080'\ncluster='10.0.0.1:7000'\nadmin='10.0.0.1:8081'\n\
+             [[node]]\nid='b'\nlisten='10.0.0.2:8080'\ncluster='10.0.0.2:7000'\nadmin='10.0.0.2:8081'\n",
+        )
+        .unwrap();
+        // Alone, the file is refused (admin off loopback without a token)...
+        assert!(Config::load(&path).is_err());
+        let err = Config::load_for_node(Some(&path), Some("b"), env(&[]))
+            .expect_err("no token")
+            .to_string();
+        assert!(err.contains("MAILROOM_ADMIN_TOKEN"), "{err}");
+        // ...and runs with both secrets from the environment.
+        let (c, id, applied) = Config::load_for_node(
+            Some(&path),
+            Some("b"),
+            env(&[
+                ("MAILROOM_ADMIN_TOKEN", "tok"),
+                ("MAILROOM_CLUSTER_SECRET", "secret-of-8"),
+                ("MAILROOM_LISTEN", "0.0.0.0:8080"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(id, "b");
+        assert_eq!(
+            applied,
+            ["MAILROOM_LISTEN", "MAILROOM_ADMIN_TOKEN", "MAILROOM_CLUSTER_SECRET"]
+        );
+        assert_eq!(c.node("b").unwrap().listen, "0.0.0.0:8080");
+        assert_eq!(c.node("a").unwrap().listen, "10.0.0.1:8080");
+        let (_, first, _) = Config::load_for_node(
+            Some(&path),
+            None,
+            env(&[
+                ("MAILROOM_ADMIN_TOKEN", "tok"),
+                ("MAILROOM_CLUSTER_SECRET", "secret-of-8"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(first, "a");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -2,12 +2,14 @@
 //! hand over to `node::run`. No logic of its own.
 
 use clap::{Parser, Subcommand};
-use mailroom::config::{Config, EXIT_BAD_CONFIG};
+use mailroom::config::{Config, ConfigError, EXIT_BAD_CONFIG};
 use mailroom::node;
-use std::path::PathBuf;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "mailroom", version, about = "A clustered DIDComm mediator")]
@@ -19,18 +21,37 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve a mediator node. Without --config: one node, sled in ./mailroom-data,
-    /// public 127.0.0.1:8080, admin 127.0.0.1:8081.
+    /// public 127.0.0.1:8080, admin 127.0.0.1:8081. MAILROOM_* variables override the
+    /// addresses and secrets (see the README); a bad one exits 64 with the reason.
     Run {
-        #[arg(long)]
+        #[arg(long, env = "MAILROOM_CONFIG")]
         config: Option<PathBuf>,
         /// Which [[node]] of the config this process is (default: the first).
-        #[arg(long)]
+        #[arg(long, env = "MAILROOM_NODE")]
         node: Option<String>,
     },
-    /// Validate a config file; exit 64 with the reason when it is bad.
+    /// Validate a config file (with the MAILROOM_* overrides, as `run` sees it); exit 64 with
+    /// the reason when it is bad.
     CheckConfig {
-        #[arg(long)]
+        #[arg(long, env = "MAILROOM_CONFIG")]
         config: PathBuf,
+        #[arg(long, env = "MAILROOM_NODE")]
+        node: Option<String>,
+    },
+    /// Exit 0 when this node's admin /ready answers 200, else 1 with the reason (the
+    /// container HEALTHCHECK: the image needs no curl). The admin address is the one `run`
+    /// would bind, from the same config and MAILROOM_* variables, unless --admin is given.
+    Healthcheck {
+        #[arg(long, env = "MAILROOM_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, env = "MAILROOM_NODE")]
+        node: Option<String>,
+        /// Admin base URL, e.g. http://127.0.0.1:8081 (default: from the config).
+        #[arg(long)]
+        admin: Option<String>,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
     },
     /// Show a node's and its cluster's status from its admin endpoint.
     Status {
@@ -99,36 +120,78 @@ fn drain(target: NodeTarget, on: bool) -> ExitCode {
     }
 }
 
+/// The config a node runs with: the file (or the built-in default), its node id, and the
+/// MAILROOM_* environment overrides applied before validation.
+fn effective_config(
+    path: Option<&Path>,
+    node: Option<String>,
+) -> Result<(Config, String, Vec<&'static str>), ConfigError> {
+    Config::load_for_node(path, node.as_deref(), env_var)
+}
+
+fn env_var(k: &str) -> Option<String> {
+    std::env::var_os(k).map(|v| v.to_string_lossy().into_owned())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::CheckConfig { config } => match Config::load(&config) {
-            Ok(c) => {
+        Cmd::CheckConfig { config, node } => match effective_config(Some(&config), node) {
+            Ok((c, node_id, applied)) => {
                 println!(
-                    "{}: ok ({} node(s), store {}, strategy {:?})",
+                    "{}: ok ({} node(s), store {}, strategy {:?}){}",
                     config.display(),
                     c.nodes.len(),
                     c.store.backend,
-                    c.delivery.strategy
+                    c.delivery.strategy,
+                    if applied.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; node {node_id} with {} from the environment", applied.join(", "))
+                    }
                 );
                 ExitCode::SUCCESS
             }
             Err(e) => bad_config(e),
         },
-        Cmd::Run { config, node } => {
-            let cfg = match &config {
-                Some(p) => match Config::load(p) {
-                    Ok(c) => c,
+        Cmd::Healthcheck {
+            config,
+            node,
+            admin,
+            timeout_ms,
+        } => {
+            let base = match admin {
+                Some(a) => a,
+                None => match effective_config(config.as_deref(), node) {
+                    Ok((cfg, node_id, _)) => match healthcheck_admin_url(&cfg, &node_id) {
+                        Ok(u) => u,
+                        Err(e) => return bad_config(e),
+                    },
                     Err(e) => return bad_config(e),
                 },
-                None => Config::single_node_default(),
             };
-            let node_id = node.unwrap_or_else(|| cfg.nodes[0].id.clone());
-            let entry = match cfg.node(&node_id) {
-                Ok(n) => n.clone(),
+            let sys = actix_rt::System::new();
+            match sys.block_on(ready(&base, Duration::from_millis(timeout_ms))) {
+                Ok(body) => {
+                    println!("healthy: {body}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("unhealthy: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Run { config, node } => {
+            let (cfg, node_id, applied) = match effective_config(config.as_deref(), node) {
+                Ok(c) => c,
                 Err(e) => return bad_config(e),
             };
+            let entry = cfg.node(&node_id).expect("checked by effective_config").clone();
             mailroom::logging::init(&cfg.log);
+            if !applied.is_empty() {
+                tracing::info!(node = %node_id, "from the environment: {}", applied.join(", "));
+            }
             let listeners = match node::Listeners::bind(&entry) {
                 Ok(l) => l,
                 Err(e) => {
@@ -171,5 +234,36 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// The URL a local probe reaches this node's admin listener at: an unspecified bind address
+/// (0.0.0.0, [::]) is reached on loopback.
+fn healthcheck_admin_url(cfg: &Config, node_id: &str) -> Result<String, ConfigError> {
+    let entry = cfg.node(node_id)?;
+    let mut a: SocketAddr = entry
+        .admin
+        .parse()
+        .map_err(|_| ConfigError::Invalid(format!("node {node_id}: admin address {:?}", entry.admin)))?;
+    if a.ip().is_unspecified() {
+        a.set_ip(match a.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    Ok(format!("http://{a}"))
+}
+
+/// GET {base}/ready: Ok(body) on 200, Err(reason) otherwise.
+async fn ready(base: &str, timeout: Duration) -> Result<String, String> {
+    let url = format!("{}/ready", base.trim_end_matches('/'));
+    let client = awc::Client::builder().timeout(timeout).finish();
+    let mut res = client.get(&url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
+    let body = res.body().limit(64 << 10).await.unwrap_or_default();
+    let body = String::from_utf8_lossy(&body).trim().to_string();
+    if res.status().as_u16() == 200 {
+        Ok(body)
+    } else {
+        Err(format!("GET {url}: HTTP {} {body}", res.status().as_u16()))
     }
 }

@@ -348,9 +348,9 @@ impl Reloader {
             .path
             .as_ref()
             .context("this node was not started from a config file")?;
-        let cfg = Config::load(path)?;
-        cfg.node(&self.node_id)
-            .with_context(|| format!("the new file no longer lists this node ({})", self.node_id))?;
+        // The same environment overrides as at start (a token or secret may live only there).
+        let (cfg, _, _) = Config::load_for_node(Some(path), Some(&self.node_id), |k| std::env::var(k).ok())
+            .with_context(|| format!("the new file, for this node ({})", self.node_id))?;
         let cluster = self.cluster.as_ref().context("this node has no cluster listener")?;
         let cc = cluster_config(&cfg, &self.node_id)?;
         let n = cc.peers.len();
