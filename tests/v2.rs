@@ -523,3 +523,114 @@ async fn messages_past_their_expires_time_are_never_delivered() {
     .await;
     assert_eq!(queue_depth(&n).await, 2);
 }
+
+/// `from_prior` (issue 8): a wallet that rotates its DID keeps its connection (queue, keylist,
+/// routing) under the new DID. A `from_prior` replayed by another connection, one not signed by
+/// its `iss`, or one naming another connection's DID is refused with a problem report and
+/// changes nothing.
+#[actix_rt::test]
+async fn from_prior_rotation_moves_the_connection_and_refuses_forgeries() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut a = V2Agent::new(m.clone()).unwrap();
+    let r = a.onboard().await.unwrap();
+    let old = a.did.clone();
+    // The wallet's own DID is in its keylist too (as Veramo registers it).
+    let up = a.update("3.0", std::slice::from_ref(&old), &[]).await.unwrap();
+    assert_eq!(up[0]["result"], "success", "{up:?}");
+    let s = V2Sender::new().unwrap();
+    assert_eq!(s.forward(&r, &s.basic(&r, "before")).await.unwrap(), 202);
+    let mut b = V2Agent::new(m.clone()).unwrap();
+    b.onboard().await.unwrap();
+    let status_request = |x: &V2Agent| x.message("https://didcomm.org/messagepickup/3.0/status-request", json!({}));
+    let refused = |(st, rep): (u16, Option<Value>)| {
+        assert_eq!(st, 403);
+        let rep = rep.expect("a problem report");
+        assert_eq!(rep["type"], "https://didcomm.org/report-problem/2.0/problem-report");
+        assert_eq!(rep["body"]["code"], "e.p.req.not-authorized", "{rep}");
+        rep["body"]["comment"].as_str().unwrap_or_default().to_string()
+    };
+
+    // A rotates; before it says so, B (connected) and X (a stranger) replay A's valid
+    // from_prior from their own DIDs.
+    let new = a.rotate().unwrap();
+    let mut x = V2Agent::new(m.clone()).unwrap();
+    x.from_prior = a.from_prior.clone();
+    let why = refused(x.post(&status_request(&x)).await.unwrap());
+    assert!(why.contains("sub"), "{why}");
+    b.from_prior = a.from_prior.clone();
+    let why = refused(b.post(&status_request(&b)).await.unwrap());
+    assert!(why.contains("sub"), "{why}");
+    b.from_prior = None;
+    assert_eq!(b.status(None).await.unwrap(), 0, "B is unchanged");
+
+    // The rotation itself: the queue is still there, under the new DID.
+    assert_eq!(a.status(None).await.unwrap(), 1);
+    let q = a
+        .request(
+            &a.message(
+                "https://didcomm.org/coordinate-mediation/3.0/recipient-query",
+                json!({}),
+            ),
+            "recipient",
+        )
+        .await
+        .unwrap();
+    let mut dids: Vec<&str> = q["body"]["dids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["recipient_did"].as_str().unwrap())
+        .collect();
+    dids.sort();
+    let mut want = vec![r.as_str(), new.as_str()];
+    want.sort();
+    assert_eq!(dids, want, "the keylist entry of the old DID moved to the new one");
+    // Routing follows: the old DID is nobody's any more, the new one reaches A.
+    let other = V2Sender::new().unwrap();
+    assert_eq!(
+        post_raw(&m.http, TYP_ENCRYPTED, forward_to(&other, &m, &old, &a, "to-old"))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        post_raw(&m.http, TYP_ENCRYPTED, forward_to(&other, &m, &new, &a, "after"))
+            .await
+            .0,
+        202
+    );
+
+    // Not signed by the old DID: X signs a rotation of A's DID to itself, naming A's key, then
+    // its own key.
+    for kid in [format!("{new}#key-2"), format!("{}#key-2", x.did)] {
+        x.from_prior = Some(x.sign_from_prior(&new, &x.did, &kid).unwrap());
+        let why = refused(x.post(&status_request(&x)).await.unwrap());
+        assert!(why.contains("from_prior"), "{why}");
+    }
+    x.from_prior = None;
+    assert_eq!(x.post(&status_request(&x)).await.unwrap().0, 403, "X got no connection");
+
+    // The old DID of another connection: B (connected) claims A's DID rotated to B's.
+    b.from_prior = Some(b.sign_from_prior(&new, &b.did, &format!("{}#key-2", b.did)).unwrap());
+    refused(b.post(&status_request(&b)).await.unwrap());
+    b.from_prior = None;
+    assert_eq!(b.status(None).await.unwrap(), 0);
+    // Even a rotation the old DID did sign never merges two connections: A's DID "rotated"
+    // to B's, sent by B.
+    b.from_prior = Some(a.sign_from_prior(&new, &b.did, &format!("{new}#key-2")).unwrap());
+    let why = refused(b.post(&status_request(&b)).await.unwrap());
+    assert!(why.contains("already has a connection"), "{why}");
+    b.from_prior = None;
+    assert_eq!(b.status(None).await.unwrap(), 0);
+
+    // A is unchanged by all of it, still sends from_prior (harmless once rotated), and gets
+    // both messages: the one queued before the rotation and the one after.
+    let got = a.delivery(10, None).await.unwrap();
+    let mut contents: Vec<String> = got
+        .iter()
+        .map(|(_, m)| m["body"]["content"].as_str().unwrap_or_default().to_string())
+        .collect();
+    contents.sort();
+    assert_eq!(contents, ["after", "before"]);
+}
