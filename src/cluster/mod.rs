@@ -214,6 +214,13 @@ pub enum ClusterEvent {
     PeerDown {
         node: String,
     },
+    /// A failed peer held the sessions of `conns`, which no node holds now, and this node is
+    /// the one that takes them over (see [`membership::Membership::takes_over`]): wake those
+    /// wallets (push) when they have mail queued.
+    SessionsLost {
+        node: String,
+        conns: Vec<String>,
+    },
     /// Another node took ownership of a conn we hold (a newer session there): close our
     /// session? The node decides.
     SessionMoved {

@@ -328,8 +328,22 @@ impl Shared {
                 }
                 MemberEffect::Down { peer } => {
                     info!(peer = %peer, "cluster peer down");
+                    let held = st.dir.claims_of(&peer);
                     st.dir.apply(DirEvent::NodeGone { node: peer.clone() });
-                    self.emit(ClusterEvent::PeerDown { node: peer });
+                    self.emit(ClusterEvent::PeerDown { node: peer.clone() });
+                    // Forwards queued while the peer was failing were notified to it (or to
+                    // nobody, its link gone) and woke no one: its wallets left without a
+                    // session anywhere are taken over by one node.
+                    if st.members.takes_over() {
+                        let conns: Vec<String> = held
+                            .into_iter()
+                            .map(|(c, _)| c)
+                            .filter(|c| st.dir.owner(c).is_none())
+                            .collect();
+                        if !conns.is_empty() {
+                            self.emit(ClusterEvent::SessionsLost { node: peer, conns });
+                        }
+                    }
                 }
                 MemberEffect::Install { .. } | MemberEffect::Reject { .. } => {}
             }
