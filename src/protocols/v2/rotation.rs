@@ -66,7 +66,7 @@ pub async fn apply(m: &Mediator, ctx: &mut Inbound) -> Result<(), HandleError> {
     };
     // Keylist entries naming the old DID move to the new one: add first, so a new DID another
     // connection registered refuses the rotation before anything changed.
-    let moves_key = m.store.keys_of(&old.id).await?.iter().any(|k| *k == old_did);
+    let moves_key = m.store.keys_of(&old.id).await?.contains(&old_did);
     if moves_key {
         let r = m
             .store
