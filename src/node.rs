@@ -25,6 +25,11 @@ use std::time::Duration;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Dedup records pruned per store call (the call repeats while batches come back full).
 const DEDUP_PRUNE_BATCH: usize = 10_000;
+/// Period of the sweep that deletes messages past the sender's expiry (they are never leased
+/// meanwhile: this only frees their space and counts them).
+const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
+/// Most expired messages deleted by one store call.
+const EXPIRY_BATCH: usize = 1_000;
 
 /// The node's bound sockets.
 pub struct Listeners {
@@ -206,6 +211,36 @@ pub async fn run(
                 }
                 if let Ok(n) = store.dedup_records().await {
                     shared.metrics.dedup_records.set(n as i64);
+                }
+            }
+        });
+    }
+
+    // The sender's expiry (DIDComm v2 `expires_time`): expired messages are never leased; this
+    // deletes them (a bounded batch at a time) and counts them.
+    {
+        let shared = shared.clone();
+        actix_rt::spawn(async move {
+            let mut tick = tokio::time::interval(EXPIRY_SWEEP);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                loop {
+                    match shared.mediator.store.expire_due(now_ms(), EXPIRY_BATCH).await {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            shared.metrics.expired_by_sender.inc_by(n);
+                            tracing::info!(expired = n, "dropped queued messages past their expires_time");
+                            if (n as usize) < EXPIRY_BATCH {
+                                break;
+                            }
+                            tokio::task::yield_now().await;
+                        }
+                        Err(e) => {
+                            tracing::warn!("expires_time sweep: {e}");
+                            break;
+                        }
+                    }
                 }
             }
         });
