@@ -358,9 +358,10 @@ impl ClusterHandle {
     }
 
     /// Asks every connected peer to close its live sessions of `conn` with `reason` (an
-    /// operator action). Returns the peers the request was queued for.
+    /// operator action). Returns the peers the request was queued for; a peer whose link is
+    /// down, or comes back within ten minutes, gets it again when its link comes up.
     pub fn close_sessions_everywhere(&self, conn: &str, reason: &str) -> Vec<String> {
-        self.shared.broadcast(&proto::Frame::CloseSessions {
+        self.shared.broadcast_close(proto::Frame::CloseSessions {
             conn: conn.to_string(),
             reason: reason.to_string(),
         })
