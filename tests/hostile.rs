@@ -554,7 +554,7 @@ async fn keylist_past_max_keys_per_connection_is_refused_whole_v2() {
     }
     // The reason comes as a problem report over a socket (the second reply).
     let mut s = a.live().await.unwrap();
-    let more = vec![KeyPair::generate().did_key()];
+    let more = [KeyPair::generate().did_key()];
     a.send(
         &mut s,
         &a.message(
