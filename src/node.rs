@@ -299,6 +299,9 @@ pub async fn run(
             // Live deliveries are small frames written back to back: without TCP_NODELAY each
             // waits for the wallet's delayed ACK (up to 40 ms; measured in docs/BENCHMARKS.md).
             .tcp_nodelay(true)
+            // Slow-loris: a client that trickles its request head (or WebSocket handshake)
+            // is dropped once this passes, whatever it still sends.
+            .client_request_timeout(Duration::from_millis(cfg.limits.client_timeout_ms))
             .listen(listeners.public)?
             .disable_signals()
             .shutdown_timeout(SHUTDOWN_GRACE.as_secs())

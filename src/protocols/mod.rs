@@ -90,6 +90,8 @@ pub struct Mediator {
     pub lease_ms: i64,
     pub batch_size: usize,
     pub limits: crate::store::EnqueueLimits,
+    /// `limits.max_keys_per_connection`.
+    pub max_keys_per_connection: usize,
     /// The stable id of the public multi-use invitation.
     pub invitation_id: String,
     by_verkey: HashMap<String, KeyPair>,
@@ -131,6 +133,7 @@ impl Mediator {
                 max_bytes: cfg.limits.max_queue_bytes,
                 dedup_window_ms: (cfg.limits.dedup_window_secs * 1000) as i64,
             },
+            max_keys_per_connection: cfg.limits.max_keys_per_connection,
             invitation_id,
             by_verkey,
             keys,
