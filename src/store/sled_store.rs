@@ -139,6 +139,8 @@ struct Inner {
 struct EnqueueReq {
     msgs: Vec<NewMessage>,
     limits: EnqueueLimits,
+    /// Queue each message only while its recipient key routes to its connection.
+    routed: bool,
     reply: oneshot::Sender<StoreResult<Vec<StoreResult<Enqueued>>>>,
 }
 
@@ -252,6 +254,29 @@ impl SledStore {
             tx: Some(tx),
             writer: Some(writer),
         })
+    }
+
+    /// Hands messages to the writer thread and waits for their batch to be durable.
+    async fn submit(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+        routed: bool,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(EnqueueReq {
+            msgs,
+            limits: *limits,
+            routed,
+            reply,
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn blocking<T, F>(&self, f: F) -> StoreResult<T>
@@ -472,6 +497,20 @@ impl Inner {
             /// Duplicate of a message accepted earlier in this batch.
             DupOfNew(usize),
         }
+        // 0. Routes asked for, read before the index lock (sled serves them from memory).
+        let routes_gone: Vec<Vec<bool>> = batch
+            .iter()
+            .map(|req| {
+                req.msgs
+                    .iter()
+                    .map(|m| {
+                        req.routed
+                            && !matches!(self.keys.get(m.recipient_key.as_bytes()),
+                                Ok(Some(holder)) if holder.as_ref() == m.connection.as_bytes())
+                    })
+                    .collect()
+            })
+            .collect();
         // 1. Decide under the index lock (memory only), counting the batch's own additions.
         let mut slots: Vec<Vec<Slot>> = Vec::with_capacity(batch.len());
         let mut accepted: Vec<&NewMessage> = Vec::new();
@@ -479,14 +518,18 @@ impl Inner {
             let q = self.queues.lock();
             let mut added: HashMap<&str, (u64, u64)> = HashMap::new();
             let mut local_dedup: HashMap<(&str, [u8; 32]), (usize, i64)> = HashMap::new();
-            for req in &batch {
+            for (req, gone) in batch.iter().zip(&routes_gone) {
                 let mut out = Vec::with_capacity(req.msgs.len());
-                for m in &req.msgs {
+                for (m, gone) in req.msgs.iter().zip(gone) {
                     let conn = m.connection.as_str();
                     if let Err(e) = check_storable("connection id", conn)
                         .and_then(|_| check_storable("recipient key", &m.recipient_key))
                     {
                         out.push(Slot::Done(Err(e)));
+                        continue;
+                    }
+                    if *gone {
+                        out.push(Slot::Done(Err(StoreError::NoRoute)));
                         continue;
                     }
                     // Dedup first: a duplicate is answered even when the queue is full.
@@ -1067,19 +1110,15 @@ impl Store for SledStore {
     }
 
     async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
-        if msgs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
-        let (reply, rx) = oneshot::channel();
-        tx.send(EnqueueReq {
-            msgs,
-            limits: *limits,
-            reply,
-        })
-        .await
-        .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.submit(msgs, limits, false).await
+    }
+
+    async fn enqueue_routed(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        self.submit(msgs, limits, true).await
     }
 
     async fn lease(
