@@ -966,6 +966,56 @@ pub async fn routed_enqueue_checks_the_route(b: Arc<dyn Backend>) {
     assert_eq!(s.queue_stats(&d, T0).await.unwrap().pending, 1);
 }
 
+/// Leases of many connections asked at once (PostgreSQL serves them in one statement): each
+/// caller gets its own connection's messages, filtered by its key when it gave one, oldest
+/// first, and never a message another caller got.
+pub async fn concurrent_leases_of_many_connections(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let mut conns = Vec::new();
+    for _ in 0..24 {
+        let c = new_conn(&s).await;
+        let m = |p: &str, key: &str| NewMessage {
+            recipient_key: key.to_owned(),
+            ..msg(&c, p, T0)
+        };
+        enqueue_ok(&s, vec![m("a1", "A"), m("b1", "B"), m("a2", "A")]).await;
+        conns.push(c);
+    }
+    let tasks: Vec<_> = conns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let (s, c) = (s.clone(), c.clone());
+            tokio::spawn(async move {
+                let owner = format!("owner-{i}");
+                let got = if i % 2 == 0 {
+                    s.lease(&c, 10, &owner, T0, T0 + 1000).await.unwrap()
+                } else {
+                    s.lease_for_key(&c, "A", 10, &owner, T0, T0 + 1000).await.unwrap()
+                };
+                (i, c, got)
+            })
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    for t in tasks {
+        let (i, c, got) = t.await.unwrap();
+        let payloads: Vec<&[u8]> = got.iter().map(|m| m.payload.as_slice()).collect();
+        if i % 2 == 0 {
+            assert_eq!(payloads, vec![&b"a1"[..], b"b1", b"a2"], "caller {i}");
+        } else {
+            assert_eq!(payloads, vec![&b"a1"[..], b"a2"], "caller {i} (key A)");
+        }
+        for m in &got {
+            assert_eq!(m.connection, c, "caller {i} got another connection's message");
+            assert_eq!(m.attempts, 1);
+            assert!(seen.insert(m.id), "message {} leased twice", m.id);
+        }
+        let st = s.queue_stats(&c, T0).await.unwrap();
+        assert_eq!((st.pending, st.leased), (3 - got.len() as u64, got.len() as u64));
+    }
+}
+
 pub async fn dedup_window(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let c = new_conn(&s).await;
@@ -2016,6 +2066,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn routed_enqueue_checks_the_route() {
                 backend::run(super::routed_enqueue_checks_the_route).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_leases_of_many_connections() {
+                backend::run(super::concurrent_leases_of_many_connections).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn dedup_window() {

@@ -58,8 +58,10 @@
 //!   ([`StoreError::KeyTaken`]), so [`Store::connection_by_their_verkey`] is unambiguous.
 //! - `enqueue` does not check that the connection exists (the caller routed to it).
 //! - Durability beyond `enqueue`: connection, key and identity writes are durable when they
-//!   return. `lease`, `ack` and `release` are not flushed one by one on sled (PostgreSQL commits
-//!   each): after a crash an acknowledged message may come back (at-least-once, never a loss).
+//!   return. `lease`, `ack` and `release` are not flushed one by one on sled; PostgreSQL commits
+//!   each `ack` and `release`, and leases every lease request waiting (of many connections) in
+//!   one statement whose commit does not wait for the WAL flush. After a crash an acknowledged
+//!   message may come back, and a leased one may be pending again (at-least-once, never a loss).
 //! - sled keeps leases in memory only: after a restart every message is pending. PostgreSQL
 //!   keeps them on the row until they run out or their owner releases them.
 //! - Ids, keys and owners holding a NUL or longer than [`MAX_TEXT_LEN`] bytes are refused with

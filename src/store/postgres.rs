@@ -371,10 +371,21 @@ struct EnqueueReq {
     reply: oneshot::Sender<StoreResult<Vec<StoreResult<Enqueued>>>>,
 }
 
+struct LeaseReq {
+    conn: String,
+    key: Option<String>,
+    max: i64,
+    owner: String,
+    now_ms: i64,
+    until_ms: i64,
+    reply: oneshot::Sender<StoreResult<Vec<QueuedMessage>>>,
+}
+
 /// The PostgreSQL [`Store`].
 pub struct PgStore {
     pool: Pool,
     tx: mpsc::Sender<EnqueueReq>,
+    lease_tx: mpsc::Sender<LeaseReq>,
 }
 
 impl PgStore {
@@ -412,7 +423,9 @@ impl PgStore {
         for _ in 0..WRITER_TASKS {
             tokio::spawn(writer_task(pool.clone(), rx.clone()));
         }
-        Ok(PgStore { pool, tx })
+        let (lease_tx, lease_rx) = mpsc::channel(WRITER_CHANNEL);
+        tokio::spawn(lease_task(pool.clone(), lease_rx));
+        Ok(PgStore { pool, tx, lease_tx })
     }
 
     /// Hands messages to the writer task and waits for their batch to commit.
@@ -436,6 +449,70 @@ impl PgStore {
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// `lease` and `lease_for_key`: hands the request to the lease task, which leases every
+    /// request waiting in one statement (see [`lease_task`]).
+    async fn lease_filtered(
+        &self,
+        conn: &str,
+        recipient_key: Option<&str>,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        check_storable("lease owner", owner)?;
+        if !storable(conn) || !recipient_key.is_none_or(storable) || max == 0 {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.lease_tx
+            .send(LeaseReq {
+                conn: conn.to_owned(),
+                key: recipient_key.map(str::to_owned),
+                max: i64::try_from(max).unwrap_or(i64::MAX),
+                owner: owner.to_owned(),
+                now_ms,
+                until_ms,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// `queue_stats` and `queue_stats_for_key`. The unfiltered statement stays its own text
+    /// (its plan does not carry the key filter).
+    async fn stats_filtered(&self, conn: &str, recipient_key: Option<&str>, now_ms: i64) -> StoreResult<QueueStats> {
+        if !storable(conn) || !recipient_key.is_none_or(storable) {
+            return Ok(QueueStats::default());
+        }
+        const COLUMNS: &str = "SELECT count(*) FILTER (WHERE lease_until_ms <= $2), \
+                 count(*) FILTER (WHERE lease_until_ms > $2), \
+                 coalesce(sum(size), 0)::int8, min(received_at_ms) \
+                 FROM mailroom_messages WHERE conn_id = $1";
+        let c = self.client().await?;
+        let r = match recipient_key {
+            None => {
+                let q = c.prepare_cached(COLUMNS).await.map_err(pg_err)?;
+                c.query_one(&q, &[&conn, &now_ms]).await
+            }
+            Some(key) => {
+                let q = c
+                    .prepare_cached(&format!("{COLUMNS} AND recipient_key = $3"))
+                    .await
+                    .map_err(pg_err)?;
+                c.query_one(&q, &[&conn, &now_ms, &key]).await
+            }
+        }
+        .map_err(pg_err)?;
+        Ok(QueueStats {
+            pending: r.get::<_, i64>(0) as u64,
+            leased: r.get::<_, i64>(1) as u64,
+            bytes: r.get::<_, i64>(2) as u64,
+            oldest_received_ms: r.get(3),
+        })
     }
 
     async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
@@ -564,6 +641,118 @@ async fn writer_task(pool: Pool, rx: Arc<AsyncMutex<mpsc::Receiver<EnqueueReq>>>
             }
         }
     }
+}
+
+/// Leases every request waiting (at most [`MAX_LEASE_BATCH`], one per connection: a second
+/// request for a connection waits for the next statement) in ONE statement, committed without
+/// waiting for its WAL flush: leases are hints (a lease lost in a crash makes its message
+/// pending again, delivered again: at-least-once, never a loss), so live delivery to many
+/// wallets costs neither a statement nor a flush per wallet.
+async fn lease_task(pool: Pool, mut rx: mpsc::Receiver<LeaseReq>) {
+    let mut waiting: std::collections::VecDeque<LeaseReq> = std::collections::VecDeque::new();
+    loop {
+        if waiting.is_empty() {
+            match rx.recv().await {
+                Some(r) => waiting.push_back(r),
+                None => return,
+            }
+        }
+        while waiting.len() < MAX_LEASE_BATCH * 2 {
+            match rx.try_recv() {
+                Ok(r) => waiting.push_back(r),
+                Err(_) => break,
+            }
+        }
+        let mut batch: Vec<LeaseReq> = Vec::new();
+        let mut later = std::collections::VecDeque::new();
+        let mut conns: std::collections::HashSet<String> = std::collections::HashSet::new();
+        while let Some(r) = waiting.pop_front() {
+            if batch.len() < MAX_LEASE_BATCH && conns.insert(r.conn.clone()) {
+                batch.push(r);
+            } else {
+                later.push_back(r);
+            }
+        }
+        waiting = later;
+        match lease_batch(&pool, &batch).await {
+            Ok(mut out) => {
+                for (req, msgs) in batch.into_iter().zip(out.drain(..)) {
+                    let _ = req.reply.send(Ok(msgs));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "postgres lease batch failed");
+                let msg = e.to_string();
+                for req in batch {
+                    let _ = req.reply.send(Err(StoreError::Unavailable(msg.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Most lease requests in one statement.
+pub const MAX_LEASE_BATCH: usize = 256;
+
+async fn lease_batch(pool: &Pool, batch: &[LeaseReq]) -> StoreResult<Vec<Vec<QueuedMessage>>> {
+    let c = pool.get().await.map_err(pool_err)?;
+    // `cfg` runs first (every request row joins it); `set_config(.., true)` lasts until this
+    // statement's own commit, which then does not wait for the flush.
+    let q = c
+        .prepare_cached(
+            "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS v), \
+             req AS ( \
+               SELECT r.* FROM cfg, unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[]) \
+               WITH ORDINALITY AS r(conn, key, lim, now_ms, until_ms, owner, i)), \
+             picked AS ( \
+               SELECT p.id, req.i, req.until_ms, req.owner FROM req CROSS JOIN LATERAL ( \
+                 SELECT m.id FROM mailroom_messages m \
+                 WHERE m.conn_id = req.conn AND m.lease_until_ms <= req.now_ms \
+                   AND (req.key IS NULL OR m.recipient_key = req.key) \
+                 ORDER BY m.id LIMIT req.lim FOR UPDATE SKIP LOCKED) p) \
+             UPDATE mailroom_messages m \
+             SET lease_until_ms = picked.until_ms, lease_owner = picked.owner, attempts = m.attempts + 1 \
+             FROM picked WHERE m.id = picked.id \
+             RETURNING picked.i, m.id, m.conn_id, m.recipient_key, m.payload, m.received_at_ms, m.attempts",
+        )
+        .await
+        .map_err(pg_err)?;
+    let conns: Vec<&str> = batch.iter().map(|r| r.conn.as_str()).collect();
+    let keys: Vec<Option<&str>> = batch.iter().map(|r| r.key.as_deref()).collect();
+    let lims: Vec<i64> = batch.iter().map(|r| r.max).collect();
+    let nows: Vec<i64> = batch.iter().map(|r| r.now_ms).collect();
+    let untils: Vec<i64> = batch.iter().map(|r| r.until_ms).collect();
+    let owners: Vec<&str> = batch.iter().map(|r| r.owner.as_str()).collect();
+    let mut tries = 1;
+    let rows = loop {
+        match c.query(&q, &[&conns, &keys, &lims, &nows, &untils, &owners]).await {
+            Ok(rows) => break rows,
+            Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+                tracing::warn!(error = %e, "postgres lease batch retried");
+                tries += 1;
+            }
+            Err(e) => return Err(pg_err(e)),
+        }
+    };
+    let mut out: Vec<Vec<QueuedMessage>> = batch.iter().map(|_| Vec::new()).collect();
+    for r in rows {
+        let i = r.get::<_, i64>(0);
+        let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| out.get_mut(i)) else {
+            return Err(StoreError::Corrupt(format!("postgres: lease row for request {i}")));
+        };
+        slot.push(QueuedMessage {
+            id: r.get(1),
+            connection: r.get(2),
+            recipient_key: r.get(3),
+            payload: r.get(4),
+            received_at_ms: r.get(5),
+            attempts: r.get::<_, i32>(6).max(0) as u32,
+        });
+    }
+    for v in &mut out {
+        v.sort_unstable_by_key(|m| m.id);
+    }
+    Ok(out)
 }
 
 /// A whole batch in one statement, `mailroom_enqueue` (migration 7), run outside an explicit
@@ -1059,41 +1248,7 @@ impl Store for PgStore {
         now_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<QueuedMessage>> {
-        check_storable("lease owner", owner)?;
-        if !storable(conn) || max == 0 {
-            return Ok(Vec::new());
-        }
-        let c = self.client().await?;
-        let q = c
-            .prepare_cached(
-                "WITH picked AS ( \
-                   SELECT id FROM mailroom_messages \
-                   WHERE conn_id = $1 AND lease_until_ms <= $2 \
-                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
-                 UPDATE mailroom_messages m \
-                 SET lease_until_ms = $4, lease_owner = $5, attempts = m.attempts + 1 \
-                 FROM picked WHERE m.id = picked.id \
-                 RETURNING m.id, m.recipient_key, m.payload, m.received_at_ms, m.attempts",
-            )
-            .await
-            .map_err(pg_err)?;
-        let max = i64::try_from(max).unwrap_or(i64::MAX);
-        let mut out: Vec<QueuedMessage> = c
-            .query(&q, &[&conn, &now_ms, &max, &until_ms, &owner])
-            .await
-            .map_err(pg_err)?
-            .iter()
-            .map(|r| QueuedMessage {
-                id: r.get(0),
-                connection: conn.to_owned(),
-                recipient_key: r.get(1),
-                payload: r.get(2),
-                received_at_ms: r.get(3),
-                attempts: r.get::<_, i32>(4).max(0) as u32,
-            })
-            .collect();
-        out.sort_unstable_by_key(|m| m.id);
-        Ok(out)
+        self.lease_filtered(conn, None, max, owner, now_ms, until_ms).await
     }
 
     async fn lease_for_key(
@@ -1105,67 +1260,12 @@ impl Store for PgStore {
         now_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<QueuedMessage>> {
-        check_storable("lease owner", owner)?;
-        if !storable(conn) || !storable(recipient_key) || max == 0 {
-            return Ok(Vec::new());
-        }
-        let c = self.client().await?;
-        let q = c
-            .prepare_cached(
-                "WITH picked AS ( \
-                   SELECT id FROM mailroom_messages \
-                   WHERE conn_id = $1 AND lease_until_ms <= $2 AND recipient_key = $6 \
-                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
-                 UPDATE mailroom_messages m \
-                 SET lease_until_ms = $4, lease_owner = $5, attempts = m.attempts + 1 \
-                 FROM picked WHERE m.id = picked.id \
-                 RETURNING m.id, m.recipient_key, m.payload, m.received_at_ms, m.attempts",
-            )
+        self.lease_filtered(conn, Some(recipient_key), max, owner, now_ms, until_ms)
             .await
-            .map_err(pg_err)?;
-        let max = i64::try_from(max).unwrap_or(i64::MAX);
-        let mut out: Vec<QueuedMessage> = c
-            .query(&q, &[&conn, &now_ms, &max, &until_ms, &owner, &recipient_key])
-            .await
-            .map_err(pg_err)?
-            .iter()
-            .map(|r| QueuedMessage {
-                id: r.get(0),
-                connection: conn.to_owned(),
-                recipient_key: r.get(1),
-                payload: r.get(2),
-                received_at_ms: r.get(3),
-                attempts: r.get::<_, i32>(4).max(0) as u32,
-            })
-            .collect();
-        out.sort_unstable_by_key(|m| m.id);
-        Ok(out)
     }
 
     async fn queue_stats_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<QueueStats> {
-        if !storable(conn) || !storable(recipient_key) {
-            return Ok(QueueStats::default());
-        }
-        let c = self.client().await?;
-        let q = c
-            .prepare_cached(
-                "SELECT count(*) FILTER (WHERE lease_until_ms <= $2), \
-                        count(*) FILTER (WHERE lease_until_ms > $2), \
-                        coalesce(sum(size), 0)::int8, min(received_at_ms) \
-                 FROM mailroom_messages WHERE conn_id = $1 AND recipient_key = $3",
-            )
-            .await
-            .map_err(pg_err)?;
-        let r = c
-            .query_one(&q, &[&conn, &now_ms, &recipient_key])
-            .await
-            .map_err(pg_err)?;
-        Ok(QueueStats {
-            pending: r.get::<_, i64>(0) as u64,
-            leased: r.get::<_, i64>(1) as u64,
-            bytes: r.get::<_, i64>(2) as u64,
-            oldest_received_ms: r.get(3),
-        })
+        self.stats_filtered(conn, Some(recipient_key), now_ms).await
     }
 
     async fn ack_leased(&self, conn: &str, ids: &[MessageId]) -> StoreResult<Vec<i64>> {
@@ -1222,26 +1322,7 @@ impl Store for PgStore {
     }
 
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
-        if !storable(conn) {
-            return Ok(QueueStats::default());
-        }
-        let c = self.client().await?;
-        let q = c
-            .prepare_cached(
-                "SELECT count(*) FILTER (WHERE lease_until_ms <= $2), \
-                        count(*) FILTER (WHERE lease_until_ms > $2), \
-                        coalesce(sum(size), 0)::int8, min(received_at_ms) \
-                 FROM mailroom_messages WHERE conn_id = $1",
-            )
-            .await
-            .map_err(pg_err)?;
-        let r = c.query_one(&q, &[&conn, &now_ms]).await.map_err(pg_err)?;
-        Ok(QueueStats {
-            pending: r.get::<_, i64>(0) as u64,
-            leased: r.get::<_, i64>(1) as u64,
-            bytes: r.get::<_, i64>(2) as u64,
-            oldest_received_ms: r.get(3),
-        })
+        self.stats_filtered(conn, None, now_ms).await
     }
 
     async fn total_queued(&self) -> StoreResult<u64> {

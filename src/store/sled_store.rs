@@ -256,6 +256,101 @@ impl SledStore {
         })
     }
 
+    /// `lease` and `lease_for_key`. Recipient keys live on disk only (the index holds sizes
+    /// and leases): with a key, the pending ids are picked first, their keys read outside the
+    /// lock, then those still pending leased; without one, the first pending ids are leased in
+    /// one pass under the lock.
+    async fn lease_filtered(
+        &self,
+        conn: &str,
+        recipient_key: Option<&str>,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        check_storable("lease owner", owner)?;
+        if !storable(conn) || max == 0 {
+            return Ok(Vec::new());
+        }
+        let (conn, key) = (conn.to_owned(), recipient_key.map(str::to_owned));
+        let owner: Arc<str> = Arc::from(owner);
+        self.blocking(move |inner| {
+            let matching: Option<Vec<MessageId>> = match &key {
+                None => None,
+                Some(key) => {
+                    let pending: Vec<MessageId> = {
+                        let q = inner.queues.lock();
+                        let Some(cq) = q.by_conn.get(&conn) else {
+                            return Ok(Vec::new());
+                        };
+                        cq.msgs
+                            .iter()
+                            .filter(|(_, m)| m.lease_until_ms <= now_ms)
+                            .map(|(id, _)| *id)
+                            .collect()
+                    };
+                    let mut matching = Vec::new();
+                    for id in pending {
+                        if matching.len() >= max {
+                            break;
+                        }
+                        if let Some(v) = inner.msgs.get(encode_id(id)).map_err(unavailable)? {
+                            if decode_msg(&v)?.recipient_key == key.as_str() {
+                                matching.push(id);
+                            }
+                        }
+                    }
+                    Some(matching)
+                }
+            };
+            let picked: Vec<(MessageId, u32)> = {
+                let mut q = inner.queues.lock();
+                let Some(cq) = q.by_conn.get_mut(&conn) else {
+                    return Ok(Vec::new());
+                };
+                let mut picked = Vec::with_capacity(max.min(cq.msgs.len()));
+                let mut take = |id: MessageId, m: &mut Meta| {
+                    if m.lease_until_ms <= now_ms {
+                        m.lease_until_ms = until_ms;
+                        m.owner = Some(owner.clone());
+                        m.attempts = m.attempts.saturating_add(1);
+                        picked.push((id, m.attempts));
+                        return 1;
+                    }
+                    0
+                };
+                match matching {
+                    None => {
+                        let mut n = 0;
+                        for (id, m) in cq.msgs.iter_mut() {
+                            if n >= max {
+                                break;
+                            }
+                            n += take(*id, m);
+                        }
+                    }
+                    Some(ids) => {
+                        for id in ids {
+                            if let Some(m) = cq.msgs.get_mut(&id) {
+                                take(id, m);
+                            }
+                        }
+                    }
+                }
+                if !picked.is_empty() {
+                    let conns = q.by_owner.entry(owner.clone()).or_default();
+                    if !conns.contains(&conn) {
+                        conns.insert(conn.clone());
+                    }
+                }
+                picked
+            };
+            inner.load_leased(picked)
+        })
+        .await
+    }
+
     /// Hands messages to the writer thread and waits for their batch to be durable.
     async fn submit(
         &self,
@@ -1129,41 +1224,7 @@ impl Store for SledStore {
         now_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<QueuedMessage>> {
-        check_storable("lease owner", owner)?;
-        if !storable(conn) || max == 0 {
-            return Ok(Vec::new());
-        }
-        let conn = conn.to_owned();
-        let owner: Arc<str> = Arc::from(owner);
-        self.blocking(move |inner| {
-            let picked: Vec<(MessageId, u32)> = {
-                let mut q = inner.queues.lock();
-                let Some(cq) = q.by_conn.get_mut(&conn) else {
-                    return Ok(Vec::new());
-                };
-                let mut picked = Vec::with_capacity(max.min(cq.msgs.len()));
-                for (id, m) in cq.msgs.iter_mut() {
-                    if picked.len() >= max {
-                        break;
-                    }
-                    if m.lease_until_ms <= now_ms {
-                        m.lease_until_ms = until_ms;
-                        m.owner = Some(owner.clone());
-                        m.attempts = m.attempts.saturating_add(1);
-                        picked.push((*id, m.attempts));
-                    }
-                }
-                if !picked.is_empty() {
-                    let conns = q.by_owner.entry(owner.clone()).or_default();
-                    if !conns.contains(&conn) {
-                        conns.insert(conn.clone());
-                    }
-                }
-                picked
-            };
-            inner.load_leased(picked)
-        })
-        .await
+        self.lease_filtered(conn, None, max, owner, now_ms, until_ms).await
     }
 
     async fn lease_for_key(
@@ -1175,61 +1236,8 @@ impl Store for SledStore {
         now_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<QueuedMessage>> {
-        check_storable("lease owner", owner)?;
-        if !storable(conn) || max == 0 {
-            return Ok(Vec::new());
-        }
-        let (conn, key) = (conn.to_owned(), recipient_key.to_owned());
-        let owner: Arc<str> = Arc::from(owner);
-        self.blocking(move |inner| {
-            // Recipient keys live on disk only (the index holds sizes and leases): pick the
-            // pending ids, read their keys outside the lock, then lease those still pending.
-            let pending: Vec<MessageId> = {
-                let q = inner.queues.lock();
-                let Some(cq) = q.by_conn.get(&conn) else {
-                    return Ok(Vec::new());
-                };
-                cq.msgs
-                    .iter()
-                    .filter(|(_, m)| m.lease_until_ms <= now_ms)
-                    .map(|(id, _)| *id)
-                    .collect()
-            };
-            let mut matching = Vec::new();
-            for id in pending {
-                if matching.len() >= max {
-                    break;
-                }
-                if let Some(v) = inner.msgs.get(encode_id(id)).map_err(unavailable)? {
-                    if decode_msg(&v)?.recipient_key == key {
-                        matching.push(id);
-                    }
-                }
-            }
-            let picked: Vec<(MessageId, u32)> = {
-                let mut q = inner.queues.lock();
-                let Some(cq) = q.by_conn.get_mut(&conn) else {
-                    return Ok(Vec::new());
-                };
-                let mut picked = Vec::with_capacity(matching.len());
-                for id in matching {
-                    if let Some(m) = cq.msgs.get_mut(&id) {
-                        if m.lease_until_ms <= now_ms {
-                            m.lease_until_ms = until_ms;
-                            m.owner = Some(owner.clone());
-                            m.attempts = m.attempts.saturating_add(1);
-                            picked.push((id, m.attempts));
-                        }
-                    }
-                }
-                if !picked.is_empty() {
-                    q.by_owner.entry(owner.clone()).or_default().insert(conn.clone());
-                }
-                picked
-            };
-            inner.load_leased(picked)
-        })
-        .await
+        self.lease_filtered(conn, Some(recipient_key), max, owner, now_ms, until_ms)
+            .await
     }
 
     async fn queue_stats_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<QueueStats> {
