@@ -66,6 +66,7 @@ pub(crate) struct Counters {
     pub version_mismatches: AtomicU64,
     pub queue_drops: AtomicU64,
     pub events_dropped: AtomicU64,
+    pub routes_changed_received: AtomicU64,
 }
 
 /// A snapshot of [`Counters`] for status output.
@@ -84,6 +85,8 @@ pub struct CounterSnapshot {
     pub queue_drops: u64,
     /// `ClusterEvent::MessageQueued` dropped because the node's event channel was full.
     pub events_dropped: u64,
+    /// `RoutesChanged` frames received (peers' keylist removals: cached routes forgotten).
+    pub routes_changed_received: u64,
 }
 
 impl Counters {
@@ -98,6 +101,7 @@ impl Counters {
             version_mismatches: g(&self.version_mismatches),
             queue_drops: g(&self.queue_drops),
             events_dropped: g(&self.events_dropped),
+            routes_changed_received: g(&self.routes_changed_received),
         }
     }
 }
@@ -833,6 +837,10 @@ async fn read_loop(
             }
             Frame::CloseSessions { conn, reason } => {
                 shared.emit(ClusterEvent::CloseSessions { conn, reason });
+            }
+            Frame::RoutesChanged { conn, keys } => {
+                bump(&shared.counters.routes_changed_received);
+                shared.emit(ClusterEvent::RoutesChanged { conn, keys });
             }
             Frame::Leave => {
                 let fx = st.members.handle(

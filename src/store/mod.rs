@@ -72,6 +72,7 @@ use serde::{Deserialize, Serialize};
 mod conformance;
 pub mod metered;
 pub mod postgres;
+pub mod route_cache;
 pub mod sled_store;
 
 pub use postgres::PgStore;
