@@ -42,6 +42,7 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
             payload: payload.clone(),
             received_at_ms,
             dedup_key: Some(dedup),
+            expires_at_ms: None,
         };
         let mut results = m.store.enqueue_routed(vec![msg], &m.limits).await?;
         match results

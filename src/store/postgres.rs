@@ -20,7 +20,7 @@
 //!
 //! Write path: enqueues go through a channel to [`WRITER_TASKS`] writer tasks; each drains the
 //! waiting requests (at most [`MAX_BATCH_MESSAGES`]) into ONE statement, the server-side
-//! function `mailroom_enqueue` (migration 7) called outside an explicit transaction: it takes
+//! function `mailroom_enqueue` (migration 8) called outside an explicit transaction: it takes
 //! the connections' advisory locks, reads their counters and dedup records, checks the routes
 //! of `enqueue_routed` messages, decides each message in input order, inserts the accepted ones
 //! (`unnest` arrays) and their dedup records; the counter trigger runs inside the same
@@ -219,6 +219,16 @@ CREATE INDEX mailroom_push_windows_due ON mailroom_push_windows (trailing_due_ms
     ),
     (
         7,
+        // The sender's expiry of a message (DIDComm v2 `expires_time`, ms): never leased after
+        // it; `expire_due` deletes expired rows, earliest first. Rows of older writers have none.
+        r#"
+ALTER TABLE mailroom_messages ADD COLUMN expires_at_ms bigint;
+CREATE INDEX mailroom_messages_expires ON mailroom_messages (expires_at_ms)
+    WHERE expires_at_ms IS NOT NULL;
+"#,
+    ),
+    (
+        8,
         // A whole enqueue batch in one statement (one round trip, one commit): lock the
         // batch's connections, read their counters and dedup records, check the routes asked
         // for, decide each message in input order as `commit_batch` did in Rust, insert the
@@ -226,7 +236,7 @@ CREATE INDEX mailroom_push_windows_due ON mailroom_push_windows (trailing_due_ms
         // trigger (older nodes insert without this function). Arguments: the batch's
         // connections (sorted, distinct) and their advisory lock keys (sorted, distinct); per
         // message its connection (index into `conns`, from 1), recipient key, payload,
-        // received time, dedup key (or NULL), dedup group (index of its (connection, dedup
+        // received time, sender's expiry (or NULL), dedup key (or NULL), dedup group (index of its (connection, dedup
         // key) among the batch's, from 1; 0 without a key), limits and whether its recipient
         // key must still route to its connection. Outcomes: 0 queued, 1 duplicate of a stored
         // message, 2 duplicate of a message of this batch, 3 queue full (`o_n`, `o_b`: what
@@ -234,7 +244,7 @@ CREATE INDEX mailroom_push_windows_due ON mailroom_push_windows (trailing_due_ms
         r#"
 CREATE FUNCTION mailroom_enqueue(
     conns text[], locks int4[], m_conn int4[], m_key text[], m_payload bytea[], m_at int8[],
-    m_dedup bytea[], m_group int4[], m_window int8[], m_max_n int8[], m_max_b int8[],
+    m_exp int8[], m_dedup bytea[], m_group int4[], m_window int8[], m_max_n int8[], m_max_b int8[],
     m_routed boolean[],
     OUT o_id int8[], OUT o_outcome int2[], OUT o_n int8[], OUT o_b int8[])
 LANGUAGE plpgsql AS $$
@@ -308,9 +318,9 @@ BEGIN
             g_last[g] := x;
         END IF;
     END LOOP;
-    INSERT INTO mailroom_messages (id, conn_id, recipient_key, payload, size, received_at_ms)
-        SELECT o_id[u.i], conns[u.c], u.k, u.p, length(u.p), u.at
-        FROM unnest(m_conn, m_key, m_payload, m_at) WITH ORDINALITY u(c, k, p, at, i)
+    INSERT INTO mailroom_messages (id, conn_id, recipient_key, payload, size, received_at_ms, expires_at_ms)
+        SELECT o_id[u.i], conns[u.c], u.k, u.p, length(u.p), u.at, u.exp
+        FROM unnest(m_conn, m_key, m_payload, m_at, m_exp) WITH ORDINALITY u(c, k, p, at, exp, i)
         WHERE o_outcome[u.i] = 0;
     -- The latest queued copy of each (connection, dedup key).
     INSERT INTO mailroom_dedup (conn_id, key, msg_id, received_at_ms)
@@ -488,8 +498,9 @@ impl PgStore {
         if !storable(conn) || !recipient_key.is_none_or(storable) {
             return Ok(QueueStats::default());
         }
-        const COLUMNS: &str = "SELECT count(*) FILTER (WHERE lease_until_ms <= $2), \
-                 count(*) FILTER (WHERE lease_until_ms > $2), \
+        const COLUMNS: &str = "SELECT \
+                 count(*) FILTER (WHERE lease_until_ms <= $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
+                 count(*) FILTER (WHERE lease_until_ms > $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
                  coalesce(sum(size), 0)::int8, min(received_at_ms) \
                  FROM mailroom_messages WHERE conn_id = $1";
         let c = self.client().await?;
@@ -709,6 +720,7 @@ async fn lease_batch(pool: &Pool, batch: &[LeaseReq]) -> StoreResult<Vec<Vec<Que
                  SELECT m.id FROM mailroom_messages m \
                  WHERE m.conn_id = req.conn AND m.lease_until_ms <= req.now_ms \
                    AND (req.key IS NULL OR m.recipient_key = req.key) \
+                   AND (m.expires_at_ms IS NULL OR m.expires_at_ms > req.now_ms) \
                  ORDER BY m.id LIMIT req.lim FOR UPDATE SKIP LOCKED) p) \
              UPDATE mailroom_messages m \
              SET lease_until_ms = picked.until_ms, lease_owner = picked.owner, attempts = m.attempts + 1 \
@@ -755,7 +767,7 @@ async fn lease_batch(pool: &Pool, batch: &[LeaseReq]) -> StoreResult<Vec<Vec<Que
     Ok(out)
 }
 
-/// A whole batch in one statement, `mailroom_enqueue` (migration 7), run outside an explicit
+/// A whole batch in one statement, `mailroom_enqueue` (migration 8), run outside an explicit
 /// transaction: one round trip and one commit for every request waiting. Input the store
 /// cannot hold is refused here, alone; the function decides the rest.
 async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<StoreResult<Enqueued>>>> {
@@ -794,6 +806,7 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
+    let mut m_exp: Vec<Option<i64>> = Vec::with_capacity(n);
     let (mut m_dedup, mut m_group, mut m_window) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     let (mut m_max_n, mut m_max_b, mut m_routed) =
@@ -805,6 +818,7 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
         m_key.push(m.recipient_key.as_str());
         m_payload.push(m.payload.as_slice());
         m_at.push(m.received_at_ms);
+        m_exp.push(m.expires_at_ms);
         m_dedup.push(m.dedup_key.map(|k| k.to_vec()));
         m_group.push(match m.dedup_key {
             Some(k) => {
@@ -820,11 +834,11 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
     }
     let client = pool.get().await.map_err(pool_err)?;
     let q = client
-        .prepare_cached("SELECT * FROM mailroom_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
+        .prepare_cached("SELECT * FROM mailroom_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)")
         .await
         .map_err(pg_err)?;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
-        &conns, &locks, &m_conn, &m_key, &m_payload, &m_at, &m_dedup, &m_group, &m_window, &m_max_n, &m_max_b,
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
+        &conns, &locks, &m_conn, &m_key, &m_payload, &m_at, &m_exp, &m_dedup, &m_group, &m_window, &m_max_n, &m_max_b,
         &m_routed,
     ];
     let mut tries = 1;
@@ -1344,7 +1358,8 @@ impl Store for PgStore {
         let q = c
             .prepare_cached(
                 "SELECT DISTINCT conn_id FROM mailroom_messages \
-                 WHERE lease_until_ms <= $1 AND conn_id > $2 ORDER BY conn_id LIMIT $3",
+                 WHERE lease_until_ms <= $1 AND conn_id > $2 \
+                   AND (expires_at_ms IS NULL OR expires_at_ms > $1) ORDER BY conn_id LIMIT $3",
             )
             .await
             .map_err(pg_err)?;
@@ -1367,7 +1382,8 @@ impl Store for PgStore {
         let q = c
             .prepare_cached(
                 "SELECT DISTINCT conn_id FROM mailroom_messages \
-                 WHERE conn_id = ANY($1) AND lease_until_ms <= $2",
+                 WHERE conn_id = ANY($1) AND lease_until_ms <= $2 \
+                   AND (expires_at_ms IS NULL OR expires_at_ms > $2)",
             )
             .await
             .map_err(pg_err)?;
@@ -1416,6 +1432,18 @@ impl Store for PgStore {
         )
         .await?;
         Ok(n)
+    }
+
+    async fn expire_due(&self, now_ms: i64, max: usize) -> StoreResult<u64> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        // As `expire`: rows locked right now go at the next call.
+        self.execute_retrying(
+            "DELETE FROM mailroom_messages WHERE id IN ( \
+               SELECT id FROM mailroom_messages WHERE expires_at_ms <= $1 \
+               ORDER BY expires_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&now_ms, &max],
+        )
+        .await
     }
 
     async fn oldest_received_ms(&self) -> StoreResult<Option<i64>> {
