@@ -473,7 +473,7 @@ impl PgStore {
         until_ms: i64,
     ) -> StoreResult<Vec<QueuedMessage>> {
         check_storable("lease owner", owner)?;
-        if !storable(conn) || !recipient_key.is_none_or(storable) || max == 0 {
+        if !storable(conn) || !recipient_key.map_or(true, storable) || max == 0 {
             return Ok(Vec::new());
         }
         let (reply, rx) = oneshot::channel();
@@ -495,7 +495,7 @@ impl PgStore {
     /// `queue_stats` and `queue_stats_for_key`. The unfiltered statement stays its own text
     /// (its plan does not carry the key filter).
     async fn stats_filtered(&self, conn: &str, recipient_key: Option<&str>, now_ms: i64) -> StoreResult<QueueStats> {
-        if !storable(conn) || !recipient_key.is_none_or(storable) {
+        if !storable(conn) || !recipient_key.map_or(true, storable) {
             return Ok(QueueStats::default());
         }
         const COLUMNS: &str = "SELECT \
