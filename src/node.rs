@@ -116,6 +116,9 @@ pub async fn run(
         None => open_store(&cfg).await?,
     };
     let store = crate::store::metered::Metered::wrap(store, metrics.store_latency.clone());
+    // Routes cached on this node; peers' keylist removals reach it as cluster frames.
+    let routes = crate::store::route_cache::RouteCache::wrap(store);
+    let store: Arc<dyn Store> = routes.clone();
     let candidate = MediatorKeys::generate().to_identity(now_ms());
     let identity = store.identity_get_or_create(candidate).await?;
     let keys = MediatorKeys::from_identity(&identity).map_err(anyhow::Error::msg)?;
@@ -134,6 +137,12 @@ pub async fn run(
         }
         None => None,
     };
+    if let Some(c) = &cluster {
+        let c = c.clone();
+        routes.set_publisher(Box::new(move |conn, keys| {
+            c.routes_changed(conn, keys);
+        }));
+    }
     let registry = Registry::new(cluster.clone()).start();
     let shared = Arc::new(Shared::new(
         mediator.clone(),
@@ -165,6 +174,7 @@ pub async fn run(
     // Notifications from peers wake local sessions; the store holds the messages.
     {
         let shared = shared.clone();
+        let routes = routes.clone();
         actix_rt::spawn(async move {
             while let Some(ev) = events_rx.recv().await {
                 match ev {
@@ -182,6 +192,7 @@ pub async fn run(
                         tracing::debug!(connection = %conn, to = %node, "session moved");
                         let _ = shared.registry.send(SessionMoved { conn }).await;
                     }
+                    ClusterEvent::RoutesChanged { conn, keys } => routes.forget(&conn, &keys),
                     ClusterEvent::CloseSessions { conn, reason } => {
                         let _ = shared
                             .registry

@@ -291,3 +291,70 @@ async fn a_node_added_by_reload_gets_notifications() {
     assert_eq!(st, 400);
     assert!(peer_connected(&nodes[0], "n4").await);
 }
+
+/// `RoutesChanged` frames this node received (cluster counters).
+async fn routes_changed_received(n: &RunningNode) -> u64 {
+    cluster_json(n).await["cluster"]["counters"]["routes_changed_received"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Routes are cached on each node. A key removed through one node is forgotten by the other
+/// (a `RoutesChanged` frame), and a forward right after the removal queues nothing for the
+/// connection that lost it. A route a node keeps because it never heard of a removal (made in
+/// the store directly, no frame) still queues nothing: the store checks the route when it
+/// queues.
+#[actix_rt::test]
+async fn a_removed_key_is_never_routed_to_its_old_connection_from_any_node() {
+    let db = FreshDb::create().await;
+    let (cfg, ls) = bind_cluster(2, &db.url, NO_SWEEP);
+    let store = open_shared_store(&cfg).await;
+    let mut ls = ls.into_iter();
+    let n1 = start_node(&cfg, "n1", ls.next().unwrap(), &store, None);
+    let n2 = start_node(&cfg, "n2", ls.next().unwrap(), &store, None);
+    for (n, p) in [(&n1, "n2"), (&n2, "n1")] {
+        eventually("cluster links up", || async {
+            peer_connected(n, p).await.then_some(())
+        })
+        .await;
+    }
+    let inv = invitation(&n1).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let conn = a_connection_id(&n1).await;
+    let routing = a.grant.clone().unwrap().routing_keys;
+    // n2 looks the route up and caches it.
+    assert_eq!(forward_via(&n2, &routing, &k, "before").await, 202);
+    assert_eq!(queue_depth(&n2).await, 1);
+
+    // Removed through n1: n2 is told, and a forward on n2 right away finds no route.
+    let heard = routes_changed_received(&n2).await;
+    a.keylist_update(&[], &[k.verkey()]).await.unwrap();
+    assert_eq!(forward_via(&n2, &routing, &k, "after removal").await, 404);
+    assert_eq!(queue_depth(&n2).await, 1, "nothing queued for the old connection");
+    eventually("n2 heard of the removal", || async {
+        (routes_changed_received(&n2).await > heard).then_some(())
+    })
+    .await;
+
+    // A route n2 caches again, then removed behind every node's back: still refused.
+    let key = k.verkey();
+    let shared = store.clone();
+    let (c, kk) = (conn.clone(), key.clone());
+    background_runtime()
+        .spawn(async move { shared.update_keys(&c, &[kk], &[]).await })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(forward_via(&n2, &routing, &k, "re-added").await, 202);
+    assert_eq!(queue_depth(&n2).await, 2);
+    let shared = store.clone();
+    background_runtime()
+        .spawn(async move { shared.update_keys(&conn, &[], &[key]).await })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(forward_via(&n2, &routing, &k, "stale route").await, 404);
+    assert_eq!(queue_depth(&n2).await, 2, "nothing queued through the stale route");
+    drop((n1, n2));
+    let _ = db;
+}

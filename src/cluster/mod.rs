@@ -232,6 +232,11 @@ pub enum ClusterEvent {
         conn: String,
         reason: String,
     },
+    /// A peer removed routing `keys` of `conn` (all of them when empty): forget cached routes.
+    RoutesChanged {
+        conn: String,
+        keys: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -364,6 +369,16 @@ impl ClusterHandle {
         self.shared.broadcast_close(proto::Frame::CloseSessions {
             conn: conn.to_string(),
             reason: reason.to_string(),
+        })
+    }
+
+    /// Tells every connected peer that `conn` lost routing `keys` (all of its keys when
+    /// empty), so their route caches forget them. Best effort: a peer that misses it finds out
+    /// when its stale route is refused at queue time.
+    pub fn routes_changed(&self, conn: &str, keys: &[String]) -> Vec<String> {
+        self.shared.broadcast(&proto::Frame::RoutesChanged {
+            conn: conn.to_string(),
+            keys: keys.to_vec(),
         })
     }
 

@@ -66,6 +66,7 @@ pub(crate) struct Counters {
     pub version_mismatches: AtomicU64,
     pub queue_drops: AtomicU64,
     pub events_dropped: AtomicU64,
+    pub routes_changed_received: AtomicU64,
 }
 
 /// A snapshot of [`Counters`] for status output.
@@ -84,6 +85,8 @@ pub struct CounterSnapshot {
     pub queue_drops: u64,
     /// `ClusterEvent::MessageQueued` dropped because the node's event channel was full.
     pub events_dropped: u64,
+    /// `RoutesChanged` frames received (peers' keylist removals: cached routes forgotten).
+    pub routes_changed_received: u64,
 }
 
 impl Counters {
@@ -98,6 +101,7 @@ impl Counters {
             version_mismatches: g(&self.version_mismatches),
             queue_drops: g(&self.queue_drops),
             events_dropped: g(&self.events_dropped),
+            routes_changed_received: g(&self.routes_changed_received),
         }
     }
 }
@@ -443,6 +447,13 @@ impl Shared {
         }
         st.recent_closes.push_back((now, frame.clone()));
         Self::queue_on_links(&st, &frame)
+    }
+
+    /// Queues `frame` on every open link, once (a hint: a peer without a link now misses
+    /// it); returns the peers it was queued for.
+    pub fn broadcast(&self, frame: &Frame) -> Vec<String> {
+        let st = self.state.lock();
+        Self::queue_on_links(&st, frame)
     }
 
     /// Queues `frame` on every open link; returns the peers it was queued for.
@@ -883,6 +894,10 @@ async fn read_loop(
             }
             Frame::CloseSessions { conn, reason } => {
                 shared.emit(ClusterEvent::CloseSessions { conn, reason });
+            }
+            Frame::RoutesChanged { conn, keys } => {
+                bump(&shared.counters.routes_changed_received);
+                shared.emit(ClusterEvent::RoutesChanged { conn, keys });
             }
             Frame::Leave => {
                 let fx = st.members.handle(

@@ -89,6 +89,10 @@ pub enum Frame {
     /// the receiver holds, telling the wallet `reason`. Sent to every peer, not only the
     /// owner the sender knows of, so a directory out of date misses none.
     CloseSessions { conn: String, reason: String },
+    /// `conn` no longer holds the routing `keys` (every key it held, when `keys` is empty: the
+    /// connection was removed): forget cached routes of them. Only a cache hint, sent to every
+    /// peer: the store stays the truth, and a forward checks its route when it queues.
+    RoutesChanged { conn: String, keys: Vec<String> },
 }
 
 impl Frame {
@@ -109,6 +113,7 @@ impl Frame {
             Frame::Leave => "leave",
             Frame::Noise { .. } => "noise",
             Frame::CloseSessions { .. } => "close-sessions",
+            Frame::RoutesChanged { .. } => "routes-changed",
         }
     }
 }
@@ -255,6 +260,25 @@ mod tests {
     }
 
     #[test]
+    fn fixed_bytes_routes_changed() {
+        // Appended after CloseSessions (index 12): earlier frames keep their bytes.
+        assert_eq!(
+            bytes(&Frame::RoutesChanged {
+                conn: "c".into(),
+                keys: vec!["k1".into(), "k".into()]
+            }),
+            vec![13, 1, b'c', 2, 2, b'k', b'1', 1, b'k']
+        );
+        assert_eq!(
+            bytes(&Frame::RoutesChanged {
+                conn: "c".into(),
+                keys: vec![]
+            }),
+            vec![13, 1, b'c', 0]
+        );
+    }
+
+    #[test]
     fn trailing_bytes_refused() {
         let mut b = bytes(&Frame::Leave);
         b.push(0);
@@ -305,6 +329,8 @@ mod tests {
             )
                 .prop_map(|(claims, last)| Frame::Resync { claims, last }),
             arb_string().prop_map(|conn| Frame::Queued { conn }),
+            (arb_string(), proptest::collection::vec(arb_string(), 0..8))
+                .prop_map(|(conn, keys)| Frame::RoutesChanged { conn, keys }),
             Just(Frame::Welcome),
             Just(Frame::Leave),
             proptest::collection::vec(any::<u8>(), 0..64).prop_map(|msg| Frame::Noise { msg }),

@@ -3,7 +3,7 @@
 
 use super::{now_ms, ForwardResult, HandleError, Inbound, Mediator, Outcome};
 use crate::didcomm::keys::normalize_verkey;
-use crate::store::NewMessage;
+use crate::store::{NewMessage, StoreError};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -23,29 +23,37 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
             ))
         }
     };
-    let conn = m
-        .store
-        .route(&to)
-        .await?
-        .ok_or_else(|| HandleError::UnknownRecipient(to.clone()))?;
     let dedup: [u8; 32] = Sha256::digest(&payload).into();
-    let mut results = m
-        .store
-        .enqueue(
-            vec![NewMessage {
-                connection: conn.clone(),
-                recipient_key: to,
-                payload,
-                received_at_ms: now_ms(),
-                dedup_key: Some(dedup),
-                expires_at_ms: None,
-            }],
-            &m.limits,
-        )
-        .await?;
-    let enq = results
-        .pop()
-        .ok_or_else(|| HandleError::Internal("enqueue returned no result".into()))??;
+    let received_at_ms = now_ms();
+    // The route may come from the node's cache: the store refuses it (`NoRoute`) if the key
+    // left that connection meanwhile, and the cache then forgets it, so the second lookup
+    // reads the store. Two refusals in a row: the key is changing right now; no route.
+    let mut tries = 0;
+    let (conn, enq) = loop {
+        tries += 1;
+        let conn = m
+            .store
+            .route(&to)
+            .await?
+            .ok_or_else(|| HandleError::UnknownRecipient(to.clone()))?;
+        let msg = NewMessage {
+            connection: conn.clone(),
+            recipient_key: to.clone(),
+            payload: payload.clone(),
+            received_at_ms,
+            dedup_key: Some(dedup),
+            expires_at_ms: None,
+        };
+        let mut results = m.store.enqueue_routed(vec![msg], &m.limits).await?;
+        match results
+            .pop()
+            .ok_or_else(|| HandleError::Internal("enqueue returned no result".into()))?
+        {
+            Err(StoreError::NoRoute) if tries < 2 => continue,
+            Err(StoreError::NoRoute) => return Err(HandleError::UnknownRecipient(to)),
+            r => break (conn, r?),
+        }
+    };
     Ok(Outcome {
         forward: Some(ForwardResult::Queued {
             duplicate: enq.duplicate,

@@ -799,6 +799,224 @@ pub async fn queue_limits(b: Arc<dyn Backend>) {
     assert_eq!((st.pending, st.bytes), (2, 100));
 }
 
+/// One batch (one call, and forwards arriving at once from many callers) is decided message
+/// by message in input order: dedup within the batch and against earlier batches, the limits
+/// of each connection counting what the batch already queued for it, and a message refused by
+/// a limit refusing only itself.
+pub async fn batch_decides_each_message_in_order(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let a = new_conn(&s).await;
+    let other = new_conn(&s).await;
+    let lim = EnqueueLimits {
+        max_messages: 3,
+        max_bytes: 100,
+        dedup_window_ms: 60_000,
+    };
+    let p = |n: usize| "z".repeat(n);
+    let r = s
+        .enqueue(
+            vec![
+                dmsg(&a, &p(10), T0, 1),     // 0: queued
+                dmsg(&a, &p(10), T0 + 1, 1), // 1: duplicate of 0, in the same batch
+                msg(&other, &p(90), T0),     // 2: queued (its own connection's limits)
+                msg(&a, &p(95), T0),         // 3: over a's bytes (10 + 95 > 100): refused alone
+                dmsg(&other, &p(10), T0, 1), // 4: same dedup key, other connection: queued
+                msg(&a, &p(10), T0),         // 5: queued: the refused 3 does not count
+                msg(&a, &p(10), T0),         // 6: queued: a holds 3 now
+                msg(&a, &p(1), T0),          // 7: over a's count
+            ],
+            &lim,
+        )
+        .await
+        .unwrap();
+    let e = |i: usize| -> Enqueued { *r[i].as_ref().unwrap_or_else(|e| panic!("message {i}: {e:?}")) };
+    assert!(!e(0).duplicate);
+    assert_eq!(
+        e(1),
+        Enqueued {
+            id: e(0).id,
+            duplicate: true
+        }
+    );
+    assert!(!e(2).duplicate && !e(4).duplicate && !e(5).duplicate && !e(6).duplicate);
+    assert!(
+        matches!(r[3], Err(StoreError::QueueFull { pending: 1, bytes: 10 })),
+        "{:?}",
+        r[3]
+    );
+    assert!(
+        matches!(r[7], Err(StoreError::QueueFull { pending: 3, bytes: 30 })),
+        "{:?}",
+        r[7]
+    );
+    let ids_a = [e(0).id, e(5).id, e(6).id];
+    assert!(
+        ids_a.windows(2).all(|w| w[0] < w[1]),
+        "ids follow input order: {ids_a:?}"
+    );
+    let st = s.queue_stats(&a, T0).await.unwrap();
+    assert_eq!((st.pending, st.bytes), (3, 30));
+    let st = s.queue_stats(&other, T0).await.unwrap();
+    assert_eq!((st.pending, st.bytes), (2, 100));
+
+    // A later batch: the duplicate is answered although a is full; a new message is refused.
+    let r = s
+        .enqueue(vec![dmsg(&a, &p(10), T0 + 2, 1), msg(&a, &p(1), T0)], &lim)
+        .await
+        .unwrap();
+    assert_eq!(
+        *r[0].as_ref().unwrap(),
+        Enqueued {
+            id: e(0).id,
+            duplicate: true
+        }
+    );
+    assert!(
+        matches!(r[1], Err(StoreError::QueueFull { pending: 3, .. })),
+        "{:?}",
+        r[1]
+    );
+
+    // Forwards arriving at once from many callers (one batch or several): the limit holds per
+    // connection, one copy of a payload is queued, and the others are unaffected.
+    let c = new_conn(&s).await;
+    let d = new_conn(&s).await;
+    let e = new_conn(&s).await;
+    let lim = EnqueueLimits {
+        max_messages: 5,
+        max_bytes: u64::MAX,
+        dedup_window_ms: 60_000,
+    };
+    let mut msgs = Vec::new();
+    for i in 0..8 {
+        msgs.push(msg(&c, &format!("c{i}"), T0)); // 5 fit
+        msgs.push(dmsg(&e, "same", T0, 9)); // one copy
+        if i < 4 {
+            msgs.push(msg(&d, &format!("d{i}"), T0)); // all fit
+        }
+    }
+    let tasks: Vec<_> = msgs
+        .into_iter()
+        .map(|m| {
+            let s = s.clone();
+            let conn = m.connection.clone();
+            tokio::spawn(async move { (conn, s.enqueue(vec![m], &lim).await.unwrap().remove(0)) })
+        })
+        .collect();
+    let mut outcomes: Vec<(String, StoreResult<Enqueued>)> = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    let of = |conn: &str| -> Vec<&StoreResult<Enqueued>> {
+        outcomes.iter().filter(|(c, _)| c == conn).map(|(_, r)| r).collect()
+    };
+    let full = |r: &&&StoreResult<Enqueued>| matches!(r, Err(StoreError::QueueFull { pending: 5, .. }));
+    assert_eq!(of(&c).iter().filter(|r| r.is_ok()).count(), 5, "{:?}", of(&c));
+    assert_eq!(of(&c).iter().filter(full).count(), 3, "{:?}", of(&c));
+    assert!(
+        of(&d).iter().all(|r| matches!(r, Ok(e) if !e.duplicate)),
+        "{:?}",
+        of(&d)
+    );
+    let same: Vec<Enqueued> = of(&e).iter().map(|r| *r.as_ref().unwrap()).collect();
+    assert_eq!(same.iter().filter(|e| !e.duplicate).count(), 1, "{same:?}");
+    assert!(same.iter().all(|x| x.id == same[0].id), "{same:?}");
+    assert_eq!(s.queue_stats(&c, T0).await.unwrap().pending, 5);
+    assert_eq!(s.queue_stats(&d, T0).await.unwrap().pending, 4);
+    assert_eq!(s.queue_stats(&e, T0).await.unwrap().pending, 1);
+}
+
+/// `enqueue_routed` queues only while the recipient key routes to the message's connection:
+/// a key removed or moved since the route was read (a stale cache) queues nothing for the
+/// connection that no longer holds it.
+pub async fn routed_enqueue_checks_the_route(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let d = new_conn(&s).await;
+    let k = format!("key-{}", new_id());
+    let rmsg = |conn: &str, p: &str| NewMessage {
+        recipient_key: k.clone(),
+        ..msg(conn, p, T0)
+    };
+    s.update_keys(&c, std::slice::from_ref(&k), &[]).await.unwrap();
+    let lim = EnqueueLimits::UNLIMITED;
+    let r = s
+        .enqueue_routed(vec![rmsg(&c, "m1"), msg(&c, "no key", T0), rmsg(&d, "not d's")], &lim)
+        .await
+        .unwrap();
+    assert!(r[0].is_ok(), "{:?}", r[0]);
+    assert!(matches!(r[1], Err(StoreError::NoRoute)), "{:?}", r[1]);
+    assert!(matches!(r[2], Err(StoreError::NoRoute)), "{:?}", r[2]);
+    // Plain enqueue does not look at routes.
+    assert!(s.enqueue(vec![msg(&c, "no key", T0)], &lim).await.unwrap()[0].is_ok());
+
+    s.update_keys(&c, &[], std::slice::from_ref(&k)).await.unwrap();
+    let r = s.enqueue_routed(vec![rmsg(&c, "after removal")], &lim).await.unwrap();
+    assert!(matches!(r[0], Err(StoreError::NoRoute)), "{:?}", r[0]);
+    assert_eq!(s.queue_stats(&c, T0).await.unwrap().pending, 2, "nothing queued for c");
+
+    // Moved to d: queued for d only.
+    s.update_keys(&d, std::slice::from_ref(&k), &[]).await.unwrap();
+    let r = s
+        .enqueue_routed(vec![rmsg(&c, "stale"), rmsg(&d, "fresh")], &lim)
+        .await
+        .unwrap();
+    assert!(matches!(r[0], Err(StoreError::NoRoute)), "{:?}", r[0]);
+    assert!(r[1].is_ok(), "{:?}", r[1]);
+    assert_eq!(s.queue_stats(&c, T0).await.unwrap().pending, 2);
+    assert_eq!(s.queue_stats(&d, T0).await.unwrap().pending, 1);
+}
+
+/// Leases of many connections asked at once (PostgreSQL serves them in one statement): each
+/// caller gets its own connection's messages, filtered by its key when it gave one, oldest
+/// first, and never a message another caller got.
+pub async fn concurrent_leases_of_many_connections(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let mut conns = Vec::new();
+    for _ in 0..24 {
+        let c = new_conn(&s).await;
+        let m = |p: &str, key: &str| NewMessage {
+            recipient_key: key.to_owned(),
+            ..msg(&c, p, T0)
+        };
+        enqueue_ok(&s, vec![m("a1", "A"), m("b1", "B"), m("a2", "A")]).await;
+        conns.push(c);
+    }
+    let tasks: Vec<_> = conns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let (s, c) = (s.clone(), c.clone());
+            tokio::spawn(async move {
+                let owner = format!("owner-{i}");
+                let got = if i % 2 == 0 {
+                    s.lease(&c, 10, &owner, T0, T0 + 1000).await.unwrap()
+                } else {
+                    s.lease_for_key(&c, "A", 10, &owner, T0, T0 + 1000).await.unwrap()
+                };
+                (i, c, got)
+            })
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    for t in tasks {
+        let (i, c, got) = t.await.unwrap();
+        let payloads: Vec<&[u8]> = got.iter().map(|m| m.payload.as_slice()).collect();
+        if i % 2 == 0 {
+            assert_eq!(payloads, vec![&b"a1"[..], b"b1", b"a2"], "caller {i}");
+        } else {
+            assert_eq!(payloads, vec![&b"a1"[..], b"a2"], "caller {i} (key A)");
+        }
+        for m in &got {
+            assert_eq!(m.connection, c, "caller {i} got another connection's message");
+            assert_eq!(m.attempts, 1);
+            assert!(seen.insert(m.id), "message {} leased twice", m.id);
+        }
+        let st = s.queue_stats(&c, T0).await.unwrap();
+        assert_eq!((st.pending, st.leased), (3 - got.len() as u64, got.len() as u64));
+    }
+}
+
 pub async fn dedup_window(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let c = new_conn(&s).await;
@@ -1916,6 +2134,18 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn queue_limits() {
                 backend::run(super::queue_limits).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn batch_decides_each_message_in_order() {
+                backend::run(super::batch_decides_each_message_in_order).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn routed_enqueue_checks_the_route() {
+                backend::run(super::routed_enqueue_checks_the_route).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_leases_of_many_connections() {
+                backend::run(super::concurrent_leases_of_many_connections).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn dedup_window() {

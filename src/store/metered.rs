@@ -107,6 +107,13 @@ impl Store for Metered {
     async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
         self.timed("enqueue", self.inner.enqueue(msgs, limits)).await
     }
+    async fn enqueue_routed(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        self.timed("enqueue", self.inner.enqueue_routed(msgs, limits)).await
+    }
     async fn lease(
         &self,
         conn: &str,

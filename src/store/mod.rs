@@ -16,9 +16,11 @@
 //! # Write path and group commit
 //! `enqueue` returns only when its messages are durable. Both backends funnel enqueues through
 //! one writer (a thread for sled, a task for PostgreSQL) that drains every request waiting in
-//! its channel, writes them together and makes them durable once (one `fsync` for sled, one
-//! `COMMIT` of a multi-row insert for PostgreSQL), then answers every caller. Concurrent callers
-//! therefore share the cost of durability.
+//! its channel, writes them together and makes them durable once (one `fsync` for sled; for
+//! PostgreSQL one statement, `mailroom_enqueue`, that locks, checks dedup, limits and routes,
+//! inserts and commits the whole batch), then answers every caller. Concurrent callers
+//! therefore share the cost of durability. A failed batch fails each of its callers (the outer
+//! `Err`): none is told its message is queued.
 //!
 //! Measured on the 2-core development machine (shared, load average ~6 during the runs), each
 //! caller enqueueing one ~40-byte message per call and waiting for durability:
@@ -56,8 +58,10 @@
 //!   ([`StoreError::KeyTaken`]), so [`Store::connection_by_their_verkey`] is unambiguous.
 //! - `enqueue` does not check that the connection exists (the caller routed to it).
 //! - Durability beyond `enqueue`: connection, key and identity writes are durable when they
-//!   return. `lease`, `ack` and `release` are not flushed one by one on sled (PostgreSQL commits
-//!   each): after a crash an acknowledged message may come back (at-least-once, never a loss).
+//!   return. `lease`, `ack` and `release` are not flushed one by one on sled; PostgreSQL commits
+//!   each `ack` and `release`, and leases every lease request waiting (of many connections) in
+//!   one statement whose commit does not wait for the WAL flush. After a crash an acknowledged
+//!   message may come back, and a leased one may be pending again (at-least-once, never a loss).
 //! - sled keeps leases in memory only: after a restart every message is pending. PostgreSQL
 //!   keeps them on the row until they run out or their owner releases them.
 //! - A message with `expires_at_ms <= now` (the sender's expiry, [`NewMessage::expires_at_ms`])
@@ -71,6 +75,7 @@ use serde::{Deserialize, Serialize};
 mod conformance;
 pub mod metered;
 pub mod postgres;
+pub mod route_cache;
 pub mod sled_store;
 
 pub use postgres::PgStore;
@@ -309,6 +314,10 @@ pub enum StoreError {
     /// The connection (or other named object) does not exist.
     #[error("not found")]
     NotFound,
+    /// [`Store::enqueue_routed`]: the message's recipient key no longer routes to the
+    /// connection it was sent for; nothing was queued.
+    #[error("no route: the recipient key is no longer registered by that connection")]
+    NoRoute,
     #[error("conflict: {0}")]
     Conflict(String),
     /// A peer key of the connection being written is held by another connection; nothing
@@ -407,6 +416,17 @@ pub trait Store: Send + Sync + 'static {
     /// in input order: `Ok(Enqueued)` or `Err(QueueFull)`. Every `Ok` is durable when this
     /// returns. The outer `Err` means nothing is known to be durable.
     async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>>;
+    /// As [`Store::enqueue`], for messages whose connection came from [`Store::route`] of
+    /// their `recipient_key` (possibly a cached, stale answer): each is queued only if that key
+    /// is still a routing key of its connection when its batch is decided, else its outcome is
+    /// `Err(StoreError::NoRoute)` and nothing of it is written. A key removed (or moved to
+    /// another connection) before this call started is never queued for its old connection.
+    /// The route is checked before dedup and limits.
+    async fn enqueue_routed(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>>;
 
     /// Leases up to `max` pending messages of `conn`, oldest first, to `owner` until `until_ms`.
     /// Concurrent leasers (tasks or nodes) never get the same message.

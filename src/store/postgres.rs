@@ -19,11 +19,16 @@
 //! `open` creates the database if it does not exist (via the `postgres` maintenance database).
 //!
 //! Write path: enqueues go through a channel to [`WRITER_TASKS`] writer tasks; each drains the
-//! waiting requests into one transaction with multi-row inserts (`unnest` arrays) and one
-//! `COMMIT`, then answers every caller.
+//! waiting requests (at most [`MAX_BATCH_MESSAGES`]) into ONE statement, the server-side
+//! function `mailroom_enqueue` (migration 8) called outside an explicit transaction: it takes
+//! the connections' advisory locks, reads their counters and dedup records, checks the routes
+//! of `enqueue_routed` messages, decides each message in input order, inserts the accepted ones
+//! (`unnest` arrays) and their dedup records; the counter trigger runs inside the same
+//! statement. One round trip and one commit per batch; every caller is answered after that
+//! commit, and a failed batch fails every caller in it.
 //!
 //! Must not: block the runtime (everything is async over a deadpool pool).
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -222,6 +227,109 @@ CREATE INDEX mailroom_messages_expires ON mailroom_messages (expires_at_ms)
     WHERE expires_at_ms IS NOT NULL;
 "#,
     ),
+    (
+        8,
+        // A whole enqueue batch in one statement (one round trip, one commit): lock the
+        // batch's connections, read their counters and dedup records, check the routes asked
+        // for, decide each message in input order as `commit_batch` did in Rust, insert the
+        // accepted ones and their dedup records. The counters still follow from the insert
+        // trigger (older nodes insert without this function). Arguments: the batch's
+        // connections (sorted, distinct) and their advisory lock keys (sorted, distinct); per
+        // message its connection (index into `conns`, from 1), recipient key, payload,
+        // received time, sender's expiry (or NULL), dedup key (or NULL), dedup group (index of its (connection, dedup
+        // key) among the batch's, from 1; 0 without a key), limits and whether its recipient
+        // key must still route to its connection. Outcomes: 0 queued, 1 duplicate of a stored
+        // message, 2 duplicate of a message of this batch, 3 queue full (`o_n`, `o_b`: what
+        // the connection held), 4 no route.
+        r#"
+CREATE FUNCTION mailroom_enqueue(
+    conns text[], locks int4[], m_conn int4[], m_key text[], m_payload bytea[], m_at int8[],
+    m_exp int8[], m_dedup bytea[], m_group int4[], m_window int8[], m_max_n int8[], m_max_b int8[],
+    m_routed boolean[],
+    OUT o_id int8[], OUT o_outcome int2[], OUT o_n int8[], OUT o_b int8[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    cnt int := coalesce(array_length(m_conn, 1), 0);
+    nc int := coalesce(array_length(conns, 1), 0);
+    cn int8[] := array_fill(0::int8, ARRAY[nc]);
+    cb int8[] := array_fill(0::int8, ARRAY[nc]);
+    d_id int8[] := array_fill(NULL::int8, ARRAY[cnt]);
+    d_at int8[] := array_fill(NULL::int8, ARRAY[cnt]);
+    g_last int4[] := array_fill(0, ARRAY[coalesce((SELECT max(g) FROM unnest(m_group) g), 0)]);
+    r record;
+    x int;
+    c int;
+    g int;
+    j int;
+    sz int8;
+BEGIN
+    o_id := array_fill(NULL::int8, ARRAY[cnt]);
+    o_outcome := array_fill(-1::int2, ARRAY[cnt]);
+    o_n := array_fill(NULL::int8, ARRAY[cnt]);
+    o_b := array_fill(NULL::int8, ARRAY[cnt]);
+    PERFORM pg_advisory_xact_lock(1835100524, k) FROM unnest(locks) k;
+    FOR r IN SELECT q.conn_id, q.n, q.bytes FROM mailroom_queue_counts q WHERE q.conn_id = ANY(conns) LOOP
+        j := array_position(conns, r.conn_id);
+        cn[j] := r.n;
+        cb[j] := r.bytes;
+    END LOOP;
+    FOR r IN SELECT u.i, d.msg_id, d.received_at_ms
+             FROM unnest(m_conn, m_dedup) WITH ORDINALITY u(c, k, i)
+             JOIN mailroom_dedup d ON d.conn_id = conns[u.c] AND d.key = u.k
+             WHERE u.k IS NOT NULL LOOP
+        d_id[r.i] := r.msg_id;
+        d_at[r.i] := r.received_at_ms;
+    END LOOP;
+    FOR r IN SELECT u.i FROM unnest(m_conn, m_key, m_routed) WITH ORDINALITY u(c, k, rt, i)
+             WHERE u.rt AND NOT EXISTS (SELECT 1 FROM mailroom_routing_keys rk
+                                        WHERE rk.key = u.k AND rk.conn_id = conns[u.c]) LOOP
+        o_outcome[r.i] := 4;
+    END LOOP;
+    FOR x IN 1..cnt LOOP
+        CONTINUE WHEN o_outcome[x] = 4;
+        c := m_conn[x];
+        g := m_group[x];
+        IF g > 0 AND m_window[x] > 0 THEN
+            j := g_last[g];
+            IF j > 0 THEN
+                IF m_at[j] >= m_at[x] - m_window[x] THEN
+                    o_outcome[x] := 2;
+                    o_id[x] := o_id[j];
+                    CONTINUE;
+                END IF;
+            ELSIF d_id[x] IS NOT NULL AND d_at[x] >= m_at[x] - m_window[x] THEN
+                o_outcome[x] := 1;
+                o_id[x] := d_id[x];
+                CONTINUE;
+            END IF;
+        END IF;
+        sz := length(m_payload[x]);
+        IF cn[c] >= m_max_n[x] OR sz > m_max_b[x] - cb[c] THEN
+            o_outcome[x] := 3;
+            o_n[x] := cn[c];
+            o_b[x] := cb[c];
+            CONTINUE;
+        END IF;
+        cn[c] := cn[c] + 1;
+        cb[c] := cb[c] + sz;
+        o_outcome[x] := 0;
+        o_id[x] := nextval('mailroom_message_ids');
+        IF g > 0 THEN
+            g_last[g] := x;
+        END IF;
+    END LOOP;
+    INSERT INTO mailroom_messages (id, conn_id, recipient_key, payload, size, received_at_ms, expires_at_ms)
+        SELECT o_id[u.i], conns[u.c], u.k, u.p, length(u.p), u.at, u.exp
+        FROM unnest(m_conn, m_key, m_payload, m_at, m_exp) WITH ORDINALITY u(c, k, p, at, exp, i)
+        WHERE o_outcome[u.i] = 0;
+    -- The latest queued copy of each (connection, dedup key).
+    INSERT INTO mailroom_dedup (conn_id, key, msg_id, received_at_ms)
+        SELECT conns[m_conn[l]], m_dedup[l], o_id[l], m_at[l] FROM unnest(g_last) l WHERE l > 0
+        ON CONFLICT (conn_id, key) DO UPDATE
+        SET msg_id = excluded.msg_id, received_at_ms = excluded.received_at_ms;
+END $$;
+"#,
+    ),
 ];
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
@@ -268,13 +376,26 @@ fn lock_key(conn: &str) -> i32 {
 struct EnqueueReq {
     msgs: Vec<NewMessage>,
     limits: EnqueueLimits,
+    /// Queue each message only while its recipient key routes to its connection.
+    routed: bool,
     reply: oneshot::Sender<StoreResult<Vec<StoreResult<Enqueued>>>>,
+}
+
+struct LeaseReq {
+    conn: String,
+    key: Option<String>,
+    max: i64,
+    owner: String,
+    now_ms: i64,
+    until_ms: i64,
+    reply: oneshot::Sender<StoreResult<Vec<QueuedMessage>>>,
 }
 
 /// The PostgreSQL [`Store`].
 pub struct PgStore {
     pool: Pool,
     tx: mpsc::Sender<EnqueueReq>,
+    lease_tx: mpsc::Sender<LeaseReq>,
 }
 
 impl PgStore {
@@ -312,7 +433,97 @@ impl PgStore {
         for _ in 0..WRITER_TASKS {
             tokio::spawn(writer_task(pool.clone(), rx.clone()));
         }
-        Ok(PgStore { pool, tx })
+        let (lease_tx, lease_rx) = mpsc::channel(WRITER_CHANNEL);
+        tokio::spawn(lease_task(pool.clone(), lease_rx));
+        Ok(PgStore { pool, tx, lease_tx })
+    }
+
+    /// Hands messages to the writer task and waits for their batch to commit.
+    async fn submit(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+        routed: bool,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(EnqueueReq {
+                msgs,
+                limits: *limits,
+                routed,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// `lease` and `lease_for_key`: hands the request to the lease task, which leases every
+    /// request waiting in one statement (see [`lease_task`]).
+    async fn lease_filtered(
+        &self,
+        conn: &str,
+        recipient_key: Option<&str>,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        check_storable("lease owner", owner)?;
+        if !storable(conn) || !recipient_key.map_or(true, storable) || max == 0 {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.lease_tx
+            .send(LeaseReq {
+                conn: conn.to_owned(),
+                key: recipient_key.map(str::to_owned),
+                max: i64::try_from(max).unwrap_or(i64::MAX),
+                owner: owner.to_owned(),
+                now_ms,
+                until_ms,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// `queue_stats` and `queue_stats_for_key`. The unfiltered statement stays its own text
+    /// (its plan does not carry the key filter).
+    async fn stats_filtered(&self, conn: &str, recipient_key: Option<&str>, now_ms: i64) -> StoreResult<QueueStats> {
+        if !storable(conn) || !recipient_key.map_or(true, storable) {
+            return Ok(QueueStats::default());
+        }
+        const COLUMNS: &str = "SELECT \
+                 count(*) FILTER (WHERE lease_until_ms <= $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
+                 count(*) FILTER (WHERE lease_until_ms > $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
+                 coalesce(sum(size), 0)::int8, min(received_at_ms) \
+                 FROM mailroom_messages WHERE conn_id = $1";
+        let c = self.client().await?;
+        let r = match recipient_key {
+            None => {
+                let q = c.prepare_cached(COLUMNS).await.map_err(pg_err)?;
+                c.query_one(&q, &[&conn, &now_ms]).await
+            }
+            Some(key) => {
+                let q = c
+                    .prepare_cached(&format!("{COLUMNS} AND recipient_key = $3"))
+                    .await
+                    .map_err(pg_err)?;
+                c.query_one(&q, &[&conn, &now_ms, &key]).await
+            }
+        }
+        .map_err(pg_err)?;
+        Ok(QueueStats {
+            pending: r.get::<_, i64>(0) as u64,
+            leased: r.get::<_, i64>(1) as u64,
+            bytes: r.get::<_, i64>(2) as u64,
+            oldest_received_ms: r.get(3),
+        })
     }
 
     async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
@@ -443,216 +654,250 @@ async fn writer_task(pool: Pool, rx: Arc<AsyncMutex<mpsc::Receiver<EnqueueReq>>>
     }
 }
 
-/// One transaction for a whole batch: lock the connections, read their counts and dedup
-/// records, decide every message, insert, commit.
-async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<StoreResult<Enqueued>>>> {
-    let mut conns: Vec<&str> = batch
-        .iter()
-        .flat_map(|r| r.msgs.iter().map(|m| m.connection.as_str()))
-        .filter(|c| storable(c))
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    conns.sort_unstable();
-    let mut lock_keys: Vec<i32> = conns.iter().map(|c| lock_key(c)).collect();
-    lock_keys.sort_unstable();
-    lock_keys.dedup();
-    let dedup_keys: Vec<Vec<u8>> = batch
-        .iter()
-        .flat_map(|r| r.msgs.iter().filter_map(|m| m.dedup_key.map(|k| k.to_vec())))
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
+/// Leases every request waiting (at most [`MAX_LEASE_BATCH`], one per connection: a second
+/// request for a connection waits for the next statement) in ONE statement, committed without
+/// waiting for its WAL flush: leases are hints (a lease lost in a crash makes its message
+/// pending again, delivered again: at-least-once, never a loss), so live delivery to many
+/// wallets costs neither a statement nor a flush per wallet.
+async fn lease_task(pool: Pool, mut rx: mpsc::Receiver<LeaseReq>) {
+    let mut waiting: std::collections::VecDeque<LeaseReq> = std::collections::VecDeque::new();
+    loop {
+        if waiting.is_empty() {
+            match rx.recv().await {
+                Some(r) => waiting.push_back(r),
+                None => return,
+            }
+        }
+        while waiting.len() < MAX_LEASE_BATCH * 2 {
+            match rx.try_recv() {
+                Ok(r) => waiting.push_back(r),
+                Err(_) => break,
+            }
+        }
+        let mut batch: Vec<LeaseReq> = Vec::new();
+        let mut later = std::collections::VecDeque::new();
+        let mut conns: std::collections::HashSet<String> = std::collections::HashSet::new();
+        while let Some(r) = waiting.pop_front() {
+            if batch.len() < MAX_LEASE_BATCH && conns.insert(r.conn.clone()) {
+                batch.push(r);
+            } else {
+                later.push_back(r);
+            }
+        }
+        waiting = later;
+        match lease_batch(&pool, &batch).await {
+            Ok(mut out) => {
+                for (req, msgs) in batch.into_iter().zip(out.drain(..)) {
+                    let _ = req.reply.send(Ok(msgs));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "postgres lease batch failed");
+                let msg = e.to_string();
+                for req in batch {
+                    let _ = req.reply.send(Err(StoreError::Unavailable(msg.clone())));
+                }
+            }
+        }
+    }
+}
 
-    let mut client = pool.get().await.map_err(pool_err)?;
-    let tx = client.transaction().await.map_err(pg_err)?;
-    let lock = tx
-        .prepare_cached("SELECT pg_advisory_xact_lock($1, k) FROM (SELECT unnest($2::int4[]) AS k) s")
-        .await
-        .map_err(pg_err)?;
-    tx.execute(&lock, &[&LOCK_NS, &lock_keys]).await.map_err(pg_err)?;
+/// Most lease requests in one statement.
+pub const MAX_LEASE_BATCH: usize = 256;
 
-    let counts_q = tx
-        .prepare_cached("SELECT conn_id, n, bytes FROM mailroom_queue_counts WHERE conn_id = ANY($1)")
-        .await
-        .map_err(pg_err)?;
-    let dedup_q = tx
+async fn lease_batch(pool: &Pool, batch: &[LeaseReq]) -> StoreResult<Vec<Vec<QueuedMessage>>> {
+    let c = pool.get().await.map_err(pool_err)?;
+    // `cfg` runs first (every request row joins it); `set_config(.., true)` lasts until this
+    // statement's own commit, which then does not wait for the flush.
+    let q = c
         .prepare_cached(
-            "SELECT conn_id, key, msg_id, received_at_ms FROM mailroom_dedup \
-             WHERE conn_id = ANY($1) AND key = ANY($2)",
+            "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS v), \
+             req AS ( \
+               SELECT r.* FROM cfg, unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[]) \
+               WITH ORDINALITY AS r(conn, key, lim, now_ms, until_ms, owner, i)), \
+             picked AS ( \
+               SELECT p.id, req.i, req.until_ms, req.owner FROM req CROSS JOIN LATERAL ( \
+                 SELECT m.id FROM mailroom_messages m \
+                 WHERE m.conn_id = req.conn AND m.lease_until_ms <= req.now_ms \
+                   AND (req.key IS NULL OR m.recipient_key = req.key) \
+                   AND (m.expires_at_ms IS NULL OR m.expires_at_ms > req.now_ms) \
+                 ORDER BY m.id LIMIT req.lim FOR UPDATE SKIP LOCKED) p) \
+             UPDATE mailroom_messages m \
+             SET lease_until_ms = picked.until_ms, lease_owner = picked.owner, attempts = m.attempts + 1 \
+             FROM picked WHERE m.id = picked.id \
+             RETURNING picked.i, m.id, m.conn_id, m.recipient_key, m.payload, m.received_at_ms, m.attempts",
         )
         .await
         .map_err(pg_err)?;
-    // Both reads go out in one pipeline.
-    let count_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&conns];
-    let (count_rows, dedup_rows) = tokio::try_join!(tx.query(&counts_q, &count_params), async {
-        if dedup_keys.is_empty() {
-            Ok(Vec::new())
-        } else {
-            tx.query(&dedup_q, &[&conns, &dedup_keys]).await
+    let conns: Vec<&str> = batch.iter().map(|r| r.conn.as_str()).collect();
+    let keys: Vec<Option<&str>> = batch.iter().map(|r| r.key.as_deref()).collect();
+    let lims: Vec<i64> = batch.iter().map(|r| r.max).collect();
+    let nows: Vec<i64> = batch.iter().map(|r| r.now_ms).collect();
+    let untils: Vec<i64> = batch.iter().map(|r| r.until_ms).collect();
+    let owners: Vec<&str> = batch.iter().map(|r| r.owner.as_str()).collect();
+    let mut tries = 1;
+    let rows = loop {
+        match c.query(&q, &[&conns, &keys, &lims, &nows, &untils, &owners]).await {
+            Ok(rows) => break rows,
+            Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+                tracing::warn!(error = %e, "postgres lease batch retried");
+                tries += 1;
+            }
+            Err(e) => return Err(pg_err(e)),
         }
-    })
-    .map_err(pg_err)?;
-    let mut counts: HashMap<String, (u64, u64)> = HashMap::new();
-    for row in count_rows {
-        let c: String = row.get(0);
-        let n: i64 = row.get(1);
-        let b: i64 = row.get(2);
-        counts.insert(c, (n as u64, b as u64));
-    }
-    let mut dedup: HashMap<(String, [u8; 32]), (MessageId, i64)> = HashMap::new();
-    for row in dedup_rows {
-        let c: String = row.get(0);
-        let k: Vec<u8> = row.get(1);
-        let Ok(k) = <[u8; 32]>::try_from(k.as_slice()) else {
-            continue;
+    };
+    let mut out: Vec<Vec<QueuedMessage>> = batch.iter().map(|_| Vec::new()).collect();
+    for r in rows {
+        let i = r.get::<_, i64>(0);
+        let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| out.get_mut(i)) else {
+            return Err(StoreError::Corrupt(format!("postgres: lease row for request {i}")));
         };
-        dedup.insert((c, k), (row.get(2), row.get(3)));
+        slot.push(QueuedMessage {
+            id: r.get(1),
+            connection: r.get(2),
+            recipient_key: r.get(3),
+            payload: r.get(4),
+            received_at_ms: r.get(5),
+            attempts: r.get::<_, i32>(6).max(0) as u32,
+        });
     }
+    for v in &mut out {
+        v.sort_unstable_by_key(|m| m.id);
+    }
+    Ok(out)
+}
 
-    // Decide. Accepted messages get a placeholder id (their index), replaced below.
-    enum Slot {
-        Done(StoreResult<Enqueued>),
-        New(usize),
-        /// Duplicate of a message accepted earlier in this batch.
-        DupOfNew(usize),
-    }
-    let mut slots: Vec<Vec<Slot>> = Vec::with_capacity(batch.len());
-    let mut accepted: Vec<&NewMessage> = Vec::new();
-    let mut local_dedup: HashMap<(&str, [u8; 32]), (usize, i64)> = HashMap::new();
+/// A whole batch in one statement, `mailroom_enqueue` (migration 8), run outside an explicit
+/// transaction: one round trip and one commit for every request waiting. Input the store
+/// cannot hold is refused here, alone; the function decides the rest.
+async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<StoreResult<Enqueued>>>> {
+    let mut slots: Vec<Vec<Option<StoreResult<Enqueued>>>> = Vec::with_capacity(batch.len());
+    let mut sent: Vec<(&NewMessage, &EnqueueReq)> = Vec::new();
     for req in batch {
         let mut out = Vec::with_capacity(req.msgs.len());
         for m in &req.msgs {
-            let conn = m.connection.as_str();
-            if let Err(e) =
-                check_storable("connection id", conn).and_then(|_| check_storable("recipient key", &m.recipient_key))
+            match check_storable("connection id", &m.connection)
+                .and_then(|_| check_storable("recipient key", &m.recipient_key))
             {
-                out.push(Slot::Done(Err(e)));
-                continue;
-            }
-            if let Some(dk) = m.dedup_key {
-                if req.limits.dedup_window_ms > 0 {
-                    let start = m.received_at_ms.saturating_sub(req.limits.dedup_window_ms);
-                    if let Some((i, at)) = local_dedup.get(&(conn, dk)) {
-                        if *at >= start {
-                            out.push(Slot::DupOfNew(*i));
-                            continue;
-                        }
-                    } else if let Some((id, at)) = dedup.get(&(conn.to_owned(), dk)) {
-                        if *at >= start {
-                            out.push(Slot::Done(Ok(Enqueued {
-                                id: *id,
-                                duplicate: true,
-                            })));
-                            continue;
-                        }
-                    }
+                Err(e) => out.push(Some(Err(e))),
+                Ok(()) => {
+                    out.push(None);
+                    sent.push((m, req));
                 }
             }
-            let (n, b) = counts.get(conn).copied().unwrap_or((0, 0));
-            let size = m.payload.len() as u64;
-            if n >= req.limits.max_messages || b.saturating_add(size) > req.limits.max_bytes {
-                out.push(Slot::Done(Err(StoreError::QueueFull { pending: n, bytes: b })));
-                continue;
-            }
-            let e = counts.entry(conn.to_owned()).or_insert((0, 0));
-            e.0 += 1;
-            e.1 += size;
-            if let Some(dk) = m.dedup_key {
-                local_dedup.insert((conn, dk), (accepted.len(), m.received_at_ms));
-            }
-            out.push(Slot::New(accepted.len()));
-            accepted.push(m);
         }
         slots.push(out);
     }
-
-    let mut ids: Vec<MessageId> = Vec::new();
-    if !accepted.is_empty() {
-        let ids_q = tx
-            .prepare_cached("SELECT nextval('mailroom_message_ids') FROM generate_series(1, $1::int8)")
-            .await
-            .map_err(pg_err)?;
-        ids = tx
-            .query(&ids_q, &[&(accepted.len() as i64)])
-            .await
-            .map_err(pg_err)?
-            .iter()
-            .map(|r| r.get::<_, i64>(0))
-            .collect();
-        ids.sort_unstable();
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO mailroom_messages \
-                   (id, conn_id, recipient_key, payload, size, received_at_ms, expires_at_ms) \
-                 SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::bytea[], $5::int8[], $6::int8[], \
-                   $7::int8[])",
-            )
-            .await
-            .map_err(pg_err)?;
-        let c: Vec<&str> = accepted.iter().map(|m| m.connection.as_str()).collect();
-        let rk: Vec<&str> = accepted.iter().map(|m| m.recipient_key.as_str()).collect();
-        let p: Vec<&[u8]> = accepted.iter().map(|m| m.payload.as_slice()).collect();
-        let sz: Vec<i64> = accepted.iter().map(|m| m.payload.len() as i64).collect();
-        let at: Vec<i64> = accepted.iter().map(|m| m.received_at_ms).collect();
-        let exp: Vec<Option<i64>> = accepted.iter().map(|m| m.expires_at_ms).collect();
-        // Dedup records: the latest copy of each (connection, key) in the batch.
-        let mut latest: HashMap<(&str, [u8; 32]), (MessageId, i64)> = HashMap::new();
-        for (i, m) in accepted.iter().enumerate() {
-            if let Some(dk) = m.dedup_key {
-                latest.insert((m.connection.as_str(), dk), (ids[i], m.received_at_ms));
-            }
-        }
-        let upsert = tx
-            .prepare_cached(
-                "INSERT INTO mailroom_dedup (conn_id, key, msg_id, received_at_ms) \
-                     SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::int8[]) \
-                     ON CONFLICT (conn_id, key) DO UPDATE \
-                     SET msg_id = excluded.msg_id, received_at_ms = excluded.received_at_ms",
-            )
-            .await
-            .map_err(pg_err)?;
-        let mut dc = Vec::new();
-        let mut dk = Vec::new();
-        let mut di = Vec::new();
-        let mut da = Vec::new();
-        for ((c, k), (id, at)) in latest {
-            dc.push(c);
-            dk.push(k.to_vec());
-            di.push(id);
-            da.push(at);
-        }
-        // Both writes go out in one pipeline.
-        let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [&ids, &c, &rk, &p, &sz, &at, &exp];
-        tokio::try_join!(tx.execute(&insert, &insert_params), async {
-            if dc.is_empty() {
-                Ok(0)
-            } else {
-                tx.execute(&upsert, &[&dc, &dk, &di, &da]).await
-            }
-        })
-        .map_err(pg_err)?;
+    if sent.is_empty() {
+        return Ok(fill(slots, &mut std::iter::empty()));
     }
-    tx.commit().await.map_err(pg_err)?;
+    let mut conns: Vec<&str> = sent.iter().map(|(m, _)| m.connection.as_str()).collect();
+    conns.sort_unstable();
+    conns.dedup();
+    let mut locks: Vec<i32> = conns.iter().map(|c| lock_key(c)).collect();
+    locks.sort_unstable();
+    locks.dedup();
+    let conn_ix: HashMap<&str, i32> = conns.iter().enumerate().map(|(i, c)| (*c, i as i32 + 1)).collect();
+    let mut groups: HashMap<(&str, [u8; 32]), i32> = HashMap::new();
+    let n = sent.len();
+    let (mut m_conn, mut m_key, mut m_payload, mut m_at) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let mut m_exp: Vec<Option<i64>> = Vec::with_capacity(n);
+    let (mut m_dedup, mut m_group, mut m_window) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut m_max_n, mut m_max_b, mut m_routed) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    for (m, req) in &sent {
+        let c = m.connection.as_str();
+        m_conn.push(conn_ix[c]);
+        m_key.push(m.recipient_key.as_str());
+        m_payload.push(m.payload.as_slice());
+        m_at.push(m.received_at_ms);
+        m_exp.push(m.expires_at_ms);
+        m_dedup.push(m.dedup_key.map(|k| k.to_vec()));
+        m_group.push(match m.dedup_key {
+            Some(k) => {
+                let next = groups.len() as i32 + 1;
+                *groups.entry((c, k)).or_insert(next)
+            }
+            None => 0,
+        });
+        m_window.push(req.limits.dedup_window_ms);
+        m_max_n.push(clamp(req.limits.max_messages));
+        m_max_b.push(clamp(req.limits.max_bytes));
+        m_routed.push(req.routed);
+    }
+    let client = pool.get().await.map_err(pool_err)?;
+    let q = client
+        .prepare_cached("SELECT * FROM mailroom_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)")
+        .await
+        .map_err(pg_err)?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
+        &conns, &locks, &m_conn, &m_key, &m_payload, &m_at, &m_exp, &m_dedup, &m_group, &m_window, &m_max_n, &m_max_b,
+        &m_routed,
+    ];
+    let mut tries = 1;
+    let row = loop {
+        match client.query_one(&q, &params).await {
+            Ok(row) => break row,
+            // The statement is its own transaction: aborted, it left nothing behind.
+            Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+                tracing::warn!(error = %e, "postgres enqueue batch retried");
+                tries += 1;
+            }
+            Err(e) => return Err(pg_err(e)),
+        }
+    };
+    let o_id: Vec<Option<i64>> = row.try_get(0).map_err(pg_err)?;
+    let o_outcome: Vec<i16> = row.try_get(1).map_err(pg_err)?;
+    let o_n: Vec<Option<i64>> = row.try_get(2).map_err(pg_err)?;
+    let o_b: Vec<Option<i64>> = row.try_get(3).map_err(pg_err)?;
+    if o_id.len() != n || o_outcome.len() != n || o_n.len() != n || o_b.len() != n {
+        return Err(StoreError::Corrupt(format!(
+            "postgres: mailroom_enqueue answered {} outcomes for {n} messages",
+            o_outcome.len()
+        )));
+    }
+    let mut outcomes = (0..n).map(|i| {
+        let id = o_id[i].unwrap_or(0);
+        let c = |v: Option<i64>| v.unwrap_or(0).max(0) as u64;
+        match o_outcome[i] {
+            0 => Ok(Enqueued { id, duplicate: false }),
+            1 | 2 => Ok(Enqueued { id, duplicate: true }),
+            3 => Err(StoreError::QueueFull {
+                pending: c(o_n[i]),
+                bytes: c(o_b[i]),
+            }),
+            4 => Err(StoreError::NoRoute),
+            o => Err(StoreError::Corrupt(format!("postgres: mailroom_enqueue outcome {o}"))),
+        }
+    });
+    Ok(fill(slots, &mut outcomes))
+}
 
-    Ok(slots
+/// Puts the function's outcomes, in order, into the slots the Rust checks left open.
+fn fill(
+    slots: Vec<Vec<Option<StoreResult<Enqueued>>>>,
+    outcomes: &mut dyn Iterator<Item = StoreResult<Enqueued>>,
+) -> Vec<Vec<StoreResult<Enqueued>>> {
+    slots
         .into_iter()
         .map(|out| {
             out.into_iter()
                 .map(|s| match s {
-                    Slot::Done(r) => r,
-                    Slot::New(i) => Ok(Enqueued {
-                        id: ids[i],
-                        duplicate: false,
-                    }),
-                    Slot::DupOfNew(i) => Ok(Enqueued {
-                        id: ids[i],
-                        duplicate: true,
-                    }),
+                    Some(r) => r,
+                    None => outcomes
+                        .next()
+                        .unwrap_or_else(|| Err(StoreError::Corrupt("postgres: outcome missing".into()))),
                 })
                 .collect()
         })
-        .collect())
+        .collect()
 }
 
 fn decode_conn(data: &str) -> StoreResult<Connection> {
@@ -998,19 +1243,15 @@ impl Store for PgStore {
     }
 
     async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
-        if msgs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(EnqueueReq {
-                msgs,
-                limits: *limits,
-                reply,
-            })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.submit(msgs, limits, false).await
+    }
+
+    async fn enqueue_routed(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        self.submit(msgs, limits, true).await
     }
 
     async fn lease(
@@ -1021,42 +1262,7 @@ impl Store for PgStore {
         now_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<QueuedMessage>> {
-        check_storable("lease owner", owner)?;
-        if !storable(conn) || max == 0 {
-            return Ok(Vec::new());
-        }
-        let c = self.client().await?;
-        let q = c
-            .prepare_cached(
-                "WITH picked AS ( \
-                   SELECT id FROM mailroom_messages \
-                   WHERE conn_id = $1 AND lease_until_ms <= $2 \
-                     AND (expires_at_ms IS NULL OR expires_at_ms > $2) \
-                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
-                 UPDATE mailroom_messages m \
-                 SET lease_until_ms = $4, lease_owner = $5, attempts = m.attempts + 1 \
-                 FROM picked WHERE m.id = picked.id \
-                 RETURNING m.id, m.recipient_key, m.payload, m.received_at_ms, m.attempts",
-            )
-            .await
-            .map_err(pg_err)?;
-        let max = i64::try_from(max).unwrap_or(i64::MAX);
-        let mut out: Vec<QueuedMessage> = c
-            .query(&q, &[&conn, &now_ms, &max, &until_ms, &owner])
-            .await
-            .map_err(pg_err)?
-            .iter()
-            .map(|r| QueuedMessage {
-                id: r.get(0),
-                connection: conn.to_owned(),
-                recipient_key: r.get(1),
-                payload: r.get(2),
-                received_at_ms: r.get(3),
-                attempts: r.get::<_, i32>(4).max(0) as u32,
-            })
-            .collect();
-        out.sort_unstable_by_key(|m| m.id);
-        Ok(out)
+        self.lease_filtered(conn, None, max, owner, now_ms, until_ms).await
     }
 
     async fn lease_for_key(
@@ -1068,68 +1274,12 @@ impl Store for PgStore {
         now_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<QueuedMessage>> {
-        check_storable("lease owner", owner)?;
-        if !storable(conn) || !storable(recipient_key) || max == 0 {
-            return Ok(Vec::new());
-        }
-        let c = self.client().await?;
-        let q = c
-            .prepare_cached(
-                "WITH picked AS ( \
-                   SELECT id FROM mailroom_messages \
-                   WHERE conn_id = $1 AND lease_until_ms <= $2 AND recipient_key = $6 \
-                     AND (expires_at_ms IS NULL OR expires_at_ms > $2) \
-                   ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
-                 UPDATE mailroom_messages m \
-                 SET lease_until_ms = $4, lease_owner = $5, attempts = m.attempts + 1 \
-                 FROM picked WHERE m.id = picked.id \
-                 RETURNING m.id, m.recipient_key, m.payload, m.received_at_ms, m.attempts",
-            )
+        self.lease_filtered(conn, Some(recipient_key), max, owner, now_ms, until_ms)
             .await
-            .map_err(pg_err)?;
-        let max = i64::try_from(max).unwrap_or(i64::MAX);
-        let mut out: Vec<QueuedMessage> = c
-            .query(&q, &[&conn, &now_ms, &max, &until_ms, &owner, &recipient_key])
-            .await
-            .map_err(pg_err)?
-            .iter()
-            .map(|r| QueuedMessage {
-                id: r.get(0),
-                connection: conn.to_owned(),
-                recipient_key: r.get(1),
-                payload: r.get(2),
-                received_at_ms: r.get(3),
-                attempts: r.get::<_, i32>(4).max(0) as u32,
-            })
-            .collect();
-        out.sort_unstable_by_key(|m| m.id);
-        Ok(out)
     }
 
     async fn queue_stats_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<QueueStats> {
-        if !storable(conn) || !storable(recipient_key) {
-            return Ok(QueueStats::default());
-        }
-        let c = self.client().await?;
-        let q = c
-            .prepare_cached(
-                "SELECT count(*) FILTER (WHERE lease_until_ms <= $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
-                        count(*) FILTER (WHERE lease_until_ms > $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
-                        coalesce(sum(size), 0)::int8, min(received_at_ms) \
-                 FROM mailroom_messages WHERE conn_id = $1 AND recipient_key = $3",
-            )
-            .await
-            .map_err(pg_err)?;
-        let r = c
-            .query_one(&q, &[&conn, &now_ms, &recipient_key])
-            .await
-            .map_err(pg_err)?;
-        Ok(QueueStats {
-            pending: r.get::<_, i64>(0) as u64,
-            leased: r.get::<_, i64>(1) as u64,
-            bytes: r.get::<_, i64>(2) as u64,
-            oldest_received_ms: r.get(3),
-        })
+        self.stats_filtered(conn, Some(recipient_key), now_ms).await
     }
 
     async fn ack_leased(&self, conn: &str, ids: &[MessageId]) -> StoreResult<Vec<i64>> {
@@ -1186,26 +1336,7 @@ impl Store for PgStore {
     }
 
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
-        if !storable(conn) {
-            return Ok(QueueStats::default());
-        }
-        let c = self.client().await?;
-        let q = c
-            .prepare_cached(
-                "SELECT count(*) FILTER (WHERE lease_until_ms <= $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
-                        count(*) FILTER (WHERE lease_until_ms > $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
-                        coalesce(sum(size), 0)::int8, min(received_at_ms) \
-                 FROM mailroom_messages WHERE conn_id = $1",
-            )
-            .await
-            .map_err(pg_err)?;
-        let r = c.query_one(&q, &[&conn, &now_ms]).await.map_err(pg_err)?;
-        Ok(QueueStats {
-            pending: r.get::<_, i64>(0) as u64,
-            leased: r.get::<_, i64>(1) as u64,
-            bytes: r.get::<_, i64>(2) as u64,
-            oldest_received_ms: r.get(3),
-        })
+        self.stats_filtered(conn, None, now_ms).await
     }
 
     async fn total_queued(&self) -> StoreResult<u64> {

@@ -171,6 +171,8 @@ struct Inner {
 struct EnqueueReq {
     msgs: Vec<NewMessage>,
     limits: EnqueueLimits,
+    /// Queue each message only while its recipient key routes to its connection.
+    routed: bool,
     reply: oneshot::Sender<StoreResult<Vec<StoreResult<Enqueued>>>>,
 }
 
@@ -284,6 +286,124 @@ impl SledStore {
             tx: Some(tx),
             writer: Some(writer),
         })
+    }
+
+    /// `lease` and `lease_for_key`. Recipient keys live on disk only (the index holds sizes
+    /// and leases): with a key, the pending ids are picked first, their keys read outside the
+    /// lock, then those still pending leased; without one, the first pending ids are leased in
+    /// one pass under the lock.
+    async fn lease_filtered(
+        &self,
+        conn: &str,
+        recipient_key: Option<&str>,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        check_storable("lease owner", owner)?;
+        if !storable(conn) || max == 0 {
+            return Ok(Vec::new());
+        }
+        let (conn, key) = (conn.to_owned(), recipient_key.map(str::to_owned));
+        let owner: Arc<str> = Arc::from(owner);
+        self.blocking(move |inner| {
+            let matching: Option<Vec<MessageId>> = match &key {
+                None => None,
+                Some(key) => {
+                    let pending: Vec<MessageId> = {
+                        let q = inner.queues.lock();
+                        let Some(cq) = q.by_conn.get(&conn) else {
+                            return Ok(Vec::new());
+                        };
+                        cq.msgs
+                            .iter()
+                            .filter(|(_, m)| m.pending(now_ms))
+                            .map(|(id, _)| *id)
+                            .collect()
+                    };
+                    let mut matching = Vec::new();
+                    for id in pending {
+                        if matching.len() >= max {
+                            break;
+                        }
+                        if let Some(v) = inner.msgs.get(encode_id(id)).map_err(unavailable)? {
+                            if decode_msg(&v)?.recipient_key == key.as_str() {
+                                matching.push(id);
+                            }
+                        }
+                    }
+                    Some(matching)
+                }
+            };
+            let picked: Vec<(MessageId, u32)> = {
+                let mut q = inner.queues.lock();
+                let Some(cq) = q.by_conn.get_mut(&conn) else {
+                    return Ok(Vec::new());
+                };
+                let mut picked = Vec::with_capacity(max.min(cq.msgs.len()));
+                let mut take = |id: MessageId, m: &mut Meta| {
+                    if m.pending(now_ms) {
+                        m.lease_until_ms = until_ms;
+                        m.owner = Some(owner.clone());
+                        m.attempts = m.attempts.saturating_add(1);
+                        picked.push((id, m.attempts));
+                        return 1;
+                    }
+                    0
+                };
+                match matching {
+                    None => {
+                        let mut n = 0;
+                        for (id, m) in cq.msgs.iter_mut() {
+                            if n >= max {
+                                break;
+                            }
+                            n += take(*id, m);
+                        }
+                    }
+                    Some(ids) => {
+                        for id in ids {
+                            if let Some(m) = cq.msgs.get_mut(&id) {
+                                take(id, m);
+                            }
+                        }
+                    }
+                }
+                if !picked.is_empty() {
+                    let conns = q.by_owner.entry(owner.clone()).or_default();
+                    if !conns.contains(&conn) {
+                        conns.insert(conn.clone());
+                    }
+                }
+                picked
+            };
+            inner.load_leased(picked)
+        })
+        .await
+    }
+
+    /// Hands messages to the writer thread and waits for their batch to be durable.
+    async fn submit(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+        routed: bool,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(EnqueueReq {
+            msgs,
+            limits: *limits,
+            routed,
+            reply,
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn blocking<T, F>(&self, f: F) -> StoreResult<T>
@@ -510,6 +630,20 @@ impl Inner {
             /// Duplicate of a message accepted earlier in this batch.
             DupOfNew(usize),
         }
+        // 0. Routes asked for, read before the index lock (sled serves them from memory).
+        let routes_gone: Vec<Vec<bool>> = batch
+            .iter()
+            .map(|req| {
+                req.msgs
+                    .iter()
+                    .map(|m| {
+                        req.routed
+                            && !matches!(self.keys.get(m.recipient_key.as_bytes()),
+                                Ok(Some(holder)) if holder.as_ref() == m.connection.as_bytes())
+                    })
+                    .collect()
+            })
+            .collect();
         // 1. Decide under the index lock (memory only), counting the batch's own additions.
         let mut slots: Vec<Vec<Slot>> = Vec::with_capacity(batch.len());
         let mut accepted: Vec<&NewMessage> = Vec::new();
@@ -517,14 +651,18 @@ impl Inner {
             let q = self.queues.lock();
             let mut added: HashMap<&str, (u64, u64)> = HashMap::new();
             let mut local_dedup: HashMap<(&str, [u8; 32]), (usize, i64)> = HashMap::new();
-            for req in &batch {
+            for (req, gone) in batch.iter().zip(&routes_gone) {
                 let mut out = Vec::with_capacity(req.msgs.len());
-                for m in &req.msgs {
+                for (m, gone) in req.msgs.iter().zip(gone) {
                     let conn = m.connection.as_str();
                     if let Err(e) = check_storable("connection id", conn)
                         .and_then(|_| check_storable("recipient key", &m.recipient_key))
                     {
                         out.push(Slot::Done(Err(e)));
+                        continue;
+                    }
+                    if *gone {
+                        out.push(Slot::Done(Err(StoreError::NoRoute)));
                         continue;
                     }
                     // Dedup first: a duplicate is answered even when the queue is full.
@@ -1124,19 +1262,15 @@ impl Store for SledStore {
     }
 
     async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
-        if msgs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
-        let (reply, rx) = oneshot::channel();
-        tx.send(EnqueueReq {
-            msgs,
-            limits: *limits,
-            reply,
-        })
-        .await
-        .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.submit(msgs, limits, false).await
+    }
+
+    async fn enqueue_routed(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        self.submit(msgs, limits, true).await
     }
 
     async fn lease(
@@ -1147,41 +1281,7 @@ impl Store for SledStore {
         now_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<QueuedMessage>> {
-        check_storable("lease owner", owner)?;
-        if !storable(conn) || max == 0 {
-            return Ok(Vec::new());
-        }
-        let conn = conn.to_owned();
-        let owner: Arc<str> = Arc::from(owner);
-        self.blocking(move |inner| {
-            let picked: Vec<(MessageId, u32)> = {
-                let mut q = inner.queues.lock();
-                let Some(cq) = q.by_conn.get_mut(&conn) else {
-                    return Ok(Vec::new());
-                };
-                let mut picked = Vec::with_capacity(max.min(cq.msgs.len()));
-                for (id, m) in cq.msgs.iter_mut() {
-                    if picked.len() >= max {
-                        break;
-                    }
-                    if m.pending(now_ms) {
-                        m.lease_until_ms = until_ms;
-                        m.owner = Some(owner.clone());
-                        m.attempts = m.attempts.saturating_add(1);
-                        picked.push((*id, m.attempts));
-                    }
-                }
-                if !picked.is_empty() {
-                    let conns = q.by_owner.entry(owner.clone()).or_default();
-                    if !conns.contains(&conn) {
-                        conns.insert(conn.clone());
-                    }
-                }
-                picked
-            };
-            inner.load_leased(picked)
-        })
-        .await
+        self.lease_filtered(conn, None, max, owner, now_ms, until_ms).await
     }
 
     async fn lease_for_key(
@@ -1193,61 +1293,8 @@ impl Store for SledStore {
         now_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<QueuedMessage>> {
-        check_storable("lease owner", owner)?;
-        if !storable(conn) || max == 0 {
-            return Ok(Vec::new());
-        }
-        let (conn, key) = (conn.to_owned(), recipient_key.to_owned());
-        let owner: Arc<str> = Arc::from(owner);
-        self.blocking(move |inner| {
-            // Recipient keys live on disk only (the index holds sizes and leases): pick the
-            // pending ids, read their keys outside the lock, then lease those still pending.
-            let pending: Vec<MessageId> = {
-                let q = inner.queues.lock();
-                let Some(cq) = q.by_conn.get(&conn) else {
-                    return Ok(Vec::new());
-                };
-                cq.msgs
-                    .iter()
-                    .filter(|(_, m)| m.pending(now_ms))
-                    .map(|(id, _)| *id)
-                    .collect()
-            };
-            let mut matching = Vec::new();
-            for id in pending {
-                if matching.len() >= max {
-                    break;
-                }
-                if let Some(v) = inner.msgs.get(encode_id(id)).map_err(unavailable)? {
-                    if decode_msg(&v)?.recipient_key == key {
-                        matching.push(id);
-                    }
-                }
-            }
-            let picked: Vec<(MessageId, u32)> = {
-                let mut q = inner.queues.lock();
-                let Some(cq) = q.by_conn.get_mut(&conn) else {
-                    return Ok(Vec::new());
-                };
-                let mut picked = Vec::with_capacity(matching.len());
-                for id in matching {
-                    if let Some(m) = cq.msgs.get_mut(&id) {
-                        if m.pending(now_ms) {
-                            m.lease_until_ms = until_ms;
-                            m.owner = Some(owner.clone());
-                            m.attempts = m.attempts.saturating_add(1);
-                            picked.push((id, m.attempts));
-                        }
-                    }
-                }
-                if !picked.is_empty() {
-                    q.by_owner.entry(owner.clone()).or_default().insert(conn.clone());
-                }
-                picked
-            };
-            inner.load_leased(picked)
-        })
-        .await
+        self.lease_filtered(conn, Some(recipient_key), max, owner, now_ms, until_ms)
+            .await
     }
 
     async fn queue_stats_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<QueueStats> {

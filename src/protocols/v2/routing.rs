@@ -7,7 +7,7 @@
 use super::Inbound;
 use crate::didcomm::v2::{did, keys};
 use crate::protocols::{now_ms, ForwardResult, HandleError, Mediator, Outcome};
-use crate::store::NewMessage;
+use crate::store::{NewMessage, StoreError};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -113,21 +113,33 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
         };
         payloads.push(p);
     }
-    let (conn, recipient) = route(m, next)
-        .await?
-        .ok_or_else(|| HandleError::UnknownRecipient(next.chars().take(200).collect()))?;
-    let msgs = payloads
-        .into_iter()
-        .map(|payload| NewMessage {
-            connection: conn.clone(),
-            recipient_key: recipient.clone(),
-            dedup_key: Some(Sha256::digest(&payload).into()),
-            expires_at_ms: earliest(forward_expires, attachment_expires_ms(&payload)),
-            payload,
-            received_at_ms: now,
-        })
-        .collect();
-    let results = m.store.enqueue(msgs, &m.limits).await?;
+    // As routing 1.0: a cached route refused at queue time (`NoRoute`) is looked up again once.
+    let mut tries = 0;
+    let (conn, results) = loop {
+        tries += 1;
+        let (conn, recipient) = route(m, next)
+            .await?
+            .ok_or_else(|| HandleError::UnknownRecipient(next.chars().take(200).collect()))?;
+        let msgs = payloads
+            .iter()
+            .map(|payload| NewMessage {
+                connection: conn.clone(),
+                recipient_key: recipient.clone(),
+                dedup_key: Some(Sha256::digest(payload).into()),
+                expires_at_ms: earliest(forward_expires, attachment_expires_ms(payload)),
+                payload: payload.clone(),
+                received_at_ms: now,
+            })
+            .collect();
+        let results = m.store.enqueue_routed(msgs, &m.limits).await?;
+        if results.iter().any(|r| matches!(r, Err(StoreError::NoRoute))) {
+            if tries < 2 {
+                continue;
+            }
+            return Err(HandleError::UnknownRecipient(next.chars().take(200).collect()));
+        }
+        break (conn, results);
+    };
     let mut all_dup = true;
     for r in results {
         let e = r?;
