@@ -89,7 +89,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     let v: f64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a duration (e.g. 20s, 2m)"))?;
-    if !(v >= 0.0) {
+    if v.is_nan() || v < 0.0 {
         return Err(format!("{s:?} is not a duration"));
     }
     Ok(Duration::from_secs_f64(v * mul))
@@ -404,8 +404,7 @@ struct Flags {
 /// A WebSocket in live mode until `until` (or the end), reconnecting through the load
 /// balancer whenever the socket ends.
 async fn live(w: Rc<Wallet>, ws_url: String, book: Shared, flags: Rc<Flags>, until: Option<Instant>) {
-    let over =
-        |flags: &Flags| flags.stop.get() || until.map_or(false, |u| Instant::now() >= u && !flags.draining.get());
+    let over = |flags: &Flags| flags.stop.get() || until.is_some_and(|u| Instant::now() >= u && !flags.draining.get());
     while !over(&flags) {
         let ws = tokio::time::timeout(Duration::from_secs(5), w.agent.websocket(&ws_url)).await;
         let mut ws = match ws {
@@ -453,8 +452,7 @@ async fn live(w: Rc<Wallet>, ws_url: String, book: Shared, flags: Rc<Flags>, unt
 
 /// Polls with pickup 2.0 over HTTP (through the load balancer) until `until` (or the end).
 async fn polling(w: Rc<Wallet>, book: Shared, flags: Rc<Flags>, until: Option<Instant>) {
-    let over =
-        |flags: &Flags| flags.stop.get() || until.map_or(false, |u| Instant::now() >= u && !flags.draining.get());
+    let over = |flags: &Flags| flags.stop.get() || until.is_some_and(|u| Instant::now() >= u && !flags.draining.get());
     while !over(&flags) {
         let req = pickup("delivery-request", json!({"limit": 10}));
         let got = match (w.agent.pack(&req), w.agent.endpoint.clone()) {
@@ -525,24 +523,57 @@ where
     bail!("{what}: not within {within:?}")
 }
 
-/// Every node ready, and every node's /status shows every peer connected.
-async fn all_ready_and_linked(nodes: &[NodeSpec]) -> bool {
+/// Every node ready, and every node's /status shows every peer connected; else what is not.
+async fn cluster_state(nodes: &[NodeSpec]) -> Result<(), String> {
     for n in nodes {
         match get_json(&format!("http://{}/ready", n.admin)).await {
             Ok((200, _)) => {}
-            _ => return false,
+            Ok((s, v)) => return Err(format!("{} /ready {s} {v}", n.id)),
+            Err(e) => return Err(format!("{} /ready: {e:#}", n.id)),
         }
         match get_json(&format!("http://{}/status", n.admin)).await {
             Ok((200, v)) => {
                 let peers = v["peers"].as_array().cloned().unwrap_or_default();
-                if peers.len() + 1 != nodes.len() || !peers.iter().all(|p| p["connected"].as_bool() == Some(true)) {
-                    return false;
+                let down: Vec<&str> = peers
+                    .iter()
+                    .filter(|p| p["connected"].as_bool() != Some(true))
+                    .filter_map(|p| p["id"].as_str())
+                    .collect();
+                if peers.len() + 1 != nodes.len() || !down.is_empty() {
+                    return Err(format!("{}: peers not connected: {down:?}", n.id));
                 }
             }
-            _ => return false,
+            Ok((s, _)) => return Err(format!("{} /status {s}", n.id)),
+            Err(e) => return Err(format!("{} /status: {e:#}", n.id)),
         }
     }
-    true
+    Ok(())
+}
+
+async fn all_ready_and_linked(nodes: &[NodeSpec]) -> bool {
+    cluster_state(nodes).await.is_ok()
+}
+
+/// Waits until [`cluster_state`] is Ok; returns how long it took, or the last reason.
+async fn wait_healed(nodes: &[NodeSpec], within: Duration) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    let mut last = String::new();
+    loop {
+        match cluster_state(nodes).await {
+            Ok(()) => return Ok(t0.elapsed()),
+            Err(e) => {
+                // Each new reason once, so a slow heal shows what it waited on.
+                if e != last {
+                    eprintln!("[chaos]         {:>5.1} s waiting: {e}", t0.elapsed().as_secs_f64());
+                }
+                last = e;
+            }
+        }
+        if t0.elapsed() >= within {
+            return Err(last);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -783,16 +814,16 @@ async fn run_faults(
         let repaired = Instant::now();
         let within = Duration::from_secs(45);
         let nodes_spec = ctx.spec.nodes.clone();
-        let links = async {
-            wait_until("ready and linked", within, || all_ready_and_linked(&nodes_spec))
-                .await
-                .ok()
-        };
+        let links = wait_healed(&nodes_spec, within);
         let fwd = probe_forward(&ctx, node.as_deref(), repaired, within);
         let (links_healed, forward_healed) = futures_util::join!(links, fwd);
-        if links_healed.is_none() {
-            note.push_str(" not ready/linked within 45 s;");
-        }
+        let links_healed = match links_healed {
+            Ok(d) => Some(d),
+            Err(last) => {
+                note.push_str(&format!(" not ready/linked within 45 s ({last});"));
+                None
+            }
+        };
         if forward_healed.is_none() {
             note.push_str(" no probe forward delivered within 45 s;");
         }
@@ -1088,8 +1119,8 @@ async fn run(args: Args) -> Result<i32> {
         count(&probes, &|s| accepted(s) && s.first_delivery.is_some())
     );
     println!();
-    println!("| delivery latency (2xx to first delivery) | n | p50 | p99 | max |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!("| delivery latency (2xx to first delivery) | n | p50 | p99 | max | duplicated |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for (name, k) in [
         ("all wallets", None),
         (Kind::Live.name(), Some(Kind::Live)),
@@ -1098,11 +1129,14 @@ async fn run(args: Args) -> Result<i32> {
     ] {
         let v = lat(k);
         println!(
-            "| {name} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} |",
             v.len(),
             ms(pct(&v, 50.0)),
             ms(pct(&v, 99.0)),
-            ms(v.last().copied().unwrap_or_default())
+            ms(v.last().copied().unwrap_or_default()),
+            load.iter()
+                .filter(|s| s.deliveries > 1 && k.map_or(true, |k| wallets[s.wallet].kind == k))
+                .count()
         );
     }
     println!();
