@@ -526,7 +526,17 @@ where
 /// Every node ready, and every node's /status shows every peer connected; else what is not.
 async fn cluster_state(nodes: &[NodeSpec]) -> Result<(), String> {
     for n in nodes {
-        match get_json(&format!("http://{}/ready", n.admin)).await {
+        let t = Instant::now();
+        let ready = get_json(&format!("http://{}/ready", n.admin)).await;
+        if t.elapsed() > Duration::from_secs(1) {
+            // /ready checks the store: slow while the pool reconnects after PostgreSQL restarts.
+            eprintln!(
+                "[chaos]           {} /ready took {:.1} s",
+                n.id,
+                t.elapsed().as_secs_f64()
+            );
+        }
+        match ready {
             Ok((200, _)) => {}
             Ok((s, v)) => return Err(format!("{} /ready {s} {v}", n.id)),
             Err(e) => return Err(format!("{} /ready: {e:#}", n.id)),
