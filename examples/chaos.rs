@@ -68,6 +68,9 @@ struct Args {
     /// other down).
     #[arg(long, default_value = "6s", value_parser = parse_duration)]
     hold: Duration,
+    /// A fault not healed this long after its repair fails the run.
+    #[arg(long, default_value = "45s", value_parser = parse_duration)]
+    heal_within: Duration,
     /// Shell command that restarts PostgreSQL.
     #[arg(long)]
     pg_restart: Option<String>,
@@ -663,11 +666,15 @@ struct Fault {
 
 impl Fault {
     fn describe(&self) -> String {
-        match self.kind {
-            FaultKind::Kill => format!("kill -9 {}, restart", self.node.as_deref().unwrap_or("?")),
-            FaultKind::Cut => format!("cut {}'s cluster links, restore", self.node.as_deref().unwrap_or("?")),
-            FaultKind::Pg => "restart PostgreSQL".to_string(),
-        }
+        describe(self.kind, self.node.as_deref())
+    }
+}
+
+fn describe(kind: FaultKind, node: Option<&str>) -> String {
+    match kind {
+        FaultKind::Kill => format!("kill -9 {}, restart", node.unwrap_or("?")),
+        FaultKind::Cut => format!("cut {}'s cluster links, restore", node.unwrap_or("?")),
+        FaultKind::Pg => "restart PostgreSQL".to_string(),
     }
 }
 
@@ -780,6 +787,13 @@ async fn run_faults(
         ctx.book.borrow_mut().current_fault = Some(idx);
         let at = ctx.t0.elapsed();
         let mut note = String::new();
+        let node_of = (kind != FaultKind::Pg).then_some(node.as_str());
+        eprintln!(
+            "[chaos] {:>6.1}s fault {}: {}",
+            at.as_secs_f64(),
+            idx + 1,
+            describe(kind, node_of)
+        );
         let (node, held) = match kind {
             FaultKind::Kill => {
                 nodes.borrow_mut().kill9(&node);
@@ -805,24 +819,9 @@ async fn run_faults(
                 (None, t.elapsed())
             }
         };
-        eprintln!(
-            "[chaos] {:>6.1}s fault {}: {} (held {:.1}s)",
-            at.as_secs_f64(),
-            idx + 1,
-            Fault {
-                kind,
-                node: node.clone(),
-                at,
-                held,
-                links_healed: None,
-                forward_healed: None,
-                note: String::new()
-            }
-            .describe(),
-            held.as_secs_f64()
-        );
+        eprintln!("[chaos]         repaired after {:.1} s", held.as_secs_f64());
         let repaired = Instant::now();
-        let within = Duration::from_secs(45);
+        let within = args.heal_within;
         let nodes_spec = ctx.spec.nodes.clone();
         let links = wait_healed(&nodes_spec, within);
         let fwd = probe_forward(&ctx, node.as_deref(), repaired, within);
@@ -830,12 +829,12 @@ async fn run_faults(
         let links_healed = match links_healed {
             Ok(d) => Some(d),
             Err(last) => {
-                note.push_str(&format!(" not ready/linked within 45 s ({last});"));
+                note.push_str(&format!(" not ready/linked within {within:?} ({last});"));
                 None
             }
         };
         if forward_healed.is_none() {
-            note.push_str(" no probe forward delivered within 45 s;");
+            note.push_str(&format!(" no probe forward delivered within {within:?};"));
         }
         eprintln!(
             "[chaos]         healed: ready+links {}, forward {}",
