@@ -11,9 +11,10 @@
 #   scripts/chaos.sh [--duration 60s] [--rate 20] [--seed N] [--keep] [driver options]
 #
 # Driver options (examples/chaos.rs, `--help`): --senders --live --polling --offline
-# --faults kill,cut,pg --fault-gap 3s --hold 4s --drain 60s. MAILROOM_BIN (default
-# target/debug/mailroom), CHAOS_LEASE_MS (default 5000: a message leased by a killed node is
-# deliverable again after it; the default 30 s would only make the final drain longer).
+# --faults kill,cut,pg --fault-gap 3s --hold 6s --drain 60s --heal-within 45s. MAILROOM_BIN
+# (default target/debug/mailroom, built first), CHAOS_LEASE_MS (default 5000: a message
+# leased by a killed node is deliverable again after it; the default 30 s would only make the
+# final drain longer).
 # PostgreSQL is restarted with pg_ctlcluster (the machine's own server, on 127.0.0.1:5432);
 # whatever happens, it is running again when the script ends.
 set -euo pipefail
@@ -60,8 +61,11 @@ trap 'exit 130' INT TERM
 
 scripts/ensure-postgres.sh
 PGVER=$(ls /etc/postgresql | head -n1)
-[ -x "$BIN" ] || cargo build --locked --bin mailroom
-cargo build --locked --example chaos 2>&1 | grep -v '^\s*\(Finished\|Compiling\|Blocking\)' >&2 || true
+# The default binary is rebuilt when the sources changed (a no-op otherwise), so a run never
+# tests a stale build; a MAILROOM_BIN given is used as it is.
+if [ -z "${MAILROOM_BIN:-}" ]; then cargo build --locked --quiet --bin mailroom; fi
+[ -x "$BIN" ] || { echo "[chaos] no mailroom binary at $BIN" >&2; exit 2; }
+cargo build --locked --quiet --example chaos
 DRIVER="$ROOT/target/debug/examples/chaos"
 [ -x "$DRIVER" ] || { echo "[chaos] no driver at $DRIVER" >&2; exit 2; }
 

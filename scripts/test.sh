@@ -27,7 +27,7 @@ MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/interop.sh
 MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/interop-cluster.sh
 # Chaos, short: the 3-node PostgreSQL cluster behind nginx under forwards to live, polling and
 # offline-then-back wallets while nodes are killed -9, links cut and PostgreSQL restarted
-# (45-60 s on the shared 2-core machine, 1-5 faults in a random order: the next fault waits for
+# (40-60 s on the shared 2-core machine, 1-7 faults in a random order: the next fault waits for
 # the last one to heal); fails if a forward answered 2xx is never delivered.
 # The operator's run is `scripts/chaos.sh` (60 s; README, "Reliability").
 MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/chaos.sh --duration 25s --hold 3s --fault-gap 500ms
