@@ -892,6 +892,7 @@ async fn run(args: Args) -> Result<i32> {
         seed: Some(seed),
         ..args
     });
+    let started = Instant::now();
     let proxies = Rc::new(Proxies::start(&spec.proxies)?);
     let nodes = Rc::new(RefCell::new(Nodes {
         spec: spec.clone(),
@@ -913,8 +914,9 @@ async fn run(args: Args) -> Result<i32> {
     })
     .await?;
     eprintln!(
-        "[chaos] cluster up: {} nodes behind {public}; seed {seed}",
-        spec.nodes.len()
+        "[chaos] cluster up: {} nodes behind {public} after {:.1} s; seed {seed}",
+        spec.nodes.len(),
+        started.elapsed().as_secs_f64()
     );
 
     // Wallets, onboarded through the load balancer (every step may land on another node).
@@ -964,6 +966,11 @@ async fn run(args: Args) -> Result<i32> {
             }
         });
     }
+    eprintln!(
+        "[chaos] {} wallets onboarded after {:.1} s",
+        wallets.len(),
+        started.elapsed().as_secs_f64()
+    );
     // Let the live wallets bind their sockets before the clock starts.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -1004,8 +1011,9 @@ async fn run(args: Args) -> Result<i32> {
     for s in senders {
         let _ = s.await;
     }
-    let faults = faults.await.unwrap_or_default();
     let load_secs = t0.elapsed();
+    let faults = faults.await.unwrap_or_default();
+    eprintln!("[chaos] {:>6.1}s load over; faults over", t0.elapsed().as_secs_f64());
     // Answers still on the way.
     let _ = wait_until("answers", Duration::from_secs(15), || {
         let b = book.clone();
@@ -1026,12 +1034,14 @@ async fn run(args: Args) -> Result<i32> {
     })
     .await
     .ok();
+    eprintln!("[chaos] {:>6.1}s drain over", t0.elapsed().as_secs_f64());
     // A moment more to see late duplicates.
     tokio::time::sleep(Duration::from_secs(1)).await;
     flags.stop.set(true);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
     }
+    eprintln!("[chaos] {:>6.1}s wallets stopped", t0.elapsed().as_secs_f64());
     nodes.borrow_mut().check();
 
     // ---- the table ----

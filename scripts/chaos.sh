@@ -45,6 +45,7 @@ cleanup() {
     wait "$DRIVER_PID" 2>/dev/null || true
   fi
   # nginx and every node (pid files in $RUN, written by the driver at each (re)start).
+  echo "[chaos] stopping nginx and the nodes (SIGTERM)" >&2
   CLUSTER_CONFIG="$WORK/cluster.toml" CLUSTER_RUN="$RUN" MAILROOM_BIN="$BIN" scripts/cluster.sh down >/dev/null 2>&1 || true
   for f in "$RUN"/*.pid; do
     [ -f "$f" ] || continue
