@@ -7,6 +7,8 @@
 #   scripts/cluster.sh status   each node's `mailroom status`, nginx
 #   scripts/cluster.sh reload   SIGHUP every node (re-read the peer list of cluster.toml)
 #   scripts/cluster.sh down     SIGTERM the nodes and nginx started by `up` (by PID)
+#   scripts/cluster.sh lb       start (or reload) nginx only, for nodes started by other means
+#                               (scripts/chaos.sh: pid files in CLUSTER_RUN, so `down` stops them)
 #
 # CLUSTER_CONFIG (default cluster.toml), MAILROOM_BIN (default target/release/mailroom, built
 # when absent), CLUSTER_RUN (state: PIDs, logs, nginx.conf; default .cluster).
@@ -166,10 +168,18 @@ reload() {
   up
 }
 
+lb() {
+  ensure_nginx
+  write_nginx_conf
+  if alive "$RUN/nginx.pid"; then nginx -c "$RUN/nginx.conf" -s reload; else nginx -c "$RUN/nginx.conf"; fi
+  echo "load balancer: http://$(public_addr)"
+}
+
 case "${1:-}" in
   up) up ;;
+  lb) lb ;;
   down) down ;;
   status) status ;;
   reload) reload ;;
-  *) echo "usage: $0 up|down|status|reload" >&2; exit 64 ;;
+  *) echo "usage: $0 up|down|status|reload|lb" >&2; exit 64 ;;
 esac
