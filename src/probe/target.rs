@@ -196,7 +196,7 @@ impl Target {
     /// Whether discover-features disclosed `family` at `major` (None: nothing was disclosed).
     pub fn advertises(&self, family: &str, major: u32) -> Option<bool> {
         let want = format!("{family}/{major}");
-        self.features.as_ref().map(|f| f.iter().any(|p| *p == want))
+        self.features.as_ref().map(|f| f.contains(&want))
     }
 }
 
