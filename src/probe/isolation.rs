@@ -14,6 +14,37 @@ use tokio::time::Instant;
 
 /// How long B keeps watching after A has its message.
 const WATCH: Duration = Duration::from_millis(1500);
+/// One turn of listening, alternating between A and B so both sockets stay read (a mediator
+/// that pings closes a socket whose pongs do not come: ACA-Py after 1.5 s).
+const SLICE: Duration = Duration::from_millis(100);
+
+/// A listens until `a_done` holds or `within` passes, B all along and `WATCH` longer.
+async fn watch(
+    a: &mut Receiver,
+    b: &mut Receiver,
+    within: Duration,
+    a_done: impl Fn(&[Incoming]) -> bool,
+) -> anyhow::Result<(Vec<Incoming>, Vec<Incoming>)> {
+    let (mut a_got, mut b_got) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + within;
+    while !a_done(&a_got) && Instant::now() < deadline {
+        a.step(SLICE, &mut a_got).await?;
+        b.step(SLICE, &mut b_got).await?;
+    }
+    let watch_end = Instant::now() + WATCH;
+    while Instant::now() < watch_end {
+        b.step(SLICE, &mut b_got).await?;
+    }
+    Ok((a_got, b_got))
+}
+
+/// Why A did not get its message, when its socket was closed on it.
+fn a_closed(a: &Receiver) -> String {
+    a.closed
+        .as_ref()
+        .map(|c| format!(" (A's socket was closed: {c})"))
+        .unwrap_or_default()
+}
 
 /// How a wallet receives.
 #[derive(Clone, Copy)]
@@ -27,6 +58,8 @@ struct Receiver {
     w: Wallet,
     sock: Option<Socket>,
     pickup: bool,
+    /// Why the socket stopped (the mediator closed it).
+    closed: Option<String>,
 }
 
 impl Receiver {
@@ -44,37 +77,33 @@ impl Receiver {
             w,
             sock,
             pickup: ways.pickup,
+            closed: None,
         })
     }
 
-    /// Everything received until `stop` holds or `within` passes (pickup deliveries are not
-    /// acknowledged).
-    async fn collect(&mut self, within: Duration, stop: impl Fn(&[Incoming]) -> bool) -> anyhow::Result<Vec<Incoming>> {
-        let deadline = Instant::now() + within;
-        let mut got: Vec<Incoming> = Vec::new();
-        loop {
-            if self.pickup {
-                got.extend(self.w.delivery_request(10).await?);
-            }
-            if stop(&got) {
-                return Ok(got);
-            }
-            let slice = (Instant::now() + Duration::from_millis(250)).min(deadline);
-            match &mut self.sock {
-                Some(s) => {
-                    let (more, _) = s.read_until(&self.w, slice, |_| false).await?;
-                    got.extend(more);
-                }
-                None => tokio::time::sleep_until(slice).await,
-            }
-            if stop(&got) || Instant::now() >= deadline {
-                return Ok(got);
-            }
+    /// One round of listening: a delivery-request (when this wallet picks up), then the
+    /// socket for up to `slice`. A socket the mediator closes stops being read (the line
+    /// of the check says so only if it mattered).
+    async fn step(&mut self, slice: Duration, got: &mut Vec<Incoming>) -> anyhow::Result<()> {
+        if self.pickup {
+            got.extend(self.w.delivery_request(10).await?);
         }
+        let until = Instant::now() + slice;
+        match &mut self.sock {
+            Some(s) => match s.read_until(&self.w, until, |_| false).await {
+                Ok((more, _)) => got.extend(more),
+                Err(e) => {
+                    self.closed = Some(format!("{e:#}"));
+                    self.sock = None;
+                }
+            },
+            None => tokio::time::sleep_until(until).await,
+        }
+        Ok(())
     }
 
-    async fn close(self) {
-        if let Some(s) = self.sock {
+    async fn close(&mut self) {
+        if let Some(s) = self.sock.take() {
             s.close().await;
         }
     }
@@ -210,16 +239,19 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
         let mut b = Receiver::open(t, b_ways).await?;
         let content = nonce("isolation-forward");
         a.w.forward(&content).await?;
-        let a_got = a.collect(t.timeout, |g| contents(g).0.contains(&content)).await?;
+        let (a_got, b_got) = watch(&mut a, &mut b, t.timeout, |g| contents(g).0.contains(&content)).await?;
         let a_key = a.w.key.verkey();
-        let b_got = b.collect(WATCH, |_| false).await?;
         a.close().await;
         b.close().await;
         if contents(&b_got).1.contains(&a_key) {
             return fail("a forward to A reached B");
         }
         if !contents(&a_got).0.contains(&content) {
-            return fail(format!("a forward to A did not reach A within {:?}", t.timeout));
+            return fail(format!(
+                "a forward to A did not reach A within {:?}{}",
+                t.timeout,
+                a_closed(&a)
+            ));
         }
         pass()
     })
@@ -241,8 +273,7 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
         let accepted = answer == "success";
         let content = nonce("takeover");
         a.w.forward_to(&a_key.verkey(), &content).await?;
-        let a_got = a.collect(t.timeout, |g| contents(g).0.contains(&content)).await?;
-        let b_got = b.collect(WATCH, |_| false).await?;
+        let (a_got, b_got) = watch(&mut a, &mut b, t.timeout, |g| contents(g).0.contains(&content)).await?;
         a.close().await;
         b.close().await;
         if contents(&b_got).1.contains(&a_key.verkey()) {
@@ -252,8 +283,9 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
         }
         if !contents(&a_got).0.contains(&content) {
             return fail(format!(
-                "after B's keylist-update of A's key (result {answer:?}) a forward to it did not reach A within {:?}",
-                t.timeout
+                "after B's keylist-update adding A's key (result {answer:?}) a forward to that key reached neither A (waited {:?}) nor B: another wallet can cut A off{}",
+                t.timeout,
+                a_closed(&a)
             ));
         }
         if accepted {

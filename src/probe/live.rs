@@ -6,11 +6,11 @@
 use super::pickup::not_advertised;
 use super::target::Target;
 use super::wallet::{contents, is_type, nonce, poll, routed, trust_ping, Incoming, Socket, Wallet};
-use super::{fail, pass_note, skip, Runner, Verdict};
+use super::{fail, pass_note, skip, Options, Runner, Verdict};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-pub(crate) async fn run(r: &mut Runner, t: &Target) {
+pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
     let Some(ws) = t.ws.clone() else {
         let why = "no WebSocket endpoint in the invitation or the mediator's DID (give one with --ws)";
         for n in ["live-mode-ws", "redelivery-session-end", "implicit-ws"] {
@@ -37,7 +37,7 @@ pub(crate) async fn run(r: &mut Runner, t: &Target) {
         }
         // The socket is closed with the delivery unacknowledged: it must be offered again.
         let start = Instant::now();
-        let again = poll(t.timeout * 4, Duration::from_millis(250), || async {
+        let again = poll(opts.redelivery_wait, Duration::from_millis(250), || async {
             Ok(contents(&w.delivery_request(10).await?)
                 .0
                 .contains(&content)
@@ -50,8 +50,8 @@ pub(crate) async fn run(r: &mut Runner, t: &Target) {
                 start.elapsed().as_secs_f64()
             )),
             None => fail(format!(
-                "a live delivery left unacknowledged when the socket closed was not offered again within {:?}",
-                t.timeout * 4
+                "a live delivery left unacknowledged when the socket closed was not offered again within {:?} (--redelivery-wait)",
+                opts.redelivery_wait
             )),
         }
     })

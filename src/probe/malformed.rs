@@ -98,7 +98,9 @@ async fn one(t: &Target, w: &Wallet, body: Vec<u8>, may_succeed: bool) -> anyhow
                 };
                 Verdict::Pass(Some(format!("HTTP {s}, {what}")))
             } else {
-                Verdict::Fail(format!("HTTP {s}: accepted as if valid"))
+                Verdict::Fail(format!(
+                    "HTTP {s}: answered as if accepted (a sender cannot tell it was dropped)"
+                ))
             }
         }
     };

@@ -211,7 +211,7 @@ pub async fn run(target: &mut Target, opts: &Options, print: bool) -> Report {
     if onboarding::run(&mut r, target).await {
         keylist::run(&mut r, target).await;
         pickup::run(&mut r, target, opts).await;
-        live::run(&mut r, target).await;
+        live::run(&mut r, target, opts).await;
         isolation::run(&mut r, target, opts).await;
         malformed::run(&mut r, target, opts).await;
     } else {
