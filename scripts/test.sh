@@ -24,6 +24,10 @@ scripts/envelope-crosscheck.sh
 export INTEROP_V2=${INTEROP_V2:-1}
 MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/interop.sh
 MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/interop-cluster.sh
+# `mailroom probe` against mailroom, Credo 0.6.3's and ACA-Py 1.7's mediators, side by side: a
+# report (a peer failing checks does not fail the run; a peer that cannot start or a probe that
+# crashes does). ~2 min 15 s.
+MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/probe-peers.sh
 # The container image test (podman: the interop scenario through 3 containers + nginx, SIGTERM,
 # the health check) is run by hand for now: `scripts/container-test.sh` (see README). It joins
 # this command once a full run of it has passed twice in a row on a clean machine.
