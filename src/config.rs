@@ -172,6 +172,17 @@ pub struct Limits {
     /// `{"error":"busy"}` and not handled (the sender retries).
     #[serde(default = "default_ws_inflight")]
     pub max_ws_inflight: usize,
+    /// Recipient keys one connection may register (coordinate-mediation keylist-update, v1
+    /// and v2). A keylist-update that would take a connection past it is refused whole:
+    /// nothing of it is applied and every update in it is answered `server_error`, with a
+    /// problem report saying why. Keeps one client from growing the routing table (and every
+    /// keylist-query answer) without bound.
+    #[serde(default = "default_max_keys")]
+    pub max_keys_per_connection: usize,
+    /// A client must send a request's headers (WebSocket handshakes included) within this
+    /// long of connecting, milliseconds; a slow-loris client is dropped after it.
+    #[serde(default = "default_client_timeout")]
+    pub client_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -279,6 +290,12 @@ fn default_sled_cache_mib() -> u64 {
 }
 fn default_ws_inflight() -> usize {
     32
+}
+fn default_max_keys() -> usize {
+    1000
+}
+fn default_client_timeout() -> u64 {
+    5_000
 }
 fn default_log_format() -> String {
     "human".into()
@@ -461,6 +478,15 @@ impl Config {
         }
         if self.store.sled_cache_mib == 0 || self.store.sled_cache_mib > 1 << 20 {
             return bad("store.sled_cache_mib must be 1..=1048576".into());
+        }
+        if self.limits.max_keys_per_connection == 0 {
+            return bad("limits.max_keys_per_connection must be at least 1 (0 would refuse every key: no wallet could be mediated)".into());
+        }
+        if self.limits.client_timeout_ms < 100 || self.limits.client_timeout_ms > 600_000 {
+            return bad(
+                "limits.client_timeout_ms must be 100..=600000 (the time a client has to send its request headers)"
+                    .into(),
+            );
         }
         if self.limits.max_ws_inflight == 0 {
             return bad("limits.max_ws_inflight must be at least 1".into());
@@ -681,6 +707,8 @@ mod tests {
         assert_eq!(c.nodes[0].admin, "127.0.0.1:8081");
         assert_eq!(c.limits.max_envelope_bytes, 4 << 20);
         assert_eq!(c.delivery.sweep_interval_ms, 2000);
+        assert_eq!(c.limits.max_keys_per_connection, 1000);
+        assert_eq!(c.limits.client_timeout_ms, 5000);
     }
 
     #[test]
@@ -693,6 +721,8 @@ mod tests {
             ("[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='0.0.0.0:2'", "token (or MAILROOM_ADMIN_TOKEN) is required"),
             ("[store]\nbackend='postgres'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "store.url"),
             ("[delivery]\nstrategy='Sometimes'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "Sometimes"),
+            ("[limits]\nmax_keys_per_connection=0\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.max_keys_per_connection must be at least 1"),
+            ("[limits]\nclient_timeout_ms=0\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.client_timeout_ms must be 100..=600000"),
             (
                 "[[node]]\nid='n1'\nlisten='127.0.0.1:1'\ncluster='127.0.0.1:3'\nadmin='127.0.0.1:2'\n[[node]]\nid='n2'\nlisten='127.0.0.1:4'\ncluster='127.0.0.1:5'\nadmin='127.0.0.1:6'",
                 "secret",

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub acknowledged: Counter,
     pub redelivered: Counter,
     pub expired: Counter,
+    /// Messages dropped undelivered once the sender's expiry (DIDComm v2 `expires_time`) passed.
+    pub expired_by_sender: Counter,
     pub rejected: Family<ReasonLabel, Counter>,
     pub sessions: Gauge,
     pub peers_up: Gauge,
@@ -69,6 +71,7 @@ impl Metrics {
             acknowledged: Counter::default(),
             redelivered: Counter::default(),
             expired: Counter::default(),
+            expired_by_sender: Counter::default(),
             rejected: Family::default(),
             sessions: Gauge::default(),
             peers_up: Gauge::default(),
@@ -115,6 +118,11 @@ impl Metrics {
             m.redelivered.clone(),
         );
         registry.register("expired", "Messages removed by the TTL sweep", m.expired.clone());
+        registry.register(
+            "expired_by_sender",
+            "Messages dropped undelivered because the sender's expires_time passed",
+            m.expired_by_sender.clone(),
+        );
         registry.register("rejected", "Inputs refused, by reason", m.rejected.clone());
         registry.register(
             "sessions",

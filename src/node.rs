@@ -25,6 +25,33 @@ use std::time::Duration;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Dedup records pruned per store call (the call repeats while batches come back full).
 const DEDUP_PRUNE_BATCH: usize = 10_000;
+/// Connections asked about in one store call when a failed peer's sessions are taken over.
+const LOST_SESSIONS_CHUNK: usize = 500;
+
+/// The wallets whose sessions a failed peer held: each with mail pending is treated as if a
+/// message were queued now (its session woken if it reconnected meanwhile, else pushed). Mail
+/// forwarded while the peer was failing was notified to it and woke nobody.
+async fn wake_lost_sessions(shared: Arc<Shared>, conns: Vec<String>) {
+    for chunk in conns.chunks(LOST_SESSIONS_CHUNK) {
+        match shared.mediator.store.pending_among(chunk, now_ms()).await {
+            Ok(pending) => {
+                for c in pending {
+                    shared.queued_new(&c).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("failed peer's sessions not taken over: store unavailable: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Period of the sweep that deletes messages past the sender's expiry (they are never leased
+/// meanwhile: this only frees their space and counts them).
+const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
+/// Most expired messages deleted by one store call.
+const EXPIRY_BATCH: usize = 1_000;
 
 /// The node's bound sockets.
 pub struct Listeners {
@@ -147,6 +174,10 @@ pub async fn run(
                     }
                     ClusterEvent::PeerUp { node } => tracing::info!(peer = %node, "peer up"),
                     ClusterEvent::PeerDown { node } => tracing::warn!(peer = %node, "peer down"),
+                    ClusterEvent::SessionsLost { node, conns } => {
+                        tracing::info!(peer = %node, sessions = conns.len(), "taking over the wallets of a failed peer's sessions");
+                        actix_rt::spawn(wake_lost_sessions(shared.clone(), conns));
+                    }
                     ClusterEvent::SessionMoved { conn, node } => {
                         tracing::debug!(connection = %conn, to = %node, "session moved");
                         let _ = shared.registry.send(SessionMoved { conn }).await;
@@ -211,6 +242,36 @@ pub async fn run(
         });
     }
 
+    // The sender's expiry (DIDComm v2 `expires_time`): expired messages are never leased; this
+    // deletes them (a bounded batch at a time) and counts them.
+    {
+        let shared = shared.clone();
+        actix_rt::spawn(async move {
+            let mut tick = tokio::time::interval(EXPIRY_SWEEP);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                loop {
+                    match shared.mediator.store.expire_due(now_ms(), EXPIRY_BATCH).await {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            shared.metrics.expired_by_sender.inc_by(n);
+                            tracing::info!(expired = n, "dropped queued messages past their expires_time");
+                            if (n as usize) < EXPIRY_BATCH {
+                                break;
+                            }
+                            tokio::task::yield_now().await;
+                        }
+                        Err(e) => {
+                            tracing::warn!("expires_time sweep: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
     // Message time-to-live.
     if cfg.limits.message_ttl_secs > 0 {
         let shared = shared.clone();
@@ -238,6 +299,9 @@ pub async fn run(
             // Live deliveries are small frames written back to back: without TCP_NODELAY each
             // waits for the wallet's delayed ACK (up to 40 ms; measured in docs/BENCHMARKS.md).
             .tcp_nodelay(true)
+            // Slow-loris: a client that trickles its request head (or WebSocket handshake)
+            // is dropped once this passes, whatever it still sends.
+            .client_request_timeout(Duration::from_millis(cfg.limits.client_timeout_ms))
             .listen(listeners.public)?
             .disable_signals()
             .shutdown_timeout(SHUTDOWN_GRACE.as_secs())

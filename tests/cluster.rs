@@ -98,38 +98,12 @@ async fn forward_via(node: &RunningNode, routing: &[String], key: &KeyPair, text
         .unwrap()
 }
 
-struct Fixture {
-    nodes: Vec<RunningNode>,
-    _db: FreshDb,
-}
-
-async fn three_nodes(sweep_ms: u64) -> Fixture {
-    let db = FreshDb::create().await;
-    let (cfg, ls) = bind_cluster(3, &db.url, sweep_ms);
-    let store = open_shared_store(&cfg).await;
-    let mut nodes = Vec::new();
-    for (i, l) in ls.into_iter().enumerate() {
-        nodes.push(start_node(&cfg, &format!("n{}", i + 1), l, &store, None));
-    }
-    for n in &nodes {
-        for p in &nodes {
-            if p.node_id != n.node_id {
-                eventually("cluster links up", || async {
-                    peer_connected(n, &p.node_id).await.then_some(())
-                })
-                .await;
-            }
-        }
-    }
-    Fixture { nodes, _db: db }
-}
-
 /// credo-ts #1625: the wallet's socket is on node 1; forwards land on nodes 2 and 3; every
 /// one is delivered live through node 1 without the wallet reconnecting. Then the session
 /// moves to node 2 and forwards on node 1 follow it there.
 #[actix_rt::test]
 async fn forwards_on_other_nodes_reach_the_live_session_and_follow_it_when_it_moves() {
-    let f = three_nodes(NO_SWEEP).await;
+    let f = cluster_of(3, NO_SWEEP).await;
     let (n1, n2, n3) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
     let inv = invitation(n1).await;
     let (mut a, k) = Agent::onboard(&inv).await.unwrap();
@@ -213,12 +187,12 @@ async fn a_cut_link_only_delays_delivery_and_heals() {
 /// cluster keeps working.
 #[actix_rt::test]
 async fn peers_with_a_wrong_secret_or_cluster_name_are_refused() {
-    let f = three_nodes(NO_SWEEP).await;
+    let f = cluster_of(3, NO_SWEEP).await;
     let n1 = &f.nodes[0];
     let store = open_shared_store(&{
         let mut c = mailroom::config::Config::single_node_default();
         c.store.backend = "postgres".into();
-        c.store.url = Some(f._db.url.clone());
+        c.store.url = Some(f.db.url.clone());
         c
     })
     .await;

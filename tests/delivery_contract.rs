@@ -34,6 +34,7 @@ async fn the_sweep_reaches_a_live_wallet_behind_many_older_offline_queues() {
             payload: b"{}".to_vec(),
             received_at_ms: long_ago + i,
             dedup_key: None,
+            expires_at_ms: None,
         })
         .collect();
     for chunk in offline.chunks(2000) {
@@ -56,6 +57,7 @@ async fn the_sweep_reaches_a_live_wallet_behind_many_older_offline_queues() {
                 payload: inner,
                 received_at_ms: mailroom::protocols::now_ms(),
                 dedup_key: None,
+                expires_at_ms: None,
             }],
             &EnqueueLimits::UNLIMITED,
         )

@@ -186,15 +186,8 @@ async fn one_node_attacks_over_http_and_websocket() {
 
 #[actix_rt::test]
 async fn cluster_attacks_from_another_node() {
-    let db = FreshDb::create().await;
-    let (cfg, ls) = bind_cluster(2, &db.url, 100);
-    let store = open_shared_store(&cfg).await;
-    let mut nodes = Vec::new();
-    for (i, l) in ls.into_iter().enumerate() {
-        nodes.push(start_node(&cfg, &format!("n{}", i + 1), l, &store, None));
-    }
-    let (n1, n2) = (&nodes[0], &nodes[1]);
-    eventually("link up", || async { peer_connected(n1, "n2").await.then_some(()) }).await;
+    let c = cluster_of(2, 100).await;
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
     let inv1 = invitation(n1).await;
     let inv2 = invitation(n2).await;
     let (mut victim, vk) = Agent::onboard(&inv1).await.unwrap();
@@ -215,16 +208,9 @@ async fn cluster_attacks_from_another_node() {
 /// message reaches the new socket.
 #[actix_rt::test]
 async fn a_moved_session_stops_taking_deliveries_on_its_old_node() {
-    let db = FreshDb::create().await;
     // No sweep during the test: only the notification path can deliver.
-    let (cfg, ls) = bind_cluster(2, &db.url, 600_000);
-    let store = open_shared_store(&cfg).await;
-    let mut nodes = Vec::new();
-    for (i, l) in ls.into_iter().enumerate() {
-        nodes.push(start_node(&cfg, &format!("n{}", i + 1), l, &store, None));
-    }
-    let (n1, n2) = (&nodes[0], &nodes[1]);
-    eventually("link up", || async { peer_connected(n1, "n2").await.then_some(()) }).await;
+    let c = cluster_of(2, 600_000).await;
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
     let inv = invitation(n1).await;
     let (a, k) = Agent::onboard(&inv).await.unwrap();
     let conn = a_connection_id(n1).await;

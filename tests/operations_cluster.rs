@@ -12,32 +12,8 @@ use mailroom::didcomm::keys::KeyPair;
 use mailroom::node::RunningNode;
 use serde_json::{json, Value};
 
-struct Fixture {
-    nodes: Vec<RunningNode>,
-    _db: FreshDb,
-}
-
-async fn three_nodes() -> Fixture {
-    let db = FreshDb::create().await;
-    // A fast sweep: the drain test relies on delivery after the session moved.
-    let (cfg, ls) = bind_cluster(3, &db.url, 200);
-    let store = open_shared_store(&cfg).await;
-    let mut nodes = Vec::new();
-    for (i, l) in ls.into_iter().enumerate() {
-        nodes.push(start_node(&cfg, &format!("n{}", i + 1), l, &store, None));
-    }
-    for n in &nodes {
-        for p in &nodes {
-            if p.node_id != n.node_id {
-                eventually("cluster links up", || async {
-                    peer_connected(n, &p.node_id).await.then_some(())
-                })
-                .await;
-            }
-        }
-    }
-    Fixture { nodes, _db: db }
-}
+/// A fast sweep: the drain test relies on delivery after the session moved.
+const FAST_SWEEP_MS: u64 = 200;
 
 async fn admin(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
     let c = awc::Client::default();
@@ -96,7 +72,7 @@ async fn local_sessions(n: &RunningNode, conn: &str) -> usize {
 
 #[actix_rt::test]
 async fn deleting_a_connection_on_one_node_removes_it_everywhere() {
-    let f = three_nodes().await;
+    let f = cluster_of(3, FAST_SWEEP_MS).await;
     let (n1, n2, n3) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
     let inv = invitation(n1).await;
     let (a, k) = Agent::onboard(&inv).await.unwrap();
@@ -159,7 +135,7 @@ async fn deleting_a_connection_on_one_node_removes_it_everywhere() {
 
 #[actix_rt::test]
 async fn dropping_a_queue_and_revoking_mediation_hold_on_every_node() {
-    let f = three_nodes().await;
+    let f = cluster_of(3, FAST_SWEEP_MS).await;
     let (n1, n2, n3) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
     let inv = invitation(n1).await;
     let (mut a, k) = Agent::onboard(&inv).await.unwrap();
@@ -227,7 +203,7 @@ async fn dropping_a_queue_and_revoking_mediation_hold_on_every_node() {
 
 #[actix_rt::test]
 async fn a_drained_node_sends_its_wallets_elsewhere_and_loses_nothing() {
-    let f = three_nodes().await;
+    let f = cluster_of(3, FAST_SWEEP_MS).await;
     let (n1, n2, n3) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
     let inv = invitation(n1).await;
     let (mut a, k) = Agent::onboard(&inv).await.unwrap();
@@ -291,4 +267,104 @@ async fn a_drained_node_sends_its_wallets_elsewhere_and_loses_nothing() {
     assert_eq!(get_status(&format!("{}/ready", n1.admin_url()), None).await.0, 200);
     let ws = a.websocket(&ws_url(n1)).await;
     assert!(ws.is_ok(), "sessions accepted again after undrain");
+}
+
+/// Forwards per second summed over a series (one point per second: the count it saw).
+fn forwards_in(series: &Value) -> f64 {
+    series
+        .as_array()
+        .map(|ps| ps.iter().map(|p| p["forwards"].as_f64().unwrap_or(0.0)).sum())
+        .unwrap_or(0.0)
+}
+
+/// The history asked of one node shows the whole cluster: each node's own series, their sum,
+/// and the deepest queues with their connection labels, although that node took no forward.
+#[actix_rt::test]
+async fn the_history_of_one_node_shows_the_rates_of_every_node() {
+    let f = cluster_of(3, FAST_SWEEP_MS).await;
+    let (n1, n2, n3) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
+    let inv = invitation(n1).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let id = a_connection_id(n1).await;
+    for i in 0..5 {
+        assert_eq!(forward_via(n2, &a, &k, &format!("two-{i}")).await, 202);
+    }
+    for i in 0..3 {
+        assert_eq!(forward_via(n3, &a, &k, &format!("three-{i}")).await, 202);
+    }
+    let h = eventually("n1's history counts the 8 forwards of n2 and n3", || async {
+        let (code, h) = admin("GET", &format!("{}/history", n1.admin_url()), None).await;
+        assert_eq!(code, 200, "{h}");
+        (forwards_in(&h["cluster"]["fine"]) > 7.5).then_some(h)
+    })
+    .await;
+    let nodes = h["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{h}");
+    let node = |id: &str| {
+        nodes
+            .iter()
+            .find(|n| n["id"] == id)
+            .unwrap_or_else(|| panic!("{id} in {h}"))
+    };
+    assert!(
+        forwards_in(&node("n1")["history"]["fine"]) < 0.5,
+        "n1 took no forward: {h}"
+    );
+    assert!(forwards_in(&node("n2")["history"]["fine"]) > 4.5, "{h}");
+    assert!(forwards_in(&node("n3")["history"]["fine"]) > 2.5, "{h}");
+    let deepest = &h["queues"]["deepest"][0];
+    assert_eq!(deepest["connection"], id.as_str(), "{h}");
+    assert_eq!(deepest["depth"], 8, "{h}");
+    assert_eq!(deepest["label"], "mailroom-client", "{h}");
+    assert_eq!(h["links"].as_array().map(Vec::len), Some(2), "{h}");
+}
+
+/// A connection deleted while the link to the node holding its session is cut: the request
+/// cannot reach that node then, and is repeated when the link comes back, so the session
+/// closes there too.
+#[actix_rt::test]
+async fn a_delete_made_while_a_link_is_cut_closes_the_session_when_it_heals() {
+    let db = FreshDb::create().await;
+    let (cfg, ls) = bind_cluster(2, &db.url, FAST_SWEEP_MS);
+    let store = open_shared_store(&cfg).await;
+    let real1: std::net::SocketAddr = cfg.nodes[0].cluster.clone().unwrap().parse().unwrap();
+    let real2: std::net::SocketAddr = cfg.nodes[1].cluster.clone().unwrap().parse().unwrap();
+    let (p1, p2) = (Proxy::start(real1).await, Proxy::start(real2).await);
+    // Each node reaches the other only through a proxy.
+    let mut cfg1 = cfg.clone();
+    cfg1.nodes[1].cluster = Some(p2.addr.to_string());
+    let mut cfg2 = cfg.clone();
+    cfg2.nodes[0].cluster = Some(p1.addr.to_string());
+    let mut ls = ls.into_iter();
+    let n1 = start_node(&cfg1, "n1", ls.next().unwrap(), &store, None);
+    let n2 = start_node(&cfg2, "n2", ls.next().unwrap(), &store, None);
+    eventually("link up", || async { peer_connected(&n1, "n2").await.then_some(()) }).await;
+    let inv = invitation(&n1).await;
+    let (a, _) = Agent::onboard(&inv).await.unwrap();
+    let id = a_connection_id(&n1).await;
+    let mut ws = live_socket(&a, &n2).await;
+    wait_owner(&[&n1], &id, "n2").await;
+
+    p1.cut();
+    p2.cut();
+    eventually("n1 sees n2 down", || async {
+        (!peer_connected(&n1, "n2").await).then_some(())
+    })
+    .await;
+    let (code, body) = admin("DELETE", &format!("{}/connections/{id}", n1.admin_url()), None).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["close_requested_on"], json!([]), "no link was up: {body}");
+    assert_eq!(local_sessions(&n2, &id).await, 1, "n2 could not have heard of it yet");
+
+    p1.restore();
+    p2.restore();
+    assert_eq!(
+        closed_with(&mut ws).await,
+        1008,
+        "the session on n2 is closed once the link is back"
+    );
+    eventually("n2 holds no session of the removed connection", || async {
+        (local_sessions(&n2, &id).await == 0).then_some(())
+    })
+    .await;
 }

@@ -715,3 +715,150 @@ async fn trailing_push_survives_the_node_that_scheduled_it() {
     // The provider gets it too (sent beside the webhook, not after it).
     assert_clean(&wait_hits(&si, "fcm:", 2).await);
 }
+
+/// The config file of a cluster whose n1 is a `mailroom` process (`n1`, free addresses) and
+/// whose other nodes are in-process (their listeners already bound), with this stand-in's
+/// `[push]` section: every node reads the same file.
+fn write_mixed_cluster(
+    dir: &std::path::Path,
+    db_url: &str,
+    si: &StandIn,
+    window_secs: u64,
+    failure_timeout_ms: u64,
+    nodes: &[mailroom::config::NodeEntry],
+) -> (std::path::PathBuf, mailroom::config::Config) {
+    let mut text = format!(
+        "[cluster]\nname = \"push-kill\"\nsecret = \"{SECRET}\"\nheartbeat_ms = 100\nfailure_timeout_ms = {failure_timeout_ms}\n\n\
+         [store]\nbackend = \"postgres\"\nurl = \"{db_url}\"\npool_size = 4\n\n\
+         [delivery]\nsweep_interval_ms = 200\nlease_ms = 30000\n\n"
+    );
+    for n in nodes {
+        text.push_str(&format!(
+            "[[node]]\nid = \"{}\"\nlisten = \"{}\"\ncluster = \"{}\"\nadmin = \"{}\"\n\n",
+            n.id,
+            n.listen,
+            n.cluster.as_deref().unwrap(),
+            n.admin
+        ));
+    }
+    text.push_str("[push]\n");
+    text.push_str(
+        &si.push_toml(window_secs, &["proj-a"], true)
+            .replace("[[fcm]]", "[[push.fcm]]")
+            .replace("[apns]", "[push.apns]")
+            .replace("[webhook]", "[push.webhook]"),
+    );
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, &text).unwrap();
+    let cfg = mailroom::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    (path, cfg)
+}
+
+/// A `mailroom` process on a fresh database while the box is busy: a bound of its own.
+async fn wait_process_ready(p: &NodeProcess) {
+    let url = format!("{}/ready", p.admin_url());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(res) = awc::Client::default().get(&url).send().await {
+            if res.status().is_success() {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{} not ready after 90 s", p.entry.id);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Three PostgreSQL nodes; the wallet's live session is on n1, a real process. n1 is killed
+/// with SIGKILL and a burst of forwards lands on n2 and n3 before anyone notices: they notify
+/// n1 (gone) and wake nobody. Once n1 is found dead, the wallet, with no session anywhere, gets
+/// exactly one push, from one node (the lowest id left: n2), not zero and not one per node.
+#[actix_rt::test]
+async fn kill_9_of_the_session_node_still_wakes_the_wallet_once() {
+    const WINDOW_SECS: u64 = 3;
+    const FAILURE_TIMEOUT_MS: u64 = 3_000;
+    let si = StandIn::start();
+    let db = FreshDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (l2, l3) = (bind_listeners(), bind_listeners());
+    let n1_entry = mailroom::config::NodeEntry {
+        id: "n1".into(),
+        listen: free_addr(),
+        cluster: Some(free_addr()),
+        admin: free_addr(),
+    };
+    let (path, cfg) = write_mixed_cluster(
+        dir.path(),
+        &db.url,
+        &si,
+        WINDOW_SECS,
+        FAILURE_TIMEOUT_MS,
+        &[n1_entry.clone(), entry("n2", &l2), entry("n3", &l3)],
+    );
+    let mut p1 = NodeProcess::spawn(&path, &n1_entry, &dir.path().join("n1.log"));
+    let store = open_shared_store(&cfg).await;
+    let n2 = start_node(&cfg, "n2", l2, &store, Some(path.clone()));
+    let n3 = start_node(&cfg, "n3", l3, &store, Some(path.clone()));
+    wait_process_ready(&p1).await;
+    for (x, y) in [(&n2, "n1"), (&n2, "n3"), (&n3, "n1"), (&n3, "n2")] {
+        eventually("link up", || async { peer_connected(x, y).await.then_some(()) }).await;
+    }
+
+    let inv = invitation(&n2).await;
+    let (mut a, k) = Agent::onboard(&inv).await.unwrap();
+    set_device(&a, FCM, json!("kill-9-token"), Some("android")).await;
+    let conn = a_connection_id(&n2).await;
+    let mut ws = a.websocket(&p1.ws_url()).await.unwrap();
+    let st = ws_request(
+        &a,
+        &mut ws,
+        &pickup("live-delivery-change", json!({"live_delivery": true})),
+    )
+    .await;
+    assert_eq!(type_name(&st), "status");
+    wait_owner(&[&n2, &n3], &conn, "n1").await;
+    forward(&n3, &a, &k, "while-live").await;
+    assert_eq!(receive_and_ack(&a, &mut ws).await, 1);
+    eventually("the live delivery acknowledged", || async {
+        (queue_depth(&n2).await == 0).then_some(())
+    })
+    .await;
+
+    p1.kill9();
+    let killed = Instant::now();
+    let texts: Vec<String> = (0..20).map(|i| format!("after-kill-{i}")).collect();
+    forward_many(&[&n2, &n3], &a, &k, &texts).await;
+    let burst = killed.elapsed();
+    assert!(
+        burst < Duration::from_millis(FAILURE_TIMEOUT_MS),
+        "the burst ({burst:?}) must land before n1 is found dead"
+    );
+    let hits = wait_hits(&si, "fcm:", 1).await;
+    assert_clean(&hits);
+    let hooks = wait_hits(&si, "hook", 1).await;
+    assert_eq!(hooks[0].body["node"], "n2", "the lowest node left takes over");
+    // Nothing more within the window, nor at its end (no trailing push: no later event).
+    tokio::time::sleep(Duration::from_millis(WINDOW_SECS * 1000 + 1_500)).await;
+    assert_eq!(si.state.hits("fcm:").len(), 1, "one push, not one per node");
+    assert_eq!(metric(&n3, "mailroom_push_total").await, 0.0, "n3 sent nothing");
+    assert_eq!(hits[0].body["message"]["data"]["message_count"], "20");
+    println!(
+        "kill -9: burst of 20 in {burst:?}; push {:?} after the kill",
+        hits[0].at - killed
+    );
+    // The woken wallet gets everything from the nodes left.
+    a.endpoint = n3.public_url();
+    let mut got = 0;
+    while got < 20 {
+        let d = a
+            .request(&pickup("delivery-request", json!({"limit": 20})))
+            .await
+            .unwrap()
+            .unwrap();
+        let ids: Vec<String> = a.open_delivery(&d).unwrap().into_iter().map(|(id, _)| id).collect();
+        got += ids.len();
+        a.request(&pickup("messages-received", json!({ "message_id_list": ids })))
+            .await
+            .unwrap();
+    }
+}

@@ -200,11 +200,21 @@ fn forward_to(s: &V2Sender, m: &V2Mediator, next: &str, to_agent: &V2Agent, cont
         },
     )
     .unwrap();
-    let fwd = json!({
-        "id": "f-1", "type": "https://didcomm.org/routing/2.0/forward", "to": [m.did],
+    forward_of(m, next, serde_json::from_slice(&inner).unwrap(), json!({}))
+}
+
+/// A forward anoncrypted to the mediator carrying `attachment` (as `data.json`), with the
+/// fields of `extra` (e.g. `expires_time`) on the forward itself.
+fn forward_of(m: &V2Mediator, next: &str, attachment: Value, extra: Value) -> Vec<u8> {
+    use mailroom::didcomm::v2::jwe::{self, Alg, Dialect, Enc};
+    let mut fwd = json!({
+        "id": mailroom::didcomm::message::new_id(), "type": "https://didcomm.org/routing/2.0/forward", "to": [m.did],
         "body": { "next": next },
-        "attachments": [{ "id": "a", "data": { "json": serde_json::from_slice::<Value>(&inner).unwrap() } }],
+        "attachments": [{ "id": "a", "data": { "json": attachment } }],
     });
+    for (k, v) in extra.as_object().unwrap() {
+        fwd[k] = v.clone();
+    }
     let mdoc = did::resolve(&m.did).unwrap();
     jwe::pack(
         &serde_json::to_vec(&fwd).unwrap(),
@@ -436,4 +446,191 @@ async fn cluster_socket_on_n1_forward_to_n2_delivered_live() {
     let (got, dups) = receive_live(&a, &mut sock, 10).await;
     assert_eq!(dups, 0, "{got:?}");
     eventually("queue drained", || async { (queue_depth(n1).await == 0).then_some(()) }).await;
+}
+
+/// The basic message `content` from `s` for `to`, anoncrypted to `to`'s keys (what a
+/// forward's attachment carries: opaque to the mediator).
+fn encrypted_for(s: &V2Sender, to: &V2Agent, content: &str) -> Value {
+    use mailroom::didcomm::v2::jwe::{self, Alg, Dialect, Enc};
+    let packed = jwe::pack(
+        &serde_json::to_vec(&s.basic(&to.did, content)).unwrap(),
+        &did::resolve(&to.did).unwrap().agreement_keys(),
+        None,
+        Dialect {
+            alg: Alg::EcdhEsA256Kw,
+            enc: Enc::Xc20p,
+            tag_in_kdf: false,
+        },
+    )
+    .unwrap();
+    serde_json::from_slice(&packed).unwrap()
+}
+
+/// `expires_time` (issue 8): a forward's own expiry covers its encrypted attachment; a
+/// plaintext attachment's expiry covers itself. Queued before it, such a message is pending;
+/// once it passed it is never delivered, the sweep drops it and counts it.
+#[actix_rt::test]
+async fn messages_past_their_expires_time_are_never_delivered() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut a = V2Agent::new(m.clone()).unwrap();
+    let r = a.onboard().await.unwrap();
+    let s = V2Sender::new().unwrap();
+    let soon = mailroom::protocols::now_ms() / 1000 + 2;
+    // Encrypted inner message: the mediator sees only the forward's expires_time.
+    let f1 = forward_of(
+        &m,
+        &r,
+        encrypted_for(&s, &a, "expiring"),
+        json!({ "expires_time": soon }),
+    );
+    assert_eq!(post_raw(&m.http, TYP_ENCRYPTED, f1).await.0, 202);
+    // A plaintext attachment with its own expiry, in a forward without one.
+    let mut plain = s.basic(&a.did, "plain-expiring");
+    plain["expires_time"] = json!(soon);
+    assert_eq!(
+        post_raw(&m.http, TYP_ENCRYPTED, forward_of(&m, &r, plain, json!({})))
+            .await
+            .0,
+        202
+    );
+    // No expiry, and an expiry well ahead: both delivered.
+    assert_eq!(s.forward(&r, &s.basic(&r, "lasting")).await.unwrap(), 202);
+    let f4 = forward_of(
+        &m,
+        &r,
+        encrypted_for(&s, &a, "later"),
+        json!({ "expires_time": soon + 3600 }),
+    );
+    assert_eq!(post_raw(&m.http, TYP_ENCRYPTED, f4).await.0, 202);
+    assert_eq!(a.status(None).await.unwrap(), 4, "all pending before the expiry");
+
+    eventually("the expiry passes", || async {
+        (mailroom::protocols::now_ms() >= soon * 1000).then_some(())
+    })
+    .await;
+    let got = a.delivery(10, None).await.unwrap();
+    let mut contents: Vec<String> = got
+        .iter()
+        .map(|(_, m)| m["body"]["content"].as_str().unwrap_or_default().to_string())
+        .collect();
+    contents.sort();
+    assert_eq!(contents, ["lasting", "later"]);
+    eventually("the sweep drops and counts both", || async {
+        let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+        text.contains("mailroom_expired_by_sender_total 2").then_some(())
+    })
+    .await;
+    assert_eq!(queue_depth(&n).await, 2);
+}
+
+/// `from_prior` (issue 8): a wallet that rotates its DID keeps its connection (queue, keylist,
+/// routing) under the new DID. A `from_prior` replayed by another connection, one not signed by
+/// its `iss`, or one naming another connection's DID is refused with a problem report and
+/// changes nothing.
+#[actix_rt::test]
+async fn from_prior_rotation_moves_the_connection_and_refuses_forgeries() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut a = V2Agent::new(m.clone()).unwrap();
+    let r = a.onboard().await.unwrap();
+    let old = a.did.clone();
+    // The wallet's own DID is in its keylist too (as Veramo registers it).
+    let up = a.update("3.0", std::slice::from_ref(&old), &[]).await.unwrap();
+    assert_eq!(up[0]["result"], "success", "{up:?}");
+    let s = V2Sender::new().unwrap();
+    assert_eq!(s.forward(&r, &s.basic(&r, "before")).await.unwrap(), 202);
+    let mut b = V2Agent::new(m.clone()).unwrap();
+    b.onboard().await.unwrap();
+    let status_request = |x: &V2Agent| x.message("https://didcomm.org/messagepickup/3.0/status-request", json!({}));
+    let refused = |(st, rep): (u16, Option<Value>)| {
+        assert_eq!(st, 403);
+        let rep = rep.expect("a problem report");
+        assert_eq!(rep["type"], "https://didcomm.org/report-problem/2.0/problem-report");
+        assert_eq!(rep["body"]["code"], "e.p.req.not-authorized", "{rep}");
+        rep["body"]["comment"].as_str().unwrap_or_default().to_string()
+    };
+
+    // A rotates; before it says so, B (connected) and X (a stranger) replay A's valid
+    // from_prior from their own DIDs.
+    let new = a.rotate().unwrap();
+    let mut x = V2Agent::new(m.clone()).unwrap();
+    x.from_prior = a.from_prior.clone();
+    let why = refused(x.post(&status_request(&x)).await.unwrap());
+    assert!(why.contains("sub"), "{why}");
+    b.from_prior = a.from_prior.clone();
+    let why = refused(b.post(&status_request(&b)).await.unwrap());
+    assert!(why.contains("sub"), "{why}");
+    b.from_prior = None;
+    assert_eq!(b.status(None).await.unwrap(), 0, "B is unchanged");
+
+    // The rotation itself: the queue is still there, under the new DID.
+    assert_eq!(a.status(None).await.unwrap(), 1);
+    let q = a
+        .request(
+            &a.message(
+                "https://didcomm.org/coordinate-mediation/3.0/recipient-query",
+                json!({}),
+            ),
+            "recipient",
+        )
+        .await
+        .unwrap();
+    let mut dids: Vec<&str> = q["body"]["dids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["recipient_did"].as_str().unwrap())
+        .collect();
+    dids.sort();
+    let mut want = vec![r.as_str(), new.as_str()];
+    want.sort();
+    assert_eq!(dids, want, "the keylist entry of the old DID moved to the new one");
+    // Routing follows: the old DID is nobody's any more, the new one reaches A.
+    let other = V2Sender::new().unwrap();
+    assert_eq!(
+        post_raw(&m.http, TYP_ENCRYPTED, forward_to(&other, &m, &old, &a, "to-old"))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        post_raw(&m.http, TYP_ENCRYPTED, forward_to(&other, &m, &new, &a, "after"))
+            .await
+            .0,
+        202
+    );
+
+    // Not signed by the old DID: X signs a rotation of A's DID to itself, naming A's key, then
+    // its own key.
+    for kid in [format!("{new}#key-2"), format!("{}#key-2", x.did)] {
+        x.from_prior = Some(x.sign_from_prior(&new, &x.did, &kid).unwrap());
+        let why = refused(x.post(&status_request(&x)).await.unwrap());
+        assert!(why.contains("from_prior"), "{why}");
+    }
+    x.from_prior = None;
+    assert_eq!(x.post(&status_request(&x)).await.unwrap().0, 403, "X got no connection");
+
+    // The old DID of another connection: B (connected) claims A's DID rotated to B's.
+    b.from_prior = Some(b.sign_from_prior(&new, &b.did, &format!("{}#key-2", b.did)).unwrap());
+    refused(b.post(&status_request(&b)).await.unwrap());
+    b.from_prior = None;
+    assert_eq!(b.status(None).await.unwrap(), 0);
+    // Even a rotation the old DID did sign never merges two connections: A's DID "rotated"
+    // to B's, sent by B.
+    b.from_prior = Some(a.sign_from_prior(&new, &b.did, &format!("{new}#key-2")).unwrap());
+    let why = refused(b.post(&status_request(&b)).await.unwrap());
+    assert!(why.contains("already has a connection"), "{why}");
+    b.from_prior = None;
+    assert_eq!(b.status(None).await.unwrap(), 0);
+
+    // A is unchanged by all of it, still sends from_prior (harmless once rotated), and gets
+    // both messages: the one queued before the rotation and the one after.
+    let got = a.delivery(10, None).await.unwrap();
+    let mut contents: Vec<String> = got
+        .iter()
+        .map(|(_, m)| m["body"]["content"].as_str().unwrap_or_default().to_string())
+        .collect();
+    contents.sort();
+    assert_eq!(contents, ["after", "before"]);
 }

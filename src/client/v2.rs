@@ -65,6 +65,14 @@ pub struct V2Agent {
     /// Our did:peer:2 (X25519 `#key-1`, Ed25519 `#key-2`, no service): what we talk as.
     pub did: String,
     agreement: Key,
+    /// Ed25519 `#key-2` of `did`: signs a `from_prior` when we rotate away from it.
+    auth: Key,
+    /// DIDs we rotated away from, with their agreement keys (mail queued for them still opens).
+    prior: Vec<(String, Key)>,
+    /// The agreement key of `recipient_did`.
+    recipient_agreement: Option<Key>,
+    /// Sent in every message once we rotated ([`V2Agent::rotate`]).
+    pub from_prior: Option<String>,
     pub mediator: V2Mediator,
     /// The DID senders use for us (`service.uri` = the mediator's routing DID), once granted.
     pub routing_did: Option<String>,
@@ -84,10 +92,14 @@ impl V2Agent {
     pub fn new(mediator: V2Mediator) -> anyhow::Result<V2Agent> {
         let agreement = keys::generate(KeyAlg::X25519)?;
         let auth = keys::generate(KeyAlg::Ed25519)?;
-        let did = did::create_peer2(std::slice::from_ref(&agreement), &[auth], &[])?;
+        let did = did::create_peer2(std::slice::from_ref(&agreement), std::slice::from_ref(&auth), &[])?;
         Ok(V2Agent {
             did,
             agreement,
+            auth,
+            prior: Vec::new(),
+            recipient_agreement: None,
+            from_prior: None,
             mediator,
             routing_did: None,
             recipient_did: None,
@@ -108,7 +120,7 @@ impl V2Agent {
 
     /// A plaintext message of ours to the mediator.
     pub fn message(&self, typ: &str, body: Value) -> Value {
-        json!({
+        let mut m = json!({
             "id": new_id(),
             "type": typ,
             "from": self.did,
@@ -116,7 +128,33 @@ impl V2Agent {
             "created_time": crate::protocols::now_ms() / 1000,
             "return_route": "all",
             "body": body,
-        })
+        });
+        if let Some(fp) = &self.from_prior {
+            m["from_prior"] = json!(fp);
+        }
+        m
+    }
+
+    /// A `from_prior` JWT (`iss`, `sub`, `iat` now) signed by our authentication key, named
+    /// `kid` (ours is `{did}#key-2`; tests name others to forge).
+    pub fn sign_from_prior(&self, iss: &str, sub: &str, kid: &str) -> anyhow::Result<String> {
+        let claims = json!({ "iss": iss, "sub": sub, "iat": crate::protocols::now_ms() / 1000 });
+        Ok(crate::didcomm::v2::jws::sign_jwt(&claims, kid, &self.auth)?)
+    }
+
+    /// Rotates to a fresh did:peer:2 (new keys): from now on every message is sent from it
+    /// with `from_prior` signed by the old DID. Returns the new DID.
+    pub fn rotate(&mut self) -> anyhow::Result<String> {
+        let agreement = keys::generate(KeyAlg::X25519)?;
+        let auth = keys::generate(KeyAlg::Ed25519)?;
+        let new = did::create_peer2(std::slice::from_ref(&agreement), std::slice::from_ref(&auth), &[])?;
+        let jwt = self.sign_from_prior(&self.did, &new, &format!("{}#key-2", self.did))?;
+        let old = std::mem::replace(&mut self.did, new.clone());
+        let old_agreement = std::mem::replace(&mut self.agreement, agreement);
+        self.prior.push((old, old_agreement));
+        self.auth = auth;
+        self.from_prior = Some(jwt);
+        Ok(new)
     }
 
     /// Authcrypts a plaintext to the mediator.
@@ -142,8 +180,14 @@ impl V2Agent {
     pub fn unpack(&self, env: &[u8]) -> anyhow::Result<Value> {
         let mine = |kid: &str| -> Option<Key> {
             let d = did::did_of(kid);
-            let ours = d == self.did || Some(d) == self.recipient_did.as_deref();
-            ours.then(|| self.agreement.clone())
+            if d == self.did {
+                Some(self.agreement.clone())
+            } else if Some(d) == self.recipient_did.as_deref() {
+                // Made with the agreement key we had then.
+                self.recipient_agreement.clone()
+            } else {
+                self.prior.iter().find(|(p, _)| p == d).map(|(_, k)| k.clone())
+            }
         };
         let u = dv2::unpack(env, &mine, &did::resolve_key)?;
         *self.last_dialect.lock().unwrap_or_else(|e| e.into_inner()) = u.dialect;
@@ -193,6 +237,7 @@ impl V2Agent {
         let recipient = did::create_peer2(std::slice::from_ref(&self.agreement), &[], &[(routing.clone(), vec![])])?;
         self.routing_did = Some(routing.clone());
         self.recipient_did = Some(recipient);
+        self.recipient_agreement = Some(self.agreement.clone());
         Ok(routing)
     }
 

@@ -122,6 +122,14 @@ impl Membership {
         self.peers.get(peer)?.link.map(|l| l.id)
     }
 
+    /// Whether this node has the lowest id among itself and the peers it sees up: the one node
+    /// that takes over what a failed peer leaves behind (waking the wallets whose sessions it
+    /// held). Views may differ for a moment; then two nodes take over (harmless: the push
+    /// window is shared), never none that is up in its own view.
+    pub fn takes_over(&self) -> bool {
+        self.peers.iter().all(|(id, p)| !p.up || *id > self.local)
+    }
+
     pub fn is_up(&self, peer: &str) -> bool {
         self.peers.get(peer).is_some_and(|p| p.up)
     }
@@ -311,6 +319,38 @@ mod tests {
         assert!(!s.is_up("n2"));
         // no repeated Down
         assert!(s.handle(MemberEvent::Tick, t0 + Duration::from_secs(9)).is_empty());
+    }
+
+    /// The lowest node id up takes over a failed peer's wallets: n2 once n1 is down, n3 only
+    /// when it sees no lower node up.
+    #[test]
+    fn lowest_node_up_takes_over() {
+        let t0 = Instant::now();
+        let mut n2 = m("n2", &["n1", "n3"]);
+        n2.handle(up("n1", 1, false), t0);
+        n2.handle(up("n3", 2, true), t0);
+        assert!(!n2.takes_over(), "n1 is up and lower");
+        let mut n3 = m("n3", &["n1", "n2"]);
+        n3.handle(up("n1", 1, false), t0);
+        n3.handle(up("n2", 2, false), t0);
+        // n1 falls silent for both; n2 is still heard.
+        let later = t0 + Duration::from_secs(5);
+        for (s, other) in [(&mut n2, "n3"), (&mut n3, "n2")] {
+            s.handle(
+                MemberEvent::Heard {
+                    peer: other.into(),
+                    link: 2,
+                },
+                later,
+            );
+            s.handle(MemberEvent::Tick, later);
+            assert!(!s.is_up("n1"));
+        }
+        assert!(n2.takes_over());
+        assert!(!n3.takes_over(), "n2 is up and lower");
+        // Alone, n3 takes over.
+        n3.handle(MemberEvent::Tick, later + Duration::from_secs(5));
+        assert!(n3.takes_over());
     }
 
     #[test]

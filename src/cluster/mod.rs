@@ -214,6 +214,13 @@ pub enum ClusterEvent {
     PeerDown {
         node: String,
     },
+    /// A failed peer held the sessions of `conns`, which no node holds now, and this node is
+    /// the one that takes them over (see [`membership::Membership::takes_over`]): wake those
+    /// wallets (push) when they have mail queued.
+    SessionsLost {
+        node: String,
+        conns: Vec<String>,
+    },
     /// Another node took ownership of a conn we hold (a newer session there): close our
     /// session? The node decides.
     SessionMoved {
@@ -351,9 +358,10 @@ impl ClusterHandle {
     }
 
     /// Asks every connected peer to close its live sessions of `conn` with `reason` (an
-    /// operator action). Returns the peers the request was queued for.
+    /// operator action). Returns the peers the request was queued for; a peer whose link is
+    /// down, or comes back within ten minutes, gets it again when its link comes up.
     pub fn close_sessions_everywhere(&self, conn: &str, reason: &str) -> Vec<String> {
-        self.shared.broadcast(&proto::Frame::CloseSessions {
+        self.shared.broadcast_close(proto::Frame::CloseSessions {
             conn: conn.to_string(),
             reason: reason.to_string(),
         })

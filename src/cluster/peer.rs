@@ -11,7 +11,7 @@
 //! never across an `.await`. Taking a resync snapshot and enqueuing directory frames both
 //! happen under it, which is what makes "snapshot, then the queued changes after it" exact.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -140,7 +140,16 @@ pub(crate) struct State {
     pub last_epoch: u64,
     /// `leave()` was called: accept and dial nothing any more.
     pub left: bool,
+    /// Operator close requests of the last [`RECENT_CLOSE_TTL`], sent again on every link that
+    /// comes up: a peer that was cut off when one was made, or whose link died with it queued,
+    /// still closes those sessions once it is back. Repeating one is harmless.
+    pub recent_closes: VecDeque<(Instant, Frame)>,
 }
+
+/// How long an operator close request is repeated to peers whose link comes up.
+pub const RECENT_CLOSE_TTL: Duration = Duration::from_secs(600);
+/// Close requests kept for repetition at most (the oldest are forgotten first).
+pub const RECENT_CLOSE_MAX: usize = 1024;
 
 pub(crate) struct Shared {
     pub settings: Settings,
@@ -173,6 +182,7 @@ impl Shared {
             peers: HashMap::new(),
             last_epoch: 0,
             left: false,
+            recent_closes: VecDeque::new(),
         };
         let shared = Arc::new(Shared {
             settings,
@@ -328,8 +338,22 @@ impl Shared {
                 }
                 MemberEffect::Down { peer } => {
                     info!(peer = %peer, "cluster peer down");
+                    let held = st.dir.claims_of(&peer);
                     st.dir.apply(DirEvent::NodeGone { node: peer.clone() });
-                    self.emit(ClusterEvent::PeerDown { node: peer });
+                    self.emit(ClusterEvent::PeerDown { node: peer.clone() });
+                    // Forwards queued while the peer was failing were notified to it (or to
+                    // nobody, its link gone) and woke no one: its wallets left without a
+                    // session anywhere are taken over by one node.
+                    if st.members.takes_over() {
+                        let conns: Vec<String> = held
+                            .into_iter()
+                            .map(|(c, _)| c)
+                            .filter(|c| st.dir.owner(c).is_none())
+                            .collect();
+                        if !conns.is_empty() {
+                            self.emit(ClusterEvent::SessionsLost { node: peer, conns });
+                        }
+                    }
                 }
                 MemberEffect::Install { .. } | MemberEffect::Reject { .. } => {}
             }
@@ -404,9 +428,25 @@ impl Shared {
         }
     }
 
+    /// Queues an operator close request on every open link (returns the peers it was queued
+    /// for) and repeats it on every link that comes up in the next [`RECENT_CLOSE_TTL`].
+    pub fn broadcast_close(&self, frame: Frame) -> Vec<String> {
+        let mut st = self.state.lock();
+        let now = Instant::now();
+        while st.recent_closes.len() >= RECENT_CLOSE_MAX
+            || st
+                .recent_closes
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > RECENT_CLOSE_TTL)
+        {
+            st.recent_closes.pop_front();
+        }
+        st.recent_closes.push_back((now, frame.clone()));
+        Self::queue_on_links(&st, &frame)
+    }
+
     /// Queues `frame` on every open link; returns the peers it was queued for.
-    pub fn broadcast(&self, frame: &Frame) -> Vec<String> {
-        let st = self.state.lock();
+    fn queue_on_links(st: &State, frame: &Frame) -> Vec<String> {
         st.peers
             .iter()
             .filter(|(_, s)| s.link.as_ref().is_some_and(|l| l.tx.try_send(frame.clone()).is_ok()))
@@ -662,6 +702,16 @@ async fn run_link(shared: Arc<Shared>, stream: TcpStream, channel: SecureChannel
                     leave: leave.clone(),
                     _close: close_tx,
                 });
+            }
+            let now = Instant::now();
+            for (_, f) in st
+                .recent_closes
+                .iter()
+                .filter(|(t, _)| now.duration_since(*t) <= RECENT_CLOSE_TTL)
+            {
+                if tx.try_send(f.clone()).is_err() {
+                    bump(&shared.counters.queue_drops);
+                }
             }
             Some(st.dir.claims_of(&shared.settings.node_id))
         } else {

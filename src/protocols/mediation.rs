@@ -8,9 +8,42 @@ use super::{problem, HandleError, Inbound, Mediator, Outcome};
 use crate::didcomm::keys::normalize_verkey;
 use crate::store::{ConnectionPatch, KeyUpdate, MediationState};
 use serde_json::{json, Value};
+use std::collections::HashSet;
 
 /// Keys a single keylist-update may carry.
 pub const MAX_UPDATES: usize = 1000;
+
+/// The number of keys `conn` would hold after `add` and `remove`, when that passes
+/// `limits.max_keys_per_connection` and grows the list (a list already over a lowered limit may
+/// still shrink or swap keys). A key another connection holds counts as added: the estimate
+/// errs towards refusing. Not atomic with the update: concurrent updates of one connection
+/// may pass the limit by at most one message's updates each.
+pub async fn keys_over_limit(
+    m: &Mediator,
+    conn: &str,
+    add: &[String],
+    remove: &[String],
+) -> Result<Option<usize>, HandleError> {
+    if add.is_empty() {
+        return Ok(None);
+    }
+    let current: HashSet<String> = m.store.keys_of(conn).await?.into_iter().collect();
+    let mut after = current.clone();
+    for k in remove {
+        after.remove(k);
+    }
+    after.extend(add.iter().cloned());
+    let max = m.max_keys_per_connection;
+    Ok((after.len() > max && after.len() > current.len()).then_some(after.len()))
+}
+
+/// Why a keylist update was refused for the limit, for the problem report and the log.
+pub fn over_limit_reason(would_hold: usize, max: usize) -> String {
+    format!(
+        "keylist update refused, nothing applied: it would give this connection {would_hold} keys, over \
+         limits.max_keys_per_connection = {max} (remove keys, or add fewer)"
+    )
+}
 
 pub async fn mediate_request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     let conn = ctx.require_conn()?;
@@ -98,6 +131,23 @@ pub async fn keylist_update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, Hand
         .filter(|(_, n, a)| a == "remove" && n.is_ok())
         .filter_map(|(_, n, _)| n.clone().ok())
         .collect();
+    if let Some(would_hold) = keys_over_limit(m, &conn.id, &add, &remove).await? {
+        // Refused whole: every update `server_error` (RFC 0211), then a report saying why.
+        let updated: Vec<Value> = items
+            .iter()
+            .map(|(raw, _, action)| json!({ "recipient_key": raw, "action": action, "result": "server_error" }))
+            .collect();
+        let mut reply = ctx.reply("keylist-update-response");
+        reply["updated"] = Value::Array(updated);
+        let why = over_limit_reason(would_hold, m.max_keys_per_connection);
+        let report = problem::report(ctx, "keylist_limit", &why);
+        let mut replies = vec![reply];
+        replies.extend(report.replies);
+        return Ok(Outcome {
+            replies,
+            ..Outcome::default()
+        });
+    }
     let results = m.store.update_keys(&conn.id, &add, &remove).await?;
     let mut updated = Vec::new();
     for (raw, norm, action) in &items {

@@ -90,6 +90,8 @@ pub struct Mediator {
     pub lease_ms: i64,
     pub batch_size: usize,
     pub limits: crate::store::EnqueueLimits,
+    /// `limits.max_keys_per_connection`.
+    pub max_keys_per_connection: usize,
     /// The stable id of the public multi-use invitation.
     pub invitation_id: String,
     by_verkey: HashMap<String, KeyPair>,
@@ -131,6 +133,7 @@ impl Mediator {
                 max_bytes: cfg.limits.max_queue_bytes,
                 dedup_window_ms: (cfg.limits.dedup_window_secs * 1000) as i64,
             },
+            max_keys_per_connection: cfg.limits.max_keys_per_connection,
             invitation_id,
             by_verkey,
             keys,
@@ -350,6 +353,9 @@ pub enum HandleError {
     /// A handshake presenting a key another connection holds.
     #[error("key {0} belongs to another connection")]
     KeyTaken(String),
+    /// A DIDComm v2 `from_prior` (DID rotation) that does not prove the rotation it claims.
+    #[error("DID rotation refused: {0}")]
+    Rotation(String),
     #[error("queue full for this recipient ({pending} messages, {bytes} bytes): try later")]
     QueueFull { pending: u64, bytes: u64 },
     #[error("store: {0}")]
@@ -385,7 +391,7 @@ impl HandleError {
     pub fn http_status(&self) -> u16 {
         match self {
             HandleError::Envelope(_) | HandleError::BadMessage(_) => 400,
-            HandleError::NoConnection | HandleError::Unproven => 403,
+            HandleError::NoConnection | HandleError::Unproven | HandleError::Rotation(_) => 403,
             HandleError::KeyTaken(_) => 409,
             HandleError::UnknownRecipient(_) => 404,
             HandleError::InvitationUsed(_) => 410,
@@ -405,6 +411,7 @@ impl HandleError {
             HandleError::NoConnection => "no-connection",
             HandleError::Unproven => "no-proof-of-possession",
             HandleError::KeyTaken(_) => "key-taken",
+            HandleError::Rotation(_) => "rotation-refused",
             HandleError::UnknownRecipient(_) => "unknown-recipient",
             HandleError::InvitationUsed(_) => "invitation-used",
             HandleError::QueueFull { .. } => "queue-full",

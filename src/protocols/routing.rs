@@ -38,6 +38,7 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
                 payload,
                 received_at_ms: now_ms(),
                 dedup_key: Some(dedup),
+                expires_at_ms: None,
             }],
             &m.limits,
         )

@@ -35,18 +35,39 @@ pub async fn upgrade(req: HttpRequest, stream: web::Payload, shared: Arc<Shared>
             .json(serde_json::json!({"error": "shutting-down", "reason": "this node is shutting down: reconnect"}));
     }
     let max = shared.cfg.limits.max_sessions;
-    if shared.open_sockets.load(Ordering::Relaxed) >= max {
+    let Some(slot) = SocketSlot::take(&shared, max) else {
         shared.metrics.rejected("session-limit", "unknown");
         return HttpResponse::ServiceUnavailable().json(serde_json::json!({"error": "session-limit", "reason": format!("this node holds its limit of {max} sessions")}));
-    }
+    };
     let frame = shared.cfg.limits.max_ws_frame_bytes;
-    let session = WsSession::new(shared);
+    let session = WsSession::new(shared, slot);
     match ws::WsResponseBuilder::new(session, &req, stream)
         .frame_size(frame)
         .start()
     {
         Ok(r) => r,
         Err(e) => HttpResponse::BadRequest().body(format!("WebSocket handshake failed: {e}")),
+    }
+}
+
+/// One of `limits.max_sessions`, held by a socket for as long as it lives: taken atomically
+/// (a burst of handshakes on several workers cannot pass the limit) and given back on drop,
+/// on every path (a handshake refused after the check, a session that ends, one never started).
+struct SocketSlot(Arc<Shared>);
+
+impl SocketSlot {
+    fn take(shared: &Arc<Shared>, max: usize) -> Option<SocketSlot> {
+        shared
+            .open_sockets
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| SocketSlot(shared.clone()))
+    }
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        self.0.open_sockets.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -77,11 +98,12 @@ pub struct WsSession {
     registered: bool,
     /// Messages of this socket being handled now (`limits.max_ws_inflight`).
     inflight: usize,
+    /// Its place under `limits.max_sessions`.
+    _slot: SocketSlot,
 }
 
 impl WsSession {
-    fn new(shared: Arc<Shared>) -> WsSession {
-        shared.open_sockets.fetch_add(1, Ordering::Relaxed);
+    fn new(shared: Arc<Shared>, slot: SocketSlot) -> WsSession {
         WsSession {
             id: shared.next_session_id(),
             shared,
@@ -95,6 +117,7 @@ impl WsSession {
             partial: None,
             registered: false,
             inflight: 0,
+            _slot: slot,
         }
     }
 
@@ -439,7 +462,6 @@ impl Actor for WsSession {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        self.shared.open_sockets.fetch_sub(1, Ordering::Relaxed);
         if let Some(conn) = self.conn.take() {
             self.shared.metrics.sessions.dec();
             self.shared.registry.do_send(Unregister {

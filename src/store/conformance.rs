@@ -62,6 +62,7 @@ fn msg(conn: &str, payload: &str, at: i64) -> NewMessage {
         payload: payload.as_bytes().to_vec(),
         received_at_ms: at,
         dedup_key: None,
+        expires_at_ms: None,
     }
 }
 
@@ -1048,6 +1049,81 @@ pub async fn expire_old_messages(b: Arc<dyn Backend>) {
     assert!(!r[0].as_ref().unwrap().duplicate);
 }
 
+/// A message past the sender's expiry is never leased (pending or with a lease that ran out),
+/// counts as neither pending nor leased, and `expire_due` deletes it, earliest first, bounded;
+/// the sender's expiry survives a reopen.
+pub async fn sender_expiry(b: Arc<dyn Backend>) {
+    let exp = |conn: &str, p: &str, at: i64, until: i64| NewMessage {
+        expires_at_ms: Some(until),
+        ..msg(conn, p, at)
+    };
+    let (c1, c2, keep, late) = {
+        let s = b.open().await;
+        let c1 = new_conn(&s).await;
+        let c2 = new_conn(&s).await;
+        let id = enqueue_ok(
+            &s,
+            vec![
+                exp(&c1, "soon", T0, T0 + 100),
+                msg(&c1, "keep", T0),
+                exp(&c2, "leased", T0, T0 + 200),
+                exp(&c1, "late", T0, T0 + 10_000),
+            ],
+        )
+        .await;
+        // Leased before its expiry, never again after it.
+        assert_eq!(ids(&s.lease(&c2, 10, "A", T0, T0 + 50).await.unwrap()), vec![id[2]]);
+        s.flush().await.unwrap();
+        (c1, c2, id[1], id[3])
+    };
+    let s = b.open().await;
+    let now = T0 + 300;
+    assert!(s.lease(&c2, 10, "B", now, now + 1000).await.unwrap().is_empty());
+    assert!(s
+        .lease_for_key(&c1, &format!("rk-{c1}"), 10, "B", T0 + 150, T0 + 151)
+        .await
+        .unwrap()
+        .iter()
+        .all(|m| m.payload != b"soon"));
+    s.release_owner("B").await.unwrap();
+    let st = s.queue_stats(&c1, now).await.unwrap();
+    assert_eq!(
+        (st.pending, st.leased),
+        (2, 0),
+        "the expired one is not pending: {st:?}"
+    );
+    assert_eq!(
+        s.queue_stats_for_key(&c1, &format!("rk-{c1}"), now)
+            .await
+            .unwrap()
+            .pending,
+        2
+    );
+    assert_eq!(s.queue_stats(&c2, now).await.unwrap().pending, 0);
+    assert!(s
+        .pending_among(std::slice::from_ref(&c2), now)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.connections_with_pending(now, None, 10).await.unwrap(),
+        vec![c1.clone()]
+    );
+    // Earliest first, bounded, then nothing more is due.
+    assert_eq!(s.expire_due(now, 1).await.unwrap(), 1);
+    assert_eq!(s.total_queued().await.unwrap(), 3);
+    assert_eq!(s.expire_due(now, 10).await.unwrap(), 1);
+    assert_eq!(s.expire_due(now, 10).await.unwrap(), 0);
+    assert_eq!(s.total_queued().await.unwrap(), 2);
+    assert_eq!(s.queue_stats(&c2, now).await.unwrap(), QueueStats::default());
+    let got = s.lease(&c1, 10, "C", now, now + 1000).await.unwrap();
+    assert_eq!(ids(&got), vec![keep, late]);
+    // Acknowledged before its expiry: nothing left to expire.
+    s.ack(&c1, &[late]).await.unwrap();
+    assert_eq!(s.expire_due(T0 + 20_000, 10).await.unwrap(), 0);
+    assert_eq!(s.total_queued().await.unwrap(), 1);
+}
+
 pub async fn pending_sweep_and_stats(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let busy = new_conn(&s).await; // everything leased
@@ -1860,6 +1936,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn expire_old_messages() {
                 backend::run(super::expire_old_messages).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sender_expiry() {
+                backend::run(super::sender_expiry).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn pending_sweep_and_stats() {

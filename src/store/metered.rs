@@ -181,6 +181,9 @@ impl Store for Metered {
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
         self.timed("expire", self.inner.expire(received_before_ms)).await
     }
+    async fn expire_due(&self, now_ms: i64, max: usize) -> StoreResult<u64> {
+        self.timed("expire_due", self.inner.expire_due(now_ms, max)).await
+    }
     async fn oldest_received_ms(&self) -> StoreResult<Option<i64>> {
         self.timed("oldest_received", self.inner.oldest_received_ms()).await
     }

@@ -60,6 +60,9 @@
 //!   each): after a crash an acknowledged message may come back (at-least-once, never a loss).
 //! - sled keeps leases in memory only: after a restart every message is pending. PostgreSQL
 //!   keeps them on the row until they run out or their owner releases them.
+//! - A message with `expires_at_ms <= now` (the sender's expiry, [`NewMessage::expires_at_ms`])
+//!   is *expired*: never leased, neither pending nor leased in stats and sweeps (its bytes still
+//!   count towards limits) until [`Store::expire_due`] deletes it.
 //! - Ids, keys and owners holding a NUL or longer than [`MAX_TEXT_LEN`] bytes are refused with
 //!   [`StoreError::Invalid`] (per message in `enqueue`); lookups of them find nothing.
 use serde::{Deserialize, Serialize};
@@ -226,6 +229,10 @@ pub struct NewMessage {
     pub received_at_ms: i64,
     /// Hash of the inner message; see [`EnqueueLimits::dedup_window_ms`].
     pub dedup_key: Option<[u8; 32]>,
+    /// When the sender said the message stops being worth delivering (DIDComm v2
+    /// `expires_time`, in ms). From then on it is never leased nor counted as deliverable, and
+    /// [`Store::expire_due`] deletes it. `None`: only the TTL sweep ([`Store::expire`]) applies.
+    pub expires_at_ms: Option<i64>,
 }
 
 /// Per-call limits of [`Store::enqueue`] (they come from config).
@@ -448,6 +455,10 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes messages received before `received_before_ms` (leased or not) and dedup records
     /// as old. Returns how many messages were deleted.
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64>;
+    /// Deletes at most `max` messages whose sender's expiry (`expires_at_ms`) is at or before
+    /// `now_ms`, leased or not, earliest expiry first. Returns how many; call again while it
+    /// returns `max`. Dedup records stay (a retried forward is still a duplicate).
+    async fn expire_due(&self, now_ms: i64, max: usize) -> StoreResult<u64>;
     /// Makes every write so far durable (acks and leases are not flushed one by one).
     /// When the oldest queued message (leased or not) was received: the queue-age gauge.
     async fn oldest_received_ms(&self) -> StoreResult<Option<i64>>;

@@ -212,6 +212,16 @@ CREATE INDEX mailroom_push_windows_due ON mailroom_push_windows (trailing_due_ms
     WHERE trailing_due_ms IS NOT NULL;
 "#,
     ),
+    (
+        7,
+        // The sender's expiry of a message (DIDComm v2 `expires_time`, ms): never leased after
+        // it; `expire_due` deletes expired rows, earliest first. Rows of older writers have none.
+        r#"
+ALTER TABLE mailroom_messages ADD COLUMN expires_at_ms bigint;
+CREATE INDEX mailroom_messages_expires ON mailroom_messages (expires_at_ms)
+    WHERE expires_at_ms IS NOT NULL;
+"#,
+    ),
 ];
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
@@ -573,8 +583,10 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
         ids.sort_unstable();
         let insert = tx
             .prepare_cached(
-                "INSERT INTO mailroom_messages (id, conn_id, recipient_key, payload, size, received_at_ms) \
-                 SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::bytea[], $5::int8[], $6::int8[])",
+                "INSERT INTO mailroom_messages \
+                   (id, conn_id, recipient_key, payload, size, received_at_ms, expires_at_ms) \
+                 SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::bytea[], $5::int8[], $6::int8[], \
+                   $7::int8[])",
             )
             .await
             .map_err(pg_err)?;
@@ -583,6 +595,7 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
         let p: Vec<&[u8]> = accepted.iter().map(|m| m.payload.as_slice()).collect();
         let sz: Vec<i64> = accepted.iter().map(|m| m.payload.len() as i64).collect();
         let at: Vec<i64> = accepted.iter().map(|m| m.received_at_ms).collect();
+        let exp: Vec<Option<i64>> = accepted.iter().map(|m| m.expires_at_ms).collect();
         // Dedup records: the latest copy of each (connection, key) in the batch.
         let mut latest: HashMap<(&str, [u8; 32]), (MessageId, i64)> = HashMap::new();
         for (i, m) in accepted.iter().enumerate() {
@@ -610,7 +623,7 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
             da.push(at);
         }
         // Both writes go out in one pipeline.
-        let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [&ids, &c, &rk, &p, &sz, &at];
+        let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [&ids, &c, &rk, &p, &sz, &at, &exp];
         tokio::try_join!(tx.execute(&insert, &insert_params), async {
             if dc.is_empty() {
                 Ok(0)
@@ -1018,6 +1031,7 @@ impl Store for PgStore {
                 "WITH picked AS ( \
                    SELECT id FROM mailroom_messages \
                    WHERE conn_id = $1 AND lease_until_ms <= $2 \
+                     AND (expires_at_ms IS NULL OR expires_at_ms > $2) \
                    ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
                  UPDATE mailroom_messages m \
                  SET lease_until_ms = $4, lease_owner = $5, attempts = m.attempts + 1 \
@@ -1064,6 +1078,7 @@ impl Store for PgStore {
                 "WITH picked AS ( \
                    SELECT id FROM mailroom_messages \
                    WHERE conn_id = $1 AND lease_until_ms <= $2 AND recipient_key = $6 \
+                     AND (expires_at_ms IS NULL OR expires_at_ms > $2) \
                    ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
                  UPDATE mailroom_messages m \
                  SET lease_until_ms = $4, lease_owner = $5, attempts = m.attempts + 1 \
@@ -1098,8 +1113,8 @@ impl Store for PgStore {
         let c = self.client().await?;
         let q = c
             .prepare_cached(
-                "SELECT count(*) FILTER (WHERE lease_until_ms <= $2), \
-                        count(*) FILTER (WHERE lease_until_ms > $2), \
+                "SELECT count(*) FILTER (WHERE lease_until_ms <= $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
+                        count(*) FILTER (WHERE lease_until_ms > $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
                         coalesce(sum(size), 0)::int8, min(received_at_ms) \
                  FROM mailroom_messages WHERE conn_id = $1 AND recipient_key = $3",
             )
@@ -1177,8 +1192,8 @@ impl Store for PgStore {
         let c = self.client().await?;
         let q = c
             .prepare_cached(
-                "SELECT count(*) FILTER (WHERE lease_until_ms <= $2), \
-                        count(*) FILTER (WHERE lease_until_ms > $2), \
+                "SELECT count(*) FILTER (WHERE lease_until_ms <= $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
+                        count(*) FILTER (WHERE lease_until_ms > $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
                         coalesce(sum(size), 0)::int8, min(received_at_ms) \
                  FROM mailroom_messages WHERE conn_id = $1",
             )
@@ -1212,7 +1227,8 @@ impl Store for PgStore {
         let q = c
             .prepare_cached(
                 "SELECT DISTINCT conn_id FROM mailroom_messages \
-                 WHERE lease_until_ms <= $1 AND conn_id > $2 ORDER BY conn_id LIMIT $3",
+                 WHERE lease_until_ms <= $1 AND conn_id > $2 \
+                   AND (expires_at_ms IS NULL OR expires_at_ms > $1) ORDER BY conn_id LIMIT $3",
             )
             .await
             .map_err(pg_err)?;
@@ -1235,7 +1251,8 @@ impl Store for PgStore {
         let q = c
             .prepare_cached(
                 "SELECT DISTINCT conn_id FROM mailroom_messages \
-                 WHERE conn_id = ANY($1) AND lease_until_ms <= $2",
+                 WHERE conn_id = ANY($1) AND lease_until_ms <= $2 \
+                   AND (expires_at_ms IS NULL OR expires_at_ms > $2)",
             )
             .await
             .map_err(pg_err)?;
@@ -1284,6 +1301,18 @@ impl Store for PgStore {
         )
         .await?;
         Ok(n)
+    }
+
+    async fn expire_due(&self, now_ms: i64, max: usize) -> StoreResult<u64> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        // As `expire`: rows locked right now go at the next call.
+        self.execute_retrying(
+            "DELETE FROM mailroom_messages WHERE id IN ( \
+               SELECT id FROM mailroom_messages WHERE expires_at_ms <= $1 \
+               ORDER BY expires_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&now_ms, &max],
+        )
+        .await
     }
 
     async fn oldest_received_ms(&self) -> StoreResult<Option<i64>> {

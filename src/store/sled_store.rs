@@ -49,6 +49,10 @@ pub const MAX_BATCH_BYTES: usize = 16 << 20;
 pub const WRITER_CHANNEL: usize = 4096;
 
 const MSG_FORMAT_V1: u8 = 1;
+/// As v1 with the sender's expiry (`expires_at i64`) after `received_at`.
+const MSG_FORMAT_V2: u8 = 2;
+/// `Meta::expires_at_ms` of a message that never expires.
+const NEVER: i64 = i64::MAX;
 /// sled page cache when the config does not say (`store.sled_cache_mib`, 64).
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
 const IDENTITY_KEY: &[u8] = b"identity";
@@ -70,6 +74,21 @@ struct Meta {
     lease_until_ms: i64,
     owner: Option<Arc<str>>,
     attempts: u32,
+    /// The sender's expiry ([`NEVER`] when none): expired, hence never delivered, when `<= now`.
+    expires_at_ms: i64,
+}
+
+impl Meta {
+    fn expired(&self, now_ms: i64) -> bool {
+        self.expires_at_ms <= now_ms
+    }
+    /// Deliverable now: not leased and not expired.
+    fn pending(&self, now_ms: i64) -> bool {
+        self.lease_until_ms <= now_ms && !self.expired(now_ms)
+    }
+    fn leased(&self, now_ms: i64) -> bool {
+        self.lease_until_ms > now_ms && !self.expired(now_ms)
+    }
 }
 
 #[derive(Default, Debug)]
@@ -91,6 +110,9 @@ struct Queues {
     /// owner -> connections where it leased messages (a superset: pruned by `expire` and
     /// `release_owner`), so `release_owner` scans only those queues.
     by_owner: HashMap<Arc<str>, std::collections::HashSet<ConnId>>,
+    /// Messages with a sender's expiry, by (expiry, id) -> connection, for
+    /// [`Store::expire_due`]. Kept exact: every removal of such a message removes its entry.
+    expiring: BTreeMap<(i64, MessageId), ConnId>,
 }
 
 impl Queues {
@@ -100,8 +122,18 @@ impl Queues {
             None => self.by_conn.entry(conn.to_owned()).or_default(),
         };
         q.bytes += meta.size;
+        if meta.expires_at_ms != NEVER {
+            self.expiring.insert((meta.expires_at_ms, id), conn.to_owned());
+        }
         if q.msgs.insert(id, meta).is_none() {
             self.total += 1;
+        }
+    }
+
+    /// Drops the expiry entry of a message just removed from its queue.
+    fn unindex(&mut self, id: MessageId, meta: &Meta) {
+        if meta.expires_at_ms != NEVER {
+            self.expiring.remove(&(meta.expires_at_ms, id));
         }
     }
 }
@@ -359,6 +391,7 @@ impl Inner {
                     lease_until_ms: 0,
                     owner: None,
                     attempts: attempts.get(&id).copied().unwrap_or(0),
+                    expires_at_ms: m.expires_at_ms.unwrap_or(NEVER),
                 },
             );
         }
@@ -430,7 +463,12 @@ impl Inner {
         let (ids, dedup_n) = {
             let mut q = self.queues.lock();
             let ids: Vec<MessageId> = match q.by_conn.remove(conn) {
-                Some(cq) => cq.msgs.into_keys().collect(),
+                Some(cq) => {
+                    for (id, m) in &cq.msgs {
+                        q.unindex(*id, m);
+                    }
+                    cq.msgs.into_keys().collect()
+                }
                 None => Vec::new(),
             };
             q.total -= ids.len() as u64;
@@ -573,6 +611,7 @@ impl Inner {
                     lease_until_ms: 0,
                     owner: None,
                     attempts: 0,
+                    expires_at_ms: m.expires_at_ms.unwrap_or(NEVER),
                 };
                 q.insert(&m.connection, *id, meta);
                 if let Some(dk) = m.dedup_key {
@@ -647,11 +686,21 @@ fn push_str16(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// `v1 | received_at i64 | len16 conn | conn | len16 rkey | rkey | 0 or 1+key32 | payload`
+/// `v1 | received_at i64 | len16 conn | conn | len16 rkey | rkey | 0 or 1+key32 | payload`, or
+/// with a sender's expiry `v2 | received_at i64 | expires_at i64 | ...` (the rest as v1).
 fn encode_msg(m: &NewMessage) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + 8 + 4 + m.connection.len() + m.recipient_key.len() + 33 + m.payload.len());
-    out.push(MSG_FORMAT_V1);
-    out.extend_from_slice(&m.received_at_ms.to_be_bytes());
+    let mut out = Vec::with_capacity(1 + 16 + 4 + m.connection.len() + m.recipient_key.len() + 33 + m.payload.len());
+    match m.expires_at_ms {
+        None => {
+            out.push(MSG_FORMAT_V1);
+            out.extend_from_slice(&m.received_at_ms.to_be_bytes());
+        }
+        Some(e) => {
+            out.push(MSG_FORMAT_V2);
+            out.extend_from_slice(&m.received_at_ms.to_be_bytes());
+            out.extend_from_slice(&e.to_be_bytes());
+        }
+    }
     push_str16(&mut out, &m.connection);
     push_str16(&mut out, &m.recipient_key);
     match &m.dedup_key {
@@ -667,6 +716,7 @@ fn encode_msg(m: &NewMessage) -> Vec<u8> {
 
 struct MsgRef<'a> {
     received_at_ms: i64,
+    expires_at_ms: Option<i64>,
     connection: &'a str,
     recipient_key: &'a str,
     payload: &'a [u8],
@@ -686,10 +736,16 @@ fn decode_msg(v: &[u8]) -> StoreResult<MsgRef<'_>> {
         std::str::from_utf8(take(v, n)?).map_err(|_| corrupt("message string"))
     }
     let mut v = v;
-    if take(&mut v, 1)?[0] != MSG_FORMAT_V1 {
+    let format = take(&mut v, 1)?[0];
+    if format != MSG_FORMAT_V1 && format != MSG_FORMAT_V2 {
         return Err(corrupt("unknown message format"));
     }
     let received_at_ms = i64::from_be_bytes(take(&mut v, 8)?.try_into().expect("8 bytes"));
+    let expires_at_ms = if format == MSG_FORMAT_V2 {
+        Some(i64::from_be_bytes(take(&mut v, 8)?.try_into().expect("8 bytes")))
+    } else {
+        None
+    };
     let connection = take_str(&mut v)?;
     let recipient_key = take_str(&mut v)?;
     match take(&mut v, 1)?[0] {
@@ -701,6 +757,7 @@ fn decode_msg(v: &[u8]) -> StoreResult<MsgRef<'_>> {
     }
     Ok(MsgRef {
         received_at_ms,
+        expires_at_ms,
         connection,
         recipient_key,
         payload: v,
@@ -1107,7 +1164,7 @@ impl Store for SledStore {
                     if picked.len() >= max {
                         break;
                     }
-                    if m.lease_until_ms <= now_ms {
+                    if m.pending(now_ms) {
                         m.lease_until_ms = until_ms;
                         m.owner = Some(owner.clone());
                         m.attempts = m.attempts.saturating_add(1);
@@ -1152,7 +1209,7 @@ impl Store for SledStore {
                 };
                 cq.msgs
                     .iter()
-                    .filter(|(_, m)| m.lease_until_ms <= now_ms)
+                    .filter(|(_, m)| m.pending(now_ms))
                     .map(|(id, _)| *id)
                     .collect()
             };
@@ -1175,7 +1232,7 @@ impl Store for SledStore {
                 let mut picked = Vec::with_capacity(matching.len());
                 for id in matching {
                     if let Some(m) = cq.msgs.get_mut(&id) {
-                        if m.lease_until_ms <= now_ms {
+                        if m.pending(now_ms) {
                             m.lease_until_ms = until_ms;
                             m.owner = Some(owner.clone());
                             m.attempts = m.attempts.saturating_add(1);
@@ -1211,9 +1268,9 @@ impl Store for SledStore {
                 if decode_msg(&v)?.recipient_key != key {
                     continue;
                 }
-                if m.lease_until_ms <= now_ms {
+                if m.pending(now_ms) {
                     s.pending += 1;
-                } else {
+                } else if m.leased(now_ms) {
                     s.leased += 1;
                 }
                 s.bytes += m.size;
@@ -1244,6 +1301,9 @@ impl Store for SledStore {
                 for id in ids {
                     if let Some(m) = cq.msgs.remove(&id) {
                         cq.bytes -= m.size;
+                        if m.expires_at_ms != NEVER {
+                            q.expiring.remove(&(m.expires_at_ms, id));
+                        }
                         removed.push((id, m.lease_until_ms));
                     }
                 }
@@ -1330,9 +1390,9 @@ impl Store for SledStore {
                 ..Default::default()
             };
             for m in cq.msgs.values() {
-                if m.lease_until_ms <= now_ms {
+                if m.pending(now_ms) {
                     s.pending += 1;
-                } else {
+                } else if m.leased(now_ms) {
                     s.leased += 1;
                 }
                 s.oldest_received_ms = Some(match s.oldest_received_ms {
@@ -1363,7 +1423,7 @@ impl Store for SledStore {
                 .by_conn
                 .iter()
                 .filter(|(c, _)| after.as_deref().map_or(true, |a| c.as_str() > a))
-                .filter(|(_, cq)| cq.msgs.values().any(|m| m.lease_until_ms <= now_ms))
+                .filter(|(_, cq)| cq.msgs.values().any(|m| m.pending(now_ms)))
                 .map(|(c, _)| c.as_str())
                 .collect();
             found.sort_unstable();
@@ -1380,7 +1440,7 @@ impl Store for SledStore {
             .filter(|c| {
                 q.by_conn
                     .get(c.as_str())
-                    .is_some_and(|cq| cq.msgs.values().any(|m| m.lease_until_ms <= now_ms))
+                    .is_some_and(|cq| cq.msgs.values().any(|m| m.pending(now_ms)))
             })
             .cloned()
             .collect())
@@ -1434,10 +1494,14 @@ impl Store for SledStore {
                 let mut guard = inner.queues.lock();
                 let q = &mut *guard;
                 let mut removed = Vec::new();
+                let expiring = &mut q.expiring;
                 q.by_conn.retain(|_, cq| {
                     cq.msgs.retain(|id, m| {
                         if m.received_at_ms < received_before_ms {
                             cq.bytes -= m.size;
+                            if m.expires_at_ms != NEVER {
+                                expiring.remove(&(m.expires_at_ms, *id));
+                            }
                             removed.push(*id);
                             false
                         } else {
@@ -1486,6 +1550,44 @@ impl Store for SledStore {
             inner.msgs.apply_batch(b).map_err(unavailable)?;
             inner.attempts.apply_batch(a).map_err(unavailable)?;
             inner.dedup.apply_batch(d).map_err(unavailable)?;
+            Ok(removed.len() as u64)
+        })
+        .await
+    }
+
+    async fn expire_due(&self, now_ms: i64, max: usize) -> StoreResult<u64> {
+        self.blocking(move |inner| {
+            let removed = {
+                let mut guard = inner.queues.lock();
+                let q = &mut *guard;
+                let mut removed = Vec::new();
+                while removed.len() < max {
+                    let Some((&(at, id), _)) = q.expiring.first_key_value() else {
+                        break;
+                    };
+                    if at > now_ms {
+                        break;
+                    }
+                    let conn = q.expiring.remove(&(at, id)).expect("first key just read");
+                    let Some(cq) = q.by_conn.get_mut(&conn) else { continue };
+                    let Some(m) = cq.msgs.remove(&id) else { continue };
+                    cq.bytes -= m.size;
+                    if cq.msgs.is_empty() {
+                        q.by_conn.remove(&conn);
+                    }
+                    q.total -= 1;
+                    removed.push(id);
+                }
+                removed
+            };
+            let mut b = sled::Batch::default();
+            let mut a = sled::Batch::default();
+            for id in &removed {
+                b.remove(&encode_id(*id));
+                a.remove(&encode_id(*id));
+            }
+            inner.msgs.apply_batch(b).map_err(unavailable)?;
+            inner.attempts.apply_batch(a).map_err(unavailable)?;
             Ok(removed.len() as u64)
         })
         .await

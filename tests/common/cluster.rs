@@ -141,6 +141,34 @@ pub fn start_node(cfg: &Config, id: &str, l: Listeners, store: &Arc<dyn Store>, 
     .expect("node starts")
 }
 
+/// An n-node cluster (in-process nodes n1..nN) on a fresh PostgreSQL database, returned once
+/// every node sees every other one connected. The database is dropped with the value.
+pub struct TestCluster {
+    pub nodes: Vec<RunningNode>,
+    pub db: FreshDb,
+}
+
+/// `cluster_of(n, sweep_ms)`: see [`TestCluster`].
+pub async fn cluster_of(n: usize, sweep_ms: u64) -> TestCluster {
+    let db = FreshDb::create().await;
+    let (cfg, ls) = bind_cluster(n, &db.url, sweep_ms);
+    let store = open_shared_store(&cfg).await;
+    let nodes: Vec<RunningNode> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| start_node(&cfg, &format!("n{}", i + 1), l, &store, None))
+        .collect();
+    for a in &nodes {
+        for b in nodes.iter().filter(|b| b.node_id != a.node_id) {
+            eventually(&format!("{} sees {} connected", a.node_id, b.node_id), || async {
+                peer_connected(a, &b.node_id).await.then_some(())
+            })
+            .await;
+        }
+    }
+    TestCluster { nodes, db }
+}
+
 /// A TCP proxy in front of `target` whose links can be cut and restored.
 pub struct Proxy {
     pub addr: SocketAddr,

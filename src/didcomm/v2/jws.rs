@@ -113,3 +113,39 @@ pub fn sign(payload: &[u8], kid: &str, key: &Key) -> Result<Value, V2Error> {
         "signatures": [{ "protected": protected, "signature": b64::encode(sig.as_ref()), "header": { "kid": kid } }],
     }))
 }
+
+/// Longest compact JWT read (`from_prior`).
+pub const MAX_JWT_LEN: usize = 8 * 1024;
+
+/// Signs `claims` as a compact JWT (`header.payload.signature`, header `typ: JWT`) by `key`,
+/// named `kid`: the form of a DIDComm v2 `from_prior`.
+pub fn sign_jwt(claims: &Value, kid: &str, key: &Key) -> Result<String, V2Error> {
+    let alg = key_jws_alg(key.algorithm()).ok_or_else(|| V2Error::UnsupportedAlg(key.algorithm().as_str().into()))?;
+    let header = b64::encode(json!({ "typ": "JWT", "alg": alg, "kid": kid }).to_string().as_bytes());
+    let payload = b64::encode(claims.to_string().as_bytes());
+    let input = format!("{header}.{payload}");
+    let sig = key
+        .create_signature(input.as_bytes(), None)
+        .map_err(|e| V2Error::Crypto(e.to_string()))?;
+    Ok(format!("{input}.{}", b64::encode(sig.as_ref())))
+}
+
+/// Verifies a compact JWT (the header names the signer's `kid`); returns its claims (a JSON
+/// object) and that kid. `resolve` finds the public key of a kid, as for [`verify`].
+pub fn verify_jwt(jwt: &str, resolve: &dyn Fn(&str) -> Result<Key, V2Error>) -> Result<(Value, String), V2Error> {
+    if jwt.len() > MAX_JWT_LEN {
+        return Err(sig_err(format!("JWT longer than {MAX_JWT_LEN} bytes")));
+    }
+    let mut parts = jwt.split('.');
+    let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(sig_err("a compact JWT has three parts"));
+    };
+    let as_jws = json!({ "protected": header, "payload": payload, "signature": signature });
+    let (claims, kid) = verify(&as_jws, resolve)?;
+    let claims: Value = serde_json::from_slice(&claims)
+        .ok()
+        .filter(Value::is_object)
+        .ok_or_else(|| sig_err("JWT claims are not a JSON object"))?;
+    Ok((claims, kid))
+}

@@ -644,3 +644,40 @@ fn service_uri_that_is_a_did_and_legacy_ids() {
     assert!(!did::veramo_readable(&q));
     assert!(did::veramo_readable(&d));
 }
+
+/// `from_prior` is a compact JWT: signed by an authentication key of a did:peer:2, verified
+/// through the DID; a tampered claim, a foreign key or a wrong shape is refused.
+#[test]
+fn from_prior_jwt_round_trip_and_forgeries() {
+    let auth = keys::generate(KeyAlg::Ed25519).unwrap();
+    let agree = keys::generate(KeyAlg::X25519).unwrap();
+    let d = did::create_peer2(&[agree], std::slice::from_ref(&auth), &[]).unwrap();
+    let kid = format!("{d}#key-2");
+    let claims = json!({ "iss": d, "sub": "did:example:new", "iat": 1_700_000_000 });
+    let jwt = jws::sign_jwt(&claims, &kid, &auth).unwrap();
+    assert_eq!(jwt.split('.').count(), 3);
+    let resolve = |k: &str| did::resolve_key(k, Purpose::Authentication);
+    let (got, signer) = jws::verify_jwt(&jwt, &resolve).unwrap();
+    assert_eq!((got, signer), (claims.clone(), kid.clone()));
+    // Another claim under the same signature.
+    let parts: Vec<&str> = jwt.split('.').collect();
+    let forged_claims = crate::didcomm::b64::encode(
+        json!({ "iss": d, "sub": "did:example:attacker", "iat": 1 })
+            .to_string()
+            .as_bytes(),
+    );
+    let forged = format!("{}.{forged_claims}.{}", parts[0], parts[2]);
+    assert!(jws::verify_jwt(&forged, &resolve).is_err());
+    // Signed by another key while naming this DID's.
+    let other = keys::generate(KeyAlg::Ed25519).unwrap();
+    assert!(jws::verify_jwt(&jws::sign_jwt(&claims, &kid, &other).unwrap(), &resolve).is_err());
+    for bad in [
+        "",
+        "a.b",
+        "a.b.c.d",
+        &format!("{jwt}.x"),
+        &"a".repeat(jws::MAX_JWT_LEN + 1),
+    ] {
+        assert!(jws::verify_jwt(bad, &resolve).is_err(), "{bad:.40}");
+    }
+}

@@ -128,6 +128,9 @@ async fn update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
             _ => bad.push(json!({ "recipient_did": raw, "action": action, "result": "client_error" })),
         }
     }
+    if let Some(would_hold) = super::super::mediation::keys_over_limit(m, &conn.id, &add, &remove).await? {
+        return Ok(over_limit(m, ctx, updates, would_hold));
+    }
     let results = m.store.update_keys(&conn.id, &add, &remove).await?;
     let mut updated: Vec<Value> = results
         .into_iter()
@@ -156,6 +159,48 @@ async fn update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
         replies: vec![ctx.reply(m, name, body)],
         ..Outcome::default()
     })
+}
+
+/// An update that would pass `limits.max_keys_per_connection`, refused whole: every update
+/// answered `server_error`, then a problem-report 2.0 saying why.
+fn over_limit(m: &Mediator, ctx: &Inbound, updates: &[Value], would_hold: usize) -> Outcome {
+    let updated: Vec<Value> = updates
+        .iter()
+        .map(|u| {
+            let raw = u["recipient_did"]
+                .as_str()
+                .or_else(|| u["recipient_key"].as_str())
+                .unwrap_or_default();
+            json!({ "recipient_did": raw, "action": u["action"], "result": "server_error" })
+        })
+        .collect();
+    let why = super::super::mediation::over_limit_reason(would_hold, m.max_keys_per_connection);
+    tracing::info!(connection = %ctx.conn.as_ref().map(|c| c.id.as_str()).unwrap_or("-"), "v2 {why}");
+    let name = if ctx.major() == 2 {
+        "keylist-update-response"
+    } else {
+        "recipient-update-response"
+    };
+    let body = if ctx.major() == 2 {
+        json!({ "updated": updated })
+    } else {
+        json!({ "updated": updated, "updates": updated })
+    };
+    let mut report = ctx.reply(
+        m,
+        "problem-report",
+        json!({ "code": "e.p.req.keylist-limit", "comment": why }),
+    );
+    // A problem report names the thread it is about as its parent.
+    report["type"] = json!(format!("{}report-problem/2.0/problem-report", super::PREFIX));
+    if let Some(o) = report.as_object_mut() {
+        o.remove("thid");
+    }
+    report["pthid"] = json!(ctx.thid());
+    Outcome {
+        replies: vec![ctx.reply(m, name, body), report],
+        ..Outcome::default()
+    }
 }
 
 async fn query(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {

@@ -9,7 +9,8 @@
 //!
 //! Families: out-of-band 2.0, trust-ping 2.0, discover-features 2.0, report-problem 2.0 (every
 //! refusal to a known sender), coordinate-mediation 2.0 and 3.0 over one keylist, routing 2.0
-//! forward, messagepickup 3.0 (and 4.0, same messages) over HTTP and WebSocket.
+//! forward, messagepickup 3.0 (and 4.0, same messages) over HTTP and WebSocket; `from_prior`
+//! DID rotation on any message ([`rotation`]).
 //!
 //! Replies always come back on the transport that carried the request (Veramo sends
 //! mediate-request without `return_route` and waits for the answer in the response; Indicio's
@@ -18,6 +19,7 @@
 
 pub mod mediation;
 pub mod pickup;
+pub mod rotation;
 pub mod routing;
 
 use super::{now_ms, HandleError, MediatorKeys, Outcome, TransportKind};
@@ -187,7 +189,7 @@ pub async fn handle(
     };
     let type_str = msg["type"].as_str().unwrap_or_default().to_string();
     let (family, version, name) = parse_type(&type_str).unwrap_or_default();
-    let ctx = Inbound {
+    let mut ctx = Inbound {
         msg,
         type_str,
         family,
@@ -202,7 +204,10 @@ pub async fn handle(
     let result = if forged {
         Err(HandleError::Unproven)
     } else {
-        dispatch(m, &ctx).await
+        match rotation::apply(m, &mut ctx).await {
+            Ok(()) => dispatch(m, &ctx).await,
+            Err(e) => Err(e),
+        }
     };
     let mut out = match result {
         Ok(o) => o,
@@ -307,7 +312,7 @@ fn remember_dialect(c: &mut Connection, d: Option<Dialect>) {
 fn refusal(m: &super::Mediator, ctx: &Inbound, e: HandleError) -> HandleError {
     let Some(sender) = &ctx.sender else { return e };
     let code = match &e {
-        HandleError::NoConnection | HandleError::Unproven => "e.p.req.not-authorized",
+        HandleError::NoConnection | HandleError::Unproven | HandleError::Rotation(_) => "e.p.req.not-authorized",
         HandleError::KeyTaken(_) => "e.p.req.key-taken",
         HandleError::UnknownRecipient(_) => "e.p.msg.recipient-unknown",
         HandleError::QueueFull { .. } => "w.p.xfer.queue-full",

@@ -1,6 +1,8 @@
 //! routing 2.0 `forward`: `body.next` (a DID, a DID URL, or a did:key in its Ed25519 or X25519
 //! form) names a recipient DID some connection registered; every attachment is queued for it
-//! before the transport answers 2xx. An `expires_time` in the past is refused.
+//! before the transport answers 2xx. An `expires_time` in the past is refused; a later one is
+//! stored with each queued attachment (earliest of the forward's and, for an attachment the
+//! mediator can read as a plaintext message, its own): the queue never delivers it afterwards.
 
 use super::Inbound;
 use crate::didcomm::v2::{did, keys};
@@ -41,6 +43,33 @@ async fn route(m: &Mediator, next: &str) -> Result<Option<(String, String)>, Han
     Ok(None)
 }
 
+/// `expires_time` (seconds since the epoch) of a message, in ms.
+fn expires_ms(v: &Value) -> Option<i64> {
+    v.get("expires_time")
+        .and_then(Value::as_i64)
+        .map(|s| s.saturating_mul(1000))
+}
+
+/// `expires_time` of an attachment that is a plaintext message; an encrypted one has none the
+/// mediator can see (the fields of a JWE are skipped without being copied).
+fn attachment_expires_ms(payload: &[u8]) -> Option<i64> {
+    #[derive(serde::Deserialize)]
+    struct Plain {
+        expires_time: Option<i64>,
+    }
+    serde_json::from_slice::<Plain>(payload)
+        .ok()?
+        .expires_time
+        .map(|s| s.saturating_mul(1000))
+}
+
+fn earliest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     let next = ctx.msg["body"]["next"]
         .as_str()
@@ -49,10 +78,12 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
         return Err(HandleError::BadMessage("forward body.next too long".into()));
     }
     let now = now_ms();
-    if let Some(exp) = ctx.msg["expires_time"].as_i64() {
-        if exp * 1000 < now {
+    let forward_expires = expires_ms(&ctx.msg);
+    if let Some(exp) = forward_expires {
+        if exp <= now {
             return Err(HandleError::BadMessage(format!(
-                "forward expired at {exp} (expires_time, seconds): not queued"
+                "forward expired at {} (expires_time, seconds): not queued",
+                exp / 1000
             )));
         }
     }
@@ -91,6 +122,7 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
             connection: conn.clone(),
             recipient_key: recipient.clone(),
             dedup_key: Some(Sha256::digest(&payload).into()),
+            expires_at_ms: earliest(forward_expires, attachment_expires_ms(&payload)),
             payload,
             received_at_ms: now,
         })

@@ -1,0 +1,586 @@
+//! Hostile clients against one real node on 127.0.0.1:0: slow-loris requests and WebSocket
+//! handshakes, a wallet that never reads its socket, a flood of sockets past
+//! `limits.max_sessions`, fragmented and oversized frames and bodies, and a keylist grown
+//! past `limits.max_keys_per_connection`. Each ends with the node serving well-behaved clients.
+
+mod common;
+
+use actix_http::ws::Item;
+use bytes::Bytes;
+use common::*;
+use mailroom::client::v2::{V2Agent, V2Mediator};
+use mailroom::client::{basic_message, websocket, Agent, Sender, WsEvent};
+use mailroom::config::Strategy;
+use mailroom::didcomm::keys::KeyPair;
+use mailroom::node::RunningNode;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn forward_to(n: &RunningNode, a: &Agent, key: &KeyPair, text: &str) -> u16 {
+    let g = a.grant.clone().expect("mediated");
+    Sender::new()
+        .forward(&n.public_url(), &basic_message(text), &key.verkey(), &g.routing_keys)
+        .await
+        .expect("forward POST")
+}
+
+/// What a raw connection saw before `deadline`: the bytes it read, and whether the node
+/// closed it.
+async fn read_until_closed(s: &mut TcpStream, within: Duration) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return (got, false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// The status line of the node's answer on a raw connection.
+async fn status_line(s: &mut (impl AsyncReadExt + Unpin)) -> String {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        match tokio::time::timeout(WAIT, s.read(&mut b)).await {
+            Ok(Ok(1)) => line.push(b[0]),
+            other => panic!("no status line: {other:?} after {:?}", String::from_utf8_lossy(&line)),
+        }
+    }
+    String::from_utf8_lossy(&line).trim_end().to_string()
+}
+
+/// Trickles `head` one byte every 50 ms, never finishing it, for at most `for_at_most`;
+/// returns how long the node let it go on before closing the connection (None: never).
+async fn trickle(addr: std::net::SocketAddr, head: &str, for_at_most: Duration) -> Option<Duration> {
+    let started = tokio::time::Instant::now();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 1024];
+    for b in head.bytes().cycle() {
+        if started.elapsed() > for_at_most {
+            return None;
+        }
+        if s.write_all(&[b]).await.is_err() {
+            return Some(started.elapsed());
+        }
+        // Anything the node sends (a 408) or its close ends the trickle.
+        match tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {
+                let (_, closed) = read_until_closed(&mut s, Duration::from_secs(2)).await;
+                assert!(closed, "the node answered the slow client but kept its connection");
+                return Some(started.elapsed());
+            }
+            Err(_) => {}
+        }
+    }
+    unreachable!("cycle never ends")
+}
+
+#[actix_rt::test]
+async fn slow_loris_requests_and_handshakes_are_dropped_while_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.limits.client_timeout_ms = 500;
+    let n = start(&cfg);
+    let addr = n.public_addr;
+    let post_head = "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/didcomm-envelope-enc\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+    let ws_head = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Slow: aaaaaaaa\r\n";
+    // Ten slow clients of each kind at once, trickling for up to 15 s (30 times the limit).
+    let mut slow = Vec::new();
+    for i in 0..20 {
+        let head = if i % 2 == 0 { post_head } else { ws_head };
+        slow.push(actix_rt::spawn(trickle(addr, head, Duration::from_secs(15))));
+    }
+    // Meanwhile a wallet onboards and a forward reaches it.
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.expect("onboarding beside slow clients");
+    assert_eq!(forward_to(&n, &a, &k, "served").await, 202);
+    for s in slow {
+        let held = s.await.unwrap().expect("a slow-loris client was never dropped");
+        // Dropped once limits.client_timeout_ms (0.5 s) passed, not at actix's 5 s default.
+        assert!(
+            held < Duration::from_secs(3),
+            "a slow client was held {held:?} with limits.client_timeout_ms = 500"
+        );
+    }
+    assert_eq!(queue_depth(&n).await, 1);
+}
+
+/// A WebSocket opened by hand on a socket with a 4 KiB receive buffer, never read after
+/// the handshake.
+async fn deaf_socket(addr: std::net::SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "handshake answer");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+/// One binary WebSocket frame from a client (masked, as RFC 6455 requires).
+fn masked_frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x82u8];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 1 << 16 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// The `in_flight` (leased) and `depth` counts of the node's only connection.
+async fn lease_counts(n: &RunningNode) -> (u64, u64) {
+    let v = get_json(&format!("{}/connections", n.admin_url())).await;
+    let q = &v["connections"][0]["queue"];
+    (q["in_flight"].as_u64().unwrap(), q["depth"].as_u64().unwrap())
+}
+
+#[actix_rt::test]
+async fn a_wallet_that_never_reads_holds_a_bounded_share_and_loses_nothing() {
+    // Leases outlive the test: only the session's end gives them back.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.delivery.lease_ms = 600_000;
+    let mut l = mailroom::node::bind_ephemeral(&mut cfg, "n1", false).unwrap();
+    // The kernel's share is bounded by its send buffer (autotuned up to megabytes): pin it
+    // small (accepted sockets inherit it) so what the node itself holds shows plainly.
+    let public = tokio::net::TcpSocket::new_v4().unwrap();
+    public.set_send_buffer_size(16 << 10).unwrap();
+    public.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    l.public = public.listen(1024).unwrap().into_std().unwrap();
+    l.public.set_nonblocking(false).unwrap();
+    cfg.nodes[0].listen = l.public.local_addr().unwrap().to_string();
+    let n = mailroom::node::spawn(cfg, "n1", l, Default::default()).unwrap();
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    // A backlog waits for the wallet: 100 messages of 16 KiB.
+    const BACKLOG: usize = 100;
+    const N: usize = BACKLOG + 20;
+    let big = "x".repeat(16 << 10);
+    let mut sent = HashSet::new();
+    for i in 0..BACKLOG {
+        assert_eq!(forward_to(&n, &a, &k, &format!("{i}:{big}")).await, 202);
+        sent.insert(i.to_string());
+    }
+    // It comes back in live mode on a socket it then never reads (a small receive buffer,
+    // so the node meets a full socket soon), and more mail arrives live.
+    let mut deaf = deaf_socket(n.public_addr).await;
+    let env = a
+        .pack(&pickup("live-delivery-change", json!({"live_delivery": true})))
+        .unwrap();
+    deaf.write_all(&masked_frame(&env)).await.unwrap();
+    for i in BACKLOG..N {
+        assert_eq!(forward_to(&n, &a, &k, &format!("{i}:{big}")).await, 202);
+        sent.insert(i.to_string());
+    }
+    // The node took what the socket could hold and stopped: every message is still queued,
+    // and no more than a few batches (delivery.batch_size = 10) are leased to the deaf
+    // session: the rest never left the store for its memory.
+    let (in_flight, depth) = eventually("the deaf session's leases to settle", || async {
+        let first = lease_counts(&n).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let second = lease_counts(&n).await;
+        (first == second).then_some(second)
+    })
+    .await;
+    assert_eq!(depth, N as u64, "every message stays queued");
+    assert!(
+        in_flight <= 4 * 10,
+        "{in_flight} of {N} messages leased to a session that reads nothing"
+    );
+    let (_, metrics) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    println!("deaf session: {in_flight} of {N} leased");
+    assert!(metrics.contains("mailroom_"), "{metrics}");
+    // A well-behaved client picks up later: the deaf socket goes, everything arrives.
+    drop(deaf);
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    ws_request(
+        &a,
+        &mut ws,
+        &pickup("live-delivery-change", json!({"live_delivery": true})),
+    )
+    .await;
+    let mut got = HashSet::new();
+    while got.len() < N {
+        let d = ws_next_message(&a, &mut ws).await;
+        if type_name(&d) == "status" {
+            continue; // the answer to an acknowledgement
+        }
+        assert_eq!(type_name(&d), "delivery", "{d}");
+        let items = a.open_delivery(&d).unwrap();
+        let ids: Vec<String> = items.iter().map(|(id, _)| id.clone()).collect();
+        for (_, m) in items {
+            let c = m["content"].as_str().unwrap();
+            got.insert(c.split(':').next().unwrap().to_string());
+        }
+        ws.send_envelope(
+            a.pack(&pickup("messages-received", json!({"message_id_list": ids})))
+                .unwrap(),
+            true,
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(got, sent, "every message delivered once the wallet reads");
+    eventually("the queue to empty", || async {
+        (queue_depth(&n).await == 0).then_some(())
+    })
+    .await;
+}
+
+/// An upgrade request straight on TCP; the status line's code.
+async fn raw_upgrade(addr: std::net::SocketAddr, with_key: bool) -> (u16, TcpStream) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let key = if with_key {
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    } else {
+        ""
+    };
+    s.write_all(
+        format!("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n{key}\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(WAIT, s.read(&mut b)).await {
+            Ok(Ok(1)) => head.push(b[0]),
+            other => panic!(
+                "no answer to an upgrade: {other:?} after {:?}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    let code = line.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, s)
+}
+
+async fn open_sockets(n: &RunningNode) -> u64 {
+    get_json(&format!("{}/status", n.admin_url())).await["open_sockets"]
+        .as_u64()
+        .unwrap()
+}
+
+#[actix_rt::test]
+async fn a_flood_of_sockets_past_max_sessions_is_refused_and_live_wallets_keep_receiving() {
+    const MAX: usize = 20;
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.max_sessions = MAX;
+    })
+    .await;
+    let mut live = a.websocket(&ws_url(&n)).await.unwrap();
+    ws_request(
+        &a,
+        &mut live,
+        &pickup("live-delivery-change", json!({"live_delivery": true})),
+    )
+    .await;
+    // Broken handshakes (no key) are refused and hold no place.
+    for _ in 0..2 * MAX {
+        let (code, _) = raw_upgrade(n.public_addr, false).await;
+        assert_eq!(code, 400);
+    }
+    assert_eq!(open_sockets(&n).await, 1);
+    // A flood of 3 x MAX handshakes at once: exactly the places left are taken.
+    let flood: Vec<_> = (0..3 * MAX)
+        .map(|_| actix_rt::spawn(raw_upgrade(n.public_addr, true)))
+        .collect();
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for f in flood {
+        match f.await.unwrap() {
+            (101, s) => held.push(s),
+            (503, _) => refused += 1,
+            (other, _) => panic!("upgrade answered {other}"),
+        }
+    }
+    assert_eq!(held.len(), MAX - 1, "places taken by the flood");
+    assert_eq!(refused, 3 * MAX - (MAX - 1));
+    assert!(websocket(&ws_url(&n)).await.is_err(), "full: a new socket is refused");
+    // The wallet already connected is served live throughout.
+    for i in 0..3 {
+        assert_eq!(forward_to(&n, &a, &k, &format!("during-flood-{i}")).await, 202);
+        let d = ws_next_message(&a, &mut live).await;
+        assert_eq!(contents(&a, &d), vec![format!("during-flood-{i}")]);
+        let ids: Vec<String> = a.open_delivery(&d).unwrap().into_iter().map(|(id, _)| id).collect();
+        let status = ws_request(
+            &a,
+            &mut live,
+            &pickup("messages-received", json!({"message_id_list": ids})),
+        )
+        .await;
+        assert_eq!(type_name(&status), "status", "{status}");
+    }
+    // The flood goes: its places come back, new sessions are accepted.
+    drop(held);
+    eventually("the flood's places to come back", || async {
+        (open_sockets(&n).await == 1).then_some(())
+    })
+    .await;
+    let mut again = a.websocket(&ws_url(&n)).await.expect("accepted after the flood");
+    let pong = ws_request(
+        &a,
+        &mut again,
+        &json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "p", "response_requested": true, "~transport": {"return_route": "all"}}),
+    )
+    .await;
+    assert_eq!(type_name(&pong), "ping_response");
+}
+
+#[actix_rt::test]
+async fn fragmented_frames_reassemble_and_oversized_ones_are_refused() {
+    const LIMIT: usize = 64 << 10;
+    let (_dir, n, a, _) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.max_ws_frame_bytes = LIMIT;
+        c.limits.max_envelope_bytes = LIMIT;
+    })
+    .await;
+    // A valid envelope in four fragments (text), then in two (binary): both answered.
+    let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "frag", "response_requested": true, "~transport": {"return_route": "all"}});
+    let env = Bytes::from(a.pack(&ping).unwrap());
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let q = env.len() / 4;
+    ws.send_raw(awc::ws::Message::Continuation(Item::FirstText(env.slice(..q))))
+        .await
+        .unwrap();
+    ws.send_raw(awc::ws::Message::Continuation(Item::Continue(env.slice(q..2 * q))))
+        .await
+        .unwrap();
+    ws.send_raw(awc::ws::Message::Continuation(Item::Continue(env.slice(2 * q..3 * q))))
+        .await
+        .unwrap();
+    ws.send_raw(awc::ws::Message::Continuation(Item::Last(env.slice(3 * q..))))
+        .await
+        .unwrap();
+    let pong = ws_next_message(&a, &mut ws).await;
+    assert_eq!(type_name(&pong), "ping_response");
+    assert_eq!(pong["~thread"]["thid"], "frag");
+    ws.send_raw(awc::ws::Message::Continuation(Item::FirstBinary(env.slice(..q))))
+        .await
+        .unwrap();
+    ws.send_raw(awc::ws::Message::Continuation(Item::Last(env.slice(q..))))
+        .await
+        .unwrap();
+    assert_eq!(type_name(&ws_next_message(&a, &mut ws).await), "ping_response");
+
+    // Fragments each under the limit that together pass it: closed 1009 once past it, before
+    // the sender has sent ten times the limit (the node buffers no more than the limit).
+    let mut big = a.websocket(&ws_url(&n)).await.unwrap();
+    let chunk = Bytes::from(vec![b'x'; 16 << 10]);
+    big.send_raw(awc::ws::Message::Continuation(Item::FirstBinary(chunk.clone())))
+        .await
+        .unwrap();
+    let mut sent = chunk.len();
+    let closed = loop {
+        assert!(
+            sent < 10 * LIMIT,
+            "{sent} bytes of fragments accepted with max_ws_frame_bytes = {LIMIT}"
+        );
+        if big
+            .send_raw(awc::ws::Message::Continuation(Item::Continue(chunk.clone())))
+            .await
+            .is_err()
+        {
+            break big.next(WAIT).await;
+        }
+        sent += chunk.len();
+        if sent > LIMIT {
+            // Past the limit: the close must come (the fragments never end).
+            if let Ok(e) = big.next(Duration::from_millis(200)).await {
+                break Ok(e);
+            }
+        }
+    };
+    match closed {
+        Ok(WsEvent::Closed(Some(r))) => assert_eq!(u16::from(r.code), 1009, "{r:?}"),
+        other => panic!("expected a close 1009, got {other:?}"),
+    }
+
+    // An HTTP body declared far over the limit: 413 after a few bytes of it, not at its end.
+    let mut s = TcpStream::connect(n.public_addr).await.unwrap();
+    s.write_all(
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/didcomm-envelope-enc\r\nContent-Length: 1073741824\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    s.write_all(&[b'x'; 4096]).await.unwrap();
+    assert_eq!(status_line(&mut s).await, "HTTP/1.1 413 Payload Too Large");
+    // Chunked, with no length to judge by: 413 once the chunks pass the limit, though the
+    // body never ends.
+    let s = TcpStream::connect(n.public_addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = actix_rt::spawn(async move {
+        wr.write_all(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/didcomm-envelope-enc\r\nTransfer-Encoding: chunked\r\n\r\n",
+        )
+        .await?;
+        let piece = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
+        for _ in 0..(2 * LIMIT / 0x4000) {
+            wr.write_all(piece.as_bytes()).await?;
+        }
+        // Never the final chunk: the body does not end. Keep the socket open meanwhile.
+        tokio::time::sleep(WAIT).await;
+        Ok::<_, std::io::Error>(wr)
+    });
+    assert_eq!(status_line(&mut rd).await, "HTTP/1.1 413 Payload Too Large");
+    writer.abort();
+    // The node serves on.
+    let pong = a.request(&ping).await.unwrap().unwrap();
+    assert_eq!(type_name(&pong), "ping_response");
+}
+
+fn keylist_update_msg(add: &[String], remove: &[String]) -> Value {
+    let mut updates: Vec<Value> = add
+        .iter()
+        .map(|k| json!({"recipient_key": k, "action": "add"}))
+        .collect();
+    updates.extend(remove.iter().map(|k| json!({"recipient_key": k, "action": "remove"})));
+    json!({
+        "@type": "https://didcomm.org/coordinate-mediation/1.0/keylist-update",
+        "@id": mailroom::didcomm::message::new_id(),
+        "updates": updates,
+        "~transport": { "return_route": "all" },
+    })
+}
+
+async fn keylist_len(a: &Agent) -> usize {
+    let list = a
+        .request(&json!({"@type": "https://didcomm.org/coordinate-mediation/1.0/keylist-query", "@id": "q", "~transport": {"return_route": "all"}}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(type_name(&list), "keylist", "{list}");
+    list["keys"].as_array().unwrap().len()
+}
+
+#[actix_rt::test]
+async fn keylist_past_max_keys_per_connection_is_refused_whole_v1() {
+    const MAX: usize = 50;
+    let (_dir, n, mut a, _) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.max_keys_per_connection = MAX;
+    })
+    .await;
+    // One key from onboarding; fill up to the limit in two updates.
+    let keys: Vec<KeyPair> = (0..MAX - 1).map(|_| a.new_recipient_key()).collect();
+    let dids: Vec<String> = keys.iter().map(|k| k.did_key()).collect();
+    let half = dids.len() / 2;
+    for part in [&dids[..half], &dids[half..]] {
+        let up = a.keylist_update(part, &[]).await.unwrap();
+        assert!(up.iter().all(|u| u["result"] == "success"), "{up:?}");
+    }
+    assert_eq!(keylist_len(&a).await, MAX);
+    // Over WebSocket, the refusal of one more key, and why.
+    let extra: Vec<String> = (0..3).map(|_| a.new_recipient_key().did_key()).collect();
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let resp = ws_request(&a, &mut ws, &keylist_update_msg(&extra, &dids[..1])).await;
+    assert_eq!(type_name(&resp), "keylist-update-response", "{resp}");
+    let updated = resp["updated"].as_array().unwrap();
+    assert_eq!(updated.len(), 4);
+    assert!(updated.iter().all(|u| u["result"] == "server_error"), "{updated:?}");
+    let why = ws_next_message(&a, &mut ws).await;
+    assert_eq!(type_name(&why), "problem-report", "{why}");
+    let text = why["description"]["en"].as_str().unwrap();
+    assert!(
+        text.contains("limits.max_keys_per_connection = 50") && text.contains("nothing applied"),
+        "{text}"
+    );
+    // Nothing of it applied: the removal did not happen either.
+    assert_eq!(keylist_len(&a).await, MAX);
+    let routed = a.keylist_update(&[], &[dids[0].clone()]).await.unwrap();
+    assert_eq!(routed[0]["result"], "success", "the key refused with it was still held");
+    // Swapping keys at the limit is fine.
+    let up = a.keylist_update(&extra[..1], &[]).await.unwrap();
+    assert_eq!(up[0]["result"], "success");
+    assert_eq!(keylist_len(&a).await, MAX);
+    // One update of a thousand keys (the most one message may carry): refused by the limit.
+    let many: Vec<String> = (0..1000).map(|_| KeyPair::generate().did_key()).collect();
+    let up = a.keylist_update(&many, &[]).await.unwrap();
+    assert_eq!(up.len(), 1000);
+    assert!(up.iter().all(|u| u["result"] == "server_error"));
+    // A hundred thousand keys in one message: refused before any is read (the envelope is
+    // over limits.max_envelope_bytes), and the node serves on.
+    let huge: Vec<String> = (0..100_000).map(|i| format!("did:key:z6Mk{:0>44}", i)).collect();
+    let env = a.pack(&keylist_update_msg(&huge, &[])).unwrap();
+    assert!(env.len() > 4 << 20, "{} bytes", env.len());
+    let (st, body) = post_raw(&n.public_url(), "application/didcomm-envelope-enc", env).await;
+    assert_eq!(st, 413, "{body}");
+    assert_eq!(keylist_len(&a).await, MAX);
+}
+
+#[actix_rt::test]
+async fn keylist_past_max_keys_per_connection_is_refused_whole_v2() {
+    const MAX: usize = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.limits.max_keys_per_connection = MAX;
+    let n = start(&cfg);
+    let v = get_json(&format!("{}/invitation?didcomm=v2", n.public_url())).await;
+    let m = V2Mediator::from_invitation_url(v["invitation_url"].as_str().unwrap()).unwrap();
+    let mut a = V2Agent::new(m).unwrap();
+    a.onboard().await.unwrap(); // one recipient DID
+    let dids: Vec<String> = (0..MAX - 1).map(|_| KeyPair::generate().did_key()).collect();
+    let up = a.update("2.0", &dids, &[]).await.unwrap();
+    assert!(up.iter().all(|u| u["result"] == "success"), "{up:?}");
+    for version in ["2.0", "3.0"] {
+        let more = vec![KeyPair::generate().did_key()];
+        let up = a.update(version, &more, &[]).await.unwrap();
+        assert_eq!(up.len(), 1);
+        assert_eq!(up[0]["result"], "server_error", "{version}: {up:?}");
+    }
+    // The reason comes as a problem report over a socket (the second reply).
+    let mut s = a.live().await.unwrap();
+    let more = [KeyPair::generate().did_key()];
+    a.send(
+        &mut s,
+        &a.message(
+            "https://didcomm.org/coordinate-mediation/2.0/keylist-update",
+            json!({ "updates": [{ "recipient_did": more[0], "action": "add" }] }),
+        ),
+    )
+    .await
+    .unwrap();
+    let mut saw_report = false;
+    for _ in 0..4 {
+        let r = a.recv(&mut s, WAIT).await.unwrap();
+        if r["type"].as_str().unwrap_or_default().ends_with("/problem-report") {
+            let comment = r["body"]["comment"].as_str().unwrap();
+            assert!(comment.contains("limits.max_keys_per_connection = 5"), "{comment}");
+            saw_report = true;
+            break;
+        }
+    }
+    assert!(saw_report, "no problem report saying why");
+    let q = a
+        .request(
+            &a.message("https://didcomm.org/coordinate-mediation/2.0/keylist-query", json!({})),
+            "keylist",
+        )
+        .await
+        .unwrap();
+    assert_eq!(q["body"]["keys"].as_array().unwrap().len(), MAX, "{q}");
+}
