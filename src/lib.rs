@@ -11,6 +11,7 @@
 //! - [`cluster`]: the authenticated TCP peer protocol, session directory, notifications.
 //! - [`admin`]: the admin HTTP listener.
 //! - [`client`]: the agent side of the same protocols (tests, load generator).
+//! - [`probe`]: `mailroom probe`, checks of any DIDComm v1 mediator through [`client`].
 //! - [`push`]: push notifications (FCM, APNs, webhook) that wake offline wallets.
 //! - [`metrics`]: Prometheus counters and gauges, `mailroom_*`.
 //! - [`logging`], [`signals`]: tracing setup; SIGTERM/SIGINT.
@@ -25,6 +26,7 @@ pub mod didcomm;
 pub mod logging;
 pub mod metrics;
 pub mod node;
+pub mod probe;
 pub mod protocols;
 pub mod push;
 pub mod registry;

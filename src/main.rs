@@ -65,6 +65,32 @@ enum Cmd {
     Drain(NodeTarget),
     /// Reverse `drain`: the node is ready and accepts sessions again.
     Undrain(NodeTarget),
+    /// Check any DIDComm v1 mediator (mailroom, Credo, ACA-Py, ...) from its invitation URL:
+    /// onboarding, keylist, forward, each pickup flavour, live mode, isolation between two
+    /// wallets, key takeover, malformed input, redelivery. One line per check (PASS, FAIL,
+    /// SKIP), then `N passed, M failed, K skipped`; exit 0 without a FAIL, 1 with one, 64 for a
+    /// bad URL or arguments.
+    Probe {
+        /// The invitation URL (`?oob=...` or `?c_i=...`), or a URL that serves the invitation
+        /// as JSON (mailroom's `GET /invitation`).
+        url: String,
+        /// WebSocket endpoint, when neither the invitation nor the mediator's DID names one.
+        #[arg(long)]
+        ws: Option<String>,
+        /// Longest wait for one reply or delivery, in seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout_secs: u64,
+        /// Longest wait for an unacknowledged delivery to be offered again (a mediator's
+        /// lease: mailroom's `delivery.lease_ms` is 30 s by default), in seconds.
+        #[arg(long, default_value_t = 40)]
+        redelivery_wait_secs: u64,
+        /// Size in bytes of the oversized body of `malformed-huge`.
+        #[arg(long, default_value_t = 8 << 20)]
+        huge_bytes: usize,
+        /// Run only the checks whose names start with one of these (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -134,7 +160,15 @@ fn env_var(k: &str) -> Option<String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // `probe` promises 64 for bad arguments (clap's own code is 2); help and version exit 0.
+        Err(e) if std::env::args().nth(1).as_deref() == Some("probe") && e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(mailroom::probe::EXIT_USAGE);
+        }
+        Err(e) => e.exit(),
+    };
     match cli.cmd {
         Cmd::CheckConfig { config, node } => match effective_config(Some(&config), node) {
             Ok((c, node_id, applied)) => {
@@ -221,6 +255,23 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Cmd::Probe {
+            url,
+            ws,
+            timeout_secs,
+            redelivery_wait_secs,
+            huge_bytes,
+            only,
+        } => {
+            let mut opts = mailroom::probe::Options::new(&url);
+            opts.ws = ws;
+            opts.timeout = Duration::from_secs(timeout_secs.max(1));
+            opts.redelivery_wait = Duration::from_secs(redelivery_wait_secs);
+            opts.huge_bytes = huge_bytes;
+            opts.only = only;
+            let sys = actix_rt::System::new();
+            ExitCode::from(sys.block_on(mailroom::probe::main(opts)))
         }
         Cmd::Drain(t) => drain(t, true),
         Cmd::Undrain(t) => drain(t, false),

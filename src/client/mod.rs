@@ -310,31 +310,46 @@ impl Agent {
     /// The unpacked inner messages of a pickup 2.0 `delivery` or 1.0 `batch`, with their
     /// queue ids.
     pub fn open_delivery(&self, msg: &Value) -> anyhow::Result<Vec<(String, Value)>> {
-        let mut out = Vec::new();
-        let atts = msg["~attach"].as_array().or_else(|| msg["messages~attach"].as_array());
-        for a in atts.into_iter().flatten() {
-            let id = a["@id"].as_str().unwrap_or_default().to_string();
-            let env = if let Some(j) = a["data"].get("json") {
-                serde_json::to_vec(j)?
-            } else if let Some(m) = a.get("message") {
-                match m {
-                    Value::String(s) => s.as_bytes().to_vec(),
-                    other => serde_json::to_vec(other)?,
-                }
-            } else if let Some(b) = a["data"]["base64"].as_str() {
-                crate::protocols::decode_b64_any(b).context("attachment base64")?
-            } else {
-                bail!("attachment without data: {a}");
-            };
-            out.push((id, self.unpack(&env)?.0));
-        }
-        Ok(out)
+        delivery_envelopes(msg)?
+            .into_iter()
+            .map(|(id, env)| Ok((id, self.unpack(&env)?.0)))
+            .collect()
     }
 
     /// Opens a WebSocket to the mediator (its ws URL).
     pub async fn websocket(&self, ws_url: &str) -> anyhow::Result<WsClient> {
         websocket(ws_url).await
     }
+}
+
+/// The packed messages of a pickup 2.0 `delivery` (`~attach`) or 1.0 `batch`
+/// (`messages~attach`), with their queue ids, still packed: a caller that may not hold every
+/// recipient key (a probe checking isolation) reads their recipients with
+/// [`envelope::recipient_kids`].
+pub fn delivery_envelopes(msg: &Value) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let atts = msg["~attach"].as_array().or_else(|| msg["messages~attach"].as_array());
+    for a in atts.into_iter().flatten() {
+        let id = a["@id"]
+            .as_str()
+            .or_else(|| a["id"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        let env = if let Some(j) = a["data"].get("json") {
+            serde_json::to_vec(j)?
+        } else if let Some(m) = a.get("message") {
+            match m {
+                Value::String(s) => s.as_bytes().to_vec(),
+                other => serde_json::to_vec(other)?,
+            }
+        } else if let Some(b) = a["data"]["base64"].as_str() {
+            crate::protocols::decode_b64_any(b).context("attachment base64")?
+        } else {
+            bail!("attachment without data: {a}");
+        };
+        out.push((id, env));
+    }
+    Ok(out)
 }
 
 /// Opens a WebSocket to the mediator (no connection bound until a message says so).

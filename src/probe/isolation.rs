@@ -1,0 +1,311 @@
+//! Isolation between two wallets of the same mediator: B cannot read A's queue nor acknowledge
+//! A's messages, a forward to A never reaches B, and B registering A's key (key takeover) is
+//! refused or at least leaves A's messages with A (the line says which).
+//!
+//! A receives through pickup 2.0 when the mediator speaks it, else on an implicit
+//! (return-route) socket; B watches every way it could receive: pickup 2.0 and a socket.
+
+use super::pickup::not_advertised;
+use super::target::Target;
+use super::wallet::{contents, keylist_update, nonce, poll, trust_ping, update_result, Incoming, Socket, Wallet};
+use super::{fail, pass, pass_note, skip, Options, Runner, Verdict};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long B keeps watching after A has its message.
+const WATCH: Duration = Duration::from_millis(1500);
+/// One turn of listening, alternating between A and B so both sockets stay read (a mediator
+/// that pings closes a socket whose pongs do not come: ACA-Py after 1.5 s).
+const SLICE: Duration = Duration::from_millis(100);
+
+/// A listens until `a_done` holds or `within` passes, B all along and `WATCH` longer.
+async fn watch(
+    a: &mut Receiver,
+    b: &mut Receiver,
+    within: Duration,
+    a_done: impl Fn(&[Incoming]) -> bool,
+) -> anyhow::Result<(Vec<Incoming>, Vec<Incoming>)> {
+    let (mut a_got, mut b_got) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + within;
+    while !a_done(&a_got) && Instant::now() < deadline {
+        a.step(SLICE, &mut a_got).await?;
+        b.step(SLICE, &mut b_got).await?;
+    }
+    let watch_end = Instant::now() + WATCH;
+    while Instant::now() < watch_end {
+        b.step(SLICE, &mut b_got).await?;
+    }
+    Ok((a_got, b_got))
+}
+
+/// Why A did not get its message, when its socket was closed on it.
+fn a_closed(a: &Receiver) -> String {
+    a.closed
+        .as_ref()
+        .map(|c| format!(" (A's socket was closed: {c})"))
+        .unwrap_or_default()
+}
+
+/// How a wallet receives.
+#[derive(Clone, Copy)]
+struct Ways {
+    pickup: bool,
+    socket: bool,
+}
+
+/// A wallet and what it listens on.
+struct Receiver {
+    w: Wallet,
+    sock: Option<Socket>,
+    pickup: bool,
+    /// Why the socket stopped (the mediator closed it).
+    closed: Option<String>,
+}
+
+impl Receiver {
+    async fn open(t: &Target, ways: Ways) -> anyhow::Result<Receiver> {
+        let w = Wallet::onboard(t).await?;
+        let sock = match (&t.ws, ways.socket) {
+            (Some(ws), true) => {
+                let mut s = w.socket(ws).await?;
+                s.request(&w, &trust_ping(), "trust_ping", "ping_response").await?;
+                Some(s)
+            }
+            _ => None,
+        };
+        Ok(Receiver {
+            w,
+            sock,
+            pickup: ways.pickup,
+            closed: None,
+        })
+    }
+
+    /// One round of listening: a delivery-request (when this wallet picks up), then the
+    /// socket for up to `slice`. A socket the mediator closes stops being read (the line
+    /// of the check says so only if it mattered).
+    async fn step(&mut self, slice: Duration, got: &mut Vec<Incoming>) -> anyhow::Result<()> {
+        if self.pickup {
+            got.extend(self.w.delivery_request(10).await?);
+        }
+        let until = Instant::now() + slice;
+        match &mut self.sock {
+            Some(s) => match s.read_until(&self.w, until, |_| false).await {
+                Ok((more, _)) => got.extend(more),
+                Err(e) => {
+                    self.closed = Some(format!("{e:#}"));
+                    self.sock = None;
+                }
+            },
+            None => tokio::time::sleep_until(until).await,
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) {
+        if let Some(s) = self.sock.take() {
+            s.close().await;
+        }
+    }
+}
+
+fn passed(r: &Runner, name: &str) -> Option<bool> {
+    r.report.get(name).map(|c| matches!(c.verdict, Verdict::Pass(_)))
+}
+
+pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
+    let pickup = passed(r, "pickup-2.0-status").unwrap_or(not_advertised(t, "messagepickup", 2).is_none());
+    let implicit = t.ws.is_some() && passed(r, "implicit-ws").unwrap_or(true);
+    // A uses one way only (a socket would take what pickup should see); B watches both.
+    let a_ways = Ways {
+        pickup,
+        socket: !pickup && implicit,
+    };
+    let b_ways = Ways {
+        pickup,
+        socket: t.ws.is_some(),
+    };
+    let no_way = "no way to receive: neither pickup 2.0 nor implicit delivery on a socket worked";
+
+    for name in ["isolation-read", "isolation-ack"] {
+        if !pickup {
+            r.skip(name, "pickup 2.0 not available");
+        }
+    }
+    if pickup {
+        let mut pair: Option<(Wallet, Wallet, Vec<String>, String)> = None;
+        r.check("isolation-read", async {
+            let a = Wallet::onboard(t).await?;
+            let b = Wallet::onboard(t).await?;
+            let content = nonce("isolation-read");
+            a.forward(&content).await?;
+            let queued = poll(t.timeout, Duration::from_millis(250), || async {
+                Ok((a.status().await? >= 1).then_some(()))
+            })
+            .await?;
+            if queued.is_none() {
+                return fail("A's message_count stayed 0 after a forward to A");
+            }
+            let b_count = b.status().await?;
+            let b_got = b.delivery_request(10).await?;
+            let (_, foreign) = contents(&b_got);
+            if foreign.contains(&a.key.verkey()) {
+                return fail("B's delivery-request was handed A's message");
+            }
+            if !foreign.is_empty() {
+                return fail(format!(
+                    "B's delivery-request was handed {} message(s) for other keys",
+                    foreign.len()
+                ));
+            }
+            if b_count != 0 {
+                return fail(format!(
+                    "B's status shows message_count {b_count} while only A has mail"
+                ));
+            }
+            let a_got = a.open_ids(&delivery_of(&a).await?)?;
+            let ids: Vec<String> = a_got
+                .iter()
+                .filter(|(_, i)| matches!(i, Incoming::Message { content: Some(c), .. } if *c == content))
+                .map(|(id, _)| id.clone())
+                .collect();
+            if ids.is_empty() {
+                return fail("A's own delivery-request did not return A's message");
+            }
+            pair = Some((a, b, ids, content));
+            pass()
+        })
+        .await;
+        let redelivers = passed(r, "redelivery");
+        r.check("isolation-ack", async {
+            let Some((a, b, ids, content)) = pair else {
+                return skip("not run: isolation-read did not finish");
+            };
+            let before = a.status().await?;
+            // B acknowledges A's message ids (its reply is B's own status, whatever it says).
+            let _ = b.ack(&ids).await;
+            let after = a.status().await?;
+            if after < before {
+                return fail(format!(
+                    "B's messages-received with A's ids dropped A's message_count from {before} to {after}"
+                ));
+            }
+            if before > 0 {
+                let left = a.ack(&ids).await?;
+                if left >= before {
+                    return fail(format!(
+                        "A's own ack left message_count at {left} (was {before}): acks do not work at all"
+                    ));
+                }
+                return pass_note("A's message_count unchanged by B's ack");
+            }
+            // The status does not count a message out for delivery: A's unacknowledged
+            // message must come back to A once the mediator offers it again.
+            if redelivers == Some(false) {
+                return skip(
+                    "cannot tell: the status counts no message out for delivery and the mediator does not redeliver",
+                );
+            }
+            let start = std::time::Instant::now();
+            let back = poll(opts.redelivery_wait, Duration::from_millis(250), || async {
+                Ok(contents(&a.delivery_request(10).await?)
+                    .0
+                    .contains(&content)
+                    .then_some(()))
+            })
+            .await?;
+            match back {
+                Some(()) => {
+                    a.ack(&ids).await?;
+                    pass_note(format!(
+                        "A's message offered to A again {:.1} s after B acknowledged its id",
+                        start.elapsed().as_secs_f64()
+                    ))
+                }
+                None => fail(format!(
+                    "after B acknowledged A's message id, A's message never came back to A (waited {:?})",
+                    opts.redelivery_wait
+                )),
+            }
+        })
+        .await;
+    }
+
+    r.check("isolation-forward", async {
+        if !a_ways.pickup && !a_ways.socket {
+            return skip(no_way);
+        }
+        let mut a = Receiver::open(t, a_ways).await?;
+        let mut b = Receiver::open(t, b_ways).await?;
+        let content = nonce("isolation-forward");
+        a.w.forward(&content).await?;
+        let (a_got, b_got) = watch(&mut a, &mut b, t.timeout, |g| contents(g).0.contains(&content)).await?;
+        let a_key = a.w.key.verkey();
+        a.close().await;
+        b.close().await;
+        if contents(&b_got).1.contains(&a_key) {
+            return fail("a forward to A reached B");
+        }
+        if !contents(&a_got).0.contains(&content) {
+            return fail(format!(
+                "a forward to A did not reach A within {:?}{}",
+                t.timeout,
+                a_closed(&a)
+            ));
+        }
+        pass()
+    })
+    .await;
+
+    r.check("key-takeover", async {
+        if !a_ways.pickup && !a_ways.socket {
+            return skip(no_way);
+        }
+        let mut a = Receiver::open(t, a_ways).await?;
+        let mut b = Receiver::open(t, b_ways).await?;
+        let a_key = a.w.key.clone();
+        let answer = match keylist_update(&b.w.agent, &[a_key.did_key()], &[]).await {
+            Ok(updated) => {
+                update_result(&updated, &a_key.verkey()).unwrap_or_else(|| "(key not in the response)".into())
+            }
+            Err(e) => format!("refused: {e:#}"),
+        };
+        let accepted = answer == "success";
+        let content = nonce("takeover");
+        a.w.forward_to(&a_key.verkey(), &content).await?;
+        let (a_got, b_got) = watch(&mut a, &mut b, t.timeout, |g| contents(g).0.contains(&content)).await?;
+        a.close().await;
+        b.close().await;
+        if contents(&b_got).1.contains(&a_key.verkey()) {
+            return fail(format!(
+                "B registered A's key (keylist-update result {answer:?}) and a forward to it reached B"
+            ));
+        }
+        if !contents(&a_got).0.contains(&content) {
+            return fail(format!(
+                "after B's keylist-update adding A's key (result {answer:?}) a forward to that key reached neither A (waited {:?}) nor B: another wallet can cut A off{}",
+                t.timeout,
+                a_closed(&a)
+            ));
+        }
+        if accepted {
+            pass_note("B's keylist-update of A's key answered success, but forwards to it still reach A only")
+        } else {
+            pass_note(format!("refused ({})", super::one_line(&answer)))
+        }
+    })
+    .await;
+}
+
+/// A delivery-request's reply as a raw message (for its attachment ids).
+async fn delivery_of(w: &Wallet) -> anyhow::Result<serde_json::Value> {
+    w.ask(
+        &super::wallet::routed(
+            "messagepickup/2.0",
+            "delivery-request",
+            serde_json::json!({ "limit": 10 }),
+        ),
+        "delivery-request",
+    )
+    .await
+}

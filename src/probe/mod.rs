@@ -1,0 +1,262 @@
+//! `mailroom probe <invitation URL>`: the checks an operator runs against any DIDComm v1
+//! mediator (mailroom, Credo's, ACA-Py's), from its out-of-band invitation alone.
+//!
+//! Owns the runner and the report: which checks run in which order, one line per check
+//! (`PASS name`, `FAIL name: reason`, `SKIP name: reason`) and the closing
+//! `N passed, M failed, K skipped` line. The checks live one family per file; they talk to the
+//! mediator only as a wallet and a sender would, through [`crate::client`] (no admin API, no
+//! store, nothing mailroom-specific), so a result means the same for every mediator.
+//!
+//! Every check uses wallets of its own (fresh connection, fresh keys, fresh messages), so
+//! one check's leftovers cannot decide another's result, and every wait is bounded.
+//! Must not touch the store, the node or anything server-side.
+
+mod isolation;
+mod keylist;
+mod live;
+mod malformed;
+mod onboarding;
+mod pickup;
+mod target;
+mod wallet;
+
+pub use target::{Target, TargetError};
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Exit code for a bad invitation URL or bad arguments (as for a bad config).
+pub const EXIT_USAGE: u8 = 64;
+
+/// What the operator asked for.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The invitation URL (`?oob=` / `?c_i=`), or a URL that serves one as JSON.
+    pub url: String,
+    /// A WebSocket endpoint to use when neither the invitation nor the mediator's DID names one.
+    pub ws: Option<String>,
+    /// Longest wait for one reply or one delivery.
+    pub timeout: Duration,
+    /// Longest wait for an unacknowledged delivery to be offered again (the mediator's lease).
+    pub redelivery_wait: Duration,
+    /// Size of the oversized body (`malformed-huge`).
+    pub huge_bytes: usize,
+    /// Run only the checks whose names start with one of these (all when empty).
+    pub only: Vec<String>,
+}
+
+impl Options {
+    pub fn new(url: &str) -> Options {
+        Options {
+            url: url.to_string(),
+            ws: None,
+            timeout: Duration::from_secs(10),
+            redelivery_wait: Duration::from_secs(40),
+            huge_bytes: 8 << 20,
+            only: Vec::new(),
+        }
+    }
+}
+
+/// The verdict of one check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Passed; the note says what the mediator did when that is worth knowing.
+    Pass(Option<String>),
+    Fail(String),
+    /// Not run: the mediator does not offer the feature (or an earlier step failed).
+    Skip(String),
+}
+
+/// One line of the report.
+#[derive(Clone, Debug)]
+pub struct CheckResult {
+    pub name: &'static str,
+    pub verdict: Verdict,
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for CheckResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.verdict {
+            Verdict::Pass(None) => write!(f, "PASS {}", self.name),
+            Verdict::Pass(Some(n)) => write!(f, "PASS {}: {n}", self.name),
+            Verdict::Fail(r) => write!(f, "FAIL {}: {r}", self.name),
+            Verdict::Skip(r) => write!(f, "SKIP {}: {r}", self.name),
+        }
+    }
+}
+
+/// Every check's result, in the order they ran.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub results: Vec<CheckResult>,
+}
+
+impl Report {
+    pub fn count(&self) -> (usize, usize, usize) {
+        let mut n = (0, 0, 0);
+        for r in &self.results {
+            match r.verdict {
+                Verdict::Pass(_) => n.0 += 1,
+                Verdict::Fail(_) => n.1 += 1,
+                Verdict::Skip(_) => n.2 += 1,
+            }
+        }
+        n
+    }
+
+    pub fn summary(&self) -> String {
+        let (p, f, s) = self.count();
+        format!("{p} passed, {f} failed, {s} skipped")
+    }
+
+    pub fn failed(&self) -> bool {
+        self.count().1 > 0
+    }
+
+    pub fn get(&self, name: &str) -> Option<&CheckResult> {
+        self.results.iter().find(|r| r.name == name)
+    }
+}
+
+/// Collects results, prints each line as it comes (when asked to), bounds each check.
+pub(crate) struct Runner {
+    report: Report,
+    only: Vec<String>,
+    print: bool,
+    /// Upper bound for one check (generous: a check makes several round trips and waits).
+    limit: Duration,
+}
+
+impl Runner {
+    fn wanted(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| name.starts_with(p.as_str()))
+    }
+
+    fn record(&mut self, name: &'static str, verdict: Verdict, elapsed: Duration) {
+        let r = CheckResult { name, verdict, elapsed };
+        if self.print {
+            println!("{r}");
+        }
+        self.report.results.push(r);
+    }
+
+    /// Runs one check (unless filtered out) within the runner's bound; an `Err` is a FAIL.
+    pub(crate) async fn check<F>(&mut self, name: &'static str, f: F) -> Option<Verdict>
+    where
+        F: Future<Output = anyhow::Result<Verdict>>,
+    {
+        if !self.wanted(name) {
+            return None;
+        }
+        let start = Instant::now();
+        let verdict = match tokio::time::timeout(self.limit, f).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => Verdict::Fail(one_line(&format!("{e:#}"))),
+            Err(_) => Verdict::Fail(format!("no result within {:?}", self.limit)),
+        };
+        self.record(name, verdict.clone(), start.elapsed());
+        Some(verdict)
+    }
+
+    /// Records a check that cannot run.
+    pub(crate) fn skip(&mut self, name: &'static str, reason: &str) {
+        if self.wanted(name) {
+            self.record(name, Verdict::Skip(reason.to_string()), Duration::ZERO);
+        }
+    }
+}
+
+/// Keeps a reason on one line and of a readable length.
+pub(crate) fn one_line(s: &str) -> String {
+    let s: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if s.chars().count() > 300 {
+        format!("{}...", s.chars().take(300).collect::<String>())
+    } else {
+        s
+    }
+}
+
+pub(crate) fn pass() -> anyhow::Result<Verdict> {
+    Ok(Verdict::Pass(None))
+}
+
+pub(crate) fn pass_note(note: impl Into<String>) -> anyhow::Result<Verdict> {
+    Ok(Verdict::Pass(Some(note.into())))
+}
+
+pub(crate) fn fail(reason: impl Into<String>) -> anyhow::Result<Verdict> {
+    Ok(Verdict::Fail(reason.into()))
+}
+
+pub(crate) fn skip(reason: impl Into<String>) -> anyhow::Result<Verdict> {
+    Ok(Verdict::Skip(reason.into()))
+}
+
+/// Reads the invitation (the only step whose failure is the operator's: exit 64).
+pub async fn resolve_target(opts: &Options) -> Result<Target, TargetError> {
+    Target::from_url(&opts.url, opts.ws.as_deref(), opts.timeout).await
+}
+
+/// Runs every check against `target`; prints each line as it completes when `print`.
+/// Does not print the summary line (the caller does, after the last check).
+pub async fn run(target: &mut Target, opts: &Options, print: bool) -> Report {
+    let mut r = Runner {
+        report: Report::default(),
+        only: opts.only.clone(),
+        print,
+        limit: opts.redelivery_wait + opts.timeout * 6,
+    };
+    if onboarding::run(&mut r, target).await {
+        keylist::run(&mut r, target).await;
+        pickup::run(&mut r, target, opts).await;
+        live::run(&mut r, target, opts).await;
+        isolation::run(&mut r, target, opts).await;
+        malformed::run(&mut r, target, opts).await;
+    } else {
+        for name in DEPENDENT_CHECKS {
+            r.skip(name, "not run: no wallet could onboard");
+        }
+    }
+    r.report
+}
+
+/// Every check after onboarding, in order (for the report when onboarding fails).
+const DEPENDENT_CHECKS: &[&str] = &[
+    "keylist-update",
+    "keylist-query",
+    "forward",
+    "pickup-2.0-status",
+    "pickup-2.0-delivery",
+    "pickup-2.0-messages-received",
+    "pickup-1.0-batch",
+    "redelivery",
+    "redelivery-session-end",
+    "live-mode-ws",
+    "implicit-ws",
+    "isolation-read",
+    "isolation-ack",
+    "isolation-forward",
+    "key-takeover",
+    "malformed-garbage",
+    "malformed-truncated",
+    "malformed-wrong-key",
+    "malformed-unknown-type",
+    "malformed-huge",
+];
+
+/// `mailroom probe`: resolve, run, print, map to an exit code (0 no FAIL, 1 a FAIL, 64 usage).
+pub async fn main(opts: Options) -> u8 {
+    let mut target = match resolve_target(&opts).await {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("mailroom probe: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    println!("probing {} ({})", target.describe(), target.http);
+    let report = run(&mut target, &opts, true).await;
+    println!("{}", report.summary());
+    u8::from(report.failed())
+}

@@ -1,0 +1,604 @@
+//! A probe wallet: one connection to the mediator under test (didexchange or connections
+//! 1.0, as its invitation offers), mediation, one registered recipient key, and the pickup
+//! and WebSocket moves the checks are made of. Built on [`crate::client::Agent`]; written
+//! for any peer's shapes (legacy `did:sov:...;spec/` types, `did:key` or base58 keys, JWS
+//! in flattened or general form, replies over the HTTP return route or a socket).
+
+use super::target::Target;
+use crate::client::{self, Agent, Grant, Sender, WsClient, WsEvent};
+use crate::didcomm::keys::{normalize_verkey, KeyPair};
+use crate::didcomm::message::{message_type, new_id};
+use crate::didcomm::{did, envelope, jws};
+use anyhow::{anyhow, bail, Context};
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio::time::Instant;
+
+pub const PREFIX: &str = "https://didcomm.org/";
+
+/// A handshake protocol the probe speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handshake {
+    DidExchange11,
+    DidExchange10,
+    Connections,
+}
+
+impl Handshake {
+    pub fn from_protocol(p: &str) -> Option<Handshake> {
+        match super::target::protocol_key(p)?.as_str() {
+            "didexchange/1" if p.trim_end_matches('/').ends_with("1.0") => Some(Handshake::DidExchange10),
+            "didexchange/1" => Some(Handshake::DidExchange11),
+            "connections/1" => Some(Handshake::Connections),
+            _ => None,
+        }
+    }
+
+    pub fn protocol(&self) -> &'static str {
+        match self {
+            Handshake::DidExchange11 => "didexchange/1.1",
+            Handshake::DidExchange10 => "didexchange/1.0",
+            Handshake::Connections => "connections/1.0",
+        }
+    }
+}
+
+/// `family` and `name` of a message's `@type`, whatever its prefix and minor version.
+pub fn is_type(msg: &Value, family: &str, name: &str) -> bool {
+    message_type(msg)
+        .map(|t| t.family == family && t.name == name)
+        .unwrap_or(false)
+}
+
+/// The text of a problem report (any family's `problem-report`), if `msg` is one.
+pub fn problem(msg: &Value) -> Option<String> {
+    let t = message_type(msg)?;
+    if t.name != "problem-report" {
+        return None;
+    }
+    let d = &msg["description"];
+    let text = d["en"]
+        .as_str()
+        .or_else(|| msg["explain_ltxt"].as_str())
+        .or_else(|| d["code"].as_str())
+        .unwrap_or("(no text)");
+    Some(format!(
+        "problem-report {:?} {}",
+        d["code"].as_str().unwrap_or(""),
+        text
+    ))
+}
+
+/// Short form of a message for reasons: its type name (or the whole thing, cut).
+pub fn show(msg: &Value) -> String {
+    if let Some(p) = problem(msg) {
+        return p;
+    }
+    match message_type(msg) {
+        Some(t) => format!("{}/{}/{}", t.family, t.version, t.name),
+        None => super::one_line(&msg.to_string()),
+    }
+}
+
+pub fn msg(family_version: &str, name: &str, extra: Value) -> Value {
+    let mut m = json!({ "@type": format!("{PREFIX}{family_version}/{name}"), "@id": new_id() });
+    if let (Some(o), Some(e)) = (m.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            o.insert(k.clone(), v.clone());
+        }
+    }
+    m
+}
+
+/// As [`msg`], asking for replies on the same transport (`~transport.return_route: all`).
+pub fn routed(family_version: &str, name: &str, extra: Value) -> Value {
+    let mut m = msg(family_version, name, extra);
+    m["~transport"] = json!({ "return_route": "all" });
+    m
+}
+
+/// A unique payload: the probe recognises its messages by this content.
+pub fn nonce(tag: &str) -> String {
+    format!("probe-{tag}-{}", new_id())
+}
+
+/// What came in on a socket or in a delivery, seen from one wallet.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A protocol message to the wallet's DID key (a reply, a status, a `delivery`).
+    Reply(Value),
+    /// A forwarded message: to whom (base58), and its content if it was to this wallet's key.
+    Message { to: String, content: Option<String> },
+}
+
+/// One onboarded wallet.
+pub struct Wallet {
+    pub agent: Agent,
+    pub grant: Grant,
+    /// The recipient key registered with the mediator.
+    pub key: KeyPair,
+    pub timeout: Duration,
+}
+
+/// A connection made by a handshake: the agent, and the mediator DID's endpoints.
+pub struct Connected {
+    pub agent: Agent,
+    pub endpoints: Vec<String>,
+    /// What is worth saying about the exchange (e.g. an unsigned DID rotation).
+    pub note: Option<String>,
+}
+
+/// Sends `m` over HTTP and returns the unpacked reply (an error when there is none).
+pub async fn ask(a: &Agent, m: &Value, what: &str) -> anyhow::Result<Value> {
+    a.request(m)
+        .await
+        .with_context(|| format!("{what}: request failed"))?
+        .ok_or_else(|| anyhow!("{what}: no reply on the return route (HTTP 2xx with an empty body)"))
+}
+
+/// didexchange 1.1 / 1.0 or connections 1.0 with the mediator, over HTTP with return-route.
+pub async fn connect(t: &Target, hs: Handshake) -> anyhow::Result<Connected> {
+    match hs {
+        Handshake::DidExchange11 | Handshake::DidExchange10 => didexchange(t, hs).await,
+        Handshake::Connections => connections(t).await,
+    }
+}
+
+fn fresh_agent(t: &Target, key: KeyPair, did: String) -> Agent {
+    Agent::from_parts(key, did, t.recipient_key.clone(), t.http.clone()).with_timeout(t.timeout)
+}
+
+async fn didexchange(t: &Target, hs: Handshake) -> anyhow::Result<Connected> {
+    let version = if hs == Handshake::DidExchange10 { "1.0" } else { "1.1" };
+    let key = KeyPair::generate();
+    let our_did = did::create_peer4(&key.verkey(), &["didcomm:transport/queue".to_string()], &[]);
+    let mut a = fresh_agent(t, key, our_did.clone());
+    let req_id = new_id();
+    let mut thread = json!({ "thid": req_id });
+    if t.oob {
+        thread["pthid"] = json!(t.invitation_id);
+    }
+    let request = json!({
+        "@type": format!("{PREFIX}didexchange/{version}/request"),
+        "@id": req_id,
+        "label": "mailroom-probe",
+        "did": our_did,
+        "~thread": thread,
+        "~transport": { "return_route": "all" },
+    });
+    let response = ask(&a, &request, "didexchange request").await?;
+    if !is_type(&response, "didexchange", "response") {
+        bail!("didexchange request answered with {}", show(&response));
+    }
+    if response["~thread"]["thid"].as_str() != Some(req_id.as_str()) {
+        bail!("didexchange response answers another thread: {}", response["~thread"]);
+    }
+    let their_did = response["did"].as_str().context("didexchange response without did")?;
+    let attached = attached_doc(&response["did_doc~attach"])?;
+    let mut note = None;
+    let rotate = &response["did_rotate~attach"]["data"];
+    if let (Some(b64), Some(sig)) = (rotate["base64"].as_str(), rotate.get("jws")) {
+        let signer = jws::verify_attachment_base64(b64, sig).map_err(|e| anyhow!("did_rotate~attach: {e}"))?;
+        if signer != t.recipient_key {
+            bail!("did_rotate~attach signed by {signer}, not by the invitation key");
+        }
+    } else if attached.is_none() {
+        note = Some("the response's DID is not signed (no did_rotate~attach jws)".to_string());
+    }
+    let doc = did::resolve(their_did, attached.as_ref()).map_err(|e| anyhow!("resolve {their_did}: {e}"))?;
+    a.mediator_verkey = doc
+        .recipient_keys
+        .first()
+        .cloned()
+        .context("the mediator's DID has no keys")?;
+    let complete = json!({
+        "@type": format!("{PREFIX}didexchange/{version}/complete"),
+        "@id": new_id(),
+        "~thread": thread,
+    });
+    a.send(&complete).await.context("didexchange complete")?;
+    Ok(Connected {
+        agent: a,
+        endpoints: doc.endpoints,
+        note,
+    })
+}
+
+/// The DID document of a `did_doc~attach` (base64 or json data), if any.
+fn attached_doc(att: &Value) -> anyhow::Result<Option<Value>> {
+    let data = &att["data"];
+    if let Some(j) = data.get("json") {
+        return Ok(Some(j.clone()));
+    }
+    if let Some(b) = data["base64"].as_str() {
+        let raw = crate::protocols::decode_b64_any(b).context("did_doc~attach is not base64")?;
+        return Ok(Some(
+            serde_json::from_slice(&raw).context("did_doc~attach is not JSON")?,
+        ));
+    }
+    Ok(None)
+}
+
+async fn connections(t: &Target) -> anyhow::Result<Connected> {
+    let key = KeyPair::generate();
+    let our_did = did::legacy_did_from_verkey(&key.public_bytes());
+    let doc = did::legacy_diddoc(&our_did, &key.verkey(), &["didcomm:transport/queue".to_string()], &[]);
+    let mut a = fresh_agent(t, key, our_did.clone());
+    let mut request = routed(
+        "connections/1.0",
+        "request",
+        json!({ "label": "mailroom-probe", "connection": { "DID": our_did, "DIDDoc": doc } }),
+    );
+    if t.oob {
+        request["~thread"] = json!({ "pthid": t.invitation_id });
+    }
+    let response = ask(&a, &request, "connections request").await?;
+    if !is_type(&response, "connections", "response") {
+        bail!("connections request answered with {}", show(&response));
+    }
+    let (conn, signer) =
+        jws::verify_connection(&response["connection~sig"]).map_err(|e| anyhow!("connection~sig: {e}"))?;
+    if signer != t.recipient_key {
+        bail!("connection~sig signed by {signer}, not by the invitation key");
+    }
+    let their_did = conn["DID"]
+        .as_str()
+        .or_else(|| conn["did"].as_str())
+        .context("connection without DID")?;
+    let their_doc = conn.get("DIDDoc").or_else(|| conn.get("did_doc"));
+    let doc = did::resolve(their_did, their_doc).map_err(|e| anyhow!("resolve {their_did}: {e}"))?;
+    a.mediator_verkey = doc
+        .recipient_keys
+        .first()
+        .cloned()
+        .context("the mediator's DID has no keys")?;
+    // connections 1.0 has no `complete`: a trust ping acknowledges the response (Credo moves
+    // the connection to `completed` on it).
+    let ping = ask(&a, &trust_ping(), "trust ping after the response").await?;
+    if !is_type(&ping, "trust_ping", "ping_response") {
+        bail!("trust ping after the response answered with {}", show(&ping));
+    }
+    Ok(Connected {
+        agent: a,
+        endpoints: doc.endpoints,
+        note: None,
+    })
+}
+
+pub fn trust_ping() -> Value {
+    routed("trust_ping/1.0", "ping", json!({ "response_requested": true }))
+}
+
+/// coordinate-mediation 1.0 mediate-request -> mediate-grant (routing keys normalised).
+pub async fn mediate(a: &Agent) -> anyhow::Result<Grant> {
+    let reply = ask(
+        a,
+        &routed("coordinate-mediation/1.0", "mediate-request", json!({})),
+        "mediate-request",
+    )
+    .await?;
+    if !is_type(&reply, "coordinate-mediation", "mediate-grant") {
+        bail!("mediate-request answered with {}", show(&reply));
+    }
+    let mut routing_keys = Vec::new();
+    for k in reply["routing_keys"].as_array().into_iter().flatten() {
+        let k = k.as_str().context("a routing key is not a string")?;
+        routing_keys.push(normalize_verkey(k).map_err(|e| anyhow!("routing key {k}: {e}"))?);
+    }
+    Ok(Grant {
+        endpoint: reply["endpoint"].as_str().unwrap_or_default().to_string(),
+        routing_keys,
+    })
+}
+
+/// keylist-update; returns the `updated` entries, or the reason there are none.
+pub async fn keylist_update(a: &Agent, add: &[String], remove: &[String]) -> anyhow::Result<Vec<Value>> {
+    let mut updates: Vec<Value> = add
+        .iter()
+        .map(|k| json!({"recipient_key": k, "action": "add"}))
+        .collect();
+    updates.extend(remove.iter().map(|k| json!({"recipient_key": k, "action": "remove"})));
+    let reply = ask(
+        a,
+        &routed(
+            "coordinate-mediation/1.0",
+            "keylist-update",
+            json!({ "updates": updates }),
+        ),
+        "keylist-update",
+    )
+    .await?;
+    if !is_type(&reply, "coordinate-mediation", "keylist-update-response") {
+        bail!("keylist-update answered with {}", show(&reply));
+    }
+    reply["updated"]
+        .as_array()
+        .cloned()
+        .ok_or_else(|| anyhow!("keylist-update-response without `updated`: {reply}"))
+}
+
+/// The `result` of the update of `key` (any key form) in a keylist-update-response.
+pub fn update_result(updated: &[Value], key: &str) -> Option<String> {
+    let want = normalize_verkey(key).ok()?;
+    updated
+        .iter()
+        .find(|u| {
+            u["recipient_key"]
+                .as_str()
+                .and_then(|k| normalize_verkey(k).ok())
+                .map(|k| k == want)
+                .unwrap_or(false)
+        })
+        .map(|u| u["result"].as_str().unwrap_or("(none)").to_string())
+}
+
+impl Wallet {
+    /// A new wallet: handshake, mediation, one recipient key registered.
+    pub async fn onboard(t: &Target) -> anyhow::Result<Wallet> {
+        let hs = t
+            .handshake
+            .or_else(|| t.handshakes.first().copied())
+            .context("the invitation offers no handshake the probe speaks")?;
+        let c = connect(t, hs).await?;
+        Self::mediated(c.agent, t.timeout).await
+    }
+
+    /// Mediation and one registered key for a connected agent.
+    pub async fn mediated(mut agent: Agent, timeout: Duration) -> anyhow::Result<Wallet> {
+        let grant = mediate(&agent).await?;
+        let key = agent.new_recipient_key();
+        let updated = keylist_update(&agent, &[key.did_key()], &[]).await?;
+        match update_result(&updated, &key.verkey()).as_deref() {
+            Some("success") => {}
+            other => bail!("keylist-update add: result {other:?} in {updated:?}"),
+        }
+        Ok(Wallet {
+            agent,
+            grant,
+            key,
+            timeout,
+        })
+    }
+
+    /// Where senders post forwards: the grant's endpoint, else the one we talk to.
+    pub fn forward_endpoint(&self) -> &str {
+        if self.grant.endpoint.starts_with("http") {
+            &self.grant.endpoint
+        } else {
+            &self.agent.endpoint
+        }
+    }
+
+    /// A sender forwards a basic message with `content` to `to` (a verkey in any form) through
+    /// this wallet's grant; returns the HTTP status (an error for a non-2xx status).
+    pub async fn forward_to(&self, to: &str, content: &str) -> anyhow::Result<u16> {
+        let env = Sender::new().forward_envelope(&client::basic_message(content), to, &self.grant.routing_keys)?;
+        let (status, body) = client::post(self.forward_endpoint(), env, self.timeout).await?;
+        if !(200..300).contains(&status) {
+            bail!(
+                "forward answered HTTP {status}: {}",
+                super::one_line(&String::from_utf8_lossy(&body))
+            );
+        }
+        Ok(status)
+    }
+
+    /// Forwards `content` to this wallet's own registered key.
+    pub async fn forward(&self, content: &str) -> anyhow::Result<u16> {
+        self.forward_to(&self.key.verkey(), content).await
+    }
+
+    pub async fn ask(&self, m: &Value, what: &str) -> anyhow::Result<Value> {
+        ask(&self.agent, m, what).await
+    }
+
+    /// pickup 2.0 status-request -> `message_count`.
+    pub async fn status(&self) -> anyhow::Result<u64> {
+        let r = self
+            .ask(
+                &routed("messagepickup/2.0", "status-request", json!({})),
+                "status-request",
+            )
+            .await?;
+        status_count(&r)
+    }
+
+    /// pickup 2.0 delivery-request: the messages handed out (empty when the mediator answers
+    /// with a status).
+    pub async fn delivery_request(&self, limit: u64) -> anyhow::Result<Vec<Incoming>> {
+        let r = self
+            .ask(
+                &routed("messagepickup/2.0", "delivery-request", json!({ "limit": limit })),
+                "delivery-request",
+            )
+            .await?;
+        if is_type(&r, "messagepickup", "status") {
+            return Ok(Vec::new());
+        }
+        if !is_type(&r, "messagepickup", "delivery") {
+            bail!("delivery-request answered with {}", show(&r));
+        }
+        self.open(&r)
+    }
+
+    /// pickup 2.0 messages-received -> the `message_count` of the status that answers it.
+    pub async fn ack(&self, ids: &[String]) -> anyhow::Result<u64> {
+        let r = self
+            .ask(
+                &routed(
+                    "messagepickup/2.0",
+                    "messages-received",
+                    json!({ "message_id_list": ids }),
+                ),
+                "messages-received",
+            )
+            .await?;
+        status_count(&r)
+    }
+
+    /// The messages of a `delivery` or `batch`, each with its attachment id.
+    pub fn open(&self, delivery: &Value) -> anyhow::Result<Vec<Incoming>> {
+        Ok(self.open_ids(delivery)?.into_iter().map(|(_, m)| m).collect())
+    }
+
+    pub fn open_ids(&self, delivery: &Value) -> anyhow::Result<Vec<(String, Incoming)>> {
+        client::delivery_envelopes(delivery)?
+            .into_iter()
+            .map(|(id, env)| Ok((id, self.classify(&env)?)))
+            .collect()
+    }
+
+    /// Reads an envelope addressed to this wallet (its DID key or its recipient key) or to
+    /// someone else (only its recipient is known then).
+    pub fn classify(&self, env: &[u8]) -> anyhow::Result<Incoming> {
+        let kids = envelope::recipient_kids(env).map_err(|e| anyhow!("unreadable envelope: {e}"))?;
+        if kids.contains(&self.agent.key.verkey()) {
+            return Ok(Incoming::Reply(self.agent.unpack(env)?.0));
+        }
+        let content = if kids.contains(&self.key.verkey()) {
+            let (m, _) = self.agent.unpack(env)?;
+            Some(m["content"].as_str().unwrap_or_default().to_string())
+        } else {
+            None
+        };
+        Ok(Incoming::Message {
+            to: kids.first().cloned().unwrap_or_default(),
+            content,
+        })
+    }
+
+    /// Opens a WebSocket to `url`.
+    pub async fn socket(&self, url: &str) -> anyhow::Result<Socket> {
+        Ok(Socket {
+            ws: client::websocket(url).await?,
+        })
+    }
+}
+
+pub fn status_count(r: &Value) -> anyhow::Result<u64> {
+    if !is_type(r, "messagepickup", "status") {
+        bail!("expected a pickup status, got {}", show(r));
+    }
+    r["message_count"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("status without message_count: {r}"))
+}
+
+/// Contents of the messages to this wallet's key among `items`, and the recipients of the
+/// others (an isolation breach when it is someone else's key).
+pub fn contents(items: &[Incoming]) -> (Vec<String>, Vec<String>) {
+    let mut mine = Vec::new();
+    let mut others = Vec::new();
+    for i in items {
+        match i {
+            Incoming::Message { content: Some(c), .. } => mine.push(c.clone()),
+            Incoming::Message { to, content: None } => others.push(to.clone()),
+            Incoming::Reply(_) => {}
+        }
+    }
+    (mine, others)
+}
+
+/// A WebSocket to the mediator, read as one wallet.
+pub struct Socket {
+    pub ws: WsClient,
+}
+
+impl Socket {
+    /// Sends a message (binary frame, as Credo does).
+    pub async fn send(&mut self, w: &Wallet, m: &Value) -> anyhow::Result<()> {
+        self.ws.send_envelope(w.agent.pack(m)?, true).await
+    }
+
+    /// Everything that arrives until `until` says stop or `deadline` passes; a `delivery` is
+    /// opened into its messages (after itself). Returns what came, and whether `until` held.
+    pub async fn read_until(
+        &mut self,
+        w: &Wallet,
+        deadline: Instant,
+        mut until: impl FnMut(&[Incoming]) -> bool,
+    ) -> anyhow::Result<(Vec<Incoming>, bool)> {
+        let mut got: Vec<Incoming> = Vec::new();
+        loop {
+            if until(&got) {
+                return Ok((got, true));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok((got, false));
+            }
+            match self.ws.next(left).await {
+                Ok(WsEvent::Envelope(env)) => {
+                    let inc = w.classify(&env)?;
+                    if let Incoming::Reply(r) = &inc {
+                        if is_type(r, "messagepickup", "delivery") {
+                            let inner = w.open(r)?;
+                            got.push(inc);
+                            got.extend(inner);
+                            continue;
+                        }
+                    }
+                    got.push(inc);
+                }
+                Ok(WsEvent::Closed(r)) => bail!("the mediator closed the socket: {r:?}"),
+                Err(_) => return Ok((got, false)),
+            }
+        }
+    }
+
+    /// Sends `m` and waits for a reply of `family`/`name` (other frames are kept).
+    pub async fn request(
+        &mut self,
+        w: &Wallet,
+        m: &Value,
+        family: &str,
+        name: &str,
+    ) -> anyhow::Result<(Value, Vec<Incoming>)> {
+        self.send(w, m).await?;
+        let deadline = Instant::now() + w.timeout;
+        let (got, ok) = self
+            .read_until(w, deadline, |g| {
+                g.iter().any(|i| match i {
+                    Incoming::Reply(r) => is_type(r, family, name) || problem(r).is_some(),
+                    _ => false,
+                })
+            })
+            .await?;
+        if !ok {
+            bail!("no {family} {name} on the socket within {:?}", w.timeout);
+        }
+        let reply = got
+            .iter()
+            .find_map(|i| match i {
+                Incoming::Reply(r) if is_type(r, family, name) || problem(r).is_some() => Some(r.clone()),
+                _ => None,
+            })
+            .expect("checked by read_until");
+        if let Some(p) = problem(&reply) {
+            bail!("{family} {name} expected, got {p}");
+        }
+        Ok((reply, got))
+    }
+
+    pub async fn close(self) {
+        self.ws.close().await
+    }
+}
+
+/// Polls `f` every `every` until it returns Some or `within` passes.
+pub async fn poll<T, F, Fut>(within: Duration, every: Duration, mut f: F) -> anyhow::Result<Option<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await? {
+            return Ok(Some(v));
+        }
+        if Instant::now() + every > deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(every).await;
+    }
+}
