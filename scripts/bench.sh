@@ -11,6 +11,13 @@
 # benches/loadgen.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The cluster simulation (benches/cluster_sim.rs, no network, ~2 min; docs/BENCHMARKS.md
+# "Adding nodes (simulation)") is a bench of its own:
+#   scripts/bench.sh cluster-sim [--quick]
+if [[ "${1:-}" == cluster-sim ]]; then
+  shift
+  exec cargo bench --locked --bench cluster_sim -- "$@"
+fi
 if [[ ",${LOADGEN_ONLY:-pg}," =~ ,(pg|cluster|samenode|sweep), ]]; then
   scripts/ensure-postgres.sh
 fi

@@ -74,7 +74,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 pub use directory::Entry;
-pub use peer::CounterSnapshot;
+pub use peer::{resync_chunks, CounterSnapshot};
 
 use peer::{Settings, Shared};
 

@@ -1009,7 +1009,7 @@ async fn write_resync(wr: &mut Writer, claims: Vec<(String, u64)>, max: usize) -
 /// Splits claims into `Resync` frames whose encoding stays under `max` bytes: a claim costs at
 /// most its conn length + 9 (varint length) + 9 (varint epoch); a frame adds at most 11.
 /// A claim that cannot fit in any frame is dropped with a warning.
-pub(crate) fn resync_chunks(claims: Vec<(String, u64)>, max: usize) -> Vec<Frame> {
+pub fn resync_chunks(claims: Vec<(String, u64)>, max: usize) -> Vec<Frame> {
     let budget = max.saturating_sub(16);
     let mut out = Vec::new();
     let mut cur: Vec<Claim> = Vec::new();
