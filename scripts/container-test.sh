@@ -8,6 +8,9 @@
 #      (examples/session_probe), SIGTERM (podman stop): the session is closed with 1001 and the
 #      container exits 0;
 #   3. started again, healthy, then its database is dropped: the HEALTHCHECK reports unhealthy.
+# Before them, compose.yaml (which needs an engine and a registry to run) is checked against the
+# config it mounts: each node's environment and secrets through `mailroom check-config`, its
+# address, and nginx's upstreams (scripts/compose-check.py).
 # Installs podman, runc and debootstrap when missing; fails loudly with the reason when podman
 # cannot run a container. Ends only the containers and databases it created.
 #
@@ -54,6 +57,12 @@ scripts/ensure-postgres.sh
 [ -x "$BIN" ] || cargo build --locked --bin mailroom
 cargo build --locked --example session_probe 2>&1 | tail -n 3
 PROBE=$ROOT/target/debug/examples/session_probe
+
+# --- compose.yaml: what can be checked without a Docker engine ------------------------------
+python3 -c 'import yaml' 2>/dev/null || python3 -m pip install -q pyyaml > "$WORK/pip.log" 2>&1 \
+  || { cat "$WORK/pip.log" >&2; die "pip install pyyaml (for the compose.yaml check) failed"; }
+python3 scripts/compose-check.py "$ROOT" "$BIN" | sed 's/^/[container-test] /'
+[ "${PIPESTATUS[0]}" = 0 ] || die "compose.yaml does not match container/cluster.toml (see above)"
 
 # --- base image (cached) -------------------------------------------------------------------
 mkdir -p "$CACHE"
@@ -144,7 +153,12 @@ code=$(pm inspect -f '{{.State.ExitCode}}' "$CT")
 cat "$WORK/probe.out" | sed 's/^/[container-test] probe: /'
 [ "$prc" = 0 ] || die "SIGTERM did not close the live session with 1001"
 [ "$code" = 0 ] || { pm logs --tail 20 "$CT" >&2; die "the container exited $code after SIGTERM, not 0"; }
-pm logs "$CT" 2>&1 | grep -q 'SIGTERM received' || die "the container log does not show SIGTERM received"
+# (podman's log file may trail the container's exit by a moment on a loaded machine.)
+for _ in $(seq 1 20); do
+  pm logs "$CT" 2>&1 | grep -q 'SIGTERM received' && break
+  sleep 0.5
+done
+pm logs "$CT" 2>&1 | grep -q 'SIGTERM received' || { pm logs --tail 20 "$CT" >&2; die "the container log does not show SIGTERM received"; }
 say "podman stop: session closed 1001, container exited 0"
 
 # --- 3. the health check flips when the store goes away -------------------------------------
