@@ -50,8 +50,8 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   say "installing ${missing[*]} (Debian packages)"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq "${missing[@]}" > "$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log" >&2; die "apt-get install ${missing[*]} failed"; }
+  apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${missing[@]}" > "$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log" >&2; die "apt-get -o DPkg::Lock::Timeout=300 install ${missing[*]} failed"; }
 fi
 scripts/ensure-postgres.sh
 [ -x "$BIN" ] || cargo build --locked --bin mailroom

@@ -6,7 +6,7 @@ if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then exit 0; fi
 if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
   echo "ensure-postgres: installing PostgreSQL (Debian package)" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null && apt-get install -y -qq postgresql >/dev/null
+  apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null && apt-get -o DPkg::Lock::Timeout=300 install -y -qq postgresql >/dev/null
   ver=$(ls /etc/postgresql | head -n1)
   # trust auth on loopback, as on the project's machines
   sed -i 's/^\(host\s\+all\s\+all\s\+127.0.0.1\/32\s\+\)\S\+/\1trust/; s/^\(local\s\+all\s\+postgres\s\+\)\S\+/\1trust/' "/etc/postgresql/$ver/main/pg_hba.conf"
