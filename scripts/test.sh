@@ -11,6 +11,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-postgres.sh
+# nginx in front of nodes (tests/push.rs, the cluster scripts): Debian's nginx-light.
+if ! command -v nginx >/dev/null; then
+  echo "test.sh: installing nginx-light (Debian package)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq nginx-light >/dev/null
+fi
 # The status page is checked in headless Chromium (Debian's package).
 [ -x scripts/install-chromium.sh ] && scripts/install-chromium.sh
 cargo build --locked --bins

@@ -56,6 +56,12 @@ async fn forward(n: &RunningNode, a: &Agent, k: &KeyPair, text: &str) {
 /// Forwards `texts` with at most 8 in flight, round-robin over `nodes`. The envelopes are
 /// packed first, so the burst is as fast as the nodes take it.
 async fn forward_many(nodes: &[&RunningNode], a: &Agent, k: &KeyPair, texts: &[String]) {
+    let urls: Vec<String> = nodes.iter().map(|n| n.public_url()).collect();
+    forward_many_to(&urls, a, k, texts).await
+}
+
+/// [`forward_many`] to public URLs (nodes, or a load balancer in front of them).
+async fn forward_many_to(urls: &[String], a: &Agent, k: &KeyPair, texts: &[String]) {
     use futures_util::StreamExt;
     let routing = a.grant.as_ref().unwrap().routing_keys.clone();
     let sender = Sender::new();
@@ -69,7 +75,7 @@ async fn forward_many(nodes: &[&RunningNode], a: &Agent, k: &KeyPair, texts: &[S
         .collect();
     let statuses = futures_util::stream::iter(envs.into_iter().enumerate())
         .map(|(i, env)| {
-            let url = nodes[i % nodes.len()].public_url();
+            let url = urls[i % urls.len()].clone();
             async move { mailroom::client::post(&url, env, WAIT).await.unwrap().0 }
         })
         .buffer_unordered(8)
@@ -861,4 +867,136 @@ async fn kill_9_of_the_session_node_still_wakes_the_wallet_once() {
             .await
             .unwrap();
     }
+}
+
+async fn forwards_per_node(nodes: &[RunningNode]) -> Vec<f64> {
+    let mut per = Vec::new();
+    for n in nodes {
+        per.push(metric(n, "mailroom_forwards_received_total").await);
+    }
+    per
+}
+
+/// Issue 7's cluster case as operators run it: nginx round-robin in front of 3 PostgreSQL
+/// nodes, the wallet and its senders only ever talking to nginx. Offline: 100 forwards spread
+/// over the nodes give one push now and one trailing push for the whole cluster. Live (its
+/// socket on whichever node nginx picked): forwards landing on every node give no push. The
+/// socket closes: pushes resume.
+#[actix_rt::test]
+async fn through_nginx_in_front_of_three_nodes() {
+    use common::nginx::Nginx;
+    let si = StandIn::start();
+    let db = FreshDb::create().await;
+    let (mut cfg, ls) = bind_cluster(3, &db.url, 100);
+    let window = Duration::from_secs(3);
+    cfg.push = Some(si.push_config(window.as_secs(), &["proj-a"], true));
+    let lb = Nginx::start(&cfg.nodes.iter().map(|n| n.listen.clone()).collect::<Vec<_>>());
+    cfg.cluster.public_url = Some(lb.url());
+    let store = open_shared_store(&cfg).await;
+    let nodes: Vec<RunningNode> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| start_node(&cfg, &format!("n{}", i + 1), l, &store, None))
+        .collect();
+    for x in &nodes {
+        for y in nodes.iter().filter(|y| y.node_id != x.node_id) {
+            eventually("links up", || async {
+                peer_connected(x, &y.node_id).await.then_some(())
+            })
+            .await;
+        }
+    }
+    let v = get_json(&format!("{}/invitation", lb.url())).await;
+    let inv = mailroom::client::Invitation::parse(&v["invitation"]).unwrap();
+    assert_eq!(inv.http, lb.url(), "the invitation names the load balancer");
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    set_device(&a, FCM, json!("nginx-token"), Some("android")).await;
+    let lb_urls = vec![lb.url()];
+
+    // Offline: 100 forwards through nginx (round-robin over the 3 nodes).
+    let started = Instant::now();
+    let texts: Vec<String> = (0..100).map(|i| format!("off-{i}")).collect();
+    forward_many_to(&lb_urls, &a, &k, &texts).await;
+    let burst = started.elapsed();
+    let per_node = forwards_per_node(&nodes).await;
+    assert!(
+        per_node.iter().all(|c| *c > 0.0),
+        "nginx spread the forwards: {per_node:?}"
+    );
+    let hits = wait_hits(&si, "fcm:", 2).await;
+    assert_clean(&hits);
+    assert!(
+        hits[1].at >= hits[0].at + window - Duration::from_millis(100),
+        "trailing after the window"
+    );
+    if burst < window {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            si.state.hits("fcm:").len(),
+            2,
+            "one push now and one trailing, cluster-wide"
+        );
+        assert_eq!(hits[1].body["message"]["data"]["message_count"], "100");
+    }
+    let hooks = wait_hits(&si, "hook", 2).await;
+    println!(
+        "through nginx: 100 forwards in {burst:?} over {per_node:?} -> pushes from {:?}",
+        hooks.iter().map(|h| h.body["node"].clone()).collect::<Vec<_>>()
+    );
+
+    // Live through nginx: drain the queue, then forwards on every node give no push.
+    let mut ws = a.websocket(&format!("ws://{}/", lb.addr)).await.unwrap();
+    let st = ws_request(
+        &a,
+        &mut ws,
+        &pickup("live-delivery-change", json!({"live_delivery": true})),
+    )
+    .await;
+    assert_eq!(type_name(&st), "status", "{st}");
+    let mut got = 0;
+    while got < 100 {
+        got += receive_and_ack(&a, &mut ws).await;
+    }
+    let conn = a_connection_id(&nodes[0]).await;
+    let owner = eventually("a node owns the live session", || async {
+        owner_seen_by(&nodes[0], &conn).await
+    })
+    .await;
+    for n in &nodes {
+        wait_owner(&[n], &conn, &owner).await;
+    }
+    // Past the window, so a push would not be folded into a trailing one.
+    tokio::time::sleep(window).await;
+    let before = si.state.hits("fcm:").len();
+    let texts: Vec<String> = (0..9).map(|i| format!("live-{i}")).collect();
+    forward_many_to(&lb_urls, &a, &k, &texts).await;
+    let mut got = 0;
+    while got < 9 {
+        got += receive_and_ack(&a, &mut ws).await;
+    }
+    let per_node_after = forwards_per_node(&nodes).await;
+    assert!(
+        per_node_after.iter().zip(&per_node).all(|(a, b)| a > b),
+        "the live forwards landed on every node: {per_node:?} -> {per_node_after:?}"
+    );
+    assert_eq!(
+        si.state.hits("fcm:").len(),
+        before,
+        "no push while the wallet was live on {owner}"
+    );
+
+    // The socket closes: the next forward wakes the wallet again.
+    eventually("queue empty", || async {
+        (queue_depth(&nodes[0]).await == 0).then_some(())
+    })
+    .await;
+    ws.close().await;
+    for n in &nodes {
+        eventually("no owner any more", || async {
+            owner_seen_by(n, &conn).await.is_none().then_some(())
+        })
+        .await;
+    }
+    forward_many_to(&lb_urls, &a, &k, &["after-close".to_string()]).await;
+    wait_hits(&si, "fcm:", before + 1).await;
 }

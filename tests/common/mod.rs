@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod nginx;
 
 use mailroom::client::{Agent, Invitation, WsClient, WsEvent};
 use mailroom::config::{Config, Strategy};

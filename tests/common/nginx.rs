@@ -1,0 +1,63 @@
+//! nginx (Debian's package; `scripts/test.sh` installs it) round-robin in front of nodes, as
+//! operators run it (`scripts/cluster.sh`): WebSocket upgrade, the next node on 502/503.
+//! Started on a free loopback port in a temp dir; killed by its PID when dropped.
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Nginx {
+    pub addr: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// `upstreams`: the nodes' public `host:port`s.
+    pub fn start(upstreams: &[String]) -> Nginx {
+        let addr = super::cluster::free_addr();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let servers: String = upstreams.iter().map(|u| format!("    server {u};\n")).collect();
+        let conf = format!(
+            "master_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\ndaemon off;\n\
+             events {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n\
+             client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n\
+             map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}\n\
+             upstream mailroom {{\n{servers}  }}\n  server {{\n    listen {addr};\n    client_max_body_size 8m;\n\
+             location / {{\n      proxy_pass http://mailroom;\n      proxy_http_version 1.1;\n\
+             proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection $connection_upgrade;\n\
+             proxy_set_header Host $host;\n      proxy_read_timeout 1h;\n\
+             proxy_next_upstream error timeout http_502 http_503;\n    }}\n  }}\n}}\n"
+        );
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("nginx runs (scripts/test.sh installs Debian's nginx-light)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx { addr, child, _dir: dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
