@@ -208,9 +208,9 @@ async fn burst_gives_one_push_now_and_one_trailing() {
     assert_clean(&hits);
     assert!(hits.len() >= 2, "one push now, the last message in a trailing one");
     let window = Duration::from_secs(4);
-    let first = hits[0].at;
+    // From the burst's start: the first push may reach the stand-in late (token grant).
     assert!(
-        hits[1].at >= first + window - Duration::from_millis(50),
+        hits[1].at >= started + window - Duration::from_millis(50),
         "the trailing push waits for the window"
     );
     if burst < window {
@@ -658,8 +658,10 @@ async fn cluster_burst_over_nodes_gives_one_push_and_one_trailing() {
     let hits = wait_hits(&si, "fcm:", 2).await;
     assert_clean(&hits);
     let window = Duration::from_secs(10);
+    // Measured from the burst's start, not from the first push's arrival: that one can reach
+    // the provider late on a loaded machine (token grant, TLS), the window runs from the event.
     assert!(
-        hits[1].at >= hits[0].at + window - Duration::from_millis(100),
+        hits[1].at >= started + window - Duration::from_millis(100),
         "trailing after the window"
     );
     let sent = |n: &RunningNode| {
@@ -925,8 +927,10 @@ async fn through_nginx_in_front_of_three_nodes() {
     );
     let hits = wait_hits(&si, "fcm:", 2).await;
     assert_clean(&hits);
+    // Measured from the burst's start, not from the first push's arrival: that one can reach
+    // the provider late on a loaded machine (token grant, TLS), the window runs from the event.
     assert!(
-        hits[1].at >= hits[0].at + window - Duration::from_millis(100),
+        hits[1].at >= started + window - Duration::from_millis(100),
         "trailing after the window"
     );
     if burst < window {
