@@ -137,50 +137,30 @@ async fn forwards_on_other_nodes_reach_the_live_session_and_follow_it_when_it_mo
 /// heals and the directory is resynchronised.
 #[actix_rt::test]
 async fn a_cut_link_only_delays_delivery_and_heals() {
-    let db = FreshDb::create().await;
-    let (cfg, ls) = bind_cluster(2, &db.url, 300);
-    let store = open_shared_store(&cfg).await;
-    let real1: std::net::SocketAddr = cfg.nodes[0].cluster.clone().unwrap().parse().unwrap();
-    let real2: std::net::SocketAddr = cfg.nodes[1].cluster.clone().unwrap().parse().unwrap();
-    let p1 = Proxy::start(real1).await; // n2 -> n1
-    let p2 = Proxy::start(real2).await; // n1 -> n2
-                                        // Each node reaches the other only through a proxy.
-    let mut cfg1 = cfg.clone();
-    cfg1.nodes[1].cluster = Some(p2.addr.to_string());
-    let mut cfg2 = cfg.clone();
-    cfg2.nodes[0].cluster = Some(p1.addr.to_string());
-    let mut ls = ls.into_iter();
-    let n1 = start_node(&cfg1, "n1", ls.next().unwrap(), &store, None);
-    let n2 = start_node(&cfg2, "n2", ls.next().unwrap(), &store, None);
-    eventually("link up", || async { peer_connected(&n2, "n1").await.then_some(()) }).await;
-
-    let inv = invitation(&n1).await;
+    let pair = ProxiedPair::start(300).await;
+    let (n1, n2) = (&pair.n1, &pair.n2);
+    let inv = invitation(n1).await;
     let (mut a, k) = Agent::onboard(&inv).await.unwrap();
-    let conn = a_connection_id(&n1).await;
+    let conn = a_connection_id(n1).await;
     let routing = a.grant.clone().unwrap().routing_keys;
-    let mut ws = live_socket(&a, &n1).await;
-    wait_owner(&[&n2], &conn, "n1").await;
+    let mut ws = live_socket(&a, n1).await;
+    wait_owner(&[n2], &conn, "n1").await;
 
-    p1.cut();
-    p2.cut();
+    pair.cut();
     eventually("n2 sees n1 down", || async {
-        (!peer_connected(&n2, "n1").await).then_some(())
+        (!peer_connected(n2, "n1").await).then_some(())
     })
     .await;
     for i in 0..5 {
-        assert_eq!(forward_via(&n2, &routing, &k, &format!("cut-{i}")).await, 202);
+        assert_eq!(forward_via(n2, &routing, &k, &format!("cut-{i}")).await, 202);
     }
     let (got, _) = receive(&mut a, &mut ws, &n1.public_url(), 5).await;
     assert_eq!(got.len(), 5);
 
-    p1.restore();
-    p2.restore();
-    eventually("link healed", || async {
-        peer_connected(&n2, "n1").await.then_some(())
-    })
-    .await;
-    wait_owner(&[&n2], &conn, "n1").await;
-    assert_eq!(queue_depth(&n1).await, 0);
+    pair.restore();
+    eventually("link healed", || async { peer_connected(n2, "n1").await.then_some(()) }).await;
+    wait_owner(&[n2], &conn, "n1").await;
+    assert_eq!(queue_depth(n1).await, 0);
 }
 
 /// A peer with the wrong secret, or naming another cluster, is refused and counted; the

@@ -324,47 +324,32 @@ async fn the_history_of_one_node_shows_the_rates_of_every_node() {
 /// closes there too.
 #[actix_rt::test]
 async fn a_delete_made_while_a_link_is_cut_closes_the_session_when_it_heals() {
-    let db = FreshDb::create().await;
-    let (cfg, ls) = bind_cluster(2, &db.url, FAST_SWEEP_MS);
-    let store = open_shared_store(&cfg).await;
-    let real1: std::net::SocketAddr = cfg.nodes[0].cluster.clone().unwrap().parse().unwrap();
-    let real2: std::net::SocketAddr = cfg.nodes[1].cluster.clone().unwrap().parse().unwrap();
-    let (p1, p2) = (Proxy::start(real1).await, Proxy::start(real2).await);
-    // Each node reaches the other only through a proxy.
-    let mut cfg1 = cfg.clone();
-    cfg1.nodes[1].cluster = Some(p2.addr.to_string());
-    let mut cfg2 = cfg.clone();
-    cfg2.nodes[0].cluster = Some(p1.addr.to_string());
-    let mut ls = ls.into_iter();
-    let n1 = start_node(&cfg1, "n1", ls.next().unwrap(), &store, None);
-    let n2 = start_node(&cfg2, "n2", ls.next().unwrap(), &store, None);
-    eventually("link up", || async { peer_connected(&n1, "n2").await.then_some(()) }).await;
-    let inv = invitation(&n1).await;
+    let pair = ProxiedPair::start(FAST_SWEEP_MS).await;
+    let (n1, n2) = (&pair.n1, &pair.n2);
+    let inv = invitation(n1).await;
     let (a, _) = Agent::onboard(&inv).await.unwrap();
-    let id = a_connection_id(&n1).await;
-    let mut ws = live_socket(&a, &n2).await;
-    wait_owner(&[&n1], &id, "n2").await;
+    let id = a_connection_id(n1).await;
+    let mut ws = live_socket(&a, n2).await;
+    wait_owner(&[n1], &id, "n2").await;
 
-    p1.cut();
-    p2.cut();
+    pair.cut();
     eventually("n1 sees n2 down", || async {
-        (!peer_connected(&n1, "n2").await).then_some(())
+        (!peer_connected(n1, "n2").await).then_some(())
     })
     .await;
     let (code, body) = admin("DELETE", &format!("{}/connections/{id}", n1.admin_url()), None).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["close_requested_on"], json!([]), "no link was up: {body}");
-    assert_eq!(local_sessions(&n2, &id).await, 1, "n2 could not have heard of it yet");
+    assert_eq!(local_sessions(n2, &id).await, 1, "n2 could not have heard of it yet");
 
-    p1.restore();
-    p2.restore();
+    pair.restore();
     assert_eq!(
         closed_with(&mut ws).await,
         1008,
         "the session on n2 is closed once the link is back"
     );
     eventually("n2 holds no session of the removed connection", || async {
-        (local_sessions(&n2, &id).await == 0).then_some(())
+        (local_sessions(n2, &id).await == 0).then_some(())
     })
     .await;
 }

@@ -888,26 +888,16 @@ async fn forwards_per_node(nodes: &[RunningNode]) -> Vec<f64> {
 async fn through_nginx_in_front_of_three_nodes() {
     use common::nginx::Nginx;
     let si = StandIn::start();
-    let db = FreshDb::create().await;
-    let (mut cfg, ls) = bind_cluster(3, &db.url, 100);
     let window = Duration::from_secs(3);
-    cfg.push = Some(si.push_config(window.as_secs(), &["proj-a"], true));
-    let lb = Nginx::start(&cfg.nodes.iter().map(|n| n.listen.clone()).collect::<Vec<_>>());
-    cfg.cluster.public_url = Some(lb.url());
-    let store = open_shared_store(&cfg).await;
-    let nodes: Vec<RunningNode> = ls
-        .into_iter()
-        .enumerate()
-        .map(|(i, l)| start_node(&cfg, &format!("n{}", i + 1), l, &store, None))
-        .collect();
-    for x in &nodes {
-        for y in nodes.iter().filter(|y| y.node_id != x.node_id) {
-            eventually("links up", || async {
-                peer_connected(x, &y.node_id).await.then_some(())
-            })
-            .await;
-        }
-    }
+    let mut lb = None;
+    let c = cluster_with(3, 100, |cfg| {
+        cfg.push = Some(si.push_config(window.as_secs(), &["proj-a"], true));
+        let n = Nginx::start(&cfg.nodes.iter().map(|n| n.listen.clone()).collect::<Vec<_>>());
+        cfg.cluster.public_url = Some(n.url());
+        lb = Some(n);
+    })
+    .await;
+    let (lb, nodes) = (lb.unwrap(), &c.nodes);
     let v = get_json(&format!("{}/invitation", lb.url())).await;
     let inv = mailroom::client::Invitation::parse(&v["invitation"]).unwrap();
     assert_eq!(inv.http, lb.url(), "the invitation names the load balancer");
@@ -920,7 +910,7 @@ async fn through_nginx_in_front_of_three_nodes() {
     let texts: Vec<String> = (0..100).map(|i| format!("off-{i}")).collect();
     forward_many_to(&lb_urls, &a, &k, &texts).await;
     let burst = started.elapsed();
-    let per_node = forwards_per_node(&nodes).await;
+    let per_node = forwards_per_node(nodes).await;
     assert!(
         per_node.iter().all(|c| *c > 0.0),
         "nginx spread the forwards: {per_node:?}"
@@ -966,7 +956,7 @@ async fn through_nginx_in_front_of_three_nodes() {
         owner_seen_by(&nodes[0], &conn).await
     })
     .await;
-    for n in &nodes {
+    for n in nodes {
         wait_owner(&[n], &conn, &owner).await;
     }
     // Past the window, so a push would not be folded into a trailing one.
@@ -978,7 +968,7 @@ async fn through_nginx_in_front_of_three_nodes() {
     while got < 9 {
         got += receive_and_ack(&a, &mut ws).await;
     }
-    let per_node_after = forwards_per_node(&nodes).await;
+    let per_node_after = forwards_per_node(nodes).await;
     assert!(
         per_node_after.iter().zip(&per_node).all(|(a, b)| a > b),
         "the live forwards landed on every node: {per_node:?} -> {per_node_after:?}"
@@ -995,7 +985,7 @@ async fn through_nginx_in_front_of_three_nodes() {
     })
     .await;
     ws.close().await;
-    for n in &nodes {
+    for n in nodes {
         eventually("no owner any more", || async {
             owner_seen_by(n, &conn).await.is_none().then_some(())
         })

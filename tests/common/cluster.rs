@@ -150,8 +150,15 @@ pub struct TestCluster {
 
 /// `cluster_of(n, sweep_ms)`: see [`TestCluster`].
 pub async fn cluster_of(n: usize, sweep_ms: u64) -> TestCluster {
+    cluster_with(n, sweep_ms, |_| {}).await
+}
+
+/// [`cluster_of`] with the config changed by `tweak` before the nodes start (the nodes'
+/// addresses are already in it).
+pub async fn cluster_with(n: usize, sweep_ms: u64, tweak: impl FnOnce(&mut Config)) -> TestCluster {
     let db = FreshDb::create().await;
-    let (cfg, ls) = bind_cluster(n, &db.url, sweep_ms);
+    let (mut cfg, ls) = bind_cluster(n, &db.url, sweep_ms);
+    tweak(&mut cfg);
     let store = open_shared_store(&cfg).await;
     let nodes: Vec<RunningNode> = ls
         .into_iter()
@@ -167,6 +174,51 @@ pub async fn cluster_of(n: usize, sweep_ms: u64) -> TestCluster {
         }
     }
     TestCluster { nodes, db }
+}
+
+/// Two nodes that reach each other's cluster port only through a [`Proxy`] each, so a test
+/// can cut the link between them (`to_n1`: n2's way to n1, `to_n2`: n1's way to n2).
+pub struct ProxiedPair {
+    pub n1: RunningNode,
+    pub n2: RunningNode,
+    pub to_n1: Proxy,
+    pub to_n2: Proxy,
+    pub db: FreshDb,
+}
+
+impl ProxiedPair {
+    pub async fn start(sweep_ms: u64) -> ProxiedPair {
+        let db = FreshDb::create().await;
+        let (cfg, ls) = bind_cluster(2, &db.url, sweep_ms);
+        let store = open_shared_store(&cfg).await;
+        let real = |i: usize| -> SocketAddr { cfg.nodes[i].cluster.clone().unwrap().parse().unwrap() };
+        let (to_n1, to_n2) = (Proxy::start(real(0)).await, Proxy::start(real(1)).await);
+        let mut cfg1 = cfg.clone();
+        cfg1.nodes[1].cluster = Some(to_n2.addr.to_string());
+        let mut cfg2 = cfg.clone();
+        cfg2.nodes[0].cluster = Some(to_n1.addr.to_string());
+        let mut ls = ls.into_iter();
+        let n1 = start_node(&cfg1, "n1", ls.next().unwrap(), &store, None);
+        let n2 = start_node(&cfg2, "n2", ls.next().unwrap(), &store, None);
+        eventually("link up", || async { peer_connected(&n2, "n1").await.then_some(()) }).await;
+        ProxiedPair {
+            n1,
+            n2,
+            to_n1,
+            to_n2,
+            db,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.to_n1.cut();
+        self.to_n2.cut();
+    }
+
+    pub fn restore(&self) {
+        self.to_n1.restore();
+        self.to_n2.restore();
+    }
 }
 
 /// A TCP proxy in front of `target` whose links can be cut and restored.
