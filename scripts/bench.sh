@@ -18,6 +18,16 @@ if [[ "${1:-}" == cluster-sim ]]; then
   shift
   exec cargo bench --locked --bench cluster_sim -- "$@"
 fi
+# The same ingest load (LOADGEN_SENDERS senders, LOADGEN_SECS window, one envelope size) against
+# mailroom (sled, one node), Credo 0.6.3's mediator and ACA-Py 1.7's, one after the other, each
+# started by scripts/peer-mediators.sh (interop installs, cached); then one table with
+# mailroom's ratio to each peer and the load generator's own CPU:
+#   scripts/bench.sh peers [--quick]        # --quick: 10 s per mediator (default 30 s)
+#   PEERS=mailroom,acapy scripts/bench.sh peers
+if [[ "${1:-}" == peers ]]; then
+  shift
+  exec scripts/bench-peers.sh "$@"
+fi
 if [[ ",${LOADGEN_ONLY:-pg}," =~ ,(pg|cluster|samenode|sweep), ]]; then
   scripts/ensure-postgres.sh
 fi

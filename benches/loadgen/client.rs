@@ -3,7 +3,11 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use mailroom::client::{basic_message, Agent, Invitation, Sender, WsClient, WsEvent};
+use mailroom::didcomm::did;
+use mailroom::didcomm::keys::KeyPair;
 use mailroom::didcomm::message::new_id;
+use mailroom::probe::Target;
+use mailroom::protocols::didexchange::decode_b64_any;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -92,15 +96,32 @@ impl RawConn {
             .context("status line")?;
         let mut len = 0usize;
         let mut close = false;
+        let mut chunked = false;
         for l in lines {
             let Some((k, v)) = l.split_once(':') else { continue };
             let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
             match k.as_str() {
                 "content-length" => len = v.parse().context("content-length")?,
                 "connection" => close = v.eq_ignore_ascii_case("close"),
-                "transfer-encoding" => bail!("chunked responses are not supported here"),
+                // Node's http (Credo) may answer chunked; mailroom and ACA-Py send a length.
+                "transfer-encoding" => chunked = v.eq_ignore_ascii_case("chunked"),
                 _ => {}
             }
+        }
+        if chunked {
+            // The body is not needed by any scenario: read up to the last chunk and drop it.
+            while !self.buf[head_end..].ends_with(b"0\r\n\r\n") {
+                if self.buf.len() > head_end + (64 << 20) {
+                    bail!("chunked body too long");
+                }
+                if s.read_buf(&mut self.buf).await? == 0 {
+                    bail!("connection closed in chunked body");
+                }
+            }
+            if close {
+                self.stream = None;
+            }
+            return Ok((status, Vec::new()));
         }
         while self.buf.len() < head_end + len {
             if s.read_buf(&mut self.buf).await? == 0 {
@@ -272,4 +293,92 @@ pub(crate) fn build_forwards(
     let mut all: Vec<(usize, Vec<u8>)> = built.into_iter().flatten().collect();
     all.sort_by_key(|(i, _)| *i);
     Ok((all.into_iter().map(|(_, e)| e).collect(), t0.elapsed()))
+}
+
+/// Connects to any DIDComm v1 mediator from its parsed invitation (mailroom, Credo, ACA-Py):
+/// didexchange 1.1 (1.0 when that is all the invitation offers) over HTTP with return-route,
+/// accepting the mediator's DID from `did_doc~attach` when it is not self-resolving.
+pub(crate) async fn connect_any(t: &Target) -> Result<Agent> {
+    let offered: Vec<&str> = t.invitation["handshake_protocols"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let version = if offered.iter().any(|p| p.ends_with("didexchange/1.1")) || offered.is_empty() {
+        "1.1"
+    } else if offered.iter().any(|p| p.ends_with("didexchange/1.0")) {
+        "1.0"
+    } else {
+        bail!("the invitation offers no didexchange handshake ({offered:?})");
+    };
+    let key = KeyPair::generate();
+    let our_did = did::create_peer4(&key.verkey(), &["didcomm:transport/queue".to_string()], &[]);
+    let mut a = Agent::from_parts(key, our_did.clone(), t.recipient_key.clone(), t.http.clone())
+        .with_timeout(Duration::from_secs(60));
+    let req_id = new_id();
+    let mut thread = json!({ "thid": req_id });
+    if t.oob {
+        thread["pthid"] = json!(t.invitation_id);
+    }
+    let request = json!({
+        "@type": format!("https://didcomm.org/didexchange/{version}/request"),
+        "@id": req_id,
+        "label": "mailroom-loadgen",
+        "did": our_did,
+        "~thread": thread,
+        "~transport": { "return_route": "all" },
+    });
+    let response = a.request(&request).await?.context("no didexchange response")?;
+    if type_name(&response) != "response" {
+        bail!("didexchange request answered with {response}");
+    }
+    let their_did = response["did"].as_str().context("didexchange response without did")?;
+    let data = &response["did_doc~attach"]["data"];
+    let attached = if let Some(j) = data.get("json") {
+        Some(j.clone())
+    } else if let Some(b) = data["base64"].as_str() {
+        let raw = decode_b64_any(b).context("did_doc~attach is not base64")?;
+        Some(serde_json::from_slice(&raw).context("did_doc~attach is not JSON")?)
+    } else {
+        None
+    };
+    let doc = did::resolve(their_did, attached.as_ref()).map_err(|e| anyhow!("resolve {their_did}: {e}"))?;
+    a.mediator_verkey = doc
+        .recipient_keys
+        .first()
+        .cloned()
+        .context("the mediator's DID has no keys")?;
+    let complete = json!({
+        "@type": format!("https://didcomm.org/didexchange/{version}/complete"),
+        "@id": new_id(),
+        "~thread": thread,
+    });
+    a.send(&complete).await.context("didexchange complete")?;
+    Ok(a)
+}
+
+/// Onboards `n` wallets on any DIDComm v1 mediator: connect, mediate, one recipient key each.
+/// Also returns the HTTP endpoint forwards go to (the grant's, else the invitation's).
+pub(crate) async fn onboard_any(t: &Target, n: usize) -> Result<(Vec<Wallet>, String)> {
+    let mut out = Vec::with_capacity(n);
+    let mut endpoint = t.http.clone();
+    for i in 0..n {
+        let mut agent = connect_any(t).await.with_context(|| format!("wallet {i}: connect"))?;
+        let grant = agent.mediate().await.with_context(|| format!("wallet {i}: mediate"))?;
+        if grant.endpoint.starts_with("http") {
+            endpoint = grant.endpoint.clone();
+        }
+        let k = agent.new_recipient_key();
+        let updated = agent.keylist_update(&[k.did_key()], &[]).await?;
+        if updated.first().and_then(|u| u["result"].as_str()) != Some("success") {
+            bail!("wallet {i}: keylist-update failed: {updated:?}");
+        }
+        out.push(Wallet {
+            agent,
+            key: k.verkey(),
+            routing: grant.routing_keys,
+        });
+    }
+    Ok((out, endpoint))
 }

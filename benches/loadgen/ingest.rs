@@ -68,7 +68,8 @@ pub(crate) struct LoadResult {
 /// `senders` tasks on this (single) thread POST pre-built requests back to back: a warm-up,
 /// then the measured window. Each request is used once.
 pub(crate) async fn forward_load(
-    node: &ChildNode,
+    addr: std::net::SocketAddr,
+    pid: &str,
     reqs: Arc<Vec<Vec<u8>>>,
     o: &Opts,
     db: Option<&FreshDb>,
@@ -79,7 +80,7 @@ pub(crate) async fn forward_load(
     let next = Rc::new(Cell::new(0usize));
     let cpu0: Rc<Cell<Option<(f64, f64, f64)>>> = Rc::new(Cell::new(None));
     let pg_pids: Rc<RefCell<Vec<String>>> = Rc::new(RefCell::new(Vec::new()));
-    let pid = node.pid().to_string();
+    let pid = pid.to_string();
     {
         let (cpu0, pid, pg_pids) = (cpu0.clone(), pid.clone(), pg_pids.clone());
         let db = db.map(|d| (d.admin.clone(), d.name.clone()));
@@ -103,7 +104,6 @@ pub(crate) async fn forward_load(
     for _ in 0..o.senders {
         let reqs = reqs.clone();
         let next = next.clone();
-        let addr = node.public;
         tasks.push(actix_rt::spawn(async move {
             let mut conn = RawConn::new(addr);
             let mut lat = Vec::with_capacity(4096);
@@ -202,7 +202,7 @@ pub(crate) async fn single_node_forwards(t: &mut Table, o: &Opts, backend: &str,
         o.warmup_ms,
         o.secs
     );
-    let r = forward_load(&node, reqs, o, db.as_ref()).await?;
+    let r = forward_load(node.public, &node.pid().to_string(), reqs, o, db.as_ref()).await?;
     let secs = r.window.as_secs_f64();
     let rate = r.accepted as f64 / secs;
     let admin = node.admin_url();

@@ -11,6 +11,8 @@
 //! - `sweep`:    the same with the cluster link cut: delivery bounded by the sweep interval.
 //! - `sessions`: RSS per idle bound WebSocket session of a `mailroom` child process.
 //! - `live`:     delivered msg/s to one wallet in live mode (1,000 queued, delivered, acked).
+//! - `peer`:     (only when named in LOADGEN_ONLY) the `sled` ingest load against any DIDComm v1
+//!   mediator from its invitation URL (LOADGEN_PEER_URL, LOADGEN_PEER_NAME, LOADGEN_PEER_PID).
 //!
 //! Knobs (environment): LOADGEN_ONLY (comma list of sections), LOADGEN_SECS (10),
 //! LOADGEN_WARMUP_MS (1000), LOADGEN_SENDERS (64), LOADGEN_ENVELOPES (60000),
@@ -23,12 +25,14 @@ mod cross_node;
 mod ingest;
 mod live;
 mod nodes;
+mod peers;
 mod report;
 mod sessions;
 
 use crate::cross_node::{cluster_latency, same_node_latency, sweep_latency};
 use crate::ingest::{crypto_floor, single_node_forwards};
 use crate::live::live_throughput;
+use crate::peers::peer_forwards;
 use crate::report::{machine, Table};
 use crate::sessions::sessions_memory;
 use std::time::Instant;
@@ -154,6 +158,13 @@ pub(crate) fn main() {
             eprintln!("[live] live-mode delivery to one wallet");
             if let Err(e) = live_throughput(&mut t, &o).await {
                 t.failed("live", &e);
+            }
+        }
+        // Not in the default run: it needs a mediator started outside (scripts/bench.sh peers).
+        if o.only.as_ref().is_some_and(|v| v.iter().any(|s| s == "peer")) {
+            eprintln!("[peer] ingest against a mediator from its invitation URL");
+            if let Err(e) = peer_forwards(&mut t, &o).await {
+                t.failed("peer", &e);
             }
         }
         if o.wants("sessions") {
