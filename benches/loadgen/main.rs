@@ -175,9 +175,10 @@ pub(crate) fn main() {
         }
     });
     println!(
-        "mailroom loadgen, {} ({:.0} s); machine: {machine_before}; release build; load generator and nodes share the cores",
+        "mailroom loadgen, {} ({:.0} s); machine: {machine_before}; {} build; load generator and nodes share the cores",
         date.trim(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        if cfg!(debug_assertions) { "debug" } else { "release" }
     );
     t.print();
     if let Some(path) = &o.md {
