@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds mailroom in release and runs the load generator (benches/loadgen.rs): prints one table
+# Builds mailroom in release and runs the load generator (benches/loadgen/): prints one table
 # of the figures the project is measured on (method: docs/BENCHMARKS.md). Everything runs on
 # 127.0.0.1 against a mailroom child process or in-process nodes; PostgreSQL on 127.0.0.1:5432
 # (a fresh database per run, dropped after it). The runs take ~2 minutes after the build.
@@ -8,7 +8,7 @@
 #   LOADGEN_ONLY=sled,live scripts/bench.sh # some sections: crypto,sled,pg,cluster,samenode,sweep,live,sessions
 #   LOADGEN_MD=bench.md scripts/bench.sh    # also write the table as Markdown
 # Other knobs (LOADGEN_SECS, LOADGEN_SENDERS, LOADGEN_ENVELOPES, ...) are listed at the top of
-# benches/loadgen.rs.
+# benches/loadgen/main.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The cluster simulation (benches/cluster_sim.rs, no network, ~2 min; docs/BENCHMARKS.md
@@ -17,6 +17,16 @@ cd "$(dirname "$0")/.."
 if [[ "${1:-}" == cluster-sim ]]; then
   shift
   exec cargo bench --locked --bench cluster_sim -- "$@"
+fi
+# The same ingest load (LOADGEN_SENDERS senders, LOADGEN_SECS window, one envelope size) against
+# mailroom (sled, one node), Credo 0.6.3's mediator and ACA-Py 1.7's, one after the other, each
+# started by scripts/peer-mediators.sh (interop installs, cached); then one table with
+# mailroom's ratio to each peer and the load generator's own CPU:
+#   scripts/bench.sh peers [--quick]        # --quick: 10 s per mediator (default 30 s)
+#   PEERS=mailroom,acapy scripts/bench.sh peers
+if [[ "${1:-}" == peers ]]; then
+  shift
+  exec scripts/bench-peers.sh "$@"
 fi
 if [[ ",${LOADGEN_ONLY:-pg}," =~ ,(pg|cluster|samenode|sweep), ]]; then
   scripts/ensure-postgres.sh

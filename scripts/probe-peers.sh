@@ -21,15 +21,8 @@ T_START=$(date +%s)
 say() { echo "[probe-peers] $*"; }
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mailroom-probe-peers.XXXXXX")
-MED_PID=""
-stop_mediator() {
-  if [ -n "$MED_PID" ] && kill -0 "$MED_PID" 2>/dev/null; then
-    kill "$MED_PID" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$MED_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$MED_PID" 2>/dev/null || true
-  fi
-  MED_PID=""
-}
+# shellcheck source=scripts/peer-mediators.sh
+. "$ROOT/scripts/peer-mediators.sh"
 cleanup() {
   local rc=$?
   stop_mediator
@@ -42,25 +35,7 @@ trap 'exit 130' INT TERM
 [ -x "$BIN" ] || (cd "$ROOT" && cargo build -q --locked --bin mailroom)
 [ -x "$BIN" ] || { say "no mailroom binary at $BIN"; exit 1; }
 
-case ",$PEERS," in *,credo,*|*,acapy,*)
-  setup_out=$(bash "$ROOT/scripts/interop-setup.sh") || { say "interop setup failed"; exit 1; }
-  env_line=$(printf '%s\n' "$setup_out" | tail -n1)
-  LIB_ASKAR_PATH=$(printf '%s' "$env_line" | sed -n 's/.*LIB_ASKAR_PATH=\([^ ]*\).*/\1/p')
-  ACAPY_BIN=$(printf '%s' "$env_line" | sed -n 's/.*ACAPY_BIN=\([^ ]*\).*/\1/p')
-  export LIB_ASKAR_PATH
-  ;;
-esac
-PY=$(command -v python3)
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() {
-  local url=$1 deadline=$(( $(date +%s) + $2 ))
-  while :; do
-    if "$PY" -c 'import sys,urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$url" 2>/dev/null; then return 0; fi
-    if ! kill -0 "$MED_PID" 2>/dev/null; then say "the mediator exited before $url answered"; tail -n 30 "$WORK/$3.log"; return 1; fi
-    if [ "$(date +%s)" -ge "$deadline" ]; then say "$url not ready after $2 s"; tail -n 30 "$WORK/$3.log"; return 1; fi
-    sleep 0.2
-  done
-}
+peer_setup "$PEERS" || exit 1
 
 # probe NAME URL [ARGS...]: runs the probe, keeps its output in $WORK/NAME.out.
 probe() {
@@ -76,70 +51,16 @@ probe() {
 }
 
 DONE=()
+# 5 s leases instead of the default 30 s, so `redelivery` does not wait half a minute (the probe
+# waits PROBE_REDELIVERY_WAIT, 15 s, for any mediator to redeliver).
+MAILROOM_TOML_EXTRA=$'\n[delivery]\nlease_ms = 5000'
 for peer in ${PEERS//,/ }; do
-  PORT=$(free_port); ADMIN_PORT=$(free_port)
-  case "$peer" in
-    mailroom)
-      # 5 s leases instead of the default 30 s, so `redelivery` does not wait half a minute
-      # (the probe waits PROBE_REDELIVERY_WAIT, 15 s, for any mediator to redeliver).
-      cat >"$WORK/cluster.toml" <<EOF
-[cluster]
-name = "probe"
-secret = "probe-secret"
-public_url = "http://127.0.0.1:$PORT"
-
-[store]
-backend = "sled"
-path = "$WORK/mailroom-data"
-
-[delivery]
-lease_ms = 5000
-
-[[node]]
-id = "n1"
-listen = "127.0.0.1:$PORT"
-cluster = "127.0.0.1:$(free_port)"
-admin = "127.0.0.1:$ADMIN_PORT"
-EOF
-      NO_COLOR=1 "$BIN" run --config "$WORK/cluster.toml" --node n1 >"$WORK/mailroom.log" 2>&1 &
-      MED_PID=$!
-      wait_http "http://127.0.0.1:$ADMIN_PORT/ready" 60 mailroom || { say "mailroom did not start"; exit 1; }
-      probe mailroom "http://127.0.0.1:$PORT/invitation"
-      ;;
-    credo)
-      (cd "$ROOT/tests/interop/credo" && exec node mediator.mjs --port "$PORT" --admin-port "$ADMIN_PORT" \
-          --data "$WORK/credo-mediator" --strategy QueueAndLiveModeDelivery) >"$WORK/credo.log" 2>&1 &
-      MED_PID=$!
-      wait_http "http://127.0.0.1:$ADMIN_PORT/ready" 90 credo || { say "Credo's mediator did not start"; exit 1; }
-      probe credo "http://127.0.0.1:$PORT/invitation"
-      ;;
-    acapy)
-      [ -n "${ACAPY_BIN:-}" ] || { say "ACA-Py is not installed (no Python 3.13/3.12)"; exit 1; }
-      WS_PORT=$(free_port)
-      mkdir -p "$WORK/acapy-home"
-      ACAPY_HOME="$WORK/acapy-home" "$ACAPY_BIN" start --label acapy-mediator \
-        --inbound-transport http 127.0.0.1 "$PORT" --inbound-transport ws 127.0.0.1 "$WS_PORT" \
-        --outbound-transport http --outbound-transport ws \
-        --endpoint "http://127.0.0.1:$PORT" "ws://127.0.0.1:$WS_PORT" \
-        --admin 127.0.0.1 "$ADMIN_PORT" --admin-insecure-mode \
-        --wallet-type askar --wallet-name acapy-mediator --wallet-key probe-key --wallet-storage-type default \
-        --auto-provision --no-ledger --open-mediation --enable-undelivered-queue \
-        --auto-accept-invites --auto-accept-requests --log-level warning >"$WORK/acapy.log" 2>&1 &
-      MED_PID=$!
-      wait_http "http://127.0.0.1:$ADMIN_PORT/status/ready" 120 acapy || { say "ACA-Py did not start"; exit 1; }
-      INV=$("$PY" - "http://127.0.0.1:$ADMIN_PORT" <<'PYEOF'
-import json, sys, urllib.request
-req = urllib.request.Request(sys.argv[1] + "/out-of-band/create-invitation?multi_use=true&auto_accept=true",
-    data=json.dumps({"handshake_protocols": ["https://didcomm.org/didexchange/1.1"], "use_public_did": False}).encode(),
-    headers={"content-type": "application/json"}, method="POST")
-print(json.load(urllib.request.urlopen(req, timeout=30))["invitation_url"])
-PYEOF
-) || { say "ACA-Py gave no invitation"; tail -n 30 "$WORK/acapy.log"; exit 1; }
-      # ACA-Py's invitation and DID name only its http endpoint: tell the probe its socket.
-      probe acapy "$INV" --ws "ws://127.0.0.1:$WS_PORT"
-      ;;
-    *) say "unknown peer $peer (mailroom, credo, acapy)"; exit 1;;
-  esac
+  start_mediator "$peer" || exit 1
+  if [ -n "$MED_WS" ]; then
+    probe "$peer" "$MED_URL" --ws "$MED_WS"
+  else
+    probe "$peer" "$MED_URL"
+  fi
   stop_mediator
   DONE+=("$peer")
 done

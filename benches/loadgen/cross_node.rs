@@ -1,0 +1,436 @@
+//! Scenarios `cluster`, `samenode`, `sweep`: live delivery latency across nodes.
+
+use crate::{client::*, nodes::*, report::*, Opts};
+use anyhow::{Context, Result};
+use mailroom::client::WsEvent;
+use mailroom::config::{Config, NodeEntry, Strategy};
+use mailroom::node::{self, Listeners, NodeOptions, RunningNode};
+use serde_json::json;
+use std::cell::{Cell, RefCell};
+use std::net::{SocketAddr, TcpListener};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------------------------
+// 3: cross-node live delivery latency (in-process nodes on PostgreSQL)
+// ---------------------------------------------------------------------------------------------
+
+pub(crate) struct Cluster {
+    pub(crate) nodes: Vec<RunningNode>,
+    pub(crate) db: Option<FreshDb>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Nodes first (they hold pool connections), then the database.
+        for n in self.nodes.drain(..) {
+            let _ = n.stop();
+        }
+        self.db.take();
+    }
+}
+
+pub(crate) const SECRET: &str = "loadgen-cluster-secret";
+
+/// `n` nodes on one fresh PostgreSQL database. With `cut`, every node's peer addresses point
+/// at a closed port: no notifications, only the sweep delivers.
+pub(crate) async fn start_cluster(o: &Opts, n: usize, cut: bool) -> Result<Cluster> {
+    let db = FreshDb::create(&o.pg_admin).await?;
+    let mut cfg = Config::single_node_default();
+    cfg.nodes.clear();
+    cfg.cluster.name = "loadgen".into();
+    cfg.cluster.secret = Some(SECRET.into());
+    cfg.store.backend = "postgres".into();
+    cfg.store.url = Some(db.url());
+    cfg.delivery.strategy = Strategy::QueueAndLiveModeDelivery;
+    let mut ls = Vec::new();
+    for i in 1..=n {
+        let l = Listeners {
+            public: TcpListener::bind("127.0.0.1:0")?,
+            admin: TcpListener::bind("127.0.0.1:0")?,
+            cluster: Some(TcpListener::bind("127.0.0.1:0")?),
+        };
+        cfg.nodes.push(NodeEntry {
+            id: format!("n{i}"),
+            listen: l.public.local_addr()?.to_string(),
+            cluster: Some(l.cluster.as_ref().expect("bound").local_addr()?.to_string()),
+            admin: l.admin.local_addr()?.to_string(),
+        });
+        ls.push(l);
+    }
+    let store = open_shared_store(&cfg).await?;
+    let mut c = Cluster {
+        nodes: Vec::new(),
+        db: Some(db),
+    };
+    for (i, l) in ls.into_iter().enumerate() {
+        let id = format!("n{}", i + 1);
+        let mut my = cfg.clone();
+        if cut {
+            for e in my.nodes.iter_mut().filter(|e| e.id != id) {
+                e.cluster = Some(free_addr()?.to_string());
+            }
+        }
+        c.nodes.push(node::spawn(
+            my,
+            &id,
+            l,
+            NodeOptions {
+                store: Some(store.clone()),
+                config_path: None,
+            },
+        )?);
+    }
+    if !cut {
+        for a in &c.nodes {
+            for b in &c.nodes {
+                if a.node_id == b.node_id {
+                    continue;
+                }
+                let url = format!("{}/status", a.admin_url());
+                let peer = b.node_id.clone();
+                wait_for("cluster links up", Duration::from_secs(30), || async {
+                    let v = get_json(&url).await.ok()?;
+                    v["peers"]
+                        .as_array()?
+                        .iter()
+                        .any(|p| p["id"] == peer.as_str() && p["connected"] == true)
+                        .then_some(())
+                })
+                .await?;
+            }
+        }
+    }
+    Ok(c)
+}
+
+pub(crate) struct LatencyResult {
+    pub(crate) sent: usize,
+    pub(crate) accepted: usize,
+    pub(crate) delivered: usize,
+    pub(crate) lat_us: Vec<u64>,
+    pub(crate) before_2xx: usize,
+    pub(crate) from_send_us: Vec<u64>,
+}
+
+/// Forwards POSTed to `via` at `rate`/s for `secs`; the wallet's live socket is on `home`;
+/// latency = delivery frame read on the socket - POST's 2xx read. Deliveries are acknowledged
+/// with messages-received over HTTP to `home`, as Credo 0.6.3 does.
+/// Where a latency run sends: an in-process node or a child process.
+pub(crate) struct Target {
+    pub(crate) node_id: String,
+    pub(crate) public_addr: SocketAddr,
+    pub(crate) admin: String,
+}
+
+impl Target {
+    pub(crate) fn of(n: &RunningNode) -> Target {
+        Target {
+            node_id: n.node_id.clone(),
+            public_addr: n.public_addr,
+            admin: n.admin_url(),
+        }
+    }
+    pub(crate) fn public_url(&self) -> String {
+        format!("http://{}", self.public_addr)
+    }
+    pub(crate) fn admin_url(&self) -> String {
+        self.admin.clone()
+    }
+}
+
+pub(crate) async fn live_latency(
+    home: &Target,
+    via: &Target,
+    rate: u64,
+    secs: u64,
+    cut: bool,
+) -> Result<LatencyResult> {
+    let ws_url = format!("ws://{}/", home.public_addr);
+    let wallets = onboard(&home.public_url(), 1).await?;
+    let w = wallets.into_iter().next().context("one wallet")?;
+    let conn = get_json(&format!("{}/connections", home.admin_url())).await?["connections"][0]["id"]
+        .as_str()
+        .context("connection id")?
+        .to_string();
+    let ws = live_socket(&w.agent, &ws_url).await?;
+    if !cut && home.node_id != via.node_id {
+        let url = format!("{}/cluster", via.admin_url());
+        wait_for(
+            "the sending node sees the wallet's session owner",
+            Duration::from_secs(30),
+            || async {
+                let v = get_json(&url).await.ok()?;
+                v["cluster"]["directory"]
+                    .as_array()?
+                    .iter()
+                    .any(|e| e["conn"] == conn.as_str() && e["node"] == home.node_id.as_str())
+                    .then_some(())
+            },
+        )
+        .await?;
+    }
+    let n = (rate * secs) as usize;
+    let (envs, _) = build_forwards(&[(w.key.clone(), w.routing.clone())], n, "lat")?;
+    let host = via.public_addr.to_string();
+    let reqs: Rc<Vec<Vec<u8>>> = Rc::new(envs.iter().map(|e| build_request(&host, "/", e)).collect());
+    let sent_at: Rc<RefCell<Vec<Option<Instant>>>> = Rc::new(RefCell::new(vec![None; n]));
+    let ok_at: Rc<RefCell<Vec<Option<Instant>>>> = Rc::new(RefCell::new(vec![None; n]));
+    let arrived: Rc<RefCell<Vec<Option<Instant>>>> = Rc::new(RefCell::new(vec![None; n]));
+    let accepted = Rc::new(Cell::new(0usize));
+    let sending_done = Rc::new(Cell::new(false));
+
+    // Receiver: reads deliveries, stamps them on arrival, hands acks to the acker.
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let receiver = {
+        let arrived = arrived.clone();
+        let accepted = accepted.clone();
+        let sending_done = sending_done.clone();
+        let home_host = home.public_addr.to_string();
+        let mut ws = ws;
+        let agent = w.agent;
+        actix_rt::spawn(async move {
+            let mut got = 0usize;
+            let hard = Instant::now() + Duration::from_secs(secs + 40);
+            loop {
+                if sending_done.get() && got >= accepted.get() {
+                    break;
+                }
+                let left = hard.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                let ev = match ws.next(left.min(Duration::from_millis(500))).await {
+                    Ok(ev) => ev,
+                    Err(_) => continue, // nothing within 500 ms: re-check the exit conditions
+                };
+                let now = Instant::now();
+                let env = match ev {
+                    WsEvent::Envelope(e) => e,
+                    WsEvent::Closed(_) => break,
+                };
+                let Ok((msg, _)) = agent.unpack(&env) else { continue };
+                if type_name(&msg) != "delivery" {
+                    continue;
+                }
+                let mut ids = Vec::new();
+                for (id, inner) in agent.open_delivery(&msg).unwrap_or_default() {
+                    ids.push(id);
+                    let content = inner["content"].as_str().unwrap_or_default();
+                    if let Some(i) = content.strip_prefix("lat-").and_then(|s| s.parse::<usize>().ok()) {
+                        let mut a = arrived.borrow_mut();
+                        if i < a.len() && a[i].is_none() {
+                            a[i] = Some(now);
+                            got += 1;
+                        }
+                    }
+                }
+                if let Ok(p) = agent.pack(&pickup("messages-received", json!({ "message_id_list": ids }))) {
+                    let _ = ack_tx.send(build_request(&home_host, "/", &p));
+                }
+            }
+            ws.close().await;
+            got
+        })
+    };
+    let acker = {
+        let addr = home.public_addr;
+        actix_rt::spawn(async move {
+            let mut c = RawConn::new(addr);
+            let mut n = 0u64;
+            while let Some(req) = ack_rx.recv().await {
+                if c.send(&req).await.is_ok() {
+                    n += 1;
+                }
+            }
+            n
+        })
+    };
+
+    // Senders: K connections; request i leaves at start + i/rate.
+    let k = 8usize;
+    let start = Instant::now() + Duration::from_millis(50);
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut senders = Vec::new();
+    for j in 0..k {
+        let reqs = reqs.clone();
+        let sent_at = sent_at.clone();
+        let ok_at = ok_at.clone();
+        let accepted = accepted.clone();
+        let addr = via.public_addr;
+        senders.push(actix_rt::spawn(async move {
+            let mut c = RawConn::new(addr);
+            for i in (j..reqs.len()).step_by(k) {
+                tokio::time::sleep_until((start + period * i as u32).into()).await;
+                let t0 = Instant::now();
+                sent_at.borrow_mut()[i] = Some(t0);
+                if let Ok((s, _)) = c.send(&reqs[i]).await {
+                    if (200..300).contains(&s) {
+                        ok_at.borrow_mut()[i] = Some(Instant::now());
+                        accepted.set(accepted.get() + 1);
+                    }
+                }
+            }
+        }));
+    }
+    for s in senders {
+        s.await?;
+    }
+    sending_done.set(true);
+    let delivered = receiver.await?;
+    let _acks = acker.await?;
+    let (sent, ok, arr) = (sent_at.borrow(), ok_at.borrow(), arrived.borrow());
+    let mut lat = Vec::new();
+    let mut from_send = Vec::new();
+    let mut before = 0usize;
+    for i in 0..n {
+        if let (Some(s), Some(o), Some(a)) = (sent[i], ok[i], arr[i]) {
+            if a < o {
+                before += 1;
+            }
+            lat.push(a.saturating_duration_since(o).as_micros() as u64);
+            from_send.push(a.saturating_duration_since(s).as_micros() as u64);
+        }
+    }
+    lat.sort_unstable();
+    from_send.sort_unstable();
+    Ok(LatencyResult {
+        sent: n,
+        accepted: accepted.get(),
+        delivered,
+        lat_us: lat,
+        before_2xx: before,
+        from_send_us: from_send,
+    })
+}
+
+pub(crate) async fn cluster_latency(t: &mut Table, o: &Opts) -> Result<()> {
+    let c = start_cluster(o, 3, false).await?;
+    let r = live_latency(
+        &Target::of(&c.nodes[0]),
+        &Target::of(&c.nodes[1]),
+        o.rate,
+        o.secs,
+        false,
+    )
+    .await?;
+    let note = format!(
+        "3 in-process nodes, one PostgreSQL; socket on n1, {}/s POSTed to n2 for {} s: {} sent, {} accepted, {} delivered live; {} arrived before the POST's 2xx (counted 0); {}; max {} ms; from POST sent: p50 {} p99 {} ms",
+        o.rate,
+        o.secs,
+        r.sent,
+        r.accepted,
+        r.delivered,
+        r.before_2xx,
+        tail(&r.lat_us),
+        ms(r.lat_us.last().copied().unwrap_or(0)),
+        ms(pct(&r.from_send_us, 0.5)),
+        ms(pct(&r.from_send_us, 0.99)),
+    );
+    t.add(
+        "cross-node live delivery latency p50",
+        ms(pct(&r.lat_us, 0.50)),
+        "ms",
+        "",
+        "POST 2xx on n2 -> delivery frame read on n1's socket".into(),
+    );
+    t.add(
+        "cross-node live delivery latency p99",
+        ms(pct(&r.lat_us, 0.99)),
+        "ms",
+        "< 20 ms",
+        note,
+    );
+    drop(c);
+    Ok(())
+}
+
+/// Baselines for the cluster hop: the same measurement with the POSTs on the socket's own node,
+/// on PostgreSQL (one in-process node) and on sled (a child process).
+pub(crate) async fn same_node_latency(t: &mut Table, o: &Opts) -> Result<()> {
+    for backend in ["PostgreSQL", "sled"] {
+        let (r, what) = if backend == "sled" {
+            let node = ChildNode::start(None).await?;
+            let tg = Target {
+                node_id: "n1".into(),
+                public_addr: node.public,
+                admin: node.admin_url(),
+            };
+            (
+                live_latency(&tg, &tg, o.rate, o.secs, false).await?,
+                "a mailroom child process",
+            )
+        } else {
+            let c = start_cluster(o, 1, false).await?;
+            let tg = Target::of(&c.nodes[0]);
+            (
+                live_latency(&tg, &tg, o.rate, o.secs, false).await?,
+                "one in-process node",
+            )
+        };
+        t.add(
+            &format!("same-node live delivery latency p50, {backend}"),
+            ms(pct(&r.lat_us, 0.50)),
+            "ms",
+            "",
+            format!("baseline for the cluster hop: {what}, POSTs to the socket's own node"),
+        );
+        t.add(
+            &format!("same-node live delivery latency p99, {backend}"),
+            ms(pct(&r.lat_us, 0.99)),
+            "ms",
+            "",
+            format!(
+                "{}/s for {} s: {} sent, {} accepted, {} delivered; {} arrived before the POST's 2xx; {}; from POST sent: p50 {} p99 {} ms",
+                o.rate,
+                o.secs,
+                r.sent,
+                r.accepted,
+                r.delivered,
+                r.before_2xx,
+                tail(&r.lat_us),
+                ms(pct(&r.from_send_us, 0.5)),
+                ms(pct(&r.from_send_us, 0.99)),
+            ),
+        );
+    }
+    Ok(())
+}
+
+pub(crate) async fn sweep_latency(t: &mut Table, o: &Opts) -> Result<()> {
+    let c = start_cluster(o, 2, true).await?;
+    let sweep = Config::single_node_default().delivery.sweep_interval_ms;
+    let r = live_latency(
+        &Target::of(&c.nodes[0]),
+        &Target::of(&c.nodes[1]),
+        o.sweep_rate,
+        o.secs,
+        true,
+    )
+    .await?;
+    let note = format!(
+        "cluster link cut (peer addresses point at closed ports), sweep_interval_ms = {sweep} (default); {}/s POSTed to n2 for {} s: {} sent, {} accepted, {} delivered; max {} ms",
+        o.sweep_rate,
+        o.secs,
+        r.sent,
+        r.accepted,
+        r.delivered,
+        ms(r.lat_us.last().copied().unwrap_or(0)),
+    );
+    t.add(
+        "sweep-bound delivery latency p50 (no notifications)",
+        ms(pct(&r.lat_us, 0.50)),
+        "ms",
+        "",
+        "POST 2xx on n2 -> delivery on n1's socket, found by n1's sweep".into(),
+    );
+    t.add(
+        "sweep-bound delivery latency p99 (no notifications)",
+        ms(pct(&r.lat_us, 0.99)),
+        "ms",
+        &format!("<= {sweep} ms"),
+        note,
+    );
+    drop(c);
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Scenario `live`: delivered msg/s to one wallet in live mode.
+
+use crate::{client::*, nodes::*, report::*, Opts};
+use anyhow::{bail, Context, Result};
+use mailroom::client::WsEvent;
+use serde_json::json;
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------------------------
+// 5: delivered msg/s to one wallet in live mode
+// ---------------------------------------------------------------------------------------------
+
+pub(crate) async fn live_throughput(t: &mut Table, o: &Opts) -> Result<()> {
+    let node = ChildNode::start(None).await?;
+    let mut wallets = onboard(&node.public_url(), 1).await?;
+    let w = wallets.pop().context("wallet")?;
+    let n = o.live_msgs;
+    let (envs, _) = build_forwards(&[(w.key.clone(), w.routing.clone())], n, "live")?;
+    let host = node.public.to_string();
+    let reqs: Rc<Vec<Vec<u8>>> = Rc::new(envs.iter().map(|e| build_request(&host, "/", e)).collect());
+    let next = Rc::new(Cell::new(0usize));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (reqs, next, addr) = (reqs.clone(), next.clone(), node.public);
+        tasks.push(actix_rt::spawn(async move {
+            let mut c = RawConn::new(addr);
+            let mut bad = 0usize;
+            while next.get() < reqs.len() {
+                let i = next.get();
+                next.set(i + 1);
+                match c.send(&reqs[i]).await {
+                    Ok((s, _)) if (200..300).contains(&s) => {}
+                    _ => bad += 1,
+                }
+            }
+            bad
+        }));
+    }
+    let mut bad = 0;
+    for tk in tasks {
+        bad += tk.await?;
+    }
+    if bad > 0 {
+        bail!("{bad} of {n} forwards were not accepted");
+    }
+    let admin = node.admin_url();
+    wait_for("all messages queued", Duration::from_secs(30), || async {
+        (queued(&admin).await == Some(n as u64)).then_some(())
+    })
+    .await?;
+
+    // Live mode on: time until every message is delivered, and until every one is acked.
+    let t0 = Instant::now();
+    let mut ws = live_socket(&w.agent, &node.ws_url()).await?;
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, usize)>();
+    let acker = {
+        let addr = node.public;
+        actix_rt::spawn(async move {
+            let mut c = RawConn::new(addr);
+            let mut acked = 0usize;
+            let mut done_at = None;
+            while let Some((req, k)) = ack_rx.recv().await {
+                if matches!(c.send(&req).await, Ok((s, _)) if (200..300).contains(&s)) {
+                    acked += k;
+                    if acked >= n && done_at.is_none() {
+                        done_at = Some(Instant::now());
+                    }
+                }
+            }
+            (acked, done_at)
+        })
+    };
+    let mut delivered = 0usize;
+    let mut frames = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while delivered < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("only {delivered} of {n} delivered within 60 s");
+        }
+        let env = match ws.next(left).await? {
+            WsEvent::Envelope(e) => e,
+            WsEvent::Closed(r) => bail!("socket closed: {r:?}"),
+        };
+        let (msg, _) = w.agent.unpack(&env)?;
+        if type_name(&msg) != "delivery" {
+            continue;
+        }
+        frames += 1;
+        let ids = delivery_ids(&msg);
+        delivered += ids.len();
+        let ack = w
+            .agent
+            .pack(&pickup("messages-received", json!({ "message_id_list": ids })))?;
+        let _ = ack_tx.send((build_request(&host, "/", &ack), ids.len()));
+    }
+    let t_delivered = t0.elapsed();
+    drop(ack_tx);
+    let (acked, done_at) = acker.await?;
+    let t_acked = done_at.map(|d| d - t0).context("not every message was acknowledged")?;
+    let left = wait_for("queue empty", Duration::from_secs(10), || queued(&admin)).await?;
+    ws.close().await;
+    t.add(
+        "live-mode delivery to one wallet",
+        format!("{:.0}", n as f64 / t_acked.as_secs_f64()),
+        "msg/s",
+        "",
+        format!(
+            "one node (sled): {n} queued, then live-delivery-change; all acknowledged (messages-received over HTTP, one per delivery, sequential) {:.0} ms after it, all delivered after {:.0} ms ({:.0} msg/s) in {frames} delivery frames; {acked} acked, queue after {left}",
+            t_acked.as_secs_f64() * 1e3,
+            t_delivered.as_secs_f64() * 1e3,
+            n as f64 / t_delivered.as_secs_f64()
+        ),
+    );
+    drop(node);
+    Ok(())
+}
