@@ -5,7 +5,8 @@
 //! wallet is offline reaches the FCM stand-in with that token.
 //!
 //! Needs `tests/interop/push-credo06/node_modules` (scripts/interop-setup.sh installs it); the
-//! test skips, loudly, only when that folder is absent.
+//! test skips, loudly, only when that folder is absent (scripts/interop.sh runs it after the
+//! install, with PUSH_CREDO_REQUIRED=1, which turns that skip into a failure).
 
 mod common;
 #[path = "common/push.rs"]
@@ -35,6 +36,12 @@ impl Drop for Wallet {
 async fn credo_push_plugin_registers_through_mailroom() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/push-credo06");
     if !dir.join("node_modules/@credo-ts/push-notifications").is_dir() {
+        // scripts/interop.sh installs it and sets this: there, a missing install is a failure.
+        assert!(
+            std::env::var_os("PUSH_CREDO_REQUIRED").is_none(),
+            "PUSH_CREDO_REQUIRED is set but {} has no node_modules",
+            dir.display()
+        );
         eprintln!(
             "\n!!!!!!!! SKIPPED credo_push_plugin_registers_through_mailroom: {} has no \
              node_modules (run scripts/interop-setup.sh) !!!!!!!!\n",
