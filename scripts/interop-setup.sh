@@ -149,23 +149,33 @@ command -v node >/dev/null || { log "node (20.x) is needed"; exit 1; }
 node_major=$(node -p 'process.versions.node.split(".")[0]')
 [ "$node_major" -ge 18 ] || { log "node >= 18 needed, found $(node --version)"; exit 1; }
 
-lock_sum=$( (cat "$CREDO_DIR/package.json" "$CREDO_DIR/package-lock.json"; node --version) | sha256sum | cut -c1-16)
-stamp=$CREDO_DIR/node_modules/.interop-stamp
-if [ "$(cat "$stamp" 2>/dev/null)" != "$lock_sum" ]; then
-  log "installing Credo 0.6.3 from the lockfile"
-  # --ignore-scripts: askar-nodejs's install script downloads its binary from GitHub.
-  run npm-ci bash -c "cd '$CREDO_DIR' && npm ci --ignore-scripts --no-audit --no-fund"
-  # Compile the ffi addons against the local node headers (no header download).
-  nodedir=/usr
-  [ -f /usr/include/node/node.h ] || nodedir=$(dirname "$(dirname "$(command -v node)")")
-  run npm-rebuild bash -c "cd '$CREDO_DIR' && npm_config_nodedir='$nodedir' npm rebuild @2060.io/ref-napi @2060.io/ffi-napi"
-  echo "$lock_sum" >"$stamp"
-fi
-# Point the wrapper at the cached library, and stop any later install from downloading it.
-native=$CREDO_DIR/node_modules/@openwallet-foundation/askar-nodejs/native
-mkdir -p "$native"
-ln -sf "$ASKAR_DIR/libaries_askar.so" "$native/libaries_askar.so"
-echo "{\"version\":\"v$ASKAR_VERSION\"}" >"$native/version.json"
+# install_credo DIR NAME: `npm ci` of DIR from its committed lockfile (cached: a stamp of the
+# lockfile and node version), the ffi addons built locally, the askar library linked in.
+install_credo() {
+  local dir=$1 name=$2
+  local lock_sum stamp nodedir native
+  lock_sum=$( (cat "$dir/package.json" "$dir/package-lock.json"; node --version) | sha256sum | cut -c1-16)
+  stamp=$dir/node_modules/.interop-stamp
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$lock_sum" ]; then
+    log "installing $name from the lockfile"
+    # --ignore-scripts: askar-nodejs's install script downloads its binary from GitHub.
+    # --legacy-peer-deps: push-credo06's plugin declares a peer dependency on core 0.5.
+    run "npm-ci-$(basename "$dir")" bash -c "cd '$dir' && npm ci --ignore-scripts --legacy-peer-deps --no-audit --no-fund"
+    # Compile the ffi addons against the local node headers (no header download).
+    nodedir=/usr
+    [ -f /usr/include/node/node.h ] || nodedir=$(dirname "$(dirname "$(command -v node)")")
+    run "npm-rebuild-$(basename "$dir")" bash -c "cd '$dir' && npm_config_nodedir='$nodedir' npm rebuild @2060.io/ref-napi @2060.io/ffi-napi"
+    echo "$lock_sum" >"$stamp"
+  fi
+  # Point the wrapper at the cached library, and stop any later install from downloading it.
+  native=$dir/node_modules/@openwallet-foundation/askar-nodejs/native
+  mkdir -p "$native"
+  ln -sf "$ASKAR_DIR/libaries_askar.so" "$native/libaries_askar.so"
+  echo "{\"version\":\"v$ASKAR_VERSION\"}" >"$native/version.json"
+}
+install_credo "$CREDO_DIR" "Credo 0.6.3"
+# Credo 0.6.3 + @credo-ts/push-notifications 0.7.1 (tests/push_credo.rs).
+install_credo "$ROOT/tests/interop/push-credo06" "Credo 0.6.3 + @credo-ts/push-notifications 0.7.1"
 
 # ---------------------------------------------------------------------------- acapy (python)
 find_python() {

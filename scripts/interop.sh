@@ -65,6 +65,12 @@ export VERAMO_DIR INDICIO_PYTHON
 if [ -n "$ACAPY_BIN" ]; then PY=$(dirname "$ACAPY_BIN")/python; else PY=$(command -v python3); fi
 say "setup ready in $(( $(date +%s) - T_START ))s"
 
+# The wallet-side push plugin (@credo-ts/push-notifications 0.7.1 on Credo 0.6.3, issue 7):
+# set-device-info acked, get-device-info returns the token, a forward while it is offline
+# reaches the FCM stand-in with that token (5-10 s). Required here: no skip.
+say "push plugin: Credo 0.6.3 + @credo-ts/push-notifications 0.7.1 (tests/push_credo.rs)"
+(cd "$ROOT" && PUSH_CREDO_REQUIRED=1 cargo test --locked --test push_credo -q) || fail_setup "the Credo push-notifications plugin scenario failed (see above)"
+
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
