@@ -40,7 +40,7 @@ for peer in ${PEERS//,/ }; do
   start_mediator "$peer" || exit 1
   say "$peer up (pid $MED_PID): $MED_URL"
   # Enough envelopes that none runs out: mailroom takes ~10,000/s here, the peers far fewer.
-  if [ "$peer" = mailroom ]; then n=$(( (LOADGEN_SECS + 2) * 20000 )); else n=$(( (LOADGEN_SECS + 2) * 1500 )); fi
+  if [ "$peer" = mailroom ]; then n=$(( (LOADGEN_SECS + 2) * 12000 )); else n=$(( (LOADGEN_SECS + 2) * 1500 )); fi
   [ "$n" -gt 1000000 ] && n=1000000
   set +e
   LOADGEN_ONLY=peer LOADGEN_PEER_NAME=$peer LOADGEN_PEER_URL=$MED_URL LOADGEN_PEER_PID=$MED_PID \
