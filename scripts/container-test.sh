@@ -97,9 +97,13 @@ pm build -q --format docker --target runtime-prebuilt --build-arg BASE="$BASE" \
   || { cat "$WORK/build.log" >&2; die "podman build failed"; }
 user=$(pm image inspect -f '{{.Config.User}}' "$IMAGE")
 [ "$user" = "mailroom:mailroom" ] || die "the image runs as '$user', not the mailroom user"
-pm image inspect -f '{{.Config.Healthcheck.Test}}' "$IMAGE" | grep -q healthcheck \
+# (Outputs are read whole before grep: `cmd | grep -q` under pipefail fails when grep's early
+# exit kills the writer with SIGPIPE.)
+hc=$(pm image inspect -f '{{.Config.Healthcheck.Test}}' "$IMAGE")
+grep -q healthcheck <<<"$hc" \
   || die "the image has no HEALTHCHECK (built without --format docker?)"
-pm run --rm "${PM_RUN_FLAGS[@]}" --entrypoint id "$IMAGE" -u | grep -qx 10001 || die "container user is not uid 10001"
+uid=$(pm run --rm "${PM_RUN_FLAGS[@]}" --entrypoint id "$IMAGE" -u)
+grep -qx 10001 <<<"$uid" || die "container user is not uid 10001 (got $uid)"
 # A bad variable stops the container with 64 and the reason.
 set +e
 # (Bounded: a node that accepted the variable would serve until stopped.)
@@ -153,12 +157,8 @@ code=$(pm inspect -f '{{.State.ExitCode}}' "$CT")
 cat "$WORK/probe.out" | sed 's/^/[container-test] probe: /'
 [ "$prc" = 0 ] || die "SIGTERM did not close the live session with 1001"
 [ "$code" = 0 ] || { pm logs --tail 20 "$CT" >&2; die "the container exited $code after SIGTERM, not 0"; }
-# (podman's log file may trail the container's exit by a moment on a loaded machine.)
-for _ in $(seq 1 20); do
-  pm logs "$CT" 2>&1 | grep -q 'SIGTERM received' && break
-  sleep 0.5
-done
-pm logs "$CT" 2>&1 | grep -q 'SIGTERM received' || { pm logs --tail 20 "$CT" >&2; die "the container log does not show SIGTERM received"; }
+logs=$(pm logs "$CT" 2>&1)
+grep -q 'SIGTERM received' <<<"$logs" || { tail -n 20 <<<"$logs" >&2; die "the container log does not show SIGTERM received"; }
 say "podman stop: session closed 1001, container exited 0"
 
 # --- 3. the health check flips when the store goes away -------------------------------------
