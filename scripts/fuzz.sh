@@ -29,7 +29,7 @@ cd fuzz
 # cargo fuzz has no --locked: refuse a lock file that would change.
 cargo metadata --locked --format-version 1 >/dev/null
 t1=$(date +%s)
-cargo fuzz build --sanitizer none
+cargo fuzz build --sanitizer none --codegen-units 16
 echo "fuzz: built the targets in $(( $(date +%s) - t1 )) s"
 bin=target/x86_64-unknown-linux-gnu/release
 targets=("$@")
