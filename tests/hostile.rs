@@ -204,6 +204,12 @@ async fn slow_loris_on_a_kept_alive_connection_is_dropped_and_busy_clients_are_n
         }
     }
     println!("{served} requests on one kept-alive connection");
+    // A WebSocket session is one long request: quiet for three times the limit, it stays.
+    let (a, _) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "quiet", "response_requested": true, "~transport": {"return_route": "all"}});
+    assert_eq!(type_name(&ws_request(&a, &mut ws, &ping).await), "ping_response");
 }
 
 /// A WebSocket opened by hand on a socket with a 4 KiB receive buffer, never read after
