@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use actix_web::body::{BodySize, BoxBody, MessageBody};
 use actix_web::dev::{Extensions, Service, ServiceRequest, ServiceResponse};
 use bytes::Bytes;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
@@ -39,8 +39,9 @@ struct State {
     busy: Cell<u32>,
     /// When the connection last became idle (its opening, or the last response's end).
     idle_since: Cell<Instant>,
-    /// A duplicate of the connection's socket, to shut it down with.
-    socket: std::net::TcpStream,
+    /// A duplicate of the connection's socket, to shut it down with; given back (closed) once
+    /// the connection is upgraded to a WebSocket, so a session holds one descriptor, not two.
+    socket: RefCell<Option<std::net::TcpStream>>,
 }
 
 /// What the connection's data holds: the state, and the watchdog task to stop with it.
@@ -76,7 +77,7 @@ pub fn on_connect(
         let state = Rc::new(State {
             busy: Cell::new(0),
             idle_since: Cell::new(Instant::now()),
-            socket,
+            socket: RefCell::new(Some(socket)),
         });
         let task = actix_rt::spawn(watch(Rc::downgrade(&state), limit, metrics.clone()));
         data.insert(Conn { state, task });
@@ -88,6 +89,9 @@ async fn watch(state: Weak<State>, limit: Duration, metrics: Arc<Metrics>) {
     loop {
         let deadline = {
             let Some(s) = state.upgrade() else { return };
+            if s.socket.borrow().is_none() {
+                return; // upgraded to a WebSocket: no next request to wait for
+            }
             if s.busy.get() > 0 {
                 Instant::now() + limit
             } else if s.idle_since.get() + limit <= Instant::now() {
@@ -96,7 +100,9 @@ async fn watch(state: Weak<State>, limit: Duration, metrics: Arc<Metrics>) {
                     limit.as_millis()
                 );
                 metrics.rejected("slow-request", "unknown");
-                let _ = s.socket.shutdown(std::net::Shutdown::Both);
+                if let Some(sock) = s.socket.borrow().as_ref() {
+                    let _ = sock.shutdown(std::net::Shutdown::Both);
+                }
                 return;
             } else {
                 s.idle_since.get() + limit
@@ -157,6 +163,14 @@ where
     let fut = srv.call(req);
     async move {
         let res = fut.await?;
+        if res.status() == actix_web::http::StatusCode::SWITCHING_PROTOCOLS {
+            // A WebSocket: one request for the connection's whole life, never a next head.
+            // Its descriptor's duplicate goes back now (20,000 files per process here: a
+            // session must cost one, not two). A refused upgrade keeps the watchdog.
+            if let Some(s) = &busy.0 {
+                s.socket.borrow_mut().take();
+            }
+        }
         Ok(res.map_body(|_, inner| Tracked { inner, _busy: busy }))
     }
 }
