@@ -12,6 +12,8 @@
 #
 # CLUSTER_CONFIG (default cluster.toml), MAILROOM_BIN (default target/release/mailroom, built
 # when absent), CLUSTER_RUN (state: PIDs, logs, nginx.conf; default .cluster).
+# CLUSTER_LB_KEEPALIVE=N: nginx keeps up to N idle connections to the nodes (default 0: a new
+# connection to a node per request, as before); scripts/pgload.sh sets it.
 # MAILROOM_IMAGE (e.g. localhost/mailroom:test): run each node as a podman container of that
 # image instead (host network, the config mounted at /etc/mailroom/cluster.toml, MAILROOM_NODE);
 # its .pid file holds the container's main process, .cid the container, and `down` stops it
@@ -68,8 +70,13 @@ ensure_nginx() {
 }
 
 write_nginx_conf() {
-  local servers=""
+  local servers="" keepalive=${CLUSTER_LB_KEEPALIVE:-0} plain=close
   while read -r id listen admin; do servers+="    server ${listen} max_fails=1 fail_timeout=2s;"$'\n'; done < <(nodes)
+  if [ "$keepalive" -gt 0 ]; then
+    # Idle upstream connections are kept only when requests do not say "Connection: close".
+    servers+="    keepalive ${keepalive};"$'\n'
+    plain="''"
+  fi
   cat > "$RUN/nginx.conf" <<NGINX
 worker_processes 1;
 pid $RUN/nginx.pid;
@@ -79,7 +86,7 @@ http {
   access_log off;
   client_body_temp_path $RUN/nginx-tmp;
   proxy_temp_path $RUN/nginx-tmp;
-  map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
+  map \$http_upgrade \$connection_upgrade { default upgrade; '' $plain; }
   upstream mailroom {
 $servers  }
   server {
