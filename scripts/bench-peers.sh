@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
-# `scripts/bench.sh peers`: the ingest scenario of benches/loadgen/ (section `peer`) against
-# mailroom (sled, one node, release build), Credo 0.6.3's mediator and ACA-Py 1.7's, one
-# mediator at a time with the same load: LOADGEN_SENDERS concurrent senders (64), a
-# LOADGEN_SECS window (30; 10 with --quick) after a 1 s warm-up, 16 wallets, the same forward
-# envelope (one basic message). Prints one table: forwards/s accepted, p50/p99, errors, the
-# mediator's and the load generator's CPU, and mailroom's ratio to each peer.
-#   scripts/bench.sh peers [--quick]; PEERS=mailroom,credo scripts/bench.sh peers
-#   PEERS_MD=file.md: also write the table as Markdown.
+# `scripts/bench.sh peers`: the same loads of benches/loadgen/ against mailroom (sled, one node,
+# release build), Credo 0.6.3's mediator and ACA-Py 1.7's, one mediator at a time, each
+# scenario on a freshly started mediator:
+#   ingest  (section `peer`): LOADGEN_SENDERS concurrent senders (64), a LOADGEN_SECS window
+#           (30; 10 with --quick) after a 1 s warm-up, 16 wallets, one forward envelope size;
+#   backlog (`peer-backlog`): one wallet drains 10,000 queued messages (LOADGEN_BACKLOG);
+#   fanout  (`peer-fanout`): 100 wallets on WebSockets (live mode, or implicit delivery on a
+#           mediator without pickup), forwards for the window, each delivery acknowledged.
+# Prints one table per scenario with mailroom's ratio to each peer.
+#   scripts/bench.sh peers [--quick]; PEERS=mailroom,credo SCENARIOS=ingest scripts/bench.sh peers
+#   PEERS_MD=file.md: also write the tables as Markdown.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 SECS=30
-[[ "${1:-}" == --quick ]] && SECS=10
+BACKLOG=10000
+WALLETS=100
+# --quick: 10 s windows, a 2,000-message backlog and 25 wallets (Credo onboards ~1 wallet/s
+# and takes ~60 forwards/s, so the full sizes take minutes there).
+[[ "${1:-}" == --quick ]] && { SECS=10; BACKLOG=2000; WALLETS=25; }
+export LOADGEN_BACKLOG=${LOADGEN_BACKLOG:-$BACKLOG} LOADGEN_FANOUT_WALLETS=${LOADGEN_FANOUT_WALLETS:-$WALLETS}
 export LOADGEN_SECS=${LOADGEN_SECS:-$SECS}
 PEERS=${PEERS:-mailroom,credo,acapy}
+SCENARIOS=${SCENARIOS:-ingest,backlog,fanout}
 say() { echo "[bench-peers] $*" >&2; }
 
 say "building (release)"
@@ -37,45 +46,92 @@ peer_setup "$PEERS" || exit 1
 LOAD_BEFORE=$(uptime)
 DONE=()
 for peer in ${PEERS//,/ }; do
-  start_mediator "$peer" || exit 1
-  say "$peer up (pid $MED_PID): $MED_URL"
-  # Enough envelopes that none runs out: mailroom takes ~10,000/s here, the peers far fewer.
-  if [ "$peer" = mailroom ]; then n=$(( (LOADGEN_SECS + 2) * 12000 )); else n=$(( (LOADGEN_SECS + 2) * 1500 )); fi
-  [ "$n" -gt 1000000 ] && n=1000000
-  set +e
-  LOADGEN_ONLY=peer LOADGEN_PEER_NAME=$peer LOADGEN_PEER_URL=$MED_URL LOADGEN_PEER_PID=$MED_PID \
-    LOADGEN_ENVELOPES=${LOADGEN_ENVELOPES:-$n} \
-    cargo bench --locked --bench loadgen 2>"$WORK/$peer.err" | tee "$WORK/$peer.out"
-  rc=${PIPESTATUS[0]}
-  set -e
-  grep -E '^\s+->|FAILED' "$WORK/$peer.err" >&2 || true
-  [ "$rc" = 0 ] || say "the load run against $peer failed (exit $rc); see $WORK/$peer.err"
-  stop_mediator
+  for sc in ${SCENARIOS//,/ }; do
+    case "$sc" in
+      ingest) section=peer ;;
+      backlog) section=peer-backlog ;;
+      fanout) section=peer-fanout ;;
+      *) say "unknown scenario $sc (ingest, backlog, fanout)"; exit 2 ;;
+    esac
+    start_mediator "$peer" || exit 1
+    say "$peer up (pid $MED_PID) for $sc: $MED_URL"
+    # Enough envelopes that none runs out: mailroom takes ~10,000/s here, the peers far fewer.
+    if [ "$peer" = mailroom ]; then n=$(( (LOADGEN_SECS + 2) * 12000 )); else n=$(( (LOADGEN_SECS + 2) * 1500 )); fi
+    [ "$n" -gt 1000000 ] && n=1000000
+    if [ "$peer" = mailroom ]; then fan=$(( LOADGEN_SECS * 8000 )); else fan=$(( LOADGEN_SECS * 300 )); fi
+    set +e
+    LOADGEN_ONLY=$section LOADGEN_PEER_NAME=$peer LOADGEN_PEER_URL=$MED_URL LOADGEN_PEER_PID=$MED_PID LOADGEN_PEER_WS=$MED_WS \
+      LOADGEN_ENVELOPES=${LOADGEN_ENVELOPES:-$n} LOADGEN_FANOUT_MSGS=${LOADGEN_FANOUT_MSGS:-$fan} \
+      cargo bench --locked --bench loadgen 2>"$WORK/$peer.$sc.err" | tee "$WORK/$peer.$sc.out"
+    rc=${PIPESTATUS[0]}
+    set -e
+    grep -E '^\s+->|FAILED' "$WORK/$peer.$sc.err" >&2 || true
+    [ "$rc" = 0 ] || say "the $sc run against $peer failed (exit $rc); see $WORK/$peer.$sc.err"
+    stop_mediator
+  done
   DONE+=("$peer")
 done
 LOAD_AFTER=$(uptime)
 
 "$PY" - "$WORK" "$LOADGEN_SECS" "${LOADGEN_SENDERS:-64}" "$LOAD_BEFORE" "$LOAD_AFTER" "${DONE[@]}" <<'PYEOF' | tee "$WORK/table.md"
-import sys, re
+import sys, glob
 work, secs, senders, before, after, peers = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
-res = {}
+res = {}  # (tag, peer) -> fields
 for p in peers:
-    for line in open(f"{work}/{p}.out"):
-        if line.startswith("peer-result "):
-            res[p] = dict(kv.split("=", 1) for kv in line.split()[1:])
-base = res.get("mailroom")
-print(f"Same ingest load: {senders} senders, {secs} s window after 1 s warm-up, 16 wallets, one envelope size per row.")
+    for path in glob.glob(f"{work}/{p}.*.out"):
+        for line in open(path):
+            tag = line.split(" ", 1)[0]
+            if tag in ("peer-result", "peer-backlog", "peer-fanout"):
+                res[(tag, p)] = dict(kv.split("=", 1) for kv in line.split()[1:])
+
+def ratio(tag, p, key, higher_is_better=True):
+    base, r = res.get((tag, "mailroom")), res.get((tag, p))
+    if p == "mailroom" or not base or not r:
+        return "-"
+    a, b = float(base[key]), float(r[key])
+    if higher_is_better:
+        return f"{a / b:.0f}x" if b > 0 else "inf"
+    return f"{b / a:.0f}x" if a > 0 else "inf"
+
 print(f"Box load before: {before.strip()}; after: {after.strip()}")
-print()
-print("| mediator | forwards/s accepted | p50 ms | p99 ms | refused / errors | mediator CPU (cores) | loadgen CPU (cores) | envelope B | mailroom's ratio |")
-print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-for p in peers:
-    r = res.get(p)
-    if not r:
-        print(f"| {p} | FAILED (see the run's output) | | | | | | | |")
-        continue
-    ratio = "-" if p == "mailroom" or not base else (f"{float(base['rate']) / float(r['rate']):.0f}x" if float(r["rate"]) > 0 else "inf")
-    note = " (pool ran out)" if r.get("exhausted") == "true" else ""
-    print(f"| {p} | {float(r['rate']):.0f}{note} | {r['p50_ms']} | {r['p99_ms']} | {r['refused']} / {r['errors']} | {r['mediator_cores']} | {r['loadgen_cores']} | {r['env_bytes']} | {ratio} |")
+if any(t == "peer-result" for t, _ in res):
+    print()
+    print(f"Ingest: {senders} senders, {secs} s window after 1 s warm-up, 16 wallets, one envelope size per row.")
+    print()
+    print("| mediator | forwards/s accepted | p50 ms | p99 ms | refused / errors | mediator CPU (cores) | loadgen CPU (cores) | envelope B | mailroom's ratio |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for p in peers:
+        r = res.get(("peer-result", p))
+        if not r:
+            print(f"| {p} | FAILED or not run (see the run's output) | | | | | | | |")
+            continue
+        note = " (pool ran out)" if r.get("exhausted") == "true" else ""
+        print(f"| {p} | {float(r['rate']):.0f}{note} | {r['p50_ms']} | {r['p99_ms']} | {r['refused']} / {r['errors']} | {r['mediator_cores']} | {r['loadgen_cores']} | {r['env_bytes']} | {ratio('peer-result', p, 'rate')} |")
+if any(t == "peer-backlog" for t, _ in res):
+    print()
+    print("Backlog: one wallet comes back to its queued messages and drains them (pickup 2.0 delivery-request of 100 + messages-received over HTTP; implicit return-route on a mediator without pickup).")
+    print()
+    print("| mediator | how | queued | drained | seconds | msg/s | duplicates | mailroom's ratio (time) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for p in peers:
+        r = res.get(("peer-backlog", p))
+        if not r:
+            print(f"| {p} | FAILED or not run | | | | | | |")
+            continue
+        rate = float(r["drained"]) / max(float(r["secs"]), 1e-6)
+        print(f"| {p} | {r['flavour']} | {r['queued']} | {r['drained']} | {float(r['secs']):.2f} | {rate:.0f} | {r['dups']} | {ratio('peer-backlog', p, 'secs', False)} |")
+if any(t == "peer-fanout" for t, _ in res):
+    print()
+    nw = next(r["wallets"] for (t, _), r in res.items() if t == "peer-fanout")
+    print(f"Live fan-out: {nw} wallets on WebSockets, {senders} senders for {secs} s, every delivery acknowledged on its socket.")
+    print()
+    print("| mediator | how | accepted | delivered | msg/s delivered | p50 ms | p99 ms | duplicates | mediator CPU | loadgen CPU | mailroom's ratio |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for p in peers:
+        r = res.get(("peer-fanout", p))
+        if not r:
+            print(f"| {p} | FAILED or not run | | | | | | | | | |")
+            continue
+        print(f"| {p} | {r['flavour']} | {r['accepted']} | {r['delivered']} | {float(r['rate']):.0f} | {r['p50_ms']} | {r['p99_ms']} | {r['dups']} | {r['mediator_cores']} | {r['loadgen_cores']} | {ratio('peer-fanout', p, 'rate')} |")
 PYEOF
 if [ -n "${PEERS_MD:-}" ]; then cp "$WORK/table.md" "$PEERS_MD"; say "table written to $PEERS_MD"; fi

@@ -306,17 +306,26 @@ pub async fn run(
 
     let public_server = {
         let shared = shared.clone();
-        HttpServer::new(move || App::new().configure(|c| public_http::configure(c, shared.clone())))
-            // Live deliveries are small frames written back to back: without TCP_NODELAY each
-            // waits for the wallet's delayed ACK (up to 40 ms; measured in docs/BENCHMARKS.md).
-            .tcp_nodelay(true)
-            // Slow-loris: a client that trickles its request head (or WebSocket handshake)
-            // is dropped once this passes, whatever it still sends.
-            .client_request_timeout(Duration::from_millis(cfg.limits.client_timeout_ms))
-            .listen(listeners.public)?
-            .disable_signals()
-            .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
-            .run()
+        let timeout = Duration::from_millis(cfg.limits.client_timeout_ms);
+        let metrics = shared.metrics.clone();
+        HttpServer::new(move || {
+            App::new()
+                .wrap_fn(crate::session::watchdog::track)
+                .configure(|c| public_http::configure(c, shared.clone()))
+        })
+        // A kept-alive connection's next request head is timed too (actix times only the
+        // first): see session::watchdog.
+        .on_connect(crate::session::watchdog::on_connect(timeout, metrics))
+        // Live deliveries are small frames written back to back: without TCP_NODELAY each
+        // waits for the wallet's delayed ACK (up to 40 ms; measured in docs/BENCHMARKS.md).
+        .tcp_nodelay(true)
+        // Slow-loris: a client that trickles its request head (or WebSocket handshake)
+        // is dropped once this passes, whatever it still sends.
+        .client_request_timeout(timeout)
+        .listen(listeners.public)?
+        .disable_signals()
+        .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+        .run()
     };
     let public_handle = public_server.handle();
     let admin_addr = listeners.admin.local_addr()?;

@@ -112,6 +112,106 @@ async fn slow_loris_requests_and_handshakes_are_dropped_while_others_are_served(
     assert_eq!(queue_depth(&n).await, 1);
 }
 
+/// Sends `GET /invitation` on a kept-alive raw connection and reads its whole answer
+/// (head and `Content-Length` body); the status line.
+async fn keep_alive_request(s: &mut TcpStream) -> String {
+    s.write_all(b"GET /invitation HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(WAIT, s.read(&mut b)).await {
+            Ok(Ok(1)) => head.push(b[0]),
+            other => panic!("no answer: {other:?} after {:?}", String::from_utf8_lossy(&head)),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no content-length: {head}"));
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(WAIT, s.read_exact(&mut body))
+        .await
+        .unwrap()
+        .unwrap();
+    head.lines().next().unwrap().to_string()
+}
+
+#[actix_rt::test]
+async fn slow_loris_on_a_kept_alive_connection_is_dropped_and_busy_clients_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.limits.client_timeout_ms = 500;
+    let n = start(&cfg);
+    // One good request, then the head of a second one trickled on the same connection: actix
+    // times only a connection's first head, so this held a connection forever.
+    let mut s = TcpStream::connect(n.public_addr).await.unwrap();
+    assert_eq!(keep_alive_request(&mut s).await, "HTTP/1.1 200 OK");
+    let started = tokio::time::Instant::now();
+    // A head that never ends and stays valid: one header value grows a byte at a time.
+    let head = b"GET /invitation HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+    let mut buf = [0u8; 1024];
+    let mut closed = false;
+    'trickle: for b in head.iter().chain(std::iter::repeat(&b'a')) {
+        if started.elapsed() > Duration::from_secs(20) || s.write_all(&[*b]).await.is_err() {
+            closed = s.write_all(b"a").await.is_err();
+            break;
+        }
+        match tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break 'trickle;
+            }
+            Ok(Ok(_)) => {
+                let (_, c) = read_until_closed(&mut s, Duration::from_secs(2)).await;
+                closed = c;
+                break 'trickle;
+            }
+            Err(_) => {}
+        }
+    }
+    let held = started.elapsed();
+    assert!(closed, "a second head trickled for {held:?} kept its connection open");
+    assert!(
+        held < Duration::from_secs(3),
+        "a trickled second head was held {held:?} with limits.client_timeout_ms = 500"
+    );
+    let (_, metrics) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    assert!(
+        metrics.contains(r#"mailroom_rejected_total{reason="slow-request""#),
+        "{metrics}"
+    );
+    // A kept-alive client with requests back to back, and with pauses shorter than the limit,
+    // for six times the limit: never disconnected.
+    let mut s = TcpStream::connect(n.public_addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut served = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        assert_eq!(
+            keep_alive_request(&mut s).await,
+            "HTTP/1.1 200 OK",
+            "after {served} requests"
+        );
+        served += 1;
+        if served % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    println!("{served} requests on one kept-alive connection");
+    // A WebSocket session is one long request: quiet for three times the limit, it stays.
+    let (a, _) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "quiet", "response_requested": true, "~transport": {"return_route": "all"}});
+    assert_eq!(type_name(&ws_request(&a, &mut ws, &ping).await), "ping_response");
+}
+
 /// A WebSocket opened by hand on a socket with a 4 KiB receive buffer, never read after
 /// the handshake.
 async fn deaf_socket(addr: std::net::SocketAddr) -> TcpStream {

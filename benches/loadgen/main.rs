@@ -13,6 +13,9 @@
 //! - `live`:     delivered msg/s to one wallet in live mode (1,000 queued, delivered, acked).
 //! - `peer`:     (only when named in LOADGEN_ONLY) the `sled` ingest load against any DIDComm v1
 //!   mediator from its invitation URL (LOADGEN_PEER_URL, LOADGEN_PEER_NAME, LOADGEN_PEER_PID).
+//! - `peer-backlog`, `peer-fanout`: (only when named) delivery against that mediator: one
+//!   wallet draining LOADGEN_BACKLOG (10,000) queued messages, and live delivery to
+//!   LOADGEN_FANOUT_WALLETS (100) wallets (peer_delivery.rs).
 //!
 //! DIDComm version (LOADGEN_DIDCOMM=v1|v2, default v1): `sled`, `pg`, `cluster`, `samenode`,
 //! `sweep` and `live` run with v1 wallets (didexchange, mediation 1.0, pickup 2.0) and v1
@@ -34,6 +37,7 @@ mod cross_node;
 mod ingest;
 mod live;
 mod nodes;
+mod peer_delivery;
 mod peers;
 mod report;
 mod sessions;
@@ -41,6 +45,7 @@ mod sessions;
 use crate::cross_node::{cluster_latency, same_node_latency, sweep_latency};
 use crate::ingest::{crypto_floor, single_node_forwards};
 use crate::live::live_throughput;
+use crate::peer_delivery::{peer_backlog, peer_fanout};
 use crate::peers::peer_forwards;
 use crate::report::{machine, Table};
 use crate::sessions::sessions_memory;
@@ -212,6 +217,18 @@ pub(crate) fn main() {
             eprintln!("[peer] ingest against a mediator from its invitation URL");
             if let Err(e) = peer_forwards(&mut t, &o).await {
                 t.failed("peer", &e);
+            }
+        }
+        if o.only.as_ref().is_some_and(|v| v.iter().any(|s| s == "peer-backlog")) {
+            eprintln!("[peer-backlog] a wallet drains its backlog, any mediator");
+            if let Err(e) = peer_backlog(&mut t, &o).await {
+                t.failed("peer-backlog", &e);
+            }
+        }
+        if o.only.as_ref().is_some_and(|v| v.iter().any(|s| s == "peer-fanout")) {
+            eprintln!("[peer-fanout] live fan-out, any mediator");
+            if let Err(e) = peer_fanout(&mut t, &o).await {
+                t.failed("peer-fanout", &e);
             }
         }
         if o.wants("sessions") && o.didcomm == Didcomm::V1 {

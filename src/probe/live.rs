@@ -3,12 +3,12 @@
 //! socket opened by a message with return-route gets the raw forwarded messages), and
 //! redelivery after a live session ends without acknowledging.
 
-use super::pickup::not_advertised;
+use super::pickup::{not_advertised, offered_again};
 use super::target::Target;
-use super::wallet::{contents, is_type, nonce, poll, routed, trust_ping, Incoming, Socket, Wallet};
+use super::wallet::{contents, is_type, nonce, routed, trust_ping, Incoming, Socket, Wallet};
 use super::{fail, pass_note, skip, Options, Runner, Verdict};
 use serde_json::json;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
     let Some(ws) = t.ws.clone() else {
@@ -36,24 +36,14 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
             return Ok(v);
         }
         // The socket is closed with the delivery unacknowledged: it must be offered again.
-        let start = Instant::now();
-        let again = poll(opts.redelivery_wait, Duration::from_millis(250), || async {
-            Ok(contents(&w.delivery_request(10).await?)
-                .0
-                .contains(&content)
-                .then_some(()))
-        })
-        .await?;
-        match again {
-            Some(()) => pass_note(format!(
-                "offered again {:.1} s after the socket closed",
-                start.elapsed().as_secs_f64()
-            )),
-            None => fail(format!(
-                "a live delivery left unacknowledged when the socket closed was not offered again within {:?} (--redelivery-wait)",
-                opts.redelivery_wait
-            )),
-        }
+        offered_again(
+            &w,
+            &content,
+            opts.redelivery_wait,
+            Duration::from_millis(250),
+            "the socket closed",
+        )
+        .await
     })
     .await;
     r.check("implicit-ws", implicit(t, &ws)).await;

@@ -237,22 +237,41 @@ async fn redelivery_http(t: &Target, opts: &Options) -> anyhow::Result<Verdict> 
         Ok(None) => return fail(format!("the message was not delivered within {:?}", t.timeout)),
         Err(e) => return refused(t, "delivery-request", &e),
     }
+    offered_again(
+        &w,
+        &content,
+        opts.redelivery_wait,
+        Duration::from_millis(500),
+        "the unacknowledged delivery",
+    )
+    .await
+}
+
+/// Redelivery: polls delivery-request until `content` is offered again (pass, with how long it
+/// took after `since_what`) or `wait` runs out (fail, naming `--redelivery-wait`).
+pub(crate) async fn offered_again(
+    w: &Wallet,
+    content: &str,
+    wait: Duration,
+    every: Duration,
+    since_what: &str,
+) -> anyhow::Result<Verdict> {
     let start = Instant::now();
-    let again = poll(opts.redelivery_wait, Duration::from_millis(500), || async {
+    let again = poll(wait, every, || async {
         Ok(contents(&w.delivery_request(10).await?)
             .0
-            .contains(&content)
+            .iter()
+            .any(|c| c == content)
             .then_some(()))
     })
     .await?;
     match again {
         Some(()) => pass_note(format!(
-            "offered again {:.1} s after the unacknowledged delivery",
+            "offered again {:.1} s after {since_what}",
             start.elapsed().as_secs_f64()
         )),
         None => fail(format!(
-            "an unacknowledged delivery was not offered again within {:?} (--redelivery-wait)",
-            opts.redelivery_wait
+            "a delivery left unacknowledged was not offered again within {wait:?} after {since_what} (--redelivery-wait)"
         )),
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod http;
 pub mod outbound;
+pub mod watchdog;
 pub mod ws;
 
 use crate::cluster::{ClusterHandle, NotifyOutcome};

@@ -130,6 +130,40 @@ impl Queues {
         }
     }
 
+    /// Leases and attempt counts held in memory only (see [`Slot`]).
+    fn leases(&self) -> Leases {
+        let mut out = HashMap::new();
+        for cq in self.by_conn.values() {
+            for (id, m) in &cq.msgs {
+                if m.lease_until_ms != 0 || m.attempts != 0 {
+                    out.insert(*id, (m.lease_until_ms, m.owner.clone(), m.attempts));
+                }
+            }
+        }
+        out
+    }
+
+    /// Restores [`Queues::leases`] on an index rebuilt from disk (messages gone meanwhile
+    /// are skipped).
+    fn carry_leases(&mut self, mut leases: Leases) {
+        if leases.is_empty() {
+            return;
+        }
+        let Queues { by_conn, by_owner, .. } = self;
+        for (conn, cq) in by_conn.iter_mut() {
+            for (id, m) in cq.msgs.iter_mut() {
+                if let Some((until, owner, attempts)) = leases.remove(id) {
+                    m.lease_until_ms = until;
+                    m.attempts = m.attempts.max(attempts);
+                    if let Some(o) = &owner {
+                        by_owner.entry(o.clone()).or_default().insert(conn.clone());
+                    }
+                    m.owner = owner;
+                }
+            }
+        }
+    }
+
     /// Drops the expiry entry of a message just removed from its queue.
     fn unindex(&mut self, id: MessageId, meta: &Meta) {
         if meta.expires_at_ms != NEVER {
@@ -179,9 +213,10 @@ struct EnqueueReq {
 /// The sled [`Store`]. Share one handle between in-process nodes by cloning an `Arc` of it.
 /// Dropping the last handle stops the writer thread after it has flushed.
 pub struct SledStore {
-    inner: Arc<Inner>,
+    slot: Arc<Slot>,
     tx: Option<mpsc::Sender<EnqueueReq>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    supervisor: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for SledStore {
@@ -192,8 +227,137 @@ impl Drop for SledStore {
         if let Some(h) = self.writer.take() {
             let _ = h.join();
         }
+        self.slot.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(h) = self.supervisor.take() {
+            h.thread().unpark();
+            let _ = h.join();
+        }
     }
 }
+
+/// How often the supervisor looks for a failed write (and, after one, for space to reopen in).
+const SUPERVISE_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// Free space the supervisor wants (written and synced in a probe file) before it reopens a
+/// database whose writes failed: a couple of sled segments (512 KiB each by default).
+const REOPEN_SPACE: usize = 2 << 20;
+
+/// The open database, replaced in place after a write failure.
+///
+/// sled 0.34 latches the first I/O error of its log (`Config::global_error`, reset only by
+/// `PageCache::start`): after a disk full, every later write and flush of that `Db` fails even
+/// once space returns. The supervisor thread then waits for space (a probe file), drops the
+/// poisoned handle (sled holds a file lock), reopens the database from disk and swaps it in.
+/// Meanwhile calls fail with [`StoreError::Unavailable`] (forwards 503, `/ready` not ready);
+/// nothing acknowledged is lost (an enqueue is answered only after its flush), leases in memory
+/// are carried over to the reopened handle, and callers holding the [`SledStore`] (sessions,
+/// the node) never see the swap.
+struct Slot {
+    current: parking_lot::RwLock<Option<Arc<Inner>>>,
+    config: sled::Config,
+    /// The database's directory (None: temporary), where the space probe is written.
+    dir: Option<PathBuf>,
+    stop: std::sync::atomic::AtomicBool,
+    /// Reopens done (a log line each).
+    reopens: std::sync::atomic::AtomicU64,
+    /// Leases taken from the handle being replaced, for the next one.
+    carried: Mutex<Leases>,
+}
+
+impl Slot {
+    fn get(&self) -> StoreResult<Arc<Inner>> {
+        self.current
+            .read()
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("sled: reopening the database after a write failure".into()))
+    }
+
+    /// One supervision step: nothing while writes succeed; after a failed write, a flush that
+    /// succeeds clears it, else the database is reopened once space is back.
+    fn supervise(&self) {
+        let current = self.current.read().clone();
+        if let Some(inner) = current {
+            if !inner.write_failed.load(std::sync::atomic::Ordering::SeqCst) || inner.flush().is_ok() {
+                return;
+            }
+            if !self.space_back() {
+                return;
+            }
+            tracing::warn!("sled: writes still fail after an I/O error (sled latches it): reopening the database");
+            *self.carried.lock() = inner.queues.lock().leases();
+            drop(inner);
+            let Some(mut old) = self.current.write().take() else {
+                return;
+            };
+            // Calls in flight hold the old handle for one call each: wait for them to let go
+            // (sled's file lock is released with the last handle).
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(inner) => break drop(inner),
+                    Err(still) => {
+                        old = still;
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                }
+            }
+        } else if !self.space_back() {
+            return;
+        }
+        self.reopen();
+    }
+
+    /// Opens the database again (the old handle is gone); on failure the next step retries.
+    fn reopen(&self) {
+        let deadline = std::time::Instant::now() + REOPEN_WAIT;
+        let inner = loop {
+            match Inner::open(self.config.clone()) {
+                Ok(inner) => break inner,
+                // sled's flusher thread may still hold the lock a moment after the drop.
+                Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => {
+                    tracing::warn!("sled: reopen failed (retried shortly): {e}");
+                    return;
+                }
+            }
+        };
+        inner
+            .queues
+            .lock()
+            .carry_leases(std::mem::take(&mut *self.carried.lock()));
+        let n = self.reopens.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        tracing::info!(reopens = n, "sled: database reopened, writes accepted again");
+        *self.current.write() = Some(Arc::new(inner));
+    }
+
+    /// Whether the database's file system takes [`REOPEN_SPACE`] bytes again (a probe file
+    /// written, synced and removed).
+    fn space_back(&self) -> bool {
+        use std::io::Write;
+        let Some(dir) = &self.dir else {
+            return true;
+        };
+        let probe = dir.join("mailroom-space-probe");
+        let wrote = std::fs::File::create(&probe).and_then(|mut f| {
+            f.write_all(&vec![0u8; REOPEN_SPACE])?;
+            f.sync_all()
+        });
+        let _ = std::fs::remove_file(&probe);
+        wrote.is_ok()
+    }
+}
+
+fn supervisor_loop(slot: Arc<Slot>) {
+    while !slot.stop.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::park_timeout(SUPERVISE_EVERY);
+        if !slot.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            slot.supervise();
+        }
+    }
+}
+
+/// Leases of messages (id -> lease until, owner, attempts), carried over a reopen.
+type Leases = HashMap<MessageId, (i64, Option<Arc<str>>, u32)>;
 
 /// Stores open in this process, by canonical path: sled allows one open handle per directory,
 /// so a second open of the same path (two in-process nodes) gets the same store.
@@ -271,20 +435,43 @@ impl SledStore {
     }
 
     async fn open_config(cfg: sled::Config) -> StoreResult<SledStore> {
+        let config = cfg.clone();
         let inner = tokio::task::spawn_blocking(move || Inner::open(cfg))
             .await
             .map_err(unavailable)??;
-        let inner = Arc::new(inner);
+        // A temporary database is gone with its handle: there is nothing to reopen.
+        let dir = (!config.temporary).then(|| config.get_path());
+        let slot = Arc::new(Slot {
+            current: parking_lot::RwLock::new(Some(Arc::new(inner))),
+            config,
+            stop: std::sync::atomic::AtomicBool::new(false),
+            reopens: std::sync::atomic::AtomicU64::new(0),
+            carried: Mutex::new(HashMap::new()),
+            dir,
+        });
         let (tx, rx) = mpsc::channel(WRITER_CHANNEL);
-        let w = inner.clone();
+        let w = slot.clone();
         let writer = std::thread::Builder::new()
             .name("mailroom-sled-writer".into())
             .spawn(move || writer_loop(w, rx))
             .map_err(unavailable)?;
+        let supervisor = match slot.dir {
+            Some(_) => {
+                let s = slot.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("mailroom-sled-supervisor".into())
+                        .spawn(move || supervisor_loop(s))
+                        .map_err(unavailable)?,
+                )
+            }
+            None => None,
+        };
         Ok(SledStore {
-            inner,
+            slot,
             tx: Some(tx),
             writer: Some(writer),
+            supervisor,
         })
     }
 
@@ -411,10 +598,17 @@ impl SledStore {
         T: Send + 'static,
         F: FnOnce(&Inner) -> StoreResult<T> + Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("blocking task failed: {e}")))?
+        let inner = self.slot.get()?;
+        tokio::task::spawn_blocking(move || {
+            let r = f(&inner);
+            if matches!(&r, Err(StoreError::Unavailable(_))) {
+                // A write may have failed outside a flush: the supervisor probes with one.
+                inner.write_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            r
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("blocking task failed: {e}")))?
     }
 }
 
@@ -785,7 +979,7 @@ impl Inner {
     }
 }
 
-fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<EnqueueReq>) {
+fn writer_loop(slot: Arc<Slot>, mut rx: mpsc::Receiver<EnqueueReq>) {
     while let Some(first) = rx.blocking_recv() {
         let mut n = first.msgs.len();
         let mut bytes: usize = first.msgs.iter().map(|m| m.payload.len()).sum();
@@ -800,11 +994,23 @@ fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<EnqueueReq>) {
                 Err(_) => break,
             }
         }
+        // The handle of this batch only: the supervisor may replace it between batches.
+        let inner = match slot.get() {
+            Ok(inner) => inner,
+            Err(e) => {
+                for req in batch {
+                    let _ = req.reply.send(Err(StoreError::Unavailable(e.to_string())));
+                }
+                continue;
+            }
+        };
         let _g = inner.batch_lock.lock();
         inner.write_batch(batch);
     }
-    if let Err(e) = inner.flush() {
-        tracing::error!(error = %e, "sled final flush failed");
+    if let Ok(inner) = slot.get() {
+        if let Err(e) = inner.flush() {
+            tracing::error!(error = %e, "sled final flush failed");
+        }
     }
 }
 
@@ -987,7 +1193,7 @@ impl Store for SledStore {
             Some(tx) if !tx.is_closed() => {}
             _ => return Err(StoreError::Closed),
         }
-        if self.inner.write_failed.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.slot.get()?.write_failed.load(std::sync::atomic::Ordering::SeqCst) {
             // Probe: a flush that succeeds again clears the failure.
             self.blocking(|inner| inner.flush()).await?;
         }
@@ -1454,7 +1660,7 @@ impl Store for SledStore {
 
     async fn total_queued(&self) -> StoreResult<u64> {
         // Memory only: no need for a blocking thread.
-        Ok(self.inner.queues.lock().total)
+        Ok(self.slot.get()?.queues.lock().total)
     }
 
     async fn connections_with_pending(
@@ -1481,7 +1687,8 @@ impl Store for SledStore {
 
     async fn pending_among(&self, conns: &[ConnId], now_ms: i64) -> StoreResult<Vec<ConnId>> {
         // Memory only: no need for a blocking thread.
-        let q = self.inner.queues.lock();
+        let inner = self.slot.get()?;
+        let q = inner.queues.lock();
         Ok(conns
             .iter()
             .filter(|c| {
@@ -1532,7 +1739,7 @@ impl Store for SledStore {
     }
 
     async fn dedup_records(&self) -> StoreResult<u64> {
-        Ok(self.inner.queues.lock().dedup_count)
+        Ok(self.slot.get()?.queues.lock().dedup_count)
     }
 
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
@@ -1642,7 +1849,8 @@ impl Store for SledStore {
 
     async fn oldest_received_ms(&self) -> StoreResult<Option<i64>> {
         // Memory only; each queue's first entry is its oldest (ids grow with arrival).
-        let q = self.inner.queues.lock();
+        let inner = self.slot.get()?;
+        let q = inner.queues.lock();
         Ok(q.by_conn
             .values()
             .filter_map(|cq| cq.msgs.values().next().map(|m| m.received_at_ms))
@@ -1713,14 +1921,16 @@ impl Store for SledStore {
 
     async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64) -> StoreResult<PushSlot> {
         check_storable("connection id", conn)?;
-        let mut w = self.inner.push_windows.lock();
+        let inner = self.slot.get()?;
+        let mut w = inner.push_windows.lock();
         let (state, slot) = super::push_window_step(w.get(conn).copied(), now_ms, window_ms);
         w.insert(conn.to_owned(), state);
         Ok(slot)
     }
 
     async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
-        let mut w = self.inner.push_windows.lock();
+        let inner = self.slot.get()?;
+        let mut w = inner.push_windows.lock();
         let mut due: Vec<(i64, ConnId)> = w
             .iter()
             .filter_map(|(c, (_, d))| d.filter(|d| *d <= now_ms).map(|d| (d, c.clone())))
@@ -1813,7 +2023,8 @@ impl Store for SledStore {
 
     async fn top_queues(&self, limit: usize) -> StoreResult<TopQueues> {
         // Memory only.
-        let q = self.inner.queues.lock();
+        let inner = self.slot.get()?;
+        let q = inner.queues.lock();
         let all: Vec<QueueSummary> = q
             .by_conn
             .iter()
