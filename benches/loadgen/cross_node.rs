@@ -5,7 +5,6 @@ use anyhow::{Context, Result};
 use mailroom::client::WsEvent;
 use mailroom::config::{Config, NodeEntry, Strategy};
 use mailroom::node::{self, Listeners, NodeOptions, RunningNode};
-use serde_json::json;
 use std::cell::{Cell, RefCell};
 use std::net::{SocketAddr, TcpListener};
 use std::rc::Rc;

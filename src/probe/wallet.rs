@@ -339,11 +339,6 @@ impl Wallet {
         Ok(Self::from_onboarded(client::onboard_any(t).await?, t.timeout))
     }
 
-    /// Mediation and one registered key for a connected agent.
-    pub async fn mediated(agent: Agent, timeout: Duration) -> anyhow::Result<Wallet> {
-        Ok(Self::from_onboarded(client::any::mediated(agent).await?, timeout))
-    }
-
     fn from_onboarded(o: client::Onboarded, timeout: Duration) -> Wallet {
         Wallet {
             agent: o.agent,
