@@ -17,7 +17,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use mailroom::client::{basic_message, post, Agent, Invitation, Sender, WsEvent};
+use mailroom::client::{basic_message, onboard_any, post, Agent, Sender, WsEvent};
 use mailroom::didcomm::message::new_id;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -921,18 +921,22 @@ async fn run(args: Args) -> Result<i32> {
 
     // Wallets, onboarded through the load balancer (every step may land on another node).
     let (_, inv) = get_json(&format!("{public}/invitation")).await?;
-    let inv = Invitation::parse(&inv["invitation"])?;
+    let target = mailroom::probe::Target::from_invitation(inv["invitation"].clone(), None, Duration::from_secs(20))
+        .map_err(|e| anyhow!("{e}"))?;
     let mut wallets = Vec::new();
     let kinds = std::iter::repeat(Kind::Live)
         .take(args.live)
         .chain(std::iter::repeat(Kind::Polling).take(args.polling))
         .chain(std::iter::repeat(Kind::Offline).take(args.offline));
     for (idx, kind) in kinds.enumerate() {
-        let (agent, k) = Agent::onboard(&inv)
+        let w = onboard_any(&target)
             .await
             .with_context(|| format!("onboard wallet {idx}"))?;
-        let agent = agent.with_timeout(Duration::from_secs(5));
-        let routing = agent.grant.clone().context("no grant")?.routing_keys;
+        let (agent, k, routing) = (
+            w.agent.with_timeout(Duration::from_secs(5)),
+            w.key,
+            w.grant.routing_keys,
+        );
         wallets.push(Rc::new(Wallet {
             idx,
             kind,

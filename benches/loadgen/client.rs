@@ -1,13 +1,14 @@
 //! What talks to a mediator: a minimal raw HTTP/1.1 client for the timed loops, and helpers on
 //! top of `mailroom::client` (onboarding, pickup messages, live sockets, pre-built forwards).
 
+use crate::Didcomm;
 use anyhow::{anyhow, bail, Context, Result};
-use mailroom::client::{basic_message, Agent, Invitation, Sender, WsClient, WsEvent};
-use mailroom::didcomm::did;
-use mailroom::didcomm::keys::KeyPair;
+use mailroom::client::v2::{V2Agent, V2Mediator, V2Sender};
+use mailroom::client::{self, basic_message, Agent, Sender, WsClient, WsEvent};
 use mailroom::didcomm::message::new_id;
+use mailroom::didcomm::v2::jwe::Enc;
+use mailroom::didcomm::v2::TYP_ENCRYPTED;
 use mailroom::probe::Target;
-use mailroom::protocols::didexchange::decode_b64_any;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -18,10 +19,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 // load generator spends as little of the shared CPU as possible.
 // ---------------------------------------------------------------------------------------------
 
+/// A v1 envelope POST (`application/didcomm-envelope-enc`).
 pub(crate) fn build_request(host: &str, path: &str, body: &[u8]) -> Vec<u8> {
+    build_request_typed(host, path, mailroom::client::CONTENT_TYPE, body)
+}
+
+pub(crate) fn build_request_typed(host: &str, path: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
     let mut r = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
-        mailroom::client::CONTENT_TYPE,
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -152,11 +157,6 @@ pub(crate) async fn get_json(url: &str) -> Result<Value> {
         .map_err(|e| anyhow!("GET {url} JSON: {e}"))
 }
 
-pub(crate) async fn invitation(public_url: &str) -> Result<Invitation> {
-    let v = get_json(&format!("{public_url}/invitation")).await?;
-    Invitation::parse(&v["invitation"])
-}
-
 /// Polls `f` every 20 ms until it returns Some, at most `within`.
 pub(crate) async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut f: F) -> Result<T>
 where
@@ -240,26 +240,73 @@ pub(crate) struct Wallet {
 }
 
 pub(crate) async fn onboard(public_url: &str, n: usize) -> Result<Vec<Wallet>> {
-    let inv = invitation(public_url).await?;
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let (agent, k) = Agent::onboard(&inv).await?;
-        let routing = agent.grant.clone().context("no grant")?.routing_keys;
-        out.push(Wallet {
-            agent,
-            key: k.verkey(),
-            routing,
-        });
-    }
-    Ok(out)
+    let t = Target::from_url(&format!("{public_url}/invitation"), None, Duration::from_secs(30))
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok(onboard_any(&t, n).await?.0)
 }
 
-/// Pre-builds `n` forward envelopes spread over the wallets, on every core (before any timed
-/// part). Contents are `{prefix}-{i}`. Returns them and the build time.
+/// Who a forward is for: a v1 wallet's recipient key and routing keys, or a v2 wallet's
+/// recipient DID (its service names the mediator's routing DID).
+#[derive(Clone)]
+pub(crate) enum Recipient {
+    V1 { key: String, routing: Vec<String> },
+    V2 { did: String },
+}
+
+/// How v2 forwards are packed: the anoncrypt content encryption, or authcrypt (1PU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum V2Pack {
+    Anon(Enc),
+    Authcrypt,
+}
+
+impl V2Pack {
+    pub(crate) fn parse(s: &str) -> Option<V2Pack> {
+        match s.to_ascii_uppercase().as_str() {
+            "AUTHCRYPT" | "1PU" => Some(V2Pack::Authcrypt),
+            "A256GCM" | "GCM" => Some(V2Pack::Anon(Enc::A256Gcm)),
+            "A256CBC-HS512" | "CBC" => Some(V2Pack::Anon(Enc::A256CbcHs512)),
+            "XC20P" => Some(V2Pack::Anon(Enc::Xc20p)),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn label(self) -> String {
+        match self {
+            V2Pack::Anon(e) => format!("anoncrypt ECDH-ES+A256KW/{}", e.label()),
+            V2Pack::Authcrypt => "authcrypt ECDH-1PU+A256KW/A256CBC-HS512".into(),
+        }
+    }
+
+    fn sender(self) -> Result<V2Sender> {
+        let mut s = V2Sender::new()?;
+        match self {
+            V2Pack::Anon(e) => s.enc = e,
+            V2Pack::Authcrypt => s.authcrypt_forward = true,
+        }
+        Ok(s)
+    }
+}
+
+impl Recipient {
+    /// The POST for an envelope to this recipient (its content type).
+    pub(crate) fn request(&self, host: &str, body: &[u8]) -> Vec<u8> {
+        match self {
+            Recipient::V1 { .. } => build_request(host, "/", body),
+            Recipient::V2 { .. } => build_request_typed(host, "/", TYP_ENCRYPTED, body),
+        }
+    }
+}
+
+/// Pre-builds `n` forward envelopes spread over the recipients, on every core (before any timed
+/// part). Contents are `{prefix}-{i}`; v2 forwards are packed as `pack` says. Returns them and
+/// the build time.
 pub(crate) fn build_forwards(
-    targets: &[(String, Vec<String>)],
+    targets: &[Recipient],
     n: usize,
     prefix: &str,
+    pack: V2Pack,
 ) -> Result<(Vec<Vec<u8>>, Duration)> {
     let t0 = Instant::now();
     let threads = std::thread::available_parallelism()
@@ -274,11 +321,16 @@ pub(crate) fn build_forwards(
             .map(|idx| {
                 s.spawn(move || -> Result<Vec<(usize, Vec<u8>)>> {
                     let sender = Sender::new();
+                    let v2 = pack.sender()?;
                     idx.into_iter()
                         .map(|i| {
-                            let (key, routing) = &targets[i % targets.len()];
-                            let env =
-                                sender.forward_envelope(&basic_message(&format!("{prefix}-{i}")), key, routing)?;
+                            let content = format!("{prefix}-{i}");
+                            let env = match &targets[i % targets.len()] {
+                                Recipient::V1 { key, routing } => {
+                                    sender.forward_envelope(&basic_message(&content), key, routing)?
+                                }
+                                Recipient::V2 { did } => v2.forward_envelope(did, &v2.basic(did, &content))?.1,
+                            };
                             Ok((i, env))
                         })
                         .collect()
@@ -295,89 +347,151 @@ pub(crate) fn build_forwards(
     Ok((all.into_iter().map(|(_, e)| e).collect(), t0.elapsed()))
 }
 
-/// Connects to any DIDComm v1 mediator from its parsed invitation (mailroom, Credo, ACA-Py):
-/// didexchange 1.1 (1.0 when that is all the invitation offers) over HTTP with return-route,
-/// accepting the mediator's DID from `did_doc~attach` when it is not self-resolving.
-pub(crate) async fn connect_any(t: &Target) -> Result<Agent> {
-    let offered: Vec<&str> = t.invitation["handshake_protocols"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
-    let version = if offered.iter().any(|p| p.ends_with("didexchange/1.1")) || offered.is_empty() {
-        "1.1"
-    } else if offered.iter().any(|p| p.ends_with("didexchange/1.0")) {
-        "1.0"
-    } else {
-        bail!("the invitation offers no didexchange handshake ({offered:?})");
-    };
-    let key = KeyPair::generate();
-    let our_did = did::create_peer4(&key.verkey(), &["didcomm:transport/queue".to_string()], &[]);
-    let mut a = Agent::from_parts(key, our_did.clone(), t.recipient_key.clone(), t.http.clone())
-        .with_timeout(Duration::from_secs(60));
-    let req_id = new_id();
-    let mut thread = json!({ "thid": req_id });
-    if t.oob {
-        thread["pthid"] = json!(t.invitation_id);
-    }
-    let request = json!({
-        "@type": format!("https://didcomm.org/didexchange/{version}/request"),
-        "@id": req_id,
-        "label": "mailroom-loadgen",
-        "did": our_did,
-        "~thread": thread,
-        "~transport": { "return_route": "all" },
-    });
-    let response = a.request(&request).await?.context("no didexchange response")?;
-    if type_name(&response) != "response" {
-        bail!("didexchange request answered with {response}");
-    }
-    let their_did = response["did"].as_str().context("didexchange response without did")?;
-    let data = &response["did_doc~attach"]["data"];
-    let attached = if let Some(j) = data.get("json") {
-        Some(j.clone())
-    } else if let Some(b) = data["base64"].as_str() {
-        let raw = decode_b64_any(b).context("did_doc~attach is not base64")?;
-        Some(serde_json::from_slice(&raw).context("did_doc~attach is not JSON")?)
-    } else {
-        None
-    };
-    let doc = did::resolve(their_did, attached.as_ref()).map_err(|e| anyhow!("resolve {their_did}: {e}"))?;
-    a.mediator_verkey = doc
-        .recipient_keys
-        .first()
-        .cloned()
-        .context("the mediator's DID has no keys")?;
-    let complete = json!({
-        "@type": format!("https://didcomm.org/didexchange/{version}/complete"),
-        "@id": new_id(),
-        "~thread": thread,
-    });
-    a.send(&complete).await.context("didexchange complete")?;
-    Ok(a)
+// ---------------------------------------------------------------------------------------------
+// A wallet of either DIDComm version, as the scenarios need it: onboarded, forwarded to, with a
+// live socket whose deliveries it opens and acknowledges.
+// ---------------------------------------------------------------------------------------------
+
+pub(crate) enum AnyWallet {
+    V1(Wallet),
+    V2 { agent: V2Agent, recipient: String },
 }
 
-/// Onboards `n` wallets on any DIDComm v1 mediator: connect, mediate, one recipient key each.
+impl AnyWallet {
+    pub(crate) fn recipient(&self) -> Recipient {
+        match self {
+            AnyWallet::V1(w) => Recipient::V1 {
+                key: w.key.clone(),
+                routing: w.routing.clone(),
+            },
+            AnyWallet::V2 { recipient, .. } => Recipient::V2 { did: recipient.clone() },
+        }
+    }
+
+    /// A WebSocket to `ws_url` in live mode (pickup 2.0 / 3.0 live-delivery-change answered).
+    pub(crate) async fn live_socket(&self, ws_url: &str) -> Result<WsClient> {
+        match self {
+            AnyWallet::V1(w) => live_socket(&w.agent, ws_url).await,
+            AnyWallet::V2 { agent, .. } => {
+                // The socket goes where the agent's mediator record says: `ws_url` itself.
+                if agent.mediator.ws.as_deref() != Some(ws_url) {
+                    bail!("v2 wallet's mediator ws is {:?}, not {ws_url}", agent.mediator.ws);
+                }
+                Ok(agent.live().await?.ws)
+            }
+        }
+    }
+
+    /// A frame read on the live socket: the queue ids and contents of a delivery (None for
+    /// anything else). With `open_inner` false the inner messages are not opened (contents
+    /// empty): what a wallet that only acknowledges does.
+    pub(crate) fn delivery(&self, env: &[u8], open_inner: bool) -> Option<Vec<(String, String)>> {
+        match self {
+            AnyWallet::V1(w) => {
+                let (msg, _) = w.agent.unpack(env).ok()?;
+                if type_name(&msg) != "delivery" {
+                    return None;
+                }
+                if !open_inner {
+                    return Some(delivery_ids(&msg).into_iter().map(|i| (i, String::new())).collect());
+                }
+                let opened = w.agent.open_delivery(&msg).ok()?;
+                Some(
+                    opened
+                        .into_iter()
+                        .map(|(id, m)| (id, m["content"].as_str().unwrap_or_default().to_string()))
+                        .collect(),
+                )
+            }
+            AnyWallet::V2 { agent, .. } => {
+                let msg = agent.unpack(env).ok()?;
+                if !msg["type"].as_str().unwrap_or_default().ends_with("/delivery") {
+                    return None;
+                }
+                if !open_inner {
+                    let ids = msg["attachments"].as_array().into_iter().flatten();
+                    return Some(
+                        ids.filter_map(|a| a["id"].as_str().map(|i| (i.to_string(), String::new())))
+                            .collect(),
+                    );
+                }
+                let opened = agent.open_delivery(&msg).ok()?;
+                Some(
+                    opened
+                        .into_iter()
+                        .map(|(id, m)| (id, m["body"]["content"].as_str().unwrap_or_default().to_string()))
+                        .collect(),
+                )
+            }
+        }
+    }
+
+    /// The POST acknowledging `ids` (pickup 2.0 / 3.0 messages-received) to `host`.
+    pub(crate) fn ack_request(&self, host: &str, ids: Vec<String>) -> Result<Vec<u8>> {
+        Ok(match self {
+            AnyWallet::V1(w) => build_request(
+                host,
+                "/",
+                &w.agent
+                    .pack(&pickup("messages-received", json!({ "message_id_list": ids })))?,
+            ),
+            AnyWallet::V2 { agent, .. } => build_request_typed(
+                host,
+                "/",
+                TYP_ENCRYPTED,
+                &agent.pack(&agent.message(
+                    &format!("{}/messages-received", client::v2::PICKUP),
+                    json!({ "message_id_list": ids }),
+                ))?,
+            ),
+        })
+    }
+}
+
+/// Onboards `n` wallets of DIDComm `version` on the node at `public_url` (its socket at
+/// `ws_url`): v1 through its invitation (didexchange, mediation 1.0, keylist-update); v2
+/// through its out-of-band 2.0 invitation (coordinate-mediation 3.0, recipient-update).
+pub(crate) async fn onboard_wallets(
+    version: Didcomm,
+    public_url: &str,
+    ws_url: &str,
+    n: usize,
+) -> Result<Vec<AnyWallet>> {
+    match version {
+        Didcomm::V1 => Ok(onboard(public_url, n).await?.into_iter().map(AnyWallet::V1).collect()),
+        Didcomm::V2 => {
+            let v = get_json(&format!("{public_url}/invitation?didcomm=v2")).await?;
+            let url = v["invitation_url"].as_str().context("no v2 invitation_url")?;
+            let did = V2Mediator::from_invitation_url(url)?.did;
+            // This node, whatever URLs the DID's services name (a cluster's load balancer).
+            let m = V2Mediator {
+                did,
+                http: public_url.to_string(),
+                ws: Some(ws_url.to_string()),
+            };
+            let mut out = Vec::with_capacity(n);
+            for i in 0..n {
+                let mut agent = V2Agent::new(m.clone())?;
+                let recipient = agent.onboard().await.with_context(|| format!("v2 wallet {i}"))?;
+                out.push(AnyWallet::V2 { agent, recipient });
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Onboards `n` wallets on any DIDComm v1 mediator ([`mailroom::client::onboard_any`]).
 /// Also returns the HTTP endpoint forwards go to (the grant's, else the invitation's).
 pub(crate) async fn onboard_any(t: &Target, n: usize) -> Result<(Vec<Wallet>, String)> {
     let mut out = Vec::with_capacity(n);
     let mut endpoint = t.http.clone();
     for i in 0..n {
-        let mut agent = connect_any(t).await.with_context(|| format!("wallet {i}: connect"))?;
-        let grant = agent.mediate().await.with_context(|| format!("wallet {i}: mediate"))?;
-        if grant.endpoint.starts_with("http") {
-            endpoint = grant.endpoint.clone();
-        }
-        let k = agent.new_recipient_key();
-        let updated = agent.keylist_update(&[k.did_key()], &[]).await?;
-        if updated.first().and_then(|u| u["result"].as_str()) != Some("success") {
-            bail!("wallet {i}: keylist-update failed: {updated:?}");
-        }
+        let w = client::onboard_any(t).await.with_context(|| format!("wallet {i}"))?;
+        endpoint = w.endpoint(t);
         out.push(Wallet {
-            agent,
-            key: k.verkey(),
-            routing: grant.routing_keys,
+            key: w.key.verkey(),
+            routing: w.grant.routing_keys,
+            agent: w.agent,
         });
     }
     Ok((out, endpoint))

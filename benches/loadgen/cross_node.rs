@@ -1,11 +1,10 @@
 //! Scenarios `cluster`, `samenode`, `sweep`: live delivery latency across nodes.
 
-use crate::{client::*, nodes::*, report::*, Opts};
+use crate::{client::*, nodes::*, report::*, Didcomm, Opts};
 use anyhow::{Context, Result};
 use mailroom::client::WsEvent;
 use mailroom::config::{Config, NodeEntry, Strategy};
 use mailroom::node::{self, Listeners, NodeOptions, RunningNode};
-use serde_json::json;
 use std::cell::{Cell, RefCell};
 use std::net::{SocketAddr, TcpListener};
 use std::rc::Rc;
@@ -57,6 +56,12 @@ pub(crate) async fn start_cluster(o: &Opts, n: usize, cut: bool) -> Result<Clust
             admin: l.admin.local_addr()?.to_string(),
         });
         ls.push(l);
+    }
+    if o.didcomm == Didcomm::V2 {
+        // One v2 DID for the cluster (its services name this URL): a wallet onboarded on n1 is
+        // routed through the same DID whichever node a forward reaches, as behind a load
+        // balancer. v1 keeps each node's own URL in its invitation.
+        cfg.cluster.public_url = Some(format!("http://{}", cfg.nodes[0].listen));
     }
     let store = open_shared_store(&cfg).await?;
     let mut c = Cluster {
@@ -140,6 +145,7 @@ impl Target {
 }
 
 pub(crate) async fn live_latency(
+    o: &Opts,
     home: &Target,
     via: &Target,
     rate: u64,
@@ -147,13 +153,13 @@ pub(crate) async fn live_latency(
     cut: bool,
 ) -> Result<LatencyResult> {
     let ws_url = format!("ws://{}/", home.public_addr);
-    let wallets = onboard(&home.public_url(), 1).await?;
+    let wallets = onboard_wallets(o.didcomm, &home.public_url(), &ws_url, 1).await?;
     let w = wallets.into_iter().next().context("one wallet")?;
     let conn = get_json(&format!("{}/connections", home.admin_url())).await?["connections"][0]["id"]
         .as_str()
         .context("connection id")?
         .to_string();
-    let ws = live_socket(&w.agent, &ws_url).await?;
+    let ws = w.live_socket(&ws_url).await?;
     if !cut && home.node_id != via.node_id {
         let url = format!("{}/cluster", via.admin_url());
         wait_for(
@@ -171,9 +177,10 @@ pub(crate) async fn live_latency(
         .await?;
     }
     let n = (rate * secs) as usize;
-    let (envs, _) = build_forwards(&[(w.key.clone(), w.routing.clone())], n, "lat")?;
+    let to = w.recipient();
+    let (envs, _) = build_forwards(std::slice::from_ref(&to), n, "lat", o.v2_pack)?;
     let host = via.public_addr.to_string();
-    let reqs: Rc<Vec<Vec<u8>>> = Rc::new(envs.iter().map(|e| build_request(&host, "/", e)).collect());
+    let reqs: Rc<Vec<Vec<u8>>> = Rc::new(envs.iter().map(|e| to.request(&host, e)).collect());
     let sent_at: Rc<RefCell<Vec<Option<Instant>>>> = Rc::new(RefCell::new(vec![None; n]));
     let ok_at: Rc<RefCell<Vec<Option<Instant>>>> = Rc::new(RefCell::new(vec![None; n]));
     let arrived: Rc<RefCell<Vec<Option<Instant>>>> = Rc::new(RefCell::new(vec![None; n]));
@@ -188,7 +195,6 @@ pub(crate) async fn live_latency(
         let sending_done = sending_done.clone();
         let home_host = home.public_addr.to_string();
         let mut ws = ws;
-        let agent = w.agent;
         actix_rt::spawn(async move {
             let mut got = 0usize;
             let hard = Instant::now() + Duration::from_secs(secs + 40);
@@ -209,14 +215,10 @@ pub(crate) async fn live_latency(
                     WsEvent::Envelope(e) => e,
                     WsEvent::Closed(_) => break,
                 };
-                let Ok((msg, _)) = agent.unpack(&env) else { continue };
-                if type_name(&msg) != "delivery" {
-                    continue;
-                }
+                let Some(opened) = w.delivery(&env, true) else { continue };
                 let mut ids = Vec::new();
-                for (id, inner) in agent.open_delivery(&msg).unwrap_or_default() {
+                for (id, content) in opened {
                     ids.push(id);
-                    let content = inner["content"].as_str().unwrap_or_default();
                     if let Some(i) = content.strip_prefix("lat-").and_then(|s| s.parse::<usize>().ok()) {
                         let mut a = arrived.borrow_mut();
                         if i < a.len() && a[i].is_none() {
@@ -225,8 +227,8 @@ pub(crate) async fn live_latency(
                         }
                     }
                 }
-                if let Ok(p) = agent.pack(&pickup("messages-received", json!({ "message_id_list": ids }))) {
-                    let _ = ack_tx.send(build_request(&home_host, "/", &p));
+                if let Ok(r) = w.ack_request(&home_host, ids) {
+                    let _ = ack_tx.send(r);
                 }
             }
             ws.close().await;
@@ -307,6 +309,7 @@ pub(crate) async fn live_latency(
 pub(crate) async fn cluster_latency(t: &mut Table, o: &Opts) -> Result<()> {
     let c = start_cluster(o, 3, false).await?;
     let r = live_latency(
+        o,
         &Target::of(&c.nodes[0]),
         &Target::of(&c.nodes[1]),
         o.rate,
@@ -315,7 +318,11 @@ pub(crate) async fn cluster_latency(t: &mut Table, o: &Opts) -> Result<()> {
     )
     .await?;
     let note = format!(
-        "3 in-process nodes, one PostgreSQL; socket on n1, {}/s POSTed to n2 for {} s: {} sent, {} accepted, {} delivered live; {} arrived before the POST's 2xx (counted 0); {}; max {} ms; from POST sent: p50 {} p99 {} ms",
+        "3 in-process nodes, one PostgreSQL{}; socket on n1, {}/s POSTed to n2 for {} s: {} sent, {} accepted, {} delivered live; {} arrived before the POST's 2xx (counted 0); {}; max {} ms; from POST sent: p50 {} p99 {} ms",
+        match o.didcomm {
+            Didcomm::V1 => String::new(),
+            Didcomm::V2 => format!("; v2 wallet (pickup 3.0 live mode), forwards {}", o.v2_pack.label()),
+        },
         o.rate,
         o.secs,
         r.sent,
@@ -328,14 +335,14 @@ pub(crate) async fn cluster_latency(t: &mut Table, o: &Opts) -> Result<()> {
         ms(pct(&r.from_send_us, 0.99)),
     );
     t.add(
-        "cross-node live delivery latency p50",
+        &format!("cross-node live delivery latency p50{}", o.tag()),
         ms(pct(&r.lat_us, 0.50)),
         "ms",
         "",
         "POST 2xx on n2 -> delivery frame read on n1's socket".into(),
     );
     t.add(
-        "cross-node live delivery latency p99",
+        &format!("cross-node live delivery latency p99{}", o.tag()),
         ms(pct(&r.lat_us, 0.99)),
         "ms",
         "< 20 ms",
@@ -357,26 +364,26 @@ pub(crate) async fn same_node_latency(t: &mut Table, o: &Opts) -> Result<()> {
                 admin: node.admin_url(),
             };
             (
-                live_latency(&tg, &tg, o.rate, o.secs, false).await?,
+                live_latency(o, &tg, &tg, o.rate, o.secs, false).await?,
                 "a mailroom child process",
             )
         } else {
             let c = start_cluster(o, 1, false).await?;
             let tg = Target::of(&c.nodes[0]);
             (
-                live_latency(&tg, &tg, o.rate, o.secs, false).await?,
+                live_latency(o, &tg, &tg, o.rate, o.secs, false).await?,
                 "one in-process node",
             )
         };
         t.add(
-            &format!("same-node live delivery latency p50, {backend}"),
+            &format!("same-node live delivery latency p50, {backend}{}", o.tag()),
             ms(pct(&r.lat_us, 0.50)),
             "ms",
             "",
             format!("baseline for the cluster hop: {what}, POSTs to the socket's own node"),
         );
         t.add(
-            &format!("same-node live delivery latency p99, {backend}"),
+            &format!("same-node live delivery latency p99, {backend}{}", o.tag()),
             ms(pct(&r.lat_us, 0.99)),
             "ms",
             "",
@@ -401,6 +408,7 @@ pub(crate) async fn sweep_latency(t: &mut Table, o: &Opts) -> Result<()> {
     let c = start_cluster(o, 2, true).await?;
     let sweep = Config::single_node_default().delivery.sweep_interval_ms;
     let r = live_latency(
+        o,
         &Target::of(&c.nodes[0]),
         &Target::of(&c.nodes[1]),
         o.sweep_rate,
@@ -418,14 +426,14 @@ pub(crate) async fn sweep_latency(t: &mut Table, o: &Opts) -> Result<()> {
         ms(r.lat_us.last().copied().unwrap_or(0)),
     );
     t.add(
-        "sweep-bound delivery latency p50 (no notifications)",
+        &format!("sweep-bound delivery latency p50 (no notifications){}", o.tag()),
         ms(pct(&r.lat_us, 0.50)),
         "ms",
         "",
         "POST 2xx on n2 -> delivery on n1's socket, found by n1's sweep".into(),
     );
     t.add(
-        "sweep-bound delivery latency p99 (no notifications)",
+        &format!("sweep-bound delivery latency p99 (no notifications){}", o.tag()),
         ms(pct(&r.lat_us, 0.99)),
         "ms",
         &format!("<= {sweep} ms"),

@@ -3,7 +3,6 @@
 use crate::{client::*, nodes::*, report::*, Opts};
 use anyhow::{bail, Context, Result};
 use mailroom::client::WsEvent;
-use serde_json::json;
 use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -14,12 +13,13 @@ use std::time::{Duration, Instant};
 
 pub(crate) async fn live_throughput(t: &mut Table, o: &Opts) -> Result<()> {
     let node = ChildNode::start(None).await?;
-    let mut wallets = onboard(&node.public_url(), 1).await?;
+    let mut wallets = onboard_wallets(o.didcomm, &node.public_url(), &node.ws_url(), 1).await?;
     let w = wallets.pop().context("wallet")?;
     let n = o.live_msgs;
-    let (envs, _) = build_forwards(&[(w.key.clone(), w.routing.clone())], n, "live")?;
+    let to = w.recipient();
+    let (envs, _) = build_forwards(std::slice::from_ref(&to), n, "live", o.v2_pack)?;
     let host = node.public.to_string();
-    let reqs: Rc<Vec<Vec<u8>>> = Rc::new(envs.iter().map(|e| build_request(&host, "/", e)).collect());
+    let reqs: Rc<Vec<Vec<u8>>> = Rc::new(envs.iter().map(|e| to.request(&host, e)).collect());
     let next = Rc::new(Cell::new(0usize));
     let mut tasks = Vec::new();
     for _ in 0..16 {
@@ -53,7 +53,7 @@ pub(crate) async fn live_throughput(t: &mut Table, o: &Opts) -> Result<()> {
 
     // Live mode on: time until every message is delivered, and until every one is acked.
     let t0 = Instant::now();
-    let mut ws = live_socket(&w.agent, &node.ws_url()).await?;
+    let mut ws = w.live_socket(&node.ws_url()).await?;
     let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, usize)>();
     let acker = {
         let addr = node.public;
@@ -84,17 +84,14 @@ pub(crate) async fn live_throughput(t: &mut Table, o: &Opts) -> Result<()> {
             WsEvent::Envelope(e) => e,
             WsEvent::Closed(r) => bail!("socket closed: {r:?}"),
         };
-        let (msg, _) = w.agent.unpack(&env)?;
-        if type_name(&msg) != "delivery" {
+        let Some(opened) = w.delivery(&env, false) else {
             continue;
-        }
+        };
         frames += 1;
-        let ids = delivery_ids(&msg);
+        let ids: Vec<String> = opened.into_iter().map(|(id, _)| id).collect();
         delivered += ids.len();
-        let ack = w
-            .agent
-            .pack(&pickup("messages-received", json!({ "message_id_list": ids })))?;
-        let _ = ack_tx.send((build_request(&host, "/", &ack), ids.len()));
+        let k = ids.len();
+        let _ = ack_tx.send((w.ack_request(&host, ids)?, k));
     }
     let t_delivered = t0.elapsed();
     drop(ack_tx);
@@ -103,7 +100,7 @@ pub(crate) async fn live_throughput(t: &mut Table, o: &Opts) -> Result<()> {
     let left = wait_for("queue empty", Duration::from_secs(10), || queued(&admin)).await?;
     ws.close().await;
     t.add(
-        "live-mode delivery to one wallet",
+        &format!("live-mode delivery to one wallet{}", o.tag()),
         format!("{:.0}", n as f64 / t_acked.as_secs_f64()),
         "msg/s",
         "",

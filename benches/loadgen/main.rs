@@ -17,6 +17,15 @@
 //!   wallet draining LOADGEN_BACKLOG (10,000) queued messages, and live delivery to
 //!   LOADGEN_FANOUT_WALLETS (100) wallets (peer_delivery.rs).
 //!
+//! DIDComm version (LOADGEN_DIDCOMM=v1|v2, default v1): `sled`, `pg`, `cluster`, `samenode`,
+//! `sweep` and `live` run with v1 wallets (didexchange, mediation 1.0, pickup 2.0) and v1
+//! forwards, or with v2 wallets (out-of-band 2.0, coordinate-mediation 3.0, pickup 3.0) and
+//! routing 2.0 forwards packed as LOADGEN_V2_PACK says (A256GCM, A256CBC-HS512, XC20P: anoncrypt
+//! with that content encryption; AUTHCRYPT: 1PU from the sender's DID; default A256GCM, what
+//! `V2Sender` sends). Rows then carry a "(v2)" suffix. `crypto` measures both versions' floors
+//! (every v2 packing) whatever the knob says; `sessions` and `peer` are v1 only (skipped on v2). Envelopes are
+//! packed before the timed window for either version.
+//!
 //! Knobs (environment): LOADGEN_ONLY (comma list of sections), LOADGEN_SECS (10),
 //! LOADGEN_WARMUP_MS (1000), LOADGEN_SENDERS (64), LOADGEN_ENVELOPES (60000),
 //! LOADGEN_WALLETS (16), LOADGEN_RATE (200), LOADGEN_SWEEP_RATE (50), LOADGEN_SESSIONS (5000),
@@ -46,8 +55,17 @@ use std::time::Instant;
 // Options and the result table
 // ---------------------------------------------------------------------------------------------
 
+/// The DIDComm version the load speaks (LOADGEN_DIDCOMM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Didcomm {
+    V1,
+    V2,
+}
+
 #[derive(Clone)]
 pub(crate) struct Opts {
+    pub(crate) didcomm: Didcomm,
+    pub(crate) v2_pack: crate::client::V2Pack,
     pub(crate) only: Option<Vec<String>>,
     pub(crate) secs: u64,
     pub(crate) warmup_ms: u64,
@@ -71,7 +89,26 @@ pub(crate) fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 impl Opts {
     pub(crate) fn from_env() -> Opts {
+        let bad = |what: String| -> ! {
+            eprintln!("loadgen: {what}");
+            std::process::exit(64)
+        };
+        let didcomm = match std::env::var("LOADGEN_DIDCOMM").unwrap_or_default().trim() {
+            "" | "v1" => Didcomm::V1,
+            "v2" => Didcomm::V2,
+            other => bad(format!("LOADGEN_DIDCOMM={other}: use v1 or v2")),
+        };
+        let v2_pack = match std::env::var("LOADGEN_V2_PACK") {
+            Ok(p) if !p.trim().is_empty() => crate::client::V2Pack::parse(p.trim()).unwrap_or_else(|| {
+                bad(format!(
+                    "LOADGEN_V2_PACK={p}: use A256GCM, A256CBC-HS512, XC20P or AUTHCRYPT"
+                ))
+            }),
+            _ => crate::client::V2Pack::Anon(mailroom::didcomm::v2::jwe::Enc::A256Gcm),
+        };
         Opts {
+            didcomm,
+            v2_pack,
             only: std::env::var("LOADGEN_ONLY")
                 .ok()
                 .filter(|s| !s.trim().is_empty())
@@ -88,6 +125,14 @@ impl Opts {
             pg_admin: std::env::var("LOADGEN_PG")
                 .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into()),
             md: std::env::var("LOADGEN_MD").ok().filter(|s| !s.is_empty()),
+        }
+    }
+
+    /// The suffix of a row measured on this DIDComm version ("" for v1).
+    pub(crate) fn tag(&self) -> &'static str {
+        match self.didcomm {
+            Didcomm::V1 => "",
+            Didcomm::V2 => " (v2)",
         }
     }
 
@@ -124,7 +169,7 @@ pub(crate) fn main() {
         let mut floor = None;
         if o.wants("crypto") {
             eprintln!("[crypto] unpack floor");
-            match crypto_floor(&mut t) {
+            match crypto_floor(&mut t, &o) {
                 Ok(us) => floor = Some(us),
                 Err(e) => t.failed("crypto", &e),
             }
@@ -166,7 +211,9 @@ pub(crate) fn main() {
             }
         }
         // Not in the default run: it needs a mediator started outside (scripts/bench.sh peers).
-        if o.only.as_ref().is_some_and(|v| v.iter().any(|s| s == "peer")) {
+        if o.didcomm == Didcomm::V2 && (o.wants("sessions") || o.wants("peer")) {
+            eprintln!("[sessions, peer] v1 only: skipped with LOADGEN_DIDCOMM=v2");
+        } else if o.only.as_ref().is_some_and(|v| v.iter().any(|s| s == "peer")) {
             eprintln!("[peer] ingest against a mediator from its invitation URL");
             if let Err(e) = peer_forwards(&mut t, &o).await {
                 t.failed("peer", &e);
@@ -184,7 +231,7 @@ pub(crate) fn main() {
                 t.failed("peer-fanout", &e);
             }
         }
-        if o.wants("sessions") {
+        if o.wants("sessions") && o.didcomm == Didcomm::V1 {
             eprintln!("[sessions] idle WebSocket sessions");
             if let Err(e) = sessions_memory(&mut t, &o).await {
                 t.failed("sessions", &e);
@@ -192,14 +239,23 @@ pub(crate) fn main() {
         }
     });
     println!(
-        "mailroom loadgen, {} ({:.0} s); machine: {machine_before}; {} build; load generator and nodes share the cores",
+        "mailroom loadgen, {} ({:.0} s); DIDComm {}; machine: {machine_before}; {} build; load generator and nodes share the cores",
         date.trim(),
         started.elapsed().as_secs_f64(),
+        match o.didcomm {
+            Didcomm::V1 => "v1".to_string(),
+            Didcomm::V2 => format!("v2, forwards {}", o.v2_pack.label()),
+        },
         if cfg!(debug_assertions) { "debug" } else { "release" }
     );
     t.print();
     if let Some(path) = &o.md {
-        let md = format!("Run {}; machine: {machine_before}.\n\n{}", date.trim(), t.markdown());
+        let md = format!(
+            "Run {}; DIDComm {:?}; machine: {machine_before}.\n\n{}",
+            date.trim(),
+            o.didcomm,
+            t.markdown()
+        );
         if let Err(e) = std::fs::write(path, md) {
             eprintln!("loadgen: cannot write {path}: {e}");
         }

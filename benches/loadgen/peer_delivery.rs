@@ -15,7 +15,9 @@
 //! Both take the mediator from LOADGEN_PEER_URL / LOADGEN_PEER_NAME / LOADGEN_PEER_PID (as
 //! `peer`) and LOADGEN_PEER_WS (its ws URL when the invitation names none). Each message is counted once by content, so a duplicate is reported, not counted.
 
-use crate::client::{build_forwards, build_request, onboard_any, pickup, type_name, RawConn, Wallet};
+use crate::client::{
+    build_forwards, build_request, onboard_any, pickup, type_name, RawConn, Recipient, V2Pack, Wallet,
+};
 use crate::report::{ms, pct, Table};
 use crate::{env_num, Opts};
 use anyhow::{anyhow, bail, Context, Result};
@@ -216,7 +218,15 @@ pub(crate) async fn peer_backlog(t: &mut Table, o: &Opts) -> Result<()> {
     eprintln!("[peer-backlog {name}] {}; queueing {n} forwards", flavour.label());
     let (addr, host, path) = socket_addr(&endpoint)?;
     let prefix = format!("backlog-{name}");
-    let (envs, _) = build_forwards(&[(w.key.clone(), w.routing.clone())], n, &prefix)?;
+    let (envs, _) = build_forwards(
+        &[Recipient::V1 {
+            key: w.key.clone(),
+            routing: w.routing.clone(),
+        }],
+        n,
+        &prefix,
+        V2Pack::Anon(mailroom::didcomm::v2::jwe::Enc::A256Gcm),
+    )?;
     let reqs = Rc::new(envs.iter().map(|e| build_request(&host, &path, e)).collect::<Vec<_>>());
     drop(envs);
     let t_fill = Instant::now();
@@ -342,8 +352,19 @@ pub(crate) async fn peer_fanout(t: &mut Table, o: &Opts) -> Result<()> {
     let (flavour, _) = probe_flavour(&wallets[0]).await;
     let (addr, host, path) = socket_addr(&endpoint)?;
     let prefix = format!("fan-{name}");
-    let targets: Vec<(String, Vec<String>)> = wallets.iter().map(|w| (w.key.clone(), w.routing.clone())).collect();
-    let (envs, _) = build_forwards(&targets, n, &prefix)?;
+    let targets: Vec<Recipient> = wallets
+        .iter()
+        .map(|w| Recipient::V1 {
+            key: w.key.clone(),
+            routing: w.routing.clone(),
+        })
+        .collect();
+    let (envs, _) = build_forwards(
+        &targets,
+        n,
+        &prefix,
+        V2Pack::Anon(mailroom::didcomm::v2::jwe::Enc::A256Gcm),
+    )?;
     let reqs = Rc::new(envs.iter().map(|e| build_request(&host, &path, e)).collect::<Vec<_>>());
     drop(envs);
     // Message i goes to wallet i % nw (build_forwards spreads round-robin).

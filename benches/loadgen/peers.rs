@@ -6,7 +6,7 @@
 //! LOADGEN_PEER_NAME (label, default `peer`), LOADGEN_PEER_PID (the mediator's process, for its
 //! CPU; optional).
 
-use crate::client::{build_forwards, build_request, onboard_any};
+use crate::client::{build_forwards, build_request, onboard_any, Recipient};
 use crate::ingest::forward_load;
 use crate::report::{ms, pct, Table};
 use crate::Opts;
@@ -36,9 +36,15 @@ pub(crate) async fn peer_forwards(t: &mut Table, o: &Opts) -> Result<()> {
         .to_socket_addrs()?
         .next()
         .with_context(|| format!("{host} does not resolve"))?;
-    let targets: Vec<(String, Vec<String>)> = wallets.iter().map(|w| (w.key.clone(), w.routing.clone())).collect();
+    let targets: Vec<Recipient> = wallets
+        .iter()
+        .map(|w| Recipient::V1 {
+            key: w.key.clone(),
+            routing: w.routing.clone(),
+        })
+        .collect();
     eprintln!("[peer {name}] building {} forward envelopes", o.envelopes);
-    let (envs, _) = build_forwards(&targets, o.envelopes, &format!("load-{name}"))?;
+    let (envs, _) = build_forwards(&targets, o.envelopes, &format!("load-{name}"), o.v2_pack)?;
     let env_len = envs.iter().map(|e| e.len()).sum::<usize>() / envs.len();
     let reqs: Arc<Vec<Vec<u8>>> = Arc::new(envs.iter().map(|e| build_request(&host, ep.path(), e)).collect());
     drop(envs);

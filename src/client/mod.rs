@@ -4,8 +4,11 @@
 //! Used by the integration tests and the load generator; it shares the envelope code with
 //! the mediator, and is checked against real Credo and ACA-Py peers by the interop suite.
 
+pub mod any;
 pub mod status;
 pub mod v2;
+
+pub use any::{onboard_any, Onboarded};
 
 use crate::didcomm::keys::{normalize_verkey, KeyPair};
 use crate::didcomm::message::new_id;

@@ -385,7 +385,11 @@ pub struct V2Socket {
 pub struct V2Sender {
     pub did: String,
     agreement: Key,
+    /// Content encryption of the anoncrypted forward (the inner message is always authcrypt).
     pub enc: Enc,
+    /// Authcrypt the forward itself (1PU from our DID, A256CBC-HS512) instead of anoncrypt:
+    /// the mediator accepts both (routing 2.0 needs no authenticated sender).
+    pub authcrypt_forward: bool,
     timeout: Duration,
 }
 
@@ -401,6 +405,7 @@ impl V2Sender {
             did,
             agreement,
             enc: Enc::A256Gcm,
+            authcrypt_forward: false,
             timeout: Duration::from_secs(20),
         })
     }
@@ -443,16 +448,20 @@ impl V2Sender {
             "body": { "next": to },
             "attachments": [{ "id": new_id(), "media_type": TYP_ENCRYPTED, "data": { "json": serde_json::from_slice::<Value>(&inner)? } }],
         });
-        let outer = jwe::pack(
-            &serde_json::to_vec(&fwd)?,
-            &mediator.keys()?,
-            None,
-            Dialect {
-                alg: Alg::EcdhEsA256Kw,
-                enc: self.enc,
-                tag_in_kdf: false,
-            },
-        )?;
+        let kid = format!("{}#key-1", self.did);
+        let (sender, dialect) = if self.authcrypt_forward {
+            (Some((kid.as_str(), &self.agreement)), Dialect::AUTHCRYPT)
+        } else {
+            (
+                None,
+                Dialect {
+                    alg: Alg::EcdhEsA256Kw,
+                    enc: self.enc,
+                    tag_in_kdf: false,
+                },
+            )
+        };
+        let outer = jwe::pack(&serde_json::to_vec(&fwd)?, &mediator.keys()?, sender, dialect)?;
         Ok((mediator.http, outer))
     }
 

@@ -18,7 +18,7 @@ mod malformed;
 mod onboarding;
 mod pickup;
 mod target;
-mod wallet;
+pub(crate) mod wallet;
 
 pub use target::{Target, TargetError};
 

@@ -333,31 +333,19 @@ pub fn update_result(updated: &[Value], key: &str) -> Option<String> {
 }
 
 impl Wallet {
-    /// A new wallet: handshake, mediation, one recipient key registered.
+    /// A new wallet: handshake, mediation, one recipient key registered
+    /// ([`client::onboard_any`]).
     pub async fn onboard(t: &Target) -> anyhow::Result<Wallet> {
-        let hs = t
-            .handshake
-            .or_else(|| t.handshakes.first().copied())
-            .context("the invitation offers no handshake the probe speaks")?;
-        let c = connect(t, hs).await?;
-        Self::mediated(c.agent, t.timeout).await
+        Ok(Self::from_onboarded(client::onboard_any(t).await?, t.timeout))
     }
 
-    /// Mediation and one registered key for a connected agent.
-    pub async fn mediated(mut agent: Agent, timeout: Duration) -> anyhow::Result<Wallet> {
-        let grant = mediate(&agent).await?;
-        let key = agent.new_recipient_key();
-        let updated = keylist_update(&agent, &[key.did_key()], &[]).await?;
-        match update_result(&updated, &key.verkey()).as_deref() {
-            Some("success") => {}
-            other => bail!("keylist-update add: result {other:?} in {updated:?}"),
-        }
-        Ok(Wallet {
-            agent,
-            grant,
-            key,
+    fn from_onboarded(o: client::Onboarded, timeout: Duration) -> Wallet {
+        Wallet {
+            agent: o.agent,
+            grant: o.grant,
+            key: o.key,
             timeout,
-        })
+        }
     }
 
     /// Where senders post forwards: the grant's endpoint, else the one we talk to.

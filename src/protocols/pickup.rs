@@ -5,7 +5,7 @@
 //! 1.0 batches have no acknowledgement and are deleted when handed out.
 
 use super::{now_ms, problem, rfc3339_ms, HandleError, Inbound, Mediator, Outcome, TransportKind};
-use crate::store::{Connection, MediationState, QueuedMessage};
+use crate::store::{Connection, MediationState, QueueStats, QueuedMessage};
 use serde_json::{json, Value};
 
 /// Most messages one delivery or batch carries, whatever the client asks for.
@@ -52,11 +52,7 @@ fn recipient_filter(ctx: &Inbound) -> Result<Option<String>, HandleError> {
 
 /// A pickup 2.0 `status` for `conn` (for the `recipient_key` it names, if any).
 pub async fn status(m: &Mediator, ctx: &Inbound, conn: &Connection, live: Option<bool>) -> Result<Value, HandleError> {
-    let now = now_ms();
-    let stats = match recipient_filter(ctx)? {
-        Some(k) => m.store.queue_stats_for_key(&conn.id, &k, now).await?,
-        None => m.store.queue_stats(&conn.id, now).await?,
-    };
+    let stats = queue_stats(m, conn, recipient_filter(ctx)?.as_deref()).await?;
     let mut s = ctx.reply("status");
     s["message_count"] = json!(stats.pending);
     if let Some(o) = stats.oldest_received_ms {
@@ -99,37 +95,18 @@ pub fn external_id(id: i64) -> String {
 }
 
 fn attachment(q: &QueuedMessage) -> Value {
-    let data = match serde_json::from_slice::<Value>(&q.payload) {
-        Ok(v) => json!({ "json": v }),
-        Err(_) => {
-            json!({ "base64": base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &q.payload) })
-        }
-    };
-    json!({ "@id": external_id(q.id), "lastmod_time": rfc3339_ms(q.received_at_ms), "data": data })
+    json!({ "@id": external_id(q.id), "lastmod_time": rfc3339_ms(q.received_at_ms), "data": attachment_data(&q.payload, false) })
 }
 
-/// Leases up to `field` (the client's limit, capped at [`MAX_BATCH`]) messages to the
-/// transport's owner.
+/// Leases the messages the request asks for (`field`: its count) to the transport's owner.
 async fn lease_requested(
     m: &Mediator,
     ctx: &Inbound,
     conn: &Connection,
     field: &str,
 ) -> Result<Vec<QueuedMessage>, HandleError> {
-    let n = ctx.msg[field]
-        .as_u64()
-        .unwrap_or(m.batch_size as u64)
-        .clamp(1, MAX_BATCH as u64) as usize;
-    let now = now_ms();
-    let until = now + m.lease_ms;
-    Ok(match recipient_filter(ctx)? {
-        Some(k) => {
-            m.store
-                .lease_for_key(&conn.id, &k, n, &ctx.lease_owner, now, until)
-                .await?
-        }
-        None => m.store.lease(&conn.id, n, &ctx.lease_owner, now, until).await?,
-    })
+    let filter = recipient_filter(ctx)?;
+    lease_batch(m, conn, ctx.msg[field].as_u64(), filter.as_deref(), &ctx.lease_owner).await
 }
 
 async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
@@ -148,30 +125,10 @@ async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Res
 }
 
 async fn messages_received(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
-    let ids: Vec<i64> = ctx.msg["message_id_list"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str().and_then(|s| s.parse().ok()).or_else(|| v.as_i64()))
-        .take(10 * MAX_BATCH)
-        .collect();
-    let leases = if ids.is_empty() {
-        Vec::new()
-    } else {
-        m.store.ack_leased(&conn.id, &ids).await?
-    };
-    // Delivered when leased: lease deadline minus the lease length.
-    let now = now_ms();
-    let ack_lags_ms = leases
-        .iter()
-        .filter(|l| **l > 0)
-        .map(|l| (now - (l - m.lease_ms)).max(0))
-        .collect();
+    let acked = ack_received(m, conn, &ctx.msg["message_id_list"]).await?;
     Ok(Outcome {
         replies: vec![status(m, ctx, conn, None).await?],
-        acked: leases.len() as u64,
-        ack_lags_ms,
-        ..Outcome::default()
+        ..acked
     })
 }
 
@@ -217,6 +174,87 @@ async fn batch_pickup(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<
     );
     Ok(Outcome {
         replies: vec![batch],
+        ..Outcome::default()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The queue side of pickup, shared by 2.0 (here) and 3.0 (`v2::pickup`): the versions differ
+// only in the shapes of their messages, not in what they do to the queue.
+// ---------------------------------------------------------------------------------------------
+
+/// A queued payload as an attachment's `data`: `json` when it parses (as a JSON object only,
+/// with `objects_only`: v2's attachments), else unpadded base64url.
+pub(crate) fn attachment_data(payload: &[u8], objects_only: bool) -> Value {
+    match serde_json::from_slice::<Value>(payload) {
+        Ok(v) if v.is_object() || !objects_only => json!({ "json": v }),
+        _ => json!({ "base64": crate::didcomm::b64::encode(payload) }),
+    }
+}
+
+/// The queue's figures for `conn`, narrowed to one recipient (a base58 key or a DID, as the
+/// queue stores it) when the request names one.
+pub(crate) async fn queue_stats(
+    m: &Mediator,
+    conn: &Connection,
+    filter: Option<&str>,
+) -> Result<QueueStats, HandleError> {
+    let now = now_ms();
+    Ok(match filter {
+        Some(k) => m.store.queue_stats_for_key(&conn.id, k, now).await?,
+        None => m.store.queue_stats(&conn.id, now).await?,
+    })
+}
+
+/// Leases up to `limit` messages (the client's number, else the configured batch size;
+/// capped at [`MAX_BATCH`]) to the transport's owner; with a filter only that recipient's
+/// messages are leased: the others are neither touched nor counted as attempts.
+pub(crate) async fn lease_batch(
+    m: &Mediator,
+    conn: &Connection,
+    limit: Option<u64>,
+    filter: Option<&str>,
+    owner: &str,
+) -> Result<Vec<QueuedMessage>, HandleError> {
+    let n = limit.unwrap_or(m.batch_size as u64).clamp(1, MAX_BATCH as u64) as usize;
+    let now = now_ms();
+    let until = now + m.lease_ms;
+    Ok(match filter {
+        Some(k) => m.store.lease_for_key(&conn.id, k, n, owner, now, until).await?,
+        None => m.store.lease(&conn.id, n, owner, now, until).await?,
+    })
+}
+
+/// messages-received: deletes the messages of `message_id_list` (queue ids as strings or
+/// numbers, at most 10 x [`MAX_BATCH`]) leased on `conn`. Returns the [`Outcome`] fields it
+/// fills: how many were acknowledged, and each one's delivery -> acknowledgement lag.
+pub(crate) async fn ack_received(
+    m: &Mediator,
+    conn: &Connection,
+    message_id_list: &Value,
+) -> Result<Outcome, HandleError> {
+    let ids: Vec<i64> = message_id_list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().and_then(|s| s.parse().ok()).or_else(|| v.as_i64()))
+        .take(10 * MAX_BATCH)
+        .collect();
+    let leases = if ids.is_empty() {
+        Vec::new()
+    } else {
+        m.store.ack_leased(&conn.id, &ids).await?
+    };
+    // Delivered when leased: lease deadline minus the lease length.
+    let now = now_ms();
+    let ack_lags_ms = leases
+        .iter()
+        .filter(|l| **l > 0)
+        .map(|l| (now - (l - m.lease_ms)).max(0))
+        .collect();
+    Ok(Outcome {
+        acked: leases.len() as u64,
+        ack_lags_ms,
         ..Outcome::default()
     })
 }

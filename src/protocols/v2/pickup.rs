@@ -5,7 +5,7 @@
 //! `recipient_did` narrows a delivery to messages forwarded for that DID.
 
 use super::Inbound;
-use crate::protocols::pickup::{external_id, MAX_BATCH};
+use crate::protocols::pickup::{ack_received, attachment_data, external_id, lease_batch, queue_stats};
 use crate::protocols::{now_ms, HandleError, Mediator, Outcome, TransportKind};
 use crate::store::{Connection, MediationState, QueuedMessage};
 use serde_json::{json, Value};
@@ -40,12 +40,8 @@ fn recipient_filter(ctx: &Inbound) -> Result<Option<String>, HandleError> {
 }
 
 async fn status(m: &Mediator, ctx: &Inbound, conn: &Connection, live: Option<bool>) -> Result<Value, HandleError> {
-    let now = now_ms();
     let filter = recipient_filter(ctx)?;
-    let stats = match &filter {
-        Some(f) => m.store.queue_stats_for_key(&conn.id, f, now).await?,
-        None => m.store.queue_stats(&conn.id, now).await?,
-    };
+    let stats = queue_stats(m, conn, filter.as_deref()).await?;
     let mut body = json!({ "message_count": stats.pending });
     if let Some(o) = stats.oldest_received_ms {
         body["oldest_received_time"] = json!(o / 1000);
@@ -60,11 +56,7 @@ async fn status(m: &Mediator, ctx: &Inbound, conn: &Connection, live: Option<boo
 }
 
 fn attachment(q: &QueuedMessage) -> Value {
-    let data = match serde_json::from_slice::<Value>(&q.payload) {
-        Ok(v) if v.is_object() => json!({ "json": v }),
-        _ => json!({ "base64": crate::didcomm::b64::encode(&q.payload) }),
-    };
-    json!({ "id": external_id(q.id), "media_type": crate::didcomm::v2::TYP_ENCRYPTED, "data": data })
+    json!({ "id": external_id(q.id), "media_type": crate::didcomm::v2::TYP_ENCRYPTED, "data": attachment_data(&q.payload, true) })
 }
 
 /// A standalone `delivery` pushed in live mode.
@@ -84,23 +76,15 @@ pub fn live_delivery(m: &Mediator, conn: &Connection, msgs: &[QueuedMessage]) ->
 }
 
 async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
-    let limit = ctx.msg["body"]["limit"]
-        .as_u64()
-        .unwrap_or(m.batch_size as u64)
-        .clamp(1, MAX_BATCH as u64) as usize;
     let filter = recipient_filter(ctx)?;
-    let now = now_ms();
-    let until = now + m.lease_ms;
-    let msgs = match &filter {
-        // Only that DID's messages are leased: the others are neither touched nor counted as
-        // attempts, however many come first.
-        Some(f) => {
-            m.store
-                .lease_for_key(&conn.id, f, limit, &ctx.lease_owner, now, until)
-                .await?
-        }
-        None => m.store.lease(&conn.id, limit, &ctx.lease_owner, now, until).await?,
-    };
+    let msgs = lease_batch(
+        m,
+        conn,
+        ctx.msg["body"]["limit"].as_u64(),
+        filter.as_deref(),
+        &ctx.lease_owner,
+    )
+    .await?;
     if msgs.is_empty() {
         return Ok(Outcome {
             replies: vec![status(m, ctx, conn, None).await?],
@@ -121,29 +105,10 @@ async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Res
 }
 
 async fn messages_received(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
-    let ids: Vec<i64> = ctx.msg["body"]["message_id_list"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str().and_then(|s| s.parse().ok()).or_else(|| v.as_i64()))
-        .take(10 * MAX_BATCH)
-        .collect();
-    let leases = if ids.is_empty() {
-        Vec::new()
-    } else {
-        m.store.ack_leased(&conn.id, &ids).await?
-    };
-    let now = now_ms();
-    let ack_lags_ms = leases
-        .iter()
-        .filter(|l| **l > 0)
-        .map(|l| (now - (l - m.lease_ms)).max(0))
-        .collect();
+    let acked = ack_received(m, conn, &ctx.msg["body"]["message_id_list"]).await?;
     Ok(Outcome {
         replies: vec![status(m, ctx, conn, None).await?],
-        acked: leases.len() as u64,
-        ack_lags_ms,
-        ..Outcome::default()
+        ..acked
     })
 }
 
