@@ -26,8 +26,8 @@ scripts/interop-runner-check.sh
 # corpus (scripts/fuzz.sh, docs/FUZZING.md); fails on any crash, panic, hang or memory blow-up
 # and keeps the input in fuzz/artifacts/. ~3.5 min warm. Installs cargo-fuzz when missing; the
 # build lives in ~/.cache/mailroom/fuzz-target: cold, it is ~10.5 min of CPU (6 min wall on an
-# idle 2-core box, up to 15 under load), then a new checkout only rebuilds mailroom and the
-# targets (~2-3 min).
+# idle 2-core box, 72 min at load 14-19), then a new checkout only rebuilds mailroom and the
+# targets (not yet timed).
 if [ "${MAILROOM_SKIP_FUZZ:-}" = "1" ]; then
   echo "fuzz: SKIPPED (MAILROOM_SKIP_FUZZ=1): no fuzz run; this is not a full run"
 else
