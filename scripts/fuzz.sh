@@ -20,7 +20,7 @@
 # whole dependency tree with coverage instrumentation: ~10.5 min of CPU (about 6 min wall on an
 # idle 2-core box, 15 min at load 5-8). Warm, only what changed is rebuilt; another checkout
 # changes the fingerprint of `mailroom` (its absolute path is hashed in), so switching
-# checkouts rebuilds `mailroom` and the nine targets (~2-3 min), never the dependencies.
+# checkouts rebuilds `mailroom` and the nine targets (not yet timed), never the dependencies.
 # Checkouts share the directory under a lock (flock) held from the build until the binaries
 # are copied out, so each runs its own build even when two run at once.
 set -euo pipefail
