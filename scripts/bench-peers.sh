@@ -59,8 +59,11 @@ for peer in ${PEERS//,/ }; do
     if [ "$peer" = mailroom ]; then n=$(( (LOADGEN_SECS + 2) * 12000 )); else n=$(( (LOADGEN_SECS + 2) * 1500 )); fi
     [ "$n" -gt 1000000 ] && n=1000000
     if [ "$peer" = mailroom ]; then fan=$(( LOADGEN_SECS * 8000 )); else fan=$(( LOADGEN_SECS * 300 )); fi
+    ws=$MED_WS
+    # mailroom's default invitation names one (HTTP) service; its WebSocket is the same port.
+    if [ -z "$ws" ] && [ "$peer" = mailroom ]; then ws=$(printf '%s' "${MED_URL%/invitation}" | sed 's#^http#ws#'); fi
     set +e
-    LOADGEN_ONLY=$section LOADGEN_PEER_NAME=$peer LOADGEN_PEER_URL=$MED_URL LOADGEN_PEER_PID=$MED_PID LOADGEN_PEER_WS=$MED_WS \
+    LOADGEN_ONLY=$section LOADGEN_PEER_NAME=$peer LOADGEN_PEER_URL=$MED_URL LOADGEN_PEER_PID=$MED_PID LOADGEN_PEER_WS=$ws \
       LOADGEN_ENVELOPES=${LOADGEN_ENVELOPES:-$n} LOADGEN_FANOUT_MSGS=${LOADGEN_FANOUT_MSGS:-$fan} \
       cargo bench --locked --bench loadgen 2>"$WORK/$peer.$sc.err" | tee "$WORK/$peer.$sc.out"
     rc=${PIPESTATUS[0]}
@@ -119,7 +122,9 @@ if any(t == "peer-backlog" for t, _ in res):
             print(f"| {p} | FAILED or not run | | | | | | |")
             continue
         rate = float(r["drained"]) / max(float(r["secs"]), 1e-6)
-        print(f"| {p} | {r['flavour']} | {r['queued']} | {r['drained']} | {float(r['secs']):.2f} | {rate:.0f} | {r['dups']} | {ratio('peer-backlog', p, 'secs', False)} |")
+        whole = r["drained"] == r["queued"]
+        rt = ratio('peer-backlog', p, 'secs', False) if whole else "not drained"
+        print(f"| {p} | {r['flavour']} | {r['queued']} | {r['drained']} | {float(r['secs']):.2f} | {rate:.0f} | {r['dups']} | {rt} |")
 if any(t == "peer-fanout" for t, _ in res):
     print()
     nw = next(r["wallets"] for (t, _), r in res.items() if t == "peer-fanout")
