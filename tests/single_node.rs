@@ -755,3 +755,56 @@ async fn pickup_recipient_key_filters_status_and_delivery() {
         .unwrap();
     assert_eq!(contents(&a, &d), vec!["one-a".to_string(), "one-b".to_string()]);
 }
+
+/// A forward whose `to` is a did:key (or a base58 key with a stray form) routes like its base58
+/// verkey: the node looks a base58 `to` up as written and decodes only the other forms.
+#[actix_rt::test]
+async fn forward_to_in_any_key_form_is_queued() {
+    use mailroom::didcomm::envelope;
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |_| {}).await;
+    let g = a.grant.clone().unwrap();
+    let sender = Sender::new();
+    let stranger = mailroom::didcomm::keys::KeyPair::generate();
+    let forward = |text: &str, to: &str| {
+        let inner = envelope::pack(
+            &serde_json::to_vec(&basic_message(text)).unwrap(),
+            &[k.verkey()],
+            Some(&sender.key),
+        )
+        .unwrap();
+        let fwd = json!({
+            "@type": envelope::FORWARD_TYPE,
+            "@id": mailroom::didcomm::message::new_id(),
+            "to": to,
+            "msg": serde_json::from_slice::<Value>(&inner).unwrap(),
+        });
+        envelope::pack(&serde_json::to_vec(&fwd).unwrap(), &g.routing_keys[..1], None).unwrap()
+    };
+    let ct = "application/didcomm-envelope-enc";
+    let url = n.public_url();
+    let (st, body) = post_raw(&url, ct, forward("as did:key", &k.did_key())).await;
+    assert_eq!(st, 202, "did:key to: {body}");
+    let (st, body) = post_raw(&url, ct, forward("as base58", &k.verkey())).await;
+    assert_eq!(st, 202, "base58 to: {body}");
+    let (st, _) = post_raw(&url, ct, forward("lost", &stranger.did_key())).await;
+    assert_eq!(st, 404, "unknown did:key to");
+    let (st, _) = post_raw(&url, ct, forward("lost", &stranger.verkey())).await;
+    assert_eq!(st, 404, "unknown base58 to");
+    // Base58 of 32 bytes that are not an Ed25519 point: refused as before, not looked up as is.
+    let off_curve = (1u8..=255)
+        .map(|b| bs58::encode([b; 32]).into_string())
+        .find(|s| mailroom::didcomm::keys::parse_verkey(s).is_err())
+        .expect("some 32-byte pattern is off the curve");
+    let (st, body) = post_raw(&url, ct, forward("bad", &off_curve)).await;
+    assert_eq!(st, 400, "off-curve to: {body}");
+    assert_eq!(queue_depth(&n).await, 2);
+    let d = a
+        .request(&pickup("delivery-request", json!({"limit": 10})))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        contents(&a, &d),
+        vec!["as did:key".to_string(), "as base58".to_string()]
+    );
+}

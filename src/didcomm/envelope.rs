@@ -209,10 +209,19 @@ pub fn unpack(envelope: &[u8], find_key: &dyn Fn(&str) -> Option<KeyPair>) -> Re
     let (recipient, key) = recipients
         .iter()
         .find_map(|r| {
-            let vk = keys::normalize_verkey(&r.header.kid).ok()?;
+            // A `kid` written as one of our base58 verkeys is found as it is: decoding it (base58
+            // and an Ed25519 point decompression) is only needed for other forms of a key.
+            let kid = r.header.kid.as_str();
+            if let Some(key) = find_key(kid).filter(|k| k.verkey_str() == kid) {
+                return Some((r, key));
+            }
+            let vk = keys::normalize_verkey(kid).ok()?;
+            if vk == kid {
+                return None;
+            }
             let key = find_key(&vk)?;
             // Guard against a lookup that returns a different key than asked for.
-            (key.verkey() == vk).then_some((r, key))
+            (key.verkey_str() == vk).then_some((r, key))
         })
         .ok_or(EnvelopeError::NoMatchingKey)?;
 

@@ -29,12 +29,15 @@ pub enum KeyError {
     TooLong,
 }
 
-/// An Ed25519 key pair with its X25519 conversion.
+/// An Ed25519 key pair with its X25519 conversion and its base58 verkey (every unpack with a
+/// key compares and returns the verkey: encoding it each time was two base58 encodings per
+/// forward).
 #[derive(Clone)]
 pub struct KeyPair {
     ed: Ed25519KeyPair,
     x: X25519KeyPair,
     public: [u8; 32],
+    verkey: std::sync::Arc<str>,
 }
 
 impl KeyPair {
@@ -54,7 +57,8 @@ impl KeyPair {
         let ed = Ed25519KeyPair::from_secret_bytes(b).map_err(|_| KeyError::BadLength(b.len()))?;
         let public = ed.with_public_bytes(to_array32).unwrap_or([0; 32]);
         let x = ed.to_x25519_keypair();
-        Ok(Self { ed, x, public })
+        let verkey = verkey_to_base58(&public).into();
+        Ok(Self { ed, x, public, verkey })
     }
 
     pub fn secret_bytes(&self) -> [u8; 32] {
@@ -66,7 +70,12 @@ impl KeyPair {
     }
 
     pub fn verkey(&self) -> String {
-        verkey_to_base58(&self.public)
+        self.verkey.to_string()
+    }
+
+    /// The base58 verkey, borrowed.
+    pub fn verkey_str(&self) -> &str {
+        &self.verkey
     }
 
     pub fn did_key(&self) -> String {
