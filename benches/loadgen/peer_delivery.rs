@@ -66,7 +66,8 @@ async fn peer() -> Result<Peer> {
     Ok(Peer { name, target, pid })
 }
 
-fn socket_addr(endpoint: &str) -> Result<(SocketAddr, String, String)> {
+/// The endpoint URL's socket address, `host:port` and path (for raw HTTP/1.1 requests).
+pub(crate) fn socket_addr(endpoint: &str) -> Result<(SocketAddr, String, String)> {
     let ep = url::Url::parse(endpoint).with_context(|| format!("endpoint {endpoint}"))?;
     let host = format!(
         "{}:{}",

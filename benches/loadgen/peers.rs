@@ -12,7 +12,6 @@ use crate::report::{ms, pct, Table};
 use crate::Opts;
 use anyhow::{Context, Result};
 use mailroom::probe::Target;
-use std::net::ToSocketAddrs;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,16 +25,7 @@ pub(crate) async fn peer_forwards(t: &mut Table, o: &Opts) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     eprintln!("[peer {name}] onboarding {} wallets through {}", o.wallets, target.http);
     let (wallets, endpoint) = onboard_any(&target, o.wallets).await?;
-    let ep = url::Url::parse(&endpoint).with_context(|| format!("endpoint {endpoint}"))?;
-    let host = format!(
-        "{}:{}",
-        ep.host_str().context("endpoint without host")?,
-        ep.port_or_known_default().context("endpoint without port")?
-    );
-    let addr = host
-        .to_socket_addrs()?
-        .next()
-        .with_context(|| format!("{host} does not resolve"))?;
+    let (addr, host, path) = crate::peer_delivery::socket_addr(&endpoint)?;
     let targets: Vec<Recipient> = wallets
         .iter()
         .map(|w| Recipient::V1 {
@@ -46,7 +36,7 @@ pub(crate) async fn peer_forwards(t: &mut Table, o: &Opts) -> Result<()> {
     eprintln!("[peer {name}] building {} forward envelopes", o.envelopes);
     let (envs, _) = build_forwards(&targets, o.envelopes, &format!("load-{name}"), o.v2_pack)?;
     let env_len = envs.iter().map(|e| e.len()).sum::<usize>() / envs.len();
-    let reqs: Arc<Vec<Vec<u8>>> = Arc::new(envs.iter().map(|e| build_request(&host, ep.path(), e)).collect());
+    let reqs: Arc<Vec<Vec<u8>>> = Arc::new(envs.iter().map(|e| build_request(&host, &path, e)).collect());
     drop(envs);
     eprintln!(
         "[peer {name}] POST {endpoint}: {} senders, warm-up {} ms, window {} s",
