@@ -1,15 +1,18 @@
 //! Transports: the public listener's HTTP POST and WebSocket sessions, and outbound delivery
 //! to agents that have an HTTP endpoint of their own. The only module that knows
-//! actix-web-actors (in [`ws`]).
+//! actix-web-actors (in [`ws`], started by [`upgrade`]).
 //!
 //! [`Shared`] is what every transport needs: the mediator, the registry, the cluster handle,
 //! limits and metrics. Its [`Shared::queued`] decides how a newly queued message reaches its
 //! wallet: a local session, the owning node over the cluster, or the agent's own endpoint.
 
 pub mod http;
+pub mod listener;
 pub mod outbound;
+pub mod upgrade;
 pub mod watchdog;
 pub mod ws;
+pub mod wsio;
 
 use crate::cluster::{ClusterHandle, NotifyOutcome};
 use crate::config::Config;

@@ -8,16 +8,19 @@
 //! - otherwise (implicit pickup, `DirectDelivery`): the raw forwarded messages, deleted once
 //!   written to the socket.
 //!
+//! The handshake and the socket are not here: [`super::upgrade`] accepts the socket, and
+//! [`super::wsio`] reads its frames (the context's `StreamHandler`) and writes its output.
+//!
 //! Binary and text frames are accepted; replies are text frames. Heartbeats: a ping every
 //! `HEARTBEAT`, closed after `CLIENT_TIMEOUT` without a pong or frame.
 
+use super::upgrade::SocketSlot;
 use super::Shared;
 use crate::config::Strategy;
 use crate::protocols::{now_ms, pickup, Outcome, TransportKind};
 use crate::registry::{Close, Register, Superseded, Unregister, Wake};
 use crate::store::QueuedMessage;
 use actix::prelude::*;
-use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
 use bytes::{Bytes, BytesMut};
 use std::sync::atomic::Ordering;
@@ -28,48 +31,6 @@ const HEARTBEAT: Duration = Duration::from_secs(15);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Consecutive unreadable frames before the socket is closed (policy violation).
 const MAX_BAD_FRAMES: u32 = 20;
-
-pub async fn upgrade(req: HttpRequest, stream: web::Payload, shared: Arc<Shared>) -> HttpResponse {
-    if shared.draining.load(Ordering::Relaxed) {
-        return HttpResponse::ServiceUnavailable()
-            .json(serde_json::json!({"error": "shutting-down", "reason": "this node is shutting down: reconnect"}));
-    }
-    let max = shared.cfg.limits.max_sessions;
-    let Some(slot) = SocketSlot::take(&shared, max) else {
-        shared.metrics.rejected("session-limit", "unknown");
-        return HttpResponse::ServiceUnavailable().json(serde_json::json!({"error": "session-limit", "reason": format!("this node holds its limit of {max} sessions")}));
-    };
-    let frame = shared.cfg.limits.max_ws_frame_bytes;
-    let session = WsSession::new(shared, slot);
-    match ws::WsResponseBuilder::new(session, &req, stream)
-        .frame_size(frame)
-        .start()
-    {
-        Ok(r) => r,
-        Err(e) => HttpResponse::BadRequest().body(format!("WebSocket handshake failed: {e}")),
-    }
-}
-
-/// One of `limits.max_sessions`, held by a socket for as long as it lives: taken atomically
-/// (a burst of handshakes on several workers cannot pass the limit) and given back on drop,
-/// on every path (a handshake refused after the check, a session that ends, one never started).
-struct SocketSlot(Arc<Shared>);
-
-impl SocketSlot {
-    fn take(shared: &Arc<Shared>, max: usize) -> Option<SocketSlot> {
-        shared
-            .open_sockets
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-            .ok()
-            .map(|_| SocketSlot(shared.clone()))
-    }
-}
-
-impl Drop for SocketSlot {
-    fn drop(&mut self) {
-        self.0.open_sockets.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
@@ -103,7 +64,7 @@ pub struct WsSession {
 }
 
 impl WsSession {
-    fn new(shared: Arc<Shared>, slot: SocketSlot) -> WsSession {
+    pub(super) fn new(shared: Arc<Shared>, slot: SocketSlot) -> WsSession {
         WsSession {
             id: shared.next_session_id(),
             shared,
