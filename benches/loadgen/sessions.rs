@@ -71,7 +71,8 @@ pub(crate) async fn sessions_memory(t: &mut Table, o: &Opts) -> Result<()> {
     let pid = node.pid();
     let mut tasks = Vec::new();
     for _ in 0..32 {
-        let (a, url, next, failures, closed) = (a.clone(), node.ws_url(), next.clone(), failures.clone(), closed.clone());
+        let (a, url, next, failures, closed) =
+            (a.clone(), node.ws_url(), next.clone(), failures.clone(), closed.clone());
         let (keepers, marks, sources) = (keepers.clone(), marks.clone(), sources.clone());
         let deadline = t0 + Duration::from_secs(600);
         tasks.push(actix_rt::spawn(async move {
