@@ -6,6 +6,7 @@
 //! limits and metrics. Its [`Shared::queued`] decides how a newly queued message reaches its
 //! wallet: a local session, the owning node over the cluster, or the agent's own endpoint.
 
+pub mod held;
 pub mod http;
 pub mod listener;
 pub mod outbound;
@@ -54,6 +55,9 @@ pub struct Shared {
     endpoint_cursor: Mutex<Option<String>>,
     /// The push worker, when `[push]` is configured (set once by the node at start).
     pub push: std::sync::OnceLock<crate::push::PushHandle>,
+    /// The connection records bound sessions hold: one copy per connection, whatever the
+    /// number of its sessions.
+    pub held: held::Held,
 }
 
 impl Shared {
@@ -77,6 +81,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             endpoint_cursor: Mutex::new(None),
             push: std::sync::OnceLock::new(),
+            held: held::Held::default(),
         }
     }
 

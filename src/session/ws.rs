@@ -18,7 +18,8 @@ use super::upgrade::SocketSlot;
 use super::Shared;
 use crate::config::Strategy;
 use crate::protocols::{now_ms, pickup, Outcome, TransportKind};
-use crate::registry::{Close, Register, Superseded, Unregister, Wake};
+use crate::registry::{Register, Signal, Unregister, Wake};
+use crate::store::Connection;
 use crate::store::QueuedMessage;
 use actix::prelude::*;
 use actix_web_actors::ws;
@@ -45,7 +46,8 @@ enum Mode {
 pub struct WsSession {
     id: u64,
     shared: Arc<Shared>,
-    conn: Option<crate::store::Connection>,
+    /// The bound connection: one copy per node, shared by its sessions ([`super::held`]).
+    conn: Option<Arc<Connection>>,
     mode: Mode,
     /// Use the legacy `did:sov:` prefix for pushed deliveries (the wallet used it).
     legacy: bool,
@@ -180,7 +182,7 @@ impl WsSession {
         if let Some(conn) = &out.connection {
             // A v2 reply address that is not a stored connection binds nothing.
             if wants_route && !crate::protocols::v2::is_ephemeral(conn) {
-                self.bind(conn.clone(), ctx);
+                self.bind(conn, ctx);
             }
         }
         if let Some(live) = out.live_mode {
@@ -223,7 +225,7 @@ impl WsSession {
         }
     }
 
-    fn bind(&mut self, conn: crate::store::Connection, ctx: &mut ws::WebsocketContext<Self>) {
+    fn bind(&mut self, conn: &Connection, ctx: &mut ws::WebsocketContext<Self>) {
         if self.shared.draining.load(Ordering::Relaxed) && !self.registered {
             // The node drains: no new session here; the wallet reconnects elsewhere.
             ctx.close(Some(ws::CloseReason {
@@ -235,36 +237,44 @@ impl WsSession {
         }
         let same = self.conn.as_ref().map(|c| c.id == conn.id).unwrap_or(false);
         if same && self.registered {
-            self.conn = Some(conn);
+            if self.conn.as_deref() != Some(conn) {
+                self.let_go();
+                self.conn = Some(self.shared.held.hold(conn));
+            }
             return;
         }
-        match self.conn.take() {
+        match self.conn.as_ref() {
             // Superseded, and speaking again: bind anew (a newer epoch takes ownership back).
             Some(old) if old.id == conn.id => {}
             // Rebound to another connection: still one session.
             Some(old) => self.shared.registry.do_send(Unregister {
-                conn: old.id,
+                conn: old.id.clone(),
                 session: self.id,
             }),
             None => {
                 self.shared.metrics.sessions.inc();
             }
         }
+        self.let_go();
         self.registered = true;
-        let addr = ctx.address();
         self.shared.registry.do_send(Register {
             conn: conn.id.clone(),
             session: self.id,
-            wake: addr.clone().recipient(),
-            close: addr.clone().recipient(),
-            superseded: addr.recipient(),
+            to: ctx.address().recipient(),
         });
         if self.mode == Mode::Quiet {
             self.mode = self.idle_mode();
         }
-        self.conn = Some(conn);
+        self.conn = Some(self.shared.held.hold(conn));
         // Anything already queued goes out now.
         ctx.notify(Wake);
+    }
+
+    /// Gives the bound connection's shared copy back (the last session of it frees it).
+    fn let_go(&mut self) {
+        if let Some(c) = self.conn.take() {
+            self.shared.held.let_go(c);
+        }
     }
 
     /// Leases one batch and pushes it; schedules the next batch while batches come back full.
@@ -279,7 +289,7 @@ impl WsSession {
         self.draining = true;
         self.wake_again = false;
         let shared = self.shared.clone();
-        let conn = self.conn.clone().expect("checked above");
+        let conn_id = self.conn.as_ref().expect("checked above").id.clone();
         let owner = self.owner();
         let batch = shared.mediator.batch_size;
         let lease_ms = shared.mediator.lease_ms;
@@ -288,7 +298,7 @@ impl WsSession {
             shared
                 .mediator
                 .store
-                .lease(&conn.id, batch, &owner, now, now + lease_ms)
+                .lease(&conn_id, batch, &owner, now, now + lease_ms)
                 .await
         };
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
@@ -423,17 +433,18 @@ impl Actor for WsSession {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn_id) = self.conn.as_ref().map(|c| c.id.clone()) {
+            self.let_go();
             self.shared.metrics.sessions.dec();
             self.shared.registry.do_send(Unregister {
-                conn: conn.id.clone(),
+                conn: conn_id.clone(),
                 session: self.id,
             });
             // Unacknowledged live deliveries become deliverable again at once.
             let store = self.shared.mediator.store.clone();
             let owner = self.owner();
             let shared = self.shared.clone();
-            let cid = conn.id.clone();
+            let cid = conn_id.clone();
             actix_rt::spawn(async move {
                 match store.release_owner(&owner).await {
                     Ok(n) if n > 0 => {
@@ -444,7 +455,7 @@ impl Actor for WsSession {
                     Err(e) => tracing::warn!(connection = %cid, "leases not released (they expire): {e}"),
                 }
             });
-            tracing::info!(connection = %conn.id, session = self.id, "session closed");
+            tracing::info!(connection = %conn_id, session = self.id, "session closed");
         }
     }
 }
@@ -456,37 +467,45 @@ impl Handler<Wake> for WsSession {
     }
 }
 
-impl Handler<Superseded> for WsSession {
+impl Handler<Signal> for WsSession {
     type Result = ();
-    fn handle(&mut self, _: Superseded, _: &mut Self::Context) {
+    fn handle(&mut self, m: Signal, ctx: &mut Self::Context) {
+        match m {
+            Signal::Wake => self.drain(ctx),
+            Signal::Superseded => self.superseded(),
+            Signal::Close(c) => {
+                ctx.close(Some(ws::CloseReason {
+                    code: ws::CloseCode::from(c.code),
+                    description: Some(c.reason),
+                }));
+                ctx.stop();
+            }
+        }
+    }
+}
+
+impl WsSession {
+    /// A newer session on another node owns the connection now.
+    fn superseded(&mut self) {
         if !self.registered {
             return;
         }
         self.registered = false;
-        let Some(conn) = self.conn.clone() else { return };
-        tracing::info!(connection = %conn.id, session = self.id, "superseded by a newer session on another node: delivery stopped here");
+        let Some(conn) = self.conn.as_ref().map(|c| c.id.clone()) else {
+            return;
+        };
+        tracing::info!(connection = %conn, session = self.id, "superseded by a newer session on another node: delivery stopped here");
         // Leases of this session go back at once, and the new owner is told.
         let store = self.shared.mediator.store.clone();
         let owner = self.owner();
         let shared = self.shared.clone();
         actix_rt::spawn(async move {
             match store.release_owner(&owner).await {
-                Ok(n) if n > 0 => shared.queued(&conn.id).await,
+                Ok(n) if n > 0 => shared.queued(&conn).await,
                 Ok(_) => {}
-                Err(e) => tracing::warn!(connection = %conn.id, "leases not released (they expire): {e}"),
+                Err(e) => tracing::warn!(connection = %conn, "leases not released (they expire): {e}"),
             }
         });
-    }
-}
-
-impl Handler<Close> for WsSession {
-    type Result = ();
-    fn handle(&mut self, m: Close, ctx: &mut Self::Context) {
-        ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::from(m.code),
-            description: Some(m.reason),
-        }));
-        ctx.stop();
     }
 }
 
