@@ -3,14 +3,14 @@
 //!
 //! actix-http calls [`service`] with every request that asks for `Upgrade: websocket` (and
 //! `CONNECT`s), with the connection's socket and what it read past the request head. Here the
-//! handshake is checked (`GET /`, `Connection: Upgrade`, version 13, a key), then what
-//! `limits` and shutdown allow (draining: 503, `limits.max_sessions`: 503), and the answer is
-//! written on the raw socket. An accepted socket leaves the HTTP machinery entirely: its
+//! path (`/`), what shutdown and `limits` allow (draining: 503, `limits.max_sessions`: 503)
+//! and the handshake (`GET`, `Connection: Upgrade`, version 13, a key) are checked, and the
+//! answer is written on the raw socket. An accepted socket leaves the HTTP machinery entirely: its
 //! session ([`super::ws::WsSession`], an actix actor) reads and writes it through
 //! [`super::wsio`], holding no buffer while idle. A refused one is closed after its answer.
 //!
 //! Must not: lose the bytes a client sends right behind its handshake (its first frame may
-//! come in the same packet); take a session place before the handshake is known good; keep
+//! come in the same packet); keep a session place for a malformed handshake; keep
 //! the request (it holds the connection watchdog's duplicate descriptor) past the hand-off.
 
 use super::ws::WsSession;
@@ -52,8 +52,20 @@ struct Refusal {
     body: serde_json::Value,
 }
 
-/// What a handshake is answered with: `Ok(accept key)` or a refusal.
-fn check(req: &Request) -> Result<[u8; 28], Refusal> {
+impl Refusal {
+    fn unavailable(body: serde_json::Value) -> Refusal {
+        Refusal {
+            status: "503 Service Unavailable",
+            body,
+        }
+    }
+}
+
+/// What a handshake is answered with: its session place and accept key, or a refusal. In
+/// the order the actix-web handler checked them: draining and the session limit first (a
+/// client at the limit learns why, whatever its headers), then the handshake itself (its
+/// place goes back if it is malformed).
+fn check(shared: &Arc<Shared>, req: &Request) -> Result<(SocketSlot, [u8; 28]), Refusal> {
     let head = req.head();
     if head.uri.path() != "/" {
         return Err(Refusal {
@@ -61,6 +73,18 @@ fn check(req: &Request) -> Result<[u8; 28], Refusal> {
             body: json!({"error": "not-found", "reason": "WebSockets open on /"}),
         });
     }
+    if shared.draining.load(Ordering::Relaxed) {
+        return Err(Refusal::unavailable(
+            json!({"error": "shutting-down", "reason": "this node is shutting down: reconnect"}),
+        ));
+    }
+    let max = shared.cfg.limits.max_sessions;
+    let Some(slot) = SocketSlot::take(shared, max) else {
+        shared.metrics.rejected("session-limit", "unknown");
+        return Err(Refusal::unavailable(
+            json!({"error": "session-limit", "reason": format!("this node holds its limit of {max} sessions")}),
+        ));
+    };
     if let Err(e) = proto::verify_handshake(head) {
         let status = match e {
             proto::HandshakeError::GetMethodRequired => "405 Method Not Allowed",
@@ -75,11 +99,11 @@ fn check(req: &Request) -> Result<[u8; 28], Refusal> {
         .headers()
         .get(actix_http::header::SEC_WEBSOCKET_KEY)
         .expect("verify_handshake checked the key");
-    Ok(proto::hash_key(key.as_bytes()))
+    Ok((slot, proto::hash_key(key.as_bytes())))
 }
 
 async fn upgrade(shared: Arc<Shared>, req: Request, framed: Framed<TcpStream, h1::Codec>) {
-    let checked = check(&req);
+    let checked = check(&shared, &req);
     // The request goes now: it holds the connection's data (the watchdog and its duplicate
     // descriptor), which a session must not keep.
     drop(req);
@@ -89,33 +113,9 @@ async fn upgrade(shared: Arc<Shared>, req: Request, framed: Framed<TcpStream, h1
     // the dispatcher's 8 KiB read buffer goes with the rest.
     let early = parts.read_buf.to_vec();
     drop((parts.read_buf, parts.write_buf, parts.codec));
-    let accept = match checked {
-        Ok(a) => a,
+    let (slot, accept) = match checked {
+        Ok(ok) => ok,
         Err(r) => return refuse(sock, r).await,
-    };
-    if shared.draining.load(Ordering::Relaxed) {
-        let body = json!({"error": "shutting-down", "reason": "this node is shutting down: reconnect"});
-        return refuse(
-            sock,
-            Refusal {
-                status: "503 Service Unavailable",
-                body,
-            },
-        )
-        .await;
-    }
-    let max = shared.cfg.limits.max_sessions;
-    let Some(slot) = SocketSlot::take(&shared, max) else {
-        shared.metrics.rejected("session-limit", "unknown");
-        let body = json!({"error": "session-limit", "reason": format!("this node holds its limit of {max} sessions")});
-        return refuse(
-            sock,
-            Refusal {
-                status: "503 Service Unavailable",
-                body,
-            },
-        )
-        .await;
     };
     let mut head = Vec::with_capacity(160);
     head.extend_from_slice(
