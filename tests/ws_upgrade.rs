@@ -173,3 +173,33 @@ async fn handshakes_off_root_or_malformed_are_refused_and_the_node_serves_on() {
     assert_eq!(pong["~thread"]["thid"], "ws");
     assert_eq!(open_sockets(&admin).await, 1);
 }
+
+#[actix_rt::test]
+async fn a_frame_declared_over_max_ws_frame_bytes_is_refused_from_its_header() {
+    const LIMIT: usize = 64 << 10;
+    let (_dir, n, _a, _) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.max_ws_frame_bytes = LIMIT;
+    })
+    .await;
+    let mut s = TcpStream::connect(n.public_addr).await.unwrap();
+    s.write_all(handshake("/", "GET", &good_headers()).as_bytes())
+        .await
+        .unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 101"));
+    // A binary frame that says it is 4 x the limit, and only the first 4 KiB of it: the node
+    // must close (1009) on the header, not wait for (or buffer) the rest.
+    let mut f = vec![0x82u8, 0x80 | 127];
+    f.extend_from_slice(&((4 * LIMIT) as u64).to_be_bytes());
+    f.extend_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    f.extend_from_slice(&[0u8; 4096]);
+    s.write_all(&f).await.unwrap();
+    let mut h = [0u8; 2];
+    tokio::time::timeout(WAIT, s.read_exact(&mut h))
+        .await
+        .expect("a close frame")
+        .unwrap();
+    assert_eq!(h[0] & 0x0f, 0x8, "a close frame, got opcode {:#x}", h[0] & 0x0f);
+    let mut payload = vec![0u8; (h[1] & 0x7f) as usize];
+    s.read_exact(&mut payload).await.unwrap();
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1009, "{payload:?}");
+}

@@ -12,8 +12,9 @@
 //! writer polls it only once the previous chunk is in the kernel; a wallet that never reads
 //! stops its session (and its leases) where its socket is full.
 //!
-//! Must not: allocate per idle session; read more than `limits.max_ws_frame_bytes` of one
-//! frame (the codec refuses it from its header, as `ws::ProtocolError::Overflow`).
+//! Must not: allocate per idle session; buffer a frame whose header declares more than
+//! `limits.max_ws_frame_bytes` (refused from its header, as `ws::ProtocolError::Overflow`:
+//! actix-http's codec alone would buffer all of it first).
 
 use actix_http::ws::{Codec, Frame, Message, ProtocolError};
 use bytes::{Bytes, BytesMut};
@@ -39,6 +40,7 @@ pub struct Reader {
     codec: Codec,
     /// A frame begun and not yet complete; empty (unallocated) between frames.
     buf: BytesMut,
+    max_frame: usize,
     done: bool,
 }
 
@@ -49,6 +51,7 @@ impl Reader {
             sock,
             codec: Codec::new().max_size(max_frame),
             buf: BytesMut::from(early),
+            max_frame,
             done: false,
         }
     }
@@ -58,6 +61,11 @@ impl Reader {
         if self.buf.is_empty() {
             return Ok(None);
         }
+        // The codec refuses an oversized frame only once all of it is in (buffering whatever
+        // length the header declares): refuse it from its header.
+        if declared_len(&self.buf).is_some_and(|n| n > self.max_frame as u64) {
+            return Err(ProtocolError::Overflow);
+        }
         let frame = self.codec.decode_frame(&mut self.buf)?;
         if self.buf.is_empty() {
             // Let go of the read allocation: the frame's bytes keep only their own part alive,
@@ -65,6 +73,18 @@ impl Reader {
             self.buf = BytesMut::new();
         }
         frame.map(message).transpose()
+    }
+}
+
+/// The payload length the frame at the start of `buf` declares, once its length bytes are in
+/// (RFC 6455 5.2: 7 bits, or 126 and 16 bits, or 127 and 64 bits).
+fn declared_len(buf: &[u8]) -> Option<u64> {
+    match *buf.get(1)? & 0x7f {
+        126 => buf.get(2..4).map(|b| u16::from_be_bytes([b[0], b[1]]) as u64),
+        127 => buf
+            .get(2..10)
+            .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))),
+        n => Some(n as u64),
     }
 }
 
