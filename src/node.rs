@@ -10,7 +10,7 @@ use crate::config::{Config, NodeEntry};
 use crate::metrics::Metrics;
 use crate::protocols::{now_ms, Mediator, MediatorKeys};
 use crate::registry::{CloseAll, CloseConn, Registry, SessionMoved, WakeLocal};
-use crate::session::{http as public_http, Shared};
+use crate::session::Shared;
 use crate::store::{self, Store};
 use actix::Actor;
 use actix_web::{App, HttpServer};
@@ -304,29 +304,12 @@ pub async fn run(
         });
     }
 
-    let public_server = {
-        let shared = shared.clone();
-        let timeout = Duration::from_millis(cfg.limits.client_timeout_ms);
-        let metrics = shared.metrics.clone();
-        HttpServer::new(move || {
-            App::new()
-                .wrap_fn(crate::session::watchdog::track)
-                .configure(|c| public_http::configure(c, shared.clone()))
-        })
-        // A kept-alive connection's next request head is timed too (actix times only the
-        // first): see session::watchdog.
-        .on_connect(crate::session::watchdog::on_connect(timeout, metrics))
-        // Live deliveries are small frames written back to back: without TCP_NODELAY each
-        // waits for the wallet's delayed ACK (up to 40 ms; measured in docs/BENCHMARKS.md).
-        .tcp_nodelay(true)
-        // Slow-loris: a client that trickles its request head (or WebSocket handshake)
-        // is dropped once this passes, whatever it still sends.
-        .client_request_timeout(timeout)
-        .listen(listeners.public)?
-        .disable_signals()
-        .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
-        .run()
-    };
+    let public_server = crate::session::listener::serve(
+        shared.clone(),
+        listeners.public,
+        Duration::from_millis(cfg.limits.client_timeout_ms),
+        SHUTDOWN_GRACE,
+    )?;
     let public_handle = public_server.handle();
     let admin_addr = listeners.admin.local_addr()?;
     let reloader = Arc::new(Reloader {

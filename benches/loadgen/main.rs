@@ -28,7 +28,8 @@
 //!
 //! Knobs (environment): LOADGEN_ONLY (comma list of sections), LOADGEN_SECS (10),
 //! LOADGEN_WARMUP_MS (1000), LOADGEN_SENDERS (64), LOADGEN_ENVELOPES (60000),
-//! LOADGEN_WALLETS (16), LOADGEN_RATE (200), LOADGEN_SWEEP_RATE (50), LOADGEN_SESSIONS (5000),
+//! LOADGEN_WALLETS (16), LOADGEN_RATE (200), LOADGEN_SWEEP_RATE (50), LOADGEN_SESSIONS (19000, capped at the
+//! open-files limit less 1,000),
 //! LOADGEN_LIVE_MSGS (1000), LOADGEN_PG (admin connection string), LOADGEN_MD (write the table
 //! as Markdown to this file too), LOADGEN_RUN=1 (run when started without `--bench`).
 
@@ -120,7 +121,7 @@ impl Opts {
             wallets: env_num("LOADGEN_WALLETS", 16usize).clamp(1, 256),
             rate: env_num("LOADGEN_RATE", 200u64).clamp(1, 5_000),
             sweep_rate: env_num("LOADGEN_SWEEP_RATE", 50u64).clamp(1, 1_000),
-            sessions: env_num("LOADGEN_SESSIONS", 5_000usize).clamp(10, 50_000),
+            sessions: env_num("LOADGEN_SESSIONS", 19_000usize).clamp(10, 50_000),
             live_msgs: env_num("LOADGEN_LIVE_MSGS", 1_000usize).clamp(10, 9_000),
             pg_admin: std::env::var("LOADGEN_PG")
                 .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".into()),

@@ -323,6 +323,11 @@ impl Agent {
     pub async fn websocket(&self, ws_url: &str) -> anyhow::Result<WsClient> {
         websocket(ws_url).await
     }
+
+    /// As [`Agent::websocket`], from a given local address.
+    pub async fn websocket_from(&self, ws_url: &str, local: std::net::IpAddr) -> anyhow::Result<WsClient> {
+        websocket_from(ws_url, local).await
+    }
 }
 
 /// The packed messages of a pickup 2.0 `delivery` (`~attach`) or 1.0 `batch`
@@ -357,7 +362,20 @@ pub fn delivery_envelopes(msg: &Value) -> anyhow::Result<Vec<(String, Vec<u8>)>>
 
 /// Opens a WebSocket to the mediator (no connection bound until a message says so).
 pub async fn websocket(ws_url: &str) -> anyhow::Result<WsClient> {
-    let (_res, framed) = awc::Client::new()
+    websocket_with(awc::Client::new(), ws_url).await
+}
+
+/// As [`websocket`], from a given local address (e.g. one of 127.0.0.2-127.0.0.5, to open
+/// more sockets to one mediator than one source address has ports for).
+pub async fn websocket_from(ws_url: &str, local: std::net::IpAddr) -> anyhow::Result<WsClient> {
+    let client = awc::Client::builder()
+        .connector(awc::Connector::new().local_address(local))
+        .finish();
+    websocket_with(client, ws_url).await
+}
+
+async fn websocket_with(client: awc::Client, ws_url: &str) -> anyhow::Result<WsClient> {
+    let (_res, framed) = client
         .ws(ws_url)
         .max_frame_size(64 << 20)
         .connect()

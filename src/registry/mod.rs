@@ -20,7 +20,7 @@ pub type SessionId = u64;
 #[rtype(result = "()")]
 pub struct Wake;
 
-/// Ask a session to close (graceful shutdown: WebSocket close 1001 so the wallet reconnects
+/// Ask a session to close ([`Signal::Close`]; graceful shutdown: WebSocket close 1001 so the wallet reconnects
 /// to another node).
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
@@ -29,17 +29,25 @@ pub struct Close {
     pub reason: String,
 }
 
-/// Tell a session that a newer session on another node owns its connection now: it stops
-/// delivering (a half-open socket would swallow implicit deliveries) and hands back its leases.
-#[derive(Message, Clone, Copy)]
+/// What the registry tells a session, through one recipient per session (every recipient
+/// made from an actor's address allocates its own sender state: a session used to register
+/// three).
+#[derive(Message, Clone)]
 #[rtype(result = "()")]
-pub struct Superseded;
+pub enum Signal {
+    /// [`Wake`].
+    Wake,
+    /// [`Close`].
+    Close(Close),
+    /// A newer session on another node owns the connection now: the session stops
+    /// delivering (a half-open socket would swallow implicit deliveries) and hands back its
+    /// leases.
+    Superseded,
+}
 
 struct Entry {
     session: SessionId,
-    wake: Recipient<Wake>,
-    close: Recipient<Close>,
-    superseded: Recipient<Superseded>,
+    to: Recipient<Signal>,
     opened_ms: i64,
 }
 
@@ -70,7 +78,7 @@ impl Registry {
             Some(entries) if !entries.is_empty() => {
                 for e in entries {
                     // A full mailbox already holds a wake-up: dropping this one loses nothing.
-                    let _ = e.wake.try_send(Wake);
+                    let _ = e.to.try_send(Signal::Wake);
                 }
                 true
             }
@@ -93,9 +101,7 @@ impl Actor for Registry {
 pub struct Register {
     pub conn: String,
     pub session: SessionId,
-    pub wake: Recipient<Wake>,
-    pub close: Recipient<Close>,
-    pub superseded: Recipient<Superseded>,
+    pub to: Recipient<Signal>,
 }
 
 impl Handler<Register> for Registry {
@@ -107,9 +113,7 @@ impl Handler<Register> for Registry {
         }
         entries.push(Entry {
             session: m.session,
-            wake: m.wake,
-            close: m.close,
-            superseded: m.superseded,
+            to: m.to,
             opened_ms: crate::protocols::now_ms(),
         });
         self.sessions += 1;
@@ -172,7 +176,7 @@ impl Handler<SessionMoved> for Registry {
         self.owned.remove(&m.conn);
         self.sessions -= entries.len();
         for e in &entries {
-            let _ = e.superseded.try_send(Superseded);
+            let _ = e.to.try_send(Signal::Superseded);
         }
         tracing::info!(connection = %m.conn, sessions = entries.len(), "session moved to another node: stopped delivering here");
         entries.len()
@@ -289,10 +293,10 @@ impl Handler<CloseAll> for Registry {
     fn handle(&mut self, m: CloseAll, _: &mut Context<Self>) -> usize {
         let mut n = 0;
         for e in self.by_conn.values().flatten() {
-            let _ = e.close.try_send(Close {
+            let _ = e.to.try_send(Signal::Close(Close {
                 code: m.code,
                 reason: m.reason.clone(),
-            });
+            }));
             n += 1;
         }
         n
@@ -316,10 +320,10 @@ impl Handler<CloseConn> for Registry {
             return 0;
         };
         for e in entries {
-            let _ = e.close.try_send(Close {
+            let _ = e.to.try_send(Signal::Close(Close {
                 code: m.code,
                 reason: m.reason.clone(),
-            });
+            }));
         }
         tracing::info!(connection = %m.conn, sessions = entries.len(), reason = %m.reason, "sessions closed by an operator action");
         entries.len()

@@ -5,7 +5,7 @@
 //! in the response body (Credo 0.6.3 sends pickup messages this way even while its socket is
 //! open); without, replies go to the sender's own endpoint.
 
-use super::{outbound, ws, Shared};
+use super::{outbound, Shared};
 use crate::didcomm::message::ReturnRoute;
 use crate::protocols::{oob, ForwardResult, HandleError, TransportKind};
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -58,35 +58,28 @@ async fn get_invitation(shared: web::Data<Shared>, q: web::Query<InvitationQuery
     HttpResponse::Ok().json(json!({ "invitation_url": oob::invitation_url(m, &inv), "invitation": inv }))
 }
 
-async fn get_root(req: HttpRequest, stream: web::Payload, shared: web::Data<Shared>) -> HttpResponse {
-    let is_upgrade = req
-        .headers()
-        .get("upgrade")
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.eq_ignore_ascii_case("websocket"))
-        .unwrap_or(false);
-    if !is_upgrade {
-        // A browser or a wallet resolving an invitation URL: show where to go.
-        if req.query_string().contains("_oob=") {
-            let q = InvitationQuery {
-                transport: None,
-                didcomm: Some("v2".into()),
-            };
-            return get_invitation(shared, web::Query(q)).await;
-        }
-        if req.query_string().contains("oob=") {
-            let q = InvitationQuery {
-                transport: None,
-                didcomm: None,
-            };
-            return get_invitation(shared, web::Query(q)).await;
-        }
-        return HttpResponse::Ok().content_type("text/plain").body(format!(
-            "mailroom DIDComm mediator (node {}). POST envelopes here, or open a WebSocket. Invitation: {}/invitation\n",
-            shared.mediator.node_id, shared.mediator.public_url
-        ));
+/// A browser or a wallet resolving an invitation URL: show where to go. (A WebSocket
+/// handshake never reaches here: actix-http hands every `Upgrade: websocket` request to
+/// [`super::upgrade`].)
+async fn get_root(req: HttpRequest, shared: web::Data<Shared>) -> HttpResponse {
+    if req.query_string().contains("_oob=") {
+        let q = InvitationQuery {
+            transport: None,
+            didcomm: Some("v2".into()),
+        };
+        return get_invitation(shared, web::Query(q)).await;
     }
-    ws::upgrade(req, stream, shared.into_inner()).await
+    if req.query_string().contains("oob=") {
+        let q = InvitationQuery {
+            transport: None,
+            didcomm: None,
+        };
+        return get_invitation(shared, web::Query(q)).await;
+    }
+    HttpResponse::Ok().content_type("text/plain").body(format!(
+        "mailroom DIDComm mediator (node {}). POST envelopes here, or open a WebSocket. Invitation: {}/invitation\n",
+        shared.mediator.node_id, shared.mediator.public_url
+    ))
 }
 
 /// Refusals as JSON with a stable code; never 200 for something we could not read.

@@ -1,15 +1,19 @@
 //! Transports: the public listener's HTTP POST and WebSocket sessions, and outbound delivery
 //! to agents that have an HTTP endpoint of their own. The only module that knows
-//! actix-web-actors (in [`ws`]).
+//! actix-web-actors (in [`ws`], started by [`upgrade`]).
 //!
 //! [`Shared`] is what every transport needs: the mediator, the registry, the cluster handle,
 //! limits and metrics. Its [`Shared::queued`] decides how a newly queued message reaches its
 //! wallet: a local session, the owning node over the cluster, or the agent's own endpoint.
 
+pub mod held;
 pub mod http;
+pub mod listener;
 pub mod outbound;
+pub mod upgrade;
 pub mod watchdog;
 pub mod ws;
+pub mod wsio;
 
 use crate::cluster::{ClusterHandle, NotifyOutcome};
 use crate::config::Config;
@@ -51,6 +55,9 @@ pub struct Shared {
     endpoint_cursor: Mutex<Option<String>>,
     /// The push worker, when `[push]` is configured (set once by the node at start).
     pub push: std::sync::OnceLock<crate::push::PushHandle>,
+    /// The connection records bound sessions hold: one copy per connection, whatever the
+    /// number of its sessions.
+    pub held: held::Held,
 }
 
 impl Shared {
@@ -74,6 +81,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             endpoint_cursor: Mutex::new(None),
             push: std::sync::OnceLock::new(),
+            held: held::Held::default(),
         }
     }
 

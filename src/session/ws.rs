@@ -8,16 +8,20 @@
 //! - otherwise (implicit pickup, `DirectDelivery`): the raw forwarded messages, deleted once
 //!   written to the socket.
 //!
+//! The handshake and the socket are not here: [`super::upgrade`] accepts the socket, and
+//! [`super::wsio`] reads its frames (the context's `StreamHandler`) and writes its output.
+//!
 //! Binary and text frames are accepted; replies are text frames. Heartbeats: a ping every
 //! `HEARTBEAT`, closed after `CLIENT_TIMEOUT` without a pong or frame.
 
+use super::upgrade::SocketSlot;
 use super::Shared;
 use crate::config::Strategy;
 use crate::protocols::{now_ms, pickup, Outcome, TransportKind};
-use crate::registry::{Close, Register, Superseded, Unregister, Wake};
+use crate::registry::{Register, Signal, Unregister, Wake};
+use crate::store::Connection;
 use crate::store::QueuedMessage;
 use actix::prelude::*;
-use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
 use bytes::{Bytes, BytesMut};
 use std::sync::atomic::Ordering;
@@ -28,48 +32,6 @@ const HEARTBEAT: Duration = Duration::from_secs(15);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Consecutive unreadable frames before the socket is closed (policy violation).
 const MAX_BAD_FRAMES: u32 = 20;
-
-pub async fn upgrade(req: HttpRequest, stream: web::Payload, shared: Arc<Shared>) -> HttpResponse {
-    if shared.draining.load(Ordering::Relaxed) {
-        return HttpResponse::ServiceUnavailable()
-            .json(serde_json::json!({"error": "shutting-down", "reason": "this node is shutting down: reconnect"}));
-    }
-    let max = shared.cfg.limits.max_sessions;
-    let Some(slot) = SocketSlot::take(&shared, max) else {
-        shared.metrics.rejected("session-limit", "unknown");
-        return HttpResponse::ServiceUnavailable().json(serde_json::json!({"error": "session-limit", "reason": format!("this node holds its limit of {max} sessions")}));
-    };
-    let frame = shared.cfg.limits.max_ws_frame_bytes;
-    let session = WsSession::new(shared, slot);
-    match ws::WsResponseBuilder::new(session, &req, stream)
-        .frame_size(frame)
-        .start()
-    {
-        Ok(r) => r,
-        Err(e) => HttpResponse::BadRequest().body(format!("WebSocket handshake failed: {e}")),
-    }
-}
-
-/// One of `limits.max_sessions`, held by a socket for as long as it lives: taken atomically
-/// (a burst of handshakes on several workers cannot pass the limit) and given back on drop,
-/// on every path (a handshake refused after the check, a session that ends, one never started).
-struct SocketSlot(Arc<Shared>);
-
-impl SocketSlot {
-    fn take(shared: &Arc<Shared>, max: usize) -> Option<SocketSlot> {
-        shared
-            .open_sockets
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-            .ok()
-            .map(|_| SocketSlot(shared.clone()))
-    }
-}
-
-impl Drop for SocketSlot {
-    fn drop(&mut self) {
-        self.0.open_sockets.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
@@ -84,7 +46,8 @@ enum Mode {
 pub struct WsSession {
     id: u64,
     shared: Arc<Shared>,
-    conn: Option<crate::store::Connection>,
+    /// The bound connection: one copy per node, shared by its sessions ([`super::held`]).
+    conn: Option<Arc<Connection>>,
     mode: Mode,
     /// Use the legacy `did:sov:` prefix for pushed deliveries (the wallet used it).
     legacy: bool,
@@ -103,7 +66,7 @@ pub struct WsSession {
 }
 
 impl WsSession {
-    fn new(shared: Arc<Shared>, slot: SocketSlot) -> WsSession {
+    pub(super) fn new(shared: Arc<Shared>, slot: SocketSlot) -> WsSession {
         WsSession {
             id: shared.next_session_id(),
             shared,
@@ -219,7 +182,7 @@ impl WsSession {
         if let Some(conn) = &out.connection {
             // A v2 reply address that is not a stored connection binds nothing.
             if wants_route && !crate::protocols::v2::is_ephemeral(conn) {
-                self.bind(conn.clone(), ctx);
+                self.bind(conn, ctx);
             }
         }
         if let Some(live) = out.live_mode {
@@ -262,7 +225,7 @@ impl WsSession {
         }
     }
 
-    fn bind(&mut self, conn: crate::store::Connection, ctx: &mut ws::WebsocketContext<Self>) {
+    fn bind(&mut self, conn: &Connection, ctx: &mut ws::WebsocketContext<Self>) {
         if self.shared.draining.load(Ordering::Relaxed) && !self.registered {
             // The node drains: no new session here; the wallet reconnects elsewhere.
             ctx.close(Some(ws::CloseReason {
@@ -274,36 +237,44 @@ impl WsSession {
         }
         let same = self.conn.as_ref().map(|c| c.id == conn.id).unwrap_or(false);
         if same && self.registered {
-            self.conn = Some(conn);
+            if self.conn.as_deref() != Some(conn) {
+                self.let_go();
+                self.conn = Some(self.shared.held.hold(conn));
+            }
             return;
         }
-        match self.conn.take() {
+        match self.conn.as_ref() {
             // Superseded, and speaking again: bind anew (a newer epoch takes ownership back).
             Some(old) if old.id == conn.id => {}
             // Rebound to another connection: still one session.
             Some(old) => self.shared.registry.do_send(Unregister {
-                conn: old.id,
+                conn: old.id.clone(),
                 session: self.id,
             }),
             None => {
                 self.shared.metrics.sessions.inc();
             }
         }
+        self.let_go();
         self.registered = true;
-        let addr = ctx.address();
         self.shared.registry.do_send(Register {
             conn: conn.id.clone(),
             session: self.id,
-            wake: addr.clone().recipient(),
-            close: addr.clone().recipient(),
-            superseded: addr.recipient(),
+            to: ctx.address().recipient(),
         });
         if self.mode == Mode::Quiet {
             self.mode = self.idle_mode();
         }
-        self.conn = Some(conn);
+        self.conn = Some(self.shared.held.hold(conn));
         // Anything already queued goes out now.
         ctx.notify(Wake);
+    }
+
+    /// Gives the bound connection's shared copy back (the last session of it frees it).
+    fn let_go(&mut self) {
+        if let Some(c) = self.conn.take() {
+            self.shared.held.let_go(c);
+        }
     }
 
     /// Leases one batch and pushes it; schedules the next batch while batches come back full.
@@ -318,7 +289,7 @@ impl WsSession {
         self.draining = true;
         self.wake_again = false;
         let shared = self.shared.clone();
-        let conn = self.conn.clone().expect("checked above");
+        let conn_id = self.conn.as_ref().expect("checked above").id.clone();
         let owner = self.owner();
         let batch = shared.mediator.batch_size;
         let lease_ms = shared.mediator.lease_ms;
@@ -327,7 +298,7 @@ impl WsSession {
             shared
                 .mediator
                 .store
-                .lease(&conn.id, batch, &owner, now, now + lease_ms)
+                .lease(&conn_id, batch, &owner, now, now + lease_ms)
                 .await
         };
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
@@ -462,17 +433,18 @@ impl Actor for WsSession {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn_id) = self.conn.as_ref().map(|c| c.id.clone()) {
+            self.let_go();
             self.shared.metrics.sessions.dec();
             self.shared.registry.do_send(Unregister {
-                conn: conn.id.clone(),
+                conn: conn_id.clone(),
                 session: self.id,
             });
             // Unacknowledged live deliveries become deliverable again at once.
             let store = self.shared.mediator.store.clone();
             let owner = self.owner();
             let shared = self.shared.clone();
-            let cid = conn.id.clone();
+            let cid = conn_id.clone();
             actix_rt::spawn(async move {
                 match store.release_owner(&owner).await {
                     Ok(n) if n > 0 => {
@@ -483,7 +455,7 @@ impl Actor for WsSession {
                     Err(e) => tracing::warn!(connection = %cid, "leases not released (they expire): {e}"),
                 }
             });
-            tracing::info!(connection = %conn.id, session = self.id, "session closed");
+            tracing::info!(connection = %conn_id, session = self.id, "session closed");
         }
     }
 }
@@ -495,37 +467,45 @@ impl Handler<Wake> for WsSession {
     }
 }
 
-impl Handler<Superseded> for WsSession {
+impl Handler<Signal> for WsSession {
     type Result = ();
-    fn handle(&mut self, _: Superseded, _: &mut Self::Context) {
+    fn handle(&mut self, m: Signal, ctx: &mut Self::Context) {
+        match m {
+            Signal::Wake => self.drain(ctx),
+            Signal::Superseded => self.superseded(),
+            Signal::Close(c) => {
+                ctx.close(Some(ws::CloseReason {
+                    code: ws::CloseCode::from(c.code),
+                    description: Some(c.reason),
+                }));
+                ctx.stop();
+            }
+        }
+    }
+}
+
+impl WsSession {
+    /// A newer session on another node owns the connection now.
+    fn superseded(&mut self) {
         if !self.registered {
             return;
         }
         self.registered = false;
-        let Some(conn) = self.conn.clone() else { return };
-        tracing::info!(connection = %conn.id, session = self.id, "superseded by a newer session on another node: delivery stopped here");
+        let Some(conn) = self.conn.as_ref().map(|c| c.id.clone()) else {
+            return;
+        };
+        tracing::info!(connection = %conn, session = self.id, "superseded by a newer session on another node: delivery stopped here");
         // Leases of this session go back at once, and the new owner is told.
         let store = self.shared.mediator.store.clone();
         let owner = self.owner();
         let shared = self.shared.clone();
         actix_rt::spawn(async move {
             match store.release_owner(&owner).await {
-                Ok(n) if n > 0 => shared.queued(&conn.id).await,
+                Ok(n) if n > 0 => shared.queued(&conn).await,
                 Ok(_) => {}
-                Err(e) => tracing::warn!(connection = %conn.id, "leases not released (they expire): {e}"),
+                Err(e) => tracing::warn!(connection = %conn, "leases not released (they expire): {e}"),
             }
         });
-    }
-}
-
-impl Handler<Close> for WsSession {
-    type Result = ();
-    fn handle(&mut self, m: Close, ctx: &mut Self::Context) {
-        ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::from(m.code),
-            description: Some(m.reason),
-        }));
-        ctx.stop();
     }
 }
 

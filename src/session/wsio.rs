@@ -1,0 +1,201 @@
+//! The socket of one WebSocket session once its handshake is done: a lean reader (frames in)
+//! and a writer (the actor's encoded output out), sharing the one `TcpStream`.
+//!
+//! Idle sessions are most of what a mediator holds (a wallet keeps its socket open for
+//! days), so an idle session owns no buffer: the reader waits for readiness, reads into a
+//! buffer on the stack, and keeps only the bytes of a frame not yet complete (dropped as soon
+//! as it is decoded); the writer holds one encoded chunk while the kernel takes it.
+//! actix-http's h1 dispatcher, which served sessions before, kept 8 KiB read and 8 KiB
+//! write buffers per connection for the session's whole life (docs/BENCHMARKS.md).
+//!
+//! Back-pressure as before: the actor runs only when the writer polls its output, and the
+//! writer polls it only once the previous chunk is in the kernel; a wallet that never reads
+//! stops its session (and its leases) where its socket is full.
+//!
+//! Must not: allocate per idle session; buffer a frame whose header declares more than
+//! `limits.max_ws_frame_bytes` (refused from its header, as `ws::ProtocolError::Overflow`:
+//! actix-http's codec alone would buffer all of it first).
+
+use actix_http::ws::{Codec, Frame, Message, ProtocolError};
+use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
+use futures_util::{Stream, StreamExt};
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// Bytes read per system call (on the stack; a larger frame takes several).
+const READ_CHUNK: usize = 8 << 10;
+/// How long a closed session waits for its peer's end of the connection (its close frame's
+/// answer) before dropping the socket.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// The decoded frames of a session's socket, for `ctx.add_stream` (the actor's
+/// `StreamHandler<Result<Message, ProtocolError>>`). Ends on EOF and after an error.
+pub struct Reader {
+    sock: Rc<TcpStream>,
+    codec: Codec,
+    /// A frame begun and not yet complete; empty (unallocated) between frames.
+    buf: BytesMut,
+    max_frame: usize,
+    done: bool,
+}
+
+impl Reader {
+    /// `early`: bytes the client sent right after its handshake, read with it.
+    pub fn new(sock: Rc<TcpStream>, early: &[u8], max_frame: usize) -> Reader {
+        Reader {
+            sock,
+            codec: Codec::new().max_size(max_frame),
+            buf: BytesMut::from(early),
+            max_frame,
+            done: false,
+        }
+    }
+
+    /// The next complete frame in `buf`, if there is one.
+    fn decode(&mut self) -> Result<Option<Message>, ProtocolError> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        // The codec refuses an oversized frame only once all of it is in (buffering whatever
+        // length the header declares): refuse it from its header.
+        if declared_len(&self.buf).is_some_and(|n| n > self.max_frame as u64) {
+            return Err(ProtocolError::Overflow);
+        }
+        let frame = self.codec.decode_frame(&mut self.buf)?;
+        if self.buf.is_empty() {
+            // Let go of the read allocation: the frame's bytes keep only their own part alive,
+            // until the actor is done with them.
+            self.buf = BytesMut::new();
+        }
+        frame.map(message).transpose()
+    }
+}
+
+/// The payload length the frame at the start of `buf` declares, once its length bytes are in
+/// (RFC 6455 5.2: 7 bits, or 126 and 16 bits, or 127 and 64 bits).
+fn declared_len(buf: &[u8]) -> Option<u64> {
+    match *buf.get(1)? & 0x7f {
+        126 => buf.get(2..4).map(|b| u16::from_be_bytes([b[0], b[1]]) as u64),
+        127 => buf
+            .get(2..10)
+            .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))),
+        n => Some(n as u64),
+    }
+}
+
+/// A frame as the actor's `StreamHandler` takes it (as actix-web-actors decodes it).
+fn message(frame: Frame) -> Result<Message, ProtocolError> {
+    Ok(match frame {
+        Frame::Text(data) => Message::Text(
+            ByteString::try_from(data).map_err(|e| ProtocolError::Io(io::Error::new(io::ErrorKind::InvalidData, e)))?,
+        ),
+        Frame::Binary(data) => Message::Binary(data),
+        Frame::Ping(p) => Message::Ping(p),
+        Frame::Pong(p) => Message::Pong(p),
+        Frame::Close(reason) => Message::Close(reason),
+        Frame::Continuation(item) => Message::Continuation(item),
+    })
+}
+
+/// `Decoder::decode` of the codec, under a name that says what it returns.
+trait DecodeFrame {
+    fn decode_frame(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError>;
+}
+
+impl DecodeFrame for Codec {
+    fn decode_frame(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+        actix_codec::Decoder::decode(self, buf)
+    }
+}
+
+impl Stream for Reader {
+    type Item = Result<Message, ProtocolError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match this.decode() {
+                Ok(Some(m)) => return Poll::Ready(Some(Ok(m))),
+                Ok(None) => {}
+                Err(e) => {
+                    this.done = true;
+                    this.buf = BytesMut::new();
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            if let Err(e) = ready!(this.sock.poll_read_ready(cx)) {
+                this.done = true;
+                return Poll::Ready(Some(Err(ProtocolError::Io(e))));
+            }
+            let mut chunk = [0u8; READ_CHUNK];
+            match this.sock.try_read(&mut chunk) {
+                // EOF: a frame left incomplete is dropped with the socket.
+                Ok(0) => this.done = true,
+                Ok(n) => this.buf.extend_from_slice(&chunk[..n]),
+                // Readiness was stale: try_read cleared it; poll_read_ready registers again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(ProtocolError::Io(e))));
+                }
+            }
+        }
+    }
+}
+
+/// Writes the actor's output to the socket until the actor stops (its output ends) or the
+/// socket fails (the output is dropped, which stops the actor); then closes the connection.
+pub async fn write_out<E>(sock: Rc<TcpStream>, out: impl Stream<Item = Result<Bytes, E>>) {
+    // `pump` owns the context (and the reader in it): once it returns, this is the socket's
+    // last owner.
+    pump(&sock, out).await;
+    if let Ok(sock) = Rc::try_unwrap(sock) {
+        close(sock).await;
+    }
+}
+
+async fn pump<E>(sock: &TcpStream, out: impl Stream<Item = Result<Bytes, E>>) {
+    let mut out = std::pin::pin!(out);
+    while let Some(Ok(chunk)) = out.next().await {
+        if write_all(sock, &chunk).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn write_all(sock: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        sock.writable().await?;
+        match sock.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Ends our side (FIN after what was written), then waits a little for the peer's end, so
+/// that what it still sends (a close frame's answer) does not turn our close into a reset
+/// that could discard the close frame before the peer reads it.
+pub async fn close(mut sock: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if sock.shutdown().await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut sink = [0u8; 512];
+        while matches!(sock.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
