@@ -231,26 +231,6 @@ async fn deaf_socket(addr: std::net::SocketAddr) -> TcpStream {
     s
 }
 
-/// One binary WebSocket frame from a client (masked, as RFC 6455 requires).
-fn masked_frame(payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x82u8];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n < 1 << 16 => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    let mask = [0x12u8, 0x34, 0x56, 0x78];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
-
 /// The `in_flight` (leased) and `depth` counts of the node's only connection.
 async fn lease_counts(n: &RunningNode) -> (u64, u64) {
     let v = get_json(&format!("{}/connections", n.admin_url())).await;
@@ -290,7 +270,7 @@ async fn a_wallet_that_never_reads_holds_a_bounded_share_and_loses_nothing() {
     let env = a
         .pack(&pickup("live-delivery-change", json!({"live_delivery": true})))
         .unwrap();
-    deaf.write_all(&masked_frame(&env)).await.unwrap();
+    deaf.write_all(&common::masked_frame(&env)).await.unwrap();
     for i in BACKLOG..N {
         assert_eq!(forward_to(&n, &a, &k, &format!("{i}:{big}")).await, 202);
         sent.insert(i.to_string());

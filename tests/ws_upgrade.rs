@@ -22,26 +22,6 @@ fn good_headers() -> String {
     format!("Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n")
 }
 
-/// One binary frame from a client (masked, as RFC 6455 requires).
-fn masked_frame(payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x82u8];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n < 1 << 16 => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    let mask = [0x12u8, 0x34, 0x56, 0x78];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
-
 /// The answer's head, read a byte at a time (what follows stays in the socket).
 async fn read_head(s: &mut TcpStream) -> String {
     let mut head = Vec::new();
@@ -111,7 +91,7 @@ async fn a_frame_sent_in_the_handshake_packet_reaches_the_session() {
     // The handshake and the first frame in one write: one segment on loopback, read by the
     // node together with the head.
     let mut bytes = handshake("/", "GET", &good_headers()).into_bytes();
-    bytes.extend_from_slice(&masked_frame(&a.pack(&ping).unwrap()));
+    bytes.extend_from_slice(&common::masked_frame(&a.pack(&ping).unwrap()));
     let mut s = TcpStream::connect(n.public_addr).await.unwrap();
     s.set_nodelay(true).unwrap();
     s.write_all(&bytes).await.unwrap();

@@ -150,3 +150,24 @@ pub async fn node_with_wallet(
     let (a, k) = Agent::onboard(&inv).await.expect("onboarding");
     (dir, n, a, k)
 }
+
+/// One binary WebSocket frame as a client sends it (masked, as RFC 6455 requires), for tests
+/// that speak the protocol on a raw socket.
+pub fn masked_frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x82u8];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 1 << 16 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
