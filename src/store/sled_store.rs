@@ -979,61 +979,19 @@ impl Inner {
     }
 }
 
-/// Group commit: how long the writer lets a batch gather more requests before its flush, when
-/// it is busy. Every flush costs the same hand-offs (the writer woken, sled's I/O thread woken
-/// for the `pwrite` and `sync_file_range`, the writer woken again) whatever the batch size, and
-/// without a wait a loaded node flushed ~1.5 forwards at a time (docs/BENCHMARKS.md, "The node's
-/// own CPU"). `MAILROOM_SLED_LINGER_US` overrides it (0: no wait), read once per writer.
-pub const DEFAULT_LINGER: std::time::Duration = std::time::Duration::from_micros(200);
-/// The writer lingers only when it is busy: the batch's first request came within this of the
-/// previous flush. A lone forward on an idle node is flushed at once.
-const BUSY_GAP: std::time::Duration = std::time::Duration::from_millis(2);
-
-/// Batches flushed without lingering after a linger that gathered no request.
-const LINGER_BACKOFF: u32 = 8;
-
-fn linger_from_env() -> std::time::Duration {
-    std::env::var("MAILROOM_SLED_LINGER_US")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(std::time::Duration::from_micros)
-        .unwrap_or(DEFAULT_LINGER)
-}
-
-/// Takes the requests already waiting, up to the batch limits.
-fn drain(rx: &mut mpsc::Receiver<EnqueueReq>, batch: &mut Vec<EnqueueReq>, n: &mut usize, bytes: &mut usize) {
-    while *n < MAX_BATCH_MESSAGES && *bytes < MAX_BATCH_BYTES {
-        match rx.try_recv() {
-            Ok(r) => {
-                *n += r.msgs.len();
-                *bytes += r.msgs.iter().map(|m| m.payload.len()).sum::<usize>();
-                batch.push(r);
-            }
-            Err(_) => break,
-        }
-    }
-}
-
 fn writer_loop(slot: Arc<Slot>, mut rx: mpsc::Receiver<EnqueueReq>) {
-    let linger = linger_from_env();
-    let mut last_flush: Option<std::time::Instant> = None;
-    // Batches to flush without lingering: a linger that gathered no one (one caller sending one
-    // forward after the other, who waits for this very flush) is not tried again for a while.
-    let mut skip = 0u32;
     while let Some(first) = rx.blocking_recv() {
-        let recent = last_flush.is_some_and(|t| t.elapsed() < BUSY_GAP);
         let mut n = first.msgs.len();
         let mut bytes: usize = first.msgs.iter().map(|m| m.payload.len()).sum();
         let mut batch = vec![first];
-        drain(&mut rx, &mut batch, &mut n, &mut bytes);
-        if skip > 0 {
-            skip -= 1;
-        } else if recent && !linger.is_zero() && n < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
-            let had = batch.len();
-            std::thread::sleep(linger);
-            drain(&mut rx, &mut batch, &mut n, &mut bytes);
-            if batch.len() == had {
-                skip = LINGER_BACKOFF;
+        while n < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(r) => {
+                    n += r.msgs.len();
+                    bytes += r.msgs.iter().map(|m| m.payload.len()).sum::<usize>();
+                    batch.push(r);
+                }
+                Err(_) => break,
             }
         }
         // The handle of this batch only: the supervisor may replace it between batches.
@@ -1048,7 +1006,6 @@ fn writer_loop(slot: Arc<Slot>, mut rx: mpsc::Receiver<EnqueueReq>) {
         };
         let _g = inner.batch_lock.lock();
         inner.write_batch(batch);
-        last_flush = Some(std::time::Instant::now());
     }
     if let Ok(inner) = slot.get() {
         if let Err(e) = inner.flush() {
