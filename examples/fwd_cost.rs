@@ -6,9 +6,9 @@
 //!       packs N forwards (as `node` does) and unpacks each with the routing key; run under
 //!       callgrind with `--toggle-collect='*didcomm::envelope::unpack'`.
 //!   fwd_cost node http://127.0.0.1:PORT N CONCURRENCY PID
-//!       onboards 16 wallets, packs N forwards to them, then turns callgrind's collection on in
+//!       onboards 16 wallets, packs N forwards to them, then turns callgrind's instrumentation on in
 //!       the node (`callgrind_control -i on PID`), POSTs the N forwards from CONCURRENCY
-//!       connections (each used once), dumps (`callgrind_control -d PID`) and turns collection
+//!       connections (each used once), dumps (`callgrind_control -d PID`) and turns instrumentation
 //!       off. Exits non-zero unless every forward got a 2xx.
 //!   fwd_cost cpu http://127.0.0.1:PORT N CONCURRENCY PID
 //!       `node` without valgrind (the node runs natively): prints the node's user and system

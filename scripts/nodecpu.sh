@@ -9,8 +9,8 @@
 #    `didcomm::envelope::unpack`: instructions of one unpack of a ~1.8 KB anoncrypt forward
 #    with the routing key.
 # 2. node: `mailroom run` (release, one node, default config; sled in a temporary directory or
-#    a fresh PostgreSQL database, dropped afterwards) under callgrind with collection off;
-#    `fwd_cost node` onboards 16 wallets, sends one warm-up forward each, turns collection on,
+#    a fresh PostgreSQL database, dropped afterwards) under callgrind with instrumentation off;
+#    `fwd_cost node` onboards 16 wallets, sends one warm-up forward each, turns instrumentation on,
 #    POSTs N forwards from CONCURRENCY connections, dumps, turns it off. Every thread of the
 #    node is counted (HTTP, protocol, store, sled's own threads, timers).
 # Prints instructions per forward for both and their ratio. MAILROOM_BIN / FWD_COST_BIN to
