@@ -6,10 +6,13 @@
 //!       packs N forwards (as `node` does) and unpacks each with the routing key; run under
 //!       callgrind with `--toggle-collect='*didcomm::envelope::unpack'`.
 //!   fwd_cost node http://127.0.0.1:PORT N CONCURRENCY PID
-//!       onboards 16 wallets, packs N forwards to them, then turns callgrind's collection on in
+//!       onboards 16 wallets, packs N forwards to them, then turns callgrind's instrumentation on in
 //!       the node (`callgrind_control -i on PID`), POSTs the N forwards from CONCURRENCY
-//!       connections (each used once), dumps (`callgrind_control -d PID`) and turns collection
+//!       connections (each used once), dumps (`callgrind_control -d PID`) and turns instrumentation
 //!       off. Exits non-zero unless every forward got a 2xx.
+//!   fwd_cost cpu http://127.0.0.1:PORT N CONCURRENCY PID
+//!       `node` without valgrind (the node runs natively): prints the node's user and system
+//!       CPU time and context switches per accepted forward over the window, from /proc.
 //!   fwd_cost pack http://127.0.0.1:PORT N FILE [WALLETS]
 //!       onboards WALLETS (16) wallets and writes N forwards to them into FILE, one envelope
 //!       per line (compact JSON has no newline): the request bodies of `scripts/wrk-forwards.lua`.
@@ -118,8 +121,9 @@ async fn pack(base: &str, n: usize, file: &str, wallets: usize) -> anyhow::Resul
     Ok(())
 }
 
-async fn node(base: &str, n: usize, conc: usize, pid: &str) -> anyhow::Result<()> {
-    let base = base.trim_end_matches('/');
+/// Onboards the wallets, packs `n` forwards and sends one warm-up forward per wallet: what
+/// `node` and `cpu` do before their counted window.
+async fn prepare(base: &str, n: usize) -> anyhow::Result<Vec<Vec<u8>>> {
     let targets = onboard(base, WALLETS).await?;
     let envs = build(&targets, n)?;
     // One round of every path first (connection set up, caches filled), not counted.
@@ -130,8 +134,12 @@ async fn node(base: &str, n: usize, conc: usize, pid: &str) -> anyhow::Result<()
             bail!("warm-up forward answered {st}");
         }
     }
-    callgrind(&["-z", pid])?;
-    callgrind(&["-i", "on", pid])?;
+    Ok(envs)
+}
+
+/// POSTs every envelope once from `conc` connections; fails unless every one got a 2xx.
+async fn send_all(base: &str, envs: Vec<Vec<u8>>, conc: usize) -> anyhow::Result<()> {
+    let n = envs.len();
     let envs = std::sync::Arc::new(std::sync::Mutex::new(envs));
     let mut tasks = Vec::new();
     for _ in 0..conc {
@@ -163,12 +171,89 @@ async fn node(base: &str, n: usize, conc: usize, pid: &str) -> anyhow::Result<()
     for t in tasks {
         ok += t.await??;
     }
-    callgrind(&["-d", pid])?;
-    callgrind(&["-i", "off", pid])?;
     println!("accepted {ok}");
     if ok != n {
         bail!("{ok} of {n} accepted");
     }
+    Ok(())
+}
+
+async fn node(base: &str, n: usize, conc: usize, pid: &str) -> anyhow::Result<()> {
+    let base = base.trim_end_matches('/');
+    let envs = prepare(base, n).await?;
+    callgrind(&["-z", pid])?;
+    callgrind(&["-i", "on", pid])?;
+    let sent = send_all(base, envs, conc).await;
+    callgrind(&["-d", pid])?;
+    callgrind(&["-i", "off", pid])?;
+    sent
+}
+
+/// What the kernel says the process `pid` has used so far: user and system CPU (clock ticks,
+/// every thread including exited ones) and context switches summed over its live threads.
+struct ProcCpu {
+    utime: u64,
+    stime: u64,
+    voluntary: u64,
+    involuntary: u64,
+}
+
+fn proc_cpu(pid: &str) -> anyhow::Result<ProcCpu> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3 (state).
+    let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (utime, stime) = (
+        f.get(11).context("utime")?.parse()?,
+        f.get(12).context("stime")?.parse()?,
+    );
+    let (mut voluntary, mut involuntary) = (0, 0);
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(s) = std::fs::read_to_string(t?.path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        for line in s.lines() {
+            if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:") {
+                voluntary += v.trim().parse::<u64>().unwrap_or(0);
+            } else if let Some(v) = line.strip_prefix("nonvoluntary_ctxt_switches:") {
+                involuntary += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Ok(ProcCpu {
+        utime,
+        stime,
+        voluntary,
+        involuntary,
+    })
+}
+
+/// `node` without valgrind: the node's user and system CPU time and context switches per
+/// accepted forward, from /proc (clock ticks of 10 ms: use N of 10,000 or more). CPU time
+/// moves with the load on the box; the split between user and system time is the point.
+async fn cpu(base: &str, n: usize, conc: usize, pid: &str) -> anyhow::Result<()> {
+    let base = base.trim_end_matches('/');
+    let envs = prepare(base, n).await?;
+    let t0 = std::time::Instant::now();
+    let before = proc_cpu(pid)?;
+    send_all(base, envs, conc).await?;
+    let after = proc_cpu(pid)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let tick_us = 1e6 / 100.0; // USER_HZ
+    let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / n as f64;
+    let (u, s) = (
+        per(before.utime, after.utime) * tick_us,
+        per(before.stime, after.stime) * tick_us,
+    );
+    println!(
+        "node CPU per forward: {:.0} us ({:.0} us user, {:.0} us system); {:.2} voluntary and {:.2} involuntary context switches per forward; {:.0} forwards/s",
+        u + s,
+        u,
+        s,
+        per(before.voluntary, after.voluntary),
+        per(before.involuntary, after.involuntary),
+        n as f64 / secs
+    );
     Ok(())
 }
 
@@ -185,6 +270,12 @@ fn main() -> anyhow::Result<()> {
             let pid = args.get(5).context("missing PID")?.clone();
             actix_rt::System::new().block_on(node(&base, n, conc, &pid))
         }
+        Some("cpu") => {
+            let base = args.get(2).context("missing URL")?.clone();
+            let (n, conc) = (num(3)?, num(4)?);
+            let pid = args.get(5).context("missing PID")?.clone();
+            actix_rt::System::new().block_on(cpu(&base, n, conc, &pid))
+        }
         Some("pack") => {
             let base = args.get(2).context("missing URL")?.clone();
             let n = num(3)?;
@@ -193,7 +284,7 @@ fn main() -> anyhow::Result<()> {
             actix_rt::System::new().block_on(pack(&base, n, &file, wallets))
         }
         _ => {
-            bail!("usage: fwd_cost floor N | fwd_cost node URL N CONCURRENCY PID | fwd_cost pack URL N FILE [WALLETS]")
+            bail!("usage: fwd_cost floor N | fwd_cost node URL N CONCURRENCY PID | fwd_cost cpu URL N CONCURRENCY PID | fwd_cost pack URL N FILE [WALLETS]")
         }
     }
 }

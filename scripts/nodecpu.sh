@@ -9,12 +9,17 @@
 #    `didcomm::envelope::unpack`: instructions of one unpack of a ~1.8 KB anoncrypt forward
 #    with the routing key.
 # 2. node: `mailroom run` (release, one node, default config; sled in a temporary directory or
-#    a fresh PostgreSQL database, dropped afterwards) under callgrind with collection off;
-#    `fwd_cost node` onboards 16 wallets, sends one warm-up forward each, turns collection on,
+#    a fresh PostgreSQL database, dropped afterwards) under callgrind with instrumentation off;
+#    `fwd_cost node` onboards 16 wallets, sends one warm-up forward each, turns instrumentation on,
 #    POSTs N forwards from CONCURRENCY connections, dumps, turns it off. Every thread of the
 #    node is counted (HTTP, protocol, store, sled's own threads, timers).
 # Prints instructions per forward for both and their ratio. MAILROOM_BIN / FWD_COST_BIN to
-# use other builds (e.g. a "before" binary); NODECPU_KEEP=1 keeps the callgrind files.
+# use other builds (e.g. a "before" binary); NODECPU_KEEP=1 keeps the callgrind files;
+# NODECPU_TOP=1 prints the node's top functions (self instructions).
+# 3. (NODECPU_NATIVE=M, e.g. 20000) the same node without valgrind, M forwards: its user and
+#    system CPU time and context switches per forward from /proc (`fwd_cost cpu`). Time, not
+#    instructions: it moves with the load on the box (printed with it), but it shows what
+#    callgrind cannot, the kernel's share.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BACKEND=${1:-sled}
@@ -79,7 +84,7 @@ id = "n1"
 listen = "127.0.0.1:$PUB"
 admin = "127.0.0.1:$ADM"
 TOML
-valgrind --tool=callgrind --collect-atstart=no --callgrind-out-file="$DIR/node.out" \
+valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$DIR/node.out" \
   "$BIN" run --config "$DIR/mailroom.toml" >"$DIR/node.log" 2>&1 &
 NODE_PID=$!
 for _ in $(seq 1 1200); do
@@ -104,4 +109,22 @@ print(f"ratio: {p / f:.2f}x the unpack floor")
 PY
 if [ -n "${NODECPU_TOP:-}" ]; then
   callgrind_annotate --inclusive=no "$DUMP" 2>/dev/null | sed -n '1,60p'
+fi
+
+if [ -n "${NODECPU_NATIVE:-}" ]; then
+  kill -TERM "$NODE_PID" 2>/dev/null || true
+  for _ in $(seq 1 300); do kill -0 "$NODE_PID" 2>/dev/null || break; sleep 0.1; done
+  sed -i "s#path = \"$DIR/data\"#path = \"$DIR/data-native\"#" "$DIR/mailroom.toml"
+  "$BIN" run --config "$DIR/mailroom.toml" >"$DIR/node-native.log" 2>&1 &
+  NODE_PID=$!
+  for _ in $(seq 1 600); do
+    curl -fsS "http://127.0.0.1:$ADM/ready" 2>/dev/null | grep -q '"ready":true' && break
+    kill -0 "$NODE_PID" 2>/dev/null || { cat "$DIR/node-native.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  "$DRV" cpu "http://127.0.0.1:$PUB" "$NODECPU_NATIVE" "$CONC" "$NODE_PID" >"$DIR/native.log" 2>&1 || {
+    cat "$DIR/native.log" >&2
+    exit 1
+  }
+  echo "native ($BACKEND, $NODECPU_NATIVE forwards, load average $(cut -d' ' -f1-3 /proc/loadavg)): $(grep '^node CPU' "$DIR/native.log")"
 fi
