@@ -87,11 +87,15 @@ TOML
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$DIR/node.out" \
   "$BIN" run --config "$DIR/mailroom.toml" >"$DIR/node.log" 2>&1 &
 NODE_PID=$!
-for _ in $(seq 1 1200); do
-  curl -fsS "http://127.0.0.1:$ADM/ready" 2>/dev/null | grep -q '"ready":true' && break
-  kill -0 "$NODE_PID" 2>/dev/null || { cat "$DIR/node.log" >&2; exit 1; }
-  sleep 0.1
-done
+# wait_node LOG TRIES: until the node says ready (0.1 s a try); its log and exit if it died.
+wait_node() {
+  for _ in $(seq 1 "$2"); do
+    curl -fsS "http://127.0.0.1:$ADM/ready" 2>/dev/null | grep -q '"ready":true' && return 0
+    kill -0 "$NODE_PID" 2>/dev/null || { cat "$1" >&2; exit 1; }
+    sleep 0.1
+  done
+}
+wait_node "$DIR/node.log" 1200
 "$DRV" node "http://127.0.0.1:$PUB" "$N" "$CONC" "$NODE_PID" >"$DIR/driver.log" 2>&1 || {
   cat "$DIR/driver.log" >&2
   exit 1
@@ -117,11 +121,7 @@ if [ -n "${NODECPU_NATIVE:-}" ]; then
   sed -i "s#path = \"$DIR/data\"#path = \"$DIR/data-native\"#" "$DIR/mailroom.toml"
   "$BIN" run --config "$DIR/mailroom.toml" >"$DIR/node-native.log" 2>&1 &
   NODE_PID=$!
-  for _ in $(seq 1 600); do
-    curl -fsS "http://127.0.0.1:$ADM/ready" 2>/dev/null | grep -q '"ready":true' && break
-    kill -0 "$NODE_PID" 2>/dev/null || { cat "$DIR/node-native.log" >&2; exit 1; }
-    sleep 0.1
-  done
+  wait_node "$DIR/node-native.log" 600
   "$DRV" cpu "http://127.0.0.1:$PUB" "$NODECPU_NATIVE" "$CONC" "$NODE_PID" >"$DIR/native.log" 2>&1 || {
     cat "$DIR/native.log" >&2
     exit 1
