@@ -367,7 +367,8 @@ pub async fn run(
     shutdown.await;
 
     // Ordered teardown: stop accepting sockets, close sessions with 1001 so wallets reconnect
-    // elsewhere, leave the cluster, finish in-flight requests, hand leases back, flush.
+    // elsewhere, leave the cluster, finish in-flight requests and pushes, hand leases back,
+    // flush.
     tracing::info!(node = node_id, "shutting down");
     ready_flag.store(false, Ordering::SeqCst);
     shared.draining.store(true, Ordering::SeqCst);
@@ -379,9 +380,6 @@ pub async fn run(
         .await
         .unwrap_or(0);
     tracing::info!(sessions = closed, "sessions closed");
-    if let Some(p) = shared.push.get() {
-        p.stop();
-    }
     if let Some(c) = &cluster {
         c.leave().await;
     }
@@ -389,6 +387,11 @@ pub async fn run(
     admin_handle.stop(true).await;
     let _ = public_task.await;
     let _ = admin_task.await;
+    // After the last request: every forward it accepted has handed its event over, and the
+    // pushes already started (this node claimed their windows) go out before it leaves.
+    if let Some(p) = shared.push.get() {
+        p.stop().await;
+    }
     if let Err(e) = store.release_owner(&shared.http_owner()).await {
         tracing::warn!("leases not released on shutdown (they expire): {e}");
     }

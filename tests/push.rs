@@ -724,6 +724,31 @@ async fn trailing_push_survives_the_node_that_scheduled_it() {
     assert_clean(&wait_hits(&si, "fcm:", 2).await);
 }
 
+/// A node stopped gracefully while its push is in flight (here: the provider's token endpoint
+/// is slow) sends that push before it exits: the push window it claimed would otherwise leave
+/// the wallet asleep until its next event.
+#[actix_rt::test]
+async fn a_graceful_stop_finishes_the_push_in_flight() {
+    let si = StandIn::start();
+    let (_d, n, a, k) = push_node(&si, 60, &["proj-a"], false).await;
+    set_device(&a, FCM, json!("stopping-node-token"), Some("android")).await;
+    si.state.script(
+        "token",
+        vec![Reply::new(200, json!({})).delayed(Duration::from_millis(1500))],
+    );
+    forward(&n, &a, &k, "wake up").await;
+    eventually("the token grant under way", || async {
+        si.state.arrived.lock().iter().any(|k| k == "token").then_some(())
+    })
+    .await;
+    assert!(si.state.hits("fcm:").is_empty(), "the token is held: no push yet");
+    n.stop().unwrap();
+    // `stop` returned: the node is gone, and its push reached the provider first.
+    let hits = si.state.hits("fcm:");
+    assert_eq!(hits.len(), 1, "the push in flight went out before the node exited");
+    assert_clean(&hits);
+}
+
 /// The config file of a cluster whose n1 is a `mailroom` process (`n1`, free addresses) and
 /// whose other nodes are in-process (their listeners already bound), with this stand-in's
 /// `[push]` section: every node reads the same file.

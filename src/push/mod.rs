@@ -246,9 +246,18 @@ impl PushMetrics {
 }
 
 enum Cmd {
-    Queued { conn: String, at: Instant },
-    Stop,
+    Queued {
+        conn: String,
+        at: Instant,
+    },
+    /// Finish what is in flight (within [`STOP_GRACE`]), then answer.
+    Stop(tokio::sync::oneshot::Sender<()>),
 }
+
+/// How long a stopping node gives the pushes it has started (a token grant, a provider's
+/// answer, a retry's back-off) before it abandons them. A push whose window this node claimed
+/// is the wallet's only wake-up until its next event: a graceful stop must not drop it.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// The node's handle on its push worker. Cheap to clone; never blocks.
 #[derive(Clone)]
@@ -269,9 +278,15 @@ impl PushHandle {
         }
     }
 
-    /// Stops the worker (node shutdown); pushes in flight are abandoned.
-    pub fn stop(&self) {
-        let _ = self.tx.try_send(Cmd::Stop);
+    /// Stops the worker (node shutdown): the events already handed over are handled and the
+    /// pushes in flight finish, for at most [`STOP_GRACE`]; returns when they have.
+    pub async fn stop(&self) {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let handed = tokio::time::timeout(STOP_GRACE, self.tx.send(Cmd::Stop(done_tx))).await;
+        if matches!(handed, Ok(Ok(()))) {
+            // The worker bounds its own wait; this bound is for a worker that is gone.
+            let _ = tokio::time::timeout(STOP_GRACE + Duration::from_secs(1), done_rx).await;
+        }
     }
 }
 
@@ -352,29 +367,44 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
         min_interval_ms = window,
         "push notifications on"
     );
-    loop {
+    // Every push this worker starts, so that a stop can let them finish.
+    let mut in_flight = tokio::task::JoinSet::new();
+    let done = loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                None | Some(Cmd::Stop) => break,
+                None => break None,
+                Some(Cmd::Stop(done)) => break Some(done),
                 Some(Cmd::Queued { conn, at }) => {
-                    actix_rt::spawn(on_event(ctx.clone(), conn, at));
+                    in_flight.spawn_local(on_event(ctx.clone(), conn, at));
                 }
             },
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
             _ = poll.tick(), if window > 0 => {
                 let now = crate::protocols::now_ms();
                 // Windows idle for twice their length are forgotten.
                 match ctx.store.push_take_due(now, now - 2 * window, TAKE_DUE_BATCH).await {
                     Ok(due) => {
                         for conn in due {
-                            actix_rt::spawn(push_one(ctx.clone(), conn, Instant::now(), None));
+                            in_flight.spawn_local(push_one(ctx.clone(), conn, Instant::now(), None));
                         }
                     }
                     Err(e) => tracing::warn!("push: trailing pushes not polled: {e}"),
                 }
             }
         }
+    };
+    let drained = tokio::time::timeout(STOP_GRACE, async { while in_flight.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            abandoned = in_flight.len(),
+            "push worker stopped with pushes still in flight after {STOP_GRACE:?}"
+        );
+        in_flight.abort_all();
     }
     tracing::info!("push worker stopped");
+    if let Some(done) = done {
+        let _ = done.send(());
+    }
 }
 
 /// Trailing pushes one poll takes at most.

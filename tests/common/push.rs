@@ -27,6 +27,8 @@ pub struct Reply {
     pub status: u16,
     pub retry_after: Option<String>,
     pub body: Value,
+    /// How long the endpoint holds the request before it answers (a slow provider).
+    pub delay: Option<std::time::Duration>,
 }
 
 impl Reply {
@@ -35,7 +37,12 @@ impl Reply {
             status,
             retry_after: None,
             body,
+            delay: None,
         }
+    }
+    pub fn delayed(mut self, d: std::time::Duration) -> Reply {
+        self.delay = Some(d);
+        self
     }
     pub fn retry_after(mut self, v: &str) -> Reply {
         self.retry_after = Some(v.into());
@@ -76,6 +83,8 @@ pub struct Hit {
 pub struct State {
     pub scripts: Mutex<HashMap<String, VecDeque<Reply>>>,
     pub hits: Mutex<Vec<Hit>>,
+    /// Kinds of the requests received, at their arrival (a hit is recorded when answered).
+    pub arrived: Mutex<Vec<String>>,
     pub issued: Mutex<Vec<String>>,
     pub ec_public_pem: String,
     pub token_uri: Mutex<String>,
@@ -275,6 +284,7 @@ fn record(st: &State, kind: &str, req: &HttpRequest, body: Value, status: u16, p
 }
 
 async fn token(req: HttpRequest, body: web::Bytes, st: web::Data<State>) -> HttpResponse {
+    st.arrived.lock().push("token".into());
     let mut problems = Vec::new();
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     if form.get("grant_type").map(String::as_str) != Some("urn:ietf:params:oauth:grant-type:jwt-bearer") {
@@ -300,6 +310,9 @@ async fn token(req: HttpRequest, body: web::Bytes, st: web::Data<State>) -> Http
         Err(e) => problems.push(format!("assertion does not verify: {e}")),
     }
     let r = st.next("token");
+    if let Some(d) = r.delay {
+        actix_rt::time::sleep(d).await;
+    }
     let r = if r.status == 200 && problems.is_empty() {
         let tok = format!("at-{}", uuid::Uuid::new_v4());
         st.issued.lock().push(tok.clone());
