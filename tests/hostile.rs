@@ -255,8 +255,8 @@ async fn a_wallet_that_never_reads_holds_a_bounded_share_and_loses_nothing() {
     cfg.nodes[0].listen = l.public.local_addr().unwrap().to_string();
     let n = mailroom::node::spawn(cfg, "n1", l, Default::default()).unwrap();
     let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
-    // A backlog waits for the wallet: 100 messages of 16 KiB.
-    const BACKLOG: usize = 100;
+    // A backlog waits for the wallet: 250 messages of 16 KiB.
+    const BACKLOG: usize = 250;
     const N: usize = BACKLOG + 20;
     let big = "x".repeat(16 << 10);
     let mut sent = HashSet::new();
@@ -277,7 +277,9 @@ async fn a_wallet_that_never_reads_holds_a_bounded_share_and_loses_nothing() {
     }
     // The node took what the socket could hold and stopped: every message is still queued,
     // and no more than a few batches (delivery.batch_size = 10) are leased to the deaf
-    // session: the rest never left the store for its memory.
+    // session: the rest never left the store for its memory. A few: the batch the writer
+    // holds, the lease in flight, and what the kernel took (its loopback accounting lets
+    // through a varying share despite the pinned buffers: 2 to 6 batches seen, under load).
     let (in_flight, depth) = eventually("the deaf session's leases to settle", || async {
         let first = lease_counts(&n).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -287,7 +289,7 @@ async fn a_wallet_that_never_reads_holds_a_bounded_share_and_loses_nothing() {
     .await;
     assert_eq!(depth, N as u64, "every message stays queued");
     assert!(
-        in_flight <= 4 * 10,
+        in_flight <= 8 * 10,
         "{in_flight} of {N} messages leased to a session that reads nothing"
     );
     let (_, metrics) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
