@@ -29,6 +29,9 @@ pub struct Grant {
     pub routing_keys: Vec<String>,
 }
 
+/// Box-key pairs an [`Agent`] keeps: its keys with the mediator's, and a few senders.
+const AGENT_BOX_PAIRS: usize = 16;
+
 /// An agent without an endpoint of its own (a wallet), connected to one mediator.
 pub struct Agent {
     /// The key of our DID for this connection.
@@ -43,6 +46,8 @@ pub struct Agent {
     pub thread_id: String,
     /// Every key we can unpack with (the DID key and registered recipient keys).
     keyring: HashMap<String, KeyPair>,
+    /// Box keys with the mediator (one pair per key of ours that talks to it).
+    box_keys: Box<envelope::BoxKeys>,
     timeout: Duration,
 }
 
@@ -144,6 +149,7 @@ impl Agent {
             grant: None,
             thread_id: String::new(),
             keyring,
+            box_keys: Box::new(envelope::BoxKeys::new(AGENT_BOX_PAIRS)),
             timeout: Duration::from_secs(20),
         };
         let req_id = new_id();
@@ -198,6 +204,7 @@ impl Agent {
             grant: None,
             thread_id: String::new(),
             keyring,
+            box_keys: Box::new(envelope::BoxKeys::new(AGENT_BOX_PAIRS)),
             timeout: Duration::from_secs(20),
         }
     }
@@ -209,16 +216,18 @@ impl Agent {
 
     /// Packs a plaintext for the mediator (authcrypt from our DID key).
     pub fn pack(&self, msg: &Value) -> anyhow::Result<Vec<u8>> {
-        Ok(envelope::pack(
+        Ok(envelope::pack_cached(
             &serde_json::to_vec(msg)?,
             std::slice::from_ref(&self.mediator_verkey),
             Some(&self.key),
+            envelope::PayloadCipher::ChaCha20Poly1305,
+            Some(&self.box_keys),
         )?)
     }
 
     /// Unpacks anything addressed to one of our keys.
     pub fn unpack(&self, env: &[u8]) -> anyhow::Result<(Value, String)> {
-        let u = envelope::unpack(env, &|kid| self.keyring.get(kid).cloned())?;
+        let u = envelope::unpack_cached(env, &|kid| self.keyring.get(kid).cloned(), Some(&self.box_keys))?;
         Ok((serde_json::from_slice(&u.plaintext)?, u.recipient_verkey))
     }
 

@@ -15,7 +15,7 @@
 
 use askar_crypto::alg::chacha20::{Chacha20Key, C20P, XC20P};
 use askar_crypto::buffer::SecretBytes;
-use askar_crypto::encrypt::crypto_box::{crypto_box, crypto_box_open, crypto_box_seal, crypto_box_seal_open};
+use askar_crypto::encrypt::crypto_box::{crypto_box_seal, crypto_box_seal_open};
 use askar_crypto::encrypt::KeyAeadInPlace;
 use askar_crypto::repr::KeySecretBytes;
 use serde::{Deserialize, Serialize};
@@ -23,6 +23,9 @@ use std::borrow::Cow;
 
 use super::b64;
 use super::keys::{self, KeyPair};
+
+mod box_keys;
+pub use box_keys::BoxKeys;
 
 /// Most recipients we read from one envelope. Real peers send 1-3 (one per recipient key of
 /// the target's service); anything near this is abuse.
@@ -204,6 +207,15 @@ pub fn recipient_kids(envelope: &[u8]) -> Result<Vec<String>, EnvelopeError> {
 /// Open an envelope with the first recipient whose key `find_key` (called with base58
 /// verkeys) returns.
 pub fn unpack(envelope: &[u8], find_key: &dyn Fn(&str) -> Option<KeyPair>) -> Result<Unpacked, EnvelopeError> {
+    unpack_cached(envelope, find_key, None)
+}
+
+/// [`unpack`] with the authcrypt box keys taken from (and kept in) `cache`.
+pub fn unpack_cached(
+    envelope: &[u8],
+    find_key: &dyn Fn(&str) -> Option<KeyPair>,
+    cache: Option<&BoxKeys>,
+) -> Result<Unpacked, EnvelopeError> {
     let outer: OuterIn = serde_json::from_slice(envelope).map_err(|_| EnvelopeError::NotJson)?;
     let (alg, recipients) = parse_protected(&outer.protected)?;
     let (recipient, key) = recipients
@@ -262,10 +274,12 @@ pub fn unpack(envelope: &[u8], find_key: &dyn Fn(&str) -> Option<KeyPair>) -> Re
                 .map_err(|_| EnvelopeError::Malformed("sender is not a verkey".into()))?;
             let sender_pk = keys::parse_verkey(sender_vk)
                 .map_err(|_| EnvelopeError::Malformed("sender is not an ed25519 verkey".into()))?;
-            let sender_x = keys::ed_to_x25519_public(&sender_pk)
+            let (pair, fresh) = box_keys::lookup(cache, &key, &sender_pk)
                 .map_err(|_| EnvelopeError::Malformed("sender is not an ed25519 verkey".into()))?;
-            let mut cek = SecretBytes::from_slice(&encrypted_key);
-            crypto_box_open(recip_x, &sender_x, &mut cek, &nonce).map_err(|_| EnvelopeError::Decrypt)?;
+            let cek = SecretBytes::from(pair.open(&encrypted_key, &nonce).ok_or(EnvelopeError::Decrypt)?);
+            if let (true, Some(c)) = (fresh, cache) {
+                c.insert(&key, &sender_pk, pair);
+            }
             (cek, Some(keys::verkey_to_base58(&sender_pk)))
         }
         Alg::Anoncrypt => {
@@ -320,6 +334,17 @@ pub fn pack_with(
     sender: Option<&KeyPair>,
     cipher: PayloadCipher,
 ) -> Result<Vec<u8>, EnvelopeError> {
+    pack_cached(plaintext, recipient_verkeys, sender, cipher, None)
+}
+
+/// [`pack_with`] with the authcrypt box keys taken from (and kept in) `cache`.
+pub fn pack_cached(
+    plaintext: &[u8],
+    recipient_verkeys: &[String],
+    sender: Option<&KeyPair>,
+    cipher: PayloadCipher,
+    cache: Option<&BoxKeys>,
+) -> Result<Vec<u8>, EnvelopeError> {
     if recipient_verkeys.is_empty() {
         return Err(EnvelopeError::NoRecipients);
     }
@@ -332,17 +357,19 @@ pub fn pack_with(
 
     let mut recipients = Vec::with_capacity(recipient_verkeys.len());
     for rk in recipient_verkeys {
-        let pk = keys::parse_verkey(rk).map_err(|source| EnvelopeError::InvalidKey { key: short(rk), source })?;
-        let recip_x =
-            keys::ed_to_x25519_public(&pk).map_err(|source| EnvelopeError::InvalidKey { key: short(rk), source })?;
+        let invalid = |source| EnvelopeError::InvalidKey { key: short(rk), source };
+        let pk = keys::parse_verkey(rk).map_err(invalid)?;
         let kid = keys::verkey_to_base58(&pk);
         let rec = match sender {
             Some(sender) => {
-                let enc_sender = crypto_box_seal(&recip_x, sender.verkey().as_bytes()).map_err(crypto)?;
+                let (pair, fresh) = box_keys::lookup(cache, sender, &pk).map_err(invalid)?;
+                let enc_sender = crypto_box_seal(&pair.their_x, sender.verkey().as_bytes()).map_err(crypto)?;
                 let mut nonce = [0u8; CBOX_NONCE_LEN];
                 rand::Rng::fill(&mut rand::rngs::OsRng, &mut nonce[..]);
-                let mut enc_cek = SecretBytes::from_slice(&cek);
-                crypto_box(&recip_x, sender.x25519(), &mut enc_cek, &nonce).map_err(crypto)?;
+                let enc_cek = pair.seal(&cek, &nonce);
+                if let (true, Some(c)) = (fresh, cache) {
+                    c.insert(sender, &pk, pair);
+                }
                 RecipientOut {
                     encrypted_key: b64::encode(enc_cek.as_ref()),
                     header: RecipientHeaderOut {
@@ -353,7 +380,11 @@ pub fn pack_with(
                 }
             }
             None => RecipientOut {
-                encrypted_key: b64::encode(crypto_box_seal(&recip_x, &cek).map_err(crypto)?.as_ref()),
+                encrypted_key: b64::encode(
+                    crypto_box_seal(&keys::ed_to_x25519_public(&pk).map_err(invalid)?, &cek)
+                        .map_err(crypto)?
+                        .as_ref(),
+                ),
                 header: RecipientHeaderOut {
                     kid,
                     sender: None,

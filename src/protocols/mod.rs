@@ -95,6 +95,9 @@ pub struct Mediator {
     /// The stable id of the public multi-use invitation.
     pub invitation_id: String,
     by_verkey: HashMap<String, KeyPair>,
+    /// Authcrypt box keys by (our key, the peer's): one X25519 multiplication per connection,
+    /// not one per message.
+    box_keys: envelope::BoxKeys,
     /// The DIDComm v2 identity (did:peer:2), derived from the same keys.
     pub v2: v2::V2Identity,
 }
@@ -136,6 +139,7 @@ impl Mediator {
             max_keys_per_connection: cfg.limits.max_keys_per_connection,
             invitation_id,
             by_verkey,
+            box_keys: envelope::BoxKeys::default(),
             keys,
             v2,
         }
@@ -147,7 +151,7 @@ impl Mediator {
 
     /// Unpacks an envelope with the mediator's keys.
     pub fn unpack(&self, env: &[u8]) -> Result<envelope::Unpacked, EnvelopeError> {
-        envelope::unpack(env, &|kid| self.key_for(kid))
+        envelope::unpack_cached(env, &|kid| self.key_for(kid), Some(&self.box_keys))
     }
 
     /// Packs a reply for a connection: authcrypt from the key the peer talks to.
@@ -162,8 +166,14 @@ impl Mediator {
             return Err(HandleError::Internal(format!("connection {} has no keys", conn.id)));
         }
         let body = serde_json::to_vec(msg).map_err(|e| HandleError::Internal(e.to_string()))?;
-        let packed = envelope::pack(&body, &conn.their_verkeys[..1], Some(&sender))
-            .map_err(|e| HandleError::Internal(format!("pack: {e}")))?;
+        let packed = envelope::pack_cached(
+            &body,
+            &conn.their_verkeys[..1],
+            Some(&sender),
+            envelope::PayloadCipher::ChaCha20Poly1305,
+            Some(&self.box_keys),
+        )
+        .map_err(|e| HandleError::Internal(format!("pack: {e}")))?;
         if conn.their_routing_keys.is_empty() {
             Ok(packed)
         } else {

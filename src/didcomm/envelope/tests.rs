@@ -501,3 +501,92 @@ fn pack_for_resolved_did() {
         Err(EnvelopeError::NoRecipients)
     ));
 }
+
+/// The cached box is libsodium's `crypto_box_easy`, byte for byte askar's.
+#[test]
+fn box_keys_pair_boxes_as_askar_does() {
+    use askar_crypto::encrypt::crypto_box::{crypto_box, crypto_box_open};
+    let (ours, theirs) = (kp(1), kp(2));
+    let nonce = [7u8; 24];
+    let pair = box_keys::Pair::derive(&ours, &theirs.public_bytes()).unwrap();
+    let mut askar_boxed = SecretBytes::from_slice(b"a content key of 32 bytes here!!");
+    crypto_box(theirs.x25519(), ours.x25519(), &mut askar_boxed, &nonce).unwrap();
+    let boxed = pair.seal(b"a content key of 32 bytes here!!", &nonce);
+    assert_eq!(boxed, askar_boxed.as_ref());
+    // Opened by askar from the other side, and ours opens askar's.
+    let mut b = SecretBytes::from_slice(&boxed);
+    crypto_box_open(theirs.x25519(), ours.x25519(), &mut b, &nonce).unwrap();
+    assert_eq!(b.as_ref(), b"a content key of 32 bytes here!!");
+    let back = box_keys::Pair::derive(&theirs, &ours.public_bytes()).unwrap();
+    assert_eq!(back.open(&boxed, &nonce).unwrap(), b"a content key of 32 bytes here!!");
+    let mut bad = boxed.clone();
+    bad[20] ^= 1;
+    assert!(back.open(&bad, &nonce).is_none());
+    assert!(back.open(&boxed, &[8u8; 24]).is_none());
+    assert!(back.open(&boxed[..15], &nonce).is_none());
+}
+
+/// Cached and uncached envelopes open each other; a pair is kept per (our key, their key),
+/// never per one of them; a box forged under a cached pair's sender still fails.
+#[test]
+fn box_keys_cache_per_pair_and_forged_senders_still_fail() {
+    let (m1, m2, a, b, eve) = (kp(31), kp(32), kp(33), kp(34), kp(35));
+    let (mc, ac) = (BoxKeys::new(64), BoxKeys::new(64));
+    let mine = finder(&[m1.clone(), m2.clone()]);
+    let cached = |env: &[u8]| unpack_cached(env, &mine, Some(&mc));
+    let c20 = PayloadCipher::ChaCha20Poly1305;
+    for i in 0..3 {
+        let env = pack_cached(
+            format!("{{\"n\":{i}}}").as_bytes(),
+            &[m1.verkey()],
+            Some(&a),
+            c20,
+            Some(&ac),
+        )
+        .unwrap();
+        let u = cached(&env).unwrap();
+        assert_eq!(u.sender_verkey, Some(a.verkey()));
+        assert_eq!(u.plaintext, format!("{{\"n\":{i}}}").as_bytes());
+        assert_eq!(unpack(&env, &mine).unwrap().sender_verkey, Some(a.verkey()));
+    }
+    assert_eq!((mc.len(), ac.len()), (1, 1), "one pair each side, whatever the count");
+    let from_b = pack(b"{}", &[m1.verkey()], Some(&b)).unwrap();
+    assert_eq!(cached(&from_b).unwrap().sender_verkey, Some(b.verkey()));
+    let to_m2 = pack(b"{}", &[m2.verkey()], Some(&a)).unwrap();
+    let u = cached(&to_m2).unwrap();
+    assert_eq!((u.sender_verkey, u.recipient_verkey), (Some(a.verkey()), m2.verkey()));
+    assert_eq!(mc.len(), 3, "(m1, a), (m1, b), (m2, a)");
+    // The reply from m1 to a reuses (m1, a) and opens with and without a's cache.
+    let reply = pack_cached(b"{\"r\":1}", &[a.verkey()], Some(&m1), c20, Some(&mc)).unwrap();
+    assert_eq!(mc.len(), 3);
+    let u = unpack(&reply, &finder(std::slice::from_ref(&a))).unwrap();
+    assert_eq!(u.sender_verkey, Some(m1.verkey()));
+    let u = unpack_cached(&reply, &finder(std::slice::from_ref(&a)), Some(&ac)).unwrap();
+    assert_eq!(u.plaintext, b"{\"r\":1}");
+
+    // Eve boxes the content key with her own key and names another key as the sender: a's,
+    // whose pair with m1 is cached, or c's, which is not. Neither opens, and no pair is kept.
+    let forge = |claimed: &KeyPair| {
+        let env = pack(b"{\"evil\":1}", &[m1.verkey()], Some(&eve)).unwrap();
+        let mut outer: serde_json::Value = serde_json::from_slice(&env).unwrap();
+        let mut prot = protected_json(&env);
+        let sealed = crypto_box_seal(m1.x25519(), claimed.verkey().as_bytes()).unwrap();
+        prot["recipients"][0]["header"]["sender"] = b64::encode(sealed.as_ref()).into();
+        outer["protected"] = b64::encode(&serde_json::to_vec(&prot).unwrap()).into();
+        serde_json::to_vec(&outer).unwrap()
+    };
+    for claimed in [&a, &kp(36)] {
+        let forged = forge(claimed);
+        assert!(matches!(cached(&forged), Err(EnvelopeError::Decrypt)));
+        assert!(matches!(unpack(&forged, &mine), Err(EnvelopeError::Decrypt)));
+        assert_eq!(mc.len(), 3, "a box that did not open leaves no pair");
+    }
+    // A full cache starts over and keeps working.
+    let small = BoxKeys::new(2);
+    for k in [&a, &b, &eve, &a] {
+        let env = pack(b"{}", &[m1.verkey()], Some(k)).unwrap();
+        let u = unpack_cached(&env, &mine, Some(&small)).unwrap();
+        assert_eq!(u.sender_verkey, Some(k.verkey()));
+        assert!(small.len() <= 2);
+    }
+}

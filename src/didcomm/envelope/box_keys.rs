@@ -1,0 +1,147 @@
+//! crypto_box between one of our keys and a peer's key, with the shared key computed once per
+//! pair.
+//!
+//! Authcrypt boxes the content key from the sender's key to each recipient's key: an X25519
+//! multiplication and an HSalsa20 per envelope (and as many to open it), for a pair of keys
+//! that is the same for every message of a connection — each delivery to a wallet, its
+//! acknowledgement, the status reply. [`BoxKeys`] keeps the derived XSalsa20-Poly1305 key (and
+//! the peer's X25519 key, a point decompression) by pair, bounded, so a busy connection pays
+//! for them once. The sealed parts of an envelope (the sender's key, anoncrypt's content key)
+//! use a fresh ephemeral key every time and are never cached.
+//!
+//! A box is byte for byte libsodium's `crypto_box_easy` (tag, then ciphertext), as askar's
+//! `crypto_box` makes it (tests). A pair enters the cache only once it has opened or made a
+//! box, and is found only by both public keys: a cached key never serves another pair.
+
+use super::super::keys::{self, KeyError, KeyPair};
+use askar_crypto::alg::x25519::X25519KeyPair;
+use askar_crypto::repr::ToSecretBytes;
+use crypto_box::aead::generic_array::GenericArray;
+use crypto_box::aead::AeadInPlace;
+use crypto_box::SalsaBox;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Pairs a node keeps: one per connection that exchanged authcrypt messages lately. ~0.2 KiB
+/// each (3 MiB when full); when full the cache starts over.
+pub const DEFAULT_CAPACITY: usize = 16_384;
+
+const TAG_LEN: usize = 16;
+
+/// One of our keys and one peer key: the peer's X25519 key and the box's shared key.
+pub struct Pair {
+    pub(crate) their_x: X25519KeyPair,
+    shared: SalsaBox,
+}
+
+impl Pair {
+    /// The X25519 multiplication and HSalsa20 for `ours` and the peer's Ed25519 key `theirs`.
+    pub fn derive(ours: &KeyPair, theirs: &[u8; 32]) -> Result<Pair, KeyError> {
+        let their_x = keys::ed_to_x25519_public(theirs)?;
+        let their_pk = crypto_box::PublicKey::from(keys::x25519_public_bytes(&their_x));
+        let secret = ours
+            .x25519()
+            .to_secret_bytes()
+            .map_err(|_| KeyError::Unsupported("a key pair without its X25519 secret".into()))?;
+        let bytes: [u8; 32] = secret
+            .as_ref()
+            .try_into()
+            .map_err(|_| KeyError::BadLength(secret.len()))?;
+        let sk = crypto_box::SecretKey::from(bytes);
+        Ok(Pair {
+            their_x,
+            shared: SalsaBox::new(&their_pk, &sk),
+        })
+    }
+
+    /// Boxes `msg` with a 24-byte `nonce`: tag, then ciphertext.
+    pub fn seal(&self, msg: &[u8], nonce: &[u8; 24]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(TAG_LEN + msg.len());
+        out.extend_from_slice(&[0u8; TAG_LEN]);
+        out.extend_from_slice(msg);
+        // Infallible for XSalsa20-Poly1305 at these sizes (the AEAD refuses only > 2^38 bytes).
+        if let Ok(tag) =
+            self.shared
+                .encrypt_in_place_detached(GenericArray::from_slice(nonce), &[], &mut out[TAG_LEN..])
+        {
+            out[..TAG_LEN].copy_from_slice(&tag);
+        }
+        out
+    }
+
+    /// Opens a box made by [`Pair::seal`] (or `crypto_box_easy`); `None` if it does not verify.
+    pub fn open(&self, boxed: &[u8], nonce: &[u8]) -> Option<Vec<u8>> {
+        if boxed.len() < TAG_LEN || nonce.len() != 24 {
+            return None;
+        }
+        let tag = GenericArray::clone_from_slice(&boxed[..TAG_LEN]);
+        let mut msg = boxed[TAG_LEN..].to_vec();
+        self.shared
+            .decrypt_in_place_detached(GenericArray::from_slice(nonce), &[], &mut msg, &tag)
+            .ok()?;
+        Some(msg)
+    }
+}
+
+/// Pairs by (our Ed25519 public key, theirs), bounded. Shared by the threads of a node.
+pub struct BoxKeys {
+    pairs: Mutex<HashMap<[u8; 64], Arc<Pair>>>,
+    capacity: usize,
+}
+
+impl Default for BoxKeys {
+    fn default() -> Self {
+        BoxKeys::new(DEFAULT_CAPACITY)
+    }
+}
+
+impl BoxKeys {
+    pub fn new(capacity: usize) -> BoxKeys {
+        BoxKeys {
+            pairs: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn id(ours: &KeyPair, theirs: &[u8; 32]) -> [u8; 64] {
+        let mut id = [0u8; 64];
+        id[..32].copy_from_slice(&ours.public_bytes());
+        id[32..].copy_from_slice(theirs);
+        id
+    }
+
+    /// The cached pair, if any.
+    pub fn get(&self, ours: &KeyPair, theirs: &[u8; 32]) -> Option<Arc<Pair>> {
+        self.pairs.lock().get(&Self::id(ours, theirs)).cloned()
+    }
+
+    /// Keeps a pair that made or opened a box.
+    pub fn insert(&self, ours: &KeyPair, theirs: &[u8; 32], pair: Arc<Pair>) {
+        let mut pairs = self.pairs.lock();
+        if pairs.len() >= self.capacity {
+            pairs.clear();
+        }
+        pairs.insert(Self::id(ours, theirs), pair);
+    }
+
+    pub fn len(&self) -> usize {
+        self.pairs.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The pair from `cache` or derived; the flag says whether it still has to be inserted.
+pub(crate) fn lookup(
+    cache: Option<&BoxKeys>,
+    ours: &KeyPair,
+    theirs: &[u8; 32],
+) -> Result<(Arc<Pair>, bool), KeyError> {
+    if let Some(p) = cache.and_then(|c| c.get(ours, theirs)) {
+        return Ok((p, false));
+    }
+    Ok((Arc::new(Pair::derive(ours, theirs)?), cache.is_some()))
+}
