@@ -73,6 +73,45 @@ pub(crate) fn crypto_floor(t: &mut Table, o: &Opts) -> Result<f64> {
     );
     let mut chosen = if o.didcomm == Didcomm::V1 { Some(best) } else { None };
 
+    // What a live message costs the node besides the forward: a delivery packed to the wallet
+    // and the wallet's acknowledgement opened (both authcrypt between the same two keys),
+    // with the box key computed each time and once per pair (envelope::BoxKeys).
+    let mediator = KeyPair::generate();
+    let delivery = vec![b'x'; 1_200];
+    let to_wallet = [wallet.verkey()];
+    let ack = br#"{"@type":"https://didcomm.org/messagepickup/2.0/messages-received","message_id_list":["0"]}"#;
+    let acks: Vec<Vec<u8>> = (0..200)
+        .map(|_| envelope::pack(ack, &[mediator.verkey()], Some(&wallet)))
+        .collect::<Result<_, _>>()?;
+    let mk = mediator.verkey();
+    let find_m = |kid: &str| (kid == mk).then(|| mediator.clone());
+    let cache = envelope::BoxKeys::default();
+    for cached in [false, true] {
+        let c = cached.then_some(&cache);
+        let (best, mean, n) = time_unpacks(&acks, &|e| {
+            let cipher = envelope::PayloadCipher::ChaCha20Poly1305;
+            std::hint::black_box(envelope::pack_cached(
+                &delivery,
+                &to_wallet,
+                Some(&mediator),
+                cipher,
+                c,
+            )?);
+            std::hint::black_box(envelope::unpack_cached(e, &find_m, c)?);
+            Ok(())
+        })?;
+        t.add(
+            &format!(
+                "crypto: pack a delivery + open its ack, box key {}",
+                if cached { "cached per pair" } else { "per message" }
+            ),
+            format!("{best:.1}"),
+            "us",
+            "",
+            format!("authcrypt both ways between one wallet's key and the mediator's, 1,200 B delivery, one thread, fastest of {} batches of 100 (mean {mean:.1} us)", n / 100),
+        );
+    }
+
     // v2: the mediator's identity as a node derives it; a wallet's recipient DID routed
     // through it (service uri = the mediator's DID, as a grant makes it).
     let id = V2Identity::derive(&MediatorKeys::generate(), "http://127.0.0.1:9", "ws://127.0.0.1:9")
