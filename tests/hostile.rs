@@ -44,14 +44,7 @@ async fn read_until_closed(s: &mut TcpStream, within: Duration) -> (Vec<u8>, boo
 
 /// The status line of the node's answer on a raw connection.
 async fn status_line(s: &mut (impl AsyncReadExt + Unpin)) -> String {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while !line.ends_with(b"\r\n") {
-        match tokio::time::timeout(WAIT, s.read(&mut b)).await {
-            Ok(Ok(1)) => line.push(b[0]),
-            other => panic!("no status line: {other:?} after {:?}", String::from_utf8_lossy(&line)),
-        }
-    }
+    let line = read_until(s, b"\r\n", "status line").await;
     String::from_utf8_lossy(&line).trim_end().to_string()
 }
 
@@ -221,12 +214,7 @@ async fn deaf_socket(addr: std::net::SocketAddr) -> TcpStream {
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).await.unwrap(), 1, "handshake answer");
-        head.push(b[0]);
-    }
+    let head = read_until(&mut s, b"\r\n\r\n", "handshake answer").await;
     assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
     s
 }

@@ -24,15 +24,7 @@ fn good_headers() -> String {
 
 /// The answer's head, read a byte at a time (what follows stays in the socket).
 async fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match tokio::time::timeout(WAIT, s.read(&mut b)).await {
-            Ok(Ok(1)) => head.push(b[0]),
-            other => panic!("no answer head: {other:?} after {:?}", String::from_utf8_lossy(&head)),
-        }
-    }
-    String::from_utf8(head).unwrap()
+    String::from_utf8(read_until(s, b"\r\n\r\n", "answer head").await).unwrap()
 }
 
 /// The next data frame from the node (unmasked), skipping its pings.

@@ -63,6 +63,20 @@ pub async fn post_raw(url: &str, content_type: &str, body: Vec<u8>) -> (u16, Str
     (res.status().as_u16(), String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Bytes of a raw connection read one at a time until they end with `end` (what follows stays
+/// in the socket); panics naming `what` on EOF, an error, or nothing for `WAIT`.
+pub async fn read_until(s: &mut (impl tokio::io::AsyncReadExt + Unpin), end: &[u8], what: &str) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(end) {
+        match tokio::time::timeout(WAIT, s.read(&mut b)).await {
+            Ok(Ok(1)) => got.push(b[0]),
+            other => panic!("no {what}: {other:?} after {:?}", String::from_utf8_lossy(&got)),
+        }
+    }
+    got
+}
+
 /// Polls `f` until it returns Some, or panics after `WAIT`.
 pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where
