@@ -944,9 +944,20 @@ async fn through_nginx_in_front_of_three_nodes() {
     assert_clean(&hits);
     // Measured from the burst's start, not from the first push's arrival: that one can reach
     // the provider late on a loaded machine (token grant, TLS), the window runs from the event.
+    // On failure, every push so far: when it arrived and the count it carried (an early
+    // second push with a small count is a second immediate push, not the trailing one).
+    let seen: Vec<String> = si
+        .state
+        .hits("fcm:")
+        .iter()
+        .map(|h| {
+            let at = h.at.saturating_duration_since(started);
+            format!("{at:?}: count {}", h.body["message"]["data"]["message_count"])
+        })
+        .collect();
     assert!(
         hits[1].at >= started + window - Duration::from_millis(100),
-        "trailing after the window"
+        "trailing after the window; burst took {burst:?}; pushes: {seen:?}"
     );
     if burst < window {
         tokio::time::sleep(Duration::from_millis(500)).await;
