@@ -182,6 +182,9 @@ pub struct PushMetrics {
     pub dropped_tokens: Counter,
     /// Events dropped because the worker's queue was full.
     pub overflow: Counter,
+    /// Events pushed at once because the shared push window could not be read or claimed
+    /// (store unavailable): each may be a push more than the window allows.
+    pub window_unavailable: Counter,
 }
 
 impl Default for PushMetrics {
@@ -192,6 +195,7 @@ impl Default for PushMetrics {
             coalesced: Counter::default(),
             dropped_tokens: Counter::default(),
             overflow: Counter::default(),
+            window_unavailable: Counter::default(),
         }
     }
 }
@@ -222,6 +226,11 @@ impl PushMetrics {
             "push_overflow",
             "Push events dropped because the push queue was full",
             self.overflow.clone(),
+        );
+        r.register(
+            "push_window_unavailable",
+            "Queued messages pushed at once because the shared push window was unavailable",
+            self.window_unavailable.clone(),
         );
     }
 
@@ -431,6 +440,7 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant) {
             Err(e) => {
                 // Better a push too many than a wallet left asleep.
                 tracing::warn!(connection = %conn, "push window unavailable, pushing: {e}");
+                ctx.metrics.window_unavailable.inc();
                 PushSlot::Now
             }
         }
