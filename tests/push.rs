@@ -92,6 +92,15 @@ async fn metric(n: &RunningNode, name: &str) -> f64 {
         .sum()
 }
 
+/// `metric` summed over nodes.
+async fn metric_sum(nodes: &[&RunningNode], name: &str) -> f64 {
+    let mut sum = 0.0;
+    for n in nodes {
+        sum += metric(n, name).await;
+    }
+    sum
+}
+
 async fn wait_hits(si: &StandIn, kind: &str, n: usize) -> Vec<Hit> {
     eventually(&format!("{n} {kind} request(s) at the stand-in"), || async {
         let h = si.state.hits(kind);
@@ -500,10 +509,7 @@ async fn push_latency_figures() {
     let (p50, p99, max) = percentiles(measure(&si, &[&n], &a, &k, 40).await);
     println!("push latency, one node (sled), forward 2xx -> FCM stand-in: n=40 p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms");
 
-    let (_db, n1, n2) = two_node_cluster(&si, 0).await;
-    let inv = invitation(&n1).await;
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
-    set_device(&a, FCM, json!("latency-token-2"), Some("android")).await;
+    let (_db, n1, n2, a, k) = two_nodes_and_wallet(&si, 0, "latency-token-2").await;
     let (p50, p99, max) = percentiles(measure(&si, &[&n1, &n2], &a, &k, 40).await);
     println!(
         "push latency, 2 nodes (PostgreSQL), forwards on both: n=40 p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms"
@@ -628,7 +634,13 @@ fn check_config_refuses_bad_push_credentials() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-async fn two_node_cluster(si: &StandIn, min_interval: u64) -> (FreshDb, RunningNode, RunningNode) {
+/// Two PostgreSQL nodes with push on (window `min_interval` s), linked, and a wallet onboarded on
+/// n1 with an FCM registration `token`.
+async fn two_nodes_and_wallet(
+    si: &StandIn,
+    min_interval: u64,
+    token: &str,
+) -> (FreshDb, RunningNode, RunningNode, Agent, KeyPair) {
     let db = FreshDb::create().await;
     let (mut cfg, ls) = bind_cluster(2, &db.url, 100);
     cfg.push = Some(si.push_config(min_interval, &["proj-a"], true));
@@ -639,7 +651,9 @@ async fn two_node_cluster(si: &StandIn, min_interval: u64) -> (FreshDb, RunningN
     for (x, y) in [(&n1, "n2"), (&n2, "n1")] {
         eventually("link up", || async { peer_connected(x, y).await.then_some(()) }).await;
     }
-    (db, n1, n2)
+    let (a, k) = Agent::onboard(&invitation(&n1).await).await.unwrap();
+    set_device(&a, FCM, json!(token), Some("android")).await;
+    (db, n1, n2, a, k)
 }
 
 /// A burst of 100 forwards spread over two nodes (PostgreSQL) to an offline wallet: one push now and one
@@ -647,10 +661,7 @@ async fn two_node_cluster(si: &StandIn, min_interval: u64) -> (FreshDb, RunningN
 #[actix_rt::test]
 async fn cluster_burst_over_nodes_gives_one_push_and_one_trailing() {
     let si = StandIn::start();
-    let (_db, n1, n2) = two_node_cluster(&si, 10).await;
-    let inv = invitation(&n1).await;
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
-    set_device(&a, FCM, json!("cluster-burst-token"), Some("android")).await;
+    let (_db, n1, n2, a, k) = two_nodes_and_wallet(&si, 10, "cluster-burst-token").await;
     let started = Instant::now();
     let texts: Vec<String> = (0..100).map(|i| format!("s{i}")).collect();
     forward_many(&[&n1, &n2], &a, &k, &texts).await;
@@ -676,8 +687,7 @@ async fn cluster_burst_over_nodes_gives_one_push_and_one_trailing() {
     };
     if burst < window {
         assert_eq!(hits[1].body["message"]["data"]["message_count"], "100");
-        let coalesced =
-            metric(&n1, "mailroom_push_coalesced_total").await + metric(&n2, "mailroom_push_coalesced_total").await;
+        let coalesced = metric_sum(&[&n1, &n2], "mailroom_push_coalesced_total").await;
         assert_eq!(coalesced, 99.0, "99 of 100 events folded, whichever node took them");
         eventually("both pushes counted", || async {
             (sent(&n1).await + sent(&n2).await == 2.0).then_some(())
@@ -703,13 +713,10 @@ async fn cluster_burst_over_nodes_gives_one_push_and_one_trailing() {
 #[actix_rt::test]
 async fn an_unavailable_push_window_pushes_at_once_and_is_counted() {
     let si = StandIn::start();
-    let (db, n1, n2) = two_node_cluster(&si, 60).await;
-    let inv = invitation(&n1).await;
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
-    set_device(&a, FCM, json!("window-away-token"), Some("android")).await;
+    let (db, n1, n2, a, k) = two_nodes_and_wallet(&si, 60, "window-away-token").await;
     forward(&n1, &a, &k, "first").await;
     wait_hits(&si, "fcm:", 1).await;
-    let unavailable = || async { metric(&n1, WINDOW_UNAVAILABLE).await + metric(&n2, WINDOW_UNAVAILABLE).await };
+    let unavailable = || async { metric_sum(&[&n1, &n2], WINDOW_UNAVAILABLE).await };
     assert_eq!(unavailable().await, 0.0);
 
     let (pg, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
@@ -737,18 +744,14 @@ async fn an_unavailable_push_window_pushes_at_once_and_is_counted() {
         "every event pushed at once"
     );
     assert_eq!(unavailable().await, 2.0);
-    assert_eq!(
-        metric(&n1, "mailroom_push_coalesced_total").await + metric(&n2, "mailroom_push_coalesced_total").await,
-        0.0
-    );
+    assert_eq!(metric_sum(&[&n1, &n2], "mailroom_push_coalesced_total").await, 0.0);
 
     pg.batch_execute("DROP TRIGGER windows_away ON mailroom_push_windows")
         .await
         .unwrap();
     forward(&n2, &a, &k, "fourth").await;
     eventually("the fourth event folded into the window", || async {
-        (metric(&n1, "mailroom_push_coalesced_total").await + metric(&n2, "mailroom_push_coalesced_total").await == 1.0)
-            .then_some(())
+        (metric_sum(&[&n1, &n2], "mailroom_push_coalesced_total").await == 1.0).then_some(())
     })
     .await;
     assert_eq!(
@@ -768,10 +771,7 @@ const WINDOW_UNAVAILABLE: &str = "mailroom_push_window_unavailable_total";
 #[actix_rt::test]
 async fn trailing_push_survives_the_node_that_scheduled_it() {
     let si = StandIn::start();
-    let (_db, n1, n2) = two_node_cluster(&si, 2).await;
-    let inv = invitation(&n1).await;
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
-    set_device(&a, FCM, json!("survivor-token"), Some("android")).await;
+    let (_db, _n1, n2, a, k) = two_nodes_and_wallet(&si, 2, "survivor-token").await;
     forward(&n2, &a, &k, "first").await;
     let hooks = wait_hits(&si, "hook", 1).await;
     assert_eq!(hooks[0].body["node"], "n2");
@@ -1019,10 +1019,7 @@ async fn through_nginx_in_front_of_three_nodes() {
     assert_clean(&hits);
     // An event the store could not place in the shared window (a pool timeout under load) is
     // pushed at once by design and counted; every other early push would be a bug.
-    let mut unavailable = 0.0;
-    for n in nodes {
-        unavailable += metric(n, WINDOW_UNAVAILABLE).await;
-    }
+    let unavailable = metric_sum(&nodes.iter().collect::<Vec<_>>(), WINDOW_UNAVAILABLE).await;
     let seen: Vec<String> = hits
         .iter()
         .map(|h| {
