@@ -363,7 +363,7 @@ pub fn pack_cached(
         let rec = match sender {
             Some(sender) => {
                 let (pair, fresh) = box_keys::lookup(cache, sender, &pk).map_err(invalid)?;
-                let enc_sender = crypto_box_seal(&pair.their_x, sender.verkey().as_bytes()).map_err(crypto)?;
+                let enc_sender = pair.sealed_sender(sender).map_err(crypto)?.to_owned();
                 let mut nonce = [0u8; CBOX_NONCE_LEN];
                 rand::Rng::fill(&mut rand::rngs::OsRng, &mut nonce[..]);
                 let enc_cek = pair.seal(&cek, &nonce);
@@ -374,7 +374,7 @@ pub fn pack_cached(
                     encrypted_key: b64::encode(enc_cek.as_ref()),
                     header: RecipientHeaderOut {
                         kid,
-                        sender: Some(b64::encode(enc_sender.as_ref())),
+                        sender: Some(enc_sender),
                         iv: Some(b64::encode(&nonce)),
                     },
                 }

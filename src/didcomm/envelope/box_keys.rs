@@ -6,22 +6,31 @@
 //! that is the same for every message of a connection — each delivery to a wallet, its
 //! acknowledgement, the status reply. [`BoxKeys`] keeps the derived XSalsa20-Poly1305 key (and
 //! the peer's X25519 key, a point decompression) by pair, bounded, so a busy connection pays
-//! for them once. The sealed parts of an envelope (the sender's key, anoncrypt's content key)
-//! use a fresh ephemeral key every time and are never cached.
+//! for them once.
+//!
+//! The sealed sender of an authcrypt envelope we pack (`crypto_box_seal` of our verkey to the
+//! peer: an ephemeral key and an X25519 multiplication) is made once per pair too and reused:
+//! it boxes the same constant, only the peer can open it, and it proves nothing (the content
+//! key's box does, and that one gets a fresh nonce and content key every time). What reuse
+//! shows an observer is that envelopes to this recipient key come from one sender: a pairwise
+//! key has only one, us. Anoncrypt's sealed content key is fresh every time; sealed parts we
+//! receive are always opened.
 //!
 //! A box is byte for byte libsodium's `crypto_box_easy` (tag, then ciphertext), as askar's
 //! `crypto_box` makes it (tests). A pair enters the cache only once it has opened or made a
 //! box, and is found only by both public keys: a cached key never serves another pair.
 
+use super::super::b64;
 use super::super::keys::{self, KeyError, KeyPair};
 use askar_crypto::alg::x25519::X25519KeyPair;
+use askar_crypto::encrypt::crypto_box::crypto_box_seal;
 use askar_crypto::repr::ToSecretBytes;
 use crypto_box::aead::generic_array::GenericArray;
 use crypto_box::aead::AeadInPlace;
 use crypto_box::SalsaBox;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Pairs a node keeps: one per connection that exchanged authcrypt messages lately. ~0.2 KiB
 /// each (3 MiB when full); when full the cache starts over.
@@ -33,6 +42,8 @@ const TAG_LEN: usize = 16;
 pub struct Pair {
     pub(crate) their_x: X25519KeyPair,
     shared: SalsaBox,
+    /// Our verkey sealed to the peer, base64url: made by the first pack, then reused.
+    sealed_sender: OnceLock<String>,
 }
 
 impl Pair {
@@ -52,7 +63,18 @@ impl Pair {
         Ok(Pair {
             their_x,
             shared: SalsaBox::new(&their_pk, &sk),
+            sealed_sender: OnceLock::new(),
         })
+    }
+
+    /// The authcrypt `sender` header for envelopes from `ours` (the key this pair was derived
+    /// for) to the peer: `crypto_box_seal` of our verkey, base64url, sealed once per pair.
+    pub(crate) fn sealed_sender(&self, ours: &KeyPair) -> Result<&str, askar_crypto::Error> {
+        if let Some(s) = self.sealed_sender.get() {
+            return Ok(s);
+        }
+        let sealed = crypto_box_seal(&self.their_x, ours.verkey().as_bytes())?;
+        Ok(self.sealed_sender.get_or_init(|| b64::encode(sealed.as_ref())))
     }
 
     /// Boxes `msg` with a 24-byte `nonce`: tag, then ciphertext.

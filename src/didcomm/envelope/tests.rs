@@ -590,3 +590,54 @@ fn box_keys_cache_per_pair_and_forged_senders_still_fail() {
         assert!(small.len() <= 2);
     }
 }
+
+/// With a cache, our verkey is sealed to a peer once and the `sender` header reused; the
+/// content key's box still gets a fresh nonce (and key) every time, each envelope opens on its
+/// own, and a reused `sender` copied into someone else's envelope proves nothing.
+#[test]
+fn sealed_sender_is_made_once_per_pair_and_proves_nothing_alone() {
+    let (m1, a, eve) = (kp(41), kp(42), kp(43));
+    let cache = BoxKeys::new(8);
+    let mine = finder(std::slice::from_ref(&m1));
+    let c20 = PayloadCipher::ChaCha20Poly1305;
+    let header = |env: &[u8], field: &str| protected_json(env)["recipients"][0]["header"][field].clone();
+    let packed: Vec<Vec<u8>> = (0..3)
+        .map(|i| {
+            pack_cached(
+                format!("{{\"n\":{i}}}").as_bytes(),
+                &[m1.verkey()],
+                Some(&a),
+                c20,
+                Some(&cache),
+            )
+            .unwrap()
+        })
+        .collect();
+    let senders: Vec<_> = packed.iter().map(|e| header(e, "sender")).collect();
+    assert!(senders.iter().all(|s| *s == senders[0]), "one sealed sender per pair");
+    let ivs: std::collections::HashSet<String> = packed.iter().map(|e| header(e, "iv").to_string()).collect();
+    assert_eq!(ivs.len(), 3, "the content key's box gets a fresh nonce every time");
+    for (i, env) in packed.iter().enumerate() {
+        let u = unpack(env, &mine).unwrap();
+        assert_eq!(u.sender_verkey, Some(a.verkey()));
+        assert_eq!(u.plaintext, format!("{{\"n\":{i}}}").as_bytes());
+    }
+    // Without a cache every envelope seals the sender afresh.
+    let (x, y) = (
+        pack(b"{}", &[m1.verkey()], Some(&a)).unwrap(),
+        pack(b"{}", &[m1.verkey()], Some(&a)).unwrap(),
+    );
+    assert_ne!(header(&x, "sender"), header(&y, "sender"));
+    // Eve copies a's reused sealed sender into her own envelope: it does not open.
+    let env = pack(b"{\"evil\":1}", &[m1.verkey()], Some(&eve)).unwrap();
+    let mut outer: serde_json::Value = serde_json::from_slice(&env).unwrap();
+    let mut prot = protected_json(&env);
+    prot["recipients"][0]["header"]["sender"] = senders[0].clone();
+    outer["protected"] = b64::encode(&serde_json::to_vec(&prot).unwrap()).into();
+    let forged = serde_json::to_vec(&outer).unwrap();
+    assert!(matches!(unpack(&forged, &mine), Err(EnvelopeError::Decrypt)));
+    assert!(matches!(
+        unpack_cached(&forged, &mine, Some(&BoxKeys::new(8))),
+        Err(EnvelopeError::Decrypt)
+    ));
+}
