@@ -1823,6 +1823,21 @@ pub mod sled_backend {
         });
     }
 
+    /// A lease or acknowledgement that panics on the live path's thread fails alone: its caller
+    /// gets an error, the thread goes on, and the next lease and acknowledgement are served.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_on_the_live_thread_fails_only_its_call() {
+        let s = SledStore::temporary().await.unwrap();
+        s.enqueue(vec![msg("c", "a", T0)], &EnqueueLimits::UNLIMITED)
+            .await
+            .unwrap();
+        assert!(matches!(s.live_panic_for_test().await, Err(StoreError::Unavailable(_))));
+        let got = s.lease("c", 10, "o", T0, T0 + 1_000).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(s.ack_leased("c", &ids(&got)).await.unwrap().len(), 1);
+        assert_eq!(s.total_queued().await.unwrap(), 0);
+    }
+
     /// In-process nodes opening one path share one store (sled allows one handle per
     /// directory): both see the same data and the same leases; once all are dropped the path
     /// opens again.

@@ -22,8 +22,16 @@
 //! waiting requests (up to [`MAX_BATCH_MESSAGES`]), decides limits and dedup for all of them,
 //! writes them, flushes once, publishes them in the index and answers every caller.
 //!
-//! Must not: run sled calls on an async runtime thread (they go to `spawn_blocking` or to the
-//! writer thread).
+//! Live path: leases and acknowledgements (`lease`, `lease_for_key`, `ack_leased`) run on one
+//! thread of their own (`live_loop`), in turn, as they come: under load it stays awake and
+//! takes the next job, where `spawn_blocking` woke and parked a pool thread per call (the pool
+//! grew to ~200 threads under a fan-out to 100 wallets, and they queued on sled's write lock
+//! while the writer applied a batch).
+//!
+//! Must not: run sled calls on an async runtime thread (they go to the live thread, to
+//! `spawn_blocking` or to the writer thread). Calls that touch only the in-memory index
+//! (`release`, `queue_stats`, the sweep's `pending_among`...) run on the caller's thread under
+//! the index lock.
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -217,6 +225,22 @@ pub struct SledStore {
     tx: Option<mpsc::Sender<EnqueueReq>>,
     writer: Option<std::thread::JoinHandle<()>>,
     supervisor: Option<std::thread::JoinHandle<()>>,
+    /// The live path's thread (see [`SledStore::live`]).
+    live: Option<std::sync::mpsc::Sender<LiveJob>>,
+    live_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A lease, acknowledgement or release for the live path's thread.
+type LiveJob = Box<dyn FnOnce() + Send + 'static>;
+
+/// The live path's thread: runs its jobs one after the other, as they come. A job that panics
+/// drops its reply (its caller gets an error); the thread goes on with the next.
+fn live_loop(rx: std::sync::mpsc::Receiver<LiveJob>) {
+    while let Ok(job) = rx.recv() {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+            tracing::error!("sled: a lease or acknowledgement panicked");
+        }
+    }
 }
 
 impl Drop for SledStore {
@@ -225,6 +249,10 @@ impl Drop for SledStore {
         // reopen as soon as this returns.
         self.tx.take();
         if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+        self.live.take();
+        if let Some(h) = self.live_thread.take() {
             let _ = h.join();
         }
         self.slot.stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -467,11 +495,18 @@ impl SledStore {
             }
             None => None,
         };
+        let (live, live_rx) = std::sync::mpsc::channel();
+        let live_thread = std::thread::Builder::new()
+            .name("mailroom-sled-live".into())
+            .spawn(move || live_loop(live_rx))
+            .map_err(unavailable)?;
         Ok(SledStore {
             slot,
             tx: Some(tx),
             writer: Some(writer),
             supervisor,
+            live: Some(live),
+            live_thread: Some(live_thread),
         })
     }
 
@@ -494,7 +529,7 @@ impl SledStore {
         }
         let (conn, key) = (conn.to_owned(), recipient_key.map(str::to_owned));
         let owner: Arc<str> = Arc::from(owner);
-        self.blocking(move |inner| {
+        self.live(move |inner| {
             let matching: Option<Vec<MessageId>> = match &key {
                 None => None,
                 Some(key) => {
@@ -591,6 +626,39 @@ impl SledStore {
         .await
         .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// As [`SledStore::blocking`], on the live path's own thread: leases and acknowledgements
+    /// of every session, run in turn by one thread that stays awake while they keep coming,
+    /// instead of a blocking-pool thread woken (and parked again) for each.
+    async fn live<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> StoreResult<T> + Send + 'static,
+    {
+        let inner = self.slot.get()?;
+        let (reply, rx) = oneshot::channel();
+        let job: LiveJob = Box::new(move || {
+            let r = f(&inner);
+            if matches!(&r, Err(StoreError::Unavailable(_))) {
+                inner.write_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            let _ = reply.send(r);
+        });
+        self.live
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(job)
+            .map_err(|_| StoreError::Closed)?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("sled: the live path's task failed".into()))?
+    }
+
+    /// A job that panics on the live path's thread (tests).
+    #[cfg(test)]
+    pub(crate) async fn live_panic_for_test(&self) -> StoreResult<()> {
+        self.live(|_| -> StoreResult<()> { panic!("a job that panics (test)") })
+            .await
     }
 
     async fn blocking<T, F>(&self, f: F) -> StoreResult<T>
@@ -1568,7 +1636,7 @@ impl Store for SledStore {
         }
         let conn = conn.to_owned();
         let ids = ids.to_vec();
-        self.blocking(move |inner| {
+        self.live(move |inner| {
             let removed: Vec<(MessageId, i64)> = {
                 let mut guard = inner.queues.lock();
                 let q = &mut *guard;
@@ -1598,80 +1666,73 @@ impl Store for SledStore {
     }
 
     async fn release(&self, conn: &str, ids: &[MessageId], owner: &str) -> StoreResult<u64> {
-        let conn = conn.to_owned();
-        let ids = ids.to_vec();
-        let owner = owner.to_owned();
-        self.blocking(move |inner| {
-            let mut q = inner.queues.lock();
-            let Some(cq) = q.by_conn.get_mut(&conn) else {
-                return Ok(0);
-            };
-            let mut n = 0;
-            for id in ids {
-                if let Some(m) = cq.msgs.get_mut(&id) {
-                    if m.owner.as_deref() == Some(owner.as_str()) {
-                        m.owner = None;
-                        m.lease_until_ms = 0;
-                        n += 1;
-                    }
+        // Memory only (leases are not persisted): no blocking thread.
+        let inner = self.slot.get()?;
+        let mut q = inner.queues.lock();
+        let Some(cq) = q.by_conn.get_mut(conn) else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for id in ids {
+            if let Some(m) = cq.msgs.get_mut(id) {
+                if m.owner.as_deref() == Some(owner) {
+                    m.owner = None;
+                    m.lease_until_ms = 0;
+                    n += 1;
                 }
             }
-            Ok(n)
-        })
-        .await
+        }
+        Ok(n)
     }
 
     async fn release_owner(&self, owner: &str) -> StoreResult<u64> {
-        let owner = owner.to_owned();
-        self.blocking(move |inner| {
-            let mut guard = inner.queues.lock();
-            let q = &mut *guard;
-            let Some(conns) = q.by_owner.remove(owner.as_str()) else {
-                return Ok(0);
+        // Memory only.
+        let inner = self.slot.get()?;
+        let mut guard = inner.queues.lock();
+        let q = &mut *guard;
+        let Some(conns) = q.by_owner.remove(owner) else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for c in conns {
+            let Some(cq) = q.by_conn.get_mut(&c) else {
+                continue;
             };
-            let mut n = 0;
-            for c in conns {
-                let Some(cq) = q.by_conn.get_mut(&c) else {
-                    continue;
-                };
-                for m in cq.msgs.values_mut() {
-                    if m.owner.as_deref() == Some(owner.as_str()) {
-                        m.owner = None;
-                        m.lease_until_ms = 0;
-                        n += 1;
-                    }
+            for m in cq.msgs.values_mut() {
+                if m.owner.as_deref() == Some(owner) {
+                    m.owner = None;
+                    m.lease_until_ms = 0;
+                    n += 1;
                 }
             }
-            Ok(n)
-        })
-        .await
+        }
+        Ok(n)
     }
 
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
-        let conn = conn.to_owned();
-        self.blocking(move |inner| {
-            let q = inner.queues.lock();
-            let Some(cq) = q.by_conn.get(&conn) else {
-                return Ok(QueueStats::default());
-            };
-            let mut s = QueueStats {
-                bytes: cq.bytes,
-                ..Default::default()
-            };
-            for m in cq.msgs.values() {
-                if m.pending(now_ms) {
-                    s.pending += 1;
-                } else if m.leased(now_ms) {
-                    s.leased += 1;
-                }
-                s.oldest_received_ms = Some(match s.oldest_received_ms {
-                    Some(o) => o.min(m.received_at_ms),
-                    None => m.received_at_ms,
-                });
+        // Memory only: every pickup 2.0 acknowledgement answers with a status, so this is on
+        // the live path (a blocking-pool hand-off here cost two thread wake-ups per ack).
+        let inner = self.slot.get()?;
+        let q = inner.queues.lock();
+        let Some(cq) = q.by_conn.get(conn) else {
+            return Ok(QueueStats::default());
+        };
+        let mut s = QueueStats {
+            bytes: cq.bytes,
+            ..Default::default()
+        };
+        for m in cq.msgs.values() {
+            if m.pending(now_ms) {
+                s.pending += 1;
+            } else if m.leased(now_ms) {
+                s.leased += 1;
             }
-            Ok(s)
-        })
-        .await
+            s.oldest_received_ms = Some(match s.oldest_received_ms {
+                Some(o) => o.min(m.received_at_ms),
+                None => m.received_at_ms,
+            });
+        }
+        Ok(s)
     }
 
     async fn total_queued(&self) -> StoreResult<u64> {
