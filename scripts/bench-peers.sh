@@ -55,8 +55,8 @@ for peer in ${PEERS//,/ }; do
     esac
     start_mediator "$peer" || exit 1
     say "$peer up (pid $MED_PID) for $sc: $MED_URL"
-    # Enough envelopes that none runs out: mailroom takes ~10,000/s here, the peers far fewer.
-    if [ "$peer" = mailroom ]; then n=$(( (LOADGEN_SECS + 2) * 12000 )); else n=$(( (LOADGEN_SECS + 2) * 1500 )); fi
+    # Enough envelopes that none runs out: mailroom takes up to ~14,000/s here, the peers far fewer.
+    if [ "$peer" = mailroom ]; then n=$(( (LOADGEN_SECS + 2) * 20000 )); else n=$(( (LOADGEN_SECS + 2) * 1500 )); fi
     [ "$n" -gt 1000000 ] && n=1000000
     if [ "$peer" = mailroom ]; then fan=$(( LOADGEN_SECS * 8000 )); else fan=$(( LOADGEN_SECS * 300 )); fi
     ws=$MED_WS
