@@ -22,11 +22,12 @@
 //! waiting requests (up to [`MAX_BATCH_MESSAGES`]), decides limits and dedup for all of them,
 //! writes them, flushes once, publishes them in the index and answers every caller.
 //!
-//! Live path: leases and acknowledgements (`lease`, `lease_for_key`, `ack_leased`) run on one
-//! thread of their own (`live_loop`), in turn, as they come: under load it stays awake and
-//! takes the next job, where `spawn_blocking` woke and parked a pool thread per call (the pool
-//! grew to ~200 threads under a fan-out to 100 wallets, and they queued on sled's write lock
-//! while the writer applied a batch).
+//! Live path: leases and acknowledgements (`lease`, `ack_leased`) run on one thread of their
+//! own (`live_loop`), in turn, as they come: under load it stays awake and takes the next job,
+//! where `spawn_blocking` woke and parked a pool thread per call (the pool grew to ~200 threads
+//! under a fan-out to 100 wallets, and they queued on sled's write lock while the writer
+//! applied a batch). `lease_for_key`, which may read many messages from disk, stays on the
+//! blocking pool.
 //!
 //! Must not: run sled calls on an async runtime thread (they go to the live thread, to
 //! `spawn_blocking` or to the writer thread). Calls that touch only the in-memory index
@@ -529,7 +530,8 @@ impl SledStore {
         }
         let (conn, key) = (conn.to_owned(), recipient_key.map(str::to_owned));
         let owner: Arc<str> = Arc::from(owner);
-        self.live(move |inner| {
+        let filtered = key.is_some();
+        let job = move |inner: &Inner| {
             let matching: Option<Vec<MessageId>> = match &key {
                 None => None,
                 Some(key) => {
@@ -601,8 +603,14 @@ impl SledStore {
                 picked
             };
             inner.load_leased(picked)
-        })
-        .await
+        };
+        // A lease for one recipient key reads the pending messages' keys from disk, as many as
+        // it takes: on the blocking pool, so it never holds up the other sessions' leases.
+        if filtered {
+            self.blocking(job).await
+        } else {
+            self.live(job).await
+        }
     }
 
     /// Hands messages to the writer thread and waits for their batch to be durable.
