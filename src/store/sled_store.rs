@@ -647,11 +647,7 @@ impl SledStore {
         let inner = self.slot.get()?;
         let (reply, rx) = oneshot::channel();
         let job: LiveJob = Box::new(move || {
-            let r = f(&inner);
-            if matches!(&r, Err(StoreError::Unavailable(_))) {
-                inner.write_failed.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-            let _ = reply.send(r);
+            let _ = reply.send(inner.run(f));
         });
         self.live
             .as_ref()
@@ -675,20 +671,23 @@ impl SledStore {
         F: FnOnce(&Inner) -> StoreResult<T> + Send + 'static,
     {
         let inner = self.slot.get()?;
-        tokio::task::spawn_blocking(move || {
-            let r = f(&inner);
-            if matches!(&r, Err(StoreError::Unavailable(_))) {
-                // A write may have failed outside a flush: the supervisor probes with one.
-                inner.write_failed.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-            r
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("blocking task failed: {e}")))?
+        tokio::task::spawn_blocking(move || inner.run(f))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("blocking task failed: {e}")))?
     }
 }
 
 impl Inner {
+    /// Runs a store call on this handle; after an I/O error, marks the handle for the
+    /// supervisor (a write may have failed outside a flush: it probes with one).
+    fn run<T>(&self, f: impl FnOnce(&Inner) -> StoreResult<T>) -> StoreResult<T> {
+        let r = f(self);
+        if matches!(&r, Err(StoreError::Unavailable(_))) {
+            self.write_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        r
+    }
+
     fn open(cfg: sled::Config) -> StoreResult<Inner> {
         let db = cfg.open().map_err(unavailable)?;
         let t = |name: &str| db.open_tree(name).map_err(unavailable);
