@@ -63,6 +63,9 @@ pub struct WsSession {
     inflight: usize,
     /// Its place under `limits.max_sessions`.
     _slot: SocketSlot,
+    /// Set when the session has stopped: a lease still in flight then gives its messages back
+    /// (see [`WsSession::drain`]).
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl WsSession {
@@ -81,6 +84,7 @@ impl WsSession {
             registered: false,
             inflight: 0,
             _slot: slot,
+            closed: Arc::default(),
         }
     }
 
@@ -293,13 +297,33 @@ impl WsSession {
         let owner = self.owner();
         let batch = shared.mediator.batch_size;
         let lease_ms = shared.mediator.lease_ms;
+        let closed = self.closed.clone();
+        // The lease runs detached: a session that stops meanwhile drops this future but not
+        // the store's lease, which may land after `stopped` released the owner's messages.
+        // Then the lease gives them back itself (`closed` is set before that release), or
+        // they would stay leased to a gone socket until the lease ran out.
         let fut = async move {
-            let now = now_ms();
-            shared
-                .mediator
-                .store
-                .lease(&conn_id, batch, &owner, now, now + lease_ms)
+            let leased = actix_rt::spawn(async move {
+                let store = &shared.mediator.store;
+                let now = now_ms();
+                let r = store.lease(&conn_id, batch, &owner, now, now + lease_ms).await;
+                if let Ok(msgs) = &r {
+                    if !msgs.is_empty() && closed.load(Ordering::SeqCst) {
+                        let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
+                        match store.release(&conn_id, &ids, &owner).await {
+                            Ok(n) if n > 0 => shared.queued_new(&conn_id).await,
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(connection = %conn_id, "leases of a closed session not released (they expire): {e}")
+                            }
+                        }
+                    }
+                }
+                r
+            });
+            leased
                 .await
+                .unwrap_or_else(|e| Err(crate::store::StoreError::Unavailable(format!("lease task: {e}"))))
         };
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             act.draining = false;
@@ -433,6 +457,8 @@ impl Actor for WsSession {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        // Before the release below: a lease in flight now gives its messages back itself.
+        self.closed.store(true, Ordering::SeqCst);
         if let Some(conn_id) = self.conn.as_ref().map(|c| c.id.clone()) {
             self.let_go();
             self.shared.metrics.sessions.dec();
