@@ -1005,17 +1005,20 @@ impl Inner {
                 .map(|_| self.next_id())
                 .collect::<StoreResult<Vec<_>>>()?;
             let mut msgs = sled::Batch::default();
-            let mut dedup = sled::Batch::default();
             for (m, id) in accepted.iter().zip(&ids) {
                 msgs.insert(&encode_id(*id), encode_msg(m));
-                if let Some(dk) = &m.dedup_key {
-                    dedup.insert(dedup_tree_key(&m.connection, dk), dedup_value(*id, m.received_at_ms));
-                }
             }
             self.msgs.apply_batch(msgs).map_err(unavailable)?;
-            // An empty batch still costs sled two synced log writes (see `forget_acked`).
-            if accepted.iter().any(|m| m.dedup_key.is_some()) {
-                self.dedup.apply_batch(dedup).map_err(unavailable)?;
+            // Dedup records as single records, not a second batch (each batch pins sled's log:
+            // two synced writes, see `forget_acked`); after the messages, so a log prefix
+            // recovered after a crash never holds a record whose message is missing. The
+            // flush below makes them durable before any caller is answered.
+            for (m, id) in accepted.iter().zip(&ids) {
+                if let Some(dk) = &m.dedup_key {
+                    self.dedup
+                        .insert(dedup_tree_key(&m.connection, dk), dedup_value(*id, m.received_at_ms))
+                        .map_err(unavailable)?;
+                }
             }
             self.flush()?;
             Ok(ids)
