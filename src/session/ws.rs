@@ -310,13 +310,8 @@ impl WsSession {
                 if let Ok(msgs) = &r {
                     if !msgs.is_empty() && closed.load(Ordering::SeqCst) {
                         let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
-                        match store.release(&conn_id, &ids, &owner).await {
-                            Ok(n) if n > 0 => shared.queued_new(&conn_id).await,
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::warn!(connection = %conn_id, "leases of a closed session not released (they expire): {e}")
-                            }
-                        }
+                        let released = store.release(&conn_id, &ids, &owner).await;
+                        gave_back(&shared, &conn_id, released).await;
                     }
                 }
                 r
@@ -467,22 +462,28 @@ impl Actor for WsSession {
                 session: self.id,
             });
             // Unacknowledged live deliveries become deliverable again at once.
-            let store = self.shared.mediator.store.clone();
             let owner = self.owner();
             let shared = self.shared.clone();
             let cid = conn_id.clone();
             actix_rt::spawn(async move {
-                match store.release_owner(&owner).await {
-                    Ok(n) if n > 0 => {
-                        tracing::info!(connection = %cid, released = n, "session closed with unacknowledged deliveries");
-                        shared.queued_new(&cid).await;
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(connection = %cid, "leases not released (they expire): {e}"),
-                }
+                let released = shared.mediator.store.release_owner(&owner).await;
+                gave_back(&shared, &cid, released).await;
             });
             tracing::info!(connection = %conn_id, session = self.id, "session closed");
         }
+    }
+}
+
+/// A closed session's leases were given back (`released`: how many): whoever holds the
+/// connection now is woken, or the wallet pushed.
+async fn gave_back(shared: &Arc<Shared>, conn: &str, released: crate::store::StoreResult<u64>) {
+    match released {
+        Ok(n) if n > 0 => {
+            tracing::info!(connection = %conn, released = n, "session closed with unacknowledged deliveries");
+            shared.queued_new(conn).await;
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(connection = %conn, "leases not released (they expire): {e}"),
     }
 }
 

@@ -231,7 +231,7 @@ pub struct SledStore {
     live_thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// A lease, acknowledgement or release for the live path's thread.
+/// A lease or acknowledgement for the live path's thread.
 type LiveJob = Box<dyn FnOnce() + Send + 'static>;
 
 /// The live path's thread: runs its jobs one after the other, as they come. A job that panics
