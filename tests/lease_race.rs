@@ -60,144 +60,15 @@ impl Store for GatedLeases {
         self.gate.released.notify_one();
         r
     }
-    fn backend(&self) -> &'static str {
-        self.inner.backend()
-    }
-    async fn health(&self) -> StoreResult<()> {
-        self.inner.health().await
-    }
-    async fn identity_get_or_create(&self, candidate: Identity) -> StoreResult<Identity> {
-        self.inner.identity_get_or_create(candidate).await
-    }
-    async fn put_connection(&self, c: &Connection) -> StoreResult<()> {
-        self.inner.put_connection(c).await
-    }
-    async fn get_connection(&self, id: &str) -> StoreResult<Option<Connection>> {
-        self.inner.get_connection(id).await
-    }
-    async fn put_invitation(&self, id: &str, single_use: bool, created_at_ms: i64) -> StoreResult<()> {
-        self.inner.put_invitation(id, single_use, created_at_ms).await
-    }
-    async fn use_invitation(&self, id: &str) -> StoreResult<InvitationUse> {
-        self.inner.use_invitation(id).await
-    }
-    async fn update_connection(&self, id: &str, patch: &ConnectionPatch) -> StoreResult<Option<Connection>> {
-        self.inner.update_connection(id, patch).await
-    }
-    async fn connection_by_their_verkey(&self, verkey: &str) -> StoreResult<Option<Connection>> {
-        self.inner.connection_by_their_verkey(verkey).await
-    }
-    async fn connection_by_thread(&self, thid: &str) -> StoreResult<Option<Connection>> {
-        self.inner.connection_by_thread(thid).await
-    }
-    async fn list_connections(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Connection>> {
-        self.inner.list_connections(after, limit).await
-    }
-    async fn update_keys(
-        &self,
-        conn: &str,
-        add: &[String],
-        remove: &[String],
-    ) -> StoreResult<Vec<(String, KeyUpdate)>> {
-        self.inner.update_keys(conn, add, remove).await
-    }
-    async fn keys_of(&self, conn: &str) -> StoreResult<Vec<String>> {
-        self.inner.keys_of(conn).await
-    }
-    async fn route(&self, recipient_key: &str) -> StoreResult<Option<ConnId>> {
-        self.inner.route(recipient_key).await
-    }
-    async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
-        self.inner.enqueue(msgs, limits).await
-    }
-    async fn enqueue_routed(
-        &self,
-        msgs: Vec<NewMessage>,
-        limits: &EnqueueLimits,
-    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
-        self.inner.enqueue_routed(msgs, limits).await
-    }
-    async fn ack_leased(&self, conn: &str, ids: &[MessageId]) -> StoreResult<Vec<i64>> {
-        self.inner.ack_leased(conn, ids).await
-    }
-    async fn release(&self, conn: &str, ids: &[MessageId], owner: &str) -> StoreResult<u64> {
-        self.inner.release(conn, ids, owner).await
-    }
-    async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
-        self.inner.queue_stats(conn, now_ms).await
-    }
-    async fn total_queued(&self) -> StoreResult<u64> {
-        self.inner.total_queued().await
-    }
-    async fn connections_with_pending(
-        &self,
-        now_ms: i64,
-        after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<Vec<ConnId>> {
-        self.inner.connections_with_pending(now_ms, after, limit).await
-    }
-    async fn pending_among(&self, conns: &[ConnId], now_ms: i64) -> StoreResult<Vec<ConnId>> {
-        self.inner.pending_among(conns, now_ms).await
-    }
-    async fn prune_dedup(&self, before_ms: i64, max: usize) -> StoreResult<u64> {
-        self.inner.prune_dedup(before_ms, max).await
-    }
-    async fn dedup_records(&self) -> StoreResult<u64> {
-        self.inner.dedup_records().await
-    }
-    async fn lease_for_key(
-        &self,
-        conn: &str,
-        recipient_key: &str,
-        max: usize,
-        owner: &str,
-        now_ms: i64,
-        until_ms: i64,
-    ) -> StoreResult<Vec<QueuedMessage>> {
-        self.inner
-            .lease_for_key(conn, recipient_key, max, owner, now_ms, until_ms)
-            .await
-    }
-    async fn queue_stats_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<QueueStats> {
-        self.inner.queue_stats_for_key(conn, recipient_key, now_ms).await
-    }
-    async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
-        self.inner.expire(received_before_ms).await
-    }
-    async fn expire_due(&self, now_ms: i64, max: usize) -> StoreResult<u64> {
-        self.inner.expire_due(now_ms, max).await
-    }
-    async fn oldest_received_ms(&self) -> StoreResult<Option<i64>> {
-        self.inner.oldest_received_ms().await
-    }
-    async fn flush(&self) -> StoreResult<()> {
-        self.inner.flush().await
-    }
-    async fn device_of(&self, conn: &str) -> StoreResult<Option<Device>> {
-        self.inner.device_of(conn).await
-    }
-    async fn set_device(&self, conn: &str, device: Option<&Device>) -> StoreResult<()> {
-        self.inner.set_device(conn, device).await
-    }
-    async fn forget_device_token(&self, conn: &str, token: &str) -> StoreResult<bool> {
-        self.inner.forget_device_token(conn, token).await
-    }
-    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64) -> StoreResult<PushSlot> {
-        self.inner.push_event(conn, now_ms, window_ms).await
-    }
-    async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
-        self.inner.push_take_due(now_ms, idle_before_ms, limit).await
-    }
-    async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
-        self.inner.delete_connection(id).await
-    }
-    async fn drop_queue(&self, conn: &str) -> StoreResult<u64> {
-        self.inner.drop_queue(conn).await
-    }
-    async fn top_queues(&self, limit: usize) -> StoreResult<TopQueues> {
-        self.inner.top_queues(limit).await
-    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, update_keys, keys_of, route, enqueue, enqueue_routed, ack_leased, release,
+        queue_stats, total_queued, connections_with_pending, pending_among, prune_dedup,
+        dedup_records, lease_for_key, queue_stats_for_key, expire, expire_due, oldest_received_ms,
+        flush, device_of, set_device, forget_device_token, push_event, push_take_due,
+        delete_connection, drop_queue, top_queues,
+    );
 }
 
 #[actix_rt::test]

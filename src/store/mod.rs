@@ -11,7 +11,9 @@
 //! crate names sled or SQL; they go through [`Store`].
 //!
 //! One conformance suite (`conformance.rs`) runs the same checks on both backends, so a caller
-//! can rely on the behaviour described on each method whatever the backend.
+//! can rely on the behaviour described on each method whatever the backend, and on the stack a
+//! node puts over its store ([`route_cache`] over [`metered`] over sled), whose wrappers pass
+//! what they do not change through [`store_pass_through!`](crate::store_pass_through).
 //!
 //! # Write path and group commit
 //! `enqueue` returns only when its messages are durable. Both backends funnel enqueues through
@@ -74,6 +76,7 @@ use serde::{Deserialize, Serialize};
 #[cfg(test)]
 mod conformance;
 pub mod metered;
+pub mod pass_through;
 pub mod postgres;
 pub mod route_cache;
 pub mod sled_store;
