@@ -29,7 +29,8 @@ pub struct Grant {
     pub routing_keys: Vec<String>,
 }
 
-/// Box-key pairs an [`Agent`] keeps: its keys with the mediator's, and a few senders.
+/// Box-key pairs an [`Agent`] keeps (its keys with the mediator's, and a few senders), and as
+/// many sealed senders it opened (the mediator's and a sender's that reuse theirs).
 const AGENT_BOX_PAIRS: usize = 16;
 
 /// An agent without an endpoint of its own (a wallet), connected to one mediator.
@@ -149,7 +150,7 @@ impl Agent {
             grant: None,
             thread_id: String::new(),
             keyring,
-            box_keys: Box::new(envelope::BoxKeys::new(AGENT_BOX_PAIRS)),
+            box_keys: Box::new(envelope::BoxKeys::remembering_senders(AGENT_BOX_PAIRS)),
             timeout: Duration::from_secs(20),
         };
         let req_id = new_id();
@@ -204,7 +205,7 @@ impl Agent {
             grant: None,
             thread_id: String::new(),
             keyring,
-            box_keys: Box::new(envelope::BoxKeys::new(AGENT_BOX_PAIRS)),
+            box_keys: Box::new(envelope::BoxKeys::remembering_senders(AGENT_BOX_PAIRS)),
             timeout: Duration::from_secs(20),
         }
     }
@@ -446,10 +447,15 @@ impl WsClient {
     }
 }
 
+/// Recipients a [`Sender`] keeps box keys for.
+const SENDER_BOX_PAIRS: usize = 1_024;
+
 /// A sender: packs a message for a mediated recipient and forwards it through the mediator.
 pub struct Sender {
     pub key: KeyPair,
     timeout: Duration,
+    /// Box keys (and the sealed sender) per recipient: the same for each of its messages.
+    box_keys: envelope::BoxKeys,
 }
 
 impl Default for Sender {
@@ -463,6 +469,7 @@ impl Sender {
         Sender {
             key: KeyPair::generate(),
             timeout: Duration::from_secs(20),
+            box_keys: envelope::BoxKeys::new(SENDER_BOX_PAIRS),
         }
     }
 
@@ -470,10 +477,12 @@ impl Sender {
     /// `routing_keys` (as granted).
     pub fn forward_envelope(&self, msg: &Value, recipient: &str, routing_keys: &[String]) -> anyhow::Result<Vec<u8>> {
         let recipient = normalize_verkey(recipient)?;
-        let inner = envelope::pack(
+        let inner = envelope::pack_cached(
             &serde_json::to_vec(msg)?,
             std::slice::from_ref(&recipient),
             Some(&self.key),
+            envelope::PayloadCipher::ChaCha20Poly1305,
+            Some(&self.box_keys),
         )?;
         Ok(envelope::wrap_forward(&inner, &recipient, routing_keys)?)
     }

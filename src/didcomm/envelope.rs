@@ -269,16 +269,27 @@ pub fn unpack_cached(
                     "recipient iv must be {CBOX_NONCE_LEN} bytes"
                 )));
             }
-            let sender_vk_bytes = crypto_box_seal_open(recip_x, &sender).map_err(|_| EnvelopeError::Decrypt)?;
-            let sender_vk = std::str::from_utf8(sender_vk_bytes.as_ref())
-                .map_err(|_| EnvelopeError::Malformed("sender is not a verkey".into()))?;
-            let sender_pk = keys::parse_verkey(sender_vk)
-                .map_err(|_| EnvelopeError::Malformed("sender is not an ed25519 verkey".into()))?;
+            let remembered = cache.and_then(|c| c.opened_sender(&key, &sender));
+            let sender_pk = match remembered {
+                Some(pk) => pk,
+                None => {
+                    let sender_vk_bytes = crypto_box_seal_open(recip_x, &sender).map_err(|_| EnvelopeError::Decrypt)?;
+                    let sender_vk = std::str::from_utf8(sender_vk_bytes.as_ref())
+                        .map_err(|_| EnvelopeError::Malformed("sender is not a verkey".into()))?;
+                    keys::parse_verkey(sender_vk)
+                        .map_err(|_| EnvelopeError::Malformed("sender is not an ed25519 verkey".into()))?
+                }
+            };
             let (pair, fresh) = box_keys::lookup(cache, &key, &sender_pk)
                 .map_err(|_| EnvelopeError::Malformed("sender is not an ed25519 verkey".into()))?;
             let cek = SecretBytes::from(pair.open(&encrypted_key, &nonce).ok_or(EnvelopeError::Decrypt)?);
-            if let (true, Some(c)) = (fresh, cache) {
-                c.insert(&key, &sender_pk, pair);
+            if let Some(c) = cache {
+                if fresh {
+                    c.insert(&key, &sender_pk, pair);
+                }
+                if remembered.is_none() {
+                    c.remember_sender(&key, &sender, sender_pk);
+                }
             }
             (cek, Some(keys::verkey_to_base58(&sender_pk)))
         }

@@ -16,6 +16,13 @@
 //! key has only one, us. Anoncrypt's sealed content key is fresh every time; sealed parts we
 //! receive are always opened.
 //!
+//! An agent that asks for it ([`BoxKeys::remembering_senders`]: the client's wallets, not the
+//! node) also keeps the sealed senders it opened: a peer that reuses its header, as mailroom
+//! does, costs it no X25519 multiplication per envelope. The sealed bytes open to the same key
+//! every time, so this only skips recomputing it; the sender is still proven by the content
+//! key's box, and a header is remembered only once that box opened. The node does not keep
+//! them: wallets seal afresh (Credo, ACA-Py) and would only fill the map.
+//!
 //! A box is byte for byte libsodium's `crypto_box_easy` (tag, then ciphertext), as askar's
 //! `crypto_box` makes it (tests). A pair enters the cache only once it has opened or made a
 //! box, and is found only by both public keys: a cached key never serves another pair.
@@ -110,7 +117,11 @@ impl Pair {
 pub struct BoxKeys {
     pairs: Mutex<HashMap<[u8; 64], Arc<Pair>>>,
     capacity: usize,
+    senders: Option<Mutex<SealedSenders>>,
 }
+
+/// (our Ed25519 public key ++ a sealed sender's bytes) -> the sender's Ed25519 public key.
+type SealedSenders = HashMap<Box<[u8]>, [u8; 32]>;
 
 impl Default for BoxKeys {
     fn default() -> Self {
@@ -123,7 +134,43 @@ impl BoxKeys {
         BoxKeys {
             pairs: Mutex::new(HashMap::new()),
             capacity: capacity.max(1),
+            senders: None,
         }
+    }
+
+    /// As [`BoxKeys::new`], and keeps up to `capacity` sealed senders it opened (see the
+    /// module's notes): for an agent whose peers reuse theirs.
+    pub fn remembering_senders(capacity: usize) -> BoxKeys {
+        BoxKeys {
+            senders: Some(Mutex::new(HashMap::new())),
+            ..BoxKeys::new(capacity)
+        }
+    }
+
+    fn sender_id(ours: &KeyPair, sealed: &[u8]) -> Box<[u8]> {
+        [&ours.public_bytes()[..], sealed].concat().into_boxed_slice()
+    }
+
+    /// The sender's key `sealed` opened to for `ours` before, if remembered.
+    pub(crate) fn opened_sender(&self, ours: &KeyPair, sealed: &[u8]) -> Option<[u8; 32]> {
+        let senders = self.senders.as_ref()?;
+        senders.lock().get(&Self::sender_id(ours, sealed)).copied()
+    }
+
+    /// Remembers what `sealed` opened to for `ours` (when this cache keeps senders), once the
+    /// content key's box of its envelope opened.
+    pub(crate) fn remember_sender(&self, ours: &KeyPair, sealed: &[u8], sender: [u8; 32]) {
+        let Some(senders) = &self.senders else { return };
+        let mut senders = senders.lock();
+        if senders.len() >= self.capacity {
+            senders.clear();
+        }
+        senders.insert(Self::sender_id(ours, sealed), sender);
+    }
+
+    /// Sealed senders remembered now.
+    pub fn senders_len(&self) -> usize {
+        self.senders.as_ref().map_or(0, |s| s.lock().len())
     }
 
     fn id(ours: &KeyPair, theirs: &[u8; 32]) -> [u8; 64] {

@@ -641,3 +641,75 @@ fn sealed_sender_is_made_once_per_pair_and_proves_nothing_alone() {
         Err(EnvelopeError::Decrypt)
     ));
 }
+
+/// An agent that keeps sealed senders opens a reused header once; the content key's box still
+/// proves the sender (a remembered header in Eve's envelope does not open), a header is kept
+/// for the key it was opened with only, and only once its envelope opened. The node's cache
+/// (`BoxKeys::new`) keeps none.
+#[test]
+fn remembered_sealed_senders_still_prove_nothing_alone() {
+    let (m1, m2, a, eve) = (kp(51), kp(52), kp(53), kp(54));
+    let mine = finder(&[m1.clone(), m2.clone()]);
+    let c20 = PayloadCipher::ChaCha20Poly1305;
+    let header = |env: &[u8], field: &str| protected_json(env)["recipients"][0]["header"][field].clone();
+    // The envelope with its first recipient entry changed.
+    let edited = |env: &[u8], edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut outer: serde_json::Value = serde_json::from_slice(env).unwrap();
+        let mut prot = protected_json(env);
+        edit(&mut prot["recipients"][0]);
+        outer["protected"] = b64::encode(&serde_json::to_vec(&prot).unwrap()).into();
+        serde_json::to_vec(&outer).unwrap()
+    };
+    let with_sender = |env: &[u8], sealed: &serde_json::Value| edited(env, &|r| r["header"]["sender"] = sealed.clone());
+    let theirs = BoxKeys::new(8);
+    let wallet = BoxKeys::remembering_senders(8);
+    let from_a: Vec<Vec<u8>> = (0..3)
+        .map(|i| {
+            pack_cached(
+                format!("{{\"n\":{i}}}").as_bytes(),
+                &[m1.verkey()],
+                Some(&a),
+                c20,
+                Some(&theirs),
+            )
+            .unwrap()
+        })
+        .collect();
+    for (i, env) in from_a.iter().enumerate() {
+        let u = unpack_cached(env, &mine, Some(&wallet)).unwrap();
+        assert_eq!(u.sender_verkey, Some(a.verkey()));
+        assert_eq!(u.plaintext, format!("{{\"n\":{i}}}").as_bytes());
+    }
+    assert_eq!(wallet.senders_len(), 1, "one reused header, opened once");
+    let a_header = header(&from_a[0], "sender");
+
+    // Eve's envelope with a's remembered header: the remembered key is a's, the box is Eve's.
+    let eve_env = pack(b"{\"evil\":1}", &[m1.verkey()], Some(&eve)).unwrap();
+    let forged = with_sender(&eve_env, &a_header);
+    assert!(matches!(
+        unpack_cached(&forged, &mine, Some(&wallet)),
+        Err(EnvelopeError::Decrypt)
+    ));
+    // The header sealed to m1, in an envelope to m2: not found for m2, and m2 cannot open it.
+    let to_m2 = pack_cached(b"{}", &[m2.verkey()], Some(&a), c20, Some(&theirs)).unwrap();
+    let moved = with_sender(&to_m2, &a_header);
+    assert!(matches!(
+        unpack_cached(&moved, &mine, Some(&wallet)),
+        Err(EnvelopeError::Decrypt)
+    ));
+    // Eve's own header on a content key box that does not open: not remembered.
+    let broken = edited(&eve_env, &|r| r["encrypted_key"] = b64::encode(&[7u8; 48]).into());
+    assert!(matches!(
+        unpack_cached(&broken, &mine, Some(&wallet)),
+        Err(EnvelopeError::Decrypt)
+    ));
+    assert_eq!(wallet.senders_len(), 1);
+    // Eve's envelope as she made it opens, as hers.
+    let u = unpack_cached(&eve_env, &mine, Some(&wallet)).unwrap();
+    assert_eq!(u.sender_verkey, Some(eve.verkey()));
+    assert_eq!(wallet.senders_len(), 2);
+
+    let node = BoxKeys::new(8);
+    unpack_cached(&from_a[0], &mine, Some(&node)).unwrap();
+    assert_eq!(node.senders_len(), 0, "the node keeps no sealed senders");
+}
