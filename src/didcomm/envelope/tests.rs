@@ -594,25 +594,44 @@ fn box_keys_cache_per_pair_and_forged_senders_still_fail() {
 /// With a cache, our verkey is sealed to a peer once and the `sender` header reused; the
 /// content key's box still gets a fresh nonce (and key) every time, each envelope opens on its
 /// own, and a reused `sender` copied into someone else's envelope proves nothing.
+/// Three authcrypt envelopes `{"n":i}` from `from` to `to`, packed through `cache`.
+fn numbered(from: &KeyPair, to: &KeyPair, cache: &BoxKeys) -> Vec<Vec<u8>> {
+    (0..3)
+        .map(|i| {
+            let body = format!("{{\"n\":{i}}}");
+            pack_cached(
+                body.as_bytes(),
+                &[to.verkey()],
+                Some(from),
+                PayloadCipher::ChaCha20Poly1305,
+                Some(cache),
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+/// `env` with its first recipient entry changed by `edit`.
+fn edit_first_recipient(env: &[u8], edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+    let mut outer: serde_json::Value = serde_json::from_slice(env).unwrap();
+    let mut prot = protected_json(env);
+    edit(&mut prot["recipients"][0]);
+    outer["protected"] = b64::encode(&serde_json::to_vec(&prot).unwrap()).into();
+    serde_json::to_vec(&outer).unwrap()
+}
+
+/// `env` with `sealed` as its first recipient's sealed sender.
+fn with_sender(env: &[u8], sealed: &serde_json::Value) -> Vec<u8> {
+    edit_first_recipient(env, |r| r["header"]["sender"] = sealed.clone())
+}
+
 #[test]
 fn sealed_sender_is_made_once_per_pair_and_proves_nothing_alone() {
     let (m1, a, eve) = (kp(41), kp(42), kp(43));
     let cache = BoxKeys::new(8);
     let mine = finder(std::slice::from_ref(&m1));
-    let c20 = PayloadCipher::ChaCha20Poly1305;
     let header = |env: &[u8], field: &str| protected_json(env)["recipients"][0]["header"][field].clone();
-    let packed: Vec<Vec<u8>> = (0..3)
-        .map(|i| {
-            pack_cached(
-                format!("{{\"n\":{i}}}").as_bytes(),
-                &[m1.verkey()],
-                Some(&a),
-                c20,
-                Some(&cache),
-            )
-            .unwrap()
-        })
-        .collect();
+    let packed = numbered(&a, &m1, &cache);
     let senders: Vec<_> = packed.iter().map(|e| header(e, "sender")).collect();
     assert!(senders.iter().all(|s| *s == senders[0]), "one sealed sender per pair");
     let ivs: std::collections::HashSet<String> = packed.iter().map(|e| header(e, "iv").to_string()).collect();
@@ -630,11 +649,7 @@ fn sealed_sender_is_made_once_per_pair_and_proves_nothing_alone() {
     assert_ne!(header(&x, "sender"), header(&y, "sender"));
     // Eve copies a's reused sealed sender into her own envelope: it does not open.
     let env = pack(b"{\"evil\":1}", &[m1.verkey()], Some(&eve)).unwrap();
-    let mut outer: serde_json::Value = serde_json::from_slice(&env).unwrap();
-    let mut prot = protected_json(&env);
-    prot["recipients"][0]["header"]["sender"] = senders[0].clone();
-    outer["protected"] = b64::encode(&serde_json::to_vec(&prot).unwrap()).into();
-    let forged = serde_json::to_vec(&outer).unwrap();
+    let forged = with_sender(&env, &senders[0]);
     assert!(matches!(unpack(&forged, &mine), Err(EnvelopeError::Decrypt)));
     assert!(matches!(
         unpack_cached(&forged, &mine, Some(&BoxKeys::new(8))),
@@ -650,38 +665,16 @@ fn sealed_sender_is_made_once_per_pair_and_proves_nothing_alone() {
 fn remembered_sealed_senders_still_prove_nothing_alone() {
     let (m1, m2, a, eve) = (kp(51), kp(52), kp(53), kp(54));
     let mine = finder(&[m1.clone(), m2.clone()]);
-    let c20 = PayloadCipher::ChaCha20Poly1305;
-    let header = |env: &[u8], field: &str| protected_json(env)["recipients"][0]["header"][field].clone();
-    // The envelope with its first recipient entry changed.
-    let edited = |env: &[u8], edit: &dyn Fn(&mut serde_json::Value)| {
-        let mut outer: serde_json::Value = serde_json::from_slice(env).unwrap();
-        let mut prot = protected_json(env);
-        edit(&mut prot["recipients"][0]);
-        outer["protected"] = b64::encode(&serde_json::to_vec(&prot).unwrap()).into();
-        serde_json::to_vec(&outer).unwrap()
-    };
-    let with_sender = |env: &[u8], sealed: &serde_json::Value| edited(env, &|r| r["header"]["sender"] = sealed.clone());
     let theirs = BoxKeys::new(8);
     let wallet = BoxKeys::remembering_senders(8);
-    let from_a: Vec<Vec<u8>> = (0..3)
-        .map(|i| {
-            pack_cached(
-                format!("{{\"n\":{i}}}").as_bytes(),
-                &[m1.verkey()],
-                Some(&a),
-                c20,
-                Some(&theirs),
-            )
-            .unwrap()
-        })
-        .collect();
+    let from_a = numbered(&a, &m1, &theirs);
     for (i, env) in from_a.iter().enumerate() {
         let u = unpack_cached(env, &mine, Some(&wallet)).unwrap();
         assert_eq!(u.sender_verkey, Some(a.verkey()));
         assert_eq!(u.plaintext, format!("{{\"n\":{i}}}").as_bytes());
     }
     assert_eq!(wallet.senders_len(), 1, "one reused header, opened once");
-    let a_header = header(&from_a[0], "sender");
+    let a_header = protected_json(&from_a[0])["recipients"][0]["header"]["sender"].clone();
 
     // Eve's envelope with a's remembered header: the remembered key is a's, the box is Eve's.
     let eve_env = pack(b"{\"evil\":1}", &[m1.verkey()], Some(&eve)).unwrap();
@@ -691,14 +684,21 @@ fn remembered_sealed_senders_still_prove_nothing_alone() {
         Err(EnvelopeError::Decrypt)
     ));
     // The header sealed to m1, in an envelope to m2: not found for m2, and m2 cannot open it.
-    let to_m2 = pack_cached(b"{}", &[m2.verkey()], Some(&a), c20, Some(&theirs)).unwrap();
+    let to_m2 = pack_cached(
+        b"{}",
+        &[m2.verkey()],
+        Some(&a),
+        PayloadCipher::ChaCha20Poly1305,
+        Some(&theirs),
+    )
+    .unwrap();
     let moved = with_sender(&to_m2, &a_header);
     assert!(matches!(
         unpack_cached(&moved, &mine, Some(&wallet)),
         Err(EnvelopeError::Decrypt)
     ));
     // Eve's own header on a content key box that does not open: not remembered.
-    let broken = edited(&eve_env, &|r| r["encrypted_key"] = b64::encode(&[7u8; 48]).into());
+    let broken = edit_first_recipient(&eve_env, |r| r["encrypted_key"] = b64::encode(&[7u8; 48]).into());
     assert!(matches!(
         unpack_cached(&broken, &mine, Some(&wallet)),
         Err(EnvelopeError::Decrypt)
