@@ -113,6 +113,16 @@ impl Pair {
     }
 }
 
+#[cfg(test)]
+impl Pair {
+    /// This pair with `sealed` as its `sender` header, whatever that seals: how a forger puts
+    /// someone else's header into an envelope that is otherwise well formed (tests).
+    pub(crate) fn with_sealed_sender(self, sealed: String) -> Pair {
+        let _ = self.sealed_sender.set(sealed);
+        self
+    }
+}
+
 /// Pairs by (our Ed25519 public key, theirs), bounded. Shared by the threads of a node.
 pub struct BoxKeys {
     pairs: Mutex<HashMap<[u8; 64], Arc<Pair>>>,
@@ -120,8 +130,8 @@ pub struct BoxKeys {
     senders: Option<Mutex<SealedSenders>>,
 }
 
-/// (our Ed25519 public key ++ a sealed sender's bytes) -> the sender's Ed25519 public key.
-type SealedSenders = HashMap<Box<[u8]>, [u8; 32]>;
+/// A sealed sender's bytes -> (our Ed25519 public key it opened with, the sender's).
+type SealedSenders = HashMap<Box<[u8]>, ([u8; 32], [u8; 32])>;
 
 impl Default for BoxKeys {
     fn default() -> Self {
@@ -147,14 +157,12 @@ impl BoxKeys {
         }
     }
 
-    fn sender_id(ours: &KeyPair, sealed: &[u8]) -> Box<[u8]> {
-        [&ours.public_bytes()[..], sealed].concat().into_boxed_slice()
-    }
-
     /// The sender's key `sealed` opened to for `ours` before, if remembered.
     pub(crate) fn opened_sender(&self, ours: &KeyPair, sealed: &[u8]) -> Option<[u8; 32]> {
         let senders = self.senders.as_ref()?;
-        senders.lock().get(&Self::sender_id(ours, sealed)).copied()
+        let (with, sender) = *senders.lock().get(sealed)?;
+        // Found only for the key it opened with (no other key of ours can open it).
+        (with == ours.public_bytes()).then_some(sender)
     }
 
     /// Remembers what `sealed` opened to for `ours` (when this cache keeps senders), once the
@@ -165,7 +173,7 @@ impl BoxKeys {
         if senders.len() >= self.capacity {
             senders.clear();
         }
-        senders.insert(Self::sender_id(ours, sealed), sender);
+        senders.insert(sealed.into(), (ours.public_bytes(), sender));
     }
 
     /// Sealed senders remembered now.

@@ -567,13 +567,8 @@ fn box_keys_cache_per_pair_and_forged_senders_still_fail() {
     // Eve boxes the content key with her own key and names another key as the sender: a's,
     // whose pair with m1 is cached, or c's, which is not. Neither opens, and no pair is kept.
     let forge = |claimed: &KeyPair| {
-        let env = pack(b"{\"evil\":1}", &[m1.verkey()], Some(&eve)).unwrap();
-        let mut outer: serde_json::Value = serde_json::from_slice(&env).unwrap();
-        let mut prot = protected_json(&env);
         let sealed = crypto_box_seal(m1.x25519(), claimed.verkey().as_bytes()).unwrap();
-        prot["recipients"][0]["header"]["sender"] = b64::encode(sealed.as_ref()).into();
-        outer["protected"] = b64::encode(&serde_json::to_vec(&prot).unwrap()).into();
-        serde_json::to_vec(&outer).unwrap()
+        forged_by(&eve, &m1, &b64::encode(sealed.as_ref()))
     };
     for claimed in [&a, &kp(36)] {
         let forged = forge(claimed);
@@ -591,9 +586,6 @@ fn box_keys_cache_per_pair_and_forged_senders_still_fail() {
     }
 }
 
-/// With a cache, our verkey is sealed to a peer once and the `sender` header reused; the
-/// content key's box still gets a fresh nonce (and key) every time, each envelope opens on its
-/// own, and a reused `sender` copied into someone else's envelope proves nothing.
 /// Three authcrypt envelopes `{"n":i}` from `from` to `to`, packed through `cache`.
 fn numbered(from: &KeyPair, to: &KeyPair, cache: &BoxKeys) -> Vec<Vec<u8>> {
     (0..3)
@@ -620,11 +612,30 @@ fn edit_first_recipient(env: &[u8], edit: impl Fn(&mut serde_json::Value)) -> Ve
     serde_json::to_vec(&outer).unwrap()
 }
 
-/// `env` with `sealed` as its first recipient's sealed sender.
-fn with_sender(env: &[u8], sealed: &serde_json::Value) -> Vec<u8> {
-    edit_first_recipient(env, |r| r["header"]["sender"] = sealed.clone())
+/// A well-formed envelope from `from` to `to` whose `sender` header is `sealed` (someone
+/// else's): `from`'s own content key box and payload, and the protected header, which is the
+/// payload's AAD, as sent. Only the content key's box can refuse it.
+fn forged_by(from: &KeyPair, to: &KeyPair, sealed: &str) -> Vec<u8> {
+    let cache = BoxKeys::new(1);
+    let pair = box_keys::Pair::derive(from, &to.public_bytes())
+        .unwrap()
+        .with_sealed_sender(sealed.to_owned());
+    cache.insert(from, &to.public_bytes(), std::sync::Arc::new(pair));
+    let env = pack_cached(
+        b"{\"evil\":1}",
+        &[to.verkey()],
+        Some(from),
+        PayloadCipher::ChaCha20Poly1305,
+        Some(&cache),
+    )
+    .unwrap();
+    assert_eq!(protected_json(&env)["recipients"][0]["header"]["sender"], sealed);
+    env
 }
 
+/// With a cache, our verkey is sealed to a peer once and the `sender` header reused; the
+/// content key's box still gets a fresh nonce (and key) every time, each envelope opens on its
+/// own, and a reused `sender` copied into someone else's envelope proves nothing.
 #[test]
 fn sealed_sender_is_made_once_per_pair_and_proves_nothing_alone() {
     let (m1, a, eve) = (kp(41), kp(42), kp(43));
@@ -648,8 +659,7 @@ fn sealed_sender_is_made_once_per_pair_and_proves_nothing_alone() {
     );
     assert_ne!(header(&x, "sender"), header(&y, "sender"));
     // Eve copies a's reused sealed sender into her own envelope: it does not open.
-    let env = pack(b"{\"evil\":1}", &[m1.verkey()], Some(&eve)).unwrap();
-    let forged = with_sender(&env, &senders[0]);
+    let forged = forged_by(&eve, &m1, senders[0].as_str().unwrap());
     assert!(matches!(unpack(&forged, &mine), Err(EnvelopeError::Decrypt)));
     assert!(matches!(
         unpack_cached(&forged, &mine, Some(&BoxKeys::new(8))),
@@ -674,25 +684,24 @@ fn remembered_sealed_senders_still_prove_nothing_alone() {
         assert_eq!(u.plaintext, format!("{{\"n\":{i}}}").as_bytes());
     }
     assert_eq!(wallet.senders_len(), 1, "one reused header, opened once");
-    let a_header = protected_json(&from_a[0])["recipients"][0]["header"]["sender"].clone();
+    let a_header = protected_json(&from_a[0])["recipients"][0]["header"]["sender"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     // Eve's envelope with a's remembered header: the remembered key is a's, the box is Eve's.
     let eve_env = pack(b"{\"evil\":1}", &[m1.verkey()], Some(&eve)).unwrap();
-    let forged = with_sender(&eve_env, &a_header);
+    let forged = forged_by(&eve, &m1, &a_header);
     assert!(matches!(
         unpack_cached(&forged, &mine, Some(&wallet)),
         Err(EnvelopeError::Decrypt)
     ));
-    // The header sealed to m1, in an envelope to m2: not found for m2, and m2 cannot open it.
-    let to_m2 = pack_cached(
-        b"{}",
-        &[m2.verkey()],
-        Some(&a),
-        PayloadCipher::ChaCha20Poly1305,
-        Some(&theirs),
-    )
-    .unwrap();
-    let moved = with_sender(&to_m2, &a_header);
+    // The header sealed to m1, in a's own envelope to m2: not found for m2 (the box with m2
+    // would open), and m2 cannot open the header.
+    let raw = b64::decode(&a_header).unwrap();
+    assert_eq!(wallet.opened_sender(&m1, &raw), Some(a.public_bytes()));
+    assert_eq!(wallet.opened_sender(&m2, &raw), None);
+    let moved = forged_by(&a, &m2, &a_header);
     assert!(matches!(
         unpack_cached(&moved, &mine, Some(&wallet)),
         Err(EnvelopeError::Decrypt)
