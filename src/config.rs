@@ -142,6 +142,11 @@ pub struct DeliverySection {
     /// Timeout of one POST to an agent's own HTTP endpoint, milliseconds.
     #[serde(default = "default_endpoint_timeout")]
     pub endpoint_timeout_ms: u64,
+    /// pickup 2.0 live mode, for a wallet that acknowledges on its socket: while a delivery of
+    /// fewer than `batch_size` messages is unacknowledged, new messages wait (at most this long,
+    /// milliseconds) and go out together once it is acknowledged. 0: every message at once.
+    #[serde(default = "default_live_ack_wait")]
+    pub live_ack_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -263,6 +268,9 @@ fn default_sweep_ms() -> u64 {
 }
 fn default_batch() -> usize {
     10
+}
+fn default_live_ack_wait() -> u64 {
+    250
 }
 fn default_endpoint_timeout() -> u64 {
     10_000
@@ -494,6 +502,12 @@ impl Config {
         if self.delivery.batch_size == 0 || self.delivery.batch_size > 1000 {
             return bad("delivery.batch_size must be 1..=1000".into());
         }
+        if self.delivery.live_ack_wait_ms > 60_000 {
+            return bad(
+                "delivery.live_ack_wait_ms must be 0..=60000 (how long live messages may wait for an acknowledgement)"
+                    .into(),
+            );
+        }
         if self.delivery.lease_ms < 100 || self.delivery.sweep_interval_ms < 10 {
             return bad("delivery.lease_ms must be >= 100 and delivery.sweep_interval_ms >= 10".into());
         }
@@ -709,6 +723,7 @@ mod tests {
         assert_eq!(c.delivery.sweep_interval_ms, 2000);
         assert_eq!(c.limits.max_keys_per_connection, 1000);
         assert_eq!(c.limits.client_timeout_ms, 5000);
+        assert_eq!(c.delivery.live_ack_wait_ms, 250);
     }
 
     #[test]
@@ -723,6 +738,7 @@ mod tests {
             ("[delivery]\nstrategy='Sometimes'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "Sometimes"),
             ("[limits]\nmax_keys_per_connection=0\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.max_keys_per_connection must be at least 1"),
             ("[limits]\nclient_timeout_ms=0\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.client_timeout_ms must be 100..=600000"),
+            ("[delivery]\nlive_ack_wait_ms=60001\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "delivery.live_ack_wait_ms must be 0..=60000"),
             (
                 "[[node]]\nid='n1'\nlisten='127.0.0.1:1'\ncluster='127.0.0.1:3'\nadmin='127.0.0.1:2'\n[[node]]\nid='n2'\nlisten='127.0.0.1:4'\ncluster='127.0.0.1:5'\nadmin='127.0.0.1:6'",
                 "secret",

@@ -236,7 +236,12 @@ async fn pickup_v1_batch() {
 
 #[actix_rt::test]
 async fn live_mode_over_websocket_with_acks_over_http() {
-    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
+    // A live window that held deliveries for a wallet acknowledging over HTTP would hold each
+    // for a minute here: it never applies to such a wallet.
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.delivery.live_ack_wait_ms = 60_000;
+    })
+    .await;
     forward_to(&n, &a, &k, "queued-before").await;
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
     let status = ws_request(
@@ -279,6 +284,66 @@ async fn live_mode_over_websocket_with_acks_over_http() {
     let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
     assert!(text.contains("mailroom_ack_lag_seconds_count 6"), "{text}");
     assert!(text.contains("mailroom_acknowledged_total 6"), "{text}");
+    ws.close().await;
+}
+
+/// Sends messages-received for `ids` on the socket; returns what the socket carried until the
+/// node's status answer: deliveries' contents, in order.
+async fn ack_on_socket(a: &Agent, ws: &mut mailroom::client::WsClient, ids: &[String]) -> Vec<Vec<String>> {
+    let ack = pickup("messages-received", json!({ "message_id_list": ids }));
+    ws.send_envelope(a.pack(&ack).unwrap(), true).await.unwrap();
+    let mut deliveries = Vec::new();
+    loop {
+        let m = ws_next_message(a, ws).await;
+        match type_name(&m) {
+            "status" => return deliveries,
+            "delivery" => deliveries.push(contents(a, &m)),
+            other => panic!("unexpected {other}: {m}"),
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn live_messages_wait_for_the_socket_acknowledgement_and_a_backlog_streams() {
+    // batch_size 10; the wait long enough that only an acknowledgement can end it in the test.
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.delivery.live_ack_wait_ms = 60_000;
+    })
+    .await;
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let status = ws_request(
+        &a,
+        &mut ws,
+        &pickup("live-delivery-change", json!({"live_delivery": true})),
+    )
+    .await;
+    assert_eq!(status["live_delivery"], true);
+    // The wallet acknowledges on its socket: from then on the window applies.
+    assert_eq!(forward_to(&n, &a, &k, "m0").await, 202);
+    let d0 = ws_next_message(&a, &mut ws).await;
+    let ids0: Vec<String> = a.open_delivery(&d0).unwrap().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ack_on_socket(&a, &mut ws, &ids0).await, Vec::<Vec<String>>::new());
+    assert_eq!(forward_to(&n, &a, &k, "m1").await, 202);
+    let d1 = ws_next_message(&a, &mut ws).await;
+    let opened = a.open_delivery(&d1).unwrap();
+    assert_eq!(opened.len(), 1);
+    assert_eq!(opened[0].1["content"], "m1");
+    // m1 is out, unacknowledged: what comes now waits in the queue.
+    let want: Vec<String> = (0..25).map(|i| format!("w{i}")).collect();
+    for w in &want {
+        assert_eq!(forward_to(&n, &a, &k, w).await, 202);
+    }
+    // Acknowledged: the 25 go out together, and as full batches they stream without waiting
+    // for acknowledgements of their own (10, 10, then the partial 5).
+    let mut got = ack_on_socket(&a, &mut ws, &[opened[0].0.clone()]).await;
+    while got.iter().map(Vec::len).sum::<usize>() < want.len() {
+        let m = ws_next_message(&a, &mut ws).await;
+        assert_eq!(type_name(&m), "delivery", "{m}");
+        got.push(contents(&a, &m));
+    }
+    let sizes: Vec<usize> = got.iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![10, 10, 5], "{got:?}");
+    assert_eq!(got.concat(), want);
     ws.close().await;
 }
 

@@ -470,7 +470,7 @@ pub(crate) async fn peer_fanout(t: &mut Table, o: &Opts) -> Result<()> {
         ),
     );
     println!(
-        "peer-fanout name={name} flavour={flavour:?} wallets={nw} accepted={accepted} delivered={delivered} rate={rate:.1} p50_ms={} p99_ms={} dups={dups} mediator_cores={med_cores} loadgen_cores={gen_cores}",
+        "peer-fanout name={name} flavour={flavour:?} wallets={nw} accepted={accepted} delivered={delivered} rate={rate:.1} p50_ms={} p99_ms={} dups={dups} acks={acks} mediator_cores={med_cores} loadgen_cores={gen_cores}",
         ms(p50),
         ms(p99)
     );

@@ -9,6 +9,7 @@
 pub mod held;
 pub mod http;
 pub mod listener;
+pub mod live_window;
 pub mod outbound;
 pub mod upgrade;
 pub mod watchdog;

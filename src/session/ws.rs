@@ -14,6 +14,7 @@
 //! Binary and text frames are accepted; replies are text frames. Heartbeats: a ping every
 //! `HEARTBEAT`, closed after `CLIENT_TIMEOUT` without a pong or frame.
 
+use super::live_window::LiveWindow;
 use super::upgrade::SocketSlot;
 use super::Shared;
 use crate::config::Strategy;
@@ -61,6 +62,10 @@ pub struct WsSession {
     registered: bool,
     /// Messages of this socket being handled now (`limits.max_ws_inflight`).
     inflight: usize,
+    /// Live deliveries out and not yet acknowledged on this socket.
+    window: LiveWindow,
+    /// A drain waits for the window: a timer to reopen it is set.
+    window_timer: bool,
     /// Its place under `limits.max_sessions`.
     _slot: SocketSlot,
     /// Set when the session has stopped: a lease still in flight then gives its messages back
@@ -70,6 +75,7 @@ pub struct WsSession {
 
 impl WsSession {
     pub(super) fn new(shared: Arc<Shared>, slot: SocketSlot) -> WsSession {
+        let live_ack_wait = Duration::from_millis(shared.cfg.delivery.live_ack_wait_ms);
         WsSession {
             id: shared.next_session_id(),
             shared,
@@ -83,6 +89,8 @@ impl WsSession {
             partial: None,
             registered: false,
             inflight: 0,
+            window: LiveWindow::new(live_ack_wait),
+            window_timer: false,
             _slot: slot,
             closed: Arc::default(),
         }
@@ -191,6 +199,7 @@ impl WsSession {
         }
         if let Some(live) = out.live_mode {
             self.mode = if live { Mode::Live } else { self.idle_mode() };
+            self.window.clear();
             if live {
                 ctx.notify(Wake);
             }
@@ -202,9 +211,15 @@ impl WsSession {
         }
         if out.acked > 0 {
             if let Some(c) = &out.connection {
-                let s = shared.clone();
-                let c = c.id.clone();
-                actix_rt::spawn(async move { s.queued(&c).await });
+                if self.registered && self.conn.as_ref().is_some_and(|h| h.id == c.id) {
+                    // Acknowledged on the socket that delivers: its window moves on.
+                    self.window.acknowledged(out.acked);
+                    ctx.notify(Wake);
+                } else {
+                    let s = shared.clone();
+                    let c = c.id.clone();
+                    actix_rt::spawn(async move { s.queued(&c).await });
+                }
             }
         }
         let Some(conn) = out.connection.clone() else { return };
@@ -281,6 +296,22 @@ impl WsSession {
         }
     }
 
+    /// Whether a live delivery may go out now ([`LiveWindow`]); when not, a timer drains again
+    /// as the window's wait runs out (an acknowledgement on the socket wakes it sooner).
+    fn window_open(&mut self, ctx: &mut ws::WebsocketContext<Self>) -> bool {
+        let Some(wait) = self.window.closed_for(Instant::now()) else {
+            return true;
+        };
+        if !self.window_timer {
+            self.window_timer = true;
+            ctx.run_later(wait, |act, ctx| {
+                act.window_timer = false;
+                act.drain(ctx);
+            });
+        }
+        false
+    }
+
     /// Leases one batch and pushes it; schedules the next batch while batches come back full.
     fn drain(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
         if self.mode == Mode::Quiet || self.conn.is_none() || !self.registered {
@@ -288,6 +319,9 @@ impl WsSession {
         }
         if self.draining {
             self.wake_again = true;
+            return;
+        }
+        if self.mode == Mode::Live && !self.window_open(ctx) {
             return;
         }
         self.draining = true;
@@ -355,6 +389,8 @@ impl WsSession {
                 match shared.mediator.pack_for(&conn, &delivery) {
                     Ok(p) => {
                         ctx.text(String::from_utf8_lossy(&p).into_owned());
+                        let partial = msgs.len() < shared.mediator.batch_size;
+                        self.window.sent(Instant::now(), msgs.len() as u64, partial);
                         shared
                             .metrics
                             .delivered("live", crate::protocols::v2::version_label(&conn), msgs.len() as u64);
@@ -518,6 +554,8 @@ impl WsSession {
             return;
         }
         self.registered = false;
+        // Its leases go back below: nothing of this socket awaits an acknowledgement.
+        self.window.clear();
         let Some(conn) = self.conn.as_ref().map(|c| c.id.clone()) else {
             return;
         };
