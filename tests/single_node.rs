@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::cluster::live_socket;
 use common::*;
 use mailroom::client::{basic_message, Agent, Sender, WsEvent};
 use mailroom::config::Strategy;
@@ -243,7 +244,7 @@ async fn live_mode_over_websocket_with_acks_over_http() {
     })
     .await;
     forward_to(&n, &a, &k, "queued-before").await;
-    let mut ws = live_socket(&n, &a).await;
+    let mut ws = live_socket(&a, &n).await;
     let mut seen = Vec::new();
     let mut ids = Vec::new();
     // What was queued before goes out at once; new forwards arrive live.
@@ -279,20 +280,6 @@ async fn live_mode_over_websocket_with_acks_over_http() {
     ws.close().await;
 }
 
-/// A WebSocket to `n` in pickup 2.0 live mode (its status answer checked).
-async fn live_socket(n: &mailroom::node::RunningNode, a: &Agent) -> mailroom::client::WsClient {
-    let mut ws = a.websocket(&ws_url(n)).await.unwrap();
-    let status = ws_request(
-        a,
-        &mut ws,
-        &pickup("live-delivery-change", json!({"live_delivery": true})),
-    )
-    .await;
-    assert_eq!(type_name(&status), "status", "{status}");
-    assert_eq!(status["live_delivery"], true);
-    ws
-}
-
 /// Sends messages-received for `ids` on the socket; returns what the socket carried until the
 /// node's status answer: deliveries' contents, in order.
 async fn ack_on_socket(a: &Agent, ws: &mut mailroom::client::WsClient, ids: &[String]) -> Vec<Vec<String>> {
@@ -316,7 +303,7 @@ async fn live_messages_wait_for_the_socket_acknowledgement_and_a_backlog_streams
         c.delivery.live_ack_wait_ms = 60_000;
     })
     .await;
-    let mut ws = live_socket(&n, &a).await;
+    let mut ws = live_socket(&a, &n).await;
     // The wallet acknowledges on its socket: from then on the window applies.
     assert_eq!(forward_to(&n, &a, &k, "m0").await, 202);
     let d0 = ws_next_message(&a, &mut ws).await;
@@ -352,13 +339,13 @@ async fn live_delivery_unacknowledged_comes_back_on_a_new_session() {
         c.delivery.lease_ms = 60_000; // only the session's end can free it in time
     })
     .await;
-    let mut ws = live_socket(&n, &a).await;
+    let mut ws = live_socket(&a, &n).await;
     forward_to(&n, &a, &k, "unacked").await;
     let d = ws_next_message(&a, &mut ws).await;
     let first = a.open_delivery(&d).unwrap();
     assert_eq!(first[0].1["content"], "unacked");
     ws.close().await; // dropped without messages-received
-    let mut ws2 = live_socket(&n, &a).await;
+    let mut ws2 = live_socket(&a, &n).await;
     let d2 = ws_next_message(&a, &mut ws2).await;
     let again = a.open_delivery(&d2).unwrap();
     assert_eq!(again[0].0, first[0].0, "the same queue entry is delivered again");

@@ -381,6 +381,7 @@ pub async fn live_socket(a: &Agent, node: &RunningNode) -> WsClient {
     )
     .await;
     assert_eq!(type_name(&st), "status", "{st}");
+    assert_eq!(st["live_delivery"], true, "{st}");
     ws
 }
 
