@@ -133,6 +133,31 @@ async fn forwards_on_other_nodes_reach_the_live_session_and_follow_it_when_it_mo
     assert_eq!(queue_depth(n1).await, 0);
 }
 
+/// An acknowledgement makes nothing deliverable (leases are per message, with no cap per
+/// connection), so Credo-style acknowledgements over HTTP on another node than the wallet's
+/// socket send no notification: each would cost the socket's node a lease, a PostgreSQL round
+/// trip. Every forward still arrives live.
+#[actix_rt::test]
+async fn acknowledgements_over_http_on_another_node_wake_no_session() {
+    let f = cluster_of(2, NO_SWEEP).await;
+    let (n1, n2) = (&f.nodes[0], &f.nodes[1]);
+    let inv = invitation(n1).await;
+    let (mut a, k) = Agent::onboard(&inv).await.unwrap();
+    let conn = a_connection_id(n1).await;
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let mut ws = live_socket(&a, n1).await;
+    wait_owner(&[n2], &conn, "n1").await;
+    for i in 0..5 {
+        assert_eq!(forward_via(n1, &routing, &k, &format!("m{i}")).await, 202);
+    }
+    let (got, dups) = receive(&mut a, &mut ws, &n2.public_url(), 5).await;
+    assert_eq!(dups, 0, "{got:?}");
+    assert_eq!(queue_depth(n1).await, 0, "every delivery was acknowledged on n2");
+    assert_eq!(cluster_counter(n2, "notifications_sent").await, 0);
+    assert_eq!(cluster_counter(n1, "notifications_received").await, 0);
+    ws.close().await;
+}
+
 /// The link between two nodes is cut: delivery still completes through the sweep; the link
 /// heals and the directory is resynchronised.
 #[actix_rt::test]
@@ -272,11 +297,9 @@ async fn a_node_added_by_reload_gets_notifications() {
     assert!(peer_connected(&nodes[0], "n4").await);
 }
 
-/// `RoutesChanged` frames this node received (cluster counters).
-async fn routes_changed_received(n: &RunningNode) -> u64 {
-    cluster_json(n).await["cluster"]["counters"]["routes_changed_received"]
-        .as_u64()
-        .unwrap_or(0)
+/// One of this node's cluster counters (`/cluster`), e.g. `routes_changed_received`.
+async fn cluster_counter(n: &RunningNode, name: &str) -> u64 {
+    cluster_json(n).await["cluster"]["counters"][name].as_u64().unwrap_or(0)
 }
 
 /// Routes are cached on each node. A key removed through one node is forgotten by the other
@@ -307,12 +330,12 @@ async fn a_removed_key_is_never_routed_to_its_old_connection_from_any_node() {
     assert_eq!(queue_depth(&n2).await, 1);
 
     // Removed through n1: n2 is told, and a forward on n2 right away finds no route.
-    let heard = routes_changed_received(&n2).await;
+    let heard = cluster_counter(&n2, "routes_changed_received").await;
     a.keylist_update(&[], &[k.verkey()]).await.unwrap();
     assert_eq!(forward_via(&n2, &routing, &k, "after removal").await, 404);
     assert_eq!(queue_depth(&n2).await, 1, "nothing queued for the old connection");
     eventually("n2 heard of the removal", || async {
-        (routes_changed_received(&n2).await > heard).then_some(())
+        (cluster_counter(&n2, "routes_changed_received").await > heard).then_some(())
     })
     .await;
 

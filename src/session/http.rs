@@ -131,21 +131,15 @@ async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpRespo
             .unwrap_or("v1");
         shared.metrics.delivered("pickup", v, out.leased.len() as u64);
     }
-    // Wake whoever holds the wallet's session; acknowledgements free it to send more.
-    // New messages may also wake the wallet by push (no session anywhere).
-    let queued: Vec<String> = out.queued_for.clone();
-    let acked_conn = match (&out.connection, out.acked > 0) {
-        (Some(c), true) => Some(c.id.clone()),
-        _ => None,
-    };
-    if !queued.is_empty() || acked_conn.is_some() {
+    // Wake whoever holds the wallet's session; new messages may also wake the wallet by push
+    // (no session anywhere). An acknowledgement wakes nobody: leases are per message with no
+    // cap per connection, so removing delivered messages makes nothing else deliverable.
+    if !out.queued_for.is_empty() {
         let s = shared.clone();
+        let queued = out.queued_for.clone();
         actix_rt::spawn(async move {
             for c in queued {
                 s.queued_new(&c).await;
-            }
-            if let Some(c) = acked_conn {
-                s.queued(&c).await;
             }
         });
     }

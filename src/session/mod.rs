@@ -100,8 +100,8 @@ impl Shared {
         format!("{}/ws/{}/{}", self.mediator.node_id, std::process::id(), session)
     }
 
-    /// A message for `conn` was queued (or acknowledged, freeing room): make whoever holds the
-    /// wallet's session drain it. Correctness never depends on this: the sweep catches up.
+    /// Messages of `conn` became deliverable again (a superseded session released its leases):
+    /// make whoever holds the wallet's session drain them. Correctness never depends on this: the sweep catches up.
     pub async fn queued(self: &Arc<Self>, conn: &str) {
         self.reach(conn).await;
     }

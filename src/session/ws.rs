@@ -209,18 +209,17 @@ impl WsSession {
             let c = c.clone();
             actix_rt::spawn(async move { s.queued_new(&c).await });
         }
-        if out.acked > 0 {
-            if let Some(c) = &out.connection {
-                if self.registered && self.conn.as_ref().is_some_and(|h| h.id == c.id) {
-                    // Acknowledged on the socket that delivers: its window moves on.
-                    self.window.acknowledged(out.acked);
-                    ctx.notify(Wake);
-                } else {
-                    let s = shared.clone();
-                    let c = c.id.clone();
-                    actix_rt::spawn(async move { s.queued(&c).await });
-                }
-            }
+        // Acknowledged on the socket that delivers: its window moves on. An acknowledgement
+        // elsewhere wakes nobody (it makes nothing deliverable; see `session::http`).
+        if out.acked > 0
+            && self.registered
+            && out
+                .connection
+                .as_ref()
+                .is_some_and(|c| self.conn.as_ref().is_some_and(|h| h.id == c.id))
+        {
+            self.window.acknowledged(out.acked);
+            ctx.notify(Wake);
         }
         let Some(conn) = out.connection.clone() else { return };
         if wants_route {
