@@ -141,6 +141,22 @@ impl RawConn {
     }
 }
 
+/// One sample of a node's Prometheus text (`GET {admin}/metrics`), e.g.
+/// `mailroom_store_seconds_count{op="lease"}`; None when the node does not expose it.
+pub(crate) async fn metric(admin: &str, sample: &str) -> Option<f64> {
+    let url = format!("{admin}/metrics");
+    let mut res = awc::Client::default()
+        .get(&url)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .ok()?;
+    let body = res.body().limit(16 << 20).await.ok()?;
+    let text = std::str::from_utf8(&body).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 pub(crate) async fn get_json(url: &str) -> Result<Value> {
     let mut res = awc::Client::default()
         .get(url)

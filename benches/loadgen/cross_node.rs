@@ -116,6 +116,9 @@ pub(crate) struct LatencyResult {
     pub(crate) lat_us: Vec<u64>,
     pub(crate) before_2xx: usize,
     pub(crate) from_send_us: Vec<u64>,
+    /// Delivery frames the socket read, and the store leases the socket's node took meanwhile.
+    pub(crate) frames: usize,
+    pub(crate) home_leases: Option<u64>,
 }
 
 /// Forwards POSTed to `via` at `rate`/s for `secs`; the wallet's live socket is on `home`;
@@ -176,6 +179,8 @@ pub(crate) async fn live_latency(
         )
         .await?;
     }
+    const LEASES: &str = "mailroom_store_seconds_count{op=\"lease\"}";
+    let leases_before = metric(&home.admin_url(), LEASES).await;
     let n = (rate * secs) as usize;
     let to = w.recipient();
     let (envs, _) = build_forwards(std::slice::from_ref(&to), n, "lat", o.v2_pack)?;
@@ -197,6 +202,7 @@ pub(crate) async fn live_latency(
         let mut ws = ws;
         actix_rt::spawn(async move {
             let mut got = 0usize;
+            let mut frames = 0usize;
             let hard = Instant::now() + Duration::from_secs(secs + 40);
             loop {
                 if sending_done.get() && got >= accepted.get() {
@@ -216,6 +222,7 @@ pub(crate) async fn live_latency(
                     WsEvent::Closed(_) => break,
                 };
                 let Some(opened) = w.delivery(&env, true) else { continue };
+                frames += 1;
                 let mut ids = Vec::new();
                 for (id, content) in opened {
                     ids.push(id);
@@ -232,7 +239,7 @@ pub(crate) async fn live_latency(
                 }
             }
             ws.close().await;
-            got
+            (got, frames)
         })
     };
     let acker = {
@@ -279,8 +286,12 @@ pub(crate) async fn live_latency(
         s.await?;
     }
     sending_done.set(true);
-    let delivered = receiver.await?;
+    let (delivered, frames) = receiver.await?;
     let _acks = acker.await?;
+    let home_leases = match (leases_before, metric(&home.admin_url(), LEASES).await) {
+        (Some(a), Some(b)) => Some((b - a) as u64),
+        _ => None,
+    };
     let (sent, ok, arr) = (sent_at.borrow(), ok_at.borrow(), arrived.borrow());
     let mut lat = Vec::new();
     let mut from_send = Vec::new();
@@ -303,6 +314,8 @@ pub(crate) async fn live_latency(
         lat_us: lat,
         before_2xx: before,
         from_send_us: from_send,
+        frames,
+        home_leases,
     })
 }
 
@@ -318,7 +331,7 @@ pub(crate) async fn cluster_latency(t: &mut Table, o: &Opts) -> Result<()> {
     )
     .await?;
     let note = format!(
-        "3 in-process nodes, one PostgreSQL{}; socket on n1, {}/s POSTed to n2 for {} s: {} sent, {} accepted, {} delivered live; {} arrived before the POST's 2xx (counted 0); {}; max {} ms; from POST sent: p50 {} p99 {} ms",
+        "3 in-process nodes, one PostgreSQL{}; socket on n1, {}/s POSTed to n2 for {} s: {} sent, {} accepted, {} delivered live in {} frames ({} leases on n1); {} arrived before the POST's 2xx (counted 0); {}; max {} ms; from POST sent: p50 {} p99 {} ms",
         match o.didcomm {
             Didcomm::V1 => String::new(),
             Didcomm::V2 => format!("; v2 wallet (pickup 3.0 live mode), forwards {}", o.v2_pack.label()),
@@ -328,6 +341,8 @@ pub(crate) async fn cluster_latency(t: &mut Table, o: &Opts) -> Result<()> {
         r.sent,
         r.accepted,
         r.delivered,
+        r.frames,
+        r.home_leases.map_or("?".into(), |l| l.to_string()),
         r.before_2xx,
         tail(&r.lat_us),
         ms(r.lat_us.last().copied().unwrap_or(0)),
