@@ -98,6 +98,32 @@ async fn forward_via(node: &RunningNode, routing: &[String], key: &KeyPair, text
         .unwrap()
 }
 
+/// A wallet onboarded on `home`, with its live socket there once `others` see `home` as the
+/// owner of its session.
+struct LiveWallet {
+    a: Agent,
+    k: KeyPair,
+    conn: String,
+    routing: Vec<String>,
+    ws: WsClient,
+}
+
+async fn live_wallet(home: &RunningNode, others: &[&RunningNode]) -> LiveWallet {
+    let inv = invitation(home).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let conn = a_connection_id(home).await;
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let ws = live_socket(&a, home).await;
+    wait_owner(others, &conn, &home.node_id).await;
+    LiveWallet {
+        a,
+        k,
+        conn,
+        routing,
+        ws,
+    }
+}
+
 /// credo-ts #1625: the wallet's socket is on node 1; forwards land on nodes 2 and 3; every
 /// one is delivered live through node 1 without the wallet reconnecting. Then the session
 /// moves to node 2 and forwards on node 1 follow it there.
@@ -105,12 +131,13 @@ async fn forward_via(node: &RunningNode, routing: &[String], key: &KeyPair, text
 async fn forwards_on_other_nodes_reach_the_live_session_and_follow_it_when_it_moves() {
     let f = cluster_of(3, NO_SWEEP).await;
     let (n1, n2, n3) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
-    let inv = invitation(n1).await;
-    let (mut a, k) = Agent::onboard(&inv).await.unwrap();
-    let conn = a_connection_id(n1).await;
-    let routing = a.grant.clone().unwrap().routing_keys;
-    let mut ws = live_socket(&a, n1).await;
-    wait_owner(&[n2, n3], &conn, "n1").await;
+    let LiveWallet {
+        mut a,
+        k,
+        conn,
+        routing,
+        mut ws,
+    } = live_wallet(n1, &[n2, n3]).await;
     for i in 0..10 {
         assert_eq!(forward_via(n2, &routing, &k, &format!("via-n2-{i}")).await, 202);
         assert_eq!(forward_via(n3, &routing, &k, &format!("via-n3-{i}")).await, 202);
@@ -141,12 +168,13 @@ async fn forwards_on_other_nodes_reach_the_live_session_and_follow_it_when_it_mo
 async fn acknowledgements_over_http_on_another_node_wake_no_session() {
     let f = cluster_of(2, NO_SWEEP).await;
     let (n1, n2) = (&f.nodes[0], &f.nodes[1]);
-    let inv = invitation(n1).await;
-    let (mut a, k) = Agent::onboard(&inv).await.unwrap();
-    let conn = a_connection_id(n1).await;
-    let routing = a.grant.clone().unwrap().routing_keys;
-    let mut ws = live_socket(&a, n1).await;
-    wait_owner(&[n2], &conn, "n1").await;
+    let LiveWallet {
+        mut a,
+        k,
+        routing,
+        mut ws,
+        ..
+    } = live_wallet(n1, &[n2]).await;
     for i in 0..5 {
         assert_eq!(forward_via(n1, &routing, &k, &format!("m{i}")).await, 202);
     }
@@ -164,12 +192,13 @@ async fn acknowledgements_over_http_on_another_node_wake_no_session() {
 async fn a_cut_link_only_delays_delivery_and_heals() {
     let pair = ProxiedPair::start(300).await;
     let (n1, n2) = (&pair.n1, &pair.n2);
-    let inv = invitation(n1).await;
-    let (mut a, k) = Agent::onboard(&inv).await.unwrap();
-    let conn = a_connection_id(n1).await;
-    let routing = a.grant.clone().unwrap().routing_keys;
-    let mut ws = live_socket(&a, n1).await;
-    wait_owner(&[n2], &conn, "n1").await;
+    let LiveWallet {
+        mut a,
+        k,
+        conn,
+        routing,
+        mut ws,
+    } = live_wallet(n1, &[n2]).await;
 
     pair.cut();
     eventually("n2 sees n1 down", || async {
@@ -232,12 +261,13 @@ async fn peers_with_a_wrong_secret_or_cluster_name_are_refused() {
         drop(rogue);
     }
     // Still a working cluster.
-    let inv = invitation(n1).await;
-    let (mut a, k) = Agent::onboard(&inv).await.unwrap();
-    let conn = a_connection_id(n1).await;
-    let routing = a.grant.clone().unwrap().routing_keys;
-    let mut ws = live_socket(&a, n1).await;
-    wait_owner(&[&f.nodes[1]], &conn, "n1").await;
+    let LiveWallet {
+        mut a,
+        k,
+        routing,
+        mut ws,
+        ..
+    } = live_wallet(n1, &[&f.nodes[1]]).await;
     forward_via(&f.nodes[1], &routing, &k, "after-rogues").await;
     let (got, dups) = receive(&mut a, &mut ws, &n1.public_url(), 1).await;
     assert_eq!((got.len(), dups), (1, 0), "{got:?}");
