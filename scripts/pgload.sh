@@ -3,10 +3,10 @@
 # "PostgreSQL"): one node, or three nodes behind nginx (scripts/cluster.sh), one fresh
 # database each run (dropped afterwards).
 #
-#   scripts/pgload.sh [one|three] [CONNECTIONS] [SECONDS]      defaults: one 64 10
+#   scripts/pgload.sh [one|three] [CONNECTIONS] [SECONDS]      defaults: one 256 10
 #
 # Onboards 16 wallets, packs 2 s + SECONDS worth of envelopes (PGLOAD_RATE per second
-# assumed, 9000 by default; `examples/fwd_cost.rs pack`), then runs wrk (one thread,
+# assumed, 14000 by default; `examples/fwd_cost.rs pack`), then runs wrk (one thread,
 # `scripts/wrk-forwards.lua`) for a 2 s warm-up and the SECONDS window, each envelope once.
 # Accepted = rows added to mailroom_messages during the window (a repeat would not add one).
 # CPU over the window: the node(s) (utime+stime from /proc), the database's server processes
@@ -16,9 +16,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-one}
-CONNS=${2:-64}
+CONNS=${2:-256}
 SECS=${3:-10}
-RATE=${PGLOAD_RATE:-9000}
+RATE=${PGLOAD_RATE:-14000}
 POOL=${PGLOAD_POOL:-16}
 case "$MODE" in one|three) ;; *) echo "usage: $0 [one|three] [CONNECTIONS] [SECONDS]" >&2; exit 64 ;; esac
 command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq wrk >/dev/null
