@@ -118,7 +118,8 @@ pub(crate) struct LatencyResult {
     pub(crate) from_send_us: Vec<u64>,
     /// Delivery frames the socket read, and the store leases the socket's node took meanwhile.
     pub(crate) frames: usize,
-    pub(crate) home_leases: Option<u64>,
+    /// (leases, their mean time in ms), from the node's `mailroom_store_seconds{op="lease"}`.
+    pub(crate) home_leases: Option<(u64, f64)>,
 }
 
 /// Forwards POSTed to `via` at `rate`/s for `secs`; the wallet's live socket is on `home`;
@@ -145,6 +146,13 @@ impl Target {
     pub(crate) fn admin_url(&self) -> String {
         self.admin.clone()
     }
+}
+
+/// The node's store leases so far: (how many, seconds in all).
+async fn lease_totals(admin: &str) -> Option<(f64, f64)> {
+    let n = metric(admin, "mailroom_store_seconds_count{op=\"lease\"}").await?;
+    let s = metric(admin, "mailroom_store_seconds_sum{op=\"lease\"}").await?;
+    Some((n, s))
 }
 
 pub(crate) async fn live_latency(
@@ -179,8 +187,7 @@ pub(crate) async fn live_latency(
         )
         .await?;
     }
-    const LEASES: &str = "mailroom_store_seconds_count{op=\"lease\"}";
-    let leases_before = metric(&home.admin_url(), LEASES).await;
+    let leases_before = lease_totals(&home.admin_url()).await;
     let n = (rate * secs) as usize;
     let to = w.recipient();
     let (envs, _) = build_forwards(std::slice::from_ref(&to), n, "lat", o.v2_pack)?;
@@ -288,8 +295,8 @@ pub(crate) async fn live_latency(
     sending_done.set(true);
     let (delivered, frames) = receiver.await?;
     let _acks = acker.await?;
-    let home_leases = match (leases_before, metric(&home.admin_url(), LEASES).await) {
-        (Some(a), Some(b)) => Some((b - a) as u64),
+    let home_leases = match (leases_before, lease_totals(&home.admin_url()).await) {
+        (Some((n0, s0)), Some((n1, s1))) if n1 > n0 => Some(((n1 - n0) as u64, (s1 - s0) * 1000.0 / (n1 - n0))),
         _ => None,
     };
     let (sent, ok, arr) = (sent_at.borrow(), ok_at.borrow(), arrived.borrow());
@@ -331,7 +338,7 @@ pub(crate) async fn cluster_latency(t: &mut Table, o: &Opts) -> Result<()> {
     )
     .await?;
     let note = format!(
-        "3 in-process nodes, one PostgreSQL{}; socket on n1, {}/s POSTed to n2 for {} s: {} sent, {} accepted, {} delivered live in {} frames ({} leases on n1); {} arrived before the POST's 2xx (counted 0); {}; max {} ms; from POST sent: p50 {} p99 {} ms",
+        "3 in-process nodes, one PostgreSQL{}; socket on n1, {}/s POSTed to n2 for {} s: {} sent, {} accepted, {} delivered live in {} frames ({} on n1); {} arrived before the POST's 2xx (counted 0); {}; max {} ms; from POST sent: p50 {} p99 {} ms",
         match o.didcomm {
             Didcomm::V1 => String::new(),
             Didcomm::V2 => format!("; v2 wallet (pickup 3.0 live mode), forwards {}", o.v2_pack.label()),
@@ -342,7 +349,8 @@ pub(crate) async fn cluster_latency(t: &mut Table, o: &Opts) -> Result<()> {
         r.accepted,
         r.delivered,
         r.frames,
-        r.home_leases.map_or("?".into(), |l| l.to_string()),
+        r.home_leases
+            .map_or("?".into(), |(n, mean)| format!("{n} leases, {mean:.2} ms each on average")),
         r.before_2xx,
         tail(&r.lat_us),
         ms(r.lat_us.last().copied().unwrap_or(0)),
