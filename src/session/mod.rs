@@ -101,8 +101,9 @@ impl Shared {
     }
 
     /// Messages of `conn` became deliverable again (a superseded session released its leases):
-    /// make whoever holds the wallet's session drain them. Correctness never depends on this: the sweep catches up.
-    pub async fn queued(self: &Arc<Self>, conn: &str) {
+    /// make whoever holds the wallet's session drain them. Correctness never depends on this:
+    /// the sweep catches up.
+    pub async fn released(self: &Arc<Self>, conn: &str) {
         self.reach(conn).await;
     }
 

@@ -565,7 +565,7 @@ impl WsSession {
         let shared = self.shared.clone();
         actix_rt::spawn(async move {
             match store.release_owner(&owner).await {
-                Ok(n) if n > 0 => shared.queued(&conn).await,
+                Ok(n) if n > 0 => shared.released(&conn).await,
                 Ok(_) => {}
                 Err(e) => tracing::warn!(connection = %conn, "leases not released (they expire): {e}"),
             }
