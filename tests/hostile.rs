@@ -397,7 +397,7 @@ async fn a_flood_of_sockets_past_max_sessions_is_refused_and_live_wallets_keep_r
         assert_eq!(forward_to(&n, &a, &k, &format!("during-flood-{i}")).await, 202);
         let d = ws_next_message(&a, &mut live).await;
         assert_eq!(contents(&a, &d), vec![format!("during-flood-{i}")]);
-        let ids: Vec<String> = a.open_delivery(&d).unwrap().into_iter().map(|(id, _)| id).collect();
+        let ids = delivery_ids(&a, &d);
         let status = ws_request(
             &a,
             &mut live,

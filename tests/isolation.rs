@@ -184,6 +184,52 @@ async fn one_node_attacks_over_http_and_websocket() {
     victim_is_intact(&mut victim, &n, "for the victim").await;
 }
 
+/// An acknowledgement acts only on its sender's connection. The attacker has learned the ids
+/// of the victim's live delivery (a leaked log, say) and acknowledges them over HTTP and on its
+/// own socket: the victim's messages stay queued, and the victim's live window still holds its
+/// next message until the victim itself acknowledges.
+#[actix_rt::test]
+async fn acknowledging_another_wallets_messages_removes_nothing_and_moves_no_window() {
+    let (_d, n, victim, vk) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.delivery.live_ack_wait_ms = 60_000; // only an acknowledgement can open the window
+    })
+    .await;
+    let (attacker, _) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let mut vws = live_socket(&victim, &n).await;
+    // The victim acknowledges on its socket, so its window applies.
+    queue_for(&victim, &vk, &n, "v0").await;
+    let d0 = ws_next_message(&victim, &mut vws).await;
+    assert_eq!(
+        ack_on_socket(&victim, &mut vws, &delivery_ids(&victim, &d0)).await,
+        Vec::<Vec<String>>::new()
+    );
+    queue_for(&victim, &vk, &n, "v1").await;
+    let d1 = ws_next_message(&victim, &mut vws).await;
+    assert_eq!(contents(&victim, &d1), vec!["v1".to_string()]);
+    let ids1 = delivery_ids(&victim, &d1);
+    queue_for(&victim, &vk, &n, "v2").await; // held: v1 is out, unacknowledged
+
+    let ack = pickup("messages-received", json!({ "message_id_list": ids1 }));
+    let st = attacker.request(&ack).await.unwrap().expect("a status reply");
+    assert_eq!(type_name(&st), "status", "{st}");
+    let mut aws = live_socket(&attacker, &n).await;
+    assert_eq!(
+        ack_on_socket(&attacker, &mut aws, &ids1).await,
+        Vec::<Vec<String>>::new()
+    );
+    assert_eq!(queue_depth(&n).await, 2, "v1 (out, unacknowledged) and v2 stay queued");
+
+    // The victim's own acknowledgement removes v1 and lets v2 out.
+    let mut got = ack_on_socket(&victim, &mut vws, &ids1).await;
+    if got.is_empty() {
+        got.push(contents(&victim, &ws_next_message(&victim, &mut vws).await));
+    }
+    assert_eq!(got, vec![vec!["v2".to_string()]]);
+    assert_eq!(queue_depth(&n).await, 1, "v2, out and unacknowledged");
+    aws.close().await;
+    vws.close().await;
+}
+
 #[actix_rt::test]
 async fn cluster_attacks_from_another_node() {
     let c = cluster_of(2, 100).await;

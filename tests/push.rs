@@ -385,7 +385,7 @@ async fn receive_and_ack(a: &Agent, ws: &mut WsClient) -> usize {
         if type_name(&d) != "delivery" {
             continue;
         }
-        let ids: Vec<String> = a.open_delivery(&d).unwrap().into_iter().map(|(id, _)| id).collect();
+        let ids = delivery_ids(a, &d);
         let n = ids.len();
         ws.send_envelope(
             a.pack(&pickup("messages-received", json!({ "message_id_list": ids })))
@@ -955,7 +955,7 @@ async fn kill_9_of_the_session_node_still_wakes_the_wallet_once() {
             .await
             .unwrap()
             .unwrap();
-        let ids: Vec<String> = a.open_delivery(&d).unwrap().into_iter().map(|(id, _)| id).collect();
+        let ids = delivery_ids(&a, &d);
         got += ids.len();
         a.request(&pickup("messages-received", json!({ "message_id_list": ids })))
             .await

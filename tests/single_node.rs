@@ -280,22 +280,6 @@ async fn live_mode_over_websocket_with_acks_over_http() {
     ws.close().await;
 }
 
-/// Sends messages-received for `ids` on the socket; returns what the socket carried until the
-/// node's status answer: deliveries' contents, in order.
-async fn ack_on_socket(a: &Agent, ws: &mut mailroom::client::WsClient, ids: &[String]) -> Vec<Vec<String>> {
-    let ack = pickup("messages-received", json!({ "message_id_list": ids }));
-    ws.send_envelope(a.pack(&ack).unwrap(), true).await.unwrap();
-    let mut deliveries = Vec::new();
-    loop {
-        let m = ws_next_message(a, ws).await;
-        match type_name(&m) {
-            "status" => return deliveries,
-            "delivery" => deliveries.push(contents(a, &m)),
-            other => panic!("unexpected {other}: {m}"),
-        }
-    }
-}
-
 #[actix_rt::test]
 async fn live_messages_wait_for_the_socket_acknowledgement_and_a_backlog_streams() {
     // batch_size 10; the wait long enough that only an acknowledgement can end it in the test.
@@ -307,7 +291,7 @@ async fn live_messages_wait_for_the_socket_acknowledgement_and_a_backlog_streams
     // The wallet acknowledges on its socket: from then on the window applies.
     assert_eq!(forward_to(&n, &a, &k, "m0").await, 202);
     let d0 = ws_next_message(&a, &mut ws).await;
-    let ids0: Vec<String> = a.open_delivery(&d0).unwrap().into_iter().map(|(id, _)| id).collect();
+    let ids0 = delivery_ids(&a, &d0);
     assert_eq!(ack_on_socket(&a, &mut ws, &ids0).await, Vec::<Vec<String>>::new());
     assert_eq!(forward_to(&n, &a, &k, "m1").await, 202);
     let d1 = ws_next_message(&a, &mut ws).await;

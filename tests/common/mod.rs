@@ -119,6 +119,22 @@ pub async fn ws_request(a: &Agent, ws: &mut WsClient, msg: &Value) -> Value {
     ws_next_message(a, ws).await
 }
 
+/// Sends messages-received for `ids` on the socket; returns what the socket carried until the
+/// node's status answer: deliveries' contents, in order.
+pub async fn ack_on_socket(a: &Agent, ws: &mut WsClient, ids: &[String]) -> Vec<Vec<String>> {
+    let ack = pickup("messages-received", json!({ "message_id_list": ids }));
+    ws.send_envelope(a.pack(&ack).unwrap(), true).await.unwrap();
+    let mut deliveries = Vec::new();
+    loop {
+        let m = ws_next_message(a, ws).await;
+        match type_name(&m) {
+            "status" => return deliveries,
+            "delivery" => deliveries.push(contents(a, &m)),
+            other => panic!("unexpected {other}: {m}"),
+        }
+    }
+}
+
 pub async fn ws_next_message(a: &Agent, ws: &mut WsClient) -> Value {
     match ws.next(WAIT).await.expect("a frame") {
         WsEvent::Envelope(e) => a.unpack(&e).expect("reply unpacks").0,
@@ -139,6 +155,15 @@ pub async fn queue_depth(n: &RunningNode) -> u64 {
     get_json(&format!("{}/status", n.admin_url())).await["queued"]
         .as_u64()
         .unwrap_or(u64::MAX)
+}
+
+/// The queue ids of a delivery's messages, in order (what messages-received lists).
+pub fn delivery_ids(a: &Agent, delivery: &Value) -> Vec<String> {
+    a.open_delivery(delivery)
+        .expect("delivery opens")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
 }
 
 /// The `content` of every basic message in a delivery or batch, in order.
