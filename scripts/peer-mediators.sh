@@ -65,6 +65,13 @@ public_url = "http://127.0.0.1:$PORT"
 [store]
 backend = "sled"
 path = "$WORK/mailroom-data"
+
+# A wallet's queue is capped at 10,000 messages by default (limits.max_queue_messages): a fast
+# box fills 16 wallets' queues within an ingest window and the rest is refused (HTTP 429). The
+# peers have no such cap; the benchmark measures throughput, not the cap.
+[limits]
+max_queue_messages = 10000000
+max_queue_bytes = 100000000000
 ${MAILROOM_TOML_EXTRA:-}
 
 [[node]]
