@@ -2084,6 +2084,76 @@ pub mod pg_backend {
         r.unwrap();
     }
 
+    /// A lease reads the connection's pending messages and its leases that ran out, never the
+    /// messages it holds leased and not yet due (migration 9): with 1,999 of them ahead of the
+    /// one pending message, the statement's plan removes (almost) no row by filter. Through the
+    /// `(conn_id, id)` index alone it read all 1,999 first, on every lease.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_never_reads_messages_leased_and_not_due() {
+        let name = format!("mailroom_test_{}_{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        let url = format!("{}/{name}", server_url());
+        // Spawned: a failed assertion still drops the database below.
+        let r = tokio::spawn(async move {
+            let s = open_postgres(&url, 2).await.unwrap();
+            let c = new_conn(&s).await;
+            let m = (0..2000).map(|i| msg(&c, &format!("{i}"), T0)).collect();
+            enqueue_ok(&s, m).await;
+            assert_eq!(s.lease(&c, 1999, "A", T0, T0 + 60_000).await.unwrap().len(), 1999);
+            let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn_task);
+            db.batch_execute("BEGIN").await.unwrap();
+            let plan: Vec<String> = db
+                .query(
+                    &format!("EXPLAIN (ANALYZE, FORMAT TEXT) {}", super::super::postgres::LEASE_SQL),
+                    &[
+                        &vec![c.as_str()],
+                        &vec![None::<&str>],
+                        &vec![10i64],
+                        &vec![T0 + 1],
+                        &vec![T0 + 1000],
+                        &vec!["B"],
+                    ],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            db.batch_execute("ROLLBACK").await.unwrap();
+            let removed: u64 = plan
+                .iter()
+                .filter_map(|l| l.trim().strip_prefix("Rows Removed by Filter: "))
+                .map(|n| n.parse::<u64>().unwrap())
+                .sum();
+            assert!(
+                removed < 50,
+                "the lease read {removed} rows it could not take:\n{}",
+                plan.join("\n")
+            );
+            // And it takes the one pending message, then the first of those whose lease ran out.
+            let got = s.lease(&c, 10, "B", T0 + 1, T0 + 1000).await.unwrap();
+            assert_eq!(
+                got.iter().map(|q| q.payload.clone()).collect::<Vec<_>>(),
+                vec![b"1999".to_vec()]
+            );
+            let due = s.lease(&c, 2, "C", T0 + 60_000, T0 + 61_000).await.unwrap();
+            assert_eq!(
+                due.iter().map(|q| q.payload.clone()).collect::<Vec<_>>(),
+                vec![b"0".to_vec(), b"1".to_vec()]
+            );
+            assert!(due.iter().all(|q| q.attempts == 2));
+        })
+        .await;
+        admin()
+            .await
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .expect("drop test database");
+        if let Err(e) = r {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
     /// Several pools (nodes) open one fresh database at once: migrations apply once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_open_migrates_once() {

@@ -330,6 +330,21 @@ BEGIN
 END $$;
 "#,
     ),
+    (
+        9,
+        // A lease reads only what it may take: pending messages (never leased, or released)
+        // from `pending`, in id order, and leases that ran out from `lease_due`. Through
+        // `(conn_id, id)` alone it read every message the connection held leased (and their
+        // dead versions) before the first pending one: with acknowledgements lagging,
+        // thousands per lease, and each lease slower than the one before. Built without
+        // CONCURRENTLY (migrations run in one transaction): writes to the queue wait for it.
+        r#"
+CREATE INDEX mailroom_messages_pending ON mailroom_messages (conn_id, id)
+    WHERE lease_until_ms = 0;
+CREATE INDEX mailroom_messages_lease_due ON mailroom_messages (conn_id, lease_until_ms)
+    WHERE lease_until_ms > 0;
+"#,
+    ),
 ];
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
@@ -705,30 +720,44 @@ async fn lease_task(pool: Pool, mut rx: mpsc::Receiver<LeaseReq>) {
 /// Most lease requests in one statement.
 pub const MAX_LEASE_BATCH: usize = 256;
 
-async fn lease_batch(pool: &Pool, batch: &[LeaseReq]) -> StoreResult<Vec<Vec<QueuedMessage>>> {
-    let c = pool.get().await.map_err(pool_err)?;
-    // `cfg` runs first (every request row joins it); `set_config(.., true)` lasts until this
-    // statement's own commit, which then does not wait for the flush.
-    let q = c
-        .prepare_cached(
-            "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS v), \
+/// The statement of [`lease_batch`]: one row per request in `$1..$6` (connection, recipient
+/// key or NULL, limit, now, lease deadline, owner). `cfg` runs first (every request row joins
+/// it); `set_config(.., true)` lasts until this statement's own commit, which then does not
+/// wait for the flush. Each request takes its oldest pending messages (index `pending`) and its
+/// oldest leases that ran out (index `lease_due`), at most its limit of each, skipping rows
+/// another statement holds; the oldest `limit` of those are leased. Messages leased and not yet
+/// due are never read (migration 9).
+pub(crate) const LEASE_SQL: &str =
+    "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS v), \
              req AS ( \
                SELECT r.* FROM cfg, unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[]) \
                WITH ORDINALITY AS r(conn, key, lim, now_ms, until_ms, owner, i)), \
-             picked AS ( \
-               SELECT p.id, req.i, req.until_ms, req.owner FROM req CROSS JOIN LATERAL ( \
+             cand AS ( \
+               SELECT p.id, req.i, req.lim, req.until_ms, req.owner FROM req CROSS JOIN LATERAL ( \
                  SELECT m.id FROM mailroom_messages m \
-                 WHERE m.conn_id = req.conn AND m.lease_until_ms <= req.now_ms \
+                 WHERE m.conn_id = req.conn AND m.lease_until_ms = 0 \
                    AND (req.key IS NULL OR m.recipient_key = req.key) \
                    AND (m.expires_at_ms IS NULL OR m.expires_at_ms > req.now_ms) \
-                 ORDER BY m.id LIMIT req.lim FOR UPDATE SKIP LOCKED) p) \
+                 ORDER BY m.id LIMIT req.lim FOR UPDATE SKIP LOCKED) p \
+               UNION ALL \
+               SELECT d.id, req.i, req.lim, req.until_ms, req.owner FROM req CROSS JOIN LATERAL ( \
+                 SELECT m.id FROM mailroom_messages m \
+                 WHERE m.conn_id = req.conn AND m.lease_until_ms > 0 AND m.lease_until_ms <= req.now_ms \
+                   AND (req.key IS NULL OR m.recipient_key = req.key) \
+                   AND (m.expires_at_ms IS NULL OR m.expires_at_ms > req.now_ms) \
+                 ORDER BY m.id LIMIT req.lim FOR UPDATE SKIP LOCKED) d), \
+             picked AS ( \
+               SELECT id, i, until_ms, owner FROM ( \
+                 SELECT cand.*, row_number() OVER (PARTITION BY i ORDER BY id) AS n FROM cand) c \
+               WHERE n <= lim) \
              UPDATE mailroom_messages m \
              SET lease_until_ms = picked.until_ms, lease_owner = picked.owner, attempts = m.attempts + 1 \
              FROM picked WHERE m.id = picked.id \
-             RETURNING picked.i, m.id, m.conn_id, m.recipient_key, m.payload, m.received_at_ms, m.attempts",
-        )
-        .await
-        .map_err(pg_err)?;
+             RETURNING picked.i, m.id, m.conn_id, m.recipient_key, m.payload, m.received_at_ms, m.attempts";
+
+async fn lease_batch(pool: &Pool, batch: &[LeaseReq]) -> StoreResult<Vec<Vec<QueuedMessage>>> {
+    let c = pool.get().await.map_err(pool_err)?;
+    let q = c.prepare_cached(LEASE_SQL).await.map_err(pg_err)?;
     let conns: Vec<&str> = batch.iter().map(|r| r.conn.as_str()).collect();
     let keys: Vec<Option<&str>> = batch.iter().map(|r| r.key.as_deref()).collect();
     let lims: Vec<i64> = batch.iter().map(|r| r.max).collect();
@@ -1381,9 +1410,15 @@ impl Store for PgStore {
         let c = self.client().await?;
         let q = c
             .prepare_cached(
-                "SELECT DISTINCT conn_id FROM mailroom_messages \
-                 WHERE conn_id = ANY($1) AND lease_until_ms <= $2 \
-                   AND (expires_at_ms IS NULL OR expires_at_ms > $2)",
+                // Per connection, the first pending message or lease that ran out (the
+                // indexes of migration 9): never a count of its whole queue.
+                "SELECT DISTINCT c FROM unnest($1::text[]) AS c \
+                 WHERE EXISTS (SELECT 1 FROM mailroom_messages m \
+                   WHERE m.conn_id = c AND m.lease_until_ms = 0 \
+                     AND (m.expires_at_ms IS NULL OR m.expires_at_ms > $2)) \
+                 OR EXISTS (SELECT 1 FROM mailroom_messages m \
+                   WHERE m.conn_id = c AND m.lease_until_ms > 0 AND m.lease_until_ms <= $2 \
+                     AND (m.expires_at_ms IS NULL OR m.expires_at_ms > $2))",
             )
             .await
             .map_err(pg_err)?;
