@@ -1951,6 +1951,19 @@ pub mod pg_backend {
         }
     }
 
+    /// `mailroom_test_<pid>_<random>` (a later run drops it if this process dies first).
+    fn test_db_name() -> String {
+        format!("mailroom_test_{}_{}", std::process::id(), uuid::Uuid::new_v4().simple())
+    }
+
+    async fn drop_test_db(name: &str) {
+        admin()
+            .await
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .expect("drop test database");
+    }
+
     pub struct PgBackend {
         pub url: String,
     }
@@ -1968,7 +1981,7 @@ pub mod pg_backend {
         F: FnOnce(Arc<dyn Backend>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let name = format!("mailroom_test_{}_{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        let name = test_db_name();
         let admin = admin().await;
         drop_leftovers(&admin).await;
         admin
@@ -1989,7 +2002,7 @@ pub mod pg_backend {
     /// A node pointed at a database that does not exist yet creates it (several at once).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn missing_database_is_created() {
-        let name = format!("mailroom_test_{}_{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        let name = test_db_name();
         let url = format!("{}/{name}", server_url());
         let (a, b) = tokio::join!(open_postgres(&url, 2), open_postgres(&url, 2));
         let r = async {
@@ -2001,11 +2014,7 @@ pub mod pg_backend {
             Ok::<_, StoreError>(())
         }
         .await;
-        admin()
-            .await
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await
-            .expect("drop test database");
+        drop_test_db(&name).await;
         r.unwrap();
     }
 
@@ -2014,7 +2023,7 @@ pub mod pg_backend {
     /// migration 4: the latest holder keeps the key, counters are recounted.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn migration_4_makes_keys_unique_and_recounts_queues() {
-        let name = format!("mailroom_test_{}_{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        let name = test_db_name();
         let admin = admin().await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
@@ -2090,7 +2099,7 @@ pub mod pg_backend {
     /// `(conn_id, id)` index alone it read all 1,999 first, on every lease.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lease_never_reads_messages_leased_and_not_due() {
-        let name = format!("mailroom_test_{}_{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        let name = test_db_name();
         let url = format!("{}/{name}", server_url());
         // Spawned: a failed assertion still drops the database below.
         let r = tokio::spawn(async move {
@@ -2144,11 +2153,7 @@ pub mod pg_backend {
             assert!(due.iter().all(|q| q.attempts == 2));
         })
         .await;
-        admin()
-            .await
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await
-            .expect("drop test database");
+        drop_test_db(&name).await;
         if let Err(e) = r {
             std::panic::resume_unwind(e.into_panic());
         }
