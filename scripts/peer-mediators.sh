@@ -9,7 +9,8 @@
 #   start_mediator NAME                 # sets MED_PID, MED_URL (invitation URL), MED_WS
 #                                       # (ws URL to pass when the invitation names none)
 #   stop_mediator
-# MAILROOM_TOML_EXTRA is appended to mailroom's config (e.g. a [delivery] section).
+# MAILROOM_TOML_EXTRA is appended to mailroom's config (e.g. a [delivery] section; not [limits]:
+# this script sets that section itself, with the per-wallet queue cap lifted for the benchmarks).
 
 PY=$(command -v python3)
 MED_PID=""

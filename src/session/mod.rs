@@ -3,7 +3,7 @@
 //! actix-web-actors (in [`ws`], started by [`upgrade`]).
 //!
 //! [`Shared`] is what every transport needs: the mediator, the registry, the cluster handle,
-//! limits and metrics. Its [`Shared::queued`] decides how a newly queued message reaches its
+//! limits and metrics. Its [`Shared::queued_new`] decides how a newly queued message reaches its
 //! wallet: a local session, the owning node over the cluster, or the agent's own endpoint.
 
 pub mod held;
