@@ -118,8 +118,11 @@ pub(crate) struct LatencyResult {
     pub(crate) from_send_us: Vec<u64>,
     /// Delivery frames the socket read, and the store leases the socket's node took meanwhile.
     pub(crate) frames: usize,
-    /// (leases, their mean time in ms), from the node's `mailroom_store_seconds{op="lease"}`.
-    pub(crate) home_leases: Option<(u64, f64)>,
+    /// Per store operation on the socket's node (see [`HOME_OPS`]): how many ran meanwhile and
+    /// their mean time in ms, from its `mailroom_store_seconds{op=...}`.
+    pub(crate) home_ops: Vec<(&'static str, u64, f64)>,
+    /// Empty when every accepted forward arrived; else why the receiver stopped waiting.
+    pub(crate) ended: String,
 }
 
 /// Forwards POSTed to `via` at `rate`/s for `secs`; the wallet's live socket is on `home`;
@@ -148,11 +151,33 @@ impl Target {
     }
 }
 
-/// The node's store leases so far: (how many, seconds in all).
-async fn lease_totals(admin: &str) -> Option<(f64, f64)> {
-    let n = metric(admin, "mailroom_store_seconds_count{op=\"lease\"}").await?;
-    let s = metric(admin, "mailroom_store_seconds_sum{op=\"lease\"}").await?;
+/// The store operations the socket's node runs for a live delivery and its acknowledgement.
+const HOME_OPS: [&str; 3] = ["lease", "ack", "pending_stats"];
+
+/// The node's store operations `op` so far: (how many, seconds in all).
+async fn op_totals(admin: &str, op: &str) -> Option<(f64, f64)> {
+    let n = metric(admin, &format!("mailroom_store_seconds_count{{op=\"{op}\"}}")).await?;
+    let s = metric(admin, &format!("mailroom_store_seconds_sum{{op=\"{op}\"}}")).await?;
     Some((n, s))
+}
+
+async fn home_totals(admin: &str) -> Vec<Option<(f64, f64)>> {
+    let mut v = Vec::new();
+    for op in HOME_OPS {
+        v.push(op_totals(admin, op).await);
+    }
+    v
+}
+
+/// `home_ops` lines: "lease 1234 x 1.40 ms, ack ...".
+fn home_ops_note(ops: &[(&str, u64, f64)]) -> String {
+    if ops.is_empty() {
+        return "store times ?".into();
+    }
+    ops.iter()
+        .map(|(op, n, mean)| format!("{op} {n} x {mean:.2} ms"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub(crate) async fn live_latency(
@@ -187,7 +212,7 @@ pub(crate) async fn live_latency(
         )
         .await?;
     }
-    let leases_before = lease_totals(&home.admin_url()).await;
+    let ops_before = home_totals(&home.admin_url()).await;
     let n = (rate * secs) as usize;
     let to = w.recipient();
     let (envs, _) = build_forwards(std::slice::from_ref(&to), n, "lat", o.v2_pack)?;
@@ -211,13 +236,13 @@ pub(crate) async fn live_latency(
             let mut got = 0usize;
             let mut frames = 0usize;
             let hard = Instant::now() + Duration::from_secs(secs + 40);
-            loop {
+            let ended = loop {
                 if sending_done.get() && got >= accepted.get() {
-                    break;
+                    break String::new();
                 }
                 let left = hard.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    break;
+                    break format!("the receiver gave up {} s after the first send", secs + 40);
                 }
                 let ev = match ws.next(left.min(Duration::from_millis(500))).await {
                     Ok(ev) => ev,
@@ -226,7 +251,7 @@ pub(crate) async fn live_latency(
                 let now = Instant::now();
                 let env = match ev {
                     WsEvent::Envelope(e) => e,
-                    WsEvent::Closed(_) => break,
+                    WsEvent::Closed(why) => break format!("the socket closed: {why:?}"),
                 };
                 let Some(opened) = w.delivery(&env, true) else { continue };
                 frames += 1;
@@ -244,9 +269,9 @@ pub(crate) async fn live_latency(
                 if let Ok(r) = w.ack_request(&home_host, ids) {
                     let _ = ack_tx.send(r);
                 }
-            }
+            };
             ws.close().await;
-            (got, frames)
+            (got, frames, ended)
         })
     };
     let acker = {
@@ -293,12 +318,39 @@ pub(crate) async fn live_latency(
         s.await?;
     }
     sending_done.set(true);
-    let (delivered, frames) = receiver.await?;
+    let (delivered, frames, mut ended) = receiver.await?;
+    if !ended.is_empty() {
+        // Where the rest is: still queued (pending or leased) on the wallet's connection?
+        let q = get_json(&format!("{}/connections/{conn}", home.admin_url())).await;
+        let sessions = get_json(&format!("{}/sessions", home.admin_url())).await;
+        let directory = get_json(&format!("{}/cluster", via.admin_url())).await;
+        let owner = directory.map(|v| {
+            v["cluster"]["directory"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["conn"] == conn.as_str())
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        ended = format!(
+            "{ended}; its queue then: {}; {}'s sessions: {}; the sending node's directory for it: {:?}",
+            q.map_or_else(|e| e.to_string(), |v| v["queue"].to_string()),
+            home.node_id,
+            sessions.map_or_else(|e| e.to_string(), |v| v["sessions"].to_string()),
+            owner.map_err(|e| e.to_string()),
+        );
+    }
     let _acks = acker.await?;
-    let home_leases = match (leases_before, lease_totals(&home.admin_url()).await) {
-        (Some((n0, s0)), Some((n1, s1))) if n1 > n0 => Some(((n1 - n0) as u64, (s1 - s0) * 1000.0 / (n1 - n0))),
-        _ => None,
-    };
+    let home_ops = HOME_OPS
+        .iter()
+        .zip(ops_before.into_iter().zip(home_totals(&home.admin_url()).await))
+        .filter_map(|(op, (before, after))| {
+            // An operation that had not run before the load has no sample yet.
+            let ((n0, s0), (n1, s1)) = (before.unwrap_or((0.0, 0.0)), after?);
+            (n1 > n0).then(|| (*op, (n1 - n0) as u64, (s1 - s0) * 1000.0 / (n1 - n0)))
+        })
+        .collect();
     let (sent, ok, arr) = (sent_at.borrow(), ok_at.borrow(), arrived.borrow());
     let mut lat = Vec::new();
     let mut from_send = Vec::new();
@@ -322,7 +374,8 @@ pub(crate) async fn live_latency(
         before_2xx: before,
         from_send_us: from_send,
         frames,
-        home_leases,
+        home_ops,
+        ended,
     })
 }
 
@@ -338,7 +391,7 @@ pub(crate) async fn cluster_latency(t: &mut Table, o: &Opts) -> Result<()> {
     )
     .await?;
     let note = format!(
-        "3 in-process nodes, one PostgreSQL{}; socket on n1, {}/s POSTed to n2 for {} s: {} sent, {} accepted, {} delivered live in {} frames ({} on n1); {} arrived before the POST's 2xx (counted 0); {}; max {} ms; from POST sent: p50 {} p99 {} ms",
+        "3 in-process nodes, one PostgreSQL{}; socket on n1, {}/s POSTed to n2 for {} s: {} sent, {} accepted, {} delivered live in {} frames (n1's store: {}){}; {} arrived before the POST's 2xx (counted 0); {}; max {} ms; from POST sent: p50 {} p99 {} ms",
         match o.didcomm {
             Didcomm::V1 => String::new(),
             Didcomm::V2 => format!("; v2 wallet (pickup 3.0 live mode), forwards {}", o.v2_pack.label()),
@@ -349,8 +402,8 @@ pub(crate) async fn cluster_latency(t: &mut Table, o: &Opts) -> Result<()> {
         r.accepted,
         r.delivered,
         r.frames,
-        r.home_leases
-            .map_or("?".into(), |(n, mean)| format!("{n} leases, {mean:.2} ms each on average")),
+        home_ops_note(&r.home_ops),
+        if r.ended.is_empty() { String::new() } else { format!(" [{}]", r.ended) },
         r.before_2xx,
         tail(&r.lat_us),
         ms(r.lat_us.last().copied().unwrap_or(0)),

@@ -164,6 +164,13 @@ pub(crate) fn main() {
         .unwrap_or_default();
     let machine_before = machine();
     eprintln!("loadgen: {} on {machine_before}", date.trim());
+    if let Ok(level) = std::env::var("LOADGEN_LOG") {
+        // The in-process nodes' logs (e.g. `LOADGEN_LOG=info`), on stderr.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let mut t = Table::default();
     let sys = actix_rt::System::new();
     sys.block_on(async {

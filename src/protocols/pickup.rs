@@ -5,7 +5,7 @@
 //! 1.0 batches have no acknowledgement and are deleted when handed out.
 
 use super::{now_ms, problem, rfc3339_ms, HandleError, Inbound, Mediator, Outcome, TransportKind};
-use crate::store::{Connection, MediationState, QueueStats, QueuedMessage};
+use crate::store::{Connection, MediationState, QueuedMessage};
 use serde_json::{json, Value};
 
 /// Most messages one delivery or batch carries, whatever the client asks for.
@@ -52,9 +52,10 @@ fn recipient_filter(ctx: &Inbound) -> Result<Option<String>, HandleError> {
 
 /// A pickup 2.0 `status` for `conn` (for the `recipient_key` it names, if any).
 pub async fn status(m: &Mediator, ctx: &Inbound, conn: &Connection, live: Option<bool>) -> Result<Value, HandleError> {
-    let stats = queue_stats(m, conn, recipient_filter(ctx)?.as_deref()).await?;
+    let filter = recipient_filter(ctx)?;
+    let stats = m.store.pending_stats(&conn.id, filter.as_deref(), now_ms()).await?;
     let mut s = ctx.reply("status");
-    s["message_count"] = json!(stats.pending);
+    s["message_count"] = json!(stats.count);
     if let Some(o) = stats.oldest_received_ms {
         s["oldest_received_time"] = json!(rfc3339_ms(o));
     }
@@ -190,20 +191,6 @@ pub(crate) fn attachment_data(payload: &[u8], objects_only: bool) -> Value {
         Ok(v) if v.is_object() || !objects_only => json!({ "json": v }),
         _ => json!({ "base64": crate::didcomm::b64::encode(payload) }),
     }
-}
-
-/// The queue's figures for `conn`, narrowed to one recipient (a base58 key or a DID, as the
-/// queue stores it) when the request names one.
-pub(crate) async fn queue_stats(
-    m: &Mediator,
-    conn: &Connection,
-    filter: Option<&str>,
-) -> Result<QueueStats, HandleError> {
-    let now = now_ms();
-    Ok(match filter {
-        Some(k) => m.store.queue_stats_for_key(&conn.id, k, now).await?,
-        None => m.store.queue_stats(&conn.id, now).await?,
-    })
 }
 
 /// Leases up to `limit` messages (the client's number, else the configured batch size;

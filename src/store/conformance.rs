@@ -572,22 +572,96 @@ pub async fn pending_for_key_counts_one_recipient(b: Arc<dyn Backend>) {
         ],
     )
     .await;
-    assert_eq!(s.queue_stats_for_key(&c1, "did:a", T0).await.unwrap().pending, 2);
-    assert_eq!(s.queue_stats_for_key(&c1, "did:b", T0).await.unwrap().pending, 1);
-    assert_eq!(s.queue_stats_for_key(&c2, "did:a", T0).await.unwrap().pending, 1);
-    assert_eq!(s.queue_stats_for_key(&c1, "did:none", T0).await.unwrap().pending, 0);
+    assert_eq!(s.pending_stats(&c1, Some("did:a"), T0).await.unwrap().count, 2);
+    assert_eq!(s.pending_stats(&c1, Some("did:b"), T0).await.unwrap().count, 1);
+    assert_eq!(s.pending_stats(&c2, Some("did:a"), T0).await.unwrap().count, 1);
+    assert_eq!(s.pending_stats(&c1, Some("did:none"), T0).await.unwrap().count, 0);
     assert_eq!(
-        s.queue_stats_for_key("no-such-conn", "did:a", T0)
-            .await
-            .unwrap()
-            .pending,
+        s.pending_stats("no-such-conn", Some("did:a"), T0).await.unwrap().count,
         0
     );
-    assert_eq!(s.queue_stats_for_key(&c1, "did:\0a", T0).await.unwrap().pending, 0);
+    assert_eq!(s.pending_stats(&c1, Some("did:\0a"), T0).await.unwrap().count, 0);
     // The oldest (did:a "1") leased: no longer pending until its lease runs out.
     s.lease(&c1, 1, "A", T0, T0 + 1000).await.unwrap();
-    assert_eq!(s.queue_stats_for_key(&c1, "did:a", T0).await.unwrap().pending, 1);
-    assert_eq!(s.queue_stats_for_key(&c1, "did:a", T0 + 1000).await.unwrap().pending, 2);
+    assert_eq!(s.pending_stats(&c1, Some("did:a"), T0).await.unwrap().count, 1);
+    assert_eq!(s.pending_stats(&c1, Some("did:a"), T0 + 1000).await.unwrap().count, 2);
+}
+
+/// A pickup status counts what a lease could take now (pending messages and leases that ran
+/// out, none past the sender's expiry) and names the oldest of them; the messages held leased
+/// and not due are neither counted nor the oldest.
+pub async fn pending_stats_counts_what_a_lease_could_take(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let (c, other) = (new_conn(&s).await, new_conn(&s).await);
+    assert_eq!(s.pending_stats(&c, None, T0).await.unwrap(), PendingStats::default());
+    let expiring = NewMessage {
+        expires_at_ms: Some(T0 + 500),
+        ..msg(&c, "expiring", T0 + 40)
+    };
+    enqueue_ok(
+        &s,
+        vec![
+            msg(&c, "held", T0 + 10),
+            msg(&c, "due", T0 + 20),
+            msg(&c, "pending", T0 + 30),
+            expiring,
+            msg(&other, "other", T0),
+        ],
+    )
+    .await;
+    // "held" leased until T0 + 10,000, "due" until T0 + 1,000.
+    assert_eq!(s.lease(&c, 1, "A", T0, T0 + 10_000).await.unwrap().len(), 1);
+    assert_eq!(s.lease(&c, 1, "A", T0, T0 + 1_000).await.unwrap().len(), 1);
+    let at = |now| {
+        let s = s.clone();
+        let c = c.clone();
+        async move { s.pending_stats(&c, None, now).await.unwrap() }
+    };
+    assert_eq!(
+        at(T0 + 100).await,
+        PendingStats {
+            count: 2,
+            oldest_received_ms: Some(T0 + 30)
+        },
+        "pending and expiring; neither leased one"
+    );
+    assert_eq!(
+        at(T0 + 600).await,
+        PendingStats {
+            count: 1,
+            oldest_received_ms: Some(T0 + 30)
+        },
+        "past its expiry a message is not pending"
+    );
+    assert_eq!(
+        at(T0 + 1_000).await,
+        PendingStats {
+            count: 2,
+            oldest_received_ms: Some(T0 + 20)
+        },
+        "a lease that ran out is pending again"
+    );
+    assert_eq!(
+        at(T0 + 10_000).await,
+        PendingStats {
+            count: 3,
+            oldest_received_ms: Some(T0 + 10)
+        }
+    );
+    let key = format!("rk-{c}");
+    assert_eq!(s.pending_stats(&c, Some(&key), T0 + 100).await.unwrap().count, 2);
+    assert_eq!(s.pending_stats(&c, Some("rk-none"), T0 + 100).await.unwrap().count, 0);
+    // Another connection's queue is its own.
+    assert_eq!(
+        s.pending_stats(&other, None, T0 + 100).await.unwrap(),
+        PendingStats {
+            count: 1,
+            oldest_received_ms: Some(T0)
+        }
+    );
+    // The whole-queue figures still count every message.
+    let st = s.queue_stats(&c, T0 + 100).await.unwrap();
+    assert_eq!((st.pending, st.leased), (2, 2));
 }
 
 pub async fn concurrent_leasers_never_share(b: Arc<dyn Backend>) {
@@ -1130,19 +1204,17 @@ pub async fn recipient_key_filters(b: Arc<dyn Backend>) {
     m.push(for_key("B", "b1", T0 + 200));
     m.push(for_key("B", "b22", T0 + 201));
     let id = enqueue_ok(&s, m).await;
-    let st = s.queue_stats_for_key(&c, "B", T0).await.unwrap();
+    let st = s.pending_stats(&c, Some("B"), T0).await.unwrap();
     assert_eq!(
         st,
-        QueueStats {
-            pending: 2,
-            leased: 0,
-            bytes: 5,
+        PendingStats {
+            count: 2,
             oldest_received_ms: Some(T0 + 200)
         }
     );
     assert_eq!(
-        s.queue_stats_for_key(&c, "none", T0).await.unwrap(),
-        QueueStats::default()
+        s.pending_stats(&c, Some("none"), T0).await.unwrap(),
+        PendingStats::default()
     );
     let l = s.lease_for_key(&c, "B", 1, "o", T0, T0 + 1000).await.unwrap();
     assert_eq!(ids(&l), vec![id[150]]);
@@ -1154,8 +1226,12 @@ pub async fn recipient_key_filters(b: Arc<dyn Backend>) {
         .await
         .unwrap()
         .is_empty());
-    let st = s.queue_stats_for_key(&c, "B", T0).await.unwrap();
-    assert_eq!((st.pending, st.leased), (0, 2));
+    assert_eq!(
+        s.pending_stats(&c, Some("B"), T0).await.unwrap(),
+        PendingStats::default()
+    );
+    let st = s.queue_stats(&c, T0).await.unwrap();
+    assert_eq!((st.pending, st.leased), (150, 2));
     // Nothing of key A was touched: all pending, never attempted.
     let a = s.lease(&c, 1000, "p", T0, T0 + 1000).await.unwrap();
     assert_eq!(a.len(), 150);
@@ -1311,10 +1387,10 @@ pub async fn sender_expiry(b: Arc<dyn Backend>) {
         "the expired one is not pending: {st:?}"
     );
     assert_eq!(
-        s.queue_stats_for_key(&c1, &format!("rk-{c1}"), now)
+        s.pending_stats(&c1, Some(&format!("rk-{c1}")), now)
             .await
             .unwrap()
-            .pending,
+            .count,
         2
     );
     assert_eq!(s.queue_stats(&c2, now).await.unwrap().pending, 0);
@@ -2159,6 +2235,62 @@ pub mod pg_backend {
         }
     }
 
+    /// The pickup status that answers every acknowledgement reads what a lease reads, never
+    /// the messages held leased and not due: with 1,999 of them beside one pending message
+    /// its plan removes (almost) no row by filter. Counting the whole queue read all 1,999.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pickup_status_never_reads_messages_leased_and_not_due() {
+        let name = test_db_name();
+        let url = format!("{}/{name}", server_url());
+        // Spawned: a failed assertion still drops the database below.
+        let r = tokio::spawn(async move {
+            let s = open_postgres(&url, 2).await.unwrap();
+            let c = new_conn(&s).await;
+            let m = (0..2000).map(|i| msg(&c, &format!("{i}"), T0 + i)).collect();
+            enqueue_ok(&s, m).await;
+            assert_eq!(s.lease(&c, 1999, "A", T0, T0 + 60_000).await.unwrap().len(), 1999);
+            let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn_task);
+            for key in [None, Some(format!("rk-{c}"))] {
+                let plan: Vec<String> = db
+                    .query(
+                        &format!(
+                            "EXPLAIN (ANALYZE, FORMAT TEXT) {}",
+                            super::super::postgres::PENDING_STATS_SQL
+                        ),
+                        &[&c.as_str(), &(T0 + 1), &key.as_deref()],
+                    )
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let removed: u64 = plan
+                    .iter()
+                    .filter_map(|l| l.trim().strip_prefix("Rows Removed by Filter: "))
+                    .map(|n| n.parse::<u64>().unwrap())
+                    .sum();
+                assert!(
+                    removed < 50,
+                    "the status ({key:?}) read {removed} rows it does not count:\n{}",
+                    plan.join("\n")
+                );
+            }
+            assert_eq!(
+                s.pending_stats(&c, None, T0 + 1).await.unwrap(),
+                PendingStats {
+                    count: 1,
+                    oldest_received_ms: Some(T0 + 1999)
+                }
+            );
+        })
+        .await;
+        drop_test_db(&name).await;
+        if let Err(e) = r {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
     /// Several pools (nodes) open one fresh database at once: migrations apply once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_open_migrates_once() {
@@ -2240,6 +2372,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn pending_for_key_counts_one_recipient() {
                 backend::run(super::pending_for_key_counts_one_recipient).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn pending_stats_counts_what_a_lease_could_take() {
+                backend::run(super::pending_stats_counts_what_a_lease_could_take).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_leasers_never_share() {

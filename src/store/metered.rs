@@ -178,12 +178,9 @@ impl Store for Metered {
         )
         .await
     }
-    async fn queue_stats_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<QueueStats> {
-        self.timed(
-            "queue_stats_for_key",
-            self.inner.queue_stats_for_key(conn, recipient_key, now_ms),
-        )
-        .await
+    async fn pending_stats(&self, conn: &str, recipient_key: Option<&str>, now_ms: i64) -> StoreResult<PendingStats> {
+        self.timed("pending_stats", self.inner.pending_stats(conn, recipient_key, now_ms))
+            .await
     }
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
         self.timed("expire", self.inner.expire(received_before_ms)).await

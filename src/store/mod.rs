@@ -292,6 +292,15 @@ pub struct QueueStats {
     pub oldest_received_ms: Option<i64>,
 }
 
+/// What a pickup status reports of a queue: the messages a lease could take now (pending, or
+/// leased and the lease ran out; never those past the sender's expiry) and when the oldest of
+/// them was received. Messages leased and not yet due are not read to tell it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingStats {
+    pub count: u64,
+    pub oldest_received_ms: Option<i64>,
+}
+
 /// Per-key result of [`Store::update_keys`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyUpdate {
@@ -521,8 +530,10 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<QueuedMessage>>;
-    /// As [`Store::queue_stats`], only messages of `conn` queued for `recipient_key`.
-    async fn queue_stats_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<QueueStats>;
+    /// The pickup status of `conn` (only of its messages queued for `recipient_key`, if given)
+    /// at `now_ms`. Every pickup acknowledgement is answered with one, so it costs what a
+    /// lease costs: the messages it counts, never those leased and not due.
+    async fn pending_stats(&self, conn: &str, recipient_key: Option<&str>, now_ms: i64) -> StoreResult<PendingStats>;
     // ---- operator actions (issue 11) ----
 
     /// Removes connection `id` and everything that names it: its peer keys and thread index,

@@ -182,9 +182,9 @@ macro_rules! store_pass_through {
             (conn: &'a str, recipient_key: &'b str, max: usize, owner: &'c str, now_ms: i64, until_ms: i64)
             ['a, 'b, 'c] -> Vec<$crate::store::QueuedMessage>);
     };
-    (@method $i:ident queue_stats_for_key) => {
-        $crate::store_pass_through!(@fn $i queue_stats_for_key
-            (conn: &'a str, recipient_key: &'b str, now_ms: i64) ['a, 'b] -> $crate::store::QueueStats);
+    (@method $i:ident pending_stats) => {
+        $crate::store_pass_through!(@fn $i pending_stats
+            (conn: &'a str, recipient_key: Option<&'b str>, now_ms: i64) ['a, 'b] -> $crate::store::PendingStats);
     };
     (@method $i:ident delete_connection) => {
         $crate::store_pass_through!(@fn $i delete_connection (id: &'a str) ['a] -> $crate::store::Removed);

@@ -38,8 +38,8 @@ use tokio_postgres::NoTls;
 
 use super::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
-    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, PushSlot, QueueStats, QueueSummary, QueuedMessage,
-    Removed, Store, StoreError, StoreResult, TopQueues,
+    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, PendingStats, PushSlot, QueueStats, QueueSummary,
+    QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
 };
 
 /// Most messages in one enqueue transaction.
@@ -507,40 +507,6 @@ impl PgStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// `queue_stats` and `queue_stats_for_key`. The unfiltered statement stays its own text
-    /// (its plan does not carry the key filter).
-    async fn stats_filtered(&self, conn: &str, recipient_key: Option<&str>, now_ms: i64) -> StoreResult<QueueStats> {
-        if !storable(conn) || !recipient_key.map_or(true, storable) {
-            return Ok(QueueStats::default());
-        }
-        const COLUMNS: &str = "SELECT \
-                 count(*) FILTER (WHERE lease_until_ms <= $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
-                 count(*) FILTER (WHERE lease_until_ms > $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
-                 coalesce(sum(size), 0)::int8, min(received_at_ms) \
-                 FROM mailroom_messages WHERE conn_id = $1";
-        let c = self.client().await?;
-        let r = match recipient_key {
-            None => {
-                let q = c.prepare_cached(COLUMNS).await.map_err(pg_err)?;
-                c.query_one(&q, &[&conn, &now_ms]).await
-            }
-            Some(key) => {
-                let q = c
-                    .prepare_cached(&format!("{COLUMNS} AND recipient_key = $3"))
-                    .await
-                    .map_err(pg_err)?;
-                c.query_one(&q, &[&conn, &now_ms, &key]).await
-            }
-        }
-        .map_err(pg_err)?;
-        Ok(QueueStats {
-            pending: r.get::<_, i64>(0) as u64,
-            leased: r.get::<_, i64>(1) as u64,
-            bytes: r.get::<_, i64>(2) as u64,
-            oldest_received_ms: r.get(3),
-        })
-    }
-
     async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
         self.pool.get().await.map_err(pool_err)
     }
@@ -719,6 +685,16 @@ async fn lease_task(pool: Pool, mut rx: mpsc::Receiver<LeaseReq>) {
 
 /// Most lease requests in one statement.
 pub const MAX_LEASE_BATCH: usize = 256;
+
+/// [`Store::pending_stats`]: the two branches a lease reads (migration 9's partial indexes of
+/// pending messages and of leases that can run out), counted; `$3` a recipient key or NULL.
+pub(crate) const PENDING_STATS_SQL: &str = "SELECT count(*), min(received_at_ms) FROM ( \
+       SELECT m.received_at_ms, m.expires_at_ms, m.recipient_key FROM mailroom_messages m \
+       WHERE m.conn_id = $1 AND m.lease_until_ms = 0 \
+       UNION ALL \
+       SELECT m.received_at_ms, m.expires_at_ms, m.recipient_key FROM mailroom_messages m \
+       WHERE m.conn_id = $1 AND m.lease_until_ms > 0 AND m.lease_until_ms <= $2) p \
+     WHERE (p.expires_at_ms IS NULL OR p.expires_at_ms > $2) AND ($3::text IS NULL OR p.recipient_key = $3)";
 
 /// The statement of [`lease_batch`]: one row per request in `$1..$6` (connection, recipient
 /// key or NULL, limit, now, lease deadline, owner). `cfg` runs first (every request row joins
@@ -1307,8 +1283,20 @@ impl Store for PgStore {
             .await
     }
 
-    async fn queue_stats_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<QueueStats> {
-        self.stats_filtered(conn, Some(recipient_key), now_ms).await
+    async fn pending_stats(&self, conn: &str, recipient_key: Option<&str>, now_ms: i64) -> StoreResult<PendingStats> {
+        if !storable(conn) || !recipient_key.map_or(true, storable) {
+            return Ok(PendingStats::default());
+        }
+        let c = self.client().await?;
+        let q = c.prepare_cached(PENDING_STATS_SQL).await.map_err(pg_err)?;
+        let r = c
+            .query_one(&q, &[&conn, &now_ms, &recipient_key])
+            .await
+            .map_err(pg_err)?;
+        Ok(PendingStats {
+            count: r.get::<_, i64>(0) as u64,
+            oldest_received_ms: r.get(1),
+        })
     }
 
     async fn ack_leased(&self, conn: &str, ids: &[MessageId]) -> StoreResult<Vec<i64>> {
@@ -1365,7 +1353,27 @@ impl Store for PgStore {
     }
 
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
-        self.stats_filtered(conn, None, now_ms).await
+        if !storable(conn) {
+            return Ok(QueueStats::default());
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "SELECT \
+                 count(*) FILTER (WHERE lease_until_ms <= $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
+                 count(*) FILTER (WHERE lease_until_ms > $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
+                 coalesce(sum(size), 0)::int8, min(received_at_ms) \
+                 FROM mailroom_messages WHERE conn_id = $1",
+            )
+            .await
+            .map_err(pg_err)?;
+        let r = c.query_one(&q, &[&conn, &now_ms]).await.map_err(pg_err)?;
+        Ok(QueueStats {
+            pending: r.get::<_, i64>(0) as u64,
+            leased: r.get::<_, i64>(1) as u64,
+            bytes: r.get::<_, i64>(2) as u64,
+            oldest_received_ms: r.get(3),
+        })
     }
 
     async fn total_queued(&self) -> StoreResult<u64> {

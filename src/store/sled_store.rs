@@ -45,8 +45,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
-    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, PushSlot, QueueStats, QueueSummary, QueuedMessage,
-    Removed, Store, StoreError, StoreResult, TopQueues,
+    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, PendingStats, PushSlot, QueueStats, QueueSummary,
+    QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
 };
 
 /// Most messages the writer puts in one flush. Bounds the latency of the first caller of a
@@ -1606,34 +1606,44 @@ impl Store for SledStore {
             .await
     }
 
-    async fn queue_stats_for_key(&self, conn: &str, recipient_key: &str, now_ms: i64) -> StoreResult<QueueStats> {
-        let (conn, key) = (conn.to_owned(), recipient_key.to_owned());
-        self.blocking(move |inner| {
-            let metas: Vec<(MessageId, Meta)> = {
-                let q = inner.queues.lock();
-                let Some(cq) = q.by_conn.get(&conn) else {
-                    return Ok(QueueStats::default());
-                };
-                cq.msgs.iter().map(|(id, m)| (*id, m.clone())).collect()
+    async fn pending_stats(&self, conn: &str, recipient_key: Option<&str>, now_ms: i64) -> StoreResult<PendingStats> {
+        // Every pickup acknowledgement is answered with a status: without a filter this is
+        // memory only, on the caller's thread (a blocking-pool hand-off cost two thread
+        // wake-ups per acknowledgement).
+        let inner = self.slot.get()?;
+        // The pending messages' (id, received), from memory; without a filter that is all.
+        let pending: Vec<(MessageId, i64)> = {
+            let q = inner.queues.lock();
+            let Some(cq) = q.by_conn.get(conn) else {
+                return Ok(PendingStats::default());
             };
-            let mut s = QueueStats::default();
-            for (id, m) in metas {
+            let it = cq.msgs.iter().filter(|(_, m)| m.pending(now_ms));
+            if recipient_key.is_none() {
+                let mut s = PendingStats::default();
+                for (_, m) in it {
+                    s.count += 1;
+                    s.oldest_received_ms = Some(
+                        s.oldest_received_ms
+                            .map_or(m.received_at_ms, |o| o.min(m.received_at_ms)),
+                    );
+                }
+                return Ok(s);
+            }
+            it.map(|(id, m)| (*id, m.received_at_ms)).collect()
+        };
+        // A filter: each pending message's recipient key is on disk.
+        let key = recipient_key.unwrap_or_default().to_owned();
+        self.blocking(move |inner| {
+            let mut s = PendingStats::default();
+            for (id, received) in pending {
                 let Some(v) = inner.msgs.get(encode_id(id)).map_err(unavailable)? else {
                     continue;
                 };
                 if decode_msg(&v)?.recipient_key != key {
                     continue;
                 }
-                if m.pending(now_ms) {
-                    s.pending += 1;
-                } else if m.leased(now_ms) {
-                    s.leased += 1;
-                }
-                s.bytes += m.size;
-                s.oldest_received_ms = Some(
-                    s.oldest_received_ms
-                        .map_or(m.received_at_ms, |o| o.min(m.received_at_ms)),
-                );
+                s.count += 1;
+                s.oldest_received_ms = Some(s.oldest_received_ms.map_or(received, |o| o.min(received)));
             }
             Ok(s)
         })
@@ -1720,8 +1730,7 @@ impl Store for SledStore {
     }
 
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
-        // Memory only: every pickup 2.0 acknowledgement answers with a status, so this is on
-        // the live path (a blocking-pool hand-off here cost two thread wake-ups per ack).
+        // Memory only: no blocking-pool hand-off (two thread wake-ups).
         let inner = self.slot.get()?;
         let q = inner.queues.lock();
         let Some(cq) = q.by_conn.get(conn) else {

@@ -5,7 +5,7 @@
 //! `recipient_did` narrows a delivery to messages forwarded for that DID.
 
 use super::Inbound;
-use crate::protocols::pickup::{ack_received, attachment_data, external_id, lease_batch, queue_stats};
+use crate::protocols::pickup::{ack_received, attachment_data, external_id, lease_batch};
 use crate::protocols::{now_ms, HandleError, Mediator, Outcome, TransportKind};
 use crate::store::{Connection, MediationState, QueuedMessage};
 use serde_json::{json, Value};
@@ -41,8 +41,8 @@ fn recipient_filter(ctx: &Inbound) -> Result<Option<String>, HandleError> {
 
 async fn status(m: &Mediator, ctx: &Inbound, conn: &Connection, live: Option<bool>) -> Result<Value, HandleError> {
     let filter = recipient_filter(ctx)?;
-    let stats = queue_stats(m, conn, filter.as_deref()).await?;
-    let mut body = json!({ "message_count": stats.pending });
+    let stats = m.store.pending_stats(&conn.id, filter.as_deref(), now_ms()).await?;
+    let mut body = json!({ "message_count": stats.count });
     if let Some(o) = stats.oldest_received_ms {
         body["oldest_received_time"] = json!(o / 1000);
     }
