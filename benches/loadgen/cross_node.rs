@@ -270,8 +270,8 @@ pub(crate) async fn live_latency(
                     let _ = ack_tx.send(r);
                 }
             };
-            ws.close().await;
-            (got, frames, ended)
+            // Closed by the caller, once it has looked at the session (when some did not arrive).
+            (got, frames, ended, ws)
         })
     };
     let acker = {
@@ -318,7 +318,7 @@ pub(crate) async fn live_latency(
         s.await?;
     }
     sending_done.set(true);
-    let (delivered, frames, mut ended) = receiver.await?;
+    let (delivered, frames, mut ended, ws) = receiver.await?;
     if !ended.is_empty() {
         // Where the rest is: still queued (pending or leased) on the wallet's connection?
         let q = get_json(&format!("{}/connections/{conn}", home.admin_url())).await;
@@ -341,6 +341,7 @@ pub(crate) async fn live_latency(
             owner.map_err(|e| e.to_string()),
         );
     }
+    ws.close().await;
     let _acks = acker.await?;
     let home_ops = HOME_OPS
         .iter()
