@@ -612,53 +612,23 @@ pub async fn pending_stats_counts_what_a_lease_could_take(b: Arc<dyn Backend>) {
     // "held" leased until T0 + 10,000, "due" until T0 + 1,000.
     assert_eq!(s.lease(&c, 1, "A", T0, T0 + 10_000).await.unwrap().len(), 1);
     assert_eq!(s.lease(&c, 1, "A", T0, T0 + 1_000).await.unwrap().len(), 1);
-    let at = |now| {
-        let s = s.clone();
-        let c = c.clone();
-        async move { s.pending_stats(&c, None, now).await.unwrap() }
+    let expect = |count, oldest| PendingStats {
+        count,
+        oldest_received_ms: Some(oldest),
     };
-    assert_eq!(
-        at(T0 + 100).await,
-        PendingStats {
-            count: 2,
-            oldest_received_ms: Some(T0 + 30)
-        },
-        "pending and expiring; neither leased one"
-    );
-    assert_eq!(
-        at(T0 + 600).await,
-        PendingStats {
-            count: 1,
-            oldest_received_ms: Some(T0 + 30)
-        },
-        "past its expiry a message is not pending"
-    );
-    assert_eq!(
-        at(T0 + 1_000).await,
-        PendingStats {
-            count: 2,
-            oldest_received_ms: Some(T0 + 20)
-        },
-        "a lease that ran out is pending again"
-    );
-    assert_eq!(
-        at(T0 + 10_000).await,
-        PendingStats {
-            count: 3,
-            oldest_received_ms: Some(T0 + 10)
-        }
-    );
+    for (now, want, why) in [
+        (T0 + 100, expect(2, T0 + 30), "pending and expiring; neither leased one"),
+        (T0 + 600, expect(1, T0 + 30), "past its expiry a message is not pending"),
+        (T0 + 1_000, expect(2, T0 + 20), "a lease that ran out is pending again"),
+        (T0 + 10_000, expect(3, T0 + 10), "both leases ran out"),
+    ] {
+        assert_eq!(s.pending_stats(&c, None, now).await.unwrap(), want, "{why}");
+    }
     let key = format!("rk-{c}");
     assert_eq!(s.pending_stats(&c, Some(&key), T0 + 100).await.unwrap().count, 2);
     assert_eq!(s.pending_stats(&c, Some("rk-none"), T0 + 100).await.unwrap().count, 0);
     // Another connection's queue is its own.
-    assert_eq!(
-        s.pending_stats(&other, None, T0 + 100).await.unwrap(),
-        PendingStats {
-            count: 1,
-            oldest_received_ms: Some(T0)
-        }
-    );
+    assert_eq!(s.pending_stats(&other, None, T0 + 100).await.unwrap(), expect(1, T0));
     // The whole-queue figures still count every message.
     let st = s.queue_stats(&c, T0 + 100).await.unwrap();
     assert_eq!((st.pending, st.leased), (2, 2));
@@ -2040,6 +2010,30 @@ pub mod pg_backend {
             .expect("drop test database");
     }
 
+    /// `sql` run under `EXPLAIN ANALYZE` (in a transaction rolled back: a lease's update is
+    /// not kept): the rows its plan removed by filter, and the plan.
+    async fn rows_removed_by_filter(
+        db: &tokio_postgres::Client,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> (u64, String) {
+        db.batch_execute("BEGIN").await.unwrap();
+        let plan: Vec<String> = db
+            .query(&format!("EXPLAIN (ANALYZE, FORMAT TEXT) {sql}"), params)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        db.batch_execute("ROLLBACK").await.unwrap();
+        let removed = plan
+            .iter()
+            .filter_map(|l| l.trim().strip_prefix("Rows Removed by Filter: "))
+            .map(|n| n.parse::<u64>().unwrap())
+            .sum();
+        (removed, plan.join("\n"))
+    }
+
     pub struct PgBackend {
         pub url: String,
     }
@@ -2186,35 +2180,20 @@ pub mod pg_backend {
             assert_eq!(s.lease(&c, 1999, "A", T0, T0 + 60_000).await.unwrap().len(), 1999);
             let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
             tokio::spawn(conn_task);
-            db.batch_execute("BEGIN").await.unwrap();
-            let plan: Vec<String> = db
-                .query(
-                    &format!("EXPLAIN (ANALYZE, FORMAT TEXT) {}", super::super::postgres::LEASE_SQL),
-                    &[
-                        &vec![c.as_str()],
-                        &vec![None::<&str>],
-                        &vec![10i64],
-                        &vec![T0 + 1],
-                        &vec![T0 + 1000],
-                        &vec!["B"],
-                    ],
-                )
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            db.batch_execute("ROLLBACK").await.unwrap();
-            let removed: u64 = plan
-                .iter()
-                .filter_map(|l| l.trim().strip_prefix("Rows Removed by Filter: "))
-                .map(|n| n.parse::<u64>().unwrap())
-                .sum();
-            assert!(
-                removed < 50,
-                "the lease read {removed} rows it could not take:\n{}",
-                plan.join("\n")
-            );
+            let (removed, plan) = rows_removed_by_filter(
+                &db,
+                super::super::postgres::LEASE_SQL,
+                &[
+                    &vec![c.as_str()],
+                    &vec![None::<&str>],
+                    &vec![10i64],
+                    &vec![T0 + 1],
+                    &vec![T0 + 1000],
+                    &vec!["B"],
+                ],
+            )
+            .await;
+            assert!(removed < 50, "the lease read {removed} rows it could not take:\n{plan}");
             // And it takes the one pending message, then the first of those whose lease ran out.
             let got = s.lease(&c, 10, "B", T0 + 1, T0 + 1000).await.unwrap();
             assert_eq!(
@@ -2252,28 +2231,15 @@ pub mod pg_backend {
             let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
             tokio::spawn(conn_task);
             for key in [None, Some(format!("rk-{c}"))] {
-                let plan: Vec<String> = db
-                    .query(
-                        &format!(
-                            "EXPLAIN (ANALYZE, FORMAT TEXT) {}",
-                            super::super::postgres::PENDING_STATS_SQL
-                        ),
-                        &[&c.as_str(), &(T0 + 1), &key.as_deref()],
-                    )
-                    .await
-                    .unwrap()
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
-                let removed: u64 = plan
-                    .iter()
-                    .filter_map(|l| l.trim().strip_prefix("Rows Removed by Filter: "))
-                    .map(|n| n.parse::<u64>().unwrap())
-                    .sum();
+                let (removed, plan) = rows_removed_by_filter(
+                    &db,
+                    super::super::postgres::PENDING_STATS_SQL,
+                    &[&c.as_str(), &(T0 + 1), &key.as_deref()],
+                )
+                .await;
                 assert!(
                     removed < 50,
-                    "the status ({key:?}) read {removed} rows it does not count:\n{}",
-                    plan.join("\n")
+                    "the status ({key:?}) read {removed} rows it does not count:\n{plan}"
                 );
             }
             assert_eq!(
