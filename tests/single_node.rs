@@ -761,6 +761,24 @@ async fn pickup_recipient_key_filters_status_and_delivery() {
         .unwrap();
     assert_eq!(status["message_count"], 2, "{status}");
     assert_eq!(status["recipient_key"], k1.verkey());
+    // Another wallet naming this one's key counts and takes nothing of it: the filter narrows
+    // the asker's own queue, never reaches another's.
+    let (b, _) = Agent::onboard(&invitation(&n).await).await.expect("onboarding");
+    let status = b
+        .request(&pickup("status-request", json!({"recipient_key": k1.verkey()})))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status["message_count"], 0, "{status}");
+    let d = b
+        .request(&pickup(
+            "delivery-request",
+            json!({"limit": 10, "recipient_key": k1.verkey()}),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(type_name(&d), "status", "nothing to deliver: {d}");
     let d = a
         .request(&pickup(
             "delivery-request",

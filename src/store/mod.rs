@@ -301,6 +301,16 @@ pub struct PendingStats {
     pub oldest_received_ms: Option<i64>,
 }
 
+impl PendingStats {
+    /// These figures with one more message, received at `received_ms`.
+    pub fn and(self, received_ms: i64) -> PendingStats {
+        PendingStats {
+            count: self.count + 1,
+            oldest_received_ms: Some(self.oldest_received_ms.map_or(received_ms, |o| o.min(received_ms))),
+        }
+    }
+}
+
 /// Per-key result of [`Store::update_keys`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyUpdate {

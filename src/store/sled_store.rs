@@ -1610,40 +1610,32 @@ impl Store for SledStore {
         // Every pickup acknowledgement is answered with a status: without a filter this is
         // memory only, on the caller's thread (a blocking-pool hand-off cost two thread
         // wake-ups per acknowledgement).
-        let inner = self.slot.get()?;
-        // The pending messages' (id, received), from memory; without a filter that is all.
-        let pending: Vec<(MessageId, i64)> = {
+        let (pending, key): (Vec<(MessageId, i64)>, String) = {
+            let inner = self.slot.get()?;
             let q = inner.queues.lock();
             let Some(cq) = q.by_conn.get(conn) else {
                 return Ok(PendingStats::default());
             };
-            let it = cq.msgs.iter().filter(|(_, m)| m.pending(now_ms));
-            if recipient_key.is_none() {
-                let mut s = PendingStats::default();
-                for (_, m) in it {
-                    s.count += 1;
-                    s.oldest_received_ms = Some(
-                        s.oldest_received_ms
-                            .map_or(m.received_at_ms, |o| o.min(m.received_at_ms)),
-                    );
-                }
-                return Ok(s);
-            }
-            it.map(|(id, m)| (*id, m.received_at_ms)).collect()
+            let pending = cq
+                .msgs
+                .iter()
+                .filter(|(_, m)| m.pending(now_ms))
+                .map(|(id, m)| (*id, m.received_at_ms));
+            let Some(key) = recipient_key else {
+                return Ok(pending.fold(PendingStats::default(), |s, (_, received)| s.and(received)));
+            };
+            (pending.collect(), key.to_owned())
         };
         // A filter: each pending message's recipient key is on disk.
-        let key = recipient_key.unwrap_or_default().to_owned();
         self.blocking(move |inner| {
             let mut s = PendingStats::default();
             for (id, received) in pending {
                 let Some(v) = inner.msgs.get(encode_id(id)).map_err(unavailable)? else {
                     continue;
                 };
-                if decode_msg(&v)?.recipient_key != key {
-                    continue;
+                if decode_msg(&v)?.recipient_key == key {
+                    s = s.and(received);
                 }
-                s.count += 1;
-                s.oldest_received_ms = Some(s.oldest_received_ms.map_or(received, |o| o.min(received)));
             }
             Ok(s)
         })
