@@ -188,6 +188,14 @@ pub struct Limits {
     /// long of connecting, milliseconds; a slow-loris client is dropped after it.
     #[serde(default = "default_client_timeout")]
     pub client_timeout_ms: u64,
+    /// A WebSocket whose client takes none of the bytes the node has for it for this long
+    /// (its receive window shut: an app frozen by its OS, a peer gone without a FIN) is
+    /// closed, milliseconds: its leases go back at once and its wallet is woken elsewhere or
+    /// pushed. While the node waits on such a socket its session does nothing else, not even
+    /// its heartbeat, so without this it would hold the wallet's session (and keep pushes
+    /// off) for as long as the TCP connection lived.
+    #[serde(default = "default_ws_write_stall")]
+    pub ws_write_stall_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -304,6 +312,9 @@ fn default_max_keys() -> usize {
 }
 fn default_client_timeout() -> u64 {
     5_000
+}
+fn default_ws_write_stall() -> u64 {
+    60_000
 }
 fn default_log_format() -> String {
     "human".into()
@@ -489,6 +500,12 @@ impl Config {
         }
         if self.limits.max_keys_per_connection == 0 {
             return bad("limits.max_keys_per_connection must be at least 1 (0 would refuse every key: no wallet could be mediated)".into());
+        }
+        if self.limits.ws_write_stall_ms < 100 || self.limits.ws_write_stall_ms > 3_600_000 {
+            return bad(
+                "limits.ws_write_stall_ms must be 100..=3600000 (how long a WebSocket may take none of the node's bytes)"
+                    .into(),
+            );
         }
         if self.limits.client_timeout_ms < 100 || self.limits.client_timeout_ms > 600_000 {
             return bad(
@@ -723,6 +740,7 @@ mod tests {
         assert_eq!(c.delivery.sweep_interval_ms, 2000);
         assert_eq!(c.limits.max_keys_per_connection, 1000);
         assert_eq!(c.limits.client_timeout_ms, 5000);
+        assert_eq!(c.limits.ws_write_stall_ms, 60_000);
         assert_eq!(c.delivery.live_ack_wait_ms, 250);
     }
 
@@ -738,6 +756,7 @@ mod tests {
             ("[delivery]\nstrategy='Sometimes'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "Sometimes"),
             ("[limits]\nmax_keys_per_connection=0\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.max_keys_per_connection must be at least 1"),
             ("[limits]\nclient_timeout_ms=0\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.client_timeout_ms must be 100..=600000"),
+            ("[limits]\nws_write_stall_ms=99\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.ws_write_stall_ms must be 100..=3600000"),
             ("[delivery]\nlive_ack_wait_ms=60001\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "delivery.live_ack_wait_ms must be 0..=60000"),
             (
                 "[[node]]\nid='n1'\nlisten='127.0.0.1:1'\ncluster='127.0.0.1:3'\nadmin='127.0.0.1:2'\n[[node]]\nid='n2'\nlisten='127.0.0.1:4'\ncluster='127.0.0.1:5'\nadmin='127.0.0.1:6'",

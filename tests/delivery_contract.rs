@@ -13,6 +13,7 @@ use mailroom::didcomm::envelope;
 use mailroom::didcomm::keys::KeyPair;
 use mailroom::store::{EnqueueLimits, NewMessage};
 use serde_json::{json, Value};
+use std::collections::HashSet;
 
 /// A live wallet whose wake-up was lost (the message is written to the store behind the
 /// node's back, as when a notification is dropped or a lease runs out) is found by the next
@@ -139,4 +140,71 @@ async fn a_socket_cannot_have_more_messages_in_flight_than_its_limit() {
         "40 back-to-back messages with a limit of 1 in flight: none refused"
     );
     assert!(pongs >= 1);
+}
+
+/// A wallet whose socket stays open but takes nothing (an app its OS froze, its receive
+/// window shut) holds its session for `limits.ws_write_stall_ms`, not for as long as the TCP
+/// connection lives: then the node closes the socket, the deliveries leased to it go back at
+/// once (the lease here would run 30 s), and the wallet's next socket gets every message.
+#[actix_rt::test]
+async fn a_socket_that_takes_nothing_is_given_up_and_its_leases_go_back() {
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.ws_write_stall_ms = 1_000;
+        c.limits.max_queue_bytes = 1 << 30;
+        c.delivery.lease_ms = 30_000;
+    })
+    .await;
+    let frozen = live_socket(&a, &n).await;
+    let status = format!("{}/status", n.admin_url());
+    assert_eq!(get_json(&status).await["sessions"], 1);
+
+    // More than the socket's kernel buffers hold (the node's send buffer grows to 4 MiB, the
+    // frozen client's receive buffer stays near 128 KiB): each delivery of 10 is ~1 MB.
+    let g = a.grant.clone().expect("mediated");
+    let pad = "x".repeat(60_000);
+    let total = 120;
+    let sender = Sender::new();
+    for i in 0..total {
+        let st = sender
+            .forward(
+                &n.public_url(),
+                &basic_message(&format!("m{i:03} {pad}")),
+                &k.verkey(),
+                &g.routing_keys,
+            )
+            .await
+            .unwrap();
+        assert_eq!(st, 202, "forward {i}");
+    }
+
+    // The node gives the frozen socket up (before: its session waited on it for good), and
+    // counts it.
+    eventually("the frozen socket's session to end, counted", || async {
+        let stalled = metric(
+            &n,
+            r#"mailroom_rejected_total{reason="ws-write-stall",didcomm="unknown"}"#,
+        )
+        .await;
+        (get_json(&status).await["sessions"] == 0 && stalled == Some(1.0)).then_some(())
+    })
+    .await;
+
+    // Everything reaches the wallet's next socket, long before a lease could have run out.
+    let mut ws = live_socket(&a, &n).await;
+    let mut seen = HashSet::new();
+    while seen.len() < total {
+        let m = ws_next_message(&a, &mut ws).await;
+        match type_name(&m) {
+            "delivery" => {
+                for c in contents(&a, &m) {
+                    seen.insert(c[..4].to_string());
+                }
+                let ack = pickup("messages-received", json!({ "message_id_list": delivery_ids(&a, &m) }));
+                ws.send_envelope(a.pack(&ack).unwrap(), true).await.unwrap();
+            }
+            "status" => {}
+            other => panic!("unexpected {other}: {m}"),
+        }
+    }
+    drop(frozen);
 }

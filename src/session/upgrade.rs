@@ -129,6 +129,8 @@ async fn upgrade(shared: Arc<Shared>, req: Request, framed: Framed<TcpStream, h1
     drop(head);
     let sock = Rc::new(sock);
     let max_frame = shared.cfg.limits.max_ws_frame_bytes;
+    let stall = std::time::Duration::from_millis(shared.cfg.limits.ws_write_stall_ms);
+    let metrics = shared.metrics.clone();
     let reader = super::wsio::Reader::new(sock.clone(), &early, max_frame);
     drop(early);
     // The context's own input stays empty: frames come decoded from the reader, whose
@@ -141,7 +143,9 @@ async fn upgrade(shared: Arc<Shared>, req: Request, framed: Framed<TcpStream, h1
             WsSession::new(shared, slot)
         },
     );
-    super::wsio::write_out(sock, out).await;
+    if super::wsio::write_out(sock, out, stall).await {
+        metrics.rejected("ws-write-stall", "unknown");
+    }
 }
 
 /// Answers a refused handshake and closes the connection.

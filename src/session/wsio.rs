@@ -10,7 +10,10 @@
 //!
 //! Back-pressure as before: the actor runs only when the writer polls its output, and the
 //! writer polls it only once the previous chunk is in the kernel; a wallet that never reads
-//! stops its session (and its leases) where its socket is full.
+//! stops its session (and its leases) where its socket is full. Stopped sessions do not
+//! run their heartbeat either, so the writer itself gives a socket up once it has taken none
+//! of the pending bytes for `limits.ws_write_stall_ms`: the session then stops as on any
+//! write error (its leases go back, the wallet is woken elsewhere or pushed).
 //!
 //! Must not: allocate per idle session; buffer a frame whose header declares more than
 //! `limits.max_ws_frame_bytes` (refused from its header, as `ws::ProtocolError::Overflow`:
@@ -153,28 +156,45 @@ impl Stream for Reader {
 }
 
 /// Writes the actor's output to the socket until the actor stops (its output ends) or the
-/// socket fails (the output is dropped, which stops the actor); then closes the connection.
-pub async fn write_out<E>(sock: Rc<TcpStream>, out: impl Stream<Item = Result<Bytes, E>>) {
+/// socket fails or takes nothing for `stall` (the output is dropped, which stops the actor);
+/// then closes the connection. Whether it gave the socket up for taking nothing.
+pub async fn write_out<E>(sock: Rc<TcpStream>, out: impl Stream<Item = Result<Bytes, E>>, stall: Duration) -> bool {
     // `pump` owns the context (and the reader in it): once it returns, this is the socket's
     // last owner.
-    pump(&sock, out).await;
+    if let Err(e) = pump(&sock, out, stall).await {
+        if e.kind() == io::ErrorKind::TimedOut {
+            tracing::info!(
+                peer = ?sock.peer_addr().ok(),
+                "WebSocket closed: its client took none of our bytes for {} ms (limits.ws_write_stall_ms)",
+                stall.as_millis()
+            );
+            // Reset, not FIN: the kernel would keep the unsent bytes (megabytes) of a socket
+            // nobody reads until its own timers gave up.
+            #[allow(deprecated)]
+            let _ = sock.set_linger(Some(Duration::ZERO));
+            return true;
+        }
+    }
     if let Ok(sock) = Rc::try_unwrap(sock) {
         close(sock).await;
     }
+    false
 }
 
-async fn pump<E>(sock: &TcpStream, out: impl Stream<Item = Result<Bytes, E>>) {
+async fn pump<E>(sock: &TcpStream, out: impl Stream<Item = Result<Bytes, E>>, stall: Duration) -> io::Result<()> {
     let mut out = std::pin::pin!(out);
     while let Some(Ok(chunk)) = out.next().await {
-        if write_all(sock, &chunk).await.is_err() {
-            return;
-        }
+        write_all(sock, &chunk, stall).await?;
     }
+    Ok(())
 }
 
-async fn write_all(sock: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+/// `stall`: the longest wait for the socket to take more (any progress starts it again).
+async fn write_all(sock: &TcpStream, mut data: &[u8], stall: Duration) -> io::Result<()> {
     while !data.is_empty() {
-        sock.writable().await?;
+        tokio::time::timeout(stall, sock.writable())
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         match sock.try_write(data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
