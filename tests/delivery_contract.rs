@@ -7,7 +7,7 @@ mod common;
 
 use common::cluster::live_socket;
 use common::*;
-use mailroom::client::{basic_message, Sender, WsEvent};
+use mailroom::client::{basic_message, Agent, Sender, WsEvent};
 use mailroom::config::Strategy;
 use mailroom::didcomm::envelope;
 use mailroom::didcomm::keys::KeyPair;
@@ -206,5 +206,61 @@ async fn a_socket_that_takes_nothing_is_given_up_and_its_leases_go_back() {
             other => panic!("unexpected {other}: {m}"),
         }
     }
+    drop(frozen);
+}
+
+/// One wallet that freezes its socket (open, reading nothing, its session waiting on it)
+/// delays no other wallet on the node: a second wallet's live delivery arrives while the
+/// first one's messages still wait behind its full socket.
+#[actix_rt::test]
+async fn a_frozen_socket_delays_no_other_wallet() {
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.max_queue_bytes = 1 << 30
+    })
+    .await;
+    let (b, kb) = Agent::onboard(&invitation(&n).await).await.expect("second wallet");
+    let frozen = live_socket(&a, &n).await;
+    let mut ws_b = live_socket(&b, &n).await;
+
+    let conns = get_json(&format!("{}/connections", n.admin_url())).await;
+    let a_conn = conns["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["routing_keys"].to_string().contains(&k.verkey()))
+        .expect("the first wallet's connection")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let a_queue = format!("{}/connections/{a_conn}", n.admin_url());
+
+    // More than the first wallet's socket holds: its session stops where the socket is full,
+    // with messages still pending behind it.
+    let (ga, gb) = (a.grant.clone().unwrap(), b.grant.clone().unwrap());
+    let pad = "x".repeat(60_000);
+    let sender = Sender::new();
+    for i in 0..120 {
+        let m = basic_message(&format!("a{i:03} {pad}"));
+        let st = sender
+            .forward(&n.public_url(), &m, &k.verkey(), &ga.routing_keys)
+            .await
+            .unwrap();
+        assert_eq!(st, 202, "forward {i}");
+    }
+    eventually("the first wallet's session to stop behind its full socket", || async {
+        (get_json(&a_queue).await["queue"]["pending"].as_u64()? > 0).then_some(())
+    })
+    .await;
+
+    let st = sender
+        .forward(&n.public_url(), &basic_message("for b"), &kb.verkey(), &gb.routing_keys)
+        .await
+        .unwrap();
+    assert_eq!(st, 202);
+    let d = ws_next_message(&b, &mut ws_b).await;
+    assert_eq!(type_name(&d), "delivery", "{d}");
+    assert_eq!(contents(&b, &d), vec!["for b".to_string()]);
+    // The first wallet's socket was still full all along: messages wait behind it.
+    assert!(get_json(&a_queue).await["queue"]["pending"].as_u64().unwrap() > 0);
     drop(frozen);
 }
