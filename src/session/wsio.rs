@@ -192,17 +192,31 @@ async fn pump<E>(sock: &TcpStream, out: impl Stream<Item = Result<Bytes, E>>, st
 /// `stall`: the longest wait for the socket to take more (any progress starts it again).
 async fn write_all(sock: &TcpStream, mut data: &[u8], stall: Duration) -> io::Result<()> {
     while !data.is_empty() {
-        tokio::time::timeout(stall, sock.writable())
-            .await
-            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        // Tried first: a socket with room takes the chunk at once, and the wait below (with
+        // its timer) exists only while it is full.
         match sock.try_write(data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable_within(sock, stall).await?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// Waits until `sock` takes more, at most `stall`. Boxed: its timer and readiness wait live
+/// on the heap while a socket is full, not in every idle session's task (+200 bytes each
+/// inline: 7.4 -> 7.6 KiB per idle session).
+fn writable_within(
+    sock: &TcpStream,
+    stall: Duration,
+) -> Pin<Box<dyn std::future::Future<Output = io::Result<()>> + '_>> {
+    Box::pin(async move {
+        tokio::time::timeout(stall, sock.writable())
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+    })
 }
 
 /// Ends our side (FIN after what was written), then waits a little for the peer's end, so
