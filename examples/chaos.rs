@@ -433,6 +433,12 @@ async fn live(w: Rc<Wallet>, ws_url: String, book: Shared, flags: Rc<Flags>, unt
                 Ok(Err(_)) | Ok(Ok(WsEvent::Closed(_))) => break,
                 Ok(Ok(WsEvent::Envelope(e))) => e,
             };
+            // A refusal in clear (`{"error": ...}`, e.g. store-unavailable while PostgreSQL
+            // restarts) may have been the live-mode request itself: the socket is then bound
+            // to nothing and would wait for good. Start over, as a wallet should.
+            if serde_json::from_slice::<Value>(&ev).is_ok_and(|v| v.get("error").is_some()) {
+                break;
+            }
             let ids = take_delivery(&book, &w, &ev);
             if !ids.is_empty() {
                 let Ok(p) = w
