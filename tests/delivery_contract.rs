@@ -158,24 +158,7 @@ async fn a_socket_that_takes_nothing_is_given_up_and_its_leases_go_back() {
     let status = format!("{}/status", n.admin_url());
     assert_eq!(get_json(&status).await["sessions"], 1);
 
-    // More than the socket's kernel buffers hold (the node's send buffer grows to 4 MiB, the
-    // frozen client's receive buffer stays near 128 KiB): each delivery of 10 is ~1 MB.
-    let g = a.grant.clone().expect("mediated");
-    let pad = "x".repeat(60_000);
-    let total = 120;
-    let sender = Sender::new();
-    for i in 0..total {
-        let st = sender
-            .forward(
-                &n.public_url(),
-                &basic_message(&format!("m{i:03} {pad}")),
-                &k.verkey(),
-                &g.routing_keys,
-            )
-            .await
-            .unwrap();
-        assert_eq!(st, 202, "forward {i}");
-    }
+    let total = overfill(&n, &a, &k, "m").await;
 
     // The node gives the frozen socket up (before: its session waited on it for good), and
     // counts it.
@@ -236,23 +219,14 @@ async fn a_frozen_socket_delays_no_other_wallet() {
 
     // More than the first wallet's socket holds: its session stops where the socket is full,
     // with messages still pending behind it.
-    let (ga, gb) = (a.grant.clone().unwrap(), b.grant.clone().unwrap());
-    let pad = "x".repeat(60_000);
-    let sender = Sender::new();
-    for i in 0..120 {
-        let m = basic_message(&format!("a{i:03} {pad}"));
-        let st = sender
-            .forward(&n.public_url(), &m, &k.verkey(), &ga.routing_keys)
-            .await
-            .unwrap();
-        assert_eq!(st, 202, "forward {i}");
-    }
+    overfill(&n, &a, &k, "a").await;
     eventually("the first wallet's session to stop behind its full socket", || async {
         (get_json(&a_queue).await["queue"]["pending"].as_u64()? > 0).then_some(())
     })
     .await;
 
-    let st = sender
+    let gb = b.grant.clone().unwrap();
+    let st = Sender::new()
         .forward(&n.public_url(), &basic_message("for b"), &kb.verkey(), &gb.routing_keys)
         .await
         .unwrap();
@@ -263,4 +237,23 @@ async fn a_frozen_socket_delays_no_other_wallet() {
     // The first wallet's socket was still full all along: messages wait behind it.
     assert!(get_json(&a_queue).await["queue"]["pending"].as_u64().unwrap() > 0);
     drop(frozen);
+}
+
+/// Forwards more to `a` than a socket's kernel buffers hold (the node's send buffer grows to
+/// 4 MiB, a client that reads nothing keeps its receive buffer near 128 KiB): 120 messages of
+/// 60 KB, `{tag}000` .. `{tag}119` then padding; a live delivery of 10 is ~1 MB. How many.
+async fn overfill(n: &mailroom::node::RunningNode, a: &Agent, k: &KeyPair, tag: &str) -> usize {
+    let g = a.grant.clone().expect("mediated");
+    let pad = "x".repeat(60_000);
+    let sender = Sender::new();
+    let total = 120;
+    for i in 0..total {
+        let m = basic_message(&format!("{tag}{i:03} {pad}"));
+        let st = sender
+            .forward(&n.public_url(), &m, &k.verkey(), &g.routing_keys)
+            .await
+            .unwrap();
+        assert_eq!(st, 202, "forward {i}");
+    }
+    total
 }

@@ -248,8 +248,8 @@ pub(crate) async fn live_latency(
     let ok_at: Rc<RefCell<Vec<Option<Instant>>>> = Rc::new(RefCell::new(vec![None; n]));
     let arrived: Rc<RefCell<Vec<Option<Instant>>>> = Rc::new(RefCell::new(vec![None; n]));
     let accepted = Rc::new(Cell::new(0usize));
-    let sending_done = Rc::new(Cell::new(false));
-    // When the last POST was answered: the receiver waits at least 30 s past it.
+    // When the last POST was answered (none yet: still sending); the receiver waits at least
+    // 30 s past it.
     let sending_done_at: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
     let start = Instant::now() + Duration::from_millis(50);
 
@@ -258,7 +258,6 @@ pub(crate) async fn live_latency(
     let receiver = {
         let arrived = arrived.clone();
         let accepted = accepted.clone();
-        let sending_done = sending_done.clone();
         let sending_done_at = sending_done_at.clone();
         let home_host = home.public_addr.to_string();
         let mut ws = ws;
@@ -267,7 +266,7 @@ pub(crate) async fn live_latency(
             let mut frames = 0usize;
             let hard = start + Duration::from_secs(secs + 40);
             let ended = loop {
-                if sending_done.get() && got >= accepted.get() {
+                if sending_done_at.get().is_some() && got >= accepted.get() {
                     break String::new();
                 }
                 // Not while the senders still send (on a box that cannot offer the rate they
@@ -364,7 +363,6 @@ pub(crate) async fn live_latency(
     }
     let sending_secs = start.elapsed().as_secs_f64();
     sending_done_at.set(Some(Instant::now()));
-    sending_done.set(true);
     let (delivered, frames, mut ended, ws) = receiver.await?;
     if !ended.is_empty() {
         // Where the rest is: still queued (pending or leased) on the wallet's connection?

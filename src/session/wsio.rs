@@ -10,8 +10,8 @@
 //!
 //! Back-pressure as before: the actor runs only when the writer polls its output, and the
 //! writer polls it only once the previous chunk is in the kernel; a wallet that never reads
-//! stops its session (and its leases) where its socket is full. Stopped sessions do not
-//! run their heartbeat either, so the writer itself gives a socket up once it has taken none
+//! stops its session (and its leases) where its socket is full. A session held there does
+//! not run its heartbeat either, so the writer itself gives a socket up once it has taken none
 //! of the pending bytes for `limits.ws_write_stall_ms`: the session then stops as on any
 //! write error (its leases go back, the wallet is woken elsewhere or pushed).
 //!
