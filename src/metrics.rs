@@ -22,6 +22,13 @@ pub struct ReasonLabel {
     pub didcomm: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandoffLabel {
+    /// `local` (a session here took it), `peer` (sent to the session's node), `returned`
+    /// (no session took it: released and woken as any new message).
+    pub to: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub forwards_received: Counter,
@@ -44,6 +51,8 @@ pub struct Metrics {
     pub notifications_sent: Counter,
     pub notifications_received: Counter,
     pub notifications_failed: Counter,
+    /// Forwards queued leased to their live session's node and handed to it, by outcome.
+    pub handoffs: Family<HandoffLabel, Counter>,
     /// Time to accept one forward durably: unpack, route, commit.
     pub forward_seconds: Histogram,
     /// Delivery to acknowledgement (pickup 2.0 messages-received).
@@ -81,6 +90,7 @@ impl Metrics {
             notifications_sent: Counter::default(),
             notifications_received: Counter::default(),
             notifications_failed: Counter::default(),
+            handoffs: Family::default(),
             forward_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             ack_lag: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             store_latency: crate::store::metered::latency_family(),
@@ -157,6 +167,11 @@ impl Metrics {
             m.notifications_failed.clone(),
         );
         registry.register(
+            "handoffs",
+            "Forwards queued leased to the node of their wallet's live session and handed to it (to: local, peer, returned)",
+            m.handoffs.clone(),
+        );
+        registry.register(
             "forward_seconds",
             "Time to accept a forward durably (unpack, route, commit)",
             m.forward_seconds.clone(),
@@ -182,6 +197,10 @@ impl Metrics {
                 didcomm: didcomm.into(),
             })
             .inc_by(n);
+    }
+
+    pub fn handed(&self, to: &str, n: u64) {
+        self.handoffs.get_or_create(&HandoffLabel { to: to.into() }).inc_by(n);
     }
 
     pub fn rejected(&self, reason: &str, didcomm: &str) {

@@ -143,7 +143,30 @@ pub async fn run(
             c.routes_changed(conn, keys);
         }));
     }
-    let registry = Registry::new(cluster.clone()).start();
+    let registry = Registry::new(cluster.clone());
+    let _ = mediator.holders.set(Arc::new(crate::session::NodeHolders {
+        node_id: node_id.to_string(),
+        cluster: cluster.clone(),
+        local: registry.local_holders(),
+        strategy: cfg.delivery.strategy,
+    }));
+    let registry = registry.start();
+    // Messages handed to this node's sessions before it last stopped, never acknowledged:
+    // deliverable again now rather than when their leases run out.
+    {
+        let store = store.clone();
+        let owner = crate::protocols::handoff_owner(node_id);
+        actix_rt::spawn(async move {
+            match store.release_owner(&owner).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    released = n,
+                    "deliveries handed to this node before it restarted are deliverable again"
+                ),
+                Err(e) => tracing::warn!("hand-offs of before the restart not released (their leases run out): {e}"),
+            }
+        });
+    }
     let shared = Arc::new(Shared::new(
         mediator.clone(),
         registry.clone(),
@@ -193,6 +216,26 @@ pub async fn run(
                         let _ = shared.registry.send(SessionMoved { conn }).await;
                     }
                     ClusterEvent::RoutesChanged { conn, keys } => routes.forget(&conn, &keys),
+                    ClusterEvent::Delivered { conn, msgs } => {
+                        let msgs = msgs
+                            .into_iter()
+                            .map(|m| crate::store::QueuedMessage {
+                                id: m.id,
+                                connection: conn.clone(),
+                                recipient_key: m.recipient_key,
+                                payload: m.payload,
+                                received_at_ms: m.received_at_ms,
+                                attempts: 1,
+                            })
+                            .collect();
+                        // Off this loop: a session writing to a slow socket takes them late.
+                        let s = shared.clone();
+                        actix_rt::spawn(async move { s.hand_local(&conn, msgs).await });
+                    }
+                    ClusterEvent::HandOffReturned { node, conn, ids } => {
+                        let s = shared.clone();
+                        actix_rt::spawn(async move { s.hand_back(&node, &conn, &ids).await });
+                    }
                     ClusterEvent::CloseSessions { conn, reason } => {
                         let _ = shared
                             .registry

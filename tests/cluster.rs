@@ -391,3 +391,85 @@ async fn a_removed_key_is_never_routed_to_its_old_connection_from_any_node() {
     drop((n1, n2));
     let _ = db;
 }
+
+/// This node's `mailroom_store_seconds_count{op="..."}`: how many store calls of one kind it
+/// made.
+async fn store_calls(n: &RunningNode, op: &str) -> u64 {
+    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    let name = format!("mailroom_store_seconds_count{{op=\"{op}\"}}");
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+/// A forward for a wallet whose live session is on another node is queued leased to that
+/// node and travels with its notification (a `Deliver` frame): the session's node writes it
+/// out with no lease of its own, one PostgreSQL round trip less between the POST and the
+/// wallet.
+#[actix_rt::test]
+async fn a_forward_for_a_live_session_elsewhere_travels_with_its_notification() {
+    let f = cluster_of(2, NO_SWEEP).await;
+    let (n1, n2) = (&f.nodes[0], &f.nodes[1]);
+    let LiveWallet {
+        mut a,
+        k,
+        routing,
+        mut ws,
+        ..
+    } = live_wallet(n1, &[n2]).await;
+    // One at a time: each one, leased, would take a lease of its own.
+    let leases = store_calls(n1, "lease").await;
+    for i in 0..10 {
+        assert_eq!(forward_via(n2, &routing, &k, &format!("m{i}")).await, 202);
+        let d = ws_next_message(&a, &mut ws).await;
+        assert_eq!(type_name(&d), "delivery", "{d}");
+        assert_eq!(contents(&a, &d), vec![format!("m{i}")]);
+        let ids = delivery_ids(&a, &d);
+        ack(&mut a, &n2.public_url(), ids).await;
+    }
+    assert_eq!(cluster_counter(n2, "handoffs_sent").await, 10);
+    assert_eq!(cluster_counter(n1, "handoffs_received").await, 10);
+    assert_eq!(cluster_counter(n2, "notifications_sent").await, 0);
+    // At most the two the session's binding started (an empty queue) can land meanwhile.
+    let more = store_calls(n1, "lease").await - leases;
+    assert!(more <= 2, "n1 leased {more} times for 10 handed deliveries");
+    assert_eq!(queue_depth(n1).await, 0, "every delivery was acknowledged");
+    ws.close().await;
+}
+
+/// A delivery handed to a session is leased to its node, not to the session: when the wallet
+/// drops the socket without acknowledging it, the node gives it back at once, and the wallet
+/// gets it again as it reconnects elsewhere, long before the lease (30 s) would run out.
+#[actix_rt::test]
+async fn a_handed_delivery_left_unacknowledged_comes_again_at_once_elsewhere() {
+    let f = cluster_of(2, NO_SWEEP).await;
+    let (n1, n2) = (&f.nodes[0], &f.nodes[1]);
+    let LiveWallet {
+        a,
+        k,
+        conn,
+        routing,
+        mut ws,
+    } = live_wallet(n1, &[n2]).await;
+    assert_eq!(forward_via(n2, &routing, &k, "unacknowledged").await, 202);
+    let d = ws_next_message(&a, &mut ws).await;
+    assert_eq!(type_name(&d), "delivery", "{d}");
+    assert_eq!(contents(&a, &d), vec!["unacknowledged".to_string()]);
+    assert_eq!(cluster_counter(n1, "handoffs_received").await, 1);
+    ws.close().await;
+
+    let started = std::time::Instant::now();
+    let mut ws2 = live_socket(&a, n2).await;
+    wait_owner(&[n1], &conn, "n2").await;
+    let d = ws_next_message(&a, &mut ws2).await;
+    assert_eq!(type_name(&d), "delivery", "{d}");
+    assert_eq!(contents(&a, &d), vec!["unacknowledged".to_string()]);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "given back at once, not when the 30 s lease ran out: {:?}",
+        started.elapsed()
+    );
+    ws2.close().await;
+}

@@ -36,6 +36,7 @@ async fn the_sweep_reaches_a_live_wallet_behind_many_older_offline_queues() {
             received_at_ms: long_ago + i,
             dedup_key: None,
             expires_at_ms: None,
+            lease: None,
         })
         .collect();
     for chunk in offline.chunks(2000) {
@@ -59,6 +60,7 @@ async fn the_sweep_reaches_a_live_wallet_behind_many_older_offline_queues() {
                 received_at_ms: mailroom::protocols::now_ms(),
                 dedup_key: None,
                 expires_at_ms: None,
+                lease: None,
             }],
             &EnqueueLimits::UNLIMITED,
         )
@@ -256,4 +258,64 @@ async fn overfill(n: &mailroom::node::RunningNode, a: &Agent, k: &KeyPair, tag: 
         assert_eq!(st, 202, "forward {i}");
     }
     total
+}
+
+/// On a node without a cluster, a forward for a wallet with a live session here is queued
+/// leased to the node and written to the session as it is accepted, with no lease of its
+/// own; left unacknowledged when the socket closes, it comes again at once on the wallet's
+/// next socket (the lease would run 60 s).
+#[actix_rt::test]
+async fn a_forward_for_a_live_session_here_needs_no_lease_and_comes_again_at_once() {
+    let (_dir, n, mut a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.delivery.lease_ms = 60_000;
+        c.delivery.sweep_interval_ms = 600_000;
+    })
+    .await;
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let mut ws = live_socket(&a, &n).await;
+    let lease_calls = r#"mailroom_store_seconds_count{op="lease"}"#;
+    let leases = metric(&n, lease_calls).await.unwrap_or(0.0);
+    let sender = Sender::new();
+    // One at a time (each one, leased, would take a lease of its own); the last one is left
+    // unacknowledged.
+    for i in 0..5 {
+        let st = sender
+            .forward(
+                &n.public_url(),
+                &basic_message(&format!("handed {i}")),
+                &k.verkey(),
+                &routing,
+            )
+            .await
+            .unwrap();
+        assert_eq!(st, 202);
+        let d = ws_next_message(&a, &mut ws).await;
+        assert_eq!(type_name(&d), "delivery", "{d}");
+        assert_eq!(contents(&a, &d), vec![format!("handed {i}")]);
+        if i < 4 {
+            // Over HTTP, as Credo does: an acknowledgement on the socket starts a lease.
+            a.endpoint = n.public_url();
+            a.request(&pickup(
+                "messages-received",
+                json!({ "message_id_list": delivery_ids(&a, &d) }),
+            ))
+            .await
+            .unwrap();
+        }
+    }
+    // At most the two the session's binding started (an empty queue) can land meanwhile.
+    let more = metric(&n, lease_calls).await.unwrap_or(0.0) - leases;
+    assert!(more <= 2.0, "{more} leases for 5 handed deliveries");
+    assert_eq!(metric(&n, r#"mailroom_handoffs_total{to="local"}"#).await, Some(5.0));
+    ws.close().await;
+
+    let mut ws = live_socket(&a, &n).await;
+    let d = loop {
+        let d = ws_next_message(&a, &mut ws).await;
+        if type_name(&d) == "delivery" {
+            break d;
+        }
+    };
+    assert_eq!(contents(&a, &d), vec!["handed 4".to_string()]);
+    assert_eq!(metric(&n, r#"mailroom_handoffs_total{to="returned"}"#).await, None);
 }

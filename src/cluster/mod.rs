@@ -237,6 +237,19 @@ pub enum ClusterEvent {
         conn: String,
         keys: Vec<String>,
     },
+    /// A peer handed messages of `conn` to this node's session ([`proto::Frame::Deliver`]):
+    /// they are leased to this node's hand-off owner; write them out, or release them.
+    Delivered {
+        conn: String,
+        msgs: Vec<proto::HandedMsg>,
+    },
+    /// Messages this node handed to `node` never left (the link closed first): release
+    /// them (leased to `node`'s hand-off owner) and wake whoever holds `conn` now.
+    HandOffReturned {
+        node: String,
+        conn: String,
+        ids: Vec<i64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -355,6 +368,18 @@ impl ClusterHandle {
 
     pub fn owner_of(&self, conn: &str) -> Option<String> {
         self.shared.state.lock().dir.owner(conn).map(|(n, _)| n.to_string())
+    }
+
+    /// The node holding `conn`'s live session (this one included), if a `Deliver` frame with
+    /// `len` payload bytes can reach it now.
+    pub fn holder(&self, conn: &str, len: usize) -> Option<String> {
+        self.shared.holder(conn, len)
+    }
+
+    /// Sends messages of `conn`, queued leased to `node`'s hand-off owner, to `node` (a
+    /// peer). False when the frame could not be queued: the caller releases them.
+    pub fn hand_off(&self, node: &str, conn: &str, msgs: Vec<proto::HandedMsg>) -> bool {
+        self.shared.hand_off(node, conn, msgs)
     }
 
     /// Wakes the owner of `conn`: sends `Queued` to that node only.

@@ -67,6 +67,9 @@ pub(crate) struct Counters {
     pub queue_drops: AtomicU64,
     pub events_dropped: AtomicU64,
     pub routes_changed_received: AtomicU64,
+    pub handoffs_sent: AtomicU64,
+    pub handoffs_received: AtomicU64,
+    pub handoffs_failed: AtomicU64,
 }
 
 /// A snapshot of [`Counters`] for status output.
@@ -87,6 +90,13 @@ pub struct CounterSnapshot {
     pub events_dropped: u64,
     /// `RoutesChanged` frames received (peers' keylist removals: cached routes forgotten).
     pub routes_changed_received: u64,
+    /// Messages sent to the node of their wallet's live session in `Deliver` frames, and
+    /// received in them from peers.
+    pub handoffs_sent: u64,
+    pub handoffs_received: u64,
+    /// Messages whose `Deliver` frame could not be queued (no link, queue full): the sender
+    /// released them and woke the owner as for any new message.
+    pub handoffs_failed: u64,
 }
 
 impl Counters {
@@ -102,6 +112,9 @@ impl Counters {
             queue_drops: g(&self.queue_drops),
             events_dropped: g(&self.events_dropped),
             routes_changed_received: g(&self.routes_changed_received),
+            handoffs_sent: g(&self.handoffs_sent),
+            handoffs_received: g(&self.handoffs_received),
+            handoffs_failed: g(&self.handoffs_failed),
         }
     }
 }
@@ -488,6 +501,40 @@ impl Shared {
         }
     }
 
+    /// The node holding `conn`'s session, if a `Deliver` of `len` payload bytes can reach it:
+    /// this node, or a peer with a link up and the frame within `max_frame`.
+    pub fn holder(&self, conn: &str, len: usize) -> Option<String> {
+        let st = self.state.lock();
+        let (owner, _) = st.dir.owner(conn)?;
+        if owner == self.settings.node_id {
+            return Some(owner.to_string());
+        }
+        let fits = len.saturating_add(super::proto::DELIVER_OVERHEAD) <= self.settings.max_frame;
+        let linked = st.peers.get(owner).is_some_and(|s| s.link.is_some());
+        (fits && linked).then(|| owner.to_string())
+    }
+
+    /// Queues a `Deliver` frame to `node`; false when it cannot be queued (no link, queue
+    /// full), and the caller releases the messages.
+    pub fn hand_off(&self, node: &str, conn: &str, msgs: Vec<super::proto::HandedMsg>) -> bool {
+        let n = msgs.len() as u64;
+        let st = self.state.lock();
+        let sent = st.peers.get(node).and_then(|s| s.link.as_ref()).is_some_and(|l| {
+            l.tx.try_send(Frame::Deliver {
+                conn: conn.to_string(),
+                msgs,
+            })
+            .is_ok()
+        });
+        let c = if sent {
+            &self.counters.handoffs_sent
+        } else {
+            &self.counters.handoffs_failed
+        };
+        c.fetch_add(n, Ordering::Relaxed);
+        sent
+    }
+
     /// Queues `Leave` on every link; returns how many links were asked.
     pub fn begin_leave(&self) -> usize {
         let mut st = self.state.lock();
@@ -754,6 +801,7 @@ async fn run_link(shared: Arc<Shared>, stream: TcpStream, channel: SecureChannel
         _ = close_rx => "closed by membership".to_string(),
         _ = shutdown.changed() => "shutdown".to_string(),
     };
+    let mut returned = Vec::new();
     {
         let mut st = shared.state.lock();
         st.members.handle(
@@ -767,18 +815,36 @@ async fn run_link(shared: Arc<Shared>, stream: TcpStream, channel: SecureChannel
             if slot.link.as_ref().is_some_and(|l| l.id == link) {
                 slot.link = None;
             }
-            // Replaced by another link: hand it the wake-ups we did not get to send (directory
-            // frames are covered by the resync the new link starts with).
+            // Replaced by another link: hand it the wake-ups and hand-offs we did not get to
+            // send (directory frames are covered by the resync the new link starts with).
             rx.close();
             while let Ok(f) = rx.try_recv() {
-                if let Frame::Queued { .. } = f {
-                    let moved = slot.link.as_ref().is_some_and(|l| l.tx.try_send(f).is_ok());
-                    if !moved {
-                        bump(&shared.counters.notifications_failed);
+                if !matches!(f, Frame::Queued { .. } | Frame::Deliver { .. }) {
+                    continue;
+                }
+                let back = match slot.link.as_ref() {
+                    Some(l) => l.tx.try_send(f).err().map(|e| e.into_inner()),
+                    None => Some(f),
+                };
+                match back {
+                    None => {}
+                    Some(Frame::Deliver { conn, msgs }) => {
+                        let n = msgs.len() as u64;
+                        shared.counters.handoffs_failed.fetch_add(n, Ordering::Relaxed);
+                        returned.push((conn, msgs.into_iter().map(|m| m.id).collect()));
                     }
+                    Some(_) => bump(&shared.counters.notifications_failed),
                 }
             }
         }
+    }
+    // Hand-offs that never left: this node releases them (they would wait for their lease).
+    for (conn, ids) in returned {
+        shared.emit(ClusterEvent::HandOffReturned {
+            node: peer.clone(),
+            conn,
+            ids,
+        });
     }
     shared.link_ended.notify_waiters();
     info!(peer = %peer, link, reason = %reason, "cluster link closed");
@@ -891,6 +957,13 @@ async fn read_loop(
             Frame::Queued { conn } => {
                 bump(&shared.counters.notifications_received);
                 shared.emit(ClusterEvent::MessageQueued { conn });
+            }
+            Frame::Deliver { conn, msgs } => {
+                shared
+                    .counters
+                    .handoffs_received
+                    .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+                shared.emit(ClusterEvent::Delivered { conn, msgs });
             }
             Frame::CloseSessions { conn, reason } => {
                 shared.emit(ClusterEvent::CloseSessions { conn, reason });

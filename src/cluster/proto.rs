@@ -93,7 +93,24 @@ pub enum Frame {
     /// connection was removed): forget cached routes of them. Only a cache hint, sent to every
     /// peer: the store stays the truth, and a forward checks its route when it queues.
     RoutesChanged { conn: String, keys: Vec<String> },
+    /// Messages queued for `conn`, whose live session the receiver holds, already leased to
+    /// the receiver's hand-off owner: write them to that session (no lease, no store read),
+    /// or release them when it has none. Lost, they wait for their lease to run out.
+    Deliver { conn: String, msgs: Vec<HandedMsg> },
 }
+
+/// One message of a [`Frame::Deliver`]: as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedMsg {
+    pub id: i64,
+    pub recipient_key: String,
+    pub payload: Vec<u8>,
+    pub received_at_ms: i64,
+}
+
+/// Bytes a [`Frame::Deliver`] adds to its payloads (ids, times, the connection and keys, the
+/// link's chunk flags): a message is handed over only when its frame fits `max_frame` with it.
+pub const DELIVER_OVERHEAD: usize = 4096;
 
 impl Frame {
     /// Short name for logs and counters, never the payload (conn ids are not secrets, but
@@ -114,6 +131,7 @@ impl Frame {
             Frame::Noise { .. } => "noise",
             Frame::CloseSessions { .. } => "close-sessions",
             Frame::RoutesChanged { .. } => "routes-changed",
+            Frame::Deliver { .. } => "deliver",
         }
     }
 }
@@ -276,6 +294,19 @@ mod tests {
             }),
             vec![13, 1, b'c', 0]
         );
+        // Appended after RoutesChanged: index 14; i64s are zigzag varints (1 -> 2, 2 -> 4).
+        assert_eq!(
+            bytes(&Frame::Deliver {
+                conn: "c".into(),
+                msgs: vec![HandedMsg {
+                    id: 1,
+                    recipient_key: "k".into(),
+                    payload: vec![7],
+                    received_at_ms: 2,
+                }]
+            }),
+            vec![14, 1, b'c', 1, 2, 1, b'k', 1, 7, 4]
+        );
     }
 
     #[test]
@@ -331,6 +362,30 @@ mod tests {
             arb_string().prop_map(|conn| Frame::Queued { conn }),
             (arb_string(), proptest::collection::vec(arb_string(), 0..8))
                 .prop_map(|(conn, keys)| Frame::RoutesChanged { conn, keys }),
+            (
+                arb_string(),
+                proptest::collection::vec(
+                    (
+                        any::<i64>(),
+                        arb_string(),
+                        proptest::collection::vec(any::<u8>(), 0..64),
+                        any::<i64>()
+                    ),
+                    0..4
+                )
+            )
+                .prop_map(|(conn, msgs)| Frame::Deliver {
+                    conn,
+                    msgs: msgs
+                        .into_iter()
+                        .map(|(id, recipient_key, payload, received_at_ms)| HandedMsg {
+                            id,
+                            recipient_key,
+                            payload,
+                            received_at_ms
+                        })
+                        .collect(),
+                }),
             Just(Frame::Welcome),
             Just(Frame::Leave),
             proptest::collection::vec(any::<u8>(), 0..64).prop_map(|msg| Frame::Noise { msg }),

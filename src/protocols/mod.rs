@@ -100,6 +100,31 @@ pub struct Mediator {
     box_keys: envelope::BoxKeys,
     /// The DIDComm v2 identity (did:peer:2), derived from the same keys.
     pub v2: v2::V2Identity,
+    /// Where wallets' live sessions are, so a forward is queued leased to its session's node
+    /// and handed to it ([`Outcome::handed`]); unset: every forward is queued pending.
+    pub holders: std::sync::OnceLock<Arc<dyn Holders>>,
+}
+
+/// Where a connection's live session is, for the forward handlers ([`Mediator::holders`]).
+pub trait Holders: Send + Sync {
+    /// The node (this one included) holding a session of `conn` that delivers as messages
+    /// arrive, if a message of `len` bytes may be handed to it there; `None` queues it pending
+    /// and wakes whoever holds the session, as before.
+    fn holder(&self, conn: &str, len: usize) -> Option<String>;
+}
+
+/// The lease owner of messages queued leased to `node`'s live sessions ([`Outcome::handed`]):
+/// the enqueuing node names it, the holding node releases with it.
+pub fn handoff_owner(node: &str) -> String {
+    format!("{node}/handoff")
+}
+
+/// A queued message handed to the node holding its wallet's live session, already leased to
+/// [`handoff_owner`] of that node.
+#[derive(Clone, Debug)]
+pub struct Handed {
+    pub node: String,
+    pub msg: crate::store::QueuedMessage,
 }
 
 impl Mediator {
@@ -142,7 +167,18 @@ impl Mediator {
             box_keys: envelope::BoxKeys::default(),
             keys,
             v2,
+            holders: std::sync::OnceLock::new(),
         }
+    }
+
+    /// [`Holders::holder`] of `conn`, with the lease a message for it is queued with.
+    pub(crate) fn handoff(&self, conn: &str, len: usize, now_ms: i64) -> Option<(String, crate::store::LeaseTo)> {
+        let node = self.holders.get()?.holder(conn, len)?;
+        let lease = crate::store::LeaseTo {
+            owner: handoff_owner(&node),
+            until_ms: now_ms + self.lease_ms,
+        };
+        Some((node, lease))
     }
 
     pub fn key_for(&self, verkey: &str) -> Option<KeyPair> {
@@ -309,6 +345,9 @@ pub struct Outcome {
     pub leased: Vec<MessageId>,
     /// A forward was queued for this connection: wake whoever owns its session.
     pub queued_for: Vec<crate::store::ConnId>,
+    /// Forwards queued leased to the node of their wallet's live session: hand them to it
+    /// (their connection is not in `queued_for`).
+    pub handed: Vec<Handed>,
     /// A forward was answered: the HTTP status to give (202, or a refusal).
     pub forward: Option<ForwardResult>,
     /// pickup 2.0 live-delivery-change.
@@ -328,6 +367,7 @@ impl Default for Outcome {
             connection: None,
             leased: Vec::new(),
             queued_for: Vec::new(),
+            handed: Vec::new(),
             forward: None,
             live_mode: None,
             acked: 0,

@@ -1,9 +1,9 @@
 //! routing 1.0 `forward`: map `to` to the connection that registered that key, and commit the
 //! inner message to the queue before the transport answers 2xx.
 
-use super::{now_ms, ForwardResult, HandleError, Inbound, Mediator, Outcome};
+use super::{now_ms, ForwardResult, Handed, HandleError, Inbound, Mediator, Outcome};
 use crate::didcomm::keys::normalize_verkey;
-use crate::store::{NewMessage, StoreError};
+use crate::store::{NewMessage, QueuedMessage, StoreError};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -49,13 +49,14 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     // left that connection meanwhile, and the cache then forgets it, so the second lookup
     // reads the store. Two refusals in a row: the key is changing right now; no route.
     let mut tries = 0;
-    let (conn, enq) = loop {
+    let (conn, enq, handoff) = loop {
         tries += 1;
         let route = match first.take() {
             Some(r) => r,
             None => m.store.route(&to).await?,
         };
         let conn = route.ok_or_else(|| HandleError::UnknownRecipient(to.clone()))?;
+        let handoff = m.handoff(&conn, payload.len(), received_at_ms);
         let msg = NewMessage {
             connection: conn.clone(),
             recipient_key: to.clone(),
@@ -63,6 +64,7 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
             received_at_ms,
             dedup_key: Some(dedup),
             expires_at_ms: None,
+            lease: handoff.as_ref().map(|(_, l)| l.clone()),
         };
         let mut results = m.store.enqueue_routed(vec![msg], &m.limits).await?;
         match results
@@ -71,16 +73,31 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
         {
             Err(StoreError::NoRoute) if tries < 2 => continue,
             Err(StoreError::NoRoute) => return Err(HandleError::UnknownRecipient(to)),
-            r => break (conn, r?),
+            r => break (conn, r?, handoff),
         }
     };
-    Ok(Outcome {
+    let mut out = Outcome {
         forward: Some(ForwardResult::Queued {
             duplicate: enq.duplicate,
         }),
-        queued_for: if enq.duplicate { vec![] } else { vec![conn] },
         ..Outcome::default()
-    })
+    };
+    match handoff {
+        _ if enq.duplicate => {}
+        Some((node, _)) => out.handed.push(Handed {
+            node,
+            msg: QueuedMessage {
+                id: enq.id,
+                connection: conn,
+                recipient_key: to,
+                payload,
+                received_at_ms,
+                attempts: 1,
+            },
+        }),
+        None => out.queued_for.push(conn),
+    }
+    Ok(out)
 }
 
 /// Whether `s` could be a base58 verkey as written (32 bytes are 32-44 base58 characters).

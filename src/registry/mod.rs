@@ -10,8 +10,10 @@
 
 use actix::prelude::*;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::cluster::ClusterHandle;
+use crate::store::QueuedMessage;
 
 pub type SessionId = u64;
 
@@ -43,6 +45,21 @@ pub enum Signal {
     /// delivering (a half-open socket would swallow implicit deliveries) and hands back its
     /// leases.
     Superseded,
+    /// Messages queued leased to this node's hand-off owner
+    /// ([`crate::protocols::handoff_owner`]): write them out, or release them.
+    HandOff(Arc<Vec<QueuedMessage>>),
+}
+
+/// The connections this node holds sessions of, readable without a message to the registry
+/// (the forward handlers ask on every forward, [`crate::protocols::Holders`]). Kept only on
+/// a node without a cluster: a cluster's directory already says where every session is.
+#[derive(Default)]
+pub struct LocalHolders(parking_lot::Mutex<std::collections::HashSet<String>>);
+
+impl LocalHolders {
+    pub fn holds(&self, conn: &str) -> bool {
+        self.0.lock().contains(conn)
+    }
 }
 
 struct Entry {
@@ -61,16 +78,25 @@ pub struct Registry {
     owned: HashMap<String, Owned>,
     cluster: Option<ClusterHandle>,
     sessions: usize,
+    /// Without a cluster: the keys of `by_conn`, for [`LocalHolders`].
+    local: Option<Arc<LocalHolders>>,
 }
 
 impl Registry {
     pub fn new(cluster: Option<ClusterHandle>) -> Registry {
+        let local = cluster.is_none().then(Arc::default);
         Registry {
             by_conn: HashMap::new(),
             owned: HashMap::new(),
             cluster,
             sessions: 0,
+            local,
         }
+    }
+
+    /// The connections held here, for a node without a cluster (`None` with one).
+    pub fn local_holders(&self) -> Option<Arc<LocalHolders>> {
+        self.local.clone()
     }
 
     fn wake_conn(&self, conn: &str) -> bool {
@@ -111,6 +137,11 @@ impl Handler<Register> for Registry {
         if entries.iter().any(|e| e.session == m.session) {
             return;
         }
+        if entries.is_empty() {
+            if let Some(l) = &self.local {
+                l.0.lock().insert(m.conn.clone());
+            }
+        }
         entries.push(Entry {
             session: m.session,
             to: m.to,
@@ -144,6 +175,9 @@ impl Handler<Unregister> for Registry {
         self.sessions -= before - entries.len();
         if entries.is_empty() {
             self.by_conn.remove(&m.conn);
+            if let Some(l) = &self.local {
+                l.0.lock().remove(&m.conn);
+            }
             if let (Some(c), Some(o)) = (&self.cluster, self.owned.remove(&m.conn)) {
                 c.withdraw_session(&m.conn, o.epoch);
             }
@@ -180,6 +214,21 @@ impl Handler<SessionMoved> for Registry {
         }
         tracing::info!(connection = %m.conn, sessions = entries.len(), "session moved to another node: stopped delivering here");
         entries.len()
+    }
+}
+
+/// The newest session of `conn` here, to hand messages to ([`Signal::HandOff`]): the caller
+/// sends and awaits, so a message a stopping session's mailbox drops is known as not taken.
+#[derive(Message)]
+#[rtype(result = "Option<Recipient<Signal>>")]
+pub struct SessionFor {
+    pub conn: String,
+}
+
+impl Handler<SessionFor> for Registry {
+    type Result = Option<Recipient<Signal>>;
+    fn handle(&mut self, m: SessionFor, _: &mut Context<Self>) -> Self::Result {
+        self.by_conn.get(&m.conn).and_then(|e| e.last()).map(|e| e.to.clone())
     }
 }
 

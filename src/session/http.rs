@@ -99,7 +99,7 @@ async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpRespo
     let shared = shared.into_inner();
     let owner = shared.http_owner();
     let started = std::time::Instant::now();
-    let out = match shared.mediator.handle(&body, TransportKind::Http, &owner).await {
+    let mut out = match shared.mediator.handle(&body, TransportKind::Http, &owner).await {
         Ok(out) => out,
         Err(e) => {
             shared
@@ -134,10 +134,12 @@ async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpRespo
     // Wake whoever holds the wallet's session; new messages may also wake the wallet by push
     // (no session anywhere). An acknowledgement wakes nobody: leases are per message with no
     // cap per connection, so removing delivered messages makes nothing else deliverable.
-    if !out.queued_for.is_empty() {
+    if !out.queued_for.is_empty() || !out.handed.is_empty() {
         let s = shared.clone();
-        let queued = out.queued_for.clone();
+        let queued = std::mem::take(&mut out.queued_for);
+        let handed = std::mem::take(&mut out.handed);
         actix_rt::spawn(async move {
+            s.hand_off(handed).await;
             for c in queued {
                 s.queued_new(&c).await;
             }

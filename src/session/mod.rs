@@ -19,8 +19,9 @@ pub mod wsio;
 use crate::cluster::{ClusterHandle, NotifyOutcome};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::protocols::{now_ms, Mediator};
-use crate::registry::{IsLocal, LocalConns, Registry, WakeLocal, WakeMany};
+use crate::protocols::{handoff_owner, now_ms, Handed, Mediator};
+use crate::registry::{IsLocal, LocalConns, LocalHolders, Registry, SessionFor, Signal, WakeLocal, WakeMany};
+use crate::store::QueuedMessage;
 use actix::Addr;
 use parking_lot::Mutex;
 use std::collections::HashSet;
@@ -116,6 +117,76 @@ impl Shared {
             if let Some(p) = self.push.get() {
                 p.queued(conn);
             }
+        }
+    }
+
+    /// Forwards queued leased to the node of their wallet's live session
+    /// ([`crate::protocols::Outcome::handed`]) go to it: to the session here, or in a `Deliver`
+    /// frame to the peer. What no session takes is released and woken as any new message.
+    pub async fn hand_off(self: &Arc<Self>, handed: Vec<Handed>) {
+        let mut groups: Vec<(String, String, Vec<QueuedMessage>)> = Vec::new();
+        for h in handed {
+            match groups.iter_mut().find(|g| g.0 == h.node && g.1 == h.msg.connection) {
+                Some(g) => g.2.push(h.msg),
+                None => groups.push((h.node, h.msg.connection.clone(), vec![h.msg])),
+            }
+        }
+        for (node, conn, msgs) in groups {
+            if node == self.mediator.node_id {
+                self.hand_local(&conn, msgs).await;
+                continue;
+            }
+            let ids: Vec<i64> = msgs.iter().map(|m| m.id).collect();
+            let frame = msgs
+                .into_iter()
+                .map(|m| crate::cluster::proto::HandedMsg {
+                    id: m.id,
+                    recipient_key: m.recipient_key,
+                    payload: m.payload,
+                    received_at_ms: m.received_at_ms,
+                })
+                .collect();
+            if self.cluster.as_ref().is_some_and(|c| c.hand_off(&node, &conn, frame)) {
+                self.metrics.handed("peer", ids.len() as u64);
+            } else {
+                self.hand_back(&node, &conn, &ids).await;
+            }
+        }
+    }
+
+    /// Messages of `conn` handed to this node (by a forward here or a peer's `Deliver`): to
+    /// the session that holds it here, else released.
+    pub async fn hand_local(self: &Arc<Self>, conn: &str, msgs: Vec<QueuedMessage>) {
+        let ids: Vec<i64> = msgs.iter().map(|m| m.id).collect();
+        // Sent and awaited, not tried: a session's full mailbox makes this wait (it writes to
+        // a slow socket), and a mailbox dropped with its session answers an error, so every
+        // message is either in a session's hands or released below.
+        let session = self
+            .registry
+            .send(SessionFor { conn: conn.to_string() })
+            .await
+            .ok()
+            .flatten();
+        let taken = match session {
+            Some(s) => s.send(Signal::HandOff(Arc::new(msgs))).await.is_ok(),
+            None => false,
+        };
+        if taken {
+            self.metrics.handed("local", ids.len() as u64);
+        } else {
+            self.hand_back(&self.mediator.node_id, conn, &ids).await;
+        }
+    }
+
+    /// Messages handed to `node` that no session there took: released (they were leased to
+    /// `node`'s hand-off owner), then whoever holds the wallet's session is woken, or the
+    /// wallet pushed, as for a new message. Unreleased, they wait for their lease to run out.
+    pub async fn hand_back(self: &Arc<Self>, node: &str, conn: &str, ids: &[i64]) {
+        self.metrics.handed("returned", ids.len() as u64);
+        match self.mediator.store.release(conn, ids, &handoff_owner(node)).await {
+            Ok(n) if n > 0 => self.queued_new(conn).await,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(connection = %conn, "hand-off not released (its lease runs out): {e}"),
         }
     }
 
@@ -243,6 +314,29 @@ impl Shared {
                 }
             }
             self.deliver_to_endpoint(&conn).await;
+        }
+    }
+}
+
+/// [`crate::protocols::Holders`] of a node: the cluster's directory, or without a cluster
+/// the sessions held here. Nothing is handed under `queue-only`: a session there delivers
+/// only in live mode, which another node cannot see.
+pub struct NodeHolders {
+    pub node_id: String,
+    pub cluster: Option<ClusterHandle>,
+    pub local: Option<Arc<LocalHolders>>,
+    pub strategy: crate::config::Strategy,
+}
+
+impl crate::protocols::Holders for NodeHolders {
+    fn holder(&self, conn: &str, len: usize) -> Option<String> {
+        if self.strategy == crate::config::Strategy::QueueOnly {
+            return None;
+        }
+        match (&self.cluster, &self.local) {
+            (Some(c), _) => c.holder(conn, len),
+            (None, Some(l)) => l.holds(conn).then(|| self.node_id.clone()),
+            (None, None) => None,
         }
     }
 }

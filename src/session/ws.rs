@@ -71,6 +71,13 @@ pub struct WsSession {
     /// Set when the session has stopped: a lease still in flight then gives its messages back
     /// (see [`WsSession::drain`]).
     closed: Arc<std::sync::atomic::AtomicBool>,
+    /// Messages handed to this session ([`Signal::HandOff`]) and written, with their lease
+    /// deadline: released when the session ends (they are leased to the node's hand-off
+    /// owner, not to this session). Those acknowledged meanwhile release nothing.
+    handed: std::collections::VecDeque<(i64, i64)>,
+    /// Messages handed to this session in live mode, waiting for the live window: they go
+    /// out as it opens, before anything is leased.
+    held_back: Vec<QueuedMessage>,
 }
 
 impl WsSession {
@@ -93,6 +100,8 @@ impl WsSession {
             window_timer: false,
             _slot: slot,
             closed: Arc::default(),
+            handed: std::collections::VecDeque::new(),
+            held_back: Vec::new(),
         }
     }
 
@@ -177,7 +186,8 @@ impl WsSession {
         let shared = self.shared.clone();
         if out.forward.is_some() {
             shared.metrics.forwards_received.inc();
-            shared.metrics.forwards_queued.inc_by(out.queued_for.len() as u64);
+            let queued = out.queued_for.len() + usize::from(!out.handed.is_empty());
+            shared.metrics.forwards_queued.inc_by(queued as u64);
         }
         if out.acked > 0 {
             shared.metrics.acknowledged(out.acked, &out.ack_lags_ms);
@@ -208,6 +218,11 @@ impl WsSession {
             let s = shared.clone();
             let c = c.clone();
             actix_rt::spawn(async move { s.queued_new(&c).await });
+        }
+        if !out.handed.is_empty() {
+            let s = shared.clone();
+            let handed = out.handed;
+            actix_rt::spawn(async move { s.hand_off(handed).await });
         }
         // Acknowledged on the socket that delivers: its window moves on. An acknowledgement
         // elsewhere wakes nobody (it makes nothing deliverable; see `session::http`).
@@ -311,11 +326,25 @@ impl WsSession {
         false
     }
 
+    /// Writes the handed messages waiting for the live window, a batch at a time while it is
+    /// open (a full batch holds nothing back), even while a lease runs.
+    fn send_held(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        while !self.held_back.is_empty() {
+            if self.mode == Mode::Live && !self.window_open(ctx) {
+                return;
+            }
+            let n = self.held_back.len().min(self.shared.mediator.batch_size.max(1));
+            let msgs: Vec<QueuedMessage> = self.held_back.drain(..n).collect();
+            self.push(msgs, true, ctx);
+        }
+    }
+
     /// Leases one batch and pushes it; schedules the next batch while batches come back full.
     fn drain(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
         if self.mode == Mode::Quiet || self.conn.is_none() || !self.registered {
             return;
         }
+        self.send_held(ctx);
         if self.draining {
             self.wake_again = true;
             return;
@@ -364,7 +393,7 @@ impl WsSession {
             };
             let full = msgs.len() >= batch;
             if !msgs.is_empty() {
-                act.push(msgs, ctx);
+                act.push(msgs, false, ctx);
             }
             if full || act.wake_again {
                 ctx.notify(Wake);
@@ -372,7 +401,10 @@ impl WsSession {
         }));
     }
 
-    fn push(&mut self, msgs: Vec<QueuedMessage>, ctx: &mut ws::WebsocketContext<Self>) {
+    /// Writes leased messages out as the session's mode says. `handed`: they came with a
+    /// notification, leased to the node's hand-off owner ([`Signal::HandOff`]), not by this
+    /// session.
+    fn push(&mut self, msgs: Vec<QueuedMessage>, handed: bool, ctx: &mut ws::WebsocketContext<Self>) {
         let Some(conn) = self.conn.clone() else { return };
         let shared = self.shared.clone();
         let redelivered = msgs.iter().filter(|q| q.attempts > 1).count() as u64;
@@ -390,6 +422,14 @@ impl WsSession {
                         ctx.text(String::from_utf8_lossy(&p).into_owned());
                         let partial = msgs.len() < shared.mediator.batch_size;
                         self.window.sent(Instant::now(), msgs.len() as u64, partial);
+                        if handed {
+                            let now = now_ms();
+                            while self.handed.front().is_some_and(|(_, until)| *until <= now) {
+                                self.handed.pop_front();
+                            }
+                            let until = now + shared.mediator.lease_ms;
+                            self.handed.extend(msgs.iter().map(|q| (q.id, until)));
+                        }
                         shared
                             .metrics
                             .delivered("live", crate::protocols::v2::version_label(&conn), msgs.len() as u64);
@@ -415,6 +455,11 @@ impl WsSession {
                         tracing::warn!(connection = %c, "implicit delivery not removed: {e}");
                     }
                 });
+            }
+            Mode::Quiet if handed => {
+                let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
+                let c = conn.id.clone();
+                actix_rt::spawn(async move { shared.hand_back(&shared.mediator.node_id, &c, &ids).await });
             }
             Mode::Quiet => {
                 // Mode changed (or superseded) while leasing: hand them back.
@@ -500,8 +545,9 @@ impl Actor for WsSession {
             let owner = self.owner();
             let shared = self.shared.clone();
             let cid = conn_id.clone();
+            let handed = self.handed_ids();
             actix_rt::spawn(async move {
-                let released = shared.mediator.store.release_owner(&owner).await;
+                let released = release_all(&shared, &cid, &owner, &handed).await;
                 gave_back(&shared, &cid, released).await;
             });
             tracing::info!(connection = %conn_id, session = self.id, "session closed");
@@ -534,6 +580,7 @@ impl Handler<Signal> for WsSession {
     fn handle(&mut self, m: Signal, ctx: &mut Self::Context) {
         match m {
             Signal::Wake => self.drain(ctx),
+            Signal::HandOff(msgs) => self.take_handed(msgs, ctx),
             Signal::Superseded => self.superseded(),
             Signal::Close(c) => {
                 ctx.close(Some(ws::CloseReason {
@@ -547,6 +594,41 @@ impl Handler<Signal> for WsSession {
 }
 
 impl WsSession {
+    /// Messages handed to this session, leased to the node's hand-off owner: written now,
+    /// held back while the live window is closed, or given back when this session does not
+    /// deliver (unbound, superseded, or queue-only).
+    fn take_handed(&mut self, msgs: Arc<Vec<QueuedMessage>>, ctx: &mut ws::WebsocketContext<Self>) {
+        let msgs = Arc::try_unwrap(msgs).unwrap_or_else(|a| (*a).clone());
+        let ours = self
+            .conn
+            .as_ref()
+            .is_some_and(|c| msgs.iter().all(|m| m.connection == c.id));
+        if !ours || !self.registered || self.mode == Mode::Quiet {
+            let Some(conn) = msgs.first().map(|m| m.connection.clone()) else {
+                return;
+            };
+            let ids: Vec<i64> = msgs.iter().map(|m| m.id).collect();
+            let shared = self.shared.clone();
+            actix_rt::spawn(async move { shared.hand_back(&shared.mediator.node_id, &conn, &ids).await });
+            return;
+        }
+        if self.mode == Mode::Live {
+            // Through the window, as a lease's messages go.
+            self.held_back.extend(msgs);
+            self.send_held(ctx);
+            return;
+        }
+        self.push(msgs, true, ctx);
+    }
+
+    /// The ids of handed messages this session wrote or holds back (leased to the node's
+    /// hand-off owner), forgotten here: the session gives them back as it stops delivering.
+    fn handed_ids(&mut self) -> Vec<i64> {
+        let mut ids: Vec<i64> = self.handed.drain(..).map(|(id, _)| id).collect();
+        ids.extend(self.held_back.drain(..).map(|m| m.id));
+        ids
+    }
+
     /// A newer session on another node owns the connection now.
     fn superseded(&mut self) {
         if !self.registered {
@@ -555,22 +637,34 @@ impl WsSession {
         self.registered = false;
         // Its leases go back below: nothing of this socket awaits an acknowledgement.
         self.window.clear();
+        let handed = self.handed_ids();
         let Some(conn) = self.conn.as_ref().map(|c| c.id.clone()) else {
             return;
         };
         tracing::info!(connection = %conn, session = self.id, "superseded by a newer session on another node: delivery stopped here");
         // Leases of this session go back at once, and the new owner is told.
-        let store = self.shared.mediator.store.clone();
         let owner = self.owner();
         let shared = self.shared.clone();
         actix_rt::spawn(async move {
-            match store.release_owner(&owner).await {
+            match release_all(&shared, &conn, &owner, &handed).await {
                 Ok(n) if n > 0 => shared.released(&conn).await,
                 Ok(_) => {}
                 Err(e) => tracing::warn!(connection = %conn, "leases not released (they expire): {e}"),
             }
         });
     }
+}
+
+/// Gives back what a session that stops delivering holds: its own leases (`owner`) and the
+/// messages handed to it (leased to the node's hand-off owner). How many went back.
+async fn release_all(shared: &Arc<Shared>, conn: &str, owner: &str, handed: &[i64]) -> crate::store::StoreResult<u64> {
+    let store = &shared.mediator.store;
+    let mut n = store.release_owner(owner).await?;
+    if !handed.is_empty() {
+        let handoff = crate::protocols::handoff_owner(&shared.mediator.node_id);
+        n += store.release(conn, handed, &handoff).await?;
+    }
+    Ok(n)
 }
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {

@@ -63,6 +63,7 @@ fn msg(conn: &str, payload: &str, at: i64) -> NewMessage {
         received_at_ms: at,
         dedup_key: None,
         expires_at_ms: None,
+        lease: None,
     }
 }
 
@@ -515,6 +516,50 @@ pub async fn lease_ack_release(b: Arc<dyn Backend>) {
     assert_eq!(s.release_owner("nobody").await.unwrap(), 0);
 }
 
+/// A message queued with a lease ([`NewMessage::lease`]) is its first lease: no other leaser
+/// gets it, only its owner releases it, it runs out like any lease, and messages of the same
+/// batch without one stay pending.
+pub async fn queued_leased(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let until = T0 + 1_000;
+    let leased = |p: &str| NewMessage {
+        lease: Some(LeaseTo {
+            owner: "n1/handoff".into(),
+            until_ms: until,
+        }),
+        ..msg(&c, p, T0)
+    };
+    let id = enqueue_ok(&s, vec![leased("h1"), msg(&c, "pending", T0), leased("h2")]).await;
+    let st = s.queue_stats(&c, T0).await.unwrap();
+    assert_eq!((st.pending, st.leased), (1, 2));
+    assert_eq!(
+        s.pending_among(std::slice::from_ref(&c), T0).await.unwrap(),
+        vec![c.clone()]
+    );
+    let l = s.lease(&c, 10, "A", T0, T0 + 30_000).await.unwrap();
+    assert_eq!(ids(&l), vec![id[1]], "only the pending one");
+    assert_eq!(l[0].attempts, 1);
+    assert_eq!(s.release(&c, &[id[0]], "A").await.unwrap(), 0, "not A's");
+    assert_eq!(s.release(&c, &[id[0]], "n1/handoff").await.unwrap(), 1);
+    let l = s.lease(&c, 10, "A", T0 + 1, T0 + 30_000).await.unwrap();
+    assert_eq!(ids(&l), vec![id[0]]);
+    assert_eq!(l[0].attempts, 2, "queued leased was its first delivery");
+    // h2 runs out at `until` and is leased again.
+    assert!(s.lease(&c, 10, "B", until - 1, T0 + 30_000).await.unwrap().is_empty());
+    let l = s.lease(&c, 10, "B", until, T0 + 30_000).await.unwrap();
+    assert_eq!(ids(&l), vec![id[2]]);
+    assert_eq!(l[0].attempts, 2);
+    // Acknowledged like any other; a release after that frees nothing.
+    assert_eq!(s.ack(&c, &id).await.unwrap(), 3);
+    assert_eq!(s.release(&c, &id, "n1/handoff").await.unwrap(), 0);
+    assert_eq!(s.release_owner("n1/handoff").await.unwrap(), 0);
+    // A whole batch queued leased: its owner's shutdown gives every one back.
+    let more = enqueue_ok(&s, vec![leased("h3"), leased("h4")]).await;
+    assert_eq!(s.release_owner("n1/handoff").await.unwrap(), 2);
+    assert_eq!(ids(&s.lease(&c, 10, "C", T0 + 2, T0 + 30_000).await.unwrap()), more);
+}
+
 pub async fn lease_expiry(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let c = new_conn(&s).await;
@@ -596,6 +641,7 @@ pub async fn pending_stats_counts_what_a_lease_could_take(b: Arc<dyn Backend>) {
     assert_eq!(s.pending_stats(&c, None, T0).await.unwrap(), PendingStats::default());
     let expiring = NewMessage {
         expires_at_ms: Some(T0 + 500),
+        lease: None,
         ..msg(&c, "expiring", T0 + 40)
     };
     enqueue_ok(
@@ -1319,6 +1365,7 @@ pub async fn expire_old_messages(b: Arc<dyn Backend>) {
 pub async fn sender_expiry(b: Arc<dyn Backend>) {
     let exp = |conn: &str, p: &str, at: i64, until: i64| NewMessage {
         expires_at_ms: Some(until),
+        lease: None,
         ..msg(conn, p, at)
     };
     let (c1, c2, keep, late) = {
@@ -2326,6 +2373,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn lease_ack_release() {
                 backend::run(super::lease_ack_release).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn queued_leased() {
+                backend::run(super::queued_leased).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn lease_expiry() {

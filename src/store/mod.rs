@@ -241,6 +241,18 @@ pub struct NewMessage {
     /// `expires_time`, in ms). From then on it is never leased nor counted as deliverable, and
     /// [`Store::expire_due`] deletes it. `None`: only the TTL sweep ([`Store::expire`]) applies.
     pub expires_at_ms: Option<i64>,
+    /// Queue it leased (its first lease, `attempts` 1) instead of pending: the node holding the
+    /// wallet's live session gets it with the notification and writes it out with no lease of
+    /// its own (see `protocols::handoff_owner`). Released, acknowledged or run out like any
+    /// lease. `None`: pending.
+    pub lease: Option<LeaseTo>,
+}
+
+/// A lease given with the message as it is queued ([`NewMessage::lease`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseTo {
+    pub owner: String,
+    pub until_ms: i64,
 }
 
 /// Per-call limits of [`Store::enqueue`] (they come from config).

@@ -345,6 +345,30 @@ CREATE INDEX mailroom_messages_lease_due ON mailroom_messages (conn_id, lease_un
     WHERE lease_until_ms > 0;
 "#,
     ),
+    (
+        10,
+        // `mailroom_enqueue` whose messages may be queued leased (`NewMessage::lease`): per
+        // message a lease deadline and owner, or NULLs for pending. Same transaction, same
+        // round trip; the messages queued with a lease are leased right after their insert.
+        // `mailroom_enqueue` stays as it was, for older nodes and batches without a lease.
+        r#"
+CREATE FUNCTION mailroom_enqueue_leased(
+    conns text[], locks int4[], m_conn int4[], m_key text[], m_payload bytea[], m_at int8[],
+    m_exp int8[], m_dedup bytea[], m_group int4[], m_window int8[], m_max_n int8[], m_max_b int8[],
+    m_routed boolean[], m_lease_until int8[], m_lease_owner text[],
+    OUT o_id int8[], OUT o_outcome int2[], OUT o_n int8[], OUT o_b int8[])
+LANGUAGE plpgsql AS $$
+BEGIN
+    SELECT e.o_id, e.o_outcome, e.o_n, e.o_b INTO o_id, o_outcome, o_n, o_b
+        FROM mailroom_enqueue(conns, locks, m_conn, m_key, m_payload, m_at, m_exp, m_dedup,
+                              m_group, m_window, m_max_n, m_max_b, m_routed) e;
+    UPDATE mailroom_messages m
+        SET lease_until_ms = u.until_ms, lease_owner = u.owner, attempts = 1
+        FROM unnest(o_id, o_outcome, m_lease_until, m_lease_owner) u(id, outcome, until_ms, owner)
+        WHERE u.outcome = 0 AND u.until_ms IS NOT NULL AND m.id = u.id;
+END $$;
+"#,
+    ),
 ];
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
@@ -837,18 +861,42 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
         m_max_b.push(clamp(req.limits.max_bytes));
         m_routed.push(req.routed);
     }
+    let m_lease_until: Vec<Option<i64>> = sent.iter().map(|(m, _)| m.lease.as_ref().map(|l| l.until_ms)).collect();
+    let m_lease_owner: Vec<Option<&str>> = sent
+        .iter()
+        .map(|(m, _)| m.lease.as_ref().map(|l| l.owner.as_str()))
+        .collect();
+    let leased = m_lease_until.iter().any(Option::is_some);
     let client = pool.get().await.map_err(pool_err)?;
     let q = client
-        .prepare_cached("SELECT * FROM mailroom_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)")
+        .prepare_cached(if leased {
+            "SELECT * FROM mailroom_enqueue_leased($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+        } else {
+            "SELECT * FROM mailroom_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        })
         .await
         .map_err(pg_err)?;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
-        &conns, &locks, &m_conn, &m_key, &m_payload, &m_at, &m_exp, &m_dedup, &m_group, &m_window, &m_max_n, &m_max_b,
+    let all: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
+        &conns,
+        &locks,
+        &m_conn,
+        &m_key,
+        &m_payload,
+        &m_at,
+        &m_exp,
+        &m_dedup,
+        &m_group,
+        &m_window,
+        &m_max_n,
+        &m_max_b,
         &m_routed,
+        &m_lease_until,
+        &m_lease_owner,
     ];
+    let params = if leased { &all[..] } else { &all[..13] };
     let mut tries = 1;
     let row = loop {
-        match client.query_one(&q, &params).await {
+        match client.query_one(&q, params).await {
             Ok(row) => break row,
             // The statement is its own transaction: aborted, it left nothing behind.
             Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {

@@ -1040,15 +1040,22 @@ impl Inner {
         {
             let mut q = self.queues.lock();
             for (m, id) in accepted.iter().zip(&ids) {
+                let owner: Option<Arc<str>> = m.lease.as_ref().map(|l| Arc::from(l.owner.as_str()));
                 let meta = Meta {
                     size: m.payload.len() as u64,
                     received_at_ms: m.received_at_ms,
-                    lease_until_ms: 0,
-                    owner: None,
-                    attempts: 0,
+                    lease_until_ms: m.lease.as_ref().map_or(0, |l| l.until_ms),
+                    owner: owner.clone(),
+                    attempts: u32::from(m.lease.is_some()),
                     expires_at_ms: m.expires_at_ms.unwrap_or(NEVER),
                 };
                 q.insert(&m.connection, *id, meta);
+                if let Some(o) = owner {
+                    let conns = q.by_owner.entry(o).or_default();
+                    if !conns.contains(&m.connection) {
+                        conns.insert(m.connection.clone());
+                    }
+                }
                 if let Some(dk) = m.dedup_key {
                     let d = match q.dedup.get_mut(m.connection.as_str()) {
                         Some(d) => d,

@@ -6,8 +6,8 @@
 
 use super::Inbound;
 use crate::didcomm::v2::{did, keys};
-use crate::protocols::{now_ms, ForwardResult, HandleError, Mediator, Outcome};
-use crate::store::{NewMessage, StoreError};
+use crate::protocols::{now_ms, ForwardResult, Handed, HandleError, Mediator, Outcome};
+use crate::store::{NewMessage, QueuedMessage, StoreError};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -115,11 +115,12 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     }
     // As routing 1.0: a cached route refused at queue time (`NoRoute`) is looked up again once.
     let mut tries = 0;
-    let (conn, results) = loop {
+    let queued = loop {
         tries += 1;
         let (conn, recipient) = route(m, next)
             .await?
             .ok_or_else(|| HandleError::UnknownRecipient(next.chars().take(200).collect()))?;
+        let handoff = m.handoff(&conn, payloads.iter().map(Vec::len).sum(), now);
         let msgs = payloads
             .iter()
             .map(|payload| NewMessage {
@@ -129,6 +130,7 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
                 expires_at_ms: earliest(forward_expires, attachment_expires_ms(payload)),
                 payload: payload.clone(),
                 received_at_ms: now,
+                lease: handoff.as_ref().map(|(_, l)| l.clone()),
             })
             .collect();
         let results = m.store.enqueue_routed(msgs, &m.limits).await?;
@@ -138,16 +140,31 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
             }
             return Err(HandleError::UnknownRecipient(next.chars().take(200).collect()));
         }
-        break (conn, results);
+        break (conn, recipient, results, handoff);
     };
+    let (conn, recipient, results, handoff) = queued;
+    let mut out = Outcome::default();
     let mut all_dup = true;
-    for r in results {
+    for (r, payload) in results.into_iter().zip(payloads) {
         let e = r?;
         all_dup &= e.duplicate;
+        if let (Some((node, _)), false) = (&handoff, e.duplicate) {
+            out.handed.push(Handed {
+                node: node.clone(),
+                msg: QueuedMessage {
+                    id: e.id,
+                    connection: conn.clone(),
+                    recipient_key: recipient.clone(),
+                    payload,
+                    received_at_ms: now,
+                    attempts: 1,
+                },
+            });
+        }
     }
-    Ok(Outcome {
-        forward: Some(ForwardResult::Queued { duplicate: all_dup }),
-        queued_for: if all_dup { vec![] } else { vec![conn] },
-        ..Outcome::default()
-    })
+    out.forward = Some(ForwardResult::Queued { duplicate: all_dup });
+    if !all_dup && handoff.is_none() {
+        out.queued_for.push(conn);
+    }
+    Ok(out)
 }
