@@ -564,8 +564,9 @@ async fn an_observer_reads_no_connection_id() {
 // ---- versions ---------------------------------------------------------------------------
 
 fn old_hello(node: &str) -> Vec<u8> {
-    // Version 1's preamble; its Hello has the same bytes in both versions.
-    let mut b = b"MLRM\x00\x01".to_vec();
+    // Version 2's preamble (the release before `Deliver`); its Hello has the same bytes in
+    // every version.
+    let mut b = b"MLRM\x00\x02".to_vec();
     let hello = Frame::Hello(Hello {
         cluster: CLUSTER.into(),
         node: node.into(),
@@ -598,7 +599,7 @@ async fn read_refusal(s: &mut TcpStream) -> String {
     tokio::time::timeout(WAIT, read).await.expect("an answer in time")
 }
 
-/// A node of protocol version 1 is refused with a reason both sides can read, in either
+/// A node of the previous protocol version (2) is refused with a reason both sides can read, in either
 /// direction, logged and counted; nothing it says after its preamble is read as a frame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_of_the_previous_version_is_refused_with_a_reason() {
@@ -614,7 +615,7 @@ async fn a_node_of_the_previous_version_is_refused_with_a_reason() {
     let mut s = TcpStream::connect(a1).await.unwrap();
     s.write_all(&old_hello("old")).await.unwrap();
     let reason = read_refusal(&mut s).await;
-    assert!(reason.contains("this node speaks 2, you speak 1"), "{reason}");
+    assert!(reason.contains("this node speaks 3, you speak 2"), "{reason}");
     wait_until("counted", || n1.status().counters.version_mismatches >= 1).await;
 
     // We dial the old node.
@@ -622,7 +623,7 @@ async fn a_node_of_the_previous_version_is_refused_with_a_reason() {
     let (mut s, _) = l_old.accept().await.unwrap();
     s.write_all(&old_hello("old")).await.unwrap();
     let reason = read_refusal(&mut s).await;
-    assert!(reason.contains("this node speaks 2, you speak 1"), "{reason}");
+    assert!(reason.contains("this node speaks 3, you speak 2"), "{reason}");
     wait_until("counted", || n1.status().counters.version_mismatches > before).await;
     let c = n1.status().counters;
     assert!(
@@ -631,7 +632,7 @@ async fn a_node_of_the_previous_version_is_refused_with_a_reason() {
     );
     assert!(!connected(&n1, "old"));
     wait_until("logged", || {
-        captured().contains("peer speaks cluster protocol version 1, this node speaks 2")
+        captured().contains("peer speaks cluster protocol version 2, this node speaks 3")
     })
     .await;
     n1.shutdown().await;

@@ -388,7 +388,9 @@ async fn garbage_and_bad_frames_close_that_connection_only() {
 
     // 2. Right preamble, then an absurd length.
     let mut s = TcpStream::connect(addrs[0]).await.unwrap();
-    s.write_all(b"MLRM\x00\x02\xff\xff\xff\xff").await.unwrap();
+    let mut pre = mailroom::cluster::proto::preamble().to_vec();
+    pre.extend_from_slice(&[0xff; 4]);
+    s.write_all(&pre).await.unwrap();
     assert!(closed_by_server(&mut s).await);
 
     wait_until("both rejections counted", || {
@@ -399,7 +401,7 @@ async fn garbage_and_bad_frames_close_that_connection_only() {
     // 2b. A future protocol version: refused as an auth failure, with a reason, and closed.
     let before = nodes[0].h.status().counters.auth_failures;
     let mut s = TcpStream::connect(addrs[0]).await.unwrap();
-    s.write_all(b"MLRM\x00\x03").await.unwrap();
+    s.write_all(&[b'M', b'L', b'R', b'M', 0, 99]).await.unwrap();
     assert!(closed_by_server(&mut s).await);
     wait_until("version refusal counted", || {
         nodes[0].h.status().counters.auth_failures > before
