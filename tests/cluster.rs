@@ -473,3 +473,38 @@ async fn a_handed_delivery_left_unacknowledged_comes_again_at_once_elsewhere() {
     );
     ws2.close().await;
 }
+
+/// Two wallets live on the same node, forwards for both accepted by another: every `Deliver`
+/// frame reaches the session of the connection whose key the forward was sent to, and no
+/// other (each wallet opens only what was packed for it, so a stray would not even unpack).
+#[actix_rt::test]
+async fn handed_deliveries_reach_only_their_own_wallet() {
+    let f = cluster_of(2, NO_SWEEP).await;
+    let (n1, n2) = (&f.nodes[0], &f.nodes[1]);
+    let mut wa = live_wallet(n1, &[n2]).await;
+    let inv = invitation(n1).await;
+    let (mut b, kb) = Agent::onboard(&inv).await.unwrap();
+    let conns = get_json(&format!("{}/connections", n1.admin_url())).await;
+    let conn_b = conns["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .find(|c| *c != wa.conn)
+        .expect("the second wallet's connection");
+    let routing_b = b.grant.clone().unwrap().routing_keys;
+    let mut ws_b = live_socket(&b, n1).await;
+    wait_owner(&[n2], &conn_b, "n1").await;
+    for i in 0..5 {
+        assert_eq!(forward_via(n2, &wa.routing, &wa.k, &format!("a{i}")).await, 202);
+        assert_eq!(forward_via(n2, &routing_b, &kb, &format!("b{i}")).await, 202);
+    }
+    let (got_a, dups_a) = receive(&mut wa.a, &mut wa.ws, &n2.public_url(), 5).await;
+    let (got_b, dups_b) = receive(&mut b, &mut ws_b, &n2.public_url(), 5).await;
+    assert_eq!((dups_a, dups_b), (0, 0));
+    assert!(got_a.iter().all(|c| c.starts_with('a')), "{got_a:?}");
+    assert!(got_b.iter().all(|c| c.starts_with('b')), "{got_b:?}");
+    assert_eq!(cluster_counter(n2, "handoffs_sent").await, 10);
+    wa.ws.close().await;
+    ws_b.close().await;
+}
