@@ -145,7 +145,9 @@ impl LatencyResult {
 
 /// Forwards POSTed to `via` at `rate`/s for `secs`; the wallet's live socket is on `home`;
 /// latency = delivery frame read on the socket - POST's 2xx read. Deliveries are acknowledged
-/// with messages-received over HTTP to `home`, as Credo 0.6.3 does.
+/// with messages-received over HTTP to `home`, as Credo 0.6.3 does, one in flight at a time:
+/// the ids read while one is out go in the next (Credo sends one per delivery; a wallet sent
+/// one message per delivery, at this rate, would be bound by its own acknowledgements).
 /// Where a latency run sends: an in-process node or a child process.
 pub(crate) struct Target {
     pub(crate) node_id: String,
@@ -208,7 +210,7 @@ pub(crate) async fn live_latency(
 ) -> Result<LatencyResult> {
     let ws_url = format!("ws://{}/", home.public_addr);
     let wallets = onboard_wallets(o.didcomm, &home.public_url(), &ws_url, 1).await?;
-    let w = wallets.into_iter().next().context("one wallet")?;
+    let w = Rc::new(wallets.into_iter().next().context("one wallet")?);
     let conn = get_json(&format!("{}/connections", home.admin_url())).await?["connections"][0]["id"]
         .as_str()
         .context("connection id")?
@@ -253,13 +255,13 @@ pub(crate) async fn live_latency(
     let sending_done_at: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
     let start = Instant::now() + Duration::from_millis(50);
 
-    // Receiver: reads deliveries, stamps them on arrival, hands acks to the acker.
-    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    // Receiver: reads deliveries, stamps them on arrival, hands their ids to the acker.
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
     let receiver = {
+        let w = w.clone();
         let arrived = arrived.clone();
         let accepted = accepted.clone();
         let sending_done_at = sending_done_at.clone();
-        let home_host = home.public_addr.to_string();
         let mut ws = ws;
         actix_rt::spawn(async move {
             let mut got = 0usize;
@@ -304,9 +306,7 @@ pub(crate) async fn live_latency(
                         }
                     }
                 }
-                if let Ok(r) = w.ack_request(&home_host, ids) {
-                    let _ = ack_tx.send(r);
-                }
+                let _ = ack_tx.send(ids);
             };
             // Closed by the caller, once it has looked at the session (when some did not arrive).
             (got, frames, ended, ws)
@@ -314,10 +314,15 @@ pub(crate) async fn live_latency(
     };
     let acker = {
         let addr = home.public_addr;
+        let home_host = home.public_addr.to_string();
         actix_rt::spawn(async move {
             let mut c = RawConn::new(addr);
             let mut n = 0u64;
-            while let Some(req) = ack_rx.recv().await {
+            while let Some(mut ids) = ack_rx.recv().await {
+                while let Ok(more) = ack_rx.try_recv() {
+                    ids.extend(more);
+                }
+                let Ok(req) = w.ack_request(&home_host, ids) else { continue };
                 if c.send(&req).await.is_ok() {
                     n += 1;
                 }
