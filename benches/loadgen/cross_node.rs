@@ -322,7 +322,9 @@ pub(crate) async fn live_latency(
                 while let Ok(more) = ack_rx.try_recv() {
                     ids.extend(more);
                 }
-                let Ok(req) = w.ack_request(&home_host, ids) else { continue };
+                let Ok(req) = w.ack_request(&home_host, ids) else {
+                    continue;
+                };
                 if c.send(&req).await.is_ok() {
                     n += 1;
                 }
