@@ -124,6 +124,13 @@ async fn live_wallet(home: &RunningNode, others: &[&RunningNode]) -> LiveWallet 
     }
 }
 
+/// Two nodes (no sweep) and a wallet live on n1, which n2 sees holding its session.
+async fn pair_with_live_wallet() -> (TestCluster, LiveWallet) {
+    let f = cluster_of(2, NO_SWEEP).await;
+    let w = live_wallet(&f.nodes[0], &[&f.nodes[1]]).await;
+    (f, w)
+}
+
 /// credo-ts #1625: the wallet's socket is on node 1; forwards land on nodes 2 and 3; every
 /// one is delivered live through node 1 without the wallet reconnecting. Then the session
 /// moves to node 2 and forwards on node 1 follow it there.
@@ -166,24 +173,17 @@ async fn forwards_on_other_nodes_reach_the_live_session_and_follow_it_when_it_mo
 /// trip. Every forward still arrives live.
 #[actix_rt::test]
 async fn acknowledgements_over_http_on_another_node_wake_no_session() {
-    let f = cluster_of(2, NO_SWEEP).await;
+    let (f, mut w) = pair_with_live_wallet().await;
     let (n1, n2) = (&f.nodes[0], &f.nodes[1]);
-    let LiveWallet {
-        mut a,
-        k,
-        routing,
-        mut ws,
-        ..
-    } = live_wallet(n1, &[n2]).await;
     for i in 0..5 {
-        assert_eq!(forward_via(n1, &routing, &k, &format!("m{i}")).await, 202);
+        assert_eq!(forward_via(n1, &w.routing, &w.k, &format!("m{i}")).await, 202);
     }
-    let (got, dups) = receive(&mut a, &mut ws, &n2.public_url(), 5).await;
+    let (got, dups) = receive(&mut w.a, &mut w.ws, &n2.public_url(), 5).await;
     assert_eq!(dups, 0, "{got:?}");
     assert_eq!(queue_depth(n1).await, 0, "every delivery was acknowledged on n2");
     assert_eq!(cluster_counter(n2, "notifications_sent").await, 0);
     assert_eq!(cluster_counter(n1, "notifications_received").await, 0);
-    ws.close().await;
+    w.ws.close().await;
 }
 
 /// The link between two nodes is cut: delivery still completes through the sweep; the link
@@ -410,24 +410,17 @@ async fn store_calls(n: &RunningNode, op: &str) -> u64 {
 /// wallet.
 #[actix_rt::test]
 async fn a_forward_for_a_live_session_elsewhere_travels_with_its_notification() {
-    let f = cluster_of(2, NO_SWEEP).await;
+    let (f, mut w) = pair_with_live_wallet().await;
     let (n1, n2) = (&f.nodes[0], &f.nodes[1]);
-    let LiveWallet {
-        mut a,
-        k,
-        routing,
-        mut ws,
-        ..
-    } = live_wallet(n1, &[n2]).await;
     // One at a time: each one, leased, would take a lease of its own.
     let leases = store_calls(n1, "lease").await;
     for i in 0..10 {
-        assert_eq!(forward_via(n2, &routing, &k, &format!("m{i}")).await, 202);
-        let d = ws_next_message(&a, &mut ws).await;
+        assert_eq!(forward_via(n2, &w.routing, &w.k, &format!("m{i}")).await, 202);
+        let d = ws_next_message(&w.a, &mut w.ws).await;
         assert_eq!(type_name(&d), "delivery", "{d}");
-        assert_eq!(contents(&a, &d), vec![format!("m{i}")]);
-        let ids = delivery_ids(&a, &d);
-        ack(&mut a, &n2.public_url(), ids).await;
+        assert_eq!(contents(&w.a, &d), vec![format!("m{i}")]);
+        let ids = delivery_ids(&w.a, &d);
+        ack(&mut w.a, &n2.public_url(), ids).await;
     }
     assert_eq!(cluster_counter(n2, "handoffs_sent").await, 10);
     assert_eq!(cluster_counter(n1, "handoffs_received").await, 10);
@@ -436,7 +429,7 @@ async fn a_forward_for_a_live_session_elsewhere_travels_with_its_notification() 
     let more = store_calls(n1, "lease").await - leases;
     assert!(more <= 2, "n1 leased {more} times for 10 handed deliveries");
     assert_eq!(queue_depth(n1).await, 0, "every delivery was acknowledged");
-    ws.close().await;
+    w.ws.close().await;
 }
 
 /// A delivery handed to a session is leased to its node, not to the session: when the wallet
@@ -444,15 +437,17 @@ async fn a_forward_for_a_live_session_elsewhere_travels_with_its_notification() 
 /// gets it again as it reconnects elsewhere, long before the lease (30 s) would run out.
 #[actix_rt::test]
 async fn a_handed_delivery_left_unacknowledged_comes_again_at_once_elsewhere() {
-    let f = cluster_of(2, NO_SWEEP).await;
+    let (
+        f,
+        LiveWallet {
+            a,
+            k,
+            conn,
+            routing,
+            mut ws,
+        },
+    ) = pair_with_live_wallet().await;
     let (n1, n2) = (&f.nodes[0], &f.nodes[1]);
-    let LiveWallet {
-        a,
-        k,
-        conn,
-        routing,
-        mut ws,
-    } = live_wallet(n1, &[n2]).await;
     assert_eq!(forward_via(n2, &routing, &k, "unacknowledged").await, 202);
     let d = ws_next_message(&a, &mut ws).await;
     assert_eq!(type_name(&d), "delivery", "{d}");
