@@ -410,6 +410,16 @@ impl WsSession {
         let redelivered = msgs.iter().filter(|q| q.attempts > 1).count() as u64;
         shared.metrics.redelivered.inc_by(redelivered);
         let mode = if self.registered { self.mode } else { Mode::Quiet };
+        if handed && mode == Mode::Live {
+            // Given back when the session ends, written or not (a lease of the session's own
+            // goes back with its owner).
+            let now = now_ms();
+            while self.handed.front().is_some_and(|(_, until)| *until <= now) {
+                self.handed.pop_front();
+            }
+            let until = now + shared.mediator.lease_ms;
+            self.handed.extend(msgs.iter().map(|q| (q.id, until)));
+        }
         match mode {
             Mode::Live => {
                 let delivery = if conn.protocol == crate::protocols::v2::PROTOCOL {
@@ -422,14 +432,6 @@ impl WsSession {
                         ctx.text(String::from_utf8_lossy(&p).into_owned());
                         let partial = msgs.len() < shared.mediator.batch_size;
                         self.window.sent(Instant::now(), msgs.len() as u64, partial);
-                        if handed {
-                            let now = now_ms();
-                            while self.handed.front().is_some_and(|(_, until)| *until <= now) {
-                                self.handed.pop_front();
-                            }
-                            let until = now + shared.mediator.lease_ms;
-                            self.handed.extend(msgs.iter().map(|q| (q.id, until)));
-                        }
                         shared
                             .metrics
                             .delivered("live", crate::protocols::v2::version_label(&conn), msgs.len() as u64);
