@@ -249,6 +249,15 @@ fn frames() -> Vec<Frame> {
             conn: "conn-1".into(),
             keys: vec!["2iY6VmbKLvLvSKrQto4rehyMWRnJnhLhW8NY5BooqJ7U".into()],
         },
+        Frame::Deliver {
+            conn: "conn-1".into(),
+            msgs: vec![proto::HandedMsg {
+                id: 42,
+                recipient_key: "2iY6VmbKLvLvSKrQto4rehyMWRnJnhLhW8NY5BooqJ7U".into(),
+                payload: br#"{"protected":"e30","iv":"aXY","ciphertext":"Y3Q","tag":"dGFn"}"#.to_vec(),
+                received_at_ms: 1_764_000_000_000,
+            }],
+        },
     ]
 }
 
@@ -276,10 +285,12 @@ async fn cluster_seeds(c: &mut Corpus) {
         let t = handshake_transcript(peer, cluster, role).await;
         c.add("cluster_handshake", [&[mode][..], &t].concat());
     }
-    // A peer of the retired version 1 (same magic), and one that is not a peer at all.
-    let mut v1 = proto::preamble();
-    v1[4..].copy_from_slice(&1u16.to_be_bytes());
-    c.add("cluster_handshake", [&[0u8][..], &v1[..]].concat());
+    // Peers of the retired versions 1 and 2 (same magic), and one that is not a peer at all.
+    for old in [1u16, 2] {
+        let mut pre = proto::preamble();
+        pre[4..].copy_from_slice(&old.to_be_bytes());
+        c.add("cluster_handshake", [&[0u8][..], &pre[..]].concat());
+    }
     c.add("cluster_handshake", b"\x00GET / HTTP/1.1\r\n\r\n".to_vec());
 
     // Link scripts (see fuzz/fuzz_targets/cluster_link.rs): honest frames of every kind,
