@@ -190,6 +190,72 @@ async fn postgres_outage_refuses_with_503_and_recovers_without_restart() {
     ws.close().await;
 }
 
+/// A wallet whose first message on a new socket (live mode, with return route: what would
+/// bind the socket) is refused because the store is away gets the refusal, then the socket
+/// closed with 1013 (try again later): it reconnects and asks again (Credo does when its
+/// socket closes) instead of waiting for deliveries on a socket bound to nothing. Another
+/// wallet's socket, bound before the outage, stays open through it and gets its deliveries
+/// once the store is back.
+#[actix_rt::test]
+async fn a_socket_whose_binding_is_refused_by_an_outage_is_closed_to_try_again() {
+    let db = FreshDb::create().await;
+    let proxy = common::cluster::background_runtime()
+        .spawn(Proxy::start("127.0.0.1:5432".parse().unwrap()))
+        .await
+        .unwrap();
+    let url = format!("postgres://postgres@{}/{}", proxy.addr, db.name);
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.store.backend = "postgres".into();
+        c.store.url = Some(url);
+        c.store.pool_size = 4;
+    })
+    .await;
+    let inv = invitation(&n).await;
+    let (b, _) = Agent::onboard(&inv).await.expect("onboarding");
+    let mut bound = live_socket(&a, &n).await;
+
+    proxy.cut();
+    eventually("the node to see the outage", || async {
+        (ready_status(&n).await == 503).then_some(())
+    })
+    .await;
+    let mut fresh = b.websocket(&ws_url(&n)).await.unwrap();
+    let live = pickup("live-delivery-change", json!({"live_delivery": true}));
+    fresh.send_envelope(b.pack(&live).unwrap(), true).await.unwrap();
+    let closed = loop {
+        match fresh.next(WAIT).await.expect("the refusal, then a close") {
+            WsEvent::Envelope(e) => {
+                let body = String::from_utf8_lossy(&e).to_string();
+                assert!(body.contains("store-unavailable"), "{body}");
+            }
+            WsEvent::Closed(r) => break r,
+        }
+    };
+    let closed = closed.expect("a close reason");
+    assert_eq!(u16::from(closed.code), 1013, "{closed:?}");
+
+    proxy.restore();
+    eventually("the node to see the store back", || async {
+        (ready_status(&n).await == 200).then_some(())
+    })
+    .await;
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let st = Sender::new()
+        .forward(
+            &n.public_url(),
+            &basic_message("after the outage"),
+            &k.verkey(),
+            &routing,
+        )
+        .await
+        .unwrap();
+    assert_eq!(st, 202);
+    let d = ws_next_message(&a, &mut bound).await;
+    assert_eq!(type_name(&d), "delivery", "{d}");
+    assert_eq!(contents(&a, &d), vec!["after the outage".to_string()]);
+    bound.close().await;
+}
+
 /// A tmpfs of `size` mounted for the test; unmounted on drop.
 struct Tmpfs {
     path: std::path::PathBuf,

@@ -170,6 +170,17 @@ impl WsSession {
                     }
                     _ => ctx.text(e.body().to_string()),
                 }
+                if matches!(e, crate::protocols::HandleError::Store(_)) && !self.registered {
+                    // Nothing is bound to this socket yet (its binding message is the one
+                    // refused): a wallet would wait on it for deliveries that never come.
+                    // 1013 (try again later) makes it reconnect and ask again.
+                    ctx.close(Some(ws::CloseReason {
+                        code: ws::CloseCode::Again,
+                        description: Some("store unavailable: reconnect and try again".into()),
+                    }));
+                    ctx.stop();
+                    return;
+                }
                 self.bad_frames += 1;
                 if self.bad_frames >= MAX_BAD_FRAMES {
                     ctx.close(Some(ws::CloseReason {
