@@ -71,12 +71,19 @@ pub struct WsSession {
     /// Set when the session has stopped: a lease still in flight then gives its messages back
     /// (see [`WsSession::drain`]).
     closed: Arc<std::sync::atomic::AtomicBool>,
-    /// Messages handed to this session ([`Signal::HandOff`]) and written, with their lease
-    /// deadline: released when the session ends (they are leased to the node's hand-off
-    /// owner, not to this session). Those acknowledged meanwhile release nothing.
-    handed: std::collections::VecDeque<(i64, i64)>,
-    /// Messages handed to this session in live mode, waiting for the live window: they go
-    /// out as it opens, before anything is leased.
+    /// What was handed to this session ([`Signal::HandOff`]); boxed, and only once something
+    /// is: an idle session holds one pointer for it.
+    handed: Option<Box<HandedHere>>,
+}
+
+/// Messages handed to a session, leased to the node's hand-off owner, not to the session.
+#[derive(Default)]
+struct HandedHere {
+    /// Written, with their lease deadline: released when the session ends (those acknowledged
+    /// meanwhile release nothing).
+    written: std::collections::VecDeque<(i64, i64)>,
+    /// Handed in live mode, waiting for the live window: they go out as it opens, before
+    /// anything is leased.
     held_back: Vec<QueuedMessage>,
 }
 
@@ -100,8 +107,7 @@ impl WsSession {
             window_timer: false,
             _slot: slot,
             closed: Arc::default(),
-            handed: std::collections::VecDeque::new(),
-            held_back: Vec::new(),
+            handed: None,
         }
     }
 
@@ -340,12 +346,13 @@ impl WsSession {
     /// Writes the handed messages waiting for the live window, a batch at a time while it is
     /// open (a full batch holds nothing back), even while a lease runs.
     fn send_held(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        while !self.held_back.is_empty() {
+        let batch = self.shared.mediator.batch_size.max(1);
+        while self.handed.as_ref().is_some_and(|h| !h.held_back.is_empty()) {
             if self.mode == Mode::Live && !self.window_open(ctx) {
                 return;
             }
-            let n = self.held_back.len().min(self.shared.mediator.batch_size.max(1));
-            let msgs: Vec<QueuedMessage> = self.held_back.drain(..n).collect();
+            let held = &mut self.handed.as_mut().expect("checked above").held_back;
+            let msgs: Vec<QueuedMessage> = held.drain(..held.len().min(batch)).collect();
             self.push(msgs, true, ctx);
         }
     }
@@ -425,11 +432,12 @@ impl WsSession {
             // Given back when the session ends, written or not (a lease of the session's own
             // goes back with its owner).
             let now = now_ms();
-            while self.handed.front().is_some_and(|(_, until)| *until <= now) {
-                self.handed.pop_front();
+            let written = &mut self.handed.get_or_insert_with(Box::default).written;
+            while written.front().is_some_and(|(_, until)| *until <= now) {
+                written.pop_front();
             }
             let until = now + shared.mediator.lease_ms;
-            self.handed.extend(msgs.iter().map(|q| (q.id, until)));
+            written.extend(msgs.iter().map(|q| (q.id, until)));
         }
         match mode {
             Mode::Live => {
@@ -627,7 +635,7 @@ impl WsSession {
         }
         if self.mode == Mode::Live {
             // Through the window, as a lease's messages go.
-            self.held_back.extend(msgs);
+            self.handed.get_or_insert_with(Box::default).held_back.extend(msgs);
             self.send_held(ctx);
             return;
         }
@@ -637,8 +645,11 @@ impl WsSession {
     /// The ids of handed messages this session wrote or holds back (leased to the node's
     /// hand-off owner), forgotten here: the session gives them back as it stops delivering.
     fn handed_ids(&mut self) -> Vec<i64> {
-        let mut ids: Vec<i64> = self.handed.drain(..).map(|(id, _)| id).collect();
-        ids.extend(self.held_back.drain(..).map(|m| m.id));
+        let Some(h) = self.handed.take() else {
+            return Vec::new();
+        };
+        let mut ids: Vec<i64> = h.written.into_iter().map(|(id, _)| id).collect();
+        ids.extend(h.held_back.into_iter().map(|m| m.id));
         ids
     }
 
