@@ -171,22 +171,48 @@ async fn outage_under_stream(
     (want, ws)
 }
 
+/// A node on a fresh PostgreSQL database it reaches through a proxy the test cuts, and one
+/// onboarded wallet.
+/// Fields drop in this order: the node before its proxy, the database last.
+struct PgNode {
+    n: RunningNode,
+    a: Agent,
+    k: mailroom::didcomm::keys::KeyPair,
+    _dir: tempfile::TempDir,
+    proxy: Proxy,
+    _db: FreshDb,
+}
+
+impl PgNode {
+    async fn start() -> PgNode {
+        let db = FreshDb::create().await;
+        // On the background runtime: node::spawn blocks this thread while the node opens its store.
+        let proxy = common::cluster::background_runtime()
+            .spawn(Proxy::start("127.0.0.1:5432".parse().unwrap()))
+            .await
+            .unwrap();
+        let url = format!("postgres://postgres@{}/{}", proxy.addr, db.name);
+        let (dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+            c.store.backend = "postgres".into();
+            c.store.url = Some(url);
+            c.store.pool_size = 4;
+        })
+        .await;
+        PgNode {
+            _db: db,
+            proxy,
+            _dir: dir,
+            n,
+            a,
+            k,
+        }
+    }
+}
+
 #[actix_rt::test]
 async fn postgres_outage_refuses_with_503_and_recovers_without_restart() {
-    let db = FreshDb::create().await;
-    // On the background runtime: node::spawn blocks this thread while the node opens its store.
-    let proxy = common::cluster::background_runtime()
-        .spawn(Proxy::start("127.0.0.1:5432".parse().unwrap()))
-        .await
-        .unwrap();
-    let url = format!("postgres://postgres@{}/{}", proxy.addr, db.name);
-    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
-        c.store.backend = "postgres".into();
-        c.store.url = Some(url);
-        c.store.pool_size = 4;
-    })
-    .await;
-    let (_, ws) = outage_under_stream(&n, &a, &k, || proxy.cut(), || proxy.restore(), true).await;
+    let p = PgNode::start().await;
+    let (_, ws) = outage_under_stream(&p.n, &p.a, &p.k, || p.proxy.cut(), || p.proxy.restore(), true).await;
     ws.close().await;
 }
 
@@ -198,28 +224,17 @@ async fn postgres_outage_refuses_with_503_and_recovers_without_restart() {
 /// once the store is back.
 #[actix_rt::test]
 async fn a_socket_whose_binding_is_refused_by_an_outage_is_closed_to_try_again() {
-    let db = FreshDb::create().await;
-    let proxy = common::cluster::background_runtime()
-        .spawn(Proxy::start("127.0.0.1:5432".parse().unwrap()))
-        .await
-        .unwrap();
-    let url = format!("postgres://postgres@{}/{}", proxy.addr, db.name);
-    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
-        c.store.backend = "postgres".into();
-        c.store.url = Some(url);
-        c.store.pool_size = 4;
-    })
-    .await;
-    let inv = invitation(&n).await;
+    let p = PgNode::start().await;
+    let inv = invitation(&p.n).await;
     let (b, _) = Agent::onboard(&inv).await.expect("onboarding");
-    let mut bound = live_socket(&a, &n).await;
+    let mut bound = live_socket(&p.a, &p.n).await;
 
-    proxy.cut();
+    p.proxy.cut();
     eventually("the node to see the outage", || async {
-        (ready_status(&n).await == 503).then_some(())
+        (ready_status(&p.n).await == 503).then_some(())
     })
     .await;
-    let mut fresh = b.websocket(&ws_url(&n)).await.unwrap();
+    let mut fresh = b.websocket(&ws_url(&p.n)).await.unwrap();
     let live = pickup("live-delivery-change", json!({"live_delivery": true}));
     fresh.send_envelope(b.pack(&live).unwrap(), true).await.unwrap();
     let closed = loop {
@@ -234,25 +249,25 @@ async fn a_socket_whose_binding_is_refused_by_an_outage_is_closed_to_try_again()
     let closed = closed.expect("a close reason");
     assert_eq!(u16::from(closed.code), 1013, "{closed:?}");
 
-    proxy.restore();
+    p.proxy.restore();
     eventually("the node to see the store back", || async {
-        (ready_status(&n).await == 200).then_some(())
+        (ready_status(&p.n).await == 200).then_some(())
     })
     .await;
-    let routing = a.grant.clone().unwrap().routing_keys;
+    let routing = p.a.grant.clone().unwrap().routing_keys;
     let st = Sender::new()
         .forward(
-            &n.public_url(),
+            &p.n.public_url(),
             &basic_message("after the outage"),
-            &k.verkey(),
+            &p.k.verkey(),
             &routing,
         )
         .await
         .unwrap();
     assert_eq!(st, 202);
-    let d = ws_next_message(&a, &mut bound).await;
+    let d = ws_next_message(&p.a, &mut bound).await;
     assert_eq!(type_name(&d), "delivery", "{d}");
-    assert_eq!(contents(&a, &d), vec!["after the outage".to_string()]);
+    assert_eq!(contents(&p.a, &d), vec!["after the outage".to_string()]);
     bound.close().await;
 }
 
