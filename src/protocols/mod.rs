@@ -119,12 +119,13 @@ pub fn handoff_owner(node: &str) -> String {
     format!("{node}/handoff")
 }
 
-/// A queued message handed to the node holding its wallet's live session, already leased to
-/// [`handoff_owner`] of that node.
+/// The messages one forward queued for a connection, leased to [`handoff_owner`] of `node`,
+/// the node holding the wallet's live session: handed to it.
 #[derive(Clone, Debug)]
 pub struct Handed {
     pub node: String,
-    pub msg: crate::store::QueuedMessage,
+    pub conn: crate::store::ConnId,
+    pub msgs: Vec<crate::store::QueuedMessage>,
 }
 
 impl Mediator {
@@ -345,9 +346,9 @@ pub struct Outcome {
     pub leased: Vec<MessageId>,
     /// A forward was queued for this connection: wake whoever owns its session.
     pub queued_for: Vec<crate::store::ConnId>,
-    /// Forwards queued leased to the node of their wallet's live session: hand them to it
-    /// (their connection is not in `queued_for`).
-    pub handed: Vec<Handed>,
+    /// A forward queued leased to the node of its wallet's live session: hand it over (its
+    /// connection is not in `queued_for`).
+    pub handed: Option<Handed>,
     /// A forward was answered: the HTTP status to give (202, or a refusal).
     pub forward: Option<ForwardResult>,
     /// pickup 2.0 live-delivery-change.
@@ -367,7 +368,7 @@ impl Default for Outcome {
             connection: None,
             leased: Vec::new(),
             queued_for: Vec::new(),
-            handed: Vec::new(),
+            handed: None,
             forward: None,
             live_mode: None,
             acked: 0,

@@ -84,17 +84,20 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     };
     match handoff {
         _ if enq.duplicate => {}
-        Some((node, _)) => out.handed.push(Handed {
-            node,
-            msg: QueuedMessage {
-                id: enq.id,
-                connection: conn,
-                recipient_key: to,
-                payload,
-                received_at_ms,
-                attempts: 1,
-            },
-        }),
+        Some((node, _)) => {
+            out.handed = Some(Handed {
+                node,
+                msgs: vec![QueuedMessage {
+                    id: enq.id,
+                    connection: conn.clone(),
+                    recipient_key: to,
+                    payload,
+                    received_at_ms,
+                    attempts: 1,
+                }],
+                conn,
+            })
+        }
         None => out.queued_for.push(conn),
     }
     Ok(out)

@@ -34,7 +34,7 @@ pub struct Close {
 /// What the registry tells a session, through one recipient per session (every recipient
 /// made from an actor's address allocates its own sender state: a session used to register
 /// three).
-#[derive(Message, Clone)]
+#[derive(Message)]
 #[rtype(result = "()")]
 pub enum Signal {
     /// [`Wake`].
@@ -47,7 +47,7 @@ pub enum Signal {
     Superseded,
     /// Messages queued leased to this node's hand-off owner
     /// ([`crate::protocols::handoff_owner`]): write them out, or release them.
-    HandOff(Arc<Vec<QueuedMessage>>),
+    HandOff(Vec<QueuedMessage>),
 }
 
 /// The connections this node holds sessions of, readable without a message to the registry

@@ -134,12 +134,14 @@ async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpRespo
     // Wake whoever holds the wallet's session; new messages may also wake the wallet by push
     // (no session anywhere). An acknowledgement wakes nobody: leases are per message with no
     // cap per connection, so removing delivered messages makes nothing else deliverable.
-    if !out.queued_for.is_empty() || !out.handed.is_empty() {
+    if !out.queued_for.is_empty() || out.handed.is_some() {
         let s = shared.clone();
         let queued = std::mem::take(&mut out.queued_for);
-        let handed = std::mem::take(&mut out.handed);
+        let handed = out.handed.take();
         actix_rt::spawn(async move {
-            s.hand_off(handed).await;
+            if let Some(h) = handed {
+                s.hand_off(h).await;
+            }
             for c in queued {
                 s.queued_new(&c).await;
             }

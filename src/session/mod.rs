@@ -123,34 +123,25 @@ impl Shared {
     /// Forwards queued leased to the node of their wallet's live session
     /// ([`crate::protocols::Outcome::handed`]) go to it: to the session here, or in a `Deliver`
     /// frame to the peer. What no session takes is released and woken as any new message.
-    pub async fn hand_off(self: &Arc<Self>, handed: Vec<Handed>) {
-        let mut groups: Vec<(String, String, Vec<QueuedMessage>)> = Vec::new();
-        for h in handed {
-            match groups.iter_mut().find(|g| g.0 == h.node && g.1 == h.msg.connection) {
-                Some(g) => g.2.push(h.msg),
-                None => groups.push((h.node, h.msg.connection.clone(), vec![h.msg])),
-            }
+    pub async fn hand_off(self: &Arc<Self>, h: Handed) {
+        let Handed { node, conn, msgs } = h;
+        if node == self.mediator.node_id {
+            return self.hand_local(&conn, msgs).await;
         }
-        for (node, conn, msgs) in groups {
-            if node == self.mediator.node_id {
-                self.hand_local(&conn, msgs).await;
-                continue;
-            }
-            let ids: Vec<i64> = msgs.iter().map(|m| m.id).collect();
-            let frame = msgs
-                .into_iter()
-                .map(|m| crate::cluster::proto::HandedMsg {
-                    id: m.id,
-                    recipient_key: m.recipient_key,
-                    payload: m.payload,
-                    received_at_ms: m.received_at_ms,
-                })
-                .collect();
-            if self.cluster.as_ref().is_some_and(|c| c.hand_off(&node, &conn, frame)) {
-                self.metrics.handed("peer", ids.len() as u64);
-            } else {
-                self.hand_back(&node, &conn, &ids).await;
-            }
+        let ids: Vec<i64> = msgs.iter().map(|m| m.id).collect();
+        let frame = msgs
+            .into_iter()
+            .map(|m| crate::cluster::proto::HandedMsg {
+                id: m.id,
+                recipient_key: m.recipient_key,
+                payload: m.payload,
+                received_at_ms: m.received_at_ms,
+            })
+            .collect();
+        if self.cluster.as_ref().is_some_and(|c| c.hand_off(&node, &conn, frame)) {
+            self.metrics.handed("peer", ids.len() as u64);
+        } else {
+            self.hand_back(&node, &conn, &ids).await;
         }
     }
 
@@ -168,7 +159,7 @@ impl Shared {
             .ok()
             .flatten();
         let taken = match session {
-            Some(s) => s.send(Signal::HandOff(Arc::new(msgs))).await.is_ok(),
+            Some(s) => s.send(Signal::HandOff(msgs)).await.is_ok(),
             None => false,
         };
         if taken {

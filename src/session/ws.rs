@@ -203,7 +203,7 @@ impl WsSession {
         let shared = self.shared.clone();
         if out.forward.is_some() {
             shared.metrics.forwards_received.inc();
-            let queued = out.queued_for.len() + usize::from(!out.handed.is_empty());
+            let queued = out.queued_for.len() + usize::from(out.handed.is_some());
             shared.metrics.forwards_queued.inc_by(queued as u64);
         }
         if out.acked > 0 {
@@ -236,10 +236,9 @@ impl WsSession {
             let c = c.clone();
             actix_rt::spawn(async move { s.queued_new(&c).await });
         }
-        if !out.handed.is_empty() {
+        if let Some(h) = out.handed {
             let s = shared.clone();
-            let handed = out.handed;
-            actix_rt::spawn(async move { s.hand_off(handed).await });
+            actix_rt::spawn(async move { s.hand_off(h).await });
         }
         // Acknowledged on the socket that delivers: its window moves on. An acknowledgement
         // elsewhere wakes nobody (it makes nothing deliverable; see `session::http`).
@@ -618,8 +617,7 @@ impl WsSession {
     /// Messages handed to this session, leased to the node's hand-off owner: written now,
     /// held back while the live window is closed, or given back when this session does not
     /// deliver (unbound, superseded, or queue-only).
-    fn take_handed(&mut self, msgs: Arc<Vec<QueuedMessage>>, ctx: &mut ws::WebsocketContext<Self>) {
-        let msgs = Arc::try_unwrap(msgs).unwrap_or_else(|a| (*a).clone());
+    fn take_handed(&mut self, msgs: Vec<QueuedMessage>, ctx: &mut ws::WebsocketContext<Self>) {
         let ours = self
             .conn
             .as_ref()

@@ -145,26 +145,32 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     let (conn, recipient, results, handoff) = queued;
     let mut out = Outcome::default();
     let mut all_dup = true;
+    let mut handed = Vec::new();
     for (r, payload) in results.into_iter().zip(payloads) {
         let e = r?;
         all_dup &= e.duplicate;
-        if let (Some((node, _)), false) = (&handoff, e.duplicate) {
-            out.handed.push(Handed {
-                node: node.clone(),
-                msg: QueuedMessage {
-                    id: e.id,
-                    connection: conn.clone(),
-                    recipient_key: recipient.clone(),
-                    payload,
-                    received_at_ms: now,
-                    attempts: 1,
-                },
+        if handoff.is_some() && !e.duplicate {
+            handed.push(QueuedMessage {
+                id: e.id,
+                connection: conn.clone(),
+                recipient_key: recipient.clone(),
+                payload,
+                received_at_ms: now,
+                attempts: 1,
             });
         }
     }
     out.forward = Some(ForwardResult::Queued { duplicate: all_dup });
-    if !all_dup && handoff.is_none() {
-        out.queued_for.push(conn);
+    match handoff {
+        _ if all_dup => {}
+        Some((node, _)) => {
+            out.handed = Some(Handed {
+                node,
+                conn,
+                msgs: handed,
+            })
+        }
+        None => out.queued_for.push(conn),
     }
     Ok(out)
 }
