@@ -8,6 +8,7 @@
 #   LOADGEN_ONLY=sled,live scripts/bench.sh # some sections: crypto,sled,pg,cluster,samenode,sweep,live,sessions
 #   LOADGEN_MD=bench.md scripts/bench.sh    # also write the table as Markdown
 #   LOADGEN_DIDCOMM=v2 scripts/bench.sh     # the same sections with DIDComm v2 wallets and forwards
+#   LOADGEN_ONLY=soak scripts/bench.sh      # memory under steady load (~6 min; not in the default run)
 # Other knobs (LOADGEN_SECS, LOADGEN_SENDERS, LOADGEN_ENVELOPES, ...) are listed at the top of
 # benches/loadgen/main.rs.
 set -euo pipefail

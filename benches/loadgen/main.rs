@@ -16,6 +16,8 @@
 //! - `peer-backlog`, `peer-fanout`: (only when named) delivery against that mediator: one
 //!   wallet draining LOADGEN_BACKLOG (10,000) queued messages, and live delivery to
 //!   LOADGEN_FANOUT_WALLETS (100) wallets (peer_delivery.rs).
+//! - `soak`: (only when named) RSS of a sled child under a steady live load past the dedup
+//!   window: growth in bytes per forward (soak.rs; LOADGEN_SOAK_RATE, _SECS, _DEDUP_SECS).
 //!
 //! DIDComm version (LOADGEN_DIDCOMM=v1|v2, default v1): `sled`, `pg`, `cluster`, `samenode`,
 //! `sweep` and `live` run with v1 wallets (didexchange, mediation 1.0, pickup 2.0) and v1
@@ -42,6 +44,7 @@ mod peer_delivery;
 mod peers;
 mod report;
 mod sessions;
+mod soak;
 
 use crate::cross_node::{cluster_latency, same_node_latency, sweep_latency};
 use crate::ingest::{crypto_floor, single_node_forwards};
@@ -50,6 +53,7 @@ use crate::peer_delivery::{peer_backlog, peer_fanout};
 use crate::peers::peer_forwards;
 use crate::report::{machine, Table};
 use crate::sessions::sessions_memory;
+use crate::soak::soak_memory;
 use std::time::Instant;
 
 // ---------------------------------------------------------------------------------------------
@@ -237,6 +241,12 @@ pub(crate) fn main() {
             eprintln!("[peer-fanout] live fan-out, any mediator");
             if let Err(e) = peer_fanout(&mut t, &o).await {
                 t.failed("peer-fanout", &e);
+            }
+        }
+        if o.only.as_ref().is_some_and(|v| v.iter().any(|s| s == "soak")) {
+            eprintln!("[soak] memory under steady load");
+            if let Err(e) = soak_memory(&mut t, &o).await {
+                t.failed("soak", &e);
             }
         }
         if o.wants("sessions") && o.didcomm == Didcomm::V1 {

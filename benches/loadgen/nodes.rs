@@ -76,6 +76,11 @@ impl ChildNode {
     /// Starts `mailroom run` with one node: sled in a temporary directory, or PostgreSQL at
     /// `pg_url`. Defaults otherwise (strategy QueueAndLiveModeDelivery, sweep 2000 ms).
     pub(crate) async fn start(pg_url: Option<&str>) -> Result<ChildNode> {
+        Self::start_with(pg_url, "").await
+    }
+
+    /// [`ChildNode::start`] with `extra` appended to the config (whole TOML sections).
+    pub(crate) async fn start_with(pg_url: Option<&str>, extra: &str) -> Result<ChildNode> {
         let dir = tempfile::tempdir()?;
         let (public, admin) = (free_addr()?, free_addr()?);
         let store = match pg_url {
@@ -86,7 +91,7 @@ impl ChildNode {
             ),
         };
         let toml = format!(
-            "{store}\n[log]\nlevel = \"warn\"\n\n[[node]]\nid = \"n1\"\nlisten = \"{public}\"\nadmin = \"{admin}\"\n"
+            "{store}\n{extra}\n[log]\nlevel = \"warn\"\n\n[[node]]\nid = \"n1\"\nlisten = \"{public}\"\nadmin = \"{admin}\"\n"
         );
         let cfg = dir.path().join("mailroom.toml");
         std::fs::write(&cfg, toml)?;
