@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use mailroom::cluster::handshake::{self, Local, Role};
-use mailroom::cluster::proto::{Claim, Frame};
+use mailroom::cluster::proto::{Claim, Frame, HandedMsg};
 
 const MAX_FRAME: usize = 256 * 1024;
 
@@ -48,7 +48,7 @@ impl Input<'_> {
         v
     }
     fn frame(&mut self) -> Frame {
-        match self.byte().unwrap_or(0) % 9 {
+        match self.byte().unwrap_or(0) % 10 {
             0 => Frame::Ping { t: self.u64() },
             1 => Frame::Pong { t: self.u64() },
             2 => Frame::Own {
@@ -81,6 +81,20 @@ impl Input<'_> {
                 conn: self.text(),
                 keys: vec![self.text(), self.text()],
             },
+            // Messages handed to the session's node with their notification (protocol 3).
+            8 => {
+                let n = self.byte().unwrap_or(0) % 4;
+                let conn = self.text();
+                let msgs = (0..n)
+                    .map(|_| HandedMsg {
+                        id: self.u64() as i64,
+                        recipient_key: self.text(),
+                        payload: self.bytes(),
+                        received_at_ms: self.u64() as i64,
+                    })
+                    .collect();
+                Frame::Deliver { conn, msgs }
+            }
             _ => Frame::Leave,
         }
     }
