@@ -163,6 +163,14 @@ impl Target {
             admin: n.admin_url(),
         }
     }
+    /// The one node of a [`ChildNode`] (its id is always `n1`).
+    pub(crate) fn child(n: &ChildNode) -> Target {
+        Target {
+            node_id: "n1".into(),
+            public_addr: n.public,
+            admin: n.admin_url(),
+        }
+    }
     pub(crate) fn public_url(&self) -> String {
         format!("http://{}", self.public_addr)
     }
@@ -495,11 +503,7 @@ pub(crate) async fn same_node_latency(t: &mut Table, o: &Opts) -> Result<()> {
     for backend in ["PostgreSQL", "sled"] {
         let (r, what) = if backend == "sled" {
             let node = ChildNode::start(None).await?;
-            let tg = Target {
-                node_id: "n1".into(),
-                public_addr: node.public,
-                admin: node.admin_url(),
-            };
+            let tg = Target::child(&node);
             (
                 live_latency(o, &tg, &tg, o.rate, o.secs, false).await?,
                 "a mailroom child process",

@@ -34,11 +34,7 @@ pub(crate) async fn soak_memory(t: &mut Table, o: &Opts) -> Result<()> {
         bail!("LOADGEN_SOAK_SECS ({secs}) must exceed the dedup window ({window} s) by more than 20 s");
     }
     let node = ChildNode::start_with(None, &format!("[limits]\ndedup_window_secs = {window}\n")).await?;
-    let tg = Target {
-        node_id: "n1".into(),
-        public_addr: node.public,
-        admin: node.admin_url(),
-    };
+    let tg = Target::child(&node);
     let (pid, admin) = (node.pid(), node.admin_url());
     let samples: Rc<RefCell<Vec<Sample>>> = Rc::default();
     let done = Rc::new(Cell::new(false));

@@ -1098,17 +1098,44 @@ const LINGER_MAX: std::time::Duration = std::time::Duration::from_millis(1);
 /// The writer waits in steps of this and stops at the first step that brings no request.
 const LINGER_STEP: std::time::Duration = std::time::Duration::from_micros(250);
 
-/// Takes the requests already waiting, up to the batch limits.
-fn drain(rx: &mut mpsc::Receiver<EnqueueReq>, batch: &mut Vec<EnqueueReq>, n: &mut usize, bytes: &mut usize) {
-    while *n < MAX_BATCH_MESSAGES && *bytes < MAX_BATCH_BYTES {
-        match rx.try_recv() {
-            Ok(r) => {
-                *n += r.msgs.len();
-                *bytes += r.msgs.iter().map(|m| m.payload.len()).sum::<usize>();
-                batch.push(r);
+/// The requests one flush will carry, and their size against the batch limits.
+struct Gathered {
+    reqs: Vec<EnqueueReq>,
+    msgs: usize,
+    bytes: usize,
+}
+
+impl Gathered {
+    fn new(first: EnqueueReq) -> Gathered {
+        let mut g = Gathered {
+            reqs: Vec::new(),
+            msgs: 0,
+            bytes: 0,
+        };
+        g.push(first);
+        g
+    }
+
+    fn push(&mut self, r: EnqueueReq) {
+        self.msgs += r.msgs.len();
+        self.bytes += r.msgs.iter().map(|m| m.payload.len()).sum::<usize>();
+        self.reqs.push(r);
+    }
+
+    fn full(&self) -> bool {
+        self.msgs >= MAX_BATCH_MESSAGES || self.bytes >= MAX_BATCH_BYTES
+    }
+
+    /// Takes the requests already waiting, up to the batch limits; whether it took any.
+    fn drain(&mut self, rx: &mut mpsc::Receiver<EnqueueReq>) -> bool {
+        let had = self.reqs.len();
+        while !self.full() {
+            match rx.try_recv() {
+                Ok(r) => self.push(r),
+                Err(_) => break,
             }
-            Err(_) => break,
         }
+        self.reqs.len() > had
     }
 }
 
@@ -1118,21 +1145,18 @@ fn writer_loop(slot: Arc<Slot>, mut rx: mpsc::Receiver<EnqueueReq>) {
     // for this very flush before sending again, never makes the writer wait.
     let mut busy = false;
     while let Some(first) = rx.blocking_recv() {
-        let mut n = first.msgs.len();
-        let mut bytes: usize = first.msgs.iter().map(|m| m.payload.len()).sum();
-        let mut batch = vec![first];
-        drain(&mut rx, &mut batch, &mut n, &mut bytes);
+        let mut g = Gathered::new(first);
+        g.drain(&mut rx);
         if busy {
             let until = std::time::Instant::now() + LINGER_MAX;
-            while n < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES && std::time::Instant::now() < until {
-                let had = batch.len();
+            while !g.full() && std::time::Instant::now() < until {
                 std::thread::sleep(LINGER_STEP);
-                drain(&mut rx, &mut batch, &mut n, &mut bytes);
-                if batch.len() == had {
+                if !g.drain(&mut rx) {
                     break;
                 }
             }
         }
+        let batch = g.reqs;
         // The handle of this batch only: the supervisor may replace it between batches.
         let inner = match slot.get() {
             Ok(inner) => inner,
