@@ -14,15 +14,15 @@
 //! - The AEAD's associated data is the `protected` field exactly as sent (its ASCII bytes).
 
 use askar_crypto::alg::chacha20::{Chacha20Key, C20P, XC20P};
-use askar_crypto::buffer::SecretBytes;
-use askar_crypto::encrypt::crypto_box::{crypto_box_seal, crypto_box_seal_open};
 use askar_crypto::encrypt::KeyAeadInPlace;
 use askar_crypto::repr::KeySecretBytes;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
+use zeroize::Zeroizing;
 
 use super::b64;
 use super::keys::{self, KeyPair};
+use super::nacl;
 
 mod box_keys;
 pub use box_keys::BoxKeys;
@@ -254,7 +254,8 @@ pub fn unpack_cached(
     }
     let encrypted_key = b64::decode(&recipient.encrypted_key)
         .ok_or_else(|| EnvelopeError::Malformed("encrypted_key is not base64".into()))?;
-    let recip_x = key.x25519();
+    let seal_open =
+        |sealed: &[u8]| nacl::seal_open(key.x25519_secret(), key.x25519_public(), sealed).ok_or(EnvelopeError::Decrypt);
     let (cek, sender_verkey) = match alg {
         Alg::Authcrypt => {
             let (Some(sender), Some(iv)) = (&recipient.header.sender, &recipient.header.iv) else {
@@ -273,8 +274,8 @@ pub fn unpack_cached(
             let sender_pk = match remembered {
                 Some(pk) => pk,
                 None => {
-                    let sender_vk_bytes = crypto_box_seal_open(recip_x, &sender).map_err(|_| EnvelopeError::Decrypt)?;
-                    let sender_vk = std::str::from_utf8(sender_vk_bytes.as_ref())
+                    let sender_vk_bytes = seal_open(&sender)?;
+                    let sender_vk = std::str::from_utf8(&sender_vk_bytes)
                         .map_err(|_| EnvelopeError::Malformed("sender is not a verkey".into()))?;
                     keys::parse_verkey(sender_vk)
                         .map_err(|_| EnvelopeError::Malformed("sender is not an ed25519 verkey".into()))?
@@ -282,7 +283,7 @@ pub fn unpack_cached(
             };
             let (pair, fresh) = box_keys::lookup(cache, &key, &sender_pk)
                 .map_err(|_| EnvelopeError::Malformed("sender is not an ed25519 verkey".into()))?;
-            let cek = SecretBytes::from(pair.open(&encrypted_key, &nonce).ok_or(EnvelopeError::Decrypt)?);
+            let cek = Zeroizing::new(pair.open(&encrypted_key, &nonce).ok_or(EnvelopeError::Decrypt)?);
             if let Some(c) = cache {
                 if fresh {
                     c.insert(&key, &sender_pk, pair);
@@ -293,10 +294,7 @@ pub fn unpack_cached(
             }
             (cek, Some(keys::verkey_to_base58(&sender_pk)))
         }
-        Alg::Anoncrypt => {
-            let cek = crypto_box_seal_open(recip_x, &encrypted_key).map_err(|_| EnvelopeError::Decrypt)?;
-            (cek, None)
-        }
+        Alg::Anoncrypt => (seal_open(&encrypted_key)?, None),
     };
 
     let aad = outer.protected.as_bytes();
@@ -374,7 +372,7 @@ pub fn pack_cached(
         let rec = match sender {
             Some(sender) => {
                 let (pair, fresh) = box_keys::lookup(cache, sender, &pk).map_err(invalid)?;
-                let enc_sender = pair.sealed_sender(sender).map_err(crypto)?.to_owned();
+                let enc_sender = pair.sealed_sender(sender).map_err(invalid)?.to_owned();
                 let mut nonce = [0u8; CBOX_NONCE_LEN];
                 rand::Rng::fill(&mut rand::rngs::OsRng, &mut nonce[..]);
                 let enc_cek = pair.seal(&cek, &nonce);
@@ -392,9 +390,11 @@ pub fn pack_cached(
             }
             None => RecipientOut {
                 encrypted_key: b64::encode(
-                    crypto_box_seal(&keys::ed_to_x25519_public(&pk).map_err(invalid)?, &cek)
-                        .map_err(crypto)?
-                        .as_ref(),
+                    &nacl::seal(
+                        &keys::x25519_public_bytes(&keys::ed_to_x25519_public(&pk).map_err(invalid)?),
+                        &cek,
+                    )
+                    .ok_or_else(|| EnvelopeError::Crypto("X25519 with a key of small order".into()))?,
                 ),
                 header: RecipientHeaderOut {
                     kid,

@@ -4,7 +4,9 @@
 
 use askar_crypto::alg::ed25519::Ed25519KeyPair;
 use askar_crypto::alg::x25519::X25519KeyPair;
-use askar_crypto::repr::{KeyPublicBytes, KeySecretBytes};
+use askar_crypto::repr::{KeyPublicBytes, KeySecretBytes, ToSecretBytes};
+
+use super::nacl;
 
 /// Multicodec prefix of an Ed25519 public key (varint 0xed).
 pub(crate) const ED25519_CODEC: [u8; 2] = [0xed, 0x01];
@@ -27,15 +29,18 @@ pub enum KeyError {
     NotOnCurve,
     #[error("key string too long")]
     TooLong,
+    #[error("a key of small order (X25519 with it gives all zeros)")]
+    SmallOrder,
 }
 
 /// An Ed25519 key pair with its X25519 conversion and its base58 verkey (every unpack with a
 /// key compares and returns the verkey: encoding it each time was two base58 encodings per
-/// forward).
+/// forward). The X25519 secret is also kept parsed for [`nacl`]'s multiplication.
 #[derive(Clone)]
 pub struct KeyPair {
     ed: Ed25519KeyPair,
-    x: X25519KeyPair,
+    x_secret: nacl::Secret,
+    x_public: [u8; 32],
     public: [u8; 32],
     verkey: std::sync::Arc<str>,
 }
@@ -57,8 +62,21 @@ impl KeyPair {
         let ed = Ed25519KeyPair::from_secret_bytes(b).map_err(|_| KeyError::BadLength(b.len()))?;
         let public = ed.with_public_bytes(to_array32).unwrap_or([0; 32]);
         let x = ed.to_x25519_keypair();
+        let x_secret = x
+            .to_secret_bytes()
+            .ok()
+            .and_then(|s| to_array32(s.as_ref()))
+            .and_then(|s| nacl::Secret::from_bytes(&s))
+            .ok_or_else(|| KeyError::Unsupported("an X25519 secret AWS-LC does not take".into()))?;
+        let x_public = x25519_public_bytes(&x);
         let verkey = verkey_to_base58(&public).into();
-        Ok(Self { ed, x, public, verkey })
+        Ok(Self {
+            ed,
+            x_secret,
+            x_public,
+            public,
+            verkey,
+        })
     }
 
     pub fn secret_bytes(&self) -> [u8; 32] {
@@ -87,8 +105,20 @@ impl KeyPair {
         self.ed.sign(msg).unwrap_or([0; 64])
     }
 
-    pub(crate) fn x25519(&self) -> &X25519KeyPair {
-        &self.x
+    /// askar's form of the X25519 key pair: the reference [`nacl`] is checked against (tests).
+    #[cfg(test)]
+    pub(crate) fn x25519(&self) -> X25519KeyPair {
+        self.ed.to_x25519_keypair()
+    }
+
+    /// The X25519 secret, parsed for [`nacl`].
+    pub(crate) fn x25519_secret(&self) -> &nacl::Secret {
+        &self.x_secret
+    }
+
+    /// The X25519 public key (the Ed25519 key's Montgomery form).
+    pub(crate) fn x25519_public(&self) -> &[u8; 32] {
+        &self.x_public
     }
 }
 

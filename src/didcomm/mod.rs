@@ -14,6 +14,7 @@ pub mod envelope;
 pub mod jws;
 pub mod keys;
 pub mod message;
+pub mod nacl;
 pub mod v2;
 
 #[cfg(test)]

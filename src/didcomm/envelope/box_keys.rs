@@ -29,12 +29,8 @@
 
 use super::super::b64;
 use super::super::keys::{self, KeyError, KeyPair};
-use askar_crypto::alg::x25519::X25519KeyPair;
-use askar_crypto::encrypt::crypto_box::crypto_box_seal;
-use askar_crypto::repr::ToSecretBytes;
-use crypto_box::aead::generic_array::GenericArray;
-use crypto_box::aead::AeadInPlace;
-use crypto_box::SalsaBox;
+use super::super::nacl;
+use crypto_secretbox::XSalsa20Poly1305;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -43,12 +39,10 @@ use std::sync::{Arc, OnceLock};
 /// each (3 MiB when full); when full the cache starts over.
 pub const DEFAULT_CAPACITY: usize = 16_384;
 
-const TAG_LEN: usize = 16;
-
 /// One of our keys and one peer key: the peer's X25519 key and the box's shared key.
 pub struct Pair {
-    pub(crate) their_x: X25519KeyPair,
-    shared: SalsaBox,
+    pub(crate) their_x: [u8; 32],
+    shared: XSalsa20Poly1305,
     /// Our verkey sealed to the peer, base64url: made by the first pack, then reused.
     sealed_sender: OnceLock<String>,
 }
@@ -56,60 +50,33 @@ pub struct Pair {
 impl Pair {
     /// The X25519 multiplication and HSalsa20 for `ours` and the peer's Ed25519 key `theirs`.
     pub fn derive(ours: &KeyPair, theirs: &[u8; 32]) -> Result<Pair, KeyError> {
-        let their_x = keys::ed_to_x25519_public(theirs)?;
-        let their_pk = crypto_box::PublicKey::from(keys::x25519_public_bytes(&their_x));
-        let secret = ours
-            .x25519()
-            .to_secret_bytes()
-            .map_err(|_| KeyError::Unsupported("a key pair without its X25519 secret".into()))?;
-        let bytes: [u8; 32] = secret
-            .as_ref()
-            .try_into()
-            .map_err(|_| KeyError::BadLength(secret.len()))?;
-        let sk = crypto_box::SecretKey::from(bytes);
+        let their_x = keys::x25519_public_bytes(&keys::ed_to_x25519_public(theirs)?);
+        let shared = ours.x25519_secret().agree(&their_x).ok_or(KeyError::SmallOrder)?;
         Ok(Pair {
             their_x,
-            shared: SalsaBox::new(&their_pk, &sk),
+            shared: nacl::box_key(&shared),
             sealed_sender: OnceLock::new(),
         })
     }
 
     /// The authcrypt `sender` header for envelopes from `ours` (the key this pair was derived
     /// for) to the peer: `crypto_box_seal` of our verkey, base64url, sealed once per pair.
-    pub(crate) fn sealed_sender(&self, ours: &KeyPair) -> Result<&str, askar_crypto::Error> {
+    pub(crate) fn sealed_sender(&self, ours: &KeyPair) -> Result<&str, KeyError> {
         if let Some(s) = self.sealed_sender.get() {
             return Ok(s);
         }
-        let sealed = crypto_box_seal(&self.their_x, ours.verkey().as_bytes())?;
-        Ok(self.sealed_sender.get_or_init(|| b64::encode(sealed.as_ref())))
+        let sealed = nacl::seal(&self.their_x, ours.verkey_str().as_bytes()).ok_or(KeyError::SmallOrder)?;
+        Ok(self.sealed_sender.get_or_init(|| b64::encode(&sealed)))
     }
 
     /// Boxes `msg` with a 24-byte `nonce`: tag, then ciphertext.
     pub fn seal(&self, msg: &[u8], nonce: &[u8; 24]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(TAG_LEN + msg.len());
-        out.extend_from_slice(&[0u8; TAG_LEN]);
-        out.extend_from_slice(msg);
-        // Infallible for XSalsa20-Poly1305 at these sizes (the AEAD refuses only > 2^38 bytes).
-        if let Ok(tag) =
-            self.shared
-                .encrypt_in_place_detached(GenericArray::from_slice(nonce), &[], &mut out[TAG_LEN..])
-        {
-            out[..TAG_LEN].copy_from_slice(&tag);
-        }
-        out
+        nacl::seal_detached(&self.shared, nonce, msg)
     }
 
     /// Opens a box made by [`Pair::seal`] (or `crypto_box_easy`); `None` if it does not verify.
     pub fn open(&self, boxed: &[u8], nonce: &[u8]) -> Option<Vec<u8>> {
-        if boxed.len() < TAG_LEN || nonce.len() != 24 {
-            return None;
-        }
-        let tag = GenericArray::clone_from_slice(&boxed[..TAG_LEN]);
-        let mut msg = boxed[TAG_LEN..].to_vec();
-        self.shared
-            .decrypt_in_place_detached(GenericArray::from_slice(nonce), &[], &mut msg, &tag)
-            .ok()?;
-        Some(msg)
+        nacl::open_detached(&self.shared, nonce.try_into().ok()?, boxed)
     }
 }
 

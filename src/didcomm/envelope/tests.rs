@@ -1,5 +1,7 @@
 use super::*;
 use crate::didcomm::keys::KeyPair;
+use askar_crypto::buffer::SecretBytes;
+use askar_crypto::encrypt::crypto_box::crypto_box_seal;
 use std::collections::HashMap;
 
 fn kp(n: u8) -> KeyPair {
@@ -510,12 +512,12 @@ fn box_keys_pair_boxes_as_askar_does() {
     let nonce = [7u8; 24];
     let pair = box_keys::Pair::derive(&ours, &theirs.public_bytes()).unwrap();
     let mut askar_boxed = SecretBytes::from_slice(b"a content key of 32 bytes here!!");
-    crypto_box(theirs.x25519(), ours.x25519(), &mut askar_boxed, &nonce).unwrap();
+    crypto_box(&theirs.x25519(), &ours.x25519(), &mut askar_boxed, &nonce).unwrap();
     let boxed = pair.seal(b"a content key of 32 bytes here!!", &nonce);
     assert_eq!(boxed, askar_boxed.as_ref());
     // Opened by askar from the other side, and ours opens askar's.
     let mut b = SecretBytes::from_slice(&boxed);
-    crypto_box_open(theirs.x25519(), ours.x25519(), &mut b, &nonce).unwrap();
+    crypto_box_open(&theirs.x25519(), &ours.x25519(), &mut b, &nonce).unwrap();
     assert_eq!(b.as_ref(), b"a content key of 32 bytes here!!");
     let back = box_keys::Pair::derive(&theirs, &ours.public_bytes()).unwrap();
     assert_eq!(back.open(&boxed, &nonce).unwrap(), b"a content key of 32 bytes here!!");
@@ -567,7 +569,7 @@ fn box_keys_cache_per_pair_and_forged_senders_still_fail() {
     // Eve boxes the content key with her own key and names another key as the sender: a's,
     // whose pair with m1 is cached, or c's, which is not. Neither opens, and no pair is kept.
     let forge = |claimed: &KeyPair| {
-        let sealed = crypto_box_seal(m1.x25519(), claimed.verkey().as_bytes()).unwrap();
+        let sealed = crypto_box_seal(&m1.x25519(), claimed.verkey().as_bytes()).unwrap();
         forged_by(&eve, &m1, &b64::encode(sealed.as_ref()))
     };
     for claimed in [&a, &kp(36)] {
