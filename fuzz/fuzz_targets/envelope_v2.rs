@@ -11,16 +11,17 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use mailroom::didcomm::v2::{self, did, keys, Key};
+use mailroom::didcomm::v2::keys::Agreement;
+use mailroom::didcomm::v2::{self, did, keys};
 
-fn keyring() -> &'static HashMap<String, Key> {
-    static K: OnceLock<HashMap<String, Key>> = OnceLock::new();
+fn keyring() -> &'static HashMap<String, Agreement> {
+    static K: OnceLock<HashMap<String, Agreement>> = OnceLock::new();
     K.get_or_init(|| {
         let v: serde_json::Value = serde_json::from_str(include_str!("../seeds/v2_keys.json")).expect("keys json");
         v.as_object()
             .expect("kid -> jwk")
             .iter()
-            .filter_map(|(kid, jwk)| keys::from_jwk(jwk).ok().map(|k| (kid.clone(), k)))
+            .filter_map(|(kid, jwk)| keys::from_jwk(jwk).ok().map(|k| (kid.clone(), Agreement::new(k))))
             .collect()
     })
 }

@@ -9,7 +9,7 @@ use super::{post_typed, WsClient, WsEvent};
 use crate::didcomm::message::new_id;
 use crate::didcomm::v2::did::{self, Purpose};
 use crate::didcomm::v2::jwe::{self, Alg, Dialect, Enc};
-use crate::didcomm::v2::keys::{self, Key};
+use crate::didcomm::v2::keys::{self, Agreement, Key};
 use crate::didcomm::v2::{self as dv2, TYP_ENCRYPTED};
 use anyhow::{anyhow, bail, Context};
 use askar_crypto::alg::KeyAlg;
@@ -64,13 +64,13 @@ impl V2Mediator {
 pub struct V2Agent {
     /// Our did:peer:2 (X25519 `#key-1`, Ed25519 `#key-2`, no service): what we talk as.
     pub did: String,
-    agreement: Key,
+    agreement: Agreement,
     /// Ed25519 `#key-2` of `did`: signs a `from_prior` when we rotate away from it.
     auth: Key,
     /// DIDs we rotated away from, with their agreement keys (mail queued for them still opens).
-    prior: Vec<(String, Key)>,
+    prior: Vec<(String, Agreement)>,
     /// The agreement key of `recipient_did`.
-    recipient_agreement: Option<Key>,
+    recipient_agreement: Option<Agreement>,
     /// Sent in every message once we rotated ([`V2Agent::rotate`]).
     pub from_prior: Option<String>,
     pub mediator: V2Mediator,
@@ -90,9 +90,9 @@ fn type_of(m: &Value) -> &str {
 
 impl V2Agent {
     pub fn new(mediator: V2Mediator) -> anyhow::Result<V2Agent> {
-        let agreement = keys::generate(KeyAlg::X25519)?;
+        let agreement = Agreement::new(keys::generate(KeyAlg::X25519)?);
         let auth = keys::generate(KeyAlg::Ed25519)?;
-        let did = did::create_peer2(std::slice::from_ref(&agreement), std::slice::from_ref(&auth), &[])?;
+        let did = did::create_peer2(std::slice::from_ref(agreement.key()), std::slice::from_ref(&auth), &[])?;
         Ok(V2Agent {
             did,
             agreement,
@@ -145,9 +145,9 @@ impl V2Agent {
     /// Rotates to a fresh did:peer:2 (new keys): from now on every message is sent from it
     /// with `from_prior` signed by the old DID. Returns the new DID.
     pub fn rotate(&mut self) -> anyhow::Result<String> {
-        let agreement = keys::generate(KeyAlg::X25519)?;
+        let agreement = Agreement::new(keys::generate(KeyAlg::X25519)?);
         let auth = keys::generate(KeyAlg::Ed25519)?;
-        let new = did::create_peer2(std::slice::from_ref(&agreement), std::slice::from_ref(&auth), &[])?;
+        let new = did::create_peer2(std::slice::from_ref(agreement.key()), std::slice::from_ref(&auth), &[])?;
         let jwt = self.sign_from_prior(&self.did, &new, &format!("{}#key-2", self.did))?;
         let old = std::mem::replace(&mut self.did, new.clone());
         let old_agreement = std::mem::replace(&mut self.agreement, agreement);
@@ -178,7 +178,7 @@ impl V2Agent {
 
     /// Opens an envelope addressed to us (our DID or our recipient DID: same key).
     pub fn unpack(&self, env: &[u8]) -> anyhow::Result<Value> {
-        let mine = |kid: &str| -> Option<Key> {
+        let mine = |kid: &str| -> Option<Agreement> {
             let d = did::did_of(kid);
             if d == self.did {
                 Some(self.agreement.clone())
@@ -234,7 +234,11 @@ impl V2Agent {
             _ => None,
         }
         .context("grant without routing_did")?;
-        let recipient = did::create_peer2(std::slice::from_ref(&self.agreement), &[], &[(routing.clone(), vec![])])?;
+        let recipient = did::create_peer2(
+            std::slice::from_ref(self.agreement.key()),
+            &[],
+            &[(routing.clone(), vec![])],
+        )?;
         self.routing_did = Some(routing.clone());
         self.recipient_did = Some(recipient);
         self.recipient_agreement = Some(self.agreement.clone());
@@ -384,7 +388,7 @@ pub struct V2Socket {
 /// through the mediator its service names (routing 2.0).
 pub struct V2Sender {
     pub did: String,
-    agreement: Key,
+    agreement: Agreement,
     /// Content encryption of the anoncrypted forward (the inner message is always authcrypt).
     pub enc: Enc,
     /// Authcrypt the forward itself (1PU from our DID, A256CBC-HS512) instead of anoncrypt:
@@ -395,9 +399,9 @@ pub struct V2Sender {
 
 impl V2Sender {
     pub fn new() -> anyhow::Result<V2Sender> {
-        let agreement = keys::generate(KeyAlg::X25519)?;
+        let agreement = Agreement::new(keys::generate(KeyAlg::X25519)?);
         let did = did::create_peer2(
-            std::slice::from_ref(&agreement),
+            std::slice::from_ref(agreement.key()),
             &[keys::generate(KeyAlg::Ed25519)?],
             &[],
         )?;

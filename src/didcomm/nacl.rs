@@ -37,6 +37,13 @@ impl Secret {
             .map(|k| Secret(k.into()))
     }
 
+    /// A fresh secret and its public key.
+    pub fn generate() -> Option<(Secret, [u8; 32])> {
+        let k = PrivateKey::generate(&X25519).ok()?;
+        let public: [u8; 32] = k.compute_public_key().ok()?.as_ref().try_into().ok()?;
+        Some((Secret(k.into()), public))
+    }
+
     /// The shared secret with `their_public`; `None` if it is all zeros (small-order key).
     pub fn agree(&self, their_public: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
         agreement::agree(&self.0, UnparsedPublicKey::new(&X25519, their_public), (), |k| {
@@ -89,9 +96,8 @@ pub fn open_detached(cipher: &XSalsa20Poly1305, nonce: &[u8; 24], boxed: &[u8]) 
 /// `crypto_box_seal`: `msg` boxed from a fresh ephemeral key to `their_public`, which alone
 /// can open it; the ephemeral public key, then the box.
 pub fn seal(their_public: &[u8; 32], msg: &[u8]) -> Option<Vec<u8>> {
-    let eph = PrivateKey::generate(&X25519).ok()?;
-    let eph_public: [u8; 32] = eph.compute_public_key().ok()?.as_ref().try_into().ok()?;
-    let shared = Secret(eph.into()).agree(their_public)?;
+    let (eph, eph_public) = Secret::generate()?;
+    let shared = eph.agree(their_public)?;
     let boxed = seal_detached(&box_key(&shared), &seal_nonce(&eph_public, their_public), msg);
     let mut out = Vec::with_capacity(32 + boxed.len());
     out.extend_from_slice(&eph_public);

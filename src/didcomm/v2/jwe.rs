@@ -17,14 +17,14 @@
 use askar_crypto::alg::{AesTypes, AnyKey, AnyKeyCreate, Chacha20Types, KeyAlg};
 use askar_crypto::buffer::SecretBytes;
 use askar_crypto::encrypt::KeyAeadInPlace;
-use askar_crypto::kdf::ecdh_1pu::Ecdh1PU;
-use askar_crypto::kdf::ecdh_es::EcdhEs;
+use askar_crypto::kdf::concat::{ConcatKDFHash, ConcatKDFParams};
 use askar_crypto::repr::ToSecretBytes;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
+use zeroize::Zeroizing;
 
-use super::keys::{self, Key};
+use super::keys::{self, Agreement, Key};
 use super::{V2Error, TYP_ENCRYPTED};
 use crate::didcomm::b64;
 
@@ -160,7 +160,7 @@ pub fn apv_for(kids: &[&str]) -> Vec<u8> {
 /// Opens a JWE given as bytes.
 pub fn unpack(
     bytes: &[u8],
-    our_key: &dyn Fn(&str) -> Option<Key>,
+    our_key: &dyn Fn(&str) -> Option<Agreement>,
     sender_key: &dyn Fn(&str) -> Result<Key, V2Error>,
 ) -> Result<Opened, V2Error> {
     if bytes.len() > super::MAX_ENVELOPE_LEN {
@@ -175,7 +175,7 @@ pub fn unpack(
 /// such key).
 pub fn unpack_value(
     v: &Value,
-    our_key: &dyn Fn(&str) -> Option<Key>,
+    our_key: &dyn Fn(&str) -> Option<Agreement>,
     sender_key: &dyn Fn(&str) -> Result<Key, V2Error>,
 ) -> Result<Opened, V2Error> {
     let protected_b64 = v
@@ -284,21 +284,27 @@ pub fn unpack_value(
             .or_else(|| protected.get("epk"))
             .ok_or_else(|| malformed("missing epk"))?;
         let epk = keys::from_jwk(epk_json)?;
-        if epk.algorithm() != ours.algorithm() {
+        let curve = ours.key().algorithm();
+        if epk.algorithm() != curve {
             return Err(V2Error::CurveMismatch(format!(
                 "epk is {}, recipient key is {}",
                 keys::curve_name(epk.algorithm()),
-                keys::curve_name(ours.algorithm())
+                keys::curve_name(curve)
             )));
         }
         if let Some((_, sk)) = &sender {
-            if sk.algorithm() != ours.algorithm() {
+            if sk.algorithm() != curve {
                 return Err(V2Error::CurveMismatch(format!(
                     "sender key is {}, recipient key is {}",
                     keys::curve_name(sk.algorithm()),
-                    keys::curve_name(ours.algorithm())
+                    keys::curve_name(curve)
                 )));
             }
+        }
+        // Z once: ECDH-ES's Ze, or ECDH-1PU's Ze || Zs (whichever way its KDF is then read).
+        let mut z = ours.exchange(&epk)?;
+        if let Some((_, sk)) = &sender {
+            z.extend_from_slice(&ours.exchange(sk)?);
         }
         let apu_b = apu.as_deref().unwrap_or(&[]);
         let apv_b = apv.as_deref().unwrap_or(&[]);
@@ -307,13 +313,8 @@ pub fn unpack_value(
             Alg::Ecdh1PuA256Kw => &[true, false],
         };
         for &with_tag in attempts {
-            let kek = match &sender {
-                None => derive_es(&epk, &ours, alg_label, apu_b, apv_b, true)?,
-                Some((_, sk)) => {
-                    let cc = if with_tag { tag.as_slice() } else { &[] };
-                    derive_1pu(&epk, sk, &ours, alg_label, apu_b, apv_b, cc, true)?
-                }
-            };
+            let cc = if with_tag { tag.as_slice() } else { &[] };
+            let kek = kek(&z, alg_label, apu_b, apv_b, cc)?;
             let mut cek = SecretBytes::from_slice(&r.encrypted_key);
             if kek.decrypt_in_place(&mut cek, &[], &[]).is_err() {
                 last_err = V2Error::Decrypt;
@@ -367,28 +368,32 @@ fn read_recipient(r: &Value) -> Result<RecipientIn, V2Error> {
     })
 }
 
-fn kdf_err(e: askar_crypto::Error) -> V2Error {
-    V2Error::Crypto(format!("key derivation: {e}"))
-}
-
-fn derive_es(epk: &AnyKey, recip: &AnyKey, alg: &str, apu: &[u8], apv: &[u8], receive: bool) -> Result<Key, V2Error> {
-    let kdf = EcdhEs::new(epk, recip, alg.as_bytes(), apu, apv, receive);
-    Arc::<AnyKey>::from_key_derivation(KeyAlg::Aes(AesTypes::A256Kw), kdf).map_err(kdf_err)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn derive_1pu(
-    epk: &AnyKey,
-    sender: &AnyKey,
-    recip: &AnyKey,
-    alg: &str,
-    apu: &[u8],
-    apv: &[u8],
-    cc_tag: &[u8],
-    receive: bool,
-) -> Result<Key, V2Error> {
-    let kdf = Ecdh1PU::new(epk, sender, recip, alg.as_bytes(), apu, apv, cc_tag, receive);
-    Arc::<AnyKey>::from_key_derivation(KeyAlg::Aes(AesTypes::A256Kw), kdf).map_err(kdf_err)
+/// The A256KW key from Z: ECDH-ES's (`z` = Ze, RFC 7518 section 4.6.2) or ECDH-1PU's (`z` =
+/// Ze || Zs, and `cc_tag` the content's tag when it feeds the KDF, draft-madden-jose-ecdh-1pu-04
+/// section 2.3): one pass of the Concat KDF with SHA-256, as askar derives both.
+fn kek(z: &[u8], alg: &str, apu: &[u8], apv: &[u8], cc_tag: &[u8]) -> Result<Key, V2Error> {
+    if cc_tag.len() > 128 {
+        return Err(malformed("tag too long for the key derivation"));
+    }
+    let mut pub_info = Vec::with_capacity(8 + cc_tag.len());
+    pub_info.extend_from_slice(&256u32.to_be_bytes()); // the key's length in bits
+    if !cc_tag.is_empty() {
+        pub_info.extend_from_slice(&(cc_tag.len() as u32).to_be_bytes());
+        pub_info.extend_from_slice(cc_tag);
+    }
+    let mut kdf = ConcatKDFHash::<Sha256>::new();
+    kdf.start_pass();
+    kdf.hash_message(z);
+    kdf.hash_params(ConcatKDFParams {
+        alg: alg.as_bytes(),
+        apu,
+        apv,
+        pub_info: &pub_info,
+        prv_info: &[],
+    });
+    let key = Zeroizing::new(<[u8; 32]>::from(kdf.finish_pass()));
+    Arc::<AnyKey>::from_secret_bytes(KeyAlg::Aes(AesTypes::A256Kw), key.as_slice())
+        .map_err(|e| V2Error::Crypto(format!("key derivation: {e}")))
 }
 
 /// Packs `plaintext` for `recipients` (kid, public key agreement key; one curve for all).
@@ -396,7 +401,7 @@ fn derive_1pu(
 pub fn pack(
     plaintext: &[u8],
     recipients: &[(String, Key)],
-    sender: Option<(&str, &Key)>,
+    sender: Option<(&str, &Agreement)>,
     dialect: Dialect,
 ) -> Result<Vec<u8>, V2Error> {
     let first = recipients.first().ok_or_else(|| malformed("no recipients"))?;
@@ -418,14 +423,14 @@ pub fn pack(
         _ => return Err(malformed("authcrypt needs a sender and ECDH-1PU; anoncrypt neither")),
     }
     if let Some((_, sk)) = sender {
-        if sk.algorithm() != curve {
+        if sk.key().algorithm() != curve {
             return Err(V2Error::CurveMismatch(
                 "sender key and recipients on different curves".into(),
             ));
         }
     }
     let alg_label = dialect.alg.label();
-    let epk = keys::generate(curve)?;
+    let epk = Agreement::generate(curve)?;
     let kids: Vec<&str> = recipients.iter().map(|(k, _)| k.as_str()).collect();
     let apv = apv_for(&kids);
     let mut ph = Map::new();
@@ -438,7 +443,7 @@ pub fn pack(
         ph.insert("skid".into(), skid.into());
         ph.insert("apu".into(), b64::encode(&apu).into());
     }
-    ph.insert("epk".into(), keys::to_public_jwk(&epk)?);
+    ph.insert("epk".into(), keys::to_public_jwk(epk.key())?);
     let protected_b64 = b64::encode(Value::Object(ph).to_string().as_bytes());
 
     let cek = keys::generate(dialect.enc.key_alg())?;
@@ -457,13 +462,16 @@ pub fn pack(
 
     let mut out_recipients = Vec::with_capacity(recipients.len());
     for (kid, rk) in recipients {
-        let kek = match sender {
-            None => derive_es(&epk, rk, alg_label, &[], &apv, false)?,
-            Some((_, sk)) => {
-                let cc: &[u8] = if dialect.tag_in_kdf { tag } else { &[] };
-                derive_1pu(&epk, sk, rk, alg_label, &apu, &apv, cc, false)?
-            }
+        let mut z = epk.exchange(rk)?;
+        if let Some((_, sk)) = sender {
+            z.extend_from_slice(&sk.exchange(rk)?);
+        }
+        let cc: &[u8] = if sender.is_some() && dialect.tag_in_kdf {
+            tag
+        } else {
+            &[]
         };
+        let kek = kek(&z, alg_label, &apu, &apv, cc)?;
         let mut wrapped = SecretBytes::from_slice(cek_bytes.as_ref());
         kek.encrypt_in_place(&mut wrapped, &[], &[])
             .map_err(|e| V2Error::Crypto(format!("key wrap: {e}")))?;
@@ -492,4 +500,93 @@ pub fn recipient_kids(v: &Value) -> Vec<String> {
         .as_str()
         .map(|k| vec![k.to_string()])
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod kdf_tests {
+    use super::*;
+    use askar_crypto::alg::EcCurves;
+    use askar_crypto::kdf::{ecdh_1pu::Ecdh1PU, ecdh_es::EcdhEs};
+
+    fn bytes(k: &Key) -> Vec<u8> {
+        k.to_secret_bytes().unwrap().as_ref().to_vec()
+    }
+
+    fn askar_kek(kdf: impl askar_crypto::kdf::KeyDerivation) -> Vec<u8> {
+        bytes(&Arc::<AnyKey>::from_key_derivation(KeyAlg::Aes(AesTypes::A256Kw), kdf).unwrap())
+    }
+
+    /// Z from AWS-LC (X25519) or askar (P-256, P-384) and our Concat KDF give askar's key
+    /// encryption key, both ways, for ECDH-ES and for ECDH-1PU with and without the tag.
+    #[test]
+    fn kek_is_askars() {
+        let (alg_es, alg_1pu, apu, apv, tag) = (ALG_ANON, ALG_AUTH, b"did:a#1", b"apv-bytes", [7u8; 16]);
+        for curve in [
+            KeyAlg::X25519,
+            KeyAlg::EcCurve(EcCurves::Secp256r1),
+            KeyAlg::EcCurve(EcCurves::Secp384r1),
+        ] {
+            for _ in 0..8 {
+                let eph = Agreement::generate(curve).unwrap();
+                let (recip, sender) = (keys::generate(curve).unwrap(), keys::generate(curve).unwrap());
+                // The ephemeral key as askar holds it: from our own generated secret, or (X25519,
+                // where only AWS-LC holds it) a public key we check by the receiving side.
+                let recip_pub = keys::from_jwk(&keys::to_public_jwk(&recip).unwrap()).unwrap();
+                let (ours_r, ours_s) = (Agreement::new(recip.clone()), Agreement::new(sender.clone()));
+
+                // Receiving: Ze (and Zs) with the recipient's secret.
+                let ze = ours_r.exchange(eph.key()).unwrap();
+                let want = askar_kek(EcdhEs::new(
+                    eph.key().as_ref(),
+                    recip.as_ref(),
+                    alg_es.as_bytes(),
+                    apu,
+                    apv,
+                    true,
+                ));
+                assert_eq!(bytes(&kek(&ze, alg_es, apu, apv, &[]).unwrap()), want, "{curve:?} ES");
+                let mut z = ze.clone();
+                z.extend_from_slice(&ours_r.exchange(&sender).unwrap());
+                for cc in [&tag[..], &[]] {
+                    let want = askar_kek(Ecdh1PU::new(
+                        eph.key().as_ref(),
+                        sender.as_ref(),
+                        recip.as_ref(),
+                        alg_1pu.as_bytes(),
+                        apu,
+                        apv,
+                        cc,
+                        true,
+                    ));
+                    assert_eq!(bytes(&kek(&z, alg_1pu, apu, apv, cc).unwrap()), want, "{curve:?} 1PU");
+                }
+
+                // Sending: the same Z from the other side.
+                let mut z2 = eph.exchange(&recip_pub).unwrap();
+                assert_eq!(*z2, *ze, "{curve:?} Ze both ways");
+                z2.extend_from_slice(&ours_s.exchange(&recip_pub).unwrap());
+                assert_eq!(*z2, *z, "{curve:?} Ze || Zs both ways");
+            }
+        }
+    }
+
+    /// RFC 8037 appendix A.6: the ECDH-ES shared secret of its X25519 keys, through AWS-LC.
+    #[test]
+    fn rfc8037_x25519_vector() {
+        let eph = keys::from_jwk(&serde_json::json!({"kty":"OKP","crv":"X25519",
+            "d":"dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo",
+            "x":"hSDwCYkwp1R0i33ctD73Wg2_Og0mOBr066SpjqqbTmo"}))
+        .unwrap();
+        let bob = keys::from_jwk(&serde_json::json!({"kty":"OKP","crv":"X25519",
+            "x":"3p7bfXt9wbTTW2HC7OQ1Nz-DQ8hbeGdNrfx-FG-IK08"}))
+        .unwrap();
+        let z = Agreement::new(eph).exchange(&bob).unwrap();
+        assert_eq!(
+            crate::didcomm::b64::encode(&z),
+            crate::didcomm::b64::encode(&[
+                0x4a, 0x5d, 0x9d, 0x5b, 0xa4, 0xce, 0x2d, 0xe1, 0x72, 0x8e, 0x3b, 0xf4, 0x80, 0x35, 0x0f, 0x25, 0xe0,
+                0x7e, 0x21, 0xc9, 0x47, 0xd1, 0x9e, 0x33, 0x76, 0xf0, 0x9b, 0x3c, 0x1e, 0x16, 0x17, 0x42
+            ])
+        );
+    }
 }

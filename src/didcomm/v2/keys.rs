@@ -4,14 +4,90 @@
 
 use askar_crypto::alg::{AnyKey, AnyKeyCreate, EcCurves, KeyAlg};
 use askar_crypto::jwk::{FromJwk, ToJwk};
-use askar_crypto::repr::ToPublicBytes;
+use askar_crypto::kdf::KeyExchange;
+use askar_crypto::repr::{ToPublicBytes, ToSecretBytes};
 use serde_json::Value;
 use std::sync::Arc;
+use zeroize::Zeroizing;
 
 use super::V2Error;
+use crate::didcomm::nacl;
 
 /// A public or private key of any supported type.
 pub type Key = Arc<AnyKey>;
+
+/// One of our private key-agreement keys, as a JWE's ECDH uses it. An X25519 secret is also
+/// held parsed for AWS-LC, whose multiplication takes under half of askar's
+/// ([`crate::didcomm::nacl`]); P-256 and P-384 stay askar's.
+#[derive(Clone)]
+pub struct Agreement {
+    key: Key,
+    x25519: Option<nacl::Secret>,
+}
+
+impl Agreement {
+    /// From a private key (a key without its secret can only be an ECDH's public side).
+    pub fn new(key: Key) -> Agreement {
+        let x25519 = if key.algorithm() == KeyAlg::X25519 {
+            key.to_secret_bytes()
+                .ok()
+                .and_then(|s| <[u8; 32]>::try_from(s.as_ref()).ok().map(Zeroizing::new))
+                .and_then(|b| nacl::Secret::from_bytes(&b))
+        } else {
+            None
+        };
+        Agreement { key, x25519 }
+    }
+
+    /// A fresh key on `alg`'s curve (a JWE's `epk`).
+    pub fn generate(alg: KeyAlg) -> Result<Agreement, V2Error> {
+        if alg != KeyAlg::X25519 {
+            return generate(alg).map(Agreement::new);
+        }
+        let (secret, public) =
+            nacl::Secret::generate().ok_or_else(|| V2Error::Crypto("X25519 key generation failed".into()))?;
+        Ok(Agreement {
+            key: from_public_bytes(alg, &public)?,
+            x25519: Some(secret),
+        })
+    }
+
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    /// Z, the ECDH shared secret with `theirs` (on our curve: the caller checks). An all-zero
+    /// X25519 result (a key of small order) is refused, as RFC 8037 section 3.2 requires.
+    pub fn exchange(&self, theirs: &AnyKey) -> Result<Zeroizing<Vec<u8>>, V2Error> {
+        let Some(ours) = &self.x25519 else {
+            return self
+                .key
+                .key_exchange_bytes(theirs)
+                .map(|z| Zeroizing::new(z.as_ref().to_vec()))
+                .map_err(|e| V2Error::Crypto(format!("key agreement: {e}")));
+        };
+        let public: [u8; 32] = theirs
+            .to_public_bytes()
+            .ok()
+            .and_then(|p| p.as_ref().try_into().ok())
+            .ok_or_else(|| V2Error::CurveMismatch("not an X25519 public key".into()))?;
+        ours.agree(&public)
+            .map(|z| Zeroizing::new(z.to_vec()))
+            .ok_or_else(|| V2Error::Crypto("key agreement with an X25519 key of small order".into()))
+    }
+}
+
+impl From<Key> for Agreement {
+    fn from(key: Key) -> Agreement {
+        Agreement::new(key)
+    }
+}
+
+impl std::fmt::Debug for Agreement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Agreement({})", curve_name(self.key.algorithm()))
+    }
+}
 
 const MAX_KEY_STRING: usize = 256;
 

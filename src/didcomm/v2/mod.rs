@@ -118,7 +118,7 @@ pub fn is_v2(bytes: &[u8]) -> bool {
 /// (authcrypt `skid` in keyAgreement, JWS `kid` in authentication).
 pub fn unpack(
     bytes: &[u8],
-    our_key: &dyn Fn(&str) -> Option<Key>,
+    our_key: &dyn Fn(&str) -> Option<keys::Agreement>,
     resolve_key: &dyn Fn(&str, did::Purpose) -> Result<Key, V2Error>,
 ) -> Result<Unpacked, V2Error> {
     if bytes.len() > MAX_ENVELOPE_LEN {

@@ -3,7 +3,7 @@
 
 use super::did::{self, Purpose};
 use super::jwe::{self, Alg, Dialect, Enc};
-use super::keys::{self, Key};
+use super::keys::{self, Agreement, Key};
 use super::*;
 use askar_crypto::alg::{EcCurves, KeyAlg};
 use serde_json::{json, Value};
@@ -50,7 +50,11 @@ fn secrets(list: &Value) -> HashMap<String, Key> {
 }
 
 fn unpack_with(env: &[u8], ours: &HashMap<String, Key>) -> Result<Unpacked, V2Error> {
-    unpack(env, &|kid| ours.get(kid).cloned(), &did::resolve_key)
+    unpack(
+        env,
+        &|kid| ours.get(kid).cloned().map(Agreement::new),
+        &did::resolve_key,
+    )
 }
 
 fn plain(u: &Unpacked) -> Value {
@@ -85,12 +89,16 @@ fn spec() -> Spec {
 fn spec_unpack(s: &Spec, name: &str) -> Result<Unpacked, V2Error> {
     let env = serde_json::to_vec(&s.vectors[name]).unwrap();
     let alice = s.alice.clone();
-    unpack(&env, &|kid| s.bob.get(kid).cloned(), &move |kid, _purpose| {
-        alice
-            .get(kid)
-            .cloned()
-            .ok_or_else(|| V2Error::UnknownSender(kid.into()))
-    })
+    unpack(
+        &env,
+        &|kid| s.bob.get(kid).cloned().map(Agreement::new),
+        &move |kid, _purpose| {
+            alice
+                .get(kid)
+                .cloned()
+                .ok_or_else(|| V2Error::UnknownSender(kid.into()))
+        },
+    )
 }
 
 #[test]
@@ -149,12 +157,16 @@ fn spec_authcrypt_refused_without_the_tag_in_the_kdf_when_tampered() {
     v["tag"] = json!(flip_b64(v["tag"].as_str().unwrap()));
     let env = serde_json::to_vec(&v).unwrap();
     let alice = s.alice.clone();
-    let r = unpack(&env, &|kid| s.bob.get(kid).cloned(), &move |kid, _| {
-        alice
-            .get(kid)
-            .cloned()
-            .ok_or_else(|| V2Error::UnknownSender(kid.into()))
-    });
+    let r = unpack(
+        &env,
+        &|kid| s.bob.get(kid).cloned().map(Agreement::new),
+        &move |kid, _| {
+            alice
+                .get(kid)
+                .cloned()
+                .ok_or_else(|| V2Error::UnknownSender(kid.into()))
+        },
+    );
     assert_eq!(r.unwrap_err(), V2Error::Decrypt);
 }
 
@@ -260,7 +272,7 @@ fn round_trip_every_alg_enc_curve() {
                 tag_in_kdf: false,
             };
             let env = jwe::pack(&bytes, &recips, None, d).unwrap();
-            let u = jwe::unpack(&env, &|k| ours.get(k).cloned(), &|_| unreachable!()).unwrap();
+            let u = jwe::unpack(&env, &|k| ours.get(k).cloned().map(Agreement::new), &|_| unreachable!()).unwrap();
             assert_eq!(u.plaintext, bytes);
             assert_eq!(u.dialect, d);
             // authcrypt, with and without the tag in the KDF
@@ -270,9 +282,15 @@ fn round_trip_every_alg_enc_curve() {
                     enc,
                     tag_in_kdf,
                 };
-                let env = jwe::pack(&bytes, &recips, Some(("did:example:alice#1", &alice)), d).unwrap();
+                let env = jwe::pack(
+                    &bytes,
+                    &recips,
+                    Some(("did:example:alice#1", &Agreement::new(alice.clone()))),
+                    d,
+                )
+                .unwrap();
                 let ap = alice_pub.clone();
-                let u = jwe::unpack(&env, &|k| ours.get(k).cloned(), &move |k| {
+                let u = jwe::unpack(&env, &|k| ours.get(k).cloned().map(Agreement::new), &move |k| {
                     assert_eq!(k, "did:example:alice#1");
                     Ok(ap.clone())
                 })
@@ -363,6 +381,12 @@ fn bad_inputs_are_refused_with_clear_errors() {
     );
     let typ_changed = with_protected(&env, |p| p["typ"] = json!("application/other"));
     assert_eq!(open(&typ_changed, &ours).unwrap_err(), V2Error::Decrypt);
+
+    // An ephemeral key of small order (here zero: every shared secret with it is all zeros,
+    // which anyone could compute) is refused before any key is unwrapped (RFC 8037 section 3.2).
+    let zero_epk = with_protected(&env, |p| p["epk"]["x"] = json!(crate::didcomm::b64::encode(&[0u8; 32])));
+    let e = open(&zero_epk, &ours).unwrap_err();
+    assert!(matches!(e, V2Error::Crypto(ref m) if m.contains("small order")), "{e}");
 
     // Unknown kid.
     let none = HashMap::new();

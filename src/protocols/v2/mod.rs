@@ -26,7 +26,7 @@ use super::{now_ms, HandleError, MediatorKeys, Outcome, TransportKind};
 use crate::didcomm::message::ReturnRoute;
 use crate::didcomm::v2::did::{self, Purpose};
 use crate::didcomm::v2::jwe::{Alg, Dialect, Enc};
-use crate::didcomm::v2::keys::{self, Key};
+use crate::didcomm::v2::keys::{self, Agreement, Key};
 use crate::didcomm::v2::{self as dv2, V2Error};
 use crate::store::Connection;
 use askar_crypto::alg::KeyAlg;
@@ -58,7 +58,7 @@ pub const PROTOCOLS: &[&str] = &[
 #[derive(Clone)]
 pub struct V2Identity {
     pub did: String,
-    pub agreement: Key,
+    pub agreement: Agreement,
     pub agreement_kid: String,
     pub auth: Key,
     pub auth_kid: String,
@@ -79,14 +79,14 @@ impl V2Identity {
             agreement_kid: format!("{did}#key-1"),
             auth_kid: format!("{did}#key-2"),
             did,
-            agreement,
+            agreement: Agreement::new(agreement),
             auth,
             doc,
         })
     }
 
     /// Our private key for a kid (any of its names).
-    pub fn key_for(&self, kid: &str) -> Option<Key> {
+    pub fn key_for(&self, kid: &str) -> Option<Agreement> {
         self.doc.key(kid, Purpose::KeyAgreement).map(|_| self.agreement.clone())
     }
 
