@@ -87,10 +87,14 @@ fn spec() -> Spec {
 }
 
 fn spec_unpack(s: &Spec, name: &str) -> Result<Unpacked, V2Error> {
-    let env = serde_json::to_vec(&s.vectors[name]).unwrap();
+    spec_open(s, &serde_json::to_vec(&s.vectors[name]).unwrap())
+}
+
+/// Opens `env` as Bob, with Alice's keys resolving her DID.
+fn spec_open(s: &Spec, env: &[u8]) -> Result<Unpacked, V2Error> {
     let alice = s.alice.clone();
     unpack(
-        &env,
+        env,
         &|kid| s.bob.get(kid).cloned().map(Agreement::new),
         &move |kid, _purpose| {
             alice
@@ -155,18 +159,7 @@ fn spec_authcrypt_refused_without_the_tag_in_the_kdf_when_tampered() {
     let s = spec();
     let mut v = s.vectors["authcrypt_X25519_A256CBC-HS512"].clone();
     v["tag"] = json!(flip_b64(v["tag"].as_str().unwrap()));
-    let env = serde_json::to_vec(&v).unwrap();
-    let alice = s.alice.clone();
-    let r = unpack(
-        &env,
-        &|kid| s.bob.get(kid).cloned().map(Agreement::new),
-        &move |kid, _| {
-            alice
-                .get(kid)
-                .cloned()
-                .ok_or_else(|| V2Error::UnknownSender(kid.into()))
-        },
-    );
+    let r = spec_open(&s, &serde_json::to_vec(&v).unwrap());
     assert_eq!(r.unwrap_err(), V2Error::Decrypt);
 }
 
