@@ -1004,15 +1004,16 @@ impl Inner {
                 .iter()
                 .map(|_| self.next_id())
                 .collect::<StoreResult<Vec<_>>>()?;
-            let mut msgs = sled::Batch::default();
+            // Single records, not a `sled::Batch`: a batch writes out sled's log buffer before
+            // and after itself (`forget_acked`), two log writes besides the flush below, and
+            // nothing here needs the batch's all-or-nothing: no caller is answered before the
+            // flush, and a message recovered without its batch-mates was simply not answered
+            // (its sender sends again: at-least-once). The messages go first and their dedup
+            // records after, so a log prefix recovered after a crash never holds a record
+            // whose message is missing.
             for (m, id) in accepted.iter().zip(&ids) {
-                msgs.insert(&encode_id(*id), encode_msg(m));
+                self.msgs.insert(encode_id(*id), encode_msg(m)).map_err(unavailable)?;
             }
-            self.msgs.apply_batch(msgs).map_err(unavailable)?;
-            // Dedup records as single records, not a second batch (each batch pins sled's log:
-            // two synced writes, see `forget_acked`); after the messages, so a log prefix
-            // recovered after a crash never holds a record whose message is missing. The
-            // flush below makes them durable before any caller is answered.
             for (m, id) in accepted.iter().zip(&ids) {
                 if let Some(dk) = &m.dedup_key {
                     self.dedup
