@@ -529,8 +529,8 @@ mod kdf_tests {
             for _ in 0..8 {
                 let eph = Agreement::generate(curve).unwrap();
                 let (recip, sender) = (keys::generate(curve).unwrap(), keys::generate(curve).unwrap());
-                // The ephemeral key as askar holds it: from our own generated secret, or (X25519,
-                // where only AWS-LC holds it) a public key we check by the receiving side.
+                // `eph` is what `pack` makes: for X25519 only AWS-LC holds its secret, so askar
+                // reads it as a public key (the receiving side) and Z both ways must agree.
                 let recip_pub = keys::from_jwk(&keys::to_public_jwk(&recip).unwrap()).unwrap();
                 let (ours_r, ours_s) = (Agreement::new(recip.clone()), Agreement::new(sender.clone()));
 

@@ -77,12 +77,6 @@ impl Agreement {
     }
 }
 
-impl From<Key> for Agreement {
-    fn from(key: Key) -> Agreement {
-        Agreement::new(key)
-    }
-}
-
 impl std::fmt::Debug for Agreement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Agreement({})", curve_name(self.key.algorithm()))
