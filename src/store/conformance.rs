@@ -1296,6 +1296,61 @@ pub async fn dedup_records_are_pruned(b: Arc<dyn Backend>) {
     assert_eq!(s.dedup_records().await.unwrap(), 0);
 }
 
+/// A message's dedup entry outlives the message for its window, whichever way the message
+/// left the queue (acknowledged, expired by its sender, dropped by an operator), across a
+/// reopen; a pruned entry does not come back with it.
+pub async fn dedup_outlives_its_message_across_reopen(b: Arc<dyn Backend>) {
+    let lim = EnqueueLimits {
+        dedup_window_ms: 60_000,
+        ..EnqueueLimits::UNLIMITED
+    };
+    let (c, c2, acked, expired, dropped) = {
+        let s = b.open().await;
+        let c = new_conn(&s).await;
+        let c2 = new_conn(&s).await;
+        // Key 5 arrives first, 30 s before the others.
+        s.enqueue(vec![dmsg(&c, "old", T0 - 30_000, 5)], &lim).await.unwrap();
+        let mut first = Vec::new();
+        for (conn, key, expires) in [(&c, 1u8, None), (&c, 2, Some(T0 + 10)), (&c2, 3, None), (&c, 4, None)] {
+            let m = NewMessage {
+                expires_at_ms: expires,
+                ..dmsg(conn, "m", T0, key)
+            };
+            let r = s.enqueue(vec![m], &lim).await.unwrap();
+            first.push(r[0].as_ref().unwrap().id);
+        }
+        let got = s.lease(&c, 10, "o", T0, T0 + 1_000).await.unwrap();
+        let acked: Vec<MessageId> = got.iter().map(|m| m.id).filter(|id| *id != first[1]).collect();
+        assert_eq!(
+            acked.len(),
+            3,
+            "keys 1, 4 and 5 of c (key 2 is leased too but not acked)"
+        );
+        assert_eq!(s.ack(&c, &acked).await.unwrap(), 3);
+        assert_eq!(s.expire_due(T0 + 20, 100).await.unwrap(), 1);
+        assert_eq!(s.drop_queue(&c2).await.unwrap(), 1);
+        // Key 5's entry goes, the others' stay.
+        assert_eq!(s.prune_dedup(T0 - 1, 100).await.unwrap(), 1);
+        assert_eq!(s.total_queued().await.unwrap(), 0);
+        (c, c2, first[0], first[1], first[2])
+    };
+    let s = b.open().await;
+    for (conn, key, id) in [(&c, 1u8, acked), (&c, 2, expired), (&c2, 3, dropped)] {
+        let r = s.enqueue(vec![dmsg(conn, "m", T0 + 100, key)], &lim).await.unwrap();
+        assert_eq!(
+            *r[0].as_ref().unwrap(),
+            Enqueued { id, duplicate: true },
+            "key {key}: sent again within its window after a reopen"
+        );
+    }
+    let r = s.enqueue(vec![dmsg(&c, "old", T0 + 100, 5)], &lim).await.unwrap();
+    assert!(
+        !r[0].as_ref().unwrap().duplicate,
+        "a pruned entry stays pruned after a reopen"
+    );
+    assert_eq!(s.total_queued().await.unwrap(), 1);
+}
+
 /// A peer key is claimed by one connection across every handle (node) of the store, even
 /// when two claim it at once.
 pub async fn peer_keys_are_unique_across_nodes(b: Arc<dyn Backend>) {
@@ -1931,6 +1986,44 @@ pub mod sled_backend {
         assert_eq!(s.total_queued().await.unwrap(), 0);
     }
 
+    /// Ingest writes one record per forward: a queued message's record holds its dedup key,
+    /// and the `dedup` tree gets a record only when a message leaves the queue inside its
+    /// window (acknowledged here); pruning deletes it. Rebuilt from both at open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ingest_writes_no_dedup_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let lim = EnqueueLimits {
+            dedup_window_ms: 60_000,
+            ..EnqueueLimits::UNLIMITED
+        };
+        let s = SledStore::open_shared(dir.path()).await.unwrap();
+        let batch: Vec<NewMessage> = (0..50u8).map(|i| dmsg("c", "m", T0, i)).collect();
+        assert!(s
+            .enqueue(batch, &lim)
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| !r.as_ref().unwrap().duplicate));
+        assert_eq!(s.dedup_tree_len_for_test(), 0, "no record beside the messages");
+        assert_eq!(s.dedup_records().await.unwrap(), 50);
+        let got = s.lease("c", 10, "o", T0, T0 + 1_000).await.unwrap();
+        assert_eq!(s.ack_leased("c", &ids(&got)).await.unwrap().len(), 10);
+        assert_eq!(s.dedup_tree_len_for_test(), 10, "the acknowledged keep theirs");
+        drop(s);
+        let s = SledStore::open_shared(dir.path()).await.unwrap();
+        assert_eq!(
+            s.dedup_records().await.unwrap(),
+            50,
+            "40 from messages, 10 from records"
+        );
+        assert_eq!(s.prune_dedup(T0 + 1, 100).await.unwrap(), 50);
+        assert_eq!(s.dedup_tree_len_for_test(), 0);
+        // Acknowledged after its entry was pruned: no record comes back.
+        let got = s.lease("c", 100, "o", T0, T0 + 1_000).await.unwrap();
+        assert_eq!(s.ack_leased("c", &ids(&got)).await.unwrap().len(), 40);
+        assert_eq!(s.dedup_tree_len_for_test(), 0);
+    }
+
     /// In-process nodes opening one path share one store (sled allows one handle per
     /// directory): both see the same data and the same leases; once all are dropped the path
     /// opens again.
@@ -2425,6 +2518,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn dedup_window() {
                 backend::run(super::dedup_window).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn dedup_outlives_its_message_across_reopen() {
+                backend::run(super::dedup_outlives_its_message_across_reopen).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn recipient_key_filters() {

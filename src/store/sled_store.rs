@@ -10,7 +10,10 @@
 //! - `msgs`: id (u64 BE) -> fixed layout (see `encode_msg`): header, connection, recipient
 //!   key, dedup key, payload. JSON would double the size of binary payloads.
 //! - `attempts`: id -> u32 BE, written when a message is leased (not flushed on its own).
-//! - `dedup`: `len16(conn) key32` -> id (i64 BE) + received_at (i64 BE).
+//! - `dedup`: `len16(conn) key32` -> id (i64 BE) + received_at (i64 BE): the dedup records of
+//!   messages no longer queued. A queued message's record is its own message record (which holds
+//!   its dedup key); the `dedup` record is written only when the message leaves the queue while
+//!   its dedup entry is still in the window (`keep_dedup`). Ingest writes one record a forward.
 //!
 //! The queue is indexed in memory (`Queues`: per connection, id -> size, time, lease), rebuilt
 //! from `msgs`/`attempts`/`dedup` at open. sled allows one process per database, so this
@@ -85,6 +88,8 @@ struct Meta {
     attempts: u32,
     /// The sender's expiry ([`NEVER`] when none): expired, hence never delivered, when `<= now`.
     expires_at_ms: i64,
+    /// The message record holds a dedup key (see `keep_dedup`).
+    dedup: bool,
 }
 
 impl Meta {
@@ -171,6 +176,20 @@ impl Queues {
                 }
             }
         }
+    }
+
+    /// Records a dedup entry read from disk at open (from a queued message or a `dedup`
+    /// record); of two for the same key, the later arrival names the copy.
+    fn note_dedup(&mut self, conn: &str, key: [u8; 32], id: MessageId, at: i64) {
+        let d = match self.dedup.get_mut(conn) {
+            Some(d) => d,
+            None => self.dedup.entry(conn.to_owned()).or_default(),
+        };
+        if d.get(&key).is_some_and(|(_, a)| *a >= at) {
+            return;
+        }
+        d.insert(key, (id, at));
+        self.dedup_order.push_back((at, conn.to_owned(), key));
     }
 
     /// Drops the expiry entry of a message just removed from its queue.
@@ -658,6 +677,12 @@ impl SledStore {
             .map_err(|_| StoreError::Unavailable("sled: the live path's task failed".into()))?
     }
 
+    /// Records in the `dedup` tree (tests: what ingest and removals write).
+    #[cfg(test)]
+    pub(crate) fn dedup_tree_len_for_test(&self) -> usize {
+        self.slot.get().expect("store open").dedup.len()
+    }
+
     /// A job that panics on the live path's thread (tests).
     #[cfg(test)]
     pub(crate) async fn live_panic_for_test(&self) -> StoreResult<()> {
@@ -771,6 +796,9 @@ impl Inner {
             let (k, v) = kv.map_err(unavailable)?;
             let id = decode_id(&k)?;
             let m = decode_msg(&v)?;
+            if let Some(dk) = m.dedup_key {
+                q.note_dedup(m.connection, dk, id, m.received_at_ms);
+            }
             q.insert(
                 m.connection,
                 id,
@@ -781,6 +809,7 @@ impl Inner {
                     owner: None,
                     attempts: attempts.get(&id).copied().unwrap_or(0),
                     expires_at_ms: m.expires_at_ms.unwrap_or(NEVER),
+                    dedup: m.dedup_key.is_some(),
                 },
             );
         }
@@ -792,8 +821,7 @@ impl Inner {
             }
             let id = i64::from_be_bytes(v[..8].try_into().expect("length checked"));
             let at = i64::from_be_bytes(v[8..].try_into().expect("length checked"));
-            q.dedup_order.push_back((at, conn.clone(), key));
-            q.dedup.entry(conn).or_default().insert(key, (id, at));
+            q.note_dedup(&conn, key, id, at);
         }
         q.dedup_count = q.dedup.values().map(|d| d.len() as u64).sum();
         q.dedup_order.make_contiguous().sort_by_key(|e| e.0);
@@ -857,12 +885,59 @@ impl Inner {
     /// into the current buffer and reach the disk with the writer's next flush. Attempt counts go
     /// first: sled recovers a prefix of its log, so a crash never leaves a count whose message
     /// is gone (a message whose count is gone is delivered again with its count restarted).
-    fn forget_acked(&self, ids: impl Iterator<Item = MessageId> + Clone) -> StoreResult<()> {
-        for id in ids.clone() {
-            self.attempts.remove(encode_id(id)).map_err(unavailable)?;
+    ///
+    /// `with_dedup`: those of `ids` whose record holds a dedup key ([`Meta::dedup`]); their
+    /// dedup records are kept first (`keep_dedup`).
+    fn forget_acked(&self, ids: &[MessageId], with_dedup: &[MessageId]) -> StoreResult<()> {
+        self.keep_dedup(with_dedup)?;
+        for id in ids {
+            self.attempts.remove(encode_id(*id)).map_err(unavailable)?;
         }
         for id in ids {
-            self.msgs.remove(encode_id(id)).map_err(unavailable)?;
+            self.msgs.remove(encode_id(*id)).map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the `dedup` record of messages about to leave the queue (acknowledged, expired by
+    /// their sender, dropped by an operator) whose dedup entry is still held, i.e. not yet
+    /// pruned: a copy sent again within the window is still a duplicate after a restart.
+    /// While a message is queued its own record is its dedup record, so ingest writes one
+    /// record per forward, not two, and a message that outlives its window (a wallet offline
+    /// longer than it) never has one. Called before the messages' removal: sled recovers a
+    /// prefix of its log, so a removal that survives a crash has its dedup record. Not flushed
+    /// (as the removal is not): a record lost in a crash is one whose message comes back.
+    ///
+    /// A prune that lands between the check and the insert leaves a record with no entry;
+    /// it is read back at the next open and pruned then.
+    fn keep_dedup(&self, ids: &[MessageId]) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(v) = self.msgs.get(encode_id(*id)).map_err(unavailable)? {
+                records.push((*id, v));
+            }
+        }
+        let keep: Vec<(Vec<u8>, Vec<u8>)> = {
+            let q = self.queues.lock();
+            let mut keep = Vec::with_capacity(records.len());
+            for (id, v) in &records {
+                let m = decode_msg(v)?;
+                let Some(dk) = m.dedup_key else { continue };
+                if q.dedup
+                    .get(m.connection)
+                    .and_then(|d| d.get(&dk))
+                    .is_some_and(|(held, _)| held == id)
+                {
+                    keep.push((dedup_tree_key(m.connection, &dk), dedup_value(*id, m.received_at_ms)));
+                }
+            }
+            keep
+        };
+        for (k, v) in keep {
+            self.dedup.insert(k, v).map_err(unavailable)?;
         }
         Ok(())
     }
@@ -871,12 +946,16 @@ impl Inner {
     /// Deletes every queued message of `conn` (and, with `dedup`, its dedup records). The caller
     /// holds `batch_lock`. Returns (messages, dedup records) removed.
     fn remove_queue(&self, conn: &str, dedup: bool) -> StoreResult<(u64, u64)> {
-        let (ids, dedup_n) = {
+        let (ids, with_dedup, dedup_n) = {
             let mut q = self.queues.lock();
+            let mut with_dedup = Vec::new();
             let ids: Vec<MessageId> = match q.by_conn.remove(conn) {
                 Some(cq) => {
                     for (id, m) in &cq.msgs {
                         q.unindex(*id, m);
+                        if m.dedup {
+                            with_dedup.push(*id);
+                        }
                     }
                     cq.msgs.into_keys().collect()
                 }
@@ -890,8 +969,12 @@ impl Inner {
                     q.dedup_count -= dedup_n;
                 }
             }
-            (ids, dedup_n)
+            (ids, with_dedup, dedup_n)
         };
+        if !dedup {
+            // The queue goes, its dedup entries stay (as after an acknowledgement).
+            self.keep_dedup(&with_dedup)?;
+        }
         let mut b = sled::Batch::default();
         for id in &ids {
             b.remove(&encode_id(*id));
@@ -1008,18 +1091,10 @@ impl Inner {
             // and after itself (`forget_acked`), two log writes besides the flush below, and
             // nothing here needs the batch's all-or-nothing: no caller is answered before the
             // flush, and a message recovered without its batch-mates was simply not answered
-            // (its sender sends again: at-least-once). The messages go first and their dedup
-            // records after, so a log prefix recovered after a crash never holds a record
-            // whose message is missing.
+            // (its sender sends again: at-least-once). A message's record holds its dedup key:
+            // no `dedup` record while it is queued (`keep_dedup`).
             for (m, id) in accepted.iter().zip(&ids) {
                 self.msgs.insert(encode_id(*id), encode_msg(m)).map_err(unavailable)?;
-            }
-            for (m, id) in accepted.iter().zip(&ids) {
-                if let Some(dk) = &m.dedup_key {
-                    self.dedup
-                        .insert(dedup_tree_key(&m.connection, dk), dedup_value(*id, m.received_at_ms))
-                        .map_err(unavailable)?;
-                }
             }
             self.flush()?;
             Ok(ids)
@@ -1049,6 +1124,7 @@ impl Inner {
                     owner: owner.clone(),
                     attempts: u32::from(m.lease.is_some()),
                     expires_at_ms: m.expires_at_ms.unwrap_or(NEVER),
+                    dedup: m.dedup_key.is_some(),
                 };
                 q.insert(&m.connection, *id, meta);
                 if let Some(o) = owner {
@@ -1228,6 +1304,7 @@ struct MsgRef<'a> {
     expires_at_ms: Option<i64>,
     connection: &'a str,
     recipient_key: &'a str,
+    dedup_key: Option<[u8; 32]>,
     payload: &'a [u8],
 }
 
@@ -1257,18 +1334,17 @@ fn decode_msg(v: &[u8]) -> StoreResult<MsgRef<'_>> {
     };
     let connection = take_str(&mut v)?;
     let recipient_key = take_str(&mut v)?;
-    match take(&mut v, 1)?[0] {
-        0 => {}
-        1 => {
-            take(&mut v, 32)?;
-        }
+    let dedup_key = match take(&mut v, 1)?[0] {
+        0 => None,
+        1 => Some(take(&mut v, 32)?.try_into().expect("32 bytes")),
         _ => return Err(corrupt("dedup flag")),
-    }
+    };
     Ok(MsgRef {
         received_at_ms,
         expires_at_ms,
         connection,
         recipient_key,
+        dedup_key,
         payload: v,
     })
 }
@@ -1711,30 +1787,34 @@ impl Store for SledStore {
         let conn = conn.to_owned();
         let ids = ids.to_vec();
         self.live(move |inner| {
-            let removed: Vec<(MessageId, i64)> = {
+            let (removed, leases, with_dedup) = {
                 let mut guard = inner.queues.lock();
                 let q = &mut *guard;
                 let Some(cq) = q.by_conn.get_mut(&conn) else {
                     return Ok(Vec::new());
                 };
-                let mut removed = Vec::new();
+                let (mut removed, mut leases, mut with_dedup) = (Vec::new(), Vec::new(), Vec::new());
                 for id in ids {
                     if let Some(m) = cq.msgs.remove(&id) {
                         cq.bytes -= m.size;
                         if m.expires_at_ms != NEVER {
                             q.expiring.remove(&(m.expires_at_ms, id));
                         }
-                        removed.push((id, m.lease_until_ms));
+                        removed.push(id);
+                        leases.push(m.lease_until_ms);
+                        if m.dedup {
+                            with_dedup.push(id);
+                        }
                     }
                 }
                 q.total -= removed.len() as u64;
                 if cq.msgs.is_empty() {
                     q.by_conn.remove(&conn);
                 }
-                removed
+                (removed, leases, with_dedup)
             };
-            inner.forget_acked(removed.iter().map(|(id, _)| *id))?;
-            Ok(removed.into_iter().map(|(_, lease)| lease).collect())
+            inner.forget_acked(&removed, &with_dedup)?;
+            Ok(leases)
         })
         .await
     }
@@ -1961,10 +2041,10 @@ impl Store for SledStore {
 
     async fn expire_due(&self, now_ms: i64, max: usize) -> StoreResult<u64> {
         self.blocking(move |inner| {
-            let removed = {
+            let (removed, with_dedup) = {
                 let mut guard = inner.queues.lock();
                 let q = &mut *guard;
-                let mut removed = Vec::new();
+                let (mut removed, mut with_dedup) = (Vec::new(), Vec::new());
                 while removed.len() < max {
                     let Some((&(at, id), _)) = q.expiring.first_key_value() else {
                         break;
@@ -1981,10 +2061,13 @@ impl Store for SledStore {
                     }
                     q.total -= 1;
                     removed.push(id);
+                    if m.dedup {
+                        with_dedup.push(id);
+                    }
                 }
-                removed
+                (removed, with_dedup)
             };
-            inner.forget_acked(removed.iter().copied())?;
+            inner.forget_acked(&removed, &with_dedup)?;
             Ok(removed.len() as u64)
         })
         .await
