@@ -1304,12 +1304,14 @@ pub async fn dedup_outlives_its_message_across_reopen(b: Arc<dyn Backend>) {
         dedup_window_ms: 60_000,
         ..EnqueueLimits::UNLIMITED
     };
-    let (c, c2, acked, expired, dropped) = {
+    let (c, c2, c3, acked, expired, dropped) = {
         let s = b.open().await;
         let c = new_conn(&s).await;
         let c2 = new_conn(&s).await;
-        // Key 5 arrives first, 30 s before the others.
+        let c3 = new_conn(&s).await;
+        // Keys 5 (acknowledged) and 6 (still queued) arrive first, 30 s before the others.
         s.enqueue(vec![dmsg(&c, "old", T0 - 30_000, 5)], &lim).await.unwrap();
+        s.enqueue(vec![dmsg(&c3, "old", T0 - 30_000, 6)], &lim).await.unwrap();
         let mut first = Vec::new();
         for (conn, key, expires) in [(&c, 1u8, None), (&c, 2, Some(T0 + 10)), (&c2, 3, None), (&c, 4, None)] {
             let m = NewMessage {
@@ -1329,10 +1331,10 @@ pub async fn dedup_outlives_its_message_across_reopen(b: Arc<dyn Backend>) {
         assert_eq!(s.ack(&c, &acked).await.unwrap(), 3);
         assert_eq!(s.expire_due(T0 + 20, 100).await.unwrap(), 1);
         assert_eq!(s.drop_queue(&c2).await.unwrap(), 1);
-        // Key 5's entry goes, the others' stay.
-        assert_eq!(s.prune_dedup(T0 - 1, 100).await.unwrap(), 1);
-        assert_eq!(s.total_queued().await.unwrap(), 0);
-        (c, c2, first[0], first[1], first[2])
+        // The entries of keys 5 and 6 go, the others' stay.
+        assert_eq!(s.prune_dedup(T0 - 1, 100).await.unwrap(), 2);
+        assert_eq!(s.total_queued().await.unwrap(), 1, "key 6's message");
+        (c, c2, c3, first[0], first[1], first[2])
     };
     let s = b.open().await;
     for (conn, key, id) in [(&c, 1u8, acked), (&c, 2, expired), (&c2, 3, dropped)] {
@@ -1343,12 +1345,14 @@ pub async fn dedup_outlives_its_message_across_reopen(b: Arc<dyn Backend>) {
             "key {key}: sent again within its window after a reopen"
         );
     }
-    let r = s.enqueue(vec![dmsg(&c, "old", T0 + 100, 5)], &lim).await.unwrap();
-    assert!(
-        !r[0].as_ref().unwrap().duplicate,
-        "a pruned entry stays pruned after a reopen"
-    );
-    assert_eq!(s.total_queued().await.unwrap(), 1);
+    for (conn, key) in [(&c, 5u8), (&c3, 6)] {
+        let r = s.enqueue(vec![dmsg(conn, "old", T0 + 100, key)], &lim).await.unwrap();
+        assert!(
+            !r[0].as_ref().unwrap().duplicate,
+            "key {key}: a pruned entry stays pruned after a reopen"
+        );
+    }
+    assert_eq!(s.total_queued().await.unwrap(), 3);
 }
 
 /// A peer key is claimed by one connection across every handle (node) of the store, even

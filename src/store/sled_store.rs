@@ -1,7 +1,7 @@
 //! The sled backend: embedded, one process.
 //!
 //! Layout (trees):
-//! - `meta`: `identity` -> JSON.
+//! - `meta`: `identity` -> JSON; `dedup_pruned_before` -> i64 BE (see `prune_dedup`).
 //! - `conns`: connection id -> JSON [`Connection`]; `by_verkey`: `len16(verkey) verkey id` ->
 //!   write sequence; `by_thread`: `len16(thread) thread id` -> write sequence. Written in the
 //!   connection's transaction; several connections may share a key, a lookup takes the most
@@ -68,6 +68,10 @@ const NEVER: i64 = i64::MAX;
 /// sled page cache when the config does not say (`store.sled_cache_mib`, 64).
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
 const IDENTITY_KEY: &[u8] = b"identity";
+/// `meta` key: the latest cutoff [`Store::prune_dedup`] was called with (i64 BE). Dedup entries
+/// older than it are past their window: the index rebuilt at open leaves them out, as the
+/// process before it had pruned them (or was about to).
+const DEDUP_PRUNED_BEFORE_KEY: &[u8] = b"dedup_pruned_before";
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("sled: {e}"))
@@ -121,6 +125,8 @@ struct Queues {
     /// record was replaced (a later copy) or removed since is skipped when it is reached.
     dedup_order: VecDeque<(i64, ConnId, [u8; 32])>,
     dedup_count: u64,
+    /// The latest cutoff of [`Store::prune_dedup`] (persisted as `DEDUP_PRUNED_BEFORE_KEY`).
+    dedup_pruned_before: i64,
     /// owner -> connections where it leased messages (a superset: pruned by `expire` and
     /// `release_owner`), so `release_owner` scans only those queues.
     by_owner: HashMap<Arc<str>, std::collections::HashSet<ConnId>>,
@@ -785,6 +791,15 @@ impl Inner {
     /// pending after a restart.
     fn rebuild_index(&self) -> StoreResult<()> {
         let mut q = Queues::default();
+        // Entries pruned before (a queued message's too: its record holds its dedup key) stay
+        // pruned: a store holding millions of messages for offline wallets does not load an
+        // entry for each at open only to prune them again.
+        let pruned_before = match self.meta.get(DEDUP_PRUNED_BEFORE_KEY).map_err(unavailable)? {
+            Some(v) => i64::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt("dedup_pruned_before"))?),
+            None => i64::MIN,
+        };
+        q.dedup_pruned_before = pruned_before;
+        let mut stale = Vec::new();
         let mut attempts: HashMap<MessageId, u32> = HashMap::new();
         for kv in self.attempts.iter() {
             let (k, v) = kv.map_err(unavailable)?;
@@ -796,7 +811,7 @@ impl Inner {
             let (k, v) = kv.map_err(unavailable)?;
             let id = decode_id(&k)?;
             let m = decode_msg(&v)?;
-            if let Some(dk) = m.dedup_key {
+            if let Some(dk) = m.dedup_key.filter(|_| m.received_at_ms >= pruned_before) {
                 q.note_dedup(m.connection, dk, id, m.received_at_ms);
             }
             q.insert(
@@ -821,7 +836,15 @@ impl Inner {
             }
             let id = i64::from_be_bytes(v[..8].try_into().expect("length checked"));
             let at = i64::from_be_bytes(v[8..].try_into().expect("length checked"));
+            if at < pruned_before {
+                // Written by an acknowledgement racing the prune that dropped its entry.
+                stale.push(k);
+                continue;
+            }
             q.note_dedup(&conn, key, id, at);
+        }
+        for k in stale {
+            self.dedup.remove(k).map_err(unavailable)?;
         }
         q.dedup_count = q.dedup.values().map(|d| d.len() as u64).sum();
         q.dedup_order.make_contiguous().sort_by_key(|e| e.0);
@@ -1932,10 +1955,12 @@ impl Store for SledStore {
 
     async fn prune_dedup(&self, before_ms: i64, max: usize) -> StoreResult<u64> {
         self.blocking(move |inner| {
-            let removed = {
+            let (removed, newer_cutoff) = {
                 let mut guard = inner.queues.lock();
                 let q = &mut *guard;
                 let mut removed = Vec::new();
+                let newer_cutoff = before_ms > q.dedup_pruned_before;
+                q.dedup_pruned_before = q.dedup_pruned_before.max(before_ms);
                 // Entries skipped below are popped once each: the work stays linear in records.
                 while removed.len() < max {
                     match q.dedup_order.front() {
@@ -1955,14 +1980,21 @@ impl Store for SledStore {
                     q.dedup_count -= 1;
                     removed.push(dedup_tree_key(&conn, &key));
                 }
-                removed
+                (removed, newer_cutoff)
             };
             let n = removed.len() as u64;
-            let mut b = sled::Batch::default();
+            // Single records (see `forget_acked`); most entries are of queued messages and have
+            // no record (removing a missing key writes nothing).
             for k in removed {
-                b.remove(k);
+                inner.dedup.remove(k).map_err(unavailable)?;
             }
-            inner.dedup.apply_batch(b).map_err(unavailable)?;
+            if newer_cutoff {
+                // Not flushed: a cutoff lost in a crash only loads entries the next prune drops.
+                inner
+                    .meta
+                    .insert(DEDUP_PRUNED_BEFORE_KEY, &before_ms.to_be_bytes())
+                    .map_err(unavailable)?;
+            }
             Ok(n)
         })
         .await
