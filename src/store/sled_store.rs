@@ -932,7 +932,7 @@ impl Inner {
     /// (as the removal is not): a record lost in a crash is one whose message comes back.
     ///
     /// A prune that lands between the check and the insert leaves a record with no entry;
-    /// it is read back at the next open and pruned then.
+    /// the next open deletes it (older than the persisted prune cutoff).
     fn keep_dedup(&self, ids: &[MessageId]) -> StoreResult<()> {
         if ids.is_empty() {
             return Ok(());
