@@ -101,14 +101,17 @@ for (tag, p), by_round in rounds.items():
     rs = sorted(by_round.values(), key=lambda r: float(r[MAIN[tag]]))
     res[(tag, p)] = rs[(len(rs) - 1) // 2]
 
+def times(base, r, key, higher_is_better):
+    """mailroom's figure (`base`) against a peer's (`r`), as "NNx"."""
+    a, b = float(base[key]), float(r[key])
+    num, den = (a, b) if higher_is_better else (b, a)
+    return f"{num / den:.0f}x" if den > 0 else "inf"
+
 def ratio(tag, p, key, higher_is_better=True):
     base, r = res.get((tag, "mailroom")), res.get((tag, p))
     if p == "mailroom" or not base or not r:
         return "-"
-    a, b = float(base[key]), float(r[key])
-    if higher_is_better:
-        return f"{a / b:.0f}x" if b > 0 else "inf"
-    return f"{b / a:.0f}x" if a > 0 else "inf"
+    return times(base, r, key, higher_is_better)
 
 print(f"Box load before: {before.strip()}; after: {after.strip()}")
 n_rounds = max((len(v) for v in rounds.values()), default=1)
@@ -140,9 +143,10 @@ def per_round(tag, key, higher_is_better=True):
             r = rounds[(tag, p)].get(rnd)
             if not r:
                 continue
-            a, b = float(base[rnd][key]), float(r[key])
-            num, den = (a, b) if higher_is_better else (b, a)
-            out.append(f"{num / den:.0f}x" if den > 0 else "inf")
+            if tag == "peer-backlog" and r["drained"] != r["queued"]:
+                out.append("not drained")
+            else:
+                out.append(times(base[rnd], r, key, higher_is_better))
         print(f"mailroom's ratio to {p}, round by round: {' · '.join(out)}")
 
 if any(t == "peer-result" for t, _ in res):
