@@ -144,10 +144,11 @@ pub async fn run(
         }));
     }
     let registry = Registry::new(cluster.clone());
+    let bound = Arc::new(crate::registry::LocalHolders::default());
     let _ = mediator.holders.set(Arc::new(crate::session::NodeHolders {
         node_id: node_id.to_string(),
         cluster: cluster.clone(),
-        local: registry.local_holders(),
+        local: bound.clone(),
         strategy: cfg.delivery.strategy,
     }));
     let registry = registry.start();
@@ -173,6 +174,7 @@ pub async fn run(
         cluster.clone(),
         cfg.clone(),
         metrics.clone(),
+        bound,
     ));
 
     // Push notifications wake wallets that no node holds a session of.

@@ -319,3 +319,42 @@ async fn a_forward_for_a_live_session_here_needs_no_lease_and_comes_again_at_onc
     assert_eq!(contents(&a, &d), vec!["handed 4".to_string()]);
     assert_eq!(metric(&n, r#"mailroom_handoffs_total{to="returned"}"#).await, None);
 }
+
+/// With no sweep only a wake-up delivers: a wallet with two live sockets here that closes one
+/// still gets new messages at once on the other, whether the forward hands them to its
+/// session (the default strategy) or wakes it (`queue-only`). A wake-up asks the registry only
+/// while a session here is counted in for the connection (`registry::LocalHolders`); a count
+/// that went with the first socket would leave the message in the queue.
+#[actix_rt::test]
+async fn a_wallet_keeps_live_delivery_on_its_other_socket_when_one_closes() {
+    for strategy in [Strategy::QueueAndLiveModeDelivery, Strategy::QueueOnly] {
+        let (_dir, n, a, k) = node_with_wallet(strategy, |c| c.delivery.sweep_interval_ms = 600_000).await;
+        let routing = a.grant.clone().unwrap().routing_keys;
+        let first = live_socket(&a, &n).await;
+        let mut second = live_socket(&a, &n).await;
+        first.close().await;
+        eventually("the node let go of the first socket", || async {
+            let v = get_json(&format!("{}/sessions", n.admin_url())).await;
+            (v["sessions"].as_array().unwrap().len() == 1).then_some(())
+        })
+        .await;
+        let st = Sender::new()
+            .forward(
+                &n.public_url(),
+                &basic_message("to the other socket"),
+                &k.verkey(),
+                &routing,
+            )
+            .await
+            .unwrap();
+        assert_eq!(st, 202);
+        let d = ws_next_message(&a, &mut second).await;
+        assert_eq!(type_name(&d), "delivery", "{strategy:?}: {d}");
+        assert_eq!(
+            contents(&a, &d),
+            vec!["to the other socket".to_string()],
+            "{strategy:?}"
+        );
+        second.close().await;
+    }
+}

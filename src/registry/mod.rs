@@ -10,7 +10,6 @@
 
 use actix::prelude::*;
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use crate::cluster::ClusterHandle;
 use crate::store::QueuedMessage;
@@ -50,15 +49,49 @@ pub enum Signal {
     HandOff(Vec<QueuedMessage>),
 }
 
-/// The connections this node holds sessions of, readable without a message to the registry
-/// (the forward handlers ask on every forward, [`crate::protocols::Holders`]). Kept only on
-/// a node without a cluster: a cluster's directory already says where every session is.
+/// The connections this node holds bound sessions of, readable without a message to the
+/// registry: the forward handlers ask on every forward ([`crate::protocols::Holders`] on a node
+/// without a cluster) and before every wake-up (most forwards are for wallets with no session
+/// here, and asking the registry actor cost two cross-thread wake-ups per forward).
+///
+/// Kept by the sessions themselves, not by the registry: a session counts itself in after its
+/// `Register` is sent and before its first drain, and out when it leaves. So a message
+/// written before a check that finds no session here is seen by that session's first drain,
+/// and a check that finds one is answered by a registry that has the session's `Register`.
+/// Counted per session: one socket of a wallet closing leaves the others counted. It may say
+/// "held" a moment after the registry let a session go (the wake-up then finds nobody and
+/// goes on as before); it never says "not held" while a bound session could miss the wake.
 #[derive(Default)]
-pub struct LocalHolders(parking_lot::Mutex<std::collections::HashSet<String>>);
+pub struct LocalHolders(parking_lot::Mutex<HashMap<String, usize>>);
 
 impl LocalHolders {
     pub fn holds(&self, conn: &str) -> bool {
-        self.0.lock().contains(conn)
+        self.0.lock().contains_key(conn)
+    }
+
+    /// A session bound to `conn`: before it first drains the queue.
+    pub fn count_in(&self, conn: &str) {
+        *self.0.lock().entry(conn.to_string()).or_default() += 1;
+    }
+
+    /// A session counted in for `conn` left it (closed, rebound or superseded).
+    pub fn count_out(&self, conn: &str) {
+        let mut m = self.0.lock();
+        if let Some(n) = m.get_mut(conn) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(conn);
+            }
+        }
+    }
+
+    /// Connections counted in (for tests and the admin figures).
+    pub fn len(&self) -> usize {
+        self.0.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -78,25 +111,16 @@ pub struct Registry {
     owned: HashMap<String, Owned>,
     cluster: Option<ClusterHandle>,
     sessions: usize,
-    /// Without a cluster: the keys of `by_conn`, for [`LocalHolders`].
-    local: Option<Arc<LocalHolders>>,
 }
 
 impl Registry {
     pub fn new(cluster: Option<ClusterHandle>) -> Registry {
-        let local = cluster.is_none().then(Arc::default);
         Registry {
             by_conn: HashMap::new(),
             owned: HashMap::new(),
             cluster,
             sessions: 0,
-            local,
         }
-    }
-
-    /// The connections held here, for a node without a cluster (`None` with one).
-    pub fn local_holders(&self) -> Option<Arc<LocalHolders>> {
-        self.local.clone()
     }
 
     fn wake_conn(&self, conn: &str) -> bool {
@@ -137,11 +161,6 @@ impl Handler<Register> for Registry {
         if entries.iter().any(|e| e.session == m.session) {
             return;
         }
-        if entries.is_empty() {
-            if let Some(l) = &self.local {
-                l.0.lock().insert(m.conn.clone());
-            }
-        }
         entries.push(Entry {
             session: m.session,
             to: m.to,
@@ -175,9 +194,6 @@ impl Handler<Unregister> for Registry {
         self.sessions -= before - entries.len();
         if entries.is_empty() {
             self.by_conn.remove(&m.conn);
-            if let Some(l) = &self.local {
-                l.0.lock().remove(&m.conn);
-            }
             if let (Some(c), Some(o)) = (&self.cluster, self.owned.remove(&m.conn)) {
                 c.withdraw_session(&m.conn, o.epoch);
             }
@@ -376,5 +392,32 @@ impl Handler<CloseConn> for Registry {
         }
         tracing::info!(connection = %m.conn, sessions = entries.len(), reason = %m.reason, "sessions closed by an operator action");
         entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LocalHolders;
+
+    #[test]
+    fn a_connection_is_held_while_any_of_its_sessions_is_counted_in() {
+        let h = LocalHolders::default();
+        assert!(!h.holds("c1"));
+        h.count_in("c1");
+        h.count_in("c1");
+        h.count_in("c2");
+        // One of two sockets of c1 closes: the other still takes wake-ups.
+        h.count_out("c1");
+        assert!(h.holds("c1"));
+        h.count_out("c1");
+        assert!(!h.holds("c1"));
+        assert!(h.holds("c2"));
+        // A stray count-out (a session never counted in) takes nobody else's count.
+        h.count_out("c1");
+        h.count_in("c1");
+        assert!(h.holds("c1"));
+        h.count_out("c2");
+        h.count_out("c1");
+        assert!(h.is_empty(), "no entry once every session left");
     }
 }

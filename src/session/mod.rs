@@ -60,6 +60,9 @@ pub struct Shared {
     /// The connection records bound sessions hold: one copy per connection, whatever the
     /// number of its sessions.
     pub held: held::Held,
+    /// The connections bound sessions here hold, counted by the sessions themselves: a
+    /// wake-up asks the registry only when one is (see [`LocalHolders`]).
+    pub bound: Arc<LocalHolders>,
 }
 
 impl Shared {
@@ -69,6 +72,7 @@ impl Shared {
         cluster: Option<ClusterHandle>,
         cfg: Arc<Config>,
         metrics: Arc<Metrics>,
+        bound: Arc<LocalHolders>,
     ) -> Shared {
         Shared {
             mediator,
@@ -84,6 +88,7 @@ impl Shared {
             endpoint_cursor: Mutex::new(None),
             push: std::sync::OnceLock::new(),
             held: held::Held::default(),
+            bound,
         }
     }
 
@@ -182,13 +187,15 @@ impl Shared {
     }
 
     /// Wakes the session of `conn` here or on its owner node; else delivers to the agent's
-    /// own endpoint, if any. Whether some node holds a session of it.
+    /// own endpoint, if any. Whether some node holds a session of it. The registry is asked
+    /// only when a session here is counted in for `conn` ([`LocalHolders`]).
     async fn reach(self: &Arc<Self>, conn: &str) -> bool {
-        if self
-            .registry
-            .send(WakeLocal { conn: conn.to_string() })
-            .await
-            .unwrap_or(false)
+        if self.bound.holds(conn)
+            && self
+                .registry
+                .send(WakeLocal { conn: conn.to_string() })
+                .await
+                .unwrap_or(false)
         {
             return true;
         }
@@ -315,7 +322,7 @@ impl Shared {
 pub struct NodeHolders {
     pub node_id: String,
     pub cluster: Option<ClusterHandle>,
-    pub local: Option<Arc<LocalHolders>>,
+    pub local: Arc<LocalHolders>,
     pub strategy: crate::config::Strategy,
 }
 
@@ -326,8 +333,7 @@ impl crate::protocols::Holders for NodeHolders {
         }
         match (&self.cluster, &self.local) {
             (Some(c), _) => c.holder(conn, len),
-            (None, Some(l)) => l.holds(conn).then(|| self.node_id.clone()),
-            (None, None) => None,
+            (None, l) => l.holds(conn).then(|| self.node_id.clone()),
         }
     }
 }

@@ -304,6 +304,10 @@ impl WsSession {
                 self.shared.metrics.sessions.inc();
             }
         }
+        // Counted in for a connection while registered for it (here: rebound to another).
+        if let (true, Some(old)) = (self.registered, self.conn.as_ref()) {
+            self.shared.bound.count_out(&old.id);
+        }
         self.let_go();
         self.registered = true;
         self.shared.registry.do_send(Register {
@@ -315,6 +319,8 @@ impl WsSession {
             self.mode = self.idle_mode();
         }
         self.conn = Some(self.shared.held.hold(conn));
+        // After the `Register` above and before the drain below (see `LocalHolders`).
+        self.shared.bound.count_in(&conn.id);
         // Anything already queued goes out now.
         ctx.notify(Wake);
     }
@@ -555,6 +561,9 @@ impl Actor for WsSession {
         // Before the release below: a lease in flight now gives its messages back itself.
         self.closed.store(true, Ordering::SeqCst);
         if let Some(conn_id) = self.conn.as_ref().map(|c| c.id.clone()) {
+            if self.registered {
+                self.shared.bound.count_out(&conn_id);
+            }
             self.let_go();
             self.shared.metrics.sessions.dec();
             self.shared.registry.do_send(Unregister {
@@ -657,6 +666,9 @@ impl WsSession {
             return;
         }
         self.registered = false;
+        if let Some(c) = &self.conn {
+            self.shared.bound.count_out(&c.id);
+        }
         // Its leases go back below: nothing of this socket awaits an acknowledgement.
         self.window.clear();
         let handed = self.handed_ids();
