@@ -217,6 +217,98 @@ async fn a_cut_link_only_delays_delivery_and_heals() {
     assert_eq!(queue_depth(n1).await, 0);
 }
 
+/// A `Deliver` frame written to a link that dies before the peer reads it (its bytes vanish
+/// on the way, as in a socket buffer of a link that breaks): the sender, which cannot know
+/// whether the peer read it, releases its messages when the link ends, and the wallet gets
+/// them through the sweep on its node, not when their 30 s hand-off lease runs out. A frame
+/// the peer did read is confirmed by the answer to a later ping and not released.
+#[actix_rt::test]
+async fn a_handoff_lost_with_its_link_is_released_not_left_to_its_lease() {
+    let pair = ProxiedPair::start(300).await;
+    let (n1, n2) = (&pair.n1, &pair.n2);
+    let LiveWallet {
+        mut a,
+        k,
+        conn,
+        routing,
+        mut ws,
+    } = live_wallet(n1, &[n2]).await;
+    // Read by n1 and confirmed: never released.
+    assert_eq!(forward_via(n2, &routing, &k, "before").await, 202);
+    let (got, _) = receive(&mut a, &mut ws, &n1.public_url(), 1).await;
+    assert_eq!(got, vec!["before".to_string()]);
+
+    pair.swallow_n2_to_n1();
+    let sent = cluster_counter(n2, "handoffs_sent").await;
+    assert_eq!(forward_via(n2, &routing, &k, "lost on the wire").await, 202);
+    assert_eq!(
+        cluster_counter(n2, "handoffs_sent").await,
+        sent + 1,
+        "handed to n1 in a Deliver frame"
+    );
+    // n1 hears nothing from n2 and closes the link after its failure timeout (800 ms).
+    eventually("the link ends", || async {
+        (!peer_connected(n2, "n1").await).then_some(())
+    })
+    .await;
+    let (got, dups) = receive(&mut a, &mut ws, &n1.public_url(), 1).await;
+    assert_eq!(got, vec!["lost on the wire".to_string()]);
+    assert_eq!(dups, 0);
+    assert_eq!(cluster_counter(n2, "handoffs_unconfirmed").await, 1);
+
+    pair.stop_swallowing();
+    eventually("link healed", || async { peer_connected(n2, "n1").await.then_some(()) }).await;
+    assert_eq!(queue_depth(n1).await, 0);
+    let _ = conn;
+}
+
+/// The other way round: n2's `Deliver` reaches n1, whose session writes it to the wallet, but
+/// n1's answers to n2's pings vanish, so n2 cannot know it was read and releases it when the
+/// link ends. The wallet has the message and has not acknowledged it yet: n1's sweep leases it
+/// again for the session, which does not write what it already wrote.
+#[actix_rt::test]
+async fn a_released_handoff_its_session_already_wrote_is_not_written_twice() {
+    let pair = ProxiedPair::start(300).await;
+    let (n1, n2) = (&pair.n1, &pair.n2);
+    let LiveWallet {
+        mut a,
+        k,
+        conn,
+        routing,
+        mut ws,
+    } = live_wallet(n1, &[n2]).await;
+    pair.swallow_n1_to_n2();
+    assert_eq!(forward_via(n2, &routing, &k, "once").await, 202);
+    let d = ws_next_message(&a, &mut ws).await;
+    assert_eq!(type_name(&d), "delivery", "{d}");
+    let ids = delivery_ids(&a, &d);
+    eventually(
+        "n2 ends the link and releases the frame it cannot know was read",
+        || async { (cluster_counter(n2, "handoffs_unconfirmed").await == 1).then_some(()) },
+    )
+    .await;
+    let (pg, task) = tokio_postgres::connect(&pair.db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    actix_rt::spawn(task);
+    eventually("n1's session leased it again", || async {
+        let row = pg
+            .query_one("SELECT lease_owner FROM mailroom_messages WHERE conn_id = $1", &[&conn])
+            .await
+            .unwrap();
+        let owner: Option<String> = row.get(0);
+        owner.is_some_and(|o| o.contains("/ws/")).then_some(())
+    })
+    .await;
+    // A positive marker: the answer to this ping comes next, with no second delivery before it.
+    let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": mailroom::didcomm::message::new_id(), "response_requested": true, "~transport": {"return_route": "all"}});
+    let next = ws_request(&a, &mut ws, &ping).await;
+    assert_eq!(type_name(&next), "ping_response", "written twice: {next}");
+    ack(&mut a, &n1.public_url(), ids).await;
+    assert_eq!(queue_depth(n1).await, 0);
+    pair.stop_swallowing();
+}
+
 /// A peer with the wrong secret, or naming another cluster, is refused and counted; the
 /// cluster keeps working.
 #[actix_rt::test]

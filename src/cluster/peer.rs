@@ -70,6 +70,7 @@ pub(crate) struct Counters {
     pub handoffs_sent: AtomicU64,
     pub handoffs_received: AtomicU64,
     pub handoffs_failed: AtomicU64,
+    pub handoffs_unconfirmed: AtomicU64,
 }
 
 /// A snapshot of [`Counters`] for status output.
@@ -97,6 +98,10 @@ pub struct CounterSnapshot {
     /// Messages whose `Deliver` frame could not be queued (no link, queue full): the sender
     /// released them and woke the owner as for any new message.
     pub handoffs_failed: u64,
+    /// Messages in `Deliver` frames written to a link that ended before the peer answered a
+    /// later ping: the peer may never have read them, so the sender released them (a release
+    /// gives back only what is still leased to the peer's hand-off owner).
+    pub handoffs_unconfirmed: u64,
 }
 
 impl Counters {
@@ -115,6 +120,7 @@ impl Counters {
             handoffs_sent: g(&self.handoffs_sent),
             handoffs_received: g(&self.handoffs_received),
             handoffs_failed: g(&self.handoffs_failed),
+            handoffs_unconfirmed: g(&self.handoffs_unconfirmed),
         }
     }
 }
@@ -723,6 +729,38 @@ async fn dial(shared: &Shared, peer: &str, addr: SocketAddr) -> Result<(TcpStrea
         .unwrap_or(Err(HandshakeError::Timeout))
 }
 
+/// `Deliver` frames written to one link and not yet known to be read: the peer reads frames in
+/// order and answers each ping, so a pong proves it read every frame written before its ping.
+/// What is left when the link ends may have been lost in a socket buffer; the sender releases
+/// it rather than leave it leased to the peer's hand-off owner until the lease runs out.
+#[derive(Default)]
+struct Unconfirmed {
+    /// The `t` of the last ping written.
+    last_ping: u64,
+    /// (`last_ping` when written, connection, message ids), oldest first.
+    frames: std::collections::VecDeque<(u64, String, Vec<i64>)>,
+}
+
+impl Unconfirmed {
+    fn written(&mut self, f: &Frame) {
+        match f {
+            Frame::Deliver { conn, msgs } => {
+                let ids = msgs.iter().map(|m| m.id).collect();
+                self.frames.push_back((self.last_ping, conn.clone(), ids));
+            }
+            Frame::Ping { t } => self.last_ping = *t,
+            _ => {}
+        }
+    }
+
+    /// The peer answered the ping `t`: it read every frame written before it.
+    fn pong(&mut self, t: u64) {
+        while self.frames.front().is_some_and(|(after, _, _)| *after < t) {
+            self.frames.pop_front();
+        }
+    }
+}
+
 /// Runs one authenticated link until it ends, then tells membership. Every frame goes through
 /// `channel`, the keys of this link's handshake.
 async fn run_link(shared: Arc<Shared>, stream: TcpStream, channel: SecureChannel, peer: String, we_dialed: bool) {
@@ -731,6 +769,7 @@ async fn run_link(shared: Arc<Shared>, stream: TcpStream, channel: SecureChannel
     let resync = Arc::new(Notify::new());
     let leave = Arc::new(Notify::new());
     let (close_tx, close_rx) = oneshot::channel();
+    let unconfirmed = Arc::new(parking_lot::Mutex::new(Unconfirmed::default()));
 
     // Install (or not) and take the first snapshot under one lock.
     let snapshot = {
@@ -790,11 +829,11 @@ async fn run_link(shared: Arc<Shared>, stream: TcpStream, channel: SecureChannel
 
     let mut shutdown = shared.shutdown_rx.clone();
     let reason: String = tokio::select! {
-        r = read_loop(&shared, rd, &peer, link, tx) => match r {
+        r = read_loop(&shared, rd, &peer, link, tx, &unconfirmed) => match r {
             Ok(why) => why.to_string(),
             Err(e) => e,
         },
-        r = write_loop(&shared, &mut wr, &mut rx, snapshot, &resync, &leave) => match r {
+        r = write_loop(&shared, &mut wr, &mut rx, snapshot, &resync, &leave, &unconfirmed) => match r {
             Ok(why) => why.to_string(),
             Err(e) => format!("write failed: {e}"),
         },
@@ -838,6 +877,17 @@ async fn run_link(shared: Arc<Shared>, stream: TcpStream, channel: SecureChannel
             }
         }
     }
+    // Hand-offs written but never confirmed read: released too (a release gives back only
+    // what is still leased to the peer's hand-off owner, so a frame the peer did read and
+    // whose messages its session took or acknowledged loses nothing; its session does not
+    // write a message twice, see `session::ws`).
+    for (_, conn, ids) in std::mem::take(&mut unconfirmed.lock().frames) {
+        shared
+            .counters
+            .handoffs_unconfirmed
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        returned.push((conn, ids));
+    }
     // Hand-offs that never left: this node releases them (they would wait for their lease).
     for (conn, ids) in returned {
         shared.emit(ClusterEvent::HandOffReturned {
@@ -857,6 +907,7 @@ async fn read_loop(
     peer: &str,
     link: LinkId,
     tx: mpsc::Sender<Frame>,
+    unconfirmed: &parking_lot::Mutex<Unconfirmed>,
 ) -> Result<&'static str, String> {
     let mut resync: Vec<(String, u64)> = Vec::new();
     loop {
@@ -890,6 +941,7 @@ async fn read_loop(
                 let _ = tx.try_send(Frame::Pong { t });
             }
             Frame::Pong { t } => {
+                unconfirmed.lock().pong(t);
                 let rtt = Duration::from_micros(shared.micros().saturating_sub(t));
                 st.members.handle(
                     MemberEvent::Rtt {
@@ -1005,6 +1057,7 @@ async fn write_loop(
     snapshot: Vec<(String, u64)>,
     resync: &Notify,
     leave: &Notify,
+    unconfirmed: &parking_lot::Mutex<Unconfirmed>,
 ) -> Result<&'static str, CodecError> {
     let max = shared.settings.max_frame;
     write_resync(wr, snapshot, max).await?;
@@ -1015,17 +1068,17 @@ async fn write_loop(
         tokio::select! {
             f = rx.recv() => {
                 let Some(f) = f else { return Ok("link handle dropped") };
-                write_one(wr, &f).await?;
+                write_tracked(wr, unconfirmed, &f).await?;
                 for _ in 1..WRITE_BATCH {
                     match rx.try_recv() {
-                        Ok(f) => write_one(wr, &f).await?,
+                        Ok(f) => write_tracked(wr, unconfirmed, &f).await?,
                         Err(_) => break,
                     }
                 }
                 wr.flush().await?;
             }
             _ = hb.tick() => {
-                write_one(wr, &Frame::Ping { t: shared.micros() }).await?;
+                write_tracked(wr, unconfirmed, &Frame::Ping { t: shared.micros() }).await?;
                 wr.flush().await?;
             }
             _ = resync.notified() => {
@@ -1042,21 +1095,33 @@ async fn write_loop(
                 };
                 write_resync(wr, snapshot, max).await?;
                 for f in &keep {
-                    write_one(wr, f).await?;
+                    write_tracked(wr, unconfirmed, f).await?;
                 }
                 wr.flush().await?;
             }
             _ = leave.notified() => {
                 while let Ok(f) = rx.try_recv() {
-                    write_one(wr, &f).await?;
+                    write_tracked(wr, unconfirmed, &f).await?;
                 }
-                write_one(wr, &Frame::Leave).await?;
+                write_tracked(wr, unconfirmed, &Frame::Leave).await?;
                 wr.flush().await?;
                 let _ = wr.shutdown().await;
                 return Ok("we left the cluster");
             }
         }
     }
+}
+
+/// [`write_one`], noting a `Deliver` or a ping as written ([`Unconfirmed`]); a frame whose
+/// write failed counts as written (it may be half on the wire, and the link ends).
+async fn write_tracked(
+    wr: &mut Writer,
+    unconfirmed: &parking_lot::Mutex<Unconfirmed>,
+    f: &Frame,
+) -> Result<(), CodecError> {
+    let r = write_one(wr, f).await;
+    unconfirmed.lock().written(f);
+    r
 }
 
 /// Writes one frame; a frame too large to send (an absurd conn id) is logged and skipped

@@ -97,7 +97,8 @@ pub enum Frame {
     RoutesChanged { conn: String, keys: Vec<String> },
     /// Messages queued for `conn`, whose live session the receiver holds, already leased to
     /// the receiver's hand-off owner: write them to that session (no lease, no store read),
-    /// or release them when it has none. Lost, they wait for their lease to run out.
+    /// or release them when it has none. The sender releases a frame the link took but the
+    /// peer did not confirm (a pong to a later ping) when the link ends (`peer::Unconfirmed`).
     Deliver { conn: String, msgs: Vec<HandedMsg> },
 }
 

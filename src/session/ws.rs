@@ -415,6 +415,7 @@ impl WsSession {
                 }
             };
             let full = msgs.len() >= batch;
+            let msgs = act.not_written_yet(msgs);
             if !msgs.is_empty() {
                 act.push(msgs, false, ctx);
             }
@@ -422,6 +423,30 @@ impl WsSession {
                 ctx.notify(Wake);
             }
         }));
+    }
+
+    /// Leased messages less those handed to this session and written less than half a lease
+    /// ago, unacknowledged: a peer that lost its link released a `Deliver` it could not know
+    /// we read (`cluster::peer`), and the wallet has them already. One written longer ago is
+    /// written again (its hand-off lease ran out: redelivery as for any lease). The lease
+    /// taken now goes back with the session like any other.
+    fn not_written_yet(&self, mut msgs: Vec<QueuedMessage>) -> Vec<QueuedMessage> {
+        let Some(h) = self
+            .handed
+            .as_ref()
+            .filter(|h| !h.written.is_empty() && !msgs.is_empty())
+        else {
+            return msgs;
+        };
+        let recent = now_ms() + self.shared.mediator.lease_ms / 2;
+        let written: std::collections::HashSet<i64> = h
+            .written
+            .iter()
+            .filter(|(_, until)| *until > recent)
+            .map(|(id, _)| *id)
+            .collect();
+        msgs.retain(|q| !written.contains(&q.id));
+        msgs
     }
 
     /// Writes leased messages out as the session's mode says. `handed`: they came with a

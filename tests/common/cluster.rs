@@ -219,13 +219,55 @@ impl ProxiedPair {
         self.to_n1.restore();
         self.to_n2.restore();
     }
+
+    /// From now on n2's bytes to n1 vanish on the open link, whichever node dialed it; n1's
+    /// bytes to n2 still arrive. Frames n2 writes are accepted by its socket and never read.
+    pub fn swallow_n2_to_n1(&self) {
+        self.to_n1.swallow_to_target.store(true, Ordering::SeqCst);
+        self.to_n2.swallow_to_dialer.store(true, Ordering::SeqCst);
+    }
+
+    /// As [`ProxiedPair::swallow_n2_to_n1`], the other way.
+    pub fn swallow_n1_to_n2(&self) {
+        self.to_n2.swallow_to_target.store(true, Ordering::SeqCst);
+        self.to_n1.swallow_to_dialer.store(true, Ordering::SeqCst);
+    }
+
+    pub fn stop_swallowing(&self) {
+        for p in [&self.to_n1, &self.to_n2] {
+            p.swallow_to_target.store(false, Ordering::SeqCst);
+            p.swallow_to_dialer.store(false, Ordering::SeqCst);
+        }
+    }
 }
 
-/// A TCP proxy in front of `target` whose links can be cut and restored.
+/// A TCP proxy in front of `target` whose links can be cut and restored, and whose bytes in
+/// one direction can be swallowed (read and dropped) while the link stays open.
 pub struct Proxy {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
     generation: Arc<tokio::sync::watch::Sender<u64>>,
+    pub swallow_to_target: Arc<AtomicBool>,
+    pub swallow_to_dialer: Arc<AtomicBool>,
+}
+
+/// Copies `from` to `to` until either ends; drops what it reads while `swallow` is set.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    swallow: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if !swallow.load(Ordering::SeqCst) && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
@@ -235,9 +277,12 @@ impl Proxy {
         let cut = Arc::new(AtomicBool::new(false));
         let (gen_tx, gen_rx) = tokio::sync::watch::channel(0u64);
         let c2 = cut.clone();
+        let swallow_to_target = Arc::new(AtomicBool::new(false));
+        let swallow_to_dialer = Arc::new(AtomicBool::new(false));
+        let (st, sd) = (swallow_to_target.clone(), swallow_to_dialer.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
                 if c2.load(Ordering::SeqCst) {
@@ -245,13 +290,19 @@ impl Proxy {
                     continue;
                 }
                 let mut gen = gen_rx.clone();
+                let (st, sd) = (st.clone(), sd.clone());
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
                     gen.borrow_and_update();
+                    let (in_rd, in_wr) = inbound.into_split();
+                    let (out_rd, out_wr) = outbound.into_split();
+                    // Either direction ending ends both (the halves drop): each side sees the
+                    // other close.
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = pipe(in_rd, out_wr, st) => {}
+                        _ = pipe(out_rd, in_wr, sd) => {}
                         _ = gen.changed() => {}
                     }
                 });
@@ -261,6 +312,8 @@ impl Proxy {
             addr,
             cut,
             generation: Arc::new(gen_tx),
+            swallow_to_target,
+            swallow_to_dialer,
         }
     }
 
