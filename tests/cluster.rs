@@ -108,6 +108,14 @@ struct LiveWallet {
     ws: WsClient,
 }
 
+/// Two nodes behind the proxies that cut or swallow their link (300 ms sweeps), and a wallet
+/// live on n1.
+async fn proxied_pair_with_wallet() -> (ProxiedPair, LiveWallet) {
+    let pair = ProxiedPair::start(300).await;
+    let w = live_wallet(&pair.n1, &[&pair.n2]).await;
+    (pair, w)
+}
+
 async fn live_wallet(home: &RunningNode, others: &[&RunningNode]) -> LiveWallet {
     let inv = invitation(home).await;
     let (a, k) = Agent::onboard(&inv).await.unwrap();
@@ -190,15 +198,8 @@ async fn acknowledgements_over_http_on_another_node_wake_no_session() {
 /// heals and the directory is resynchronised.
 #[actix_rt::test]
 async fn a_cut_link_only_delays_delivery_and_heals() {
-    let pair = ProxiedPair::start(300).await;
+    let (pair, mut w) = proxied_pair_with_wallet().await;
     let (n1, n2) = (&pair.n1, &pair.n2);
-    let LiveWallet {
-        mut a,
-        k,
-        conn,
-        routing,
-        mut ws,
-    } = live_wallet(n1, &[n2]).await;
 
     pair.cut();
     eventually("n2 sees n1 down", || async {
@@ -206,14 +207,14 @@ async fn a_cut_link_only_delays_delivery_and_heals() {
     })
     .await;
     for i in 0..5 {
-        assert_eq!(forward_via(n2, &routing, &k, &format!("cut-{i}")).await, 202);
+        assert_eq!(forward_via(n2, &w.routing, &w.k, &format!("cut-{i}")).await, 202);
     }
-    let (got, _) = receive(&mut a, &mut ws, &n1.public_url(), 5).await;
+    let (got, _) = receive(&mut w.a, &mut w.ws, &n1.public_url(), 5).await;
     assert_eq!(got.len(), 5);
 
     pair.restore();
     eventually("link healed", || async { peer_connected(n2, "n1").await.then_some(()) }).await;
-    wait_owner(&[n2], &conn, "n1").await;
+    wait_owner(&[n2], &w.conn, "n1").await;
     assert_eq!(queue_depth(n1).await, 0);
 }
 
@@ -224,23 +225,16 @@ async fn a_cut_link_only_delays_delivery_and_heals() {
 /// the peer did read is confirmed by the answer to a later ping and not released.
 #[actix_rt::test]
 async fn a_handoff_lost_with_its_link_is_released_not_left_to_its_lease() {
-    let pair = ProxiedPair::start(300).await;
+    let (pair, mut w) = proxied_pair_with_wallet().await;
     let (n1, n2) = (&pair.n1, &pair.n2);
-    let LiveWallet {
-        mut a,
-        k,
-        conn,
-        routing,
-        mut ws,
-    } = live_wallet(n1, &[n2]).await;
     // Read by n1 and confirmed: never released.
-    assert_eq!(forward_via(n2, &routing, &k, "before").await, 202);
-    let (got, _) = receive(&mut a, &mut ws, &n1.public_url(), 1).await;
+    assert_eq!(forward_via(n2, &w.routing, &w.k, "before").await, 202);
+    let (got, _) = receive(&mut w.a, &mut w.ws, &n1.public_url(), 1).await;
     assert_eq!(got, vec!["before".to_string()]);
 
     pair.swallow_n2_to_n1();
     let sent = cluster_counter(n2, "handoffs_sent").await;
-    assert_eq!(forward_via(n2, &routing, &k, "lost on the wire").await, 202);
+    assert_eq!(forward_via(n2, &w.routing, &w.k, "lost on the wire").await, 202);
     assert_eq!(
         cluster_counter(n2, "handoffs_sent").await,
         sent + 1,
@@ -251,7 +245,7 @@ async fn a_handoff_lost_with_its_link_is_released_not_left_to_its_lease() {
         (!peer_connected(n2, "n1").await).then_some(())
     })
     .await;
-    let (got, dups) = receive(&mut a, &mut ws, &n1.public_url(), 1).await;
+    let (got, dups) = receive(&mut w.a, &mut w.ws, &n1.public_url(), 1).await;
     assert_eq!(got, vec!["lost on the wire".to_string()]);
     assert_eq!(dups, 0);
     assert_eq!(cluster_counter(n2, "handoffs_unconfirmed").await, 1);
@@ -259,7 +253,6 @@ async fn a_handoff_lost_with_its_link_is_released_not_left_to_its_lease() {
     pair.stop_swallowing();
     eventually("link healed", || async { peer_connected(n2, "n1").await.then_some(()) }).await;
     assert_eq!(queue_depth(n1).await, 0);
-    let _ = conn;
 }
 
 /// The other way round: n2's `Deliver` reaches n1, whose session writes it to the wallet, but
@@ -268,15 +261,15 @@ async fn a_handoff_lost_with_its_link_is_released_not_left_to_its_lease() {
 /// again for the session, which does not write what it already wrote.
 #[actix_rt::test]
 async fn a_released_handoff_its_session_already_wrote_is_not_written_twice() {
-    let pair = ProxiedPair::start(300).await;
-    let (n1, n2) = (&pair.n1, &pair.n2);
+    let (pair, w) = proxied_pair_with_wallet().await;
     let LiveWallet {
         mut a,
         k,
         conn,
         routing,
         mut ws,
-    } = live_wallet(n1, &[n2]).await;
+    } = w;
+    let (n1, n2) = (&pair.n1, &pair.n2);
     pair.swallow_n1_to_n2();
     assert_eq!(forward_via(n2, &routing, &k, "once").await, 202);
     let d = ws_next_message(&a, &mut ws).await;
