@@ -741,10 +741,18 @@ struct Unconfirmed {
     frames: std::collections::VecDeque<(u64, String, Vec<i64>)>,
 }
 
+/// Most `Deliver` frames [`Unconfirmed`] keeps per link: a peer that keeps its link alive
+/// with other frames but answers no ping cannot make it grow without bound (the oldest are
+/// forgotten: lost, they would wait for their lease, as before pongs were counted).
+const MAX_UNCONFIRMED: usize = 16_384;
+
 impl Unconfirmed {
     fn written(&mut self, f: &Frame) {
         match f {
             Frame::Deliver { conn, msgs } => {
+                if self.frames.len() >= MAX_UNCONFIRMED {
+                    self.frames.pop_front();
+                }
                 let ids = msgs.iter().map(|m| m.id).collect();
                 self.frames.push_back((self.last_ping, conn.clone(), ids));
             }
@@ -1179,6 +1187,52 @@ pub fn resync_chunks(claims: Vec<(String, u64)>, max: usize) -> Vec<Frame> {
 mod tests {
     use super::*;
     use crate::cluster::proto;
+
+    fn deliver(conn: &str, id: i64) -> Frame {
+        Frame::Deliver {
+            conn: conn.into(),
+            msgs: vec![proto::HandedMsg {
+                id,
+                recipient_key: "k".into(),
+                payload: vec![1],
+                received_at_ms: 1,
+            }],
+        }
+    }
+
+    fn left(u: &Unconfirmed) -> Vec<i64> {
+        u.frames.iter().flat_map(|(_, _, ids)| ids.clone()).collect()
+    }
+
+    #[test]
+    fn a_pong_confirms_only_the_frames_written_before_its_ping() {
+        let mut u = Unconfirmed::default();
+        u.written(&deliver("c", 1));
+        u.written(&Frame::Ping { t: 10 });
+        u.written(&deliver("c", 2));
+        u.written(&Frame::Ping { t: 20 });
+        u.written(&deliver("c", 3));
+        // An older ping's answer confirms only what came before that ping.
+        u.pong(10);
+        assert_eq!(left(&u), vec![2, 3]);
+        // A late or repeated pong confirms nothing more.
+        u.pong(10);
+        assert_eq!(left(&u), vec![2, 3]);
+        u.pong(20);
+        assert_eq!(left(&u), vec![3], "written after the last ping: unconfirmed");
+        u.written(&Frame::Queued { conn: "c".into() });
+        assert_eq!(left(&u), vec![3], "only Deliver frames are kept");
+    }
+
+    #[test]
+    fn a_peer_that_never_answers_cannot_grow_the_record_without_bound() {
+        let mut u = Unconfirmed::default();
+        for id in 0..(MAX_UNCONFIRMED as i64 + 10) {
+            u.written(&deliver("c", id));
+        }
+        assert_eq!(u.frames.len(), MAX_UNCONFIRMED);
+        assert_eq!(left(&u)[0], 10, "the oldest are forgotten");
+    }
 
     #[test]
     fn resync_chunks_fit_and_end_with_last() {
