@@ -331,9 +331,9 @@ impl crate::protocols::Holders for NodeHolders {
         if self.strategy == crate::config::Strategy::QueueOnly {
             return None;
         }
-        match (&self.cluster, &self.local) {
-            (Some(c), _) => c.holder(conn, len),
-            (None, l) => l.holds(conn).then(|| self.node_id.clone()),
+        match &self.cluster {
+            Some(c) => c.holder(conn, len),
+            None => self.local.holds(conn).then(|| self.node_id.clone()),
         }
     }
 }

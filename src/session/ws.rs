@@ -305,8 +305,10 @@ impl WsSession {
             }
         }
         // Counted in for a connection while registered for it (here: rebound to another).
-        if let (true, Some(old)) = (self.registered, self.conn.as_ref()) {
-            self.shared.bound.count_out(&old.id);
+        if self.registered {
+            if let Some(old) = &self.conn {
+                self.shared.bound.count_out(&old.id);
+            }
         }
         self.let_go();
         self.registered = true;
@@ -438,14 +440,16 @@ impl WsSession {
         else {
             return msgs;
         };
+        // A set of the batch (small), not of everything written (thousands on a busy socket).
         let recent = now_ms() + self.shared.mediator.lease_ms / 2;
-        let written: std::collections::HashSet<i64> = h
+        let leased: std::collections::HashSet<i64> = msgs.iter().map(|q| q.id).collect();
+        let again: std::collections::HashSet<i64> = h
             .written
             .iter()
-            .filter(|(_, until)| *until > recent)
+            .filter(|(id, until)| *until > recent && leased.contains(id))
             .map(|(id, _)| *id)
             .collect();
-        msgs.retain(|q| !written.contains(&q.id));
+        msgs.retain(|q| !again.contains(&q.id));
         msgs
     }
 
