@@ -31,6 +31,24 @@ const LOST_SESSIONS_CHUNK: usize = 500;
 /// The wallets whose sessions a failed peer held: each with mail pending is treated as if a
 /// message were queued now (its session woken if it reconnected meanwhile, else pushed). Mail
 /// forwarded while the peer was failing was notified to it and woke nobody.
+/// What a failed peer left: the messages leased to it (delivered by its sessions and never
+/// acknowledged, or handed to it) go back to pending now rather than when their leases run out
+/// (`delivery.lease_ms`, 30 s by default), so a wallet that reconnected elsewhere gets them
+/// within the failure timeout; this node's sessions are woken for them (other nodes' by their
+/// sweep), and the wallets without a session anywhere are woken by push. A peer that was only
+/// cut off may deliver some of them twice (at-least-once).
+async fn take_over(shared: Arc<Shared>, node: String, conns: Vec<String>) {
+    match shared.mediator.store.release_owners_under(&format!("{node}/")).await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(peer = %node, released = n, "a failed peer's deliveries are deliverable again");
+            shared.sweep(false).await;
+        }
+        Err(e) => tracing::warn!(peer = %node, "a failed peer's leases not released (they run out): {e}"),
+    }
+    wake_lost_sessions(shared, conns).await;
+}
+
 async fn wake_lost_sessions(shared: Arc<Shared>, conns: Vec<String>) {
     for chunk in conns.chunks(LOST_SESSIONS_CHUNK) {
         match shared.mediator.store.pending_among(chunk, now_ms()).await {
@@ -152,19 +170,20 @@ pub async fn run(
         strategy: cfg.delivery.strategy,
     }));
     let registry = registry.start();
-    // Messages handed to this node's sessions before it last stopped, never acknowledged:
-    // deliverable again now rather than when their leases run out.
+    // Messages this node's sessions were delivering, or were handed, before it last stopped
+    // (a crash, or a shutdown that could not reach the store), never acknowledged: deliverable
+    // again now rather than when their leases run out. Every owner of this node is `<id>/...`.
     {
         let store = store.clone();
-        let owner = crate::protocols::handoff_owner(node_id);
+        let prefix = format!("{node_id}/");
         actix_rt::spawn(async move {
-            match store.release_owner(&owner).await {
+            match store.release_owners_under(&prefix).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
                     released = n,
-                    "deliveries handed to this node before it restarted are deliverable again"
+                    "deliveries this node had in flight before it restarted are deliverable again"
                 ),
-                Err(e) => tracing::warn!("hand-offs of before the restart not released (their leases run out): {e}"),
+                Err(e) => tracing::warn!("deliveries of before the restart not released (their leases run out): {e}"),
             }
         });
     }
@@ -210,8 +229,8 @@ pub async fn run(
                     ClusterEvent::PeerUp { node } => tracing::info!(peer = %node, "peer up"),
                     ClusterEvent::PeerDown { node } => tracing::warn!(peer = %node, "peer down"),
                     ClusterEvent::SessionsLost { node, conns } => {
-                        tracing::info!(peer = %node, sessions = conns.len(), "taking over the wallets of a failed peer's sessions");
-                        actix_rt::spawn(wake_lost_sessions(shared.clone(), conns));
+                        tracing::info!(peer = %node, sessions = conns.len(), "taking over the leases and wallets of a failed peer");
+                        actix_rt::spawn(take_over(shared.clone(), node, conns));
                     }
                     ClusterEvent::SessionMoved { conn, node } => {
                         tracing::debug!(connection = %conn, to = %node, "session moved");

@@ -1,6 +1,7 @@
 //! Real `mailroom` processes on PostgreSQL: kill -9 of the node that holds the wallet's
 //! session while forwards stream in, and graceful shutdown (SIGTERM) of it. The wallet
-//! reconnects to another node and receives every forward that was answered 2xx.
+//! reconnects to another node and receives every forward that was answered 2xx, and what the
+//! killed node delivered unacknowledged without waiting for its leases to run out.
 
 mod common;
 
@@ -12,11 +13,11 @@ use serde_json::json;
 use std::collections::HashSet;
 use std::time::Duration;
 
-fn write_config(dir: &std::path::Path, db_url: &str, nodes: &[NodeEntry]) -> std::path::PathBuf {
+fn write_config(dir: &std::path::Path, db_url: &str, nodes: &[NodeEntry], lease_ms: u64) -> std::path::PathBuf {
     let mut text = format!(
         "[cluster]\nname = \"proc\"\nsecret = \"{SECRET}\"\nheartbeat_ms = 100\nfailure_timeout_ms = 800\n\n\
          [store]\nbackend = \"postgres\"\nurl = \"{db_url}\"\npool_size = 4\n\n\
-         [delivery]\nsweep_interval_ms = 200\nlease_ms = 2000\n\n"
+         [delivery]\nsweep_interval_ms = 200\nlease_ms = {lease_ms}\n\n"
     );
     for n in nodes {
         text.push_str(&format!(
@@ -92,7 +93,7 @@ async fn run_failover(graceful: bool) {
             admin: free_addr(),
         })
         .collect();
-    let path = write_config(dir.path(), &db.url, &entries);
+    let path = write_config(dir.path(), &db.url, &entries, 2000);
     let n1_log = dir.path().join("n1.log");
     let mut p1 = NodeProcess::spawn(&path, &entries[0], &n1_log);
     let p2 = NodeProcess::spawn(&path, &entries[1], &dir.path().join("n2.log"));
@@ -241,4 +242,81 @@ async fn kill_9_of_the_session_node_loses_no_accepted_forward() {
 #[actix_rt::test]
 async fn sigterm_closes_sessions_with_1001_and_loses_nothing() {
     run_failover(true).await;
+}
+
+/// What the killed node's session delivered and never saw acknowledged (forwards sent to it and
+/// forwards handed to it by node 2) was leased to it for `lease_ms`, far longer than the test
+/// waits. Node 2 takes over the failed peer when it notices (the 0.8 s failure timeout) and
+/// gives them back: the wallet, reconnected to node 2, gets them again within seconds.
+#[actix_rt::test]
+async fn kill_9_gives_back_what_the_dead_node_delivered_unacknowledged() {
+    let db = FreshDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let entries: Vec<NodeEntry> = (1..=2)
+        .map(|i| NodeEntry {
+            id: format!("n{i}"),
+            listen: free_addr(),
+            cluster: Some(free_addr()),
+            admin: free_addr(),
+        })
+        .collect();
+    let path = write_config(dir.path(), &db.url, &entries, 600_000);
+    let mut p1 = NodeProcess::spawn(&path, &entries[0], &dir.path().join("n1.log"));
+    let p2 = NodeProcess::spawn(&path, &entries[1], &dir.path().join("n2.log"));
+    wait_ready(&p1).await;
+    wait_ready(&p2).await;
+    let inv = {
+        let v = get_json(&format!("{}/invitation", p1.public_url())).await;
+        mailroom::client::Invitation::parse(&v["invitation"]).unwrap()
+    };
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let live = pickup("live-delivery-change", json!({"live_delivery": true}));
+    let mut ws = a.websocket(&p1.ws_url()).await.unwrap();
+    assert_eq!(type_name(&ws_request(&a, &mut ws, &live).await), "status");
+
+    let s = Sender::new();
+    let texts: Vec<String> = (0..6).map(|i| format!("in flight {i}")).collect();
+    for (i, t) in texts.iter().enumerate() {
+        let node = if i % 2 == 0 { &p1 } else { &p2 };
+        let code = s
+            .forward(&node.public_url(), &basic_message(t), &k.verkey(), &routing)
+            .await
+            .unwrap();
+        assert_eq!(code, 202, "{t}");
+    }
+    // Delivered live on node 1, never acknowledged.
+    let mut got = HashSet::new();
+    while got.len() < texts.len() {
+        let m = ws_next_message(&a, &mut ws).await;
+        if type_name(&m) == "delivery" {
+            got.extend(contents(&a, &m));
+        }
+    }
+    p1.kill9();
+    drop(ws);
+
+    let mut ws = a.websocket(&p2.ws_url()).await.unwrap();
+    ws.send_envelope(a.pack(&live).unwrap(), true).await.unwrap();
+    let mut again = HashSet::new();
+    let mut status = false;
+    while !(status && again.len() == texts.len()) {
+        match ws.next(Duration::from_secs(30)).await {
+            Ok(WsEvent::Envelope(e)) => {
+                let (m, _) = a.unpack(&e).unwrap();
+                match type_name(&m) {
+                    "status" => status = true,
+                    "delivery" => again.extend(contents(&a, &m)),
+                    other => panic!("unexpected {other}: {m}"),
+                }
+            }
+            other => panic!(
+                "node 2 gave back {} of the {} deliveries node 1 left unacknowledged (status seen: {status}): {other:?}",
+                again.len(),
+                texts.len()
+            ),
+        }
+    }
+    assert_eq!(again, texts.iter().cloned().collect::<HashSet<_>>());
+    drop(p2);
 }

@@ -214,9 +214,11 @@ pub enum ClusterEvent {
     PeerDown {
         node: String,
     },
-    /// A failed peer held the sessions of `conns`, which no node holds now, and this node is
-    /// the one that takes them over (see [`membership::Membership::takes_over`]): wake those
-    /// wallets (push) when they have mail queued.
+    /// A peer failed and this node is the one that takes over what it left (see
+    /// [`membership::Membership::takes_over`]): the messages leased to it (its sessions' and
+    /// its hand-offs') go back to pending, and the wallets of `conns`, whose sessions it held
+    /// and which no node holds now (possibly none), are woken (push) when they have mail
+    /// queued.
     SessionsLost {
         node: String,
         conns: Vec<String>,

@@ -365,17 +365,16 @@ impl Shared {
                     st.dir.apply(DirEvent::NodeGone { node: peer.clone() });
                     self.emit(ClusterEvent::PeerDown { node: peer.clone() });
                     // Forwards queued while the peer was failing were notified to it (or to
-                    // nobody, its link gone) and woke no one: its wallets left without a
-                    // session anywhere are taken over by one node.
+                    // nobody, its link gone) and woke no one, and what its sessions were
+                    // delivering stays leased to it: one node takes over its leases and its
+                    // wallets left without a session anywhere.
                     if st.members.takes_over() {
                         let conns: Vec<String> = held
                             .into_iter()
                             .map(|(c, _)| c)
                             .filter(|c| st.dir.owner(c).is_none())
                             .collect();
-                        if !conns.is_empty() {
-                            self.emit(ClusterEvent::SessionsLost { node: peer, conns });
-                        }
+                        self.emit(ClusterEvent::SessionsLost { node: peer, conns });
                     }
                 }
                 MemberEffect::Install { .. } | MemberEffect::Reject { .. } => {}

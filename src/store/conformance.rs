@@ -560,6 +560,49 @@ pub async fn queued_leased(b: Arc<dyn Backend>) {
     assert_eq!(ids(&s.lease(&c, 10, "C", T0 + 2, T0 + 30_000).await.unwrap()), more);
 }
 
+/// A failed node's leases (every owner `<node>/...`) go back at once; another node's, even one
+/// whose id starts with the same characters or holds a LIKE wildcard, stay.
+pub async fn release_owners_under(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let until = T0 + 30_000;
+    let id = enqueue_ok(&s, (0..7).map(|i| msg(&c, &format!("m{i}"), T0)).collect()).await;
+    for (i, owner) in [
+        "n_1/ws/7/1",
+        "n_1/ws/7/2",
+        "n_1/handoff",
+        "n_10/http",
+        "nx1/http",
+        "n2/ws/9/1",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_eq!(ids(&s.lease(&c, 1, owner, T0, until).await.unwrap()), vec![id[i]]);
+    }
+    let c2 = new_conn(&s).await;
+    enqueue_ok(&s, vec![msg(&c2, "other", T0)]).await;
+    assert_eq!(s.lease(&c2, 1, "n_1/endpoint", T0, until).await.unwrap().len(), 1);
+    assert_eq!(
+        s.release_owners_under("").await.unwrap(),
+        0,
+        "an empty prefix frees nothing"
+    );
+    assert_eq!(s.release_owners_under("n_1/").await.unwrap(), 4);
+    let st = s.queue_stats(&c, T0 + 1).await.unwrap();
+    assert_eq!((st.pending, st.leased), (4, 3), "n_10's, nx1's and n2's leases stay");
+    assert_eq!(s.queue_stats(&c2, T0 + 1).await.unwrap().pending, 1);
+    let again = s.lease(&c, 10, "n2/ws/9/2", T0 + 1, until).await.unwrap();
+    assert_eq!(ids(&again), vec![id[0], id[1], id[2], id[6]]);
+    assert!(
+        again[..3].iter().all(|m| m.attempts == 2),
+        "a released message is a redelivery"
+    );
+    // Released owners are gone from the store's books: nothing left to free under them.
+    assert_eq!(s.release_owners_under("n_1/").await.unwrap(), 0);
+    assert_eq!(s.release_owner("n_10/http").await.unwrap(), 1);
+}
+
 pub async fn lease_expiry(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let c = new_conn(&s).await;
@@ -2474,6 +2517,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn queued_leased() {
                 backend::run(super::queued_leased).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn release_owners_under() {
+                backend::run(super::release_owners_under).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn lease_expiry() {

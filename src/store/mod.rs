@@ -486,6 +486,10 @@ pub trait Store: Send + Sync + 'static {
     async fn release(&self, conn: &str, ids: &[MessageId], owner: &str) -> StoreResult<u64>;
     /// Returns every message leased by `owner` to pending (session or node shutdown).
     async fn release_owner(&self, owner: &str) -> StoreResult<u64>;
+    /// As [`Store::release_owner`] for every owner whose name starts with `prefix` (a node's
+    /// owners are `<node>/...`: a failed node's leases, or this node's before it restarted).
+    /// An empty prefix releases nothing.
+    async fn release_owners_under(&self, prefix: &str) -> StoreResult<u64>;
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats>;
     /// Messages queued in the whole store, pending or leased.
     async fn total_queued(&self) -> StoreResult<u64>;

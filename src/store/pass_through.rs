@@ -124,6 +124,9 @@ macro_rules! store_pass_through {
     (@method $i:ident release_owner) => {
         $crate::store_pass_through!(@fn $i release_owner (owner: &'a str) ['a] -> u64);
     };
+    (@method $i:ident release_owners_under) => {
+        $crate::store_pass_through!(@fn $i release_owners_under (prefix: &'a str) ['a] -> u64);
+    };
     (@method $i:ident queue_stats) => {
         $crate::store_pass_through!(@fn $i queue_stats (conn: &'a str, now_ms: i64) ['a]
             -> $crate::store::QueueStats);

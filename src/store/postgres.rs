@@ -1400,6 +1400,21 @@ impl Store for PgStore {
         .await
     }
 
+    async fn release_owners_under(&self, prefix: &str) -> StoreResult<u64> {
+        if prefix.is_empty() || !storable(prefix) {
+            return Ok(0);
+        }
+        // `starts_with`, not LIKE: node ids may hold `_`, a LIKE wildcard. The partial index
+        // of leased rows bounds the scan to messages in flight.
+        self.execute_retrying(
+            "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL WHERE id IN ( \
+               SELECT id FROM mailroom_messages \
+               WHERE lease_owner IS NOT NULL AND starts_with(lease_owner, $1) ORDER BY id FOR UPDATE)",
+            &[&prefix],
+        )
+        .await
+    }
+
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
         if !storable(conn) {
             return Ok(QueueStats::default());

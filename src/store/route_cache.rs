@@ -162,7 +162,8 @@ impl Store for RouteCache {
     crate::store_pass_through!(inner:
         backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
         use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
-        list_connections, keys_of, enqueue, lease, ack_leased, release, release_owner, queue_stats,
+        list_connections, keys_of, enqueue, lease, ack_leased, release, release_owner,
+        release_owners_under, queue_stats,
         total_queued, connections_with_pending, pending_among, prune_dedup, dedup_records,
         lease_for_key, pending_stats, expire, expire_due, oldest_received_ms, flush,
         device_of, set_device, forget_device_token, push_event, push_take_due, drop_queue,

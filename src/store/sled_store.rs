@@ -136,6 +136,27 @@ struct Queues {
 }
 
 impl Queues {
+    /// Returns every message leased by `owner` to pending; how many.
+    fn release_owner(&mut self, owner: &str) -> u64 {
+        let Some(conns) = self.by_owner.remove(owner) else {
+            return 0;
+        };
+        let mut n = 0;
+        for c in conns {
+            let Some(cq) = self.by_conn.get_mut(&c) else {
+                continue;
+            };
+            for m in cq.msgs.values_mut() {
+                if m.owner.as_deref() == Some(owner) {
+                    m.owner = None;
+                    m.lease_until_ms = 0;
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
     fn insert(&mut self, conn: &str, id: MessageId, meta: Meta) {
         let q = match self.by_conn.get_mut(conn) {
             Some(q) => q,
@@ -1865,25 +1886,18 @@ impl Store for SledStore {
     async fn release_owner(&self, owner: &str) -> StoreResult<u64> {
         // Memory only.
         let inner = self.slot.get()?;
-        let mut guard = inner.queues.lock();
-        let q = &mut *guard;
-        let Some(conns) = q.by_owner.remove(owner) else {
-            return Ok(0);
-        };
-        let mut n = 0;
-        for c in conns {
-            let Some(cq) = q.by_conn.get_mut(&c) else {
-                continue;
-            };
-            for m in cq.msgs.values_mut() {
-                if m.owner.as_deref() == Some(owner) {
-                    m.owner = None;
-                    m.lease_until_ms = 0;
-                    n += 1;
-                }
-            }
-        }
+        let n = inner.queues.lock().release_owner(owner);
         Ok(n)
+    }
+
+    async fn release_owners_under(&self, prefix: &str) -> StoreResult<u64> {
+        if prefix.is_empty() {
+            return Ok(0);
+        }
+        let inner = self.slot.get()?;
+        let mut q = inner.queues.lock();
+        let owners: Vec<Arc<str>> = q.by_owner.keys().filter(|o| o.starts_with(prefix)).cloned().collect();
+        Ok(owners.iter().map(|o| q.release_owner(o)).sum())
     }
 
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
