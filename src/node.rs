@@ -28,16 +28,21 @@ const DEDUP_PRUNE_BATCH: usize = 10_000;
 /// Connections asked about in one store call when a failed peer's sessions are taken over.
 const LOST_SESSIONS_CHUNK: usize = 500;
 
-/// The wallets whose sessions a failed peer held: each with mail pending is treated as if a
-/// message were queued now (its session woken if it reconnected meanwhile, else pushed). Mail
-/// forwarded while the peer was failing was notified to it and woke nobody.
 /// What a failed peer left: the messages leased to it (delivered by its sessions and never
 /// acknowledged, or handed to it) go back to pending now rather than when their leases run out
 /// (`delivery.lease_ms`, 30 s by default), so a wallet that reconnected elsewhere gets them
 /// within the failure timeout; this node's sessions are woken for them (other nodes' by their
 /// sweep), and the wallets without a session anywhere are woken by push. A peer that was only
-/// cut off may deliver some of them twice (at-least-once).
-async fn take_over(shared: Arc<Shared>, node: String, conns: Vec<String>) {
+/// cut off may deliver some of them twice (at-least-once); a node that sees less than half the
+/// cluster up, more likely cut off itself, leaves them to their leases (`release_leases`).
+async fn take_over(shared: Arc<Shared>, node: String, conns: Vec<String>, release_leases: bool) {
+    if release_leases {
+        release_failed_peer(&shared, &node).await;
+    }
+    wake_lost_sessions(shared, conns).await;
+}
+
+async fn release_failed_peer(shared: &Arc<Shared>, node: &str) {
     match shared.mediator.store.release_owners_under(&format!("{node}/")).await {
         Ok(0) => {}
         Ok(n) => {
@@ -46,9 +51,11 @@ async fn take_over(shared: Arc<Shared>, node: String, conns: Vec<String>) {
         }
         Err(e) => tracing::warn!(peer = %node, "a failed peer's leases not released (they run out): {e}"),
     }
-    wake_lost_sessions(shared, conns).await;
 }
 
+/// The wallets whose sessions a failed peer held: each with mail pending is treated as if a
+/// message were queued now (its session woken if it reconnected meanwhile, else pushed). Mail
+/// forwarded while the peer was failing was notified to it and woke nobody.
 async fn wake_lost_sessions(shared: Arc<Shared>, conns: Vec<String>) {
     for chunk in conns.chunks(LOST_SESSIONS_CHUNK) {
         match shared.mediator.store.pending_among(chunk, now_ms()).await {
@@ -228,9 +235,13 @@ pub async fn run(
                     }
                     ClusterEvent::PeerUp { node } => tracing::info!(peer = %node, "peer up"),
                     ClusterEvent::PeerDown { node } => tracing::warn!(peer = %node, "peer down"),
-                    ClusterEvent::SessionsLost { node, conns } => {
-                        tracing::info!(peer = %node, sessions = conns.len(), "taking over the leases and wallets of a failed peer");
-                        actix_rt::spawn(take_over(shared.clone(), node, conns));
+                    ClusterEvent::SessionsLost {
+                        node,
+                        conns,
+                        release_leases,
+                    } => {
+                        tracing::info!(peer = %node, sessions = conns.len(), release_leases, "taking over what a failed peer left");
+                        actix_rt::spawn(take_over(shared.clone(), node, conns, release_leases));
                     }
                     ClusterEvent::SessionMoved { conn, node } => {
                         tracing::debug!(connection = %conn, to = %node, "session moved");

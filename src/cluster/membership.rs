@@ -130,6 +130,16 @@ impl Membership {
         self.peers.iter().all(|(id, p)| !p.up || *id > self.local)
     }
 
+    /// Whether this node sees at least half of the cluster up, itself counted. A node that
+    /// sees fewer is more likely cut off than its peers all dead: it leaves a failed peer's
+    /// leases to run out (the peer may still be delivering) rather than give them back. Two
+    /// nodes cannot tell a dead peer from a cut link; each sees half.
+    pub fn sees_half(&self) -> bool {
+        // up (itself counted) >= nodes / 2, nodes = peers + 1
+        let up = 1 + self.peers.values().filter(|p| p.up).count();
+        2 * up > self.peers.len()
+    }
+
     pub fn is_up(&self, peer: &str) -> bool {
         self.peers.get(peer).is_some_and(|p| p.up)
     }
@@ -351,6 +361,30 @@ mod tests {
         // Alone, n3 takes over.
         n3.handle(MemberEvent::Tick, later + Duration::from_secs(5));
         assert!(n3.takes_over());
+    }
+
+    /// A node gives a failed peer's leases back only while it sees half the cluster up: n3
+    /// alone of three is more likely cut off; either node of two sees half.
+    #[test]
+    fn half_the_cluster_up_to_give_back_a_peers_leases() {
+        let t0 = Instant::now();
+        let mut n3 = m("n3", &["n1", "n2"]);
+        assert!(!n3.sees_half(), "nothing heard yet");
+        n3.handle(up("n1", 1, false), t0);
+        assert!(n3.sees_half(), "two of three");
+        n3.handle(MemberEvent::Tick, t0 + Duration::from_secs(5));
+        assert!(!n3.is_up("n1"));
+        assert!(!n3.sees_half(), "one of three: cut off, or the last one standing");
+        let mut n2 = m("n2", &["n1"]);
+        n2.handle(up("n1", 1, false), t0);
+        n2.handle(MemberEvent::Tick, t0 + Duration::from_secs(5));
+        assert!(!n2.is_up("n1"));
+        assert!(n2.sees_half(), "one of two");
+        let mut n5 = m("n5", &["n1", "n2", "n3", "n4"]);
+        n5.handle(up("n1", 1, false), t0);
+        assert!(!n5.sees_half(), "two of five");
+        n5.handle(up("n2", 2, false), t0);
+        assert!(n5.sees_half(), "three of five");
     }
 
     #[test]

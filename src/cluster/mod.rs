@@ -215,13 +215,15 @@ pub enum ClusterEvent {
         node: String,
     },
     /// A peer failed and this node is the one that takes over what it left (see
-    /// [`membership::Membership::takes_over`]): the messages leased to it (its sessions' and
-    /// its hand-offs') go back to pending, and the wallets of `conns`, whose sessions it held
+    /// [`membership::Membership::takes_over`]): the wallets of `conns`, whose sessions it held
     /// and which no node holds now (possibly none), are woken (push) when they have mail
-    /// queued.
+    /// queued; with `release_leases` (this node sees half the cluster up:
+    /// [`membership::Membership::sees_half`]) the messages leased to it (its sessions' and its
+    /// hand-offs') go back to pending first.
     SessionsLost {
         node: String,
         conns: Vec<String>,
+        release_leases: bool,
     },
     /// Another node took ownership of a conn we hold (a newer session there): close our
     /// session? The node decides.

@@ -374,7 +374,12 @@ impl Shared {
                             .map(|(c, _)| c)
                             .filter(|c| st.dir.owner(c).is_none())
                             .collect();
-                        self.emit(ClusterEvent::SessionsLost { node: peer, conns });
+                        let release_leases = st.members.sees_half();
+                        self.emit(ClusterEvent::SessionsLost {
+                            node: peer,
+                            conns,
+                            release_leases,
+                        });
                     }
                 }
                 MemberEffect::Install { .. } | MemberEffect::Reject { .. } => {}
