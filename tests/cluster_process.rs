@@ -294,6 +294,7 @@ async fn kill_9_gives_back_what_the_dead_node_delivered_unacknowledged() {
         }
     }
     p1.kill9();
+    let killed = std::time::Instant::now();
     drop(ws);
 
     let mut ws = a.websocket(&p2.ws_url()).await.unwrap();
@@ -318,5 +319,10 @@ async fn kill_9_gives_back_what_the_dead_node_delivered_unacknowledged() {
         }
     }
     assert_eq!(again, texts.iter().cloned().collect::<HashSet<_>>());
+    println!(
+        "kill -9: {} unacknowledged deliveries given back {} ms after the kill (failure timeout 800 ms, lease 600 s)",
+        texts.len(),
+        killed.elapsed().as_millis()
+    );
     drop(p2);
 }
