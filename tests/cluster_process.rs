@@ -82,29 +82,59 @@ async fn sigterm_and_wait(p: &mut NodeProcess, log: &std::path::Path) {
     );
 }
 
-async fn run_failover(graceful: bool) {
-    let db = FreshDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let entries: Vec<NodeEntry> = (1..=2)
-        .map(|i| NodeEntry {
-            id: format!("n{i}"),
-            listen: free_addr(),
-            cluster: Some(free_addr()),
-            admin: free_addr(),
-        })
-        .collect();
-    let path = write_config(dir.path(), &db.url, &entries, 2000);
-    let n1_log = dir.path().join("n1.log");
-    let mut p1 = NodeProcess::spawn(&path, &entries[0], &n1_log);
-    let p2 = NodeProcess::spawn(&path, &entries[1], &dir.path().join("n2.log"));
-    wait_ready(&p1).await;
-    wait_ready(&p2).await;
+/// Two node processes on a fresh database, both ready, and a wallet onboarded through node 1.
+struct Pair {
+    _db: FreshDb,
+    dir: tempfile::TempDir,
+    p1: NodeProcess,
+    p2: NodeProcess,
+    wallet: Agent,
+    key: mailroom::didcomm::keys::KeyPair,
+}
 
-    let inv = {
-        let v = get_json(&format!("{}/invitation", p1.public_url())).await;
-        mailroom::client::Invitation::parse(&v["invitation"]).unwrap()
-    };
-    let (mut a, k) = Agent::onboard(&inv).await.unwrap();
+impl Pair {
+    async fn start(lease_ms: u64) -> Pair {
+        let db = FreshDb::create().await;
+        let dir = tempfile::tempdir().unwrap();
+        let entries: Vec<NodeEntry> = (1..=2)
+            .map(|i| NodeEntry {
+                id: format!("n{i}"),
+                listen: free_addr(),
+                cluster: Some(free_addr()),
+                admin: free_addr(),
+            })
+            .collect();
+        let path = write_config(dir.path(), &db.url, &entries, lease_ms);
+        let p1 = NodeProcess::spawn(&path, &entries[0], &dir.path().join("n1.log"));
+        let p2 = NodeProcess::spawn(&path, &entries[1], &dir.path().join("n2.log"));
+        wait_ready(&p1).await;
+        wait_ready(&p2).await;
+        let inv = {
+            let v = get_json(&format!("{}/invitation", p1.public_url())).await;
+            mailroom::client::Invitation::parse(&v["invitation"]).unwrap()
+        };
+        let (wallet, key) = Agent::onboard(&inv).await.unwrap();
+        Pair {
+            _db: db,
+            dir,
+            p1,
+            p2,
+            wallet,
+            key,
+        }
+    }
+}
+
+async fn run_failover(graceful: bool) {
+    let Pair {
+        _db,
+        dir,
+        mut p1,
+        p2,
+        wallet: mut a,
+        key: k,
+    } = Pair::start(2000).await;
+    let n1_log = dir.path().join("n1.log");
     let routing = a.grant.clone().unwrap().routing_keys;
     let mut ws = a.websocket(&p1.ws_url()).await.unwrap();
     let st = ws_request(
@@ -250,26 +280,14 @@ async fn sigterm_closes_sessions_with_1001_and_loses_nothing() {
 /// gives them back: the wallet, reconnected to node 2, gets them again within seconds.
 #[actix_rt::test]
 async fn kill_9_gives_back_what_the_dead_node_delivered_unacknowledged() {
-    let db = FreshDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let entries: Vec<NodeEntry> = (1..=2)
-        .map(|i| NodeEntry {
-            id: format!("n{i}"),
-            listen: free_addr(),
-            cluster: Some(free_addr()),
-            admin: free_addr(),
-        })
-        .collect();
-    let path = write_config(dir.path(), &db.url, &entries, 600_000);
-    let mut p1 = NodeProcess::spawn(&path, &entries[0], &dir.path().join("n1.log"));
-    let p2 = NodeProcess::spawn(&path, &entries[1], &dir.path().join("n2.log"));
-    wait_ready(&p1).await;
-    wait_ready(&p2).await;
-    let inv = {
-        let v = get_json(&format!("{}/invitation", p1.public_url())).await;
-        mailroom::client::Invitation::parse(&v["invitation"]).unwrap()
-    };
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    let Pair {
+        _db,
+        dir: _dir,
+        mut p1,
+        p2,
+        wallet: a,
+        key: k,
+    } = Pair::start(600_000).await;
     let routing = a.grant.clone().unwrap().routing_keys;
     let live = pickup("live-delivery-change", json!({"live_delivery": true}));
     let mut ws = a.websocket(&p1.ws_url()).await.unwrap();
