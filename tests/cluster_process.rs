@@ -1,7 +1,8 @@
 //! Real `mailroom` processes on PostgreSQL: kill -9 of the node that holds the wallet's
 //! session while forwards stream in, and graceful shutdown (SIGTERM) of it. The wallet
 //! reconnects to another node and receives every forward that was answered 2xx, and what the
-//! killed node delivered unacknowledged without waiting for its leases to run out.
+//! killed node delivered unacknowledged without waiting for its leases to run out (given back
+//! by the peer that takes it over, or by the node itself when it restarts).
 
 mod common;
 
@@ -82,21 +83,23 @@ async fn sigterm_and_wait(p: &mut NodeProcess, log: &std::path::Path) {
     );
 }
 
-/// Two node processes on a fresh database, both ready, and a wallet onboarded through node 1.
-struct Pair {
+/// `n` node processes of one cluster on a fresh database, all ready, and a wallet onboarded
+/// through node 1.
+struct Nodes {
     _db: FreshDb,
     dir: tempfile::TempDir,
-    p1: NodeProcess,
-    p2: NodeProcess,
+    config: std::path::PathBuf,
+    entries: Vec<NodeEntry>,
+    procs: Vec<NodeProcess>,
     wallet: Agent,
     key: mailroom::didcomm::keys::KeyPair,
 }
 
-impl Pair {
-    async fn start(lease_ms: u64) -> Pair {
+impl Nodes {
+    async fn start(n: usize, lease_ms: u64) -> Nodes {
         let db = FreshDb::create().await;
         let dir = tempfile::tempdir().unwrap();
-        let entries: Vec<NodeEntry> = (1..=2)
+        let entries: Vec<NodeEntry> = (1..=n)
             .map(|i| NodeEntry {
                 id: format!("n{i}"),
                 listen: free_addr(),
@@ -104,36 +107,62 @@ impl Pair {
                 admin: free_addr(),
             })
             .collect();
-        let path = write_config(dir.path(), &db.url, &entries, lease_ms);
-        let p1 = NodeProcess::spawn(&path, &entries[0], &dir.path().join("n1.log"));
-        let p2 = NodeProcess::spawn(&path, &entries[1], &dir.path().join("n2.log"));
-        wait_ready(&p1).await;
-        wait_ready(&p2).await;
+        let config = write_config(dir.path(), &db.url, &entries, lease_ms);
+        let procs: Vec<NodeProcess> = entries
+            .iter()
+            .map(|e| NodeProcess::spawn(&config, e, &dir.path().join(format!("{}.log", e.id))))
+            .collect();
+        for p in &procs {
+            wait_ready(p).await;
+        }
         let inv = {
-            let v = get_json(&format!("{}/invitation", p1.public_url())).await;
+            let v = get_json(&format!("{}/invitation", procs[0].public_url())).await;
             mailroom::client::Invitation::parse(&v["invitation"]).unwrap()
         };
         let (wallet, key) = Agent::onboard(&inv).await.unwrap();
-        Pair {
+        Nodes {
             _db: db,
             dir,
-            p1,
-            p2,
+            config,
+            entries,
+            procs,
             wallet,
             key,
         }
     }
 }
 
+/// Collects what a live socket delivers until every one of `texts` has come; panics if it
+/// stays silent for 30 s first. Status answers are skipped.
+async fn receive_all(a: &Agent, ws: &mut mailroom::client::WsClient, texts: &[String], what: &str) {
+    let want: HashSet<String> = texts.iter().cloned().collect();
+    let mut got = HashSet::new();
+    while got != want {
+        match ws.next(Duration::from_secs(30)).await {
+            Ok(WsEvent::Envelope(e)) => {
+                let (m, _) = a.unpack(&e).unwrap();
+                match type_name(&m) {
+                    "status" => {}
+                    "delivery" => got.extend(contents(a, &m)),
+                    other => panic!("unexpected {other}: {m}"),
+                }
+            }
+            other => panic!("{what}: {} of the {} delivered: {other:?}", got.len(), want.len()),
+        }
+    }
+}
+
 async fn run_failover(graceful: bool) {
-    let Pair {
+    let Nodes {
         _db,
         dir,
-        mut p1,
-        p2,
+        mut procs,
         wallet: mut a,
         key: k,
-    } = Pair::start(2000).await;
+        ..
+    } = Nodes::start(2, 2000).await;
+    let p2 = procs.pop().unwrap();
+    let mut p1 = procs.pop().unwrap();
     let n1_log = dir.path().join("n1.log");
     let routing = a.grant.clone().unwrap().routing_keys;
     let mut ws = a.websocket(&p1.ws_url()).await.unwrap();
@@ -280,14 +309,16 @@ async fn sigterm_closes_sessions_with_1001_and_loses_nothing() {
 /// gives them back: the wallet, reconnected to node 2, gets them again within seconds.
 #[actix_rt::test]
 async fn kill_9_gives_back_what_the_dead_node_delivered_unacknowledged() {
-    let Pair {
+    let Nodes {
         _db,
         dir: _dir,
-        mut p1,
-        p2,
+        mut procs,
         wallet: a,
         key: k,
-    } = Pair::start(600_000).await;
+        ..
+    } = Nodes::start(2, 600_000).await;
+    let p2 = procs.pop().unwrap();
+    let mut p1 = procs.pop().unwrap();
     let routing = a.grant.clone().unwrap().routing_keys;
     let live = pickup("live-delivery-change", json!({"live_delivery": true}));
     let mut ws = a.websocket(&p1.ws_url()).await.unwrap();
@@ -317,30 +348,58 @@ async fn kill_9_gives_back_what_the_dead_node_delivered_unacknowledged() {
 
     let mut ws = a.websocket(&p2.ws_url()).await.unwrap();
     ws.send_envelope(a.pack(&live).unwrap(), true).await.unwrap();
-    let mut again = HashSet::new();
-    let mut status = false;
-    while !(status && again.len() == texts.len()) {
-        match ws.next(Duration::from_secs(30)).await {
-            Ok(WsEvent::Envelope(e)) => {
-                let (m, _) = a.unpack(&e).unwrap();
-                match type_name(&m) {
-                    "status" => status = true,
-                    "delivery" => again.extend(contents(&a, &m)),
-                    other => panic!("unexpected {other}: {m}"),
-                }
-            }
-            other => panic!(
-                "node 2 gave back {} of the {} deliveries node 1 left unacknowledged (status seen: {status}): {other:?}",
-                again.len(),
-                texts.len()
-            ),
-        }
-    }
-    assert_eq!(again, texts.iter().cloned().collect::<HashSet<_>>());
+    receive_all(&a, &mut ws, &texts, "node 2 gave back what node 1 left unacknowledged").await;
     println!(
         "kill -9: {} unacknowledged deliveries given back {} ms after the kill (failure timeout 800 ms, lease 600 s)",
         texts.len(),
         killed.elapsed().as_millis()
     );
     drop(p2);
+}
+
+/// A node killed with deliveries in flight, restarted before any peer took them over (here it
+/// has none): as it starts it gives back every lease it held before, not only its hand-offs.
+/// The messages were queued while the wallet was away, so its session leased them itself
+/// (`<node>/ws/...`), not as hand-offs (`<node>/handoff`).
+#[actix_rt::test]
+async fn a_node_restarted_after_kill_9_gives_back_its_own_deliveries() {
+    let Nodes {
+        _db,
+        dir,
+        config,
+        entries,
+        mut procs,
+        wallet: a,
+        key: k,
+    } = Nodes::start(1, 600_000).await;
+    let mut p1 = procs.pop().unwrap();
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let s = Sender::new();
+    let texts: Vec<String> = (0..4).map(|i| format!("queued {i}")).collect();
+    for t in &texts {
+        let code = s
+            .forward(&p1.public_url(), &basic_message(t), &k.verkey(), &routing)
+            .await
+            .unwrap();
+        assert_eq!(code, 202, "{t}");
+    }
+    let live = pickup("live-delivery-change", json!({"live_delivery": true}));
+    let mut ws = a.websocket(&p1.ws_url()).await.unwrap();
+    ws.send_envelope(a.pack(&live).unwrap(), true).await.unwrap();
+    receive_all(&a, &mut ws, &texts, "the session's first drain").await;
+    p1.kill9();
+    drop(ws);
+
+    let p1 = NodeProcess::spawn(&config, &entries[0], &dir.path().join("n1-restarted.log"));
+    wait_ready(&p1).await;
+    let mut ws = a.websocket(&p1.ws_url()).await.unwrap();
+    ws.send_envelope(a.pack(&live).unwrap(), true).await.unwrap();
+    receive_all(
+        &a,
+        &mut ws,
+        &texts,
+        "the restarted node gave back what it left unacknowledged",
+    )
+    .await;
+    drop(p1);
 }
