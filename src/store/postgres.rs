@@ -1405,7 +1405,8 @@ impl Store for PgStore {
             return Ok(0);
         }
         // `starts_with`, not LIKE: node ids may hold `_`, a LIKE wildcard. The partial index
-        // of leased rows bounds the scan to messages in flight.
+        // of leased rows bounds the scan to messages with an owner (in flight, or leased once
+        // and neither acknowledged nor leased again since: those are pending already).
         self.execute_retrying(
             "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL WHERE id IN ( \
                SELECT id FROM mailroom_messages \
