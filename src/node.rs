@@ -43,7 +43,12 @@ async fn take_over(shared: Arc<Shared>, node: String, conns: Vec<String>, releas
 }
 
 async fn release_failed_peer(shared: &Arc<Shared>, node: &str) {
-    match shared.mediator.store.release_owners_under(&format!("{node}/")).await {
+    match shared
+        .mediator
+        .store
+        .release_owners_under(&crate::protocols::node_owners(node))
+        .await
+    {
         Ok(0) => {}
         Ok(n) => {
             tracing::info!(peer = %node, released = n, "a failed peer's deliveries are deliverable again");
@@ -182,7 +187,7 @@ pub async fn run(
     // again now rather than when their leases run out. Every owner of this node is `<id>/...`.
     {
         let store = store.clone();
-        let prefix = format!("{node_id}/");
+        let prefix = crate::protocols::node_owners(node_id);
         actix_rt::spawn(async move {
             match store.release_owners_under(&prefix).await {
                 Ok(0) => {}

@@ -335,13 +335,7 @@ async fn kill_9_gives_back_what_the_dead_node_delivered_unacknowledged() {
         assert_eq!(code, 202, "{t}");
     }
     // Delivered live on node 1, never acknowledged.
-    let mut got = HashSet::new();
-    while got.len() < texts.len() {
-        let m = ws_next_message(&a, &mut ws).await;
-        if type_name(&m) == "delivery" {
-            got.extend(contents(&a, &m));
-        }
-    }
+    receive_all(&a, &mut ws, &texts, "node 1's live deliveries").await;
     p1.kill9();
     let killed = std::time::Instant::now();
     drop(ws);

@@ -119,6 +119,12 @@ pub fn handoff_owner(node: &str) -> String {
     format!("{node}/handoff")
 }
 
+/// What every lease owner of `node` starts with (hand-offs, sessions, HTTP pickups, endpoint
+/// deliveries are all `<node>/...`): the prefix that gives back all of a node's leases.
+pub fn node_owners(node: &str) -> String {
+    format!("{node}/")
+}
+
 /// The messages one forward queued for a connection, leased to [`handoff_owner`] of `node`,
 /// the node holding the wallet's live session: handed to it.
 #[derive(Clone, Debug)]
