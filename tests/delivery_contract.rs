@@ -74,14 +74,6 @@ async fn the_sweep_reaches_a_live_wallet_behind_many_older_offline_queues() {
     assert_eq!(contents(&a, &d), vec!["lost wake-up".to_string()]);
 }
 
-async fn metric(n: &mailroom::node::RunningNode, name: &str) -> Option<f64> {
-    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
-    text.lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
 /// One dedup record per forward, even once acknowledged, would grow memory with traffic;
 /// they go once their window has passed, with no message expiry at all (`ttl = 0`).
 #[actix_rt::test]

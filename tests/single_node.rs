@@ -303,8 +303,16 @@ async fn live_messages_wait_for_the_socket_acknowledgement_and_a_backlog_streams
     for w in &want {
         assert_eq!(forward_to(&n, &a, &k, w).await, 202);
     }
-    // Acknowledged: the 25 go out together, and as full batches they stream without waiting
-    // for acknowledgements of their own (10, 10, then the partial 5).
+    // Each forward hands its message to the session in a task of its own, after the 202:
+    // all 27 (m0, m1 and the 25) are with the session before the acknowledgement.
+    eventually("every forward handed to the session", || async {
+        let handed = metric(&n, r#"mailroom_handoffs_total{to="local"}"#).await;
+        (handed == Some(27.0)).then_some(())
+    })
+    .await;
+    // Acknowledged: the 25 go out together, in queue order (hand-offs of sequential forwards
+    // may reach the session in another), and as full batches they stream without waiting for
+    // acknowledgements of their own (10, 10, then the partial 5).
     let mut got = ack_on_socket(&a, &mut ws, &[opened[0].0.clone()]).await;
     while got.iter().map(Vec::len).sum::<usize>() < want.len() {
         let m = ws_next_message(&a, &mut ws).await;

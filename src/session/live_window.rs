@@ -96,6 +96,22 @@ impl LiveWindow {
     }
 }
 
+/// Adds messages handed to the session to those held back for the window, keeping queue
+/// order (`id` grows with arrival). Each forward hands its message over in a task of its own,
+/// on whichever worker took the request, so the hand-offs of sequential forwards may reach
+/// the session in another order; held back, they go out together, oldest first.
+pub fn hold_in_queue_order<T>(held: &mut Vec<T>, msgs: impl IntoIterator<Item = T>, id: impl Fn(&T) -> i64) {
+    let sorted_before = held.len();
+    held.extend(msgs);
+    if held[sorted_before.saturating_sub(1)..]
+        .windows(2)
+        .any(|w| id(&w[0]) > id(&w[1]))
+    {
+        // Stable, and linear on the usual input: two sorted runs.
+        held.sort_by_key(|m| id(m));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +183,19 @@ mod tests {
         w.acknowledged(5);
         w.sent(t + WAIT + ms(10), 1, true);
         assert!(w.closed_for(t + WAIT + ms(11)).is_some());
+    }
+
+    #[test]
+    fn hand_offs_that_overtook_each_other_are_held_in_queue_order() {
+        let mut held = Vec::new();
+        hold_in_queue_order(&mut held, [1, 2], |m| *m);
+        hold_in_queue_order(&mut held, [4], |m| *m);
+        hold_in_queue_order(&mut held, [3], |m| *m);
+        hold_in_queue_order(&mut held, [6, 5], |m| *m);
+        hold_in_queue_order(&mut held, [7], |m| *m);
+        assert_eq!(held, vec![1, 2, 3, 4, 5, 6, 7]);
+        hold_in_queue_order(&mut held, [], |m| *m);
+        assert_eq!(held, vec![1, 2, 3, 4, 5, 6, 7]);
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! Binary and text frames are accepted; replies are text frames. Heartbeats: a ping every
 //! `HEARTBEAT`, closed after `CLIENT_TIMEOUT` without a pong or frame.
 
-use super::live_window::LiveWindow;
+use super::live_window::{hold_in_queue_order, LiveWindow};
 use super::upgrade::SocketSlot;
 use super::Shared;
 use crate::config::Strategy;
@@ -82,8 +82,8 @@ struct HandedHere {
     /// Written, with their lease deadline: released when the session ends (those acknowledged
     /// meanwhile release nothing).
     written: std::collections::VecDeque<(i64, i64)>,
-    /// Handed in live mode, waiting for the live window: they go out as it opens, before
-    /// anything is leased.
+    /// Handed in live mode, waiting for the live window, in queue order: they go out as it
+    /// opens, before anything is leased.
     held_back: Vec<QueuedMessage>,
 }
 
@@ -671,7 +671,8 @@ impl WsSession {
         }
         if self.mode == Mode::Live {
             // Through the window, as a lease's messages go.
-            self.handed.get_or_insert_with(Box::default).held_back.extend(msgs);
+            let held = &mut self.handed.get_or_insert_with(Box::default).held_back;
+            hold_in_queue_order(held, msgs, |m| m.id);
             self.send_held(ctx);
             return;
         }

@@ -151,6 +151,16 @@ pub fn type_name(v: &Value) -> &str {
         .unwrap_or_default()
 }
 
+/// The value of one metric series (`name` with its labels, as `/metrics` prints it), if the
+/// node has it.
+pub async fn metric(n: &RunningNode, name: &str) -> Option<f64> {
+    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
 pub async fn queue_depth(n: &RunningNode) -> u64 {
     get_json(&format!("{}/status", n.admin_url())).await["queued"]
         .as_u64()
