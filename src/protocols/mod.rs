@@ -116,11 +116,17 @@ pub trait Holders: Send + Sync {
 /// The lease owner of messages queued leased to `node`'s live sessions ([`Outcome::handed`]):
 /// the enqueuing node names it, the holding node releases with it.
 pub fn handoff_owner(node: &str) -> String {
-    format!("{node}/handoff")
+    lease_owner(node, "handoff")
 }
 
-/// What every lease owner of `node` starts with (hand-offs, sessions, HTTP pickups, endpoint
-/// deliveries are all `<node>/...`): the prefix that gives back all of a node's leases.
+/// A lease owner of `node`: `<node>/<holder>` (`handoff`, `http`, `endpoint`,
+/// `ws/<pid>/<session>`). Every owner is built here, so [`node_owners`] covers them all.
+pub fn lease_owner(node: &str, holder: &str) -> String {
+    format!("{}{holder}", node_owners(node))
+}
+
+/// What every lease owner of `node` starts with ([`lease_owner`]): the prefix that gives back
+/// all of a node's leases.
 pub fn node_owners(node: &str) -> String {
     format!("{node}/")
 }

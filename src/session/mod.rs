@@ -98,12 +98,13 @@ impl Shared {
 
     /// Lease owner for deliveries over HTTP (they expire, or are acknowledged).
     pub fn http_owner(&self) -> String {
-        format!("{}/http", self.mediator.node_id)
+        crate::protocols::lease_owner(&self.mediator.node_id, "http")
     }
 
     /// Lease owner of one WebSocket session (released when the session ends).
     pub fn session_owner(&self, session: u64) -> String {
-        format!("{}/ws/{}/{}", self.mediator.node_id, std::process::id(), session)
+        let holder = format!("ws/{}/{session}", std::process::id());
+        crate::protocols::lease_owner(&self.mediator.node_id, &holder)
     }
 
     /// Messages of `conn` became deliverable again (a superseded session released its leases):

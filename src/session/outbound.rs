@@ -62,7 +62,7 @@ pub async fn send_replies(shared: &Arc<Shared>, conn: &Connection, replies: &[Va
 /// POST fails.
 pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str) {
     let store = &shared.mediator.store;
-    let owner = format!("{}/endpoint", shared.mediator.node_id);
+    let owner = crate::protocols::lease_owner(&shared.mediator.node_id, "endpoint");
     let timeout = Duration::from_millis(shared.cfg.delivery.endpoint_timeout_ms);
     loop {
         let now = now_ms();
