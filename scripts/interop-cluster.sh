@@ -52,16 +52,24 @@ export VERAMO_DIR INDICIO_PYTHON
 scripts/ensure-postgres.sh
 [ -x "$BIN" ] || cargo build --locked --bin mailroom
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-LB=$(port)
+# Ten free ports on 127.0.0.1, all bound at once so that no two are the same (picked one at a
+# time, bound and released, the kernel may hand the same port out twice: "cluster address ...
+# is used twice").
+# shellcheck disable=SC2207
+PORTS=($(python3 -c 'import socket; ss = [socket.socket() for _ in range(10)]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in ss))'))
+LB=${PORTS[0]}
 NODES=(n1 n2 n3)
 declare -A ADMIN
 {
   printf '[cluster]\nname = "interop"\nsecret = "interop-cluster-secret"\npublic_url = "http://127.0.0.1:%s"\n' "$LB"
   printf '[store]\nbackend = "postgres"\nurl = "postgres://postgres@127.0.0.1:5432/%s"\npool_size = 4\n' "$DB"
+  i=1
   for id in "${NODES[@]}"; do
-    ADMIN[$id]=127.0.0.1:$(port)
-    printf '[[node]]\nid = "%s"\nlisten = "127.0.0.1:%s"\ncluster = "127.0.0.1:%s"\nadmin = "%s"\n' "$id" "$(port)" "$(port)" "${ADMIN[$id]}"
+    ADMIN[$id]=127.0.0.1:${PORTS[i]}
+    printf '[[node]]\nid = "%s"\nlisten = "127.0.0.1:%s"\ncluster = "127.0.0.1:%s"\nadmin = "%s"\n' "$id" "${PORTS[i+1]}" "${PORTS[i+2]}" "${ADMIN[$id]}"
+    i=$((i + 3))
   done
 } > "$WORK/cluster.toml"
 CLUSTER_CONFIG="$WORK/cluster.toml" CLUSTER_RUN="$WORK/run" MAILROOM_BIN="$BIN" scripts/cluster.sh up | sed 's/^/[interop-cluster] /'

@@ -72,7 +72,6 @@ say "push plugin: Credo 0.6.3 + @credo-ts/push-notifications 0.7.1 (tests/push_c
 (cd "$ROOT" && PUSH_CREDO_REQUIRED=1 cargo test --locked --test push_credo -q) || fail_setup "the Credo push-notifications plugin scenario failed (see above)"
 
 
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # wait_http URL TIMEOUT_S: polls until URL answers 200 (or the mediator process is gone).
 wait_http() {
@@ -92,7 +91,10 @@ show_med_log() {
     | awk '{ if (!($0 in n)) order[++k] = $0; n[$0]++ } END { s = (k > 40) ? k - 39 : 1; for (i = s; i <= k; i++) printf "    %5dx %s\n", n[order[i]], substr(order[i], 1, 380) }'
 }
 
-PORT=$(free_port); ADMIN_PORT=$(free_port); CLUSTER_PORT=$(free_port)
+# All bound at once, so never the same port twice (one at a time, bound and released, may be).
+read -r PORT ADMIN_PORT CLUSTER_PORT WS_PORT < <("$PY" -c 'import socket; ss = [socket.socket() for _ in range(4)]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in ss))')
 RUN_ARGS=()
 case "$MEDIATOR" in
   mailroom)
@@ -135,7 +137,6 @@ EOF
     ;;
   acapy)
     [ -n "$ACAPY_BIN" ] || fail_setup "ACA-Py is not installed (no Python 3.13/3.12)"
-    WS_PORT=$(free_port)
     mkdir -p "$WORK/acapy-home"
     ACAPY_HOME="$WORK/acapy-home" "$ACAPY_BIN" start --label acapy-mediator \
       --inbound-transport http 127.0.0.1 "$PORT" --inbound-transport ws 127.0.0.1 "$WS_PORT" \
