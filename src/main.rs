@@ -223,6 +223,11 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Run { config, node } => {
+            // First, while the process has one thread: this clears LISTEN_FDS from the environment.
+            let inherited = match node::inherited_listeners() {
+                Ok(l) => l,
+                Err(e) => return bad_config(e),
+            };
             let (cfg, node_id, applied) = match effective_config(config.as_deref(), node) {
                 Ok(c) => c,
                 Err(e) => return bad_config(e),
@@ -232,9 +237,10 @@ fn main() -> ExitCode {
             if !applied.is_empty() {
                 tracing::info!(node = %node_id, "from the environment: {}", applied.join(", "));
             }
-            let listeners = match node::Listeners::bind(&entry) {
+            let listeners = match node::Listeners::bind(&entry, inherited) {
                 Ok(l) => l,
-                Err(e) => {
+                Err(e @ node::ListenError::Unmatched(_)) => return bad_config(e),
+                Err(node::ListenError::Bind(e)) => {
                     eprintln!("mailroom: {e}");
                     return ExitCode::from(71);
                 }

@@ -91,21 +91,84 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds the addresses of a `[[node]]` entry.
-    pub fn bind(node: &NodeEntry) -> std::io::Result<Listeners> {
-        let bind = |a: &str| -> std::io::Result<TcpListener> {
-            TcpListener::bind(a).map_err(|e| std::io::Error::new(e.kind(), format!("cannot bind {a}: {e}")))
+    /// Binds the addresses of a `[[node]]` entry. An address whose socket the process was
+    /// handed already bound and listening (`inherited`: systemd socket activation, see
+    /// [`inherited_listeners`]) is used as it is, so connections wait in its backlog across a
+    /// restart instead of being refused; an inherited socket that is none of the entry's
+    /// addresses is an error (the unit and `cluster.toml` disagree).
+    pub fn bind(node: &NodeEntry, mut inherited: Vec<TcpListener>) -> Result<Listeners, ListenError> {
+        let mut take = |a: &str| -> Result<TcpListener, ListenError> {
+            let wanted: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(a)
+                .map_err(|e| ListenError::Bind(std::io::Error::new(e.kind(), format!("cannot bind {a}: {e}"))))?
+                .collect();
+            let held = inherited
+                .iter()
+                .position(|l| l.local_addr().is_ok_and(|b| wanted.contains(&b)));
+            match held {
+                Some(i) => Ok(inherited.swap_remove(i)),
+                None => TcpListener::bind(a)
+                    .map_err(|e| ListenError::Bind(std::io::Error::new(e.kind(), format!("cannot bind {a}: {e}")))),
+            }
         };
-        Ok(Listeners {
-            public: bind(&node.listen)?,
-            admin: bind(&node.admin)?,
-            cluster: node.cluster.as_deref().map(bind).transpose()?,
-        })
+        let listeners = Listeners {
+            public: take(&node.listen)?,
+            admin: take(&node.admin)?,
+            cluster: node.cluster.as_deref().map(&mut take).transpose()?,
+        };
+        if let Some(l) = inherited.first() {
+            let at = l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
+            return Err(ListenError::Unmatched(format!(
+                "an inherited socket (LISTEN_FDS) listens on {at}, which is none of node {}'s addresses (listen {}, admin {}, cluster {})",
+                node.id,
+                node.listen,
+                node.admin,
+                node.cluster.as_deref().unwrap_or("none")
+            )));
+        }
+        Ok(listeners)
     }
 
     pub fn public_addr(&self) -> SocketAddr {
         self.public.local_addr().expect("a bound listener has an address")
     }
+}
+
+/// Why the node's sockets could not be set up.
+#[derive(Debug)]
+pub enum ListenError {
+    /// An address could not be bound (in use, not local, no permission).
+    Bind(std::io::Error),
+    /// The sockets handed to the process do not fit the configuration.
+    Unmatched(String),
+}
+
+impl std::fmt::Display for ListenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenError::Bind(e) => e.fmt(f),
+            ListenError::Unmatched(m) => f.write_str(m),
+        }
+    }
+}
+
+/// The listening TCP sockets handed to this process by its service manager (systemd's
+/// `LISTEN_FDS`/`LISTEN_PID`, from fd 3). Read once, at start-up, before any thread runs: it
+/// clears those variables from the environment.
+pub fn inherited_listeners() -> Result<Vec<TcpListener>, ListenError> {
+    let mut fds = listenfd::ListenFd::from_env();
+    (0..fds.len())
+        .map(|i| match fds.take_tcp_listener(i) {
+            Ok(Some(l)) => Ok(l),
+            Ok(None) => Err(ListenError::Unmatched(format!(
+                "inherited fd {} (LISTEN_FDS) was already taken",
+                3 + i
+            ))),
+            Err(e) => Err(ListenError::Unmatched(format!(
+                "inherited fd {} (LISTEN_FDS) is not a listening TCP socket: {e}",
+                3 + i
+            ))),
+        })
+        .collect()
 }
 
 /// Opens the store the config names.

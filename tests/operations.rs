@@ -313,13 +313,94 @@ fn check_config_exits_64_with_the_reason() {
     assert_eq!(missing.status.code(), Some(64));
 }
 
+/// A socket handed over by the service manager (systemd socket activation) that is none of the
+/// node's configured addresses: the unit and the config disagree, so `run` exits 64 naming it
+/// rather than serving on a socket nobody configured or leaving one unserved.
+#[test]
+fn an_inherited_socket_the_config_does_not_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin, stray) = (
+        common::ports::held_addr(),
+        common::ports::held_addr(),
+        common::ports::held_addr(),
+    );
+    let cfg = format!(
+        "[store]\npath = \"{}\"\n[[node]]\nid = \"solo\"\nlisten = \"{listen}\"\nadmin = \"{admin}\"\n",
+        dir.path().join("data").display()
+    );
+    let path = dir.path().join("mailroom.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"));
+    cmd.args(["run", "--config"]).arg(&path);
+    let _inherited = common::ports::inherit_systemd(&mut cmd, &[&listen, &stray, &admin]);
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("LISTEN_FDS") && err.contains(&stray), "{err}");
+}
+
+/// Why an operator hands the node its sockets: they outlive the process. A request made while
+/// no node runs (killed, about to be restarted by systemd) waits in the socket's backlog and is
+/// answered by the next node, instead of being refused.
+#[actix_rt::test]
+async fn a_request_made_between_two_nodes_on_a_handed_over_socket_is_answered() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    // Kept here across both nodes, as systemd keeps a .socket unit's.
+    let public = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (listen, admin_addr) = (
+        public.local_addr().unwrap().to_string(),
+        admin.local_addr().unwrap().to_string(),
+    );
+    let cfg = format!(
+        "[store]\npath = \"{}\"\n[[node]]\nid = \"solo\"\nlisten = \"{listen}\"\nadmin = \"{admin_addr}\"\n",
+        dir.path().join("data").display()
+    );
+    let path = dir.path().join("mailroom.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let start = || {
+        common::ports::hold(public.try_clone().unwrap());
+        common::ports::hold(admin.try_clone().unwrap());
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"));
+        cmd.args(["run", "--config"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("err.log")).unwrap());
+        let _inherited = common::ports::inherit_systemd(&mut cmd, &[&listen, &admin_addr]);
+        cmd.spawn().unwrap()
+    };
+    let invitation = format!("http://{listen}/invitation");
+    let mut first = start();
+    wait_ok("the first node serves", &invitation).await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // No node runs: the connection is still taken (by the kernel, into the backlog).
+    let mut waiting = std::net::TcpStream::connect(&listen).expect("the socket outlives the node");
+    write!(
+        waiting,
+        "GET /invitation HTTP/1.1\r\nHost: {listen}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut second = start();
+    waiting
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let mut answer = String::new();
+    waiting.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "answered by the second node: {answer:.200}"
+    );
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
+
 /// `mailroom run` with a JSON log config, then `mailroom status` against its admin port.
 #[actix_rt::test]
 async fn the_binary_serves_logs_json_and_status_reads_it() {
     let dir = tempfile::tempdir().unwrap();
-    let addr = |l: std::net::TcpListener| l.local_addr().unwrap().to_string();
-    let listen = addr(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
-    let admin = addr(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let (listen, admin) = (common::ports::held_addr(), common::ports::held_addr());
     let cfg = format!(
         "[store]\npath = \"{}\"\n[log]\nformat = \"json\"\n[[node]]\nid = \"solo\"\nlisten = \"{listen}\"\nadmin = \"{admin}\"\n",
         dir.path().join("data").display()
@@ -327,22 +408,15 @@ async fn the_binary_serves_logs_json_and_status_reads_it() {
     let path = dir.path().join("mailroom.toml");
     std::fs::write(&path, cfg).unwrap();
     let log = dir.path().join("out.log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
-        .args(["run", "--config"])
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"));
+    cmd.args(["run", "--config"])
         .arg(&path)
         .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("err.log")).unwrap())
-        .spawn()
-        .unwrap();
+        .stderr(std::fs::File::create(dir.path().join("err.log")).unwrap());
+    let _inherited = common::ports::inherit_systemd(&mut cmd, &[&listen, &admin]);
+    let mut child = cmd.spawn().unwrap();
     let ready = format!("http://{admin}/ready");
-    eventually("binary ready", || {
-        let ready = ready.clone();
-        async move {
-            let r = awc::Client::default().get(&ready).send().await.ok()?;
-            r.status().is_success().then_some(())
-        }
-    })
-    .await;
+    wait_ok("binary ready", &ready).await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
         .args(["status", "--admin", &format!("http://{admin}")])
         .output()

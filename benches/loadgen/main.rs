@@ -42,6 +42,8 @@ mod live;
 mod nodes;
 mod peer_delivery;
 mod peers;
+#[path = "../../tests/common/ports.rs"]
+mod ports;
 mod report;
 mod sessions;
 mod soak;

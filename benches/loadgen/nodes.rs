@@ -60,6 +60,7 @@ pub(crate) fn open_files_limit() -> usize {
 // A mailroom child process
 // ---------------------------------------------------------------------------------------------
 
+/// An address on 127.0.0.1 nothing listens on (bound, then released).
 pub(crate) fn free_addr() -> Result<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?)
@@ -82,7 +83,9 @@ impl ChildNode {
     /// [`ChildNode::start`] with `extra` appended to the config (whole TOML sections).
     pub(crate) async fn start_with(pg_url: Option<&str>, extra: &str) -> Result<ChildNode> {
         let dir = tempfile::tempdir()?;
-        let (public, admin) = (free_addr()?, free_addr()?);
+        // Held until the child inherits them (tests/common/ports.rs): never free in between.
+        let (public_s, admin_s) = (crate::ports::held_addr(), crate::ports::held_addr());
+        let (public, admin): (SocketAddr, SocketAddr) = (public_s.parse()?, admin_s.parse()?);
         let store = match pg_url {
             Some(u) => format!("[store]\nbackend = \"postgres\"\nurl = \"{u}\"\n"),
             None => format!(
@@ -96,13 +99,13 @@ impl ChildNode {
         let cfg = dir.path().join("mailroom.toml");
         std::fs::write(&cfg, toml)?;
         let log = std::fs::File::create(dir.path().join("node.log"))?;
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
-            .args(["run", "--config"])
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"));
+        cmd.args(["run", "--config"])
             .arg(&cfg)
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn mailroom")?;
+            .stderr(log);
+        let _inherited = crate::ports::inherit_systemd(&mut cmd, &[&public_s, &admin_s]);
+        let child = cmd.spawn().context("spawn mailroom")?;
         let node = ChildNode {
             child,
             public,

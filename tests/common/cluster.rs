@@ -328,10 +328,10 @@ impl Proxy {
     }
 }
 
-/// A free port on 127.0.0.1 for a child process's config (bound, then released).
+/// A port on 127.0.0.1 for a `mailroom` child's config, held until [`NodeProcess::spawn`]
+/// hands its socket to the child (see `common::ports`).
 pub fn free_addr() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    super::ports::held_addr()
 }
 
 /// A mailroom process; killed (SIGKILL) on drop unless already stopped.
@@ -344,15 +344,17 @@ impl NodeProcess {
     pub fn spawn(config: &std::path::Path, entry: &NodeEntry, log: &std::path::Path) -> NodeProcess {
         let out = std::fs::File::create(log).unwrap();
         let err = out.try_clone().unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
-            .args(["run", "--config"])
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"));
+        cmd.args(["run", "--config"])
             .arg(config)
             .args(["--node", &entry.id])
             .env("RUST_LOG", "info")
             .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawn mailroom");
+            .stderr(err);
+        let mut addrs = vec![entry.listen.as_str(), entry.admin.as_str()];
+        addrs.extend(entry.cluster.as_deref());
+        let _inherited = super::ports::inherit_systemd(&mut cmd, &addrs);
+        let child = cmd.spawn().expect("spawn mailroom");
         NodeProcess {
             child,
             entry: entry.clone(),

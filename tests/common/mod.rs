@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod nginx;
+pub mod ports;
 
 use mailroom::client::{Agent, Invitation, WsClient, WsEvent};
 use mailroom::config::{Config, Strategy};
@@ -93,6 +94,15 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until a GET of `url` answers 2xx (a child process starting, say).
+pub async fn wait_ok(what: &str, url: &str) {
+    eventually(what, || async {
+        let r = awc::Client::default().get(url).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await
 }
 
 pub fn ws_url(n: &RunningNode) -> String {

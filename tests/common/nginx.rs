@@ -15,7 +15,13 @@ pub struct Nginx {
 impl Nginx {
     /// `upstreams`: the nodes' public `host:port`s.
     pub fn start(upstreams: &[String]) -> Nginx {
-        let addr = super::cluster::free_addr();
+        // Bound and released: nginx binds it itself a moment later. (It can take a listening
+        // socket from its parent, in the `NGINX` variable of its on-the-fly upgrade, but nginx
+        // 1.22 without a master process crashes on one.)
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
         let servers: String = upstreams.iter().map(|u| format!("    server {u};\n")).collect();
