@@ -70,18 +70,13 @@ cargo build --locked --quiet --example chaos
 DRIVER="$ROOT/target/debug/examples/chaos"
 [ -x "$DRIVER" ] || { echo "[chaos] no driver at $DRIVER" >&2; exit 2; }
 
-# Free ports, all bound at once so none is handed out twice: the load balancer; per node
-# listen, admin, cluster; one proxy per ordered pair of nodes.
+# Free ports (scripts/ports.sh): the load balancer; per node listen, admin, cluster; one proxy
+# per ordered pair of nodes.
 NODES=(n1 n2 n3)
-read -r -a PORTS <<<"$(python3 - "${#NODES[@]}" <<'PY'
-import socket, sys
-n = int(sys.argv[1])
-socks = [socket.socket() for _ in range(1 + 3 * n + n * (n - 1))]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-for s in socks: s.close()
-PY
-)"
+N=${#NODES[@]}
+# shellcheck source=scripts/ports.sh
+. "$ROOT/scripts/ports.sh"
+read -r -a PORTS <<<"$(free_ports $((1 + 3 * N + N * (N - 1))))"
 LB=${PORTS[0]}
 declare -A LISTEN ADMIN CLUSTER PROXY
 i=1

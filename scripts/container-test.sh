@@ -123,11 +123,13 @@ rc=${PIPESTATUS[0]}
 [ "$rc" = 0 ] || die "interop through the containers failed (exit $rc)"
 
 # --- 2. one container by environment only: SIGTERM closes the session with 1001, exit 0 -----
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=scripts/ports.sh
+. "$ROOT/scripts/ports.sh"
+read -r PUB_PORT ADMIN_PORT <<<"$(free_ports 2)"
 psql -h 127.0.0.1 -U postgres -d postgres -qc "CREATE DATABASE $DB" >/dev/null
-PUB=127.0.0.1:$(port)
+PUB=127.0.0.1:$PUB_PORT
 CT=$(pm run -d "${PM_RUN_FLAGS[@]}" --name "mailroom-ct-$$" \
-  -e MAILROOM_LISTEN="$PUB" -e MAILROOM_ADMIN="127.0.0.1:$(port)" \
+  -e MAILROOM_LISTEN="$PUB" -e MAILROOM_ADMIN="127.0.0.1:$ADMIN_PORT" \
   -e MAILROOM_STORE_URL="postgres://postgres@127.0.0.1:5432/$DB" "$IMAGE")
 healthy() { pm healthcheck run "$CT" >/dev/null 2>&1; }
 wait_health() { # want(0=healthy|1=unhealthy) what

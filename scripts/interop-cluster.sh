@@ -52,13 +52,10 @@ export VERAMO_DIR INDICIO_PYTHON
 scripts/ensure-postgres.sh
 [ -x "$BIN" ] || cargo build --locked --bin mailroom
 
-# Ten free ports on 127.0.0.1, all bound at once so that no two are the same (picked one at a
-# time, bound and released, the kernel may hand the same port out twice: "cluster address ...
-# is used twice").
-# shellcheck disable=SC2207
-PORTS=($(python3 -c 'import socket; ss = [socket.socket() for _ in range(10)]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in ss))'))
+# Ten free ports on 127.0.0.1, none the same (scripts/ports.sh).
+# shellcheck source=scripts/ports.sh
+. "$ROOT/scripts/ports.sh"
+read -r -a PORTS <<<"$(free_ports 10)"
 LB=${PORTS[0]}
 NODES=(n1 n2 n3)
 declare -A ADMIN

@@ -91,10 +91,10 @@ show_med_log() {
     | awk '{ if (!($0 in n)) order[++k] = $0; n[$0]++ } END { s = (k > 40) ? k - 39 : 1; for (i = s; i <= k; i++) printf "    %5dx %s\n", n[order[i]], substr(order[i], 1, 380) }'
 }
 
-# All bound at once, so never the same port twice (one at a time, bound and released, may be).
-read -r PORT ADMIN_PORT CLUSTER_PORT WS_PORT < <("$PY" -c 'import socket; ss = [socket.socket() for _ in range(4)]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in ss))')
+# Never the same port twice (scripts/ports.sh).
+# shellcheck source=scripts/ports.sh
+. "$ROOT/scripts/ports.sh"
+read -r PORT ADMIN_PORT CLUSTER_PORT WS_PORT <<<"$(free_ports 4)"
 RUN_ARGS=()
 case "$MEDIATOR" in
   mailroom)

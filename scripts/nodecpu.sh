@@ -51,7 +51,8 @@ trap cleanup EXIT
 totals() { # callgrind output file -> instruction count
   awk '/^(totals|summary):/ { print $2; exit }' "$1"
 }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=scripts/ports.sh
+. scripts/ports.sh
 
 # 1. the floor
 valgrind --tool=callgrind --toggle-collect='*didcomm::envelope::unpack' \
@@ -59,8 +60,7 @@ valgrind --tool=callgrind --toggle-collect='*didcomm::envelope::unpack' \
 FLOOR=$(totals "$DIR/floor.out")
 
 # 2. the node
-PUB=$(free_port)
-ADM=$(free_port)
+read -r PUB ADM <<<"$(free_ports 2)"
 if [ "$BACKEND" = postgres ]; then
   scripts/ensure-postgres.sh >/dev/null
   DB="mailroom_nodecpu_$$_$(date +%s)"

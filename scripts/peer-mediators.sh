@@ -38,7 +38,8 @@ peer_setup() {
   esac
 }
 
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=scripts/ports.sh
+. "$ROOT/scripts/ports.sh"
 
 wait_http() {
   local url=$1 deadline=$(( $(date +%s) + $2 ))
@@ -52,8 +53,8 @@ wait_http() {
 
 # start_mediator NAME: mailroom (sled, one node), credo or acapy. Returns 1 when it cannot start.
 start_mediator() {
-  local PORT ADMIN_PORT WS_PORT
-  PORT=$(free_port); ADMIN_PORT=$(free_port)
+  local PORT ADMIN_PORT WS_PORT CLUSTER_PORT
+  read -r PORT ADMIN_PORT WS_PORT CLUSTER_PORT <<<"$(free_ports 4)"
   MED_URL=""; MED_WS=""
   case "$1" in
     mailroom)
@@ -78,7 +79,7 @@ ${MAILROOM_TOML_EXTRA:-}
 [[node]]
 id = "n1"
 listen = "127.0.0.1:$PORT"
-cluster = "127.0.0.1:$(free_port)"
+cluster = "127.0.0.1:$CLUSTER_PORT"
 admin = "127.0.0.1:$ADMIN_PORT"
 EOF
       NO_COLOR=1 "$BIN" run --config "$WORK/cluster.toml" --node n1 >"$WORK/mailroom.log" 2>&1 &
@@ -95,7 +96,6 @@ EOF
       ;;
     acapy)
       [ -n "${ACAPY_BIN:-}" ] || { say "ACA-Py is not installed (no Python 3.13/3.12)"; return 1; }
-      WS_PORT=$(free_port)
       mkdir -p "$WORK/acapy-home"
       ACAPY_HOME="$WORK/acapy-home" "$ACAPY_BIN" start --label acapy-mediator \
         --inbound-transport http 127.0.0.1 "$PORT" --inbound-transport ws 127.0.0.1 "$WS_PORT" \

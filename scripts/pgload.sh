@@ -44,7 +44,8 @@ cleanup() {
   rm -rf "$DIR"
 }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=scripts/ports.sh
+. scripts/ports.sh
 wait_ready() {
   for _ in $(seq 1 300); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
   echo "pgload: $1 not ready" >&2; return 1
@@ -53,7 +54,7 @@ psql -q -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE $DB" >/dev/null
 URL_DB="postgres://postgres@127.0.0.1:5432/$DB"
 
 if [ "$MODE" = one ]; then
-  PUB=$(port); ADM=$(port)
+  read -r PUB ADM <<<"$(free_ports 2)"
   cat > "$DIR/mailroom.toml" <<TOML
 [store]
 backend = "postgres"
@@ -75,7 +76,8 @@ TOML
   NODE_PIDS="${PIDS[*]}"
   LB_PIDS=""
 else
-  LB=$(port)
+  read -r LB P1 P2 P3 P4 P5 P6 P7 P8 P9 <<<"$(free_ports 10)"
+  NODE_PORTS=("$P1 $P2 $P3" "$P4 $P5 $P6" "$P7 $P8 $P9")
   {
     cat <<TOML
 [cluster]
@@ -92,8 +94,9 @@ pool_size = $POOL
 level = "warn"
 TOML
     for n in 1 2 3; do
+      read -r L C A <<<"${NODE_PORTS[$((n - 1))]}"
       printf '\n[[node]]\nid = "n%s"\nlisten = "127.0.0.1:%s"\ncluster = "127.0.0.1:%s"\nadmin = "127.0.0.1:%s"\n' \
-        "$n" "$(port)" "$(port)" "$(port)"
+        "$n" "$L" "$C" "$A"
     done
   } > "$DIR/cluster.toml"
   CLUSTER_LB_KEEPALIVE=${PGLOAD_KEEPALIVE:-128} CLUSTER_CONFIG="$DIR/cluster.toml" CLUSTER_RUN="$DIR/run" MAILROOM_BIN="$BIN" scripts/cluster.sh up >&2
