@@ -4,7 +4,8 @@
 //!
 //!   fwd_cost floor N
 //!       packs N forwards (as `node` does) and unpacks each with the routing key; run under
-//!       callgrind with `--toggle-collect='*didcomm::envelope::unpack'`.
+//!       callgrind with `--toggle-collect='*didcomm::envelope::unpack'`; natively, its wall
+//!       time per unpack is the floor in time.
 //!   fwd_cost node http://127.0.0.1:PORT N CONCURRENCY PID
 //!       onboards 16 wallets, packs N forwards to them, then turns callgrind's instrumentation on in
 //!       the node (`callgrind_control -i on PID`), POSTs the N forwards from CONCURRENCY
@@ -12,7 +13,17 @@
 //!       off. Exits non-zero unless every forward got a 2xx.
 //!   fwd_cost cpu http://127.0.0.1:PORT N CONCURRENCY PID
 //!       `node` without valgrind (the node runs natively): prints the node's user and system
-//!       CPU time and context switches per accepted forward over the window, from /proc.
+//!       CPU time and context switches per accepted forward over the window, from /proc, and the
+//!       CPU time per forward of each kind of thread (`sled-io-0`..`6` summed as `sled-io`).
+//!   fwd_cost serve ADDR http|unpack
+//!       what any actix-web mediator answering one HTTP request per forward cannot go below: an
+//!       actix-web server (the node's public listener settings: a worker per core, TCP_NODELAY,
+//!       keep-alive, the same body limit) whose POST handler reads the body and answers 202
+//!       (`http`), or also unpacks it with a routing key of its own (`unpack`, 400 if that fails).
+//!       Prints `serving http://ADDR routing VERKEY`; no store, no routing, no session.
+//!   fwd_cost bare-cpu http://127.0.0.1:PORT VERKEY N CONCURRENCY PID
+//!       `cpu` against `serve`: N forwards through VERKEY as the routing key, the server's CPU
+//!       per request from /proc.
 //!   fwd_cost pack http://127.0.0.1:PORT N FILE [WALLETS]
 //!       onboards WALLETS (16) wallets and writes N forwards to them into FILE, one envelope
 //!       per line (compact JSON has no newline): the request bodies of `scripts/wrk-forwards.lua`.
@@ -41,10 +52,12 @@ fn floor(n: usize) -> anyhow::Result<()> {
     let rk = routing.verkey();
     let envs = build(&[(wallet.verkey(), vec![routing.did_key()])], n)?;
     let find = |kid: &str| (kid == rk).then(|| routing.clone());
+    let t0 = std::time::Instant::now();
     for e in &envs {
         std::hint::black_box(envelope::unpack(std::hint::black_box(e), &find)?);
     }
-    println!("unpacked {n}");
+    let us = t0.elapsed().as_secs_f64() * 1e6 / n.max(1) as f64;
+    println!("unpacked {n}: {us:.1} us each (wall clock, one thread)");
     Ok(())
 }
 
@@ -196,6 +209,14 @@ struct ProcCpu {
     stime: u64,
     voluntary: u64,
     involuntary: u64,
+    /// utime+stime ticks of the live threads by name, numbered threads (`sled-io-3`) summed.
+    threads: std::collections::BTreeMap<String, u64>,
+}
+
+/// A task's utime+stime in clock ticks from its `stat`, or None.
+fn stat_ticks(stat: &str) -> Option<u64> {
+    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 fn proc_cpu(pid: &str) -> anyhow::Result<ProcCpu> {
@@ -208,10 +229,21 @@ fn proc_cpu(pid: &str) -> anyhow::Result<ProcCpu> {
         f.get(12).context("stime")?.parse()?,
     );
     let (mut voluntary, mut involuntary) = (0, 0);
+    let mut threads = std::collections::BTreeMap::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let Ok(s) = std::fs::read_to_string(t?.path().join("status")) else {
+        let dir = t?.path();
+        let Ok(s) = std::fs::read_to_string(dir.join("status")) else {
             continue; // the thread ended meanwhile
         };
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let name = name.trim().trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
+        if let Some(ticks) = std::fs::read_to_string(dir.join("stat"))
+            .ok()
+            .as_deref()
+            .and_then(stat_ticks)
+        {
+            *threads.entry(name.to_string()).or_insert(0) += ticks;
+        }
         for line in s.lines() {
             if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:") {
                 voluntary += v.trim().parse::<u64>().unwrap_or(0);
@@ -225,6 +257,7 @@ fn proc_cpu(pid: &str) -> anyhow::Result<ProcCpu> {
         stime,
         voluntary,
         involuntary,
+        threads,
     })
 }
 
@@ -234,6 +267,12 @@ fn proc_cpu(pid: &str) -> anyhow::Result<ProcCpu> {
 async fn cpu(base: &str, n: usize, conc: usize, pid: &str) -> anyhow::Result<()> {
     let base = base.trim_end_matches('/');
     let envs = prepare(base, n).await?;
+    measure(base, envs, conc, pid).await
+}
+
+/// Sends `envs` from `conc` connections and prints what the process `pid` spent per request.
+async fn measure(base: &str, envs: Vec<Vec<u8>>, conc: usize, pid: &str) -> anyhow::Result<()> {
+    let n = envs.len();
     let t0 = std::time::Instant::now();
     let before = proc_cpu(pid)?;
     send_all(base, envs, conc).await?;
@@ -254,7 +293,76 @@ async fn cpu(base: &str, n: usize, conc: usize, pid: &str) -> anyhow::Result<()>
         per(before.involuntary, after.involuntary),
         n as f64 / secs
     );
+    let mut by_thread: Vec<(f64, &String)> = after
+        .threads
+        .iter()
+        .map(|(name, t)| {
+            let t0 = before.threads.get(name).copied().unwrap_or(0);
+            (per(t0, *t) * tick_us, name)
+        })
+        .filter(|(us, _)| *us >= 0.5)
+        .collect();
+    by_thread.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let by_thread: Vec<String> = by_thread
+        .iter()
+        .map(|(us, name)| format!("{name} {us:.0} us"))
+        .collect();
+    println!("by thread (live threads, per forward): {}", by_thread.join(", "));
     Ok(())
+}
+
+/// The bare server of `serve`: the node's request path without the node.
+async fn serve(addr: &str, unpack: bool) -> anyhow::Result<()> {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    let routing = KeyPair::generate();
+    let rk = routing.verkey();
+    let limit = mailroom::config::Limits::default().max_envelope_bytes;
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+    println!("serving http://{} routing {rk}", listener.local_addr()?);
+    let state = web::Data::new((routing, rk, unpack));
+    HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(web::PayloadConfig::new(limit))
+            .route(
+                "/",
+                web::post().to(|body: web::Bytes, st: web::Data<(KeyPair, String, bool)>| async move {
+                    let (routing, rk, unpack) = &**st;
+                    if *unpack {
+                        let find = |kid: &str| (kid == rk).then(|| routing.clone());
+                        if envelope::unpack(&body, &find).is_err() {
+                            return HttpResponse::BadRequest().finish();
+                        }
+                    }
+                    HttpResponse::Accepted().finish()
+                }),
+            )
+    })
+    .tcp_nodelay(true)
+    .listen(listener)?
+    .run()
+    .await?;
+    Ok(())
+}
+
+/// `cpu` against `serve`: forwards through `routing` (any recipient), the server's CPU.
+async fn bare_cpu(base: &str, routing: &str, n: usize, conc: usize, pid: &str) -> anyhow::Result<()> {
+    let base = base.trim_end_matches('/');
+    let wallet = KeyPair::generate();
+    let targets = [(
+        wallet.verkey(),
+        vec![mailroom::didcomm::keys::verkey_to_did_key(
+            &mailroom::didcomm::keys::parse_verkey(routing)?,
+        )],
+    )];
+    let envs = build(&targets, n)?;
+    for e in build(&targets, WALLETS)? {
+        let (st, _) = mailroom::client::post(base, e, Duration::from_secs(120)).await?;
+        if !(200..300).contains(&st) {
+            bail!("warm-up forward answered {st}");
+        }
+    }
+    measure(base, envs, conc, pid).await
 }
 
 fn main() -> anyhow::Result<()> {
@@ -276,6 +384,22 @@ fn main() -> anyhow::Result<()> {
             let pid = args.get(5).context("missing PID")?.clone();
             actix_rt::System::new().block_on(cpu(&base, n, conc, &pid))
         }
+        Some("serve") => {
+            let addr = args.get(2).context("missing ADDR")?.clone();
+            let unpack = match args.get(3).map(String::as_str) {
+                Some("http") => false,
+                Some("unpack") => true,
+                _ => bail!("fwd_cost serve ADDR http|unpack"),
+            };
+            actix_rt::System::new().block_on(serve(&addr, unpack))
+        }
+        Some("bare-cpu") => {
+            let base = args.get(2).context("missing URL")?.clone();
+            let routing = args.get(3).context("missing VERKEY")?.clone();
+            let (n, conc) = (num(4)?, num(5)?);
+            let pid = args.get(6).context("missing PID")?.clone();
+            actix_rt::System::new().block_on(bare_cpu(&base, &routing, n, conc, &pid))
+        }
         Some("pack") => {
             let base = args.get(2).context("missing URL")?.clone();
             let n = num(3)?;
@@ -284,7 +408,7 @@ fn main() -> anyhow::Result<()> {
             actix_rt::System::new().block_on(pack(&base, n, &file, wallets))
         }
         _ => {
-            bail!("usage: fwd_cost floor N | fwd_cost node URL N CONCURRENCY PID | fwd_cost cpu URL N CONCURRENCY PID | fwd_cost pack URL N FILE [WALLETS]")
+            bail!("usage: fwd_cost floor N | fwd_cost node URL N CONCURRENCY PID | fwd_cost cpu URL N CONCURRENCY PID | fwd_cost serve ADDR http|unpack | fwd_cost bare-cpu URL VERKEY N CONCURRENCY PID | fwd_cost pack URL N FILE [WALLETS]")
         }
     }
 }

@@ -19,7 +19,12 @@
 # 3. (NODECPU_NATIVE=M, e.g. 20000) the same node without valgrind, M forwards: its user and
 #    system CPU time and context switches per forward from /proc (`fwd_cost cpu`). Time, not
 #    instructions: it moves with the load on the box (printed with it), but it shows what
-#    callgrind cannot, the kernel's share.
+#    callgrind cannot, the kernel's share. Beside it, what any actix-web mediator answering one
+#    request per forward cannot go below, in the same sitting: the floor in time (`fwd_cost
+#    floor`, one thread), and a bare actix-web server with the node's listener settings
+#    (`fwd_cost serve`) that answers 202 (`http`) or also unpacks with its own routing key
+#    (`unpack`), driven the same way (`fwd_cost bare-cpu`). node - bare unpack is what mailroom
+#    adds: routing, the queue and its durability.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BACKEND=${1:-sled}
@@ -127,4 +132,21 @@ if [ -n "${NODECPU_NATIVE:-}" ]; then
     exit 1
   }
   echo "native ($BACKEND, $NODECPU_NATIVE forwards, load average $(cut -d' ' -f1-3 /proc/loadavg)): $(grep '^node CPU' "$DIR/native.log")"
+  echo "  $(grep '^by thread' "$DIR/native.log")"
+  kill -TERM "$NODE_PID" 2>/dev/null || true
+  for _ in $(seq 1 300); do kill -0 "$NODE_PID" 2>/dev/null || break; sleep 0.1; done
+  echo "native floor: $("$DRV" floor 5000)"
+  for mode in http unpack; do
+    "$DRV" serve 127.0.0.1:0 "$mode" >"$DIR/serve-$mode.log" 2>&1 &
+    NODE_PID=$!
+    for _ in $(seq 1 100); do grep -q '^serving' "$DIR/serve-$mode.log" && break; sleep 0.1; done
+    read -r _ URL _ RK <"$DIR/serve-$mode.log"
+    "$DRV" bare-cpu "$URL" "$RK" "$NODECPU_NATIVE" "$CONC" "$NODE_PID" >"$DIR/bare-$mode.log" 2>&1 || {
+      cat "$DIR/serve-$mode.log" "$DIR/bare-$mode.log" >&2
+      exit 1
+    }
+    echo "bare actix-web server ($mode): $(grep '^node CPU' "$DIR/bare-$mode.log" | sed 's/^node CPU/CPU/')"
+    kill -TERM "$NODE_PID" 2>/dev/null || true
+    wait "$NODE_PID" 2>/dev/null || true
+  done
 fi
