@@ -15,9 +15,20 @@ pub struct Nginx {
 impl Nginx {
     /// `upstreams`: the nodes' public `host:port`s.
     pub fn start(upstreams: &[String]) -> Nginx {
-        // Bound and released: nginx binds it itself a moment later. (It can take a listening
-        // socket from its parent, in the `NGINX` variable of its on-the-fly upgrade, but nginx
-        // 1.22 without a master process crashes on one.)
+        // A port bound and released here, then bound by nginx a moment later (it can take a
+        // listening socket from its parent, in the `NGINX` variable of its on-the-fly upgrade,
+        // but nginx 1.22 without a master process crashes on one). Another test may take the
+        // port in between: nginx then exits, and it is started again on another port.
+        for _ in 0..5 {
+            if let Some(n) = Self::try_start(upstreams) {
+                return n;
+            }
+        }
+        panic!("nginx did not start in 5 attempts (see its errors above)");
+    }
+
+    /// One attempt: None when nginx exited (its port was taken meanwhile).
+    fn try_start(upstreams: &[String]) -> Option<Nginx> {
         let addr = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().to_string()
@@ -39,7 +50,7 @@ impl Nginx {
         std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
         let path = dir.path().join("nginx.conf");
         std::fs::write(&path, conf).unwrap();
-        let child = Command::new("nginx")
+        let mut child = Command::new("nginx")
             .arg("-p")
             .arg(dir.path())
             .arg("-c")
@@ -48,12 +59,22 @@ impl Nginx {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("nginx runs (scripts/test.sh installs Debian's nginx-light)");
+        // nginx writes its pid file only after it has bound its listening sockets: with it, the
+        // port answering is nginx, not whoever took the port after us.
+        let pid_file = dir.path().join("nginx.pid");
+        let pid = child.id().to_string();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return None;
+            }
+            let bound = std::fs::read_to_string(&pid_file).is_ok_and(|p| p.trim() == pid);
+            if bound && std::net::TcpStream::connect(&addr).is_ok() {
+                return Some(Nginx { addr, child, _dir: dir });
+            }
             assert!(Instant::now() < deadline, "nginx did not listen on {addr}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Nginx { addr, child, _dir: dir }
     }
 
     pub fn url(&self) -> String {
