@@ -213,21 +213,16 @@ struct ProcCpu {
     threads: std::collections::BTreeMap<String, u64>,
 }
 
-/// A task's utime+stime in clock ticks from its `stat`, or None.
-fn stat_ticks(stat: &str) -> Option<u64> {
+/// (utime, stime) in clock ticks from a process's or a task's `stat`, or None.
+fn stat_times(stat: &str) -> Option<(u64, u64)> {
+    // Fields after the command name (which may hold spaces) start at field 3 (state).
     let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
 }
 
 fn proc_cpu(pid: &str) -> anyhow::Result<ProcCpu> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start at field 3 (state).
-    let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let (utime, stime) = (
-        f.get(11).context("utime")?.parse()?,
-        f.get(12).context("stime")?.parse()?,
-    );
+    let (utime, stime) = stat_times(&stat).context("utime and stime in /proc/PID/stat")?;
     let (mut voluntary, mut involuntary) = (0, 0);
     let mut threads = std::collections::BTreeMap::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
@@ -237,12 +232,12 @@ fn proc_cpu(pid: &str) -> anyhow::Result<ProcCpu> {
         };
         let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
         let name = name.trim().trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
-        if let Some(ticks) = std::fs::read_to_string(dir.join("stat"))
+        if let Some((u, s)) = std::fs::read_to_string(dir.join("stat"))
             .ok()
             .as_deref()
-            .and_then(stat_ticks)
+            .and_then(stat_times)
         {
-            *threads.entry(name.to_string()).or_insert(0) += ticks;
+            *threads.entry(name.to_string()).or_insert(0) += u + s;
         }
         for line in s.lines() {
             if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:") {
@@ -356,6 +351,7 @@ async fn bare_cpu(base: &str, routing: &str, n: usize, conc: usize, pid: &str) -
         )],
     )];
     let envs = build(&targets, n)?;
+    // As many warm-up forwards as `cpu` sends (one per wallet), outside the window.
     for e in build(&targets, WALLETS)? {
         let (st, _) = mailroom::client::post(base, e, Duration::from_secs(120)).await?;
         if !(200..300).contains(&st) {

@@ -42,12 +42,16 @@ fi
 DIR=$(mktemp -d /tmp/nodecpu.XXXXXX)
 NODE_PID=""
 DB=""
-cleanup() {
+# stop_node: ends the process this script started last (NODE_PID): TERM, up to 30 s, KILL.
+stop_node() {
   if [ -n "$NODE_PID" ] && kill -0 "$NODE_PID" 2>/dev/null; then
     kill -TERM "$NODE_PID" 2>/dev/null || true
     for _ in $(seq 1 300); do kill -0 "$NODE_PID" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$NODE_PID" 2>/dev/null || true
   fi
+}
+cleanup() {
+  stop_node
   if [ -n "$DB" ]; then psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true; fi
   if [ -z "${NODECPU_KEEP:-}" ]; then rm -rf "$DIR"; else echo "callgrind files kept in $DIR" >&2; fi
 }
@@ -121,8 +125,7 @@ if [ -n "${NODECPU_TOP:-}" ]; then
 fi
 
 if [ -n "${NODECPU_NATIVE:-}" ]; then
-  kill -TERM "$NODE_PID" 2>/dev/null || true
-  for _ in $(seq 1 300); do kill -0 "$NODE_PID" 2>/dev/null || break; sleep 0.1; done
+  stop_node
   sed -i "s#path = \"$DIR/data\"#path = \"$DIR/data-native\"#" "$DIR/mailroom.toml"
   "$BIN" run --config "$DIR/mailroom.toml" >"$DIR/node-native.log" 2>&1 &
   NODE_PID=$!
@@ -133,8 +136,7 @@ if [ -n "${NODECPU_NATIVE:-}" ]; then
   }
   echo "native ($BACKEND, $NODECPU_NATIVE forwards, load average $(cut -d' ' -f1-3 /proc/loadavg)): $(grep '^node CPU' "$DIR/native.log")"
   echo "  $(grep '^by thread' "$DIR/native.log")"
-  kill -TERM "$NODE_PID" 2>/dev/null || true
-  for _ in $(seq 1 300); do kill -0 "$NODE_PID" 2>/dev/null || break; sleep 0.1; done
+  stop_node
   echo "native floor: $("$DRV" floor 5000)"
   for mode in http unpack; do
     "$DRV" serve 127.0.0.1:0 "$mode" >"$DIR/serve-$mode.log" 2>&1 &
@@ -146,7 +148,6 @@ if [ -n "${NODECPU_NATIVE:-}" ]; then
       exit 1
     }
     echo "bare actix-web server ($mode): $(grep '^node CPU' "$DIR/bare-$mode.log" | sed 's/^node CPU/CPU/')"
-    kill -TERM "$NODE_PID" 2>/dev/null || true
-    wait "$NODE_PID" 2>/dev/null || true
+    stop_node
   done
 fi

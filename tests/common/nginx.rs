@@ -72,7 +72,11 @@ impl Nginx {
             if bound && std::net::TcpStream::connect(&addr).is_ok() {
                 return Some(Nginx { addr, child, _dir: dir });
             }
-            assert!(Instant::now() < deadline, "nginx did not listen on {addr}");
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("nginx did not listen on {addr}");
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
