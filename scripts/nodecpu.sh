@@ -142,6 +142,11 @@ if [ -n "${NODECPU_NATIVE:-}" ]; then
     "$DRV" serve 127.0.0.1:0 "$mode" >"$DIR/serve-$mode.log" 2>&1 &
     NODE_PID=$!
     for _ in $(seq 1 100); do grep -q '^serving' "$DIR/serve-$mode.log" && break; sleep 0.1; done
+    grep -q '^serving' "$DIR/serve-$mode.log" || {
+      echo "nodecpu: fwd_cost serve $mode did not start:" >&2
+      cat "$DIR/serve-$mode.log" >&2
+      exit 1
+    }
     read -r _ URL _ RK <"$DIR/serve-$mode.log"
     "$DRV" bare-cpu "$URL" "$RK" "$NODECPU_NATIVE" "$CONC" "$NODE_PID" >"$DIR/bare-$mode.log" 2>&1 || {
       cat "$DIR/serve-$mode.log" "$DIR/bare-$mode.log" >&2

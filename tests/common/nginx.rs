@@ -15,10 +15,11 @@ pub struct Nginx {
 impl Nginx {
     /// `upstreams`: the nodes' public `host:port`s.
     pub fn start(upstreams: &[String]) -> Nginx {
-        // A port bound and released here, then bound by nginx a moment later (it can take a
+        // A port checked free here, then bound by nginx a moment later (it can take a
         // listening socket from its parent, in the `NGINX` variable of its on-the-fly upgrade,
-        // but nginx 1.22 without a master process crashes on one). Another test may take the
-        // port in between: nginx then exits, and it is started again on another port.
+        // but nginx 1.22 without a master process crashes on one). It is drawn from below the
+        // ephemeral range, which nothing else takes on its own; should something take it all
+        // the same, nginx exits and is started again on another port.
         for _ in 0..5 {
             if let Some(n) = Self::try_start(upstreams) {
                 return n;
@@ -29,10 +30,7 @@ impl Nginx {
 
     /// One attempt: None when nginx exited (its port was taken meanwhile).
     fn try_start(upstreams: &[String]) -> Option<Nginx> {
-        let addr = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().to_string()
-        };
+        let addr = format!("127.0.0.1:{}", super::ports::unclaimed_port());
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
         let servers: String = upstreams.iter().map(|u| format!("    server {u};\n")).collect();

@@ -73,3 +73,23 @@ pub fn inherit_systemd(cmd: &mut Command, addrs: &[&str]) -> Vec<TcpListener> {
     }
     held
 }
+
+/// A free port on 127.0.0.1 from below the kernel's ephemeral range, for a child that must
+/// bind the port itself (nginx): released here, but no outgoing connection's source port and
+/// no listener on port 0 (every other test's) is ever drawn from there, so only another
+/// explicit pick can take it before the child binds (as `scripts/ports.sh` picks for the
+/// scripts' children).
+pub fn unclaimed_port() -> u16 {
+    let eph_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (low, span) = (10_000u16, eph_low.saturating_sub(10_000).max(1));
+    // A random start (std's hasher keys differ at every call), then every port in turn.
+    use std::hash::{BuildHasher, Hasher};
+    let start = std::collections::hash_map::RandomState::new().build_hasher().finish() % span as u64;
+    (0..span as u64)
+        .map(|i| low + ((start + i) % span as u64) as u16)
+        .find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below the ephemeral range")
+}
