@@ -83,6 +83,7 @@ mod tests {
                 return_route: ReturnRoute::All,
                 transport: TransportKind::Http,
                 lease_owner: "o".into(),
+                plaintext: Vec::new(),
             };
             super::query(&m, &ctx).unwrap().replies.remove(0)
         };

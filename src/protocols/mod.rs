@@ -238,10 +238,22 @@ impl Mediator {
         transport: TransportKind,
         lease_owner: &str,
     ) -> Result<Outcome, HandleError> {
-        if crate::didcomm::v2::is_v2(env) {
-            return v2::handle(self, env, transport, lease_owner).await;
+        // A v1 envelope is unpacked without a probe first: only one that v1 cannot open is
+        // asked whether it is DIDComm v2 (no v2 form has the v1 protected header's recipients).
+        let unpacked = match self.unpack(env) {
+            Ok(u) => u,
+            Err(_) if crate::didcomm::v2::is_v2(env) => {
+                return v2::handle(self, env, transport, lease_owner).await;
+            }
+            Err(e) => return Err(HandleError::Envelope(e)),
+        };
+        // An anoncrypted forward (what senders send a mediator) is read without a JSON tree: it
+        // acts on no connection, so it needs none of what the dispatch looks up.
+        if unpacked.sender_verkey.is_none() {
+            if let Some(f) = routing::RawForward::peek(&unpacked.plaintext) {
+                return routing::queue(self, &f).await;
+            }
         }
-        let unpacked = self.unpack(env).map_err(HandleError::Envelope)?;
         let msg: Value = serde_json::from_slice(&unpacked.plaintext)
             .map_err(|e| HandleError::BadMessage(format!("plaintext is not JSON: {e}")))?;
         if !msg.is_object() {
@@ -264,6 +276,7 @@ impl Mediator {
             return_route,
             transport,
             lease_owner: lease_owner.to_string(),
+            plaintext: unpacked.plaintext,
         };
         let mut out = self.dispatch(&ctx).await?;
         out.return_route = ctx.return_route.clone();
@@ -324,6 +337,8 @@ pub struct Inbound {
     pub transport: TransportKind,
     /// Who leases pickup 2.0 deliveries: the WebSocket session, or the node for HTTP.
     pub lease_owner: String,
+    /// The unpacked plaintext `msg` was read from (a forward queues its `msg` as sent).
+    pub plaintext: Vec<u8>,
 }
 
 impl Inbound {

@@ -198,6 +198,7 @@ mod tests {
             return_route: ReturnRoute::All,
             transport: TransportKind::Http,
             lease_owner: "n1/http".into(),
+            plaintext: Vec::new(),
         }
     }
 

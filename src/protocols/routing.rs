@@ -3,31 +3,86 @@
 
 use super::{now_ms, ForwardResult, Handed, HandleError, Inbound, Mediator, Outcome};
 use crate::didcomm::keys::normalize_verkey;
+use crate::didcomm::message::MessageType;
 use crate::store::{NewMessage, QueuedMessage, StoreError};
-use serde_json::Value;
+use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 
+/// A routing 1.0 forward read from its plaintext without building a JSON tree: `to` and `msg`
+/// as they were sent. The queued payload is `msg`'s own bytes (a JWE object as the sender wrote
+/// it, or the content of a JWE string), never a re-serialization.
+#[derive(serde::Deserialize)]
+pub struct RawForward<'a> {
+    #[serde(rename = "@type", borrow)]
+    type_: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    to: Option<&'a RawValue>,
+    #[serde(borrow)]
+    msg: Option<&'a RawValue>,
+}
+
+impl<'a> RawForward<'a> {
+    /// `plaintext` read as a forward, if it is a JSON object whose `@type` is routing's
+    /// `forward` (any version and prefix [`MessageType::parse`] reads, as the dispatch does).
+    pub fn peek(plaintext: &'a [u8]) -> Option<RawForward<'a>> {
+        let f: RawForward<'a> = serde_json::from_slice(plaintext).ok()?;
+        let t = MessageType::parse(f.type_.as_deref()?)?;
+        (t.family == "routing" && t.name == "forward").then_some(f)
+    }
+
+    /// The forward in `plaintext`, whatever its `@type` says (the dispatch has read it).
+    fn parse(plaintext: &'a [u8]) -> Result<RawForward<'a>, HandleError> {
+        serde_json::from_slice(plaintext).map_err(|e| HandleError::BadMessage(format!("forward: {e}")))
+    }
+
+    /// `to`, a string.
+    fn to(&self) -> Result<Cow<'a, str>, HandleError> {
+        let bad = || HandleError::BadMessage("forward has no string `to`".into());
+        serde_json::from_str::<Cow<'a, str>>(self.to.ok_or_else(bad)?.get()).map_err(|_| bad())
+    }
+
+    /// What is queued: `msg`, a JWE as an object (with `ciphertext` or `protected`) or as a
+    /// non-empty string.
+    fn payload(&self) -> Result<Vec<u8>, HandleError> {
+        #[derive(serde::Deserialize)]
+        struct Jwe {
+            ciphertext: Option<IgnoredAny>,
+            protected: Option<IgnoredAny>,
+        }
+        let bad = || HandleError::BadMessage("forward `msg` is not an encrypted message".into());
+        let raw = self.msg.ok_or_else(bad)?.get();
+        match raw.as_bytes().first() {
+            Some(b'{') => match serde_json::from_str::<Jwe>(raw) {
+                Ok(j) if j.ciphertext.is_some() || j.protected.is_some() => Ok(raw.as_bytes().to_vec()),
+                _ => Err(bad()),
+            },
+            Some(b'"') => match serde_json::from_str::<Cow<'_, str>>(raw) {
+                Ok(s) if !s.is_empty() => Ok(s.into_owned().into_bytes()),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// A forward that came through the dispatch (an authcrypted one: see [`Mediator::handle`]).
 pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
-    let raw_to = ctx.msg["to"]
-        .as_str()
-        .ok_or_else(|| HandleError::BadMessage("forward has no string `to`".into()))?;
+    queue(m, &RawForward::parse(&ctx.plaintext)?).await
+}
+
+/// Queues the forward's `msg` for the connection that registered `to`.
+pub async fn queue(m: &Mediator, f: &RawForward<'_>) -> Result<Outcome, HandleError> {
+    let raw_to = f.to()?;
+    let raw_to: &str = &raw_to;
     let normalize =
         |to: &str| normalize_verkey(to).map_err(|e| HandleError::BadMessage(format!("forward `to` {to:?}: {e}")));
     // A `to` in base58 is looked up as written (below) before it is decoded: decoding costs a
     // base58 round trip and an Ed25519 point decompression per forward.
     let plain = looks_base58(raw_to);
     let to_checked = if plain { None } else { Some(normalize(raw_to)?) };
-    let payload = match &ctx.msg["msg"] {
-        v @ Value::Object(o) if o.contains_key("ciphertext") || o.contains_key("protected") => {
-            serde_json::to_vec(v).map_err(|e| HandleError::Internal(e.to_string()))?
-        }
-        Value::String(s) if !s.is_empty() => s.as_bytes().to_vec(),
-        _ => {
-            return Err(HandleError::BadMessage(
-                "forward `msg` is not an encrypted message".into(),
-            ))
-        }
-    };
+    let payload = f.payload()?;
     let dedup: [u8; 32] = Sha256::digest(&payload).into();
     let received_at_ms = now_ms();
     // Routing keys of DIDComm v1 are stored normalized (base58 verkeys, see mediation), and
@@ -108,4 +163,141 @@ fn looks_base58(s: &str) -> bool {
     (32..=44).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() && !matches!(b, b'0' | b'O' | b'I' | b'l'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::didcomm::envelope;
+    use crate::didcomm::keys::KeyPair;
+    use crate::protocols::{MediatorKeys, TransportKind};
+    use crate::store::{Connection, MediationState, SledStore, Store};
+    use serde_json::json;
+    use std::sync::Arc;
+
+    /// A JWE object as a sender may write it: not in serde_json's key order, with spaces.
+    const JWE: &str = r#"{ "protected": "eyJ0eXAiOiJKV00vMS4wIn0", "iv": "aXY", "ciphertext": "Y3Q", "tag": "dGFn" }"#;
+    const FORWARD: &str = "https://didcomm.org/routing/1.0/forward";
+
+    fn plaintext(ty: &str, to: &str, msg: &str) -> Vec<u8> {
+        format!(r#"{{"@type": "{ty}", "@id": "f1", "to": {to}, "msg": {msg}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn peek_reads_forwards_of_either_prefix_and_nothing_else() {
+        let key = "\"8HH5gYEeNc3z7PYXmd54d4x6qAfCNrqQqEB3nS7Zfu7K\"";
+        assert!(RawForward::peek(&plaintext(FORWARD, key, JWE)).is_some());
+        let legacy = "did:sov:BzCbsNYhMrjHiqZDTUASHg;spec/routing/1.0/forward";
+        assert!(RawForward::peek(&plaintext(legacy, key, JWE)).is_some());
+        let ping = "https://didcomm.org/trust_ping/1.0/ping";
+        assert!(RawForward::peek(&plaintext(ping, key, JWE)).is_none());
+        assert!(RawForward::peek(br#"{"@type": 7, "to": "k", "msg": {}}"#).is_none());
+        assert!(RawForward::peek(br#"{"to": "k", "msg": {}}"#).is_none());
+        assert!(RawForward::peek(b"[1, 2]").is_none());
+        assert!(RawForward::peek(b"not json").is_none());
+    }
+
+    #[test]
+    fn payload_is_msg_as_sent() {
+        let pt = plaintext(FORWARD, "\"k\"", JWE);
+        let f = RawForward::peek(&pt).unwrap();
+        // Byte for byte: a re-serialization would sort the keys and drop the spaces.
+        assert_eq!(f.payload().unwrap(), JWE.as_bytes());
+        // A JWE sent as a JSON string is queued as its content.
+        let s = serde_json::to_string(JWE).unwrap();
+        let pt = plaintext(FORWARD, "\"k\"", &s);
+        assert_eq!(RawForward::peek(&pt).unwrap().payload().unwrap(), JWE.as_bytes());
+        assert_eq!(&*RawForward::peek(&pt).unwrap().to().unwrap(), "k");
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_forward_of_a_jwe() {
+        for msg in [r#"{"hello": 1}"#, r#""""#, "7", "null", "[]", r#"{"ciphertext": 1"#] {
+            let pt = plaintext(FORWARD, "\"k\"", msg);
+            match RawForward::peek(&pt).map(|f| f.payload()) {
+                Some(Err(HandleError::BadMessage(_))) | None => {}
+                Some(other) => panic!(
+                    "msg {msg}: {:?}",
+                    other.map(|p| String::from_utf8_lossy(&p).into_owned())
+                ),
+            }
+        }
+        for to in ["7", "null", "{}", r#"["k"]"#] {
+            let pt = plaintext(FORWARD, to, JWE);
+            let f = RawForward::peek(&pt).unwrap();
+            assert!(matches!(f.to(), Err(HandleError::BadMessage(_))), "to {to}");
+        }
+        let no_to = format!(r#"{{"@type": "{FORWARD}", "msg": {JWE}}}"#);
+        assert!(RawForward::peek(no_to.as_bytes()).unwrap().to().is_err());
+        let no_msg = format!(r#"{{"@type": "{FORWARD}", "to": "k"}}"#);
+        assert!(RawForward::peek(no_msg.as_bytes()).unwrap().payload().is_err());
+    }
+
+    #[test]
+    fn deep_nesting_is_read_without_recursion() {
+        // serde_json skips raw and ignored values with a loop, not the stack: a plaintext
+        // nested 200,000 deep (inside a MiB envelope) is read, not a stack overflow.
+        let deep = format!(r#"{{"ciphertext": {}{}}}"#, "[".repeat(200_000), "]".repeat(200_000));
+        let pt = plaintext(FORWARD, "\"k\"", &deep);
+        let f = RawForward::peek(&pt).unwrap();
+        assert_eq!(f.payload().unwrap(), deep.as_bytes());
+        let pt = plaintext(FORWARD, &"[".repeat(200_000), JWE);
+        assert!(RawForward::peek(&pt).is_none());
+    }
+
+    /// Anoncrypted (read by `peek`) and authcrypted (through the dispatch) forwards queue the
+    /// same bytes: the `msg` the sender wrote.
+    #[tokio::test]
+    async fn both_paths_queue_msg_as_sent() {
+        let store: Arc<dyn Store> = Arc::new(SledStore::temporary().await.unwrap());
+        let keys = MediatorKeys::generate();
+        let m = Mediator::new(
+            store.clone(),
+            keys.clone(),
+            &Config::single_node_default(),
+            "n1",
+            "http://127.0.0.1:1",
+        );
+        let peer = KeyPair::generate();
+        let conn = Connection {
+            id: "c1".into(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            state: "completed".into(),
+            protocol: "didexchange/1.1".into(),
+            label: None,
+            our_verkey: keys.did_key.verkey(),
+            our_did: None,
+            their_did: None,
+            their_verkeys: vec![peer.verkey()],
+            their_endpoints: vec![],
+            their_routing_keys: vec![],
+            mediation: MediationState::Granted,
+            invitation_id: None,
+            thread_id: None,
+            extra: json!({}),
+        };
+        store.put_connection(&conn).await.unwrap();
+        let wallet = KeyPair::generate().verkey();
+        store
+            .update_keys("c1", std::slice::from_ref(&wallet), &[])
+            .await
+            .unwrap();
+        let routing = [keys.routing.verkey()];
+        for (i, sender) in [None, Some(&peer)].into_iter().enumerate() {
+            let jwe = JWE.replace("Y3Q", &format!("Y3Q{i}"));
+            let pt = plaintext(FORWARD, &format!("\"{wallet}\""), &jwe);
+            let env = envelope::pack(&pt, &routing, sender).unwrap();
+            let out = m.handle(&env, TransportKind::Http, "n1/http").await.unwrap();
+            assert_eq!(out.forward, Some(ForwardResult::Queued { duplicate: false }));
+            assert_eq!(out.queued_for, vec!["c1".to_string()]);
+            // An authcrypted forward still names the connection its sender key belongs to.
+            assert_eq!(out.connection.map(|c| c.id), sender.map(|_| "c1".to_string()));
+            let got = store.lease("c1", 10, "t", now_ms(), now_ms() + 60_000).await.unwrap();
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].payload, jwe.as_bytes());
+            store.ack("c1", &[got[0].id]).await.unwrap();
+        }
+    }
 }
