@@ -529,6 +529,29 @@ fn uuid_from_bytes(b: &[u8; 32]) -> String {
     uuid::Builder::from_random_bytes(u).into_uuid().to_string()
 }
 
+/// A completed DID exchange with mediation granted (unit tests of the protocol families).
+#[cfg(test)]
+pub(crate) fn granted_connection_for_test(id: &str, our_verkey: &str, their_verkey: &str) -> Connection {
+    Connection {
+        id: id.into(),
+        created_at_ms: 0,
+        updated_at_ms: 0,
+        state: "completed".into(),
+        protocol: "didexchange/1.1".into(),
+        label: None,
+        our_verkey: our_verkey.into(),
+        our_did: None,
+        their_did: None,
+        their_verkeys: vec![their_verkey.into()],
+        their_endpoints: vec![],
+        their_routing_keys: vec![],
+        mediation: crate::store::MediationState::Granted,
+        invitation_id: None,
+        thread_id: None,
+        extra: json!({}),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

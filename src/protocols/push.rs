@@ -157,29 +157,12 @@ mod tests {
     use crate::config::Config;
     use crate::didcomm::message::{MessageType, ReturnRoute};
     use crate::protocols::{MediatorKeys, TransportKind};
-    use crate::store::{Connection, MediationState, SledStore, Store};
+    use crate::store::{Connection, SledStore, Store};
     use std::sync::Arc;
 
     async fn mediator() -> (Mediator, Connection) {
         let store: Arc<dyn Store> = Arc::new(SledStore::temporary().await.unwrap());
-        let conn = Connection {
-            id: "c1".into(),
-            created_at_ms: 0,
-            updated_at_ms: 0,
-            state: "completed".into(),
-            protocol: "didexchange/1.1".into(),
-            label: None,
-            our_verkey: "ours".into(),
-            our_did: None,
-            their_did: None,
-            their_verkeys: vec!["theirs".into()],
-            their_endpoints: vec![],
-            their_routing_keys: vec![],
-            mediation: MediationState::Granted,
-            invitation_id: None,
-            thread_id: None,
-            extra: json!({}),
-        };
+        let conn = crate::protocols::granted_connection_for_test("c1", "ours", "theirs");
         store.put_connection(&conn).await.unwrap();
         let cfg = Config::single_node_default();
         let m = Mediator::new(store, MediatorKeys::generate(), &cfg, "n1", "http://127.0.0.1:1");

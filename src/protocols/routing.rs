@@ -172,8 +172,7 @@ mod tests {
     use crate::didcomm::envelope;
     use crate::didcomm::keys::KeyPair;
     use crate::protocols::{MediatorKeys, TransportKind};
-    use crate::store::{Connection, MediationState, SledStore, Store};
-    use serde_json::json;
+    use crate::store::{SledStore, Store};
     use std::sync::Arc;
 
     /// A JWE object as a sender may write it: not in serde_json's key order, with spaces.
@@ -260,24 +259,7 @@ mod tests {
             "http://127.0.0.1:1",
         );
         let peer = KeyPair::generate();
-        let conn = Connection {
-            id: "c1".into(),
-            created_at_ms: 0,
-            updated_at_ms: 0,
-            state: "completed".into(),
-            protocol: "didexchange/1.1".into(),
-            label: None,
-            our_verkey: keys.did_key.verkey(),
-            our_did: None,
-            their_did: None,
-            their_verkeys: vec![peer.verkey()],
-            their_endpoints: vec![],
-            their_routing_keys: vec![],
-            mediation: MediationState::Granted,
-            invitation_id: None,
-            thread_id: None,
-            extra: json!({}),
-        };
+        let conn = crate::protocols::granted_connection_for_test("c1", &keys.did_key.verkey(), &peer.verkey());
         store.put_connection(&conn).await.unwrap();
         let wallet = KeyPair::generate().verkey();
         store
