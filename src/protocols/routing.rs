@@ -74,8 +74,8 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
 
 /// Queues the forward's `msg` for the connection that registered `to`.
 pub async fn queue(m: &Mediator, f: &RawForward<'_>) -> Result<Outcome, HandleError> {
-    let raw_to = f.to()?;
-    let raw_to: &str = &raw_to;
+    let to_sent = f.to()?;
+    let raw_to = to_sent.as_ref();
     let normalize =
         |to: &str| normalize_verkey(to).map_err(|e| HandleError::BadMessage(format!("forward `to` {to:?}: {e}")));
     // A `to` in base58 is looked up as written (below) before it is decoded: decoding costs a
@@ -212,16 +212,19 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_a_forward_of_a_jwe() {
-        for msg in [r#"{"hello": 1}"#, r#""""#, "7", "null", "[]", r#"{"ciphertext": 1"#] {
+        for msg in [r#"{"hello": 1}"#, r#""""#, "7", "null", "[]", r#"{"ciphertext": null}"#] {
             let pt = plaintext(FORWARD, "\"k\"", msg);
-            match RawForward::peek(&pt).map(|f| f.payload()) {
-                Some(Err(HandleError::BadMessage(_))) | None => {}
-                Some(other) => panic!(
+            let f = RawForward::peek(&pt).unwrap_or_else(|| panic!("msg {msg}: read as a forward"));
+            match f.payload() {
+                Err(HandleError::BadMessage(_)) => {}
+                other => panic!(
                     "msg {msg}: {:?}",
                     other.map(|p| String::from_utf8_lossy(&p).into_owned())
                 ),
             }
         }
+        // Not JSON at all: no forward to read (the dispatch answers it as before).
+        assert!(RawForward::peek(&plaintext(FORWARD, "\"k\"", r#"{"ciphertext": 1"#)).is_none());
         for to in ["7", "null", "{}", r#"["k"]"#] {
             let pt = plaintext(FORWARD, to, JWE);
             let f = RawForward::peek(&pt).unwrap();
