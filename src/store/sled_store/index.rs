@@ -1,0 +1,157 @@
+//! The in-memory queue index: per connection, message id -> size, time, lease; the dedup
+//! entries and their pruning order; leases by owner; sender expiries.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::NEVER;
+use crate::store::{ConnId, MessageId};
+
+/// Per-message lease state, in memory only.
+#[derive(Clone, Debug)]
+pub(super) struct Meta {
+    pub(super) size: u64,
+    pub(super) received_at_ms: i64,
+    /// 0: never leased or released. Pending when `<= now`.
+    pub(super) lease_until_ms: i64,
+    pub(super) owner: Option<Arc<str>>,
+    pub(super) attempts: u32,
+    /// The sender's expiry ([`NEVER`] when none): expired, hence never delivered, when `<= now`.
+    pub(super) expires_at_ms: i64,
+    /// The message record holds a dedup key (see `keep_dedup`).
+    pub(super) dedup: bool,
+}
+
+impl Meta {
+    pub(super) fn expired(&self, now_ms: i64) -> bool {
+        self.expires_at_ms <= now_ms
+    }
+    /// Deliverable now: not leased and not expired.
+    pub(super) fn pending(&self, now_ms: i64) -> bool {
+        self.lease_until_ms <= now_ms && !self.expired(now_ms)
+    }
+    pub(super) fn leased(&self, now_ms: i64) -> bool {
+        self.lease_until_ms > now_ms && !self.expired(now_ms)
+    }
+}
+
+#[derive(Default, Debug)]
+pub(super) struct ConnQueue {
+    pub(super) msgs: BTreeMap<MessageId, Meta>,
+    pub(super) bytes: u64,
+}
+
+#[derive(Default, Debug)]
+pub(super) struct Queues {
+    pub(super) by_conn: HashMap<ConnId, ConnQueue>,
+    pub(super) total: u64,
+    /// conn -> dedup key -> (id, received_at_ms)
+    pub(super) dedup: HashMap<ConnId, HashMap<[u8; 32], (MessageId, i64)>>,
+    /// Dedup records in the order they were made, for [`Store::prune_dedup`]. An entry whose
+    /// record was replaced (a later copy) or removed since is skipped when it is reached.
+    pub(super) dedup_order: VecDeque<(i64, ConnId, [u8; 32])>,
+    pub(super) dedup_count: u64,
+    /// The latest cutoff of [`Store::prune_dedup`] (persisted as `DEDUP_PRUNED_BEFORE_KEY`).
+    pub(super) dedup_pruned_before: i64,
+    /// owner -> connections where it leased messages (a superset: pruned by `expire` and
+    /// `release_owner`), so `release_owner` scans only those queues.
+    pub(super) by_owner: HashMap<Arc<str>, std::collections::HashSet<ConnId>>,
+    /// Messages with a sender's expiry, by (expiry, id) -> connection, for
+    /// [`Store::expire_due`]. Kept exact: every removal of such a message removes its entry.
+    pub(super) expiring: BTreeMap<(i64, MessageId), ConnId>,
+}
+
+impl Queues {
+    /// Returns every message leased by `owner` to pending; how many.
+    pub(super) fn release_owner(&mut self, owner: &str) -> u64 {
+        let Some(conns) = self.by_owner.remove(owner) else {
+            return 0;
+        };
+        let mut n = 0;
+        for c in conns {
+            let Some(cq) = self.by_conn.get_mut(&c) else {
+                continue;
+            };
+            for m in cq.msgs.values_mut() {
+                if m.owner.as_deref() == Some(owner) {
+                    m.owner = None;
+                    m.lease_until_ms = 0;
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    pub(super) fn insert(&mut self, conn: &str, id: MessageId, meta: Meta) {
+        let q = match self.by_conn.get_mut(conn) {
+            Some(q) => q,
+            None => self.by_conn.entry(conn.to_owned()).or_default(),
+        };
+        q.bytes += meta.size;
+        if meta.expires_at_ms != NEVER {
+            self.expiring.insert((meta.expires_at_ms, id), conn.to_owned());
+        }
+        if q.msgs.insert(id, meta).is_none() {
+            self.total += 1;
+        }
+    }
+
+    /// Leases and attempt counts held in memory only (see [`Slot`]).
+    pub(super) fn leases(&self) -> Leases {
+        let mut out = HashMap::new();
+        for cq in self.by_conn.values() {
+            for (id, m) in &cq.msgs {
+                if m.lease_until_ms != 0 || m.attempts != 0 {
+                    out.insert(*id, (m.lease_until_ms, m.owner.clone(), m.attempts));
+                }
+            }
+        }
+        out
+    }
+
+    /// Restores [`Queues::leases`] on an index rebuilt from disk (messages gone meanwhile
+    /// are skipped).
+    pub(super) fn carry_leases(&mut self, mut leases: Leases) {
+        if leases.is_empty() {
+            return;
+        }
+        let Queues { by_conn, by_owner, .. } = self;
+        for (conn, cq) in by_conn.iter_mut() {
+            for (id, m) in cq.msgs.iter_mut() {
+                if let Some((until, owner, attempts)) = leases.remove(id) {
+                    m.lease_until_ms = until;
+                    m.attempts = m.attempts.max(attempts);
+                    if let Some(o) = &owner {
+                        by_owner.entry(o.clone()).or_default().insert(conn.clone());
+                    }
+                    m.owner = owner;
+                }
+            }
+        }
+    }
+
+    /// Records a dedup entry read from disk at open (from a queued message or a `dedup`
+    /// record); of two for the same key, the later arrival names the copy.
+    pub(super) fn note_dedup(&mut self, conn: &str, key: [u8; 32], id: MessageId, at: i64) {
+        let d = match self.dedup.get_mut(conn) {
+            Some(d) => d,
+            None => self.dedup.entry(conn.to_owned()).or_default(),
+        };
+        if d.get(&key).is_some_and(|(_, a)| *a >= at) {
+            return;
+        }
+        d.insert(key, (id, at));
+        self.dedup_order.push_back((at, conn.to_owned(), key));
+    }
+
+    /// Drops the expiry entry of a message just removed from its queue.
+    pub(super) fn unindex(&mut self, id: MessageId, meta: &Meta) {
+        if meta.expires_at_ms != NEVER {
+            self.expiring.remove(&(meta.expires_at_ms, id));
+        }
+    }
+}
+
+/// Leases of messages (id -> lease until, owner, attempts), carried over a reopen.
+pub(super) type Leases = HashMap<MessageId, (i64, Option<Arc<str>>, u32)>;

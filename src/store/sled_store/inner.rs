@@ -1,0 +1,354 @@
+//! The open database: its trees, the in-memory index, and what one handle does on disk
+//! (open and rebuild, reads, removals). The batch write is in `writer.rs`.
+
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
+
+use super::index::{Meta, Queues};
+use super::records::{
+    conn_prefix, decode_conn, decode_dedup_key, decode_id, decode_msg, dedup_tree_key, dedup_value, encode_id,
+};
+use super::{corrupt, unavailable, DEDUP_PRUNED_BEFORE_KEY, NEVER};
+use crate::store::{ConnId, Connection, MessageId, QueuedMessage, StoreError, StoreResult};
+
+pub(super) struct Inner {
+    pub(super) db: sled::Db,
+    pub(super) meta: sled::Tree,
+    pub(super) conns: sled::Tree,
+    pub(super) by_verkey: sled::Tree,
+    pub(super) by_thread: sled::Tree,
+    pub(super) keys: sled::Tree,
+    pub(super) conn_keys: sled::Tree,
+    pub(super) msgs: sled::Tree,
+    pub(super) attempts: sled::Tree,
+    pub(super) dedup: sled::Tree,
+    /// invitation id -> [single_use, used]
+    pub(super) invitations: sled::Tree,
+    /// connection id -> JSON [`Device`] (push registration).
+    pub(super) devices: sled::Tree,
+    /// Push windows: connection -> (last push, trailing push due). Memory only (one process
+    /// holds a sled store; in-process nodes share it): a restart forgets a pending trailing
+    /// push.
+    pub(super) push_windows: Mutex<HashMap<ConnId, (i64, Option<i64>)>>,
+    /// Serialises connection and key writes (transactions then never conflict).
+    pub(super) meta_lock: Mutex<()>,
+    pub(super) queues: Mutex<Queues>,
+    /// The last flush failed (disk full, I/O error): [`Store::health`] says so until a flush
+    /// succeeds again, so `/ready` turns a load balancer away while writes cannot land.
+    pub(super) write_failed: std::sync::atomic::AtomicBool,
+    /// Held by the writer over a whole batch (decide, write, publish) and by the removal of a
+    /// queue: a removal never lands between a batch's decision and its publication.
+    pub(super) batch_lock: Mutex<()>,
+}
+
+impl Inner {
+    /// Runs a store call on this handle; after an I/O error, marks the handle for the
+    /// supervisor (a write may have failed outside a flush: it probes with one).
+    pub(super) fn run<T>(&self, f: impl FnOnce(&Inner) -> StoreResult<T>) -> StoreResult<T> {
+        let r = f(self);
+        if matches!(&r, Err(StoreError::Unavailable(_))) {
+            self.write_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        r
+    }
+
+    pub(super) fn open(cfg: sled::Config) -> StoreResult<Inner> {
+        let db = cfg.open().map_err(unavailable)?;
+        let t = |name: &str| db.open_tree(name).map_err(unavailable);
+        let inner = Inner {
+            meta: t("meta")?,
+            conns: t("conns")?,
+            by_verkey: t("by_verkey")?,
+            by_thread: t("by_thread")?,
+            keys: t("keys")?,
+            conn_keys: t("conn_keys")?,
+            msgs: t("msgs")?,
+            attempts: t("attempts")?,
+            dedup: t("dedup")?,
+            invitations: t("invitations")?,
+            devices: t("devices")?,
+            push_windows: Mutex::new(HashMap::new()),
+            db,
+            meta_lock: Mutex::new(()),
+            queues: Mutex::new(Queues::default()),
+            write_failed: std::sync::atomic::AtomicBool::new(false),
+            batch_lock: Mutex::new(()),
+        };
+        inner.fold_verkey_index()?;
+        inner.rebuild_index()?;
+        Ok(inner)
+    }
+
+    /// Stores written before peer keys were unique may list one key under several connections:
+    /// keep the most recently written holder (what lookups answered then), drop the others, so
+    /// lookups are unambiguous from now on.
+    fn fold_verkey_index(&self) -> StoreResult<()> {
+        let mut stale = Vec::new();
+        let mut best: Option<(Vec<u8>, u64, sled::IVec)> = None;
+        for kv in self.by_verkey.iter() {
+            let (k, v) = kv.map_err(unavailable)?;
+            let seq = u64::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt("index seq"))?);
+            if k.len() < 2 {
+                return Err(corrupt("verkey index key"));
+            }
+            let n = u16::from_be_bytes([k[0], k[1]]) as usize;
+            let prefix = k.get(..2 + n).ok_or_else(|| corrupt("verkey index key"))?.to_vec();
+            match &mut best {
+                Some((p, s, key)) if *p == prefix => {
+                    if seq > *s {
+                        stale.push(std::mem::replace(key, k));
+                        *s = seq;
+                    } else {
+                        stale.push(k);
+                    }
+                }
+                _ => best = Some((prefix, seq, k)),
+            }
+        }
+        if !stale.is_empty() {
+            tracing::warn!(
+                entries = stale.len(),
+                "peer keys listed by several connections: kept the latest holder of each"
+            );
+            let mut b = sled::Batch::default();
+            for k in stale {
+                b.remove(k);
+            }
+            self.by_verkey.apply_batch(b).map_err(unavailable)?;
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the in-memory queue index from disk. Leases start empty: every message is
+    /// pending after a restart.
+    fn rebuild_index(&self) -> StoreResult<()> {
+        let mut q = Queues::default();
+        // Entries pruned before (a queued message's too: its record holds its dedup key) stay
+        // pruned: a store holding millions of messages for offline wallets does not load an
+        // entry for each at open only to prune them again.
+        let pruned_before = match self.meta.get(DEDUP_PRUNED_BEFORE_KEY).map_err(unavailable)? {
+            Some(v) => i64::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt("dedup_pruned_before"))?),
+            None => i64::MIN,
+        };
+        q.dedup_pruned_before = pruned_before;
+        let mut stale = Vec::new();
+        let mut attempts: HashMap<MessageId, u32> = HashMap::new();
+        for kv in self.attempts.iter() {
+            let (k, v) = kv.map_err(unavailable)?;
+            let id = decode_id(&k)?;
+            let n = u32::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt("attempts"))?);
+            attempts.insert(id, n);
+        }
+        for kv in self.msgs.iter() {
+            let (k, v) = kv.map_err(unavailable)?;
+            let id = decode_id(&k)?;
+            let m = decode_msg(&v)?;
+            if let Some(dk) = m.dedup_key.filter(|_| m.received_at_ms >= pruned_before) {
+                q.note_dedup(m.connection, dk, id, m.received_at_ms);
+            }
+            q.insert(
+                m.connection,
+                id,
+                Meta {
+                    size: m.payload.len() as u64,
+                    received_at_ms: m.received_at_ms,
+                    lease_until_ms: 0,
+                    owner: None,
+                    attempts: attempts.get(&id).copied().unwrap_or(0),
+                    expires_at_ms: m.expires_at_ms.unwrap_or(NEVER),
+                    dedup: m.dedup_key.is_some(),
+                },
+            );
+        }
+        for kv in self.dedup.iter() {
+            let (k, v) = kv.map_err(unavailable)?;
+            let (conn, key) = decode_dedup_key(&k)?;
+            if v.len() != 16 {
+                return Err(corrupt("dedup value"));
+            }
+            let id = i64::from_be_bytes(v[..8].try_into().expect("length checked"));
+            let at = i64::from_be_bytes(v[8..].try_into().expect("length checked"));
+            if at < pruned_before {
+                // Written by an acknowledgement racing the prune that dropped its entry.
+                stale.push(k);
+                continue;
+            }
+            q.note_dedup(&conn, key, id, at);
+        }
+        for k in stale {
+            self.dedup.remove(k).map_err(unavailable)?;
+        }
+        q.dedup_count = q.dedup.values().map(|d| d.len() as u64).sum();
+        q.dedup_order.make_contiguous().sort_by_key(|e| e.0);
+        *self.queues.lock() = q;
+        Ok(())
+    }
+
+    pub(super) fn next_id(&self) -> StoreResult<MessageId> {
+        // sled persists its id generator and skips ahead after a crash: ids never repeat.
+        let id = self.db.generate_id().map_err(unavailable)?;
+        i64::try_from(id + 1).map_err(|_| corrupt("id space exhausted"))
+    }
+
+    pub(super) fn get_conn(&self, id: &str) -> StoreResult<Option<Connection>> {
+        match self.conns.get(id.as_bytes()).map_err(unavailable)? {
+            Some(v) => Ok(Some(decode_conn(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub(super) fn flush(&self) -> StoreResult<()> {
+        let r = self.db.flush();
+        self.write_failed.store(r.is_err(), std::sync::atomic::Ordering::SeqCst);
+        r.map_err(unavailable).map(|_| ())
+    }
+
+    /// Reads the messages just leased (id, attempts) and records their attempt counts.
+    pub(super) fn load_leased(&self, picked: Vec<(MessageId, u32)>) -> StoreResult<Vec<QueuedMessage>> {
+        let mut out = Vec::with_capacity(picked.len());
+        for (id, n) in picked {
+            // A message acked or expired meanwhile is simply not returned.
+            let Some(v) = self.msgs.get(encode_id(id)).map_err(unavailable)? else {
+                continue;
+            };
+            let m = decode_msg(&v)?;
+            out.push(QueuedMessage {
+                id,
+                connection: m.connection.to_owned(),
+                recipient_key: m.recipient_key.to_owned(),
+                payload: m.payload.to_vec(),
+                received_at_ms: m.received_at_ms,
+                attempts: n,
+            });
+            // One record each, not a `sled::Batch`: see `forget_acked`. Not flushed: losing
+            // an attempt count only under-reports redeliveries.
+            self.attempts
+                .insert(encode_id(id), &n.to_be_bytes())
+                .map_err(unavailable)?;
+        }
+        Ok(out)
+    }
+
+    /// Removes acknowledged messages from disk, one record at a time and not flushed (an
+    /// acknowledgement lost in a crash redelivers: at-least-once).
+    ///
+    /// Not a `sled::Batch`: sled 0.34 writes out and syncs its current log buffer before and
+    /// after every batch (`PageCache::pin_log`), i.e. two `pwrite` + `sync_file_range` per
+    /// batch on sled's I/O threads. A live delivery applied three batches (the lease's attempt
+    /// count, then the ack's message and attempt removals): ~6 synced writes per message,
+    /// a quarter of the node's CPU in the live fan-out (docs/BENCHMARKS.md). Single records go
+    /// into the current buffer and reach the disk with the writer's next flush. Attempt counts go
+    /// first: sled recovers a prefix of its log, so a crash never leaves a count whose message
+    /// is gone (a message whose count is gone is delivered again with its count restarted).
+    ///
+    /// `with_dedup`: those of `ids` whose record holds a dedup key ([`Meta::dedup`]); their
+    /// dedup records are kept first (`keep_dedup`).
+    pub(super) fn forget_acked(&self, ids: &[MessageId], with_dedup: &[MessageId]) -> StoreResult<()> {
+        self.keep_dedup(with_dedup)?;
+        for id in ids {
+            self.attempts.remove(encode_id(*id)).map_err(unavailable)?;
+        }
+        for id in ids {
+            self.msgs.remove(encode_id(*id)).map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the `dedup` record of messages about to leave the queue (acknowledged, expired by
+    /// their sender, dropped by an operator) whose dedup entry is still held, i.e. not yet
+    /// pruned: a copy sent again within the window is still a duplicate after a restart.
+    /// While a message is queued its own record is its dedup record, so ingest writes one
+    /// record per forward, not two, and a message that outlives its window (a wallet offline
+    /// longer than it) never has one. Called before the messages' removal: sled recovers a
+    /// prefix of its log, so a removal that survives a crash has its dedup record. Not flushed
+    /// (as the removal is not): a record lost in a crash is one whose message comes back.
+    ///
+    /// A prune that lands between the check and the insert leaves a record with no entry;
+    /// the next open deletes it (older than the persisted prune cutoff).
+    pub(super) fn keep_dedup(&self, ids: &[MessageId]) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(v) = self.msgs.get(encode_id(*id)).map_err(unavailable)? {
+                records.push((*id, v));
+            }
+        }
+        let keep: Vec<(Vec<u8>, Vec<u8>)> = {
+            let q = self.queues.lock();
+            let mut keep = Vec::with_capacity(records.len());
+            for (id, v) in &records {
+                let m = decode_msg(v)?;
+                let Some(dk) = m.dedup_key else { continue };
+                if q.dedup
+                    .get(m.connection)
+                    .and_then(|d| d.get(&dk))
+                    .is_some_and(|(held, _)| held == id)
+                {
+                    keep.push((dedup_tree_key(m.connection, &dk), dedup_value(*id, m.received_at_ms)));
+                }
+            }
+            keep
+        };
+        for (k, v) in keep {
+            self.dedup.insert(k, v).map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every queued message of `conn` (and, with `dedup`, its dedup records). The caller
+    /// holds `batch_lock`. Returns (messages, dedup records) removed.
+    pub(super) fn remove_queue(&self, conn: &str, dedup: bool) -> StoreResult<(u64, u64)> {
+        let (ids, with_dedup, dedup_n) = {
+            let mut q = self.queues.lock();
+            let mut with_dedup = Vec::new();
+            let ids: Vec<MessageId> = match q.by_conn.remove(conn) {
+                Some(cq) => {
+                    for (id, m) in &cq.msgs {
+                        q.unindex(*id, m);
+                        if m.dedup {
+                            with_dedup.push(*id);
+                        }
+                    }
+                    cq.msgs.into_keys().collect()
+                }
+                None => Vec::new(),
+            };
+            q.total -= ids.len() as u64;
+            let mut dedup_n = 0;
+            if dedup {
+                if let Some(d) = q.dedup.remove(conn) {
+                    dedup_n = d.len() as u64;
+                    q.dedup_count -= dedup_n;
+                }
+            }
+            (ids, with_dedup, dedup_n)
+        };
+        if !dedup {
+            // The queue goes, its dedup entries stay (as after an acknowledgement).
+            self.keep_dedup(&with_dedup)?;
+        }
+        let mut b = sled::Batch::default();
+        for id in &ids {
+            b.remove(&encode_id(*id));
+        }
+        let mut a = sled::Batch::default();
+        for id in &ids {
+            a.remove(&encode_id(*id));
+        }
+        self.msgs.apply_batch(b).map_err(unavailable)?;
+        self.attempts.apply_batch(a).map_err(unavailable)?;
+        if dedup {
+            let mut d = sled::Batch::default();
+            for kv in self.dedup.scan_prefix(conn_prefix(conn)) {
+                let (k, _) = kv.map_err(unavailable)?;
+                d.remove(k);
+            }
+            self.dedup.apply_batch(d).map_err(unavailable)?;
+        }
+        Ok((ids.len() as u64, dedup_n))
+    }
+}

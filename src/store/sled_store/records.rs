@@ -1,0 +1,172 @@
+//! The records on disk: message ids, the message record layout, dedup and key entries.
+
+use sled::transaction::TransactionError;
+
+use super::{corrupt, unavailable, MSG_FORMAT_V1, MSG_FORMAT_V2};
+use crate::store::{Connection, MessageId, NewMessage, StoreError, StoreResult};
+
+pub(super) fn encode_id(id: MessageId) -> [u8; 8] {
+    (id as u64).to_be_bytes()
+}
+
+pub(super) fn decode_id(k: &[u8]) -> StoreResult<MessageId> {
+    let b: [u8; 8] = k.try_into().map_err(|_| corrupt("message id"))?;
+    Ok(u64::from_be_bytes(b) as i64)
+}
+
+fn push_str16(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// `v1 | received_at i64 | len16 conn | conn | len16 rkey | rkey | 0 or 1+key32 | payload`, or
+/// with a sender's expiry `v2 | received_at i64 | expires_at i64 | ...` (the rest as v1).
+pub(super) fn encode_msg(m: &NewMessage) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + 16 + 4 + m.connection.len() + m.recipient_key.len() + 33 + m.payload.len());
+    match m.expires_at_ms {
+        None => {
+            out.push(MSG_FORMAT_V1);
+            out.extend_from_slice(&m.received_at_ms.to_be_bytes());
+        }
+        Some(e) => {
+            out.push(MSG_FORMAT_V2);
+            out.extend_from_slice(&m.received_at_ms.to_be_bytes());
+            out.extend_from_slice(&e.to_be_bytes());
+        }
+    }
+    push_str16(&mut out, &m.connection);
+    push_str16(&mut out, &m.recipient_key);
+    match &m.dedup_key {
+        Some(k) => {
+            out.push(1);
+            out.extend_from_slice(k);
+        }
+        None => out.push(0),
+    }
+    out.extend_from_slice(&m.payload);
+    out
+}
+
+pub(super) struct MsgRef<'a> {
+    pub(super) received_at_ms: i64,
+    pub(super) expires_at_ms: Option<i64>,
+    pub(super) connection: &'a str,
+    pub(super) recipient_key: &'a str,
+    pub(super) dedup_key: Option<[u8; 32]>,
+    pub(super) payload: &'a [u8],
+}
+
+pub(super) fn decode_msg(v: &[u8]) -> StoreResult<MsgRef<'_>> {
+    fn take<'a>(v: &mut &'a [u8], n: usize) -> StoreResult<&'a [u8]> {
+        if v.len() < n {
+            return Err(corrupt("message truncated"));
+        }
+        let (a, b) = v.split_at(n);
+        *v = b;
+        Ok(a)
+    }
+    fn take_str<'a>(v: &mut &'a [u8]) -> StoreResult<&'a str> {
+        let n = u16::from_be_bytes(take(v, 2)?.try_into().expect("2 bytes")) as usize;
+        std::str::from_utf8(take(v, n)?).map_err(|_| corrupt("message string"))
+    }
+    let mut v = v;
+    let format = take(&mut v, 1)?[0];
+    if format != MSG_FORMAT_V1 && format != MSG_FORMAT_V2 {
+        return Err(corrupt("unknown message format"));
+    }
+    let received_at_ms = i64::from_be_bytes(take(&mut v, 8)?.try_into().expect("8 bytes"));
+    let expires_at_ms = if format == MSG_FORMAT_V2 {
+        Some(i64::from_be_bytes(take(&mut v, 8)?.try_into().expect("8 bytes")))
+    } else {
+        None
+    };
+    let connection = take_str(&mut v)?;
+    let recipient_key = take_str(&mut v)?;
+    let dedup_key = match take(&mut v, 1)?[0] {
+        0 => None,
+        1 => Some(take(&mut v, 32)?.try_into().expect("32 bytes")),
+        _ => return Err(corrupt("dedup flag")),
+    };
+    Ok(MsgRef {
+        received_at_ms,
+        expires_at_ms,
+        connection,
+        recipient_key,
+        dedup_key,
+        payload: v,
+    })
+}
+
+pub(super) fn dedup_tree_key(conn: &str, key: &[u8; 32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + conn.len() + 32);
+    push_str16(&mut out, conn);
+    out.extend_from_slice(key);
+    out
+}
+
+pub(super) fn decode_dedup_key(k: &[u8]) -> StoreResult<(String, [u8; 32])> {
+    if k.len() < 2 {
+        return Err(corrupt("dedup key"));
+    }
+    let n = u16::from_be_bytes([k[0], k[1]]) as usize;
+    if k.len() != 2 + n + 32 {
+        return Err(corrupt("dedup key length"));
+    }
+    let conn = std::str::from_utf8(&k[2..2 + n]).map_err(|_| corrupt("dedup conn"))?;
+    let key: [u8; 32] = k[2 + n..].try_into().expect("length checked");
+    Ok((conn.to_owned(), key))
+}
+
+pub(super) fn dedup_value(id: MessageId, at: i64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(&at.to_be_bytes());
+    v
+}
+
+/// `len16(a) a b`: keys of multi-valued indexes (a -> several b), scanned by `len16(a) a`.
+pub(super) fn pair_key(a: &str, b: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + a.len() + b.len());
+    push_str16(&mut out, a);
+    out.extend_from_slice(b.as_bytes());
+    out
+}
+
+/// The connection written last among those a multi-valued index lists under `key`.
+pub(super) fn latest_of(tree: &sled::Tree, key: &str) -> StoreResult<Option<String>> {
+    let prefix = conn_prefix(key);
+    let mut best: Option<(u64, String)> = None;
+    for kv in tree.scan_prefix(&prefix) {
+        let (k, v) = kv.map_err(unavailable)?;
+        let seq = u64::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt("index seq"))?);
+        if best.as_ref().map_or(true, |(s, _)| seq > *s) {
+            let id = std::str::from_utf8(&k[prefix.len()..]).map_err(|_| corrupt("index id"))?;
+            best = Some((seq, id.to_owned()));
+        }
+    }
+    Ok(best.map(|(_, id)| id))
+}
+
+pub(super) fn conn_key_entry(conn: &str, key: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + conn.len() + key.len());
+    push_str16(&mut out, conn);
+    out.extend_from_slice(key.as_bytes());
+    out
+}
+
+pub(super) fn conn_prefix(conn: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + conn.len());
+    push_str16(&mut out, conn);
+    out
+}
+
+pub(super) fn decode_conn(v: &[u8]) -> StoreResult<Connection> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))
+}
+
+pub(super) fn tx_err(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => unavailable(e),
+    }
+}

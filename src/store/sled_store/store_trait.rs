@@ -1,0 +1,871 @@
+//! The [`Store`] trait on sled.
+
+use std::ops::Bound;
+use std::sync::Arc;
+
+use sled::transaction::ConflictableTransactionError;
+use sled::Transactional;
+
+use super::records::{
+    conn_key_entry, conn_prefix, decode_conn, decode_msg, dedup_tree_key, encode_id, latest_of, pair_key, tx_err,
+};
+use super::{corrupt, unavailable, SledStore, DEDUP_PRUNED_BEFORE_KEY, IDENTITY_KEY, NEVER};
+use crate::store::{
+    check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
+    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, PendingStats, PushSlot, QueueStats, QueueSummary,
+    QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
+};
+
+#[async_trait::async_trait]
+impl Store for SledStore {
+    fn backend(&self) -> &'static str {
+        "sled"
+    }
+
+    async fn health(&self) -> StoreResult<()> {
+        match &self.tx {
+            Some(tx) if !tx.is_closed() => {}
+            _ => return Err(StoreError::Closed),
+        }
+        if self.slot.get()?.write_failed.load(std::sync::atomic::Ordering::SeqCst) {
+            // Probe: a flush that succeeds again clears the failure.
+            self.blocking(|inner| inner.flush()).await?;
+        }
+        Ok(())
+    }
+
+    async fn identity_get_or_create(&self, candidate: Identity) -> StoreResult<Identity> {
+        self.blocking(move |inner| {
+            let bytes = serde_json::to_vec(&candidate).map_err(|e| StoreError::Corrupt(format!("identity: {e}")))?;
+            let r = inner
+                .meta
+                .compare_and_swap(IDENTITY_KEY, None as Option<&[u8]>, Some(bytes))
+                .map_err(unavailable)?;
+            match r {
+                Ok(()) => {
+                    inner.flush()?;
+                    Ok(candidate)
+                }
+                Err(cas) => {
+                    let cur = cas.current.ok_or_else(|| corrupt("identity vanished"))?;
+                    serde_json::from_slice(&cur).map_err(|e| StoreError::Corrupt(format!("identity: {e}")))
+                }
+            }
+        })
+        .await
+    }
+
+    async fn put_connection(&self, c: &Connection) -> StoreResult<()> {
+        check_connection(c)?;
+        let c = c.clone();
+        self.blocking(move |inner| {
+            let bytes = serde_json::to_vec(&c).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
+            let _g = inner.meta_lock.lock();
+            // Every connection write holds meta_lock: the check and the write are one step.
+            for k in &c.their_verkeys {
+                let prefix = conn_prefix(k);
+                for kv in inner.by_verkey.scan_prefix(&prefix) {
+                    let (key, _) = kv.map_err(unavailable)?;
+                    if &key[prefix.len()..] != c.id.as_bytes() {
+                        return Err(StoreError::KeyTaken(k.clone()));
+                    }
+                }
+            }
+            let old = inner.get_conn(&c.id)?;
+            let seq = inner.db.generate_id().map_err(unavailable)?.to_be_bytes();
+            let id = c.id.as_bytes();
+            (&inner.conns, &inner.by_verkey, &inner.by_thread)
+                .transaction(|(conns, by_verkey, by_thread)| {
+                    if let Some(old) = &old {
+                        for k in &old.their_verkeys {
+                            by_verkey.remove(pair_key(k, &c.id))?;
+                        }
+                        if let Some(t) = &old.thread_id {
+                            by_thread.remove(pair_key(t, &c.id))?;
+                        }
+                    }
+                    for k in &c.their_verkeys {
+                        by_verkey.insert(pair_key(k, &c.id), &seq[..])?;
+                    }
+                    if let Some(t) = &c.thread_id {
+                        by_thread.insert(pair_key(t, &c.id), &seq[..])?;
+                    }
+                    conns.insert(id, bytes.as_slice())?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(tx_err)?;
+            inner.flush()
+        })
+        .await
+    }
+
+    async fn put_invitation(&self, id: &str, single_use: bool, _created_at_ms: i64) -> StoreResult<()> {
+        check_storable("invitation id", id)?;
+        let id = id.to_owned();
+        self.blocking(move |inner| {
+            inner
+                .invitations
+                .insert(id.as_bytes(), &[u8::from(single_use), 0][..])
+                .map_err(unavailable)?;
+            inner.flush()
+        })
+        .await
+    }
+
+    async fn use_invitation(&self, id: &str) -> StoreResult<InvitationUse> {
+        if !storable(id) {
+            return Ok(InvitationUse::Unknown);
+        }
+        let id = id.to_owned();
+        self.blocking(move |inner| {
+            let _g = inner.meta_lock.lock();
+            let Some(v) = inner.invitations.get(id.as_bytes()).map_err(unavailable)? else {
+                return Ok(InvitationUse::Unknown);
+            };
+            match (v.first().copied(), v.get(1).copied()) {
+                (Some(1), Some(0)) => {
+                    inner
+                        .invitations
+                        .insert(id.as_bytes(), &[1u8, 1][..])
+                        .map_err(unavailable)?;
+                    inner.flush()?;
+                    Ok(InvitationUse::FirstUse)
+                }
+                (Some(1), _) => Ok(InvitationUse::AlreadyUsed),
+                _ => Ok(InvitationUse::MultiUse),
+            }
+        })
+        .await
+    }
+
+    async fn update_connection(&self, id: &str, patch: &ConnectionPatch) -> StoreResult<Option<Connection>> {
+        if !storable(id) {
+            return Ok(None);
+        }
+        let (id, patch) = (id.to_owned(), patch.clone());
+        self.blocking(move |inner| {
+            // The same lock as put_connection: read, patch and write are one step.
+            let _g = inner.meta_lock.lock();
+            let Some(mut c) = inner.get_conn(&id)? else {
+                return Ok(None);
+            };
+            patch.apply(&mut c);
+            let bytes = serde_json::to_vec(&c).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
+            inner.conns.insert(id.as_bytes(), bytes).map_err(unavailable)?;
+            inner.flush()?;
+            Ok(Some(c))
+        })
+        .await
+    }
+
+    async fn get_connection(&self, id: &str) -> StoreResult<Option<Connection>> {
+        if !storable(id) {
+            return Ok(None);
+        }
+        let id = id.to_owned();
+        self.blocking(move |inner| inner.get_conn(&id)).await
+    }
+
+    async fn connection_by_their_verkey(&self, verkey: &str) -> StoreResult<Option<Connection>> {
+        if !storable(verkey) {
+            return Ok(None);
+        }
+        let verkey = verkey.to_owned();
+        self.blocking(move |inner| {
+            let Some(id) = latest_of(&inner.by_verkey, &verkey)? else {
+                return Ok(None);
+            };
+            // The index is maintained in the connection's transaction; checking again keeps a
+            // stale entry from ever returning the wrong connection.
+            Ok(inner.get_conn(&id)?.filter(|c| c.their_verkeys.contains(&verkey)))
+        })
+        .await
+    }
+
+    async fn connection_by_thread(&self, thid: &str) -> StoreResult<Option<Connection>> {
+        if !storable(thid) {
+            return Ok(None);
+        }
+        let thid = thid.to_owned();
+        self.blocking(move |inner| {
+            let Some(id) = latest_of(&inner.by_thread, &thid)? else {
+                return Ok(None);
+            };
+            Ok(inner
+                .get_conn(&id)?
+                .filter(|c| c.thread_id.as_deref() == Some(thid.as_str())))
+        })
+        .await
+    }
+
+    async fn list_connections(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Connection>> {
+        let after = after.map(|s| s.as_bytes().to_vec());
+        self.blocking(move |inner| {
+            let lower = match &after {
+                Some(a) => Bound::Excluded(a.as_slice()),
+                None => Bound::Unbounded,
+            };
+            let mut out = Vec::new();
+            for kv in inner.conns.range::<&[u8], _>((lower, Bound::Unbounded)).take(limit) {
+                let (_, v) = kv.map_err(unavailable)?;
+                out.push(decode_conn(&v)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn update_keys(
+        &self,
+        conn: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> StoreResult<Vec<(String, KeyUpdate)>> {
+        check_storable("connection id", conn)?;
+        for k in add.iter().chain(remove) {
+            check_storable("routing key", k)?;
+        }
+        let conn = conn.to_owned();
+        let add = add.to_vec();
+        let remove = remove.to_vec();
+        self.blocking(move |inner| {
+            let _g = inner.meta_lock.lock();
+            if !inner.conns.contains_key(conn.as_bytes()).map_err(unavailable)? {
+                return Err(StoreError::NotFound);
+            }
+            let cid = conn.as_bytes();
+            let out = (&inner.keys, &inner.conn_keys)
+                .transaction(|(keys, conn_keys)| {
+                    let mut out = Vec::with_capacity(add.len() + remove.len());
+                    for k in &add {
+                        let r = match keys.get(k.as_bytes())? {
+                            None => {
+                                keys.insert(k.as_bytes(), cid)?;
+                                conn_keys.insert(conn_key_entry(&conn, k), &[][..])?;
+                                KeyUpdate::Added
+                            }
+                            Some(holder) if holder.as_ref() == cid => KeyUpdate::AlreadyAdded,
+                            Some(_) => KeyUpdate::HeldByOther,
+                        };
+                        out.push((k.clone(), r));
+                    }
+                    for k in &remove {
+                        let r = match keys.get(k.as_bytes())? {
+                            Some(holder) if holder.as_ref() == cid => {
+                                keys.remove(k.as_bytes())?;
+                                conn_keys.remove(conn_key_entry(&conn, k))?;
+                                KeyUpdate::Removed
+                            }
+                            _ => KeyUpdate::NotFound,
+                        };
+                        out.push((k.clone(), r));
+                    }
+                    Ok::<_, ConflictableTransactionError<StoreError>>(out)
+                })
+                .map_err(tx_err)?;
+            inner.flush()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn keys_of(&self, conn: &str) -> StoreResult<Vec<String>> {
+        if !storable(conn) {
+            return Ok(Vec::new());
+        }
+        let conn = conn.to_owned();
+        self.blocking(move |inner| {
+            let prefix = conn_prefix(&conn);
+            let mut out = Vec::new();
+            for kv in inner.conn_keys.scan_prefix(&prefix) {
+                let (k, _) = kv.map_err(unavailable)?;
+                let key = std::str::from_utf8(&k[prefix.len()..]).map_err(|_| corrupt("key"))?;
+                out.push(key.to_owned());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn route(&self, recipient_key: &str) -> StoreResult<Option<ConnId>> {
+        if !storable(recipient_key) {
+            return Ok(None);
+        }
+        let key = recipient_key.to_owned();
+        self.blocking(
+            move |inner| match inner.keys.get(key.as_bytes()).map_err(unavailable)? {
+                Some(v) => Ok(Some(String::from_utf8(v.to_vec()).map_err(|_| corrupt("route"))?)),
+                None => Ok(None),
+            },
+        )
+        .await
+    }
+
+    async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        self.submit(msgs, limits, false).await
+    }
+
+    async fn enqueue_routed(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        self.submit(msgs, limits, true).await
+    }
+
+    async fn lease(
+        &self,
+        conn: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        self.lease_filtered(conn, None, max, owner, now_ms, until_ms).await
+    }
+
+    async fn lease_for_key(
+        &self,
+        conn: &str,
+        recipient_key: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        self.lease_filtered(conn, Some(recipient_key), max, owner, now_ms, until_ms)
+            .await
+    }
+
+    async fn pending_stats(&self, conn: &str, recipient_key: Option<&str>, now_ms: i64) -> StoreResult<PendingStats> {
+        // Every pickup acknowledgement is answered with a status: without a filter this is
+        // memory only, on the caller's thread (a blocking-pool hand-off cost two thread
+        // wake-ups per acknowledgement).
+        let (pending, key): (Vec<(MessageId, i64)>, String) = {
+            let inner = self.slot.get()?;
+            let q = inner.queues.lock();
+            let Some(cq) = q.by_conn.get(conn) else {
+                return Ok(PendingStats::default());
+            };
+            let pending = cq
+                .msgs
+                .iter()
+                .filter(|(_, m)| m.pending(now_ms))
+                .map(|(id, m)| (*id, m.received_at_ms));
+            let Some(key) = recipient_key else {
+                return Ok(pending.fold(PendingStats::default(), |s, (_, received)| s.and(received)));
+            };
+            (pending.collect(), key.to_owned())
+        };
+        // A filter: each pending message's recipient key is on disk.
+        self.blocking(move |inner| {
+            let mut s = PendingStats::default();
+            for (id, received) in pending {
+                let Some(v) = inner.msgs.get(encode_id(id)).map_err(unavailable)? else {
+                    continue;
+                };
+                if decode_msg(&v)?.recipient_key == key {
+                    s = s.and(received);
+                }
+            }
+            Ok(s)
+        })
+        .await
+    }
+
+    async fn ack_leased(&self, conn: &str, ids: &[MessageId]) -> StoreResult<Vec<i64>> {
+        if !storable(conn) || ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = conn.to_owned();
+        let ids = ids.to_vec();
+        self.live(move |inner| {
+            let (removed, leases, with_dedup) = {
+                let mut guard = inner.queues.lock();
+                let q = &mut *guard;
+                let Some(cq) = q.by_conn.get_mut(&conn) else {
+                    return Ok(Vec::new());
+                };
+                let (mut removed, mut leases, mut with_dedup) = (Vec::new(), Vec::new(), Vec::new());
+                for id in ids {
+                    if let Some(m) = cq.msgs.remove(&id) {
+                        cq.bytes -= m.size;
+                        if m.expires_at_ms != NEVER {
+                            q.expiring.remove(&(m.expires_at_ms, id));
+                        }
+                        removed.push(id);
+                        leases.push(m.lease_until_ms);
+                        if m.dedup {
+                            with_dedup.push(id);
+                        }
+                    }
+                }
+                q.total -= removed.len() as u64;
+                if cq.msgs.is_empty() {
+                    q.by_conn.remove(&conn);
+                }
+                (removed, leases, with_dedup)
+            };
+            inner.forget_acked(&removed, &with_dedup)?;
+            Ok(leases)
+        })
+        .await
+    }
+
+    async fn release(&self, conn: &str, ids: &[MessageId], owner: &str) -> StoreResult<u64> {
+        // Memory only (leases are not persisted): no blocking thread.
+        let inner = self.slot.get()?;
+        let mut q = inner.queues.lock();
+        let Some(cq) = q.by_conn.get_mut(conn) else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for id in ids {
+            if let Some(m) = cq.msgs.get_mut(id) {
+                if m.owner.as_deref() == Some(owner) {
+                    m.owner = None;
+                    m.lease_until_ms = 0;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    async fn release_owner(&self, owner: &str) -> StoreResult<u64> {
+        // Memory only.
+        let inner = self.slot.get()?;
+        let n = inner.queues.lock().release_owner(owner);
+        Ok(n)
+    }
+
+    async fn release_owners_under(&self, prefix: &str) -> StoreResult<u64> {
+        if prefix.is_empty() {
+            return Ok(0);
+        }
+        let inner = self.slot.get()?;
+        let mut q = inner.queues.lock();
+        let owners: Vec<Arc<str>> = q.by_owner.keys().filter(|o| o.starts_with(prefix)).cloned().collect();
+        Ok(owners.iter().map(|o| q.release_owner(o)).sum())
+    }
+
+    async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
+        // Memory only: no blocking-pool hand-off (two thread wake-ups).
+        let inner = self.slot.get()?;
+        let q = inner.queues.lock();
+        let Some(cq) = q.by_conn.get(conn) else {
+            return Ok(QueueStats::default());
+        };
+        let mut s = QueueStats {
+            bytes: cq.bytes,
+            ..Default::default()
+        };
+        for m in cq.msgs.values() {
+            if m.pending(now_ms) {
+                s.pending += 1;
+            } else if m.leased(now_ms) {
+                s.leased += 1;
+            }
+            s.oldest_received_ms = Some(match s.oldest_received_ms {
+                Some(o) => o.min(m.received_at_ms),
+                None => m.received_at_ms,
+            });
+        }
+        Ok(s)
+    }
+
+    async fn total_queued(&self) -> StoreResult<u64> {
+        // Memory only: no need for a blocking thread.
+        Ok(self.slot.get()?.queues.lock().total)
+    }
+
+    async fn connections_with_pending(
+        &self,
+        now_ms: i64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<ConnId>> {
+        let after = after.map(str::to_owned);
+        self.blocking(move |inner| {
+            let q = inner.queues.lock();
+            let mut found: Vec<&str> = q
+                .by_conn
+                .iter()
+                .filter(|(c, _)| after.as_deref().map_or(true, |a| c.as_str() > a))
+                .filter(|(_, cq)| cq.msgs.values().any(|m| m.pending(now_ms)))
+                .map(|(c, _)| c.as_str())
+                .collect();
+            found.sort_unstable();
+            Ok(found.into_iter().take(limit).map(str::to_owned).collect())
+        })
+        .await
+    }
+
+    async fn pending_among(&self, conns: &[ConnId], now_ms: i64) -> StoreResult<Vec<ConnId>> {
+        // Memory only: no need for a blocking thread.
+        let inner = self.slot.get()?;
+        let q = inner.queues.lock();
+        Ok(conns
+            .iter()
+            .filter(|c| {
+                q.by_conn
+                    .get(c.as_str())
+                    .is_some_and(|cq| cq.msgs.values().any(|m| m.pending(now_ms)))
+            })
+            .cloned()
+            .collect())
+    }
+
+    async fn prune_dedup(&self, before_ms: i64, max: usize) -> StoreResult<u64> {
+        self.blocking(move |inner| {
+            let (removed, newer_cutoff) = {
+                let mut guard = inner.queues.lock();
+                let q = &mut *guard;
+                let mut removed = Vec::new();
+                let newer_cutoff = before_ms > q.dedup_pruned_before;
+                q.dedup_pruned_before = q.dedup_pruned_before.max(before_ms);
+                // Entries skipped below are popped once each: the work stays linear in records.
+                while removed.len() < max {
+                    match q.dedup_order.front() {
+                        Some((at, _, _)) if *at < before_ms => {}
+                        _ => break,
+                    }
+                    let (at, conn, key) = q.dedup_order.pop_front().expect("front checked");
+                    let Some(d) = q.dedup.get_mut(&conn) else { continue };
+                    // Replaced by a later copy: that one has its own entry further on.
+                    if d.get(&key).map(|(_, a)| *a) != Some(at) {
+                        continue;
+                    }
+                    d.remove(&key);
+                    if d.is_empty() {
+                        q.dedup.remove(&conn);
+                    }
+                    q.dedup_count -= 1;
+                    removed.push(dedup_tree_key(&conn, &key));
+                }
+                (removed, newer_cutoff)
+            };
+            let n = removed.len() as u64;
+            // Single records (see `forget_acked`); most entries are of queued messages and have
+            // no record (removing a missing key writes nothing).
+            for k in removed {
+                inner.dedup.remove(k).map_err(unavailable)?;
+            }
+            if newer_cutoff {
+                // Not flushed: a cutoff lost in a crash only loads entries the next prune drops.
+                inner
+                    .meta
+                    .insert(DEDUP_PRUNED_BEFORE_KEY, &before_ms.to_be_bytes())
+                    .map_err(unavailable)?;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn dedup_records(&self) -> StoreResult<u64> {
+        Ok(self.slot.get()?.queues.lock().dedup_count)
+    }
+
+    async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
+        self.blocking(move |inner| {
+            let (removed, dedup_removed) = {
+                let mut guard = inner.queues.lock();
+                let q = &mut *guard;
+                let mut removed = Vec::new();
+                let expiring = &mut q.expiring;
+                q.by_conn.retain(|_, cq| {
+                    cq.msgs.retain(|id, m| {
+                        if m.received_at_ms < received_before_ms {
+                            cq.bytes -= m.size;
+                            if m.expires_at_ms != NEVER {
+                                expiring.remove(&(m.expires_at_ms, *id));
+                            }
+                            removed.push(*id);
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                    !cq.msgs.is_empty()
+                });
+                q.total -= removed.len() as u64;
+                let mut dedup_removed = Vec::new();
+                let count = &mut q.dedup_count;
+                q.dedup.retain(|conn, d| {
+                    d.retain(|k, (_, at)| {
+                        if *at < received_before_ms {
+                            dedup_removed.push(dedup_tree_key(conn, k));
+                            *count -= 1;
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                    !d.is_empty()
+                });
+                // Prune the owner index down to queues where the owner still holds a message.
+                let by_conn = &q.by_conn;
+                q.by_owner.retain(|owner, conns| {
+                    conns.retain(|c| {
+                        by_conn
+                            .get(c)
+                            .is_some_and(|cq| cq.msgs.values().any(|m| m.owner.as_deref() == Some(&**owner)))
+                    });
+                    !conns.is_empty()
+                });
+                (removed, dedup_removed)
+            };
+            let mut b = sled::Batch::default();
+            let mut a = sled::Batch::default();
+            for id in &removed {
+                b.remove(&encode_id(*id));
+                a.remove(&encode_id(*id));
+            }
+            let mut d = sled::Batch::default();
+            for k in dedup_removed {
+                d.remove(k);
+            }
+            inner.msgs.apply_batch(b).map_err(unavailable)?;
+            inner.attempts.apply_batch(a).map_err(unavailable)?;
+            inner.dedup.apply_batch(d).map_err(unavailable)?;
+            Ok(removed.len() as u64)
+        })
+        .await
+    }
+
+    async fn expire_due(&self, now_ms: i64, max: usize) -> StoreResult<u64> {
+        self.blocking(move |inner| {
+            let (removed, with_dedup) = {
+                let mut guard = inner.queues.lock();
+                let q = &mut *guard;
+                let (mut removed, mut with_dedup) = (Vec::new(), Vec::new());
+                while removed.len() < max {
+                    let Some((&(at, id), _)) = q.expiring.first_key_value() else {
+                        break;
+                    };
+                    if at > now_ms {
+                        break;
+                    }
+                    let conn = q.expiring.remove(&(at, id)).expect("first key just read");
+                    let Some(cq) = q.by_conn.get_mut(&conn) else { continue };
+                    let Some(m) = cq.msgs.remove(&id) else { continue };
+                    cq.bytes -= m.size;
+                    if cq.msgs.is_empty() {
+                        q.by_conn.remove(&conn);
+                    }
+                    q.total -= 1;
+                    removed.push(id);
+                    if m.dedup {
+                        with_dedup.push(id);
+                    }
+                }
+                (removed, with_dedup)
+            };
+            inner.forget_acked(&removed, &with_dedup)?;
+            Ok(removed.len() as u64)
+        })
+        .await
+    }
+
+    async fn oldest_received_ms(&self) -> StoreResult<Option<i64>> {
+        // Memory only; each queue's first entry is its oldest (ids grow with arrival).
+        let inner = self.slot.get()?;
+        let q = inner.queues.lock();
+        Ok(q.by_conn
+            .values()
+            .filter_map(|cq| cq.msgs.values().next().map(|m| m.received_at_ms))
+            .min())
+    }
+
+    async fn flush(&self) -> StoreResult<()> {
+        self.blocking(|inner| inner.flush()).await
+    }
+
+    async fn device_of(&self, conn: &str) -> StoreResult<Option<Device>> {
+        if !storable(conn) {
+            return Ok(None);
+        }
+        let conn = conn.to_owned();
+        self.blocking(
+            move |inner| match inner.devices.get(conn.as_bytes()).map_err(unavailable)? {
+                Some(v) => serde_json::from_slice(&v)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt(format!("device: {e}"))),
+                None => Ok(None),
+            },
+        )
+        .await
+    }
+
+    async fn set_device(&self, conn: &str, device: Option<&Device>) -> StoreResult<()> {
+        check_storable("connection id", conn)?;
+        let conn = conn.to_owned();
+        let bytes = device
+            .map(|d| serde_json::to_vec(d).map_err(|e| StoreError::Corrupt(format!("device: {e}"))))
+            .transpose()?;
+        self.blocking(move |inner| {
+            // Under the connection lock: a connection removed meanwhile cannot keep a device.
+            let _g = inner.meta_lock.lock();
+            if !inner.conns.contains_key(conn.as_bytes()).map_err(unavailable)? {
+                return Err(StoreError::NotFound);
+            }
+            match bytes {
+                Some(b) => inner.devices.insert(conn.as_bytes(), b).map_err(unavailable)?,
+                None => inner.devices.remove(conn.as_bytes()).map_err(unavailable)?,
+            };
+            inner.flush()
+        })
+        .await
+    }
+
+    async fn forget_device_token(&self, conn: &str, token: &str) -> StoreResult<bool> {
+        if !storable(conn) {
+            return Ok(false);
+        }
+        let (conn, token) = (conn.to_owned(), token.to_owned());
+        self.blocking(move |inner| {
+            let _g = inner.meta_lock.lock();
+            let Some(v) = inner.devices.get(conn.as_bytes()).map_err(unavailable)? else {
+                return Ok(false);
+            };
+            let d: Device = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(format!("device: {e}")))?;
+            if d.token != token {
+                return Ok(false);
+            }
+            inner.devices.remove(conn.as_bytes()).map_err(unavailable)?;
+            inner.flush()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64) -> StoreResult<PushSlot> {
+        check_storable("connection id", conn)?;
+        let inner = self.slot.get()?;
+        let mut w = inner.push_windows.lock();
+        let (state, slot) = super::super::push_window_step(w.get(conn).copied(), now_ms, window_ms);
+        w.insert(conn.to_owned(), state);
+        Ok(slot)
+    }
+
+    async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
+        let inner = self.slot.get()?;
+        let mut w = inner.push_windows.lock();
+        let mut due: Vec<(i64, ConnId)> = w
+            .iter()
+            .filter_map(|(c, (_, d))| d.filter(|d| *d <= now_ms).map(|d| (d, c.clone())))
+            .collect();
+        due.sort();
+        due.truncate(limit);
+        for (_, c) in &due {
+            w.insert(c.clone(), (now_ms, None));
+        }
+        w.retain(|_, (last, d)| d.is_some() || *last >= idle_before_ms);
+        Ok(due.into_iter().map(|(_, c)| c).collect())
+    }
+
+    async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
+        if !storable(id) {
+            return Ok(Removed::default());
+        }
+        let id = id.to_owned();
+        self.blocking(move |inner| {
+            // Lock order: batch (enqueues) then meta (connection and key writes).
+            let _b = inner.batch_lock.lock();
+            let _g = inner.meta_lock.lock();
+            let old = inner.get_conn(&id)?;
+            let prefix = conn_prefix(&id);
+            let mut keys = Vec::new();
+            for kv in inner.conn_keys.scan_prefix(&prefix) {
+                let (k, _) = kv.map_err(unavailable)?;
+                keys.push(k[prefix.len()..].to_vec());
+            }
+            let had_device = inner.devices.contains_key(id.as_bytes()).map_err(unavailable)?;
+            (
+                &inner.conns,
+                &inner.by_verkey,
+                &inner.by_thread,
+                &inner.keys,
+                &inner.conn_keys,
+                &inner.devices,
+            )
+                .transaction(|(conns, by_verkey, by_thread, rkeys, conn_keys, devices)| {
+                    if let Some(old) = &old {
+                        for k in &old.their_verkeys {
+                            by_verkey.remove(pair_key(k, &id))?;
+                        }
+                        if let Some(t) = &old.thread_id {
+                            by_thread.remove(pair_key(t, &id))?;
+                        }
+                    }
+                    for k in &keys {
+                        // Only while it still names this connection (it always does under meta_lock).
+                        if rkeys.get(k)?.is_some_and(|h| h.as_ref() == id.as_bytes()) {
+                            rkeys.remove(k.as_slice())?;
+                        }
+                        let mut entry = prefix.clone();
+                        entry.extend_from_slice(k);
+                        conn_keys.remove(entry)?;
+                    }
+                    devices.remove(id.as_bytes())?;
+                    conns.remove(id.as_bytes())?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(tx_err)?;
+            let (messages, dedup_records) = inner.remove_queue(&id, true)?;
+            inner.push_windows.lock().remove(&id);
+            inner.flush()?;
+            Ok(Removed {
+                connection: old.is_some(),
+                peer_keys: old.as_ref().map_or(0, |c| c.their_verkeys.len() as u64),
+                routing_keys: keys.len() as u64,
+                messages,
+                dedup_records,
+                device: had_device,
+            })
+        })
+        .await
+    }
+
+    async fn drop_queue(&self, conn: &str) -> StoreResult<u64> {
+        if !storable(conn) {
+            return Ok(0);
+        }
+        let conn = conn.to_owned();
+        self.blocking(move |inner| {
+            let _b = inner.batch_lock.lock();
+            let (n, _) = inner.remove_queue(&conn, false)?;
+            inner.flush()?;
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn top_queues(&self, limit: usize) -> StoreResult<TopQueues> {
+        // Memory only.
+        let inner = self.slot.get()?;
+        let q = inner.queues.lock();
+        let all: Vec<QueueSummary> = q
+            .by_conn
+            .iter()
+            .map(|(c, cq)| QueueSummary {
+                connection: c.clone(),
+                depth: cq.msgs.len() as u64,
+                oldest_received_ms: cq.msgs.values().next().map(|m| m.received_at_ms),
+            })
+            .collect();
+        drop(q);
+        let mut deepest = all.clone();
+        deepest.sort_by(|a, b| b.depth.cmp(&a.depth).then_with(|| a.connection.cmp(&b.connection)));
+        deepest.truncate(limit);
+        let mut oldest = all;
+        oldest.sort_by(|a, b| {
+            a.oldest_received_ms
+                .cmp(&b.oldest_received_ms)
+                .then_with(|| a.connection.cmp(&b.connection))
+        });
+        oldest.truncate(limit);
+        Ok(TopQueues { deepest, oldest })
+    }
+}

@@ -1,0 +1,133 @@
+//! The supervisor: after a write failure (sled latches its first I/O error), it waits for
+//! free space and reopens the database in place, carrying the leases over.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::index::Leases;
+use super::inner::Inner;
+use super::REOPEN_WAIT;
+use crate::store::{StoreError, StoreResult};
+
+/// How often the supervisor looks for a failed write (and, after one, for space to reopen in).
+const SUPERVISE_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+/// Free space the supervisor wants (written and synced in a probe file) before it reopens a
+/// database whose writes failed: a couple of sled segments (512 KiB each by default).
+const REOPEN_SPACE: usize = 2 << 20;
+
+/// The open database, replaced in place after a write failure.
+///
+/// sled 0.34 latches the first I/O error of its log (`Config::global_error`, reset only by
+/// `PageCache::start`): after a disk full, every later write and flush of that `Db` fails even
+/// once space returns. The supervisor thread then waits for space (a probe file), drops the
+/// poisoned handle (sled holds a file lock), reopens the database from disk and swaps it in.
+/// Meanwhile calls fail with [`StoreError::Unavailable`] (forwards 503, `/ready` not ready);
+/// nothing acknowledged is lost (an enqueue is answered only after its flush), leases in memory
+/// are carried over to the reopened handle, and callers holding the [`SledStore`] (sessions,
+/// the node) never see the swap.
+pub(super) struct Slot {
+    pub(super) current: parking_lot::RwLock<Option<Arc<Inner>>>,
+    pub(super) config: sled::Config,
+    /// The database's directory (None: temporary), where the space probe is written.
+    pub(super) dir: Option<PathBuf>,
+    pub(super) stop: std::sync::atomic::AtomicBool,
+    /// Reopens done (a log line each).
+    pub(super) reopens: std::sync::atomic::AtomicU64,
+    /// Leases taken from the handle being replaced, for the next one.
+    pub(super) carried: Mutex<Leases>,
+}
+
+impl Slot {
+    pub(super) fn get(&self) -> StoreResult<Arc<Inner>> {
+        self.current
+            .read()
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("sled: reopening the database after a write failure".into()))
+    }
+
+    /// One supervision step: nothing while writes succeed; after a failed write, a flush that
+    /// succeeds clears it, else the database is reopened once space is back.
+    fn supervise(&self) {
+        let current = self.current.read().clone();
+        if let Some(inner) = current {
+            if !inner.write_failed.load(std::sync::atomic::Ordering::SeqCst) || inner.flush().is_ok() {
+                return;
+            }
+            if !self.space_back() {
+                return;
+            }
+            tracing::warn!("sled: writes still fail after an I/O error (sled latches it): reopening the database");
+            *self.carried.lock() = inner.queues.lock().leases();
+            drop(inner);
+            let Some(mut old) = self.current.write().take() else {
+                return;
+            };
+            // Calls in flight hold the old handle for one call each: wait for them to let go
+            // (sled's file lock is released with the last handle).
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(inner) => break drop(inner),
+                    Err(still) => {
+                        old = still;
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                }
+            }
+        } else if !self.space_back() {
+            return;
+        }
+        self.reopen();
+    }
+
+    /// Opens the database again (the old handle is gone); on failure the next step retries.
+    pub(super) fn reopen(&self) {
+        let deadline = std::time::Instant::now() + REOPEN_WAIT;
+        let inner = loop {
+            match Inner::open(self.config.clone()) {
+                Ok(inner) => break inner,
+                // sled's flusher thread may still hold the lock a moment after the drop.
+                Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => {
+                    tracing::warn!("sled: reopen failed (retried shortly): {e}");
+                    return;
+                }
+            }
+        };
+        inner
+            .queues
+            .lock()
+            .carry_leases(std::mem::take(&mut *self.carried.lock()));
+        let n = self.reopens.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        tracing::info!(reopens = n, "sled: database reopened, writes accepted again");
+        *self.current.write() = Some(Arc::new(inner));
+    }
+
+    /// Whether the database's file system takes [`REOPEN_SPACE`] bytes again (a probe file
+    /// written, synced and removed).
+    fn space_back(&self) -> bool {
+        use std::io::Write;
+        let Some(dir) = &self.dir else {
+            return true;
+        };
+        let probe = dir.join("mailroom-space-probe");
+        let wrote = std::fs::File::create(&probe).and_then(|mut f| {
+            f.write_all(&vec![0u8; REOPEN_SPACE])?;
+            f.sync_all()
+        });
+        let _ = std::fs::remove_file(&probe);
+        wrote.is_ok()
+    }
+}
+
+pub(super) fn supervisor_loop(slot: Arc<Slot>) {
+    while !slot.stop.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::park_timeout(SUPERVISE_EVERY);
+        if !slot.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            slot.supervise();
+        }
+    }
+}
