@@ -1,0 +1,154 @@
+//! The live path's leases: one task that leases for every waiting session in one statement.
+
+use deadpool_postgres::Pool;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{is_transient, pg_err, pool_err, STATEMENT_TRIES};
+use crate::store::{QueuedMessage, StoreError, StoreResult};
+
+pub(super) struct LeaseReq {
+    pub(super) conn: String,
+    pub(super) key: Option<String>,
+    pub(super) max: i64,
+    pub(super) owner: String,
+    pub(super) now_ms: i64,
+    pub(super) until_ms: i64,
+    pub(super) reply: oneshot::Sender<StoreResult<Vec<QueuedMessage>>>,
+}
+
+/// Leases every request waiting (at most [`MAX_LEASE_BATCH`], one per connection: a second
+/// request for a connection waits for the next statement) in ONE statement, committed without
+/// waiting for its WAL flush: leases are hints (a lease lost in a crash makes its message
+/// pending again, delivered again: at-least-once, never a loss), so live delivery to many
+/// wallets costs neither a statement nor a flush per wallet.
+pub(super) async fn lease_task(pool: Pool, mut rx: mpsc::Receiver<LeaseReq>) {
+    let mut waiting: std::collections::VecDeque<LeaseReq> = std::collections::VecDeque::new();
+    loop {
+        if waiting.is_empty() {
+            match rx.recv().await {
+                Some(r) => waiting.push_back(r),
+                None => return,
+            }
+        }
+        while waiting.len() < MAX_LEASE_BATCH * 2 {
+            match rx.try_recv() {
+                Ok(r) => waiting.push_back(r),
+                Err(_) => break,
+            }
+        }
+        let mut batch: Vec<LeaseReq> = Vec::new();
+        let mut later = std::collections::VecDeque::new();
+        let mut conns: std::collections::HashSet<String> = std::collections::HashSet::new();
+        while let Some(r) = waiting.pop_front() {
+            if batch.len() < MAX_LEASE_BATCH && conns.insert(r.conn.clone()) {
+                batch.push(r);
+            } else {
+                later.push_back(r);
+            }
+        }
+        waiting = later;
+        match lease_batch(&pool, &batch).await {
+            Ok(mut out) => {
+                for (req, msgs) in batch.into_iter().zip(out.drain(..)) {
+                    let _ = req.reply.send(Ok(msgs));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "postgres lease batch failed");
+                let msg = e.to_string();
+                for req in batch {
+                    let _ = req.reply.send(Err(StoreError::Unavailable(msg.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Most lease requests in one statement.
+pub const MAX_LEASE_BATCH: usize = 256;
+
+/// [`Store::pending_stats`]: the two branches a lease reads (migration 9's partial indexes of
+/// pending messages and of leases that can run out), counted; `$3` a recipient key or NULL.
+pub(crate) const PENDING_STATS_SQL: &str = "SELECT count(*), min(received_at_ms) FROM ( \
+       SELECT m.received_at_ms, m.expires_at_ms, m.recipient_key FROM mailroom_messages m \
+       WHERE m.conn_id = $1 AND m.lease_until_ms = 0 \
+       UNION ALL \
+       SELECT m.received_at_ms, m.expires_at_ms, m.recipient_key FROM mailroom_messages m \
+       WHERE m.conn_id = $1 AND m.lease_until_ms > 0 AND m.lease_until_ms <= $2) p \
+     WHERE (p.expires_at_ms IS NULL OR p.expires_at_ms > $2) AND ($3::text IS NULL OR p.recipient_key = $3)";
+
+/// The statement of [`lease_batch`]: one row per request in `$1..$6` (connection, recipient
+/// key or NULL, limit, now, lease deadline, owner). `cfg` runs first (every request row joins
+/// it); `set_config(.., true)` lasts until this statement's own commit, which then does not
+/// wait for the flush. Each request takes its oldest pending messages (index `pending`) and its
+/// oldest leases that ran out (index `lease_due`), at most its limit of each, skipping rows
+/// another statement holds; the oldest `limit` of those are leased. Messages leased and not yet
+/// due are never read (migration 9).
+pub(crate) const LEASE_SQL: &str =
+    "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS v), \
+             req AS ( \
+               SELECT r.* FROM cfg, unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[]) \
+               WITH ORDINALITY AS r(conn, key, lim, now_ms, until_ms, owner, i)), \
+             cand AS ( \
+               SELECT p.id, req.i, req.lim, req.until_ms, req.owner FROM req CROSS JOIN LATERAL ( \
+                 SELECT m.id FROM mailroom_messages m \
+                 WHERE m.conn_id = req.conn AND m.lease_until_ms = 0 \
+                   AND (req.key IS NULL OR m.recipient_key = req.key) \
+                   AND (m.expires_at_ms IS NULL OR m.expires_at_ms > req.now_ms) \
+                 ORDER BY m.id LIMIT req.lim FOR UPDATE SKIP LOCKED) p \
+               UNION ALL \
+               SELECT d.id, req.i, req.lim, req.until_ms, req.owner FROM req CROSS JOIN LATERAL ( \
+                 SELECT m.id FROM mailroom_messages m \
+                 WHERE m.conn_id = req.conn AND m.lease_until_ms > 0 AND m.lease_until_ms <= req.now_ms \
+                   AND (req.key IS NULL OR m.recipient_key = req.key) \
+                   AND (m.expires_at_ms IS NULL OR m.expires_at_ms > req.now_ms) \
+                 ORDER BY m.id LIMIT req.lim FOR UPDATE SKIP LOCKED) d), \
+             picked AS ( \
+               SELECT id, i, until_ms, owner FROM ( \
+                 SELECT cand.*, row_number() OVER (PARTITION BY i ORDER BY id) AS n FROM cand) c \
+               WHERE n <= lim) \
+             UPDATE mailroom_messages m \
+             SET lease_until_ms = picked.until_ms, lease_owner = picked.owner, attempts = m.attempts + 1 \
+             FROM picked WHERE m.id = picked.id \
+             RETURNING picked.i, m.id, m.conn_id, m.recipient_key, m.payload, m.received_at_ms, m.attempts";
+
+async fn lease_batch(pool: &Pool, batch: &[LeaseReq]) -> StoreResult<Vec<Vec<QueuedMessage>>> {
+    let c = pool.get().await.map_err(pool_err)?;
+    let q = c.prepare_cached(LEASE_SQL).await.map_err(pg_err)?;
+    let conns: Vec<&str> = batch.iter().map(|r| r.conn.as_str()).collect();
+    let keys: Vec<Option<&str>> = batch.iter().map(|r| r.key.as_deref()).collect();
+    let lims: Vec<i64> = batch.iter().map(|r| r.max).collect();
+    let nows: Vec<i64> = batch.iter().map(|r| r.now_ms).collect();
+    let untils: Vec<i64> = batch.iter().map(|r| r.until_ms).collect();
+    let owners: Vec<&str> = batch.iter().map(|r| r.owner.as_str()).collect();
+    let mut tries = 1;
+    let rows = loop {
+        match c.query(&q, &[&conns, &keys, &lims, &nows, &untils, &owners]).await {
+            Ok(rows) => break rows,
+            Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+                tracing::warn!(error = %e, "postgres lease batch retried");
+                tries += 1;
+            }
+            Err(e) => return Err(pg_err(e)),
+        }
+    };
+    let mut out: Vec<Vec<QueuedMessage>> = batch.iter().map(|_| Vec::new()).collect();
+    for r in rows {
+        let i = r.get::<_, i64>(0);
+        let Some(slot) = usize::try_from(i - 1).ok().and_then(|i| out.get_mut(i)) else {
+            return Err(StoreError::Corrupt(format!("postgres: lease row for request {i}")));
+        };
+        slot.push(QueuedMessage {
+            id: r.get(1),
+            connection: r.get(2),
+            recipient_key: r.get(3),
+            payload: r.get(4),
+            received_at_ms: r.get(5),
+            attempts: r.get::<_, i32>(6).max(0) as u32,
+        });
+    }
+    for v in &mut out {
+        v.sort_unstable_by_key(|m| m.id);
+    }
+    Ok(out)
+}

@@ -1,0 +1,375 @@
+//! The schema: numbered migrations, applied at open under an advisory lock, and the creation
+//! of a missing database.
+
+use tokio_postgres::NoTls;
+
+use super::{pg_err, LOCK_NS, MIGRATION_LOCK};
+use crate::store::{StoreError, StoreResult};
+
+pub(crate) const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
+CREATE TABLE mailroom_meta (k text COLLATE "C" PRIMARY KEY, v text NOT NULL);
+CREATE SEQUENCE mailroom_connection_writes;
+CREATE TABLE mailroom_connections (
+    id text COLLATE "C" PRIMARY KEY,
+    thread_id text COLLATE "C",
+    written bigint NOT NULL,
+    data text NOT NULL
+);
+CREATE INDEX mailroom_connections_thread ON mailroom_connections (thread_id);
+CREATE TABLE mailroom_connection_verkeys (
+    verkey text COLLATE "C" NOT NULL,
+    conn_id text COLLATE "C" NOT NULL REFERENCES mailroom_connections (id) ON DELETE CASCADE,
+    PRIMARY KEY (verkey, conn_id)
+);
+CREATE INDEX mailroom_connection_verkeys_conn ON mailroom_connection_verkeys (conn_id);
+CREATE TABLE mailroom_routing_keys (
+    key text COLLATE "C" PRIMARY KEY,
+    conn_id text COLLATE "C" NOT NULL
+);
+CREATE INDEX mailroom_routing_keys_conn ON mailroom_routing_keys (conn_id, key);
+CREATE SEQUENCE mailroom_message_ids;
+CREATE TABLE mailroom_messages (
+    id bigint PRIMARY KEY,
+    conn_id text COLLATE "C" NOT NULL,
+    recipient_key text NOT NULL,
+    payload bytea NOT NULL,
+    size bigint NOT NULL,
+    received_at_ms bigint NOT NULL,
+    lease_until_ms bigint NOT NULL DEFAULT 0,
+    lease_owner text,
+    attempts integer NOT NULL DEFAULT 0
+);
+CREATE INDEX mailroom_messages_conn ON mailroom_messages (conn_id, id);
+CREATE INDEX mailroom_messages_received ON mailroom_messages (received_at_ms);
+CREATE INDEX mailroom_messages_owner ON mailroom_messages (lease_owner)
+    WHERE lease_owner IS NOT NULL;
+CREATE TABLE mailroom_dedup (
+    conn_id text COLLATE "C" NOT NULL,
+    key bytea NOT NULL,
+    msg_id bigint NOT NULL,
+    received_at_ms bigint NOT NULL,
+    PRIMARY KEY (conn_id, key)
+);
+CREATE INDEX mailroom_dedup_received ON mailroom_dedup (received_at_ms);
+"#,
+    ),
+    (
+        2,
+        r#"
+CREATE TABLE mailroom_invitations (
+    id text COLLATE "C" PRIMARY KEY,
+    single_use boolean NOT NULL,
+    used boolean NOT NULL DEFAULT false,
+    created_at_ms bigint NOT NULL
+);
+"#,
+    ),
+    (
+        3,
+        // Per-connection queue counters kept by statement triggers, so the limit check of an
+        // enqueue batch reads one row per connection instead of counting its whole queue.
+        // Rows are locked in connection order to keep concurrent statements deadlock-free.
+        r#"
+CREATE TABLE mailroom_queue_counts (
+    conn_id text COLLATE "C" PRIMARY KEY,
+    n bigint NOT NULL,
+    bytes bigint NOT NULL
+);
+-- Nodes of an older version may still be writing: hold their inserts and deletes until the
+-- triggers exist, so the seeded counters cannot miss a row.
+LOCK TABLE mailroom_messages IN SHARE ROW EXCLUSIVE MODE;
+INSERT INTO mailroom_queue_counts (conn_id, n, bytes)
+    SELECT conn_id, count(*), coalesce(sum(size), 0) FROM mailroom_messages GROUP BY conn_id;
+CREATE FUNCTION mailroom_counts_added() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE r record;
+BEGIN
+    FOR r IN SELECT conn_id, count(*) AS n, coalesce(sum(size), 0) AS bytes
+             FROM added GROUP BY conn_id ORDER BY conn_id LOOP
+        INSERT INTO mailroom_queue_counts (conn_id, n, bytes) VALUES (r.conn_id, r.n, r.bytes)
+        ON CONFLICT (conn_id) DO UPDATE
+        SET n = mailroom_queue_counts.n + excluded.n, bytes = mailroom_queue_counts.bytes + excluded.bytes;
+    END LOOP;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION mailroom_counts_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE r record;
+BEGIN
+    FOR r IN SELECT conn_id, count(*) AS n, coalesce(sum(size), 0) AS bytes
+             FROM removed GROUP BY conn_id ORDER BY conn_id LOOP
+        UPDATE mailroom_queue_counts SET n = n - r.n, bytes = bytes - r.bytes WHERE conn_id = r.conn_id;
+    END LOOP;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER mailroom_messages_added AFTER INSERT ON mailroom_messages
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION mailroom_counts_added();
+CREATE TRIGGER mailroom_messages_removed AFTER DELETE ON mailroom_messages
+    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION mailroom_counts_removed();
+"#,
+    ),
+    (
+        4,
+        // A peer key names one connection (lookups by authcrypt sender must be unambiguous):
+        // keep the most recently written holder of each key, as lookups answered before.
+        // Counters seeded by a migration 3 that ran beside older writers may have drifted:
+        // recount them with writers held off.
+        r#"
+LOCK TABLE mailroom_connection_verkeys IN SHARE ROW EXCLUSIVE MODE;
+DELETE FROM mailroom_connection_verkeys v USING mailroom_connections c
+    WHERE c.id = v.conn_id AND EXISTS (
+        SELECT 1 FROM mailroom_connection_verkeys v2
+        JOIN mailroom_connections c2 ON c2.id = v2.conn_id
+        WHERE v2.verkey = v.verkey AND c2.written > c.written);
+ALTER TABLE mailroom_connection_verkeys DROP CONSTRAINT mailroom_connection_verkeys_pkey;
+ALTER TABLE mailroom_connection_verkeys ADD PRIMARY KEY (verkey);
+LOCK TABLE mailroom_messages IN SHARE ROW EXCLUSIVE MODE;
+LOCK TABLE mailroom_queue_counts IN EXCLUSIVE MODE;
+DELETE FROM mailroom_queue_counts;
+INSERT INTO mailroom_queue_counts (conn_id, n, bytes)
+    SELECT conn_id, count(*), coalesce(sum(size), 0) FROM mailroom_messages GROUP BY conn_id;
+"#,
+    ),
+    (
+        5,
+        // Push notifications (issue 7): one device registration per connection, removed with
+        // the connection.
+        r#"
+CREATE TABLE mailroom_devices (
+    conn_id text COLLATE "C" PRIMARY KEY REFERENCES mailroom_connections (id) ON DELETE CASCADE,
+    service text NOT NULL,
+    token text NOT NULL,
+    platform text,
+    updated_at_ms bigint NOT NULL
+);
+"#,
+    ),
+    (
+        6,
+        // Push windows shared by every node: one push now and one trailing push per window
+        // and wallet, cluster-wide; a trailing push survives the node that scheduled it.
+        r#"
+CREATE TABLE mailroom_push_windows (
+    conn_id text COLLATE "C" PRIMARY KEY,
+    last_push_ms bigint NOT NULL,
+    trailing_due_ms bigint
+);
+CREATE INDEX mailroom_push_windows_due ON mailroom_push_windows (trailing_due_ms)
+    WHERE trailing_due_ms IS NOT NULL;
+"#,
+    ),
+    (
+        7,
+        // The sender's expiry of a message (DIDComm v2 `expires_time`, ms): never leased after
+        // it; `expire_due` deletes expired rows, earliest first. Rows of older writers have none.
+        r#"
+ALTER TABLE mailroom_messages ADD COLUMN expires_at_ms bigint;
+CREATE INDEX mailroom_messages_expires ON mailroom_messages (expires_at_ms)
+    WHERE expires_at_ms IS NOT NULL;
+"#,
+    ),
+    (
+        8,
+        // A whole enqueue batch in one statement (one round trip, one commit): lock the
+        // batch's connections, read their counters and dedup records, check the routes asked
+        // for, decide each message in input order as `commit_batch` did in Rust, insert the
+        // accepted ones and their dedup records. The counters still follow from the insert
+        // trigger (older nodes insert without this function). Arguments: the batch's
+        // connections (sorted, distinct) and their advisory lock keys (sorted, distinct); per
+        // message its connection (index into `conns`, from 1), recipient key, payload,
+        // received time, sender's expiry (or NULL), dedup key (or NULL), dedup group (index of its (connection, dedup
+        // key) among the batch's, from 1; 0 without a key), limits and whether its recipient
+        // key must still route to its connection. Outcomes: 0 queued, 1 duplicate of a stored
+        // message, 2 duplicate of a message of this batch, 3 queue full (`o_n`, `o_b`: what
+        // the connection held), 4 no route.
+        r#"
+CREATE FUNCTION mailroom_enqueue(
+    conns text[], locks int4[], m_conn int4[], m_key text[], m_payload bytea[], m_at int8[],
+    m_exp int8[], m_dedup bytea[], m_group int4[], m_window int8[], m_max_n int8[], m_max_b int8[],
+    m_routed boolean[],
+    OUT o_id int8[], OUT o_outcome int2[], OUT o_n int8[], OUT o_b int8[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    cnt int := coalesce(array_length(m_conn, 1), 0);
+    nc int := coalesce(array_length(conns, 1), 0);
+    cn int8[] := array_fill(0::int8, ARRAY[nc]);
+    cb int8[] := array_fill(0::int8, ARRAY[nc]);
+    d_id int8[] := array_fill(NULL::int8, ARRAY[cnt]);
+    d_at int8[] := array_fill(NULL::int8, ARRAY[cnt]);
+    g_last int4[] := array_fill(0, ARRAY[coalesce((SELECT max(g) FROM unnest(m_group) g), 0)]);
+    r record;
+    x int;
+    c int;
+    g int;
+    j int;
+    sz int8;
+BEGIN
+    o_id := array_fill(NULL::int8, ARRAY[cnt]);
+    o_outcome := array_fill(-1::int2, ARRAY[cnt]);
+    o_n := array_fill(NULL::int8, ARRAY[cnt]);
+    o_b := array_fill(NULL::int8, ARRAY[cnt]);
+    PERFORM pg_advisory_xact_lock(1835100524, k) FROM unnest(locks) k;
+    FOR r IN SELECT q.conn_id, q.n, q.bytes FROM mailroom_queue_counts q WHERE q.conn_id = ANY(conns) LOOP
+        j := array_position(conns, r.conn_id);
+        cn[j] := r.n;
+        cb[j] := r.bytes;
+    END LOOP;
+    FOR r IN SELECT u.i, d.msg_id, d.received_at_ms
+             FROM unnest(m_conn, m_dedup) WITH ORDINALITY u(c, k, i)
+             JOIN mailroom_dedup d ON d.conn_id = conns[u.c] AND d.key = u.k
+             WHERE u.k IS NOT NULL LOOP
+        d_id[r.i] := r.msg_id;
+        d_at[r.i] := r.received_at_ms;
+    END LOOP;
+    FOR r IN SELECT u.i FROM unnest(m_conn, m_key, m_routed) WITH ORDINALITY u(c, k, rt, i)
+             WHERE u.rt AND NOT EXISTS (SELECT 1 FROM mailroom_routing_keys rk
+                                        WHERE rk.key = u.k AND rk.conn_id = conns[u.c]) LOOP
+        o_outcome[r.i] := 4;
+    END LOOP;
+    FOR x IN 1..cnt LOOP
+        CONTINUE WHEN o_outcome[x] = 4;
+        c := m_conn[x];
+        g := m_group[x];
+        IF g > 0 AND m_window[x] > 0 THEN
+            j := g_last[g];
+            IF j > 0 THEN
+                IF m_at[j] >= m_at[x] - m_window[x] THEN
+                    o_outcome[x] := 2;
+                    o_id[x] := o_id[j];
+                    CONTINUE;
+                END IF;
+            ELSIF d_id[x] IS NOT NULL AND d_at[x] >= m_at[x] - m_window[x] THEN
+                o_outcome[x] := 1;
+                o_id[x] := d_id[x];
+                CONTINUE;
+            END IF;
+        END IF;
+        sz := length(m_payload[x]);
+        IF cn[c] >= m_max_n[x] OR sz > m_max_b[x] - cb[c] THEN
+            o_outcome[x] := 3;
+            o_n[x] := cn[c];
+            o_b[x] := cb[c];
+            CONTINUE;
+        END IF;
+        cn[c] := cn[c] + 1;
+        cb[c] := cb[c] + sz;
+        o_outcome[x] := 0;
+        o_id[x] := nextval('mailroom_message_ids');
+        IF g > 0 THEN
+            g_last[g] := x;
+        END IF;
+    END LOOP;
+    INSERT INTO mailroom_messages (id, conn_id, recipient_key, payload, size, received_at_ms, expires_at_ms)
+        SELECT o_id[u.i], conns[u.c], u.k, u.p, length(u.p), u.at, u.exp
+        FROM unnest(m_conn, m_key, m_payload, m_at, m_exp) WITH ORDINALITY u(c, k, p, at, exp, i)
+        WHERE o_outcome[u.i] = 0;
+    -- The latest queued copy of each (connection, dedup key).
+    INSERT INTO mailroom_dedup (conn_id, key, msg_id, received_at_ms)
+        SELECT conns[m_conn[l]], m_dedup[l], o_id[l], m_at[l] FROM unnest(g_last) l WHERE l > 0
+        ON CONFLICT (conn_id, key) DO UPDATE
+        SET msg_id = excluded.msg_id, received_at_ms = excluded.received_at_ms;
+END $$;
+"#,
+    ),
+    (
+        9,
+        // A lease reads only what it may take: pending messages (never leased, or released)
+        // from `pending`, in id order, and leases that ran out from `lease_due`. Through
+        // `(conn_id, id)` alone it read every message the connection held leased (and their
+        // dead versions) before the first pending one: with acknowledgements lagging,
+        // thousands per lease, and each lease slower than the one before. Built without
+        // CONCURRENTLY (migrations run in one transaction): writes to the queue wait for it.
+        r#"
+CREATE INDEX mailroom_messages_pending ON mailroom_messages (conn_id, id)
+    WHERE lease_until_ms = 0;
+CREATE INDEX mailroom_messages_lease_due ON mailroom_messages (conn_id, lease_until_ms)
+    WHERE lease_until_ms > 0;
+"#,
+    ),
+    (
+        10,
+        // `mailroom_enqueue` whose messages may be queued leased (`NewMessage::lease`): per
+        // message a lease deadline and owner, or NULLs for pending. Same transaction, same
+        // round trip; the messages queued with a lease are leased right after their insert.
+        // `mailroom_enqueue` stays as it was, for older nodes and batches without a lease.
+        r#"
+CREATE FUNCTION mailroom_enqueue_leased(
+    conns text[], locks int4[], m_conn int4[], m_key text[], m_payload bytea[], m_at int8[],
+    m_exp int8[], m_dedup bytea[], m_group int4[], m_window int8[], m_max_n int8[], m_max_b int8[],
+    m_routed boolean[], m_lease_until int8[], m_lease_owner text[],
+    OUT o_id int8[], OUT o_outcome int2[], OUT o_n int8[], OUT o_b int8[])
+LANGUAGE plpgsql AS $$
+BEGIN
+    SELECT e.o_id, e.o_outcome, e.o_n, e.o_b INTO o_id, o_outcome, o_n, o_b
+        FROM mailroom_enqueue(conns, locks, m_conn, m_key, m_payload, m_at, m_exp, m_dedup,
+                              m_group, m_window, m_max_n, m_max_b, m_routed) e;
+    UPDATE mailroom_messages m
+        SET lease_until_ms = u.until_ms, lease_owner = u.owner, attempts = 1
+        FROM unnest(o_id, o_outcome, m_lease_until, m_lease_owner) u(id, outcome, until_ms, owner)
+        WHERE u.outcome = 0 AND u.until_ms IS NOT NULL AND m.id = u.id;
+END $$;
+"#,
+    ),
+];
+
+/// Creates the database named in `cfg` through the `postgres` maintenance database, so a node
+/// pointed at a fresh server (`.../mailroom`) starts without a manual step. Another node
+/// creating it at the same time is fine.
+pub(super) async fn create_database(cfg: &tokio_postgres::Config) -> StoreResult<()> {
+    let name = cfg
+        .get_dbname()
+        .or(cfg.get_user())
+        .ok_or_else(|| StoreError::Unavailable("postgres url names no database".into()))?
+        .to_owned();
+    let mut admin = cfg.clone();
+    admin.dbname("postgres");
+    let (client, conn) = admin.connect(NoTls).await.map_err(pg_err)?;
+    let conn = tokio::spawn(conn);
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    let r = client.batch_execute(&format!("CREATE DATABASE {quoted}")).await;
+    drop(client);
+    let _ = conn.await;
+    match r {
+        Ok(()) => {
+            tracing::info!(database = %name, "created store database");
+            Ok(())
+        }
+        // Created by someone else meanwhile (a racing CREATE surfaces as a catalog unique
+        // violation rather than duplicate_database).
+        Err(e)
+            if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+                || e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(pg_err(e)),
+    }
+}
+
+pub(super) async fn migrate(mut client: deadpool_postgres::Object) -> StoreResult<()> {
+    let tx = client.transaction().await.map_err(pg_err)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &MIGRATION_LOCK])
+        .await
+        .map_err(pg_err)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS mailroom_schema (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .map_err(pg_err)?;
+    let row = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM mailroom_schema", &[])
+        .await
+        .map_err(pg_err)?;
+    let current: i32 = row.get(0);
+    for (version, sql) in MIGRATIONS {
+        if *version > current {
+            tx.batch_execute(sql).await.map_err(pg_err)?;
+            tx.execute("INSERT INTO mailroom_schema (version) VALUES ($1)", &[version])
+                .await
+                .map_err(pg_err)?;
+            tracing::info!(version, "applied store migration");
+        }
+    }
+    tx.commit().await.map_err(pg_err)
+}

@@ -1,0 +1,859 @@
+//! The [`Store`] trait on PostgreSQL.
+
+use super::{
+    decode_conn, is_transient, json_err, lock_key, pg_err, PgStore, KEY_LOCK_NS, LOCK_NS, PENDING_STATS_SQL,
+    STATEMENT_TRIES,
+};
+use crate::store::{
+    check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
+    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, PendingStats, PushSlot, QueueStats, QueueSummary,
+    QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
+};
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn health(&self) -> StoreResult<()> {
+        if self.tx.is_closed() {
+            return Err(StoreError::Closed);
+        }
+        let c = self.client().await?;
+        c.simple_query("SELECT 1").await.map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn identity_get_or_create(&self, candidate: Identity) -> StoreResult<Identity> {
+        let c = self.client().await?;
+        let v = serde_json::to_string(&candidate).map_err(json_err)?;
+        // ON CONFLICT waits for a concurrent insert to commit; the SELECT then sees the winner.
+        c.execute(
+            "INSERT INTO mailroom_meta (k, v) VALUES ('identity', $1) ON CONFLICT (k) DO NOTHING",
+            &[&v],
+        )
+        .await
+        .map_err(pg_err)?;
+        let row = c
+            .query_one("SELECT v FROM mailroom_meta WHERE k = 'identity'", &[])
+            .await
+            .map_err(pg_err)?;
+        serde_json::from_str(row.get::<_, &str>(0)).map_err(json_err)
+    }
+
+    async fn put_connection(&self, conn: &Connection) -> StoreResult<()> {
+        check_connection(conn)?;
+        let data = serde_json::to_string(conn).map_err(json_err)?;
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err)?;
+        let upsert = tx
+            .prepare_cached(
+                "INSERT INTO mailroom_connections (id, thread_id, written, data) \
+                 VALUES ($1, $2, nextval('mailroom_connection_writes'), $3) \
+                 ON CONFLICT (id) DO UPDATE SET thread_id = excluded.thread_id, \
+                 written = excluded.written, data = excluded.data",
+            )
+            .await
+            .map_err(pg_err)?;
+        tx.execute(&upsert, &[&conn.id, &conn.thread_id, &data])
+            .await
+            .map_err(pg_err)?;
+        tx.execute(
+            "DELETE FROM mailroom_connection_verkeys WHERE conn_id = $1",
+            &[&conn.id],
+        )
+        .await
+        .map_err(pg_err)?;
+        if !conn.their_verkeys.is_empty() {
+            // The key's primary key makes the claim atomic across nodes; a conflicting insert
+            // waits for the other transaction and then inserts nothing.
+            let mut keys = conn.their_verkeys.clone();
+            keys.sort();
+            keys.dedup();
+            let inserted = tx
+                .execute(
+                    "INSERT INTO mailroom_connection_verkeys (verkey, conn_id) \
+                     SELECT unnest($2::text[]), $1 ON CONFLICT (verkey) DO NOTHING",
+                    &[&conn.id, &keys],
+                )
+                .await
+                .map_err(pg_err)?;
+            if inserted < keys.len() as u64 {
+                let row = tx
+                    .query_opt(
+                        "SELECT verkey FROM mailroom_connection_verkeys \
+                         WHERE verkey = ANY($1) AND conn_id <> $2 LIMIT 1",
+                        &[&keys, &conn.id],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                let key = row.map(|r| r.get::<_, String>(0)).unwrap_or_default();
+                // Dropping the transaction rolls it back: nothing of this write stays.
+                return Err(StoreError::KeyTaken(key));
+            }
+        }
+        tx.commit().await.map_err(pg_err)
+    }
+
+    async fn put_invitation(&self, id: &str, single_use: bool, created_at_ms: i64) -> StoreResult<()> {
+        check_storable("invitation id", id)?;
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO mailroom_invitations (id, single_use, created_at_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (id) DO NOTHING",
+            &[&id, &single_use, &created_at_ms],
+        )
+        .await
+        .map_err(pg_err)?;
+        Ok(())
+    }
+
+    async fn use_invitation(&self, id: &str) -> StoreResult<InvitationUse> {
+        if !storable(id) {
+            return Ok(InvitationUse::Unknown);
+        }
+        let c = self.client().await?;
+        // One statement: the claim of a single-use invitation is atomic across nodes.
+        let claimed = c
+            .execute(
+                "UPDATE mailroom_invitations SET used = true WHERE id = $1 AND single_use AND NOT used",
+                &[&id],
+            )
+            .await
+            .map_err(pg_err)?;
+        if claimed == 1 {
+            return Ok(InvitationUse::FirstUse);
+        }
+        let row = c
+            .query_opt("SELECT single_use FROM mailroom_invitations WHERE id = $1", &[&id])
+            .await
+            .map_err(pg_err)?;
+        Ok(match row.map(|r| r.get::<_, bool>(0)) {
+            None => InvitationUse::Unknown,
+            Some(true) => InvitationUse::AlreadyUsed,
+            Some(false) => InvitationUse::MultiUse,
+        })
+    }
+
+    async fn update_connection(&self, id: &str, patch: &ConnectionPatch) -> StoreResult<Option<Connection>> {
+        if !storable(id) {
+            return Ok(None);
+        }
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err)?;
+        // Row lock: concurrent patches of one connection apply one after the other.
+        let Some(row) = tx
+            .query_opt("SELECT data FROM mailroom_connections WHERE id = $1 FOR UPDATE", &[&id])
+            .await
+            .map_err(pg_err)?
+        else {
+            return Ok(None);
+        };
+        let data: String = row.get(0);
+        let mut conn: Connection = serde_json::from_str(&data).map_err(json_err)?;
+        patch.apply(&mut conn);
+        let data = serde_json::to_string(&conn).map_err(json_err)?;
+        tx.execute(
+            "UPDATE mailroom_connections SET data = $2, written = nextval('mailroom_connection_writes') WHERE id = $1",
+            &[&id, &data],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(Some(conn))
+    }
+
+    async fn get_connection(&self, id: &str) -> StoreResult<Option<Connection>> {
+        if !storable(id) {
+            return Ok(None);
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached("SELECT data FROM mailroom_connections WHERE id = $1")
+            .await
+            .map_err(pg_err)?;
+        match c.query_opt(&q, &[&id]).await.map_err(pg_err)? {
+            Some(row) => Ok(Some(decode_conn(row.get(0))?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn connection_by_their_verkey(&self, verkey: &str) -> StoreResult<Option<Connection>> {
+        if !storable(verkey) {
+            return Ok(None);
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "SELECT c.data FROM mailroom_connection_verkeys v \
+                 JOIN mailroom_connections c ON c.id = v.conn_id \
+                 WHERE v.verkey = $1",
+            )
+            .await
+            .map_err(pg_err)?;
+        match c.query_opt(&q, &[&verkey]).await.map_err(pg_err)? {
+            Some(row) => Ok(Some(decode_conn(row.get(0))?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn connection_by_thread(&self, thid: &str) -> StoreResult<Option<Connection>> {
+        if !storable(thid) {
+            return Ok(None);
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "SELECT data FROM mailroom_connections WHERE thread_id = $1 \
+                 ORDER BY written DESC LIMIT 1",
+            )
+            .await
+            .map_err(pg_err)?;
+        match c.query_opt(&q, &[&thid]).await.map_err(pg_err)? {
+            Some(row) => Ok(Some(decode_conn(row.get(0))?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn list_connections(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Connection>> {
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "SELECT data FROM mailroom_connections WHERE ($1::text IS NULL OR id > $1) \
+                 ORDER BY id LIMIT $2",
+            )
+            .await
+            .map_err(pg_err)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // No stored id holds a NUL: cutting `after` there keeps the same order position.
+        let after = after.map(|a| a.split('\0').next().unwrap_or(""));
+        c.query(&q, &[&after, &limit])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| decode_conn(r.get(0)))
+            .collect()
+    }
+
+    async fn update_keys(
+        &self,
+        conn: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> StoreResult<Vec<(String, KeyUpdate)>> {
+        check_storable("connection id", conn)?;
+        for k in add.iter().chain(remove) {
+            check_storable("routing key", k)?;
+        }
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg_err)?;
+        // Share-lock the connection row: it cannot vanish while its keys change.
+        if tx
+            .query_opt("SELECT 1 FROM mailroom_connections WHERE id = $1 FOR SHARE", &[&conn])
+            .await
+            .map_err(pg_err)?
+            .is_none()
+        {
+            return Err(StoreError::NotFound);
+        }
+        // Lock every key involved, in one global order: two updates touching the same keys in
+        // different orders would otherwise deadlock on each other's inserted rows.
+        let mut locks: Vec<i32> = add.iter().chain(remove).map(|k| lock_key(k)).collect();
+        locks.sort_unstable();
+        locks.dedup();
+        let lock = tx
+            .prepare_cached("SELECT pg_advisory_xact_lock($1, k) FROM (SELECT unnest($2::int4[]) AS k) s")
+            .await
+            .map_err(pg_err)?;
+        tx.execute(&lock, &[&KEY_LOCK_NS, &locks]).await.map_err(pg_err)?;
+        let ins = tx
+            .prepare_cached(
+                "INSERT INTO mailroom_routing_keys (key, conn_id) VALUES ($1, $2) \
+                 ON CONFLICT (key) DO NOTHING",
+            )
+            .await
+            .map_err(pg_err)?;
+        let holder = tx
+            .prepare_cached("SELECT conn_id FROM mailroom_routing_keys WHERE key = $1")
+            .await
+            .map_err(pg_err)?;
+        let del = tx
+            .prepare_cached("DELETE FROM mailroom_routing_keys WHERE key = $1 AND conn_id = $2")
+            .await
+            .map_err(pg_err)?;
+        let mut out = Vec::with_capacity(add.len() + remove.len());
+        for k in add {
+            let mut r = KeyUpdate::HeldByOther;
+            // The unique key makes this atomic; the loop covers a holder that removed the key
+            // between our insert and our read.
+            for _ in 0..3 {
+                if tx.execute(&ins, &[k, &conn]).await.map_err(pg_err)? == 1 {
+                    r = KeyUpdate::Added;
+                    break;
+                }
+                if let Some(row) = tx.query_opt(&holder, &[k]).await.map_err(pg_err)? {
+                    r = if row.get::<_, &str>(0) == conn {
+                        KeyUpdate::AlreadyAdded
+                    } else {
+                        KeyUpdate::HeldByOther
+                    };
+                    break;
+                }
+            }
+            out.push((k.clone(), r));
+        }
+        for k in remove {
+            let n = tx.execute(&del, &[k, &conn]).await.map_err(pg_err)?;
+            let r = if n == 1 {
+                KeyUpdate::Removed
+            } else {
+                KeyUpdate::NotFound
+            };
+            out.push((k.clone(), r));
+        }
+        tx.commit().await.map_err(pg_err)?;
+        Ok(out)
+    }
+
+    async fn keys_of(&self, conn: &str) -> StoreResult<Vec<String>> {
+        if !storable(conn) {
+            return Ok(Vec::new());
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached("SELECT key FROM mailroom_routing_keys WHERE conn_id = $1 ORDER BY key")
+            .await
+            .map_err(pg_err)?;
+        Ok(c.query(&q, &[&conn])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    async fn route(&self, recipient_key: &str) -> StoreResult<Option<ConnId>> {
+        if !storable(recipient_key) {
+            return Ok(None);
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached("SELECT conn_id FROM mailroom_routing_keys WHERE key = $1")
+            .await
+            .map_err(pg_err)?;
+        Ok(c.query_opt(&q, &[&recipient_key])
+            .await
+            .map_err(pg_err)?
+            .map(|r| r.get(0)))
+    }
+
+    async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        self.submit(msgs, limits, false).await
+    }
+
+    async fn enqueue_routed(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        self.submit(msgs, limits, true).await
+    }
+
+    async fn lease(
+        &self,
+        conn: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        self.lease_filtered(conn, None, max, owner, now_ms, until_ms).await
+    }
+
+    async fn lease_for_key(
+        &self,
+        conn: &str,
+        recipient_key: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        self.lease_filtered(conn, Some(recipient_key), max, owner, now_ms, until_ms)
+            .await
+    }
+
+    async fn pending_stats(&self, conn: &str, recipient_key: Option<&str>, now_ms: i64) -> StoreResult<PendingStats> {
+        if !storable(conn) || !recipient_key.map_or(true, storable) {
+            return Ok(PendingStats::default());
+        }
+        let c = self.client().await?;
+        let q = c.prepare_cached(PENDING_STATS_SQL).await.map_err(pg_err)?;
+        let r = c
+            .query_one(&q, &[&conn, &now_ms, &recipient_key])
+            .await
+            .map_err(pg_err)?;
+        Ok(PendingStats {
+            count: r.get::<_, i64>(0) as u64,
+            oldest_received_ms: r.get(1),
+        })
+    }
+
+    async fn ack_leased(&self, conn: &str, ids: &[MessageId]) -> StoreResult<Vec<i64>> {
+        if !storable(conn) || ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "DELETE FROM mailroom_messages WHERE id IN ( \
+                   SELECT id FROM mailroom_messages WHERE conn_id = $1 AND id = ANY($2) \
+                   ORDER BY id FOR UPDATE) \
+                 RETURNING lease_until_ms",
+            )
+            .await
+            .map_err(pg_err)?;
+        let mut tries = 1;
+        loop {
+            match c.query(&q, &[&conn, &ids]).await {
+                Ok(rows) => return Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect()),
+                Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+                    tracing::warn!(error = %e, "postgres statement retried");
+                    tries += 1;
+                }
+                Err(e) => return Err(pg_err(e)),
+            }
+        }
+    }
+
+    async fn release(&self, conn: &str, ids: &[MessageId], owner: &str) -> StoreResult<u64> {
+        if !storable(conn) || !storable(owner) || ids.is_empty() {
+            return Ok(0);
+        }
+        self.execute_retrying(
+            "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL WHERE id IN ( \
+               SELECT id FROM mailroom_messages \
+               WHERE conn_id = $1 AND id = ANY($2) AND lease_owner = $3 \
+               ORDER BY id FOR UPDATE)",
+            &[&conn, &ids, &owner],
+        )
+        .await
+    }
+
+    async fn release_owner(&self, owner: &str) -> StoreResult<u64> {
+        if !storable(owner) {
+            return Ok(0);
+        }
+        self.execute_retrying(
+            "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL WHERE id IN ( \
+               SELECT id FROM mailroom_messages WHERE lease_owner = $1 ORDER BY id FOR UPDATE)",
+            &[&owner],
+        )
+        .await
+    }
+
+    async fn release_owners_under(&self, prefix: &str) -> StoreResult<u64> {
+        if prefix.is_empty() || !storable(prefix) {
+            return Ok(0);
+        }
+        // `starts_with`, not LIKE: node ids may hold `_`, a LIKE wildcard. The partial index
+        // of leased rows bounds the scan to messages with an owner (in flight, or leased once
+        // and neither acknowledged nor leased again since: those are pending already).
+        self.execute_retrying(
+            "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL WHERE id IN ( \
+               SELECT id FROM mailroom_messages \
+               WHERE lease_owner IS NOT NULL AND starts_with(lease_owner, $1) ORDER BY id FOR UPDATE)",
+            &[&prefix],
+        )
+        .await
+    }
+
+    async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
+        if !storable(conn) {
+            return Ok(QueueStats::default());
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "SELECT \
+                 count(*) FILTER (WHERE lease_until_ms <= $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
+                 count(*) FILTER (WHERE lease_until_ms > $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
+                 coalesce(sum(size), 0)::int8, min(received_at_ms) \
+                 FROM mailroom_messages WHERE conn_id = $1",
+            )
+            .await
+            .map_err(pg_err)?;
+        let r = c.query_one(&q, &[&conn, &now_ms]).await.map_err(pg_err)?;
+        Ok(QueueStats {
+            pending: r.get::<_, i64>(0) as u64,
+            leased: r.get::<_, i64>(1) as u64,
+            bytes: r.get::<_, i64>(2) as u64,
+            oldest_received_ms: r.get(3),
+        })
+    }
+
+    async fn total_queued(&self) -> StoreResult<u64> {
+        let c = self.client().await?;
+        let r = c
+            .query_one("SELECT count(*) FROM mailroom_messages", &[])
+            .await
+            .map_err(pg_err)?;
+        Ok(r.get::<_, i64>(0) as u64)
+    }
+
+    async fn connections_with_pending(
+        &self,
+        now_ms: i64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<ConnId>> {
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                "SELECT DISTINCT conn_id FROM mailroom_messages \
+                 WHERE lease_until_ms <= $1 AND conn_id > $2 \
+                   AND (expires_at_ms IS NULL OR expires_at_ms > $1) ORDER BY conn_id LIMIT $3",
+            )
+            .await
+            .map_err(pg_err)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let after = after.filter(|a| storable(a)).unwrap_or("");
+        Ok(c.query(&q, &[&now_ms, &after, &limit])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    async fn pending_among(&self, conns: &[ConnId], now_ms: i64) -> StoreResult<Vec<ConnId>> {
+        let conns: Vec<&str> = conns.iter().map(String::as_str).filter(|c| storable(c)).collect();
+        if conns.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached(
+                // Per connection, the first pending message or lease that ran out (the
+                // indexes of migration 9): never a count of its whole queue.
+                "SELECT DISTINCT c FROM unnest($1::text[]) AS c \
+                 WHERE EXISTS (SELECT 1 FROM mailroom_messages m \
+                   WHERE m.conn_id = c AND m.lease_until_ms = 0 \
+                     AND (m.expires_at_ms IS NULL OR m.expires_at_ms > $2)) \
+                 OR EXISTS (SELECT 1 FROM mailroom_messages m \
+                   WHERE m.conn_id = c AND m.lease_until_ms > 0 AND m.lease_until_ms <= $2 \
+                     AND (m.expires_at_ms IS NULL OR m.expires_at_ms > $2))",
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(c.query(&q, &[&conns, &now_ms])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    async fn prune_dedup(&self, before_ms: i64, max: usize) -> StoreResult<u64> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        self.execute_retrying(
+            "DELETE FROM mailroom_dedup WHERE ctid IN ( \
+               SELECT ctid FROM mailroom_dedup WHERE received_at_ms < $1 \
+               ORDER BY received_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&before_ms, &max],
+        )
+        .await
+    }
+
+    async fn dedup_records(&self) -> StoreResult<u64> {
+        let c = self.client().await?;
+        let r = c
+            .query_one("SELECT count(*) FROM mailroom_dedup", &[])
+            .await
+            .map_err(pg_err)?;
+        Ok(r.get::<_, i64>(0) as u64)
+    }
+
+    async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
+        // Rows locked by a leaser or an ack right now are skipped, never waited on: they
+        // expire at the next call.
+        let n = self
+            .execute_retrying(
+                "DELETE FROM mailroom_messages WHERE id IN ( \
+                   SELECT id FROM mailroom_messages WHERE received_at_ms < $1 \
+                   ORDER BY id FOR UPDATE SKIP LOCKED)",
+                &[&received_before_ms],
+            )
+            .await?;
+        self.execute_retrying(
+            "DELETE FROM mailroom_dedup WHERE received_at_ms < $1",
+            &[&received_before_ms],
+        )
+        .await?;
+        Ok(n)
+    }
+
+    async fn expire_due(&self, now_ms: i64, max: usize) -> StoreResult<u64> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        // As `expire`: rows locked right now go at the next call.
+        self.execute_retrying(
+            "DELETE FROM mailroom_messages WHERE id IN ( \
+               SELECT id FROM mailroom_messages WHERE expires_at_ms <= $1 \
+               ORDER BY expires_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&now_ms, &max],
+        )
+        .await
+    }
+
+    async fn oldest_received_ms(&self) -> StoreResult<Option<i64>> {
+        let c = self.client().await?;
+        let r = c
+            .query_one("SELECT min(received_at_ms) FROM mailroom_messages", &[])
+            .await
+            .map_err(pg_err)?;
+        Ok(r.get::<_, Option<i64>>(0))
+    }
+
+    async fn flush(&self) -> StoreResult<()> {
+        // Every write commits before it returns.
+        Ok(())
+    }
+
+    async fn device_of(&self, conn: &str) -> StoreResult<Option<Device>> {
+        if !storable(conn) {
+            return Ok(None);
+        }
+        let c = self.client().await?;
+        let q = c
+            .prepare_cached("SELECT service, token, platform, updated_at_ms FROM mailroom_devices WHERE conn_id = $1")
+            .await
+            .map_err(pg_err)?;
+        let Some(row) = c.query_opt(&q, &[&conn]).await.map_err(pg_err)? else {
+            return Ok(None);
+        };
+        let service: String = row.get(0);
+        let service = serde_json::from_value(serde_json::Value::String(service.clone()))
+            .map_err(|_| StoreError::Corrupt(format!("postgres: device service {service:?}")))?;
+        Ok(Some(Device {
+            service,
+            token: row.get(1),
+            platform: row.get(2),
+            updated_at_ms: row.get(3),
+        }))
+    }
+
+    async fn set_device(&self, conn: &str, device: Option<&Device>) -> StoreResult<()> {
+        check_storable("connection id", conn)?;
+        match device {
+            Some(d) => {
+                check_storable("device token", &d.token)?;
+                if let Some(p) = &d.platform {
+                    check_storable("device platform", p)?;
+                }
+                // The foreign key refuses a device of a connection that does not exist.
+                let n = self
+                    .execute_retrying(
+                        "INSERT INTO mailroom_devices (conn_id, service, token, platform, updated_at_ms) \
+                         SELECT id, $2, $3, $4, $5 FROM mailroom_connections WHERE id = $1 \
+                         ON CONFLICT (conn_id) DO UPDATE SET service = excluded.service, token = excluded.token, \
+                         platform = excluded.platform, updated_at_ms = excluded.updated_at_ms",
+                        &[&conn, &d.service.as_str(), &d.token, &d.platform, &d.updated_at_ms],
+                    )
+                    .await?;
+                if n == 0 {
+                    return Err(StoreError::NotFound);
+                }
+            }
+            None => {
+                self.execute_retrying("DELETE FROM mailroom_devices WHERE conn_id = $1", &[&conn])
+                    .await?;
+                let c = self.client().await?;
+                let exists = c
+                    .query_opt("SELECT 1 FROM mailroom_connections WHERE id = $1", &[&conn])
+                    .await
+                    .map_err(pg_err)?;
+                if exists.is_none() {
+                    return Err(StoreError::NotFound);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn forget_device_token(&self, conn: &str, token: &str) -> StoreResult<bool> {
+        if !storable(conn) || !storable(token) {
+            return Ok(false);
+        }
+        let n = self
+            .execute_retrying(
+                "DELETE FROM mailroom_devices WHERE conn_id = $1 AND token = $2",
+                &[&conn, &token],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64) -> StoreResult<PushSlot> {
+        check_storable("connection id", conn)?;
+        let c = self.client().await?;
+        // push_window_step in one statement: the row lock orders concurrent events.
+        let q = c
+            .prepare_cached(
+                "INSERT INTO mailroom_push_windows AS w (conn_id, last_push_ms, trailing_due_ms) VALUES ($1, $2, NULL) \
+                 ON CONFLICT (conn_id) DO UPDATE SET \
+                 trailing_due_ms = CASE WHEN $2 < w.last_push_ms + $3 \
+                     THEN coalesce(w.trailing_due_ms, w.last_push_ms + $3) ELSE NULL END, \
+                 last_push_ms = CASE WHEN $2 < w.last_push_ms + $3 THEN w.last_push_ms ELSE $2 END \
+                 RETURNING trailing_due_ms",
+            )
+            .await
+            .map_err(pg_err)?;
+        let row = c.query_one(&q, &[&conn, &now_ms, &window_ms]).await.map_err(pg_err)?;
+        Ok(match row.get::<_, Option<i64>>(0) {
+            Some(due_ms) => PushSlot::Trailing { due_ms },
+            None => PushSlot::Now,
+        })
+    }
+
+    async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
+        let c = self.client().await?;
+        let take = c
+            .prepare_cached(
+                "UPDATE mailroom_push_windows SET trailing_due_ms = NULL, last_push_ms = $1 \
+                 WHERE conn_id IN (SELECT conn_id FROM mailroom_push_windows \
+                     WHERE trailing_due_ms <= $1 ORDER BY trailing_due_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 RETURNING conn_id",
+            )
+            .await
+            .map_err(pg_err)?;
+        let rows = c
+            .query(&take, &[&now_ms, &(limit.min(i64::MAX as usize) as i64)])
+            .await
+            .map_err(pg_err)?;
+        c.execute(
+            "DELETE FROM mailroom_push_windows WHERE trailing_due_ms IS NULL AND last_push_ms < $1",
+            &[&idle_before_ms],
+        )
+        .await
+        .map_err(pg_err)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
+        if !storable(id) {
+            return Ok(Removed::default());
+        }
+        let mut c = self.client().await?;
+        let mut tries = 1;
+        loop {
+            match PgStore::delete_connection_once(&mut c, id).await {
+                Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+                    tracing::warn!(error = %e, "postgres delete_connection retried");
+                    tries += 1;
+                }
+                r => return r.map_err(pg_err),
+            }
+        }
+    }
+
+    async fn drop_queue(&self, conn: &str) -> StoreResult<u64> {
+        if !storable(conn) {
+            return Ok(0);
+        }
+        // Rows a leaser or an acknowledgement holds right now are waited for (not skipped):
+        // the operator is told every message is gone.
+        self.execute_retrying(
+            "DELETE FROM mailroom_messages WHERE id IN ( \
+               SELECT id FROM mailroom_messages WHERE conn_id = $1 ORDER BY id FOR UPDATE)",
+            &[&conn],
+        )
+        .await
+    }
+
+    async fn top_queues(&self, limit: usize) -> StoreResult<TopQueues> {
+        let limit = limit.min(1000) as i64;
+        let c = self.client().await?;
+        // The counters give the deepest queues without counting rows; the oldest message of
+        // each connection comes from the (conn_id, id) index (ids grow with arrival).
+        let deepest = c
+            .query(
+                "SELECT q.conn_id, q.n, (SELECT min(received_at_ms) FROM mailroom_messages m \
+                     WHERE m.conn_id = q.conn_id) \
+                 FROM mailroom_queue_counts q WHERE q.n > 0 ORDER BY q.n DESC, q.conn_id LIMIT $1",
+                &[&limit],
+            )
+            .await
+            .map_err(pg_err)?;
+        let oldest = c
+            .query(
+                "SELECT o.conn_id, coalesce(q.n, 0), o.at FROM ( \
+                     SELECT conn_id, min(received_at_ms) AS at FROM mailroom_messages \
+                     GROUP BY conn_id ORDER BY at, conn_id LIMIT $1) o \
+                 LEFT JOIN mailroom_queue_counts q ON q.conn_id = o.conn_id ORDER BY o.at, o.conn_id",
+                &[&limit],
+            )
+            .await
+            .map_err(pg_err)?;
+        let summary = |r: &tokio_postgres::Row| QueueSummary {
+            connection: r.get(0),
+            depth: r.get::<_, i64>(1).max(0) as u64,
+            oldest_received_ms: r.get(2),
+        };
+        Ok(TopQueues {
+            deepest: deepest.iter().map(summary).collect(),
+            oldest: oldest.iter().map(summary).collect(),
+        })
+    }
+}
+
+impl PgStore {
+    async fn delete_connection_once(
+        c: &mut deadpool_postgres::Object,
+        id: &str,
+    ) -> Result<Removed, tokio_postgres::Error> {
+        let tx = c.transaction().await?;
+        // The enqueue lock of the connection: no batch can add a message to it meanwhile.
+        tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(id)])
+            .await?;
+        // The row lock: key updates (which share-lock the row) wait, then find no connection.
+        let conn = tx
+            .query_opt("SELECT id FROM mailroom_connections WHERE id = $1 FOR UPDATE", &[&id])
+            .await?;
+        let peer_keys = tx
+            .execute("DELETE FROM mailroom_connection_verkeys WHERE conn_id = $1", &[&id])
+            .await?;
+        let device = tx
+            .execute("DELETE FROM mailroom_devices WHERE conn_id = $1", &[&id])
+            .await?;
+        let routing_keys = tx
+            .execute("DELETE FROM mailroom_routing_keys WHERE conn_id = $1", &[&id])
+            .await?;
+        let messages = tx
+            .execute(
+                "DELETE FROM mailroom_messages WHERE id IN ( \
+                   SELECT id FROM mailroom_messages WHERE conn_id = $1 ORDER BY id FOR UPDATE)",
+                &[&id],
+            )
+            .await?;
+        let dedup_records = tx
+            .execute("DELETE FROM mailroom_dedup WHERE conn_id = $1", &[&id])
+            .await?;
+        tx.execute("DELETE FROM mailroom_queue_counts WHERE conn_id = $1 AND n = 0", &[&id])
+            .await?;
+        tx.execute("DELETE FROM mailroom_push_windows WHERE conn_id = $1", &[&id])
+            .await?;
+        let connection = tx
+            .execute("DELETE FROM mailroom_connections WHERE id = $1", &[&id])
+            .await?;
+        tx.commit().await?;
+        Ok(Removed {
+            connection: conn.is_some() && connection == 1,
+            peer_keys,
+            routing_keys,
+            messages,
+            dedup_records,
+            device: device == 1,
+        })
+    }
+}
