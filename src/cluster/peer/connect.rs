@@ -1,0 +1,165 @@
+//! Accepting and dialing: the handshake that turns a socket into a link, the dialer's
+//! backoff, and the bound on handshakes in progress.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tracing::{debug, warn};
+
+use super::link_task::run_link;
+use super::{Shared, BACKOFF_CAP, BACKOFF_START, MAX_PENDING_HANDSHAKES};
+use crate::cluster::codec::CodecError;
+use crate::cluster::handshake::{self, Established, HandshakeError, Role};
+use crate::cluster::membership::MemberEvent;
+
+/// Accepts peer connections until shutdown.
+pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let mut shutdown = shared.shutdown_rx.clone();
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, addr) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // e.g. out of file descriptors: back off instead of spinning.
+                warn!(error = %e, "cluster accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if shared.state.lock().left {
+            continue; // dropped: we are leaving
+        }
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            warn!(%addr, "too many cluster handshakes in progress, connection dropped");
+            continue;
+        };
+        let me = shared.clone();
+        shared.spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let mut stream = stream;
+            let res = {
+                let local = local_params(&me);
+                let check = |n: &str| me.state.lock().members.is_configured(n);
+                tokio::time::timeout(
+                    me.settings.handshake_timeout,
+                    handshake::run(&mut stream, &local, Role::Acceptor, None, check),
+                )
+                .await
+                .unwrap_or(Err(HandshakeError::Timeout))
+            };
+            drop(permit);
+            match res {
+                Ok(Established { peer, channel }) => {
+                    debug!(%addr, peer = %peer, "inbound cluster link authenticated");
+                    run_link(me, stream, channel, peer, false).await;
+                }
+                Err(e) => {
+                    me.count_handshake_error(&e);
+                    warn!(%addr, reason = %e, "inbound cluster connection refused");
+                }
+            }
+        });
+    }
+}
+
+fn local_params(shared: &Shared) -> handshake::Local<'_> {
+    handshake::Local {
+        cluster: &shared.settings.cluster_name,
+        node: &shared.settings.node_id,
+        secret: &shared.settings.secret,
+        max_frame: shared.settings.max_frame,
+    }
+}
+
+/// Keeps one link to `peer` open: dials when there is none, with exponential backoff.
+pub(super) async fn dial_loop(shared: Arc<Shared>, peer: String, mut stop: watch::Receiver<()>) {
+    let mut shutdown = shared.shutdown_rx.clone();
+    let mut backoff = BACKOFF_START;
+    loop {
+        if stop.has_changed().is_err() {
+            return; // our slot was dropped (peer removed, maybe re-added with a new dialer)
+        }
+        let addr = {
+            let st = shared.state.lock();
+            if st.left || *shutdown.borrow() {
+                return;
+            }
+            let Some(slot) = st.peers.get(&peer) else {
+                return; // removed from config
+            };
+            if slot.link.is_some() {
+                None
+            } else {
+                Some(slot.addr)
+            }
+        };
+        let Some(addr) = addr else {
+            // An inbound link serves this peer; re-check when a link ends.
+            tokio::select! {
+                _ = shared.link_ended.notified() => {}
+                _ = tokio::time::sleep(shared.settings.heartbeat_interval) => {}
+                r = stop.changed() => if r.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+            continue;
+        };
+        let res = tokio::select! {
+            r = dial(&shared, &peer, addr) => r,
+            r = stop.changed() => if r.is_err() { return } else { continue },
+            _ = shutdown.changed() => return,
+        };
+        shared
+            .state
+            .lock()
+            .members
+            .handle(MemberEvent::DialAttempted { peer: peer.clone() }, Instant::now());
+        match res {
+            Ok((stream, est)) => {
+                let t = Instant::now();
+                run_link(shared.clone(), stream, est.channel, peer.clone(), true).await;
+                // Only a link that held for a while proves the peer healthy; one that dies
+                // right after the handshake keeps backing off.
+                if t.elapsed() >= shared.settings.failure_timeout {
+                    backoff = BACKOFF_START;
+                }
+            }
+            Err(e) => {
+                shared.count_handshake_error(&e);
+                if e.is_auth_failure() || e.is_bad_input() {
+                    warn!(peer = %peer, %addr, reason = %e, "cluster peer refused");
+                } else {
+                    debug!(peer = %peer, %addr, reason = %e, "cluster dial failed");
+                }
+            }
+        }
+        // Jitter in [50%, 100%] so restarted nodes do not dial in lockstep.
+        let delay = backoff.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
+        backoff = (backoff * 2).min(BACKOFF_CAP);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            r = stop.changed() => if r.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn dial(shared: &Shared, peer: &str, addr: SocketAddr) -> Result<(TcpStream, Established), HandshakeError> {
+    let fut = async {
+        let mut stream = TcpStream::connect(addr).await.map_err(CodecError::from)?;
+        let _ = stream.set_nodelay(true);
+        let local = local_params(shared);
+        let est = handshake::run(&mut stream, &local, Role::Dialer, Some(peer), |n| n == peer).await?;
+        Ok((stream, est))
+    };
+    tokio::time::timeout(shared.settings.handshake_timeout, fut)
+        .await
+        .unwrap_or(Err(HandshakeError::Timeout))
+}

@@ -1,0 +1,562 @@
+//! One link's task: its reader and writer, heartbeats and resyncs, and the `Deliver` frames
+//! the peer has not yet confirmed.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::BufWriter;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::{debug, info, warn};
+
+use super::{bump, unix_ms, LinkHandle, Shared, RECENT_CLOSE_TTL, WRITE_BATCH};
+use crate::cluster::codec::CodecError;
+use crate::cluster::directory::{plausible_epoch, DirEvent};
+use crate::cluster::link::{LinkReader, LinkWriter, SecureChannel};
+use crate::cluster::membership::{LinkId, MemberEffect, MemberEvent};
+use crate::cluster::proto::{Claim, Frame};
+use crate::cluster::ClusterEvent;
+
+/// `Deliver` frames written to one link and not yet known to be read: the peer reads frames in
+/// order and answers each ping, so a pong proves it read every frame written before its ping.
+/// What is left when the link ends may have been lost in a socket buffer; the sender releases
+/// it rather than leave it leased to the peer's hand-off owner until the lease runs out.
+#[derive(Default)]
+struct Unconfirmed {
+    /// The `t` of the last ping written.
+    last_ping: u64,
+    /// (`last_ping` when written, connection, message ids), oldest first.
+    frames: std::collections::VecDeque<(u64, String, Vec<i64>)>,
+}
+
+/// Most `Deliver` frames [`Unconfirmed`] keeps per link: a peer that keeps its link alive
+/// with other frames but answers no ping cannot make it grow without bound (the oldest are
+/// forgotten: lost, they would wait for their lease, as before pongs were counted).
+const MAX_UNCONFIRMED: usize = 16_384;
+
+impl Unconfirmed {
+    fn written(&mut self, f: &Frame) {
+        match f {
+            Frame::Deliver { conn, msgs } => {
+                if self.frames.len() >= MAX_UNCONFIRMED {
+                    self.frames.pop_front();
+                }
+                let ids = msgs.iter().map(|m| m.id).collect();
+                self.frames.push_back((self.last_ping, conn.clone(), ids));
+            }
+            Frame::Ping { t } => self.last_ping = *t,
+            _ => {}
+        }
+    }
+
+    /// The peer answered the ping `t`: it read every frame written before it.
+    fn pong(&mut self, t: u64) {
+        while self.frames.front().is_some_and(|(after, _, _)| *after < t) {
+            self.frames.pop_front();
+        }
+    }
+}
+
+/// Runs one authenticated link until it ends, then tells membership. Every frame goes through
+/// `channel`, the keys of this link's handshake.
+pub(super) async fn run_link(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    channel: SecureChannel,
+    peer: String,
+    we_dialed: bool,
+) {
+    let link = shared.next_link.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel(shared.settings.peer_queue);
+    let resync = Arc::new(Notify::new());
+    let leave = Arc::new(Notify::new());
+    let (close_tx, close_rx) = oneshot::channel();
+    let unconfirmed = Arc::new(parking_lot::Mutex::new(Unconfirmed::default()));
+
+    // Install (or not) and take the first snapshot under one lock.
+    let snapshot = {
+        let mut st = shared.state.lock();
+        if st.left {
+            return;
+        }
+        let fx = st.members.handle(
+            MemberEvent::LinkUp {
+                peer: peer.clone(),
+                link,
+                we_dialed,
+            },
+            Instant::now(),
+        );
+        let installed = fx
+            .iter()
+            .any(|e| matches!(e, MemberEffect::Install { link: l, .. } if *l == link));
+        // Close the replaced link first, then emit Up.
+        shared.apply_member_effects(&mut st, fx);
+        if installed {
+            if let Some(slot) = st.peers.get_mut(&peer) {
+                slot.link = Some(LinkHandle {
+                    id: link,
+                    tx: tx.clone(),
+                    resync: resync.clone(),
+                    leave: leave.clone(),
+                    _close: close_tx,
+                });
+            }
+            let now = Instant::now();
+            for (_, f) in st
+                .recent_closes
+                .iter()
+                .filter(|(t, _)| now.duration_since(*t) <= RECENT_CLOSE_TTL)
+            {
+                if tx.try_send(f.clone()).is_err() {
+                    bump(&shared.counters.queue_drops);
+                }
+            }
+            Some(st.dir.claims_of(&shared.settings.node_id))
+        } else {
+            None
+        }
+    };
+    let (rd, wr) = stream.into_split();
+    let (rd, mut wr) = channel.into_link(rd, BufWriter::new(wr));
+    let Some(snapshot) = snapshot else {
+        debug!(peer = %peer, link, "duplicate cluster link closed");
+        let f = Frame::Refused {
+            reason: "duplicate link".into(),
+        };
+        let _ = wr.send(&f).await;
+        return;
+    };
+    info!(peer = %peer, link, we_dialed, "cluster link up");
+
+    let mut shutdown = shared.shutdown_rx.clone();
+    let reason: String = tokio::select! {
+        r = read_loop(&shared, rd, &peer, link, tx, &unconfirmed) => match r {
+            Ok(why) => why.to_string(),
+            Err(e) => e,
+        },
+        r = write_loop(&shared, &mut wr, &mut rx, snapshot, &resync, &leave, &unconfirmed) => match r {
+            Ok(why) => why.to_string(),
+            Err(e) => format!("write failed: {e}"),
+        },
+        _ = close_rx => "closed by membership".to_string(),
+        _ = shutdown.changed() => "shutdown".to_string(),
+    };
+    let mut returned = Vec::new();
+    {
+        let mut st = shared.state.lock();
+        st.members.handle(
+            MemberEvent::LinkClosed {
+                peer: peer.clone(),
+                link,
+            },
+            Instant::now(),
+        );
+        if let Some(slot) = st.peers.get_mut(&peer) {
+            if slot.link.as_ref().is_some_and(|l| l.id == link) {
+                slot.link = None;
+            }
+            // Replaced by another link: hand it the wake-ups and hand-offs we did not get to
+            // send (directory frames are covered by the resync the new link starts with).
+            rx.close();
+            while let Ok(f) = rx.try_recv() {
+                if !matches!(f, Frame::Queued { .. } | Frame::Deliver { .. }) {
+                    continue;
+                }
+                let back = match slot.link.as_ref() {
+                    Some(l) => l.tx.try_send(f).err().map(|e| e.into_inner()),
+                    None => Some(f),
+                };
+                match back {
+                    None => {}
+                    Some(Frame::Deliver { conn, msgs }) => {
+                        let n = msgs.len() as u64;
+                        shared.counters.handoffs_failed.fetch_add(n, Ordering::Relaxed);
+                        returned.push((conn, msgs.into_iter().map(|m| m.id).collect()));
+                    }
+                    Some(_) => bump(&shared.counters.notifications_failed),
+                }
+            }
+        }
+    }
+    // Hand-offs written but never confirmed read: released too (a release gives back only
+    // what is still leased to the peer's hand-off owner, so a frame the peer did read and
+    // whose messages its session took or acknowledged loses nothing; its session does not
+    // write a message twice, see `session::ws`).
+    for (_, conn, ids) in std::mem::take(&mut unconfirmed.lock().frames) {
+        shared
+            .counters
+            .handoffs_unconfirmed
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        returned.push((conn, ids));
+    }
+    // Hand-offs that never left: this node releases them (they would wait for their lease).
+    for (conn, ids) in returned {
+        shared.emit(ClusterEvent::HandOffReturned {
+            node: peer.clone(),
+            conn,
+            ids,
+        });
+    }
+    shared.link_ended.notify_waiters();
+    info!(peer = %peer, link, reason = %reason, "cluster link closed");
+}
+
+/// Reads frames until the link ends. `Ok` is a normal end, `Err` a reason worth a warning.
+async fn read_loop(
+    shared: &Shared,
+    mut rd: LinkReader<OwnedReadHalf>,
+    peer: &str,
+    link: LinkId,
+    tx: mpsc::Sender<Frame>,
+    unconfirmed: &parking_lot::Mutex<Unconfirmed>,
+) -> Result<&'static str, String> {
+    let mut resync: Vec<(String, u64)> = Vec::new();
+    loop {
+        let frame = match rd.read_frame().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok("peer closed the connection"),
+            Err(e) => {
+                if e.is_bad_input() {
+                    bump(&shared.counters.frames_rejected);
+                    warn!(peer = %peer, reason = %e, "bad frame from cluster peer, closing link");
+                }
+                return Err(e.to_string());
+            }
+        };
+        let now = Instant::now();
+        let mut st = shared.state.lock();
+        if st.members.link_of(peer) != Some(link) {
+            // Replaced or closed; its task is about to end. Its frames no longer count.
+            return Ok("link replaced");
+        }
+        st.members.handle(
+            MemberEvent::Heard {
+                peer: peer.to_string(),
+                link,
+            },
+            now,
+        );
+        match frame {
+            Frame::Ping { t } => {
+                // If the queue is full the peer still hears our own pings.
+                let _ = tx.try_send(Frame::Pong { t });
+            }
+            Frame::Pong { t } => {
+                unconfirmed.lock().pong(t);
+                let rtt = Duration::from_micros(shared.micros().saturating_sub(t));
+                st.members.handle(
+                    MemberEvent::Rtt {
+                        peer: peer.to_string(),
+                        link,
+                        rtt,
+                    },
+                    now,
+                );
+            }
+            Frame::Own { conn, epoch } => {
+                if !plausible_epoch(epoch, unix_ms()) {
+                    bump(&shared.counters.frames_rejected);
+                    warn!(peer, conn = %conn, epoch, "claim with an epoch from beyond a day ahead ignored");
+                    continue;
+                }
+                let (claims, has) = st.dir.claims_by(peer, &conn);
+                let cap = shared.settings.max_peer_claims;
+                if claims >= cap && !has {
+                    bump(&shared.counters.frames_rejected);
+                    warn!(peer, "claim over {cap} claims of one peer ignored");
+                    continue;
+                }
+                let fx = st.dir.apply(DirEvent::Own {
+                    conn,
+                    node: peer.to_string(),
+                    epoch,
+                });
+                shared.apply_dir_effects(fx);
+            }
+            Frame::Disown { conn, epoch } => {
+                st.dir.apply(DirEvent::Disown {
+                    conn,
+                    node: peer.to_string(),
+                    epoch,
+                });
+            }
+            Frame::Resync { claims, last } => {
+                let cap = shared.settings.max_peer_claims;
+                if resync.len() + claims.len() > cap {
+                    bump(&shared.counters.frames_rejected);
+                    return Err(format!("resync over {cap} claims"));
+                }
+                let now = unix_ms();
+                let sent = claims.len();
+                let kept: Vec<(String, u64)> = claims
+                    .into_iter()
+                    .filter(|c| plausible_epoch(c.epoch, now))
+                    .map(|c| (c.conn, c.epoch))
+                    .collect();
+                let dropped = sent - kept.len();
+                resync.extend(kept);
+                if dropped > 0 {
+                    // Counted, not precise per claim: one frame held implausible epochs.
+                    bump(&shared.counters.frames_rejected);
+                }
+                if last {
+                    let fx = st.dir.apply(DirEvent::Resync {
+                        node: peer.to_string(),
+                        claims: std::mem::take(&mut resync),
+                    });
+                    shared.apply_dir_effects(fx);
+                }
+            }
+            Frame::Queued { conn } => {
+                bump(&shared.counters.notifications_received);
+                shared.emit(ClusterEvent::MessageQueued { conn });
+            }
+            Frame::Deliver { conn, msgs } => {
+                shared
+                    .counters
+                    .handoffs_received
+                    .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+                shared.emit(ClusterEvent::Delivered { conn, msgs });
+            }
+            Frame::CloseSessions { conn, reason } => {
+                shared.emit(ClusterEvent::CloseSessions { conn, reason });
+            }
+            Frame::RoutesChanged { conn, keys } => {
+                bump(&shared.counters.routes_changed_received);
+                shared.emit(ClusterEvent::RoutesChanged { conn, keys });
+            }
+            Frame::Leave => {
+                let fx = st.members.handle(
+                    MemberEvent::Left {
+                        peer: peer.to_string(),
+                        link,
+                    },
+                    now,
+                );
+                shared.apply_member_effects(&mut st, fx);
+                return Ok("peer left the cluster");
+            }
+            Frame::Refused { reason } => {
+                return Err(format!("peer closed the link: {reason}"));
+            }
+            other @ (Frame::Hello(_) | Frame::Proof { .. } | Frame::Welcome | Frame::Noise { .. }) => {
+                bump(&shared.counters.frames_rejected);
+                return Err(format!("unexpected {} frame after handshake", other.kind()));
+            }
+        }
+    }
+}
+
+/// The sending half of a link as `run_link` uses it.
+type Writer = LinkWriter<BufWriter<OwnedWriteHalf>>;
+
+/// Writes the initial resync, then queued frames, heartbeats and resyncs until the link ends.
+async fn write_loop(
+    shared: &Shared,
+    wr: &mut Writer,
+    rx: &mut mpsc::Receiver<Frame>,
+    snapshot: Vec<(String, u64)>,
+    resync: &Notify,
+    leave: &Notify,
+    unconfirmed: &parking_lot::Mutex<Unconfirmed>,
+) -> Result<&'static str, CodecError> {
+    let max = shared.settings.max_frame;
+    write_resync(wr, snapshot, max).await?;
+    wr.flush().await?;
+    let mut hb = tokio::time::interval(shared.settings.heartbeat_interval);
+    hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            f = rx.recv() => {
+                let Some(f) = f else { return Ok("link handle dropped") };
+                write_tracked(wr, unconfirmed, &f).await?;
+                for _ in 1..WRITE_BATCH {
+                    match rx.try_recv() {
+                        Ok(f) => write_tracked(wr, unconfirmed, &f).await?,
+                        Err(_) => break,
+                    }
+                }
+                wr.flush().await?;
+            }
+            _ = hb.tick() => {
+                write_tracked(wr, unconfirmed, &Frame::Ping { t: shared.micros() }).await?;
+                wr.flush().await?;
+            }
+            _ = resync.notified() => {
+                // Queued directory frames predate the snapshot: drop them, keep the rest.
+                let (snapshot, keep) = {
+                    let st = shared.state.lock();
+                    let mut keep = Vec::new();
+                    while let Ok(f) = rx.try_recv() {
+                        if !matches!(f, Frame::Own { .. } | Frame::Disown { .. } | Frame::Resync { .. }) {
+                            keep.push(f);
+                        }
+                    }
+                    (st.dir.claims_of(&shared.settings.node_id), keep)
+                };
+                write_resync(wr, snapshot, max).await?;
+                for f in &keep {
+                    write_tracked(wr, unconfirmed, f).await?;
+                }
+                wr.flush().await?;
+            }
+            _ = leave.notified() => {
+                while let Ok(f) = rx.try_recv() {
+                    write_tracked(wr, unconfirmed, &f).await?;
+                }
+                write_tracked(wr, unconfirmed, &Frame::Leave).await?;
+                wr.flush().await?;
+                let _ = wr.shutdown().await;
+                return Ok("we left the cluster");
+            }
+        }
+    }
+}
+
+/// [`write_one`], noting a `Deliver` or a ping as written ([`Unconfirmed`]); a frame whose
+/// write failed counts as written (it may be half on the wire, and the link ends).
+async fn write_tracked(
+    wr: &mut Writer,
+    unconfirmed: &parking_lot::Mutex<Unconfirmed>,
+    f: &Frame,
+) -> Result<(), CodecError> {
+    let r = write_one(wr, f).await;
+    unconfirmed.lock().written(f);
+    r
+}
+
+/// Writes one frame; a frame too large to send (an absurd conn id) is logged and skipped
+/// rather than taking the link down.
+async fn write_one(wr: &mut Writer, f: &Frame) -> Result<(), CodecError> {
+    match wr.write_frame(f).await {
+        Err(CodecError::TooLarge { len, max }) => {
+            warn!(kind = f.kind(), len, max, "cluster frame too large to send, skipped");
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// Sends our claims in chunks that each fit in a frame; the last chunk has `last: true`.
+async fn write_resync(wr: &mut Writer, claims: Vec<(String, u64)>, max: usize) -> Result<(), CodecError> {
+    for chunk in resync_chunks(claims, max) {
+        write_one(wr, &chunk).await?;
+    }
+    Ok(())
+}
+
+/// Splits claims into `Resync` frames whose encoding stays under `max` bytes: a claim costs at
+/// most its conn length + 9 (varint length) + 9 (varint epoch); a frame adds at most 11.
+/// A claim that cannot fit in any frame is dropped with a warning.
+pub fn resync_chunks(claims: Vec<(String, u64)>, max: usize) -> Vec<Frame> {
+    let budget = max.saturating_sub(16);
+    let mut out = Vec::new();
+    let mut cur: Vec<Claim> = Vec::new();
+    let mut size = 0;
+    for (conn, epoch) in claims {
+        let cost = conn.len() + 18;
+        if cost > budget {
+            warn!(len = conn.len(), "conn id too long for a resync frame, skipped");
+            continue;
+        }
+        if size + cost > budget {
+            out.push(Frame::Resync {
+                claims: std::mem::take(&mut cur),
+                last: false,
+            });
+            size = 0;
+        }
+        size += cost;
+        cur.push(Claim { conn, epoch });
+    }
+    out.push(Frame::Resync {
+        claims: cur,
+        last: true,
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::proto;
+
+    fn deliver(conn: &str, id: i64) -> Frame {
+        Frame::Deliver {
+            conn: conn.into(),
+            msgs: vec![proto::HandedMsg {
+                id,
+                recipient_key: "k".into(),
+                payload: vec![1],
+                received_at_ms: 1,
+            }],
+        }
+    }
+
+    fn left(u: &Unconfirmed) -> Vec<i64> {
+        u.frames.iter().flat_map(|(_, _, ids)| ids.clone()).collect()
+    }
+
+    #[test]
+    fn a_pong_confirms_only_the_frames_written_before_its_ping() {
+        let mut u = Unconfirmed::default();
+        u.written(&deliver("c", 1));
+        u.written(&Frame::Ping { t: 10 });
+        u.written(&deliver("c", 2));
+        u.written(&Frame::Ping { t: 20 });
+        u.written(&deliver("c", 3));
+        // An older ping's answer confirms only what came before that ping.
+        u.pong(10);
+        assert_eq!(left(&u), vec![2, 3]);
+        // A late or repeated pong confirms nothing more.
+        u.pong(10);
+        assert_eq!(left(&u), vec![2, 3]);
+        u.pong(20);
+        assert_eq!(left(&u), vec![3], "written after the last ping: unconfirmed");
+        u.written(&Frame::Queued { conn: "c".into() });
+        assert_eq!(left(&u), vec![3], "only Deliver frames are kept");
+    }
+
+    #[test]
+    fn a_peer_that_never_answers_cannot_grow_the_record_without_bound() {
+        let mut u = Unconfirmed::default();
+        for id in 0..(MAX_UNCONFIRMED as i64 + 10) {
+            u.written(&deliver("c", id));
+        }
+        assert_eq!(u.frames.len(), MAX_UNCONFIRMED);
+        assert_eq!(left(&u)[0], 10, "the oldest are forgotten");
+    }
+
+    #[test]
+    fn resync_chunks_fit_and_end_with_last() {
+        let claims: Vec<(String, u64)> = (0..1000)
+            .map(|i| (format!("conn-{i:05}-{}", "x".repeat(i % 50)), u64::MAX - i as u64))
+            .collect();
+        let frames = resync_chunks(claims.clone(), 2048);
+        assert!(frames.len() > 1);
+        let mut seen = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            assert!(proto::encode(f).unwrap().len() <= 2048);
+            let Frame::Resync { claims, last } = f else {
+                panic!("not a resync")
+            };
+            assert_eq!(*last, i + 1 == frames.len());
+            seen.extend(claims.iter().map(|c| (c.conn.clone(), c.epoch)));
+        }
+        assert_eq!(seen, claims);
+    }
+
+    #[test]
+    fn empty_resync_is_one_last_frame() {
+        assert_eq!(
+            resync_chunks(vec![], 1024),
+            vec![Frame::Resync {
+                claims: vec![],
+                last: true
+            }]
+        );
+    }
+}

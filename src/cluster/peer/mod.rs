@@ -1,0 +1,588 @@
+//! The tokio side of the cluster: the listener, one dialer per configured peer, one task per
+//! link (reader + writer + heartbeats), the failure-detector tick, and the shared core that
+//! feeds the pure state machines and carries out their effects.
+//!
+//! Owns: sockets, timers, per-link bounded queues, counters, task lifetimes. Must not decide
+//! anything the state machines decide (liveness, link choice, ownership): it only translates
+//! frames and timers into their events and their effects into I/O and [`ClusterEvent`]s.
+//!
+//! Locking: one `parking_lot::Mutex<State>` guards the directory, membership and the link
+//! handles. It is held only for synchronous work (state updates, `try_send` into queues),
+//! never across an `.await`. Taking a resync snapshot and enqueuing directory frames both
+//! happen under it, which is what makes "snapshot, then the queued changes after it" exact.
+//!
+//! Files: `connect.rs` (the listener and the dialers: sockets to authenticated links),
+//! `link_task.rs` (one link's reader, writer and heartbeats); this file holds the shared core.
+
+mod connect;
+mod link_task;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tracing::{debug, info};
+
+use super::directory::{DirEffect, DirEvent, Directory};
+use super::handshake::HandshakeError;
+use super::membership::{LinkId, MemberEffect, MemberEvent, Membership};
+use super::proto::Frame;
+use super::{ClusterEvent, PeerConfig};
+use connect::dial_loop;
+
+pub(crate) use connect::accept_loop;
+pub use link_task::resync_chunks;
+
+/// Connections accepted but not yet authenticated, at most (a flood of idle sockets must not
+/// starve real peers of file descriptors or tasks).
+const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Frames written before one flush, at most (keeps heartbeats timely under load).
+const WRITE_BATCH: usize = 64;
+/// First reconnect delay; doubles up to `BACKOFF_CAP`, with jitter.
+const BACKOFF_START: Duration = Duration::from_millis(50);
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+
+/// Settings resolved from `ClusterConfig` at start.
+pub(crate) struct Settings {
+    pub node_id: String,
+    pub cluster_name: String,
+    pub secret: Vec<u8>,
+    pub heartbeat_interval: Duration,
+    pub failure_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub max_frame: usize,
+    pub peer_queue: usize,
+    pub max_peer_claims: usize,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub notifications_sent: AtomicU64,
+    pub notifications_received: AtomicU64,
+    pub notifications_failed: AtomicU64,
+    pub frames_rejected: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub version_mismatches: AtomicU64,
+    pub queue_drops: AtomicU64,
+    pub events_dropped: AtomicU64,
+    pub routes_changed_received: AtomicU64,
+    pub handoffs_sent: AtomicU64,
+    pub handoffs_received: AtomicU64,
+    pub handoffs_failed: AtomicU64,
+    pub handoffs_unconfirmed: AtomicU64,
+}
+
+/// A snapshot of [`Counters`] for status output.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    pub notifications_sent: u64,
+    pub notifications_received: u64,
+    pub notifications_failed: u64,
+    pub frames_rejected: u64,
+    pub auth_failures: u64,
+    /// Peers refused because they speak another cluster protocol version (also counted in
+    /// `auth_failures`): a node of an older or newer release in the cluster.
+    pub version_mismatches: u64,
+    /// Frames dropped because a peer's send queue was full (directory frames are recovered
+    /// by a resync; notifications by the sweep).
+    pub queue_drops: u64,
+    /// `ClusterEvent::MessageQueued` dropped because the node's event channel was full.
+    pub events_dropped: u64,
+    /// `RoutesChanged` frames received (peers' keylist removals: cached routes forgotten).
+    pub routes_changed_received: u64,
+    /// Messages sent to the node of their wallet's live session in `Deliver` frames, and
+    /// received in them from peers.
+    pub handoffs_sent: u64,
+    pub handoffs_received: u64,
+    /// Messages whose `Deliver` frame could not be queued (no link, queue full): the sender
+    /// released them and woke the owner as for any new message.
+    pub handoffs_failed: u64,
+    /// Messages in `Deliver` frames written to a link that ended before the peer answered a
+    /// later ping: the peer may never have read them, so the sender released them (a release
+    /// gives back only what is still leased to the peer's hand-off owner).
+    pub handoffs_unconfirmed: u64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CounterSnapshot {
+            notifications_sent: g(&self.notifications_sent),
+            notifications_received: g(&self.notifications_received),
+            notifications_failed: g(&self.notifications_failed),
+            frames_rejected: g(&self.frames_rejected),
+            auth_failures: g(&self.auth_failures),
+            version_mismatches: g(&self.version_mismatches),
+            queue_drops: g(&self.queue_drops),
+            events_dropped: g(&self.events_dropped),
+            routes_changed_received: g(&self.routes_changed_received),
+            handoffs_sent: g(&self.handoffs_sent),
+            handoffs_received: g(&self.handoffs_received),
+            handoffs_failed: g(&self.handoffs_failed),
+            handoffs_unconfirmed: g(&self.handoffs_unconfirmed),
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The installed link of a peer, as seen by everyone but its own task.
+pub(crate) struct LinkHandle {
+    pub id: LinkId,
+    pub tx: mpsc::Sender<Frame>,
+    /// Set when a directory frame could not be queued: the writer then replaces the queued
+    /// directory frames with a full resync.
+    resync: Arc<Notify>,
+    /// Asks the writer to flush, send `Leave` and end the link.
+    leave: Arc<Notify>,
+    /// Dropped with the handle: ends the link task.
+    _close: oneshot::Sender<()>,
+}
+
+pub(crate) struct PeerSlot {
+    pub addr: SocketAddr,
+    pub link: Option<LinkHandle>,
+    /// Dropped when the peer is removed from the config: stops its dialer.
+    _dialer_stop: watch::Sender<()>,
+}
+
+pub(crate) struct State {
+    pub dir: Directory,
+    pub members: Membership,
+    pub peers: HashMap<String, PeerSlot>,
+    pub last_epoch: u64,
+    /// `leave()` was called: accept and dial nothing any more.
+    pub left: bool,
+    /// Operator close requests of the last [`RECENT_CLOSE_TTL`], sent again on every link that
+    /// comes up: a peer that was cut off when one was made, or whose link died with it queued,
+    /// still closes those sessions once it is back. Repeating one is harmless.
+    pub recent_closes: VecDeque<(Instant, Frame)>,
+}
+
+/// How long an operator close request is repeated to peers whose link comes up.
+pub const RECENT_CLOSE_TTL: Duration = Duration::from_secs(600);
+/// Close requests kept for repetition at most (the oldest are forgotten first).
+pub const RECENT_CLOSE_MAX: usize = 1024;
+
+pub(crate) struct Shared {
+    pub settings: Settings,
+    pub state: Mutex<State>,
+    pub counters: Counters,
+    events: mpsc::Sender<ClusterEvent>,
+    next_link: AtomicU64,
+    /// Woken when a link ends (dialers waiting for "no link" re-check).
+    link_ended: Notify,
+    shutdown_tx: watch::Sender<bool>,
+    pub shutdown_rx: watch::Receiver<bool>,
+    /// Cloned into every task; `shutdown` waits until every clone is gone (mini-redis style).
+    task_done: Mutex<Option<mpsc::Sender<()>>>,
+    pub all_done: Mutex<Option<mpsc::Receiver<()>>>,
+    pub stopped: AtomicBool,
+    started: Instant,
+    /// The runtime `start` ran on. Every task goes there, whichever thread calls the handle
+    /// (an actix arbiter's runtime, or no runtime at all).
+    rt: tokio::runtime::Handle,
+}
+
+impl Shared {
+    /// Must be called from within a tokio runtime (`ClusterHandle::start` is async).
+    pub fn new(settings: Settings, peers: &[PeerConfig], events: mpsc::Sender<ClusterEvent>) -> Arc<Shared> {
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (done_tx, done_rx) = mpsc::channel(1);
+        let state = State {
+            dir: Directory::new(settings.node_id.clone()),
+            members: Membership::new(settings.node_id.clone(), settings.failure_timeout),
+            peers: HashMap::new(),
+            last_epoch: 0,
+            left: false,
+            recent_closes: VecDeque::new(),
+        };
+        let shared = Arc::new(Shared {
+            settings,
+            state: Mutex::new(state),
+            counters: Counters::default(),
+            events,
+            next_link: AtomicU64::new(1),
+            link_ended: Notify::new(),
+            shutdown_tx,
+            shutdown_rx,
+            task_done: Mutex::new(Some(done_tx)),
+            all_done: Mutex::new(Some(done_rx)),
+            stopped: AtomicBool::new(false),
+            started: Instant::now(),
+            rt: tokio::runtime::Handle::current(),
+        });
+        shared.add_peers(peers);
+        shared
+    }
+
+    /// Spawns a task that `shutdown` will wait for. After shutdown began, does nothing.
+    pub fn spawn<F>(self: &Arc<Self>, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let Some(done) = self.task_done.lock().clone() else {
+            return;
+        };
+        self.rt.spawn(async move {
+            fut.await;
+            drop(done);
+        });
+    }
+
+    /// Signals every task to stop and closes all links (peers see EOF, no `Leave`).
+    pub fn signal_shutdown(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        let _ = self.shutdown_tx.send(true);
+        self.task_done.lock().take();
+        let mut st = self.state.lock();
+        st.left = true;
+        for slot in st.peers.values_mut() {
+            slot.link = None;
+        }
+    }
+
+    // ---- configuration ----------------------------------------------------------------
+
+    /// Adds peers (slots, membership, dialers). Existing ids only get their address updated.
+    pub fn add_peers(self: &Arc<Self>, peers: &[PeerConfig]) {
+        let now = Instant::now();
+        let mut to_dial = Vec::new();
+        {
+            let mut st = self.state.lock();
+            for p in peers {
+                if p.id == self.settings.node_id {
+                    continue;
+                }
+                if let Some(slot) = st.peers.get_mut(&p.id) {
+                    slot.addr = p.addr;
+                    continue;
+                }
+                let (stop_tx, stop_rx) = watch::channel(());
+                st.peers.insert(
+                    p.id.clone(),
+                    PeerSlot {
+                        addr: p.addr,
+                        link: None,
+                        _dialer_stop: stop_tx,
+                    },
+                );
+                st.members.handle(MemberEvent::Added { peer: p.id.clone() }, now);
+                to_dial.push((p.id.clone(), stop_rx));
+            }
+        }
+        for (id, stop) in to_dial {
+            let me = self.clone();
+            self.spawn(dial_loop(me, id, stop));
+        }
+    }
+
+    /// Replaces the peer set: adds new peers, removes missing ones (closing their link and
+    /// forgetting their sessions), leaves the others' links untouched.
+    pub fn update_peers(self: &Arc<Self>, peers: &[PeerConfig]) {
+        let now = Instant::now();
+        {
+            let mut st = self.state.lock();
+            let removed: Vec<String> = st
+                .peers
+                .keys()
+                .filter(|id| !peers.iter().any(|p| &p.id == *id))
+                .cloned()
+                .collect();
+            for id in removed {
+                info!(peer = %id, "cluster peer removed from config");
+                let fx = st.members.handle(MemberEvent::Removed { peer: id.clone() }, now);
+                self.apply_member_effects(&mut st, fx);
+                st.dir.apply(DirEvent::NodeGone { node: id.clone() });
+                // Dropping the slot closes its link and stops its dialer.
+                st.peers.remove(&id);
+            }
+        }
+        self.add_peers(peers);
+    }
+
+    // ---- effects ----------------------------------------------------------------------
+
+    pub fn emit(&self, ev: ClusterEvent) {
+        match self.events.try_send(ev) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(ev)) => {
+                if matches!(ev, ClusterEvent::MessageQueued { .. }) {
+                    // A wake-up only: the sweep covers it.
+                    bump(&self.counters.events_dropped);
+                    debug!("cluster event channel full, notification dropped");
+                } else {
+                    // Membership and ownership changes are rare and matter: wait for room,
+                    // off the caller's path (may reorder with later events).
+                    let tx = self.events.clone();
+                    self.rt.spawn(async move {
+                        let _ = tx.send(ev).await;
+                    });
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    fn apply_dir_effects(&self, fx: Vec<DirEffect>) {
+        for e in fx {
+            match e {
+                DirEffect::SessionMoved { conn, node } => self.emit(ClusterEvent::SessionMoved { conn, node }),
+            }
+        }
+    }
+
+    /// Carries out membership effects other than `Install`/`Reject` (handled by the link
+    /// task that caused them).
+    fn apply_member_effects(&self, st: &mut State, fx: Vec<MemberEffect>) {
+        for e in fx {
+            match e {
+                MemberEffect::Close { peer, link } => {
+                    if let Some(slot) = st.peers.get_mut(&peer) {
+                        if slot.link.as_ref().is_some_and(|l| l.id == link) {
+                            // Dropping the handle ends the link task.
+                            slot.link = None;
+                        }
+                    }
+                }
+                MemberEffect::Up { peer } => {
+                    info!(peer = %peer, "cluster peer up");
+                    self.emit(ClusterEvent::PeerUp { node: peer });
+                }
+                MemberEffect::Down { peer } => {
+                    info!(peer = %peer, "cluster peer down");
+                    let held = st.dir.claims_of(&peer);
+                    st.dir.apply(DirEvent::NodeGone { node: peer.clone() });
+                    self.emit(ClusterEvent::PeerDown { node: peer.clone() });
+                    // Forwards queued while the peer was failing were notified to it (or to
+                    // nobody, its link gone) and woke no one, and what its sessions were
+                    // delivering stays leased to it: one node takes over its leases and its
+                    // wallets left without a session anywhere.
+                    if st.members.takes_over() {
+                        let conns: Vec<String> = held
+                            .into_iter()
+                            .map(|(c, _)| c)
+                            .filter(|c| st.dir.owner(c).is_none())
+                            .collect();
+                        let release_leases = st.members.sees_half();
+                        self.emit(ClusterEvent::SessionsLost {
+                            node: peer,
+                            conns,
+                            release_leases,
+                        });
+                    }
+                }
+                MemberEffect::Install { .. } | MemberEffect::Reject { .. } => {}
+            }
+        }
+    }
+
+    /// Periodic failure detection.
+    pub fn tick(&self) {
+        let mut st = self.state.lock();
+        let fx = st.members.handle(MemberEvent::Tick, Instant::now());
+        self.apply_member_effects(&mut st, fx);
+    }
+
+    // ---- directory operations from the handle -----------------------------------------
+
+    /// Epochs are `unix_ms << 16 | counter`, strictly increasing on this node, and above any
+    /// epoch known for the conn so a newer session wins even against a clock running ahead.
+    pub fn announce(&self, conn: &str) -> u64 {
+        let mut st = self.state.lock();
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        // Saturating: peers' epochs are checked (plausible_epoch), this is the second line.
+        let epoch = (now_ms << 16)
+            .max(st.last_epoch.saturating_add(1))
+            .max(st.dir.max_epoch(conn).saturating_add(1));
+        st.last_epoch = epoch;
+        let fx = st.dir.apply(DirEvent::Own {
+            conn: conn.to_string(),
+            node: self.settings.node_id.clone(),
+            epoch,
+        });
+        self.apply_dir_effects(fx);
+        self.broadcast_dir(
+            &st,
+            Frame::Own {
+                conn: conn.to_string(),
+                epoch,
+            },
+        );
+        epoch
+    }
+
+    pub fn withdraw(&self, conn: &str, epoch: u64) {
+        let mut st = self.state.lock();
+        st.dir.apply(DirEvent::Disown {
+            conn: conn.to_string(),
+            node: self.settings.node_id.clone(),
+            epoch,
+        });
+        self.broadcast_dir(
+            &st,
+            Frame::Disown {
+                conn: conn.to_string(),
+                epoch,
+            },
+        );
+    }
+
+    /// Queues a directory frame on every link; a full queue triggers a resync of that link
+    /// instead of silently diverging.
+    fn broadcast_dir(&self, st: &State, f: Frame) {
+        for (id, slot) in &st.peers {
+            if let Some(link) = &slot.link {
+                if let Err(mpsc::error::TrySendError::Full(_)) = link.tx.try_send(f.clone()) {
+                    bump(&self.counters.queue_drops);
+                    debug!(peer = %id, "peer queue full, directory frame replaced by a resync");
+                    link.resync.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Queues an operator close request on every open link (returns the peers it was queued
+    /// for) and repeats it on every link that comes up in the next [`RECENT_CLOSE_TTL`].
+    pub fn broadcast_close(&self, frame: Frame) -> Vec<String> {
+        let mut st = self.state.lock();
+        let now = Instant::now();
+        while st.recent_closes.len() >= RECENT_CLOSE_MAX
+            || st
+                .recent_closes
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > RECENT_CLOSE_TTL)
+        {
+            st.recent_closes.pop_front();
+        }
+        st.recent_closes.push_back((now, frame.clone()));
+        Self::queue_on_links(&st, &frame)
+    }
+
+    /// Queues `frame` on every open link, once (a hint: a peer without a link now misses
+    /// it); returns the peers it was queued for.
+    pub fn broadcast(&self, frame: &Frame) -> Vec<String> {
+        let st = self.state.lock();
+        Self::queue_on_links(&st, frame)
+    }
+
+    /// Queues `frame` on every open link; returns the peers it was queued for.
+    fn queue_on_links(st: &State, frame: &Frame) -> Vec<String> {
+        st.peers
+            .iter()
+            .filter(|(_, s)| s.link.as_ref().is_some_and(|l| l.tx.try_send(frame.clone()).is_ok()))
+            .map(|(id, _)| id.to_string())
+            .collect()
+    }
+
+    pub fn notify(&self, conn: &str) -> super::NotifyOutcome {
+        use super::NotifyOutcome;
+        let st = self.state.lock();
+        let owner = match st.dir.owner(conn) {
+            None => return NotifyOutcome::NoOwner,
+            Some((n, _)) if n == self.settings.node_id => return NotifyOutcome::Local,
+            Some((n, _)) => n.to_string(),
+        };
+        let sent = st
+            .peers
+            .get(&owner)
+            .and_then(|s| s.link.as_ref())
+            .is_some_and(|l| l.tx.try_send(Frame::Queued { conn: conn.to_string() }).is_ok());
+        if sent {
+            bump(&self.counters.notifications_sent);
+            NotifyOutcome::Sent(owner)
+        } else {
+            bump(&self.counters.notifications_failed);
+            debug!(peer = %owner, "notification not sent (no link or queue full)");
+            NotifyOutcome::Failed(owner)
+        }
+    }
+
+    /// The node holding `conn`'s session, if a `Deliver` of `len` payload bytes can reach it:
+    /// this node, or a peer with a link up and the frame within `max_frame`.
+    pub fn holder(&self, conn: &str, len: usize) -> Option<String> {
+        let st = self.state.lock();
+        let (owner, _) = st.dir.owner(conn)?;
+        if owner == self.settings.node_id {
+            return Some(owner.to_string());
+        }
+        let fits = len.saturating_add(super::proto::DELIVER_OVERHEAD) <= self.settings.max_frame;
+        let linked = st.peers.get(owner).is_some_and(|s| s.link.is_some());
+        (fits && linked).then(|| owner.to_string())
+    }
+
+    /// Queues a `Deliver` frame to `node`; false when it cannot be queued (no link, queue
+    /// full), and the caller releases the messages.
+    pub fn hand_off(&self, node: &str, conn: &str, msgs: Vec<super::proto::HandedMsg>) -> bool {
+        let n = msgs.len() as u64;
+        let st = self.state.lock();
+        let sent = st.peers.get(node).and_then(|s| s.link.as_ref()).is_some_and(|l| {
+            l.tx.try_send(Frame::Deliver {
+                conn: conn.to_string(),
+                msgs,
+            })
+            .is_ok()
+        });
+        let c = if sent {
+            &self.counters.handoffs_sent
+        } else {
+            &self.counters.handoffs_failed
+        };
+        c.fetch_add(n, Ordering::Relaxed);
+        sent
+    }
+
+    /// Queues `Leave` on every link; returns how many links were asked.
+    pub fn begin_leave(&self) -> usize {
+        let mut st = self.state.lock();
+        st.left = true;
+        let mut n = 0;
+        for slot in st.peers.values() {
+            if let Some(l) = &slot.link {
+                l.leave.notify_one();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    pub fn links_open(&self) -> usize {
+        self.state.lock().peers.values().filter(|s| s.link.is_some()).count()
+    }
+
+    pub fn link_ended(&self) -> &Notify {
+        &self.link_ended
+    }
+
+    fn micros(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
+    }
+
+    fn count_handshake_error(&self, e: &HandshakeError) {
+        if e.is_version_mismatch() {
+            bump(&self.counters.version_mismatches);
+        }
+        if e.is_auth_failure() {
+            bump(&self.counters.auth_failures);
+        } else if e.is_bad_input() {
+            bump(&self.counters.frames_rejected);
+        }
+    }
+}
