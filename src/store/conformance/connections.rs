@@ -1,0 +1,427 @@
+//! Identity, connections and their indexes, invitations, routing keys, peer keys, removals.
+
+use super::*;
+
+pub async fn identity_race(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.identity_get_or_create(Identity {
+                created_at_ms: T0 + i,
+                secrets: serde_json::json!({ "candidate": i }),
+            })
+            .await
+            .unwrap()
+        }));
+    }
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(t.await.unwrap());
+    }
+    assert!(got.iter().all(|g| *g == got[0]), "all racers get the same identity");
+    let n = got[0].secrets["candidate"].as_i64().unwrap();
+    assert_eq!(
+        got[0].created_at_ms,
+        T0 + n,
+        "the winner is one of the candidates, whole"
+    );
+    let later = s
+        .identity_get_or_create(Identity {
+            created_at_ms: 1,
+            secrets: serde_json::json!("late"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(later, got[0]);
+}
+
+pub async fn connection_crud_and_indexes(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    s.health().await.unwrap();
+    assert!(s.get_connection(&new_id()).await.unwrap().is_none());
+    let id = new_id();
+    let mut c = conn(&id);
+    c.their_verkeys = vec!["vkA".into(), "vkB".into()];
+    c.thread_id = Some("thr-1".into());
+    s.put_connection(&c).await.unwrap();
+    assert_eq!(s.get_connection(&id).await.unwrap().as_ref(), Some(&c));
+    assert_eq!(s.connection_by_their_verkey("vkA").await.unwrap().as_ref(), Some(&c));
+    assert_eq!(s.connection_by_their_verkey("vkB").await.unwrap().as_ref(), Some(&c));
+    assert_eq!(s.connection_by_thread("thr-1").await.unwrap().as_ref(), Some(&c));
+    assert!(s.connection_by_their_verkey("vkC").await.unwrap().is_none());
+
+    // Update: indexes follow the new version.
+    c.their_verkeys = vec!["vkB".into(), "vkC".into()];
+    c.thread_id = Some("thr-2".into());
+    c.state = "responded".into();
+    c.mediation = MediationState::Granted;
+    c.updated_at_ms += 5;
+    s.put_connection(&c).await.unwrap();
+    assert_eq!(s.get_connection(&id).await.unwrap().as_ref(), Some(&c));
+    assert!(s.connection_by_their_verkey("vkA").await.unwrap().is_none());
+    assert_eq!(s.connection_by_their_verkey("vkC").await.unwrap().as_ref(), Some(&c));
+    assert!(s.connection_by_thread("thr-1").await.unwrap().is_none());
+    assert_eq!(s.connection_by_thread("thr-2").await.unwrap().unwrap().id, id);
+
+    // A peer key names one connection: a second connection listing a key another holds is
+    // refused whole (a DID document claiming a victim's key), and lookups by that key keep
+    // answering the holder. Threads may repeat: the most recently written wins.
+    let (x, y) = (new_id(), new_id());
+    let mut cx = conn(&x);
+    cx.their_verkeys = vec!["shared-vk".into()];
+    cx.thread_id = Some("shared-thr".into());
+    let mut cy = conn(&y);
+    cy.their_verkeys = vec!["y-only".into(), "shared-vk".into()];
+    cy.thread_id = Some("shared-thr".into());
+    s.put_connection(&cx).await.unwrap();
+    match s.put_connection(&cy).await {
+        Err(StoreError::KeyTaken(k)) => assert_eq!(k, "shared-vk"),
+        other => panic!("a key held by another connection must be refused, got {other:?}"),
+    }
+    assert!(
+        s.get_connection(&y).await.unwrap().is_none(),
+        "nothing of a refused write stays"
+    );
+    assert!(s.connection_by_their_verkey("y-only").await.unwrap().is_none());
+    assert_eq!(s.connection_by_their_verkey("shared-vk").await.unwrap().unwrap().id, x);
+    // Rewriting the holder keeps its own key; once it lets go, another may take it.
+    s.put_connection(&cx).await.unwrap();
+    assert_eq!(s.connection_by_their_verkey("shared-vk").await.unwrap().unwrap().id, x);
+    cx.their_verkeys.clear();
+    s.put_connection(&cx).await.unwrap();
+    s.put_connection(&cy).await.unwrap();
+    assert_eq!(s.connection_by_their_verkey("shared-vk").await.unwrap().unwrap().id, y);
+    assert_eq!(s.connection_by_thread("shared-thr").await.unwrap().unwrap().id, y);
+    cy.their_verkeys = vec!["y-only".into()];
+    s.put_connection(&cy).await.unwrap();
+    assert!(s.connection_by_their_verkey("shared-vk").await.unwrap().is_none());
+
+    // Pagination by id.
+    let mut all = vec![id.clone(), x, y];
+    for _ in 0..6 {
+        all.push(new_conn(&s).await);
+    }
+    all.sort();
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s.list_connections(after.as_deref(), 3).await.unwrap();
+        assert!(page.len() <= 3);
+        if page.is_empty() {
+            break;
+        }
+        after = Some(page.last().unwrap().id.clone());
+        seen.extend(page.into_iter().map(|c| c.id));
+    }
+    assert_eq!(seen, all, "pages in id order, each connection once");
+    assert_eq!(s.list_connections(None, 100).await.unwrap().len(), 9);
+}
+
+/// Concurrent patches of different fields of one connection all land: none is overwritten
+/// by another's stale copy.
+pub async fn connection_patches_do_not_overwrite_each_other(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let id = new_conn(&s).await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let s = s.clone();
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            let patch = if i == 7 {
+                ConnectionPatch {
+                    mediation: Some(MediationState::Granted),
+                    updated_at_ms: i,
+                    ..ConnectionPatch::default()
+                }
+            } else {
+                ConnectionPatch {
+                    state: Some("patched".into()),
+                    updated_at_ms: i,
+                    ..ConnectionPatch::default()
+                }
+            };
+            s.update_connection(&id, &patch).await.unwrap().expect("exists")
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let c = s.get_connection(&id).await.unwrap().unwrap();
+    assert_eq!(c.state, "patched");
+    assert_eq!(
+        c.mediation,
+        MediationState::Granted,
+        "the grant survived 19 concurrent state patches"
+    );
+    assert_eq!(c.updated_at_ms, 19.max(c.created_at_ms));
+    assert!(s
+        .update_connection("no-such-connection", &ConnectionPatch::default())
+        .await
+        .unwrap()
+        .is_none());
+    // The indexes still find it.
+    let vk = c.their_verkeys[0].clone();
+    assert_eq!(s.connection_by_their_verkey(&vk).await.unwrap().unwrap().id, id);
+}
+
+/// A single-use invitation is claimed once, even by racing handshakes on several nodes.
+pub async fn single_use_invitations_are_claimed_once(b: Arc<dyn Backend>) {
+    let s1 = b.open().await;
+    let s2 = b.open().await;
+    s1.put_invitation("inv-single", true, T0).await.unwrap();
+    s1.put_invitation("inv-multi", false, T0).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let s = if i % 2 == 0 { s1.clone() } else { s2.clone() };
+        tasks.push(tokio::spawn(
+            async move { s.use_invitation("inv-single").await.unwrap() },
+        ));
+    }
+    let mut uses = Vec::new();
+    for t in tasks {
+        uses.push(t.await.unwrap());
+    }
+    assert_eq!(
+        uses.iter().filter(|u| **u == InvitationUse::FirstUse).count(),
+        1,
+        "{uses:?}"
+    );
+    assert_eq!(uses.iter().filter(|u| **u == InvitationUse::AlreadyUsed).count(), 9);
+    assert_eq!(s2.use_invitation("inv-multi").await.unwrap(), InvitationUse::MultiUse);
+    assert_eq!(s2.use_invitation("inv-multi").await.unwrap(), InvitationUse::MultiUse);
+    assert_eq!(s1.use_invitation("never-issued").await.unwrap(), InvitationUse::Unknown);
+}
+
+pub async fn routing_keys(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let missing = new_id();
+    assert!(matches!(
+        s.update_keys(&missing, &["x".into()], &[]).await,
+        Err(StoreError::NotFound)
+    ));
+    let c1 = new_conn(&s).await;
+    let c2 = new_conn(&s).await;
+    let k = |s: &str| s.to_string();
+    assert_eq!(
+        s.update_keys(&c1, &[k("k2"), k("k1")], &[]).await.unwrap(),
+        vec![(k("k2"), KeyUpdate::Added), (k("k1"), KeyUpdate::Added)]
+    );
+    assert_eq!(
+        s.update_keys(&c1, &[k("k1")], &[]).await.unwrap(),
+        vec![(k("k1"), KeyUpdate::AlreadyAdded)]
+    );
+    assert_eq!(
+        s.update_keys(&c2, &[k("k1"), k("k3")], &[k("k2")]).await.unwrap(),
+        vec![
+            (k("k1"), KeyUpdate::HeldByOther),
+            (k("k3"), KeyUpdate::Added),
+            (k("k2"), KeyUpdate::NotFound)
+        ]
+    );
+    assert_eq!(s.route("k1").await.unwrap(), Some(c1.clone()));
+    assert_eq!(s.route("k2").await.unwrap(), Some(c1.clone()));
+    assert_eq!(s.route("k3").await.unwrap(), Some(c2.clone()));
+    assert_eq!(s.route("nope").await.unwrap(), None);
+    assert_eq!(s.keys_of(&c1).await.unwrap(), vec![k("k1"), k("k2")]);
+    assert_eq!(s.keys_of(&c2).await.unwrap(), vec![k("k3")]);
+    assert_eq!(
+        s.update_keys(&c1, &[], &[k("k1"), k("zz")]).await.unwrap(),
+        vec![(k("k1"), KeyUpdate::Removed), (k("zz"), KeyUpdate::NotFound)]
+    );
+    assert_eq!(s.route("k1").await.unwrap(), None);
+    assert_eq!(s.keys_of(&c1).await.unwrap(), vec![k("k2")]);
+    assert_eq!(
+        s.update_keys(&c2, &[k("k1")], &[]).await.unwrap(),
+        vec![(k("k1"), KeyUpdate::Added)]
+    );
+    assert_eq!(s.route("k1").await.unwrap(), Some(c2.clone()));
+
+    // Many connections race for one key: exactly one wins, the route names the winner.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let s = s.clone();
+        let c = new_conn(&s).await;
+        tasks.push(tokio::spawn(async move {
+            let r = s.update_keys(&c, &["contested".into()], &[]).await.unwrap();
+            (c, r[0].1)
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        let (c, r) = t.await.unwrap();
+        match r {
+            KeyUpdate::Added => winners.push(c),
+            KeyUpdate::HeldByOther => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1);
+    assert_eq!(s.route("contested").await.unwrap(), Some(winners[0].clone()));
+
+    // Two connections update overlapping keys in opposite orders, many times: no deadlock, no
+    // error, and every key ends up with exactly one holder.
+    let (ca, cb) = (new_conn(&s).await, new_conn(&s).await);
+    let keys: Vec<String> = (0..6).map(|i| format!("swap-{i}")).collect();
+    let mut tasks = Vec::new();
+    for (c, rev) in [(ca.clone(), false), (cb.clone(), true)] {
+        let s = s.clone();
+        let mut ks = keys.clone();
+        if rev {
+            ks.reverse();
+        }
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..20 {
+                s.update_keys(&c, &ks, &[]).await.unwrap();
+                s.update_keys(&c, &[], &ks).await.unwrap();
+            }
+            s.update_keys(&c, &ks, &[]).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for k in &keys {
+        let holder = s.route(k).await.unwrap().unwrap();
+        assert!(holder == ca || holder == cb);
+    }
+    let held = s.keys_of(&ca).await.unwrap().len() + s.keys_of(&cb).await.unwrap().len();
+    assert_eq!(held, keys.len());
+}
+
+/// A peer key is claimed by one connection across every handle (node) of the store, even
+/// when two claim it at once.
+pub async fn peer_keys_are_unique_across_nodes(b: Arc<dyn Backend>) {
+    let n1 = b.open().await;
+    let n2 = b.open().await;
+    for round in 0..10 {
+        let key = format!("contested-{round}");
+        let (x, y) = (new_id(), new_id());
+        let mut cx = conn(&x);
+        cx.their_verkeys = vec![format!("x-{round}"), key.clone()];
+        let mut cy = conn(&y);
+        cy.their_verkeys = vec![key.clone(), format!("y-{round}")];
+        let (rx, ry) = tokio::join!(n1.put_connection(&cx), n2.put_connection(&cy));
+        let ok = [rx.is_ok(), ry.is_ok()];
+        assert_eq!(
+            ok.iter().filter(|o| **o).count(),
+            1,
+            "exactly one claim wins: {rx:?} {ry:?}"
+        );
+        for r in [rx, ry] {
+            if let Err(e) = r {
+                assert!(matches!(e, StoreError::KeyTaken(ref k) if *k == key), "{e:?}");
+            }
+        }
+        let winner = if ok[0] { &x } else { &y };
+        for s in [&n1, &n2] {
+            assert_eq!(&s.connection_by_their_verkey(&key).await.unwrap().unwrap().id, winner);
+        }
+    }
+}
+
+pub async fn operator_removals(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let a = new_conn(&s).await;
+    let other = new_conn(&s).await;
+    let limits = EnqueueLimits {
+        dedup_window_ms: 60_000,
+        ..EnqueueLimits::UNLIMITED
+    };
+    s.update_keys(&a, &["rk-a1".into(), "rk-a2".into()], &[]).await.unwrap();
+    s.update_keys(&other, &["rk-o1".into()], &[]).await.unwrap();
+    for (i, c) in [&a, &a, &a, &other].into_iter().enumerate() {
+        let r = s
+            .enqueue(vec![dmsg(c, "m", T0 + i as i64, i as u8)], &limits)
+            .await
+            .unwrap();
+        assert!(r[0].is_ok());
+    }
+    // One of a's messages is leased: it goes too.
+    assert_eq!(s.lease(&a, 1, "n1", T0, T0 + 60_000).await.unwrap().len(), 1);
+    let dev = Device {
+        service: PushService::Fcm,
+        token: "tok".into(),
+        platform: None,
+        updated_at_ms: T0,
+    };
+    s.set_device(&a, Some(&dev)).await.unwrap();
+    s.push_event(&a, T0, 1000).await.unwrap();
+
+    // drop_queue: messages only.
+    assert_eq!(s.drop_queue(&other).await.unwrap(), 1);
+    assert_eq!(s.drop_queue(&other).await.unwrap(), 0, "idempotent");
+    assert_eq!(s.queue_stats(&other, T0).await.unwrap().pending, 0);
+    assert_eq!(s.route("rk-o1").await.unwrap(), Some(other.clone()), "keys stay");
+    assert!(s.get_connection(&other).await.unwrap().is_some());
+    let again = s.enqueue(vec![dmsg(&other, "m", T0 + 5, 3)], &limits).await.unwrap();
+    assert!(again[0].as_ref().unwrap().duplicate, "dedup records stay");
+
+    let top = s.top_queues(10).await.unwrap();
+    assert_eq!(top.deepest.len(), 1);
+    assert_eq!(top.deepest[0].connection, a);
+    assert_eq!(top.deepest[0].depth, 3);
+    assert_eq!(top.oldest[0].oldest_received_ms, Some(T0));
+
+    // delete_connection: everything of a, nothing of other.
+    let removed = s.delete_connection(&a).await.unwrap();
+    assert_eq!(
+        removed,
+        Removed {
+            connection: true,
+            peer_keys: 1,
+            routing_keys: 2,
+            messages: 3,
+            dedup_records: 3,
+            device: true,
+        }
+    );
+    assert_eq!(s.get_connection(&a).await.unwrap(), None);
+    assert_eq!(
+        s.connection_by_their_verkey(&format!("theirs-{a}")).await.unwrap(),
+        None
+    );
+    assert_eq!(s.connection_by_thread(&format!("thread-{a}")).await.unwrap(), None);
+    assert_eq!(s.route("rk-a1").await.unwrap(), None);
+    assert_eq!(s.route("rk-a2").await.unwrap(), None);
+    assert!(s.keys_of(&a).await.unwrap().is_empty());
+    assert_eq!(s.queue_stats(&a, T0).await.unwrap(), QueueStats::default());
+    assert_eq!(s.device_of(&a).await.unwrap(), None);
+    assert_eq!(s.total_queued().await.unwrap(), 0);
+    assert!(s
+        .lease(&a, 10, "n2", T0 + 120_000, T0 + 180_000)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s.top_queues(10).await.unwrap().deepest.is_empty());
+    // Idempotent.
+    assert_eq!(s.delete_connection(&a).await.unwrap(), Removed::default());
+    assert_eq!(s.delete_connection("bad\0id").await.unwrap(), Removed::default());
+    // Other connection untouched; a's keys are free for someone else; no key update on a.
+    assert_eq!(s.route("rk-o1").await.unwrap(), Some(other.clone()));
+    assert!(matches!(
+        s.update_keys(&a, &["rk-a1".into()], &[]).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        s.update_keys(&other, &["rk-a1".into()], &[]).await.unwrap()[0].1,
+        KeyUpdate::Added
+    );
+    // A new message for the same dedup key is queued again (its record went with a).
+    let r = s.enqueue(vec![dmsg(&a, "m", T0 + 10, 0)], &limits).await.unwrap();
+    assert!(!r[0].as_ref().unwrap().duplicate);
+    // Removing again clears what was queued for the id since, without a connection.
+    let removed = s.delete_connection(&a).await.unwrap();
+    assert_eq!(
+        (removed.connection, removed.messages, removed.dedup_records),
+        (false, 1, 1)
+    );
+    // Durable: still gone after reopening.
+    drop(s);
+    let s = b.open().await;
+    assert_eq!(s.get_connection(&a).await.unwrap(), None);
+    assert_eq!(s.route("rk-a2").await.unwrap(), None);
+    assert_eq!(s.total_queued().await.unwrap(), 0);
+    assert_eq!(s.dedup_records().await.unwrap(), 1, "only other's record is left");
+}

@@ -1,0 +1,445 @@
+//! Leases, acknowledgements and releases, pending counts and the sweep's view.
+
+use super::*;
+
+pub async fn lease_ack_release(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let m: Vec<NewMessage> = (0..5).map(|i| msg(&c, &format!("p{i}"), T0 + i)).collect();
+    let id = enqueue_ok(&s, m).await;
+    let until = T0 + 30_000;
+    let l1 = s.lease(&c, 2, "A", T0, until).await.unwrap();
+    assert_eq!(ids(&l1), id[0..2].to_vec());
+    let l2 = s.lease(&c, 10, "A", T0, until).await.unwrap();
+    assert_eq!(ids(&l2), id[2..5].to_vec());
+    assert!(s.lease(&c, 10, "B", T0 + 1, until).await.unwrap().is_empty());
+    let st = s.queue_stats(&c, T0 + 1).await.unwrap();
+    assert_eq!((st.pending, st.leased), (0, 5));
+
+    assert_eq!(s.ack(&c, &[id[0]]).await.unwrap(), 1);
+    assert_eq!(s.ack(&c, &[id[0]]).await.unwrap(), 0, "ack twice deletes once");
+    assert_eq!(
+        s.release(&c, &[id[1]], "B").await.unwrap(),
+        0,
+        "only the lease owner releases"
+    );
+    assert_eq!(s.release(&c, &[id[1]], "A").await.unwrap(), 1);
+    let l3 = s.lease(&c, 10, "B", T0 + 2, until).await.unwrap();
+    assert_eq!(ids(&l3), vec![id[1]]);
+    assert_eq!(l3[0].attempts, 2, "a released message is a redelivery");
+    // A's leases (ids 2..5, and one on another connection) go back; B's lease of id 1 stays.
+    let c2 = new_conn(&s).await;
+    enqueue_ok(&s, vec![msg(&c2, "other", T0)]).await;
+    assert_eq!(s.lease(&c2, 10, "A", T0, until).await.unwrap().len(), 1);
+    assert_eq!(s.release_owner("A").await.unwrap(), 4);
+    assert_eq!(s.queue_stats(&c2, T0 + 3).await.unwrap().pending, 1);
+    let st = s.queue_stats(&c, T0 + 3).await.unwrap();
+    assert_eq!((st.pending, st.leased), (3, 1));
+    let l4 = s.lease(&c, 10, "C", T0 + 3, until).await.unwrap();
+    assert_eq!(ids(&l4), id[2..5].to_vec());
+    assert!(l4.iter().all(|m| m.attempts == 2));
+    assert_eq!(s.ack(&c, &id).await.unwrap(), 4);
+    assert_eq!(s.total_queued().await.unwrap(), 1);
+    assert_eq!(s.queue_stats(&c, T0).await.unwrap(), QueueStats::default());
+    assert_eq!(s.release_owner("nobody").await.unwrap(), 0);
+}
+
+/// A message queued with a lease ([`NewMessage::lease`]) is its first lease: no other leaser
+/// gets it, only its owner releases it, it runs out like any lease, and messages of the same
+/// batch without one stay pending.
+pub async fn queued_leased(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let until = T0 + 1_000;
+    let leased = |p: &str| NewMessage {
+        lease: Some(LeaseTo {
+            owner: "n1/handoff".into(),
+            until_ms: until,
+        }),
+        ..msg(&c, p, T0)
+    };
+    let id = enqueue_ok(&s, vec![leased("h1"), msg(&c, "pending", T0), leased("h2")]).await;
+    let st = s.queue_stats(&c, T0).await.unwrap();
+    assert_eq!((st.pending, st.leased), (1, 2));
+    assert_eq!(
+        s.pending_among(std::slice::from_ref(&c), T0).await.unwrap(),
+        vec![c.clone()]
+    );
+    let l = s.lease(&c, 10, "A", T0, T0 + 30_000).await.unwrap();
+    assert_eq!(ids(&l), vec![id[1]], "only the pending one");
+    assert_eq!(l[0].attempts, 1);
+    assert_eq!(s.release(&c, &[id[0]], "A").await.unwrap(), 0, "not A's");
+    assert_eq!(s.release(&c, &[id[0]], "n1/handoff").await.unwrap(), 1);
+    let l = s.lease(&c, 10, "A", T0 + 1, T0 + 30_000).await.unwrap();
+    assert_eq!(ids(&l), vec![id[0]]);
+    assert_eq!(l[0].attempts, 2, "queued leased was its first delivery");
+    // h2 runs out at `until` and is leased again.
+    assert!(s.lease(&c, 10, "B", until - 1, T0 + 30_000).await.unwrap().is_empty());
+    let l = s.lease(&c, 10, "B", until, T0 + 30_000).await.unwrap();
+    assert_eq!(ids(&l), vec![id[2]]);
+    assert_eq!(l[0].attempts, 2);
+    // Acknowledged like any other; a release after that frees nothing.
+    assert_eq!(s.ack(&c, &id).await.unwrap(), 3);
+    assert_eq!(s.release(&c, &id, "n1/handoff").await.unwrap(), 0);
+    assert_eq!(s.release_owner("n1/handoff").await.unwrap(), 0);
+    // A whole batch queued leased: its owner's shutdown gives every one back.
+    let more = enqueue_ok(&s, vec![leased("h3"), leased("h4")]).await;
+    assert_eq!(s.release_owner("n1/handoff").await.unwrap(), 2);
+    assert_eq!(ids(&s.lease(&c, 10, "C", T0 + 2, T0 + 30_000).await.unwrap()), more);
+}
+
+/// A failed node's leases (every owner `<node>/...`) go back at once; another node's, even one
+/// whose id starts with the same characters or holds a LIKE wildcard, stay.
+pub async fn release_owners_under(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let until = T0 + 30_000;
+    let id = enqueue_ok(&s, (0..7).map(|i| msg(&c, &format!("m{i}"), T0)).collect()).await;
+    for (i, owner) in [
+        "n_1/ws/7/1",
+        "n_1/ws/7/2",
+        "n_1/handoff",
+        "n_10/http",
+        "nx1/http",
+        "n2/ws/9/1",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_eq!(ids(&s.lease(&c, 1, owner, T0, until).await.unwrap()), vec![id[i]]);
+    }
+    let c2 = new_conn(&s).await;
+    enqueue_ok(&s, vec![msg(&c2, "other", T0)]).await;
+    assert_eq!(s.lease(&c2, 1, "n_1/endpoint", T0, until).await.unwrap().len(), 1);
+    assert_eq!(
+        s.release_owners_under("").await.unwrap(),
+        0,
+        "an empty prefix frees nothing"
+    );
+    assert_eq!(s.release_owners_under("n_1/").await.unwrap(), 4);
+    let st = s.queue_stats(&c, T0 + 1).await.unwrap();
+    assert_eq!((st.pending, st.leased), (4, 3), "n_10's, nx1's and n2's leases stay");
+    assert_eq!(s.queue_stats(&c2, T0 + 1).await.unwrap().pending, 1);
+    let again = s.lease(&c, 10, "n2/ws/9/2", T0 + 1, until).await.unwrap();
+    assert_eq!(ids(&again), vec![id[0], id[1], id[2], id[6]]);
+    assert!(
+        again[..3].iter().all(|m| m.attempts == 2),
+        "a released message is a redelivery"
+    );
+    // Released owners are gone from the store's books: nothing left to free under them.
+    assert_eq!(s.release_owners_under("n_1/").await.unwrap(), 0);
+    assert_eq!(s.release_owner("n_10/http").await.unwrap(), 1);
+}
+
+pub async fn lease_expiry(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let id = enqueue_ok(&s, vec![msg(&c, "x", T0), msg(&c, "y", T0)]).await;
+    assert_eq!(s.lease(&c, 10, "A", T0, T0 + 100).await.unwrap().len(), 2);
+    assert!(s.lease(&c, 10, "B", T0 + 99, T0 + 200).await.unwrap().is_empty());
+    let st = s.queue_stats(&c, T0 + 99).await.unwrap();
+    assert_eq!((st.pending, st.leased), (0, 2));
+    let st = s.queue_stats(&c, T0 + 100).await.unwrap();
+    assert_eq!((st.pending, st.leased), (2, 0), "a lease runs out at until_ms");
+    assert_eq!(
+        s.connections_with_pending(T0 + 100, None, 10).await.unwrap(),
+        vec![c.clone()]
+    );
+    let again = s.lease(&c, 10, "B", T0 + 100, T0 + 200).await.unwrap();
+    assert_eq!(ids(&again), id);
+    assert!(again.iter().all(|m| m.attempts == 2));
+    // A's lease ran out and B holds them now: neither A's shutdown nor a stale release of
+    // A's (a late messages-received, a failed endpoint POST) may free B's lease.
+    assert_eq!(s.release_owner("A").await.unwrap(), 0);
+    assert_eq!(s.release(&c, &id, "A").await.unwrap(), 0);
+    let st = s.queue_stats(&c, T0 + 150).await.unwrap();
+    assert_eq!((st.pending, st.leased), (0, 2));
+}
+
+pub async fn ack_is_scoped_to_connection(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c1 = new_conn(&s).await;
+    let c2 = new_conn(&s).await;
+    let id = enqueue_ok(&s, vec![msg(&c1, "secret", T0)]).await;
+    s.lease(&c1, 1, "A", T0, T0 + 1000).await.unwrap();
+    assert_eq!(s.ack(&c2, &id).await.unwrap(), 0);
+    assert_eq!(s.release(&c2, &id, "A").await.unwrap(), 0);
+    assert!(s.lease(&c2, 10, "B", T0 + 5000, T0 + 6000).await.unwrap().is_empty());
+    let st = s.queue_stats(&c1, T0).await.unwrap();
+    assert_eq!((st.pending, st.leased), (0, 1), "the other connection changed nothing");
+    assert_eq!(s.ack(&c1, &id).await.unwrap(), 1);
+}
+
+pub async fn pending_for_key_counts_one_recipient(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c1 = new_conn(&s).await;
+    let c2 = new_conn(&s).await;
+    let keyed = |conn: &str, key: &str, p: &str| NewMessage {
+        recipient_key: key.to_owned(),
+        ..msg(conn, p, T0)
+    };
+    enqueue_ok(
+        &s,
+        vec![
+            keyed(&c1, "did:a", "1"),
+            keyed(&c1, "did:b", "2"),
+            keyed(&c1, "did:a", "3"),
+            keyed(&c2, "did:a", "4"),
+        ],
+    )
+    .await;
+    assert_eq!(s.pending_stats(&c1, Some("did:a"), T0).await.unwrap().count, 2);
+    assert_eq!(s.pending_stats(&c1, Some("did:b"), T0).await.unwrap().count, 1);
+    assert_eq!(s.pending_stats(&c2, Some("did:a"), T0).await.unwrap().count, 1);
+    assert_eq!(s.pending_stats(&c1, Some("did:none"), T0).await.unwrap().count, 0);
+    assert_eq!(
+        s.pending_stats("no-such-conn", Some("did:a"), T0).await.unwrap().count,
+        0
+    );
+    assert_eq!(s.pending_stats(&c1, Some("did:\0a"), T0).await.unwrap().count, 0);
+    // The oldest (did:a "1") leased: no longer pending until its lease runs out.
+    s.lease(&c1, 1, "A", T0, T0 + 1000).await.unwrap();
+    assert_eq!(s.pending_stats(&c1, Some("did:a"), T0).await.unwrap().count, 1);
+    assert_eq!(s.pending_stats(&c1, Some("did:a"), T0 + 1000).await.unwrap().count, 2);
+}
+
+/// A pickup status counts what a lease could take now (pending messages and leases that ran
+/// out, none past the sender's expiry) and names the oldest of them; the messages held leased
+/// and not due are neither counted nor the oldest.
+pub async fn pending_stats_counts_what_a_lease_could_take(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let (c, other) = (new_conn(&s).await, new_conn(&s).await);
+    assert_eq!(s.pending_stats(&c, None, T0).await.unwrap(), PendingStats::default());
+    let expiring = NewMessage {
+        expires_at_ms: Some(T0 + 500),
+        lease: None,
+        ..msg(&c, "expiring", T0 + 40)
+    };
+    enqueue_ok(
+        &s,
+        vec![
+            msg(&c, "held", T0 + 10),
+            msg(&c, "due", T0 + 20),
+            msg(&c, "pending", T0 + 30),
+            expiring,
+            msg(&other, "other", T0),
+        ],
+    )
+    .await;
+    // "held" leased until T0 + 10,000, "due" until T0 + 1,000.
+    assert_eq!(s.lease(&c, 1, "A", T0, T0 + 10_000).await.unwrap().len(), 1);
+    assert_eq!(s.lease(&c, 1, "A", T0, T0 + 1_000).await.unwrap().len(), 1);
+    let expect = |count, oldest| PendingStats {
+        count,
+        oldest_received_ms: Some(oldest),
+    };
+    for (now, want, why) in [
+        (T0 + 100, expect(2, T0 + 30), "pending and expiring; neither leased one"),
+        (T0 + 600, expect(1, T0 + 30), "past its expiry a message is not pending"),
+        (T0 + 1_000, expect(2, T0 + 20), "a lease that ran out is pending again"),
+        (T0 + 10_000, expect(3, T0 + 10), "both leases ran out"),
+    ] {
+        assert_eq!(s.pending_stats(&c, None, now).await.unwrap(), want, "{why}");
+    }
+    let key = format!("rk-{c}");
+    assert_eq!(s.pending_stats(&c, Some(&key), T0 + 100).await.unwrap().count, 2);
+    assert_eq!(s.pending_stats(&c, Some("rk-none"), T0 + 100).await.unwrap().count, 0);
+    // Another connection's queue is its own.
+    assert_eq!(s.pending_stats(&other, None, T0 + 100).await.unwrap(), expect(1, T0));
+    // The whole-queue figures still count every message.
+    let st = s.queue_stats(&c, T0 + 100).await.unwrap();
+    assert_eq!((st.pending, st.leased), (2, 2));
+}
+
+pub async fn concurrent_leasers_never_share(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let mut all = Vec::new();
+    for chunk in 0..5 {
+        let m = (0..100).map(|i| msg(&c, &format!("{chunk}-{i}"), T0)).collect();
+        all.extend(enqueue_ok(&s, m).await);
+    }
+    assert_eq!(all.len(), 500);
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let s = s.clone();
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let owner = format!("leaser-{t}");
+            let mut got = Vec::new();
+            loop {
+                let l = s.lease(&c, 7, &owner, T0, T0 + 600_000).await.unwrap();
+                if l.is_empty() {
+                    break;
+                }
+                got.extend(ids(&l));
+                tokio::task::yield_now().await;
+            }
+            got
+        }));
+    }
+    let mut union = Vec::new();
+    for t in tasks {
+        union.extend(t.await.unwrap());
+    }
+    let distinct: HashSet<_> = union.iter().copied().collect();
+    assert_eq!(union.len(), distinct.len(), "a message was leased twice");
+    assert_eq!(distinct, all.iter().copied().collect::<HashSet<_>>());
+    assert_eq!(s.ack(&c, &all).await.unwrap(), 500);
+}
+
+/// Leases of many connections asked at once (PostgreSQL serves them in one statement): each
+/// caller gets its own connection's messages, filtered by its key when it gave one, oldest
+/// first, and never a message another caller got.
+pub async fn concurrent_leases_of_many_connections(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let mut conns = Vec::new();
+    for _ in 0..24 {
+        let c = new_conn(&s).await;
+        let m = |p: &str, key: &str| NewMessage {
+            recipient_key: key.to_owned(),
+            ..msg(&c, p, T0)
+        };
+        enqueue_ok(&s, vec![m("a1", "A"), m("b1", "B"), m("a2", "A")]).await;
+        conns.push(c);
+    }
+    let tasks: Vec<_> = conns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let (s, c) = (s.clone(), c.clone());
+            tokio::spawn(async move {
+                let owner = format!("owner-{i}");
+                let got = if i % 2 == 0 {
+                    s.lease(&c, 10, &owner, T0, T0 + 1000).await.unwrap()
+                } else {
+                    s.lease_for_key(&c, "A", 10, &owner, T0, T0 + 1000).await.unwrap()
+                };
+                (i, c, got)
+            })
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    for t in tasks {
+        let (i, c, got) = t.await.unwrap();
+        let payloads: Vec<&[u8]> = got.iter().map(|m| m.payload.as_slice()).collect();
+        if i % 2 == 0 {
+            assert_eq!(payloads, vec![&b"a1"[..], b"b1", b"a2"], "caller {i}");
+        } else {
+            assert_eq!(payloads, vec![&b"a1"[..], b"a2"], "caller {i} (key A)");
+        }
+        for m in &got {
+            assert_eq!(m.connection, c, "caller {i} got another connection's message");
+            assert_eq!(m.attempts, 1);
+            assert!(seen.insert(m.id), "message {} leased twice", m.id);
+        }
+        let st = s.queue_stats(&c, T0).await.unwrap();
+        assert_eq!((st.pending, st.leased), (3 - got.len() as u64, got.len() as u64));
+    }
+}
+
+/// Pickup filters: leases and counts of one recipient key only, the others untouched.
+pub async fn recipient_key_filters(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let for_key = |k: &str, p: &str, at: i64| NewMessage {
+        recipient_key: k.to_owned(),
+        ..msg(&c, p, at)
+    };
+    // 150 messages for key A first: a filter for B must look past them.
+    let mut m: Vec<NewMessage> = (0..150).map(|i| for_key("A", "a", T0 + i)).collect();
+    m.push(for_key("B", "b1", T0 + 200));
+    m.push(for_key("B", "b22", T0 + 201));
+    let id = enqueue_ok(&s, m).await;
+    let st = s.pending_stats(&c, Some("B"), T0).await.unwrap();
+    assert_eq!(
+        st,
+        PendingStats {
+            count: 2,
+            oldest_received_ms: Some(T0 + 200)
+        }
+    );
+    assert_eq!(
+        s.pending_stats(&c, Some("none"), T0).await.unwrap(),
+        PendingStats::default()
+    );
+    let l = s.lease_for_key(&c, "B", 1, "o", T0, T0 + 1000).await.unwrap();
+    assert_eq!(ids(&l), vec![id[150]]);
+    assert_eq!(l[0].recipient_key, "B");
+    let l = s.lease_for_key(&c, "B", 10, "o", T0, T0 + 1000).await.unwrap();
+    assert_eq!(ids(&l), vec![id[151]]);
+    assert!(s
+        .lease_for_key(&c, "B", 10, "o", T0, T0 + 1000)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.pending_stats(&c, Some("B"), T0).await.unwrap(),
+        PendingStats::default()
+    );
+    let st = s.queue_stats(&c, T0).await.unwrap();
+    assert_eq!((st.pending, st.leased), (150, 2));
+    // Nothing of key A was touched: all pending, never attempted.
+    let a = s.lease(&c, 1000, "p", T0, T0 + 1000).await.unwrap();
+    assert_eq!(a.len(), 150);
+    assert!(a.iter().all(|q| q.recipient_key == "A" && q.attempts == 1));
+    // Owner release still applies to filtered leases.
+    assert_eq!(s.release_owner("o").await.unwrap(), 2);
+}
+
+pub async fn pending_sweep_and_stats(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let busy = new_conn(&s).await; // everything leased
+    let older = new_conn(&s).await;
+    let newer = new_conn(&s).await;
+    let _empty = new_conn(&s).await;
+    enqueue_ok(&s, vec![msg(&busy, "b", T0)]).await;
+    enqueue_ok(&s, vec![msg(&older, "o1", T0 + 5), msg(&older, "o22", T0 + 6)]).await;
+    enqueue_ok(&s, vec![msg(&newer, "n1", T0 + 7)]).await;
+    s.lease(&busy, 10, "A", T0, T0 + 1000).await.unwrap();
+    let mut expect = vec![older.clone(), newer.clone()];
+    expect.sort();
+    assert_eq!(
+        s.connections_with_pending(T0, None, 10).await.unwrap(),
+        expect,
+        "in id order; fully leased and empty connections left out"
+    );
+    // A cursor: pages of one reach every connection.
+    let first = s.connections_with_pending(T0, None, 1).await.unwrap();
+    assert_eq!(first, vec![expect[0].clone()]);
+    assert_eq!(
+        s.connections_with_pending(T0, Some(&first[0]), 1).await.unwrap(),
+        vec![expect[1].clone()]
+    );
+    assert!(s
+        .connections_with_pending(T0, Some(&expect[1]), 1)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(s.connections_with_pending(T0 + 1000, None, 10).await.unwrap().len(), 3);
+    // Asked about given connections (the sweep's local sessions) only.
+    let mut among = s
+        .pending_among(&[busy.clone(), newer.clone(), _empty.clone(), new_id()], T0)
+        .await
+        .unwrap();
+    among.sort();
+    assert_eq!(among, vec![newer.clone()]);
+    assert_eq!(
+        s.pending_among(std::slice::from_ref(&busy), T0 + 1000).await.unwrap(),
+        vec![busy.clone()]
+    );
+    assert!(s.pending_among(&[], T0).await.unwrap().is_empty());
+    assert_eq!(s.total_queued().await.unwrap(), 4);
+    s.lease(&older, 1, "A", T0, T0 + 1000).await.unwrap();
+    assert_eq!(
+        s.queue_stats(&older, T0).await.unwrap(),
+        QueueStats {
+            pending: 1,
+            leased: 1,
+            bytes: 5,
+            oldest_received_ms: Some(T0 + 5)
+        }
+    );
+    assert_eq!(s.queue_stats(&new_id(), T0).await.unwrap(), QueueStats::default());
+    s.flush().await.unwrap();
+}

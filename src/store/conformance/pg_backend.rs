@@ -1,0 +1,344 @@
+//! The suite on PostgreSQL, each check in a database of its own (dropped afterwards), and
+//! PostgreSQL's own checks: a missing database is created, migrations (once, under concurrent
+//! opens; migration 4's repairs), and the plans of a lease and a pickup status.
+
+use super::*;
+
+/// Server URL without database; the checks make their own database on it.
+fn server_url() -> String {
+    std::env::var("MAILROOM_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+async fn admin() -> tokio_postgres::Client {
+    let url = format!("{}/postgres", server_url());
+    let (client, conn) = match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "PostgreSQL is not reachable at {url} ({e}); the PostgreSQL conformance tests \
+             need it. Start it with `pg_ctlcluster --skip-systemctl-redirect \
+             $(ls /etc/postgresql) main start` or set MAILROOM_TEST_PG"
+        ),
+    };
+    tokio::spawn(conn);
+    client
+}
+
+/// Drops test databases left by test processes that died before their cleanup (killed on
+/// a timeout): `mailroom_test_<pid>_<hex>` whose pid no longer runs on this machine.
+async fn drop_leftovers(admin: &tokio_postgres::Client) {
+    let rows = admin
+        .query(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'mailroom\\_test\\_%'",
+            &[],
+        )
+        .await
+        .expect("list test databases");
+    for r in rows {
+        let name: String = r.get(0);
+        let mut parts = name.trim_start_matches("mailroom_test_").splitn(2, '_');
+        let (Some(pid), Some(rand)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let well_formed =
+            pid.chars().all(|c| c.is_ascii_digit()) && rand.len() == 32 && rand.chars().all(|c| c.is_ascii_hexdigit());
+        if well_formed && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            // Another run may be dropping it at the same moment: ignore errors.
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        }
+    }
+}
+
+/// `mailroom_test_<pid>_<random>` (a later run drops it if this process dies first).
+fn test_db_name() -> String {
+    format!("mailroom_test_{}_{}", std::process::id(), uuid::Uuid::new_v4().simple())
+}
+
+async fn drop_test_db(name: &str) {
+    admin()
+        .await
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .expect("drop test database");
+}
+
+/// `sql` run under `EXPLAIN ANALYZE` (in a transaction rolled back: a lease's update is
+/// not kept): the rows its plan removed by filter, and the plan.
+async fn rows_removed_by_filter(
+    db: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> (u64, String) {
+    db.batch_execute("BEGIN").await.unwrap();
+    let plan: Vec<String> = db
+        .query(&format!("EXPLAIN (ANALYZE, FORMAT TEXT) {sql}"), params)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    db.batch_execute("ROLLBACK").await.unwrap();
+    let removed = plan
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("Rows Removed by Filter: "))
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum();
+    (removed, plan.join("\n"))
+}
+
+pub struct PgBackend {
+    pub url: String,
+}
+
+#[async_trait::async_trait]
+impl Backend for PgBackend {
+    async fn open(&self) -> Arc<dyn Store> {
+        open_postgres(&self.url, 8).await.expect("open postgres store")
+    }
+}
+
+/// Creates `mailroom_test_<pid>_<random>`, runs the check, drops the database.
+pub async fn run<F, Fut>(check: F)
+where
+    F: FnOnce(Arc<dyn Backend>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let name = test_db_name();
+    let admin = admin().await;
+    drop_leftovers(&admin).await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
+    let b = Arc::new(PgBackend {
+        url: format!("{}/{name}", server_url()),
+    });
+    let r = run_check(b, check).await;
+    admin
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await
+        .expect("drop test database");
+    rethrow(r);
+}
+
+/// A node pointed at a database that does not exist yet creates it (several at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_database_is_created() {
+    let name = test_db_name();
+    let url = format!("{}/{name}", server_url());
+    let (a, b) = tokio::join!(open_postgres(&url, 2), open_postgres(&url, 2));
+    let r = async {
+        let (a, b) = (a?, b?);
+        a.health().await?;
+        let c = new_id();
+        a.put_connection(&conn(&c)).await?;
+        assert!(b.get_connection(&c).await?.is_some());
+        Ok::<_, StoreError>(())
+    }
+    .await;
+    drop_test_db(&name).await;
+    r.unwrap();
+}
+
+/// A store written by an older version (one peer key listed by two connections; queue
+/// counters that drifted while migration 3 ran beside older writers) is repaired by
+/// migration 4: the latest holder keeps the key, counters are recounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_4_makes_keys_unique_and_recounts_queues() {
+    let name = test_db_name();
+    let admin = admin().await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
+    let url = format!("{}/{name}", server_url());
+    let r = async move {
+        let (c, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn_task);
+        c.batch_execute(
+            "CREATE TABLE mailroom_schema (version integer PRIMARY KEY, \
+             applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .unwrap();
+        for (v, sql) in super::super::postgres::MIGRATIONS.iter().filter(|(v, _)| *v <= 3) {
+            c.batch_execute(sql).await.unwrap();
+            c.execute("INSERT INTO mailroom_schema (version) VALUES ($1)", &[v])
+                .await
+                .unwrap();
+        }
+        let mut old = conn("old");
+        old.their_verkeys = vec!["vk".into(), "vk-old".into()];
+        let mut new = conn("new");
+        new.their_verkeys = vec!["vk".into()];
+        for (c_, written) in [(&old, 1i64), (&new, 2)] {
+            c.execute(
+                "INSERT INTO mailroom_connections (id, thread_id, written, data) VALUES ($1, NULL, $2, $3)",
+                &[&c_.id, &written, &serde_json::to_string(c_).unwrap()],
+            )
+            .await
+            .unwrap();
+        }
+        c.batch_execute(
+            "INSERT INTO mailroom_connection_verkeys VALUES ('vk', 'old'), ('vk', 'new'), ('vk-old', 'old'); \
+             INSERT INTO mailroom_messages (id, conn_id, recipient_key, payload, size, received_at_ms) \
+               VALUES (nextval('mailroom_message_ids'), 'new', 'rk', '\\x00', 1, 0), (nextval('mailroom_message_ids'), 'new', 'rk', '\\x0000', 2, 0); \
+             UPDATE mailroom_queue_counts SET n = 7, bytes = 70",
+        )
+        .await
+        .unwrap();
+        let s = open_postgres(&url, 2).await.unwrap();
+        assert_eq!(s.connection_by_their_verkey("vk").await.unwrap().unwrap().id, "new");
+        assert_eq!(s.connection_by_their_verkey("vk-old").await.unwrap().unwrap().id, "old");
+        assert!(matches!(s.put_connection(&old).await, Err(StoreError::KeyTaken(_))));
+        // Counters recounted: 2 queued, so a limit of 3 takes exactly one more.
+        let lim = EnqueueLimits {
+            max_messages: 3,
+            ..EnqueueLimits::UNLIMITED
+        };
+        let r = s
+            .enqueue(vec![msg("new", "a", T0), msg("new", "b", T0)], &lim)
+            .await
+            .unwrap();
+        assert!(r[0].is_ok(), "{:?}", r[0]);
+        assert!(
+            matches!(r[1], Err(StoreError::QueueFull { pending: 3, .. })),
+            "{:?}",
+            r[1]
+        );
+    };
+    let r = tokio::spawn(r).await;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .expect("drop test database");
+    r.unwrap();
+}
+
+/// A lease reads the connection's pending messages and its leases that ran out, never the
+/// messages it holds leased and not yet due (migration 9): with 1,999 of them ahead of the
+/// one pending message, the statement's plan removes (almost) no row by filter. Through the
+/// `(conn_id, id)` index alone it read all 1,999 first, on every lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_never_reads_messages_leased_and_not_due() {
+    let name = test_db_name();
+    let url = format!("{}/{name}", server_url());
+    // Spawned: a failed assertion still drops the database below.
+    let r = tokio::spawn(async move {
+        let s = open_postgres(&url, 2).await.unwrap();
+        let c = new_conn(&s).await;
+        let m = (0..2000).map(|i| msg(&c, &format!("{i}"), T0)).collect();
+        enqueue_ok(&s, m).await;
+        assert_eq!(s.lease(&c, 1999, "A", T0, T0 + 60_000).await.unwrap().len(), 1999);
+        let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn_task);
+        let (removed, plan) = rows_removed_by_filter(
+            &db,
+            super::super::postgres::LEASE_SQL,
+            &[
+                &vec![c.as_str()],
+                &vec![None::<&str>],
+                &vec![10i64],
+                &vec![T0 + 1],
+                &vec![T0 + 1000],
+                &vec!["B"],
+            ],
+        )
+        .await;
+        assert!(removed < 50, "the lease read {removed} rows it could not take:\n{plan}");
+        // And it takes the one pending message, then the first of those whose lease ran out.
+        let got = s.lease(&c, 10, "B", T0 + 1, T0 + 1000).await.unwrap();
+        assert_eq!(
+            got.iter().map(|q| q.payload.clone()).collect::<Vec<_>>(),
+            vec![b"1999".to_vec()]
+        );
+        let due = s.lease(&c, 2, "C", T0 + 60_000, T0 + 61_000).await.unwrap();
+        assert_eq!(
+            due.iter().map(|q| q.payload.clone()).collect::<Vec<_>>(),
+            vec![b"0".to_vec(), b"1".to_vec()]
+        );
+        assert!(due.iter().all(|q| q.attempts == 2));
+    })
+    .await;
+    drop_test_db(&name).await;
+    if let Err(e) = r {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// The pickup status that answers every acknowledgement reads what a lease reads, never
+/// the messages held leased and not due: with 1,999 of them beside one pending message
+/// its plan removes (almost) no row by filter. Counting the whole queue read all 1,999.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pickup_status_never_reads_messages_leased_and_not_due() {
+    let name = test_db_name();
+    let url = format!("{}/{name}", server_url());
+    // Spawned: a failed assertion still drops the database below.
+    let r = tokio::spawn(async move {
+        let s = open_postgres(&url, 2).await.unwrap();
+        let c = new_conn(&s).await;
+        let m = (0..2000).map(|i| msg(&c, &format!("{i}"), T0 + i)).collect();
+        enqueue_ok(&s, m).await;
+        assert_eq!(s.lease(&c, 1999, "A", T0, T0 + 60_000).await.unwrap().len(), 1999);
+        let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn_task);
+        for key in [None, Some(format!("rk-{c}"))] {
+            let (removed, plan) = rows_removed_by_filter(
+                &db,
+                super::super::postgres::PENDING_STATS_SQL,
+                &[&c.as_str(), &(T0 + 1), &key.as_deref()],
+            )
+            .await;
+            assert!(
+                removed < 50,
+                "the status ({key:?}) read {removed} rows it does not count:\n{plan}"
+            );
+        }
+        assert_eq!(
+            s.pending_stats(&c, None, T0 + 1).await.unwrap(),
+            PendingStats {
+                count: 1,
+                oldest_received_ms: Some(T0 + 1999)
+            }
+        );
+    })
+    .await;
+    drop_test_db(&name).await;
+    if let Err(e) = r {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// Several pools (nodes) open one fresh database at once: migrations apply once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_open_migrates_once() {
+    run(|b| async move {
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let b = b.clone();
+            tasks.push(tokio::spawn(async move { b.open().await }));
+        }
+        let mut stores = Vec::new();
+        for t in tasks {
+            stores.push(t.await.unwrap());
+        }
+        for s in &stores {
+            s.health().await.unwrap();
+            assert_eq!(s.backend(), "postgres");
+        }
+        // Two nodes on one queue: leases never overlap across pools either.
+        let c = new_conn(&stores[0]).await;
+        let m = (0..50).map(|i| msg(&c, &format!("{i}"), T0)).collect();
+        enqueue_ok(&stores[1], m).await;
+        let (a, b2) = tokio::join!(
+            stores[2].lease(&c, 50, "n2", T0, T0 + 1000),
+            stores[3].lease(&c, 50, "n3", T0, T0 + 1000)
+        );
+        let (a, b2) = (a.unwrap(), b2.unwrap());
+        assert_eq!(a.len() + b2.len(), 50);
+        let ia: HashSet<_> = ids(&a).into_iter().collect();
+        assert!(ids(&b2).iter().all(|i| !ia.contains(i)));
+    })
+    .await
+}

@@ -1,0 +1,190 @@
+//! The suite on sled, in a temporary directory, and sled's own checks: an enqueue is on disk when
+//! it returns (a crashing child process), a panic on the live thread, ingest's dedup records, one
+//! store per path.
+
+use super::*;
+
+pub struct SledBackend {
+    pub dir: tempfile::TempDir,
+}
+
+#[async_trait::async_trait]
+impl Backend for SledBackend {
+    async fn open(&self) -> Arc<dyn Store> {
+        open_sled(self.dir.path()).await.expect("open sled store")
+    }
+}
+
+const CRASH_DIR: &str = "MAILROOM_STORE_CRASH_DIR";
+const CRASH_TEST: &str = "store::conformance::sled_backend::enqueue_is_durable_when_it_returns";
+
+/// `enqueue` must not answer before its messages are on disk. A child process (this same
+/// test binary, re-run on this test with `MAILROOM_STORE_CRASH_DIR` set) enqueues from 16
+/// tasks, prints each id it got back, and exits abruptly mid-stream (no destructor, no
+/// final flush, sled's periodic flush disabled). The parent reopens the directory: every
+/// printed id must be there.
+#[test]
+fn enqueue_is_durable_when_it_returns() {
+    match std::env::var(CRASH_DIR) {
+        Ok(dir) => crash_child(std::path::Path::new(&dir)),
+        Err(_) => crash_parent(),
+    }
+}
+
+fn crash_child(dir: &std::path::Path) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = Arc::new(SledStore::open_without_background_flush(dir).await.unwrap());
+        let c = "crash-conn".to_string();
+        let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for t in 0..16 {
+            let (s, c, acked) = (s.clone(), c.clone(), acked.clone());
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let m = msg(&c, &format!("{t}-{i}"), T0);
+                    let r = s.enqueue(vec![m], &EnqueueLimits::UNLIMITED).await.unwrap();
+                    let id = r[0].as_ref().unwrap().id;
+                    println!("ENQ {id}");
+                    acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+        while acked.load(std::sync::atomic::Ordering::SeqCst) < 2000 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // Crash: other enqueues are in flight.
+        std::process::exit(0);
+    });
+}
+
+fn crash_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([CRASH_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CRASH_DIR, dir.path())
+        .output()
+        .expect("run crash child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Only whole lines: the child dies mid-write, so its last line may be cut short.
+    let whole = match stdout.rfind('\n') {
+        Some(i) => &stdout[..i],
+        None => "",
+    };
+    let acked: Vec<MessageId> = whole
+        .lines()
+        .filter_map(|l| l.strip_prefix("ENQ "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    assert!(
+        // The child stops at 2000; a last line cut short is not counted.
+        acked.len() >= 1000,
+        "child acknowledged {} messages; stderr: {}",
+        acked.len(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let s = open_sled(dir.path()).await.unwrap();
+        let got = s.lease("crash-conn", 1_000_000, "o", T0, T0 + 1).await.unwrap();
+        let have: HashSet<MessageId> = ids(&got).into_iter().collect();
+        let lost: Vec<_> = acked.iter().filter(|id| !have.contains(id)).collect();
+        assert!(
+            lost.is_empty(),
+            "{} acknowledged messages lost: {:?}",
+            lost.len(),
+            &lost[..lost.len().min(10)]
+        );
+        println!(
+            "crash test: {} acknowledged, {} on disk after the crash",
+            acked.len(),
+            have.len()
+        );
+    });
+}
+
+/// A lease or acknowledgement that panics on the live path's thread fails alone: its caller
+/// gets an error, the thread goes on, and the next lease and acknowledgement are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_on_the_live_thread_fails_only_its_call() {
+    let s = SledStore::temporary().await.unwrap();
+    s.enqueue(vec![msg("c", "a", T0)], &EnqueueLimits::UNLIMITED)
+        .await
+        .unwrap();
+    assert!(matches!(s.live_panic_for_test().await, Err(StoreError::Unavailable(_))));
+    let got = s.lease("c", 10, "o", T0, T0 + 1_000).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(s.ack_leased("c", &ids(&got)).await.unwrap().len(), 1);
+    assert_eq!(s.total_queued().await.unwrap(), 0);
+}
+
+/// Ingest writes one record per forward: a queued message's record holds its dedup key,
+/// and the `dedup` tree gets a record only when a message leaves the queue inside its
+/// window (acknowledged here); pruning deletes it. Rebuilt from both at open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_writes_no_dedup_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let lim = EnqueueLimits {
+        dedup_window_ms: 60_000,
+        ..EnqueueLimits::UNLIMITED
+    };
+    let s = SledStore::open_shared(dir.path()).await.unwrap();
+    let batch: Vec<NewMessage> = (0..50u8).map(|i| dmsg("c", "m", T0, i)).collect();
+    assert!(s
+        .enqueue(batch, &lim)
+        .await
+        .unwrap()
+        .iter()
+        .all(|r| !r.as_ref().unwrap().duplicate));
+    assert_eq!(s.dedup_tree_len_for_test(), 0, "no record beside the messages");
+    assert_eq!(s.dedup_records().await.unwrap(), 50);
+    let got = s.lease("c", 10, "o", T0, T0 + 1_000).await.unwrap();
+    assert_eq!(s.ack_leased("c", &ids(&got)).await.unwrap().len(), 10);
+    assert_eq!(s.dedup_tree_len_for_test(), 10, "the acknowledged keep theirs");
+    drop(s);
+    let s = SledStore::open_shared(dir.path()).await.unwrap();
+    assert_eq!(
+        s.dedup_records().await.unwrap(),
+        50,
+        "40 from messages, 10 from records"
+    );
+    assert_eq!(s.prune_dedup(T0 + 1, 100).await.unwrap(), 50);
+    assert_eq!(s.dedup_tree_len_for_test(), 0);
+    // Acknowledged after its entry was pruned: no record comes back.
+    let got = s.lease("c", 100, "o", T0, T0 + 1_000).await.unwrap();
+    assert_eq!(s.ack_leased("c", &ids(&got)).await.unwrap().len(), 40);
+    assert_eq!(s.dedup_tree_len_for_test(), 0);
+}
+
+/// In-process nodes opening one path share one store (sled allows one handle per
+/// directory): both see the same data and the same leases; once all are dropped the path
+/// opens again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_path_opened_twice_is_one_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = tokio::join!(open_sled(dir.path()), open_sled(dir.path()));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let c = new_conn(&a).await;
+    assert!(b.get_connection(&c).await.unwrap().is_some());
+    let id = enqueue_ok(&a, vec![msg(&c, "m", T0)]).await;
+    assert_eq!(ids(&b.lease(&c, 10, "n2", T0, T0 + 1000).await.unwrap()), id);
+    assert!(a.lease(&c, 10, "n1", T0, T0 + 1000).await.unwrap().is_empty());
+    drop(a);
+    drop(b);
+    let again = open_sled(dir.path()).await.unwrap();
+    assert_eq!(again.total_queued().await.unwrap(), 1);
+}
+
+pub async fn run<F, Fut>(check: F)
+where
+    F: FnOnce(Arc<dyn Backend>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let b = Arc::new(SledBackend {
+        dir: tempfile::tempdir().expect("tempdir"),
+    });
+    rethrow(run_check(b, check).await);
+}
