@@ -10,7 +10,7 @@
 #
 #   scripts/chaos.sh [--duration 60s] [--rate 20] [--seed N] [--keep] [driver options]
 #
-# Driver options (examples/chaos.rs, `--help`): --senders --live --polling --offline
+# Driver options (examples/chaos/, `--help`): --senders --live --polling --offline
 # --faults kill,cut,pg --fault-gap 3s --hold 6s --drain 60s --heal-within 45s. MAILROOM_BIN
 # (default target/debug/mailroom, built first), CHAOS_LEASE_MS (default 5000: a message
 # leased by a killed node is deliverable again after it; the default 30 s would only make the

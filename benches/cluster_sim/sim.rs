@@ -5,7 +5,7 @@
 //! nanoseconds and every node is one server that handles its frames in arrival order, each
 //! costing the CPU time measured on the real code (the bench measures it; tests pass zeros).
 //!
-//! It wires the machines the way `src/cluster/peer.rs` does:
+//! It wires the machines the way `src/cluster/peer/` does:
 //! - a session open: `Own` applied locally, then one `Own` frame on every installed link;
 //! - a session close: `Disown` locally, one `Disown` frame on every installed link;
 //! - a notification: one `Queued` frame to the owner the local directory names (none if local);

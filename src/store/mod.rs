@@ -10,7 +10,7 @@
 //! Must not touch: sockets other than the database, the cluster, actix. No other module of the
 //! crate names sled or SQL; they go through [`Store`].
 //!
-//! One conformance suite (`conformance.rs`) runs the same checks on both backends, so a caller
+//! One conformance suite (`conformance/`) runs the same checks on both backends, so a caller
 //! can rely on the behaviour described on each method whatever the backend, and on the stack a
 //! node puts over its store ([`route_cache`] over [`metered`] over sled), whose wrappers pass
 //! what they do not change through [`store_pass_through!`](crate::store_pass_through).
