@@ -5,7 +5,7 @@ use crate::Didcomm;
 use anyhow::{anyhow, bail, Context, Result};
 use mailroom::client::v2::{V2Agent, V2Mediator, V2Sender};
 use mailroom::client::{self, basic_message, Agent, Sender, WsClient, WsEvent};
-use mailroom::didcomm::message::new_id;
+pub(crate) use mailroom::client::{pickup_message as pickup, type_name};
 use mailroom::didcomm::v2::jwe::Enc;
 use mailroom::didcomm::v2::TYP_ENCRYPTED;
 use mailroom::probe::Target;
@@ -193,29 +193,6 @@ where
 
 pub(crate) async fn queued(admin_url: &str) -> Option<u64> {
     get_json(&format!("{admin_url}/status")).await.ok()?["queued"].as_u64()
-}
-
-pub(crate) fn pickup(name: &str, extra: Value) -> Value {
-    let mut m = json!({
-        "@type": format!("https://didcomm.org/messagepickup/2.0/{name}"),
-        "@id": new_id(),
-        "~transport": { "return_route": "all" },
-    });
-    if let (Some(o), Some(e)) = (m.as_object_mut(), extra.as_object()) {
-        for (k, v) in e {
-            o.insert(k.clone(), v.clone());
-        }
-    }
-    m
-}
-
-pub(crate) fn type_name(v: &Value) -> &str {
-    v["@type"]
-        .as_str()
-        .unwrap_or_default()
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
 }
 
 /// The queue ids of a pickup 2.0 delivery, without opening the inner messages.

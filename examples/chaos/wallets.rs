@@ -5,8 +5,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use mailroom::client::{post, Agent, WsEvent};
-use mailroom::didcomm::message::new_id;
+use mailroom::client::{pickup_message as pickup, post, type_name, Agent, WsEvent};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -20,29 +19,6 @@ pub(crate) struct Wallet {
     pub(crate) key: String,
     pub(crate) routing: Vec<String>,
     pub(crate) reconnects: Cell<u64>,
-}
-
-pub(crate) fn pickup(name: &str, extra: Value) -> Value {
-    let mut m = json!({
-        "@type": format!("https://didcomm.org/messagepickup/2.0/{name}"),
-        "@id": new_id(),
-        "~transport": { "return_route": "all" },
-    });
-    if let (Some(o), Some(e)) = (m.as_object_mut(), extra.as_object()) {
-        for (k, v) in e {
-            o.insert(k.clone(), v.clone());
-        }
-    }
-    m
-}
-
-pub(crate) fn type_name(v: &Value) -> &str {
-    v["@type"]
-        .as_str()
-        .unwrap_or_default()
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
 }
 
 /// Records the contents of a delivery (or of a raw implicit push); returns the queue ids to

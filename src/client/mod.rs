@@ -510,6 +510,32 @@ pub fn basic_message(content: &str) -> Value {
     })
 }
 
+/// A pickup 2.0 message (`status-request`, `delivery-request`, `messages-received`,
+/// `live-delivery-change`...) asking for the reply on the same connection, with `extra`'s fields.
+pub fn pickup_message(name: &str, extra: Value) -> Value {
+    let mut m = json!({
+        "@type": format!("https://didcomm.org/messagepickup/2.0/{name}"),
+        "@id": new_id(),
+        "~transport": { "return_route": "all" },
+    });
+    if let (Some(o), Some(e)) = (m.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            o.insert(k.clone(), v.clone());
+        }
+    }
+    m
+}
+
+/// The last segment of a message's `@type` (`delivery`, `status`...), or "" without one.
+pub fn type_name(v: &Value) -> &str {
+    v["@type"]
+        .as_str()
+        .unwrap_or_default()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+}
+
 /// base64url (no pad) of a JSON value, as invitations and attachments carry it.
 pub fn b64url_json(v: &Value) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())

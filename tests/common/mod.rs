@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod nginx;
 pub mod ports;
 
+pub use mailroom::client::{pickup_message as pickup, type_name};
 use mailroom::client::{Agent, Invitation, WsClient, WsEvent};
 use mailroom::config::{Config, Strategy};
 use mailroom::node::{self, RunningNode};
@@ -109,20 +110,6 @@ pub fn ws_url(n: &RunningNode) -> String {
     format!("ws://{}/", n.public_addr)
 }
 
-pub fn pickup(name: &str, extra: Value) -> Value {
-    let mut m = json!({
-        "@type": format!("https://didcomm.org/messagepickup/2.0/{name}"),
-        "@id": mailroom::didcomm::message::new_id(),
-        "~transport": { "return_route": "all" },
-    });
-    if let (Some(o), Some(e)) = (m.as_object_mut(), extra.as_object()) {
-        for (k, v) in e {
-            o.insert(k.clone(), v.clone());
-        }
-    }
-    m
-}
-
 /// Sends a message on the socket (binary, as Credo does) and returns the next unpacked reply.
 pub async fn ws_request(a: &Agent, ws: &mut WsClient, msg: &Value) -> Value {
     ws.send_envelope(a.pack(msg).unwrap(), true).await.unwrap();
@@ -150,15 +137,6 @@ pub async fn ws_next_message(a: &Agent, ws: &mut WsClient) -> Value {
         WsEvent::Envelope(e) => a.unpack(&e).expect("reply unpacks").0,
         WsEvent::Closed(r) => panic!("socket closed: {r:?}"),
     }
-}
-
-pub fn type_name(v: &Value) -> &str {
-    v["@type"]
-        .as_str()
-        .unwrap_or_default()
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
 }
 
 /// The value of one metric series (`name` with its labels, as `/metrics` prints it), if the
