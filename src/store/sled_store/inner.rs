@@ -1,13 +1,16 @@
-//! The open database: its trees, the in-memory index, and what one handle does on disk
-//! (open and rebuild, reads, removals). The batch write is in `writer.rs`.
+//! The open database: its trees, the queue log, the in-memory index, and what one handle does
+//! on disk (open and rebuild, reads, removals). The batch write is in `writer.rs`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 use super::index::{Meta, Queues};
+use super::queue_log::{Key, QueueLog};
 use super::records::{
-    conn_prefix, decode_conn, decode_dedup_key, decode_id, decode_msg, dedup_tree_key, dedup_value, encode_id,
+    decode_conn, decode_dedup_key, decode_dedup_record, decode_id, decode_msg, dedup_record, encode_id, KIND_DEDUP,
+    KIND_MSG,
 };
 use super::{corrupt, unavailable, DEDUP_PRUNED_BEFORE_KEY, NEVER};
 use crate::store::{ConnId, Connection, MessageId, QueuedMessage, StoreError, StoreResult};
@@ -20,9 +23,14 @@ pub(super) struct Inner {
     pub(super) by_thread: sled::Tree,
     pub(super) keys: sled::Tree,
     pub(super) conn_keys: sled::Tree,
+    /// Queued messages and dedup records of stores written before the queue log: moved into
+    /// it at open (`migrate_trees`), empty afterwards.
     pub(super) msgs: sled::Tree,
     pub(super) attempts: sled::Tree,
     pub(super) dedup: sled::Tree,
+    /// Queued messages ([`KIND_MSG`]) and the dedup records of messages that left the queue
+    /// inside their window ([`KIND_DEDUP`]). Shared by the handles a reopen replaces.
+    pub(super) log: Arc<QueueLog>,
     /// invitation id -> [single_use, used]
     pub(super) invitations: sled::Tree,
     /// connection id -> JSON [`Device`] (push registration).
@@ -53,7 +61,7 @@ impl Inner {
         r
     }
 
-    pub(super) fn open(cfg: sled::Config) -> StoreResult<Inner> {
+    pub(super) fn open(cfg: sled::Config, log: Arc<QueueLog>) -> StoreResult<Inner> {
         let db = cfg.open().map_err(unavailable)?;
         let t = |name: &str| db.open_tree(name).map_err(unavailable);
         let inner = Inner {
@@ -68,6 +76,7 @@ impl Inner {
             dedup: t("dedup")?,
             invitations: t("invitations")?,
             devices: t("devices")?,
+            log,
             push_windows: Mutex::new(HashMap::new()),
             db,
             meta_lock: Mutex::new(()),
@@ -76,8 +85,54 @@ impl Inner {
             batch_lock: Mutex::new(()),
         };
         inner.fold_verkey_index()?;
+        inner.migrate_trees()?;
         inner.rebuild_index()?;
         Ok(inner)
+    }
+
+    /// Moves the queued messages and dedup records of a store written before the queue log
+    /// into it (synced), then empties their trees. A crash in between leaves records in both:
+    /// the next open moves them again, and the later copy of a key is the one kept.
+    fn migrate_trees(&self) -> StoreResult<()> {
+        if self.msgs.is_empty() && self.dedup.is_empty() {
+            return Ok(());
+        }
+        let mut moved = 0usize;
+        let mut chunk: Vec<(Key, Vec<u8>)> = Vec::new();
+        let put = |chunk: &mut Vec<(Key, Vec<u8>)>| -> StoreResult<()> {
+            let puts: Vec<(Key, &[u8])> = chunk.iter().map(|(k, v)| (*k, &v[..])).collect();
+            self.log.append(&puts, &[], true).map_err(unavailable)?;
+            chunk.clear();
+            Ok(())
+        };
+        for kv in self.msgs.iter() {
+            let (k, v) = kv.map_err(unavailable)?;
+            chunk.push(((KIND_MSG, decode_id(&k)?), v.to_vec()));
+            moved += 1;
+            if chunk.len() >= 1024 {
+                put(&mut chunk)?;
+            }
+        }
+        for kv in self.dedup.iter() {
+            let (k, v) = kv.map_err(unavailable)?;
+            if v.len() != 16 {
+                return Err(corrupt("dedup value"));
+            }
+            let (conn, key) = decode_dedup_key(&k)?;
+            let id = i64::from_be_bytes(v[..8].try_into().expect("length checked"));
+            let at = i64::from_be_bytes(v[8..].try_into().expect("length checked"));
+            chunk.push(((KIND_DEDUP, id), dedup_record(&conn, &key, id, at)));
+            moved += 1;
+            if chunk.len() >= 1024 {
+                put(&mut chunk)?;
+            }
+        }
+        put(&mut chunk)?;
+        self.msgs.clear().map_err(unavailable)?;
+        self.dedup.clear().map_err(unavailable)?;
+        self.flush()?;
+        tracing::info!(records = moved, "sled: moved the queue into the queue log");
+        Ok(())
     }
 
     /// Stores written before peer keys were unique may list one key under several connections:
@@ -141,44 +196,50 @@ impl Inner {
             let n = u32::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt("attempts"))?);
             attempts.insert(id, n);
         }
-        for kv in self.msgs.iter() {
-            let (k, v) = kv.map_err(unavailable)?;
-            let id = decode_id(&k)?;
-            let m = decode_msg(&v)?;
-            if let Some(dk) = m.dedup_key.filter(|_| m.received_at_ms >= pruned_before) {
-                q.note_dedup(m.connection, dk, id, m.received_at_ms);
-            }
-            q.insert(
-                m.connection,
-                id,
-                Meta {
-                    size: m.payload.len() as u64,
-                    received_at_ms: m.received_at_ms,
-                    lease_until_ms: 0,
-                    owner: None,
-                    attempts: attempts.get(&id).copied().unwrap_or(0),
-                    expires_at_ms: m.expires_at_ms.unwrap_or(NEVER),
-                    dedup: m.dedup_key.is_some(),
-                },
-            );
-        }
-        for kv in self.dedup.iter() {
-            let (k, v) = kv.map_err(unavailable)?;
-            let (conn, key) = decode_dedup_key(&k)?;
-            if v.len() != 16 {
-                return Err(corrupt("dedup value"));
-            }
-            let id = i64::from_be_bytes(v[..8].try_into().expect("length checked"));
-            let at = i64::from_be_bytes(v[8..].try_into().expect("length checked"));
-            if at < pruned_before {
-                // Written by an acknowledgement racing the prune that dropped its entry.
-                stale.push(k);
-                continue;
-            }
-            q.note_dedup(&conn, key, id, at);
-        }
-        for k in stale {
-            self.dedup.remove(k).map_err(unavailable)?;
+        let mut queued: std::collections::HashSet<MessageId> = std::collections::HashSet::new();
+        self.log
+            .for_each(|(kind, id), v| {
+                let r = match kind {
+                    KIND_MSG => decode_msg(v).map(|m| {
+                        if let Some(dk) = m.dedup_key.filter(|_| m.received_at_ms >= pruned_before) {
+                            q.note_dedup(m.connection, dk, id, m.received_at_ms);
+                        }
+                        queued.insert(id);
+                        q.insert(
+                            m.connection,
+                            id,
+                            Meta {
+                                size: m.payload.len() as u64,
+                                received_at_ms: m.received_at_ms,
+                                lease_until_ms: 0,
+                                owner: None,
+                                attempts: attempts.get(&id).copied().unwrap_or(0),
+                                expires_at_ms: m.expires_at_ms.unwrap_or(NEVER),
+                                dedup: m.dedup_key.is_some(),
+                            },
+                        );
+                    }),
+                    KIND_DEDUP => decode_dedup_record(v).map(|(conn, key, id, at)| {
+                        if at < pruned_before {
+                            // Written by an acknowledgement racing the prune that dropped its entry.
+                            stale.push((KIND_DEDUP, id));
+                        } else {
+                            q.note_dedup(&conn, key, id, at);
+                        }
+                    }),
+                    other => Err(corrupt(&format!("queue log record kind {other}"))),
+                };
+                r.map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+            })
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidData => StoreError::Corrupt(format!("sled: {e}")),
+                _ => unavailable(e),
+            })?;
+        self.log.append(&[], &stale, false).map_err(unavailable)?;
+        // Attempt counts of messages gone (their removal reached the queue log, the count's
+        // removal did not reach sled before a crash).
+        for id in attempts.keys().filter(|id| !queued.contains(id)) {
+            self.attempts.remove(encode_id(*id)).map_err(unavailable)?;
         }
         q.dedup_count = q.dedup.values().map(|d| d.len() as u64).sum();
         q.dedup_order.make_contiguous().sort_by_key(|e| e.0);
@@ -199,10 +260,48 @@ impl Inner {
         }
     }
 
+    /// Flushes sled (the queue log's synced appends are on disk when they return).
     pub(super) fn flush(&self) -> StoreResult<()> {
         let r = self.db.flush();
         self.write_failed.store(r.is_err(), std::sync::atomic::Ordering::SeqCst);
         r.map_err(unavailable).map(|_| ())
+    }
+
+    /// Flushes sled and syncs the queue log (removals appended since its last synced append).
+    pub(super) fn flush_all(&self) -> StoreResult<()> {
+        self.flush()?;
+        let r = self.log.sync();
+        self.write_failed.store(r.is_err(), std::sync::atomic::Ordering::SeqCst);
+        r.map_err(unavailable)
+    }
+
+    /// A queued message's record.
+    pub(super) fn msg_record(&self, id: MessageId) -> StoreResult<Option<Vec<u8>>> {
+        self.log.get((KIND_MSG, id)).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => StoreError::Corrupt(format!("sled: {e}")),
+            _ => unavailable(e),
+        })
+    }
+
+    /// Appends dedup records `keep` and removes `msgs` and `dedups` (message ids) from the
+    /// queue log, in this order and in one write, not synced (see `forget_acked`).
+    pub(super) fn log_removal(
+        &self,
+        keep: &[(Key, Vec<u8>)],
+        msgs: &[MessageId],
+        dedups: &[MessageId],
+    ) -> StoreResult<()> {
+        let puts: Vec<(Key, &[u8])> = keep.iter().map(|(k, v)| (*k, &v[..])).collect();
+        let removes: Vec<Key> = msgs
+            .iter()
+            .map(|id| (KIND_MSG, *id))
+            .chain(dedups.iter().map(|id| (KIND_DEDUP, *id)))
+            .collect();
+        let r = self.log.append(&puts, &removes, false);
+        if r.is_err() {
+            self.write_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        r.map_err(unavailable)
     }
 
     /// Reads the messages just leased (id, attempts) and records their attempt counts.
@@ -210,7 +309,7 @@ impl Inner {
         let mut out = Vec::with_capacity(picked.len());
         for (id, n) in picked {
             // A message acked or expired meanwhile is simply not returned.
-            let Some(v) = self.msgs.get(encode_id(id)).map_err(unavailable)? else {
+            let Some(v) = self.msg_record(id)? else {
                 continue;
             };
             let m = decode_msg(&v)?;
@@ -231,78 +330,72 @@ impl Inner {
         Ok(out)
     }
 
-    /// Removes acknowledged messages from disk, one record at a time and not flushed (an
-    /// acknowledgement lost in a crash redelivers: at-least-once).
+    /// Removes acknowledged messages from disk, not synced (an acknowledgement lost in a crash
+    /// redelivers: at-least-once).
     ///
-    /// Not a `sled::Batch`: sled 0.34 writes out and syncs its current log buffer before and
-    /// after every batch (`PageCache::pin_log`), i.e. two `pwrite` + `sync_file_range` per
-    /// batch on sled's I/O threads. A live delivery applied three batches (the lease's attempt
-    /// count, then the ack's message and attempt removals): ~6 synced writes per message,
-    /// a quarter of the node's CPU in the live fan-out (docs/BENCHMARKS.md). Single records go
-    /// into the current buffer and reach the disk with the writer's next flush. Attempt counts go
-    /// first: sled recovers a prefix of its log, so a crash never leaves a count whose message
-    /// is gone (a message whose count is gone is delivered again with its count restarted).
+    /// Attempt counts are single sled records, not a `sled::Batch`: sled 0.34 writes out and
+    /// syncs its current log buffer before and after every batch (`PageCache::pin_log`), two
+    /// `pwrite` + `sync_file_range` per batch on sled's I/O threads; a live delivery applied
+    /// three batches, a quarter of the node's CPU in the live fan-out (docs/BENCHMARKS.md).
+    /// Single records reach the disk with sled's next flush. A count whose message is gone
+    /// (the queue log's removal landed, sled's did not) is dropped at the next open.
     ///
     /// `with_dedup`: those of `ids` whose record holds a dedup key ([`Meta::dedup`]); their
-    /// dedup records are kept first (`keep_dedup`).
+    /// dedup records are written in the same append, before the removals (`kept_dedup`).
     pub(super) fn forget_acked(&self, ids: &[MessageId], with_dedup: &[MessageId]) -> StoreResult<()> {
-        self.keep_dedup(with_dedup)?;
-        for id in ids {
-            self.attempts.remove(encode_id(*id)).map_err(unavailable)?;
-        }
-        for id in ids {
-            self.msgs.remove(encode_id(*id)).map_err(unavailable)?;
-        }
-        Ok(())
-    }
-
-    /// Writes the `dedup` record of messages about to leave the queue (acknowledged, expired by
-    /// their sender, dropped by an operator) whose dedup entry is still held, i.e. not yet
-    /// pruned: a copy sent again within the window is still a duplicate after a restart.
-    /// While a message is queued its own record is its dedup record, so ingest writes one
-    /// record per forward, not two, and a message that outlives its window (a wallet offline
-    /// longer than it) never has one. Called before the messages' removal: sled recovers a
-    /// prefix of its log, so a removal that survives a crash has its dedup record. Not flushed
-    /// (as the removal is not): a record lost in a crash is one whose message comes back.
-    ///
-    /// A prune that lands between the check and the insert leaves a record with no entry;
-    /// the next open deletes it (older than the persisted prune cutoff).
-    pub(super) fn keep_dedup(&self, ids: &[MessageId]) -> StoreResult<()> {
         if ids.is_empty() {
             return Ok(());
         }
+        let keep = self.kept_dedup(with_dedup)?;
+        for id in ids {
+            self.attempts.remove(encode_id(*id)).map_err(unavailable)?;
+        }
+        self.log_removal(&keep, ids, &[])
+    }
+
+    /// The dedup records of messages about to leave the queue (acknowledged, expired by their
+    /// sender, dropped by an operator) whose dedup entry is still held, i.e. not yet pruned: a
+    /// copy sent again within the window is still a duplicate after a restart. While a
+    /// message is queued its own record is its dedup record, so ingest writes one record per
+    /// forward, not two, and a message that outlives its window (a wallet offline longer than
+    /// it) never has one. Written in the append that removes the messages: the queue log
+    /// recovers a prefix, so a removal that survives a crash has its dedup record.
+    ///
+    /// A prune that lands between the check and the append leaves a record with no entry;
+    /// the next open removes it (older than the persisted prune cutoff).
+    pub(super) fn kept_dedup(&self, ids: &[MessageId]) -> StoreResult<Vec<(Key, Vec<u8>)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut records = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(v) = self.msgs.get(encode_id(*id)).map_err(unavailable)? {
+            if let Some(v) = self.msg_record(*id)? {
                 records.push((*id, v));
             }
         }
-        let keep: Vec<(Vec<u8>, Vec<u8>)> = {
-            let q = self.queues.lock();
-            let mut keep = Vec::with_capacity(records.len());
-            for (id, v) in &records {
-                let m = decode_msg(v)?;
-                let Some(dk) = m.dedup_key else { continue };
-                if q.dedup
-                    .get(m.connection)
-                    .and_then(|d| d.get(&dk))
-                    .is_some_and(|(held, _)| held == id)
-                {
-                    keep.push((dedup_tree_key(m.connection, &dk), dedup_value(*id, m.received_at_ms)));
-                }
+        let q = self.queues.lock();
+        let mut keep = Vec::with_capacity(records.len());
+        for (id, v) in &records {
+            let m = decode_msg(v)?;
+            let Some(dk) = m.dedup_key else { continue };
+            if q.dedup
+                .get(m.connection)
+                .and_then(|d| d.get(&dk))
+                .is_some_and(|(held, _)| held == id)
+            {
+                keep.push((
+                    (KIND_DEDUP, *id),
+                    dedup_record(m.connection, &dk, *id, m.received_at_ms),
+                ));
             }
-            keep
-        };
-        for (k, v) in keep {
-            self.dedup.insert(k, v).map_err(unavailable)?;
         }
-        Ok(())
+        Ok(keep)
     }
 
     /// Deletes every queued message of `conn` (and, with `dedup`, its dedup records). The caller
     /// holds `batch_lock`. Returns (messages, dedup records) removed.
     pub(super) fn remove_queue(&self, conn: &str, dedup: bool) -> StoreResult<(u64, u64)> {
-        let (ids, with_dedup, dedup_n) = {
+        let (ids, with_dedup, dedup_ids) = {
             let mut q = self.queues.lock();
             let mut with_dedup = Vec::new();
             let ids: Vec<MessageId> = match q.by_conn.remove(conn) {
@@ -318,37 +411,28 @@ impl Inner {
                 None => Vec::new(),
             };
             q.total -= ids.len() as u64;
-            let mut dedup_n = 0;
+            let mut dedup_ids = Vec::new();
             if dedup {
                 if let Some(d) = q.dedup.remove(conn) {
-                    dedup_n = d.len() as u64;
-                    q.dedup_count -= dedup_n;
+                    q.dedup_count -= d.len() as u64;
+                    dedup_ids = d.into_values().map(|(id, _)| id).collect();
                 }
             }
-            (ids, with_dedup, dedup_n)
+            (ids, with_dedup, dedup_ids)
         };
-        if !dedup {
-            // The queue goes, its dedup entries stay (as after an acknowledgement).
-            self.keep_dedup(&with_dedup)?;
-        }
-        let mut b = sled::Batch::default();
-        for id in &ids {
-            b.remove(&encode_id(*id));
-        }
+        // Without `dedup` the queue goes and its dedup entries stay (as after an
+        // acknowledgement).
+        let keep = if dedup {
+            Vec::new()
+        } else {
+            self.kept_dedup(&with_dedup)?
+        };
         let mut a = sled::Batch::default();
         for id in &ids {
             a.remove(&encode_id(*id));
         }
-        self.msgs.apply_batch(b).map_err(unavailable)?;
         self.attempts.apply_batch(a).map_err(unavailable)?;
-        if dedup {
-            let mut d = sled::Batch::default();
-            for kv in self.dedup.scan_prefix(conn_prefix(conn)) {
-                let (k, _) = kv.map_err(unavailable)?;
-                d.remove(k);
-            }
-            self.dedup.apply_batch(d).map_err(unavailable)?;
-        }
-        Ok((ids.len() as u64, dedup_n))
+        self.log_removal(&keep, &ids, &dedup_ids)?;
+        Ok((ids.len() as u64, dedup_ids.len() as u64))
     }
 }

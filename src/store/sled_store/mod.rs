@@ -7,16 +7,26 @@
 //!   write sequence. Written in the connection's transaction; several connections may share a
 //!   key, a lookup takes the most recently written one (as PostgreSQL does).
 //! - `keys`: routing key -> connection id; `conn_keys`: `len16(conn) conn key` -> () (keys_of).
-//! - `msgs`: id (u64 BE) -> fixed layout (see `encode_msg`): header, connection, recipient
-//!   key, dedup key, payload. JSON would double the size of binary payloads.
 //! - `attempts`: id -> u32 BE, written when a message is leased (not flushed on its own).
-//! - `dedup`: `len16(conn) key32` -> id (i64 BE) + received_at (i64 BE): the dedup records of
-//!   messages no longer queued. A queued message's record is its own message record (which holds
-//!   its dedup key); the `dedup` record is written only when the message leaves the queue while
-//!   its dedup entry is still in the window (`keep_dedup`). Ingest writes one record a forward.
+//! - `msgs`, `dedup`: where stores written before the queue log kept their messages and dedup
+//!   records; moved into the log at open (`migrate_trees`), empty afterwards.
+//!
+//! The queue log (`queue_log.rs`, in `<path>/queue/`): append-only segment files holding
+//! - queued messages, keyed by id, in a fixed layout (see `encode_msg`): header, connection,
+//!   recipient key, dedup key, payload (JSON would double the size of binary payloads);
+//! - dedup records of messages no longer queued: `len16(conn) key32 id received_at`. A queued
+//!   message's record is its own dedup record (it holds its dedup key); a dedup record is
+//!   written only when the message leaves the queue while its dedup entry is still in the
+//!   window, in the append that removes the message (`kept_dedup`).
+//!
+//! Ingest writes one log record a forward and one append and `fdatasync` a batch; sled's insert
+//! cost 11-15 us of CPU a message, whatever its size (docs/BENCHMARKS.md, "The queue log").
+//! Removals are tombstones appended without a sync (at-least-once); the supervisor thread
+//! compacts the log (copies the live records of the oldest segment forward, deletes segments
+//! that hold nothing live).
 //!
 //! The queue is indexed in memory (`Queues`: per connection, id -> size, time, lease), rebuilt
-//! from `msgs`/`attempts`/`dedup` at open. sled allows one process per database, so this
+//! from the queue log and `attempts` at open. sled allows one process per database, so this
 //! process's memory is the only place leases live: they are deliberately not persisted, a
 //! restart makes every message pending again (at-least-once). `lease`, `ack`, `release` only
 //! take the in-memory lock for their decision and never wait for a disk flush.
@@ -39,12 +49,14 @@
 //!
 //! Files: `inner.rs` (the open database: trees, open and index rebuild, reads, removals),
 //! `writer.rs` (the writer thread and its batch), `index.rs` (the in-memory queue index),
-//! `records.rs` (the on-disk encodings), `supervisor.rs` (reopen after a write failure),
+//! `queue_log.rs` (the queue's segment files), `records.rs` (the on-disk encodings),
+//! `supervisor.rs` (reopen after a write failure, the queue log's compaction),
 //! `store_trait.rs` (the [`Store`](super::Store) trait on all of it); this file holds the
 //! handle, its threads and how calls reach them.
 
 mod index;
 mod inner;
+mod queue_log;
 mod records;
 mod store_trait;
 mod supervisor;
@@ -63,7 +75,8 @@ use super::{
 };
 use index::Meta;
 use inner::Inner;
-use records::{decode_msg, encode_id};
+use queue_log::QueueLog;
+use records::decode_msg;
 use supervisor::{supervisor_loop, Slot};
 use writer::{writer_loop, EnqueueReq};
 
@@ -83,6 +96,8 @@ const NEVER: i64 = i64::MAX;
 /// sled page cache when the config does not say (`store.sled_cache_mib`, 64).
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
 const IDENTITY_KEY: &[u8] = b"identity";
+/// The queue log's directory inside the database's (`queue_log.rs`).
+const QUEUE_LOG_DIR: &str = "queue";
 /// `meta` key: the latest cutoff [`Store::prune_dedup`] was called with (i64 BE). Dedup entries
 /// older than it are past their window: the index rebuilt at open leaves them out, as the
 /// process before it had pruned them (or was about to).
@@ -218,13 +233,24 @@ impl SledStore {
 
     async fn open_config(cfg: sled::Config) -> StoreResult<SledStore> {
         let config = cfg.clone();
-        let inner = tokio::task::spawn_blocking(move || Inner::open(cfg))
-            .await
-            .map_err(unavailable)??;
+        let (inner, log) = tokio::task::spawn_blocking(move || -> StoreResult<(Inner, Arc<QueueLog>)> {
+            let log = Arc::new(
+                if cfg.temporary {
+                    QueueLog::temporary()
+                } else {
+                    QueueLog::open(&cfg.get_path().join(QUEUE_LOG_DIR))
+                }
+                .map_err(unavailable)?,
+            );
+            Ok((Inner::open(cfg, log.clone())?, log))
+        })
+        .await
+        .map_err(unavailable)??;
         // A temporary database is gone with its handle: there is nothing to reopen.
         let dir = (!config.temporary).then(|| config.get_path());
         let slot = Arc::new(Slot {
             current: parking_lot::RwLock::new(Some(Arc::new(inner))),
+            log,
             config,
             stop: std::sync::atomic::AtomicBool::new(false),
             reopens: std::sync::atomic::AtomicU64::new(0),
@@ -304,7 +330,7 @@ impl SledStore {
                         if matching.len() >= max {
                             break;
                         }
-                        if let Some(v) = inner.msgs.get(encode_id(id)).map_err(unavailable)? {
+                        if let Some(v) = inner.msg_record(id)? {
                             if decode_msg(&v)?.recipient_key == key.as_str() {
                                 matching.push(id);
                             }
@@ -411,10 +437,10 @@ impl SledStore {
             .map_err(|_| StoreError::Unavailable("sled: the live path's task failed".into()))?
     }
 
-    /// Records in the `dedup` tree (tests: what ingest and removals write).
+    /// Dedup records in the queue log (tests: what ingest and removals write).
     #[cfg(test)]
     pub(crate) fn dedup_tree_len_for_test(&self) -> usize {
-        self.slot.get().expect("store open").dedup.len()
+        self.slot.log.count(records::KIND_DEDUP)
     }
 
     /// A job that panics on the live path's thread (tests).
@@ -433,5 +459,88 @@ impl SledStore {
         tokio::task::spawn_blocking(move || inner.run(f))
             .await
             .map_err(|e| StoreError::Unavailable(format!("blocking task failed: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::records::{dedup_tree_key, dedup_value, encode_id, encode_msg};
+    use super::*;
+    use crate::store::Store;
+
+    fn new_msg(conn: &str, payload: &str, at: i64, dedup: Option<u8>) -> NewMessage {
+        NewMessage {
+            connection: conn.to_owned(),
+            recipient_key: format!("rk-{conn}"),
+            payload: payload.as_bytes().to_vec(),
+            received_at_ms: at,
+            dedup_key: dedup.map(|k| [k; 32]),
+            expires_at_ms: None,
+            lease: None,
+        }
+    }
+
+    /// A database written before the queue log kept its messages and dedup records in the
+    /// `msgs` and `dedup` trees: the first open moves them into the log, empties the trees,
+    /// and the store serves them as before (queue, dedup window, new ids after the old ones).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_written_before_the_queue_log_is_moved_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let mut last_id = 0;
+        {
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let msgs = db.open_tree("msgs").unwrap();
+            for i in 0..3u8 {
+                let id = db.generate_id().unwrap() as i64 + 1;
+                last_id = id;
+                let m = new_msg("c", &format!("old-{i}"), t0 + i64::from(i), Some(i));
+                msgs.insert(encode_id(id), encode_msg(&m)).unwrap();
+            }
+            // The dedup record of a message acknowledged before the upgrade.
+            db.open_tree("dedup")
+                .unwrap()
+                .insert(dedup_tree_key("c", &[9; 32]), dedup_value(1_000, t0))
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path()).await.unwrap();
+        let got = s.lease("c", 10, "o", t0 + 10, t0 + 1_000).await.unwrap();
+        let payloads: Vec<String> = got
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+            .collect();
+        assert_eq!(payloads, ["old-0", "old-1", "old-2"]);
+        let lim = EnqueueLimits {
+            dedup_window_ms: 60_000,
+            ..EnqueueLimits::UNLIMITED
+        };
+        // A copy of the acknowledged message and of a queued one: duplicates; a new one is not.
+        let r = s
+            .enqueue(
+                vec![
+                    new_msg("c", "again", t0 + 20, Some(9)),
+                    new_msg("c", "old-1 again", t0 + 20, Some(1)),
+                    new_msg("c", "new", t0 + 20, Some(7)),
+                ],
+                &lim,
+            )
+            .await
+            .unwrap();
+        let r: Vec<Enqueued> = r.into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            (r[0].duplicate, r[0].id, r[1].duplicate, r[2].duplicate),
+            (true, 1_000, true, false)
+        );
+        assert!(r[2].id > last_id, "new id {} after the old ones ({last_id})", r[2].id);
+        {
+            let inner = s.slot.get().unwrap();
+            assert!(inner.msgs.is_empty() && inner.dedup.is_empty(), "trees emptied");
+        }
+        drop(s);
+        // Once more: served from the queue log alone.
+        let s = SledStore::open(dir.path()).await.unwrap();
+        assert_eq!(s.total_queued().await.unwrap(), 4);
+        assert_eq!(s.dedup_tree_len_for_test(), 1);
     }
 }

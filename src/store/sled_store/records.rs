@@ -117,6 +117,27 @@ pub(super) fn decode_dedup_key(k: &[u8]) -> StoreResult<(String, [u8; 32])> {
     Ok((conn.to_owned(), key))
 }
 
+/// Queue log kinds: a queued message (body: [`encode_msg`]), and the dedup record of a message
+/// that left the queue inside its window (body: [`dedup_record`]), both keyed by message id.
+pub(super) const KIND_MSG: u8 = 1;
+pub(super) const KIND_DEDUP: u8 = 2;
+
+/// A dedup record's body in the queue log: `dedup_tree_key(conn, key) | dedup_value(id, at)`.
+pub(super) fn dedup_record(conn: &str, key: &[u8; 32], id: MessageId, at: i64) -> Vec<u8> {
+    let mut out = dedup_tree_key(conn, key);
+    out.extend_from_slice(&dedup_value(id, at));
+    out
+}
+
+/// (connection, dedup key, message id, received at) of a [`dedup_record`].
+pub(super) fn decode_dedup_record(v: &[u8]) -> StoreResult<(String, [u8; 32], MessageId, i64)> {
+    let split = v.len().checked_sub(16).ok_or_else(|| corrupt("dedup record"))?;
+    let (conn, key) = decode_dedup_key(&v[..split])?;
+    let id = i64::from_be_bytes(v[split..split + 8].try_into().expect("8 bytes"));
+    let at = i64::from_be_bytes(v[split + 8..].try_into().expect("8 bytes"));
+    Ok((conn, key, id, at))
+}
+
 pub(super) fn dedup_value(id: MessageId, at: i64) -> Vec<u8> {
     let mut v = Vec::with_capacity(16);
     v.extend_from_slice(&id.to_be_bytes());

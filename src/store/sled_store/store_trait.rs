@@ -6,9 +6,7 @@ use std::sync::Arc;
 use sled::transaction::ConflictableTransactionError;
 use sled::Transactional;
 
-use super::records::{
-    conn_key_entry, conn_prefix, decode_conn, decode_msg, dedup_tree_key, encode_id, latest_of, pair_key, tx_err,
-};
+use super::records::{conn_key_entry, conn_prefix, decode_conn, decode_msg, encode_id, latest_of, pair_key, tx_err};
 use super::{corrupt, unavailable, SledStore, DEDUP_PRUNED_BEFORE_KEY, IDENTITY_KEY, NEVER};
 use crate::store::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
@@ -361,7 +359,7 @@ impl Store for SledStore {
         self.blocking(move |inner| {
             let mut s = PendingStats::default();
             for (id, received) in pending {
-                let Some(v) = inner.msgs.get(encode_id(id)).map_err(unavailable)? else {
+                let Some(v) = inner.msg_record(id)? else {
                     continue;
                 };
                 if decode_msg(&v)?.recipient_key == key {
@@ -533,24 +531,23 @@ impl Store for SledStore {
                     let (at, conn, key) = q.dedup_order.pop_front().expect("front checked");
                     let Some(d) = q.dedup.get_mut(&conn) else { continue };
                     // Replaced by a later copy: that one has its own entry further on.
-                    if d.get(&key).map(|(_, a)| *a) != Some(at) {
-                        continue;
-                    }
+                    let id = match d.get(&key) {
+                        Some((id, a)) if *a == at => *id,
+                        _ => continue,
+                    };
                     d.remove(&key);
                     if d.is_empty() {
                         q.dedup.remove(&conn);
                     }
                     q.dedup_count -= 1;
-                    removed.push(dedup_tree_key(&conn, &key));
+                    removed.push(id);
                 }
                 (removed, newer_cutoff)
             };
             let n = removed.len() as u64;
-            // Single records (see `forget_acked`); most entries are of queued messages and have
-            // no record (removing a missing key writes nothing).
-            for k in removed {
-                inner.dedup.remove(k).map_err(unavailable)?;
-            }
+            // Most entries are of queued messages and have no dedup record (removing a key that
+            // is not in the queue log writes nothing).
+            inner.log_removal(&[], &[], &removed)?;
             if newer_cutoff {
                 // Not flushed: a cutoff lost in a crash only loads entries the next prune drops.
                 inner
@@ -592,10 +589,10 @@ impl Store for SledStore {
                 q.total -= removed.len() as u64;
                 let mut dedup_removed = Vec::new();
                 let count = &mut q.dedup_count;
-                q.dedup.retain(|conn, d| {
-                    d.retain(|k, (_, at)| {
+                q.dedup.retain(|_, d| {
+                    d.retain(|_, (id, at)| {
                         if *at < received_before_ms {
-                            dedup_removed.push(dedup_tree_key(conn, k));
+                            dedup_removed.push(*id);
                             *count -= 1;
                             false
                         } else {
@@ -616,19 +613,12 @@ impl Store for SledStore {
                 });
                 (removed, dedup_removed)
             };
-            let mut b = sled::Batch::default();
             let mut a = sled::Batch::default();
             for id in &removed {
-                b.remove(&encode_id(*id));
                 a.remove(&encode_id(*id));
             }
-            let mut d = sled::Batch::default();
-            for k in dedup_removed {
-                d.remove(k);
-            }
-            inner.msgs.apply_batch(b).map_err(unavailable)?;
             inner.attempts.apply_batch(a).map_err(unavailable)?;
-            inner.dedup.apply_batch(d).map_err(unavailable)?;
+            inner.log_removal(&[], &removed, &dedup_removed)?;
             Ok(removed.len() as u64)
         })
         .await
@@ -679,7 +669,7 @@ impl Store for SledStore {
     }
 
     async fn flush(&self) -> StoreResult<()> {
-        self.blocking(|inner| inner.flush()).await
+        self.blocking(|inner| inner.flush_all()).await
     }
 
     async fn device_of(&self, conn: &str) -> StoreResult<Option<Device>> {

@@ -8,6 +8,7 @@ use parking_lot::Mutex;
 
 use super::index::Leases;
 use super::inner::Inner;
+use super::queue_log::QueueLog;
 use super::REOPEN_WAIT;
 use crate::store::{StoreError, StoreResult};
 
@@ -29,6 +30,8 @@ const REOPEN_SPACE: usize = 2 << 20;
 /// the node) never see the swap.
 pub(super) struct Slot {
     pub(super) current: parking_lot::RwLock<Option<Arc<Inner>>>,
+    /// The queue log: it outlives the handles a reopen replaces (it latches no error).
+    pub(super) log: Arc<QueueLog>,
     pub(super) config: sled::Config,
     /// The database's directory (None: temporary), where the space probe is written.
     pub(super) dir: Option<PathBuf>,
@@ -52,10 +55,14 @@ impl Slot {
     fn supervise(&self) {
         let current = self.current.read().clone();
         if let Some(inner) = current {
-            if !inner.write_failed.load(std::sync::atomic::Ordering::SeqCst) || inner.flush().is_ok() {
+            if !inner.write_failed.load(std::sync::atomic::Ordering::SeqCst) {
                 return;
             }
+            // Space first: a sync of the queue log succeeds on a full disk (nothing to write).
             if !self.space_back() {
+                return;
+            }
+            if inner.flush_all().is_ok() {
                 return;
             }
             tracing::warn!("sled: writes still fail after an I/O error (sled latches it): reopening the database");
@@ -85,7 +92,7 @@ impl Slot {
     pub(super) fn reopen(&self) {
         let deadline = std::time::Instant::now() + REOPEN_WAIT;
         let inner = loop {
-            match Inner::open(self.config.clone()) {
+            match Inner::open(self.config.clone(), self.log.clone()) {
                 Ok(inner) => break inner,
                 // sled's flusher thread may still hold the lock a moment after the drop.
                 Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < deadline => {
@@ -123,11 +130,16 @@ impl Slot {
     }
 }
 
+/// Supervises and compacts the queue log (`QueueLog::compact`) until the store is dropped.
 pub(super) fn supervisor_loop(slot: Arc<Slot>) {
-    while !slot.stop.load(std::sync::atomic::Ordering::SeqCst) {
+    let stop = || slot.stop.load(std::sync::atomic::Ordering::SeqCst);
+    while !stop() {
         std::thread::park_timeout(SUPERVISE_EVERY);
-        if !slot.stop.load(std::sync::atomic::Ordering::SeqCst) {
+        if !stop() {
             slot.supervise();
+            if let Err(e) = slot.log.compact(&stop) {
+                tracing::warn!(error = %e, "queue log: compaction failed (tried again shortly)");
+            }
         }
     }
 }

@@ -1,0 +1,706 @@
+//! The queue log: queued messages (and the dedup records of messages that left the queue) in
+//! append-only segment files beside the sled database, not in a sled tree.
+//!
+//! Why: sled 0.34 spends 11-15 us of CPU on every insert, whatever the record's size (its
+//! page cache, its log buffer, its tree): as much as everything else mailroom does for a
+//! forward besides the unpack (docs/BENCHMARKS.md, "The store's share"). Here the writer's
+//! whole batch is one `pwrite` and one `fdatasync`, and the queued bytes live in the kernel's
+//! page cache instead of the process's (sled's cache held ~1 KiB of RSS per queued message).
+//!
+//! Files: `<dir>/NNNNNNNNNNNNNNNN.qlog` (hex segment number), written in order; `<dir>/lock`
+//! (an exclusive lock: one open log per directory, as sled allows one process per database).
+//!
+//! Record: `crc32 u32 | kind u8 | id i64 | len u32 | body` (little-endian; the CRC covers
+//! what follows it). A record's key is `(kind, id)`; a tombstone is the kind with
+//! [`TOMBSTONE`] set and no body. What holds:
+//! - **Order is the truth.** Replaying the segments in order (a record puts its key, a
+//!   tombstone removes it) gives the live records. Every append and every change of the live
+//!   set happen under one lock, so the files' order is the order of the changes.
+//! - **A torn tail is dropped.** Replay stops a segment at its first record that is cut short
+//!   or fails its CRC (a crash mid-append; nothing after it was ever answered as durable: a
+//!   failed append truncates its segment back, or the log moves to a new segment).
+//! - **Segments go oldest first.** A tombstone may name a record of any older segment, so a
+//!   segment is deleted only when it is the oldest and holds no live record; compaction copies
+//!   the live records of the oldest segment to the end of the log (synced) before deleting it.
+//! - **Durability is the caller's choice.** [`QueueLog::append`] with `sync` returns once the
+//!   records are on disk (`fdatasync`); without it (removals: an acknowledgement lost in a
+//!   crash delivers again, at-least-once) they are in the kernel when it returns, and on disk
+//!   with the next synced append.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::store::MessageId;
+
+/// Set on a kind: the record removes its key.
+pub(super) const TOMBSTONE: u8 = 0x80;
+const HEADER: usize = 4 + 1 + 8 + 4;
+/// A segment is closed (the next append starts a new one) once it is this long.
+pub(super) const SEGMENT_BYTES: u64 = 64 << 20;
+/// Compaction copies at most this many bytes per pass under the lock.
+const COPY_CHUNK: usize = 4 << 20;
+
+/// A record's key: its kind and its id.
+pub(super) type Key = (u8, MessageId);
+
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    seg: u64,
+    /// Offset of the record's header.
+    off: u64,
+    /// Body length.
+    len: u32,
+}
+
+impl Loc {
+    fn size(&self) -> u64 {
+        HEADER as u64 + u64::from(self.len)
+    }
+}
+
+struct Segment {
+    file: Arc<File>,
+    /// Bytes written (the append offset of the current segment).
+    bytes: u64,
+    /// Bytes of its live records.
+    live: u64,
+}
+
+struct State {
+    live: HashMap<Key, Loc>,
+    segments: BTreeMap<u64, Segment>,
+    current: u64,
+    /// The current segment may end in a torn record (a failed append could not truncate it):
+    /// the next append starts a new segment.
+    roll: bool,
+}
+
+pub(super) struct QueueLog {
+    dir: PathBuf,
+    state: Mutex<State>,
+    segment_bytes: u64,
+    /// Holds the directory's lock while open.
+    _lock: File,
+    /// Remove the directory when dropped (a temporary store's log).
+    remove_on_drop: bool,
+}
+
+fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("{n:016x}.qlog"))
+}
+
+fn corrupt(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn encode(out: &mut Vec<u8>, kind: u8, id: MessageId, body: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    out.push(kind);
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
+    let crc = crc32fast::hash(&out[start + 4..]);
+    out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// One record read at `off` of `buf`: (kind, id, body, size), or None at a torn or corrupt tail.
+fn decode(buf: &[u8], off: usize) -> Option<(u8, MessageId, &[u8], usize)> {
+    let h = buf.get(off..off + HEADER)?;
+    let len = u32::from_le_bytes(h[13..17].try_into().expect("4 bytes")) as usize;
+    let rec = buf.get(off..off + HEADER + len)?;
+    if crc32fast::hash(&rec[4..]) != u32::from_le_bytes(h[..4].try_into().expect("4 bytes")) {
+        return None;
+    }
+    let id = i64::from_le_bytes(h[5..13].try_into().expect("8 bytes"));
+    Some((h[4], id, &rec[HEADER..], HEADER + len))
+}
+
+impl QueueLog {
+    /// Opens (or creates) the log in `dir`: replays its segments and starts a new one. Fails
+    /// with an error naming "lock" while another handle holds the directory.
+    pub(super) fn open(dir: &Path) -> io::Result<QueueLog> {
+        Self::open_with(dir, SEGMENT_BYTES, false)
+    }
+
+    /// A log in a new directory under the system's temporary directory, removed when dropped.
+    pub(super) fn temporary() -> io::Result<QueueLog> {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "mailroom-queue-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        Self::open_with(&dir, SEGMENT_BYTES, true)
+    }
+
+    pub(super) fn open_with(dir: &Path, segment_bytes: u64, remove_on_drop: bool) -> io::Result<QueueLog> {
+        std::fs::create_dir_all(dir)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))?;
+        // fs2 (sled's own lock crate), not `File::try_lock`: Rust 1.89, the crate's MSRV is 1.80.
+        fs2::FileExt::try_lock_exclusive(&lock).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("queue log {}: lock held by another handle ({e})", dir.display()),
+            )
+        })?;
+        let mut numbers = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let name = entry?.file_name();
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".qlog")) else {
+                continue;
+            };
+            match u64::from_str_radix(stem, 16) {
+                Ok(n) => numbers.push(n),
+                Err(_) => tracing::warn!(file = ?name, "queue log: ignoring a file not named as a segment"),
+            }
+        }
+        numbers.sort_unstable();
+        let mut state = State {
+            live: HashMap::new(),
+            segments: BTreeMap::new(),
+            current: 0,
+            roll: false,
+        };
+        for n in numbers {
+            let path = segment_path(dir, n);
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let buf = std::fs::read(&path)?;
+            let mut off = 0;
+            while off < buf.len() {
+                let Some((kind, id, body, size)) = decode(&buf, off) else {
+                    break;
+                };
+                if kind & TOMBSTONE != 0 {
+                    if let Some(old) = state.live.remove(&(kind & !TOMBSTONE, id)) {
+                        if let Some(s) = state.segments.get_mut(&old.seg) {
+                            s.live -= old.size();
+                        }
+                    }
+                } else {
+                    let loc = Loc {
+                        seg: n,
+                        off: off as u64,
+                        len: body.len() as u32,
+                    };
+                    if let Some(old) = state.live.insert((kind, id), loc) {
+                        if let Some(s) = state.segments.get_mut(&old.seg) {
+                            s.live -= old.size();
+                        }
+                    }
+                    state
+                        .segments
+                        .entry(n)
+                        .or_insert_with(|| Segment {
+                            file: Arc::new(file.try_clone().expect("clone of an open file")),
+                            bytes: 0,
+                            live: 0,
+                        })
+                        .live += loc.size();
+                }
+                off += size;
+            }
+            if off < buf.len() {
+                tracing::warn!(
+                    segment = %path.display(),
+                    dropped = buf.len() - off,
+                    "queue log: dropped a torn or corrupt tail (a crash mid-append)"
+                );
+                file.set_len(off as u64)?;
+                file.sync_all()?;
+            }
+            let seg = state.segments.entry(n).or_insert_with(|| Segment {
+                file: Arc::new(file),
+                bytes: 0,
+                live: 0,
+            });
+            seg.bytes = off as u64;
+            state.current = n;
+        }
+        let log = QueueLog {
+            dir: dir.to_owned(),
+            state: Mutex::new(state),
+            segment_bytes,
+            _lock: lock,
+            remove_on_drop,
+        };
+        // Appends never go to a segment written before: a new one for this handle.
+        {
+            let mut st = log.state.lock();
+            log.start_segment(&mut st)?;
+        }
+        log.delete_empty_oldest()?;
+        Ok(log)
+    }
+
+    fn start_segment(&self, st: &mut State) -> io::Result<()> {
+        let n = st.segments.keys().next_back().map_or(1, |n| n + 1);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(segment_path(&self.dir, n))?;
+        sync_dir(&self.dir)?;
+        st.segments.insert(
+            n,
+            Segment {
+                file: Arc::new(file),
+                bytes: 0,
+                live: 0,
+            },
+        );
+        st.current = n;
+        st.roll = false;
+        Ok(())
+    }
+
+    /// Writes `buf` at the end of the current segment (under the lock); on failure truncates
+    /// it back, or has the next append start a new segment. Returns the segment, its file and
+    /// the offset written at.
+    fn write(&self, st: &mut State, buf: &[u8]) -> io::Result<(u64, Arc<File>, u64)> {
+        let full = st
+            .segments
+            .get(&st.current)
+            .map_or(true, |s| s.bytes > 0 && s.bytes + buf.len() as u64 > self.segment_bytes);
+        if st.roll || full {
+            self.start_segment(st)?;
+        }
+        let seg = st.segments.get_mut(&st.current).expect("current segment");
+        let off = seg.bytes;
+        if let Err(e) = seg.file.write_all_at(buf, off) {
+            if seg.file.set_len(off).is_err() {
+                st.roll = true;
+            }
+            return Err(e);
+        }
+        seg.bytes += buf.len() as u64;
+        Ok((st.current, seg.file.clone(), off))
+    }
+
+    /// Appends `puts` (key, body) and tombstones for those of `removes` that are live, in this
+    /// order, in one write; with `sync`, returns once they are on disk. Removing a key that is
+    /// not live writes nothing for it. An error leaves the live set as it was.
+    pub(super) fn append(&self, puts: &[(Key, &[u8])], removes: &[Key], sync: bool) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(puts.iter().map(|(_, b)| HEADER + b.len()).sum::<usize>());
+        for ((kind, id), body) in puts {
+            encode(&mut buf, *kind, *id, body);
+        }
+        let file = {
+            let mut st = self.state.lock();
+            let mut tombstones = 0;
+            for (kind, id) in removes {
+                if st.live.contains_key(&(*kind, *id)) {
+                    encode(&mut buf, kind | TOMBSTONE, *id, &[]);
+                    tombstones += 1;
+                }
+            }
+            if buf.is_empty() {
+                return Ok(());
+            }
+            let (seg, file, base) = self.write(&mut st, &buf)?;
+            let mut off = base;
+            for ((kind, id), body) in puts {
+                let loc = Loc {
+                    seg,
+                    off,
+                    len: body.len() as u32,
+                };
+                off += loc.size();
+                self.set_live(&mut st, (*kind, *id), Some(loc));
+            }
+            if tombstones > 0 {
+                for key in removes {
+                    self.set_live(&mut st, *key, None);
+                }
+            }
+            file
+        };
+        if sync {
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn set_live(&self, st: &mut State, key: Key, loc: Option<Loc>) {
+        let old = match loc {
+            Some(loc) => {
+                if let Some(s) = st.segments.get_mut(&loc.seg) {
+                    s.live += loc.size();
+                }
+                st.live.insert(key, loc)
+            }
+            None => st.live.remove(&key),
+        };
+        if let Some(old) = old {
+            if let Some(s) = st.segments.get_mut(&old.seg) {
+                s.live -= old.size();
+            }
+        }
+    }
+
+    /// The body of a live record.
+    pub(super) fn get(&self, key: Key) -> io::Result<Option<Vec<u8>>> {
+        let (loc, file) = {
+            let st = self.state.lock();
+            let Some(loc) = st.live.get(&key).copied() else {
+                return Ok(None);
+            };
+            let file = st.segments.get(&loc.seg).expect("a live record's segment").file.clone();
+            (loc, file)
+        };
+        let mut rec = vec![0u8; loc.size() as usize];
+        file.read_exact_at(&mut rec, loc.off)?;
+        match decode(&rec, 0) {
+            Some((kind, id, body, _)) if (kind, id) == key => Ok(Some(body.to_vec())),
+            _ => Err(corrupt(format!(
+                "queue log: record {key:?} at {}:{} does not read back",
+                loc.seg, loc.off
+            ))),
+        }
+    }
+
+    /// Syncs the current segment (what was appended without `sync` is then on disk).
+    pub(super) fn sync(&self) -> io::Result<()> {
+        let file = {
+            let st = self.state.lock();
+            st.segments.get(&st.current).map(|s| s.file.clone())
+        };
+        match file {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
+    }
+
+    /// Calls `f` with every live record, in the order they were written.
+    pub(super) fn for_each(&self, mut f: impl FnMut(Key, &[u8]) -> io::Result<()>) -> io::Result<()> {
+        let mut locs: Vec<(Key, Loc)> = self.state.lock().live.iter().map(|(k, l)| (*k, *l)).collect();
+        locs.sort_unstable_by_key(|(_, l)| (l.seg, l.off));
+        for (key, _) in locs {
+            if let Some(body) = self.get(key)? {
+                f(key, &body)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Live records of `kind`.
+    #[cfg(test)]
+    pub(super) fn count(&self, kind: u8) -> usize {
+        self.state.lock().live.keys().filter(|(k, _)| *k == kind).count()
+    }
+
+    /// (segments, bytes in them, bytes of live records).
+    #[cfg(test)]
+    pub(super) fn usage(&self) -> (usize, u64, u64) {
+        let st = self.state.lock();
+        let (bytes, live) = st.segments.values().fold((0, 0), |(b, l), s| (b + s.bytes, l + s.live));
+        (st.segments.len(), bytes, live)
+    }
+
+    /// Deletes the oldest segments while they hold no live record (never the current one).
+    /// Returns whether it deleted any.
+    fn delete_empty_oldest(&self) -> io::Result<bool> {
+        let mut deleted = false;
+        loop {
+            let n = {
+                let mut st = self.state.lock();
+                let Some((&n, s)) = st.segments.iter().next() else {
+                    break;
+                };
+                if n == st.current || s.live > 0 {
+                    break;
+                }
+                st.segments.remove(&n);
+                n
+            };
+            std::fs::remove_file(segment_path(&self.dir, n))?;
+            deleted = true;
+        }
+        if deleted {
+            // A deletion lost in a crash could bring back records whose tombstones are in
+            // segments deleted after it.
+            sync_dir(&self.dir)?;
+        }
+        Ok(deleted)
+    }
+
+    /// One step of compaction: deletes the oldest segments that hold nothing live, and while
+    /// the log holds more dead bytes than `max(live bytes, one segment)`, copies live records
+    /// of the oldest segment (up to [`COPY_CHUNK`] bytes) to the end of the log, synced, so
+    /// that it can go. Returns whether it did anything.
+    pub(super) fn compact_step(&self) -> io::Result<bool> {
+        let mut did = self.delete_empty_oldest()?;
+        let (locs, file) = {
+            let st = self.state.lock();
+            let (bytes, live) = st.segments.values().fold((0, 0), |(b, l), s| (b + s.bytes, l + s.live));
+            let Some((&oldest, seg)) = st.segments.iter().next() else {
+                return Ok(did);
+            };
+            if oldest == st.current || bytes - live <= live.max(self.segment_bytes) {
+                return Ok(did);
+            }
+            let mut locs: Vec<(Key, Loc)> = st
+                .live
+                .iter()
+                .filter(|(_, l)| l.seg == oldest)
+                .map(|(k, l)| (*k, *l))
+                .collect();
+            locs.sort_unstable_by_key(|(_, l)| l.off);
+            let mut size = 0;
+            locs.retain(|(_, l)| {
+                size += l.size() as usize;
+                size <= COPY_CHUNK || size == l.size() as usize
+            });
+            (locs, seg.file.clone())
+        };
+        // Read outside the lock: the records of a segment that is not current never change.
+        let mut read = Vec::with_capacity(locs.len());
+        for (key, loc) in locs {
+            let mut rec = vec![0u8; loc.size() as usize];
+            file.read_exact_at(&mut rec, loc.off)?;
+            read.push((key, loc, rec));
+        }
+        let copied = {
+            let mut st = self.state.lock();
+            // Only those still live where they were read: a record removed meanwhile has its
+            // tombstone written, and a copy after it would bring it back at the next open.
+            let still: Vec<&(Key, Loc, Vec<u8>)> = read
+                .iter()
+                .filter(|(k, l, _)| st.live.get(k).is_some_and(|now| now.seg == l.seg && now.off == l.off))
+                .collect();
+            let buf: Vec<u8> = still.iter().flat_map(|(_, _, rec)| rec.iter().copied()).collect();
+            if buf.is_empty() {
+                None
+            } else {
+                let (seg, file, mut off) = self.write(&mut st, &buf)?;
+                for (key, old, _) in still {
+                    let loc = Loc { seg, off, len: old.len };
+                    off += loc.size();
+                    self.set_live(&mut st, *key, Some(loc));
+                }
+                Some(file)
+            }
+        };
+        if let Some(f) = copied {
+            // The copies are on disk before their originals' segment can go.
+            f.sync_data()?;
+            did = true;
+        }
+        Ok(self.delete_empty_oldest()? || did || !read.is_empty())
+    }
+
+    /// Compacts until there is nothing to do, `stop` says so, or 64 steps are done (the caller
+    /// calls again).
+    pub(super) fn compact(&self, stop: &dyn Fn() -> bool) -> io::Result<()> {
+        for _ in 0..64 {
+            if stop() || !self.compact_step()? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for QueueLog {
+    fn drop(&mut self) {
+        if self.remove_on_drop {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MSG: u8 = 1;
+    const DEDUP: u8 = 2;
+
+    fn compact_all(log: &QueueLog) {
+        while log.compact_step().unwrap() {}
+    }
+
+    fn body(id: MessageId, n: usize) -> Vec<u8> {
+        (0..n).map(|i| (id as usize + i) as u8).collect()
+    }
+
+    #[test]
+    fn records_come_back_after_a_reopen_and_tombstones_remove_them() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = QueueLog::open(dir.path()).unwrap();
+            let bodies: Vec<Vec<u8>> = (1..=10).map(|i| body(i, 100)).collect();
+            let puts: Vec<(Key, &[u8])> = (1..=10).map(|i| ((MSG, i), &bodies[i as usize - 1][..])).collect();
+            log.append(&puts, &[], true).unwrap();
+            log.append(&[((DEDUP, 3), b"d3")], &[(MSG, 3), (MSG, 4), (MSG, 99)], false)
+                .unwrap();
+            assert_eq!(log.get((MSG, 3)).unwrap(), None);
+            assert_eq!(log.get((MSG, 5)).unwrap(), Some(body(5, 100)));
+            assert_eq!(log.get((DEDUP, 3)).unwrap(), Some(b"d3".to_vec()));
+        }
+        let log = QueueLog::open(dir.path()).unwrap();
+        let mut seen = Vec::new();
+        log.for_each(|k, b| {
+            seen.push((k, b.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        let keys: Vec<Key> = seen.iter().map(|(k, _)| *k).collect();
+        let mut want: Vec<Key> = [1, 2, 5, 6, 7, 8, 9, 10].iter().map(|i| (MSG, *i)).collect();
+        want.push((DEDUP, 3));
+        assert_eq!(keys, want);
+        assert_eq!(seen[2].1, body(5, 100));
+        assert_eq!(log.count(MSG), 8);
+    }
+
+    #[test]
+    fn a_second_handle_on_a_directory_is_refused_with_lock_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let _log = QueueLog::open(dir.path()).unwrap();
+        let e = QueueLog::open(dir.path()).err().expect("second open refused");
+        assert!(e.to_string().contains("lock"), "{e}");
+    }
+
+    #[test]
+    fn a_torn_tail_is_dropped_and_what_came_before_it_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = QueueLog::open(dir.path()).unwrap();
+            log.append(&[((MSG, 1), b"one"), ((MSG, 2), b"two")], &[], true)
+                .unwrap();
+        }
+        // A crash mid-append: half a record at the end of the segment.
+        let seg = segment_path(dir.path(), 1);
+        let mut half = Vec::new();
+        encode(&mut half, MSG, 3, b"three, never answered");
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        std::io::Write::write_all(&mut f, &half[..half.len() / 2]).unwrap();
+        let log = QueueLog::open(dir.path()).unwrap();
+        assert_eq!(log.get((MSG, 1)).unwrap(), Some(b"one".to_vec()));
+        assert_eq!(log.get((MSG, 2)).unwrap(), Some(b"two".to_vec()));
+        assert_eq!(log.get((MSG, 3)).unwrap(), None);
+        assert_eq!(std::fs::metadata(&seg).unwrap().len() as usize, 2 * HEADER + 6);
+        // Appends after the reopen go to a new segment and survive the next one.
+        log.append(&[((MSG, 4), b"four")], &[], true).unwrap();
+        drop(log);
+        let log = QueueLog::open(dir.path()).unwrap();
+        assert_eq!(log.get((MSG, 4)).unwrap(), Some(b"four".to_vec()));
+    }
+
+    #[test]
+    fn a_corrupt_record_ends_its_segment_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = QueueLog::open(dir.path()).unwrap();
+            log.append(&[((MSG, 1), b"one")], &[], true).unwrap();
+            log.append(&[((MSG, 2), b"two")], &[], true).unwrap();
+        }
+        let seg = segment_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&seg, bytes).unwrap();
+        let log = QueueLog::open(dir.path()).unwrap();
+        assert_eq!(log.get((MSG, 1)).unwrap(), Some(b"one".to_vec()));
+        assert_eq!(log.get((MSG, 2)).unwrap(), None);
+    }
+
+    /// Compaction keeps exactly the live records, across reopens, and deletes the segments it
+    /// emptied; a removed record never comes back.
+    #[test]
+    fn compaction_keeps_the_live_records_and_frees_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = 4096;
+        let mut live = std::collections::BTreeMap::new();
+        {
+            let log = QueueLog::open_with(dir.path(), seg, false).unwrap();
+            for i in 1..=400i64 {
+                let b = body(i, 50 + (i as usize % 7) * 20);
+                log.append(&[((MSG, i), &b)], &[], i % 10 == 0).unwrap();
+                live.insert(i, b);
+                // Most messages are acknowledged soon; every 13th stays queued for long.
+                if i > 5 && (i - 5) % 13 != 0 {
+                    log.append(&[], &[(MSG, i - 5)], false).unwrap();
+                    live.remove(&(i - 5));
+                }
+            }
+            let (segs_before, bytes_before, live_bytes) = log.usage();
+            compact_all(&log);
+            let (segs_after, bytes_after, live_after) = log.usage();
+            assert_eq!(live_after, live_bytes);
+            assert!(
+                segs_after < segs_before && bytes_after <= 2 * live_bytes.max(seg) + seg,
+                "{segs_before} segments of {bytes_before} bytes -> {segs_after} of {bytes_after} ({live_bytes} live)"
+            );
+            for (i, b) in &live {
+                assert_eq!(log.get((MSG, *i)).unwrap().as_ref(), Some(b));
+            }
+        }
+        let log = QueueLog::open_with(dir.path(), seg, false).unwrap();
+        let mut got = std::collections::BTreeMap::new();
+        log.for_each(|(_, id), b| {
+            got.insert(id, b.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, live);
+    }
+
+    /// A removal racing the copy of its record: the copy is never written after the
+    /// tombstone (the record would come back at the next open).
+    #[test]
+    fn removals_during_compaction_stay_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(QueueLog::open_with(dir.path(), 2048, false).unwrap());
+        let b = body(0, 200);
+        for i in 1..=200i64 {
+            log.append(&[((MSG, i), &b)], &[], false).unwrap();
+        }
+        // Dead bytes so that compaction has work: remove the even ones.
+        let evens: Vec<Key> = (1..=200).filter(|i| i % 2 == 0).map(|i| (MSG, i)).collect();
+        log.append(&[], &evens, false).unwrap();
+        let remover = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for i in (1..=200i64).filter(|i| i % 2 == 1) {
+                    log.append(&[], &[(MSG, i)], false).unwrap();
+                }
+            })
+        };
+        compact_all(&log);
+        remover.join().unwrap();
+        compact_all(&log);
+        assert_eq!(log.count(MSG), 0);
+        drop(log);
+        let log = QueueLog::open_with(dir.path(), 2048, false).unwrap();
+        assert_eq!(log.count(MSG), 0, "removed records came back after a reopen");
+        assert_eq!(log.usage().0, 1, "only the new segment is left");
+    }
+
+    #[test]
+    fn a_temporary_log_removes_its_directory() {
+        let log = QueueLog::temporary().unwrap();
+        let dir = log.dir.clone();
+        log.append(&[((MSG, 1), b"x")], &[], true).unwrap();
+        assert!(dir.exists());
+        drop(log);
+        assert!(!dir.exists());
+    }
+}
