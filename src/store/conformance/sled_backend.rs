@@ -106,6 +106,141 @@ fn crash_parent() {
     });
 }
 
+const ACK_CRASH_DIR: &str = "MAILROOM_STORE_ACK_CRASH_DIR";
+const ACK_CRASH_TEST: &str =
+    "store::conformance::sled_backend::an_acknowledgement_and_its_dedup_record_survive_a_crash_together";
+
+/// An acknowledgement that returned survives the process (its removal is in the kernel when
+/// it returns, not waiting for a sync) together with the dedup record it keeps: after a crash
+/// the message is not delivered again, and a copy sent again inside the window is still a
+/// duplicate. A child process (this test, re-run with `MAILROOM_STORE_ACK_CRASH_DIR`) enqueues
+/// messages with dedup keys, then leases and acknowledges them one at a time from 8 tasks,
+/// prints each acknowledged id, and exits abruptly mid-stream.
+#[test]
+fn an_acknowledgement_and_its_dedup_record_survive_a_crash_together() {
+    const N: u32 = 3000;
+    let lim = EnqueueLimits {
+        dedup_window_ms: 3_600_000,
+        ..EnqueueLimits::UNLIMITED
+    };
+    let key = |i: u32| {
+        let mut k = [0u8; 32];
+        k[..4].copy_from_slice(&i.to_be_bytes());
+        k
+    };
+    let m = |i: u32| NewMessage {
+        dedup_key: Some(key(i)),
+        ..msg("ack-conn", &format!("m{i}"), T0)
+    };
+    if let Ok(dir) = std::env::var(ACK_CRASH_DIR) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let s = Arc::new(
+                SledStore::open_without_background_flush(std::path::Path::new(&dir))
+                    .await
+                    .unwrap(),
+            );
+            let r = s.enqueue((0..N).map(m).collect(), &lim).await.unwrap();
+            assert!(r.iter().all(|r| r.is_ok()));
+            println!("QUEUED");
+            let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            for t in 0..8 {
+                let (s, acked) = (s.clone(), acked.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let owner = format!("t{t}");
+                        let got = s.lease("ack-conn", 1, &owner, T0, T0 + 60_000).await.unwrap();
+                        let Some(q) = got.first() else { break };
+                        assert_eq!(s.ack_leased("ack-conn", &[q.id]).await.unwrap().len(), 1);
+                        println!("ACK {} {}", q.id, String::from_utf8_lossy(&q.payload));
+                        acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                });
+            }
+            while acked.load(std::sync::atomic::Ordering::SeqCst) < N as usize / 2 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            // Crash: other acknowledgements are in flight.
+            std::process::exit(0);
+        });
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([ACK_CRASH_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .env(ACK_CRASH_DIR, dir.path())
+        .output()
+        .expect("run crash child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let whole = match stdout.rfind('\n') {
+        Some(i) => &stdout[..i],
+        None => "",
+    };
+    assert!(
+        whole.contains("QUEUED"),
+        "child did not queue; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // (id, index of the message) of every acknowledgement that returned.
+    let acked: Vec<(MessageId, u32)> = whole
+        .lines()
+        .filter_map(|l| l.strip_prefix("ACK "))
+        .filter_map(|l| {
+            let (id, p) = l.split_once(' ')?;
+            Some((id.parse().ok()?, p.strip_prefix('m')?.parse().ok()?))
+        })
+        .collect();
+    assert!(acked.len() >= N as usize / 2, "child acknowledged {}", acked.len());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let s = open_sled(dir.path()).await.unwrap();
+        let left: HashSet<MessageId> = ids(&s.lease("ack-conn", N as usize, "o", T0, T0 + 1).await.unwrap())
+            .into_iter()
+            .collect();
+        let back: Vec<_> = acked.iter().filter(|(id, _)| left.contains(id)).collect();
+        assert!(
+            back.is_empty(),
+            "{} acknowledged messages came back: {:?}",
+            back.len(),
+            &back[..back.len().min(5)]
+        );
+        let again = s
+            .enqueue(
+                acked
+                    .iter()
+                    .map(|(_, i)| NewMessage {
+                        received_at_ms: T0 + 1,
+                        ..m(*i)
+                    })
+                    .collect(),
+                &lim,
+            )
+            .await
+            .unwrap();
+        let fresh: Vec<_> = acked
+            .iter()
+            .zip(&again)
+            .filter(|(_, r)| !r.as_ref().unwrap().duplicate)
+            .map(|(a, _)| a)
+            .collect();
+        assert!(
+            fresh.is_empty(),
+            "{} acknowledged messages lost their dedup record: {:?}",
+            fresh.len(),
+            &fresh[..fresh.len().min(5)]
+        );
+        println!(
+            "ack crash test: {} acknowledged before the crash, {} still queued after it",
+            acked.len(),
+            left.len()
+        );
+    });
+}
+
 /// A lease or acknowledgement that panics on the live path's thread fails alone: its caller
 /// gets an error, the thread goes on, and the next lease and acknowledgement are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
