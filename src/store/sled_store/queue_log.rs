@@ -442,20 +442,22 @@ impl QueueLog {
     }
 
     /// One step of compaction: deletes the oldest segments that hold nothing live, and while
-    /// the log holds more dead bytes than `max(live bytes, one segment)`, copies live records
-    /// of the oldest segment (up to [`COPY_CHUNK`] bytes) to the end of the log, synced, so
-    /// that it can go. Returns whether it did anything.
+    /// the log holds more dead bytes than `max(live bytes, one segment)`, copies the live
+    /// records of the oldest segment to the end of the log (in chunks of [`COPY_CHUNK`] bytes,
+    /// the lock taken for each), syncs them, and deletes the segment. Returns whether it did
+    /// anything.
     pub(super) fn compact_step(&self) -> io::Result<bool> {
-        let mut did = self.delete_empty_oldest()?;
+        let deleted = self.delete_empty_oldest()?;
         let (locs, file) = {
             let st = self.state.lock();
             let (bytes, live) = st.segments.values().fold((0, 0), |(b, l), s| (b + s.bytes, l + s.live));
             let Some((&oldest, seg)) = st.segments.iter().next() else {
-                return Ok(did);
+                return Ok(deleted);
             };
             if oldest == st.current || bytes - live <= live.max(self.segment_bytes) {
-                return Ok(did);
+                return Ok(deleted);
             }
+            // One pass over the live set for the whole segment.
             let mut locs: Vec<(Key, Loc)> = st
                 .live
                 .iter()
@@ -463,21 +465,28 @@ impl QueueLog {
                 .map(|(k, l)| (*k, *l))
                 .collect();
             locs.sort_unstable_by_key(|(_, l)| l.off);
-            let mut size = 0;
-            locs.retain(|(_, l)| {
-                size += l.size() as usize;
-                size <= COPY_CHUNK || size == l.size() as usize
-            });
             (locs, seg.file.clone())
         };
-        // Read outside the lock: the records of a segment that is not current never change.
-        let mut read = Vec::with_capacity(locs.len());
-        for (key, loc) in locs {
-            let mut rec = vec![0u8; loc.size() as usize];
-            file.read_exact_at(&mut rec, loc.off)?;
-            read.push((key, loc, rec));
-        }
-        let copied = {
+        let mut copied_to: Option<Arc<File>> = None;
+        let mut rest = &locs[..];
+        while !rest.is_empty() {
+            let mut size = 0;
+            let n = rest
+                .iter()
+                .take_while(|(_, l)| {
+                    size += l.size() as usize;
+                    size <= COPY_CHUNK || size == l.size() as usize
+                })
+                .count();
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            // Read outside the lock: the records of a segment that is not current never change.
+            let mut read = Vec::with_capacity(chunk.len());
+            for (key, loc) in chunk {
+                let mut rec = vec![0u8; loc.size() as usize];
+                file.read_exact_at(&mut rec, loc.off)?;
+                read.push((*key, *loc, rec));
+            }
             let mut st = self.state.lock();
             // Only those still live where they were read: a record removed meanwhile has its
             // tombstone written, and a copy after it would bring it back at the next open.
@@ -487,23 +496,26 @@ impl QueueLog {
                 .collect();
             let buf: Vec<u8> = still.iter().flat_map(|(_, _, rec)| rec.iter().copied()).collect();
             if buf.is_empty() {
-                None
-            } else {
-                let (seg, file, mut off) = self.write(&mut st, &buf)?;
-                for (key, old, _) in still {
-                    let loc = Loc { seg, off, len: old.len };
-                    off += loc.size();
-                    self.set_live(&mut st, *key, Some(loc));
-                }
-                Some(file)
+                continue;
             }
-        };
-        if let Some(f) = copied {
+            let (seg, f, mut off) = self.write(&mut st, &buf)?;
+            for (key, old, _) in still {
+                let loc = Loc { seg, off, len: old.len };
+                off += loc.size();
+                self.set_live(&mut st, *key, Some(loc));
+            }
+            if copied_to.as_ref().is_some_and(|c| !Arc::ptr_eq(c, &f)) {
+                // The copies moved on to a new segment: the one before is complete.
+                copied_to.take().expect("checked").sync_data()?;
+            }
+            copied_to = Some(f);
+        }
+        if let Some(f) = copied_to {
             // The copies are on disk before their originals' segment can go.
             f.sync_data()?;
-            did = true;
         }
-        Ok(self.delete_empty_oldest()? || did || !read.is_empty())
+        self.delete_empty_oldest()?;
+        Ok(true)
     }
 
     /// Compacts until there is nothing to do, `stop` says so, or 64 steps are done (the caller
