@@ -231,14 +231,25 @@ impl SledStore {
         Self::open_config(sled::Config::new().temporary(true)).await
     }
 
+    /// A store whose queue log closes its segments at `segment_bytes` (tests: compaction in a
+    /// running store without writing 64 MiB segments).
+    #[cfg(test)]
+    pub(crate) async fn open_with_segment_bytes(path: &Path, segment_bytes: u64) -> StoreResult<SledStore> {
+        Self::open_config_with(sled::Config::new().path(path), segment_bytes).await
+    }
+
     async fn open_config(cfg: sled::Config) -> StoreResult<SledStore> {
+        Self::open_config_with(cfg, queue_log::SEGMENT_BYTES).await
+    }
+
+    async fn open_config_with(cfg: sled::Config, segment_bytes: u64) -> StoreResult<SledStore> {
         let config = cfg.clone();
         let (inner, log) = tokio::task::spawn_blocking(move || -> StoreResult<(Inner, Arc<QueueLog>)> {
             let log = Arc::new(
                 if cfg.temporary {
                     QueueLog::temporary()
                 } else {
-                    QueueLog::open(&cfg.get_path().join(QUEUE_LOG_DIR))
+                    QueueLog::open_with(&cfg.get_path().join(QUEUE_LOG_DIR), segment_bytes, false)
                 }
                 .map_err(unavailable)?,
             );
@@ -542,5 +553,62 @@ mod tests {
         let s = SledStore::open(dir.path()).await.unwrap();
         assert_eq!(s.total_queued().await.unwrap(), 4);
         assert_eq!(s.dedup_tree_len_for_test(), 1);
+    }
+
+    /// The supervisor compacts the queue log of a running store: once most messages are
+    /// acknowledged, the segments they filled are freed, and what is still queued is all there
+    /// after a reopen (and nothing acknowledged comes back).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_running_store_compacts_its_queue_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let segments = || {
+            std::fs::read_dir(dir.path().join(QUEUE_LOG_DIR))
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".qlog"))
+                .count()
+        };
+        let s = SledStore::open_with_segment_bytes(dir.path(), 16 << 10).await.unwrap();
+        for b in 0..20 {
+            let batch = (0..30)
+                .map(|i| new_msg("c", &format!("{:0>500}", b * 30 + i), t0, None))
+                .collect();
+            assert!(s
+                .enqueue(batch, &EnqueueLimits::UNLIMITED)
+                .await
+                .unwrap()
+                .iter()
+                .all(|r| r.is_ok()));
+        }
+        let before = segments();
+        assert!(before >= 10, "{before} segments for 600 messages of 500 bytes");
+        let got = s.lease("c", 600, "o", t0, t0 + 60_000).await.unwrap();
+        assert_eq!(got.len(), 600);
+        let (kept, acked): (Vec<&QueuedMessage>, Vec<&QueuedMessage>) = got.iter().partition(|m| {
+            let n = String::from_utf8_lossy(&m.payload)
+                .trim_start_matches('0')
+                .parse::<u32>();
+            n.unwrap_or(0) % 20 == 0
+        });
+        let acked_ids: Vec<MessageId> = acked.iter().map(|m| m.id).collect();
+        assert_eq!(s.ack_leased("c", &acked_ids).await.unwrap().len(), acked_ids.len());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while segments() > 4 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} segments left of {before} after 20 s",
+                segments()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        drop(s);
+        let s = SledStore::open_with_segment_bytes(dir.path(), 16 << 10).await.unwrap();
+        let again = s.lease("c", 600, "o", t0, t0 + 60_000).await.unwrap();
+        assert_eq!(kept.len(), 30);
+        let mut want: Vec<&Vec<u8>> = kept.iter().map(|m| &m.payload).collect();
+        let mut have: Vec<&Vec<u8>> = again.iter().map(|m| &m.payload).collect();
+        want.sort();
+        have.sort();
+        assert_eq!(have, want);
     }
 }

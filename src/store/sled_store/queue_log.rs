@@ -129,6 +129,7 @@ fn decode(buf: &[u8], off: usize) -> Option<(u8, MessageId, &[u8], usize)> {
 impl QueueLog {
     /// Opens (or creates) the log in `dir`: replays its segments and starts a new one. Fails
     /// with an error naming "lock" while another handle holds the directory.
+    #[cfg(test)]
     pub(super) fn open(dir: &Path) -> io::Result<QueueLog> {
         Self::open_with(dir, SEGMENT_BYTES, false)
     }
