@@ -87,8 +87,9 @@ pub(super) struct QueueLog {
     segment_bytes: u64,
     /// Holds the directory's lock while open.
     _lock: File,
-    /// Remove the directory when dropped (a temporary store's log).
-    remove_on_drop: bool,
+    /// A temporary store's log: removed when dropped, never synced (it does not outlive its
+    /// handle, whatever happens to the process).
+    temporary: bool,
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
@@ -97,10 +98,6 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
 
 fn corrupt(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 fn encode(out: &mut Vec<u8>, kind: u8, id: MessageId, body: &[u8]) {
@@ -134,13 +131,20 @@ impl QueueLog {
         Self::open_with(dir, SEGMENT_BYTES, false)
     }
 
-    /// A log in a new directory under the system's temporary directory, removed when dropped.
+    /// A log in a new directory in memory (`/dev/shm`, as sled's temporary databases) or else
+    /// under the system's temporary directory; never synced, removed when dropped.
     pub(super) fn temporary() -> io::Result<QueueLog> {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!(
+        let shm = Path::new("/dev/shm");
+        let base = if shm.is_dir() {
+            shm.to_owned()
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!(
             "mailroom-queue-{}-{}-{nanos}",
             std::process::id(),
             N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -148,7 +152,7 @@ impl QueueLog {
         Self::open_with(&dir, SEGMENT_BYTES, true)
     }
 
-    pub(super) fn open_with(dir: &Path, segment_bytes: u64, remove_on_drop: bool) -> io::Result<QueueLog> {
+    pub(super) fn open_with(dir: &Path, segment_bytes: u64, temporary: bool) -> io::Result<QueueLog> {
         std::fs::create_dir_all(dir)?;
         let lock = OpenOptions::new()
             .create(true)
@@ -240,7 +244,7 @@ impl QueueLog {
             state: Mutex::new(state),
             segment_bytes,
             _lock: lock,
-            remove_on_drop,
+            temporary,
         };
         // Appends never go to a segment written before: a new one for this handle.
         {
@@ -258,7 +262,7 @@ impl QueueLog {
             .write(true)
             .create_new(true)
             .open(segment_path(&self.dir, n))?;
-        sync_dir(&self.dir)?;
+        self.sync_dir()?;
         st.segments.insert(
             n,
             Segment {
@@ -333,7 +337,7 @@ impl QueueLog {
             }
             file
         };
-        if sync {
+        if sync && !self.temporary {
             file.sync_data()?;
         }
         Ok(())
@@ -377,8 +381,18 @@ impl QueueLog {
         }
     }
 
+    fn sync_dir(&self) -> io::Result<()> {
+        if self.temporary {
+            return Ok(());
+        }
+        File::open(&self.dir)?.sync_all()
+    }
+
     /// Syncs the current segment (what was appended without `sync` is then on disk).
     pub(super) fn sync(&self) -> io::Result<()> {
+        if self.temporary {
+            return Ok(());
+        }
         let file = {
             let st = self.state.lock();
             st.segments.get(&st.current).map(|s| s.file.clone())
@@ -437,7 +451,7 @@ impl QueueLog {
         if deleted {
             // A deletion lost in a crash could bring back records whose tombstones are in
             // segments deleted after it.
-            sync_dir(&self.dir)?;
+            self.sync_dir()?;
         }
         Ok(deleted)
     }
@@ -505,13 +519,13 @@ impl QueueLog {
                 off += loc.size();
                 self.set_live(&mut st, *key, Some(loc));
             }
-            if copied_to.as_ref().is_some_and(|c| !Arc::ptr_eq(c, &f)) {
+            if !self.temporary && copied_to.as_ref().is_some_and(|c| !Arc::ptr_eq(c, &f)) {
                 // The copies moved on to a new segment: the one before is complete.
                 copied_to.take().expect("checked").sync_data()?;
             }
             copied_to = Some(f);
         }
-        if let Some(f) = copied_to {
+        if let Some(f) = copied_to.filter(|_| !self.temporary) {
             // The copies are on disk before their originals' segment can go.
             f.sync_data()?;
         }
@@ -533,7 +547,7 @@ impl QueueLog {
 
 impl Drop for QueueLog {
     fn drop(&mut self) {
-        if self.remove_on_drop {
+        if self.temporary {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
