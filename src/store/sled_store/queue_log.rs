@@ -1,5 +1,5 @@
 //! The queue log: queued messages (and the dedup records of messages that left the queue) in
-//! append-only segment files beside the sled database, not in a sled tree.
+//! append-only segment files in the database's directory (`queue/`), not in a sled tree.
 //!
 //! Why: sled 0.34 spends 11-15 us of CPU on every insert, whatever the record's size (its
 //! page cache, its log buffer, its tree): as much as everything else mailroom does for a
