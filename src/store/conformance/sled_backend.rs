@@ -31,13 +31,35 @@ fn enqueue_is_durable_when_it_returns() {
     }
 }
 
-fn crash_child(dir: &std::path::Path) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// The crash children's runtime.
+fn child_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
-    rt.block_on(async {
+        .unwrap()
+}
+
+/// Runs this test binary again on `test` alone with `env` naming a new directory: the
+/// directory, the whole lines the child printed (it dies mid-write, so its last line may be
+/// cut short: dropped) and its stderr.
+fn run_crash_child(test: &str, env: &str) -> (tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(env, dir.path())
+        .output()
+        .expect("run crash child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let whole = match stdout.rfind('\n') {
+        Some(i) => stdout[..i].to_owned(),
+        None => String::new(),
+    };
+    (dir, whole, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn crash_child(dir: &std::path::Path) {
+    child_runtime().block_on(async {
         let s = Arc::new(SledStore::open_without_background_flush(dir).await.unwrap());
         let c = "crash-conn".to_string();
         let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -62,18 +84,7 @@ fn crash_child(dir: &std::path::Path) {
 }
 
 fn crash_parent() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([CRASH_TEST, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CRASH_DIR, dir.path())
-        .output()
-        .expect("run crash child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    // Only whole lines: the child dies mid-write, so its last line may be cut short.
-    let whole = match stdout.rfind('\n') {
-        Some(i) => &stdout[..i],
-        None => "",
-    };
+    let (dir, whole, stderr) = run_crash_child(CRASH_TEST, CRASH_DIR);
     let acked: Vec<MessageId> = whole
         .lines()
         .filter_map(|l| l.strip_prefix("ENQ "))
@@ -84,7 +95,7 @@ fn crash_parent() {
         acked.len() >= 1000,
         "child acknowledged {} messages; stderr: {}",
         acked.len(),
-        String::from_utf8_lossy(&out.stderr)
+        stderr
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -133,12 +144,7 @@ fn an_acknowledgement_and_its_dedup_record_survive_a_crash_together() {
         ..msg("ack-conn", &format!("m{i}"), T0)
     };
     if let Ok(dir) = std::env::var(ACK_CRASH_DIR) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        child_runtime().block_on(async {
             let s = Arc::new(
                 SledStore::open_without_background_flush(std::path::Path::new(&dir))
                     .await
@@ -169,22 +175,8 @@ fn an_acknowledgement_and_its_dedup_record_survive_a_crash_together() {
         });
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([ACK_CRASH_TEST, "--exact", "--nocapture", "--test-threads=1"])
-        .env(ACK_CRASH_DIR, dir.path())
-        .output()
-        .expect("run crash child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let whole = match stdout.rfind('\n') {
-        Some(i) => &stdout[..i],
-        None => "",
-    };
-    assert!(
-        whole.contains("QUEUED"),
-        "child did not queue; stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (dir, whole, stderr) = run_crash_child(ACK_CRASH_TEST, ACK_CRASH_DIR);
+    assert!(whole.contains("QUEUED"), "child did not queue; stderr: {stderr}");
     // (id, index of the message) of every acknowledgement that returned.
     let acked: Vec<(MessageId, u32)> = whole
         .lines()
