@@ -90,6 +90,8 @@ pub(super) struct QueueLog {
     /// A temporary store's log: removed when dropped, never synced (it does not outlive its
     /// handle, whatever happens to the process).
     temporary: bool,
+    /// Appended to without a sync since the last [`QueueLog::sync_if_unsynced`].
+    unsynced: std::sync::atomic::AtomicBool,
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
@@ -245,6 +247,7 @@ impl QueueLog {
             segment_bytes,
             _lock: lock,
             temporary,
+            unsynced: std::sync::atomic::AtomicBool::new(false),
         };
         // Appends never go to a segment written before: a new one for this handle.
         {
@@ -285,6 +288,13 @@ impl QueueLog {
             .get(&st.current)
             .map_or(true, |s| s.bytes > 0 && s.bytes + buf.len() as u64 > self.segment_bytes);
         if st.roll || full {
+            if full && !st.roll && !self.temporary {
+                // What was appended to it without a sync is on disk before the log moves on:
+                // syncing the current segment then covers every unsynced append.
+                if let Some(prev) = st.segments.get(&st.current) {
+                    prev.file.sync_data()?;
+                }
+            }
             self.start_segment(st)?;
         }
         let seg = st.segments.get_mut(&st.current).expect("current segment");
@@ -339,6 +349,21 @@ impl QueueLog {
         };
         if sync && !self.temporary {
             file.sync_data()?;
+        } else if !sync {
+            self.unsynced.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Syncs the current segment if anything was appended without a sync since the last call
+    /// (the supervisor's tick: an acknowledgement is on disk within it even when no enqueue
+    /// comes to sync it).
+    pub(super) fn sync_if_unsynced(&self) -> io::Result<()> {
+        if self.unsynced.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            if let Err(e) = self.sync() {
+                self.unsynced.store(true, std::sync::atomic::Ordering::SeqCst);
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -719,6 +744,21 @@ mod tests {
         let log = QueueLog::open_with(dir.path(), 2048, false).unwrap();
         assert_eq!(log.count(MSG), 0, "removed records came back after a reopen");
         assert_eq!(log.usage().0, 1, "only the new segment is left");
+    }
+
+    #[test]
+    fn an_append_without_sync_is_left_for_the_next_tick() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = QueueLog::open(dir.path()).unwrap();
+        log.append(&[((MSG, 1), b"one")], &[], true).unwrap();
+        assert!(!log.unsynced.load(std::sync::atomic::Ordering::SeqCst));
+        log.append(&[], &[(MSG, 1)], false).unwrap();
+        assert!(log.unsynced.load(std::sync::atomic::Ordering::SeqCst));
+        log.sync_if_unsynced().unwrap();
+        assert!(!log.unsynced.load(std::sync::atomic::Ordering::SeqCst));
+        // Nothing written (the key is not live): nothing to sync.
+        log.append(&[], &[(MSG, 1)], false).unwrap();
+        assert!(!log.unsynced.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[test]

@@ -130,7 +130,8 @@ impl Slot {
     }
 }
 
-/// Supervises and compacts the queue log (`QueueLog::compact`) until the store is dropped.
+/// Supervises, compacts the queue log (`QueueLog::compact`) and syncs its removals
+/// (`QueueLog::sync_if_unsynced`) every [`SUPERVISE_EVERY`] until the store is dropped.
 pub(super) fn supervisor_loop(slot: Arc<Slot>) {
     let stop = || slot.stop.load(std::sync::atomic::Ordering::SeqCst);
     while !stop() {
@@ -139,6 +140,9 @@ pub(super) fn supervisor_loop(slot: Arc<Slot>) {
             slot.supervise();
             if let Err(e) = slot.log.compact(&stop) {
                 tracing::warn!(error = %e, "queue log: compaction failed (tried again shortly)");
+            }
+            if let Err(e) = slot.log.sync_if_unsynced() {
+                tracing::warn!(error = %e, "queue log: sync of removals failed (tried again shortly)");
             }
         }
     }
