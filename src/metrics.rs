@@ -46,6 +46,8 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     /// Dedup records held by the store (pruned once their window has passed).
     pub dedup_records: Gauge,
+    /// Bytes of the sled store's queue log on this node's disk (0 on PostgreSQL).
+    pub queue_log_bytes: Gauge,
     /// Age of the oldest queued message, seconds (0 when the queue is empty).
     pub oldest_message_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub notifications_sent: Counter,
@@ -86,6 +88,7 @@ impl Metrics {
             peers_up: Gauge::default(),
             queue_depth: Gauge::default(),
             dedup_records: Gauge::default(),
+            queue_log_bytes: Gauge::default(),
             oldest_message_age: Gauge::default(),
             notifications_sent: Counter::default(),
             notifications_received: Counter::default(),
@@ -145,6 +148,11 @@ impl Metrics {
             "dedup_records",
             "Dedup records held in the store (each lives one dedup window)",
             m.dedup_records.clone(),
+        );
+        registry.register(
+            "queue_log_bytes",
+            "Bytes of the sled store's queue log segments on this node's disk (0 on PostgreSQL)",
+            m.queue_log_bytes.clone(),
         );
         registry.register(
             "oldest_message_age_seconds",

@@ -66,7 +66,7 @@ impl Store for GatedLeases {
         list_connections, update_keys, keys_of, route, enqueue, enqueue_routed, ack_leased, release,
         release_owners_under,
         queue_stats, total_queued, connections_with_pending, pending_among, prune_dedup,
-        dedup_records, lease_for_key, pending_stats, expire, expire_due, oldest_received_ms,
+        dedup_records, queue_log_bytes, lease_for_key, pending_stats, expire, expire_due, oldest_received_ms,
         flush, device_of, set_device, forget_device_token, push_event, push_take_due,
         delete_connection, drop_queue, top_queues,
     );

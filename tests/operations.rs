@@ -121,9 +121,17 @@ async fn admin_endpoints_show_connections_sessions_and_invitations() {
         "mailroom_store_seconds_bucket{le=\"0.00005\",op=\"enqueue\"}",
         "mailroom_store_seconds_count{op=\"route\"}",
         "mailroom_cluster_notifications_sent_total",
+        "mailroom_queue_log_bytes",
     ] {
         assert!(text.contains(name), "{name} missing from\n{text}");
     }
+    // Two messages are queued: the sled store's queue log holds them on disk.
+    let log_bytes: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("mailroom_queue_log_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("mailroom_queue_log_bytes has a value");
+    assert!(log_bytes > 0, "queue log bytes: {log_bytes}");
     ws.close().await;
 }
 

@@ -336,6 +336,9 @@ async fn metrics(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
     if let Ok(q) = sh.mediator.store.total_queued().await {
         sh.metrics.queue_depth.set(q as i64);
     }
+    if let Ok(Some(b)) = sh.mediator.store.queue_log_bytes().await {
+        sh.metrics.queue_log_bytes.set(b as i64);
+    }
     if let Ok(oldest) = sh.mediator.store.oldest_received_ms().await {
         let age = oldest.map(|o| (now_ms() - o).max(0) as f64 / 1000.0).unwrap_or(0.0);
         sh.metrics.oldest_message_age.set(age);

@@ -166,6 +166,9 @@ impl Store for Metered {
     async fn dedup_records(&self) -> StoreResult<u64> {
         self.inner.dedup_records().await
     }
+    async fn queue_log_bytes(&self) -> StoreResult<Option<u64>> {
+        self.inner.queue_log_bytes().await
+    }
     async fn lease_for_key(
         &self,
         conn: &str,

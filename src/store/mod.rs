@@ -510,6 +510,10 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_dedup(&self, before_ms: i64, max: usize) -> StoreResult<u64>;
     /// Dedup records held (the `mailroom_dedup_records` gauge).
     async fn dedup_records(&self) -> StoreResult<u64>;
+    /// Bytes the queue takes on this node's own disk: the sled store's queue log segments
+    /// (the `mailroom_queue_log_bytes` gauge); `None` where the queue is not on this node
+    /// (PostgreSQL).
+    async fn queue_log_bytes(&self) -> StoreResult<Option<u64>>;
     /// Deletes messages received before `received_before_ms` (leased or not) and dedup records
     /// as old. Returns how many messages were deleted.
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64>;

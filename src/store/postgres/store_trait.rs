@@ -566,6 +566,11 @@ impl Store for PgStore {
         .await
     }
 
+    async fn queue_log_bytes(&self) -> StoreResult<Option<u64>> {
+        // The queue is in the database, not on this node.
+        Ok(None)
+    }
+
     async fn dedup_records(&self) -> StoreResult<u64> {
         let c = self.client().await?;
         let r = c

@@ -446,6 +446,11 @@ impl QueueLog {
         self.state.lock().live.keys().filter(|(k, _)| *k == kind).count()
     }
 
+    /// Bytes in the segments.
+    pub(super) fn bytes(&self) -> u64 {
+        self.state.lock().segments.values().map(|s| s.bytes).sum()
+    }
+
     /// (segments, bytes in them, bytes of live records).
     #[cfg(test)]
     pub(super) fn usage(&self) -> (usize, u64, u64) {

@@ -560,6 +560,11 @@ impl Store for SledStore {
         .await
     }
 
+    async fn queue_log_bytes(&self) -> StoreResult<Option<u64>> {
+        // Memory only (the log's segment table).
+        Ok(Some(self.slot.log.bytes()))
+    }
+
     async fn dedup_records(&self) -> StoreResult<u64> {
         Ok(self.slot.get()?.queues.lock().dedup_count)
     }
