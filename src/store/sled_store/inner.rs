@@ -260,14 +260,19 @@ impl Inner {
         }
     }
 
-    /// Flushes sled (the queue log's synced appends are on disk when they return).
+    /// Flushes sled (the queue log's synced appends are on disk when they return). A failure
+    /// marks the handle; only [`Inner::flush_all`] clears the mark, as a sled flush that
+    /// succeeds says nothing of the queue log's writes.
     pub(super) fn flush(&self) -> StoreResult<()> {
         let r = self.db.flush();
-        self.write_failed.store(r.is_err(), std::sync::atomic::Ordering::SeqCst);
+        if r.is_err() {
+            self.write_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         r.map_err(unavailable).map(|_| ())
     }
 
-    /// Flushes sled and syncs the queue log (removals appended since its last synced append).
+    /// Flushes sled and syncs the queue log (removals appended since its last synced append);
+    /// when both succeed, clears a failure mark (the supervisor's probe, after free space).
     pub(super) fn flush_all(&self) -> StoreResult<()> {
         self.flush()?;
         let r = self.log.sync();
