@@ -235,7 +235,7 @@ impl Inner {
                 std::io::ErrorKind::InvalidData => StoreError::Corrupt(format!("sled: {e}")),
                 _ => unavailable(e),
             })?;
-        self.log.append(&[], &stale, false).map_err(unavailable)?;
+        self.log.remove(&stale).map_err(unavailable)?;
         // Attempt counts of messages gone (their removal reached the queue log, the count's
         // removal did not reach sled before a crash).
         for id in attempts.keys().filter(|id| !queued.contains(id)) {

@@ -102,15 +102,36 @@ fn corrupt(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
-fn encode(out: &mut Vec<u8>, kind: u8, id: MessageId, body: &[u8]) {
+/// A record's body, written straight into an append's buffer: the writer encodes a message
+/// there once, not into a buffer of its own first.
+pub(super) trait Body {
+    /// Bytes it will write (a capacity hint).
+    fn len_hint(&self) -> usize;
+    fn write_to(&self, out: &mut Vec<u8>);
+}
+
+impl<T: AsRef<[u8]> + ?Sized> Body for T {
+    fn len_hint(&self) -> usize {
+        self.as_ref().len()
+    }
+    fn write_to(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.as_ref());
+    }
+}
+
+/// Appends one record to `out`; returns its body's length.
+fn encode(out: &mut Vec<u8>, kind: u8, id: MessageId, body: &(impl Body + ?Sized)) -> u32 {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
     out.push(kind);
     out.extend_from_slice(&id.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(body);
+    out.extend_from_slice(&[0; 4]);
+    body.write_to(out);
+    let len = (out.len() - start - HEADER) as u32;
+    out[start + 13..start + HEADER].copy_from_slice(&len.to_le_bytes());
     let crc = crc32fast::hash(&out[start + 4..]);
     out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
+    len
 }
 
 /// One record read at `off` of `buf`: (kind, id, body, size), or None at a torn or corrupt tail.
@@ -312,17 +333,18 @@ impl QueueLog {
     /// Appends `puts` (key, body) and tombstones for those of `removes` that are live, in this
     /// order, in one write; with `sync`, returns once they are on disk. Removing a key that is
     /// not live writes nothing for it. An error leaves the live set as it was.
-    pub(super) fn append(&self, puts: &[(Key, &[u8])], removes: &[Key], sync: bool) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(puts.iter().map(|(_, b)| HEADER + b.len()).sum::<usize>());
-        for ((kind, id), body) in puts {
-            encode(&mut buf, *kind, *id, body);
-        }
+    pub(super) fn append<B: Body>(&self, puts: &[(Key, B)], removes: &[Key], sync: bool) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(puts.iter().map(|(_, b)| HEADER + b.len_hint()).sum::<usize>());
+        let lens: Vec<u32> = puts
+            .iter()
+            .map(|((kind, id), body)| encode(&mut buf, *kind, *id, body))
+            .collect();
         let file = {
             let mut st = self.state.lock();
             let mut tombstones = 0;
             for (kind, id) in removes {
                 if st.live.contains_key(&(*kind, *id)) {
-                    encode(&mut buf, kind | TOMBSTONE, *id, &[]);
+                    encode(&mut buf, kind | TOMBSTONE, *id, &[0u8; 0]);
                     tombstones += 1;
                 }
             }
@@ -331,12 +353,8 @@ impl QueueLog {
             }
             let (seg, file, base) = self.write(&mut st, &buf)?;
             let mut off = base;
-            for ((kind, id), body) in puts {
-                let loc = Loc {
-                    seg,
-                    off,
-                    len: body.len() as u32,
-                };
+            for (((kind, id), _), len) in puts.iter().zip(&lens) {
+                let loc = Loc { seg, off, len: *len };
                 off += loc.size();
                 self.set_live(&mut st, (*kind, *id), Some(loc));
             }
@@ -353,6 +371,11 @@ impl QueueLog {
             self.unsynced.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         Ok(())
+    }
+
+    /// Tombstones for those of `keys` that are live, not synced ([`QueueLog::append`]).
+    pub(super) fn remove(&self, keys: &[Key]) -> io::Result<()> {
+        self.append::<&[u8]>(&[], keys, false)
     }
 
     /// Syncs the current segment if anything was appended without a sync since the last call
@@ -694,7 +717,7 @@ mod tests {
                 live.insert(i, b);
                 // Most messages are acknowledged soon; every 13th stays queued for long.
                 if i > 5 && (i - 5) % 13 != 0 {
-                    log.append(&[], &[(MSG, i - 5)], false).unwrap();
+                    log.remove(&[(MSG, i - 5)]).unwrap();
                     live.remove(&(i - 5));
                 }
             }
@@ -732,12 +755,12 @@ mod tests {
         }
         // Dead bytes so that compaction has work: remove the even ones.
         let evens: Vec<Key> = (1..=200).filter(|i| i % 2 == 0).map(|i| (MSG, i)).collect();
-        log.append(&[], &evens, false).unwrap();
+        log.remove(&evens).unwrap();
         let remover = {
             let log = log.clone();
             std::thread::spawn(move || {
                 for i in (1..=200i64).filter(|i| i % 2 == 1) {
-                    log.append(&[], &[(MSG, i)], false).unwrap();
+                    log.remove(&[(MSG, i)]).unwrap();
                 }
             })
         };
@@ -757,12 +780,12 @@ mod tests {
         let log = QueueLog::open(dir.path()).unwrap();
         log.append(&[((MSG, 1), b"one")], &[], true).unwrap();
         assert!(!log.unsynced.load(std::sync::atomic::Ordering::SeqCst));
-        log.append(&[], &[(MSG, 1)], false).unwrap();
+        log.remove(&[(MSG, 1)]).unwrap();
         assert!(log.unsynced.load(std::sync::atomic::Ordering::SeqCst));
         log.sync_if_unsynced().unwrap();
         assert!(!log.unsynced.load(std::sync::atomic::Ordering::SeqCst));
         // Nothing written (the key is not live): nothing to sync.
-        log.append(&[], &[(MSG, 1)], false).unwrap();
+        log.remove(&[(MSG, 1)]).unwrap();
         assert!(!log.unsynced.load(std::sync::atomic::Ordering::SeqCst));
     }
 
@@ -809,7 +832,7 @@ mod tests {
                             live.insert(*id, b.clone());
                         }
                         Op::Remove(id) => {
-                            log.append(&[], &[(MSG, *id)], false).unwrap();
+                            log.remove(&[(MSG, *id)]).unwrap();
                             live.remove(id);
                         }
                     }

@@ -2,6 +2,7 @@
 
 use sled::transaction::TransactionError;
 
+use super::queue_log::Body;
 use super::{corrupt, unavailable, MSG_FORMAT_V1, MSG_FORMAT_V2};
 use crate::store::{Connection, MessageId, NewMessage, StoreError, StoreResult};
 
@@ -19,10 +20,30 @@ fn push_str16(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// A message as its queue log record body ([`encode_msg_into`]).
+pub(super) struct MsgBody<'a>(pub(super) &'a NewMessage);
+
+impl Body for MsgBody<'_> {
+    fn len_hint(&self) -> usize {
+        let m = self.0;
+        1 + 16 + 4 + m.connection.len() + m.recipient_key.len() + 33 + m.payload.len()
+    }
+    fn write_to(&self, out: &mut Vec<u8>) {
+        encode_msg_into(out, self.0);
+    }
+}
+
+/// [`encode_msg_into`] into a buffer of its own (stores written before the queue log, tests).
+#[cfg(test)]
+pub(super) fn encode_msg(m: &NewMessage) -> Vec<u8> {
+    let mut out = Vec::with_capacity(MsgBody(m).len_hint());
+    encode_msg_into(&mut out, m);
+    out
+}
+
 /// `v1 | received_at i64 | len16 conn | conn | len16 rkey | rkey | 0 or 1+key32 | payload`, or
 /// with a sender's expiry `v2 | received_at i64 | expires_at i64 | ...` (the rest as v1).
-pub(super) fn encode_msg(m: &NewMessage) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + 16 + 4 + m.connection.len() + m.recipient_key.len() + 33 + m.payload.len());
+pub(super) fn encode_msg_into(out: &mut Vec<u8>, m: &NewMessage) {
     match m.expires_at_ms {
         None => {
             out.push(MSG_FORMAT_V1);
@@ -34,8 +55,8 @@ pub(super) fn encode_msg(m: &NewMessage) -> Vec<u8> {
             out.extend_from_slice(&e.to_be_bytes());
         }
     }
-    push_str16(&mut out, &m.connection);
-    push_str16(&mut out, &m.recipient_key);
+    push_str16(out, &m.connection);
+    push_str16(out, &m.recipient_key);
     match &m.dedup_key {
         Some(k) => {
             out.push(1);
@@ -44,7 +65,6 @@ pub(super) fn encode_msg(m: &NewMessage) -> Vec<u8> {
         None => out.push(0),
     }
     out.extend_from_slice(&m.payload);
-    out
 }
 
 pub(super) struct MsgRef<'a> {

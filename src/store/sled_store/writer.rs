@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::index::Meta;
 use super::inner::Inner;
-use super::records::{encode_msg, KIND_MSG};
+use super::records::{MsgBody, KIND_MSG};
 use super::supervisor::Slot;
 use super::{unavailable, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, NEVER};
 use crate::store::{check_storable, EnqueueLimits, Enqueued, MessageId, NewMessage, StoreError, StoreResult};
@@ -120,11 +120,11 @@ impl Inner {
             // message recovered without its batch-mates was simply not answered (its sender
             // sends again: at-least-once). A message's record holds its dedup key: no dedup
             // record while it is queued (`kept_dedup`).
-            let records: Vec<Vec<u8>> = accepted.iter().map(|m| encode_msg(m)).collect();
-            let puts: Vec<((u8, MessageId), &[u8])> = ids
+            // Each message encoded once, straight into the append's buffer.
+            let puts: Vec<((u8, MessageId), MsgBody)> = ids
                 .iter()
-                .zip(&records)
-                .map(|(id, r)| ((KIND_MSG, *id), &r[..]))
+                .zip(&accepted)
+                .map(|(id, m)| ((KIND_MSG, *id), MsgBody(m)))
                 .collect();
             // A failure is marked below; the supervisor's synced probe clears it.
             self.log.append(&puts, &[], true).map_err(unavailable)?;
