@@ -513,9 +513,26 @@ async fn bad_inputs_get_clear_errors_and_the_node_keeps_serving() {
         .unwrap();
     assert!(none.is_none(), "{none:?}");
 
-    // Oversized body: 413.
-    let (st, _) = post_raw(&url, ct, vec![b'{'; 100 * 1024]).await;
-    assert_eq!(st, 413);
+    // Oversized body: 413, in JSON as every refusal, and counted.
+    let (st, body) = post_raw(&url, ct, vec![b'{'; 100 * 1024]).await;
+    assert_eq!(st, 413, "{body}");
+    let refusal: Value = serde_json::from_str(&body).expect("a JSON refusal");
+    assert_eq!(refusal["error"], "envelope-too-big", "{body}");
+    assert!(
+        refusal["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("limits.max_envelope_bytes"),
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &n,
+            r#"mailroom_rejected_total{reason="envelope-too-big",didcomm="unknown"}"#
+        )
+        .await,
+        Some(1.0)
+    );
 
     // Oversized WebSocket frame: closed with 1009.
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();

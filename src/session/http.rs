@@ -8,6 +8,9 @@
 use super::{outbound, Shared};
 use crate::didcomm::message::ReturnRoute;
 use crate::protocols::{oob, ForwardResult, HandleError, TransportKind};
+use actix_web::dev::ServiceResponse;
+use actix_web::http::StatusCode;
+use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 use std::sync::Arc;
@@ -16,9 +19,33 @@ pub fn configure(cfg: &mut web::ServiceConfig, shared: Arc<Shared>) {
     let limit = shared.cfg.limits.max_envelope_bytes;
     cfg.app_data(web::Data::from(shared))
         .app_data(web::PayloadConfig::new(limit))
-        .route("/", web::post().to(post_envelope))
-        .route("/", web::get().to(get_root))
+        .service(
+            web::resource("/")
+                .wrap(ErrorHandlers::new().handler(StatusCode::PAYLOAD_TOO_LARGE, too_large))
+                .route(web::post().to(post_envelope))
+                .route(web::get().to(get_root)),
+        )
         .route("/invitation", web::get().to(get_invitation));
+}
+
+/// An envelope over `limits.max_envelope_bytes` (refused by the body extractor, as soon as a
+/// declared length or the bytes read pass it): answered as every refusal is, in JSON with a
+/// stable code, and counted.
+fn too_large<B>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHandlerResponse<B>> {
+    let (req, _) = res.into_parts();
+    let Some(shared) = req.app_data::<web::Data<Shared>>() else {
+        return Err(actix_web::error::ErrorPayloadTooLarge("envelope too large"));
+    };
+    shared.metrics.rejected("envelope-too-big", "unknown");
+    let limit = shared.cfg.limits.max_envelope_bytes;
+    let body = json!({
+        "error": "envelope-too-big",
+        "reason": format!("the envelope is over limits.max_envelope_bytes ({limit} bytes)"),
+    });
+    let res = HttpResponse::PayloadTooLarge().json(body);
+    Ok(ErrorHandlerResponse::Response(
+        ServiceResponse::new(req, res).map_into_right_body(),
+    ))
 }
 
 #[derive(serde::Deserialize)]
