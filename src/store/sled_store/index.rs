@@ -41,15 +41,19 @@ pub(super) struct ConnQueue {
     pub(super) bytes: u64,
 }
 
+/// One connection's dedup entries: dedup key -> (id, received_at_ms).
+pub(super) type DedupEntries = HashMap<[u8; 32], (MessageId, i64)>;
+
 #[derive(Default, Debug)]
 pub(super) struct Queues {
     pub(super) by_conn: HashMap<ConnId, ConnQueue>,
     pub(super) total: u64,
-    /// conn -> dedup key -> (id, received_at_ms)
-    pub(super) dedup: HashMap<ConnId, HashMap<[u8; 32], (MessageId, i64)>>,
+    /// conn -> dedup key -> (id, received_at_ms). The connection's name is shared with its
+    /// `dedup_order` entries (one per forward in the window: a copy each cost ~60 bytes).
+    pub(super) dedup: HashMap<Arc<str>, DedupEntries>,
     /// Dedup records in the order they were made, for [`Store::prune_dedup`]. An entry whose
     /// record was replaced (a later copy) or removed since is skipped when it is reached.
-    pub(super) dedup_order: VecDeque<(i64, ConnId, [u8; 32])>,
+    pub(super) dedup_order: VecDeque<(i64, Arc<str>, [u8; 32])>,
     pub(super) dedup_count: u64,
     /// The latest cutoff of [`Store::prune_dedup`] (persisted as `DEDUP_PRUNED_BEFORE_KEY`).
     pub(super) dedup_pruned_before: i64,
@@ -134,15 +138,23 @@ impl Queues {
     /// Records a dedup entry read from disk at open (from a queued message or a `dedup`
     /// record); of two for the same key, the later arrival names the copy.
     pub(super) fn note_dedup(&mut self, conn: &str, key: [u8; 32], id: MessageId, at: i64) {
-        let d = match self.dedup.get_mut(conn) {
-            Some(d) => d,
-            None => self.dedup.entry(conn.to_owned()).or_default(),
-        };
+        let (name, d) = self.dedup_of(conn);
         if d.get(&key).is_some_and(|(_, a)| *a >= at) {
             return;
         }
         d.insert(key, (id, at));
-        self.dedup_order.push_back((at, conn.to_owned(), key));
+        self.dedup_order.push_back((at, name, key));
+    }
+
+    /// The dedup entries of `conn` (made empty when it has none) and the connection's name as
+    /// they hold it, for its `dedup_order` entries.
+    pub(super) fn dedup_of(&mut self, conn: &str) -> (Arc<str>, &mut DedupEntries) {
+        let name = match self.dedup.get_key_value(conn) {
+            Some((name, _)) => name.clone(),
+            None => Arc::from(conn),
+        };
+        let d = self.dedup.entry(name.clone()).or_default();
+        (name, d)
     }
 
     /// Drops the expiry entry of a message just removed from its queue.

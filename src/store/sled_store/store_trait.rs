@@ -529,7 +529,7 @@ impl Store for SledStore {
                         _ => break,
                     }
                     let (at, conn, key) = q.dedup_order.pop_front().expect("front checked");
-                    let Some(d) = q.dedup.get_mut(&conn) else { continue };
+                    let Some(d) = q.dedup.get_mut(&*conn) else { continue };
                     // Replaced by a later copy: that one has its own entry further on.
                     let id = match d.get(&key) {
                         Some((id, a)) if *a == at => *id,
@@ -537,7 +537,7 @@ impl Store for SledStore {
                     };
                     d.remove(&key);
                     if d.is_empty() {
-                        q.dedup.remove(&conn);
+                        q.dedup.remove(&*conn);
                     }
                     q.dedup_count -= 1;
                     removed.push(id);

@@ -165,14 +165,11 @@ impl Inner {
                     }
                 }
                 if let Some(dk) = m.dedup_key {
-                    let d = match q.dedup.get_mut(m.connection.as_str()) {
-                        Some(d) => d,
-                        None => q.dedup.entry(m.connection.clone()).or_default(),
-                    };
+                    let (name, d) = q.dedup_of(&m.connection);
                     if d.insert(dk, (*id, m.received_at_ms)).is_none() {
                         q.dedup_count += 1;
                     }
-                    q.dedup_order.push_back((m.received_at_ms, m.connection.clone(), dk));
+                    q.dedup_order.push_back((m.received_at_ms, name, dk));
                 }
             }
         }
