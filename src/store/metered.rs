@@ -47,9 +47,8 @@ impl Metered {
 
 #[async_trait::async_trait]
 impl Store for Metered {
-    fn backend(&self) -> &'static str {
-        self.inner.backend()
-    }
+    // Gauges and names, not store work: passed on untimed.
+    crate::store_pass_through!(inner: backend, dedup_records, queue_log_bytes);
     async fn health(&self) -> StoreResult<()> {
         self.timed("health", self.inner.health()).await
     }
@@ -162,12 +161,6 @@ impl Store for Metered {
     }
     async fn prune_dedup(&self, before_ms: i64, max: usize) -> StoreResult<u64> {
         self.timed("prune_dedup", self.inner.prune_dedup(before_ms, max)).await
-    }
-    async fn dedup_records(&self) -> StoreResult<u64> {
-        self.inner.dedup_records().await
-    }
-    async fn queue_log_bytes(&self) -> StoreResult<Option<u64>> {
-        self.inner.queue_log_bytes().await
     }
     async fn lease_for_key(
         &self,
