@@ -22,6 +22,10 @@
 //! - **Segments go oldest first.** A tombstone may name a record of any older segment, so a
 //!   segment is deleted only when it is the oldest and holds no live record; compaction copies
 //!   the live records of the oldest segment to the end of the log (synced) before deleting it.
+//! - **Zeros are room, not records.** The current segment is written with zeros ahead of its
+//!   appends ([`PREALLOC_BYTES`]); no record reads as zeros (its CRC would not match), so replay
+//!   stops there as at a torn tail, and an open cuts a segment back to its last record (a
+//!   warning only when what it cuts is not all zeros).
 //! - **Durability is the caller's choice.** [`QueueLog::append`] with `sync` returns once the
 //!   records are on disk (`fdatasync`); without it (removals: an acknowledgement lost in a
 //!   crash delivers again, at-least-once) they are in the kernel when it returns, and on disk
@@ -45,6 +49,12 @@ const HEADER: usize = 4 + 1 + 8 + 4;
 pub(super) const SEGMENT_BYTES: u64 = 64 << 20;
 /// Compaction copies at most this many bytes per pass under the lock.
 const COPY_CHUNK: usize = 4 << 20;
+/// The current segment is written with zeros this far past its last record, ahead of the
+/// appends (as PostgreSQL fills a WAL segment with zeros before using it): an append then
+/// overwrites blocks the file already has, so its `fdatasync` writes the data and flushes the
+/// disk, without a journal commit for the file's new size and blocks. One such commit per this
+/// many bytes instead of one per batch.
+const PREALLOC_BYTES: u64 = 1 << 20;
 
 /// A record's key: its kind and its id.
 pub(super) type Key = (u8, MessageId);
@@ -68,6 +78,8 @@ struct Segment {
     file: Arc<File>,
     /// Bytes written (the append offset of the current segment).
     bytes: u64,
+    /// Bytes of the file written, records then zeros ([`PREALLOC_BYTES`]): >= `bytes`.
+    zeroed: u64,
     /// Bytes of its live records.
     live: u64,
 }
@@ -239,6 +251,7 @@ impl QueueLog {
                         .or_insert_with(|| Segment {
                             file: Arc::new(file.try_clone().expect("clone of an open file")),
                             bytes: 0,
+                            zeroed: 0,
                             live: 0,
                         })
                         .live += loc.size();
@@ -246,20 +259,25 @@ impl QueueLog {
                 off += size;
             }
             if off < buf.len() {
-                tracing::warn!(
-                    segment = %path.display(),
-                    dropped = buf.len() - off,
-                    "queue log: dropped a torn or corrupt tail (a crash mid-append)"
-                );
+                // Zeros are the segment's room written ahead of its appends, not damage.
+                if buf[off..].iter().any(|b| *b != 0) {
+                    tracing::warn!(
+                        segment = %path.display(),
+                        dropped = buf.len() - off,
+                        "queue log: dropped a torn or corrupt tail (a crash mid-append)"
+                    );
+                }
                 file.set_len(off as u64)?;
                 file.sync_all()?;
             }
             let seg = state.segments.entry(n).or_insert_with(|| Segment {
                 file: Arc::new(file),
                 bytes: 0,
+                zeroed: 0,
                 live: 0,
             });
             seg.bytes = off as u64;
+            seg.zeroed = off as u64;
             state.current = n;
         }
         let log = QueueLog {
@@ -292,6 +310,7 @@ impl QueueLog {
             Segment {
                 file: Arc::new(file),
                 bytes: 0,
+                zeroed: 0,
                 live: 0,
             },
         );
@@ -324,9 +343,23 @@ impl QueueLog {
             if seg.file.set_len(off).is_err() {
                 st.roll = true;
             }
+            seg.zeroed = off;
             return Err(e);
         }
         seg.bytes += buf.len() as u64;
+        seg.zeroed = seg.zeroed.max(seg.bytes);
+        if !self.temporary && seg.zeroed < seg.bytes + PREALLOC_BYTES / 2 {
+            // Room for the next appends, synced with this one (or the next synced one). Not
+            // written (no space): the appends extend the file themselves, as without it.
+            let end = (seg.bytes + PREALLOC_BYTES).min(self.segment_bytes.max(seg.bytes));
+            if end > seg.zeroed {
+                let zeros = vec![0u8; (end - seg.zeroed) as usize];
+                match seg.file.write_all_at(&zeros, seg.zeroed) {
+                    Ok(()) => seg.zeroed = end,
+                    Err(e) => tracing::debug!(error = %e, "queue log: no room written ahead"),
+                }
+            }
+        }
         Ok((st.current, seg.file.clone(), off))
     }
 
@@ -670,8 +703,9 @@ mod tests {
         let seg = segment_path(dir.path(), 1);
         let mut half = Vec::new();
         encode(&mut half, MSG, 3, b"three, never answered");
-        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
-        std::io::Write::write_all(&mut f, &half[..half.len() / 2]).unwrap();
+        let f = OpenOptions::new().write(true).open(&seg).unwrap();
+        f.write_all_at(&half[..half.len() / 2], (2 * HEADER + 6) as u64)
+            .unwrap();
         let log = QueueLog::open(dir.path()).unwrap();
         assert_eq!(log.get((MSG, 1)).unwrap(), Some(b"one".to_vec()));
         assert_eq!(log.get((MSG, 2)).unwrap(), Some(b"two".to_vec()));
@@ -694,12 +728,62 @@ mod tests {
         }
         let seg = segment_path(dir.path(), 1);
         let mut bytes = std::fs::read(&seg).unwrap();
-        let last = bytes.len() - 1;
+        // The last byte of the second record (the file is longer: the log's room written ahead).
+        let last = 2 * HEADER + 6 - 1;
         bytes[last] ^= 0x40;
         std::fs::write(&seg, bytes).unwrap();
         let log = QueueLog::open(dir.path()).unwrap();
         assert_eq!(log.get((MSG, 1)).unwrap(), Some(b"one".to_vec()));
         assert_eq!(log.get((MSG, 2)).unwrap(), None);
+    }
+
+    /// The current segment is written with zeros ahead of its appends (so a synced append does
+    /// not change the file's size); a reopen takes the zeros for what they are, not a torn
+    /// tail, and cuts the segment back to its records.
+    #[test]
+    fn room_is_written_ahead_of_the_appends_and_a_reopen_cuts_it_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = segment_path(dir.path(), 1);
+        let records = (2 * HEADER + 6) as u64;
+        {
+            let log = QueueLog::open(dir.path()).unwrap();
+            log.append(&[((MSG, 1), b"one")], &[], true).unwrap();
+            let len = std::fs::metadata(&seg).unwrap().len();
+            assert_eq!(len, (HEADER + 3) as u64 + PREALLOC_BYTES);
+            // Appends inside the room leave the file's size alone.
+            log.append(&[((MSG, 2), b"two")], &[], true).unwrap();
+            assert_eq!(std::fs::metadata(&seg).unwrap().len(), len);
+            assert_eq!(log.bytes(), records);
+            // The zeros read as the end of the records, never as one.
+            let bytes = std::fs::read(&seg).unwrap();
+            assert!(decode(&bytes, records as usize).is_none());
+            assert!(bytes[records as usize..].iter().all(|b| *b == 0));
+        }
+        let log = QueueLog::open(dir.path()).unwrap();
+        assert_eq!(log.get((MSG, 1)).unwrap(), Some(b"one".to_vec()));
+        assert_eq!(log.get((MSG, 2)).unwrap(), Some(b"two".to_vec()));
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), records);
+        // An append that leaves less than half the room writes more.
+        log.append(&[((MSG, 3), b"three")], &[], true).unwrap();
+        let big = vec![7u8; (PREALLOC_BYTES / 2) as usize + 1];
+        log.append(&[((MSG, 4), &big[..])], &[], true).unwrap();
+        let seg2 = segment_path(dir.path(), 2);
+        let data = 2 * HEADER as u64 + 5 + big.len() as u64;
+        assert_eq!(std::fs::metadata(&seg2).unwrap().len(), data + PREALLOC_BYTES);
+        drop(log);
+        let log = QueueLog::open(dir.path()).unwrap();
+        assert_eq!(log.get((MSG, 3)).unwrap(), Some(b"three".to_vec()));
+        assert_eq!(log.get((MSG, 4)).unwrap(), Some(big));
+        assert_eq!(std::fs::metadata(&seg2).unwrap().len(), data);
+    }
+
+    /// A temporary log (in memory, never synced) writes no room ahead.
+    #[test]
+    fn a_temporary_log_writes_no_room_ahead() {
+        let log = QueueLog::temporary().unwrap();
+        log.append(&[((MSG, 1), b"one")], &[], true).unwrap();
+        let seg = segment_path(&log.dir, 1);
+        assert_eq!(std::fs::metadata(seg).unwrap().len(), (HEADER + 3) as u64);
     }
 
     /// Compaction keeps exactly the live records, across reopens, and deletes the segments it
@@ -810,14 +894,16 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
 
-        /// Whatever happens to the end of a segment (cut anywhere, a byte changed anywhere),
-        /// an open never fails nor panics, and yields exactly the records of the appends that
-        /// ended before the first damaged byte: replay keeps a prefix.
+        /// Whatever happens to the end of a segment (cut anywhere, a byte changed anywhere, the
+        /// room written ahead kept or lost), an open never fails nor panics, and yields exactly
+        /// the records of the appends that ended before the first damaged byte: replay keeps a
+        /// prefix.
         #[test]
         fn a_damaged_segment_replays_the_prefix_before_the_damage(
             ops in arb_ops(),
             cut in proptest::prelude::any::<proptest::sample::Index>(),
             flip in proptest::option::of((proptest::prelude::any::<proptest::sample::Index>(), 1u8..=255)),
+            room in proptest::prelude::any::<bool>(),
         ) {
             let dir = tempfile::tempdir().unwrap();
             // Where each append ended in the segment, and the live set after it.
@@ -840,17 +926,27 @@ mod tests {
                 }
             }
             let seg = segment_path(dir.path(), 1);
-            let mut bytes = std::fs::read(&seg).unwrap();
-            let len = bytes.len();
-            let mut damage = cut.index(len + 1);
-            bytes.truncate(damage);
+            // The records, then the room written ahead of them (zeros).
+            let orig = std::fs::read(&seg).unwrap();
+            let records = ends.last().map_or(0, |(end, _)| *end as usize);
+            let mut bytes = orig.clone();
+            bytes.truncate(cut.index(records + 1));
             if let Some((at, x)) = flip {
                 if !bytes.is_empty() {
                     let at = at.index(bytes.len());
                     bytes[at] ^= x;
-                    damage = damage.min(at);
                 }
             }
+            // A torn write inside the room: what it did not reach still reads as zeros.
+            if room {
+                bytes.resize(orig.len(), 0);
+            }
+            // The first byte that is not what the appends wrote.
+            let damage = orig
+                .iter()
+                .zip(&bytes)
+                .position(|(a, b)| a != b)
+                .unwrap_or(bytes.len().min(orig.len()));
             std::fs::write(&seg, &bytes).unwrap();
             let want = ends
                 .iter()
