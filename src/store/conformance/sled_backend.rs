@@ -286,6 +286,24 @@ async fn ingest_writes_no_dedup_record() {
     assert_eq!(s.dedup_tree_len_for_test(), 0);
 }
 
+/// Delivery attempts are counted across a restart: the index rebuilt at open takes each queued
+/// message's count from the `attempts` tree (an acknowledged message's is gone with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempt_counts_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SledStore::open_shared(dir.path()).await.unwrap();
+    let batch: Vec<NewMessage> = ["a", "b", "c"].iter().map(|p| msg("c", p, T0)).collect();
+    s.enqueue(batch, &EnqueueLimits::UNLIMITED).await.unwrap();
+    let got = s.lease("c", 10, "o", T0, T0 + 1_000).await.unwrap();
+    assert!(got.iter().all(|m| m.attempts == 1));
+    assert_eq!(s.ack_leased("c", &ids(&got[..1])).await.unwrap().len(), 1);
+    drop(s);
+    let s = SledStore::open_shared(dir.path()).await.unwrap();
+    let again = s.lease("c", 10, "o", T0, T0 + 1_000).await.unwrap();
+    assert_eq!(ids(&again), ids(&got[1..]));
+    assert!(again.iter().all(|m| m.attempts == 2), "{again:?}");
+}
+
 /// In-process nodes opening one path share one store (sled allows one handle per
 /// directory): both see the same data and the same leases; once all are dropped the path
 /// opens again.

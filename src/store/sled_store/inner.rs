@@ -196,7 +196,6 @@ impl Inner {
             let n = u32::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt("attempts"))?);
             attempts.insert(id, n);
         }
-        let mut queued: std::collections::HashSet<MessageId> = std::collections::HashSet::new();
         self.log
             .for_each(|(kind, id), v| {
                 let r = match kind {
@@ -204,7 +203,6 @@ impl Inner {
                         if let Some(dk) = m.dedup_key.filter(|_| m.received_at_ms >= pruned_before) {
                             q.note_dedup(m.connection, dk, id, m.received_at_ms);
                         }
-                        queued.insert(id);
                         q.insert(
                             m.connection,
                             id,
@@ -213,7 +211,8 @@ impl Inner {
                                 received_at_ms: m.received_at_ms,
                                 lease_until_ms: 0,
                                 owner: None,
-                                attempts: attempts.get(&id).copied().unwrap_or(0),
+                                // Taken: what is left at the end belongs to no queued message.
+                                attempts: attempts.remove(&id).unwrap_or(0),
                                 expires_at_ms: m.expires_at_ms.unwrap_or(NEVER),
                                 dedup: m.dedup_key.is_some(),
                             },
@@ -238,7 +237,7 @@ impl Inner {
         self.log.remove(&stale).map_err(unavailable)?;
         // Attempt counts of messages gone (their removal reached the queue log, the count's
         // removal did not reach sled before a crash).
-        for id in attempts.keys().filter(|id| !queued.contains(id)) {
+        for id in attempts.keys() {
             self.attempts.remove(encode_id(*id)).map_err(unavailable)?;
         }
         q.dedup_count = q.dedup.values().map(|d| d.len() as u64).sum();
