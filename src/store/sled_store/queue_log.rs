@@ -158,6 +158,18 @@ fn decode(buf: &[u8], off: usize) -> Option<(u8, MessageId, &[u8], usize)> {
     Some((h[4], id, &rec[HEADER..], HEADER + len))
 }
 
+/// The body of the record of `key` at `at` of `buf` (read from `loc`), or an error naming it
+/// when what is there is not that record.
+fn read_back<'a>(buf: &'a [u8], at: usize, key: Key, loc: &Loc) -> io::Result<&'a [u8]> {
+    match decode(buf, at) {
+        Some((kind, id, body, _)) if (kind, id) == key => Ok(body),
+        _ => Err(corrupt(format!(
+            "queue log: record {key:?} at {}:{} does not read back",
+            loc.seg, loc.off
+        ))),
+    }
+}
+
 /// A stretch of a segment file read into memory, [`COPY_CHUNK`] bytes at a time: replay at open
 /// holds one chunk of a segment, not the whole segment (64 MiB), whatever the segment's size.
 struct Window<'a> {
@@ -508,13 +520,7 @@ impl QueueLog {
         };
         let mut rec = vec![0u8; loc.size() as usize];
         file.read_exact_at(&mut rec, loc.off)?;
-        match decode(&rec, 0) {
-            Some((kind, id, body, _)) if (kind, id) == key => Ok(Some(body.to_vec())),
-            _ => Err(corrupt(format!(
-                "queue log: record {key:?} at {}:{} does not read back",
-                loc.seg, loc.off
-            ))),
-        }
+        read_back(&rec, 0, key, &loc).map(|body| Some(body.to_vec()))
     }
 
     fn sync_dir(&self) -> io::Result<()> {
@@ -572,15 +578,7 @@ impl QueueLog {
             buf.resize((end - start) as usize, 0);
             file.read_exact_at(&mut buf, start)?;
             for (key, loc) in &rest[..n] {
-                match decode(&buf, (loc.off - start) as usize) {
-                    Some((kind, id, body, _)) if (kind, id) == *key => f(*key, body)?,
-                    _ => {
-                        return Err(corrupt(format!(
-                            "queue log: record {key:?} at {}:{} does not read back",
-                            loc.seg, loc.off
-                        )))
-                    }
-                }
+                f(*key, read_back(&buf, (loc.off - start) as usize, *key, loc)?)?;
             }
             rest = &rest[n..];
         }
