@@ -395,9 +395,10 @@ impl QueueLog {
             .get(&st.current)
             .map_or(true, |s| s.bytes > 0 && s.bytes + buf.len() as u64 > self.segment_bytes);
         if st.roll || full {
-            if full && !st.roll && !self.temporary {
-                // What was appended to it without a sync is on disk before the log moves on:
-                // syncing the current segment then covers every unsynced append.
+            if !self.temporary {
+                // What was appended to it without a sync is on disk before the log moves on
+                // (also after a failed append: what came before the failure stays): syncing
+                // the current segment then covers every unsynced append.
                 if let Some(prev) = st.segments.get(&st.current) {
                     prev.file.sync_data()?;
                 }
@@ -439,7 +440,7 @@ impl QueueLog {
             .iter()
             .map(|((kind, id), body)| encode(&mut buf, *kind, *id, body))
             .collect();
-        let file = {
+        let (file, cleared) = {
             let mut st = self.state.lock();
             let mut tombstones = 0;
             for (kind, id) in removes {
@@ -452,6 +453,10 @@ impl QueueLog {
                 return Ok(());
             }
             let (seg, file, base) = self.write(&mut st, &buf)?;
+            // This append's sync covers every append before it (they are in its segment, or
+            // in one synced when the log moved on): the next tick need not sync them again.
+            // Cleared under the lock, so a later unsynced append marks it again.
+            let cleared = sync && !self.temporary && self.unsynced.swap(false, std::sync::atomic::Ordering::SeqCst);
             let mut off = base;
             for (((kind, id), _), len) in puts.iter().zip(&lens) {
                 let loc = Loc { seg, off, len: *len };
@@ -463,10 +468,15 @@ impl QueueLog {
                     self.set_live(&mut st, *key, None);
                 }
             }
-            file
+            (file, cleared)
         };
         if sync && !self.temporary {
-            file.sync_data()?;
+            if let Err(e) = file.sync_data() {
+                if cleared {
+                    self.unsynced.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                return Err(e);
+            }
         } else if !sync {
             self.unsynced.store(true, std::sync::atomic::Ordering::SeqCst);
         }
@@ -987,6 +997,15 @@ mod tests {
         // Nothing written (the key is not live): nothing to sync.
         log.remove(&[(MSG, 1)]).unwrap();
         assert!(!log.unsynced.load(std::sync::atomic::Ordering::SeqCst));
+        // A synced append covers the unsynced ones before it: the tick has nothing left.
+        log.append(&[((MSG, 2), b"two")], &[], true).unwrap();
+        log.remove(&[(MSG, 2)]).unwrap();
+        assert!(log.unsynced.load(std::sync::atomic::Ordering::SeqCst));
+        log.append(&[((MSG, 3), b"three")], &[], true).unwrap();
+        assert!(!log.unsynced.load(std::sync::atomic::Ordering::SeqCst));
+        // An unsynced append after it marks it again.
+        log.remove(&[(MSG, 3)]).unwrap();
+        assert!(log.unsynced.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     /// One append of a damaged segment's history: a record put, or a tombstone.
