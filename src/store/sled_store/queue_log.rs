@@ -595,6 +595,11 @@ impl QueueLog {
         Ok(())
     }
 
+    /// Live records of every kind.
+    pub(super) fn live_records(&self) -> usize {
+        self.state.lock().live.len()
+    }
+
     /// Live records of `kind`.
     #[cfg(test)]
     pub(super) fn count(&self, kind: u8) -> usize {
