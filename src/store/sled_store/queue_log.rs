@@ -59,18 +59,87 @@ const PREALLOC_BYTES: u64 = 1 << 20;
 /// A record's key: its kind and its id.
 pub(super) type Key = (u8, MessageId);
 
-#[derive(Clone, Copy, Debug)]
+/// Where a live record is: 12 bytes, one per queued message in memory (segment numbers and
+/// offsets fit 32 bits: segments are started one at a time and closed at [`SEGMENT_BYTES`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Loc {
-    seg: u64,
+    seg: u32,
     /// Offset of the record's header.
-    off: u64,
+    off: u32,
     /// Body length.
     len: u32,
 }
 
 impl Loc {
+    fn new(seg: u64, off: u64, len: u32) -> io::Result<Loc> {
+        match (u32::try_from(seg), u32::try_from(off)) {
+            (Ok(seg), Ok(off)) => Ok(Loc { seg, off, len }),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("queue log: segment {seg} offset {off} past what the log addresses"),
+            )),
+        }
+    }
+    fn seg(&self) -> u64 {
+        u64::from(self.seg)
+    }
+    fn off(&self) -> u64 {
+        u64::from(self.off)
+    }
     fn size(&self) -> u64 {
         HEADER as u64 + u64::from(self.len)
+    }
+}
+
+/// The live set: a record's key -> where it is, the key packed in one `u64` (its kind in the
+/// top byte): 24 bytes a table slot instead of 40.
+#[derive(Default)]
+struct Live(HashMap<u64, Loc>);
+
+/// Ids a record may have: the top byte of a packed key is its kind.
+const ID_LIMIT: MessageId = 1 << 56;
+
+/// `None` for an id no record of the log has ([`check_id`]).
+fn pack(key: Key) -> Option<u64> {
+    (0..ID_LIMIT)
+        .contains(&key.1)
+        .then(|| (u64::from(key.0) << 56) | key.1 as u64)
+}
+
+fn unpack(k: u64) -> Key {
+    ((k >> 56) as u8, (k & (ID_LIMIT as u64 - 1)) as MessageId)
+}
+
+fn check_id(id: MessageId) -> io::Result<()> {
+    if (0..ID_LIMIT).contains(&id) {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("queue log: record id {id} out of range"),
+        ))
+    }
+}
+
+impl Live {
+    fn get(&self, key: Key) -> Option<Loc> {
+        self.0.get(&pack(key)?).copied()
+    }
+    fn contains(&self, key: Key) -> bool {
+        self.get(key).is_some()
+    }
+    /// `key`'s id was checked ([`check_id`]).
+    fn insert(&mut self, key: Key, loc: Loc) -> Option<Loc> {
+        self.0.insert(pack(key).expect("a checked id"), loc)
+    }
+    fn remove(&mut self, key: Key) -> Option<Loc> {
+        self.0.remove(&pack(key)?)
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn iter(&self) -> impl Iterator<Item = (Key, Loc)> + '_ {
+        self.0.iter().map(|(k, l)| (unpack(*k), *l))
     }
 }
 
@@ -85,7 +154,7 @@ struct Segment {
 }
 
 struct State {
-    live: HashMap<Key, Loc>,
+    live: Live,
     segments: BTreeMap<u64, Segment>,
     current: u64,
     /// The current segment may end in a torn record (a failed append could not truncate it):
@@ -276,7 +345,7 @@ impl QueueLog {
         }
         numbers.sort_unstable();
         let mut state = State {
-            live: HashMap::new(),
+            live: Live::default(),
             segments: BTreeMap::new(),
             current: 0,
             roll: false,
@@ -295,20 +364,18 @@ impl QueueLog {
                 let Some((kind, id, _, size)) = decode(rec, 0) else {
                     break;
                 };
+                // Never written by this log (its appends refuse such ids): not a record of it.
+                check_id(id).map_err(|e| corrupt(format!("{}: {e}", path.display())))?;
                 if kind & TOMBSTONE != 0 {
-                    if let Some(old) = state.live.remove(&(kind & !TOMBSTONE, id)) {
-                        if let Some(s) = state.segments.get_mut(&old.seg) {
+                    if let Some(old) = state.live.remove((kind & !TOMBSTONE, id)) {
+                        if let Some(s) = state.segments.get_mut(&old.seg()) {
                             s.live -= old.size();
                         }
                     }
                 } else {
-                    let loc = Loc {
-                        seg: n,
-                        off,
-                        len: body_len,
-                    };
+                    let loc = Loc::new(n, off, body_len)?;
                     if let Some(old) = state.live.insert((kind, id), loc) {
-                        if let Some(s) = state.segments.get_mut(&old.seg) {
+                        if let Some(s) = state.segments.get_mut(&old.seg()) {
                             s.live -= old.size();
                         }
                     }
@@ -366,6 +433,7 @@ impl QueueLog {
 
     fn start_segment(&self, st: &mut State) -> io::Result<()> {
         let n = st.segments.keys().next_back().map_or(1, |n| n + 1);
+        Loc::new(n, 0, 0)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -390,10 +458,17 @@ impl QueueLog {
     /// it back, or has the next append start a new segment. Returns the segment, its file and
     /// the offset written at.
     fn write(&self, st: &mut State, buf: &[u8]) -> io::Result<(u64, Arc<File>, u64)> {
-        let full = st
-            .segments
-            .get(&st.current)
-            .map_or(true, |s| s.bytes > 0 && s.bytes + buf.len() as u64 > self.segment_bytes);
+        if buf.len() as u64 > u64::from(u32::MAX) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("queue log: an append of {} bytes", buf.len()),
+            ));
+        }
+        // Past the segment's size, or past what a location addresses: a new segment.
+        let full = st.segments.get(&st.current).map_or(true, |s| {
+            let end = s.bytes + buf.len() as u64;
+            s.bytes > 0 && (end > self.segment_bytes || end > u64::from(u32::MAX))
+        });
         if st.roll || full {
             if !self.temporary {
                 // What was appended to it without a sync is on disk before the log moves on
@@ -436,6 +511,9 @@ impl QueueLog {
     /// not live writes nothing for it. An error leaves the live set as it was.
     pub(super) fn append<B: Body>(&self, puts: &[(Key, B)], removes: &[Key], sync: bool) -> io::Result<()> {
         let mut buf = Vec::with_capacity(puts.iter().map(|(_, b)| HEADER + b.len_hint()).sum::<usize>());
+        for ((_, id), _) in puts {
+            check_id(*id)?;
+        }
         let lens: Vec<u32> = puts
             .iter()
             .map(|((kind, id), body)| encode(&mut buf, *kind, *id, body))
@@ -444,7 +522,7 @@ impl QueueLog {
             let mut st = self.state.lock();
             let mut tombstones = 0;
             for (kind, id) in removes {
-                if st.live.contains_key(&(*kind, *id)) {
+                if st.live.contains((*kind, *id)) {
                     encode(&mut buf, kind | TOMBSTONE, *id, &[0u8; 0]);
                     tombstones += 1;
                 }
@@ -459,7 +537,7 @@ impl QueueLog {
             let cleared = sync && !self.temporary && self.unsynced.swap(false, std::sync::atomic::Ordering::SeqCst);
             let mut off = base;
             for (((kind, id), _), len) in puts.iter().zip(&lens) {
-                let loc = Loc { seg, off, len: *len };
+                let loc = Loc::new(seg, off, *len).expect("write keeps locations within 32 bits");
                 off += loc.size();
                 self.set_live(&mut st, (*kind, *id), Some(loc));
             }
@@ -504,15 +582,15 @@ impl QueueLog {
     fn set_live(&self, st: &mut State, key: Key, loc: Option<Loc>) {
         let old = match loc {
             Some(loc) => {
-                if let Some(s) = st.segments.get_mut(&loc.seg) {
+                if let Some(s) = st.segments.get_mut(&loc.seg()) {
                     s.live += loc.size();
                 }
                 st.live.insert(key, loc)
             }
-            None => st.live.remove(&key),
+            None => st.live.remove(key),
         };
         if let Some(old) = old {
-            if let Some(s) = st.segments.get_mut(&old.seg) {
+            if let Some(s) = st.segments.get_mut(&old.seg()) {
                 s.live -= old.size();
             }
         }
@@ -522,14 +600,19 @@ impl QueueLog {
     pub(super) fn get(&self, key: Key) -> io::Result<Option<Vec<u8>>> {
         let (loc, file) = {
             let st = self.state.lock();
-            let Some(loc) = st.live.get(&key).copied() else {
+            let Some(loc) = st.live.get(key) else {
                 return Ok(None);
             };
-            let file = st.segments.get(&loc.seg).expect("a live record's segment").file.clone();
+            let file = st
+                .segments
+                .get(&loc.seg())
+                .expect("a live record's segment")
+                .file
+                .clone();
             (loc, file)
         };
         let mut rec = vec![0u8; loc.size() as usize];
-        file.read_exact_at(&mut rec, loc.off)?;
+        file.read_exact_at(&mut rec, loc.off())?;
         read_back(&rec, 0, key, &loc).map(|body| Some(body.to_vec()))
     }
 
@@ -564,7 +647,7 @@ impl QueueLog {
         const GAP: u64 = 64 << 10;
         let (mut locs, files) = {
             let st = self.state.lock();
-            let locs: Vec<(Key, Loc)> = st.live.iter().map(|(k, l)| (*k, *l)).collect();
+            let locs: Vec<(Key, Loc)> = st.live.iter().collect();
             let files: HashMap<u64, Arc<File>> = st.segments.iter().map(|(n, s)| (*n, s.file.clone())).collect();
             (locs, files)
         };
@@ -572,14 +655,15 @@ impl QueueLog {
         let mut buf = Vec::new();
         let mut rest = &locs[..];
         while let Some((_, first)) = rest.first() {
-            let (seg, start) = (first.seg, first.off);
+            let (seg, start) = (first.seg(), first.off());
             let mut end = start + first.size();
             let n = 1 + rest[1..]
                 .iter()
                 .take_while(|(_, l)| {
-                    let fits = l.seg == seg && l.off <= end + GAP && l.off + l.size() - start <= COPY_CHUNK as u64;
+                    let fits =
+                        l.seg() == seg && l.off() <= end + GAP && l.off() + l.size() - start <= COPY_CHUNK as u64;
                     if fits {
-                        end = l.off + l.size();
+                        end = l.off() + l.size();
                     }
                     fits
                 })
@@ -588,7 +672,7 @@ impl QueueLog {
             buf.resize((end - start) as usize, 0);
             file.read_exact_at(&mut buf, start)?;
             for (key, loc) in &rest[..n] {
-                f(*key, read_back(&buf, (loc.off - start) as usize, *key, loc)?)?;
+                f(*key, read_back(&buf, (loc.off() - start) as usize, *key, loc)?)?;
             }
             rest = &rest[n..];
         }
@@ -603,7 +687,7 @@ impl QueueLog {
     /// Live records of `kind`.
     #[cfg(test)]
     pub(super) fn count(&self, kind: u8) -> usize {
-        self.state.lock().live.keys().filter(|(k, _)| *k == kind).count()
+        self.state.lock().live.iter().filter(|((k, _), _)| *k == kind).count()
     }
 
     /// Bytes in the segments.
@@ -663,12 +747,7 @@ impl QueueLog {
                 return Ok(deleted);
             }
             // One pass over the live set for the whole segment.
-            let mut locs: Vec<(Key, Loc)> = st
-                .live
-                .iter()
-                .filter(|(_, l)| l.seg == oldest)
-                .map(|(k, l)| (*k, *l))
-                .collect();
+            let mut locs: Vec<(Key, Loc)> = st.live.iter().filter(|(_, l)| l.seg() == oldest).collect();
             locs.sort_unstable_by_key(|(_, l)| l.off);
             (locs, seg.file.clone())
         };
@@ -689,7 +768,7 @@ impl QueueLog {
             let mut read = Vec::with_capacity(chunk.len());
             for (key, loc) in chunk {
                 let mut rec = vec![0u8; loc.size() as usize];
-                file.read_exact_at(&mut rec, loc.off)?;
+                file.read_exact_at(&mut rec, loc.off())?;
                 read.push((*key, *loc, rec));
             }
             let mut st = self.state.lock();
@@ -697,7 +776,7 @@ impl QueueLog {
             // tombstone written, and a copy after it would bring it back at the next open.
             let still: Vec<&(Key, Loc, Vec<u8>)> = read
                 .iter()
-                .filter(|(k, l, _)| st.live.get(k).is_some_and(|now| now.seg == l.seg && now.off == l.off))
+                .filter(|(k, l, _)| st.live.get(*k).is_some_and(|now| now == *l))
                 .collect();
             let buf: Vec<u8> = still.iter().flat_map(|(_, _, rec)| rec.iter().copied()).collect();
             if buf.is_empty() {
@@ -705,7 +784,7 @@ impl QueueLog {
             }
             let (seg, f, mut off) = self.write(&mut st, &buf)?;
             for (key, old, _) in still {
-                let loc = Loc { seg, off, len: old.len };
+                let loc = Loc::new(seg, off, old.len).expect("write keeps locations within 32 bits");
                 off += loc.size();
                 self.set_live(&mut st, *key, Some(loc));
             }
@@ -987,6 +1066,43 @@ mod tests {
         let log = QueueLog::open_with(dir.path(), 2048, false).unwrap();
         assert_eq!(log.count(MSG), 0, "removed records came back after a reopen");
         assert_eq!(log.usage().0, 1, "only the new segment is left");
+    }
+
+    #[test]
+    fn the_live_set_holds_a_record_in_24_bytes_and_its_key_whole() {
+        // One table slot per queued message: the key packed in a u64, the location in 12 bytes.
+        assert_eq!(std::mem::size_of::<(u64, Loc)>(), 24);
+        for key in [(MSG, 0), (MSG, 1), (2, 42), (MSG, ID_LIMIT - 1), (0x7f, ID_LIMIT - 1)] {
+            assert_eq!(unpack(pack(key).unwrap()), key);
+        }
+        assert_ne!(pack((MSG, 7)), pack((2, 7)), "kinds share no key");
+        assert_eq!(pack((MSG, ID_LIMIT)), None);
+        assert_eq!(pack((MSG, -1)), None);
+        assert!(Loc::new(u64::from(u32::MAX), u64::from(u32::MAX), 1).is_ok());
+        assert!(Loc::new(1 << 32, 0, 0).is_err());
+        assert!(Loc::new(1, 1 << 32, 0).is_err());
+    }
+
+    #[test]
+    fn an_id_the_live_set_cannot_hold_is_refused_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = QueueLog::open(dir.path()).unwrap();
+        log.append(&[((MSG, 1), b"one")], &[], true).unwrap();
+        let bytes = log.bytes();
+        for id in [ID_LIMIT, i64::MAX, -1] {
+            let e = log
+                .append(&[((MSG, 2), b"two"), ((MSG, id), b"bad")], &[], true)
+                .unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+            // Removing it is a no-op, as for any key that is not live.
+            log.remove(&[(MSG, id)]).unwrap();
+        }
+        assert_eq!(log.bytes(), bytes, "a refused append writes nothing");
+        assert_eq!(log.get((MSG, 2)).unwrap(), None);
+        drop(log);
+        let log = QueueLog::open(dir.path()).unwrap();
+        assert_eq!(log.get((MSG, 1)).unwrap().as_deref(), Some(&b"one"[..]));
+        assert_eq!(log.count(MSG), 1);
     }
 
     #[test]
