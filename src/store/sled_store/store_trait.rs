@@ -1,11 +1,11 @@
 //! The [`Store`] trait on sled.
 
 use std::ops::Bound;
-use std::sync::Arc;
 
 use sled::transaction::ConflictableTransactionError;
 use sled::Transactional;
 
+use super::index::Owner;
 use super::records::{conn_key_entry, conn_prefix, decode_conn, decode_msg, encode_id, latest_of, pair_key, tx_err};
 use super::{corrupt, unavailable, SledStore, DEDUP_PRUNED_BEFORE_KEY, IDENTITY_KEY, NEVER};
 use crate::store::{
@@ -443,7 +443,7 @@ impl Store for SledStore {
         }
         let inner = self.slot.get()?;
         let mut q = inner.queues.lock();
-        let owners: Vec<Arc<str>> = q.by_owner.keys().filter(|o| o.starts_with(prefix)).cloned().collect();
+        let owners: Vec<Owner> = q.by_owner.keys().filter(|o| o.starts_with(prefix)).cloned().collect();
         Ok(owners.iter().map(|o| q.release_owner(o)).sum())
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::index::Meta;
+use super::index::{Meta, Owner};
 use super::inner::Inner;
 use super::records::{MsgBody, KIND_MSG};
 use super::supervisor::Slot;
@@ -147,7 +147,7 @@ impl Inner {
         {
             let mut q = self.queues.lock();
             for (m, id) in accepted.iter().zip(&ids) {
-                let owner: Option<Arc<str>> = m.lease.as_ref().map(|l| Arc::from(l.owner.as_str()));
+                let owner: Option<Owner> = m.lease.as_ref().map(|l| Owner::new(&l.owner));
                 let meta = Meta {
                     size: m.payload.len() as u64,
                     received_at_ms: m.received_at_ms,
