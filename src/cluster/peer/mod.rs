@@ -77,7 +77,7 @@ pub(crate) struct Counters {
     pub handoffs_unconfirmed: AtomicU64,
 }
 
-/// A snapshot of [`Counters`] for status output.
+/// A snapshot of the link's counters (`Counters`) for status output.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct CounterSnapshot {
     pub notifications_sent: u64,

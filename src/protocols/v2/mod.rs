@@ -291,7 +291,7 @@ pub fn envelope_label(env: &[u8]) -> &'static str {
     }
 }
 
-/// Whether a connection was bound by this code (not stored: see [`ephemeral`]).
+/// Whether a connection was bound by this code (not stored: see `ephemeral` in this module).
 pub fn is_ephemeral(c: &Connection) -> bool {
     c.id.starts_with("v2-unbound:")
 }
