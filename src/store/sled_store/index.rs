@@ -160,14 +160,16 @@ impl Queues {
     }
 
     /// Records a dedup entry read from disk at open (from a queued message or a `dedup`
-    /// record); of two for the same key, the later arrival names the copy.
-    pub(super) fn note_dedup(&mut self, conn: &str, key: [u8; 32], id: MessageId, at: i64) {
+    /// record); of two for the same key, the later arrival names the copy. Returns the id of
+    /// the other one, superseded.
+    pub(super) fn note_dedup(&mut self, conn: &str, key: [u8; 32], id: MessageId, at: i64) -> Option<MessageId> {
         let (name, d) = self.dedup_of(conn);
         if d.get(&key).is_some_and(|(_, a)| *a >= at) {
-            return;
+            return Some(id);
         }
-        d.insert(key, (id, at));
+        let old = d.insert(key, (id, at)).map(|(old, _)| old);
         self.dedup_order.push_back((at, name, key));
+        old
     }
 
     /// The dedup entries of `conn` (made empty when it has none) and the connection's name as

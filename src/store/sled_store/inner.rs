@@ -204,7 +204,9 @@ impl Inner {
                 let r = match kind {
                     KIND_MSG => decode_msg(v).map(|m| {
                         if let Some(dk) = m.dedup_key.filter(|_| m.received_at_ms >= pruned_before) {
-                            q.note_dedup(m.connection, dk, id, m.received_at_ms);
+                            if let Some(old) = q.note_dedup(m.connection, dk, id, m.received_at_ms) {
+                                stale.push((KIND_DEDUP, old));
+                            }
                         }
                         q.insert(
                             m.connection,
@@ -225,8 +227,9 @@ impl Inner {
                         if at < pruned_before {
                             // Written by an acknowledgement racing the prune that dropped its entry.
                             stale.push((KIND_DEDUP, id));
-                        } else {
-                            q.note_dedup(&conn, key, id, at);
+                        } else if let Some(old) = q.note_dedup(&conn, key, id, at) {
+                            // A copy sent again after its window: the one it replaced.
+                            stale.push((KIND_DEDUP, old));
                         }
                     }),
                     other => Err(corrupt(&format!("queue log record kind {other}"))),

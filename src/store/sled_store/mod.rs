@@ -664,4 +664,54 @@ mod tests {
             .iter()
             .all(|o| std::ptr::eq(o.as_ptr(), owner.as_ptr()) && &***o == "node-1/ws-7"));
     }
+
+    /// A copy sent again after its window, before the prune dropped the first one's entry,
+    /// replaces that entry: the first one's dedup record (written when it was acknowledged)
+    /// goes with it, not at some later open; an open that finds two for one key keeps the later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_superseded_dedup_record_is_removed() {
+        use super::records::{dedup_record, KIND_DEDUP};
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let lim = EnqueueLimits {
+            dedup_window_ms: 1_000,
+            ..EnqueueLimits::UNLIMITED
+        };
+        let dedup_records = |s: &SledStore| s.slot.get().unwrap().log.count(KIND_DEDUP);
+        let s = SledStore::open(dir.path()).await.unwrap();
+        let first = s.enqueue(vec![new_msg("c", "m", t0, Some(7))], &lim).await.unwrap()[0]
+            .as_ref()
+            .unwrap()
+            .id;
+        assert_eq!(s.lease("c", 10, "o", t0, t0 + 60_000).await.unwrap().len(), 1);
+        assert_eq!(s.ack("c", &[first]).await.unwrap(), 1);
+        assert_eq!(dedup_records(&s), 1, "acknowledged inside its window: its record stays");
+        let again = s
+            .enqueue(vec![new_msg("c", "m", t0 + 2_000, Some(7))], &lim)
+            .await
+            .unwrap();
+        let second = again[0].as_ref().unwrap();
+        assert!(!second.duplicate, "past the window: a new message");
+        assert_eq!(dedup_records(&s), 0, "the superseded record is gone");
+        // An older record for the same key (as a crash before the removal reached the disk
+        // would leave): the open keeps the later entry and removes the older record.
+        let log = s.slot.get().unwrap().log.clone();
+        log.append(
+            &[((KIND_DEDUP, 999), dedup_record("c", &[7; 32], 999, t0 - 10))],
+            &[],
+            true,
+        )
+        .unwrap();
+        drop(log);
+        drop(s);
+        let s = SledStore::open(dir.path()).await.unwrap();
+        assert_eq!(dedup_records(&s), 0);
+        let dup = s
+            .enqueue(vec![new_msg("c", "m", t0 + 2_500, Some(7))], &lim)
+            .await
+            .unwrap();
+        let dup = dup[0].as_ref().unwrap();
+        assert!(dup.duplicate);
+        assert_eq!(dup.id, second.id);
+    }
 }

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::index::{Meta, Owner};
 use super::inner::Inner;
-use super::records::{MsgBody, KIND_MSG};
+use super::records::{MsgBody, KIND_DEDUP, KIND_MSG};
 use super::supervisor::Slot;
 use super::{unavailable, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, NEVER};
 use crate::store::{check_storable, EnqueueLimits, Enqueued, MessageId, NewMessage, StoreError, StoreResult};
@@ -144,6 +144,9 @@ impl Inner {
                 return;
             }
         };
+        // Dedup entries this batch replaced (a copy sent again after its window, before the
+        // prune dropped the entry): the records of the acknowledged ones are removed below.
+        let mut superseded = Vec::new();
         {
             let mut q = self.queues.lock();
             for (m, id) in accepted.iter().zip(&ids) {
@@ -166,11 +169,20 @@ impl Inner {
                 }
                 if let Some(dk) = m.dedup_key {
                     let (name, d) = q.dedup_of(&m.connection);
-                    if d.insert(dk, (*id, m.received_at_ms)).is_none() {
-                        q.dedup_count += 1;
+                    match d.insert(dk, (*id, m.received_at_ms)) {
+                        None => q.dedup_count += 1,
+                        Some((old, _)) => superseded.push((KIND_DEDUP, old)),
                     }
                     q.dedup_order.push_back((m.received_at_ms, name, dk));
                 }
+            }
+        }
+        if !superseded.is_empty() {
+            // Not synced (as an acknowledgement's removal): a record that survives a crash is
+            // superseded again at the next open. A still-queued message has no such record:
+            // nothing written for it.
+            if let Err(e) = self.log.remove(&superseded) {
+                tracing::warn!(error = %e, "sled: superseded dedup records stay until the next open");
             }
         }
         let results = slots.into_iter().map(|out| {
