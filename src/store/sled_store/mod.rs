@@ -479,6 +479,14 @@ mod tests {
     use super::*;
     use crate::store::Store;
 
+    /// No limits but a dedup window of `ms`.
+    fn dedup_window(ms: i64) -> EnqueueLimits {
+        EnqueueLimits {
+            dedup_window_ms: ms,
+            ..EnqueueLimits::UNLIMITED
+        }
+    }
+
     fn new_msg(conn: &str, payload: &str, at: i64, dedup: Option<u8>) -> NewMessage {
         NewMessage {
             connection: conn.to_owned(),
@@ -522,10 +530,7 @@ mod tests {
             .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
             .collect();
         assert_eq!(payloads, ["old-0", "old-1", "old-2"]);
-        let lim = EnqueueLimits {
-            dedup_window_ms: 60_000,
-            ..EnqueueLimits::UNLIMITED
-        };
+        let lim = dedup_window(60_000);
         // A copy of the acknowledged message and of a queued one: duplicates; a new one is not.
         let r = s
             .enqueue(
@@ -619,10 +624,7 @@ mod tests {
     async fn dedup_entries_share_their_connection_name() {
         let dir = tempfile::tempdir().unwrap();
         let t0 = 1_700_000_000_000;
-        let lim = EnqueueLimits {
-            dedup_window_ms: 60_000,
-            ..EnqueueLimits::UNLIMITED
-        };
+        let lim = dedup_window(60_000);
         let names = |s: &SledStore| {
             let inner = s.slot.get().unwrap();
             let q = inner.queues.lock();
@@ -673,10 +675,7 @@ mod tests {
         use super::records::{dedup_record, KIND_DEDUP};
         let dir = tempfile::tempdir().unwrap();
         let t0 = 1_700_000_000_000;
-        let lim = EnqueueLimits {
-            dedup_window_ms: 1_000,
-            ..EnqueueLimits::UNLIMITED
-        };
+        let lim = dedup_window(1_000);
         let dedup_records = |s: &SledStore| s.slot.get().unwrap().log.count(KIND_DEDUP);
         let s = SledStore::open(dir.path()).await.unwrap();
         let first = s.enqueue(vec![new_msg("c", "m", t0, Some(7))], &lim).await.unwrap()[0]
