@@ -161,15 +161,29 @@ impl Queues {
 
     /// Records a dedup entry read from disk at open (from a queued message or a `dedup`
     /// record); of two for the same key, the later arrival names the copy. Returns the id of
-    /// the other one, superseded.
+    /// the other one, superseded. The pruning order is made once all are read
+    /// ([`Queues::order_dedup`]).
     pub(super) fn note_dedup(&mut self, conn: &str, key: [u8; 32], id: MessageId, at: i64) -> Option<MessageId> {
-        let (name, d) = self.dedup_of(conn);
+        let (_, d) = self.dedup_of(conn);
         if d.get(&key).is_some_and(|(_, a)| *a >= at) {
             return Some(id);
         }
-        let old = d.insert(key, (id, at)).map(|(old, _)| old);
-        self.dedup_order.push_back((at, name, key));
-        old
+        d.insert(key, (id, at)).map(|(old, _)| old)
+    }
+
+    /// The dedup count and pruning order of the entries read at open: one allocation of the
+    /// exact size, sorted in place (entries of the same time are pruned together: their order
+    /// among themselves does not matter), not a buffer grown by doubling and a sort's scratch
+    /// (what they outgrow stays with the allocator after the open).
+    pub(super) fn order_dedup(&mut self) {
+        let total = self.dedup.values().map(HashMap::len).sum();
+        let mut order = VecDeque::with_capacity(total);
+        for (name, d) in &self.dedup {
+            order.extend(d.iter().map(|(key, (_, at))| (*at, name.clone(), *key)));
+        }
+        order.make_contiguous().sort_unstable_by_key(|e| e.0);
+        self.dedup_count = total as u64;
+        self.dedup_order = order;
     }
 
     /// The dedup entries of `conn` (made empty when it has none) and the connection's name as

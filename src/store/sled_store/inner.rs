@@ -188,9 +188,6 @@ impl Inner {
             None => i64::MIN,
         };
         q.dedup_pruned_before = pruned_before;
-        // At most one pruning-order entry per record: sized once, not grown by doubling (the
-        // buffers it would outgrow stay with the allocator after the open).
-        q.dedup_order.reserve_exact(self.log.live_records());
         let mut stale = Vec::new();
         let mut attempts: HashMap<MessageId, u32> = HashMap::new();
         for kv in self.attempts.iter() {
@@ -246,9 +243,7 @@ impl Inner {
         for id in attempts.keys() {
             self.attempts.remove(encode_id(*id)).map_err(unavailable)?;
         }
-        q.dedup_count = q.dedup.values().map(|d| d.len() as u64).sum();
-        // Unstable: in place, no scratch buffer; entries of the same time are pruned together.
-        q.dedup_order.make_contiguous().sort_unstable_by_key(|e| e.0);
+        q.order_dedup();
         *self.queues.lock() = q;
         Ok(())
     }

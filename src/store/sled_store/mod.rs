@@ -713,4 +713,34 @@ mod tests {
         assert!(dup.duplicate);
         assert_eq!(dup.id, second.id);
     }
+
+    /// The pruning order rebuilt at open holds every entry once, oldest first, whatever the
+    /// connections: a prune after a restart takes the oldest entries, up to its bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_dedup_order_read_back_at_open_is_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let lim = dedup_window(60_000);
+        {
+            let s = SledStore::open(dir.path()).await.unwrap();
+            for i in 0..30u8 {
+                let conn = ["a", "b", "c"][usize::from(i) % 3];
+                let m = new_msg(conn, &format!("m{i}"), t0 + i64::from(29 - i), Some(i));
+                s.enqueue(vec![m], &lim).await.unwrap();
+            }
+        }
+        let s = SledStore::open(dir.path()).await.unwrap();
+        let times = |s: &SledStore| {
+            let inner = s.slot.get().unwrap();
+            let q = inner.queues.lock();
+            (
+                q.dedup_order.iter().map(|(at, _, _)| at - t0).collect::<Vec<_>>(),
+                q.dedup_count,
+            )
+        };
+        assert_eq!(times(&s), ((0..30).collect::<Vec<_>>(), 30));
+        assert_eq!(s.prune_dedup(t0 + 10, 100).await.unwrap(), 10);
+        assert_eq!(s.prune_dedup(t0 + 20, 5).await.unwrap(), 5, "bounded");
+        assert_eq!(times(&s), ((15..30).collect::<Vec<_>>(), 15));
+    }
 }

@@ -135,9 +135,6 @@ impl Live {
     fn remove(&mut self, key: Key) -> Option<Loc> {
         self.0.remove(&pack(key)?)
     }
-    fn len(&self) -> usize {
-        self.0.len()
-    }
     fn iter(&self) -> impl Iterator<Item = (Key, Loc)> + '_ {
         self.0.iter().map(|(k, l)| (unpack(*k), *l))
     }
@@ -677,11 +674,6 @@ impl QueueLog {
             rest = &rest[n..];
         }
         Ok(())
-    }
-
-    /// Live records of every kind.
-    pub(super) fn live_records(&self) -> usize {
-        self.state.lock().live.len()
     }
 
     /// Live records of `kind`.
