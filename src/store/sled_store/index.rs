@@ -111,6 +111,15 @@ impl Queues {
         n
     }
 
+    /// The name [`Queues::by_owner`] holds for `owner`, shared, or a new one: every message an
+    /// owner leases holds the same name, not one per lease.
+    pub(super) fn owner_named(&self, owner: &str) -> Owner {
+        match self.by_owner.get_key_value(owner) {
+            Some((o, _)) => o.clone(),
+            None => Owner::new(owner),
+        }
+    }
+
     pub(super) fn insert(&mut self, conn: &str, id: MessageId, meta: Meta) {
         let q = match self.by_conn.get_mut(conn) {
             Some(q) => q,

@@ -73,7 +73,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     check_storable, storable, EnqueueLimits, Enqueued, MessageId, NewMessage, QueuedMessage, StoreError, StoreResult,
 };
-use index::{Meta, Owner};
+use index::Meta;
 use inner::Inner;
 use queue_log::QueueLog;
 use records::decode_msg;
@@ -319,7 +319,7 @@ impl SledStore {
             return Ok(Vec::new());
         }
         let (conn, key) = (conn.to_owned(), recipient_key.map(str::to_owned));
-        let owner = Owner::new(owner);
+        let owner = owner.to_owned();
         let filtered = key.is_some();
         let job = move |inner: &Inner| {
             let matching: Option<Vec<MessageId>> = match &key {
@@ -352,6 +352,7 @@ impl SledStore {
             };
             let picked: Vec<(MessageId, u32)> = {
                 let mut q = inner.queues.lock();
+                let owner = q.owner_named(&owner);
                 let Some(cq) = q.by_conn.get_mut(&conn) else {
                     return Ok(Vec::new());
                 };
@@ -655,13 +656,25 @@ mod tests {
         let t0 = 1_700_000_000_000;
         let batch: Vec<NewMessage> = (0..5).map(|i| new_msg("c", &format!("m{i}"), t0 + i, None)).collect();
         s.enqueue(batch, &EnqueueLimits::UNLIMITED).await.unwrap();
-        assert_eq!(s.lease("c", 10, "node-1/ws-7", t0, t0 + 60_000).await.unwrap().len(), 5);
+        assert_eq!(s.lease("c", 3, "node-1/ws-7", t0, t0 + 60_000).await.unwrap().len(), 3);
+        // A second lease, and messages queued already leased (the live path), by the same owner.
+        assert_eq!(s.lease("c", 10, "node-1/ws-7", t0, t0 + 60_000).await.unwrap().len(), 2);
+        let leased: Vec<NewMessage> = (5..7)
+            .map(|i| NewMessage {
+                lease: Some(crate::store::LeaseTo {
+                    owner: "node-1/ws-7".into(),
+                    until_ms: t0 + 60_000,
+                }),
+                ..new_msg("c", &format!("m{i}"), t0 + i, None)
+            })
+            .collect();
+        s.enqueue(leased, &EnqueueLimits::UNLIMITED).await.unwrap();
         let inner = s.slot.get().unwrap();
         let q = inner.queues.lock();
         let (owner, conns) = q.by_owner.get_key_value("node-1/ws-7").expect("the owner is indexed");
         assert!(conns.contains("c"));
-        let held: Vec<&Owner> = q.by_conn["c"].msgs.values().filter_map(|m| m.owner.as_ref()).collect();
-        assert_eq!(held.len(), 5);
+        let held: Vec<&index::Owner> = q.by_conn["c"].msgs.values().filter_map(|m| m.owner.as_ref()).collect();
+        assert_eq!(held.len(), 7);
         assert!(held
             .iter()
             .all(|o| std::ptr::eq(o.as_ptr(), owner.as_ptr()) && &***o == "node-1/ws-7"));

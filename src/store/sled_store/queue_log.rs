@@ -111,14 +111,12 @@ fn unpack(k: u64) -> Key {
 }
 
 fn check_id(id: MessageId) -> io::Result<()> {
-    if (0..ID_LIMIT).contains(&id) {
-        Ok(())
-    } else {
-        Err(io::Error::new(
+    pack((0, id)).map(drop).ok_or_else(|| {
+        io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("queue log: record id {id} out of range"),
-        ))
-    }
+        )
+    })
 }
 
 impl Live {

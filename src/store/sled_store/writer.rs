@@ -150,7 +150,7 @@ impl Inner {
         {
             let mut q = self.queues.lock();
             for (m, id) in accepted.iter().zip(&ids) {
-                let owner: Option<Owner> = m.lease.as_ref().map(|l| Owner::new(&l.owner));
+                let owner: Option<Owner> = m.lease.as_ref().map(|l| q.owner_named(&l.owner));
                 let meta = Meta {
                     size: m.payload.len() as u64,
                     received_at_ms: m.received_at_ms,
