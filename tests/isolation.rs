@@ -283,5 +283,16 @@ async fn a_moved_session_stops_taking_deliveries_on_its_old_node() {
         }
         WsEvent::Closed(r) => panic!("new socket closed: {r:?}"),
     }
+    // The newer session ends while the superseded one is still open: no node holds a live
+    // session of the connection, so none may be named its owner (a claim n1 left behind would
+    // come back and take pushes and hand-offs for a node that delivers nothing).
+    drop(new);
+    for n in [n1, n2] {
+        eventually(
+            &format!("{} names no owner once the newer session ended", n.node_id),
+            || async { owner_seen_by(n, &conn).await.is_none().then_some(()) },
+        )
+        .await;
+    }
     drop(old);
 }

@@ -214,7 +214,12 @@ impl Handler<SessionMoved> for Registry {
         let Some(entries) = self.by_conn.remove(&m.conn) else {
             return 0;
         };
-        self.owned.remove(&m.conn);
+        // Withdraw this node's claim too: otherwise, once the newer session ends and its node
+        // withdraws, the directory falls back to this claim, naming a node with no session
+        // for the connection (pushes taken for "online", hand-offs sent to nobody).
+        if let Some(o) = self.owned.remove(&m.conn) {
+            c.withdraw_session(&m.conn, o.epoch);
+        }
         self.sessions -= entries.len();
         for e in &entries {
             let _ = e.to.try_send(Signal::Superseded);
