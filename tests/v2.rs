@@ -634,3 +634,33 @@ async fn from_prior_rotation_moves_the_connection_and_refuses_forgeries() {
     contents.sort();
     assert_eq!(contents, ["after", "before"]);
 }
+
+#[actix_rt::test]
+async fn a_revoked_mediation_is_not_granted_again_by_a_v2_mediate_request() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut a = V2Agent::new(m).unwrap();
+    a.onboard().await.unwrap();
+    let v = get_json(&format!("{}/connections", n.admin_url())).await;
+    let id = v["connections"][0]["id"].as_str().unwrap().to_string();
+    let mut res = awc::Client::default()
+        .post(format!("{}/connections/{id}/mediation", n.admin_url()))
+        .send_json(&json!({"state": "denied"}))
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200, "{:?}", res.body().await);
+
+    for version in ["2.0", "3.0"] {
+        let (code, reply) = a
+            .post(&a.message(
+                &format!("https://didcomm.org/coordinate-mediation/{version}/mediate-request"),
+                json!({}),
+            ))
+            .await
+            .unwrap();
+        let reply = reply.expect("a reply");
+        assert_eq!(kind(&reply), "mediate-deny", "{version}: {code} {reply}");
+    }
+    let c = get_json(&format!("{}/connections/{id}", n.admin_url())).await;
+    assert_eq!(c["mediation"], "denied", "{c}");
+}

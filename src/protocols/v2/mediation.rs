@@ -40,6 +40,16 @@ async fn mediate_request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleE
     let sender = ctx.sender.clone().ok_or(HandleError::Unproven)?;
     let conn = match &ctx.conn {
         Some(c) if c.mediation == MediationState::Granted => c.clone(),
+        Some(c) if c.mediation == MediationState::Denied => {
+            // Revoked by the operator (admin `POST /connections/{id}/mediation`): it stays so,
+            // as in v1.
+            tracing::info!(connection = %c.id, "v2 mediate-request of a connection whose mediation was revoked: denied");
+            return Ok(Outcome {
+                replies: vec![ctx.reply(m, "mediate-deny", json!({}))],
+                connection: Some(c.clone()),
+                ..Outcome::default()
+            });
+        }
         Some(c) => m
             .store
             .update_connection(
