@@ -20,6 +20,9 @@ pub const PROTOCOLS: &[&str] = &[
     "https://didcomm.org/push-notifications-apns/1.0",
 ];
 
+/// Queries of one discover-features 2.0 message that are answered; the rest are ignored.
+pub const MAX_QUERIES: usize = 32;
+
 /// `*`-suffix matching as RFC 0031 describes.
 fn matches(pattern: &str, pid: &str) -> bool {
     match pattern.strip_suffix('*') {
@@ -32,7 +35,9 @@ pub fn query(_m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     let v2 = ctx.mtype.as_ref().map(|t| t.version.starts_with('2')).unwrap_or(false);
     let reply = if v2 {
         let mut found = Vec::new();
-        for q in ctx.msg["queries"].as_array().into_iter().flatten() {
+        // As many queries as protocols are worth answering: past that an envelope of copies
+        // would only make the node build and drop replies (a 4 MiB body holds ~75,000).
+        for q in ctx.msg["queries"].as_array().into_iter().flatten().take(MAX_QUERIES) {
             if q["feature-type"].as_str() != Some("protocol") {
                 continue;
             }
@@ -120,6 +125,16 @@ mod tests {
                 "https://didcomm.org/push-notifications-fcm/1.0",
                 "https://didcomm.org/push-notifications-apns/1.0"
             ]
+        );
+        // 10,000 copies of `*`: only the first MAX_QUERIES are answered.
+        let many: Vec<Value> = (0..10_000)
+            .map(|_| json!({"feature-type": "protocol", "match": "*"}))
+            .collect();
+        let big =
+            ask(json!({"@type": "https://didcomm.org/discover-features/2.0/queries", "@id": "q", "queries": many}));
+        assert_eq!(
+            big["disclosures"].as_array().unwrap().len(),
+            super::MAX_QUERIES * super::PROTOCOLS.len()
         );
     }
 

@@ -411,7 +411,12 @@ fn ping(m: &super::Mediator, ctx: &Inbound) -> Outcome {
 
 fn discover(m: &super::Mediator, ctx: &Inbound) -> Outcome {
     let mut found = Vec::new();
-    for q in ctx.msg["body"]["queries"].as_array().into_iter().flatten().take(32) {
+    for q in ctx.msg["body"]["queries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .take(super::discover::MAX_QUERIES)
+    {
         if q["feature-type"].as_str() != Some("protocol") {
             continue;
         }
