@@ -157,6 +157,10 @@ pub async fn keylist_update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, Hand
             (Ok(k), _) => match results.iter().find(|(rk, _)| rk == k).map(|(_, r)| r) {
                 Some(KeyUpdate::Added) | Some(KeyUpdate::Removed) => "success",
                 Some(KeyUpdate::AlreadyAdded) | Some(KeyUpdate::NotFound) => "no_change",
+                Some(KeyUpdate::Revoked) => {
+                    tracing::info!(connection = %conn.id, key = %k, "keylist-update refused: mediation revoked meanwhile");
+                    "client_error"
+                }
                 Some(KeyUpdate::HeldByOther) => {
                     tracing::warn!(connection = %conn.id, key = %k, "keylist-update refused: key held by another connection");
                     "client_error"

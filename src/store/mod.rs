@@ -334,6 +334,9 @@ pub enum KeyUpdate {
     NotFound,
     /// Addition of a key another connection holds: refused.
     HeldByOther,
+    /// Addition to a connection whose mediation the operator revoked: refused, checked with
+    /// the revocation's own lock, so a keylist update racing with it cannot leave a key behind.
+    Revoked,
 }
 
 #[derive(Debug, thiserror::Error)]

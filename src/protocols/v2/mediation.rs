@@ -150,7 +150,7 @@ async fn update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
             let result = match r {
                 KeyUpdate::Added | KeyUpdate::Removed => "success",
                 KeyUpdate::AlreadyAdded | KeyUpdate::NotFound => "no_change",
-                KeyUpdate::HeldByOther => "client_error",
+                KeyUpdate::HeldByOther | KeyUpdate::Revoked => "client_error",
             };
             json!({ "recipient_did": k, "action": action, "result": result })
         })

@@ -260,6 +260,29 @@ pub async fn routing_keys(b: Arc<dyn Backend>) {
     assert_eq!(winners.len(), 1);
     assert_eq!(s.route("contested").await.unwrap(), Some(winners[0].clone()));
 
+    // Revoked mediation: the operator's revocation is a patch; an addition after it is
+    // refused by the store itself (a keylist update that read the connection before the
+    // revocation cannot leave a key behind), a removal still works.
+    let cr = new_conn(&s).await;
+    s.update_keys(&cr, &[k("kept-before")], &[]).await.unwrap();
+    let patch = ConnectionPatch {
+        mediation: Some(MediationState::Denied),
+        updated_at_ms: 1,
+        ..ConnectionPatch::default()
+    };
+    assert!(s.update_connection(&cr, &patch).await.unwrap().is_some());
+    assert_eq!(
+        s.update_keys(&cr, &[k("after-revocation")], &[k("kept-before")])
+            .await
+            .unwrap(),
+        vec![
+            (k("after-revocation"), KeyUpdate::Revoked),
+            (k("kept-before"), KeyUpdate::Removed)
+        ]
+    );
+    assert_eq!(s.route("after-revocation").await.unwrap(), None);
+    assert!(s.keys_of(&cr).await.unwrap().is_empty());
+
     // Two connections update overlapping keys in opposite orders, many times: no deadlock, no
     // error, and every key ends up with exactly one holder.
     let (ca, cb) = (new_conn(&s).await, new_conn(&s).await);

@@ -6,8 +6,8 @@ use super::{
 };
 use crate::store::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
-    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, PendingStats, PushSlot, QueueStats, QueueSummary,
-    QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
+    Identity, InvitationUse, KeyUpdate, MediationState, MessageId, NewMessage, PendingStats, PushSlot, QueueStats,
+    QueueSummary, QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
 };
 
 #[async_trait::async_trait]
@@ -248,15 +248,20 @@ impl Store for PgStore {
         }
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg_err)?;
-        // Share-lock the connection row: it cannot vanish while its keys change.
-        if tx
-            .query_opt("SELECT 1 FROM mailroom_connections WHERE id = $1 FOR SHARE", &[&conn])
+        // Share-lock the connection row: it cannot vanish while its keys change, and a
+        // revocation (`update_connection`, which locks the row for update) is seen or comes after.
+        let Some(row) = tx
+            .query_opt(
+                "SELECT data FROM mailroom_connections WHERE id = $1 FOR SHARE",
+                &[&conn],
+            )
             .await
             .map_err(pg_err)?
-            .is_none()
-        {
+        else {
             return Err(StoreError::NotFound);
-        }
+        };
+        let data: String = row.get(0);
+        let revoked = decode_conn(&data)?.mediation == MediationState::Denied;
         // Lock every key involved, in one global order: two updates touching the same keys in
         // different orders would otherwise deadlock on each other's inserted rows.
         let mut locks: Vec<i32> = add.iter().chain(remove).map(|k| lock_key(k)).collect();
@@ -284,6 +289,10 @@ impl Store for PgStore {
             .map_err(pg_err)?;
         let mut out = Vec::with_capacity(add.len() + remove.len());
         for k in add {
+            if revoked {
+                out.push((k.clone(), KeyUpdate::Revoked));
+                continue;
+            }
             let mut r = KeyUpdate::HeldByOther;
             // The unique key makes this atomic; the loop covers a holder that removed the key
             // between our insert and our read.

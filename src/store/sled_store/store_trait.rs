@@ -10,8 +10,8 @@ use super::records::{conn_key_entry, conn_prefix, decode_conn, decode_msg, encod
 use super::{corrupt, unavailable, SledStore, DEDUP_PRUNED_BEFORE_KEY, IDENTITY_KEY, NEVER};
 use crate::store::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
-    Identity, InvitationUse, KeyUpdate, MessageId, NewMessage, PendingStats, PushSlot, QueueStats, QueueSummary,
-    QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
+    Identity, InvitationUse, KeyUpdate, MediationState, MessageId, NewMessage, PendingStats, PushSlot, QueueStats,
+    QueueSummary, QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
 };
 
 #[async_trait::async_trait]
@@ -228,15 +228,18 @@ impl Store for SledStore {
         let remove = remove.to_vec();
         self.blocking(move |inner| {
             let _g = inner.meta_lock.lock();
-            if !inner.conns.contains_key(conn.as_bytes()).map_err(unavailable)? {
+            let Some(c) = inner.get_conn(&conn)? else {
                 return Err(StoreError::NotFound);
-            }
+            };
+            // Under the lock `update_connection` takes: a revocation is seen or comes after.
+            let revoked = c.mediation == MediationState::Denied;
             let cid = conn.as_bytes();
             let out = (&inner.keys, &inner.conn_keys)
                 .transaction(|(keys, conn_keys)| {
                     let mut out = Vec::with_capacity(add.len() + remove.len());
                     for k in &add {
                         let r = match keys.get(k.as_bytes())? {
+                            _ if revoked => KeyUpdate::Revoked,
                             None => {
                                 keys.insert(k.as_bytes(), cid)?;
                                 conn_keys.insert(conn_key_entry(&conn, k), &[][..])?;
