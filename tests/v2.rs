@@ -664,3 +664,69 @@ async fn a_revoked_mediation_is_not_granted_again_by_a_v2_mediate_request() {
     let c = get_json(&format!("{}/connections/{id}", n.admin_url())).await;
     assert_eq!(c["mediation"], "denied", "{c}");
 }
+
+#[actix_rt::test]
+async fn a_key_registered_in_one_did_key_form_cannot_be_claimed_in_another() {
+    use mailroom::didcomm::v2::jwe::{self, Alg, Dialect, Enc};
+    use mailroom::didcomm::v2::keys;
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut victim = V2Agent::new(m.clone()).unwrap();
+    victim.onboard().await.unwrap();
+    let mut attacker = V2Agent::new(m.clone()).unwrap();
+    attacker.onboard().await.unwrap();
+
+    // The victim registers an X25519 did:key; the attacker computes an Ed25519 did:key that
+    // converts to it (public: no secret needed) and tries to register that.
+    let x = keys::generate(askar_crypto::alg::KeyAlg::X25519).unwrap();
+    let dx = format!("did:key:{}", keys::to_multibase(&x).unwrap());
+    let up = victim.update("3.0", std::slice::from_ref(&dx), &[]).await.unwrap();
+    assert_eq!(up[0]["result"], "success", "{up:?}");
+    let equivalents = keys::did_key_equivalents(&dx);
+    assert_eq!(equivalents.len(), 2);
+    for de in &equivalents {
+        let up = attacker.update("3.0", std::slice::from_ref(de), &[]).await.unwrap();
+        assert_eq!(up[0]["result"], "client_error", "{de}: {up:?}");
+    }
+
+    // A forward to an Ed25519 form reaches the victim, not the attacker.
+    let fwd = json!({
+        "id": "fwd-1",
+        "type": "https://didcomm.org/routing/2.0/forward",
+        "to": [m.did],
+        "body": { "next": equivalents[0] },
+        "attachments": [{ "id": "a1", "media_type": TYP_ENCRYPTED, "data": { "json": { "ciphertext": "opaque" } } }],
+    });
+    let dialect = Dialect {
+        alg: Alg::EcdhEsA256Kw,
+        enc: Enc::A256CbcHs512,
+        tag_in_kdf: false,
+    };
+    let env = jwe::pack(&serde_json::to_vec(&fwd).unwrap(), &m.keys().unwrap(), None, dialect).unwrap();
+    let (code, body) = post_raw(&m.http, TYP_ENCRYPTED, env).await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(victim.status(None).await.unwrap(), 1);
+    assert_eq!(attacker.status(None).await.unwrap(), 0);
+
+    // The other way round: registered as Ed25519, forwarded to its X25519 form.
+    let e = keys::generate(askar_crypto::alg::KeyAlg::Ed25519).unwrap();
+    let de = format!("did:key:{}", keys::to_multibase(&e).unwrap());
+    let up = victim.update("3.0", std::slice::from_ref(&de), &[]).await.unwrap();
+    assert_eq!(up[0]["result"], "success", "{up:?}");
+    let dx = format!(
+        "did:key:{}",
+        keys::to_multibase(&keys::ed25519_to_x25519(&e).unwrap()).unwrap()
+    );
+    let up = attacker.update("3.0", std::slice::from_ref(&dx), &[]).await.unwrap();
+    assert_eq!(up[0]["result"], "client_error", "{up:?}");
+    let mut fwd = fwd;
+    fwd["id"] = json!("fwd-2");
+    fwd["body"]["next"] = json!(dx);
+    // Another payload: the same one would be a duplicate inside the dedup window.
+    fwd["attachments"][0]["data"]["json"]["ciphertext"] = json!("opaque-2");
+    let env = jwe::pack(&serde_json::to_vec(&fwd).unwrap(), &m.keys().unwrap(), None, dialect).unwrap();
+    let (code, body) = post_raw(&m.http, TYP_ENCRYPTED, env).await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(victim.status(None).await.unwrap(), 2);
+    assert_eq!(attacker.status(None).await.unwrap(), 0);
+}

@@ -55,7 +55,7 @@ impl V2Mediator {
     }
 
     /// The mediator DID's keyAgreement keys.
-    fn keys(&self) -> anyhow::Result<Vec<(String, Key)>> {
+    pub fn keys(&self) -> anyhow::Result<Vec<(String, Key)>> {
         Ok(did::resolve(&self.did)?.agreement_keys())
     }
 }

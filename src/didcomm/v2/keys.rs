@@ -133,6 +133,52 @@ pub fn from_public_bytes(alg: KeyAlg, pk: &[u8]) -> Result<Key, V2Error> {
     Arc::<AnyKey>::from_public_bytes(alg, pk).map_err(|e| V2Error::BadKey(format!("{}: {e}", alg.as_str())))
 }
 
+/// The other did:key forms of one X25519 key: for an Ed25519 did:key, its X25519 form and the
+/// Ed25519 key of the other sign (which converts to the same X25519 key); for an X25519
+/// did:key, the Ed25519 keys that convert to it. Empty for anything else. A recipient DID
+/// registered in one form claims them all: a forward to any of them reaches its holder.
+pub fn did_key_equivalents(did: &str) -> Vec<String> {
+    use curve25519_dalek::edwards::CompressedEdwardsY;
+    use curve25519_dalek::montgomery::MontgomeryPoint;
+    let Some(k) = did.strip_prefix("did:key:").and_then(|mb| from_multibase(mb).ok()) else {
+        return Vec::new();
+    };
+    let Ok(pk) = k.to_public_bytes() else {
+        return Vec::new();
+    };
+    let Ok(raw) = <[u8; 32]>::try_from(&pk[..]) else {
+        return Vec::new();
+    };
+    let encode = |alg: KeyAlg, bytes: &[u8; 32]| {
+        from_public_bytes(alg, bytes)
+            .and_then(|k| to_multibase(&k))
+            .ok()
+            .map(|mb| format!("did:key:{mb}"))
+    };
+    let x = match k.algorithm() {
+        KeyAlg::Ed25519 => match CompressedEdwardsY(raw).decompress() {
+            Some(p) => p.to_montgomery(),
+            None => return Vec::new(),
+        },
+        KeyAlg::X25519 => MontgomeryPoint(raw),
+        _ => return Vec::new(),
+    };
+    let mut out: Vec<String> = Vec::new();
+    if k.algorithm() == KeyAlg::Ed25519 {
+        out.extend(encode(KeyAlg::X25519, x.as_bytes()));
+    }
+    for sign in [0u8, 1] {
+        if let Some(e) = x.to_edwards(sign).map(|p| p.compress().to_bytes()) {
+            if e != raw || k.algorithm() != KeyAlg::Ed25519 {
+                out.extend(encode(KeyAlg::Ed25519, &e));
+            }
+        }
+    }
+    out.retain(|d| d != did);
+    out.dedup();
+    out
+}
+
 /// A JWK (public, or private with `d`). NIST points are checked on-curve.
 pub fn from_jwk(jwk: &Value) -> Result<Key, V2Error> {
     if !jwk.is_object() {

@@ -698,3 +698,34 @@ fn from_prior_jwt_round_trip_and_forgeries() {
         assert!(jws::verify_jwt(bad, &resolve).is_err(), "{bad:.40}");
     }
 }
+
+#[test]
+fn the_did_key_forms_of_one_key_name_each_other() {
+    use super::keys::{did_key_equivalents, ed25519_to_x25519, generate, to_multibase};
+    use askar_crypto::alg::KeyAlg;
+    for _ in 0..16 {
+        let e = generate(KeyAlg::Ed25519).unwrap();
+        let x = ed25519_to_x25519(&e).unwrap();
+        let (de, dx) = (
+            format!("did:key:{}", to_multibase(&e).unwrap()),
+            format!("did:key:{}", to_multibase(&x).unwrap()),
+        );
+        let of_e = did_key_equivalents(&de);
+        assert!(of_e.contains(&dx), "{de}: {of_e:?}");
+        assert!(!of_e.contains(&de));
+        assert_eq!(
+            of_e.len(),
+            2,
+            "the X25519 form and the other sign's Ed25519 key: {of_e:?}"
+        );
+        let of_x = did_key_equivalents(&dx);
+        assert!(of_x.contains(&de), "{dx}: {of_x:?}");
+        assert_eq!(of_x.len(), 2, "both signs: {of_x:?}");
+        // The other sign's Ed25519 key converts to the same X25519 key.
+        for other in of_e.iter().filter(|d| **d != dx) {
+            assert!(did_key_equivalents(other).contains(&dx));
+        }
+    }
+    assert!(did_key_equivalents("did:peer:2.Ez6LS").is_empty());
+    assert!(did_key_equivalents("did:key:znotakey").is_empty());
+}

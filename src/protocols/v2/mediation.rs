@@ -133,7 +133,14 @@ async fn update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
             .unwrap_or_default();
         let action = u["action"].as_str().unwrap_or_default().to_string();
         match (normalize_recipient(raw), action.as_str()) {
-            (Ok(d), "add") => add.push(d),
+            (Ok(d), "add") => match super::routing::held_in_another_form(m, &d).await? {
+                // The same key in another did:key form: the connection holding it keeps it.
+                Some((c, form)) if c != conn.id => {
+                    tracing::warn!(connection = %conn.id, key = %d, held_as = %form, "recipient update refused: the key is registered by another connection in another form");
+                    bad.push(json!({ "recipient_did": raw, "action": action, "result": "client_error" }))
+                }
+                _ => add.push(d),
+            },
             (Ok(d), "remove") => remove.push(d),
             _ => bad.push(json!({ "recipient_did": raw, "action": action, "result": "client_error" })),
         }

@@ -20,24 +20,28 @@ async fn route(m: &Mediator, next: &str) -> Result<Option<(String, String)>, Han
     if let Some(c) = m.store.route(&d).await? {
         return Ok(Some((c, d)));
     }
-    // A did:key in the other key form: an Ed25519 did:key also names its X25519 key.
-    if let Some(mb) = d.strip_prefix("did:key:") {
-        if let Ok(k) = keys::from_multibase(mb) {
-            if k.algorithm() == askar_crypto::alg::KeyAlg::Ed25519 {
-                if let Ok(x) = keys::ed25519_to_x25519(&k).and_then(|x| keys::to_multibase(&x)) {
-                    for alt in [format!("did:key:{x}"), format!("did:key:{x}#{x}")] {
-                        if let Some(c) = m.store.route(&alt).await? {
-                            return Ok(Some((c, alt)));
-                        }
-                    }
-                }
-            }
-        }
+    // The same key in another did:key form (an Ed25519 did:key also names its X25519 key).
+    if let Some((c, alt)) = held_in_another_form(m, &d).await? {
+        return Ok(Some((c, alt)));
     }
     // Registered with a fragment by an older client.
     if next != d {
         if let Some(c) = m.store.route(next).await? {
             return Ok(Some((c, next.to_string())));
+        }
+    }
+    Ok(None)
+}
+
+/// The connection holding `did` (a did:key) registered in another of its forms
+/// ([`keys::did_key_equivalents`]), with or without a fragment, and the form it registered.
+pub(super) async fn held_in_another_form(m: &Mediator, did: &str) -> Result<Option<(String, String)>, HandleError> {
+    for alt in keys::did_key_equivalents(did) {
+        let mb = alt.trim_start_matches("did:key:").to_string();
+        for form in [format!("{alt}#{mb}"), alt] {
+            if let Some(c) = m.store.route(&form).await? {
+                return Ok(Some((c, form)));
+            }
         }
     }
     Ok(None)
