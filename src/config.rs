@@ -4,6 +4,7 @@
 //! module parses and checks; it opens no socket and touches no store. Every limit the node
 //! enforces is named here with its default, so an operator can read them in one place.
 
+use crate::cluster::{ClusterConfig, PeerConfig};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,36 @@ use std::time::Duration;
 
 /// The exit code for a bad configuration (EX_CONFIG would be 78; the brief asks for EX_USAGE).
 pub const EXIT_BAD_CONFIG: i32 = 64;
+
+/// Upper bounds of the settings that become durations, deadlines or allocations. Each is far
+/// above any production value and far below where the node's arithmetic (milliseconds as
+/// `i64`, `now + lease`, `Instant + Duration`, a semaphore's permits) would overflow or panic:
+/// a value past one is a typo, refused with its name rather than run as "every queued message
+/// already expired".
+pub mod bounds {
+    /// `limits.message_ttl_secs`: ten years.
+    pub const MESSAGE_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+    /// `limits.dedup_window_secs`: one day.
+    pub const DEDUP_WINDOW_SECS: u64 = 24 * 3600;
+    /// `delivery.lease_ms`: one day.
+    pub const LEASE_MS: u64 = 24 * 3600 * 1000;
+    /// `delivery.sweep_interval_ms`: one hour (it bounds the delay a lost notification causes).
+    pub const SWEEP_INTERVAL_MS: u64 = 3600 * 1000;
+    /// `delivery.endpoint_timeout_ms`: ten minutes.
+    pub const ENDPOINT_TIMEOUT_MS: u64 = 600 * 1000;
+    /// `cluster.heartbeat_ms`: one minute.
+    pub const HEARTBEAT_MS: u64 = 60 * 1000;
+    /// `cluster.failure_timeout_ms`: one hour.
+    pub const FAILURE_TIMEOUT_MS: u64 = 3600 * 1000;
+    /// `cluster.name`, bytes: it travels in the clear `Hello`, which must fit the smallest frame.
+    pub const CLUSTER_NAME_BYTES: usize = 255;
+    /// `store.pool_size`: PostgreSQL itself allows 100 connections by default; the pool
+    /// allocates its slots up front.
+    pub const POOL_SIZE: usize = 1000;
+    /// `limits.max_envelope_bytes` and `max_ws_frame_bytes`: 1 GiB, PostgreSQL's largest
+    /// `bytea` (a bigger message could be accepted and never stored).
+    pub const MESSAGE_BYTES: usize = 1 << 30;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -65,16 +96,18 @@ pub struct ClusterSection {
     /// What wallets and senders use (the load balancer's URL). Defaults to the node's listener.
     #[serde(default)]
     pub public_url: Option<String>,
-    /// Heartbeat period on cluster links, milliseconds.
+    /// Heartbeat period on cluster links, milliseconds (at most [`bounds::HEARTBEAT_MS`]).
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_ms: u64,
-    /// A peer silent for this long is considered down, milliseconds.
+    /// A peer silent for this long is considered down, milliseconds (above `heartbeat_ms`, at
+    /// most [`bounds::FAILURE_TIMEOUT_MS`]).
     #[serde(default = "default_failure_ms")]
     pub failure_timeout_ms: u64,
-    /// Largest cluster frame accepted, bytes.
+    /// Largest cluster frame accepted, bytes (1024 to [`crate::cluster::proto::MAX_FRAME_CEILING`]).
     #[serde(default = "default_cluster_frame")]
     pub max_frame_bytes: usize,
-    /// Frames queued per peer before new notifications are dropped (the sweep covers them).
+    /// Frames queued per peer before new notifications are dropped (the sweep covers them); at
+    /// most [`ClusterConfig::MAX_PEER_QUEUE`].
     #[serde(default = "default_peer_queue")]
     pub peer_queue: usize,
 }
@@ -106,7 +139,7 @@ pub struct StoreSection {
     /// PostgreSQL URL.
     #[serde(default)]
     pub url: Option<String>,
-    /// PostgreSQL pool size per node.
+    /// PostgreSQL pool size per node (at most [`bounds::POOL_SIZE`]).
     #[serde(default = "default_pool")]
     pub pool_size: usize,
     /// sled page cache, MiB (sled's own default, 1 GiB, lets a node's memory grow towards it).
@@ -129,17 +162,19 @@ pub enum Strategy {
 pub struct DeliverySection {
     #[serde(default = "default_strategy")]
     pub strategy: Strategy,
-    /// How long a delivered-but-unacknowledged message stays leased, milliseconds.
+    /// How long a delivered-but-unacknowledged message stays leased, milliseconds (100 to
+    /// [`bounds::LEASE_MS`]).
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
     /// Period of the sweep that finds live sessions with pending messages (bounds the delay
-    /// a lost cluster notification can cause), milliseconds.
+    /// a lost cluster notification can cause), milliseconds (10 to [`bounds::SWEEP_INTERVAL_MS`]).
     #[serde(default = "default_sweep_ms")]
     pub sweep_interval_ms: u64,
     /// Messages per live delivery / pickup batch.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
-    /// Timeout of one POST to an agent's own HTTP endpoint, milliseconds.
+    /// Timeout of one POST to an agent's own HTTP endpoint, milliseconds (1 to
+    /// [`bounds::ENDPOINT_TIMEOUT_MS`]).
     #[serde(default = "default_endpoint_timeout")]
     pub endpoint_timeout_ms: u64,
     /// pickup 2.0 live mode, for a wallet that acknowledges on its socket: while a delivery of
@@ -152,10 +187,10 @@ pub struct DeliverySection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
-    /// Largest envelope accepted on `POST /`, bytes (413 above).
+    /// Largest envelope accepted on `POST /`, bytes (413 above; at most [`bounds::MESSAGE_BYTES`]).
     #[serde(default = "default_max_envelope")]
     pub max_envelope_bytes: usize,
-    /// Largest WebSocket frame accepted, bytes (close 1009 above).
+    /// Largest WebSocket frame accepted, bytes (close 1009 above; at most [`bounds::MESSAGE_BYTES`]).
     #[serde(default = "default_max_envelope")]
     pub max_ws_frame_bytes: usize,
     /// Live WebSocket sessions per node (503 above).
@@ -167,10 +202,12 @@ pub struct Limits {
     /// Bytes queued per connection before forwards are refused.
     #[serde(default = "default_queue_bytes")]
     pub max_queue_bytes: u64,
-    /// A queued message older than this is expired by the sweep, seconds (0 = never).
+    /// A queued message older than this is expired by the sweep, seconds (0 = never; at most
+    /// [`bounds::MESSAGE_TTL_SECS`]).
     #[serde(default = "default_ttl")]
     pub message_ttl_secs: u64,
-    /// The same inner message forwarded twice within this window is queued once, seconds.
+    /// The same inner message forwarded twice within this window is queued once, seconds (0 =
+    /// no dedup; at most [`bounds::DEDUP_WINDOW_SECS`]).
     #[serde(default = "default_dedup")]
     pub dedup_window_secs: u64,
     /// Messages of one WebSocket being handled at once; beyond it a frame is answered
@@ -215,7 +252,8 @@ pub struct LogSection {
     /// "human" (default) or "json".
     #[serde(default = "default_log_format")]
     pub format: String,
-    /// A tracing filter, e.g. "info" or "mailroom=debug" (RUST_LOG overrides).
+    /// A tracing filter, e.g. "info" or "mailroom=debug" (RUST_LOG overrides); every directive
+    /// must parse ([`LogSection::filter`]).
     #[serde(default = "default_log_level")]
     pub level: String,
 }
@@ -345,6 +383,103 @@ default_from_serde!(
     MediatorSection
 );
 
+/// Seconds as milliseconds in the store's `i64`, saturating: validation keeps every setting far
+/// below, and a config built in code (tests) cannot wrap it negative.
+fn secs_to_ms(secs: u64) -> i64 {
+    i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+}
+
+impl Limits {
+    /// `message_ttl_secs` in milliseconds (saturating; 0 = never).
+    pub fn message_ttl_ms(&self) -> i64 {
+        secs_to_ms(self.message_ttl_secs)
+    }
+
+    /// `dedup_window_secs` in milliseconds (saturating; 0 = no dedup).
+    pub fn dedup_window_ms(&self) -> i64 {
+        secs_to_ms(self.dedup_window_secs)
+    }
+}
+
+impl DeliverySection {
+    /// `lease_ms` as the store's `i64` (saturating).
+    pub fn lease_ms_i64(&self) -> i64 {
+        i64::try_from(self.lease_ms).unwrap_or(i64::MAX)
+    }
+}
+
+impl LogSection {
+    /// `level` as a tracing filter. Every directive must parse: `EnvFilter::new` would drop a
+    /// bad one with a note on stderr and leave the node logging errors only, its
+    /// `mailroom::audit` lines lost.
+    pub fn filter(&self) -> Result<tracing_subscriber::EnvFilter, String> {
+        if self.level.trim().is_empty() {
+            return Err("log.level is empty (e.g. \"info\" or \"mailroom=debug\")".into());
+        }
+        tracing_subscriber::EnvFilter::builder()
+            .parse(&self.level)
+            .map_err(|e| format!("log.level {:?} is not a tracing filter: {e}", self.level))
+    }
+}
+
+/// A TOML error as `line L, column C: what`, without the source line that toml's `Display`
+/// quotes: that line may hold a secret (`secret = "hunter2` missing its closing quote), and
+/// the error goes to stderr and to the admin `POST /reload` answer.
+fn parse_error(path: String, text: &str, e: &toml::de::Error) -> ConfigError {
+    let what = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let what = without_value(&what);
+    let message = match e.span() {
+        Some(span) => {
+            let (line, column) = line_column(text, span.start);
+            format!("line {line}, column {column}: {what}")
+        }
+        None => what,
+    };
+    ConfigError::Parse { path, message }
+}
+
+/// serde's `invalid type: integer `12345678`, expected a string` without the value: a secret
+/// written without its quotes would otherwise be echoed (the line and column point at it).
+fn without_value(what: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        let Some(rest) = what.strip_prefix(prefix) else {
+            continue;
+        };
+        let kinds = ["string \"", "integer `", "floating point `", "boolean `", "character `"];
+        let Some(kind) = kinds.iter().find(|k| rest.starts_with(**k)) else {
+            continue;
+        };
+        if let Some(at) = rest.rfind(", expected ") {
+            let kind = &kind[..kind.len() - 2];
+            return format!("{prefix}{kind}{}", &rest[at..]);
+        }
+    }
+    what.to_string()
+}
+
+/// 1-based line and column (in characters) of byte offset `at` of `text`.
+fn line_column(text: &str, at: usize) -> (usize, usize) {
+    let (mut line, mut column) = (1, 1);
+    for (i, c) in text.char_indices() {
+        if i >= at {
+            break;
+        }
+        if c == '\n' {
+            line += 1;
+            column = 1;
+        } else {
+            column += 1;
+        }
+    }
+    (line, column)
+}
+
 impl Config {
     /// The configuration of `mailroom run` with no arguments: one node, sled in
     /// `./mailroom-data`, public `127.0.0.1:8080`, admin `127.0.0.1:8081`.
@@ -372,10 +507,7 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
+        toml::from_str(&text).map_err(|e| parse_error(path.display().to_string(), &text, &e))
     }
 
     /// What `mailroom run` runs with: the file (or [`Config::single_node_default`]), the
@@ -406,10 +538,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: "<config>".into(),
-            message: e.to_string(),
-        })?;
+        let c: Config = toml::from_str(text).map_err(|e| parse_error("<config>".into(), text, &e))?;
         c.validate()?;
         Ok(c)
     }
@@ -466,11 +595,6 @@ impl Config {
                     ));
                 }
             }
-            match self.cluster_secret() {
-                Ok(s) if s.len() >= 8 => {}
-                Ok(_) => return bad("cluster.secret must be at least 8 characters".into()),
-                Err(e) => return Err(e),
-            }
         }
         if self.cluster.secret.is_some() && self.cluster.secret_env.is_some() {
             return bad("set cluster.secret or cluster.secret_env, not both".into());
@@ -481,9 +605,7 @@ impl Config {
                 _ => return bad(format!("cluster.public_url {u:?} must be an http:// or https:// URL")),
             }
         }
-        if self.cluster.heartbeat_ms == 0 || self.cluster.failure_timeout_ms <= self.cluster.heartbeat_ms {
-            return bad("cluster.failure_timeout_ms must exceed cluster.heartbeat_ms > 0".into());
-        }
+        self.validate_cluster()?;
         match self.store.backend.as_str() {
             "sled" => {}
             "postgres" => match &self.store.url {
@@ -492,8 +614,8 @@ impl Config {
             },
             other => return bad(format!("store.backend {other:?} is not \"sled\" or \"postgres\"")),
         }
-        if self.store.pool_size == 0 {
-            return bad("store.pool_size must be at least 1".into());
+        if self.store.pool_size == 0 || self.store.pool_size > bounds::POOL_SIZE {
+            return bad(format!("store.pool_size must be 1..={}", bounds::POOL_SIZE));
         }
         if self.store.sled_cache_mib == 0 || self.store.sled_cache_mib > 1 << 20 {
             return bad("store.sled_cache_mib must be 1..=1048576".into());
@@ -528,20 +650,147 @@ impl Config {
         if self.delivery.lease_ms < 100 || self.delivery.sweep_interval_ms < 10 {
             return bad("delivery.lease_ms must be >= 100 and delivery.sweep_interval_ms >= 10".into());
         }
+        if self.delivery.lease_ms > bounds::LEASE_MS {
+            return bad(format!(
+                "delivery.lease_ms must be 100..={} (one day: how long a delivered, unacknowledged message stays leased)",
+                bounds::LEASE_MS
+            ));
+        }
+        if self.delivery.sweep_interval_ms > bounds::SWEEP_INTERVAL_MS {
+            return bad(format!(
+                "delivery.sweep_interval_ms must be 10..={} (one hour: the longest a lost notification may delay a delivery)",
+                bounds::SWEEP_INTERVAL_MS
+            ));
+        }
+        if self.delivery.endpoint_timeout_ms == 0 || self.delivery.endpoint_timeout_ms > bounds::ENDPOINT_TIMEOUT_MS {
+            return bad(format!(
+                "delivery.endpoint_timeout_ms must be 1..={} (ten minutes: the timeout of one POST to an agent's endpoint)",
+                bounds::ENDPOINT_TIMEOUT_MS
+            ));
+        }
         if self.limits.max_envelope_bytes < 1024 || self.limits.max_ws_frame_bytes < 1024 {
             return bad("limits.max_envelope_bytes and limits.max_ws_frame_bytes must be >= 1024".into());
+        }
+        if self.limits.max_envelope_bytes > bounds::MESSAGE_BYTES
+            || self.limits.max_ws_frame_bytes > bounds::MESSAGE_BYTES
+        {
+            return bad(format!(
+                "limits.max_envelope_bytes and limits.max_ws_frame_bytes must be at most {} (1 GiB, the largest message PostgreSQL stores)",
+                bounds::MESSAGE_BYTES
+            ));
         }
         if self.limits.max_sessions == 0 || self.limits.max_queue_messages == 0 || self.limits.max_queue_bytes == 0 {
             return bad("limits.max_sessions, max_queue_messages and max_queue_bytes must be > 0".into());
         }
+        if self.limits.message_ttl_secs > bounds::MESSAGE_TTL_SECS {
+            return bad(format!(
+                "limits.message_ttl_secs must be 0..={} (ten years; 0 = never expire)",
+                bounds::MESSAGE_TTL_SECS
+            ));
+        }
+        if self.limits.dedup_window_secs > bounds::DEDUP_WINDOW_SECS {
+            return bad(format!(
+                "limits.dedup_window_secs must be 0..={} (one day; 0 = no dedup)",
+                bounds::DEDUP_WINDOW_SECS
+            ));
+        }
         if self.log.format != "human" && self.log.format != "json" {
             return bad(format!("log.format {:?} is not \"human\" or \"json\"", self.log.format));
         }
+        self.log.filter().map_err(ConfigError::Invalid)?;
         if let Some(p) = &self.push {
             // Reads and parses every credential: a bad one stops the node before it starts.
             p.load().map_err(ConfigError::Invalid)?;
         }
         Ok(())
+    }
+
+    /// The `[cluster]` section, and the cluster settings of every node that starts one (a node
+    /// with a `cluster` address): [`ClusterConfig::validate`] refuses nothing this accepts, so
+    /// `check-config` and `run` refuse a bad value (exit 64) before the store is opened.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let c = &self.cluster;
+        if c.name.is_empty() || c.name.len() > bounds::CLUSTER_NAME_BYTES {
+            return bad(format!(
+                "cluster.name must be 1-{} bytes (peers must name the same cluster)",
+                bounds::CLUSTER_NAME_BYTES
+            ));
+        }
+        if c.heartbeat_ms == 0 || c.failure_timeout_ms <= c.heartbeat_ms {
+            return bad("cluster.failure_timeout_ms must exceed cluster.heartbeat_ms > 0".into());
+        }
+        if c.heartbeat_ms > bounds::HEARTBEAT_MS {
+            return bad(format!(
+                "cluster.heartbeat_ms must be 1..={} (one minute)",
+                bounds::HEARTBEAT_MS
+            ));
+        }
+        if c.failure_timeout_ms > bounds::FAILURE_TIMEOUT_MS {
+            return bad(format!(
+                "cluster.failure_timeout_ms must be at most {} (one hour)",
+                bounds::FAILURE_TIMEOUT_MS
+            ));
+        }
+        if c.max_frame_bytes < 1024 || c.max_frame_bytes > crate::cluster::proto::MAX_FRAME_CEILING {
+            return bad(format!(
+                "cluster.max_frame_bytes must be 1024..={}",
+                crate::cluster::proto::MAX_FRAME_CEILING
+            ));
+        }
+        if c.peer_queue == 0 || c.peer_queue > ClusterConfig::MAX_PEER_QUEUE {
+            return bad(format!(
+                "cluster.peer_queue must be 1..={}",
+                ClusterConfig::MAX_PEER_QUEUE
+            ));
+        }
+        let starting: Vec<&NodeEntry> = self.nodes.iter().filter(|n| n.cluster.is_some()).collect();
+        let Some(first) = starting.first() else {
+            return Ok(()); // no cluster listener anywhere: the secret is never used
+        };
+        match self.cluster_secret()? {
+            s if s.is_empty() => {
+                return bad(format!(
+                    "node {} has a cluster address, so cluster.secret (or cluster.secret_env, or MAILROOM_CLUSTER_SECRET) is required",
+                    first.id
+                ))
+            }
+            s if s.len() < 8 => return bad("cluster.secret must be at least 8 characters".into()),
+            _ => {}
+        }
+        for n in starting {
+            self.cluster_config(&n.id)?
+                .validate()
+                .map_err(|e| ConfigError::Invalid(format!("node {}: {e}", n.id)))?;
+        }
+        Ok(())
+    }
+
+    /// The cluster settings of node `node_id`: every other `[[node]]` with a `cluster` address
+    /// is a peer.
+    pub fn cluster_config(&self, node_id: &str) -> Result<ClusterConfig, ConfigError> {
+        let mut peers = Vec::new();
+        for n in self.nodes.iter().filter(|n| n.id != node_id) {
+            if let Some(c) = &n.cluster {
+                peers.push(PeerConfig {
+                    id: n.id.clone(),
+                    addr: c.parse().map_err(|_| {
+                        ConfigError::Invalid(format!("node {}: cluster = {c:?} is not an IP:port address", n.id))
+                    })?,
+                });
+            }
+        }
+        Ok(ClusterConfig {
+            node_id: node_id.to_string(),
+            cluster_name: self.cluster.name.clone(),
+            secret: self.cluster_secret()?,
+            peers,
+            heartbeat_interval: Duration::from_millis(self.cluster.heartbeat_ms),
+            failure_timeout: Duration::from_millis(self.cluster.failure_timeout_ms),
+            max_frame: self.cluster.max_frame_bytes,
+            peer_queue: self.cluster.peer_queue,
+            max_peer_claims: ClusterConfig::DEFAULT_MAX_PEER_CLAIMS,
+        })
     }
 
     /// Applies the `MAILROOM_*` environment overrides ([`ENV_OVERRIDES`]) to the whole config
@@ -767,6 +1016,196 @@ mod tests {
             let err = Config::parse(text).expect_err(text).to_string();
             assert!(err.contains(want), "{err:?} should mention {want:?}");
         }
+    }
+
+    const NODE: &str = "[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'\n";
+    const CLUSTER_NODE: &str = "[[node]]\nid='n1'\nlisten='127.0.0.1:1'\ncluster='127.0.0.1:3'\nadmin='127.0.0.1:2'\n";
+
+    /// Values the node's arithmetic would overflow on (a TTL that wraps negative expires every
+    /// queued message at start; a dedup window that does turns dedup off; `now + lease` wraps)
+    /// or that panic where they are used, each refused with the setting's name and range.
+    #[test]
+    fn out_of_range_numbers_are_refused_with_the_setting_and_its_bounds() {
+        let cases = [
+            ("[limits]\nmessage_ttl_secs = 10000000000000000\n", "limits.message_ttl_secs must be 0..=315360000"),
+            ("[limits]\nmessage_ttl_secs = 315360001\n", "limits.message_ttl_secs must be 0..=315360000"),
+            ("[limits]\ndedup_window_secs = 10000000000000000\n", "limits.dedup_window_secs must be 0..=86400"),
+            ("[limits]\ndedup_window_secs = 86401\n", "limits.dedup_window_secs must be 0..=86400"),
+            ("[delivery]\nlease_ms = 9223372036854775807\n", "delivery.lease_ms must be 100..=86400000"),
+            ("[delivery]\nlease_ms = 86400001\n", "delivery.lease_ms must be 100..=86400000"),
+            ("[delivery]\nsweep_interval_ms = 3600001\n", "delivery.sweep_interval_ms must be 10..=3600000"),
+            ("[delivery]\nendpoint_timeout_ms = 0\n", "delivery.endpoint_timeout_ms must be 1..=600000"),
+            ("[delivery]\nendpoint_timeout_ms = 9223372036854775807\n", "delivery.endpoint_timeout_ms must be 1..=600000"),
+            ("[limits]\nmax_envelope_bytes = 1073741825\n", "limits.max_envelope_bytes and limits.max_ws_frame_bytes must be at most 1073741824"),
+            ("[limits]\nmax_ws_frame_bytes = 9223372036854775807\n", "must be at most 1073741824"),
+            ("[store]\npool_size = 9223372036854775807\n", "store.pool_size must be 1..=1000"),
+            ("[cluster]\nheartbeat_ms = 60001\nfailure_timeout_ms = 120000\n", "cluster.heartbeat_ms must be 1..=60000"),
+            ("[cluster]\nfailure_timeout_ms = 9223372036854775807\n", "cluster.failure_timeout_ms must be at most 3600000"),
+            ("[cluster]\nmax_frame_bytes = 10\n", "cluster.max_frame_bytes must be 1024..=8388608"),
+            ("[cluster]\nmax_frame_bytes = 8388609\n", "cluster.max_frame_bytes must be 1024..=8388608"),
+            ("[cluster]\npeer_queue = 0\n", "cluster.peer_queue must be 1..=1048576"),
+            ("[cluster]\npeer_queue = 9223372036854775807\n", "cluster.peer_queue must be 1..=1048576"),
+            ("[cluster]\nname = ''\n", "cluster.name must be 1-255 bytes"),
+            (
+                "[push]\nmax_in_flight = 9223372036854775807\n[push.webhook]\nurl = 'https://h.example/x'\nsecret = 'hunter2hunter2hunter2'\n",
+                "push.max_in_flight must be 1..=10000",
+            ),
+            (
+                "[push]\ntimeout_ms = 600001\n[push.webhook]\nurl = 'https://h.example/x'\nsecret = 'hunter2hunter2hunter2'\n",
+                "push.timeout_ms must be 100..=600000",
+            ),
+            (
+                "[push]\nretry_max_ms = 3600001\n[push.webhook]\nurl = 'https://h.example/x'\nsecret = 'hunter2hunter2hunter2'\n",
+                "push.retry_max_ms must be at most 3600000",
+            ),
+        ];
+        for (section, want) in cases {
+            let text = format!("{section}{NODE}");
+            let err = Config::parse(&text).expect_err(&text).to_string();
+            assert!(err.contains(want), "{text}: {err:?} should mention {want:?}");
+        }
+        // The bounds themselves are accepted.
+        let at_bounds = "[limits]\nmessage_ttl_secs = 315360000\ndedup_window_secs = 86400\nmax_envelope_bytes = 1073741824\n\
+             [delivery]\nlease_ms = 86400000\nsweep_interval_ms = 3600000\nendpoint_timeout_ms = 600000\n\
+             [store]\npool_size = 1000\n\
+             [cluster]\nsecret = 'at-least-8'\nheartbeat_ms = 60000\nfailure_timeout_ms = 3600000\nmax_frame_bytes = 8388608\npeer_queue = 1048576\n";
+        let c = Config::parse(&format!("{at_bounds}{CLUSTER_NODE}")).unwrap();
+        c.cluster_config("n1").unwrap().validate().unwrap();
+        assert_eq!(c.limits.message_ttl_ms(), 315_360_000_000);
+        assert_eq!(c.limits.dedup_window_ms(), 86_400_000);
+        assert_eq!(c.delivery.lease_ms_i64(), 86_400_000);
+    }
+
+    /// A config built in code skips validation: the conversions saturate instead of wrapping.
+    #[test]
+    fn millisecond_conversions_saturate() {
+        let mut c = Config::single_node_default();
+        c.limits.message_ttl_secs = 10_000_000_000_000_000;
+        c.limits.dedup_window_secs = u64::MAX;
+        c.delivery.lease_ms = u64::MAX;
+        assert_eq!(c.limits.message_ttl_ms(), i64::MAX);
+        assert_eq!(c.limits.dedup_window_ms(), i64::MAX);
+        assert_eq!(c.delivery.lease_ms_i64(), i64::MAX);
+    }
+
+    /// What `ClusterHandle::start` would refuse (after the store is opened, exit 1) is refused
+    /// by validation: `check-config` and `run` exit 64 with the reason.
+    #[test]
+    fn cluster_settings_are_checked_before_the_node_starts() {
+        let cases = [
+            (
+                CLUSTER_NODE.to_string(),
+                "node n1 has a cluster address, so cluster.secret",
+            ),
+            (
+                format!("[cluster]\nsecret = 'short'\n{CLUSTER_NODE}"),
+                "cluster.secret must be at least 8 characters",
+            ),
+            (
+                format!("[cluster]\nsecret_env = 'MAILROOM_TEST_SURELY_UNSET_SECRET'\n{CLUSTER_NODE}"),
+                "cluster.secret_env names \"MAILROOM_TEST_SURELY_UNSET_SECRET\", which is not set",
+            ),
+            (
+                format!("[cluster]\nsecret = 'long-enough'\nmax_frame_bytes = 10\n{CLUSTER_NODE}"),
+                "cluster.max_frame_bytes",
+            ),
+        ];
+        for (text, want) in &cases {
+            let err = Config::parse(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text}: {err:?} should mention {want:?}");
+        }
+        // A lone node without a cluster address needs no secret; with one and a secret it runs.
+        Config::parse(NODE).unwrap();
+        let c = Config::parse(&format!("[cluster]\nsecret = 'long-enough'\n{CLUSTER_NODE}")).unwrap();
+        let cc = c.cluster_config("n1").unwrap();
+        assert!(cc.peers.is_empty());
+        cc.validate().unwrap();
+        // Every node of the example file gets settings the cluster accepts.
+        let c = Config::parse(include_str!("../cluster.toml")).unwrap();
+        for n in &c.nodes {
+            let cc = c.cluster_config(&n.id).unwrap();
+            assert_eq!(cc.peers.len(), 2);
+            cc.validate().unwrap();
+        }
+    }
+
+    /// `EnvFilter::new` would drop a bad directive with a note on stderr and run at ERROR only
+    /// (the audit lines lost).
+    #[test]
+    fn a_log_level_that_does_not_parse_is_refused() {
+        for (level, want) in [
+            ("mailroom=loud", "log.level \"mailroom=loud\" is not a tracing filter"),
+            (
+                "info,mailroom=verbose",
+                "log.level \"info,mailroom=verbose\" is not a tracing filter",
+            ),
+            ("", "log.level is empty"),
+        ] {
+            let text = format!("[log]\nlevel = {level:?}\n{NODE}");
+            let err = Config::parse(&text).expect_err(&text).to_string();
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+        }
+        for level in [
+            "info",
+            "mailroom=debug",
+            "warn,mailroom::audit=info",
+            "mailroom[span]=trace",
+        ] {
+            Config::parse(&format!("[log]\nlevel = {level:?}\n{NODE}")).unwrap_or_else(|e| panic!("{level}: {e}"));
+        }
+    }
+
+    /// toml's own `Display` quotes the offending source line; a secret missing its closing
+    /// quote would go to stderr and into the admin `POST /reload` answer.
+    #[test]
+    fn toml_errors_name_the_place_not_the_line() {
+        let cases = [
+            ("[cluster]\nsecret = \"hunter2hunter2", "line 2, column"),
+            (
+                "[cluster]\nname = 'x'\nsecret = 'hunter2hunter2\n[[node]]\n",
+                "line 3, column",
+            ),
+            ("[admin]\ntoken = hunter2hunter2\n", "line 2, column"),
+            // A secret written without quotes, in a field that wants a string: serde would
+            // quote the value.
+            (
+                "[cluster]\nsecret = 77777777\n",
+                "invalid type: integer, expected a string",
+            ),
+            (
+                "[admin]\ntoken = 7.77777\n",
+                "invalid type: floating point, expected a string",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: {err:?} should mention {want:?}");
+            for secret in ["hunter2", "7777"] {
+                assert!(!err.contains(secret), "{text:?}: {err:?} echoes the value");
+            }
+            assert!(!err.contains('\n'), "one line: {err:?}");
+        }
+        // Names stay: an unknown field, an unknown variant.
+        let err = Config::parse("[cluster]\nbogus = 1\n").unwrap_err().to_string();
+        assert!(err.contains("line 2, column 1") && err.contains("bogus"), "{err}");
+        // The same through a file (load, load_for_node).
+        let dir = std::env::temp_dir().join(format!("mailroom-tomlerr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cluster.toml");
+        std::fs::write(&path, "[cluster]\nsecret = \"hunter2hunter2\n").unwrap();
+        let err = Config::load_for_node(Some(&path), None, |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2") && !err.contains("hunter2"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn line_column_counts_characters() {
+        assert_eq!(line_column("abc", 0), (1, 1));
+        assert_eq!(line_column("a\nbc", 3), (2, 2));
+        assert_eq!(line_column("é\né=", 5), (2, 2));
+        assert_eq!(line_column("ab", 99), (1, 3));
     }
 
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {

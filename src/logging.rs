@@ -5,7 +5,14 @@ use crate::config::LogSection;
 use tracing_subscriber::EnvFilter;
 
 pub fn init(cfg: &LogSection) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
+    // Validation refused a level that does not parse ([`LogSection::filter`]); a config built
+    // in code that skipped it logs at `info` rather than errors only.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        cfg.filter().unwrap_or_else(|e| {
+            eprintln!("mailroom: {e}; logging at info");
+            EnvFilter::new("info")
+        })
+    });
     // Colours only on a terminal: log files and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let builder = tracing_subscriber::fmt()

@@ -5,7 +5,7 @@
 //! on `127.0.0.1:0` ([`spawn`]).
 
 use crate::admin::{self, AdminState};
-use crate::cluster::{ClusterConfig, ClusterEvent, ClusterHandle, PeerConfig};
+use crate::cluster::{ClusterConfig, ClusterEvent, ClusterHandle};
 use crate::config::{Config, NodeEntry};
 use crate::metrics::Metrics;
 use crate::protocols::{now_ms, Mediator, MediatorKeys};
@@ -371,7 +371,7 @@ pub async fn run(
     // memory and disk stay flat under steady traffic.
     {
         let shared = shared.clone();
-        let window_ms = (cfg.limits.dedup_window_secs * 1000) as i64;
+        let window_ms = cfg.limits.dedup_window_ms();
         let every = Duration::from_millis((window_ms as u64 / 4).clamp(100, 5_000));
         actix_rt::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -380,7 +380,10 @@ pub async fn run(
                 tick.tick().await;
                 let store = &shared.mediator.store;
                 loop {
-                    match store.prune_dedup(now_ms() - window_ms, DEDUP_PRUNE_BATCH).await {
+                    match store
+                        .prune_dedup(now_ms().saturating_sub(window_ms), DEDUP_PRUNE_BATCH)
+                        .await
+                    {
                         Ok(n) if n as usize == DEDUP_PRUNE_BATCH => tokio::task::yield_now().await,
                         Ok(_) => break,
                         Err(e) => {
@@ -429,13 +432,13 @@ pub async fn run(
     // Message time-to-live.
     if cfg.limits.message_ttl_secs > 0 {
         let shared = shared.clone();
-        let ttl_ms = (cfg.limits.message_ttl_secs * 1000) as i64;
+        let ttl_ms = cfg.limits.message_ttl_ms();
         let every = Duration::from_millis((ttl_ms as u64 / 4).clamp(100, 60_000));
         actix_rt::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                match shared.mediator.store.expire(now_ms() - ttl_ms).await {
+                match shared.mediator.store.expire(now_ms().saturating_sub(ttl_ms)).await {
                     Ok(0) => {}
                     Ok(n) => {
                         shared.metrics.expired.inc_by(n);
@@ -572,28 +575,10 @@ impl Reloader {
     }
 }
 
-/// The cluster settings of one node: every other `[[node]]` is a peer.
+/// The cluster settings of one node: every other `[[node]]` is a peer
+/// ([`Config::cluster_config`], which validation runs for every node with a cluster address).
 pub fn cluster_config(cfg: &Config, node_id: &str) -> anyhow::Result<ClusterConfig> {
-    let mut peers = Vec::new();
-    for n in cfg.nodes.iter().filter(|n| n.id != node_id) {
-        if let Some(c) = &n.cluster {
-            peers.push(PeerConfig {
-                id: n.id.clone(),
-                addr: c.parse().with_context(|| format!("node {} cluster address", n.id))?,
-            });
-        }
-    }
-    Ok(ClusterConfig {
-        node_id: node_id.to_string(),
-        cluster_name: cfg.cluster.name.clone(),
-        secret: cfg.cluster_secret()?,
-        peers,
-        heartbeat_interval: Duration::from_millis(cfg.cluster.heartbeat_ms),
-        failure_timeout: Duration::from_millis(cfg.cluster.failure_timeout_ms),
-        max_frame: cfg.cluster.max_frame_bytes,
-        peer_queue: cfg.cluster.peer_queue,
-        max_peer_claims: ClusterConfig::DEFAULT_MAX_PEER_CLAIMS,
-    })
+    Ok(cfg.cluster_config(node_id)?)
 }
 
 /// A node running on its own thread and actix system (tests, benchmarks).

@@ -324,6 +324,56 @@ fn check_config_exits_64_with_the_reason() {
         .output()
         .unwrap();
     assert_eq!(missing.status.code(), Some(64));
+
+    // Values that passed check-config and then lost messages or stopped the node later: each
+    // is refused up front, by both commands, with the setting named. The node's store lives
+    // in the temporary directory and its listeners on port 0, should `run` get that far.
+    let node = format!(
+        "[store]\npath = {:?}\n[[node]]\nid = 'n1'\nlisten = '127.0.0.1:0'\nadmin = '127.0.0.1:0'\n",
+        dir.path().join("data")
+    );
+    let cluster_node = node.replace("admin =", "cluster = '127.0.0.1:0'\nadmin =");
+    let cases = [
+        // Was 1 (the cluster refused it after the store was opened).
+        (
+            format!("[cluster]\nmax_frame_bytes=10\n{node}"),
+            "cluster.max_frame_bytes",
+        ),
+        (cluster_node.clone(), "cluster.secret"),
+        // Was dropped with a note on stderr: the node ran at ERROR only.
+        (format!("[log]\nlevel = 'mailroom=loud'\n{node}"), "log.level"),
+        // Was a negative time-to-live: every queued message deleted at start.
+        (
+            format!("[limits]\nmessage_ttl_secs = 10000000000000000\n{node}"),
+            "limits.message_ttl_secs",
+        ),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad-{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        for cmd in ["check-config", "run"] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+                .args([cmd, "--config"])
+                .arg(&path)
+                .env_remove("MAILROOM_CLUSTER_SECRET")
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{cmd} {text}: {err}");
+            assert!(err.contains(want), "{cmd} {text}: {err} should name {want:?}");
+        }
+    }
+
+    // A TOML error names the place, not the line: that line may hold a secret.
+    std::fs::write(&bad, "[cluster]\nsecret = \"hunter2hunter2\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2") && !err.contains("hunter2"), "{err}");
 }
 
 /// A socket handed over by the service manager (systemd socket activation) that is none of the

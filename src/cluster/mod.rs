@@ -132,6 +132,9 @@ impl ClusterConfig {
     pub const DEFAULT_MAX_FRAME: usize = 1024 * 1024;
     pub const DEFAULT_PEER_QUEUE: usize = 1024;
     pub const DEFAULT_MAX_PEER_CLAIMS: usize = 1_000_000;
+    /// Most frames `peer_queue` may hold: far beyond any use, far below the channel's own
+    /// ceiling (`usize::MAX >> 3` permits, past which creating it panics).
+    pub const MAX_PEER_QUEUE: usize = 1 << 20;
 
     /// A config with the documented defaults for the tunables.
     pub fn new(
@@ -177,8 +180,8 @@ impl ClusterConfig {
                 proto::MAX_FRAME_CEILING
             ));
         }
-        if self.peer_queue == 0 {
-            return Err("cluster peer_queue must be > 0".into());
+        if self.peer_queue == 0 || self.peer_queue > Self::MAX_PEER_QUEUE {
+            return Err(format!("cluster peer_queue must be in 1..={}", Self::MAX_PEER_QUEUE));
         }
         Ok(())
     }
@@ -530,5 +533,11 @@ mod tests {
         let mut c = cfg();
         c.secret.clear();
         assert!(c.validate().is_err());
+        // A channel of more than `usize::MAX >> 3` slots panics when the link task makes it.
+        let mut c = cfg();
+        c.peer_queue = usize::MAX;
+        assert!(c.validate().unwrap_err().contains("peer_queue"));
+        c.peer_queue = ClusterConfig::MAX_PEER_QUEUE;
+        assert!(c.validate().is_ok());
     }
 }

@@ -167,12 +167,12 @@ impl Mediator {
             public_ws_url,
             did,
             strategy: cfg.delivery.strategy,
-            lease_ms: cfg.delivery.lease_ms as i64,
+            lease_ms: cfg.delivery.lease_ms_i64(),
             batch_size: cfg.delivery.batch_size,
             limits: crate::store::EnqueueLimits {
                 max_messages: cfg.limits.max_queue_messages,
                 max_bytes: cfg.limits.max_queue_bytes,
-                dedup_window_ms: (cfg.limits.dedup_window_secs * 1000) as i64,
+                dedup_window_ms: cfg.limits.dedup_window_ms(),
             },
             max_keys_per_connection: cfg.limits.max_keys_per_connection,
             invitation_id,
@@ -189,7 +189,7 @@ impl Mediator {
         let node = self.holders.get()?.holder(conn, len)?;
         let lease = crate::store::LeaseTo {
             owner: handoff_owner(&node),
-            until_ms: now_ms + self.lease_ms,
+            until_ms: now_ms.saturating_add(self.lease_ms),
         };
         Some((node, lease))
     }

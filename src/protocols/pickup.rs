@@ -205,7 +205,7 @@ pub(crate) async fn lease_batch(
 ) -> Result<Vec<QueuedMessage>, HandleError> {
     let n = limit.unwrap_or(m.batch_size as u64).clamp(1, MAX_BATCH as u64) as usize;
     let now = now_ms();
-    let until = now + m.lease_ms;
+    let until = now.saturating_add(m.lease_ms);
     Ok(match filter {
         Some(k) => m.store.lease_for_key(&conn.id, k, n, owner, now, until).await?,
         None => m.store.lease(&conn.id, n, owner, now, until).await?,
@@ -237,7 +237,7 @@ pub(crate) async fn ack_received(
     let ack_lags_ms = leases
         .iter()
         .filter(|l| **l > 0)
-        .map(|l| (now - (l - m.lease_ms)).max(0))
+        .map(|l| now.saturating_sub(l.saturating_sub(m.lease_ms)).max(0))
         .collect();
     Ok(Outcome {
         acked: leases.len() as u64,

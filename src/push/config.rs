@@ -12,6 +12,13 @@ pub const DEFAULT_FCM_BASE: &str = "https://fcm.googleapis.com";
 pub const DEFAULT_APNS_BASE: &str = "https://api.push.apple.com";
 /// The OAuth2 scope of FCM HTTP v1.
 pub const FCM_SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
+/// Most `max_in_flight`: far more pushes at once than a provider takes from one node, far
+/// below the worker's semaphore's ceiling (`usize::MAX >> 3` permits, past which it panics).
+pub const MAX_IN_FLIGHT: usize = 10_000;
+/// Longest `timeout_ms`: ten minutes.
+pub const MAX_TIMEOUT_MS: u64 = 600_000;
+/// Longest `retry_max_ms`: one hour.
+pub const MAX_RETRY_MS: u64 = 3_600_000;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -283,8 +290,14 @@ impl PushConfig {
         if self.timeout_ms < 100 || self.retry_base_ms == 0 || self.retry_max_ms < self.retry_base_ms {
             return Err("push.timeout_ms must be >= 100 and 0 < push.retry_base_ms <= push.retry_max_ms".into());
         }
-        if self.max_in_flight == 0 {
-            return Err("push.max_in_flight must be at least 1".into());
+        if self.timeout_ms > MAX_TIMEOUT_MS {
+            return Err(format!("push.timeout_ms must be 100..={MAX_TIMEOUT_MS} (ten minutes)"));
+        }
+        if self.retry_max_ms > MAX_RETRY_MS {
+            return Err(format!("push.retry_max_ms must be at most {MAX_RETRY_MS} (one hour)"));
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > MAX_IN_FLIGHT {
+            return Err(format!("push.max_in_flight must be 1..={MAX_IN_FLIGHT}"));
         }
         if self.min_interval_secs > 86_400 {
             return Err("push.min_interval_secs must be at most 86400".into());

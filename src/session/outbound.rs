@@ -72,7 +72,7 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str)
                 shared.mediator.batch_size,
                 &owner,
                 now,
-                now + shared.mediator.lease_ms,
+                now.saturating_add(shared.mediator.lease_ms),
             )
             .await
         {

@@ -393,7 +393,9 @@ impl WsSession {
             let leased = actix_rt::spawn(async move {
                 let store = &shared.mediator.store;
                 let now = now_ms();
-                let r = store.lease(&conn_id, batch, &owner, now, now + lease_ms).await;
+                let r = store
+                    .lease(&conn_id, batch, &owner, now, now.saturating_add(lease_ms))
+                    .await;
                 if let Ok(msgs) = &r {
                     if !msgs.is_empty() && closed.load(Ordering::SeqCst) {
                         let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
@@ -441,7 +443,7 @@ impl WsSession {
             return msgs;
         };
         // A set of the batch (small), not of everything written (thousands on a busy socket).
-        let recent = now_ms() + self.shared.mediator.lease_ms / 2;
+        let recent = now_ms().saturating_add(self.shared.mediator.lease_ms / 2);
         let leased: std::collections::HashSet<i64> = msgs.iter().map(|q| q.id).collect();
         let again: std::collections::HashSet<i64> = h
             .written
@@ -470,7 +472,7 @@ impl WsSession {
             while written.front().is_some_and(|(_, until)| *until <= now) {
                 written.pop_front();
             }
-            let until = now + shared.mediator.lease_ms;
+            let until = now.saturating_add(shared.mediator.lease_ms);
             written.extend(msgs.iter().map(|q| (q.id, until)));
         }
         match mode {
