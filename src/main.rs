@@ -123,7 +123,10 @@ impl NodeTarget {
         let node = self
             .node
             .ok_or("name the node with --node ID (and --config FILE) or --admin URL")?;
-        let cfg = Config::load(&self.config).map_err(|e| format!("{}: {e}", self.config.display()))?;
+        // As `run` reads it: the environment's overrides (a secret, an admin address) applied
+        // before validation, so a file that leaves them to the environment is usable here too.
+        let (cfg, _, _) = Config::load_for_node(Some(&self.config), Some(&node), |k| std::env::var(k).ok())
+            .map_err(|e| format!("{}: {e}", self.config.display()))?;
         let entry = cfg.node(&node).map_err(|e| e.to_string())?;
         Ok((
             format!("http://{}", entry.admin),

@@ -510,6 +510,21 @@ async fn the_binary_serves_logs_json_and_status_reads_it() {
     let out = mailroom(&["undrain", "--config", cfg_path, "--node", "solo"]);
     assert!(out.contains("drain: no"), "{out}");
     assert_eq!(get_status(&ready, None).await.0, 200);
+    // A file that leaves the cluster secret to the environment, as a container's does: the
+    // command reads it as `run` would (overrides applied before validation).
+    let env_cfg = dir.path().join("env-secret.toml");
+    std::fs::write(
+        &env_cfg,
+        format!("[[node]]\nid = \"solo\"\nlisten = \"{listen}\"\ncluster = \"127.0.0.1:1\"\nadmin = \"{admin}\"\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args(["undrain", "--node", "solo", "--config"])
+        .arg(&env_cfg)
+        .env("MAILROOM_CLUSTER_SECRET", "a-secret-from-the-environment")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
         .args(["drain", "--config", cfg_path, "--node", "nope"])
         .output()
@@ -536,9 +551,10 @@ async fn the_binary_serves_logs_json_and_status_reads_it() {
         .iter()
         .filter(|l| l["fields"]["message"] == "operator action")
         .collect();
-    assert_eq!(audits.len(), 2, "one audit line per action:\n{logs}");
+    assert_eq!(audits.len(), 3, "one audit line per action:\n{logs}");
     assert_eq!(audits[0]["fields"]["action"], "drain");
     assert!(audits[0]["fields"]["who"].as_str().unwrap().starts_with("127.0.0.1:"));
     assert!(audits[0]["fields"]["at_ms"].as_i64().is_some());
     assert_eq!(audits[1]["fields"]["action"], "undrain");
+    assert_eq!(audits[2]["fields"]["action"], "undrain");
 }
