@@ -29,6 +29,13 @@ pub struct HandoffLabel {
     pub to: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `ok` (2xx), `failed` (no answer, or not 2xx: a redirect included), `refused` (every
+    /// address of the endpoint is one this node may not connect to: session::egress).
+    pub result: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub forwards_received: Counter,
@@ -55,6 +62,8 @@ pub struct Metrics {
     pub notifications_failed: Counter,
     /// Forwards queued leased to their live session's node and handed to it, by outcome.
     pub handoffs: Family<HandoffLabel, Counter>,
+    /// POSTs to agents' own endpoints (replies and queued messages), by result.
+    pub endpoint_posts: Family<ResultLabel, Counter>,
     /// Time to accept one forward durably: unpack, route, commit.
     pub forward_seconds: Histogram,
     /// Delivery to acknowledgement (pickup 2.0 messages-received).
@@ -94,6 +103,7 @@ impl Metrics {
             notifications_received: Counter::default(),
             notifications_failed: Counter::default(),
             handoffs: Family::default(),
+            endpoint_posts: Family::default(),
             forward_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             ack_lag: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             store_latency: crate::store::metered::latency_family(),
@@ -180,6 +190,11 @@ impl Metrics {
             m.handoffs.clone(),
         );
         registry.register(
+            "endpoint_posts",
+            "POSTs to agents' own endpoints, replies and queued messages (result: ok, failed, refused)",
+            m.endpoint_posts.clone(),
+        );
+        registry.register(
             "forward_seconds",
             "Time to accept a forward durably (unpack, route, commit)",
             m.forward_seconds.clone(),
@@ -209,6 +224,12 @@ impl Metrics {
 
     pub fn handed(&self, to: &str, n: u64) {
         self.handoffs.get_or_create(&HandoffLabel { to: to.into() }).inc_by(n);
+    }
+
+    pub fn endpoint_post(&self, result: &str) {
+        self.endpoint_posts
+            .get_or_create(&ResultLabel { result: result.into() })
+            .inc();
     }
 
     pub fn rejected(&self, reason: &str, didcomm: &str) {

@@ -262,6 +262,13 @@ pub async fn run(
             }
         });
     }
+    // Agents' endpoints must not reach an admin listener of this cluster (this node's, bound
+    // where it is even when the config says port 0, and every [[node]]'s) nor metadata services.
+    let admin_addr = listeners.admin.local_addr()?;
+    let egress = crate::session::egress::Egress::new(
+        crate::session::egress::EgressPolicy::new(admin_addr, cfg.nodes.iter().map(|n| n.admin.as_str())),
+        Duration::from_millis(cfg.delivery.endpoint_timeout_ms),
+    );
     let shared = Arc::new(Shared::new(
         mediator.clone(),
         registry.clone(),
@@ -269,6 +276,7 @@ pub async fn run(
         cfg.clone(),
         metrics.clone(),
         bound,
+        egress,
     ));
 
     // Push notifications wake wallets that no node holds a session of.
@@ -457,7 +465,6 @@ pub async fn run(
         SHUTDOWN_GRACE,
     )?;
     let public_handle = public_server.handle();
-    let admin_addr = listeners.admin.local_addr()?;
     let reloader = Arc::new(Reloader {
         path: opts.config_path.clone(),
         node_id: node_id.to_string(),

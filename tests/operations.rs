@@ -157,6 +157,96 @@ async fn admin_token_is_required_when_configured() {
     assert_eq!(get_status(&format!("{admin}/ready"), None).await.0, 200);
 }
 
+/// A request to the admin listener with extra headers: (status, JSON body or Null).
+async fn admin_with(method: &str, url: &str, headers: &[(&str, String)]) -> (u16, Value) {
+    let client = awc::Client::default();
+    let mut req = match method {
+        "POST" => client.post(url),
+        _ => client.get(url),
+    };
+    for (k, v) in headers {
+        req = req.insert_header((*k, v.as_str()));
+    }
+    let mut res = req.send().await.expect("admin request");
+    let body = res.body().await.unwrap_or_default();
+    (
+        res.status().as_u16(),
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+    )
+}
+
+/// Without a token the admin listener trusts loopback, so a browser on the same machine must
+/// not be able to drive it: a page's no-cors POST (its `Origin`) and DNS rebinding (its name
+/// in `Host`) get 403; the CLI, the status page and local tools (loopback Host) still work. A
+/// token-guarded listener is unchanged.
+#[actix_rt::test]
+async fn a_tokenless_admin_answers_only_loopback_hosts_and_no_foreign_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let admin = n.admin_url();
+    let port = n.admin_addr.port();
+    let ready = format!("{admin}/ready");
+    let host = |h: &str| ("Host", h.to_string());
+    let origin = |o: &str| ("Origin", o.to_string());
+
+    for headers in [
+        vec![host("evil.example")],
+        vec![host(&format!("evil.example:{port}"))],
+        vec![origin("https://evil.example")],
+        vec![origin("null")],
+        vec![
+            host(&format!("localhost:{port}")),
+            origin("http://127.0.0.1.evil.example"),
+        ],
+    ] {
+        let (st, body) = admin_with("POST", &format!("{admin}/drain"), &headers).await;
+        assert_eq!(st, 403, "{headers:?}: {body}");
+        assert_eq!(body["error"], "forbidden", "{body}");
+        assert!(body["reason"].as_str().is_some_and(|r| !r.is_empty()), "{body}");
+        assert_eq!(get_status(&ready, None).await.0, 200, "not drained by {headers:?}");
+    }
+    // DNS rebinding reads nothing either, probes included.
+    for path in ["/connections", "/status", "/ready", "/"] {
+        let (st, _) = admin_with("GET", &format!("{admin}{path}"), &[host("rebound.evil.example")]).await;
+        assert_eq!(st, 403, "GET {path}");
+    }
+
+    // Loopback names, with or without port; a same-origin page's Origin.
+    for headers in [
+        vec![host(&format!("localhost:{port}"))],
+        vec![host("localhost")],
+        vec![host("127.0.0.1")],
+        vec![origin(&admin)],
+    ] {
+        let (st, body) = admin_with("GET", &format!("{admin}/status"), &headers).await;
+        assert_eq!(st, 200, "{headers:?}: {body}");
+    }
+    let (st, body) = admin_with("POST", &format!("{admin}/drain"), &[host(&format!("127.0.0.1:{port}"))]).await;
+    assert_eq!((st, body["draining"].clone()), (200, json!(true)), "{body}");
+    assert_eq!(get_status(&ready, None).await.0, 503, "drained");
+    let (st, _) = admin_with("POST", &format!("{admin}/undrain"), &[]).await;
+    assert_eq!(st, 200);
+    assert_eq!(get_status(&ready, None).await.0, 200);
+
+    // With a token, the token decides, whatever the Host or Origin.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.admin.token = Some("s3cret-token".into());
+    let t = start(&cfg);
+    let bearer = ("Authorization", "Bearer s3cret-token".to_string());
+    let url = format!("{}/status", t.admin_url());
+    let (st, _) = admin_with("GET", &url, &[host("evil.example"), origin("https://evil.example")]).await;
+    assert_eq!(st, 401);
+    let (st, _) = admin_with(
+        "GET",
+        &url,
+        &[host("evil.example"), origin("https://evil.example"), bearer],
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(get_status(&format!("{}/ready", t.admin_url()), None).await.0, 200);
+}
+
 #[actix_rt::test]
 async fn a_full_queue_refuses_new_forwards_and_keeps_what_it_has() {
     let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |c| {

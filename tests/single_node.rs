@@ -651,6 +651,188 @@ async fn endpoint_delivery_retries_until_accepted() {
     handle.stop(true).await;
 }
 
+/// An agent whose DID document's endpoint is `endpoint`, connected by a didexchange request
+/// without return route: the mediator POSTs its response to that endpoint.
+async fn connect_replying_to(n: &mailroom::node::RunningNode, endpoint: &str) -> Agent {
+    use mailroom::didcomm::{did, keys::KeyPair};
+    let inv = invitation(n).await;
+    let key = KeyPair::generate();
+    let my_did = did::create_peer4(&key.verkey(), &[endpoint.to_string()], &[]);
+    let a = Agent::from_parts(key, my_did.clone(), inv.recipient_key.clone(), n.public_url());
+    let request = json!({
+        "@type": "https://didcomm.org/didexchange/1.1/request",
+        "@id": "no-return-route",
+        "label": "endpoint-agent",
+        "did": my_did,
+        "~thread": { "pthid": inv.id },
+    });
+    assert_eq!(
+        a.send(&request).await.unwrap(),
+        202,
+        "the response goes to the endpoint"
+    );
+    a
+}
+
+/// `mailroom_endpoint_posts_total{result=...}`, 0 before the first.
+async fn endpoint_posts(n: &mailroom::node::RunningNode, result: &str) -> u64 {
+    metric(n, &format!("mailroom_endpoint_posts_total{{result=\"{result}\"}}"))
+        .await
+        .unwrap_or(0.0) as u64
+}
+
+/// Every POST to an agent's endpoint so far, whatever its result.
+async fn endpoint_posts_done(n: &mailroom::node::RunningNode) -> u64 {
+    let mut all = 0;
+    for r in ["ok", "failed", "refused"] {
+        all += endpoint_posts(n, r).await;
+    }
+    all
+}
+
+async fn assert_not_drained(n: &mailroom::node::RunningNode) {
+    let (st, body) = get_status(&format!("{}/ready", n.admin_url()), None).await;
+    assert_eq!(st, 200, "the node is still ready: {body}");
+    let s = get_json(&format!("{}/status", n.admin_url())).await;
+    assert_eq!(s["drain"]["draining"], false, "{s}");
+}
+
+/// Blind SSRF: anyone can connect with a DID document whose endpoint is the node's own admin
+/// listener (tokenless on loopback) and no return route. Neither the didexchange response nor
+/// a queued message is POSTed there (the node would drain itself); the message stays queued.
+#[actix_rt::test]
+async fn an_endpoint_on_the_admin_listener_is_never_posted_to_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    // Through a name too: the check is on the addresses dialled, not on the URL.
+    let port = n.admin_addr.port();
+    for (i, endpoint) in [
+        format!("{}/drain", n.admin_url()),
+        format!("http://localhost:{port}/drain"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        connect_replying_to(&n, &endpoint).await;
+        eventually("the response's POST done", || async {
+            (endpoint_posts_done(&n).await > i as u64).then_some(())
+        })
+        .await;
+        assert_not_drained(&n).await;
+        assert_eq!(endpoint_posts(&n, "refused").await, i as u64 + 1, "{endpoint} refused");
+    }
+
+    // A queued message for such an agent: refused at every attempt, kept queued.
+    let mut a = connect_replying_to(&n, &format!("http://[::ffff:127.0.0.1]:{port}/drain")).await;
+    a.mediate().await.unwrap();
+    let k = a.new_recipient_key();
+    a.keylist_update(&[k.did_key()], &[]).await.unwrap();
+    assert_eq!(forward_to(&n, &a, &k, "kept").await, 202);
+    // Its response, then the message at least once.
+    eventually("the response's and the queued message's POSTs done", || async {
+        (endpoint_posts_done(&n).await > 3).then_some(())
+    })
+    .await;
+    assert_not_drained(&n).await;
+    assert_eq!(
+        endpoint_posts(&n, "ok").await,
+        0,
+        "nothing POSTed to the admin listener"
+    );
+    assert_eq!(endpoint_posts(&n, "failed").await, 0);
+    assert_eq!(queue_depth(&n).await, 1, "nothing lost");
+    // Still there for the agent to pick up (once the endpoint attempt released it).
+    let got = eventually("the message picked up", || async {
+        let d = a
+            .request(&pickup("delivery-request", json!({"limit": 10})))
+            .await
+            .ok()??;
+        (type_name(&d) == "delivery").then(|| contents(&a, &d))
+    })
+    .await;
+    assert_eq!(got, vec!["kept".to_string()]);
+}
+
+/// A redirect answered by an agent's endpoint is a failed POST, never followed: not to another
+/// address that would take it, nor to the admin listener.
+#[actix_rt::test]
+async fn redirects_from_an_endpoint_are_not_followed() {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let standin = format!("http://{}", listener.local_addr().unwrap());
+    let hits: Arc<[AtomicUsize; 3]> = Arc::default();
+    let (h, to_sink, to_admin) = (
+        hits.clone(),
+        format!("{standin}/sink"),
+        format!("{}/drain", n.admin_url()),
+    );
+    let server = HttpServer::new(move || {
+        let (h1, h2, h3) = (h.clone(), h.clone(), h.clone());
+        let (to_sink, to_admin) = (to_sink.clone(), to_admin.clone());
+        App::new()
+            .route(
+                "/to-sink",
+                web::post().to(move || {
+                    h1[0].fetch_add(1, Ordering::SeqCst);
+                    let to = to_sink.clone();
+                    async move {
+                        HttpResponse::TemporaryRedirect()
+                            .insert_header(("Location", to))
+                            .finish()
+                    }
+                }),
+            )
+            .route(
+                "/to-admin",
+                web::post().to(move || {
+                    h2[1].fetch_add(1, Ordering::SeqCst);
+                    let to = to_admin.clone();
+                    async move {
+                        HttpResponse::TemporaryRedirect()
+                            .insert_header(("Location", to))
+                            .finish()
+                    }
+                }),
+            )
+            .route(
+                "/sink",
+                web::post().to(move || {
+                    h3[2].fetch_add(1, Ordering::SeqCst);
+                    async { HttpResponse::Accepted().finish() }
+                }),
+            )
+    })
+    .listen(listener)
+    .unwrap()
+    .workers(1)
+    .run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+
+    for (i, path) in ["to-sink", "to-admin"].into_iter().enumerate() {
+        connect_replying_to(&n, &format!("{standin}/{path}")).await;
+        eventually("the response's POST done", || async {
+            (endpoint_posts_done(&n).await > i as u64).then_some(())
+        })
+        .await;
+        assert_eq!(hits[i].load(Ordering::SeqCst), 1, "{path} reached once");
+        assert_eq!(
+            hits[2].load(Ordering::SeqCst),
+            0,
+            "the redirect to the sink not followed"
+        );
+        assert_eq!(endpoint_posts(&n, "ok").await, 0, "a redirect is a failure");
+    }
+    assert_eq!(endpoint_posts(&n, "failed").await, 2, "both redirects are failed POSTs");
+    assert_not_drained(&n).await;
+    handle.stop(true).await;
+}
+
 #[actix_rt::test]
 async fn admin_health_ready_status_metrics() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,9 +3,12 @@
 //!
 //! A bearer token (`[admin] token`) guards every route but `/health`, `/ready` and the status
 //! page `/` (whose data calls are guarded) when set;
-//! the config refuses an admin address off loopback without one.
+//! the config refuses an admin address off loopback without one. Without a token, every route
+//! answers only requests naming a loopback host and sent by no page of another origin
+//! ([`loopback`]).
 
 pub mod history;
+pub mod loopback;
 pub mod page;
 
 use crate::protocols::{now_ms, oob};
@@ -51,8 +54,15 @@ impl AdminState {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig, st: Arc<AdminState>) {
-    cfg.app_data(web::Data::from(st))
-        .route("/", web::get().to(page::index))
+    cfg.app_data(web::Data::from(st)).service(
+        web::scope("")
+            .wrap(actix_web::middleware::from_fn(loopback::guard))
+            .configure(routes),
+    );
+}
+
+fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/", web::get().to(page::index))
         .route("/health", web::get().to(health))
         .route("/ready", web::get().to(ready))
         .route("/status", web::get().to(status))

@@ -6,6 +6,7 @@
 //! limits and metrics. Its [`Shared::queued_new`] decides how a newly queued message reaches its
 //! wallet: a local session, the owning node over the cluster, or the agent's own endpoint.
 
+pub mod egress;
 pub mod held;
 pub mod http;
 pub mod listener;
@@ -63,6 +64,8 @@ pub struct Shared {
     /// The connections bound sessions here hold, counted by the sessions themselves: a
     /// wake-up asks the registry only when one is (see [`LocalHolders`]).
     pub bound: Arc<LocalHolders>,
+    /// Outbound POSTs to agents' endpoints: where they may connect, and their client.
+    pub egress: Arc<egress::Egress>,
 }
 
 impl Shared {
@@ -73,6 +76,7 @@ impl Shared {
         cfg: Arc<Config>,
         metrics: Arc<Metrics>,
         bound: Arc<LocalHolders>,
+        egress: egress::Egress,
     ) -> Shared {
         Shared {
             mediator,
@@ -89,6 +93,7 @@ impl Shared {
             push: std::sync::OnceLock::new(),
             held: held::Held::default(),
             bound,
+            egress: Arc::new(egress),
         }
     }
 

@@ -1,14 +1,17 @@
 //! Outbound HTTP: replies and queued messages POSTed to an agent's own endpoint.
 //!
 //! A queued message stays in the store until its POST succeeds (2xx): it is leased while
-//! in flight and acknowledged after, or released on failure for the sweep to retry.
+//! in flight and acknowledged after, or released on failure for the sweep to retry. Every POST
+//! goes through the node's [`egress`](super::egress) client: no redirect is followed, and an
+//! endpoint resolving only to addresses the node may not reach (an admin listener, link-local)
+//! fails like an unreachable one.
 
+use super::egress::{self, Egress};
 use super::Shared;
 use crate::protocols::now_ms;
 use crate::store::Connection;
 use serde_json::Value;
 use std::sync::Arc;
-use std::time::Duration;
 
 pub const ENVELOPE_CONTENT_TYPE: &str = "application/didcomm-envelope-enc";
 
@@ -20,20 +23,65 @@ pub fn http_endpoint(conn: &Connection) -> Option<&str> {
         .find(|e| e.starts_with("http://") || e.starts_with("https://"))
 }
 
-/// POSTs one envelope; Ok on a 2xx answer.
-pub async fn post_envelope(url: &str, body: Vec<u8>, timeout: Duration) -> Result<(), String> {
-    let client = awc::Client::builder().timeout(timeout).finish();
-    let res = client
+/// Why a POST to an agent's endpoint did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum PostError {
+    /// Every address of the endpoint is one this node may not connect to.
+    #[error("POST {url}: {refused}")]
+    Refused { url: String, refused: egress::Refused },
+    /// No answer: the name did not resolve, the connection failed, the time ran out.
+    #[error("POST {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    /// An answer other than 2xx (a redirect included: none is followed).
+    #[error("POST {url}: HTTP {status}{}", if (300..400).contains(.status) { " (redirects are not followed)" } else { "" })]
+    Status { url: String, status: u16 },
+}
+
+impl PostError {
+    /// The `result` label of `mailroom_endpoint_posts_total`.
+    fn result(&self) -> &'static str {
+        match self {
+            PostError::Refused { .. } => "refused",
+            _ => "failed",
+        }
+    }
+}
+
+/// POSTs one envelope with the node's outbound client; Ok on a 2xx answer.
+pub async fn post_envelope(egress: &Arc<Egress>, url: &str, body: Vec<u8>) -> Result<(), PostError> {
+    let res = egress
+        .client()
         .post(url)
         .insert_header(("Content-Type", ENVELOPE_CONTENT_TYPE))
         .send_body(body)
         .await
-        .map_err(|e| format!("POST {url}: {e}"))?;
+        .map_err(|e| match egress::refusal(&e) {
+            Some(r) => PostError::Refused {
+                url: url.to_string(),
+                refused: r.clone(),
+            },
+            None => PostError::Unreachable {
+                url: url.to_string(),
+                reason: e.to_string(),
+            },
+        })?;
     if res.status().is_success() {
         Ok(())
     } else {
-        Err(format!("POST {url}: HTTP {}", res.status()))
+        Err(PostError::Status {
+            url: url.to_string(),
+            status: res.status().as_u16(),
+        })
     }
+}
+
+/// [`post_envelope`], counted in `mailroom_endpoint_posts_total`.
+async fn post_counted(shared: &Shared, url: &str, body: Vec<u8>) -> Result<(), PostError> {
+    let res = post_envelope(&shared.egress, url, body).await;
+    shared
+        .metrics
+        .endpoint_post(res.as_ref().err().map_or("ok", PostError::result));
+    res
 }
 
 /// Sends replies that could not go back on the inbound transport (no return-route) to the
@@ -45,14 +93,15 @@ pub async fn send_replies(shared: &Arc<Shared>, conn: &Connection, replies: &[Va
         }
         return;
     };
-    let timeout = Duration::from_millis(shared.cfg.delivery.endpoint_timeout_ms);
     for r in replies {
         match shared.mediator.pack_for(conn, r) {
-            Ok(packed) => {
-                if let Err(e) = post_envelope(endpoint, packed, timeout).await {
-                    tracing::warn!(connection = %conn.id, "reply not delivered: {e}");
+            Ok(packed) => match post_counted(shared, endpoint, packed).await {
+                Ok(()) => {}
+                Err(e @ PostError::Refused { .. }) => {
+                    tracing::warn!(connection = %conn.id, "reply not delivered, its endpoint is refused: {e}")
                 }
-            }
+                Err(e) => tracing::warn!(connection = %conn.id, "reply not delivered: {e}"),
+            },
             Err(e) => tracing::warn!(connection = %conn.id, "reply not packed: {e}"),
         }
     }
@@ -63,7 +112,6 @@ pub async fn send_replies(shared: &Arc<Shared>, conn: &Connection, replies: &[Va
 pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str) {
     let store = &shared.mediator.store;
     let owner = crate::protocols::lease_owner(&shared.mediator.node_id, "endpoint");
-    let timeout = Duration::from_millis(shared.cfg.delivery.endpoint_timeout_ms);
     loop {
         let now = now_ms();
         let batch = match store
@@ -85,12 +133,18 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str)
         };
         let mut done = Vec::new();
         let mut failed = Vec::new();
-        for q in &batch {
+        for (i, q) in batch.iter().enumerate() {
             if q.attempts > 1 {
                 shared.metrics.redelivered.inc();
             }
-            match post_envelope(endpoint, q.payload.clone(), timeout).await {
+            match post_counted(shared, endpoint, q.payload.clone()).await {
                 Ok(()) => done.push(q.id),
+                Err(e @ PostError::Refused { .. }) => {
+                    // The same for every message of the batch: none is tried.
+                    tracing::warn!(connection = %conn, "endpoint delivery refused, kept queued: {e}");
+                    failed.extend(batch[i..].iter().map(|q| q.id));
+                    break;
+                }
                 Err(e) => {
                     tracing::info!(connection = %conn, "endpoint delivery failed, kept queued: {e}");
                     failed.push(q.id);
