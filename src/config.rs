@@ -12,6 +12,10 @@ use std::time::Duration;
 
 /// The exit code for a bad configuration (EX_CONFIG would be 78; the brief asks for EX_USAGE).
 pub const EXIT_BAD_CONFIG: i32 = 64;
+/// Longest `cluster.public_url`: the mediator's DIDs (did:peer:4 for v1, did:peer:2 for v2)
+/// carry it and its ws twin, and must stay under the length peers' DIDs are held to
+/// ([`crate::didcomm::did::MAX_PEER_DID_LEN`]; a test in `didcomm::did` checks it).
+pub const MAX_PUBLIC_URL_LEN: usize = 1024;
 
 /// Upper bounds of the settings that become durations, deadlines or allocations. Each is far
 /// above any production value and far below where the node's arithmetic (milliseconds as
@@ -94,6 +98,7 @@ pub struct ClusterSection {
     #[serde(default)]
     pub secret_env: Option<String>,
     /// What wallets and senders use (the load balancer's URL). Defaults to the node's listener.
+    /// At most [`MAX_PUBLIC_URL_LEN`] bytes.
     #[serde(default)]
     pub public_url: Option<String>,
     /// Heartbeat period on cluster links, milliseconds (at most [`bounds::HEARTBEAT_MS`]).
@@ -604,6 +609,12 @@ impl Config {
                 Ok(p) if p.scheme() == "http" || p.scheme() == "https" => {}
                 _ => return bad(format!("cluster.public_url {u:?} must be an http:// or https:// URL")),
             }
+            if u.len() > MAX_PUBLIC_URL_LEN {
+                return bad(format!(
+                    "cluster.public_url is {} bytes long, at most {MAX_PUBLIC_URL_LEN} (the mediator's DIDs carry it)",
+                    u.len()
+                ));
+            }
         }
         self.validate_cluster()?;
         match self.store.backend.as_str() {
@@ -1016,6 +1027,14 @@ mod tests {
             let err = Config::parse(text).expect_err(text).to_string();
             assert!(err.contains(want), "{err:?} should mention {want:?}");
         }
+        // A public URL the mediator's DIDs could not carry under the peer-DID cap.
+        let node = "[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'";
+        let url = |n: usize| format!("https://{}", "m".repeat(n - 8));
+        let text = format!("[cluster]\npublic_url='{}'\n{node}", url(MAX_PUBLIC_URL_LEN));
+        Config::parse(&text).unwrap();
+        let text = format!("[cluster]\npublic_url='{}'\n{node}", url(MAX_PUBLIC_URL_LEN + 1));
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("at most 1024"), "{err}");
     }
 
     const NODE: &str = "[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'\n";

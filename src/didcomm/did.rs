@@ -11,10 +11,27 @@ use sha2::{Digest, Sha256};
 use super::b64;
 use super::keys::{self, KeyError, ED25519_CODEC, X25519_CODEC};
 
-/// Longest DID we look at (base58 decoding is quadratic, so this bounds CPU per resolve).
-/// A did:peer:4 long form with two services is ~1.5 KiB; did:peer:2
-/// with a few services ~1 KiB.
+/// Longest DID string we look at at all (legacy and did:peer:1 ids, did:key, kids).
 pub const MAX_DID_LEN: usize = 8 * 1024;
+/// Longest did:peer:2 / did:peer:4 we resolve. A long-form did:peer:4 is its document in
+/// base58, and base58 decoding takes time quadratic in the length (~6M steps at 4 KiB, ~24M at
+/// 8 KiB). The longest real peer DIDs in the interop captures: Credo 0.6.3's mediator 901 bytes
+/// (did:peer:4, two services), its wallet 705, ACA-Py 1.7's did:peer:4 644-840 and did:peer:2
+/// 427, Indicio's v2 did:peer:2 569; ours is ~900 with short URLs and stays under this while
+/// `cluster.public_url` is at most [`crate::config::MAX_PUBLIC_URL_LEN`].
+pub const MAX_PEER_DID_LEN: usize = 4 * 1024;
+/// Most distinct other DIDs the key references of one document may name (each resolved once
+/// per [`resolve`]). Real documents name none (Credo's and ACA-Py's routing keys are did:key,
+/// read without resolving) or their one mediator.
+pub const MAX_EXTERNAL_DIDS: usize = 4;
+/// Longest DID a key reference of a document may name (a mediator's DID: Credo's is 901 bytes).
+pub const MAX_NESTED_DID_LEN: usize = 4 * 1024;
+/// Most bytes of peer DIDs one [`resolve`] decodes, the DID itself and the DIDs its key
+/// references name together: with [`MAX_PEER_DID_LEN`] it bounds the base58 work of one
+/// document to ~18M steps (before these caps one handshake could ask for ~9G).
+pub const MAX_RESOLVE_DID_BYTES: usize = 12 * 1024;
+/// Longest did:peer:4 hash: a sha2-256 multihash is 46 base58 characters after the `z`.
+const MAX_PEER4_HASH_LEN: usize = 64;
 /// Most services and verification methods we read from one document.
 pub const MAX_SERVICES: usize = 16;
 pub const MAX_VERIFICATION_METHODS: usize = 32;
@@ -71,11 +88,54 @@ pub struct ResolvedDoc {
 /// `DIDDoc`, didexchange `did_doc~attach`), required for did:peer:1 and legacy DIDs; or, for a
 /// short-form did:peer:4, a known long form (as a string, or a doc with it in `id` /
 /// `alsoKnownAs`).
+///
+/// Everything one call decodes is bounded: [`MAX_PEER_DID_LEN`] per peer DID,
+/// [`MAX_EXTERNAL_DIDS`] other DIDs named by key references (each resolved once),
+/// [`MAX_NESTED_DID_LEN`] each, [`MAX_RESOLVE_DID_BYTES`] in all. A document over a cap is
+/// refused ([`DidError::Malformed`] saying which).
 pub fn resolve(did: &str, attached_doc: Option<&Value>) -> Result<ResolvedDoc, DidError> {
-    resolve_depth(did, attached_doc, 0)
+    resolve_depth(did, attached_doc, 0, &mut Work::default())
 }
 
-fn resolve_depth(did: &str, attached: Option<&Value>, depth: u8) -> Result<ResolvedDoc, DidError> {
+/// What one [`resolve`] has spent: the peer DID bytes it decoded and the other DIDs its key
+/// references named, each resolved once (`None`: it did not resolve).
+#[derive(Default)]
+struct Work {
+    did_bytes: usize,
+    externals: Vec<(String, Option<External>)>,
+    /// A cap was hit: the resolve fails, whichever nested lookup hit it.
+    over: bool,
+}
+
+/// What a key reference into another DID needs of that DID's document.
+struct External {
+    vms: Vec<Vm>,
+    first_key: Option<[u8; 32]>,
+}
+
+impl Work {
+    fn refuse(&mut self, why: String) -> DidError {
+        self.over = true;
+        DidError::Malformed(why)
+    }
+
+    /// Counts a peer DID about to be decoded against the caps.
+    fn charge(&mut self, did: &str) -> Result<(), DidError> {
+        if did.len() > MAX_PEER_DID_LEN {
+            let method: String = did.chars().take(10).collect();
+            return Err(self.refuse(format!("{method} of {} bytes (at most {MAX_PEER_DID_LEN})", did.len())));
+        }
+        self.did_bytes += did.len();
+        if self.did_bytes > MAX_RESOLVE_DID_BYTES {
+            return Err(self.refuse(format!(
+                "DID doc needs more than {MAX_RESOLVE_DID_BYTES} bytes of DIDs decoded"
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn resolve_depth(did: &str, attached: Option<&Value>, depth: u8, work: &mut Work) -> Result<ResolvedDoc, DidError> {
     if did.len() > MAX_DID_LEN {
         return Err(DidError::TooLong);
     }
@@ -88,10 +148,10 @@ fn resolve_depth(did: &str, attached: Option<&Value>, depth: u8) -> Result<Resol
             Some(b'1') => {
                 let doc = attached.ok_or_else(|| DidError::NeedsDoc("did:peer:1".into()))?;
                 check_doc_id(did, doc)?;
-                interpret(did, doc, &[did], depth)
+                interpret(did, doc, &[did], depth, work)
             }
-            Some(b'2') => resolve_peer2(did, depth),
-            Some(b'4') => resolve_peer4(did, attached, depth),
+            Some(b'2') => resolve_peer2(did, depth, work),
+            Some(b'4') => resolve_peer4(did, attached, depth, work),
             _ => Err(DidError::Unsupported(short(did))),
         };
     }
@@ -107,7 +167,7 @@ fn resolve_depth(did: &str, attached: Option<&Value>, depth: u8) -> Result<Resol
                 )));
             }
         }
-        return interpret(did, doc, &[did, legacy, &qualified], depth);
+        return interpret(did, doc, &[did, legacy, &qualified], depth, work);
     }
     Err(DidError::Unsupported(short(did)))
 }
@@ -179,7 +239,8 @@ fn resolve_did_key(did: &str, did_key: &str) -> Result<ResolvedDoc, DidError> {
 // ---------------------------------------------------------------------------------------------
 // did:peer:2
 
-fn resolve_peer2(did: &str, depth: u8) -> Result<ResolvedDoc, DidError> {
+fn resolve_peer2(did: &str, depth: u8, work: &mut Work) -> Result<ResolvedDoc, DidError> {
+    work.charge(did)?;
     let body = did
         .strip_prefix("did:peer:2")
         .ok_or_else(|| DidError::Malformed("not did:peer:2".into()))?;
@@ -261,7 +322,7 @@ fn resolve_peer2(did: &str, depth: u8) -> Result<ResolvedDoc, DidError> {
     doc.extend(by_purpose);
     doc.insert("service".into(), Value::Array(services));
     let doc = Value::Object(doc);
-    interpret(did, &doc, &[did], depth)
+    interpret(did, &doc, &[did], depth, work)
 }
 
 /// did:peer:2 service abbreviations (peer DID spec "Service abbreviation").
@@ -307,6 +368,11 @@ fn split_peer4(long: &str) -> Result<Peer4<'_>, DidError> {
 }
 
 fn check_peer4_hash(p: &Peer4<'_>) -> Result<(), DidError> {
+    if p.hash.len() > MAX_PEER4_HASH_LEN {
+        return Err(DidError::Malformed(
+            "did:peer:4 hash is not a sha2-256 multihash".into(),
+        ));
+    }
     let mh = p
         .hash
         .strip_prefix('z')
@@ -331,16 +397,16 @@ pub fn peer4_short_form(long: &str) -> Result<String, DidError> {
     Ok(format!("did:peer:4{}", p.hash))
 }
 
-fn resolve_peer4(did: &str, attached: Option<&Value>, depth: u8) -> Result<ResolvedDoc, DidError> {
+fn resolve_peer4(did: &str, attached: Option<&Value>, depth: u8, work: &mut Work) -> Result<ResolvedDoc, DidError> {
     let body = did.strip_prefix("did:peer:4").unwrap_or(did);
     if body.contains(':') {
-        return resolve_peer4_long(did, depth);
+        return resolve_peer4_long(did, depth, work);
     }
     // Short form: only through a known long form that hashes to it.
     let long = attached
         .and_then(|a| find_long_form(did, a))
         .ok_or(DidError::NeedsLongForm)?;
-    let mut r = resolve_peer4_long(&long, depth)?;
+    let mut r = resolve_peer4_long(&long, depth, work)?;
     r.id = did.to_owned();
     Ok(r)
 }
@@ -365,7 +431,8 @@ fn find_long_form(short_did: &str, attached: &Value) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn resolve_peer4_long(did: &str, depth: u8) -> Result<ResolvedDoc, DidError> {
+fn resolve_peer4_long(did: &str, depth: u8, work: &mut Work) -> Result<ResolvedDoc, DidError> {
+    work.charge(did)?;
     let p = split_peer4(did)?;
     check_peer4_hash(&p)?;
     let raw = p
@@ -385,7 +452,7 @@ fn resolve_peer4_long(did: &str, depth: u8) -> Result<ResolvedDoc, DidError> {
     // Contextualize (peer DID spec, method 4): the input doc has no id.
     obj.insert("id".into(), did.into());
     obj.insert("alsoKnownAs".into(), json!([short_form]));
-    interpret(did, &doc, &[did, &short_form], depth)
+    interpret(did, &doc, &[did, &short_form], depth, work)
 }
 
 /// Build a long-form did:peer:4 for one Ed25519 key, in the shape Credo 0.6.3 writes its own
@@ -511,7 +578,7 @@ struct Vm {
 
 /// Read keys, services and endpoints out of a DID doc. `aliases` are the DIDs that relative
 /// and absolute key references of this doc may start with.
-fn interpret(did: &str, doc: &Value, aliases: &[&str], depth: u8) -> Result<ResolvedDoc, DidError> {
+fn interpret(did: &str, doc: &Value, aliases: &[&str], depth: u8, work: &mut Work) -> Result<ResolvedDoc, DidError> {
     let obj = doc
         .as_object()
         .ok_or_else(|| DidError::Malformed("DID doc is not an object".into()))?;
@@ -541,15 +608,15 @@ fn interpret(did: &str, doc: &Value, aliases: &[&str], depth: u8) -> Result<Reso
                 }
                 if field == "authentication" {
                     // RFC 0067 authentication entries reference a publicKey.
-                    let k = key.or_else(|| {
-                        o.get("publicKey")
-                            .and_then(Value::as_str)
-                            .and_then(|r| deref_key(r, &vms, aliases, depth))
-                    });
+                    let k = match (key, o.get("publicKey").and_then(Value::as_str)) {
+                        (Some(k), _) => Some(k),
+                        (None, Some(r)) => deref_key(r, &vms, aliases, depth, work)?,
+                        (None, None) => None,
+                    };
                     auth_keys.extend(k);
                 }
             } else if let (Value::String(r), "authentication") = (item, field) {
-                auth_keys.extend(deref_key(r, &vms, aliases, depth));
+                auth_keys.extend(deref_key(r, &vms, aliases, depth, work)?);
             }
         }
     }
@@ -557,7 +624,7 @@ fn interpret(did: &str, doc: &Value, aliases: &[&str], depth: u8) -> Result<Reso
     if auth_keys.is_empty() {
         if let Some(Value::Array(items)) = obj.get("authentication") {
             for r in items.iter().take(MAX_VERIFICATION_METHODS).filter_map(Value::as_str) {
-                auth_keys.extend(deref_key(r, &vms, aliases, depth));
+                auth_keys.extend(deref_key(r, &vms, aliases, depth, work)?);
             }
         }
     }
@@ -579,14 +646,14 @@ fn interpret(did: &str, doc: &Value, aliases: &[&str], depth: u8) -> Result<Reso
     let mut endpoints = Vec::new();
     for s in &services {
         for r in key_list(s.get("recipientKeys")) {
-            let pk = deref_key(r, &vms, aliases, depth)
+            let pk = deref_key(r, &vms, aliases, depth, work)?
                 .ok_or_else(|| DidError::Malformed(format!("recipient key {} not found", short(r))))?;
             push_unique(&mut recipient_keys, keys::verkey_to_base58(&pk));
         }
         let ep = s.get("serviceEndpoint");
         let nested_routing = ep.and_then(|e| e.get("routingKeys"));
         for r in key_list(s.get("routingKeys")).chain(key_list(nested_routing)) {
-            let pk = deref_key(r, &vms, aliases, depth)
+            let pk = deref_key(r, &vms, aliases, depth, work)?
                 .ok_or_else(|| DidError::Malformed(format!("routing key {} not found", short(r))))?;
             push_unique(&mut routing_keys, keys::verkey_to_base58(&pk));
         }
@@ -668,10 +735,14 @@ fn vm_key(o: &Map<String, Value>) -> Option<[u8; 32]> {
 
 /// Resolve a key reference from a doc: `did:key:...`, a base58 verkey (RFC 0067
 /// `recipientKeys`), `#frag`, `<alias>#frag`, or a reference into another DID we can resolve
-/// without I/O (did:peer:2, did:peer:4 long form).
-fn deref_key(r: &str, vms: &[Vm], aliases: &[&str], depth: u8) -> Option<[u8; 32]> {
+/// without I/O (did:peer:2, did:peer:4 long form). `Ok(None)`: the reference names no key we
+/// can read; `Err`: the document is over a cap of [`resolve`].
+///
+/// Another DID is resolved once per [`resolve`] however many references name it (a document
+/// may list the same mediator DID in every service), and at most [`MAX_EXTERNAL_DIDS`] of them.
+fn deref_key(r: &str, vms: &[Vm], aliases: &[&str], depth: u8, work: &mut Work) -> Result<Option<[u8; 32]>, DidError> {
     if r.starts_with("did:key:") {
-        return keys::parse_verkey(r).ok();
+        return Ok(keys::parse_verkey(r).ok());
     }
     let (did_part, frag) = match r.split_once('#') {
         Some((d, f)) => (d, Some(f)),
@@ -679,23 +750,51 @@ fn deref_key(r: &str, vms: &[Vm], aliases: &[&str], depth: u8) -> Option<[u8; 32
     };
     let Some(frag) = frag else {
         // No fragment: a bare verkey, or a method id written without '#'.
-        return keys::parse_verkey(r).ok().or_else(|| find_vm(vms, r, r, aliases));
+        return Ok(keys::parse_verkey(r).ok().or_else(|| find_vm(vms, r, r, aliases)));
     };
     if did_part.is_empty() || aliases.contains(&did_part) {
-        return find_vm(vms, r, frag, aliases).or_else(|| {
+        return Ok(find_vm(vms, r, frag, aliases).or_else(|| {
             // Old peer DIDs name keys by their multibase value, with or without the 'z'.
             keys::parse_verkey(frag)
                 .ok()
                 .or_else(|| keys::parse_verkey(&format!("z{frag}")).ok())
-        });
+        }));
     }
-    if depth > 0 || did_part.len() > MAX_DID_LEN {
-        return None;
+    if depth > 0 {
+        return Ok(None);
     }
-    let other = resolve_depth(did_part, None, depth + 1).ok()?;
-    let other_vms = doc_vms(&other.doc);
-    find_vm(&other_vms, r, frag, &[did_part])
-        .or_else(|| other.recipient_keys.first().and_then(|k| keys::parse_verkey(k).ok()))
+    let known = work.externals.iter().position(|(d, _)| d == did_part);
+    let i = match known {
+        Some(i) => i,
+        None => {
+            if did_part.len() > MAX_NESTED_DID_LEN {
+                return Err(work.refuse(format!(
+                    "key reference {} names a DID of {} bytes (at most {MAX_NESTED_DID_LEN})",
+                    short(r),
+                    did_part.len()
+                )));
+            }
+            if work.externals.len() >= MAX_EXTERNAL_DIDS {
+                return Err(work.refuse(format!(
+                    "key references name more than {MAX_EXTERNAL_DIDS} other DIDs (too many external DID references)"
+                )));
+            }
+            let resolved = match resolve_depth(did_part, None, depth + 1, work) {
+                Ok(other) => Some(External {
+                    vms: doc_vms(&other.doc),
+                    first_key: other.recipient_keys.first().and_then(|k| keys::parse_verkey(k).ok()),
+                }),
+                Err(e) if work.over => return Err(e),
+                Err(_) => None,
+            };
+            work.externals.push((did_part.to_owned(), resolved));
+            work.externals.len() - 1
+        }
+    };
+    Ok(work.externals[i]
+        .1
+        .as_ref()
+        .and_then(|o| find_vm(&o.vms, r, frag, &[did_part]).or(o.first_key)))
 }
 
 fn doc_vms(doc: &Value) -> Vec<Vm> {

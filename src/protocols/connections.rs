@@ -13,6 +13,7 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
         .or_else(|| c["did"].as_str())
         .ok_or_else(|| HandleError::BadMessage("connections request has no connection.DID".into()))?;
     let doc_json = c.get("DIDDoc").or_else(|| c.get("did_doc"));
+    super::didexchange::before_resolving(ctx)?;
     let doc = did::resolve(their_did, doc_json)
         .map_err(|e| HandleError::BadMessage(format!("cannot resolve {their_did}: {e}")))?;
     if doc.recipient_keys.is_empty() {

@@ -39,6 +39,16 @@ pub fn decode_b64_any(s: &str) -> Option<Vec<u8>> {
         .find_map(|e| e.decode(s.trim()).ok())
 }
 
+/// What a handshake request is refused for before its DID document is resolved (the one
+/// costly step of a handshake, and done before any proof): an anoncrypted request proves no
+/// key, so no document it presents could pass [`proven_sender`].
+pub(crate) fn before_resolving(ctx: &Inbound) -> Result<(), HandleError> {
+    match &ctx.sender_verkey {
+        Some(_) => Ok(()),
+        None => Err(HandleError::Unproven),
+    }
+}
+
 /// The authcrypt sender key of a handshake request, when the DID document it presents lists
 /// it: the sender proved it holds a key of that document. Anything else (anoncrypt, or a
 /// document listing keys the sender did not prove, such as another wallet's) is refused.
@@ -96,6 +106,7 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
         .as_str()
         .ok_or_else(|| HandleError::BadMessage("didexchange request has no `did`".into()))?;
     let attached = attached_doc(&ctx.msg["did_doc~attach"])?;
+    before_resolving(ctx)?;
     let doc = did::resolve(their_did, attached.as_ref())
         .map_err(|e| HandleError::BadMessage(format!("cannot resolve {their_did}: {e}")))?;
     if doc.recipient_keys.is_empty() {
@@ -182,6 +193,116 @@ fn short(did: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::short;
+    use crate::config::Config;
+    use crate::didcomm::keys::KeyPair;
+    use crate::didcomm::message::{MessageType, ReturnRoute};
+    use crate::protocols::{HandleError, Inbound, Mediator, MediatorKeys, TransportKind};
+    use crate::store::{SledStore, Store};
+    use serde_json::{json, Value};
+    use std::sync::Arc;
+
+    async fn mediator() -> Mediator {
+        let store: Arc<dyn Store> = Arc::new(SledStore::temporary().await.unwrap());
+        let cfg = Config::single_node_default();
+        Mediator::new(store, MediatorKeys::generate(), &cfg, "n1", "http://127.0.0.1:1")
+    }
+
+    fn inbound(msg: Value, sender: Option<&str>) -> Inbound {
+        let type_str = msg["@type"].as_str().unwrap().to_string();
+        Inbound {
+            mtype: MessageType::parse(&type_str),
+            type_str,
+            msg,
+            recipient_verkey: "r".into(),
+            sender_verkey: sender.map(str::to_string),
+            conn: None,
+            return_route: ReturnRoute::All,
+            transport: TransportKind::Http,
+            lease_owner: "n1/http".into(),
+            plaintext: Vec::new(),
+        }
+    }
+
+    fn refused(r: Result<crate::protocols::Outcome, HandleError>) -> HandleError {
+        match r {
+            Ok(o) => panic!("accepted: {:?}", o.replies),
+            Err(e) => e,
+        }
+    }
+
+    /// An inline document whose routing keys name one more other DID than a document may.
+    fn costly_doc(did: &str, verkey: &str) -> Value {
+        let others: Vec<String> = (60..65u8)
+            .map(|s| {
+                let k = KeyPair::from_secret_bytes(&[s; 32]).unwrap();
+                format!("did:peer:2.V{}#key-1", k.did_key().trim_start_matches("did:key:"))
+            })
+            .collect();
+        let mut doc = crate::didcomm::did::legacy_diddoc(did, verkey, &["http://x.example".into()], &[]);
+        doc["service"][0]["routingKeys"] = json!(others);
+        doc
+    }
+
+    /// An anoncrypted handshake proves no key: it is refused before its DID is resolved, so a
+    /// DID that would be costly or fail to resolve gets the same 403 as any other.
+    #[tokio::test]
+    async fn an_anoncrypted_handshake_is_refused_before_resolving() {
+        let m = mediator().await;
+        let kp = KeyPair::generate();
+        let legacy = crate::didcomm::did::legacy_did_from_verkey(&kp.public_bytes());
+        let doc = costly_doc(&legacy, &kp.verkey());
+        for did in ["did:peer:4zQmNot:zAHash", "did:web:example.org", legacy.as_str()] {
+            let req = json!({
+                "@type": "https://didcomm.org/didexchange/1.0/request", "@id": "1", "did": did,
+                "did_doc~attach": { "data": { "json": doc } },
+            });
+            let e = refused(super::request(&m, &inbound(req, None)).await);
+            assert!(matches!(e, HandleError::Unproven), "didexchange {did}: {e}");
+            let req = json!({
+                "@type": "https://didcomm.org/connections/1.0/request", "@id": "1",
+                "connection": { "DID": did, "DIDDoc": doc },
+            });
+            let e = refused(crate::protocols::connections::request(&m, &inbound(req, None)).await);
+            assert!(matches!(e, HandleError::Unproven), "connections {did}: {e}");
+        }
+        // Authcrypted by the document's key, the same document is resolved and refused for
+        // what it names.
+        let req = json!({
+            "@type": "https://didcomm.org/didexchange/1.0/request", "@id": "1", "did": legacy,
+            "did_doc~attach": { "data": { "json": doc } },
+        });
+        let e = refused(super::request(&m, &inbound(req, Some(&kp.verkey()))).await);
+        assert!(
+            matches!(e, HandleError::BadMessage(ref r) if r.contains("too many external DID references")),
+            "{e}"
+        );
+    }
+
+    /// Credo 0.6.3's and ACA-Py 1.7's captured requests, authcrypted by their DID's key, are
+    /// still accepted.
+    #[tokio::test]
+    async fn real_peers_requests_are_accepted() {
+        let m = mediator().await;
+        for (path, key) in [
+            (
+                "credo/didexchange_1.1_request.json",
+                "A755GLWNcun5UxspcZQBtncYVnFCp8TZqHcezFhodTfh",
+            ),
+            (
+                "acapy/mediator_in_01_didexchange-1.1-request.json",
+                "DSmqZ8gfFkg51wozanTxMENp9cyHFYnq5fDSSWE3phb2",
+            ),
+        ] {
+            let full = format!("{}/tests/fixtures/didcomm/{path}", env!("CARGO_MANIFEST_DIR"));
+            let v: Value = serde_json::from_str(&std::fs::read_to_string(&full).unwrap()).unwrap();
+            let msg = v.get("plaintext").unwrap_or(&v).clone();
+            let out = super::request(&m, &inbound(msg, Some(key)))
+                .await
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(out.replies.len(), 1, "{path}");
+            assert_eq!(out.connection.unwrap().their_verkeys, vec![key.to_string()]);
+        }
+    }
 
     #[test]
     fn short_never_cuts_a_character() {

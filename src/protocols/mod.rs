@@ -100,6 +100,9 @@ pub struct Mediator {
     box_keys: envelope::BoxKeys,
     /// The DIDComm v2 identity (did:peer:2), derived from the same keys.
     pub v2: v2::V2Identity,
+    /// v2 peers' resolved DID documents: a connection's DID is resolved once, not on every
+    /// message to it or from it.
+    pub(crate) v2_docs: crate::didcomm::v2::did::DocCache,
     /// Where wallets' live sessions are, so a forward is queued leased to its session's node
     /// and handed to it ([`Outcome::handed`]); unset: every forward is queued pending.
     pub holders: std::sync::OnceLock<Arc<dyn Holders>>,
@@ -154,7 +157,9 @@ impl Mediator {
         by_verkey.insert(keys.routing.verkey(), keys.routing.clone());
         // The public invitation's id is derived from the identity so every node serves the same.
         let invitation_id = uuid_from_bytes(&keys.did_key.public_bytes());
-        // Infallible for keys read from an identity record (32-byte seeds).
+        // Infallible for keys read from an identity record (32-byte seeds) and a public URL the
+        // config accepts (at most `config::MAX_PUBLIC_URL_LEN`, so the DID is under the peer-DID
+        // cap: tested in `didcomm::v2`).
         let v2 = v2::V2Identity::derive(&keys, &public_url, &public_ws_url).expect("v2 identity from valid seeds");
         if !crate::didcomm::v2::did::veramo_readable(&v2.did) {
             tracing::warn!(did = %v2.did, "public_url makes a did:peer:2 Veramo cannot resolve (avoid ?, > and ~ in it)");
@@ -180,6 +185,7 @@ impl Mediator {
             box_keys: envelope::BoxKeys::default(),
             keys,
             v2,
+            v2_docs: crate::didcomm::v2::did::DocCache::default(),
             holders: std::sync::OnceLock::new(),
         }
     }

@@ -296,3 +296,178 @@ fn recipient_key_pointing_at_key_agreement_maps_to_ed25519() {
     assert_eq!(r.id, short_form);
     assert_eq!(r.doc["id"], did2.as_str());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Caps on what one document may make us resolve
+
+/// A long-form did:peer:4 of about `len` bytes for `kp` (its one service's endpoint pads it).
+fn peer4_of_len(kp: &KeyPair, len: usize) -> String {
+    let make = |pad: usize| create_peer4(&kp.verkey(), &[format!("http://p.example/{}", "a".repeat(pad))], &[]);
+    // base58 writes ~1.366 characters per byte; one correction lands within a few bytes.
+    let mut pad = len.saturating_sub(make(0).len()) * 1000 / 1366;
+    let got = make(pad).len();
+    pad = (pad as isize + (len as isize - got as isize) * 1000 / 1366).max(0) as usize;
+    make(pad)
+}
+
+/// A legacy DID with an inline doc of 16 services whose recipientKeys, routingKeys and
+/// nested serviceEndpoint.routingKeys each list 8 references from `refs` (cycled).
+fn doc_naming(refs: &[String]) -> (String, Value) {
+    let kp = KeyPair::from_secret_bytes(&[20; 32]).unwrap();
+    let did = legacy_did_from_verkey(&kp.public_bytes());
+    let mut doc = legacy_diddoc(&did, &kp.verkey(), &["http://x.example".into()], &[]);
+    let mut next = refs.iter().cycle();
+    let mut eight = || -> Vec<String> { (0..8).map(|_| next.next().unwrap().clone()).collect() };
+    let services: Vec<Value> = (0..MAX_SERVICES)
+        .map(|i| {
+            json!({
+                "id": format!("{did};s{i}"), "type": "did-communication", "priority": i,
+                "recipientKeys": [kp.verkey()],
+                "routingKeys": eight(),
+                "serviceEndpoint": { "uri": "http://x.example", "routingKeys": eight() },
+            })
+        })
+        .collect();
+    doc["service"] = Value::Array(services);
+    // The recipient keys too, as the attack writes them (our key stays first).
+    for s in doc["service"].as_array_mut().unwrap() {
+        let mut rk = vec![json!(kp.verkey())];
+        rk.extend(eight().into_iter().take(7).map(Value::String));
+        s["recipientKeys"] = Value::Array(rk);
+    }
+    (did, doc)
+}
+
+fn malformed_reason(r: Result<ResolvedDoc, DidError>) -> String {
+    match r {
+        Err(DidError::Malformed(why)) => why,
+        other => panic!("expected Malformed, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_document_naming_an_8_kib_did_in_every_key_is_refused() {
+    // The review's document: 16 services x 24 key references, each into a valid ~8 KiB
+    // did:peer:4 (hash and all). It used to cost one 8 KiB base58 decode per reference.
+    let big = peer4_of_len(&KeyPair::from_secret_bytes(&[21; 32]).unwrap(), 8_150);
+    assert!(
+        big.len() > MAX_NESTED_DID_LEN && big.len() <= MAX_DID_LEN,
+        "{}",
+        big.len()
+    );
+    let (did, doc) = doc_naming(&[format!("{big}#key-1")]);
+    let started = std::time::Instant::now();
+    let why = malformed_reason(resolve(&did, Some(&doc)));
+    assert!(why.contains("names a DID of") && why.contains("at most 4096"), "{why}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    // Alone, such a DID is refused too (a peer DID over the cap).
+    let why = malformed_reason(resolve(&big, None));
+    assert!(why.contains("did:peer:4") && why.contains("at most 4096"), "{why}");
+}
+
+#[test]
+fn at_most_four_other_dids_each_resolved_once() {
+    let peer2 = |seed: u8| {
+        let k = KeyPair::from_secret_bytes(&[seed; 32]).unwrap();
+        let v = k.did_key().trim_start_matches("did:key:").to_owned();
+        (format!("did:peer:2.V{v}#key-1"), k.verkey())
+    };
+    // Five distinct DIDs across the services: refused, whichever key names the fifth.
+    let five: Vec<(String, String)> = (30..35).map(peer2).collect();
+    let refs: Vec<String> = five.iter().map(|(r, _)| r.clone()).collect();
+    let (did, doc) = doc_naming(&refs);
+    let why = malformed_reason(resolve(&did, Some(&doc)));
+    assert!(why.contains("too many external DID references"), "{why}");
+
+    // Four, each named in 92 of the 368 references: resolved, one routing key each.
+    let (did, doc) = doc_naming(&refs[..4]);
+    let r = resolve(&did, Some(&doc)).unwrap();
+    let want: Vec<String> = five[..4].iter().map(|(_, k)| k.clone()).collect();
+    assert_eq!(r.routing_keys, want);
+
+    // Memoised: one ~3.9 KiB did:peer:4 named 368 times is decoded once (four decodes would
+    // already be over MAX_RESOLVE_DID_BYTES).
+    let mediator = KeyPair::from_secret_bytes(&[36; 32]).unwrap();
+    let long = peer4_of_len(&mediator, 3_900);
+    assert!(long.len() <= MAX_NESTED_DID_LEN && 4 * long.len() > MAX_RESOLVE_DID_BYTES);
+    let (did, doc) = doc_naming(&[format!("{long}#key-1")]);
+    let r = resolve(&did, Some(&doc)).unwrap();
+    assert_eq!(r.routing_keys, vec![mediator.verkey()]);
+}
+
+#[test]
+fn total_did_bytes_per_document_are_capped() {
+    // Four distinct DIDs, each under the per-DID cap, more than the per-document budget.
+    let refs: Vec<String> = (40..44)
+        .map(|s| {
+            format!(
+                "{}#key-1",
+                peer4_of_len(&KeyPair::from_secret_bytes(&[s; 32]).unwrap(), 3_500)
+            )
+        })
+        .collect();
+    let (did, doc) = doc_naming(&refs);
+    let why = malformed_reason(resolve(&did, Some(&doc)));
+    assert!(why.contains("bytes of DIDs decoded"), "{why}");
+}
+
+#[test]
+fn a_did_peer_4_hash_longer_than_a_multihash_is_not_decoded() {
+    let did = format!("did:peer:4z{}:zabc", "Q".repeat(4000));
+    let why = malformed_reason(resolve(&did, None));
+    assert!(why.contains("sha2-256 multihash"), "{why}");
+    assert!(peer4_short_form(&did).is_err());
+}
+
+/// Every peer DID of the real peers' captures is far under the caps and resolves; a real
+/// mediator's DID named as a routing key (a wallet routing through it) resolves too.
+#[test]
+fn real_peer_dids_are_well_under_the_caps() {
+    fn dids(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) if s.starts_with("did:peer:") => out.push(s.clone()),
+            Value::Array(a) => a.iter().for_each(|x| dids(x, out)),
+            Value::Object(o) => o.values().for_each(|x| dids(x, out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    for peer in ["credo", "acapy"] {
+        let dir = format!("{}/tests/fixtures/didcomm/{peer}", env!("CARGO_MANIFEST_DIR"));
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().to_string();
+            dids(&fixture(&format!("{peer}/{name}")), &mut found);
+        }
+    }
+    let longest = found.iter().map(String::len).max().unwrap();
+    assert!((800..1000).contains(&longest), "{longest}");
+    assert!(4 * longest <= MAX_PEER_DID_LEN);
+    for d in found
+        .iter()
+        .filter(|d| d.starts_with("did:peer:2.") || d.matches(':').count() == 3)
+    {
+        resolve(d, None).unwrap_or_else(|e| panic!("{d}: {e}"));
+    }
+
+    let mediator = capture_did("credo/didexchange_1.1_response.json");
+    let kp = KeyPair::from_secret_bytes(&[45; 32]).unwrap();
+    let did = create_peer4(
+        &kp.verkey(),
+        &["http://w.example".into()],
+        &[format!("{mediator}#key-1")],
+    );
+    let r = resolve(&did, None).unwrap();
+    assert_eq!(r.routing_keys, vec!["5CEyBuFE2sRPbvfzaMJvA9qiAdoGPG4etCubexwB1VTJ"]);
+}
+
+/// The mediator's own did:peer:4 stays under the cap peers' DIDs are held to with the
+/// longest `cluster.public_url` the config accepts.
+#[test]
+fn our_did_with_the_longest_public_url_is_under_the_cap() {
+    let kp = KeyPair::from_secret_bytes(&[46; 32]).unwrap();
+    let url = format!("https://{}", "m".repeat(crate::config::MAX_PUBLIC_URL_LEN - 8));
+    let ws = crate::config::ws_url(&url);
+    let did = create_peer4(&kp.verkey(), &[url, ws], &[]);
+    assert!(did.len() <= MAX_PEER_DID_LEN, "{}", did.len());
+    assert_eq!(resolve(&did, None).unwrap().recipient_keys, vec![kp.verkey()]);
+}

@@ -5,13 +5,21 @@
 //! object `{uri, accept, routingKeys}` and the legacy string with `accept`/`routingKeys` beside
 //! it. A service `uri` that is itself a DID means "through that DID's service"
 //! ([`Service::uri_is_did`]).
+//!
+//! What an envelope can make us resolve is bounded: peer DIDs of at most
+//! [`MAX_PEER_DID_LEN`] bytes, [`MAX_DIDS_PER_ENVELOPE`] DIDs per envelope, each once
+//! ([`EnvelopeKeys`]); a node keeps resolved documents by DID ([`DocCache`]).
 
+use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::keys::{self, Key};
 use super::V2Error;
 use crate::didcomm::b64;
-use crate::didcomm::did::MAX_DID_LEN;
+use crate::didcomm::did::{MAX_DID_LEN, MAX_PEER_DID_LEN};
 
 const MAX_METHODS: usize = 32;
 const MAX_SERVICES: usize = 16;
@@ -107,12 +115,21 @@ pub fn did_of(url: &str) -> &str {
     &url[..end]
 }
 
-/// Resolves a self-certifying DID (did:peer:2, long-form did:peer:4, did:key).
+/// Resolves a self-certifying DID (did:peer:2, long-form did:peer:4, did:key). A peer DID
+/// longer than [`MAX_PEER_DID_LEN`] is refused: a did:peer:4's document is base58, decoded in
+/// time quadratic in its length.
 pub fn resolve(did: &str) -> Result<Doc, V2Error> {
     if did.len() > MAX_DID_LEN {
         return Err(bad("DID too long"));
     }
     let did = did_of(did);
+    if did.starts_with("did:peer:") && did.len() > MAX_PEER_DID_LEN {
+        return Err(bad(format!(
+            "{} of {} bytes (at most {MAX_PEER_DID_LEN})",
+            did.chars().take(10).collect::<String>(),
+            did.len()
+        )));
+    }
     if let Some(rest) = did.strip_prefix("did:key:") {
         return resolve_did_key(did, rest);
     }
@@ -131,7 +148,11 @@ pub fn resolve(did: &str) -> Result<Doc, V2Error> {
 /// The public key a DID URL names, for the purpose (authcrypt `skid`: key agreement; JWS
 /// `kid`: authentication). A did:key without fragment names its first key of the purpose.
 pub fn resolve_key(kid: &str, purpose: Purpose) -> Result<Key, V2Error> {
-    let doc = resolve(kid)?;
+    key_of(&resolve(kid)?, kid, purpose)
+}
+
+/// The key `kid` names in `doc` (the document of `did_of(kid)`), as [`resolve_key`] reads it.
+fn key_of(doc: &Doc, kid: &str, purpose: Purpose) -> Result<Key, V2Error> {
     if !kid.contains('#') {
         let list = match purpose {
             Purpose::KeyAgreement => &doc.key_agreement,
@@ -144,6 +165,149 @@ pub fn resolve_key(kid: &str, purpose: Purpose) -> Result<Key, V2Error> {
     doc.key(kid, purpose)
         .map(|m| m.key.clone())
         .ok_or_else(|| V2Error::UnknownSender(kid.chars().take(200).collect()))
+}
+
+/// Most distinct DIDs the kids of one envelope may name ([`EnvelopeKeys`]): the authcrypt
+/// `skid` and the signers of a JWS inside or alone (up to [`super::jws::MAX_SIGNATURES`]).
+/// Real peers name one (the sender signs and encrypts with keys of its one DID).
+pub const MAX_DIDS_PER_ENVELOPE: usize = 4;
+
+/// The keys the kids of one envelope name, each DID resolved once (an `skid` and the JWS
+/// signer inside are usually the same DID), at most [`MAX_DIDS_PER_ENVELOPE`] DIDs, through
+/// `cache` when given.
+pub struct EnvelopeKeys<'a> {
+    cache: Option<&'a DocCache>,
+    seen: RefCell<Vec<(String, Resolved)>>,
+}
+
+/// A DID's document, or why it did not resolve.
+type Resolved = Result<Arc<Doc>, V2Error>;
+
+impl<'a> EnvelopeKeys<'a> {
+    pub fn new(cache: Option<&'a DocCache>) -> EnvelopeKeys<'a> {
+        EnvelopeKeys {
+            cache,
+            seen: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// [`resolve_key`], within the caps of one envelope.
+    pub fn resolve_key(&self, kid: &str, purpose: Purpose) -> Result<Key, V2Error> {
+        if kid.len() > MAX_DID_LEN {
+            return Err(bad("DID too long"));
+        }
+        let did = did_of(kid);
+        let known = self
+            .seen
+            .borrow()
+            .iter()
+            .find(|(d, _)| d == did)
+            .map(|(_, r)| r.clone());
+        let doc = match known {
+            Some(r) => r?,
+            None => {
+                if self.seen.borrow().len() >= MAX_DIDS_PER_ENVELOPE {
+                    return Err(bad(format!(
+                        "the kids of one envelope name more than {MAX_DIDS_PER_ENVELOPE} DIDs"
+                    )));
+                }
+                let r = match self.cache {
+                    Some(c) => c.resolve(did),
+                    None => resolve(did).map(Arc::new),
+                };
+                self.seen.borrow_mut().push((did.to_string(), r.clone()));
+                r?
+            }
+        };
+        key_of(&doc, kid, purpose)
+    }
+}
+
+/// Resolved documents of peer DIDs by DID, shared by a node: a DID names its document (every
+/// method read here is self-certifying), so an entry never goes stale and a connection's
+/// replies and live deliveries resolve its DID once, not once per message. Bounded by entries
+/// and by the bytes of the names it holds; when full it starts over.
+pub struct DocCache {
+    inner: Mutex<CacheInner>,
+    max_entries: usize,
+    max_bytes: usize,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    docs: HashMap<String, Arc<Doc>>,
+    bytes: usize,
+}
+
+impl DocCache {
+    /// Entries a node keeps by default: one per v2 peer that talked to it lately.
+    pub const DEFAULT_ENTRIES: usize = 4096;
+    /// Bytes of DIDs and key ids a node keeps by default. A real peer's entry is ~4-5 KiB (its
+    /// DID is in every key id, under three names), the largest a peer DID can make ~400 KiB.
+    pub const DEFAULT_BYTES: usize = 8 << 20;
+
+    pub fn new(max_entries: usize, max_bytes: usize) -> DocCache {
+        DocCache {
+            inner: Mutex::new(CacheInner::default()),
+            max_entries,
+            max_bytes,
+        }
+    }
+
+    /// [`resolve`] of the DID of `did` (a DID or DID URL), from the cache when it is there.
+    /// Only documents that resolved are kept.
+    pub fn resolve(&self, did: &str) -> Result<Arc<Doc>, V2Error> {
+        let did = did_of(did);
+        if let Some(d) = self.inner.lock().docs.get(did) {
+            return Ok(d.clone());
+        }
+        // Resolved outside the lock: other peers' lookups do not wait for this one.
+        let doc = Arc::new(resolve(did)?);
+        let size = did.len() + doc_bytes(&doc);
+        if size <= self.max_bytes {
+            let mut inner = self.inner.lock();
+            if inner.docs.len() >= self.max_entries || inner.bytes + size > self.max_bytes {
+                inner.docs.clear();
+                inner.bytes = 0;
+            }
+            if inner.docs.insert(did.to_string(), doc.clone()).is_none() {
+                inner.bytes += size;
+            }
+        }
+        Ok(doc)
+    }
+
+    /// Documents held now.
+    pub fn len(&self) -> usize {
+        self.inner.lock().docs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Default for DocCache {
+    fn default() -> Self {
+        DocCache::new(DocCache::DEFAULT_ENTRIES, DocCache::DEFAULT_BYTES)
+    }
+}
+
+/// The bytes a document holds in names (its keys and services are small beside them).
+fn doc_bytes(doc: &Doc) -> usize {
+    let names = doc.id.len()
+        + doc.also_known_as.iter().map(String::len).sum::<usize>()
+        + doc
+            .methods
+            .iter()
+            .map(|m| m.id.len() + m.aliases.iter().map(String::len).sum::<usize>() + 128)
+            .sum::<usize>()
+        + doc
+            .services
+            .iter()
+            .map(|s| s.id.len() + s.uri.len() + s.accept.iter().chain(&s.routing_keys).map(String::len).sum::<usize>())
+            .sum::<usize>();
+    names + 256
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -404,6 +568,10 @@ fn method_key(vm: &Value) -> Result<Key, V2Error> {
         return keys::from_jwk(&vm["publicKeyJwk"]);
     }
     if let Some(b58) = vm["publicKeyBase58"].as_str() {
+        // An Ed25519 or X25519 key is 44 characters; base58 decoding is quadratic.
+        if b58.len() > 64 {
+            return Err(bad("publicKeyBase58 too long"));
+        }
         let raw = bs58::decode(b58)
             .into_vec()
             .map_err(|_| bad("publicKeyBase58 is not base58"))?;

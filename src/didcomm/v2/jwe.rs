@@ -245,6 +245,13 @@ pub fn unpack_value(
         return Err(malformed(format!("tag must be {tag_len} bytes for {}", enc.label())));
     }
 
+    // Which recipients are ours, before anything of the sender is resolved: an envelope that
+    // is not for us costs no DID resolution, whatever its `skid` names.
+    let held: Vec<(&RecipientIn, Agreement)> = recipients.iter().filter_map(|r| Some((r, our_key(&r.kid)?))).collect();
+    if held.is_empty() {
+        return Err(V2Error::UnknownKid);
+    }
+
     // The sender, for authcrypt: skid (or apu) names a key agreement key of the sender's DID.
     let sender = match alg {
         Alg::EcdhEsA256Kw => None,
@@ -265,11 +272,8 @@ pub fn unpack_value(
         }
     };
 
-    let mut held_any = false;
     let mut last_err = V2Error::UnknownKid;
-    for r in &recipients {
-        let Some(ours) = our_key(&r.kid) else { continue };
-        held_any = true;
+    for (r, ours) in held {
         // A256KW of a 256-bit (A256GCM, XC20P) or 512-bit (A256CBC-HS512) content key.
         let want_len = if enc == Enc::A256CbcHs512 { 72 } else { 40 };
         if r.encrypted_key.len() != want_len {
@@ -342,9 +346,6 @@ pub fn unpack_value(
                 },
             });
         }
-    }
-    if !held_any {
-        return Err(V2Error::UnknownKid);
     }
     Err(last_err)
 }

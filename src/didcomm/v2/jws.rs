@@ -11,6 +11,8 @@ use crate::didcomm::b64;
 
 /// Most signatures read from one JWS.
 pub const MAX_SIGNATURES: usize = 8;
+/// Length of an EdDSA, ES256 or ES256K signature (JWS form: `r || s` for ECDSA).
+const SIGNATURE_LEN: usize = 64;
 
 fn sig_err(s: impl Into<String>) -> V2Error {
     V2Error::Signature(s.into())
@@ -76,6 +78,15 @@ fn verify_one(payload_b64: &str, s: &Value, resolve: &dyn Fn(&str) -> Result<Key
         .as_str()
         .or_else(|| s["header"]["kid"].as_str())
         .ok_or_else(|| sig_err("missing kid"))?;
+    // Everything that can be checked without the signer's key is, before its DID is resolved.
+    let sig = s
+        .get("signature")
+        .and_then(Value::as_str)
+        .and_then(b64::decode)
+        .ok_or_else(|| sig_err("signature is not base64url"))?;
+    if sig.len() != SIGNATURE_LEN {
+        return Err(sig_err(format!("an {alg} signature is {SIGNATURE_LEN} bytes")));
+    }
     let key = resolve(kid)?;
     if key.algorithm() != want {
         return Err(sig_err(format!(
@@ -83,11 +94,6 @@ fn verify_one(payload_b64: &str, s: &Value, resolve: &dyn Fn(&str) -> Result<Key
             key.algorithm().as_str()
         )));
     }
-    let sig = s
-        .get("signature")
-        .and_then(Value::as_str)
-        .and_then(b64::decode)
-        .ok_or_else(|| sig_err("signature is not base64url"))?;
     let input = format!("{protected_b64}.{payload_b64}");
     match key.verify_signature(input.as_bytes(), &sig, None) {
         Ok(true) => Ok(kid.to_string()),

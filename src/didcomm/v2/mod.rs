@@ -24,7 +24,7 @@ pub const TYP_PLAIN: &str = "application/didcomm-plain+json";
 /// is usually lower; this one bounds what pure code ever parses.
 pub const MAX_ENVELOPE_LEN: usize = 16 * 1024 * 1024;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum V2Error {
     #[error("envelope too large ({0} bytes, at most {MAX_ENVELOPE_LEN})")]
     TooLarge(usize),

@@ -729,3 +729,130 @@ fn the_did_key_forms_of_one_key_name_each_other() {
     assert!(did_key_equivalents("did:peer:2.Ez6LS").is_empty());
     assert!(did_key_equivalents("did:key:znotakey").is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------
+// What an envelope can make us resolve
+
+/// A valid long-form did:peer:4 (v1's shape, which v2 reads too) of more than `len` bytes.
+fn long_peer4(len: usize) -> String {
+    let kp = crate::didcomm::keys::KeyPair::from_secret_bytes(&[50; 32]).unwrap();
+    let pad = "a".repeat(len * 1000 / 1366);
+    let d = crate::didcomm::did::create_peer4(&kp.verkey(), &[format!("http://p.example/{pad}")], &[]);
+    assert!(d.len() > len);
+    d
+}
+
+#[test]
+fn an_authcrypt_jwe_not_for_us_resolves_no_skid() {
+    let bob = keypair(KeyAlg::X25519);
+    let alice = keypair(KeyAlg::X25519);
+    let bob_pub = keys::from_jwk(&keys::to_public_jwk(&bob).unwrap()).unwrap();
+    // skid: a did:peer:4 over the peer-DID cap (and costly to decode).
+    let skid = format!("{}#key-2", long_peer4(4_300));
+    let env = jwe::pack(
+        br#"{"id":"1","type":"t"}"#,
+        &[("did:example:bob#1".to_string(), bob_pub)],
+        Some((&skid, &Agreement::new(alice))),
+        Dialect::AUTHCRYPT,
+    )
+    .unwrap();
+    let nobody = |_: &str| -> Option<Agreement> { None };
+    let e = jwe::unpack(&env, &nobody, &|k| {
+        panic!("resolved {k:.40} for an envelope not for us")
+    })
+    .unwrap_err();
+    assert_eq!(e, V2Error::UnknownKid);
+    // Through the real resolver: still the not-for-us refusal, not the skid's.
+    let none = HashMap::new();
+    assert_eq!(open(&env, &none).unwrap_err(), V2Error::UnknownKid);
+    // For us, the skid is resolved and refused for its length.
+    let ours: HashMap<String, Key> = [("did:example:bob#1".to_string(), bob)].into();
+    let e = open(&env, &ours).unwrap_err();
+    assert!(matches!(e, V2Error::Did(ref m) if m.contains("at most 4096")), "{e}");
+}
+
+#[test]
+fn a_jws_signature_is_checked_before_its_kid_is_resolved() {
+    let k = keypair(KeyAlg::Ed25519);
+    let mut jws = jws::sign(br#"{"id":"1","type":"t"}"#, "did:example:a#1", &k).unwrap();
+    jws["signatures"][0]["signature"] = json!(crate::didcomm::b64::encode(&[1u8; 10]));
+    let unresolved = |kid: &str| -> Result<Key, V2Error> { panic!("resolved {kid}") };
+    let e = jws::verify(&jws, &unresolved).unwrap_err();
+    assert!(matches!(e, V2Error::Signature(ref m) if m.contains("64 bytes")), "{e}");
+    // Eight bad signatures, none resolved.
+    let one = jws["signatures"][0].clone();
+    jws["signatures"] = Value::Array(vec![one; jws::MAX_SIGNATURES]);
+    assert!(jws::verify(&jws, &unresolved).is_err());
+}
+
+#[test]
+fn one_envelope_resolves_each_did_once_and_a_few_at_most() {
+    let cache = did::DocCache::default();
+    let kids = did::EnvelopeKeys::new(Some(&cache));
+    let dids: Vec<String> = (0..did::MAX_DIDS_PER_ENVELOPE + 1)
+        .map(|_| did::create_peer2(&[keypair(KeyAlg::X25519)], &[keypair(KeyAlg::Ed25519)], &[]).unwrap())
+        .collect();
+    for d in &dids[..did::MAX_DIDS_PER_ENVELOPE] {
+        // The same DID under several names counts once.
+        for _ in 0..3 {
+            kids.resolve_key(&format!("{d}#key-1"), Purpose::KeyAgreement).unwrap();
+            kids.resolve_key(&format!("{d}#key-2"), Purpose::Authentication)
+                .unwrap();
+        }
+    }
+    let e = kids
+        .resolve_key(
+            &format!("{}#key-1", dids[did::MAX_DIDS_PER_ENVELOPE]),
+            Purpose::KeyAgreement,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, V2Error::Did(ref m) if m.contains("more than 4 DIDs")),
+        "{e}"
+    );
+    assert_eq!(cache.len(), did::MAX_DIDS_PER_ENVELOPE);
+    // A DID that does not resolve is not tried again, and is not cached.
+    let bad = "did:peer:2.Ez6LSnot-a-key";
+    let kids = did::EnvelopeKeys::new(Some(&cache));
+    assert!(kids
+        .resolve_key(&format!("{bad}#key-1"), Purpose::KeyAgreement)
+        .is_err());
+    assert!(kids
+        .resolve_key(&format!("{bad}#key-1"), Purpose::KeyAgreement)
+        .is_err());
+    assert_eq!(cache.len(), did::MAX_DIDS_PER_ENVELOPE);
+}
+
+#[test]
+fn the_doc_cache_resolves_a_did_once_and_stays_bounded() {
+    let cache = did::DocCache::new(2, 1 << 20);
+    let a = did::create_peer2(&[keypair(KeyAlg::X25519)], &[], &[]).unwrap();
+    let first = cache.resolve(&a).unwrap();
+    let again = cache.resolve(&format!("{a}#key-1")).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&first, &again));
+    for _ in 0..3 {
+        let d = did::create_peer2(&[keypair(KeyAlg::X25519)], &[], &[]).unwrap();
+        cache.resolve(&d).unwrap();
+        assert!(cache.len() <= 2);
+    }
+    // By bytes too: a document larger than the whole cache is resolved, never kept.
+    let tiny = did::DocCache::new(100, 64);
+    tiny.resolve(&a).unwrap();
+    assert!(tiny.is_empty());
+}
+
+#[test]
+fn peer_dids_over_the_cap_are_refused_and_ours_fits() {
+    let e = did::resolve(&long_peer4(crate::didcomm::did::MAX_PEER_DID_LEN)).unwrap_err();
+    assert!(
+        matches!(e, V2Error::Did(ref m) if m.contains("did:peer:4") && m.contains("at most 4096")),
+        "{e}"
+    );
+    // The mediator's own v2 DID (as `V2Identity::derive` makes it) with the longest public URL
+    // the config accepts.
+    let url = format!("https://{}", "m".repeat(crate::config::MAX_PUBLIC_URL_LEN - 8));
+    let services = vec![(url.clone(), vec![]), (crate::config::ws_url(&url), vec![])];
+    let ours = did::create_peer2(&[keypair(KeyAlg::X25519)], &[keypair(KeyAlg::Ed25519)], &services).unwrap();
+    assert!(ours.len() <= crate::didcomm::did::MAX_PEER_DID_LEN, "{}", ours.len());
+    assert!(did::resolve(&ours).is_ok());
+}

@@ -170,7 +170,12 @@ pub async fn handle(
     transport: TransportKind,
     lease_owner: &str,
 ) -> Result<Outcome, HandleError> {
-    let unpacked = dv2::unpack(env, &|kid| m.v2.key_for(kid), &did::resolve_key)?;
+    // The sender's and signers' DIDs: each resolved once, a few at most, and not at all when
+    // no recipient of the envelope is ours.
+    let unpacked = {
+        let kids = did::EnvelopeKeys::new(Some(&m.v2_docs));
+        dv2::unpack(env, &|kid| m.v2.key_for(kid), &|kid, p| kids.resolve_key(kid, p))?
+    };
     let msg: Value = serde_json::from_slice(&unpacked.plaintext)
         .map_err(|e| HandleError::BadMessage(format!("plaintext is not JSON: {e}")))?;
     if !msg.is_object() {
@@ -353,7 +358,7 @@ pub fn pack(m: &super::Mediator, conn: &Connection, msg: &Value) -> Result<Vec<u
         .their_did
         .as_deref()
         .ok_or_else(|| HandleError::Internal(format!("v2 connection {} has no DID", conn.id)))?;
-    let doc = did::resolve(their).map_err(HandleError::V2)?;
+    let doc = m.v2_docs.resolve(their).map_err(HandleError::V2)?;
     let all = doc.agreement_keys();
     let first = all
         .first()
