@@ -187,6 +187,10 @@ pub struct DeliverySection {
     /// milliseconds) and go out together once it is acknowledged. 0: every message at once.
     #[serde(default = "default_live_ack_wait")]
     pub live_ack_wait_ms: u64,
+    /// Extra trust anchors (PEM) for `https://` endpoints of agents, beside the webpki roots:
+    /// an operator's private CA.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -407,6 +411,14 @@ impl Limits {
 }
 
 impl DeliverySection {
+    /// The certificates of `ca_file` (none when unset), DER.
+    pub fn extra_roots(&self) -> Result<Vec<Vec<u8>>, String> {
+        match &self.ca_file {
+            Some(p) => crate::tls::pem_certs(p, "delivery.ca_file"),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// `lease_ms` as the store's `i64` (saturating).
     pub fn lease_ms_i64(&self) -> i64 {
         i64::try_from(self.lease_ms).unwrap_or(i64::MAX)
@@ -672,6 +684,9 @@ impl Config {
                 "delivery.sweep_interval_ms must be 10..={} (one hour: the longest a lost notification may delay a delivery)",
                 bounds::SWEEP_INTERVAL_MS
             ));
+        }
+        if let Err(e) = self.delivery.extra_roots() {
+            return bad(e);
         }
         if self.delivery.endpoint_timeout_ms == 0 || self.delivery.endpoint_timeout_ms > bounds::ENDPOINT_TIMEOUT_MS {
             return bad(format!(
@@ -1054,6 +1069,8 @@ mod tests {
             ("[delivery]\nlease_ms = 86400001\n", "delivery.lease_ms must be 100..=86400000"),
             ("[delivery]\nsweep_interval_ms = 3600001\n", "delivery.sweep_interval_ms must be 10..=3600000"),
             ("[delivery]\nendpoint_timeout_ms = 0\n", "delivery.endpoint_timeout_ms must be 1..=600000"),
+            ("[delivery]\nca_file = \"/nonexistent/ca.pem\"\n", "delivery.ca_file: cannot read /nonexistent/ca.pem"),
+            ("[delivery]\nca_file = \"/dev/null\"\n", "delivery.ca_file /dev/null: no certificate in it"),
             ("[delivery]\nendpoint_timeout_ms = 9223372036854775807\n", "delivery.endpoint_timeout_ms must be 1..=600000"),
             ("[limits]\nmax_envelope_bytes = 1073741825\n", "limits.max_envelope_bytes and limits.max_ws_frame_bytes must be at most 1073741824"),
             ("[limits]\nmax_ws_frame_bytes = 9223372036854775807\n", "must be at most 1073741824"),

@@ -33,3 +33,4 @@ pub mod registry;
 pub mod session;
 pub mod signals;
 pub mod store;
+pub mod tls;

@@ -268,7 +268,9 @@ pub async fn run(
     let egress = crate::session::egress::Egress::new(
         crate::session::egress::EgressPolicy::new(admin_addr, cfg.nodes.iter().map(|n| n.admin.as_str())),
         Duration::from_millis(cfg.delivery.endpoint_timeout_ms),
-    );
+        &cfg.delivery.extra_roots().map_err(std::io::Error::other)?,
+    )
+    .map_err(std::io::Error::other)?;
     let shared = Arc::new(Shared::new(
         mediator.clone(),
         registry.clone(),

@@ -1055,3 +1055,81 @@ async fn forward_to_in_any_key_form_is_queued() {
         vec!["as did:key".to_string(), "as base58".to_string()]
     );
 }
+
+/// An agent whose endpoint is `https://`: reached with the webpki roots plus
+/// `delivery.ca_file` (an operator's CA, here a test one); a node without that CA refuses the
+/// certificate and counts a failed POST.
+#[actix_rt::test]
+async fn https_endpoints_are_reached_with_the_operators_ca() {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "mailroom endpoint test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let srv_key = rcgen::KeyPair::generate().unwrap();
+    let srv = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&srv_key, &ca, &ca_key)
+        .unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![srv.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(srv_key.serialize_der().into()),
+        )
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("https://{}/agent", listener.local_addr().unwrap());
+    let hits: Arc<AtomicUsize> = Arc::default();
+    let h = hits.clone();
+    let server = HttpServer::new(move || {
+        let h = h.clone();
+        App::new().route(
+            "/agent",
+            web::post().to(move || {
+                h.fetch_add(1, Ordering::SeqCst);
+                async { HttpResponse::Accepted().finish() }
+            }),
+        )
+    })
+    .listen_rustls_0_23(listener, tls)
+    .unwrap()
+    .workers(1)
+    .run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+
+    let mut cfg = test_config(&dir.path().join("a"), Strategy::QueueAndLiveModeDelivery);
+    cfg.delivery.ca_file = Some(ca_file.clone());
+    let trusting = start(&cfg);
+    connect_replying_to(&trusting, &endpoint).await;
+    eventually("the response POSTed over TLS", || async {
+        (endpoint_posts_done(&trusting).await > 0).then_some(())
+    })
+    .await;
+    assert_eq!(endpoint_posts(&trusting, "ok").await, 1);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    let other = start(&test_config(&dir.path().join("b"), Strategy::QueueAndLiveModeDelivery));
+    connect_replying_to(&other, &endpoint).await;
+    eventually("the POST tried", || async {
+        (endpoint_posts_done(&other).await > 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        endpoint_posts(&other, "failed").await,
+        1,
+        "a certificate no root vouches for"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    handle.stop(true).await;
+}

@@ -377,18 +377,10 @@ impl PushConfig {
                 })
             }
         };
-        let mut extra_roots = Vec::new();
-        if let Some(p) = &self.ca_file {
-            use rustls_pki_types::pem::PemObject;
-            let pem = std::fs::read(p).map_err(|e| format!("push.ca_file: cannot read {}: {e}", p.display()))?;
-            for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
-                let c = c.map_err(|e| format!("push.ca_file {}: {e}", p.display()))?;
-                extra_roots.push(c.as_ref().to_vec());
-            }
-            if extra_roots.is_empty() {
-                return Err(format!("push.ca_file {}: no certificate in it", p.display()));
-            }
-        }
+        let extra_roots = match &self.ca_file {
+            Some(p) => crate::tls::pem_certs(p, "push.ca_file")?,
+            None => Vec::new(),
+        };
         Ok(PushSettings {
             min_interval_ms: (self.min_interval_secs * 1000) as i64,
             fcm,

@@ -95,23 +95,10 @@ pub struct Transport {
 
 impl Transport {
     pub fn new(s: &PushSettings) -> Result<Transport, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        for der in &s.extra_roots {
-            roots
-                .add(rustls_pki_types::CertificateDer::from(der.clone()))
-                .map_err(|e| format!("push.ca_file: {e}"))?;
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let tls = crate::tls::client_config(&s.extra_roots, &[b"h2", b"http/1.1"], "push.ca_file")?;
         let timeout = Duration::from_millis(s.timeout_ms);
         let connector = awc::Connector::new()
-            .rustls_0_23(Arc::new(tls))
+            .rustls_0_23(tls)
             .timeout(timeout)
             .limit(s.max_in_flight.max(16));
         let client = awc::Client::builder()

@@ -186,6 +186,8 @@ impl Service<ConnectInfo<Uri>> for GuardedConnector {
 pub struct Egress {
     policy: Arc<EgressPolicy>,
     timeout: Duration,
+    /// `https://` endpoints: the webpki roots and `delivery.ca_file`'s.
+    tls: Arc<rustls::ClientConfig>,
 }
 
 thread_local! {
@@ -194,15 +196,16 @@ thread_local! {
 }
 
 impl Egress {
-    pub fn new(policy: EgressPolicy, timeout: Duration) -> Egress {
-        Egress {
+    /// `extra_roots`: DER certificates trusted beside the webpki roots (`delivery.ca_file`).
+    pub fn new(policy: EgressPolicy, timeout: Duration, extra_roots: &[Vec<u8>]) -> Result<Egress, String> {
+        Ok(Egress {
             policy: Arc::new(policy),
             timeout,
-        }
+            tls: crate::tls::client_config(extra_roots, &[b"http/1.1"], "delivery.ca_file")?,
+        })
     }
 
-    /// This node's client on this thread, made on first use. No TLS connector is configured,
-    /// as before the policy: `https://` endpoints fail with "SSL is not supported".
+    /// This node's client on this thread, made on first use.
     pub fn client(self: &Arc<Self>) -> awc::Client {
         CLIENTS.with(|c| {
             let mut c = c.borrow_mut();
@@ -224,6 +227,8 @@ impl Egress {
                 resolver: ResolverService::default(),
                 tcp: TcpConnectorService::default(),
             })
+            // The TLS handshake runs over what the guarded connector dialled.
+            .rustls_0_23(self.tls.clone())
             // No pool limit, as with the client per POST this replaces: concurrency is bounded
             // by the callers (one drain per connection and node, replies per inbound request).
             .limit(0);
