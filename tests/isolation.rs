@@ -296,3 +296,45 @@ async fn a_moved_session_stops_taking_deliveries_on_its_old_node() {
     }
     drop(old);
 }
+
+/// A handshake holds only the key its sender proved: a document that also lists a key no
+/// connection holds yet (a bystander's, e.g. a public DID's verkey) does not make the
+/// requester that key's holder, so the bystander connects with it afterwards.
+#[actix_rt::test]
+async fn a_handshake_holds_only_the_key_it_proved() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let inv = invitation(&n).await;
+    let (attacker, bystander) = (KeyPair::generate(), KeyPair::generate());
+    let request = |signer: &KeyPair, keys: Vec<String>| {
+        let legacy = did::legacy_did_from_verkey(&signer.public_bytes());
+        let mut doc = did::legacy_diddoc(&legacy, &signer.verkey(), &["http://127.0.0.1:9/".into()], &[]);
+        doc["service"][0]["recipientKeys"] = json!(keys);
+        json!({
+            "@type": "https://didcomm.org/didexchange/1.0/request",
+            "@id": new_id(),
+            "label": "handshake",
+            "did": legacy,
+            "did_doc~attach": { "@id": new_id(), "mime-type": "application/json", "data": { "base64": b64(&doc) } },
+            "~thread": { "pthid": inv.id },
+            "~transport": { "return_route": "all" },
+        })
+    };
+    let req = request(&attacker, vec![attacker.verkey(), bystander.verkey()]);
+    let (status, body) = post(&n.public_url(), pack(&req, &inv.recipient_key, Some(&attacker)), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let req = request(&bystander, vec![bystander.verkey()]);
+    let (status, body) = post(&n.public_url(), pack(&req, &inv.recipient_key, Some(&bystander)), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        200,
+        "the bystander's own key is free: {}",
+        String::from_utf8_lossy(&body)
+    );
+    let v = get_json(&format!("{}/connections", n.admin_url())).await;
+    assert_eq!(v["connections"].as_array().unwrap().len(), 2, "{v}");
+}

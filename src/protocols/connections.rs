@@ -19,9 +19,9 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     if doc.recipient_keys.is_empty() {
         return Err(HandleError::BadMessage(format!("{their_did} has no recipient keys")));
     }
-    super::didexchange::proven_sender(ctx, &doc)?;
+    let sender = super::didexchange::proven_unheld_sender(m, ctx, &doc).await?;
     super::oob::claim(m, ctx).await?;
-    let mut conn = new_connection(m, ctx, "connections/1.0", their_did, &doc);
+    let mut conn = new_connection(m, ctx, "connections/1.0", their_did, &doc, &sender);
     let ours = did::legacy_did_from_verkey(&m.keys.did_key.public_bytes());
     let our_doc = did::legacy_diddoc(
         &ours,

@@ -59,16 +59,36 @@ pub(crate) fn proven_sender(ctx: &Inbound, doc: &ResolvedDoc) -> Result<String, 
     }
 }
 
-/// Builds the connection record for a peer whose DID document we resolved.
+/// The proven sender key of a handshake request ([`proven_sender`]), once no other key its
+/// document lists belongs to another connection (409 `key-taken`): checked before the
+/// invitation is claimed, so a refused request leaves a single-use invitation unused.
+pub(crate) async fn proven_unheld_sender(
+    m: &Mediator,
+    ctx: &Inbound,
+    doc: &ResolvedDoc,
+) -> Result<String, HandleError> {
+    let sender = proven_sender(ctx, doc)?;
+    for k in doc.recipient_keys.iter().filter(|k| **k != sender) {
+        if m.store.connection_by_their_verkey(k).await?.is_some() {
+            return Err(HandleError::KeyTaken(k.clone()));
+        }
+    }
+    Ok(sender)
+}
+
+/// Builds the connection record for a peer whose DID document we resolved. Its only key is
+/// the one it proved (`sender`): the other keys of the document are claims nothing backs, and
+/// stored they would make the connection the holder of a key another agent may present later
+/// (its own connection then refused as `key-taken`, or its messages read as this peer's).
 pub(crate) fn new_connection(
     m: &Mediator,
     ctx: &Inbound,
     protocol: &str,
     their_did: &str,
     doc: &ResolvedDoc,
+    sender: &str,
 ) -> Connection {
-    // The sender's key is one of them (see `proven_sender`).
-    let their_verkeys = doc.recipient_keys.clone();
+    let their_verkeys = vec![sender.to_string()];
     let now = now_ms();
     Connection {
         id: uuid::Uuid::new_v4().to_string(),
@@ -112,9 +132,9 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     if doc.recipient_keys.is_empty() {
         return Err(HandleError::BadMessage(format!("{their_did} has no recipient keys")));
     }
-    proven_sender(ctx, &doc)?;
+    let sender = proven_unheld_sender(m, ctx, &doc).await?;
     super::oob::claim(m, ctx).await?;
-    let mut conn = new_connection(m, ctx, &format!("didexchange/{version}"), their_did, &doc);
+    let mut conn = new_connection(m, ctx, &format!("didexchange/{version}"), their_did, &doc, &sender);
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let mut response = ctx.reply("response");
     response["~thread"] = json!({ "thid": ctx.id() });
