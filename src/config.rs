@@ -191,6 +191,12 @@ pub struct DeliverySection {
     /// an operator's private CA.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Whether agents' endpoints on loopback, private (RFC 1918, unique local) and shared
+    /// (CGNAT) addresses are POSTed to. `false` for a mediator facing the internet, whose
+    /// agents all have public endpoints: a DID document cannot then aim the node at the
+    /// operator's own network. Admin listeners and metadata services are refused either way.
+    #[serde(default = "yes")]
+    pub allow_private_endpoints: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -323,6 +329,9 @@ fn default_sweep_ms() -> u64 {
 }
 fn default_batch() -> usize {
     10
+}
+fn yes() -> bool {
+    true
 }
 fn default_live_ack_wait() -> u64 {
     250

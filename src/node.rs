@@ -266,7 +266,8 @@ pub async fn run(
     // where it is even when the config says port 0, and every [[node]]'s) nor metadata services.
     let admin_addr = listeners.admin.local_addr()?;
     let egress = crate::session::egress::Egress::new(
-        crate::session::egress::EgressPolicy::new(admin_addr, cfg.nodes.iter().map(|n| n.admin.as_str())),
+        crate::session::egress::EgressPolicy::new(admin_addr, cfg.nodes.iter().map(|n| n.admin.as_str()))
+            .refusing_private(!cfg.delivery.allow_private_endpoints),
         Duration::from_millis(cfg.delivery.endpoint_timeout_ms),
         &cfg.delivery.extra_roots().map_err(std::io::Error::other)?,
     )

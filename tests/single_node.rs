@@ -1133,3 +1133,22 @@ async fn https_endpoints_are_reached_with_the_operators_ca() {
     assert_eq!(hits.load(Ordering::SeqCst), 1);
     handle.stop(true).await;
 }
+
+/// `delivery.allow_private_endpoints = false`: an agent whose endpoint is on loopback is not
+/// POSTed to (a refusal, counted), and what is queued for it stays queued.
+#[actix_rt::test]
+async fn private_endpoints_are_refused_when_the_operator_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.delivery.allow_private_endpoints = false;
+    let n = start(&cfg);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}/agent", listener.local_addr().unwrap());
+    connect_replying_to(&n, &endpoint).await;
+    eventually("the POST refused", || async {
+        (endpoint_posts(&n, "refused").await > 0).then_some(())
+    })
+    .await;
+    assert_eq!(endpoint_posts(&n, "ok").await + endpoint_posts(&n, "failed").await, 0);
+    drop(listener);
+}

@@ -43,6 +43,8 @@ pub enum Refusal {
     LinkLocal(SocketAddr),
     #[error("{0} is a cloud metadata service")]
     Metadata(SocketAddr),
+    #[error("{0} is a loopback or private address (delivery.allow_private_endpoints = false)")]
+    Private(SocketAddr),
 }
 
 /// Every address an endpoint's host resolved to was refused: the POST is not sent.
@@ -64,6 +66,9 @@ pub struct EgressPolicy {
     admin_ports: BTreeSet<u16>,
     /// The admin listeners' exact addresses.
     admin_addrs: BTreeSet<SocketAddr>,
+    /// Loopback, private and shared (CGNAT) addresses refused too: a mediator facing the
+    /// internet whose agents all have public endpoints.
+    refuse_private: bool,
 }
 
 impl EgressPolicy {
@@ -82,6 +87,12 @@ impl EgressPolicy {
         p
     }
 
+    /// The same policy, refusing loopback and private addresses too when `refuse` is set.
+    pub fn refusing_private(mut self, refuse: bool) -> EgressPolicy {
+        self.refuse_private = refuse;
+        self
+    }
+
     /// Whether a POST may open a connection to `addr`.
     pub fn check(&self, addr: SocketAddr) -> Result<(), Refusal> {
         let ip = canonical(addr.ip());
@@ -96,6 +107,9 @@ impl EgressPolicy {
             || (this_host && self.admin_ports.contains(&addr.port()))
         {
             return Err(Refusal::AdminListener(addr));
+        }
+        if self.refuse_private && (this_host || is_private(ip)) {
+            return Err(Refusal::Private(addr));
         }
         Ok(())
     }
@@ -128,6 +142,15 @@ fn is_loopback_or_unspecified(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback() || v4.octets()[0] == 0,
         IpAddr::V6(v6) => v6.is_loopback() || v6.is_unspecified(),
+    }
+}
+
+/// Private (RFC 1918), shared (RFC 6598, carrier-grade NAT) and unique local (fc00::/7)
+/// addresses: a network of the operator's, not an agent on the internet.
+fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_private() || (v4.octets()[0] == 100 && v4.octets()[1] & 0xc0 == 64),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xfe00 == 0xfc00,
     }
 }
 
@@ -336,6 +359,34 @@ mod tests {
         let p = EgressPolicy::new(a("127.0.0.1:40123"), ["127.0.0.1:0"]);
         assert!(p.check(a("127.0.0.1:40123")).is_err());
         assert!(p.check(a("127.0.0.1:0")).is_ok());
+    }
+
+    #[test]
+    fn loopback_and_private_addresses_are_refused_when_the_operator_says_so() {
+        let p = policy().refusing_private(true);
+        for addr in [
+            "127.0.0.1:8000",
+            "0.0.0.0:8000",
+            "[::1]:8000",
+            "[::ffff:10.1.2.3]:443",
+            "10.0.0.5:443",
+            "172.16.0.1:443",
+            "192.168.1.1:443",
+            "100.64.0.1:443",
+            "[fd12::1]:443",
+        ] {
+            assert_eq!(p.check(a(addr)), Err(Refusal::Private(a(addr))), "{addr}");
+        }
+        for addr in [
+            "93.184.216.34:443",
+            "172.32.0.1:443",
+            "100.128.0.1:443",
+            "[2606:4700::1]:443",
+        ] {
+            assert_eq!(p.check(a(addr)), Ok(()), "{addr}");
+        }
+        // By default they are reached (agents on this host, as in the interop suite).
+        assert_eq!(policy().check(a("10.0.0.5:443")), Ok(()));
     }
 
     #[test]
