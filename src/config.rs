@@ -141,7 +141,9 @@ pub struct StoreSection {
     /// sled directory.
     #[serde(default = "default_sled_path")]
     pub path: PathBuf,
-    /// PostgreSQL URL.
+    /// PostgreSQL URL. Its `sslmode` (`disable`, `prefer` (default), `require`, `verify-ca`,
+    /// `verify-full`) and `sslrootcert` (a PEM file) mean what they mean to libpq; checked by
+    /// [`Config::validate`].
     #[serde(default)]
     pub url: Option<String>,
     /// PostgreSQL pool size per node (at most [`bounds::POOL_SIZE`]).
@@ -641,7 +643,12 @@ impl Config {
         match self.store.backend.as_str() {
             "sled" => {}
             "postgres" => match &self.store.url {
-                Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {}
+                // Read as the store reads it (no connection): a bad `sslmode` or unreadable
+                // `sslrootcert` stops the node here, not at the store's first connection.
+                Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+                    crate::store::postgres::check_url(u)
+                        .map_err(|e| ConfigError::Invalid(format!("store.url: {e}")))?;
+                }
                 _ => return bad("store.backend = \"postgres\" needs store.url = \"postgres://...\"".into()),
             },
             other => return bad(format!("store.backend {other:?} is not \"sled\" or \"postgres\"")),
@@ -1037,6 +1044,10 @@ mod tests {
             ("", "at least one [[node]]"),
             ("[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='0.0.0.0:2'", "token (or MAILROOM_ADMIN_TOKEN) is required"),
             ("[store]\nbackend='postgres'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "store.url"),
+            // libpq's sslmode values only, a readable sslrootcert; never the URL (a password).
+            ("[store]\nbackend='postgres'\nurl='postgres://u:hunter2@db/m?sslmode=bogus'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "store.url: sslmode \"bogus\" is not one of disable, prefer, require, verify-ca, verify-full"),
+            ("[store]\nbackend='postgres'\nurl='postgres://db/m?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "store.url: sslrootcert: cannot read /nonexistent/ca.pem"),
+            ("[store]\nbackend='postgres'\nurl='postgres://db/m?sslcert=/c.pem'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "store.url: invalid connection string: unknown option"),
             ("[delivery]\nstrategy='Sometimes'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "Sometimes"),
             ("[limits]\nmax_keys_per_connection=0\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.max_keys_per_connection must be at least 1"),
             ("[limits]\nclient_timeout_ms=0\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.client_timeout_ms must be 100..=600000"),
@@ -1050,6 +1061,7 @@ mod tests {
         for (text, want) in cases {
             let err = Config::parse(text).expect_err(text).to_string();
             assert!(err.contains(want), "{err:?} should mention {want:?}");
+            assert!(!err.contains("hunter2"), "{err:?} shows the password");
         }
         // A public URL the mediator's DIDs could not carry under the peer-DID cap.
         let node = "[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'";
@@ -1059,6 +1071,33 @@ mod tests {
         let text = format!("[cluster]\npublic_url='{}'\n{node}", url(MAX_PUBLIC_URL_LEN + 1));
         let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.contains("at most 1024"), "{err}");
+    }
+
+    /// Every `sslmode` libpq has but `allow`, with or without a root certificate.
+    #[test]
+    fn store_urls_with_a_tls_mode_are_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["db.example".into()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        for q in [
+            "".to_owned(),
+            "?sslmode=disable".into(),
+            "?sslmode=prefer".into(),
+            "?sslmode=require".into(),
+            "?sslmode=verify-ca".into(),
+            format!("?sslmode=verify-full&sslrootcert={}", ca.display()),
+            format!("?sslmode=require&sslrootcert={}&application_name=m", ca.display()),
+        ] {
+            let text = format!("[store]\nbackend='postgres'\nurl='postgres://u:pw@db:5432/m{q}'\n{NODE}");
+            Config::parse(&text).unwrap_or_else(|e| panic!("{q}: {e}"));
+        }
+        let err = Config::parse(&format!(
+            "[store]\nbackend='postgres'\nurl='postgres://db/m?sslmode=allow'\n{NODE}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sslmode \"allow\""), "{err}");
     }
 
     const NODE: &str = "[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'\n";
@@ -1350,6 +1389,11 @@ mod tests {
             (
                 &[("MAILROOM_STORE_URL", "mysql://u:secretpw@db/x")],
                 "MAILROOM_STORE_URL must be a postgres://",
+            ),
+            // Checked as the file's store.url is, without quoting it.
+            (
+                &[("MAILROOM_STORE_URL", "postgres://u:secretpw@db/x?sslmode=verify")],
+                "store.url: sslmode \"verify\" is not one of",
             ),
             (&[("MAILROOM_ADMIN_TOKEN", "")], "MAILROOM_ADMIN_TOKEN is set but empty"),
             (&[("MAILROOM_LISTEN", " ")], "MAILROOM_LISTEN is set but empty"),

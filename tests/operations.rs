@@ -437,6 +437,21 @@ fn check_config_exits_64_with_the_reason() {
             format!("[limits]\nmessage_ttl_secs = 10000000000000000\n{node}"),
             "limits.message_ttl_secs",
         ),
+        // Was 1 (the store's first connection failed), or no error at all.
+        (
+            node.replace(
+                "[store]\n",
+                "[store]\nbackend = 'postgres'\nurl = 'postgres://postgres@127.0.0.1:1/m?sslmode=bogus'\n",
+            ),
+            "store.url: sslmode \"bogus\"",
+        ),
+        (
+            node.replace(
+                "[store]\n",
+                "[store]\nbackend = 'postgres'\nurl = 'postgres://postgres@127.0.0.1:1/m?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem'\n",
+            ),
+            "store.url: sslrootcert: cannot read /nonexistent/ca.pem",
+        ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad-{i}.toml"));

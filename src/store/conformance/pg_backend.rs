@@ -5,11 +5,11 @@
 use super::*;
 
 /// Server URL without database; the checks make their own database on it.
-fn server_url() -> String {
+pub(super) fn server_url() -> String {
     std::env::var("MAILROOM_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
 }
 
-async fn admin() -> tokio_postgres::Client {
+pub(super) async fn admin() -> tokio_postgres::Client {
     let url = format!("{}/postgres", server_url());
     let (client, conn) = match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
         Ok(c) => c,
@@ -51,11 +51,11 @@ async fn drop_leftovers(admin: &tokio_postgres::Client) {
 }
 
 /// `mailroom_test_<pid>_<random>` (a later run drops it if this process dies first).
-fn test_db_name() -> String {
+pub(super) fn test_db_name() -> String {
     format!("mailroom_test_{}_{}", std::process::id(), uuid::Uuid::new_v4().simple())
 }
 
-async fn drop_test_db(name: &str) {
+pub(super) async fn drop_test_db(name: &str) {
     admin()
         .await
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

@@ -1,8 +1,6 @@
 //! The schema: numbered migrations, applied at open under an advisory lock, and the creation
 //! of a missing database.
 
-use tokio_postgres::NoTls;
-
 use super::{pg_err, LOCK_NS, MIGRATION_LOCK};
 use crate::store::{StoreError, StoreResult};
 
@@ -315,8 +313,8 @@ END $$;
 
 /// Creates the database named in `cfg` through the `postgres` maintenance database, so a node
 /// pointed at a fresh server (`.../mailroom`) starts without a manual step. Another node
-/// creating it at the same time is fine.
-pub(super) async fn create_database(cfg: &tokio_postgres::Config) -> StoreResult<()> {
+/// creating it at the same time is fine. Over the store's own TLS (`tls`), as every connection.
+pub(super) async fn create_database(cfg: &tokio_postgres::Config, tls: super::tls::PgTls) -> StoreResult<()> {
     let name = cfg
         .get_dbname()
         .or(cfg.get_user())
@@ -324,7 +322,7 @@ pub(super) async fn create_database(cfg: &tokio_postgres::Config) -> StoreResult
         .to_owned();
     let mut admin = cfg.clone();
     admin.dbname("postgres");
-    let (client, conn) = admin.connect(NoTls).await.map_err(pg_err)?;
+    let (client, conn) = admin.connect(tls).await.map_err(pg_err)?;
     let conn = tokio::spawn(conn);
     let quoted = format!("\"{}\"", name.replace('"', "\"\""));
     let r = client.batch_execute(&format!("CREATE DATABASE {quoted}")).await;

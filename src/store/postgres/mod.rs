@@ -18,6 +18,9 @@
 //!
 //! `open` creates the database if it does not exist (via the `postgres` maintenance database).
 //!
+//! Every connection (the pool's, the maintenance one) goes through one TLS connector built
+//! from the URL's `sslmode` and `sslrootcert`, with libpq's meaning (`tls.rs`).
+//!
 //! Write path: enqueues go through a channel to [`WRITER_TASKS`] writer tasks; each drains the
 //! waiting requests (at most [`MAX_BATCH_MESSAGES`]) into ONE statement, the server-side
 //! function `mailroom_enqueue` (migration 8) called outside an explicit transaction: it takes
@@ -30,12 +33,13 @@
 //! Must not: block the runtime (everything is async over a deadpool pool).
 //!
 //! Files: `migrations.rs` (the schema), `writer.rs` (the write path), `lease.rs` (the live
-//! path's leases), `store_trait.rs` (the [`Store`](super::Store) trait); this file holds the
-//! handle, its tasks and the errors and locks they share.
+//! path's leases), `store_trait.rs` (the [`Store`](super::Store) trait), `tls.rs` (the link's
+//! TLS); this file holds the handle, its tasks and the errors and locks they share.
 
 mod lease;
 mod migrations;
 mod store_trait;
+mod tls;
 mod writer;
 
 use std::sync::Arc;
@@ -43,13 +47,16 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
-use tokio_postgres::NoTls;
 
 use super::{
     check_storable, storable, Connection, EnqueueLimits, Enqueued, NewMessage, QueuedMessage, StoreError, StoreResult,
 };
 use lease::{lease_task, LeaseReq};
 use migrations::{create_database, migrate};
+#[cfg(test)]
+pub(crate) use tls::dns_names_valid_for;
+use tls::PgLink;
+pub use tls::SslMode;
 use writer::{writer_task, EnqueueReq};
 
 #[cfg(test)]
@@ -84,16 +91,21 @@ const KEY_LOCK_NS: i32 = LOCK_NS + 1;
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
         Some(db) => StoreError::Unavailable(format!("postgres: {} ({})", db.message(), db.code().code())),
-        None => {
-            let mut msg = format!("postgres: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            StoreError::Unavailable(msg)
-        }
+        None => StoreError::Unavailable(format!("postgres: {e}{}", causes(&e))),
     }
+}
+
+/// ": cause: its cause..." of an error whose `Display` leaves them out (tokio-postgres's and
+/// deadpool's do: "error performing TLS handshake" alone does not say the certificate's name
+/// was wrong).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut msg = String::new();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    msg
 }
 
 /// Deadlock victim or serialization failure: the statement had no effect and may run again.
@@ -104,7 +116,12 @@ fn is_transient(e: &tokio_postgres::Error) -> bool {
 }
 
 fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
-    StoreError::Unavailable(format!("postgres pool: {e}"))
+    // The backend's error is in deadpool's message already: only its causes are added.
+    let causes = match &e {
+        deadpool_postgres::PoolError::Backend(b) => causes(b),
+        _ => String::new(),
+    };
+    StoreError::Unavailable(format!("postgres pool: {e}{causes}"))
 }
 
 fn json_err(e: serde_json::Error) -> StoreError {
@@ -130,14 +147,14 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// Connects with a pool of `pool_size` connections and applies pending migrations.
+    /// Connects with a pool of `pool_size` connections and applies pending migrations. The
+    /// URL's `sslmode` and `sslrootcert` apply to every connection (see [`check_url`]).
     pub async fn open(url: &str, pool_size: usize) -> StoreResult<PgStore> {
-        let cfg: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| StoreError::Unavailable(format!("postgres url: {e}")))?;
+        let PgLink { config: cfg, tls } =
+            PgLink::from_url(url).map_err(|e| StoreError::Unavailable(format!("postgres url: {e}")))?;
         let mgr = Manager::from_config(
             cfg.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -153,11 +170,24 @@ impl PgStore {
             Err(deadpool_postgres::PoolError::Backend(e))
                 if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME) =>
             {
-                create_database(&cfg).await?;
+                create_database(&cfg, tls.clone()).await?;
                 pool.get().await.map_err(pool_err)?
             }
             r => r.map_err(pool_err)?,
         };
+        let encrypted = tls.sessions() > 0;
+        tracing::info!(
+            sslmode = tls.mode().as_str(),
+            encrypted,
+            "store link to PostgreSQL: {}",
+            tls.describe()
+        );
+        if tls.mode() == SslMode::Prefer && !encrypted {
+            tracing::warn!(
+                "the PostgreSQL server does not offer TLS: the store link is plaintext \
+                 (sslmode=require or verify-full in store.url refuses that)"
+            );
+        }
         migrate(client).await?;
         let (tx, rx) = mpsc::channel(WRITER_CHANNEL);
         let rx = Arc::new(AsyncMutex::new(rx));
@@ -249,6 +279,13 @@ impl PgStore {
             }
         }
     }
+}
+
+/// Checks a store URL as [`PgStore::open`] reads it, without connecting: its syntax, its
+/// `sslmode` (disable, prefer, require, verify-ca, verify-full) and that its `sslrootcert` is
+/// a readable PEM file of certificates. The error never quotes the URL (it may hold a password).
+pub fn check_url(url: &str) -> Result<SslMode, String> {
+    PgLink::from_url(url).map(|l| l.tls.mode())
 }
 
 fn decode_conn(data: &str) -> StoreResult<Connection> {
