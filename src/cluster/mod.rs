@@ -19,7 +19,9 @@
 //!
 //! Limits: frame size (`max_frame`, at most [`proto::MAX_FRAME_CEILING`]), per-link send queue
 //! (`peer_queue`; full queues drop and count, directory changes then fall back to a resync),
-//! pending handshakes (64), claims per peer (1,000,000).
+//! pending handshakes (64), claims per peer (1,000,000), directory work per hold of the
+//! cluster lock (`peer::DIR_SLICE` claims: a large resync or a failed peer's claims are
+//! handled in slices, so forwards and session binds never wait for a whole one).
 //!
 //! Use from the node:
 //!
@@ -210,14 +212,15 @@ pub enum ClusterEvent {
         node: String,
     },
     /// The peer is gone (silent past the failure timeout, left, or removed); its sessions
-    /// were dropped from the directory.
+    /// are dropped from the directory (at once for a few thousand, else in slices in the
+    /// background, see `peer::DIR_SLICE`).
     PeerDown {
         node: String,
     },
     /// A peer failed and this node is the one that takes over what it left (see
     /// [`membership::Membership::takes_over`]): the wallets of `conns`, whose sessions it held
-    /// and which no node holds now (possibly none), are woken (push) when they have mail
-    /// queued; with `release_leases` (this node sees half the cluster up:
+    /// and which no node held once its claims were removed (possibly none), are woken (push)
+    /// when they have mail queued; sent once all its claims are removed; with `release_leases` (this node sees half the cluster up:
     /// [`membership::Membership::sees_half`]) the messages leased to it (its sessions' and its
     /// hand-offs') go back to pending first.
     SessionsLost {
@@ -335,6 +338,7 @@ impl ClusterHandle {
         };
         let shared = Shared::new(settings, &cfg.peers, events);
         shared.spawn(peer::accept_loop(shared.clone(), listener));
+        shared.spawn(shared.clone().sweeper());
         let ticker = shared.clone();
         shared.spawn(async move {
             let period = (ticker.settings.failure_timeout / 8).min(ticker.settings.heartbeat_interval);
@@ -424,8 +428,18 @@ impl ClusterHandle {
         self.shared.update_peers(&peers);
     }
 
+    /// What this node knows of the cluster. The directory is read a slice at a time (not
+    /// one snapshot: a row may be a little older than another).
     pub fn status(&self) -> ClusterStatus {
         let now = Instant::now();
+        let mut directory = Vec::new();
+        let mut shard = Some(0);
+        while let Some(s) = shard {
+            let (rows, next) = self.shared.state.lock().dir.entries_page(s);
+            directory.extend(rows);
+            shard = next;
+        }
+        directory.sort_by(|a, b| a.conn.cmp(&b.conn));
         let st = self.shared.state.lock();
         let mut peers: Vec<PeerStatus> = st
             .peers
@@ -449,7 +463,7 @@ impl ClusterHandle {
         ClusterStatus {
             node: self.shared.settings.node_id.clone(),
             peers,
-            directory: st.dir.entries(),
+            directory,
             counters: self.shared.counters.snapshot(),
         }
     }

@@ -11,7 +11,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, info, warn};
 
-use super::{bump, unix_ms, LinkHandle, Shared, RECENT_CLOSE_TTL, WRITE_BATCH};
+use parking_lot::MutexGuard;
+
+use super::{bump, unix_ms, LinkHandle, Shared, DIR_SLICE, RECENT_CLOSE_TTL, WRITE_BATCH};
 use crate::cluster::codec::CodecError;
 use crate::cluster::directory::{plausible_epoch, DirEvent};
 use crate::cluster::link::{LinkReader, LinkWriter, SecureChannel};
@@ -75,8 +77,9 @@ pub(super) async fn run_link(
     let (close_tx, close_rx) = oneshot::channel();
     let unconfirmed = Arc::new(parking_lot::Mutex::new(Unconfirmed::default()));
 
-    // Install (or not) and take the first snapshot under one lock.
-    let snapshot = {
+    // Install (or not). The writer reads the snapshot afterwards, with every change made from
+    // now on queued on this link too.
+    let installed = {
         let mut st = shared.state.lock();
         if st.left {
             return;
@@ -114,14 +117,12 @@ pub(super) async fn run_link(
                     bump(&shared.counters.queue_drops);
                 }
             }
-            Some(st.dir.claims_of(&shared.settings.node_id))
-        } else {
-            None
         }
+        installed
     };
     let (rd, wr) = stream.into_split();
     let (rd, mut wr) = channel.into_link(rd, BufWriter::new(wr));
-    let Some(snapshot) = snapshot else {
+    if !installed {
         debug!(peer = %peer, link, "duplicate cluster link closed");
         let f = Frame::Refused {
             reason: "duplicate link".into(),
@@ -137,7 +138,7 @@ pub(super) async fn run_link(
             Ok(why) => why.to_string(),
             Err(e) => e,
         },
-        r = write_loop(&shared, &mut wr, &mut rx, snapshot, &resync, &leave, &unconfirmed) => match r {
+        r = write_loop(&shared, &mut wr, &mut rx, &resync, &leave, &unconfirmed) => match r {
             Ok(why) => why.to_string(),
             Err(e) => format!("write failed: {e}"),
         },
@@ -213,7 +214,8 @@ async fn read_loop(
     tx: mpsc::Sender<Frame>,
     unconfirmed: &parking_lot::Mutex<Unconfirmed>,
 ) -> Result<&'static str, String> {
-    let mut resync: Vec<(String, u64)> = Vec::new();
+    // Claims taken in the peer's resync in progress, if one is.
+    let mut resync: Option<usize> = None;
     loop {
         let frame = match rd.read_frame().await {
             Ok(Some(f)) => f,
@@ -226,19 +228,19 @@ async fn read_loop(
                 return Err(e.to_string());
             }
         };
+        if let Frame::Resync { claims, last } = frame {
+            // Slice by slice, the lock released in between.
+            if let Some(why) = take_resync(shared, peer, link, &mut resync, claims, last).await? {
+                return Ok(why);
+            }
+            continue;
+        }
         let now = Instant::now();
         let mut st = shared.state.lock();
-        if st.members.link_of(peer) != Some(link) {
+        if !heard(&mut st, peer, link) {
             // Replaced or closed; its task is about to end. Its frames no longer count.
             return Ok("link replaced");
         }
-        st.members.handle(
-            MemberEvent::Heard {
-                peer: peer.to_string(),
-                link,
-            },
-            now,
-        );
         match frame {
             Frame::Ping { t } => {
                 // If the queue is full the peer still hears our own pings.
@@ -283,33 +285,8 @@ async fn read_loop(
                     epoch,
                 });
             }
-            Frame::Resync { claims, last } => {
-                let cap = shared.settings.max_peer_claims;
-                if resync.len() + claims.len() > cap {
-                    bump(&shared.counters.frames_rejected);
-                    return Err(format!("resync over {cap} claims"));
-                }
-                let now = unix_ms();
-                let sent = claims.len();
-                let kept: Vec<(String, u64)> = claims
-                    .into_iter()
-                    .filter(|c| plausible_epoch(c.epoch, now))
-                    .map(|c| (c.conn, c.epoch))
-                    .collect();
-                let dropped = sent - kept.len();
-                resync.extend(kept);
-                if dropped > 0 {
-                    // Counted, not precise per claim: one frame held implausible epochs.
-                    bump(&shared.counters.frames_rejected);
-                }
-                if last {
-                    let fx = st.dir.apply(DirEvent::Resync {
-                        node: peer.to_string(),
-                        claims: std::mem::take(&mut resync),
-                    });
-                    shared.apply_dir_effects(fx);
-                }
-            }
+            // Taken above, outside this lock.
+            Frame::Resync { .. } => {}
             Frame::Queued { conn } => {
                 bump(&shared.counters.notifications_received);
                 shared.emit(ClusterEvent::MessageQueued { conn });
@@ -350,6 +327,146 @@ async fn read_loop(
     }
 }
 
+/// Takes one `Resync` frame of the peer, [`DIR_SLICE`] claims per hold of the cluster lock:
+/// `ResyncBegin` on its first frame, its claims in chunks, and on `last` the removal of the
+/// claims it no longer names, in slices too. The reader reads nothing else meanwhile, so the
+/// peer's later `Own`/`Disown` apply after. `Ok(Some(why))` ends the link normally.
+///
+/// Bounds: one resync names at most `max_peer_claims` claims (more closes the link, as
+/// before). What was left of a sweep of the peer's claims is finished before a resync begins,
+/// so its claims here (old ones not yet removed and the new set) stay under twice the bound.
+/// Resyncs cut short by a closed link leave their claims for the next one to sort out; should
+/// those pile up past twice the bound, new conns in a chunk are ignored (and counted), as an
+/// `Own` past the bound is, rather than grow the directory.
+async fn take_resync(
+    shared: &Shared,
+    peer: &str,
+    link: LinkId,
+    taken: &mut Option<usize>,
+    claims: Vec<Claim>,
+    last: bool,
+) -> Result<Option<&'static str>, String> {
+    if !heard(&mut shared.state.lock(), peer, link) {
+        return Ok(Some("link replaced"));
+    }
+    let cap = shared.settings.max_peer_claims;
+    let so_far = taken.unwrap_or(0);
+    if so_far + claims.len() > cap {
+        bump(&shared.counters.frames_rejected);
+        return Err(format!("resync over {cap} claims"));
+    }
+    let now = unix_ms();
+    let sent = claims.len();
+    let kept: Vec<(String, u64)> = claims
+        .into_iter()
+        .filter(|c| plausible_epoch(c.epoch, now))
+        .map(|c| (c.conn, c.epoch))
+        .collect();
+    if kept.len() < sent {
+        // Counted, not precise per claim: one frame held implausible epochs.
+        bump(&shared.counters.frames_rejected);
+    }
+    if taken.is_none() {
+        if let Some(why) = finish_sweep(shared, peer, link).await {
+            return Ok(Some(why));
+        }
+        let mut st = shared.state.lock();
+        if !heard(&mut st, peer, link) {
+            return Ok(Some("link replaced"));
+        }
+        st.dir.apply(DirEvent::ResyncBegin { node: peer.to_string() });
+    }
+    *taken = Some(so_far + sent);
+    let mut kept = kept.into_iter();
+    let mut ignored = 0;
+    loop {
+        let mut part: Vec<(String, u64)> = kept.by_ref().take(DIR_SLICE).collect();
+        if part.is_empty() {
+            break;
+        }
+        {
+            let mut st = shared.state.lock();
+            // The time this takes is ours, not the peer's silence.
+            if !heard(&mut st, peer, link) {
+                return Ok(Some("link replaced"));
+            }
+            let room = (2 * cap).saturating_sub(st.dir.count_of(peer));
+            if part.len() > room {
+                let mut fresh = 0;
+                let before = part.len();
+                part.retain(|(c, _)| {
+                    st.dir.claims_by(peer, c).1 || {
+                        fresh += 1;
+                        fresh <= room
+                    }
+                });
+                ignored += before - part.len();
+            }
+            let fx = st.dir.apply(DirEvent::ResyncChunk {
+                node: peer.to_string(),
+                claims: part,
+            });
+            shared.apply_dir_effects(fx);
+            MutexGuard::unlock_fair(st);
+        }
+        tokio::task::yield_now().await;
+    }
+    if ignored > 0 {
+        bump(&shared.counters.frames_rejected);
+        warn!(
+            peer,
+            ignored, "resync claims past twice {cap} claims of one peer ignored"
+        );
+    }
+    if last {
+        *taken = None;
+        {
+            let mut st = shared.state.lock();
+            if !heard(&mut st, peer, link) {
+                return Ok(Some("link replaced"));
+            }
+            st.dir.apply(DirEvent::ResyncEnd { node: peer.to_string() });
+        }
+        return Ok(finish_sweep(shared, peer, link).await);
+    }
+    Ok(None)
+}
+
+/// Records that `link` is alive now, if it is still `peer`'s link (false: replaced or closed).
+fn heard(st: &mut super::State, peer: &str, link: LinkId) -> bool {
+    if st.members.link_of(peer) != Some(link) {
+        return false;
+    }
+    st.members.handle(
+        MemberEvent::Heard {
+            peer: peer.to_string(),
+            link,
+        },
+        Instant::now(),
+    );
+    true
+}
+
+/// Removes the stale claims of `peer`, a slice per lock hold, before the reader goes on.
+/// `Some` if the link was replaced meanwhile (the sweeper then finishes the job).
+async fn finish_sweep(shared: &Shared, peer: &str, link: LinkId) -> Option<&'static str> {
+    loop {
+        {
+            let mut st = shared.state.lock();
+            if !st.dir.sweeping(peer) {
+                return None;
+            }
+            if !heard(&mut st, peer, link) {
+                shared.sweep_wanted.notify_one();
+                return Some("link replaced");
+            }
+            shared.sweep_step(&mut st, peer);
+            MutexGuard::unlock_fair(st);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 /// The sending half of a link as `run_link` uses it.
 type Writer = LinkWriter<BufWriter<OwnedWriteHalf>>;
 
@@ -358,13 +475,12 @@ async fn write_loop(
     shared: &Shared,
     wr: &mut Writer,
     rx: &mut mpsc::Receiver<Frame>,
-    snapshot: Vec<(String, u64)>,
     resync: &Notify,
     leave: &Notify,
     unconfirmed: &parking_lot::Mutex<Unconfirmed>,
 ) -> Result<&'static str, CodecError> {
     let max = shared.settings.max_frame;
-    write_resync(wr, snapshot, max).await?;
+    write_resync(wr, local_claims(shared).await, max).await?;
     wr.flush().await?;
     let mut hb = tokio::time::interval(shared.settings.heartbeat_interval);
     hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -386,18 +502,15 @@ async fn write_loop(
                 wr.flush().await?;
             }
             _ = resync.notified() => {
-                // Queued directory frames predate the snapshot: drop them, keep the rest.
-                let (snapshot, keep) = {
-                    let st = shared.state.lock();
-                    let mut keep = Vec::new();
-                    while let Ok(f) = rx.try_recv() {
-                        if !matches!(f, Frame::Own { .. } | Frame::Disown { .. } | Frame::Resync { .. }) {
-                            keep.push(f);
-                        }
+                // Queued directory frames predate the snapshot read after: drop them, keep
+                // the rest. Frames queued from now on are written after the snapshot.
+                let mut keep = Vec::new();
+                while let Ok(f) = rx.try_recv() {
+                    if !matches!(f, Frame::Own { .. } | Frame::Disown { .. } | Frame::Resync { .. }) {
+                        keep.push(f);
                     }
-                    (st.dir.claims_of(&shared.settings.node_id), keep)
-                };
-                write_resync(wr, snapshot, max).await?;
+                }
+                write_resync(wr, local_claims(shared).await, max).await?;
                 for f in &keep {
                     write_tracked(wr, unconfirmed, f).await?;
                 }
@@ -413,6 +526,30 @@ async fn write_loop(
                 return Ok("we left the cluster");
             }
         }
+    }
+}
+
+/// This node's claims, read [`DIR_SLICE`] at a time (`Directory::page`): every claim held
+/// throughout is in it; one made or ended meanwhile was also queued on the link as an
+/// `Own`/`Disown`, which the peer applies after the snapshot. A conn may come twice (the
+/// peer keeps its highest epoch).
+async fn local_claims(shared: &Shared) -> Vec<(String, u64)> {
+    let node = &shared.settings.node_id;
+    let mut out = Vec::new();
+    let mut from = None;
+    loop {
+        let (page, next) = {
+            let st = shared.state.lock();
+            let r = st.dir.page(node, from, DIR_SLICE);
+            MutexGuard::unlock_fair(st);
+            r
+        };
+        out.extend(page);
+        match next {
+            Some(c) => from = Some(c),
+            None => return out,
+        }
+        tokio::task::yield_now().await;
     }
 }
 
