@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailroom::cluster::proto::Frame;
+use mailroom::cluster::proto::{Claim, Frame};
 use mailroom::cluster::{handshake, link, ClusterConfig, ClusterEvent, ClusterHandle, PeerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -209,5 +209,80 @@ async fn resync_does_not_stall_directory_lookups() {
         worst <= MAX_LOOKUP,
         "a directory lookup waited {worst:?} for the cluster lock"
     );
+    n1.shutdown().await;
+}
+
+/// The conns of `n`'s directory, each cut to 20 characters (for assertion messages).
+fn conns(n: &ClusterHandle) -> Vec<String> {
+    n.status()
+        .directory
+        .iter()
+        .map(|e| e.conn.chars().take(20).collect())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_with_oversized_connection_ids_are_refused() {
+    let (n1, mut ev, mut link) = ghost_and_node(|_| {}).await;
+    let rejected_before = n1.status().counters.frames_rejected;
+    let epoch = now_epoch();
+    // Connection ids are UUIDs: a 512 KiB one would be kept twice in the directory, and a
+    // peer could send thousands.
+    let huge = |i: usize| format!("{i}-{}", "x".repeat(512 * 1024));
+    for i in 0..4 {
+        link.writer
+            .write_frame(&Frame::Own { conn: huge(i), epoch })
+            .await
+            .unwrap();
+    }
+    link.writer
+        .write_frame(&Frame::Disown { conn: huge(0), epoch })
+        .await
+        .unwrap();
+    link.writer.send(&Frame::Queued { conn: "owns".into() }).await.unwrap();
+    wait_queued(&mut ev, "owns").await;
+    assert!(conns(&n1).is_empty(), "claims kept: {:?}", conns(&n1));
+    assert_eq!(
+        n1.status().counters.frames_rejected,
+        rejected_before + 5,
+        "each frame with an oversized id is counted"
+    );
+
+    // In a resync, the long one goes and the others stay; the frame is counted once.
+    let resync = Frame::Resync {
+        claims: vec![
+            Claim {
+                conn: "fine".into(),
+                epoch,
+            },
+            Claim { conn: huge(8), epoch },
+            Claim {
+                conn: "z".repeat(129),
+                epoch,
+            },
+            // The longest accepted.
+            Claim {
+                conn: "k".repeat(128),
+                epoch,
+            },
+            Claim {
+                conn: "also-fine".into(),
+                epoch,
+            },
+        ],
+        last: true,
+    };
+    link.writer.write_frame(&resync).await.unwrap();
+    link.writer
+        .send(&Frame::Queued { conn: "resync".into() })
+        .await
+        .unwrap();
+    wait_queued(&mut ev, "resync").await;
+    assert_eq!(
+        conns(&n1),
+        ["also-fine", "fine", &"k".repeat(20)],
+        "only the ids of at most 128 bytes are kept"
+    );
+    assert_eq!(n1.status().counters.frames_rejected, rejected_before + 6);
     n1.shutdown().await;
 }

@@ -39,6 +39,12 @@ const DECODE_LIMIT: usize = 64 * 1024 * 1024;
 /// Length of the handshake nonce.
 pub const NONCE_LEN: usize = 32;
 
+/// Longest connection id a claim (`Own`, `Disown`, a `Resync` entry) may carry; a receiver
+/// refuses longer ones. A node's connection ids are UUIDs (36 bytes); without a bound, the
+/// claim cap (a count) would let one peer fill this node's directory, which keeps each id
+/// twice, with ids of almost a whole frame.
+pub const MAX_CONN_ID: usize = 128;
+
 /// One session claim as carried in a resync: `conn` is held by the sending node at `epoch`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {

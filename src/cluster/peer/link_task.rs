@@ -18,7 +18,7 @@ use crate::cluster::codec::CodecError;
 use crate::cluster::directory::{plausible_epoch, DirEvent};
 use crate::cluster::link::{LinkReader, LinkWriter, SecureChannel};
 use crate::cluster::membership::{LinkId, MemberEffect, MemberEvent};
-use crate::cluster::proto::{Claim, Frame};
+use crate::cluster::proto::{Claim, Frame, MAX_CONN_ID};
 use crate::cluster::ClusterEvent;
 
 /// `Deliver` frames written to one link and not yet known to be read: the peer reads frames in
@@ -259,6 +259,15 @@ async fn read_loop(
                 );
             }
             Frame::Own { conn, epoch } => {
+                if conn.len() > MAX_CONN_ID {
+                    bump(&shared.counters.frames_rejected);
+                    warn!(
+                        peer,
+                        len = conn.len(),
+                        "claim with a connection id over {MAX_CONN_ID} bytes ignored"
+                    );
+                    continue;
+                }
                 if !plausible_epoch(epoch, unix_ms()) {
                     bump(&shared.counters.frames_rejected);
                     warn!(peer, conn = %conn, epoch, "claim with an epoch from beyond a day ahead ignored");
@@ -279,6 +288,15 @@ async fn read_loop(
                 shared.apply_dir_effects(fx);
             }
             Frame::Disown { conn, epoch } => {
+                if conn.len() > MAX_CONN_ID {
+                    bump(&shared.counters.frames_rejected);
+                    warn!(
+                        peer,
+                        len = conn.len(),
+                        "disown of a connection id over {MAX_CONN_ID} bytes ignored"
+                    );
+                    continue;
+                }
                 st.dir.apply(DirEvent::Disown {
                     conn,
                     node: peer.to_string(),
@@ -337,7 +355,9 @@ async fn read_loop(
 /// so its claims here (old ones not yet removed and the new set) stay under twice the bound.
 /// Resyncs cut short by a closed link leave their claims for the next one to sort out; should
 /// those pile up past twice the bound, new conns in a chunk are ignored (and counted), as an
-/// `Own` past the bound is, rather than grow the directory.
+/// `Own` past the bound is, rather than grow the directory. Claims with connection ids over
+/// [`MAX_CONN_ID`] bytes are ignored (and the frame counted), so the bytes a peer's claims
+/// take here are bounded too; nothing of a resync is held between its frames but the count.
 async fn take_resync(
     shared: &Shared,
     peer: &str,
@@ -357,15 +377,31 @@ async fn take_resync(
     }
     let now = unix_ms();
     let sent = claims.len();
+    let (mut implausible, mut long) = (0, 0);
     let kept: Vec<(String, u64)> = claims
         .into_iter()
-        .filter(|c| plausible_epoch(c.epoch, now))
+        .filter(|c| {
+            let ok_len = c.conn.len() <= MAX_CONN_ID;
+            let ok_epoch = plausible_epoch(c.epoch, now);
+            long += usize::from(!ok_len);
+            implausible += usize::from(ok_len && !ok_epoch);
+            ok_len && ok_epoch
+        })
         .map(|c| (c.conn, c.epoch))
         .collect();
-    if kept.len() < sent {
-        // Counted, not precise per claim: one frame held implausible epochs.
+    // Counted, not precise per claim: one frame held implausible epochs, or long ids.
+    if implausible > 0 {
         bump(&shared.counters.frames_rejected);
     }
+    if long > 0 {
+        bump(&shared.counters.frames_rejected);
+        warn!(
+            peer,
+            ignored = long,
+            "resync claims with connection ids over {MAX_CONN_ID} bytes ignored"
+        );
+    }
+    debug_assert_eq!(kept.len() + implausible + long, sent);
     if taken.is_none() {
         if let Some(why) = finish_sweep(shared, peer, link).await {
             return Ok(Some(why));
