@@ -379,14 +379,16 @@ impl ClusterHandle {
         self.shared.state.lock().dir.owner(conn).map(|(n, _)| n.to_string())
     }
 
-    /// The node holding `conn`'s live session (this one included), if a `Deliver` frame with
-    /// `len` payload bytes can reach it now.
+    /// The node holding `conn`'s live session (this one included), if a `Deliver` frame whose
+    /// messages carry `len` bytes (payloads and recipient keys, which every message repeats)
+    /// can reach it now.
     pub fn holder(&self, conn: &str, len: usize) -> Option<String> {
         self.shared.holder(conn, len)
     }
 
     /// Sends messages of `conn`, queued leased to `node`'s hand-off owner, to `node` (a
-    /// peer). False when the frame could not be queued: the caller releases them.
+    /// peer). False when the frame could not be queued (no link, queue full, or larger than
+    /// `max_frame`): the caller releases them.
     pub fn hand_off(&self, node: &str, conn: &str, msgs: Vec<proto::HandedMsg>) -> bool {
         self.shared.hand_off(node, conn, msgs)
     }

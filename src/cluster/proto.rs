@@ -117,8 +117,10 @@ pub struct HandedMsg {
     pub received_at_ms: i64,
 }
 
-/// Bytes a [`Frame::Deliver`] adds to its payloads (ids, times, the connection and keys, the
-/// link's chunk flags): a message is handed over only when its frame fits `max_frame` with it.
+/// Bytes a [`Frame::Deliver`] adds to what its messages carry (payloads and recipient keys):
+/// ids, times and lengths of up to 16 messages, the connection id. A forward is leased to its
+/// session's node only when those fit `max_frame` with it ([`crate::cluster::ClusterHandle::holder`]);
+/// the frame itself is measured before it is queued.
 pub const DELIVER_OVERHEAD: usize = 4096;
 
 impl Frame {
@@ -163,6 +165,13 @@ fn config() -> impl bincode::config::Config {
 /// callers still get an error instead of a panic.
 pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtoError> {
     bincode::serde::encode_to_vec(frame, config()).map_err(|e| ProtoError::Encode(e.to_string()))
+}
+
+/// The length of [`encode`]'s output, without building it.
+pub fn encoded_len(frame: &Frame) -> Result<usize, ProtoError> {
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(frame, &mut size, config()).map_err(|e| ProtoError::Encode(e.to_string()))?;
+    Ok(size.bytes_written)
 }
 
 /// Decodes exactly one frame from `bytes`; any leftover byte is an error (a frame is the whole
@@ -410,6 +419,7 @@ mod tests {
         #[test]
         fn roundtrip(f in arb_frame()) {
             let b = encode(&f).unwrap();
+            prop_assert_eq!(encoded_len(&f).unwrap(), b.len());
             prop_assert_eq!(decode(&b).unwrap(), f);
         }
 

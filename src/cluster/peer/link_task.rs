@@ -138,7 +138,7 @@ pub(super) async fn run_link(
             Ok(why) => why.to_string(),
             Err(e) => e,
         },
-        r = write_loop(&shared, &mut wr, &mut rx, &resync, &leave, &unconfirmed) => match r {
+        r = write_loop(&shared, &peer, &mut wr, &mut rx, &resync, &leave, &unconfirmed) => match r {
             Ok(why) => why.to_string(),
             Err(e) => format!("write failed: {e}"),
         },
@@ -509,6 +509,7 @@ type Writer = LinkWriter<BufWriter<OwnedWriteHalf>>;
 /// Writes the initial resync, then queued frames, heartbeats and resyncs until the link ends.
 async fn write_loop(
     shared: &Shared,
+    peer: &str,
     wr: &mut Writer,
     rx: &mut mpsc::Receiver<Frame>,
     resync: &Notify,
@@ -524,17 +525,17 @@ async fn write_loop(
         tokio::select! {
             f = rx.recv() => {
                 let Some(f) = f else { return Ok("link handle dropped") };
-                write_tracked(wr, unconfirmed, &f).await?;
+                write_tracked(shared, peer, wr, unconfirmed, &f).await?;
                 for _ in 1..WRITE_BATCH {
                     match rx.try_recv() {
-                        Ok(f) => write_tracked(wr, unconfirmed, &f).await?,
+                        Ok(f) => write_tracked(shared, peer, wr, unconfirmed, &f).await?,
                         Err(_) => break,
                     }
                 }
                 wr.flush().await?;
             }
             _ = hb.tick() => {
-                write_tracked(wr, unconfirmed, &Frame::Ping { t: shared.micros() }).await?;
+                write_tracked(shared, peer, wr, unconfirmed, &Frame::Ping { t: shared.micros() }).await?;
                 wr.flush().await?;
             }
             _ = resync.notified() => {
@@ -548,15 +549,15 @@ async fn write_loop(
                 }
                 write_resync(wr, local_claims(shared).await, max).await?;
                 for f in &keep {
-                    write_tracked(wr, unconfirmed, f).await?;
+                    write_tracked(shared, peer, wr, unconfirmed, f).await?;
                 }
                 wr.flush().await?;
             }
             _ = leave.notified() => {
                 while let Ok(f) = rx.try_recv() {
-                    write_tracked(wr, unconfirmed, &f).await?;
+                    write_tracked(shared, peer, wr, unconfirmed, &f).await?;
                 }
-                write_tracked(wr, unconfirmed, &Frame::Leave).await?;
+                write_tracked(shared, peer, wr, unconfirmed, &Frame::Leave).await?;
                 wr.flush().await?;
                 let _ = wr.shutdown().await;
                 return Ok("we left the cluster");
@@ -590,26 +591,43 @@ async fn local_claims(shared: &Shared) -> Vec<(String, u64)> {
 }
 
 /// [`write_one`], noting a `Deliver` or a ping as written ([`Unconfirmed`]); a frame whose
-/// write failed counts as written (it may be half on the wire, and the link ends).
+/// write failed counts as written (it may be half on the wire, and the link ends). A
+/// `Deliver` too large to send is not: its messages go back to the node at once
+/// ([`ClusterEvent::HandOffReturned`]) rather than wait, leased to the peer, for their lease
+/// to run out (`Shared::hand_off` measures frames, so this is a second line).
 async fn write_tracked(
+    shared: &Shared,
+    peer: &str,
     wr: &mut Writer,
     unconfirmed: &parking_lot::Mutex<Unconfirmed>,
     f: &Frame,
 ) -> Result<(), CodecError> {
     let r = write_one(wr, f).await;
+    if let (Ok(false), Frame::Deliver { conn, msgs }) = (&r, f) {
+        shared
+            .counters
+            .handoffs_failed
+            .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        shared.emit(ClusterEvent::HandOffReturned {
+            node: peer.to_string(),
+            conn: conn.clone(),
+            ids: msgs.iter().map(|m| m.id).collect(),
+        });
+        return Ok(());
+    }
     unconfirmed.lock().written(f);
-    r
+    r.map(|_| ())
 }
 
 /// Writes one frame; a frame too large to send (an absurd conn id) is logged and skipped
-/// rather than taking the link down.
-async fn write_one(wr: &mut Writer, f: &Frame) -> Result<(), CodecError> {
+/// rather than taking the link down: `Ok(false)`.
+async fn write_one(wr: &mut Writer, f: &Frame) -> Result<bool, CodecError> {
     match wr.write_frame(f).await {
         Err(CodecError::TooLarge { len, max }) => {
             warn!(kind = f.kind(), len, max, "cluster frame too large to send, skipped");
-            Ok(())
+            Ok(false)
         }
-        r => r,
+        r => r.map(|()| true),
     }
 }
 

@@ -109,8 +109,9 @@ pub struct CounterSnapshot {
     /// received in them from peers.
     pub handoffs_sent: u64,
     pub handoffs_received: u64,
-    /// Messages whose `Deliver` frame could not be queued (no link, queue full): the sender
-    /// released them and woke the owner as for any new message.
+    /// Messages whose `Deliver` frame could not be queued (no link, queue full, over
+    /// `max_frame`) or sent: the sender released them and woke the owner as for any new
+    /// message.
     pub handoffs_failed: u64,
     /// Messages in `Deliver` frames written to a link that ended before the peer answered a
     /// later ping: the peer may never have read them, so the sender released them (a release
@@ -595,8 +596,9 @@ impl Shared {
         }
     }
 
-    /// The node holding `conn`'s session, if a `Deliver` of `len` payload bytes can reach it:
-    /// this node, or a peer with a link up and the frame within `max_frame`.
+    /// The node holding `conn`'s session, if a `Deliver` whose messages carry `len` bytes
+    /// (payloads and recipient keys) can reach it: this node, or a peer with a link up and
+    /// the frame within `max_frame`.
     pub fn holder(&self, conn: &str, len: usize) -> Option<String> {
         let st = self.state.lock();
         let (owner, _) = st.dir.owner(conn)?;
@@ -609,17 +611,27 @@ impl Shared {
     }
 
     /// Queues a `Deliver` frame to `node`; false when it cannot be queued (no link, queue
-    /// full), and the caller releases the messages.
+    /// full, or the frame over `max_frame`), and the caller releases the messages.
     pub fn hand_off(&self, node: &str, conn: &str, msgs: Vec<super::proto::HandedMsg>) -> bool {
         let n = msgs.len() as u64;
+        let frame = Frame::Deliver {
+            conn: conn.to_string(),
+            msgs,
+        };
+        // Measured, not estimated: every message repeats its recipient key (a v2 DID may take
+        // kilobytes), and a frame the link cannot seal would be dropped by the writer.
+        let len = super::proto::encoded_len(&frame).unwrap_or(usize::MAX);
+        let fits = len <= self.settings.max_frame;
+        if !fits {
+            debug!(peer = %node, len, max = self.settings.max_frame, "hand-off too large for one frame, released");
+        }
         let st = self.state.lock();
-        let sent = st.peers.get(node).and_then(|s| s.link.as_ref()).is_some_and(|l| {
-            l.tx.try_send(Frame::Deliver {
-                conn: conn.to_string(),
-                msgs,
-            })
-            .is_ok()
-        });
+        let sent = fits
+            && st
+                .peers
+                .get(node)
+                .and_then(|s| s.link.as_ref())
+                .is_some_and(|l| l.tx.try_send(frame).is_ok());
         let c = if sent {
             &self.counters.handoffs_sent
         } else {
