@@ -1,14 +1,19 @@
 //! An authenticated peer is still not trusted blindly: a claim with an epoch no clock can
 //! produce (`u64::MAX`) is ignored instead of pinning the session and overflowing the next
 //! local epoch, and one peer cannot grow this node's directory past `max_peer_claims`.
+//! Nor can it stall the node: a large resync is applied a slice at a time, so the node's own
+//! directory lookups never wait long for the cluster lock.
 //! Real TCP on 127.0.0.1:0; the test speaks as a configured peer ("ghost") with the secret,
 //! over the encrypted link (`cluster::link`).
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use mailroom::cluster::proto::Frame;
+use mailroom::cluster::proto::{Claim, Frame};
 use mailroom::cluster::{handshake, link, ClusterConfig, ClusterEvent, ClusterHandle, PeerConfig};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -23,8 +28,13 @@ async fn wait_queued(ev: &mut tokio::sync::mpsc::Receiver<ClusterEvent>, conn: &
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn implausible_epochs_and_claim_floods_are_refused() {
+type GhostLink = link::Link<TcpStream>;
+
+/// Starts node "n1" whose only peer is "ghost", and opens the ghost's link to it: the test
+/// speaks as that peer. `tune` adjusts n1's config.
+async fn ghost_and_node(
+    tune: impl FnOnce(&mut ClusterConfig),
+) -> (ClusterHandle, mpsc::Receiver<ClusterEvent>, GhostLink) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     // The ghost's configured address is closed: n1's own dials fail, ours is the only link.
@@ -41,11 +51,10 @@ async fn implausible_epochs_and_claim_floods_are_refused() {
     cfg.heartbeat_interval = Duration::from_millis(100);
     // The test answers no pings: keep the link up for the whole test on a loaded machine.
     cfg.failure_timeout = Duration::from_secs(60);
-    cfg.max_peer_claims = 3;
+    tune(&mut cfg);
     let max = cfg.max_frame;
-    let (tx, mut ev) = tokio::sync::mpsc::channel(1024);
+    let (tx, ev) = mpsc::channel(1024);
     let n1 = ClusterHandle::start(cfg, l, tx).await.unwrap();
-
     let s = TcpStream::connect(addr).await.unwrap();
     let local = handshake::Local {
         cluster: "test",
@@ -53,16 +62,27 @@ async fn implausible_epochs_and_claim_floods_are_refused() {
         secret: b"s3cret",
         max_frame: max,
     };
-    let link = link::open(s, &local, handshake::Role::Dialer, Some("n1"), |_| true).await;
-    let mut link = link.unwrap();
+    let link = link::open(s, &local, handshake::Role::Dialer, Some("n1"), |_| true)
+        .await
+        .unwrap();
     assert_eq!(link.peer, "n1");
-    let rejected_before = n1.status().counters.frames_rejected;
+    (n1, ev, link)
+}
 
-    let now_epoch = (std::time::SystemTime::now()
+fn now_epoch() -> u64 {
+    (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64)
-        << 16;
+        << 16
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn implausible_epochs_and_claim_floods_are_refused() {
+    let (n1, mut ev, mut link) = ghost_and_node(|c| c.max_peer_claims = 3).await;
+    let rejected_before = n1.status().counters.frames_rejected;
+
+    let now_epoch = now_epoch();
     let own = |conn: &str, epoch: u64| Frame::Own {
         conn: conn.into(),
         epoch,
@@ -99,5 +119,170 @@ async fn implausible_epochs_and_claim_floods_are_refused() {
     assert_eq!(n1.owner_of("pinned").as_deref(), Some("n1"));
     link.writer.send(&Frame::Queued { conn: "after".into() }).await.unwrap();
     wait_queued(&mut ev, "after").await;
+    n1.shutdown().await;
+}
+
+/// Claims in the resync of `resync_does_not_stall_directory_lookups`. Sized so that applying
+/// them in one go (as before the slices) holds the cluster lock for well over a second in a
+/// debug build: 1.5-2 s measured here, against 30-150 ms for the worst slice.
+const BIG_RESYNC: usize = 300_000;
+/// Longest a directory lookup may wait while the resync is applied. Generous for a loaded
+/// 2-core machine (a slice takes a few milliseconds of CPU in a debug build, a map growing
+/// in it some more, all stretched by whatever else runs), far below one whole-resync hold.
+const MAX_LOOKUP: Duration = Duration::from_millis(500);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_does_not_stall_directory_lookups() {
+    let (n1, mut ev, mut link) = ghost_and_node(|_| {}).await;
+    let epoch = now_epoch();
+    // A first, smaller resync whose claims the big one drops: those go in bounded batches too.
+    let old: Vec<(String, u64)> = (0..BIG_RESYNC / 2).map(|i| (format!("old-{i:08}"), epoch)).collect();
+    for f in mailroom::cluster::resync_chunks(old, 1024 * 1024) {
+        link.writer.write_frame(&f).await.unwrap();
+    }
+    link.writer.send(&Frame::Queued { conn: "first".into() }).await.unwrap();
+    wait_queued(&mut ev, "first").await;
+    assert_eq!(n1.owner_of("old-00000000").as_deref(), Some("ghost"));
+
+    // A std thread asks the directory over and over, as an HTTP worker forwarding does.
+    let stop = Arc::new(AtomicBool::new(false));
+    let timer = {
+        let (n1, stop) = (n1.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut worst, mut calls) = (Duration::ZERO, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let _ = n1.owner_of("x");
+                worst = worst.max(t.elapsed());
+                calls += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (worst, calls)
+        })
+    };
+    let claims: Vec<(String, u64)> = (0..BIG_RESYNC).map(|i| (format!("new-{i:08}"), epoch)).collect();
+    let started = Instant::now();
+    for f in mailroom::cluster::resync_chunks(claims, 1024 * 1024) {
+        link.writer.write_frame(&f).await.unwrap();
+    }
+    // Frames are handled in order: the marker means the whole resync was taken in.
+    link.writer
+        .send(&Frame::Queued { conn: "marker".into() })
+        .await
+        .unwrap();
+    wait_queued(&mut ev, "marker").await;
+    // The old claims go in the background: wait until they are gone.
+    let deadline = Instant::now() + WAIT;
+    while n1.owner_of("old-00000000").is_some() || n1.owner_of(&format!("old-{:08}", BIG_RESYNC / 2 - 1)).is_some() {
+        assert!(Instant::now() < deadline, "old claims not removed within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    assert_eq!(n1.owner_of("new-00000000").as_deref(), Some("ghost"));
+    assert_eq!(
+        n1.owner_of(&format!("new-{:08}", BIG_RESYNC - 1)).as_deref(),
+        Some("ghost")
+    );
+    assert_eq!(n1.status().directory.len(), BIG_RESYNC);
+
+    // The peer leaves: its claims go in slices too, and the node hears of every session it
+    // held once they are all gone.
+    let started = Instant::now();
+    link.writer.send(&Frame::Leave).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let lost = loop {
+        match tokio::time::timeout_at(deadline, ev.recv()).await {
+            Ok(Some(ClusterEvent::SessionsLost { node, conns, .. })) if node == "ghost" => break conns,
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => panic!("no SessionsLost within {WAIT:?}"),
+        }
+    };
+    let gone = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (worst, calls) = timer.join().unwrap();
+    eprintln!(
+        "resync of {BIG_RESYNC} claims applied in {took:?}, forgotten in {gone:?}; {calls} lookups, the slowest {worst:?}"
+    );
+    assert_eq!(lost.len(), BIG_RESYNC, "every session the peer held is reported");
+    assert!(n1.status().directory.is_empty());
+    assert!(
+        worst <= MAX_LOOKUP,
+        "a directory lookup waited {worst:?} for the cluster lock"
+    );
+    n1.shutdown().await;
+}
+
+/// The conns of `n`'s directory, each cut to 20 characters (for assertion messages).
+fn conns(n: &ClusterHandle) -> Vec<String> {
+    n.status()
+        .directory
+        .iter()
+        .map(|e| e.conn.chars().take(20).collect())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_with_oversized_connection_ids_are_refused() {
+    let (n1, mut ev, mut link) = ghost_and_node(|_| {}).await;
+    let rejected_before = n1.status().counters.frames_rejected;
+    let epoch = now_epoch();
+    // Connection ids are UUIDs: a 512 KiB one would be kept twice in the directory, and a
+    // peer could send thousands.
+    let huge = |i: usize| format!("{i}-{}", "x".repeat(512 * 1024));
+    for i in 0..4 {
+        link.writer
+            .write_frame(&Frame::Own { conn: huge(i), epoch })
+            .await
+            .unwrap();
+    }
+    link.writer
+        .write_frame(&Frame::Disown { conn: huge(0), epoch })
+        .await
+        .unwrap();
+    link.writer.send(&Frame::Queued { conn: "owns".into() }).await.unwrap();
+    wait_queued(&mut ev, "owns").await;
+    assert!(conns(&n1).is_empty(), "claims kept: {:?}", conns(&n1));
+    assert_eq!(
+        n1.status().counters.frames_rejected,
+        rejected_before + 5,
+        "each frame with an oversized id is counted"
+    );
+
+    // In a resync, the long one goes and the others stay; the frame is counted once.
+    let resync = Frame::Resync {
+        claims: vec![
+            Claim {
+                conn: "fine".into(),
+                epoch,
+            },
+            Claim { conn: huge(8), epoch },
+            Claim {
+                conn: "z".repeat(129),
+                epoch,
+            },
+            // The longest accepted.
+            Claim {
+                conn: "k".repeat(128),
+                epoch,
+            },
+            Claim {
+                conn: "also-fine".into(),
+                epoch,
+            },
+        ],
+        last: true,
+    };
+    link.writer.write_frame(&resync).await.unwrap();
+    link.writer
+        .send(&Frame::Queued { conn: "resync".into() })
+        .await
+        .unwrap();
+    wait_queued(&mut ev, "resync").await;
+    assert_eq!(
+        conns(&n1),
+        ["also-fine", "fine", &"k".repeat(20)],
+        "only the ids of at most 128 bytes are kept"
+    );
+    assert_eq!(n1.status().counters.frames_rejected, rejected_before + 6);
     n1.shutdown().await;
 }

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use mailroom::cluster::proto::HandedMsg;
 use mailroom::cluster::{handshake, ClusterConfig, ClusterEvent, ClusterHandle, NotifyOutcome, PeerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -674,5 +675,58 @@ async fn dropping_the_last_handle_stops_the_node() {
         std::net::TcpStream::connect_timeout(&a1, Duration::from_millis(100)).is_err()
     })
     .await;
+    n2.h.shutdown().await;
+}
+
+/// `n` messages of `payload` bytes each for a recipient key of `key` bytes.
+fn handed(n: usize, key: usize, payload: usize) -> Vec<HandedMsg> {
+    (0..n)
+        .map(|i| HandedMsg {
+            id: i as i64 + 1,
+            recipient_key: format!("did:peer:2.{}", "k".repeat(key)),
+            payload: vec![7; payload],
+            received_at_ms: 1,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_off_too_large_for_one_frame_is_refused_at_once() {
+    const MAX_FRAME: usize = 64 * 1024;
+    let (l1, a1) = bind().await;
+    let (l2, a2) = bind().await;
+    let mut c1 = cfg("n1", peers(&[("n2", a2)]));
+    let mut c2 = cfg("n2", peers(&[("n1", a1)]));
+    c1.max_frame = MAX_FRAME;
+    c2.max_frame = MAX_FRAME;
+    let n1 = start(c1, l1).await;
+    let mut n2 = start(c2, l2).await;
+    wait_until("linked", || connected(&n1, "n2") && connected(&n2, "n1")).await;
+    n2.h.announce_session("c");
+    wait_until("n1 sees n2 own c", || owner_is(&n1, "c", Some("n2"))).await;
+
+    // A forward of 16 attachments of 3,000 bytes to a v2 recipient with an 8 KiB DID: the
+    // payloads and the overhead fit in a frame, the DID repeated in every message does not.
+    let msgs = handed(16, 8 * 1024, 3000);
+    let payloads: usize = msgs.iter().map(|m| m.payload.len()).sum();
+    let carried: usize = msgs.iter().map(|m| m.payload.len() + m.recipient_key.len()).sum();
+    assert_eq!(n1.h.holder("c", payloads).as_deref(), Some("n2"), "payloads alone fit");
+    assert_eq!(n1.h.holder("c", carried), None, "payloads and keys do not");
+    // Handed anyway: refused now, so the caller releases them at once (it was counted sent,
+    // dropped by the writer, and left leased to n2 until its lease ran out).
+    assert!(!n1.h.hand_off("n2", "c", msgs), "a frame over max_frame is not queued");
+    let c = n1.h.status().counters;
+    assert_eq!((c.handoffs_sent, c.handoffs_failed), (0, 16));
+
+    // What fits still goes.
+    assert!(n1.h.hand_off("n2", "c", handed(2, 64, 3000)));
+    wait_event(
+        &mut n2.ev,
+        "Delivered on n2",
+        |e| matches!(e, ClusterEvent::Delivered { conn, msgs } if conn == "c" && msgs.len() == 2),
+    )
+    .await;
+    assert_eq!(n1.h.status().counters.handoffs_sent, 2);
+    n1.h.shutdown().await;
     n2.h.shutdown().await;
 }

@@ -19,7 +19,10 @@
 //!
 //! Limits: frame size (`max_frame`, at most [`proto::MAX_FRAME_CEILING`]), per-link send queue
 //! (`peer_queue`; full queues drop and count, directory changes then fall back to a resync),
-//! pending handshakes (64), claims per peer (1,000,000).
+//! pending handshakes (64), claims per peer (1,000,000) and bytes per claimed connection id
+//! ([`proto::MAX_CONN_ID`], 128: longer claims are ignored), directory work per hold of the
+//! cluster lock (`peer::DIR_SLICE` claims: a large resync or a failed peer's claims are
+//! handled in slices, so forwards and session binds never wait for a whole one).
 //!
 //! Use from the node:
 //!
@@ -213,14 +216,15 @@ pub enum ClusterEvent {
         node: String,
     },
     /// The peer is gone (silent past the failure timeout, left, or removed); its sessions
-    /// were dropped from the directory.
+    /// are dropped from the directory (at once for a few thousand, else in slices in the
+    /// background, see `peer::DIR_SLICE`).
     PeerDown {
         node: String,
     },
     /// A peer failed and this node is the one that takes over what it left (see
     /// [`membership::Membership::takes_over`]): the wallets of `conns`, whose sessions it held
-    /// and which no node holds now (possibly none), are woken (push) when they have mail
-    /// queued; with `release_leases` (this node sees half the cluster up:
+    /// and which no node held once its claims were removed (possibly none), are woken (push)
+    /// when they have mail queued; sent once all its claims are removed; with `release_leases` (this node sees half the cluster up:
     /// [`membership::Membership::sees_half`]) the messages leased to it (its sessions' and its
     /// hand-offs') go back to pending first.
     SessionsLost {
@@ -338,6 +342,7 @@ impl ClusterHandle {
         };
         let shared = Shared::new(settings, &cfg.peers, events);
         shared.spawn(peer::accept_loop(shared.clone(), listener));
+        shared.spawn(shared.clone().sweeper());
         let ticker = shared.clone();
         shared.spawn(async move {
             let period = (ticker.settings.failure_timeout / 8).min(ticker.settings.heartbeat_interval);
@@ -377,14 +382,16 @@ impl ClusterHandle {
         self.shared.state.lock().dir.owner(conn).map(|(n, _)| n.to_string())
     }
 
-    /// The node holding `conn`'s live session (this one included), if a `Deliver` frame with
-    /// `len` payload bytes can reach it now.
+    /// The node holding `conn`'s live session (this one included), if a `Deliver` frame whose
+    /// messages carry `len` bytes (payloads and recipient keys, which every message repeats)
+    /// can reach it now.
     pub fn holder(&self, conn: &str, len: usize) -> Option<String> {
         self.shared.holder(conn, len)
     }
 
     /// Sends messages of `conn`, queued leased to `node`'s hand-off owner, to `node` (a
-    /// peer). False when the frame could not be queued: the caller releases them.
+    /// peer). False when the frame could not be queued (no link, queue full, or larger than
+    /// `max_frame`): the caller releases them.
     pub fn hand_off(&self, node: &str, conn: &str, msgs: Vec<proto::HandedMsg>) -> bool {
         self.shared.hand_off(node, conn, msgs)
     }
@@ -427,8 +434,18 @@ impl ClusterHandle {
         self.shared.update_peers(&peers);
     }
 
+    /// What this node knows of the cluster. The directory is read a slice at a time (not
+    /// one snapshot: a row may be a little older than another).
     pub fn status(&self) -> ClusterStatus {
         let now = Instant::now();
+        let mut directory = Vec::new();
+        let mut shard = Some(0);
+        while let Some(s) = shard {
+            let (rows, next) = self.shared.state.lock().dir.entries_page(s);
+            directory.extend(rows);
+            shard = next;
+        }
+        directory.sort_by(|a, b| a.conn.cmp(&b.conn));
         let st = self.shared.state.lock();
         let mut peers: Vec<PeerStatus> = st
             .peers
@@ -452,7 +469,7 @@ impl ClusterHandle {
         ClusterStatus {
             node: self.shared.settings.node_id.clone(),
             peers,
-            directory: st.dir.entries(),
+            directory,
             counters: self.shared.counters.snapshot(),
         }
     }

@@ -39,6 +39,12 @@ const DECODE_LIMIT: usize = 64 * 1024 * 1024;
 /// Length of the handshake nonce.
 pub const NONCE_LEN: usize = 32;
 
+/// Longest connection id a claim (`Own`, `Disown`, a `Resync` entry) may carry; a receiver
+/// refuses longer ones. A node's connection ids are UUIDs (36 bytes); without a bound, the
+/// claim cap (a count) would let one peer fill this node's directory, which keeps each id
+/// twice, with ids of almost a whole frame.
+pub const MAX_CONN_ID: usize = 128;
+
 /// One session claim as carried in a resync: `conn` is held by the sending node at `epoch`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {
@@ -111,8 +117,10 @@ pub struct HandedMsg {
     pub received_at_ms: i64,
 }
 
-/// Bytes a [`Frame::Deliver`] adds to its payloads (ids, times, the connection and keys, the
-/// link's chunk flags): a message is handed over only when its frame fits `max_frame` with it.
+/// Bytes a [`Frame::Deliver`] adds to what its messages carry (payloads and recipient keys):
+/// ids, times and lengths of up to 16 messages, the connection id. A forward is leased to its
+/// session's node only when those fit `max_frame` with it ([`crate::cluster::ClusterHandle::holder`]);
+/// the frame itself is measured before it is queued.
 pub const DELIVER_OVERHEAD: usize = 4096;
 
 impl Frame {
@@ -157,6 +165,13 @@ fn config() -> impl bincode::config::Config {
 /// callers still get an error instead of a panic.
 pub fn encode(frame: &Frame) -> Result<Vec<u8>, ProtoError> {
     bincode::serde::encode_to_vec(frame, config()).map_err(|e| ProtoError::Encode(e.to_string()))
+}
+
+/// The length of [`encode`]'s output, without building it.
+pub fn encoded_len(frame: &Frame) -> Result<usize, ProtoError> {
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(frame, &mut size, config()).map_err(|e| ProtoError::Encode(e.to_string()))?;
+    Ok(size.bytes_written)
 }
 
 /// Decodes exactly one frame from `bytes`; any leftover byte is an error (a frame is the whole
@@ -404,6 +419,7 @@ mod tests {
         #[test]
         fn roundtrip(f in arb_frame()) {
             let b = encode(&f).unwrap();
+            prop_assert_eq!(encoded_len(&f).unwrap(), b.len());
             prop_assert_eq!(decode(&b).unwrap(), f);
         }
 

@@ -111,7 +111,8 @@ pub struct Mediator {
 /// Where a connection's live session is, for the forward handlers ([`Mediator::holders`]).
 pub trait Holders: Send + Sync {
     /// The node (this one included) holding a session of `conn` that delivers as messages
-    /// arrive, if a message of `len` bytes may be handed to it there; `None` queues it pending
+    /// arrive, if messages carrying `len` bytes (payloads and their recipient keys, which a
+    /// hand-off repeats per message) may be handed to it there; `None` queues them pending
     /// and wakes whoever holds the session, as before.
     fn holder(&self, conn: &str, len: usize) -> Option<String>;
 }

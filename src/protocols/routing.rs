@@ -111,7 +111,7 @@ pub async fn queue(m: &Mediator, f: &RawForward<'_>) -> Result<Outcome, HandleEr
             None => m.store.route(&to).await?,
         };
         let conn = route.ok_or_else(|| HandleError::UnknownRecipient(to.clone()))?;
-        let handoff = m.handoff(&conn, payload.len(), received_at_ms);
+        let handoff = m.handoff(&conn, payload.len() + to.len(), received_at_ms);
         let msg = NewMessage {
             connection: conn.clone(),
             recipient_key: to.clone(),

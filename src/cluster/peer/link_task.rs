@@ -11,12 +11,14 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, info, warn};
 
-use super::{bump, unix_ms, LinkHandle, Shared, RECENT_CLOSE_TTL, WRITE_BATCH};
+use parking_lot::MutexGuard;
+
+use super::{bump, unix_ms, LinkHandle, Shared, DIR_SLICE, RECENT_CLOSE_TTL, WRITE_BATCH};
 use crate::cluster::codec::CodecError;
 use crate::cluster::directory::{plausible_epoch, DirEvent};
 use crate::cluster::link::{LinkReader, LinkWriter, SecureChannel};
 use crate::cluster::membership::{LinkId, MemberEffect, MemberEvent};
-use crate::cluster::proto::{Claim, Frame};
+use crate::cluster::proto::{Claim, Frame, MAX_CONN_ID};
 use crate::cluster::ClusterEvent;
 
 /// `Deliver` frames written to one link and not yet known to be read: the peer reads frames in
@@ -75,8 +77,9 @@ pub(super) async fn run_link(
     let (close_tx, close_rx) = oneshot::channel();
     let unconfirmed = Arc::new(parking_lot::Mutex::new(Unconfirmed::default()));
 
-    // Install (or not) and take the first snapshot under one lock.
-    let snapshot = {
+    // Install (or not). The writer reads the snapshot afterwards, with every change made from
+    // now on queued on this link too.
+    let installed = {
         let mut st = shared.state.lock();
         if st.left {
             return;
@@ -114,14 +117,12 @@ pub(super) async fn run_link(
                     bump(&shared.counters.queue_drops);
                 }
             }
-            Some(st.dir.claims_of(&shared.settings.node_id))
-        } else {
-            None
         }
+        installed
     };
     let (rd, wr) = stream.into_split();
     let (rd, mut wr) = channel.into_link(rd, BufWriter::new(wr));
-    let Some(snapshot) = snapshot else {
+    if !installed {
         debug!(peer = %peer, link, "duplicate cluster link closed");
         let f = Frame::Refused {
             reason: "duplicate link".into(),
@@ -137,7 +138,7 @@ pub(super) async fn run_link(
             Ok(why) => why.to_string(),
             Err(e) => e,
         },
-        r = write_loop(&shared, &mut wr, &mut rx, snapshot, &resync, &leave, &unconfirmed) => match r {
+        r = write_loop(&shared, &peer, &mut wr, &mut rx, &resync, &leave, &unconfirmed) => match r {
             Ok(why) => why.to_string(),
             Err(e) => format!("write failed: {e}"),
         },
@@ -213,7 +214,8 @@ async fn read_loop(
     tx: mpsc::Sender<Frame>,
     unconfirmed: &parking_lot::Mutex<Unconfirmed>,
 ) -> Result<&'static str, String> {
-    let mut resync: Vec<(String, u64)> = Vec::new();
+    // Claims taken in the peer's resync in progress, if one is.
+    let mut resync: Option<usize> = None;
     loop {
         let frame = match rd.read_frame().await {
             Ok(Some(f)) => f,
@@ -226,19 +228,19 @@ async fn read_loop(
                 return Err(e.to_string());
             }
         };
+        if let Frame::Resync { claims, last } = frame {
+            // Slice by slice, the lock released in between.
+            if let Some(why) = take_resync(shared, peer, link, &mut resync, claims, last).await? {
+                return Ok(why);
+            }
+            continue;
+        }
         let now = Instant::now();
         let mut st = shared.state.lock();
-        if st.members.link_of(peer) != Some(link) {
+        if !heard(&mut st, peer, link) {
             // Replaced or closed; its task is about to end. Its frames no longer count.
             return Ok("link replaced");
         }
-        st.members.handle(
-            MemberEvent::Heard {
-                peer: peer.to_string(),
-                link,
-            },
-            now,
-        );
         match frame {
             Frame::Ping { t } => {
                 // If the queue is full the peer still hears our own pings.
@@ -257,6 +259,15 @@ async fn read_loop(
                 );
             }
             Frame::Own { conn, epoch } => {
+                if conn.len() > MAX_CONN_ID {
+                    bump(&shared.counters.frames_rejected);
+                    warn!(
+                        peer,
+                        len = conn.len(),
+                        "claim with a connection id over {MAX_CONN_ID} bytes ignored"
+                    );
+                    continue;
+                }
                 if !plausible_epoch(epoch, unix_ms()) {
                     bump(&shared.counters.frames_rejected);
                     warn!(peer, conn = %conn, epoch, "claim with an epoch from beyond a day ahead ignored");
@@ -277,39 +288,23 @@ async fn read_loop(
                 shared.apply_dir_effects(fx);
             }
             Frame::Disown { conn, epoch } => {
+                if conn.len() > MAX_CONN_ID {
+                    bump(&shared.counters.frames_rejected);
+                    warn!(
+                        peer,
+                        len = conn.len(),
+                        "disown of a connection id over {MAX_CONN_ID} bytes ignored"
+                    );
+                    continue;
+                }
                 st.dir.apply(DirEvent::Disown {
                     conn,
                     node: peer.to_string(),
                     epoch,
                 });
             }
-            Frame::Resync { claims, last } => {
-                let cap = shared.settings.max_peer_claims;
-                if resync.len() + claims.len() > cap {
-                    bump(&shared.counters.frames_rejected);
-                    return Err(format!("resync over {cap} claims"));
-                }
-                let now = unix_ms();
-                let sent = claims.len();
-                let kept: Vec<(String, u64)> = claims
-                    .into_iter()
-                    .filter(|c| plausible_epoch(c.epoch, now))
-                    .map(|c| (c.conn, c.epoch))
-                    .collect();
-                let dropped = sent - kept.len();
-                resync.extend(kept);
-                if dropped > 0 {
-                    // Counted, not precise per claim: one frame held implausible epochs.
-                    bump(&shared.counters.frames_rejected);
-                }
-                if last {
-                    let fx = st.dir.apply(DirEvent::Resync {
-                        node: peer.to_string(),
-                        claims: std::mem::take(&mut resync),
-                    });
-                    shared.apply_dir_effects(fx);
-                }
-            }
+            // Taken above, outside this lock.
+            Frame::Resync { .. } => {}
             Frame::Queued { conn } => {
                 bump(&shared.counters.notifications_received);
                 shared.emit(ClusterEvent::MessageQueued { conn });
@@ -350,21 +345,179 @@ async fn read_loop(
     }
 }
 
+/// Takes one `Resync` frame of the peer, [`DIR_SLICE`] claims per hold of the cluster lock:
+/// `ResyncBegin` on its first frame, its claims in chunks, and on `last` the removal of the
+/// claims it no longer names, in slices too. The reader reads nothing else meanwhile, so the
+/// peer's later `Own`/`Disown` apply after. `Ok(Some(why))` ends the link normally.
+///
+/// Bounds: one resync names at most `max_peer_claims` claims (more closes the link, as
+/// before). What was left of a sweep of the peer's claims is finished before a resync begins,
+/// so its claims here (old ones not yet removed and the new set) stay under twice the bound.
+/// Resyncs cut short by a closed link leave their claims for the next one to sort out; should
+/// those pile up past twice the bound, new conns in a chunk are ignored (and counted), as an
+/// `Own` past the bound is, rather than grow the directory. Claims with connection ids over
+/// [`MAX_CONN_ID`] bytes are ignored (and the frame counted), so the bytes a peer's claims
+/// take here are bounded too; nothing of a resync is held between its frames but the count.
+async fn take_resync(
+    shared: &Shared,
+    peer: &str,
+    link: LinkId,
+    taken: &mut Option<usize>,
+    claims: Vec<Claim>,
+    last: bool,
+) -> Result<Option<&'static str>, String> {
+    if !heard(&mut shared.state.lock(), peer, link) {
+        return Ok(Some("link replaced"));
+    }
+    let cap = shared.settings.max_peer_claims;
+    let so_far = taken.unwrap_or(0);
+    if so_far + claims.len() > cap {
+        bump(&shared.counters.frames_rejected);
+        return Err(format!("resync over {cap} claims"));
+    }
+    let now = unix_ms();
+    let sent = claims.len();
+    let (mut implausible, mut long) = (0, 0);
+    let kept: Vec<(String, u64)> = claims
+        .into_iter()
+        .filter(|c| {
+            let ok_len = c.conn.len() <= MAX_CONN_ID;
+            let ok_epoch = plausible_epoch(c.epoch, now);
+            long += usize::from(!ok_len);
+            implausible += usize::from(ok_len && !ok_epoch);
+            ok_len && ok_epoch
+        })
+        .map(|c| (c.conn, c.epoch))
+        .collect();
+    // Counted, not precise per claim: one frame held implausible epochs, or long ids.
+    if implausible > 0 {
+        bump(&shared.counters.frames_rejected);
+    }
+    if long > 0 {
+        bump(&shared.counters.frames_rejected);
+        warn!(
+            peer,
+            ignored = long,
+            "resync claims with connection ids over {MAX_CONN_ID} bytes ignored"
+        );
+    }
+    debug_assert_eq!(kept.len() + implausible + long, sent);
+    if taken.is_none() {
+        if let Some(why) = finish_sweep(shared, peer, link).await {
+            return Ok(Some(why));
+        }
+        let mut st = shared.state.lock();
+        if !heard(&mut st, peer, link) {
+            return Ok(Some("link replaced"));
+        }
+        st.dir.apply(DirEvent::ResyncBegin { node: peer.to_string() });
+    }
+    *taken = Some(so_far + sent);
+    let mut kept = kept.into_iter();
+    let mut ignored = 0;
+    loop {
+        let mut part: Vec<(String, u64)> = kept.by_ref().take(DIR_SLICE).collect();
+        if part.is_empty() {
+            break;
+        }
+        {
+            let mut st = shared.state.lock();
+            // The time this takes is ours, not the peer's silence.
+            if !heard(&mut st, peer, link) {
+                return Ok(Some("link replaced"));
+            }
+            let room = (2 * cap).saturating_sub(st.dir.count_of(peer));
+            if part.len() > room {
+                let mut fresh = 0;
+                let before = part.len();
+                part.retain(|(c, _)| {
+                    st.dir.claims_by(peer, c).1 || {
+                        fresh += 1;
+                        fresh <= room
+                    }
+                });
+                ignored += before - part.len();
+            }
+            let fx = st.dir.apply(DirEvent::ResyncChunk {
+                node: peer.to_string(),
+                claims: part,
+            });
+            shared.apply_dir_effects(fx);
+            MutexGuard::unlock_fair(st);
+        }
+        tokio::task::yield_now().await;
+    }
+    if ignored > 0 {
+        bump(&shared.counters.frames_rejected);
+        warn!(
+            peer,
+            ignored, "resync claims past twice {cap} claims of one peer ignored"
+        );
+    }
+    if last {
+        *taken = None;
+        {
+            let mut st = shared.state.lock();
+            if !heard(&mut st, peer, link) {
+                return Ok(Some("link replaced"));
+            }
+            st.dir.apply(DirEvent::ResyncEnd { node: peer.to_string() });
+        }
+        return Ok(finish_sweep(shared, peer, link).await);
+    }
+    Ok(None)
+}
+
+/// Records that `link` is alive now, if it is still `peer`'s link (false: replaced or closed).
+fn heard(st: &mut super::State, peer: &str, link: LinkId) -> bool {
+    if st.members.link_of(peer) != Some(link) {
+        return false;
+    }
+    st.members.handle(
+        MemberEvent::Heard {
+            peer: peer.to_string(),
+            link,
+        },
+        Instant::now(),
+    );
+    true
+}
+
+/// Removes the stale claims of `peer`, a slice per lock hold, before the reader goes on.
+/// `Some` if the link was replaced meanwhile (the sweeper then finishes the job).
+async fn finish_sweep(shared: &Shared, peer: &str, link: LinkId) -> Option<&'static str> {
+    loop {
+        {
+            let mut st = shared.state.lock();
+            if !st.dir.sweeping(peer) {
+                return None;
+            }
+            if !heard(&mut st, peer, link) {
+                shared.sweep_wanted.notify_one();
+                return Some("link replaced");
+            }
+            shared.sweep_step(&mut st, peer);
+            MutexGuard::unlock_fair(st);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 /// The sending half of a link as `run_link` uses it.
 type Writer = LinkWriter<BufWriter<OwnedWriteHalf>>;
 
 /// Writes the initial resync, then queued frames, heartbeats and resyncs until the link ends.
 async fn write_loop(
     shared: &Shared,
+    peer: &str,
     wr: &mut Writer,
     rx: &mut mpsc::Receiver<Frame>,
-    snapshot: Vec<(String, u64)>,
     resync: &Notify,
     leave: &Notify,
     unconfirmed: &parking_lot::Mutex<Unconfirmed>,
 ) -> Result<&'static str, CodecError> {
     let max = shared.settings.max_frame;
-    write_resync(wr, snapshot, max).await?;
+    write_resync(wr, local_claims(shared).await, max).await?;
     wr.flush().await?;
     let mut hb = tokio::time::interval(shared.settings.heartbeat_interval);
     hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -372,42 +525,39 @@ async fn write_loop(
         tokio::select! {
             f = rx.recv() => {
                 let Some(f) = f else { return Ok("link handle dropped") };
-                write_tracked(wr, unconfirmed, &f).await?;
+                write_tracked(shared, peer, wr, unconfirmed, &f).await?;
                 for _ in 1..WRITE_BATCH {
                     match rx.try_recv() {
-                        Ok(f) => write_tracked(wr, unconfirmed, &f).await?,
+                        Ok(f) => write_tracked(shared, peer, wr, unconfirmed, &f).await?,
                         Err(_) => break,
                     }
                 }
                 wr.flush().await?;
             }
             _ = hb.tick() => {
-                write_tracked(wr, unconfirmed, &Frame::Ping { t: shared.micros() }).await?;
+                write_tracked(shared, peer, wr, unconfirmed, &Frame::Ping { t: shared.micros() }).await?;
                 wr.flush().await?;
             }
             _ = resync.notified() => {
-                // Queued directory frames predate the snapshot: drop them, keep the rest.
-                let (snapshot, keep) = {
-                    let st = shared.state.lock();
-                    let mut keep = Vec::new();
-                    while let Ok(f) = rx.try_recv() {
-                        if !matches!(f, Frame::Own { .. } | Frame::Disown { .. } | Frame::Resync { .. }) {
-                            keep.push(f);
-                        }
+                // Queued directory frames predate the snapshot read after: drop them, keep
+                // the rest. Frames queued from now on are written after the snapshot.
+                let mut keep = Vec::new();
+                while let Ok(f) = rx.try_recv() {
+                    if !matches!(f, Frame::Own { .. } | Frame::Disown { .. } | Frame::Resync { .. }) {
+                        keep.push(f);
                     }
-                    (st.dir.claims_of(&shared.settings.node_id), keep)
-                };
-                write_resync(wr, snapshot, max).await?;
+                }
+                write_resync(wr, local_claims(shared).await, max).await?;
                 for f in &keep {
-                    write_tracked(wr, unconfirmed, f).await?;
+                    write_tracked(shared, peer, wr, unconfirmed, f).await?;
                 }
                 wr.flush().await?;
             }
             _ = leave.notified() => {
                 while let Ok(f) = rx.try_recv() {
-                    write_tracked(wr, unconfirmed, &f).await?;
+                    write_tracked(shared, peer, wr, unconfirmed, &f).await?;
                 }
-                write_tracked(wr, unconfirmed, &Frame::Leave).await?;
+                write_tracked(shared, peer, wr, unconfirmed, &Frame::Leave).await?;
                 wr.flush().await?;
                 let _ = wr.shutdown().await;
                 return Ok("we left the cluster");
@@ -416,27 +566,68 @@ async fn write_loop(
     }
 }
 
+/// This node's claims, read [`DIR_SLICE`] at a time (`Directory::page`): every claim held
+/// throughout is in it; one made or ended meanwhile was also queued on the link as an
+/// `Own`/`Disown`, which the peer applies after the snapshot. A conn may come twice (the
+/// peer keeps its highest epoch).
+async fn local_claims(shared: &Shared) -> Vec<(String, u64)> {
+    let node = &shared.settings.node_id;
+    let mut out = Vec::new();
+    let mut from = None;
+    loop {
+        let (page, next) = {
+            let st = shared.state.lock();
+            let r = st.dir.page(node, from, DIR_SLICE);
+            MutexGuard::unlock_fair(st);
+            r
+        };
+        out.extend(page);
+        match next {
+            Some(c) => from = Some(c),
+            None => return out,
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 /// [`write_one`], noting a `Deliver` or a ping as written ([`Unconfirmed`]); a frame whose
-/// write failed counts as written (it may be half on the wire, and the link ends).
+/// write failed counts as written (it may be half on the wire, and the link ends). A
+/// `Deliver` too large to send is not: its messages go back to the node at once
+/// ([`ClusterEvent::HandOffReturned`]) rather than wait, leased to the peer, for their lease
+/// to run out (`Shared::hand_off` measures frames, so this is a second line).
 async fn write_tracked(
+    shared: &Shared,
+    peer: &str,
     wr: &mut Writer,
     unconfirmed: &parking_lot::Mutex<Unconfirmed>,
     f: &Frame,
 ) -> Result<(), CodecError> {
     let r = write_one(wr, f).await;
+    if let (Ok(false), Frame::Deliver { conn, msgs }) = (&r, f) {
+        shared
+            .counters
+            .handoffs_failed
+            .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        shared.emit(ClusterEvent::HandOffReturned {
+            node: peer.to_string(),
+            conn: conn.clone(),
+            ids: msgs.iter().map(|m| m.id).collect(),
+        });
+        return Ok(());
+    }
     unconfirmed.lock().written(f);
-    r
+    r.map(|_| ())
 }
 
 /// Writes one frame; a frame too large to send (an absurd conn id) is logged and skipped
-/// rather than taking the link down.
-async fn write_one(wr: &mut Writer, f: &Frame) -> Result<(), CodecError> {
+/// rather than taking the link down: `Ok(false)`.
+async fn write_one(wr: &mut Writer, f: &Frame) -> Result<bool, CodecError> {
     match wr.write_frame(f).await {
         Err(CodecError::TooLarge { len, max }) => {
             warn!(kind = f.kind(), len, max, "cluster frame too large to send, skipped");
-            Ok(())
+            Ok(false)
         }
-        r => r,
+        r => r.map(|()| true),
     }
 }
 

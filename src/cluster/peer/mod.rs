@@ -8,8 +8,13 @@
 //!
 //! Locking: one `parking_lot::Mutex<State>` guards the directory, membership and the link
 //! handles. It is held only for synchronous work (state updates, `try_send` into queues),
-//! never across an `.await`. Taking a resync snapshot and enqueuing directory frames both
-//! happen under it, which is what makes "snapshot, then the queued changes after it" exact.
+//! never across an `.await`, and never for work that grows with the directory: the registry
+//! actor and every forward on the HTTP workers wait on it as OS threads. A peer's resync, the
+//! removal of a failed peer's claims and the snapshot a link starts with go [`DIR_SLICE`]
+//! claims per hold (the directory's sliced events), releasing the lock fairly in between.
+//! Enqueuing a directory frame happens under it, and a link is installed (so gets every frame
+//! enqueued afterwards) before its snapshot is read: "snapshot, then the changes queued after
+//! it" holds, a change made while the snapshot is read being sent in it, after it, or both.
 //!
 //! Files: `connect.rs` (the listener and the dialers: sockets to authenticated links),
 //! `link_task.rs` (one link's reader, writer and heartbeats); this file holds the shared core.
@@ -23,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::{debug, info};
@@ -46,6 +51,11 @@ const WRITE_BATCH: usize = 64;
 /// First reconnect delay; doubles up to `BACKOFF_CAP`, with jitter.
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// Claims a resync, a sweep or a snapshot handles per hold of the cluster lock, at most:
+/// under 1 ms in a release build at the ~2.7 us a claim of a resync costs
+/// (docs/BENCHMARKS.md), where one resync of a million claims held it for seconds. The
+/// slices' own cost (a lock, a yield) is noise beside that.
+pub(crate) const DIR_SLICE: usize = 256;
 
 /// Settings resolved from `ClusterConfig` at start.
 pub(crate) struct Settings {
@@ -99,8 +109,9 @@ pub struct CounterSnapshot {
     /// received in them from peers.
     pub handoffs_sent: u64,
     pub handoffs_received: u64,
-    /// Messages whose `Deliver` frame could not be queued (no link, queue full): the sender
-    /// released them and woke the owner as for any new message.
+    /// Messages whose `Deliver` frame could not be queued (no link, queue full, over
+    /// `max_frame`) or sent: the sender released them and woke the owner as for any new
+    /// message.
     pub handoffs_failed: u64,
     /// Messages in `Deliver` frames written to a link that ended before the peer answered a
     /// later ping: the peer may never have read them, so the sender released them (a release
@@ -171,6 +182,16 @@ pub(crate) struct State {
     /// comes up: a peer that was cut off when one was made, or whose link died with it queued,
     /// still closes those sessions once it is back. Repeating one is harmless.
     pub recent_closes: VecDeque<(Instant, Frame)>,
+    /// Failed peers this node takes over from, whose claims are being swept: the sessions
+    /// left with no owner so far. [`ClusterEvent::SessionsLost`] goes out when the sweep ends.
+    pub lost: HashMap<String, Lost>,
+}
+
+/// What a failed peer left, gathered while its claims are swept.
+#[derive(Default)]
+pub(crate) struct Lost {
+    pub conns: Vec<String>,
+    pub release_leases: bool,
 }
 
 /// How long an operator close request is repeated to peers whose link comes up.
@@ -186,6 +207,8 @@ pub(crate) struct Shared {
     next_link: AtomicU64,
     /// Woken when a link ends (dialers waiting for "no link" re-check).
     link_ended: Notify,
+    /// Woken when directory sweeps are left to [`sweeper`].
+    sweep_wanted: Notify,
     shutdown_tx: watch::Sender<bool>,
     pub shutdown_rx: watch::Receiver<bool>,
     /// Cloned into every task; `shutdown` waits until every clone is gone (mini-redis style).
@@ -210,6 +233,7 @@ impl Shared {
             last_epoch: 0,
             left: false,
             recent_closes: VecDeque::new(),
+            lost: HashMap::new(),
         };
         let shared = Arc::new(Shared {
             settings,
@@ -218,6 +242,7 @@ impl Shared {
             events,
             next_link: AtomicU64::new(1),
             link_ended: Notify::new(),
+            sweep_wanted: Notify::new(),
             shutdown_tx,
             shutdown_rx,
             task_done: Mutex::new(Some(done_tx)),
@@ -307,7 +332,7 @@ impl Shared {
                 info!(peer = %id, "cluster peer removed from config");
                 let fx = st.members.handle(MemberEvent::Removed { peer: id.clone() }, now);
                 self.apply_member_effects(&mut st, fx);
-                st.dir.apply(DirEvent::NodeGone { node: id.clone() });
+                self.forget(&mut st, &id);
                 // Dropping the slot closes its link and stops its dialer.
                 st.peers.remove(&id);
             }
@@ -342,6 +367,48 @@ impl Shared {
         for e in fx {
             match e {
                 DirEffect::SessionMoved { conn, node } => self.emit(ClusterEvent::SessionMoved { conn, node }),
+                // Only sweeps orphan conns, and `sweep_step` reads those.
+                DirEffect::Orphaned { .. } => {}
+            }
+        }
+    }
+
+    /// Drops every claim of `node`: the first slice now (a small directory is done at once),
+    /// the rest by [`sweeper`].
+    fn forget(&self, st: &mut State, node: &str) {
+        st.dir.apply(DirEvent::Forget { node: node.to_string() });
+        self.sweep_first(st, node);
+    }
+
+    /// The first step of `node`'s sweep now, the rest left to [`sweeper`].
+    fn sweep_first(&self, st: &mut State, node: &str) {
+        self.sweep_step(st, node);
+        if st.dir.sweeping(node) {
+            self.sweep_wanted.notify_one();
+        }
+    }
+
+    /// Removes up to [`DIR_SLICE`] stale claims of `node`. When that ends the sweep of a
+    /// failed peer this node takes over from, tells the node what the peer left.
+    fn sweep_step(&self, st: &mut State, node: &str) {
+        let fx = st.dir.apply(DirEvent::Sweep {
+            node: node.to_string(),
+            max: DIR_SLICE,
+        });
+        if let Some(lost) = st.lost.get_mut(node) {
+            for e in fx {
+                if let DirEffect::Orphaned { conn, .. } = e {
+                    lost.conns.push(conn);
+                }
+            }
+        }
+        if !st.dir.sweeping(node) {
+            if let Some(lost) = st.lost.remove(node) {
+                self.emit(ClusterEvent::SessionsLost {
+                    node: node.to_string(),
+                    conns: lost.conns,
+                    release_leases: lost.release_leases,
+                });
             }
         }
     }
@@ -365,28 +432,42 @@ impl Shared {
                 }
                 MemberEffect::Down { peer } => {
                     info!(peer = %peer, "cluster peer down");
-                    let held = st.dir.claims_of(&peer);
-                    st.dir.apply(DirEvent::NodeGone { node: peer.clone() });
+                    st.dir.apply(DirEvent::Forget { node: peer.clone() });
                     self.emit(ClusterEvent::PeerDown { node: peer.clone() });
                     // Forwards queued while the peer was failing were notified to it (or to
                     // nobody, its link gone) and woke no one, and what its sessions were
                     // delivering stays leased to it: one node takes over its leases and its
-                    // wallets left without a session anywhere.
+                    // wallets left without a session anywhere (the conns whose last claim its
+                    // sweep removes), told when the sweep ends.
                     if st.members.takes_over() {
-                        let conns: Vec<String> = held
-                            .into_iter()
-                            .map(|(c, _)| c)
-                            .filter(|c| st.dir.owner(c).is_none())
-                            .collect();
                         let release_leases = st.members.sees_half();
-                        self.emit(ClusterEvent::SessionsLost {
-                            node: peer,
-                            conns,
-                            release_leases,
-                        });
+                        st.lost.entry(peer.clone()).or_default().release_leases |= release_leases;
                     }
+                    self.sweep_first(st, &peer);
                 }
                 MemberEffect::Install { .. } | MemberEffect::Reject { .. } => {}
+            }
+        }
+    }
+
+    /// Runs the directory sweeps left to it, a slice per lock hold, until there are none.
+    pub async fn sweeper(self: Arc<Self>) {
+        let mut shutdown = self.shutdown_rx.clone();
+        loop {
+            tokio::select! {
+                _ = self.sweep_wanted.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            loop {
+                {
+                    let mut st = self.state.lock();
+                    let Some(node) = st.dir.sweeps().into_iter().next() else {
+                        break;
+                    };
+                    self.sweep_step(&mut st, &node);
+                    MutexGuard::unlock_fair(st);
+                }
+                tokio::task::yield_now().await;
             }
         }
     }
@@ -515,8 +596,9 @@ impl Shared {
         }
     }
 
-    /// The node holding `conn`'s session, if a `Deliver` of `len` payload bytes can reach it:
-    /// this node, or a peer with a link up and the frame within `max_frame`.
+    /// The node holding `conn`'s session, if a `Deliver` whose messages carry `len` bytes
+    /// (payloads and recipient keys) can reach it: this node, or a peer with a link up and
+    /// the frame within `max_frame`.
     pub fn holder(&self, conn: &str, len: usize) -> Option<String> {
         let st = self.state.lock();
         let (owner, _) = st.dir.owner(conn)?;
@@ -529,17 +611,27 @@ impl Shared {
     }
 
     /// Queues a `Deliver` frame to `node`; false when it cannot be queued (no link, queue
-    /// full), and the caller releases the messages.
+    /// full, or the frame over `max_frame`), and the caller releases the messages.
     pub fn hand_off(&self, node: &str, conn: &str, msgs: Vec<super::proto::HandedMsg>) -> bool {
         let n = msgs.len() as u64;
+        let frame = Frame::Deliver {
+            conn: conn.to_string(),
+            msgs,
+        };
+        // Measured, not estimated: every message repeats its recipient key (a v2 DID may take
+        // kilobytes), and a frame the link cannot seal would be dropped by the writer.
+        let len = super::proto::encoded_len(&frame).unwrap_or(usize::MAX);
+        let fits = len <= self.settings.max_frame;
+        if !fits {
+            debug!(peer = %node, len, max = self.settings.max_frame, "hand-off too large for one frame, released");
+        }
         let st = self.state.lock();
-        let sent = st.peers.get(node).and_then(|s| s.link.as_ref()).is_some_and(|l| {
-            l.tx.try_send(Frame::Deliver {
-                conn: conn.to_string(),
-                msgs,
-            })
-            .is_ok()
-        });
+        let sent = fits
+            && st
+                .peers
+                .get(node)
+                .and_then(|s| s.link.as_ref())
+                .is_some_and(|l| l.tx.try_send(frame).is_ok());
         let c = if sent {
             &self.counters.handoffs_sent
         } else {

@@ -124,7 +124,9 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
         let (conn, recipient) = route(m, next)
             .await?
             .ok_or_else(|| HandleError::UnknownRecipient(next.chars().take(200).collect()))?;
-        let handoff = m.handoff(&conn, payloads.iter().map(Vec::len).sum(), now);
+        // Every handed message repeats the recipient (a DID of up to 8 KiB).
+        let carried = payloads.iter().map(|p| p.len() + recipient.len()).sum();
+        let handoff = m.handoff(&conn, carried, now);
         let msgs = payloads
             .iter()
             .map(|payload| NewMessage {
