@@ -377,32 +377,25 @@ fn check_config_exits_64_with_the_reason() {
         "[cluster]\nname = 'x'\n[[node]]\nid = 'n1'\nlisten = 'nowhere'\nadmin = '127.0.0.1:1'\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8_lossy(&out.stderr);
+    // `mailroom CMD --config FILE`, no cluster secret from the environment: exit code, stderr.
+    let mailroom = |cmd: &str, config: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+            .args([cmd, "--config"])
+            .arg(config)
+            .env_remove("MAILROOM_CLUSTER_SECRET")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = mailroom("check-config", &bad);
+    assert_eq!(code, Some(64));
     assert!(err.contains("listen") && err.contains("not an IP:port"), "{err}");
-
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
-        .args([
-            "check-config",
-            "--config",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/cluster.toml"),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let example = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/cluster.toml"));
+    let (code, err) = mailroom("check-config", example);
+    assert_eq!(code, Some(0), "{err}");
 
     // `run` refuses a bad file the same way, before binding anything.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
-        .args(["run", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(mailroom("run", &bad).0, Some(64));
     let missing = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
         .args([
             "run",
@@ -457,27 +450,16 @@ fn check_config_exits_64_with_the_reason() {
         let path = dir.path().join(format!("bad-{i}.toml"));
         std::fs::write(&path, text).unwrap();
         for cmd in ["check-config", "run"] {
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
-                .args([cmd, "--config"])
-                .arg(&path)
-                .env_remove("MAILROOM_CLUSTER_SECRET")
-                .output()
-                .unwrap();
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(64), "{cmd} {text}: {err}");
+            let (code, err) = mailroom(cmd, &path);
+            assert_eq!(code, Some(64), "{cmd} {text}: {err}");
             assert!(err.contains(want), "{cmd} {text}: {err} should name {want:?}");
         }
     }
 
     // A TOML error names the place, not the line: that line may hold a secret.
     std::fs::write(&bad, "[cluster]\nsecret = \"hunter2hunter2\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = mailroom("check-config", &bad);
+    assert_eq!(code, Some(64));
     assert!(err.contains("line 2") && !err.contains("hunter2"), "{err}");
 }
 

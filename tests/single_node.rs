@@ -1066,27 +1066,9 @@ async fn https_endpoints_are_reached_with_the_operators_ca() {
     use std::sync::Arc;
 
     let dir = tempfile::tempdir().unwrap();
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "mailroom endpoint test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let srv_key = rcgen::KeyPair::generate().unwrap();
-    let srv = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&srv_key, &ca, &ca_key)
-        .unwrap();
+    let (ca_pem, tls) = test_ca_and_server("mailroom endpoint test CA", &["127.0.0.1"]);
     let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    let tls = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![srv.der().clone()],
-            rustls_pki_types::PrivateKeyDer::Pkcs8(srv_key.serialize_der().into()),
-        )
-        .unwrap();
+    std::fs::write(&ca_file, ca_pem).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("https://{}/agent", listener.local_addr().unwrap());
     let hits: Arc<AtomicUsize> = Arc::default();

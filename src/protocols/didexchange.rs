@@ -215,8 +215,7 @@ mod tests {
     use super::short;
     use crate::config::Config;
     use crate::didcomm::keys::KeyPair;
-    use crate::didcomm::message::{MessageType, ReturnRoute};
-    use crate::protocols::{HandleError, Inbound, Mediator, MediatorKeys, TransportKind};
+    use crate::protocols::{HandleError, Inbound, Mediator, MediatorKeys};
     use crate::store::{SledStore, Store};
     use serde_json::{json, Value};
     use std::sync::Arc;
@@ -228,19 +227,7 @@ mod tests {
     }
 
     fn inbound(msg: Value, sender: Option<&str>) -> Inbound {
-        let type_str = msg["@type"].as_str().unwrap().to_string();
-        Inbound {
-            mtype: MessageType::parse(&type_str),
-            type_str,
-            msg,
-            recipient_verkey: "r".into(),
-            sender_verkey: sender.map(str::to_string),
-            conn: None,
-            return_route: ReturnRoute::All,
-            transport: TransportKind::Http,
-            lease_owner: "n1/http".into(),
-            plaintext: Vec::new(),
-        }
+        Inbound::for_test(msg, sender, None)
     }
 
     fn refused(r: Result<crate::protocols::Outcome, HandleError>) -> HandleError {

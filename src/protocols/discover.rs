@@ -70,26 +70,13 @@ pub fn query(_m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
 mod tests {
     #[tokio::test]
     async fn push_protocols_are_disclosed_by_1_0_and_2_0() {
-        use crate::didcomm::message::{MessageType, ReturnRoute};
-        use crate::protocols::{Inbound, Mediator, MediatorKeys, TransportKind};
+        use crate::protocols::{Inbound, Mediator, MediatorKeys};
         use serde_json::{json, Value};
         let store = std::sync::Arc::new(crate::store::SledStore::temporary().await.unwrap());
         let cfg = crate::config::Config::single_node_default();
         let m = Mediator::new(store, MediatorKeys::generate(), &cfg, "n1", "http://127.0.0.1:1");
         let ask = |msg: Value| {
-            let type_str = msg["@type"].as_str().unwrap().to_string();
-            let ctx = Inbound {
-                mtype: MessageType::parse(&type_str),
-                type_str,
-                msg,
-                recipient_verkey: "r".into(),
-                sender_verkey: None,
-                conn: None,
-                return_route: ReturnRoute::All,
-                transport: TransportKind::Http,
-                lease_owner: "o".into(),
-                plaintext: Vec::new(),
-            };
+            let ctx = Inbound::for_test(msg, None, None);
             super::query(&m, &ctx).unwrap().replies.remove(0)
         };
         let v1 = ask(

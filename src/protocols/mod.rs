@@ -348,6 +348,27 @@ pub struct Inbound {
     pub plaintext: Vec<u8>,
 }
 
+#[cfg(test)]
+impl Inbound {
+    /// A message as the HTTP path hands it over, for handler tests: its type read from `msg`,
+    /// authcrypted by `sender` (the key of `conn`, when it has one), return-route `all`.
+    pub(crate) fn for_test(msg: Value, sender: Option<&str>, conn: Option<&Connection>) -> Inbound {
+        let type_str = msg["@type"].as_str().unwrap_or_default().to_string();
+        Inbound {
+            mtype: MessageType::parse(&type_str),
+            type_str,
+            msg,
+            recipient_verkey: "r".into(),
+            sender_verkey: sender.map(str::to_string),
+            conn: conn.cloned(),
+            return_route: ReturnRoute::All,
+            transport: TransportKind::Http,
+            lease_owner: "n1/http".into(),
+            plaintext: Vec::new(),
+        }
+    }
+}
+
 impl Inbound {
     pub fn id(&self) -> String {
         self.msg["@id"].as_str().unwrap_or_default().to_string()

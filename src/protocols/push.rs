@@ -155,8 +155,7 @@ pub async fn get_device_info(m: &Mediator, ctx: &Inbound, service: PushService) 
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::didcomm::message::{MessageType, ReturnRoute};
-    use crate::protocols::{MediatorKeys, TransportKind};
+    use crate::protocols::MediatorKeys;
     use crate::store::{Connection, SledStore, Store};
     use std::sync::Arc;
 
@@ -170,19 +169,7 @@ mod tests {
     }
 
     fn inbound(msg: Value, conn: Option<&Connection>) -> Inbound {
-        let type_str = msg["@type"].as_str().unwrap().to_string();
-        Inbound {
-            mtype: MessageType::parse(&type_str),
-            type_str,
-            msg,
-            recipient_verkey: "r".into(),
-            sender_verkey: conn.map(|_| "theirs".to_string()),
-            conn: conn.cloned(),
-            return_route: ReturnRoute::All,
-            transport: TransportKind::Http,
-            lease_owner: "n1/http".into(),
-            plaintext: Vec::new(),
-        }
+        Inbound::for_test(msg, conn.map(|_| "theirs"), conn)
     }
 
     async fn run(m: &Mediator, msg: Value, conn: Option<&Connection>) -> Result<Outcome, HandleError> {

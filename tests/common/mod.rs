@@ -208,3 +208,27 @@ pub fn masked_frame(payload: &[u8]) -> Vec<u8> {
     f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     f
 }
+
+/// A test CA and a server configuration whose certificate it signs for `names` (host names or
+/// IP addresses): (the CA certificate's PEM, what a TLS listener serves). For local HTTPS
+/// stand-ins a node reaches with the CA added to its trust.
+pub fn test_ca_and_server(ca_name: &str, names: &[&str]) -> (String, rustls::ServerConfig) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, ca_name);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let srv_key = rcgen::KeyPair::generate().unwrap();
+    let srv = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+        .unwrap()
+        .signed_by(&srv_key, &ca, &ca_key)
+        .unwrap();
+    let tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![srv.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(srv_key.serialize_der().into()),
+        )
+        .unwrap();
+    (ca.pem(), tls)
+}

@@ -140,18 +140,9 @@ impl StandIn {
     pub fn start() -> StandIn {
         let dir = tempfile::tempdir().unwrap();
         // The test CA and the server certificate it signs (127.0.0.1 and localhost).
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "mailroom push test CA");
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let srv_key = rcgen::KeyPair::generate().unwrap();
-        let srv_params = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        let srv = srv_params.signed_by(&srv_key, &ca, &ca_key).unwrap();
+        let (ca_pem, tls) = crate::common::test_ca_and_server("mailroom push test CA", &["localhost", "127.0.0.1"]);
         let ca_file = dir.path().join("ca.pem");
-        std::fs::write(&ca_file, ca.pem()).unwrap();
+        std::fs::write(&ca_file, ca_pem).unwrap();
         // The APNs signing key (P-256, PKCS#8 as Apple's .p8).
         let apns_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let apns_key_file = dir.path().join("AuthKey.p8");
@@ -162,13 +153,6 @@ impl StandIn {
             expires_in: Mutex::new(3600),
             ..State::default()
         });
-        let tls = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![srv.der().clone()],
-                rustls_pki_types::PrivateKeyDer::Pkcs8(srv_key.serialize_der().into()),
-            )
-            .unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let base_url = format!("https://127.0.0.1:{port}");
