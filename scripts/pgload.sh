@@ -13,6 +13,8 @@
 # (pg_stat_activity of the run's database; WAL writer and checkpointer not included), nginx,
 # and wrk itself. Prints one line of figures with the load average.
 # MAILROOM_BIN / FWD_COST_BIN: other builds. PGLOAD_POOL: store.pool_size (default 16).
+# PGLOAD_SSLMODE: the store link's sslmode (default: the node's, prefer: TLS when the server
+# offers it, as the box's PostgreSQL does; `disable` for plaintext).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-one}
@@ -51,7 +53,7 @@ wait_ready() {
   echo "pgload: $1 not ready" >&2; return 1
 }
 psql -q -h 127.0.0.1 -U postgres -d postgres -c "CREATE DATABASE $DB" >/dev/null
-URL_DB="postgres://postgres@127.0.0.1:5432/$DB"
+URL_DB="postgres://postgres@127.0.0.1:5432/$DB${PGLOAD_SSLMODE:+?sslmode=$PGLOAD_SSLMODE}"
 
 if [ "$MODE" = one ]; then
   read -r PUB ADM <<<"$(free_ports 2)"

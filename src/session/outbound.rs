@@ -2,7 +2,7 @@
 //!
 //! A queued message stays in the store until its POST succeeds (2xx): it is leased while
 //! in flight and acknowledged after, or released on failure for the sweep to retry. Every POST
-//! goes through the node's [`egress`](super::egress) client: no redirect is followed, and an
+//! goes through the node's [`egress`] client: no redirect is followed, and an
 //! endpoint resolving only to addresses the node may not reach (an admin listener, link-local)
 //! fails like an unreachable one.
 
