@@ -126,10 +126,11 @@ async fn implausible_epochs_and_claim_floods_are_refused() {
 /// them in one go (as before the slices) holds the cluster lock for well over a second in a
 /// debug build: 1.5-2 s measured here, against 30-150 ms for the worst slice.
 const BIG_RESYNC: usize = 300_000;
-/// Longest a directory lookup may wait while the resync is applied. Generous for a loaded
-/// 2-core machine (a slice takes a few milliseconds of CPU in a debug build, a map growing
-/// in it some more, all stretched by whatever else runs), far below one whole-resync hold.
-const MAX_LOOKUP: Duration = Duration::from_millis(500);
+/// The slowest directory lookup while the resync is applied, as a share of the time the
+/// whole resync took in the same run (not an absolute time: a loaded machine stretches both).
+/// One hold for the whole apply (as before the slices) waits most of that time; a slice is a
+/// few milliseconds of CPU in a debug build, against seconds for the whole.
+const MAX_LOOKUP_SHARE: u32 = 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resync_does_not_stall_directory_lookups() {
@@ -206,8 +207,8 @@ async fn resync_does_not_stall_directory_lookups() {
     assert_eq!(lost.len(), BIG_RESYNC, "every session the peer held is reported");
     assert!(n1.status().directory.is_empty());
     assert!(
-        worst <= MAX_LOOKUP,
-        "a directory lookup waited {worst:?} for the cluster lock"
+        worst * MAX_LOOKUP_SHARE <= took,
+        "a directory lookup waited {worst:?} for the cluster lock, over 1/{MAX_LOOKUP_SHARE} of the {took:?} the resync took"
     );
     n1.shutdown().await;
 }

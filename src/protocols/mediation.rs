@@ -47,16 +47,7 @@ pub fn over_limit_reason(would_hold: usize, max: usize) -> String {
 
 pub async fn mediate_request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     let conn = ctx.require_conn()?;
-    if conn.mediation == MediationState::Denied {
-        // Revoked by the operator (admin `POST /connections/{id}/mediation`): it stays so.
-        tracing::info!(connection = %conn.id, "mediate-request of a connection whose mediation was revoked: denied");
-        return Ok(Outcome {
-            replies: vec![ctx.reply("mediate-deny")],
-            connection: Some(conn.clone()),
-            ..Outcome::default()
-        });
-    }
-    let conn = if conn.mediation == MediationState::Granted {
+    let conn = if matches!(conn.mediation, MediationState::Granted | MediationState::Denied) {
         conn.clone()
     } else {
         let patch = ConnectionPatch {
@@ -64,14 +55,24 @@ pub async fn mediate_request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, Han
             updated_at_ms: super::now_ms(),
             ..ConnectionPatch::default()
         };
-        let granted = m
-            .store
+        // The stored state after the patch: a revocation that landed meanwhile stands.
+        m.store
             .update_connection(&conn.id, &patch)
             .await?
-            .ok_or(HandleError::NoConnection)?;
-        tracing::info!(connection = %granted.id, "mediation granted");
-        granted
+            .ok_or(HandleError::NoConnection)?
     };
+    if conn.mediation == MediationState::Denied {
+        // Revoked by the operator (admin `POST /connections/{id}/mediation`): it stays so.
+        tracing::info!(connection = %conn.id, "mediate-request of a connection whose mediation was revoked: denied");
+        return Ok(Outcome {
+            replies: vec![ctx.reply("mediate-deny")],
+            connection: Some(conn),
+            ..Outcome::default()
+        });
+    }
+    if ctx.conn.as_ref().map(|c| c.mediation) != Some(MediationState::Granted) {
+        tracing::info!(connection = %conn.id, "mediation granted");
+    }
     let mut grant = ctx.reply("mediate-grant");
     grant["endpoint"] = json!(m.public_url);
     grant["routing_keys"] = json!([m.keys.routing.did_key()]);

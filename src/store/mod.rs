@@ -112,8 +112,13 @@ impl ConnectionPatch {
         if let Some(s) = &self.state {
             c.state = s.clone();
         }
+        // A revocation is final: a grant read before it (a mediate-request racing with the
+        // operator's `POST /connections/{id}/mediation`) does not undo it. Applied under the
+        // backend's lock, so it holds whichever lands first.
         if let Some(m) = self.mediation {
-            c.mediation = m;
+            if c.mediation != MediationState::Denied {
+                c.mediation = m;
+            }
         }
         c.updated_at_ms = c.updated_at_ms.max(self.updated_at_ms);
     }

@@ -39,17 +39,8 @@ pub fn normalize_recipient(s: &str) -> Result<String, HandleError> {
 async fn mediate_request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     let sender = ctx.sender.clone().ok_or(HandleError::Unproven)?;
     let conn = match &ctx.conn {
-        Some(c) if c.mediation == MediationState::Granted => c.clone(),
-        Some(c) if c.mediation == MediationState::Denied => {
-            // Revoked by the operator (admin `POST /connections/{id}/mediation`): it stays so,
-            // as in v1.
-            tracing::info!(connection = %c.id, "v2 mediate-request of a connection whose mediation was revoked: denied");
-            return Ok(Outcome {
-                replies: vec![ctx.reply(m, "mediate-deny", json!({}))],
-                connection: Some(c.clone()),
-                ..Outcome::default()
-            });
-        }
+        Some(c) if matches!(c.mediation, MediationState::Granted | MediationState::Denied) => c.clone(),
+        // The stored state after the patch: a revocation that landed meanwhile stands.
         Some(c) => m
             .store
             .update_connection(
@@ -64,6 +55,16 @@ async fn mediate_request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleE
             .unwrap_or_else(|| c.clone()),
         None => create(m, ctx, &sender).await?,
     };
+    if conn.mediation == MediationState::Denied {
+        // Revoked by the operator (admin `POST /connections/{id}/mediation`): it stays so,
+        // as in v1.
+        tracing::info!(connection = %conn.id, "v2 mediate-request of a connection whose mediation was revoked: denied");
+        return Ok(Outcome {
+            replies: vec![ctx.reply(m, "mediate-deny", json!({}))],
+            connection: Some(conn),
+            ..Outcome::default()
+        });
+    }
     let grant = ctx.reply(m, "mediate-grant", json!({ "routing_did": [m.v2.did] }));
     Ok(Outcome {
         replies: vec![grant],

@@ -271,6 +271,18 @@ pub async fn routing_keys(b: Arc<dyn Backend>) {
         ..ConnectionPatch::default()
     };
     assert!(s.update_connection(&cr, &patch).await.unwrap().is_some());
+    // A grant read before the revocation (a mediate-request racing with it) does not undo it.
+    let regrant = ConnectionPatch {
+        mediation: Some(MediationState::Granted),
+        updated_at_ms: 2,
+        ..ConnectionPatch::default()
+    };
+    let after = s.update_connection(&cr, &regrant).await.unwrap().unwrap();
+    assert_eq!(after.mediation, MediationState::Denied);
+    assert_eq!(
+        s.get_connection(&cr).await.unwrap().unwrap().mediation,
+        MediationState::Denied
+    );
     assert_eq!(
         s.update_keys(&cr, &[k("after-revocation")], &[k("kept-before")])
             .await
