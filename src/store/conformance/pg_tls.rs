@@ -240,3 +240,57 @@ async fn verifying_modes_refuse_what_the_certificate_does_not_prove() {
     })
     .await
 }
+
+/// A server whose TLS handshake fails (a certificate rustls cannot read, as X.509 v1 or a
+/// 1024-bit RSA key: here a stand-in in front of the real server that answers the TLS request
+/// with bytes that are no TLS record and passes a plaintext startup through). `prefer` goes on
+/// in plaintext, as libpq does; `require` refuses. Before, `prefer` failed to connect at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefer_goes_on_in_plaintext_when_the_handshake_fails_and_require_does_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cfg: tokio_postgres::Config = server_url().parse().expect("a postgres:// URL");
+    let Some(tokio_postgres::config::Host::Tcp(host)) = cfg.get_hosts().first().cloned() else {
+        panic!("the stand-in needs a TCP host in {}", server_url());
+    };
+    let target = (host, cfg.get_ports().first().copied().unwrap_or(5432));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                let mut head = [0u8; 8];
+                if c.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                // SSLRequest: length 8, code 80877103.
+                if head == [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f] {
+                    let _ = c.write_all(b"Snot a TLS record at all, not even close").await;
+                    return;
+                }
+                let Ok(mut s) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                if s.write_all(&head).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                }
+            });
+        }
+    });
+    let base = server_url();
+    let creds_end = base.rfind('@').map_or(base.find("://").unwrap() + 3, |i| i + 1);
+    let prefix = format!("{}127.0.0.1:{port}", &base[..creds_end]);
+    let via = move |db: &str, params: &str| format!("{prefix}/{db}?{params}");
+    with_db(test_db_name(), move |db| async move {
+        let app = "mailroom-tls-fallback";
+        let s = open_postgres(&via(&db, &format!("application_name={app}")), 2)
+            .await
+            .unwrap();
+        round_trip(&s).await;
+        let (n, all_tls) = server_sees(&db, app).await;
+        assert!(n >= 1 && all_tls == Some(false), "{n} backends, TLS: {all_tls:?}");
+        let e = refusal(&via(&db, "sslmode=require")).await;
+        assert!(e.contains("TLS"), "{e}");
+    })
+    .await
+}

@@ -108,6 +108,11 @@ fn causes(e: &dyn std::error::Error) -> String {
     msg
 }
 
+/// A connection that failed in its TLS handshake (tokio-postgres says no more than that).
+fn is_tls_handshake(e: &tokio_postgres::Error) -> bool {
+    e.to_string().starts_with("error performing TLS handshake")
+}
+
 /// Deadlock victim or serialization failure: the statement had no effect and may run again.
 fn is_transient(e: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
@@ -150,23 +155,26 @@ impl PgStore {
     /// Connects with a pool of `pool_size` connections and applies pending migrations. The
     /// URL's `sslmode` and `sslrootcert` apply to every connection (see [`check_url`]).
     pub async fn open(url: &str, pool_size: usize) -> StoreResult<PgStore> {
-        let PgLink { config: cfg, tls } =
+        let PgLink { config: mut cfg, tls } =
             PgLink::from_url(url).map_err(|e| StoreError::Unavailable(format!("postgres url: {e}")))?;
-        let mgr = Manager::from_config(
-            cfg.clone(),
-            tls.clone(),
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(mgr)
-            .max_size(pool_size.max(WRITER_TASKS + 1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(POOL_WAIT))
-            .build()
-            .map_err(|e| StoreError::Unavailable(format!("postgres pool: {e}")))?;
-        let client = match pool.get().await {
+        let mut pool = Self::pool(&cfg, &tls, pool_size)?;
+        let mut first = pool.get().await;
+        if tls.mode() == SslMode::Prefer {
+            if let Err(deadpool_postgres::PoolError::Backend(e)) = &first {
+                if is_tls_handshake(e) {
+                    // libpq's `prefer` tries plaintext when the TLS handshake fails (a
+                    // certificate rustls cannot read: X.509 v1, RSA under 2048 bits, P-521).
+                    tracing::warn!(
+                        "TLS handshake with PostgreSQL failed ({e}{}): sslmode=prefer goes on in plaintext,                          as libpq does (sslmode=require or verify-full refuses that)",
+                        causes(e)
+                    );
+                    cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                    pool = Self::pool(&cfg, &tls, pool_size)?;
+                    first = pool.get().await;
+                }
+            }
+        }
+        let client = match first {
             Err(deadpool_postgres::PoolError::Backend(e))
                 if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME) =>
             {
@@ -184,8 +192,8 @@ impl PgStore {
         );
         if tls.mode() == SslMode::Prefer && !encrypted {
             tracing::warn!(
-                "the PostgreSQL server does not offer TLS: the store link is plaintext \
-                 (sslmode=require or verify-full in store.url refuses that)"
+                "the store link to PostgreSQL is plaintext (the server offers no TLS, or its \
+                 handshake failed); sslmode=require or verify-full in store.url refuses that"
             );
         }
         migrate(client).await?;
@@ -197,6 +205,24 @@ impl PgStore {
         let (lease_tx, lease_rx) = mpsc::channel(WRITER_CHANNEL);
         tokio::spawn(lease_task(pool.clone(), lease_rx));
         Ok(PgStore { pool, tx, lease_tx })
+    }
+
+    /// The connection pool of a store link.
+    fn pool(cfg: &tokio_postgres::Config, tls: &tls::PgTls, pool_size: usize) -> StoreResult<Pool> {
+        let mgr = Manager::from_config(
+            cfg.clone(),
+            tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        Pool::builder(mgr)
+            .max_size(pool_size.max(WRITER_TASKS + 1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(POOL_WAIT))
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("postgres pool: {e}")))
     }
 
     /// Hands messages to the writer task and waits for their batch to commit.
