@@ -399,6 +399,19 @@ async fn garbage_and_bad_frames_close_that_connection_only() {
     })
     .await;
 
+    // 2a. Before authentication, a length a handshake frame never has (under the link's
+    //     max_frame, over what a Hello or a Noise message can be): refused at once, not
+    //     awaited until the handshake times out.
+    let mut s = TcpStream::connect(addrs[0]).await.unwrap();
+    let mut pre = mailroom::cluster::proto::preamble().to_vec();
+    pre.extend_from_slice(&((handshake::HANDSHAKE_FRAME_MAX + 1) as u32).to_be_bytes());
+    s.write_all(&pre).await.unwrap();
+    wait_until("a handshake frame over its cap counted", || {
+        nodes[0].h.status().counters.frames_rejected >= 3
+    })
+    .await;
+    assert!(closed_by_server(&mut s).await);
+
     // 2b. A future protocol version: refused as an auth failure, with a reason, and closed.
     let before = nodes[0].h.status().counters.auth_failures;
     let mut s = TcpStream::connect(addrs[0]).await.unwrap();
@@ -424,7 +437,7 @@ async fn garbage_and_bad_frames_close_that_connection_only() {
     s.write_all(&(16u32 << 20).to_be_bytes()).await.unwrap();
     assert!(closed_by_server(&mut s).await);
     wait_until("oversize frame counted", || {
-        nodes[0].h.status().counters.frames_rejected >= 3
+        nodes[0].h.status().counters.frames_rejected >= 4
     })
     .await;
 

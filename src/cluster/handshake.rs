@@ -308,9 +308,14 @@ where
     }
 }
 
+/// Largest frame read before the peer is authenticated: a `Hello` (cluster name, node id, a
+/// nonce), a Noise message or a `Refused` reason is well under it. A link's `max_frame` (up to
+/// 8 MiB) applies only once the peer proved it holds the secret.
+pub const HANDSHAKE_FRAME_MAX: usize = 16 * 1024;
+
 /// Reads the next handshake frame, turning a `Refused` and a close into errors.
 async fn next<S: AsyncRead + Unpin>(stream: &mut S, local: &Local<'_>) -> Result<Frame, HandshakeError> {
-    match codec::read_frame(stream, local.max_frame).await? {
+    match codec::read_frame(stream, local.max_frame.min(HANDSHAKE_FRAME_MAX)).await? {
         None => Err(HandshakeError::Closed),
         Some(Frame::Refused { reason }) => Err(HandshakeError::PeerRefused(reason)),
         Some(f) => Ok(f),
