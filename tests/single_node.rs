@@ -771,38 +771,27 @@ async fn redirects_from_an_endpoint_are_not_followed() {
         format!("{standin}/sink"),
         format!("{}/drain", n.admin_url()),
     );
+    // A POST counted in hits[i], answered 307 to `to`.
+    fn redirect(hits: Arc<[AtomicUsize; 3]>, i: usize, to: String) -> actix_web::Route {
+        web::post().to(move || {
+            hits[i].fetch_add(1, Ordering::SeqCst);
+            let to = to.clone();
+            async move {
+                HttpResponse::TemporaryRedirect()
+                    .insert_header(("Location", to))
+                    .finish()
+            }
+        })
+    }
     let server = HttpServer::new(move || {
-        let (h1, h2, h3) = (h.clone(), h.clone(), h.clone());
-        let (to_sink, to_admin) = (to_sink.clone(), to_admin.clone());
+        let sink = h.clone();
         App::new()
-            .route(
-                "/to-sink",
-                web::post().to(move || {
-                    h1[0].fetch_add(1, Ordering::SeqCst);
-                    let to = to_sink.clone();
-                    async move {
-                        HttpResponse::TemporaryRedirect()
-                            .insert_header(("Location", to))
-                            .finish()
-                    }
-                }),
-            )
-            .route(
-                "/to-admin",
-                web::post().to(move || {
-                    h2[1].fetch_add(1, Ordering::SeqCst);
-                    let to = to_admin.clone();
-                    async move {
-                        HttpResponse::TemporaryRedirect()
-                            .insert_header(("Location", to))
-                            .finish()
-                    }
-                }),
-            )
+            .route("/to-sink", redirect(h.clone(), 0, to_sink.clone()))
+            .route("/to-admin", redirect(h.clone(), 1, to_admin.clone()))
             .route(
                 "/sink",
                 web::post().to(move || {
-                    h3[2].fetch_add(1, Ordering::SeqCst);
+                    sink[2].fetch_add(1, Ordering::SeqCst);
                     async { HttpResponse::Accepted().finish() }
                 }),
             )

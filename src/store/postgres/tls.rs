@@ -177,17 +177,11 @@ fn take_tls_params(url: &str) -> Result<(String, Option<SslMode>, Option<PathBuf
 
 /// The certificates of a PEM file (a CA bundle may hold several).
 fn read_roots(path: &Path) -> Result<RootCertStore, String> {
-    use rustls_pki_types::pem::PemObject;
-    let pem = std::fs::read(path).map_err(|e| format!("sslrootcert: cannot read {}: {e}", path.display()))?;
     let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&pem) {
-        let c = c.map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+    for der in crate::tls::pem_certs(path, "sslrootcert")? {
         roots
-            .add(c)
+            .add(CertificateDer::from(der))
             .map_err(|e| format!("sslrootcert {}: not a usable CA certificate: {e}", path.display()))?;
-    }
-    if roots.is_empty() {
-        return Err(format!("sslrootcert {}: no certificate in it", path.display()));
     }
     Ok(roots)
 }
