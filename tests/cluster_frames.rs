@@ -6,13 +6,14 @@
 //! Real TCP on 127.0.0.1:0; the test speaks as a configured peer ("ghost") with the secret,
 //! over the encrypted link (`cluster::link`).
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mailroom::cluster::proto::{Claim, Frame};
 use mailroom::cluster::{handshake, link, ClusterConfig, ClusterEvent, ClusterHandle, PeerConfig};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -35,9 +36,19 @@ type GhostLink = link::Link<TcpStream>;
 async fn ghost_and_node(
     tune: impl FnOnce(&mut ClusterConfig),
 ) -> (ClusterHandle, mpsc::Receiver<ClusterEvent>, GhostLink) {
+    let (n1, ev, addr, max) = node_with_ghost(tune).await;
+    let link = ghost_link(addr, max).await.unwrap();
+    (n1, ev, link)
+}
+
+/// Starts node "n1" whose only peer is "ghost" (configured at a closed address on
+/// 127.0.0.1: n1's own dials fail, so the ghost's link is the only one). Returns n1, its
+/// events, its cluster address and its `max_frame`.
+async fn node_with_ghost(
+    tune: impl FnOnce(&mut ClusterConfig),
+) -> (ClusterHandle, mpsc::Receiver<ClusterEvent>, SocketAddr, usize) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    // The ghost's configured address is closed: n1's own dials fail, ours is the only link.
     let ghost_addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
     let mut cfg = ClusterConfig::new(
         "n1",
@@ -55,18 +66,21 @@ async fn ghost_and_node(
     let max = cfg.max_frame;
     let (tx, ev) = mpsc::channel(1024);
     let n1 = ClusterHandle::start(cfg, l, tx).await.unwrap();
+    (n1, ev, addr, max)
+}
+
+/// The ghost's link to n1 at `addr`, from 127.0.0.1.
+async fn ghost_link(addr: SocketAddr, max_frame: usize) -> Result<GhostLink, handshake::HandshakeError> {
     let s = TcpStream::connect(addr).await.unwrap();
     let local = handshake::Local {
         cluster: "test",
         node: "ghost",
         secret: b"s3cret",
-        max_frame: max,
+        max_frame,
     };
-    let link = link::open(s, &local, handshake::Role::Dialer, Some("n1"), |_| true)
-        .await
-        .unwrap();
+    let link = link::open(s, &local, handshake::Role::Dialer, Some("n1"), |_| true).await?;
     assert_eq!(link.peer, "n1");
-    (n1, ev, link)
+    Ok(link)
 }
 
 fn now_epoch() -> u64 {
@@ -285,5 +299,62 @@ async fn claims_with_oversized_connection_ids_are_refused() {
         "only the ids of at most 128 bytes are kept"
     );
     assert_eq!(n1.status().counters.frames_rejected, rejected_before + 6);
+    n1.shutdown().await;
+}
+
+/// An idle socket from `source` (any 127.0.0.0/8 address) to `addr`: it sends nothing.
+async fn idle_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::from((Ipv4Addr::from(source), 0))).unwrap();
+    sock.connect(addr).await.unwrap()
+}
+
+/// Anyone who reaches the cluster port can open sockets and send nothing. Each used to hold
+/// one of the 64 pending-handshake slots for the whole handshake timeout (60 s here), and a
+/// real peer arriving while they were full was dropped: 64 idle sockets, reopened as they
+/// timed out, kept every link down. Now a source holds at most 8 slots and a newcomer takes
+/// the oldest slot of the busiest source: neither idle sockets from 40 other addresses nor
+/// more from the peer's own address (the same host) keep it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_do_not_keep_a_peer_out() {
+    let (n1, _ev, addr, max) = node_with_ghost(|_| {}).await;
+    let mut flood = Vec::new();
+    for k in 2..42u8 {
+        for _ in 0..4 {
+            flood.push(idle_from([127, 0, 0, k], addr).await);
+        }
+    }
+    for _ in 0..16 {
+        flood.push(idle_from([127, 0, 0, 1], addr).await);
+    }
+    // The node accepts in order, so by the time it answers the ghost every idle socket above
+    // has been admitted (and most evicted).
+    let link = tokio::time::timeout(WAIT, ghost_link(addr, max))
+        .await
+        .expect("the peer's handshake finishes")
+        .expect("the peer is let in");
+    drop(link);
+    // 176 idle sockets and the peer's for 64 slots: at least 113 were evicted (all idle
+    // ones: the peer's finished its handshake), and their sockets closed.
+    let evictions = flood.len() + 1 - 64;
+    assert!(
+        n1.status().counters.handshakes_evicted >= evictions as u64,
+        "evicted {} of {}",
+        n1.status().counters.handshakes_evicted,
+        evictions
+    );
+    let deadline = Instant::now() + WAIT;
+    let mut closed = vec![false; flood.len()];
+    while closed.iter().filter(|c| **c).count() < evictions {
+        assert!(Instant::now() < deadline, "evicted sockets stay open");
+        for (s, c) in flood.iter().zip(closed.iter_mut()).filter(|(_, c)| !**c) {
+            let mut buf = [0u8; 64];
+            *c = match s.try_read(&mut buf) {
+                Ok(n) => n == 0,
+                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     n1.shutdown().await;
 }

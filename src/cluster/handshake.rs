@@ -84,6 +84,8 @@ pub enum HandshakeError {
     Closed,
     #[error("handshake timed out")]
     Timeout,
+    #[error("a newer connection took this pending handshake's place (too many pending)")]
+    Evicted,
     #[error("noise: {0}")]
     Noise(String),
     #[error(transparent)]

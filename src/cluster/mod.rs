@@ -19,7 +19,8 @@
 //!
 //! Limits: frame size (`max_frame`, at most [`proto::MAX_FRAME_CEILING`]), per-link send queue
 //! (`peer_queue`; full queues drop and count, directory changes then fall back to a resync),
-//! pending handshakes (64), claims per peer (1,000,000) and bytes per claimed connection id
+//! pending handshakes (64, at most 8 per source address; a newcomer evicts the oldest of the
+//! busiest source, never a configured peer's for an unknown source), claims per peer (1,000,000) and bytes per claimed connection id
 //! ([`proto::MAX_CONN_ID`], 128: longer claims are ignored), directory work per hold of the
 //! cluster lock (`peer::DIR_SLICE` claims: a large resync or a failed peer's claims are
 //! handled in slices, so forwards and session binds never wait for a whole one).

@@ -5,13 +5,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use rand::Rng;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, warn};
 
+use super::admission::{Admission, Admit};
 use super::link_task::run_link;
-use super::{Shared, BACKOFF_CAP, BACKOFF_START, MAX_PENDING_HANDSHAKES};
+use super::{bump, Shared, BACKOFF_CAP, BACKOFF_START, MAX_PENDING_HANDSHAKES};
 use crate::cluster::codec::CodecError;
 use crate::cluster::handshake::{self, Established, HandshakeError, Role};
 use crate::cluster::membership::MemberEvent;
@@ -19,7 +21,10 @@ use crate::cluster::membership::MemberEvent;
 /// Accepts peer connections until shutdown.
 pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     let mut shutdown = shared.shutdown_rx.clone();
-    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    // Each pending handshake's slot holds the sender of its cancel signal: dropping it (an
+    // eviction) ends that handshake and closes its socket.
+    let pending: Arc<Mutex<Admission<oneshot::Sender<()>>>> =
+        Arc::new(Mutex::new(Admission::new(MAX_PENDING_HANDSHAKES)));
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -37,30 +42,53 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         if shared.state.lock().left {
             continue; // dropped: we are leaving
         }
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            warn!(%addr, "too many cluster handshakes in progress, connection dropped");
-            continue;
+        let source = addr.ip().to_canonical();
+        let protected = shared
+            .state
+            .lock()
+            .peers
+            .values()
+            .any(|p| p.addr.ip().to_canonical() == source);
+        let (cancel, cancelled) = oneshot::channel();
+        let slot = match pending.lock().admit(source, protected, cancel) {
+            Admit::Yes { id, evicted } => {
+                if evicted.is_some() {
+                    bump(&shared.counters.handshakes_evicted);
+                    debug!(%addr, "cluster handshake admitted in place of an older pending one");
+                }
+                id
+            }
+            Admit::No => {
+                warn!(%addr, "every pending cluster handshake is a configured peer's, connection dropped");
+                continue;
+            }
         };
         let me = shared.clone();
+        let pending = pending.clone();
         shared.spawn(async move {
             let _ = stream.set_nodelay(true);
             let mut stream = stream;
             let res = {
                 let local = local_params(&me);
                 let check = |n: &str| me.state.lock().members.is_configured(n);
-                tokio::time::timeout(
+                let handshake = tokio::time::timeout(
                     me.settings.handshake_timeout,
                     handshake::run(&mut stream, &local, Role::Acceptor, None, check),
-                )
-                .await
-                .unwrap_or(Err(HandshakeError::Timeout))
+                );
+                tokio::select! {
+                    r = handshake => r.unwrap_or(Err(HandshakeError::Timeout)),
+                    // Evicted by a newer socket (admission.rs): the socket closes here.
+                    _ = cancelled => Err(HandshakeError::Evicted),
+                }
             };
-            drop(permit);
+            pending.lock().release(slot);
             match res {
                 Ok(Established { peer, channel }) => {
                     debug!(%addr, peer = %peer, "inbound cluster link authenticated");
                     run_link(me, stream, channel, peer, false).await;
                 }
+                // A flood evicts many: counted, and not a warning each.
+                Err(HandshakeError::Evicted) => debug!(%addr, "pending cluster handshake evicted"),
                 Err(e) => {
                     me.count_handshake_error(&e);
                     warn!(%addr, reason = %e, "inbound cluster connection refused");

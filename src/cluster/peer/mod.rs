@@ -19,6 +19,7 @@
 //! Files: `connect.rs` (the listener and the dialers: sockets to authenticated links),
 //! `link_task.rs` (one link's reader, writer and heartbeats); this file holds the shared core.
 
+mod admission;
 mod connect;
 mod link_task;
 
@@ -44,7 +45,7 @@ pub(crate) use connect::accept_loop;
 pub use link_task::resync_chunks;
 
 /// Connections accepted but not yet authenticated, at most (a flood of idle sockets must not
-/// starve real peers of file descriptors or tasks).
+/// starve real peers of file descriptors or tasks; `admission.rs` decides who waits).
 const MAX_PENDING_HANDSHAKES: usize = 64;
 /// Frames written before one flush, at most (keeps heartbeats timely under load).
 const WRITE_BATCH: usize = 64;
@@ -85,6 +86,7 @@ pub(crate) struct Counters {
     pub handoffs_received: AtomicU64,
     pub handoffs_failed: AtomicU64,
     pub handoffs_unconfirmed: AtomicU64,
+    pub handshakes_evicted: AtomicU64,
 }
 
 /// A snapshot of the link's counters (`Counters`) for status output.
@@ -117,6 +119,10 @@ pub struct CounterSnapshot {
     /// later ping: the peer may never have read them, so the sender released them (a release
     /// gives back only what is still leased to the peer's hand-off owner).
     pub handoffs_unconfirmed: u64,
+    /// Pending inbound handshakes closed to make room for a newer connection: the source
+    /// address held too many, or the table was full (a flood of idle sockets on the
+    /// cluster port, when it grows).
+    pub handshakes_evicted: u64,
 }
 
 impl Counters {
@@ -136,6 +142,7 @@ impl Counters {
             handoffs_received: g(&self.handoffs_received),
             handoffs_failed: g(&self.handoffs_failed),
             handoffs_unconfirmed: g(&self.handoffs_unconfirmed),
+            handshakes_evicted: g(&self.handshakes_evicted),
         }
     }
 }
