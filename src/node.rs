@@ -472,6 +472,7 @@ pub async fn run(
         path: opts.config_path.clone(),
         node_id: node_id.to_string(),
         cluster: cluster.clone(),
+        egress: shared.egress.clone(),
     });
     let admin_state = Arc::new(AdminState::new(
         shared.clone(),
@@ -565,6 +566,8 @@ pub struct Reloader {
     path: Option<std::path::PathBuf>,
     node_id: String,
     cluster: Option<ClusterHandle>,
+    /// The new nodes' admin listeners join the addresses endpoints may not reach.
+    egress: Arc<crate::session::egress::Egress>,
 }
 
 impl Reloader {
@@ -579,6 +582,7 @@ impl Reloader {
             .with_context(|| format!("the new file, for this node ({})", self.node_id))?;
         let cluster = self.cluster.as_ref().context("this node has no cluster listener")?;
         let cc = cluster_config(&cfg, &self.node_id)?;
+        self.egress.refuse_admins(cfg.nodes.iter().map(|n| n.admin.as_str()));
         let n = cc.peers.len();
         cluster.update_peers(cc.peers);
         Ok(n)

@@ -359,7 +359,8 @@ async fn peers_with_a_wrong_secret_or_cluster_name_are_refused() {
 }
 
 /// A fourth node joins a running cluster through the reload: its sessions get notifications
-/// from the others, and what was in flight is not lost.
+/// from the others, what was in flight is not lost, and its admin listener is as out of
+/// agents' reach as the others'.
 #[actix_rt::test]
 async fn a_node_added_by_reload_gets_notifications() {
     let db = FreshDb::create().await;
@@ -394,6 +395,17 @@ async fn a_node_added_by_reload_gets_notifications() {
     for n in &nodes {
         eventually("links to n4", || async { peer_connected(n, "n4").await.then_some(()) }).await;
     }
+    // The new node's admin listener is refused to agents' endpoints as the others' are: an
+    // agent connecting through n1 with n4's tokenless `/drain` as its endpoint drains nothing.
+    let refused = endpoint_posts(&nodes[0], "refused").await;
+    connect_replying_to(&nodes[0], &format!("{}/drain", n4.admin_url())).await;
+    eventually("the POST to n4's admin refused", || async {
+        (endpoint_posts(&nodes[0], "refused").await > refused).then_some(())
+    })
+    .await;
+    assert_eq!(endpoint_posts(&nodes[0], "ok").await, 0);
+    let (st, body) = get_status(&format!("{}/ready", n4.admin_url()), None).await;
+    assert_eq!(st, 200, "n4 is not drained: {body}");
     let mut ws = live_socket(&a, &n4).await;
     wait_owner(&[&nodes[0], &nodes[1], &nodes[2]], &conn, "n4").await;
     for (i, n) in nodes.iter().enumerate() {

@@ -651,36 +651,6 @@ async fn endpoint_delivery_retries_until_accepted() {
     handle.stop(true).await;
 }
 
-/// An agent whose DID document's endpoint is `endpoint`, connected by a didexchange request
-/// without return route: the mediator POSTs its response to that endpoint.
-async fn connect_replying_to(n: &mailroom::node::RunningNode, endpoint: &str) -> Agent {
-    use mailroom::didcomm::{did, keys::KeyPair};
-    let inv = invitation(n).await;
-    let key = KeyPair::generate();
-    let my_did = did::create_peer4(&key.verkey(), &[endpoint.to_string()], &[]);
-    let a = Agent::from_parts(key, my_did.clone(), inv.recipient_key.clone(), n.public_url());
-    let request = json!({
-        "@type": "https://didcomm.org/didexchange/1.1/request",
-        "@id": "no-return-route",
-        "label": "endpoint-agent",
-        "did": my_did,
-        "~thread": { "pthid": inv.id },
-    });
-    assert_eq!(
-        a.send(&request).await.unwrap(),
-        202,
-        "the response goes to the endpoint"
-    );
-    a
-}
-
-/// `mailroom_endpoint_posts_total{result=...}`, 0 before the first.
-async fn endpoint_posts(n: &mailroom::node::RunningNode, result: &str) -> u64 {
-    metric(n, &format!("mailroom_endpoint_posts_total{{result=\"{result}\"}}"))
-        .await
-        .unwrap_or(0.0) as u64
-}
-
 /// Every POST to an agent's endpoint so far, whatever its result.
 async fn endpoint_posts_done(n: &mailroom::node::RunningNode) -> u64 {
     let mut all = 0;

@@ -21,6 +21,7 @@ use actix_tls::connect::tcp::TcpConnectorService;
 use actix_tls::connect::{ConnectError, ConnectInfo, Connection, ResolverService};
 use awc::http::Uri;
 use futures_util::future::LocalBoxFuture;
+use parking_lot::RwLock;
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -77,14 +78,25 @@ impl EgressPolicy {
     /// nodes in one process share the host's loopback).
     pub fn new<'a>(own_admin: SocketAddr, admins: impl IntoIterator<Item = &'a str>) -> EgressPolicy {
         let mut p = EgressPolicy::default();
-        let configured = admins.into_iter().filter_map(|a| a.parse::<SocketAddr>().ok());
-        for a in std::iter::once(own_admin).chain(configured) {
-            if a.port() != 0 {
-                p.admin_ports.insert(a.port());
-                p.admin_addrs.insert(SocketAddr::new(canonical(a.ip()), a.port()));
-            }
-        }
+        p.add_admin(own_admin);
+        p.add_admins(admins);
         p
+    }
+
+    /// Refuses these admin listeners too (`[[node]]` entries' `admin`, as written in the
+    /// config; the ones that are not addresses name nothing dialable here and are skipped).
+    /// Nothing is ever taken out: a node removed from the file may still be running.
+    pub fn add_admins<'a>(&mut self, admins: impl IntoIterator<Item = &'a str>) {
+        for a in admins.into_iter().filter_map(|a| a.parse::<SocketAddr>().ok()) {
+            self.add_admin(a);
+        }
+    }
+
+    fn add_admin(&mut self, a: SocketAddr) {
+        if a.port() != 0 {
+            self.admin_ports.insert(a.port());
+            self.admin_addrs.insert(SocketAddr::new(canonical(a.ip()), a.port()));
+        }
     }
 
     /// The same policy, refusing loopback and private addresses too when `refuse` is set.
@@ -167,7 +179,7 @@ fn is_link_local(ip: IpAddr) -> bool {
 /// when none is left.
 #[derive(Clone)]
 struct GuardedConnector {
-    policy: Arc<EgressPolicy>,
+    policy: Arc<RwLock<EgressPolicy>>,
     resolver: ResolverService,
     tcp: TcpConnectorService,
 }
@@ -185,7 +197,7 @@ impl Service<ConnectInfo<Uri>> for GuardedConnector {
         let tcp = self.tcp;
         Box::pin(async move {
             let mut req = resolve.await?;
-            let (ok, reasons) = policy.filter(req.take_addrs());
+            let (ok, reasons) = policy.read().filter(req.take_addrs());
             if ok.is_empty() {
                 let refused = Refused {
                     host: req.hostname().to_string(),
@@ -207,7 +219,9 @@ impl Service<ConnectInfo<Uri>> for GuardedConnector {
 /// What one node's outbound POSTs share: the policy and the request timeout. The awc client
 /// built from it is kept per thread ([`Egress::client`]): awc clients are not `Send`.
 pub struct Egress {
-    policy: Arc<EgressPolicy>,
+    /// Shared with every thread's connector: a reload that adds nodes refuses their admin
+    /// listeners on every client at once.
+    policy: Arc<RwLock<EgressPolicy>>,
     timeout: Duration,
     /// `https://` endpoints: the webpki roots and `delivery.ca_file`'s.
     tls: Arc<rustls::ClientConfig>,
@@ -222,10 +236,16 @@ impl Egress {
     /// `extra_roots`: DER certificates trusted beside the webpki roots (`delivery.ca_file`).
     pub fn new(policy: EgressPolicy, timeout: Duration, extra_roots: &[Vec<u8>]) -> Result<Egress, String> {
         Ok(Egress {
-            policy: Arc::new(policy),
+            policy: Arc::new(RwLock::new(policy)),
             timeout,
             tls: crate::tls::client_config(extra_roots, &[b"http/1.1"], "delivery.ca_file")?,
         })
+    }
+
+    /// Refuses the admin listeners of `[[node]]` entries the config gained since start
+    /// (`POST /reload`, SIGHUP): a node that joins later is no less reachable by an endpoint.
+    pub fn refuse_admins<'a>(&self, admins: impl IntoIterator<Item = &'a str>) {
+        self.policy.write().add_admins(admins);
     }
 
     /// This node's client on this thread, made on first use.

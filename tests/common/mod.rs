@@ -149,6 +149,36 @@ pub async fn metric(n: &RunningNode, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// An agent whose DID document's endpoint is `endpoint`, connected by a didexchange request
+/// without return route: the mediator POSTs its response to that endpoint.
+pub async fn connect_replying_to(n: &RunningNode, endpoint: &str) -> Agent {
+    use mailroom::didcomm::{did, keys::KeyPair};
+    let inv = invitation(n).await;
+    let key = KeyPair::generate();
+    let my_did = did::create_peer4(&key.verkey(), &[endpoint.to_string()], &[]);
+    let a = Agent::from_parts(key, my_did.clone(), inv.recipient_key.clone(), n.public_url());
+    let request = json!({
+        "@type": "https://didcomm.org/didexchange/1.1/request",
+        "@id": "no-return-route",
+        "label": "endpoint-agent",
+        "did": my_did,
+        "~thread": { "pthid": inv.id },
+    });
+    assert_eq!(
+        a.send(&request).await.unwrap(),
+        202,
+        "the response goes to the endpoint"
+    );
+    a
+}
+
+/// `mailroom_endpoint_posts_total{result=...}`, 0 before the first.
+pub async fn endpoint_posts(n: &RunningNode, result: &str) -> u64 {
+    metric(n, &format!("mailroom_endpoint_posts_total{{result=\"{result}\"}}"))
+        .await
+        .unwrap_or(0.0) as u64
+}
+
 pub async fn queue_depth(n: &RunningNode) -> u64 {
     get_json(&format!("{}/status", n.admin_url())).await["queued"]
         .as_u64()
