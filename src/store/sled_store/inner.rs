@@ -273,7 +273,8 @@ impl Inner {
     }
 
     /// Flushes sled and syncs the queue log (removals appended since its last synced append);
-    /// when both succeed, clears a failure mark (the supervisor's probe, after free space).
+    /// when both succeed, clears a failure mark (the supervisor's probe, after free space). A
+    /// queue log poisoned by a failed sync refuses the sync: only its reopen clears that.
     pub(super) fn flush_all(&self) -> StoreResult<()> {
         self.flush()?;
         let r = self.log.sync();

@@ -50,9 +50,9 @@
 //! Files: `inner.rs` (the open database: trees, open and index rebuild, reads, removals),
 //! `writer.rs` (the writer thread and its batch), `index.rs` (the in-memory queue index),
 //! `queue_log.rs` (the queue's segment files), `records.rs` (the on-disk encodings),
-//! `supervisor.rs` (reopen after a write failure, the queue log's compaction),
-//! `store_trait.rs` (the [`Store`](super::Store) trait on all of it); this file holds the
-//! handle, its threads and how calls reach them.
+//! `supervisor.rs` (reopen after a write failure or a failed sync of the queue log, the queue
+//! log's compaction), `store_trait.rs` (the [`Store`](super::Store) trait on all of it); this
+//! file holds the handle, its threads and how calls reach them.
 
 mod index;
 mod inner;
@@ -616,6 +616,62 @@ mod tests {
         want.sort();
         have.sort();
         assert_eq!(have, want);
+    }
+
+    /// After a failed fsync of an enqueue batch, the store answers no enqueue Ok (2xx) until
+    /// its queue log was reopened from disk (the supervisor does it), `health` says so
+    /// meanwhile, the index it rebuilds keeps the leases of what replay found, and what it
+    /// answered Ok before and after is there after a restart, even when the disk never got the
+    /// failed batch's pages.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_failed_sync_no_enqueue_is_answered_until_the_log_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let lim = EnqueueLimits::UNLIMITED;
+        let s = SledStore::open(dir.path()).await.unwrap();
+        assert!(s.enqueue(vec![new_msg("c", "A", t0, None)], &lim).await.unwrap()[0].is_ok());
+        assert_eq!(s.lease("c", 10, "o", t0, t0 + 60_000).await.unwrap().len(), 1);
+        let log = s.slot.log.clone();
+        let (seg, start) = log.tail_for_test();
+        log.fail_next_sync();
+        let b = s.enqueue(vec![new_msg("c", "B", t0, None)], &lim).await;
+        assert!(matches!(b, Err(StoreError::Unavailable(_))), "{b:?}");
+        // The disk never got B's pages (the room written ahead of the appends is zeros).
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+            let len = f.metadata().unwrap().len().max(start + 4096);
+            f.write_all_at(&vec![0u8; (len - start) as usize], start).unwrap();
+        }
+        assert!(
+            s.health().await.is_err() || log.reopens_for_test() > 0,
+            "healthy while the log is not trusted"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            assert!(std::time::Instant::now() < deadline, "writes never accepted again");
+            let r = s.enqueue(vec![new_msg("c", "C", t0, None)], &lim).await;
+            if matches!(&r, Ok(v) if v[0].is_ok()) {
+                assert!(log.reopens_for_test() > 0, "C answered Ok before the log was reopened");
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        s.health().await.unwrap();
+        // The index is what replay found, with A's lease carried over: only C is pending.
+        let pending = s.lease("c", 10, "o2", t0, t0 + 60_000).await.unwrap();
+        let pending: Vec<&[u8]> = pending.iter().map(|m| &m.payload[..]).collect();
+        assert_eq!(pending, [b"C"]);
+        assert_eq!(s.total_queued().await.unwrap(), 2);
+        drop(log);
+        drop(s);
+        let s = SledStore::open(dir.path()).await.unwrap();
+        let got = s.lease("c", 10, "o", t0, t0 + 60_000).await.unwrap();
+        let payloads: Vec<String> = got
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+            .collect();
+        assert_eq!(payloads, ["A", "C"]);
     }
 
     /// A dedup entry holds its connection's name shared, not a copy per forward (~60 bytes

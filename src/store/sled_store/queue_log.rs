@@ -19,6 +19,14 @@
 //! - **A torn tail is dropped.** Replay stops a segment at its first record that is cut short
 //!   or fails its CRC (a crash mid-append; nothing after it was ever answered as durable: a
 //!   failed append truncates its segment back, or the log moves to a new segment).
+//! - **A failed sync poisons the log.** Linux reports a failed writeback to one `fsync` and
+//!   forgets it: a later sync of the file succeeds though the pages never reach the disk, and
+//!   replay would stop at them and cut every record after them. So syncs are made one at a
+//!   time, and after one fails the log refuses writes, syncs and compaction until
+//!   [`QueueLog::reopen`] has cut each segment back to what a sync that succeeded covered and
+//!   replayed the files: what replay finds is the truth, and everything answered as durable is
+//!   in it (an append's records are live only once its sync succeeded; a compaction step whose
+//!   copies are not synced puts the records back in their segment, which stays).
 //! - **Segments go oldest first.** A tombstone may name a record of any older segment, so a
 //!   segment is deleted only when it is the oldest and holds no live record; compaction copies
 //!   the live records of the oldest segment to the end of the log (synced) before deleting it.
@@ -36,6 +44,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -138,8 +147,33 @@ impl Live {
     }
 }
 
+/// A segment's file, and how much of it is known to be on disk.
+struct SegFile {
+    file: File,
+    /// Bytes from the file's start that a sync which succeeded covered: what a reopen after a
+    /// failed sync keeps ([`QueueLog::reopen`]). Raised only under [`QueueLog::syncs`]' lock,
+    /// right after the sync, and read by a reopen under it.
+    synced: AtomicU64,
+}
+
+impl SegFile {
+    fn new(file: File, synced: u64) -> Arc<SegFile> {
+        Arc::new(SegFile {
+            file,
+            synced: AtomicU64::new(synced),
+        })
+    }
+}
+
+impl std::ops::Deref for SegFile {
+    type Target = File;
+    fn deref(&self) -> &File {
+        &self.file
+    }
+}
+
 struct Segment {
-    file: Arc<File>,
+    file: Arc<SegFile>,
     /// Bytes written (the append offset of the current segment).
     bytes: u64,
     /// Bytes of the file written, records then zeros ([`PREALLOC_BYTES`]): >= `bytes`.
@@ -167,7 +201,20 @@ pub(super) struct QueueLog {
     /// handle, whatever happens to the process).
     temporary: bool,
     /// Appended to without a sync since the last [`QueueLog::sync_if_unsynced`].
-    unsynced: std::sync::atomic::AtomicBool,
+    unsynced: AtomicBool,
+    /// Every sync of a segment is made under this lock, one at a time ([`QueueLog::sync_to`]).
+    /// Lock order: `state`, then this.
+    syncs: Mutex<Syncs>,
+    /// Whether `syncs` holds an error (read without its lock).
+    poisoned: AtomicBool,
+    /// Bumped by every reopen (under both locks): a sync of what was written before it is
+    /// refused, as the reopen may have cut it off.
+    epoch: AtomicU64,
+    /// Reopens after a failed sync.
+    reopens: AtomicU64,
+    /// The next sync fails as an `fdatasync` reporting an I/O error would (tests).
+    #[cfg(test)]
+    fail_sync: AtomicBool,
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
@@ -176,6 +223,23 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
 
 fn corrupt(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// What [`QueueLog::syncs`] guards.
+#[derive(Default)]
+struct Syncs {
+    /// The error of the first sync that failed, until [`QueueLog::reopen`]: the log is poisoned.
+    failed: Option<String>,
+    /// The current segment's file: the only one that may hold bytes no sync covered (the log
+    /// moves on to a new segment only once the current one is synced).
+    current: Option<Arc<SegFile>>,
+}
+
+/// The error of a write or sync refused by a poisoned log ([`QueueLog::poisoned`]).
+fn refusal(why: &str) -> io::Error {
+    io::Error::other(format!(
+        "queue log: writes refused until it is reopened from disk (a sync failed: {why})"
+    ))
 }
 
 /// A record's body, written straight into an append's buffer: the writer encodes a message
@@ -284,6 +348,23 @@ impl<'a> Window<'a> {
     }
 }
 
+/// The segments in `dir`, by number, oldest first.
+fn segment_numbers(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut numbers = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".qlog")) else {
+            continue;
+        };
+        match u64::from_str_radix(stem, 16) {
+            Ok(n) => numbers.push(n),
+            Err(_) => tracing::warn!(file = ?name, "queue log: ignoring a file not named as a segment"),
+        }
+    }
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
 impl QueueLog {
     /// Opens (or creates) the log in `dir`: replays its segments and starts a new one. Fails
     /// with an error naming "lock" while another handle holds the directory.
@@ -327,25 +408,50 @@ impl QueueLog {
                 format!("queue log {}: lock held by another handle ({e})", dir.display()),
             )
         })?;
-        let mut numbers = Vec::new();
-        for entry in std::fs::read_dir(dir)? {
-            let name = entry?.file_name();
-            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".qlog")) else {
-                continue;
-            };
-            match u64::from_str_radix(stem, 16) {
-                Ok(n) => numbers.push(n),
-                Err(_) => tracing::warn!(file = ?name, "queue log: ignoring a file not named as a segment"),
+        let numbers = segment_numbers(dir)?;
+        let state = Self::replay(dir, &numbers, take_hint(dir, &numbers))?;
+        if !temporary {
+            // The last segment was the current one of the handle before: it may hold appends
+            // that handle never synced (it stopped between an append and its sync, compaction
+            // copies among them). On disk before this handle trusts them, and deletes the
+            // segment of their originals.
+            if let Some(last) = state.segments.values().next_back() {
+                last.file.sync_data()?;
             }
         }
-        numbers.sort_unstable();
+        let log = QueueLog {
+            dir: dir.to_owned(),
+            state: Mutex::new(state),
+            segment_bytes,
+            _lock: lock,
+            temporary,
+            unsynced: AtomicBool::new(false),
+            syncs: Mutex::new(Syncs::default()),
+            poisoned: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            reopens: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_sync: AtomicBool::new(false),
+        };
+        // Appends never go to a segment written before: a new one for this handle.
+        {
+            let mut st = log.state.lock();
+            log.start_segment(&mut st)?;
+        }
+        log.delete_empty_oldest()?;
+        Ok(log)
+    }
+
+    /// The live set and segments of the log's files, read in order (`capacity`: the live set's
+    /// size to reserve). Cuts each segment after its last whole record.
+    fn replay(dir: &Path, numbers: &[u64], capacity: usize) -> io::Result<State> {
         let mut state = State {
-            live: Live(HashMap::with_capacity(take_hint(dir, &numbers))),
+            live: Live(HashMap::with_capacity(capacity)),
             segments: BTreeMap::new(),
             current: 0,
             roll: false,
         };
-        for n in numbers {
+        for &n in numbers {
             let path = segment_path(dir, n);
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
             let len = file.metadata()?.len();
@@ -378,7 +484,7 @@ impl QueueLog {
                         .segments
                         .entry(n)
                         .or_insert_with(|| Segment {
-                            file: Arc::new(file.try_clone().expect("clone of an open file")),
+                            file: SegFile::new(file.try_clone().expect("clone of an open file"), 0),
                             bytes: 0,
                             zeroed: 0,
                             live: 0,
@@ -400,30 +506,19 @@ impl QueueLog {
                 file.sync_all()?;
             }
             let seg = state.segments.entry(n).or_insert_with(|| Segment {
-                file: Arc::new(file),
+                file: SegFile::new(file, 0),
                 bytes: 0,
                 zeroed: 0,
                 live: 0,
             });
             seg.bytes = off;
             seg.zeroed = off;
+            // On disk as far as this process can tell (another one wrote it, or this one
+            // before a reopen cut it back to what its syncs covered).
+            seg.file.synced.store(off, SeqCst);
             state.current = n;
         }
-        let log = QueueLog {
-            dir: dir.to_owned(),
-            state: Mutex::new(state),
-            segment_bytes,
-            _lock: lock,
-            temporary,
-            unsynced: std::sync::atomic::AtomicBool::new(false),
-        };
-        // Appends never go to a segment written before: a new one for this handle.
-        {
-            let mut st = log.state.lock();
-            log.start_segment(&mut st)?;
-        }
-        log.delete_empty_oldest()?;
-        Ok(log)
+        Ok(state)
     }
 
     fn start_segment(&self, st: &mut State) -> io::Result<()> {
@@ -434,11 +529,17 @@ impl QueueLog {
             .write(true)
             .create_new(true)
             .open(segment_path(&self.dir, n))?;
-        self.sync_dir()?;
+        if let Err(e) = self.sync_dir() {
+            // Its entry may not be on disk: the appends must not go to it.
+            self.poison(&e);
+            return Err(e);
+        }
+        let file = SegFile::new(file, 0);
+        self.syncs.lock().current = Some(file.clone());
         st.segments.insert(
             n,
             Segment {
-                file: Arc::new(file),
+                file,
                 bytes: 0,
                 zeroed: 0,
                 live: 0,
@@ -451,8 +552,11 @@ impl QueueLog {
 
     /// Writes `buf` at the end of the current segment (under the lock); on failure truncates
     /// it back, or has the next append start a new segment. Returns the segment, its file and
-    /// the offset written at.
-    fn write(&self, st: &mut State, buf: &[u8]) -> io::Result<(u64, Arc<File>, u64)> {
+    /// the offset written at. Refused while the log is poisoned.
+    fn write(&self, st: &mut State, buf: &[u8]) -> io::Result<(u64, Arc<SegFile>, u64)> {
+        if self.poisoned() {
+            return Err(self.refused());
+        }
         if buf.len() as u64 > u64::from(u32::MAX) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -465,13 +569,13 @@ impl QueueLog {
             s.bytes > 0 && (end > self.segment_bytes || end > u64::from(u32::MAX))
         });
         if st.roll || full {
-            if !self.temporary {
-                // What was appended to it without a sync is on disk before the log moves on
-                // (also after a failed append: what came before the failure stays): syncing
-                // the current segment then covers every unsynced append.
-                if let Some(prev) = st.segments.get(&st.current) {
-                    prev.file.sync_data()?;
-                }
+            // What was appended to it without a sync is on disk before the log moves on
+            // (also after a failed append: what came before the failure stays): syncing
+            // the current segment then covers every unsynced append, and only the current
+            // segment ever holds bytes no sync covered.
+            if let Some(prev) = st.segments.get(&st.current) {
+                let file = prev.file.clone();
+                self.sync_to(&file, prev.bytes, self.epoch.load(SeqCst))?;
             }
             self.start_segment(st)?;
         }
@@ -503,7 +607,8 @@ impl QueueLog {
 
     /// Appends `puts` (key, body) and tombstones for those of `removes` that are live, in this
     /// order, in one write; with `sync`, returns once they are on disk. Removing a key that is
-    /// not live writes nothing for it. An error leaves the live set as it was.
+    /// not live writes nothing for it. An error leaves the live set as it was (a failed sync
+    /// too: its records are not live, and the log is poisoned until [`QueueLog::reopen`]).
     pub(super) fn append<B: Body>(&self, puts: &[(Key, B)], removes: &[Key], sync: bool) -> io::Result<()> {
         let mut buf = Vec::with_capacity(puts.iter().map(|(_, b)| HEADER + b.len_hint()).sum::<usize>());
         for ((_, id), _) in puts {
@@ -513,7 +618,9 @@ impl QueueLog {
             .iter()
             .map(|((kind, id), body)| encode(&mut buf, *kind, *id, body))
             .collect();
-        let (file, cleared) = {
+        // What the append changed in the live set (key, before, after): undone if its sync fails.
+        let mut changed: Vec<(Key, Option<Loc>, Option<Loc>)> = Vec::new();
+        let (file, end, epoch, cleared) = {
             let mut st = self.state.lock();
             let mut tombstones = 0;
             for (kind, id) in removes {
@@ -529,29 +636,45 @@ impl QueueLog {
             // This append's sync covers every append before it (they are in its segment, or
             // in one synced when the log moved on): the next tick need not sync them again.
             // Cleared under the lock, so a later unsynced append marks it again.
-            let cleared = sync && !self.temporary && self.unsynced.swap(false, std::sync::atomic::Ordering::SeqCst);
+            let cleared = sync && !self.temporary && self.unsynced.swap(false, SeqCst);
             let mut off = base;
             for (((kind, id), _), len) in puts.iter().zip(&lens) {
                 let loc = Loc::new(seg, off, *len).expect("write keeps locations within 32 bits");
                 off += loc.size();
-                self.set_live(&mut st, (*kind, *id), Some(loc));
+                let old = self.set_live(&mut st, (*kind, *id), Some(loc));
+                if sync {
+                    changed.push(((*kind, *id), old, Some(loc)));
+                }
             }
             if tombstones > 0 {
                 for key in removes {
-                    self.set_live(&mut st, *key, None);
+                    let old = self.set_live(&mut st, *key, None);
+                    if sync && old.is_some() {
+                        changed.push((*key, old, None));
+                    }
                 }
             }
-            (file, cleared)
+            (file, base + buf.len() as u64, self.epoch.load(SeqCst), cleared)
         };
         if sync && !self.temporary {
-            if let Err(e) = file.sync_data() {
+            if let Err(e) = self.sync_to(&file, end, epoch) {
                 if cleared {
-                    self.unsynced.store(true, std::sync::atomic::Ordering::SeqCst);
+                    self.unsynced.store(true, SeqCst);
+                }
+                // Not durable: not live either (a reopen cuts them off the segment). A change
+                // made over since (none for a new id) stays.
+                let mut st = self.state.lock();
+                if self.epoch.load(SeqCst) == epoch {
+                    for (key, before, after) in changed.into_iter().rev() {
+                        if st.live.get(key) == after {
+                            self.set_live(&mut st, key, before);
+                        }
+                    }
                 }
                 return Err(e);
             }
         } else if !sync {
-            self.unsynced.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.unsynced.store(true, SeqCst);
         }
         Ok(())
     }
@@ -574,7 +697,8 @@ impl QueueLog {
         Ok(())
     }
 
-    fn set_live(&self, st: &mut State, key: Key, loc: Option<Loc>) {
+    /// Makes `key` live at `loc` (or not live: `None`); returns where it was.
+    fn set_live(&self, st: &mut State, key: Key, loc: Option<Loc>) -> Option<Loc> {
         let old = match loc {
             Some(loc) => {
                 if let Some(s) = st.segments.get_mut(&loc.seg()) {
@@ -589,6 +713,7 @@ impl QueueLog {
                 s.live -= old.size();
             }
         }
+        old
     }
 
     /// The body of a live record.
@@ -611,6 +736,157 @@ impl QueueLog {
         read_back(&rec, 0, key, &loc).map(|body| Some(body.to_vec()))
     }
 
+    /// Syncs `file`, a segment whose first `end` bytes the caller wrote at `epoch`: the one way
+    /// the log syncs a segment.
+    ///
+    /// Linux reports a failed writeback to one `fsync` of the open file and marks the pages
+    /// clean (never written again; a read may still find them in the page cache): a sync after
+    /// a failed one succeeds whether or not the lost pages ever reach the disk, and so may a
+    /// sync running alongside the failing one. So the syncs are made one at a time under one
+    /// lock, and the first failure poisons the log: every later sync and write is refused
+    /// until [`QueueLog::reopen`] has cut the segments back to what the syncs before it
+    /// covered. A success raises the file's `synced` to `end`.
+    fn sync_to(&self, file: &SegFile, end: u64, epoch: u64) -> io::Result<()> {
+        if self.temporary {
+            return Ok(());
+        }
+        let mut syncs = self.syncs.lock();
+        if let Some(why) = syncs.failed.as_deref() {
+            return Err(refusal(why));
+        }
+        if self.epoch.load(SeqCst) != epoch {
+            return Err(io::Error::other(
+                "queue log: reopened since this write (which it may have cut off): not synced",
+            ));
+        }
+        #[cfg(test)]
+        let r = if self.fail_sync.swap(false, SeqCst) {
+            // EIO, as an fdatasync after a failed writeback reports it.
+            Err(io::Error::from_raw_os_error(5))
+        } else {
+            file.sync_data()
+        };
+        #[cfg(not(test))]
+        let r = file.sync_data();
+        match r {
+            Ok(()) => {
+                file.synced.fetch_max(end, SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                self.poison_locked(&mut syncs, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops trusting the log's files after a failed sync ([`QueueLog::sync_to`]).
+    fn poison(&self, e: &io::Error) {
+        let mut syncs = self.syncs.lock();
+        self.poison_locked(&mut syncs, e);
+    }
+
+    fn poison_locked(&self, syncs: &mut Syncs, e: &io::Error) {
+        if syncs.failed.is_some() {
+            return;
+        }
+        tracing::error!(
+            error = %e,
+            dir = %self.dir.display(),
+            "queue log: a sync failed: what it covered may never reach the disk (and a later \
+             sync would not say so); writes refused until the log is reopened from disk"
+        );
+        syncs.failed = Some(e.to_string());
+        self.poisoned.store(true, SeqCst);
+        // Cut the current segment back to what a sync covered now, not only at the reopen
+        // (which waits for space): until then the page cache may hold what the disk does not,
+        // and a process started meanwhile would replay it as if durable (and could delete the
+        // segment of records whose copies it holds). Not synced: it is for the page cache; the
+        // disk has no more than that prefix plus what failed, where replay stops.
+        if let Some(f) = syncs.current.as_ref().filter(|_| !self.temporary) {
+            let synced = f.synced.load(SeqCst);
+            if let Err(e) = f
+                .metadata()
+                .and_then(|m| if m.len() > synced { f.set_len(synced) } else { Ok(()) })
+            {
+                tracing::warn!(error = %e, "queue log: could not cut what no sync covered (the reopen will)");
+            }
+        }
+    }
+
+    /// Whether a sync failed since the log was opened or last reopened: it refuses writes,
+    /// syncs and compaction until [`QueueLog::reopen`].
+    pub(super) fn poisoned(&self) -> bool {
+        self.poisoned.load(SeqCst)
+    }
+
+    fn refused(&self) -> io::Error {
+        refusal(self.syncs.lock().failed.as_deref().unwrap_or("being reopened"))
+    }
+
+    /// Reopens the log from its files after a failed sync, then accepts writes again; nothing
+    /// to do when no sync failed. Under the log's lock: cuts every segment back to what a sync
+    /// that succeeded covered (what lies past it was never answered as durable, and may be in
+    /// the page cache only, where a replay would read it as if on disk), replays the segments
+    /// from new file handles and starts a new segment. The live set is then what replay found;
+    /// the caller rebuilds what it derived from the old one (the store's index).
+    pub(super) fn reopen(&self) -> io::Result<()> {
+        let mut st = self.state.lock();
+        if !self.poisoned() {
+            return Ok(());
+        }
+        {
+            // Waits for a sync in flight; a sync of anything written before this is refused.
+            let _syncs = self.syncs.lock();
+            self.epoch.fetch_add(1, SeqCst);
+            for (n, seg) in st.segments.iter().filter(|_| !self.temporary) {
+                let synced = seg.file.synced.load(SeqCst);
+                if synced < seg.bytes {
+                    tracing::warn!(
+                        segment = n,
+                        bytes = seg.bytes - synced,
+                        "queue log: cut the bytes no sync covered (never answered as durable)"
+                    );
+                    seg.file.set_len(synced)?;
+                    seg.file.sync_all()?;
+                }
+            }
+        }
+        let numbers = segment_numbers(&self.dir)?;
+        let capacity = st.live.0.len();
+        *st = Self::replay(&self.dir, &numbers, capacity)?;
+        self.start_segment(&mut st)?;
+        self.unsynced.store(false, SeqCst);
+        self.syncs.lock().failed = None;
+        self.poisoned.store(false, SeqCst);
+        let n = self.reopens.fetch_add(1, SeqCst) + 1;
+        tracing::info!(
+            reopens = n,
+            live = st.live.0.len(),
+            "queue log: reopened from disk after a failed sync, writes accepted again"
+        );
+        Ok(())
+    }
+
+    /// Reopens after a failed sync ([`QueueLog::reopen`]).
+    #[cfg(test)]
+    pub(super) fn reopens_for_test(&self) -> u64 {
+        self.reopens.load(SeqCst)
+    }
+
+    /// The next sync of a segment fails with EIO (tests).
+    #[cfg(test)]
+    pub(super) fn fail_next_sync(&self) {
+        self.fail_sync.store(true, SeqCst);
+    }
+
+    /// The current segment's file and its append offset (tests: where an append goes).
+    #[cfg(test)]
+    pub(super) fn tail_for_test(&self) -> (PathBuf, u64) {
+        let st = self.state.lock();
+        (segment_path(&self.dir, st.current), st.segments[&st.current].bytes)
+    }
+
     fn sync_dir(&self) -> io::Result<()> {
         if self.temporary {
             return Ok(());
@@ -620,17 +896,14 @@ impl QueueLog {
 
     /// Syncs the current segment (what was appended without `sync` is then on disk).
     pub(super) fn sync(&self) -> io::Result<()> {
-        if self.temporary {
-            return Ok(());
-        }
-        let file = {
+        let (file, end, epoch) = {
             let st = self.state.lock();
-            st.segments.get(&st.current).map(|s| s.file.clone())
+            let Some(s) = st.segments.get(&st.current) else {
+                return Ok(());
+            };
+            (s.file.clone(), s.bytes, self.epoch.load(SeqCst))
         };
-        match file {
-            Some(f) => f.sync_data(),
-            None => Ok(()),
-        }
+        self.sync_to(&file, end, epoch)
     }
 
     /// Calls `f` with every record live when it is called, in the order they were written
@@ -643,7 +916,7 @@ impl QueueLog {
         let (mut locs, files) = {
             let st = self.state.lock();
             let locs: Vec<(Key, Loc)> = st.live.iter().collect();
-            let files: HashMap<u64, Arc<File>> = st.segments.iter().map(|(n, s)| (*n, s.file.clone())).collect();
+            let files: HashMap<u64, Arc<SegFile>> = st.segments.iter().map(|(n, s)| (*n, s.file.clone())).collect();
             (locs, files)
         };
         locs.sort_unstable_by_key(|(_, l)| (l.seg, l.off));
@@ -703,7 +976,9 @@ impl QueueLog {
                 let Some((&n, s)) = st.segments.iter().next() else {
                     break;
                 };
-                if n == st.current || s.live > 0 {
+                // Poisoned: a live set that says a segment holds nothing may rest on copies
+                // that are not on disk.
+                if n == st.current || s.live > 0 || self.poisoned() {
                     break;
                 }
                 st.segments.remove(&n);
@@ -715,7 +990,10 @@ impl QueueLog {
         if deleted {
             // A deletion lost in a crash could bring back records whose tombstones are in
             // segments deleted after it.
-            self.sync_dir()?;
+            if let Err(e) = self.sync_dir() {
+                self.poison(&e);
+                return Err(e);
+            }
         }
         Ok(deleted)
     }
@@ -724,10 +1002,15 @@ impl QueueLog {
     /// the log holds more dead bytes than `max(live bytes, one segment)`, copies the live
     /// records of the oldest segment to the end of the log (in chunks of [`COPY_CHUNK`] bytes,
     /// the lock taken for each), syncs them, and deletes the segment. Returns whether it did
-    /// anything.
+    /// anything. A step that fails puts the records it moved back where they were (their
+    /// copies may not be on disk: the segment keeps them live and stays); nothing at all
+    /// while the log is poisoned ([`QueueLog::poisoned`]).
     pub(super) fn compact_step(&self) -> io::Result<bool> {
+        if self.poisoned() {
+            return Ok(false);
+        }
         let deleted = self.delete_empty_oldest()?;
-        let (locs, file) = {
+        let (locs, file, epoch) = {
             let st = self.state.lock();
             let (bytes, live) = st.segments.values().fold((0, 0), |(b, l), s| (b + s.bytes, l + s.live));
             let Some((&oldest, seg)) = st.segments.iter().next() else {
@@ -739,10 +1022,38 @@ impl QueueLog {
             // One pass over the live set for the whole segment.
             let mut locs: Vec<(Key, Loc)> = st.live.iter().filter(|(_, l)| l.seg() == oldest).collect();
             locs.sort_unstable_by_key(|(_, l)| l.off);
-            (locs, seg.file.clone())
+            (locs, seg.file.clone(), self.epoch.load(SeqCst))
         };
-        let mut copied_to: Option<Arc<File>> = None;
-        let mut rest = &locs[..];
+        let mut moved = Vec::new();
+        if let Err(e) = self.copy_forward(&locs, &file, epoch, &mut moved) {
+            let mut st = self.state.lock();
+            if self.epoch.load(SeqCst) == epoch {
+                for (key, original, copy) in moved.iter().rev() {
+                    // Unless removed (or moved) since.
+                    if st.live.get(*key) == Some(*copy) {
+                        self.set_live(&mut st, *key, Some(*original));
+                    }
+                }
+            }
+            return Err(e);
+        }
+        self.delete_empty_oldest()?;
+        Ok(true)
+    }
+
+    /// Copies those of `locs` (records of `file`, the oldest segment) still live there to the
+    /// end of the log, makes the copies live and syncs them; `moved`: (key, original, copy) of
+    /// each record made live at its copy, also when it fails.
+    fn copy_forward(
+        &self,
+        locs: &[(Key, Loc)],
+        file: &SegFile,
+        epoch: u64,
+        moved: &mut Vec<(Key, Loc, Loc)>,
+    ) -> io::Result<()> {
+        // Where the copies went so far: the file and the end of the last copy in it.
+        let mut copied_to: Option<(Arc<SegFile>, u64)> = None;
+        let mut rest = locs;
         while !rest.is_empty() {
             let mut size = 0;
             let n = rest
@@ -762,6 +1073,9 @@ impl QueueLog {
                 read.push((*key, *loc, rec));
             }
             let mut st = self.state.lock();
+            if self.epoch.load(SeqCst) != epoch {
+                return Err(io::Error::other("queue log: reopened during compaction"));
+            }
             // Only those still live where they were read: a record removed meanwhile has its
             // tombstone written, and a copy after it would bring it back at the next open.
             let still: Vec<&(Key, Loc, Vec<u8>)> = read
@@ -777,19 +1091,21 @@ impl QueueLog {
                 let loc = Loc::new(seg, off, old.len).expect("write keeps locations within 32 bits");
                 off += loc.size();
                 self.set_live(&mut st, *key, Some(loc));
+                moved.push((*key, *old, loc));
             }
-            if !self.temporary && copied_to.as_ref().is_some_and(|c| !Arc::ptr_eq(c, &f)) {
-                // The copies moved on to a new segment: the one before is complete.
-                copied_to.take().expect("checked").sync_data()?;
+            if let Some((prev, end)) = copied_to.take() {
+                if !Arc::ptr_eq(&prev, &f) {
+                    // The copies moved on to a new segment: the one before is complete.
+                    self.sync_to(&prev, end, epoch)?;
+                }
             }
-            copied_to = Some(f);
+            copied_to = Some((f, off));
         }
-        if let Some(f) = copied_to.filter(|_| !self.temporary) {
+        if let Some((f, end)) = copied_to {
             // The copies are on disk before their originals' segment can go.
-            f.sync_data()?;
+            self.sync_to(&f, end, epoch)?;
         }
-        self.delete_empty_oldest()?;
-        Ok(true)
+        Ok(())
     }
 
     /// Compacts until there is nothing to do, `stop` says so, or 64 steps are done (the caller
@@ -1297,6 +1613,169 @@ mod tests {
             .unwrap();
             proptest::prop_assert_eq!(have, want);
         }
+    }
+
+    /// What a disk that lost the pages of `from..to` of `path` (a failed writeback) holds: the
+    /// zeros the log wrote there ahead of its appends.
+    fn lose(path: &Path, from: u64, to: u64) {
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(&vec![0u8; (to - from) as usize], from).unwrap();
+    }
+
+    /// Every record of the log in `dir`, opened from disk.
+    fn records_on_disk(dir: &Path, segment_bytes: u64) -> std::collections::BTreeMap<MessageId, Vec<u8>> {
+        let log = QueueLog::open_with(dir, segment_bytes, false).unwrap();
+        let mut got = std::collections::BTreeMap::new();
+        log.for_each(|(_, id), b| {
+            got.insert(id, b.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        got
+    }
+
+    /// After a failed sync the log is poisoned: the failed append's records are not live, and
+    /// it refuses appends, syncs and compaction (no other sync of the file can prove anything)
+    /// until it is reopened from disk; then it takes appends again, in a new segment.
+    #[test]
+    fn a_failed_sync_poisons_the_log_until_it_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = QueueLog::open(dir.path()).unwrap();
+        log.append(&[((MSG, 1), b"A")], &[], true).unwrap();
+        log.append(&[((MSG, 4), b"D, never synced")], &[], false).unwrap();
+        log.fail_next_sync();
+        let e = log.append(&[((MSG, 2), b"B")], &[(MSG, 1)], true).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(5), "{e}");
+        assert!(log.poisoned());
+        assert_eq!(
+            log.get((MSG, 2)).unwrap(),
+            None,
+            "a record whose sync failed is not live"
+        );
+        assert_eq!(
+            log.get((MSG, 1)).unwrap().as_deref(),
+            Some(&b"A"[..]),
+            "nor its removals"
+        );
+        let e = log.append(&[((MSG, 3), b"C")], &[], true).unwrap_err();
+        assert!(e.to_string().contains("reopened from disk"), "{e}");
+        log.remove(&[(MSG, 1)]).unwrap_err();
+        log.sync().unwrap_err();
+        assert!(!log.compact_step().unwrap(), "no compaction while poisoned");
+        // Cut back to what a sync covered as soon as the sync failed.
+        let (seg, _) = log.tail_for_test();
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), (HEADER + 1) as u64);
+        log.reopen().unwrap();
+        assert!(!log.poisoned());
+        assert_eq!(log.reopens_for_test(), 1);
+        assert_eq!(log.get((MSG, 4)).unwrap(), None, "never synced: cut");
+        assert_eq!(log.get((MSG, 1)).unwrap().as_deref(), Some(&b"A"[..]));
+        log.append(&[((MSG, 3), b"C")], &[], true).unwrap();
+        assert_ne!(log.tail_for_test().0, seg, "appends go to a new segment");
+        drop(log);
+        let got = records_on_disk(dir.path(), SEGMENT_BYTES);
+        assert_eq!(
+            got.into_iter().collect::<Vec<_>>(),
+            [(1, b"A".to_vec()), (3, b"C".to_vec())]
+        );
+    }
+
+    /// A process that opens the log after a failed sync, before the failing one could reopen
+    /// it (it stopped, or waited for space), reads the files through the same page cache,
+    /// which may still hold what the disk lost: the failing handle cut what no sync covered at
+    /// once, so the new one does not take the unsynced copies for the records and delete their
+    /// originals' segment.
+    #[test]
+    fn a_handle_opened_before_the_reopen_does_not_trust_what_no_sync_covered() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg_bytes = 4096;
+        let log = QueueLog::open_with(dir.path(), seg_bytes, false).unwrap();
+        let mut want = std::collections::BTreeMap::new();
+        for i in 1..=100i64 {
+            let b = body(i, 100);
+            log.append(&[((MSG, i), &b)], &[], true).unwrap();
+            if i <= 3 {
+                want.insert(i, b);
+            }
+        }
+        let dead: Vec<Key> = (4..=100).map(|i| (MSG, i)).collect();
+        log.remove(&dead).unwrap();
+        log.sync().unwrap();
+        let (seg, start) = log.tail_for_test();
+        log.fail_next_sync();
+        log.compact_step().unwrap_err();
+        let (_, end) = log.tail_for_test();
+        // The process stops; another opens the log (the page cache still holds the copies).
+        drop(log);
+        drop(QueueLog::open_with(dir.path(), seg_bytes, false).unwrap());
+        // The machine restarts: the disk never got the copies.
+        lose(&seg, start, end);
+        assert_eq!(records_on_disk(dir.path(), seg_bytes), want, "records lost");
+    }
+
+    /// Scenario B of the fsync review: a batch's sync fails and the disk never gets its pages.
+    /// A later append answered as durable must not sit behind them in the same segment (replay
+    /// stops a segment at its first bad record and cuts the rest): it is written once the log
+    /// was reopened from disk, and both it and what was synced before the failure survive.
+    #[test]
+    fn a_failed_sync_does_not_cost_the_appends_answered_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = QueueLog::open(dir.path()).unwrap();
+        log.append(&[((MSG, 1), b"A")], &[], true).unwrap();
+        let (seg, start) = log.tail_for_test();
+        log.fail_next_sync();
+        let b = b"B, answered 503";
+        log.append(&[((MSG, 2), b)], &[], true).unwrap_err();
+        lose(&seg, start, start + (HEADER + b.len()) as u64);
+        // What production does after a failed sync before it writes again.
+        log.reopen().unwrap();
+        log.append(&[((MSG, 3), b"C")], &[], true).unwrap();
+        drop(log);
+        let got = records_on_disk(dir.path(), SEGMENT_BYTES);
+        assert_eq!(got.get(&1).map(Vec::as_slice), Some(&b"A"[..]), "A lost");
+        assert_eq!(
+            got.get(&3).map(Vec::as_slice),
+            Some(&b"C"[..]),
+            "C, answered as durable, lost"
+        );
+        assert!(!got.contains_key(&2), "B was never durable");
+    }
+
+    /// Scenario A of the fsync review: compaction copies the live records of the oldest
+    /// segment, the sync of the copies fails and the disk never gets them. The next step must
+    /// not delete the originals' segment: after a reopen from disk every record is there.
+    #[test]
+    fn a_failed_sync_of_compaction_copies_keeps_their_originals() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg_bytes = 4096;
+        let log = QueueLog::open_with(dir.path(), seg_bytes, false).unwrap();
+        let mut want = std::collections::BTreeMap::new();
+        // 100 records of 117 bytes: segments 1, 2 and 3; all but the first three removed
+        // (tombstones in segment 4): segment 1 is the oldest, with 3 live records.
+        for i in 1..=100i64 {
+            let b = body(i, 100);
+            log.append(&[((MSG, i), &b)], &[], true).unwrap();
+            if i <= 3 {
+                want.insert(i, b);
+            }
+        }
+        let dead: Vec<Key> = (4..=100).map(|i| (MSG, i)).collect();
+        log.remove(&dead).unwrap();
+        log.sync().unwrap();
+        let (seg, start) = log.tail_for_test();
+        log.fail_next_sync();
+        log.compact_step().unwrap_err();
+        let (seg_after, end) = log.tail_for_test();
+        assert_eq!(seg_after, seg, "the copies went to the current segment");
+        assert!(end > start, "copies were written");
+        lose(&seg, start, end);
+        // The supervisor's next tick, then what production does after a failed sync, then
+        // compaction again.
+        let _ = log.compact_step();
+        log.reopen().unwrap();
+        compact_all(&log);
+        drop(log);
+        assert_eq!(records_on_disk(dir.path(), seg_bytes), want, "records lost");
     }
 
     #[test]

@@ -25,6 +25,12 @@ impl Store for SledStore {
             Some(tx) if !tx.is_closed() => {}
             _ => return Err(StoreError::Closed),
         }
+        if self.slot.log.poisoned() {
+            // Until the supervisor has reopened it from disk (no flush clears it).
+            return Err(StoreError::Unavailable(
+                "sled: a sync of the queue log failed: writes refused until it is reopened from disk".into(),
+            ));
+        }
         if self.slot.get()?.write_failed.load(std::sync::atomic::Ordering::SeqCst) {
             // Probe: a flush that succeeds again clears the failure.
             self.blocking(|inner| inner.flush()).await?;

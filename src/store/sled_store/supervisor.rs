@@ -1,5 +1,6 @@
-//! The supervisor: after a write failure (sled latches its first I/O error), it waits for
-//! free space and reopens the database in place, carrying the leases over.
+//! The supervisor: after a write failure (sled latches its first I/O error, the queue log
+//! stops trusting its files after a failed sync), it waits for free space and reopens the
+//! database in place, carrying the leases over.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,9 +29,17 @@ const REOPEN_SPACE: usize = 2 << 20;
 /// nothing acknowledged is lost (an enqueue is answered only after its flush), leases in memory
 /// are carried over to the reopened handle, and callers holding the [`SledStore`] (sessions,
 /// the node) never see the swap.
+///
+/// The queue log latches a failed sync the same way ([`QueueLog::poisoned`]): a later sync of
+/// the file would succeed whether or not the failed pages reach the disk, so a sync that
+/// succeeds again proves nothing. The log refuses writes (enqueues answer 503, `health` fails)
+/// until the supervisor has reopened it from disk ([`QueueLog::reopen`]) and the handle with
+/// it: the index is rebuilt from what replay found, and the leases of the messages it found
+/// carried over.
 pub(super) struct Slot {
     pub(super) current: parking_lot::RwLock<Option<Arc<Inner>>>,
-    /// The queue log: it outlives the handles a reopen replaces (it latches no error).
+    /// The queue log: it outlives the handles a reopen replaces (reopened in place after a
+    /// failed sync).
     pub(super) log: Arc<QueueLog>,
     pub(super) config: sled::Config,
     /// The database's directory (None: temporary), where the space probe is written.
@@ -51,21 +60,27 @@ impl Slot {
     }
 
     /// One supervision step: nothing while writes succeed; after a failed write, a flush that
-    /// succeeds clears it, else the database is reopened once space is back.
+    /// succeeds clears it, else the database is reopened once space is back; after a failed
+    /// sync of the queue log, the log and the database are reopened once space is back (no
+    /// flush can clear it).
     fn supervise(&self) {
         let current = self.current.read().clone();
         if let Some(inner) = current {
-            if !inner.write_failed.load(std::sync::atomic::Ordering::SeqCst) {
+            let poisoned = self.log.poisoned();
+            if !poisoned && !inner.write_failed.load(std::sync::atomic::Ordering::SeqCst) {
                 return;
             }
             // Space first: a sync of the queue log succeeds on a full disk (nothing to write).
             if !self.space_back() {
                 return;
             }
-            if inner.flush_all().is_ok() {
+            if poisoned {
+                tracing::warn!("queue log: a sync failed: reopening the database and its queue from disk");
+            } else if inner.flush_all().is_ok() {
                 return;
+            } else {
+                tracing::warn!("sled: writes still fail after an I/O error (sled latches it): reopening the database");
             }
-            tracing::warn!("sled: writes still fail after an I/O error (sled latches it): reopening the database");
             *self.carried.lock() = inner.queues.lock().leases();
             drop(inner);
             let Some(mut old) = self.current.write().take() else {
@@ -88,8 +103,14 @@ impl Slot {
         self.reopen();
     }
 
-    /// Opens the database again (the old handle is gone); on failure the next step retries.
+    /// Opens the database again (the old handle is gone), after the queue log when a sync of it
+    /// failed (the index is rebuilt from what its replay found); on failure the next step
+    /// retries.
     pub(super) fn reopen(&self) {
+        if let Err(e) = self.log.reopen() {
+            tracing::warn!(error = %e, "queue log: reopen from disk failed (retried shortly)");
+            return;
+        }
         let deadline = std::time::Instant::now() + REOPEN_WAIT;
         let inner = loop {
             match Inner::open(self.config.clone(), self.log.clone()) {
@@ -138,6 +159,10 @@ pub(super) fn supervisor_loop(slot: Arc<Slot>) {
         std::thread::park_timeout(SUPERVISE_EVERY);
         if !stop() {
             slot.supervise();
+            if slot.log.poisoned() {
+                // Not reopened yet (no space, or the reopen failed): the log refuses both.
+                continue;
+            }
             if let Err(e) = slot.log.compact(&stop) {
                 tracing::warn!(error = %e, "queue log: compaction failed (tried again shortly)");
             }

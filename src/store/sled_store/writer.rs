@@ -126,7 +126,8 @@ impl Inner {
                 .zip(&accepted)
                 .map(|(id, m)| ((KIND_MSG, *id), MsgBody(m)))
                 .collect();
-            // A failure is marked below; the supervisor's synced probe clears it.
+            // A failure is marked below. A failed sync poisons the log: it refuses every append
+            // (503) until the supervisor has reopened it from disk and rebuilt the index.
             self.log.append(&puts, &[], true).map_err(unavailable)?;
             Ok(ids)
         })();
