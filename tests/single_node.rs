@@ -236,6 +236,31 @@ async fn pickup_v1_batch() {
 }
 
 #[actix_rt::test]
+async fn return_route_thread_on_a_socket_answers_that_thread_only() {
+    // RFC 0092 `thread`: replies of that thread come back on the socket; it is not a delivery
+    // channel (only `all` binds it).
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
+    assert_eq!(forward_to(&n, &a, &k, "stay").await, 202);
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let ping = |id: &str, route: &str| {
+        json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": id, "response_requested": true,
+            "~transport": {"return_route": route}})
+    };
+    let pong = ws_request(&a, &mut ws, &ping("t1", "thread")).await;
+    assert_eq!(type_name(&pong), "ping_response", "{pong}");
+    assert_eq!(pong["~thread"]["thid"], "t1");
+    // A second ping's answer is the very next frame: a push of "stay" would come before it.
+    let pong = ws_request(&a, &mut ws, &ping("t2", "thread")).await;
+    assert_eq!(type_name(&pong), "ping_response", "pushed on a thread-only socket: {pong}");
+    assert_eq!(queue_depth(&n).await, 1, "the queued message was taken by a thread-only socket");
+    // `all` binds the socket: the queued message is pushed (implicit pickup).
+    let pong = ws_request(&a, &mut ws, &ping("t3", "all")).await;
+    assert_eq!(type_name(&pong), "ping_response", "{pong}");
+    let pushed = ws_next_message(&a, &mut ws).await;
+    assert_eq!(pushed["content"], "stay", "{pushed}");
+}
+
+#[actix_rt::test]
 async fn live_mode_over_websocket_with_acks_over_http() {
     // A live window that held deliveries for a wallet acknowledging over HTTP would hold each
     // for a minute here: it never applies to such a wallet.

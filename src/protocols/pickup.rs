@@ -5,6 +5,7 @@
 //! 1.0 batches have no acknowledgement and are deleted when handed out.
 
 use super::{now_ms, problem, rfc3339_ms, HandleError, Inbound, Mediator, Outcome, TransportKind};
+use crate::didcomm::message::ReturnRoute;
 use crate::store::{Connection, MediationState, QueuedMessage};
 use serde_json::{json, Value};
 
@@ -141,7 +142,8 @@ async fn live_delivery_change(m: &Mediator, ctx: &Inbound, conn: &Connection) ->
             "live-delivery-change needs a boolean live_delivery",
         ));
     };
-    if ctx.transport != TransportKind::WebSocket {
+    // `thread` would bring back this thread's replies only: the socket would not deliver.
+    if ctx.transport != TransportKind::WebSocket || ctx.return_route != ReturnRoute::All {
         return Ok(problem::report(
             ctx,
             "delivery_not_possible",
@@ -244,4 +246,45 @@ pub(crate) async fn ack_received(
         ack_lags_ms,
         ..Outcome::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::protocols::MediatorKeys;
+    use crate::store::{SledStore, Store};
+    use std::sync::Arc;
+
+    async fn mediator() -> (Mediator, Connection) {
+        let store: Arc<dyn Store> = Arc::new(SledStore::temporary().await.unwrap());
+        let conn = crate::protocols::granted_connection_for_test("c1", "ours", "theirs");
+        store.put_connection(&conn).await.unwrap();
+        let cfg = Config::single_node_default();
+        (Mediator::new(store, MediatorKeys::generate(), &cfg, "n1", "http://127.0.0.1:1"), conn)
+    }
+
+    fn inbound(name: &str, route: ReturnRoute, transport: TransportKind, conn: &Connection) -> Inbound {
+        let msg = json!({"@type": format!("https://didcomm.org/messagepickup/{name}"), "@id": "i", "live_delivery": true});
+        let mut ctx = Inbound::for_test(msg, Some("theirs"), Some(conn));
+        ctx.return_route = route;
+        ctx.transport = transport;
+        ctx
+    }
+
+    fn is_problem(out: &Outcome) -> bool {
+        out.replies.len() == 1 && out.replies[0]["@type"].as_str().unwrap().ends_with("/problem-report")
+    }
+
+    #[tokio::test]
+    async fn live_mode_needs_return_route_all() {
+        let (m, c) = mediator().await;
+        for route in [ReturnRoute::None, ReturnRoute::Thread("i".into())] {
+            let ctx = inbound("2.0/live-delivery-change", route, TransportKind::WebSocket, &c);
+            let out = handle(&m, &ctx).await.unwrap();
+            assert!(is_problem(&out) && out.live_mode.is_none(), "{:?}", out.replies);
+        }
+        let ctx = inbound("2.0/live-delivery-change", ReturnRoute::All, TransportKind::WebSocket, &c);
+        assert_eq!(handle(&m, &ctx).await.unwrap().live_mode, Some(true));
+    }
 }

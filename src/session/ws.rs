@@ -2,7 +2,7 @@
 //! touches one place).
 //!
 //! The socket binds to a connection when that connection sends a message on it with
-//! return-route; from then on it is registered with the registry, which wakes it when a
+//! return-route `all` (`thread` only brings that thread's replies back); from then on it is registered with the registry, which wakes it when a
 //! message is queued. A woken session drains from the store itself:
 //! - pickup 2.0 live mode: `delivery` messages, leased until messages-received;
 //! - otherwise (implicit pickup, `DirectDelivery`): the raw forwarded messages, deleted once
@@ -18,6 +18,7 @@ use super::live_window::{hold_in_queue_order, LiveWindow};
 use super::upgrade::SocketSlot;
 use super::Shared;
 use crate::config::Strategy;
+use crate::didcomm::message::ReturnRoute;
 use crate::protocols::{now_ms, pickup, Outcome, TransportKind};
 use crate::registry::{Register, Signal, Unregister, Wake};
 use crate::store::Connection;
@@ -217,14 +218,23 @@ impl WsSession {
                 .unwrap_or("v1");
             shared.metrics.delivered("pickup", v, out.leased.len() as u64);
         }
-        let wants_route = !matches!(out.return_route, crate::didcomm::message::ReturnRoute::None);
+        // Replies come back here with any return route; only `all` (RFC 0092: every message
+        // for the sender) makes the socket a delivery channel. `thread` asks for that thread's
+        // replies, nothing queued. (DIDComm v2 answers as `all`.)
+        let wants_route = !matches!(out.return_route, ReturnRoute::None);
         if let Some(conn) = &out.connection {
             // A v2 reply address that is not a stored connection binds nothing.
-            if wants_route && !crate::protocols::v2::is_ephemeral(conn) {
+            if out.return_route == ReturnRoute::All && !crate::protocols::v2::is_ephemeral(conn) {
                 self.bind(conn, ctx);
             }
         }
-        if let Some(live) = out.live_mode {
+        // Only the connection the socket delivers for steers how it delivers.
+        let bound_to_sender = self.registered
+            && out
+                .connection
+                .as_ref()
+                .is_some_and(|c| self.conn.as_ref().is_some_and(|h| h.id == c.id));
+        if let Some(live) = out.live_mode.filter(|_| bound_to_sender) {
             self.mode = if live { Mode::Live } else { self.idle_mode() };
             self.window.clear();
             if live {
@@ -242,13 +252,7 @@ impl WsSession {
         }
         // Acknowledged on the socket that delivers: its window moves on. An acknowledgement
         // elsewhere wakes nobody (it makes nothing deliverable; see `session::http`).
-        if out.acked > 0
-            && self.registered
-            && out
-                .connection
-                .as_ref()
-                .is_some_and(|c| self.conn.as_ref().is_some_and(|h| h.id == c.id))
-        {
+        if out.acked > 0 && bound_to_sender {
             self.window.acknowledged(out.acked);
             ctx.notify(Wake);
         }
