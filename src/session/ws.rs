@@ -256,17 +256,30 @@ impl WsSession {
             self.window.acknowledged(out.acked);
             ctx.notify(Wake);
         }
-        let Some(conn) = out.connection.clone() else { return };
-        if wants_route {
-            for r in &out.replies {
-                match shared.mediator.pack_for(&conn, r) {
-                    Ok(p) => ctx.text(String::from_utf8_lossy(&p).into_owned()),
-                    Err(e) => tracing::warn!(connection = %conn.id, "reply not packed: {e}"),
+        // Whether `replies[0]` went out on this socket: a pickup 1.0 batch is removed only then.
+        let mut returned = false;
+        if let Some(conn) = out.connection.clone() {
+            if wants_route {
+                // A stopping socket writes nothing more.
+                let open = ctx.state() == ActorState::Running;
+                for (i, r) in out.replies.iter().enumerate() {
+                    match shared.mediator.pack_for(&conn, r) {
+                        Ok(p) => {
+                            ctx.text(String::from_utf8_lossy(&p).into_owned());
+                            returned |= i == 0 && open;
+                        }
+                        Err(e) => tracing::warn!(connection = %conn.id, "reply not packed: {e}"),
+                    }
                 }
+            } else if !out.replies.is_empty() {
+                let replies = out.replies;
+                let s = shared.clone();
+                actix_rt::spawn(async move { super::outbound::send_replies(&s, &conn, &replies).await });
             }
-        } else if !out.replies.is_empty() {
-            let replies = out.replies;
-            actix_rt::spawn(async move { super::outbound::send_replies(&shared, &conn, &replies).await });
+        }
+        if let Some(b) = out.ack_on_return {
+            let owner = self.owner();
+            actix_rt::spawn(async move { shared.settle_batch(b, &owner, returned).await });
         }
     }
 
