@@ -7,7 +7,7 @@ mod common;
 
 use async_trait::async_trait;
 use common::*;
-use mailroom::client::{basic_message, Sender};
+use mailroom::client::{basic_message, Agent, Sender};
 use mailroom::config::Strategy;
 use mailroom::node::{self, NodeOptions};
 use mailroom::store::*;
@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
-/// The node's store, except that once armed, the next `lease` waits for a `release_owner`.
+/// The node's store, except that once armed, the next `lease` waits for a `release_owner` (or
+/// for the test to open the gate: `gate.released`).
 struct GatedLeases {
     inner: Arc<dyn Store>,
     armed: AtomicBool,
@@ -26,6 +27,7 @@ struct GatedLeases {
 #[derive(Default)]
 struct Gate {
     released: Notify,
+    gated_lease_started: Notify,
     gated_lease_done: Notify,
 }
 
@@ -46,6 +48,7 @@ impl Store for GatedLeases {
         // its caller still waits for it.
         let (gate, inner) = (self.gate.clone(), self.inner.clone());
         let (conn, owner) = (conn.to_owned(), owner.to_owned());
+        gate.gated_lease_started.notify_one();
         tokio::spawn(async move {
             gate.released.notified().await;
             let r = inner.lease(&conn, max, &owner, now_ms, until_ms).await;
@@ -72,13 +75,15 @@ impl Store for GatedLeases {
     );
 }
 
-#[actix_rt::test]
-async fn a_lease_in_flight_when_its_session_closes_gives_the_message_back() {
+/// A node on a [`GatedLeases`] store (unarmed), with leases of 60 s: only a release can give
+/// a leased message back within a test.
+async fn gated_node(strategy: Strategy) -> (tempfile::TempDir, node::RunningNode, Arc<GatedLeases>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
-    cfg.delivery.lease_ms = 60_000; // only the session's end can free it in time
+    let mut cfg = test_config(dir.path(), strategy);
+    cfg.delivery.lease_ms = 60_000;
+    let inner = open_sled(&dir.path().join("data")).await.unwrap();
     let gated = Arc::new(GatedLeases {
-        inner: open_sled(&dir.path().join("data")).await.unwrap(),
+        inner,
         armed: AtomicBool::new(false),
         gate: Arc::default(),
     });
@@ -93,7 +98,13 @@ async fn a_lease_in_flight_when_its_session_closes_gives_the_message_back() {
         },
     )
     .unwrap();
-    let (a, k) = mailroom::client::Agent::onboard(&invitation(&n).await).await.unwrap();
+    (dir, n, gated)
+}
+
+#[actix_rt::test]
+async fn a_lease_in_flight_when_its_session_closes_gives_the_message_back() {
+    let (_dir, n, gated) = gated_node(Strategy::QueueAndLiveModeDelivery).await;
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
     let live = || pickup("live-delivery-change", json!({"live_delivery": true}));
 
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
@@ -125,4 +136,70 @@ async fn a_lease_in_flight_when_its_session_closes_gives_the_message_back() {
         .await
         .unwrap();
     assert_eq!(queue_depth(&n).await, 0);
+}
+
+fn ping(id: &str) -> serde_json::Value {
+    json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": id, "response_requested": true,
+        "~transport": {"return_route": "all"}})
+}
+
+#[actix_rt::test]
+async fn a_lease_taken_by_a_request_after_its_session_closed_gives_the_message_back() {
+    // A delivery-request over a socket leases for that socket; when the socket closes before
+    // the lease lands, the session's release has already run: the request's completion gives
+    // the message back itself.
+    let (_dir, n, gated) = gated_node(Strategy::QueueOnly).await;
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let g = a.grant.clone().unwrap();
+    Sender::new()
+        .forward(&n.public_url(), &basic_message("asked"), &k.verkey(), &g.routing_keys)
+        .await
+        .unwrap();
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    // Bound (QueueOnly: nothing is pushed), so the session's end releases its owner.
+    let pong = ws_request(&a, &mut ws, &ping("p")).await;
+    assert_eq!(type_name(&pong), "ping_response");
+    gated.armed.store(true, Ordering::SeqCst);
+    let ask = || pickup("delivery-request", json!({"limit": 10}));
+    ws.send_envelope(a.pack(&ask()).unwrap(), true).await.unwrap();
+    tokio::time::timeout(WAIT, gated.gate.gated_lease_started.notified())
+        .await
+        .expect("the delivery-request leases");
+    ws.close().await;
+    tokio::time::timeout(WAIT, gated.gate.gated_lease_done.notified())
+        .await
+        .expect("the held lease ran after the session's release");
+    let got = eventually("the message back after the session's end", || async {
+        let mut ws2 = a.websocket(&ws_url(&n)).await.unwrap();
+        let r = ws_request(&a, &mut ws2, &ask()).await;
+        ws2.close().await;
+        (type_name(&r) == "delivery").then(|| contents(&a, &r))
+    })
+    .await;
+    assert_eq!(got, vec!["asked"]);
+}
+
+#[actix_rt::test]
+async fn a_delivery_over_a_socket_it_did_not_bind_comes_back_when_the_socket_closes() {
+    // return_route "thread" brings the delivery back on the socket without binding it: the
+    // socket's end still gives back what it leased, as a bound socket's does.
+    let (_dir, n, _gated) = gated_node(Strategy::QueueAndLiveModeDelivery).await;
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let g = a.grant.clone().unwrap();
+    Sender::new()
+        .forward(&n.public_url(), &basic_message("lent"), &k.verkey(), &g.routing_keys)
+        .await
+        .unwrap();
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let mut ask = pickup("delivery-request", json!({"limit": 10}));
+    ask["~transport"] = json!({"return_route": "thread"});
+    let d = ws_request(&a, &mut ws, &ask).await;
+    assert_eq!(contents(&a, &d), vec!["lent"], "{d}");
+    ws.close().await; // without messages-received
+    let again = eventually("the delivery back after the socket closed", || async {
+        let r = a.request(&pickup("delivery-request", json!({"limit": 10}))).await.unwrap()?;
+        (type_name(&r) == "delivery").then(|| delivery_ids(&a, &r))
+    })
+    .await;
+    assert_eq!(again, delivery_ids(&a, &d));
 }

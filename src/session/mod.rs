@@ -7,6 +7,7 @@
 //! wallet: a local session, the owning node over the cluster, or the agent's own endpoint.
 
 pub mod egress;
+mod give_back;
 pub mod held;
 pub mod http;
 pub mod listener;

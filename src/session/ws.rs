@@ -14,12 +14,13 @@
 //! Binary and text frames are accepted; replies are text frames. Heartbeats: a ping every
 //! `HEARTBEAT`, closed after `CLIENT_TIMEOUT` without a pong or frame.
 
+use super::give_back::{gave_back, release_all};
 use super::live_window::{hold_in_queue_order, LiveWindow};
 use super::upgrade::SocketSlot;
 use super::Shared;
 use crate::config::Strategy;
 use crate::didcomm::message::ReturnRoute;
-use crate::protocols::{now_ms, pickup, Outcome, TransportKind};
+use crate::protocols::{now_ms, pickup, Outcome};
 use crate::registry::{Register, Signal, Unregister, Wake};
 use crate::store::Connection;
 use crate::store::QueuedMessage;
@@ -75,6 +76,9 @@ pub struct WsSession {
     /// What was handed to this session ([`Signal::HandOff`]); boxed, and only once something
     /// is: an idle session holds one pointer for it.
     handed: Option<Box<HandedHere>>,
+    /// A connection this socket leased for by request (pickup over return route `thread`,
+    /// say) while not bound to it: its end releases the owner for it too.
+    lent_to: Option<String>,
 }
 
 /// Messages handed to a session, leased to the node's hand-off owner, not to the session.
@@ -109,6 +113,7 @@ impl WsSession {
             _slot: slot,
             closed: Arc::default(),
             handed: None,
+            lent_to: None,
         }
     }
 
@@ -139,13 +144,13 @@ impl WsSession {
             return;
         }
         self.inflight += 1;
-        let shared = self.shared.clone();
-        let owner = self.owner();
         let version = crate::protocols::v2::envelope_label(&bytes);
-        let fut = async move { shared.mediator.handle(&bytes, TransportKind::WebSocket, &owner).await };
+        // Started now and run apart from the session: it ends even if the session stops
+        // meanwhile, and then gives back what it leased (see `give_back::handle_detached`).
+        let task = super::give_back::handle_detached(self.shared.clone(), bytes, self.owner(), self.closed.clone());
         // ctx.spawn, not ctx.wait: heartbeats and deliveries go on while the store works.
         ctx.spawn(
-            fut.into_actor(self)
+            task.into_actor(self)
                 .map(move |res, act, ctx| act.handled(res, version, ctx)),
         );
     }
@@ -202,11 +207,6 @@ impl WsSession {
 
     fn apply(&mut self, out: Outcome, ctx: &mut ws::WebsocketContext<Self>) {
         let shared = self.shared.clone();
-        if out.forward.is_some() {
-            shared.metrics.forwards_received.inc();
-            let queued = out.queued_for.len() + usize::from(out.handed.is_some());
-            shared.metrics.forwards_queued.inc_by(queued as u64);
-        }
         if out.acked > 0 {
             shared.metrics.acknowledged(out.acked, &out.ack_lags_ms);
         }
@@ -217,6 +217,9 @@ impl WsSession {
                 .map(crate::protocols::v2::version_label)
                 .unwrap_or("v1");
             shared.metrics.delivered("pickup", v, out.leased.len() as u64);
+            if let Some(c) = &out.connection {
+                self.lent_to = Some(c.id.clone());
+            }
         }
         // Replies come back here with any return route; only `all` (RFC 0092: every message
         // for the sender) makes the socket a delivery channel. `thread` asks for that thread's
@@ -240,15 +243,6 @@ impl WsSession {
             if live {
                 ctx.notify(Wake);
             }
-        }
-        for c in &out.queued_for {
-            let s = shared.clone();
-            let c = c.clone();
-            actix_rt::spawn(async move { s.queued_new(&c).await });
-        }
-        if let Some(h) = out.handed {
-            let s = shared.clone();
-            actix_rt::spawn(async move { s.hand_off(h).await });
         }
         // Acknowledged on the socket that delivers: its window moves on. An acknowledgement
         // elsewhere wakes nobody (it makes nothing deliverable; see `session::http`).
@@ -608,9 +602,10 @@ impl Actor for WsSession {
     fn stopped(&mut self, _: &mut Self::Context) {
         // Before the release below: a lease in flight now gives its messages back itself.
         self.closed.store(true, Ordering::SeqCst);
-        if let Some(conn_id) = self.conn.as_ref().map(|c| c.id.clone()) {
+        let bound = self.conn.as_ref().map(|c| c.id.clone());
+        if let Some(conn_id) = &bound {
             if self.registered {
-                self.shared.bound.count_out(&conn_id);
+                self.shared.bound.count_out(conn_id);
             }
             self.let_go();
             self.shared.metrics.sessions.dec();
@@ -618,30 +613,34 @@ impl Actor for WsSession {
                 conn: conn_id.clone(),
                 session: self.id,
             });
-            // Unacknowledged live deliveries become deliverable again at once.
-            let owner = self.owner();
-            let shared = self.shared.clone();
-            let cid = conn_id.clone();
-            let handed = self.handed_ids();
-            actix_rt::spawn(async move {
-                let released = release_all(&shared, &cid, &owner, &handed).await;
-                gave_back(&shared, &cid, released).await;
-            });
             tracing::info!(connection = %conn_id, session = self.id, "session closed");
         }
-    }
-}
-
-/// A closed session's leases were given back (`released`: how many): whoever holds the
-/// connection now is woken, or the wallet pushed.
-async fn gave_back(shared: &Arc<Shared>, conn: &str, released: crate::store::StoreResult<u64>) {
-    match released {
-        Ok(n) if n > 0 => {
-            tracing::info!(connection = %conn, released = n, "session closed with unacknowledged deliveries");
-            shared.queued_new(conn).await;
+        let lent = self.lent_to.take().filter(|c| bound.as_ref() != Some(c));
+        if bound.is_none() && lent.is_none() {
+            return;
         }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(connection = %conn, "leases not released (they expire): {e}"),
+        // Unacknowledged deliveries become deliverable again at once.
+        let owner = self.owner();
+        let shared = self.shared.clone();
+        let handed = self.handed_ids();
+        actix_rt::spawn(async move {
+            let released = match &bound {
+                Some(c) => release_all(&shared, c, &owner, &handed).await,
+                None => shared.mediator.store.release_owner(&owner).await,
+            };
+            let any = matches!(released, Ok(n) if n > 0);
+            match &bound {
+                Some(c) => gave_back(&shared, c, released).await,
+                None => {
+                    if let Err(e) = released {
+                        tracing::warn!("leases of a closed session not released (they expire): {e}");
+                    }
+                }
+            }
+            if let Some(c) = lent.filter(|_| any) {
+                shared.queued_new(&c).await;
+            }
+        });
     }
 }
 
@@ -736,18 +735,6 @@ impl WsSession {
             }
         });
     }
-}
-
-/// Gives back what a session that stops delivering holds: its own leases (`owner`) and the
-/// messages handed to it (leased to the node's hand-off owner). How many went back.
-async fn release_all(shared: &Arc<Shared>, conn: &str, owner: &str, handed: &[i64]) -> crate::store::StoreResult<u64> {
-    let store = &shared.mediator.store;
-    let mut n = store.release_owner(owner).await?;
-    if !handed.is_empty() {
-        let handoff = crate::protocols::handoff_owner(&shared.mediator.node_id);
-        n += store.release(conn, handed, &handoff).await?;
-    }
-    Ok(n)
 }
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
