@@ -1,13 +1,16 @@
-//! A live lease that lands after its session closed: the session's end gives its leases back
-//! (`release_owner`), but a lease still in flight then may take the message again for the gone
-//! socket, where it would stay until the lease ran out. A store wrapper holds one session's
-//! lease until that release has happened, so the race is played every time.
+//! A lease that lands after its session closed: the session's end gives its leases back
+//! (`release_owner`), but a lease still in flight then (a drain's, or a request's) may take the
+//! message again for the gone socket, where it would stay until the lease ran out. A store
+//! wrapper holds one session's lease until that release has happened (or until the test opens
+//! it), so the race is played every time. Also: a socket rebound to another connection while
+//! it holds or leases messages of the first.
 
 mod common;
 
 use async_trait::async_trait;
 use common::*;
-use mailroom::client::{basic_message, Agent, Sender};
+use common::cluster::live_socket;
+use mailroom::client::{basic_message, Agent, Sender, WsClient};
 use mailroom::config::Strategy;
 use mailroom::node::{self, NodeOptions};
 use mailroom::store::*;
@@ -141,6 +144,79 @@ async fn a_lease_in_flight_when_its_session_closes_gives_the_message_back() {
 fn ping(id: &str) -> serde_json::Value {
     json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": id, "response_requested": true,
         "~transport": {"return_route": "all"}})
+}
+
+/// Frames on `ws` up to `b`'s ping response, each opened by `b`: panics on a delivery (or on
+/// anything `b` cannot open).
+async fn until_pong_of(b: &Agent, ws: &mut WsClient) {
+    loop {
+        let m = ws_next_message(b, ws).await;
+        match type_name(&m) {
+            "ping_response" => return,
+            "delivery" => panic!("a delivery on B's socket: {m}"),
+            other => panic!("unexpected {other} on B's socket: {m}"),
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn a_lease_for_a_connection_the_socket_left_goes_back_to_that_connection() {
+    // The socket leases for A, then B speaks on it with return route (it rebinds to B), then
+    // A's lease lands: A's message must neither go out packed for B nor stay leased to a
+    // socket that no longer delivers A.
+    let (_dir, n, gated) = gated_node(Strategy::QueueAndLiveModeDelivery).await;
+    let inv = invitation(&n).await;
+    let (a, ka) = Agent::onboard(&inv).await.unwrap();
+    let (b, _kb) = Agent::onboard(&inv).await.unwrap();
+    let g = a.grant.clone().unwrap();
+    Sender::new()
+        .forward(&n.public_url(), &basic_message("for-a"), &ka.verkey(), &g.routing_keys)
+        .await
+        .unwrap();
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    gated.armed.store(true, Ordering::SeqCst);
+    let live = || pickup("live-delivery-change", json!({"live_delivery": true}));
+    let status = ws_request(&a, &mut ws, &live()).await;
+    assert_eq!(type_name(&status), "status", "{status}");
+    // A's lease is held; B rebinds the socket.
+    ws.send_envelope(b.pack(&ping("b1")).unwrap(), true).await.unwrap();
+    until_pong_of(&b, &mut ws).await;
+    gated.gate.released.notify_one();
+    tokio::time::timeout(WAIT, gated.gate.gated_lease_done.notified())
+        .await
+        .expect("the held lease ran");
+    ws.send_envelope(b.pack(&ping("b2")).unwrap(), true).await.unwrap();
+    until_pong_of(&b, &mut ws).await;
+    // A's message is A's again at once (its lease would hold it for 60 s).
+    let mut ws_a = live_socket(&a, &n).await;
+    let d = ws_next_message(&a, &mut ws_a).await;
+    assert_eq!(contents(&a, &d), vec!["for-a"], "{d}");
+    ws.send_envelope(b.pack(&ping("b3")).unwrap(), true).await.unwrap();
+    until_pong_of(&b, &mut ws).await;
+}
+
+#[actix_rt::test]
+async fn messages_handed_to_a_socket_go_back_when_it_rebinds_to_another_connection() {
+    // A live delivery handed to the socket (leased to the node's hand-off owner) waits for A's
+    // acknowledgement; B then rebinds the socket. The socket no longer delivers A: what it was
+    // handed for A goes back to A at once, not when the hand-off lease runs out.
+    let (_dir, n, _gated) = gated_node(Strategy::QueueAndLiveModeDelivery).await;
+    let inv = invitation(&n).await;
+    let (a, ka) = Agent::onboard(&inv).await.unwrap();
+    let (b, _kb) = Agent::onboard(&inv).await.unwrap();
+    let mut ws = live_socket(&a, &n).await;
+    let g = a.grant.clone().unwrap();
+    Sender::new()
+        .forward(&n.public_url(), &basic_message("handed"), &ka.verkey(), &g.routing_keys)
+        .await
+        .unwrap();
+    let d = ws_next_message(&a, &mut ws).await;
+    let first = delivery_ids(&a, &d);
+    ws.send_envelope(b.pack(&ping("b1")).unwrap(), true).await.unwrap();
+    until_pong_of(&b, &mut ws).await;
+    let mut ws_a = live_socket(&a, &n).await;
+    let again = ws_next_message(&a, &mut ws_a).await;
+    assert_eq!(delivery_ids(&a, &again), first, "{again}");
 }
 
 #[actix_rt::test]

@@ -7,7 +7,7 @@
 
 use super::Shared;
 use crate::protocols::{HandleError, Outcome, TransportKind};
-use crate::store::StoreResult;
+use crate::store::{QueuedMessage, StoreResult};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -66,12 +66,12 @@ fn forwarded(shared: &Arc<Shared>, out: &mut Outcome) {
     }
 }
 
-/// A closed session's leases were given back (`released`: how many): whoever holds the
-/// connection now is woken, or the wallet pushed.
+/// Leases of `conn` were given back (`released`: how many; a session closed, or stopped
+/// delivering for `conn`): whoever holds the connection now is woken, or the wallet pushed.
 pub(super) async fn gave_back(shared: &Arc<Shared>, conn: &str, released: StoreResult<u64>) {
     match released {
         Ok(n) if n > 0 => {
-            tracing::info!(connection = %conn, released = n, "session closed with unacknowledged deliveries");
+            tracing::info!(connection = %conn, released = n, "unacknowledged deliveries given back");
             shared.queued_new(conn).await;
         }
         Ok(_) => {}
@@ -89,4 +89,22 @@ pub(super) async fn release_all(shared: &Arc<Shared>, conn: &str, owner: &str, h
         n += store.release(conn, handed, &handoff).await?;
     }
     Ok(n)
+}
+
+/// Leased messages a session will not write (their connection is not the one it delivers
+/// for now), leased to `owner` (the node's hand-off owner when `handed`): given back under
+/// their own connections, and whoever holds each woken.
+pub(super) async fn give_back_msgs(shared: Arc<Shared>, owner: String, handed: bool, msgs: Vec<QueuedMessage>) {
+    let mut by_conn: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+    for q in msgs {
+        by_conn.entry(q.connection).or_default().push(q.id);
+    }
+    for (conn, ids) in by_conn {
+        if handed {
+            shared.hand_back(&shared.mediator.node_id, &conn, &ids).await;
+        } else {
+            let released = shared.mediator.store.release(&conn, &ids, &owner).await;
+            gave_back(&shared, &conn, released).await;
+        }
+    }
 }

@@ -14,7 +14,7 @@
 //! Binary and text frames are accepted; replies are text frames. Heartbeats: a ping every
 //! `HEARTBEAT`, closed after `CLIENT_TIMEOUT` without a pong or frame.
 
-use super::give_back::{gave_back, release_all};
+use super::give_back::{gave_back, give_back_msgs, release_all};
 use super::live_window::{hold_in_queue_order, LiveWindow};
 use super::upgrade::SocketSlot;
 use super::Shared;
@@ -307,10 +307,14 @@ impl WsSession {
             // Superseded, and speaking again: bind anew (a newer epoch takes ownership back).
             Some(old) if old.id == conn.id => {}
             // Rebound to another connection: still one session.
-            Some(old) => self.shared.registry.do_send(Unregister {
-                conn: old.id.clone(),
-                session: self.id,
-            }),
+            Some(old) => {
+                let old = old.id.clone();
+                self.shared.registry.do_send(Unregister {
+                    conn: old.clone(),
+                    session: self.id,
+                });
+                self.leave(&old);
+            }
             None => {
                 self.shared.metrics.sessions.inc();
             }
@@ -336,6 +340,22 @@ impl WsSession {
         self.shared.bound.count_in(&conn.id);
         // Anything already queued goes out now.
         ctx.notify(Wake);
+    }
+
+    /// The socket delivers for another connection from now on: nothing of `old`'s delivery
+    /// carries over (its live window, its mode: the new connection did not ask for live mode),
+    /// and the messages handed to this socket for `old`, written or held back, go back to it
+    /// at once. (Deliveries this session leased for `old` go back as their lease runs out or
+    /// the session ends; one still being leased goes back as it lands, see `push`.)
+    fn leave(&mut self, old: &str) {
+        self.window.clear();
+        self.mode = Mode::Quiet;
+        let ids = self.handed_ids();
+        if !ids.is_empty() {
+            let shared = self.shared.clone();
+            let old = old.to_string();
+            actix_rt::spawn(async move { shared.hand_back(&shared.mediator.node_id, &old, &ids).await });
+        }
     }
 
     /// Gives the bound connection's shared copy back (the last session of it frees it).
@@ -470,7 +490,22 @@ impl WsSession {
     /// notification, leased to the node's hand-off owner ([`Signal::HandOff`]), not by this
     /// session.
     fn push(&mut self, msgs: Vec<QueuedMessage>, handed: bool, ctx: &mut ws::WebsocketContext<Self>) {
-        let Some(conn) = self.conn.clone() else { return };
+        // Only the bound connection's messages go out here, packed for its key: a lease taken
+        // for a connection the socket has left since (rebound) goes back to that connection.
+        let (msgs, others): (Vec<_>, Vec<_>) = msgs
+            .into_iter()
+            .partition(|q| self.conn.as_ref().is_some_and(|c| c.id == q.connection));
+        if !others.is_empty() {
+            let owner = if handed {
+                crate::protocols::handoff_owner(&self.shared.mediator.node_id)
+            } else {
+                self.owner()
+            };
+            actix_rt::spawn(give_back_msgs(self.shared.clone(), owner, handed, others));
+        }
+        let Some(conn) = self.conn.clone().filter(|_| !msgs.is_empty()) else {
+            return;
+        };
         let shared = self.shared.clone();
         let redelivered = msgs.iter().filter(|q| q.attempts > 1).count() as u64;
         shared.metrics.redelivered.inc_by(redelivered);
