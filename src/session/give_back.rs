@@ -5,6 +5,7 @@
 //! request read from a socket runs to its end apart from the session ([`handle_detached`]),
 //! and one that ends after its session's release gives back what it took itself.
 
+use super::upgrade::SocketSlot;
 use super::Shared;
 use crate::protocols::{HandleError, Outcome, TransportKind};
 use crate::store::{QueuedMessage, StoreResult};
@@ -15,14 +16,17 @@ use std::sync::Arc;
 /// started now. The forwards it queued wake their wallets' sessions whatever becomes of the
 /// socket (they are taken out of the outcome). `closed` is set by the session's `stopped`,
 /// before it releases `owner`: a request ending after that releases `owner` again, or
-/// what it leased would stay leased to a gone socket until the lease ran out.
+/// what it leased would stay leased to a gone socket until the lease ran out. `slot`, the
+/// socket's place under `limits.max_sessions`, is held until the request ends.
 pub(super) fn handle_detached(
     shared: Arc<Shared>,
     bytes: bytes::Bytes,
     owner: String,
     closed: Arc<AtomicBool>,
+    slot: Arc<SocketSlot>,
 ) -> impl std::future::Future<Output = Result<Outcome, HandleError>> {
     let task = actix_rt::spawn(async move {
+        let _slot = slot;
         let mut res = shared.mediator.handle(&bytes, TransportKind::WebSocket, &owner).await;
         if let Ok(out) = &mut res {
             forwarded(&shared, out);

@@ -68,8 +68,9 @@ pub struct WsSession {
     window: LiveWindow,
     /// A drain waits for the window: a timer to reopen it is set.
     window_timer: bool,
-    /// Its place under `limits.max_sessions`.
-    _slot: SocketSlot,
+    /// Its place under `limits.max_sessions`, shared with the requests it reads (they may end
+    /// after it): a socket closed and reopened does not multiply the work in flight.
+    slot: Arc<SocketSlot>,
     /// Set when the session has stopped: a lease still in flight then gives its messages back
     /// (see [`WsSession::drain`]).
     closed: Arc<std::sync::atomic::AtomicBool>,
@@ -110,7 +111,7 @@ impl WsSession {
             inflight: 0,
             window: LiveWindow::new(live_ack_wait),
             window_timer: false,
-            _slot: slot,
+            slot: Arc::new(slot),
             closed: Arc::default(),
             handed: None,
             lent_to: None,
@@ -147,7 +148,13 @@ impl WsSession {
         let version = crate::protocols::v2::envelope_label(&bytes);
         // Started now and run apart from the session: it ends even if the session stops
         // meanwhile, and then gives back what it leased (see `give_back::handle_detached`).
-        let task = super::give_back::handle_detached(self.shared.clone(), bytes, self.owner(), self.closed.clone());
+        let task = super::give_back::handle_detached(
+            self.shared.clone(),
+            bytes,
+            self.owner(),
+            self.closed.clone(),
+            self.slot.clone(),
+        );
         // ctx.spawn, not ctx.wait: heartbeats and deliveries go on while the store works.
         ctx.spawn(
             task.into_actor(self)
