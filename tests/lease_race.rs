@@ -8,8 +8,8 @@
 mod common;
 
 use async_trait::async_trait;
-use common::*;
 use common::cluster::live_socket;
+use common::*;
 use mailroom::client::{basic_message, Agent, Sender, WsClient};
 use mailroom::config::Strategy;
 use mailroom::node::{self, NodeOptions};
@@ -146,17 +146,11 @@ fn ping(id: &str) -> serde_json::Value {
         "~transport": {"return_route": "all"}})
 }
 
-/// Frames on `ws` up to `b`'s ping response, each opened by `b`: panics on a delivery (or on
-/// anything `b` cannot open).
-async fn until_pong_of(b: &Agent, ws: &mut WsClient) {
-    loop {
-        let m = ws_next_message(b, ws).await;
-        match type_name(&m) {
-            "ping_response" => return,
-            "delivery" => panic!("a delivery on B's socket: {m}"),
-            other => panic!("unexpected {other} on B's socket: {m}"),
-        }
-    }
+/// The next frame on `ws`, opened by `b`: its ping response, not a delivery (nor anything `b`
+/// cannot open).
+async fn next_is_pong_of(b: &Agent, ws: &mut WsClient) {
+    let m = ws_next_message(b, ws).await;
+    assert_eq!(type_name(&m), "ping_response", "on B's socket: {m}");
 }
 
 #[actix_rt::test]
@@ -180,19 +174,19 @@ async fn a_lease_for_a_connection_the_socket_left_goes_back_to_that_connection()
     assert_eq!(type_name(&status), "status", "{status}");
     // A's lease is held; B rebinds the socket.
     ws.send_envelope(b.pack(&ping("b1")).unwrap(), true).await.unwrap();
-    until_pong_of(&b, &mut ws).await;
+    next_is_pong_of(&b, &mut ws).await;
     gated.gate.released.notify_one();
     tokio::time::timeout(WAIT, gated.gate.gated_lease_done.notified())
         .await
         .expect("the held lease ran");
     ws.send_envelope(b.pack(&ping("b2")).unwrap(), true).await.unwrap();
-    until_pong_of(&b, &mut ws).await;
+    next_is_pong_of(&b, &mut ws).await;
     // A's message is A's again at once (its lease would hold it for 60 s).
     let mut ws_a = live_socket(&a, &n).await;
     let d = ws_next_message(&a, &mut ws_a).await;
     assert_eq!(contents(&a, &d), vec!["for-a"], "{d}");
     ws.send_envelope(b.pack(&ping("b3")).unwrap(), true).await.unwrap();
-    until_pong_of(&b, &mut ws).await;
+    next_is_pong_of(&b, &mut ws).await;
 }
 
 #[actix_rt::test]
@@ -213,7 +207,7 @@ async fn messages_handed_to_a_socket_go_back_when_it_rebinds_to_another_connecti
     let d = ws_next_message(&a, &mut ws).await;
     let first = delivery_ids(&a, &d);
     ws.send_envelope(b.pack(&ping("b1")).unwrap(), true).await.unwrap();
-    until_pong_of(&b, &mut ws).await;
+    next_is_pong_of(&b, &mut ws).await;
     let mut ws_a = live_socket(&a, &n).await;
     let again = ws_next_message(&a, &mut ws_a).await;
     assert_eq!(delivery_ids(&a, &again), first, "{again}");
@@ -273,7 +267,10 @@ async fn a_delivery_over_a_socket_it_did_not_bind_comes_back_when_the_socket_clo
     assert_eq!(contents(&a, &d), vec!["lent"], "{d}");
     ws.close().await; // without messages-received
     let again = eventually("the delivery back after the socket closed", || async {
-        let r = a.request(&pickup("delivery-request", json!({"limit": 10}))).await.unwrap()?;
+        let r = a
+            .request(&pickup("delivery-request", json!({"limit": 10})))
+            .await
+            .unwrap()?;
         (type_name(&r) == "delivery").then(|| delivery_ids(&a, &r))
     })
     .await;

@@ -247,9 +247,14 @@ async fn pickup_v1_batch_without_a_return_route_deletes_nothing() {
     for i in 0..2 {
         forward_to(&n, &a, &k, &format!("b{i}")).await;
     }
-    let bp = |id: &str| json!({"@type": "https://didcomm.org/messagepickup/1.0/batch-pickup", "@id": id, "batch_size": 5});
+    let bp =
+        |id: &str| json!({"@type": "https://didcomm.org/messagepickup/1.0/batch-pickup", "@id": id, "batch_size": 5});
     assert_eq!(a.send(&bp("no-route")).await.unwrap(), 202);
-    assert_eq!(queue_depth(&n).await, 2, "a batch-pickup without return route took messages");
+    assert_eq!(
+        queue_depth(&n).await,
+        2,
+        "a batch-pickup without return route took messages"
+    );
     // The same request with a return route gets both (none was leased above) and removes them.
     let mut with_route = bp("routed");
     with_route["~transport"] = json!({"return_route": "all"});
@@ -271,7 +276,10 @@ async fn pickup_v1_batch_over_a_socket_is_removed_once_written() {
     let batch = ws_request(&a, &mut ws, &bp).await;
     assert_eq!(type_name(&batch), "batch", "{batch}");
     assert_eq!(contents(&a, &batch), vec!["w0", "w1"]);
-    eventually("the written batch removed", || async { (queue_depth(&n).await == 1).then_some(()) }).await;
+    eventually("the written batch removed", || async {
+        (queue_depth(&n).await == 1).then_some(())
+    })
+    .await;
     let status = a.request(&pickup("status-request", json!({}))).await.unwrap().unwrap();
     assert_eq!(status["message_count"], 1, "{status}");
 }
@@ -292,8 +300,16 @@ async fn return_route_thread_on_a_socket_answers_that_thread_only() {
     assert_eq!(pong["~thread"]["thid"], "t1");
     // A second ping's answer is the very next frame: a push of "stay" would come before it.
     let pong = ws_request(&a, &mut ws, &ping("t2", "thread")).await;
-    assert_eq!(type_name(&pong), "ping_response", "pushed on a thread-only socket: {pong}");
-    assert_eq!(queue_depth(&n).await, 1, "the queued message was taken by a thread-only socket");
+    assert_eq!(
+        type_name(&pong),
+        "ping_response",
+        "pushed on a thread-only socket: {pong}"
+    );
+    assert_eq!(
+        queue_depth(&n).await,
+        1,
+        "the queued message was taken by a thread-only socket"
+    );
     // `all` binds the socket: the queued message is pushed (implicit pickup).
     let pong = ws_request(&a, &mut ws, &ping("t3", "all")).await;
     assert_eq!(type_name(&pong), "ping_response", "{pong}");

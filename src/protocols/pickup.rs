@@ -273,7 +273,10 @@ mod tests {
         let conn = crate::protocols::granted_connection_for_test("c1", "ours", "theirs");
         store.put_connection(&conn).await.unwrap();
         let cfg = Config::single_node_default();
-        (Mediator::new(store, MediatorKeys::generate(), &cfg, "n1", "http://127.0.0.1:1"), conn)
+        (
+            Mediator::new(store, MediatorKeys::generate(), &cfg, "n1", "http://127.0.0.1:1"),
+            conn,
+        )
     }
 
     async fn queue(m: &Mediator, conn: &Connection, n: usize) {
@@ -288,13 +291,19 @@ mod tests {
                 lease: None,
             })
             .collect();
-        for r in m.store.enqueue(msgs, &crate::store::EnqueueLimits::UNLIMITED).await.unwrap() {
+        for r in m
+            .store
+            .enqueue(msgs, &crate::store::EnqueueLimits::UNLIMITED)
+            .await
+            .unwrap()
+        {
             r.unwrap();
         }
     }
 
     fn inbound(name: &str, route: ReturnRoute, transport: TransportKind, conn: &Connection) -> Inbound {
-        let msg = json!({"@type": format!("https://didcomm.org/messagepickup/{name}"), "@id": "i", "live_delivery": true});
+        let msg =
+            json!({"@type": format!("https://didcomm.org/messagepickup/{name}"), "@id": "i", "live_delivery": true});
         let mut ctx = Inbound::for_test(msg, Some("theirs"), Some(conn));
         ctx.return_route = route;
         ctx.transport = transport;
@@ -313,7 +322,12 @@ mod tests {
             let out = handle(&m, &ctx).await.unwrap();
             assert!(is_problem(&out) && out.live_mode.is_none(), "{:?}", out.replies);
         }
-        let ctx = inbound("2.0/live-delivery-change", ReturnRoute::All, TransportKind::WebSocket, &c);
+        let ctx = inbound(
+            "2.0/live-delivery-change",
+            ReturnRoute::All,
+            TransportKind::WebSocket,
+            &c,
+        );
         assert_eq!(handle(&m, &ctx).await.unwrap().live_mode, Some(true));
     }
 

@@ -404,7 +404,7 @@ mod tests {
     /// A session that takes nothing from its mailbox (of one slot) until `go` is sent.
     struct Stalled {
         go: Option<tokio::sync::oneshot::Receiver<()>>,
-        got: Arc<Mutex<Vec<&'static str>>>,
+        got: Received,
     }
 
     impl Actor for Stalled {
@@ -432,7 +432,11 @@ mod tests {
         }
     }
 
-    fn stalled() -> (Recipient<Signal>, tokio::sync::oneshot::Sender<()>, Arc<Mutex<Vec<&'static str>>>) {
+    /// A stalled session: its recipient, the sender that lets it go on, what it received.
+    type StalledSession = (Recipient<Signal>, tokio::sync::oneshot::Sender<()>, Received);
+    type Received = Arc<Mutex<Vec<&'static str>>>;
+
+    fn stalled() -> StalledSession {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let got = Arc::default();
         let mut ctx = Context::new();
@@ -444,7 +448,7 @@ mod tests {
         (addr.recipient(), tx, got)
     }
 
-    async fn received(got: &Arc<Mutex<Vec<&'static str>>>, what: &str) -> bool {
+    async fn received(got: &Received, what: &str) -> bool {
         for _ in 0..500 {
             if got.lock().unwrap().contains(&what) {
                 return true;
@@ -506,7 +510,11 @@ mod tests {
         for go in [go_moved, go_closed, go_all] {
             go.send(()).unwrap();
         }
-        assert!(received(&got_moved, "superseded").await, "{:?}", got_moved.lock().unwrap());
+        assert!(
+            received(&got_moved, "superseded").await,
+            "{:?}",
+            got_moved.lock().unwrap()
+        );
         assert!(received(&got_closed, "close").await, "{:?}", got_closed.lock().unwrap());
         assert!(received(&got_all, "close").await, "{:?}", got_all.lock().unwrap());
     }

@@ -32,7 +32,11 @@ pub(super) fn handle_detached(
             forwarded(&shared, out);
         }
         if closed.load(Ordering::SeqCst) {
-            let conn = res.as_ref().ok().and_then(|o| o.connection.as_ref()).map(|c| c.id.clone());
+            let conn = res
+                .as_ref()
+                .ok()
+                .and_then(|o| o.connection.as_ref())
+                .map(|c| c.id.clone());
             let released = shared.mediator.store.release_owner(&owner).await;
             match conn {
                 Some(c) => gave_back(&shared, &c, released).await,
