@@ -1,13 +1,16 @@
-//! A live lease that lands after its session closed: the session's end gives its leases back
-//! (`release_owner`), but a lease still in flight then may take the message again for the gone
-//! socket, where it would stay until the lease ran out. A store wrapper holds one session's
-//! lease until that release has happened, so the race is played every time.
+//! A lease that lands after its session closed: the session's end gives its leases back
+//! (`release_owner`), but a lease still in flight then (a drain's, or a request's) may take the
+//! message again for the gone socket, where it would stay until the lease ran out. A store
+//! wrapper holds one session's lease until that release has happened (or until the test opens
+//! it), so the race is played every time. Also: a socket rebound to another connection while
+//! it holds or leases messages of the first.
 
 mod common;
 
 use async_trait::async_trait;
+use common::cluster::live_socket;
 use common::*;
-use mailroom::client::{basic_message, Sender};
+use mailroom::client::{basic_message, Agent, Sender, WsClient};
 use mailroom::config::Strategy;
 use mailroom::node::{self, NodeOptions};
 use mailroom::store::*;
@@ -16,7 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
-/// The node's store, except that once armed, the next `lease` waits for a `release_owner`.
+/// The node's store, except that once armed, the next `lease` waits for a `release_owner` (or
+/// for the test to open the gate: `gate.released`).
 struct GatedLeases {
     inner: Arc<dyn Store>,
     armed: AtomicBool,
@@ -26,6 +30,7 @@ struct GatedLeases {
 #[derive(Default)]
 struct Gate {
     released: Notify,
+    gated_lease_started: Notify,
     gated_lease_done: Notify,
 }
 
@@ -46,6 +51,7 @@ impl Store for GatedLeases {
         // its caller still waits for it.
         let (gate, inner) = (self.gate.clone(), self.inner.clone());
         let (conn, owner) = (conn.to_owned(), owner.to_owned());
+        gate.gated_lease_started.notify_one();
         tokio::spawn(async move {
             gate.released.notified().await;
             let r = inner.lease(&conn, max, &owner, now_ms, until_ms).await;
@@ -72,13 +78,15 @@ impl Store for GatedLeases {
     );
 }
 
-#[actix_rt::test]
-async fn a_lease_in_flight_when_its_session_closes_gives_the_message_back() {
+/// A node on a [`GatedLeases`] store (unarmed), with leases of 60 s: only a release can give
+/// a leased message back within a test.
+async fn gated_node(strategy: Strategy) -> (tempfile::TempDir, node::RunningNode, Arc<GatedLeases>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
-    cfg.delivery.lease_ms = 60_000; // only the session's end can free it in time
+    let mut cfg = test_config(dir.path(), strategy);
+    cfg.delivery.lease_ms = 60_000;
+    let inner = open_sled(&dir.path().join("data")).await.unwrap();
     let gated = Arc::new(GatedLeases {
-        inner: open_sled(&dir.path().join("data")).await.unwrap(),
+        inner,
         armed: AtomicBool::new(false),
         gate: Arc::default(),
     });
@@ -93,7 +101,13 @@ async fn a_lease_in_flight_when_its_session_closes_gives_the_message_back() {
         },
     )
     .unwrap();
-    let (a, k) = mailroom::client::Agent::onboard(&invitation(&n).await).await.unwrap();
+    (dir, n, gated)
+}
+
+#[actix_rt::test]
+async fn a_lease_in_flight_when_its_session_closes_gives_the_message_back() {
+    let (_dir, n, gated) = gated_node(Strategy::QueueAndLiveModeDelivery).await;
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
     let live = || pickup("live-delivery-change", json!({"live_delivery": true}));
 
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
@@ -125,4 +139,140 @@ async fn a_lease_in_flight_when_its_session_closes_gives_the_message_back() {
         .await
         .unwrap();
     assert_eq!(queue_depth(&n).await, 0);
+}
+
+fn ping(id: &str) -> serde_json::Value {
+    json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": id, "response_requested": true,
+        "~transport": {"return_route": "all"}})
+}
+
+/// The next frame on `ws`, opened by `b`: its ping response, not a delivery (nor anything `b`
+/// cannot open).
+async fn next_is_pong_of(b: &Agent, ws: &mut WsClient) {
+    let m = ws_next_message(b, ws).await;
+    assert_eq!(type_name(&m), "ping_response", "on B's socket: {m}");
+}
+
+#[actix_rt::test]
+async fn a_lease_for_a_connection_the_socket_left_goes_back_to_that_connection() {
+    // The socket leases for A, then B speaks on it with return route (it rebinds to B), then
+    // A's lease lands: A's message must neither go out packed for B nor stay leased to a
+    // socket that no longer delivers A.
+    let (_dir, n, gated) = gated_node(Strategy::QueueAndLiveModeDelivery).await;
+    let inv = invitation(&n).await;
+    let (a, ka) = Agent::onboard(&inv).await.unwrap();
+    let (b, _kb) = Agent::onboard(&inv).await.unwrap();
+    let g = a.grant.clone().unwrap();
+    Sender::new()
+        .forward(&n.public_url(), &basic_message("for-a"), &ka.verkey(), &g.routing_keys)
+        .await
+        .unwrap();
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    gated.armed.store(true, Ordering::SeqCst);
+    let live = || pickup("live-delivery-change", json!({"live_delivery": true}));
+    let status = ws_request(&a, &mut ws, &live()).await;
+    assert_eq!(type_name(&status), "status", "{status}");
+    // A's lease is held; B rebinds the socket.
+    ws.send_envelope(b.pack(&ping("b1")).unwrap(), true).await.unwrap();
+    next_is_pong_of(&b, &mut ws).await;
+    gated.gate.released.notify_one();
+    tokio::time::timeout(WAIT, gated.gate.gated_lease_done.notified())
+        .await
+        .expect("the held lease ran");
+    ws.send_envelope(b.pack(&ping("b2")).unwrap(), true).await.unwrap();
+    next_is_pong_of(&b, &mut ws).await;
+    // A's message is A's again at once (its lease would hold it for 60 s).
+    let mut ws_a = live_socket(&a, &n).await;
+    let d = ws_next_message(&a, &mut ws_a).await;
+    assert_eq!(contents(&a, &d), vec!["for-a"], "{d}");
+    ws.send_envelope(b.pack(&ping("b3")).unwrap(), true).await.unwrap();
+    next_is_pong_of(&b, &mut ws).await;
+}
+
+#[actix_rt::test]
+async fn messages_handed_to_a_socket_go_back_when_it_rebinds_to_another_connection() {
+    // A live delivery handed to the socket (leased to the node's hand-off owner) waits for A's
+    // acknowledgement; B then rebinds the socket. The socket no longer delivers A: what it was
+    // handed for A goes back to A at once, not when the hand-off lease runs out.
+    let (_dir, n, _gated) = gated_node(Strategy::QueueAndLiveModeDelivery).await;
+    let inv = invitation(&n).await;
+    let (a, ka) = Agent::onboard(&inv).await.unwrap();
+    let (b, _kb) = Agent::onboard(&inv).await.unwrap();
+    let mut ws = live_socket(&a, &n).await;
+    let g = a.grant.clone().unwrap();
+    Sender::new()
+        .forward(&n.public_url(), &basic_message("handed"), &ka.verkey(), &g.routing_keys)
+        .await
+        .unwrap();
+    let d = ws_next_message(&a, &mut ws).await;
+    let first = delivery_ids(&a, &d);
+    ws.send_envelope(b.pack(&ping("b1")).unwrap(), true).await.unwrap();
+    next_is_pong_of(&b, &mut ws).await;
+    let mut ws_a = live_socket(&a, &n).await;
+    let again = ws_next_message(&a, &mut ws_a).await;
+    assert_eq!(delivery_ids(&a, &again), first, "{again}");
+}
+
+#[actix_rt::test]
+async fn a_lease_taken_by_a_request_after_its_session_closed_gives_the_message_back() {
+    // A delivery-request over a socket leases for that socket; when the socket closes before
+    // the lease lands, the session's release has already run: the request's completion gives
+    // the message back itself.
+    let (_dir, n, gated) = gated_node(Strategy::QueueOnly).await;
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let g = a.grant.clone().unwrap();
+    Sender::new()
+        .forward(&n.public_url(), &basic_message("asked"), &k.verkey(), &g.routing_keys)
+        .await
+        .unwrap();
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    // Bound (QueueOnly: nothing is pushed), so the session's end releases its owner.
+    let pong = ws_request(&a, &mut ws, &ping("p")).await;
+    assert_eq!(type_name(&pong), "ping_response");
+    gated.armed.store(true, Ordering::SeqCst);
+    let ask = || pickup("delivery-request", json!({"limit": 10}));
+    ws.send_envelope(a.pack(&ask()).unwrap(), true).await.unwrap();
+    tokio::time::timeout(WAIT, gated.gate.gated_lease_started.notified())
+        .await
+        .expect("the delivery-request leases");
+    ws.close().await;
+    tokio::time::timeout(WAIT, gated.gate.gated_lease_done.notified())
+        .await
+        .expect("the held lease ran after the session's release");
+    let got = eventually("the message back after the session's end", || async {
+        let mut ws2 = a.websocket(&ws_url(&n)).await.unwrap();
+        let r = ws_request(&a, &mut ws2, &ask()).await;
+        ws2.close().await;
+        (type_name(&r) == "delivery").then(|| contents(&a, &r))
+    })
+    .await;
+    assert_eq!(got, vec!["asked"]);
+}
+
+#[actix_rt::test]
+async fn a_delivery_over_a_socket_it_did_not_bind_comes_back_when_the_socket_closes() {
+    // return_route "thread" brings the delivery back on the socket without binding it: the
+    // socket's end still gives back what it leased, as a bound socket's does.
+    let (_dir, n, _gated) = gated_node(Strategy::QueueAndLiveModeDelivery).await;
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let g = a.grant.clone().unwrap();
+    Sender::new()
+        .forward(&n.public_url(), &basic_message("lent"), &k.verkey(), &g.routing_keys)
+        .await
+        .unwrap();
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let mut ask = pickup("delivery-request", json!({"limit": 10}));
+    ask["~transport"] = json!({"return_route": "thread"});
+    let d = ws_request(&a, &mut ws, &ask).await;
+    assert_eq!(contents(&a, &d), vec!["lent"], "{d}");
+    ws.close().await; // without messages-received
+    let again = eventually("the delivery back after the socket closed", || async {
+        let r = a
+            .request(&pickup("delivery-request", json!({"limit": 10})))
+            .await
+            .unwrap()?;
+        (type_name(&r) == "delivery").then(|| delivery_ids(&a, &r))
+    })
+    .await;
+    assert_eq!(again, delivery_ids(&a, &d));
 }

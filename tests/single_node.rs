@@ -236,6 +236,88 @@ async fn pickup_v1_batch() {
 }
 
 #[actix_rt::test]
+async fn pickup_v1_batch_without_a_return_route_deletes_nothing() {
+    // pickup 1.0 has no acknowledgement: a batch is removed only once it is handed back on the
+    // request's own transport. Without a return route (a wallet has no endpoint either) it
+    // would go nowhere, so nothing is taken from the queue.
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.delivery.lease_ms = 60_000; // a lease taken here would still hold the messages below
+    })
+    .await;
+    for i in 0..2 {
+        forward_to(&n, &a, &k, &format!("b{i}")).await;
+    }
+    let bp =
+        |id: &str| json!({"@type": "https://didcomm.org/messagepickup/1.0/batch-pickup", "@id": id, "batch_size": 5});
+    assert_eq!(a.send(&bp("no-route")).await.unwrap(), 202);
+    assert_eq!(
+        queue_depth(&n).await,
+        2,
+        "a batch-pickup without return route took messages"
+    );
+    // The same request with a return route gets both (none was leased above) and removes them.
+    let mut with_route = bp("routed");
+    with_route["~transport"] = json!({"return_route": "all"});
+    let batch = a.request(&with_route).await.unwrap().unwrap();
+    assert_eq!(type_name(&batch), "batch");
+    assert_eq!(contents(&a, &batch), vec!["b0", "b1"]);
+    assert_eq!(queue_depth(&n).await, 0);
+}
+
+#[actix_rt::test]
+async fn pickup_v1_batch_over_a_socket_is_removed_once_written() {
+    // QueueOnly: the socket pushes nothing itself, the batch is all it carries.
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |c| c.delivery.lease_ms = 60_000).await;
+    for i in 0..3 {
+        forward_to(&n, &a, &k, &format!("w{i}")).await;
+    }
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let bp = json!({"@type": "https://didcomm.org/messagepickup/1.0/batch-pickup", "@id": "bp", "batch_size": 2, "~transport": {"return_route": "all"}});
+    let batch = ws_request(&a, &mut ws, &bp).await;
+    assert_eq!(type_name(&batch), "batch", "{batch}");
+    assert_eq!(contents(&a, &batch), vec!["w0", "w1"]);
+    eventually("the written batch removed", || async {
+        (queue_depth(&n).await == 1).then_some(())
+    })
+    .await;
+    let status = a.request(&pickup("status-request", json!({}))).await.unwrap().unwrap();
+    assert_eq!(status["message_count"], 1, "{status}");
+}
+
+#[actix_rt::test]
+async fn return_route_thread_on_a_socket_answers_that_thread_only() {
+    // RFC 0092 `thread`: replies of that thread come back on the socket; it is not a delivery
+    // channel (only `all` binds it).
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
+    assert_eq!(forward_to(&n, &a, &k, "stay").await, 202);
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let ping = |id: &str, route: &str| {
+        json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": id, "response_requested": true,
+            "~transport": {"return_route": route}})
+    };
+    let pong = ws_request(&a, &mut ws, &ping("t1", "thread")).await;
+    assert_eq!(type_name(&pong), "ping_response", "{pong}");
+    assert_eq!(pong["~thread"]["thid"], "t1");
+    // A second ping's answer is the very next frame: a push of "stay" would come before it.
+    let pong = ws_request(&a, &mut ws, &ping("t2", "thread")).await;
+    assert_eq!(
+        type_name(&pong),
+        "ping_response",
+        "pushed on a thread-only socket: {pong}"
+    );
+    assert_eq!(
+        queue_depth(&n).await,
+        1,
+        "the queued message was taken by a thread-only socket"
+    );
+    // `all` binds the socket: the queued message is pushed (implicit pickup).
+    let pong = ws_request(&a, &mut ws, &ping("t3", "all")).await;
+    assert_eq!(type_name(&pong), "ping_response", "{pong}");
+    let pushed = ws_next_message(&a, &mut ws).await;
+    assert_eq!(pushed["content"], "stay", "{pushed}");
+}
+
+#[actix_rt::test]
 async fn live_mode_over_websocket_with_acks_over_http() {
     // A live window that held deliveries for a wallet acknowledging over HTTP would hold each
     // for a minute here: it never applies to such a wallet.

@@ -383,6 +383,19 @@ impl ClusterHandle {
         self.shared.state.lock().dir.owner(conn).map(|(n, _)| n.to_string())
     }
 
+    /// Records that `node` claims `conn` with an epoch above every other claim, as its `Own`
+    /// frame would (tests of what this node does when a session moves away).
+    #[cfg(test)]
+    pub(crate) fn claim_for_test(&self, conn: &str, node: &str) {
+        let mut st = self.shared.state.lock();
+        let epoch = st.dir.max_epoch(conn) + 1;
+        st.dir.apply(directory::DirEvent::Own {
+            conn: conn.to_string(),
+            node: node.to_string(),
+            epoch,
+        });
+    }
+
     /// The node holding `conn`'s live session (this one included), if a `Deliver` frame whose
     /// messages carry `len` bytes (payloads and recipient keys, which every message repeats)
     /// can reach it now.

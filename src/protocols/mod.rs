@@ -406,6 +406,11 @@ pub struct Outcome {
     pub handed: Option<Handed>,
     /// A forward was answered: the HTTP status to give (202, or a refusal).
     pub forward: Option<ForwardResult>,
+    /// A pickup 1.0 batch in `replies[0]`: its messages are leased to the transport's owner,
+    /// not removed. pickup 1.0 has no acknowledgement, so the transport removes them once it
+    /// has written that reply on the request's own transport (its return route), and gives
+    /// them back otherwise: nothing is deleted that was not handed back.
+    pub ack_on_return: Option<AckOnReturn>,
     /// pickup 2.0 live-delivery-change.
     pub live_mode: Option<bool>,
     /// pickup 2.0 messages-received acknowledged messages: more may be deliverable.
@@ -425,12 +430,22 @@ impl Default for Outcome {
             queued_for: Vec::new(),
             handed: None,
             forward: None,
+            ack_on_return: None,
             live_mode: None,
             acked: 0,
             ack_lags_ms: Vec::new(),
             return_route: ReturnRoute::None,
         }
     }
+}
+
+/// Queue ids of one connection handed out with no acknowledgement to come
+/// ([`Outcome::ack_on_return`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AckOnReturn {
+    /// The connection whose key authenticated the request: the ids are of its queue only.
+    pub conn: crate::store::ConnId,
+    pub ids: Vec<MessageId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -2,9 +2,12 @@
 //! messages-received, live-delivery-change), mediator side, over any transport.
 //!
 //! 2.0 deliveries are leased to the transport's owner and deleted only on messages-received;
-//! 1.0 batches have no acknowledgement and are deleted when handed out.
+//! 1.0 batches have no acknowledgement: they are only handed out on the request's own transport
+//! (return route), and deleted once the transport has written them there
+//! ([`Outcome::ack_on_return`]).
 
-use super::{now_ms, problem, rfc3339_ms, HandleError, Inbound, Mediator, Outcome, TransportKind};
+use super::{now_ms, problem, rfc3339_ms, AckOnReturn, HandleError, Inbound, Mediator, Outcome, TransportKind};
+use crate::didcomm::message::ReturnRoute;
 use crate::store::{Connection, MediationState, QueuedMessage};
 use serde_json::{json, Value};
 
@@ -141,7 +144,8 @@ async fn live_delivery_change(m: &Mediator, ctx: &Inbound, conn: &Connection) ->
             "live-delivery-change needs a boolean live_delivery",
         ));
     };
-    if ctx.transport != TransportKind::WebSocket {
+    // `thread` would bring back this thread's replies only: the socket would not deliver.
+    if ctx.transport != TransportKind::WebSocket || ctx.return_route != ReturnRoute::All {
         return Ok(problem::report(
             ctx,
             "delivery_not_possible",
@@ -156,12 +160,17 @@ async fn live_delivery_change(m: &Mediator, ctx: &Inbound, conn: &Connection) ->
 }
 
 async fn batch_pickup(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
+    // pickup 1.0 has no acknowledgement: a batch sent anywhere but back on this transport (to
+    // an endpoint that may fail, or to none: wallets have none) would be lost. Nothing leased.
+    if ctx.return_route == ReturnRoute::None {
+        return Ok(problem::report(
+            ctx,
+            "delivery_not_possible",
+            "batch-pickup needs ~transport.return_route: a batch (never acknowledged) is only handed back on the transport that asked for it",
+        ));
+    }
     let msgs = lease_requested(m, ctx, conn, "batch_size").await?;
     let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
-    // pickup 1.0 has no acknowledgement: what is handed out is gone.
-    if !ids.is_empty() {
-        m.store.ack(&conn.id, &ids).await?;
-    }
     let mut batch = ctx.reply("batch");
     batch["messages~attach"] = Value::Array(
         msgs.iter()
@@ -173,8 +182,13 @@ async fn batch_pickup(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<
             })
             .collect(),
     );
+    // Leased, not removed: the transport removes them once the batch is written back.
     Ok(Outcome {
         replies: vec![batch],
+        ack_on_return: (!ids.is_empty()).then(|| AckOnReturn {
+            conn: conn.id.clone(),
+            ids,
+        }),
         ..Outcome::default()
     })
 }
@@ -244,4 +258,99 @@ pub(crate) async fn ack_received(
         ack_lags_ms,
         ..Outcome::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::protocols::MediatorKeys;
+    use crate::store::{NewMessage, SledStore, Store};
+    use std::sync::Arc;
+
+    async fn mediator() -> (Mediator, Connection) {
+        let store: Arc<dyn Store> = Arc::new(SledStore::temporary().await.unwrap());
+        let conn = crate::protocols::granted_connection_for_test("c1", "ours", "theirs");
+        store.put_connection(&conn).await.unwrap();
+        let cfg = Config::single_node_default();
+        (
+            Mediator::new(store, MediatorKeys::generate(), &cfg, "n1", "http://127.0.0.1:1"),
+            conn,
+        )
+    }
+
+    async fn queue(m: &Mediator, conn: &Connection, n: usize) {
+        let msgs = (0..n)
+            .map(|i| NewMessage {
+                connection: conn.id.clone(),
+                recipient_key: "rk".into(),
+                payload: format!("{{\"n\":{i}}}").into_bytes(),
+                received_at_ms: now_ms(),
+                dedup_key: None,
+                expires_at_ms: None,
+                lease: None,
+            })
+            .collect();
+        for r in m
+            .store
+            .enqueue(msgs, &crate::store::EnqueueLimits::UNLIMITED)
+            .await
+            .unwrap()
+        {
+            r.unwrap();
+        }
+    }
+
+    fn inbound(name: &str, route: ReturnRoute, transport: TransportKind, conn: &Connection) -> Inbound {
+        let msg =
+            json!({"@type": format!("https://didcomm.org/messagepickup/{name}"), "@id": "i", "live_delivery": true});
+        let mut ctx = Inbound::for_test(msg, Some("theirs"), Some(conn));
+        ctx.return_route = route;
+        ctx.transport = transport;
+        ctx
+    }
+
+    fn is_problem(out: &Outcome) -> bool {
+        out.replies.len() == 1 && out.replies[0]["@type"].as_str().unwrap().ends_with("/problem-report")
+    }
+
+    #[tokio::test]
+    async fn live_mode_needs_return_route_all() {
+        let (m, c) = mediator().await;
+        for route in [ReturnRoute::None, ReturnRoute::Thread("i".into())] {
+            let ctx = inbound("2.0/live-delivery-change", route, TransportKind::WebSocket, &c);
+            let out = handle(&m, &ctx).await.unwrap();
+            assert!(is_problem(&out) && out.live_mode.is_none(), "{:?}", out.replies);
+        }
+        let ctx = inbound(
+            "2.0/live-delivery-change",
+            ReturnRoute::All,
+            TransportKind::WebSocket,
+            &c,
+        );
+        assert_eq!(handle(&m, &ctx).await.unwrap().live_mode, Some(true));
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_leased_for_its_return_route_never_removed_here() {
+        let (m, c) = mediator().await;
+        queue(&m, &c, 2).await;
+        let stats = |m: &Mediator| {
+            let store = m.store.clone();
+            async move { store.queue_stats("c1", now_ms()).await.unwrap() }
+        };
+        // No return route: refused, nothing leased.
+        let ctx = inbound("1.0/batch-pickup", ReturnRoute::None, TransportKind::Http, &c);
+        let out = handle(&m, &ctx).await.unwrap();
+        assert!(is_problem(&out) && out.ack_on_return.is_none(), "{:?}", out.replies);
+        assert_eq!((stats(&m).await.pending, stats(&m).await.leased), (2, 0));
+        // With one: the batch, its messages leased to the transport's owner until written.
+        let ctx = inbound("1.0/batch-pickup", ReturnRoute::All, TransportKind::Http, &c);
+        let out = handle(&m, &ctx).await.unwrap();
+        assert_eq!(out.replies[0]["messages~attach"].as_array().unwrap().len(), 2);
+        let back = out.ack_on_return.expect("ids to remove once returned");
+        assert_eq!((back.conn.as_str(), back.ids.len()), ("c1", 2));
+        assert_eq!((stats(&m).await.pending, stats(&m).await.leased), (0, 2));
+        assert_eq!(m.store.release_owner("n1/http").await.unwrap(), 2);
+    }
 }

@@ -119,6 +119,7 @@ impl Registry {
             Some(entries) if !entries.is_empty() => {
                 for e in entries {
                     // A full mailbox already holds a wake-up: dropping this one loses nothing.
+                    // (Control signals are sent past a full mailbox: `do_send`.)
                     let _ = e.to.try_send(Signal::Wake);
                 }
                 true
@@ -222,7 +223,9 @@ impl Handler<SessionMoved> for Registry {
         }
         self.sessions -= entries.len();
         for e in &entries {
-            let _ = e.to.try_send(Signal::Superseded);
+            // Sent past a full mailbox (of wake-ups): a session that missed this would go on
+            // delivering beside the new owner.
+            e.to.do_send(Signal::Superseded);
         }
         tracing::info!(connection = %m.conn, sessions = entries.len(), "session moved to another node: stopped delivering here");
         entries.len()
@@ -354,7 +357,8 @@ impl Handler<CloseAll> for Registry {
     fn handle(&mut self, m: CloseAll, _: &mut Context<Self>) -> usize {
         let mut n = 0;
         for e in self.by_conn.values().flatten() {
-            let _ = e.to.try_send(Signal::Close(Close {
+            // Past a full mailbox, as every control signal: see `SessionMoved`.
+            e.to.do_send(Signal::Close(Close {
                 code: m.code,
                 reason: m.reason.clone(),
             }));
@@ -381,7 +385,8 @@ impl Handler<CloseConn> for Registry {
             return 0;
         };
         for e in entries {
-            let _ = e.to.try_send(Signal::Close(Close {
+            // Past a full mailbox, as every control signal: see `SessionMoved`.
+            e.to.do_send(Signal::Close(Close {
                 code: m.code,
                 reason: m.reason.clone(),
             }));
@@ -393,7 +398,126 @@ impl Handler<CloseConn> for Registry {
 
 #[cfg(test)]
 mod tests {
-    use super::LocalHolders;
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A session that takes nothing from its mailbox (of one slot) until `go` is sent.
+    struct Stalled {
+        go: Option<tokio::sync::oneshot::Receiver<()>>,
+        got: Received,
+    }
+
+    impl Actor for Stalled {
+        type Context = Context<Self>;
+        fn started(&mut self, ctx: &mut Context<Self>) {
+            let go = self.go.take().expect("started once");
+            ctx.wait(
+                async move {
+                    let _ = go.await;
+                }
+                .into_actor(self),
+            );
+        }
+    }
+
+    impl Handler<Signal> for Stalled {
+        type Result = ();
+        fn handle(&mut self, m: Signal, _: &mut Context<Self>) {
+            self.got.lock().unwrap().push(match m {
+                Signal::Wake => "wake",
+                Signal::Close(_) => "close",
+                Signal::Superseded => "superseded",
+                Signal::HandOff(_) => "handoff",
+            });
+        }
+    }
+
+    /// A stalled session: its recipient, the sender that lets it go on, what it received.
+    type StalledSession = (Recipient<Signal>, tokio::sync::oneshot::Sender<()>, Received);
+    type Received = Arc<Mutex<Vec<&'static str>>>;
+
+    fn stalled() -> StalledSession {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let got = Arc::default();
+        let mut ctx = Context::new();
+        ctx.set_mailbox_capacity(1);
+        let addr = ctx.run(Stalled {
+            go: Some(rx),
+            got: Arc::clone(&got),
+        });
+        (addr.recipient(), tx, got)
+    }
+
+    async fn received(got: &Received, what: &str) -> bool {
+        for _ in 0..500 {
+            if got.lock().unwrap().contains(&what) {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// A session's mailbox full of wake-ups (a burst of forwards, the socket slow) must not
+    /// swallow the registry's control signals: a superseded session that never hears it goes
+    /// on delivering beside the new owner, and one asked to close stays open.
+    #[actix_rt::test]
+    async fn control_signals_reach_a_session_whose_mailbox_is_full() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = crate::cluster::ClusterConfig::new(
+            "n1",
+            "c",
+            "s",
+            vec![crate::cluster::PeerConfig {
+                id: "n2".into(),
+                addr: "127.0.0.1:1".parse().unwrap(),
+            }],
+        );
+        let (events, _events_rx) = tokio::sync::mpsc::channel(16);
+        let cluster = ClusterHandle::start(cfg, listener, events).await.unwrap();
+        let registry = Registry::new(Some(cluster.clone())).start();
+
+        let (moved, go_moved, got_moved) = stalled();
+        let (closed, go_closed, got_closed) = stalled();
+        let (all, go_all, got_all) = stalled();
+        for (conn, session, to) in [("c1", 1, moved), ("c2", 2, closed), ("c3", 3, all)] {
+            registry
+                .send(Register {
+                    conn: conn.into(),
+                    session,
+                    to,
+                })
+                .await
+                .unwrap();
+            for _ in 0..2 {
+                assert!(registry.send(WakeLocal { conn: conn.into() }).await.unwrap());
+            }
+        }
+        cluster.claim_for_test("c1", "n2");
+        assert_eq!(registry.send(SessionMoved { conn: "c1".into() }).await.unwrap(), 1);
+        let close = CloseConn {
+            conn: "c2".into(),
+            code: 1000,
+            reason: "removed".into(),
+        };
+        assert_eq!(registry.send(close).await.unwrap(), 1);
+        let shutdown = CloseAll {
+            code: 1001,
+            reason: "shutdown".into(),
+        };
+        // c2's session (asked once already: its mailbox is past full) and c3's.
+        assert_eq!(registry.send(shutdown).await.unwrap(), 2);
+        for go in [go_moved, go_closed, go_all] {
+            go.send(()).unwrap();
+        }
+        assert!(
+            received(&got_moved, "superseded").await,
+            "{:?}",
+            got_moved.lock().unwrap()
+        );
+        assert!(received(&got_closed, "close").await, "{:?}", got_closed.lock().unwrap());
+        assert!(received(&got_all, "close").await, "{:?}", got_all.lock().unwrap());
+    }
 
     #[test]
     fn a_connection_is_held_while_any_of_its_sessions_is_counted_in() {

@@ -174,11 +174,23 @@ async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpRespo
             }
         });
     }
+    // A pickup 1.0 batch is removed only once it is in the response; else it goes back.
+    let batch = out.ack_on_return.take();
+    let (res, returned) = answer(&shared, out);
+    if let Some(b) = batch {
+        shared.settle_batch(b, &owner, returned).await;
+    }
+    res
+}
+
+/// The response to a handled envelope, and whether it carries `replies[0]` (packed for the
+/// connection, on the request's return route).
+fn answer(shared: &Arc<Shared>, out: crate::protocols::Outcome) -> (HttpResponse, bool) {
     let Some(conn) = out.connection.clone() else {
-        return HttpResponse::Accepted().finish();
+        return (HttpResponse::Accepted().finish(), false);
     };
     if out.replies.is_empty() {
-        return HttpResponse::Accepted().finish();
+        return (HttpResponse::Accepted().finish(), false);
     }
     match out.return_route {
         ReturnRoute::All | ReturnRoute::Thread(_) => {
@@ -196,14 +208,14 @@ async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpRespo
                 outbound::ENVELOPE_CONTENT_TYPE
             };
             match shared.mediator.pack_for(&conn, &first) {
-                Ok(packed) => HttpResponse::Ok().content_type(content_type).body(packed),
-                Err(e) => error_response(&e),
+                Ok(packed) => (HttpResponse::Ok().content_type(content_type).body(packed), true),
+                Err(e) => (error_response(&e), false),
             }
         }
         ReturnRoute::None => {
             let s = shared.clone();
             actix_rt::spawn(async move { outbound::send_replies(&s, &conn, &out.replies).await });
-            HttpResponse::Accepted().finish()
+            (HttpResponse::Accepted().finish(), false)
         }
     }
 }

@@ -7,6 +7,7 @@
 //! wallet: a local session, the owning node over the cluster, or the agent's own endpoint.
 
 pub mod egress;
+mod give_back;
 pub mod held;
 pub mod http;
 pub mod listener;
@@ -20,7 +21,7 @@ pub mod wsio;
 use crate::cluster::{ClusterHandle, NotifyOutcome};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::protocols::{handoff_owner, now_ms, Handed, Mediator};
+use crate::protocols::{handoff_owner, now_ms, AckOnReturn, Handed, Mediator};
 use crate::registry::{IsLocal, LocalConns, LocalHolders, Registry, SessionFor, Signal, WakeLocal, WakeMany};
 use crate::store::QueuedMessage;
 use actix::Addr;
@@ -117,6 +118,26 @@ impl Shared {
     /// the sweep catches up.
     pub async fn released(self: &Arc<Self>, conn: &str) {
         self.reach(conn).await;
+    }
+
+    /// A pickup 1.0 batch ([`AckOnReturn`], leased to `owner`) after its transport wrote it
+    /// back on the request's return route (`returned`): removed, as pickup 1.0 has no
+    /// acknowledgement. Not written back (no route, not packed, the socket gone): given back
+    /// to the queue, and whoever holds the wallet's session woken.
+    pub async fn settle_batch(self: &Arc<Self>, batch: AckOnReturn, owner: &str, returned: bool) {
+        let store = &self.mediator.store;
+        let conn = batch.conn.as_str();
+        if returned {
+            if let Err(e) = store.ack(conn, &batch.ids).await {
+                tracing::warn!(connection = %conn, "batch not removed (delivered again as its lease runs out): {e}");
+            }
+            return;
+        }
+        match store.release(conn, &batch.ids, owner).await {
+            Ok(n) if n > 0 => self.released(conn).await,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(connection = %conn, "batch not given back (its lease runs out): {e}"),
+        }
     }
 
     /// A new message was queued for `conn` (a forward this node accepted, or deliveries a

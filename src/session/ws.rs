@@ -2,7 +2,7 @@
 //! touches one place).
 //!
 //! The socket binds to a connection when that connection sends a message on it with
-//! return-route; from then on it is registered with the registry, which wakes it when a
+//! return-route `all` (`thread` only brings that thread's replies back); from then on it is registered with the registry, which wakes it when a
 //! message is queued. A woken session drains from the store itself:
 //! - pickup 2.0 live mode: `delivery` messages, leased until messages-received;
 //! - otherwise (implicit pickup, `DirectDelivery`): the raw forwarded messages, deleted once
@@ -14,11 +14,13 @@
 //! Binary and text frames are accepted; replies are text frames. Heartbeats: a ping every
 //! `HEARTBEAT`, closed after `CLIENT_TIMEOUT` without a pong or frame.
 
+use super::give_back::{gave_back, give_back_msgs, release_all};
 use super::live_window::{hold_in_queue_order, LiveWindow};
 use super::upgrade::SocketSlot;
 use super::Shared;
 use crate::config::Strategy;
-use crate::protocols::{now_ms, pickup, Outcome, TransportKind};
+use crate::didcomm::message::ReturnRoute;
+use crate::protocols::{now_ms, pickup, Outcome};
 use crate::registry::{Register, Signal, Unregister, Wake};
 use crate::store::Connection;
 use crate::store::QueuedMessage;
@@ -66,14 +68,18 @@ pub struct WsSession {
     window: LiveWindow,
     /// A drain waits for the window: a timer to reopen it is set.
     window_timer: bool,
-    /// Its place under `limits.max_sessions`.
-    _slot: SocketSlot,
+    /// Its place under `limits.max_sessions`, shared with the requests it reads (they may end
+    /// after it): a socket closed and reopened does not multiply the work in flight.
+    slot: Arc<SocketSlot>,
     /// Set when the session has stopped: a lease still in flight then gives its messages back
     /// (see [`WsSession::drain`]).
     closed: Arc<std::sync::atomic::AtomicBool>,
     /// What was handed to this session ([`Signal::HandOff`]); boxed, and only once something
     /// is: an idle session holds one pointer for it.
     handed: Option<Box<HandedHere>>,
+    /// A connection this socket leased for by request (pickup over return route `thread`,
+    /// say) while not bound to it: its end releases the owner for it too.
+    lent_to: Option<String>,
 }
 
 /// Messages handed to a session, leased to the node's hand-off owner, not to the session.
@@ -105,9 +111,10 @@ impl WsSession {
             inflight: 0,
             window: LiveWindow::new(live_ack_wait),
             window_timer: false,
-            _slot: slot,
+            slot: Arc::new(slot),
             closed: Arc::default(),
             handed: None,
+            lent_to: None,
         }
     }
 
@@ -138,13 +145,19 @@ impl WsSession {
             return;
         }
         self.inflight += 1;
-        let shared = self.shared.clone();
-        let owner = self.owner();
         let version = crate::protocols::v2::envelope_label(&bytes);
-        let fut = async move { shared.mediator.handle(&bytes, TransportKind::WebSocket, &owner).await };
+        // Started now and run apart from the session: it ends even if the session stops
+        // meanwhile, and then gives back what it leased (see `give_back::handle_detached`).
+        let task = super::give_back::handle_detached(
+            self.shared.clone(),
+            bytes,
+            self.owner(),
+            self.closed.clone(),
+            self.slot.clone(),
+        );
         // ctx.spawn, not ctx.wait: heartbeats and deliveries go on while the store works.
         ctx.spawn(
-            fut.into_actor(self)
+            task.into_actor(self)
                 .map(move |res, act, ctx| act.handled(res, version, ctx)),
         );
     }
@@ -201,11 +214,6 @@ impl WsSession {
 
     fn apply(&mut self, out: Outcome, ctx: &mut ws::WebsocketContext<Self>) {
         let shared = self.shared.clone();
-        if out.forward.is_some() {
-            shared.metrics.forwards_received.inc();
-            let queued = out.queued_for.len() + usize::from(out.handed.is_some());
-            shared.metrics.forwards_queued.inc_by(queued as u64);
-        }
         if out.acked > 0 {
             shared.metrics.acknowledged(out.acked, &out.ack_lags_ms);
         }
@@ -216,53 +224,63 @@ impl WsSession {
                 .map(crate::protocols::v2::version_label)
                 .unwrap_or("v1");
             shared.metrics.delivered("pickup", v, out.leased.len() as u64);
+            if let Some(c) = &out.connection {
+                self.lent_to = Some(c.id.clone());
+            }
         }
-        let wants_route = !matches!(out.return_route, crate::didcomm::message::ReturnRoute::None);
+        // Replies come back here with any return route; only `all` (RFC 0092: every message
+        // for the sender) makes the socket a delivery channel. `thread` asks for that thread's
+        // replies, nothing queued. (DIDComm v2 answers as `all`.)
+        let wants_route = !matches!(out.return_route, ReturnRoute::None);
         if let Some(conn) = &out.connection {
             // A v2 reply address that is not a stored connection binds nothing.
-            if wants_route && !crate::protocols::v2::is_ephemeral(conn) {
+            if out.return_route == ReturnRoute::All && !crate::protocols::v2::is_ephemeral(conn) {
                 self.bind(conn, ctx);
             }
         }
-        if let Some(live) = out.live_mode {
+        // Only the connection the socket delivers for steers how it delivers.
+        let bound_to_sender = self.registered
+            && out
+                .connection
+                .as_ref()
+                .is_some_and(|c| self.conn.as_ref().is_some_and(|h| h.id == c.id));
+        if let Some(live) = out.live_mode.filter(|_| bound_to_sender) {
             self.mode = if live { Mode::Live } else { self.idle_mode() };
             self.window.clear();
             if live {
                 ctx.notify(Wake);
             }
         }
-        for c in &out.queued_for {
-            let s = shared.clone();
-            let c = c.clone();
-            actix_rt::spawn(async move { s.queued_new(&c).await });
-        }
-        if let Some(h) = out.handed {
-            let s = shared.clone();
-            actix_rt::spawn(async move { s.hand_off(h).await });
-        }
         // Acknowledged on the socket that delivers: its window moves on. An acknowledgement
         // elsewhere wakes nobody (it makes nothing deliverable; see `session::http`).
-        if out.acked > 0
-            && self.registered
-            && out
-                .connection
-                .as_ref()
-                .is_some_and(|c| self.conn.as_ref().is_some_and(|h| h.id == c.id))
-        {
+        if out.acked > 0 && bound_to_sender {
             self.window.acknowledged(out.acked);
             ctx.notify(Wake);
         }
-        let Some(conn) = out.connection.clone() else { return };
-        if wants_route {
-            for r in &out.replies {
-                match shared.mediator.pack_for(&conn, r) {
-                    Ok(p) => ctx.text(String::from_utf8_lossy(&p).into_owned()),
-                    Err(e) => tracing::warn!(connection = %conn.id, "reply not packed: {e}"),
+        // Whether `replies[0]` went out on this socket: a pickup 1.0 batch is removed only then.
+        let mut returned = false;
+        if let Some(conn) = out.connection.clone() {
+            if wants_route {
+                // A stopping socket writes nothing more.
+                let open = ctx.state() == ActorState::Running;
+                for (i, r) in out.replies.iter().enumerate() {
+                    match shared.mediator.pack_for(&conn, r) {
+                        Ok(p) => {
+                            ctx.text(String::from_utf8_lossy(&p).into_owned());
+                            returned |= i == 0 && open;
+                        }
+                        Err(e) => tracing::warn!(connection = %conn.id, "reply not packed: {e}"),
+                    }
                 }
+            } else if !out.replies.is_empty() {
+                let replies = out.replies;
+                let s = shared.clone();
+                actix_rt::spawn(async move { super::outbound::send_replies(&s, &conn, &replies).await });
             }
-        } else if !out.replies.is_empty() {
-            let replies = out.replies;
-            actix_rt::spawn(async move { super::outbound::send_replies(&shared, &conn, &replies).await });
+        }
+        if let Some(b) = out.ack_on_return {
+            let owner = self.owner();
+            actix_rt::spawn(async move { shared.settle_batch(b, &owner, returned).await });
         }
     }
 
@@ -296,10 +314,14 @@ impl WsSession {
             // Superseded, and speaking again: bind anew (a newer epoch takes ownership back).
             Some(old) if old.id == conn.id => {}
             // Rebound to another connection: still one session.
-            Some(old) => self.shared.registry.do_send(Unregister {
-                conn: old.id.clone(),
-                session: self.id,
-            }),
+            Some(old) => {
+                let old = old.id.clone();
+                self.shared.registry.do_send(Unregister {
+                    conn: old.clone(),
+                    session: self.id,
+                });
+                self.leave(&old);
+            }
             None => {
                 self.shared.metrics.sessions.inc();
             }
@@ -325,6 +347,22 @@ impl WsSession {
         self.shared.bound.count_in(&conn.id);
         // Anything already queued goes out now.
         ctx.notify(Wake);
+    }
+
+    /// The socket delivers for another connection from now on: nothing of `old`'s delivery
+    /// carries over (its live window, its mode: the new connection did not ask for live mode),
+    /// and the messages handed to this socket for `old`, written or held back, go back to it
+    /// at once. (Deliveries this session leased for `old` go back as their lease runs out or
+    /// the session ends; one still being leased goes back as it lands, see `push`.)
+    fn leave(&mut self, old: &str) {
+        self.window.clear();
+        self.mode = Mode::Quiet;
+        let ids = self.handed_ids();
+        if !ids.is_empty() {
+            let shared = self.shared.clone();
+            let old = old.to_string();
+            actix_rt::spawn(async move { shared.hand_back(&shared.mediator.node_id, &old, &ids).await });
+        }
     }
 
     /// Gives the bound connection's shared copy back (the last session of it frees it).
@@ -459,7 +497,22 @@ impl WsSession {
     /// notification, leased to the node's hand-off owner ([`Signal::HandOff`]), not by this
     /// session.
     fn push(&mut self, msgs: Vec<QueuedMessage>, handed: bool, ctx: &mut ws::WebsocketContext<Self>) {
-        let Some(conn) = self.conn.clone() else { return };
+        // Only the bound connection's messages go out here, packed for its key: a lease taken
+        // for a connection the socket has left since (rebound) goes back to that connection.
+        let (msgs, others): (Vec<_>, Vec<_>) = msgs
+            .into_iter()
+            .partition(|q| self.conn.as_ref().is_some_and(|c| c.id == q.connection));
+        if !others.is_empty() {
+            let owner = if handed {
+                crate::protocols::handoff_owner(&self.shared.mediator.node_id)
+            } else {
+                self.owner()
+            };
+            actix_rt::spawn(give_back_msgs(self.shared.clone(), owner, handed, others));
+        }
+        let Some(conn) = self.conn.clone().filter(|_| !msgs.is_empty()) else {
+            return;
+        };
         let shared = self.shared.clone();
         let redelivered = msgs.iter().filter(|q| q.attempts > 1).count() as u64;
         shared.metrics.redelivered.inc_by(redelivered);
@@ -591,9 +644,10 @@ impl Actor for WsSession {
     fn stopped(&mut self, _: &mut Self::Context) {
         // Before the release below: a lease in flight now gives its messages back itself.
         self.closed.store(true, Ordering::SeqCst);
-        if let Some(conn_id) = self.conn.as_ref().map(|c| c.id.clone()) {
+        let bound = self.conn.as_ref().map(|c| c.id.clone());
+        if let Some(conn_id) = &bound {
             if self.registered {
-                self.shared.bound.count_out(&conn_id);
+                self.shared.bound.count_out(conn_id);
             }
             self.let_go();
             self.shared.metrics.sessions.dec();
@@ -601,30 +655,34 @@ impl Actor for WsSession {
                 conn: conn_id.clone(),
                 session: self.id,
             });
-            // Unacknowledged live deliveries become deliverable again at once.
-            let owner = self.owner();
-            let shared = self.shared.clone();
-            let cid = conn_id.clone();
-            let handed = self.handed_ids();
-            actix_rt::spawn(async move {
-                let released = release_all(&shared, &cid, &owner, &handed).await;
-                gave_back(&shared, &cid, released).await;
-            });
             tracing::info!(connection = %conn_id, session = self.id, "session closed");
         }
-    }
-}
-
-/// A closed session's leases were given back (`released`: how many): whoever holds the
-/// connection now is woken, or the wallet pushed.
-async fn gave_back(shared: &Arc<Shared>, conn: &str, released: crate::store::StoreResult<u64>) {
-    match released {
-        Ok(n) if n > 0 => {
-            tracing::info!(connection = %conn, released = n, "session closed with unacknowledged deliveries");
-            shared.queued_new(conn).await;
+        let lent = self.lent_to.take().filter(|c| bound.as_ref() != Some(c));
+        if bound.is_none() && lent.is_none() {
+            return;
         }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(connection = %conn, "leases not released (they expire): {e}"),
+        // Unacknowledged deliveries become deliverable again at once.
+        let owner = self.owner();
+        let shared = self.shared.clone();
+        let handed = self.handed_ids();
+        actix_rt::spawn(async move {
+            let released = match &bound {
+                Some(c) => release_all(&shared, c, &owner, &handed).await,
+                None => shared.mediator.store.release_owner(&owner).await,
+            };
+            let any = matches!(released, Ok(n) if n > 0);
+            match &bound {
+                Some(c) => gave_back(&shared, c, released).await,
+                None => {
+                    if let Err(e) = released {
+                        tracing::warn!("leases of a closed session not released (they expire): {e}");
+                    }
+                }
+            }
+            if let Some(c) = lent.filter(|_| any) {
+                shared.queued_new(&c).await;
+            }
+        });
     }
 }
 
@@ -719,18 +777,6 @@ impl WsSession {
             }
         });
     }
-}
-
-/// Gives back what a session that stops delivering holds: its own leases (`owner`) and the
-/// messages handed to it (leased to the node's hand-off owner). How many went back.
-async fn release_all(shared: &Arc<Shared>, conn: &str, owner: &str, handed: &[i64]) -> crate::store::StoreResult<u64> {
-    let store = &shared.mediator.store;
-    let mut n = store.release_owner(owner).await?;
-    if !handed.is_empty() {
-        let handoff = crate::protocols::handoff_owner(&shared.mediator.node_id);
-        n += store.release(conn, handed, &handoff).await?;
-    }
-    Ok(n)
 }
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
