@@ -81,16 +81,19 @@ impl Slot {
             } else {
                 tracing::warn!("sled: writes still fail after an I/O error (sled latches it): reopening the database");
             }
-            *self.carried.lock() = inner.queues.lock().leases();
             drop(inner);
             let Some(mut old) = self.current.write().take() else {
                 return;
             };
             // Calls in flight hold the old handle for one call each: wait for them to let go
-            // (sled's file lock is released with the last handle).
+            // (sled's file lock is released with the last handle). The leases are read once
+            // they have: one taken by a call in flight meanwhile is carried over too.
             loop {
                 match Arc::try_unwrap(old) {
-                    Ok(inner) => break drop(inner),
+                    Ok(inner) => {
+                        *self.carried.lock() = inner.queues.lock().leases();
+                        break drop(inner);
+                    }
                     Err(still) => {
                         old = still;
                         std::thread::sleep(std::time::Duration::from_millis(2));
