@@ -297,31 +297,36 @@ where
     })
 }
 
+/// Both ends of one in-memory Noise session, as the handshake would leave them (before its
+/// `Welcome`s): for tests of what runs over a link.
+#[cfg(test)]
+pub(crate) fn test_pair(max_dialer: usize, max_acceptor: usize) -> (SecureChannel, SecureChannel) {
+    let params: snow::params::NoiseParams = handshake::NOISE_PARAMS.parse().unwrap();
+    let psk = [1u8; 32];
+    let mut i = snow::Builder::new(params.clone())
+        .psk(0, &psk)
+        .build_initiator()
+        .unwrap();
+    let mut r = snow::Builder::new(params).psk(0, &psk).build_responder().unwrap();
+    let (mut m, mut p) = ([0u8; 256], [0u8; 256]);
+    let n = i.write_message(&[], &mut m).unwrap();
+    r.read_message(&m[..n], &mut p).unwrap();
+    let n = r.write_message(&[], &mut m).unwrap();
+    i.read_message(&m[..n], &mut p).unwrap();
+    (
+        SecureChannel::new(i.into_stateless_transport_mode().unwrap(), max_dialer),
+        SecureChannel::new(r.into_stateless_transport_mode().unwrap(), max_acceptor),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cluster::proto::Claim;
     use proptest::prelude::*;
 
-    /// Both ends of one in-memory Noise session, as the handshake would leave them (before
-    /// its `Welcome`s).
     fn pair(max_dialer: usize, max_acceptor: usize) -> (SecureChannel, SecureChannel) {
-        let params: snow::params::NoiseParams = handshake::NOISE_PARAMS.parse().unwrap();
-        let psk = [1u8; 32];
-        let mut i = snow::Builder::new(params.clone())
-            .psk(0, &psk)
-            .build_initiator()
-            .unwrap();
-        let mut r = snow::Builder::new(params).psk(0, &psk).build_responder().unwrap();
-        let (mut m, mut p) = ([0u8; 256], [0u8; 256]);
-        let n = i.write_message(&[], &mut m).unwrap();
-        r.read_message(&m[..n], &mut p).unwrap();
-        let n = r.write_message(&[], &mut m).unwrap();
-        i.read_message(&m[..n], &mut p).unwrap();
-        (
-            SecureChannel::new(i.into_stateless_transport_mode().unwrap(), max_dialer),
-            SecureChannel::new(r.into_stateless_transport_mode().unwrap(), max_acceptor),
-        )
+        test_pair(max_dialer, max_acceptor)
     }
 
     /// Splits sealed bytes into their records.

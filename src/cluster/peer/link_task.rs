@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::BufWriter;
+use tokio::io::{AsyncWrite, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -50,6 +50,16 @@ impl Unconfirmed {
             }
             Frame::Ping { t } => self.last_ping = *t,
             _ => {}
+        }
+    }
+
+    /// Forgets the newest record of `f` (a `Deliver` noted, then not sent after all).
+    fn unwrite(&mut self, f: &Frame) {
+        if let Frame::Deliver { conn, msgs } = f {
+            let ids: Vec<i64> = msgs.iter().map(|m| m.id).collect();
+            if let Some(i) = self.frames.iter().rposition(|(_, c, i)| c == conn && *i == ids) {
+                self.frames.remove(i);
+            }
         }
     }
 
@@ -517,6 +527,18 @@ async fn write_loop(
     unconfirmed: &parking_lot::Mutex<Unconfirmed>,
 ) -> Result<&'static str, CodecError> {
     let max = shared.settings.max_frame;
+    let returned = |conn: &str, ids: Vec<i64>| {
+        shared
+            .counters
+            .handoffs_failed
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        shared.emit(ClusterEvent::HandOffReturned {
+            node: peer.to_string(),
+            conn: conn.to_string(),
+            ids,
+        });
+    };
+    let returned: &(dyn Fn(&str, Vec<i64>) + Sync) = &returned;
     write_resync(wr, local_claims(shared).await, max).await?;
     wr.flush().await?;
     let mut hb = tokio::time::interval(shared.settings.heartbeat_interval);
@@ -525,17 +547,17 @@ async fn write_loop(
         tokio::select! {
             f = rx.recv() => {
                 let Some(f) = f else { return Ok("link handle dropped") };
-                write_tracked(shared, peer, wr, unconfirmed, &f).await?;
+                write_tracked(wr, unconfirmed, returned, &f).await?;
                 for _ in 1..WRITE_BATCH {
                     match rx.try_recv() {
-                        Ok(f) => write_tracked(shared, peer, wr, unconfirmed, &f).await?,
+                        Ok(f) => write_tracked(wr, unconfirmed, returned, &f).await?,
                         Err(_) => break,
                     }
                 }
                 wr.flush().await?;
             }
             _ = hb.tick() => {
-                write_tracked(shared, peer, wr, unconfirmed, &Frame::Ping { t: shared.micros() }).await?;
+                write_tracked(wr, unconfirmed, returned, &Frame::Ping { t: shared.micros() }).await?;
                 wr.flush().await?;
             }
             _ = resync.notified() => {
@@ -547,17 +569,22 @@ async fn write_loop(
                         keep.push(f);
                     }
                 }
+                // Out of the queue, so noted at once: if the link ends before they are
+                // written, they are released with the rest, not left to their lease.
+                for f in &keep {
+                    unconfirmed.lock().written(f);
+                }
                 write_resync(wr, local_claims(shared).await, max).await?;
                 for f in &keep {
-                    write_tracked(shared, peer, wr, unconfirmed, f).await?;
+                    write_noted(wr, unconfirmed, returned, f).await?;
                 }
                 wr.flush().await?;
             }
             _ = leave.notified() => {
                 while let Ok(f) = rx.try_recv() {
-                    write_tracked(shared, peer, wr, unconfirmed, &f).await?;
+                    write_tracked(wr, unconfirmed, returned, &f).await?;
                 }
-                write_tracked(shared, peer, wr, unconfirmed, &Frame::Leave).await?;
+                write_tracked(wr, unconfirmed, returned, &Frame::Leave).await?;
                 wr.flush().await?;
                 let _ = wr.shutdown().await;
                 return Ok("we left the cluster");
@@ -590,38 +617,41 @@ async fn local_claims(shared: &Shared) -> Vec<(String, u64)> {
     }
 }
 
-/// [`write_one`], noting a `Deliver` or a ping as written ([`Unconfirmed`]); a frame whose
-/// write failed counts as written (it may be half on the wire, and the link ends). A
-/// `Deliver` too large to send is not: its messages go back to the node at once
-/// ([`ClusterEvent::HandOffReturned`]) rather than wait, leased to the peer, for their lease
-/// to run out (`Shared::hand_off` measures frames, so this is a second line).
-async fn write_tracked(
-    shared: &Shared,
-    peer: &str,
-    wr: &mut Writer,
+/// [`write_one`], noting a `Deliver` or a ping as written ([`Unconfirmed`]) before the write
+/// starts: a write cancelled half-way (the link ended while the socket was full) or failed
+/// may have put the frame on the wire, and what may have gone is released when the link ends
+/// rather than left leased to the peer until the lease runs out. A `Deliver` too large to
+/// send is not written: its messages go to `returned` (back to the node at once,
+/// [`ClusterEvent::HandOffReturned`]; `Shared::hand_off` measures frames, so this is a
+/// second line).
+async fn write_tracked<W: AsyncWrite + Unpin>(
+    wr: &mut LinkWriter<W>,
     unconfirmed: &parking_lot::Mutex<Unconfirmed>,
+    returned: &(dyn Fn(&str, Vec<i64>) + Sync),
+    f: &Frame,
+) -> Result<(), CodecError> {
+    unconfirmed.lock().written(f);
+    write_noted(wr, unconfirmed, returned, f).await
+}
+
+/// [`write_tracked`] for a frame already noted.
+async fn write_noted<W: AsyncWrite + Unpin>(
+    wr: &mut LinkWriter<W>,
+    unconfirmed: &parking_lot::Mutex<Unconfirmed>,
+    returned: &(dyn Fn(&str, Vec<i64>) + Sync),
     f: &Frame,
 ) -> Result<(), CodecError> {
     let r = write_one(wr, f).await;
     if let (Ok(false), Frame::Deliver { conn, msgs }) = (&r, f) {
-        shared
-            .counters
-            .handoffs_failed
-            .fetch_add(msgs.len() as u64, Ordering::Relaxed);
-        shared.emit(ClusterEvent::HandOffReturned {
-            node: peer.to_string(),
-            conn: conn.clone(),
-            ids: msgs.iter().map(|m| m.id).collect(),
-        });
-        return Ok(());
+        unconfirmed.lock().unwrite(f);
+        returned(conn, msgs.iter().map(|m| m.id).collect());
     }
-    unconfirmed.lock().written(f);
     r.map(|_| ())
 }
 
 /// Writes one frame; a frame too large to send (an absurd conn id) is logged and skipped
 /// rather than taking the link down: `Ok(false)`.
-async fn write_one(wr: &mut Writer, f: &Frame) -> Result<bool, CodecError> {
+async fn write_one<W: AsyncWrite + Unpin>(wr: &mut LinkWriter<W>, f: &Frame) -> Result<bool, CodecError> {
     match wr.write_frame(f).await {
         Err(CodecError::TooLarge { len, max }) => {
             warn!(kind = f.kind(), len, max, "cluster frame too large to send, skipped");
@@ -709,6 +739,40 @@ mod tests {
         assert_eq!(left(&u), vec![3], "written after the last ping: unconfirmed");
         u.written(&Frame::Queued { conn: "c".into() });
         assert_eq!(left(&u), vec![3], "only Deliver frames are kept");
+    }
+
+    /// A `Deliver` counts as written from the moment its write starts: a write that never
+    /// ends (the peer reads nothing, the link is then dropped) still leaves it to be released
+    /// when the link ends. One too large to send is taken back and returned at once.
+    #[tokio::test]
+    async fn a_deliver_is_noted_before_its_write_and_taken_back_if_never_sent() {
+        let (sender, _receiver) = crate::cluster::link::test_pair(1 << 20, 1 << 20);
+        let (stream, _peer) = tokio::io::duplex(64); // the peer never reads
+        let (r, w) = tokio::io::split(stream);
+        let (_reader, mut wr) = sender.into_link(r, w);
+        let u = parking_lot::Mutex::new(Unconfirmed::default());
+        let returned = std::sync::Mutex::new(Vec::new());
+        let back = |conn: &str, ids: Vec<i64>| returned.lock().unwrap().push((conn.to_string(), ids));
+        let mut big = deliver("c", 7);
+        if let Frame::Deliver { msgs, .. } = &mut big {
+            msgs[0].payload = vec![0; 100_000];
+        }
+        let write = write_tracked(&mut wr, &u, &back, &big);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), write).await.is_err(),
+            "the write cannot finish: nothing reads"
+        );
+        assert_eq!(left(&u.lock()), vec![7], "noted although its write never ended");
+
+        let (sender, _receiver) = crate::cluster::link::test_pair(64, 64);
+        let (stream, _peer) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(stream);
+        let (_reader, mut wr) = sender.into_link(r, w);
+        let u = parking_lot::Mutex::new(Unconfirmed::default());
+        u.lock().written(&deliver("c", 1));
+        write_tracked(&mut wr, &u, &back, &big).await.unwrap();
+        assert_eq!(left(&u.lock()), vec![1], "the frame too large to send is not kept");
+        assert_eq!(*returned.lock().unwrap(), vec![("c".to_string(), vec![7])]);
     }
 
     #[test]
