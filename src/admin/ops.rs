@@ -7,7 +7,7 @@
 
 use super::{unauthorized, AdminState};
 use crate::protocols::now_ms;
-use crate::registry::{CloseAll, CloseConn, Count};
+use crate::registry::{CloseAll, CloseConn, Count, OpenAgain};
 use crate::store::{ConnectionPatch, MediationState};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
@@ -225,6 +225,7 @@ pub async fn undrain(req: HttpRequest, st: web::Data<AdminState>) -> HttpRespons
     guard!(req, st);
     st.shared.draining.store(false, Ordering::SeqCst);
     st.drained_at_ms.store(0, Ordering::SeqCst);
+    let _ = st.shared.registry.send(OpenAgain).await;
     let body = drain_json(&st).await;
     audit(&req, &st, "undrain", None, &body);
     HttpResponse::Ok().json(body)

@@ -102,6 +102,10 @@ pub struct Registry {
     owned: HashMap<String, Owned>,
     cluster: Option<ClusterHandle>,
     sessions: usize,
+    /// Set by [`CloseAll`] (a drain, a shutdown) until [`OpenAgain`]: a session that
+    /// registers meanwhile (it checked the drain flag before the drain began, and its
+    /// `Register` arrived after the `CloseAll`) is closed as the others were, not kept.
+    closed: Option<Close>,
 }
 
 impl Registry {
@@ -111,6 +115,7 @@ impl Registry {
             owned: HashMap::new(),
             cluster,
             sessions: 0,
+            closed: None,
         }
     }
 
@@ -149,6 +154,11 @@ pub struct Register {
 impl Handler<Register> for Registry {
     type Result = ();
     fn handle(&mut self, m: Register, _: &mut Context<Self>) {
+        if let Some(close) = &self.closed {
+            m.to.do_send(Signal::Close(close.clone()));
+            tracing::info!(connection = %m.conn, session = m.session, "session closed as it bound: the node drains");
+            return;
+        }
         let entries = self.by_conn.entry(m.conn.clone()).or_default();
         if entries.iter().any(|e| e.session == m.session) {
             return;
@@ -344,7 +354,8 @@ impl Handler<Count> for Registry {
     }
 }
 
-/// Close every session (graceful shutdown); ownership is withdrawn as they unregister.
+/// Close every session (a drain, a graceful shutdown), and every session that registers
+/// until [`OpenAgain`]; ownership is withdrawn as they unregister.
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct CloseAll {
@@ -355,6 +366,10 @@ pub struct CloseAll {
 impl Handler<CloseAll> for Registry {
     type Result = usize;
     fn handle(&mut self, m: CloseAll, _: &mut Context<Self>) -> usize {
+        self.closed = Some(Close {
+            code: m.code,
+            reason: m.reason.clone(),
+        });
         let mut n = 0;
         for e in self.by_conn.values().flatten() {
             // Past a full mailbox, as every control signal: see `SessionMoved`.
@@ -365,6 +380,18 @@ impl Handler<CloseAll> for Registry {
             n += 1;
         }
         n
+    }
+}
+
+/// Sessions may register again (`POST /undrain`): ends what [`CloseAll`] began.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct OpenAgain;
+
+impl Handler<OpenAgain> for Registry {
+    type Result = ();
+    fn handle(&mut self, _: OpenAgain, _: &mut Context<Self>) {
+        self.closed = None;
     }
 }
 
@@ -517,6 +544,40 @@ mod tests {
         );
         assert!(received(&got_closed, "close").await, "{:?}", got_closed.lock().unwrap());
         assert!(received(&got_all, "close").await, "{:?}", got_all.lock().unwrap());
+    }
+
+    /// A session that checked the drain flag just before a drain began registers after the
+    /// registry closed every session: it is closed too, not kept (announced as the owner and
+    /// handed messages on a drained node). After an undrain sessions register again.
+    #[actix_rt::test]
+    async fn a_session_registering_after_a_drain_is_closed() {
+        let registry = Registry::new(None).start();
+        let drain = CloseAll {
+            code: 1001,
+            reason: "mediator node draining: reconnect".into(),
+        };
+        assert_eq!(registry.send(drain).await.unwrap(), 0);
+        let (late, go, got) = stalled();
+        let register = |session, to| Register {
+            conn: "c".into(),
+            session,
+            to,
+        };
+        registry.send(register(1, late)).await.unwrap();
+        go.send(()).unwrap();
+        assert!(received(&got, "close").await, "{:?}", got.lock().unwrap());
+        assert_eq!(registry.send(Count).await.unwrap(), 0, "not registered");
+
+        registry.send(OpenAgain).await.unwrap();
+        let (after, go, got) = stalled();
+        registry.send(register(2, after)).await.unwrap();
+        go.send(()).unwrap();
+        assert!(
+            registry.send(WakeLocal { conn: "c".into() }).await.unwrap(),
+            "registered"
+        );
+        assert!(received(&got, "wake").await);
+        assert!(!got.lock().unwrap().contains(&"close"));
     }
 
     #[test]
