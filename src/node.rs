@@ -319,7 +319,7 @@ pub async fn run(
                         conns,
                         release_leases,
                     } => {
-                        tracing::info!(peer = %node, sessions = conns.len(), release_leases, "taking over what a failed peer left");
+                        tracing::info!(peer = %node, sessions = conns.len(), release_leases, "taking over the sessions a failed or restarted peer left");
                         actix_rt::spawn(take_over(shared.clone(), node, conns, release_leases));
                     }
                     ClusterEvent::SessionMoved { conn, node } => {

@@ -358,3 +358,59 @@ async fn idle_sockets_do_not_keep_a_peer_out() {
     }
     n1.shutdown().await;
 }
+
+/// A peer that restarts before it is found failed (killed, back within the failure timeout)
+/// never goes Down here: its resync simply no longer names the sessions it lost. Mail
+/// forwarded to those wallets meanwhile was notified to the peer and woke nobody, so this
+/// node, the one that takes over, is told which sessions were lost (and pushes the wallets
+/// that have mail), as for a failed peer. Before, only a peer found failed was taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_a_resync_no_longer_names_are_taken_over() {
+    let (n1, mut ev, mut link) = ghost_and_node(|_| {}).await;
+    let epoch = now_epoch();
+    let claim = |conn: &str| Claim {
+        conn: conn.into(),
+        epoch,
+    };
+    let resync = |claims| Frame::Resync { claims, last: true };
+    link.writer
+        .send(&resync(vec![claim("kept"), claim("lost")]))
+        .await
+        .unwrap();
+    link.writer.send(&Frame::Queued { conn: "first".into() }).await.unwrap();
+    wait_queued(&mut ev, "first").await;
+    assert_eq!(n1.owner_of("lost").as_deref(), Some("ghost"));
+    // The ghost "restarted": its next resync holds only what its new incarnation has.
+    link.writer.send(&resync(vec![claim("kept")])).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, ev.recv()).await {
+            Ok(Some(ClusterEvent::SessionsLost {
+                node,
+                conns,
+                release_leases,
+            })) => {
+                assert_eq!(node, "ghost");
+                assert_eq!(conns, ["lost"], "only the sessions it no longer names");
+                assert!(!release_leases, "the peer is up: its leases are its own");
+                break;
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => panic!("no SessionsLost within {WAIT:?}"),
+        }
+    }
+    assert_eq!(n1.owner_of("lost"), None);
+    assert_eq!(n1.owner_of("kept").as_deref(), Some("ghost"));
+    // A resync that drops nothing tells nothing.
+    link.writer.send(&resync(vec![claim("kept")])).await.unwrap();
+    link.writer.send(&Frame::Queued { conn: "last".into() }).await.unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, ev.recv()).await {
+            Ok(Some(ClusterEvent::MessageQueued { conn })) if conn == "last" => break,
+            Ok(Some(ClusterEvent::SessionsLost { conns, .. })) => panic!("told of {conns:?}"),
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => panic!("no Queued within {WAIT:?}"),
+        }
+    }
+    n1.shutdown().await;
+}

@@ -130,6 +130,13 @@ impl Membership {
         self.peers.iter().all(|(id, p)| !p.up || *id > self.local)
     }
 
+    /// Whether this node is the one that takes over what `peer` left behind: the lowest id
+    /// among itself and the peers it sees up, `peer` aside (which may be up again: a peer
+    /// that restarted before it was found failed).
+    pub fn takes_over_from(&self, peer: &str) -> bool {
+        self.peers.iter().all(|(id, p)| id == peer || !p.up || *id > self.local)
+    }
+
     /// Whether this node sees at least half of the cluster up, itself counted. A node that
     /// sees fewer is more likely cut off than its peers all dead: it leaves a failed peer's
     /// leases to run out (the peer may still be delivering) rather than give them back. Two
@@ -340,6 +347,9 @@ mod tests {
         n2.handle(up("n1", 1, false), t0);
         n2.handle(up("n3", 2, true), t0);
         assert!(!n2.takes_over(), "n1 is up and lower");
+        // What an up peer's resync drops is taken over by the lowest of the others.
+        assert!(n2.takes_over_from("n1"), "n1 aside, n2 is the lowest up");
+        assert!(!n2.takes_over_from("n3"), "n1 is up and lower");
         let mut n3 = m("n3", &["n1", "n2"]);
         n3.handle(up("n1", 1, false), t0);
         n3.handle(up("n2", 2, false), t0);

@@ -222,10 +222,12 @@ pub enum ClusterEvent {
     PeerDown {
         node: String,
     },
-    /// A peer failed and this node is the one that takes over what it left (see
-    /// [`membership::Membership::takes_over`]): the wallets of `conns`, whose sessions it held
-    /// and which no node held once its claims were removed (possibly none), are woken (push)
-    /// when they have mail queued; sent once all its claims are removed; with `release_leases` (this node sees half the cluster up:
+    /// A peer failed, or its resync no longer named sessions it had claimed (it restarted
+    /// before it was found failed), and this node is the one that takes over what it left
+    /// (see [`membership::Membership::takes_over`]): the wallets of `conns`, whose sessions it
+    /// held and which no node held once its claims were removed, are woken (push) when they
+    /// have mail queued; sent once those claims are removed (not at all when none was left
+    /// and no lease is to be released); with `release_leases` (this node sees half the cluster up:
     /// [`membership::Membership::sees_half`]) the messages leased to it (its sessions' and its
     /// hand-offs') go back to pending first.
     SessionsLost {

@@ -472,6 +472,13 @@ async fn take_resync(
                 return Ok(Some("link replaced"));
             }
             st.dir.apply(DirEvent::ResyncEnd { node: peer.to_string() });
+            // The claims the resync no longer names are sessions the peer lost without a
+            // `Disown` reaching us (it restarted before it was found failed, or the frames
+            // died with a link): mail forwarded to them meanwhile was notified to the peer
+            // and woke nobody. The node that takes over is told, as for a failed peer.
+            if st.members.takes_over_from(peer) {
+                st.lost.entry(peer.to_string()).or_default();
+            }
         }
         return Ok(finish_sweep(shared, peer, link).await);
     }

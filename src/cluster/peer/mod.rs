@@ -189,8 +189,9 @@ pub(crate) struct State {
     /// comes up: a peer that was cut off when one was made, or whose link died with it queued,
     /// still closes those sessions once it is back. Repeating one is harmless.
     pub recent_closes: VecDeque<(Instant, Frame)>,
-    /// Failed peers this node takes over from, whose claims are being swept: the sessions
-    /// left with no owner so far. [`ClusterEvent::SessionsLost`] goes out when the sweep ends.
+    /// Peers this node takes over from (failed, or whose resync dropped claims), whose claims
+    /// are being swept: the sessions left with no owner so far. [`ClusterEvent::SessionsLost`]
+    /// goes out when the sweep ends, if it left any (or leases are to be released).
     pub lost: HashMap<String, Lost>,
 }
 
@@ -410,7 +411,7 @@ impl Shared {
             }
         }
         if !st.dir.sweeping(node) {
-            if let Some(lost) = st.lost.remove(node) {
+            if let Some(lost) = st.lost.remove(node).filter(|l| l.release_leases || !l.conns.is_empty()) {
                 self.emit(ClusterEvent::SessionsLost {
                     node: node.to_string(),
                     conns: lost.conns,
