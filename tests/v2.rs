@@ -206,11 +206,21 @@ fn forward_to(s: &V2Sender, m: &V2Mediator, next: &str, to_agent: &V2Agent, cont
 /// A forward anoncrypted to the mediator carrying `attachment` (as `data.json`), with the
 /// fields of `extra` (e.g. `expires_time`) on the forward itself.
 fn forward_of(m: &V2Mediator, next: &str, attachment: Value, extra: Value) -> Vec<u8> {
+    forward_of_all(m, next, vec![attachment], extra)
+}
+
+/// [`forward_of`] with several attachments.
+fn forward_of_all(m: &V2Mediator, next: &str, attachments: Vec<Value>, extra: Value) -> Vec<u8> {
     use mailroom::didcomm::v2::jwe::{self, Alg, Dialect, Enc};
+    let attachments: Vec<Value> = attachments
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| json!({ "id": format!("a{i}"), "data": { "json": a } }))
+        .collect();
     let mut fwd = json!({
         "id": mailroom::didcomm::message::new_id(), "type": "https://didcomm.org/routing/2.0/forward", "to": [m.did],
         "body": { "next": next },
-        "attachments": [{ "id": "a", "data": { "json": attachment } }],
+        "attachments": attachments,
     });
     for (k, v) in extra.as_object().unwrap() {
         fwd[k] = v.clone();
@@ -729,4 +739,33 @@ async fn a_key_registered_in_one_did_key_form_cannot_be_claimed_in_another() {
     assert_eq!(code, 202, "{body}");
     assert_eq!(victim.status(None).await.unwrap(), 2);
     assert_eq!(attacker.status(None).await.unwrap(), 0);
+}
+
+/// A forward refused in part: of two attachments for a live wallet, the queue holds room for
+/// one. The sender gets the refusal (and retries); the attachment queued already was leased
+/// to the live session's hand-off, which no refusal sends: it is given back and delivered
+/// within a sweep, not left leased until the lease (60 s here) runs out.
+#[actix_rt::test]
+async fn an_attachment_queued_before_a_refusal_is_delivered_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.delivery.lease_ms = 60_000;
+    cfg.delivery.sweep_interval_ms = 200;
+    cfg.limits.max_queue_messages = 1;
+    let n = start(&cfg);
+    let m = v2_mediator(&n).await;
+    let mut a = V2Agent::new(m.clone()).unwrap();
+    let r = a.onboard().await.unwrap();
+    let mut sock = a.live().await.unwrap();
+    let s = V2Sender::new().unwrap();
+    let both = forward_of_all(
+        &m,
+        &r,
+        vec![encrypted_for(&s, &a, "first"), encrypted_for(&s, &a, "second")],
+        json!({}),
+    );
+    let (status, body) = post_raw(&m.http, TYP_ENCRYPTED, both).await;
+    assert_eq!(status, 429, "{body}");
+    let (got, dups) = receive_live(&a, &mut sock, 1).await;
+    assert_eq!((got, dups), (vec!["first".to_string()], 0));
 }

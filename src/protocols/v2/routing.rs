@@ -7,7 +7,7 @@
 use super::Inbound;
 use crate::didcomm::v2::{did, keys};
 use crate::protocols::{now_ms, ForwardResult, Handed, HandleError, Mediator, Outcome};
-use crate::store::{NewMessage, QueuedMessage, StoreError};
+use crate::store::{MessageId, NewMessage, QueuedMessage, StoreError};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -149,6 +149,28 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
         break (conn, recipient, results, handoff);
     };
     let (conn, recipient, results, handoff) = queued;
+    if results.iter().any(Result::is_err) {
+        // Refused in part (one attachment over the queue's limits): the sender is told, and
+        // retries (the ones queued already are duplicates then). Those queued already were
+        // leased to the hand-off owner of the wallet's live session, and no hand-off goes
+        // out with a refusal: given back, its node's sweep delivers them within a period
+        // instead of at the end of the lease.
+        if let Some((_, lease)) = &handoff {
+            let ids: Vec<MessageId> = results
+                .iter()
+                .filter_map(|r| r.as_ref().ok())
+                .filter(|e| !e.duplicate)
+                .map(|e| e.id)
+                .collect();
+            if !ids.is_empty() {
+                if let Err(e) = m.store.release(&conn, &ids, &lease.owner).await {
+                    tracing::warn!(connection = %conn, "queued attachments not given back (their lease runs out): {e}");
+                }
+            }
+        }
+        let refused = results.into_iter().find_map(Result::err);
+        return Err(refused.map_or_else(|| HandleError::Internal("refusal lost".into()), Into::into));
+    }
     let mut out = Outcome::default();
     let mut all_dup = true;
     let mut handed = Vec::new();
