@@ -6,7 +6,10 @@ mod common;
 use common::*;
 use mailroom::client::{basic_message, Agent, Sender};
 use mailroom::config::Strategy;
+use mailroom::store::*;
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 async fn forward(n: &mailroom::node::RunningNode, a: &Agent, key: &str, text: &str) -> u16 {
     let g = a.grant.clone().unwrap();
@@ -366,6 +369,164 @@ async fn sessions_beyond_the_limit_are_refused() {
     assert_eq!(res.status().as_u16(), 503);
     let body = res.body().await.unwrap();
     assert!(String::from_utf8_lossy(&body).contains("session-limit"));
+}
+
+/// The node's store, except that while `fail_removals` is set, removing routing keys fails
+/// (`update_keys` with removals, `revoke_mediation`), as when the database goes away in the
+/// middle of an operator's revocation.
+struct FailingRemovals {
+    inner: Arc<dyn Store>,
+    fail_removals: AtomicBool,
+}
+
+impl FailingRemovals {
+    fn check(&self) -> StoreResult<()> {
+        if self.fail_removals.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected: the store went away".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for FailingRemovals {
+    async fn update_keys(
+        &self,
+        conn: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> StoreResult<Vec<(String, KeyUpdate)>> {
+        if !remove.is_empty() {
+            self.check()?;
+        }
+        self.inner.update_keys(conn, add, remove).await
+    }
+    async fn revoke_mediation(&self, id: &str, updated_at_ms: i64) -> StoreResult<Option<Vec<String>>> {
+        self.check()?;
+        self.inner.revoke_mediation(id, updated_at_ms).await
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, keys_of, route, enqueue, enqueue_routed, lease, ack_leased, release,
+        release_owner, release_owners_under, queue_stats, total_queued, connections_with_pending,
+        pending_among, prune_dedup, dedup_records, queue_log_bytes, lease_for_key, pending_stats,
+        expire, expire_due, oldest_received_ms, flush, device_of, set_device, forget_device_token,
+        push_event, push_take_due, delete_connection, drop_queue, top_queues,
+    );
+}
+
+/// A node on a [`FailingRemovals`] store (not failing) with one onboarded wallet, its key, and
+/// its connection id.
+async fn node_on_failing_removals() -> (
+    tempfile::TempDir,
+    mailroom::node::RunningNode,
+    Arc<FailingRemovals>,
+    Agent,
+    mailroom::didcomm::keys::KeyPair,
+    String,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
+    let store = Arc::new(FailingRemovals {
+        inner: open_sled(&dir.path().join("data")).await.unwrap(),
+        fail_removals: AtomicBool::new(false),
+    });
+    let l = mailroom::node::bind_ephemeral(&mut cfg, "n1", false).unwrap();
+    let n = mailroom::node::spawn(
+        cfg,
+        "n1",
+        l,
+        mailroom::node::NodeOptions {
+            store: Some(store.clone()),
+            config_path: None,
+        },
+    )
+    .unwrap();
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let id = common::cluster::a_connection_id(&n).await;
+    (dir, n, store, a, k, id)
+}
+
+async fn revoke(n: &mailroom::node::RunningNode, id: &str) -> (u16, Value) {
+    let mut res = awc::Client::default()
+        .post(format!("{}/connections/{id}/mediation", n.admin_url()))
+        .send_json(&json!({"state": "denied"}))
+        .await
+        .unwrap();
+    let body = res.body().await.unwrap();
+    (
+        res.status().as_u16(),
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+    )
+}
+
+async fn connection(n: &mailroom::node::RunningNode, id: &str) -> Value {
+    get_json(&format!("{}/connections/{id}", n.admin_url())).await
+}
+
+/// A connection whose mediation is revoked while its key is still registered (what another
+/// node sees between a revocation and the removal of the keys, or after a removal that failed)
+/// takes no forward: the sender gets the 404 of an unknown key, though this node's route cache
+/// still holds the key, and nothing is queued that pickup would never hand out.
+#[actix_rt::test]
+async fn a_denied_connection_whose_key_is_still_registered_gets_no_forward() {
+    let (_dir, n, store, a, k, id) = node_on_failing_removals().await;
+    assert_eq!(
+        forward(&n, &a, &k.verkey(), "before").await,
+        202,
+        "and the route is cached"
+    );
+    let deny = ConnectionPatch {
+        mediation: Some(MediationState::Denied),
+        updated_at_ms: 1,
+        ..ConnectionPatch::default()
+    };
+    store.inner.update_connection(&id, &deny).await.unwrap().unwrap();
+    assert_eq!(store.inner.keys_of(&id).await.unwrap(), vec![k.verkey()]);
+    for text in ["after", "after again"] {
+        assert_eq!(forward(&n, &a, &k.verkey(), text).await, 404, "{text}");
+    }
+    assert_eq!(connection(&n, &id).await["queue"]["depth"], 1);
+    // Revoking through the admin listener removes what is left.
+    let (code, body) = revoke(&n, &id).await;
+    assert_eq!((code, body["routing_keys_removed"].as_u64()), (200, Some(1)), "{body}");
+    assert_eq!(connection(&n, &id).await["routing_keys"], json!([]));
+}
+
+/// A revocation the store fails (503 to the operator) is all or nothing: never a denied
+/// connection whose key still takes forwards that are never delivered. Here nothing changed:
+/// the wallet is still mediated and gets what was forwarded meanwhile; the operator's retry
+/// revokes it.
+#[actix_rt::test]
+async fn a_revocation_that_fails_leaves_no_denied_connection_taking_forwards() {
+    let (_dir, n, store, a, k, id) = node_on_failing_removals().await;
+    assert_eq!(forward(&n, &a, &k.verkey(), "before").await, 202);
+    store.fail_removals.store(true, Ordering::SeqCst);
+    let (code, body) = revoke(&n, &id).await;
+    assert_eq!(code, 503, "{body}");
+    let c = connection(&n, &id).await;
+    let during = forward(&n, &a, &k.verkey(), "during").await;
+    if c["mediation"] == "denied" {
+        assert_eq!(
+            during, 404,
+            "a denied connection took a forward pickup never hands out: {c}"
+        );
+    }
+    assert_eq!(c["mediation"], "granted", "the failed revocation changed nothing: {c}");
+    assert_eq!(during, 202);
+    let st = a
+        .request(&pickup("status-request", json!({})))
+        .await
+        .unwrap()
+        .expect("a status");
+    assert_eq!(st["message_count"], 2, "{st}");
+
+    store.fail_removals.store(false, Ordering::SeqCst);
+    let (code, body) = revoke(&n, &id).await;
+    assert_eq!((code, body["routing_keys_removed"].as_u64()), (200, Some(1)), "{body}");
+    assert_eq!(forward(&n, &a, &k.verkey(), "after").await, 404);
+    assert_eq!(connection(&n, &id).await["queue"]["depth"], 2);
 }
 
 #[test]

@@ -201,6 +201,72 @@ async fn dropping_a_queue_and_revoking_mediation_hold_on_every_node() {
     assert_eq!(connection_status(n1, &id).await.1["mediation"], "denied");
 }
 
+/// A revocation made while forwards flow in through every node: each forward is answered 202
+/// and queued, or refused 404 and not; once the operator has the answer, no forward is
+/// accepted and the connection's queue no longer grows.
+#[actix_rt::test]
+async fn forwards_flowing_through_every_node_stop_at_the_revocation() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let f = cluster_of(3, FAST_SWEEP_MS).await;
+    let (n1, n2, n3) = (&f.nodes[0], &f.nodes[1], &f.nodes[2]);
+    let (a, k) = Agent::onboard(&invitation(n1).await).await.unwrap();
+    let id = a_connection_id(n1).await;
+    let depth = |n: &RunningNode| {
+        let (n, id) = (n.admin_url(), id.clone());
+        async move {
+            admin("GET", &format!("{n}/connections/{id}"), None).await.1["queue"]["depth"]
+                .as_u64()
+                .expect("queue.depth")
+        }
+    };
+    let answered = Arc::new(AtomicBool::new(false));
+    let mut senders = Vec::new();
+    for (i, n) in [n1, n2, n3].into_iter().enumerate() {
+        let (url, key) = (n.public_url(), k.verkey());
+        let routing = a.grant.as_ref().unwrap().routing_keys.clone();
+        let answered = answered.clone();
+        senders.push(actix_rt::spawn(async move {
+            let (mut out, mut after) = (Vec::new(), 0);
+            for j in 0.. {
+                let started_after = answered.load(Ordering::SeqCst);
+                let st = Sender::new()
+                    .forward(&url, &basic_message(&format!("{i}-{j}")), &key, &routing)
+                    .await
+                    .unwrap();
+                out.push((started_after, st));
+                after += usize::from(started_after);
+                if after == 10 {
+                    break;
+                }
+            }
+            out
+        }));
+    }
+    eventually("forwards queued through the nodes", || async {
+        (depth(n1).await >= 6).then_some(())
+    })
+    .await;
+    let url = format!("{}/connections/{id}/mediation", n2.admin_url());
+    let (code, body) = admin("POST", &url, Some(json!({"state": "denied"}))).await;
+    assert_eq!((code, body["routing_keys_removed"].as_u64()), (200, Some(1)), "{body}");
+    answered.store(true, Ordering::SeqCst);
+    let at_answer = depth(n3).await;
+    let mut accepted = 0;
+    for s in senders {
+        for (started_after, st) in s.await.unwrap() {
+            assert!(st == 202 || st == 404, "{st}");
+            if started_after {
+                assert_eq!(st, 404, "a forward sent after the revocation was answered is refused");
+            }
+            accepted += u64::from(st == 202);
+        }
+    }
+    let held = depth(n1).await;
+    assert_eq!(held, at_answer, "the queue grew after the revocation was answered");
+    assert_eq!(held, accepted, "a forward answered 202 is queued, one refused is not");
+}
+
 #[actix_rt::test]
 async fn a_drained_node_sends_its_wallets_elsewhere_and_loses_nothing() {
     let f = cluster_of(3, FAST_SWEEP_MS).await;

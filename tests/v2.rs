@@ -675,6 +675,52 @@ async fn a_revoked_mediation_is_not_granted_again_by_a_v2_mediate_request() {
     assert_eq!(c["mediation"], "denied", "{c}");
 }
 
+/// Routing 2.0 gets the refusal routing 1.0 gets: a connection whose mediation is revoked
+/// while its DID is still registered (what another node sees between a revocation and the
+/// removal of the keys, or after a removal that failed) takes no forward: 404, as for a DID
+/// nobody registered, though this node's route cache still holds it, and nothing is queued.
+#[actix_rt::test]
+async fn a_denied_connection_whose_did_is_still_registered_gets_no_v2_forward() {
+    use mailroom::store::{ConnectionPatch, MediationState};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
+    let store = mailroom::store::open_sled(&dir.path().join("data")).await.unwrap();
+    let l = mailroom::node::bind_ephemeral(&mut cfg, "n1", false).unwrap();
+    let n = mailroom::node::spawn(
+        cfg,
+        "n1",
+        l,
+        mailroom::node::NodeOptions {
+            store: Some(store.clone()),
+            config_path: None,
+        },
+    )
+    .unwrap();
+    let mut a = V2Agent::new(v2_mediator(&n).await).unwrap();
+    let r = a.onboard().await.unwrap();
+    let s = V2Sender::new().unwrap();
+    assert_eq!(
+        s.forward(&r, &s.basic(&r, "before")).await.unwrap(),
+        202,
+        "and the route is cached"
+    );
+    let id = a_connection_id(&n).await;
+    let deny = ConnectionPatch {
+        mediation: Some(MediationState::Denied),
+        updated_at_ms: 1,
+        ..ConnectionPatch::default()
+    };
+    store.update_connection(&id, &deny).await.unwrap().unwrap();
+    assert!(
+        !store.keys_of(&id).await.unwrap().is_empty(),
+        "the DID is still registered"
+    );
+    for text in ["after", "after again"] {
+        assert_eq!(s.forward(&r, &s.basic(&r, text)).await.unwrap(), 404, "{text}");
+    }
+    assert_eq!(queue_depth(&n).await, 1);
+}
+
 #[actix_rt::test]
 async fn a_key_registered_in_one_did_key_form_cannot_be_claimed_in_another() {
     use mailroom::didcomm::v2::jwe::{self, Alg, Dialect, Enc};

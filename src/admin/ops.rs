@@ -8,7 +8,6 @@
 use super::{unauthorized, AdminState};
 use crate::protocols::now_ms;
 use crate::registry::{CloseAll, CloseConn, Count, OpenAgain};
-use crate::store::{ConnectionPatch, MediationState};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -125,8 +124,9 @@ struct MediationChange {
 }
 
 /// `POST /connections/{id}/mediation` with `{"state": "denied"}`: revokes mediation. Its
-/// routing keys go (forwards to them get 404), keylist-update and pickup get problem reports,
-/// a new mediate-request is denied, and its sessions close on every node.
+/// routing keys go with the state, in one store step (forwards to them get 404 from then on),
+/// keylist-update and pickup get problem reports, a new mediate-request is denied, and its
+/// sessions close on every node.
 pub async fn set_mediation(
     req: HttpRequest,
     st: web::Data<AdminState>,
@@ -144,29 +144,16 @@ pub async fn set_mediation(
     if change.state != "denied" {
         return HttpResponse::BadRequest().json(json!({"error": "bad-request", "reason": format!("state {:?} cannot be set by an operator: only \"denied\"", change.state)}));
     }
-    let store = &st.shared.mediator.store;
-    let patch = ConnectionPatch {
-        mediation: Some(MediationState::Denied),
-        updated_at_ms: now_ms(),
-        ..ConnectionPatch::default()
-    };
-    match store.update_connection(&id, &patch).await {
-        Ok(Some(_)) => {}
+    // One store step: the state and the keys change together, under the connection's enqueue
+    // lock. A forward decided before it was queued before it; every later one finds no route
+    // (404), on every node, whatever its route cache holds. A failure (503) is all or
+    // nothing: never a denied connection that still takes forwards; trying again is safe.
+    let removed = match st.shared.mediator.store.revoke_mediation(&id, now_ms()).await {
+        Ok(Some(keys)) => keys.len(),
         Ok(None) => {
             return HttpResponse::NotFound()
                 .json(json!({"error": "not-found", "reason": format!("no connection {id}")}))
         }
-        Err(e) => return store_error(e),
-    }
-    // The keys go after the state: a keylist-update racing with this is refused from now on,
-    // and whatever it added before is removed here.
-    let keys = match store.keys_of(&id).await {
-        Ok(k) => k,
-        Err(e) => return store_error(e),
-    };
-    let removed = match store.update_keys(&id, &[], &keys).await {
-        Ok(r) => r.len(),
-        Err(crate::store::StoreError::NotFound) => 0,
         Err(e) => return store_error(e),
     };
     let (here, peers) = close_everywhere(&st, &id, "mediation revoked by the mediator's operator").await;

@@ -215,6 +215,10 @@ impl Store for Metered {
     async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
         self.timed("delete_connection", self.inner.delete_connection(id)).await
     }
+    async fn revoke_mediation(&self, id: &str, updated_at_ms: i64) -> StoreResult<Option<Vec<String>>> {
+        self.timed("revoke_mediation", self.inner.revoke_mediation(id, updated_at_ms))
+            .await
+    }
     async fn drop_queue(&self, conn: &str) -> StoreResult<u64> {
         self.timed("drop_queue", self.inner.drop_queue(conn)).await
     }

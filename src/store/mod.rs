@@ -59,6 +59,9 @@
 //!   [`Store::put_connection`] refuses a key another connection holds
 //!   ([`StoreError::KeyTaken`]), so [`Store::connection_by_their_verkey`] is unambiguous.
 //! - `enqueue` does not check that the connection exists (the caller routed to it).
+//!   `enqueue_routed` checks the route, and refuses a connection whose mediation is revoked
+//!   ([`MediationState::Denied`]) even while it still holds the key: pickup never hands out
+//!   what such a connection holds, so its sender must not be told the message is queued.
 //! - Durability beyond `enqueue`: connection, key and identity writes are durable when they
 //!   return. `lease`, `ack` and `release` are not flushed one by one on sled; PostgreSQL commits
 //!   each `ack` and `release`, and leases every lease request waiting (of many connections) in
@@ -137,7 +140,9 @@ pub enum InvitationUse {
     AlreadyUsed,
 }
 
-/// Mediation state of a connection (coordinate-mediation 1.0).
+/// Mediation state of a connection (coordinate-mediation 1.0). `Denied` (revoked by the
+/// operator) is final, and a routed enqueue ([`Store::enqueue_routed`]) refuses a denied
+/// connection whatever keys it still holds.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub enum MediationState {
     #[default]
@@ -357,7 +362,8 @@ pub enum StoreError {
     #[error("not found")]
     NotFound,
     /// [`Store::enqueue_routed`]: the message's recipient key no longer routes to the
-    /// connection it was sent for; nothing was queued.
+    /// connection it was sent for, or that connection's mediation was revoked; nothing was
+    /// queued.
     #[error("no route: the recipient key is no longer registered by that connection")]
     NoRoute,
     #[error("conflict: {0}")]
@@ -460,10 +466,11 @@ pub trait Store: Send + Sync + 'static {
     async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>>;
     /// As [`Store::enqueue`], for messages whose connection came from [`Store::route`] of
     /// their `recipient_key` (possibly a cached, stale answer): each is queued only if that key
-    /// is still a routing key of its connection when its batch is decided, else its outcome is
+    /// is still a routing key of its connection, and that connection's mediation is not
+    /// revoked ([`MediationState::Denied`]), when its batch is decided; else its outcome is
     /// `Err(StoreError::NoRoute)` and nothing of it is written. A key removed (or moved to
-    /// another connection) before this call started is never queued for its old connection.
-    /// The route is checked before dedup and limits.
+    /// another connection), or a connection denied, before this call started is never queued
+    /// for. The route is checked before dedup and limits.
     async fn enqueue_routed(
         &self,
         msgs: Vec<NewMessage>,
@@ -580,6 +587,15 @@ pub trait Store: Send + Sync + 'static {
     /// respect to enqueues and key updates of the connection on every node sharing the store.
     /// Idempotent: removing a connection that does not exist (any more) returns zero counts.
     async fn delete_connection(&self, id: &str) -> StoreResult<Removed>;
+    /// Revokes the mediation of connection `id` (the operator's action): its state becomes
+    /// [`MediationState::Denied`] (final: see [`ConnectionPatch::apply`]) and every routing key
+    /// it holds is removed, in one step that is atomic with respect to enqueues and key updates
+    /// of the connection on every node sharing the store. A routed enqueue decided before it
+    /// is queued (and answered) before it; one decided after it finds no route. Returns the
+    /// keys removed (sorted; none when it was revoked already), `None` when there is no such
+    /// connection. Idempotent; revoking again removes any key a connection denied some other
+    /// way still holds.
+    async fn revoke_mediation(&self, id: &str, updated_at_ms: i64) -> StoreResult<Option<Vec<String>>>;
     /// Deletes every queued message of `conn` (pending or leased); the connection, its keys and
     /// its dedup records stay (a retried forward is still a duplicate). Returns how many.
     async fn drop_queue(&self, conn: &str) -> StoreResult<u64>;

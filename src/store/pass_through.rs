@@ -195,6 +195,10 @@ macro_rules! store_pass_through {
     (@method $i:ident delete_connection) => {
         $crate::store_pass_through!(@fn $i delete_connection (id: &'a str) ['a] -> $crate::store::Removed);
     };
+    (@method $i:ident revoke_mediation) => {
+        $crate::store_pass_through!(@fn $i revoke_mediation (id: &'a str, updated_at_ms: i64) ['a]
+            -> Option<Vec<String>>);
+    };
     (@method $i:ident drop_queue) => {
         $crate::store_pass_through!(@fn $i drop_queue (conn: &'a str) ['a] -> u64);
     };

@@ -5,11 +5,13 @@
 //! ever used through [`Store::enqueue_routed`], which the store refuses (`NoRoute`) when the
 //! key no longer routes to that connection: a stale entry costs a second lookup, never a
 //! message queued for a connection that lost the key. Entries are forgotten when:
-//! - this node removes keys ([`Store::update_keys`]) or a connection
-//!   ([`Store::delete_connection`]): the change is also handed to the publisher (the node
-//!   sends it to every peer as a cluster `RoutesChanged` frame);
+//! - this node removes keys ([`Store::update_keys`]), a connection
+//!   ([`Store::delete_connection`]) or a connection's mediation ([`Store::revoke_mediation`]):
+//!   the change is also handed to the publisher (the node sends it to every peer as a cluster
+//!   `RoutesChanged` frame);
 //! - a peer says so ([`RouteCache::forget`], from that frame);
-//! - a routed enqueue was refused with `NoRoute`.
+//! - a routed enqueue was refused with `NoRoute` (the key left, or the connection's mediation
+//!   was revoked: the store decides at enqueue, so a cached route never delivers to either).
 //!
 //! A lookup that an invalidation overtook is not cached (a generation number), and the cache
 //! is cleared whole when it reaches its capacity.
@@ -155,6 +157,14 @@ impl Store for RouteCache {
     }
     async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
         let r = self.inner.delete_connection(id).await;
+        self.forget(id, &[]);
+        self.publish(id, &[]);
+        r
+    }
+    async fn revoke_mediation(&self, id: &str, updated_at_ms: i64) -> StoreResult<Option<Vec<String>>> {
+        let r = self.inner.revoke_mediation(id, updated_at_ms).await;
+        // Whatever the outcome: the store refuses the connection from now on anyway, this
+        // spares the lookups that would learn it.
         self.forget(id, &[]);
         self.publish(id, &[]);
         r

@@ -325,6 +325,144 @@ pub async fn routing_keys(b: Arc<dyn Backend>) {
     assert_eq!(held, keys.len());
 }
 
+/// The operator's revocation ([`Store::revoke_mediation`]): the state and every routing key of
+/// the connection in one step. Routed enqueues racing with it (many tasks, as from many nodes)
+/// are queued before it or refused: none started after it returned is queued, and every
+/// message queued was answered `Ok`.
+pub async fn revoking_mediation_is_one_step(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    assert_eq!(s.revoke_mediation(&new_id(), T0).await.unwrap(), None);
+    assert_eq!(s.revoke_mediation("bad\0id", T0).await.unwrap(), None);
+    let k = |s: &str| s.to_string();
+    let (c, other) = (new_conn(&s).await, new_conn(&s).await);
+    let grant = ConnectionPatch {
+        mediation: Some(MediationState::Granted),
+        updated_at_ms: T0 + 1,
+        ..ConnectionPatch::default()
+    };
+    s.update_connection(&c, &grant).await.unwrap().unwrap();
+    s.update_keys(&c, &[k("rv-b"), k("rv-a")], &[]).await.unwrap();
+    s.update_keys(&other, &[k("rv-o")], &[]).await.unwrap();
+    assert_eq!(s.route("rv-a").await.unwrap(), Some(c.clone()));
+
+    assert_eq!(
+        s.revoke_mediation(&c, T0 + 5).await.unwrap(),
+        Some(vec![k("rv-a"), k("rv-b")])
+    );
+    let after = s.get_connection(&c).await.unwrap().unwrap();
+    assert_eq!(after.mediation, MediationState::Denied);
+    assert_eq!(after.updated_at_ms, T0 + 5);
+    assert_eq!(s.route("rv-a").await.unwrap(), None);
+    assert_eq!(s.route("rv-b").await.unwrap(), None);
+    assert!(s.keys_of(&c).await.unwrap().is_empty());
+    assert_eq!(
+        s.route("rv-o").await.unwrap(),
+        Some(other.clone()),
+        "other connections keep theirs"
+    );
+    let r = s
+        .enqueue_routed(
+            vec![NewMessage {
+                recipient_key: k("rv-a"),
+                ..msg(&c, "after", T0)
+            }],
+            &EnqueueLimits::UNLIMITED,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r[0], Err(StoreError::NoRoute)), "{:?}", r[0]);
+    // Final: no key comes back, no grant undoes it.
+    assert_eq!(
+        s.update_keys(&c, &[k("rv-c")], &[]).await.unwrap(),
+        vec![(k("rv-c"), KeyUpdate::Revoked)]
+    );
+    let regrant = ConnectionPatch {
+        updated_at_ms: T0 + 6,
+        ..grant.clone()
+    };
+    assert_eq!(
+        s.update_connection(&c, &regrant).await.unwrap().unwrap().mediation,
+        MediationState::Denied
+    );
+    // Idempotent; and it removes what a connection denied some other way still holds.
+    assert_eq!(s.revoke_mediation(&c, T0 + 7).await.unwrap(), Some(vec![]));
+    let d = new_conn(&s).await;
+    s.update_keys(&d, &[k("rv-d")], &[]).await.unwrap();
+    let deny = ConnectionPatch {
+        mediation: Some(MediationState::Denied),
+        updated_at_ms: T0,
+        ..ConnectionPatch::default()
+    };
+    s.update_connection(&d, &deny).await.unwrap().unwrap();
+    assert_eq!(s.revoke_mediation(&d, T0).await.unwrap(), Some(vec![k("rv-d")]));
+    assert_eq!(s.route("rv-d").await.unwrap(), None);
+    // The keys are free for someone else.
+    assert_eq!(
+        s.update_keys(&other, &[k("rv-a")], &[]).await.unwrap(),
+        vec![(k("rv-a"), KeyUpdate::Added)]
+    );
+
+    // Racing with routed enqueues.
+    let e = new_conn(&s).await;
+    let ke = format!("rv-e-{e}");
+    s.update_keys(&e, std::slice::from_ref(&ke), &[]).await.unwrap();
+    let revoked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (s, e, ke, revoked) = (s.clone(), e.clone(), ke.clone(), revoked.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut queued = 0u64;
+            for i in 0..100 {
+                let after = revoked.load(std::sync::atomic::Ordering::SeqCst);
+                let m = NewMessage {
+                    recipient_key: ke.clone(),
+                    ..msg(&e, &format!("{t}-{i}"), T0)
+                };
+                match s
+                    .enqueue_routed(vec![m], &EnqueueLimits::UNLIMITED)
+                    .await
+                    .unwrap()
+                    .remove(0)
+                {
+                    Ok(_) => {
+                        assert!(!after, "queued for a connection revoked before the call");
+                        queued += 1;
+                    }
+                    Err(StoreError::NoRoute) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            queued
+        }));
+    }
+    while s.queue_stats(&e, T0).await.unwrap().pending < 20 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(s.revoke_mediation(&e, T0).await.unwrap(), Some(vec![ke.clone()]));
+    revoked.store(true, std::sync::atomic::Ordering::SeqCst);
+    let at_revocation = s.queue_stats(&e, T0).await.unwrap().pending;
+    let mut answered_ok = 0;
+    for t in tasks {
+        answered_ok += t.await.unwrap();
+    }
+    let held = s.queue_stats(&e, T0).await.unwrap().pending;
+    assert_eq!(held, at_revocation, "nothing queued once the revocation returned");
+    assert_eq!(
+        held, answered_ok,
+        "every message queued was answered Ok, and only those"
+    );
+
+    // Durable.
+    drop(s);
+    let s = b.open().await;
+    assert_eq!(
+        s.get_connection(&c).await.unwrap().unwrap().mediation,
+        MediationState::Denied
+    );
+    assert_eq!(s.route("rv-b").await.unwrap(), None);
+    assert_eq!(s.route(&ke).await.unwrap(), None);
+}
+
 /// A peer key is claimed by one connection across every handle (node) of the store, even
 /// when two claim it at once.
 pub async fn peer_keys_are_unique_across_nodes(b: Arc<dyn Backend>) {

@@ -150,6 +150,10 @@ macro_rules! conformance {
                 backend::run(super::routing_keys).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn revoking_mediation_is_one_step() {
+                backend::run(super::revoking_mediation_is_one_step).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn enqueue_fifo() {
                 backend::run(super::enqueue_fifo).await
             }
@@ -208,6 +212,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn routed_enqueue_checks_the_route() {
                 backend::run(super::routed_enqueue_checks_the_route).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_denied_connection_takes_no_routed_message() {
+                backend::run(super::a_denied_connection_takes_no_routed_message).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_leases_of_many_connections() {

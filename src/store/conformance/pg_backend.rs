@@ -1,6 +1,7 @@
 //! The suite on PostgreSQL, each check in a database of its own (dropped afterwards), and
 //! PostgreSQL's own checks: a missing database is created, migrations (once, under concurrent
-//! opens; migration 4's repairs), and the plans of a lease and a pickup status.
+//! opens; migration 4's repairs; migration 11 on connections denied before it), and the plans
+//! of a lease and a pickup status.
 
 use super::*;
 
@@ -214,6 +215,84 @@ async fn migration_4_makes_keys_unique_and_recounts_queues() {
         .await
         .expect("drop test database");
     r.unwrap();
+}
+
+/// A store written before migration 11, where a revocation whose key removal failed left a
+/// denied connection holding its key (every forward to it was answered 2xx and never
+/// delivered): once migrated, routed messages to it are refused. A granted connection whose
+/// record merely reads like a denied one (its label, its extra data, a NUL) is not refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_11_refuses_connections_denied_before_it() {
+    let name = test_db_name();
+    let url = format!("{}/{name}", server_url());
+    admin()
+        .await
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
+    // Spawned: a failed assertion still drops the database below.
+    let r = tokio::spawn(async move {
+        let (c, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn_task);
+        c.batch_execute(
+            "CREATE TABLE mailroom_schema (version integer PRIMARY KEY, \
+             applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .unwrap();
+        for (v, sql) in super::super::postgres::MIGRATIONS.iter().filter(|(v, _)| *v <= 10) {
+            c.batch_execute(sql).await.unwrap();
+            c.execute("INSERT INTO mailroom_schema (version) VALUES ($1)", &[v])
+                .await
+                .unwrap();
+        }
+        let mut denied = conn("denied");
+        denied.mediation = MediationState::Denied;
+        denied.label = Some("a NUL: \0".into());
+        let mut lookalike = conn("lookalike");
+        lookalike.mediation = MediationState::Granted;
+        lookalike.label = Some("\"mediation\":\"Denied\" \0".into());
+        lookalike.extra = serde_json::json!({"mediation": "Denied", "x\"mediation": "Denied"});
+        for (i, c_) in [&denied, &lookalike].into_iter().enumerate() {
+            c.execute(
+                "INSERT INTO mailroom_connections (id, thread_id, written, data) VALUES ($1, NULL, $2, $3)",
+                &[&c_.id, &(i as i64), &serde_json::to_string(c_).unwrap()],
+            )
+            .await
+            .unwrap();
+            c.execute(
+                "INSERT INTO mailroom_routing_keys (key, conn_id) VALUES ($1, $2)",
+                &[&format!("rk-{}", c_.id), &c_.id],
+            )
+            .await
+            .unwrap();
+        }
+        let s = open_postgres(&url, 2).await.unwrap();
+        let r = s
+            .enqueue_routed(
+                vec![
+                    msg("denied", "to the denied", T0),
+                    msg("lookalike", "to the granted", T0),
+                ],
+                &EnqueueLimits::UNLIMITED,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(r[0], Err(StoreError::NoRoute)), "{:?}", r[0]);
+        assert!(r[1].is_ok(), "{:?}", r[1]);
+        assert_eq!(s.total_queued().await.unwrap(), 1);
+        // The revocation that failed then can be done again: it removes the key.
+        assert_eq!(
+            s.revoke_mediation("denied", T0).await.unwrap(),
+            Some(vec!["rk-denied".to_owned()])
+        );
+        assert_eq!(s.route("rk-denied").await.unwrap(), None);
+    })
+    .await;
+    drop_test_db(&name).await;
+    if let Err(e) = r {
+        std::panic::resume_unwind(e.into_panic());
+    }
 }
 
 /// A lease reads the connection's pending messages and its leases that ran out, never the

@@ -434,6 +434,108 @@ pub async fn routed_enqueue_checks_the_route(b: Arc<dyn Backend>) {
     assert_eq!(s.queue_stats(&d, T0).await.unwrap().pending, 1);
 }
 
+/// A connection whose mediation was revoked (`Denied`) takes no routed message, even while its
+/// routing keys are still registered (a forward that arrives between a revocation and the
+/// removal of the keys, or a revocation whose key removal failed): `enqueue_routed` answers
+/// `NoRoute`, as for a key nobody registered, and queues nothing; the sender is never told a
+/// message is queued that pickup will never hand out. Other connections of the batch are not
+/// affected, and what a connection's label or extra data say does not count: its mediation does.
+pub async fn a_denied_connection_takes_no_routed_message(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let (c, d) = (new_conn(&s).await, new_conn(&s).await);
+    let (kc, kd) = (format!("key-{}", new_id()), format!("key-{}", new_id()));
+    s.update_keys(&c, std::slice::from_ref(&kc), &[]).await.unwrap();
+    s.update_keys(&d, std::slice::from_ref(&kd), &[]).await.unwrap();
+    let rmsg = |conn: &str, key: &str, p: &str, dedup: u8| NewMessage {
+        recipient_key: key.to_owned(),
+        ..dmsg(conn, p, T0, dedup)
+    };
+    let lim = EnqueueLimits {
+        dedup_window_ms: 60_000,
+        ..EnqueueLimits::UNLIMITED
+    };
+    let r = s.enqueue_routed(vec![rmsg(&c, &kc, "before", 1)], &lim).await.unwrap();
+    assert!(r[0].is_ok(), "{:?}", r[0]);
+    // Looked up (and cached, on a node's stack) before the revocation.
+    assert_eq!(s.route(&kc).await.unwrap(), Some(c.clone()));
+
+    let deny = ConnectionPatch {
+        mediation: Some(MediationState::Denied),
+        updated_at_ms: T0,
+        ..ConnectionPatch::default()
+    };
+    assert!(s.update_connection(&c, &deny).await.unwrap().is_some());
+    assert_eq!(
+        s.keys_of(&c).await.unwrap(),
+        vec![kc.clone()],
+        "the key is still registered"
+    );
+    for _ in 0..2 {
+        let r = s
+            .enqueue_routed(
+                vec![
+                    rmsg(&c, &kc, "after", 2),
+                    rmsg(&d, &kd, "for d", 3),
+                    // A retry of what was queued before: the route is checked before dedup.
+                    rmsg(&c, &kc, "before", 1),
+                ],
+                &lim,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(r[0], Err(StoreError::NoRoute)), "{:?}", r[0]);
+        assert!(r[1].is_ok(), "{:?}", r[1]);
+        assert!(matches!(r[2], Err(StoreError::NoRoute)), "{:?}", r[2]);
+    }
+    // Before the limits too: a full queue answers NoRoute, not QueueFull.
+    let full = EnqueueLimits { max_messages: 1, ..lim };
+    let r = s.enqueue_routed(vec![rmsg(&c, &kc, "full", 4)], &full).await.unwrap();
+    assert!(matches!(r[0], Err(StoreError::NoRoute)), "{:?}", r[0]);
+    assert_eq!(
+        s.queue_stats(&c, T0).await.unwrap().pending,
+        1,
+        "nothing queued after the revocation"
+    );
+    assert_eq!(s.queue_stats(&d, T0).await.unwrap().pending, 1);
+
+    // What the connection's own fields say is not its mediation: a label and extra data that
+    // read `"mediation":"Denied"` (and hold a NUL, which PostgreSQL's JSON types refuse) on a
+    // granted connection are routed; the same connection denied is not.
+    let mut t = conn(&new_id());
+    t.mediation = MediationState::Granted;
+    t.label = Some("\"mediation\":\"Denied\" \0 \\\"mediation\":\"Denied\"".into());
+    t.extra = serde_json::json!({"mediation": "Denied", "nul": "\0", "x\"mediation": "Denied"});
+    s.put_connection(&t).await.unwrap();
+    let kt = format!("key-{}", new_id());
+    s.update_keys(&t.id, std::slice::from_ref(&kt), &[]).await.unwrap();
+    let r = s
+        .enqueue_routed(vec![rmsg(&t.id, &kt, "granted", 5)], &lim)
+        .await
+        .unwrap();
+    assert!(r[0].is_ok(), "{:?}", r[0]);
+    assert!(s.update_connection(&t.id, &deny).await.unwrap().is_some());
+    let r = s
+        .enqueue_routed(vec![rmsg(&t.id, &kt, "denied", 6)], &lim)
+        .await
+        .unwrap();
+    assert!(matches!(r[0], Err(StoreError::NoRoute)), "{:?}", r[0]);
+
+    // Durable: a reopened store (or another node) refuses it too.
+    drop(s);
+    let s = b.open().await;
+    let r = s
+        .enqueue_routed(
+            vec![rmsg(&c, &kc, "reopened", 7), rmsg(&t.id, &kt, "reopened", 8)],
+            &lim,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(r[0], Err(StoreError::NoRoute)), "{:?}", r[0]);
+    assert!(matches!(r[1], Err(StoreError::NoRoute)), "{:?}", r[1]);
+    assert_eq!(s.queue_stats(&c, T0).await.unwrap().pending, 1);
+    assert_eq!(s.queue_stats(&t.id, T0).await.unwrap().pending, 1);
+}
+
 /// Input no backend can hold (a NUL from the network, an oversized key) is refused for itself
 /// only: other messages of the same batch, and of concurrent callers, are queued.
 pub async fn unstorable_input_is_refused_alone(b: Arc<dyn Backend>) {

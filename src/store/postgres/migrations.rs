@@ -309,6 +309,119 @@ BEGIN
 END $$;
 "#,
     ),
+    (
+        11,
+        // A routed enqueue refuses a connection whose mediation the operator revoked (`Denied`)
+        // whatever keys it still holds (outcome 4, no route): a forward that landed between a
+        // revocation and the removal of the connection's keys, or after a removal that failed,
+        // was queued and answered 2xx, and pickup never hands it out.
+        //
+        // `mediation_denied` is derived from the stored record by PostgreSQL, so every writer
+        // keeps it right (older nodes too) and existing rows get it now. The record is read as
+        // text, not as JSON: a NUL in it (a label from the network, written `\u0000`) makes
+        // PostgreSQL's JSON types fail, which would fail the write or the whole batch. The
+        // record is serde_json's compact `Connection` (no whitespace, fields in declaration
+        // order), whose first `"mediation":"` is its own field: every field before it is a
+        // string, a number, null or an array of strings, and no JSON string holds `":"`
+        // unescaped (a `"` inside one is written `\"`), so nothing in them can look like it.
+        //
+        // `mailroom_enqueue` is replaced in place, with the same signature: older nodes and
+        // `mailroom_enqueue_leased` call it by name. Only its route check changes.
+        r#"
+ALTER TABLE mailroom_connections ADD COLUMN mediation_denied boolean
+    GENERATED ALWAYS AS (substr(data, strpos(data, '"mediation":"'), 20) = '"mediation":"Denied"') STORED;
+CREATE OR REPLACE FUNCTION mailroom_enqueue(
+    conns text[], locks int4[], m_conn int4[], m_key text[], m_payload bytea[], m_at int8[],
+    m_exp int8[], m_dedup bytea[], m_group int4[], m_window int8[], m_max_n int8[], m_max_b int8[],
+    m_routed boolean[],
+    OUT o_id int8[], OUT o_outcome int2[], OUT o_n int8[], OUT o_b int8[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    cnt int := coalesce(array_length(m_conn, 1), 0);
+    nc int := coalesce(array_length(conns, 1), 0);
+    cn int8[] := array_fill(0::int8, ARRAY[nc]);
+    cb int8[] := array_fill(0::int8, ARRAY[nc]);
+    d_id int8[] := array_fill(NULL::int8, ARRAY[cnt]);
+    d_at int8[] := array_fill(NULL::int8, ARRAY[cnt]);
+    g_last int4[] := array_fill(0, ARRAY[coalesce((SELECT max(g) FROM unnest(m_group) g), 0)]);
+    r record;
+    x int;
+    c int;
+    g int;
+    j int;
+    sz int8;
+BEGIN
+    o_id := array_fill(NULL::int8, ARRAY[cnt]);
+    o_outcome := array_fill(-1::int2, ARRAY[cnt]);
+    o_n := array_fill(NULL::int8, ARRAY[cnt]);
+    o_b := array_fill(NULL::int8, ARRAY[cnt]);
+    PERFORM pg_advisory_xact_lock(1835100524, k) FROM unnest(locks) k;
+    FOR r IN SELECT q.conn_id, q.n, q.bytes FROM mailroom_queue_counts q WHERE q.conn_id = ANY(conns) LOOP
+        j := array_position(conns, r.conn_id);
+        cn[j] := r.n;
+        cb[j] := r.bytes;
+    END LOOP;
+    FOR r IN SELECT u.i, d.msg_id, d.received_at_ms
+             FROM unnest(m_conn, m_dedup) WITH ORDINALITY u(c, k, i)
+             JOIN mailroom_dedup d ON d.conn_id = conns[u.c] AND d.key = u.k
+             WHERE u.k IS NOT NULL LOOP
+        d_id[r.i] := r.msg_id;
+        d_at[r.i] := r.received_at_ms;
+    END LOOP;
+    -- Read after the connections' locks (a revocation takes the same lock): a key removed, or
+    -- a mediation revoked, before them is seen.
+    FOR r IN SELECT u.i FROM unnest(m_conn, m_key, m_routed) WITH ORDINALITY u(c, k, rt, i)
+             WHERE u.rt AND (NOT EXISTS (SELECT 1 FROM mailroom_routing_keys rk
+                                         WHERE rk.key = u.k AND rk.conn_id = conns[u.c])
+                             OR EXISTS (SELECT 1 FROM mailroom_connections mc
+                                        WHERE mc.id = conns[u.c] AND mc.mediation_denied)) LOOP
+        o_outcome[r.i] := 4;
+    END LOOP;
+    FOR x IN 1..cnt LOOP
+        CONTINUE WHEN o_outcome[x] = 4;
+        c := m_conn[x];
+        g := m_group[x];
+        IF g > 0 AND m_window[x] > 0 THEN
+            j := g_last[g];
+            IF j > 0 THEN
+                IF m_at[j] >= m_at[x] - m_window[x] THEN
+                    o_outcome[x] := 2;
+                    o_id[x] := o_id[j];
+                    CONTINUE;
+                END IF;
+            ELSIF d_id[x] IS NOT NULL AND d_at[x] >= m_at[x] - m_window[x] THEN
+                o_outcome[x] := 1;
+                o_id[x] := d_id[x];
+                CONTINUE;
+            END IF;
+        END IF;
+        sz := length(m_payload[x]);
+        IF cn[c] >= m_max_n[x] OR sz > m_max_b[x] - cb[c] THEN
+            o_outcome[x] := 3;
+            o_n[x] := cn[c];
+            o_b[x] := cb[c];
+            CONTINUE;
+        END IF;
+        cn[c] := cn[c] + 1;
+        cb[c] := cb[c] + sz;
+        o_outcome[x] := 0;
+        o_id[x] := nextval('mailroom_message_ids');
+        IF g > 0 THEN
+            g_last[g] := x;
+        END IF;
+    END LOOP;
+    INSERT INTO mailroom_messages (id, conn_id, recipient_key, payload, size, received_at_ms, expires_at_ms)
+        SELECT o_id[u.i], conns[u.c], u.k, u.p, length(u.p), u.at, u.exp
+        FROM unnest(m_conn, m_key, m_payload, m_at, m_exp) WITH ORDINALITY u(c, k, p, at, exp, i)
+        WHERE o_outcome[u.i] = 0;
+    -- The latest queued copy of each (connection, dedup key).
+    INSERT INTO mailroom_dedup (conn_id, key, msg_id, received_at_ms)
+        SELECT conns[m_conn[l]], m_dedup[l], o_id[l], m_at[l] FROM unnest(g_last) l WHERE l > 0
+        ON CONFLICT (conn_id, key) DO UPDATE
+        SET msg_id = excluded.msg_id, received_at_ms = excluded.received_at_ms;
+END $$;
+"#,
+    ),
 ];
 
 /// Creates the database named in `cfg` through the `postgres` maintenance database, so a node
@@ -370,4 +483,53 @@ pub(super) async fn migrate(mut client: deadpool_postgres::Object) -> StoreResul
         }
     }
     tx.commit().await.map_err(pg_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::{Connection, MediationState};
+
+    /// Migration 11's `mediation_denied`, in Rust: the record's first `"mediation":"` reads
+    /// `"mediation":"Denied"`.
+    fn reads_denied(record: &str) -> bool {
+        record
+            .find("\"mediation\":\"")
+            .is_some_and(|i| record[i..].starts_with("\"mediation\":\"Denied\""))
+    }
+
+    /// The layout migration 11 relies on: in a stored connection (serde_json's compact
+    /// output), the first `"mediation":"` is the connection's own field, whatever its other
+    /// fields hold. Moving `extra` (or any field that can hold an object) before `mediation`
+    /// in [`Connection`] breaks it.
+    #[test]
+    fn the_first_mediation_in_a_connection_record_is_its_own() {
+        let lookalike = "\"mediation\":\"Denied\" \0 \\\"mediation\":\"Denied\"";
+        for m in [
+            MediationState::None,
+            MediationState::Requested,
+            MediationState::Granted,
+            MediationState::Denied,
+        ] {
+            let c = Connection {
+                id: lookalike.into(),
+                created_at_ms: 1,
+                updated_at_ms: 2,
+                state: lookalike.into(),
+                protocol: lookalike.into(),
+                label: Some(lookalike.into()),
+                our_verkey: lookalike.into(),
+                our_did: Some(lookalike.into()),
+                their_did: Some(lookalike.into()),
+                their_verkeys: vec![lookalike.into()],
+                their_endpoints: vec![lookalike.into()],
+                their_routing_keys: vec![lookalike.into()],
+                mediation: m,
+                invitation_id: Some(lookalike.into()),
+                thread_id: Some(lookalike.into()),
+                extra: serde_json::json!({"mediation": "Denied", "x\"mediation": "Denied", "y": lookalike}),
+            };
+            let record = serde_json::to_string(&c).unwrap();
+            assert_eq!(reads_denied(&record), m == MediationState::Denied, "{m:?}: {record}");
+        }
+    }
 }

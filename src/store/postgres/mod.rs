@@ -12,6 +12,10 @@
 //!   batches never deadlock) before checking limits and dedup and allocating ids: limits and
 //!   dedup hold across nodes, and ids of one connection grow in commit order.
 //! - `expire` skips rows locked by others (they go at the next call) and never waits on them.
+//! - `revoke_mediation` and `delete_connection` take the connection's enqueue lock, then its
+//!   row: an enqueue batch routed to it is decided wholly before or wholly after them. The
+//!   route check of a batch refuses a connection whose mediation is revoked (the generated
+//!   column `mediation_denied`, migration 11), whatever keys it still holds.
 //! - `ack`, `release`, `release_owner` lock their rows in id order; `update_keys` takes sorted
 //!   advisory locks on its keys first. Writers therefore never deadlock each other; a
 //!   single-statement write aborted anyway (deadlock victim, serialization failure) is retried.
@@ -23,9 +27,11 @@
 //!
 //! Write path: enqueues go through a channel to [`WRITER_TASKS`] writer tasks; each drains the
 //! waiting requests (at most [`MAX_BATCH_MESSAGES`]) into ONE statement, the server-side
-//! function `mailroom_enqueue` (migration 8) called outside an explicit transaction: it takes
-//! the connections' advisory locks, reads their counters and dedup records, checks the routes
-//! of `enqueue_routed` messages, decides each message in input order, inserts the accepted ones
+//! function `mailroom_enqueue` (migration 8, its route check extended by migration 11) called
+//! outside an explicit transaction: it takes the connections' advisory locks, reads their
+//! counters and dedup records, checks the routes of `enqueue_routed` messages (the key still
+//! registered by the connection, the connection's mediation not revoked), decides each message
+//! in input order, inserts the accepted ones
 //! (`unnest` arrays) and their dedup records; the counter trigger runs inside the same
 //! statement. One round trip and one commit per batch; every caller is answered after that
 //! commit, and a failed batch fails every caller in it.

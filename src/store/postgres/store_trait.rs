@@ -249,7 +249,8 @@ impl Store for PgStore {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg_err)?;
         // Share-lock the connection row: it cannot vanish while its keys change, and a
-        // revocation (`update_connection`, which locks the row for update) is seen or comes after.
+        // revocation (`revoke_mediation` or a patch, which lock the row for update) is seen or
+        // comes after.
         let Some(row) = tx
             .query_opt(
                 "SELECT data FROM mailroom_connections WHERE id = $1 FOR SHARE",
@@ -771,6 +772,28 @@ impl Store for PgStore {
         }
     }
 
+    async fn revoke_mediation(&self, id: &str, updated_at_ms: i64) -> StoreResult<Option<Vec<String>>> {
+        if !storable(id) {
+            return Ok(None);
+        }
+        let patch = ConnectionPatch {
+            mediation: Some(MediationState::Denied),
+            updated_at_ms,
+            ..ConnectionPatch::default()
+        };
+        let mut c = self.client().await?;
+        let mut tries = 1;
+        loop {
+            match PgStore::revoke_mediation_once(&mut c, id, &patch).await {
+                Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+                    tracing::warn!(error = %e, "postgres revoke_mediation retried");
+                    tries += 1;
+                }
+                r => return r.map_err(pg_err)?,
+            }
+        }
+    }
+
     async fn drop_queue(&self, conn: &str) -> StoreResult<u64> {
         if !storable(conn) {
             return Ok(0);
@@ -822,6 +845,54 @@ impl Store for PgStore {
 }
 
 impl PgStore {
+    /// One try of [`Store::revoke_mediation`]: the outer error is PostgreSQL's (transient ones
+    /// are tried again), the inner one the record's.
+    async fn revoke_mediation_once(
+        c: &mut deadpool_postgres::Object,
+        id: &str,
+        patch: &ConnectionPatch,
+    ) -> Result<StoreResult<Option<Vec<String>>>, tokio_postgres::Error> {
+        let tx = c.transaction().await?;
+        // The enqueue lock of the connection (`mailroom_enqueue` takes it before its route
+        // check): a batch routed to it commits before this, or decides after it and finds it
+        // denied and its keys gone.
+        tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(id)])
+            .await?;
+        // The row lock: key updates (which share-lock the row) wait, then find it denied.
+        let Some(row) = tx
+            .query_opt("SELECT data FROM mailroom_connections WHERE id = $1 FOR UPDATE", &[&id])
+            .await?
+        else {
+            return Ok(Ok(None));
+        };
+        let mut conn = match decode_conn(row.get(0)) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        };
+        patch.apply(&mut conn);
+        let data = match serde_json::to_string(&conn) {
+            Ok(d) => d,
+            Err(e) => return Ok(Err(json_err(e))),
+        };
+        tx.execute(
+            "UPDATE mailroom_connections SET data = $2, written = nextval('mailroom_connection_writes') WHERE id = $1",
+            &[&id, &data],
+        )
+        .await?;
+        let mut keys: Vec<String> = tx
+            .query(
+                "DELETE FROM mailroom_routing_keys WHERE conn_id = $1 RETURNING key",
+                &[&id],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        keys.sort_unstable();
+        tx.commit().await?;
+        Ok(Ok(Some(keys)))
+    }
+
     async fn delete_connection_once(
         c: &mut deadpool_postgres::Object,
         id: &str,

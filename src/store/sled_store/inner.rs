@@ -1,19 +1,19 @@
 //! The open database: its trees, the queue log, the in-memory index, and what one handle does
 //! on disk (open and rebuild, reads, removals). The batch write is in `writer.rs`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::index::{Meta, Queues};
 use super::queue_log::{Key, QueueLog};
 use super::records::{
-    decode_conn, decode_dedup_key, decode_dedup_record, decode_id, decode_msg, dedup_record, encode_id, KIND_DEDUP,
-    KIND_MSG,
+    decode_conn, decode_dedup_key, decode_dedup_record, decode_id, decode_mediation, decode_msg, dedup_record,
+    encode_id, KIND_DEDUP, KIND_MSG,
 };
 use super::{corrupt, unavailable, DEDUP_PRUNED_BEFORE_KEY, NEVER};
-use crate::store::{ConnId, Connection, MessageId, QueuedMessage, StoreError, StoreResult};
+use crate::store::{ConnId, Connection, MediationState, MessageId, QueuedMessage, StoreError, StoreResult};
 
 pub(super) struct Inner {
     pub(super) db: sled::Db,
@@ -41,6 +41,11 @@ pub(super) struct Inner {
     pub(super) push_windows: Mutex<HashMap<ConnId, (i64, Option<i64>)>>,
     /// Serialises connection and key writes (transactions then never conflict).
     pub(super) meta_lock: Mutex<()>,
+    /// Connections whose mediation is revoked ([`MediationState::Denied`]), as `conns` holds
+    /// them: the writer's route check refuses them without decoding a record per message.
+    /// Changed under `meta_lock` by every connection write, once `conns` holds it; rebuilt at
+    /// open.
+    pub(super) denied: RwLock<HashSet<ConnId>>,
     pub(super) queues: Mutex<Queues>,
     /// The last flush failed (disk full, I/O error): [`Store::health`] says so until a flush
     /// succeeds again, so `/ready` turns a load balancer away while writes cannot land.
@@ -80,6 +85,7 @@ impl Inner {
             push_windows: Mutex::new(HashMap::new()),
             db,
             meta_lock: Mutex::new(()),
+            denied: RwLock::new(HashSet::new()),
             queues: Mutex::new(Queues::default()),
             write_failed: std::sync::atomic::AtomicBool::new(false),
             batch_lock: Mutex::new(()),
@@ -87,7 +93,39 @@ impl Inner {
         inner.fold_verkey_index()?;
         inner.migrate_trees()?;
         inner.rebuild_index()?;
+        inner.load_denied()?;
         Ok(inner)
+    }
+
+    /// Reads which connections are denied (one pass over the connections, their mediation
+    /// only). A record that cannot be read is left out, with a warning: it routes as before.
+    fn load_denied(&self) -> StoreResult<()> {
+        let mut denied = HashSet::new();
+        for kv in self.conns.iter() {
+            let (k, v) = kv.map_err(unavailable)?;
+            let id = String::from_utf8_lossy(&k);
+            match decode_mediation(&v) {
+                Ok(MediationState::Denied) => {
+                    denied.insert(id.into_owned());
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(connection = %id, error = %e, "sled: unreadable connection record"),
+            }
+        }
+        *self.denied.write() = denied;
+        Ok(())
+    }
+
+    /// Records the mediation state `conns` now holds for `id` (its writer holds `meta_lock`).
+    pub(super) fn note_mediation(&self, id: &str, mediation: Option<MediationState>) {
+        let mut denied = self.denied.write();
+        if mediation == Some(MediationState::Denied) {
+            if !denied.contains(id) {
+                denied.insert(id.to_owned());
+            }
+        } else {
+            denied.remove(id);
+        }
     }
 
     /// Moves the queued messages and dedup records of a store written before the queue log

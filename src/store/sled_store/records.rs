@@ -4,7 +4,7 @@ use sled::transaction::TransactionError;
 
 use super::queue_log::Body;
 use super::{corrupt, unavailable, MSG_FORMAT_V1, MSG_FORMAT_V2};
-use crate::store::{Connection, MessageId, NewMessage, StoreError, StoreResult};
+use crate::store::{Connection, MediationState, MessageId, NewMessage, StoreError, StoreResult};
 
 pub(super) fn encode_id(id: MessageId) -> [u8; 8] {
     (id as u64).to_be_bytes()
@@ -203,6 +203,18 @@ pub(super) fn conn_prefix(conn: &str) -> Vec<u8> {
 
 pub(super) fn decode_conn(v: &[u8]) -> StoreResult<Connection> {
     serde_json::from_slice(v).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))
+}
+
+/// The mediation state of a stored connection, without decoding the rest of it.
+pub(super) fn decode_mediation(v: &[u8]) -> StoreResult<MediationState> {
+    #[derive(serde::Deserialize)]
+    struct Mediation {
+        #[serde(default)]
+        mediation: MediationState,
+    }
+    serde_json::from_slice::<Mediation>(v)
+        .map(|m| m.mediation)
+        .map_err(|e| StoreError::Corrupt(format!("connection: {e}")))
 }
 
 pub(super) fn tx_err(e: TransactionError<StoreError>) -> StoreError {

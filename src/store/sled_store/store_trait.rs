@@ -98,6 +98,7 @@ impl Store for SledStore {
                     Ok::<_, ConflictableTransactionError<StoreError>>(())
                 })
                 .map_err(tx_err)?;
+            inner.note_mediation(&c.id, Some(c.mediation));
             inner.flush()
         })
         .await
@@ -156,6 +157,7 @@ impl Store for SledStore {
             patch.apply(&mut c);
             let bytes = serde_json::to_vec(&c).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
             inner.conns.insert(id.as_bytes(), bytes).map_err(unavailable)?;
+            inner.note_mediation(&id, Some(c.mediation));
             inner.flush()?;
             Ok(Some(c))
         })
@@ -237,7 +239,8 @@ impl Store for SledStore {
             let Some(c) = inner.get_conn(&conn)? else {
                 return Err(StoreError::NotFound);
             };
-            // Under the lock `update_connection` takes: a revocation is seen or comes after.
+            // Under the lock `update_connection` and `revoke_mediation` take: a revocation is
+            // seen or comes after.
             let revoked = c.mediation == MediationState::Denied;
             let cid = conn.as_bytes();
             let out = (&inner.keys, &inner.conn_keys)
@@ -817,6 +820,7 @@ impl Store for SledStore {
                     Ok::<_, ConflictableTransactionError<StoreError>>(())
                 })
                 .map_err(tx_err)?;
+            inner.note_mediation(&id, None);
             let (messages, dedup_records) = inner.remove_queue(&id, true)?;
             inner.push_windows.lock().remove(&id);
             inner.flush()?;
@@ -828,6 +832,53 @@ impl Store for SledStore {
                 dedup_records,
                 device: had_device,
             })
+        })
+        .await
+    }
+
+    async fn revoke_mediation(&self, id: &str, updated_at_ms: i64) -> StoreResult<Option<Vec<String>>> {
+        if !storable(id) {
+            return Ok(None);
+        }
+        let id = id.to_owned();
+        let patch = ConnectionPatch {
+            mediation: Some(MediationState::Denied),
+            updated_at_ms,
+            ..ConnectionPatch::default()
+        };
+        self.blocking(move |inner| {
+            // Lock order: batch (enqueues) then meta (connection and key writes). A batch is
+            // decided and answered wholly before this, or after it (and finds it denied).
+            let _b = inner.batch_lock.lock();
+            let _g = inner.meta_lock.lock();
+            let Some(mut c) = inner.get_conn(&id)? else {
+                return Ok(None);
+            };
+            patch.apply(&mut c);
+            let bytes = serde_json::to_vec(&c).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
+            let prefix = conn_prefix(&id);
+            let mut keys = Vec::new();
+            for kv in inner.conn_keys.scan_prefix(&prefix) {
+                let (k, _) = kv.map_err(unavailable)?;
+                let key = std::str::from_utf8(&k[prefix.len()..]).map_err(|_| corrupt("key"))?;
+                keys.push(key.to_owned());
+            }
+            (&inner.conns, &inner.keys, &inner.conn_keys)
+                .transaction(|(conns, rkeys, conn_keys)| {
+                    for k in &keys {
+                        // Only while it still names this connection (it always does under meta_lock).
+                        if rkeys.get(k.as_bytes())?.is_some_and(|h| h.as_ref() == id.as_bytes()) {
+                            rkeys.remove(k.as_bytes())?;
+                        }
+                        conn_keys.remove(conn_key_entry(&id, k))?;
+                    }
+                    conns.insert(id.as_bytes(), bytes.as_slice())?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(tx_err)?;
+            inner.note_mediation(&id, Some(c.mediation));
+            inner.flush()?;
+            Ok(Some(keys))
         })
         .await
     }

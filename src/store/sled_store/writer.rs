@@ -32,7 +32,10 @@ impl Inner {
             /// Duplicate of a message accepted earlier in this batch.
             DupOfNew(usize),
         }
-        // 0. Routes asked for, read before the index lock (sled serves them from memory).
+        // 0. Routes asked for, read before the index lock (sled serves them from memory): the
+        // key is still the connection's, and its mediation is not revoked (a revocation holds
+        // `batch_lock`: it lands wholly before or after this batch).
+        let denied = self.denied.read();
         let routes_gone: Vec<Vec<bool>> = batch
             .iter()
             .map(|req| {
@@ -40,12 +43,14 @@ impl Inner {
                     .iter()
                     .map(|m| {
                         req.routed
-                            && !matches!(self.keys.get(m.recipient_key.as_bytes()),
+                            && (!matches!(self.keys.get(m.recipient_key.as_bytes()),
                                 Ok(Some(holder)) if holder.as_ref() == m.connection.as_bytes())
+                                || (!denied.is_empty() && denied.contains(m.connection.as_str())))
                     })
                     .collect()
             })
             .collect();
+        drop(denied);
         // 1. Decide under the index lock (memory only), counting the batch's own additions.
         let mut slots: Vec<Vec<Slot>> = Vec::with_capacity(batch.len());
         let mut accepted: Vec<&NewMessage> = Vec::new();
