@@ -434,7 +434,8 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts or replaces a connection and maintains its indexes (their verkeys, thread id).
     /// Refused with [`StoreError::KeyTaken`] (nothing written) when one of `their_verkeys` is
     /// held by another connection: a peer key names one connection, atomically across every
-    /// node sharing the store.
+    /// node sharing the store. A stored connection whose mediation is `Denied` stays denied
+    /// whatever `c` says (a revocation is final, also against a record read before it).
     async fn put_connection(&self, c: &Connection) -> StoreResult<()>;
     async fn get_connection(&self, id: &str) -> StoreResult<Option<Connection>>;
     /// Records an invitation the admin API issued.

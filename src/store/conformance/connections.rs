@@ -384,6 +384,19 @@ pub async fn revoking_mediation_is_one_step(b: Arc<dyn Backend>) {
         s.update_connection(&c, &regrant).await.unwrap().unwrap().mediation,
         MediationState::Denied
     );
+    // Nor a whole record read before the revocation and written back after it (a v2 DID
+    // rotation): it is written, still denied.
+    let mut stale = s.get_connection(&c).await.unwrap().unwrap();
+    stale.mediation = MediationState::Granted;
+    stale.label = Some("rotated".into());
+    s.put_connection(&stale).await.unwrap();
+    let back = s.get_connection(&c).await.unwrap().unwrap();
+    assert_eq!(back.label.as_deref(), Some("rotated"));
+    assert_eq!(
+        back.mediation,
+        MediationState::Denied,
+        "put_connection undid a revocation"
+    );
     // Idempotent; and it removes what a connection denied some other way still holds.
     assert_eq!(s.revoke_mediation(&c, T0 + 7).await.unwrap(), Some(vec![]));
     let d = new_conn(&s).await;

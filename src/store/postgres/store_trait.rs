@@ -44,9 +44,26 @@ impl Store for PgStore {
 
     async fn put_connection(&self, conn: &Connection) -> StoreResult<()> {
         check_connection(conn)?;
-        let data = serde_json::to_string(conn).map_err(json_err)?;
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg_err)?;
+        // A revocation is final: a record read before it (a DID rotation) written back after
+        // it stays denied. The row lock orders this write with `revoke_mediation`'s.
+        let denied = tx
+            .query_opt(
+                "SELECT mediation_denied FROM mailroom_connections WHERE id = $1 FOR UPDATE",
+                &[&conn.id],
+            )
+            .await
+            .map_err(pg_err)?
+            .is_some_and(|r| r.get::<_, bool>(0));
+        let data = if denied && conn.mediation != MediationState::Denied {
+            let mut kept = conn.clone();
+            kept.mediation = MediationState::Denied;
+            serde_json::to_string(&kept)
+        } else {
+            serde_json::to_string(conn)
+        }
+        .map_err(json_err)?;
         let upsert = tx
             .prepare_cached(
                 "INSERT INTO mailroom_connections (id, thread_id, written, data) \

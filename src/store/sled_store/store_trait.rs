@@ -61,9 +61,8 @@ impl Store for SledStore {
 
     async fn put_connection(&self, c: &Connection) -> StoreResult<()> {
         check_connection(c)?;
-        let c = c.clone();
+        let mut c = c.clone();
         self.blocking(move |inner| {
-            let bytes = serde_json::to_vec(&c).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
             let _g = inner.meta_lock.lock();
             // Every connection write holds meta_lock: the check and the write are one step.
             for k in &c.their_verkeys {
@@ -76,6 +75,12 @@ impl Store for SledStore {
                 }
             }
             let old = inner.get_conn(&c.id)?;
+            // A revocation is final: a record read before it (a DID rotation) written back
+            // after it stays denied.
+            if old.as_ref().is_some_and(|o| o.mediation == MediationState::Denied) {
+                c.mediation = MediationState::Denied;
+            }
+            let bytes = serde_json::to_vec(&c).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
             let seq = inner.db.generate_id().map_err(unavailable)?.to_be_bytes();
             let id = c.id.as_bytes();
             (&inner.conns, &inner.by_verkey, &inner.by_thread)
