@@ -42,6 +42,11 @@ pub mod bounds {
     /// `store.pool_size`: PostgreSQL itself allows 100 connections by default; the pool
     /// allocates its slots up front.
     pub const POOL_SIZE: usize = 1000;
+    /// `store.statement_timeout_ms`, lowest: below a second an ordinary commit under load
+    /// would be refused (and the server's lock timeout, half of it, would end ordinary waits).
+    pub const STATEMENT_TIMEOUT_MS_MIN: u64 = 1000;
+    /// `store.statement_timeout_ms`, highest: ten minutes (the bound of a forward's answer).
+    pub const STATEMENT_TIMEOUT_MS: u64 = 600 * 1000;
     /// `limits.max_envelope_bytes` and `max_ws_frame_bytes`: 1 GiB, PostgreSQL's largest
     /// `bytea` (a bigger message could be accepted and never stored).
     pub const MESSAGE_BYTES: usize = 1 << 30;
@@ -149,6 +154,13 @@ pub struct StoreSection {
     /// PostgreSQL pool size per node (at most [`bounds::POOL_SIZE`]).
     #[serde(default = "default_pool")]
     pub pool_size: usize,
+    /// PostgreSQL: the longest a call waits for a pooled connection and its statements'
+    /// answers before it fails (503) and closes a connection left waiting, milliseconds
+    /// ([`bounds::STATEMENT_TIMEOUT_MS_MIN`] to [`bounds::STATEMENT_TIMEOUT_MS`]). The server
+    /// ends the sessions' lock waits at half of it and their transactions idle for three
+    /// times it (a node that froze or lost its link in one).
+    #[serde(default = "default_statement_timeout")]
+    pub statement_timeout_ms: u64,
     /// sled page cache, MiB (sled's own default, 1 GiB, lets a node's memory grow towards it).
     #[serde(default = "default_sled_cache_mib")]
     pub sled_cache_mib: u64,
@@ -320,6 +332,9 @@ fn default_sled_path() -> PathBuf {
 fn default_pool() -> usize {
     16
 }
+fn default_statement_timeout() -> u64 {
+    10_000
+}
 fn default_strategy() -> Strategy {
     Strategy::QueueAndLiveModeDelivery
 }
@@ -407,6 +422,13 @@ default_from_serde!(
 /// below, and a config built in code (tests) cannot wrap it negative.
 fn secs_to_ms(secs: u64) -> i64 {
     i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+}
+
+impl StoreSection {
+    /// `statement_timeout_ms` as a duration.
+    pub fn statement_timeout(&self) -> Duration {
+        Duration::from_millis(self.statement_timeout_ms)
+    }
 }
 
 impl Limits {
@@ -655,6 +677,14 @@ impl Config {
         }
         if self.store.pool_size == 0 || self.store.pool_size > bounds::POOL_SIZE {
             return bad(format!("store.pool_size must be 1..={}", bounds::POOL_SIZE));
+        }
+        if !(bounds::STATEMENT_TIMEOUT_MS_MIN..=bounds::STATEMENT_TIMEOUT_MS).contains(&self.store.statement_timeout_ms)
+        {
+            return bad(format!(
+                "store.statement_timeout_ms must be {}..={} (how long a call waits for PostgreSQL)",
+                bounds::STATEMENT_TIMEOUT_MS_MIN,
+                bounds::STATEMENT_TIMEOUT_MS
+            ));
         }
         if self.store.sled_cache_mib == 0 || self.store.sled_cache_mib > 1 << 20 {
             return bad("store.sled_cache_mib must be 1..=1048576".into());
@@ -1025,6 +1055,11 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.store.backend, "sled");
         assert_eq!(c.store.path, PathBuf::from("./mailroom-data"));
+        assert_eq!(c.store.statement_timeout_ms, 10_000);
+        assert_eq!(
+            c.store.statement_timeout(),
+            crate::store::postgres::DEFAULT_STATEMENT_TIMEOUT
+        );
         assert_eq!(c.nodes[0].listen, "127.0.0.1:8080");
         assert_eq!(c.nodes[0].admin, "127.0.0.1:8081");
         assert_eq!(c.limits.max_envelope_bytes, 4 << 20);
@@ -1123,6 +1158,12 @@ mod tests {
             ("[limits]\nmax_envelope_bytes = 1073741825\n", "limits.max_envelope_bytes and limits.max_ws_frame_bytes must be at most 1073741824"),
             ("[limits]\nmax_ws_frame_bytes = 9223372036854775807\n", "must be at most 1073741824"),
             ("[store]\npool_size = 9223372036854775807\n", "store.pool_size must be 1..=1000"),
+            ("[store]\nstatement_timeout_ms = 0\n", "store.statement_timeout_ms must be 1000..=600000"),
+            ("[store]\nstatement_timeout_ms = 999\n", "store.statement_timeout_ms must be 1000..=600000"),
+            ("[store]\nstatement_timeout_ms = 600001\n", "store.statement_timeout_ms must be 1000..=600000"),
+            ("[store]\nstatement_timeout_ms = 9223372036854775807\n", "store.statement_timeout_ms must be 1000..=600000"),
+            ("[store]\nbackend='postgres'\nurl='postgres://db/m?keepalives_idle=soon'\n", "store.url: keepalives_idle must be a whole number of seconds"),
+            ("[store]\nbackend='postgres'\nurl='postgres://u:hunter2@db/m?tcp_user_timeout=-5'\n", "store.url: tcp_user_timeout must be a whole number of milliseconds"),
             ("[cluster]\nheartbeat_ms = 60001\nfailure_timeout_ms = 120000\n", "cluster.heartbeat_ms must be 1..=60000"),
             ("[cluster]\nfailure_timeout_ms = 9223372036854775807\n", "cluster.failure_timeout_ms must be at most 3600000"),
             ("[cluster]\nmax_frame_bytes = 10\n", "cluster.max_frame_bytes must be 1024..=8388608"),
@@ -1151,13 +1192,16 @@ mod tests {
         // The bounds themselves are accepted.
         let at_bounds = "[limits]\nmessage_ttl_secs = 315360000\ndedup_window_secs = 86400\nmax_envelope_bytes = 1073741824\n\
              [delivery]\nlease_ms = 86400000\nsweep_interval_ms = 3600000\nendpoint_timeout_ms = 600000\n\
-             [store]\npool_size = 1000\n\
+             [store]\npool_size = 1000\nstatement_timeout_ms = 600000\n\
              [cluster]\nsecret = 'at-least-8'\nheartbeat_ms = 60000\nfailure_timeout_ms = 3600000\nmax_frame_bytes = 8388608\npeer_queue = 1048576\n";
         let c = Config::parse(&format!("{at_bounds}{CLUSTER_NODE}")).unwrap();
         c.cluster_config("n1").unwrap().validate().unwrap();
         assert_eq!(c.limits.message_ttl_ms(), 315_360_000_000);
         assert_eq!(c.limits.dedup_window_ms(), 86_400_000);
         assert_eq!(c.delivery.lease_ms_i64(), 86_400_000);
+        assert_eq!(c.store.statement_timeout(), Duration::from_secs(600));
+        let low = Config::parse(&format!("[store]\nstatement_timeout_ms = 1000\n{NODE}")).unwrap();
+        assert_eq!(low.store.statement_timeout(), Duration::from_secs(1));
     }
 
     /// A config built in code skips validation: the conversions saturate instead of wrapping.

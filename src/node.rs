@@ -176,7 +176,7 @@ pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match cfg.store.backend.as_str() {
         "postgres" => {
             let url = cfg.store.url.as_deref().context("store.url is required for postgres")?;
-            Ok(store::open_postgres(url, cfg.store.pool_size).await?)
+            Ok(store::open_postgres_with(url, cfg.store.pool_size, cfg.store.statement_timeout()).await?)
         }
         _ => Ok(store::open_sled_with_cache(&cfg.store.path, cfg.store.sled_cache_mib << 20).await?),
     }

@@ -5,8 +5,10 @@
 //! without a restart, and every forward that was answered 2xx reaches its wallet.
 //!
 //! The outage is local to the test: the node talks to PostgreSQL through a TCP proxy the test
-//! cuts and restores (the shared server on 127.0.0.1:5432 keeps running for other tests); the
-//! sled node writes to a small tmpfs the test fills. sled 0.34 latches an I/O error until the
+//! cuts and restores, or makes silent (every byte swallowed, no connection closed: a partition
+//! behind a NAT, a frozen database host) and then lets speak again (the shared server on
+//! 127.0.0.1:5432 keeps running for other tests); the sled node writes to a small tmpfs the
+//! test fills. sled 0.34 latches an I/O error until the
 //! database is reopened: the sled store reopens it in place once space returns.
 
 mod common;
@@ -55,6 +57,16 @@ async fn ready_status(n: &RunningNode) -> u16 {
     get_status(&format!("{}/ready", n.admin_url()), None).await.0
 }
 
+/// `/ready`'s status, which must come within `bound`.
+async fn ready_status_within(n: &RunningNode, bound: Duration) -> u16 {
+    let client = awc::Client::builder().timeout(Duration::from_secs(600)).finish();
+    let res = tokio::time::timeout(bound, client.get(format!("{}/ready", n.admin_url())).send())
+        .await
+        .unwrap_or_else(|_| panic!("/ready did not answer within {bound:?}"))
+        .expect("GET /ready");
+    res.status().as_u16()
+}
+
 /// Reads deliveries from the live socket, acknowledging each, until every text in `want` was
 /// seen. Returns every text seen (duplicates are allowed by at-least-once; losses are not).
 async fn drain_until(a: &Agent, ws: &mut WsClient, want: &BTreeSet<String>, seen: &mut BTreeSet<String>) {
@@ -89,7 +101,8 @@ async fn drain_until(a: &Agent, ws: &mut WsClient, want: &BTreeSet<String>, seen
 /// Under a stream of forwards to a live wallet: cut the store, check the refusals (only 503,
 /// `/ready` 503), restore it. With `in_place` the node must recover by itself (`/ready` 200,
 /// forwards accepted again, the socket opened before the outage receives everything accepted).
-/// Returns the texts answered 202 and the still-open socket.
+/// With `bound`, a forward sent once the store is cut and `/ready` must each be answered 503
+/// within it. Returns the texts answered 202 and the still-open socket.
 async fn outage_under_stream(
     n: &RunningNode,
     a: &Agent,
@@ -97,13 +110,14 @@ async fn outage_under_stream(
     cut: impl Fn(),
     restore: impl Fn(),
     in_place: bool,
+    bound: Option<Duration>,
 ) -> (BTreeSet<String>, WsClient) {
     let routing = a.grant.clone().unwrap().routing_keys;
     let mut ws = live_socket(a, n).await;
     assert_eq!(ready_status(n).await, 200);
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (answers, task) = stream_forwards(n.public_url(), k.verkey(), routing, "m", stop.clone());
+    let (answers, task) = stream_forwards(n.public_url(), k.verkey(), routing.clone(), "m", stop.clone());
     let count = |pred: fn(u16) -> bool| answers.lock().unwrap().values().filter(|s| pred(**s)).count();
 
     eventually("forwards accepted before the outage", || async {
@@ -111,6 +125,19 @@ async fn outage_under_stream(
     })
     .await;
     cut();
+    if let Some(bound) = bound {
+        let started = std::time::Instant::now();
+        let (sender, url, probe, to) = (Sender::new(), n.public_url(), basic_message("probe"), k.verkey());
+        let st = tokio::time::timeout(bound, sender.forward(&url, &probe, &to, &routing))
+            .await
+            .unwrap_or_else(|_| panic!("a forward during the outage got no answer within {bound:?}"))
+            .expect("an HTTP answer");
+        assert_eq!(st, 503, "a forward during the outage");
+        eprintln!("a forward during the outage: 503 after {:?}", started.elapsed());
+        let started = std::time::Instant::now();
+        assert_eq!(ready_status_within(n, bound).await, 503);
+        eprintln!("/ready during the outage: 503 after {:?}", started.elapsed());
+    }
     eventually("/ready says not ready", || async {
         (ready_status(n).await == 503).then_some(())
     })
@@ -185,6 +212,10 @@ struct PgNode {
 
 impl PgNode {
     async fn start() -> PgNode {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(edit: impl FnOnce(&mut mailroom::config::Config)) -> PgNode {
         let db = FreshDb::create().await;
         // On the background runtime: node::spawn blocks this thread while the node opens its store.
         let proxy = common::cluster::background_runtime()
@@ -196,6 +227,7 @@ impl PgNode {
             c.store.backend = "postgres".into();
             c.store.url = Some(url);
             c.store.pool_size = 4;
+            edit(c);
         })
         .await;
         PgNode {
@@ -212,7 +244,29 @@ impl PgNode {
 #[actix_rt::test]
 async fn postgres_outage_refuses_with_503_and_recovers_without_restart() {
     let p = PgNode::start().await;
-    let (_, ws) = outage_under_stream(&p.n, &p.a, &p.k, || p.proxy.cut(), || p.proxy.restore(), true).await;
+    let (_, ws) = outage_under_stream(&p.n, &p.a, &p.k, || p.proxy.cut(), || p.proxy.restore(), true, None).await;
+    ws.close().await;
+}
+
+/// The link to PostgreSQL goes silent (no connection closed, no byte answered): with
+/// `store.statement_timeout_ms` at 1 s a forward is refused with 503 and `/ready` answers 503
+/// within seconds, not when the kernel gives up on the socket (~15 minutes with data in
+/// flight, 2 hours idle; behind this proxy, never); once the link speaks again the node
+/// recovers without a restart and every forward answered 202 reaches the wallet. Before the
+/// bound, the first forward after the silence waited for as long as it lasted.
+#[actix_rt::test]
+async fn a_silent_postgres_link_is_refused_with_503_within_the_statement_timeout_and_recovers() {
+    let p = PgNode::start_with(|c| c.store.statement_timeout_ms = 1000).await;
+    let (_, ws) = outage_under_stream(
+        &p.n,
+        &p.a,
+        &p.k,
+        || p.proxy.go_silent(),
+        || p.proxy.speak_again(),
+        true,
+        Some(Duration::from_secs(10)),
+    )
+    .await;
     ws.close().await;
 }
 
@@ -333,6 +387,7 @@ async fn sled_disk_full_refuses_with_503_and_recovers_without_restart() {
         || fill(&filler),
         move || std::fs::remove_file(&f2).unwrap(),
         true,
+        None,
     )
     .await;
     // sled 0.34 latches an I/O error until the database is reopened: the store reopened it in

@@ -648,3 +648,15 @@ pub async fn open_sled_with_cache(path: &std::path::Path, cache_bytes: u64) -> S
 pub async fn open_postgres(url: &str, pool_size: usize) -> StoreResult<std::sync::Arc<dyn Store>> {
     Ok(std::sync::Arc::new(PgStore::open(url, pool_size).await?))
 }
+
+/// As [`open_postgres`], every call waiting at most `statement_timeout` for PostgreSQL
+/// (`store.statement_timeout_ms`; see [`PgStore::open_with`]).
+pub async fn open_postgres_with(
+    url: &str,
+    pool_size: usize,
+    statement_timeout: std::time::Duration,
+) -> StoreResult<std::sync::Arc<dyn Store>> {
+    Ok(std::sync::Arc::new(
+        PgStore::open_with(url, pool_size, statement_timeout).await?,
+    ))
+}

@@ -326,6 +326,20 @@ impl Proxy {
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
     }
+
+    /// Swallows every byte both ways, on the open links and on new ones, and closes none: the
+    /// link goes silent, as behind a partition whose NAT or firewall dropped its state, or to
+    /// a frozen host (nothing the kernel notices for minutes, here never).
+    pub fn go_silent(&self) {
+        self.swallow_to_target.store(true, Ordering::SeqCst);
+        self.swallow_to_dialer.store(true, Ordering::SeqCst);
+    }
+
+    /// Forwards bytes again (those swallowed meanwhile are lost).
+    pub fn speak_again(&self) {
+        self.swallow_to_target.store(false, Ordering::SeqCst);
+        self.swallow_to_dialer.store(false, Ordering::SeqCst);
+    }
 }
 
 /// A port on 127.0.0.1 for a `mailroom` child's config, held until [`NodeProcess::spawn`]

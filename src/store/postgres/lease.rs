@@ -1,9 +1,8 @@
 //! The live path's leases: one task that leases for every waiting session in one statement.
 
-use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{is_transient, pg_err, pool_err, STATEMENT_TRIES};
+use super::{BoundedPool, STATEMENT_TRIES};
 use crate::store::{QueuedMessage, StoreError, StoreResult};
 
 pub(super) struct LeaseReq {
@@ -21,7 +20,7 @@ pub(super) struct LeaseReq {
 /// waiting for its WAL flush: leases are hints (a lease lost in a crash makes its message
 /// pending again, delivered again: at-least-once, never a loss), so live delivery to many
 /// wallets costs neither a statement nor a flush per wallet.
-pub(super) async fn lease_task(pool: Pool, mut rx: mpsc::Receiver<LeaseReq>) {
+pub(super) async fn lease_task(pool: BoundedPool, mut rx: mpsc::Receiver<LeaseReq>) {
     let mut waiting: std::collections::VecDeque<LeaseReq> = std::collections::VecDeque::new();
     loop {
         if waiting.is_empty() {
@@ -112,9 +111,11 @@ pub(crate) const LEASE_SQL: &str =
              FROM picked WHERE m.id = picked.id \
              RETURNING picked.i, m.id, m.conn_id, m.recipient_key, m.payload, m.received_at_ms, m.attempts";
 
-async fn lease_batch(pool: &Pool, batch: &[LeaseReq]) -> StoreResult<Vec<Vec<QueuedMessage>>> {
-    let c = pool.get().await.map_err(pool_err)?;
-    let q = c.prepare_cached(LEASE_SQL).await.map_err(pg_err)?;
+/// One statement for `batch`, within the statement timeout (a lease batch on a silent link
+/// fails, and the sessions waiting on it try again later, rather than hold their leases up).
+async fn lease_batch(pool: &BoundedPool, batch: &[LeaseReq]) -> StoreResult<Vec<Vec<QueuedMessage>>> {
+    let c = pool.get().await?;
+    let q = c.run(c.prepare_cached(LEASE_SQL)).await?;
     let conns: Vec<&str> = batch.iter().map(|r| r.conn.as_str()).collect();
     let keys: Vec<Option<&str>> = batch.iter().map(|r| r.key.as_deref()).collect();
     let lims: Vec<i64> = batch.iter().map(|r| r.max).collect();
@@ -123,13 +124,16 @@ async fn lease_batch(pool: &Pool, batch: &[LeaseReq]) -> StoreResult<Vec<Vec<Que
     let owners: Vec<&str> = batch.iter().map(|r| r.owner.as_str()).collect();
     let mut tries = 1;
     let rows = loop {
-        match c.query(&q, &[&conns, &keys, &lims, &nows, &untils, &owners]).await {
+        match c
+            .run(c.query(&q, &[&conns, &keys, &lims, &nows, &untils, &owners]))
+            .await
+        {
             Ok(rows) => break rows,
-            Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+            Err(e) if tries < STATEMENT_TRIES && e.is_transient() => {
                 tracing::warn!(error = %e, "postgres lease batch retried");
                 tries += 1;
             }
-            Err(e) => return Err(pg_err(e)),
+            Err(e) => return Err(e.into()),
         }
     };
     let mut out: Vec<Vec<QueuedMessage>> = batch.iter().map(|_| Vec::new()).collect();

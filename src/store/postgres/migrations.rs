@@ -460,6 +460,10 @@ pub(super) async fn create_database(cfg: &tokio_postgres::Config, tls: super::tl
 
 pub(super) async fn migrate(mut client: deadpool_postgres::Object) -> StoreResult<()> {
     let tx = client.transaction().await.map_err(pg_err)?;
+    // Another node applying a migration holds the lock (and a migration's DDL waits on
+    // writers) for as long as it takes: the session's `lock_timeout` (`link.rs`) is not for
+    // that wait.
+    tx.batch_execute("SET LOCAL lock_timeout = 0").await.map_err(pg_err)?;
     tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &MIGRATION_LOCK])
         .await
         .map_err(pg_err)?;

@@ -25,6 +25,15 @@
 //! Every connection (the pool's, the maintenance one) goes through one TLS connector built
 //! from the URL's `sslmode` and `sslrootcert`, with libpq's meaning (`tls.rs`).
 //!
+//! Bounds (`store.statement_timeout_ms`, 10 s by default): every call waits at most that long
+//! for a pooled connection and its statements' answers, then fails with `Unavailable` and
+//! closes a connection left waiting (`bounded.rs`); the server ends a lock wait at half of it
+//! and a transaction idle for three times it (a node that froze or lost its link in one);
+//! keepalives and `TCP_USER_TIMEOUT` close a socket whose peer stopped acknowledging within
+//! 30 s (`link.rs`). An enqueue batch whose wait for a connection's lock ends is tried again
+//! without that connection, whose messages alone are refused. Opening the store (the first
+//! connection, migrations) is bounded by the pool's create timeout only.
+//!
 //! Write path: enqueues go through a channel to [`WRITER_TASKS`] writer tasks; each drains the
 //! waiting requests (at most [`MAX_BATCH_MESSAGES`]) into ONE statement, the server-side
 //! function `mailroom_enqueue` (migration 8, its route check extended by migration 11) called
@@ -40,9 +49,12 @@
 //!
 //! Files: `migrations.rs` (the schema), `writer.rs` (the write path), `lease.rs` (the live
 //! path's leases), `store_trait.rs` (the [`Store`](super::Store) trait), `tls.rs` (the link's
-//! TLS); this file holds the handle, its tasks and the errors and locks they share.
+//! TLS), `link.rs` (the link's socket and session timeouts), `bounded.rs` (the bound of every
+//! call); this file holds the handle, its tasks and the errors and locks they share.
 
+mod bounded;
 mod lease;
+mod link;
 mod migrations;
 mod store_trait;
 mod tls;
@@ -51,13 +63,16 @@ mod writer;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
 
 use super::{
     check_storable, storable, Connection, EnqueueLimits, Enqueued, NewMessage, QueuedMessage, StoreError, StoreResult,
 };
+use bounded::BoundedPool;
+pub use bounded::BULK_TIMEOUT;
 use lease::{lease_task, LeaseReq};
+pub use link::{KEEPALIVES_COUNT, KEEPALIVES_IDLE, KEEPALIVES_INTERVAL, TCP_USER_TIMEOUT};
 use migrations::{create_database, migrate};
 #[cfg(test)]
 pub(crate) use tls::dns_names_valid_for;
@@ -84,11 +99,14 @@ pub const WRITER_CHANNEL: usize = 4096;
 pub const WRITER_TASKS: usize = 1;
 /// Tries of a single-statement write aborted as a deadlock victim.
 pub const STATEMENT_TRIES: u32 = 3;
-/// How long a caller waits for a pooled connection before `Unavailable`.
+/// How long a caller waits for a pooled connection before `Unavailable` (the statement
+/// timeout bounds it too).
 pub const POOL_WAIT: Duration = Duration::from_secs(10);
+/// `store.statement_timeout_ms`'s default: how long a call waits for PostgreSQL.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// First key of every advisory lock this crate takes ("mail").
-const LOCK_NS: i32 = 0x6d61_696c;
+pub(crate) const LOCK_NS: i32 = 0x6d61_696c;
 /// Second key of the migration lock (connection locks use a hash of the id).
 const MIGRATION_LOCK: i32 = 0;
 /// First key of routing-key locks (second: a hash of the key).
@@ -130,6 +148,7 @@ fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     // The backend's error is in deadpool's message already: only its causes are added.
     let causes = match &e {
         deadpool_postgres::PoolError::Backend(b) => causes(b),
+        deadpool_postgres::PoolError::PostCreateHook(HookError::Backend(b)) => causes(b),
         _ => String::new(),
     };
     StoreError::Unavailable(format!("postgres pool: {e}{causes}"))
@@ -141,7 +160,7 @@ fn json_err(e: serde_json::Error) -> StoreError {
 
 /// Advisory lock key of a connection or routing key: FNV-1a of it. Collisions only serialise
 /// two unrelated writers.
-fn lock_key(conn: &str) -> i32 {
+pub(crate) fn lock_key(conn: &str) -> i32 {
     let mut h: u32 = 0x811c_9dc5;
     for b in conn.as_bytes() {
         h ^= *b as u32;
@@ -150,20 +169,86 @@ fn lock_key(conn: &str) -> i32 {
     h as i32
 }
 
+/// URL parameters taken out of a store URL: (name, percent-decoded value), in order.
+type Taken = Vec<(&'static str, String)>;
+
+/// Takes the parameters named in `wanted` out of a `postgres://` URL's query: the URL without
+/// them, and each one taken (its name in `wanted`, its value percent-decoded), in order. A
+/// string of another form comes back as it is, with none.
+fn take_url_params(url: &str, wanted: &[&'static str]) -> Result<(String, Taken), String> {
+    let Some(prefix) = ["postgres://", "postgresql://"]
+        .into_iter()
+        .find(|p| url.starts_with(p))
+    else {
+        return Ok((url.to_owned(), Vec::new()));
+    };
+    // Where tokio-postgres looks for the query: after the credentials, which end at the
+    // first '@' (a password may hold a '?').
+    let after_prefix = &url[prefix.len()..];
+    let creds_end = after_prefix.find('@').map_or(0, |i| i + 1);
+    let Some(q) = after_prefix[creds_end..].find('?') else {
+        return Ok((url.to_owned(), Vec::new()));
+    };
+    let query_at = prefix.len() + creds_end + q;
+    let (base, query) = (&url[..query_at], &url[query_at + 1..]);
+    let decode = |what: &str, s: &str| {
+        urlencoding::decode(s)
+            .map(|v| v.into_owned())
+            .map_err(|_| format!("{what} is not UTF-8 once percent-decoded"))
+    };
+    let (mut taken, mut kept) = (Vec::new(), Vec::new());
+    for param in query.split('&') {
+        let key = param
+            .split_once('=')
+            .map(|(k, _)| decode("a parameter name", k))
+            .transpose()?;
+        let name = key.as_deref().and_then(|k| wanted.iter().find(|w| **w == k));
+        match (name, param.split_once('=')) {
+            (Some(name), Some((_, v))) => taken.push((*name, decode(name, v)?)),
+            // Anything else (malformed ones included) is tokio-postgres's to read or refuse.
+            _ => kept.push(param),
+        }
+    }
+    let rest = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((rest, taken))
+}
+
+/// A store URL read as [`PgStore::open`] reads it: TLS (`tls.rs`), then the socket's settings
+/// (`link.rs`), with libpq's meaning; the rest is tokio-postgres's.
+fn read_url(url: &str) -> Result<PgLink, String> {
+    let (rest, socket) = link::take_socket_params(url)?;
+    let mut link = PgLink::from_url(&rest)?;
+    socket.apply(&mut link.config);
+    Ok(link)
+}
+
 /// The PostgreSQL [`Store`](super::Store).
 pub struct PgStore {
-    pool: Pool,
+    pool: BoundedPool,
     tx: mpsc::Sender<EnqueueReq>,
     lease_tx: mpsc::Sender<LeaseReq>,
 }
 
 impl PgStore {
-    /// Connects with a pool of `pool_size` connections and applies pending migrations. The
-    /// URL's `sslmode` and `sslrootcert` apply to every connection (see [`check_url`]).
+    /// As [`PgStore::open_with`], with the default statement timeout.
     pub async fn open(url: &str, pool_size: usize) -> StoreResult<PgStore> {
+        Self::open_with(url, pool_size, DEFAULT_STATEMENT_TIMEOUT).await
+    }
+
+    /// Connects with a pool of `pool_size` connections and applies pending migrations. The
+    /// URL's `sslmode` and `sslrootcert` apply to every connection (see [`check_url`]), and so
+    /// do the socket's keepalives and user timeout. Every later call waits at most
+    /// `statement_timeout` for PostgreSQL; the server ends lock waits and idle transactions
+    /// of the store's sessions by it (see the module's header).
+    pub async fn open_with(url: &str, pool_size: usize, statement_timeout: Duration) -> StoreResult<PgStore> {
         let PgLink { config: mut cfg, tls } =
-            PgLink::from_url(url).map_err(|e| StoreError::Unavailable(format!("postgres url: {e}")))?;
-        let mut pool = Self::pool(&cfg, &tls, pool_size)?;
+            read_url(url).map_err(|e| StoreError::Unavailable(format!("postgres url: {e}")))?;
+        let setup: Arc<str> = Arc::from(link::session_setup(&cfg, statement_timeout));
+        let mut pool = Self::pool(&cfg, &tls, pool_size, &setup)?;
         let mut first = pool.get().await;
         if tls.mode() == SslMode::Prefer {
             if let Err(deadpool_postgres::PoolError::Backend(e)) = &first {
@@ -175,7 +260,7 @@ impl PgStore {
                         causes(e)
                     );
                     cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
-                    pool = Self::pool(&cfg, &tls, pool_size)?;
+                    pool = Self::pool(&cfg, &tls, pool_size, &setup)?;
                     first = pool.get().await;
                 }
             }
@@ -203,6 +288,7 @@ impl PgStore {
             );
         }
         migrate(client).await?;
+        let pool = BoundedPool::new(pool, statement_timeout);
         let (tx, rx) = mpsc::channel(WRITER_CHANNEL);
         let rx = Arc::new(AsyncMutex::new(rx));
         for _ in 0..WRITER_TASKS {
@@ -213,8 +299,9 @@ impl PgStore {
         Ok(PgStore { pool, tx, lease_tx })
     }
 
-    /// The connection pool of a store link.
-    fn pool(cfg: &tokio_postgres::Config, tls: &tls::PgTls, pool_size: usize) -> StoreResult<Pool> {
+    /// The connection pool of a store link; each new connection runs `setup` (the session's
+    /// server-side timeouts) before its first use.
+    fn pool(cfg: &tokio_postgres::Config, tls: &tls::PgTls, pool_size: usize, setup: &Arc<str>) -> StoreResult<Pool> {
         let mgr = Manager::from_config(
             cfg.clone(),
             tls.clone(),
@@ -222,11 +309,19 @@ impl PgStore {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
-        Pool::builder(mgr)
+        let mut builder = Pool::builder(mgr)
             .max_size(pool_size.max(WRITER_TASKS + 1))
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(POOL_WAIT));
+        if !setup.is_empty() {
+            let setup = setup.clone();
+            builder = builder.post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
+                let setup = setup.clone();
+                Box::pin(async move { client.batch_execute(&setup).await.map_err(HookError::Backend) })
+            }));
+        }
+        builder
             .build()
             .map_err(|e| StoreError::Unavailable(format!("postgres pool: {e}")))
     }
@@ -285,8 +380,16 @@ impl PgStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
-        self.pool.get().await.map_err(pool_err)
+    /// A connection of the store's pool, set up as every one is (a test acting as a node that
+    /// froze in a transaction).
+    #[cfg(test)]
+    pub(crate) async fn session_for_test(&self) -> deadpool_postgres::Object {
+        self.pool.get_unbounded().await
+    }
+
+    /// A pooled connection for one call, bounded by the statement timeout.
+    async fn client(&self) -> StoreResult<bounded::Conn> {
+        self.pool.get().await
     }
 
     /// One statement in its own transaction, tried again (at most [`STATEMENT_TRIES`] times)
@@ -297,27 +400,45 @@ impl PgStore {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> StoreResult<u64> {
-        let c = self.client().await?;
-        let q = c.prepare_cached(sql).await.map_err(pg_err)?;
+        Self::execute_retrying_on(self.client().await?, sql, params).await
+    }
+
+    /// As [`PgStore::execute_retrying`], for a statement that may delete a whole queue
+    /// ([`BULK_TIMEOUT`]).
+    async fn execute_retrying_bulk(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> StoreResult<u64> {
+        Self::execute_retrying_on(self.pool.get_bulk().await?, sql, params).await
+    }
+
+    async fn execute_retrying_on(
+        c: bounded::Conn,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> StoreResult<u64> {
+        let q = c.run(c.prepare_cached(sql)).await?;
         let mut tries = 1;
         loop {
-            match c.execute(&q, params).await {
+            match c.run(c.execute(&q, params)).await {
                 Ok(n) => return Ok(n),
-                Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+                Err(e) if tries < STATEMENT_TRIES && e.is_transient() => {
                     tracing::warn!(error = %e, "postgres statement retried");
                     tries += 1;
                 }
-                Err(e) => return Err(pg_err(e)),
+                Err(e) => return Err(e.into()),
             }
         }
     }
 }
 
 /// Checks a store URL as [`PgStore::open`] reads it, without connecting: its syntax, its
-/// `sslmode` (disable, prefer, require, verify-ca, verify-full) and that its `sslrootcert` is
-/// a readable PEM file of certificates. The error never quotes the URL (it may hold a password).
+/// `sslmode` (disable, prefer, require, verify-ca, verify-full), that its `sslrootcert` is
+/// a readable PEM file of certificates, and its socket settings (`keepalives*`,
+/// `tcp_user_timeout`). The error never quotes the URL (it may hold a password).
 pub fn check_url(url: &str) -> Result<SslMode, String> {
-    PgLink::from_url(url).map(|l| l.tls.mode())
+    read_url(url).map(|l| l.tls.mode())
 }
 
 fn decode_conn(data: &str) -> StoreResult<Connection> {

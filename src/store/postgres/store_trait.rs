@@ -1,9 +1,7 @@
 //! The [`Store`] trait on PostgreSQL.
 
-use super::{
-    decode_conn, is_transient, json_err, lock_key, pg_err, PgStore, KEY_LOCK_NS, LOCK_NS, PENDING_STATS_SQL,
-    STATEMENT_TRIES,
-};
+use super::bounded::{Conn, Failed};
+use super::{decode_conn, json_err, lock_key, PgStore, KEY_LOCK_NS, LOCK_NS, PENDING_STATS_SQL, STATEMENT_TRIES};
 use crate::store::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
     Identity, InvitationUse, KeyUpdate, MediationState, MessageId, NewMessage, PendingStats, PushSlot, QueueStats,
@@ -21,7 +19,7 @@ impl Store for PgStore {
             return Err(StoreError::Closed);
         }
         let c = self.client().await?;
-        c.simple_query("SELECT 1").await.map_err(pg_err)?;
+        c.run(c.simple_query("SELECT 1")).await?;
         Ok(())
     }
 
@@ -29,32 +27,30 @@ impl Store for PgStore {
         let c = self.client().await?;
         let v = serde_json::to_string(&candidate).map_err(json_err)?;
         // ON CONFLICT waits for a concurrent insert to commit; the SELECT then sees the winner.
-        c.execute(
+        c.run(c.execute(
             "INSERT INTO mailroom_meta (k, v) VALUES ('identity', $1) ON CONFLICT (k) DO NOTHING",
             &[&v],
-        )
-        .await
-        .map_err(pg_err)?;
+        ))
+        .await?;
         let row = c
-            .query_one("SELECT v FROM mailroom_meta WHERE k = 'identity'", &[])
-            .await
-            .map_err(pg_err)?;
+            .run(c.query_one("SELECT v FROM mailroom_meta WHERE k = 'identity'", &[]))
+            .await?;
         serde_json::from_str(row.get::<_, &str>(0)).map_err(json_err)
     }
 
     async fn put_connection(&self, conn: &Connection) -> StoreResult<()> {
         check_connection(conn)?;
         let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(pg_err)?;
+        let b = c.bound();
+        let tx = b.run(c.transaction()).await?;
         // A revocation is final: a record read before it (a DID rotation) written back after
         // it stays denied. The row lock orders this write with `revoke_mediation`'s.
-        let denied = tx
-            .query_opt(
+        let denied = b
+            .run(tx.query_opt(
                 "SELECT mediation_denied FROM mailroom_connections WHERE id = $1 FOR UPDATE",
                 &[&conn.id],
-            )
-            .await
-            .map_err(pg_err)?
+            ))
+            .await?
             .is_some_and(|r| r.get::<_, bool>(0));
         let data = if denied && conn.mediation != MediationState::Denied {
             let mut kept = conn.clone();
@@ -64,65 +60,58 @@ impl Store for PgStore {
             serde_json::to_string(conn)
         }
         .map_err(json_err)?;
-        let upsert = tx
-            .prepare_cached(
+        let upsert = b
+            .run(tx.prepare_cached(
                 "INSERT INTO mailroom_connections (id, thread_id, written, data) \
                  VALUES ($1, $2, nextval('mailroom_connection_writes'), $3) \
                  ON CONFLICT (id) DO UPDATE SET thread_id = excluded.thread_id, \
                  written = excluded.written, data = excluded.data",
-            )
-            .await
-            .map_err(pg_err)?;
-        tx.execute(&upsert, &[&conn.id, &conn.thread_id, &data])
-            .await
-            .map_err(pg_err)?;
-        tx.execute(
+            ))
+            .await?;
+        b.run(tx.execute(&upsert, &[&conn.id, &conn.thread_id, &data])).await?;
+        b.run(tx.execute(
             "DELETE FROM mailroom_connection_verkeys WHERE conn_id = $1",
             &[&conn.id],
-        )
-        .await
-        .map_err(pg_err)?;
+        ))
+        .await?;
         if !conn.their_verkeys.is_empty() {
             // The key's primary key makes the claim atomic across nodes; a conflicting insert
             // waits for the other transaction and then inserts nothing.
             let mut keys = conn.their_verkeys.clone();
             keys.sort();
             keys.dedup();
-            let inserted = tx
-                .execute(
+            let inserted = b
+                .run(tx.execute(
                     "INSERT INTO mailroom_connection_verkeys (verkey, conn_id) \
                      SELECT unnest($2::text[]), $1 ON CONFLICT (verkey) DO NOTHING",
                     &[&conn.id, &keys],
-                )
-                .await
-                .map_err(pg_err)?;
+                ))
+                .await?;
             if inserted < keys.len() as u64 {
-                let row = tx
-                    .query_opt(
+                let row = b
+                    .run(tx.query_opt(
                         "SELECT verkey FROM mailroom_connection_verkeys \
                          WHERE verkey = ANY($1) AND conn_id <> $2 LIMIT 1",
                         &[&keys, &conn.id],
-                    )
-                    .await
-                    .map_err(pg_err)?;
+                    ))
+                    .await?;
                 let key = row.map(|r| r.get::<_, String>(0)).unwrap_or_default();
                 // Dropping the transaction rolls it back: nothing of this write stays.
                 return Err(StoreError::KeyTaken(key));
             }
         }
-        tx.commit().await.map_err(pg_err)
+        Ok(b.run(tx.commit()).await?)
     }
 
     async fn put_invitation(&self, id: &str, single_use: bool, created_at_ms: i64) -> StoreResult<()> {
         check_storable("invitation id", id)?;
         let c = self.client().await?;
-        c.execute(
+        c.run(c.execute(
             "INSERT INTO mailroom_invitations (id, single_use, created_at_ms) VALUES ($1, $2, $3) \
              ON CONFLICT (id) DO NOTHING",
             &[&id, &single_use, &created_at_ms],
-        )
-        .await
-        .map_err(pg_err)?;
+        ))
+        .await?;
         Ok(())
     }
 
@@ -133,19 +122,17 @@ impl Store for PgStore {
         let c = self.client().await?;
         // One statement: the claim of a single-use invitation is atomic across nodes.
         let claimed = c
-            .execute(
+            .run(c.execute(
                 "UPDATE mailroom_invitations SET used = true WHERE id = $1 AND single_use AND NOT used",
                 &[&id],
-            )
-            .await
-            .map_err(pg_err)?;
+            ))
+            .await?;
         if claimed == 1 {
             return Ok(InvitationUse::FirstUse);
         }
         let row = c
-            .query_opt("SELECT single_use FROM mailroom_invitations WHERE id = $1", &[&id])
-            .await
-            .map_err(pg_err)?;
+            .run(c.query_opt("SELECT single_use FROM mailroom_invitations WHERE id = $1", &[&id]))
+            .await?;
         Ok(match row.map(|r| r.get::<_, bool>(0)) {
             None => InvitationUse::Unknown,
             Some(true) => InvitationUse::AlreadyUsed,
@@ -158,12 +145,12 @@ impl Store for PgStore {
             return Ok(None);
         }
         let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(pg_err)?;
+        let b = c.bound();
+        let tx = b.run(c.transaction()).await?;
         // Row lock: concurrent patches of one connection apply one after the other.
-        let Some(row) = tx
-            .query_opt("SELECT data FROM mailroom_connections WHERE id = $1 FOR UPDATE", &[&id])
-            .await
-            .map_err(pg_err)?
+        let Some(row) = b
+            .run(tx.query_opt("SELECT data FROM mailroom_connections WHERE id = $1 FOR UPDATE", &[&id]))
+            .await?
         else {
             return Ok(None);
         };
@@ -171,13 +158,12 @@ impl Store for PgStore {
         let mut conn: Connection = serde_json::from_str(&data).map_err(json_err)?;
         patch.apply(&mut conn);
         let data = serde_json::to_string(&conn).map_err(json_err)?;
-        tx.execute(
+        b.run(tx.execute(
             "UPDATE mailroom_connections SET data = $2, written = nextval('mailroom_connection_writes') WHERE id = $1",
             &[&id, &data],
-        )
-        .await
-        .map_err(pg_err)?;
-        tx.commit().await.map_err(pg_err)?;
+        ))
+        .await?;
+        b.run(tx.commit()).await?;
         Ok(Some(conn))
     }
 
@@ -187,10 +173,9 @@ impl Store for PgStore {
         }
         let c = self.client().await?;
         let q = c
-            .prepare_cached("SELECT data FROM mailroom_connections WHERE id = $1")
-            .await
-            .map_err(pg_err)?;
-        match c.query_opt(&q, &[&id]).await.map_err(pg_err)? {
+            .run(c.prepare_cached("SELECT data FROM mailroom_connections WHERE id = $1"))
+            .await?;
+        match c.run(c.query_opt(&q, &[&id])).await? {
             Some(row) => Ok(Some(decode_conn(row.get(0))?)),
             None => Ok(None),
         }
@@ -202,14 +187,13 @@ impl Store for PgStore {
         }
         let c = self.client().await?;
         let q = c
-            .prepare_cached(
+            .run(c.prepare_cached(
                 "SELECT c.data FROM mailroom_connection_verkeys v \
                  JOIN mailroom_connections c ON c.id = v.conn_id \
                  WHERE v.verkey = $1",
-            )
-            .await
-            .map_err(pg_err)?;
-        match c.query_opt(&q, &[&verkey]).await.map_err(pg_err)? {
+            ))
+            .await?;
+        match c.run(c.query_opt(&q, &[&verkey])).await? {
             Some(row) => Ok(Some(decode_conn(row.get(0))?)),
             None => Ok(None),
         }
@@ -221,13 +205,12 @@ impl Store for PgStore {
         }
         let c = self.client().await?;
         let q = c
-            .prepare_cached(
+            .run(c.prepare_cached(
                 "SELECT data FROM mailroom_connections WHERE thread_id = $1 \
                  ORDER BY written DESC LIMIT 1",
-            )
-            .await
-            .map_err(pg_err)?;
-        match c.query_opt(&q, &[&thid]).await.map_err(pg_err)? {
+            ))
+            .await?;
+        match c.run(c.query_opt(&q, &[&thid])).await? {
             Some(row) => Ok(Some(decode_conn(row.get(0))?)),
             None => Ok(None),
         }
@@ -236,18 +219,16 @@ impl Store for PgStore {
     async fn list_connections(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Connection>> {
         let c = self.client().await?;
         let q = c
-            .prepare_cached(
+            .run(c.prepare_cached(
                 "SELECT data FROM mailroom_connections WHERE ($1::text IS NULL OR id > $1) \
                  ORDER BY id LIMIT $2",
-            )
-            .await
-            .map_err(pg_err)?;
+            ))
+            .await?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // No stored id holds a NUL: cutting `after` there keeps the same order position.
         let after = after.map(|a| a.split('\0').next().unwrap_or(""));
-        c.query(&q, &[&after, &limit])
-            .await
-            .map_err(pg_err)?
+        c.run(c.query(&q, &[&after, &limit]))
+            .await?
             .iter()
             .map(|r| decode_conn(r.get(0)))
             .collect()
@@ -264,17 +245,17 @@ impl Store for PgStore {
             check_storable("routing key", k)?;
         }
         let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(pg_err)?;
+        let b = c.bound();
+        let tx = b.run(c.transaction()).await?;
         // Share-lock the connection row: it cannot vanish while its keys change, and a
         // revocation (`revoke_mediation` or a patch, which lock the row for update) is seen or
         // comes after.
-        let Some(row) = tx
-            .query_opt(
+        let Some(row) = b
+            .run(tx.query_opt(
                 "SELECT data FROM mailroom_connections WHERE id = $1 FOR SHARE",
                 &[&conn],
-            )
-            .await
-            .map_err(pg_err)?
+            ))
+            .await?
         else {
             return Err(StoreError::NotFound);
         };
@@ -285,26 +266,22 @@ impl Store for PgStore {
         let mut locks: Vec<i32> = add.iter().chain(remove).map(|k| lock_key(k)).collect();
         locks.sort_unstable();
         locks.dedup();
-        let lock = tx
-            .prepare_cached("SELECT pg_advisory_xact_lock($1, k) FROM (SELECT unnest($2::int4[]) AS k) s")
-            .await
-            .map_err(pg_err)?;
-        tx.execute(&lock, &[&KEY_LOCK_NS, &locks]).await.map_err(pg_err)?;
-        let ins = tx
-            .prepare_cached(
+        let lock = b
+            .run(tx.prepare_cached("SELECT pg_advisory_xact_lock($1, k) FROM (SELECT unnest($2::int4[]) AS k) s"))
+            .await?;
+        b.run(tx.execute(&lock, &[&KEY_LOCK_NS, &locks])).await?;
+        let ins = b
+            .run(tx.prepare_cached(
                 "INSERT INTO mailroom_routing_keys (key, conn_id) VALUES ($1, $2) \
                  ON CONFLICT (key) DO NOTHING",
-            )
-            .await
-            .map_err(pg_err)?;
-        let holder = tx
-            .prepare_cached("SELECT conn_id FROM mailroom_routing_keys WHERE key = $1")
-            .await
-            .map_err(pg_err)?;
-        let del = tx
-            .prepare_cached("DELETE FROM mailroom_routing_keys WHERE key = $1 AND conn_id = $2")
-            .await
-            .map_err(pg_err)?;
+            ))
+            .await?;
+        let holder = b
+            .run(tx.prepare_cached("SELECT conn_id FROM mailroom_routing_keys WHERE key = $1"))
+            .await?;
+        let del = b
+            .run(tx.prepare_cached("DELETE FROM mailroom_routing_keys WHERE key = $1 AND conn_id = $2"))
+            .await?;
         let mut out = Vec::with_capacity(add.len() + remove.len());
         for k in add {
             if revoked {
@@ -315,11 +292,11 @@ impl Store for PgStore {
             // The unique key makes this atomic; the loop covers a holder that removed the key
             // between our insert and our read.
             for _ in 0..3 {
-                if tx.execute(&ins, &[k, &conn]).await.map_err(pg_err)? == 1 {
+                if b.run(tx.execute(&ins, &[k, &conn])).await? == 1 {
                     r = KeyUpdate::Added;
                     break;
                 }
-                if let Some(row) = tx.query_opt(&holder, &[k]).await.map_err(pg_err)? {
+                if let Some(row) = b.run(tx.query_opt(&holder, &[k])).await? {
                     r = if row.get::<_, &str>(0) == conn {
                         KeyUpdate::AlreadyAdded
                     } else {
@@ -331,7 +308,7 @@ impl Store for PgStore {
             out.push((k.clone(), r));
         }
         for k in remove {
-            let n = tx.execute(&del, &[k, &conn]).await.map_err(pg_err)?;
+            let n = b.run(tx.execute(&del, &[k, &conn])).await?;
             let r = if n == 1 {
                 KeyUpdate::Removed
             } else {
@@ -339,7 +316,7 @@ impl Store for PgStore {
             };
             out.push((k.clone(), r));
         }
-        tx.commit().await.map_err(pg_err)?;
+        b.run(tx.commit()).await?;
         Ok(out)
     }
 
@@ -349,15 +326,9 @@ impl Store for PgStore {
         }
         let c = self.client().await?;
         let q = c
-            .prepare_cached("SELECT key FROM mailroom_routing_keys WHERE conn_id = $1 ORDER BY key")
-            .await
-            .map_err(pg_err)?;
-        Ok(c.query(&q, &[&conn])
-            .await
-            .map_err(pg_err)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect())
+            .run(c.prepare_cached("SELECT key FROM mailroom_routing_keys WHERE conn_id = $1 ORDER BY key"))
+            .await?;
+        Ok(c.run(c.query(&q, &[&conn])).await?.iter().map(|r| r.get(0)).collect())
     }
 
     async fn route(&self, recipient_key: &str) -> StoreResult<Option<ConnId>> {
@@ -366,13 +337,9 @@ impl Store for PgStore {
         }
         let c = self.client().await?;
         let q = c
-            .prepare_cached("SELECT conn_id FROM mailroom_routing_keys WHERE key = $1")
-            .await
-            .map_err(pg_err)?;
-        Ok(c.query_opt(&q, &[&recipient_key])
-            .await
-            .map_err(pg_err)?
-            .map(|r| r.get(0)))
+            .run(c.prepare_cached("SELECT conn_id FROM mailroom_routing_keys WHERE key = $1"))
+            .await?;
+        Ok(c.run(c.query_opt(&q, &[&recipient_key])).await?.map(|r| r.get(0)))
     }
 
     async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
@@ -416,11 +383,8 @@ impl Store for PgStore {
             return Ok(PendingStats::default());
         }
         let c = self.client().await?;
-        let q = c.prepare_cached(PENDING_STATS_SQL).await.map_err(pg_err)?;
-        let r = c
-            .query_one(&q, &[&conn, &now_ms, &recipient_key])
-            .await
-            .map_err(pg_err)?;
+        let q = c.run(c.prepare_cached(PENDING_STATS_SQL)).await?;
+        let r = c.run(c.query_one(&q, &[&conn, &now_ms, &recipient_key])).await?;
         Ok(PendingStats {
             count: r.get::<_, i64>(0) as u64,
             oldest_received_ms: r.get(1),
@@ -433,23 +397,22 @@ impl Store for PgStore {
         }
         let c = self.client().await?;
         let q = c
-            .prepare_cached(
+            .run(c.prepare_cached(
                 "DELETE FROM mailroom_messages WHERE id IN ( \
                    SELECT id FROM mailroom_messages WHERE conn_id = $1 AND id = ANY($2) \
                    ORDER BY id FOR UPDATE) \
                  RETURNING lease_until_ms",
-            )
-            .await
-            .map_err(pg_err)?;
+            ))
+            .await?;
         let mut tries = 1;
         loop {
-            match c.query(&q, &[&conn, &ids]).await {
+            match c.run(c.query(&q, &[&conn, &ids])).await {
                 Ok(rows) => return Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect()),
-                Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+                Err(e) if tries < STATEMENT_TRIES && e.is_transient() => {
                     tracing::warn!(error = %e, "postgres statement retried");
                     tries += 1;
                 }
-                Err(e) => return Err(pg_err(e)),
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -502,16 +465,15 @@ impl Store for PgStore {
         }
         let c = self.client().await?;
         let q = c
-            .prepare_cached(
+            .run(c.prepare_cached(
                 "SELECT \
                  count(*) FILTER (WHERE lease_until_ms <= $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
                  count(*) FILTER (WHERE lease_until_ms > $2 AND NOT coalesce(expires_at_ms <= $2, false)), \
                  coalesce(sum(size), 0)::int8, min(received_at_ms) \
                  FROM mailroom_messages WHERE conn_id = $1",
-            )
-            .await
-            .map_err(pg_err)?;
-        let r = c.query_one(&q, &[&conn, &now_ms]).await.map_err(pg_err)?;
+            ))
+            .await?;
+        let r = c.run(c.query_one(&q, &[&conn, &now_ms])).await?;
         Ok(QueueStats {
             pending: r.get::<_, i64>(0) as u64,
             leased: r.get::<_, i64>(1) as u64,
@@ -523,9 +485,8 @@ impl Store for PgStore {
     async fn total_queued(&self) -> StoreResult<u64> {
         let c = self.client().await?;
         let r = c
-            .query_one("SELECT count(*) FROM mailroom_messages", &[])
-            .await
-            .map_err(pg_err)?;
+            .run(c.query_one("SELECT count(*) FROM mailroom_messages", &[]))
+            .await?;
         Ok(r.get::<_, i64>(0) as u64)
     }
 
@@ -537,18 +498,16 @@ impl Store for PgStore {
     ) -> StoreResult<Vec<ConnId>> {
         let c = self.client().await?;
         let q = c
-            .prepare_cached(
+            .run(c.prepare_cached(
                 "SELECT DISTINCT conn_id FROM mailroom_messages \
                  WHERE lease_until_ms <= $1 AND conn_id > $2 \
                    AND (expires_at_ms IS NULL OR expires_at_ms > $1) ORDER BY conn_id LIMIT $3",
-            )
-            .await
-            .map_err(pg_err)?;
+            ))
+            .await?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let after = after.filter(|a| storable(a)).unwrap_or("");
-        Ok(c.query(&q, &[&now_ms, &after, &limit])
-            .await
-            .map_err(pg_err)?
+        Ok(c.run(c.query(&q, &[&now_ms, &after, &limit]))
+            .await?
             .iter()
             .map(|r| r.get(0))
             .collect())
@@ -561,7 +520,7 @@ impl Store for PgStore {
         }
         let c = self.client().await?;
         let q = c
-            .prepare_cached(
+            .run(c.prepare_cached(
                 // Per connection, the first pending message or lease that ran out (the
                 // indexes of migration 9): never a count of its whole queue.
                 "SELECT DISTINCT c FROM unnest($1::text[]) AS c \
@@ -571,12 +530,10 @@ impl Store for PgStore {
                  OR EXISTS (SELECT 1 FROM mailroom_messages m \
                    WHERE m.conn_id = c AND m.lease_until_ms > 0 AND m.lease_until_ms <= $2 \
                      AND (m.expires_at_ms IS NULL OR m.expires_at_ms > $2))",
-            )
-            .await
-            .map_err(pg_err)?;
-        Ok(c.query(&q, &[&conns, &now_ms])
-            .await
-            .map_err(pg_err)?
+            ))
+            .await?;
+        Ok(c.run(c.query(&q, &[&conns, &now_ms]))
+            .await?
             .iter()
             .map(|r| r.get(0))
             .collect())
@@ -600,10 +557,7 @@ impl Store for PgStore {
 
     async fn dedup_records(&self) -> StoreResult<u64> {
         let c = self.client().await?;
-        let r = c
-            .query_one("SELECT count(*) FROM mailroom_dedup", &[])
-            .await
-            .map_err(pg_err)?;
+        let r = c.run(c.query_one("SELECT count(*) FROM mailroom_dedup", &[])).await?;
         Ok(r.get::<_, i64>(0) as u64)
     }
 
@@ -611,14 +565,14 @@ impl Store for PgStore {
         // Rows locked by a leaser or an ack right now are skipped, never waited on: they
         // expire at the next call.
         let n = self
-            .execute_retrying(
+            .execute_retrying_bulk(
                 "DELETE FROM mailroom_messages WHERE id IN ( \
                    SELECT id FROM mailroom_messages WHERE received_at_ms < $1 \
                    ORDER BY id FOR UPDATE SKIP LOCKED)",
                 &[&received_before_ms],
             )
             .await?;
-        self.execute_retrying(
+        self.execute_retrying_bulk(
             "DELETE FROM mailroom_dedup WHERE received_at_ms < $1",
             &[&received_before_ms],
         )
@@ -641,9 +595,8 @@ impl Store for PgStore {
     async fn oldest_received_ms(&self) -> StoreResult<Option<i64>> {
         let c = self.client().await?;
         let r = c
-            .query_one("SELECT min(received_at_ms) FROM mailroom_messages", &[])
-            .await
-            .map_err(pg_err)?;
+            .run(c.query_one("SELECT min(received_at_ms) FROM mailroom_messages", &[]))
+            .await?;
         Ok(r.get::<_, Option<i64>>(0))
     }
 
@@ -658,10 +611,11 @@ impl Store for PgStore {
         }
         let c = self.client().await?;
         let q = c
-            .prepare_cached("SELECT service, token, platform, updated_at_ms FROM mailroom_devices WHERE conn_id = $1")
-            .await
-            .map_err(pg_err)?;
-        let Some(row) = c.query_opt(&q, &[&conn]).await.map_err(pg_err)? else {
+            .run(c.prepare_cached(
+                "SELECT service, token, platform, updated_at_ms FROM mailroom_devices WHERE conn_id = $1",
+            ))
+            .await?;
+        let Some(row) = c.run(c.query_opt(&q, &[&conn])).await? else {
             return Ok(None);
         };
         let service: String = row.get(0);
@@ -702,9 +656,8 @@ impl Store for PgStore {
                     .await?;
                 let c = self.client().await?;
                 let exists = c
-                    .query_opt("SELECT 1 FROM mailroom_connections WHERE id = $1", &[&conn])
-                    .await
-                    .map_err(pg_err)?;
+                    .run(c.query_opt("SELECT 1 FROM mailroom_connections WHERE id = $1", &[&conn]))
+                    .await?;
                 if exists.is_none() {
                     return Err(StoreError::NotFound);
                 }
@@ -731,17 +684,16 @@ impl Store for PgStore {
         let c = self.client().await?;
         // push_window_step in one statement: the row lock orders concurrent events.
         let q = c
-            .prepare_cached(
+            .run(c.prepare_cached(
                 "INSERT INTO mailroom_push_windows AS w (conn_id, last_push_ms, trailing_due_ms) VALUES ($1, $2, NULL) \
                  ON CONFLICT (conn_id) DO UPDATE SET \
                  trailing_due_ms = CASE WHEN $2 < w.last_push_ms + $3 \
                      THEN coalesce(w.trailing_due_ms, w.last_push_ms + $3) ELSE NULL END, \
                  last_push_ms = CASE WHEN $2 < w.last_push_ms + $3 THEN w.last_push_ms ELSE $2 END \
                  RETURNING trailing_due_ms",
-            )
-            .await
-            .map_err(pg_err)?;
-        let row = c.query_one(&q, &[&conn, &now_ms, &window_ms]).await.map_err(pg_err)?;
+            ))
+            .await?;
+        let row = c.run(c.query_one(&q, &[&conn, &now_ms, &window_ms])).await?;
         Ok(match row.get::<_, Option<i64>>(0) {
             Some(due_ms) => PushSlot::Trailing { due_ms },
             None => PushSlot::Now,
@@ -751,24 +703,21 @@ impl Store for PgStore {
     async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
         let c = self.client().await?;
         let take = c
-            .prepare_cached(
+            .run(c.prepare_cached(
                 "UPDATE mailroom_push_windows SET trailing_due_ms = NULL, last_push_ms = $1 \
                  WHERE conn_id IN (SELECT conn_id FROM mailroom_push_windows \
                      WHERE trailing_due_ms <= $1 ORDER BY trailing_due_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
                  RETURNING conn_id",
-            )
-            .await
-            .map_err(pg_err)?;
+            ))
+            .await?;
         let rows = c
-            .query(&take, &[&now_ms, &(limit.min(i64::MAX as usize) as i64)])
-            .await
-            .map_err(pg_err)?;
-        c.execute(
+            .run(c.query(&take, &[&now_ms, &(limit.min(i64::MAX as usize) as i64)]))
+            .await?;
+        c.run(c.execute(
             "DELETE FROM mailroom_push_windows WHERE trailing_due_ms IS NULL AND last_push_ms < $1",
             &[&idle_before_ms],
-        )
-        .await
-        .map_err(pg_err)?;
+        ))
+        .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
@@ -776,15 +725,16 @@ impl Store for PgStore {
         if !storable(id) {
             return Ok(Removed::default());
         }
-        let mut c = self.client().await?;
+        // It deletes the connection's whole queue.
+        let mut c = self.pool.get_bulk().await?;
         let mut tries = 1;
         loop {
             match PgStore::delete_connection_once(&mut c, id).await {
-                Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+                Err(e) if tries < STATEMENT_TRIES && e.is_transient() => {
                     tracing::warn!(error = %e, "postgres delete_connection retried");
                     tries += 1;
                 }
-                r => return r.map_err(pg_err),
+                r => return r.map_err(StoreError::from),
             }
         }
     }
@@ -802,11 +752,11 @@ impl Store for PgStore {
         let mut tries = 1;
         loop {
             match PgStore::revoke_mediation_once(&mut c, id, &patch).await {
-                Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+                Err(e) if tries < STATEMENT_TRIES && e.is_transient() => {
                     tracing::warn!(error = %e, "postgres revoke_mediation retried");
                     tries += 1;
                 }
-                r => return r.map_err(pg_err)?,
+                r => return r.map_err(StoreError::from)?,
             }
         }
     }
@@ -817,7 +767,7 @@ impl Store for PgStore {
         }
         // Rows a leaser or an acknowledgement holds right now are waited for (not skipped):
         // the operator is told every message is gone.
-        self.execute_retrying(
+        self.execute_retrying_bulk(
             "DELETE FROM mailroom_messages WHERE id IN ( \
                SELECT id FROM mailroom_messages WHERE conn_id = $1 ORDER BY id FOR UPDATE)",
             &[&conn],
@@ -831,24 +781,22 @@ impl Store for PgStore {
         // The counters give the deepest queues without counting rows; the oldest message of
         // each connection comes from the (conn_id, id) index (ids grow with arrival).
         let deepest = c
-            .query(
+            .run(c.query(
                 "SELECT q.conn_id, q.n, (SELECT min(received_at_ms) FROM mailroom_messages m \
                      WHERE m.conn_id = q.conn_id) \
                  FROM mailroom_queue_counts q WHERE q.n > 0 ORDER BY q.n DESC, q.conn_id LIMIT $1",
                 &[&limit],
-            )
-            .await
-            .map_err(pg_err)?;
+            ))
+            .await?;
         let oldest = c
-            .query(
+            .run(c.query(
                 "SELECT o.conn_id, coalesce(q.n, 0), o.at FROM ( \
                      SELECT conn_id, min(received_at_ms) AS at FROM mailroom_messages \
                      GROUP BY conn_id ORDER BY at, conn_id LIMIT $1) o \
                  LEFT JOIN mailroom_queue_counts q ON q.conn_id = o.conn_id ORDER BY o.at, o.conn_id",
                 &[&limit],
-            )
-            .await
-            .map_err(pg_err)?;
+            ))
+            .await?;
         let summary = |r: &tokio_postgres::Row| QueueSummary {
             connection: r.get(0),
             depth: r.get::<_, i64>(1).max(0) as u64,
@@ -862,22 +810,23 @@ impl Store for PgStore {
 }
 
 impl PgStore {
-    /// One try of [`Store::revoke_mediation`]: the outer error is PostgreSQL's (transient ones
-    /// are tried again), the inner one the record's.
+    /// One try of [`Store::revoke_mediation`]: the outer error is PostgreSQL's or the bound's
+    /// (transient ones are tried again), the inner one the record's.
     async fn revoke_mediation_once(
-        c: &mut deadpool_postgres::Object,
+        c: &mut Conn,
         id: &str,
         patch: &ConnectionPatch,
-    ) -> Result<StoreResult<Option<Vec<String>>>, tokio_postgres::Error> {
-        let tx = c.transaction().await?;
+    ) -> Result<StoreResult<Option<Vec<String>>>, Failed> {
+        let b = c.bound();
+        let tx = b.run(c.transaction()).await?;
         // The enqueue lock of the connection (`mailroom_enqueue` takes it before its route
         // check): a batch routed to it commits before this, or decides after it and finds it
         // denied and its keys gone.
-        tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(id)])
+        b.run(tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(id)]))
             .await?;
         // The row lock: key updates (which share-lock the row) wait, then find it denied.
-        let Some(row) = tx
-            .query_opt("SELECT data FROM mailroom_connections WHERE id = $1 FOR UPDATE", &[&id])
+        let Some(row) = b
+            .run(tx.query_opt("SELECT data FROM mailroom_connections WHERE id = $1 FOR UPDATE", &[&id]))
             .await?
         else {
             return Ok(Ok(None));
@@ -891,64 +840,62 @@ impl PgStore {
             Ok(d) => d,
             Err(e) => return Ok(Err(json_err(e))),
         };
-        tx.execute(
+        b.run(tx.execute(
             "UPDATE mailroom_connections SET data = $2, written = nextval('mailroom_connection_writes') WHERE id = $1",
             &[&id, &data],
-        )
+        ))
         .await?;
-        let mut keys: Vec<String> = tx
-            .query(
+        let mut keys: Vec<String> = b
+            .run(tx.query(
                 "DELETE FROM mailroom_routing_keys WHERE conn_id = $1 RETURNING key",
                 &[&id],
-            )
+            ))
             .await?
             .iter()
             .map(|r| r.get(0))
             .collect();
         keys.sort_unstable();
-        tx.commit().await?;
+        b.run(tx.commit()).await?;
         Ok(Ok(Some(keys)))
     }
 
-    async fn delete_connection_once(
-        c: &mut deadpool_postgres::Object,
-        id: &str,
-    ) -> Result<Removed, tokio_postgres::Error> {
-        let tx = c.transaction().await?;
+    async fn delete_connection_once(c: &mut Conn, id: &str) -> Result<Removed, Failed> {
+        let b = c.bound();
+        let tx = b.run(c.transaction()).await?;
         // The enqueue lock of the connection: no batch can add a message to it meanwhile.
-        tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(id)])
+        b.run(tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(id)]))
             .await?;
         // The row lock: key updates (which share-lock the row) wait, then find no connection.
-        let conn = tx
-            .query_opt("SELECT id FROM mailroom_connections WHERE id = $1 FOR UPDATE", &[&id])
+        let conn = b
+            .run(tx.query_opt("SELECT id FROM mailroom_connections WHERE id = $1 FOR UPDATE", &[&id]))
             .await?;
-        let peer_keys = tx
-            .execute("DELETE FROM mailroom_connection_verkeys WHERE conn_id = $1", &[&id])
+        let peer_keys = b
+            .run(tx.execute("DELETE FROM mailroom_connection_verkeys WHERE conn_id = $1", &[&id]))
             .await?;
-        let device = tx
-            .execute("DELETE FROM mailroom_devices WHERE conn_id = $1", &[&id])
+        let device = b
+            .run(tx.execute("DELETE FROM mailroom_devices WHERE conn_id = $1", &[&id]))
             .await?;
-        let routing_keys = tx
-            .execute("DELETE FROM mailroom_routing_keys WHERE conn_id = $1", &[&id])
+        let routing_keys = b
+            .run(tx.execute("DELETE FROM mailroom_routing_keys WHERE conn_id = $1", &[&id]))
             .await?;
-        let messages = tx
-            .execute(
+        let messages = b
+            .run(tx.execute(
                 "DELETE FROM mailroom_messages WHERE id IN ( \
                    SELECT id FROM mailroom_messages WHERE conn_id = $1 ORDER BY id FOR UPDATE)",
                 &[&id],
-            )
+            ))
             .await?;
-        let dedup_records = tx
-            .execute("DELETE FROM mailroom_dedup WHERE conn_id = $1", &[&id])
+        let dedup_records = b
+            .run(tx.execute("DELETE FROM mailroom_dedup WHERE conn_id = $1", &[&id]))
             .await?;
-        tx.execute("DELETE FROM mailroom_queue_counts WHERE conn_id = $1 AND n = 0", &[&id])
+        b.run(tx.execute("DELETE FROM mailroom_queue_counts WHERE conn_id = $1 AND n = 0", &[&id]))
             .await?;
-        tx.execute("DELETE FROM mailroom_push_windows WHERE conn_id = $1", &[&id])
+        b.run(tx.execute("DELETE FROM mailroom_push_windows WHERE conn_id = $1", &[&id]))
             .await?;
-        let connection = tx
-            .execute("DELETE FROM mailroom_connections WHERE id = $1", &[&id])
+        let connection = b
+            .run(tx.execute("DELETE FROM mailroom_connections WHERE id = $1", &[&id]))
             .await?;
-        tx.commit().await?;
+        b.run(tx.commit()).await?;
         Ok(Removed {
             connection: conn.is_some() && connection == 1,
             peer_keys,

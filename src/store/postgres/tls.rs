@@ -27,7 +27,8 @@
 //! server that authenticates with SCRAM then detects a man in the middle even when the
 //! certificate is not verified.
 //!
-//! Must not: open sockets (tokio-postgres does), read any other URL parameter.
+//! Must not: open sockets (tokio-postgres does), read any other URL parameter (`link.rs` reads
+//! the socket's).
 
 use std::future::Future;
 use std::io;
@@ -134,44 +135,14 @@ impl PgLink {
 /// wins, as in tokio-postgres). Returns the URL without them; a string of another form as it
 /// is, with neither.
 fn take_tls_params(url: &str) -> Result<(String, Option<SslMode>, Option<PathBuf>), String> {
-    let Some(prefix) = ["postgres://", "postgresql://"]
-        .into_iter()
-        .find(|p| url.starts_with(p))
-    else {
-        return Ok((url.to_owned(), None, None));
-    };
-    // Where tokio-postgres looks for the query: after the credentials, which end at the
-    // first '@' (a password may hold a '?').
-    let after_prefix = &url[prefix.len()..];
-    let creds_end = after_prefix.find('@').map_or(0, |i| i + 1);
-    let Some(q) = after_prefix[creds_end..].find('?') else {
-        return Ok((url.to_owned(), None, None));
-    };
-    let query_at = prefix.len() + creds_end + q;
-    let (base, query) = (&url[..query_at], &url[query_at + 1..]);
-    let decode = |what: &str, s: &str| {
-        urlencoding::decode(s)
-            .map(|v| v.into_owned())
-            .map_err(|_| format!("{what} is not UTF-8 once percent-decoded"))
-    };
-    let (mut mode, mut rootcert, mut kept) = (None, None, Vec::new());
-    for param in query.split('&') {
-        let key = param
-            .split_once('=')
-            .map(|(k, _)| decode("a parameter name", k))
-            .transpose()?;
-        match (key.as_deref(), param.split_once('=')) {
-            (Some("sslmode"), Some((_, v))) => mode = Some(SslMode::parse(&decode("sslmode", v)?)?),
-            (Some("sslrootcert"), Some((_, v))) => rootcert = Some(PathBuf::from(decode("sslrootcert", v)?)),
-            // Anything else (malformed ones included) is tokio-postgres's to read or refuse.
-            _ => kept.push(param),
+    let (rest, taken) = super::take_url_params(url, &["sslmode", "sslrootcert"])?;
+    let (mut mode, mut rootcert) = (None, None);
+    for (name, value) in taken {
+        match name {
+            "sslmode" => mode = Some(SslMode::parse(&value)?),
+            _ => rootcert = Some(PathBuf::from(value)),
         }
     }
-    let rest = if kept.is_empty() {
-        base.to_owned()
-    } else {
-        format!("{base}?{}", kept.join("&"))
-    };
     Ok((rest, mode, rootcert))
 }
 

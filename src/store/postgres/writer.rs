@@ -3,10 +3,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
 
-use super::{is_transient, lock_key, pg_err, pool_err, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, STATEMENT_TRIES};
+use super::{lock_key, pg_err, BoundedPool, LOCK_NS, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, STATEMENT_TRIES};
 use crate::store::{check_storable, EnqueueLimits, Enqueued, NewMessage, StoreError, StoreResult};
 
 pub(super) struct EnqueueReq {
@@ -17,7 +16,7 @@ pub(super) struct EnqueueReq {
     pub(super) reply: oneshot::Sender<StoreResult<Vec<StoreResult<Enqueued>>>>,
 }
 
-pub(super) async fn writer_task(pool: Pool, rx: Arc<AsyncMutex<mpsc::Receiver<EnqueueReq>>>) {
+pub(super) async fn writer_task(pool: BoundedPool, rx: Arc<AsyncMutex<mpsc::Receiver<EnqueueReq>>>) {
     loop {
         let batch = {
             let mut rx = rx.lock().await;
@@ -59,7 +58,13 @@ pub(super) async fn writer_task(pool: Pool, rx: Arc<AsyncMutex<mpsc::Receiver<En
 /// A whole batch in one statement, `mailroom_enqueue` (migration 8), run outside an explicit
 /// transaction: one round trip and one commit for every request waiting. Input the store
 /// cannot hold is refused here, alone; the function decides the rest.
-async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<StoreResult<Enqueued>>>> {
+///
+/// Within the statement timeout (`bounded.rs`). When the server ended the statement's wait for
+/// a connection's lock (`lock_timeout`: a session that froze or lost its link holds it), the
+/// locks held by others are read and the batch runs again without their connections, whose
+/// messages alone are refused (`Unavailable`, 503 upstream): one stuck connection does not
+/// stop the forwards to every other one that share its batches, on any node.
+async fn commit_batch(pool: &BoundedPool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<StoreResult<Enqueued>>>> {
     let mut slots: Vec<Vec<Option<StoreResult<Enqueued>>>> = Vec::with_capacity(batch.len());
     let mut sent: Vec<(&NewMessage, &EnqueueReq)> = Vec::new();
     for req in batch {
@@ -80,117 +85,202 @@ async fn commit_batch(pool: &Pool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<
     if sent.is_empty() {
         return Ok(fill(slots, &mut std::iter::empty()));
     }
-    let mut conns: Vec<&str> = sent.iter().map(|(m, _)| m.connection.as_str()).collect();
-    conns.sort_unstable();
-    conns.dedup();
-    let mut locks: Vec<i32> = conns.iter().map(|c| lock_key(c)).collect();
-    locks.sort_unstable();
-    locks.dedup();
-    let conn_ix: HashMap<&str, i32> = conns.iter().enumerate().map(|(i, c)| (*c, i as i32 + 1)).collect();
-    let mut groups: HashMap<(&str, [u8; 32]), i32> = HashMap::new();
-    let n = sent.len();
-    let (mut m_conn, mut m_key, mut m_payload, mut m_at) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let mut m_exp: Vec<Option<i64>> = Vec::with_capacity(n);
-    let (mut m_dedup, mut m_group, mut m_window) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut m_max_n, mut m_max_b, mut m_routed) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    for (m, req) in &sent {
-        let c = m.connection.as_str();
-        m_conn.push(conn_ix[c]);
-        m_key.push(m.recipient_key.as_str());
-        m_payload.push(m.payload.as_slice());
-        m_at.push(m.received_at_ms);
-        m_exp.push(m.expires_at_ms);
-        m_dedup.push(m.dedup_key.map(|k| k.to_vec()));
-        m_group.push(match m.dedup_key {
-            Some(k) => {
-                let next = groups.len() as i32 + 1;
-                *groups.entry((c, k)).or_insert(next)
-            }
-            None => 0,
-        });
-        m_window.push(req.limits.dedup_window_ms);
-        m_max_n.push(clamp(req.limits.max_messages));
-        m_max_b.push(clamp(req.limits.max_bytes));
-        m_routed.push(req.routed);
-    }
-    let m_lease_until: Vec<Option<i64>> = sent.iter().map(|(m, _)| m.lease.as_ref().map(|l| l.until_ms)).collect();
-    let m_lease_owner: Vec<Option<&str>> = sent
-        .iter()
-        .map(|(m, _)| m.lease.as_ref().map(|l| l.owner.as_str()))
-        .collect();
-    let leased = m_lease_until.iter().any(Option::is_some);
-    let client = pool.get().await.map_err(pool_err)?;
-    let q = client
-        .prepare_cached(if leased {
-            "SELECT * FROM mailroom_enqueue_leased($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
-        } else {
-            "SELECT * FROM mailroom_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-        })
-        .await
-        .map_err(pg_err)?;
-    let all: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
-        &conns,
-        &locks,
-        &m_conn,
-        &m_key,
-        &m_payload,
-        &m_at,
-        &m_exp,
-        &m_dedup,
-        &m_group,
-        &m_window,
-        &m_max_n,
-        &m_max_b,
-        &m_routed,
-        &m_lease_until,
-        &m_lease_owner,
-    ];
-    let params = if leased { &all[..] } else { &all[..13] };
+    let c = pool.get().await?;
+    // Lock keys another session held past `lock_timeout` (read once, after the first such end).
+    let mut held: Option<Vec<i32>> = None;
+    let is_held =
+        |held: &Option<Vec<i32>>, m: &NewMessage| held.as_ref().is_some_and(|h| h.contains(&lock_key(&m.connection)));
     let mut tries = 1;
-    let row = loop {
-        match client.query_one(&q, params).await {
-            Ok(row) => break row,
+    let outcomes = loop {
+        let kept: Vec<(&NewMessage, &EnqueueReq)> = sent.iter().copied().filter(|(m, _)| !is_held(&held, m)).collect();
+        if kept.is_empty() {
+            break Vec::new();
+        }
+        let args = Args::new(&kept);
+        let q = c.run(c.prepare_cached(args.sql())).await?;
+        match c.run(c.query_one(&q, &args.params())).await {
+            Ok(row) => break args.outcomes(&row)?,
             // The statement is its own transaction: aborted, it left nothing behind.
-            Err(e) if tries < STATEMENT_TRIES && is_transient(&e) => {
+            Err(e) if tries < STATEMENT_TRIES && e.is_transient() => {
                 tracing::warn!(error = %e, "postgres enqueue batch retried");
                 tries += 1;
             }
-            Err(e) => return Err(pg_err(e)),
+            Err(e) if held.is_none() && e.is_lock_timeout() => {
+                // Try-locks never wait; taken in this statement's own transaction, they are
+                // released at its end.
+                let rows = c
+                    .run(c.query(
+                        "SELECT k FROM unnest($2::int4[]) k WHERE NOT pg_try_advisory_xact_lock($1, k)",
+                        &[&LOCK_NS, &args.locks],
+                    ))
+                    .await?;
+                let h: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+                tracing::warn!(
+                    error = %e,
+                    held = h.len(),
+                    "postgres enqueue batch waited too long for a connection's lock: tried again \
+                     without the connections whose lock another session holds"
+                );
+                held = Some(h);
+            }
+            Err(e) => return Err(e.into()),
         }
     };
-    let o_id: Vec<Option<i64>> = row.try_get(0).map_err(pg_err)?;
-    let o_outcome: Vec<i16> = row.try_get(1).map_err(pg_err)?;
-    let o_n: Vec<Option<i64>> = row.try_get(2).map_err(pg_err)?;
-    let o_b: Vec<Option<i64>> = row.try_get(3).map_err(pg_err)?;
-    if o_id.len() != n || o_outcome.len() != n || o_n.len() != n || o_b.len() != n {
-        return Err(StoreError::Corrupt(format!(
-            "postgres: mailroom_enqueue answered {} outcomes for {n} messages",
-            o_outcome.len()
-        )));
-    }
-    let mut outcomes = (0..n).map(|i| {
-        let id = o_id[i].unwrap_or(0);
-        let c = |v: Option<i64>| v.unwrap_or(0).max(0) as u64;
-        match o_outcome[i] {
-            0 => Ok(Enqueued { id, duplicate: false }),
-            1 | 2 => Ok(Enqueued { id, duplicate: true }),
-            3 => Err(StoreError::QueueFull {
-                pending: c(o_n[i]),
-                bytes: c(o_b[i]),
-            }),
-            4 => Err(StoreError::NoRoute),
-            o => Err(StoreError::Corrupt(format!("postgres: mailroom_enqueue outcome {o}"))),
+    let mut outcomes = outcomes.into_iter();
+    let mut all = sent.iter().map(|(m, _)| {
+        if is_held(&held, m) {
+            Err(StoreError::Unavailable(
+                "postgres: another session holds this connection's queue lock (lock_timeout passed)".into(),
+            ))
+        } else {
+            outcomes
+                .next()
+                .unwrap_or_else(|| Err(StoreError::Corrupt("postgres: outcome missing".into())))
         }
     });
-    Ok(fill(slots, &mut outcomes))
+    Ok(fill(slots, &mut all))
+}
+
+/// The arguments of `mailroom_enqueue` for some messages of a batch.
+struct Args<'a> {
+    n: usize,
+    leased: bool,
+    conns: Vec<&'a str>,
+    locks: Vec<i32>,
+    m_conn: Vec<i32>,
+    m_key: Vec<&'a str>,
+    m_payload: Vec<&'a [u8]>,
+    m_at: Vec<i64>,
+    m_exp: Vec<Option<i64>>,
+    m_dedup: Vec<Option<Vec<u8>>>,
+    m_group: Vec<i32>,
+    m_window: Vec<i64>,
+    m_max_n: Vec<i64>,
+    m_max_b: Vec<i64>,
+    m_routed: Vec<bool>,
+    m_lease_until: Vec<Option<i64>>,
+    m_lease_owner: Vec<Option<&'a str>>,
+}
+
+impl<'a> Args<'a> {
+    fn new(sent: &[(&'a NewMessage, &'a EnqueueReq)]) -> Args<'a> {
+        let mut conns: Vec<&str> = sent.iter().map(|(m, _)| m.connection.as_str()).collect();
+        conns.sort_unstable();
+        conns.dedup();
+        let mut locks: Vec<i32> = conns.iter().map(|c| lock_key(c)).collect();
+        locks.sort_unstable();
+        locks.dedup();
+        let conn_ix: HashMap<&str, i32> = conns.iter().enumerate().map(|(i, c)| (*c, i as i32 + 1)).collect();
+        let mut groups: HashMap<(&str, [u8; 32]), i32> = HashMap::new();
+        let n = sent.len();
+        let mut a = Args {
+            n,
+            leased: false,
+            conns: Vec::new(),
+            locks,
+            m_conn: Vec::with_capacity(n),
+            m_key: Vec::with_capacity(n),
+            m_payload: Vec::with_capacity(n),
+            m_at: Vec::with_capacity(n),
+            m_exp: Vec::with_capacity(n),
+            m_dedup: Vec::with_capacity(n),
+            m_group: Vec::with_capacity(n),
+            m_window: Vec::with_capacity(n),
+            m_max_n: Vec::with_capacity(n),
+            m_max_b: Vec::with_capacity(n),
+            m_routed: Vec::with_capacity(n),
+            m_lease_until: Vec::with_capacity(n),
+            m_lease_owner: Vec::with_capacity(n),
+        };
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for (m, req) in sent {
+            let c = m.connection.as_str();
+            a.m_conn.push(conn_ix[c]);
+            a.m_key.push(m.recipient_key.as_str());
+            a.m_payload.push(m.payload.as_slice());
+            a.m_at.push(m.received_at_ms);
+            a.m_exp.push(m.expires_at_ms);
+            a.m_dedup.push(m.dedup_key.map(|k| k.to_vec()));
+            a.m_group.push(match m.dedup_key {
+                Some(k) => {
+                    let next = groups.len() as i32 + 1;
+                    *groups.entry((c, k)).or_insert(next)
+                }
+                None => 0,
+            });
+            a.m_window.push(req.limits.dedup_window_ms);
+            a.m_max_n.push(clamp(req.limits.max_messages));
+            a.m_max_b.push(clamp(req.limits.max_bytes));
+            a.m_routed.push(req.routed);
+            a.m_lease_until.push(m.lease.as_ref().map(|l| l.until_ms));
+            a.m_lease_owner.push(m.lease.as_ref().map(|l| l.owner.as_str()));
+        }
+        a.leased = a.m_lease_until.iter().any(Option::is_some);
+        a.conns = conns;
+        a
+    }
+
+    fn sql(&self) -> &'static str {
+        if self.leased {
+            "SELECT * FROM mailroom_enqueue_leased($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+        } else {
+            "SELECT * FROM mailroom_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        }
+    }
+
+    fn params(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+        let mut p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+            &self.conns,
+            &self.locks,
+            &self.m_conn,
+            &self.m_key,
+            &self.m_payload,
+            &self.m_at,
+            &self.m_exp,
+            &self.m_dedup,
+            &self.m_group,
+            &self.m_window,
+            &self.m_max_n,
+            &self.m_max_b,
+            &self.m_routed,
+        ];
+        if self.leased {
+            p.push(&self.m_lease_until);
+            p.push(&self.m_lease_owner);
+        }
+        p
+    }
+
+    /// The function's answer: one outcome per message, in input order.
+    fn outcomes(&self, row: &tokio_postgres::Row) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        let n = self.n;
+        let o_id: Vec<Option<i64>> = row.try_get(0).map_err(pg_err)?;
+        let o_outcome: Vec<i16> = row.try_get(1).map_err(pg_err)?;
+        let o_n: Vec<Option<i64>> = row.try_get(2).map_err(pg_err)?;
+        let o_b: Vec<Option<i64>> = row.try_get(3).map_err(pg_err)?;
+        if o_id.len() != n || o_outcome.len() != n || o_n.len() != n || o_b.len() != n {
+            return Err(StoreError::Corrupt(format!(
+                "postgres: mailroom_enqueue answered {} outcomes for {n} messages",
+                o_outcome.len()
+            )));
+        }
+        Ok((0..n)
+            .map(|i| {
+                let id = o_id[i].unwrap_or(0);
+                let c = |v: Option<i64>| v.unwrap_or(0).max(0) as u64;
+                match o_outcome[i] {
+                    0 => Ok(Enqueued { id, duplicate: false }),
+                    1 | 2 => Ok(Enqueued { id, duplicate: true }),
+                    3 => Err(StoreError::QueueFull {
+                        pending: c(o_n[i]),
+                        bytes: c(o_b[i]),
+                    }),
+                    4 => Err(StoreError::NoRoute),
+                    o => Err(StoreError::Corrupt(format!("postgres: mailroom_enqueue outcome {o}"))),
+                }
+            })
+            .collect())
+    }
 }
 
 /// Puts the function's outcomes, in order, into the slots the Rust checks left open.

@@ -1,0 +1,335 @@
+//! The store link's bounds against the real server: a link that goes silent (a proxy that
+//! swallows every byte both ways while the TCP connections stay up, as a partition behind a
+//! NAT or a frozen database host looks to the node), a connection's enqueue lock held by a
+//! session that froze in its transaction, and the session settings the server applies.
+//!
+//! Every store call here runs under a test timeout well above the store's own bound: before
+//! the bounds, these calls waited for as long as the link stayed silent (for ever, behind the
+//! proxy) or the lock stayed held.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::pg_backend::{admin, drop_test_db, server_url, test_db_name};
+use super::*;
+use crate::store::postgres::{lock_key, LOCK_NS};
+
+/// Far above every bound the store is opened with here, far below the kernel's timeouts.
+const HUNG: Duration = Duration::from_secs(20);
+
+/// `f`, or a panic naming `what` if it takes [`HUNG`].
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(HUNG, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within {HUNG:?} (hung)"))
+}
+
+/// Runs `check(db)` on its own task with a fresh database, then drops it even on failure.
+async fn with_db<F, Fut>(check: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let db = test_db_name();
+    admin()
+        .await
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .expect("create test database");
+    let r = tokio::spawn(check(db.clone())).await;
+    drop_test_db(&db).await;
+    rethrow(r);
+}
+
+/// A TCP proxy to the server whose links can go silent: while `silent` is set, every byte
+/// either way is read and dropped and no connection is closed.
+struct SilentProxy {
+    port: u16,
+    silent: Arc<AtomicBool>,
+}
+
+impl SilentProxy {
+    async fn start() -> SilentProxy {
+        let cfg: tokio_postgres::Config = server_url().parse().expect("MAILROOM_TEST_PG is a postgres:// URL");
+        let Some(tokio_postgres::config::Host::Tcp(host)) = cfg.get_hosts().first() else {
+            panic!("the silent-link checks need a TCP host in {}", server_url());
+        };
+        let target = format!("{host}:{}", cfg.get_ports().first().copied().unwrap_or(5432));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silent = Arc::new(AtomicBool::new(false));
+        let s = silent.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let (s, target) = (s.clone(), target.clone());
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let (in_rd, in_wr) = inbound.into_split();
+                    let (out_rd, out_wr) = outbound.into_split();
+                    tokio::select! {
+                        _ = pipe(in_rd, out_wr, s.clone()) => {}
+                        _ = pipe(out_rd, in_wr, s) => {}
+                    }
+                });
+            }
+        });
+        SilentProxy { port, silent }
+    }
+
+    /// `server_url()` through the proxy, to database `db`, with `params`.
+    fn url(&self, db: &str, params: &str) -> String {
+        let base = server_url();
+        let creds_end = base.rfind('@').map_or(base.find("://").unwrap() + 3, |i| i + 1);
+        format!("{}127.0.0.1:{}/{db}?{params}", &base[..creds_end], self.port)
+    }
+
+    fn go_silent(&self, silent: bool) {
+        self.silent.store(silent, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` until either ends; drops what it reads while `silent` is set.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    silent: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if !silent.load(Ordering::SeqCst) && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn open_bounded(url: &str, statement_timeout: Duration) -> Arc<dyn Store> {
+    open_postgres_with(url, 2, statement_timeout)
+        .await
+        .unwrap_or_else(|e| panic!("open the store: {e}"))
+}
+
+/// A raw session of the test (not the store's), in database `db`.
+async fn raw_session(db: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(&format!("{}/{db}", server_url()), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+fn unavailable<T: std::fmt::Debug>(r: &StoreResult<T>) -> bool {
+    matches!(r, Err(StoreError::Unavailable(_)))
+}
+
+/// The link goes silent: health, an enqueue batch and a lease batch each fail with
+/// `Unavailable` within the statement timeout instead of waiting for the link. Once it
+/// speaks again, the very next calls succeed: no connection left waiting went back to the
+/// pool (its stale answer would have gone to the next caller, or the caller would have waited
+/// behind it), and what was queued before is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_link_fails_calls_within_the_statement_timeout_and_never_reuses_their_connections() {
+    with_db(|db| async move {
+        let proxy = SilentProxy::start().await;
+        let t = Duration::from_secs(1);
+        let s = open_bounded(&proxy.url(&db, "sslmode=disable"), t).await;
+        let c = new_conn(&s).await;
+        enqueue_ok(&s, vec![msg(&c, "before", T0)]).await;
+        s.health().await.unwrap();
+
+        proxy.go_silent(true);
+        let started = Instant::now();
+        let (health, enq, lease) = within(
+            "calls on a silent link",
+            futures_util::future::join3(
+                s.health(),
+                s.enqueue(vec![msg(&c, "during", T0 + 1)], &EnqueueLimits::UNLIMITED),
+                s.lease(&c, 10, "n1", T0, T0 + 60_000),
+            ),
+        )
+        .await;
+        let took = started.elapsed();
+        assert!(unavailable(&health), "{health:?}");
+        assert!(unavailable(&enq), "{enq:?}");
+        assert!(unavailable(&lease), "{lease:?}");
+        // Each call is bounded by 1 s; they ran side by side.
+        assert!(took < Duration::from_secs(5), "the calls took {took:?}");
+
+        proxy.go_silent(false);
+        // The first call after the link is back answers: it does not get a connection that
+        // still waits for an answer swallowed by the silence.
+        within("health once the link is back", s.health()).await.unwrap();
+        within("an enqueue once the link is back", async {
+            enqueue_ok(&s, vec![msg(&c, "after", T0 + 2)]).await
+        })
+        .await;
+        let got = within(
+            "a lease once the link is back",
+            s.lease(&c, 10, "n1", T0 + 3, T0 + 60_000),
+        )
+        .await
+        .unwrap();
+        let payloads: Vec<&[u8]> = got.iter().map(|m| m.payload.as_slice()).collect();
+        // "during" was refused (503): whether it committed is the sender's retry's business
+        // (dedup); here it did not reach the server at all.
+        assert_eq!(payloads, vec![&b"before"[..], &b"after"[..]]);
+    })
+    .await;
+}
+
+/// A session that froze in a transaction holds connection X's enqueue lock: an enqueue batch
+/// holding messages for X and for Y answers X's with `Unavailable` once the server's lock
+/// timeout (half the statement timeout) passes, and queues Y's. Before, the batch waited for
+/// the lock as long as it was held, and every forward of the node (one writer, batches of
+/// every connection) with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_batch_refuses_only_the_connection_whose_lock_another_session_holds() {
+    with_db(|db| async move {
+        let t = Duration::from_secs(2);
+        let s = open_bounded(&format!("{}/{db}", server_url()), t).await;
+        let (x, y) = (new_conn(&s).await, new_conn(&s).await);
+        let holder = raw_session(&db).await;
+        holder.batch_execute("BEGIN").await.unwrap();
+        holder
+            .execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(&x)])
+            .await
+            .unwrap();
+
+        let started = Instant::now();
+        let r = within(
+            "an enqueue while X's lock is held",
+            s.enqueue(
+                vec![msg(&x, "x1", T0), msg(&y, "y1", T0), msg(&x, "x2", T0)],
+                &EnqueueLimits::UNLIMITED,
+            ),
+        )
+        .await
+        .expect("the batch itself is answered");
+        let took = started.elapsed();
+        assert!(unavailable(&r[0]) && unavailable(&r[2]), "{r:?}");
+        assert!(r[1].is_ok(), "{r:?}");
+        assert!(took < t + Duration::from_secs(1), "answered after {took:?}");
+        // X alone: refused too.
+        let r = within(
+            "an enqueue for X alone",
+            s.enqueue(vec![msg(&x, "x3", T0)], &EnqueueLimits::UNLIMITED),
+        )
+        .await
+        .unwrap();
+        assert!(unavailable(&r[0]), "{r:?}");
+
+        holder.batch_execute("ROLLBACK").await.unwrap();
+        enqueue_ok(&s, vec![msg(&x, "x4", T0 + 1)]).await;
+        let of = |v: Vec<QueuedMessage>| v.into_iter().map(|m| m.payload).collect::<Vec<_>>();
+        assert_eq!(
+            of(s.lease(&x, 10, "n1", T0 + 2, T0 + 60_000).await.unwrap()),
+            vec![b"x4".to_vec()]
+        );
+        assert_eq!(
+            of(s.lease(&y, 10, "n1", T0 + 2, T0 + 60_000).await.unwrap()),
+            vec![b"y1".to_vec()]
+        );
+    })
+    .await;
+}
+
+/// A node that froze (or lost its link) inside a transaction holding X's enqueue lock: the
+/// server ends that session once it has been idle in the transaction for three statement
+/// timeouts, the lock goes with it, and X's forwards are queued again (from any node). Its
+/// sessions carry the server-side timeouts derived from the statement timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_idle_in_a_transaction_is_ended_by_the_server_and_its_locks_freed() {
+    with_db(|db| async move {
+        let url = format!("{}/{db}", server_url());
+        let frozen = PgStore::open_with(&url, 2, Duration::from_secs(1)).await.unwrap();
+        let session = frozen.session_for_test().await;
+        let show = |name: &'static str| {
+            let session = &session;
+            async move {
+                let row = session.query_one(&format!("SHOW {name}"), &[]).await.unwrap();
+                row.get::<_, String>(0)
+            }
+        };
+        assert_eq!(show("lock_timeout").await, "500ms");
+        assert_eq!(show("idle_in_transaction_session_timeout").await, "3s");
+
+        let other = open_bounded(&url, Duration::from_secs(2)).await;
+        let x = new_conn(&other).await;
+        session.batch_execute("BEGIN").await.unwrap();
+        session
+            .execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(&x)])
+            .await
+            .unwrap();
+        // The node freezes here: its transaction sends nothing more.
+        let started = Instant::now();
+        let r = within(
+            "an enqueue while the frozen session holds X's lock",
+            other.enqueue(vec![msg(&x, "refused", T0)], &EnqueueLimits::UNLIMITED),
+        )
+        .await
+        .unwrap();
+        assert!(unavailable(&r[0]), "{r:?}");
+        let queued = within("X's enqueues once the server ended the frozen session", async {
+            loop {
+                let r = other
+                    .enqueue(vec![msg(&x, "queued", T0)], &EnqueueLimits::UNLIMITED)
+                    .await
+                    .unwrap();
+                if r[0].is_ok() {
+                    return started.elapsed();
+                }
+                assert!(unavailable(&r[0]), "{r:?}");
+            }
+        })
+        .await;
+        assert!(queued >= Duration::from_secs(2), "the lock went after {queued:?}");
+        // The frozen session is gone: its next statement fails.
+        let err = session.batch_execute("SELECT 1").await.unwrap_err();
+        assert!(
+            err.is_closed() || err.to_string().contains("idle-in-transaction"),
+            "{err}"
+        );
+    })
+    .await;
+}
+
+/// The URL's own settings win: a `lock_timeout` in its `options` is the session's, the idle
+/// transaction timeout still follows the statement timeout; the default statement timeout
+/// gives 5 s and 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_timeouts_of_the_url_options_win() {
+    with_db(|db| async move {
+        let show = |s: deadpool_postgres::Object, name: &'static str| async move {
+            s.query_one(&format!("SHOW {name}"), &[])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        };
+        let url = format!("{}/{db}", server_url());
+        let default = PgStore::open(&url, 2).await.unwrap();
+        assert_eq!(show(default.session_for_test().await, "lock_timeout").await, "5s");
+        assert_eq!(
+            show(default.session_for_test().await, "idle_in_transaction_session_timeout").await,
+            "30s"
+        );
+        let own = PgStore::open_with(
+            &format!("{url}?options=-c%20lock_timeout%3D7000"),
+            2,
+            Duration::from_secs(4),
+        )
+        .await
+        .unwrap();
+        assert_eq!(show(own.session_for_test().await, "lock_timeout").await, "7s");
+        assert_eq!(
+            show(own.session_for_test().await, "idle_in_transaction_session_timeout").await,
+            "12s"
+        );
+    })
+    .await;
+}
