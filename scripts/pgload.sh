@@ -11,7 +11,8 @@
 # Accepted = rows added to mailroom_messages during the window (a repeat would not add one).
 # CPU over the window: the node(s) (utime+stime from /proc), the database's server processes
 # (pg_stat_activity of the run's database; WAL writer and checkpointer not included), nginx,
-# and wrk itself. Prints one line of figures with the load average.
+# and wrk itself. Prints one line of figures with the load average, wrk's lines, and what the
+# nodes refused by reason (their `mailroom_rejected_total`, warm-up included).
 # MAILROOM_BIN / FWD_COST_BIN: other builds. PGLOAD_POOL: store.pool_size (default 16).
 # PGLOAD_SSLMODE: the store link's sslmode (default: the node's, prefer: TLS when the server
 # offers it, as the box's PostgreSQL does; `disable` for plaintext).
@@ -76,6 +77,7 @@ TOML
   wait_ready "http://127.0.0.1:$ADM/ready"
   TARGET="http://127.0.0.1:$PUB"
   NODE_PIDS="${PIDS[*]}"
+  ADMINS="http://127.0.0.1:$ADM"
   LB_PIDS=""
 else
   read -r LB P1 P2 P3 P4 P5 P6 P7 P8 P9 <<<"$(free_ports 10)"
@@ -104,6 +106,11 @@ TOML
   CLUSTER_LB_KEEPALIVE=${PGLOAD_KEEPALIVE:-128} CLUSTER_CONFIG="$DIR/cluster.toml" CLUSTER_RUN="$DIR/run" MAILROOM_BIN="$BIN" scripts/cluster.sh up >&2
   TARGET="http://127.0.0.1:$LB"
   NODE_PIDS=$(cat "$DIR"/run/n?.pid | tr '\n' ' ')
+  ADMINS=""
+  for n in 1 2 3; do
+    read -r L C A <<<"${NODE_PORTS[$((n - 1))]}"
+    ADMINS="$ADMINS http://127.0.0.1:$A"
+  done
   LB_PIDS=$(pgrep -P "$(cat "$DIR/run/nginx.pid")" | tr '\n' ' ')
   LB_PIDS="$(cat "$DIR/run/nginx.pid") $LB_PIDS"
 fi
@@ -114,7 +121,7 @@ WIN_N=$((RATE * SECS))
 head -n "$WARM_N" "$DIR/all.txt" > "$DIR/warm.txt"
 tail -n "+$((WARM_N + 1))" "$DIR/all.txt" > "$DIR/win.txt"
 
-export DIR DB TARGET CONNS SECS NODE_PIDS LB_PIDS MODE POOL WIN_N
+export DIR DB TARGET CONNS SECS NODE_PIDS LB_PIDS MODE POOL WIN_N ADMINS
 python3 - <<'PY'
 import os, subprocess, time, resource
 d = os.environ
@@ -171,4 +178,13 @@ print(f"{time.strftime('%H:%M', time.gmtime())} UTC mode={d['MODE']} conns={d['C
       f"load {' '.join(load)}")
 for l in reqs:
     print("  " + l.strip())
+# What the nodes refused (warm-up and window), by reason: `mailroom_rejected_total`.
+import urllib.request
+refused = {}
+for a in d["ADMINS"].split():
+    for l in urllib.request.urlopen(a + "/metrics", timeout=10).read().decode().splitlines():
+        if l.startswith("mailroom_rejected_total{"):
+            reason = l.split('reason="', 1)[1].split('"', 1)[0]
+            refused[reason] = refused.get(reason, 0) + int(float(l.split()[-1]))
+print("  refused by the nodes: " + (", ".join(f"{k} {v}" for k, v in sorted(refused.items())) or "none"))
 PY
