@@ -316,9 +316,11 @@ END $$;
         // revocation and the removal of the connection's keys, or after a removal that failed,
         // was queued and answered 2xx, and pickup never hands it out.
         //
-        // `mediation_denied` is derived from the stored record by PostgreSQL, so every writer
-        // keeps it right (older nodes too) and existing rows get it now. The record is read as
-        // text, not as JSON: a NUL in it (a label from the network, written `\u0000`) makes
+        // `mailroom_mediation_denied` reads it from the stored record at enqueue, so every
+        // writer keeps it right (older nodes too), existing rows included, with no DDL on
+        // `mailroom_connections` (a column added there would rewrite the table under a lock
+        // that stalls every node's connection lookups while it waits and runs, in a rolling
+        // upgrade). The record is read as text, not as JSON: a NUL in it (a label from the network, written `\u0000`) makes
         // PostgreSQL's JSON types fail, which would fail the write or the whole batch. The
         // record is serde_json's compact `Connection` (no whitespace, fields in declaration
         // order), whose first `"mediation":"` is its own field: every field before it is a
@@ -328,8 +330,10 @@ END $$;
         // `mailroom_enqueue` is replaced in place, with the same signature: older nodes and
         // `mailroom_enqueue_leased` call it by name. Only its route check changes.
         r#"
-ALTER TABLE mailroom_connections ADD COLUMN mediation_denied boolean
-    GENERATED ALWAYS AS (substr(data, strpos(data, '"mediation":"'), 20) = '"mediation":"Denied"') STORED;
+CREATE OR REPLACE FUNCTION mailroom_mediation_denied(data text) RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT substr(data, strpos(data, '"mediation":"'), 20) = '"mediation":"Denied"'
+$$;
 CREATE OR REPLACE FUNCTION mailroom_enqueue(
     conns text[], locks int4[], m_conn int4[], m_key text[], m_payload bytea[], m_at int8[],
     m_exp int8[], m_dedup bytea[], m_group int4[], m_window int8[], m_max_n int8[], m_max_b int8[],
@@ -374,7 +378,8 @@ BEGIN
              WHERE u.rt AND (NOT EXISTS (SELECT 1 FROM mailroom_routing_keys rk
                                          WHERE rk.key = u.k AND rk.conn_id = conns[u.c])
                              OR EXISTS (SELECT 1 FROM mailroom_connections mc
-                                        WHERE mc.id = conns[u.c] AND mc.mediation_denied)) LOOP
+                                        WHERE mc.id = conns[u.c]
+                                          AND mailroom_mediation_denied(mc.data))) LOOP
         o_outcome[r.i] := 4;
     END LOOP;
     FOR x IN 1..cnt LOOP
@@ -420,6 +425,17 @@ BEGIN
         ON CONFLICT (conn_id, key) DO UPDATE
         SET msg_id = excluded.msg_id, received_at_ms = excluded.received_at_ms;
 END $$;
+"#,
+    ),
+    (
+        12,
+        // Migration 11's first form (a development build of 2026-12-05 only) added a generated
+        // column instead of this function: a database that applied it gets the function too.
+        r#"
+CREATE OR REPLACE FUNCTION mailroom_mediation_denied(data text) RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT substr(data, strpos(data, '"mediation":"'), 20) = '"mediation":"Denied"'
+$$;
 "#,
     ),
 ];
@@ -493,7 +509,7 @@ pub(super) async fn migrate(mut client: deadpool_postgres::Object) -> StoreResul
 mod tests {
     use crate::store::{Connection, MediationState};
 
-    /// Migration 11's `mediation_denied`, in Rust: the record's first `"mediation":"` reads
+    /// Migration 11's `mailroom_mediation_denied`, in Rust: the record's first `"mediation":"` reads
     /// `"mediation":"Denied"`.
     fn reads_denied(record: &str) -> bool {
         record

@@ -14,8 +14,8 @@
 //! - `expire` skips rows locked by others (they go at the next call) and never waits on them.
 //! - `revoke_mediation` and `delete_connection` take the connection's enqueue lock, then its
 //!   row: an enqueue batch routed to it is decided wholly before or wholly after them. The
-//!   route check of a batch refuses a connection whose mediation is revoked (the generated
-//!   column `mediation_denied`, migration 11), whatever keys it still holds.
+//!   route check of a batch refuses a connection whose mediation is revoked (the function
+//!   `mailroom_mediation_denied`, migration 11), whatever keys it still holds.
 //! - `ack`, `release`, `release_owner` lock their rows in id order; `update_keys` takes sorted
 //!   advisory locks on its keys first. Writers therefore never deadlock each other; a
 //!   single-statement write aborted anyway (deadlock victim, serialization failure) is retried.

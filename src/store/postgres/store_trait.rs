@@ -47,7 +47,7 @@ impl Store for PgStore {
         // it stays denied. The row lock orders this write with `revoke_mediation`'s.
         let denied = b
             .run(tx.query_opt(
-                "SELECT mediation_denied FROM mailroom_connections WHERE id = $1 FOR UPDATE",
+                "SELECT mailroom_mediation_denied(data) FROM mailroom_connections WHERE id = $1 FOR UPDATE",
                 &[&conn.id],
             ))
             .await?
