@@ -215,7 +215,9 @@ async fn an_enqueue_batch_refuses_only_the_connection_whose_lock_another_session
         assert!(unavailable(&r[0]) && unavailable(&r[2]), "{r:?}");
         assert!(r[1].is_ok(), "{r:?}");
         assert!(took < t + Duration::from_secs(1), "answered after {took:?}");
-        // X alone: refused too.
+        // X alone: refused too, and at once: the writer remembers X's lock stuck and checks
+        // it is still held rather than wait for the lock timeout (1 s) again.
+        let started = Instant::now();
         let r = within(
             "an enqueue for X alone",
             s.enqueue(vec![msg(&x, "x3", T0)], &EnqueueLimits::UNLIMITED),
@@ -223,6 +225,11 @@ async fn an_enqueue_batch_refuses_only_the_connection_whose_lock_another_session
         .await
         .unwrap();
         assert!(unavailable(&r[0]), "{r:?}");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(800),
+            "waited {took:?} again for a lock known stuck"
+        );
 
         holder.batch_execute("ROLLBACK").await.unwrap();
         enqueue_ok(&s, vec![msg(&x, "x4", T0 + 1)]).await;
@@ -235,6 +242,86 @@ async fn an_enqueue_batch_refuses_only_the_connection_whose_lock_another_session
             of(s.lease(&y, 10, "n1", T0 + 2, T0 + 60_000).await.unwrap()),
             vec![b"y1".to_vec()]
         );
+    })
+    .await;
+}
+
+/// Waits (a test bound of [`HUNG`]) until a session of `db` waits for the enqueue lock of
+/// `conn`; false if none did.
+async fn waits_for_lock(watcher: &tokio_postgres::Client, conn: &str) -> bool {
+    let deadline = Instant::now() + HUNG;
+    while Instant::now() < deadline {
+        let n: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                 AND objsubid = 2 AND objid = ($1::int4::int8 & 4294967295)::oid",
+                &[&lock_key(conn)],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Only a lock its holder keeps without waiting itself is taken for stuck. While a batch waits
+/// on X's lock (a frozen session holds it), another node's batch holds Y's lock and waits on
+/// X too, as every batch with X does (keys are taken in order): when the first batch looks at
+/// the locks, Y is held by a waiter that will give it up at its own lock timeout. The batch,
+/// rerun without X, waits for Y and queues it. Before, every lock held at that instant
+/// counted: Y's forwards were refused with X's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_held_by_a_waiting_batch_is_not_taken_for_a_stuck_one() {
+    with_db(|db| async move {
+        // lock_timeout 3 s: the batch waits that long on X before it looks at the locks, and
+        // may take until 6 s in all.
+        let s = open_bounded(&format!("{}/{db}", server_url()), Duration::from_secs(6)).await;
+        // X's lock sorts before Y's: the batch waits on X while Y is free.
+        let (x, y) = loop {
+            let (a, b) = (new_conn(&s).await, new_conn(&s).await);
+            match lock_key(&a).cmp(&lock_key(&b)) {
+                std::cmp::Ordering::Less => break (a, b),
+                std::cmp::Ordering::Greater => break (b, a),
+                std::cmp::Ordering::Equal => {}
+            }
+        };
+        let frozen = raw_session(&db).await;
+        frozen.batch_execute("BEGIN").await.unwrap();
+        frozen
+            .execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(&x)])
+            .await
+            .unwrap();
+        let (other, watcher) = (raw_session(&db).await, raw_session(&db).await);
+        let store = s.clone();
+        let (mx, my) = (msg(&x, "x1", T0), msg(&y, "y1", T0));
+        let batch = tokio::spawn(async move { store.enqueue(vec![mx, my], &EnqueueLimits::UNLIMITED).await });
+        assert!(waits_for_lock(&watcher, &x).await, "the batch waits on X");
+        // The other node's batch: Y's lock, then a wait on X that its own lock timeout ends
+        // between the first batch's look at the locks (3 s) and its deadline (6 s).
+        other.batch_execute("SET lock_timeout = '4s'; BEGIN").await.unwrap();
+        other
+            .execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(&y)])
+            .await
+            .unwrap();
+        let waiting = tokio::spawn(async move {
+            let r = other
+                .execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(&x)])
+                .await;
+            other.batch_execute("ROLLBACK").await.unwrap();
+            r.is_err()
+        });
+        let r = within("the batch", batch)
+            .await
+            .unwrap()
+            .expect("the batch itself is answered");
+        assert!(unavailable(&r[0]), "X's lock is stuck: {r:?}");
+        assert!(r[1].is_ok(), "Y's lock was held by a batch waiting itself: {r:?}");
+        assert!(within("the other batch", waiting).await.unwrap(), "it gave up on X");
+        frozen.batch_execute("ROLLBACK").await.unwrap();
     })
     .await;
 }

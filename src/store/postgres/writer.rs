@@ -1,6 +1,6 @@
 //! The write path: writer tasks that commit every waiting enqueue request in one statement.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
@@ -17,6 +17,10 @@ pub(super) struct EnqueueReq {
 }
 
 pub(super) async fn writer_task(pool: BoundedPool, rx: Arc<AsyncMutex<mpsc::Receiver<EnqueueReq>>>) {
+    // Lock keys found stuck (held by a transaction older than `lock_timeout`), until a batch
+    // that holds them finds them free: later batches skip them at once instead of waiting for
+    // the lock timeout again.
+    let mut stuck: HashSet<i32> = HashSet::new();
     loop {
         let batch = {
             let mut rx = rx.lock().await;
@@ -38,7 +42,7 @@ pub(super) async fn writer_task(pool: BoundedPool, rx: Arc<AsyncMutex<mpsc::Rece
             }
             batch
         };
-        match commit_batch(&pool, &batch).await {
+        match commit_batch(&pool, &batch, &mut stuck).await {
             Ok(outcomes) => {
                 for (req, out) in batch.into_iter().zip(outcomes) {
                     let _ = req.reply.send(Ok(out));
@@ -64,7 +68,11 @@ pub(super) async fn writer_task(pool: BoundedPool, rx: Arc<AsyncMutex<mpsc::Rece
 /// locks held by others are read and the batch runs again without their connections, whose
 /// messages alone are refused (`Unavailable`, 503 upstream): one stuck connection does not
 /// stop the forwards to every other one that share its batches, on any node.
-async fn commit_batch(pool: &BoundedPool, batch: &[EnqueueReq]) -> StoreResult<Vec<Vec<StoreResult<Enqueued>>>> {
+async fn commit_batch(
+    pool: &BoundedPool,
+    batch: &[EnqueueReq],
+    stuck: &mut HashSet<i32>,
+) -> StoreResult<Vec<Vec<StoreResult<Enqueued>>>> {
     let mut slots: Vec<Vec<Option<StoreResult<Enqueued>>>> = Vec::with_capacity(batch.len());
     let mut sent: Vec<(&NewMessage, &EnqueueReq)> = Vec::new();
     for req in batch {
@@ -86,8 +94,24 @@ async fn commit_batch(pool: &BoundedPool, batch: &[EnqueueReq]) -> StoreResult<V
         return Ok(fill(slots, &mut std::iter::empty()));
     }
     let c = pool.get().await?;
-    // Lock keys another session held past `lock_timeout` (read once, after the first such end).
+    // Lock keys another session holds past `lock_timeout`: those found stuck by an earlier
+    // batch, if they still are; else read once, after the first lock timeout of this batch.
     let mut held: Option<Vec<i32>> = None;
+    if !stuck.is_empty() {
+        let ours: Vec<i32> = Args::new(&sent)
+            .locks
+            .into_iter()
+            .filter(|k| stuck.contains(k))
+            .collect();
+        if !ours.is_empty() {
+            let h = stuck_locks(&c, &ours).await?;
+            stuck.retain(|k| !ours.contains(k) || h.contains(k));
+            if !h.is_empty() {
+                held = Some(h);
+            }
+        }
+    }
+    let mut probed = false;
     let is_held =
         |held: &Option<Vec<i32>>, m: &NewMessage| held.as_ref().is_some_and(|h| h.contains(&lock_key(&m.connection)));
     let mut tries = 1;
@@ -105,23 +129,17 @@ async fn commit_batch(pool: &BoundedPool, batch: &[EnqueueReq]) -> StoreResult<V
                 tracing::warn!(error = %e, "postgres enqueue batch retried");
                 tries += 1;
             }
-            Err(e) if held.is_none() && e.is_lock_timeout() => {
-                // Try-locks never wait; taken in this statement's own transaction, they are
-                // released at its end.
-                let rows = c
-                    .run(c.query(
-                        "SELECT k FROM unnest($2::int4[]) k WHERE NOT pg_try_advisory_xact_lock($1, k)",
-                        &[&LOCK_NS, &args.locks],
-                    ))
-                    .await?;
-                let h: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+            Err(e) if !probed && e.is_lock_timeout() => {
+                probed = true;
+                let h = stuck_locks(&c, &args.locks).await?;
                 tracing::warn!(
                     error = %e,
                     held = h.len(),
                     "postgres enqueue batch waited too long for a connection's lock: tried again \
                      without the connections whose lock another session holds"
                 );
-                held = Some(h);
+                stuck.extend(h.iter().copied());
+                held = Some(held.unwrap_or_default().into_iter().chain(h).collect());
             }
             Err(e) => return Err(e.into()),
         }
@@ -139,6 +157,28 @@ async fn commit_batch(pool: &BoundedPool, batch: &[EnqueueReq]) -> StoreResult<V
         }
     });
     Ok(fill(slots, &mut all))
+}
+
+/// Which of `keys` (connections' enqueue locks) another session holds in a transaction older
+/// than `lock_timeout` while not itself waiting for a lock: a session that froze or lost its
+/// link (idle in its transaction), or a long operator delete. Another node's batch holds its
+/// lower keys while it waits on the stuck one, and any batch holds its keys for milliseconds:
+/// counting those would refuse healthy connections with the stuck one.
+async fn stuck_locks(c: &super::bounded::Conn, keys: &[i32]) -> StoreResult<Vec<i32>> {
+    let rows = c
+        .run(c.query(
+            "SELECT k FROM unnest($2::int4[]) k WHERE EXISTS ( \
+               SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+               WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 AND l.classid = ($1::int4::int8 & 4294967295)::oid AND l.objid = (k::int8 & 4294967295)::oid \
+                 AND l.pid <> pg_backend_pid() \
+                 AND a.wait_event_type IS DISTINCT FROM 'Lock' \
+                 AND a.xact_start <= now() - current_setting('lock_timeout')::interval)",
+            &[&LOCK_NS, &keys],
+        ))
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// The arguments of `mailroom_enqueue` for some messages of a batch.
