@@ -12,7 +12,7 @@ use common::cluster::live_socket;
 use common::*;
 use mailroom::client::{basic_message, Agent, Sender, WsClient};
 use mailroom::config::Strategy;
-use mailroom::node::{self, NodeOptions};
+use mailroom::node;
 use mailroom::store::*;
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,17 +90,7 @@ async fn gated_node(strategy: Strategy) -> (tempfile::TempDir, node::RunningNode
         armed: AtomicBool::new(false),
         gate: Arc::default(),
     });
-    let l = node::bind_ephemeral(&mut cfg, "n1", false).unwrap();
-    let n = node::spawn(
-        cfg,
-        "n1",
-        l,
-        NodeOptions {
-            store: Some(gated.clone()),
-            config_path: None,
-        },
-    )
-    .unwrap();
+    let n = start_on(&cfg, gated.clone());
     (dir, n, gated)
 }
 

@@ -427,22 +427,12 @@ async fn node_on_failing_removals() -> (
     String,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
+    let cfg = test_config(dir.path(), Strategy::QueueOnly);
     let store = Arc::new(FailingRemovals {
         inner: open_sled(&dir.path().join("data")).await.unwrap(),
         fail_removals: AtomicBool::new(false),
     });
-    let l = mailroom::node::bind_ephemeral(&mut cfg, "n1", false).unwrap();
-    let n = mailroom::node::spawn(
-        cfg,
-        "n1",
-        l,
-        mailroom::node::NodeOptions {
-            store: Some(store.clone()),
-            config_path: None,
-        },
-    )
-    .unwrap();
+    let n = start_on(&cfg, store.clone());
     let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
     let id = common::cluster::a_connection_id(&n).await;
     (dir, n, store, a, k, id)

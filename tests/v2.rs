@@ -683,19 +683,9 @@ async fn a_revoked_mediation_is_not_granted_again_by_a_v2_mediate_request() {
 async fn a_denied_connection_whose_did_is_still_registered_gets_no_v2_forward() {
     use mailroom::store::{ConnectionPatch, MediationState};
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
+    let cfg = test_config(dir.path(), Strategy::QueueOnly);
     let store = mailroom::store::open_sled(&dir.path().join("data")).await.unwrap();
-    let l = mailroom::node::bind_ephemeral(&mut cfg, "n1", false).unwrap();
-    let n = mailroom::node::spawn(
-        cfg,
-        "n1",
-        l,
-        mailroom::node::NodeOptions {
-            store: Some(store.clone()),
-            config_path: None,
-        },
-    )
-    .unwrap();
+    let n = start_on(&cfg, store.clone());
     let mut a = V2Agent::new(v2_mediator(&n).await).unwrap();
     let r = a.onboard().await.unwrap();
     let s = V2Sender::new().unwrap();

@@ -33,6 +33,17 @@ pub fn start(cfg: &Config) -> RunningNode {
     node::spawn(cfg, "n1", l, Default::default()).expect("node starts")
 }
 
+/// [`start`] on a store of the test's own (a wrapper that fails or gates some calls).
+pub fn start_on(cfg: &Config, store: std::sync::Arc<dyn mailroom::store::Store>) -> RunningNode {
+    let mut cfg = cfg.clone();
+    let l = node::bind_ephemeral(&mut cfg, "n1", false).expect("bind 127.0.0.1:0");
+    let opts = node::NodeOptions {
+        store: Some(store),
+        config_path: None,
+    };
+    node::spawn(cfg, "n1", l, opts).expect("node starts")
+}
+
 pub async fn invitation(n: &RunningNode) -> Invitation {
     let v = get_json(&format!("{}/invitation", n.public_url())).await;
     Invitation::parse(&v["invitation"]).expect("invitation parses")

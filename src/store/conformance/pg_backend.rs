@@ -157,18 +157,7 @@ async fn migration_4_makes_keys_unique_and_recounts_queues() {
     let r = async move {
         let (c, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(conn_task);
-        c.batch_execute(
-            "CREATE TABLE mailroom_schema (version integer PRIMARY KEY, \
-             applied_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await
-        .unwrap();
-        for (v, sql) in super::super::postgres::MIGRATIONS.iter().filter(|(v, _)| *v <= 3) {
-            c.batch_execute(sql).await.unwrap();
-            c.execute("INSERT INTO mailroom_schema (version) VALUES ($1)", &[v])
-                .await
-                .unwrap();
-        }
+        migrate_to(&c, 3).await;
         let mut old = conn("old");
         old.their_verkeys = vec!["vk".into(), "vk-old".into()];
         let mut new = conn("new");
@@ -217,6 +206,22 @@ async fn migration_4_makes_keys_unique_and_recounts_queues() {
     r.unwrap();
 }
 
+/// Applies the store's migrations up to `version` only, as a node of that release did.
+async fn migrate_to(c: &tokio_postgres::Client, version: i32) {
+    c.batch_execute(
+        "CREATE TABLE mailroom_schema (version integer PRIMARY KEY, \
+         applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .unwrap();
+    for (v, sql) in super::super::postgres::MIGRATIONS.iter().filter(|(v, _)| *v <= version) {
+        c.batch_execute(sql).await.unwrap();
+        c.execute("INSERT INTO mailroom_schema (version) VALUES ($1)", &[v])
+            .await
+            .unwrap();
+    }
+}
+
 /// A store written before migration 11, where a revocation whose key removal failed left a
 /// denied connection holding its key (every forward to it was answered 2xx and never
 /// delivered): once migrated, routed messages to it are refused. A granted connection whose
@@ -234,18 +239,7 @@ async fn migration_11_refuses_connections_denied_before_it() {
     let r = tokio::spawn(async move {
         let (c, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(conn_task);
-        c.batch_execute(
-            "CREATE TABLE mailroom_schema (version integer PRIMARY KEY, \
-             applied_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await
-        .unwrap();
-        for (v, sql) in super::super::postgres::MIGRATIONS.iter().filter(|(v, _)| *v <= 10) {
-            c.batch_execute(sql).await.unwrap();
-            c.execute("INSERT INTO mailroom_schema (version) VALUES ($1)", &[v])
-                .await
-                .unwrap();
-        }
+        migrate_to(&c, 10).await;
         let mut denied = conn("denied");
         denied.mediation = MediationState::Denied;
         denied.label = Some("a NUL: \0".into());
