@@ -325,9 +325,7 @@ mod tests {
     use crate::cluster::proto::Claim;
     use proptest::prelude::*;
 
-    fn pair(max_dialer: usize, max_acceptor: usize) -> (SecureChannel, SecureChannel) {
-        test_pair(max_dialer, max_acceptor)
-    }
+    use super::test_pair as pair;
 
     /// Splits sealed bytes into their records.
     fn records(mut b: &[u8]) -> Vec<Vec<u8>> {

@@ -127,14 +127,21 @@ impl Membership {
     /// held). Views may differ for a moment; then two nodes take over (harmless: the push
     /// window is shared), never none that is up in its own view.
     pub fn takes_over(&self) -> bool {
-        self.peers.iter().all(|(id, p)| !p.up || *id > self.local)
+        self.lowest_up_besides(None)
     }
 
     /// Whether this node is the one that takes over what `peer` left behind: the lowest id
     /// among itself and the peers it sees up, `peer` aside (which may be up again: a peer
     /// that restarted before it was found failed).
     pub fn takes_over_from(&self, peer: &str) -> bool {
-        self.peers.iter().all(|(id, p)| id == peer || !p.up || *id > self.local)
+        self.lowest_up_besides(Some(peer))
+    }
+
+    /// Whether no peer it sees up, `peer` aside, has a lower id than this node.
+    fn lowest_up_besides(&self, peer: Option<&str>) -> bool {
+        self.peers
+            .iter()
+            .all(|(id, p)| Some(id.as_str()) == peer || !p.up || *id > self.local)
     }
 
     /// Whether this node sees at least half of the cluster up, itself counted. A node that

@@ -572,6 +572,19 @@ fn uuid_from_bytes(b: &[u8; 32]) -> String {
     uuid::Builder::from_random_bytes(u).into_uuid().to_string()
 }
 
+/// A mediator on a temporary sled store holding one granted connection, `c1` (unit tests of
+/// the protocol families).
+#[cfg(test)]
+pub(crate) async fn mediator_for_test() -> (Mediator, Connection) {
+    let store: std::sync::Arc<dyn crate::store::Store> =
+        std::sync::Arc::new(crate::store::SledStore::temporary().await.unwrap());
+    let conn = granted_connection_for_test("c1", "ours", "theirs");
+    store.put_connection(&conn).await.unwrap();
+    let cfg = crate::config::Config::single_node_default();
+    let m = Mediator::new(store, MediatorKeys::generate(), &cfg, "n1", "http://127.0.0.1:1");
+    (m, conn)
+}
+
 /// A completed DID exchange with mediation granted (unit tests of the protocol families).
 #[cfg(test)]
 pub(crate) fn granted_connection_for_test(id: &str, our_verkey: &str, their_verkey: &str) -> Connection {

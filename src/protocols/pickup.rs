@@ -263,21 +263,10 @@ pub(crate) async fn ack_received(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::protocols::MediatorKeys;
-    use crate::store::{NewMessage, SledStore, Store};
-    use std::sync::Arc;
 
-    async fn mediator() -> (Mediator, Connection) {
-        let store: Arc<dyn Store> = Arc::new(SledStore::temporary().await.unwrap());
-        let conn = crate::protocols::granted_connection_for_test("c1", "ours", "theirs");
-        store.put_connection(&conn).await.unwrap();
-        let cfg = Config::single_node_default();
-        (
-            Mediator::new(store, MediatorKeys::generate(), &cfg, "n1", "http://127.0.0.1:1"),
-            conn,
-        )
-    }
+    use crate::store::NewMessage;
+
+    use crate::protocols::mediator_for_test as mediator;
 
     async fn queue(m: &Mediator, conn: &Connection, n: usize) {
         let msgs = (0..n)

@@ -154,19 +154,10 @@ pub async fn get_device_info(m: &Mediator, ctx: &Inbound, service: PushService) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::protocols::MediatorKeys;
-    use crate::store::{Connection, SledStore, Store};
-    use std::sync::Arc;
 
-    async fn mediator() -> (Mediator, Connection) {
-        let store: Arc<dyn Store> = Arc::new(SledStore::temporary().await.unwrap());
-        let conn = crate::protocols::granted_connection_for_test("c1", "ours", "theirs");
-        store.put_connection(&conn).await.unwrap();
-        let cfg = Config::single_node_default();
-        let m = Mediator::new(store, MediatorKeys::generate(), &cfg, "n1", "http://127.0.0.1:1");
-        (m, conn)
-    }
+    use crate::store::Connection;
+
+    use crate::protocols::mediator_for_test as mediator;
 
     fn inbound(msg: Value, conn: Option<&Connection>) -> Inbound {
         Inbound::for_test(msg, conn.map(|_| "theirs"), conn)

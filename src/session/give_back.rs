@@ -64,14 +64,7 @@ fn forwarded(shared: &Arc<Shared>, out: &mut Outcome) {
         let queued = out.queued_for.len() + usize::from(out.handed.is_some());
         shared.metrics.forwards_queued.inc_by(queued as u64);
     }
-    for c in std::mem::take(&mut out.queued_for) {
-        let s = shared.clone();
-        actix_rt::spawn(async move { s.queued_new(&c).await });
-    }
-    if let Some(h) = out.handed.take() {
-        let s = shared.clone();
-        actix_rt::spawn(async move { s.hand_off(h).await });
-    }
+    shared.after_forward(out);
 }
 
 /// Leases of `conn` were given back (`released`: how many; a session closed, or stopped

@@ -161,19 +161,7 @@ async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpRespo
     // Wake whoever holds the wallet's session; new messages may also wake the wallet by push
     // (no session anywhere). An acknowledgement wakes nobody: leases are per message with no
     // cap per connection, so removing delivered messages makes nothing else deliverable.
-    if !out.queued_for.is_empty() || out.handed.is_some() {
-        let s = shared.clone();
-        let queued = std::mem::take(&mut out.queued_for);
-        let handed = out.handed.take();
-        actix_rt::spawn(async move {
-            if let Some(h) = handed {
-                s.hand_off(h).await;
-            }
-            for c in queued {
-                s.queued_new(&c).await;
-            }
-        });
-    }
+    shared.after_forward(&mut out);
     // A pickup 1.0 batch is removed only once it is in the response; else it goes back.
     let batch = out.ack_on_return.take();
     let (res, returned) = answer(&shared, out);

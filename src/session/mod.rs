@@ -140,6 +140,26 @@ impl Shared {
         }
     }
 
+    /// What a handled message queued (`Outcome::queued_for`, `Outcome::handed`, taken out of
+    /// `out`): the messages handed to their wallet's session, the other wallets woken, in one
+    /// task off the request's path.
+    pub fn after_forward(self: &Arc<Self>, out: &mut crate::protocols::Outcome) {
+        if out.queued_for.is_empty() && out.handed.is_none() {
+            return;
+        }
+        let s = self.clone();
+        let queued = std::mem::take(&mut out.queued_for);
+        let handed = out.handed.take();
+        actix_rt::spawn(async move {
+            if let Some(h) = handed {
+                s.hand_off(h).await;
+            }
+            for c in queued {
+                s.queued_new(&c).await;
+            }
+        });
+    }
+
     /// A new message was queued for `conn` (a forward this node accepted, or deliveries a
     /// closed session left unacknowledged): wake whoever holds its session, and when no node
     /// holds one, push the wallet. Only the node that queued the message calls this, so one

@@ -496,12 +496,18 @@ impl WsSession {
     /// Writes leased messages out as the session's mode says. `handed`: they came with a
     /// notification, leased to the node's hand-off owner ([`Signal::HandOff`]), not by this
     /// session.
-    fn push(&mut self, msgs: Vec<QueuedMessage>, handed: bool, ctx: &mut ws::WebsocketContext<Self>) {
+    fn push(&mut self, mut msgs: Vec<QueuedMessage>, handed: bool, ctx: &mut ws::WebsocketContext<Self>) {
         // Only the bound connection's messages go out here, packed for its key: a lease taken
         // for a connection the socket has left since (rebound) goes back to that connection.
-        let (msgs, others): (Vec<_>, Vec<_>) = msgs
-            .into_iter()
-            .partition(|q| self.conn.as_ref().is_some_and(|c| c.id == q.connection));
+        // (Split only then: nearly always every message is the bound connection's.)
+        let ours = |q: &QueuedMessage| self.conn.as_ref().is_some_and(|c| c.id == q.connection);
+        let others: Vec<QueuedMessage> = if msgs.iter().all(ours) {
+            Vec::new()
+        } else {
+            let (mine, others) = msgs.into_iter().partition(ours);
+            msgs = mine;
+            others
+        };
         if !others.is_empty() {
             let owner = if handed {
                 crate::protocols::handoff_owner(&self.shared.mediator.node_id)

@@ -256,7 +256,7 @@ impl PgStore {
                     // libpq's `prefer` tries plaintext when the TLS handshake fails (a
                     // certificate rustls cannot read: X.509 v1, RSA under 2048 bits, P-521).
                     tracing::warn!(
-                        "TLS handshake with PostgreSQL failed ({e}{}): sslmode=prefer goes on in plaintext,                          as libpq does (sslmode=require or verify-full refuses that)",
+                        "TLS handshake with PostgreSQL failed ({e}{}): sslmode=prefer goes on in plaintext, as libpq does (sslmode=require or verify-full refuses that)",
                         causes(e)
                     );
                     cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);

@@ -96,34 +96,38 @@ async fn commit_batch(
     let c = pool.get().await?;
     // Lock keys another session holds past `lock_timeout`: those found stuck by an earlier
     // batch, if they still are; else read once, after the first lock timeout of this batch.
-    let mut held: Option<Vec<i32>> = None;
+    let mut held: HashSet<i32> = HashSet::new();
     if !stuck.is_empty() {
-        let ours: Vec<i32> = Args::new(&sent)
-            .locks
-            .into_iter()
-            .filter(|k| stuck.contains(k))
-            .collect();
+        let mut ours: Vec<i32> = sent.iter().map(|(m, _)| lock_key(&m.connection)).collect();
+        ours.retain(|k| stuck.contains(k));
+        ours.sort_unstable();
+        ours.dedup();
         if !ours.is_empty() {
             let h = stuck_locks(&c, &ours).await?;
             stuck.retain(|k| !ours.contains(k) || h.contains(k));
-            if !h.is_empty() {
-                held = Some(h);
-            }
+            held.extend(h);
         }
     }
+    let is_held = |held: &HashSet<i32>, m: &NewMessage| held.contains(&lock_key(&m.connection));
     let mut probed = false;
-    let is_held =
-        |held: &Option<Vec<i32>>, m: &NewMessage| held.as_ref().is_some_and(|h| h.contains(&lock_key(&m.connection)));
     let mut tries = 1;
+    // Built again only when the probe below takes connections out of the batch.
+    let mut args: Option<Args> = None;
     let outcomes = loop {
-        let kept: Vec<(&NewMessage, &EnqueueReq)> = sent.iter().copied().filter(|(m, _)| !is_held(&held, m)).collect();
-        if kept.is_empty() {
-            break Vec::new();
-        }
-        let args = Args::new(&kept);
-        let q = c.run(c.prepare_cached(args.sql())).await?;
-        match c.run(c.query_one(&q, &args.params())).await {
-            Ok(row) => break args.outcomes(&row)?,
+        let a = match &args {
+            Some(a) => a,
+            None => {
+                let kept: Vec<(&NewMessage, &EnqueueReq)> =
+                    sent.iter().copied().filter(|(m, _)| !is_held(&held, m)).collect();
+                if kept.is_empty() {
+                    break Vec::new();
+                }
+                args.insert(Args::new(&kept))
+            }
+        };
+        let q = c.run(c.prepare_cached(a.sql())).await?;
+        match c.run(c.query_one(&q, &a.params())).await {
+            Ok(row) => break a.outcomes(&row)?,
             // The statement is its own transaction: aborted, it left nothing behind.
             Err(e) if tries < STATEMENT_TRIES && e.is_transient() => {
                 tracing::warn!(error = %e, "postgres enqueue batch retried");
@@ -131,7 +135,7 @@ async fn commit_batch(
             }
             Err(e) if !probed && e.is_lock_timeout() => {
                 probed = true;
-                let h = stuck_locks(&c, &args.locks).await?;
+                let h = stuck_locks(&c, &a.locks).await?;
                 tracing::warn!(
                     error = %e,
                     held = h.len(),
@@ -139,7 +143,8 @@ async fn commit_batch(
                      without the connections whose lock another session holds"
                 );
                 stuck.extend(h.iter().copied());
-                held = Some(held.unwrap_or_default().into_iter().chain(h).collect());
+                held.extend(h);
+                args = None;
             }
             Err(e) => return Err(e.into()),
         }

@@ -118,11 +118,15 @@ impl Inner {
 
     /// Records the mediation state `conns` now holds for `id` (its writer holds `meta_lock`).
     pub(super) fn note_mediation(&self, id: &str, mediation: Option<MediationState>) {
+        // Read first: nearly every write changes nothing here, and the writer reads the set
+        // under the batch lock.
+        let deny = mediation == Some(MediationState::Denied);
+        if self.denied.read().contains(id) == deny {
+            return;
+        }
         let mut denied = self.denied.write();
-        if mediation == Some(MediationState::Denied) {
-            if !denied.contains(id) {
-                denied.insert(id.to_owned());
-            }
+        if deny {
+            denied.insert(id.to_owned());
         } else {
             denied.remove(id);
         }
