@@ -339,9 +339,10 @@ pub async fn run(
                                 attempts: 1,
                             })
                             .collect();
-                        // Off this loop: a session writing to a slow socket takes them late.
-                        let s = shared.clone();
-                        actix_rt::spawn(async move { s.hand_local(&conn, msgs).await });
+                        // Off this loop (a session writing to a slow socket takes them
+                        // late), in the order the link read them.
+                        let node = shared.mediator.node_id.clone();
+                        shared.hand_off_in_order(crate::protocols::Handed { node, conn, msgs });
                     }
                     ClusterEvent::HandOffReturned { node, conn, ids } => {
                         let s = shared.clone();

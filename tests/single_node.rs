@@ -439,13 +439,9 @@ async fn implicit_pickup_on_a_return_route_socket() {
     ws.send_envelope(a.pack(&ping).unwrap(), false).await.unwrap();
     let mut got = Vec::new();
     while got.len() < 3 {
-        // One at a time: implicit mode writes each hand-off as it reaches the session, and two
-        // forwards' hand-offs run on whichever workers took them, in no set order (live mode
-        // holds them back in queue order; implicit pickup promises none).
-        match got.len() {
-            1 => assert_eq!(forward_to(&n, &a, &k, "i1").await, 202),
-            2 => assert_eq!(forward_to(&n, &a, &k, "i2").await, 202),
-            _ => {}
+        if got.len() == 1 {
+            assert_eq!(forward_to(&n, &a, &k, "i1").await, 202);
+            assert_eq!(forward_to(&n, &a, &k, "i2").await, 202);
         }
         let m = ws_next_message(&a, &mut ws).await;
         assert_eq!(type_name(&m), "message", "raw forwarded message: {m}");
@@ -456,6 +452,36 @@ async fn implicit_pickup_on_a_return_route_socket() {
         (queue_depth(&n).await == 0).then_some(())
     })
     .await;
+}
+
+/// Forwards answered one after the other reach an implicit-pickup socket in that order: their
+/// hand-offs run on whichever HTTP workers took them, and used to race to the session.
+#[actix_rt::test]
+async fn implicit_pickup_writes_forwards_in_the_order_they_were_answered() {
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "p", "response_requested": false, "~transport": {"return_route": "all"}});
+    ws.send_envelope(a.pack(&ping).unwrap(), true).await.unwrap();
+    // Bound once a forward comes back on the socket.
+    assert_eq!(forward_to(&n, &a, &k, "first").await, 202);
+    let m = ws_next_message(&a, &mut ws).await;
+    assert_eq!(m["content"], "first");
+    let g = a.grant.clone().unwrap();
+    let sender = Sender::new();
+    let want: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
+    for text in &want {
+        let status = sender
+            .forward(&n.public_url(), &basic_message(text), &k.verkey(), &g.routing_keys)
+            .await
+            .unwrap();
+        assert_eq!(status, 202);
+    }
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let m = ws_next_message(&a, &mut ws).await;
+        got.push(m["content"].as_str().unwrap().to_string());
+    }
+    assert_eq!(got, want);
 }
 
 #[actix_rt::test]

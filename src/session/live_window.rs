@@ -97,9 +97,9 @@ impl LiveWindow {
 }
 
 /// Adds messages handed to the session to those held back for the window, keeping queue
-/// order (`id` grows with arrival). Each forward hands its message over in a task of its own,
-/// on whichever worker took the request, so the hand-offs of sequential forwards may reach
-/// the session in another order; held back, they go out together, oldest first.
+/// order (`id` grows with arrival). The hand-offs of one node come in order
+/// (`session::in_order`), but those of two nodes (forwards for one wallet accepted on both)
+/// interleave; held back, they go out together, oldest first.
 pub fn hold_in_queue_order<T>(held: &mut Vec<T>, msgs: impl IntoIterator<Item = T>, id: impl Fn(&T) -> i64) {
     let sorted_before = held.len();
     held.extend(msgs);

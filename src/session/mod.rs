@@ -10,6 +10,7 @@ pub mod egress;
 mod give_back;
 pub mod held;
 pub mod http;
+mod in_order;
 pub mod listener;
 pub mod live_window;
 pub mod outbound;
@@ -67,6 +68,8 @@ pub struct Shared {
     pub bound: Arc<LocalHolders>,
     /// Outbound POSTs to agents' endpoints: where they may connect, and their client.
     pub egress: Arc<egress::Egress>,
+    /// Hand-offs running, per connection: one at a time, in the order entered.
+    handing: in_order::InOrder<Handed>,
 }
 
 impl Shared {
@@ -95,6 +98,7 @@ impl Shared {
             held: held::Held::default(),
             bound,
             egress: Arc::new(egress),
+            handing: in_order::InOrder::default(),
         }
     }
 
@@ -141,21 +145,48 @@ impl Shared {
     }
 
     /// What a handled message queued (`Outcome::queued_for`, `Outcome::handed`, taken out of
-    /// `out`): the messages handed to their wallet's session, the other wallets woken, in one
-    /// task off the request's path.
+    /// `out`): the messages handed to their wallet's session (entered now, before the message
+    /// is answered, so that forwards answered in order are handed in order), the other wallets
+    /// woken in a task off the request's path.
     pub fn after_forward(self: &Arc<Self>, out: &mut crate::protocols::Outcome) {
-        if out.queued_for.is_empty() && out.handed.is_none() {
+        if let Some(h) = out.handed.take() {
+            self.hand_off_in_order(h);
+        }
+        if out.queued_for.is_empty() {
             return;
         }
         let s = self.clone();
         let queued = std::mem::take(&mut out.queued_for);
-        let handed = out.handed.take();
         actix_rt::spawn(async move {
-            if let Some(h) = handed {
-                s.hand_off(h).await;
-            }
             for c in queued {
                 s.queued_new(&c).await;
+            }
+        });
+    }
+
+    /// Hands `h` off after the hand-offs of its connection entered before it
+    /// (`session::in_order`): a task runs them one at a time, joining those for the same node into
+    /// one hand-off of up to a batch.
+    pub fn hand_off_in_order(self: &Arc<Self>, h: Handed) {
+        let conn = h.conn.clone();
+        let Some(first) = self.handing.enter(&conn, h) else {
+            return;
+        };
+        let s = self.clone();
+        actix_rt::spawn(async move {
+            let batch = s.mediator.batch_size.max(1);
+            let mut waiting = std::collections::VecDeque::from([first]);
+            while let Some(mut h) = waiting.pop_front() {
+                while let Some(next) = waiting.front() {
+                    if next.node != h.node || h.msgs.len() + next.msgs.len() > batch {
+                        break;
+                    }
+                    h.msgs.extend(waiting.pop_front().expect("checked above").msgs);
+                }
+                s.hand_off(h).await;
+                if waiting.is_empty() {
+                    waiting = s.handing.next(&conn);
+                }
             }
         });
     }
