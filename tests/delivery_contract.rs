@@ -360,3 +360,105 @@ async fn a_wallet_keeps_live_delivery_on_its_other_socket_when_one_closes() {
         second.close().await;
     }
 }
+
+/// The node's store, except that once armed, the next `enqueue_routed` commits and then fails
+/// as if its answer were lost (a PostgreSQL batch answered 503 at its deadline that committed
+/// after all; a node that stopped between its commit and its answer): the forward is refused
+/// and nobody is woken for the message it queued.
+struct CommitsThenFails {
+    inner: std::sync::Arc<dyn mailroom::store::Store>,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl mailroom::store::Store for CommitsThenFails {
+    async fn enqueue_routed(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+    ) -> mailroom::store::StoreResult<Vec<mailroom::store::StoreResult<mailroom::store::Enqueued>>> {
+        let r = self.inner.enqueue_routed(msgs, limits).await;
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            r?;
+            return Err(mailroom::store::StoreError::Unavailable("the answer was lost".into()));
+        }
+        r
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, update_keys, keys_of, route, enqueue, lease, ack_leased, release,
+        release_owner, release_owners_under,
+        queue_stats, total_queued, connections_with_pending, pending_among, prune_dedup,
+        dedup_records, queue_log_bytes, lease_for_key, pending_stats, expire, expire_due, oldest_received_ms,
+        flush, device_of, set_device, forget_device_token, push_event, push_take_due,
+        delete_connection, revoke_mediation, drop_queue, top_queues,
+    );
+}
+
+/// A forward whose first try queued its message but was refused (its answer lost) woke nobody;
+/// the sender's retry is a duplicate, and it wakes the wallet: here an agent with an HTTP
+/// endpoint of its own gets the message POSTed at once, not at the sweep's endpoint retry
+/// (an hour away in this test).
+#[actix_rt::test]
+async fn a_retried_forward_whose_first_try_was_queued_wakes_the_wallet() {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let posts = Arc::new(AtomicUsize::new(0));
+    let p = posts.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink = format!("http://{}/inbox", listener.local_addr().unwrap());
+    let server = HttpServer::new(move || {
+        let p = p.clone();
+        App::new().route(
+            "/inbox",
+            web::post().to(move || {
+                p.fetch_add(1, Ordering::SeqCst);
+                async { HttpResponse::Accepted().finish() }
+            }),
+        )
+    })
+    .listen(listener)
+    .unwrap()
+    .workers(1)
+    .run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.delivery.sweep_interval_ms = 3_600_000;
+    let store = Arc::new(CommitsThenFails {
+        inner: mailroom::store::open_sled(&dir.path().join("data")).await.unwrap(),
+        armed: Default::default(),
+    });
+    let n = start_on(&cfg, store.clone());
+    let mut a = connect_replying_to(&n, &sink).await;
+    eventually("the didexchange response POSTed", || async {
+        (posts.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    a.mediate().await.unwrap();
+    let k = a.new_recipient_key();
+    a.keylist_update(&[k.did_key()], &[]).await.unwrap();
+
+    let g = a.grant.clone().unwrap();
+    let env = Sender::new()
+        .forward_envelope(&basic_message("retried"), &k.verkey(), &g.routing_keys)
+        .unwrap();
+    let ct = "application/didcomm-envelope-enc";
+    store.armed.store(true, Ordering::SeqCst);
+    let (st, body) = post_raw(&n.public_url(), ct, env.clone()).await;
+    assert_eq!(st, 503, "the first try is refused: {body}");
+    assert_eq!(queue_depth(&n).await, 1, "but its message was queued");
+    let (st, body) = post_raw(&n.public_url(), ct, env).await;
+    assert_eq!(st, 202, "the retry: {body}");
+    eventually("the message POSTed to the agent's endpoint", || async {
+        (posts.load(Ordering::SeqCst) == 2 && queue_depth(&n).await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(queue_depth(&n).await, 0, "queued once, delivered once");
+    handle.stop(true).await;
+}

@@ -404,6 +404,12 @@ pub struct Outcome {
     /// A forward queued leased to the node of its wallet's live session: hand it over (its
     /// connection is not in `queued_for`).
     pub handed: Option<Handed>,
+    /// A forward repeated messages queued before for this connection (duplicates): its wallet
+    /// is woken if its queue holds pending messages. The first forward's wake-up may never have
+    /// happened: its node stopped between the commit and the answer, or a PostgreSQL batch
+    /// answered 503 at its deadline committed after all; the sender's retry is the last event
+    /// that can wake (or push) the wallet.
+    pub repeated: Option<crate::store::ConnId>,
     /// A forward was answered: the HTTP status to give (202, or a refusal).
     pub forward: Option<ForwardResult>,
     /// A pickup 1.0 batch in `replies[0]`: its messages are leased to the transport's owner,
@@ -429,6 +435,7 @@ impl Default for Outcome {
             leased: Vec::new(),
             queued_for: Vec::new(),
             handed: None,
+            repeated: None,
             forward: None,
             ack_on_return: None,
             live_mode: None,

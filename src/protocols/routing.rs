@@ -138,7 +138,7 @@ pub async fn queue(m: &Mediator, f: &RawForward<'_>) -> Result<Outcome, HandleEr
         ..Outcome::default()
     };
     match handoff {
-        _ if enq.duplicate => {}
+        _ if enq.duplicate => out.repeated = Some(conn),
         Some((node, _)) => {
             out.handed = Some(Handed {
                 node,

@@ -144,24 +144,41 @@ impl Shared {
         }
     }
 
-    /// What a handled message queued (`Outcome::queued_for`, `Outcome::handed`, taken out of
-    /// `out`): the messages handed to their wallet's session (entered now, before the message
-    /// is answered, so that forwards answered in order are handed in order), the other wallets
-    /// woken in a task off the request's path.
+    /// What a handled message queued (`Outcome::queued_for`, `Outcome::handed`,
+    /// `Outcome::repeated`, taken out of `out`): the messages handed to their wallet's session
+    /// (entered now, before the message is answered, so that forwards answered in order are
+    /// handed in order), the other wallets woken in a task off the request's path.
     pub fn after_forward(self: &Arc<Self>, out: &mut crate::protocols::Outcome) {
         if let Some(h) = out.handed.take() {
             self.hand_off_in_order(h);
         }
-        if out.queued_for.is_empty() {
+        if out.queued_for.is_empty() && out.repeated.is_none() {
             return;
         }
         let s = self.clone();
         let queued = std::mem::take(&mut out.queued_for);
+        let repeated = out.repeated.take();
         actix_rt::spawn(async move {
             for c in queued {
                 s.queued_new(&c).await;
             }
+            if let Some(c) = repeated {
+                s.queued_again(&c).await;
+            }
         });
+    }
+
+    /// A forward repeated messages already queued for `conn` ([`Outcome::repeated`]): its
+    /// wallet is woken, or pushed, as for a new message if its queue holds pending ones (none
+    /// pending: delivered meanwhile, or leased to a session, which has them).
+    ///
+    /// [`Outcome::repeated`]: crate::protocols::Outcome::repeated
+    async fn queued_again(self: &Arc<Self>, conn: &str) {
+        match self.mediator.store.queue_stats(conn, now_ms()).await {
+            Ok(q) if q.pending > 0 => self.queued_new(conn).await,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(connection = %conn, "repeated forward: queue not read, nobody woken: {e}"),
+        }
     }
 
     /// Hands `h` off after the hand-offs of its connection entered before it

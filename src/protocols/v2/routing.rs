@@ -177,6 +177,11 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     for (r, payload) in results.into_iter().zip(payloads) {
         let e = r?;
         all_dup &= e.duplicate;
+        if e.duplicate {
+            // Queued by an earlier try (one refused in part gave its attachments back
+            // without waking anyone).
+            out.repeated = Some(conn.clone());
+        }
         if handoff.is_some() && !e.duplicate {
             handed.push(QueuedMessage {
                 id: e.id,
