@@ -805,3 +805,87 @@ async fn an_attachment_queued_before_a_refusal_is_delivered_at_once() {
     let (got, dups) = receive_live(&a, &mut sock, 1).await;
     assert_eq!((got, dups), (vec!["first".to_string()], 0));
 }
+
+/// A signature says who wrote a message, not for whom: B holds a ping A signed for B, and sends
+/// it on to the mediator as its own, over a WebSocket (to bind the socket to A's connection and
+/// take A's queue) and over HTTP. Both are refused; A's mail stays queued. A message signed
+/// for the mediator is answered.
+#[actix_rt::test]
+async fn a_message_signed_for_another_wallet_does_not_act_for_its_signer() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut a = V2Agent::new(m.clone()).unwrap();
+    let ra = a.onboard().await.unwrap();
+    let mut b = V2Agent::new(m.clone()).unwrap();
+    b.onboard().await.unwrap();
+    let s = V2Sender::new().unwrap();
+    assert_eq!(s.forward(&ra, &s.basic(&ra, "for-a")).await.unwrap(), 202);
+
+    let ping = "https://didcomm.org/trust-ping/2.0/ping";
+    let mut for_b = a.message(ping, json!({"response_requested": true}));
+    for_b["to"] = json!([b.did]);
+    let replayed = a.sign(&for_b).unwrap();
+
+    let mut ws = mailroom::client::websocket(m.ws.as_deref().unwrap()).await.unwrap();
+    ws.send_envelope(replayed.clone(), false).await.unwrap();
+    let first = match ws.next(std::time::Duration::from_secs(20)).await.unwrap() {
+        mailroom::client::WsEvent::Envelope(b) => b,
+        other => panic!("no answer on the socket: {other:?}"),
+    };
+    let answer = a.unpack(&first).expect("the refusal is for A");
+    assert_eq!(kind(&answer), "problem-report", "refused, not answered: {answer}");
+    assert_eq!(a.status(None).await.unwrap(), 1, "A's mail is still queued");
+    assert_eq!(queue_depth(&n).await, 1);
+
+    let (st, _) = post_raw(&m.http, mailroom::didcomm::v2::TYP_SIGNED, replayed).await;
+    assert!((400..500).contains(&st), "over HTTP: {st}");
+    // A signed message that names no recipient could be anyone's too.
+    let mut unaddressed = a.message(ping, json!({"response_requested": true}));
+    unaddressed.as_object_mut().unwrap().remove("to");
+    let (st, _) = post_raw(
+        &m.http,
+        mailroom::didcomm::v2::TYP_SIGNED,
+        a.sign(&unaddressed).unwrap(),
+    )
+    .await;
+    assert!((400..500).contains(&st), "unaddressed: {st}");
+    assert_eq!(a.status(None).await.unwrap(), 1);
+
+    // Signed for the mediator: answered, packed for A.
+    let own = a.sign(&a.message(ping, json!({"response_requested": true}))).unwrap();
+    let (st, body) = post_raw(&m.http, mailroom::didcomm::v2::TYP_SIGNED, own).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(kind(&a.unpack(body.as_bytes()).unwrap()), "ping-response");
+}
+
+/// A signer whose DID has no key agreement key (a secp256k1 did:key) cannot be answered: its
+/// message is refused with a 4xx before it acts, not handled and then answered 500.
+#[actix_rt::test]
+async fn a_signer_with_no_key_agreement_key_is_refused_before_anything_is_done() {
+    use askar_crypto::alg::{EcCurves, KeyAlg};
+    use mailroom::didcomm::v2::{jws, keys};
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let k = keys::generate(KeyAlg::EcCurve(EcCurves::Secp256k1)).unwrap();
+    let mb = keys::to_multibase(&k).unwrap();
+    let signer = format!("did:key:{mb}");
+    let msg = json!({
+        "id": "k1", "type": "https://didcomm.org/coordinate-mediation/3.0/mediate-request",
+        "from": signer, "to": [m.did], "return_route": "all", "body": {},
+    });
+    let jws = jws::sign(&serde_json::to_vec(&msg).unwrap(), &format!("{signer}#{mb}"), &k).unwrap();
+    let (st, body) = post_raw(
+        &m.http,
+        mailroom::didcomm::v2::TYP_SIGNED,
+        serde_json::to_vec(&jws).unwrap(),
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("key agreement"), "{body}");
+    let conns = get_json(&format!("{}/connections", n.admin_url())).await;
+    assert_eq!(
+        conns["connections"].as_array().map(Vec::len),
+        Some(0),
+        "no mediation granted: {conns}"
+    );
+}

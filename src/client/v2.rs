@@ -157,6 +157,13 @@ impl V2Agent {
         Ok(new)
     }
 
+    /// Signs a plaintext with our authentication key (`#key-2`): a JWS (JSON serialization),
+    /// not encrypted.
+    pub fn sign(&self, msg: &Value) -> anyhow::Result<Vec<u8>> {
+        let jws = crate::didcomm::v2::jws::sign(&serde_json::to_vec(msg)?, &format!("{}#key-2", self.did), &self.auth)?;
+        Ok(serde_json::to_vec(&jws)?)
+    }
+
     /// Authcrypts a plaintext to the mediator.
     pub fn pack(&self, msg: &Value) -> anyhow::Result<Vec<u8>> {
         let d = if self.veramo_dialect {

@@ -182,12 +182,8 @@ pub async fn handle(
         return Err(HandleError::BadMessage("plaintext is not a JSON object".into()));
     }
     let sender = unpacked.authenticated_did().map(str::to_string);
-    // `from` must be the DID that authenticated the message: a message cannot speak for a DID
-    // whose keys did not pack it (Veramo's own mediator does not check this).
-    let forged = match (msg["from"].as_str(), &sender) {
-        (Some(from), Some(s)) => did::did_of(from) != s,
-        _ => false,
-    };
+    let signed_only = unpacked.sender_kid.is_none() && unpacked.signer_kid.is_some();
+    let refused = refused_before_handling(m, &msg, sender.as_deref(), signed_only);
     let conn = match &sender {
         Some(s) => m.store.connection_by_their_verkey(s).await?,
         None => None,
@@ -206,8 +202,8 @@ pub async fn handle(
         transport,
         lease_owner: lease_owner.to_string(),
     };
-    let result = if forged {
-        Err(HandleError::Unproven)
+    let result = if let Some(e) = refused {
+        Err(e)
     } else {
         match rotation::apply(m, &mut ctx).await {
             Ok(()) => dispatch(m, &ctx).await,
@@ -226,6 +222,58 @@ pub async fn handle(
         remember_dialect(c, ctx.dialect);
     }
     Ok(out)
+}
+
+/// What refuses a message whatever its type, before it acts on anything:
+/// - `from` must be the DID that authenticated the message: a message cannot speak for a DID
+///   whose keys did not pack it (Veramo's own mediator does not check this).
+/// - An authenticated message's `to`, when present, must name this mediator (the spec's MUST
+///   for an encrypted message; an anonymous one can only forward or report, acting on no
+///   connection, and is left as senders write it).
+/// - A message proven only by its signature must name this mediator in `to`: a signature says
+///   who wrote a message, not for whom, so a wallet could otherwise send on a message another
+///   wallet signed for it (a ping, say) and act as that wallet here: bind a socket to its
+///   connection and take its queue.
+/// - A signer must have a key agreement key: every handled message is answered, and a reply
+///   that cannot be packed would be a 500 after the handler acted.
+fn refused_before_handling(
+    m: &super::Mediator,
+    msg: &Value,
+    sender: Option<&str>,
+    signed_only: bool,
+) -> Option<HandleError> {
+    if let (Some(from), Some(s)) = (msg["from"].as_str(), sender) {
+        if did::did_of(from) != s {
+            return Some(HandleError::Unproven);
+        }
+    }
+    let s = sender?;
+    let to = &msg["to"];
+    if !to.is_null() {
+        let ours = to
+            .as_array()
+            .is_some_and(|to| to.iter().filter_map(Value::as_str).any(|d| m.v2.doc.is(did::did_of(d))));
+        if !ours {
+            return Some(HandleError::BadMessage("`to` does not name this mediator".into()));
+        }
+    } else if signed_only {
+        return Some(HandleError::BadMessage(
+            "a message proven only by its signature must name this mediator in `to`".into(),
+        ));
+    }
+    if signed_only {
+        let answerable = m.v2_docs.resolve(s).is_ok_and(|d| {
+            d.agreement_keys()
+                .iter()
+                .any(|(_, k)| keys::is_agreement_alg(k.algorithm()))
+        });
+        if !answerable {
+            return Some(HandleError::BadMessage(format!(
+                "the signer {s} has no key agreement key to answer to"
+            )));
+        }
+    }
+    None
 }
 
 async fn dispatch(m: &super::Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
@@ -361,7 +409,8 @@ pub fn pack(m: &super::Mediator, conn: &Connection, msg: &Value) -> Result<Vec<u
     let doc = m.v2_docs.resolve(their).map_err(HandleError::V2)?;
     let all = doc.agreement_keys();
     let first = all
-        .first()
+        .iter()
+        .find(|(_, k)| keys::is_agreement_alg(k.algorithm()))
         .ok_or_else(|| HandleError::Internal(format!("{their} has no keyAgreement key")))?;
     let x: Vec<(String, Key)> = all
         .iter()
