@@ -541,6 +541,27 @@ async fn unacknowledged_deliveries_on_close_wake_the_wallet() {
     assert_eq!(hits[0].body["message"]["data"]["message_count"], "1");
 }
 
+/// Under `queue-only`, a socket that asked for its status with return route `all` (a Credo
+/// wallet polling pickup 2.0) holds the wallet's session without delivering: a forward wakes
+/// it and pushes nobody. Once it closes, the mail it never took pushes the wallet, once.
+#[actix_rt::test]
+async fn a_quiet_session_closing_with_mail_queued_pushes() {
+    let si = StandIn::start();
+    let pc = si.push_config(0, &["proj-a"], false);
+    let (_d, n, a, k) = node_with_wallet(Strategy::QueueOnly, move |c| c.push = Some(pc)).await;
+    set_device(&a, FCM, json!("quiet-token"), Some("android")).await;
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let st = ws_request(&a, &mut ws, &pickup("status-request", json!({}))).await;
+    assert_eq!(type_name(&st), "status", "{st}");
+    assert_eq!(st["message_count"], 0, "{st}");
+    forward(&n, &a, &k, "while-polling").await;
+    ws.close().await;
+    let hits = wait_hits(&si, "fcm:", 1).await;
+    assert_clean(&hits);
+    assert_eq!(hits[0].body["message"]["data"]["message_count"], "1");
+    assert_eq!(queue_depth(&n).await, 1, "the quiet session took nothing");
+}
+
 /// Concurrent pushes share one access-token request; a token close to its expiry is renewed.
 #[actix_rt::test]
 async fn one_token_refresh_in_flight_and_renewal_before_expiry() {
