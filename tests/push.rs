@@ -9,6 +9,7 @@ mod standin;
 use common::cluster::*;
 use common::*;
 use mailroom::client::{basic_message, Agent, Sender, WsClient};
+use mailroom::cluster::proto::Frame;
 use mailroom::config::Strategy;
 use mailroom::didcomm::keys::KeyPair;
 use mailroom::didcomm::message::new_id;
@@ -482,6 +483,36 @@ async fn cluster_session_on_another_node_means_no_push() {
         .await
         .unwrap();
     assert_eq!(pg.query_one(count, &[&conn]).await.unwrap().get::<_, i64>(0), 0);
+}
+
+/// A peer queued mail while its directory still named n1 as the wallet's (n1's `Disown` not
+/// applied there yet), so it notified n1 and pushed nobody; on n1 the session is gone. The
+/// notification pushes the wallet from n1. The test speaks as the peer, n2, over the real
+/// authenticated link; the forward's own push (no session anywhere) comes first.
+#[actix_rt::test]
+async fn a_notification_finding_no_session_pushes() {
+    let si = StandIn::start();
+    let db = FreshDb::create().await;
+    let (mut cfg, ls) = bind_cluster(2, &db.url, 100);
+    cfg.push = Some(si.push_config(0, &["proj-a"], false));
+    // The test answers no heartbeats for n2: n1 keeps its link up for the whole test.
+    cfg.cluster.failure_timeout_ms = 60_000;
+    let store = open_shared_store(&cfg).await;
+    let mut it = ls.into_iter();
+    let n1 = start_node(&cfg, "n1", it.next().unwrap(), &store, None);
+    drop(it);
+    let inv = invitation(&n1).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    set_device(&a, FCM, json!("relay-token"), Some("android")).await;
+    let conn = a_connection_id(&n1).await;
+    forward(&n1, &a, &k, "queued").await;
+    wait_hits(&si, "fcm:", 1).await;
+
+    let mut n2 = link_as_peer(&cfg, &n1, "n2").await;
+    n2.writer.send(&Frame::Queued { conn }).await.unwrap();
+    let hits = wait_hits(&si, "fcm:", 2).await;
+    assert_clean(&hits);
+    assert_eq!(hits[1].body["message"]["data"]["message_count"], "1");
 }
 
 fn percentiles(mut lat: Vec<f64>) -> (f64, f64, f64) {
