@@ -77,6 +77,31 @@ async fn wake_lost_sessions(shared: Arc<Shared>, conns: Vec<String>) {
     }
 }
 
+/// A peer queued mail for `conn` and, its directory naming this node, notified it instead of
+/// pushing: the sessions of `conn` here are woken. With none left (it ended before the
+/// peer applied this node's `Disown`), nobody would deliver or push: the mail is treated as
+/// queued here ([`Shared::queued_new`]), which pushes at most once, as the peer did not.
+///
+/// This cannot bounce between nodes for long: this node's directory is authoritative for its
+/// own sessions and a link is FIFO, so a notification relayed on to a peer follows this node's
+/// `Disown` there, and that peer names this node again only for a newer session of it, which
+/// a wake-up here then finds. A relay goes only to a node whose claim this directory holds
+/// (one newer, or one whose `Disown` is still on its way here); each hop wakes, relays or
+/// pushes once, never more, and the relays end as the `Disown`s in flight land.
+async fn notified(shared: &Arc<Shared>, conn: String) {
+    shared.metrics.notifications_received.inc();
+    let woken = shared
+        .registry
+        .send(WakeLocal { conn: conn.clone() })
+        .await
+        .unwrap_or(false);
+    if !woken {
+        // Off the event loop: it may read the store (the wallet's endpoint).
+        let s = shared.clone();
+        actix_rt::spawn(async move { s.queued_new(&conn).await });
+    }
+}
+
 /// Period of the sweep that deletes messages past the sender's expiry (they are never leased
 /// meanwhile: this only frees their space and counts them).
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
@@ -308,10 +333,7 @@ pub async fn run(
         actix_rt::spawn(async move {
             while let Some(ev) = events_rx.recv().await {
                 match ev {
-                    ClusterEvent::MessageQueued { conn } => {
-                        shared.metrics.notifications_received.inc();
-                        let _ = shared.registry.send(WakeLocal { conn }).await;
-                    }
+                    ClusterEvent::MessageQueued { conn } => notified(&shared, conn).await,
                     ClusterEvent::PeerUp { node } => tracing::info!(peer = %node, "peer up"),
                     ClusterEvent::PeerDown { node } => tracing::warn!(peer = %node, "peer down"),
                     ClusterEvent::SessionsLost {

@@ -9,6 +9,7 @@ mod standin;
 use common::cluster::*;
 use common::*;
 use mailroom::client::{basic_message, Agent, Sender, WsClient};
+use mailroom::cluster::proto::Frame;
 use mailroom::config::Strategy;
 use mailroom::didcomm::keys::KeyPair;
 use mailroom::didcomm::message::new_id;
@@ -484,6 +485,36 @@ async fn cluster_session_on_another_node_means_no_push() {
     assert_eq!(pg.query_one(count, &[&conn]).await.unwrap().get::<_, i64>(0), 0);
 }
 
+/// A peer queued mail while its directory still named n1 as the wallet's (n1's `Disown` not
+/// applied there yet), so it notified n1 and pushed nobody; on n1 the session is gone. The
+/// notification pushes the wallet from n1. The test speaks as the peer, n2, over the real
+/// authenticated link; the forward's own push (no session anywhere) comes first.
+#[actix_rt::test]
+async fn a_notification_finding_no_session_pushes() {
+    let si = StandIn::start();
+    let db = FreshDb::create().await;
+    let (mut cfg, ls) = bind_cluster(2, &db.url, 100);
+    cfg.push = Some(si.push_config(0, &["proj-a"], false));
+    // The test answers no heartbeats for n2: n1 keeps its link up for the whole test.
+    cfg.cluster.failure_timeout_ms = 60_000;
+    let store = open_shared_store(&cfg).await;
+    let mut it = ls.into_iter();
+    let n1 = start_node(&cfg, "n1", it.next().unwrap(), &store, None);
+    drop(it);
+    let inv = invitation(&n1).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    set_device(&a, FCM, json!("relay-token"), Some("android")).await;
+    let conn = a_connection_id(&n1).await;
+    forward(&n1, &a, &k, "queued").await;
+    wait_hits(&si, "fcm:", 1).await;
+
+    let mut n2 = link_as_peer(&cfg, &n1, "n2").await;
+    n2.writer.send(&Frame::Queued { conn }).await.unwrap();
+    let hits = wait_hits(&si, "fcm:", 2).await;
+    assert_clean(&hits);
+    assert_eq!(hits[1].body["message"]["data"]["message_count"], "1");
+}
+
 fn percentiles(mut lat: Vec<f64>) -> (f64, f64, f64) {
     lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
     let p = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
@@ -539,6 +570,27 @@ async fn unacknowledged_deliveries_on_close_wake_the_wallet() {
     let hits = wait_hits(&si, "fcm:", 1).await;
     assert_clean(&hits);
     assert_eq!(hits[0].body["message"]["data"]["message_count"], "1");
+}
+
+/// Under `queue-only`, a socket that asked for its status with return route `all` (a Credo
+/// wallet polling pickup 2.0) holds the wallet's session without delivering: a forward wakes
+/// it and pushes nobody. Once it closes, the mail it never took pushes the wallet, once.
+#[actix_rt::test]
+async fn a_quiet_session_closing_with_mail_queued_pushes() {
+    let si = StandIn::start();
+    let pc = si.push_config(0, &["proj-a"], false);
+    let (_d, n, a, k) = node_with_wallet(Strategy::QueueOnly, move |c| c.push = Some(pc)).await;
+    set_device(&a, FCM, json!("quiet-token"), Some("android")).await;
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let st = ws_request(&a, &mut ws, &pickup("status-request", json!({}))).await;
+    assert_eq!(type_name(&st), "status", "{st}");
+    assert_eq!(st["message_count"], 0, "{st}");
+    forward(&n, &a, &k, "while-polling").await;
+    ws.close().await;
+    let hits = wait_hits(&si, "fcm:", 1).await;
+    assert_clean(&hits);
+    assert_eq!(hits[0].body["message"]["data"]["message_count"], "1");
+    assert_eq!(queue_depth(&n).await, 1, "the quiet session took nothing");
 }
 
 /// Concurrent pushes share one access-token request; a token close to its expiry is renewed.

@@ -7,7 +7,7 @@
 
 use super::upgrade::SocketSlot;
 use super::Shared;
-use crate::protocols::{HandleError, Outcome, TransportKind};
+use crate::protocols::{now_ms, HandleError, Outcome, TransportKind};
 use crate::store::{QueuedMessage, StoreResult};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -77,6 +77,25 @@ pub(super) async fn gave_back(shared: &Arc<Shared>, conn: &str, released: StoreR
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(connection = %conn, "leases not released (they expire): {e}"),
+    }
+}
+
+/// A session registered for `conn` ended, having given back `released` leases
+/// ([`release_all`]): what it gave back is dealt with by [`gave_back`]. When it gave back
+/// nothing, messages may still be pending for `conn`: queued while it held the wallet's
+/// session, so their forwards woke it and pushed nobody, yet never taken by it (a quiet
+/// session takes nothing, a live one waits on its window). Then they count as newly queued
+/// ([`Shared::queued_new`]): another session of the wallet is woken, or the wallet pushed;
+/// else, with no session anywhere, it would never be.
+pub(super) async fn session_ended(shared: &Arc<Shared>, conn: &str, released: StoreResult<u64>) {
+    if !matches!(released, Ok(0)) {
+        return gave_back(shared, conn, released).await;
+    }
+    let conns = [conn.to_string()];
+    match shared.mediator.store.pending_among(&conns, now_ms()).await {
+        Ok(pending) if !pending.is_empty() => shared.queued_new(conn).await,
+        Ok(_) => {}
+        Err(e) => tracing::warn!(connection = %conn, "queue of a closed session not read, nobody woken: {e}"),
     }
 }
 

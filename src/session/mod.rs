@@ -208,10 +208,11 @@ impl Shared {
         });
     }
 
-    /// A new message was queued for `conn` (a forward this node accepted, or deliveries a
-    /// closed session left unacknowledged): wake whoever holds its session, and when no node
-    /// holds one, push the wallet. Only the node that queued the message calls this, so one
-    /// node pushes per queued event.
+    /// A new message was queued for `conn` (a forward this node accepted, deliveries a closed
+    /// session left unacknowledged, messages pending when the session that held the wallet
+    /// here ended, or a peer's notification that found no session here): wake whoever holds
+    /// its session, and when no node holds one, push the wallet. Only the node that queued the
+    /// message, or that it woke or notified, calls this, so one node pushes per queued event.
     pub async fn queued_new(self: &Arc<Self>, conn: &str) {
         if !self.reach(conn).await {
             if let Some(p) = self.push.get() {

@@ -14,7 +14,7 @@
 //! Binary and text frames are accepted; replies are text frames. Heartbeats: a ping every
 //! `HEARTBEAT`, closed after `CLIENT_TIMEOUT` without a pong or frame.
 
-use super::give_back::{gave_back, give_back_msgs, release_all};
+use super::give_back::{gave_back, give_back_msgs, release_all, session_ended};
 use super::live_window::{hold_in_queue_order, LiveWindow};
 use super::upgrade::SocketSlot;
 use super::Shared;
@@ -667,7 +667,9 @@ impl Actor for WsSession {
         if bound.is_none() && lent.is_none() {
             return;
         }
-        // Unacknowledged deliveries become deliverable again at once.
+        // Unacknowledged deliveries become deliverable again at once; a session that held the
+        // wallet's session (registered) leaves nothing pending unwoken (`session_ended`).
+        let registered = self.registered;
         let owner = self.owner();
         let shared = self.shared.clone();
         let handed = self.handed_ids();
@@ -678,6 +680,7 @@ impl Actor for WsSession {
             };
             let any = matches!(released, Ok(n) if n > 0);
             match &bound {
+                Some(c) if registered => session_ended(&shared, c, released).await,
                 Some(c) => gave_back(&shared, c, released).await,
                 None => {
                     if let Err(e) = released {

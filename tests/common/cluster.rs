@@ -3,6 +3,7 @@
 //! a TCP proxy that can cut a link; child processes for kill -9.
 #![allow(dead_code)]
 
+use mailroom::cluster::{handshake, link};
 use mailroom::config::{Config, NodeEntry, Strategy};
 use mailroom::node::{self, Listeners, NodeOptions, RunningNode};
 use mailroom::store::Store;
@@ -139,6 +140,23 @@ pub fn start_node(cfg: &Config, id: &str, l: Listeners, store: &Arc<dyn Store>, 
         },
     )
     .expect("node starts")
+}
+
+/// A link to `node`'s cluster port opened as its peer `peer` of `cfg` would open it, over the
+/// real authenticated handshake: the test speaks for that peer, which does not run (drop its
+/// listeners, so `node`'s own dials to it fail and this is the only link).
+pub async fn link_as_peer(cfg: &Config, node: &RunningNode, peer: &str) -> link::Link<tokio::net::TcpStream> {
+    let addr = node.cluster_addr.expect("the node has a cluster listener");
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let local = handshake::Local {
+        cluster: &cfg.cluster.name,
+        node: peer,
+        secret: cfg.cluster.secret.as_deref().expect("a cluster secret").as_bytes(),
+        max_frame: cfg.cluster.max_frame_bytes,
+    };
+    link::open(stream, &local, handshake::Role::Dialer, Some(&node.node_id), |_| true)
+        .await
+        .expect("the node takes the link")
 }
 
 /// An n-node cluster (in-process nodes n1..nN) on a fresh PostgreSQL database, returned once
