@@ -170,12 +170,15 @@ impl Shared {
 
     /// A forward repeated messages already queued for `conn` ([`Outcome::repeated`]): its
     /// wallet is woken, or pushed, as for a new message if its queue holds pending ones (none
-    /// pending: delivered meanwhile, or leased to a session, which has them).
+    /// pending: delivered meanwhile, or leased to a session, which has them). Asked with
+    /// [`Store::pending_among`](crate::store::Store::pending_among), which stops at the first
+    /// pending message: a sender retrying into a long queue does not have it counted each time.
     ///
     /// [`Outcome::repeated`]: crate::protocols::Outcome::repeated
     async fn queued_again(self: &Arc<Self>, conn: &str) {
-        match self.mediator.store.queue_stats(conn, now_ms()).await {
-            Ok(q) if q.pending > 0 => self.queued_new(conn).await,
+        let conns = [conn.to_owned()];
+        match self.mediator.store.pending_among(&conns, now_ms()).await {
+            Ok(pending) if !pending.is_empty() => self.queued_new(conn).await,
             Ok(_) => {}
             Err(e) => tracing::warn!(connection = %conn, "repeated forward: queue not read, nobody woken: {e}"),
         }
