@@ -8,6 +8,7 @@
 
 pub mod egress;
 mod give_back;
+mod handing;
 pub mod held;
 pub mod http;
 mod in_order;
@@ -186,7 +187,7 @@ impl Shared {
 
     /// Hands `h` off after the hand-offs of its connection entered before it
     /// (`session::in_order`): a task runs them one at a time, joining those for the same node into
-    /// one hand-off of up to a batch.
+    /// one hand-off of up to a batch, and for a peer up to one frame (`session::handing`).
     pub fn hand_off_in_order(self: &Arc<Self>, h: Handed) {
         let conn = h.conn.clone();
         let Some(first) = self.handing.enter(&conn, h) else {
@@ -194,15 +195,13 @@ impl Shared {
         };
         let s = self.clone();
         actix_rt::spawn(async move {
-            let batch = s.mediator.batch_size.max(1);
+            let join = handing::Join {
+                local_node: &s.mediator.node_id,
+                batch: s.mediator.batch_size.max(1),
+                max_frame: s.cluster.as_ref().map(ClusterHandle::max_frame),
+            };
             let mut waiting = std::collections::VecDeque::from([first]);
-            while let Some(mut h) = waiting.pop_front() {
-                while let Some(next) = waiting.front() {
-                    if next.node != h.node || h.msgs.len() + next.msgs.len() > batch {
-                        break;
-                    }
-                    h.msgs.extend(waiting.pop_front().expect("checked above").msgs);
-                }
+            while let Some(h) = join.take(&mut waiting) {
                 s.hand_off(h).await;
                 if waiting.is_empty() {
                     waiting = s.handing.next(&conn);
