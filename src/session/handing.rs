@@ -1,14 +1,17 @@
 //! The task that runs one connection's hand-offs ([`super::Shared::hand_off_in_order`]): which
-//! of those waiting it joins into one.
+//! of those waiting it joins into one, and what becomes of those it leaves when it is dropped.
 //!
 //! Must not: join hand-offs for two nodes; join more than a batch of messages; join for a peer
 //! more than one `Deliver` frame carries (the frame would be refused at the link and every
-//! message of it released, where each hand-off alone would have been sent).
+//! message of it released, where each hand-off alone would have been sent); leave the
+//! hand-offs of a dropped runner leased to nobody while a runtime can still give them back.
 
+use super::Shared;
 use crate::cluster::proto;
 use crate::protocols::Handed;
 use crate::store::QueuedMessage;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// How far the runner joins consecutive hand-offs of one connection for the same node.
 pub(super) struct Join<'a> {
@@ -49,6 +52,30 @@ impl Join<'_> {
         }
         self.max_frame
             .map_or(true, |max| proto::deliver_len_at_most(msgs, bytes) <= max)
+    }
+}
+
+/// Hand-offs a runner left when it was dropped before its run ended: handed back
+/// ([`Shared::hand_back`]: released, their wallet woken) in a task on the system arbiter,
+/// which outlives the HTTP workers' arbiters and runs what a wake-up spawns. With no system
+/// left (the node is stopping), they wait for their lease to run out.
+pub(super) fn hand_back_abandoned(shared: Arc<Shared>, left: VecDeque<Handed>) {
+    if left.is_empty() {
+        return;
+    }
+    let messages: usize = left.iter().map(|h| h.msgs.len()).sum();
+    let hand_back = async move {
+        for h in left {
+            let ids: Vec<i64> = h.msgs.iter().map(|m| m.id).collect();
+            shared.hand_back(&h.node, &h.conn, &ids).await;
+        }
+    };
+    let spawned = actix_rt::System::try_current().is_some_and(|sys| sys.arbiter().spawn(hand_back));
+    if !spawned {
+        tracing::warn!(
+            messages,
+            "hand-offs of a stopped runner not handed back (they wait for their lease)"
+        );
     }
 }
 
@@ -152,5 +179,92 @@ mod tests {
         // dropped; the link decides.
         let w = vec![handed("peer", 1, &[2 * MIB]), handed("peer", 2, &[1])];
         assert_eq!(runs(&ONE_MIB_FRAME, w), [vec![1], vec![2]]);
+    }
+
+    /// A node's [`Shared`] (node `n1`, no cluster) on a temporary store holding connection
+    /// `c1`, and `n` messages of `c1` queued leased to `n1`'s hand-off owner, as forwards for
+    /// its live session queue them.
+    async fn node_with_handed(n: usize) -> (Arc<Shared>, Vec<QueuedMessage>) {
+        use actix::Actor;
+        let (m, _) = crate::protocols::mediator_for_test().await;
+        let until_ms = crate::protocols::now_ms() + m.lease_ms;
+        let new: Vec<crate::store::NewMessage> = (0..n)
+            .map(|i| crate::store::NewMessage {
+                connection: "c1".into(),
+                recipient_key: "k".into(),
+                payload: vec![i as u8],
+                received_at_ms: 1,
+                dedup_key: None,
+                expires_at_ms: None,
+                lease: Some(crate::store::LeaseTo {
+                    owner: crate::protocols::handoff_owner("n1"),
+                    until_ms,
+                }),
+            })
+            .collect();
+        let queued = m.store.enqueue(new.clone(), &m.limits).await.unwrap();
+        let msgs = queued
+            .into_iter()
+            .zip(new)
+            .map(|(q, new)| QueuedMessage {
+                id: q.unwrap().id,
+                connection: new.connection,
+                recipient_key: new.recipient_key,
+                payload: new.payload,
+                received_at_ms: new.received_at_ms,
+                attempts: 1,
+            })
+            .collect();
+        let cfg = crate::config::Config::single_node_default();
+        let egress =
+            super::super::egress::Egress::new(Default::default(), std::time::Duration::from_secs(1), &[]).unwrap();
+        let shared = Shared::new(
+            Arc::new(m),
+            crate::registry::Registry::new(None).start(),
+            None,
+            Arc::new(cfg),
+            Arc::new(crate::metrics::Metrics::new()),
+            Arc::default(),
+            egress,
+        );
+        (Arc::new(shared), msgs)
+    }
+
+    /// A runner dropped before its run ended (its arbiter stopped, or it panicked) while a
+    /// hand-off of its connection waited: the connection's next hand-off starts a run, and the
+    /// waiting one's messages are released at once (deliverable), not left leased for
+    /// `lease_ms`; the one being run stays the runner's.
+    #[actix_rt::test]
+    async fn a_dropped_runner_hands_back_what_waited_and_the_next_hand_off_runs() {
+        let (s, msgs) = node_with_handed(2).await;
+        let to_n1 = |m: &QueuedMessage| Handed {
+            node: "n1".into(),
+            conn: "c1".into(),
+            msgs: vec![m.clone()],
+        };
+        let first = s.handing.enter("c1", to_n1(&msgs[0])).unwrap();
+        let mut run = s.run_of("c1".into(), first);
+        assert!(run.waiting().unwrap().pop_front().is_some(), "being run");
+        assert!(s.handing.enter("c1", to_n1(&msgs[1])).is_none(), "waits for the runner");
+        drop(run);
+        assert!(
+            s.handing.enter("c1", to_n1(&msgs[1])).is_some(),
+            "the next hand-off starts a run"
+        );
+        let store = &s.mediator.store;
+        for _ in 0..10_000 {
+            if store
+                .queue_stats("c1", crate::protocols::now_ms())
+                .await
+                .unwrap()
+                .pending
+                > 0
+            {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let q = store.queue_stats("c1", crate::protocols::now_ms()).await.unwrap();
+        assert_eq!((q.pending, q.leased), (1, 1), "the waiting one released");
     }
 }

@@ -200,14 +200,26 @@ impl Shared {
                 batch: s.mediator.batch_size.max(1),
                 max_frame: s.cluster.as_ref().map(ClusterHandle::max_frame),
             };
-            let mut waiting = std::collections::VecDeque::from([first]);
-            while let Some(h) = join.take(&mut waiting) {
+            let mut run = s.run_of(conn, first);
+            while let Some(h) = run.waiting().and_then(|w| join.take(w)) {
                 s.hand_off(h).await;
-                if waiting.is_empty() {
-                    waiting = s.handing.next(&conn);
-                }
             }
         });
+    }
+
+    /// The run of `conn`'s hand-offs that `first` starts. Dropped before it ends (its task
+    /// dropped with its HTTP worker's arbiter, or a panic), the hand-offs it had not started
+    /// are handed back ([`handing::hand_back_abandoned`]) and the next one starts another run;
+    /// the one it was running waits for its lease (a session may have taken it).
+    fn run_of(
+        self: &Arc<Self>,
+        conn: String,
+        first: Handed,
+    ) -> in_order::Run<'_, Handed, impl FnOnce(std::collections::VecDeque<Handed>)> {
+        let s = self.clone();
+        in_order::Run::new(&self.handing, conn, first, move |left| {
+            handing::hand_back_abandoned(s, left)
+        })
     }
 
     /// A new message was queued for `conn` (a forward this node accepted, or deliveries a
