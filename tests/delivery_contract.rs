@@ -364,10 +364,14 @@ async fn a_wallet_keeps_live_delivery_on_its_other_socket_when_one_closes() {
 /// The node's store, except that once armed, the next `enqueue_routed` commits and then fails
 /// as if its answer were lost (a PostgreSQL batch answered 503 at its deadline that committed
 /// after all; a node that stopped between its commit and its answer): the forward is refused
-/// and nobody is woken for the message it queued.
+/// and nobody is woken for the message it queued. Counts the calls of `queue_stats` (it reads
+/// a connection's whole queue) and of `pending_among` for one connection (what a repeated
+/// forward asks).
 struct CommitsThenFails {
     inner: std::sync::Arc<dyn mailroom::store::Store>,
     armed: std::sync::atomic::AtomicBool,
+    queue_stats_calls: std::sync::atomic::AtomicUsize,
+    pending_among_one_calls: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait::async_trait]
@@ -384,12 +388,23 @@ impl mailroom::store::Store for CommitsThenFails {
         }
         r
     }
+    async fn queue_stats(&self, conn: &str, now_ms: i64) -> mailroom::store::StoreResult<mailroom::store::QueueStats> {
+        self.queue_stats_calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.queue_stats(conn, now_ms).await
+    }
+    async fn pending_among(&self, conns: &[String], now_ms: i64) -> mailroom::store::StoreResult<Vec<String>> {
+        if conns.len() == 1 {
+            self.pending_among_one_calls
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.inner.pending_among(conns, now_ms).await
+    }
     mailroom::store_pass_through!(inner:
         backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
         use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
         list_connections, update_keys, keys_of, route, enqueue, lease, ack_leased, release,
         release_owner, release_owners_under,
-        queue_stats, total_queued, connections_with_pending, pending_among, prune_dedup,
+        total_queued, connections_with_pending, prune_dedup,
         dedup_records, queue_log_bytes, lease_for_key, pending_stats, expire, expire_due, oldest_received_ms,
         flush, device_of, set_device, forget_device_token, push_event, push_take_due,
         delete_connection, revoke_mediation, drop_queue, top_queues,
@@ -399,7 +414,9 @@ impl mailroom::store::Store for CommitsThenFails {
 /// A forward whose first try queued its message but was refused (its answer lost) woke nobody;
 /// the sender's retry is a duplicate, and it wakes the wallet: here an agent with an HTTP
 /// endpoint of its own gets the message POSTed at once, not at the sweep's endpoint retry
-/// (an hour away in this test).
+/// (an hour away in this test). A repeated forward asks whether its queue holds pending
+/// messages without reading the whole queue (`queue_stats`): retries are cheap however long the
+/// wallet's queue.
 #[actix_rt::test]
 async fn a_retried_forward_whose_first_try_was_queued_wakes_the_wallet() {
     use actix_web::{web, App, HttpResponse, HttpServer};
@@ -433,6 +450,8 @@ async fn a_retried_forward_whose_first_try_was_queued_wakes_the_wallet() {
     let store = Arc::new(CommitsThenFails {
         inner: mailroom::store::open_sled(&dir.path().join("data")).await.unwrap(),
         armed: Default::default(),
+        queue_stats_calls: Default::default(),
+        pending_among_one_calls: Default::default(),
     });
     let n = start_on(&cfg, store.clone());
     let mut a = connect_replying_to(&n, &sink).await;
@@ -453,12 +472,30 @@ async fn a_retried_forward_whose_first_try_was_queued_wakes_the_wallet() {
     let (st, body) = post_raw(&n.public_url(), ct, env.clone()).await;
     assert_eq!(st, 503, "the first try is refused: {body}");
     assert_eq!(queue_depth(&n).await, 1, "but its message was queued");
-    let (st, body) = post_raw(&n.public_url(), ct, env).await;
+    let (st, body) = post_raw(&n.public_url(), ct, env.clone()).await;
     assert_eq!(st, 202, "the retry: {body}");
     eventually("the message POSTed to the agent's endpoint", || async {
         (posts.load(Ordering::SeqCst) == 2 && queue_depth(&n).await == 0).then_some(())
     })
     .await;
     assert_eq!(queue_depth(&n).await, 0, "queued once, delivered once");
+
+    const MORE: usize = 20;
+    for _ in 0..MORE {
+        let (st, body) = post_raw(&n.public_url(), ct, env.clone()).await;
+        assert_eq!(st, 202, "a later retry: {body}");
+    }
+    let asked =
+        || store.queue_stats_calls.load(Ordering::SeqCst) + store.pending_among_one_calls.load(Ordering::SeqCst);
+    eventually("every repeated forward asked about its queue", || async {
+        (asked() > MORE).then_some(())
+    })
+    .await;
+    assert_eq!(
+        store.queue_stats_calls.load(Ordering::SeqCst),
+        0,
+        "no repeated forward read its whole queue"
+    );
+    assert_eq!(posts.load(Ordering::SeqCst), 2, "nothing pending: nothing more POSTed");
     handle.stop(true).await;
 }

@@ -398,6 +398,11 @@ impl ClusterHandle {
         });
     }
 
+    /// The largest frame a link carries (`cluster.max_frame`): what a `Deliver` must fit.
+    pub fn max_frame(&self) -> usize {
+        self.shared.settings.max_frame
+    }
+
     /// The node holding `conn`'s live session (this one included), if a `Deliver` frame whose
     /// messages carry `len` bytes (payloads and recipient keys, which every message repeats)
     /// can reach it now.

@@ -123,6 +123,19 @@ pub struct HandedMsg {
 /// the frame itself is measured before it is queued.
 pub const DELIVER_OVERHEAD: usize = 4096;
 
+/// At most what one [`HandedMsg`] adds to a [`Frame::Deliver`] besides its payload and
+/// recipient key: its id, its receipt time and the two lengths, varints of at most 9 bytes.
+pub const HANDED_MSG_FIELDS: usize = 4 * 9;
+
+/// At most the encoded length of a [`Frame::Deliver`] of `msgs` messages that carry `carried`
+/// bytes (payloads and recipient keys), whatever their number: hand-offs are joined into one
+/// frame only within `max_frame` by this measure (`session::handing`).
+pub fn deliver_len_at_most(msgs: usize, carried: usize) -> usize {
+    carried
+        .saturating_add(DELIVER_OVERHEAD)
+        .saturating_add(msgs.saturating_mul(HANDED_MSG_FIELDS))
+}
+
 impl Frame {
     /// Short name for logs and counters, never the payload (conn ids are not secrets, but
     /// logs should not grow with the size of a resync).
@@ -330,6 +343,29 @@ mod tests {
             }),
             vec![14, 1, b'c', 1, 2, 1, b'k', 1, 7, 4]
         );
+    }
+
+    /// The measure hand-offs are joined by is never below the frame's own length, however many
+    /// messages and whatever their ids, times and sizes.
+    #[test]
+    fn deliver_len_at_most_bounds_the_encoded_frame() {
+        for (n, size) in [(1, 0), (16, 70_000), (1_000, 0), (1_000, 300)] {
+            let msgs: Vec<HandedMsg> = (0..n)
+                .map(|i| HandedMsg {
+                    id: i64::MAX - i as i64,
+                    recipient_key: "k".repeat(size / 2 + 1),
+                    payload: vec![0; size],
+                    received_at_ms: i64::MIN,
+                })
+                .collect();
+            let carried = msgs.iter().map(|m| m.payload.len() + m.recipient_key.len()).sum();
+            let frame = Frame::Deliver {
+                conn: "c".repeat(64),
+                msgs,
+            };
+            let len = encoded_len(&frame).unwrap();
+            assert!(len <= deliver_len_at_most(n, carried), "{n} messages of {size}: {len}");
+        }
     }
 
     #[test]

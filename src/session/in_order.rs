@@ -9,9 +9,15 @@
 //! answered, so forwards answered in order are handed in order. Peers' `Deliver` frames, read
 //! in order off one link, enter the same queue.
 //!
+//! A runner holds its entries in a [`Run`]: dropped before the run ended (its task dropped
+//! with its HTTP worker at shutdown while other workers serve, or a panic), the run ends
+//! itself and gives back what it had not started, instead of leaving its connection's later
+//! hand-offs to wait for a runner that is gone.
+//!
 //! Must not: run two hand-offs of one connection at once; lose an entry (one entered while
 //! the runner finds the queue empty and leaves either runs in that runner or starts a new
-//! one); hold an entry for a connection nothing is being handed to.
+//! one; one left by a dropped runner is given back); hold an entry for a connection nothing
+//! is being handed to.
 
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
@@ -53,6 +59,13 @@ impl<T> InOrder<T> {
         waiting
     }
 
+    /// Ends `key`'s run before its runner took every entry (the runner was dropped, or
+    /// panicked): what was entered meanwhile, in order, for the caller to give back. The next
+    /// entry for `key` starts another run.
+    pub fn abandon(&self, key: &str) -> VecDeque<T> {
+        self.0.lock().remove(key).unwrap_or_default()
+    }
+
     /// Connections with a hand-off running.
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -62,6 +75,56 @@ impl<T> InOrder<T> {
     #[cfg(test)]
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The entries of one run, held by the task that runs them: the first, then those entered
+/// meanwhile ([`Run::waiting`]). Dropped before the run ended, it ends the run in its
+/// [`InOrder`] and gives `abandoned` the entries not taken yet (the one being run is the
+/// runner's own).
+pub struct Run<'a, T, F: FnOnce(VecDeque<T>)> {
+    queues: &'a InOrder<T>,
+    key: String,
+    waiting: VecDeque<T>,
+    /// Taken when the run ends, normally (nothing left: `next` removed the key) or not.
+    abandoned: Option<F>,
+}
+
+impl<'a, T, F: FnOnce(VecDeque<T>)> Run<'a, T, F> {
+    /// The run of `key` that `first` starts (the entry [`InOrder::enter`] gave back).
+    pub fn new(queues: &'a InOrder<T>, key: String, first: T, abandoned: F) -> Self {
+        Run {
+            queues,
+            key,
+            waiting: VecDeque::from([first]),
+            abandoned: Some(abandoned),
+        }
+    }
+
+    /// The entries not run yet, in order, never empty: the caller takes from the front. Once
+    /// they are taken, those entered meanwhile ([`InOrder::next`]); `None` when none were, and
+    /// the run has ended.
+    pub fn waiting(&mut self) -> Option<&mut VecDeque<T>> {
+        self.abandoned.as_ref()?;
+        if self.waiting.is_empty() {
+            self.waiting = self.queues.next(&self.key);
+        }
+        if self.waiting.is_empty() {
+            self.abandoned = None;
+            return None;
+        }
+        Some(&mut self.waiting)
+    }
+}
+
+impl<T, F: FnOnce(VecDeque<T>)> Drop for Run<'_, T, F> {
+    fn drop(&mut self) {
+        let Some(abandoned) = self.abandoned.take() else {
+            return;
+        };
+        let mut left = std::mem::take(&mut self.waiting);
+        left.extend(self.queues.abandon(&self.key));
+        abandoned(left);
     }
 }
 
@@ -129,6 +192,91 @@ mod tests {
                 (0..2_000).collect::<Vec<_>>(),
                 "thread {t}'s entries in its order"
             );
+        }
+    }
+
+    #[test]
+    fn an_abandoned_run_ends_and_the_next_entry_starts_another() {
+        let q = InOrder::default();
+        assert_eq!(q.enter("a", 1), Some(1));
+        assert_eq!(q.enter("a", 2), None);
+        // The runner of 1 is gone.
+        assert_eq!(q.abandon("a"), [2], "what waited, to give back");
+        assert_eq!(q.enter("a", 3), Some(3), "a new run, not a wait for nobody");
+        assert!(q.abandon("b").is_empty());
+    }
+
+    /// What a dropped run gave back, in order.
+    type GivenBack = Arc<Mutex<Vec<u32>>>;
+
+    /// The entries a runner is given back when its run is dropped, and what records them.
+    fn given_back() -> (GivenBack, impl FnOnce(VecDeque<u32>)) {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let g = got.clone();
+        (got, move |left: VecDeque<u32>| g.lock().extend(left))
+    }
+
+    #[test]
+    fn a_run_dropped_before_it_ended_gives_back_what_it_had_not_taken() {
+        let q = InOrder::default();
+        let (got, back) = given_back();
+        let first = q.enter("a", 1).unwrap();
+        let mut run = Run::new(&q, "a".into(), first, back);
+        assert_eq!(run.waiting().unwrap().pop_front(), Some(1), "being run");
+        assert_eq!(q.enter("a", 2), None);
+        assert_eq!(q.enter("a", 3), None);
+        assert_eq!(run.waiting().unwrap().pop_front(), Some(2), "being run");
+        assert_eq!(q.enter("a", 4), None);
+        drop(run);
+        assert_eq!(*got.lock(), [3, 4], "taken but not started, then entered meanwhile");
+        assert_eq!(q.enter("a", 5), Some(5), "the next entry starts a run");
+    }
+
+    #[test]
+    fn a_run_that_ended_gives_nothing_back_nor_ends_the_next_run() {
+        let q = InOrder::default();
+        let (got, back) = given_back();
+        let first = q.enter("a", 1).unwrap();
+        let mut run = Run::new(&q, "a".into(), first, back);
+        assert_eq!(run.waiting().unwrap().pop_front(), Some(1));
+        assert!(run.waiting().is_none(), "nothing entered meanwhile: ended");
+        assert_eq!(q.enter("a", 2), Some(2), "another run");
+        assert!(run.waiting().is_none(), "an ended run takes nothing of the next");
+        drop(run);
+        assert!(got.lock().is_empty());
+        assert_eq!(q.enter("a", 3), None, "the next run still runs");
+    }
+
+    /// A runner task whose hand-off never completes, dropped (aborted, as a stopping arbiter
+    /// drops its tasks) or panicking: the entries waiting for it are given back, and the next
+    /// entry runs.
+    #[tokio::test]
+    async fn a_runner_task_aborted_or_panicking_leaves_no_entry_behind() {
+        for panics in [false, true] {
+            let q = Arc::new(InOrder::default());
+            let (got, back) = given_back();
+            let (started_tx, started) = tokio::sync::oneshot::channel();
+            let first = q.enter("a", 1).unwrap();
+            let runner = tokio::spawn({
+                let q = q.clone();
+                async move {
+                    let mut run = Run::new(&*q, "a".into(), first, back);
+                    let _ = started_tx.send(run.waiting().and_then(VecDeque::pop_front));
+                    if panics {
+                        panic!("a hand-off panicked");
+                    }
+                    std::future::pending::<()>().await;
+                }
+            });
+            assert_eq!(q.enter("a", 2), None, "waits for the runner");
+            if !panics {
+                assert_eq!(started.await.unwrap(), Some(1), "the first hand-off is running");
+                runner.abort();
+            }
+            let end = runner.await.unwrap_err();
+            assert_eq!(end.is_panic(), panics);
+            assert_eq!(*got.lock(), [2], "panics: {panics}");
+            assert_eq!(q.enter("a", 3), Some(3), "panics: {panics}");
         }
     }
 }

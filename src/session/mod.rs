@@ -8,6 +8,7 @@
 
 pub mod egress;
 mod give_back;
+mod handing;
 pub mod held;
 pub mod http;
 mod in_order;
@@ -170,12 +171,15 @@ impl Shared {
 
     /// A forward repeated messages already queued for `conn` ([`Outcome::repeated`]): its
     /// wallet is woken, or pushed, as for a new message if its queue holds pending ones (none
-    /// pending: delivered meanwhile, or leased to a session, which has them).
+    /// pending: delivered meanwhile, or leased to a session, which has them). Asked with
+    /// [`Store::pending_among`](crate::store::Store::pending_among), which stops at the first
+    /// pending message: a sender retrying into a long queue does not have it counted each time.
     ///
     /// [`Outcome::repeated`]: crate::protocols::Outcome::repeated
     async fn queued_again(self: &Arc<Self>, conn: &str) {
-        match self.mediator.store.queue_stats(conn, now_ms()).await {
-            Ok(q) if q.pending > 0 => self.queued_new(conn).await,
+        let conns = [conn.to_owned()];
+        match self.mediator.store.pending_among(&conns, now_ms()).await {
+            Ok(pending) if !pending.is_empty() => self.queued_new(conn).await,
             Ok(_) => {}
             Err(e) => tracing::warn!(connection = %conn, "repeated forward: queue not read, nobody woken: {e}"),
         }
@@ -183,7 +187,7 @@ impl Shared {
 
     /// Hands `h` off after the hand-offs of its connection entered before it
     /// (`session::in_order`): a task runs them one at a time, joining those for the same node into
-    /// one hand-off of up to a batch.
+    /// one hand-off of up to a batch, and for a peer up to one frame (`session::handing`).
     pub fn hand_off_in_order(self: &Arc<Self>, h: Handed) {
         let conn = h.conn.clone();
         let Some(first) = self.handing.enter(&conn, h) else {
@@ -191,21 +195,31 @@ impl Shared {
         };
         let s = self.clone();
         actix_rt::spawn(async move {
-            let batch = s.mediator.batch_size.max(1);
-            let mut waiting = std::collections::VecDeque::from([first]);
-            while let Some(mut h) = waiting.pop_front() {
-                while let Some(next) = waiting.front() {
-                    if next.node != h.node || h.msgs.len() + next.msgs.len() > batch {
-                        break;
-                    }
-                    h.msgs.extend(waiting.pop_front().expect("checked above").msgs);
-                }
+            let join = handing::Join {
+                local_node: &s.mediator.node_id,
+                batch: s.mediator.batch_size.max(1),
+                max_frame: s.cluster.as_ref().map(ClusterHandle::max_frame),
+            };
+            let mut run = s.run_of(conn, first);
+            while let Some(h) = run.waiting().and_then(|w| join.take(w)) {
                 s.hand_off(h).await;
-                if waiting.is_empty() {
-                    waiting = s.handing.next(&conn);
-                }
             }
         });
+    }
+
+    /// The run of `conn`'s hand-offs that `first` starts. Dropped before it ends (its task
+    /// dropped with its HTTP worker's arbiter, or a panic), the hand-offs it had not started
+    /// are handed back ([`handing::hand_back_abandoned`]) and the next one starts another run;
+    /// the one it was running waits for its lease (a session may have taken it).
+    fn run_of(
+        self: &Arc<Self>,
+        conn: String,
+        first: Handed,
+    ) -> in_order::Run<'_, Handed, impl FnOnce(std::collections::VecDeque<Handed>)> {
+        let s = self.clone();
+        in_order::Run::new(&self.handing, conn, first, move |left| {
+            handing::hand_back_abandoned(s, left)
+        })
     }
 
     /// A new message was queued for `conn` (a forward this node accepted, deliveries a closed
