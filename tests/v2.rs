@@ -777,6 +777,127 @@ async fn a_key_registered_in_one_did_key_form_cannot_be_claimed_in_another() {
     assert_eq!(attacker.status(None).await.unwrap(), 0);
 }
 
+/// A did:peer:4 (long form, short form) with a made-up document: a recipient DID as a wallet
+/// registers it (the mediator reads nothing in it but its hash).
+fn peer4() -> (String, String) {
+    use mailroom::didcomm::did::{create_peer4, peer4_short_form};
+    let verkey = mailroom::didcomm::keys::KeyPair::generate().verkey();
+    let long = create_peer4(&verkey, &["https://wallet.example".into()], &[]);
+    let short = peer4_short_form(&long).unwrap();
+    assert!(long.starts_with(&format!("{short}:")));
+    (long, short)
+}
+
+/// Forwards an opaque attachment (`tag` makes it a payload of its own) to `next`: the status.
+async fn forward_opaque(m: &V2Mediator, next: &str, tag: &str) -> u16 {
+    let fwd = forward_of(m, next, json!({ "ciphertext": tag }), json!({}));
+    post_raw(&m.http, TYP_ENCRYPTED, fwd).await.0
+}
+
+/// The recipient DIDs of `a`'s keylist, as recipient-query lists them.
+async fn recipient_dids(a: &V2Agent) -> Vec<String> {
+    let q = a
+        .request(
+            &a.message(
+                "https://didcomm.org/coordinate-mediation/3.0/recipient-query",
+                json!({}),
+            ),
+            "recipient",
+        )
+        .await
+        .unwrap();
+    q["body"]["dids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["recipient_did"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A did:peer:4's short form is its long form's prefix: anyone can compute it. The victim
+/// registers the long form; the attacker's claim of the short form is refused, and a forward
+/// naming the DID in either form (or a key of it) reaches the victim.
+#[actix_rt::test]
+async fn a_did_peer_4_registered_in_its_long_form_cannot_be_claimed_in_its_short_form() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut victim = V2Agent::new(m.clone()).unwrap();
+    let r = victim.onboard().await.unwrap();
+    let mut attacker = V2Agent::new(m.clone()).unwrap();
+    attacker.onboard().await.unwrap();
+    let (long, short) = peer4();
+
+    let up = victim.update("3.0", std::slice::from_ref(&long), &[]).await.unwrap();
+    assert_eq!(up[0]["result"], "success", "{up:?}");
+    assert_eq!(up[0]["recipient_did"], json!(long), "answered as the wallet named it");
+    for claim in [&short, &long] {
+        let up = attacker.update("3.0", std::slice::from_ref(claim), &[]).await.unwrap();
+        assert_eq!(up[0]["result"], "client_error", "{claim}: {up:?}");
+    }
+    // Listed as the short form: the wallet's own document has it in `alsoKnownAs`.
+    let mut want = vec![r.clone(), short.clone()];
+    want.sort();
+    let mut dids = recipient_dids(&victim).await;
+    dids.sort();
+    assert_eq!(dids, want);
+    assert_eq!(recipient_dids(&attacker).await.len(), 1);
+
+    let nexts = [
+        short.clone(),
+        format!("{short}#key-1"),
+        long.clone(),
+        format!("{long}#key-1"),
+    ];
+    for (i, next) in nexts.iter().enumerate() {
+        assert_eq!(forward_opaque(&m, next, &format!("to-{i}")).await, 202, "{next}");
+    }
+    assert_eq!(victim.status(None).await.unwrap(), 4);
+    assert_eq!(victim.status(Some(&long)).await.unwrap(), 4, "filtered by either form");
+    assert_eq!(victim.status(Some(&short)).await.unwrap(), 4);
+    assert_eq!(attacker.status(None).await.unwrap(), 0);
+
+    // Removed in either form.
+    let up = victim.update("3.0", &[], std::slice::from_ref(&short)).await.unwrap();
+    assert_eq!(up[0]["result"], "success", "{up:?}");
+    assert_eq!(forward_opaque(&m, &long, "after").await, 404);
+}
+
+/// The other way round: the victim registers the short form (what senders use after first
+/// contact); the attacker's claim of the long form is refused, and first-contact mail (to the
+/// long form) reaches the victim. A long form whose hash does not match its document, and a
+/// did:peer:3 (the hash of a did:peer:2 nothing here links it to), are refused.
+#[actix_rt::test]
+async fn a_did_peer_4_registered_in_its_short_form_cannot_be_claimed_in_its_long_form() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut victim = V2Agent::new(m.clone()).unwrap();
+    victim.onboard().await.unwrap();
+    let mut attacker = V2Agent::new(m.clone()).unwrap();
+    attacker.onboard().await.unwrap();
+    let (long, short) = peer4();
+
+    let up = victim.update("3.0", std::slice::from_ref(&short), &[]).await.unwrap();
+    assert_eq!(up[0]["result"], "success", "{up:?}");
+    let (other_long, _) = peer4();
+    let forged = format!("{short}:{}", other_long.rsplit(':').next().unwrap());
+    let p3 = "did:peer:3zQmR1arqG7V8Guck9KHWkxYBAxjegVxhVLbp6fmrisUSgnp".to_string();
+    for claim in [&long, &format!("{long}#key-1"), &forged, &p3] {
+        let up = attacker.update("3.0", std::slice::from_ref(claim), &[]).await.unwrap();
+        assert_eq!(up[0]["result"], "client_error", "{claim}: {up:?}");
+    }
+    assert_eq!(recipient_dids(&attacker).await.len(), 1);
+
+    for (i, next) in [long.clone(), format!("{long}#key-1"), short.clone()]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(forward_opaque(&m, next, &format!("to-{i}")).await, 202, "{next}");
+    }
+    assert_eq!(forward_opaque(&m, &forged, "forged").await, 400);
+    assert_eq!(victim.status(None).await.unwrap(), 3);
+    assert_eq!(attacker.status(None).await.unwrap(), 0);
+}
+
 /// A forward refused in part: of two attachments for a live wallet, the queue holds room for
 /// one. The sender gets the refusal (and retries); the attachment queued already was leased
 /// to the live session's hand-off, which no refusal sends: it is given back and delivered

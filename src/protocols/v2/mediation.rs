@@ -1,10 +1,14 @@
 //! coordinate-mediation 2.0 and 3.0 over one keylist: mediate-request -> mediate-grant
 //! (`routing_did` sent as an array: both real clients read `routing_did[0]`), 2.0
 //! keylist-update / keylist-query, 3.0 recipient-update / recipient-query. Registered
-//! recipient DIDs are the connection's routing keys (a DID URL is stored as its DID).
+//! recipient DIDs are the connection's routing keys, each in the one form it is stored and
+//! routed under ([`Recipient`]: a DID URL as its DID, a did:peer:4 as its short form).
+//! recipient-update answers each DID as the wallet named it; recipient-query and
+//! keylist-query list the stored forms (the short form of a did:peer:4 is in its own
+//! document's `alsoKnownAs`: the wallet knows it).
 
+use super::recipient::Recipient;
 use super::{Inbound, PROTOCOL};
-use crate::didcomm::v2::did;
 use crate::protocols::{now_ms, HandleError, Mediator, Outcome};
 use crate::store::{Connection, KeyUpdate, MediationState};
 use serde_json::{json, Value};
@@ -22,18 +26,6 @@ pub async fn handle(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError>
             ctx.type_str
         ))),
     }
-}
-
-/// A recipient DID as stored: the DID of a DID URL.
-pub fn normalize_recipient(s: &str) -> Result<String, HandleError> {
-    let d = did::did_of(s.trim());
-    if !d.starts_with("did:") || d.len() > crate::didcomm::did::MAX_DID_LEN {
-        return Err(HandleError::BadMessage(format!(
-            "recipient {:?} is not a DID",
-            s.chars().take(80).collect::<String>()
-        )));
-    }
-    Ok(d.to_string())
 }
 
 async fn mediate_request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
@@ -115,6 +107,59 @@ fn granted(ctx: &Inbound) -> Result<&Connection, HandleError> {
     Ok(c)
 }
 
+/// Why adding `r` for connection `conn` is refused before the store sees it, if it is: a
+/// did:peer:3, or a DID another connection holds in another form (the store refuses one held
+/// in the form `r` is stored under).
+async fn add_refusal(m: &Mediator, conn: &str, r: &Recipient) -> Result<Option<String>, HandleError> {
+    if r.unlinkable() {
+        return Ok(Some(
+            "a did:peer:3 is not taken as a recipient (it cannot be linked to its did:peer:2): register the did:peer:2"
+                .into(),
+        ));
+    }
+    Ok(match super::routing::held_in_another_form(m, r).await? {
+        Some((c, form)) if c != conn => Some(format!(
+            "the DID is registered by another connection as {}",
+            form.chars().take(80).collect::<String>()
+        )),
+        _ => None,
+    })
+}
+
+/// The `updated` entries of a keylist update, in update order, each naming its DID as the
+/// wallet did. `results` are the store's: one per added key, then one per removed form.
+fn answers(add: &[Recipient], remove: &[Recipient], results: &[(String, KeyUpdate)]) -> Vec<Value> {
+    let (added, removed) = results.split_at(add.len().min(results.len()));
+    let mut removed = removed.iter().map(|(_, u)| *u);
+    let adds = add.iter().zip(added).map(|(r, (_, u))| ("add", r, *u));
+    let removes: Vec<_> = remove
+        .iter()
+        .map(|r| {
+            let forms: Vec<KeyUpdate> = removed.by_ref().take(r.stored_forms().len()).collect();
+            ("remove", r, removal(&forms))
+        })
+        .collect();
+    adds.chain(removes)
+        .map(|(action, r, u)| {
+            let result = match u {
+                KeyUpdate::Added | KeyUpdate::Removed => "success",
+                KeyUpdate::AlreadyAdded | KeyUpdate::NotFound => "no_change",
+                KeyUpdate::HeldByOther | KeyUpdate::Revoked => "client_error",
+            };
+            json!({ "recipient_did": r.named, "action": action, "result": result })
+        })
+        .collect()
+}
+
+/// The outcome of removing a DID stored in several forms: removed if one form was.
+fn removal(forms: &[KeyUpdate]) -> KeyUpdate {
+    forms
+        .iter()
+        .copied()
+        .find(|u| *u != KeyUpdate::NotFound)
+        .unwrap_or(KeyUpdate::NotFound)
+}
+
 async fn update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     let conn = granted(ctx)?;
     let updates = ctx.msg["body"]["updates"]
@@ -133,36 +178,32 @@ async fn update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
             .or_else(|| u["recipient_key"].as_str())
             .unwrap_or_default();
         let action = u["action"].as_str().unwrap_or_default().to_string();
-        match (normalize_recipient(raw), action.as_str()) {
-            (Ok(d), "add") => match super::routing::held_in_another_form(m, &d).await? {
-                // The same key in another did:key form: the connection holding it keeps it.
-                Some((c, form)) if c != conn.id => {
-                    tracing::warn!(connection = %conn.id, key = %d, held_as = %form, "recipient update refused: the key is registered by another connection in another form");
-                    bad.push(json!({ "recipient_did": raw, "action": action, "result": "client_error" }))
+        let refused = || json!({ "recipient_did": raw, "action": action, "result": "client_error" });
+        match (Recipient::parse(raw), action.as_str()) {
+            (Ok(r), "add") => match add_refusal(m, &conn.id, &r).await? {
+                Some(why) => {
+                    tracing::warn!(connection = %conn.id, recipient = %r.named, "recipient update refused: {why}");
+                    bad.push(refused())
                 }
-                _ => add.push(d),
+                None => add.push(r),
             },
-            (Ok(d), "remove") => remove.push(d),
-            _ => bad.push(json!({ "recipient_did": raw, "action": action, "result": "client_error" })),
+            (Ok(r), "remove") => remove.push(r),
+            (Err(e), "add" | "remove") => {
+                tracing::info!(connection = %conn.id, "recipient update refused: {e}");
+                bad.push(refused())
+            }
+            _ => bad.push(refused()),
         }
     }
-    if let Some(would_hold) = super::super::mediation::keys_over_limit(m, &conn.id, &add, &remove).await? {
+    let add_keys: Vec<String> = add.iter().map(|r| r.canonical.clone()).collect();
+    // A DID is removed in every form it may be stored in (a long form stored by an earlier
+    // version, too).
+    let remove_keys: Vec<String> = remove.iter().flat_map(Recipient::stored_forms).collect();
+    if let Some(would_hold) = super::super::mediation::keys_over_limit(m, &conn.id, &add_keys, &remove_keys).await? {
         return Ok(over_limit(m, ctx, updates, would_hold));
     }
-    let results = m.store.update_keys(&conn.id, &add, &remove).await?;
-    let mut updated: Vec<Value> = results
-        .into_iter()
-        .enumerate()
-        .map(|(i, (k, r))| {
-            let action = if i < add.len() { "add" } else { "remove" };
-            let result = match r {
-                KeyUpdate::Added | KeyUpdate::Removed => "success",
-                KeyUpdate::AlreadyAdded | KeyUpdate::NotFound => "no_change",
-                KeyUpdate::HeldByOther | KeyUpdate::Revoked => "client_error",
-            };
-            json!({ "recipient_did": k, "action": action, "result": result })
-        })
-        .collect();
+    let results = m.store.update_keys(&conn.id, &add_keys, &remove_keys).await?;
+    let mut updated = answers(&add, &remove, &results);
     updated.extend(bad);
     let (name, body) = if ctx.major() == 2 {
         ("keylist-update-response", json!({ "updated": updated }))
@@ -235,4 +276,47 @@ async fn query(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
         replies: vec![reply],
         ..Outcome::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::didcomm::did::{create_peer4, peer4_short_form};
+    use crate::didcomm::keys::KeyPair;
+
+    #[test]
+    fn updates_are_answered_as_named_and_a_removal_in_any_stored_form_is_one() {
+        let long = create_peer4(&KeyPair::generate().verkey(), &[], &[]);
+        let short = peer4_short_form(&long).unwrap();
+        let r = Recipient::parse(&format!("{long}#key-1")).unwrap();
+        let dk = Recipient::parse("did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK").unwrap();
+        let add = [r.clone()];
+        let remove = [r.clone(), dk.clone(), r.clone()];
+        let results = [
+            (short.clone(), KeyUpdate::Added),
+            // The long form, stored by an earlier version: removed with the DID.
+            (short.clone(), KeyUpdate::NotFound),
+            (long.clone(), KeyUpdate::Removed),
+            (dk.named.clone(), KeyUpdate::NotFound),
+            (short.clone(), KeyUpdate::NotFound),
+            (long.clone(), KeyUpdate::NotFound),
+        ];
+        let got: Vec<(String, String, String)> = answers(&add, &remove, &results)
+            .iter()
+            .map(|u| {
+                let s = |k: &str| u[k].as_str().unwrap().to_string();
+                (s("recipient_did"), s("action"), s("result"))
+            })
+            .collect();
+        let want = |d: &str, a: &str, r: &str| (d.to_string(), a.to_string(), r.to_string());
+        assert_eq!(
+            got,
+            [
+                want(&long, "add", "success"),
+                want(&long, "remove", "success"),
+                want(&dk.named, "remove", "no_change"),
+                want(&long, "remove", "no_change"),
+            ]
+        );
+    }
 }

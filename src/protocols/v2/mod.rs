@@ -19,6 +19,7 @@
 
 pub mod mediation;
 pub mod pickup;
+pub mod recipient;
 pub mod rotation;
 pub mod routing;
 

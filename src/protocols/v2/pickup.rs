@@ -2,8 +2,10 @@
 //! delivery-request -> delivery (attachments in `data.json`, ids = queue ids) or status when
 //! empty, messages-received -> status, live-delivery-change (WebSocket only). Deliveries are
 //! leased to the transport's owner and deleted on messages-received, as in pickup 2.0.
-//! `recipient_did` narrows a delivery to messages forwarded for that DID.
+//! `recipient_did` narrows a delivery to messages forwarded for that DID (a did:peer:4 named
+//! in either form).
 
+use super::recipient::Recipient;
 use super::Inbound;
 use crate::protocols::pickup::{ack_received, attachment_data, external_id, lease_batch};
 use crate::protocols::{now_ms, HandleError, Mediator, Outcome, TransportKind};
@@ -32,15 +34,27 @@ pub async fn handle(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError>
     }
 }
 
-fn recipient_filter(ctx: &Inbound) -> Result<Option<String>, HandleError> {
+/// The recipient DID of `recipient_did`, in the form its messages are queued under.
+async fn recipient_filter(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Option<String>, HandleError> {
     match ctx.msg["body"]["recipient_did"].as_str() {
-        Some(r) => super::mediation::normalize_recipient(r).map(Some),
+        Some(named) => queued_form(m, conn, &Recipient::parse(named)?).await.map(Some),
         None => Ok(None),
     }
 }
 
+/// The form of `r` the messages of `conn` for it are queued under: the form `conn` registered
+/// it in (a long form an earlier version stored, else the canonical one).
+async fn queued_form(m: &Mediator, conn: &Connection, r: &Recipient) -> Result<String, HandleError> {
+    if let Some(legacy) = r.legacy() {
+        if m.store.route(legacy).await?.as_deref() == Some(conn.id.as_str()) {
+            return Ok(legacy.to_string());
+        }
+    }
+    Ok(r.canonical.clone())
+}
+
 async fn status(m: &Mediator, ctx: &Inbound, conn: &Connection, live: Option<bool>) -> Result<Value, HandleError> {
-    let filter = recipient_filter(ctx)?;
+    let filter = recipient_filter(m, ctx, conn).await?;
     let stats = m.store.pending_stats(&conn.id, filter.as_deref(), now_ms()).await?;
     let mut body = json!({ "message_count": stats.count });
     if let Some(o) = stats.oldest_received_ms {
@@ -76,7 +90,7 @@ pub fn live_delivery(m: &Mediator, conn: &Connection, msgs: &[QueuedMessage]) ->
 }
 
 async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
-    let filter = recipient_filter(ctx)?;
+    let filter = recipient_filter(m, ctx, conn).await?;
     let msgs = lease_batch(
         m,
         conn,
@@ -128,4 +142,30 @@ async fn live_delivery_change(m: &Mediator, ctx: &Inbound, conn: &Connection) ->
         live_mode: Some(live),
         ..Outcome::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::didcomm::did::{create_peer4, peer4_short_form};
+    use crate::didcomm::keys::KeyPair;
+    use crate::protocols::mediator_for_test;
+
+    #[actix_rt::test]
+    async fn a_did_peer_4_filter_names_the_form_its_messages_are_queued_under() {
+        let (m, conn) = mediator_for_test().await;
+        let long = create_peer4(&KeyPair::generate().verkey(), &[], &[]);
+        let short = peer4_short_form(&long).unwrap();
+        let r = Recipient::parse(&long).unwrap();
+        let named_short = Recipient::parse(&short).unwrap();
+        // Registered now: stored, and queued for, as the short form.
+        assert_eq!(queued_form(&m, &conn, &r).await.unwrap(), short);
+        assert_eq!(queued_form(&m, &conn, &named_short).await.unwrap(), short);
+        // Registered as the long form by an earlier version: its messages are queued under it.
+        m.store
+            .update_keys(&conn.id, std::slice::from_ref(&long), &[])
+            .await
+            .unwrap();
+        assert_eq!(queued_form(&m, &conn, &r).await.unwrap(), long);
+    }
 }

@@ -2,13 +2,15 @@
 //! messages from the new DID with `from_prior`, a compact JWT signed by an authentication key
 //! of the old DID with claims `iss` = old DID, `sub` = new DID, `iat`. The mediator verifies it
 //! and moves the connection of the old DID to the new one: the connection record (its DID and
-//! peer-key index), keylist entries naming the old DID, and with them routing; the queue and
-//! live sessions belong to the connection id and stay.
+//! peer-key index), keylist entries naming the old DID (in the form they are stored in:
+//! [`Recipient`]), and with them routing; the queue and live sessions belong to the
+//! connection id and stay.
 //!
 //! Refused (a problem report, nothing changed): a JWT not signed by a key of `iss`, a `sub`
 //! that is not the DID that authenticated the message, an `iss` no connection holds, or a new
 //! DID that already has a connection of its own (a rotation never merges two connections).
 
+use super::recipient::Recipient;
 use super::Inbound;
 use crate::didcomm::v2::did::{self, Purpose};
 use crate::didcomm::v2::jws;
@@ -44,6 +46,23 @@ pub fn verify(from_prior: &serde_json::Value, sender: Option<&str>) -> Result<(S
     Ok((iss.to_string(), sub.to_string()))
 }
 
+/// A DID of a rotation as a recipient DID (the one form it is stored in).
+fn recipient(d: &str) -> Result<Recipient, HandleError> {
+    Recipient::parse(d).map_err(|e| refused(e.to_string()))
+}
+
+/// The keylist change a rotation from `old` to `new` makes to a connection holding `held`:
+/// the form of `new` to add, and the forms of `old` it holds, to remove. `None` when it holds
+/// no form of `old`.
+fn key_move(held: &[String], old: &Recipient, new: &Recipient) -> Option<(String, Vec<String>)> {
+    let remove: Vec<String> = old
+        .stored_forms()
+        .into_iter()
+        .filter(|f| held.contains(f) && *f != new.canonical)
+        .collect();
+    (!remove.is_empty()).then(|| (new.canonical.clone(), remove))
+}
+
 /// Applies the `from_prior` of `ctx`, if any: afterwards `ctx.conn` is the connection of the
 /// (new) sender DID.
 pub async fn apply(m: &Mediator, ctx: &mut Inbound) -> Result<(), HandleError> {
@@ -64,14 +83,17 @@ pub async fn apply(m: &Mediator, ctx: &mut Inbound) -> Result<(), HandleError> {
         }
         (Some(o), None) => o,
     };
-    // Keylist entries naming the old DID move to the new one: add first, so a new DID another
-    // connection registered refuses the rotation before anything changed.
-    let moves_key = m.store.keys_of(&old.id).await?.contains(&old_did);
-    if moves_key {
-        let r = m
-            .store
-            .update_keys(&old.id, std::slice::from_ref(&new_did), &[])
-            .await?;
+    // Keylist entries naming the old DID (in any form it is stored in) move to the new one:
+    // add first, so a new DID another connection registered refuses the rotation before
+    // anything changed.
+    let (old_r, new_r) = (recipient(&old_did)?, recipient(&new_did)?);
+    let moved = key_move(&m.store.keys_of(&old.id).await?, &old_r, &new_r);
+    if let Some((add, _)) = &moved {
+        let elsewhere = super::routing::held_in_another_form(m, &new_r).await?;
+        if elsewhere.is_some_and(|(c, _)| c != old.id) {
+            return Err(refused("the new DID is registered by another connection"));
+        }
+        let r = m.store.update_keys(&old.id, std::slice::from_ref(add), &[]).await?;
         if r.iter().any(|(_, u)| *u == KeyUpdate::HeldByOther) {
             return Err(refused("the new DID is registered by another connection"));
         }
@@ -88,17 +110,67 @@ pub async fn apply(m: &Mediator, ctx: &mut Inbound) -> Result<(), HandleError> {
     }
     c.updated_at_ms = now_ms();
     if let Err(e) = m.store.put_connection(&c).await {
-        if moves_key {
-            let _ = m.store.update_keys(&old.id, &[], std::slice::from_ref(&new_did)).await;
+        if let Some((add, _)) = &moved {
+            let _ = m.store.update_keys(&old.id, &[], std::slice::from_ref(add)).await;
         }
         return Err(e.into());
     }
-    if moves_key {
-        m.store
-            .update_keys(&old.id, &[], std::slice::from_ref(&old_did))
-            .await?;
+    if let Some((_, remove)) = &moved {
+        m.store.update_keys(&old.id, &[], remove).await?;
     }
     tracing::info!(connection = %c.id, old = %old_did, new = %new_did, "v2 wallet rotated its DID (from_prior)");
     ctx.conn = Some(c);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::didcomm::did::{create_peer4, peer4_short_form};
+    use crate::didcomm::keys::KeyPair;
+
+    fn peer4() -> (String, String) {
+        let long = create_peer4(&KeyPair::generate().verkey(), &[], &[]);
+        let short = peer4_short_form(&long).unwrap();
+        (long, short)
+    }
+
+    #[test]
+    fn a_rotation_moves_the_old_did_in_the_form_it_is_stored_in() {
+        let ((old_long, old_short), (new_long, new_short)) = (peer4(), peer4());
+        let (old, new) = (
+            Recipient::parse(&old_long).unwrap(),
+            Recipient::parse(&new_long).unwrap(),
+        );
+        let other = "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK".to_string();
+        // Registered as the short form (what a keylist update stores now).
+        let held = [other.clone(), old_short.clone()];
+        assert_eq!(
+            key_move(&held, &old, &new),
+            Some((new_short.clone(), vec![old_short.clone()]))
+        );
+        // Registered as the long form by an earlier version, or in both forms.
+        let held = [old_long.clone()];
+        assert_eq!(
+            key_move(&held, &old, &new),
+            Some((new_short.clone(), vec![old_long.clone()]))
+        );
+        let held = [old_long.clone(), old_short.clone()];
+        assert_eq!(
+            key_move(&held, &old, &new),
+            Some((new_short, vec![old_short, old_long]))
+        );
+        // Not registered: nothing moves.
+        assert_eq!(key_move(&[other], &old, &new), None);
+    }
+
+    #[test]
+    fn a_did_peer_2_rotation_moves_it_as_it_is() {
+        let (old, new) = ("did:peer:2.Ez6LSold", "did:peer:2.Ez6LSnew");
+        let (o, n) = (Recipient::parse(old).unwrap(), Recipient::parse(new).unwrap());
+        assert_eq!(
+            key_move(&[old.to_string()], &o, &n),
+            Some((new.to_string(), vec![old.to_string()]))
+        );
+    }
 }

@@ -1,9 +1,12 @@
-//! routing 2.0 `forward`: `body.next` (a DID, a DID URL, or a did:key in its Ed25519 or X25519
-//! form) names a recipient DID some connection registered; every attachment is queued for it
-//! before the transport answers 2xx. An `expires_time` in the past is refused; a later one is
-//! stored with each queued attachment (earliest of the forward's and, for an attachment the
-//! mediator can read as a plaintext message, its own): the queue never delivers it afterwards.
+//! routing 2.0 `forward`: `body.next` (a DID, a DID URL, a did:key in its Ed25519 or X25519
+//! form, a did:peer:4 in its long or short form) names a recipient DID some connection
+//! registered, looked up in the form it is stored under ([`Recipient`]); every attachment is
+//! queued for it before the transport answers 2xx. An `expires_time` in the past is refused;
+//! a later one is stored with each queued attachment (earliest of the forward's and, for an
+//! attachment the mediator can read as a plaintext message, its own): the queue never
+//! delivers it afterwards.
 
+use super::recipient::Recipient;
 use super::Inbound;
 use crate::didcomm::v2::{did, keys};
 use crate::protocols::{now_ms, ForwardResult, Handed, HandleError, Mediator, Outcome};
@@ -14,18 +17,27 @@ use sha2::{Digest, Sha256};
 /// Most attachments queued from one forward.
 pub const MAX_ATTACHMENTS: usize = 16;
 
-/// The connection that registered `next`, and the recipient DID it registered.
+/// The connection that registered `next`, and the form of the recipient DID it registered.
+/// Refused: a did:peer:4 long form whose hash does not match its document.
 async fn route(m: &Mediator, next: &str) -> Result<Option<(String, String)>, HandleError> {
-    let d = did::did_of(next.trim()).to_string();
-    if let Some(c) = m.store.route(&d).await? {
-        return Ok(Some((c, d)));
+    let r = Recipient::of(did::did_of(next.trim())).map_err(|e| match e {
+        HandleError::BadMessage(why) => HandleError::BadMessage(format!("forward body.next: {why}")),
+        e => e,
+    })?;
+    // A long form an earlier version stored routes to the connection that registered it: its
+    // short form, registered since by another, does not take its mail over.
+    if let Some(hit) = held_in_legacy_form(m, &r).await? {
+        return Ok(Some(hit));
+    }
+    if let Some(c) = m.store.route(&r.canonical).await? {
+        return Ok(Some((c, r.canonical)));
     }
     // The same key in another did:key form (an Ed25519 did:key also names its X25519 key).
-    if let Some((c, alt)) = held_in_another_form(m, &d).await? {
+    if let Some((c, alt)) = held_in_did_key_form(m, &r.canonical).await? {
         return Ok(Some((c, alt)));
     }
     // Registered with a fragment by an older client.
-    if next != d {
+    if next != r.named {
         if let Some(c) = m.store.route(next).await? {
             return Ok(Some((c, next.to_string())));
         }
@@ -33,9 +45,26 @@ async fn route(m: &Mediator, next: &str) -> Result<Option<(String, String)>, Han
     Ok(None)
 }
 
+/// The connection holding `r` in a form other than the one it is stored under now, and that
+/// form: the long form an earlier version stored, or another did:key form of its key.
+pub(super) async fn held_in_another_form(m: &Mediator, r: &Recipient) -> Result<Option<(String, String)>, HandleError> {
+    if let Some(hit) = held_in_legacy_form(m, r).await? {
+        return Ok(Some(hit));
+    }
+    held_in_did_key_form(m, &r.canonical).await
+}
+
+/// The connection holding `r` in the long form an earlier version stored, and that form.
+async fn held_in_legacy_form(m: &Mediator, r: &Recipient) -> Result<Option<(String, String)>, HandleError> {
+    let Some(legacy) = r.legacy() else {
+        return Ok(None);
+    };
+    Ok(m.store.route(legacy).await?.map(|c| (c, legacy.to_string())))
+}
+
 /// The connection holding `did` (a did:key) registered in another of its forms
 /// ([`keys::did_key_equivalents`]), with or without a fragment, and the form it registered.
-pub(super) async fn held_in_another_form(m: &Mediator, did: &str) -> Result<Option<(String, String)>, HandleError> {
+async fn held_in_did_key_form(m: &Mediator, did: &str) -> Result<Option<(String, String)>, HandleError> {
     for alt in keys::did_key_equivalents(did) {
         let mb = alt.trim_start_matches("did:key:").to_string();
         for form in [format!("{alt}#{mb}"), alt] {
@@ -206,4 +235,70 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
         None => out.queued_for.push(conn),
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::didcomm::did::{create_peer4, peer4_short_form};
+    use crate::didcomm::keys::KeyPair;
+    use crate::protocols::{granted_connection_for_test, mediator_for_test};
+
+    /// A mediator whose connections `c1` and `c2` registered `c1_keys` and `c2_keys` as they are
+    /// (as an earlier version stored them).
+    async fn mediator_with(c1_keys: &[String], c2_keys: &[String]) -> Mediator {
+        let (m, _) = mediator_for_test().await;
+        let c2 = granted_connection_for_test("c2", "ours", "theirs-2");
+        m.store.put_connection(&c2).await.unwrap();
+        for (c, keys) in [("c1", c1_keys), ("c2", c2_keys)] {
+            let r = m.store.update_keys(c, keys, &[]).await.unwrap();
+            assert!(r.iter().all(|(_, u)| *u == crate::store::KeyUpdate::Added), "{r:?}");
+        }
+        m
+    }
+
+    fn peer4() -> (String, String) {
+        let long = create_peer4(&KeyPair::generate().verkey(), &["https://w.example".into()], &[]);
+        let short = peer4_short_form(&long).unwrap();
+        (long, short)
+    }
+
+    fn hit(c: &str, form: &str) -> Option<(String, String)> {
+        Some((c.to_string(), form.to_string()))
+    }
+
+    #[actix_rt::test]
+    async fn a_did_peer_4_routes_as_its_short_form_in_either_form() {
+        let (long, short) = peer4();
+        let m = mediator_with(std::slice::from_ref(&short), &[]).await;
+        for next in [
+            long.clone(),
+            format!("{long}#key-1"),
+            short.clone(),
+            format!("{short}#key-1"),
+        ] {
+            assert_eq!(route(&m, &next).await.unwrap(), hit("c1", &short), "{next}");
+        }
+        // Another DID's document under this one's hash.
+        let (other_long, _) = peer4();
+        let forged = format!("{short}:{}", other_long.rsplit(':').next().unwrap());
+        match route(&m, &forged).await {
+            Err(HandleError::BadMessage(why)) => assert!(why.contains("hash does not match"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_long_form_stored_by_an_earlier_version_still_routes_to_its_holder() {
+        let (long, short) = peer4();
+        // c1 registered the long form before recipients had one form; c2 registered the short
+        // form since (nothing links it to the long form it holds no record of).
+        let m = mediator_with(std::slice::from_ref(&long), std::slice::from_ref(&short)).await;
+        assert_eq!(route(&m, &long).await.unwrap(), hit("c1", &long));
+        assert_eq!(route(&m, &format!("{long}#key-1")).await.unwrap(), hit("c1", &long));
+        assert_eq!(route(&m, &short).await.unwrap(), hit("c2", &short));
+        // Adding the DID in either form is checked against the long form held.
+        let r = super::super::recipient::Recipient::parse(&long).unwrap();
+        assert_eq!(held_in_another_form(&m, &r).await.unwrap(), hit("c1", &long));
+    }
 }
