@@ -568,7 +568,8 @@ pub async fn run(
     let _ = public_task.await;
     let _ = admin_task.await;
     // After the last request: every forward it accepted has handed its event over, and the
-    // pushes already started (this node claimed their windows) go out before it leaves.
+    // pushes already started go out before it leaves (within `push::STOP_GRACE`; a trailing
+    // push abandoned then is another node's once its claim runs out).
     if let Some(p) = shared.push.get() {
         p.stop().await;
     }

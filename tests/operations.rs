@@ -412,7 +412,7 @@ impl Store for FailingRemovals {
         release_owner, release_owners_under, queue_stats, total_queued, connections_with_pending,
         pending_among, prune_dedup, dedup_records, queue_log_bytes, lease_for_key, pending_stats,
         expire, expire_due, oldest_received_ms, flush, device_of, set_device, forget_device_token,
-        push_event, push_take_due, delete_connection, drop_queue, top_queues,
+        push_event, push_take_due, push_done, delete_connection, drop_queue, top_queues,
     );
 }
 

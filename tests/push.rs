@@ -698,9 +698,17 @@ async fn two_nodes_and_wallet(
     min_interval: u64,
     token: &str,
 ) -> (FreshDb, RunningNode, RunningNode, Agent, KeyPair) {
+    two_nodes_and_wallet_with(si.push_config(min_interval, &["proj-a"], true), token).await
+}
+
+/// [`two_nodes_and_wallet`] with the `[push]` section `push`.
+async fn two_nodes_and_wallet_with(
+    push: mailroom::push::PushConfig,
+    token: &str,
+) -> (FreshDb, RunningNode, RunningNode, Agent, KeyPair) {
     let db = FreshDb::create().await;
     let (mut cfg, ls) = bind_cluster(2, &db.url, 100);
-    cfg.push = Some(si.push_config(min_interval, &["proj-a"], true));
+    cfg.push = Some(push);
     let store = open_shared_store(&cfg).await;
     let mut it = ls.into_iter();
     let n1 = start_node(&cfg, "n1", it.next().unwrap(), &store, None);
@@ -846,6 +854,69 @@ async fn trailing_push_survives_the_node_that_scheduled_it() {
     assert!(hooks[1].at > stopped);
     // The provider gets it too (sent beside the webhook, not after it).
     assert_clean(&wait_hits(&si, "fcm:", 2).await);
+}
+
+/// The node that claimed a trailing push is stopped while the push is still being retried
+/// (the webhook answers 503 with a `Retry-After` of 5 s): past `STOP_GRACE` it abandons the
+/// push, whose claim stays in the store. Once the claim has run out, and not before, the other
+/// node sends the trailing push.
+#[actix_rt::test]
+async fn a_trailing_push_abandoned_by_its_node_is_sent_by_another() {
+    const WINDOW: Duration = Duration::from_secs(2);
+    let si = StandIn::start();
+    let mut push = si.push_config(WINDOW.as_secs(), &["proj-a"], true);
+    // Three tries, 5 s apart: the claiming node is still retrying when its stop gives up on it.
+    push.timeout_ms = 1000;
+    push.max_attempts = 3;
+    push.retry_max_ms = 5000;
+    let claim = mailroom::push::claim_length(&push.load().unwrap());
+    let (_db, n1, n2, a, k) = two_nodes_and_wallet_with(push, "abandoned-token").await;
+    let started = Instant::now();
+    forward(&n1, &a, &k, "first").await;
+    wait_hits(&si, "hook", 1).await;
+    si.state.script(
+        "hook",
+        (0..3).map(|_| Reply::new(503, json!({})).retry_after("5")).collect(),
+    );
+    forward(&n2, &a, &k, "second").await;
+    let hooks = wait_hits(&si, "hook", 2).await;
+    assert_eq!(hooks[1].status, 503, "the trailing push's first try failed");
+    assert_eq!(hooks[1].body["count"], 2);
+    let claimer = hooks[1].body["node"].as_str().unwrap().to_owned();
+    let (stopping, survivor, survivor_id) = if claimer == "n1" {
+        (n1, n2, "n2")
+    } else {
+        (n2, n1, "n1")
+    };
+    stopping.stop().unwrap();
+    // Gone, its push abandoned between two tries: the webhook answers again.
+    si.state.scripts.lock().clear();
+    let tries = si.state.hits("hook").len();
+    assert!(tries < 4, "the claiming node gave up on its own: {tries} webhook calls");
+    // The claim was taken a window after the first event at the earliest, and runs out
+    // `claim` after it; then any node's poll (every half second here) takes the push.
+    let deadline = started + WINDOW + claim + WAIT;
+    let sent = loop {
+        let hooks = si.state.hits("hook");
+        if let Some(h) = hooks[tries..].iter().find(|h| h.status == 200) {
+            break h.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned trailing push was never sent: {:?}",
+            hooks.iter().map(|h| (&h.body["node"], h.status)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_clean(std::slice::from_ref(&sent));
+    assert_eq!(sent.body["node"], survivor_id, "the node left took the push over");
+    assert_eq!(sent.body["count"], 2);
+    assert!(
+        sent.at >= started + WINDOW + claim - Duration::from_millis(100),
+        "taken over only once the claim ran out: {:?} after the first event, the claim lasts {claim:?}",
+        sent.at - started
+    );
+    drop(survivor);
 }
 
 /// A node stopped gracefully while its push is in flight (here: the provider's token endpoint

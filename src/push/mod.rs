@@ -10,9 +10,15 @@
 //! the wallet's push window, kept in the store and shared by every node
 //! ([`crate::store::Store::push_event`]), lets one push through at once and folds a burst into
 //! at most one trailing push per window, whichever nodes the forwards landed on; every node
-//! polls for due trailing pushes, each taken by one node, so a node that dies leaves its
-//! trailing pushes to the others. A trailing push checks again that no session appeared and
-//! that mail is still queued. A push is retried on 429/5xx with backoff (honouring `Retry-After`),
+//! polls for due trailing pushes, each taken by one node under a claim that lasts
+//! [`claim_length`] ([`crate::store::Store::push_take_due`]). The claim ends once the push is
+//! sent or given up for good ([`crate::store::Store::push_done`]); a claim that runs out first
+//! (its node died, was stopped mid-push, or could not read the registration) is taken again by
+//! any node, so a node that dies leaves its trailing pushes to the others. The only duplicate
+//! this allows: a push sent by a node that died before it ended its claim goes out again. A
+//! node takes at most as many trailing pushes as it has free slots, so a push it claims starts
+//! at once. A trailing push checks again that no session appeared and that mail is still
+//! queued. A push is retried on 429/5xx with backoff (honouring `Retry-After`),
 //! and a token the provider calls dead is forgotten in the store. Nothing here touches the
 //! queue, and a push that is slow or fails never delays or fails a forward.
 //!
@@ -27,7 +33,7 @@ pub mod fcm;
 pub mod schedule;
 pub mod webhook;
 
-use crate::store::{Device, PushService, PushSlot, Store};
+use crate::store::{Device, PushClaim, PushService, PushSlot, Store};
 use futures_util::future::BoxFuture;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -251,9 +257,40 @@ enum Cmd {
 }
 
 /// How long a stopping node gives the pushes it has started (a token grant, a provider's
-/// answer, a retry's back-off) before it abandons them. A push whose window this node claimed
-/// is the wallet's only wake-up until its next event: a graceful stop must not drop it.
+/// answer, a retry's back-off) before it abandons them. An immediate push is the wallet's only
+/// wake-up until its next event; a trailing push abandoned here keeps its claim, which runs
+/// out ([`claim_length`]) and leaves it to the other nodes.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// What a trailing push's claim lasts beyond [`push_budget`]: the store write that ends the
+/// claim, and the difference between the clocks of the node that claimed it and the node that
+/// takes it once it ran out.
+pub const CLAIM_MARGIN: Duration = Duration::from_secs(5);
+
+/// The longest a trailing push runs once it holds a slot; past it the push is given up (and its
+/// claim ended). `max_attempts` tries, each at most `2 × max(1, FCM projects)` provider
+/// requests of at most `timeout_ms` (FCM: an access-token grant and the send, per project
+/// tried; APNs: the send and once more on an expired provider token; the webhook, sent beside
+/// the provider: one), and the `max_attempts - 1` waits between tries, each at most
+/// `retry_max_ms` (a longer `Retry-After` gives up). The checks before the send (session,
+/// registration, queue) count against it too. Defaults, one FCM project:
+/// 5 × 2 × 10 s + 4 × 60 s = 340 s.
+pub fn push_budget(s: &PushSettings) -> Duration {
+    let attempts = u64::from(s.max_attempts.max(1));
+    let requests = 2 * (s.fcm.len().max(1) as u64);
+    let ms = attempts
+        .saturating_mul(requests)
+        .saturating_mul(s.timeout_ms)
+        .saturating_add((attempts - 1).saturating_mul(s.retry_max_ms));
+    Duration::from_millis(ms)
+}
+
+/// How long a node's claim on a trailing push lasts: [`push_budget`] + [`CLAIM_MARGIN`]
+/// (345 s with the defaults). A trailing push whose node died, stopped or failed before
+/// sending it is taken by another node this long after it was claimed.
+pub fn claim_length(s: &PushSettings) -> Duration {
+    push_budget(s) + CLAIM_MARGIN
+}
 
 /// The node's handle on its push worker. Cheap to clone; never blocks.
 #[derive(Clone)]
@@ -327,7 +364,8 @@ struct Ctx {
     transport: Transport,
     fcm: fcm::Fcm,
     apns: Option<apns::Apns>,
-    slots: tokio::sync::Semaphore,
+    /// Pushes being sent; a trailing push holds its slot from before it is claimed.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>) {
@@ -336,7 +374,7 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
         Ok(Ctx {
             fcm: fcm::Fcm::new(&settings.fcm)?,
             apns: settings.apns.as_ref().map(apns::Apns::new).transpose()?,
-            slots: tokio::sync::Semaphore::new(settings.max_in_flight),
+            slots: Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight)),
             transport,
             store: deps.store.clone(),
             presence: deps.presence.clone(),
@@ -353,6 +391,7 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
         }
     };
     let window = settings.min_interval_ms;
+    let claim_ms = claim_length(&settings).as_millis().min(i64::MAX as u128) as i64;
     // Trailing pushes are due at most this late (any node's poll may take them).
     let mut poll = tokio::time::interval(Duration::from_millis((window as u64 / 4).clamp(50, 1000)));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -376,12 +415,25 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
             },
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
             _ = poll.tick(), if window > 0 => {
+                // A claim runs from the take: take only pushes that start at once, each with a
+                // free slot held from before the take (none free: only the idle windows go).
+                let mut slots = Vec::new();
+                while slots.len() < TAKE_DUE_BATCH {
+                    match ctx.slots.clone().try_acquire_owned() {
+                        Ok(p) => slots.push(p),
+                        Err(_) => break,
+                    }
+                }
                 let now = crate::protocols::now_ms();
                 // Windows idle for twice their length are forgotten.
-                match ctx.store.push_take_due(now, now - 2 * window, TAKE_DUE_BATCH).await {
+                let taken = ctx
+                    .store
+                    .push_take_due(now, now.saturating_add(claim_ms), now - 2 * window, slots.len())
+                    .await;
+                match taken {
                     Ok(due) => {
-                        for conn in due {
-                            in_flight.spawn_local(push_one(ctx.clone(), conn, Instant::now(), None));
+                        for (claim, slot) in due.into_iter().zip(slots) {
+                            in_flight.spawn_local(trailing_push(ctx.clone(), claim, slot));
                         }
                     }
                     Err(e) => tracing::warn!("push: trailing pushes not polled: {e}"),
@@ -433,46 +485,80 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant) {
         }
     };
     match slot {
-        PushSlot::Now => push_one(ctx, conn, at, Some(device)).await,
+        PushSlot::Now => {
+            let Ok(_slot) = ctx.slots.acquire().await else {
+                return;
+            };
+            push_one(&ctx, &conn, at, Some(device)).await;
+        }
         PushSlot::Trailing { .. } => {
             ctx.metrics.coalesced.inc();
         }
     }
 }
 
-/// Sends the push of one event, with retries, to the wallet's provider and the webhook.
-/// `device` is the registration read for an immediate push; `None` for a trailing push, which
-/// goes out a window later and checks again.
-async fn push_one(ctx: Rc<Ctx>, conn: String, at: Instant, device: Option<Device>) {
-    let Ok(_slot) = ctx.slots.acquire().await else {
-        return;
+/// A trailing push this node claimed ([`crate::store::Store::push_take_due`]), holding its
+/// slot: sent within [`push_budget`], then its claim is ended, unless it could not be sent for
+/// a reason that may pass. Then (or if the node stops first) the claim runs out and any node
+/// takes the push again.
+async fn trailing_push(ctx: Rc<Ctx>, claim: PushClaim, slot: tokio::sync::OwnedSemaphorePermit) {
+    let budget = push_budget(&ctx.settings);
+    let ended = match tokio::time::timeout(budget, push_one(&ctx, &claim.conn, Instant::now(), None)).await {
+        Ok(ended) => ended,
+        Err(_) => {
+            tracing::warn!(connection = %claim.conn, "trailing push given up after {budget:?}");
+            Ended::ForGood
+        }
     };
+    drop(slot);
+    if ended == Ended::ForGood {
+        if let Err(e) = ctx.store.push_done(&claim.conn, claim.token).await {
+            // Its claim runs out: another node (or this one) pushes again then.
+            tracing::warn!(connection = %claim.conn, "trailing push not marked done: {e}");
+        }
+    }
+}
+
+/// How a push ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// Sent, nothing to send (a session, no registration, no mail), or given up for good (the
+    /// provider refused it, called the token dead, or kept failing past the tries).
+    ForGood,
+    /// Not sent for a reason that may pass (the store did not answer).
+    Unsent,
+}
+
+/// Sends the push of one event, with retries, to the wallet's provider and the webhook; the
+/// caller holds a slot. `device` is the registration read for an immediate push; `None` for a
+/// trailing push, which goes out a window later and checks again.
+async fn push_one(ctx: &Ctx, conn: &str, at: Instant, device: Option<Device>) -> Ended {
     let trailing = device.is_none();
     // A trailing push goes out a window later: the wallet may be back, or have picked up.
-    if trailing && ctx.presence.online(&conn).await {
-        return;
+    if trailing && ctx.presence.online(conn).await {
+        return Ended::ForGood;
     }
     let device = match device {
         Some(d) => d,
-        None => match ctx.store.device_of(&conn).await {
+        None => match ctx.store.device_of(conn).await {
             Ok(Some(d)) => d,
-            Ok(None) => return,
+            Ok(None) => return Ended::ForGood,
             Err(e) => {
                 tracing::warn!(connection = %conn, "push skipped: store unavailable: {e}");
                 ctx.metrics.count("store", "failed");
-                return;
+                return Ended::Unsent;
             }
         },
     };
-    let count = match ctx.store.queue_stats(&conn, crate::protocols::now_ms()).await {
+    let count = match ctx.store.queue_stats(conn, crate::protocols::now_ms()).await {
         Ok(q) => q.pending + q.leased,
         Err(_) => 1,
     };
     if trailing && count == 0 {
-        return;
+        return Ended::ForGood;
     }
     let ev = Event {
-        conn: conn.clone(),
+        conn: conn.to_owned(),
         service: device.service,
         token: device.token.clone(),
         platform: device.platform.clone(),
@@ -485,7 +571,7 @@ async fn push_one(ctx: Rc<Ctx>, conn: String, at: Instant, device: Option<Device
     };
     let main = async {
         match provider {
-            Some(p) => with_retries(&ctx, p, &ev, at).await,
+            Some(p) => with_retries(ctx, p, &ev, at).await,
             None if ctx.settings.webhook.is_none() => {
                 ctx.metrics.count(device.service.as_str(), "no_provider");
                 tracing::debug!(connection = %conn, service = device.service.as_str(), "no provider configured for this device");
@@ -495,10 +581,11 @@ async fn push_one(ctx: Rc<Ctx>, conn: String, at: Instant, device: Option<Device
     };
     let hook = async {
         if ctx.settings.webhook.is_some() {
-            with_retries(&ctx, "webhook", &ev, at).await;
+            with_retries(ctx, "webhook", &ev, at).await;
         }
     };
     futures_util::join!(main, hook);
+    Ended::ForGood
 }
 
 async fn try_once(ctx: &Ctx, provider: &str, ev: &Event) -> Outcome {
@@ -573,5 +660,24 @@ async fn with_retries(ctx: &Ctx, provider: &str, ev: &Event, at: Instant) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The figures the docs and the README give for the defaults.
+    #[test]
+    fn a_claim_outlasts_the_push_budget() {
+        let c: PushConfig =
+            toml::from_str("[webhook]\nurl = \"https://h.example/x\"\nsecret = \"hunter2hunter2hunter2\"\n").unwrap();
+        let s = c.load().unwrap();
+        assert_eq!(push_budget(&s), Duration::from_secs(340));
+        assert_eq!(claim_length(&s), Duration::from_secs(345));
+        let mut two = c.clone();
+        two.max_attempts = 1;
+        let s = two.load().unwrap();
+        assert_eq!(push_budget(&s), Duration::from_secs(20), "one try: no wait");
     }
 }

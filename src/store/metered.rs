@@ -208,9 +208,21 @@ impl Store for Metered {
         self.timed("push_event", self.inner.push_event(conn, now_ms, window_ms))
             .await
     }
-    async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
-        self.timed("push_take_due", self.inner.push_take_due(now_ms, idle_before_ms, limit))
-            .await
+    async fn push_take_due(
+        &self,
+        now_ms: i64,
+        claim_until_ms: i64,
+        idle_before_ms: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<PushClaim>> {
+        self.timed(
+            "push_take_due",
+            self.inner.push_take_due(now_ms, claim_until_ms, idle_before_ms, limit),
+        )
+        .await
+    }
+    async fn push_done(&self, conn: &str, token: i64) -> StoreResult<bool> {
+        self.timed("push_done", self.inner.push_done(conn, token)).await
     }
     async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
         self.timed("delete_connection", self.inner.delete_connection(id)).await

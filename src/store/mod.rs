@@ -219,6 +219,22 @@ pub enum PushSlot {
     Trailing { due_ms: i64 },
 }
 
+/// A trailing push one node took from [`Store::push_take_due`]: the node holds a claim on it
+/// until [`Store::push_done`] ends the claim or its deadline passes, after which any node
+/// takes the push again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushClaim {
+    pub conn: ConnId,
+    /// Names this claim, and no later claim of the same wallet (by this node or another):
+    /// [`Store::push_done`] ends the claim only while it is still this one.
+    pub token: i64,
+}
+
+/// A fresh [`PushClaim::token`] (random: claims of different nodes never share one).
+pub(crate) fn new_push_claim_token() -> i64 {
+    rand::random()
+}
+
 /// One step of a push window, the rule both backends implement: `state` is `(last push,
 /// trailing push due)`. An event inside the window schedules (or joins) one trailing push at
 /// the window's end; an event after it pushes now and drops a trailing push not yet taken
@@ -558,11 +574,27 @@ pub trait Store: Send + Sync + 'static {
     /// store, by [`push_window_step`]: one caller cluster-wide gets `Now` per window; the
     /// others' events are folded into one trailing push. Atomic across nodes.
     async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64) -> StoreResult<PushSlot>;
-    /// Claims trailing pushes due at `now_ms`, each for exactly one caller across nodes (a
-    /// node that dies leaves its windows to the others), at most `limit`; the window of each
-    /// restarts at `now_ms`. Forgets windows with nothing scheduled whose last push is before
-    /// `idle_before_ms`.
-    async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>>;
+    /// Claims trailing pushes due at `now_ms`, each for exactly one caller across nodes, at
+    /// most `limit`, earliest first. A push is due when its window scheduled it at or before
+    /// `now_ms`, or when an earlier claim on it ran out (its deadline is at or before `now_ms`)
+    /// without [`Store::push_done`]: a node that dies, stops or fails before its push is sent
+    /// leaves it to the others. The claim lasts until `claim_until_ms`; it is kept apart from
+    /// the window, so events during the push schedule the next trailing push as usual (and
+    /// that push, once due, is claimed again, replacing this claim). The window of each push
+    /// taken restarts at `now_ms` and drops a trailing push it had scheduled (the push taken
+    /// now is that one). Forgets windows with nothing scheduled and no claim whose last push is
+    /// before `idle_before_ms`.
+    async fn push_take_due(
+        &self,
+        now_ms: i64,
+        claim_until_ms: i64,
+        idle_before_ms: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<PushClaim>>;
+    /// Ends the claim `token` on the trailing push of `conn` (the push was sent, or given up
+    /// for good), only while it is still that claim: a later claim, by this node or another,
+    /// stays. Returns whether it ended one.
+    async fn push_done(&self, conn: &str, token: i64) -> StoreResult<bool>;
 
     // ---- pickup filters (pickup 2.0 `recipient_key`, pickup 3.0 `recipient_did`) ----
 

@@ -181,7 +181,11 @@ macro_rules! store_pass_through {
     };
     (@method $i:ident push_take_due) => {
         $crate::store_pass_through!(@fn $i push_take_due
-            (now_ms: i64, idle_before_ms: i64, limit: usize) [] -> Vec<$crate::store::ConnId>);
+            (now_ms: i64, claim_until_ms: i64, idle_before_ms: i64, limit: usize) []
+            -> Vec<$crate::store::PushClaim>);
+    };
+    (@method $i:ident push_done) => {
+        $crate::store_pass_through!(@fn $i push_done (conn: &'a str, token: i64) ['a] -> bool);
     };
     (@method $i:ident lease_for_key) => {
         $crate::store_pass_through!(@fn $i lease_for_key

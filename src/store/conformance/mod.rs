@@ -271,6 +271,10 @@ macro_rules! conformance {
                 backend::run(super::push_windows_are_shared).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn trailing_push_claims_run_out() {
+                backend::run(super::trailing_push_claims_run_out).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn group_commit_throughput() {
                 backend::run(super::group_commit_throughput).await
             }

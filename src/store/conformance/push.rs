@@ -83,13 +83,21 @@ pub async fn push_windows_are_shared(b: Arc<dyn Backend>) {
     assert_eq!(dues.len(), 1, "one trailing push: {dues:?}");
     let due = *dues.iter().next().unwrap();
     assert!((T0 + 1000..T0 + 1016).contains(&due));
-    assert!(n1.push_take_due(due - 1, 0, 100).await.unwrap().is_empty());
+    assert!(n1.push_take_due(due - 1, due + LEASE, 0, 100).await.unwrap().is_empty());
     // Due: taken by exactly one of the nodes polling at once.
-    let (a, b2) = tokio::join!(n1.push_take_due(due, 0, 100), n2.push_take_due(due, 0, 100));
+    let (a, b2) = tokio::join!(
+        n1.push_take_due(due, due + LEASE, 0, 100),
+        n2.push_take_due(due, due + LEASE, 0, 100)
+    );
     let mut taken = a.unwrap();
     taken.extend(b2.unwrap());
-    assert_eq!(taken, vec![c.clone()]);
-    assert!(n1.push_take_due(due + 10, 0, 100).await.unwrap().is_empty());
+    assert_eq!(conns_of(&taken), vec![c.clone()]);
+    assert!(n1
+        .push_take_due(due + 10, due + LEASE, 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(n2.push_done(&c, taken[0].token).await.unwrap(), "sent");
     // The trailing push restarted the window.
     assert_eq!(
         n2.push_event(&c, due + 1, 1000).await.unwrap(),
@@ -97,9 +105,121 @@ pub async fn push_windows_are_shared(b: Arc<dyn Backend>) {
     );
     // An event after the window pushes now; the trailing push not yet taken is that push.
     assert_eq!(n1.push_event(&c, due + 5000, 1000).await.unwrap(), PushSlot::Now);
-    assert!(n1.push_take_due(due + 6000, 0, 100).await.unwrap().is_empty());
+    assert!(n1
+        .push_take_due(due + 6000, due + 6000 + LEASE, 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
     // No window: every event pushes.
     let d = new_id();
     assert_eq!(n1.push_event(&d, T0, 0).await.unwrap(), PushSlot::Now);
     assert_eq!(n2.push_event(&d, T0, 0).await.unwrap(), PushSlot::Now);
+}
+
+/// A claim's length in these checks.
+const LEASE: i64 = 60_000;
+
+fn conns_of(claims: &[PushClaim]) -> Vec<ConnId> {
+    claims.iter().map(|c| c.conn.clone()).collect()
+}
+
+/// A trailing push is claimed, not handed over: one whose claim ran out without
+/// `push_done` (its node died, stopped or failed before sending) is taken again by any node,
+/// never before; `push_done` ends only its own claim; events during a claim schedule the next
+/// trailing push as without one; a window with a live claim is not forgotten as idle.
+pub async fn trailing_push_claims_run_out(b: Arc<dyn Backend>) {
+    let n1 = b.open().await;
+    let n2 = b.open().await;
+    let c = new_id();
+    let other = new_id();
+    assert_eq!(n1.push_event(&c, T0, 1000).await.unwrap(), PushSlot::Now);
+    let due = T0 + 1000;
+    assert_eq!(
+        n2.push_event(&c, T0 + 10, 1000).await.unwrap(),
+        PushSlot::Trailing { due_ms: due }
+    );
+    let first = n1.push_take_due(due, due + LEASE, 0, 100).await.unwrap();
+    assert_eq!(conns_of(&first), vec![c.clone()]);
+    let first = first[0].token;
+    // Claimed: not taken again while the claim lasts, by either node.
+    assert!(n2
+        .push_take_due(due + 1, due + 1 + LEASE, 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(n2
+        .push_take_due(due + LEASE - 1, due + 2 * LEASE, 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    // Windows idle long ago are forgotten, not one with a live claim.
+    assert!(n2
+        .push_take_due(due + 2, due + 2 + LEASE, i64::MAX, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    // Never marked done: taken again once the claim ran out, under a new claim.
+    let second = n2.push_take_due(due + LEASE, due + 2 * LEASE, 0, 100).await.unwrap();
+    assert_eq!(
+        conns_of(&second),
+        vec![c.clone()],
+        "a claim that ran out is taken again"
+    );
+    let second = second[0].token;
+    assert_ne!(second, first);
+    // The first claimer finishing late does not end the second claim.
+    assert!(!n1.push_done(&c, first).await.unwrap(), "a later claim is not ended");
+    assert!(
+        !n1.push_done(&other, second).await.unwrap(),
+        "another wallet's claim is not ended"
+    );
+    let t = due + LEASE;
+    assert!(n1
+        .push_take_due(t + LEASE - 1, t + 2 * LEASE, 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    let third = n1.push_take_due(t + LEASE, t + 2 * LEASE, 0, 100).await.unwrap();
+    assert_eq!(conns_of(&third), vec![c.clone()], "the second claim stood and ran out");
+    let third = third[0].token;
+    // The take restarted the window: an event during the claim schedules the next trailing
+    // push a window after it, as without a claim; it is taken when due, whatever the claim.
+    let t = t + LEASE;
+    assert_eq!(
+        n2.push_event(&c, t + 10, 1000).await.unwrap(),
+        PushSlot::Trailing { due_ms: t + 1000 }
+    );
+    assert_eq!(
+        n1.push_event(&c, t + 20, 1000).await.unwrap(),
+        PushSlot::Trailing { due_ms: t + 1000 }
+    );
+    assert!(n2
+        .push_take_due(t + 999, t + 999 + LEASE, 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    let fourth = n2.push_take_due(t + 1000, t + 1000 + LEASE, 0, 100).await.unwrap();
+    assert_eq!(
+        conns_of(&fourth),
+        vec![c.clone()],
+        "the next trailing push is not held back"
+    );
+    let fourth = fourth[0].token;
+    assert!(!n1.push_done(&c, third).await.unwrap(), "replaced by the fourth claim");
+    // Done: the claim ends (once), and the push is not taken again.
+    assert!(n2.push_done(&c, fourth).await.unwrap());
+    assert!(!n2.push_done(&c, fourth).await.unwrap());
+    let t = t + 1000;
+    assert!(n1
+        .push_take_due(t + 10 * LEASE, t + 11 * LEASE, 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    // Done and idle: forgotten, as a window without a claim (an event then pushes at once).
+    assert!(n1
+        .push_take_due(t + 10 * LEASE, t + 11 * LEASE, t + 1, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(n1.push_event(&c, t + 500, 1000).await.unwrap(), PushSlot::Now);
 }

@@ -438,6 +438,19 @@ LANGUAGE sql IMMUTABLE STRICT AS $$
 $$;
 "#,
     ),
+    (
+        13,
+        // A trailing push a node took is claimed until a deadline, apart from the window (an
+        // event during the push schedules the next trailing push as before): a claim that
+        // runs out without the push being marked done is taken again by any node, so a node
+        // that dies or stops mid-push leaves the push to the others. The token names one
+        // claim, so that ending it never ends a later claim of another node.
+        r#"
+ALTER TABLE mailroom_push_windows ADD COLUMN claimed_until_ms bigint, ADD COLUMN claim_token bigint;
+CREATE INDEX mailroom_push_windows_claimed ON mailroom_push_windows (claimed_until_ms)
+    WHERE claimed_until_ms IS NOT NULL;
+"#,
+    ),
 ];
 
 /// Creates the database named in `cfg` through the `postgres` maintenance database, so a node

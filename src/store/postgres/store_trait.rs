@@ -4,8 +4,8 @@ use super::bounded::{Conn, Failed};
 use super::{decode_conn, json_err, lock_key, PgStore, KEY_LOCK_NS, LOCK_NS, PENDING_STATS_SQL, STATEMENT_TRIES};
 use crate::store::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
-    Identity, InvitationUse, KeyUpdate, MediationState, MessageId, NewMessage, PendingStats, PushSlot, QueueStats,
-    QueueSummary, QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
+    Identity, InvitationUse, KeyUpdate, MediationState, MessageId, NewMessage, PendingStats, PushClaim, PushSlot,
+    QueueStats, QueueSummary, QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
 };
 
 #[async_trait::async_trait]
@@ -700,25 +700,54 @@ impl Store for PgStore {
         })
     }
 
-    async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
+    async fn push_take_due(
+        &self,
+        now_ms: i64,
+        claim_until_ms: i64,
+        idle_before_ms: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<PushClaim>> {
         let c = self.client().await?;
+        let token = crate::store::new_push_claim_token();
+        // Due: scheduled by the window, or claimed by a node that never said it was done. The
+        // claim is a column of its own: push_event never reads or writes it.
         let take = c
             .run(c.prepare_cached(
-                "UPDATE mailroom_push_windows SET trailing_due_ms = NULL, last_push_ms = $1 \
+                "UPDATE mailroom_push_windows \
+                 SET trailing_due_ms = NULL, last_push_ms = $1, claimed_until_ms = $3, claim_token = $4 \
                  WHERE conn_id IN (SELECT conn_id FROM mailroom_push_windows \
-                     WHERE trailing_due_ms <= $1 ORDER BY trailing_due_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                     WHERE trailing_due_ms <= $1 OR claimed_until_ms <= $1 \
+                     ORDER BY least(trailing_due_ms, claimed_until_ms) LIMIT $2 FOR UPDATE SKIP LOCKED) \
                  RETURNING conn_id",
             ))
             .await?;
         let rows = c
-            .run(c.query(&take, &[&now_ms, &(limit.min(i64::MAX as usize) as i64)]))
+            .run(c.query(
+                &take,
+                &[&now_ms, &(limit.min(i64::MAX as usize) as i64), &claim_until_ms, &token],
+            ))
             .await?;
         c.run(c.execute(
-            "DELETE FROM mailroom_push_windows WHERE trailing_due_ms IS NULL AND last_push_ms < $1",
+            "DELETE FROM mailroom_push_windows \
+             WHERE trailing_due_ms IS NULL AND claimed_until_ms IS NULL AND last_push_ms < $1",
             &[&idle_before_ms],
         ))
         .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        Ok(rows.iter().map(|r| PushClaim { conn: r.get(0), token }).collect())
+    }
+
+    async fn push_done(&self, conn: &str, token: i64) -> StoreResult<bool> {
+        if !storable(conn) {
+            return Ok(false);
+        }
+        let n = self
+            .execute_retrying(
+                "UPDATE mailroom_push_windows SET claimed_until_ms = NULL, claim_token = NULL \
+                 WHERE conn_id = $1 AND claim_token = $2",
+                &[&conn, &token],
+            )
+            .await?;
+        Ok(n > 0)
     }
 
     async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {

@@ -15,6 +15,16 @@ use super::records::{
 use super::{corrupt, unavailable, DEDUP_PRUNED_BEFORE_KEY, NEVER};
 use crate::store::{ConnId, Connection, MediationState, MessageId, QueuedMessage, StoreError, StoreResult};
 
+/// The push window of one connection ([`crate::store::push_window_step`]) and the claim of
+/// the trailing push a node took from it ([`crate::store::Store::push_take_due`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct PushWindow {
+    pub(super) last_push_ms: i64,
+    pub(super) trailing_due_ms: Option<i64>,
+    /// (claimed until, claim token).
+    pub(super) claim: Option<(i64, i64)>,
+}
+
 pub(super) struct Inner {
     pub(super) db: sled::Db,
     pub(super) meta: sled::Tree,
@@ -35,10 +45,9 @@ pub(super) struct Inner {
     pub(super) invitations: sled::Tree,
     /// connection id -> JSON [`Device`] (push registration).
     pub(super) devices: sled::Tree,
-    /// Push windows: connection -> (last push, trailing push due). Memory only (one process
-    /// holds a sled store; in-process nodes share it): a restart forgets a pending trailing
-    /// push.
-    pub(super) push_windows: Mutex<HashMap<ConnId, (i64, Option<i64>)>>,
+    /// Push windows. Memory only (one process holds a sled store; in-process nodes share
+    /// it): a restart forgets a pending trailing push.
+    pub(super) push_windows: Mutex<HashMap<ConnId, PushWindow>>,
     /// Serialises connection and key writes (transactions then never conflict).
     pub(super) meta_lock: Mutex<()>,
     /// Connections whose mediation is revoked ([`MediationState::Denied`]), as `conns` holds

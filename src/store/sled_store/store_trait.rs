@@ -6,12 +6,13 @@ use sled::transaction::ConflictableTransactionError;
 use sled::Transactional;
 
 use super::index::Owner;
+use super::inner::PushWindow;
 use super::records::{conn_key_entry, conn_prefix, decode_conn, decode_msg, encode_id, latest_of, pair_key, tx_err};
 use super::{corrupt, unavailable, SledStore, DEDUP_PRUNED_BEFORE_KEY, IDENTITY_KEY, NEVER};
 use crate::store::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
-    Identity, InvitationUse, KeyUpdate, MediationState, MessageId, NewMessage, PendingStats, PushSlot, QueueStats,
-    QueueSummary, QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
+    Identity, InvitationUse, KeyUpdate, MediationState, MessageId, NewMessage, PendingStats, PushClaim, PushSlot,
+    QueueStats, QueueSummary, QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
 };
 
 #[async_trait::async_trait]
@@ -756,25 +757,70 @@ impl Store for SledStore {
         check_storable("connection id", conn)?;
         let inner = self.slot.get()?;
         let mut w = inner.push_windows.lock();
-        let (state, slot) = super::super::push_window_step(w.get(conn).copied(), now_ms, window_ms);
-        w.insert(conn.to_owned(), state);
+        let old = w.get(conn).copied();
+        let state = old.map(|p| (p.last_push_ms, p.trailing_due_ms));
+        let ((last_push_ms, trailing_due_ms), slot) = super::super::push_window_step(state, now_ms, window_ms);
+        // The claim of a trailing push in flight is not the window's: kept as it is.
+        let claim = old.and_then(|p| p.claim);
+        w.insert(
+            conn.to_owned(),
+            PushWindow {
+                last_push_ms,
+                trailing_due_ms,
+                claim,
+            },
+        );
         Ok(slot)
     }
 
-    async fn push_take_due(&self, now_ms: i64, idle_before_ms: i64, limit: usize) -> StoreResult<Vec<ConnId>> {
+    async fn push_take_due(
+        &self,
+        now_ms: i64,
+        claim_until_ms: i64,
+        idle_before_ms: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<PushClaim>> {
         let inner = self.slot.get()?;
+        let token = super::super::new_push_claim_token();
         let mut w = inner.push_windows.lock();
+        // Due: scheduled by the window, or claimed by a caller that never said it was done.
         let mut due: Vec<(i64, ConnId)> = w
             .iter()
-            .filter_map(|(c, (_, d))| d.filter(|d| *d <= now_ms).map(|d| (d, c.clone())))
+            .filter_map(|(c, p)| {
+                let at = [p.trailing_due_ms, p.claim.map(|(until, _)| until)]
+                    .into_iter()
+                    .flatten()
+                    .filter(|t| *t <= now_ms)
+                    .min()?;
+                Some((at, c.clone()))
+            })
             .collect();
         due.sort();
         due.truncate(limit);
         for (_, c) in &due {
-            w.insert(c.clone(), (now_ms, None));
+            w.insert(
+                c.clone(),
+                PushWindow {
+                    last_push_ms: now_ms,
+                    trailing_due_ms: None,
+                    claim: Some((claim_until_ms, token)),
+                },
+            );
         }
-        w.retain(|_, (last, d)| d.is_some() || *last >= idle_before_ms);
-        Ok(due.into_iter().map(|(_, c)| c).collect())
+        w.retain(|_, p| p.trailing_due_ms.is_some() || p.claim.is_some() || p.last_push_ms >= idle_before_ms);
+        Ok(due.into_iter().map(|(_, conn)| PushClaim { conn, token }).collect())
+    }
+
+    async fn push_done(&self, conn: &str, token: i64) -> StoreResult<bool> {
+        let inner = self.slot.get()?;
+        let mut w = inner.push_windows.lock();
+        match w.get_mut(conn) {
+            Some(p) if p.claim.is_some_and(|(_, t)| t == token) => {
+                p.claim = None;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
