@@ -25,11 +25,17 @@ struct GatedLeases {
     inner: Arc<dyn Store>,
     armed: AtomicBool,
     gate: Arc<Gate>,
+    /// Once set, `release_owner` waits for `gate.release_gate` (and says it started).
+    hold_releases: AtomicBool,
 }
 
 #[derive(Default)]
 struct Gate {
     released: Notify,
+    release_started: Notify,
+    /// Held releases wait until the test opens it (then every one goes on).
+    release_gate: Notify,
+    release_open: AtomicBool,
     gated_lease_started: Notify,
     gated_lease_done: Notify,
 }
@@ -62,6 +68,18 @@ impl Store for GatedLeases {
         .expect("held lease")
     }
     async fn release_owner(&self, owner: &str) -> StoreResult<u64> {
+        if self.hold_releases.load(Ordering::SeqCst) {
+            self.gate.release_started.notify_one();
+            loop {
+                let opened = self.gate.release_gate.notified();
+                tokio::pin!(opened);
+                opened.as_mut().enable();
+                if self.gate.release_open.load(Ordering::SeqCst) {
+                    break;
+                }
+                opened.await;
+            }
+        }
         let r = self.inner.release_owner(owner).await;
         self.gate.released.notify_one();
         r
@@ -89,6 +107,7 @@ async fn gated_node(strategy: Strategy) -> (tempfile::TempDir, node::RunningNode
         inner,
         armed: AtomicBool::new(false),
         gate: Arc::default(),
+        hold_releases: AtomicBool::new(false),
     });
     let n = start_on(&cfg, gated.clone());
     (dir, n, gated)
@@ -265,4 +284,46 @@ async fn a_delivery_over_a_socket_it_did_not_bind_comes_back_when_the_socket_clo
     })
     .await;
     assert_eq!(again, delivery_ids(&a, &d));
+}
+
+/// A drained node says `empty` only once the leases of its closed sessions are given back: an
+/// operator who stops it then leaves no delivery leased to a socket that is gone (it would
+/// wait for `lease_ms`, and a wallet with no session anywhere would not be pushed for it).
+#[actix_rt::test]
+async fn a_drained_node_is_empty_only_once_its_sessions_leases_are_given_back() {
+    let (_dir, n, gated) = gated_node(Strategy::QueueAndLiveModeDelivery).await;
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let mut ws = live_socket(&a, &n).await;
+    let g = a.grant.clone().unwrap();
+    Sender::new()
+        .forward(&n.public_url(), &basic_message("unacked"), &k.verkey(), &g.routing_keys)
+        .await
+        .unwrap();
+    let d = ws_next_message(&a, &mut ws).await;
+    assert_eq!(contents(&a, &d), vec!["unacked"]);
+    gated.hold_releases.store(true, Ordering::SeqCst);
+    let conn = common::cluster::a_connection_id(&n).await;
+    let (st, _) = post_raw(&format!("{}/drain", n.admin_url()), "application/json", Vec::new()).await;
+    assert_eq!(st, 200);
+    tokio::time::timeout(WAIT, gated.gate.release_started.notified())
+        .await
+        .expect("the closed session gives its leases back");
+    let drain = |s: serde_json::Value| s["drain"].clone();
+    let held = eventually("the session gone from the registry", || async {
+        let s = drain(get_json(&format!("{}/status", n.admin_url())).await);
+        (s["sessions"] == 0).then_some(s)
+    })
+    .await;
+    // Opened before any assertion: a failing test must not leave the node's release waiting.
+    gated.gate.release_open.store(true, Ordering::SeqCst);
+    gated.gate.release_gate.notify_waiters();
+    assert_eq!(held["empty"], false, "leases still held: {held}");
+    eventually("empty once the leases are back", || async {
+        let s = drain(get_json(&format!("{}/status", n.admin_url())).await);
+        (s["empty"] == true).then_some(())
+    })
+    .await;
+    let c = get_json(&format!("{}/connections/{conn}", n.admin_url())).await;
+    assert_eq!(c["queue"]["pending"], 1, "pending again: {c}");
+    assert_eq!(c["queue"]["in_flight"], 0, "leased to nobody: {c}");
 }

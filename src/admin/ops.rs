@@ -185,7 +185,8 @@ pub async fn drain_json(st: &AdminState) -> Value {
 
 /// `POST /drain`: not ready on `/ready`, no new WebSockets, every WebSocket closed with 1001
 /// (wallets reconnect through the load balancer to another node); requests in flight and
-/// HTTP POSTs are still answered. `/status` `drain.empty` says when no session is left.
+/// HTTP POSTs are still answered. `/status` `drain.empty` says when no session is left and the
+/// closed sessions' leases are given back (each socket's slot is held until then).
 pub async fn drain(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
     guard!(req, st);
     let was = st.shared.draining.swap(true, Ordering::SeqCst);

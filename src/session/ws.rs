@@ -673,7 +673,12 @@ impl Actor for WsSession {
         let owner = self.owner();
         let shared = self.shared.clone();
         let handed = self.handed_ids();
+        // The socket's place under `limits.max_sessions` is held until its leases are given
+        // back: a drained node says `empty` (`/status`) only once nothing of its sessions is
+        // leased, so an operator who stops it then leaves no delivery waiting for `lease_ms`.
+        let slot = self.slot.clone();
         actix_rt::spawn(async move {
+            let _slot = slot;
             let released = match &bound {
                 Some(c) => release_all(&shared, c, &owner, &handed).await,
                 None => shared.mediator.store.release_owner(&owner).await,
