@@ -857,7 +857,7 @@ async fn trailing_push_survives_the_node_that_scheduled_it() {
 }
 
 /// The node that claimed a trailing push is stopped while the push is still being retried
-/// (the webhook answers 503 with a `Retry-After` of 5 s): past `STOP_GRACE` it abandons the
+/// (the webhook answers 503 with a `Retry-After` of 8 s): past `STOP_GRACE` it abandons the
 /// push, whose claim stays in the store. Once the claim has run out, and not before, the other
 /// node sends the trailing push.
 #[actix_rt::test]
@@ -865,10 +865,12 @@ async fn a_trailing_push_abandoned_by_its_node_is_sent_by_another() {
     const WINDOW: Duration = Duration::from_secs(2);
     let si = StandIn::start();
     let mut push = si.push_config(WINDOW.as_secs(), &["proj-a"], true);
-    // Three tries, 5 s apart: the claiming node is still retrying when its stop gives up on it.
+    // Three tries, 8 s apart: the claiming node is still retrying when its stop gives up on it
+    // (its stop closes sessions, leaves the cluster and stops its listeners first: 8 s is
+    // room for that on a loaded machine).
     push.timeout_ms = 1000;
     push.max_attempts = 3;
-    push.retry_max_ms = 5000;
+    push.retry_max_ms = 8000;
     let claim = mailroom::push::claim_length(&push.load().unwrap());
     let (_db, n1, n2, a, k) = two_nodes_and_wallet_with(push, "abandoned-token").await;
     let started = Instant::now();
@@ -876,7 +878,7 @@ async fn a_trailing_push_abandoned_by_its_node_is_sent_by_another() {
     wait_hits(&si, "hook", 1).await;
     si.state.script(
         "hook",
-        (0..3).map(|_| Reply::new(503, json!({})).retry_after("5")).collect(),
+        (0..3).map(|_| Reply::new(503, json!({})).retry_after("8")).collect(),
     );
     forward(&n2, &a, &k, "second").await;
     let hooks = wait_hits(&si, "hook", 2).await;

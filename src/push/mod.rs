@@ -424,16 +424,19 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
                         Err(_) => break,
                     }
                 }
+                // The claim runs from `now`, the push's budget from `taken`, both read before
+                // the take: a slow take shortens the budget, never outlasts the claim.
+                let taken = tokio::time::Instant::now();
                 let now = crate::protocols::now_ms();
                 // Windows idle for twice their length are forgotten.
-                let taken = ctx
+                let due = ctx
                     .store
                     .push_take_due(now, now.saturating_add(claim_ms), now - 2 * window, slots.len())
                     .await;
-                match taken {
+                match due {
                     Ok(due) => {
                         for (claim, slot) in due.into_iter().zip(slots) {
-                            in_flight.spawn_local(trailing_push(ctx.clone(), claim, slot));
+                            in_flight.spawn_local(trailing_push(ctx.clone(), claim, slot, taken));
                         }
                     }
                     Err(e) => tracing::warn!("push: trailing pushes not polled: {e}"),
@@ -501,9 +504,15 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant) {
 /// slot: sent within [`push_budget`], then its claim is ended, unless it could not be sent for
 /// a reason that may pass. Then (or if the node stops first) the claim runs out and any node
 /// takes the push again.
-async fn trailing_push(ctx: Rc<Ctx>, claim: PushClaim, slot: tokio::sync::OwnedSemaphorePermit) {
+async fn trailing_push(
+    ctx: Rc<Ctx>,
+    claim: PushClaim,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    taken: tokio::time::Instant,
+) {
     let budget = push_budget(&ctx.settings);
-    let ended = match tokio::time::timeout(budget, push_one(&ctx, &claim.conn, Instant::now(), None)).await {
+    let push = push_one(&ctx, &claim.conn, Instant::now(), None);
+    let ended = match tokio::time::timeout_at(taken + budget, push).await {
         Ok(ended) => ended,
         Err(_) => {
             tracing::warn!(connection = %claim.conn, "trailing push given up after {budget:?}");

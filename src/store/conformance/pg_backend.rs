@@ -415,3 +415,45 @@ async fn concurrent_open_migrates_once() {
     })
     .await
 }
+
+/// The trailing-push poll forgets idle windows before it claims: when that cleanup fails, no
+/// push is claimed (claimed and then failed, the claims would belong to no task until they
+/// ran out, minutes later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_idle_cleanup_claims_no_trailing_push() {
+    let name = test_db_name();
+    let url = format!("{}/{name}", server_url());
+    // Spawned: a failed assertion still drops the database below.
+    let r = tokio::spawn(async move {
+        let s = open_postgres(&url, 2).await.unwrap();
+        let c = "trailing-conn";
+        s.push_event(c, T0, 1000).await.unwrap();
+        s.push_event(c, T0 + 10, 1000).await.unwrap();
+        let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn_task);
+        db.batch_execute(
+            "CREATE FUNCTION refuse_delete() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'injected: no deletes'; END $$; \
+             CREATE TRIGGER refuse_delete BEFORE DELETE ON mailroom_push_windows \
+             FOR EACH STATEMENT EXECUTE FUNCTION refuse_delete();",
+        )
+        .await
+        .unwrap();
+        let due = T0 + 1000;
+        assert!(s.push_take_due(due, due + 60_000, T0, 10).await.is_err());
+        db.batch_execute("DROP TRIGGER refuse_delete ON mailroom_push_windows")
+            .await
+            .unwrap();
+        let taken = s.push_take_due(due + 1, due + 60_000, T0, 10).await.unwrap();
+        assert_eq!(
+            taken.iter().map(|t| t.conn.as_str()).collect::<Vec<_>>(),
+            vec![c],
+            "the failed poll claimed nothing: the next one takes the push"
+        );
+    })
+    .await;
+    drop_test_db(&name).await;
+    if let Err(e) = r {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}

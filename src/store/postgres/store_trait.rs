@@ -708,6 +708,14 @@ impl Store for PgStore {
         limit: usize,
     ) -> StoreResult<Vec<PushClaim>> {
         let c = self.client().await?;
+        // Idle windows first: a failure here claims nothing (after the claim, it would leave
+        // the claimed pushes to no task until their claims ran out).
+        c.run(c.execute(
+            "DELETE FROM mailroom_push_windows \
+             WHERE trailing_due_ms IS NULL AND claimed_until_ms IS NULL AND last_push_ms < $1",
+            &[&idle_before_ms],
+        ))
+        .await?;
         let token = crate::store::new_push_claim_token();
         // Due: scheduled by the window, or claimed by a node that never said it was done. The
         // claim is a column of its own: push_event never reads or writes it.
@@ -727,12 +735,6 @@ impl Store for PgStore {
                 &[&now_ms, &(limit.min(i64::MAX as usize) as i64), &claim_until_ms, &token],
             ))
             .await?;
-        c.run(c.execute(
-            "DELETE FROM mailroom_push_windows \
-             WHERE trailing_due_ms IS NULL AND claimed_until_ms IS NULL AND last_push_ms < $1",
-            &[&idle_before_ms],
-        ))
-        .await?;
         Ok(rows.iter().map(|r| PushClaim { conn: r.get(0), token }).collect())
     }
 
