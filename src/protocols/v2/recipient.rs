@@ -11,10 +11,11 @@
 //! Other DIDs are their own form (did:key's equivalent forms are looked up by
 //! [`super::routing`], not rewritten).
 //!
-//! Keys stored before this rule are as registered: a long form may be stored as it is, and is
-//! looked up as named before the short form ([`Recipient::legacy`]). Nothing finds such a
-//! long form from its short form, so it does not stop another connection from registering
-//! the short form; its own wallet registering the DID again claims the short form too.
+//! Keys stored before this rule are as registered: a long form may be stored as it is. Named,
+//! it is looked up as named before the short form ([`Recipient::legacy`]); from its short
+//! form, it is found by prefix (`<short>:...`, [`Recipient::peer4_short`]) once its hash is
+//! checked ([`is_long_form_of`]): the short form is then its holder's, as if it was stored
+//! now, and its own wallet registering the DID again claims the short form too.
 
 use crate::didcomm::did::{peer4_short_form, MAX_DID_LEN};
 use crate::didcomm::v2::did;
@@ -65,6 +66,13 @@ impl Recipient {
         forms
     }
 
+    /// The did:peer:4 short form this DID is stored under, if it is a did:peer:4 (named in
+    /// either form): a long form an earlier version stored starts with it and `:`.
+    pub fn peer4_short(&self) -> Option<&str> {
+        let c = self.canonical.as_str();
+        (c.starts_with("did:peer:4") && !is_peer4_long_form(c)).then_some(c)
+    }
+
     /// A DID that is another DID's hash, which this mediator cannot link to it: a did:peer:3.
     /// Taken as a recipient, it would let a connection claim the did:peer:2 of another.
     pub fn unlinkable(&self) -> bool {
@@ -84,6 +92,14 @@ pub fn canonical(did: &str) -> Result<String, HandleError> {
             did.chars().take(60).collect::<String>()
         ))
     })
+}
+
+/// Whether the stored routing key `key` (a DID URL's fragment dropped) is a long form of the
+/// did:peer:4 short form `short`, its hash matching its document. Earlier versions stored any
+/// string as given: a key that starts with `<short>:` proves nothing by itself.
+pub fn is_long_form_of(key: &str, short: &str) -> bool {
+    let d = did::did_of(key);
+    is_peer4_long_form(d) && peer4_short_form(d).is_ok_and(|s| s == short)
 }
 
 /// `did:peer:4<hash>:<encoded doc>`, not the short form `did:peer:4<hash>`.
