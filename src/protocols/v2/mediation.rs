@@ -389,6 +389,20 @@ mod tests {
         assert_eq!(got, [answered(&short, "success")]);
     }
 
+    /// A DID holding a NUL (which the store cannot hold) is that entry's client_error: the
+    /// rest of the update is applied and answered.
+    #[actix_rt::test]
+    async fn a_did_holding_a_nul_is_refused_alone() {
+        let (m, c1) = mediator_for_test().await;
+        let dk = "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK";
+        for action in ["add", "remove"] {
+            let got = recipient_update(&m, &c1, &[("did:x\u{0}", action), (dk, action)])
+                .await
+                .unwrap();
+            assert_eq!(got, [answered(dk, "success"), answered("did:x\u{0}", "client_error")]);
+        }
+    }
+
     #[test]
     fn updates_are_answered_as_named_and_a_removal_in_any_stored_form_is_one() {
         let long = create_peer4(&KeyPair::generate().verkey(), &[], &[]);

@@ -32,8 +32,10 @@ pub struct Recipient {
 
 impl Recipient {
     /// A recipient DID (or DID URL) of a keylist update, a pickup filter or a rotation. Refused:
-    /// what is not a DID, and a did:peer:4 long form whose hash does not match its document.
+    /// what is not a DID, one holding a control character, and a did:peer:4 long form whose
+    /// hash does not match its document.
     pub fn parse(s: &str) -> Result<Recipient, HandleError> {
+        refuse_control_characters(s.trim())?;
         let named = did::did_of(s.trim());
         if !named.starts_with("did:") || named.len() > MAX_DID_LEN {
             return Err(HandleError::BadMessage(format!(
@@ -45,8 +47,9 @@ impl Recipient {
     }
 
     /// [`Recipient::parse`] of a DID without the check that it is one (a forward's `next`:
-    /// whatever is not registered finds no route).
+    /// whatever is not registered finds no route). A control character is refused all the same.
     pub fn of(named: &str) -> Result<Recipient, HandleError> {
+        refuse_control_characters(named)?;
         Ok(Recipient {
             canonical: canonical(named)?,
             named: named.to_string(),
@@ -77,6 +80,19 @@ impl Recipient {
     /// Taken as a recipient, it would let a connection claim the did:peer:2 of another.
     pub fn unlinkable(&self) -> bool {
         self.canonical.starts_with("did:peer:3")
+    }
+}
+
+/// Refuses a DID (or DID URL) holding a control character, a NUL among them: no DID holds one,
+/// and the store refuses a key with a NUL (`StoreError::Invalid`), which would fail the whole
+/// keylist update (503) instead of answering this entry `client_error` (a forward: 400).
+pub fn refuse_control_characters(s: &str) -> Result<(), HandleError> {
+    match s.chars().find(|c| c.is_control()) {
+        None => Ok(()),
+        Some(c) => Err(HandleError::BadMessage(format!(
+            "recipient {:?} holds a control character ({c:?})",
+            s.chars().take(80).collect::<String>()
+        ))),
     }
 }
 
@@ -170,6 +186,25 @@ mod tests {
             assert!(Recipient::parse(s).is_err(), "{s:?}");
         }
         assert!(Recipient::parse(&format!("did:key:{}", "z".repeat(MAX_DID_LEN))).is_err());
+    }
+
+    #[test]
+    fn a_did_holding_a_control_character_is_refused() {
+        let dk = "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK";
+        for s in [
+            "did:x\u{0}".to_string(),
+            format!("{dk}\u{0}"),
+            format!("{dk}#key-1\u{0}"),
+            "did:x:a\u{1b}b".to_string(),
+            "did:x:a\u{7f}b".to_string(),
+            "did:x:a\u{85}b".to_string(),
+        ] {
+            let e = Recipient::parse(&s).unwrap_err().to_string();
+            assert!(e.contains("control character"), "{s:?}: {e}");
+        }
+        assert!(Recipient::of("did:x\u{0}").is_err());
+        // Whitespace around the DID is trimmed, as before.
+        assert_eq!(Recipient::parse(&format!(" {dk}\n")).unwrap().named, dk);
     }
 
     #[test]

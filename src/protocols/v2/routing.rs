@@ -6,7 +6,7 @@
 //! attachment the mediator can read as a plaintext message, its own): the queue never
 //! delivers it afterwards.
 
-use super::recipient::{is_long_form_of, Recipient};
+use super::recipient::{is_long_form_of, refuse_control_characters, Recipient};
 use super::Inbound;
 use crate::didcomm::v2::{did, keys};
 use crate::protocols::{now_ms, ForwardResult, Handed, HandleError, Mediator, Outcome};
@@ -25,10 +25,13 @@ const LONG_FORMS_READ: usize = 32;
 /// The connection that registered `next`, and the form of the recipient DID it registered.
 /// Refused: a did:peer:4 long form whose hash does not match its document.
 async fn route(m: &Mediator, next: &str) -> Result<Option<(String, String)>, HandleError> {
-    let r = Recipient::of(did::did_of(next.trim())).map_err(|e| match e {
+    let refused = |e| match e {
         HandleError::BadMessage(why) => HandleError::BadMessage(format!("forward body.next: {why}")),
         e => e,
-    })?;
+    };
+    // Not only the DID: the fragment of an old client's key is looked up too.
+    refuse_control_characters(next.trim()).map_err(refused)?;
+    let r = Recipient::of(did::did_of(next.trim())).map_err(refused)?;
     // A long form an earlier version stored routes to the connection that registered it: its
     // short form, registered since by another, does not take its mail over.
     if let Some(hit) = held_in_legacy_form(m, &r).await? {
@@ -314,6 +317,17 @@ mod tests {
         match route(&m, &forged).await {
             Err(HandleError::BadMessage(why)) => assert!(why.contains("hash does not match"), "{why}"),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_next_holding_a_control_character_is_refused() {
+        let m = mediator_with(&[], &[]).await;
+        for next in ["did:x\u{0}", "did:x:a#key-1\u{0}", "did:x:a\u{1b}"] {
+            match route(&m, next).await {
+                Err(HandleError::BadMessage(why)) => assert!(why.contains("control character"), "{why}"),
+                other => panic!("{next:?}: {other:?}"),
+            }
         }
     }
 
