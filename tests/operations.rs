@@ -408,7 +408,7 @@ impl Store for FailingRemovals {
     mailroom::store_pass_through!(inner:
         backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
         use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
-        list_connections, keys_of, route, enqueue, enqueue_routed, lease, ack_leased, release,
+        list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, ack_leased, release,
         release_owner, release_owners_under, queue_stats, total_queued, connections_with_pending,
         pending_among, prune_dedup, dedup_records, queue_log_bytes, lease_for_key, pending_stats,
         expire, expire_due, oldest_received_ms, flush, device_of, set_device, forget_device_token,

@@ -103,6 +103,10 @@ impl Store for Metered {
     async fn route(&self, recipient_key: &str) -> StoreResult<Option<ConnId>> {
         self.timed("route", self.inner.route(recipient_key)).await
     }
+    async fn route_long_forms(&self, short: &str, limit: usize) -> StoreResult<Vec<(String, ConnId)>> {
+        self.timed("route_long_forms", self.inner.route_long_forms(short, limit))
+            .await
+    }
     async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
         self.timed("enqueue", self.inner.enqueue(msgs, limits)).await
     }

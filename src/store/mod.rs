@@ -476,6 +476,14 @@ pub trait Store: Send + Sync + 'static {
     async fn keys_of(&self, conn: &str) -> StoreResult<Vec<String>>;
     /// The connection that registered `recipient_key`. Hot path.
     async fn route(&self, recipient_key: &str) -> StoreResult<Option<ConnId>>;
+    /// Routing keys that start with `short` followed by `:` (`short:...`; not `short` itself,
+    /// nor `shortx:...`), each with the connection holding it, in key order, at most `limit`.
+    /// A key held by a connection whose mediation is revoked ([`MediationState::Denied`]) is
+    /// left out: a routed enqueue refuses it anyway. The caller finds did:peer:4 long forms an
+    /// earlier version stored from their short form with it, and checks each key it gets (any
+    /// string was stored as given then, so a key of that shape proves nothing). An index
+    /// range scan, not a scan of every key.
+    async fn route_long_forms(&self, short: &str, limit: usize) -> StoreResult<Vec<(String, ConnId)>>;
 
     /// Queues messages, each for its own connection, FIFO by arrival. One outcome per message,
     /// in input order: `Ok(Enqueued)` or `Err(QueueFull)`. Every `Ok` is durable when this

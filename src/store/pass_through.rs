@@ -98,6 +98,10 @@ macro_rules! store_pass_through {
         $crate::store_pass_through!(@fn $i route (recipient_key: &'a str) ['a]
             -> Option<$crate::store::ConnId>);
     };
+    (@method $i:ident route_long_forms) => {
+        $crate::store_pass_through!(@fn $i route_long_forms (short: &'a str, limit: usize) ['a]
+            -> Vec<(String, $crate::store::ConnId)>);
+    };
     (@method $i:ident enqueue) => {
         $crate::store_pass_through!(@fn $i enqueue
             (msgs: Vec<$crate::store::NewMessage>, limits: &'a $crate::store::EnqueueLimits) ['a]

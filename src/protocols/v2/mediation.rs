@@ -108,7 +108,8 @@ fn granted(ctx: &Inbound) -> Result<&Connection, HandleError> {
 }
 
 /// Why adding `r` for connection `conn` is refused before the store sees it, if it is: a
-/// did:peer:3, or a DID another connection holds in another form (the store refuses one held
+/// did:peer:3, or a DID another connection holds in another form (a long form an earlier
+/// version stored, too: [`super::routing::held_in_another_form`]; the store refuses one held
 /// in the form `r` is stored under).
 async fn add_refusal(m: &Mediator, conn: &str, r: &Recipient) -> Result<Option<String>, HandleError> {
     if r.unlinkable() {
@@ -126,16 +127,30 @@ async fn add_refusal(m: &Mediator, conn: &str, r: &Recipient) -> Result<Option<S
     })
 }
 
+/// Every form of `r` connection `conn` may hold, to remove: [`Recipient::stored_forms`], and
+/// the long form an earlier version stored that `conn` holds, found from the short form (it
+/// routes the short form to `conn`).
+async fn removal_forms(m: &Mediator, conn: &str, r: &Recipient) -> Result<Vec<String>, HandleError> {
+    let mut forms = r.stored_forms();
+    if let Some((c, long)) = super::routing::held_as_long_form(m, r).await? {
+        if c == conn && !forms.contains(&long) {
+            forms.push(long);
+        }
+    }
+    Ok(forms)
+}
+
 /// The `updated` entries of a keylist update, in update order, each naming its DID as the
-/// wallet did. `results` are the store's: one per added key, then one per removed form.
-fn answers(add: &[Recipient], remove: &[Recipient], results: &[(String, KeyUpdate)]) -> Vec<Value> {
+/// wallet did. `remove` pairs each removed DID with its forms removed; `results` are the
+/// store's: one per added key, then one per removed form.
+fn answers(add: &[Recipient], remove: &[(Recipient, Vec<String>)], results: &[(String, KeyUpdate)]) -> Vec<Value> {
     let (added, removed) = results.split_at(add.len().min(results.len()));
     let mut removed = removed.iter().map(|(_, u)| *u);
     let adds = add.iter().zip(added).map(|(r, (_, u))| ("add", r, *u));
     let removes: Vec<_> = remove
         .iter()
-        .map(|r| {
-            let forms: Vec<KeyUpdate> = removed.by_ref().take(r.stored_forms().len()).collect();
+        .map(|(r, forms)| {
+            let forms: Vec<KeyUpdate> = removed.by_ref().take(forms.len()).collect();
             ("remove", r, removal(&forms))
         })
         .collect();
@@ -198,12 +213,17 @@ async fn update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     let add_keys: Vec<String> = add.iter().map(|r| r.canonical.clone()).collect();
     // A DID is removed in every form it may be stored in (a long form stored by an earlier
     // version, too).
-    let remove_keys: Vec<String> = remove.iter().flat_map(Recipient::stored_forms).collect();
+    let mut removals = Vec::with_capacity(remove.len());
+    for r in remove {
+        let forms = removal_forms(m, &conn.id, &r).await?;
+        removals.push((r, forms));
+    }
+    let remove_keys: Vec<String> = removals.iter().flat_map(|(_, forms)| forms.iter().cloned()).collect();
     if let Some(would_hold) = super::super::mediation::keys_over_limit(m, &conn.id, &add_keys, &remove_keys).await? {
         return Ok(over_limit(m, ctx, updates, would_hold));
     }
     let results = m.store.update_keys(&conn.id, &add_keys, &remove_keys).await?;
-    let mut updated = answers(&add, &remove, &results);
+    let mut updated = answers(&add, &removals, &results);
     updated.extend(bad);
     let (name, body) = if ctx.major() == 2 {
         ("keylist-update-response", json!({ "updated": updated }))
@@ -283,6 +303,105 @@ mod tests {
     use super::*;
     use crate::didcomm::did::{create_peer4, peer4_short_form};
     use crate::didcomm::keys::KeyPair;
+    use crate::protocols::{granted_connection_for_test, mediator_for_test, TransportKind};
+
+    /// A recipient-update of `conn` (`(DID, action)` each), answered: `(DID, result)` each.
+    async fn recipient_update(
+        m: &Mediator,
+        conn: &Connection,
+        updates: &[(&str, &str)],
+    ) -> Result<Vec<(String, String)>, HandleError> {
+        let updates: Vec<Value> = updates
+            .iter()
+            .map(|(d, a)| json!({ "recipient_did": d, "action": a }))
+            .collect();
+        let type_str = "https://didcomm.org/coordinate-mediation/3.0/recipient-update";
+        let ctx = Inbound {
+            msg: json!({ "id": "u-1", "type": type_str, "body": { "updates": updates } }),
+            type_str: type_str.into(),
+            family: "coordinate-mediation".into(),
+            version: "3.0".into(),
+            name: "recipient-update".into(),
+            sender: Some("did:example:wallet".into()),
+            conn: Some(conn.clone()),
+            dialect: None,
+            transport: TransportKind::Http,
+            lease_owner: "n1/test".into(),
+        };
+        let out = update(m, &ctx).await?;
+        Ok(out.replies[0]["body"]["updated"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| {
+                let s = |k: &str| u[k].as_str().unwrap().to_string();
+                (s("recipient_did"), s("result"))
+            })
+            .collect())
+    }
+
+    fn answered(d: &str, result: &str) -> (String, String) {
+        (d.to_string(), result.to_string())
+    }
+
+    /// c1 holds a did:peer:4's long form as an earlier version stored it: c2 cannot register
+    /// the short form (the form senders use after first contact), c1 can; removing the short
+    /// form removes the long form it routes by.
+    #[actix_rt::test]
+    async fn a_short_form_is_refused_while_another_connection_holds_its_legacy_long_form() {
+        let (m, c1) = mediator_for_test().await;
+        let c2 = granted_connection_for_test("c2", "ours", "theirs-2");
+        m.store.put_connection(&c2).await.unwrap();
+        let long = create_peer4(&KeyPair::generate().verkey(), &[], &[]);
+        let short = peer4_short_form(&long).unwrap();
+        m.store
+            .update_keys(&c1.id, std::slice::from_ref(&long), &[])
+            .await
+            .unwrap();
+
+        let got = recipient_update(&m, &c2, &[(&short, "add"), (&format!("{short}#key-1"), "add")])
+            .await
+            .unwrap();
+        assert_eq!(
+            got,
+            [
+                answered(&short, "client_error"),
+                answered(&format!("{short}#key-1"), "client_error")
+            ]
+        );
+        assert!(m.store.keys_of(&c2.id).await.unwrap().is_empty());
+
+        let got = recipient_update(&m, &c1, &[(&short, "add")]).await.unwrap();
+        assert_eq!(got, [answered(&short, "success")]);
+        let got = recipient_update(&m, &c1, &[(&short, "remove")]).await.unwrap();
+        assert_eq!(got, [answered(&short, "success")]);
+        assert!(m.store.keys_of(&c1.id).await.unwrap().is_empty());
+        // Only the long form held: removing the short form removes it.
+        m.store
+            .update_keys(&c1.id, std::slice::from_ref(&long), &[])
+            .await
+            .unwrap();
+        let got = recipient_update(&m, &c1, &[(&short, "remove")]).await.unwrap();
+        assert_eq!(got, [answered(&short, "success")]);
+        assert!(m.store.keys_of(&c1.id).await.unwrap().is_empty());
+        // Free now.
+        let got = recipient_update(&m, &c2, &[(&short, "add")]).await.unwrap();
+        assert_eq!(got, [answered(&short, "success")]);
+    }
+
+    /// A DID holding a NUL (which the store cannot hold) is that entry's client_error: the
+    /// rest of the update is applied and answered.
+    #[actix_rt::test]
+    async fn a_did_holding_a_nul_is_refused_alone() {
+        let (m, c1) = mediator_for_test().await;
+        let dk = "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK";
+        for action in ["add", "remove"] {
+            let got = recipient_update(&m, &c1, &[("did:x\u{0}", action), (dk, action)])
+                .await
+                .unwrap();
+            assert_eq!(got, [answered(dk, "success"), answered("did:x\u{0}", "client_error")]);
+        }
+    }
 
     #[test]
     fn updates_are_answered_as_named_and_a_removal_in_any_stored_form_is_one() {
@@ -291,7 +410,10 @@ mod tests {
         let r = Recipient::parse(&format!("{long}#key-1")).unwrap();
         let dk = Recipient::parse("did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK").unwrap();
         let add = [r.clone()];
-        let remove = [r.clone(), dk.clone(), r.clone()];
+        let remove = [r.clone(), dk.clone(), r.clone()].map(|r| {
+            let forms = r.stored_forms();
+            (r, forms)
+        });
         let results = [
             (short.clone(), KeyUpdate::Added),
             // The long form, stored by an earlier version: removed with the DID.

@@ -43,11 +43,20 @@ async fn recipient_filter(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Res
 }
 
 /// The form of `r` the messages of `conn` for it are queued under: the form `conn` registered
-/// it in (a long form an earlier version stored, else the canonical one).
+/// it in (a long form an earlier version stored, as named or found from the short form, else
+/// the canonical one).
 async fn queued_form(m: &Mediator, conn: &Connection, r: &Recipient) -> Result<String, HandleError> {
+    let mine = |c: Option<String>| c.as_deref() == Some(conn.id.as_str());
     if let Some(legacy) = r.legacy() {
-        if m.store.route(legacy).await?.as_deref() == Some(conn.id.as_str()) {
+        if mine(m.store.route(legacy).await?) {
             return Ok(legacy.to_string());
+        }
+    }
+    if r.peer4_short().is_some() && !mine(m.store.route(&r.canonical).await?) {
+        if let Some((c, long)) = super::routing::held_as_long_form(m, r).await? {
+            if c == conn.id {
+                return Ok(long);
+            }
         }
     }
     Ok(r.canonical.clone())
@@ -167,5 +176,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(queued_form(&m, &conn, &r).await.unwrap(), long);
+        // Named as the short form, which that long form routes to this connection.
+        assert_eq!(queued_form(&m, &conn, &named_short).await.unwrap(), long);
     }
 }

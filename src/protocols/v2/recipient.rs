@@ -11,10 +11,11 @@
 //! Other DIDs are their own form (did:key's equivalent forms are looked up by
 //! [`super::routing`], not rewritten).
 //!
-//! Keys stored before this rule are as registered: a long form may be stored as it is, and is
-//! looked up as named before the short form ([`Recipient::legacy`]). Nothing finds such a
-//! long form from its short form, so it does not stop another connection from registering
-//! the short form; its own wallet registering the DID again claims the short form too.
+//! Keys stored before this rule are as registered: a long form may be stored as it is. Named,
+//! it is looked up as named before the short form ([`Recipient::legacy`]); from its short
+//! form, it is found by prefix (`<short>:...`, [`Recipient::peer4_short`]) once its hash is
+//! checked ([`is_long_form_of`]): the short form is then its holder's, as if it was stored
+//! now, and its own wallet registering the DID again claims the short form too.
 
 use crate::didcomm::did::{peer4_short_form, MAX_DID_LEN};
 use crate::didcomm::v2::did;
@@ -31,8 +32,10 @@ pub struct Recipient {
 
 impl Recipient {
     /// A recipient DID (or DID URL) of a keylist update, a pickup filter or a rotation. Refused:
-    /// what is not a DID, and a did:peer:4 long form whose hash does not match its document.
+    /// what is not a DID, one holding a control character, and a did:peer:4 long form whose
+    /// hash does not match its document.
     pub fn parse(s: &str) -> Result<Recipient, HandleError> {
+        refuse_control_characters(s.trim())?;
         let named = did::did_of(s.trim());
         if !named.starts_with("did:") || named.len() > MAX_DID_LEN {
             return Err(HandleError::BadMessage(format!(
@@ -44,8 +47,9 @@ impl Recipient {
     }
 
     /// [`Recipient::parse`] of a DID without the check that it is one (a forward's `next`:
-    /// whatever is not registered finds no route).
+    /// whatever is not registered finds no route). A control character is refused all the same.
     pub fn of(named: &str) -> Result<Recipient, HandleError> {
+        refuse_control_characters(named)?;
         Ok(Recipient {
             canonical: canonical(named)?,
             named: named.to_string(),
@@ -65,10 +69,30 @@ impl Recipient {
         forms
     }
 
+    /// The did:peer:4 short form this DID is stored under, if it is a did:peer:4 (named in
+    /// either form): a long form an earlier version stored starts with it and `:`.
+    pub fn peer4_short(&self) -> Option<&str> {
+        let c = self.canonical.as_str();
+        (c.starts_with("did:peer:4") && !is_peer4_long_form(c)).then_some(c)
+    }
+
     /// A DID that is another DID's hash, which this mediator cannot link to it: a did:peer:3.
     /// Taken as a recipient, it would let a connection claim the did:peer:2 of another.
     pub fn unlinkable(&self) -> bool {
         self.canonical.starts_with("did:peer:3")
+    }
+}
+
+/// Refuses a DID (or DID URL) holding a control character, a NUL among them: no DID holds one,
+/// and the store refuses a key with a NUL (`StoreError::Invalid`), which would fail the whole
+/// keylist update (503) instead of answering this entry `client_error` (a forward: 400).
+pub fn refuse_control_characters(s: &str) -> Result<(), HandleError> {
+    match s.chars().find(|c| c.is_control()) {
+        None => Ok(()),
+        Some(c) => Err(HandleError::BadMessage(format!(
+            "recipient {:?} holds a control character ({c:?})",
+            s.chars().take(80).collect::<String>()
+        ))),
     }
 }
 
@@ -84,6 +108,14 @@ pub fn canonical(did: &str) -> Result<String, HandleError> {
             did.chars().take(60).collect::<String>()
         ))
     })
+}
+
+/// Whether the stored routing key `key` (a DID URL's fragment dropped) is a long form of the
+/// did:peer:4 short form `short`, its hash matching its document. Earlier versions stored any
+/// string as given: a key that starts with `<short>:` proves nothing by itself.
+pub fn is_long_form_of(key: &str, short: &str) -> bool {
+    let d = did::did_of(key);
+    is_peer4_long_form(d) && peer4_short_form(d).is_ok_and(|s| s == short)
 }
 
 /// `did:peer:4<hash>:<encoded doc>`, not the short form `did:peer:4<hash>`.
@@ -154,6 +186,25 @@ mod tests {
             assert!(Recipient::parse(s).is_err(), "{s:?}");
         }
         assert!(Recipient::parse(&format!("did:key:{}", "z".repeat(MAX_DID_LEN))).is_err());
+    }
+
+    #[test]
+    fn a_did_holding_a_control_character_is_refused() {
+        let dk = "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK";
+        for s in [
+            "did:x\u{0}".to_string(),
+            format!("{dk}\u{0}"),
+            format!("{dk}#key-1\u{0}"),
+            "did:x:a\u{1b}b".to_string(),
+            "did:x:a\u{7f}b".to_string(),
+            "did:x:a\u{85}b".to_string(),
+        ] {
+            let e = Recipient::parse(&s).unwrap_err().to_string();
+            assert!(e.contains("control character"), "{s:?}: {e}");
+        }
+        assert!(Recipient::of("did:x\u{0}").is_err());
+        // Whitespace around the DID is trimmed, as before.
+        assert_eq!(Recipient::parse(&format!(" {dk}\n")).unwrap().named, dk);
     }
 
     #[test]

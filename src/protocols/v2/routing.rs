@@ -6,7 +6,7 @@
 //! attachment the mediator can read as a plaintext message, its own): the queue never
 //! delivers it afterwards.
 
-use super::recipient::Recipient;
+use super::recipient::{is_long_form_of, refuse_control_characters, Recipient};
 use super::Inbound;
 use crate::didcomm::v2::{did, keys};
 use crate::protocols::{now_ms, ForwardResult, Handed, HandleError, Mediator, Outcome};
@@ -17,13 +17,21 @@ use sha2::{Digest, Sha256};
 /// Most attachments queued from one forward.
 pub const MAX_ATTACHMENTS: usize = 16;
 
+/// Most stored keys `<short>:...` read to find the long form of a did:peer:4 short form an
+/// earlier version stored. Those versions stored any string as given, so keys of that shape
+/// whose hash does not match (only written before, and only skipped now) may come first.
+const LONG_FORMS_READ: usize = 32;
+
 /// The connection that registered `next`, and the form of the recipient DID it registered.
 /// Refused: a did:peer:4 long form whose hash does not match its document.
 async fn route(m: &Mediator, next: &str) -> Result<Option<(String, String)>, HandleError> {
-    let r = Recipient::of(did::did_of(next.trim())).map_err(|e| match e {
+    let refused = |e| match e {
         HandleError::BadMessage(why) => HandleError::BadMessage(format!("forward body.next: {why}")),
         e => e,
-    })?;
+    };
+    // Not only the DID: the fragment of an old client's key is looked up too.
+    refuse_control_characters(next.trim()).map_err(refused)?;
+    let r = Recipient::of(did::did_of(next.trim())).map_err(refused)?;
     // A long form an earlier version stored routes to the connection that registered it: its
     // short form, registered since by another, does not take its mail over.
     if let Some(hit) = held_in_legacy_form(m, &r).await? {
@@ -31,6 +39,11 @@ async fn route(m: &Mediator, next: &str) -> Result<Option<(String, String)>, Han
     }
     if let Some(c) = m.store.route(&r.canonical).await? {
         return Ok(Some((c, r.canonical)));
+    }
+    // Not registered as its short form: the long form an earlier version stored, found from
+    // the short form, routes to its holder (senders use the short form after first contact).
+    if let Some(hit) = held_as_long_form(m, &r).await? {
+        return Ok(Some(hit));
     }
     // The same key in another did:key form (an Ed25519 did:key also names its X25519 key).
     if let Some((c, alt)) = held_in_did_key_form(m, &r.canonical).await? {
@@ -46,12 +59,31 @@ async fn route(m: &Mediator, next: &str) -> Result<Option<(String, String)>, Han
 }
 
 /// The connection holding `r` in a form other than the one it is stored under now, and that
-/// form: the long form an earlier version stored, or another did:key form of its key.
+/// form: the long form an earlier version stored (as named, or found from the short form), or
+/// another did:key form of its key.
 pub(super) async fn held_in_another_form(m: &Mediator, r: &Recipient) -> Result<Option<(String, String)>, HandleError> {
     if let Some(hit) = held_in_legacy_form(m, r).await? {
         return Ok(Some(hit));
     }
+    if let Some(hit) = held_as_long_form(m, r).await? {
+        return Ok(Some(hit));
+    }
     held_in_did_key_form(m, &r.canonical).await
+}
+
+/// The connection holding a long form of the did:peer:4 `r` (in either form) that an earlier
+/// version stored, found from its short form (a stored key `<short>:...` whose hash matches
+/// its document), and that form. A revoked connection's key is not found.
+pub(super) async fn held_as_long_form(m: &Mediator, r: &Recipient) -> Result<Option<(String, String)>, HandleError> {
+    let Some(short) = r.peer4_short() else {
+        return Ok(None);
+    };
+    Ok(m.store
+        .route_long_forms(short, LONG_FORMS_READ)
+        .await?
+        .into_iter()
+        .find(|(key, _)| is_long_form_of(key, short))
+        .map(|(key, c)| (c, key)))
 }
 
 /// The connection holding `r` in the long form an earlier version stored, and that form.
@@ -289,6 +321,17 @@ mod tests {
     }
 
     #[actix_rt::test]
+    async fn a_next_holding_a_control_character_is_refused() {
+        let m = mediator_with(&[], &[]).await;
+        for next in ["did:x\u{0}", "did:x:a#key-1\u{0}", "did:x:a\u{1b}"] {
+            match route(&m, next).await {
+                Err(HandleError::BadMessage(why)) => assert!(why.contains("control character"), "{why}"),
+                other => panic!("{next:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[actix_rt::test]
     async fn a_long_form_stored_by_an_earlier_version_still_routes_to_its_holder() {
         let (long, short) = peer4();
         // c1 registered the long form before recipients had one form; c2 registered the short
@@ -300,5 +343,28 @@ mod tests {
         // Adding the DID in either form is checked against the long form held.
         let r = super::super::recipient::Recipient::parse(&long).unwrap();
         assert_eq!(held_in_another_form(&m, &r).await.unwrap(), hit("c1", &long));
+    }
+
+    #[actix_rt::test]
+    async fn a_short_form_nobody_registered_routes_to_the_holder_of_its_legacy_long_form() {
+        let (long, short) = peer4();
+        // Stored as given by an earlier version, sorted before the long form: keys that only
+        // look like a long form of it (made-up documents under its hash).
+        let (other_long, _) = peer4();
+        let other_doc = other_long.rsplit(':').next().unwrap();
+        let forged = [format!("{short}:0"), format!("{short}:1{}", &other_doc[1..])];
+        assert!(forged.iter().all(|f| *f < long), "{forged:?}");
+        // c1 registered the long form before recipients had one form; nobody the short form.
+        let m = mediator_with(std::slice::from_ref(&long), &forged).await;
+        for next in [short.clone(), format!("{short}#key-1"), long.clone()] {
+            assert_eq!(route(&m, &next).await.unwrap(), hit("c1", &long), "{next}");
+        }
+        let r = Recipient::parse(&short).unwrap();
+        assert_eq!(held_in_another_form(&m, &r).await.unwrap(), hit("c1", &long));
+        assert_eq!(held_as_long_form(&m, &r).await.unwrap(), hit("c1", &long));
+        // Another did:peer:4 whose short form is a prefix of this one's is not it.
+        let prefix = Recipient::parse(&short[..short.len() - 1]).unwrap();
+        assert_eq!(route(&m, &prefix.named).await.unwrap(), None);
+        assert_eq!(held_in_another_form(&m, &prefix).await.unwrap(), None);
     }
 }

@@ -325,6 +325,65 @@ pub async fn routing_keys(b: Arc<dyn Backend>) {
     assert_eq!(held, keys.len());
 }
 
+/// [`Store::route_long_forms`]: the keys `short:...` exactly (not `short` itself, nor a key
+/// that merely starts with `short`), in key order, at most `limit`, never one held by a
+/// connection whose mediation is revoked (whatever a granted connection's label says).
+pub async fn routing_keys_by_long_form_prefix(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let short = format!("did:peer:4zQm{}", new_id().replace('-', ""));
+    let k = |tail: &str| format!("{short}{tail}");
+    let (c1, c2, c3) = (new_conn(&s).await, new_conn(&s).await, new_conn(&s).await);
+    for (c, keys) in [
+        // '9' sorts just before ':', ';' just after, '\u{e9}' far after: none of them is `short:`.
+        (&c1, vec![k(":doc-b"), k("9:doc"), k("x:doc")]),
+        (&c2, vec![short.clone(), k(":doc-a"), k(";doc"), k("\u{e9}:doc")]),
+        (&c3, vec![k(":doc-c\u{e9}"), format!("x{short}:doc")]),
+    ] {
+        let r = s.update_keys(c, &keys, &[]).await.unwrap();
+        assert!(r.iter().all(|(_, u)| *u == KeyUpdate::Added), "{r:?}");
+    }
+    let pair = |key: String, c: &String| (key, c.clone());
+    let all = vec![
+        pair(k(":doc-a"), &c2),
+        pair(k(":doc-b"), &c1),
+        pair(k(":doc-c\u{e9}"), &c3),
+    ];
+    assert_eq!(s.route_long_forms(&short, 10).await.unwrap(), all);
+    assert_eq!(s.route_long_forms(&short, 2).await.unwrap(), all[..2].to_vec());
+    assert_eq!(s.route_long_forms(&short, 0).await.unwrap(), vec![]);
+    // A longer or shorter prefix is another DID.
+    assert_eq!(
+        s.route_long_forms(&k("x"), 10).await.unwrap(),
+        vec![pair(k("x:doc"), &c1)]
+    );
+    assert_eq!(s.route_long_forms(&short[..short.len() - 1], 10).await.unwrap(), vec![]);
+    assert_eq!(s.route_long_forms("bad\0", 10).await.unwrap(), vec![]);
+
+    // A revoked connection's key is left out while the connection still holds it.
+    let deny = ConnectionPatch {
+        mediation: Some(MediationState::Denied),
+        updated_at_ms: T0,
+        ..ConnectionPatch::default()
+    };
+    assert!(s.update_connection(&c1, &deny).await.unwrap().is_some());
+    assert_eq!(s.route(&k(":doc-b")).await.unwrap(), Some(c1.clone()), "still held");
+    assert_eq!(
+        s.route_long_forms(&short, 10).await.unwrap(),
+        vec![all[0].clone(), all[2].clone()]
+    );
+    // A granted connection whose own fields read `"mediation":"Denied"` is not revoked.
+    let mut t = conn(&new_id());
+    t.mediation = MediationState::Granted;
+    t.label = Some("\"mediation\":\"Denied\"".into());
+    t.extra = serde_json::json!({"mediation": "Denied"});
+    s.put_connection(&t).await.unwrap();
+    s.update_keys(&t.id, &[k(":doc-d")], &[]).await.unwrap();
+    assert_eq!(
+        s.route_long_forms(&short, 10).await.unwrap(),
+        vec![all[0].clone(), all[2].clone(), pair(k(":doc-d"), &t.id)]
+    );
+}
+
 /// The operator's revocation ([`Store::revoke_mediation`]): the state and every routing key of
 /// the connection in one step. Routed enqueues racing with it (many tasks, as from many nodes)
 /// are queued before it or refused: none started after it returned is queued, and every

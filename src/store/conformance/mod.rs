@@ -151,6 +151,10 @@ macro_rules! conformance {
                 backend::run(super::routing_keys).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn routing_keys_by_long_form_prefix() {
+                backend::run(super::routing_keys_by_long_form_prefix).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn revoking_mediation_is_one_step() {
                 backend::run(super::revoking_mediation_is_one_step).await
             }

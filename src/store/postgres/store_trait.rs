@@ -342,6 +342,31 @@ impl Store for PgStore {
         Ok(c.run(c.query_opt(&q, &[&recipient_key])).await?.map(|r| r.get(0)))
     }
 
+    async fn route_long_forms(&self, short: &str, limit: usize) -> StoreResult<Vec<(String, ConnId)>> {
+        if !storable(short) || limit == 0 {
+            return Ok(Vec::new());
+        }
+        // `key` is the primary key, in the "C" collation (byte order): the keys starting with
+        // `short:` are the range [`short:`, `short;`), an index range scan (':' + 1 = ';').
+        let (from, to) = (format!("{short}:"), format!("{short};"));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let c = self.client().await?;
+        let q = c
+            .run(c.prepare_cached(
+                "SELECT rk.key, rk.conn_id FROM mailroom_routing_keys rk \
+                 WHERE rk.key >= $1 AND rk.key < $2 \
+                 AND NOT EXISTS (SELECT 1 FROM mailroom_connections c \
+                                 WHERE c.id = rk.conn_id AND mailroom_mediation_denied(c.data)) \
+                 ORDER BY rk.key LIMIT $3",
+            ))
+            .await?;
+        Ok(c.run(c.query(&q, &[&from, &to, &limit]))
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
     async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
         self.submit(msgs, limits, false).await
     }

@@ -317,6 +317,30 @@ impl Store for SledStore {
         .await
     }
 
+    async fn route_long_forms(&self, short: &str, limit: usize) -> StoreResult<Vec<(String, ConnId)>> {
+        if !storable(short) || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let prefix = format!("{short}:");
+        self.blocking(move |inner| {
+            let mut out = Vec::new();
+            for kv in inner.keys.scan_prefix(prefix.as_bytes()) {
+                let (k, v) = kv.map_err(unavailable)?;
+                let conn = String::from_utf8(v.to_vec()).map_err(|_| corrupt("route"))?;
+                if inner.denied.read().contains(&conn) {
+                    continue;
+                }
+                let key = String::from_utf8(k.to_vec()).map_err(|_| corrupt("key"))?;
+                out.push((key, conn));
+                if out.len() == limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
         self.submit(msgs, limits, false).await
     }
