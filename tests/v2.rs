@@ -98,17 +98,7 @@ async fn mediation_forward_and_pickup_over_http() {
     );
 
     // Query the keylist (3.0).
-    let q = a
-        .request(
-            &a.message(
-                "https://didcomm.org/coordinate-mediation/3.0/recipient-query",
-                json!({}),
-            ),
-            "recipient",
-        )
-        .await
-        .unwrap();
-    assert_eq!(q["body"]["dids"], json!([{ "recipient_did": r }]));
+    assert_eq!(recipient_dids(&a).await, vec![r.clone()]);
 
     let s = V2Sender::new().unwrap();
     for i in 0..3 {
