@@ -341,7 +341,7 @@ pub async fn run(
                         conns,
                         release_leases,
                     } => {
-                        tracing::info!(peer = %node, sessions = conns.len(), release_leases, "taking over the sessions a failed or restarted peer left");
+                        tracing::info!(node = %shared.mediator.node_id, peer = %node, sessions = conns.len(), release_leases, "taking over the sessions a failed or restarted peer left");
                         actix_rt::spawn(take_over(shared.clone(), node, conns, release_leases));
                     }
                     ClusterEvent::SessionMoved { conn, node } => {

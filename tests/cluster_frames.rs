@@ -414,3 +414,107 @@ async fn sessions_a_resync_no_longer_names_are_taken_over() {
     }
     n1.shutdown().await;
 }
+
+/// A takeover is decided when a peer fails, by the nodes up then. n1 would have taken over from
+/// n9 at its resync (n0 not up yet), which dropped nothing: nothing to tell; then n0, lower, came
+/// up: when n9 fails, n0 takes over, and n1 must not also tell of n9's lost sessions (it did:
+/// the resync's takeover left an entry behind that n9's failure then filled, and two nodes
+/// pushed the same wallets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_noted_at_a_resync_is_not_reused_when_the_peer_later_fails() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let closed = || async { TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap() };
+    let peers = vec![
+        PeerConfig {
+            id: "n0".into(),
+            addr: closed().await,
+        },
+        PeerConfig {
+            id: "n9".into(),
+            addr: closed().await,
+        },
+    ];
+    let mut cfg = ClusterConfig::new("n1", "test", "s3cret", peers);
+    cfg.heartbeat_interval = Duration::from_millis(100);
+    cfg.failure_timeout = Duration::from_secs(60);
+    let max = cfg.max_frame;
+    let (tx, mut ev) = mpsc::channel(1024);
+    let n1 = ClusterHandle::start(cfg, l, tx).await.unwrap();
+    let link_as = |node: &'static str| async move {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let local = handshake::Local {
+            cluster: "test",
+            node,
+            secret: b"s3cret",
+            max_frame: max,
+        };
+        link::open(s, &local, handshake::Role::Dialer, Some("n1"), |_| true)
+            .await
+            .unwrap()
+    };
+    // n9 alone: its resync names no session and drops nothing; then a session opens there.
+    let mut n9 = link_as("n9").await;
+    n9.writer
+        .send(&Frame::Resync {
+            claims: vec![],
+            last: true,
+        })
+        .await
+        .unwrap();
+    let own = Frame::Own {
+        conn: "c1".into(),
+        epoch: now_epoch(),
+    };
+    n9.writer.send(&own).await.unwrap();
+    n9.writer
+        .send(&Frame::Queued {
+            conn: "after-resync".into(),
+        })
+        .await
+        .unwrap();
+    wait_queued(&mut ev, "after-resync").await;
+    assert_eq!(n1.owner_of("c1").as_deref(), Some("n9"));
+    // n0 comes up.
+    let mut n0 = link_as("n0").await;
+    n0.writer
+        .send(&Frame::Resync {
+            claims: vec![],
+            last: true,
+        })
+        .await
+        .unwrap();
+    n0.writer.send(&Frame::Queued { conn: "n0-up".into() }).await.unwrap();
+    wait_queued(&mut ev, "n0-up").await;
+    // n9 fails (leaves): n0, lower, takes over; n1 sweeps n9's claims and tells nothing.
+    n9.writer.send(&Frame::Leave).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, ev.recv()).await {
+            Ok(Some(ClusterEvent::PeerDown { node })) if node == "n9" => break,
+            Ok(Some(ClusterEvent::SessionsLost { node, conns, .. })) => {
+                panic!("n1 took over from {node} ({conns:?}) though n0 is up")
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => panic!("n9 not down within {WAIT:?}"),
+        }
+    }
+    n0.writer
+        .send(&Frame::Queued {
+            conn: "after-down".into(),
+        })
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, ev.recv()).await {
+            Ok(Some(ClusterEvent::MessageQueued { conn })) if conn == "after-down" => break,
+            Ok(Some(ClusterEvent::SessionsLost { node, conns, .. })) => {
+                panic!("n1 took over from {node} ({conns:?}) though n0 is up")
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => panic!("no Queued within {WAIT:?}"),
+        }
+    }
+    assert_eq!(n1.owner_of("c1"), None, "n9's claim swept");
+    n1.shutdown().await;
+}

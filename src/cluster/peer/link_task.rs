@@ -475,8 +475,11 @@ async fn take_resync(
             // The claims the resync no longer names are sessions the peer lost without a
             // `Disown` reaching us (it restarted before it was found failed, or the frames
             // died with a link): mail forwarded to them meanwhile was notified to the peer
-            // and woke nobody. The node that takes over is told, as for a failed peer.
-            if st.members.takes_over_from(peer) {
+            // and woke nobody. The node that takes over is told, as for a failed peer. Only
+            // while a sweep will run: the sweep's end takes the entry out, and one left behind
+            // (nothing to sweep) would be filled by the peer's failure later, when another
+            // node, lower and up by then, takes over (two nodes told, two pushes).
+            if st.dir.sweeping(peer) && st.members.takes_over_from(peer) {
                 st.lost.entry(peer.to_string()).or_default();
             }
         }

@@ -450,6 +450,10 @@ impl Shared {
                     if st.members.takes_over() {
                         let release_leases = st.members.sees_half();
                         st.lost.entry(peer.clone()).or_default().release_leases |= release_leases;
+                    } else {
+                        // Another node takes over: what an earlier resync of the peer left to
+                        // tell (its sweep still running) is that node's to tell now.
+                        st.lost.remove(&peer);
                     }
                     self.sweep_first(st, &peer);
                 }
