@@ -566,24 +566,9 @@ async fn from_prior_rotation_moves_the_connection_and_refuses_forgeries() {
 
     // The rotation itself: the queue is still there, under the new DID.
     assert_eq!(a.status(None).await.unwrap(), 1);
-    let q = a
-        .request(
-            &a.message(
-                "https://didcomm.org/coordinate-mediation/3.0/recipient-query",
-                json!({}),
-            ),
-            "recipient",
-        )
-        .await
-        .unwrap();
-    let mut dids: Vec<&str> = q["body"]["dids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["recipient_did"].as_str().unwrap())
-        .collect();
+    let mut dids = recipient_dids(&a).await;
     dids.sort();
-    let mut want = vec![r.as_str(), new.as_str()];
+    let mut want = vec![r.clone(), new.clone()];
     want.sort();
     assert_eq!(dids, want, "the keylist entry of the old DID moved to the new one");
     // Routing follows: the old DID is nobody's any more, the new one reaches A.
