@@ -403,7 +403,7 @@ impl mailroom::store::Store for CommitsThenFails {
         backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
         use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
         list_connections, update_keys, keys_of, route, route_long_forms, enqueue, lease, ack_leased, release,
-        release_owner, release_owners_under,
+        release_owner, release_owners_under, reclaim_expired_leases,
         total_queued, connections_with_pending, prune_dedup,
         dedup_records, queue_log_bytes, lease_for_key, pending_stats, expire, expire_due, oldest_received_ms,
         flush, device_of, set_device, forget_device_token, push_event, push_take_due, push_done,

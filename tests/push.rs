@@ -572,6 +572,38 @@ async fn unacknowledged_deliveries_on_close_wake_the_wallet() {
     assert_eq!(hits[0].body["message"]["data"]["message_count"], "1");
 }
 
+/// A wallet that picked up over HTTP and went away before acknowledging hears of its mail
+/// again: once the lease runs out, the messages go back to the queue and the wallet is pushed
+/// (it holds no session, so nobody else would tell it).
+#[actix_rt::test]
+async fn an_unacknowledged_pickup_whose_lease_runs_out_pushes_again() {
+    let si = StandIn::start();
+    let pc = si.push_config(0, &["proj-a"], false);
+    let (_d, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, move |c| {
+        c.push = Some(pc);
+        c.delivery.lease_ms = 500;
+    })
+    .await;
+    set_device(&a, FCM, json!("pickup-token"), Some("android")).await;
+    forward(&n, &a, &k, "picked-up-never-acked").await;
+    wait_hits(&si, "fcm:", 1).await;
+    let d = a
+        .request(&pickup("delivery-request", json!({"limit": 10})))
+        .await
+        .unwrap()
+        .expect("a delivery");
+    assert_eq!(delivery_ids(&a, &d).len(), 1, "{d}");
+    let hits = wait_hits(&si, "fcm:", 2).await;
+    assert_clean(&hits);
+    assert_eq!(hits[1].body["message"]["data"]["message_count"], "1");
+    let d = a
+        .request(&pickup("delivery-request", json!({"limit": 10})))
+        .await
+        .unwrap()
+        .expect("the message again");
+    assert_eq!(delivery_ids(&a, &d).len(), 1, "{d}");
+}
+
 /// Under `queue-only`, a socket that asked for its status with return route `all` (a Credo
 /// wallet polling pickup 2.0) holds the wallet's session without delivering: a forward wakes
 /// it and pushes nobody. Once it closes, the mail it never took pushes the wallet, once.

@@ -39,6 +39,8 @@ const SWEEP_CHUNK: usize = 1_000;
 /// Connections with pending messages retried at their endpoints per sweep pass (a cursor
 /// walks the rest in later passes).
 const ENDPOINT_PAGE: usize = 10_000;
+/// Most messages whose lease ran out taken back by one pass of the sweep (the rest at the next).
+const RECLAIM_BATCH: usize = 1_000;
 
 pub struct Shared {
     pub mediator: Arc<Mediator>,
@@ -118,13 +120,6 @@ impl Shared {
         crate::protocols::lease_owner(&self.mediator.node_id, &holder)
     }
 
-    /// Messages of `conn` became deliverable again (a superseded session released its leases):
-    /// make whoever holds the wallet's session drain them. Correctness never depends on this:
-    /// the sweep catches up.
-    pub async fn released(self: &Arc<Self>, conn: &str) {
-        self.reach(conn).await;
-    }
-
     /// A pickup 1.0 batch ([`AckOnReturn`], leased to `owner`) after its transport wrote it
     /// back on the request's return route (`returned`): removed, as pickup 1.0 has no
     /// acknowledgement. Not written back (no route, not packed, the socket gone): given back
@@ -138,11 +133,7 @@ impl Shared {
             }
             return;
         }
-        match store.release(conn, &batch.ids, owner).await {
-            Ok(n) if n > 0 => self.released(conn).await,
-            Ok(_) => {}
-            Err(e) => tracing::warn!(connection = %conn, "batch not given back (its lease runs out): {e}"),
-        }
+        give_back::gave_back(self, conn, store.release(conn, &batch.ids, owner).await).await;
     }
 
     /// What a handled message queued (`Outcome::queued_for`, `Outcome::handed`,
@@ -357,6 +348,27 @@ impl Shared {
             outbound::drain_to_endpoint(&this, &conn, &endpoint).await;
             this.endpoint_busy.lock().remove(&conn);
         });
+    }
+
+    /// Messages delivered and never acknowledged whose lease ran out (picked up over HTTP by a
+    /// wallet that went offline before acknowledging, or left by a session or node that could
+    /// not give them back) go back to pending, and their wallets are woken, or pushed, as for a
+    /// new message: nobody else would tell a wallet with no session. The store hands each
+    /// message to one caller, so one node wakes or pushes per lease run out.
+    pub async fn reclaim_expired_leases(self: &Arc<Self>) {
+        match self
+            .mediator
+            .store
+            .reclaim_expired_leases(now_ms(), RECLAIM_BATCH)
+            .await
+        {
+            Ok(conns) => {
+                for c in conns {
+                    self.queued_new(&c).await;
+                }
+            }
+            Err(e) => tracing::warn!("sweep: leases that ran out not taken back: {e}"),
+        }
     }
 
     /// One pass of the sweep: wake local sessions of connections with deliverable messages

@@ -784,11 +784,8 @@ impl WsSession {
         let owner = self.owner();
         let shared = self.shared.clone();
         actix_rt::spawn(async move {
-            match release_all(&shared, &conn, &owner, &handed).await {
-                Ok(n) if n > 0 => shared.released(&conn).await,
-                Ok(_) => {}
-                Err(e) => tracing::warn!(connection = %conn, "leases not released (they expire): {e}"),
-            }
+            let released = release_all(&shared, &conn, &owner, &handed).await;
+            gave_back(&shared, &conn, released).await;
         });
     }
 }

@@ -159,6 +159,10 @@ impl Store for Metered {
         )
         .await
     }
+    async fn reclaim_expired_leases(&self, now_ms: i64, max: usize) -> StoreResult<Vec<ConnId>> {
+        self.timed("reclaim_expired_leases", self.inner.reclaim_expired_leases(now_ms, max))
+            .await
+    }
     async fn pending_among(&self, conns: &[ConnId], now_ms: i64) -> StoreResult<Vec<ConnId>> {
         self.timed("pending_among", self.inner.pending_among(conns, now_ms))
             .await

@@ -526,6 +526,12 @@ pub trait Store: Send + Sync + 'static {
     async fn release(&self, conn: &str, ids: &[MessageId], owner: &str) -> StoreResult<u64>;
     /// Returns every message leased by `owner` to pending (session or node shutdown).
     async fn release_owner(&self, owner: &str) -> StoreResult<u64>;
+    /// Returns to pending at most `max` messages whose lease ran out by `now_ms` (delivered and
+    /// never acknowledged: over HTTP, by a session or node that could not give them back) and
+    /// whose sender's expiry has not passed, and names their connections, each once. Concurrent
+    /// callers (tasks or nodes) never reclaim the same message. The node wakes or pushes those
+    /// wallets: a lease that runs out is otherwise seen only by the next lease of its queue.
+    async fn reclaim_expired_leases(&self, now_ms: i64, max: usize) -> StoreResult<Vec<ConnId>>;
     /// As [`Store::release_owner`] for every owner whose name starts with `prefix` (a node's
     /// owners are `<node>/...`: a failed node's leases, or this node's before it restarted).
     /// An empty prefix releases nothing.

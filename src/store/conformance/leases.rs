@@ -156,6 +156,56 @@ pub async fn lease_expiry(b: Arc<dyn Backend>) {
     assert_eq!((st.pending, st.leased), (0, 2));
 }
 
+/// Leases that ran out go back to pending once, named by their connection, each once: not a
+/// lease still running, not one taken again after it ran out (until that one runs out), not a
+/// message past its sender's expiry; at most `max` messages a call, the rest at the next.
+pub async fn expired_leases_are_reclaimed(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let (a, c, d) = (new_conn(&s).await, new_conn(&s).await, new_conn(&s).await);
+    let ia = enqueue_ok(&s, (0..3).map(|i| msg(&a, &format!("a{i}"), T0)).collect()).await;
+    enqueue_ok(&s, vec![msg(&c, "c", T0)]).await;
+    let id = enqueue_ok(
+        &s,
+        vec![NewMessage {
+            expires_at_ms: Some(T0 + 150),
+            ..msg(&d, "d", T0)
+        }],
+    )
+    .await;
+    assert_eq!(s.lease(&a, 2, "n1/http", T0, T0 + 100).await.unwrap().len(), 2);
+    assert_eq!(s.lease(&a, 1, "n1/ws/1", T0, T0 + 100).await.unwrap().len(), 1);
+    assert_eq!(s.lease(&c, 10, "n2/http", T0, T0 + 300).await.unwrap().len(), 1);
+    assert_eq!(s.lease(&d, 10, "n1/http", T0, T0 + 100).await.unwrap().len(), 1);
+    assert!(s.reclaim_expired_leases(T0 + 99, 100).await.unwrap().is_empty());
+
+    // Two of a's three at the first call (the bound), the third at the next; d's message is
+    // past its expiry by then, and stays where the expiry sweep finds it.
+    let first = s.reclaim_expired_leases(T0 + 200, 2).await.unwrap();
+    let second = s.reclaim_expired_leases(T0 + 200, 2).await.unwrap();
+    assert_eq!(first, vec![a.clone()]);
+    assert_eq!(second, vec![a.clone()]);
+    assert!(
+        s.reclaim_expired_leases(T0 + 200, 100).await.unwrap().is_empty(),
+        "once"
+    );
+    let st = s.queue_stats(&a, T0 + 200).await.unwrap();
+    assert_eq!((st.pending, st.leased), (3, 0));
+    assert_eq!(
+        s.release(&d, &id, "n1/http").await.unwrap(),
+        1,
+        "d's expired message kept its lease"
+    );
+    assert_eq!(s.release_owner("n1/http").await.unwrap(), 0, "reclaimed: no owner left");
+
+    // Taken again after it ran out: reclaimed only once the new lease runs out too.
+    let again = s.lease(&a, 10, "n1/ws/2", T0 + 200, T0 + 400).await.unwrap();
+    assert_eq!(ids(&again), ia);
+    assert_eq!(s.reclaim_expired_leases(T0 + 300, 100).await.unwrap(), vec![c.clone()]);
+    assert_eq!(s.reclaim_expired_leases(T0 + 400, 100).await.unwrap(), vec![a.clone()]);
+    let l = s.lease(&a, 10, "n1/ws/3", T0 + 400, T0 + 500).await.unwrap();
+    assert!(l.iter().all(|m| m.attempts == 3), "a reclaimed message is a redelivery");
+}
+
 pub async fn ack_is_scoped_to_connection(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let c1 = new_conn(&s).await;

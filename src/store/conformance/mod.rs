@@ -183,6 +183,10 @@ macro_rules! conformance {
                 backend::run(super::lease_expiry).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn expired_leases_are_reclaimed() {
+                backend::run(super::expired_leases_are_reclaimed).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn ack_is_scoped_to_connection() {
                 backend::run(super::ack_is_scoped_to_connection).await
             }

@@ -451,6 +451,16 @@ CREATE INDEX mailroom_push_windows_claimed ON mailroom_push_windows (claimed_unt
     WHERE claimed_until_ms IS NOT NULL;
 "#,
     ),
+    (
+        14,
+        // Leases by deadline, for `reclaim_expired_leases`: the leases that ran out, oldest
+        // first, without reading those still running (`lease_due` is per connection, `owner`
+        // holds every lease). Built without CONCURRENTLY, as migration 9's.
+        r#"
+CREATE INDEX mailroom_messages_lease_until ON mailroom_messages (lease_until_ms)
+    WHERE lease_until_ms > 0;
+"#,
+    ),
 ];
 
 /// Creates the database named in `cfg` through the `postgres` maintenance database, so a node

@@ -468,6 +468,32 @@ impl Store for PgStore {
         .await
     }
 
+    async fn reclaim_expired_leases(&self, now_ms: i64, max: usize) -> StoreResult<Vec<ConnId>> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        let c = self.client().await?;
+        // Rows another statement holds (a lease taking them again, an acknowledgement) are
+        // skipped: what they leave goes at a later call.
+        let q = c
+            .run(c.prepare_cached(
+                "UPDATE mailroom_messages m SET lease_until_ms = 0, lease_owner = NULL \
+                 WHERE m.id IN (SELECT id FROM mailroom_messages \
+                     WHERE lease_until_ms > 0 AND lease_until_ms <= $1 \
+                       AND (expires_at_ms IS NULL OR expires_at_ms > $1) \
+                     ORDER BY lease_until_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 RETURNING m.conn_id",
+            ))
+            .await?;
+        let mut conns: Vec<ConnId> = c
+            .run(c.query(&q, &[&now_ms, &max]))
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        conns.sort_unstable();
+        conns.dedup();
+        Ok(conns)
+    }
+
     async fn release_owners_under(&self, prefix: &str) -> StoreResult<u64> {
         if prefix.is_empty() || !storable(prefix) {
             return Ok(0);

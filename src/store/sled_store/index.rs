@@ -111,6 +111,50 @@ impl Queues {
         n
     }
 
+    /// [`Store::reclaim_expired_leases`](crate::store::Store::reclaim_expired_leases): at most
+    /// `max` messages whose lease ran out by `now_ms` (and not past the sender's expiry) back to
+    /// pending; their connections, each once. Walks the queues [`Queues::by_owner`] names (those
+    /// where a lease was taken since their owner last let go), and drops from it the queues where
+    /// an owner no longer holds a message: the HTTP owner, never released, would otherwise name
+    /// every queue it ever leased from.
+    pub(super) fn reclaim_expired(&mut self, now_ms: i64, max: usize) -> Vec<ConnId> {
+        let mut out = Vec::new();
+        let mut n = 0;
+        let Queues { by_conn, by_owner, .. } = self;
+        by_owner.retain(|owner, conns| {
+            conns.retain(|c| {
+                if n >= max {
+                    return true;
+                }
+                let Some(cq) = by_conn.get_mut(c) else {
+                    return false;
+                };
+                let (mut holds, mut took) = (false, false);
+                for m in cq.msgs.values_mut() {
+                    if m.owner.as_deref() != Some(&**owner) {
+                        continue;
+                    }
+                    if n < max && m.lease_until_ms <= now_ms && !m.expired(now_ms) {
+                        m.owner = None;
+                        m.lease_until_ms = 0;
+                        n += 1;
+                        took = true;
+                    } else {
+                        holds = true;
+                    }
+                }
+                if took {
+                    out.push(c.clone());
+                }
+                holds
+            });
+            !conns.is_empty()
+        });
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// The name [`Queues::by_owner`] holds for `owner`, shared, or a new one: every message an
     /// owner leases holds the same name, not one per lease.
     pub(super) fn owner_named(&self, owner: &str) -> Owner {

@@ -479,6 +479,13 @@ impl Store for SledStore {
         Ok(n)
     }
 
+    async fn reclaim_expired_leases(&self, now_ms: i64, max: usize) -> StoreResult<Vec<ConnId>> {
+        // Memory only.
+        let inner = self.slot.get()?;
+        let conns = inner.queues.lock().reclaim_expired(now_ms, max);
+        Ok(conns)
+    }
+
     async fn release_owners_under(&self, prefix: &str) -> StoreResult<u64> {
         if prefix.is_empty() {
             return Ok(0);
