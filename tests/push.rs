@@ -953,6 +953,57 @@ async fn a_trailing_push_abandoned_by_its_node_is_sent_by_another() {
     drop(survivor);
 }
 
+/// The node that pushed at once is stopped while that push is still being retried (the
+/// webhook answers 503 with a `Retry-After` of 8 s): past `STOP_GRACE` it abandons the push,
+/// whose claim (made with the window's step) stays in the store. Once the claim has run out,
+/// and not before, the other node sends the push: a wallet is not left asleep because the node
+/// that took its push died first.
+#[actix_rt::test]
+async fn an_immediate_push_abandoned_by_its_node_is_sent_by_another() {
+    let si = StandIn::start();
+    let mut push = si.push_config(2, &["proj-a"], true);
+    push.timeout_ms = 1000;
+    push.max_attempts = 3;
+    push.retry_max_ms = 8000;
+    let claim = mailroom::push::claim_length(&push.load().unwrap());
+    let (_db, n1, n2, a, k) = two_nodes_and_wallet_with(push, "abandoned-now-token").await;
+    si.state.script(
+        "hook",
+        (0..3).map(|_| Reply::new(503, json!({})).retry_after("8")).collect(),
+    );
+    let started = Instant::now();
+    forward(&n1, &a, &k, "only").await;
+    let hooks = wait_hits(&si, "hook", 1).await;
+    assert_eq!(hooks[0].status, 503, "the push's first try failed");
+    assert_eq!(hooks[0].body["node"], "n1");
+    n1.stop().unwrap();
+    si.state.scripts.lock().clear();
+    let tries = si.state.hits("hook").len();
+    assert!(tries < 4, "n1 gave up on its own: {tries} webhook calls");
+    let deadline = started + claim + WAIT;
+    let sent = loop {
+        let hooks = si.state.hits("hook");
+        if let Some(h) = hooks[tries..].iter().find(|h| h.status == 200) {
+            break h.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned push was never sent: {:?}",
+            hooks.iter().map(|h| (&h.body["node"], h.status)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_clean(std::slice::from_ref(&sent));
+    assert_eq!(sent.body["node"], "n2", "the node left took the push over");
+    assert_eq!(sent.body["count"], 1);
+    assert!(
+        sent.at >= started + claim - Duration::from_millis(100),
+        "taken over only once the claim ran out: {:?} after the event, the claim lasts {claim:?}",
+        sent.at - started
+    );
+    drop(n2);
+}
+
 /// A node stopped gracefully while its push is in flight (here: the provider's token endpoint
 /// is slow) sends that push before it exits: the push window it claimed would otherwise leave
 /// the wallet asleep until its next event.

@@ -9,12 +9,14 @@
 //! worker, which runs on a thread (actix arbiter) of its own with its own HTTP/2 client. There
 //! the wallet's push window, kept in the store and shared by every node
 //! ([`crate::store::Store::push_event`]), lets one push through at once and folds a burst into
-//! at most one trailing push per window, whichever nodes the forwards landed on; every node
-//! polls for due trailing pushes, each taken by one node under a claim that lasts
-//! [`claim_length`] ([`crate::store::Store::push_take_due`]). The claim ends once the push is
-//! sent or given up for good ([`crate::store::Store::push_done`]); a claim that runs out first
-//! (its node died, was stopped mid-push, or could not read the registration) is taken again by
-//! any node, so a node that dies leaves its trailing pushes to the others. The only duplicate
+//! at most one trailing push per window, whichever nodes the forwards landed on. Every push is
+//! sent under a claim that lasts [`claim_length`]: an immediate push is claimed by the node
+//! whose event it is, in the same step as the window's; every node polls for due trailing
+//! pushes, each taken by one node ([`crate::store::Store::push_take_due`]). The claim ends once
+//! the push is sent or given up for good ([`crate::store::Store::push_done`]); a claim that
+//! runs out first (its node died, was stopped mid-push, or could not read the registration) is
+//! taken again by any node's poll, so a node that dies leaves its pushes to the others. Without
+//! a window (`min_interval_secs = 0`) nothing is kept in the store and nothing claimed. The only duplicate
 //! this allows: a push sent by a node that died before it ended its claim goes out again. A
 //! node takes at most as many trailing pushes as it has free slots, so a push it claims starts
 //! at once. A trailing push checks again that no session appeared and that mail is still
@@ -366,6 +368,8 @@ struct Ctx {
     apns: Option<apns::Apns>,
     /// Pushes being sent; a trailing push holds its slot from before it is claimed.
     slots: Arc<tokio::sync::Semaphore>,
+    /// How long a claimed push is this node's ([`claim_length`]), milliseconds.
+    claim_ms: i64,
 }
 
 async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>) {
@@ -380,6 +384,7 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
             presence: deps.presence.clone(),
             metrics: deps.metrics.clone(),
             node_id: deps.node_id.clone(),
+            claim_ms: claim_length(&settings).as_millis().min(i64::MAX as u128) as i64,
             settings: settings.clone(),
         })
     })();
@@ -391,7 +396,7 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
         }
     };
     let window = settings.min_interval_ms;
-    let claim_ms = claim_length(&settings).as_millis().min(i64::MAX as u128) as i64;
+    let claim_ms = ctx.claim_ms;
     // Trailing pushes are due at most this late (any node's poll may take them).
     let mut poll = tokio::time::interval(Duration::from_millis((window as u64 / 4).clamp(50, 1000)));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -436,7 +441,7 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
                 match due {
                     Ok(due) => {
                         for (claim, slot) in due.into_iter().zip(slots) {
-                            in_flight.spawn_local(trailing_push(ctx.clone(), claim, slot, taken));
+                            in_flight.spawn_local(claimed_push(ctx.clone(), claim, slot, taken, Instant::now(), None));
                         }
                     }
                     Err(e) => tracing::warn!("push: trailing pushes not polled: {e}"),
@@ -474,48 +479,69 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant) {
         }
     };
     let window = ctx.settings.min_interval_ms;
-    let slot = if window == 0 {
-        PushSlot::Now
-    } else {
-        match ctx.store.push_event(&conn, crate::protocols::now_ms(), window).await {
-            Ok(s) => s,
-            Err(e) => {
-                // Better a push too many than a wallet left asleep.
-                tracing::warn!(connection = %conn, "push window unavailable, pushing: {e}");
-                ctx.metrics.window_unavailable.inc();
-                PushSlot::Now
-            }
+    if window == 0 {
+        // No window, so nothing in the store to claim the push with.
+        let Ok(_slot) = ctx.slots.acquire().await else {
+            return;
+        };
+        push_one(&ctx, &conn, at, Some(device)).await;
+        return;
+    }
+    // The claim runs from `now`, the push's budget from `taken`, both read before the event is
+    // recorded: waiting for a slot shortens the budget, never outlasts the claim.
+    let taken = tokio::time::Instant::now();
+    let now = crate::protocols::now_ms();
+    match ctx
+        .store
+        .push_event(&conn, now, window, now.saturating_add(ctx.claim_ms))
+        .await
+    {
+        Ok(PushSlot::Now { token }) => {
+            let claim = PushClaim { conn, token };
+            let Ok(Ok(slot)) =
+                tokio::time::timeout_at(taken + push_budget(&ctx.settings), ctx.slots.clone().acquire_owned()).await
+            else {
+                // Not started within its budget (or the worker stops): its claim runs out and
+                // a node takes the push then.
+                tracing::warn!(connection = %claim.conn, "push not started within its budget: left to its claim");
+                return;
+            };
+            claimed_push(ctx, claim, slot, taken, at, Some(device)).await;
         }
-    };
-    match slot {
-        PushSlot::Now => {
+        Ok(PushSlot::Trailing { .. }) => {
+            ctx.metrics.coalesced.inc();
+        }
+        Err(e) => {
+            // Better a push too many than a wallet left asleep.
+            tracing::warn!(connection = %conn, "push window unavailable, pushing: {e}");
+            ctx.metrics.window_unavailable.inc();
             let Ok(_slot) = ctx.slots.acquire().await else {
                 return;
             };
             push_one(&ctx, &conn, at, Some(device)).await;
         }
-        PushSlot::Trailing { .. } => {
-            ctx.metrics.coalesced.inc();
-        }
     }
 }
 
-/// A trailing push this node claimed ([`crate::store::Store::push_take_due`]), holding its
-/// slot: sent within [`push_budget`], then its claim is ended, unless it could not be sent for
-/// a reason that may pass. Then (or if the node stops first) the claim runs out and any node
-/// takes the push again.
-async fn trailing_push(
+/// A push this node claimed (a trailing one from [`crate::store::Store::push_take_due`],
+/// `device` `None`; an immediate one from [`crate::store::Store::push_event`], with the
+/// registration read for it), holding its slot: sent within [`push_budget`] of `taken`, then
+/// its claim is ended, unless it could not be sent for a reason that may pass. Then (or if the
+/// node dies or stops first) the claim runs out and any node takes the push again.
+async fn claimed_push(
     ctx: Rc<Ctx>,
     claim: PushClaim,
     slot: tokio::sync::OwnedSemaphorePermit,
     taken: tokio::time::Instant,
+    at: Instant,
+    device: Option<Device>,
 ) {
     let budget = push_budget(&ctx.settings);
-    let push = push_one(&ctx, &claim.conn, Instant::now(), None);
+    let push = push_one(&ctx, &claim.conn, at, device);
     let ended = match tokio::time::timeout_at(taken + budget, push).await {
         Ok(ended) => ended,
         Err(_) => {
-            tracing::warn!(connection = %claim.conn, "trailing push given up after {budget:?}");
+            tracing::warn!(connection = %claim.conn, "push given up after {budget:?}");
             Ended::ForGood
         }
     };
@@ -523,7 +549,7 @@ async fn trailing_push(
     if ended == Ended::ForGood {
         if let Err(e) = ctx.store.push_done(&claim.conn, claim.token).await {
             // Its claim runs out: another node (or this one) pushes again then.
-            tracing::warn!(connection = %claim.conn, "trailing push not marked done: {e}");
+            tracing::warn!(connection = %claim.conn, "push not marked done: {e}");
         }
     }
 }

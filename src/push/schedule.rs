@@ -51,8 +51,6 @@ pub fn parse_retry_after(v: &str, now_unix_s: u64) -> Option<u64> {
 mod tests {
     use super::*;
 
-    use crate::store::PushSlot;
-
     /// Replays events at the given times through the window rule; returns the pushes (times)
     /// with trailing ones taken when due, as the nodes' poll does.
     fn replay(events: &[i64], window_ms: i64) -> Vec<i64> {
@@ -67,7 +65,7 @@ mod tests {
             }
             let (next, slot) = window(st, t, window_ms);
             st = Some(next);
-            if slot == PushSlot::Now {
+            if slot.is_none() {
                 pushes.push(t);
             }
         }
@@ -79,17 +77,11 @@ mod tests {
 
     #[test]
     fn one_now_then_one_trailing_per_window() {
-        assert_eq!(window(None, 0, 1000), ((0, None), PushSlot::Now));
-        assert_eq!(
-            window(Some((0, None)), 10, 1000),
-            ((0, Some(1000)), PushSlot::Trailing { due_ms: 1000 })
-        );
-        assert_eq!(
-            window(Some((0, Some(1000))), 999, 1000),
-            ((0, Some(1000)), PushSlot::Trailing { due_ms: 1000 })
-        );
+        assert_eq!(window(None, 0, 1000), ((0, None), None));
+        assert_eq!(window(Some((0, None)), 10, 1000), ((0, Some(1000)), Some(1000)));
+        assert_eq!(window(Some((0, Some(1000))), 999, 1000), ((0, Some(1000)), Some(1000)));
         // After the window a new event pushes at once (a trailing push not yet taken is this one).
-        assert_eq!(window(Some((0, Some(1000))), 1000, 1000), ((1000, None), PushSlot::Now));
+        assert_eq!(window(Some((0, Some(1000))), 1000, 1000), ((1000, None), None));
         // 100 events 7 ms apart: one now, one trailing at the window's end.
         let burst: Vec<i64> = (0..100).map(|i| i * 7).collect();
         assert_eq!(replay(&burst, 1000), vec![0, 1000]);

@@ -213,15 +213,16 @@ pub struct Device {
 /// What a queued event does to a wallet's push window (see [`Store::push_event`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PushSlot {
-    /// Push now: the window restarts at this event.
-    Now,
+    /// Push now: the window restarts at this event. The push is claimed as a trailing push
+    /// taken by [`Store::push_take_due`] is, under `token` ([`PushClaim::token`]).
+    Now { token: i64 },
     /// Folded into the trailing push due at `due_ms` (scheduled by this event or an earlier one).
     Trailing { due_ms: i64 },
 }
 
-/// A trailing push one node took from [`Store::push_take_due`]: the node holds a claim on it
-/// until [`Store::push_done`] ends the claim or its deadline passes, after which any node
-/// takes the push again.
+/// A push one node took (a trailing push from [`Store::push_take_due`], an immediate one from
+/// [`Store::push_event`]): the node holds a claim on it until [`Store::push_done`] ends the
+/// claim or its deadline passes, after which any node takes the push again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PushClaim {
     pub conn: ConnId,
@@ -236,20 +237,21 @@ pub(crate) fn new_push_claim_token() -> i64 {
 }
 
 /// One step of a push window, the rule both backends implement: `state` is `(last push,
-/// trailing push due)`. An event inside the window schedules (or joins) one trailing push at
-/// the window's end; an event after it pushes now and drops a trailing push not yet taken
-/// (this push is it).
+/// trailing push due)`; returns the next state and, for an event folded into the trailing
+/// push, when that push is due (`None`: push now). An event inside the window schedules (or
+/// joins) one trailing push at the window's end; an event after it pushes now and drops a
+/// trailing push not yet taken (this push is it).
 pub fn push_window_step(
     state: Option<(i64, Option<i64>)>,
     now_ms: i64,
     window_ms: i64,
-) -> ((i64, Option<i64>), PushSlot) {
+) -> ((i64, Option<i64>), Option<i64>) {
     match state {
         Some((last, due)) if now_ms < last + window_ms => {
             let due = due.unwrap_or(last + window_ms);
-            ((last, Some(due)), PushSlot::Trailing { due_ms: due })
+            ((last, Some(due)), Some(due))
         }
-        _ => ((now_ms, None), PushSlot::Now),
+        _ => ((now_ms, None), None),
     }
 }
 
@@ -586,8 +588,12 @@ pub trait Store: Send + Sync + 'static {
     async fn forget_device_token(&self, conn: &str, token: &str) -> StoreResult<bool>;
     /// Records a queued event in the push window of `conn`, shared by every node of the
     /// store, by [`push_window_step`]: one caller cluster-wide gets `Now` per window; the
-    /// others' events are folded into one trailing push. Atomic across nodes.
-    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64) -> StoreResult<PushSlot>;
+    /// others' events are folded into one trailing push. Atomic across nodes. `Now` comes with
+    /// a claim on the push until `claim_until_ms` (replacing any claim the window held): ended
+    /// by [`Store::push_done`] once the push is sent, else taken again by
+    /// [`Store::push_take_due`] once it runs out, so a node that dies before its push is sent
+    /// leaves it to the others.
+    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64, claim_until_ms: i64) -> StoreResult<PushSlot>;
     /// Claims trailing pushes due at `now_ms`, each for exactly one caller across nodes, at
     /// most `limit`, earliest first. A push is due when its window scheduled it at or before
     /// `now_ms`, or when an earlier claim on it ran out (its deadline is at or before `now_ms`)
@@ -605,8 +611,8 @@ pub trait Store: Send + Sync + 'static {
         idle_before_ms: i64,
         limit: usize,
     ) -> StoreResult<Vec<PushClaim>>;
-    /// Ends the claim `token` on the trailing push of `conn` (the push was sent, or given up
-    /// for good), only while it is still that claim: a later claim, by this node or another,
+    /// Ends the claim `token` on the push of `conn` (the push was sent, or given up for
+    /// good), only while it is still that claim: a later claim, by this node or another,
     /// stays. Returns whether it ended one.
     async fn push_done(&self, conn: &str, token: i64) -> StoreResult<bool>;
 

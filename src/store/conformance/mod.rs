@@ -283,6 +283,10 @@ macro_rules! conformance {
                 backend::run(super::trailing_push_claims_run_out).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn immediate_push_claims_run_out() {
+                backend::run(super::immediate_push_claims_run_out).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn group_commit_throughput() {
                 backend::run(super::group_commit_throughput).await
             }

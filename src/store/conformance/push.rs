@@ -65,15 +65,15 @@ pub async fn push_windows_are_shared(b: Arc<dyn Backend>) {
     for i in 0..16i64 {
         let s = if i % 2 == 0 { n1.clone() } else { n2.clone() };
         let c = c.clone();
-        tasks.push(tokio::spawn(
-            async move { s.push_event(&c, T0 + i, 1000).await.unwrap() },
-        ));
+        tasks.push(tokio::spawn(async move {
+            s.push_event(&c, T0 + i, 1000, T0 + i + LEASE).await.unwrap()
+        }));
     }
     let mut now = 0;
     let mut dues = HashSet::new();
     for t in tasks {
         match t.await.unwrap() {
-            PushSlot::Now => now += 1,
+            PushSlot::Now { .. } => now += 1,
             PushSlot::Trailing { due_ms } => {
                 dues.insert(due_ms);
             }
@@ -100,11 +100,14 @@ pub async fn push_windows_are_shared(b: Arc<dyn Backend>) {
     assert!(n2.push_done(&c, taken[0].token).await.unwrap(), "sent");
     // The trailing push restarted the window.
     assert_eq!(
-        n2.push_event(&c, due + 1, 1000).await.unwrap(),
+        n2.push_event(&c, due + 1, 1000, due + 1 + LEASE).await.unwrap(),
         PushSlot::Trailing { due_ms: due + 1000 }
     );
     // An event after the window pushes now; the trailing push not yet taken is that push.
-    assert_eq!(n1.push_event(&c, due + 5000, 1000).await.unwrap(), PushSlot::Now);
+    assert!(matches!(
+        n1.push_event(&c, due + 5000, 1000, due + 5000 + LEASE).await.unwrap(),
+        PushSlot::Now { .. }
+    ));
     assert!(n1
         .push_take_due(due + 6000, due + 6000 + LEASE, 0, 100)
         .await
@@ -112,8 +115,14 @@ pub async fn push_windows_are_shared(b: Arc<dyn Backend>) {
         .is_empty());
     // No window: every event pushes.
     let d = new_id();
-    assert_eq!(n1.push_event(&d, T0, 0).await.unwrap(), PushSlot::Now);
-    assert_eq!(n2.push_event(&d, T0, 0).await.unwrap(), PushSlot::Now);
+    assert!(matches!(
+        n1.push_event(&d, T0, 0, T0 + LEASE).await.unwrap(),
+        PushSlot::Now { .. }
+    ));
+    assert!(matches!(
+        n2.push_event(&d, T0, 0, T0 + LEASE).await.unwrap(),
+        PushSlot::Now { .. }
+    ));
 }
 
 /// A claim's length in these checks.
@@ -132,10 +141,13 @@ pub async fn trailing_push_claims_run_out(b: Arc<dyn Backend>) {
     let n2 = b.open().await;
     let c = new_id();
     let other = new_id();
-    assert_eq!(n1.push_event(&c, T0, 1000).await.unwrap(), PushSlot::Now);
+    assert!(matches!(
+        n1.push_event(&c, T0, 1000, T0 + LEASE).await.unwrap(),
+        PushSlot::Now { .. }
+    ));
     let due = T0 + 1000;
     assert_eq!(
-        n2.push_event(&c, T0 + 10, 1000).await.unwrap(),
+        n2.push_event(&c, T0 + 10, 1000, T0 + 10 + LEASE).await.unwrap(),
         PushSlot::Trailing { due_ms: due }
     );
     let first = n1.push_take_due(due, due + LEASE, 0, 100).await.unwrap();
@@ -186,11 +198,11 @@ pub async fn trailing_push_claims_run_out(b: Arc<dyn Backend>) {
     // push a window after it, as without a claim; it is taken when due, whatever the claim.
     let t = t + LEASE;
     assert_eq!(
-        n2.push_event(&c, t + 10, 1000).await.unwrap(),
+        n2.push_event(&c, t + 10, 1000, t + 10 + LEASE).await.unwrap(),
         PushSlot::Trailing { due_ms: t + 1000 }
     );
     assert_eq!(
-        n1.push_event(&c, t + 20, 1000).await.unwrap(),
+        n1.push_event(&c, t + 20, 1000, t + 20 + LEASE).await.unwrap(),
         PushSlot::Trailing { due_ms: t + 1000 }
     );
     assert!(n2
@@ -221,5 +233,54 @@ pub async fn trailing_push_claims_run_out(b: Arc<dyn Backend>) {
         .await
         .unwrap()
         .is_empty());
-    assert_eq!(n1.push_event(&c, t + 500, 1000).await.unwrap(), PushSlot::Now);
+    assert!(matches!(
+        n1.push_event(&c, t + 500, 1000, t + 500 + LEASE).await.unwrap(),
+        PushSlot::Now { .. }
+    ));
+}
+
+/// An immediate push is claimed by the event that gets it, as a trailing push by its take:
+/// never taken while the claim lasts (nor its window forgotten as idle), taken by any node
+/// once it runs out without `push_done`; ended by `push_done`; an event folded into the window
+/// meanwhile leaves the claim as it is.
+pub async fn immediate_push_claims_run_out(b: Arc<dyn Backend>) {
+    let n1 = b.open().await;
+    let n2 = b.open().await;
+    let (c, e) = (new_id(), new_id());
+    let PushSlot::Now { token } = n1.push_event(&c, T0, 1000, T0 + LEASE).await.unwrap() else {
+        panic!("the first event pushes now");
+    };
+    let PushSlot::Now { token: e_token } = n1.push_event(&e, T0, 1000, T0 + LEASE).await.unwrap() else {
+        panic!("the first event pushes now");
+    };
+    // Folded into the window: the claim stays, and still ends with its token.
+    assert_eq!(
+        n2.push_event(&e, T0 + 10, 1000, T0 + 10 + LEASE).await.unwrap(),
+        PushSlot::Trailing { due_ms: T0 + 1000 }
+    );
+    assert!(n1.push_done(&e, e_token).await.unwrap(), "e's push was sent");
+    assert!(n2
+        .push_take_due(T0 + 1, T0 + 1 + LEASE, i64::MAX, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    // e's trailing push is due; c's push claimed, not done, not yet run out.
+    let taken = n2.push_take_due(T0 + 1000, T0 + 1000 + LEASE, 0, 100).await.unwrap();
+    assert_eq!(conns_of(&taken), vec![e.clone()]);
+    assert!(n2.push_done(&e, taken[0].token).await.unwrap());
+    assert!(n2
+        .push_take_due(T0 + LEASE - 1, T0 + 2 * LEASE, 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    // c's node never said it was done: its claim ran out, another node takes the push.
+    let again = n2.push_take_due(T0 + LEASE, T0 + 2 * LEASE, 0, 100).await.unwrap();
+    assert_eq!(conns_of(&again), vec![c.clone()]);
+    assert!(!n1.push_done(&c, token).await.unwrap(), "the first claim was replaced");
+    assert!(n2.push_done(&c, again[0].token).await.unwrap());
+    assert!(n1
+        .push_take_due(T0 + 10 * LEASE, T0 + 11 * LEASE, 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
 }

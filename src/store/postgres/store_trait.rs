@@ -730,24 +730,32 @@ impl Store for PgStore {
         Ok(n > 0)
     }
 
-    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64) -> StoreResult<PushSlot> {
+    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64, claim_until_ms: i64) -> StoreResult<PushSlot> {
         check_storable("connection id", conn)?;
         let c = self.client().await?;
-        // push_window_step in one statement: the row lock orders concurrent events.
+        let token = crate::store::new_push_claim_token();
+        // push_window_step in one statement: the row lock orders concurrent events. An event
+        // that pushes now claims the push (every SET reads the row as it was).
         let q = c
             .run(c.prepare_cached(
-                "INSERT INTO mailroom_push_windows AS w (conn_id, last_push_ms, trailing_due_ms) VALUES ($1, $2, NULL) \
+                "INSERT INTO mailroom_push_windows AS w \
+                     (conn_id, last_push_ms, trailing_due_ms, claimed_until_ms, claim_token) \
+                 VALUES ($1, $2, NULL, $4, $5) \
                  ON CONFLICT (conn_id) DO UPDATE SET \
                  trailing_due_ms = CASE WHEN $2 < w.last_push_ms + $3 \
                      THEN coalesce(w.trailing_due_ms, w.last_push_ms + $3) ELSE NULL END, \
+                 claimed_until_ms = CASE WHEN $2 < w.last_push_ms + $3 THEN w.claimed_until_ms ELSE $4 END, \
+                 claim_token = CASE WHEN $2 < w.last_push_ms + $3 THEN w.claim_token ELSE $5 END, \
                  last_push_ms = CASE WHEN $2 < w.last_push_ms + $3 THEN w.last_push_ms ELSE $2 END \
                  RETURNING trailing_due_ms",
             ))
             .await?;
-        let row = c.run(c.query_one(&q, &[&conn, &now_ms, &window_ms])).await?;
+        let row = c
+            .run(c.query_one(&q, &[&conn, &now_ms, &window_ms, &claim_until_ms, &token]))
+            .await?;
         Ok(match row.get::<_, Option<i64>>(0) {
             Some(due_ms) => PushSlot::Trailing { due_ms },
-            None => PushSlot::Now,
+            None => PushSlot::Now { token },
         })
     }
 
@@ -769,7 +777,7 @@ impl Store for PgStore {
         .await?;
         let token = crate::store::new_push_claim_token();
         // Due: scheduled by the window, or claimed by a node that never said it was done. The
-        // claim is a column of its own: push_event never reads or writes it.
+        // claim is a column of its own: push_event writes it only for a push it lets through.
         let take = c
             .run(c.prepare_cached(
                 "UPDATE mailroom_push_windows \

@@ -784,15 +784,22 @@ impl Store for SledStore {
         .await
     }
 
-    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64) -> StoreResult<PushSlot> {
+    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64, claim_until_ms: i64) -> StoreResult<PushSlot> {
         check_storable("connection id", conn)?;
         let inner = self.slot.get()?;
         let mut w = inner.push_windows.lock();
         let old = w.get(conn).copied();
         let state = old.map(|p| (p.last_push_ms, p.trailing_due_ms));
-        let ((last_push_ms, trailing_due_ms), slot) = super::super::push_window_step(state, now_ms, window_ms);
-        // The claim of a trailing push in flight is not the window's: kept as it is.
-        let claim = old.and_then(|p| p.claim);
+        let ((last_push_ms, trailing_due_ms), due) = super::super::push_window_step(state, now_ms, window_ms);
+        // Folded: the claim of a push in flight is not the window's, kept as it is. Now: this
+        // push is claimed.
+        let (slot, claim) = match due {
+            Some(due_ms) => (PushSlot::Trailing { due_ms }, old.and_then(|p| p.claim)),
+            None => {
+                let token = super::super::new_push_claim_token();
+                (PushSlot::Now { token }, Some((claim_until_ms, token)))
+            }
+        };
         w.insert(
             conn.to_owned(),
             PushWindow {
