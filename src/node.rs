@@ -396,8 +396,8 @@ pub async fn run(
             loop {
                 tick.tick().await;
                 n += 1;
-                shared.reclaim_expired_leases().await;
                 shared.sweep(n % 10 == 0).await;
+                shared.reclaim_expired_leases().await;
             }
         });
     }

@@ -574,7 +574,8 @@ async fn unacknowledged_deliveries_on_close_wake_the_wallet() {
 
 /// A wallet that picked up over HTTP and went away before acknowledging hears of its mail
 /// again: once the lease runs out, the messages go back to the queue and the wallet is pushed
-/// (it holds no session, so nobody else would tell it).
+/// (it holds no session, so nobody else would tell it). A message delivered
+/// `RECLAIM_PUSHES` times and never acknowledged (one the wallet cannot take) pushes no more.
 #[actix_rt::test]
 async fn an_unacknowledged_pickup_whose_lease_runs_out_pushes_again() {
     let si = StandIn::start();
@@ -596,12 +597,52 @@ async fn an_unacknowledged_pickup_whose_lease_runs_out_pushes_again() {
     let hits = wait_hits(&si, "fcm:", 2).await;
     assert_clean(&hits);
     assert_eq!(hits[1].body["message"]["data"]["message_count"], "1");
-    let d = a
-        .request(&pickup("delivery-request", json!({"limit": 10})))
-        .await
-        .unwrap()
-        .expect("the message again");
-    assert_eq!(delivery_ids(&a, &d).len(), 1, "{d}");
+    // Picked up again and again, never acknowledged: a push after each of the first
+    // RECLAIM_PUSHES deliveries, none after the next.
+    let pushes = mailroom::session::RECLAIM_PUSHES as usize;
+    for delivered in 2..=pushes + 1 {
+        let d = a
+            .request(&pickup("delivery-request", json!({"limit": 10})))
+            .await
+            .unwrap()
+            .expect("the message again");
+        assert_eq!(delivery_ids(&a, &d).len(), 1, "{d}");
+        if delivered <= pushes {
+            wait_hits(&si, "fcm:", delivered + 1).await;
+        }
+    }
+    eventually("the last lease taken back", || async {
+        let v = get_json(&format!("{}/connections", n.admin_url())).await;
+        let c = &v["connections"][0]["queue"];
+        (c["pending"] == 1 && c["in_flight"] == 0).then_some(())
+    })
+    .await;
+    // Two more passes of the sweep's reclaim: the one that took the lease back has handed its
+    // wake-ups over (the passes run one after the other). Push events: the forward and one
+    // per lease taken back while the message had been delivered at most RECLAIM_PUSHES times.
+    let reclaims =
+        || async { metric_line_sum(&n, "mailroom_store_seconds_count{", "op=\"reclaim_expired_leases\"").await };
+    let seen = reclaims().await;
+    eventually("two more reclaim passes", || async {
+        (reclaims().await >= seen + 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(&n, "mailroom_push_events_total").await,
+        (1 + pushes) as f64,
+        "no push for a message delivered {} times",
+        pushes + 1
+    );
+    assert_eq!(si.state.hits("fcm:").len(), pushes + 1);
+}
+
+/// The sum of the `/metrics` lines of `n` that start with `prefix` and hold `label`.
+async fn metric_line_sum(n: &RunningNode, prefix: &str, label: &str) -> f64 {
+    let text = get_status(&format!("{}/metrics", n.admin_url()), None).await.1;
+    text.lines()
+        .filter(|l| l.starts_with(prefix) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Under `queue-only`, a socket that asked for its status with return route `all` (a Credo

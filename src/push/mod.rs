@@ -24,8 +24,9 @@
 //! and a token the provider calls dead is forgotten in the store. Nothing here touches the
 //! queue, and a push that is slow or fails never delays or fails a forward.
 //!
-//! Exactly one node sends for a queued event: only the node that accepted the forward calls
-//! `queued`, and only when no node holds a session.
+//! Exactly one node sends for a queued event: only the node that accepted the forward (or
+//! took back the lease that ran out, or was given back a session's leases) calls `queued`, and
+//! only when no node holds a session; the shared window folds the events of several nodes.
 //!
 //! Must not: block the caller, log a device token or a credential in full, touch the queue.
 
@@ -171,6 +172,8 @@ pub struct PushMetrics {
     pub total: Family<ProviderResult, Counter>,
     /// Queued event to the provider's 2xx, seconds (retries included).
     pub latency: Family<ProviderLabel, Histogram, fn() -> Histogram>,
+    /// Events handed to the worker: queued mail for a wallet no node holds a session of.
+    pub events: Counter,
     /// Events folded into a trailing push.
     pub coalesced: Counter,
     /// Tokens forgotten because the provider called them dead.
@@ -187,6 +190,7 @@ impl Default for PushMetrics {
         PushMetrics {
             total: Family::default(),
             latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16))),
+            events: Counter::default(),
             coalesced: Counter::default(),
             dropped_tokens: Counter::default(),
             overflow: Counter::default(),
@@ -206,6 +210,11 @@ impl PushMetrics {
             "push_latency_seconds",
             "From the queued message to the provider's acceptance of its push",
             self.latency.clone(),
+        );
+        r.register(
+            "push_events",
+            "Queued mail for wallets no node holds a session of, handed to the push worker",
+            self.events.clone(),
         );
         r.register(
             "push_coalesced",
@@ -308,9 +317,10 @@ impl PushHandle {
             conn: conn.to_string(),
             at: Instant::now(),
         };
-        if self.tx.try_send(cmd).is_err() {
-            self.metrics.overflow.inc();
-        }
+        match self.tx.try_send(cmd) {
+            Ok(()) => self.metrics.events.inc(),
+            Err(_) => self.metrics.overflow.inc(),
+        };
     }
 
     /// Stops the worker (node shutdown): the events already handed over are handled and the

@@ -68,8 +68,8 @@ fn forwarded(shared: &Arc<Shared>, out: &mut Outcome) {
 }
 
 /// Leases of `conn` were given back (`released`: how many; a session closed, was superseded
-/// or stopped delivering for `conn`, or a pickup 1.0 batch was not written back): whoever
-/// holds the connection now is woken, or the wallet pushed.
+/// or stopped delivering for `conn`): whoever holds the connection now is woken, or the wallet
+/// pushed.
 pub(super) async fn gave_back(shared: &Arc<Shared>, conn: &str, released: StoreResult<u64>) {
     match released {
         Ok(n) if n > 0 => {

@@ -41,6 +41,9 @@ const SWEEP_CHUNK: usize = 1_000;
 const ENDPOINT_PAGE: usize = 10_000;
 /// Most messages whose lease ran out taken back by one pass of the sweep (the rest at the next).
 const RECLAIM_BATCH: usize = 1_000;
+/// Deliveries of a message after which its lease running out pushes its wallet no more
+/// ([`Shared::reclaim_expired_leases`]).
+pub const RECLAIM_PUSHES: u32 = 3;
 
 pub struct Shared {
     pub mediator: Arc<Mediator>,
@@ -133,7 +136,15 @@ impl Shared {
             }
             return;
         }
-        give_back::gave_back(self, conn, store.release(conn, &batch.ids, owner).await).await;
+        match store.release(conn, &batch.ids, owner).await {
+            // Woken, not pushed: the wallet asked for the batch just now (a batch-pickup with
+            // no return route would otherwise push it at every poll).
+            Ok(n) if n > 0 => {
+                self.reach(conn).await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(connection = %conn, "batch not given back (its lease runs out): {e}"),
+        }
     }
 
     /// What a handled message queued (`Outcome::queued_for`, `Outcome::handed`,
@@ -354,7 +365,10 @@ impl Shared {
     /// wallet that went offline before acknowledging, or left by a session or node that could
     /// not give them back) go back to pending, and their wallets are woken, or pushed, as for a
     /// new message: nobody else would tell a wallet with no session. The store hands each
-    /// message to one caller, so one node wakes or pushes per lease run out.
+    /// message to one caller (two nodes may each take some of one wallet's: the push window
+    /// folds their pushes). A wallet is pushed for them only while one of them has been
+    /// delivered at most [`RECLAIM_PUSHES`] times: a message its wallet takes and never
+    /// acknowledges (one it cannot read) wakes its sessions, but does not push it every lease.
     pub async fn reclaim_expired_leases(self: &Arc<Self>) {
         match self
             .mediator
@@ -362,9 +376,13 @@ impl Shared {
             .reclaim_expired_leases(now_ms(), RECLAIM_BATCH)
             .await
         {
-            Ok(conns) => {
-                for c in conns {
-                    self.queued_new(&c).await;
+            Ok(reclaimed) => {
+                for r in reclaimed {
+                    if r.attempts <= RECLAIM_PUSHES {
+                        self.queued_new(&r.conn).await;
+                    } else {
+                        self.reach(&r.conn).await;
+                    }
                 }
             }
             Err(e) => tracing::warn!("sweep: leases that ran out not taken back: {e}"),

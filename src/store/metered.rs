@@ -159,7 +159,7 @@ impl Store for Metered {
         )
         .await
     }
-    async fn reclaim_expired_leases(&self, now_ms: i64, max: usize) -> StoreResult<Vec<ConnId>> {
+    async fn reclaim_expired_leases(&self, now_ms: i64, max: usize) -> StoreResult<Vec<crate::store::Reclaimed>> {
         self.timed("reclaim_expired_leases", self.inner.reclaim_expired_leases(now_ms, max))
             .await
     }

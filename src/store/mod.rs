@@ -210,6 +210,15 @@ pub struct Device {
     pub updated_at_ms: i64,
 }
 
+/// A connection some of whose leases ran out and were taken back
+/// ([`Store::reclaim_expired_leases`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reclaimed {
+    pub conn: ConnId,
+    /// The fewest deliveries ([`QueuedMessage::attempts`]) among its messages taken back.
+    pub attempts: u32,
+}
+
 /// What a queued event does to a wallet's push window (see [`Store::push_event`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PushSlot {
@@ -530,10 +539,11 @@ pub trait Store: Send + Sync + 'static {
     async fn release_owner(&self, owner: &str) -> StoreResult<u64>;
     /// Returns to pending at most `max` messages whose lease ran out by `now_ms` (delivered and
     /// never acknowledged: over HTTP, by a session or node that could not give them back) and
-    /// whose sender's expiry has not passed, and names their connections, each once. Concurrent
-    /// callers (tasks or nodes) never reclaim the same message. The node wakes or pushes those
-    /// wallets: a lease that runs out is otherwise seen only by the next lease of its queue.
-    async fn reclaim_expired_leases(&self, now_ms: i64, max: usize) -> StoreResult<Vec<ConnId>>;
+    /// whose sender's expiry has not passed, and names their connections, each once, with the
+    /// fewest deliveries among its messages taken back. Concurrent callers (tasks or nodes) never
+    /// reclaim the same message. The node wakes or pushes those wallets: a lease that runs out
+    /// is otherwise seen only by the next lease of its queue.
+    async fn reclaim_expired_leases(&self, now_ms: i64, max: usize) -> StoreResult<Vec<Reclaimed>>;
     /// As [`Store::release_owner`] for every owner whose name starts with `prefix` (a node's
     /// owners are `<node>/...`: a failed node's leases, or this node's before it restarted).
     /// An empty prefix releases nothing.

@@ -130,7 +130,7 @@ macro_rules! store_pass_through {
     };
     (@method $i:ident reclaim_expired_leases) => {
         $crate::store_pass_through!(@fn $i reclaim_expired_leases (now_ms: i64, max: usize) []
-            -> Vec<$crate::store::ConnId>);
+            -> Vec<$crate::store::Reclaimed>);
     };
     (@method $i:ident release_owners_under) => {
         $crate::store_pass_through!(@fn $i release_owners_under (prefix: &'a str) ['a] -> u64);

@@ -182,8 +182,9 @@ pub async fn expired_leases_are_reclaimed(b: Arc<dyn Backend>) {
     // past its expiry by then, and stays where the expiry sweep finds it.
     let first = s.reclaim_expired_leases(T0 + 200, 2).await.unwrap();
     let second = s.reclaim_expired_leases(T0 + 200, 2).await.unwrap();
-    assert_eq!(first, vec![a.clone()]);
-    assert_eq!(second, vec![a.clone()]);
+    assert_eq!(conns(&first), vec![a.clone()]);
+    assert_eq!(conns(&second), vec![a.clone()]);
+    assert_eq!((first[0].attempts, second[0].attempts), (1, 1), "delivered once");
     assert!(
         s.reclaim_expired_leases(T0 + 200, 100).await.unwrap().is_empty(),
         "once"
@@ -197,13 +198,36 @@ pub async fn expired_leases_are_reclaimed(b: Arc<dyn Backend>) {
     );
     assert_eq!(s.release_owner("n1/http").await.unwrap(), 0, "reclaimed: no owner left");
 
-    // Taken again after it ran out: reclaimed only once the new lease runs out too.
+    // Taken again after it ran out: reclaimed only once the new lease runs out too. With a
+    // message delivered for the first time beside them: the fewest deliveries.
     let again = s.lease(&a, 10, "n1/ws/2", T0 + 200, T0 + 400).await.unwrap();
     assert_eq!(ids(&again), ia);
-    assert_eq!(s.reclaim_expired_leases(T0 + 300, 100).await.unwrap(), vec![c.clone()]);
-    assert_eq!(s.reclaim_expired_leases(T0 + 400, 100).await.unwrap(), vec![a.clone()]);
+    let fresh = enqueue_ok(&s, vec![msg(&a, "a3", T0 + 200)]).await;
+    assert_eq!(s.lease(&a, 10, "n1/ws/2", T0 + 201, T0 + 400).await.unwrap().len(), 1);
+    assert_eq!(
+        conns(&s.reclaim_expired_leases(T0 + 300, 100).await.unwrap()),
+        vec![c.clone()]
+    );
+    let r = s.reclaim_expired_leases(T0 + 400, 100).await.unwrap();
+    assert_eq!((conns(&r), r[0].attempts), (vec![a.clone()], 1));
     let l = s.lease(&a, 10, "n1/ws/3", T0 + 400, T0 + 500).await.unwrap();
-    assert!(l.iter().all(|m| m.attempts == 3), "a reclaimed message is a redelivery");
+    assert_eq!(l.len(), 4);
+    assert!(
+        l.iter().filter(|m| m.id != fresh[0]).all(|m| m.attempts == 3),
+        "a reclaimed message is a redelivery"
+    );
+    let r = s.reclaim_expired_leases(T0 + 500, 100).await.unwrap();
+    assert_eq!((conns(&r), r[0].attempts), (vec![a.clone()], 2));
+    // A lease taken by another owner before the reclaim ran: the first owner's is gone.
+    let o1 = s.lease(&c, 10, "o1", T0 + 500, T0 + 600).await.unwrap();
+    assert_eq!(s.lease(&c, 10, "o2", T0 + 650, T0 + 900).await.unwrap().len(), o1.len());
+    assert!(s.reclaim_expired_leases(T0 + 700, 100).await.unwrap().is_empty());
+    assert_eq!(s.release_owner("o1").await.unwrap(), 0);
+    assert_eq!(s.release_owner("o2").await.unwrap(), 1);
+}
+
+fn conns(r: &[crate::store::Reclaimed]) -> Vec<ConnId> {
+    r.iter().map(|r| r.conn.clone()).collect()
 }
 
 pub async fn ack_is_scoped_to_connection(b: Arc<dyn Backend>) {

@@ -468,7 +468,7 @@ impl Store for PgStore {
         .await
     }
 
-    async fn reclaim_expired_leases(&self, now_ms: i64, max: usize) -> StoreResult<Vec<ConnId>> {
+    async fn reclaim_expired_leases(&self, now_ms: i64, max: usize) -> StoreResult<Vec<crate::store::Reclaimed>> {
         let max = i64::try_from(max).unwrap_or(i64::MAX);
         let c = self.client().await?;
         // Rows another statement holds (a lease taking them again, an acknowledgement) are
@@ -480,18 +480,19 @@ impl Store for PgStore {
                      WHERE lease_until_ms > 0 AND lease_until_ms <= $1 \
                        AND (expires_at_ms IS NULL OR expires_at_ms > $1) \
                      ORDER BY lease_until_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                 RETURNING m.conn_id",
+                 RETURNING m.conn_id, m.attempts",
             ))
             .await?;
-        let mut conns: Vec<ConnId> = c
-            .run(c.query(&q, &[&now_ms, &max]))
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        conns.sort_unstable();
-        conns.dedup();
-        Ok(conns)
+        let mut fewest: std::collections::BTreeMap<ConnId, u32> = std::collections::BTreeMap::new();
+        for r in c.run(c.query(&q, &[&now_ms, &max])).await? {
+            let attempts = r.get::<_, i32>(1).max(0) as u32;
+            let e = fewest.entry(r.get(0)).or_insert(attempts);
+            *e = (*e).min(attempts);
+        }
+        Ok(fewest
+            .into_iter()
+            .map(|(conn, attempts)| crate::store::Reclaimed { conn, attempts })
+            .collect())
     }
 
     async fn release_owners_under(&self, prefix: &str) -> StoreResult<u64> {

@@ -113,45 +113,58 @@ impl Queues {
 
     /// [`Store::reclaim_expired_leases`](crate::store::Store::reclaim_expired_leases): at most
     /// `max` messages whose lease ran out by `now_ms` (and not past the sender's expiry) back to
-    /// pending; their connections, each once. Walks the queues [`Queues::by_owner`] names (those
-    /// where a lease was taken since their owner last let go), and drops from it the queues where
-    /// an owner no longer holds a message: the HTTP owner, never released, would otherwise name
-    /// every queue it ever leased from.
-    pub(super) fn reclaim_expired(&mut self, now_ms: i64, max: usize) -> Vec<ConnId> {
-        let mut out = Vec::new();
-        let mut n = 0;
+    /// pending; their connections, each once, with the fewest deliveries among them. Reads each
+    /// queue [`Queues::by_owner`] names once (those where a lease was taken since their owner
+    /// last let go, or since the last pass), and drops from that index the queues where an owner
+    /// no longer holds a message, as [`Store::expire`](crate::store::Store::expire) does: the
+    /// HTTP and hand-off owners are never released as a whole.
+    pub(super) fn reclaim_expired(&mut self, now_ms: i64, max: usize) -> Vec<crate::store::Reclaimed> {
         let Queues { by_conn, by_owner, .. } = self;
-        by_owner.retain(|owner, conns| {
-            conns.retain(|c| {
-                if n >= max {
-                    return true;
-                }
-                let Some(cq) = by_conn.get_mut(c) else {
-                    return false;
-                };
-                let (mut holds, mut took) = (false, false);
+        let mut out = Vec::new();
+        // Queues read: the owners still holding a message there.
+        let mut holders: HashMap<ConnId, Vec<Owner>> = HashMap::new();
+        let mut n = 0;
+        for conn in by_owner.values().flatten() {
+            if n >= max {
+                break;
+            }
+            if holders.contains_key(conn) {
+                continue;
+            }
+            let mut held: Vec<Owner> = Vec::new();
+            let mut fewest: Option<u32> = None;
+            if let Some(cq) = by_conn.get_mut(conn) {
                 for m in cq.msgs.values_mut() {
-                    if m.owner.as_deref() != Some(&**owner) {
+                    if m.owner.is_none() {
                         continue;
                     }
                     if n < max && m.lease_until_ms <= now_ms && !m.expired(now_ms) {
                         m.owner = None;
                         m.lease_until_ms = 0;
                         n += 1;
-                        took = true;
-                    } else {
-                        holds = true;
+                        fewest = Some(fewest.map_or(m.attempts, |f| f.min(m.attempts)));
+                    } else if let Some(o) = &m.owner {
+                        if !held.contains(o) {
+                            held.push(o.clone());
+                        }
                     }
                 }
-                if took {
-                    out.push(c.clone());
-                }
-                holds
+            }
+            if let Some(attempts) = fewest {
+                out.push(crate::store::Reclaimed {
+                    conn: conn.clone(),
+                    attempts,
+                });
+            }
+            holders.insert(conn.clone(), held);
+        }
+        by_owner.retain(|owner, conns| {
+            conns.retain(|c| match holders.get(c) {
+                Some(held) => held.contains(owner),
+                None => true,
             });
             !conns.is_empty()
         });
-        out.sort_unstable();
-        out.dedup();
         out
     }
 

@@ -479,7 +479,7 @@ impl Store for SledStore {
         Ok(n)
     }
 
-    async fn reclaim_expired_leases(&self, now_ms: i64, max: usize) -> StoreResult<Vec<ConnId>> {
+    async fn reclaim_expired_leases(&self, now_ms: i64, max: usize) -> StoreResult<Vec<crate::store::Reclaimed>> {
         // Memory only.
         let inner = self.slot.get()?;
         let conns = inner.queues.lock().reclaim_expired(now_ms, max);
