@@ -35,32 +35,41 @@ const LOST_SESSIONS_CHUNK: usize = 500;
 /// sweep), and the wallets without a session anywhere are woken by push. A peer that was only
 /// cut off may deliver some of them twice (at-least-once); a node that sees less than half the
 /// cluster up, more likely cut off itself, leaves them to their leases (`release_leases`).
-async fn take_over(shared: Arc<Shared>, node: String, conns: Vec<String>, release_leases: bool) {
+async fn take_over(shared: Arc<Shared>, node: String, mut conns: Vec<String>, release_leases: bool) {
     if release_leases {
-        release_failed_peer(&shared, &node).await;
+        conns.extend(release_failed_peer(&shared, &node).await);
+        conns.sort_unstable();
+        conns.dedup();
     }
     wake_lost_sessions(shared, conns).await;
 }
 
-async fn release_failed_peer(shared: &Arc<Shared>, node: &str) {
+/// Releases what `node` had leased; returns the connections it released messages of.
+async fn release_failed_peer(shared: &Arc<Shared>, node: &str) -> Vec<String> {
     match shared
         .mediator
         .store
         .release_owners_under(&crate::protocols::node_owners(node))
         .await
     {
-        Ok(0) => {}
-        Ok(n) => {
-            tracing::info!(peer = %node, released = n, "a failed peer's deliveries are deliverable again");
+        Ok(conns) if conns.is_empty() => conns,
+        Ok(conns) => {
+            tracing::info!(peer = %node, wallets = conns.len(), "a failed peer's deliveries are deliverable again");
             shared.sweep(false).await;
+            conns
         }
-        Err(e) => tracing::warn!(peer = %node, "a failed peer's leases not released (they run out): {e}"),
+        Err(e) => {
+            tracing::warn!(peer = %node, "a failed peer's leases not released (they run out): {e}");
+            Vec::new()
+        }
     }
 }
 
-/// The wallets whose sessions a failed peer held: each with mail pending is treated as if a
-/// message were queued now (its session woken if it reconnected meanwhile, else pushed). Mail
-/// forwarded while the peer was failing was notified to it and woke nobody.
+/// The wallets whose sessions a failed peer held, or whose deliveries it (or this node before
+/// it restarted) left leased: each with mail pending is treated as if a message were queued now
+/// (its session woken if it reconnected meanwhile, else pushed). Mail forwarded while the peer
+/// was failing was notified to it and woke nobody; a wallet that picked up over HTTP there and
+/// never acknowledged would hear of its mail from nobody.
 async fn wake_lost_sessions(shared: Arc<Shared>, conns: Vec<String>) {
     for chunk in conns.chunks(LOST_SESSIONS_CHUNK) {
         match shared.mediator.store.pending_among(chunk, now_ms()).await {
@@ -270,23 +279,6 @@ pub async fn run(
         strategy: cfg.delivery.strategy,
     }));
     let registry = registry.start();
-    // Messages this node's sessions were delivering, or were handed, before it last stopped
-    // (a crash, or a shutdown that could not reach the store), never acknowledged: deliverable
-    // again now rather than when their leases run out. Every owner of this node is `<id>/...`.
-    {
-        let store = store.clone();
-        let prefix = crate::protocols::node_owners(node_id);
-        actix_rt::spawn(async move {
-            match store.release_owners_under(&prefix).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    released = n,
-                    "deliveries this node had in flight before it restarted are deliverable again"
-                ),
-                Err(e) => tracing::warn!("deliveries of before the restart not released (their leases run out): {e}"),
-            }
-        });
-    }
     // Agents' endpoints must not reach an admin listener of this cluster (this node's, bound
     // where it is even when the config says port 0, and every [[node]]'s) nor metadata services.
     let admin_addr = listeners.admin.local_addr()?;
@@ -324,6 +316,28 @@ pub async fn run(
         )
         .map_err(anyhow::Error::msg)?;
         let _ = shared.push.set(handle);
+    }
+
+    // Messages this node's sessions were delivering, or were handed, before it last stopped
+    // (a crash, or a shutdown that could not reach the store), never acknowledged: deliverable
+    // again now rather than when their leases run out, and their wallets woken or pushed. Every
+    // owner of this node is `<id>/...`.
+    {
+        let shared = shared.clone();
+        let prefix = crate::protocols::node_owners(node_id);
+        actix_rt::spawn(async move {
+            match shared.mediator.store.release_owners_under(&prefix).await {
+                Ok(conns) if conns.is_empty() => {}
+                Ok(conns) => {
+                    tracing::info!(
+                        wallets = conns.len(),
+                        "deliveries this node had in flight before it restarted are deliverable again"
+                    );
+                    wake_lost_sessions(shared, conns).await;
+                }
+                Err(e) => tracing::warn!("deliveries of before the restart not released (their leases run out): {e}"),
+            }
+        });
     }
 
     // Notifications from peers wake local sessions; the store holds the messages.

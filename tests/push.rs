@@ -794,6 +794,41 @@ async fn two_nodes_and_wallet_with(
     (db, n1, n2, a, k)
 }
 
+/// A wallet picked up over HTTP on n1 and went away before acknowledging; n1 stops. n2 takes
+/// over what n1 left: the delivery leased to n1 is deliverable again, and the wallet, which
+/// held no session anywhere, is pushed for it (by n2, long before the lease would run out).
+#[actix_rt::test]
+async fn a_failed_peers_unacknowledged_pickup_pushes_the_wallet() {
+    let si = StandIn::start();
+    let db = FreshDb::create().await;
+    let (mut cfg, ls) = bind_cluster(2, &db.url, 100);
+    cfg.push = Some(si.push_config(0, &["proj-a"], true));
+    cfg.delivery.lease_ms = 600_000;
+    let store = open_shared_store(&cfg).await;
+    let mut it = ls.into_iter();
+    let n1 = start_node(&cfg, "n1", it.next().unwrap(), &store, None);
+    let n2 = start_node(&cfg, "n2", it.next().unwrap(), &store, None);
+    for (x, y) in [(&n1, "n2"), (&n2, "n1")] {
+        eventually("link up", || async { peer_connected(x, y).await.then_some(()) }).await;
+    }
+    let (a, k) = Agent::onboard(&invitation(&n1).await).await.unwrap();
+    set_device(&a, FCM, json!("failed-peer-token"), Some("android")).await;
+    forward(&n1, &a, &k, "picked-up-on-n1").await;
+    wait_hits(&si, "hook", 1).await;
+    let d = a
+        .request(&pickup("delivery-request", json!({"limit": 10})))
+        .await
+        .unwrap()
+        .expect("a delivery");
+    assert_eq!(delivery_ids(&a, &d).len(), 1, "{d}");
+    n1.stop().unwrap();
+    let hooks = wait_hits(&si, "hook", 2).await;
+    assert_clean(&hooks);
+    assert_eq!(hooks[1].body["node"], "n2", "{:?}", hooks[1].body);
+    assert_eq!(hooks[1].body["count"], 1);
+    drop(n2);
+}
+
 /// A burst of 100 forwards spread over two nodes (PostgreSQL) to an offline wallet: one push now and one
 /// trailing push for the whole cluster, not one pair per node.
 #[actix_rt::test]

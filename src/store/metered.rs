@@ -137,7 +137,7 @@ impl Store for Metered {
     async fn release_owner(&self, owner: &str) -> StoreResult<u64> {
         self.timed("release_owner", self.inner.release_owner(owner)).await
     }
-    async fn release_owners_under(&self, prefix: &str) -> StoreResult<u64> {
+    async fn release_owners_under(&self, prefix: &str) -> StoreResult<Vec<ConnId>> {
         self.timed("release_owner", self.inner.release_owners_under(prefix))
             .await
     }

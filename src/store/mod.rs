@@ -546,8 +546,9 @@ pub trait Store: Send + Sync + 'static {
     async fn reclaim_expired_leases(&self, now_ms: i64, max: usize) -> StoreResult<Vec<Reclaimed>>;
     /// As [`Store::release_owner`] for every owner whose name starts with `prefix` (a node's
     /// owners are `<node>/...`: a failed node's leases, or this node's before it restarted).
-    /// An empty prefix releases nothing.
-    async fn release_owners_under(&self, prefix: &str) -> StoreResult<u64>;
+    /// An empty prefix releases nothing. Returns the connections whose messages it released,
+    /// each once (their wallets are woken or pushed: nobody else will).
+    async fn release_owners_under(&self, prefix: &str) -> StoreResult<Vec<ConnId>>;
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats>;
     /// Messages queued in the whole store, pending or leased.
     async fn total_queued(&self) -> StoreResult<u64>;

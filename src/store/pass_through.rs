@@ -133,7 +133,8 @@ macro_rules! store_pass_through {
             -> Vec<$crate::store::Reclaimed>);
     };
     (@method $i:ident release_owners_under) => {
-        $crate::store_pass_through!(@fn $i release_owners_under (prefix: &'a str) ['a] -> u64);
+        $crate::store_pass_through!(@fn $i release_owners_under (prefix: &'a str) ['a]
+            -> Vec<$crate::store::ConnId>);
     };
     (@method $i:ident queue_stats) => {
         $crate::store_pass_through!(@fn $i queue_stats (conn: &'a str, now_ms: i64) ['a]

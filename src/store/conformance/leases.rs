@@ -111,12 +111,13 @@ pub async fn release_owners_under(b: Arc<dyn Backend>) {
     let c2 = new_conn(&s).await;
     enqueue_ok(&s, vec![msg(&c2, "other", T0)]).await;
     assert_eq!(s.lease(&c2, 1, "n_1/endpoint", T0, until).await.unwrap().len(), 1);
-    assert_eq!(
-        s.release_owners_under("").await.unwrap(),
-        0,
+    assert!(
+        s.release_owners_under("").await.unwrap().is_empty(),
         "an empty prefix frees nothing"
     );
-    assert_eq!(s.release_owners_under("n_1/").await.unwrap(), 4);
+    let mut both = vec![c.clone(), c2.clone()];
+    both.sort();
+    assert_eq!(s.release_owners_under("n_1/").await.unwrap(), both);
     let st = s.queue_stats(&c, T0 + 1).await.unwrap();
     assert_eq!((st.pending, st.leased), (4, 3), "n_10's, nx1's and n2's leases stay");
     assert_eq!(s.queue_stats(&c2, T0 + 1).await.unwrap().pending, 1);
@@ -127,7 +128,7 @@ pub async fn release_owners_under(b: Arc<dyn Backend>) {
         "a released message is a redelivery"
     );
     // Released owners are gone from the store's books: nothing left to free under them.
-    assert_eq!(s.release_owners_under("n_1/").await.unwrap(), 0);
+    assert!(s.release_owners_under("n_1/").await.unwrap().is_empty());
     assert_eq!(s.release_owner("n_10/http").await.unwrap(), 1);
 }
 

@@ -403,6 +403,27 @@ impl PgStore {
         Self::execute_retrying_on(self.client().await?, sql, params).await
     }
 
+    /// As [`PgStore::execute_retrying`], for a statement that returns rows.
+    async fn query_retrying(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> StoreResult<Vec<tokio_postgres::Row>> {
+        let c = self.client().await?;
+        let q = c.run(c.prepare_cached(sql)).await?;
+        let mut tries = 1;
+        loop {
+            match c.run(c.query(&q, params)).await {
+                Ok(rows) => return Ok(rows),
+                Err(e) if tries < STATEMENT_TRIES && e.is_transient() => {
+                    tracing::warn!(error = %e, "postgres statement retried");
+                    tries += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// As [`PgStore::execute_retrying`], for a statement that may delete a whole queue
     /// ([`BULK_TIMEOUT`]).
     async fn execute_retrying_bulk(

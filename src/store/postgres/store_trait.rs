@@ -495,20 +495,24 @@ impl Store for PgStore {
             .collect())
     }
 
-    async fn release_owners_under(&self, prefix: &str) -> StoreResult<u64> {
+    async fn release_owners_under(&self, prefix: &str) -> StoreResult<Vec<ConnId>> {
         if prefix.is_empty() || !storable(prefix) {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         // `starts_with`, not LIKE: node ids may hold `_`, a LIKE wildcard. The partial index
         // of leased rows bounds the scan to messages with an owner (in flight, or leased once
         // and neither acknowledged nor leased again since: those are pending already).
-        self.execute_retrying(
-            "UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL WHERE id IN ( \
-               SELECT id FROM mailroom_messages \
-               WHERE lease_owner IS NOT NULL AND starts_with(lease_owner, $1) ORDER BY id FOR UPDATE)",
-            &[&prefix],
-        )
-        .await
+        let rows = self
+            .query_retrying(
+                "WITH r AS (UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL WHERE id IN ( \
+                   SELECT id FROM mailroom_messages \
+                   WHERE lease_owner IS NOT NULL AND starts_with(lease_owner, $1) ORDER BY id FOR UPDATE) \
+                 RETURNING conn_id) \
+                 SELECT DISTINCT conn_id FROM r ORDER BY conn_id",
+                &[&prefix],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {

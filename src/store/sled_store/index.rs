@@ -92,14 +92,22 @@ pub(super) struct Queues {
 impl Queues {
     /// Returns every message leased by `owner` to pending; how many.
     pub(super) fn release_owner(&mut self, owner: &str) -> u64 {
-        let Some(conns) = self.by_owner.remove(owner) else {
-            return 0;
-        };
         let mut n = 0;
+        self.release_owner_in(owner, |_, released| n += released);
+        n
+    }
+
+    /// As [`Queues::release_owner`], telling `released` each queue and how many it released
+    /// there.
+    pub(super) fn release_owner_in(&mut self, owner: &str, mut released: impl FnMut(&ConnId, u64)) {
+        let Some(conns) = self.by_owner.remove(owner) else {
+            return;
+        };
         for c in conns {
             let Some(cq) = self.by_conn.get_mut(&c) else {
                 continue;
             };
+            let mut n = 0;
             for m in cq.msgs.values_mut() {
                 if m.owner.as_deref() == Some(owner) {
                     m.owner = None;
@@ -107,8 +115,8 @@ impl Queues {
                     n += 1;
                 }
             }
+            released(&c, n);
         }
-        n
     }
 
     /// [`Store::reclaim_expired_leases`](crate::store::Store::reclaim_expired_leases): at most

@@ -486,14 +486,24 @@ impl Store for SledStore {
         Ok(conns)
     }
 
-    async fn release_owners_under(&self, prefix: &str) -> StoreResult<u64> {
+    async fn release_owners_under(&self, prefix: &str) -> StoreResult<Vec<ConnId>> {
         if prefix.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let inner = self.slot.get()?;
         let mut q = inner.queues.lock();
         let owners: Vec<Owner> = q.by_owner.keys().filter(|o| o.starts_with(prefix)).cloned().collect();
-        Ok(owners.iter().map(|o| q.release_owner(o)).sum())
+        let mut conns = Vec::new();
+        for o in &owners {
+            q.release_owner_in(o, |c, n| {
+                if n > 0 {
+                    conns.push(c.clone());
+                }
+            });
+        }
+        conns.sort_unstable();
+        conns.dedup();
+        Ok(conns)
     }
 
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
