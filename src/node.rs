@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long the start waits for the store to release this node's leases of before a restart.
+const START_RELEASE_WAIT: Duration = Duration::from_secs(5);
 /// How long in-flight requests get to finish on shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Dedup records pruned per store call (the call repeats while batches come back full).
@@ -321,23 +323,36 @@ pub async fn run(
     // Messages this node's sessions were delivering, or were handed, before it last stopped
     // (a crash, or a shutdown that could not reach the store), never acknowledged: deliverable
     // again now rather than when their leases run out, and their wallets woken or pushed. Every
-    // owner of this node is `<id>/...`.
+    // owner of this node is `<id>/...`: released before this node serves (so never a lease of
+    // its own new sessions), bounded so that a slow store does not hold the start up (the
+    // leases then run out, and the sweep takes them back). The wallets are woken once the
+    // cluster's directory has had a failure timeout to learn where their sessions are now:
+    // sooner, one that reconnected to a peer meanwhile would be pushed.
     {
-        let shared = shared.clone();
         let prefix = crate::protocols::node_owners(node_id);
-        actix_rt::spawn(async move {
-            match shared.mediator.store.release_owners_under(&prefix).await {
-                Ok(conns) if conns.is_empty() => {}
-                Ok(conns) => {
-                    tracing::info!(
-                        wallets = conns.len(),
-                        "deliveries this node had in flight before it restarted are deliverable again"
-                    );
+        let released = tokio::time::timeout(START_RELEASE_WAIT, store.release_owners_under(&prefix)).await;
+        match released {
+            Ok(Ok(conns)) if conns.is_empty() => {}
+            Ok(Ok(conns)) => {
+                tracing::info!(
+                    wallets = conns.len(),
+                    "deliveries this node had in flight before it restarted are deliverable again"
+                );
+                let shared = shared.clone();
+                let settle = match &cluster {
+                    Some(_) => Duration::from_millis(cfg.cluster.failure_timeout_ms),
+                    None => Duration::ZERO,
+                };
+                actix_rt::spawn(async move {
+                    tokio::time::sleep(settle).await;
                     wake_lost_sessions(shared, conns).await;
-                }
-                Err(e) => tracing::warn!("deliveries of before the restart not released (their leases run out): {e}"),
+                });
             }
-        });
+            Ok(Err(e)) => tracing::warn!("deliveries of before the restart not released (their leases run out): {e}"),
+            Err(_) => tracing::warn!(
+                "deliveries of before the restart not released within {START_RELEASE_WAIT:?} (their leases run out)"
+            ),
+        }
     }
 
     // Notifications from peers wake local sessions; the store holds the messages.
@@ -582,14 +597,18 @@ pub async fn run(
     admin_handle.stop(true).await;
     let _ = public_task.await;
     let _ = admin_task.await;
-    // After the last request: every forward it accepted has handed its event over, and the
-    // pushes already started go out before it leaves (within `push::STOP_GRACE`; a trailing
-    // push abandoned then is another node's once its claim runs out).
+    // After the last request: what it delivered over HTTP and was not acknowledged goes back,
+    // and those wallets are woken or pushed (a peer taking over may have released them first,
+    // and pushes then), before the push worker stops.
+    match store.release_owners_under(&shared.http_owner()).await {
+        Ok(conns) => wake_lost_sessions(shared.clone(), conns).await,
+        Err(e) => tracing::warn!("leases not released on shutdown (they run out, and are taken back): {e}"),
+    }
+    // Every forward the last request accepted has handed its event over, and the pushes
+    // already started go out before it leaves (within `push::STOP_GRACE`; a push abandoned
+    // then is another node's once its claim runs out).
     if let Some(p) = shared.push.get() {
         p.stop().await;
-    }
-    if let Err(e) = store.release_owner(&shared.http_owner()).await {
-        tracing::warn!("leases not released on shutdown (they expire): {e}");
     }
     store.flush().await?;
     if let Some(c) = &cluster {

@@ -588,12 +588,7 @@ async fn an_unacknowledged_pickup_whose_lease_runs_out_pushes_again() {
     set_device(&a, FCM, json!("pickup-token"), Some("android")).await;
     forward(&n, &a, &k, "picked-up-never-acked").await;
     wait_hits(&si, "fcm:", 1).await;
-    let d = a
-        .request(&pickup("delivery-request", json!({"limit": 10})))
-        .await
-        .unwrap()
-        .expect("a delivery");
-    assert_eq!(delivery_ids(&a, &d).len(), 1, "{d}");
+    pick_up_one_unacknowledged(&a).await;
     let hits = wait_hits(&si, "fcm:", 2).await;
     assert_clean(&hits);
     assert_eq!(hits[1].body["message"]["data"]["message_count"], "1");
@@ -601,12 +596,7 @@ async fn an_unacknowledged_pickup_whose_lease_runs_out_pushes_again() {
     // RECLAIM_PUSHES deliveries, none after the next.
     let pushes = mailroom::session::RECLAIM_PUSHES as usize;
     for delivered in 2..=pushes + 1 {
-        let d = a
-            .request(&pickup("delivery-request", json!({"limit": 10})))
-            .await
-            .unwrap()
-            .expect("the message again");
-        assert_eq!(delivery_ids(&a, &d).len(), 1, "{d}");
+        pick_up_one_unacknowledged(&a).await;
         if delivered <= pushes {
             wait_hits(&si, "fcm:", delivered + 1).await;
         }
@@ -643,6 +633,16 @@ async fn metric_line_sum(n: &RunningNode, prefix: &str, label: &str) -> f64 {
         .filter(|l| l.starts_with(prefix) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A pickup 2.0 delivery-request over HTTP that gets one message, not acknowledged.
+async fn pick_up_one_unacknowledged(a: &Agent) {
+    let d = a
+        .request(&pickup("delivery-request", json!({"limit": 10})))
+        .await
+        .unwrap()
+        .expect("a delivery");
+    assert_eq!(delivery_ids(a, &d).len(), 1, "{d}");
 }
 
 /// Under `queue-only`, a socket that asked for its status with return route `all` (a Credo
@@ -779,9 +779,19 @@ async fn two_nodes_and_wallet_with(
     push: mailroom::push::PushConfig,
     token: &str,
 ) -> (FreshDb, RunningNode, RunningNode, Agent, KeyPair) {
+    two_nodes_and_wallet_edited(push, token, |_| {}).await
+}
+
+/// As [`two_nodes_and_wallet_with`], with the cluster's config changed by `edit` first.
+async fn two_nodes_and_wallet_edited(
+    push: mailroom::push::PushConfig,
+    token: &str,
+    edit: impl FnOnce(&mut mailroom::config::Config),
+) -> (FreshDb, RunningNode, RunningNode, Agent, KeyPair) {
     let db = FreshDb::create().await;
     let (mut cfg, ls) = bind_cluster(2, &db.url, 100);
     cfg.push = Some(push);
+    edit(&mut cfg);
     let store = open_shared_store(&cfg).await;
     let mut it = ls.into_iter();
     let n1 = start_node(&cfg, "n1", it.next().unwrap(), &store, None);
@@ -794,38 +804,23 @@ async fn two_nodes_and_wallet_with(
     (db, n1, n2, a, k)
 }
 
-/// A wallet picked up over HTTP on n1 and went away before acknowledging; n1 stops. n2 takes
-/// over what n1 left: the delivery leased to n1 is deliverable again, and the wallet, which
-/// held no session anywhere, is pushed for it (by n2, long before the lease would run out).
+/// A wallet picked up over HTTP on n1 and went away before acknowledging; n1 stops. The
+/// delivery leased to n1 is deliverable again, and the wallet, which held no session anywhere,
+/// is pushed for it, once, long before the lease would run out: by n1 as it gives its HTTP
+/// leases back on the way out, or by n2 taking over what n1 left, whichever released them.
 #[actix_rt::test]
 async fn a_failed_peers_unacknowledged_pickup_pushes_the_wallet() {
     let si = StandIn::start();
-    let db = FreshDb::create().await;
-    let (mut cfg, ls) = bind_cluster(2, &db.url, 100);
-    cfg.push = Some(si.push_config(0, &["proj-a"], true));
-    cfg.delivery.lease_ms = 600_000;
-    let store = open_shared_store(&cfg).await;
-    let mut it = ls.into_iter();
-    let n1 = start_node(&cfg, "n1", it.next().unwrap(), &store, None);
-    let n2 = start_node(&cfg, "n2", it.next().unwrap(), &store, None);
-    for (x, y) in [(&n1, "n2"), (&n2, "n1")] {
-        eventually("link up", || async { peer_connected(x, y).await.then_some(()) }).await;
-    }
-    let (a, k) = Agent::onboard(&invitation(&n1).await).await.unwrap();
-    set_device(&a, FCM, json!("failed-peer-token"), Some("android")).await;
+    let push = si.push_config(0, &["proj-a"], true);
+    let (_db, n1, n2, a, k) =
+        two_nodes_and_wallet_edited(push, "failed-peer-token", |c| c.delivery.lease_ms = 600_000).await;
     forward(&n1, &a, &k, "picked-up-on-n1").await;
     wait_hits(&si, "hook", 1).await;
-    let d = a
-        .request(&pickup("delivery-request", json!({"limit": 10})))
-        .await
-        .unwrap()
-        .expect("a delivery");
-    assert_eq!(delivery_ids(&a, &d).len(), 1, "{d}");
+    pick_up_one_unacknowledged(&a).await;
     n1.stop().unwrap();
     let hooks = wait_hits(&si, "hook", 2).await;
     assert_clean(&hooks);
-    assert_eq!(hooks[1].body["node"], "n2", "{:?}", hooks[1].body);
-    assert_eq!(hooks[1].body["count"], 1);
+    assert_eq!(hooks[1].body["count"], 1, "{:?}", hooks[1].body);
     drop(n2);
 }
 
@@ -964,6 +959,35 @@ async fn trailing_push_survives_the_node_that_scheduled_it() {
     assert_clean(&wait_hits(&si, "fcm:", 2).await);
 }
 
+/// Push settings with a window of `window` s and the webhook, whose pushes are tried three
+/// times 8 s apart: a node stopped while it retries is still retrying when its stop gives up
+/// on the push (its stop closes sessions, leaves the cluster and stops its listeners first: 8 s
+/// is room for that on a loaded machine).
+fn retrying_push_config(si: &StandIn, window: u64) -> mailroom::push::PushConfig {
+    let mut push = si.push_config(window, &["proj-a"], true);
+    push.timeout_ms = 1000;
+    push.max_attempts = 3;
+    push.retry_max_ms = 8000;
+    push
+}
+
+/// The first webhook call answered 200 after the first `tries`, by `deadline`: the push a
+/// stopped node abandoned, sent by a node left.
+async fn abandoned_push_sent(si: &StandIn, tries: usize, deadline: Instant) -> Hit {
+    loop {
+        let hooks = si.state.hits("hook");
+        if let Some(h) = hooks[tries..].iter().find(|h| h.status == 200) {
+            return h.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned push was never sent: {:?}",
+            hooks.iter().map(|h| (&h.body["node"], h.status)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The node that claimed a trailing push is stopped while the push is still being retried
 /// (the webhook answers 503 with a `Retry-After` of 8 s): past `STOP_GRACE` it abandons the
 /// push, whose claim stays in the store. Once the claim has run out, and not before, the other
@@ -972,13 +996,7 @@ async fn trailing_push_survives_the_node_that_scheduled_it() {
 async fn a_trailing_push_abandoned_by_its_node_is_sent_by_another() {
     const WINDOW: Duration = Duration::from_secs(2);
     let si = StandIn::start();
-    let mut push = si.push_config(WINDOW.as_secs(), &["proj-a"], true);
-    // Three tries, 8 s apart: the claiming node is still retrying when its stop gives up on it
-    // (its stop closes sessions, leaves the cluster and stops its listeners first: 8 s is
-    // room for that on a loaded machine).
-    push.timeout_ms = 1000;
-    push.max_attempts = 3;
-    push.retry_max_ms = 8000;
+    let push = retrying_push_config(&si, WINDOW.as_secs());
     let claim = mailroom::push::claim_length(&push.load().unwrap());
     let (_db, n1, n2, a, k) = two_nodes_and_wallet_with(push, "abandoned-token").await;
     let started = Instant::now();
@@ -1005,19 +1023,7 @@ async fn a_trailing_push_abandoned_by_its_node_is_sent_by_another() {
     assert!(tries < 4, "the claiming node gave up on its own: {tries} webhook calls");
     // The claim was taken a window after the first event at the earliest, and runs out
     // `claim` after it; then any node's poll (every half second here) takes the push.
-    let deadline = started + WINDOW + claim + WAIT;
-    let sent = loop {
-        let hooks = si.state.hits("hook");
-        if let Some(h) = hooks[tries..].iter().find(|h| h.status == 200) {
-            break h.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the abandoned trailing push was never sent: {:?}",
-            hooks.iter().map(|h| (&h.body["node"], h.status)).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let sent = abandoned_push_sent(&si, tries, started + WINDOW + claim + WAIT).await;
     assert_clean(std::slice::from_ref(&sent));
     assert_eq!(sent.body["node"], survivor_id, "the node left took the push over");
     assert_eq!(sent.body["count"], 2);
@@ -1037,10 +1043,7 @@ async fn a_trailing_push_abandoned_by_its_node_is_sent_by_another() {
 #[actix_rt::test]
 async fn an_immediate_push_abandoned_by_its_node_is_sent_by_another() {
     let si = StandIn::start();
-    let mut push = si.push_config(2, &["proj-a"], true);
-    push.timeout_ms = 1000;
-    push.max_attempts = 3;
-    push.retry_max_ms = 8000;
+    let push = retrying_push_config(&si, 2);
     let claim = mailroom::push::claim_length(&push.load().unwrap());
     let (_db, n1, n2, a, k) = two_nodes_and_wallet_with(push, "abandoned-now-token").await;
     si.state.script(
@@ -1056,19 +1059,7 @@ async fn an_immediate_push_abandoned_by_its_node_is_sent_by_another() {
     si.state.scripts.lock().clear();
     let tries = si.state.hits("hook").len();
     assert!(tries < 4, "n1 gave up on its own: {tries} webhook calls");
-    let deadline = started + claim + WAIT;
-    let sent = loop {
-        let hooks = si.state.hits("hook");
-        if let Some(h) = hooks[tries..].iter().find(|h| h.status == 200) {
-            break h.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the abandoned push was never sent: {:?}",
-            hooks.iter().map(|h| (&h.body["node"], h.status)).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let sent = abandoned_push_sent(&si, tries, started + claim + WAIT).await;
     assert_clean(std::slice::from_ref(&sent));
     assert_eq!(sent.body["node"], "n2", "the node left took the push over");
     assert_eq!(sent.body["count"], 1);
