@@ -18,7 +18,9 @@
 //!   set happen under one lock, so the files' order is the order of the changes.
 //! - **A torn tail is dropped.** Replay stops a segment at its first record that is cut short
 //!   or fails its CRC (a crash mid-append; nothing after it was ever answered as durable: a
-//!   failed append truncates its segment back, or the log moves to a new segment).
+//!   failed append truncates its segment back, or the log moves to a new segment), unless a
+//!   whole record follows at the length its header gives: then that record was damaged in
+//!   place on the disk, and it alone is skipped (logged as an error), not the segment's rest.
 //! - **A failed sync poisons the log.** Linux reports a failed writeback to one `fsync` and
 //!   forgets it: a later sync of the file succeeds though the pages never reach the disk, and
 //!   replay would stop at them and cut every record after them. So syncs are made one at a
@@ -286,6 +288,19 @@ fn decode(buf: &[u8], off: usize) -> Option<(u8, MessageId, &[u8], usize)> {
     Some((h[4], id, &rec[HEADER..], HEADER + len))
 }
 
+/// Whether a whole record of the log (its CRC matches, its id is one the log writes) starts at
+/// `off` of the file `window` reads.
+fn whole_record_at(window: &mut Window<'_>, off: u64) -> io::Result<bool> {
+    let Some(h) = window.get(off, HEADER as u64)? else {
+        return Ok(false);
+    };
+    let body_len = u32::from_le_bytes(h[13..17].try_into().expect("4 bytes"));
+    let Some(rec) = window.get(off, HEADER as u64 + u64::from(body_len))? else {
+        return Ok(false);
+    };
+    Ok(decode(rec, 0).is_some_and(|(_, id, _, _)| check_id(id).is_ok()))
+}
+
 /// The body of the record of `key` at `at` of `buf` (read from `loc`), or an error naming it
 /// when what is there is not that record.
 fn read_back<'a>(buf: &'a [u8], at: usize, key: Key, loc: &Loc) -> io::Result<&'a [u8]> {
@@ -463,7 +478,23 @@ impl QueueLog {
                     break;
                 };
                 let Some((kind, id, _, size)) = decode(rec, 0) else {
-                    break;
+                    // A record whose length reads but whose CRC does not match: when a whole
+                    // record follows at that length, this one was damaged in place (a byte
+                    // changed on the disk, not a torn append: nothing is written after a torn
+                    // append), so it alone is lost and the records after it are kept. Anything
+                    // else is a torn or corrupt tail, cut below.
+                    let next = off + HEADER as u64 + u64::from(body_len);
+                    if !whole_record_at(&mut window, next)? {
+                        break;
+                    }
+                    tracing::error!(
+                        segment = %path.display(),
+                        offset = off,
+                        bytes = next - off,
+                        "queue log: skipped a damaged record (a queued message or a removal is lost); the records after it are kept"
+                    );
+                    off = next;
+                    continue;
                 };
                 // Never written by this log (its appends refuse such ids): not a record of it.
                 check_id(id).map_err(|e| corrupt(format!("{}: {e}", path.display())))?;
@@ -1545,8 +1576,9 @@ mod tests {
 
         /// Whatever happens to the end of a segment (cut anywhere, a byte changed anywhere, the
         /// room written ahead kept or lost), an open never fails nor panics, and yields exactly
-        /// the records of the appends that ended before the first damaged byte: replay keeps a
-        /// prefix.
+        /// the records of the appends that ended before the first damaged byte (replay keeps a
+        /// prefix), except where the changed byte left its record's length as written and the
+        /// next append's record is whole: then only the changed record is lost.
         #[test]
         fn a_damaged_segment_replays_the_prefix_before_the_damage(
             ops in arb_ops(),
@@ -1597,12 +1629,61 @@ mod tests {
                 .position(|(a, b)| a != b)
                 .unwrap_or(bytes.len().min(orig.len()));
             std::fs::write(&seg, &bytes).unwrap();
-            let want = ends
+            let mut want = ends
                 .iter()
                 .rev()
                 .find(|(end, _)| *end as usize <= damage)
                 .map(|(_, live)| live.clone())
                 .unwrap_or_default();
+            // A byte changed inside the bytes kept: replay skips from the changed record to the
+            // length its header reads (as changed) when a whole record of an append starts
+            // there (the next one, unless the length itself was changed), and keeps the rest.
+            // Where the bytes stop being what the appends wrote, the changed byte aside (the cut
+            // may zero bytes that were zeros already).
+            let flipped_at = flip.and_then(|(at, _)| (!bytes.is_empty()).then(|| at.index(cut.index(records + 1).max(1))));
+            let kept = {
+                let mut unflipped = bytes.clone();
+                if let (Some(at), Some((_, x))) = (flipped_at, flip) {
+                    if at < unflipped.len() {
+                        unflipped[at] ^= x;
+                    }
+                }
+                orig.iter()
+                    .zip(&unflipped)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(unflipped.len().min(orig.len()))
+            };
+            let start_of = |i: usize| if i == 0 { 0 } else { ends[i - 1].0 as usize };
+            if flipped_at == Some(damage) && damage < kept {
+                let i = ends.iter().position(|(end, _)| *end as usize > damage).unwrap();
+                let h = start_of(i);
+                if let Some(len) = bytes.get(h + 13..h + HEADER) {
+                    let next = h + HEADER + u32::from_le_bytes(len.try_into().unwrap()) as usize;
+                    // (An append that wrote no record, a removal of a key not live, ends where
+                    // it starts.)
+                    let resumes = (i + 1..ends.len())
+                        .any(|k| start_of(k) == next && (next..=kept).contains(&(ends[k].0 as usize)) && ends[k].0 as usize > next);
+                    if resumes {
+                        let mut live = std::collections::BTreeMap::new();
+                        for (j, op) in ops.iter().enumerate() {
+                            // Replay what the records say: an append that wrote none is not one.
+                            let wrote = ends[j].0 as usize > start_of(j);
+                            if !wrote || (h..next).contains(&start_of(j)) || ends[j].0 as usize > kept {
+                                continue;
+                            }
+                            match op {
+                                Op::Put(id, b) => {
+                                    live.insert(*id, b.clone());
+                                }
+                                Op::Remove(id) => {
+                                    live.remove(id);
+                                }
+                            }
+                        }
+                        want = live;
+                    }
+                }
+            }
             let log = QueueLog::open(dir.path()).unwrap();
             let mut have = std::collections::BTreeMap::new();
             log.for_each(|(kind, id), b| {
