@@ -480,9 +480,12 @@ impl QueueLog {
                 let Some((kind, id, _, size)) = decode(rec, 0) else {
                     // A record whose length reads but whose CRC does not match: when a whole
                     // record follows at that length, this one was damaged in place (a byte
-                    // changed on the disk, not a torn append: nothing is written after a torn
-                    // append), so it alone is lost and the records after it are kept. Anything
-                    // else is a torn or corrupt tail, cut below.
+                    // changed on the disk), so it alone is lost and the records after it are
+                    // kept. (Or a crash tore an append whose later pages reached the disk before
+                    // its earlier ones: then what follows is the rest of that append, never
+                    // answered as durable; keeping it delivers at least once, and a retried
+                    // forward finds its dedup key.) Anything else is a torn or corrupt tail, cut
+                    // below.
                     let next = off + HEADER as u64 + u64::from(body_len);
                     if !whole_record_at(&mut window, next)? {
                         break;
