@@ -323,35 +323,38 @@ pub async fn run(
     // Messages this node's sessions were delivering, or were handed, before it last stopped
     // (a crash, or a shutdown that could not reach the store), never acknowledged: deliverable
     // again now rather than when their leases run out, and their wallets woken or pushed. Every
-    // owner of this node is `<id>/...`: released before this node serves (so never a lease of
-    // its own new sessions), bounded so that a slow store does not hold the start up (the
-    // leases then run out, and the sweep takes them back). The wallets are woken once the
-    // cluster's directory has had a failure timeout to learn where their sessions are now:
-    // sooner, one that reconnected to a peer meanwhile would be pushed.
+    // owner of this node is `<id>/...`: the node waits for the release before it serves (so it
+    // never takes a lease of its own new sessions), for at most START_RELEASE_WAIT, so that a
+    // slow store does not hold the start up; the release goes on past that, and wakes what it
+    // released itself. The wallets are woken once the cluster's directory has had a failure
+    // timeout to learn where their sessions are: sooner, one that reconnected to a peer
+    // meanwhile would be pushed.
     {
         let prefix = crate::protocols::node_owners(node_id);
-        let released = tokio::time::timeout(START_RELEASE_WAIT, store.release_owners_under(&prefix)).await;
-        match released {
-            Ok(Ok(conns)) if conns.is_empty() => {}
-            Ok(Ok(conns)) => {
-                tracing::info!(
-                    wallets = conns.len(),
-                    "deliveries this node had in flight before it restarted are deliverable again"
-                );
-                let shared = shared.clone();
-                let settle = match &cluster {
-                    Some(_) => Duration::from_millis(cfg.cluster.failure_timeout_ms),
-                    None => Duration::ZERO,
-                };
-                actix_rt::spawn(async move {
+        let settle = match &cluster {
+            Some(_) => Duration::from_millis(cfg.cluster.failure_timeout_ms),
+            None => Duration::ZERO,
+        };
+        let (released_tx, released_rx) = tokio::sync::oneshot::channel::<()>();
+        let s = shared.clone();
+        actix_rt::spawn(async move {
+            let released = s.mediator.store.release_owners_under(&prefix).await;
+            let _ = released_tx.send(());
+            match released {
+                Ok(conns) if conns.is_empty() => {}
+                Ok(conns) => {
+                    tracing::info!(
+                        wallets = conns.len(),
+                        "deliveries this node had in flight before it restarted are deliverable again"
+                    );
                     tokio::time::sleep(settle).await;
-                    wake_lost_sessions(shared, conns).await;
-                });
+                    wake_lost_sessions(s, conns).await;
+                }
+                Err(e) => tracing::warn!("deliveries of before the restart not released (their leases run out): {e}"),
             }
-            Ok(Err(e)) => tracing::warn!("deliveries of before the restart not released (their leases run out): {e}"),
-            Err(_) => tracing::warn!(
-                "deliveries of before the restart not released within {START_RELEASE_WAIT:?} (their leases run out)"
-            ),
+        });
+        if tokio::time::timeout(START_RELEASE_WAIT, released_rx).await.is_err() {
+            tracing::warn!("the release of this node's deliveries of before the restart takes over {START_RELEASE_WAIT:?}: serving meanwhile");
         }
     }
 
@@ -600,9 +603,16 @@ pub async fn run(
     // After the last request: what it delivered over HTTP and was not acknowledged goes back,
     // and those wallets are woken or pushed (a peer taking over may have released them first,
     // and pushes then), before the push worker stops.
-    match store.release_owners_under(&shared.http_owner()).await {
-        Ok(conns) => wake_lost_sessions(shared.clone(), conns).await,
-        Err(e) => tracing::warn!("leases not released on shutdown (they run out, and are taken back): {e}"),
+    let give_back = async {
+        match store.release_owners_under(&shared.http_owner()).await {
+            Ok(conns) => wake_lost_sessions(shared.clone(), conns).await,
+            Err(e) => tracing::warn!("leases not released on shutdown (they run out, and are taken back): {e}"),
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, give_back).await.is_err() {
+        tracing::warn!(
+            "HTTP deliveries not all given back within {SHUTDOWN_GRACE:?} (their leases run out, and are taken back)"
+        );
     }
     // Every forward the last request accepted has handed its event over, and the pushes
     // already started go out before it leaves (within `push::STOP_GRACE`; a push abandoned

@@ -18,9 +18,11 @@
 //!   set happen under one lock, so the files' order is the order of the changes.
 //! - **A torn tail is dropped.** Replay stops a segment at its first record that is cut short
 //!   or fails its CRC (a crash mid-append; nothing after it was ever answered as durable: a
-//!   failed append truncates its segment back, or the log moves to a new segment), unless a
-//!   whole record follows at the length its header gives: then that record was damaged in
-//!   place on the disk, and it alone is skipped (logged as an error), not the segment's rest.
+//!   failed append truncates its segment back, or the log moves to a new segment). In a
+//!   segment before the last (synced whole before the log moved on) such a record was damaged
+//!   in place on the disk: when a whole record follows at the length its header gives, it
+//!   alone is skipped, not the segment's rest (logged as an error; what a cut there drops is
+//!   copied aside first, `NNNN.qlog.damaged`).
 //! - **A failed sync poisons the log.** Linux reports a failed writeback to one `fsync` and
 //!   forgets it: a later sync of the file succeeds though the pages never reach the disk, and
 //!   replay would stop at them and cut every record after them. So syncs are made one at a
@@ -467,6 +469,7 @@ impl QueueLog {
             roll: false,
         };
         for &n in numbers {
+            let last = numbers.last() == Some(&n);
             let path = segment_path(dir, n);
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
             let len = file.metadata()?.len();
@@ -478,16 +481,16 @@ impl QueueLog {
                     break;
                 };
                 let Some((kind, id, _, size)) = decode(rec, 0) else {
-                    // A record whose length reads but whose CRC does not match: when a whole
-                    // record follows at that length, this one was damaged in place (a byte
-                    // changed on the disk), so it alone is lost and the records after it are
-                    // kept. (Or a crash tore an append whose later pages reached the disk before
-                    // its earlier ones: then what follows is the rest of that append, never
-                    // answered as durable; keeping it delivers at least once, and a retried
-                    // forward finds its dedup key.) Anything else is a torn or corrupt tail, cut
-                    // below.
+                    // A record that fails its CRC in a segment before the last: every byte of it
+                    // was synced before the log moved on (only the last segment holds bytes no
+                    // sync covered), so this is damage in place on the disk, not a torn append.
+                    // When a whole record follows at the length its header reads, it alone is
+                    // lost and the records after it are kept. In the last segment it may be an
+                    // append torn out of page order, whose later records must not outlive it
+                    // (a removal's dedup records come before its tombstones): the tail is cut,
+                    // as is anything else.
                     let next = off + HEADER as u64 + u64::from(body_len);
-                    if !whole_record_at(&mut window, next)? {
+                    if last || !whole_record_at(&mut window, next)? {
                         break;
                     }
                     tracing::error!(
@@ -530,11 +533,23 @@ impl QueueLog {
             if off < len {
                 // Zeros are the segment's room written ahead of its appends, not damage.
                 if !window.zeros_from(off)? {
-                    tracing::warn!(
-                        segment = %path.display(),
-                        dropped = len - off,
-                        "queue log: dropped a torn or corrupt tail (a crash mid-append)"
-                    );
+                    if last {
+                        tracing::warn!(
+                            segment = %path.display(),
+                            dropped = len - off,
+                            "queue log: dropped a torn or corrupt tail (a crash mid-append)"
+                        );
+                    } else {
+                        // Synced once, so damaged on the disk: what is cut is kept aside.
+                        let aside = path.with_extension("qlog.damaged");
+                        std::fs::copy(&path, &aside)?;
+                        tracing::error!(
+                            segment = %path.display(),
+                            dropped = len - off,
+                            copy = %aside.display(),
+                            "queue log: cut a segment at a damaged record no whole record follows (queued messages or removals are lost); the segment as it was is kept aside"
+                        );
+                    }
                 }
                 file.set_len(off)?;
                 file.sync_all()?;
@@ -1579,9 +1594,8 @@ mod tests {
 
         /// Whatever happens to the end of a segment (cut anywhere, a byte changed anywhere, the
         /// room written ahead kept or lost), an open never fails nor panics, and yields exactly
-        /// the records of the appends that ended before the first damaged byte (replay keeps a
-        /// prefix), except where the changed byte left its record's length as written and the
-        /// next append's record is whole: then only the changed record is lost.
+        /// the records of the appends that ended before the first damaged byte: replay keeps a
+        /// prefix.
         #[test]
         fn a_damaged_segment_replays_the_prefix_before_the_damage(
             ops in arb_ops(),
@@ -1632,61 +1646,12 @@ mod tests {
                 .position(|(a, b)| a != b)
                 .unwrap_or(bytes.len().min(orig.len()));
             std::fs::write(&seg, &bytes).unwrap();
-            let mut want = ends
+            let want = ends
                 .iter()
                 .rev()
                 .find(|(end, _)| *end as usize <= damage)
                 .map(|(_, live)| live.clone())
                 .unwrap_or_default();
-            // A byte changed inside the bytes kept: replay skips from the changed record to the
-            // length its header reads (as changed) when a whole record of an append starts
-            // there (the next one, unless the length itself was changed), and keeps the rest.
-            // Where the bytes stop being what the appends wrote, the changed byte aside (the cut
-            // may zero bytes that were zeros already).
-            let flipped_at = flip.and_then(|(at, _)| (!bytes.is_empty()).then(|| at.index(cut.index(records + 1).max(1))));
-            let kept = {
-                let mut unflipped = bytes.clone();
-                if let (Some(at), Some((_, x))) = (flipped_at, flip) {
-                    if at < unflipped.len() {
-                        unflipped[at] ^= x;
-                    }
-                }
-                orig.iter()
-                    .zip(&unflipped)
-                    .position(|(a, b)| a != b)
-                    .unwrap_or(unflipped.len().min(orig.len()))
-            };
-            let start_of = |i: usize| if i == 0 { 0 } else { ends[i - 1].0 as usize };
-            if flipped_at == Some(damage) && damage < kept {
-                let i = ends.iter().position(|(end, _)| *end as usize > damage).unwrap();
-                let h = start_of(i);
-                if let Some(len) = bytes.get(h + 13..h + HEADER) {
-                    let next = h + HEADER + u32::from_le_bytes(len.try_into().unwrap()) as usize;
-                    // (An append that wrote no record, a removal of a key not live, ends where
-                    // it starts.)
-                    let resumes = (i + 1..ends.len())
-                        .any(|k| start_of(k) == next && (next..=kept).contains(&(ends[k].0 as usize)) && ends[k].0 as usize > next);
-                    if resumes {
-                        let mut live = std::collections::BTreeMap::new();
-                        for (j, op) in ops.iter().enumerate() {
-                            // Replay what the records say: an append that wrote none is not one.
-                            let wrote = ends[j].0 as usize > start_of(j);
-                            if !wrote || (h..next).contains(&start_of(j)) || ends[j].0 as usize > kept {
-                                continue;
-                            }
-                            match op {
-                                Op::Put(id, b) => {
-                                    live.insert(*id, b.clone());
-                                }
-                                Op::Remove(id) => {
-                                    live.remove(id);
-                                }
-                            }
-                        }
-                        want = live;
-                    }
-                }
-            }
             let log = QueueLog::open(dir.path()).unwrap();
             let mut have = std::collections::BTreeMap::new();
             log.for_each(|(kind, id), b| {
@@ -1697,6 +1662,42 @@ mod tests {
             .unwrap();
             proptest::prop_assert_eq!(have, want);
         }
+    }
+
+    /// A byte changed on the disk in a record of an older segment (synced whole) loses that
+    /// record, not the records after it; in the last segment (which may end in an append torn
+    /// out of page order) replay keeps the prefix before it, as for a torn tail.
+    #[test]
+    fn a_record_damaged_in_an_older_segment_loses_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        // 57-byte records, three to a 200-byte segment: ids 0-2 in segment 1, 3-5 in segment 2.
+        {
+            let log = QueueLog::open_with(dir.path(), 200, false).unwrap();
+            for id in 0..6i64 {
+                log.append(&[((MSG, id), &[id as u8; 40][..])], &[], true).unwrap();
+            }
+        }
+        for n in [1, 2] {
+            let seg = segment_path(dir.path(), n);
+            let mut bytes = std::fs::read(&seg).unwrap();
+            // A byte of the body of the segment's second record.
+            bytes[57 + HEADER + 5] ^= 0x5a;
+            std::fs::write(&seg, &bytes).unwrap();
+        }
+        let got = records_on_disk(dir.path(), 200);
+        assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![0, 2, 3]);
+        assert_eq!(got[&2], vec![2u8; 40]);
+        let aside = segment_path(dir.path(), 1).with_extension("qlog.damaged");
+        assert!(!aside.exists());
+        // A changed length: nothing whole follows where it points, so the older segment is cut
+        // there, and kept aside as it was first.
+        let seg = segment_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[13] ^= 0x01;
+        std::fs::write(&seg, &bytes).unwrap();
+        let got = records_on_disk(dir.path(), 200);
+        assert!(!got.contains_key(&0) && !got.contains_key(&2), "{:?}", got.keys());
+        assert_eq!(std::fs::read(&aside).unwrap(), bytes, "the damaged segment, kept aside");
     }
 
     /// What a disk that lost the pages of `from..to` of `path` (a failed writeback) holds: the
