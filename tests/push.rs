@@ -779,19 +779,9 @@ async fn two_nodes_and_wallet_with(
     push: mailroom::push::PushConfig,
     token: &str,
 ) -> (FreshDb, RunningNode, RunningNode, Agent, KeyPair) {
-    two_nodes_and_wallet_edited(push, token, |_| {}).await
-}
-
-/// As [`two_nodes_and_wallet_with`], with the cluster's config changed by `edit` first.
-async fn two_nodes_and_wallet_edited(
-    push: mailroom::push::PushConfig,
-    token: &str,
-    edit: impl FnOnce(&mut mailroom::config::Config),
-) -> (FreshDb, RunningNode, RunningNode, Agent, KeyPair) {
     let db = FreshDb::create().await;
     let (mut cfg, ls) = bind_cluster(2, &db.url, 100);
     cfg.push = Some(push);
-    edit(&mut cfg);
     let store = open_shared_store(&cfg).await;
     let mut it = ls.into_iter();
     let n1 = start_node(&cfg, "n1", it.next().unwrap(), &store, None);
@@ -804,24 +794,55 @@ async fn two_nodes_and_wallet_edited(
     (db, n1, n2, a, k)
 }
 
-/// A wallet picked up over HTTP on n1 and went away before acknowledging; n1 stops. The
-/// delivery leased to n1 is deliverable again, and the wallet, which held no session anywhere,
-/// is pushed for it, once, long before the lease would run out: by n1 as it gives its HTTP
-/// leases back on the way out, or by n2 taking over what n1 left, whichever released them.
+/// A wallet picked up over HTTP on a node that then failed, and never acknowledged: the node
+/// that takes over gives the delivery back, and the wallet, which held no session anywhere, is
+/// pushed for it long before its lease would run out. The failed peer is the test, which
+/// leases the message as that peer's HTTP pickup would, links as the peer and goes silent.
 #[actix_rt::test]
 async fn a_failed_peers_unacknowledged_pickup_pushes_the_wallet() {
     let si = StandIn::start();
-    let push = si.push_config(0, &["proj-a"], true);
-    let (_db, n1, n2, a, k) =
-        two_nodes_and_wallet_edited(push, "failed-peer-token", |c| c.delivery.lease_ms = 600_000).await;
-    forward(&n1, &a, &k, "picked-up-on-n1").await;
-    wait_hits(&si, "hook", 1).await;
+    let db = FreshDb::create().await;
+    let (mut cfg, ls) = bind_cluster(2, &db.url, 100);
+    cfg.push = Some(si.push_config(0, &["proj-a"], false));
+    let store = open_shared_store(&cfg).await;
+    let mut it = ls.into_iter();
+    let n1 = start_node(&cfg, "n1", it.next().unwrap(), &store, None);
+    drop(it);
+    let (a, k) = Agent::onboard(&invitation(&n1).await).await.unwrap();
+    set_device(&a, FCM, json!("failed-peer-token"), Some("android")).await;
+    let conn = a_connection_id(&n1).await;
+    forward(&n1, &a, &k, "picked-up-on-n2").await;
+    wait_hits(&si, "fcm:", 1).await;
+    let now = mailroom::protocols::now_ms();
+    let leased = store.lease(&conn, 10, "n2/http", now, now + 600_000).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    // n2 comes up and goes silent (no heartbeats): n1 finds it failed and takes over.
+    let ghost = link_as_peer(&cfg, &n1, "n2").await;
+    let hits = wait_hits(&si, "fcm:", 2).await;
+    assert_clean(&hits);
+    assert_eq!(hits[1].body["message"]["data"]["message_count"], "1");
+    drop(ghost);
+}
+
+/// A wallet picked up over HTTP and went away before acknowledging; the node stops. It gives
+/// its HTTP deliveries back before its push worker stops, and pushes the wallet for them.
+#[actix_rt::test]
+async fn a_stopping_node_pushes_for_the_pickups_it_gives_back() {
+    let si = StandIn::start();
+    let pc = si.push_config(0, &["proj-a"], false);
+    let (_d, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, move |c| {
+        c.push = Some(pc);
+        c.delivery.lease_ms = 600_000;
+    })
+    .await;
+    set_device(&a, FCM, json!("stopping-token"), Some("android")).await;
+    forward(&n, &a, &k, "picked-up-then-stopped").await;
+    wait_hits(&si, "fcm:", 1).await;
     pick_up_one_unacknowledged(&a).await;
-    n1.stop().unwrap();
-    let hooks = wait_hits(&si, "hook", 2).await;
-    assert_clean(&hooks);
-    assert_eq!(hooks[1].body["count"], 1, "{:?}", hooks[1].body);
-    drop(n2);
+    n.stop().unwrap();
+    let hits = wait_hits(&si, "fcm:", 2).await;
+    assert_clean(&hits);
+    assert_eq!(hits[1].body["message"]["data"]["message_count"], "1");
 }
 
 /// A burst of 100 forwards spread over two nodes (PostgreSQL) to an offline wallet: one push now and one
