@@ -579,16 +579,7 @@ async fn unacknowledged_deliveries_on_close_wake_the_wallet() {
 #[actix_rt::test]
 async fn an_unacknowledged_pickup_whose_lease_runs_out_pushes_again() {
     let si = StandIn::start();
-    let pc = si.push_config(0, &["proj-a"], false);
-    let (_d, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, move |c| {
-        c.push = Some(pc);
-        c.delivery.lease_ms = 500;
-    })
-    .await;
-    set_device(&a, FCM, json!("pickup-token"), Some("android")).await;
-    forward(&n, &a, &k, "picked-up-never-acked").await;
-    wait_hits(&si, "fcm:", 1).await;
-    pick_up_one_unacknowledged(&a).await;
+    let (_d, n, a) = wallet_with_one_unacknowledged_pickup(&si, 500).await;
     let hits = wait_hits(&si, "fcm:", 2).await;
     assert_clean(&hits);
     assert_eq!(hits[1].body["message"]["data"]["message_count"], "1");
@@ -633,6 +624,22 @@ async fn metric_line_sum(n: &RunningNode, prefix: &str, label: &str) -> f64 {
         .filter(|l| l.starts_with(prefix) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A node pushing at once (no window) with leases of `lease_ms`, and a wallet registered for
+/// FCM that was pushed for one message and picked it up over HTTP without acknowledging it.
+async fn wallet_with_one_unacknowledged_pickup(si: &StandIn, lease_ms: u64) -> (tempfile::TempDir, RunningNode, Agent) {
+    let pc = si.push_config(0, &["proj-a"], false);
+    let (d, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, move |c| {
+        c.push = Some(pc);
+        c.delivery.lease_ms = lease_ms;
+    })
+    .await;
+    set_device(&a, FCM, json!("pickup-token"), Some("android")).await;
+    forward(&n, &a, &k, "picked-up-never-acked").await;
+    wait_hits(si, "fcm:", 1).await;
+    pick_up_one_unacknowledged(&a).await;
+    (d, n, a)
 }
 
 /// A pickup 2.0 delivery-request over HTTP that gets one message, not acknowledged.
@@ -829,16 +836,7 @@ async fn a_failed_peers_unacknowledged_pickup_pushes_the_wallet() {
 #[actix_rt::test]
 async fn a_stopping_node_pushes_for_the_pickups_it_gives_back() {
     let si = StandIn::start();
-    let pc = si.push_config(0, &["proj-a"], false);
-    let (_d, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, move |c| {
-        c.push = Some(pc);
-        c.delivery.lease_ms = 600_000;
-    })
-    .await;
-    set_device(&a, FCM, json!("stopping-token"), Some("android")).await;
-    forward(&n, &a, &k, "picked-up-then-stopped").await;
-    wait_hits(&si, "fcm:", 1).await;
-    pick_up_one_unacknowledged(&a).await;
+    let (_d, n, _a) = wallet_with_one_unacknowledged_pickup(&si, 600_000).await;
     n.stop().unwrap();
     let hits = wait_hits(&si, "fcm:", 2).await;
     assert_clean(&hits);

@@ -410,18 +410,8 @@ impl PgStore {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> StoreResult<Vec<tokio_postgres::Row>> {
         let c = self.client().await?;
-        let q = c.run(c.prepare_cached(sql)).await?;
-        let mut tries = 1;
-        loop {
-            match c.run(c.query(&q, params)).await {
-                Ok(rows) => return Ok(rows),
-                Err(e) if tries < STATEMENT_TRIES && e.is_transient() => {
-                    tracing::warn!(error = %e, "postgres statement retried");
-                    tries += 1;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let obj: &deadpool_postgres::Object = &c;
+        Self::retrying_on(&c, sql, |q| async move { obj.query(&q, params).await }).await
     }
 
     /// As [`PgStore::execute_retrying`], for a statement that may delete a whole queue
@@ -439,11 +429,25 @@ impl PgStore {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> StoreResult<u64> {
+        let obj: &deadpool_postgres::Object = &c;
+        Self::retrying_on(&c, sql, |q| async move { obj.execute(&q, params).await }).await
+    }
+
+    /// Prepares `sql` on `c` and runs `attempt` with it, again (at most [`STATEMENT_TRIES`]
+    /// times in all) while PostgreSQL aborts it as a deadlock victim or serialization failure.
+    async fn retrying_on<T, Fut>(
+        c: &bounded::Conn,
+        sql: &str,
+        mut attempt: impl FnMut(tokio_postgres::Statement) -> Fut,
+    ) -> StoreResult<T>
+    where
+        Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    {
         let q = c.run(c.prepare_cached(sql)).await?;
         let mut tries = 1;
         loop {
-            match c.run(c.execute(&q, params)).await {
-                Ok(n) => return Ok(n),
+            match c.run(attempt(q.clone())).await {
+                Ok(v) => return Ok(v),
                 Err(e) if tries < STATEMENT_TRIES && e.is_transient() => {
                     tracing::warn!(error = %e, "postgres statement retried");
                     tries += 1;
