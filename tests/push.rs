@@ -953,6 +953,81 @@ async fn an_unavailable_push_window_pushes_at_once_and_is_counted() {
 
 const WINDOW_UNAVAILABLE: &str = "mailroom_push_window_unavailable_total";
 
+/// A store whose push events are recorded and then answered with an error while `lose` is set
+/// (a commit whose answer was lost: a connection cut, a timeout after the commit), and which
+/// counts the push claims [`Store::push_done`] ended.
+struct EventAnswerLost {
+    inner: std::sync::Arc<dyn mailroom::store::Store>,
+    lose: std::sync::atomic::AtomicBool,
+    claims_ended: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl mailroom::store::Store for EventAnswerLost {
+    async fn push_event(
+        &self,
+        conn: &str,
+        now_ms: i64,
+        window_ms: i64,
+        claim: mailroom::store::NewClaim,
+    ) -> mailroom::store::StoreResult<mailroom::store::PushSlot> {
+        let slot = self.inner.push_event(conn, now_ms, window_ms, claim).await;
+        if self.lose.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(mailroom::store::StoreError::Unavailable(
+                "injected: the answer to a committed push event was lost".into(),
+            ));
+        }
+        slot
+    }
+    async fn push_done(&self, conn: &str, token: i64) -> mailroom::store::StoreResult<bool> {
+        let ended = self.inner.push_done(conn, token).await?;
+        if ended {
+            self.claims_ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(ended)
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, ack_leased, release,
+        release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued, connections_with_pending,
+        pending_among, prune_dedup, dedup_records, queue_log_bytes, lease_for_key, pending_stats,
+        expire, expire_due, oldest_received_ms, flush, device_of, set_device, forget_device_token,
+        push_take_due, update_keys, revoke_mediation, delete_connection, drop_queue, top_queues,
+    );
+}
+
+/// The store records a push event but its answer is lost: the node pushes at once (a push too
+/// many, never none), and then ends the claim the event took in the store, named before the
+/// call. Left in place, that claim would push the wallet a second time once it ran out.
+#[actix_rt::test]
+async fn a_push_event_whose_answer_was_lost_pushes_once() {
+    let si = StandIn::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.push = Some(si.push_config(60, &["proj-a"], false));
+    let store = std::sync::Arc::new(EventAnswerLost {
+        inner: mailroom::node::open_store(&cfg).await.unwrap(),
+        lose: std::sync::atomic::AtomicBool::new(true),
+        claims_ended: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let n = start_on(&cfg, store.clone());
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    set_device(&a, FCM, json!("answer-lost-token"), Some("android")).await;
+    forward(&n, &a, &k, "only").await;
+    assert_clean(&wait_hits(&si, "fcm:", 1).await);
+    eventually("the claim of the failed event ended", || async {
+        (store.claims_ended.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&n, WINDOW_UNAVAILABLE).await, 1.0);
+    // Long after any claim would have run out, no node has a push to take.
+    let later = i64::MAX / 2;
+    let due = store.inner.push_take_due(later, later + 1, 0, 10).await.unwrap();
+    assert!(due.is_empty(), "a second push of the same event: {due:?}");
+    assert_eq!(si.state.hits("fcm:").len(), 1);
+}
+
 /// The node that pushed first and scheduled the trailing push stops mid-window: the other
 /// node sends the trailing push (the window lives in the shared store).
 #[actix_rt::test]

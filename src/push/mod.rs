@@ -16,8 +16,10 @@
 //! the push is sent or given up for good ([`crate::store::Store::push_done`]); a claim that
 //! runs out first (its node died, was stopped mid-push, or could not read the registration) is
 //! taken again by any node's poll, so a node that dies leaves its pushes to the others. Without
-//! a window (`min_interval_secs = 0`) nothing is kept in the store and nothing claimed. The only duplicate
-//! this allows: a push sent by a node that died before it ended its claim goes out again. A
+//! a window (`min_interval_secs = 0`) nothing is kept in the store and nothing claimed. A node
+//! whose window call fails pushes at once; the claim's token is made before the call, so that
+//! push ends the claim the store may have recorded all the same. The only duplicate this
+//! allows: a push sent by a node that died before it ended its claim goes out again. A
 //! node takes at most as many trailing pushes as it has free slots, so a push it claims starts
 //! at once. A trailing push checks again that no session appeared and that mail is still
 //! queued. A push is retried on 429/5xx with backoff (honouring `Retry-After`),
@@ -36,7 +38,7 @@ pub mod fcm;
 pub mod schedule;
 pub mod webhook;
 
-use crate::store::{Device, PushClaim, PushService, PushSlot, Store};
+use crate::store::{Device, NewClaim, PushClaim, PushService, PushSlot, Store};
 use futures_util::future::BoxFuture;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -501,13 +503,13 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant) {
     // recorded: waiting for a slot shortens the budget, never outlasts the claim.
     let taken = tokio::time::Instant::now();
     let now = crate::protocols::now_ms();
-    match ctx
-        .store
-        .push_event(&conn, now, window, now.saturating_add(ctx.claim_ms))
-        .await
-    {
-        Ok(PushSlot::Now { token }) => {
-            let claim = PushClaim { conn, token };
+    let new_claim = NewClaim::until(now.saturating_add(ctx.claim_ms));
+    match ctx.store.push_event(&conn, now, window, new_claim).await {
+        Ok(PushSlot::Now) => {
+            let claim = PushClaim {
+                conn,
+                token: new_claim.token,
+            };
             let Ok(Ok(slot)) =
                 tokio::time::timeout_at(taken + push_budget(&ctx.settings), ctx.slots.clone().acquire_owned()).await
             else {
@@ -525,10 +527,19 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant) {
             // Better a push too many than a wallet left asleep.
             tracing::warn!(connection = %conn, "push window unavailable, pushing: {e}");
             ctx.metrics.window_unavailable.inc();
-            let Ok(_slot) = ctx.slots.acquire().await else {
+            let Ok(slot) = ctx.slots.acquire().await else {
                 return;
             };
-            push_one(&ctx, &conn, at, Some(device)).await;
+            let ended = push_one(&ctx, &conn, at, Some(device)).await;
+            drop(slot);
+            // The event may have been recorded all the same (a commit whose answer was lost):
+            // its claim would push the wallet again once it ran out. Ending it by the token
+            // made before the call ends nothing when the event was not recorded.
+            if ended == Ended::ForGood {
+                if let Err(e) = ctx.store.push_done(&conn, new_claim.token).await {
+                    tracing::debug!(connection = %conn, "push claim of a failed event not ended: {e}");
+                }
+            }
         }
     }
 }

@@ -222,9 +222,9 @@ pub struct Reclaimed {
 /// What a queued event does to a wallet's push window (see [`Store::push_event`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PushSlot {
-    /// Push now: the window restarts at this event. The push is claimed as a trailing push
-    /// taken by [`Store::push_take_due`] is, under `token` ([`PushClaim::token`]).
-    Now { token: i64 },
+    /// Push now: the window restarts at this event. The push is claimed, under the caller's
+    /// [`NewClaim`], as a trailing push taken by [`Store::push_take_due`] is.
+    Now,
     /// Folded into the trailing push due at `due_ms` (scheduled by this event or an earlier one).
     Trailing { due_ms: i64 },
 }
@@ -243,6 +243,27 @@ pub struct PushClaim {
 /// A fresh [`PushClaim::token`] (random: claims of different nodes never share one).
 pub(crate) fn new_push_claim_token() -> i64 {
     rand::random()
+}
+
+/// The claim an event that pushes now takes in [`Store::push_event`], named by its caller
+/// before the call: a caller that sees an error (the store may have committed all the same)
+/// pushes at once and then ends the claim by its token, else the stored claim would push the
+/// wallet a second time once it ran out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewClaim {
+    pub until_ms: i64,
+    /// The claim's [`PushClaim::token`].
+    pub token: i64,
+}
+
+impl NewClaim {
+    /// A claim until `until_ms` under a fresh token.
+    pub fn until(until_ms: i64) -> NewClaim {
+        NewClaim {
+            until_ms,
+            token: new_push_claim_token(),
+        }
+    }
 }
 
 /// One step of a push window, the rule both backends implement: `state` is `(last push,
@@ -600,11 +621,11 @@ pub trait Store: Send + Sync + 'static {
     /// Records a queued event in the push window of `conn`, shared by every node of the
     /// store, by [`push_window_step`]: one caller cluster-wide gets `Now` per window; the
     /// others' events are folded into one trailing push. Atomic across nodes. `Now` comes with
-    /// a claim on the push until `claim_until_ms` (replacing any claim the window held): ended
+    /// the claim `claim` on the push (replacing any claim the window held): ended
     /// by [`Store::push_done`] once the push is sent, else taken again by
     /// [`Store::push_take_due`] once it runs out, so a node that dies before its push is sent
     /// leaves it to the others.
-    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64, claim_until_ms: i64) -> StoreResult<PushSlot>;
+    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64, claim: NewClaim) -> StoreResult<PushSlot>;
     /// Claims trailing pushes due at `now_ms`, each for exactly one caller across nodes, at
     /// most `limit`, earliest first. A push is due when its window scheduled it at or before
     /// `now_ms`, or when an earlier claim on it ran out (its deadline is at or before `now_ms`)

@@ -66,14 +66,16 @@ pub async fn push_windows_are_shared(b: Arc<dyn Backend>) {
         let s = if i % 2 == 0 { n1.clone() } else { n2.clone() };
         let c = c.clone();
         tasks.push(tokio::spawn(async move {
-            s.push_event(&c, T0 + i, 1000, T0 + i + LEASE).await.unwrap()
+            s.push_event(&c, T0 + i, 1000, NewClaim::until(T0 + i + LEASE))
+                .await
+                .unwrap()
         }));
     }
     let mut now = 0;
     let mut dues = HashSet::new();
     for t in tasks {
         match t.await.unwrap() {
-            PushSlot::Now { .. } => now += 1,
+            PushSlot::Now => now += 1,
             PushSlot::Trailing { due_ms } => {
                 dues.insert(due_ms);
             }
@@ -100,13 +102,17 @@ pub async fn push_windows_are_shared(b: Arc<dyn Backend>) {
     assert!(n2.push_done(&c, taken[0].token).await.unwrap(), "sent");
     // The trailing push restarted the window.
     assert_eq!(
-        n2.push_event(&c, due + 1, 1000, due + 1 + LEASE).await.unwrap(),
+        n2.push_event(&c, due + 1, 1000, NewClaim::until(due + 1 + LEASE))
+            .await
+            .unwrap(),
         PushSlot::Trailing { due_ms: due + 1000 }
     );
     // An event after the window pushes now; the trailing push not yet taken is that push.
     assert!(matches!(
-        n1.push_event(&c, due + 5000, 1000, due + 5000 + LEASE).await.unwrap(),
-        PushSlot::Now { .. }
+        n1.push_event(&c, due + 5000, 1000, NewClaim::until(due + 5000 + LEASE))
+            .await
+            .unwrap(),
+        PushSlot::Now
     ));
     assert!(n1
         .push_take_due(due + 6000, due + 6000 + LEASE, 0, 100)
@@ -116,12 +122,12 @@ pub async fn push_windows_are_shared(b: Arc<dyn Backend>) {
     // No window: every event pushes.
     let d = new_id();
     assert!(matches!(
-        n1.push_event(&d, T0, 0, T0 + LEASE).await.unwrap(),
-        PushSlot::Now { .. }
+        n1.push_event(&d, T0, 0, NewClaim::until(T0 + LEASE)).await.unwrap(),
+        PushSlot::Now
     ));
     assert!(matches!(
-        n2.push_event(&d, T0, 0, T0 + LEASE).await.unwrap(),
-        PushSlot::Now { .. }
+        n2.push_event(&d, T0, 0, NewClaim::until(T0 + LEASE)).await.unwrap(),
+        PushSlot::Now
     ));
 }
 
@@ -142,12 +148,14 @@ pub async fn trailing_push_claims_run_out(b: Arc<dyn Backend>) {
     let c = new_id();
     let other = new_id();
     assert!(matches!(
-        n1.push_event(&c, T0, 1000, T0 + LEASE).await.unwrap(),
-        PushSlot::Now { .. }
+        n1.push_event(&c, T0, 1000, NewClaim::until(T0 + LEASE)).await.unwrap(),
+        PushSlot::Now
     ));
     let due = T0 + 1000;
     assert_eq!(
-        n2.push_event(&c, T0 + 10, 1000, T0 + 10 + LEASE).await.unwrap(),
+        n2.push_event(&c, T0 + 10, 1000, NewClaim::until(T0 + 10 + LEASE))
+            .await
+            .unwrap(),
         PushSlot::Trailing { due_ms: due }
     );
     let first = n1.push_take_due(due, due + LEASE, 0, 100).await.unwrap();
@@ -198,11 +206,15 @@ pub async fn trailing_push_claims_run_out(b: Arc<dyn Backend>) {
     // push a window after it, as without a claim; it is taken when due, whatever the claim.
     let t = t + LEASE;
     assert_eq!(
-        n2.push_event(&c, t + 10, 1000, t + 10 + LEASE).await.unwrap(),
+        n2.push_event(&c, t + 10, 1000, NewClaim::until(t + 10 + LEASE))
+            .await
+            .unwrap(),
         PushSlot::Trailing { due_ms: t + 1000 }
     );
     assert_eq!(
-        n1.push_event(&c, t + 20, 1000, t + 20 + LEASE).await.unwrap(),
+        n1.push_event(&c, t + 20, 1000, NewClaim::until(t + 20 + LEASE))
+            .await
+            .unwrap(),
         PushSlot::Trailing { due_ms: t + 1000 }
     );
     assert!(n2
@@ -234,8 +246,10 @@ pub async fn trailing_push_claims_run_out(b: Arc<dyn Backend>) {
         .unwrap()
         .is_empty());
     assert!(matches!(
-        n1.push_event(&c, t + 500, 1000, t + 500 + LEASE).await.unwrap(),
-        PushSlot::Now { .. }
+        n1.push_event(&c, t + 500, 1000, NewClaim::until(t + 500 + LEASE))
+            .await
+            .unwrap(),
+        PushSlot::Now
     ));
 }
 
@@ -247,15 +261,16 @@ pub async fn immediate_push_claims_run_out(b: Arc<dyn Backend>) {
     let n1 = b.open().await;
     let n2 = b.open().await;
     let (c, e) = (new_id(), new_id());
-    let PushSlot::Now { token } = n1.push_event(&c, T0, 1000, T0 + LEASE).await.unwrap() else {
-        panic!("the first event pushes now");
-    };
-    let PushSlot::Now { token: e_token } = n1.push_event(&e, T0, 1000, T0 + LEASE).await.unwrap() else {
-        panic!("the first event pushes now");
-    };
+    let (claim, e_claim) = (NewClaim::until(T0 + LEASE), NewClaim::until(T0 + LEASE));
+    let token = claim.token;
+    let e_token = e_claim.token;
+    assert_eq!(n1.push_event(&c, T0, 1000, claim).await.unwrap(), PushSlot::Now);
+    assert_eq!(n1.push_event(&e, T0, 1000, e_claim).await.unwrap(), PushSlot::Now);
     // Folded into the window: the claim stays, and still ends with its token.
     assert_eq!(
-        n2.push_event(&e, T0 + 10, 1000, T0 + 10 + LEASE).await.unwrap(),
+        n2.push_event(&e, T0 + 10, 1000, NewClaim::until(T0 + 10 + LEASE))
+            .await
+            .unwrap(),
         PushSlot::Trailing { due_ms: T0 + 1000 }
     );
     assert!(n1.push_done(&e, e_token).await.unwrap(), "e's push was sent");

@@ -4,8 +4,8 @@ use super::bounded::{Conn, Failed};
 use super::{decode_conn, json_err, lock_key, PgStore, KEY_LOCK_NS, LOCK_NS, PENDING_STATS_SQL, STATEMENT_TRIES};
 use crate::store::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
-    Identity, InvitationUse, KeyUpdate, MediationState, MessageId, NewMessage, PendingStats, PushClaim, PushSlot,
-    QueueStats, QueueSummary, QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
+    Identity, InvitationUse, KeyUpdate, MediationState, MessageId, NewClaim, NewMessage, PendingStats, PushClaim,
+    PushSlot, QueueStats, QueueSummary, QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
 };
 
 #[async_trait::async_trait]
@@ -735,10 +735,9 @@ impl Store for PgStore {
         Ok(n > 0)
     }
 
-    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64, claim_until_ms: i64) -> StoreResult<PushSlot> {
+    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64, claim: NewClaim) -> StoreResult<PushSlot> {
         check_storable("connection id", conn)?;
         let c = self.client().await?;
-        let token = crate::store::new_push_claim_token();
         // push_window_step in one statement: the row lock orders concurrent events. An event
         // that pushes now claims the push (every SET reads the row as it was).
         let q = c
@@ -756,11 +755,11 @@ impl Store for PgStore {
             ))
             .await?;
         let row = c
-            .run(c.query_one(&q, &[&conn, &now_ms, &window_ms, &claim_until_ms, &token]))
+            .run(c.query_one(&q, &[&conn, &now_ms, &window_ms, &claim.until_ms, &claim.token]))
             .await?;
         Ok(match row.get::<_, Option<i64>>(0) {
             Some(due_ms) => PushSlot::Trailing { due_ms },
-            None => PushSlot::Now { token },
+            None => PushSlot::Now,
         })
     }
 

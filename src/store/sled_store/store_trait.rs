@@ -11,8 +11,8 @@ use super::records::{conn_key_entry, conn_prefix, decode_conn, decode_msg, encod
 use super::{corrupt, unavailable, SledStore, DEDUP_PRUNED_BEFORE_KEY, IDENTITY_KEY, NEVER};
 use crate::store::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
-    Identity, InvitationUse, KeyUpdate, MediationState, MessageId, NewMessage, PendingStats, PushClaim, PushSlot,
-    QueueStats, QueueSummary, QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
+    Identity, InvitationUse, KeyUpdate, MediationState, MessageId, NewClaim, NewMessage, PendingStats, PushClaim,
+    PushSlot, QueueStats, QueueSummary, QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
 };
 
 #[async_trait::async_trait]
@@ -794,7 +794,7 @@ impl Store for SledStore {
         .await
     }
 
-    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64, claim_until_ms: i64) -> StoreResult<PushSlot> {
+    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64, claim: NewClaim) -> StoreResult<PushSlot> {
         check_storable("connection id", conn)?;
         let inner = self.slot.get()?;
         let mut w = inner.push_windows.lock();
@@ -805,10 +805,7 @@ impl Store for SledStore {
         // push is claimed.
         let (slot, claim) = match due {
             Some(due_ms) => (PushSlot::Trailing { due_ms }, old.and_then(|p| p.claim)),
-            None => {
-                let token = super::super::new_push_claim_token();
-                (PushSlot::Now { token }, Some((claim_until_ms, token)))
-            }
+            None => (PushSlot::Now, Some((claim.until_ms, claim.token))),
         };
         w.insert(
             conn.to_owned(),
