@@ -55,6 +55,8 @@ pub struct Metrics {
     pub dedup_records: Gauge,
     /// Bytes of the sled store's queue log on this node's disk (0 on PostgreSQL).
     pub queue_log_bytes: Gauge,
+    pub queue_log_damaged_records: Gauge,
+    pub queue_log_damaged_segments: Gauge,
     /// Age of the oldest queued message, seconds (0 when the queue is empty).
     pub oldest_message_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub notifications_sent: Counter,
@@ -98,6 +100,8 @@ impl Metrics {
             queue_depth: Gauge::default(),
             dedup_records: Gauge::default(),
             queue_log_bytes: Gauge::default(),
+            queue_log_damaged_records: Gauge::default(),
+            queue_log_damaged_segments: Gauge::default(),
             oldest_message_age: Gauge::default(),
             notifications_sent: Counter::default(),
             notifications_received: Counter::default(),
@@ -163,6 +167,16 @@ impl Metrics {
             "queue_log_bytes",
             "Bytes of the sled store's queue log segments on this node's disk (0 on PostgreSQL)",
             m.queue_log_bytes.clone(),
+        );
+        registry.register(
+            "queue_log_damaged_records",
+            "Records of the sled store's queue log found damaged on the disk since the node started and skipped: each a queued message or a removal lost (0 on PostgreSQL)",
+            m.queue_log_damaged_records.clone(),
+        );
+        registry.register(
+            "queue_log_damaged_segments",
+            "Segments of the sled store's queue log cut at a damaged record since the node started, the records after it lost (kept aside as NNNN.qlog.damaged; 0 on PostgreSQL)",
+            m.queue_log_damaged_segments.clone(),
         );
         registry.register(
             "oldest_message_age_seconds",

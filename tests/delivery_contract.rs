@@ -405,7 +405,7 @@ impl mailroom::store::Store for CommitsThenFails {
         list_connections, update_keys, keys_of, route, route_long_forms, enqueue, lease, ack_leased, release,
         release_owner, release_owners_under, reclaim_expired_leases,
         total_queued, connections_with_pending, prune_dedup,
-        dedup_records, queue_log_bytes, lease_for_key, pending_stats, expire, expire_due, oldest_received_ms,
+        dedup_records, queue_log, lease_for_key, pending_stats, expire, expire_due, oldest_received_ms,
         flush, device_of, set_device, forget_device_token, push_event, push_take_due, push_done,
         delete_connection, revoke_mediation, drop_queue, top_queues,
     );

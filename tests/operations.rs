@@ -76,6 +76,13 @@ async fn admin_endpoints_show_connections_sessions_and_invitations() {
     assert_eq!(status["sessions"], 1);
     assert_eq!(status["store"]["backend"], "sled");
     assert_eq!(status["store"]["health"], "ok");
+    // The queue log on this node's disk: what it holds, and no damage found there.
+    let log = &status["store"]["queue_log"];
+    assert!(log["bytes"].as_u64().unwrap() > 0, "{log}");
+    assert_eq!(
+        (&log["damaged_records"], &log["damaged_segments"]),
+        (&json!(0), &json!(0))
+    );
     let cluster = get_json(&format!("{admin}/cluster")).await;
     assert_eq!(cluster["node"], "n1");
 
@@ -125,6 +132,8 @@ async fn admin_endpoints_show_connections_sessions_and_invitations() {
         "mailroom_store_seconds_count{op=\"route\"}",
         "mailroom_cluster_notifications_sent_total",
         "mailroom_queue_log_bytes",
+        "mailroom_queue_log_damaged_records 0",
+        "mailroom_queue_log_damaged_segments 0",
     ] {
         assert!(text.contains(name), "{name} missing from\n{text}");
     }
@@ -410,7 +419,7 @@ impl Store for FailingRemovals {
         use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
         list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, ack_leased, release,
         release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued, connections_with_pending,
-        pending_among, prune_dedup, dedup_records, queue_log_bytes, lease_for_key, pending_stats,
+        pending_among, prune_dedup, dedup_records, queue_log, lease_for_key, pending_stats,
         expire, expire_due, oldest_received_ms, flush, device_of, set_device, forget_device_token,
         push_event, push_take_due, push_done, delete_connection, drop_queue, top_queues,
     );

@@ -153,6 +153,8 @@ async fn status_json(st: &AdminState) -> Value {
             json!(h.err().map(|e| e.to_string()).unwrap_or_else(|| "ok".into())),
         ),
     };
+    // The queue on this node's disk (sled), with the damage found there: null on PostgreSQL.
+    let queue_log = store.queue_log().await.ok().flatten();
     let peers: Value = match &sh.cluster {
         Some(c) => serde_json::to_value(c.status().peers).unwrap_or(json!([])),
         None => json!([]),
@@ -167,7 +169,7 @@ async fn status_json(st: &AdminState) -> Value {
         "sessions": sessions,
         "open_sockets": sh.open_sockets.load(Ordering::Relaxed),
         "queued": queued,
-        "store": { "backend": store.backend(), "health": store_health },
+        "store": { "backend": store.backend(), "health": store_health, "queue_log": queue_log },
         "push": push_json(sh),
         "drain": ops::drain_json(st).await,
     })
@@ -346,8 +348,11 @@ async fn metrics(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
     if let Ok(q) = sh.mediator.store.total_queued().await {
         sh.metrics.queue_depth.set(q as i64);
     }
-    if let Ok(Some(b)) = sh.mediator.store.queue_log_bytes().await {
-        sh.metrics.queue_log_bytes.set(b as i64);
+    if let Ok(Some(log)) = sh.mediator.store.queue_log().await {
+        let gauge = |n: u64| n.min(i64::MAX as u64) as i64;
+        sh.metrics.queue_log_bytes.set(gauge(log.bytes));
+        sh.metrics.queue_log_damaged_records.set(gauge(log.damaged_records));
+        sh.metrics.queue_log_damaged_segments.set(gauge(log.damaged_segments));
     }
     if let Ok(oldest) = sh.mediator.store.oldest_received_ms().await {
         let age = oldest.map(|o| (now_ms() - o).max(0) as f64 / 1000.0).unwrap_or(0.0);

@@ -48,7 +48,7 @@ impl Metered {
 #[async_trait::async_trait]
 impl Store for Metered {
     // Gauges and names, not store work: passed on untimed.
-    crate::store_pass_through!(inner: backend, dedup_records, queue_log_bytes);
+    crate::store_pass_through!(inner: backend, dedup_records, queue_log);
     async fn health(&self) -> StoreResult<()> {
         self.timed("health", self.inner.health()).await
     }

@@ -219,6 +219,19 @@ pub struct Reclaimed {
     pub attempts: u32,
 }
 
+/// The queue log of a node that keeps its queue on its own disk ([`Store::queue_log`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct QueueLogStats {
+    /// Bytes of its segments.
+    pub bytes: u64,
+    /// Records found damaged on the disk since the node started and skipped (each a queued
+    /// message or a removal lost), in segments synced whole before the log moved on.
+    pub damaged_records: u64,
+    /// Segments cut at a damaged record no whole record followed (the records after it
+    /// lost; the segment as it was kept aside, `NNNN.qlog.damaged`).
+    pub damaged_segments: u64,
+}
+
 /// What a queued event does to a wallet's push window (see [`Store::push_event`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PushSlot {
@@ -590,10 +603,10 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_dedup(&self, before_ms: i64, max: usize) -> StoreResult<u64>;
     /// Dedup records held (the `mailroom_dedup_records` gauge).
     async fn dedup_records(&self) -> StoreResult<u64>;
-    /// Bytes the queue takes on this node's own disk: the sled store's queue log segments
-    /// (the `mailroom_queue_log_bytes` gauge); `None` where the queue is not on this node
+    /// The queue on this node's own disk: the sled store's queue log (the
+    /// `mailroom_queue_log_*` gauges, `/status`); `None` where the queue is not on this node
     /// (PostgreSQL).
-    async fn queue_log_bytes(&self) -> StoreResult<Option<u64>>;
+    async fn queue_log(&self) -> StoreResult<Option<QueueLogStats>>;
     /// Deletes messages received before `received_before_ms` (leased or not) and dedup records
     /// as old. Returns how many messages were deleted.
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64>;

@@ -157,8 +157,8 @@ macro_rules! store_pass_through {
     (@method $i:ident dedup_records) => {
         $crate::store_pass_through!(@fn $i dedup_records () [] -> u64);
     };
-    (@method $i:ident queue_log_bytes) => {
-        $crate::store_pass_through!(@fn $i queue_log_bytes () [] -> Option<u64>);
+    (@method $i:ident queue_log) => {
+        $crate::store_pass_through!(@fn $i queue_log () [] -> Option<$crate::store::QueueLogStats>);
     };
     (@method $i:ident expire) => {
         $crate::store_pass_through!(@fn $i expire (received_before_ms: i64) [] -> u64);

@@ -606,7 +606,7 @@ impl Store for PgStore {
         .await
     }
 
-    async fn queue_log_bytes(&self) -> StoreResult<Option<u64>> {
+    async fn queue_log(&self) -> StoreResult<Option<crate::store::QueueLogStats>> {
         // The queue is in the database, not on this node.
         Ok(None)
     }

@@ -618,6 +618,42 @@ mod tests {
         assert_eq!(have, want);
     }
 
+    /// A queued message whose record was damaged on the disk in an older segment is lost
+    /// alone, and the store says so ([`Store::queue_log`]: the `/status` and `/metrics`
+    /// figures), where before only a log line did.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_record_is_counted_in_the_queue_log_figures() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let lim = EnqueueLimits::UNLIMITED;
+        let s = SledStore::open(dir.path()).await.unwrap();
+        let healthy = s.queue_log().await.unwrap().unwrap();
+        assert_eq!((healthy.damaged_records, healthy.damaged_segments), (0, 0));
+        assert!(s.enqueue(vec![new_msg("c", "A", t0, None)], &lim).await.unwrap()[0].is_ok());
+        let (seg, b_at) = s.slot.log.tail_for_test();
+        for p in ["B", "C"] {
+            assert!(s.enqueue(vec![new_msg("c", p, t0, None)], &lim).await.unwrap()[0].is_ok());
+        }
+        drop(s);
+        // Reopened once: the segment holding A, B and C is no longer the last.
+        drop(SledStore::open(dir.path()).await.unwrap());
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().read(true).write(true).open(&seg).unwrap();
+            let at = b_at + 4 + 1 + 8 + 4 + 2;
+            let mut byte = [0u8];
+            f.read_exact_at(&mut byte, at).unwrap();
+            f.write_all_at(&[byte[0] ^ 0x5a], at).unwrap();
+        }
+        let s = SledStore::open(dir.path()).await.unwrap();
+        let log = s.queue_log().await.unwrap().unwrap();
+        assert_eq!((log.damaged_records, log.damaged_segments), (1, 0), "{log:?}");
+        assert!(log.bytes > 0);
+        let got = s.lease("c", 10, "o", t0, t0 + 60_000).await.unwrap();
+        let payloads: Vec<&[u8]> = got.iter().map(|m| &m.payload[..]).collect();
+        assert_eq!(payloads, [b"A", b"C"], "B alone is lost");
+    }
+
     /// After a failed fsync of an enqueue batch, the store answers no enqueue Ok (2xx) until
     /// its queue log was reopened from disk (the supervisor does it), `health` says so
     /// meanwhile, the index it rebuilds keeps the leases of what replay found, and what it

@@ -193,6 +193,18 @@ struct State {
     /// The current segment may end in a torn record (a failed append could not truncate it):
     /// the next append starts a new segment.
     roll: bool,
+    /// Damage on the disk that replays found since this handle opened.
+    damage: Damage,
+}
+
+/// Damage on the disk found by replay in segments before the last (synced whole, so not a torn
+/// append), each counted once however many replays (reopens) find it again.
+#[derive(Default)]
+struct Damage {
+    /// (segment, offset) of each record skipped: a queued message or a removal lost.
+    skipped: std::collections::BTreeSet<(u64, u64)>,
+    /// Segments cut at a damaged record no whole record followed (kept aside first).
+    cut: std::collections::BTreeSet<u64>,
 }
 
 pub(super) struct QueueLog {
@@ -467,6 +479,7 @@ impl QueueLog {
             segments: BTreeMap::new(),
             current: 0,
             roll: false,
+            damage: Damage::default(),
         };
         for &n in numbers {
             let last = numbers.last() == Some(&n);
@@ -499,6 +512,7 @@ impl QueueLog {
                         bytes = next - off,
                         "queue log: skipped a damaged record (a queued message or a removal is lost); the records after it are kept"
                     );
+                    state.damage.skipped.insert((n, off));
                     off = next;
                     continue;
                 };
@@ -543,6 +557,7 @@ impl QueueLog {
                         // Synced once, so damaged on the disk: what is cut is kept aside.
                         let aside = path.with_extension("qlog.damaged");
                         std::fs::copy(&path, &aside)?;
+                        state.damage.cut.insert(n);
                         tracing::error!(
                             segment = %path.display(),
                             dropped = len - off,
@@ -903,7 +918,11 @@ impl QueueLog {
         }
         let numbers = segment_numbers(&self.dir)?;
         let capacity = st.live.0.len();
+        let mut damage = std::mem::take(&mut st.damage);
         *st = Self::replay(&self.dir, &numbers, capacity)?;
+        damage.skipped.append(&mut st.damage.skipped);
+        damage.cut.append(&mut st.damage.cut);
+        st.damage = damage;
         self.start_segment(&mut st)?;
         self.unsynced.store(false, SeqCst);
         self.syncs.lock().failed = None;
@@ -1005,6 +1024,13 @@ impl QueueLog {
     /// Bytes in the segments.
     pub(super) fn bytes(&self) -> u64 {
         self.state.lock().segments.values().map(|s| s.bytes).sum()
+    }
+
+    /// The damage on the disk replay found since this handle opened: (records skipped,
+    /// segments cut).
+    pub(super) fn damage(&self) -> (u64, u64) {
+        let st = self.state.lock();
+        (st.damage.skipped.len() as u64, st.damage.cut.len() as u64)
     }
 
     /// (segments, bytes in them, bytes of live records).
@@ -1684,6 +1710,13 @@ mod tests {
             bytes[57 + HEADER + 5] ^= 0x5a;
             std::fs::write(&seg, &bytes).unwrap();
         }
+        let log = QueueLog::open_with(dir.path(), 200, false).unwrap();
+        assert_eq!(
+            log.damage(),
+            (1, 0),
+            "one record skipped; the last segment's cut is no damage"
+        );
+        drop(log);
         let got = records_on_disk(dir.path(), 200);
         assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![0, 2, 3]);
         assert_eq!(got[&2], vec![2u8; 40]);
@@ -1695,6 +1728,9 @@ mod tests {
         let mut bytes = std::fs::read(&seg).unwrap();
         bytes[13] ^= 0x01;
         std::fs::write(&seg, &bytes).unwrap();
+        let log = QueueLog::open_with(dir.path(), 200, false).unwrap();
+        assert_eq!(log.damage(), (0, 1), "one segment cut");
+        drop(log);
         let got = records_on_disk(dir.path(), 200);
         assert!(!got.contains_key(&0) && !got.contains_key(&2), "{:?}", got.keys());
         assert_eq!(std::fs::read(&aside).unwrap(), bytes, "the damaged segment, kept aside");

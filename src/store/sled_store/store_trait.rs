@@ -619,9 +619,15 @@ impl Store for SledStore {
         .await
     }
 
-    async fn queue_log_bytes(&self) -> StoreResult<Option<u64>> {
+    async fn queue_log(&self) -> StoreResult<Option<crate::store::QueueLogStats>> {
         // Memory only (the log's segment table).
-        Ok(Some(self.slot.log.bytes()))
+        let log = &self.slot.log;
+        let (damaged_records, damaged_segments) = log.damage();
+        Ok(Some(crate::store::QueueLogStats {
+            bytes: log.bytes(),
+            damaged_records,
+            damaged_segments,
+        }))
     }
 
     async fn dedup_records(&self) -> StoreResult<u64> {
