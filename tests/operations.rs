@@ -464,6 +464,130 @@ async fn connection(n: &mailroom::node::RunningNode, id: &str) -> Value {
     get_json(&format!("{}/connections/{id}", n.admin_url())).await
 }
 
+/// A wallet whose mediation was revoked (its queue kept: forwards it took were answered 202)
+/// reconnects and speaks with return route `all`, what makes a socket deliver its queue:
+/// nothing of the queue goes out on it, as pickup refuses it, and the socket is no session.
+#[actix_rt::test]
+async fn a_revoked_connection_gets_nothing_of_its_queue_over_a_socket() {
+    let (_dir, n, _store, a, k, id) = node_on_failing_removals().await;
+    assert_eq!(forward(&n, &a, &k.verkey(), "before").await, 202);
+    assert_eq!(revoke(&n, &id).await.0, 200);
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let ping = json!({
+        "@type": "https://didcomm.org/trust_ping/1.0/ping",
+        "@id": mailroom::didcomm::message::new_id(),
+        "response_requested": true,
+        "~transport": {"return_route": "all"},
+    });
+    let reply = ws_request(&a, &mut ws, &ping).await;
+    assert_eq!(type_name(&reply), "ping_response", "{reply}");
+    // A bound socket registers before its reply is written.
+    let sessions = get_json(&format!("{}/sessions", n.admin_url())).await;
+    assert_eq!(sessions["sessions"], json!([]), "the socket delivers for nobody");
+    let reply = ws_request(&a, &mut ws, &ping).await;
+    assert_eq!(
+        type_name(&reply),
+        "ping_response",
+        "nothing delivered before it: {reply}"
+    );
+    assert_eq!(connection(&n, &id).await["queue"]["depth"], 1, "kept queued");
+    ws.close().await;
+}
+
+/// A socket still bound to a connection whose mediation was revoked without its close reaching
+/// it (here: revoked in the store, as by a node whose close frame this node missed) closes, as
+/// the revocation closes it, once its wallet speaks on it: it answers first.
+#[actix_rt::test]
+async fn a_socket_bound_to_a_connection_revoked_elsewhere_closes_when_it_speaks() {
+    let (_dir, n, store, a, _k, id) = node_on_failing_removals().await;
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let ping = json!({
+        "@type": "https://didcomm.org/trust_ping/1.0/ping",
+        "@id": mailroom::didcomm::message::new_id(),
+        "response_requested": true,
+        "~transport": {"return_route": "all"},
+    });
+    assert_eq!(type_name(&ws_request(&a, &mut ws, &ping).await), "ping_response");
+    let sessions = get_json(&format!("{}/sessions", n.admin_url())).await;
+    assert_eq!(sessions["sessions"][0]["connection"], id, "bound");
+    store
+        .revoke_mediation(&id, mailroom::protocols::now_ms())
+        .await
+        .unwrap()
+        .expect("the connection");
+    assert_eq!(type_name(&ws_request(&a, &mut ws, &ping).await), "ping_response");
+    match ws.next(WAIT).await {
+        Ok(mailroom::client::WsEvent::Closed(Some(r))) => {
+            assert_eq!(u16::from(r.code), mailroom::admin::OPERATOR_CLOSE_CODE, "{r:?}")
+        }
+        other => panic!("the socket stays open for a revoked connection: {other:?}"),
+    }
+}
+
+/// An agent with its own HTTP endpoint whose mediation was revoked while a message waited for
+/// its endpoint to answer: the sweep's retries POST nothing more there once it answers.
+#[actix_rt::test]
+async fn a_revoked_connection_gets_nothing_of_its_queue_at_its_endpoint() {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let accept = Arc::new(AtomicBool::new(false));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}/", listener.local_addr().unwrap());
+    let acc = accept.clone();
+    let server = HttpServer::new(move || {
+        let acc = acc.clone();
+        App::new().route(
+            "/",
+            web::post().to(move || {
+                let acc = acc.clone();
+                async move {
+                    if acc.load(Ordering::SeqCst) {
+                        HttpResponse::Accepted().finish()
+                    } else {
+                        HttpResponse::ServiceUnavailable().finish()
+                    }
+                }
+            }),
+        )
+    })
+    .listen(listener)
+    .unwrap()
+    .workers(1)
+    .run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+
+    let inv = invitation(&n).await;
+    let mut a = Agent::connect_with_endpoint(&inv, Some(&endpoint)).await.unwrap();
+    a.mediate().await.unwrap();
+    let k = a.new_recipient_key();
+    a.keylist_update(&[k.did_key()], &[]).await.unwrap();
+    let id = common::cluster::a_connection_id(&n).await;
+    assert_eq!(forward(&n, &a, &k.verkey(), "waiting").await, 202);
+    eventually("the endpoint answered a POST 503", || async {
+        (endpoint_posts(&n, "failed").await + endpoint_posts(&n, "refused").await > 0).then_some(())
+    })
+    .await;
+    assert_eq!(revoke(&n, &id).await.0, 200);
+    accept.store(true, Ordering::SeqCst);
+    // Three more passes of the sweep's endpoint retries (every tenth pass, once a second
+    // here): each would POST the message now that the endpoint answers.
+    let passes = || async {
+        metric(&n, "mailroom_store_seconds_count{op=\"connections_with_pending\"}")
+            .await
+            .unwrap_or(0.0)
+    };
+    let seen = passes().await;
+    eventually("three endpoint retry passes", || async {
+        (passes().await >= seen + 3.0).then_some(())
+    })
+    .await;
+    assert_eq!(endpoint_posts(&n, "ok").await, 0, "a POST to a revoked connection");
+    assert_eq!(connection(&n, &id).await["queue"]["depth"], 1, "kept queued");
+    handle.stop(true).await;
+}
+
 /// A connection whose mediation is revoked while its key is still registered (what another
 /// node sees between a revocation and the removal of the keys, or after a removal that failed)
 /// takes no forward: the sender gets the 404 of an unknown key, though this node's route cache

@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocols::{handoff_owner, now_ms, AckOnReturn, Handed, Mediator};
 use crate::registry::{IsLocal, LocalConns, LocalHolders, Registry, SessionFor, Signal, WakeLocal, WakeMany};
-use crate::store::QueuedMessage;
+use crate::store::{MediationState, QueuedMessage};
 use actix::Addr;
 use parking_lot::Mutex;
 use std::collections::HashSet;
@@ -356,7 +356,18 @@ impl Shared {
         let this = self.clone();
         let conn = conn.to_string();
         actix_rt::spawn(async move {
-            outbound::drain_to_endpoint(&this, &conn, &endpoint).await;
+            // A connection whose mediation was revoked (on any node, after its endpoint was
+            // cached here) gets nothing of its queue, as pickup refuses it: read in the store,
+            // once per drain. Revocation is for good, so its endpoint is forgotten here.
+            match this.mediator.store.get_connection(&conn).await {
+                Ok(Some(c)) if c.mediation != MediationState::Denied => {
+                    outbound::drain_to_endpoint(&this, &conn, &endpoint).await;
+                }
+                Ok(_) => {
+                    this.endpoint_cache.lock().insert(conn.clone(), None);
+                }
+                Err(e) => tracing::warn!(connection = %conn, "endpoint delivery: store: {e}"),
+            }
             this.endpoint_busy.lock().remove(&conn);
         });
     }

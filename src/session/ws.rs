@@ -22,8 +22,8 @@ use crate::config::Strategy;
 use crate::didcomm::message::ReturnRoute;
 use crate::protocols::{now_ms, pickup, Outcome};
 use crate::registry::{Register, Signal, Unregister, Wake};
-use crate::store::Connection;
 use crate::store::QueuedMessage;
+use crate::store::{Connection, MediationState};
 use actix::prelude::*;
 use actix_web_actors::ws;
 use bytes::{Bytes, BytesMut};
@@ -232,9 +232,15 @@ impl WsSession {
         // for the sender) makes the socket a delivery channel. `thread` asks for that thread's
         // replies, nothing queued. (DIDComm v2 answers as `all`.)
         let wants_route = !matches!(out.return_route, ReturnRoute::None);
+        // A connection whose mediation was revoked gets nothing of its queue (pickup refuses
+        // it too): the socket does not deliver for it, and one still bound to it (its node
+        // missed the revocation's close) closes after its replies, as the revocation closes it.
+        let mut revoked_here = false;
         if let Some(conn) = &out.connection {
-            // A v2 reply address that is not a stored connection binds nothing.
-            if out.return_route == ReturnRoute::All && !crate::protocols::v2::is_ephemeral(conn) {
+            if conn.mediation == MediationState::Denied {
+                revoked_here = self.registered && self.conn.as_ref().is_some_and(|h| h.id == conn.id);
+            } else if out.return_route == ReturnRoute::All && !crate::protocols::v2::is_ephemeral(conn) {
+                // A v2 reply address that is not a stored connection binds nothing.
                 self.bind(conn, ctx);
             }
         }
@@ -281,6 +287,13 @@ impl WsSession {
         if let Some(b) = out.ack_on_return {
             let owner = self.owner();
             actix_rt::spawn(async move { shared.settle_batch(b, &owner, returned).await });
+        }
+        if revoked_here {
+            ctx.close(Some(ws::CloseReason {
+                code: ws::CloseCode::from(crate::admin::OPERATOR_CLOSE_CODE),
+                description: Some("mediation revoked by the mediator's operator".into()),
+            }));
+            ctx.stop();
         }
     }
 
