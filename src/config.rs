@@ -584,6 +584,16 @@ impl Config {
         };
         c.node(&node_id)?;
         let applied = c.apply_env(&node_id, get)?;
+        // One node per process here: nodes on sled would each open their own store (their own
+        // mediator identity, connections and queue), or fail on its lock on one machine. Only
+        // nodes inside one process (tests, through the library) can share a sled store.
+        if c.store.backend == "sled" && c.nodes.len() > 1 {
+            return Err(ConfigError::Invalid(format!(
+                "{} [[node]] entries on store.backend = \"sled\": sled is one node's own store; \
+                 a cluster of several nodes needs store.backend = \"postgres\" (shared by every node)",
+                c.nodes.len()
+            )));
+        }
         Ok((c, node_id, applied))
     }
 
@@ -622,6 +632,22 @@ impl Config {
                 if a.port() != 0 && !addrs.insert(a) {
                     return bad(format!("node {}: {field} address {a} is used twice", n.id));
                 }
+            }
+        }
+        if let Some(t) = &self.admin.token {
+            // What a client can present in `Authorization: Bearer <token>`: HTTP trims the
+            // header's ends and reads it as visible ASCII, so a token with spaces at its ends
+            // (a token file ending in a space), other characters, or none at all would lock
+            // every guarded route into 401.
+            if t.is_empty() {
+                return bad("[admin] token is empty: remove it, or set one of visible ASCII characters".into());
+            }
+            if !t.chars().all(|c| c.is_ascii_graphic()) {
+                return bad(
+                    "[admin] token (or MAILROOM_ADMIN_TOKEN, MAILROOM_ADMIN_TOKEN_FILE) holds a space, a \
+                     control or a non-ASCII character: no client could present it as a bearer token"
+                        .into(),
+                );
             }
         }
         for n in &self.nodes {
@@ -1392,6 +1418,19 @@ mod tests {
         assert_eq!(c.store.path, PathBuf::from("/var/lib/mailroom"));
     }
 
+    /// A token no client can present as `Authorization: Bearer <token>` is refused, on
+    /// loopback too (the guard would lock every route into 401).
+    #[test]
+    fn an_admin_token_must_be_one_a_client_can_present() {
+        let base = "[[node]]\nid = 'n1'\nlisten = '127.0.0.1:0'\nadmin = '127.0.0.1:0'\n";
+        for token in ["", " ", "tok ", " tok", "t\tok", "tök"] {
+            let text = format!("[admin]\ntoken = {token:?}\n{base}");
+            let err = Config::parse(&text).expect_err(&text).to_string();
+            assert!(err.contains("[admin] token"), "{text}: {err}");
+        }
+        Config::parse(&format!("[admin]\ntoken = 'A-z0.9_~+/=!'\n{base}")).unwrap();
+    }
+
     #[test]
     fn secrets_can_come_from_mounted_files() {
         let dir = std::env::temp_dir().join(format!("mailroom-env-{}", std::process::id()));
@@ -1483,7 +1522,8 @@ mod tests {
         let path = dir.join("cluster.toml");
         std::fs::write(
             &path,
-            "[[node]]\nid='a'\nlisten='10.0.0.1:8080'\ncluster='10.0.0.1:7000'\nadmin='10.0.0.1:8081'\n\
+            "[store]\nbackend='postgres'\nurl='postgres://m@10.0.0.9/m'\n\
+             [[node]]\nid='a'\nlisten='10.0.0.1:8080'\ncluster='10.0.0.1:7000'\nadmin='10.0.0.1:8081'\n\
              [[node]]\nid='b'\nlisten='10.0.0.2:8080'\ncluster='10.0.0.2:7000'\nadmin='10.0.0.2:8081'\n",
         )
         .unwrap();

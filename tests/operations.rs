@@ -729,6 +729,22 @@ fn check_config_exits_64_with_the_reason() {
             ),
             "store.url: sslrootcert: cannot read /nonexistent/ca.pem",
         ),
+        // Was accepted: each node of the file on a store of its own (its own identity,
+        // connections and queue), or stopped by the sled lock of the first.
+        (
+            format!(
+                "[cluster]\nsecret = 'a-cluster-secret-long-enough'\n{cluster_node}{}",
+                cluster_node
+                    .split_once("[[node]]")
+                    .map(|(_, n)| format!("[[node]]{}", n.replace("'n1'", "'n2'")))
+                    .unwrap()
+            ),
+            "store.backend = \"postgres\"",
+        ),
+        // Was accepted, then every guarded admin route answered 401: HTTP trims a header's
+        // ends, so no client can present an empty token or one ending in a space.
+        (format!("[admin]\ntoken = ''\n{node}"), "[admin] token is empty"),
+        (format!("[admin]\ntoken = 'tok '\n{node}"), "[admin] token"),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad-{i}.toml"));
