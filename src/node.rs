@@ -27,8 +27,6 @@ const START_RELEASE_WAIT: Duration = Duration::from_secs(5);
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Dedup records pruned per store call (the call repeats while batches come back full).
 const DEDUP_PRUNE_BATCH: usize = 10_000;
-/// Connections asked about in one store call when a failed peer's sessions are taken over.
-const LOST_SESSIONS_CHUNK: usize = 500;
 
 /// What a failed peer left: the messages leased to it (delivered by its sessions and never
 /// acknowledged, or handed to it) go back to pending now rather than when their leases run out
@@ -73,19 +71,7 @@ async fn release_failed_peer(shared: &Arc<Shared>, node: &str) -> Vec<String> {
 /// was failing was notified to it and woke nobody; a wallet that picked up over HTTP there and
 /// never acknowledged would hear of its mail from nobody.
 async fn wake_lost_sessions(shared: Arc<Shared>, conns: Vec<String>) {
-    for chunk in conns.chunks(LOST_SESSIONS_CHUNK) {
-        match shared.mediator.store.pending_among(chunk, now_ms()).await {
-            Ok(pending) => {
-                for c in pending {
-                    shared.queued_new(&c).await;
-                }
-            }
-            Err(e) => {
-                tracing::warn!("failed peer's sessions not taken over: store unavailable: {e}");
-                return;
-            }
-        }
-    }
+    crate::session::wake_pending(&shared, &conns).await;
 }
 
 /// A peer queued mail for `conn` and, its directory naming this node, notified it instead of
@@ -366,8 +352,15 @@ pub async fn run(
             while let Some(ev) = events_rx.recv().await {
                 match ev {
                     ClusterEvent::MessageQueued { conn } => notified(&shared, conn).await,
-                    ClusterEvent::PeerUp { node } => tracing::info!(peer = %node, "peer up"),
-                    ClusterEvent::PeerDown { node } => tracing::warn!(peer = %node, "peer down"),
+                    ClusterEvent::PeerUp { node } => {
+                        tracing::info!(peer = %node, "peer up");
+                        shared.peer_up(&node);
+                    }
+                    ClusterEvent::PeerDown { node, taken_over_here } => {
+                        tracing::warn!(peer = %node, "peer down");
+                        let s = shared.clone();
+                        actix_rt::spawn(async move { s.peer_down(&node, taken_over_here).await });
+                    }
                     ClusterEvent::SessionsLost {
                         node,
                         conns,

@@ -491,7 +491,7 @@ async fn a_takeover_noted_at_a_resync_is_not_reused_when_the_peer_later_fails() 
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         match tokio::time::timeout_at(deadline, ev.recv()).await {
-            Ok(Some(ClusterEvent::PeerDown { node })) if node == "n9" => break,
+            Ok(Some(ClusterEvent::PeerDown { node, .. })) if node == "n9" => break,
             Ok(Some(ClusterEvent::SessionsLost { node, conns, .. })) => {
                 panic!("n1 took over from {node} ({conns:?}) though n0 is up")
             }

@@ -228,7 +228,7 @@ async fn three_nodes_notify_the_owner_only_and_follow_moves_and_crashes() {
         wait_event(
             &mut n.ev,
             "PeerDown n1",
-            |e| matches!(e, ClusterEvent::PeerDown { node } if node == "n1"),
+            |e| matches!(e, ClusterEvent::PeerDown { node, .. } if node == "n1"),
         )
         .await;
         assert!(owner_is(n, "c9", None));
@@ -271,7 +271,7 @@ async fn leave_drops_entries_at_once() {
     wait_event(
         &mut n2.ev,
         "PeerDown after Leave",
-        |e| matches!(e, ClusterEvent::PeerDown { node } if node == "n1"),
+        |e| matches!(e, ClusterEvent::PeerDown { node, .. } if node == "n1"),
     )
     .await;
     assert!(
@@ -521,13 +521,13 @@ async fn link_cut_then_restored_resyncs() {
     wait_event(
         &mut n2.ev,
         "n2: PeerDown n1",
-        |e| matches!(e, ClusterEvent::PeerDown { node } if node == "n1"),
+        |e| matches!(e, ClusterEvent::PeerDown { node, .. } if node == "n1"),
     )
     .await;
     wait_event(
         &mut n1.ev,
         "n1: PeerDown n2",
-        |e| matches!(e, ClusterEvent::PeerDown { node } if node == "n2"),
+        |e| matches!(e, ClusterEvent::PeerDown { node, .. } if node == "n2"),
     )
     .await;
     assert!(owner_is(&n2, "s1", None));
@@ -681,7 +681,7 @@ async fn dropping_the_last_handle_stops_the_node() {
     wait_event(
         &mut n2.ev,
         "PeerDown after drop",
-        |e| matches!(e, ClusterEvent::PeerDown { node } if node == "n1"),
+        |e| matches!(e, ClusterEvent::PeerDown { node, .. } if node == "n1"),
     )
     .await;
     wait_until("listener closed", || {

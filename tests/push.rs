@@ -831,6 +831,60 @@ async fn a_failed_peers_unacknowledged_pickup_pushes_the_wallet() {
     drop(ghost);
 }
 
+/// Mail queued on a node whose notification to the wallet's session node failed (its link to it
+/// gone: it crashed) while another node took that node over: the take-over woke the wallet
+/// before the mail was queued, so this node, which finds the failed node down later and does
+/// not take it over, pushes the wallet then. The failed node n1 and the node that takes over,
+/// n2, are the test, speaking over real links to n3 (n2 answers with heartbeats only).
+#[actix_rt::test]
+async fn mail_notified_to_a_failed_node_pushes_when_another_node_took_it_over() {
+    let si = StandIn::start();
+    let db = FreshDb::create().await;
+    let (mut cfg, ls) = bind_cluster(3, &db.url, 100);
+    cfg.push = Some(si.push_config(0, &["proj-a"], false));
+    // Time to queue the mail between n1's crash and n3 finding it down.
+    cfg.cluster.failure_timeout_ms = 3_000;
+    let store = open_shared_store(&cfg).await;
+    let n3 = start_node(&cfg, "n3", ls.into_iter().nth(2).unwrap(), &store, None);
+    let n2 = keep_alive(link_as_peer(&cfg, &n3, "n2").await, Duration::from_millis(100));
+    let (a, k) = Agent::onboard(&invitation(&n3).await).await.unwrap();
+    set_device(&a, FCM, json!("taken-over-token"), Some("android")).await;
+    let conn = a_connection_id(&n3).await;
+    // n1 holds the wallet's session, then crashes.
+    let mut n1 = link_as_peer(&cfg, &n3, "n1").await;
+    n1.writer
+        .send(&Frame::Own {
+            conn: conn.clone(),
+            epoch: 1,
+        })
+        .await
+        .unwrap();
+    n1.writer.flush().await.unwrap();
+    eventually("n3 names n1 as the session's node", || async {
+        let c = get_json(&format!("{}/cluster", n3.admin_url())).await;
+        c.to_string().contains(&conn).then_some(())
+    })
+    .await;
+    drop(n1);
+    eventually("n3's link to n1 gone", || async {
+        let s = get_json(&format!("{}/status", n3.admin_url())).await;
+        let n1 = s["peers"].as_array()?.iter().find(|p| p["id"] == "n1")?.clone();
+        (n1["connected"] == false).then_some(())
+    })
+    .await;
+    forward(&n3, &a, &k, "notified-to-nobody").await;
+    assert_eq!(
+        si.state.hits("fcm:").len(),
+        0,
+        "n1 is not yet found down: notified, no push"
+    );
+    let hits = wait_hits(&si, "fcm:", 1).await;
+    assert_clean(&hits);
+    assert_eq!(hits[0].body["message"]["data"]["message_count"], "1");
+    n2.0.abort();
+    n2.1.abort();
+}
+
 /// A wallet picked up over HTTP and went away before acknowledging; the node stops. It gives
 /// its HTTP deliveries back before its push worker stops, and pushes the wallet for them.
 #[actix_rt::test]

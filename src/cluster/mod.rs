@@ -218,9 +218,11 @@ pub enum ClusterEvent {
     },
     /// The peer is gone (silent past the failure timeout, left, or removed); its sessions
     /// are dropped from the directory (at once for a few thousand, else in slices in the
-    /// background, see `peer::DIR_SLICE`).
+    /// background, see `peer::DIR_SLICE`). `taken_over_here`: this node takes over what the
+    /// peer left (a [`ClusterEvent::SessionsLost`] follows).
     PeerDown {
         node: String,
+        taken_over_here: bool,
     },
     /// A peer failed, or its resync no longer named sessions it had claimed (it restarted
     /// before it was found failed), and this node is the one that takes over what it left
@@ -275,7 +277,8 @@ pub enum NotifyOutcome {
     /// The notification is on its way to the owner.
     Sent(String),
     /// The owner is known but unreachable right now (no link, or its queue is full): counted
-    /// in `notifications_failed`; the sweep will deliver.
+    /// in `notifications_failed`; the owner's sweep delivers, or, the owner found down, the
+    /// node that notified wakes the wallet (`Shared::peer_down`).
     Failed(String),
 }
 

@@ -44,6 +44,11 @@ const RECLAIM_BATCH: usize = 1_000;
 /// Deliveries of a message after which its lease running out pushes its wallet no more
 /// ([`Shared::reclaim_expired_leases`]).
 pub const RECLAIM_PUSHES: u32 = 3;
+/// Connections asked about in one store call by [`wake_pending`].
+const WAKE_PENDING_CHUNK: usize = 500;
+/// Most connections remembered per peer whose notification failed ([`Shared::unreached`]);
+/// past it, a failed notification pushes at once (a push too many, never none).
+const UNREACHED_MAX: usize = 100_000;
 
 pub struct Shared {
     pub mediator: Arc<Mediator>,
@@ -58,7 +63,8 @@ pub struct Shared {
     endpoint_busy: Mutex<HashSet<String>>,
     /// connection -> its own HTTP endpoint, if any. Endpoints are fixed when a connection is
     /// made, so this never goes stale; it spares a store read on every forward to an offline
-    /// wallet (almost every forward). Cleared when it reaches `ENDPOINT_CACHE_MAX`.
+    /// wallet (almost every forward). A revoked connection's is forgotten when a drain finds
+    /// it revoked. Cleared when it reaches `ENDPOINT_CACHE_MAX`.
     endpoint_cache: Mutex<std::collections::HashMap<String, Option<String>>>,
     /// Set once shutdown starts: new sockets are refused.
     pub draining: AtomicBool,
@@ -76,6 +82,13 @@ pub struct Shared {
     pub egress: Arc<egress::Egress>,
     /// Hand-offs running, per connection: one at a time, in the order entered.
     handing: in_order::InOrder<Handed>,
+    /// peer -> connections whose message-queued notification to it failed (no link, or its
+    /// queue full) while the directory named it their session's node. The peer may have
+    /// failed with their sessions: when this node finds it down, their wallets are woken or
+    /// pushed ([`Shared::peer_down`]). The node that takes over wakes the wallets the peer
+    /// held, but maybe before this node queued the mail. Forgotten when a notification to
+    /// the peer goes out again (its own sweep wakes its sessions).
+    unreached: Mutex<std::collections::HashMap<String, HashSet<String>>>,
 }
 
 impl Shared {
@@ -105,7 +118,27 @@ impl Shared {
             bound,
             egress: Arc::new(egress),
             handing: in_order::InOrder::default(),
+            unreached: Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// This node found `peer` down ([`crate::cluster::ClusterEvent::PeerDown`]): the
+    /// connections whose notification to it failed are its to wake, unless this node takes
+    /// over the peer, whose take-over wakes every wallet the peer held, these among them.
+    pub async fn peer_down(self: &Arc<Self>, peer: &str, taken_over_here: bool) {
+        let conns = self.unreached.lock().remove(peer).unwrap_or_default();
+        if conns.is_empty() || taken_over_here {
+            return;
+        }
+        tracing::info!(peer = %peer, wallets = conns.len(), "waking the wallets whose mail was notified to a peer now down");
+        let mut conns: Vec<String> = conns.into_iter().collect();
+        conns.sort_unstable();
+        wake_pending(self, &conns).await;
+    }
+
+    /// `peer` is up again: its own sweep wakes its sessions.
+    pub fn peer_up(&self, peer: &str) {
+        self.unreached.lock().remove(peer);
     }
 
     pub fn next_session_id(&self) -> u64 {
@@ -313,13 +346,24 @@ impl Shared {
         }
         if let Some(c) = &self.cluster {
             match c.notify_queued(conn) {
-                NotifyOutcome::Sent(_) => {
+                NotifyOutcome::Sent(peer) => {
                     self.metrics.notifications_sent.inc();
+                    let mut unreached = self.unreached.lock();
+                    if unreached.get(&peer).is_some_and(|s| !s.is_empty()) {
+                        unreached.remove(&peer);
+                    }
                     return true;
                 }
-                NotifyOutcome::Failed(_) => {
+                NotifyOutcome::Failed(peer) => {
                     self.metrics.notifications_failed.inc();
-                    return true;
+                    // Alive, the peer's sweep wakes the session; failed, it is woken from
+                    // here once the peer is found down.
+                    let mut unreached = self.unreached.lock();
+                    let set = unreached.entry(peer).or_default();
+                    if set.len() < UNREACHED_MAX || set.contains(conn) {
+                        set.insert(conn.to_string());
+                        return true;
+                    }
                 }
                 NotifyOutcome::Local | NotifyOutcome::NoOwner => {}
             }
@@ -512,5 +556,24 @@ impl crate::push::Presence for NodePresence {
                 .map(|c| c.owner_of(conn).is_some())
                 .unwrap_or(false)
         })
+    }
+}
+
+/// The wallets of `conns` that have mail pending, each treated as if a message were queued now
+/// ([`Shared::queued_new`]: its session woken wherever it is, else the wallet pushed): what a
+/// failed peer, a restart or a failed notification left with nobody told.
+pub async fn wake_pending(shared: &Arc<Shared>, conns: &[String]) {
+    for chunk in conns.chunks(WAKE_PENDING_CHUNK) {
+        match shared.mediator.store.pending_among(chunk, now_ms()).await {
+            Ok(pending) => {
+                for c in pending {
+                    shared.queued_new(&c).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(wallets = conns.len(), "wallets left untold: store unavailable: {e}");
+                return;
+            }
+        }
     }
 }

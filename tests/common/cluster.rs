@@ -159,6 +159,30 @@ pub async fn link_as_peer(cfg: &Config, node: &RunningNode, peer: &str) -> link:
         .expect("the node takes the link")
 }
 
+/// Keeps a [`link_as_peer`] link alive as its peer would: a heartbeat every `every`, and
+/// whatever the node sends read and dropped. The link ends when the returned tasks are
+/// aborted (or dropped with the test's runtime).
+pub fn keep_alive(
+    l: link::Link<tokio::net::TcpStream>,
+    every: std::time::Duration,
+) -> (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>) {
+    let link::Link {
+        mut reader, mut writer, ..
+    } = l;
+    let beats = tokio::spawn(async move {
+        let mut t = 0u64;
+        loop {
+            t += 1;
+            if writer.send(&mailroom::cluster::proto::Frame::Ping { t }).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+    let reads = tokio::spawn(async move { while let Ok(Some(_)) = reader.read_frame().await {} });
+    (beats, reads)
+}
+
 /// An n-node cluster (in-process nodes n1..nN) on a fresh PostgreSQL database, returned once
 /// every node sees every other one connected. The database is dropped with the value.
 pub struct TestCluster {

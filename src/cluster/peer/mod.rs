@@ -441,7 +441,10 @@ impl Shared {
                 MemberEffect::Down { peer } => {
                     info!(peer = %peer, "cluster peer down");
                     st.dir.apply(DirEvent::Forget { node: peer.clone() });
-                    self.emit(ClusterEvent::PeerDown { node: peer.clone() });
+                    self.emit(ClusterEvent::PeerDown {
+                        node: peer.clone(),
+                        taken_over_here: st.members.takes_over(),
+                    });
                     // Forwards queued while the peer was failing were notified to it (or to
                     // nobody, its link gone) and woke no one, and what its sessions were
                     // delivering stays leased to it: one node takes over its leases and its
