@@ -358,8 +358,12 @@ pub async fn run(
                     }
                     ClusterEvent::PeerDown { node, taken_over_here } => {
                         tracing::warn!(peer = %node, "peer down");
-                        let s = shared.clone();
-                        actix_rt::spawn(async move { s.peer_down(&node, taken_over_here).await });
+                        let conns = shared.peer_down(&node, taken_over_here);
+                        if !conns.is_empty() {
+                            tracing::info!(peer = %node, wallets = conns.len(), "waking the wallets whose mail was notified to a peer now down");
+                            let s = shared.clone();
+                            actix_rt::spawn(async move { s.wake_notified(conns).await });
+                        }
                     }
                     ClusterEvent::SessionsLost {
                         node,

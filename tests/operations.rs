@@ -435,8 +435,22 @@ async fn node_on_failing_removals() -> (
     mailroom::didcomm::keys::KeyPair,
     String,
 ) {
+    node_on_failing_removals_with(Strategy::QueueOnly).await
+}
+
+/// [`node_on_failing_removals`] under `strategy`.
+async fn node_on_failing_removals_with(
+    strategy: Strategy,
+) -> (
+    tempfile::TempDir,
+    mailroom::node::RunningNode,
+    Arc<FailingRemovals>,
+    Agent,
+    mailroom::didcomm::keys::KeyPair,
+    String,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = test_config(dir.path(), Strategy::QueueOnly);
+    let cfg = test_config(dir.path(), strategy);
     let store = Arc::new(FailingRemovals {
         inner: open_sled(&dir.path().join("data")).await.unwrap(),
         fail_removals: AtomicBool::new(false),
@@ -465,11 +479,12 @@ async fn connection(n: &mailroom::node::RunningNode, id: &str) -> Value {
 }
 
 /// A wallet whose mediation was revoked (its queue kept: forwards it took were answered 202)
-/// reconnects and speaks with return route `all`, what makes a socket deliver its queue:
-/// nothing of the queue goes out on it, as pickup refuses it, and the socket is no session.
+/// reconnects and speaks with return route `all`, what makes a socket deliver its queue (here
+/// raw, and deleted once written: implicit pickup): nothing of the queue goes out on it, as
+/// pickup refuses it, and the socket is no session.
 #[actix_rt::test]
 async fn a_revoked_connection_gets_nothing_of_its_queue_over_a_socket() {
-    let (_dir, n, _store, a, k, id) = node_on_failing_removals().await;
+    let (_dir, n, _store, a, k, id) = node_on_failing_removals_with(Strategy::QueueAndLiveModeDelivery).await;
     assert_eq!(forward(&n, &a, &k.verkey(), "before").await, 202);
     assert_eq!(revoke(&n, &id).await.0, 200);
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
@@ -494,34 +509,86 @@ async fn a_revoked_connection_gets_nothing_of_its_queue_over_a_socket() {
     ws.close().await;
 }
 
-/// A socket still bound to a connection whose mediation was revoked without its close reaching
-/// it (here: revoked in the store, as by a node whose close frame this node missed) closes, as
-/// the revocation closes it, once its wallet speaks on it: it answers first.
-#[actix_rt::test]
-async fn a_socket_bound_to_a_connection_revoked_elsewhere_closes_when_it_speaks() {
-    let (_dir, n, store, a, _k, id) = node_on_failing_removals().await;
-    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
-    let ping = json!({
+/// A ping with return route `all`, the message that binds a socket (implicit pickup).
+fn binding_ping() -> Value {
+    json!({
         "@type": "https://didcomm.org/trust_ping/1.0/ping",
         "@id": mailroom::didcomm::message::new_id(),
         "response_requested": true,
         "~transport": {"return_route": "all"},
-    });
-    assert_eq!(type_name(&ws_request(&a, &mut ws, &ping).await), "ping_response");
+    })
+}
+
+/// A socket of `a` bound (implicit pickup) on `n`, for connection `id`.
+async fn bound_socket(n: &mailroom::node::RunningNode, a: &Agent, id: &str) -> mailroom::client::WsClient {
+    let mut ws = a.websocket(&ws_url(n)).await.unwrap();
+    assert_eq!(
+        type_name(&ws_request(a, &mut ws, &binding_ping()).await),
+        "ping_response"
+    );
     let sessions = get_json(&format!("{}/sessions", n.admin_url())).await;
     assert_eq!(sessions["sessions"][0]["connection"], id, "bound");
-    store
-        .revoke_mediation(&id, mailroom::protocols::now_ms())
-        .await
-        .unwrap()
-        .expect("the connection");
-    assert_eq!(type_name(&ws_request(&a, &mut ws, &ping).await), "ping_response");
+    ws
+}
+
+/// The next thing on `ws` is its close with the revocation's code, nothing written before.
+async fn closed_as_revoked(ws: &mut mailroom::client::WsClient) {
     match ws.next(WAIT).await {
         Ok(mailroom::client::WsEvent::Closed(Some(r))) => {
             assert_eq!(u16::from(r.code), mailroom::admin::OPERATOR_CLOSE_CODE, "{r:?}")
         }
         other => panic!("the socket stays open for a revoked connection: {other:?}"),
     }
+}
+
+/// A socket still bound to a connection whose mediation was revoked without its close reaching
+/// it (here: revoked in the store, as by a node whose close frame this node missed) closes, as
+/// the revocation closes it, once its wallet speaks on it: it answers first.
+#[actix_rt::test]
+async fn a_socket_bound_to_a_connection_revoked_elsewhere_closes_when_it_speaks() {
+    let (_dir, n, store, a, _k, id) = node_on_failing_removals_with(Strategy::QueueAndLiveModeDelivery).await;
+    let mut ws = bound_socket(&n, &a, &id).await;
+    store
+        .revoke_mediation(&id, mailroom::protocols::now_ms())
+        .await
+        .unwrap()
+        .expect("the connection");
+    assert_eq!(
+        type_name(&ws_request(&a, &mut ws, &binding_ping()).await),
+        "ping_response"
+    );
+    closed_as_revoked(&mut ws).await;
+}
+
+/// The same socket, whose wallet stays silent, with mail the connection kept becoming
+/// deliverable (a delivery whose lease ran out; here queued straight into the store): the
+/// drain that would write it reads the connection first, once half a lease has passed since
+/// it last did, and closes the socket instead.
+#[actix_rt::test]
+async fn a_socket_bound_to_a_connection_revoked_elsewhere_delivers_nothing_more() {
+    let (_dir, n, store, a, k, id) = node_on_failing_removals_with(Strategy::QueueAndLiveModeDelivery).await;
+    let mut ws = bound_socket(&n, &a, &id).await;
+    store
+        .revoke_mediation(&id, mailroom::protocols::now_ms())
+        .await
+        .unwrap()
+        .expect("the connection");
+    // Past half a lease (test_config: 2 s) since the bind read the connection.
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    let kept = NewMessage {
+        connection: id.clone(),
+        recipient_key: k.verkey(),
+        payload: b"kept".to_vec(),
+        received_at_ms: mailroom::protocols::now_ms(),
+        dedup_key: None,
+        expires_at_ms: None,
+        lease: None,
+    };
+    store.enqueue(vec![kept], &EnqueueLimits::UNLIMITED).await.unwrap()[0]
+        .as_ref()
+        .unwrap();
+    closed_as_revoked(&mut ws).await;
+    assert_eq!(connection(&n, &id).await["queue"]["depth"], 1, "kept queued");
 }
 
 /// An agent with its own HTTP endpoint whose mediation was revoked while a message waited for
@@ -570,14 +637,20 @@ async fn a_revoked_connection_gets_nothing_of_its_queue_at_its_endpoint() {
     })
     .await;
     assert_eq!(revoke(&n, &id).await.0, 200);
-    accept.store(true, Ordering::SeqCst);
-    // Three more passes of the sweep's endpoint retries (every tenth pass, once a second
-    // here): each would POST the message now that the endpoint answers.
+    // The sweep's endpoint retries run every tenth pass, once a second here. A retry that read
+    // the connection just before the revocation is over (refused) two passes after it.
     let passes = || async {
         metric(&n, "mailroom_store_seconds_count{op=\"connections_with_pending\"}")
             .await
             .unwrap_or(0.0)
     };
+    let seen = passes().await;
+    eventually("two endpoint retry passes", || async {
+        (passes().await >= seen + 2.0).then_some(())
+    })
+    .await;
+    accept.store(true, Ordering::SeqCst);
+    // Three more: each would POST the message now that the endpoint answers.
     let seen = passes().await;
     eventually("three endpoint retry passes", || async {
         (passes().await >= seen + 3.0).then_some(())

@@ -831,58 +831,117 @@ async fn a_failed_peers_unacknowledged_pickup_pushes_the_wallet() {
     drop(ghost);
 }
 
-/// Mail queued on a node whose notification to the wallet's session node failed (its link to it
-/// gone: it crashed) while another node took that node over: the take-over woke the wallet
-/// before the mail was queued, so this node, which finds the failed node down later and does
-/// not take it over, pushes the wallet then. The failed node n1 and the node that takes over,
-/// n2, are the test, speaking over real links to n3 (n2 answers with heartbeats only).
-#[actix_rt::test]
-async fn mail_notified_to_a_failed_node_pushes_when_another_node_took_it_over() {
-    let si = StandIn::start();
-    let db = FreshDb::create().await;
-    let (mut cfg, ls) = bind_cluster(3, &db.url, 100);
-    cfg.push = Some(si.push_config(0, &["proj-a"], false));
-    // Time to queue the mail between n1's crash and n3 finding it down.
-    cfg.cluster.failure_timeout_ms = 3_000;
-    let store = open_shared_store(&cfg).await;
-    let n3 = start_node(&cfg, "n3", ls.into_iter().nth(2).unwrap(), &store, None);
-    let n2 = keep_alive(link_as_peer(&cfg, &n3, "n2").await, Duration::from_millis(100));
-    let (a, k) = Agent::onboard(&invitation(&n3).await).await.unwrap();
-    set_device(&a, FCM, json!("taken-over-token"), Some("android")).await;
-    let conn = a_connection_id(&n3).await;
-    // n1 holds the wallet's session, then crashes.
-    let mut n1 = link_as_peer(&cfg, &n3, "n1").await;
-    n1.writer
-        .send(&Frame::Own {
-            conn: conn.clone(),
-            epoch: 1,
+/// n3, a node in a cluster whose n1 and n2 are the test (links as those peers, kept alive with
+/// heartbeats; n2 is the lower id left up, so n2, not n3, takes over a failed n1), with a
+/// wallet onboarded on n3 whose session n1 holds. Push without a window; a failure timeout of
+/// 3 s, time to queue mail between n1's death and n3 finding it down.
+struct TakenOverElsewhere {
+    _db: FreshDb,
+    si: StandIn,
+    n3: RunningNode,
+    n1: (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>),
+    n2: (tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>),
+    a: Agent,
+    k: KeyPair,
+}
+
+impl TakenOverElsewhere {
+    async fn start(token: &str, strategy: Strategy) -> TakenOverElsewhere {
+        let si = StandIn::start();
+        let db = FreshDb::create().await;
+        let (mut cfg, ls) = bind_cluster(3, &db.url, 100);
+        cfg.push = Some(si.push_config(0, &["proj-a"], false));
+        cfg.cluster.failure_timeout_ms = 3_000;
+        cfg.delivery.strategy = strategy;
+        let store = open_shared_store(&cfg).await;
+        let n3 = start_node(&cfg, "n3", ls.into_iter().nth(2).unwrap(), &store, None);
+        let beat = Duration::from_millis(100);
+        let n2 = keep_alive(link_as_peer(&cfg, &n3, "n2").await, beat);
+        let (a, k) = Agent::onboard(&invitation(&n3).await).await.unwrap();
+        set_device(&a, FCM, json!(token), Some("android")).await;
+        let conn = a_connection_id(&n3).await;
+        let mut n1 = link_as_peer(&cfg, &n3, "n1").await;
+        n1.writer
+            .send(&Frame::Own {
+                conn: conn.clone(),
+                epoch: 1,
+            })
+            .await
+            .unwrap();
+        n1.writer.flush().await.unwrap();
+        let n1 = keep_alive(n1, beat);
+        eventually("n3 names n1 as the session's node", || async {
+            let c = get_json(&format!("{}/cluster", n3.admin_url())).await;
+            c.to_string().contains(&conn).then_some(())
         })
-        .await
-        .unwrap();
-    n1.writer.flush().await.unwrap();
-    eventually("n3 names n1 as the session's node", || async {
-        let c = get_json(&format!("{}/cluster", n3.admin_url())).await;
-        c.to_string().contains(&conn).then_some(())
-    })
-    .await;
-    drop(n1);
+        .await;
+        TakenOverElsewhere {
+            _db: db,
+            si,
+            n3,
+            n1,
+            n2,
+            a,
+            k,
+        }
+    }
+
+    /// Whether n3 sees `peer` up, and linked.
+    async fn sees(&self, peer: &str) -> (bool, bool) {
+        let c = get_json(&format!("{}/cluster", self.n3.admin_url())).await;
+        let p = c["cluster"]["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["id"] == peer).cloned())
+            .unwrap_or(Value::Null);
+        (p["up"] == true, p["connected"] == true)
+    }
+
+    /// A forward on n3 while n1 is dead and not yet found down: notified to n1 (`counter`
+    /// counts it), no push; once n3 finds n1 down (n2 still up: n2 takes over), one push.
+    async fn mail_then_push(&self, counter: &str) {
+        let before = metric(&self.n3, counter).await;
+        forward(&self.n3, &self.a, &self.k, "to-a-dead-node").await;
+        assert_eq!(metric(&self.n3, counter).await, before + 1.0, "{counter}");
+        assert!(self.sees("n1").await.0, "n1 is not yet found down");
+        assert_eq!(self.si.state.hits("fcm:").len(), 0, "notified, not pushed");
+        let hits = wait_hits(&self.si, "fcm:", 1).await;
+        assert_clean(&hits);
+        assert_eq!(hits[0].body["message"]["data"]["message_count"], "1");
+        assert!(!self.sees("n1").await.0);
+        assert_eq!(self.sees("n2").await, (true, true), "n2 took n1 over, not n3");
+    }
+}
+
+/// Mail queued on a node whose notification to the wallet's session node failed (that node
+/// crashed: its link closed) while another node took that node over: the take-over woke the
+/// wallet before the mail was queued, so this node, which finds the failed node down later
+/// and does not take it over, pushes the wallet then.
+#[actix_rt::test]
+async fn mail_notified_to_a_crashed_node_pushes_when_another_node_took_it_over() {
+    let t = TakenOverElsewhere::start("crashed-node-token", Strategy::QueueAndLiveModeDelivery).await;
+    t.n1.0.abort();
+    t.n1.1.abort();
     eventually("n3's link to n1 gone", || async {
-        let s = get_json(&format!("{}/status", n3.admin_url())).await;
-        let n1 = s["peers"].as_array()?.iter().find(|p| p["id"] == "n1")?.clone();
-        (n1["connected"] == false).then_some(())
+        (!t.sees("n1").await.1).then_some(())
     })
     .await;
-    forward(&n3, &a, &k, "notified-to-nobody").await;
-    assert_eq!(
-        si.state.hits("fcm:").len(),
-        0,
-        "n1 is not yet found down: notified, no push"
-    );
-    let hits = wait_hits(&si, "fcm:", 1).await;
-    assert_clean(&hits);
-    assert_eq!(hits[0].body["message"]["data"]["message_count"], "1");
-    n2.0.abort();
-    n2.1.abort();
+    t.mail_then_push("mailroom_cluster_notifications_failed_total").await;
+    t.n2.0.abort();
+}
+
+/// The same with a node that died without closing its link (a host gone dark), under
+/// `queue-only` (nothing handed to the session's node: a hand-off the dead node never
+/// confirmed is given back when its link ends): the notification goes out on the link, to
+/// nobody, and is woken once the node is found down.
+#[actix_rt::test]
+async fn mail_notified_to_a_silently_dead_node_pushes_when_another_node_took_it_over() {
+    let t = TakenOverElsewhere::start("dark-node-token", Strategy::QueueOnly).await;
+    // No more heartbeats; the link stays open (its reader runs).
+    t.n1.0.abort();
+    t.mail_then_push("mailroom_cluster_notifications_sent_total").await;
+    assert_eq!(metric(&t.n3, "mailroom_cluster_notifications_failed_total").await, 0.0);
+    t.n1.1.abort();
+    t.n2.0.abort();
 }
 
 /// A wallet picked up over HTTP and went away before acknowledging; the node stops. It gives
@@ -1024,8 +1083,12 @@ impl mailroom::store::Store for EventAnswerLost {
         now_ms: i64,
         window_ms: i64,
         claim: mailroom::store::NewClaim,
+        unless_pushed_since_ms: Option<i64>,
     ) -> mailroom::store::StoreResult<mailroom::store::PushSlot> {
-        let slot = self.inner.push_event(conn, now_ms, window_ms, claim).await;
+        let slot = self
+            .inner
+            .push_event(conn, now_ms, window_ms, claim, unless_pushed_since_ms)
+            .await;
         if self.lose.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(mailroom::store::StoreError::Unavailable(
                 "injected: the answer to a committed push event was lost".into(),

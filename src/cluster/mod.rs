@@ -219,7 +219,8 @@ pub enum ClusterEvent {
     /// The peer is gone (silent past the failure timeout, left, or removed); its sessions
     /// are dropped from the directory (at once for a few thousand, else in slices in the
     /// background, see `peer::DIR_SLICE`). `taken_over_here`: this node takes over what the
-    /// peer left (a [`ClusterEvent::SessionsLost`] follows).
+    /// peer left (a [`ClusterEvent::SessionsLost`] follows when the peer left sessions no
+    /// node holds, or leases to release).
     PeerDown {
         node: String,
         taken_over_here: bool,
@@ -272,13 +273,14 @@ pub enum ClusterEvent {
 pub enum NotifyOutcome {
     /// This node holds the session: wake it locally.
     Local,
-    /// No node holds a session of this conn.
+    /// No node holds a session of this conn (or the one named is down or removed).
     NoOwner,
     /// The notification is on its way to the owner.
     Sent(String),
-    /// The owner is known but unreachable right now (no link, or its queue is full): counted
-    /// in `notifications_failed`; the owner's sweep delivers, or, the owner found down, the
-    /// node that notified wakes the wallet (`Shared::peer_down`).
+    /// The owner is up but unreachable right now (no link, or its queue is full): counted in
+    /// `notifications_failed`; the owner's sweep delivers, or, the owner found down later,
+    /// the node that notified wakes the wallet (`Shared::peer_down`), or the node that takes
+    /// the owner over does.
     Failed(String),
 }
 

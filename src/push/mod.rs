@@ -29,6 +29,9 @@
 //! Exactly one node sends for a queued event: only the node that accepted the forward (or
 //! took back the lease that ran out, or was given back a session's leases) calls `queued`, and
 //! only when no node holds a session; the shared window folds the events of several nodes.
+//! Mail a node notified to a peer later found down is pushed by that node only if nobody
+//! pushed the wallet since (`queued_unless_pushed_since`): the node that took the peer over
+//! pushes for what was queued before its take-over.
 //!
 //! Must not: block the caller, log a device token or a credential in full, touch the queue.
 
@@ -220,7 +223,7 @@ impl PushMetrics {
         );
         r.register(
             "push_coalesced",
-            "Queued messages folded into a wallet's trailing push",
+            "Queued messages folded into a wallet's trailing push, or into a push another node sent since",
             self.coalesced.clone(),
         );
         r.register(
@@ -264,6 +267,8 @@ enum Cmd {
     Queued {
         conn: String,
         at: Instant,
+        /// Only if the wallet was not pushed since (ms; see [`PushHandle::queued_unless_pushed_since`]).
+        unless_pushed_since_ms: Option<i64>,
     },
     /// Finish what is in flight (within [`STOP_GRACE`]), then answer.
     Stop(tokio::sync::oneshot::Sender<()>),
@@ -315,9 +320,17 @@ pub struct PushHandle {
 impl PushHandle {
     /// A message was queued for `conn` and no node holds a session of it.
     pub fn queued(&self, conn: &str) {
+        self.queued_unless_pushed_since(conn, None);
+    }
+
+    /// As [`PushHandle::queued`], for mail another node may have pushed the wallet for
+    /// already: with `Some(since_ms)`, not if the wallet's shared window says it was pushed
+    /// at or after `since_ms` (without a window, `min_interval_secs = 0`, it is pushed).
+    pub fn queued_unless_pushed_since(&self, conn: &str, unless_pushed_since_ms: Option<i64>) {
         let cmd = Cmd::Queued {
             conn: conn.to_string(),
             at: Instant::now(),
+            unless_pushed_since_ms,
         };
         match self.tx.try_send(cmd) {
             Ok(()) => self.metrics.events.inc(),
@@ -426,8 +439,8 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
             cmd = rx.recv() => match cmd {
                 None => break None,
                 Some(Cmd::Stop(done)) => break Some(done),
-                Some(Cmd::Queued { conn, at }) => {
-                    in_flight.spawn_local(on_event(ctx.clone(), conn, at));
+                Some(Cmd::Queued { conn, at, unless_pushed_since_ms }) => {
+                    in_flight.spawn_local(on_event(ctx.clone(), conn, at, unless_pushed_since_ms));
                 }
             },
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
@@ -480,7 +493,7 @@ const TAKE_DUE_BATCH: usize = 256;
 
 /// One queued event: a wallet with a device registration gets a push now, or the event is
 /// folded into its window's trailing push (the window is shared by every node).
-async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant) {
+async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant, unless_pushed_since_ms: Option<i64>) {
     let device = match ctx.store.device_of(&conn).await {
         Ok(Some(d)) => d,
         Ok(None) => return,
@@ -504,7 +517,11 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant) {
     let taken = tokio::time::Instant::now();
     let now = crate::protocols::now_ms();
     let new_claim = NewClaim::until(now.saturating_add(ctx.claim_ms));
-    match ctx.store.push_event(&conn, now, window, new_claim).await {
+    match ctx
+        .store
+        .push_event(&conn, now, window, new_claim, unless_pushed_since_ms)
+        .await
+    {
         Ok(PushSlot::Now) => {
             let claim = PushClaim {
                 conn,
@@ -520,7 +537,7 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant) {
             };
             claimed_push(ctx, claim, slot, taken, at, Some(device)).await;
         }
-        Ok(PushSlot::Trailing { .. }) => {
+        Ok(PushSlot::Trailing { .. }) | Ok(PushSlot::PushedSince) => {
             ctx.metrics.coalesced.inc();
         }
         Err(e) => {

@@ -14,6 +14,7 @@ pub mod http;
 mod in_order;
 pub mod listener;
 pub mod live_window;
+pub mod notified;
 pub mod outbound;
 pub mod upgrade;
 pub mod watchdog;
@@ -46,9 +47,9 @@ const RECLAIM_BATCH: usize = 1_000;
 pub const RECLAIM_PUSHES: u32 = 3;
 /// Connections asked about in one store call by [`wake_pending`].
 const WAKE_PENDING_CHUNK: usize = 500;
-/// Most connections remembered per peer whose notification failed ([`Shared::unreached`]);
-/// past it, a failed notification pushes at once (a push too many, never none).
-const UNREACHED_MAX: usize = 100_000;
+/// Most connections [`Shared::notified`] keeps per peer, of each kind; past it, a failed
+/// notification pushes at once (a push too many, never none).
+const NOTIFIED_MAX: usize = 100_000;
 
 pub struct Shared {
     pub mediator: Arc<Mediator>,
@@ -82,13 +83,9 @@ pub struct Shared {
     pub egress: Arc<egress::Egress>,
     /// Hand-offs running, per connection: one at a time, in the order entered.
     handing: in_order::InOrder<Handed>,
-    /// peer -> connections whose message-queued notification to it failed (no link, or its
-    /// queue full) while the directory named it their session's node. The peer may have
-    /// failed with their sessions: when this node finds it down, their wallets are woken or
-    /// pushed ([`Shared::peer_down`]). The node that takes over wakes the wallets the peer
-    /// held, but maybe before this node queued the mail. Forgotten when a notification to
-    /// the peer goes out again (its own sweep wakes its sessions).
-    unreached: Mutex<std::collections::HashMap<String, HashSet<String>>>,
+    /// What this node notified each peer of, to wake once the peer is found down
+    /// ([`Shared::peer_down`]).
+    notified: notified::Notified,
 }
 
 impl Shared {
@@ -101,6 +98,9 @@ impl Shared {
         bound: Arc<LocalHolders>,
         egress: egress::Egress,
     ) -> Shared {
+        // A peer is found down at most a failure timeout (and a tick) after it died.
+        let window_ms = 2 * cfg.cluster.failure_timeout_ms.min(i64::MAX as u64 / 4) as i64;
+        let notified = notified::Notified::new(window_ms, NOTIFIED_MAX);
         Shared {
             mediator,
             registry,
@@ -118,27 +118,55 @@ impl Shared {
             bound,
             egress: Arc::new(egress),
             handing: in_order::InOrder::default(),
-            unreached: Mutex::new(std::collections::HashMap::new()),
+            notified,
         }
     }
 
     /// This node found `peer` down ([`crate::cluster::ClusterEvent::PeerDown`]): the
-    /// connections whose notification to it failed are its to wake, unless this node takes
-    /// over the peer, whose take-over wakes every wallet the peer held, these among them.
-    pub async fn peer_down(self: &Arc<Self>, peer: &str, taken_over_here: bool) {
-        let conns = self.unreached.lock().remove(peer).unwrap_or_default();
-        if conns.is_empty() || taken_over_here {
-            return;
+    /// connections to wake ([`Shared::wake_notified`]) of what it notified the peer of
+    /// ([`notified::Notified::down`]), unless this node takes the peer over, whose take-over
+    /// wakes every wallet the peer held. Called in the order of the cluster's events, so a
+    /// `PeerUp` after it finds nothing of before.
+    pub fn peer_down(&self, peer: &str, taken_over_here: bool) -> Vec<(String, i64)> {
+        if taken_over_here {
+            self.notified.forget(peer);
+            return Vec::new();
         }
-        tracing::info!(peer = %peer, wallets = conns.len(), "waking the wallets whose mail was notified to a peer now down");
-        let mut conns: Vec<String> = conns.into_iter().collect();
-        conns.sort_unstable();
-        wake_pending(self, &conns).await;
+        self.notified.down(peer, now_ms())
     }
 
     /// `peer` is up again: its own sweep wakes its sessions.
     pub fn peer_up(&self, peer: &str) {
-        self.unreached.lock().remove(peer);
+        self.notified.forget(peer);
+    }
+
+    /// Wakes the wallets of `conns` (each with the time this node first notified a peer now
+    /// found down of its mail) that have mail pending, once the node that takes the peer over
+    /// has had a failure timeout to find it down too and wake its wallets: each is treated as
+    /// queued now, but pushed only if nobody pushed it since that notification (the take-over
+    /// did, for mail queued before it). Without a push window (`min_interval_secs = 0`)
+    /// nothing records a push, and it is pushed.
+    pub async fn wake_notified(self: &Arc<Self>, conns: Vec<(String, i64)>) {
+        tokio::time::sleep(std::time::Duration::from_millis(self.cfg.cluster.failure_timeout_ms)).await;
+        let first: std::collections::HashMap<String, i64> = conns.into_iter().collect();
+        let ids: Vec<String> = first.keys().cloned().collect();
+        for chunk in ids.chunks(WAKE_PENDING_CHUNK) {
+            match self.mediator.store.pending_among(chunk, now_ms()).await {
+                Ok(pending) => {
+                    for c in pending {
+                        if !self.reach(&c).await {
+                            if let Some(p) = self.push.get() {
+                                p.queued_unless_pushed_since(&c, first.get(&c).copied());
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(wallets = ids.len(), "wallets left untold: store unavailable: {e}");
+                    return;
+                }
+            }
+        }
     }
 
     pub fn next_session_id(&self) -> u64 {
@@ -348,20 +376,14 @@ impl Shared {
             match c.notify_queued(conn) {
                 NotifyOutcome::Sent(peer) => {
                     self.metrics.notifications_sent.inc();
-                    let mut unreached = self.unreached.lock();
-                    if unreached.get(&peer).is_some_and(|s| !s.is_empty()) {
-                        unreached.remove(&peer);
-                    }
+                    self.notified.sent(&peer, conn, now_ms());
                     return true;
                 }
                 NotifyOutcome::Failed(peer) => {
                     self.metrics.notifications_failed.inc();
                     // Alive, the peer's sweep wakes the session; failed, it is woken from
                     // here once the peer is found down.
-                    let mut unreached = self.unreached.lock();
-                    let set = unreached.entry(peer).or_default();
-                    if set.len() < UNREACHED_MAX || set.contains(conn) {
-                        set.insert(conn.to_string());
+                    if self.notified.failed(&peer, conn, now_ms()) {
                         return true;
                     }
                 }

@@ -55,6 +55,9 @@ pub struct WsSession {
     /// Use the legacy `did:sov:` prefix for pushed deliveries (the wallet used it).
     legacy: bool,
     last_seen: Instant,
+    /// When the bound connection's mediation was last read in the store (`now_ms`): a drain
+    /// reads it again once half a lease has passed ([`WsSession::drain`]).
+    mediation_read_ms: i64,
     draining: bool,
     wake_again: bool,
     bad_frames: u32,
@@ -93,6 +96,13 @@ struct HandedHere {
     held_back: Vec<QueuedMessage>,
 }
 
+/// Why a drain leased nothing.
+enum Drained {
+    Store(crate::store::StoreError),
+    /// The bound connection's mediation was revoked (read in the store).
+    Revoked,
+}
+
 impl WsSession {
     pub(super) fn new(shared: Arc<Shared>, slot: SocketSlot) -> WsSession {
         let live_ack_wait = Duration::from_millis(shared.cfg.delivery.live_ack_wait_ms);
@@ -103,6 +113,7 @@ impl WsSession {
             mode: Mode::Quiet,
             legacy: false,
             last_seen: Instant::now(),
+            mediation_read_ms: 0,
             draining: false,
             wake_again: false,
             bad_frames: 0,
@@ -234,7 +245,8 @@ impl WsSession {
         let wants_route = !matches!(out.return_route, ReturnRoute::None);
         // A connection whose mediation was revoked gets nothing of its queue (pickup refuses
         // it too): the socket does not deliver for it, and one still bound to it (its node
-        // missed the revocation's close) closes after its replies, as the revocation closes it.
+        // missed the revocation's close) closes after its replies, as the revocation closes it
+        // (or at its next drain past half a lease, whichever comes first).
         let mut revoked_here = false;
         if let Some(conn) = &out.connection {
             if conn.mediation == MediationState::Denied {
@@ -289,12 +301,17 @@ impl WsSession {
             actix_rt::spawn(async move { shared.settle_batch(b, &owner, returned).await });
         }
         if revoked_here {
-            ctx.close(Some(ws::CloseReason {
-                code: ws::CloseCode::from(crate::admin::OPERATOR_CLOSE_CODE),
-                description: Some("mediation revoked by the mediator's operator".into()),
-            }));
-            ctx.stop();
+            self.close_revoked(ctx);
         }
+    }
+
+    /// Closes the socket of a connection whose mediation was revoked, as the revocation does.
+    fn close_revoked(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        ctx.close(Some(ws::CloseReason {
+            code: ws::CloseCode::from(crate::admin::OPERATOR_CLOSE_CODE),
+            description: Some("mediation revoked by the mediator's operator".into()),
+        }));
+        ctx.stop();
     }
 
     /// What this socket pushes when not in live mode, by strategy.
@@ -356,6 +373,8 @@ impl WsSession {
             self.mode = self.idle_mode();
         }
         self.conn = Some(self.shared.held.hold(conn));
+        // Just read with the message that binds.
+        self.mediation_read_ms = now_ms();
         // After the `Register` above and before the drain below (see `LocalHolders`).
         self.shared.bound.count_in(&conn.id);
         // Anything already queued goes out now.
@@ -436,6 +455,14 @@ impl WsSession {
         let batch = shared.mediator.batch_size;
         let lease_ms = shared.mediator.lease_ms;
         let closed = self.closed.clone();
+        // A revocation this node missed (its close frame lost to a cut link) is found here,
+        // before what the connection kept is delivered: its deliveries in flight come back no
+        // sooner than a lease after it, and the store is read at most once per half lease.
+        let now = now_ms();
+        let read_mediation = now.saturating_sub(self.mediation_read_ms) >= lease_ms / 2;
+        if read_mediation {
+            self.mediation_read_ms = now;
+        }
         // The lease runs detached: a session that stops meanwhile drops this future but not
         // the store's lease, which may land after `stopped` released the owner's messages.
         // Then the lease gives them back itself (`closed` is set before that release), or
@@ -443,6 +470,13 @@ impl WsSession {
         let fut = async move {
             let leased = actix_rt::spawn(async move {
                 let store = &shared.mediator.store;
+                if read_mediation {
+                    match store.get_connection(&conn_id).await {
+                        Ok(Some(c)) if c.mediation != MediationState::Denied => {}
+                        Ok(_) => return Err(Drained::Revoked),
+                        Err(e) => return Err(Drained::Store(e)),
+                    }
+                }
                 let now = now_ms();
                 let r = store
                     .lease(&conn_id, batch, &owner, now, now.saturating_add(lease_ms))
@@ -454,18 +488,25 @@ impl WsSession {
                         gave_back(&shared, &conn_id, released).await;
                     }
                 }
-                r
+                r.map_err(Drained::Store)
             });
-            leased
-                .await
-                .unwrap_or_else(|e| Err(crate::store::StoreError::Unavailable(format!("lease task: {e}"))))
+            leased.await.unwrap_or_else(|e| {
+                Err(Drained::Store(crate::store::StoreError::Unavailable(format!(
+                    "lease task: {e}"
+                ))))
+            })
         };
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             act.draining = false;
             let msgs = match res {
                 Ok(m) => m,
-                Err(e) => {
+                Err(Drained::Store(e)) => {
                     tracing::warn!(connection = act.conn_id(), "drain: store: {e}");
+                    return;
+                }
+                Err(Drained::Revoked) => {
+                    tracing::info!(connection = act.conn_id(), "mediation revoked: socket closed");
+                    act.close_revoked(ctx);
                     return;
                 }
             };

@@ -212,9 +212,20 @@ impl Store for Metered {
         self.timed("forget_device_token", self.inner.forget_device_token(conn, token))
             .await
     }
-    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64, claim: NewClaim) -> StoreResult<PushSlot> {
-        self.timed("push_event", self.inner.push_event(conn, now_ms, window_ms, claim))
-            .await
+    async fn push_event(
+        &self,
+        conn: &str,
+        now_ms: i64,
+        window_ms: i64,
+        claim: NewClaim,
+        unless_pushed_since_ms: Option<i64>,
+    ) -> StoreResult<PushSlot> {
+        self.timed(
+            "push_event",
+            self.inner
+                .push_event(conn, now_ms, window_ms, claim, unless_pushed_since_ms),
+        )
+        .await
     }
     async fn push_take_due(
         &self,

@@ -240,6 +240,9 @@ pub enum PushSlot {
     Now,
     /// Folded into the trailing push due at `due_ms` (scheduled by this event or an earlier one).
     Trailing { due_ms: i64 },
+    /// Not recorded: the wallet was pushed at or after the event's `unless_pushed_since_ms`
+    /// (another node woke it for this mail already).
+    PushedSince,
 }
 
 /// A push one node took (a trailing push from [`Store::push_take_due`], an immediate one from
@@ -637,8 +640,17 @@ pub trait Store: Send + Sync + 'static {
     /// the claim `claim` on the push (replacing any claim the window held): ended
     /// by [`Store::push_done`] once the push is sent, else taken again by
     /// [`Store::push_take_due`] once it runs out, so a node that dies before its push is sent
-    /// leaves it to the others.
-    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64, claim: NewClaim) -> StoreResult<PushSlot>;
+    /// leaves it to the others. With `unless_pushed_since_ms`, an event of a wallet whose
+    /// window last pushed at or after it changes nothing and is [`PushSlot::PushedSince`]
+    /// (in the same atomic step).
+    async fn push_event(
+        &self,
+        conn: &str,
+        now_ms: i64,
+        window_ms: i64,
+        claim: NewClaim,
+        unless_pushed_since_ms: Option<i64>,
+    ) -> StoreResult<PushSlot>;
     /// Claims trailing pushes due at `now_ms`, each for exactly one caller across nodes, at
     /// most `limit`, earliest first. A push is due when its window scheduled it at or before
     /// `now_ms`, or when an earlier claim on it ran out (its deadline is at or before `now_ms`)

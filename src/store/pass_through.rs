@@ -185,7 +185,7 @@ macro_rules! store_pass_through {
             -> bool);
     };
     (@method $i:ident push_event) => {
-        $crate::store_pass_through!(@fn $i push_event (conn: &'a str, now_ms: i64, window_ms: i64, claim: $crate::store::NewClaim) ['a]
+        $crate::store_pass_through!(@fn $i push_event (conn: &'a str, now_ms: i64, window_ms: i64, claim: $crate::store::NewClaim, unless_pushed_since_ms: Option<i64>) ['a]
             -> $crate::store::PushSlot);
     };
     (@method $i:ident push_take_due) => {

@@ -594,6 +594,9 @@ impl Shared {
         let owner = match st.dir.owner(conn) {
             None => return NotifyOutcome::NoOwner,
             Some((n, _)) if n == self.settings.node_id => return NotifyOutcome::Local,
+            // Found down (its claims not all swept from the directory yet) or removed from
+            // the peer list: its sessions are gone with it, nobody holds this one.
+            Some((n, _)) if !st.members.is_up(n) || !st.peers.contains_key(n) => return NotifyOutcome::NoOwner,
             Some((n, _)) => n.to_string(),
         };
         let sent = st

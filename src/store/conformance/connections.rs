@@ -592,7 +592,9 @@ pub async fn operator_removals(b: Arc<dyn Backend>) {
         updated_at_ms: T0,
     };
     s.set_device(&a, Some(&dev)).await.unwrap();
-    s.push_event(&a, T0, 1000, NewClaim::until(T0 + 60_000)).await.unwrap();
+    s.push_event(&a, T0, 1000, NewClaim::until(T0 + 60_000), None)
+        .await
+        .unwrap();
 
     // drop_queue: messages only.
     assert_eq!(s.drop_queue(&other).await.unwrap(), 1);

@@ -287,6 +287,10 @@ macro_rules! conformance {
                 backend::run(super::immediate_push_claims_run_out).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn push_event_unless_pushed_since() {
+                backend::run(super::push_event_unless_pushed_since).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn group_commit_throughput() {
                 backend::run(super::group_commit_throughput).await
             }

@@ -427,8 +427,10 @@ async fn a_failed_idle_cleanup_claims_no_trailing_push() {
     let r = tokio::spawn(async move {
         let s = open_postgres(&url, 2).await.unwrap();
         let c = "trailing-conn";
-        s.push_event(c, T0, 1000, NewClaim::until(T0 + 60_000)).await.unwrap();
-        s.push_event(c, T0 + 10, 1000, NewClaim::until(T0 + 60_000))
+        s.push_event(c, T0, 1000, NewClaim::until(T0 + 60_000), None)
+            .await
+            .unwrap();
+        s.push_event(c, T0 + 10, 1000, NewClaim::until(T0 + 60_000), None)
             .await
             .unwrap();
         let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();

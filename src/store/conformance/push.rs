@@ -66,7 +66,7 @@ pub async fn push_windows_are_shared(b: Arc<dyn Backend>) {
         let s = if i % 2 == 0 { n1.clone() } else { n2.clone() };
         let c = c.clone();
         tasks.push(tokio::spawn(async move {
-            s.push_event(&c, T0 + i, 1000, NewClaim::until(T0 + i + LEASE))
+            s.push_event(&c, T0 + i, 1000, NewClaim::until(T0 + i + LEASE), None)
                 .await
                 .unwrap()
         }));
@@ -79,6 +79,7 @@ pub async fn push_windows_are_shared(b: Arc<dyn Backend>) {
             PushSlot::Trailing { due_ms } => {
                 dues.insert(due_ms);
             }
+            PushSlot::PushedSince => panic!("no condition was given"),
         }
     }
     assert_eq!(now, 1, "one push now across nodes");
@@ -102,14 +103,14 @@ pub async fn push_windows_are_shared(b: Arc<dyn Backend>) {
     assert!(n2.push_done(&c, taken[0].token).await.unwrap(), "sent");
     // The trailing push restarted the window.
     assert_eq!(
-        n2.push_event(&c, due + 1, 1000, NewClaim::until(due + 1 + LEASE))
+        n2.push_event(&c, due + 1, 1000, NewClaim::until(due + 1 + LEASE), None)
             .await
             .unwrap(),
         PushSlot::Trailing { due_ms: due + 1000 }
     );
     // An event after the window pushes now; the trailing push not yet taken is that push.
     assert!(matches!(
-        n1.push_event(&c, due + 5000, 1000, NewClaim::until(due + 5000 + LEASE))
+        n1.push_event(&c, due + 5000, 1000, NewClaim::until(due + 5000 + LEASE), None)
             .await
             .unwrap(),
         PushSlot::Now
@@ -122,11 +123,15 @@ pub async fn push_windows_are_shared(b: Arc<dyn Backend>) {
     // No window: every event pushes.
     let d = new_id();
     assert!(matches!(
-        n1.push_event(&d, T0, 0, NewClaim::until(T0 + LEASE)).await.unwrap(),
+        n1.push_event(&d, T0, 0, NewClaim::until(T0 + LEASE), None)
+            .await
+            .unwrap(),
         PushSlot::Now
     ));
     assert!(matches!(
-        n2.push_event(&d, T0, 0, NewClaim::until(T0 + LEASE)).await.unwrap(),
+        n2.push_event(&d, T0, 0, NewClaim::until(T0 + LEASE), None)
+            .await
+            .unwrap(),
         PushSlot::Now
     ));
 }
@@ -148,12 +153,14 @@ pub async fn trailing_push_claims_run_out(b: Arc<dyn Backend>) {
     let c = new_id();
     let other = new_id();
     assert!(matches!(
-        n1.push_event(&c, T0, 1000, NewClaim::until(T0 + LEASE)).await.unwrap(),
+        n1.push_event(&c, T0, 1000, NewClaim::until(T0 + LEASE), None)
+            .await
+            .unwrap(),
         PushSlot::Now
     ));
     let due = T0 + 1000;
     assert_eq!(
-        n2.push_event(&c, T0 + 10, 1000, NewClaim::until(T0 + 10 + LEASE))
+        n2.push_event(&c, T0 + 10, 1000, NewClaim::until(T0 + 10 + LEASE), None)
             .await
             .unwrap(),
         PushSlot::Trailing { due_ms: due }
@@ -206,13 +213,13 @@ pub async fn trailing_push_claims_run_out(b: Arc<dyn Backend>) {
     // push a window after it, as without a claim; it is taken when due, whatever the claim.
     let t = t + LEASE;
     assert_eq!(
-        n2.push_event(&c, t + 10, 1000, NewClaim::until(t + 10 + LEASE))
+        n2.push_event(&c, t + 10, 1000, NewClaim::until(t + 10 + LEASE), None)
             .await
             .unwrap(),
         PushSlot::Trailing { due_ms: t + 1000 }
     );
     assert_eq!(
-        n1.push_event(&c, t + 20, 1000, NewClaim::until(t + 20 + LEASE))
+        n1.push_event(&c, t + 20, 1000, NewClaim::until(t + 20 + LEASE), None)
             .await
             .unwrap(),
         PushSlot::Trailing { due_ms: t + 1000 }
@@ -246,7 +253,7 @@ pub async fn trailing_push_claims_run_out(b: Arc<dyn Backend>) {
         .unwrap()
         .is_empty());
     assert!(matches!(
-        n1.push_event(&c, t + 500, 1000, NewClaim::until(t + 500 + LEASE))
+        n1.push_event(&c, t + 500, 1000, NewClaim::until(t + 500 + LEASE), None)
             .await
             .unwrap(),
         PushSlot::Now
@@ -264,11 +271,11 @@ pub async fn immediate_push_claims_run_out(b: Arc<dyn Backend>) {
     let (claim, e_claim) = (NewClaim::until(T0 + LEASE), NewClaim::until(T0 + LEASE));
     let token = claim.token;
     let e_token = e_claim.token;
-    assert_eq!(n1.push_event(&c, T0, 1000, claim).await.unwrap(), PushSlot::Now);
-    assert_eq!(n1.push_event(&e, T0, 1000, e_claim).await.unwrap(), PushSlot::Now);
+    assert_eq!(n1.push_event(&c, T0, 1000, claim, None).await.unwrap(), PushSlot::Now);
+    assert_eq!(n1.push_event(&e, T0, 1000, e_claim, None).await.unwrap(), PushSlot::Now);
     // Folded into the window: the claim stays, and still ends with its token.
     assert_eq!(
-        n2.push_event(&e, T0 + 10, 1000, NewClaim::until(T0 + 10 + LEASE))
+        n2.push_event(&e, T0 + 10, 1000, NewClaim::until(T0 + 10 + LEASE), None)
             .await
             .unwrap(),
         PushSlot::Trailing { due_ms: T0 + 1000 }
@@ -298,4 +305,52 @@ pub async fn immediate_push_claims_run_out(b: Arc<dyn Backend>) {
         .await
         .unwrap()
         .is_empty());
+}
+
+/// An event with `unless_pushed_since_ms` goes through the window as any event while the
+/// wallet's last push is older, and changes nothing once it is not (another node pushed the
+/// wallet for this mail already).
+pub async fn push_event_unless_pushed_since(b: Arc<dyn Backend>) {
+    let n1 = b.open().await;
+    let n2 = b.open().await;
+    let c = new_id();
+    let since = |t: i64| Some(t);
+    // No window yet: nothing says it was pushed.
+    assert_eq!(
+        n1.push_event(&c, T0, 1000, NewClaim::until(T0 + LEASE), since(T0 - 5))
+            .await
+            .unwrap(),
+        PushSlot::Now
+    );
+    assert_eq!(
+        n2.push_event(&c, T0 + 10, 1000, NewClaim::until(T0 + LEASE), since(T0))
+            .await
+            .unwrap(),
+        PushSlot::PushedSince,
+        "pushed at T0"
+    );
+    // Not even folded: no trailing push scheduled.
+    let due = n2.push_take_due(T0 + 1000, T0 + LEASE, 0, 100).await.unwrap();
+    assert!(due.iter().all(|p| p.conn != c), "{due:?}");
+    let t = T0 + 5000;
+    assert_eq!(
+        n2.push_event(&c, t, 1000, NewClaim::until(t + LEASE), since(T0 + 1))
+            .await
+            .unwrap(),
+        PushSlot::Now,
+        "last pushed before it: as any event"
+    );
+    assert_eq!(
+        n1.push_event(&c, t + 1, 1000, NewClaim::until(t + LEASE), since(t))
+            .await
+            .unwrap(),
+        PushSlot::PushedSince
+    );
+    // The window still runs from t.
+    assert_eq!(
+        n1.push_event(&c, t + 2, 1000, NewClaim::until(t + LEASE), None)
+            .await
+            .unwrap(),
+        PushSlot::Trailing { due_ms: t + 1000 }
+    );
 }

@@ -735,7 +735,14 @@ impl Store for PgStore {
         Ok(n > 0)
     }
 
-    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64, claim: NewClaim) -> StoreResult<PushSlot> {
+    async fn push_event(
+        &self,
+        conn: &str,
+        now_ms: i64,
+        window_ms: i64,
+        claim: NewClaim,
+        unless_pushed_since_ms: Option<i64>,
+    ) -> StoreResult<PushSlot> {
         check_storable("connection id", conn)?;
         let c = self.client().await?;
         // push_window_step in one statement: the row lock orders concurrent events. An event
@@ -751,15 +758,28 @@ impl Store for PgStore {
                  claimed_until_ms = CASE WHEN $2 < w.last_push_ms + $3 THEN w.claimed_until_ms ELSE $4 END, \
                  claim_token = CASE WHEN $2 < w.last_push_ms + $3 THEN w.claim_token ELSE $5 END, \
                  last_push_ms = CASE WHEN $2 < w.last_push_ms + $3 THEN w.last_push_ms ELSE $2 END \
+                 WHERE $6::bigint IS NULL OR w.last_push_ms < $6 \
                  RETURNING trailing_due_ms",
             ))
             .await?;
         let row = c
-            .run(c.query_one(&q, &[&conn, &now_ms, &window_ms, &claim.until_ms, &claim.token]))
+            .run(c.query_opt(
+                &q,
+                &[
+                    &conn,
+                    &now_ms,
+                    &window_ms,
+                    &claim.until_ms,
+                    &claim.token,
+                    &unless_pushed_since_ms,
+                ],
+            ))
             .await?;
-        Ok(match row.get::<_, Option<i64>>(0) {
-            Some(due_ms) => PushSlot::Trailing { due_ms },
-            None => PushSlot::Now,
+        // No row: the update's condition failed, the wallet was pushed since.
+        Ok(match row.map(|r| r.get::<_, Option<i64>>(0)) {
+            None => PushSlot::PushedSince,
+            Some(Some(due_ms)) => PushSlot::Trailing { due_ms },
+            Some(None) => PushSlot::Now,
         })
     }
 

@@ -198,7 +198,10 @@ struct State {
 }
 
 /// Damage on the disk found by replay in segments before the last (synced whole, so not a torn
-/// append), each counted once however many replays (reopens) find it again.
+/// append; but for an append that failed and could not be cut either, which the log rolls
+/// past: it was never answered as durable), each counted once however many replays (reopens)
+/// of this handle find it again. A new handle (a restart) counts what it finds: a record
+/// skipped again, a segment cut before no more (its copy aside stays).
 #[derive(Default)]
 struct Damage {
     /// (segment, offset) of each record skipped: a queued message or a removal lost.
@@ -918,11 +921,11 @@ impl QueueLog {
         }
         let numbers = segment_numbers(&self.dir)?;
         let capacity = st.live.0.len();
-        let mut damage = std::mem::take(&mut st.damage);
-        *st = Self::replay(&self.dir, &numbers, capacity)?;
-        damage.skipped.append(&mut st.damage.skipped);
-        damage.cut.append(&mut st.damage.cut);
-        st.damage = damage;
+        let mut replayed = Self::replay(&self.dir, &numbers, capacity)?;
+        // Damage found before stays counted (a cut segment is not found again).
+        replayed.damage.skipped.append(&mut st.damage.skipped);
+        replayed.damage.cut.append(&mut st.damage.cut);
+        *st = replayed;
         self.start_segment(&mut st)?;
         self.unsynced.store(false, SeqCst);
         self.syncs.lock().failed = None;

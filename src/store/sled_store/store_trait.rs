@@ -800,11 +800,23 @@ impl Store for SledStore {
         .await
     }
 
-    async fn push_event(&self, conn: &str, now_ms: i64, window_ms: i64, claim: NewClaim) -> StoreResult<PushSlot> {
+    async fn push_event(
+        &self,
+        conn: &str,
+        now_ms: i64,
+        window_ms: i64,
+        claim: NewClaim,
+        unless_pushed_since_ms: Option<i64>,
+    ) -> StoreResult<PushSlot> {
         check_storable("connection id", conn)?;
         let inner = self.slot.get()?;
         let mut w = inner.push_windows.lock();
         let old = w.get(conn).copied();
+        if let (Some(since), Some(p)) = (unless_pushed_since_ms, old) {
+            if p.last_push_ms >= since {
+                return Ok(PushSlot::PushedSince);
+            }
+        }
         let state = old.map(|p| (p.last_push_ms, p.trailing_due_ms));
         let ((last_push_ms, trailing_due_ms), due) = super::super::push_window_step(state, now_ms, window_ms);
         // Folded: the claim of a push in flight is not the window's, kept as it is. Now: this
