@@ -300,6 +300,8 @@ pub async fn run(
                 }),
                 metrics: metrics.push.clone(),
                 node_id: node_id.to_string(),
+                keep_windows_ms: crate::session::notified_wake_after_ms(&cfg)
+                    .saturating_add(cfg.cluster.failure_timeout_ms as i64),
             },
         )
         .map_err(anyhow::Error::msg)?;

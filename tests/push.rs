@@ -831,10 +831,14 @@ async fn a_failed_peers_unacknowledged_pickup_pushes_the_wallet() {
     drop(ghost);
 }
 
+/// The failure timeout of [`TakenOverElsewhere`]: n1's death, the forward and the checks
+/// after it fit well within it.
+const FOUND_DOWN_AFTER: Duration = Duration::from_secs(4);
+
 /// n3, a node in a cluster whose n1 and n2 are the test (links as those peers, kept alive with
 /// heartbeats; n2 is the lower id left up, so n2, not n3, takes over a failed n1), with a
 /// wallet onboarded on n3 whose session n1 holds. Push without a window; a failure timeout of
-/// 3 s, time to queue mail between n1's death and n3 finding it down.
+/// [`FOUND_DOWN_AFTER`], time to queue mail between n1's death and n3 finding it down.
 struct TakenOverElsewhere {
     _db: FreshDb,
     si: StandIn,
@@ -851,7 +855,7 @@ impl TakenOverElsewhere {
         let db = FreshDb::create().await;
         let (mut cfg, ls) = bind_cluster(3, &db.url, 100);
         cfg.push = Some(si.push_config(0, &["proj-a"], false));
-        cfg.cluster.failure_timeout_ms = 3_000;
+        cfg.cluster.failure_timeout_ms = FOUND_DOWN_AFTER.as_millis() as u64;
         cfg.delivery.strategy = strategy;
         let store = open_shared_store(&cfg).await;
         let n3 = start_node(&cfg, "n3", ls.into_iter().nth(2).unwrap(), &store, None);
@@ -904,7 +908,13 @@ impl TakenOverElsewhere {
         assert_eq!(metric(&self.n3, counter).await, before + 1.0, "{counter}");
         assert!(self.sees("n1").await.0, "n1 is not yet found down");
         assert_eq!(self.si.state.hits("fcm:").len(), 0, "notified, not pushed");
-        let hits = wait_hits(&self.si, "fcm:", 1).await;
+        // Found down within a failure timeout, woken two after that.
+        let deadline = Instant::now() + 3 * FOUND_DOWN_AFTER + WAIT;
+        while self.si.state.hits("fcm:").is_empty() {
+            assert!(Instant::now() < deadline, "the wallet was never pushed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let hits = self.si.state.hits("fcm:");
         assert_clean(&hits);
         assert_eq!(hits[0].body["message"]["data"]["message_count"], "1");
         assert!(!self.sees("n1").await.0);
@@ -1430,6 +1440,12 @@ async fn kill_9_of_the_session_node_still_wakes_the_wallet_once() {
     assert_eq!(hooks[0].body["node"], "n2", "the lowest node left takes over");
     // Nothing more within the window, nor at its end (no trailing push: no later event).
     tokio::time::sleep(Duration::from_millis(WINDOW_SECS * 1000 + 1_500)).await;
+    // n3 notified n1 of the burst: once n3 has found n1 down, it wakes the wallet for it,
+    // two failure timeouts later, and finds it pushed since (by n2's take-over).
+    eventually("n3's wake-up for what it notified n1 of", || async {
+        (metric(&n3, "mailroom_push_coalesced_total").await >= 1.0).then_some(())
+    })
+    .await;
     assert_eq!(si.state.hits("fcm:").len(), 1, "one push, not one per node");
     assert_eq!(metric(&n3, "mailroom_push_total").await, 0.0, "n3 sent nothing");
     assert_eq!(hits[0].body["message"]["data"]["message_count"], "20");

@@ -356,6 +356,11 @@ pub struct Deps {
     pub presence: Arc<dyn Presence>,
     pub metrics: PushMetrics,
     pub node_id: String,
+    /// How long a wallet's push window is kept after its last push, at the least (beyond
+    /// twice `min_interval`): a node that notified a peer found down asks it whether the
+    /// wallet was pushed since, up to this long after the push of the node that took the
+    /// peer over (`session::Shared::wake_notified`).
+    pub keep_windows_ms: i64,
 }
 
 /// Starts the push worker on an arbiter (thread) of its own. Fails on credentials that do not
@@ -422,6 +427,8 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
     };
     let window = settings.min_interval_ms;
     let claim_ms = ctx.claim_ms;
+    // Windows idle this long are forgotten.
+    let keep_ms = window.saturating_mul(2).max(deps.keep_windows_ms);
     // Trailing pushes are due at most this late (any node's poll may take them).
     let mut poll = tokio::time::interval(Duration::from_millis((window as u64 / 4).clamp(50, 1000)));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -458,10 +465,9 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
                 // the take: a slow take shortens the budget, never outlasts the claim.
                 let taken = tokio::time::Instant::now();
                 let now = crate::protocols::now_ms();
-                // Windows idle for twice their length are forgotten.
                 let due = ctx
                     .store
-                    .push_take_due(now, now.saturating_add(claim_ms), now - 2 * window, slots.len())
+                    .push_take_due(now, now.saturating_add(claim_ms), now.saturating_sub(keep_ms), slots.len())
                     .await;
                 match due {
                     Ok(due) => {

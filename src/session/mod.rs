@@ -129,7 +129,7 @@ impl Shared {
     /// `PeerUp` after it finds nothing of before.
     pub fn peer_down(&self, peer: &str, taken_over_here: bool) -> Vec<(String, i64)> {
         if taken_over_here {
-            self.notified.forget(peer);
+            self.notified.forget(peer, false);
             return Vec::new();
         }
         self.notified.down(peer, now_ms())
@@ -137,17 +137,18 @@ impl Shared {
 
     /// `peer` is up again: its own sweep wakes its sessions.
     pub fn peer_up(&self, peer: &str) {
-        self.notified.forget(peer);
+        self.notified.forget(peer, true);
     }
 
-    /// Wakes the wallets of `conns` (each with the time this node first notified a peer now
+    /// Wakes the wallets of `conns` (each with the time this node last notified a peer now
     /// found down of its mail) that have mail pending, once the node that takes the peer over
-    /// has had a failure timeout to find it down too and wake its wallets: each is treated as
-    /// queued now, but pushed only if nobody pushed it since that notification (the take-over
-    /// did, for mail queued before it). Without a push window (`min_interval_secs = 0`)
-    /// nothing records a push, and it is pushed.
+    /// has had [`notified_wake_after_ms`] to find it down too and wake its wallets: each is
+    /// treated as queued now, but pushed only if nobody pushed it since that notification (the
+    /// take-over did, for mail queued before it). Without a push window
+    /// (`min_interval_secs = 0`) nothing records a push, and it is pushed (maybe twice).
     pub async fn wake_notified(self: &Arc<Self>, conns: Vec<(String, i64)>) {
-        tokio::time::sleep(std::time::Duration::from_millis(self.cfg.cluster.failure_timeout_ms)).await;
+        let after = notified_wake_after_ms(&self.cfg);
+        tokio::time::sleep(std::time::Duration::from_millis(after as u64)).await;
         let first: std::collections::HashMap<String, i64> = conns.into_iter().collect();
         let ids: Vec<String> = first.keys().cloned().collect();
         for chunk in ids.chunks(WAKE_PENDING_CHUNK) {
@@ -376,8 +377,10 @@ impl Shared {
             match c.notify_queued(conn) {
                 NotifyOutcome::Sent(peer) => {
                     self.metrics.notifications_sent.inc();
-                    self.notified.sent(&peer, conn, now_ms());
-                    return true;
+                    // Not kept (the peer found down meanwhile, or too many): pushed now.
+                    if self.notified.sent(&peer, conn, now_ms()) {
+                        return true;
+                    }
                 }
                 NotifyOutcome::Failed(peer) => {
                     self.metrics.notifications_failed.inc();
@@ -598,4 +601,12 @@ pub async fn wake_pending(shared: &Arc<Shared>, conns: &[String]) {
             }
         }
     }
+}
+
+/// How long after finding a peer down a node that does not take it over waits before it wakes
+/// the wallets it notified the peer of ([`Shared::wake_notified`]): twice the failure timeout,
+/// for the node that takes over to find the peer down (a heartbeat apart at most) and push
+/// for what was queued before it, however slow its directory sweep.
+pub fn notified_wake_after_ms(cfg: &Config) -> i64 {
+    cfg.cluster.failure_timeout_ms.min(i64::MAX as u64 / 4) as i64 * 2
 }

@@ -5,7 +5,7 @@
 //! it did; the other nodes find the peer down a little later (up to a heartbeat apart), and
 //! what they notified it of meanwhile is theirs to wake ([`Notified::down`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet};
 
 use parking_lot::Mutex;
 
@@ -17,15 +17,46 @@ pub struct Notified {
     window_ms: i64,
     /// Most connections kept per peer, of each kind.
     max: usize,
-    by_peer: Mutex<HashMap<String, Notes>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    by_peer: HashMap<String, Notes>,
+    /// Peers found down and not up since: a notification recorded for one after [`Notified::down`]
+    /// took its notes (it raced the peer's failure) is not kept, the caller pushes now.
+    down: HashSet<String>,
 }
 
 #[derive(Default)]
 struct Notes {
-    /// Notifications that could not be sent (no link, or its queue full): the first's time.
+    /// Notifications that could not be sent (no link, or its queue full): connection -> the
+    /// latest one's time (ms).
     failed: HashMap<String, i64>,
-    /// Notifications sent, oldest first, with when (ms).
-    sent: VecDeque<(i64, String)>,
+    /// Notifications sent: connection -> the latest one's time. Those older than the window
+    /// are dropped when the map is full.
+    sent: HashMap<String, i64>,
+}
+
+impl Notes {
+    /// Records `conn` at `now_ms` in `map`, keeping at most `max` (after dropping those before
+    /// `prune_before`, if any). Whether it is kept.
+    fn note(map: &mut HashMap<String, i64>, conn: &str, now_ms: i64, max: usize, prune_before: Option<i64>) -> bool {
+        if let Some(t) = map.get_mut(conn) {
+            *t = (*t).max(now_ms);
+            return true;
+        }
+        if map.len() >= max {
+            if let Some(before) = prune_before {
+                map.retain(|_, at| *at >= before);
+            }
+            if map.len() >= max {
+                return false;
+            }
+        }
+        map.insert(conn.to_string(), now_ms);
+        true
+    }
 }
 
 impl Notified {
@@ -33,64 +64,67 @@ impl Notified {
         Notified {
             window_ms,
             max,
-            by_peer: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
         }
     }
 
     /// A notification of `conn` went out to `peer` at `now_ms`. The peer is reachable: what
-    /// could not be sent to it before is its own sweep's to deliver.
-    pub fn sent(&self, peer: &str, conn: &str, now_ms: i64) {
-        let mut by_peer = self.by_peer.lock();
-        let notes = match by_peer.get_mut(peer) {
-            Some(n) => n,
-            None => by_peer.entry(peer.to_string()).or_default(),
-        };
-        notes.failed.clear();
-        let since = now_ms.saturating_sub(self.window_ms);
-        while notes.sent.front().is_some_and(|(at, _)| *at < since) || notes.sent.len() >= self.max {
-            notes.sent.pop_front();
-        }
-        notes.sent.push_back((now_ms, conn.to_string()));
-    }
-
-    /// A notification of `conn` to `peer` could not be sent at `now_ms`. Whether it is kept:
-    /// `false` once `max` are, and the caller pushes the wallet now (a push too many, never
-    /// none).
-    pub fn failed(&self, peer: &str, conn: &str, now_ms: i64) -> bool {
-        let mut by_peer = self.by_peer.lock();
-        let notes = match by_peer.get_mut(peer) {
-            Some(n) => n,
-            None => by_peer.entry(peer.to_string()).or_default(),
-        };
-        if notes.failed.len() >= self.max && !notes.failed.contains_key(conn) {
+    /// could not be sent to it before is its own sweep's to deliver. Whether it is kept:
+    /// `false` when the peer was found down meanwhile or `max` are kept within the window,
+    /// and the caller pushes the wallet now (a push too many, never none).
+    pub fn sent(&self, peer: &str, conn: &str, now_ms: i64) -> bool {
+        let mut st = self.state.lock();
+        if st.down.contains(peer) {
             return false;
         }
-        notes.failed.entry(conn.to_string()).or_insert(now_ms);
-        true
+        let notes = st.by_peer.entry(peer.to_string()).or_default();
+        notes.failed.clear();
+        let before = now_ms.saturating_sub(self.window_ms);
+        Notes::note(&mut notes.sent, conn, now_ms, self.max, Some(before))
+    }
+
+    /// A notification of `conn` to `peer` could not be sent at `now_ms`. Whether it is kept,
+    /// as for [`Notified::sent`].
+    pub fn failed(&self, peer: &str, conn: &str, now_ms: i64) -> bool {
+        let mut st = self.state.lock();
+        if st.down.contains(peer) {
+            return false;
+        }
+        let notes = st.by_peer.entry(peer.to_string()).or_default();
+        Notes::note(&mut notes.failed, conn, now_ms, self.max, None)
     }
 
     /// `peer` was found down at `now_ms`: the connections to wake (those whose notification
     /// failed, and those notified within the window), each once, sorted, with the time of its
-    /// first notification kept; the peer forgotten.
+    /// latest notification; the peer is marked down until [`Notified::forget`].
     pub fn down(&self, peer: &str, now_ms: i64) -> Vec<(String, i64)> {
-        let Some(notes) = self.by_peer.lock().remove(peer) else {
+        let mut st = self.state.lock();
+        st.down.insert(peer.to_string());
+        let Some(notes) = st.by_peer.remove(peer) else {
             return Vec::new();
         };
+        drop(st);
         let since = now_ms.saturating_sub(self.window_ms);
-        let mut first = notes.failed;
-        for (at, c) in notes.sent.into_iter().filter(|(at, _)| *at >= since) {
-            let t = first.entry(c).or_insert(at);
-            *t = (*t).min(at);
+        let mut latest = notes.failed;
+        for (c, at) in notes.sent.into_iter().filter(|(_, at)| *at >= since) {
+            let t = latest.entry(c).or_insert(at);
+            *t = (*t).max(at);
         }
-        let mut conns: Vec<(String, i64)> = first.into_iter().collect();
+        let mut conns: Vec<(String, i64)> = latest.into_iter().collect();
         conns.sort_unstable();
         conns
     }
 
     /// Forgets `peer`: it is up again (its sweep wakes its sessions), or this node takes it
-    /// over (its take-over wakes every wallet the peer held).
-    pub fn forget(&self, peer: &str) {
-        self.by_peer.lock().remove(peer);
+    /// over (its take-over wakes every wallet the peer held). `up`: it is up again.
+    pub fn forget(&self, peer: &str, up: bool) {
+        let mut st = self.state.lock();
+        st.by_peer.remove(peer);
+        if up {
+            st.down.remove(peer);
+        } else {
+            st.down.insert(peer.to_string());
+        }
     }
 }
 
@@ -105,42 +139,56 @@ mod tests {
     #[test]
     fn a_peer_found_down_wakes_what_it_failed_to_take_and_what_it_took_lately() {
         let n = Notified::new(1_000, 3);
-        n.sent("p", "early", 0);
-        n.sent("p", "late", 5_000);
+        assert!(n.sent("p", "early", 0));
+        assert!(n.sent("p", "late", 5_000));
         assert!(n.failed("q", "unsent", 7) && n.failed("q", "unsent", 9));
-        n.sent("p", "late", 5_500);
+        assert!(n.sent("p", "late", 5_500));
         assert_eq!(
             n.down("p", 5_800),
-            [at("late", 5_000)],
-            "what it took a window ago is not woken; the first notification's time is kept"
+            [at("late", 5_500)],
+            "what it took a window ago is not woken; the latest notification's time"
         );
         assert!(n.down("p", 5_800).is_empty(), "forgotten once down");
         assert_eq!(
             n.down("q", 100_000),
-            [at("unsent", 7)],
+            [at("unsent", 9)],
             "a failed notification is kept however long"
         );
+    }
+
+    #[test]
+    fn a_notification_that_raced_the_peer_found_down_is_not_kept() {
+        let n = Notified::new(1_000, 10);
+        assert!(n.sent("p", "a", 0));
+        assert_eq!(n.down("p", 10), [at("a", 0)]);
+        assert!(!n.sent("p", "b", 11), "the caller pushes now");
+        assert!(!n.failed("p", "b", 11));
+        n.forget("p", true);
+        assert!(n.sent("p", "c", 12), "up again");
+        n.forget("p", false);
+        assert!(!n.failed("p", "d", 13), "taken over here: down too");
     }
 
     #[test]
     fn a_peer_reached_again_or_taken_over_is_forgotten() {
         let n = Notified::new(1_000, 10);
         assert!(n.failed("p", "a", 0));
-        n.sent("p", "b", 10);
+        assert!(n.sent("p", "b", 10));
         assert_eq!(n.down("p", 20), [at("b", 10)], "reached again: its sweep wakes a");
+        n.forget("p", true);
         assert!(n.failed("p", "c", 30));
-        n.forget("p");
+        n.forget("p", false);
         assert!(n.down("p", 40).is_empty());
     }
 
     #[test]
     fn at_most_max_per_peer_are_kept() {
-        let n = Notified::new(1_000_000, 2);
+        let n = Notified::new(10, 2);
         assert!(n.failed("p", "a", 0) && n.failed("p", "b", 0) && n.failed("p", "a", 0));
         assert!(!n.failed("p", "c", 0), "full: the caller pushes now");
-        for (i, c) in ["x", "y", "z"].iter().enumerate() {
-            n.sent("q", c, i as i64);
-        }
-        assert_eq!(n.down("q", 3), [at("y", 1), at("z", 2)]);
+        assert!(n.sent("q", "x", 0) && n.sent("q", "y", 5));
+        assert!(!n.sent("q", "z", 6), "full within the window");
+        assert!(n.sent("q", "z", 11), "x is out of the window: dropped for z");
+        assert_eq!(n.down("q", 12), [at("y", 5), at("z", 11)]);
     }
 }

@@ -309,7 +309,7 @@ impl WsSession {
     fn close_revoked(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
         ctx.close(Some(ws::CloseReason {
             code: ws::CloseCode::from(crate::admin::OPERATOR_CLOSE_CODE),
-            description: Some("mediation revoked by the mediator's operator".into()),
+            description: Some("mediation revoked (or the connection removed) by the mediator's operator".into()),
         }));
         ctx.stop();
     }
@@ -456,13 +456,10 @@ impl WsSession {
         let lease_ms = shared.mediator.lease_ms;
         let closed = self.closed.clone();
         // A revocation this node missed (its close frame lost to a cut link) is found here,
-        // before what the connection kept is delivered: its deliveries in flight come back no
-        // sooner than a lease after it, and the store is read at most once per half lease.
-        let now = now_ms();
-        let read_mediation = now.saturating_sub(self.mediation_read_ms) >= lease_ms / 2;
-        if read_mediation {
-            self.mediation_read_ms = now;
-        }
+        // reading the connection in the store at most once per half lease: deliveries in
+        // flight at the revocation that come back when their lease runs out find it (those
+        // given back sooner, by a closing session or a take-over, may go out first).
+        let read_mediation = now_ms().saturating_sub(self.mediation_read_ms) >= lease_ms / 2;
         // The lease runs detached: a session that stops meanwhile drops this future but not
         // the store's lease, which may land after `stopped` released the owner's messages.
         // Then the lease gives them back itself (`closed` is set before that release), or
@@ -470,9 +467,11 @@ impl WsSession {
         let fut = async move {
             let leased = actix_rt::spawn(async move {
                 let store = &shared.mediator.store;
+                let mut read_at = None;
                 if read_mediation {
+                    let at = now_ms();
                     match store.get_connection(&conn_id).await {
-                        Ok(Some(c)) if c.mediation != MediationState::Denied => {}
+                        Ok(Some(c)) if c.mediation != MediationState::Denied => read_at = Some(at),
                         Ok(_) => return Err(Drained::Revoked),
                         Err(e) => return Err(Drained::Store(e)),
                     }
@@ -488,7 +487,7 @@ impl WsSession {
                         gave_back(&shared, &conn_id, released).await;
                     }
                 }
-                r.map_err(Drained::Store)
+                r.map(|m| (m, read_at)).map_err(Drained::Store)
             });
             leased.await.unwrap_or_else(|e| {
                 Err(Drained::Store(crate::store::StoreError::Unavailable(format!(
@@ -499,7 +498,12 @@ impl WsSession {
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             act.draining = false;
             let msgs = match res {
-                Ok(m) => m,
+                Ok((m, read_at)) => {
+                    if let Some(t) = read_at {
+                        act.mediation_read_ms = t;
+                    }
+                    m
+                }
                 Err(Drained::Store(e)) => {
                     tracing::warn!(connection = act.conn_id(), "drain: store: {e}");
                     return;
