@@ -541,18 +541,33 @@ async fn closed_as_revoked(ws: &mut mailroom::client::WsClient) {
     }
 }
 
-/// A socket still bound to a connection whose mediation was revoked without its close reaching
-/// it (here: revoked in the store, as by a node whose close frame this node missed) closes, as
-/// the revocation closes it, once its wallet speaks on it: it answers first.
-#[actix_rt::test]
-async fn a_socket_bound_to_a_connection_revoked_elsewhere_closes_when_it_speaks() {
-    let (_dir, n, store, a, _k, id) = node_on_failing_removals_with(Strategy::QueueAndLiveModeDelivery).await;
-    let mut ws = bound_socket(&n, &a, &id).await;
+/// A node (default strategy) whose wallet's socket is bound, then the connection revoked in
+/// the store only, as by a node whose close frame this node missed.
+async fn bound_then_revoked_elsewhere() -> (
+    tempfile::TempDir,
+    mailroom::node::RunningNode,
+    Arc<FailingRemovals>,
+    Agent,
+    mailroom::didcomm::keys::KeyPair,
+    String,
+    mailroom::client::WsClient,
+) {
+    let (dir, n, store, a, k, id) = node_on_failing_removals_with(Strategy::QueueAndLiveModeDelivery).await;
+    let ws = bound_socket(&n, &a, &id).await;
     store
         .revoke_mediation(&id, mailroom::protocols::now_ms())
         .await
         .unwrap()
         .expect("the connection");
+    (dir, n, store, a, k, id, ws)
+}
+
+/// A socket still bound to a connection whose mediation was revoked without its close reaching
+/// it (here: revoked in the store, as by a node whose close frame this node missed) closes, as
+/// the revocation closes it, once its wallet speaks on it: it answers first.
+#[actix_rt::test]
+async fn a_socket_bound_to_a_connection_revoked_elsewhere_closes_when_it_speaks() {
+    let (_dir, _n, _store, a, _k, _id, mut ws) = bound_then_revoked_elsewhere().await;
     assert_eq!(
         type_name(&ws_request(&a, &mut ws, &binding_ping()).await),
         "ping_response"
@@ -566,13 +581,7 @@ async fn a_socket_bound_to_a_connection_revoked_elsewhere_closes_when_it_speaks(
 /// it last did, and closes the socket instead.
 #[actix_rt::test]
 async fn a_socket_bound_to_a_connection_revoked_elsewhere_delivers_nothing_more() {
-    let (_dir, n, store, a, k, id) = node_on_failing_removals_with(Strategy::QueueAndLiveModeDelivery).await;
-    let mut ws = bound_socket(&n, &a, &id).await;
-    store
-        .revoke_mediation(&id, mailroom::protocols::now_ms())
-        .await
-        .unwrap()
-        .expect("the connection");
+    let (_dir, n, store, _a, k, id, mut ws) = bound_then_revoked_elsewhere().await;
     // Past half a lease (test_config: 2 s) since the bind read the connection.
     tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
     let kept = NewMessage {
@@ -595,35 +604,11 @@ async fn a_socket_bound_to_a_connection_revoked_elsewhere_delivers_nothing_more(
 /// its endpoint to answer: the sweep's retries POST nothing more there once it answers.
 #[actix_rt::test]
 async fn a_revoked_connection_gets_nothing_of_its_queue_at_its_endpoint() {
-    use actix_web::{web, App, HttpResponse, HttpServer};
     let dir = tempfile::tempdir().unwrap();
     let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
     let accept = Arc::new(AtomicBool::new(false));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}/", listener.local_addr().unwrap());
     let acc = accept.clone();
-    let server = HttpServer::new(move || {
-        let acc = acc.clone();
-        App::new().route(
-            "/",
-            web::post().to(move || {
-                let acc = acc.clone();
-                async move {
-                    if acc.load(Ordering::SeqCst) {
-                        HttpResponse::Accepted().finish()
-                    } else {
-                        HttpResponse::ServiceUnavailable().finish()
-                    }
-                }
-            }),
-        )
-    })
-    .listen(listener)
-    .unwrap()
-    .workers(1)
-    .run();
-    let handle = server.handle();
-    actix_rt::spawn(server);
+    let (endpoint, handle) = endpoint_stub(move |_| if acc.load(Ordering::SeqCst) { 202 } else { 503 });
 
     let inv = invitation(&n).await;
     let mut a = Agent::connect_with_endpoint(&inv, Some(&endpoint)).await.unwrap();

@@ -702,7 +702,6 @@ async fn bad_inputs_get_clear_errors_and_the_node_keeps_serving() {
 /// POST succeeds.
 #[actix_rt::test]
 async fn endpoint_delivery_retries_until_accepted() {
-    use actix_web::{web, App, HttpResponse, HttpServer};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
@@ -710,33 +709,16 @@ async fn endpoint_delivery_retries_until_accepted() {
     let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
     let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
     let refuse_first = Arc::new(AtomicUsize::new(1));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}/", listener.local_addr().unwrap());
-    let (r2, f2) = (received.clone(), refuse_first.clone());
-    let server = HttpServer::new(move || {
-        let (r, f) = (r2.clone(), f2.clone());
-        App::new().route(
-            "/",
-            web::post().to(move |body: web::Bytes| {
-                let (r, f) = (r.clone(), f.clone());
-                async move {
-                    if f.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
-                        .is_ok()
-                    {
-                        return HttpResponse::InternalServerError().finish();
-                    }
-                    r.lock().unwrap().push(body.to_vec());
-                    HttpResponse::Accepted().finish()
-                }
-            }),
-        )
-    })
-    .listen(listener)
-    .unwrap()
-    .workers(1)
-    .run();
-    let handle = server.handle();
-    actix_rt::spawn(server);
+    let (r, f) = (received.clone(), refuse_first.clone());
+    let (endpoint, handle) = endpoint_stub(move |body| {
+        if f.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+            .is_ok()
+        {
+            return 500;
+        }
+        r.lock().unwrap().push(body);
+        202
+    });
 
     let inv = invitation(&n).await;
     let mut a = Agent::connect_with_endpoint(&inv, Some(&endpoint)).await.unwrap();

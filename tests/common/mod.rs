@@ -273,3 +273,30 @@ pub fn test_ca_and_server(ca_name: &str, names: &[&str]) -> (String, rustls::Ser
         .unwrap();
     (ca.pem(), tls)
 }
+
+/// An agent's own HTTP endpoint on 127.0.0.1:0: each POST's body goes to `answer`, whose
+/// status code is the reply. Returns its URL and the server's handle (stop it at the end).
+pub fn endpoint_stub(
+    answer: impl Fn(Vec<u8>) -> u16 + Clone + Send + 'static,
+) -> (String, actix_web::dev::ServerHandle) {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}/", listener.local_addr().unwrap());
+    let server = HttpServer::new(move || {
+        let answer = answer.clone();
+        App::new().route(
+            "/",
+            web::post().to(move |body: web::Bytes| {
+                let status = answer(body.to_vec());
+                async move { HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap()).finish() }
+            }),
+        )
+    })
+    .listen(listener)
+    .unwrap()
+    .workers(1)
+    .run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    (endpoint, handle)
+}
