@@ -833,7 +833,7 @@ async fn a_failed_peers_unacknowledged_pickup_pushes_the_wallet() {
 
 /// The failure timeout of [`TakenOverElsewhere`]: n1's death, the forward and the checks
 /// after it fit well within it.
-const FOUND_DOWN_AFTER: Duration = Duration::from_secs(4);
+const FOUND_DOWN_AFTER: Duration = Duration::from_secs(6);
 
 /// n3, a node in a cluster whose n1 and n2 are the test (links as those peers, kept alive with
 /// heartbeats; n2 is the lower id left up, so n2, not n3, takes over a failed n1), with a

@@ -128,16 +128,16 @@ impl Shared {
     /// wakes every wallet the peer held. Called in the order of the cluster's events, so a
     /// `PeerUp` after it finds nothing of before.
     pub fn peer_down(&self, peer: &str, taken_over_here: bool) -> Vec<(String, i64)> {
+        let conns = self.notified.down(peer, now_ms());
         if taken_over_here {
-            self.notified.forget(peer, false);
             return Vec::new();
         }
-        self.notified.down(peer, now_ms())
+        conns
     }
 
     /// `peer` is up again: its own sweep wakes its sessions.
     pub fn peer_up(&self, peer: &str) {
-        self.notified.forget(peer, true);
+        self.notified.up(peer);
     }
 
     /// Wakes the wallets of `conns` (each with the time this node last notified a peer now
@@ -149,15 +149,15 @@ impl Shared {
     pub async fn wake_notified(self: &Arc<Self>, conns: Vec<(String, i64)>) {
         let after = notified_wake_after_ms(&self.cfg);
         tokio::time::sleep(std::time::Duration::from_millis(after as u64)).await;
-        let first: std::collections::HashMap<String, i64> = conns.into_iter().collect();
-        let ids: Vec<String> = first.keys().cloned().collect();
+        let latest: std::collections::HashMap<String, i64> = conns.into_iter().collect();
+        let ids: Vec<String> = latest.keys().cloned().collect();
         for chunk in ids.chunks(WAKE_PENDING_CHUNK) {
             match self.mediator.store.pending_among(chunk, now_ms()).await {
                 Ok(pending) => {
                     for c in pending {
                         if !self.reach(&c).await {
                             if let Some(p) = self.push.get() {
-                                p.queued_unless_pushed_since(&c, first.get(&c).copied());
+                                p.queued_unless_pushed_since(&c, latest.get(&c).copied());
                             }
                         }
                     }
@@ -374,11 +374,12 @@ impl Shared {
             return true;
         }
         if let Some(c) = &self.cluster {
+            let epoch = self.notified.epoch();
             match c.notify_queued(conn) {
                 NotifyOutcome::Sent(peer) => {
                     self.metrics.notifications_sent.inc();
-                    // Not kept (the peer found down meanwhile, or too many): pushed now.
-                    if self.notified.sent(&peer, conn, now_ms()) {
+                    // Not kept (the peer was found down meanwhile): pushed now.
+                    if self.notified.sent(&peer, conn, now_ms(), epoch) {
                         return true;
                     }
                 }
@@ -386,7 +387,7 @@ impl Shared {
                     self.metrics.notifications_failed.inc();
                     // Alive, the peer's sweep wakes the session; failed, it is woken from
                     // here once the peer is found down.
-                    if self.notified.failed(&peer, conn, now_ms()) {
+                    if self.notified.failed(&peer, conn, now_ms(), epoch) {
                         return true;
                     }
                 }

@@ -5,7 +5,7 @@
 //! it did; the other nodes find the peer down a little later (up to a heartbeat apart), and
 //! what they notified it of meanwhile is theirs to wake ([`Notified::down`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, VecDeque};
 
 use parking_lot::Mutex;
 
@@ -23,9 +23,11 @@ pub struct Notified {
 #[derive(Default)]
 struct State {
     by_peer: HashMap<String, Notes>,
-    /// Peers found down and not up since: a notification recorded for one after [`Notified::down`]
-    /// took its notes (it raced the peer's failure) is not kept, the caller pushes now.
-    down: HashSet<String>,
+    /// Bumped by every [`Notified::down`].
+    epoch: u64,
+    /// peer -> the epoch it was last found down at: a notification whose outcome was read
+    /// before that (it raced the peer's failure) is not kept, the caller pushes now.
+    down_at: HashMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -33,29 +35,20 @@ struct Notes {
     /// Notifications that could not be sent (no link, or its queue full): connection -> the
     /// latest one's time (ms).
     failed: HashMap<String, i64>,
-    /// Notifications sent: connection -> the latest one's time. Those older than the window
-    /// are dropped when the map is full.
+    /// Notifications sent within the window: connection -> the latest one's time.
     sent: HashMap<String, i64>,
+    /// The same, in the order sent, to drop them as they leave the window.
+    order: VecDeque<(i64, String)>,
 }
 
 impl Notes {
-    /// Records `conn` at `now_ms` in `map`, keeping at most `max` (after dropping those before
-    /// `prune_before`, if any). Whether it is kept.
-    fn note(map: &mut HashMap<String, i64>, conn: &str, now_ms: i64, max: usize, prune_before: Option<i64>) -> bool {
-        if let Some(t) = map.get_mut(conn) {
-            *t = (*t).max(now_ms);
-            return true;
-        }
-        if map.len() >= max {
-            if let Some(before) = prune_before {
-                map.retain(|_, at| *at >= before);
-            }
-            if map.len() >= max {
-                return false;
+    /// Drops the oldest sent notification.
+    fn drop_oldest(&mut self) {
+        if let Some((at, c)) = self.order.pop_front() {
+            if self.sent.get(&c) == Some(&at) {
+                self.sent.remove(&c);
             }
         }
-        map.insert(conn.to_string(), now_ms);
-        true
     }
 }
 
@@ -63,43 +56,71 @@ impl Notified {
     pub fn new(window_ms: i64, max: usize) -> Notified {
         Notified {
             window_ms,
-            max,
+            max: max.max(1),
             state: Mutex::new(State::default()),
         }
     }
 
-    /// A notification of `conn` went out to `peer` at `now_ms`. The peer is reachable: what
-    /// could not be sent to it before is its own sweep's to deliver. Whether it is kept:
-    /// `false` when the peer was found down meanwhile or `max` are kept within the window,
-    /// and the caller pushes the wallet now (a push too many, never none).
-    pub fn sent(&self, peer: &str, conn: &str, now_ms: i64) -> bool {
-        let mut st = self.state.lock();
-        if st.down.contains(peer) {
-            return false;
-        }
-        let notes = st.by_peer.entry(peer.to_string()).or_default();
-        notes.failed.clear();
-        let before = now_ms.saturating_sub(self.window_ms);
-        Notes::note(&mut notes.sent, conn, now_ms, self.max, Some(before))
+    /// Where notifications stand now: pass it to [`Notified::sent`] or [`Notified::failed`]
+    /// with the outcome of a notification read after this.
+    pub fn epoch(&self) -> u64 {
+        self.state.lock().epoch
     }
 
-    /// A notification of `conn` to `peer` could not be sent at `now_ms`. Whether it is kept,
-    /// as for [`Notified::sent`].
-    pub fn failed(&self, peer: &str, conn: &str, now_ms: i64) -> bool {
+    /// A notification of `conn` went out to `peer` at `now_ms` (its outcome read after
+    /// `epoch`). The peer is reachable: what could not be sent to it before is its own sweep's
+    /// to deliver. The oldest are dropped past `max` within the window. Whether it is kept:
+    /// `false` when the peer was found down meanwhile, and the caller pushes the wallet now.
+    pub fn sent(&self, peer: &str, conn: &str, now_ms: i64, epoch: u64) -> bool {
         let mut st = self.state.lock();
-        if st.down.contains(peer) {
+        if st.down_at.get(peer).is_some_and(|d| *d > epoch) {
             return false;
         }
-        let notes = st.by_peer.entry(peer.to_string()).or_default();
-        Notes::note(&mut notes.failed, conn, now_ms, self.max, None)
+        let notes = match st.by_peer.get_mut(peer) {
+            Some(n) => n,
+            None => st.by_peer.entry(peer.to_string()).or_default(),
+        };
+        notes.failed.clear();
+        let before = now_ms.saturating_sub(self.window_ms);
+        while notes.order.front().is_some_and(|(at, _)| *at < before) || notes.order.len() >= self.max {
+            notes.drop_oldest();
+        }
+        notes.sent.insert(conn.to_string(), now_ms);
+        notes.order.push_back((now_ms, conn.to_string()));
+        true
+    }
+
+    /// A notification of `conn` to `peer` could not be sent at `now_ms` (its outcome read
+    /// after `epoch`). Whether it is kept: `false` when the peer was found down meanwhile, or
+    /// once `max` are, and the caller pushes the wallet now (a push too many, never none).
+    pub fn failed(&self, peer: &str, conn: &str, now_ms: i64, epoch: u64) -> bool {
+        let mut st = self.state.lock();
+        if st.down_at.get(peer).is_some_and(|d| *d > epoch) {
+            return false;
+        }
+        let notes = match st.by_peer.get_mut(peer) {
+            Some(n) => n,
+            None => st.by_peer.entry(peer.to_string()).or_default(),
+        };
+        if let Some(t) = notes.failed.get_mut(conn) {
+            *t = (*t).max(now_ms);
+            return true;
+        }
+        if notes.failed.len() >= self.max {
+            return false;
+        }
+        notes.failed.insert(conn.to_string(), now_ms);
+        true
     }
 
     /// `peer` was found down at `now_ms`: the connections to wake (those whose notification
     /// failed, and those notified within the window), each once, sorted, with the time of its
-    /// latest notification; the peer is marked down until [`Notified::forget`].
+    /// latest notification; the peer's notes are dropped.
     pub fn down(&self, peer: &str, now_ms: i64) -> Vec<(String, i64)> {
         let mut st = self.state.lock();
-        st.down.insert(peer.to_string());
+        st.epoch += 1;
+        let epoch = st.epoch;
+        st.down_at.insert(peer.to_string(), epoch);
         let Some(notes) = st.by_peer.remove(peer) else {
             return Vec::new();
         };
@@ -115,16 +136,9 @@ impl Notified {
         conns
     }
 
-    /// Forgets `peer`: it is up again (its sweep wakes its sessions), or this node takes it
-    /// over (its take-over wakes every wallet the peer held). `up`: it is up again.
-    pub fn forget(&self, peer: &str, up: bool) {
-        let mut st = self.state.lock();
-        st.by_peer.remove(peer);
-        if up {
-            st.down.remove(peer);
-        } else {
-            st.down.insert(peer.to_string());
-        }
+    /// Drops the notes of `peer`, up again: its own sweep wakes its sessions.
+    pub fn up(&self, peer: &str) {
+        self.state.lock().by_peer.remove(peer);
     }
 }
 
@@ -139,16 +153,17 @@ mod tests {
     #[test]
     fn a_peer_found_down_wakes_what_it_failed_to_take_and_what_it_took_lately() {
         let n = Notified::new(1_000, 3);
-        assert!(n.sent("p", "early", 0));
-        assert!(n.sent("p", "late", 5_000));
-        assert!(n.failed("q", "unsent", 7) && n.failed("q", "unsent", 9));
-        assert!(n.sent("p", "late", 5_500));
+        let e = n.epoch();
+        assert!(n.sent("p", "early", 0, e));
+        assert!(n.sent("p", "late", 5_000, e));
+        assert!(n.failed("q", "unsent", 7, e) && n.failed("q", "unsent", 9, e));
+        assert!(n.sent("p", "late", 5_500, e));
         assert_eq!(
             n.down("p", 5_800),
             [at("late", 5_500)],
             "what it took a window ago is not woken; the latest notification's time"
         );
-        assert!(n.down("p", 5_800).is_empty(), "forgotten once down");
+        assert!(n.down("p", 5_800).is_empty(), "dropped once down");
         assert_eq!(
             n.down("q", 100_000),
             [at("unsent", 9)],
@@ -159,36 +174,42 @@ mod tests {
     #[test]
     fn a_notification_that_raced_the_peer_found_down_is_not_kept() {
         let n = Notified::new(1_000, 10);
-        assert!(n.sent("p", "a", 0));
+        let before = n.epoch();
+        assert!(n.sent("p", "a", 0, before));
         assert_eq!(n.down("p", 10), [at("a", 0)]);
-        assert!(!n.sent("p", "b", 11), "the caller pushes now");
-        assert!(!n.failed("p", "b", 11));
-        n.forget("p", true);
-        assert!(n.sent("p", "c", 12), "up again");
-        n.forget("p", false);
-        assert!(!n.failed("p", "d", 13), "taken over here: down too");
+        assert!(
+            !n.sent("p", "b", 11, before),
+            "read before it was found down: pushed now"
+        );
+        assert!(!n.failed("p", "b", 11, before));
+        let after = n.epoch();
+        assert!(n.sent("p", "c", 12, after), "read after: kept (the peer is up again)");
+        assert!(n.sent("q", "d", 12, before), "another peer's down changes nothing here");
     }
 
     #[test]
-    fn a_peer_reached_again_or_taken_over_is_forgotten() {
+    fn a_peer_reached_again_or_up_again_is_forgotten() {
         let n = Notified::new(1_000, 10);
-        assert!(n.failed("p", "a", 0));
-        assert!(n.sent("p", "b", 10));
+        let e = n.epoch();
+        assert!(n.failed("p", "a", 0, e));
+        assert!(n.sent("p", "b", 10, e));
         assert_eq!(n.down("p", 20), [at("b", 10)], "reached again: its sweep wakes a");
-        n.forget("p", true);
-        assert!(n.failed("p", "c", 30));
-        n.forget("p", false);
+        let e = n.epoch();
+        assert!(n.failed("p", "c", 30, e));
+        n.up("p");
         assert!(n.down("p", 40).is_empty());
     }
 
     #[test]
     fn at_most_max_per_peer_are_kept() {
         let n = Notified::new(10, 2);
-        assert!(n.failed("p", "a", 0) && n.failed("p", "b", 0) && n.failed("p", "a", 0));
-        assert!(!n.failed("p", "c", 0), "full: the caller pushes now");
-        assert!(n.sent("q", "x", 0) && n.sent("q", "y", 5));
-        assert!(!n.sent("q", "z", 6), "full within the window");
-        assert!(n.sent("q", "z", 11), "x is out of the window: dropped for z");
-        assert_eq!(n.down("q", 12), [at("y", 5), at("z", 11)]);
+        let e = n.epoch();
+        assert!(n.failed("p", "a", 0, e) && n.failed("p", "b", 0, e) && n.failed("p", "a", 0, e));
+        assert!(!n.failed("p", "c", 0, e), "full: the caller pushes now");
+        assert!(n.sent("q", "x", 0, e) && n.sent("q", "y", 5, e));
+        assert!(n.sent("q", "z", 6, e), "full within the window: the oldest dropped");
+        assert_eq!(n.down("q", 7), [at("y", 5), at("z", 6)]);
+        assert!(n.sent("r", "x", 0, e) && n.sent("r", "x", 1, e) && n.sent("r", "y", 20, e));
+        assert_eq!(n.down("r", 21), [at("y", 20)], "out of the window: dropped");
     }
 }
