@@ -427,28 +427,22 @@ impl Store for FailingRemovals {
 
 /// A node on a [`FailingRemovals`] store (not failing) with one onboarded wallet, its key, and
 /// its connection id.
-async fn node_on_failing_removals() -> (
+/// A node's directory, the node, its store, an onboarded wallet, its key, its connection id.
+type NodeOnFailingRemovals = (
     tempfile::TempDir,
     mailroom::node::RunningNode,
     Arc<FailingRemovals>,
     Agent,
     mailroom::didcomm::keys::KeyPair,
     String,
-) {
+);
+
+async fn node_on_failing_removals() -> NodeOnFailingRemovals {
     node_on_failing_removals_with(Strategy::QueueOnly).await
 }
 
 /// [`node_on_failing_removals`] under `strategy`.
-async fn node_on_failing_removals_with(
-    strategy: Strategy,
-) -> (
-    tempfile::TempDir,
-    mailroom::node::RunningNode,
-    Arc<FailingRemovals>,
-    Agent,
-    mailroom::didcomm::keys::KeyPair,
-    String,
-) {
+async fn node_on_failing_removals_with(strategy: Strategy) -> NodeOnFailingRemovals {
     let dir = tempfile::tempdir().unwrap();
     let cfg = test_config(dir.path(), strategy);
     let store = Arc::new(FailingRemovals {
@@ -543,15 +537,7 @@ async fn closed_as_revoked(ws: &mut mailroom::client::WsClient) {
 
 /// A node (default strategy) whose wallet's socket is bound, then the connection revoked in
 /// the store only, as by a node whose close frame this node missed.
-async fn bound_then_revoked_elsewhere() -> (
-    tempfile::TempDir,
-    mailroom::node::RunningNode,
-    Arc<FailingRemovals>,
-    Agent,
-    mailroom::didcomm::keys::KeyPair,
-    String,
-    mailroom::client::WsClient,
-) {
+async fn bound_then_revoked_elsewhere() -> (NodeOnFailingRemovals, mailroom::client::WsClient) {
     let (dir, n, store, a, k, id) = node_on_failing_removals_with(Strategy::QueueAndLiveModeDelivery).await;
     let ws = bound_socket(&n, &a, &id).await;
     store
@@ -559,7 +545,7 @@ async fn bound_then_revoked_elsewhere() -> (
         .await
         .unwrap()
         .expect("the connection");
-    (dir, n, store, a, k, id, ws)
+    ((dir, n, store, a, k, id), ws)
 }
 
 /// A socket still bound to a connection whose mediation was revoked without its close reaching
@@ -567,7 +553,7 @@ async fn bound_then_revoked_elsewhere() -> (
 /// the revocation closes it, once its wallet speaks on it: it answers first.
 #[actix_rt::test]
 async fn a_socket_bound_to_a_connection_revoked_elsewhere_closes_when_it_speaks() {
-    let (_dir, _n, _store, a, _k, _id, mut ws) = bound_then_revoked_elsewhere().await;
+    let ((_dir, _n, _store, a, _k, _id), mut ws) = bound_then_revoked_elsewhere().await;
     assert_eq!(
         type_name(&ws_request(&a, &mut ws, &binding_ping()).await),
         "ping_response"
@@ -581,7 +567,7 @@ async fn a_socket_bound_to_a_connection_revoked_elsewhere_closes_when_it_speaks(
 /// it last did, and closes the socket instead.
 #[actix_rt::test]
 async fn a_socket_bound_to_a_connection_revoked_elsewhere_delivers_nothing_more() {
-    let (_dir, n, store, _a, k, id, mut ws) = bound_then_revoked_elsewhere().await;
+    let ((_dir, n, store, _a, k, id), mut ws) = bound_then_revoked_elsewhere().await;
     // Past half a lease (test_config: 2 s) since the bind read the connection.
     tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
     let kept = NewMessage {

@@ -151,23 +151,7 @@ impl Shared {
         tokio::time::sleep(std::time::Duration::from_millis(after as u64)).await;
         let latest: std::collections::HashMap<String, i64> = conns.into_iter().collect();
         let ids: Vec<String> = latest.keys().cloned().collect();
-        for chunk in ids.chunks(WAKE_PENDING_CHUNK) {
-            match self.mediator.store.pending_among(chunk, now_ms()).await {
-                Ok(pending) => {
-                    for c in pending {
-                        if !self.reach(&c).await {
-                            if let Some(p) = self.push.get() {
-                                p.queued_unless_pushed_since(&c, latest.get(&c).copied());
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(wallets = ids.len(), "wallets left untold: store unavailable: {e}");
-                    return;
-                }
-            }
-        }
+        wake_pending_with(self, &ids, |c| latest.get(c).copied()).await;
     }
 
     pub fn next_session_id(&self) -> u64 {
@@ -292,9 +276,15 @@ impl Shared {
     /// its session, and when no node holds one, push the wallet. Only the node that queued the
     /// message, or that it woke or notified, calls this, so one node pushes per queued event.
     pub async fn queued_new(self: &Arc<Self>, conn: &str) {
+        self.queued_new_unless_pushed_since(conn, None).await;
+    }
+
+    /// [`Shared::queued_new`], pushing only if the wallet was not pushed since
+    /// `unless_pushed_since_ms` ([`crate::push::PushHandle::queued_unless_pushed_since`]).
+    async fn queued_new_unless_pushed_since(self: &Arc<Self>, conn: &str, unless_pushed_since_ms: Option<i64>) {
         if !self.reach(conn).await {
             if let Some(p) = self.push.get() {
-                p.queued(conn);
+                p.queued_unless_pushed_since(conn, unless_pushed_since_ms);
             }
         }
     }
@@ -402,13 +392,17 @@ impl Shared {
     /// mediation clients). One drain per connection per node at a time; leases keep nodes apart.
     pub async fn deliver_to_endpoint(self: &Arc<Self>, conn: &str) {
         let cached = self.endpoint_cache.lock().get(conn).cloned();
+        // Whether the connection's mediation must still be read (a cached endpoint).
+        let read = cached.is_some();
         let endpoint = match cached {
             Some(e) => e,
             None => {
                 let Ok(Some(c)) = self.mediator.store.get_connection(conn).await else {
                     return;
                 };
-                let e = outbound::http_endpoint(&c).map(str::to_string);
+                let e = outbound::http_endpoint(&c)
+                    .filter(|_| c.mediation != MediationState::Denied)
+                    .map(str::to_string);
                 let mut cache = self.endpoint_cache.lock();
                 if cache.len() >= ENDPOINT_CACHE_MAX {
                     cache.clear();
@@ -429,10 +423,17 @@ impl Shared {
             // A connection whose mediation was revoked (on any node, after its endpoint was
             // cached here) gets nothing of its queue, as pickup refuses it: read in the store,
             // once per drain. Revocation is for good, so its endpoint is forgotten here.
-            match this.mediator.store.get_connection(&conn).await {
-                Ok(Some(c)) if c.mediation != MediationState::Denied => {
-                    outbound::drain_to_endpoint(&this, &conn, &endpoint).await;
-                }
+            let granted = match read {
+                false => Ok(Some(true)),
+                true => this
+                    .mediator
+                    .store
+                    .get_connection(&conn)
+                    .await
+                    .map(|c| c.map(|c| c.mediation != MediationState::Denied)),
+            };
+            match granted {
+                Ok(Some(true)) => outbound::drain_to_endpoint(&this, &conn, &endpoint).await,
                 Ok(_) => {
                     this.endpoint_cache.lock().insert(conn.clone(), None);
                 }
@@ -589,11 +590,16 @@ impl crate::push::Presence for NodePresence {
 /// ([`Shared::queued_new`]: its session woken wherever it is, else the wallet pushed): what a
 /// failed peer, a restart or a failed notification left with nobody told.
 pub async fn wake_pending(shared: &Arc<Shared>, conns: &[String]) {
+    wake_pending_with(shared, conns, |_| None).await;
+}
+
+/// [`wake_pending`], each wallet pushed only if not pushed since `since(conn)`, if any.
+async fn wake_pending_with(shared: &Arc<Shared>, conns: &[String], since: impl Fn(&str) -> Option<i64>) {
     for chunk in conns.chunks(WAKE_PENDING_CHUNK) {
         match shared.mediator.store.pending_among(chunk, now_ms()).await {
             Ok(pending) => {
                 for c in pending {
-                    shared.queued_new(&c).await;
+                    shared.queued_new_unless_pushed_since(&c, since(&c)).await;
                 }
             }
             Err(e) => {

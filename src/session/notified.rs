@@ -6,6 +6,7 @@
 //! what they notified it of meanwhile is theirs to wake ([`Notified::down`]).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -17,14 +18,14 @@ pub struct Notified {
     window_ms: i64,
     /// Most connections kept per peer, of each kind.
     max: usize,
+    /// Bumped by every [`Notified::down`] (under `state`'s lock; read without it).
+    epoch: AtomicU64,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
     by_peer: HashMap<String, Notes>,
-    /// Bumped by every [`Notified::down`].
-    epoch: u64,
     /// peer -> the epoch it was last found down at: a notification whose outcome was read
     /// before that (it raced the peer's failure) is not kept, the caller pushes now.
     down_at: HashMap<String, u64>,
@@ -39,6 +40,20 @@ struct Notes {
     sent: HashMap<String, i64>,
     /// The same, in the order sent, to drop them as they leave the window.
     order: VecDeque<(i64, String)>,
+}
+
+impl State {
+    /// The notes of `peer` for a notification whose outcome was read after `epoch`; `None`
+    /// when the peer was found down since.
+    fn notes(&mut self, peer: &str, epoch: u64) -> Option<&mut Notes> {
+        if self.down_at.get(peer).is_some_and(|d| *d > epoch) {
+            return None;
+        }
+        if !self.by_peer.contains_key(peer) {
+            self.by_peer.insert(peer.to_string(), Notes::default());
+        }
+        self.by_peer.get_mut(peer)
+    }
 }
 
 impl Notes {
@@ -57,6 +72,7 @@ impl Notified {
         Notified {
             window_ms,
             max: max.max(1),
+            epoch: AtomicU64::new(0),
             state: Mutex::new(State::default()),
         }
     }
@@ -64,7 +80,7 @@ impl Notified {
     /// Where notifications stand now: pass it to [`Notified::sent`] or [`Notified::failed`]
     /// with the outcome of a notification read after this.
     pub fn epoch(&self) -> u64 {
-        self.state.lock().epoch
+        self.epoch.load(Ordering::SeqCst)
     }
 
     /// A notification of `conn` went out to `peer` at `now_ms` (its outcome read after
@@ -73,12 +89,8 @@ impl Notified {
     /// `false` when the peer was found down meanwhile, and the caller pushes the wallet now.
     pub fn sent(&self, peer: &str, conn: &str, now_ms: i64, epoch: u64) -> bool {
         let mut st = self.state.lock();
-        if st.down_at.get(peer).is_some_and(|d| *d > epoch) {
+        let Some(notes) = st.notes(peer, epoch) else {
             return false;
-        }
-        let notes = match st.by_peer.get_mut(peer) {
-            Some(n) => n,
-            None => st.by_peer.entry(peer.to_string()).or_default(),
         };
         notes.failed.clear();
         let before = now_ms.saturating_sub(self.window_ms);
@@ -95,12 +107,8 @@ impl Notified {
     /// once `max` are, and the caller pushes the wallet now (a push too many, never none).
     pub fn failed(&self, peer: &str, conn: &str, now_ms: i64, epoch: u64) -> bool {
         let mut st = self.state.lock();
-        if st.down_at.get(peer).is_some_and(|d| *d > epoch) {
+        let Some(notes) = st.notes(peer, epoch) else {
             return false;
-        }
-        let notes = match st.by_peer.get_mut(peer) {
-            Some(n) => n,
-            None => st.by_peer.entry(peer.to_string()).or_default(),
         };
         if let Some(t) = notes.failed.get_mut(conn) {
             *t = (*t).max(now_ms);
@@ -118,8 +126,7 @@ impl Notified {
     /// latest notification; the peer's notes are dropped.
     pub fn down(&self, peer: &str, now_ms: i64) -> Vec<(String, i64)> {
         let mut st = self.state.lock();
-        st.epoch += 1;
-        let epoch = st.epoch;
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         st.down_at.insert(peer.to_string(), epoch);
         let Some(notes) = st.by_peer.remove(peer) else {
             return Vec::new();
