@@ -242,7 +242,10 @@ async fn three_nodes_notify_the_owner_only_and_follow_moves_and_crashes() {
         "n1 declared down {:?} after its crash, before the failure timeout",
         t0.elapsed()
     );
-    assert!(connected(&nodes[1], "n3") && connected(&nodes[2], "n2"));
+    wait_until("n2 and n3 still linked", || {
+        connected(&nodes[1], "n3") && connected(&nodes[2], "n2")
+    })
+    .await;
     nodes[1].h.shutdown().await;
     nodes[2].h.shutdown().await;
 }
@@ -533,7 +536,10 @@ async fn link_cut_then_restored_resyncs() {
     assert!(owner_is(&n2, "s1", None));
     assert_eq!(n2.h.notify_queued("s1"), NotifyOutcome::NoOwner);
     // n3 is unaffected and still knows s1's owner.
-    assert!(connected(&n3, "n1") && connected(&n3, "n2"));
+    wait_until("n3 still linked to both", || {
+        connected(&n3, "n1") && connected(&n3, "n2")
+    })
+    .await;
     assert!(owner_is(&n3, "s1", Some("n1")));
     // A session announced during the cut reaches n2 only by the resync.
     n1.h.announce_session("s2");
@@ -606,7 +612,10 @@ async fn update_peers_adds_and_removes_nodes_at_runtime() {
     assert!(owner_is(&nodes[0], "c4", None));
     assert!(nodes[0].h.status().peers.iter().all(|p| p.id != "n4"));
     wait_until("n4 sees the link to n1 gone", || !connected(&n4, "n1")).await;
-    assert!(connected(&nodes[0], "n2") && connected(&nodes[0], "n3"));
+    wait_until("n1 still linked to n2 and n3", || {
+        connected(&nodes[0], "n2") && connected(&nodes[0], "n3")
+    })
+    .await;
     // n1 now refuses n4 as an unknown node.
     wait_until("n1 refuses n4", || nodes[0].h.status().counters.auth_failures >= 1).await;
     assert!(!connected(&nodes[0], "n4"));
@@ -660,7 +669,7 @@ async fn full_peer_queues_fall_back_to_a_resync() {
             .any(|p| p.id == "n3" && p.handshake_attempted)
     })
     .await;
-    assert!(connected(&n1, "n2"));
+    wait_until("n1 still linked to n2", || connected(&n1, "n2")).await;
     n1.h.shutdown().await;
     n2.h.shutdown().await;
 }
@@ -674,9 +683,10 @@ async fn dropping_the_last_handle_stops_the_node() {
     wait_until("linked", || connected(&n2, "n1")).await;
     let clone = n1.h.clone();
     drop(n1);
-    // A clone keeps it alive.
+    // A clone keeps it alive. The link may be down for a moment even so: when both nodes
+    // dialed at once, the one dialed by the higher id is closed once the other is up.
     assert!(TcpStream::connect(a1).await.is_ok());
-    assert!(connected(&n2, "n1"));
+    wait_until("n2 linked to n1 with one handle left", || connected(&n2, "n1")).await;
     drop(clone);
     wait_event(
         &mut n2.ev,
