@@ -209,8 +209,10 @@ async fn a_cut_link_only_delays_delivery_and_heals() {
     for i in 0..5 {
         assert_eq!(forward_via(n2, &w.routing, &w.k, &format!("cut-{i}")).await, 202);
     }
+    // n2 may find n1 down and take it over meanwhile, giving back what n1's session was
+    // delivering: a message may come twice (at least once), never not at all.
     let (got, _) = receive(&mut w.a, &mut w.ws, &n1.public_url(), 5).await;
-    assert_eq!(got.len(), 5);
+    assert_eq!(got.iter().collect::<HashSet<_>>().len(), 5, "{got:?}");
 
     pair.restore();
     eventually("link healed", || async { peer_connected(n2, "n1").await.then_some(()) }).await;
@@ -235,12 +237,12 @@ async fn a_handoff_lost_with_its_link_is_released_not_left_to_its_lease() {
     pair.swallow_n2_to_n1();
     let sent = cluster_counter(n2, "handoffs_sent").await;
     assert_eq!(forward_via(n2, &w.routing, &w.k, "lost on the wire").await, 202);
-    assert_eq!(
-        cluster_counter(n2, "handoffs_sent").await,
-        sent + 1,
-        "handed to n1 in a Deliver frame"
-    );
-    // n1 hears nothing from n2 and closes the link after its failure timeout (800 ms).
+    // Handed off after the answer (the forward's follow-up runs in a task of its own).
+    eventually("handed to n1 in a Deliver frame", || async {
+        (cluster_counter(n2, "handoffs_sent").await == sent + 1).then_some(())
+    })
+    .await;
+    // n1 hears nothing from n2 and closes the link after its failure timeout.
     eventually("the link ends", || async {
         (!peer_connected(n2, "n1").await).then_some(())
     })
@@ -532,18 +534,18 @@ async fn a_forward_for_a_live_session_elsewhere_travels_with_its_notification() 
 /// A delivery handed to a session is leased to its node, not to the session: when the wallet
 /// drops the socket without acknowledging it, the node gives it back at once, and the wallet
 /// gets it again as it reconnects elsewhere, long before the lease (30 s) would run out.
+/// With sweeps (300 ms): the give-back may reach n1's directory before the new session's
+/// claim does, after that session's first drain, and then the sweep delivers it.
 #[actix_rt::test]
 async fn a_handed_delivery_left_unacknowledged_comes_again_at_once_elsewhere() {
-    let (
-        f,
-        LiveWallet {
-            a,
-            k,
-            conn,
-            routing,
-            mut ws,
-        },
-    ) = pair_with_live_wallet().await;
+    let f = cluster_of(2, 300).await;
+    let LiveWallet {
+        a,
+        k,
+        conn,
+        routing,
+        mut ws,
+    } = live_wallet(&f.nodes[0], &[&f.nodes[1]]).await;
     let (n1, n2) = (&f.nodes[0], &f.nodes[1]);
     assert_eq!(forward_via(n2, &routing, &k, "unacknowledged").await, 202);
     let d = ws_next_message(&a, &mut ws).await;

@@ -75,11 +75,13 @@ async fn the_sweep_reaches_a_live_wallet_behind_many_older_offline_queues() {
 }
 
 /// One dedup record per forward, even once acknowledged, would grow memory with traffic;
-/// they go once their window has passed, with no message expiry at all (`ttl = 0`).
+/// they go once their window has passed, with no message expiry at all (`ttl = 0`). The
+/// window is 5 s: the gauge (refreshed every 250 ms) counts the records for that long after the
+/// last forward, room for a loaded box to read it before they go.
 #[actix_rt::test]
 async fn dedup_records_are_pruned_once_their_window_passes() {
     let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |c| {
-        c.limits.dedup_window_secs = 1;
+        c.limits.dedup_window_secs = 5;
         c.limits.message_ttl_secs = 0;
     })
     .await;
@@ -140,13 +142,13 @@ async fn a_socket_cannot_have_more_messages_in_flight_than_its_limit() {
 /// window shut) holds its session for `limits.ws_write_stall_ms`, not for as long as the TCP
 /// connection lives: then the node closes the socket, the deliveries leased to it go back at
 /// once (the lease here would run 30 s), and the wallet's next socket gets every message.
-/// The limit is 5 s: the next socket reads a ~600 KB delivery, then opens it before it reads
+/// The limit is 10 s: the next socket reads a ~600 KB delivery, then opens it before it reads
 /// again (~0.5 s in a debug build on an idle box, several times that on a loaded one), and a
 /// pause past the limit would have the node give that socket up too.
 #[actix_rt::test]
 async fn a_socket_that_takes_nothing_is_given_up_and_its_leases_go_back() {
     let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
-        c.limits.ws_write_stall_ms = 5_000;
+        c.limits.ws_write_stall_ms = 10_000;
         c.limits.max_queue_bytes = 1 << 30;
         c.delivery.lease_ms = 30_000;
     })

@@ -171,8 +171,9 @@ async fn slow_loris_on_a_kept_alive_connection_is_dropped_and_busy_clients_are_n
     }
     let held = started.elapsed();
     assert!(closed, "a second head trickled for {held:?} kept its connection open");
+    // Without the watchdog it is held for as long as it trickles (20 s here).
     assert!(
-        held < Duration::from_secs(3),
+        held < Duration::from_secs(8),
         "a trickled second head was held {held:?} with limits.client_timeout_ms = 500"
     );
     let (_, metrics) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
@@ -192,8 +193,9 @@ async fn slow_loris_on_a_kept_alive_connection_is_dropped_and_busy_clients_are_n
             "after {served} requests"
         );
         served += 1;
+        // Well short of the limit: a loaded box may stall this client a few hundred ms more.
         if served % 2 == 0 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     println!("{served} requests on one kept-alive connection");

@@ -135,7 +135,11 @@ async fn a_key_held_by_another_connection_is_refused() {
 
 #[actix_rt::test]
 async fn pickup_v2_over_http_leases_until_messages_received() {
-    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
+    // Leases outlast the test: the checks below count what is leased.
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.delivery.lease_ms = 60_000;
+    })
+    .await;
     for i in 0..3 {
         assert_eq!(forward_to(&n, &a, &k, &format!("m{i}")).await, 202);
     }
@@ -321,8 +325,11 @@ async fn return_route_thread_on_a_socket_answers_that_thread_only() {
 async fn live_mode_over_websocket_with_acks_over_http() {
     // A live window that held deliveries for a wallet acknowledging over HTTP would hold each
     // for a minute here: it never applies to such a wallet.
+    // Leases outlast the test: one that ran out while the forwards below were slow would
+    // deliver "queued-before" again.
     let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
         c.delivery.live_ack_wait_ms = 60_000;
+        c.delivery.lease_ms = 60_000;
     })
     .await;
     forward_to(&n, &a, &k, "queued-before").await;
@@ -996,7 +1003,11 @@ async fn connections_1_0_and_didexchange_1_0_with_legacy_dids() {
 /// messages forwarded to that key (either key form), and leave the others queued.
 #[actix_rt::test]
 async fn pickup_recipient_key_filters_status_and_delivery() {
-    let (_d, n, mut a, k1) = node_with_wallet(Strategy::QueueOnly, |_| {}).await;
+    // Leases outlast the test: "two" must still be leased at the last request.
+    let (_d, n, mut a, k1) = node_with_wallet(Strategy::QueueOnly, |c| {
+        c.delivery.lease_ms = 60_000;
+    })
+    .await;
     let k2 = a.new_recipient_key();
     let r = a.keylist_update(&[k2.did_key()], &[]).await.unwrap();
     assert_eq!(r[0]["result"], "success");

@@ -94,7 +94,10 @@ pub fn bind_cluster(n: usize, db_url: &str, sweep_ms: u64) -> (Config, Vec<Liste
     cfg.cluster.name = "test".into();
     cfg.cluster.secret = Some(SECRET.into());
     cfg.cluster.heartbeat_ms = 100;
-    cfg.cluster.failure_timeout_ms = 800;
+    // Long enough that a node's thread stalled on a loaded box is not found down (a false
+    // take-over releases live leases and forgets directory claims); tests of failure
+    // detection itself set their own.
+    cfg.cluster.failure_timeout_ms = 3_000;
     cfg.store.backend = "postgres".into();
     cfg.store.url = Some(db_url.to_string());
     cfg.store.pool_size = 4;
@@ -327,17 +330,19 @@ impl Proxy {
                 let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
+                // The generation this link belongs to, taken before the cut is read (a cut
+                // stores the flag, then bumps the generation): a cut from now on ends it.
+                let mut gen = gen_rx.clone();
+                gen.borrow_and_update();
                 if c2.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
-                let mut gen = gen_rx.clone();
                 let (st, sd) = (st.clone(), sd.clone());
                 tokio::spawn(async move {
                     let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
-                    gen.borrow_and_update();
                     let (in_rd, in_wr) = inbound.into_split();
                     let (out_rd, out_wr) = outbound.into_split();
                     // Either direction ending ends both (the halves drop): each side sees the

@@ -49,14 +49,20 @@ pub async fn invitation(n: &RunningNode) -> Invitation {
     Invitation::parse(&v["invitation"]).expect("invitation parses")
 }
 
+/// An HTTP client that waits as long as the tests wait for anything (awc's default is 5 s: a
+/// node's store-backed answer on a loaded box can take longer, and the helpers panic on errors).
+pub fn client() -> awc::Client {
+    awc::Client::builder().timeout(WAIT).finish()
+}
+
 pub async fn get_json(url: &str) -> Value {
-    let mut res = awc::Client::default().get(url).send().await.expect("GET");
+    let mut res = client().get(url).send().await.expect("GET");
     assert!(res.status().is_success(), "GET {url}: {}", res.status());
     res.json::<Value>().limit(16 << 20).await.expect("JSON")
 }
 
 pub async fn get_status(url: &str, token: Option<&str>) -> (u16, String) {
-    let mut req = awc::Client::default().get(url);
+    let mut req = client().get(url);
     if let Some(t) = token {
         req = req.insert_header(("Authorization", format!("Bearer {t}")));
     }
@@ -66,7 +72,7 @@ pub async fn get_status(url: &str, token: Option<&str>) -> (u16, String) {
 }
 
 pub async fn post_raw(url: &str, content_type: &str, body: Vec<u8>) -> (u16, String) {
-    let mut res = awc::Client::default()
+    let mut res = client()
         .post(url)
         .insert_header(("Content-Type", content_type))
         .send_body(body)
@@ -111,7 +117,7 @@ where
 /// Waits until a GET of `url` answers 2xx (a child process starting, say).
 pub async fn wait_ok(what: &str, url: &str) {
     eventually(what, || async {
-        let r = awc::Client::default().get(url).send().await.ok()?;
+        let r = client().get(url).send().await.ok()?;
         r.status().is_success().then_some(())
     })
     .await

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -31,11 +32,32 @@ class StepError(Exception):
     """A scenario step failed; the message is the reason printed with FAIL."""
 
 
+_HANDED_OUT: set = set()
+
+
 def free_port() -> int:
-    """An unused TCP port on 127.0.0.1, chosen by the OS."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    """An unused TCP port on 127.0.0.1 for a peer that binds it seconds later (ACA-Py).
+
+    Drawn from below the kernel's ephemeral range, as scripts/ports.sh does: a port the OS
+    chose for port 0 is released until the peer binds it, and meanwhile the source port of any
+    outgoing connection may take it. Never the same port twice in one run.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        eph_low = int(f.read().split()[0])
+    low, high = 10000, eph_low - 1
+    if high - low < 1000:
+        raise StepError(f"free_port: the ephemeral range starts at {eph_low}: no room below it")
+    for port in random.sample(range(low, high + 1), high - low + 1):
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise StepError("free_port: no free port below the ephemeral range")
 
 
 def http_json(method: str, url: str, body=None, timeout: float = 30.0, ok=range(200, 300)):
