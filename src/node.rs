@@ -317,12 +317,12 @@ pub async fn run(
     // released itself. The wallets are woken once the cluster's directory has had a failure
     // timeout to learn where their sessions are: sooner, one that reconnected to a peer
     // meanwhile would be pushed.
+    let settle = match &cluster {
+        Some(_) => Duration::from_millis(cfg.cluster.failure_timeout_ms),
+        None => Duration::ZERO,
+    };
     {
         let prefix = crate::protocols::node_owners(node_id);
-        let settle = match &cluster {
-            Some(_) => Duration::from_millis(cfg.cluster.failure_timeout_ms),
-            None => Duration::ZERO,
-        };
         let (released_tx, released_rx) = tokio::sync::oneshot::channel::<()>();
         let s = shared.clone();
         actix_rt::spawn(async move {
@@ -344,6 +344,33 @@ pub async fn run(
         if tokio::time::timeout(START_RELEASE_WAIT, released_rx).await.is_err() {
             tracing::warn!("the release of this node's deliveries of before the restart takes over {START_RELEASE_WAIT:?}: serving meanwhile");
         }
+    }
+
+    // A store that keeps deliveries in memory (sled) has nothing in flight after a crash to
+    // release: the run that ended without its stop left the wallets whose sessions were live
+    // with mail delivered and not acknowledged, or not delivered yet, and woken by nobody
+    // (their sockets died with it; an offline wallet wakes for a push). Every wallet with mail
+    // pending is woken or pushed (push windows hold back one pushed just before). A clean
+    // stop gave its deliveries back and pushed for them: nothing to do then.
+    let previous_run = match store.begin_run().await {
+        Ok(run) => run,
+        Err(e) => {
+            tracing::warn!("the store did not say how the run before this one ended: {e}");
+            None
+        }
+    };
+    let _ = shared.previous_run.set(previous_run);
+    if previous_run == Some(true) {
+        tracing::warn!("the run before this one did not stop cleanly (a crash, kill -9, power lost): waking every wallet with mail pending");
+        let s = shared.clone();
+        actix_rt::spawn(async move {
+            tokio::time::sleep(settle).await;
+            let woken = crate::session::wake_all_pending(&s).await;
+            tracing::info!(
+                wallets = woken,
+                "wallets with mail pending woken after the unclean stop"
+            );
+        });
     }
 
     // Notifications from peers wake local sessions; the store holds the messages.
@@ -620,6 +647,10 @@ pub async fn run(
         p.stop().await;
     }
     store.flush().await?;
+    // Last: a stop that failed before this leaves the store marked, and the next start wakes.
+    if let Err(e) = store.end_run().await {
+        tracing::warn!("the clean stop not recorded (the next start wakes every wallet with mail pending): {e}");
+    }
     if let Some(c) = &cluster {
         c.shutdown().await;
     }

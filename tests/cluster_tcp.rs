@@ -557,9 +557,12 @@ async fn link_cut_then_restored_resyncs() {
         owner_is(&n2, "s1", Some("n1")) && owner_is(&n2, "s2", Some("n1"))
     })
     .await;
-    // Both redialed: one of two links that came up at once may be closing for the other.
-    wait_until("n1 <-> n2 linked", || connected(&n1, "n2") && connected(&n2, "n1")).await;
-    assert_eq!(n2.h.notify_queued("s2"), NotifyOutcome::Sent("n1".into()));
+    // Both redialed: one of two links that came up at once may be closing for the other (a
+    // notification that finds no link then is answered Failed; one more Queued is harmless).
+    wait_until("s2 notified to n1", || {
+        n2.h.notify_queued("s2") == NotifyOutcome::Sent("n1".into())
+    })
+    .await;
     wait_event(&mut n1.ev, "Queued s2", queued("s2")).await;
     for n in [n1, n2, n3] {
         n.h.shutdown().await;

@@ -76,8 +76,8 @@ async fn the_sweep_reaches_a_live_wallet_behind_many_older_offline_queues() {
 
 /// One dedup record per forward, even once acknowledged, would grow memory with traffic;
 /// they go once their window has passed, with no message expiry at all (`ttl = 0`). The
-/// window is 5 s: the gauge (refreshed every 250 ms) counts the records for that long after the
-/// last forward, room for a loaded box to read it before they go.
+/// window is 5 s: the gauge (refreshed every quarter window) counts the records for about that
+/// long after the last forward, room for a loaded box to read it before they go.
 #[actix_rt::test]
 async fn dedup_records_are_pruned_once_their_window_passes() {
     let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |c| {
@@ -407,7 +407,7 @@ impl mailroom::store::Store for CommitsThenFails {
         list_connections, update_keys, keys_of, route, route_long_forms, enqueue, lease, ack_leased, release,
         release_owner, release_owners_under, reclaim_expired_leases,
         total_queued, connections_with_pending, prune_dedup,
-        dedup_records, queue_log, lease_for_key, pending_stats, expire, expire_due, oldest_received_ms,
+        dedup_records, queue_log, begin_run, end_run, lease_for_key, pending_stats, expire, expire_due, oldest_received_ms,
         flush, device_of, set_device, forget_device_token, push_event, push_take_due, push_done,
         delete_connection, revoke_mediation, drop_queue, top_queues,
     );

@@ -90,7 +90,7 @@ impl Store for GatedLeases {
         list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, ack_leased, release,
         release_owners_under, reclaim_expired_leases,
         queue_stats, total_queued, connections_with_pending, pending_among, prune_dedup,
-        dedup_records, queue_log, lease_for_key, pending_stats, expire, expire_due, oldest_received_ms,
+        dedup_records, queue_log, begin_run, end_run, lease_for_key, pending_stats, expire, expire_due, oldest_received_ms,
         flush, device_of, set_device, forget_device_token, push_event, push_take_due, push_done,
         delete_connection, revoke_mediation, drop_queue, top_queues,
     );

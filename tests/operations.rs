@@ -422,7 +422,7 @@ impl Store for FailingRemovals {
         use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
         list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, ack_leased, release,
         release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued, connections_with_pending,
-        pending_among, prune_dedup, dedup_records, queue_log, lease_for_key, pending_stats,
+        pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run, lease_for_key, pending_stats,
         expire, expire_due, oldest_received_ms, flush, device_of, set_device, forget_device_token,
         push_event, push_take_due, push_done, delete_connection, drop_queue, top_queues,
     );

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 const FAST_SWEEP_MS: u64 = 200;
 
 async fn admin(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
-    let c = awc::Client::default();
+    let c = common::client();
     let req = match method {
         "DELETE" => c.delete(url),
         "POST" => c.post(url),

@@ -169,7 +169,13 @@ async fn status_json(st: &AdminState) -> Value {
         "sessions": sessions,
         "open_sockets": sh.open_sockets.load(Ordering::Relaxed),
         "queued": queued,
-        "store": { "backend": store.backend(), "health": store_health, "queue_log": queue_log },
+        "store": {
+            "backend": store.backend(),
+            "health": store_health,
+            "queue_log": queue_log,
+            // The run before this one on the store ended without its stop (null: not tracked).
+            "previous_run_unfinished": sh.previous_run.get().copied().flatten(),
+        },
         "push": push_json(sh),
         "drain": ops::drain_json(st).await,
     })

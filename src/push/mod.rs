@@ -497,16 +497,31 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
 /// Trailing pushes one poll takes at most.
 const TAKE_DUE_BATCH: usize = 256;
 
+/// Pauses before the device lookup of an event is tried again after the store failed it (a
+/// pool timeout under load, a failover): the event is the wallet's only wake-up, and a later
+/// event may never come.
+const DEVICE_LOOKUP_RETRIES: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(2)];
+
 /// One queued event: a wallet with a device registration gets a push now, or the event is
 /// folded into its window's trailing push (the window is shared by every node).
 async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant, unless_pushed_since_ms: Option<i64>) {
-    let device = match ctx.store.device_of(&conn).await {
-        Ok(Some(d)) => d,
-        Ok(None) => return,
-        Err(e) => {
-            tracing::warn!(connection = %conn, "push skipped: store unavailable: {e}");
-            ctx.metrics.count("store", "failed");
-            return;
+    let mut retries = DEVICE_LOOKUP_RETRIES.iter();
+    let device = loop {
+        match ctx.store.device_of(&conn).await {
+            Ok(Some(d)) => break d,
+            Ok(None) => return,
+            Err(e) => match retries.next() {
+                Some(pause) => {
+                    tracing::debug!(connection = %conn, "device lookup failed, tried again in {pause:?}: {e}");
+                    ctx.metrics.count("store", "retry");
+                    tokio::time::sleep(*pause).await;
+                }
+                None => {
+                    tracing::warn!(connection = %conn, "push skipped: store unavailable: {e}");
+                    ctx.metrics.count("store", "failed");
+                    return;
+                }
+            },
         }
     };
     let window = ctx.settings.min_interval_ms;

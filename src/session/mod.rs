@@ -73,6 +73,11 @@ pub struct Shared {
     endpoint_cursor: Mutex<Option<String>>,
     /// The push worker, when `[push]` is configured (set once by the node at start).
     pub push: std::sync::OnceLock<crate::push::PushHandle>,
+    /// How the run before this one on the store ended, as [`Store::begin_run`] answered it
+    /// (set once by the node at start; `None` inside: not tracked, or not known).
+    ///
+    /// [`Store::begin_run`]: crate::store::Store::begin_run
+    pub previous_run: std::sync::OnceLock<Option<bool>>,
     /// The connection records bound sessions hold: one copy per connection, whatever the
     /// number of its sessions.
     pub held: held::Held,
@@ -114,6 +119,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             endpoint_cursor: Mutex::new(None),
             push: std::sync::OnceLock::new(),
+            previous_run: std::sync::OnceLock::new(),
             held: held::Held::default(),
             bound,
             egress: Arc::new(egress),
@@ -591,6 +597,36 @@ impl crate::push::Presence for NodePresence {
 /// failed peer, a restart or a failed notification left with nobody told.
 pub async fn wake_pending(shared: &Arc<Shared>, conns: &[String]) {
     wake_pending_with(shared, conns, |_| None).await;
+}
+
+/// Every wallet with mail pending, each treated as if a message were queued now, as
+/// [`wake_pending`] does: after a run of this node that ended without its stop, on a store
+/// that kept its deliveries in memory (sled), nothing tells whose sessions were live, and
+/// their sockets died with it. Returns how many wallets it woke.
+pub async fn wake_all_pending(shared: &Arc<Shared>) -> usize {
+    let mut after: Option<String> = None;
+    let mut woken = 0;
+    loop {
+        let store = &shared.mediator.store;
+        let page = match store
+            .connections_with_pending(now_ms(), after.as_deref(), WAKE_PENDING_CHUNK)
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(woken, "wallets with mail pending left untold: store unavailable: {e}");
+                return woken;
+            }
+        };
+        for c in &page {
+            shared.queued_new(c).await;
+        }
+        woken += page.len();
+        if page.len() < WAKE_PENDING_CHUNK {
+            return woken;
+        }
+        after = page.last().cloned();
+    }
 }
 
 /// [`wake_pending`], each wallet pushed only if not pushed since `since(conn)`, if any.

@@ -48,7 +48,7 @@ impl Metered {
 #[async_trait::async_trait]
 impl Store for Metered {
     // Gauges and names, not store work: passed on untimed.
-    crate::store_pass_through!(inner: backend, dedup_records, queue_log);
+    crate::store_pass_through!(inner: backend, dedup_records, queue_log, begin_run, end_run);
     async fn health(&self) -> StoreResult<()> {
         self.timed("health", self.inner.health()).await
     }

@@ -610,6 +610,15 @@ pub trait Store: Send + Sync + 'static {
     /// `mailroom_queue_log_*` gauges, `/status`); `None` where the queue is not on this node
     /// (PostgreSQL).
     async fn queue_log(&self) -> StoreResult<Option<QueueLogStats>>;
+    /// Marks the store in use by a running node, durably. `Some(true)`: the run before ended
+    /// without [`Store::end_run`] (a crash, `kill -9`, power lost): what its sessions were
+    /// delivering was never acknowledged, nor its wallets woken. `None`: not tracked, as the
+    /// store's leases outlive the process (PostgreSQL: [`Store::release_owners_under`]
+    /// finds what a node had in flight). Several nodes of one process on one store count as
+    /// one run.
+    async fn begin_run(&self) -> StoreResult<Option<bool>>;
+    /// The running node stops cleanly (called last, once it gave back what it delivered).
+    async fn end_run(&self) -> StoreResult<()>;
     /// Deletes messages received before `received_before_ms` (leased or not) and dedup records
     /// as old. Returns how many messages were deleted.
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64>;

@@ -160,6 +160,12 @@ macro_rules! store_pass_through {
     (@method $i:ident queue_log) => {
         $crate::store_pass_through!(@fn $i queue_log () [] -> Option<$crate::store::QueueLogStats>);
     };
+    (@method $i:ident begin_run) => {
+        $crate::store_pass_through!(@fn $i begin_run () [] -> Option<bool>);
+    };
+    (@method $i:ident end_run) => {
+        $crate::store_pass_through!(@fn $i end_run () [] -> ());
+    };
     (@method $i:ident expire) => {
         $crate::store_pass_through!(@fn $i expire (received_before_ms: i64) [] -> u64);
     };

@@ -45,7 +45,12 @@ pub fn start_on(cfg: &Config, store: std::sync::Arc<dyn mailroom::store::Store>)
 }
 
 pub async fn invitation(n: &RunningNode) -> Invitation {
-    let v = get_json(&format!("{}/invitation", n.public_url())).await;
+    invitation_at(&n.public_url()).await
+}
+
+/// The invitation of the node whose public listener is `public_url` (a node process).
+pub async fn invitation_at(public_url: &str) -> Invitation {
+    let v = get_json(&format!("{public_url}/invitation")).await;
     Invitation::parse(&v["invitation"]).expect("invitation parses")
 }
 

@@ -611,6 +611,15 @@ impl Store for PgStore {
         Ok(None)
     }
 
+    async fn begin_run(&self) -> StoreResult<Option<bool>> {
+        // Leases are rows: a restarted node releases its own (`release_owners_under`).
+        Ok(None)
+    }
+
+    async fn end_run(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
     async fn dedup_records(&self) -> StoreResult<u64> {
         let c = self.client().await?;
         let r = c.run(c.query_one("SELECT count(*) FROM mailroom_dedup", &[])).await?;

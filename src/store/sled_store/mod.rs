@@ -102,6 +102,9 @@ const QUEUE_LOG_DIR: &str = "queue";
 /// older than it are past their window: the index rebuilt at open leaves them out, as the
 /// process before it had pruned them (or was about to).
 const DEDUP_PRUNED_BEFORE_KEY: &[u8] = b"dedup_pruned_before";
+/// `meta` key: present while a node runs on the store ([`Store::begin_run`] sets it,
+/// [`Store::end_run`] removes it). Found at the next start, that run ended without its stop.
+const RUNNING_KEY: &[u8] = b"node_running";
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("sled: {e}"))
@@ -266,6 +269,7 @@ impl SledStore {
             stop: std::sync::atomic::AtomicBool::new(false),
             reopens: std::sync::atomic::AtomicU64::new(0),
             carried: Mutex::new(HashMap::new()),
+            runs: Mutex::new(0),
             dir,
         });
         let (tx, rx) = mpsc::channel(WRITER_CHANNEL);
@@ -498,6 +502,33 @@ mod tests {
             expires_at_ms: None,
             lease: None,
         }
+    }
+
+    /// A run that did not end (no `end_run`: a crash) is found by the next `begin_run`, once;
+    /// in-process nodes sharing the store count as one run, ended by the last to stop.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_that_did_not_end_is_found_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || SledStore::open_shared(dir.path());
+        {
+            let s = open().await.unwrap();
+            assert_eq!(s.begin_run().await.unwrap(), Some(false), "a new store");
+            // Dropped without end_run: a crash.
+        }
+        {
+            let s = open().await.unwrap();
+            assert_eq!(s.begin_run().await.unwrap(), Some(true), "the crash is found");
+            assert_eq!(s.begin_run().await.unwrap(), Some(false), "a second node of this process");
+            s.end_run().await.unwrap();
+            // The first node is still running when the process dies.
+        }
+        {
+            let s = open().await.unwrap();
+            assert_eq!(s.begin_run().await.unwrap(), Some(true), "one of two nodes stopped");
+            s.end_run().await.unwrap();
+        }
+        let s = open().await.unwrap();
+        assert_eq!(s.begin_run().await.unwrap(), Some(false), "the last run stopped cleanly");
     }
 
     /// A database written before the queue log kept its messages and dedup records in the

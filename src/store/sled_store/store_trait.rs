@@ -8,7 +8,7 @@ use sled::Transactional;
 use super::index::Owner;
 use super::inner::PushWindow;
 use super::records::{conn_key_entry, conn_prefix, decode_conn, decode_msg, encode_id, latest_of, pair_key, tx_err};
-use super::{corrupt, unavailable, SledStore, DEDUP_PRUNED_BEFORE_KEY, IDENTITY_KEY, NEVER};
+use super::{corrupt, unavailable, SledStore, DEDUP_PRUNED_BEFORE_KEY, IDENTITY_KEY, NEVER, RUNNING_KEY};
 use crate::store::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
     Identity, InvitationUse, KeyUpdate, MediationState, MessageId, NewClaim, NewMessage, PendingStats, PushClaim,
@@ -628,6 +628,41 @@ impl Store for SledStore {
             damaged_records,
             damaged_segments,
         }))
+    }
+
+    async fn begin_run(&self) -> StoreResult<Option<bool>> {
+        // The count is held across the write, so a stop cannot remove the mark before it is set.
+        let slot = self.slot.clone();
+        self.blocking(move |inner| {
+            let mut runs = slot.runs.lock();
+            if *runs > 0 {
+                *runs += 1;
+                return Ok(Some(false));
+            }
+            let unfinished = inner
+                .meta
+                .insert(RUNNING_KEY, &[1u8][..])
+                .map_err(unavailable)?
+                .is_some();
+            inner.meta.flush().map_err(unavailable)?;
+            *runs = 1;
+            Ok(Some(unfinished))
+        })
+        .await
+    }
+
+    async fn end_run(&self) -> StoreResult<()> {
+        let slot = self.slot.clone();
+        self.blocking(move |inner| {
+            let mut runs = slot.runs.lock();
+            *runs = runs.saturating_sub(1);
+            if *runs == 0 {
+                inner.meta.remove(RUNNING_KEY).map_err(unavailable)?;
+                inner.meta.flush().map_err(unavailable)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn dedup_records(&self) -> StoreResult<u64> {

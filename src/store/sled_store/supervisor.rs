@@ -49,6 +49,8 @@ pub(super) struct Slot {
     pub(super) reopens: std::sync::atomic::AtomicU64,
     /// Leases taken from the handle being replaced, for the next one.
     pub(super) carried: Mutex<Leases>,
+    /// Nodes of this process running on the store ([`Store::begin_run`](crate::store::Store::begin_run)).
+    pub(super) runs: Mutex<usize>,
 }
 
 impl Slot {
