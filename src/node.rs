@@ -350,24 +350,30 @@ pub async fn run(
     // release: the run that ended without its stop left the wallets whose sessions were live
     // with mail delivered and not acknowledged, or not delivered yet, and woken by nobody
     // (their sockets died with it; an offline wallet wakes for a push). Every wallet with mail
-    // pending is woken or pushed (push windows hold back one pushed just before). A clean
-    // stop gave its deliveries back and pushed for them: nothing to do then.
-    let previous_run = match store.begin_run().await {
-        Ok(run) => run,
+    // pending is woken or pushed (sled's push windows died with the run too: a wallet pushed
+    // just before the crash is pushed again). A clean stop gave its deliveries back and pushed
+    // for them: nothing to do then. The mark stays until a stop that owes no wallet anything.
+    let (run_begun, previous_run) = match store.begin_run().await {
+        Ok(run) => (true, run),
         Err(e) => {
-            tracing::warn!("the store did not say how the run before this one ended: {e}");
-            None
+            tracing::warn!("the store did not say how the run before this one ended (left marked): {e}");
+            (false, None)
         }
     };
     let _ = shared.previous_run.set(previous_run);
     if previous_run == Some(true) {
         tracing::warn!("the run before this one did not stop cleanly (a crash, kill -9, power lost): waking every wallet with mail pending");
+        shared.wake_owed.store(true, Ordering::SeqCst);
         let s = shared.clone();
         actix_rt::spawn(async move {
             tokio::time::sleep(settle).await;
-            let woken = crate::session::wake_all_pending(&s).await;
+            let (woken, complete) = crate::session::wake_all_pending(&s).await;
+            if complete {
+                s.wake_owed.store(false, Ordering::SeqCst);
+            }
             tracing::info!(
                 wallets = woken,
+                complete,
                 "wallets with mail pending woken after the unclean stop"
             );
         });
@@ -635,7 +641,9 @@ pub async fn run(
             Err(e) => tracing::warn!("leases not released on shutdown (they run out, and are taken back): {e}"),
         }
     };
+    let mut owes = shared.wake_owed.load(Ordering::SeqCst);
     if tokio::time::timeout(SHUTDOWN_GRACE, give_back).await.is_err() {
+        owes = true;
         tracing::warn!(
             "HTTP deliveries not all given back within {SHUTDOWN_GRACE:?} (their leases run out, and are taken back)"
         );
@@ -644,11 +652,15 @@ pub async fn run(
     // already started go out before it leaves (within `push::STOP_GRACE`; a push abandoned
     // then is another node's once its claim runs out).
     if let Some(p) = shared.push.get() {
-        p.stop().await;
+        owes |= !p.stop().await;
     }
     store.flush().await?;
-    // Last: a stop that failed before this leaves the store marked, and the next start wakes.
-    if let Err(e) = store.end_run().await {
+    // Last, and only when no wallet is owed a wake-up (the start-up one unfinished, a push
+    // abandoned, a give-back unfinished) and the run was marked: a stop that fails before
+    // this, or that owes, leaves the store marked, and the next start wakes every wallet.
+    if owes || !run_begun {
+        tracing::warn!("the store is left marked as running: the next start wakes every wallet with mail pending");
+    } else if let Err(e) = store.end_run().await {
         tracing::warn!("the clean stop not recorded (the next start wakes every wallet with mail pending): {e}");
     }
     if let Some(c) = &cluster {

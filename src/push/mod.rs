@@ -270,8 +270,8 @@ enum Cmd {
         /// Only if the wallet was not pushed since (ms; see [`PushHandle::queued_unless_pushed_since`]).
         unless_pushed_since_ms: Option<i64>,
     },
-    /// Finish what is in flight (within [`STOP_GRACE`]), then answer.
-    Stop(tokio::sync::oneshot::Sender<()>),
+    /// Finish what is in flight (within [`STOP_GRACE`]), then answer whether all of it did.
+    Stop(tokio::sync::oneshot::Sender<bool>),
 }
 
 /// How long a stopping node gives the pushes it has started (a token grant, a provider's
@@ -340,13 +340,19 @@ impl PushHandle {
 
     /// Stops the worker (node shutdown): the events already handed over are handled and the
     /// pushes in flight finish, for at most [`STOP_GRACE`]; returns when they have.
-    pub async fn stop(&self) {
+    /// Returns whether every push the worker had started finished (false: some were
+    /// abandoned, or the worker did not answer).
+    pub async fn stop(&self) -> bool {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let handed = tokio::time::timeout(STOP_GRACE, self.tx.send(Cmd::Stop(done_tx))).await;
-        if matches!(handed, Ok(Ok(()))) {
-            // The worker bounds its own wait; this bound is for a worker that is gone.
-            let _ = tokio::time::timeout(STOP_GRACE + Duration::from_secs(1), done_rx).await;
+        if !matches!(handed, Ok(Ok(()))) {
+            return false;
         }
+        // The worker bounds its own wait; this bound is for a worker that is gone.
+        matches!(
+            tokio::time::timeout(STOP_GRACE + Duration::from_secs(1), done_rx).await,
+            Ok(Ok(true))
+        )
     }
 }
 
@@ -481,7 +487,8 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
         }
     };
     let drained = tokio::time::timeout(STOP_GRACE, async { while in_flight.join_next().await.is_some() {} }).await;
-    if drained.is_err() {
+    let finished = drained.is_ok();
+    if !finished {
         tracing::warn!(
             abandoned = in_flight.len(),
             "push worker stopped with pushes still in flight after {STOP_GRACE:?}"
@@ -490,7 +497,7 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
     }
     tracing::info!("push worker stopped");
     if let Some(done) = done {
-        let _ = done.send(());
+        let _ = done.send(finished);
     }
 }
 
@@ -510,7 +517,8 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant, unless_pushed_since_m
         match ctx.store.device_of(&conn).await {
             Ok(Some(d)) => break d,
             Ok(None) => return,
-            Err(e) => match retries.next() {
+            // Only an unavailable store may answer later; a record it cannot read will not.
+            Err(e @ crate::store::StoreError::Unavailable(_)) => match retries.next() {
                 Some(pause) => {
                     tracing::debug!(connection = %conn, "device lookup failed, tried again in {pause:?}: {e}");
                     ctx.metrics.count("store", "retry");
@@ -518,10 +526,15 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant, unless_pushed_since_m
                 }
                 None => {
                     tracing::warn!(connection = %conn, "push skipped: store unavailable: {e}");
-                    ctx.metrics.count("store", "failed");
+                    ctx.metrics.count("store", "gave_up");
                     return;
                 }
             },
+            Err(e) => {
+                tracing::warn!(connection = %conn, "push skipped: device not read: {e}");
+                ctx.metrics.count("store", "failed");
+                return;
+            }
         }
     };
     let window = ctx.settings.min_interval_ms;

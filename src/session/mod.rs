@@ -78,6 +78,9 @@ pub struct Shared {
     ///
     /// [`Store::begin_run`]: crate::store::Store::begin_run
     pub previous_run: std::sync::OnceLock<Option<bool>>,
+    /// The wake-up owed after a run that did not stop has not finished: the store stays
+    /// marked at the stop (see [`wake_all_pending`]).
+    pub wake_owed: AtomicBool,
     /// The connection records bound sessions hold: one copy per connection, whatever the
     /// number of its sessions.
     pub held: held::Held,
@@ -120,6 +123,7 @@ impl Shared {
             endpoint_cursor: Mutex::new(None),
             push: std::sync::OnceLock::new(),
             previous_run: std::sync::OnceLock::new(),
+            wake_owed: AtomicBool::new(false),
             held: held::Held::default(),
             bound,
             egress: Arc::new(egress),
@@ -599,15 +603,19 @@ pub async fn wake_pending(shared: &Arc<Shared>, conns: &[String]) {
     wake_pending_with(shared, conns, |_| None).await;
 }
 
-/// Every wallet with mail pending, each treated as if a message were queued now, as
-/// [`wake_pending`] does: after a run of this node that ended without its stop, on a store
-/// that kept its deliveries in memory (sled), nothing tells whose sessions were live, and
-/// their sockets died with it. Returns how many wallets it woke.
-pub async fn wake_all_pending(shared: &Arc<Shared>) -> usize {
+/// Every wallet with mail pending and mediation not revoked, each treated as if a message
+/// were queued now, as [`wake_pending`] does: after a run of this node that ended without its
+/// stop, on a store that kept its deliveries in memory (sled), nothing tells whose sessions
+/// were live, and their sockets died with it. Returns how many wallets it woke, and whether
+/// it reached them all (false: the store failed meanwhile, or the node began to stop).
+pub async fn wake_all_pending(shared: &Arc<Shared>) -> (usize, bool) {
     let mut after: Option<String> = None;
     let mut woken = 0;
+    let store = &shared.mediator.store;
     loop {
-        let store = &shared.mediator.store;
+        if shared.draining.load(Ordering::SeqCst) {
+            return (woken, false);
+        }
         let page = match store
             .connections_with_pending(now_ms(), after.as_deref(), WAKE_PENDING_CHUNK)
             .await
@@ -615,15 +623,24 @@ pub async fn wake_all_pending(shared: &Arc<Shared>) -> usize {
             Ok(page) => page,
             Err(e) => {
                 tracing::warn!(woken, "wallets with mail pending left untold: store unavailable: {e}");
-                return woken;
+                return (woken, false);
             }
         };
         for c in &page {
+            // A revoked connection keeps its queue and its device: pickup refuses it.
+            match store.get_connection(c).await {
+                Ok(Some(conn)) if conn.mediation == MediationState::Denied => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(woken, "wallets with mail pending left untold: store unavailable: {e}");
+                    return (woken, false);
+                }
+            }
             shared.queued_new(c).await;
+            woken += 1;
         }
-        woken += page.len();
         if page.len() < WAKE_PENDING_CHUNK {
-            return woken;
+            return (woken, true);
         }
         after = page.last().cloned();
     }

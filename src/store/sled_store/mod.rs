@@ -518,7 +518,11 @@ mod tests {
         {
             let s = open().await.unwrap();
             assert_eq!(s.begin_run().await.unwrap(), Some(true), "the crash is found");
-            assert_eq!(s.begin_run().await.unwrap(), Some(false), "a second node of this process");
+            assert_eq!(
+                s.begin_run().await.unwrap(),
+                Some(false),
+                "a second node of this process"
+            );
             s.end_run().await.unwrap();
             // The first node is still running when the process dies.
         }
@@ -528,7 +532,11 @@ mod tests {
             s.end_run().await.unwrap();
         }
         let s = open().await.unwrap();
-        assert_eq!(s.begin_run().await.unwrap(), Some(false), "the last run stopped cleanly");
+        assert_eq!(
+            s.begin_run().await.unwrap(),
+            Some(false),
+            "the last run stopped cleanly"
+        );
     }
 
     /// A database written before the queue log kept its messages and dedup records in the
