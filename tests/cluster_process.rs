@@ -165,14 +165,7 @@ async fn run_failover(graceful: bool) {
     let mut p1 = procs.pop().unwrap();
     let n1_log = dir.path().join("n1.log");
     let routing = a.grant.clone().unwrap().routing_keys;
-    let mut ws = a.websocket(&p1.ws_url()).await.unwrap();
-    let st = ws_request(
-        &a,
-        &mut ws,
-        &pickup("live-delivery-change", json!({"live_delivery": true})),
-    )
-    .await;
-    assert_eq!(type_name(&st), "status");
+    let mut ws = live_socket_at(&a, &p1.ws_url()).await;
 
     // A sender streams 100 forwards into node 2, 5 ms apart.
     let sender_url = p2.public_url();

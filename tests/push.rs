@@ -1005,25 +1005,7 @@ async fn cluster_burst_over_nodes_gives_one_push_and_one_trailing() {
         (sent(&n1).await + sent(&n2).await == pushed).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let hits = si.state.hits("fcm:");
-    assert_clean(&hits);
-    // An event the store could not place in the shared window (a pool timeout on a loaded
-    // box) is pushed at once by design, and counted; every other early push would be a bug.
-    let unavailable = metric_sum(&[&n1, &n2], WINDOW_UNAVAILABLE).await;
-    let seen: Vec<String> = hits
-        .iter()
-        .map(|h| {
-            let at = h.at.saturating_duration_since(started);
-            format!("{at:?}: count {}", h.body["message"]["data"]["message_count"])
-        })
-        .collect();
-    let early = hits.iter().filter(|h| h.at < trailing_from).count();
-    assert_eq!(
-        early as f64,
-        1.0 + unavailable,
-        "one push before the window's end (+ {unavailable} window unavailable); burst took {burst:?}; pushes: {seen:?}"
-    );
+    let (hits, early, unavailable, seen) = burst_pushes(&si, &[&n1, &n2], started, trailing_from, burst).await;
     if burst < window {
         assert_eq!(
             hits.len(),
@@ -1104,6 +1086,39 @@ async fn an_unavailable_push_window_pushes_at_once_and_is_counted() {
 
 const WINDOW_UNAVAILABLE: &str = "mailroom_push_window_unavailable_total";
 
+/// The pushes of a burst of forwards over `nodes` that began at `started` and took `burst`,
+/// once its trailing push (due from `trailing_from`) came: checks that exactly one came
+/// before the window's end, plus one per event the store could not place in the shared
+/// window (a pool timeout on a loaded box: pushed at once by design, and counted); every other
+/// early push would be a bug. Returns the pushes, how many came early, the window-unavailable
+/// count, and the pushes as text for messages.
+async fn burst_pushes(
+    si: &StandIn,
+    nodes: &[&RunningNode],
+    started: Instant,
+    trailing_from: Instant,
+    burst: Duration,
+) -> (Vec<Hit>, usize, f64, Vec<String>) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let hits = si.state.hits("fcm:");
+    assert_clean(&hits);
+    let unavailable = metric_sum(nodes, WINDOW_UNAVAILABLE).await;
+    let seen: Vec<String> = hits
+        .iter()
+        .map(|h| {
+            let at = h.at.saturating_duration_since(started);
+            format!("{at:?}: count {}", h.body["message"]["data"]["message_count"])
+        })
+        .collect();
+    let early = hits.iter().filter(|h| h.at < trailing_from).count();
+    assert_eq!(
+        early as f64,
+        1.0 + unavailable,
+        "one push before the window's end (+ {unavailable} window unavailable); burst took {burst:?}; pushes: {seen:?}"
+    );
+    (hits, early, unavailable, seen)
+}
+
 /// A store whose push events are recorded and then answered with an error while `lose` is set
 /// (a commit whose answer was lost: a connection cut, a timeout after the commit), which
 /// counts the push claims [`Store::push_done`] ended, and which fails the next
@@ -1116,13 +1131,32 @@ struct EventAnswerLost {
 }
 
 impl EventAnswerLost {
-    async fn over(cfg: &mailroom::config::Config, lose: bool) -> std::sync::Arc<EventAnswerLost> {
-        std::sync::Arc::new(EventAnswerLost {
-            inner: mailroom::node::open_store(cfg).await.unwrap(),
+    /// A node on this store (push window 60 s, FCM at `si`) and a wallet registered with
+    /// `token`; push events' answers lost from the start if `lose`.
+    async fn node_with_wallet(
+        si: &StandIn,
+        lose: bool,
+        token: &str,
+    ) -> (
+        tempfile::TempDir,
+        RunningNode,
+        std::sync::Arc<EventAnswerLost>,
+        Agent,
+        KeyPair,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+        cfg.push = Some(si.push_config(60, &["proj-a"], false));
+        let store = std::sync::Arc::new(EventAnswerLost {
+            inner: mailroom::node::open_store(&cfg).await.unwrap(),
             lose: std::sync::atomic::AtomicBool::new(lose),
             claims_ended: std::sync::atomic::AtomicUsize::new(0),
             fail_device_lookups: std::sync::atomic::AtomicUsize::new(0),
-        })
+        });
+        let n = start_on(&cfg, store.clone());
+        let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+        set_device(&a, FCM, json!(token), Some("android")).await;
+        (dir, n, store, a, k)
     }
 }
 
@@ -1188,13 +1222,7 @@ impl mailroom::store::Store for EventAnswerLost {
 #[actix_rt::test]
 async fn a_push_event_whose_answer_was_lost_pushes_once() {
     let si = StandIn::start();
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
-    cfg.push = Some(si.push_config(60, &["proj-a"], false));
-    let store = EventAnswerLost::over(&cfg, true).await;
-    let n = start_on(&cfg, store.clone());
-    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
-    set_device(&a, FCM, json!("answer-lost-token"), Some("android")).await;
+    let (_dir, n, store, a, k) = EventAnswerLost::node_with_wallet(&si, true, "answer-lost-token").await;
     forward(&n, &a, &k, "only").await;
     assert_clean(&wait_hits(&si, "fcm:", 1).await);
     eventually("the claim of the failed event ended", || async {
@@ -1214,13 +1242,7 @@ async fn a_push_event_whose_answer_was_lost_pushes_once() {
 #[actix_rt::test]
 async fn a_device_lookup_the_store_failed_is_tried_again() {
     let si = StandIn::start();
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
-    cfg.push = Some(si.push_config(60, &["proj-a"], false));
-    let store = EventAnswerLost::over(&cfg, false).await;
-    let n = start_on(&cfg, store.clone());
-    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
-    set_device(&a, FCM, json!("lookup-failed-token"), Some("android")).await;
+    let (_dir, n, store, a, k) = EventAnswerLost::node_with_wallet(&si, false, "lookup-failed-token").await;
     store.fail_device_lookups.store(2, std::sync::atomic::Ordering::SeqCst);
     forward(&n, &a, &k, "only").await;
     let hits = wait_hits(&si, "fcm:", 1).await;
@@ -1521,14 +1543,7 @@ async fn a_sled_node_killed_with_mail_in_flight_pushes_its_wallet_when_it_starts
 
     let (mut a, k) = Agent::onboard(&inv).await.unwrap();
     set_device(&a, FCM, json!("crashed-sled-token"), Some("android")).await;
-    let mut ws = a.websocket(&p.ws_url()).await.unwrap();
-    let st = ws_request(
-        &a,
-        &mut ws,
-        &pickup("live-delivery-change", json!({"live_delivery": true})),
-    )
-    .await;
-    assert_eq!(type_name(&st), "status");
+    let mut ws = live_socket_at(&a, &p.ws_url()).await;
     Sender::new()
         .forward(
             &p.public_url(),
@@ -1623,14 +1638,7 @@ async fn kill_9_of_the_session_node_still_wakes_the_wallet_once() {
     let (mut a, k) = Agent::onboard(&inv).await.unwrap();
     set_device(&a, FCM, json!("kill-9-token"), Some("android")).await;
     let conn = a_connection_id(&n2).await;
-    let mut ws = a.websocket(&p1.ws_url()).await.unwrap();
-    let st = ws_request(
-        &a,
-        &mut ws,
-        &pickup("live-delivery-change", json!({"live_delivery": true})),
-    )
-    .await;
-    assert_eq!(type_name(&st), "status");
+    let mut ws = live_socket_at(&a, &p1.ws_url()).await;
     wait_owner(&[&n2, &n3], &conn, "n1").await;
     forward(&n3, &a, &k, "while-live").await;
     assert_eq!(receive_and_ack(&a, &mut ws).await, 1);
@@ -1735,25 +1743,8 @@ async fn through_nginx_in_front_of_three_nodes() {
         si.state.hits("fcm:").into_iter().find(|h| h.at >= trailing_from)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let hits = si.state.hits("fcm:");
-    assert_clean(&hits);
-    // An event the store could not place in the shared window (a pool timeout under load) is
-    // pushed at once by design and counted; every other early push would be a bug.
-    let unavailable = metric_sum(&nodes.iter().collect::<Vec<_>>(), WINDOW_UNAVAILABLE).await;
-    let seen: Vec<String> = hits
-        .iter()
-        .map(|h| {
-            let at = h.at.saturating_duration_since(started);
-            format!("{at:?}: count {}", h.body["message"]["data"]["message_count"])
-        })
-        .collect();
-    let early = hits.iter().filter(|h| h.at < trailing_from).count();
-    assert_eq!(
-        early as f64,
-        1.0 + unavailable,
-        "one push before the window's end (+ {unavailable} window unavailable); burst took {burst:?}; pushes: {seen:?}"
-    );
+    let nodes_ref: Vec<&RunningNode> = nodes.iter().collect();
+    let (hits, early, _, seen) = burst_pushes(&si, &nodes_ref, started, trailing_from, burst).await;
     if burst < window {
         assert_eq!(
             hits.len(),

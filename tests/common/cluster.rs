@@ -489,7 +489,12 @@ pub async fn peer_connected(n: &RunningNode, peer: &str) -> bool {
 
 /// Opens a live-mode socket on `node` and waits for the status answer.
 pub async fn live_socket(a: &Agent, node: &RunningNode) -> WsClient {
-    let mut ws = a.websocket(&ws_url(node)).await.unwrap();
+    live_socket_at(a, &ws_url(node)).await
+}
+
+/// [`live_socket`] at the WebSocket URL `url` (a node process's).
+pub async fn live_socket_at(a: &Agent, url: &str) -> WsClient {
+    let mut ws = a.websocket(url).await.unwrap();
     let st = ws_request(
         a,
         &mut ws,
