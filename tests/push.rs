@@ -1459,6 +1459,53 @@ fn write_mixed_cluster(
     (path, cfg)
 }
 
+/// A lone `mailroom` process on sled (the default store) pushing to a [`StandIn`] (window
+/// 60 s, FCM), with its config and data in a directory of its own: started again on the same.
+struct SledProcess {
+    dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    entry: mailroom::config::NodeEntry,
+}
+
+impl SledProcess {
+    fn new(si: &StandIn) -> SledProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = mailroom::config::NodeEntry {
+            id: "n1".into(),
+            listen: free_addr(),
+            cluster: None,
+            admin: free_addr(),
+        };
+        let push = si
+            .push_toml(60, &["proj-a"], false)
+            .replace("[[fcm]]", "[[push.fcm]]")
+            .replace("[apns]", "[push.apns]");
+        let text = format!(
+            "[store]\nbackend = \"sled\"\npath = {:?}\n\n[delivery]\nlease_ms = 600000\n\n\
+             [[node]]\nid = \"n1\"\nlisten = \"{}\"\nadmin = \"{}\"\n\n[push]\n{push}",
+            dir.path().join("data"),
+            entry.listen,
+            entry.admin,
+        );
+        let path = dir.path().join("mailroom.toml");
+        std::fs::write(&path, &text).unwrap();
+        SledProcess { dir, path, entry }
+    }
+
+    /// Start `i` (its own log), once ready.
+    async fn run(&self, i: usize) -> NodeProcess {
+        let log = self.dir.path().join(format!("n1-{i}.log"));
+        let p = NodeProcess::spawn(&self.path, &self.entry, &log);
+        wait_process_ready(&p).await;
+        p
+    }
+}
+
+/// `/status` `store.previous_run_unfinished` of a node process.
+async fn previous_run_unfinished(p: &NodeProcess) -> Value {
+    get_json(&format!("{}/status", p.admin_url())).await["store"]["previous_run_unfinished"].clone()
+}
+
 /// A lone sled node (the default store: leases in memory only) is killed while its wallet's
 /// socket holds a delivery not yet acknowledged: the wallet's socket died with it, and nobody
 /// would wake it. Started again, the node finds its last run unfinished and pushes every
@@ -1468,44 +1515,16 @@ fn write_mixed_cluster(
 #[actix_rt::test]
 async fn a_sled_node_killed_with_mail_in_flight_pushes_its_wallet_when_it_starts_again() {
     let si = StandIn::start();
-    let dir = tempfile::tempdir().unwrap();
-    let entry = mailroom::config::NodeEntry {
-        id: "n1".into(),
-        listen: free_addr(),
-        cluster: None,
-        admin: free_addr(),
-    };
-    let push = si
-        .push_toml(60, &["proj-a"], false)
-        .replace("[[fcm]]", "[[push.fcm]]")
-        .replace("[apns]", "[push.apns]");
-    let text = format!(
-        "[store]\nbackend = \"sled\"\npath = {:?}\n\n[delivery]\nlease_ms = 600000\n\n\
-         [[node]]\nid = \"n1\"\nlisten = \"{}\"\nadmin = \"{}\"\n\n[push]\n{push}",
-        dir.path().join("data"),
-        entry.listen,
-        entry.admin,
-    );
-    let path = dir.path().join("mailroom.toml");
-    std::fs::write(&path, &text).unwrap();
-    let run = |i: usize| {
-        let p = NodeProcess::spawn(&path, &entry, &dir.path().join(format!("n1-{i}.log")));
-        async move {
-            wait_process_ready(&p).await;
-            p
-        }
-    };
-    let status = |p: &NodeProcess| {
-        let url = format!("{}/status", p.admin_url());
-        async move { get_json(&url).await }
-    };
-
-    let mut p = run(1).await;
-    let inv = invitation_at(&p.public_url()).await;
+    let node = SledProcess::new(&si);
+    let run = |i: usize| node.run(i);
+    let status = previous_run_unfinished;
     let tokens = |t: &str| {
         let hits = si.state.hits("fcm:");
         hits.iter().filter(|h| h.body["message"]["token"] == t).count()
     };
+
+    let mut p = run(1).await;
+    let inv = invitation_at(&p.public_url()).await;
     // An offline wallet with mail, pushed for it, then revoked.
     let (b, kb) = Agent::onboard(&inv).await.unwrap();
     set_device(&b, FCM, json!("revoked-sled-token"), Some("android")).await;
@@ -1560,7 +1579,7 @@ async fn a_sled_node_killed_with_mail_in_flight_pushes_its_wallet_when_it_starts
     p.kill9();
     drop(ws);
     let p = run(2).await;
-    assert_eq!(status(&p).await["store"]["previous_run_unfinished"], true);
+    assert_eq!(status(&p).await, json!(true));
     let hits = wait_hits(&si, "fcm:", 2).await;
     assert_clean(&hits);
     assert_eq!(hits[1].body["message"]["token"], "crashed-sled-token");
@@ -1570,7 +1589,7 @@ async fn a_sled_node_killed_with_mail_in_flight_pushes_its_wallet_when_it_starts
     let mut p = p;
     assert!(p.terminate().success());
     let p = run(3).await;
-    assert_eq!(status(&p).await["store"]["previous_run_unfinished"], false);
+    assert_eq!(status(&p).await, json!(false));
     // The wallet gets its mail from the node started again.
     a.endpoint = p.public_url();
     let d = a
@@ -1581,6 +1600,56 @@ async fn a_sled_node_killed_with_mail_in_flight_pushes_its_wallet_when_it_starts
     assert_eq!(delivery_ids(&a, &d).len(), 1, "{d}");
     assert_eq!(tokens("crashed-sled-token"), 1, "pushed once, not at the clean start");
     assert_eq!(tokens("revoked-sled-token"), 1, "a revoked wallet is not woken");
+}
+
+/// A sled node started after a crash is stopped while the push its wake-up owes a wallet is
+/// still being retried (FCM answers 503, try again in 4 s; the stop gives pushes 5 s): the
+/// stop leaves the store marked, and the next start pushes the wallet. Before, any clean stop
+/// cleared the mark, and the wallet was left asleep.
+#[actix_rt::test]
+async fn a_stop_that_abandons_the_wake_up_push_leaves_the_store_marked() {
+    let si = StandIn::start();
+    let node = SledProcess::new(&si);
+    let mut p = node.run(1).await;
+    let inv = invitation_at(&p.public_url()).await;
+    let (a, k) = Agent::onboard(&inv).await.unwrap();
+    set_device(&a, FCM, json!("owed-token"), Some("android")).await;
+    Sender::new()
+        .forward(
+            &p.public_url(),
+            &basic_message("waiting"),
+            &k.verkey(),
+            &a.grant.clone().unwrap().routing_keys,
+        )
+        .await
+        .unwrap();
+    wait_hits(&si, "fcm:", 1).await;
+    p.kill9();
+
+    let busy = Reply::new(503, json!({"error": {"status": "UNAVAILABLE"}})).retry_after("4");
+    si.state.script("fcm:proj-a", vec![busy; 10]);
+    let mut p = node.run(2).await;
+    assert_eq!(previous_run_unfinished(&p).await, json!(true));
+    let tried = wait_hits(&si, "fcm:", 2).await;
+    assert_eq!(tried[1].status, 503, "the wake-up's push is being retried");
+    assert!(p.terminate().success());
+    si.state.scripts.lock().clear();
+
+    let p = node.run(3).await;
+    assert_eq!(
+        previous_run_unfinished(&p).await,
+        json!(true),
+        "the abandoned push kept the mark"
+    );
+    let sent = eventually("the owed push sent", || async {
+        si.state
+            .hits("fcm:")
+            .into_iter()
+            .find(|h| h.status == 200 && h.at > tried[1].at)
+    })
+    .await;
+    assert_clean(std::slice::from_ref(&sent));
+    assert_eq!(sent.body["message"]["token"], "owed-token");
 }
 
 /// A `mailroom` process on a fresh database while the box is busy: a bound of its own.
