@@ -384,6 +384,28 @@ async fn several_projects_and_the_webhook() {
     assert!(e["connection_id"].is_string() && e["count"].is_u64());
 }
 
+/// Several Firebase projects, the first of which fails for reasons of its own (its service
+/// account lacks the FCM role: 403 PERMISSION_DENIED, not a sender mismatch): the token is
+/// still sent through the second. Before, the first project's failure ended the push, on
+/// every node and every event, as no node had yet learnt which project the token is of.
+#[actix_rt::test]
+async fn a_failing_project_does_not_keep_the_others_from_a_token() {
+    let si = StandIn::start();
+    let (_d, n, a, k) = push_node(&si, 0, &["proj-broken", "proj-a"], false).await;
+    set_device(&a, FCM, json!("token-of-a"), Some("android")).await;
+    let denied = Reply::new(
+        403,
+        json!({"error": {"code": 403, "status": "PERMISSION_DENIED",
+            "message": "Permission 'cloudmessaging.messages.create' denied on resource"}}),
+    );
+    si.state.script("fcm:proj-broken", vec![denied]);
+    forward(&n, &a, &k, "x").await;
+    let sent = wait_hits(&si, "fcm:proj-a", 1).await;
+    assert_clean(&sent);
+    assert_eq!(sent[0].status, 200);
+    assert_eq!(si.state.hits("fcm:proj-broken").len(), 1);
+}
+
 /// Reads one delivery on a live socket and acknowledges it there.
 async fn receive_and_ack(a: &Agent, ws: &mut WsClient) -> usize {
     loop {

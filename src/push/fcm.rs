@@ -60,13 +60,20 @@ pub fn classify(status: u16, retry_after_ms: Option<u64>, body: &[u8]) -> FcmAns
     if status == 429 || status >= 500 || has("QUOTA_EXCEEDED") || has("UNAVAILABLE") || has("INTERNAL") {
         return FcmAnswer::Retry { retry_after_ms, reason };
     }
+    // The Firebase project's own APNs credentials are missing or refused (iOS tokens): not
+    // our access token, which a fresh grant would not mend.
+    if has("THIRD_PARTY_AUTH_ERROR") {
+        return FcmAnswer::Failed(format!("{reason}: the Firebase project's APNs key or certificate"));
+    }
     if status == 401 {
         return FcmAnswer::Unauthorized;
     }
     if has("SENDER_ID_MISMATCH") {
         return FcmAnswer::Mismatch;
     }
-    if has("UNREGISTERED") || (status == 404 && status_text == "NOT_FOUND") {
+    // Only FCM's own word forgets a token: a bare 404 (a wrong project id, a proxy) says
+    // nothing about it, and a forgotten registration needs the wallet to register again.
+    if has("UNREGISTERED") {
         return FcmAnswer::Dead(reason);
     }
     if status == 400 && has("INVALID_ARGUMENT") && message.to_ascii_lowercase().contains("registration token") {
@@ -218,7 +225,8 @@ impl Fcm {
             .filter(|s| !s.is_empty())
             .ok_or_else(|| Outcome::Failed("token endpoint answer has no access_token".into()))?
             .to_string();
-        let lifetime = Duration::from_secs(v["expires_in"].as_u64().unwrap_or(3600));
+        // Bounded: an absurd lifetime would overflow the clock (Google grants an hour).
+        let lifetime = Duration::from_secs(v["expires_in"].as_u64().unwrap_or(3600).clamp(60, 86_400));
         let renew_after = Instant::now() + lifetime.saturating_sub(TOKEN_REFRESH_MARGIN);
         *slot = Some((tok.clone(), renew_after));
         tracing::debug!(project = %p.cfg.account.project_id, "FCM access token renewed");
@@ -268,7 +276,11 @@ impl Fcm {
         FcmAnswer::Failed("401".into())
     }
 
-    /// Sends one push: the remembered project first, then the others.
+    /// Sends one push: the remembered project first, then the others. A project that fails
+    /// for reasons of its own (its grant refused, its quota spent, unreachable) does not keep
+    /// the others from the token: the next is tried, unless it is the project that accepted
+    /// the token before. With none accepting, a project that asked to retry wins (the token
+    /// may be its), then one that called the token dead, then one that failed.
     pub async fn send(&self, t: &Transport, ev: &Event) -> Outcome {
         let first = self.remembered.borrow().get(&ev.token).copied();
         let order: Vec<usize> = first
@@ -276,6 +288,9 @@ impl Fcm {
             .chain((0..self.projects.len()).filter(|i| Some(*i) != first))
             .collect();
         let mut dead: Option<String> = None;
+        let mut retry: Option<(Option<u64>, String)> = None;
+        let mut failed: Vec<String> = Vec::new();
+        let project = |i: usize| self.projects[i].cfg.account.project_id.clone();
         for i in order {
             match self.send_to(t, i, ev).await {
                 FcmAnswer::Sent => {
@@ -291,15 +306,27 @@ impl Fcm {
                 FcmAnswer::Dead(r) if Some(i) == first || self.projects.len() == 1 => return Outcome::Dead(r),
                 // Another project may know it.
                 FcmAnswer::Dead(r) => dead = Some(r),
-                FcmAnswer::Retry { retry_after_ms, reason } => return Outcome::Retry { retry_after_ms, reason },
-                FcmAnswer::Failed(r) => return Outcome::Failed(r),
-                FcmAnswer::Unauthorized => return Outcome::Failed("401".into()),
+                FcmAnswer::Retry { retry_after_ms, reason } if Some(i) == first => {
+                    return Outcome::Retry { retry_after_ms, reason }
+                }
+                FcmAnswer::Retry { retry_after_ms, reason } => {
+                    retry.get_or_insert((retry_after_ms, format!("{}: {reason}", project(i))));
+                }
+                FcmAnswer::Failed(r) if Some(i) == first => return Outcome::Failed(r),
+                FcmAnswer::Failed(r) => failed.push(format!("{}: {r}", project(i))),
+                FcmAnswer::Unauthorized => failed.push(format!("{}: 401", project(i))),
             }
         }
+        if let Some((retry_after_ms, reason)) = retry {
+            return Outcome::Retry { retry_after_ms, reason };
+        }
         self.remembered.borrow_mut().remove(&ev.token);
-        match dead {
-            Some(r) => Outcome::Dead(r),
-            None => Outcome::Failed("no configured Firebase project accepts this token (SENDER_ID_MISMATCH)".into()),
+        match (dead, failed.is_empty()) {
+            (Some(r), _) => Outcome::Dead(r),
+            (None, false) => Outcome::Failed(failed.join("; ")),
+            (None, true) => {
+                Outcome::Failed("no configured Firebase project accepts this token (SENDER_ID_MISMATCH)".into())
+            }
         }
     }
 }
@@ -323,6 +350,14 @@ mod tests {
         let mismatch =
             br#"{"error":{"code":403,"status":"PERMISSION_DENIED","details":[{"errorCode":"SENDER_ID_MISMATCH"}]}}"#;
         assert_eq!(classify(403, None, mismatch), FcmAnswer::Mismatch);
+        // A 404 that is not FCM's UNREGISTERED (a wrong project id, a proxy) forgets no token.
+        let no_such_project =
+            br#"{"error":{"code":404,"message":"Requested entity was not found.","status":"NOT_FOUND"}}"#;
+        assert!(matches!(classify(404, None, no_such_project), FcmAnswer::Failed(_)));
+        // The project's APNs credentials, not our access token: no second grant.
+        let apns_auth =
+            br#"{"error":{"code":401,"status":"UNAUTHENTICATED","details":[{"errorCode":"THIRD_PARTY_AUTH_ERROR"}]}}"#;
+        assert!(matches!(classify(401, None, apns_auth), FcmAnswer::Failed(r) if r.contains("APNs")));
         assert!(matches!(
             classify(
                 429,
