@@ -742,6 +742,13 @@ fn check_config_refuses_bad_push_credentials() {
         "-----BEGIN PRIVATE KEY-----\nMIGTsecret\n-----END PRIVATE KEY-----\n",
     )
     .unwrap();
+    // PEM that decodes, holding no certificate TLS takes.
+    let bad_ca = dir.path().join("bad-ca.pem");
+    std::fs::write(
+        &bad_ca,
+        "-----BEGIN CERTIFICATE-----\nMIIBAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let head = "[[node]]\nid = 'n1'\nlisten = '127.0.0.1:0'\nadmin = '127.0.0.1:0'\n";
     let apns = |key: &std::path::Path| {
         format!("[push.apns]\nkey_file = {key:?}\nkey_id = 'ABC123DEFG'\nteam_id = 'DEF123GHIJ'\ntopic = 'org.example.wallet'\n")
@@ -762,6 +769,11 @@ fn check_config_refuses_bad_push_credentials() {
             "tooshort",
         ),
         ("[push]\nmin_interval_secs = 5\n".into(), "names no provider", "-"),
+        (
+            format!("[push]\nca_file = {bad_ca:?}\n[[push.fcm]]\nservice_account = {good_sa:?}\n"),
+            "push.ca_file",
+            "-",
+        ),
         ("[push]\nmin_interval = 5\n".into(), "unknown field", "-"),
         (
             format!("[[push.fcm]]\nservice_account = {good_sa:?}\nbase_url = 'ftp://x'\n"),

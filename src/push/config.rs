@@ -381,6 +381,9 @@ impl PushConfig {
             Some(p) => crate::tls::pem_certs(p, "push.ca_file")?,
             None => Vec::new(),
         };
+        // PEM that decodes can still hold a certificate TLS will not take: refused here (and
+        // so by check-config), not by a push worker that then never starts.
+        crate::tls::client_config(&extra_roots, &[], "push.ca_file")?;
         Ok(PushSettings {
             min_interval_ms: (self.min_interval_secs * 1000) as i64,
             fcm,

@@ -598,7 +598,8 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant, unless_pushed_since_m
 /// A push this node claimed (a trailing one from [`crate::store::Store::push_take_due`],
 /// `device` `None`; an immediate one from [`crate::store::Store::push_event`], with the
 /// registration read for it), holding its slot: sent within [`push_budget`] of `taken`, then
-/// its claim is ended, unless it could not be sent for a reason that may pass. Then (or if the
+/// its claim is ended, unless it could not be sent for a reason that may pass or was cut off
+/// at the end of its budget. Then (or if the
 /// node dies or stops first) the claim runs out and any node takes the push again.
 async fn claimed_push(
     ctx: Rc<Ctx>,
@@ -612,9 +613,12 @@ async fn claimed_push(
     let push = push_one(&ctx, &claim.conn, at, device);
     let ended = match tokio::time::timeout_at(taken + budget, push).await {
         Ok(ended) => ended,
+        // Cut off (a provider slow to answer, or the wait for a slot took most of the
+        // budget): the claim runs out and a node takes the push again. A push too many (the
+        // provider may have taken the one cut off) rather than a wallet left asleep.
         Err(_) => {
-            tracing::warn!(connection = %claim.conn, "push given up after {budget:?}");
-            Ended::ForGood
+            tracing::warn!(connection = %claim.conn, "push cut off after {budget:?}: left to its claim");
+            Ended::Unsent
         }
     };
     drop(slot);
@@ -632,7 +636,7 @@ enum Ended {
     /// Sent, nothing to send (a session, no registration, no mail), or given up for good (the
     /// provider refused it, called the token dead, or kept failing past the tries).
     ForGood,
-    /// Not sent for a reason that may pass (the store did not answer).
+    /// Not sent for a reason that may pass (the store did not answer, the budget ran out).
     Unsent,
 }
 
