@@ -1155,13 +1155,17 @@ async fn burst_pushes(
 
 /// A store whose push events are recorded and then answered with an error while `lose` is set
 /// (a commit whose answer was lost: a connection cut, a timeout after the commit), which
-/// counts the push claims [`Store::push_done`] ended, and which fails the next
-/// `fail_device_lookups` device lookups (a pool timeout).
+/// counts the push claims [`Store::push_done`] ended, which fails the next
+/// `fail_device_lookups` device lookups (a pool timeout), and which holds each device lookup
+/// `slow_device_ms` (a loaded pool), counting the most it held at once.
 struct EventAnswerLost {
     inner: std::sync::Arc<dyn mailroom::store::Store>,
     lose: std::sync::atomic::AtomicBool,
     claims_ended: std::sync::atomic::AtomicUsize,
     fail_device_lookups: std::sync::atomic::AtomicUsize,
+    slow_device_ms: std::sync::atomic::AtomicU64,
+    lookups: std::sync::atomic::AtomicUsize,
+    most_lookups: std::sync::atomic::AtomicUsize,
 }
 
 impl EventAnswerLost {
@@ -1186,6 +1190,9 @@ impl EventAnswerLost {
             lose: std::sync::atomic::AtomicBool::new(lose),
             claims_ended: std::sync::atomic::AtomicUsize::new(0),
             fail_device_lookups: std::sync::atomic::AtomicUsize::new(0),
+            slow_device_ms: std::sync::atomic::AtomicU64::new(0),
+            lookups: std::sync::atomic::AtomicUsize::new(0),
+            most_lookups: std::sync::atomic::AtomicUsize::new(0),
         });
         let n = start_on(&cfg, store.clone());
         let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
@@ -1230,7 +1237,16 @@ impl mailroom::store::Store for EventAnswerLost {
                 "injected: timed out waiting for a pooled connection".into(),
             ));
         }
-        self.inner.device_of(conn).await
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.lookups.fetch_add(1, SeqCst) + 1;
+        self.most_lookups.fetch_max(now, SeqCst);
+        let slow = self.slow_device_ms.load(SeqCst);
+        if slow > 0 {
+            tokio::time::sleep(Duration::from_millis(slow)).await;
+        }
+        let found = self.inner.device_of(conn).await;
+        self.lookups.fetch_sub(1, SeqCst);
+        found
     }
     async fn push_done(&self, conn: &str, token: i64) -> mailroom::store::StoreResult<bool> {
         let ended = self.inner.push_done(conn, token).await?;
@@ -1289,6 +1305,26 @@ async fn a_device_lookup_the_store_failed_is_tried_again() {
     };
     assert_eq!(store_results("retry").await, 2.0);
     assert_eq!(store_results("gave_up").await + store_results("failed").await, 0.0);
+}
+
+/// A burst of events on a slow store: the push worker has at most 8 of them in the store at
+/// once, the rest wait their turn in the worker (before, each event's lookup went to the
+/// store's pool at once, where a burst of thousands timed out, forwards beside them too).
+/// Every event is still handled: one push, the rest folded into its window.
+#[actix_rt::test]
+async fn a_burst_of_events_takes_few_store_connections_at_once() {
+    let si = StandIn::start();
+    let (_dir, n, store, a, k) = EventAnswerLost::node_with_wallet(&si, false, "burst-token").await;
+    store.slow_device_ms.store(300, std::sync::atomic::Ordering::SeqCst);
+    let texts: Vec<String> = (0..40).map(|i| format!("b{i}")).collect();
+    forward_many(&[&n], &a, &k, &texts).await;
+    eventually("every event handled", || async {
+        (metric(&n, "mailroom_push_coalesced_total").await == 39.0).then_some(())
+    })
+    .await;
+    assert_eq!(wait_hits(&si, "fcm:", 1).await.len(), 1);
+    let most = store.most_lookups.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=8).contains(&most), "{most} device lookups at once");
 }
 
 /// The node that pushed first and scheduled the trailing push stops mid-window: the other

@@ -406,7 +406,15 @@ struct Ctx {
     slots: Arc<tokio::sync::Semaphore>,
     /// How long a claimed push is this node's ([`claim_length`]), milliseconds.
     claim_ms: i64,
+    /// Events reading or recording in the store at once ([`STORE_LOOKUPS`]): a burst of
+    /// events (a take-over, a crash wake, a broadcast) waits here, not on the store's pool,
+    /// where each would time out and the forwards beside them too.
+    lookups: tokio::sync::Semaphore,
 }
+
+/// Events of the push worker in the store at once (their device lookup, their window): a
+/// fraction of a PostgreSQL pool (16 by default), the rest left to forwards and deliveries.
+const STORE_LOOKUPS: usize = 8;
 
 async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>) {
     let built = (|| -> Result<Ctx, String> {
@@ -421,6 +429,7 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
             metrics: deps.metrics.clone(),
             node_id: deps.node_id.clone(),
             claim_ms: claim_length(&settings).as_millis().min(i64::MAX as u128) as i64,
+            lookups: tokio::sync::Semaphore::new(STORE_LOOKUPS),
             settings: settings.clone(),
         })
     })();
@@ -514,7 +523,11 @@ const DEVICE_LOOKUP_RETRIES: [Duration; 2] = [Duration::from_millis(500), Durati
 async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant, unless_pushed_since_ms: Option<i64>) {
     let mut retries = DEVICE_LOOKUP_RETRIES.iter();
     let device = loop {
-        match ctx.store.device_of(&conn).await {
+        let found = {
+            let Ok(_turn) = ctx.lookups.acquire().await else { return };
+            ctx.store.device_of(&conn).await
+        };
+        match found {
             Ok(Some(d)) => break d,
             Ok(None) => return,
             // Only an unavailable store may answer later; a record it cannot read will not.
@@ -548,14 +561,16 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant, unless_pushed_since_m
     }
     // The claim runs from `now`, the push's budget from `taken`, both read before the event is
     // recorded: waiting for a slot shortens the budget, never outlasts the claim.
+    let Ok(turn) = ctx.lookups.acquire().await else { return };
     let taken = tokio::time::Instant::now();
     let now = crate::protocols::now_ms();
     let new_claim = NewClaim::until(now.saturating_add(ctx.claim_ms));
-    match ctx
+    let recorded = ctx
         .store
         .push_event(&conn, now, window, new_claim, unless_pushed_since_ms)
-        .await
-    {
+        .await;
+    drop(turn);
+    match recorded {
         Ok(PushSlot::Now) => {
             let claim = PushClaim {
                 conn,
