@@ -8,6 +8,9 @@ use crate::store::{
     PushSlot, QueueStats, QueueSummary, QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
 };
 
+/// Rows one statement of [`Store::expire`] deletes at most.
+const EXPIRE_BATCH: i64 = 10_000;
+
 #[async_trait::async_trait]
 impl Store for PgStore {
     fn backend(&self) -> &'static str {
@@ -541,7 +544,9 @@ impl Store for PgStore {
     async fn total_queued(&self) -> StoreResult<u64> {
         let c = self.client().await?;
         let r = c
-            .run(c.query_one("SELECT count(*) FROM mailroom_messages", &[]))
+            // The per-connection counters the triggers keep (a count over the messages read
+            // every queued row, at every /metrics scrape).
+            .run(c.query_one("SELECT COALESCE(sum(n), 0)::bigint FROM mailroom_queue_counts", &[]))
             .await?;
         Ok(r.get::<_, i64>(0) as u64)
     }
@@ -555,9 +560,19 @@ impl Store for PgStore {
         let c = self.client().await?;
         let q = c
             .run(c.prepare_cached(
-                "SELECT DISTINCT conn_id FROM mailroom_messages \
-                 WHERE lease_until_ms <= $1 AND conn_id > $2 \
-                   AND (expires_at_ms IS NULL OR expires_at_ms > $1) ORDER BY conn_id LIMIT $3",
+                // The connections with mail, in id order from the counters' primary key, each
+                // probed as `pending_among` does (a pending message, or a lease run out): a
+                // DISTINCT over the messages read every queued row when fewer than `limit`
+                // connections had any, past the statement timeout on a large queue.
+                "SELECT q.conn_id FROM mailroom_queue_counts q \
+                 WHERE q.conn_id > $2 AND q.n > 0 \
+                   AND (EXISTS (SELECT 1 FROM mailroom_messages m \
+                          WHERE m.conn_id = q.conn_id AND m.lease_until_ms = 0 \
+                            AND (m.expires_at_ms IS NULL OR m.expires_at_ms > $1)) \
+                        OR EXISTS (SELECT 1 FROM mailroom_messages m \
+                          WHERE m.conn_id = q.conn_id AND m.lease_until_ms > 0 AND m.lease_until_ms <= $1 \
+                            AND (m.expires_at_ms IS NULL OR m.expires_at_ms > $1))) \
+                 ORDER BY q.conn_id LIMIT $3",
             ))
             .await?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
@@ -627,21 +642,39 @@ impl Store for PgStore {
     }
 
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
-        // Rows locked by a leaser or an ack right now are skipped, never waited on: they
-        // expire at the next call.
-        let n = self
-            .execute_retrying_bulk(
-                "DELETE FROM mailroom_messages WHERE id IN ( \
-                   SELECT id FROM mailroom_messages WHERE received_at_ms < $1 \
-                   ORDER BY id FOR UPDATE SKIP LOCKED)",
-                &[&received_before_ms],
-            )
-            .await?;
-        self.execute_retrying_bulk(
-            "DELETE FROM mailroom_dedup WHERE received_at_ms < $1",
-            &[&received_before_ms],
-        )
-        .await?;
+        // In batches: one statement over everything expired (a TTL shortened, a sweep that
+        // was down) locked every row at once, and past its timeout rolled all of it back,
+        // at every call. Rows locked by a leaser or an ack right now are skipped, never
+        // waited on: they expire at the next call.
+        let batch = EXPIRE_BATCH;
+        let mut n = 0;
+        loop {
+            let deleted = self
+                .execute_retrying_bulk(
+                    "DELETE FROM mailroom_messages WHERE id IN ( \
+                       SELECT id FROM mailroom_messages WHERE received_at_ms < $1 \
+                       ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                    &[&received_before_ms, &batch],
+                )
+                .await?;
+            n += deleted;
+            if deleted < batch as u64 {
+                break;
+            }
+        }
+        loop {
+            let deleted = self
+                .execute_retrying_bulk(
+                    "DELETE FROM mailroom_dedup WHERE ctid IN ( \
+                       SELECT ctid FROM mailroom_dedup WHERE received_at_ms < $1 \
+                       LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                    &[&received_before_ms, &batch],
+                )
+                .await?;
+            if deleted < batch as u64 {
+                break;
+            }
+        }
         Ok(n)
     }
 
