@@ -183,6 +183,43 @@ async fn a_silent_link_fails_calls_within_the_statement_timeout_and_never_reuses
     .await;
 }
 
+/// More forwards wait on a silent link than one batch takes (1,024 messages): each is answered
+/// within its turn and its own batch (twice the statement timeout), not after every batch
+/// before it timed out in turn (the backlog of a node taking forwards faster than a batch per
+/// statement timeout grew without bound, holding every payload meanwhile). Those whose turn
+/// came after their timeout are answered without being sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_waiting_on_a_silent_link_are_answered_within_two_statement_timeouts() {
+    with_db(|db| async move {
+        let proxy = SilentProxy::start().await;
+        let t = Duration::from_secs(2);
+        let s = open_bounded(&proxy.url(&db, "sslmode=disable"), t).await;
+        let c = new_conn(&s).await;
+        proxy.go_silent(true);
+        // Three batches' worth, each forward its own call.
+        let calls = (0..3 * crate::store::postgres::MAX_BATCH_MESSAGES).map(|i| {
+            let s = s.clone();
+            let m = msg(&c, &format!("m{i}"), T0);
+            async move {
+                let started = Instant::now();
+                let r = s.enqueue(vec![m], &EnqueueLimits::UNLIMITED).await;
+                (started.elapsed(), r)
+            }
+        });
+        let answers = within("forwards on a silent link", futures_util::future::join_all(calls)).await;
+        let slowest = answers.iter().map(|(took, _)| *took).max().unwrap();
+        assert!(
+            answers.iter().all(|(_, r)| unavailable(r)),
+            "all refused: the link is silent"
+        );
+        assert!(
+            slowest < t * 5 / 2,
+            "a forward waited {slowest:?} (statement timeout {t:?}): behind every batch before it"
+        );
+    })
+    .await;
+}
+
 /// A session that froze in a transaction holds connection X's enqueue lock: an enqueue batch
 /// holding messages for X and for Y answers X's with `Unavailable` once the server's lock
 /// timeout (half the statement timeout) passes, and queues Y's. Before, the batch waited for

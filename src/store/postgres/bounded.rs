@@ -44,6 +44,11 @@ impl BoundedPool {
         }
     }
 
+    /// How long one call waits for PostgreSQL (`store.statement_timeout_ms`).
+    pub(super) fn statement_timeout(&self) -> Duration {
+        self.statement_timeout
+    }
+
     /// A connection for one call bounded by the statement timeout.
     pub(super) async fn get(&self) -> Result<Conn, StoreError> {
         self.get_within(self.statement_timeout).await

@@ -337,15 +337,23 @@ impl PgStore {
             return Ok(Vec::new());
         }
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(EnqueueReq {
-                msgs,
-                limits: *limits,
-                routed,
-                reply,
-            })
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        let deadline = tokio::time::Instant::now() + self.pool.statement_timeout();
+        let req = EnqueueReq {
+            msgs,
+            limits: *limits,
+            routed,
+            reply,
+            deadline,
+        };
+        match tokio::time::timeout_at(deadline, self.tx.send(req)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(StoreError::Closed),
+            Err(_) => {
+                return Err(StoreError::Unavailable(
+                    "postgres: the write queue is full (the server is slow or unreachable)".into(),
+                ))
+            }
+        }
         rx.await.map_err(|_| StoreError::Closed)?
     }
 

@@ -14,6 +14,23 @@ pub(super) struct EnqueueReq {
     /// Queue each message only while its recipient key routes to its connection.
     pub(super) routed: bool,
     pub(super) reply: oneshot::Sender<StoreResult<Vec<StoreResult<Enqueued>>>>,
+    /// A statement timeout after it was handed over: still waiting for its turn then, it is
+    /// answered `Unavailable` without being sent (it never reached the server: nothing to
+    /// deduplicate), so a call waits at most its turn and its own batch.
+    pub(super) deadline: tokio::time::Instant,
+}
+
+impl EnqueueReq {
+    /// Answers `self` if its turn came too late; gives it back otherwise.
+    fn in_time(self) -> Option<EnqueueReq> {
+        if tokio::time::Instant::now() < self.deadline {
+            return Some(self);
+        }
+        let _ = self.reply.send(Err(StoreError::Unavailable(
+            "postgres: the write queue did not reach this forward within store.statement_timeout_ms (the server is slow or unreachable)".into(),
+        )));
+        None
+    }
 }
 
 pub(super) async fn writer_task(pool: BoundedPool, rx: Arc<AsyncMutex<mpsc::Receiver<EnqueueReq>>>) {
@@ -24,8 +41,13 @@ pub(super) async fn writer_task(pool: BoundedPool, rx: Arc<AsyncMutex<mpsc::Rece
     loop {
         let batch = {
             let mut rx = rx.lock().await;
-            let Some(first) = rx.recv().await else {
-                return;
+            let first = loop {
+                let Some(r) = rx.recv().await else {
+                    return;
+                };
+                if let Some(r) = r.in_time() {
+                    break r;
+                }
             };
             let mut n = first.msgs.len();
             let mut bytes: usize = first.msgs.iter().map(|m| m.payload.len()).sum();
@@ -33,6 +55,7 @@ pub(super) async fn writer_task(pool: BoundedPool, rx: Arc<AsyncMutex<mpsc::Rece
             while n < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
                 match rx.try_recv() {
                     Ok(r) => {
+                        let Some(r) = r.in_time() else { continue };
                         n += r.msgs.len();
                         bytes += r.msgs.iter().map(|m| m.payload.len()).sum::<usize>();
                         batch.push(r);
