@@ -220,6 +220,38 @@ async fn forwards_waiting_on_a_silent_link_are_answered_within_two_statement_tim
     .await;
 }
 
+/// The same for leases: one connection's requests go one per lease statement, so four of them
+/// on a silent link waited four statement timeouts; each is now answered within two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_waiting_on_a_silent_link_are_answered_within_two_statement_timeouts() {
+    with_db(|db| async move {
+        let proxy = SilentProxy::start().await;
+        let t = Duration::from_secs(2);
+        let s = open_bounded(&proxy.url(&db, "sslmode=disable"), t).await;
+        let c = new_conn(&s).await;
+        proxy.go_silent(true);
+        let calls = (0..4).map(|i| {
+            let (s, c) = (s.clone(), c.clone());
+            async move {
+                let started = Instant::now();
+                let r = s.lease(&c, 10, &format!("n1/ws/{i}"), T0, T0 + 60_000).await;
+                (started.elapsed(), r)
+            }
+        });
+        let answers = within("leases on a silent link", futures_util::future::join_all(calls)).await;
+        let slowest = answers.iter().map(|(took, _)| *took).max().unwrap();
+        assert!(
+            answers.iter().all(|(_, r)| unavailable(r)),
+            "all refused: the link is silent"
+        );
+        assert!(
+            slowest < t * 5 / 2,
+            "a lease waited {slowest:?} (statement timeout {t:?}): behind every statement before it"
+        );
+    })
+    .await;
+}
+
 /// A session that froze in a transaction holds connection X's enqueue lock: an enqueue batch
 /// holding messages for X and for Y answers X's with `Unavailable` once the server's lock
 /// timeout (half the statement timeout) passes, and queues Y's. Before, the batch waited for

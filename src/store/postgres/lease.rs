@@ -13,6 +13,9 @@ pub(super) struct LeaseReq {
     pub(super) now_ms: i64,
     pub(super) until_ms: i64,
     pub(super) reply: oneshot::Sender<StoreResult<Vec<QueuedMessage>>>,
+    /// As an enqueue's ([`super::writer::EnqueueReq`]): still waiting a statement timeout
+    /// after it came, it is answered `Unavailable` without being sent.
+    pub(super) deadline: tokio::time::Instant,
 }
 
 /// Leases every request waiting (at most [`MAX_LEASE_BATCH`], one per connection: a second
@@ -38,14 +41,22 @@ pub(super) async fn lease_task(pool: BoundedPool, mut rx: mpsc::Receiver<LeaseRe
         let mut batch: Vec<LeaseReq> = Vec::new();
         let mut later = std::collections::VecDeque::new();
         let mut conns: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let now = tokio::time::Instant::now();
         while let Some(r) = waiting.pop_front() {
-            if batch.len() < MAX_LEASE_BATCH && conns.insert(r.conn.clone()) {
+            if now >= r.deadline {
+                let _ = r.reply.send(Err(StoreError::Unavailable(
+                    "postgres: the lease queue did not reach this request within store.statement_timeout_ms (the server is slow or unreachable)".into(),
+                )));
+            } else if batch.len() < MAX_LEASE_BATCH && conns.insert(r.conn.clone()) {
                 batch.push(r);
             } else {
                 later.push_back(r);
             }
         }
         waiting = later;
+        if batch.is_empty() {
+            continue;
+        }
         match lease_batch(&pool, &batch).await {
             Ok(mut out) => {
                 for (req, msgs) in batch.into_iter().zip(out.drain(..)) {

@@ -373,18 +373,26 @@ impl PgStore {
             return Ok(Vec::new());
         }
         let (reply, rx) = oneshot::channel();
-        self.lease_tx
-            .send(LeaseReq {
-                conn: conn.to_owned(),
-                key: recipient_key.map(str::to_owned),
-                max: i64::try_from(max).unwrap_or(i64::MAX),
-                owner: owner.to_owned(),
-                now_ms,
-                until_ms,
-                reply,
-            })
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        let deadline = tokio::time::Instant::now() + self.pool.statement_timeout();
+        let req = LeaseReq {
+            conn: conn.to_owned(),
+            key: recipient_key.map(str::to_owned),
+            max: i64::try_from(max).unwrap_or(i64::MAX),
+            owner: owner.to_owned(),
+            now_ms,
+            until_ms,
+            reply,
+            deadline,
+        };
+        match tokio::time::timeout_at(deadline, self.lease_tx.send(req)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(StoreError::Closed),
+            Err(_) => {
+                return Err(StoreError::Unavailable(
+                    "postgres: the lease queue is full (the server is slow or unreachable)".into(),
+                ))
+            }
+        }
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
