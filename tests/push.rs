@@ -406,6 +406,32 @@ async fn a_failing_project_does_not_keep_the_others_from_a_token() {
     assert_eq!(si.state.hits("fcm:proj-broken").len(), 1);
 }
 
+/// The same failing project, and the other one calls the token dead: the token is kept (it
+/// may be the failing project's; forgotten, its wallet would be unreachable until it
+/// registers again, after the operator mended the project).
+#[actix_rt::test]
+async fn a_token_is_not_forgotten_while_a_project_that_may_own_it_fails() {
+    let si = StandIn::start();
+    let (_d, n, a, k) = push_node(&si, 0, &["proj-broken", "proj-a"], false).await;
+    set_device(&a, FCM, json!("token-of-broken"), Some("android")).await;
+    let denied = Reply::new(403, json!({"error": {"code": 403, "status": "PERMISSION_DENIED"}}));
+    si.state.script("fcm:proj-broken", vec![denied.clone(); 10]);
+    si.state.script("fcm:proj-a", vec![Reply::unregistered(); 10]);
+    forward(&n, &a, &k, "x").await;
+    eventually("the push failed", || async {
+        (metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"failed\"}").await >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&n, "mailroom_push_dropped_tokens_total").await, 0.0);
+    let conns = get_json(&format!("{}/connections", n.admin_url())).await;
+    let registered = conns["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| !c["push"].is_null() && c["push"] != json!({}));
+    assert!(registered, "the registration is kept: {conns}");
+}
+
 /// Reads one delivery on a live socket and acknowledges it there.
 async fn receive_and_ack(a: &Agent, ws: &mut WsClient) -> usize {
     loop {

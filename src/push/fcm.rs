@@ -280,7 +280,8 @@ impl Fcm {
     /// for reasons of its own (its grant refused, its quota spent, unreachable) does not keep
     /// the others from the token: the next is tried, unless it is the project that accepted
     /// the token before. With none accepting, a project that asked to retry wins (the token
-    /// may be its), then one that called the token dead, then one that failed.
+    /// may be its), then one that failed (as may be its: the token is kept), then one that
+    /// called the token dead.
     pub async fn send(&self, t: &Transport, ev: &Event) -> Outcome {
         let first = self.remembered.borrow().get(&ev.token).copied();
         let order: Vec<usize> = first
@@ -321,10 +322,10 @@ impl Fcm {
             return Outcome::Retry { retry_after_ms, reason };
         }
         self.remembered.borrow_mut().remove(&ev.token);
-        match (dead, failed.is_empty()) {
-            (Some(r), _) => Outcome::Dead(r),
-            (None, false) => Outcome::Failed(failed.join("; ")),
-            (None, true) => {
+        match (failed.is_empty(), dead) {
+            (false, _) => Outcome::Failed(failed.join("; ")),
+            (true, Some(r)) => Outcome::Dead(r),
+            (true, None) => {
                 Outcome::Failed("no configured Firebase project accepts this token (SENDER_ID_MISMATCH)".into())
             }
         }

@@ -18,8 +18,9 @@
 //! taken again by any node's poll, so a node that dies leaves its pushes to the others. Without
 //! a window (`min_interval_secs = 0`) nothing is kept in the store and nothing claimed. A node
 //! whose window call fails pushes at once; the claim's token is made before the call, so that
-//! push ends the claim the store may have recorded all the same. The only duplicate this
-//! allows: a push sent by a node that died before it ended its claim goes out again. A
+//! push ends the claim the store may have recorded all the same. The duplicates this allows:
+//! a push sent by a node that died before it ended its claim, or cut off at the end of its
+//! budget after the provider took it, goes out again. A
 //! node takes at most as many trailing pushes as it has free slots, so a push it claims starts
 //! at once. A trailing push checks again that no session appeared and that mail is still
 //! queued. A push is retried on 429/5xx with backoff (honouring `Retry-After`),
@@ -285,8 +286,8 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// takes it once it ran out.
 pub const CLAIM_MARGIN: Duration = Duration::from_secs(5);
 
-/// The longest a trailing push runs once it holds a slot; past it the push is given up (and its
-/// claim ended). `max_attempts` tries, each at most `2 × max(1, FCM projects)` provider
+/// The longest a trailing push runs once it holds a slot; past it the push is cut off and its
+/// claim left to run out (a node takes it again). `max_attempts` tries, each at most `2 × max(1, FCM projects)` provider
 /// requests of at most `timeout_ms` (FCM: an access-token grant and the send, per project
 /// tried; APNs: the send and once more on an expired provider token; the webhook, sent beside
 /// the provider: one), and the `max_attempts - 1` waits between tries, each at most
@@ -664,6 +665,10 @@ async fn push_one(ctx: &Ctx, conn: &str, at: Instant, device: Option<Device>) ->
     if trailing && ctx.presence.online(conn).await {
         return Ended::ForGood;
     }
+    // In the store as an event is: trailing pushes taken by one poll are many at once.
+    let Ok(turn) = ctx.lookups.acquire().await else {
+        return Ended::Unsent;
+    };
     let device = match device {
         Some(d) => d,
         None => match ctx.store.device_of(conn).await {
@@ -680,6 +685,7 @@ async fn push_one(ctx: &Ctx, conn: &str, at: Instant, device: Option<Device>) ->
         Ok(q) => q.pending + q.leased,
         Err(_) => 1,
     };
+    drop(turn);
     if trailing && count == 0 {
         return Ended::ForGood;
     }
