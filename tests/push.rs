@@ -1597,6 +1597,21 @@ impl SledProcess {
     }
 }
 
+/// A wallet onboarded on node process `p`, registered with `token`, offline with one message
+/// queued, once pushed for it (the first push at `si`).
+async fn offline_wallet_pushed(si: &StandIn, p: &NodeProcess, token: &str) -> (Agent, KeyPair) {
+    let (a, k) = Agent::onboard(&invitation_at(&p.public_url()).await).await.unwrap();
+    set_device(&a, FCM, json!(token), Some("android")).await;
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let st = Sender::new()
+        .forward(&p.public_url(), &basic_message("waiting"), &k.verkey(), &routing)
+        .await
+        .unwrap();
+    assert_eq!(st, 202);
+    wait_hits(si, "fcm:", 1).await;
+    (a, k)
+}
+
 /// `/status` `store.previous_run_unfinished` of a node process.
 async fn previous_run_unfinished(p: &NodeProcess) -> Value {
     get_json(&format!("{}/status", p.admin_url())).await["store"]["previous_run_unfinished"].clone()
@@ -1622,18 +1637,7 @@ async fn a_sled_node_killed_with_mail_in_flight_pushes_its_wallet_when_it_starts
     let mut p = run(1).await;
     let inv = invitation_at(&p.public_url()).await;
     // An offline wallet with mail, pushed for it, then revoked.
-    let (b, kb) = Agent::onboard(&inv).await.unwrap();
-    set_device(&b, FCM, json!("revoked-sled-token"), Some("android")).await;
-    Sender::new()
-        .forward(
-            &p.public_url(),
-            &basic_message("kept"),
-            &kb.verkey(),
-            &b.grant.clone().unwrap().routing_keys,
-        )
-        .await
-        .unwrap();
-    wait_hits(&si, "fcm:", 1).await;
+    let (_b, kb) = offline_wallet_pushed(&si, &p, "revoked-sled-token").await;
     let all = get_json(&format!("{}/connections", p.admin_url())).await;
     let revoked = all["connections"]
         .as_array()
@@ -1707,19 +1711,7 @@ async fn a_stop_that_abandons_the_wake_up_push_leaves_the_store_marked() {
     let si = StandIn::start();
     let node = SledProcess::new(&si);
     let mut p = node.run(1).await;
-    let inv = invitation_at(&p.public_url()).await;
-    let (a, k) = Agent::onboard(&inv).await.unwrap();
-    set_device(&a, FCM, json!("owed-token"), Some("android")).await;
-    Sender::new()
-        .forward(
-            &p.public_url(),
-            &basic_message("waiting"),
-            &k.verkey(),
-            &a.grant.clone().unwrap().routing_keys,
-        )
-        .await
-        .unwrap();
-    wait_hits(&si, "fcm:", 1).await;
+    offline_wallet_pushed(&si, &p, "owed-token").await;
     p.kill9();
 
     let busy = Reply::new(503, json!({"error": {"status": "UNAVAILABLE"}})).retry_after("4");

@@ -183,6 +183,37 @@ async fn a_silent_link_fails_calls_within_the_statement_timeout_and_never_reuses
     .await;
 }
 
+/// `n` calls made at once by `call(store, connection, i)` on a store whose link goes silent
+/// (statement timeout 2 s), each refused: the slowest answer, checked within two statement
+/// timeouts and a half (`what` names the calls).
+async fn slowest_on_a_silent_link<F, Fut, T>(db: &str, n: usize, what: &str, call: F)
+where
+    F: Fn(Arc<dyn Store>, String, usize) -> Fut,
+    Fut: Future<Output = StoreResult<T>>,
+    T: std::fmt::Debug,
+{
+    let proxy = SilentProxy::start().await;
+    let t = Duration::from_secs(2);
+    let s = open_bounded(&proxy.url(db, "sslmode=disable"), t).await;
+    let c = new_conn(&s).await;
+    proxy.go_silent(true);
+    let calls = (0..n).map(|i| {
+        let started = Instant::now();
+        let r = call(s.clone(), c.clone(), i);
+        async move { (r.await, started.elapsed()) }
+    });
+    let answers = within(what, futures_util::future::join_all(calls)).await;
+    let slowest = answers.iter().map(|(_, took)| *took).max().unwrap();
+    assert!(
+        answers.iter().all(|(r, _)| unavailable(r)),
+        "{what}: all refused, the link is silent"
+    );
+    assert!(
+        slowest < t * 5 / 2,
+        "{what}: one waited {slowest:?} (statement timeout {t:?}), behind every statement before it"
+    );
+}
+
 /// More forwards wait on a silent link than one batch takes (1,024 messages): each is answered
 /// within its turn and its own batch (twice the statement timeout), not after every batch
 /// before it timed out in turn (the backlog of a node taking forwards faster than a batch per
@@ -191,31 +222,13 @@ async fn a_silent_link_fails_calls_within_the_statement_timeout_and_never_reuses
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_waiting_on_a_silent_link_are_answered_within_two_statement_timeouts() {
     with_db(|db| async move {
-        let proxy = SilentProxy::start().await;
-        let t = Duration::from_secs(2);
-        let s = open_bounded(&proxy.url(&db, "sslmode=disable"), t).await;
-        let c = new_conn(&s).await;
-        proxy.go_silent(true);
         // Three batches' worth, each forward its own call.
-        let calls = (0..3 * crate::store::postgres::MAX_BATCH_MESSAGES).map(|i| {
-            let s = s.clone();
-            let m = msg(&c, &format!("m{i}"), T0);
-            async move {
-                let started = Instant::now();
-                let r = s.enqueue(vec![m], &EnqueueLimits::UNLIMITED).await;
-                (started.elapsed(), r)
-            }
-        });
-        let answers = within("forwards on a silent link", futures_util::future::join_all(calls)).await;
-        let slowest = answers.iter().map(|(took, _)| *took).max().unwrap();
-        assert!(
-            answers.iter().all(|(_, r)| unavailable(r)),
-            "all refused: the link is silent"
-        );
-        assert!(
-            slowest < t * 5 / 2,
-            "a forward waited {slowest:?} (statement timeout {t:?}): behind every batch before it"
-        );
+        let n = 3 * crate::store::postgres::MAX_BATCH_MESSAGES;
+        slowest_on_a_silent_link(&db, n, "forwards on a silent link", |s, c, i| async move {
+            s.enqueue(vec![msg(&c, &format!("m{i}"), T0)], &EnqueueLimits::UNLIMITED)
+                .await
+        })
+        .await;
     })
     .await;
 }
@@ -225,29 +238,10 @@ async fn forwards_waiting_on_a_silent_link_are_answered_within_two_statement_tim
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_waiting_on_a_silent_link_are_answered_within_two_statement_timeouts() {
     with_db(|db| async move {
-        let proxy = SilentProxy::start().await;
-        let t = Duration::from_secs(2);
-        let s = open_bounded(&proxy.url(&db, "sslmode=disable"), t).await;
-        let c = new_conn(&s).await;
-        proxy.go_silent(true);
-        let calls = (0..4).map(|i| {
-            let (s, c) = (s.clone(), c.clone());
-            async move {
-                let started = Instant::now();
-                let r = s.lease(&c, 10, &format!("n1/ws/{i}"), T0, T0 + 60_000).await;
-                (started.elapsed(), r)
-            }
-        });
-        let answers = within("leases on a silent link", futures_util::future::join_all(calls)).await;
-        let slowest = answers.iter().map(|(took, _)| *took).max().unwrap();
-        assert!(
-            answers.iter().all(|(_, r)| unavailable(r)),
-            "all refused: the link is silent"
-        );
-        assert!(
-            slowest < t * 5 / 2,
-            "a lease waited {slowest:?} (statement timeout {t:?}): behind every statement before it"
-        );
+        slowest_on_a_silent_link(&db, 4, "leases on a silent link", |s, c, i| async move {
+            s.lease(&c, 10, &format!("n1/ws/{i}"), T0, T0 + 60_000).await
+        })
+        .await;
     })
     .await;
 }

@@ -226,6 +226,18 @@ fn read_url(url: &str) -> Result<PgLink, String> {
     Ok(link)
 }
 
+/// Hands `req` to the `what` task's queue by `deadline` (a statement timeout after the call
+/// came), or refuses it: a full queue means the server is slow or unreachable.
+async fn hand_over<R>(tx: &mpsc::Sender<R>, req: R, deadline: tokio::time::Instant, what: &str) -> StoreResult<()> {
+    match tokio::time::timeout_at(deadline, tx.send(req)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(StoreError::Closed),
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "postgres: the {what} queue is full (the server is slow or unreachable)"
+        ))),
+    }
+}
+
 /// The PostgreSQL [`Store`](super::Store).
 pub struct PgStore {
     pool: BoundedPool,
@@ -345,15 +357,7 @@ impl PgStore {
             reply,
             deadline,
         };
-        match tokio::time::timeout_at(deadline, self.tx.send(req)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(StoreError::Closed),
-            Err(_) => {
-                return Err(StoreError::Unavailable(
-                    "postgres: the write queue is full (the server is slow or unreachable)".into(),
-                ))
-            }
-        }
+        hand_over(&self.tx, req, deadline, "write").await?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -384,15 +388,7 @@ impl PgStore {
             reply,
             deadline,
         };
-        match tokio::time::timeout_at(deadline, self.lease_tx.send(req)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(StoreError::Closed),
-            Err(_) => {
-                return Err(StoreError::Unavailable(
-                    "postgres: the lease queue is full (the server is slow or unreachable)".into(),
-                ))
-            }
-        }
+        hand_over(&self.lease_tx, req, deadline, "lease").await?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
