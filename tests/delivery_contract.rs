@@ -421,30 +421,15 @@ impl mailroom::store::Store for CommitsThenFails {
 /// wallet's queue.
 #[actix_rt::test]
 async fn a_retried_forward_whose_first_try_was_queued_wakes_the_wallet() {
-    use actix_web::{web, App, HttpResponse, HttpServer};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
     let posts = Arc::new(AtomicUsize::new(0));
     let p = posts.clone();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let sink = format!("http://{}/inbox", listener.local_addr().unwrap());
-    let server = HttpServer::new(move || {
-        let p = p.clone();
-        App::new().route(
-            "/inbox",
-            web::post().to(move || {
-                p.fetch_add(1, Ordering::SeqCst);
-                async { HttpResponse::Accepted().finish() }
-            }),
-        )
-    })
-    .listen(listener)
-    .unwrap()
-    .workers(1)
-    .run();
-    let handle = server.handle();
-    actix_rt::spawn(server);
+    let (sink, handle) = endpoint_stub(move |_| {
+        p.fetch_add(1, Ordering::SeqCst);
+        202
+    });
 
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
