@@ -665,6 +665,57 @@ async fn an_unacknowledged_pickup_whose_lease_runs_out_pushes_again() {
     assert_eq!(si.state.hits("fcm:").len(), pushes + 1);
 }
 
+/// Revokes the mediation of the node's only connection, as the operator does.
+async fn revoke_the_only_connection(n: &RunningNode) {
+    let all = get_json(&format!("{}/connections", n.admin_url())).await;
+    let id = all["connections"][0]["id"].as_str().expect("a connection").to_string();
+    let res = common::client()
+        .post(format!("{}/connections/{id}/mediation", n.admin_url()))
+        .send_json(&json!({"state": "denied"}))
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+}
+
+/// Waits until `n` skipped `k` pushes of FCM wallets whose mediation was revoked.
+async fn revoked_pushes_skipped(n: &RunningNode, k: f64) {
+    eventually(&format!("{k} revoked push(es) skipped"), || async {
+        (metric(n, "mailroom_push_total{provider=\"fcm\",result=\"revoked\"}").await >= k).then_some(())
+    })
+    .await;
+}
+
+/// A wallet whose mediation the operator revoked keeps its queue and its device (pickup
+/// refuses it), but is not woken for that mail: not when an unacknowledged pickup's lease
+/// runs out (an immediate push)...
+#[actix_rt::test]
+async fn a_revoked_wallet_is_not_pushed_when_its_lease_runs_out() {
+    let si = StandIn::start();
+    let (_d, n, _a) = wallet_with_one_unacknowledged_pickup(&si, 6000).await;
+    revoke_the_only_connection(&n).await;
+    revoked_pushes_skipped(&n, 1.0).await;
+    assert_eq!(si.state.hits("fcm:").len(), 1, "only the push before the revocation");
+}
+
+/// ... nor by the trailing push of mail queued in its window before the revocation.
+#[actix_rt::test]
+async fn a_revoked_wallet_gets_no_trailing_push() {
+    let si = StandIn::start();
+    let (_d, n, a, k) = push_node(&si, 8, &["proj-a"], false).await;
+    set_device(&a, FCM, json!("revoked-trailing-token"), Some("android")).await;
+    forward(&n, &a, &k, "pushed-now").await;
+    wait_hits(&si, "fcm:", 1).await;
+    let texts: Vec<String> = (0..3).map(|i| format!("trailing-{i}")).collect();
+    forward_many(&[&n], &a, &k, &texts).await;
+    eventually("3 events folded into the trailing push", || async {
+        (metric(&n, "mailroom_push_coalesced_total").await >= 3.0).then_some(())
+    })
+    .await;
+    revoke_the_only_connection(&n).await;
+    revoked_pushes_skipped(&n, 1.0).await;
+    assert_eq!(si.state.hits("fcm:").len(), 1, "only the push before the revocation");
+}
+
 /// The sum of the `/metrics` lines of `n` that start with `prefix` and hold `label`.
 async fn metric_line_sum(n: &RunningNode, prefix: &str, label: &str) -> f64 {
     let text = get_status(&format!("{}/metrics", n.admin_url()), None).await.1;

@@ -42,7 +42,7 @@ pub mod fcm;
 pub mod schedule;
 pub mod webhook;
 
-use crate::store::{Device, NewClaim, PushClaim, PushService, PushSlot, Store};
+use crate::store::{Device, MediationState, NewClaim, PushClaim, PushService, PushSlot, Store};
 use futures_util::future::BoxFuture;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -174,7 +174,8 @@ pub struct ProviderLabel {
 /// `mailroom_push_*` metrics.
 #[derive(Clone)]
 pub struct PushMetrics {
-    /// Tries by provider and result: sent, retry, gave_up, dead_token, failed, no_provider.
+    /// Tries by provider and result: sent, retry, gave_up, dead_token, failed, no_provider,
+    /// revoked (skipped: the connection's mediation was revoked).
     pub total: Family<ProviderResult, Counter>,
     /// Queued event to the provider's 2xx, seconds (retries included).
     pub latency: Family<ProviderLabel, Histogram, fn() -> Histogram>,
@@ -681,6 +682,16 @@ async fn push_one(ctx: &Ctx, conn: &str, at: Instant, device: Option<Device>) ->
             }
         },
     };
+    // The operator revoked its mediation after the mail was queued (the queue and the device
+    // are kept, pickup refuses it): a lease run out or a trailing push would wake a wallet
+    // that can take nothing. Unreadable, it is pushed: better a push too many.
+    if let Ok(Some(c)) = ctx.store.get_connection(conn).await {
+        if c.mediation == MediationState::Denied {
+            ctx.metrics.count(device.service.as_str(), "revoked");
+            tracing::debug!(connection = %conn, "push skipped: mediation revoked");
+            return Ended::ForGood;
+        }
+    }
     let count = match ctx.store.queue_stats(conn, crate::protocols::now_ms()).await {
         Ok(q) => q.pending + q.leased,
         Err(_) => 1,
