@@ -62,6 +62,8 @@ declare -A ADMIN
 {
   printf '[cluster]\nname = "interop"\nsecret = "interop-cluster-secret"\npublic_url = "http://127.0.0.1:%s"\n' "$LB"
   printf '[store]\nbackend = "postgres"\nurl = "postgres://postgres@127.0.0.1:5432/%s"\npool_size = 4\n' "$DB"
+  # Veramo 7's authcrypt (no tag in the 1PU key derivation) proves its sender only if accepted.
+  printf '[mediator]\nv2_legacy_authcrypt = true\n'
   i=1
   for id in "${NODES[@]}"; do
     ADMIN[$id]=127.0.0.1:${PORTS[i]}

@@ -117,6 +117,11 @@ path = "$WORK/data"
 [delivery]
 strategy = "$STRATEGY"
 
+# Veramo 7 authcrypts in a form a co-recipient could forge (no tag in the 1PU key
+# derivation, no apv): it proves its sender only when the operator accepts it.
+[mediator]
+v2_legacy_authcrypt = true
+
 [[node]]
 id = "n1"
 listen = "127.0.0.1:$PORT"

@@ -293,6 +293,12 @@ pub struct MediatorSection {
     /// The label in the mediator's invitations.
     #[serde(default = "default_label")]
     pub label: String,
+    /// Accept DIDComm v2 authcrypt in Veramo's form (ECDH-1PU without the tag in the key
+    /// derivation, without `apv`, or with A256GCM/XC20P) as proof of its sender. Off: any
+    /// wallet that receives a message from another can forge messages to this mediator as
+    /// that wallet, in that form; such a message only forwards.
+    #[serde(default)]
+    pub v2_legacy_authcrypt: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -17,10 +17,15 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 
 fn node() -> (RunningNode, tempfile::TempDir) {
+    node_with(|_| {})
+}
+
+fn node_with(edit: impl FnOnce(&mut mailroom::config::Config)) -> (RunningNode, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
     // Longer than the slowest acknowledgement on a loaded machine: a duplicate means a bug.
     cfg.delivery.lease_ms = 30_000;
+    edit(&mut cfg);
     let n = start(&cfg);
     (n, dir)
 }
@@ -125,9 +130,37 @@ async fn mediation_forward_and_pickup_over_http() {
     assert_eq!(a.status(None).await.unwrap(), 1);
 }
 
+/// By default an authcrypt in Veramo's form (A256GCM, no tag in the 1PU key derivation, no
+/// `apv`) proves no sender: a co-recipient of a wallet's message can forge one
+/// (`didcomm::v2::tests::a_co_recipient_forges_an_authcrypt_that_binds_no_sender`). It is
+/// refused with the reason, and acts on nothing; the operator may accept it.
+#[actix_rt::test]
+async fn veramo_dialect_proves_no_sender_unless_the_operator_accepts_it() {
+    let (n, _d) = node();
+    let mut a = V2Agent::new(v2_mediator(&n).await).unwrap();
+    a.veramo_dialect = true;
+    let req = a.message(
+        "https://didcomm.org/coordinate-mediation/3.0/mediate-request",
+        json!({}),
+    );
+    let (code, body) = post_raw(&a.mediator.http, TYP_ENCRYPTED, a.pack(&req).unwrap()).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("mediator.v2_legacy_authcrypt"), "{body}");
+    let conns = get_json(&format!("{}/connections", n.admin_url())).await;
+    assert_eq!(conns["connections"].as_array().unwrap().len(), 0, "{conns}");
+    // The spec's form from the same wallet is granted.
+    a.veramo_dialect = false;
+    a.mediate("3.0").await.unwrap();
+
+    let (n, _d) = node_with(|c| c.mediator.v2_legacy_authcrypt = true);
+    let mut a = V2Agent::new(v2_mediator(&n).await).unwrap();
+    a.veramo_dialect = true;
+    a.mediate("3.0").await.unwrap();
+}
+
 #[actix_rt::test]
 async fn veramo_dialect_mediation_2_0_and_the_recipient_filter() {
-    let (n, _d) = node();
+    let (n, _d) = node_with(|c| c.mediator.v2_legacy_authcrypt = true);
     let m = v2_mediator(&n).await;
     let mut a = V2Agent::new(m).unwrap();
     // Authcrypt as Veramo writes it (A256GCM, no tag in the 1PU KDF): the mediator answers in

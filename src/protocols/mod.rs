@@ -100,6 +100,9 @@ pub struct Mediator {
     box_keys: envelope::BoxKeys,
     /// The DIDComm v2 identity (did:peer:2), derived from the same keys.
     pub v2: v2::V2Identity,
+    /// `mediator.v2_legacy_authcrypt`: an authcrypt in a form a co-recipient could forge
+    /// (Veramo's) proves its sender ([`crate::didcomm::v2::Unpacked::authcrypt_binds_sender`]).
+    pub v2_legacy_authcrypt: bool,
     /// v2 peers' resolved DID documents: a connection's DID is resolved once, not on every
     /// message to it or from it.
     pub(crate) v2_docs: crate::didcomm::v2::did::DocCache,
@@ -186,6 +189,7 @@ impl Mediator {
             box_keys: envelope::BoxKeys::default(),
             keys,
             v2,
+            v2_legacy_authcrypt: cfg.mediator.v2_legacy_authcrypt,
             v2_docs: crate::didcomm::v2::did::DocCache::default(),
             holders: std::sync::OnceLock::new(),
         }

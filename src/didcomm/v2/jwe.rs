@@ -60,7 +60,7 @@ impl Enc {
             _ => None,
         }
     }
-    fn key_alg(self) -> KeyAlg {
+    pub(super) fn key_alg(self) -> KeyAlg {
         match self {
             Enc::A256CbcHs512 => KeyAlg::Aes(AesTypes::A256CbcHs512),
             Enc::A256Gcm => KeyAlg::Aes(AesTypes::A256Gcm),
@@ -126,6 +126,9 @@ pub struct Opened {
     pub recipient_kid: String,
     pub sender_kid: Option<String>,
     pub dialect: Dialect,
+    /// `apv` was present, and it names the envelope's recipients (checked): a recipient's
+    /// entry cannot be renamed to another recipient's key.
+    pub recipients_bound: bool,
 }
 
 struct RecipientIn {
@@ -344,6 +347,7 @@ pub fn unpack_value(
                     enc,
                     tag_in_kdf: alg == Alg::Ecdh1PuA256Kw && with_tag,
                 },
+                recipients_bound: apv.is_some(),
             });
         }
     }
@@ -372,7 +376,7 @@ fn read_recipient(r: &Value) -> Result<RecipientIn, V2Error> {
 /// The A256KW key from Z: ECDH-ES's (`z` = Ze, RFC 7518 section 4.6.2) or ECDH-1PU's (`z` =
 /// Ze || Zs, and `cc_tag` the content's tag when it feeds the KDF, draft-madden-jose-ecdh-1pu-04
 /// section 2.3): one pass of the Concat KDF with SHA-256, as askar derives both.
-fn kek(z: &[u8], alg: &str, apu: &[u8], apv: &[u8], cc_tag: &[u8]) -> Result<Key, V2Error> {
+pub(super) fn kek(z: &[u8], alg: &str, apu: &[u8], apv: &[u8], cc_tag: &[u8]) -> Result<Key, V2Error> {
     if cc_tag.len() > 128 {
         return Err(malformed("tag too long for the key derivation"));
     }

@@ -73,6 +73,8 @@ pub struct Unpacked {
     pub signer_kid: Option<String>,
     /// How the JWE was made, so a reply can be packed in the dialect the peer opens.
     pub dialect: Option<jwe::Dialect>,
+    /// The outermost JWE's `apv` named its recipients ([`jwe::Opened::recipients_bound`]).
+    pub recipients_bound: bool,
 }
 
 impl Unpacked {
@@ -82,6 +84,22 @@ impl Unpacked {
             .as_deref()
             .or(self.signer_kid.as_deref())
             .map(|k| k.split('#').next().unwrap_or(k))
+    }
+
+    /// Whether an authcrypted message proves its sender to this recipient, not only to
+    /// someone else who received the same message: ECDH-1PU as DIDComm v2 makes it, with
+    /// A256CBC-HS512, the content tag in the key derivation and `apv` naming the recipients.
+    /// In any other form (Veramo's: no tag in the derivation, no `apv`, A256GCM or XC20P,
+    /// whose tags commit to nothing for one who holds the key) a co-recipient of the sender's
+    /// message learns the content key, makes new content under the sender's own header
+    /// (a tag that checks, a wrapped key that still opens), renames its own recipient entry
+    /// to one of ours, and speaks as the sender. False when there is no authcrypt sender.
+    pub fn authcrypt_binds_sender(&self) -> bool {
+        self.sender_kid.is_some()
+            && self.recipients_bound
+            && self
+                .dialect
+                .is_some_and(|d| d.tag_in_kdf && d.enc == jwe::Enc::A256CbcHs512)
     }
 }
 
@@ -133,6 +151,7 @@ pub fn unpack(
             sender_kid: opened.sender_kid,
             signer_kid: None,
             dialect: Some(opened.dialect),
+            recipients_bound: opened.recipients_bound,
         };
         // Sign-then-encrypt: the JWE may carry a JWS.
         if let Ok(inner) = serde_json::from_slice::<serde_json::Value>(&out.plaintext) {
@@ -152,6 +171,7 @@ pub fn unpack(
             sender_kid: None,
             signer_kid: Some(kid),
             dialect: None,
+            recipients_bound: false,
         });
     }
     if v.get("type").and_then(|t| t.as_str()).is_some() {
@@ -161,6 +181,7 @@ pub fn unpack(
             sender_kid: None,
             signer_kid: None,
             dialect: None,
+            recipients_bound: false,
         });
     }
     Err(V2Error::NotV2("neither JWE, JWS nor a plaintext message".into()))

@@ -212,6 +212,8 @@ fn every_captured_envelope_opens_or_is_refused_clearly() {
                     assert_eq!(u.sender_kid.as_deref(), Some(skid), "{peer}/{name}");
                     // Veramo leaves the tag out of the 1PU KDF; Indicio follows draft-04.
                     assert_eq!(u.dialect.unwrap().tag_in_kdf, peer == "indicio", "{peer}/{name}");
+                    // So only Indicio's proves its sender (Veramo's has no apv either).
+                    assert_eq!(u.authcrypt_binds_sender(), peer == "indicio", "{peer}/{name}");
                 }
                 "jws" => assert!(u.signer_kid.is_some(), "{peer}/{name}"),
                 "anoncrypt" => assert!(u.sender_kid.is_none(), "{peer}/{name}"),
@@ -855,4 +857,82 @@ fn peer_dids_over_the_cap_are_refused_and_ours_fits() {
     let ours = did::create_peer2(&[keypair(KeyAlg::X25519)], &[keypair(KeyAlg::Ed25519)], &services).unwrap();
     assert!(ours.len() <= crate::didcomm::did::MAX_PEER_DID_LEN, "{}", ours.len());
     assert!(did::resolve(&ours).is_ok());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Why Veramo's authcrypt proves no sender: a co-recipient forges it.
+
+/// One recipient of a Veramo-form authcrypt (no tag in the 1PU key derivation, no `apv`)
+/// unwraps the content key from its own entry and makes new content under the sender's own
+/// protected header. The other recipient's entry still opens it, as the sender's: whoever
+/// shares a message with the mediator (a wallet whose DID document lists the mediator's key
+/// as one of its own) could speak to the mediator as the sender. Such an envelope opens, and
+/// [`Unpacked::authcrypt_binds_sender`] says it proves nobody; the spec's form does.
+#[test]
+fn a_co_recipient_forges_an_authcrypt_that_binds_no_sender() {
+    use askar_crypto::alg::{AnyKey, AnyKeyCreate};
+    use askar_crypto::buffer::SecretBytes;
+    use askar_crypto::encrypt::KeyAeadInPlace;
+    use std::sync::Arc;
+
+    let f = load(
+        "veramo",
+        "authcrypt_ECDH-1PU_A256KW_A256CBC-HS512_X25519_two_recipients.json",
+    );
+    let env: Value = serde_json::from_str(f["envelope"].as_str().unwrap()).unwrap();
+    let keys_by_kid = secrets(&f["recipient_keys"]);
+    let entries = env["recipients"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    let kid_of = |e: &Value| e["header"]["kid"].as_str().unwrap().to_string();
+    let (forger, victim_entry) = (&entries[0], &entries[1]);
+    let protected_b64 = env["protected"].as_str().unwrap();
+    let protected = &f["protected"];
+    let skid = protected["skid"].as_str().unwrap();
+
+    // The forger opens its own entry: the content key.
+    let own = Agreement::new(keys_by_kid[&kid_of(forger)].clone());
+    let epk = keys::from_jwk(&protected["epk"]).unwrap();
+    let sender = did::resolve_key(skid, Purpose::KeyAgreement).unwrap();
+    let mut z = own.exchange(&epk).unwrap();
+    z.extend_from_slice(&own.exchange(&sender).unwrap());
+    let kek = jwe::kek(&z, "ECDH-1PU+A256KW", &[], &[], &[]).unwrap();
+    let mut cek =
+        SecretBytes::from_slice(&crate::didcomm::b64::decode(forger["encrypted_key"].as_str().unwrap()).unwrap());
+    kek.decrypt_in_place(&mut cek, &[], &[]).unwrap();
+    let cek = Arc::<AnyKey>::from_secret_bytes(Enc::A256CbcHs512.key_alg(), cek.as_ref()).unwrap();
+
+    // New content of its choosing, under the sender's header, for the other recipient only.
+    let sender_did = skid.split('#').next().unwrap();
+    let chosen = json!({
+        "id": "forged", "type": "https://didcomm.org/messagepickup/3.0/messages-received",
+        "from": sender_did, "body": { "message_id_list": ["1", "2", "3"] },
+    });
+    let iv = [7u8; 16];
+    let mut buf = SecretBytes::from_slice(&serde_json::to_vec(&chosen).unwrap());
+    let ct_len = cek.encrypt_in_place(&mut buf, &iv, protected_b64.as_bytes()).unwrap();
+    let (ct, tag) = buf.as_ref().split_at(ct_len);
+    let b64 = crate::didcomm::b64::encode;
+    let forged = json!({
+        "protected": protected_b64, "recipients": [victim_entry],
+        "iv": b64(&iv), "ciphertext": b64(ct), "tag": b64(tag),
+    });
+    let victim: HashMap<String, Key> = [(kid_of(victim_entry), keys_by_kid[&kid_of(victim_entry)].clone())].into();
+    let u = unpack_with(&serde_json::to_vec(&forged).unwrap(), &victim).expect("the forgery opens");
+    assert_eq!(plain(&u)["id"], "forged");
+    assert_eq!(u.sender_kid.as_deref(), Some(skid), "it names the real sender");
+    assert!(!u.authcrypt_binds_sender(), "and proves nobody");
+
+    // The spec's form (tag in the derivation, apv) proves its sender.
+    let a = Agreement::new(keypair(KeyAlg::X25519));
+    let a_did = did::create_peer2(std::slice::from_ref(a.key()), &[], &[]).unwrap();
+    let r = keypair(KeyAlg::X25519);
+    let env = jwe::pack(
+        b"{\"id\":\"1\",\"type\":\"t\"}",
+        &[("r#1".to_string(), r.clone())],
+        Some((&format!("{a_did}#key-1"), &a)),
+        Dialect::AUTHCRYPT,
+    )
+    .unwrap();
+    let ours: HashMap<String, Key> = [("r#1".to_string(), r)].into();
+    assert!(unpack_with(&env, &ours).unwrap().authcrypt_binds_sender());
 }

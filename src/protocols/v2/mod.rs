@@ -173,7 +173,7 @@ pub async fn handle(
 ) -> Result<Outcome, HandleError> {
     // The sender's and signers' DIDs: each resolved once, a few at most, and not at all when
     // no recipient of the envelope is ours.
-    let unpacked = {
+    let mut unpacked = {
         let kids = did::EnvelopeKeys::new(Some(&m.v2_docs));
         dv2::unpack(env, &|kid| m.v2.key_for(kid), &|kid, p| kids.resolve_key(kid, p))?
     };
@@ -182,9 +182,19 @@ pub async fn handle(
     if !msg.is_object() {
         return Err(HandleError::BadMessage("plaintext is not a JSON object".into()));
     }
+    // An authcrypt that a co-recipient could have forged proves no sender (unless the operator
+    // accepts Veramo's form): it may still forward, as anoncrypt does, or be proven by a
+    // signature inside it.
+    let unbound = unpacked.sender_kid.is_some() && !unpacked.authcrypt_binds_sender() && !m.v2_legacy_authcrypt;
+    if unbound {
+        unpacked.sender_kid = None;
+    }
     let sender = unpacked.authenticated_did().map(str::to_string);
     let signed_only = unpacked.sender_kid.is_none() && unpacked.signer_kid.is_some();
-    let refused = refused_before_handling(m, &msg, sender.as_deref(), signed_only);
+    let refused = refused_before_handling(m, &msg, sender.as_deref(), signed_only).or_else(|| {
+        (unbound && sender.is_none() && !acts_on_no_connection(&msg))
+            .then(|| HandleError::BadMessage(UNBOUND_AUTHCRYPT.into()))
+    });
     let conn = match &sender {
         Some(s) => m.store.connection_by_their_verkey(s).await?,
         None => None,
@@ -223,6 +233,22 @@ pub async fn handle(
         remember_dialect(c, ctx.dialect);
     }
     Ok(out)
+}
+
+/// Why an authcrypt in a form that does not bind its sender is refused.
+const UNBOUND_AUTHCRYPT: &str = "this authcrypt does not prove its sender: ECDH-1PU+A256KW is accepted with \
+     A256CBC-HS512, the tag in the key derivation and apv (DIDComm v2); a co-recipient can forge any other form \
+     (the operator may accept Veramo's with mediator.v2_legacy_authcrypt)";
+
+/// Messages that need no authenticated sender: a forward (queued for its `next`, acting on no
+/// connection of the sender's) and a problem report (logged).
+fn acts_on_no_connection(msg: &Value) -> bool {
+    let t = msg["type"].as_str().unwrap_or_default();
+    matches!(
+        parse_type(t),
+        Some((f, v, n)) if (f == "routing" && n == "forward" || f == "report-problem" && n == "problem-report")
+            && v.split('.').next() == Some("2")
+    )
 }
 
 /// What refuses a message whatever its type, before it acts on anything:
