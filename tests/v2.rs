@@ -262,6 +262,56 @@ fn forward_of_all(m: &V2Mediator, next: &str, attachments: Vec<Value>, extra: Va
     .unwrap()
 }
 
+/// A v2 wallet that polls over its WebSocket (not in live mode) gets nothing raw: every v2
+/// message binds the socket it came on (v2 answers as return route `all`), and the default
+/// strategy's implicit pickup wrote the queue raw to it and removed it unacknowledged. Its
+/// mail stays queued until `messages-received` names it.
+#[actix_rt::test]
+async fn a_v2_socket_not_in_live_mode_gets_nothing_raw() {
+    let (n, _d) = node();
+    let mut a = V2Agent::new(v2_mediator(&n).await).unwrap();
+    let r = a.onboard().await.unwrap();
+    let mut sock = a.socket().await.unwrap();
+    let pickup = "https://didcomm.org/messagepickup/3.0";
+    a.send(&mut sock, &a.message(&format!("{pickup}/status-request"), json!({})))
+        .await
+        .unwrap();
+    let st = a.recv(&mut sock, WAIT).await.unwrap();
+    assert_eq!(kind(&st), "status", "{st}");
+
+    let s = V2Sender::new().unwrap();
+    assert_eq!(s.forward(&r, &s.basic(&r, "polled")).await.unwrap(), 202);
+    // Queued, not handed to the socket (a session here that takes nothing gives it back).
+    eventually("the message pending, leased to nobody", || async {
+        let v = get_json(&format!("{}/connections", n.admin_url())).await;
+        let q = &v["connections"][0]["queue"];
+        (q["pending"] == 1 && q["in_flight"] == 0).then_some(())
+    })
+    .await;
+    a.send(
+        &mut sock,
+        &a.message(&format!("{pickup}/delivery-request"), json!({"limit": 10})),
+    )
+    .await
+    .unwrap();
+    let d = a.recv(&mut sock, WAIT).await.unwrap();
+    assert_eq!(kind(&d), "delivery", "the first frame is the delivery asked for: {d}");
+    let got = a.open_delivery(&d).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1["body"]["content"], "polled");
+    a.send(
+        &mut sock,
+        &a.message(
+            &format!("{pickup}/messages-received"),
+            json!({"message_id_list": [got[0].0]}),
+        ),
+    )
+    .await
+    .unwrap();
+    let st = a.recv(&mut sock, WAIT).await.unwrap();
+    assert_eq!(st["body"]["message_count"], 0, "{st}");
+}
+
 #[actix_rt::test]
 async fn live_delivery_over_websocket_beside_a_v1_wallet() {
     let (n, _d) = node();

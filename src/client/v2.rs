@@ -350,12 +350,17 @@ impl V2Agent {
             .context("status without message_count")
     }
 
+    /// Opens a WebSocket to the mediator (not in live mode).
+    pub async fn socket(&self) -> anyhow::Result<V2Socket> {
+        let ws = self.mediator.ws.clone().context("mediator has no ws service")?;
+        Ok(V2Socket {
+            ws: super::websocket(&ws).await?,
+        })
+    }
+
     /// Opens a WebSocket to the mediator and turns live delivery on.
     pub async fn live(&self) -> anyhow::Result<V2Socket> {
-        let ws = self.mediator.ws.clone().context("mediator has no ws service")?;
-        let mut s = V2Socket {
-            ws: super::websocket(&ws).await?,
-        };
+        let mut s = self.socket().await?;
         let mut msg = self.message(
             &format!("{PICKUP}/live-delivery-change"),
             json!({ "live_delivery": true }),

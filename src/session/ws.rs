@@ -263,7 +263,11 @@ impl WsSession {
                 .as_ref()
                 .is_some_and(|c| self.conn.as_ref().is_some_and(|h| h.id == c.id));
         if let Some(live) = out.live_mode.filter(|_| bound_to_sender) {
-            self.mode = if live { Mode::Live } else { self.idle_mode() };
+            self.mode = if live {
+                Mode::Live
+            } else {
+                self.conn.as_ref().map_or(Mode::Quiet, |c| self.idle_mode(c))
+            };
             self.window.clear();
             if live {
                 ctx.notify(Wake);
@@ -314,8 +318,15 @@ impl WsSession {
         ctx.stop();
     }
 
-    /// What this socket pushes when not in live mode, by strategy.
-    fn idle_mode(&self) -> Mode {
+    /// What this socket pushes for `conn` when not in live mode, by strategy. A DIDComm v2
+    /// wallet gets nothing raw: v2 answers every message on its socket (as return route
+    /// `all`), so any message a wallet sent there (a status poll, a ping, live mode turned
+    /// off) would otherwise have its queue written raw and removed unacknowledged; pickup
+    /// 3.0 removes only what `messages-received` names.
+    fn idle_mode(&self, conn: &Connection) -> Mode {
+        if conn.protocol == crate::protocols::v2::PROTOCOL {
+            return Mode::Quiet;
+        }
         match self.shared.cfg.delivery.strategy {
             Strategy::QueueOnly => Mode::Quiet,
             Strategy::QueueAndLiveModeDelivery | Strategy::DirectDelivery => Mode::Implicit,
@@ -370,7 +381,7 @@ impl WsSession {
             to: ctx.address().recipient(),
         });
         if self.mode == Mode::Quiet {
-            self.mode = self.idle_mode();
+            self.mode = self.idle_mode(conn);
         }
         self.conn = Some(self.shared.held.hold(conn));
         // Just read with the message that binds.
