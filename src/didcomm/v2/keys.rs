@@ -47,7 +47,8 @@ impl Agreement {
         let (secret, public) =
             nacl::Secret::generate().ok_or_else(|| V2Error::Crypto("X25519 key generation failed".into()))?;
         Ok(Agreement {
-            key: from_public_bytes(alg, &public)?,
+            // Our own fresh key: no small-order check (one multiplication) needed.
+            key: Arc::<AnyKey>::from_public_bytes(alg, &public).map_err(|e| V2Error::Crypto(e.to_string()))?,
             x25519: Some(secret),
         })
     }
@@ -129,8 +130,29 @@ pub fn to_multibase(key: &AnyKey) -> Result<String, V2Error> {
     Ok(format!("z{}", bs58::encode(raw).into_string()))
 }
 
+/// A peer's public key from its raw bytes; an X25519 key of small order is refused
+/// ([`refuse_small_order`]).
 pub fn from_public_bytes(alg: KeyAlg, pk: &[u8]) -> Result<Key, V2Error> {
-    Arc::<AnyKey>::from_public_bytes(alg, pk).map_err(|e| V2Error::BadKey(format!("{}: {e}", alg.as_str())))
+    let key =
+        Arc::<AnyKey>::from_public_bytes(alg, pk).map_err(|e| V2Error::BadKey(format!("{}: {e}", alg.as_str())))?;
+    refuse_small_order(key)
+}
+
+/// Refuses an X25519 public key of small order (RFC 7748 section 6.1: every exchange with it
+/// gives the all-zero secret). Such a key in a peer's DID document would be taken, and packing
+/// to it fail after a handler had acted: it is dropped from the document instead, and an
+/// `epk` of it refused. One multiplication by a clamped scalar (a multiple of 8, so it sends
+/// exactly the small-order points to zero).
+fn refuse_small_order(key: Key) -> Result<Key, V2Error> {
+    if key.algorithm() != KeyAlg::X25519 {
+        return Ok(key);
+    }
+    let public: Option<[u8; 32]> = key.to_public_bytes().ok().and_then(|p| p.as_ref().try_into().ok());
+    let probe = nacl::Secret::from_bytes(&[0x5a; 32]);
+    match (public, probe) {
+        (Some(p), Some(probe)) if probe.agree(&p).is_some() => Ok(key),
+        _ => Err(V2Error::BadKey("X25519 key of small order".into())),
+    }
 }
 
 /// The other did:key forms of one X25519 key: for an Ed25519 did:key, its X25519 form and the
@@ -188,13 +210,14 @@ pub fn from_jwk(jwk: &Value) -> Result<Key, V2Error> {
     if s.len() > 4 * MAX_KEY_STRING {
         return Err(V2Error::BadKey("JWK too long".into()));
     }
-    Arc::<AnyKey>::from_jwk(&s).map_err(|e| {
+    let key = Arc::<AnyKey>::from_jwk(&s).map_err(|e| {
         V2Error::BadKey(format!(
             "JWK {} {}: {e}",
             jwk["kty"].as_str().unwrap_or("?"),
             jwk["crv"].as_str().unwrap_or("?")
         ))
-    })
+    })?;
+    refuse_small_order(key)
 }
 
 /// The public JWK of a key, as a JSON object.

@@ -381,7 +381,7 @@ fn bad_inputs_are_refused_with_clear_errors() {
     // which anyone could compute) is refused before any key is unwrapped (RFC 8037 section 3.2).
     let zero_epk = with_protected(&env, |p| p["epk"]["x"] = json!(crate::didcomm::b64::encode(&[0u8; 32])));
     let e = open(&zero_epk, &ours).unwrap_err();
-    assert!(matches!(e, V2Error::Crypto(ref m) if m.contains("small order")), "{e}");
+    assert!(matches!(e, V2Error::BadKey(ref m) if m.contains("small order")), "{e}");
 
     // Unknown kid.
     let none = HashMap::new();
@@ -935,4 +935,30 @@ fn a_co_recipient_forges_an_authcrypt_that_binds_no_sender() {
     .unwrap();
     let ours: HashMap<String, Key> = [("r#1".to_string(), r)].into();
     assert!(unpack_with(&env, &ours).unwrap().authcrypt_binds_sender());
+}
+
+/// A peer DID that lists an X25519 key of small order beside a good one is refused when it is
+/// resolved, so nothing is ever packed to that key (packing to it failed after the handler
+/// had acted: a connection made, then a 500). Both key forms.
+#[test]
+fn a_peer_did_with_a_small_order_x25519_key_is_refused() {
+    let good = keypair(KeyAlg::X25519);
+    let auth = keypair(KeyAlg::Ed25519);
+    let good_did = did::create_peer2(std::slice::from_ref(&good), std::slice::from_ref(&auth), &[]).unwrap();
+    // The same DID with a second agreement key: the X25519 multicodec and 32 zero bytes.
+    let mut raw = vec![0xec, 0x01];
+    raw.extend_from_slice(&[0u8; 32]);
+    let zero_mb = format!("z{}", bs58::encode(&raw).into_string());
+    assert!(matches!(keys::from_multibase(&zero_mb), Err(V2Error::BadKey(_))));
+    let zero_jwk = json!({"kty": "OKP", "crv": "X25519", "x": crate::didcomm::b64::encode(&[0u8; 32])});
+    assert!(matches!(keys::from_jwk(&zero_jwk), Err(V2Error::BadKey(ref m)) if m.contains("small order")));
+    let (head, tail) = good_did.split_once(".V").unwrap();
+    let with_zero = format!("{head}.E{zero_mb}.V{tail}");
+    // did:peer:2 keys are read as the DID is: the DID is refused whole, so its sender is
+    // refused (400) before anything acts.
+    assert!(matches!(did::resolve(&with_zero), Err(V2Error::BadKey(_))));
+    assert!(did::resolve(&good_did).is_ok());
+    // A good key is taken in both forms.
+    assert!(keys::from_multibase(&keys::to_multibase(&good).unwrap()).is_ok());
+    assert!(keys::from_jwk(&keys::to_public_jwk(&good).unwrap()).is_ok());
 }
