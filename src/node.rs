@@ -95,7 +95,7 @@ async fn notified(shared: &Arc<Shared>, conn: String) {
     if !woken {
         // Off the event loop: it may read the store (the wallet's endpoint).
         let s = shared.clone();
-        actix_rt::spawn(async move { s.queued_new(&conn).await });
+        shared.tracked.spawn(async move { s.queued_new(&conn).await });
     }
 }
 
@@ -397,7 +397,7 @@ pub async fn run(
                         if !conns.is_empty() {
                             tracing::info!(peer = %node, wallets = conns.len(), "waking the wallets whose mail was notified to a peer now down");
                             let s = shared.clone();
-                            actix_rt::spawn(async move { s.wake_notified(conns).await });
+                            shared.tracked.spawn(async move { s.wake_notified(conns).await });
                         }
                     }
                     ClusterEvent::SessionsLost {
@@ -432,7 +432,9 @@ pub async fn run(
                     }
                     ClusterEvent::HandOffReturned { node, conn, ids } => {
                         let s = shared.clone();
-                        actix_rt::spawn(async move { s.hand_back(&node, &conn, &ids).await });
+                        shared
+                            .tracked
+                            .spawn(async move { s.hand_back(&node, &conn, &ids).await });
                     }
                     ClusterEvent::CloseSessions { conn, reason } => {
                         let _ = shared
@@ -646,6 +648,16 @@ pub async fn run(
         owes = true;
         tracing::warn!(
             "HTTP deliveries not all given back within {SHUTDOWN_GRACE:?} (their leases run out, and are taken back)"
+        );
+    }
+    // What the last requests and sockets started (wake-ups of the wallets their forwards
+    // queued for, hand-offs, give-backs) runs on this arbiter, not the stopped workers': it
+    // finishes before the push worker stops, or the stop owes.
+    if !shared.tracked.idle(SHUTDOWN_GRACE).await {
+        owes = true;
+        tracing::warn!(
+            running = shared.tracked.running(),
+            "wake-ups and give-backs not all finished within {SHUTDOWN_GRACE:?}"
         );
     }
     // Every forward the last request accepted has handed its event over, and the pushes

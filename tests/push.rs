@@ -1243,6 +1243,9 @@ struct EventAnswerLost {
     slow_device_ms: std::sync::atomic::AtomicU64,
     lookups: std::sync::atomic::AtomicUsize,
     most_lookups: std::sync::atomic::AtomicUsize,
+    /// Connection reads take this long (0: as the store answers), and how many are under way.
+    slow_connection_ms: std::sync::atomic::AtomicU64,
+    connection_reads: std::sync::atomic::AtomicUsize,
 }
 
 impl EventAnswerLost {
@@ -1270,6 +1273,8 @@ impl EventAnswerLost {
             slow_device_ms: std::sync::atomic::AtomicU64::new(0),
             lookups: std::sync::atomic::AtomicUsize::new(0),
             most_lookups: std::sync::atomic::AtomicUsize::new(0),
+            slow_connection_ms: std::sync::atomic::AtomicU64::new(0),
+            connection_reads: std::sync::atomic::AtomicUsize::new(0),
         });
         let n = start_on(&cfg, store.clone());
         let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
@@ -1325,6 +1330,16 @@ impl mailroom::store::Store for EventAnswerLost {
         self.lookups.fetch_sub(1, SeqCst);
         found
     }
+    async fn get_connection(&self, id: &str) -> mailroom::store::StoreResult<Option<mailroom::store::Connection>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let slow = self.slow_connection_ms.load(SeqCst);
+        if slow > 0 {
+            self.connection_reads.fetch_add(1, SeqCst);
+            tokio::time::sleep(Duration::from_millis(slow)).await;
+            self.connection_reads.fetch_sub(1, SeqCst);
+        }
+        self.inner.get_connection(id).await
+    }
     async fn push_done(&self, conn: &str, token: i64) -> mailroom::store::StoreResult<bool> {
         let ended = self.inner.push_done(conn, token).await?;
         if ended {
@@ -1333,7 +1348,7 @@ impl mailroom::store::Store for EventAnswerLost {
         Ok(ended)
     }
     mailroom::store_pass_through!(inner:
-        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        backend, health, identity_get_or_create, put_connection, put_invitation,
         use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
         list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, ack_leased, release,
         release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued, connections_with_pending,
@@ -1341,6 +1356,28 @@ impl mailroom::store::Store for EventAnswerLost {
         expire, expire_due, oldest_received_ms, flush, set_device, forget_device_token,
         push_take_due, update_keys, revoke_mediation, delete_connection, drop_queue, top_queues,
     );
+}
+
+/// A forward answered just before the node stops still wakes its wallet. Its wake-up ran on
+/// the HTTP worker that took the request, and a stopping node stops a worker as soon as its
+/// last connection ends: a wake-up still reading the store then (here the wallet's
+/// connection, read slowly) died with the worker, the wallet was never pushed, and the stop
+/// was recorded as clean. The stop now waits for it.
+#[actix_rt::test]
+async fn a_forward_answered_just_before_the_stop_still_pushes() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let si = StandIn::start();
+    let (_d, n, store, a, k) = EventAnswerLost::node_with_wallet(&si, false, "stop-race-token").await;
+    store.slow_connection_ms.store(1500, SeqCst);
+    forward(&n, &a, &k, "just before the stop").await;
+    eventually("the wake-up reading the store", || async {
+        (store.connection_reads.load(SeqCst) > 0).then_some(())
+    })
+    .await;
+    n.stop().unwrap();
+    let hits = si.state.hits("fcm:");
+    assert_eq!(hits.len(), 1, "the wallet was pushed before the node exited");
+    assert_clean(&hits);
 }
 
 /// The store records a push event but its answer is lost: the node pushes at once (a push too

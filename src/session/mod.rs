@@ -16,6 +16,7 @@ pub mod listener;
 pub mod live_window;
 pub mod notified;
 pub mod outbound;
+pub mod tracked;
 pub mod upgrade;
 pub mod watchdog;
 pub mod ws;
@@ -94,6 +95,9 @@ pub struct Shared {
     /// What this node notified each peer of, to wake once the peer is found down
     /// ([`Shared::peer_down`]).
     notified: notified::Notified,
+    /// Work a request or a socket starts that must outlive it (wake-ups, hand-offs,
+    /// give-backs): on the node's main arbiter, and waited for at the stop.
+    pub tracked: tracked::Tracked,
 }
 
 impl Shared {
@@ -129,6 +133,7 @@ impl Shared {
             egress: Arc::new(egress),
             handing: in_order::InOrder::default(),
             notified,
+            tracked: tracked::Tracked::on_current_arbiter(),
         }
     }
 
@@ -217,7 +222,8 @@ impl Shared {
         let s = self.clone();
         let queued = std::mem::take(&mut out.queued_for);
         let repeated = out.repeated.take();
-        actix_rt::spawn(async move {
+        // Not on the request's worker: it may stop (the node stopping) before this runs.
+        self.tracked.spawn(async move {
             for c in queued {
                 s.queued_new(&c).await;
             }
@@ -252,7 +258,7 @@ impl Shared {
             return;
         };
         let s = self.clone();
-        actix_rt::spawn(async move {
+        self.tracked.spawn(async move {
             let join = handing::Join {
                 local_node: &s.mediator.node_id,
                 batch: s.mediator.batch_size.max(1),
@@ -346,6 +352,14 @@ impl Shared {
         } else {
             self.hand_back(&self.mediator.node_id, conn, &ids).await;
         }
+    }
+
+    /// [`Shared::hand_back`] of messages handed to this node, in a task of its own that the
+    /// stop waits for ([`Shared::tracked`]).
+    pub fn hand_back_later(self: &Arc<Self>, conn: String, ids: Vec<i64>) {
+        let s = self.clone();
+        self.tracked
+            .spawn(async move { s.hand_back(&s.mediator.node_id, &conn, &ids).await });
     }
 
     /// Messages handed to `node` that no session there took: released (they were leased to

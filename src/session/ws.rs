@@ -402,9 +402,7 @@ impl WsSession {
         self.mode = Mode::Quiet;
         let ids = self.handed_ids();
         if !ids.is_empty() {
-            let shared = self.shared.clone();
-            let old = old.to_string();
-            actix_rt::spawn(async move { shared.hand_back(&shared.mediator.node_id, &old, &ids).await });
+            self.shared.hand_back_later(old.to_string(), ids);
         }
     }
 
@@ -583,7 +581,9 @@ impl WsSession {
             } else {
                 self.owner()
             };
-            actix_rt::spawn(give_back_msgs(self.shared.clone(), owner, handed, others));
+            self.shared
+                .tracked
+                .spawn(give_back_msgs(self.shared.clone(), owner, handed, others));
         }
         let Some(conn) = self.conn.clone().filter(|_| !msgs.is_empty()) else {
             return;
@@ -644,7 +644,7 @@ impl WsSession {
             Mode::Quiet if handed => {
                 let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
                 let c = conn.id.clone();
-                actix_rt::spawn(async move { shared.hand_back(&shared.mediator.node_id, &c, &ids).await });
+                shared.hand_back_later(c, ids);
             }
             Mode::Quiet => {
                 // Mode changed (or superseded) while leasing: hand them back.
@@ -746,7 +746,8 @@ impl Actor for WsSession {
         // back: a drained node says `empty` (`/status`) only once nothing of its sessions is
         // leased, so an operator who stops it then leaves no delivery waiting for `lease_ms`.
         let slot = self.slot.clone();
-        actix_rt::spawn(async move {
+        // On the main arbiter: a stopping node's worker stops as its last socket closes.
+        self.shared.tracked.spawn(async move {
             let _slot = slot;
             let released = match &bound {
                 Some(c) => release_all(&shared, c, &owner, &handed).await,
@@ -808,8 +809,7 @@ impl WsSession {
                 return;
             };
             let ids: Vec<i64> = msgs.iter().map(|m| m.id).collect();
-            let shared = self.shared.clone();
-            actix_rt::spawn(async move { shared.hand_back(&shared.mediator.node_id, &conn, &ids).await });
+            self.shared.hand_back_later(conn, ids);
             return;
         }
         if self.mode == Mode::Live {
@@ -852,7 +852,7 @@ impl WsSession {
         // Leases of this session go back at once, and the new owner is told.
         let owner = self.owner();
         let shared = self.shared.clone();
-        actix_rt::spawn(async move {
+        self.shared.tracked.spawn(async move {
             let released = release_all(&shared, &conn, &owner, &handed).await;
             gave_back(&shared, &conn, released).await;
         });
