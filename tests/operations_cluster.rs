@@ -284,10 +284,18 @@ async fn a_drained_node_sends_its_wallets_elsewhere_and_loses_nothing() {
         .await
         .unwrap();
 
+    // A socket that never bound to a connection (it sent nothing yet) is closed too: it kept
+    // the drained node from ever being empty, and was dropped without a close at the stop.
+    let mut unbound = a.websocket(&ws_url(n1)).await.unwrap();
     let (code, body) = admin("POST", &format!("{}/drain", n1.admin_url()), None).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["draining"], true);
     assert_eq!(closed_with(&mut ws).await, 1001, "the live socket is closed with 1001");
+    assert_eq!(
+        closed_with(&mut unbound).await,
+        1001,
+        "the unbound socket is closed with 1001"
+    );
     assert_eq!(get_status(&format!("{}/ready", n1.admin_url()), None).await.0, 503);
     assert_eq!(get_status(&format!("{}/ready", n2.admin_url()), None).await.0, 200);
     // No new session on n1.

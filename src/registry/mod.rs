@@ -99,6 +99,10 @@ struct Owned {
 
 pub struct Registry {
     by_conn: HashMap<String, Vec<Entry>>,
+    /// Every socket open on this node, bound or not ([`Opened`] until [`Gone`]): a drain or
+    /// a stop closes them all, not only those registered for a connection (a socket that
+    /// never bound, or one superseded by a newer session elsewhere, stays open otherwise).
+    sockets: HashMap<SessionId, Recipient<Signal>>,
     owned: HashMap<String, Owned>,
     cluster: Option<ClusterHandle>,
     sessions: usize,
@@ -112,6 +116,7 @@ impl Registry {
     pub fn new(cluster: Option<ClusterHandle>) -> Registry {
         Registry {
             by_conn: HashMap::new(),
+            sockets: HashMap::new(),
             owned: HashMap::new(),
             cluster,
             sessions: 0,
@@ -140,6 +145,39 @@ impl Actor for Registry {
     fn started(&mut self, ctx: &mut Self::Context) {
         // Forwards arrive faster than 16 at a time; notifications must not be refused.
         ctx.set_mailbox_capacity(65_536);
+    }
+}
+
+/// A socket opened on this node (before it binds to any connection).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Opened {
+    pub session: SessionId,
+    pub to: Recipient<Signal>,
+}
+
+impl Handler<Opened> for Registry {
+    type Result = ();
+    fn handle(&mut self, m: Opened, _: &mut Context<Self>) {
+        if let Some(close) = &self.closed {
+            // It was upgraded before the drain began: closed as the others were.
+            m.to.do_send(Signal::Close(close.clone()));
+        }
+        self.sockets.insert(m.session, m.to);
+    }
+}
+
+/// A socket that [`Opened`] stopped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Gone {
+    pub session: SessionId,
+}
+
+impl Handler<Gone> for Registry {
+    type Result = ();
+    fn handle(&mut self, m: Gone, _: &mut Context<Self>) {
+        self.sockets.remove(&m.session);
     }
 }
 
@@ -354,8 +392,9 @@ impl Handler<Count> for Registry {
     }
 }
 
-/// Close every session (a drain, a graceful shutdown), and every session that registers
-/// until [`OpenAgain`]; ownership is withdrawn as they unregister.
+/// Close every socket (a drain, a graceful shutdown), bound or not, and every one that opens
+/// or registers until [`OpenAgain`]; ownership is withdrawn as they unregister. Answers how
+/// many were asked to close.
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct CloseAll {
@@ -370,14 +409,21 @@ impl Handler<CloseAll> for Registry {
             code: m.code,
             reason: m.reason.clone(),
         });
-        let mut n = 0;
+        let close = Close {
+            code: m.code,
+            reason: m.reason,
+        };
+        // Past a full mailbox, as every control signal: see `SessionMoved`.
+        for to in self.sockets.values() {
+            to.do_send(Signal::Close(close.clone()));
+        }
+        let mut n = self.sockets.len();
+        // A session registered without `Opened` (none does on a node; tests register bare).
         for e in self.by_conn.values().flatten() {
-            // Past a full mailbox, as every control signal: see `SessionMoved`.
-            e.to.do_send(Signal::Close(Close {
-                code: m.code,
-                reason: m.reason.clone(),
-            }));
-            n += 1;
+            if !self.sockets.contains_key(&e.session) {
+                e.to.do_send(Signal::Close(close.clone()));
+                n += 1;
+            }
         }
         n
     }

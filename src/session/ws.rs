@@ -713,12 +713,17 @@ impl Actor for WsSession {
             }
             ctx.ping(b"");
         });
+        self.shared.registry.do_send(crate::registry::Opened {
+            session: self.id,
+            to: ctx.address().recipient(),
+        });
         tracing::debug!(session = self.id, "socket opened");
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
         // Before the release below: a lease in flight now gives its messages back itself.
         self.closed.store(true, Ordering::SeqCst);
+        self.shared.registry.do_send(crate::registry::Gone { session: self.id });
         let bound = self.conn.as_ref().map(|c| c.id.clone());
         if let Some(conn_id) = &bound {
             if self.registered {
