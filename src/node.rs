@@ -618,6 +618,7 @@ pub async fn run(
     // flush.
     tracing::info!(node = node_id, "shutting down");
     ready_flag.store(false, Ordering::SeqCst);
+    shared.stopping.store(true, Ordering::SeqCst);
     shared.draining.store(true, Ordering::SeqCst);
     let closed = registry
         .send(CloseAll {

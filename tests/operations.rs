@@ -389,6 +389,9 @@ async fn sessions_beyond_the_limit_are_refused() {
 struct FailingRemovals {
     inner: Arc<dyn Store>,
     fail_removals: AtomicBool,
+    /// Routed enqueues (forwards) take this long, and how many are under way.
+    slow_forwards_ms: std::sync::atomic::AtomicU64,
+    forwards_under_way: std::sync::atomic::AtomicUsize,
 }
 
 impl FailingRemovals {
@@ -417,10 +420,22 @@ impl Store for FailingRemovals {
         self.check()?;
         self.inner.revoke_mediation(id, updated_at_ms).await
     }
+    async fn enqueue_routed(
+        &self,
+        msgs: Vec<mailroom::store::NewMessage>,
+        limits: &mailroom::store::EnqueueLimits,
+    ) -> StoreResult<Vec<StoreResult<mailroom::store::Enqueued>>> {
+        let slow = self.slow_forwards_ms.load(Ordering::SeqCst);
+        self.forwards_under_way.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(slow)).await;
+        let r = self.inner.enqueue_routed(msgs, limits).await;
+        self.forwards_under_way.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
     mailroom::store_pass_through!(inner:
         backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
         use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
-        list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, ack_leased, release,
+        list_connections, keys_of, route, route_long_forms, enqueue, lease, ack_leased, release,
         release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued, connections_with_pending,
         pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run, lease_for_key, pending_stats,
         expire, expire_due, oldest_received_ms, flush, device_of, set_device, forget_device_token,
@@ -451,6 +466,8 @@ async fn node_on_failing_removals_with(strategy: Strategy) -> NodeOnFailingRemov
     let store = Arc::new(FailingRemovals {
         inner: open_sled(&dir.path().join("data")).await.unwrap(),
         fail_removals: AtomicBool::new(false),
+        slow_forwards_ms: Default::default(),
+        forwards_under_way: Default::default(),
     });
     let n = start_on(&cfg, store.clone());
     let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
@@ -999,4 +1016,41 @@ async fn the_binary_serves_logs_json_and_status_reads_it() {
     assert!(audits[0]["fields"]["at_ms"].as_i64().is_some());
     assert_eq!(audits[1]["fields"]["action"], "undrain");
     assert_eq!(audits[2]["fields"]["action"], "undrain");
+}
+
+/// A node that is stopping cannot be undrained: `POST /undrain` reopened it on its way down
+/// (`draining` false on `/status`, and sockets binding meanwhile were never closed, only
+/// dropped). A forward still being answered holds the stop open here.
+#[actix_rt::test]
+async fn a_stopping_node_cannot_be_undrained() {
+    let (_d, n, store, a, k, _id) = node_on_failing_removals().await;
+    let admin = n.admin_url();
+    store.slow_forwards_ms.store(6000, Ordering::SeqCst);
+    let url = n.public_url();
+    let g = a.grant.clone().unwrap();
+    let in_flight = actix_rt::spawn(async move {
+        Sender::new()
+            .forward(&url, &basic_message("held"), &k.verkey(), &g.routing_keys)
+            .await
+    });
+    eventually("a forward being answered", || async {
+        (store.forwards_under_way.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    let stopping = std::thread::spawn(move || n.stop());
+    eventually("the node stopping", || async {
+        let s = get_json(&format!("{admin}/status")).await;
+        (s["drain"]["draining"] == true).then_some(())
+    })
+    .await;
+    let (code, body) = admin_with("POST", &format!("{admin}/undrain"), &[]).await;
+    assert_eq!(code, 409, "{body}");
+    let s = get_json(&format!("{admin}/status")).await;
+    assert_eq!(s["drain"]["draining"], true, "{s}");
+    assert_eq!(
+        in_flight.await.unwrap().unwrap(),
+        202,
+        "the forward in flight is answered"
+    );
+    stopping.join().unwrap().unwrap();
 }

@@ -208,9 +208,13 @@ pub async fn drain(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse 
     HttpResponse::Ok().json(body)
 }
 
-/// `POST /undrain`: ready again, accepts sessions again.
+/// `POST /undrain`: ready again, accepts sessions again; `409` once the node is stopping (an
+/// undrain then reopened a node on its way down: sessions bound on it were dropped unclosed).
 pub async fn undrain(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
     guard!(req, st);
+    if st.shared.stopping.load(Ordering::SeqCst) {
+        return HttpResponse::Conflict().json(json!({"error": "the node is stopping: it cannot be undrained"}));
+    }
     st.shared.draining.store(false, Ordering::SeqCst);
     st.drained_at_ms.store(0, Ordering::SeqCst);
     let _ = st.shared.registry.send(OpenAgain).await;

@@ -70,6 +70,8 @@ pub struct Shared {
     endpoint_cache: Mutex<std::collections::HashMap<String, Option<String>>>,
     /// Set once shutdown starts: new sockets are refused.
     pub draining: AtomicBool,
+    /// Set once the node stops (for good: `POST /undrain` is refused from then on).
+    pub stopping: AtomicBool,
     /// Where the endpoint retry of the sweep goes on from (connection id order).
     endpoint_cursor: Mutex<Option<String>>,
     /// The push worker, when `[push]` is configured (set once by the node at start).
@@ -124,6 +126,7 @@ impl Shared {
             endpoint_busy: Mutex::new(HashSet::new()),
             endpoint_cache: Mutex::new(std::collections::HashMap::new()),
             draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             endpoint_cursor: Mutex::new(None),
             push: std::sync::OnceLock::new(),
             previous_run: std::sync::OnceLock::new(),
