@@ -50,7 +50,7 @@ MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/interop-cluster.sh
 MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/chaos.sh --duration 25s --hold 3s --fault-gap 500ms
 # `mailroom probe` against mailroom, Credo 0.6.3's and ACA-Py 1.7's mediators, side by side: a
 # report (a peer failing checks does not fail the run; a peer that cannot start or a probe that
-# crashes does). ~2 min 15 s.
+# crashes does). ~2 min 35 s.
 MAILROOM_BIN="$PWD/target/debug/mailroom" scripts/probe-peers.sh
 # The container image (podman with runc): the Dockerfile's runtime-prebuilt target with this
 # build's binary, the Credo interop scenario through nginx in front of 3 containers, SIGTERM

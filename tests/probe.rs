@@ -1,11 +1,14 @@
 //! `mailroom probe` against a real mailroom node: every check passes (the binary, as an
-//! operator runs it), and the exit codes for bad arguments.
+//! operator runs it), the exit codes for bad arguments, and nodes on a store that breaks one
+//! behaviour: the checks of that behaviour must FAIL (a check that cannot fail proves nothing).
 
 mod common;
 
-use common::{start, test_config};
+use common::{start, start_on, test_config};
 use mailroom::config::Strategy;
+use mailroom::store::*;
 use std::process::Output;
+use std::sync::Arc;
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mailroom");
@@ -26,6 +29,7 @@ const CHECKS: &[&str] = &[
     "redelivery",
     "live-mode-ws",
     "redelivery-session-end",
+    "live-mode-ack",
     "implicit-ws",
     "isolation-read",
     "isolation-ack",
@@ -37,6 +41,37 @@ const CHECKS: &[&str] = &[
     "malformed-unknown-type",
     "malformed-huge",
 ];
+
+/// The probe's stdout (printed, with its stderr, for a failing test's log).
+fn shown(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{stdout}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// The names of the checks the report holds, in order.
+fn ran(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let rest = l
+                .strip_prefix("PASS ")
+                .or_else(|| l.strip_prefix("FAIL "))
+                .or_else(|| l.strip_prefix("SKIP "))?;
+            Some(rest.split(':').next().unwrap_or(rest))
+        })
+        .collect()
+}
+
+/// The verdict (`PASS`, `FAIL`, `SKIP`) of check `name` in the report, if it ran.
+fn verdict<'a>(stdout: &'a str, name: &str) -> Option<&'a str> {
+    stdout.lines().find_map(|l| {
+        let (v, rest) = l.split_once(' ')?;
+        let n = rest.split(':').next().unwrap_or(rest);
+        (matches!(v, "PASS" | "FAIL" | "SKIP") && n == name).then_some(v)
+    })
+}
 
 async fn probe(args: &[&str]) -> Output {
     tokio::time::timeout(
@@ -66,21 +101,9 @@ async fn every_check_passes_against_mailroom() {
         &(6usize << 20).to_string(),
     ])
     .await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = shown(&out);
     let lines: Vec<&str> = stdout.lines().collect();
-    let ran: Vec<&str> = lines
-        .iter()
-        .filter_map(|l| {
-            let rest = l
-                .strip_prefix("PASS ")
-                .or_else(|| l.strip_prefix("FAIL "))
-                .or_else(|| l.strip_prefix("SKIP "))?;
-            Some(rest.split(':').next().unwrap_or(rest))
-        })
-        .collect();
-    assert_eq!(ran, CHECKS, "the checks that ran, in order");
+    assert_eq!(ran(&stdout), CHECKS, "the checks that ran, in order");
     let not_passed: Vec<&&str> = lines
         .iter()
         .filter(|l| l.starts_with("FAIL ") || l.starts_with("SKIP "))
@@ -120,4 +143,149 @@ async fn bad_urls_and_arguments_exit_64() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A store whose pickup 2.0 acknowledgement (`ack_leased`, what messages-received calls)
+/// answers as if it deleted the messages and deletes nothing. Every other call, implicit and
+/// pickup 1.0 removals (`ack`) among them, goes to the real store.
+struct AckRemovesNothing {
+    inner: Arc<dyn Store>,
+}
+
+#[async_trait::async_trait]
+impl Store for AckRemovesNothing {
+    async fn ack_leased(&self, _conn: &str, ids: &[MessageId]) -> StoreResult<Vec<i64>> {
+        Ok(vec![0; ids.len()])
+    }
+    async fn ack(&self, conn: &str, ids: &[MessageId]) -> StoreResult<u64> {
+        self.inner.ack(conn, ids).await
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease,
+        release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued,
+        connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
+        lease_for_key, pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
+        forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        drop_queue, top_queues,
+    );
+}
+
+/// A store whose keylist-update adds fail (removals still work), as when the database refuses
+/// writes: every wallet connects and gets mediation, none can register a key.
+struct KeyAddsFail {
+    inner: Arc<dyn Store>,
+}
+
+#[async_trait::async_trait]
+impl Store for KeyAddsFail {
+    async fn update_keys(
+        &self,
+        conn: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> StoreResult<Vec<(String, KeyUpdate)>> {
+        if !add.is_empty() {
+            return Err(StoreError::Unavailable("injected: key adds fail".into()));
+        }
+        self.inner.update_keys(conn, add, remove).await
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, ack_leased,
+        release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued,
+        connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
+        lease_for_key, pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
+        forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        drop_queue, top_queues,
+    );
+}
+
+/// A node on `wrap(its own sled store)`, with the test config's 2 s leases.
+async fn node_on(
+    dir: &std::path::Path,
+    wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+) -> mailroom::node::RunningNode {
+    let cfg = test_config(dir, Strategy::QueueAndLiveModeDelivery);
+    let store = mailroom::store::open_sled(&cfg.store.path).await.expect("sled opens");
+    start_on(&cfg, wrap(store))
+}
+
+/// Right after a delivery every message is out on lease: the count is 0 and a delivery-request
+/// returns nothing whether or not messages-received removed anything. The ack checks must
+/// wait until the unacknowledged message comes back, and see the acknowledged one stay away.
+#[actix_rt::test]
+async fn acks_that_remove_nothing_fail_the_ack_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node_on(dir.path(), |inner| Arc::new(AckRemovesNothing { inner })).await;
+    let url = format!("{}/invitation", n.public_url());
+    let out = probe(&[&url, "--redelivery-wait-secs", "15", "--only", "pickup-2.0,live-mode"]).await;
+    let stdout = shown(&out);
+    for check in ["pickup-2.0-messages-received", "live-mode-ack"] {
+        assert_eq!(verdict(&stdout, check), Some("FAIL"), "{check}");
+    }
+    // Only the acknowledgements are broken: delivery itself still passes.
+    for check in ["pickup-2.0-status", "pickup-2.0-delivery", "live-mode-ws"] {
+        assert_eq!(verdict(&stdout, check), Some("PASS"), "{check}");
+    }
+    assert_eq!(out.status.code(), Some(1));
+    n.stop().unwrap();
+}
+
+/// Once a handshake worked, a wallet that cannot onboard (here: its keylist add fails) is the
+/// mediator failing: every check it blocks FAILs, and the run exits 1, also when `--only`
+/// leaves none of the onboarding checks in it.
+#[actix_rt::test]
+async fn key_adds_that_fail_fail_every_check_past_onboarding() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node_on(dir.path(), |inner| Arc::new(KeyAddsFail { inner })).await;
+    let url = format!("{}/invitation", n.public_url());
+    let out = probe(&[&url, "--redelivery-wait-secs", "15"]).await;
+    let stdout = shown(&out);
+    assert_eq!(ran(&stdout), CHECKS, "the checks that ran, in order");
+    let onboarding = [
+        "onboarding-didexchange",
+        "onboarding-connections",
+        "discover-features",
+        "mediation",
+    ];
+    for check in CHECKS {
+        let want = if onboarding.contains(check) { "PASS" } else { "FAIL" };
+        assert_eq!(verdict(&stdout, check), Some(want), "{check}");
+    }
+    assert_eq!(out.status.code(), Some(1));
+
+    let out = probe(&[&url, "--only", "forward,pickup"]).await;
+    let stdout = shown(&out);
+    assert!(!ran(&stdout).is_empty());
+    for check in ran(&stdout) {
+        assert_eq!(verdict(&stdout, check), Some("FAIL"), "{check}");
+    }
+    assert_eq!(out.status.code(), Some(1), "nothing could be checked: not a success");
+    n.stop().unwrap();
+}
+
+/// An invitation that offers only handshakes the probe does not speak: no wallet can onboard,
+/// every line is a SKIP, and that is not a success.
+#[actix_rt::test]
+async fn no_wallet_onboarding_exits_1() {
+    use base64::Engine;
+    let key = mailroom::didcomm::keys::KeyPair::generate();
+    let inv = serde_json::json!({
+        "@type": "https://didcomm.org/out-of-band/1.1/invitation",
+        "@id": "no-handshake-spoken",
+        "handshake_protocols": ["https://didcomm.org/didexchange/9.0"],
+        "services": [{"id": "#inline", "type": "did-communication", "serviceEndpoint": "http://127.0.0.1:9/",
+                      "recipientKeys": [key.did_key()], "routingKeys": []}],
+    });
+    let oob = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(inv.to_string());
+    let out = probe(&[&format!("http://127.0.0.1:9/?oob={oob}")]).await;
+    let stdout = shown(&out);
+    assert!(!ran(&stdout).is_empty());
+    assert!(stdout
+        .lines()
+        .all(|l| !l.starts_with("PASS ") && !l.starts_with("FAIL ")));
+    assert_eq!(out.status.code(), Some(1));
 }

@@ -33,12 +33,17 @@ impl Onboarded {
 /// Onboards one wallet on the mediator `t` names: its handshake (the one `t.handshake` names,
 /// else the first the invitation offers), mediation, one recipient key registered.
 pub async fn onboard_any(t: &Target) -> anyhow::Result<Onboarded> {
+    mediated(connect_any(t).await?).await
+}
+
+/// A new connection to the mediator `t` names, by the handshake `t.handshake` names, else the
+/// first the invitation offers (no mediation yet).
+pub async fn connect_any(t: &Target) -> anyhow::Result<Agent> {
     let hs = t
         .handshake
         .or_else(|| t.handshakes.first().copied())
         .context("the invitation offers no handshake the client speaks")?;
-    let c = connect(t, hs).await?;
-    mediated(c.agent).await
+    Ok(connect(t, hs).await?.agent)
 }
 
 /// Mediation and one registered key for an agent connected by other means.

@@ -8,7 +8,7 @@ pub mod any;
 pub mod status;
 pub mod v2;
 
-pub use any::{onboard_any, Onboarded};
+pub use any::{connect_any, onboard_any, Onboarded};
 
 use crate::didcomm::keys::{normalize_verkey, KeyPair};
 use crate::didcomm::message::new_id;
@@ -128,6 +128,25 @@ pub async fn post_typed(
     Ok((status, body.to_vec()))
 }
 
+/// A request answered with a non-2xx status: typed, so a caller can tell a refusal (4xx) from
+/// a failure (5xx) without reading the text.
+#[derive(Debug, thiserror::Error)]
+#[error("HTTP {status}: {body}")]
+pub struct HttpStatus {
+    pub status: u16,
+    /// The response body as text.
+    pub body: String,
+}
+
+impl HttpStatus {
+    fn new(status: u16, body: &[u8]) -> HttpStatus {
+        HttpStatus {
+            status,
+            body: String::from_utf8_lossy(body).into_owned(),
+        }
+    }
+}
+
 impl Agent {
     /// Connects to a mediator through its invitation with didexchange 1.1 over HTTP with
     /// return-route (as a wallet does).
@@ -236,7 +255,7 @@ impl Agent {
     pub async fn request(&self, msg: &Value) -> anyhow::Result<Option<Value>> {
         let (status, body) = post(&self.endpoint, self.pack(msg)?, self.timeout).await?;
         if !(200..300).contains(&status) {
-            bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+            return Err(HttpStatus::new(status, &body).into());
         }
         if body.is_empty() {
             return Ok(None);
@@ -248,7 +267,7 @@ impl Agent {
     pub async fn send(&self, msg: &Value) -> anyhow::Result<u16> {
         let (status, body) = post(&self.endpoint, self.pack(msg)?, self.timeout).await?;
         if !(200..300).contains(&status) {
-            bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+            return Err(HttpStatus::new(status, &body).into());
         }
         Ok(status)
     }

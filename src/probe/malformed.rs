@@ -6,7 +6,7 @@
 
 use super::target::Target;
 use super::wallet::{is_type, problem, routed, trust_ping, Wallet};
-use super::{fail, Options, Runner, Verdict};
+use super::{blocked, fail, Options, Runner, Verdict};
 use crate::client::post;
 use crate::didcomm::envelope;
 use crate::didcomm::keys::KeyPair;
@@ -24,7 +24,7 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
         Ok(w) => w,
         Err(e) => {
             for n in names {
-                r.skip(n, &format!("not run: a fresh wallet could not onboard: {e:#}"));
+                r.fail(n, &blocked(&e));
             }
             return;
         }
@@ -33,7 +33,7 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
         Ok(p) => p,
         Err(e) => {
             for n in names {
-                r.skip(n, &format!("not run: {e:#}"));
+                r.fail(n, &format!("the probe could not pack a trust ping: {e:#}"));
             }
             return;
         }
@@ -73,20 +73,37 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
     }
 }
 
+/// Whether an HTTP status is a right answer to a malformed body: a 4xx always; a 2xx only when
+/// the body may succeed (a valid message of an unknown type). Anything else (a 3xx sends the
+/// sender elsewhere with its envelope unread, a 5xx is the mediator failing) is the reason
+/// to FAIL.
+pub(crate) fn judge(status: u16, may_succeed: bool) -> Result<(), String> {
+    match status {
+        400..=499 => Ok(()),
+        200..=299 if may_succeed => Ok(()),
+        200..=299 => Err(format!(
+            "HTTP {status}: answered as if accepted (a sender cannot tell it was dropped)"
+        )),
+        s if s >= 500 => Err(format!("HTTP {s}")),
+        s => Err(format!("HTTP {s}: neither a refusal (4xx) nor an answer (2xx)")),
+    }
+}
+
 /// Posts `body`; judges the status; then checks the mediator still answers.
 async fn one(t: &Target, w: &Wallet, body: Vec<u8>, may_succeed: bool) -> anyhow::Result<Verdict> {
     let len = body.len();
     let answer = post(&t.http, body, t.timeout).await;
     let verdict = match &answer {
         Err(e) => Verdict::Fail(format!("no HTTP status for a {len}-byte body: {e:#}")),
-        Ok((status, reply)) => {
-            let s = *status;
-            let text = super::one_line(&String::from_utf8_lossy(&reply[..reply.len().min(200)]));
-            if (400..500).contains(&s) {
-                Verdict::Pass(Some(format!("HTTP {s}")))
-            } else if s >= 500 {
-                Verdict::Fail(format!("HTTP {s} {text}"))
-            } else if may_succeed {
+        Ok((status, reply)) => match judge(*status, may_succeed) {
+            // An error page says what went wrong (the runner keeps it to one line).
+            Err(why) if *status >= 300 => {
+                let text = String::from_utf8_lossy(&reply[..reply.len().min(200)]);
+                Verdict::Fail(format!("{why} {text}"))
+            }
+            Err(why) => Verdict::Fail(why),
+            Ok(()) if (400..500).contains(status) => Verdict::Pass(Some(format!("HTTP {status}"))),
+            Ok(()) => {
                 // A valid message of an unknown type: a problem report (or silence) is right.
                 let what = if reply.is_empty() {
                     "no reply".to_string()
@@ -96,13 +113,9 @@ async fn one(t: &Target, w: &Wallet, body: Vec<u8>, may_succeed: bool) -> anyhow
                         Err(e) => format!("an unreadable reply ({e})"),
                     }
                 };
-                Verdict::Pass(Some(format!("HTTP {s}, {what}")))
-            } else {
-                Verdict::Fail(format!(
-                    "HTTP {s}: answered as if accepted (a sender cannot tell it was dropped)"
-                ))
+                Verdict::Pass(Some(format!("HTTP {status}, {what}")))
             }
-        }
+        },
     };
     // Still there?
     let alive = w.agent.request(&trust_ping()).await;
@@ -117,5 +130,30 @@ async fn one(t: &Target, w: &Wallet, body: Vec<u8>, may_succeed: bool) -> anyhow
             Verdict::Fail(why) => fail(format!("{why}; and the mediator no longer answers: {e:#}")),
             _ => fail(format!("the mediator no longer answers a trust ping: {e:#}")),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::judge;
+
+    #[test]
+    fn a_malformed_body_passes_on_a_4xx_and_an_unknown_type_also_on_a_2xx() {
+        for s in [400, 403, 404, 413, 415] {
+            assert!(judge(s, false).is_ok(), "{s}");
+            assert!(judge(s, true).is_ok(), "{s}");
+        }
+        for s in [200, 202, 204] {
+            assert!(judge(s, true).is_ok(), "{s}");
+            assert!(judge(s, false).is_err(), "{s}: a dropped envelope answered as accepted");
+        }
+    }
+
+    #[test]
+    fn a_redirect_or_a_5xx_never_passes() {
+        for s in [101, 301, 302, 303, 307, 308, 500, 502, 503] {
+            assert!(judge(s, true).is_err(), "{s}");
+            assert!(judge(s, false).is_err(), "{s}");
+        }
     }
 }

@@ -91,6 +91,9 @@ impl std::fmt::Display for CheckResult {
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     pub results: Vec<CheckResult>,
+    /// Why no wallet could onboard (no handshake worked, or mediation failed): nothing past
+    /// onboarding was checked, so the run fails even when every line is a SKIP.
+    pub no_wallet: Option<String>,
 }
 
 impl Report {
@@ -111,8 +114,10 @@ impl Report {
         format!("{p} passed, {f} failed, {s} skipped")
     }
 
+    /// A FAIL, or nothing checked because no wallet could onboard (an operator must not read
+    /// a run that verified nothing as a success).
     pub fn failed(&self) -> bool {
-        self.count().1 > 0
+        self.count().1 > 0 || self.no_wallet.is_some()
     }
 
     pub fn get(&self, name: &str) -> Option<&CheckResult> {
@@ -134,7 +139,14 @@ impl Runner {
         self.only.is_empty() || self.only.iter().any(|p| name.starts_with(p.as_str()))
     }
 
+    /// Every reason and note is kept to one line: they may quote a mediator's reply (an HTML
+    /// error page, a problem report's text), and the report is read line by line.
     fn record(&mut self, name: &'static str, verdict: Verdict, elapsed: Duration) {
+        let verdict = match verdict {
+            Verdict::Pass(note) => Verdict::Pass(note.map(|n| one_line(&n))),
+            Verdict::Fail(r) => Verdict::Fail(one_line(&r)),
+            Verdict::Skip(r) => Verdict::Skip(one_line(&r)),
+        };
         let r = CheckResult { name, verdict, elapsed };
         if self.print {
             println!("{r}");
@@ -153,7 +165,7 @@ impl Runner {
         let start = Instant::now();
         let verdict = match tokio::time::timeout(self.limit, f).await {
             Ok(Ok(v)) => v,
-            Ok(Err(e)) => Verdict::Fail(one_line(&format!("{e:#}"))),
+            Ok(Err(e)) => Verdict::Fail(format!("{e:#}")),
             Err(_) => Verdict::Fail(format!("no result within {:?}", self.limit)),
         };
         self.record(name, verdict.clone(), start.elapsed());
@@ -166,6 +178,35 @@ impl Runner {
             self.record(name, Verdict::Skip(reason.to_string()), Duration::ZERO);
         }
     }
+
+    /// Records a check that an earlier failure blocks (a wallet that could not onboard).
+    pub(crate) fn fail(&mut self, name: &'static str, reason: &str) {
+        if self.wanted(name) {
+            self.record(name, Verdict::Fail(reason.to_string()), Duration::ZERO);
+        }
+    }
+}
+
+const BLOCKED: &str = "blocked: a fresh wallet could not onboard";
+
+/// The reason of a check that a fresh wallet failing to onboard blocks. Once a handshake has
+/// worked the mediator is reachable and speaks the protocols, so a wallet that cannot
+/// connect, get mediation or register its key is the mediator failing: a FAIL, not a SKIP.
+pub(crate) fn blocked(e: &anyhow::Error) -> String {
+    format!("{BLOCKED}: {e:#}")
+}
+
+/// Whether `v` is a FAIL because a wallet could not onboard: it says nothing of the feature
+/// its check is about, so later checks must not read it as "the mediator lacks it".
+pub(crate) fn is_blocked(v: &Verdict) -> bool {
+    matches!(v, Verdict::Fail(r) if r.starts_with(BLOCKED))
+}
+
+/// A fresh wallet for a check; when it cannot onboard, the check FAILs as [`blocked`].
+pub(crate) async fn fresh_wallet(t: &Target) -> anyhow::Result<wallet::Wallet> {
+    wallet::Wallet::onboard(t)
+        .await
+        .map_err(|e| anyhow::anyhow!(blocked(&e)))
 }
 
 /// Keeps a reason on one line and of a readable length.
@@ -208,15 +249,24 @@ pub async fn run(target: &mut Target, opts: &Options, print: bool) -> Report {
         print,
         limit: opts.redelivery_wait + opts.timeout * 6,
     };
-    if onboarding::run(&mut r, target).await {
-        keylist::run(&mut r, target).await;
-        pickup::run(&mut r, target, opts).await;
-        live::run(&mut r, target, opts).await;
-        isolation::run(&mut r, target, opts).await;
-        malformed::run(&mut r, target, opts).await;
-    } else {
-        for name in DEPENDENT_CHECKS {
-            r.skip(name, "not run: no wallet could onboard");
+    match onboarding::run(&mut r, target).await {
+        Ok(()) => {
+            keylist::run(&mut r, target).await;
+            pickup::run(&mut r, target, opts).await;
+            live::run(&mut r, target, opts).await;
+            isolation::run(&mut r, target, opts).await;
+            malformed::run(&mut r, target, opts).await;
+        }
+        Err(no) => {
+            for name in DEPENDENT_CHECKS {
+                if no.connected {
+                    // The mediator answered a handshake, then refused mediation.
+                    r.fail(name, &format!("blocked: no wallet could onboard: {}", no.why));
+                } else {
+                    r.skip(name, &format!("not run: no wallet could onboard: {}", no.why));
+                }
+            }
+            r.report.no_wallet = Some(no.why);
         }
     }
     r.report
@@ -232,8 +282,9 @@ const DEPENDENT_CHECKS: &[&str] = &[
     "pickup-2.0-messages-received",
     "pickup-1.0-batch",
     "redelivery",
-    "redelivery-session-end",
     "live-mode-ws",
+    "redelivery-session-end",
+    "live-mode-ack",
     "implicit-ws",
     "isolation-read",
     "isolation-ack",
@@ -246,7 +297,8 @@ const DEPENDENT_CHECKS: &[&str] = &[
     "malformed-huge",
 ];
 
-/// `mailroom probe`: resolve, run, print, map to an exit code (0 no FAIL, 1 a FAIL, 64 usage).
+/// `mailroom probe`: resolve, run, print, map to an exit code (0 no FAIL, 1 a FAIL or no wallet
+/// could onboard, 64 usage).
 pub async fn main(opts: Options) -> u8 {
     let mut target = match resolve_target(&opts).await {
         Ok(t) => t,
@@ -257,6 +309,57 @@ pub async fn main(opts: Options) -> u8 {
     };
     println!("probing {} ({})", target.describe(), target.http);
     let report = run(&mut target, &opts, true).await;
+    if let Some(why) = &report.no_wallet {
+        println!(
+            "no wallet could onboard, nothing past onboarding was checked: {}",
+            one_line(why)
+        );
+    }
     println!("{}", report.summary());
     u8::from(report.failed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_recorded_reason_is_one_line() {
+        let mut r = Runner {
+            report: Report::default(),
+            only: Vec::new(),
+            print: false,
+            limit: Duration::from_secs(1),
+        };
+        let page = "HTTP 502: <html>\n<head><title>502 Bad Gateway</title></head>\r\n<body>\n</body>\n</html>";
+        r.record("forward", Verdict::Fail(page.into()), Duration::ZERO);
+        r.record(
+            "keylist-query",
+            Verdict::Skip(format!("refused: {page}")),
+            Duration::ZERO,
+        );
+        r.record(
+            "mediation",
+            Verdict::Pass(Some(format!("noted: {page}"))),
+            Duration::ZERO,
+        );
+        for c in &r.report.results {
+            let line = c.to_string();
+            assert_eq!(line.lines().count(), 1, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn a_run_in_which_no_wallet_onboarded_failed_even_with_no_fail_line() {
+        let report = Report {
+            results: vec![CheckResult {
+                name: "forward",
+                verdict: Verdict::Skip("not run: no wallet could onboard".into()),
+                elapsed: Duration::ZERO,
+            }],
+            no_wallet: Some("no handshake worked".into()),
+        };
+        assert_eq!(report.count(), (0, 0, 1));
+        assert!(report.failed());
+    }
 }

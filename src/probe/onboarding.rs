@@ -7,8 +7,15 @@ use super::wallet::{self, ask, connect, is_type, routed, show, Handshake};
 use super::{fail, pass_note, skip, Runner, Verdict};
 use serde_json::{json, Value};
 
-/// Returns whether some handshake worked (the rest of the probe needs one).
-pub(crate) async fn run(r: &mut Runner, t: &mut Target) -> bool {
+/// Why no wallet can onboard: the rest of the probe cannot run.
+pub(crate) struct NoWallet {
+    pub why: String,
+    /// A handshake worked (mediation failed): the mediator is there and refuses wallets.
+    pub connected: bool,
+}
+
+/// Ok when a handshake worked and mediation was granted (the rest of the probe needs both).
+pub(crate) async fn run(r: &mut Runner, t: &mut Target) -> Result<(), NoWallet> {
     let mut first_agent = None;
     for (name, kinds) in [
         (
@@ -56,7 +63,15 @@ pub(crate) async fn run(r: &mut Runner, t: &mut Target) -> bool {
     let Some(agent) = first_agent else {
         r.skip("discover-features", "not run: no handshake worked");
         r.skip("mediation", "not run: no handshake worked");
-        return false;
+        let why = if t.handshakes.is_empty() {
+            format!(
+                "the invitation offers no handshake the probe speaks ({})",
+                t.unsupported_handshakes.join(" ")
+            )
+        } else {
+            "no handshake worked".to_string()
+        };
+        return Err(NoWallet { why, connected: false });
     };
     let mut features = None;
     r.check("discover-features", async {
@@ -86,20 +101,36 @@ pub(crate) async fn run(r: &mut Runner, t: &mut Target) -> bool {
         features = discover(&agent).await.ok();
     }
     t.features = features;
-    let v = r
-        .check("mediation", async {
-            let g = wallet::mediate(&agent).await?;
-            if g.endpoint.is_empty() {
-                return fail("mediate-grant without an endpoint");
-            }
-            pass_note(format!(
-                "endpoint {}, {} routing key(s)",
-                g.endpoint,
-                g.routing_keys.len()
-            ))
-        })
-        .await;
-    !matches!(v, Some(Verdict::Fail(_)))
+    let refused = match r.check("mediation", mediation(&agent)).await {
+        Some(Verdict::Fail(why)) => Some(why),
+        Some(_) => None,
+        // Filtered out by --only: every later wallet needs mediation, so still ask.
+        None => match mediation(&agent).await {
+            Ok(Verdict::Fail(why)) => Some(why),
+            Ok(_) => None,
+            Err(e) => Some(format!("{e:#}")),
+        },
+    };
+    match refused {
+        Some(why) => Err(NoWallet {
+            why: format!("mediation failed: {why}"),
+            connected: true,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// mediate-request -> a grant with an endpoint.
+async fn mediation(agent: &crate::client::Agent) -> anyhow::Result<Verdict> {
+    let g = wallet::mediate(agent).await?;
+    if g.endpoint.is_empty() {
+        return fail("mediate-grant without an endpoint");
+    }
+    pass_note(format!(
+        "endpoint {}, {} routing key(s)",
+        g.endpoint,
+        g.routing_keys.len()
+    ))
 }
 
 /// discover-features 1.0 `query *`, else 2.0 `queries`: the disclosed protocols as

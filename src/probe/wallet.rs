@@ -128,12 +128,36 @@ pub struct Connected {
     pub note: Option<String>,
 }
 
+/// An answer that says "not this" rather than "broken": a problem report, a reply of another
+/// type, a 4xx, or silence (2xx with an empty body). These are the ways a mediator answers a
+/// message type it does not speak (as `malformed-unknown-type` accepts them), so a check that
+/// cannot know whether the feature is supported may SKIP on them; a 5xx, a timeout or an
+/// unreadable reply is a failure whatever the mediator speaks. Carried in the error chain.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Declined(pub String);
+
+/// Whether `e` is a [`Declined`] answer or a 4xx (anywhere under its context).
+pub fn declined(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Declined>().is_some()
+        || e.downcast_ref::<client::HttpStatus>()
+            .is_some_and(|h| (400..500).contains(&h.status))
+}
+
+fn declined_err(msg: String) -> anyhow::Error {
+    Declined(msg).into()
+}
+
 /// Sends `m` over HTTP and returns the unpacked reply (an error when there is none).
 pub async fn ask(a: &Agent, m: &Value, what: &str) -> anyhow::Result<Value> {
     a.request(m)
         .await
         .with_context(|| format!("{what}: request failed"))?
-        .ok_or_else(|| anyhow!("{what}: no reply on the return route (HTTP 2xx with an empty body)"))
+        .ok_or_else(|| {
+            declined_err(format!(
+                "{what}: no reply on the return route (HTTP 2xx with an empty body)"
+            ))
+        })
 }
 
 /// didexchange 1.1 / 1.0 or connections 1.0 with the mediator, over HTTP with return-route.
@@ -394,6 +418,17 @@ impl Wallet {
     /// pickup 2.0 delivery-request: the messages handed out (empty when the mediator answers
     /// with a status).
     pub async fn delivery_request(&self, limit: u64) -> anyhow::Result<Vec<Incoming>> {
+        Ok(self
+            .delivery_request_ids(limit)
+            .await?
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect())
+    }
+
+    /// As [`Wallet::delivery_request`], each message with its attachment id (what
+    /// messages-received lists).
+    pub async fn delivery_request_ids(&self, limit: u64) -> anyhow::Result<Vec<(String, Incoming)>> {
         let r = self
             .ask(
                 &routed("messagepickup/2.0", "delivery-request", json!({ "limit": limit })),
@@ -404,24 +439,29 @@ impl Wallet {
             return Ok(Vec::new());
         }
         if !is_type(&r, "messagepickup", "delivery") {
-            bail!("delivery-request answered with {}", show(&r));
+            return Err(declined_err(format!("delivery-request answered with {}", show(&r))));
         }
-        self.open(&r)
+        self.open_ids(&r)
     }
 
     /// pickup 2.0 messages-received -> the `message_count` of the status that answers it.
+    /// RFC 0685 says the mediator SHOULD (not must) answer with a status: when it answers
+    /// nothing, a status-request learns the count.
     pub async fn ack(&self, ids: &[String]) -> anyhow::Result<u64> {
-        let r = self
-            .ask(
-                &routed(
-                    "messagepickup/2.0",
-                    "messages-received",
-                    json!({ "message_id_list": ids }),
-                ),
-                "messages-received",
-            )
-            .await?;
-        status_count(&r)
+        let received = routed(
+            "messagepickup/2.0",
+            "messages-received",
+            json!({ "message_id_list": ids }),
+        );
+        let reply = self
+            .agent
+            .request(&received)
+            .await
+            .context("messages-received: request failed")?;
+        match reply {
+            Some(r) => status_count(&r),
+            None => self.status().await,
+        }
     }
 
     /// The messages of a `delivery` or `batch`, each with its attachment id.
@@ -465,7 +505,7 @@ impl Wallet {
 
 pub fn status_count(r: &Value) -> anyhow::Result<u64> {
     if !is_type(r, "messagepickup", "status") {
-        bail!("expected a pickup status, got {}", show(r));
+        return Err(declined_err(format!("expected a pickup status, got {}", show(r))));
     }
     r["message_count"]
         .as_u64()
@@ -566,6 +606,35 @@ impl Socket {
             bail!("{family} {name} expected, got {p}");
         }
         Ok((reply, got))
+    }
+
+    /// messages-received on the socket -> the `message_count` of the status that answers it.
+    /// Waits for that status (RFC 0685: SHOULD), else asks with a status-request, so the ack
+    /// has been handled before the caller closes the socket (a mediator may handle a socket's
+    /// messages concurrently: sending both at once would prove nothing).
+    pub async fn ack(&mut self, w: &Wallet, ids: &[String]) -> anyhow::Result<u64> {
+        let received = routed(
+            "messagepickup/2.0",
+            "messages-received",
+            json!({ "message_id_list": ids }),
+        );
+        self.send(w, &received).await?;
+        let answer = |i: &Incoming| match i {
+            Incoming::Reply(r) if is_type(r, "messagepickup", "status") || problem(r).is_some() => Some(r.clone()),
+            _ => None,
+        };
+        let deadline = Instant::now() + w.timeout;
+        let (got, _) = self
+            .read_until(w, deadline, |g| g.iter().any(|i| answer(i).is_some()))
+            .await?;
+        match got.iter().find_map(answer) {
+            Some(r) => status_count(&r),
+            None => {
+                let ask = routed("messagepickup/2.0", "status-request", json!({}));
+                let (status, _) = self.request(w, &ask, "messagepickup", "status").await?;
+                status_count(&status)
+            }
+        }
     }
 
     pub async fn close(self) {
