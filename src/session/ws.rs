@@ -384,8 +384,10 @@ impl WsSession {
             self.mode = self.idle_mode(conn);
         }
         self.conn = Some(self.shared.held.hold(conn));
-        // Just read with the message that binds.
-        self.mediation_read_ms = now_ms();
+        // Read again at the first drain: the message that binds read the connection before
+        // it was handled, and a revocation committed since (its close reaching the registry
+        // before this session's `Register`) would otherwise go unseen for half a lease.
+        self.mediation_read_ms = 0;
         // After the `Register` above and before the drain below (see `LocalHolders`).
         self.shared.bound.count_in(&conn.id);
         // Anything already queued goes out now.
@@ -635,7 +637,7 @@ impl WsSession {
                 let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
                 let store = shared.mediator.store.clone();
                 let c = conn.id.clone();
-                actix_rt::spawn(async move {
+                shared.tracked.spawn(async move {
                     if let Err(e) = store.ack(&c, &ids).await {
                         tracing::warn!(connection = %c, "implicit delivery not removed: {e}");
                     }
@@ -647,13 +649,16 @@ impl WsSession {
                 shared.hand_back_later(c, ids);
             }
             Mode::Quiet => {
-                // Mode changed (or superseded) while leasing: hand them back.
+                // Mode changed (or superseded) while leasing: given back, and whoever holds
+                // the wallet now woken (or the wallet pushed): a session elsewhere that bound
+                // meanwhile found these leased, and may have ended since.
                 let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
-                let store = shared.mediator.store.clone();
                 let c = conn.id.clone();
                 let owner = self.owner();
-                actix_rt::spawn(async move {
-                    let _ = store.release(&c, &ids, &owner).await;
+                let s = shared.clone();
+                shared.tracked.spawn(async move {
+                    let released = s.mediator.store.release(&c, &ids, &owner).await;
+                    gave_back(&s, &c, released).await;
                 });
             }
         }
