@@ -312,6 +312,23 @@ async fn a_v2_socket_not_in_live_mode_gets_nothing_raw() {
     assert_eq!(st["body"]["message_count"], 0, "{st}");
 }
 
+/// Live delivery asked for over HTTP is refused with pickup 3.0's own problem code.
+#[actix_rt::test]
+async fn live_delivery_over_http_is_refused_with_pickup_3_0_s_code() {
+    let (n, _d) = node();
+    let mut a = V2Agent::new(v2_mediator(&n).await).unwrap();
+    a.onboard().await.unwrap();
+    let msg = a.message(
+        "https://didcomm.org/messagepickup/3.0/live-delivery-change",
+        json!({"live_delivery": true}),
+    );
+    let (code, reply) = a.post(&msg).await.unwrap();
+    assert_eq!(code, 400);
+    let reply = reply.expect("a problem report");
+    assert_eq!(kind(&reply), "problem-report", "{reply}");
+    assert_eq!(reply["body"]["code"], "e.m.live-mode-not-supported", "{reply}");
+}
+
 #[actix_rt::test]
 async fn live_delivery_over_websocket_beside_a_v1_wallet() {
     let (n, _d) = node();

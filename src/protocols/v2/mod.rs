@@ -235,6 +235,9 @@ pub async fn handle(
     Ok(out)
 }
 
+/// Pickup 3.0's problem code for live delivery over a transport without a socket.
+pub(crate) const LIVE_MODE_NOT_SUPPORTED: &str = "e.m.live-mode-not-supported";
+
 /// Why an authcrypt in a form that does not bind its sender is refused.
 const UNBOUND_AUTHCRYPT: &str = "this authcrypt does not prove its sender: ECDH-1PU+A256KW is accepted with \
      A256CBC-HS512, the tag in the key derivation and apv (DIDComm v2); a co-recipient can forge any other form \
@@ -307,7 +310,17 @@ async fn dispatch(m: &super::Mediator, ctx: &Inbound) -> Result<Outcome, HandleE
     match (ctx.family.as_str(), ctx.major(), ctx.name.as_str()) {
         ("routing", 2, "forward") => routing::forward(m, ctx).await,
         ("report-problem", 2, "problem-report") => {
-            tracing::warn!(sender = ctx.sender.as_deref().unwrap_or("-"), report = %ctx.msg, "v2 peer sent a problem report");
+            // Anyone may send one (anoncrypted, up to a whole envelope): its code and the start
+            // of its comment are logged, not all of it.
+            let body = &ctx.msg["body"];
+            let comment: String = body["comment"].as_str().unwrap_or_default().chars().take(200).collect();
+            let code: String = body["code"].as_str().unwrap_or_default().chars().take(80).collect();
+            tracing::warn!(
+                sender = ctx.sender.as_deref().unwrap_or("-"),
+                code,
+                comment,
+                "v2 peer sent a problem report"
+            );
             Ok(Outcome::default())
         }
         // Everything else answers someone: it needs an authenticated sender.
@@ -397,6 +410,8 @@ fn refusal(m: &super::Mediator, ctx: &Inbound, e: HandleError) -> HandleError {
         HandleError::UnknownRecipient(_) => "e.p.msg.recipient-unknown",
         HandleError::QueueFull { .. } => "w.p.xfer.queue-full",
         HandleError::BadMessage(r) if r.starts_with("unsupported message type") => "e.p.msg.unsupported",
+        // Pickup 3.0's own code for live delivery asked of a transport that cannot carry it.
+        HandleError::BadMessage(r) if r.starts_with(LIVE_MODE_NOT_SUPPORTED) => LIVE_MODE_NOT_SUPPORTED,
         HandleError::BadMessage(_) | HandleError::V2(_) => "e.p.msg.invalid",
         HandleError::Store(_) | HandleError::Internal(_) => "e.p.me.res.unavailable",
         _ => "e.p.msg",

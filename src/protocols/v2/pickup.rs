@@ -142,9 +142,10 @@ async fn live_delivery_change(m: &Mediator, ctx: &Inbound, conn: &Connection) ->
         ));
     };
     if live && ctx.transport != TransportKind::WebSocket {
-        return Err(HandleError::BadMessage(
-            "e.m.live-mode-not-supported: live delivery needs a WebSocket".into(),
-        ));
+        return Err(HandleError::BadMessage(format!(
+            "{}: live delivery needs a WebSocket",
+            super::LIVE_MODE_NOT_SUPPORTED
+        )));
     }
     Ok(Outcome {
         replies: vec![status(m, ctx, conn, Some(live)).await?],
