@@ -629,6 +629,49 @@ async fn messages_past_their_expires_time_are_never_delivered() {
 /// routing) under the new DID. A `from_prior` replayed by another connection, one not signed by
 /// its `iss`, or one naming another connection's DID is refused with a problem report and
 /// changes nothing.
+/// A DID another wallet registered first is taken by the wallet that proves it controls it:
+/// the one that rotates to it (`from_prior`), or that registers its own DID. First come first
+/// served let a contact told of A's rotation register A's new DID first: A's rotation was
+/// refused, and mail for A's new DID queued for the contact, who could acknowledge it away.
+#[actix_rt::test]
+async fn a_did_registered_by_another_wallet_is_taken_by_the_one_that_proves_it() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut a = V2Agent::new(m.clone()).unwrap();
+    a.onboard().await.unwrap();
+    let old = a.did.clone();
+    let up = a.update("3.0", std::slice::from_ref(&old), &[]).await.unwrap();
+    assert_eq!(up[0]["result"], "success", "{up:?}");
+    let mut b = V2Agent::new(m.clone()).unwrap();
+    b.onboard().await.unwrap();
+
+    // A rotates and tells its contacts; B registers A's new DID before A's next message.
+    let new = a.rotate().unwrap();
+    let up = b.update("3.0", std::slice::from_ref(&new), &[]).await.unwrap();
+    assert_eq!(up[0]["result"], "success", "{up:?}");
+    // A's next message rotates it all the same.
+    assert_eq!(a.status(None).await.unwrap(), 0);
+    assert!(recipient_dids(&a).await.contains(&new), "the new DID is A's");
+    assert!(!recipient_dids(&b).await.contains(&new), "and no longer B's");
+    let s = V2Sender::new().unwrap();
+    let to_new = forward_to(&s, &m, &new, &a, "to-new");
+    assert_eq!(post_raw(&m.http, TYP_ENCRYPTED, to_new).await.0, 202);
+    assert_eq!(a.status(None).await.unwrap(), 1);
+    assert_eq!(b.status(None).await.unwrap(), 0);
+
+    // B registers C's DID before C has a connection; C registering its own DID takes it.
+    let mut c = V2Agent::new(m.clone()).unwrap();
+    let up = b.update("3.0", std::slice::from_ref(&c.did), &[]).await.unwrap();
+    assert_eq!(up[0]["result"], "success", "{up:?}");
+    c.onboard().await.unwrap();
+    let up = c.update("3.0", std::slice::from_ref(&c.did), &[]).await.unwrap();
+    assert_eq!(up[0]["result"], "success", "{up:?}");
+    assert!(!recipient_dids(&b).await.contains(&c.did));
+    // A DID B does not control it cannot take back: A's is A's.
+    let up = b.update("3.0", std::slice::from_ref(&new), &[]).await.unwrap();
+    assert_eq!(up[0]["result"], "client_error", "{up:?}");
+}
+
 #[actix_rt::test]
 async fn from_prior_rotation_moves_the_connection_and_refuses_forgeries() {
     let (n, _d) = node();

@@ -127,6 +127,41 @@ async fn add_refusal(m: &Mediator, conn: &str, r: &Recipient) -> Result<Option<S
     })
 }
 
+/// Takes the recipient DID `r`, which the sender of this message proved it controls (it
+/// authenticated the message as `r`, or a `from_prior` rotated it to `r`), from any other
+/// connection that merely registered it. First come first served let a wallet that learned a
+/// DID (a contact told of a rotation) register it first: the rotation was then refused, and
+/// mail for the DID queued for the squatter, who could acknowledge it away. A connection whose
+/// own DID `r` is keeps it (the caller refuses then, as before). Mail already queued for the
+/// squatter stays in its queue.
+pub(super) async fn take_proven(m: &Mediator, taker: &str, r: &Recipient) -> Result<(), HandleError> {
+    let mut held = Vec::new();
+    if let Some(c) = m.store.route(&r.canonical).await? {
+        held.push((c, r.canonical.clone()));
+    }
+    if let Some(hit) = super::routing::held_in_another_form(m, r).await? {
+        held.push(hit);
+    }
+    for (holder, form) in held {
+        if holder == taker {
+            continue;
+        }
+        let owns = m
+            .store
+            .get_connection(&holder)
+            .await?
+            .and_then(|c| c.their_did)
+            .and_then(|d| Recipient::parse(&d).ok())
+            .is_some_and(|d| d.canonical == r.canonical);
+        if owns {
+            continue;
+        }
+        m.store.update_keys(&holder, &[], std::slice::from_ref(&form)).await?;
+        tracing::warn!(connection = %holder, by = %taker, recipient = %r.named, "a recipient DID registered by a connection that never proved it was taken by the one that did");
+    }
+    Ok(())
+}
+
 /// Every form of `r` connection `conn` may hold, to remove: [`Recipient::stored_forms`], and
 /// the long form an earlier version stored that `conn` holds, found from the short form (it
 /// routes the short form to `conn`).
@@ -186,6 +221,8 @@ async fn update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
         )));
     }
     let (mut add, mut remove, mut bad) = (Vec::new(), Vec::new(), Vec::new());
+    // The sender's own DID, which this message proved it controls.
+    let own = ctx.sender.as_deref().and_then(|s| Recipient::parse(s).ok());
     for u in updates {
         // 3.0 and 2.0 both say `recipient_did`; some 2.0 clients wrote `recipient_key`.
         let raw = u["recipient_did"]
@@ -195,13 +232,18 @@ async fn update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
         let action = u["action"].as_str().unwrap_or_default().to_string();
         let refused = || json!({ "recipient_did": raw, "action": action, "result": "client_error" });
         match (Recipient::parse(raw), action.as_str()) {
-            (Ok(r), "add") => match add_refusal(m, &conn.id, &r).await? {
-                Some(why) => {
-                    tracing::warn!(connection = %conn.id, recipient = %r.named, "recipient update refused: {why}");
-                    bad.push(refused())
+            (Ok(r), "add") => {
+                if own.as_ref().is_some_and(|o| o.canonical == r.canonical) {
+                    take_proven(m, &conn.id, &r).await?;
                 }
-                None => add.push(r),
-            },
+                match add_refusal(m, &conn.id, &r).await? {
+                    Some(why) => {
+                        tracing::warn!(connection = %conn.id, recipient = %r.named, "recipient update refused: {why}");
+                        bad.push(refused())
+                    }
+                    None => add.push(r),
+                }
+            }
             (Ok(r), "remove") => remove.push(r),
             (Err(e), "add" | "remove") => {
                 tracing::info!(connection = %conn.id, "recipient update refused: {e}");

@@ -88,6 +88,9 @@ pub async fn apply(m: &Mediator, ctx: &mut Inbound) -> Result<(), HandleError> {
     // anything changed.
     let (old_r, new_r) = (recipient(&old_did)?, recipient(&new_did)?);
     let moved = key_move(&m.store.keys_of(&old.id).await?, &old_r, &new_r);
+    // Signed by the old DID, sent as the new one: this wallet controls both, and no other
+    // connection that merely registered the new one keeps it.
+    super::mediation::take_proven(m, &old.id, &new_r).await?;
     if let Some((add, _)) = &moved {
         let elsewhere = super::routing::held_in_another_form(m, &new_r).await?;
         if elsewhere.is_some_and(|(c, _)| c != old.id) {
