@@ -18,7 +18,9 @@ impl Store for PgStore {
     }
 
     async fn health(&self) -> StoreResult<()> {
-        if self.tx.is_closed() {
+        // The writer tasks (forwards) or the lease task (live delivery, pickup) ended: the node
+        // cannot do its work whatever the server says.
+        if self.tx.is_closed() || self.lease_tx.is_closed() {
             return Err(StoreError::Closed);
         }
         let c = self.client().await?;
