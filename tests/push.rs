@@ -363,6 +363,8 @@ async fn several_projects_and_the_webhook() {
     let (_d, n, a, k) = push_node(&si, 0, &["proj-a", "proj-b"], true).await;
     set_device(&a, FCM, json!("token-of-b"), Some("android")).await;
     si.state.script("fcm:proj-a", vec![Reply::sender_id_mismatch()]);
+    // The webhook's first try fails: tried again, with the same event id.
+    si.state.script("hook", vec![Reply::new(503, json!({}))]);
     forward(&n, &a, &k, "x").await;
     let b = wait_hits(&si, "fcm:proj-b", 1).await;
     assert_clean(&b);
@@ -374,8 +376,15 @@ async fn several_projects_and_the_webhook() {
         1,
         "the accepting project is remembered"
     );
-    let hooks = wait_hits(&si, "hook", 2).await;
+    let hooks = wait_hits(&si, "hook", 3).await;
     assert_clean(&hooks);
+    // Two pushes, the first tried twice: one id per push, the same on each try.
+    let id_of = |h: &Hit| h.body["event_id"].as_str().expect("an event id").to_string();
+    let failed = hooks.iter().find(|h| h.status == 503).expect("the failed try");
+    let tries_of_first = hooks.iter().filter(|h| id_of(h) == id_of(failed)).count();
+    assert_eq!(tries_of_first, 2, "{hooks:?}");
+    let ids: std::collections::HashSet<String> = hooks.iter().map(id_of).collect();
+    assert_eq!(ids.len(), 2, "{hooks:?}");
     let e = &hooks[0].body;
     assert_eq!(e["event"], "message_queued");
     assert_eq!(e["token"], "token-of-b");

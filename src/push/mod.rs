@@ -75,6 +75,9 @@ pub(crate) fn unix_now_s() -> u64 {
 /// One push to send.
 #[derive(Clone, Debug)]
 pub struct Event {
+    /// One id per push, the same on each of its tries (the webhook sends it: a receiver
+    /// drops a repeat by it).
+    pub id: String,
     pub conn: String,
     pub service: PushService,
     pub token: String,
@@ -701,6 +704,7 @@ async fn push_one(ctx: &Ctx, conn: &str, at: Instant, device: Option<Device>) ->
         return Ended::ForGood;
     }
     let ev = Event {
+        id: crate::didcomm::message::new_id(),
         conn: conn.to_owned(),
         service: device.service,
         token: device.token.clone(),

@@ -19,6 +19,7 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
 pub fn event_body(ev: &Event, node: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "event": "message_queued",
+        "event_id": ev.id,
         "connection_id": ev.conn,
         "service": ev.service.as_str(),
         "token": ev.token,
