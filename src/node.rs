@@ -624,10 +624,24 @@ pub async fn run(
         .send(CloseAll {
             code: 1001,
             reason: "mediator node shutting down: reconnect".into(),
+            for_good: true,
         })
         .await
         .unwrap_or(0);
     tracing::info!(sessions = closed, "sessions closed");
+    // The closed sockets' requests (a forward read from a socket, still being stored) and
+    // give-backs end before the listeners stop: they run on the workers, which stop as soon
+    // as their connections end. Each socket's slot is held until both are done.
+    let mut owes = false;
+    let sockets_done = async {
+        while shared.open_sockets.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, sockets_done).await.is_err() {
+        owes = true;
+        tracing::warn!("sockets' requests and give-backs not all finished within {SHUTDOWN_GRACE:?}");
+    }
     if let Some(c) = &cluster {
         c.leave().await;
     }
@@ -644,7 +658,7 @@ pub async fn run(
             Err(e) => tracing::warn!("leases not released on shutdown (they run out, and are taken back): {e}"),
         }
     };
-    let mut owes = shared.wake_owed.load(Ordering::SeqCst);
+    owes |= shared.wake_owed.load(Ordering::SeqCst);
     if tokio::time::timeout(SHUTDOWN_GRACE, give_back).await.is_err() {
         owes = true;
         tracing::warn!(

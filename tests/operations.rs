@@ -1054,3 +1054,26 @@ async fn a_stopping_node_cannot_be_undrained() {
     );
     stopping.join().unwrap().unwrap();
 }
+
+/// A forward read from a WebSocket just before the stop is still queued. Its handler ran on
+/// the HTTP worker, and a stopping node stopped the worker as soon as the socket was closed:
+/// a forward still being stored was dropped, and its sender, on a socket, had no answer to
+/// tell it. The stop now waits for each closed socket's requests and give-backs first.
+#[actix_rt::test]
+async fn a_forward_read_from_a_socket_just_before_the_stop_is_queued() {
+    let (_d, n, store, a, k, id) = node_on_failing_removals().await;
+    store.slow_forwards_ms.store(1500, Ordering::SeqCst);
+    let g = a.grant.clone().unwrap();
+    let env = Sender::new()
+        .forward_envelope(&basic_message("on a socket"), &k.verkey(), &g.routing_keys)
+        .unwrap();
+    let mut ws = mailroom::client::websocket(&ws_url(&n)).await.unwrap();
+    ws.send_envelope(env, true).await.unwrap();
+    eventually("the forward being stored", || async {
+        (store.forwards_under_way.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    n.stop().unwrap();
+    let q = store.queue_stats(&id, mailroom::protocols::now_ms()).await.unwrap();
+    assert_eq!(q.pending + q.leased, 1, "the forward is queued: {q:?}");
+}

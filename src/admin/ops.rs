@@ -199,6 +199,7 @@ pub async fn drain(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse 
         .send(CloseAll {
             code: 1001,
             reason: "mediator node draining: reconnect".into(),
+            for_good: false,
         })
         .await
         .unwrap_or(0);
@@ -212,10 +213,17 @@ pub async fn drain(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse 
 /// undrain then reopened a node on its way down: sessions bound on it were dropped unclosed).
 pub async fn undrain(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
     guard!(req, st);
+    let stopping = || HttpResponse::Conflict().json(json!({"error": "the node is stopping: it cannot be undrained"}));
     if st.shared.stopping.load(Ordering::SeqCst) {
-        return HttpResponse::Conflict().json(json!({"error": "the node is stopping: it cannot be undrained"}));
+        return stopping();
     }
     st.shared.draining.store(false, Ordering::SeqCst);
+    // The stop sets `stopping` before `draining`: one that began since the check above is
+    // seen here, and its draining kept (its registry close is for good either way).
+    if st.shared.stopping.load(Ordering::SeqCst) {
+        st.shared.draining.store(true, Ordering::SeqCst);
+        return stopping();
+    }
     st.drained_at_ms.store(0, Ordering::SeqCst);
     let _ = st.shared.registry.send(OpenAgain).await;
     let body = drain_json(&st).await;

@@ -110,6 +110,8 @@ pub struct Registry {
     /// registers meanwhile (it checked the drain flag before the drain began, and its
     /// `Register` arrived after the `CloseAll`) is closed as the others were, not kept.
     closed: Option<Close>,
+    /// A stopping node's [`CloseAll`]: no [`OpenAgain`] ends it (an undrain racing the stop).
+    closed_for_good: bool,
 }
 
 impl Registry {
@@ -121,6 +123,7 @@ impl Registry {
             cluster,
             sessions: 0,
             closed: None,
+            closed_for_good: false,
         }
     }
 
@@ -400,6 +403,8 @@ impl Handler<Count> for Registry {
 pub struct CloseAll {
     pub code: u16,
     pub reason: String,
+    /// The node stops: [`OpenAgain`] no longer reopens it.
+    pub for_good: bool,
 }
 
 impl Handler<CloseAll> for Registry {
@@ -409,6 +414,7 @@ impl Handler<CloseAll> for Registry {
             code: m.code,
             reason: m.reason.clone(),
         });
+        self.closed_for_good |= m.for_good;
         let close = Close {
             code: m.code,
             reason: m.reason,
@@ -437,7 +443,9 @@ pub struct OpenAgain;
 impl Handler<OpenAgain> for Registry {
     type Result = ();
     fn handle(&mut self, _: OpenAgain, _: &mut Context<Self>) {
-        self.closed = None;
+        if !self.closed_for_good {
+            self.closed = None;
+        }
     }
 }
 
@@ -577,6 +585,7 @@ mod tests {
         let shutdown = CloseAll {
             code: 1001,
             reason: "shutdown".into(),
+            for_good: true,
         };
         // c2's session (asked once already: its mailbox is past full) and c3's.
         assert_eq!(registry.send(shutdown).await.unwrap(), 2);
@@ -601,6 +610,7 @@ mod tests {
         let drain = CloseAll {
             code: 1001,
             reason: "mediator node draining: reconnect".into(),
+            for_good: false,
         };
         assert_eq!(registry.send(drain).await.unwrap(), 0);
         let (late, go, got) = stalled();
@@ -624,6 +634,24 @@ mod tests {
         );
         assert!(received(&got, "wake").await);
         assert!(!got.lock().unwrap().contains(&"close"));
+    }
+
+    /// The stop's close is for good: an undrain racing it (its `OpenAgain` after the stop's
+    /// `CloseAll`) does not reopen the registry, and a socket opening then is closed.
+    #[actix_rt::test]
+    async fn an_undrain_racing_the_stop_reopens_nothing() {
+        let registry = Registry::new(None).start();
+        let stop = CloseAll {
+            code: 1001,
+            reason: "mediator node shutting down: reconnect".into(),
+            for_good: true,
+        };
+        registry.send(stop).await.unwrap();
+        registry.send(OpenAgain).await.unwrap();
+        let (late, go, got) = stalled();
+        registry.send(Opened { session: 1, to: late }).await.unwrap();
+        go.send(()).unwrap();
+        assert!(received(&got, "close").await, "{:?}", got.lock().unwrap());
     }
 
     #[test]
