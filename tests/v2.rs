@@ -329,6 +329,30 @@ async fn live_delivery_over_http_is_refused_with_pickup_3_0_s_code() {
     assert_eq!(reply["body"]["code"], "e.m.live-mode-not-supported", "{reply}");
 }
 
+/// A message encrypted for others beside the mediator opens here as its sender's, whoever
+/// sends it on: one of the others could replay it to the mediator and act as the sender. So
+/// it must name the mediator in `to`; packed for the mediator alone, it need not.
+#[actix_rt::test]
+async fn a_message_encrypted_for_others_too_must_name_the_mediator() {
+    let (n, _d) = node();
+    let mut a = V2Agent::new(v2_mediator(&n).await).unwrap();
+    a.onboard().await.unwrap();
+    let b = V2Agent::new(a.mediator.clone()).unwrap();
+    let others = did::resolve(&b.did).unwrap().agreement_keys();
+    let mut msg = a.message(
+        "https://didcomm.org/coordinate-mediation/3.0/recipient-query",
+        json!({}),
+    );
+    msg.as_object_mut().unwrap().remove("to");
+    let (code, _) = post_raw(&a.mediator.http, TYP_ENCRYPTED, a.pack_also(&msg, &others).unwrap()).await;
+    assert_eq!(code, 400, "a message for others too, without `to`, is refused");
+    let (code, _) = post_raw(&a.mediator.http, TYP_ENCRYPTED, a.pack(&msg).unwrap()).await;
+    assert_eq!(code, 200, "for the mediator alone it is answered");
+    msg["to"] = json!([a.mediator.did]);
+    let (code, _) = post_raw(&a.mediator.http, TYP_ENCRYPTED, a.pack_also(&msg, &others).unwrap()).await;
+    assert_eq!(code, 200, "naming the mediator, it is answered");
+}
+
 #[actix_rt::test]
 async fn live_delivery_over_websocket_beside_a_v1_wallet() {
     let (n, _d) = node();

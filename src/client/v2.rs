@@ -164,6 +164,19 @@ impl V2Agent {
         Ok(serde_json::to_vec(&jws)?)
     }
 
+    /// Authcrypts a plaintext to the mediator and to `also` (kid, public key) in one envelope:
+    /// what a wallet writes to several parties at once.
+    pub fn pack_also(&self, msg: &Value, also: &[(String, Key)]) -> anyhow::Result<Vec<u8>> {
+        let mut to = self.mediator.keys()?;
+        to.extend_from_slice(also);
+        Ok(jwe::pack(
+            &serde_json::to_vec(msg)?,
+            &to,
+            Some((&self.kid(), &self.agreement)),
+            Dialect::AUTHCRYPT,
+        )?)
+    }
+
     /// Authcrypts a plaintext to the mediator.
     pub fn pack(&self, msg: &Value) -> anyhow::Result<Vec<u8>> {
         let d = if self.veramo_dialect {

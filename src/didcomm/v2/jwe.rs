@@ -129,6 +129,8 @@ pub struct Opened {
     /// `apv` was present, and it names the envelope's recipients (checked): a recipient's
     /// entry cannot be renamed to another recipient's key.
     pub recipients_bound: bool,
+    /// Some recipient is not one of our keys: others can open it too (and send it on).
+    pub for_others: bool,
 }
 
 struct RecipientIn {
@@ -254,6 +256,7 @@ pub fn unpack_value(
     if held.is_empty() {
         return Err(V2Error::UnknownKid);
     }
+    let for_others = held.len() < recipients.len();
 
     // The sender, for authcrypt: skid (or apu) names a key agreement key of the sender's DID.
     let sender = match alg {
@@ -290,7 +293,7 @@ pub fn unpack_value(
             .as_ref()
             .or_else(|| protected.get("epk"))
             .ok_or_else(|| malformed("missing epk"))?;
-        let epk = keys::from_jwk(epk_json)?;
+        let epk = keys::epk_from_jwk(epk_json)?;
         let curve = ours.key().algorithm();
         if epk.algorithm() != curve {
             return Err(V2Error::CurveMismatch(format!(
@@ -348,6 +351,7 @@ pub fn unpack_value(
                     tag_in_kdf: alg == Alg::Ecdh1PuA256Kw && with_tag,
                 },
                 recipients_bound: apv.is_some(),
+                for_others,
             });
         }
     }

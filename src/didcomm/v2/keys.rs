@@ -147,8 +147,9 @@ fn refuse_small_order(key: Key) -> Result<Key, V2Error> {
     if key.algorithm() != KeyAlg::X25519 {
         return Ok(key);
     }
+    static PROBE: std::sync::OnceLock<Option<nacl::Secret>> = std::sync::OnceLock::new();
     let public: Option<[u8; 32]> = key.to_public_bytes().ok().and_then(|p| p.as_ref().try_into().ok());
-    let probe = nacl::Secret::from_bytes(&[0x5a; 32]);
+    let probe = PROBE.get_or_init(|| nacl::Secret::from_bytes(&[0x5a; 32]));
     match (public, probe) {
         (Some(p), Some(probe)) if probe.agree(&p).is_some() => Ok(key),
         _ => Err(V2Error::BadKey("X25519 key of small order".into())),
@@ -202,7 +203,19 @@ pub fn did_key_equivalents(did: &str) -> Vec<String> {
 }
 
 /// A JWK (public, or private with `d`). NIST points are checked on-curve.
+/// A JWE's ephemeral key from its JWK, unchecked for small order: the exchange with it
+/// refuses an all-zero secret ([`Agreement::exchange`]), which spares a multiplication on
+/// every message.
+pub fn epk_from_jwk(jwk: &Value) -> Result<Key, V2Error> {
+    jwk_key(jwk)
+}
+
+/// A peer's public key from its JWK; an X25519 key of small order is refused.
 pub fn from_jwk(jwk: &Value) -> Result<Key, V2Error> {
+    jwk_key(jwk).and_then(refuse_small_order)
+}
+
+fn jwk_key(jwk: &Value) -> Result<Key, V2Error> {
     if !jwk.is_object() {
         return Err(V2Error::BadKey("JWK is not an object".into()));
     }
@@ -210,14 +223,13 @@ pub fn from_jwk(jwk: &Value) -> Result<Key, V2Error> {
     if s.len() > 4 * MAX_KEY_STRING {
         return Err(V2Error::BadKey("JWK too long".into()));
     }
-    let key = Arc::<AnyKey>::from_jwk(&s).map_err(|e| {
+    Arc::<AnyKey>::from_jwk(&s).map_err(|e| {
         V2Error::BadKey(format!(
             "JWK {} {}: {e}",
             jwk["kty"].as_str().unwrap_or("?"),
             jwk["crv"].as_str().unwrap_or("?")
         ))
-    })?;
-    refuse_small_order(key)
+    })
 }
 
 /// The public JWK of a key, as a JSON object.
@@ -238,8 +250,10 @@ pub fn from_secret_bytes(alg: KeyAlg, secret: &[u8]) -> Result<Key, V2Error> {
 
 /// The X25519 key of an Ed25519 one (did:key's keyAgreement).
 pub fn ed25519_to_x25519(key: &Key) -> Result<Key, V2Error> {
-    key.convert_key(KeyAlg::X25519)
-        .map_err(|e| V2Error::BadKey(e.to_string()))
+    let x = key
+        .convert_key(KeyAlg::X25519)
+        .map_err(|e| V2Error::BadKey(e.to_string()))?;
+    refuse_small_order(x)
 }
 
 /// The JOSE curve name of a key agreement key.

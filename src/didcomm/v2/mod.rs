@@ -75,6 +75,8 @@ pub struct Unpacked {
     pub dialect: Option<jwe::Dialect>,
     /// The outermost JWE's `apv` named its recipients ([`jwe::Opened::recipients_bound`]).
     pub recipients_bound: bool,
+    /// The outermost JWE was for others too ([`jwe::Opened::for_others`]).
+    pub for_others: bool,
 }
 
 impl Unpacked {
@@ -152,6 +154,7 @@ pub fn unpack(
             signer_kid: None,
             dialect: Some(opened.dialect),
             recipients_bound: opened.recipients_bound,
+            for_others: opened.for_others,
         };
         // Sign-then-encrypt: the JWE may carry a JWS.
         if let Ok(inner) = serde_json::from_slice::<serde_json::Value>(&out.plaintext) {
@@ -172,6 +175,7 @@ pub fn unpack(
             signer_kid: Some(kid),
             dialect: None,
             recipients_bound: false,
+            for_others: false,
         });
     }
     if v.get("type").and_then(|t| t.as_str()).is_some() {
@@ -182,6 +186,7 @@ pub fn unpack(
             signer_kid: None,
             dialect: None,
             recipients_bound: false,
+            for_others: false,
         });
     }
     Err(V2Error::NotV2("neither JWE, JWS nor a plaintext message".into()))

@@ -381,7 +381,7 @@ fn bad_inputs_are_refused_with_clear_errors() {
     // which anyone could compute) is refused before any key is unwrapped (RFC 8037 section 3.2).
     let zero_epk = with_protected(&env, |p| p["epk"]["x"] = json!(crate::didcomm::b64::encode(&[0u8; 32])));
     let e = open(&zero_epk, &ours).unwrap_err();
-    assert!(matches!(e, V2Error::BadKey(ref m) if m.contains("small order")), "{e}");
+    assert!(matches!(e, V2Error::Crypto(ref m) if m.contains("small order")), "{e}");
 
     // Unknown kid.
     let none = HashMap::new();

@@ -191,7 +191,9 @@ pub async fn handle(
     }
     let sender = unpacked.authenticated_did().map(str::to_string);
     let signed_only = unpacked.sender_kid.is_none() && unpacked.signer_kid.is_some();
-    let refused = refused_before_handling(m, &msg, sender.as_deref(), signed_only).or_else(|| {
+    // A message others can open too may be sent on by them: it must say it is for us.
+    let must_name_us = signed_only || (unpacked.for_others && !acts_on_no_connection(&msg));
+    let refused = refused_before_handling(m, &msg, sender.as_deref(), signed_only, must_name_us).or_else(|| {
         (unbound && sender.is_none() && !acts_on_no_connection(&msg))
             .then(|| HandleError::BadMessage(UNBOUND_AUTHCRYPT.into()))
     });
@@ -264,6 +266,9 @@ fn acts_on_no_connection(msg: &Value) -> bool {
 ///   who wrote a message, not for whom, so a wallet could otherwise send on a message another
 ///   wallet signed for it (a ping, say) and act as that wallet here: bind a socket to its
 ///   connection and take its queue.
+/// - So must a message encrypted for others beside this mediator (`must_name_us`, unless it
+///   acts on no connection): any of them could send it on here unchanged, and it would open
+///   as the sender's.
 /// - A signer must have a key agreement key: every handled message is answered, and a reply
 ///   that cannot be packed would be a 500 after the handler acted.
 fn refused_before_handling(
@@ -271,6 +276,7 @@ fn refused_before_handling(
     msg: &Value,
     sender: Option<&str>,
     signed_only: bool,
+    must_name_us: bool,
 ) -> Option<HandleError> {
     if let (Some(from), Some(s)) = (msg["from"].as_str(), sender) {
         if did::did_of(from) != s {
@@ -289,6 +295,10 @@ fn refused_before_handling(
     } else if signed_only {
         return Some(HandleError::BadMessage(
             "a message proven only by its signature must name this mediator in `to`".into(),
+        ));
+    } else if must_name_us {
+        return Some(HandleError::BadMessage(
+            "a message encrypted for others too must name this mediator in `to`".into(),
         ));
     }
     if signed_only {
