@@ -145,6 +145,36 @@ async fn bad_urls_and_arguments_exit_64() {
     }
 }
 
+/// An invitation endpoint nobody answers, or one answering 5xx: the mediator is down or failing,
+/// which the report says (`FAIL invitation`, exit 1). 64 is kept for a probe misused (a bad
+/// URL, arguments): scripts/probe-peers.sh stops on it as "the probe broke".
+#[actix_rt::test]
+async fn an_invitation_endpoint_that_is_down_or_failing_is_a_fail_not_a_usage_error() {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let failing = format!("http://{}/invitation", listener.local_addr().unwrap());
+    let server = HttpServer::new(|| {
+        App::new().default_service(web::to(|| async {
+            HttpResponse::ServiceUnavailable().body("<html>down</html>")
+        }))
+    })
+    .listen(listener)
+    .unwrap()
+    .workers(1)
+    .run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    // Nothing listens on the discard port.
+    for url in ["http://127.0.0.1:9/invitation", failing.as_str()] {
+        let out = probe(&[url, "--timeout-secs", "5"]).await;
+        let stdout = shown(&out);
+        assert_eq!(verdict(&stdout, "invitation"), Some("FAIL"), "{url}");
+        assert_eq!(stdout.lines().last(), Some("0 passed, 1 failed, 0 skipped"), "{url}");
+        assert_eq!(out.status.code(), Some(1), "{url}");
+    }
+    handle.stop(true).await;
+}
+
 /// A store whose pickup 2.0 acknowledgement (`ack_leased`, what messages-received calls)
 /// answers as if it deleted the messages and deletes nothing. Every other call, implicit and
 /// pickup 1.0 removals (`ack`) among them, goes to the real store.
