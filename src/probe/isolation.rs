@@ -14,8 +14,9 @@ use tokio::time::Instant;
 
 /// How long B keeps watching after A has its message.
 const WATCH: Duration = Duration::from_millis(1500);
-/// One turn of listening, alternating between A and B so both sockets stay read (a mediator
-/// that pings closes a socket whose pongs do not come: ACA-Py after 1.5 s).
+/// One turn of listening (a delivery-request, then the socket), alternating between A and B.
+/// Their sockets' pings are answered by the sockets' own tasks whatever the turn
+/// ([`Socket`]), also while B onboards or the forward is posted.
 const SLICE: Duration = Duration::from_millis(100);
 
 /// A listens until `a_done` holds or `within` passes, B all along and `WATCH` longer.

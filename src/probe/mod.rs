@@ -19,6 +19,8 @@ mod onboarding;
 mod pickup;
 mod target;
 pub(crate) mod wallet;
+#[cfg(test)]
+mod ws_stub;
 
 pub use target::{Target, TargetError};
 
