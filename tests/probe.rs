@@ -264,6 +264,77 @@ async fn acks_that_remove_nothing_fail_the_ack_checks() {
     n.stop().unwrap();
 }
 
+/// A store from which nothing can be leased (pickup hands nothing out, no session pushes):
+/// a mediator that takes messages and lets no one have them.
+struct NothingLeases {
+    inner: Arc<dyn Store>,
+}
+
+#[async_trait::async_trait]
+impl Store for NothingLeases {
+    async fn lease(&self, _: &str, _: usize, _: &str, _: i64, _: i64) -> StoreResult<Vec<QueuedMessage>> {
+        Ok(Vec::new())
+    }
+    async fn lease_for_key(
+        &self,
+        _: &str,
+        _: &str,
+        _: usize,
+        _: &str,
+        _: i64,
+        _: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        Ok(Vec::new())
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, ack_leased,
+        release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued,
+        connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
+        pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
+        forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        drop_queue, top_queues,
+    );
+}
+
+/// RFC 0685: what arrives while live mode is off MUST be queued (Credo's mediator does that, and
+/// pushes to a return-route socket only under DirectDelivery); RFC 0092's return route lets a
+/// mediator push or not. So a mediator that queues instead of pushing on the implicit socket is
+/// SKIP "not offered", not FAIL, when the message can be picked up; FAIL when it cannot.
+#[actix_rt::test]
+async fn a_mediator_that_queues_for_pickup_instead_of_pushing_skips_implicit_ws() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueOnly));
+    let url = format!("{}/invitation", n.public_url());
+    let out = probe(&[&url, "--only", "implicit-ws", "--timeout-secs", "5"]).await;
+    let stdout = shown(&out);
+    assert_eq!(verdict(&stdout, "implicit-ws"), Some("SKIP"));
+    assert!(
+        stdout.contains("SKIP implicit-ws: not offered (queues for pickup)"),
+        "{stdout}"
+    );
+    // A SKIP fails no run: onboarding passed, nothing failed.
+    assert!(stdout
+        .lines()
+        .last()
+        .is_some_and(|l| l.ends_with(" 0 failed, 1 skipped")));
+    assert_eq!(out.status.code(), Some(0));
+    n.stop().unwrap();
+
+    // Neither pushed nor handed out by any pickup: the mediator loses the wallet's mail.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(dir.path(), Strategy::QueueOnly);
+    let store = mailroom::store::open_sled(&cfg.store.path).await.expect("sled opens");
+    let n = start_on(&cfg, Arc::new(NothingLeases { inner: store }));
+    let url = format!("{}/invitation", n.public_url());
+    let out = probe(&[&url, "--only", "implicit-ws", "--timeout-secs", "5"]).await;
+    let stdout = shown(&out);
+    assert_eq!(verdict(&stdout, "implicit-ws"), Some("FAIL"));
+    assert_eq!(out.status.code(), Some(1));
+    n.stop().unwrap();
+}
+
 /// Once a handshake worked, a wallet that cannot onboard (here: its keylist add fails) is the
 /// mediator failing: every check it blocks FAILs, and the run exits 1, also when `--only`
 /// leaves none of the onboarding checks in it.

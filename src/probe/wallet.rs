@@ -444,6 +444,21 @@ impl Wallet {
         self.open_ids(&r)
     }
 
+    /// pickup 1.0 batch-pickup: the messages of the `batch` that answers it (any other answer
+    /// is [`Declined`]).
+    pub async fn batch_pickup(&self, size: u64) -> anyhow::Result<Vec<Incoming>> {
+        let r = self
+            .ask(
+                &routed("messagepickup/1.0", "batch-pickup", json!({ "batch_size": size })),
+                "batch-pickup",
+            )
+            .await?;
+        if !is_type(&r, "messagepickup", "batch") {
+            return Err(declined_err(format!("batch-pickup answered with {}", show(&r))));
+        }
+        self.open(&r)
+    }
+
     /// pickup 2.0 messages-received -> the `message_count` of the status that answers it.
     /// RFC 0685 says the mediator SHOULD (not must) answer with a status: when it answers
     /// nothing, a status-request learns the count.
