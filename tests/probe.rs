@@ -264,6 +264,83 @@ async fn acks_that_remove_nothing_fail_the_ack_checks() {
     n.stop().unwrap();
 }
 
+/// A store whose pickup filter by recipient key (RFC 0685's `recipient_key`: `lease_for_key`,
+/// and `pending_stats` with a key) forgets the connection asking: it serves the queue of
+/// whichever connection holds the key. Each behaviour can be broken alone.
+struct FilterIgnoresConn {
+    inner: Arc<dyn Store>,
+    leases: bool,
+    counts: bool,
+}
+
+impl FilterIgnoresConn {
+    /// The connection holding `key`, else `conn` (what a query on the key alone reads).
+    async fn holder(&self, conn: &str, key: &str) -> StoreResult<String> {
+        Ok(self.inner.route(key).await?.unwrap_or_else(|| conn.to_string()))
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for FilterIgnoresConn {
+    async fn lease_for_key(
+        &self,
+        conn: &str,
+        key: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        let conn = if self.leases {
+            self.holder(conn, key).await?
+        } else {
+            conn.to_string()
+        };
+        self.inner.lease_for_key(&conn, key, max, owner, now_ms, until_ms).await
+    }
+    async fn pending_stats(&self, conn: &str, key: Option<&str>, now_ms: i64) -> StoreResult<PendingStats> {
+        let conn = match key {
+            Some(k) if self.counts => self.holder(conn, k).await?,
+            _ => conn.to_string(),
+        };
+        self.inner.pending_stats(&conn, key, now_ms).await
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease,
+        ack_leased, release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats,
+        total_queued, connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log,
+        begin_run, end_run, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
+        forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        drop_queue, top_queues,
+    );
+}
+
+/// B asking with `recipient_key` set to A's key, while A's message waits, must see nothing: a
+/// filter that forgets the connection hands B A's queue (its count, or its messages).
+#[actix_rt::test]
+async fn a_recipient_key_filter_that_forgets_the_connection_fails_isolation_read() {
+    for (leases, counts) in [(true, false), (false, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node_on(dir.path(), |inner| {
+            Arc::new(FilterIgnoresConn { inner, leases, counts })
+        })
+        .await;
+        let url = format!("{}/invitation", n.public_url());
+        let out = probe(&[&url, "--only", "isolation-read"]).await;
+        let stdout = shown(&out);
+        assert_eq!(
+            verdict(&stdout, "isolation-read"),
+            Some("FAIL"),
+            "leases {leases}, counts {counts}"
+        );
+        assert!(stdout.contains("recipient_key set to A's key"), "{stdout}");
+        assert_eq!(out.status.code(), Some(1));
+        n.stop().unwrap();
+    }
+}
+
 /// A store from which nothing can be leased (pickup hands nothing out, no session pushes):
 /// a mediator that takes messages and lets no one have them.
 struct NothingLeases {

@@ -3,12 +3,19 @@
 //! refused or at least leaves A's messages with A (the line says which).
 //!
 //! A receives through pickup 2.0 when the mediator speaks it, else on an implicit
-//! (return-route) socket; B watches every way it could receive: pickup 2.0 and a socket.
+//! (return-route) socket. B looks every way it could get A's mail: while A's message waits,
+//! status and delivery requests with and without RFC 0685's `recipient_key` set to A's key, and
+//! pickup 1.0 batch-pickup (isolation-read); while a forward to A is delivered, pickup 2.0 and
+//! a socket, in live mode where the mediator has it (isolation-forward).
 
 use super::pickup::not_advertised;
 use super::target::Target;
-use super::wallet::{contents, keylist_update, nonce, poll, trust_ping, update_result, Incoming, Socket, Wallet};
+use super::wallet::{
+    contents, declined, keylist_update, nonce, poll, routed, trust_ping, update_result, Incoming, Socket, SocketClosed,
+    Wallet,
+};
 use super::{fail, fresh_wallet, is_blocked, pass, pass_note, skip, Options, Runner, Verdict};
+use serde_json::json;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -52,6 +59,8 @@ fn a_closed(a: &Receiver) -> String {
 struct Ways {
     pickup: bool,
     socket: bool,
+    /// Its socket asks for pickup 2.0 live mode (else it is an implicit, return-route one).
+    live: bool,
 }
 
 /// A wallet and what it listens on.
@@ -61,6 +70,8 @@ struct Receiver {
     pickup: bool,
     /// Why the socket stopped (the mediator closed it).
     closed: Option<String>,
+    /// What is worth saying about how it listens (live mode refused).
+    note: Option<String>,
 }
 
 impl Receiver {
@@ -74,12 +85,36 @@ impl Receiver {
             }
             _ => None,
         };
-        Ok(Receiver {
+        let mut r = Receiver {
             w,
             sock,
             pickup: ways.pickup,
             closed: None,
-        })
+            note: None,
+        };
+        if ways.live {
+            r.live_mode().await;
+        }
+        Ok(r)
+    }
+
+    /// Turns pickup 2.0 live mode on for the socket, so the mediator's live delivery path is
+    /// watched too (a leak there is as bad as one by pickup). A mediator that refuses leaves
+    /// the socket watching as an implicit one; the check's note says so.
+    async fn live_mode(&mut self) {
+        let Some(s) = &mut self.sock else { return };
+        let change = routed(
+            "messagepickup/2.0",
+            "live-delivery-change",
+            json!({ "live_delivery": true }),
+        );
+        if let Err(e) = s.request(&self.w, &change, "messagepickup", "status").await {
+            if e.downcast_ref::<SocketClosed>().is_some() {
+                self.closed = Some(format!("{e:#}"));
+                self.sock = None;
+            }
+            self.note = Some(format!("live mode refused on B's socket ({e:#})"));
+        }
     }
 
     /// One round of listening: a delivery-request (when this wallet picks up), then the
@@ -126,10 +161,17 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
     let a_ways = Ways {
         pickup,
         socket: !pickup && implicit,
+        live: false,
     };
     let b_ways = Ways {
         pickup,
         socket: t.ws.is_some(),
+        live: false,
+    };
+    // isolation-forward's B also watches live delivery, where the mediator has it.
+    let b_live = Ways {
+        live: pickup && passed(r, "live-mode-ws") != Some(false),
+        ..b_ways
     };
     let no_way = "no way to receive: neither pickup 2.0 nor implicit delivery on a socket worked";
 
@@ -153,23 +195,10 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
                 if queued.is_none() {
                     return fail("A's message_count stayed 0 after a forward to A");
                 }
-                let b_count = b.status().await?;
-                let b_got = b.delivery_request(10).await?;
-                let (_, foreign) = contents(&b_got);
-                if foreign.contains(&a.key.verkey()) {
-                    return fail("B's delivery-request was handed A's message");
-                }
-                if !foreign.is_empty() {
-                    return fail(format!(
-                        "B's delivery-request was handed {} message(s) for other keys",
-                        foreign.len()
-                    ));
-                }
-                if b_count != 0 {
-                    return fail(format!(
-                        "B's status shows message_count {b_count} while only A has mail"
-                    ));
-                }
+                let not_tried = match b_reads_nothing(t, &b, &a.key.verkey()).await? {
+                    Ok(n) => n,
+                    Err(why) => return fail(why),
+                };
                 let a_got = a.open_ids(&delivery_of(&a).await?)?;
                 let ids: Vec<String> = a_got
                     .iter()
@@ -180,7 +209,11 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
                     return fail("A's own delivery-request did not return A's message");
                 }
                 pair = Some((a, b, ids, content));
-                pass()
+                if not_tried.is_empty() {
+                    pass()
+                } else {
+                    pass_note(format!("B could not ask by {}", not_tried.join("; ")))
+                }
             })
             .await;
         let redelivers = passed(r, "redelivery");
@@ -247,7 +280,7 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
             return skip(no_way);
         }
         let mut a = Receiver::open(t, a_ways).await?;
-        let mut b = Receiver::open(t, b_ways).await?;
+        let mut b = Receiver::open(t, b_live).await?;
         let content = nonce("isolation-forward");
         a.w.forward(&content).await?;
         let (a_got, b_got) = watch(&mut a, &mut b, t.timeout, |g| contents(g).0.contains(&content)).await?;
@@ -264,7 +297,10 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
                 a_closed(&a)
             ));
         }
-        pass()
+        match b.note {
+            Some(n) => pass_note(n),
+            None => pass(),
+        }
     })
     .await;
 
@@ -306,6 +342,77 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
         }
     })
     .await;
+}
+
+/// While A's message is pending, B asks for mail every way pickup lets a wallet ask: a
+/// status-request and a delivery-request, both also with RFC 0685's `recipient_key` set to A's
+/// key (a filter that forgets the connection hands B A's queue), and pickup 1.0 batch-pickup.
+/// Each must show B nothing: `Ok` with the ways the mediator declined (a filter or a protocol
+/// it does not speak is no leak), `Err` with the reason to FAIL.
+async fn b_reads_nothing(t: &Target, b: &Wallet, a_key: &str) -> anyhow::Result<Result<Vec<String>, String>> {
+    let mut not_tried = Vec::new();
+    let filter = "recipient_key set to A's key";
+    for key in [None, Some(a_key)] {
+        let what = |m: &str| match key {
+            Some(_) => format!("B's {m} with {filter}"),
+            None => format!("B's {m}"),
+        };
+        match may_decline(key.is_some(), b.status_for(key).await)? {
+            Some(0) => {}
+            Some(n) => {
+                return Ok(Err(format!(
+                    "{} counted {n} message(s) while only A has mail",
+                    what("status-request")
+                )))
+            }
+            None => not_tried.push(format!("status-request with {filter} (declined)")),
+        }
+        match may_decline(key.is_some(), b.delivery_request_for(10, key).await)? {
+            Some(got) => {
+                let got: Vec<Incoming> = got.into_iter().map(|(_, m)| m).collect();
+                if let Some(why) = foreign(&got, a_key, &what("delivery-request")) {
+                    return Ok(Err(why));
+                }
+            }
+            None => not_tried.push(format!("delivery-request with {filter} (declined)")),
+        }
+    }
+    if let Some(why) = not_advertised(t, "messagepickup", 1) {
+        not_tried.push(format!("batch-pickup ({why})"));
+    } else {
+        match may_decline(true, b.batch_pickup(10).await)? {
+            Some(got) => {
+                if let Some(why) = foreign(&got, a_key, "B's batch-pickup") {
+                    return Ok(Err(why));
+                }
+            }
+            None => not_tried.push("batch-pickup (declined)".into()),
+        }
+    }
+    Ok(Ok(not_tried))
+}
+
+/// `Ok(None)` for an answer that declines ([`declined`]) what is `optional`; every other error
+/// stays one. Pickup 2.0 works when isolation-read runs: only the `recipient_key` filter and
+/// pickup 1.0 are optional.
+fn may_decline<T>(optional: bool, r: anyhow::Result<T>) -> anyhow::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if optional && declined(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Why `got`, handed to B by `what`, is a breach: A's message, or anyone else's.
+fn foreign(got: &[Incoming], a_key: &str, what: &str) -> Option<String> {
+    let others = contents(got).1;
+    if others.iter().any(|k| k == a_key) {
+        Some(format!("{what} was handed A's message"))
+    } else if !others.is_empty() {
+        Some(format!("{what} was handed {} message(s) for other keys", others.len()))
+    } else {
+        None
+    }
 }
 
 /// A delivery-request's reply as a raw message (for its attachment ids).

@@ -406,9 +406,19 @@ impl Wallet {
 
     /// pickup 2.0 status-request -> `message_count`.
     pub async fn status(&self) -> anyhow::Result<u64> {
+        self.status_for(None).await
+    }
+
+    /// As [`Wallet::status`], with RFC 0685's `recipient_key` filter when given (base58: the
+    /// form of `forward.to`, and what Credo turns into its queue's did:key).
+    pub async fn status_for(&self, recipient_key: Option<&str>) -> anyhow::Result<u64> {
         let r = self
             .ask(
-                &routed("messagepickup/2.0", "status-request", json!({})),
+                &routed(
+                    "messagepickup/2.0",
+                    "status-request",
+                    with_key(json!({}), recipient_key),
+                ),
                 "status-request",
             )
             .await?;
@@ -429,9 +439,19 @@ impl Wallet {
     /// As [`Wallet::delivery_request`], each message with its attachment id (what
     /// messages-received lists).
     pub async fn delivery_request_ids(&self, limit: u64) -> anyhow::Result<Vec<(String, Incoming)>> {
+        self.delivery_request_for(limit, None).await
+    }
+
+    /// As [`Wallet::delivery_request_ids`], with the `recipient_key` filter when given.
+    pub async fn delivery_request_for(
+        &self,
+        limit: u64,
+        recipient_key: Option<&str>,
+    ) -> anyhow::Result<Vec<(String, Incoming)>> {
+        let body = with_key(json!({ "limit": limit }), recipient_key);
         let r = self
             .ask(
-                &routed("messagepickup/2.0", "delivery-request", json!({ "limit": limit })),
+                &routed("messagepickup/2.0", "delivery-request", body),
                 "delivery-request",
             )
             .await?;
@@ -514,6 +534,14 @@ impl Wallet {
     pub async fn socket(&self, url: &str) -> anyhow::Result<Socket> {
         Socket::open(url).await
     }
+}
+
+/// `body` with `recipient_key` set, when there is one.
+fn with_key(mut body: Value, recipient_key: Option<&str>) -> Value {
+    if let Some(k) = recipient_key {
+        body["recipient_key"] = json!(k);
+    }
+    body
 }
 
 pub fn status_count(r: &Value) -> anyhow::Result<u64> {
