@@ -341,6 +341,128 @@ async fn a_recipient_key_filter_that_forgets_the_connection_fails_isolation_read
     }
 }
 
+/// A store that leaks late: each forward is queued for its own connection and, as a copy, for
+/// the last connection that registered a key (B, in isolation-forward and key-takeover), where
+/// no lease finds it (the sweep's or another node's delivery that has not come yet). Only B's
+/// status can see it.
+struct LateLeakToB {
+    inner: Arc<dyn Store>,
+    last_adder: std::sync::Mutex<Option<String>>,
+    /// Connections holding a copy: their leases come back empty.
+    unleased: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl LateLeakToB {
+    fn hides(&self, conn: &str) -> bool {
+        self.unleased.lock().unwrap().contains(conn)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for LateLeakToB {
+    async fn update_keys(
+        &self,
+        conn: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> StoreResult<Vec<(String, KeyUpdate)>> {
+        if !add.is_empty() {
+            *self.last_adder.lock().unwrap() = Some(conn.to_string());
+        }
+        self.inner.update_keys(conn, add, remove).await
+    }
+    async fn enqueue_routed(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        let last = self.last_adder.lock().unwrap().clone();
+        let copies: Vec<NewMessage> = match last {
+            Some(b) => msgs
+                .iter()
+                .filter(|m| m.connection != b)
+                .map(|m| NewMessage {
+                    connection: b.clone(),
+                    dedup_key: None,
+                    lease: None,
+                    ..m.clone()
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let queued = self.inner.enqueue_routed(msgs, limits).await?;
+        for c in &copies {
+            self.unleased.lock().unwrap().insert(c.connection.clone());
+        }
+        if !copies.is_empty() {
+            self.inner.enqueue(copies, &EnqueueLimits::UNLIMITED).await?;
+        }
+        Ok(queued)
+    }
+    async fn lease(
+        &self,
+        conn: &str,
+        max: usize,
+        owner: &str,
+        now: i64,
+        until: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        if self.hides(conn) {
+            return Ok(Vec::new());
+        }
+        self.inner.lease(conn, max, owner, now, until).await
+    }
+    async fn lease_for_key(
+        &self,
+        conn: &str,
+        key: &str,
+        max: usize,
+        owner: &str,
+        now: i64,
+        until: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        if self.hides(conn) {
+            return Ok(Vec::new());
+        }
+        self.inner.lease_for_key(conn, key, max, owner, now, until).await
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, keys_of, route, route_long_forms, enqueue, ack_leased,
+        release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued,
+        connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
+        pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
+        forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        drop_queue, top_queues,
+    );
+}
+
+/// isolation-forward and key-takeover watch B for a fixed window; a leak delivered after it
+/// (by the sweep, from another node) would pass unseen. B's status-request at the end of the
+/// watch still sees it waiting in B's queue.
+#[actix_rt::test]
+async fn a_leak_still_waiting_in_b_s_queue_after_the_watch_fails_isolation_forward_and_key_takeover() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node_on(dir.path(), |inner| {
+        Arc::new(LateLeakToB {
+            inner,
+            last_adder: Default::default(),
+            unleased: Default::default(),
+        })
+    })
+    .await;
+    let url = format!("{}/invitation", n.public_url());
+    let out = probe(&[&url, "--only", "isolation-forward,key-takeover"]).await;
+    let stdout = shown(&out);
+    for check in ["isolation-forward", "key-takeover"] {
+        assert_eq!(verdict(&stdout, check), Some("FAIL"), "{check}");
+    }
+    assert!(stdout.contains("once the watch was over"), "{stdout}");
+    assert_eq!(out.status.code(), Some(1));
+    n.stop().unwrap();
+}
+
 /// A store from which nothing can be leased (pickup hands nothing out, no session pushes):
 /// a mediator that takes messages and lets no one have them.
 struct NothingLeases {

@@ -515,15 +515,21 @@ impl WsReader {
         sent.await.map_err(|_| anyhow!("ws send: the socket is closed"))?
     }
 
-    /// The next text/binary frame or the close, by `deadline` (None when it passes). An `Err`
-    /// is a frame that cannot be read as WebSocket (a protocol error), which is not a close.
+    /// The next text/binary frame or the close, by `deadline` (None when it passes; one that
+    /// already arrived is returned even past it). An `Err` is a frame that cannot be read as
+    /// WebSocket (a protocol error), which is not a close.
     pub async fn next(&mut self, deadline: tokio::time::Instant) -> anyhow::Result<Option<WsEvent>> {
         if self.ended {
             return Ok(Some(WsEvent::Closed(None)));
         }
-        let item = match tokio::time::timeout_at(deadline, self.events.recv()).await {
-            Err(_) => return Ok(None),
-            Ok(item) => item,
+        use tokio::sync::mpsc::error::TryRecvError;
+        let item = match self.events.try_recv() {
+            Ok(item) => Some(item),
+            Err(TryRecvError::Disconnected) => None,
+            Err(TryRecvError::Empty) => match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Err(_) => return Ok(None),
+                Ok(item) => item,
+            },
         };
         match item {
             Some(Ok(e @ WsEvent::Envelope(_))) => Ok(Some(e)),

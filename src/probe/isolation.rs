@@ -26,13 +26,24 @@ const WATCH: Duration = Duration::from_millis(1500);
 /// ([`Socket`]), also while B onboards or the forward is posted.
 const SLICE: Duration = Duration::from_millis(100);
 
-/// A listens until `a_done` holds or `within` passes, B all along and `WATCH` longer.
+/// What A and B got while watched.
+struct Watched {
+    a_got: Vec<Incoming>,
+    b_got: Vec<Incoming>,
+    /// B's pickup 2.0 `message_count` after the window (0 when B does not pick up). B has no
+    /// mail of its own: anything counted is someone else's.
+    b_left: u64,
+}
+
+/// A listens until `a_done` holds or `within` passes, B all along and `WATCH` longer; then B
+/// asks once more by pickup (status-request, then delivery-request). A leak delivered after
+/// the window (by a sweep, from another node) is then still seen while it waits in B's queue.
 async fn watch(
     a: &mut Receiver,
     b: &mut Receiver,
     within: Duration,
     a_done: impl Fn(&[Incoming]) -> bool,
-) -> anyhow::Result<(Vec<Incoming>, Vec<Incoming>)> {
+) -> anyhow::Result<Watched> {
     let (mut a_got, mut b_got) = (Vec::new(), Vec::new());
     let deadline = Instant::now() + within;
     while !a_done(&a_got) && Instant::now() < deadline {
@@ -43,7 +54,11 @@ async fn watch(
     while Instant::now() < watch_end {
         b.step(SLICE, &mut b_got).await?;
     }
-    Ok((a_got, b_got))
+    // The count first: a delivery-request leases what it hands out, and leased messages are
+    // not counted (RFC 0685's count is of messages waiting).
+    let b_left = if b.pickup { b.w.status().await? } else { 0 };
+    b.step(Duration::ZERO, &mut b_got).await?;
+    Ok(Watched { a_got, b_got, b_left })
 }
 
 /// Why A did not get its message, when its socket was closed on it.
@@ -72,10 +87,12 @@ struct Receiver {
     closed: Option<String>,
     /// What is worth saying about how it listens (live mode refused).
     note: Option<String>,
+    /// "A" or "B", for reasons.
+    who: &'static str,
 }
 
 impl Receiver {
-    async fn open(t: &Target, ways: Ways) -> anyhow::Result<Receiver> {
+    async fn open(t: &Target, who: &'static str, ways: Ways) -> anyhow::Result<Receiver> {
         let w = fresh_wallet(t).await?;
         let sock = match (&t.ws, ways.socket) {
             (Some(ws), true) => {
@@ -91,6 +108,7 @@ impl Receiver {
             pickup: ways.pickup,
             closed: None,
             note: None,
+            who,
         };
         if ways.live {
             r.live_mode().await;
@@ -113,13 +131,14 @@ impl Receiver {
                 self.closed = Some(format!("{e:#}"));
                 self.sock = None;
             }
-            self.note = Some(format!("live mode refused on B's socket ({e:#})"));
+            self.note = Some(format!("live mode refused on {}'s socket ({e:#})", self.who));
         }
     }
 
     /// One round of listening: a delivery-request (when this wallet picks up), then the
     /// socket for up to `slice`. A socket the mediator closes stops being read (the line
-    /// of the check says so only if it mattered).
+    /// of the check says so only if it mattered). A frame that cannot be read is an error:
+    /// it may be A's message, or B's leak, in a shape the probe cannot see into.
     async fn step(&mut self, slice: Duration, got: &mut Vec<Incoming>) -> anyhow::Result<()> {
         if self.pickup {
             got.extend(self.w.delivery_request(10).await?);
@@ -128,10 +147,11 @@ impl Receiver {
         match &mut self.sock {
             Some(s) => match s.read_until(&self.w, until, |_| false).await {
                 Ok((more, _)) => got.extend(more),
-                Err(e) => {
+                Err(e) if e.downcast_ref::<SocketClosed>().is_some() => {
                     self.closed = Some(format!("{e:#}"));
                     self.sock = None;
                 }
+                Err(e) => return Err(e.context(format!("{}'s socket", self.who))),
             },
             None => tokio::time::sleep_until(until).await,
         }
@@ -279,18 +299,24 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
         if !a_ways.pickup && !a_ways.socket {
             return skip(no_way);
         }
-        let mut a = Receiver::open(t, a_ways).await?;
-        let mut b = Receiver::open(t, b_live).await?;
+        let mut a = Receiver::open(t, "A", a_ways).await?;
+        let mut b = Receiver::open(t, "B", b_live).await?;
         let content = nonce("isolation-forward");
         a.w.forward(&content).await?;
-        let (a_got, b_got) = watch(&mut a, &mut b, t.timeout, |g| contents(g).0.contains(&content)).await?;
+        let seen = watch(&mut a, &mut b, t.timeout, |g| contents(g).0.contains(&content)).await?;
         let a_key = a.w.key.verkey();
         a.close().await;
         b.close().await;
-        if contents(&b_got).1.contains(&a_key) {
+        if contents(&seen.b_got).1.contains(&a_key) {
             return fail("a forward to A reached B");
         }
-        if !contents(&a_got).0.contains(&content) {
+        if seen.b_left > 0 {
+            return fail(format!(
+                "after a forward to A, B's status-request counted {} message(s) once the watch was over (B has no mail of its own)",
+                seen.b_left
+            ));
+        }
+        if !contents(&seen.a_got).0.contains(&content) {
             return fail(format!(
                 "a forward to A did not reach A within {:?}{}",
                 t.timeout,
@@ -308,8 +334,8 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
         if !a_ways.pickup && !a_ways.socket {
             return skip(no_way);
         }
-        let mut a = Receiver::open(t, a_ways).await?;
-        let mut b = Receiver::open(t, b_ways).await?;
+        let mut a = Receiver::open(t, "A", a_ways).await?;
+        let mut b = Receiver::open(t, "B", b_ways).await?;
         let a_key = a.w.key.clone();
         let answer = match keylist_update(&b.w.agent, &[a_key.did_key()], &[]).await {
             Ok(updated) => {
@@ -320,15 +346,21 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
         let accepted = answer == "success";
         let content = nonce("takeover");
         a.w.forward_to(&a_key.verkey(), &content).await?;
-        let (a_got, b_got) = watch(&mut a, &mut b, t.timeout, |g| contents(g).0.contains(&content)).await?;
+        let seen = watch(&mut a, &mut b, t.timeout, |g| contents(g).0.contains(&content)).await?;
         a.close().await;
         b.close().await;
-        if contents(&b_got).1.contains(&a_key.verkey()) {
+        if contents(&seen.b_got).1.contains(&a_key.verkey()) {
             return fail(format!(
                 "B registered A's key (keylist-update result {answer:?}) and a forward to it reached B"
             ));
         }
-        if !contents(&a_got).0.contains(&content) {
+        if seen.b_left > 0 {
+            return fail(format!(
+                "after B's keylist-update adding A's key (result {answer:?}) and a forward to that key, B's status-request counted {} message(s) once the watch was over (B has no mail of its own)",
+                seen.b_left
+            ));
+        }
+        if !contents(&seen.a_got).0.contains(&content) {
             return fail(format!(
                 "after B's keylist-update adding A's key (result {answer:?}) a forward to that key reached neither A (waited {:?}) nor B: another wallet can cut A off{}",
                 t.timeout,
@@ -426,4 +458,64 @@ async fn delivery_of(w: &Wallet) -> anyhow::Result<serde_json::Value> {
         "delivery-request",
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::wallet::offline_wallet;
+    use crate::probe::ws_stub::{self, frame, Behaviour};
+
+    /// B listens on a socket to a stub that sends `bytes`, until a step errs or takes the
+    /// socket for closed (at most 10 s).
+    async fn listen_to(bytes: Vec<u8>) -> (Receiver, anyhow::Result<()>) {
+        let stub = ws_stub::start(Behaviour::Raw(bytes)).await;
+        let mut b = Receiver {
+            w: offline_wallet(),
+            sock: Some(Socket::open(&stub.url).await.unwrap()),
+            pickup: false,
+            closed: None,
+            note: None,
+            who: "B",
+        };
+        let mut got = Vec::new();
+        let res = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                b.step(SLICE, &mut got).await?;
+                if b.closed.is_some() {
+                    return Ok(());
+                }
+            }
+        })
+        .await
+        .expect("an error or a close within 10 s");
+        (b, res)
+    }
+
+    /// A frame on B's socket that the probe cannot read may be A's message in a shape the
+    /// probe cannot see into: the check must FAIL on it, not take the socket for closed and
+    /// pass on what B's other ways saw.
+    #[actix_rt::test]
+    async fn an_unreadable_frame_on_b_s_socket_is_an_error_not_a_close() {
+        let text = 0x1;
+        let reserved = 0x3;
+        for (what, bytes) in [
+            ("a text frame that is not an envelope", frame(text, b"not an envelope")),
+            ("a frame that is not WebSocket", frame(reserved, b"?")),
+        ] {
+            let (b, res) = listen_to(bytes).await;
+            assert!(res.is_err(), "{what}: taken for closed ({:?})", b.closed);
+            let why = format!("{:#}", res.unwrap_err());
+            assert!(why.starts_with("B's socket"), "{what}: {why}");
+        }
+    }
+
+    /// The mediator closing B's socket stays a close (the check says so only if it mattered).
+    #[actix_rt::test]
+    async fn a_close_frame_is_a_close() {
+        let close = 0x8;
+        let (b, res) = listen_to(frame(close, &[])).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert!(b.closed.is_some());
+    }
 }

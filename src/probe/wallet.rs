@@ -609,9 +609,7 @@ impl Socket {
             if until(&got) {
                 return Ok((got, true));
             }
-            if Instant::now() >= deadline {
-                return Ok((got, false));
-            }
+            // Past the deadline, what already arrived is still taken (`next` returns it first).
             match self.ws.next(deadline).await? {
                 Some(WsEvent::Envelope(env)) => {
                     let inc = w.classify(&env)?;

@@ -1,6 +1,7 @@
 //! A stand-in for a mediator's WebSocket in the probe's unit tests: a server on 127.0.0.1:0,
 //! written on the WebSocket codec alone (no session code), that behaves as the test asks:
-//! pings on a period and drops a client that misses a pong (as ACA-Py does). Test-only.
+//! pings on a period and drops a client that misses a pong (as ACA-Py does), or sends bytes
+//! the probe cannot read. Test-only.
 
 use actix_http::ws;
 use futures_util::{SinkExt, StreamExt};
@@ -16,6 +17,8 @@ pub(crate) enum Behaviour {
     /// Pings every period and echoes text and binary frames; a ping still unanswered when
     /// the next one is due closes the socket (policy violation).
     Ping(Duration),
+    /// Writes these bytes as they are (a frame of the test's making), then only reads.
+    Raw(Vec<u8>),
 }
 
 /// A running stub: its URL and what it saw.
@@ -56,12 +59,26 @@ pub(crate) async fn start(b: Behaviour) -> WsStub {
     stub
 }
 
+/// A frame a server may send: `opcode` (FIN set), unmasked, a payload under 126 bytes.
+pub(crate) fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126, "short frames only");
+    let mut f = vec![0x80 | opcode, payload.len() as u8];
+    f.extend_from_slice(payload);
+    f
+}
+
 async fn serve(mut tcp: TcpStream, b: Behaviour, pings: Arc<AtomicUsize>, dropped: Arc<AtomicBool>) {
     if handshake(&mut tcp).await.is_none() {
         return;
     }
     match b {
         Behaviour::Ping(every) => ping(tcp, every, &pings, &dropped).await,
+        Behaviour::Raw(bytes) => {
+            let _ = tcp.write_all(&bytes).await;
+            // Keep the connection open: what the client makes of the bytes is the test.
+            let mut sink = [0u8; 1024];
+            while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+        }
     }
 }
 
