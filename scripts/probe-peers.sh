@@ -10,7 +10,8 @@
 #
 # A REPORT, not a gate: a peer failing checks does not fail this script. It fails only when a
 # mediator cannot be started or the probe itself breaks (exit code other than 0/1: a crash, or
-# 64 = it could not read the invitation). Prints each probe's lines, then one table
+# 64 = bad arguments or no invitation at the URL; a mediator that does not answer its invitation
+# URL, or answers 5xx, is `FAIL invitation`, exit 1, in the report). Prints each probe's lines, then one table
 # (check x mediator). Every listener binds 127.0.0.1 on a free port; processes are ended by PID.
 set -euo pipefail
 

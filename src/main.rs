@@ -74,8 +74,9 @@ enum Cmd {
     /// Check any DIDComm v1 mediator (mailroom, Credo, ACA-Py, ...) from its invitation URL:
     /// onboarding, keylist, forward, each pickup flavour, live mode, isolation between two
     /// wallets, key takeover, malformed input, redelivery. One line per check (PASS, FAIL,
-    /// SKIP), then `N passed, M failed, K skipped`; exit 0 without a FAIL, 1 with one, 64 for a
-    /// bad URL or arguments.
+    /// SKIP), then `N passed, M failed, K skipped`; exit 0 without a FAIL, 1 with one (or when
+    /// the invitation URL is down or answers 5xx: `FAIL invitation`), 64 for a bad URL or
+    /// arguments.
     Probe {
         /// The invitation URL (`?oob=...` or `?c_i=...`), or a URL that serves the invitation
         /// as JSON (mailroom's `GET /invitation`).

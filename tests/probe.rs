@@ -145,6 +145,36 @@ async fn bad_urls_and_arguments_exit_64() {
     }
 }
 
+/// An invitation endpoint nobody answers, or one answering 5xx: the mediator is down or failing,
+/// which the report says (`FAIL invitation`, exit 1). 64 is kept for a probe misused (a bad
+/// URL, arguments): scripts/probe-peers.sh stops on it as "the probe broke".
+#[actix_rt::test]
+async fn an_invitation_endpoint_that_is_down_or_failing_is_a_fail_not_a_usage_error() {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let failing = format!("http://{}/invitation", listener.local_addr().unwrap());
+    let server = HttpServer::new(|| {
+        App::new().default_service(web::to(|| async {
+            HttpResponse::ServiceUnavailable().body("<html>down</html>")
+        }))
+    })
+    .listen(listener)
+    .unwrap()
+    .workers(1)
+    .run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    // Nothing listens on the discard port.
+    for url in ["http://127.0.0.1:9/invitation", failing.as_str()] {
+        let out = probe(&[url, "--timeout-secs", "5"]).await;
+        let stdout = shown(&out);
+        assert_eq!(verdict(&stdout, "invitation"), Some("FAIL"), "{url}");
+        assert_eq!(stdout.lines().last(), Some("0 passed, 1 failed, 0 skipped"), "{url}");
+        assert_eq!(out.status.code(), Some(1), "{url}");
+    }
+    handle.stop(true).await;
+}
+
 /// A store whose pickup 2.0 acknowledgement (`ack_leased`, what messages-received calls)
 /// answers as if it deleted the messages and deletes nothing. Every other call, implicit and
 /// pickup 1.0 removals (`ack`) among them, goes to the real store.
@@ -230,6 +260,276 @@ async fn acks_that_remove_nothing_fail_the_ack_checks() {
     for check in ["pickup-2.0-status", "pickup-2.0-delivery", "live-mode-ws"] {
         assert_eq!(verdict(&stdout, check), Some("PASS"), "{check}");
     }
+    assert_eq!(out.status.code(), Some(1));
+    n.stop().unwrap();
+}
+
+/// A store whose pickup filter by recipient key (RFC 0685's `recipient_key`: `lease_for_key`,
+/// and `pending_stats` with a key) forgets the connection asking: it serves the queue of
+/// whichever connection holds the key. Each behaviour can be broken alone.
+struct FilterIgnoresConn {
+    inner: Arc<dyn Store>,
+    leases: bool,
+    counts: bool,
+}
+
+impl FilterIgnoresConn {
+    /// The connection holding `key`, else `conn` (what a query on the key alone reads).
+    async fn holder(&self, conn: &str, key: &str) -> StoreResult<String> {
+        Ok(self.inner.route(key).await?.unwrap_or_else(|| conn.to_string()))
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for FilterIgnoresConn {
+    async fn lease_for_key(
+        &self,
+        conn: &str,
+        key: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        let conn = if self.leases {
+            self.holder(conn, key).await?
+        } else {
+            conn.to_string()
+        };
+        self.inner.lease_for_key(&conn, key, max, owner, now_ms, until_ms).await
+    }
+    async fn pending_stats(&self, conn: &str, key: Option<&str>, now_ms: i64) -> StoreResult<PendingStats> {
+        let conn = match key {
+            Some(k) if self.counts => self.holder(conn, k).await?,
+            _ => conn.to_string(),
+        };
+        self.inner.pending_stats(&conn, key, now_ms).await
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease,
+        ack_leased, release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats,
+        total_queued, connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log,
+        begin_run, end_run, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
+        forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        drop_queue, top_queues,
+    );
+}
+
+/// B asking with `recipient_key` set to A's key, while A's message waits, must see nothing: a
+/// filter that forgets the connection hands B A's queue (its count, or its messages).
+#[actix_rt::test]
+async fn a_recipient_key_filter_that_forgets_the_connection_fails_isolation_read() {
+    for (leases, counts) in [(true, false), (false, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node_on(dir.path(), |inner| {
+            Arc::new(FilterIgnoresConn { inner, leases, counts })
+        })
+        .await;
+        let url = format!("{}/invitation", n.public_url());
+        let out = probe(&[&url, "--only", "isolation-read"]).await;
+        let stdout = shown(&out);
+        assert_eq!(
+            verdict(&stdout, "isolation-read"),
+            Some("FAIL"),
+            "leases {leases}, counts {counts}"
+        );
+        assert!(stdout.contains("recipient_key set to A's key"), "{stdout}");
+        assert_eq!(out.status.code(), Some(1));
+        n.stop().unwrap();
+    }
+}
+
+/// A store that leaks late: each forward is queued for its own connection and, as a copy, for
+/// the last connection that registered a key (B, in isolation-forward and key-takeover), where
+/// no lease finds it (the sweep's or another node's delivery that has not come yet). Only B's
+/// status can see it.
+struct LateLeakToB {
+    inner: Arc<dyn Store>,
+    last_adder: std::sync::Mutex<Option<String>>,
+    /// Connections holding a copy: their leases come back empty.
+    unleased: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl LateLeakToB {
+    fn hides(&self, conn: &str) -> bool {
+        self.unleased.lock().unwrap().contains(conn)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for LateLeakToB {
+    async fn update_keys(
+        &self,
+        conn: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> StoreResult<Vec<(String, KeyUpdate)>> {
+        if !add.is_empty() {
+            *self.last_adder.lock().unwrap() = Some(conn.to_string());
+        }
+        self.inner.update_keys(conn, add, remove).await
+    }
+    async fn enqueue_routed(
+        &self,
+        msgs: Vec<NewMessage>,
+        limits: &EnqueueLimits,
+    ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        let last = self.last_adder.lock().unwrap().clone();
+        let copies: Vec<NewMessage> = match last {
+            Some(b) => msgs
+                .iter()
+                .filter(|m| m.connection != b)
+                .map(|m| NewMessage {
+                    connection: b.clone(),
+                    dedup_key: None,
+                    lease: None,
+                    ..m.clone()
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let queued = self.inner.enqueue_routed(msgs, limits).await?;
+        for c in &copies {
+            self.unleased.lock().unwrap().insert(c.connection.clone());
+        }
+        if !copies.is_empty() {
+            self.inner.enqueue(copies, &EnqueueLimits::UNLIMITED).await?;
+        }
+        Ok(queued)
+    }
+    async fn lease(
+        &self,
+        conn: &str,
+        max: usize,
+        owner: &str,
+        now: i64,
+        until: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        if self.hides(conn) {
+            return Ok(Vec::new());
+        }
+        self.inner.lease(conn, max, owner, now, until).await
+    }
+    async fn lease_for_key(
+        &self,
+        conn: &str,
+        key: &str,
+        max: usize,
+        owner: &str,
+        now: i64,
+        until: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        if self.hides(conn) {
+            return Ok(Vec::new());
+        }
+        self.inner.lease_for_key(conn, key, max, owner, now, until).await
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, keys_of, route, route_long_forms, enqueue, ack_leased,
+        release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued,
+        connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
+        pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
+        forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        drop_queue, top_queues,
+    );
+}
+
+/// isolation-forward and key-takeover watch B for a fixed window; a leak delivered after it
+/// (by the sweep, from another node) would pass unseen. B's status-request at the end of the
+/// watch still sees it waiting in B's queue.
+#[actix_rt::test]
+async fn a_leak_still_waiting_in_b_s_queue_after_the_watch_fails_isolation_forward_and_key_takeover() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node_on(dir.path(), |inner| {
+        Arc::new(LateLeakToB {
+            inner,
+            last_adder: Default::default(),
+            unleased: Default::default(),
+        })
+    })
+    .await;
+    let url = format!("{}/invitation", n.public_url());
+    let out = probe(&[&url, "--only", "isolation-forward,key-takeover"]).await;
+    let stdout = shown(&out);
+    for check in ["isolation-forward", "key-takeover"] {
+        assert_eq!(verdict(&stdout, check), Some("FAIL"), "{check}");
+    }
+    assert!(stdout.contains("once the watch was over"), "{stdout}");
+    assert_eq!(out.status.code(), Some(1));
+    n.stop().unwrap();
+}
+
+/// A store from which nothing can be leased (pickup hands nothing out, no session pushes):
+/// a mediator that takes messages and lets no one have them.
+struct NothingLeases {
+    inner: Arc<dyn Store>,
+}
+
+#[async_trait::async_trait]
+impl Store for NothingLeases {
+    async fn lease(&self, _: &str, _: usize, _: &str, _: i64, _: i64) -> StoreResult<Vec<QueuedMessage>> {
+        Ok(Vec::new())
+    }
+    async fn lease_for_key(
+        &self,
+        _: &str,
+        _: &str,
+        _: usize,
+        _: &str,
+        _: i64,
+        _: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        Ok(Vec::new())
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, ack_leased,
+        release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued,
+        connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
+        pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
+        forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        drop_queue, top_queues,
+    );
+}
+
+/// RFC 0685: what arrives while live mode is off MUST be queued (Credo's mediator does that, and
+/// pushes to a return-route socket only under DirectDelivery); RFC 0092's return route lets a
+/// mediator push or not. So a mediator that queues instead of pushing on the implicit socket is
+/// SKIP "not offered", not FAIL, when the message can be picked up; FAIL when it cannot.
+#[actix_rt::test]
+async fn a_mediator_that_queues_for_pickup_instead_of_pushing_skips_implicit_ws() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueOnly));
+    let url = format!("{}/invitation", n.public_url());
+    let out = probe(&[&url, "--only", "implicit-ws", "--timeout-secs", "5"]).await;
+    let stdout = shown(&out);
+    assert_eq!(verdict(&stdout, "implicit-ws"), Some("SKIP"));
+    assert!(
+        stdout.contains("SKIP implicit-ws: not offered (queues for pickup)"),
+        "{stdout}"
+    );
+    // A SKIP fails no run: onboarding passed, nothing failed.
+    assert!(stdout
+        .lines()
+        .last()
+        .is_some_and(|l| l.ends_with(" 0 failed, 1 skipped")));
+    assert_eq!(out.status.code(), Some(0));
+    n.stop().unwrap();
+
+    // Neither pushed nor handed out by any pickup: the mediator loses the wallet's mail.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(dir.path(), Strategy::QueueOnly);
+    let store = mailroom::store::open_sled(&cfg.store.path).await.expect("sled opens");
+    let n = start_on(&cfg, Arc::new(NothingLeases { inner: store }));
+    let url = format!("{}/invitation", n.public_url());
+    let out = probe(&[&url, "--only", "implicit-ws", "--timeout-secs", "5"]).await;
+    let stdout = shown(&out);
+    assert_eq!(verdict(&stdout, "implicit-ws"), Some("FAIL"));
     assert_eq!(out.status.code(), Some(1));
     n.stop().unwrap();
 }

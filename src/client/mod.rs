@@ -464,6 +464,163 @@ impl WsClient {
     pub async fn close(mut self) {
         let _ = self.framed.send(awc::ws::Message::Close(None)).await;
     }
+
+    /// Hands the socket to a task of its own (on the current thread's local set, as awc's
+    /// sockets are not `Send`) that reads it all along: pings are answered as they come, and
+    /// every other frame waits in [`WsReader`] until the caller asks. A caller busy elsewhere
+    /// (onboarding another wallet, posting a forward) then still answers the mediator's pings:
+    /// ACA-Py closes a socket whose pongs stop for 1.5 s, and [`WsClient::next`] answers them
+    /// only while it is called.
+    pub fn spawn_reader(self) -> WsReader {
+        let (out, out_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (events_tx, events) = tokio::sync::mpsc::channel(WS_UNREAD_FRAMES);
+        tokio::task::spawn_local(pump(self.framed, out_rx, events_tx));
+        WsReader {
+            out,
+            events,
+            ended: false,
+        }
+    }
+}
+
+/// Frames a [`WsReader`] holds for its caller. A probe socket lives for one check and gets only
+/// what that check asked for; a mediator flooding it past this ends the reader (the caller is
+/// told so) rather than growing memory.
+pub const WS_UNREAD_FRAMES: usize = 4_096;
+
+/// What the caller of a [`WsReader`] asks its task to do.
+enum WsCommand {
+    Send(awc::ws::Message, tokio::sync::oneshot::Sender<anyhow::Result<()>>),
+    /// Send a close frame and stop reading.
+    Close(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The last thing a reader's task reports before it ends (besides the frames before it).
+type WsItem = Result<WsEvent, String>;
+
+/// A WebSocket read by a task of its own ([`WsClient::spawn_reader`]).
+pub struct WsReader {
+    out: tokio::sync::mpsc::UnboundedSender<WsCommand>,
+    events: tokio::sync::mpsc::Receiver<WsItem>,
+    /// The task reported how the socket ended: later reads say it is closed.
+    ended: bool,
+}
+
+impl WsReader {
+    pub async fn send(&self, msg: awc::ws::Message) -> anyhow::Result<()> {
+        let (done, sent) = tokio::sync::oneshot::channel();
+        self.out
+            .send(WsCommand::Send(msg, done))
+            .map_err(|_| anyhow!("ws send: the socket is closed"))?;
+        sent.await.map_err(|_| anyhow!("ws send: the socket is closed"))?
+    }
+
+    /// The next text/binary frame or the close, by `deadline` (None when it passes; one that
+    /// already arrived is returned even past it). An `Err` is a frame that cannot be read as
+    /// WebSocket (a protocol error), which is not a close.
+    pub async fn next(&mut self, deadline: tokio::time::Instant) -> anyhow::Result<Option<WsEvent>> {
+        if self.ended {
+            return Ok(Some(WsEvent::Closed(None)));
+        }
+        use tokio::sync::mpsc::error::TryRecvError;
+        let item = match self.events.try_recv() {
+            Ok(item) => Some(item),
+            Err(TryRecvError::Disconnected) => None,
+            Err(TryRecvError::Empty) => match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Err(_) => return Ok(None),
+                Ok(item) => item,
+            },
+        };
+        match item {
+            Some(Ok(e @ WsEvent::Envelope(_))) => Ok(Some(e)),
+            Some(Ok(closed)) => {
+                self.ended = true;
+                Ok(Some(closed))
+            }
+            Some(Err(e)) => {
+                self.ended = true;
+                bail!("ws receive: {e}")
+            }
+            None => {
+                self.ended = true;
+                bail!("ws receive: more than {WS_UNREAD_FRAMES} frames unread, the socket was dropped")
+            }
+        }
+    }
+
+    /// Sends a close frame (once what was sent before it is written) and stops reading.
+    pub async fn close(self) {
+        let (done, closed) = tokio::sync::oneshot::channel();
+        if self.out.send(WsCommand::Close(done)).is_ok() {
+            let _ = closed.await;
+        }
+    }
+}
+
+/// The task behind a [`WsReader`]: reads every frame as it comes (answering pings at once) and
+/// writes what the caller sends. Ends on a close either way, a read error, a flood of unread
+/// frames, or when the caller drops its reader (a close frame is sent then).
+async fn pump(
+    mut framed: actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>,
+    mut commands: tokio::sync::mpsc::UnboundedReceiver<WsCommand>,
+    events: tokio::sync::mpsc::Sender<WsItem>,
+) {
+    loop {
+        // Both branches are cancel-safe: a frame half read stays in `framed`'s buffer.
+        let last = tokio::select! {
+            frame = framed.next() => match frame {
+                Some(Ok(awc::ws::Frame::Ping(p))) => {
+                    if let Err(e) = framed.send(awc::ws::Message::Pong(p)).await {
+                        Some(Ok(WsEvent::Closed(Some(dropped(&e)))))
+                    } else {
+                        continue;
+                    }
+                }
+                Some(Ok(awc::ws::Frame::Text(b))) | Some(Ok(awc::ws::Frame::Binary(b))) => {
+                    match events.try_send(Ok(WsEvent::Envelope(b.to_vec()))) {
+                        Ok(()) => continue,
+                        // Flooded (the reader says so when it finds the channel closed), or
+                        // nobody reads any more.
+                        Err(_) => None,
+                    }
+                }
+                Some(Ok(awc::ws::Frame::Close(r))) => Some(Ok(WsEvent::Closed(r))),
+                None => Some(Ok(WsEvent::Closed(None))),
+                // An I/O error is the connection dropping, not a frame that cannot be read.
+                Some(Err(awc::error::WsProtocolError::Io(e))) => Some(Ok(WsEvent::Closed(Some(dropped(&e))))),
+                Some(Err(e)) => Some(Err(e.to_string())),
+                Some(Ok(_)) => continue,
+            },
+            cmd = commands.recv() => match cmd {
+                Some(WsCommand::Send(msg, done)) => {
+                    let r = framed.send(msg).await.map_err(|e| anyhow!("ws send: {e}"));
+                    let _ = done.send(r);
+                    continue;
+                }
+                Some(WsCommand::Close(done)) => {
+                    let _ = framed.send(awc::ws::Message::Close(None)).await;
+                    let _ = done.send(());
+                    return;
+                }
+                None => {
+                    let _ = framed.send(awc::ws::Message::Close(None)).await;
+                    return;
+                }
+            },
+        };
+        if let Some(item) = last {
+            let _ = events.try_send(item);
+        }
+        return;
+    }
+}
+
+/// The close reason of a connection that dropped without a close frame.
+fn dropped(e: &dyn std::fmt::Display) -> awc::ws::CloseReason {
+    awc::ws::CloseReason {
+        code: awc::ws::CloseCode::Abnormal,
+        description: Some(format!("connection dropped: {e}")),
+    }
 }
 
 /// Recipients a [`Sender`] keeps box keys for.

@@ -3,28 +3,47 @@
 //! refused or at least leaves A's messages with A (the line says which).
 //!
 //! A receives through pickup 2.0 when the mediator speaks it, else on an implicit
-//! (return-route) socket; B watches every way it could receive: pickup 2.0 and a socket.
+//! (return-route) socket. B looks every way it could get A's mail: while A's message waits,
+//! status and delivery requests with and without RFC 0685's `recipient_key` set to A's key, and
+//! pickup 1.0 batch-pickup (isolation-read); while a forward to A is delivered, pickup 2.0 and
+//! a socket, in live mode where the mediator has it (isolation-forward).
 
 use super::pickup::not_advertised;
 use super::target::Target;
-use super::wallet::{contents, keylist_update, nonce, poll, trust_ping, update_result, Incoming, Socket, Wallet};
+use super::wallet::{
+    contents, declined, keylist_update, nonce, poll, routed, trust_ping, update_result, Incoming, Socket, SocketClosed,
+    Wallet,
+};
 use super::{fail, fresh_wallet, is_blocked, pass, pass_note, skip, Options, Runner, Verdict};
+use serde_json::json;
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// How long B keeps watching after A has its message.
 const WATCH: Duration = Duration::from_millis(1500);
-/// One turn of listening, alternating between A and B so both sockets stay read (a mediator
-/// that pings closes a socket whose pongs do not come: ACA-Py after 1.5 s).
+/// One turn of listening (a delivery-request, then the socket), alternating between A and B.
+/// Their sockets' pings are answered by the sockets' own tasks whatever the turn
+/// ([`Socket`]), also while B onboards or the forward is posted.
 const SLICE: Duration = Duration::from_millis(100);
 
-/// A listens until `a_done` holds or `within` passes, B all along and `WATCH` longer.
+/// What A and B got while watched.
+struct Watched {
+    a_got: Vec<Incoming>,
+    b_got: Vec<Incoming>,
+    /// B's pickup 2.0 `message_count` after the window (0 when B does not pick up). B has no
+    /// mail of its own: anything counted is someone else's.
+    b_left: u64,
+}
+
+/// A listens until `a_done` holds or `within` passes, B all along and `WATCH` longer; then B
+/// asks once more by pickup (status-request, then delivery-request). A leak delivered after
+/// the window (by a sweep, from another node) is then still seen while it waits in B's queue.
 async fn watch(
     a: &mut Receiver,
     b: &mut Receiver,
     within: Duration,
     a_done: impl Fn(&[Incoming]) -> bool,
-) -> anyhow::Result<(Vec<Incoming>, Vec<Incoming>)> {
+) -> anyhow::Result<Watched> {
     let (mut a_got, mut b_got) = (Vec::new(), Vec::new());
     let deadline = Instant::now() + within;
     while !a_done(&a_got) && Instant::now() < deadline {
@@ -35,7 +54,11 @@ async fn watch(
     while Instant::now() < watch_end {
         b.step(SLICE, &mut b_got).await?;
     }
-    Ok((a_got, b_got))
+    // The count first: a delivery-request leases what it hands out, and leased messages are
+    // not counted (RFC 0685's count is of messages waiting).
+    let b_left = if b.pickup { b.w.status().await? } else { 0 };
+    b.step(Duration::ZERO, &mut b_got).await?;
+    Ok(Watched { a_got, b_got, b_left })
 }
 
 /// Why A did not get its message, when its socket was closed on it.
@@ -51,6 +74,8 @@ fn a_closed(a: &Receiver) -> String {
 struct Ways {
     pickup: bool,
     socket: bool,
+    /// Its socket asks for pickup 2.0 live mode (else it is an implicit, return-route one).
+    live: bool,
 }
 
 /// A wallet and what it listens on.
@@ -60,10 +85,14 @@ struct Receiver {
     pickup: bool,
     /// Why the socket stopped (the mediator closed it).
     closed: Option<String>,
+    /// What is worth saying about how it listens (live mode refused).
+    note: Option<String>,
+    /// "A" or "B", for reasons.
+    who: &'static str,
 }
 
 impl Receiver {
-    async fn open(t: &Target, ways: Ways) -> anyhow::Result<Receiver> {
+    async fn open(t: &Target, who: &'static str, ways: Ways) -> anyhow::Result<Receiver> {
         let w = fresh_wallet(t).await?;
         let sock = match (&t.ws, ways.socket) {
             (Some(ws), true) => {
@@ -73,17 +102,43 @@ impl Receiver {
             }
             _ => None,
         };
-        Ok(Receiver {
+        let mut r = Receiver {
             w,
             sock,
             pickup: ways.pickup,
             closed: None,
-        })
+            note: None,
+            who,
+        };
+        if ways.live {
+            r.live_mode().await;
+        }
+        Ok(r)
+    }
+
+    /// Turns pickup 2.0 live mode on for the socket, so the mediator's live delivery path is
+    /// watched too (a leak there is as bad as one by pickup). A mediator that refuses leaves
+    /// the socket watching as an implicit one; the check's note says so.
+    async fn live_mode(&mut self) {
+        let Some(s) = &mut self.sock else { return };
+        let change = routed(
+            "messagepickup/2.0",
+            "live-delivery-change",
+            json!({ "live_delivery": true }),
+        );
+        if let Err(e) = s.request(&self.w, &change, "messagepickup", "status").await {
+            if e.downcast_ref::<SocketClosed>().is_some() {
+                self.closed = Some(format!("{e:#}"));
+                self.sock = None;
+            }
+            self.note = Some(format!("live mode refused on {}'s socket ({e:#})", self.who));
+        }
     }
 
     /// One round of listening: a delivery-request (when this wallet picks up), then the
     /// socket for up to `slice`. A socket the mediator closes stops being read (the line
-    /// of the check says so only if it mattered).
+    /// of the check says so only if it mattered). A frame that cannot be read is an error:
+    /// it may be A's message, or B's leak, in a shape the probe cannot see into.
     async fn step(&mut self, slice: Duration, got: &mut Vec<Incoming>) -> anyhow::Result<()> {
         if self.pickup {
             got.extend(self.w.delivery_request(10).await?);
@@ -92,10 +147,11 @@ impl Receiver {
         match &mut self.sock {
             Some(s) => match s.read_until(&self.w, until, |_| false).await {
                 Ok((more, _)) => got.extend(more),
-                Err(e) => {
+                Err(e) if e.downcast_ref::<SocketClosed>().is_some() => {
                     self.closed = Some(format!("{e:#}"));
                     self.sock = None;
                 }
+                Err(e) => return Err(e.context(format!("{}'s socket", self.who))),
             },
             None => tokio::time::sleep_until(until).await,
         }
@@ -125,10 +181,17 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
     let a_ways = Ways {
         pickup,
         socket: !pickup && implicit,
+        live: false,
     };
     let b_ways = Ways {
         pickup,
         socket: t.ws.is_some(),
+        live: false,
+    };
+    // isolation-forward's B also watches live delivery, where the mediator has it.
+    let b_live = Ways {
+        live: pickup && passed(r, "live-mode-ws") != Some(false),
+        ..b_ways
     };
     let no_way = "no way to receive: neither pickup 2.0 nor implicit delivery on a socket worked";
 
@@ -152,23 +215,10 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
                 if queued.is_none() {
                     return fail("A's message_count stayed 0 after a forward to A");
                 }
-                let b_count = b.status().await?;
-                let b_got = b.delivery_request(10).await?;
-                let (_, foreign) = contents(&b_got);
-                if foreign.contains(&a.key.verkey()) {
-                    return fail("B's delivery-request was handed A's message");
-                }
-                if !foreign.is_empty() {
-                    return fail(format!(
-                        "B's delivery-request was handed {} message(s) for other keys",
-                        foreign.len()
-                    ));
-                }
-                if b_count != 0 {
-                    return fail(format!(
-                        "B's status shows message_count {b_count} while only A has mail"
-                    ));
-                }
+                let not_tried = match b_reads_nothing(t, &b, &a.key.verkey()).await? {
+                    Ok(n) => n,
+                    Err(why) => return fail(why),
+                };
                 let a_got = a.open_ids(&delivery_of(&a).await?)?;
                 let ids: Vec<String> = a_got
                     .iter()
@@ -179,7 +229,11 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
                     return fail("A's own delivery-request did not return A's message");
                 }
                 pair = Some((a, b, ids, content));
-                pass()
+                if not_tried.is_empty() {
+                    pass()
+                } else {
+                    pass_note(format!("B could not ask by {}", not_tried.join("; ")))
+                }
             })
             .await;
         let redelivers = passed(r, "redelivery");
@@ -245,25 +299,34 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
         if !a_ways.pickup && !a_ways.socket {
             return skip(no_way);
         }
-        let mut a = Receiver::open(t, a_ways).await?;
-        let mut b = Receiver::open(t, b_ways).await?;
+        let mut a = Receiver::open(t, "A", a_ways).await?;
+        let mut b = Receiver::open(t, "B", b_live).await?;
         let content = nonce("isolation-forward");
         a.w.forward(&content).await?;
-        let (a_got, b_got) = watch(&mut a, &mut b, t.timeout, |g| contents(g).0.contains(&content)).await?;
+        let seen = watch(&mut a, &mut b, t.timeout, |g| contents(g).0.contains(&content)).await?;
         let a_key = a.w.key.verkey();
         a.close().await;
         b.close().await;
-        if contents(&b_got).1.contains(&a_key) {
+        if contents(&seen.b_got).1.contains(&a_key) {
             return fail("a forward to A reached B");
         }
-        if !contents(&a_got).0.contains(&content) {
+        if seen.b_left > 0 {
+            return fail(format!(
+                "after a forward to A, B's status-request counted {} message(s) once the watch was over (B has no mail of its own)",
+                seen.b_left
+            ));
+        }
+        if !contents(&seen.a_got).0.contains(&content) {
             return fail(format!(
                 "a forward to A did not reach A within {:?}{}",
                 t.timeout,
                 a_closed(&a)
             ));
         }
-        pass()
+        match b.note {
+            Some(n) => pass_note(n),
+            None => pass(),
+        }
     })
     .await;
 
@@ -271,8 +334,8 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
         if !a_ways.pickup && !a_ways.socket {
             return skip(no_way);
         }
-        let mut a = Receiver::open(t, a_ways).await?;
-        let mut b = Receiver::open(t, b_ways).await?;
+        let mut a = Receiver::open(t, "A", a_ways).await?;
+        let mut b = Receiver::open(t, "B", b_ways).await?;
         let a_key = a.w.key.clone();
         let answer = match keylist_update(&b.w.agent, &[a_key.did_key()], &[]).await {
             Ok(updated) => {
@@ -283,15 +346,21 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
         let accepted = answer == "success";
         let content = nonce("takeover");
         a.w.forward_to(&a_key.verkey(), &content).await?;
-        let (a_got, b_got) = watch(&mut a, &mut b, t.timeout, |g| contents(g).0.contains(&content)).await?;
+        let seen = watch(&mut a, &mut b, t.timeout, |g| contents(g).0.contains(&content)).await?;
         a.close().await;
         b.close().await;
-        if contents(&b_got).1.contains(&a_key.verkey()) {
+        if contents(&seen.b_got).1.contains(&a_key.verkey()) {
             return fail(format!(
                 "B registered A's key (keylist-update result {answer:?}) and a forward to it reached B"
             ));
         }
-        if !contents(&a_got).0.contains(&content) {
+        if seen.b_left > 0 {
+            return fail(format!(
+                "after B's keylist-update adding A's key (result {answer:?}) and a forward to that key, B's status-request counted {} message(s) once the watch was over (B has no mail of its own)",
+                seen.b_left
+            ));
+        }
+        if !contents(&seen.a_got).0.contains(&content) {
             return fail(format!(
                 "after B's keylist-update adding A's key (result {answer:?}) a forward to that key reached neither A (waited {:?}) nor B: another wallet can cut A off{}",
                 t.timeout,
@@ -307,6 +376,77 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
     .await;
 }
 
+/// While A's message is pending, B asks for mail every way pickup lets a wallet ask: a
+/// status-request and a delivery-request, both also with RFC 0685's `recipient_key` set to A's
+/// key (a filter that forgets the connection hands B A's queue), and pickup 1.0 batch-pickup.
+/// Each must show B nothing: `Ok` with the ways the mediator declined (a filter or a protocol
+/// it does not speak is no leak), `Err` with the reason to FAIL.
+async fn b_reads_nothing(t: &Target, b: &Wallet, a_key: &str) -> anyhow::Result<Result<Vec<String>, String>> {
+    let mut not_tried = Vec::new();
+    let filter = "recipient_key set to A's key";
+    for key in [None, Some(a_key)] {
+        let what = |m: &str| match key {
+            Some(_) => format!("B's {m} with {filter}"),
+            None => format!("B's {m}"),
+        };
+        match may_decline(key.is_some(), b.status_for(key).await)? {
+            Some(0) => {}
+            Some(n) => {
+                return Ok(Err(format!(
+                    "{} counted {n} message(s) while only A has mail",
+                    what("status-request")
+                )))
+            }
+            None => not_tried.push(format!("status-request with {filter} (declined)")),
+        }
+        match may_decline(key.is_some(), b.delivery_request_for(10, key).await)? {
+            Some(got) => {
+                let got: Vec<Incoming> = got.into_iter().map(|(_, m)| m).collect();
+                if let Some(why) = foreign(&got, a_key, &what("delivery-request")) {
+                    return Ok(Err(why));
+                }
+            }
+            None => not_tried.push(format!("delivery-request with {filter} (declined)")),
+        }
+    }
+    if let Some(why) = not_advertised(t, "messagepickup", 1) {
+        not_tried.push(format!("batch-pickup ({why})"));
+    } else {
+        match may_decline(true, b.batch_pickup(10).await)? {
+            Some(got) => {
+                if let Some(why) = foreign(&got, a_key, "B's batch-pickup") {
+                    return Ok(Err(why));
+                }
+            }
+            None => not_tried.push("batch-pickup (declined)".into()),
+        }
+    }
+    Ok(Ok(not_tried))
+}
+
+/// `Ok(None)` for an answer that declines ([`declined`]) what is `optional`; every other error
+/// stays one. Pickup 2.0 works when isolation-read runs: only the `recipient_key` filter and
+/// pickup 1.0 are optional.
+fn may_decline<T>(optional: bool, r: anyhow::Result<T>) -> anyhow::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if optional && declined(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Why `got`, handed to B by `what`, is a breach: A's message, or anyone else's.
+fn foreign(got: &[Incoming], a_key: &str, what: &str) -> Option<String> {
+    let others = contents(got).1;
+    if others.iter().any(|k| k == a_key) {
+        Some(format!("{what} was handed A's message"))
+    } else if !others.is_empty() {
+        Some(format!("{what} was handed {} message(s) for other keys", others.len()))
+    } else {
+        None
+    }
+}
+
 /// A delivery-request's reply as a raw message (for its attachment ids).
 async fn delivery_of(w: &Wallet) -> anyhow::Result<serde_json::Value> {
     w.ask(
@@ -318,4 +458,64 @@ async fn delivery_of(w: &Wallet) -> anyhow::Result<serde_json::Value> {
         "delivery-request",
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::wallet::offline_wallet;
+    use crate::probe::ws_stub::{self, frame, Behaviour};
+
+    /// B listens on a socket to a stub that sends `bytes`, until a step errs or takes the
+    /// socket for closed (at most 10 s).
+    async fn listen_to(bytes: Vec<u8>) -> (Receiver, anyhow::Result<()>) {
+        let stub = ws_stub::start(Behaviour::Raw(bytes)).await;
+        let mut b = Receiver {
+            w: offline_wallet(),
+            sock: Some(Socket::open(&stub.url).await.unwrap()),
+            pickup: false,
+            closed: None,
+            note: None,
+            who: "B",
+        };
+        let mut got = Vec::new();
+        let res = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                b.step(SLICE, &mut got).await?;
+                if b.closed.is_some() {
+                    return Ok(());
+                }
+            }
+        })
+        .await
+        .expect("an error or a close within 10 s");
+        (b, res)
+    }
+
+    /// A frame on B's socket that the probe cannot read may be A's message in a shape the
+    /// probe cannot see into: the check must FAIL on it, not take the socket for closed and
+    /// pass on what B's other ways saw.
+    #[actix_rt::test]
+    async fn an_unreadable_frame_on_b_s_socket_is_an_error_not_a_close() {
+        let text = 0x1;
+        let reserved = 0x3;
+        for (what, bytes) in [
+            ("a text frame that is not an envelope", frame(text, b"not an envelope")),
+            ("a frame that is not WebSocket", frame(reserved, b"?")),
+        ] {
+            let (b, res) = listen_to(bytes).await;
+            assert!(res.is_err(), "{what}: taken for closed ({:?})", b.closed);
+            let why = format!("{:#}", res.unwrap_err());
+            assert!(why.starts_with("B's socket"), "{what}: {why}");
+        }
+    }
+
+    /// The mediator closing B's socket stays a close (the check says so only if it mattered).
+    #[actix_rt::test]
+    async fn a_close_frame_is_a_close() {
+        let close = 0x8;
+        let (b, res) = listen_to(frame(close, &[])).await;
+        assert!(res.is_ok(), "{res:?}");
+        assert!(b.closed.is_some());
+    }
 }

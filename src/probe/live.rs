@@ -2,7 +2,8 @@
 //! the forward arrives, messages-received on the socket), what that ack removed (once the
 //! socket is closed, the acknowledged message must never come back and the other must),
 //! Credo-style implicit delivery (a socket opened by a message with return-route gets the raw
-//! forwarded messages), and redelivery after a live session ends without acknowledging.
+//! forwarded messages; optional: a mediator may queue them for pickup instead), and redelivery
+//! after a live session ends without acknowledging.
 
 use super::pickup::{ack_removed_only_acked, not_advertised, offered_again};
 use super::target::Target;
@@ -204,10 +205,18 @@ async fn implicit(t: &Target, ws: &str) -> anyhow::Result<Verdict> {
     let (got, arrived) = s.read_until(&w, deadline, |g| contents(g).0.contains(&content)).await?;
     s.close().await;
     if !arrived {
-        return fail(format!(
-            "the forward did not reach the return-route socket within {:?}",
-            t.timeout
-        ));
+        // RFC 0685: messages that arrive while live mode is off MUST be queued, and RFC 0092's
+        // return route lets a mediator push or not: a mediator that queues is not failing.
+        // Only one that neither pushes nor lets the message be picked up is.
+        let waited = t.timeout;
+        return match picked_up(t, &w, &content).await {
+            Some(how) => skip(format!(
+                "not offered (queues for pickup): nothing came on the return-route socket within {waited:?}, then {how} handed the message out"
+            )),
+            None => fail(format!(
+                "the forward did not reach the return-route socket within {waited:?}, and no pickup (2.0 delivery-request, 1.0 batch-pickup) handed it out"
+            )),
+        };
     }
     let wrapped = got
         .iter()
@@ -217,4 +226,18 @@ async fn implicit(t: &Target, ws: &str) -> anyhow::Result<Verdict> {
     } else {
         "raw forwarded message pushed on the socket"
     })
+}
+
+/// How `content`, forwarded to `w`, can be picked up over HTTP: by a pickup 2.0
+/// delivery-request, else a pickup 1.0 batch-pickup (each unless discover-features disclosed
+/// it absent); None when neither hands it out (declined, failed, or without it).
+async fn picked_up(t: &Target, w: &Wallet, content: &str) -> Option<&'static str> {
+    let has = |got: anyhow::Result<Vec<Incoming>>| got.is_ok_and(|g| contents(&g).0.iter().any(|c| c == content));
+    if not_advertised(t, "messagepickup", 2).is_none() && has(w.delivery_request(10).await) {
+        return Some("a pickup 2.0 delivery-request");
+    }
+    if not_advertised(t, "messagepickup", 1).is_none() && has(w.batch_pickup(10).await) {
+        return Some("a pickup 1.0 batch-pickup");
+    }
+    None
 }

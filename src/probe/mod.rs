@@ -19,6 +19,8 @@ mod onboarding;
 mod pickup;
 mod target;
 pub(crate) mod wallet;
+#[cfg(test)]
+mod ws_stub;
 
 pub use target::{Target, TargetError};
 
@@ -235,7 +237,8 @@ pub(crate) fn skip(reason: impl Into<String>) -> anyhow::Result<Verdict> {
     Ok(Verdict::Skip(reason.into()))
 }
 
-/// Reads the invitation (the only step whose failure is the operator's: exit 64).
+/// Reads the invitation (its failure is the operator's, exit 64, unless the mediator could not
+/// serve it: [`TargetError::is_usage`]).
 pub async fn resolve_target(opts: &Options) -> Result<Target, TargetError> {
     Target::from_url(&opts.url, opts.ws.as_deref(), opts.timeout).await
 }
@@ -272,6 +275,19 @@ pub async fn run(target: &mut Target, opts: &Options, print: bool) -> Report {
     r.report
 }
 
+/// The report of a run whose mediator did not serve its invitation (down, or a 5xx): one FAIL
+/// line, as a report (scripts/probe-peers.sh) reads it, not a usage error.
+fn unreachable(e: &TargetError) -> Report {
+    Report {
+        results: vec![CheckResult {
+            name: "invitation",
+            verdict: Verdict::Fail(one_line(&e.to_string())),
+            elapsed: Duration::ZERO,
+        }],
+        no_wallet: None,
+    }
+}
+
 /// Every check after onboarding, in order (for the report when onboarding fails).
 const DEPENDENT_CHECKS: &[&str] = &[
     "keylist-update",
@@ -302,9 +318,15 @@ const DEPENDENT_CHECKS: &[&str] = &[
 pub async fn main(opts: Options) -> u8 {
     let mut target = match resolve_target(&opts).await {
         Ok(t) => t,
-        Err(e) => {
+        Err(e) if e.is_usage() => {
             eprintln!("mailroom probe: {e}");
             return EXIT_USAGE;
+        }
+        Err(e) => {
+            let report = unreachable(&e);
+            println!("{}", report.results[0]);
+            println!("{}", report.summary());
+            return u8::from(report.failed());
         }
     };
     println!("probing {} ({})", target.describe(), target.http);

@@ -1,7 +1,8 @@
 //! The mediator under test as the probe knows it: its invitation (handshake protocols, key,
 //! endpoints), what it discloses through discover-features, and the WebSocket endpoint
-//! learned from its DID. Reading the invitation is the only step whose failure is the
-//! operator's (a bad URL: exit 64); everything else is a check.
+//! learned from its DID. A bad URL, or one that holds no usable invitation, is the operator's
+//! mistake (exit 64); a mediator that cannot be reached, or fails, serving its invitation is a
+//! FAIL like any other (exit 1); everything else is a check.
 
 use super::wallet::Handshake;
 use crate::didcomm::{did, keys::normalize_verkey};
@@ -17,6 +18,18 @@ pub enum TargetError {
     NoInvitation(String, String),
     #[error("unusable invitation: {0}")]
     BadInvitation(String),
+    /// The URL is fine but the mediator did not serve it: no connection, a timeout, a 5xx.
+    /// The mediator is down or failing, which is what the probe is there to report.
+    #[error("the invitation at {0} could not be fetched: {1}")]
+    Unreachable(String, String),
+}
+
+impl TargetError {
+    /// Whether the operator gave something unusable (exit 64), rather than the mediator
+    /// failing to serve it (a FAIL, exit 1: scripts read 64 as "the probe was misused").
+    pub fn is_usage(&self) -> bool {
+        !matches!(self, TargetError::Unreachable(..))
+    }
 }
 
 /// The mediator under test.
@@ -217,16 +230,26 @@ fn invitation_param(u: &url::Url) -> Result<Option<Value>, TargetError> {
 /// GETs `url` and finds an invitation in its JSON.
 async fn fetch_invitation(url: &str, timeout: Duration) -> Result<Value, TargetError> {
     let no = |why: String| TargetError::NoInvitation(url.to_string(), why);
+    let down = |why: String| TargetError::Unreachable(url.to_string(), why);
     let client = awc::Client::builder().timeout(timeout).finish();
     let mut res = client
         .get(url)
         .insert_header(("Accept", "application/json"))
         .send()
         .await
-        .map_err(|e| no(format!("GET: {e}")))?;
-    let body = res.body().limit(1 << 20).await.map_err(|e| no(format!("body: {e}")))?;
+        .map_err(|e| down(format!("GET: {e}")))?;
+    let body = res.body().limit(1 << 20).await.map_err(|e| match e {
+        // More than an invitation could be: not one.
+        awc::error::PayloadError::Overflow => no("more than 1 MiB: not an invitation".into()),
+        e => down(format!("body: {e}")),
+    })?;
+    let status = res.status().as_u16();
+    if status >= 500 {
+        return Err(down(format!("HTTP {status}")));
+    }
+    // A 4xx (or a 3xx) says this URL is not the invitation: the operator's mistake.
     if !res.status().is_success() {
-        return Err(no(format!("HTTP {}", res.status().as_u16())));
+        return Err(no(format!("HTTP {status}")));
     }
     let v: Value = serde_json::from_slice(&body)
         .map_err(|_| no("neither an oob=/c_i= parameter in the URL nor JSON at it (give the invitation URL)".into()))?;

@@ -5,7 +5,7 @@
 //! in flattened or general form, replies over the HTTP return route or a socket).
 
 use super::target::Target;
-use crate::client::{self, Agent, Grant, Sender, WsClient, WsEvent};
+use crate::client::{self, Agent, Grant, Sender, WsEvent, WsReader};
 use crate::didcomm::keys::{normalize_verkey, KeyPair};
 use crate::didcomm::message::{message_type, new_id};
 use crate::didcomm::{did, envelope, jws};
@@ -406,9 +406,19 @@ impl Wallet {
 
     /// pickup 2.0 status-request -> `message_count`.
     pub async fn status(&self) -> anyhow::Result<u64> {
+        self.status_for(None).await
+    }
+
+    /// As [`Wallet::status`], with RFC 0685's `recipient_key` filter when given (base58: the
+    /// form of `forward.to`, and what Credo turns into its queue's did:key).
+    pub async fn status_for(&self, recipient_key: Option<&str>) -> anyhow::Result<u64> {
         let r = self
             .ask(
-                &routed("messagepickup/2.0", "status-request", json!({})),
+                &routed(
+                    "messagepickup/2.0",
+                    "status-request",
+                    with_key(json!({}), recipient_key),
+                ),
                 "status-request",
             )
             .await?;
@@ -429,9 +439,19 @@ impl Wallet {
     /// As [`Wallet::delivery_request`], each message with its attachment id (what
     /// messages-received lists).
     pub async fn delivery_request_ids(&self, limit: u64) -> anyhow::Result<Vec<(String, Incoming)>> {
+        self.delivery_request_for(limit, None).await
+    }
+
+    /// As [`Wallet::delivery_request_ids`], with the `recipient_key` filter when given.
+    pub async fn delivery_request_for(
+        &self,
+        limit: u64,
+        recipient_key: Option<&str>,
+    ) -> anyhow::Result<Vec<(String, Incoming)>> {
+        let body = with_key(json!({ "limit": limit }), recipient_key);
         let r = self
             .ask(
-                &routed("messagepickup/2.0", "delivery-request", json!({ "limit": limit })),
+                &routed("messagepickup/2.0", "delivery-request", body),
                 "delivery-request",
             )
             .await?;
@@ -442,6 +462,21 @@ impl Wallet {
             return Err(declined_err(format!("delivery-request answered with {}", show(&r))));
         }
         self.open_ids(&r)
+    }
+
+    /// pickup 1.0 batch-pickup: the messages of the `batch` that answers it (any other answer
+    /// is [`Declined`]).
+    pub async fn batch_pickup(&self, size: u64) -> anyhow::Result<Vec<Incoming>> {
+        let r = self
+            .ask(
+                &routed("messagepickup/1.0", "batch-pickup", json!({ "batch_size": size })),
+                "batch-pickup",
+            )
+            .await?;
+        if !is_type(&r, "messagepickup", "batch") {
+            return Err(declined_err(format!("batch-pickup answered with {}", show(&r))));
+        }
+        self.open(&r)
     }
 
     /// pickup 2.0 messages-received -> the `message_count` of the status that answers it.
@@ -497,10 +532,16 @@ impl Wallet {
 
     /// Opens a WebSocket to `url`.
     pub async fn socket(&self, url: &str) -> anyhow::Result<Socket> {
-        Ok(Socket {
-            ws: client::websocket(url).await?,
-        })
+        Socket::open(url).await
     }
+}
+
+/// `body` with `recipient_key` set, when there is one.
+fn with_key(mut body: Value, recipient_key: Option<&str>) -> Value {
+    if let Some(k) = recipient_key {
+        body["recipient_key"] = json!(k);
+    }
+    body
 }
 
 pub fn status_count(r: &Value) -> anyhow::Result<u64> {
@@ -527,19 +568,36 @@ pub fn contents(items: &[Incoming]) -> (Vec<String>, Vec<String>) {
     (mine, others)
 }
 
-/// A WebSocket to the mediator, read as one wallet.
+/// The mediator closed a probe socket (a close frame, or the connection dropped): unlike a
+/// frame the probe cannot read, this may be the mediator's choice, and a check says which.
+#[derive(Debug, thiserror::Error)]
+#[error("the mediator closed the socket: {0}")]
+pub struct SocketClosed(pub String);
+
+/// A WebSocket to the mediator, read as one wallet. A task of its own reads it from the start
+/// ([`client::WsClient::spawn_reader`]): the mediator's pings are answered while the check does
+/// something else (onboards another wallet, posts a forward, reads another socket), and what
+/// arrives meanwhile waits for [`Socket::read_until`].
 pub struct Socket {
-    pub ws: WsClient,
+    ws: WsReader,
 }
 
 impl Socket {
+    pub async fn open(url: &str) -> anyhow::Result<Socket> {
+        Ok(Socket {
+            ws: client::websocket(url).await?.spawn_reader(),
+        })
+    }
+
     /// Sends a message (binary frame, as Credo does).
     pub async fn send(&mut self, w: &Wallet, m: &Value) -> anyhow::Result<()> {
-        self.ws.send_envelope(w.agent.pack(m)?, true).await
+        self.ws.send(awc::ws::Message::Binary(w.agent.pack(m)?.into())).await
     }
 
     /// Everything that arrives until `until` says stop or `deadline` passes; a `delivery` is
     /// opened into its messages (after itself). Returns what came, and whether `until` held.
+    /// The mediator closing the socket is a [`SocketClosed`] error; a frame that is not
+    /// WebSocket or not an envelope is another error (not a close).
     pub async fn read_until(
         &mut self,
         w: &Wallet,
@@ -551,12 +609,9 @@ impl Socket {
             if until(&got) {
                 return Ok((got, true));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok((got, false));
-            }
-            match self.ws.next(left).await {
-                Ok(WsEvent::Envelope(env)) => {
+            // Past the deadline, what already arrived is still taken (`next` returns it first).
+            match self.ws.next(deadline).await? {
+                Some(WsEvent::Envelope(env)) => {
                     let inc = w.classify(&env)?;
                     if let Incoming::Reply(r) = &inc {
                         if is_type(r, "messagepickup", "delivery") {
@@ -568,8 +623,8 @@ impl Socket {
                     }
                     got.push(inc);
                 }
-                Ok(WsEvent::Closed(r)) => bail!("the mediator closed the socket: {r:?}"),
-                Err(_) => return Ok((got, false)),
+                Some(WsEvent::Closed(r)) => return Err(SocketClosed(format!("{r:?}")).into()),
+                None => return Ok((got, false)),
             }
         }
     }
@@ -657,5 +712,64 @@ where
             return Ok(None);
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+/// A wallet that never talked to a mediator (its mediator key is a fresh one): enough to pack,
+/// classify and read sockets in unit tests.
+#[cfg(test)]
+pub(crate) fn offline_wallet() -> Wallet {
+    let key = KeyPair::generate();
+    let did = did::create_peer4(&key.verkey(), &["didcomm:transport/queue".to_string()], &[]);
+    let agent = Agent::from_parts(key, did, KeyPair::generate().verkey(), "http://127.0.0.1:9/".into());
+    Wallet {
+        agent,
+        grant: Grant {
+            endpoint: "http://127.0.0.1:9/".into(),
+            routing_keys: Vec::new(),
+        },
+        key: KeyPair::generate(),
+        timeout: Duration::from_secs(5),
+    }
+}
+
+/// Waits until `cond` holds (checked every 20 ms, at most 10 s).
+#[cfg(test)]
+pub(crate) async fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::ws_stub::{self, Behaviour};
+
+    /// ACA-Py closes a socket whose pongs stop for 1.5 s. A check that does something else for
+    /// a while (onboards wallet B, posts a forward) while wallet A's socket is open must not
+    /// lose that socket: its pings are answered without the check reading it.
+    #[actix_rt::test]
+    async fn a_socket_answers_pings_while_the_check_does_something_else() {
+        let stub = ws_stub::start(Behaviour::Ping(Duration::from_millis(300))).await;
+        let w = offline_wallet();
+        let mut s = w.socket(&stub.url).await.unwrap();
+        // The check's gap: over a second (four pings) in which nothing reads the socket.
+        wait_for("four pings, or the socket dropped", || {
+            stub.pings() >= 4 || stub.dropped()
+        })
+        .await;
+        assert!(!stub.dropped(), "the stub closed the socket for a missed pong");
+        // Still open: what is sent comes back (the stub echoes).
+        s.send(&w, &trust_ping()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (got, echoed) = s
+            .read_until(&w, deadline, |g| !g.is_empty())
+            .await
+            .expect("the socket is still open");
+        assert!(echoed, "{got:?}");
+        s.close().await;
     }
 }
