@@ -250,7 +250,10 @@ pub async fn run(target: &mut Target, opts: &Options, print: bool) -> Report {
         report: Report::default(),
         only: opts.only.clone(),
         print,
-        limit: opts.redelivery_wait + opts.timeout * 6,
+        // A hang guard, not a verdict: the longest check (a fresh wallet's onboarding, two
+        // forwards, the deliveries, the ack, then the wait for a redelivery) makes about ten
+        // requests of up to a timeout each beside its wait.
+        limit: opts.redelivery_wait + opts.timeout * 12,
     };
     match onboarding::run(&mut r, target).await {
         Ok(()) => {
