@@ -619,6 +619,7 @@ pub async fn run(
     tracing::info!(node = node_id, "shutting down");
     ready_flag.store(false, Ordering::SeqCst);
     shared.stopping.store(true, Ordering::SeqCst);
+    shared.tracked.move_to_main();
     shared.draining.store(true, Ordering::SeqCst);
     let closed = registry
         .send(CloseAll {
@@ -641,6 +642,12 @@ pub async fn run(
     if tokio::time::timeout(SHUTDOWN_GRACE, sockets_done).await.is_err() {
         owes = true;
         tracing::warn!("sockets' requests and give-backs not all finished within {SHUTDOWN_GRACE:?}");
+    }
+    // What requests and sockets started on the workers before the stop (wake-ups, hand-offs,
+    // give-backs) ends before the workers stop; what they start from now on runs here.
+    if !shared.tracked.idle_on_workers(SHUTDOWN_GRACE).await {
+        owes = true;
+        tracing::warn!("tasks on the workers not all finished within {SHUTDOWN_GRACE:?}");
     }
     if let Some(c) = &cluster {
         c.leave().await;
@@ -666,7 +673,7 @@ pub async fn run(
         );
     }
     // What the last requests and sockets started (wake-ups of the wallets their forwards
-    // queued for, hand-offs, give-backs) runs on this arbiter, not the stopped workers': it
+    // queued for, hand-offs, give-backs) ran on this arbiter, not the stopped workers': it
     // finishes before the push worker stops, or the stop owes.
     if !shared.tracked.idle(SHUTDOWN_GRACE).await {
         owes = true;

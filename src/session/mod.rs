@@ -98,7 +98,7 @@ pub struct Shared {
     /// ([`Shared::peer_down`]).
     notified: notified::Notified,
     /// Work a request or a socket starts that must outlive it (wake-ups, hand-offs,
-    /// give-backs): on the node's main arbiter, and waited for at the stop.
+    /// give-backs): counted, and waited for at the stop (see [`tracked`]).
     pub tracked: tracked::Tracked,
 }
 
@@ -225,7 +225,7 @@ impl Shared {
         let s = self.clone();
         let queued = std::mem::take(&mut out.queued_for);
         let repeated = out.repeated.take();
-        // Not on the request's worker: it may stop (the node stopping) before this runs.
+        // Counted: a stopping node waits for it before its workers stop.
         self.tracked.spawn(async move {
             for c in queued {
                 s.queued_new(&c).await;

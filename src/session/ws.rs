@@ -756,7 +756,7 @@ impl Actor for WsSession {
         // back: a drained node says `empty` (`/status`) only once nothing of its sessions is
         // leased, so an operator who stops it then leaves no delivery waiting for `lease_ms`.
         let slot = self.slot.clone();
-        // On the main arbiter: a stopping node's worker stops as its last socket closes.
+        // Counted: a stopping node waits for it before its workers stop.
         self.shared.tracked.spawn(async move {
             let _slot = slot;
             let released = match &bound {
