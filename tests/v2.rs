@@ -353,6 +353,36 @@ async fn a_message_encrypted_for_others_too_must_name_the_mediator() {
     assert_eq!(code, 200, "naming the mediator, it is answered");
 }
 
+/// A forward a wallet encrypted for another party beside the mediator, without `to`, acts as
+/// nobody's when that party sends it on: the forward is queued, but the socket it came on is
+/// not bound to the wallet's connection (it would hold the wallet's session, delivering
+/// nothing, and keep the wallet from being pushed).
+#[actix_rt::test]
+async fn a_forward_sent_on_by_another_binds_no_socket_to_its_writer() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut w = V2Agent::new(m.clone()).unwrap();
+    let r = w.onboard().await.unwrap();
+    let p = V2Agent::new(m.clone()).unwrap();
+    let others = did::resolve(&p.did).unwrap().agreement_keys();
+    let s = V2Sender::new().unwrap();
+    let fwd = json!({
+        "id": mailroom::didcomm::message::new_id(),
+        "type": "https://didcomm.org/routing/2.0/forward",
+        "body": { "next": r },
+        "attachments": [{ "id": "a1", "data": { "json": encrypted_for(&s, &w, "sent on") } }],
+    });
+    let env = w.pack_also(&fwd, &others).unwrap();
+    let mut sock = p.socket().await.unwrap();
+    sock.ws.send_envelope(env, false).await.unwrap();
+    eventually("the forward queued", || async {
+        (w.status(None).await.unwrap() == 1).then_some(())
+    })
+    .await;
+    let sessions = get_json(&format!("{}/sessions", n.admin_url())).await;
+    assert_eq!(sessions["sessions"].as_array().unwrap().len(), 0, "{sessions}");
+}
+
 #[actix_rt::test]
 async fn live_delivery_over_websocket_beside_a_v1_wallet() {
     let (n, _d) = node();

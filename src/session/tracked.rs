@@ -83,7 +83,8 @@ impl Tracked {
         // Counted before the flag is read (both SeqCst): a stop that set the flag and then
         // found no task on the workers cannot miss one started there after its look.
         let here = self.on_workers.count_in();
-        if !self.to_main.load(Ordering::SeqCst) {
+        // Off an arbiter (no local task set to run it), it goes to the main one too.
+        if !self.to_main.load(Ordering::SeqCst) && actix_rt::Arbiter::try_current().is_some() {
             actix_rt::spawn(async move {
                 let _counted = here;
                 task.await;

@@ -73,7 +73,7 @@ fn check(shared: &Arc<Shared>, req: &Request) -> Result<(SocketSlot, [u8; 28]), 
             body: json!({"error": "not-found", "reason": "WebSockets open on /"}),
         });
     }
-    if shared.draining.load(Ordering::Relaxed) {
+    if shared.draining.load(Ordering::SeqCst) || shared.stopping.load(Ordering::SeqCst) {
         return Err(Refusal::unavailable(
             json!({"error": "shutting-down", "reason": "this node is shutting down: reconnect"}),
         ));

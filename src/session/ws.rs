@@ -302,7 +302,12 @@ impl WsSession {
         }
         if let Some(b) = out.ack_on_return {
             let owner = self.owner();
-            actix_rt::spawn(async move { shared.settle_batch(b, &owner, returned).await });
+            // Holds the socket's slot: a stopping node waits for it.
+            let slot = self.slot.clone();
+            actix_rt::spawn(async move {
+                let _slot = slot;
+                shared.settle_batch(b, &owner, returned).await
+            });
         }
         if revoked_here {
             self.close_revoked(ctx);
@@ -475,8 +480,13 @@ impl WsSession {
         // the store's lease, which may land after `stopped` released the owner's messages.
         // Then the lease gives them back itself (`closed` is set before that release), or
         // they would stay leased to a gone socket until the lease ran out.
+        // The socket's slot is held until the lease lands: a stopping node waits for every
+        // slot before its workers stop (a lease dropped with its worker stays leased to a gone
+        // socket until it runs out).
+        let slot = self.slot.clone();
         let fut = async move {
             let leased = actix_rt::spawn(async move {
+                let _slot = slot;
                 let store = &shared.mediator.store;
                 let mut read_at = None;
                 if read_mediation {

@@ -189,6 +189,12 @@ pub async fn handle(
     if unbound {
         unpacked.sender_kid = None;
     }
+    // A forward or a report that others could open too may come from any of them: it acts as
+    // nobody's (it would bind the socket it came on to its sender's connection).
+    if unpacked.for_others && acts_on_no_connection(&msg) {
+        unpacked.sender_kid = None;
+        unpacked.signer_kid = None;
+    }
     let sender = unpacked.authenticated_did().map(str::to_string);
     let signed_only = unpacked.sender_kid.is_none() && unpacked.signer_kid.is_some();
     // A message others can open too may be sent on by them: it must say it is for us.
