@@ -29,6 +29,9 @@ pub struct Tracked {
 struct Running {
     count: AtomicUsize,
     none_left: Notify,
+    /// Someone waits for none left ([`Running::idle`], only at the stop): the last task out
+    /// wakes it. Not otherwise: a wake-up per task cost a lock on every forward.
+    watched: AtomicBool,
 }
 
 impl Running {
@@ -39,6 +42,9 @@ impl Running {
     }
 
     async fn idle(&self, within: Duration) -> bool {
+        // Set before the count is read below (both SeqCst): a task that ends after that read
+        // sees it, and wakes this wait.
+        self.watched.store(true, Ordering::SeqCst);
         let wait = async {
             loop {
                 let none_left = self.none_left.notified();
@@ -60,7 +66,7 @@ struct Counted(Arc<Running>);
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.watched.load(Ordering::SeqCst) {
             self.0.none_left.notify_waiters();
         }
     }
