@@ -131,7 +131,7 @@ pub fn to_multibase(key: &AnyKey) -> Result<String, V2Error> {
 }
 
 /// A peer's public key from its raw bytes; an X25519 key of small order is refused
-/// ([`refuse_small_order`]).
+/// (see `refuse_small_order`).
 pub fn from_public_bytes(alg: KeyAlg, pk: &[u8]) -> Result<Key, V2Error> {
     let key =
         Arc::<AnyKey>::from_public_bytes(alg, pk).map_err(|e| V2Error::BadKey(format!("{}: {e}", alg.as_str())))?;
