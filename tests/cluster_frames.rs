@@ -518,3 +518,53 @@ async fn a_takeover_noted_at_a_resync_is_not_reused_when_the_peer_later_fails() 
     assert_eq!(n1.owner_of("c1"), None, "n9's claim swept");
     n1.shutdown().await;
 }
+
+/// Every frame that names a connection refuses an id over 128 bytes, as claims do (ids are
+/// UUIDs: a long one would travel on into events, logs and per-connection queues); and a pong
+/// to a ping never sent (one from this node's future) confirms nothing. Each is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_naming_an_oversized_connection_id_and_future_pongs_are_refused() {
+    let (n1, mut ev, mut link) = ghost_and_node(|_| {}).await;
+    let rejected_before = n1.status().counters.frames_rejected;
+    let huge = "x".repeat(129);
+    for f in [
+        Frame::Queued { conn: huge.clone() },
+        Frame::Deliver {
+            conn: huge.clone(),
+            msgs: vec![],
+        },
+        Frame::CloseSessions {
+            conn: huge.clone(),
+            reason: "r".into(),
+        },
+        Frame::RoutesChanged {
+            conn: huge.clone(),
+            keys: vec![],
+        },
+        Frame::Pong { t: u64::MAX },
+    ] {
+        link.writer.write_frame(&f).await.unwrap();
+    }
+    link.writer
+        .send(&Frame::Queued { conn: "marker".into() })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let e = tokio::time::timeout_at(deadline, ev.recv())
+            .await
+            .expect("the marker")
+            .expect("events");
+        let named = match &e {
+            ClusterEvent::MessageQueued { conn } if conn == "marker" => break,
+            ClusterEvent::MessageQueued { conn }
+            | ClusterEvent::Delivered { conn, .. }
+            | ClusterEvent::CloseSessions { conn, .. }
+            | ClusterEvent::RoutesChanged { conn, .. } => conn.clone(),
+            _ => continue,
+        };
+        assert_ne!(named, huge, "an oversized id went on as an event");
+    }
+    assert_eq!(n1.status().counters.frames_rejected, rejected_before + 5);
+    n1.shutdown().await;
+}

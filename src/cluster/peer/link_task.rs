@@ -251,10 +251,34 @@ async fn read_loop(
             // Replaced or closed; its task is about to end. Its frames no longer count.
             return Ok("link replaced");
         }
+        // Every frame naming a connection: ids are UUIDs, and an oversized one would travel
+        // on into events, logs and per-connection queues (claims are checked below).
+        if let Frame::Queued { conn }
+        | Frame::Deliver { conn, .. }
+        | Frame::CloseSessions { conn, .. }
+        | Frame::RoutesChanged { conn, .. } = &frame
+        {
+            if conn.len() > MAX_CONN_ID {
+                bump(&shared.counters.frames_rejected);
+                warn!(
+                    peer,
+                    len = conn.len(),
+                    kind = frame.kind(),
+                    "frame naming a connection id over {MAX_CONN_ID} bytes ignored"
+                );
+                continue;
+            }
+        }
         match frame {
             Frame::Ping { t } => {
                 // If the queue is full the peer still hears our own pings.
                 let _ = tx.try_send(Frame::Pong { t });
+            }
+            // A pong answers a ping this node sent: one from its future would confirm (and so
+            // never give back) every hand-off not yet answered.
+            Frame::Pong { t } if t > shared.micros() => {
+                bump(&shared.counters.frames_rejected);
+                warn!(peer, t, "pong to a ping never sent ignored");
             }
             Frame::Pong { t } => {
                 unconfirmed.lock().pong(t);
