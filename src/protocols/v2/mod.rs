@@ -186,22 +186,23 @@ pub async fn handle(
     // accepts Veramo's form): it may still forward, as anoncrypt does, or be proven by a
     // signature inside it.
     let unbound = unpacked.sender_kid.is_some() && !unpacked.authcrypt_binds_sender() && !m.v2_legacy_authcrypt;
+    // Read once, and only when one of the rules below needs it.
+    let acts_on_none = (unbound || unpacked.for_others) && acts_on_no_connection(&msg);
     if unbound {
         unpacked.sender_kid = None;
     }
     // A forward or a report that others could open too may come from any of them: it acts as
     // nobody's (it would bind the socket it came on to its sender's connection).
-    if unpacked.for_others && acts_on_no_connection(&msg) {
+    if unpacked.for_others && acts_on_none {
         unpacked.sender_kid = None;
         unpacked.signer_kid = None;
     }
     let sender = unpacked.authenticated_did().map(str::to_string);
     let signed_only = unpacked.sender_kid.is_none() && unpacked.signer_kid.is_some();
     // A message others can open too may be sent on by them: it must say it is for us.
-    let must_name_us = signed_only || (unpacked.for_others && !acts_on_no_connection(&msg));
+    let must_name_us = signed_only || (unpacked.for_others && !acts_on_none);
     let refused = refused_before_handling(m, &msg, sender.as_deref(), signed_only, must_name_us).or_else(|| {
-        (unbound && sender.is_none() && !acts_on_no_connection(&msg))
-            .then(|| HandleError::BadMessage(UNBOUND_AUTHCRYPT.into()))
+        (unbound && sender.is_none() && !acts_on_none).then(|| HandleError::BadMessage(UNBOUND_AUTHCRYPT.into()))
     });
     let conn = match &sender {
         Some(s) => m.store.connection_by_their_verkey(s).await?,
