@@ -413,7 +413,7 @@ pub async fn run(
                         let _ = shared.registry.send(SessionMoved { conn }).await;
                     }
                     ClusterEvent::RoutesChanged { conn, keys } => routes.forget(&conn, &keys),
-                    ClusterEvent::Delivered { conn, msgs } => {
+                    ClusterEvent::Delivered { conn, msgs, held } => {
                         let msgs = msgs
                             .into_iter()
                             .map(|m| crate::store::QueuedMessage {
@@ -428,7 +428,7 @@ pub async fn run(
                         // Off this loop (a session writing to a slow socket takes them
                         // late), in the order the link read them.
                         let node = shared.mediator.node_id.clone();
-                        shared.hand_off_in_order(crate::protocols::Handed { node, conn, msgs });
+                        shared.hand_off_held_in_order(crate::protocols::Handed { node, conn, msgs }, held);
                     }
                     ClusterEvent::HandOffReturned { node, conn, ids } => {
                         let s = shared.clone();

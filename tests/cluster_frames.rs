@@ -36,15 +36,17 @@ type GhostLink = link::Link<TcpStream>;
 async fn ghost_and_node(
     tune: impl FnOnce(&mut ClusterConfig),
 ) -> (ClusterHandle, mpsc::Receiver<ClusterEvent>, GhostLink) {
-    let (n1, ev, addr, max) = node_with_ghost(tune).await;
+    let (n1, ev, addr, max) = node_with_ghost(1024, tune).await;
     let link = ghost_link(addr, max).await.unwrap();
     (n1, ev, link)
 }
 
 /// Starts node "n1" whose only peer is "ghost" (configured at a closed address on
-/// 127.0.0.1: n1's own dials fail, so the ghost's link is the only one). Returns n1, its
-/// events, its cluster address and its `max_frame`.
+/// 127.0.0.1: n1's own dials fail, so the ghost's link is the only one), with room for
+/// `events` events in its channel. Returns n1, its events, its cluster address and its
+/// `max_frame`.
 async fn node_with_ghost(
+    events: usize,
     tune: impl FnOnce(&mut ClusterConfig),
 ) -> (ClusterHandle, mpsc::Receiver<ClusterEvent>, SocketAddr, usize) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -64,7 +66,7 @@ async fn node_with_ghost(
     cfg.failure_timeout = Duration::from_secs(60);
     tune(&mut cfg);
     let max = cfg.max_frame;
-    let (tx, ev) = mpsc::channel(1024);
+    let (tx, ev) = mpsc::channel(events);
     let n1 = ClusterHandle::start(cfg, l, tx).await.unwrap();
     (n1, ev, addr, max)
 }
@@ -317,7 +319,7 @@ async fn idle_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
 /// more from the peer's own address (the same host) keep it out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sockets_do_not_keep_a_peer_out() {
-    let (n1, _ev, addr, max) = node_with_ghost(|_| {}).await;
+    let (n1, _ev, addr, max) = node_with_ghost(1024, |_| {}).await;
     let mut flood = Vec::new();
     for k in 2..42u8 {
         for _ in 0..4 {
@@ -566,5 +568,149 @@ async fn frames_naming_an_oversized_connection_id_and_future_pongs_are_refused()
         assert_ne!(named, huge, "an oversized id went on as an event");
     }
     assert_eq!(n1.status().counters.frames_rejected, rejected_before + 5);
+    n1.shutdown().await;
+}
+
+/// A peer's hand-offs wait on this node until their sessions take them (a session writing to a
+/// slow socket takes them late): they may hold no more than the link's budget
+/// (`DELIVER_BUDGET_FRAMES` frames). Past it the link reads nothing more until the node hands
+/// some on, and nothing is lost: every message arrives, in order. The node keeping the link
+/// waiting longer than the failure timeout does not make the peer down (the silence is the
+/// node's own). Here the node's hand-offs are the events the test holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_hand_offs_waiting_on_the_node_stay_within_the_links_budget() {
+    const FRAME: usize = 16 * 1024;
+    const BUDGET: usize = 8 * FRAME;
+    const PAYLOAD: usize = 12 * 1024;
+    const FRAMES: i64 = 60;
+    let failure = Duration::from_millis(1500);
+    let (n1, mut ev, link) = ghost_and_node(|c| {
+        c.max_frame = FRAME;
+        c.failure_timeout = failure;
+    })
+    .await;
+    let mut writer = link.writer;
+    let ghost = tokio::spawn(async move {
+        for id in 1..=FRAMES {
+            let msgs = vec![mailroom::cluster::proto::HandedMsg {
+                id,
+                recipient_key: "key".into(),
+                payload: vec![7; PAYLOAD],
+                received_at_ms: 1,
+            }];
+            let f = Frame::Deliver { conn: "c".into(), msgs };
+            writer.send(&f).await.unwrap();
+        }
+        writer
+    });
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    let mut held = Vec::new();
+    let mut next_id = 1;
+    let mut waited_past_failure = false;
+    while next_id <= FRAMES {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {FRAMES} hand-offs arrived",
+            next_id - 1
+        );
+        match tokio::time::timeout(Duration::from_millis(300), ev.recv()).await {
+            Ok(Some(ClusterEvent::Delivered { conn, msgs, held: room })) => {
+                assert_eq!(conn, "c");
+                for m in &msgs {
+                    assert_eq!(m.id, next_id, "hand-offs out of order or lost");
+                    next_id += 1;
+                }
+                held.push((msgs, room));
+                let bytes: usize = held.iter().flat_map(|(m, _)| m).map(|m| m.payload.len()).sum();
+                assert!(
+                    bytes <= BUDGET,
+                    "{bytes} bytes of hand-offs waiting on the node, over the {BUDGET}-byte budget"
+                );
+            }
+            Ok(Some(ClusterEvent::PeerDown { .. })) => {
+                panic!("the peer was found down while the node kept its link waiting")
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("events ended"),
+            // Nothing more comes while the budget is spent: keep it spent past the failure
+            // timeout once, then hand everything on.
+            Err(_) => {
+                let room: usize = held.iter().map(|(_, r)| r.bytes()).sum();
+                if room + PAYLOAD + 3 + 128 <= BUDGET {
+                    continue; // room left: the next frame is on its way
+                }
+                if !waited_past_failure {
+                    waited_past_failure = true;
+                    tokio::time::sleep(failure * 2).await;
+                    let st = n1.status();
+                    assert!(
+                        st.peers.iter().any(|p| p.id == "ghost" && p.up && p.connected),
+                        "{:?}",
+                        st.peers
+                    );
+                    assert!(st.counters.link_waits > 0);
+                }
+                held.clear();
+            }
+        }
+    }
+    assert!(waited_past_failure, "the link never waited for room");
+    tokio::time::timeout(WAIT, ghost)
+        .await
+        .expect("the ghost wrote everything")
+        .unwrap();
+    n1.shutdown().await;
+}
+
+/// A peer's events wait for room in the node's event channel with the link reading nothing
+/// meanwhile: the node holds no more of them than the channel (it spawned a task per event
+/// that found the channel full, each holding what the peer sent), and they reach the node in
+/// the order they were sent, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_events_wait_for_room_in_the_nodes_channel() {
+    const CAP: usize = 4;
+    const FRAMES: usize = 300;
+    let (n1, mut ev, addr, max) = node_with_ghost(CAP, |_| {}).await;
+    let mut link = ghost_link(addr, max).await.unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, ev.recv())
+            .await
+            .expect("the ghost up")
+            .expect("events")
+        {
+            ClusterEvent::PeerUp { .. } => break,
+            _ => continue,
+        }
+    }
+    for i in 0..FRAMES {
+        let f = Frame::RoutesChanged {
+            conn: format!("c{i}"),
+            keys: vec!["k".repeat(100)],
+        };
+        link.writer.write_frame(&f).await.unwrap();
+    }
+    link.writer.flush().await.unwrap();
+    // Read as far as the channel lets the link go (a full channel, one frame waiting)...
+    let read = || n1.status().counters.routes_changed_received as usize;
+    let deadline = Instant::now() + WAIT;
+    while read() < CAP + 1 {
+        assert!(Instant::now() < deadline, "only {} frames read", read());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ...and no further, however long the node leaves its events unread.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(read() <= CAP + 1, "{} frames read with room for {CAP} events", read());
+    assert!(n1.status().counters.link_waits > 0);
+    let mut i = 0;
+    while i < FRAMES {
+        if let ClusterEvent::RoutesChanged { conn, .. } = tokio::time::timeout(WAIT, ev.recv())
+            .await
+            .expect("every event")
+            .expect("events")
+        {
+            assert_eq!(conn, format!("c{i}"), "events out of order or lost");
+            i += 1;
+        }
+    }
     n1.shutdown().await;
 }

@@ -751,7 +751,7 @@ async fn a_hand_off_too_large_for_one_frame_is_refused_at_once() {
     wait_event(
         &mut n2.ev,
         "Delivered on n2",
-        |e| matches!(e, ClusterEvent::Delivered { conn, msgs } if conn == "c" && msgs.len() == 2),
+        |e| matches!(e, ClusterEvent::Delivered { conn, msgs, .. } if conn == "c" && msgs.len() == 2),
     )
     .await;
     assert_eq!(n1.h.status().counters.handoffs_sent, 2);

@@ -23,7 +23,10 @@
 //! busiest source, never a configured peer's for an unknown source), claims per peer (1,000,000) and bytes per claimed connection id
 //! ([`proto::MAX_CONN_ID`], 128: longer claims are ignored), directory work per hold of the
 //! cluster lock (`peer::DIR_SLICE` claims: a large resync or a failed peer's claims are
-//! handled in slices, so forwards and session binds never wait for a whole one).
+//! handled in slices, so forwards and session binds never wait for a whole one), peers' hand-offs
+//! held on this node until their sessions take them (`peer::DELIVER_BUDGET_FRAMES` frames per
+//! link, [`Held`]) and peers' events waiting for the node (its event channel): past either,
+//! the link reads nothing more until there is room, and the peer's queue to this node fills.
 //!
 //! Use from the node:
 //!
@@ -255,10 +258,13 @@ pub enum ClusterEvent {
         keys: Vec<String>,
     },
     /// A peer handed messages of `conn` to this node's session ([`proto::Frame::Deliver`]):
-    /// they are leased to this node's hand-off owner; write them out, or release them.
+    /// they are leased to this node's hand-off owner; write them out, or release them. Keep
+    /// `held` until a session took them (or they were released): it holds their room in the
+    /// link's budget, and the link reads no further `Deliver` frame while the budget is spent.
     Delivered {
         conn: String,
         msgs: Vec<proto::HandedMsg>,
+        held: Held,
     },
     /// Messages this node handed to `node` never left (the link closed first): release
     /// them (leased to `node`'s hand-off owner) and wake whoever holds `conn` now.
@@ -268,6 +274,46 @@ pub enum ClusterEvent {
         ids: Vec<i64>,
     },
 }
+
+/// The room the messages of one `Deliver` frame take in its link's budget
+/// ([`ClusterEvent::Delivered`]), given back when the last clone is dropped. A peer's hand-offs
+/// wait on this node for its sessions (one writing to a slow socket takes them late); without a
+/// budget a peer could have this node hold any number of frames in memory. Spent, the link
+/// reads nothing until room comes back, and the peer's own queue to this node fills and it
+/// releases its hand-offs to the store instead, as for a link that is down.
+#[derive(Clone)]
+pub struct Held(Option<Arc<tokio::sync::OwnedSemaphorePermit>>);
+
+impl Held {
+    /// Holds no room (a hand-off made on this node).
+    pub fn nothing() -> Held {
+        Held(None)
+    }
+
+    pub(crate) fn room(permit: tokio::sync::OwnedSemaphorePermit) -> Held {
+        Held(Some(Arc::new(permit)))
+    }
+
+    /// The bytes of the budget held.
+    pub fn bytes(&self) -> usize {
+        self.0.as_ref().map_or(0, |p| p.num_permits())
+    }
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Held({} bytes)", self.bytes())
+    }
+}
+
+/// Events compare by what they say, not by the room they hold.
+impl PartialEq for Held {
+    fn eq(&self, _: &Held) -> bool {
+        true
+    }
+}
+
+impl Eq for Held {}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum NotifyOutcome {

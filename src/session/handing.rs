@@ -7,11 +7,19 @@
 //! hand-offs of a dropped runner leased to nobody while a runtime can still give them back.
 
 use super::Shared;
-use crate::cluster::proto;
+use crate::cluster::{proto, Held};
 use crate::protocols::Handed;
 use crate::store::QueuedMessage;
 use std::collections::VecDeque;
 use std::sync::Arc;
+
+/// A hand-off waiting its turn, with the room its messages hold in their link's budget when
+/// a peer sent them ([`crate::cluster::ClusterEvent::Delivered`]): given back once the hand-off
+/// is done, not when it is taken off the queue.
+pub(super) struct Entry {
+    pub h: Handed,
+    pub held: Vec<Held>,
+}
 
 /// How far the runner joins consecutive hand-offs of one connection for the same node.
 pub(super) struct Join<'a> {
@@ -26,19 +34,21 @@ pub(super) struct Join<'a> {
 impl Join<'_> {
     /// The first hand-off of `waiting` with those right after it that join it, taken out of
     /// `waiting`, in order; `None` when nothing waits.
-    pub fn take(&self, waiting: &mut VecDeque<Handed>) -> Option<Handed> {
-        let mut h = waiting.pop_front()?;
-        let mut bytes = carried(&h.msgs);
+    pub fn take(&self, waiting: &mut VecDeque<Entry>) -> Option<Entry> {
+        let mut e = waiting.pop_front()?;
+        let mut bytes = carried(&e.h.msgs);
         while let Some(next) = waiting.front() {
-            let more = carried(&next.msgs);
-            let msgs = h.msgs.len() + next.msgs.len();
-            if next.node != h.node || !self.fits(&h.node, msgs, bytes.saturating_add(more)) {
+            let more = carried(&next.h.msgs);
+            let msgs = e.h.msgs.len() + next.h.msgs.len();
+            if next.h.node != e.h.node || !self.fits(&e.h.node, msgs, bytes.saturating_add(more)) {
                 break;
             }
-            h.msgs.extend(waiting.pop_front().expect("front checked").msgs);
+            let next = waiting.pop_front().expect("front checked");
+            e.h.msgs.extend(next.h.msgs);
+            e.held.extend(next.held);
             bytes = bytes.saturating_add(more);
         }
-        Some(h)
+        Some(e)
     }
 
     /// Whether one hand-off to `node` may hold `msgs` messages that carry `bytes`
@@ -59,15 +69,19 @@ impl Join<'_> {
 /// ([`Shared::hand_back`]: released, their wallet woken) in a task on the system arbiter,
 /// which outlives the HTTP workers' arbiters and runs what a wake-up spawns. With no system
 /// left (the node is stopping), they wait for their lease to run out.
-pub(super) fn hand_back_abandoned(shared: Arc<Shared>, left: VecDeque<Handed>) {
+pub(super) fn hand_back_abandoned(shared: Arc<Shared>, left: VecDeque<Entry>) {
     if left.is_empty() {
         return;
     }
-    let messages: usize = left.iter().map(|h| h.msgs.len()).sum();
+    let messages: usize = left.iter().map(|e| e.h.msgs.len()).sum();
+    // Only their ids are needed now: their payloads (and their room) go at once.
+    let left: Vec<(String, String, Vec<i64>)> = left
+        .into_iter()
+        .map(|e| (e.h.node, e.h.conn, e.h.msgs.iter().map(|m| m.id).collect()))
+        .collect();
     let hand_back = async move {
-        for h in left {
-            let ids: Vec<i64> = h.msgs.iter().map(|m| m.id).collect();
-            shared.hand_back(&h.node, &h.conn, &ids).await;
+        for (node, conn, ids) in left {
+            shared.hand_back(&node, &conn, &ids).await;
         }
     };
     let spawned = actix_rt::System::try_current().is_some_and(|sys| sys.arbiter().spawn(hand_back));
@@ -113,11 +127,15 @@ mod tests {
         }
     }
 
+    fn entry(h: Handed) -> Entry {
+        Entry { h, held: Vec::new() }
+    }
+
     /// The hand-offs `join` makes of `waiting`, each as the ids of its messages.
     fn runs(join: &Join, waiting: Vec<Handed>) -> Vec<Vec<i64>> {
-        let mut waiting = VecDeque::from(waiting);
+        let mut waiting: VecDeque<Entry> = waiting.into_iter().map(entry).collect();
         std::iter::from_fn(|| join.take(&mut waiting))
-            .map(|h| h.msgs.iter().map(|m| m.id).collect())
+            .map(|e| e.h.msgs.iter().map(|m| m.id).collect())
             .collect()
     }
 
@@ -242,13 +260,16 @@ mod tests {
             conn: "c1".into(),
             msgs: vec![m.clone()],
         };
-        let first = s.handing.enter("c1", to_n1(&msgs[0])).unwrap();
+        let first = s.handing.enter("c1", entry(to_n1(&msgs[0]))).unwrap();
         let mut run = s.run_of("c1".into(), first);
         assert!(run.waiting().unwrap().pop_front().is_some(), "being run");
-        assert!(s.handing.enter("c1", to_n1(&msgs[1])).is_none(), "waits for the runner");
+        assert!(
+            s.handing.enter("c1", entry(to_n1(&msgs[1]))).is_none(),
+            "waits for the runner"
+        );
         drop(run);
         assert!(
-            s.handing.enter("c1", to_n1(&msgs[1])).is_some(),
+            s.handing.enter("c1", entry(to_n1(&msgs[1]))).is_some(),
             "the next hand-off starts a run"
         );
         let store = &s.mediator.store;

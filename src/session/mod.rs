@@ -22,7 +22,7 @@ pub mod watchdog;
 pub mod ws;
 pub mod wsio;
 
-use crate::cluster::{ClusterHandle, NotifyOutcome};
+use crate::cluster::{ClusterHandle, Held, NotifyOutcome};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocols::{handoff_owner, now_ms, AckOnReturn, Handed, Mediator};
@@ -93,7 +93,7 @@ pub struct Shared {
     /// Outbound POSTs to agents' endpoints: where they may connect, and their client.
     pub egress: Arc<egress::Egress>,
     /// Hand-offs running, per connection: one at a time, in the order entered.
-    handing: in_order::InOrder<Handed>,
+    handing: in_order::InOrder<handing::Entry>,
     /// What this node notified each peer of, to wake once the peer is found down
     /// ([`Shared::peer_down`]).
     notified: notified::Notified,
@@ -256,8 +256,15 @@ impl Shared {
     /// (`session::in_order`): a task runs them one at a time, joining those for the same node into
     /// one hand-off of up to a batch, and for a peer up to one frame (`session::handing`).
     pub fn hand_off_in_order(self: &Arc<Self>, h: Handed) {
+        self.hand_off_held_in_order(h, Held::nothing());
+    }
+
+    /// [`Shared::hand_off_in_order`] of messages a peer handed to this node, holding `held` (their
+    /// room in the budget of the link they came on) until they are handed.
+    pub fn hand_off_held_in_order(self: &Arc<Self>, h: Handed, held: Held) {
         let conn = h.conn.clone();
-        let Some(first) = self.handing.enter(&conn, h) else {
+        let held = if held.bytes() == 0 { Vec::new() } else { vec![held] };
+        let Some(first) = self.handing.enter(&conn, handing::Entry { h, held }) else {
             return;
         };
         let s = self.clone();
@@ -268,8 +275,9 @@ impl Shared {
                 max_frame: s.cluster.as_ref().map(ClusterHandle::max_frame),
             };
             let mut run = s.run_of(conn, first);
-            while let Some(h) = run.waiting().and_then(|w| join.take(w)) {
-                s.hand_off(h).await;
+            while let Some(e) = run.waiting().and_then(|w| join.take(w)) {
+                s.hand_off(e.h).await;
+                drop(e.held);
             }
         });
     }
@@ -281,8 +289,8 @@ impl Shared {
     fn run_of(
         self: &Arc<Self>,
         conn: String,
-        first: Handed,
-    ) -> in_order::Run<'_, Handed, impl FnOnce(std::collections::VecDeque<Handed>)> {
+        first: handing::Entry,
+    ) -> in_order::Run<'_, handing::Entry, impl FnOnce(std::collections::VecDeque<handing::Entry>)> {
         let s = self.clone();
         in_order::Run::new(&self.handing, conn, first, move |left| {
             handing::hand_back_abandoned(s, left)

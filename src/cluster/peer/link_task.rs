@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncWrite, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tracing::{debug, info, warn};
 
 use parking_lot::MutexGuard;
@@ -19,7 +19,7 @@ use crate::cluster::directory::{plausible_epoch, DirEvent};
 use crate::cluster::link::{LinkReader, LinkWriter, SecureChannel};
 use crate::cluster::membership::{LinkId, MemberEffect, MemberEvent};
 use crate::cluster::proto::{Claim, Frame, MAX_CONN_ID};
-use crate::cluster::ClusterEvent;
+use crate::cluster::{ClusterEvent, Held};
 
 /// `Deliver` frames written to one link and not yet known to be read: the peer reads frames in
 /// order and answers each ping, so a pong proves it read every frame written before its ping.
@@ -86,6 +86,7 @@ pub(super) async fn run_link(
     let leave = Arc::new(Notify::new());
     let (close_tx, close_rx) = oneshot::channel();
     let unconfirmed = Arc::new(parking_lot::Mutex::new(Unconfirmed::default()));
+    let budget = Arc::new(Semaphore::new(DELIVER_BUDGET_FRAMES * shared.settings.max_frame));
 
     // Install (or not). The writer reads the snapshot afterwards, with every change made from
     // now on queued on this link too.
@@ -144,7 +145,7 @@ pub(super) async fn run_link(
 
     let mut shutdown = shared.shutdown_rx.clone();
     let reason: String = tokio::select! {
-        r = read_loop(&shared, rd, &peer, link, tx, &unconfirmed) => match r {
+        r = read_loop(&shared, rd, &peer, link, tx, &unconfirmed, &budget) => match r {
             Ok(why) => why.to_string(),
             Err(e) => e,
         },
@@ -223,6 +224,7 @@ async fn read_loop(
     link: LinkId,
     tx: mpsc::Sender<Frame>,
     unconfirmed: &parking_lot::Mutex<Unconfirmed>,
+    budget: &Arc<Semaphore>,
 ) -> Result<&'static str, String> {
     // Claims taken in the peer's resync in progress, if one is.
     let mut resync: Option<usize> = None;
@@ -245,135 +247,225 @@ async fn read_loop(
             }
             continue;
         }
-        let now = Instant::now();
-        let mut st = shared.state.lock();
-        if !heard(&mut st, peer, link) {
-            // Replaced or closed; its task is about to end. Its frames no longer count.
-            return Ok("link replaced");
-        }
-        // Every frame naming a connection: ids are UUIDs, and an oversized one would travel
-        // on into events, logs and per-connection queues (claims are checked below).
-        if let Frame::Queued { conn }
-        | Frame::Deliver { conn, .. }
-        | Frame::CloseSessions { conn, .. }
-        | Frame::RoutesChanged { conn, .. } = &frame
+        // What the peer sent for the node (not a wake-up, which may be dropped), sent to it
+        // once the cluster lock is released.
+        let mut for_node = None;
         {
-            if conn.len() > MAX_CONN_ID {
-                bump(&shared.counters.frames_rejected);
-                warn!(
-                    peer,
-                    len = conn.len(),
-                    kind = frame.kind(),
-                    "frame naming a connection id over {MAX_CONN_ID} bytes ignored"
-                );
-                continue;
+            let now = Instant::now();
+            let mut st = shared.state.lock();
+            if !heard(&mut st, peer, link) {
+                // Replaced or closed; its task is about to end. Its frames no longer count.
+                return Ok("link replaced");
+            }
+            // Every frame naming a connection: ids are UUIDs, and an oversized one would travel
+            // on into events, logs and per-connection queues (claims are checked below).
+            if let Frame::Queued { conn }
+            | Frame::Deliver { conn, .. }
+            | Frame::CloseSessions { conn, .. }
+            | Frame::RoutesChanged { conn, .. } = &frame
+            {
+                if conn.len() > MAX_CONN_ID {
+                    bump(&shared.counters.frames_rejected);
+                    warn!(
+                        peer,
+                        len = conn.len(),
+                        kind = frame.kind(),
+                        "frame naming a connection id over {MAX_CONN_ID} bytes ignored"
+                    );
+                    continue;
+                }
+            }
+            match frame {
+                Frame::Ping { t } => {
+                    // If the queue is full the peer still hears our own pings.
+                    let _ = tx.try_send(Frame::Pong { t });
+                }
+                // A pong answers a ping this node sent: one from its future would confirm (and so
+                // never give back) every hand-off not yet answered.
+                Frame::Pong { t } if t > shared.micros() => {
+                    bump(&shared.counters.frames_rejected);
+                    warn!(peer, t, "pong to a ping never sent ignored");
+                }
+                Frame::Pong { t } => {
+                    unconfirmed.lock().pong(t);
+                    let rtt = Duration::from_micros(shared.micros().saturating_sub(t));
+                    st.members.handle(
+                        MemberEvent::Rtt {
+                            peer: peer.to_string(),
+                            link,
+                            rtt,
+                        },
+                        now,
+                    );
+                }
+                Frame::Own { conn, epoch } => {
+                    if conn.len() > MAX_CONN_ID {
+                        bump(&shared.counters.frames_rejected);
+                        warn!(
+                            peer,
+                            len = conn.len(),
+                            "claim with a connection id over {MAX_CONN_ID} bytes ignored"
+                        );
+                        continue;
+                    }
+                    if !plausible_epoch(epoch, unix_ms()) {
+                        bump(&shared.counters.frames_rejected);
+                        warn!(peer, conn = %conn, epoch, "claim with an epoch from beyond a day ahead ignored");
+                        continue;
+                    }
+                    let (claims, has) = st.dir.claims_by(peer, &conn);
+                    let cap = shared.settings.max_peer_claims;
+                    if claims >= cap && !has {
+                        bump(&shared.counters.frames_rejected);
+                        warn!(peer, "claim over {cap} claims of one peer ignored");
+                        continue;
+                    }
+                    let fx = st.dir.apply(DirEvent::Own {
+                        conn,
+                        node: peer.to_string(),
+                        epoch,
+                    });
+                    shared.apply_dir_effects(fx);
+                }
+                Frame::Disown { conn, epoch } => {
+                    if conn.len() > MAX_CONN_ID {
+                        bump(&shared.counters.frames_rejected);
+                        warn!(
+                            peer,
+                            len = conn.len(),
+                            "disown of a connection id over {MAX_CONN_ID} bytes ignored"
+                        );
+                        continue;
+                    }
+                    st.dir.apply(DirEvent::Disown {
+                        conn,
+                        node: peer.to_string(),
+                        epoch,
+                    });
+                }
+                // Taken above, outside this lock.
+                Frame::Resync { .. } => {}
+                Frame::Queued { conn } => {
+                    bump(&shared.counters.notifications_received);
+                    shared.emit(ClusterEvent::MessageQueued { conn });
+                }
+                Frame::Deliver { conn, msgs } => {
+                    shared
+                        .counters
+                        .handoffs_received
+                        .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+                    for_node = Some(ClusterEvent::Delivered {
+                        conn,
+                        msgs,
+                        held: Held::nothing(),
+                    });
+                }
+                Frame::CloseSessions { conn, reason } => {
+                    for_node = Some(ClusterEvent::CloseSessions { conn, reason });
+                }
+                Frame::RoutesChanged { conn, keys } => {
+                    bump(&shared.counters.routes_changed_received);
+                    for_node = Some(ClusterEvent::RoutesChanged { conn, keys });
+                }
+                Frame::Leave => {
+                    let fx = st.members.handle(
+                        MemberEvent::Left {
+                            peer: peer.to_string(),
+                            link,
+                        },
+                        now,
+                    );
+                    shared.apply_member_effects(&mut st, fx);
+                    return Ok("peer left the cluster");
+                }
+                Frame::Refused { reason } => {
+                    return Err(format!("peer closed the link: {reason}"));
+                }
+                other @ (Frame::Hello(_) | Frame::Proof { .. } | Frame::Welcome | Frame::Noise { .. }) => {
+                    bump(&shared.counters.frames_rejected);
+                    return Err(format!("unexpected {} frame after handshake", other.kind()));
+                }
             }
         }
-        match frame {
-            Frame::Ping { t } => {
-                // If the queue is full the peer still hears our own pings.
-                let _ = tx.try_send(Frame::Pong { t });
+        if let Some(ev) = for_node {
+            if !to_node(shared, peer, link, budget, ev).await {
+                return Ok("link replaced");
             }
-            // A pong answers a ping this node sent: one from its future would confirm (and so
-            // never give back) every hand-off not yet answered.
-            Frame::Pong { t } if t > shared.micros() => {
-                bump(&shared.counters.frames_rejected);
-                warn!(peer, t, "pong to a ping never sent ignored");
-            }
-            Frame::Pong { t } => {
-                unconfirmed.lock().pong(t);
-                let rtt = Duration::from_micros(shared.micros().saturating_sub(t));
-                st.members.handle(
-                    MemberEvent::Rtt {
-                        peer: peer.to_string(),
-                        link,
-                        rtt,
-                    },
-                    now,
+        }
+    }
+}
+
+/// Frames of `Deliver` messages one link may have waiting on this node for their sessions
+/// ([`Held`]), in `max_frame`s.
+pub(crate) const DELIVER_BUDGET_FRAMES: usize = 8;
+
+/// What a message of a `Deliver` frame takes on this node beside its payload and recipient
+/// key (its record, its connection id, the vector's slot): counted in the link's budget, so
+/// a frame of many empty messages is not free.
+const HELD_PER_MESSAGE: usize = 128;
+
+/// Sends `ev`, which the peer sent, to the node: a `Delivered` first takes its room in the
+/// link's `budget`, and every event waits for room in the node's event channel. The link reads
+/// nothing meanwhile, so a peer cannot have this node hold more than the budget and the
+/// channel, where spawning a task per event (as before) held whatever it sent. False if the
+/// link was replaced meanwhile. A node that stopped taking events drops it.
+async fn to_node(shared: &Shared, peer: &str, link: LinkId, budget: &Arc<Semaphore>, mut ev: ClusterEvent) -> bool {
+    if let ClusterEvent::Delivered { msgs, held, .. } = &mut ev {
+        let bytes: usize = msgs
+            .iter()
+            .map(|m| m.payload.len() + m.recipient_key.len() + HELD_PER_MESSAGE)
+            .sum();
+        // A frame holds at most `max_frame`, the budget several: never more than all of it.
+        let need = bytes.clamp(1, DELIVER_BUDGET_FRAMES * shared.settings.max_frame) as u32;
+        let room = match budget.clone().try_acquire_many_owned(need) {
+            Ok(p) => p,
+            Err(_) => {
+                bump(&shared.counters.link_waits);
+                debug!(
+                    peer,
+                    bytes, "hand-offs of this link wait for their sessions: the link waits for room"
                 );
-            }
-            Frame::Own { conn, epoch } => {
-                if conn.len() > MAX_CONN_ID {
-                    bump(&shared.counters.frames_rejected);
-                    warn!(
-                        peer,
-                        len = conn.len(),
-                        "claim with a connection id over {MAX_CONN_ID} bytes ignored"
-                    );
-                    continue;
+                match waiting_on_this_node(shared, peer, link, budget.clone().acquire_many_owned(need)).await {
+                    Some(Ok(p)) => p,
+                    Some(Err(_)) => return true,
+                    None => return false,
                 }
-                if !plausible_epoch(epoch, unix_ms()) {
-                    bump(&shared.counters.frames_rejected);
-                    warn!(peer, conn = %conn, epoch, "claim with an epoch from beyond a day ahead ignored");
-                    continue;
+            }
+        };
+        *held = Held::room(room);
+    }
+    let ev = match shared.events.try_send(ev) {
+        Ok(()) => return true,
+        Err(mpsc::error::TrySendError::Closed(_)) => return true,
+        Err(mpsc::error::TrySendError::Full(ev)) => ev,
+    };
+    bump(&shared.counters.link_waits);
+    debug!(peer, "node's event channel full: the link waits for room");
+    waiting_on_this_node(shared, peer, link, shared.events.send(ev))
+        .await
+        .is_some()
+}
+
+/// Waits for `room` (this node making room for what the peer sent) without counting the wait
+/// as the peer's silence: the link reads nothing meanwhile, the peer's frames wait in the
+/// socket, and the failure detector would otherwise find a live peer down (its links closed,
+/// its sessions' wallets pushed) for this node's own slowness. `None`: the link was replaced
+/// or closed meanwhile.
+async fn waiting_on_this_node<T>(
+    shared: &Shared,
+    peer: &str,
+    link: LinkId,
+    room: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(room);
+    let mut tick = tokio::time::interval(shared.settings.heartbeat_interval);
+    loop {
+        tokio::select! {
+            r = &mut room => return Some(r),
+            _ = tick.tick() => {
+                if !heard(&mut shared.state.lock(), peer, link) {
+                    return None;
                 }
-                let (claims, has) = st.dir.claims_by(peer, &conn);
-                let cap = shared.settings.max_peer_claims;
-                if claims >= cap && !has {
-                    bump(&shared.counters.frames_rejected);
-                    warn!(peer, "claim over {cap} claims of one peer ignored");
-                    continue;
-                }
-                let fx = st.dir.apply(DirEvent::Own {
-                    conn,
-                    node: peer.to_string(),
-                    epoch,
-                });
-                shared.apply_dir_effects(fx);
-            }
-            Frame::Disown { conn, epoch } => {
-                if conn.len() > MAX_CONN_ID {
-                    bump(&shared.counters.frames_rejected);
-                    warn!(
-                        peer,
-                        len = conn.len(),
-                        "disown of a connection id over {MAX_CONN_ID} bytes ignored"
-                    );
-                    continue;
-                }
-                st.dir.apply(DirEvent::Disown {
-                    conn,
-                    node: peer.to_string(),
-                    epoch,
-                });
-            }
-            // Taken above, outside this lock.
-            Frame::Resync { .. } => {}
-            Frame::Queued { conn } => {
-                bump(&shared.counters.notifications_received);
-                shared.emit(ClusterEvent::MessageQueued { conn });
-            }
-            Frame::Deliver { conn, msgs } => {
-                shared
-                    .counters
-                    .handoffs_received
-                    .fetch_add(msgs.len() as u64, Ordering::Relaxed);
-                shared.emit(ClusterEvent::Delivered { conn, msgs });
-            }
-            Frame::CloseSessions { conn, reason } => {
-                shared.emit(ClusterEvent::CloseSessions { conn, reason });
-            }
-            Frame::RoutesChanged { conn, keys } => {
-                bump(&shared.counters.routes_changed_received);
-                shared.emit(ClusterEvent::RoutesChanged { conn, keys });
-            }
-            Frame::Leave => {
-                let fx = st.members.handle(
-                    MemberEvent::Left {
-                        peer: peer.to_string(),
-                        link,
-                    },
-                    now,
-                );
-                shared.apply_member_effects(&mut st, fx);
-                return Ok("peer left the cluster");
-            }
-            Frame::Refused { reason } => {
-                return Err(format!("peer closed the link: {reason}"));
-            }
-            other @ (Frame::Hello(_) | Frame::Proof { .. } | Frame::Welcome | Frame::Noise { .. }) => {
-                bump(&shared.counters.frames_rejected);
-                return Err(format!("unexpected {} frame after handshake", other.kind()));
             }
         }
     }

@@ -87,6 +87,7 @@ pub(crate) struct Counters {
     pub handoffs_failed: AtomicU64,
     pub handoffs_unconfirmed: AtomicU64,
     pub handshakes_evicted: AtomicU64,
+    pub link_waits: AtomicU64,
 }
 
 /// A snapshot of the link's counters (`Counters`) for status output.
@@ -123,6 +124,11 @@ pub struct CounterSnapshot {
     /// address held too many, or the table was full (a flood of idle sockets on the
     /// cluster port, when it grows).
     pub handshakes_evicted: u64,
+    /// Times a link stopped reading until this node had room for what its peer sent: the
+    /// messages of `Deliver` frames not yet taken by their sessions held a link's budget
+    /// (`DELIVER_BUDGET_FRAMES` frames), or the node's event queue was full. The peer's
+    /// queue to this node fills meanwhile and it falls back to the store, as on a full link.
+    pub link_waits: u64,
 }
 
 impl Counters {
@@ -143,6 +149,7 @@ impl Counters {
             handoffs_failed: g(&self.handoffs_failed),
             handoffs_unconfirmed: g(&self.handoffs_unconfirmed),
             handshakes_evicted: g(&self.handshakes_evicted),
+            link_waits: g(&self.link_waits),
         }
     }
 }
