@@ -243,11 +243,13 @@ pub async fn run(
 
     // Cluster: every other [[node]] is a peer.
     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel::<ClusterEvent>(4096);
+    let mut started_cluster = None;
     let cluster = match listeners.cluster {
         Some(l) => {
             l.set_nonblocking(true)?;
             let l = tokio::net::TcpListener::from_std(l)?;
             let cc = cluster_config(&cfg, node_id)?;
+            started_cluster = Some(cc.clone());
             Some(ClusterHandle::start(cc, l, events_tx).await?)
         }
         None => None,
@@ -562,6 +564,7 @@ pub async fn run(
         path: opts.config_path.clone(),
         node_id: node_id.to_string(),
         cluster: cluster.clone(),
+        started: started_cluster,
         egress: shared.egress.clone(),
     });
     let admin_state = Arc::new(AdminState::new(
@@ -580,7 +583,11 @@ pub async fn run(
             };
             while hup.recv().await.is_some() {
                 match reloader.reload() {
-                    Ok(n) => tracing::info!(peers = n, "SIGHUP: peer list reloaded"),
+                    Ok(r) => tracing::info!(
+                        peers = r.peers,
+                        secret_changed = r.secret_changed,
+                        "SIGHUP: peer list reloaded"
+                    ),
                     Err(e) => tracing::error!("SIGHUP: reload refused, peers unchanged: {e}"),
                 }
             }
@@ -705,18 +712,35 @@ pub async fn run(
 }
 
 /// Re-reads the config file's `[[node]]` list and hands the peers to the cluster: new nodes
-/// are dialled, removed ones forgotten, existing links and sessions untouched.
+/// are dialled, removed ones forgotten, existing links and sessions untouched. A changed
+/// `cluster.secret` is applied too (a rotation: every link is opened again with it); other
+/// changed `[cluster]` settings are named in [`Reloaded::restart_needed`], not applied.
 pub struct Reloader {
     path: Option<std::path::PathBuf>,
     node_id: String,
     cluster: Option<ClusterHandle>,
+    /// The cluster settings the node started with (those a reload does not apply).
+    started: Option<ClusterConfig>,
     /// The new nodes' admin listeners join the addresses endpoints may not reach.
     egress: Arc<crate::session::egress::Egress>,
 }
 
+/// What a reload did.
+#[derive(Debug, serde::Serialize)]
+pub struct Reloaded {
+    /// Peers now configured.
+    pub peers: usize,
+    /// The file's `cluster.secret` (or `secret_env`'s variable) differed from the one in use:
+    /// it is in use now, and every link was closed to be opened again with it.
+    pub secret_changed: bool,
+    /// `[cluster]` settings the file changes that a reload does not apply: they take effect
+    /// when the node restarts.
+    pub restart_needed: Vec<&'static str>,
+}
+
 impl Reloader {
-    /// Returns the number of peers now configured.
-    pub fn reload(&self) -> anyhow::Result<usize> {
+    /// Applies the file's peer list and cluster secret.
+    pub fn reload(&self) -> anyhow::Result<Reloaded> {
         let path = self
             .path
             .as_ref()
@@ -727,10 +751,46 @@ impl Reloader {
         let cluster = self.cluster.as_ref().context("this node has no cluster listener")?;
         let cc = cluster_config(&cfg, &self.node_id)?;
         self.egress.refuse_admins(cfg.nodes.iter().map(|n| n.admin.as_str()));
-        let n = cc.peers.len();
+        let restart_needed = self.started.as_ref().map(|s| not_reloaded(s, &cc)).unwrap_or_default();
+        if !restart_needed.is_empty() {
+            tracing::warn!(
+                settings = ?restart_needed,
+                "reload: these cluster settings changed in the file and take effect at the next restart"
+            );
+        }
+        let peers = cc.peers.len();
         cluster.update_peers(cc.peers);
-        Ok(n)
+        let secret_changed = cluster.set_secret(&cc.secret);
+        if secret_changed {
+            tracing::warn!("reload: the cluster secret changed; every cluster link was closed and links again only with nodes that have the new secret");
+        }
+        Ok(Reloaded {
+            peers,
+            secret_changed,
+            restart_needed,
+        })
     }
+}
+
+/// The `[cluster]` settings of `new` that differ from `started` and that a reload does not
+/// apply (all but the peers and the secret), by their names in the file.
+fn not_reloaded(started: &ClusterConfig, new: &ClusterConfig) -> Vec<&'static str> {
+    [
+        ("cluster.name", started.cluster_name != new.cluster_name),
+        (
+            "cluster.heartbeat_ms",
+            started.heartbeat_interval != new.heartbeat_interval,
+        ),
+        (
+            "cluster.failure_timeout_ms",
+            started.failure_timeout != new.failure_timeout,
+        ),
+        ("cluster.max_frame_bytes", started.max_frame != new.max_frame),
+        ("cluster.peer_queue", started.peer_queue != new.peer_queue),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
 }
 
 /// The cluster settings of one node: every other `[[node]]` is a peer

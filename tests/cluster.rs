@@ -428,6 +428,70 @@ async fn a_node_added_by_reload_gets_notifications() {
     assert!(peer_connected(&nodes[0], "n4").await);
 }
 
+/// A rotated cluster secret, reloaded, is in use at once: the node closes its links (opened
+/// with the old one) and links again only with nodes that reloaded it too, so a holder of the
+/// old secret (a node removed for good) keeps no way in. Other changed `[cluster]` settings are
+/// named as needing a restart, not reported as reloaded.
+#[actix_rt::test]
+async fn a_rotated_secret_is_applied_at_the_reload_and_the_old_one_links_no_more() {
+    let db = FreshDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cluster.toml");
+    let (mut cfg, ls) = bind_cluster(2, &db.url, NO_SWEEP);
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let store = open_shared_store(&cfg).await;
+    let nodes: Vec<RunningNode> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| start_node(&cfg, &format!("n{}", i + 1), l, &store, Some(path.clone())))
+        .collect();
+    eventually("n1 linked to n2", || async {
+        peer_connected(&nodes[0], "n2").await.then_some(())
+    })
+    .await;
+    let reload = |n: &RunningNode| {
+        let url = format!("{}/reload", n.admin_url());
+        async move {
+            let (st, body) = post_raw(&url, "application/json", vec![]).await;
+            assert_eq!(st, 200, "{body}");
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()
+        }
+    };
+    // The same file: nothing changes.
+    let r = reload(&nodes[0]).await;
+    assert_eq!(
+        (
+            r["secret_changed"].as_bool(),
+            r["restart_needed"].as_array().map(Vec::len)
+        ),
+        (Some(false), Some(0)),
+        "{r}"
+    );
+    // n1 reloads a new secret (and a new heartbeat, which needs a restart); n2 still has the old one.
+    cfg.cluster.secret = Some("a-rotated-cluster-secret".into());
+    cfg.cluster.heartbeat_ms += 100;
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let failures = cluster_counter(&nodes[0], "auth_failures").await;
+    let r = reload(&nodes[0]).await;
+    assert_eq!(r["secret_changed"], true, "{r}");
+    assert_eq!(r["restart_needed"], serde_json::json!(["cluster.heartbeat_ms"]), "{r}");
+    eventually("n2's old secret refused by n1", || async {
+        (cluster_counter(&nodes[0], "auth_failures").await > failures).then_some(())
+    })
+    .await;
+    assert!(
+        !peer_connected(&nodes[0], "n2").await,
+        "n1 kept a link opened with the old secret"
+    );
+    // n2 reloads it too: they link again.
+    let r = reload(&nodes[1]).await;
+    assert_eq!(r["secret_changed"], true, "{r}");
+    eventually("n1 and n2 linked again", || async {
+        (peer_connected(&nodes[0], "n2").await && peer_connected(&nodes[1], "n1").await).then_some(())
+    })
+    .await;
+}
+
 /// One of this node's cluster counters (`/cluster`), e.g. `routes_changed_received`.
 async fn cluster_counter(n: &RunningNode, name: &str) -> u64 {
     cluster_json(n).await["cluster"]["counters"][name].as_u64().unwrap_or(0)

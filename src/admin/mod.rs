@@ -343,7 +343,12 @@ async fn new_invitation(req: HttpRequest, st: web::Data<AdminState>, body: web::
 async fn reload(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
     guard!(req, st);
     match st.reloader.reload() {
-        Ok(n) => HttpResponse::Ok().json(json!({"reloaded": true, "peers": n})),
+        Ok(r) => HttpResponse::Ok().json(json!({
+            "reloaded": true,
+            "peers": r.peers,
+            "secret_changed": r.secret_changed,
+            "restart_needed": r.restart_needed,
+        })),
         Err(e) => HttpResponse::BadRequest().json(json!({"error": "reload-refused", "reason": format!("{e:#}")})),
     }
 }

@@ -58,8 +58,10 @@
 //! (not even connection ids) and any altered, injected, replayed, reordered or truncated
 //! record closes the link (counted in `frames_rejected`; the dialer reconnects). What it
 //! still sees: that nodes talk, when, and how much. Node ids are authenticated by the secret
-//! only: every holder of the secret can speak as any configured node. The secret and keys
-//! never appear in logs or `Debug` output.
+//! only: every holder of the secret can speak as any configured node, so a node that leaves for
+//! good should take the secret with it: [`ClusterHandle::set_secret`] (a reload) rotates it and
+//! closes every link opened with the old one. The secret and keys never appear in logs or
+//! `Debug` output.
 
 pub mod codec;
 pub mod directory;
@@ -385,7 +387,6 @@ impl ClusterHandle {
         let settings = Settings {
             node_id: cfg.node_id.clone(),
             cluster_name: cfg.cluster_name.clone(),
-            secret: cfg.secret.clone().into_bytes(),
             heartbeat_interval: cfg.heartbeat_interval,
             failure_timeout: cfg.failure_timeout,
             // Long enough for a loaded peer, short enough that a silent socket is let go.
@@ -394,7 +395,7 @@ impl ClusterHandle {
             peer_queue: cfg.peer_queue,
             max_peer_claims: cfg.max_peer_claims.max(1),
         };
-        let shared = Shared::new(settings, &cfg.peers, events);
+        let shared = Shared::new(settings, cfg.secret.clone().into_bytes(), &cfg.peers, events);
         shared.spawn(peer::accept_loop(shared.clone(), listener));
         shared.spawn(shared.clone().sweeper());
         let ticker = shared.clone();
@@ -504,6 +505,17 @@ impl ClusterHandle {
             return;
         }
         self.shared.update_peers(&peers);
+    }
+
+    /// Makes `secret` the cluster secret (a rotated one, reloaded): handshakes from now on
+    /// prove it, and every link up now is closed (opened with the old one); peers link again
+    /// once they have it too. False, and nothing done, when it is the secret in use. An empty
+    /// secret is refused (false).
+    pub fn set_secret(&self, secret: &str) -> bool {
+        if secret.is_empty() || self.shared.stopped.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.shared.set_secret(secret.as_bytes().to_vec())
     }
 
     /// What this node knows of the cluster. The directory is read a slice at a time (not

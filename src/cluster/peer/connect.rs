@@ -69,7 +69,8 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             let _ = stream.set_nodelay(true);
             let mut stream = stream;
             let res = {
-                let local = local_params(&me);
+                let secret = me.secret();
+                let local = local_params(&me, &secret);
                 let check = |n: &str| me.state.lock().members.is_configured(n);
                 let handshake = tokio::time::timeout(
                     me.settings.handshake_timeout,
@@ -98,11 +99,13 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-fn local_params(shared: &Shared) -> handshake::Local<'_> {
+/// This node's side of a handshake, proving `secret` ([`Shared::secret`], read as the
+/// handshake starts).
+fn local_params<'a>(shared: &'a Shared, secret: &'a [u8]) -> handshake::Local<'a> {
     handshake::Local {
         cluster: &shared.settings.cluster_name,
         node: &shared.settings.node_id,
-        secret: &shared.settings.secret,
+        secret,
         max_frame: shared.settings.max_frame,
     }
 }
@@ -183,7 +186,8 @@ async fn dial(shared: &Shared, peer: &str, addr: SocketAddr) -> Result<(TcpStrea
     let fut = async {
         let mut stream = TcpStream::connect(addr).await.map_err(CodecError::from)?;
         let _ = stream.set_nodelay(true);
-        let local = local_params(shared);
+        let secret = shared.secret();
+        let local = local_params(shared, &secret);
         let est = handshake::run(&mut stream, &local, Role::Dialer, Some(peer), |n| n == peer).await?;
         Ok((stream, est))
     };

@@ -62,7 +62,6 @@ pub(crate) const DIR_SLICE: usize = 256;
 pub(crate) struct Settings {
     pub node_id: String,
     pub cluster_name: String,
-    pub secret: Vec<u8>,
     pub heartbeat_interval: Duration,
     pub failure_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -216,6 +215,8 @@ pub const RECENT_CLOSE_MAX: usize = 1024;
 
 pub(crate) struct Shared {
     pub settings: Settings,
+    /// The cluster secret every handshake from now on proves ([`Shared::set_secret`]).
+    secret: Mutex<Arc<zeroize::Zeroizing<Vec<u8>>>>,
     pub state: Mutex<State>,
     pub counters: Counters,
     events: mpsc::Sender<ClusterEvent>,
@@ -238,7 +239,12 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Must be called from within a tokio runtime (`ClusterHandle::start` is async).
-    pub fn new(settings: Settings, peers: &[PeerConfig], events: mpsc::Sender<ClusterEvent>) -> Arc<Shared> {
+    pub fn new(
+        settings: Settings,
+        secret: Vec<u8>,
+        peers: &[PeerConfig],
+        events: mpsc::Sender<ClusterEvent>,
+    ) -> Arc<Shared> {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (done_tx, done_rx) = mpsc::channel(1);
         let state = State {
@@ -252,6 +258,7 @@ impl Shared {
         };
         let shared = Arc::new(Shared {
             settings,
+            secret: Mutex::new(Arc::new(zeroize::Zeroizing::new(secret))),
             state: Mutex::new(state),
             counters: Counters::default(),
             events,
@@ -333,6 +340,34 @@ impl Shared {
 
     /// Replaces the peer set: adds new peers, removes missing ones (closing their link and
     /// forgetting their sessions), leaves the others' links untouched.
+    /// The secret a handshake started now proves.
+    pub fn secret(&self) -> Arc<zeroize::Zeroizing<Vec<u8>>> {
+        self.secret.lock().clone()
+    }
+
+    /// Replaces the cluster secret (a reload of a rotated one): handshakes from now on prove
+    /// the new one, and every link up now, opened with the old one, is closed, so that a
+    /// holder of the old secret (a node removed from the cluster, say) keeps no link; peers
+    /// link again once they have the new secret too. False, and nothing done, when it is the
+    /// same secret.
+    pub fn set_secret(&self, secret: Vec<u8>) -> bool {
+        {
+            let mut current = self.secret.lock();
+            if current.as_slice() == secret.as_slice() {
+                return false;
+            }
+            *current = Arc::new(zeroize::Zeroizing::new(secret));
+        }
+        let mut st = self.state.lock();
+        for (peer, slot) in st.peers.iter_mut() {
+            // Dropping the handle ends the link task (its end is handled as any link's).
+            if slot.link.take().is_some() {
+                info!(peer = %peer, "cluster link closed: the cluster secret changed");
+            }
+        }
+        true
+    }
+
     pub fn update_peers(self: &Arc<Self>, peers: &[PeerConfig]) {
         let now = Instant::now();
         {
