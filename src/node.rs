@@ -25,6 +25,14 @@ use std::time::Duration;
 const START_RELEASE_WAIT: Duration = Duration::from_secs(5);
 /// How long in-flight requests get to finish on shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// The whole stop, from the signal to the exit, at most: under the 30 s a container runtime
+/// gives before it kills (Kubernetes' default `terminationGracePeriodSeconds`, podman's and
+/// docker's stop timeouts are 10 s and can be raised). Each phase of the stop has its own grace
+/// ([`SHUTDOWN_GRACE`], [`crate::push::STOP_GRACE`]) and gets what is left of this when that
+/// is less: a socket that takes none of the close frame, say, costs the later phases their
+/// time, not the stop its deadline. A phase cut short leaves the stop owing (the next start
+/// wakes every wallet with mail pending).
+pub const STOP_DEADLINE: Duration = Duration::from_secs(25);
 /// Dedup records pruned per store call (the call repeats while batches come back full).
 const DEDUP_PRUNE_BATCH: usize = 10_000;
 
@@ -624,8 +632,11 @@ pub async fn run(
     // elsewhere, leave the cluster, finish in-flight requests and pushes, hand leases back,
     // flush.
     tracing::info!(node = node_id, "shutting down");
+    let deadline = tokio::time::Instant::now() + STOP_DEADLINE;
+    // A phase's grace, or what is left of the stop's deadline when that is less.
+    let grace = |phase: Duration| phase.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
     ready_flag.store(false, Ordering::SeqCst);
-    shared.stopping.store(true, Ordering::SeqCst);
+    shared.begin_stop();
     shared.tracked.move_to_main();
     shared.draining.store(true, Ordering::SeqCst);
     let closed = registry
@@ -646,23 +657,34 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    if tokio::time::timeout(SHUTDOWN_GRACE, sockets_done).await.is_err() {
+    let g = grace(SHUTDOWN_GRACE);
+    if tokio::time::timeout(g, sockets_done).await.is_err() {
         owes = true;
-        tracing::warn!("sockets' requests and give-backs not all finished within {SHUTDOWN_GRACE:?}");
+        tracing::warn!("sockets' requests and give-backs not all finished within {g:?}");
     }
     // What requests and sockets started on the workers before the stop (wake-ups, hand-offs,
     // give-backs) ends before the workers stop; what they start from now on runs here.
-    if !shared.tracked.idle_on_workers(SHUTDOWN_GRACE).await {
+    let g = grace(SHUTDOWN_GRACE);
+    if !shared.tracked.idle_on_workers(g).await {
         owes = true;
-        tracing::warn!("tasks on the workers not all finished within {SHUTDOWN_GRACE:?}");
+        tracing::warn!("tasks on the workers not all finished within {g:?}");
     }
     if let Some(c) = &cluster {
         c.leave().await;
     }
-    public_handle.stop(true).await;
-    admin_handle.stop(true).await;
-    let _ = public_task.await;
-    let _ = admin_task.await;
+    // The servers bound their own stop (`shutdown_timeout`); what is left of the deadline
+    // bounds it too. Past it the node goes on and its exit ends their connections.
+    let servers = async {
+        public_handle.stop(true).await;
+        admin_handle.stop(true).await;
+        let _ = public_task.await;
+        let _ = admin_task.await;
+    };
+    let g = grace(SHUTDOWN_GRACE);
+    if tokio::time::timeout(g, servers).await.is_err() {
+        owes = true;
+        tracing::warn!("HTTP requests not all finished within {g:?}");
+    }
     // After the last request: what it delivered over HTTP and was not acknowledged goes back,
     // and those wallets are woken or pushed (a peer taking over may have released them first,
     // and pushes then), before the push worker stops.
@@ -673,27 +695,28 @@ pub async fn run(
         }
     };
     owes |= shared.wake_owed.load(Ordering::SeqCst);
-    if tokio::time::timeout(SHUTDOWN_GRACE, give_back).await.is_err() {
+    let g = grace(SHUTDOWN_GRACE);
+    if tokio::time::timeout(g, give_back).await.is_err() {
         owes = true;
-        tracing::warn!(
-            "HTTP deliveries not all given back within {SHUTDOWN_GRACE:?} (their leases run out, and are taken back)"
-        );
+        tracing::warn!("HTTP deliveries not all given back within {g:?} (their leases run out, and are taken back)");
     }
     // What the last requests and sockets started (wake-ups of the wallets their forwards
     // queued for, hand-offs, give-backs) ran on this arbiter, not the stopped workers': it
     // finishes before the push worker stops, or the stop owes.
-    if !shared.tracked.idle(SHUTDOWN_GRACE).await {
+    let g = grace(SHUTDOWN_GRACE);
+    if !shared.tracked.idle(g).await {
         owes = true;
         tracing::warn!(
             running = shared.tracked.running(),
-            "wake-ups and give-backs not all finished within {SHUTDOWN_GRACE:?}"
+            "wake-ups and give-backs not all finished within {g:?}"
         );
     }
     // Every forward the last request accepted has handed its event over, and the pushes
-    // already started go out before it leaves (within `push::STOP_GRACE`; a push abandoned
-    // then is another node's once its claim runs out).
+    // already started go out before it leaves (within `push::STOP_GRACE`, or what is left of
+    // the deadline; a push abandoned then is another node's once its claim runs out).
     if let Some(p) = shared.push.get() {
-        owes |= !p.stop().await;
+        let g = grace(crate::push::STOP_GRACE + Duration::from_secs(1));
+        owes |= !tokio::time::timeout(g, p.stop()).await.unwrap_or(false);
     }
     store.flush().await?;
     // Last, and only when no wallet is owed a wake-up (the start-up one unfinished, a push

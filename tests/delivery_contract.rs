@@ -486,3 +486,33 @@ async fn a_retried_forward_whose_first_try_was_queued_wakes_the_wallet() {
     assert_eq!(posts.load(Ordering::SeqCst), 2, "nothing pending: nothing more POSTed");
     handle.stop(true).await;
 }
+
+/// A stop is not held up by a wallet whose socket takes nothing, not even the close frame (its
+/// session would hold its slot for `limits.ws_write_stall_ms`, a minute here): the socket is
+/// given up `wsio::STOP_GRACE` (3 s) into the stop, and the stop ends well within one phase's
+/// grace (`node::SHUTDOWN_GRACE`), owing nothing. It took 25 s before (two phases of 10 s, the
+/// third cut by `node::STOP_DEADLINE`), and 30 s and more before the deadline. An idle HTTP
+/// connection held open by a client does not hold it up either.
+#[actix_rt::test]
+async fn a_frozen_socket_does_not_hold_up_the_stop() {
+    let (dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.max_queue_bytes = 1 << 30;
+    })
+    .await;
+    let frozen = live_socket(&a, &n).await;
+    overfill(&n, &a, &k, "m").await;
+    let idle = std::net::TcpStream::connect(n.public_addr).unwrap();
+    let started = std::time::Instant::now();
+    n.stop().unwrap();
+    let took = started.elapsed();
+    assert!(took < mailroom::node::SHUTDOWN_GRACE, "the stop took {took:?}");
+    drop((frozen, idle));
+    // The stop owed nothing: it recorded its clean end (an owing one leaves the store marked,
+    // and the next start wakes every wallet with mail pending).
+    let store = mailroom::store::open_sled(&dir.path().join("data")).await.unwrap();
+    assert_eq!(
+        store.begin_run().await.unwrap(),
+        Some(false),
+        "the stop left the store marked as running"
+    );
+}

@@ -70,8 +70,12 @@ pub struct Shared {
     endpoint_cache: Mutex<std::collections::HashMap<String, Option<String>>>,
     /// Set once shutdown starts: new sockets are refused.
     pub draining: AtomicBool,
-    /// Set once the node stops (for good: `POST /undrain` is refused from then on).
+    /// Set once the node stops (for good: `POST /undrain` is refused from then on), with
+    /// [`Shared::begin_stop`].
     pub stopping: AtomicBool,
+    /// Woken when the stop begins: sockets waiting for their client to take bytes give it
+    /// [`wsio::STOP_GRACE`] more at most.
+    stop_begun: tokio::sync::Notify,
     /// Where the endpoint retry of the sweep goes on from (connection id order).
     endpoint_cursor: Mutex<Option<String>>,
     /// The push worker, when `[push]` is configured (set once by the node at start).
@@ -127,6 +131,7 @@ impl Shared {
             endpoint_cache: Mutex::new(std::collections::HashMap::new()),
             draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            stop_begun: tokio::sync::Notify::new(),
             endpoint_cursor: Mutex::new(None),
             push: std::sync::OnceLock::new(),
             previous_run: std::sync::OnceLock::new(),
@@ -250,6 +255,29 @@ impl Shared {
             Ok(_) => {}
             Err(e) => tracing::warn!(connection = %conn, "repeated forward: queue not read, nobody woken: {e}"),
         }
+    }
+
+    /// The node stops, for good: new sockets are refused, `POST /undrain` too, and a socket
+    /// whose client takes none of its bytes (not even the close frame) is given up after
+    /// [`wsio::STOP_GRACE`], not `limits.ws_write_stall_ms`.
+    pub fn begin_stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.stop_begun.notify_waiters();
+    }
+
+    /// Resolves [`wsio::STOP_GRACE`] after the stop began ([`Shared::begin_stop`]).
+    pub(crate) async fn stop_grace_over(&self) {
+        loop {
+            let begun = self.stop_begun.notified();
+            tokio::pin!(begun);
+            // Registered before the flag is read: a stop beginning in between still wakes it.
+            begun.as_mut().enable();
+            if self.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            begun.await;
+        }
+        tokio::time::sleep(wsio::STOP_GRACE).await;
     }
 
     /// Hands `h` off after the hand-offs of its connection entered before it

@@ -131,6 +131,7 @@ async fn upgrade(shared: Arc<Shared>, req: Request, framed: Framed<TcpStream, h1
     let max_frame = shared.cfg.limits.max_ws_frame_bytes;
     let stall = std::time::Duration::from_millis(shared.cfg.limits.ws_write_stall_ms);
     let metrics = shared.metrics.clone();
+    let node = shared.clone();
     let reader = super::wsio::Reader::new(sock.clone(), &early, max_frame);
     drop(early);
     // The context's own input stays empty: frames come decoded from the reader, whose
@@ -143,7 +144,7 @@ async fn upgrade(shared: Arc<Shared>, req: Request, framed: Framed<TcpStream, h1
             WsSession::new(shared, slot)
         },
     );
-    if super::wsio::write_out(sock, out, stall).await {
+    if super::wsio::write_out(sock, out, stall, &node).await {
         metrics.rejected("ws-write-stall", "unknown");
     }
 }

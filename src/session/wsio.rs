@@ -28,6 +28,8 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
+
+use super::Shared;
 use tokio::net::TcpStream;
 
 /// Bytes read per system call (on the stack; a larger frame takes several).
@@ -155,13 +157,25 @@ impl Stream for Reader {
     }
 }
 
+/// How long a socket whose client takes none of its bytes is kept once the node stops
+/// ([`Shared::begin_stop`]), at most: the close frame's time to go out. Its session then ends
+/// as on a stall, within the stop's first phase, instead of holding it (and the phases after
+/// it) for `limits.ws_write_stall_ms`.
+pub const STOP_GRACE: Duration = Duration::from_secs(3);
+
 /// Writes the actor's output to the socket until the actor stops (its output ends) or the
-/// socket fails or takes nothing for `stall` (the output is dropped, which stops the actor);
-/// then closes the connection. Whether it gave the socket up for taking nothing.
-pub async fn write_out<E>(sock: Rc<TcpStream>, out: impl Stream<Item = Result<Bytes, E>>, stall: Duration) -> bool {
+/// socket fails or takes nothing for `stall` (the output is dropped, which stops the actor),
+/// or for [`STOP_GRACE`] once `node` stops; then closes the connection. Whether it gave the
+/// socket up for taking nothing.
+pub async fn write_out<E>(
+    sock: Rc<TcpStream>,
+    out: impl Stream<Item = Result<Bytes, E>>,
+    stall: Duration,
+    node: &Shared,
+) -> bool {
     // `pump` owns the context (and the reader in it): once it returns, this is the socket's
     // last owner.
-    if let Err(e) = pump(&sock, out, stall).await {
+    if let Err(e) = pump(&sock, out, stall, node).await {
         if e.kind() == io::ErrorKind::TimedOut {
             tracing::info!(
                 peer = ?sock.peer_addr().ok(),
@@ -181,23 +195,28 @@ pub async fn write_out<E>(sock: Rc<TcpStream>, out: impl Stream<Item = Result<By
     false
 }
 
-async fn pump<E>(sock: &TcpStream, out: impl Stream<Item = Result<Bytes, E>>, stall: Duration) -> io::Result<()> {
+async fn pump<E>(
+    sock: &TcpStream,
+    out: impl Stream<Item = Result<Bytes, E>>,
+    stall: Duration,
+    node: &Shared,
+) -> io::Result<()> {
     let mut out = std::pin::pin!(out);
     while let Some(Ok(chunk)) = out.next().await {
-        write_all(sock, &chunk, stall).await?;
+        write_all(sock, &chunk, stall, node).await?;
     }
     Ok(())
 }
 
 /// `stall`: the longest wait for the socket to take more (any progress starts it again).
-async fn write_all(sock: &TcpStream, mut data: &[u8], stall: Duration) -> io::Result<()> {
+async fn write_all(sock: &TcpStream, mut data: &[u8], stall: Duration, node: &Shared) -> io::Result<()> {
     while !data.is_empty() {
         // Tried first: a socket with room takes the chunk at once, and the wait below (with
         // its timer) exists only while it is full.
         match sock.try_write(data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable_within(sock, stall).await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable_within(sock, stall, node).await?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -205,17 +224,21 @@ async fn write_all(sock: &TcpStream, mut data: &[u8], stall: Duration) -> io::Re
     Ok(())
 }
 
-/// Waits until `sock` takes more, at most `stall`. Boxed: its timer and readiness wait live
-/// on the heap while a socket is full, not in every idle session's task (+200 bytes each
-/// inline: 7.4 -> 7.6 KiB per idle session).
-fn writable_within(
-    sock: &TcpStream,
+/// Waits until `sock` takes more, at most `stall` ([`STOP_GRACE`] once `node` stops). Boxed:
+/// its timers and readiness wait live on the heap while a socket is full, not in every idle
+/// session's task (+200 bytes each inline: 7.4 -> 7.6 KiB per idle session).
+fn writable_within<'a>(
+    sock: &'a TcpStream,
     stall: Duration,
-) -> Pin<Box<dyn std::future::Future<Output = io::Result<()>> + '_>> {
+    node: &'a Shared,
+) -> Pin<Box<dyn std::future::Future<Output = io::Result<()>> + 'a>> {
     Box::pin(async move {
-        tokio::time::timeout(stall, sock.writable())
-            .await
-            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+        tokio::select! {
+            r = tokio::time::timeout(stall, sock.writable()) => {
+                r.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+            }
+            _ = node.stop_grace_over() => Err(io::ErrorKind::TimedOut.into()),
+        }
     })
 }
 
