@@ -571,94 +571,172 @@ async fn frames_naming_an_oversized_connection_id_and_future_pongs_are_refused()
     n1.shutdown().await;
 }
 
+/// One `Deliver` frame of `PAYLOAD` bytes from the ghost: message `id` for `conn`.
+fn deliver(conn: &str, id: i64, payload: usize) -> Frame {
+    let msgs = vec![mailroom::cluster::proto::HandedMsg {
+        id,
+        recipient_key: "key".into(),
+        payload: vec![7; payload],
+        received_at_ms: 1,
+    }];
+    Frame::Deliver {
+        conn: conn.into(),
+        msgs,
+    }
+}
+
 /// A peer's hand-offs wait on this node until their sessions take them (a session writing to a
-/// slow socket takes them late): they may hold no more than the link's budget
-/// (`DELIVER_BUDGET_FRAMES` frames). Past it the link reads nothing more until the node hands
-/// some on, and nothing is lost: every message arrives, in order. The node keeping the link
-/// waiting longer than the failure timeout does not make the peer down (the silence is the
-/// node's own). Here the node's hand-offs are the events the test holds.
+/// slow socket takes them late): together they may hold no more than the peer's budget (8
+/// frames), and one connection no more than its share (2 frames): a frame past it is handed
+/// back to the store at once (`HandOffReturned` to this node, which releases and wakes), so
+/// one slow wallet does not stop the link for the others. Past the budget the link reads
+/// nothing more until the node hands some on. Nothing is lost: every message arrives, or
+/// comes back, and each connection's arrive in order. Here the node's hand-offs are the
+/// events the test holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peers_hand_offs_waiting_on_the_node_stay_within_the_links_budget() {
+async fn a_peers_hand_offs_waiting_on_the_node_stay_within_its_budget_and_a_slow_wallets_share() {
     const FRAME: usize = 16 * 1024;
     const BUDGET: usize = 8 * FRAME;
+    const SHARE: usize = 2 * FRAME;
     const PAYLOAD: usize = 12 * 1024;
+    // What the node counts a frame as: payload, key, and its per-message allowance.
+    const NEED: usize = PAYLOAD + 3 + 128;
     const FRAMES: i64 = 60;
+    let (n1, mut ev, link) = ghost_and_node(|c| c.max_frame = FRAME).await;
+    // Every other message is for one wallet ("slow"), the rest spread over five.
+    let conn_of = |id: i64| {
+        if id % 2 == 1 {
+            "slow".to_string()
+        } else {
+            format!("c{}", id % 5)
+        }
+    };
+    let mut writer = link.writer;
+    let ghost = tokio::spawn(async move {
+        for id in 1..=FRAMES {
+            writer.send(&deliver(&conn_of(id), id, PAYLOAD)).await.unwrap();
+        }
+        writer
+    });
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    let mut held: Vec<(String, usize, mailroom::cluster::Held)> = Vec::new();
+    let mut delivered = std::collections::BTreeMap::<String, Vec<i64>>::new();
+    let mut returned = Vec::new();
+    let mut waited = false;
+    while (delivered.values().map(Vec::len).sum::<usize>() + returned.len()) < FRAMES as usize {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{delivered:?} delivered, {returned:?} returned"
+        );
+        match tokio::time::timeout(Duration::from_millis(300), ev.recv()).await {
+            Ok(Some(ClusterEvent::Delivered { conn, msgs, held: room })) => {
+                let bytes: usize = msgs.iter().map(|m| m.payload.len()).sum();
+                delivered
+                    .entry(conn.clone())
+                    .or_default()
+                    .extend(msgs.iter().map(|m| m.id));
+                held.push((conn.clone(), bytes, room));
+                let all: usize = held.iter().map(|(_, b, _)| b).sum();
+                let of_conn: usize = held.iter().filter(|(c, _, _)| *c == conn).map(|(_, b, _)| b).sum();
+                assert!(
+                    all <= BUDGET,
+                    "{all} bytes of hand-offs waiting on the node, over the {BUDGET}-byte budget"
+                );
+                assert!(
+                    of_conn <= SHARE,
+                    "{of_conn} bytes waiting for {conn}, over its {SHARE}-byte share"
+                );
+            }
+            Ok(Some(ClusterEvent::HandOffReturned { node, conn, ids })) => {
+                assert_eq!(
+                    (node.as_str(), conn.as_str()),
+                    ("n1", "slow"),
+                    "only the slow wallet's hand-offs come back"
+                );
+                let of_conn: usize = held.iter().filter(|(c, _, _)| *c == conn).map(|(_, b, _)| b).sum();
+                assert!(of_conn + PAYLOAD > SHARE, "handed back with room in its share");
+                returned.extend(ids);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("events ended"),
+            Err(_) => {
+                let room: usize = held.iter().map(|(_, _, r)| r.bytes()).sum();
+                if room + NEED <= BUDGET {
+                    continue; // room left: the next frame is on its way
+                }
+                // The budget is spent and the link waits: hand everything on.
+                waited = true;
+                held.clear();
+            }
+        }
+    }
+    assert!(waited, "the link never waited for room");
+    assert!(!returned.is_empty(), "the slow wallet never went past its share");
+    assert!(returned.iter().all(|id| id % 2 == 1));
+    for (conn, ids) in &delivered {
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "{conn}'s hand-offs out of order: {ids:?}"
+        );
+    }
+    assert!(n1.status().counters.link_waits > 0 && n1.status().counters.handoffs_refused == returned.len() as u64);
+    tokio::time::timeout(WAIT, ghost)
+        .await
+        .expect("the ghost wrote everything")
+        .unwrap();
+    n1.shutdown().await;
+}
+
+/// A link kept waiting on this node (its sessions or its event queue stuck) is not counted as
+/// the peer's silence: the peer is not found down for it. Past twice the failure timeout the
+/// node closes the link (the peer gives back what it handed off, and links again), so a peer
+/// that died meanwhile is not hidden for long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_kept_waiting_by_the_node_is_closed_and_its_peer_not_found_down() {
+    const FRAME: usize = 16 * 1024;
     let failure = Duration::from_millis(1500);
     let (n1, mut ev, link) = ghost_and_node(|c| {
         c.max_frame = FRAME;
         c.failure_timeout = failure;
     })
     .await;
-    let mut writer = link.writer;
+    let (mut reader, mut writer) = (link.reader, link.writer);
+    // Twelve frames for twelve wallets: past the budget of eight frames (ten of these), held
+    // by the test for good.
     let ghost = tokio::spawn(async move {
-        for id in 1..=FRAMES {
-            let msgs = vec![mailroom::cluster::proto::HandedMsg {
-                id,
-                recipient_key: "key".into(),
-                payload: vec![7; PAYLOAD],
-                received_at_ms: 1,
-            }];
-            let f = Frame::Deliver { conn: "c".into(), msgs };
-            writer.send(&f).await.unwrap();
+        for id in 1..=12 {
+            if writer.send(&deliver(&format!("c{id}"), id, 12 * 1024)).await.is_err() {
+                break;
+            }
         }
         writer
     });
-    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    let started = Instant::now();
+    let reader_done = tokio::spawn(async move { while let Ok(Some(_)) = reader.read_frame().await {} });
     let mut held = Vec::new();
-    let mut next_id = 1;
-    let mut waited_past_failure = false;
-    while next_id <= FRAMES {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} of {FRAMES} hand-offs arrived",
-            next_id - 1
-        );
-        match tokio::time::timeout(Duration::from_millis(300), ev.recv()).await {
-            Ok(Some(ClusterEvent::Delivered { conn, msgs, held: room })) => {
-                assert_eq!(conn, "c");
-                for m in &msgs {
-                    assert_eq!(m.id, next_id, "hand-offs out of order or lost");
-                    next_id += 1;
+    let give_up = tokio::time::Instant::now() + WAIT;
+    let closed = loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(give_up) => panic!("the link was never closed"),
+            e = ev.recv() => match e.expect("events") {
+                ClusterEvent::PeerDown { .. } => panic!("the peer was found down while the node kept its link waiting"),
+                other => held.push(other),
+            },
+            _ = async {
+                while !reader_done.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                held.push((msgs, room));
-                let bytes: usize = held.iter().flat_map(|(m, _)| m).map(|m| m.payload.len()).sum();
-                assert!(
-                    bytes <= BUDGET,
-                    "{bytes} bytes of hand-offs waiting on the node, over the {BUDGET}-byte budget"
-                );
-            }
-            Ok(Some(ClusterEvent::PeerDown { .. })) => {
-                panic!("the peer was found down while the node kept its link waiting")
-            }
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("events ended"),
-            // Nothing more comes while the budget is spent: keep it spent past the failure
-            // timeout once, then hand everything on.
-            Err(_) => {
-                let room: usize = held.iter().map(|(_, r)| r.bytes()).sum();
-                if room + PAYLOAD + 3 + 128 <= BUDGET {
-                    continue; // room left: the next frame is on its way
-                }
-                if !waited_past_failure {
-                    waited_past_failure = true;
-                    tokio::time::sleep(failure * 2).await;
-                    let st = n1.status();
-                    assert!(
-                        st.peers.iter().any(|p| p.id == "ghost" && p.up && p.connected),
-                        "{:?}",
-                        st.peers
-                    );
-                    assert!(st.counters.link_waits > 0);
-                }
-                held.clear();
-            }
+            } => break started.elapsed(),
         }
-    }
-    assert!(waited_past_failure, "the link never waited for room");
-    tokio::time::timeout(WAIT, ghost)
-        .await
-        .expect("the ghost wrote everything")
-        .unwrap();
+    };
+    assert!(
+        closed >= failure * 2 - Duration::from_millis(200),
+        "closed after {closed:?}"
+    );
+    let st = n1.status();
+    assert!(st.peers.iter().any(|p| p.id == "ghost" && p.up), "{:?}", st.peers);
+    assert!(st.counters.link_waits > 0);
+    drop((held, ghost));
     n1.shutdown().await;
 }
 
@@ -712,5 +790,45 @@ async fn a_peers_events_wait_for_room_in_the_nodes_channel() {
             i += 1;
         }
     }
+    n1.shutdown().await;
+}
+
+/// A handshake that started with the old secret and ends after a rotation
+/// (`ClusterHandle::set_secret`) installs no link: its holder (a node removed for good, say)
+/// cannot slip in by keeping a handshake open across the reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_begun_before_a_rotation_installs_no_link() {
+    let (n1, _ev, addr, max) = node_with_ghost(1024, |_| {}).await;
+    let s = TcpStream::connect(addr).await.unwrap();
+    // n1 has taken the socket and begun its side (with the secret of now) once it writes.
+    s.peek(&mut [0u8; 1]).await.unwrap();
+    assert!(n1.set_secret("a-rotated-secret"));
+    assert!(
+        !n1.set_secret("a-rotated-secret"),
+        "the same secret again changes nothing"
+    );
+    let local = handshake::Local {
+        cluster: "test",
+        node: "ghost",
+        secret: b"s3cret",
+        max_frame: max,
+    };
+    let mut link = link::open(s, &local, handshake::Role::Dialer, Some("n1"), |_| true)
+        .await
+        .expect("the handshake n1 began with the old secret completes");
+    match tokio::time::timeout(WAIT, link.reader.read_frame())
+        .await
+        .expect("n1 answers")
+    {
+        Ok(Some(Frame::Refused { reason })) => assert!(reason.contains("secret changed"), "{reason}"),
+        other => panic!("the link was not refused: {other:?}"),
+    }
+    assert!(
+        !n1.status().peers.iter().any(|p| p.connected),
+        "{:?}",
+        n1.status().peers
+    );
+    // A new handshake with the old secret fails.
+    assert!(ghost_link(addr, max).await.is_err());
     n1.shutdown().await;
 }

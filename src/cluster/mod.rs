@@ -24,9 +24,10 @@
 //! ([`proto::MAX_CONN_ID`], 128: longer claims are ignored), directory work per hold of the
 //! cluster lock (`peer::DIR_SLICE` claims: a large resync or a failed peer's claims are
 //! handled in slices, so forwards and session binds never wait for a whole one), peers' hand-offs
-//! held on this node until their sessions take them (`peer::DELIVER_BUDGET_FRAMES` frames per
-//! link, [`Held`]) and peers' events waiting for the node (its event channel): past either,
-//! the link reads nothing more until there is room, and the peer's queue to this node fills.
+//! held on this node until their sessions take them (8 frames per peer, 2 of them per
+//! connection, [`Held`]; a frame past a connection's share is handed back to the store) and
+//! peers' events waiting for the node (its event channel): past either, the link reads nothing
+//! more until there is room, and the peer's queue to this node fills.
 //!
 //! Use from the node:
 //!
@@ -284,7 +285,7 @@ pub enum ClusterEvent {
 /// reads nothing until room comes back, and the peer's own queue to this node fills and it
 /// releases its hand-offs to the store instead, as for a link that is down.
 #[derive(Clone)]
-pub struct Held(Option<Arc<tokio::sync::OwnedSemaphorePermit>>);
+pub struct Held(Option<Arc<peer::HeldRoom>>);
 
 impl Held {
     /// Holds no room (a hand-off made on this node).
@@ -292,13 +293,13 @@ impl Held {
         Held(None)
     }
 
-    pub(crate) fn room(permit: tokio::sync::OwnedSemaphorePermit) -> Held {
-        Held(Some(Arc::new(permit)))
+    pub(crate) fn room(room: peer::HeldRoom) -> Held {
+        Held(Some(Arc::new(room)))
     }
 
     /// The bytes of the budget held.
     pub fn bytes(&self) -> usize {
-        self.0.as_ref().map_or(0, |p| p.num_permits())
+        self.0.as_ref().map_or(0, |r| r.bytes)
     }
 }
 

@@ -68,8 +68,8 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         shared.spawn(async move {
             let _ = stream.set_nodelay(true);
             let mut stream = stream;
+            let (gen, secret) = me.secret();
             let res = {
-                let secret = me.secret();
                 let local = local_params(&me, &secret);
                 let check = |n: &str| me.state.lock().members.is_configured(n);
                 let handshake = tokio::time::timeout(
@@ -86,7 +86,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             match res {
                 Ok(Established { peer, channel }) => {
                     debug!(%addr, peer = %peer, "inbound cluster link authenticated");
-                    run_link(me, stream, channel, peer, false).await;
+                    run_link(me, stream, channel, peer, false, gen).await;
                 }
                 // A flood evicts many: counted, and not a warning each.
                 Err(HandshakeError::Evicted) => debug!(%addr, "pending cluster handshake evicted"),
@@ -153,9 +153,9 @@ pub(super) async fn dial_loop(shared: Arc<Shared>, peer: String, mut stop: watch
             .members
             .handle(MemberEvent::DialAttempted { peer: peer.clone() }, Instant::now());
         match res {
-            Ok((stream, est)) => {
+            Ok((stream, est, gen)) => {
                 let t = Instant::now();
-                run_link(shared.clone(), stream, est.channel, peer.clone(), true).await;
+                run_link(shared.clone(), stream, est.channel, peer.clone(), true, gen).await;
                 // Only a link that held for a while proves the peer healthy; one that dies
                 // right after the handshake keeps backing off.
                 if t.elapsed() >= shared.settings.failure_timeout {
@@ -182,14 +182,15 @@ pub(super) async fn dial_loop(shared: Arc<Shared>, peer: String, mut stop: watch
     }
 }
 
-async fn dial(shared: &Shared, peer: &str, addr: SocketAddr) -> Result<(TcpStream, Established), HandshakeError> {
+/// A link to `peer` at `addr`, with the generation of the secret its handshake proved.
+async fn dial(shared: &Shared, peer: &str, addr: SocketAddr) -> Result<(TcpStream, Established, u64), HandshakeError> {
     let fut = async {
         let mut stream = TcpStream::connect(addr).await.map_err(CodecError::from)?;
         let _ = stream.set_nodelay(true);
-        let secret = shared.secret();
+        let (gen, secret) = shared.secret();
         let local = local_params(shared, &secret);
         let est = handshake::run(&mut stream, &local, Role::Dialer, Some(peer), |n| n == peer).await?;
-        Ok((stream, est))
+        Ok((stream, est, gen))
     };
     tokio::time::timeout(shared.settings.handshake_timeout, fut)
         .await

@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncWrite, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, info, warn};
 
 use parking_lot::MutexGuard;
 
+use super::room::{NoRoom, PeerRoom, HELD_PER_MESSAGE};
 use super::{bump, unix_ms, LinkHandle, Shared, DIR_SLICE, RECENT_CLOSE_TTL, WRITE_BATCH};
 use crate::cluster::codec::CodecError;
 use crate::cluster::directory::{plausible_epoch, DirEvent};
@@ -79,6 +80,7 @@ pub(super) async fn run_link(
     channel: SecureChannel,
     peer: String,
     we_dialed: bool,
+    secret_gen: u64,
 ) {
     let link = shared.next_link.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel(shared.settings.peer_queue);
@@ -86,23 +88,30 @@ pub(super) async fn run_link(
     let leave = Arc::new(Notify::new());
     let (close_tx, close_rx) = oneshot::channel();
     let unconfirmed = Arc::new(parking_lot::Mutex::new(Unconfirmed::default()));
-    let budget = Arc::new(Semaphore::new(DELIVER_BUDGET_FRAMES * shared.settings.max_frame));
 
     // Install (or not). The writer reads the snapshot afterwards, with every change made from
     // now on queued on this link too.
+    let mut room = None;
     let installed = {
         let mut st = shared.state.lock();
         if st.left {
             return;
         }
-        let fx = st.members.handle(
-            MemberEvent::LinkUp {
-                peer: peer.clone(),
-                link,
-                we_dialed,
-            },
-            Instant::now(),
-        );
+        // Its handshake proved a secret replaced meanwhile (`Shared::set_secret`): refused as
+        // the links opened with it were closed.
+        let stale = st.secret_gen != secret_gen;
+        let fx = if stale {
+            Vec::new()
+        } else {
+            st.members.handle(
+                MemberEvent::LinkUp {
+                    peer: peer.clone(),
+                    link,
+                    we_dialed,
+                },
+                Instant::now(),
+            )
+        };
         let installed = fx
             .iter()
             .any(|e| matches!(e, MemberEffect::Install { link: l, .. } if *l == link));
@@ -110,6 +119,7 @@ pub(super) async fn run_link(
         shared.apply_member_effects(&mut st, fx);
         if installed {
             if let Some(slot) = st.peers.get_mut(&peer) {
+                room = Some(slot.room.clone());
                 slot.link = Some(LinkHandle {
                     id: link,
                     tx: tx.clone(),
@@ -129,23 +139,27 @@ pub(super) async fn run_link(
                 }
             }
         }
-        installed
+        (!stale).then_some(installed)
     };
     let (rd, wr) = stream.into_split();
     let (rd, mut wr) = channel.into_link(rd, BufWriter::new(wr));
-    if !installed {
-        debug!(peer = %peer, link, "duplicate cluster link closed");
-        let f = Frame::Refused {
-            reason: "duplicate link".into(),
-        };
+    let refused = match (installed, &room) {
+        (Some(true), Some(_)) => None,
+        (None, _) => Some("the cluster secret changed during the handshake"),
+        _ => Some("duplicate link"),
+    };
+    if let Some(reason) = refused {
+        debug!(peer = %peer, link, reason, "cluster link closed");
+        let f = Frame::Refused { reason: reason.into() };
         let _ = wr.send(&f).await;
         return;
     };
+    let room = room.expect("checked above");
     info!(peer = %peer, link, we_dialed, "cluster link up");
 
     let mut shutdown = shared.shutdown_rx.clone();
     let reason: String = tokio::select! {
-        r = read_loop(&shared, rd, &peer, link, tx, &unconfirmed, &budget) => match r {
+        r = read_loop(&shared, rd, &peer, link, tx, &unconfirmed, &room) => match r {
             Ok(why) => why.to_string(),
             Err(e) => e,
         },
@@ -224,7 +238,7 @@ async fn read_loop(
     link: LinkId,
     tx: mpsc::Sender<Frame>,
     unconfirmed: &parking_lot::Mutex<Unconfirmed>,
-    budget: &Arc<Semaphore>,
+    room: &Arc<PeerRoom>,
 ) -> Result<&'static str, String> {
     // Claims taken in the peer's resync in progress, if one is.
     let mut resync: Option<usize> = None;
@@ -388,84 +402,122 @@ async fn read_loop(
             }
         }
         if let Some(ev) = for_node {
-            if !to_node(shared, peer, link, budget, ev).await {
-                return Ok("link replaced");
+            match to_node(shared, peer, link, room, ev).await {
+                Ok(()) => {}
+                Err(why) if why == REPLACED => return Ok(REPLACED),
+                Err(why) => return Err(why),
             }
         }
     }
 }
 
-/// Frames of `Deliver` messages one link may have waiting on this node for their sessions
-/// ([`Held`]), in `max_frame`s.
-pub(crate) const DELIVER_BUDGET_FRAMES: usize = 8;
-
-/// What a message of a `Deliver` frame takes on this node beside its payload and recipient
-/// key (its record, its connection id, the vector's slot): counted in the link's budget, so
-/// a frame of many empty messages is not free.
-const HELD_PER_MESSAGE: usize = 128;
+/// Why a link's task ends when another link of its peer took its place.
+const REPLACED: &str = "link replaced";
 
 /// Sends `ev`, which the peer sent, to the node: a `Delivered` first takes its room in the
-/// link's `budget`, and every event waits for room in the node's event channel. The link reads
-/// nothing meanwhile, so a peer cannot have this node hold more than the budget and the
-/// channel, where spawning a task per event (as before) held whatever it sent. False if the
-/// link was replaced meanwhile. A node that stopped taking events drops it.
-async fn to_node(shared: &Shared, peer: &str, link: LinkId, budget: &Arc<Semaphore>, mut ev: ClusterEvent) -> bool {
-    if let ClusterEvent::Delivered { msgs, held, .. } = &mut ev {
+/// peer's budget ([`PeerRoom`]; past its connection's share it is handed back at once instead),
+/// and every event waits for room in the node's event channel. The link reads nothing
+/// meanwhile, so a peer cannot have this node hold more than its budget and the channel,
+/// where spawning a task per event (as before) held whatever it sent. `Err` ends the link: it
+/// was replaced meanwhile, or this node had no room for longer than the failure timeout. A
+/// node that stopped taking events drops it.
+async fn to_node(
+    shared: &Shared,
+    peer: &str,
+    link: LinkId,
+    room: &Arc<PeerRoom>,
+    mut ev: ClusterEvent,
+) -> Result<(), String> {
+    if let ClusterEvent::Delivered { conn, msgs, held } = &mut ev {
         let bytes: usize = msgs
             .iter()
             .map(|m| m.payload.len() + m.recipient_key.len() + HELD_PER_MESSAGE)
             .sum();
-        // A frame holds at most `max_frame`, the budget several: never more than all of it.
-        let need = bytes.clamp(1, DELIVER_BUDGET_FRAMES * shared.settings.max_frame) as u32;
-        let room = match budget.clone().try_acquire_many_owned(need) {
-            Ok(p) => p,
-            Err(_) => {
+        let need = room.need(bytes);
+        let taken = match room.try_take(conn, need) {
+            Ok(r) => r,
+            Err(NoRoom::ConnFull) => {
+                // This wallet's session is slow: its messages go back to the store and it
+                // drains them from there, while the link goes on for the others.
+                shared
+                    .counters
+                    .handoffs_refused
+                    .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+                debug!(peer, connection = %conn, "hand-offs past the connection's share handed back to the store");
+                ev = ClusterEvent::HandOffReturned {
+                    node: shared.settings.node_id.clone(),
+                    conn: std::mem::take(conn),
+                    ids: msgs.iter().map(|m| m.id).collect(),
+                };
+                return send_to_node(shared, peer, link, ev).await;
+            }
+            Err(NoRoom::Spent) => {
                 bump(&shared.counters.link_waits);
                 debug!(
                     peer,
-                    bytes, "hand-offs of this link wait for their sessions: the link waits for room"
+                    bytes, "the peer's hand-offs wait for their sessions: the link waits for room"
                 );
-                match waiting_on_this_node(shared, peer, link, budget.clone().acquire_many_owned(need)).await {
-                    Some(Ok(p)) => p,
-                    Some(Err(_)) => return true,
-                    None => return false,
-                }
+                waiting_on_this_node(shared, peer, link, room.take(conn, need)).await?
             }
         };
-        *held = Held::room(room);
+        *held = Held::room(taken);
     }
+    send_to_node(shared, peer, link, ev).await
+}
+
+/// Puts `ev` in the node's event channel, waiting for room there.
+async fn send_to_node(shared: &Shared, peer: &str, link: LinkId, ev: ClusterEvent) -> Result<(), String> {
     let ev = match shared.events.try_send(ev) {
-        Ok(()) => return true,
-        Err(mpsc::error::TrySendError::Closed(_)) => return true,
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
         Err(mpsc::error::TrySendError::Full(ev)) => ev,
     };
     bump(&shared.counters.link_waits);
     debug!(peer, "node's event channel full: the link waits for room");
-    waiting_on_this_node(shared, peer, link, shared.events.send(ev))
-        .await
-        .is_some()
+    let permit = match waiting_on_this_node(shared, peer, link, shared.events.reserve()).await? {
+        Ok(p) => p,
+        Err(_) => return Ok(()), // the node stopped taking events
+    };
+    permit.send(ev);
+    Ok(())
 }
 
 /// Waits for `room` (this node making room for what the peer sent) without counting the wait
 /// as the peer's silence: the link reads nothing meanwhile, the peer's frames wait in the
 /// socket, and the failure detector would otherwise find a live peer down (its links closed,
-/// its sessions' wallets pushed) for this node's own slowness. `None`: the link was replaced
-/// or closed meanwhile.
+/// its sessions' wallets pushed) for this node's own slowness. For twice the failure timeout at
+/// most: past it the link is closed (the peer gives back what it handed off unconfirmed, and
+/// links again), so that a peer that died meanwhile is found down one failure timeout late at
+/// most. `Err`: the link was replaced meanwhile (checked once more when room came), or the
+/// wait was too long.
 async fn waiting_on_this_node<T>(
     shared: &Shared,
     peer: &str,
     link: LinkId,
     room: impl std::future::Future<Output = T>,
-) -> Option<T> {
+) -> Result<T, String> {
     tokio::pin!(room);
     let mut tick = tokio::time::interval(shared.settings.heartbeat_interval);
+    let longest = shared.settings.failure_timeout * 2;
+    let give_up = tokio::time::sleep(longest);
+    tokio::pin!(give_up);
     loop {
         tokio::select! {
-            r = &mut room => return Some(r),
+            r = &mut room => {
+                return if heard(&mut shared.state.lock(), peer, link) {
+                    Ok(r)
+                } else {
+                    Err(REPLACED.into())
+                };
+            }
             _ = tick.tick() => {
                 if !heard(&mut shared.state.lock(), peer, link) {
-                    return None;
+                    return Err(REPLACED.into());
                 }
+            }
+            _ = &mut give_up => {
+                return Err(format!(
+                    "this node had no room for the peer's frames for {longest:?} (its sessions or its event queue are stuck)"
+                ));
             }
         }
     }

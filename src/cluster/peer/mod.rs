@@ -22,6 +22,7 @@
 mod admission;
 mod connect;
 mod link_task;
+mod room;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -43,6 +44,7 @@ use connect::dial_loop;
 
 pub(crate) use connect::accept_loop;
 pub use link_task::resync_chunks;
+pub(crate) use room::HeldRoom;
 
 /// Connections accepted but not yet authenticated, at most (a flood of idle sockets must not
 /// starve real peers of file descriptors or tasks; `admission.rs` decides who waits).
@@ -87,6 +89,7 @@ pub(crate) struct Counters {
     pub handoffs_unconfirmed: AtomicU64,
     pub handshakes_evicted: AtomicU64,
     pub link_waits: AtomicU64,
+    pub handoffs_refused: AtomicU64,
 }
 
 /// A snapshot of the link's counters (`Counters`) for status output.
@@ -124,10 +127,15 @@ pub struct CounterSnapshot {
     /// cluster port, when it grows).
     pub handshakes_evicted: u64,
     /// Times a link stopped reading until this node had room for what its peer sent: the
-    /// messages of `Deliver` frames not yet taken by their sessions held a link's budget
-    /// (`DELIVER_BUDGET_FRAMES` frames), or the node's event queue was full. The peer's
-    /// queue to this node fills meanwhile and it falls back to the store, as on a full link.
+    /// messages of `Deliver` frames not yet taken by their sessions held the peer's budget
+    /// (`room::DELIVER_BUDGET_FRAMES` frames), or the node's event queue was full. The peer's
+    /// queue to this node fills meanwhile and it falls back to the store, as on a full link;
+    /// a wait past the failure timeout closes the link.
     pub link_waits: u64,
+    /// Messages of peers' `Deliver` frames for a connection already holding its share of the
+    /// peer's room on this node (its session slow to take them): released to the store at
+    /// once (the wallet woken, its session drains them), not waited for.
+    pub handoffs_refused: u64,
 }
 
 impl Counters {
@@ -149,6 +157,7 @@ impl Counters {
             handoffs_unconfirmed: g(&self.handoffs_unconfirmed),
             handshakes_evicted: g(&self.handshakes_evicted),
             link_waits: g(&self.link_waits),
+            handoffs_refused: g(&self.handoffs_refused),
         }
     }
 }
@@ -180,6 +189,8 @@ pub(crate) struct LinkHandle {
 pub(crate) struct PeerSlot {
     pub addr: SocketAddr,
     pub link: Option<LinkHandle>,
+    /// Room for the peer's hand-offs waiting here, kept across its links.
+    pub room: Arc<room::PeerRoom>,
     /// Dropped when the peer is removed from the config: stops its dialer.
     _dialer_stop: watch::Sender<()>,
 }
@@ -191,6 +202,11 @@ pub(crate) struct State {
     pub last_epoch: u64,
     /// `leave()` was called: accept and dial nothing any more.
     pub left: bool,
+    /// The cluster secret a handshake started now proves ([`Shared::set_secret`]).
+    pub secret: Arc<zeroize::Zeroizing<Vec<u8>>>,
+    /// Bumped when the secret changes: a handshake that started with an older one installs no
+    /// link.
+    pub secret_gen: u64,
     /// Operator close requests of the last [`RECENT_CLOSE_TTL`], sent again on every link that
     /// comes up: a peer that was cut off when one was made, or whose link died with it queued,
     /// still closes those sessions once it is back. Repeating one is harmless.
@@ -215,8 +231,6 @@ pub const RECENT_CLOSE_MAX: usize = 1024;
 
 pub(crate) struct Shared {
     pub settings: Settings,
-    /// The cluster secret every handshake from now on proves ([`Shared::set_secret`]).
-    secret: Mutex<Arc<zeroize::Zeroizing<Vec<u8>>>>,
     pub state: Mutex<State>,
     pub counters: Counters,
     events: mpsc::Sender<ClusterEvent>,
@@ -253,12 +267,13 @@ impl Shared {
             peers: HashMap::new(),
             last_epoch: 0,
             left: false,
+            secret: Arc::new(zeroize::Zeroizing::new(secret)),
+            secret_gen: 0,
             recent_closes: VecDeque::new(),
             lost: HashMap::new(),
         };
         let shared = Arc::new(Shared {
             settings,
-            secret: Mutex::new(Arc::new(zeroize::Zeroizing::new(secret))),
             state: Mutex::new(state),
             counters: Counters::default(),
             events,
@@ -325,6 +340,7 @@ impl Shared {
                     PeerSlot {
                         addr: p.addr,
                         link: None,
+                        room: room::PeerRoom::new(self.settings.max_frame),
                         _dialer_stop: stop_tx,
                     },
                 );
@@ -340,25 +356,25 @@ impl Shared {
 
     /// Replaces the peer set: adds new peers, removes missing ones (closing their link and
     /// forgetting their sessions), leaves the others' links untouched.
-    /// The secret a handshake started now proves.
-    pub fn secret(&self) -> Arc<zeroize::Zeroizing<Vec<u8>>> {
-        self.secret.lock().clone()
+    /// The secret a handshake started now proves, and its generation (for
+    /// [`link_task::run_link`]: a link whose handshake proved an older one is not installed).
+    pub fn secret(&self) -> (u64, Arc<zeroize::Zeroizing<Vec<u8>>>) {
+        let st = self.state.lock();
+        (st.secret_gen, st.secret.clone())
     }
 
     /// Replaces the cluster secret (a reload of a rotated one): handshakes from now on prove
-    /// the new one, and every link up now, opened with the old one, is closed, so that a
-    /// holder of the old secret (a node removed from the cluster, say) keeps no link; peers
-    /// link again once they have the new secret too. False, and nothing done, when it is the
-    /// same secret.
+    /// the new one, every link up now (opened with the old one) is closed, and a handshake
+    /// still running with the old one installs no link, so that a holder of the old secret (a
+    /// node removed from the cluster, say) keeps no way in; peers link again once they have
+    /// the new secret too. False, and nothing done, when it is the same secret.
     pub fn set_secret(&self, secret: Vec<u8>) -> bool {
-        {
-            let mut current = self.secret.lock();
-            if current.as_slice() == secret.as_slice() {
-                return false;
-            }
-            *current = Arc::new(zeroize::Zeroizing::new(secret));
-        }
         let mut st = self.state.lock();
+        if st.secret.as_slice() == secret.as_slice() {
+            return false;
+        }
+        st.secret = Arc::new(zeroize::Zeroizing::new(secret));
+        st.secret_gen += 1;
         for (peer, slot) in st.peers.iter_mut() {
             // Dropping the handle ends the link task (its end is handled as any link's).
             if slot.link.take().is_some() {
