@@ -122,6 +122,57 @@ pub struct ClusterSection {
     pub peer_queue: usize,
 }
 
+impl std::fmt::Debug for StoreSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = self.url.as_deref().map(without_password);
+        f.debug_struct("StoreSection")
+            .field("backend", &self.backend)
+            .field("path", &self.path)
+            .field("url", &url)
+            .field("pool_size", &self.pool_size)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .field("sled_cache_mib", &self.sled_cache_mib)
+            .finish()
+    }
+}
+
+/// `url` with its password (and a `password` query parameter) replaced, for logs and `Debug`;
+/// a URL that does not parse is withheld whole.
+fn without_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("redacted"));
+            }
+            let pairs: Vec<(String, String)> = u
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k.eq_ignore_ascii_case("password") {
+                        "redacted".into()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            if !pairs.is_empty() {
+                u.query_pairs_mut().clear().extend_pairs(pairs);
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparsed URL withheld>".into(),
+    }
+}
+
+impl std::fmt::Debug for AdminSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminSection")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_label", &self.token_label)
+            .finish()
+    }
+}
+
 impl std::fmt::Debug for ClusterSection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClusterSection")
@@ -137,7 +188,8 @@ impl std::fmt::Debug for ClusterSection {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// `Debug` shows the PostgreSQL URL without its password.
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
     /// "sled" (embedded, default) or "postgres".
@@ -264,7 +316,8 @@ pub struct Limits {
     pub ws_write_stall_ms: u64,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+/// `Debug` shows every field but the token.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
     /// Bearer token for the admin listener; required unless it binds loopback.
@@ -631,6 +684,7 @@ impl Config {
             if let Some(c) = &n.cluster {
                 fields.push(("cluster", c));
             }
+            let mut own: Vec<(&str, SocketAddr)> = Vec::new();
             for (field, v) in fields {
                 let a: SocketAddr = v.parse().map_err(|_| {
                     ConfigError::Invalid(format!("node {}: {field} = {v:?} is not an IP:port address", n.id))
@@ -638,6 +692,20 @@ impl Config {
                 if a.port() != 0 && !addrs.insert(a) {
                     return bad(format!("node {}: {field} address {a} is used twice", n.id));
                 }
+                // One machine's listeners: 0.0.0.0:8080 takes 127.0.0.1:8080 too (the node
+                // would fail to bind, exit 71, after `check-config` said ok).
+                if let Some((other, b)) = own.iter().find(|(_, b)| {
+                    a.port() != 0
+                        && b.port() == a.port()
+                        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+                }) {
+                    return bad(format!(
+                        "node {}: {field} address {a} and {other} address {b} share port {}",
+                        n.id,
+                        a.port()
+                    ));
+                }
+                own.push((field, a));
             }
         }
         if let Some(t) = &self.admin.token {
@@ -682,9 +750,20 @@ impl Config {
             return bad("set cluster.secret or cluster.secret_env, not both".into());
         }
         if let Some(u) = &self.cluster.public_url {
+            // Invitations append `?oob=` to it and the WebSocket URL swaps its scheme: a query,
+            // a fragment, credentials or a scheme in capitals would break both.
             match url::Url::parse(u) {
-                Ok(p) if p.scheme() == "http" || p.scheme() == "https" => {}
-                _ => return bad(format!("cluster.public_url {u:?} must be an http:// or https:// URL")),
+                Ok(p)
+                    if (u.starts_with("http://") || u.starts_with("https://"))
+                        && p.query().is_none()
+                        && p.fragment().is_none()
+                        && p.username().is_empty()
+                        && p.password().is_none() => {}
+                _ => {
+                    return bad(format!(
+                        "cluster.public_url {u:?} must be an http:// or https:// URL (lowercase scheme) with no query, fragment or credentials"
+                    ))
+                }
             }
             if u.len() > MAX_PUBLIC_URL_LEN {
                 return bad(format!(
@@ -1073,6 +1152,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn debug_output_shows_no_admin_token_store_password_or_cluster_secret() {
+        let mut c = Config::single_node_default();
+        c.admin.token = Some("hunter2-admin".into());
+        c.store.url = Some("postgres://mailroom:hunter2-pg@db:5432/m?sslmode=require&password=hunter2-q".into());
+        c.cluster.secret = Some("hunter2-cluster".into());
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("postgres://mailroom:redacted@db:5432/m"), "{shown}");
+        assert_eq!(without_password("not a url"), "<unparsed URL withheld>");
+    }
+
+    #[test]
     fn example_cluster_toml_parses() {
         let text = include_str!("../cluster.toml");
         let c = Config::parse(text).expect("cluster.toml at the top level must be valid");
@@ -1108,6 +1199,11 @@ mod tests {
             ("[cluster]\nname='x'\nbogus=1\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "bogus"),
             ("[[node]]\nid='n1'\nlisten='nope'\nadmin='127.0.0.1:2'", "not an IP:port"),
             ("[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:1'", "used twice"),
+            ("[[node]]\nid='n1'\nlisten='0.0.0.0:8080'\nadmin='127.0.0.1:8080'", "share port 8080"),
+            ("[cluster]\npublic_url='https://m.example/?a=b'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "no query, fragment or credentials"),
+            ("[cluster]\npublic_url='https://m.example/#f'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "no query, fragment or credentials"),
+            ("[cluster]\npublic_url='HTTPS://m.example'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "lowercase scheme"),
+            ("[cluster]\npublic_url='https://u:p@m.example'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "no query, fragment or credentials"),
             ("", "at least one [[node]]"),
             ("[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='0.0.0.0:2'", "token (or MAILROOM_ADMIN_TOKEN) is required"),
             ("[store]\nbackend='postgres'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "store.url"),

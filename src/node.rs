@@ -251,13 +251,11 @@ pub async fn run(
 
     // Cluster: every other [[node]] is a peer.
     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel::<ClusterEvent>(4096);
-    let mut started_cluster = None;
     let cluster = match listeners.cluster {
         Some(l) => {
             l.set_nonblocking(true)?;
             let l = tokio::net::TcpListener::from_std(l)?;
             let cc = cluster_config(&cfg, node_id)?;
-            started_cluster = Some(cc.clone());
             Some(ClusterHandle::start(cc, l, events_tx).await?)
         }
         None => None,
@@ -568,13 +566,13 @@ pub async fn run(
         SHUTDOWN_GRACE,
     )?;
     let public_handle = public_server.handle();
-    let reloader = Arc::new(Reloader {
-        path: opts.config_path.clone(),
-        node_id: node_id.to_string(),
-        cluster: cluster.clone(),
-        started: started_cluster,
-        egress: shared.egress.clone(),
-    });
+    let reloader = Arc::new(Reloader::new(
+        opts.config_path.clone(),
+        node_id,
+        cluster.clone(),
+        shared.cfg.clone(),
+        shared.egress.clone(),
+    ));
     let admin_state = Arc::new(AdminState::new(
         shared.clone(),
         ready_flag.clone(),
@@ -734,18 +732,30 @@ pub async fn run(
     Ok(())
 }
 
-/// Re-reads the config file's `[[node]]` list and hands the peers to the cluster: new nodes
-/// are dialled, removed ones forgotten, existing links and sessions untouched. A changed
-/// `cluster.secret` is applied too (a rotation: every link is opened again with it); other
-/// changed `[cluster]` settings are named in [`Reloaded::restart_needed`], not applied.
+/// Re-reads the config file and applies what can change while the node runs: the `[[node]]`
+/// list (new peers are dialled, removed ones forgotten, existing links and sessions
+/// untouched), the cluster secret (a rotation: every link is opened again with it), and the
+/// admin token and its label (a leaked token is replaced without a restart). Every other
+/// setting the file changes is named in [`Reloaded::restart_needed`], never silently dropped.
 pub struct Reloader {
     path: Option<std::path::PathBuf>,
     node_id: String,
     cluster: Option<ClusterHandle>,
-    /// The cluster settings the node started with (those a reload does not apply).
-    started: Option<ClusterConfig>,
+    /// The config the node started with: what the file changes is compared with it.
+    started: Arc<Config>,
+    /// What reloads applied, as the admin listener reads it.
+    live: parking_lot::RwLock<Live>,
     /// The new nodes' admin listeners join the addresses endpoints may not reach.
     egress: Arc<crate::session::egress::Egress>,
+}
+
+/// The settings in force that a reload changes besides the cluster's own.
+#[derive(Clone)]
+pub struct Live {
+    /// `[admin]`: the token guarding the admin listener and who it stands for.
+    pub admin: crate::config::AdminSection,
+    /// `[[node]]`: whose histories the status page gathers.
+    pub nodes: Vec<crate::config::NodeEntry>,
 }
 
 /// What a reload did.
@@ -756,13 +766,47 @@ pub struct Reloaded {
     /// The file's `cluster.secret` (or `secret_env`'s variable) differed from the one in use:
     /// it is in use now, and every link was closed to be opened again with it.
     pub secret_changed: bool,
-    /// `[cluster]` settings the file changes that a reload does not apply: they take effect
-    /// when the node restarts.
-    pub restart_needed: Vec<&'static str>,
+    /// The admin token (or its label) changed: requests with the old one are refused from now.
+    pub admin_token_changed: bool,
+    /// Settings the file changes that a reload does not apply, by their names in the file
+    /// (`section.key`, or `node.<this node>` for its own addresses): they take effect when the
+    /// node restarts.
+    pub restart_needed: Vec<String>,
 }
 
 impl Reloader {
-    /// Applies the file's peer list and cluster secret.
+    pub fn new(
+        path: Option<std::path::PathBuf>,
+        node_id: &str,
+        cluster: Option<ClusterHandle>,
+        started: Arc<Config>,
+        egress: Arc<crate::session::egress::Egress>,
+    ) -> Reloader {
+        let live = Live {
+            admin: started.admin.clone(),
+            nodes: started.nodes.clone(),
+        };
+        Reloader {
+            path,
+            node_id: node_id.to_string(),
+            cluster,
+            started,
+            live: parking_lot::RwLock::new(live),
+            egress,
+        }
+    }
+
+    /// The settings in force (the start's, or the last reload's).
+    pub fn live(&self) -> Live {
+        self.live.read().clone()
+    }
+
+    /// The admin token in force, if one guards the listener.
+    pub fn admin_token(&self) -> Option<String> {
+        self.live.read().admin.token.clone().filter(|t| !t.is_empty())
+    }
+
+    /// Applies the file: see [`Reloader`]. A file that does not load changes nothing.
     pub fn reload(&self) -> anyhow::Result<Reloaded> {
         let path = self
             .path
@@ -771,49 +815,89 @@ impl Reloader {
         // The same environment overrides as at start (a token or secret may live only there).
         let (cfg, _, _) = Config::load_for_node(Some(path), Some(&self.node_id), |k| std::env::var(k).ok())
             .with_context(|| format!("the new file, for this node ({})", self.node_id))?;
-        let cluster = self.cluster.as_ref().context("this node has no cluster listener")?;
-        let cc = cluster_config(&cfg, &self.node_id)?;
-        self.egress.refuse_admins(cfg.nodes.iter().map(|n| n.admin.as_str()));
-        let restart_needed = self.started.as_ref().map(|s| not_reloaded(s, &cc)).unwrap_or_default();
+        let cc = match &self.cluster {
+            Some(_) => Some(cluster_config(&cfg, &self.node_id)?),
+            None => None,
+        };
+        let restart_needed = not_applied(&self.started, &cfg, &self.node_id);
         if !restart_needed.is_empty() {
             tracing::warn!(
                 settings = ?restart_needed,
-                "reload: these cluster settings changed in the file and take effect at the next restart"
+                "reload: these settings changed in the file and take effect at the next restart"
             );
         }
-        let peers = cc.peers.len();
-        cluster.update_peers(cc.peers);
-        let secret_changed = cluster.set_secret(&cc.secret);
-        if secret_changed {
-            tracing::warn!("reload: the cluster secret changed; every cluster link was closed and links again only with nodes that have the new secret");
+        self.egress.refuse_admins(cfg.nodes.iter().map(|n| n.admin.as_str()));
+        let admin_token_changed = {
+            let mut live = self.live.write();
+            let changed = live.admin.token != cfg.admin.token || live.admin.token_label != cfg.admin.token_label;
+            live.admin = cfg.admin.clone();
+            live.nodes = cfg.nodes.clone();
+            changed
+        };
+        if admin_token_changed {
+            tracing::warn!("reload: the admin token changed; the old one is refused from now on");
+        }
+        let (mut peers, mut secret_changed) = (0, false);
+        if let (Some(cluster), Some(cc)) = (&self.cluster, cc) {
+            peers = cc.peers.len();
+            cluster.update_peers(cc.peers);
+            secret_changed = cluster.set_secret(&cc.secret);
+            if secret_changed {
+                tracing::warn!("reload: the cluster secret changed; every cluster link was closed and links again only with nodes that have the new secret");
+            }
         }
         Ok(Reloaded {
             peers,
             secret_changed,
+            admin_token_changed,
             restart_needed,
         })
     }
 }
 
-/// The `[cluster]` settings of `new` that differ from `started` and that a reload does not
-/// apply (all but the peers and the secret), by their names in the file.
-fn not_reloaded(started: &ClusterConfig, new: &ClusterConfig) -> Vec<&'static str> {
-    [
-        ("cluster.name", started.cluster_name != new.cluster_name),
-        (
-            "cluster.heartbeat_ms",
-            started.heartbeat_interval != new.heartbeat_interval,
-        ),
-        (
-            "cluster.failure_timeout_ms",
-            started.failure_timeout != new.failure_timeout,
-        ),
-        ("cluster.max_frame_bytes", started.max_frame != new.max_frame),
-        ("cluster.peer_queue", started.peer_queue != new.peer_queue),
-    ]
-    .into_iter()
-    .filter_map(|(name, changed)| changed.then_some(name))
-    .collect()
+/// The settings `new` changes from `started` that a reload does not apply, by their names in
+/// the file: every key of every section but the cluster secret and the admin token (applied),
+/// and this node's own `[[node]]` entry (its listeners); the other nodes' entries are the
+/// peers, applied. Values are compared, never shown (some are secrets).
+fn not_applied(started: &Config, new: &Config, node_id: &str) -> Vec<String> {
+    const APPLIED: [&str; 4] = [
+        "cluster.secret",
+        "cluster.secret_env",
+        "admin.token",
+        "admin.token_label",
+    ];
+    let table = |c: &Config| match toml::Value::try_from(c) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::map::Map::new(),
+    };
+    let (old, new_t) = (table(started), table(new));
+    let mut changed = Vec::new();
+    let sections: std::collections::BTreeSet<&String> = old.keys().chain(new_t.keys()).collect();
+    for section in sections.into_iter().filter(|s| *s != "node") {
+        match (old.get(section), new_t.get(section)) {
+            (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) => {
+                let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                for k in keys {
+                    let name = format!("{section}.{k}");
+                    if a.get(k) != b.get(k) && !APPLIED.contains(&name.as_str()) {
+                        changed.push(name);
+                    }
+                }
+            }
+            (a, b) if a != b => changed.push(section.clone()),
+            _ => {}
+        }
+    }
+    let own = |c: &Config| {
+        c.nodes
+            .iter()
+            .find(|n| n.id == node_id)
+            .map(|n| (n.listen.clone(), n.cluster.clone(), n.admin.clone()))
+    };
+    if own(started) != own(new) {
+        changed.push(format!("node.{node_id}"));
+    }
+    changed
 }
 
 /// The cluster settings of one node: every other `[[node]]` is a peer

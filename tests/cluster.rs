@@ -492,6 +492,125 @@ async fn a_rotated_secret_is_applied_at_the_reload_and_the_old_one_links_no_more
     .await;
 }
 
+/// POSTs `url` with `token` as its bearer token; the status and body.
+async fn post_with_token(url: &str, token: &str) -> (u16, String) {
+    let mut res = client()
+        .post(url)
+        .insert_header(("Authorization", format!("Bearer {token}")))
+        .send_body(Vec::<u8>::new())
+        .await
+        .expect("request");
+    let body = res
+        .body()
+        .limit(1 << 20)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    (res.status().as_u16(), body)
+}
+
+/// The admin token never leaves the node: gathering the peers' histories, it signs the read
+/// with the cluster secret instead, so whatever listens at a peer's configured admin address
+/// (here a socket the test holds for a third node never started) learns nothing it can use,
+/// and a node's own history is read only with the token or a configured peer's signature. A
+/// rotated token is applied by the reload (the old one is refused from then on), and a
+/// setting a reload cannot apply is named as needing a restart.
+#[actix_rt::test]
+async fn the_admin_token_stays_on_its_node_and_a_reload_rotates_it() {
+    let db = FreshDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cluster.toml");
+    let (mut cfg, ls) = bind_cluster(2, &db.url, NO_SWEEP);
+    cfg.admin.token = Some("old-token".into());
+    let snoop = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let unused = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    };
+    cfg.nodes.push(mailroom::config::NodeEntry {
+        id: "n3".into(),
+        listen: unused(),
+        cluster: Some(unused()),
+        admin: snoop.local_addr().unwrap().to_string(),
+    });
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let store = open_shared_store(&cfg).await;
+    let nodes: Vec<RunningNode> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| start_node(&cfg, &format!("n{}", i + 1), l, &store, Some(path.clone())))
+        .collect();
+    let history = format!("{}/history", nodes[0].admin_url());
+    let (snooped, _) = tokio::join!(
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let (mut s, _) = snoop.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).unwrap_or(0);
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        }),
+        async {
+            let (st, body) = get_status(&history, Some("old-token")).await;
+            assert_eq!(st, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let n2 = v["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "n2").cloned();
+            assert_eq!(
+                n2.map(|n| n["reachable"].clone()),
+                Some(json!(true)),
+                "n2's history read with n1's signature: {body}"
+            );
+        }
+    );
+    let snooped = snooped.unwrap().to_lowercase();
+    assert!(snooped.starts_with("get /history?scope=node"), "{snooped}");
+    assert!(
+        !snooped.contains("old-token") && !snooped.contains("authorization"),
+        "the token left the node: {snooped}"
+    );
+    assert!(snooped.contains("x-mailroom-peer: n1 "), "{snooped}");
+    // A node's own history: the token, or a configured peer's signature; nothing else.
+    let own = format!("{}/history?scope=node", nodes[1].admin_url());
+    assert_eq!(get_status(&own, None).await.0, 401);
+    let forged = client()
+        .get(&own)
+        .insert_header((
+            "x-mailroom-peer",
+            format!("n1 {} {}", mailroom::protocols::now_ms(), "00".repeat(32)),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status().as_u16(), 401, "a forged signature");
+    // The token rotated in the file, and a setting a reload cannot apply changed too.
+    cfg.admin.token = Some("new-token".into());
+    cfg.limits.max_sessions += 1;
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let (st, body) = post_with_token(&format!("{}/reload", nodes[0].admin_url()), "old-token").await;
+    assert_eq!(st, 200, "{body}");
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["admin_token_changed"], true, "{r}");
+    assert_eq!(r["restart_needed"], json!(["limits.max_sessions"]), "{r}");
+    let status = format!("{}/status", nodes[0].admin_url());
+    assert_eq!(
+        get_status(&status, Some("old-token")).await.0,
+        401,
+        "the old token still works"
+    );
+    assert_eq!(get_status(&status, Some("new-token")).await.0, 200);
+    // The scheme in any case (RFC 7235).
+    let lower = client()
+        .get(&status)
+        .insert_header(("Authorization", "bearer new-token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower.status().as_u16(), 200);
+}
+
 /// One of this node's cluster counters (`/cluster`), e.g. `routes_changed_received`.
 async fn cluster_counter(n: &RunningNode, name: &str) -> u64 {
     cluster_json(n).await["cluster"]["counters"][name].as_u64().unwrap_or(0)

@@ -26,7 +26,7 @@ pub async fn guard(
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let tokenless = req
         .app_data::<web::Data<AdminState>>()
-        .map(|st| st.shared.cfg.admin.token.as_deref().map_or(true, str::is_empty))
+        .map(|st| st.reloader.admin_token().is_none())
         .unwrap_or(true);
     if tokenless {
         if let Some(reason) = refusal(req.headers()) {

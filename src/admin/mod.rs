@@ -83,19 +83,14 @@ fn routes(cfg: &mut web::ServiceConfig) {
 
 /// `None` when the request may proceed, else the 401 to send.
 fn unauthorized(req: &HttpRequest, st: &AdminState) -> Option<HttpResponse> {
-    let token = st.shared.cfg.admin.token.as_deref()?;
+    // The token in force: a reload may have replaced the start's.
+    let token = st.reloader.admin_token()?;
     let given = req
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let ok = given
-        .map(|g| {
-            // Constant-time comparison of equal-length strings.
-            g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
-        })
-        .unwrap_or(false);
-    if ok {
+        .and_then(bearer);
+    if given.is_some_and(|g| same_secret(g, &token)) {
         None
     } else {
         Some(
@@ -104,6 +99,21 @@ fn unauthorized(req: &HttpRequest, st: &AdminState) -> Option<HttpResponse> {
                 .json(json!({"error": "unauthorized", "reason": "a valid bearer token is required"})),
         )
     }
+}
+
+/// The credentials of an `Authorization: Bearer <token>` header (the scheme in any case,
+/// RFC 7235).
+fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start())
+}
+
+/// Whether `given` is `secret`, compared in time that depends on neither (their SHA-256
+/// digests, compared whole): not even the secret's length shows.
+fn same_secret(given: &str, secret: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(given.as_bytes()), Sha256::digest(secret.as_bytes()));
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 macro_rules! guard {
@@ -156,7 +166,7 @@ async fn status_json(st: &AdminState) -> Value {
     // The queue on this node's disk (sled), with the damage found there: null on PostgreSQL.
     let queue_log = store.queue_log().await.ok().flatten();
     let peers: Value = match &sh.cluster {
-        Some(c) => serde_json::to_value(c.status().peers).unwrap_or(json!([])),
+        Some(c) => serde_json::to_value(c.peers()).unwrap_or(json!([])),
         None => json!([]),
     };
     json!({
@@ -212,14 +222,29 @@ async fn status(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
     HttpResponse::Ok().json(status_json(&st).await)
 }
 
-async fn cluster(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
+#[derive(serde::Deserialize)]
+struct ClusterQuery {
+    /// `false`: sessions per node instead of the directory's every entry (the status page,
+    /// polling every 2 s, needs only the counts; a directory holds up to `max_sessions`
+    /// entries per node).
+    directory: Option<bool>,
+}
+
+async fn cluster(req: HttpRequest, st: web::Data<AdminState>, q: web::Query<ClusterQuery>) -> HttpResponse {
     guard!(req, st);
     let me = status_json(&st).await;
-    let cluster = st
-        .shared
-        .cluster
-        .as_ref()
-        .map(|c| serde_json::to_value(c.status()).unwrap_or(Value::Null));
+    let cluster = st.shared.cluster.as_ref().map(|c| {
+        if q.directory == Some(false) {
+            json!({
+                "node": st.shared.mediator.node_id,
+                "peers": c.peers(),
+                "sessions_per_node": c.sessions_per_node(),
+                "counters": c.counters(),
+            })
+        } else {
+            serde_json::to_value(c.status()).unwrap_or(Value::Null)
+        }
+    });
     HttpResponse::Ok().json(json!({ "node": st.shared.mediator.node_id, "self": me, "cluster": cluster }))
 }
 
@@ -342,11 +367,15 @@ async fn new_invitation(req: HttpRequest, st: web::Data<AdminState>, body: web::
 /// Re-reads the peer list from the config file (as SIGHUP does).
 async fn reload(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
     guard!(req, st);
-    match st.reloader.reload() {
+    // It reads the file (and the push credentials): off the admin listener's only worker.
+    let reloader = st.reloader.clone();
+    let res = web::block(move || reloader.reload()).await;
+    match res.map_err(|e| anyhow::anyhow!("{e}")).and_then(|r| r) {
         Ok(r) => HttpResponse::Ok().json(json!({
             "reloaded": true,
             "peers": r.peers,
             "secret_changed": r.secret_changed,
+            "admin_token_changed": r.admin_token_changed,
             "restart_needed": r.restart_needed,
         })),
         Err(e) => HttpResponse::BadRequest().json(json!({"error": "reload-refused", "reason": format!("{e:#}")})),
@@ -370,7 +399,7 @@ async fn metrics(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
         sh.metrics.oldest_message_age.set(age);
     }
     if let Some(c) = &sh.cluster {
-        let up = c.status().peers.iter().filter(|p| p.connected).count();
+        let up = c.peers().iter().filter(|p| p.connected).count();
         sh.metrics.peers_up.set(up as i64);
     }
     HttpResponse::Ok()
@@ -407,16 +436,23 @@ async fn node_history_json(st: &AdminState) -> Value {
     })
 }
 
-/// A peer's own history from its admin listener, or why it could not be read.
-async fn peer_history(id: &str, admin: &str, token: Option<&str>) -> Value {
-    let url = format!("http://{admin}/history?scope=node");
+/// The path of a node's own history, which peers read ([`cluster::admin_read`]).
+///
+/// [`cluster::admin_read`]: crate::cluster::admin_read
+const NODE_HISTORY: &str = "/history?scope=node";
+
+/// A peer's own history from its admin listener, or why it could not be read. The request
+/// carries this node's signature ([`crate::cluster::ClusterHandle::sign_admin_read`]), never
+/// the admin token: whatever listens at the address configured gets nothing it can use.
+async fn peer_history(id: &str, admin: &str, cluster: &crate::cluster::ClusterHandle) -> Value {
+    let url = format!("http://{admin}{NODE_HISTORY}");
     let client = awc::Client::builder()
         .timeout(std::time::Duration::from_secs(2))
         .finish();
-    let mut req = client.get(&url);
-    if let Some(t) = token {
-        req = req.insert_header(("Authorization", format!("Bearer {t}")));
-    }
+    let req = client.get(&url).insert_header((
+        crate::cluster::admin_read::HEADER,
+        cluster.sign_admin_read(NODE_HISTORY),
+    ));
     let res = async {
         let mut r = req.send().await.map_err(|e| e.to_string())?;
         if !r.status().is_success() {
@@ -431,22 +467,42 @@ async fn peer_history(id: &str, admin: &str, token: Option<&str>) -> Value {
     }
 }
 
+/// Whether `req` is a configured peer's signed read of this node's history.
+fn signed_by_peer(req: &HttpRequest, st: &AdminState) -> bool {
+    let (Some(c), Some(h)) = (
+        &st.shared.cluster,
+        req.headers()
+            .get(crate::cluster::admin_read::HEADER)
+            .and_then(|v| v.to_str().ok()),
+    ) else {
+        return false;
+    };
+    let path = req.uri().path_and_query().map_or("", |p| p.as_str());
+    path == NODE_HISTORY && c.verify_admin_read(h, path).is_some()
+}
+
 /// `GET /history`: rates of the last hour per node and for the cluster, the ten deepest and ten
 /// oldest queues with their labels, sessions per node, drain state, links.
 async fn history_view(req: HttpRequest, st: web::Data<AdminState>, q: web::Query<HistoryQuery>) -> HttpResponse {
-    guard!(req, st);
+    let node_only = q.scope.as_deref() == Some("node");
+    // A peer gathering the cluster's histories signs its read; everyone else shows the token.
+    let peer_read = node_only && signed_by_peer(&req, &st);
+    if !peer_read {
+        guard!(req, st);
+    }
     let me = node_history_json(&st).await;
-    if q.scope.as_deref() == Some("node") {
+    if node_only {
         return HttpResponse::Ok().json(me);
     }
     let sh = &st.shared;
-    let token = sh.cfg.admin.token.as_deref();
-    let peers = sh
-        .cfg
-        .nodes
-        .iter()
-        .filter(|n| n.id != sh.mediator.node_id && sh.cluster.is_some());
-    let fetched = futures_util::future::join_all(peers.map(|n| peer_history(&n.id, &n.admin, token))).await;
+    let nodes = st.reloader.live().nodes;
+    let fetched = match &sh.cluster {
+        Some(c) => {
+            let peers = nodes.iter().filter(|n| n.id != sh.mediator.node_id);
+            futures_util::future::join_all(peers.map(|n| peer_history(&n.id, &n.admin, c))).await
+        }
+        None => Vec::new(),
+    };
     let mut nodes = vec![me];
     nodes.extend(fetched);
     let parsed: Vec<history::NodeHistory> = nodes
@@ -489,7 +545,7 @@ async fn history_view(req: HttpRequest, st: web::Data<AdminState>, q: web::Query
     let links = sh
         .cluster
         .as_ref()
-        .map(|c| serde_json::to_value(c.status().peers).unwrap_or(json!([])))
+        .map(|c| serde_json::to_value(c.peers()).unwrap_or(json!([])))
         .unwrap_or(json!([]));
     HttpResponse::Ok().json(json!({
         "node": sh.mediator.node_id,

@@ -23,11 +23,9 @@ fn who(req: &HttpRequest, st: &AdminState) -> String {
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|| "unknown".into());
-    match &st.shared.cfg.admin.token {
-        Some(_) => format!(
-            "{} ({peer})",
-            st.shared.cfg.admin.token_label.as_deref().unwrap_or("admin-token")
-        ),
+    let admin = st.reloader.live().admin;
+    match admin.token.filter(|t| !t.is_empty()) {
+        Some(_) => format!("{} ({peer})", admin.token_label.as_deref().unwrap_or("admin-token")),
         None => peer,
     }
 }

@@ -64,6 +64,7 @@
 //! closes every link opened with the old one. The secret and keys never appear in logs or
 //! `Debug` output.
 
+pub mod admin_read;
 pub mod codec;
 pub mod directory;
 pub mod handshake;
@@ -508,6 +509,22 @@ impl ClusterHandle {
         self.shared.update_peers(&peers);
     }
 
+    /// This node's signature on its read of a peer's admin API at `path` ([`admin_read`]):
+    /// the value of the [`admin_read::HEADER`] header.
+    pub fn sign_admin_read(&self, path: &str) -> String {
+        let (_, secret) = self.shared.secret();
+        let s = &self.shared.settings;
+        admin_read::sign(&secret, &s.cluster_name, &s.node_id, peer::unix_ms(), path)
+    }
+
+    /// The configured peer whose valid signature `header` is on a read of `path` now.
+    pub fn verify_admin_read(&self, header: &str, path: &str) -> Option<String> {
+        let (_, secret) = self.shared.secret();
+        let s = &self.shared.settings;
+        let configured = |n: &str| n != s.node_id && self.shared.state.lock().peers.contains_key(n);
+        admin_read::verify(header, &secret, &s.cluster_name, path, peer::unix_ms(), configured).map(str::to_owned)
+    }
+
     /// Makes `secret` the cluster secret (a rotated one, reloaded): handshakes from now on
     /// prove it, and every link up now is closed (opened with the old one); peers link again
     /// once they have it too. False, and nothing done, when it is the secret in use. An empty
@@ -522,15 +539,48 @@ impl ClusterHandle {
     /// What this node knows of the cluster. The directory is read a slice at a time (not
     /// one snapshot: a row may be a little older than another).
     pub fn status(&self) -> ClusterStatus {
-        let now = Instant::now();
         let mut directory = Vec::new();
+        self.each_directory_page(|rows| directory.extend(rows));
+        directory.sort_by(|a, b| a.conn.cmp(&b.conn));
+        ClusterStatus {
+            node: self.shared.settings.node_id.clone(),
+            peers: self.peers(),
+            directory,
+            counters: self.shared.counters.snapshot(),
+        }
+    }
+
+    /// The directory a slice at a time, the lock released between slices.
+    fn each_directory_page(&self, mut f: impl FnMut(Vec<Entry>)) {
         let mut shard = Some(0);
         while let Some(s) = shard {
             let (rows, next) = self.shared.state.lock().dir.entries_page(s);
-            directory.extend(rows);
+            f(rows);
             shard = next;
         }
-        directory.sort_by(|a, b| a.conn.cmp(&b.conn));
+    }
+
+    /// Sessions per node in the directory (what the status page shows; [`ClusterHandle::status`]
+    /// copies every entry).
+    pub fn sessions_per_node(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut per = std::collections::BTreeMap::new();
+        self.each_directory_page(|rows| {
+            for e in rows {
+                *per.entry(e.node).or_default() += 1;
+            }
+        });
+        per
+    }
+
+    /// The counters of [`ClusterHandle::status`], alone.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.shared.counters.snapshot()
+    }
+
+    /// The peers of [`ClusterHandle::status`], without the directory: what a caller that
+    /// counts links needs.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let now = Instant::now();
         let st = self.shared.state.lock();
         let mut peers: Vec<PeerStatus> = st
             .peers
@@ -551,12 +601,7 @@ impl ClusterHandle {
             })
             .collect();
         peers.sort_by(|a, b| a.id.cmp(&b.id));
-        ClusterStatus {
-            node: self.shared.settings.node_id.clone(),
-            peers,
-            directory,
-            counters: self.shared.counters.snapshot(),
-        }
+        peers
     }
 
     /// True once every configured peer was tried at least once (for `/ready`).
