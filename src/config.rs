@@ -188,6 +188,12 @@ impl std::fmt::Debug for ClusterSection {
     }
 }
 
+/// An environment variable as the node reads its overrides (`MAILROOM_*`), at start and at a
+/// reload alike: not valid UTF-8, converted lossily rather than ignored.
+pub fn env_var(k: &str) -> Option<String> {
+    std::env::var_os(k).map(|v| v.to_string_lossy().into_owned())
+}
+
 /// `Debug` shows the PostgreSQL URL without its password.
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

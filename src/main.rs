@@ -2,6 +2,7 @@
 //! hand over to `node::run`. No logic of its own.
 
 use clap::{Parser, Subcommand};
+use mailroom::config::env_var;
 use mailroom::config::{Config, ConfigError, EXIT_BAD_CONFIG};
 use mailroom::node;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -126,7 +127,7 @@ impl NodeTarget {
             .ok_or("name the node with --node ID (and --config FILE) or --admin URL")?;
         // As `run` reads it: the environment's overrides (a secret, an admin address) applied
         // before validation, so a file that leaves them to the environment is usable here too.
-        let (cfg, _, _) = Config::load_for_node(Some(&self.config), Some(&node), |k| std::env::var(k).ok())
+        let (cfg, _, _) = Config::load_for_node(Some(&self.config), Some(&node), env_var)
             .map_err(|e| format!("{}: {e}", self.config.display()))?;
         let entry = cfg.node(&node).map_err(|e| e.to_string())?;
         Ok((
@@ -163,10 +164,6 @@ fn effective_config(
     node: Option<String>,
 ) -> Result<(Config, String, Vec<&'static str>), ConfigError> {
     Config::load_for_node(path, node.as_deref(), env_var)
-}
-
-fn env_var(k: &str) -> Option<String> {
-    std::env::var_os(k).map(|v| v.to_string_lossy().into_owned())
 }
 
 fn main() -> ExitCode {

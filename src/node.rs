@@ -33,6 +33,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// time, not the stop its deadline. A phase cut short leaves the stop owing (the next start
 /// wakes every wallet with mail pending).
 pub const STOP_DEADLINE: Duration = Duration::from_secs(25);
+/// Of [`STOP_DEADLINE`], what the phases leave to the last steps: the store's flush and the
+/// record of the clean end (on PostgreSQL a statement, up to its timeout).
+const STOP_TAIL: Duration = Duration::from_secs(4);
 /// Dedup records pruned per store call (the call repeats while batches come back full).
 const DEDUP_PRUNE_BATCH: usize = 10_000;
 
@@ -630,8 +633,10 @@ pub async fn run(
     // elsewhere, leave the cluster, finish in-flight requests and pushes, hand leases back,
     // flush.
     tracing::info!(node = node_id, "shutting down");
-    let deadline = tokio::time::Instant::now() + STOP_DEADLINE;
-    // A phase's grace, or what is left of the stop's deadline when that is less.
+    let end = tokio::time::Instant::now() + STOP_DEADLINE;
+    // The phases end in time to leave the last steps (flush, the clean end's record) theirs.
+    let deadline = end - STOP_TAIL;
+    // A phase's grace, or what is left of the phases' deadline when that is less.
     let grace = |phase: Duration| phase.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
     ready_flag.store(false, Ordering::SeqCst);
     shared.begin_stop();
@@ -716,14 +721,33 @@ pub async fn run(
         let g = grace(crate::push::STOP_GRACE + Duration::from_secs(1));
         owes |= !tokio::time::timeout(g, p.stop()).await.unwrap_or(false);
     }
-    store.flush().await?;
+    // What is left of the whole stop's deadline, at least a second.
+    let tail = || {
+        end.saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_secs(1))
+    };
+    match tokio::time::timeout(tail(), store.flush()).await {
+        Ok(r) => r?,
+        Err(_) => {
+            owes = true;
+            tracing::warn!("the store's flush did not finish within the stop's deadline");
+        }
+    }
     // Last, and only when no wallet is owed a wake-up (the start-up one unfinished, a push
     // abandoned, a give-back unfinished) and the run was marked: a stop that fails before
     // this, or that owes, leaves the store marked, and the next start wakes every wallet.
     if owes || !run_begun {
         tracing::warn!("the store is left marked as running: the next start wakes every wallet with mail pending");
-    } else if let Err(e) = store.end_run().await {
-        tracing::warn!("the clean stop not recorded (the next start wakes every wallet with mail pending): {e}");
+    } else {
+        match tokio::time::timeout(tail(), store.end_run()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(
+                "the clean stop not recorded (the next start wakes every wallet with mail pending): {e}"
+            ),
+            Err(_) => tracing::warn!(
+                "the clean stop not recorded within the stop's deadline (the next start wakes every wallet with mail pending)"
+            ),
+        }
     }
     if let Some(c) = &cluster {
         c.shutdown().await;
@@ -745,6 +769,9 @@ pub struct Reloader {
     started: Arc<Config>,
     /// What reloads applied, as the admin listener reads it.
     live: parking_lot::RwLock<Live>,
+    /// Held for a whole reload, read to applied: one that read an older file never finishes
+    /// after one that read a newer one.
+    one_at_a_time: parking_lot::Mutex<()>,
     /// The new nodes' admin listeners join the addresses endpoints may not reach.
     egress: Arc<crate::session::egress::Egress>,
 }
@@ -792,6 +819,7 @@ impl Reloader {
             cluster,
             started,
             live: parking_lot::RwLock::new(live),
+            one_at_a_time: parking_lot::Mutex::new(()),
             egress,
         }
     }
@@ -808,13 +836,16 @@ impl Reloader {
 
     /// Applies the file: see [`Reloader`]. A file that does not load changes nothing.
     pub fn reload(&self) -> anyhow::Result<Reloaded> {
+        let _one = self.one_at_a_time.lock();
         let path = self
             .path
             .as_ref()
             .context("this node was not started from a config file")?;
-        // The same environment overrides as at start (a token or secret may live only there).
-        let (cfg, _, _) = Config::load_for_node(Some(path), Some(&self.node_id), |k| std::env::var(k).ok())
+        // The same environment overrides as at start, read the same way (a token or secret
+        // may live only there).
+        let (cfg, _, _) = Config::load_for_node(Some(path), Some(&self.node_id), crate::config::env_var)
             .with_context(|| format!("the new file, for this node ({})", self.node_id))?;
+        token_kept_off_loopback(&self.started, &self.node_id, &cfg)?;
         let cc = match &self.cluster {
             Some(_) => Some(cluster_config(&cfg, &self.node_id)?),
             None => None,
@@ -853,6 +884,24 @@ impl Reloader {
             restart_needed,
         })
     }
+}
+
+/// Refuses a reload that would leave the admin listener without a token where it is bound
+/// off loopback: it stays where it was bound (`started`'s address) until a restart, whatever
+/// address the new file gives it, and the guard of a tokenless listener (its `Host` header)
+/// is the client's to choose.
+fn token_kept_off_loopback(started: &Config, node_id: &str, new: &Config) -> anyhow::Result<()> {
+    let bound = started.nodes.iter().find(|n| n.id == node_id).map(|n| n.admin.as_str());
+    let off_loopback = bound
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .is_some_and(|a| !a.ip().is_loopback());
+    if off_loopback && new.admin.token.as_deref().map_or(true, str::is_empty) {
+        anyhow::bail!(
+            "the admin listener is bound at {} (not loopback) until a restart: a reload cannot take its token away",
+            bound.unwrap_or("?")
+        );
+    }
+    Ok(())
 }
 
 /// The settings `new` changes from `started` that a reload does not apply, by their names in
@@ -1032,4 +1081,48 @@ pub fn bind_ephemeral(cfg: &mut Config, node_id: &str, with_cluster: bool) -> st
         None => cfg.nodes.push(entry),
     }
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_admin(admin: &str, token: Option<&str>) -> Config {
+        let mut c = Config::single_node_default();
+        c.nodes[0].admin = admin.into();
+        c.admin.token = token.map(Into::into);
+        c
+    }
+
+    #[test]
+    fn a_reload_cannot_take_the_token_of_a_listener_bound_off_loopback() {
+        let id = Config::single_node_default().nodes[0].id.clone();
+        let started = with_admin("0.0.0.0:9002", Some("t"));
+        // The new file moves the listener to loopback (it stays bound where it was) and drops
+        // the token: refused.
+        let err = token_kept_off_loopback(&started, &id, &with_admin("127.0.0.1:9002", None)).unwrap_err();
+        assert!(err.to_string().contains("cannot take its token away"), "{err}");
+        assert!(token_kept_off_loopback(&started, &id, &with_admin("0.0.0.0:9002", Some("new"))).is_ok());
+        // A listener bound on loopback may go tokenless.
+        let started = with_admin("127.0.0.1:9002", Some("t"));
+        assert!(token_kept_off_loopback(&started, &id, &with_admin("127.0.0.1:9002", None)).is_ok());
+    }
+
+    #[test]
+    fn restart_needed_names_what_changed_and_nothing_applied() {
+        let id = Config::single_node_default().nodes[0].id.clone();
+        let started = Config::single_node_default();
+        let mut new = started.clone();
+        assert!(not_applied(&started, &new, &id).is_empty());
+        new.admin.token = Some("rotated".into());
+        new.cluster.secret = Some("rotated".into());
+        assert!(not_applied(&started, &new, &id).is_empty(), "applied by the reload");
+        new.limits.max_sessions += 1;
+        new.delivery.lease_ms += 1;
+        new.nodes[0].listen = "127.0.0.1:1".into();
+        assert_eq!(
+            not_applied(&started, &new, &id),
+            ["delivery.lease_ms", "limits.max_sessions", &format!("node.{id}")]
+        );
+    }
 }

@@ -547,11 +547,26 @@ async fn the_admin_token_stays_on_its_node_and_a_reload_rotates_it() {
     let (snooped, _) = tokio::join!(
         tokio::task::spawn_blocking(move || {
             use std::io::Read;
-            let (mut s, _) = snoop.accept().unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let mut buf = vec![0u8; 4096];
-            let n = s.read(&mut buf).unwrap_or(0);
-            String::from_utf8_lossy(&buf[..n]).into_owned()
+            // The request's head, read to its blank line; WAIT at most.
+            snoop.set_nonblocking(true).unwrap();
+            let deadline = std::time::Instant::now() + WAIT;
+            let mut s = loop {
+                match snoop.accept() {
+                    Ok((s, _)) => break s,
+                    Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                    Err(e) => panic!("n1 never read n3's history: {e}"),
+                }
+            };
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            let (mut head, mut buf) = (Vec::new(), [0u8; 1024]);
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            String::from_utf8_lossy(&head).into_owned()
         }),
         async {
             let (st, body) = get_status(&history, Some("old-token")).await;

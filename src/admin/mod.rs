@@ -451,7 +451,7 @@ async fn peer_history(id: &str, admin: &str, cluster: &crate::cluster::ClusterHa
         .finish();
     let req = client.get(&url).insert_header((
         crate::cluster::admin_read::HEADER,
-        cluster.sign_admin_read(NODE_HISTORY),
+        cluster.sign_admin_read(id, NODE_HISTORY),
     ));
     let res = async {
         let mut r = req.send().await.map_err(|e| e.to_string())?;

@@ -4,15 +4,17 @@
 //! The node used to send its admin bearer token to every peer's configured admin address: to
 //! whatever listens there (on a machine whose peers' admin listeners bind loopback, a local
 //! process on this machine), in clear, and valid for every action on every node. A signature
-//! proves only that a holder of the cluster secret asked, now, for this one read: it is
-//! worth nothing for another path, and nothing once [`MAX_SKEW_MS`] has passed.
+//! proves only that a holder of the cluster secret asked, now, this one node for this one
+//! read: it is worth nothing for another path or another node (whatever listens at a peer's
+//! address cannot replay it to the others), and nothing once [`MAX_SKEW_MS`] has passed.
 //!
 //! Format of the `x-mailroom-peer` header: `<node> <unix ms> <hex HMAC-SHA256>`, the MAC over
-//! `node \n ms \n path` under a key derived from the secret and the cluster's name.
+//! `node \n target \n ms \n path` under a key derived from the secret and the cluster's
+//! name; `target` is the node read, which the reader checks is itself.
 //!
-//! Must not: accept a signature for another path, from a node not configured here, from
-//! another cluster, or older (or further ahead) than [`MAX_SKEW_MS`]; compare MACs in time
-//! that depends on where they differ.
+//! Must not: accept a signature for another path or another node, from a node not configured
+//! here, from another cluster, or older (or further ahead) than [`MAX_SKEW_MS`]; compare MACs
+//! in time that depends on where they differ.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -31,9 +33,11 @@ fn key(secret: &[u8], cluster: &str) -> [u8; 32] {
     m.finalize().into_bytes().into()
 }
 
-fn mac(secret: &[u8], cluster: &str, node: &str, ms: u64, path: &str) -> HmacSha256 {
+fn mac(secret: &[u8], cluster: &str, node: &str, target: &str, ms: u64, path: &str) -> HmacSha256 {
     let mut m = HmacSha256::new_from_slice(&key(secret, cluster)).expect("HMAC takes any key length");
     m.update(node.as_bytes());
+    m.update(b"\n");
+    m.update(target.as_bytes());
     m.update(b"\n");
     m.update(ms.to_string().as_bytes());
     m.update(b"\n");
@@ -41,18 +45,20 @@ fn mac(secret: &[u8], cluster: &str, node: &str, ms: u64, path: &str) -> HmacSha
     m
 }
 
-/// The header value signing `node`'s read of `path` at `ms`.
-pub fn sign(secret: &[u8], cluster: &str, node: &str, ms: u64, path: &str) -> String {
-    let tag = mac(secret, cluster, node, ms, path).finalize().into_bytes();
+/// The header value signing `node`'s read of `path` on `target` at `ms`.
+pub fn sign(secret: &[u8], cluster: &str, node: &str, target: &str, ms: u64, path: &str) -> String {
+    let tag = mac(secret, cluster, node, target, ms, path).finalize().into_bytes();
     format!("{node} {ms} {}", hex::encode(tag))
 }
 
-/// The node whose valid signature `header` is for `path`, read at `now_ms`; `None` if it is
-/// none (`configured` says which nodes may sign).
+/// The node whose valid signature `header` is for `path` on `me`, read at `now_ms`; `None` if
+/// it is none (`configured` says which nodes may sign).
+#[allow(clippy::too_many_arguments)]
 pub fn verify<'h>(
     header: &'h str,
     secret: &[u8],
     cluster: &str,
+    me: &str,
     path: &str,
     now_ms: u64,
     configured: impl Fn(&str) -> bool,
@@ -67,7 +73,7 @@ pub fn verify<'h>(
         return None;
     }
     let tag = hex::decode(tag).ok()?;
-    mac(secret, cluster, node, ms, path).verify_slice(&tag).ok()?;
+    mac(secret, cluster, node, me, ms, path).verify_slice(&tag).ok()?;
     Some(node)
 }
 
@@ -79,28 +85,32 @@ mod tests {
     const NOW: u64 = 1_765_000_000_000;
 
     fn ok(header: &str, path: &str, now: u64) -> bool {
-        verify(header, b"s3cret", "prod", path, now, |n| n == "n2").is_some()
+        verify(header, b"s3cret", "prod", "n1", path, now, |n| n == "n2").is_some()
     }
 
     #[test]
     fn a_signature_holds_for_its_node_path_cluster_and_time_only() {
-        let h = sign(b"s3cret", "prod", "n2", NOW, PATH);
+        let h = sign(b"s3cret", "prod", "n2", "n1", NOW, PATH);
         assert!(ok(&h, PATH, NOW));
         assert!(ok(&h, PATH, NOW + MAX_SKEW_MS));
         assert!(!ok(&h, PATH, NOW + MAX_SKEW_MS + 1), "too old");
         assert!(!ok(&h, PATH, NOW - MAX_SKEW_MS - 1), "from the future");
         assert!(!ok(&h, "/connections", NOW), "another path");
         assert!(
-            !ok(&sign(b"other", "prod", "n2", NOW, PATH), PATH, NOW),
+            !ok(&sign(b"other", "prod", "n2", "n1", NOW, PATH), PATH, NOW),
             "another secret"
         );
         assert!(
-            !ok(&sign(b"s3cret", "test", "n2", NOW, PATH), PATH, NOW),
+            !ok(&sign(b"s3cret", "test", "n2", "n1", NOW, PATH), PATH, NOW),
             "another cluster"
         );
         assert!(
-            !ok(&sign(b"s3cret", "prod", "n3", NOW, PATH), PATH, NOW),
+            !ok(&sign(b"s3cret", "prod", "n3", "n1", NOW, PATH), PATH, NOW),
             "a node not configured"
+        );
+        assert!(
+            !ok(&sign(b"s3cret", "prod", "n2", "n4", NOW, PATH), PATH, NOW),
+            "a read of another node, replayed here"
         );
         let forged = h.replace("n2 ", "n2 1").to_string();
         assert!(!ok(&forged, PATH, NOW));

@@ -509,12 +509,12 @@ impl ClusterHandle {
         self.shared.update_peers(&peers);
     }
 
-    /// This node's signature on its read of a peer's admin API at `path` ([`admin_read`]):
-    /// the value of the [`admin_read::HEADER`] header.
-    pub fn sign_admin_read(&self, path: &str) -> String {
+    /// This node's signature on its read of `peer`'s admin API at `path` ([`admin_read`]): the
+    /// value of the [`admin_read::HEADER`] header.
+    pub fn sign_admin_read(&self, peer: &str, path: &str) -> String {
         let (_, secret) = self.shared.secret();
         let s = &self.shared.settings;
-        admin_read::sign(&secret, &s.cluster_name, &s.node_id, peer::unix_ms(), path)
+        admin_read::sign(&secret, &s.cluster_name, &s.node_id, peer, peer::unix_ms(), path)
     }
 
     /// The configured peer whose valid signature `header` is on a read of `path` now.
@@ -522,7 +522,16 @@ impl ClusterHandle {
         let (_, secret) = self.shared.secret();
         let s = &self.shared.settings;
         let configured = |n: &str| n != s.node_id && self.shared.state.lock().peers.contains_key(n);
-        admin_read::verify(header, &secret, &s.cluster_name, path, peer::unix_ms(), configured).map(str::to_owned)
+        admin_read::verify(
+            header,
+            &secret,
+            &s.cluster_name,
+            &s.node_id,
+            path,
+            peer::unix_ms(),
+            configured,
+        )
+        .map(str::to_owned)
     }
 
     /// Makes `secret` the cluster secret (a rotated one, reloaded): handshakes from now on

@@ -73,9 +73,11 @@ pub struct Shared {
     /// Set once the node stops (for good: `POST /undrain` is refused from then on), with
     /// [`Shared::begin_stop`].
     pub stopping: AtomicBool,
-    /// Woken when the stop begins: sockets waiting for their client to take bytes give it
-    /// [`wsio::STOP_GRACE`] more at most.
+    /// Woken when the stop begins: sockets waiting for their client to take bytes are given up
+    /// [`wsio::STOP_GRACE`] into the stop.
     stop_begun: tokio::sync::Notify,
+    /// When the stop began ([`Shared::begin_stop`]).
+    stop_begun_at: std::sync::OnceLock<tokio::time::Instant>,
     /// Where the endpoint retry of the sweep goes on from (connection id order).
     endpoint_cursor: Mutex<Option<String>>,
     /// The push worker, when `[push]` is configured (set once by the node at start).
@@ -132,6 +134,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             stop_begun: tokio::sync::Notify::new(),
+            stop_begun_at: std::sync::OnceLock::new(),
             endpoint_cursor: Mutex::new(None),
             push: std::sync::OnceLock::new(),
             previous_run: std::sync::OnceLock::new(),
@@ -261,11 +264,13 @@ impl Shared {
     /// whose client takes none of its bytes (not even the close frame) is given up after
     /// [`wsio::STOP_GRACE`], not `limits.ws_write_stall_ms`.
     pub fn begin_stop(&self) {
+        let _ = self.stop_begun_at.set(tokio::time::Instant::now());
         self.stopping.store(true, Ordering::SeqCst);
         self.stop_begun.notify_waiters();
     }
 
-    /// Resolves [`wsio::STOP_GRACE`] after the stop began ([`Shared::begin_stop`]).
+    /// Resolves [`wsio::STOP_GRACE`] after the stop began ([`Shared::begin_stop`]), however
+    /// long the caller has waited already.
     pub(crate) async fn stop_grace_over(&self) {
         loop {
             let begun = self.stop_begun.notified();
@@ -277,7 +282,12 @@ impl Shared {
             }
             begun.await;
         }
-        tokio::time::sleep(wsio::STOP_GRACE).await;
+        let begun_at = self
+            .stop_begun_at
+            .get()
+            .copied()
+            .unwrap_or_else(tokio::time::Instant::now);
+        tokio::time::sleep_until(begun_at + wsio::STOP_GRACE).await;
     }
 
     /// Hands `h` off after the hand-offs of its connection entered before it

@@ -163,6 +163,18 @@ impl Stream for Reader {
 /// it) for `limits.ws_write_stall_ms`.
 pub const STOP_GRACE: Duration = Duration::from_secs(3);
 
+/// Why a write gave a socket up at the node's stop ([`STOP_GRACE`]), not for a stall.
+#[derive(Debug)]
+struct StopCut;
+
+impl std::fmt::Display for StopCut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "given up at the node's stop")
+    }
+}
+
+impl std::error::Error for StopCut {}
+
 /// Writes the actor's output to the socket until the actor stops (its output ends) or the
 /// socket fails or takes nothing for `stall` (the output is dropped, which stops the actor),
 /// or for [`STOP_GRACE`] once `node` stops; then closes the connection. Whether it gave the
@@ -176,6 +188,16 @@ pub async fn write_out<E>(
     // `pump` owns the context (and the reader in it): once it returns, this is the socket's
     // last owner.
     if let Err(e) = pump(&sock, out, stall, node).await {
+        if e.get_ref().is_some_and(|r| r.is::<StopCut>()) {
+            tracing::info!(
+                peer = ?sock.peer_addr().ok(),
+                "WebSocket closed at the node's stop: its client took none of our bytes {} s into it",
+                STOP_GRACE.as_secs()
+            );
+            #[allow(deprecated)]
+            let _ = sock.set_linger(Some(Duration::ZERO));
+            return false;
+        }
         if e.kind() == io::ErrorKind::TimedOut {
             tracing::info!(
                 peer = ?sock.peer_addr().ok(),
@@ -237,7 +259,7 @@ fn writable_within<'a>(
             r = tokio::time::timeout(stall, sock.writable()) => {
                 r.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
             }
-            _ = node.stop_grace_over() => Err(io::ErrorKind::TimedOut.into()),
+            _ = node.stop_grace_over() => Err(io::Error::other(StopCut)),
         }
     })
 }
