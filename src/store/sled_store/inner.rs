@@ -10,10 +10,22 @@ use super::index::{Meta, Queues};
 use super::queue_log::{Key, QueueLog};
 use super::records::{
     decode_conn, decode_dedup_key, decode_dedup_record, decode_id, decode_mediation, decode_msg, dedup_record,
-    encode_id, KIND_DEDUP, KIND_MSG,
+    encode_id, msg_head_len, KIND_DEDUP, KIND_MSG,
 };
 use super::{corrupt, unavailable, DEDUP_PRUNED_BEFORE_KEY, NEVER};
 use crate::store::{ConnId, Connection, MediationState, MessageId, QueuedMessage, StoreError, StoreResult};
+
+/// Bytes of a message record's head read at first ([`Inner::msg_head`]): enough for the usual
+/// connection ids and keys; a longer head takes one more read.
+const HEAD_READ: usize = 256;
+
+/// A read of the queue log as a store error: what does not read back is `Corrupt`.
+fn log_read_err(e: std::io::Error) -> StoreError {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData => StoreError::Corrupt(format!("sled: {e}")),
+        _ => unavailable(e),
+    }
+}
 
 /// The push window of one connection ([`crate::store::push_window_step`]) and the claim of
 /// the trailing push a node took from it ([`crate::store::Store::push_take_due`]).
@@ -335,10 +347,30 @@ impl Inner {
 
     /// A queued message's record.
     pub(super) fn msg_record(&self, id: MessageId) -> StoreResult<Option<Vec<u8>>> {
-        self.log.get((KIND_MSG, id)).map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidData => StoreError::Corrupt(format!("sled: {e}")),
-            _ => unavailable(e),
-        })
+        self.log.get((KIND_MSG, id)).map_err(log_read_err)
+    }
+
+    /// The head of a queued message's record: all of it but the payload ([`decode_msg`] reads
+    /// it with an empty one). What a pickup filtered by recipient key reads of every pending
+    /// message, and an acknowledgement of the messages whose dedup record it keeps: it must
+    /// not read their payloads (up to the queue's bytes, 256 MiB by default, per call).
+    pub(super) fn msg_head(&self, id: MessageId) -> StoreResult<Option<Vec<u8>>> {
+        let mut want = HEAD_READ;
+        loop {
+            let Some(mut v) = self.log.get_head((KIND_MSG, id), want).map_err(log_read_err)? else {
+                return Ok(None);
+            };
+            let need = msg_head_len(&v)?;
+            if need <= v.len() {
+                v.truncate(need);
+                return Ok(Some(v));
+            }
+            if v.len() < want {
+                return Err(corrupt("message truncated"));
+            }
+            // More than `want`: each turn reads more, up to the longest head there is.
+            want = need;
+        }
     }
 
     /// Appends dedup records `keep` and removes `msgs` and `dedups` (message ids) from the
@@ -427,7 +459,7 @@ impl Inner {
         }
         let mut records = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(v) = self.msg_record(*id)? {
+            if let Some(v) = self.msg_head(*id)? {
                 records.push((*id, v));
             }
         }

@@ -39,8 +39,8 @@
 //! own (`live_loop`), in turn, as they come: under load it stays awake and takes the next job,
 //! where `spawn_blocking` woke and parked a pool thread per call (the pool grew to ~200 threads
 //! under a fan-out to 100 wallets, and they queued on sled's write lock while the writer
-//! applied a batch). `lease_for_key`, which may read many messages from disk, stays on the
-//! blocking pool.
+//! applied a batch). `lease_for_key`, which may read the heads of many records from disk (their
+//! recipient keys, never their payloads), stays on the blocking pool.
 //!
 //! Must not: run sled calls on an async runtime thread (they go to the live thread, to
 //! `spawn_blocking` or to the writer thread). Calls that touch only the in-memory index
@@ -307,8 +307,8 @@ impl SledStore {
 
     /// `lease` and `lease_for_key`. Recipient keys live on disk only (the index holds sizes
     /// and leases): with a key, the pending ids are picked first, their keys read outside the
-    /// lock, then those still pending leased; without one, the first pending ids are leased in
-    /// one pass under the lock.
+    /// lock (the heads of their records, [`Inner::msg_head`]), then those still pending
+    /// leased; without one, the first pending ids are leased in one pass under the lock.
     async fn lease_filtered(
         &self,
         conn: &str,
@@ -345,7 +345,7 @@ impl SledStore {
                         if matching.len() >= max {
                             break;
                         }
-                        if let Some(v) = inner.msg_record(id)? {
+                        if let Some(v) = inner.msg_head(id)? {
                             if decode_msg(&v)?.recipient_key == key.as_str() {
                                 matching.push(id);
                             }
@@ -886,5 +886,63 @@ mod tests {
         assert_eq!(s.prune_dedup(t0 + 10, 100).await.unwrap(), 10);
         assert_eq!(s.prune_dedup(t0 + 20, 5).await.unwrap(), 5, "bounded");
         assert_eq!(times(&s), ((15..30).collect::<Vec<_>>(), 15));
+    }
+
+    /// A pickup filtered by recipient key reads the heads of the pending messages' records, not
+    /// their payloads: its status, its lease and the acknowledgement of a message whose dedup
+    /// record it keeps read about as much whatever the payloads' size (a wallet asks for a
+    /// status at will, and a queue holds up to 256 MiB). Only the messages it delivers are
+    /// read whole. A head longer than the first read (a long key) takes a second one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pickup_filtered_by_key_reads_no_payload_it_does_not_deliver() {
+        const N: u8 = 40;
+        const PAYLOAD: u64 = 64 << 10;
+        let s = SledStore::temporary().await.unwrap();
+        let t0 = 1_700_000_000_000;
+        let big = "x".repeat(PAYLOAD as usize);
+        let long_key = "k".repeat(300);
+        let batch: Vec<NewMessage> = (0..N)
+            .map(|i| NewMessage {
+                recipient_key: match i {
+                    0 => long_key.clone(),
+                    _ if i % 2 == 0 => "a".into(),
+                    _ => "b".into(),
+                },
+                ..new_msg("c", &big, t0, Some(i))
+            })
+            .collect();
+        let r = s.enqueue(batch, &dedup_window(60_000)).await.unwrap();
+        assert!(r.iter().all(|r| r.is_ok()));
+        let read = || s.slot.log.read_bytes_for_test();
+        let per_head = 1024 * u64::from(N);
+
+        let before = read();
+        let st = s.pending_stats("c", Some("a"), t0).await.unwrap();
+        assert_eq!(st.count, u64::from(N) / 2 - 1);
+        let status = read() - before;
+        assert!(status < per_head, "a status read {status} bytes for {N} messages");
+        let before = read();
+        assert_eq!(s.pending_stats("c", Some(&long_key), t0).await.unwrap().count, 1);
+        assert!(read() - before < per_head, "a status read {} bytes", read() - before);
+
+        let before = read();
+        let got = s.lease_for_key("c", "b", 1, "o", t0, t0 + 60_000).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].recipient_key, "b");
+        assert_eq!(got[0].payload.len() as u64, PAYLOAD);
+        let lease = read() - before;
+        assert!(
+            (PAYLOAD..PAYLOAD + per_head).contains(&lease),
+            "a lease of one message read {lease} bytes"
+        );
+
+        let before = read();
+        assert_eq!(s.ack("c", &[got[0].id]).await.unwrap(), 1);
+        assert!(
+            read() - before < 1024,
+            "an acknowledgement read {} bytes",
+            read() - before
+        );
+        assert_eq!(s.dedup_tree_len_for_test(), 1, "its dedup record is kept");
     }
 }

@@ -397,11 +397,11 @@ impl Store for SledStore {
             };
             (pending.collect(), key.to_owned())
         };
-        // A filter: each pending message's recipient key is on disk.
+        // A filter: each pending message's recipient key is on disk, in its record's head.
         self.blocking(move |inner| {
             let mut s = PendingStats::default();
             for (id, received) in pending {
-                let Some(v) = inner.msg_record(id)? else {
+                let Some(v) = inner.msg_head(id)? else {
                     continue;
                 };
                 if decode_msg(&v)?.recipient_key == key {
