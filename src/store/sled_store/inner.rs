@@ -374,12 +374,14 @@ impl Inner {
     }
 
     /// Appends dedup records `keep` and removes `msgs` and `dedups` (message ids) from the
-    /// queue log, in this order and in one write, not synced (see `forget_acked`).
+    /// queue log, in this order and in one write; with `sync`, returns once they are on disk,
+    /// else not synced (see `forget_acked`).
     pub(super) fn log_removal(
         &self,
         keep: &[(Key, Vec<u8>)],
         msgs: &[MessageId],
         dedups: &[MessageId],
+        sync: bool,
     ) -> StoreResult<()> {
         let puts: Vec<(Key, &[u8])> = keep.iter().map(|(k, v)| (*k, &v[..])).collect();
         let removes: Vec<Key> = msgs
@@ -387,7 +389,7 @@ impl Inner {
             .map(|id| (KIND_MSG, *id))
             .chain(dedups.iter().map(|id| (KIND_DEDUP, *id)))
             .collect();
-        let r = self.log.append(&puts, &removes, false);
+        let r = self.log.append(&puts, &removes, sync);
         if r.is_err() {
             self.write_failed.store(true, std::sync::atomic::Ordering::SeqCst);
         }
@@ -440,7 +442,7 @@ impl Inner {
         for id in ids {
             self.attempts.remove(encode_id(*id)).map_err(unavailable)?;
         }
-        self.log_removal(&keep, ids, &[])
+        self.log_removal(&keep, ids, &[], false)
     }
 
     /// The dedup records of messages about to leave the queue (acknowledged, expired by their
@@ -483,31 +485,29 @@ impl Inner {
     }
 
     /// Deletes every queued message of `conn` (and, with `dedup`, its dedup records). The caller
-    /// holds `batch_lock`. Returns (messages, dedup records) removed.
+    /// holds `batch_lock`. Returns (messages, dedup records) removed, once their removal is on
+    /// disk: an operator told a queue is gone must not see it come back after a power loss,
+    /// and a deleted connection must not come back without its messages' removal (they would
+    /// be counted for ever, never leased).
     pub(super) fn remove_queue(&self, conn: &str, dedup: bool) -> StoreResult<(u64, u64)> {
+        // What to remove is read first, and the index changed only once the removal is on disk:
+        // a failed append must not leave messages live in the log and missing from the index
+        // (uncounted, never delivered, and skipped by a retry of this call).
         let (ids, with_dedup, dedup_ids) = {
-            let mut q = self.queues.lock();
-            let mut with_dedup = Vec::new();
-            let ids: Vec<MessageId> = match q.by_conn.remove(conn) {
-                Some(cq) => {
-                    for (id, m) in &cq.msgs {
-                        q.unindex(*id, m);
-                        if m.dedup {
-                            with_dedup.push(*id);
-                        }
+            let q = self.queues.lock();
+            let (mut ids, mut with_dedup) = (Vec::new(), Vec::new());
+            if let Some(cq) = q.by_conn.get(conn) {
+                for (id, m) in &cq.msgs {
+                    ids.push(*id);
+                    if m.dedup {
+                        with_dedup.push(*id);
                     }
-                    cq.msgs.into_keys().collect()
-                }
-                None => Vec::new(),
-            };
-            q.total -= ids.len() as u64;
-            let mut dedup_ids = Vec::new();
-            if dedup {
-                if let Some(d) = q.dedup.remove(conn) {
-                    q.dedup_count -= d.len() as u64;
-                    dedup_ids = d.into_values().map(|(id, _)| id).collect();
                 }
             }
+            let dedup_ids: Vec<MessageId> = match q.dedup.get(conn) {
+                Some(d) if dedup => d.values().map(|(id, _)| *id).collect(),
+                _ => Vec::new(),
+            };
             (ids, with_dedup, dedup_ids)
         };
         // Without `dedup` the queue goes and its dedup entries stay (as after an
@@ -517,12 +517,37 @@ impl Inner {
         } else {
             self.kept_dedup(&with_dedup)?
         };
+        self.log_removal(&keep, &ids, &dedup_ids, true)?;
+        let removed = self.unindex_queue(conn, dedup);
         let mut a = sled::Batch::default();
         for id in &ids {
             a.remove(&encode_id(*id));
         }
+        // After the removal: a count whose message is gone is dropped at the next open.
         self.attempts.apply_batch(a).map_err(unavailable)?;
-        self.log_removal(&keep, &ids, &dedup_ids)?;
-        Ok((ids.len() as u64, dedup_ids.len() as u64))
+        Ok(removed)
+    }
+
+    /// Drops the queue of `conn` (and, with `dedup`, its dedup entries) from the index, once
+    /// their removal is on disk; returns (messages, dedup entries) dropped. Only messages this
+    /// removal wrote off can be there: the caller holds `batch_lock`, no enqueue adds one.
+    fn unindex_queue(&self, conn: &str, dedup: bool) -> (u64, u64) {
+        let mut q = self.queues.lock();
+        let mut messages = 0;
+        if let Some(cq) = q.by_conn.remove(conn) {
+            for (id, m) in &cq.msgs {
+                q.unindex(*id, m);
+            }
+            messages = cq.msgs.len() as u64;
+            q.total -= messages;
+        }
+        let mut entries = 0;
+        if dedup {
+            if let Some(d) = q.dedup.remove(conn) {
+                entries = d.len() as u64;
+                q.dedup_count -= entries;
+            }
+        }
+        (messages, entries)
     }
 }

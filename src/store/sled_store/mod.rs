@@ -21,7 +21,8 @@
 //!
 //! Ingest writes one log record a forward and one append and `fdatasync` a batch; sled's insert
 //! cost 11-15 us of CPU a message, whatever its size (docs/BENCHMARKS.md, "The queue log").
-//! Removals are tombstones appended without a sync (at-least-once); the supervisor thread
+//! Removals are tombstones appended without a sync (at-least-once), but for an operator's
+//! (`drop_queue`, `delete_connection`: synced before they answer); the supervisor thread
 //! compacts the log (copies the live records of the oldest segment forward, deletes segments
 //! that hold nothing live).
 //!
@@ -944,5 +945,86 @@ mod tests {
             read() - before
         );
         assert_eq!(s.dedup_tree_len_for_test(), 1, "its dedup record is kept");
+    }
+
+    /// A connection as `put_connection` takes it (tests).
+    fn connection(id: &str) -> crate::store::Connection {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "created_at_ms": 0, "updated_at_ms": 0, "state": "completed",
+            "protocol": "didexchange/1.1", "label": null, "our_verkey": format!("our-{id}"),
+            "our_did": null, "their_did": null, "their_verkeys": [format!("theirs-{id}")],
+            "their_endpoints": [], "their_routing_keys": [], "mediation": "None",
+            "invitation_id": null, "thread_id": null, "extra": null,
+        }))
+        .unwrap()
+    }
+
+    /// `drop_queue` and `delete_connection` answer once the removal of the messages is on disk:
+    /// a power loss right after them (the queue log keeps what a sync covered, sled what it
+    /// flushed) brings back none of the messages they removed, and no connection without them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_queue_and_a_deleted_connection_stay_gone_after_a_power_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let s = SledStore::open(dir.path()).await.unwrap();
+        s.put_connection(&connection("deleted")).await.unwrap();
+        for c in ["dropped", "deleted", "kept"] {
+            let batch = (0..3).map(|i| new_msg(c, &format!("{c}{i}"), t0, None)).collect();
+            s.enqueue(batch, &EnqueueLimits::UNLIMITED).await.unwrap();
+        }
+        assert_eq!(s.drop_queue("dropped").await.unwrap(), 3);
+        assert_eq!(s.delete_connection("deleted").await.unwrap().messages, 3);
+        let (seg, written, synced) = s.slot.log.synced_tail_for_test();
+        assert!(
+            synced >= written,
+            "answered with {} bytes of removals not synced",
+            written - synced
+        );
+        drop(s);
+        // The power loss: what no sync covered is gone.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(synced)
+            .unwrap();
+        let s = SledStore::open(dir.path()).await.unwrap();
+        assert!(s.get_connection("deleted").await.unwrap().is_none());
+        assert_eq!(s.total_queued().await.unwrap(), 3);
+        assert_eq!(s.queue_stats("kept", t0).await.unwrap().pending, 3);
+    }
+
+    /// A `delete_connection` whose removal of the queue fails (here its sync) changes nothing:
+    /// the connection and its messages are both still there, and a retry once the store is
+    /// writable again removes both. It never leaves messages queued for a connection gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_delete_connection_leaves_the_connection_with_its_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let s = SledStore::open(dir.path()).await.unwrap();
+        s.put_connection(&connection("c")).await.unwrap();
+        let batch = (0..3).map(|i| new_msg("c", &format!("m{i}"), t0, None)).collect();
+        s.enqueue(batch, &EnqueueLimits::UNLIMITED).await.unwrap();
+        s.slot.log.fail_next_sync();
+        let r = s.delete_connection("c").await;
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        assert!(
+            s.get_connection("c").await.unwrap().is_some(),
+            "the connection went alone"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let removed = loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the store never took writes again"
+            );
+            match s.delete_connection("c").await {
+                Ok(r) => break r,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        };
+        assert!(removed.connection);
+        assert_eq!(removed.messages, 3);
+        assert_eq!(s.total_queued().await.unwrap(), 0);
     }
 }

@@ -999,6 +999,19 @@ impl QueueLog {
         self.fail_sync.store(true, SeqCst);
     }
 
+    /// The current segment's file, its append offset and how much of it a sync covered
+    /// (tests: what a power loss now would keep).
+    #[cfg(test)]
+    pub(super) fn synced_tail_for_test(&self) -> (PathBuf, u64, u64) {
+        let st = self.state.lock();
+        let seg = &st.segments[&st.current];
+        (
+            segment_path(&self.dir, st.current),
+            seg.bytes,
+            seg.file.synced.load(SeqCst),
+        )
+    }
+
     /// The current segment's file and its append offset (tests: where an append goes).
     #[cfg(test)]
     pub(super) fn tail_for_test(&self) -> (PathBuf, u64) {

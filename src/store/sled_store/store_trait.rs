@@ -606,7 +606,7 @@ impl Store for SledStore {
             let n = removed.len() as u64;
             // Most entries are of queued messages and have no dedup record (removing a key that
             // is not in the queue log writes nothing).
-            inner.log_removal(&[], &[], &removed)?;
+            inner.log_removal(&[], &[], &removed, false)?;
             if newer_cutoff {
                 // Not flushed: a cutoff lost in a crash only loads entries the next prune drops.
                 inner
@@ -723,7 +723,7 @@ impl Store for SledStore {
                 a.remove(&encode_id(*id));
             }
             inner.attempts.apply_batch(a).map_err(unavailable)?;
-            inner.log_removal(&[], &removed, &dedup_removed)?;
+            inner.log_removal(&[], &removed, &dedup_removed, false)?;
             Ok(removed.len() as u64)
         })
         .await
@@ -938,6 +938,10 @@ impl Store for SledStore {
                 keys.push(k[prefix.len()..].to_vec());
             }
             let had_device = inner.devices.contains_key(id.as_bytes()).map_err(unavailable)?;
+            // The queue first (its removal synced): a failure after it leaves the connection with
+            // an empty queue, which a retry removes. The other order could leave its messages
+            // queued with no connection: never leased again, counted against the limits for ever.
+            let (messages, dedup_records) = inner.remove_queue(&id, true)?;
             (
                 &inner.conns,
                 &inner.by_verkey,
@@ -970,7 +974,6 @@ impl Store for SledStore {
                 })
                 .map_err(tx_err)?;
             inner.note_mediation(&id, None);
-            let (messages, dedup_records) = inner.remove_queue(&id, true)?;
             inner.push_windows.lock().remove(&id);
             inner.flush()?;
             Ok(Removed {
