@@ -423,7 +423,8 @@ impl Inner {
     }
 
     /// Removes acknowledged messages from disk, not synced (an acknowledgement lost in a crash
-    /// redelivers: at-least-once).
+    /// redelivers: at-least-once). The caller drops them from the index only once this
+    /// succeeded: a message whose removal failed (a full disk) must stay queued and counted.
     ///
     /// Attempt counts are single sled records, not a `sled::Batch`: sled 0.34 writes out and
     /// syncs its current log buffer before and after every batch (`PageCache::pin_log`), two
@@ -439,10 +440,13 @@ impl Inner {
             return Ok(());
         }
         let keep = self.kept_dedup(with_dedup)?;
+        self.log_removal(&keep, ids, &[], false)?;
+        // After the removal: a count left by a failure here is dropped at the next open, where
+        // one removed before a failed append would under-report a message still queued.
         for id in ids {
             self.attempts.remove(encode_id(*id)).map_err(unavailable)?;
         }
-        self.log_removal(&keep, ids, &[], false)
+        Ok(())
     }
 
     /// The dedup records of messages about to leave the queue (acknowledged, expired by their

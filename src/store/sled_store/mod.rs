@@ -1027,4 +1027,59 @@ mod tests {
         assert_eq!(removed.messages, 3);
         assert_eq!(s.total_queued().await.unwrap(), 0);
     }
+
+    /// An acknowledgement or an expiry whose removal the queue log refuses (a full disk) fails
+    /// and changes nothing: the message is still queued, counted in its queue's figures and
+    /// its limits, and the next call that succeeds removes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_removal_the_log_refused_leaves_the_message_queued() {
+        let s = SledStore::temporary().await.unwrap();
+        let t0 = 1_700_000_000_000;
+        let expiring = NewMessage {
+            expires_at_ms: Some(t0 + 10),
+            ..new_msg("c", "expiring", t0, None)
+        };
+        let batch = vec![
+            new_msg("c", "old", t0 - 1_000, Some(1)),
+            new_msg("c", "acked", t0, Some(2)),
+            expiring,
+        ];
+        s.enqueue(batch, &dedup_window(60_000)).await.unwrap();
+        let figures = |s: &SledStore| {
+            let inner = s.slot.get().unwrap();
+            let q = inner.queues.lock();
+            (q.total, q.by_conn.get("c").map_or(0, |cq| cq.bytes))
+        };
+        let full = EnqueueLimits {
+            max_messages: 3,
+            ..EnqueueLimits::UNLIMITED
+        };
+        let leased = s.lease("c", 3, "o", t0, t0 + 60_000).await.unwrap();
+        let acked = leased.iter().find(|m| m.payload == b"acked").unwrap().id;
+
+        s.slot.log.fail_next_write();
+        assert!(s.ack_leased("c", &[acked]).await.is_err());
+        assert_eq!(figures(&s), (3, 16), "the failed acknowledgement hid the message");
+        let r = s.enqueue(vec![new_msg("c", "more", t0, None)], &full).await.unwrap();
+        assert!(matches!(r[0], Err(StoreError::QueueFull { .. })), "{:?}", r[0]);
+        assert_eq!(s.ack_leased("c", &[acked]).await.unwrap().len(), 1);
+        assert_eq!(figures(&s), (2, 11));
+
+        s.slot.log.fail_next_write();
+        assert!(s.expire_due(t0 + 20, 10).await.is_err());
+        assert_eq!(figures(&s), (2, 11), "the failed expiry hid the message");
+        assert_eq!(s.expire_due(t0 + 20, 10).await.unwrap(), 1);
+        assert_eq!(figures(&s), (1, 3));
+
+        s.slot.log.fail_next_write();
+        assert!(s.expire(t0).await.is_err());
+        assert_eq!(figures(&s), (1, 3), "the failed expire hid the message");
+        assert_eq!(s.expire(t0).await.unwrap(), 1);
+        assert_eq!(figures(&s), (0, 0));
+        assert_eq!(
+            s.dedup_records().await.unwrap(),
+            1,
+            "the acknowledged message's entry stays"
+        );
+    }
 }

@@ -237,6 +237,9 @@ pub(super) struct QueueLog {
     /// Bytes read from records ([`QueueLog::read_bytes_for_test`]).
     #[cfg(test)]
     read_bytes: AtomicU64,
+    /// The next write fails as a `pwrite` on a full disk would, writing nothing (tests).
+    #[cfg(test)]
+    fail_write: AtomicBool,
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
@@ -469,6 +472,8 @@ impl QueueLog {
             fail_sync: AtomicBool::new(false),
             #[cfg(test)]
             read_bytes: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_write: AtomicBool::new(false),
         };
         // Appends never go to a segment written before: a new one for this handle.
         {
@@ -653,6 +658,11 @@ impl QueueLog {
         }
         let seg = st.segments.get_mut(&st.current).expect("current segment");
         let off = seg.bytes;
+        #[cfg(test)]
+        if self.fail_write.swap(false, SeqCst) {
+            // ENOSPC, before anything reached the file.
+            return Err(io::Error::from_raw_os_error(28));
+        }
         if let Err(e) = seg.file.write_all_at(buf, off) {
             if seg.file.set_len(off).is_err() {
                 st.roll = true;
@@ -997,6 +1007,12 @@ impl QueueLog {
     #[cfg(test)]
     pub(super) fn fail_next_sync(&self) {
         self.fail_sync.store(true, SeqCst);
+    }
+
+    /// The next write of an append fails with ENOSPC and writes nothing (tests).
+    #[cfg(test)]
+    pub(super) fn fail_next_write(&self) {
+        self.fail_write.store(true, SeqCst);
     }
 
     /// The current segment's file, its append offset and how much of it a sync covered
