@@ -469,6 +469,18 @@ pub(crate) fn check_storable(what: &str, s: &str) -> StoreResult<()> {
     }
 }
 
+/// Checks the text of a message before it is queued: its connection, its recipient key and the
+/// owner of the lease it is queued under. A message that fails is refused alone (`Invalid`);
+/// it must not reach a batch, where (on PostgreSQL) a NUL fails every message of it.
+pub(crate) fn check_message(m: &NewMessage) -> StoreResult<()> {
+    check_storable("connection id", &m.connection)?;
+    check_storable("recipient key", &m.recipient_key)?;
+    match &m.lease {
+        Some(l) => check_storable("lease owner", &l.owner),
+        None => Ok(()),
+    }
+}
+
 /// Checks the ids and indexed keys of a connection before it is written.
 pub(crate) fn check_connection(c: &Connection) -> StoreResult<()> {
     check_storable("connection id", &c.id)?;

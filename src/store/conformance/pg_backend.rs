@@ -461,3 +461,68 @@ async fn a_failed_idle_cleanup_claims_no_trailing_push() {
         std::panic::resume_unwind(e.into_panic());
     }
 }
+
+/// `drop_queue` takes the connection's enqueue lock: a batch that has inserted its messages
+/// and not committed when the drop begins is waited for and dropped with the rest, never left
+/// behind a drop that said the queue was gone. The batch is a transaction holding the lock (as
+/// `mailroom_enqueue` does) with one message inserted, committed once the drop has either
+/// finished or waits for a lock (the enqueue lock; without it, the queue counter's row the
+/// insert updated, after which its DELETE's snapshot missed the message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_queue_drops_a_batch_committing_meanwhile() {
+    use super::super::postgres::{lock_key, LOCK_NS};
+    let name = test_db_name();
+    let url = format!("{}/{name}", server_url());
+    // Spawned: a failed assertion still drops the database below.
+    let r = tokio::spawn(async move {
+        let s = open_postgres(&url, 2).await.unwrap();
+        let c = new_conn(&s).await;
+        enqueue_ok(&s, vec![msg(&c, "before", T0)]).await;
+        let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn_task);
+        db.batch_execute("BEGIN").await.unwrap();
+        db.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(&c)])
+            .await
+            .unwrap();
+        db.execute(
+            "INSERT INTO mailroom_messages (id, conn_id, recipient_key, payload, size, received_at_ms) \
+             VALUES (nextval('mailroom_message_ids'), $1, 'k', '\\x00', 1, $2)",
+            &[&c, &T0],
+        )
+        .await
+        .unwrap();
+        let dropping = tokio::spawn({
+            let (s, c) = (s.clone(), c.clone());
+            async move { s.drop_queue(&c).await.unwrap() }
+        });
+        let deadline = Instant::now() + std::time::Duration::from_secs(20);
+        while !dropping.is_finished() {
+            let waiting: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                     AND datname = current_database() AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the drop neither finished nor waited");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        db.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(dropping.await.unwrap(), 2, "the drop did not count the batch's message");
+        assert_eq!(
+            s.queue_stats(&c, T0).await.unwrap().pending,
+            0,
+            "a message survived the drop"
+        );
+    })
+    .await;
+    drop_test_db(&name).await;
+    if let Err(e) = r {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}

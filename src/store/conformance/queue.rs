@@ -546,18 +546,34 @@ pub async fn unstorable_input_is_refused_alone(b: Arc<dyn Backend>) {
         ..msg(&c, "x", T0)
     };
     let long = "k".repeat(MAX_TEXT_LEN + 1);
+    // Queued already leased (the live path) to an owner no backend can hold.
+    let bad_owner = NewMessage {
+        lease: Some(LeaseTo {
+            owner: "ow\0ner".into(),
+            until_ms: T0 + 60_000,
+        }),
+        ..msg(&c, "z", T0)
+    };
     let (r1, r2) = tokio::join!(
         s.enqueue(
-            vec![msg(&c, "ok1", T0), bad_key, msg("con\0n", "y", T0), msg(&c, "ok2", T0)],
+            vec![
+                msg(&c, "ok1", T0),
+                bad_key,
+                msg("con\0n", "y", T0),
+                msg(&c, "ok2", T0),
+                bad_owner
+            ],
             &EnqueueLimits::UNLIMITED
         ),
         s.enqueue(vec![msg(&c, "ok3", T0)], &EnqueueLimits::UNLIMITED)
     );
     let r1 = r1.unwrap();
-    assert!(r1[0].is_ok() && r1[3].is_ok() && r2.unwrap()[0].is_ok());
+    assert!(r1[0].is_ok() && r1[3].is_ok() && r2.unwrap()[0].is_ok(), "{r1:?}");
     assert!(matches!(r1[1], Err(StoreError::Invalid(_))), "{:?}", r1[1]);
     assert!(matches!(r1[2], Err(StoreError::Invalid(_))), "{:?}", r1[2]);
+    assert!(matches!(r1[4], Err(StoreError::Invalid(_))), "{:?}", r1[4]);
     assert_eq!(s.queue_stats(&c, T0).await.unwrap().pending, 3);
+    assert_eq!(s.queue_stats(&c, T0).await.unwrap().leased, 0);
 
     assert!(matches!(
         s.update_keys(&c, &["good".into(), "b\0d".into()], &[]).await,

@@ -923,14 +923,17 @@ impl Store for PgStore {
         if !storable(conn) {
             return Ok(0);
         }
-        // Rows a leaser or an acknowledgement holds right now are waited for (not skipped):
-        // the operator is told every message is gone.
-        self.execute_retrying_bulk(
-            "DELETE FROM mailroom_messages WHERE id IN ( \
-               SELECT id FROM mailroom_messages WHERE conn_id = $1 ORDER BY id FOR UPDATE)",
-            &[&conn],
-        )
-        .await
+        let mut c = self.pool.get_bulk().await?;
+        let mut tries = 1;
+        loop {
+            match PgStore::drop_queue_once(&mut c, conn).await {
+                Err(e) if tries < STATEMENT_TRIES && e.is_transient() => {
+                    tracing::warn!(error = %e, "postgres drop_queue retried");
+                    tries += 1;
+                }
+                r => return r.map_err(StoreError::from),
+            }
+        }
     }
 
     async fn top_queues(&self, limit: usize) -> StoreResult<TopQueues> {
@@ -1015,6 +1018,27 @@ impl PgStore {
         keys.sort_unstable();
         b.run(tx.commit()).await?;
         Ok(Ok(Some(keys)))
+    }
+
+    /// One try of [`Store::drop_queue`]. The operator is told every message is gone, so none
+    /// may survive the DELETE: it runs under the connection's enqueue lock (a batch that
+    /// inserted messages and has not committed yet is waited for, then deleted with the rest;
+    /// a later one queues after the drop), and waits for the rows a leaser or an
+    /// acknowledgement holds right now (not skipped).
+    async fn drop_queue_once(c: &mut Conn, conn: &str) -> Result<u64, Failed> {
+        let b = c.bound();
+        let tx = b.run(c.transaction()).await?;
+        b.run(tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(conn)]))
+            .await?;
+        let n = b
+            .run(tx.execute(
+                "DELETE FROM mailroom_messages WHERE id IN ( \
+                   SELECT id FROM mailroom_messages WHERE conn_id = $1 ORDER BY id FOR UPDATE)",
+                &[&conn],
+            ))
+            .await?;
+        b.run(tx.commit()).await?;
+        Ok(n)
     }
 
     async fn delete_connection_once(c: &mut Conn, id: &str) -> Result<Removed, Failed> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex};
 
 use super::{lock_key, pg_err, BoundedPool, LOCK_NS, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, STATEMENT_TRIES};
-use crate::store::{check_storable, EnqueueLimits, Enqueued, NewMessage, StoreError, StoreResult};
+use crate::store::{check_message, EnqueueLimits, Enqueued, NewMessage, StoreError, StoreResult};
 
 pub(super) struct EnqueueReq {
     pub(super) msgs: Vec<NewMessage>,
@@ -101,9 +101,7 @@ async fn commit_batch(
     for req in batch {
         let mut out = Vec::with_capacity(req.msgs.len());
         for m in &req.msgs {
-            match check_storable("connection id", &m.connection)
-                .and_then(|_| check_storable("recipient key", &m.recipient_key))
-            {
+            match check_message(m) {
                 Err(e) => out.push(Some(Err(e))),
                 Ok(()) => {
                     out.push(None);

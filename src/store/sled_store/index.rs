@@ -271,6 +271,21 @@ impl Queues {
         (name, d)
     }
 
+    /// Removes message `id` of `conn` from the index (its queue's bytes, the total, its expiry
+    /// entry; the queue when it is left empty); returns its lease state, `None` when it is not
+    /// there (any more). Called once its removal is in the queue log, never before.
+    pub(super) fn remove_msg(&mut self, conn: &str, id: MessageId) -> Option<Meta> {
+        let cq = self.by_conn.get_mut(conn)?;
+        let m = cq.msgs.remove(&id)?;
+        cq.bytes -= m.size;
+        if cq.msgs.is_empty() {
+            self.by_conn.remove(conn);
+        }
+        self.total -= 1;
+        self.unindex(id, &m);
+        Some(m)
+    }
+
     /// Drops the expiry entry of a message just removed from its queue.
     pub(super) fn unindex(&mut self, id: MessageId, meta: &Meta) {
         if meta.expires_at_ms != NEVER {

@@ -10,10 +10,22 @@ use super::index::{Meta, Queues};
 use super::queue_log::{Key, QueueLog};
 use super::records::{
     decode_conn, decode_dedup_key, decode_dedup_record, decode_id, decode_mediation, decode_msg, dedup_record,
-    encode_id, KIND_DEDUP, KIND_MSG,
+    encode_id, msg_head_len, KIND_DEDUP, KIND_MSG,
 };
 use super::{corrupt, unavailable, DEDUP_PRUNED_BEFORE_KEY, NEVER};
 use crate::store::{ConnId, Connection, MediationState, MessageId, QueuedMessage, StoreError, StoreResult};
+
+/// Bytes of a message record's head read at first ([`Inner::msg_head`]): enough for the usual
+/// connection ids and keys; a longer head takes one more read.
+const HEAD_READ: usize = 256;
+
+/// A read of the queue log as a store error: what does not read back is `Corrupt`.
+fn log_read_err(e: std::io::Error) -> StoreError {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData => StoreError::Corrupt(format!("sled: {e}")),
+        _ => unavailable(e),
+    }
+}
 
 /// The push window of one connection ([`crate::store::push_window_step`]) and the claim of
 /// the trailing push a node took from it ([`crate::store::Store::push_take_due`]).
@@ -335,19 +347,41 @@ impl Inner {
 
     /// A queued message's record.
     pub(super) fn msg_record(&self, id: MessageId) -> StoreResult<Option<Vec<u8>>> {
-        self.log.get((KIND_MSG, id)).map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidData => StoreError::Corrupt(format!("sled: {e}")),
-            _ => unavailable(e),
-        })
+        self.log.get((KIND_MSG, id)).map_err(log_read_err)
+    }
+
+    /// The head of a queued message's record: all of it but the payload ([`decode_msg`] reads
+    /// it with an empty one). What a pickup filtered by recipient key reads of every pending
+    /// message, and an acknowledgement of the messages whose dedup record it keeps: it must
+    /// not read their payloads (up to the queue's bytes, 256 MiB by default, per call).
+    pub(super) fn msg_head(&self, id: MessageId) -> StoreResult<Option<Vec<u8>>> {
+        let mut want = HEAD_READ;
+        loop {
+            let Some(mut v) = self.log.get_head((KIND_MSG, id), want).map_err(log_read_err)? else {
+                return Ok(None);
+            };
+            let need = msg_head_len(&v)?;
+            if need <= v.len() {
+                v.truncate(need);
+                return Ok(Some(v));
+            }
+            if v.len() < want {
+                return Err(corrupt("message truncated"));
+            }
+            // More than `want`: each turn reads more, up to the longest head there is.
+            want = need;
+        }
     }
 
     /// Appends dedup records `keep` and removes `msgs` and `dedups` (message ids) from the
-    /// queue log, in this order and in one write, not synced (see `forget_acked`).
+    /// queue log, in this order and in one write; with `sync`, returns once they are on disk,
+    /// else not synced (see `forget_acked`).
     pub(super) fn log_removal(
         &self,
         keep: &[(Key, Vec<u8>)],
         msgs: &[MessageId],
         dedups: &[MessageId],
+        sync: bool,
     ) -> StoreResult<()> {
         let puts: Vec<(Key, &[u8])> = keep.iter().map(|(k, v)| (*k, &v[..])).collect();
         let removes: Vec<Key> = msgs
@@ -355,7 +389,7 @@ impl Inner {
             .map(|id| (KIND_MSG, *id))
             .chain(dedups.iter().map(|id| (KIND_DEDUP, *id)))
             .collect();
-        let r = self.log.append(&puts, &removes, false);
+        let r = self.log.append(&puts, &removes, sync);
         if r.is_err() {
             self.write_failed.store(true, std::sync::atomic::Ordering::SeqCst);
         }
@@ -389,7 +423,8 @@ impl Inner {
     }
 
     /// Removes acknowledged messages from disk, not synced (an acknowledgement lost in a crash
-    /// redelivers: at-least-once).
+    /// redelivers: at-least-once). The caller drops them from the index only once this
+    /// succeeded: a message whose removal failed (a full disk) must stay queued and counted.
     ///
     /// Attempt counts are single sled records, not a `sled::Batch`: sled 0.34 writes out and
     /// syncs its current log buffer before and after every batch (`PageCache::pin_log`), two
@@ -405,10 +440,13 @@ impl Inner {
             return Ok(());
         }
         let keep = self.kept_dedup(with_dedup)?;
+        self.log_removal(&keep, ids, &[], false)?;
+        // After the removal: a count left by a failure here is dropped at the next open, where
+        // one removed before a failed append would under-report a message still queued.
         for id in ids {
             self.attempts.remove(encode_id(*id)).map_err(unavailable)?;
         }
-        self.log_removal(&keep, ids, &[])
+        Ok(())
     }
 
     /// The dedup records of messages about to leave the queue (acknowledged, expired by their
@@ -427,7 +465,7 @@ impl Inner {
         }
         let mut records = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(v) = self.msg_record(*id)? {
+            if let Some(v) = self.msg_head(*id)? {
                 records.push((*id, v));
             }
         }
@@ -451,31 +489,29 @@ impl Inner {
     }
 
     /// Deletes every queued message of `conn` (and, with `dedup`, its dedup records). The caller
-    /// holds `batch_lock`. Returns (messages, dedup records) removed.
+    /// holds `batch_lock`. Returns (messages, dedup records) removed, once their removal is on
+    /// disk: an operator told a queue is gone must not see it come back after a power loss,
+    /// and a deleted connection must not come back without its messages' removal (they would
+    /// be counted for ever, never leased).
     pub(super) fn remove_queue(&self, conn: &str, dedup: bool) -> StoreResult<(u64, u64)> {
+        // What to remove is read first, and the index changed only once the removal is on disk:
+        // a failed append must not leave messages live in the log and missing from the index
+        // (uncounted, never delivered, and skipped by a retry of this call).
         let (ids, with_dedup, dedup_ids) = {
-            let mut q = self.queues.lock();
-            let mut with_dedup = Vec::new();
-            let ids: Vec<MessageId> = match q.by_conn.remove(conn) {
-                Some(cq) => {
-                    for (id, m) in &cq.msgs {
-                        q.unindex(*id, m);
-                        if m.dedup {
-                            with_dedup.push(*id);
-                        }
+            let q = self.queues.lock();
+            let (mut ids, mut with_dedup) = (Vec::new(), Vec::new());
+            if let Some(cq) = q.by_conn.get(conn) {
+                for (id, m) in &cq.msgs {
+                    ids.push(*id);
+                    if m.dedup {
+                        with_dedup.push(*id);
                     }
-                    cq.msgs.into_keys().collect()
-                }
-                None => Vec::new(),
-            };
-            q.total -= ids.len() as u64;
-            let mut dedup_ids = Vec::new();
-            if dedup {
-                if let Some(d) = q.dedup.remove(conn) {
-                    q.dedup_count -= d.len() as u64;
-                    dedup_ids = d.into_values().map(|(id, _)| id).collect();
                 }
             }
+            let dedup_ids: Vec<MessageId> = match q.dedup.get(conn) {
+                Some(d) if dedup => d.values().map(|(id, _)| *id).collect(),
+                _ => Vec::new(),
+            };
             (ids, with_dedup, dedup_ids)
         };
         // Without `dedup` the queue goes and its dedup entries stay (as after an
@@ -485,12 +521,37 @@ impl Inner {
         } else {
             self.kept_dedup(&with_dedup)?
         };
+        self.log_removal(&keep, &ids, &dedup_ids, true)?;
+        let removed = self.unindex_queue(conn, dedup);
         let mut a = sled::Batch::default();
         for id in &ids {
             a.remove(&encode_id(*id));
         }
+        // After the removal: a count whose message is gone is dropped at the next open.
         self.attempts.apply_batch(a).map_err(unavailable)?;
-        self.log_removal(&keep, &ids, &dedup_ids)?;
-        Ok((ids.len() as u64, dedup_ids.len() as u64))
+        Ok(removed)
+    }
+
+    /// Drops the queue of `conn` (and, with `dedup`, its dedup entries) from the index, once
+    /// their removal is on disk; returns (messages, dedup entries) dropped. Only messages this
+    /// removal wrote off can be there: the caller holds `batch_lock`, no enqueue adds one.
+    fn unindex_queue(&self, conn: &str, dedup: bool) -> (u64, u64) {
+        let mut q = self.queues.lock();
+        let mut messages = 0;
+        if let Some(cq) = q.by_conn.remove(conn) {
+            for (id, m) in &cq.msgs {
+                q.unindex(*id, m);
+            }
+            messages = cq.msgs.len() as u64;
+            q.total -= messages;
+        }
+        let mut entries = 0;
+        if dedup {
+            if let Some(d) = q.dedup.remove(conn) {
+                entries = d.len() as u64;
+                q.dedup_count -= entries;
+            }
+        }
+        (messages, entries)
     }
 }

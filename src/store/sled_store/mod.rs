@@ -21,7 +21,8 @@
 //!
 //! Ingest writes one log record a forward and one append and `fdatasync` a batch; sled's insert
 //! cost 11-15 us of CPU a message, whatever its size (docs/BENCHMARKS.md, "The queue log").
-//! Removals are tombstones appended without a sync (at-least-once); the supervisor thread
+//! Removals are tombstones appended without a sync (at-least-once), but for an operator's
+//! (`drop_queue`, `delete_connection`: synced before they answer); the supervisor thread
 //! compacts the log (copies the live records of the oldest segment forward, deletes segments
 //! that hold nothing live).
 //!
@@ -39,8 +40,8 @@
 //! own (`live_loop`), in turn, as they come: under load it stays awake and takes the next job,
 //! where `spawn_blocking` woke and parked a pool thread per call (the pool grew to ~200 threads
 //! under a fan-out to 100 wallets, and they queued on sled's write lock while the writer
-//! applied a batch). `lease_for_key`, which may read many messages from disk, stays on the
-//! blocking pool.
+//! applied a batch). `lease_for_key`, which may read the heads of many records from disk (their
+//! recipient keys, never their payloads), stays on the blocking pool.
 //!
 //! Must not: run sled calls on an async runtime thread (they go to the live thread, to
 //! `spawn_blocking` or to the writer thread). Calls that touch only the in-memory index
@@ -307,8 +308,8 @@ impl SledStore {
 
     /// `lease` and `lease_for_key`. Recipient keys live on disk only (the index holds sizes
     /// and leases): with a key, the pending ids are picked first, their keys read outside the
-    /// lock, then those still pending leased; without one, the first pending ids are leased in
-    /// one pass under the lock.
+    /// lock (the heads of their records, [`Inner::msg_head`]), then those still pending
+    /// leased; without one, the first pending ids are leased in one pass under the lock.
     async fn lease_filtered(
         &self,
         conn: &str,
@@ -345,7 +346,7 @@ impl SledStore {
                         if matching.len() >= max {
                             break;
                         }
-                        if let Some(v) = inner.msg_record(id)? {
+                        if let Some(v) = inner.msg_head(id)? {
                             if decode_msg(&v)?.recipient_key == key.as_str() {
                                 matching.push(id);
                             }
@@ -886,5 +887,199 @@ mod tests {
         assert_eq!(s.prune_dedup(t0 + 10, 100).await.unwrap(), 10);
         assert_eq!(s.prune_dedup(t0 + 20, 5).await.unwrap(), 5, "bounded");
         assert_eq!(times(&s), ((15..30).collect::<Vec<_>>(), 15));
+    }
+
+    /// A pickup filtered by recipient key reads the heads of the pending messages' records, not
+    /// their payloads: its status, its lease and the acknowledgement of a message whose dedup
+    /// record it keeps read about as much whatever the payloads' size (a wallet asks for a
+    /// status at will, and a queue holds up to 256 MiB). Only the messages it delivers are
+    /// read whole. A head longer than the first read (a long key) takes a second one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pickup_filtered_by_key_reads_no_payload_it_does_not_deliver() {
+        const N: u8 = 40;
+        const PAYLOAD: u64 = 64 << 10;
+        let s = SledStore::temporary().await.unwrap();
+        let t0 = 1_700_000_000_000;
+        let big = "x".repeat(PAYLOAD as usize);
+        let long_key = "k".repeat(300);
+        let batch: Vec<NewMessage> = (0..N)
+            .map(|i| NewMessage {
+                recipient_key: match i {
+                    0 => long_key.clone(),
+                    _ if i % 2 == 0 => "a".into(),
+                    _ => "b".into(),
+                },
+                ..new_msg("c", &big, t0, Some(i))
+            })
+            .collect();
+        let r = s.enqueue(batch, &dedup_window(60_000)).await.unwrap();
+        assert!(r.iter().all(|r| r.is_ok()));
+        let read = || s.slot.log.read_bytes_for_test();
+        let per_head = 1024 * u64::from(N);
+
+        let before = read();
+        let st = s.pending_stats("c", Some("a"), t0).await.unwrap();
+        assert_eq!(st.count, u64::from(N) / 2 - 1);
+        let status = read() - before;
+        assert!(status < per_head, "a status read {status} bytes for {N} messages");
+        let before = read();
+        assert_eq!(s.pending_stats("c", Some(&long_key), t0).await.unwrap().count, 1);
+        assert!(read() - before < per_head, "a status read {} bytes", read() - before);
+
+        let before = read();
+        let got = s.lease_for_key("c", "b", 1, "o", t0, t0 + 60_000).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].recipient_key, "b");
+        assert_eq!(got[0].payload.len() as u64, PAYLOAD);
+        let lease = read() - before;
+        assert!(
+            (PAYLOAD..PAYLOAD + per_head).contains(&lease),
+            "a lease of one message read {lease} bytes"
+        );
+
+        let before = read();
+        assert_eq!(s.ack("c", &[got[0].id]).await.unwrap(), 1);
+        assert!(
+            read() - before < 1024,
+            "an acknowledgement read {} bytes",
+            read() - before
+        );
+        assert_eq!(s.dedup_tree_len_for_test(), 1, "its dedup record is kept");
+    }
+
+    /// A connection as `put_connection` takes it (tests).
+    fn connection(id: &str) -> crate::store::Connection {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "created_at_ms": 0, "updated_at_ms": 0, "state": "completed",
+            "protocol": "didexchange/1.1", "label": null, "our_verkey": format!("our-{id}"),
+            "our_did": null, "their_did": null, "their_verkeys": [format!("theirs-{id}")],
+            "their_endpoints": [], "their_routing_keys": [], "mediation": "None",
+            "invitation_id": null, "thread_id": null, "extra": null,
+        }))
+        .unwrap()
+    }
+
+    /// `drop_queue` and `delete_connection` answer once the removal of the messages is on disk:
+    /// a power loss right after them (the queue log keeps what a sync covered, sled what it
+    /// flushed) brings back none of the messages they removed, and no connection without them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_queue_and_a_deleted_connection_stay_gone_after_a_power_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let s = SledStore::open(dir.path()).await.unwrap();
+        s.put_connection(&connection("deleted")).await.unwrap();
+        for c in ["dropped", "deleted", "kept"] {
+            let batch = (0..3).map(|i| new_msg(c, &format!("{c}{i}"), t0, None)).collect();
+            s.enqueue(batch, &EnqueueLimits::UNLIMITED).await.unwrap();
+        }
+        assert_eq!(s.drop_queue("dropped").await.unwrap(), 3);
+        assert_eq!(s.delete_connection("deleted").await.unwrap().messages, 3);
+        let (seg, written, synced) = s.slot.log.synced_tail_for_test();
+        assert!(
+            synced >= written,
+            "answered with {} bytes of removals not synced",
+            written - synced
+        );
+        drop(s);
+        // The power loss: what no sync covered is gone.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(synced)
+            .unwrap();
+        let s = SledStore::open(dir.path()).await.unwrap();
+        assert!(s.get_connection("deleted").await.unwrap().is_none());
+        assert_eq!(s.total_queued().await.unwrap(), 3);
+        assert_eq!(s.queue_stats("kept", t0).await.unwrap().pending, 3);
+    }
+
+    /// A `delete_connection` whose removal of the queue fails (here its sync) changes nothing:
+    /// the connection and its messages are both still there, and a retry once the store is
+    /// writable again removes both. It never leaves messages queued for a connection gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_delete_connection_leaves_the_connection_with_its_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let s = SledStore::open(dir.path()).await.unwrap();
+        s.put_connection(&connection("c")).await.unwrap();
+        let batch = (0..3).map(|i| new_msg("c", &format!("m{i}"), t0, None)).collect();
+        s.enqueue(batch, &EnqueueLimits::UNLIMITED).await.unwrap();
+        s.slot.log.fail_next_sync();
+        let r = s.delete_connection("c").await;
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        assert!(
+            s.get_connection("c").await.unwrap().is_some(),
+            "the connection went alone"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let removed = loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the store never took writes again"
+            );
+            match s.delete_connection("c").await {
+                Ok(r) => break r,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        };
+        assert!(removed.connection);
+        assert_eq!(removed.messages, 3);
+        assert_eq!(s.total_queued().await.unwrap(), 0);
+    }
+
+    /// An acknowledgement or an expiry whose removal the queue log refuses (a full disk) fails
+    /// and changes nothing: the message is still queued, counted in its queue's figures and
+    /// its limits, and the next call that succeeds removes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_removal_the_log_refused_leaves_the_message_queued() {
+        let s = SledStore::temporary().await.unwrap();
+        let t0 = 1_700_000_000_000;
+        let expiring = NewMessage {
+            expires_at_ms: Some(t0 + 10),
+            ..new_msg("c", "expiring", t0, None)
+        };
+        let batch = vec![
+            new_msg("c", "old", t0 - 1_000, Some(1)),
+            new_msg("c", "acked", t0, Some(2)),
+            expiring,
+        ];
+        s.enqueue(batch, &dedup_window(60_000)).await.unwrap();
+        let figures = |s: &SledStore| {
+            let inner = s.slot.get().unwrap();
+            let q = inner.queues.lock();
+            (q.total, q.by_conn.get("c").map_or(0, |cq| cq.bytes))
+        };
+        let full = EnqueueLimits {
+            max_messages: 3,
+            ..EnqueueLimits::UNLIMITED
+        };
+        let leased = s.lease("c", 3, "o", t0, t0 + 60_000).await.unwrap();
+        let acked = leased.iter().find(|m| m.payload == b"acked").unwrap().id;
+
+        s.slot.log.fail_next_write();
+        assert!(s.ack_leased("c", &[acked]).await.is_err());
+        assert_eq!(figures(&s), (3, 16), "the failed acknowledgement hid the message");
+        let r = s.enqueue(vec![new_msg("c", "more", t0, None)], &full).await.unwrap();
+        assert!(matches!(r[0], Err(StoreError::QueueFull { .. })), "{:?}", r[0]);
+        assert_eq!(s.ack_leased("c", &[acked]).await.unwrap().len(), 1);
+        assert_eq!(figures(&s), (2, 11));
+
+        s.slot.log.fail_next_write();
+        assert!(s.expire_due(t0 + 20, 10).await.is_err());
+        assert_eq!(figures(&s), (2, 11), "the failed expiry hid the message");
+        assert_eq!(s.expire_due(t0 + 20, 10).await.unwrap(), 1);
+        assert_eq!(figures(&s), (1, 3));
+
+        s.slot.log.fail_next_write();
+        assert!(s.expire(t0).await.is_err());
+        assert_eq!(figures(&s), (1, 3), "the failed expire hid the message");
+        assert_eq!(s.expire(t0).await.unwrap(), 1);
+        assert_eq!(figures(&s), (0, 0));
+        assert_eq!(
+            s.dedup_records().await.unwrap(),
+            1,
+            "the acknowledged message's entry stays"
+        );
     }
 }

@@ -234,6 +234,12 @@ pub(super) struct QueueLog {
     /// The next sync fails as an `fdatasync` reporting an I/O error would (tests).
     #[cfg(test)]
     fail_sync: AtomicBool,
+    /// Bytes read from records ([`QueueLog::read_bytes_for_test`]).
+    #[cfg(test)]
+    read_bytes: AtomicU64,
+    /// The next write fails as a `pwrite` on a full disk would, writing nothing (tests).
+    #[cfg(test)]
+    fail_write: AtomicBool,
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
@@ -464,6 +470,10 @@ impl QueueLog {
             reopens: AtomicU64::new(0),
             #[cfg(test)]
             fail_sync: AtomicBool::new(false),
+            #[cfg(test)]
+            read_bytes: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_write: AtomicBool::new(false),
         };
         // Appends never go to a segment written before: a new one for this handle.
         {
@@ -648,6 +658,11 @@ impl QueueLog {
         }
         let seg = st.segments.get_mut(&st.current).expect("current segment");
         let off = seg.bytes;
+        #[cfg(test)]
+        if self.fail_write.swap(false, SeqCst) {
+            // ENOSPC, before anything reached the file.
+            return Err(io::Error::from_raw_os_error(28));
+        }
         if let Err(e) = seg.file.write_all_at(buf, off) {
             if seg.file.set_len(off).is_err() {
                 st.roll = true;
@@ -783,24 +798,67 @@ impl QueueLog {
         old
     }
 
+    /// Where a live record is, and its segment's file (read outside the lock).
+    fn locate(&self, key: Key) -> Option<(Loc, Arc<SegFile>)> {
+        let st = self.state.lock();
+        let loc = st.live.get(key)?;
+        let file = st
+            .segments
+            .get(&loc.seg())
+            .expect("a live record's segment")
+            .file
+            .clone();
+        Some((loc, file))
+    }
+
     /// The body of a live record.
     pub(super) fn get(&self, key: Key) -> io::Result<Option<Vec<u8>>> {
-        let (loc, file) = {
-            let st = self.state.lock();
-            let Some(loc) = st.live.get(key) else {
-                return Ok(None);
-            };
-            let file = st
-                .segments
-                .get(&loc.seg())
-                .expect("a live record's segment")
-                .file
-                .clone();
-            (loc, file)
+        let Some((loc, file)) = self.locate(key) else {
+            return Ok(None);
         };
         let mut rec = vec![0u8; loc.size() as usize];
         file.read_exact_at(&mut rec, loc.off())?;
+        self.note_read(rec.len());
         read_back(&rec, 0, key, &loc).map(|body| Some(body.to_vec()))
+    }
+
+    /// The first `n` bytes of a live record's body (the whole body when it is shorter), read
+    /// without the rest: a queued message's recipient key and dedup key come before its
+    /// payload, and a pickup filtered by key must not read every payload to find them.
+    ///
+    /// The record's CRC covers all of it, so it is not checked here (only that the header names
+    /// `key`): replay checked it when it found the record, or this handle wrote it, and
+    /// [`QueueLog::get`] checks it again when the message itself is read. Must not be used for
+    /// anything handed out of the store.
+    pub(super) fn get_head(&self, key: Key, n: usize) -> io::Result<Option<Vec<u8>>> {
+        let Some((loc, file)) = self.locate(key) else {
+            return Ok(None);
+        };
+        let mut rec = vec![0u8; HEADER + n.min(loc.len as usize)];
+        file.read_exact_at(&mut rec, loc.off())?;
+        self.note_read(rec.len());
+        let id = i64::from_le_bytes(rec[5..13].try_into().expect("8 bytes"));
+        if (rec[4], id) != key {
+            return Err(corrupt(format!(
+                "queue log: record {key:?} at {}:{} does not read back",
+                loc.seg, loc.off
+            )));
+        }
+        rec.drain(..HEADER);
+        Ok(Some(rec))
+    }
+
+    /// Counts bytes read by [`QueueLog::get`] and [`QueueLog::get_head`] (tests).
+    fn note_read(&self, _bytes: usize) {
+        #[cfg(test)]
+        self.read_bytes.fetch_add(_bytes as u64, SeqCst);
+    }
+
+    /// Bytes read from records by [`QueueLog::get`] and [`QueueLog::get_head`] since the log
+    /// was opened (tests: what a call reads from disk).
+    #[cfg(test)]
+    pub(super) fn read_bytes_for_test(&self) -> u64 {
+        self.read_bytes.load(SeqCst)
     }
 
     /// Syncs `file`, a segment whose first `end` bytes the caller wrote at `epoch`: the one way
@@ -949,6 +1007,25 @@ impl QueueLog {
     #[cfg(test)]
     pub(super) fn fail_next_sync(&self) {
         self.fail_sync.store(true, SeqCst);
+    }
+
+    /// The next write of an append fails with ENOSPC and writes nothing (tests).
+    #[cfg(test)]
+    pub(super) fn fail_next_write(&self) {
+        self.fail_write.store(true, SeqCst);
+    }
+
+    /// The current segment's file, its append offset and how much of it a sync covered
+    /// (tests: what a power loss now would keep).
+    #[cfg(test)]
+    pub(super) fn synced_tail_for_test(&self) -> (PathBuf, u64, u64) {
+        let st = self.state.lock();
+        let seg = &st.segments[&st.current];
+        (
+            segment_path(&self.dir, st.current),
+            seg.bytes,
+            seg.file.synced.load(SeqCst),
+        )
     }
 
     /// The current segment's file and its append offset (tests: where an append goes).

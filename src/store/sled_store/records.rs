@@ -117,6 +117,32 @@ pub(super) fn decode_msg(v: &[u8]) -> StoreResult<MsgRef<'_>> {
     })
 }
 
+/// How long the head of a message record is (all of [`encode_msg_into`] but the payload), as
+/// far as `v`, the record's first bytes, tells: at most `v.len()` when `v` holds the whole head;
+/// more when it does not, and then at least what it takes to learn more (the caller reads that
+/// many bytes and asks again). A record of an unknown format is `Corrupt`.
+pub(super) fn msg_head_len(v: &[u8]) -> StoreResult<usize> {
+    let mut at = match v.first() {
+        None => return Ok(1),
+        Some(&MSG_FORMAT_V1) => 1 + 8,
+        Some(&MSG_FORMAT_V2) => 1 + 8 + 8,
+        Some(_) => return Err(corrupt("unknown message format")),
+    };
+    // The connection and the recipient key, each `len16 | bytes`.
+    for _ in 0..2 {
+        let Some(n) = v.get(at..at + 2) else {
+            return Ok(at + 2);
+        };
+        at += 2 + usize::from(u16::from_be_bytes([n[0], n[1]]));
+    }
+    // The dedup flag, and the key when it is set.
+    Ok(match v.get(at) {
+        None => at + 1 + 32,
+        Some(1) => at + 1 + 32,
+        Some(_) => at + 1,
+    })
+}
+
 pub(super) fn dedup_tree_key(conn: &str, key: &[u8; 32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(2 + conn.len() + 32);
     push_str16(&mut out, conn);

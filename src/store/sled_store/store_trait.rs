@@ -8,7 +8,7 @@ use sled::Transactional;
 use super::index::Owner;
 use super::inner::PushWindow;
 use super::records::{conn_key_entry, conn_prefix, decode_conn, decode_msg, encode_id, latest_of, pair_key, tx_err};
-use super::{corrupt, unavailable, SledStore, DEDUP_PRUNED_BEFORE_KEY, IDENTITY_KEY, NEVER, RUNNING_KEY};
+use super::{corrupt, unavailable, SledStore, DEDUP_PRUNED_BEFORE_KEY, IDENTITY_KEY, RUNNING_KEY};
 use crate::store::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
     Identity, InvitationUse, KeyUpdate, MediationState, MessageId, NewClaim, NewMessage, PendingStats, PushClaim,
@@ -397,11 +397,11 @@ impl Store for SledStore {
             };
             (pending.collect(), key.to_owned())
         };
-        // A filter: each pending message's recipient key is on disk.
+        // A filter: each pending message's recipient key is on disk, in its record's head.
         self.blocking(move |inner| {
             let mut s = PendingStats::default();
             for (id, received) in pending {
-                let Some(v) = inner.msg_record(id)? else {
+                let Some(v) = inner.msg_head(id)? else {
                     continue;
                 };
                 if decode_msg(&v)?.recipient_key == key {
@@ -420,34 +420,31 @@ impl Store for SledStore {
         let conn = conn.to_owned();
         let ids = ids.to_vec();
         self.live(move |inner| {
-            let (removed, leases, with_dedup) = {
-                let mut guard = inner.queues.lock();
-                let q = &mut *guard;
-                let Some(cq) = q.by_conn.get_mut(&conn) else {
+            // What to remove is read first, and the index changed only once the removal is in
+            // the queue log: a failed append leaves the messages queued and counted.
+            let (queued, with_dedup) = {
+                let q = inner.queues.lock();
+                let Some(cq) = q.by_conn.get(&conn) else {
                     return Ok(Vec::new());
                 };
-                let (mut removed, mut leases, mut with_dedup) = (Vec::new(), Vec::new(), Vec::new());
+                let (mut queued, mut with_dedup) = (Vec::new(), Vec::new());
                 for id in ids {
-                    if let Some(m) = cq.msgs.remove(&id) {
-                        cq.bytes -= m.size;
-                        if m.expires_at_ms != NEVER {
-                            q.expiring.remove(&(m.expires_at_ms, id));
-                        }
-                        removed.push(id);
-                        leases.push(m.lease_until_ms);
+                    if let Some(m) = cq.msgs.get(&id) {
+                        queued.push(id);
                         if m.dedup {
                             with_dedup.push(id);
                         }
                     }
                 }
-                q.total -= removed.len() as u64;
-                if cq.msgs.is_empty() {
-                    q.by_conn.remove(&conn);
-                }
-                (removed, leases, with_dedup)
+                (queued, with_dedup)
             };
-            inner.forget_acked(&removed, &with_dedup)?;
-            Ok(leases)
+            inner.forget_acked(&queued, &with_dedup)?;
+            let mut q = inner.queues.lock();
+            Ok(queued
+                .into_iter()
+                .filter_map(|id| q.remove_msg(&conn, id))
+                .map(|m| m.lease_until_ms)
+                .collect())
         })
         .await
     }
@@ -606,7 +603,7 @@ impl Store for SledStore {
             let n = removed.len() as u64;
             // Most entries are of queued messages and have no dedup record (removing a key that
             // is not in the queue log writes nothing).
-            inner.log_removal(&[], &[], &removed)?;
+            inner.log_removal(&[], &[], &removed, false)?;
             if newer_cutoff {
                 // Not flushed: a cutoff lost in a crash only loads entries the next prune drops.
                 inner
@@ -671,41 +668,49 @@ impl Store for SledStore {
 
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
         self.blocking(move |inner| {
-            let (removed, dedup_removed) = {
+            // Read first, removed from the index once the removal is in the queue log (as
+            // `ack_leased`).
+            let (old, old_dedup) = {
+                let q = inner.queues.lock();
+                let mut old: Vec<(ConnId, MessageId)> = Vec::new();
+                for (conn, cq) in &q.by_conn {
+                    for (id, m) in &cq.msgs {
+                        if m.received_at_ms < received_before_ms {
+                            old.push((conn.clone(), *id));
+                        }
+                    }
+                }
+                let mut old_dedup: Vec<(std::sync::Arc<str>, [u8; 32], MessageId)> = Vec::new();
+                for (conn, d) in &q.dedup {
+                    for (key, (id, at)) in d {
+                        if *at < received_before_ms {
+                            old_dedup.push((conn.clone(), *key, *id));
+                        }
+                    }
+                }
+                (old, old_dedup)
+            };
+            let ids: Vec<MessageId> = old.iter().map(|(_, id)| *id).collect();
+            let dedup_ids: Vec<MessageId> = old_dedup.iter().map(|(_, _, id)| *id).collect();
+            inner.log_removal(&[], &ids, &dedup_ids, false)?;
+            let removed = {
                 let mut guard = inner.queues.lock();
                 let q = &mut *guard;
-                let mut removed = Vec::new();
-                let expiring = &mut q.expiring;
-                q.by_conn.retain(|_, cq| {
-                    cq.msgs.retain(|id, m| {
-                        if m.received_at_ms < received_before_ms {
-                            cq.bytes -= m.size;
-                            if m.expires_at_ms != NEVER {
-                                expiring.remove(&(m.expires_at_ms, *id));
-                            }
-                            removed.push(*id);
-                            false
-                        } else {
-                            true
+                let removed = old
+                    .iter()
+                    .filter(|(conn, id)| q.remove_msg(conn, *id).is_some())
+                    .count();
+                for (conn, key, id) in &old_dedup {
+                    let Some(d) = q.dedup.get_mut(&**conn) else { continue };
+                    // Only the entry this removal wrote off: not a later copy's.
+                    if d.get(key).is_some_and(|(held, _)| held == id) {
+                        d.remove(key);
+                        q.dedup_count -= 1;
+                        if d.is_empty() {
+                            q.dedup.remove(&**conn);
                         }
-                    });
-                    !cq.msgs.is_empty()
-                });
-                q.total -= removed.len() as u64;
-                let mut dedup_removed = Vec::new();
-                let count = &mut q.dedup_count;
-                q.dedup.retain(|_, d| {
-                    d.retain(|_, (id, at)| {
-                        if *at < received_before_ms {
-                            dedup_removed.push(*id);
-                            *count -= 1;
-                            false
-                        } else {
-                            true
-                        }
-                    });
-                    !d.is_empty()
-                });
+                    }
+                }
                 // Prune the owner index down to queues where the owner still holds a message.
                 let by_conn = &q.by_conn;
                 q.by_owner.retain(|owner, conns| {
@@ -716,49 +721,53 @@ impl Store for SledStore {
                     });
                     !conns.is_empty()
                 });
-                (removed, dedup_removed)
+                removed
             };
             let mut a = sled::Batch::default();
-            for id in &removed {
+            for id in &ids {
                 a.remove(&encode_id(*id));
             }
+            // After the removal: a count whose message is gone is dropped at the next open.
             inner.attempts.apply_batch(a).map_err(unavailable)?;
-            inner.log_removal(&[], &removed, &dedup_removed)?;
-            Ok(removed.len() as u64)
+            Ok(removed as u64)
         })
         .await
     }
 
     async fn expire_due(&self, now_ms: i64, max: usize) -> StoreResult<u64> {
         self.blocking(move |inner| {
-            let (removed, with_dedup) = {
-                let mut guard = inner.queues.lock();
-                let q = &mut *guard;
-                let (mut removed, mut with_dedup) = (Vec::new(), Vec::new());
-                while removed.len() < max {
-                    let Some((&(at, id), _)) = q.expiring.first_key_value() else {
-                        break;
-                    };
-                    if at > now_ms {
-                        break;
-                    }
-                    let conn = q.expiring.remove(&(at, id)).expect("first key just read");
-                    let Some(cq) = q.by_conn.get_mut(&conn) else { continue };
-                    let Some(m) = cq.msgs.remove(&id) else { continue };
-                    cq.bytes -= m.size;
-                    if cq.msgs.is_empty() {
-                        q.by_conn.remove(&conn);
-                    }
-                    q.total -= 1;
-                    removed.push(id);
-                    if m.dedup {
-                        with_dedup.push(id);
+            // Read first, removed from the index once the removal is in the queue log (as
+            // `ack_leased`).
+            let (due, with_dedup) = {
+                let q = inner.queues.lock();
+                let (mut due, mut with_dedup) = (Vec::new(), Vec::new());
+                for ((at, id), conn) in q.expiring.range(..=(now_ms, MessageId::MAX)).take(max) {
+                    due.push((*at, *id, conn.clone()));
+                    if q.by_conn
+                        .get(conn)
+                        .and_then(|cq| cq.msgs.get(id))
+                        .is_some_and(|m| m.dedup)
+                    {
+                        with_dedup.push(*id);
                     }
                 }
-                (removed, with_dedup)
+                (due, with_dedup)
             };
-            inner.forget_acked(&removed, &with_dedup)?;
-            Ok(removed.len() as u64)
+            let ids: Vec<MessageId> = due.iter().map(|(_, id, _)| *id).collect();
+            inner.forget_acked(&ids, &with_dedup)?;
+            let mut q = inner.queues.lock();
+            let mut removed = 0;
+            for (at, id, conn) in due {
+                match q.remove_msg(&conn, id) {
+                    Some(_) => removed += 1,
+                    // Gone meanwhile (its removal took the entry), or an entry with no message:
+                    // it must not hold a place at the front for ever.
+                    None => {
+                        q.expiring.remove(&(at, id));
+                    }
+                }
+            }
+            Ok(removed)
         })
         .await
     }
@@ -938,6 +947,10 @@ impl Store for SledStore {
                 keys.push(k[prefix.len()..].to_vec());
             }
             let had_device = inner.devices.contains_key(id.as_bytes()).map_err(unavailable)?;
+            // The queue first (its removal synced): a failure after it leaves the connection with
+            // an empty queue, which a retry removes. The other order could leave its messages
+            // queued with no connection: never leased again, counted against the limits for ever.
+            let (messages, dedup_records) = inner.remove_queue(&id, true)?;
             (
                 &inner.conns,
                 &inner.by_verkey,
@@ -970,7 +983,6 @@ impl Store for SledStore {
                 })
                 .map_err(tx_err)?;
             inner.note_mediation(&id, None);
-            let (messages, dedup_records) = inner.remove_queue(&id, true)?;
             inner.push_windows.lock().remove(&id);
             inner.flush()?;
             Ok(Removed {

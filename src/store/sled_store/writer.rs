@@ -12,7 +12,7 @@ use super::inner::Inner;
 use super::records::{MsgBody, KIND_DEDUP, KIND_MSG};
 use super::supervisor::Slot;
 use super::{unavailable, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, NEVER};
-use crate::store::{check_storable, EnqueueLimits, Enqueued, MessageId, NewMessage, StoreError, StoreResult};
+use crate::store::{check_message, EnqueueLimits, Enqueued, MessageId, NewMessage, StoreError, StoreResult};
 
 pub(super) struct EnqueueReq {
     pub(super) msgs: Vec<NewMessage>,
@@ -62,9 +62,7 @@ impl Inner {
                 let mut out = Vec::with_capacity(req.msgs.len());
                 for (m, gone) in req.msgs.iter().zip(gone) {
                     let conn = m.connection.as_str();
-                    if let Err(e) = check_storable("connection id", conn)
-                        .and_then(|_| check_storable("recipient key", &m.recipient_key))
-                    {
+                    if let Err(e) = check_message(m) {
                         out.push(Slot::Done(Err(e)));
                         continue;
                     }
