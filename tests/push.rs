@@ -1255,6 +1255,8 @@ struct EventAnswerLost {
     /// Connection reads take this long (0: as the store answers), and how many are under way.
     slow_connection_ms: std::sync::atomic::AtomicU64,
     connection_reads: std::sync::atomic::AtomicUsize,
+    /// The connections whose device was looked up, in order.
+    looked_up: parking_lot::Mutex<Vec<String>>,
 }
 
 impl EventAnswerLost {
@@ -1271,9 +1273,21 @@ impl EventAnswerLost {
         Agent,
         KeyPair,
     ) {
+        let (dir, n, store) = EventAnswerLost::node(si.push_config(60, &["proj-a"], false), lose).await;
+        let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+        set_device(&a, FCM, json!(token), Some("android")).await;
+        (dir, n, store, a, k)
+    }
+
+    /// A node on this store with `[push]` as `pc`; push events' answers lost from the start
+    /// if `lose`.
+    async fn node(
+        pc: mailroom::push::PushConfig,
+        lose: bool,
+    ) -> (tempfile::TempDir, RunningNode, std::sync::Arc<EventAnswerLost>) {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
-        cfg.push = Some(si.push_config(60, &["proj-a"], false));
+        cfg.push = Some(pc);
         let store = std::sync::Arc::new(EventAnswerLost {
             inner: mailroom::node::open_store(&cfg).await.unwrap(),
             lose: std::sync::atomic::AtomicBool::new(lose),
@@ -1284,11 +1298,10 @@ impl EventAnswerLost {
             most_lookups: std::sync::atomic::AtomicUsize::new(0),
             slow_connection_ms: std::sync::atomic::AtomicU64::new(0),
             connection_reads: std::sync::atomic::AtomicUsize::new(0),
+            looked_up: parking_lot::Mutex::new(Vec::new()),
         });
         let n = start_on(&cfg, store.clone());
-        let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
-        set_device(&a, FCM, json!(token), Some("android")).await;
-        (dir, n, store, a, k)
+        (dir, n, store)
     }
 }
 
@@ -1337,6 +1350,7 @@ impl mailroom::store::Store for EventAnswerLost {
         }
         let found = self.inner.device_of(conn).await;
         self.lookups.fetch_sub(1, SeqCst);
+        self.looked_up.lock().push(conn.to_string());
         found
     }
     async fn get_connection(&self, id: &str) -> mailroom::store::StoreResult<Option<mailroom::store::Connection>> {
@@ -1448,6 +1462,90 @@ async fn a_burst_of_events_takes_few_store_connections_at_once() {
     assert_eq!(wait_hits(&si, "fcm:", 1).await.len(), 1);
     let most = store.most_lookups.load(std::sync::atomic::Ordering::SeqCst);
     assert!((1..=8).contains(&most), "{most} device lookups at once");
+}
+
+/// The ids of the node's connections.
+async fn connection_ids(n: &RunningNode) -> Vec<String> {
+    let all = get_json(&format!("{}/connections", n.admin_url())).await;
+    all["connections"]
+        .as_array()
+        .expect("connections")
+        .iter()
+        .map(|c| c["id"].as_str().expect("an id").to_string())
+        .collect()
+}
+
+/// A wallet onboarded on `n` and registered for FCM with `token`, and its connection's id.
+async fn registered_wallet(n: &RunningNode, token: &str) -> (Agent, KeyPair, String) {
+    let before = connection_ids(n).await;
+    let (a, k) = Agent::onboard(&invitation(n).await).await.unwrap();
+    set_device(&a, FCM, json!(token), Some("android")).await;
+    let id = connection_ids(n)
+        .await
+        .into_iter()
+        .find(|id| !before.contains(id))
+        .expect("the new connection");
+    (a, k, id)
+}
+
+/// Events wait for the only send slot (`max_in_flight = 1`), held by another wallet's push
+/// the stand-in does not answer; meanwhile one wallet unregisters its token and another
+/// wallet's connection is deleted. Once the slot frees, neither is pushed, to FCM or to the
+/// webhook. Before, a push used the registration read when its event came and skipped only
+/// a revoked connection: both tokens went out, and the webhook was given the deleted
+/// connection.
+#[actix_rt::test]
+async fn a_push_waiting_for_a_slot_reads_the_registration_again() {
+    let si = StandIn::start();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    si.state.script(
+        "fcm:proj-a",
+        vec![Reply::new(200, json!({"name": "projects/p/messages/0"})).held(&gate)],
+    );
+    let mut pc = si.push_config(60, &["proj-a"], true);
+    pc.max_in_flight = 1;
+    let (_dir, n, store) = EventAnswerLost::node(pc, false).await;
+    let (a, ka, _) = registered_wallet(&n, "holds-the-slot").await;
+    let (b, kb, b_id) = registered_wallet(&n, "unregistered-meanwhile").await;
+    let (c, kc, c_id) = registered_wallet(&n, "deleted-meanwhile").await;
+    forward(&n, &a, &ka, "a").await;
+    eventually("the first push held at the stand-in", || async {
+        si.state.arrived.lock().iter().any(|k| k == "fcm:proj-a").then_some(())
+    })
+    .await;
+    let mark = store.looked_up.lock().len();
+    forward(&n, &b, &kb, "b").await;
+    forward(&n, &c, &kc, "c").await;
+    eventually("both events read their registration", || async {
+        let seen = store.looked_up.lock()[mark..].to_vec();
+        (seen.contains(&b_id) && seen.contains(&c_id)).then_some(())
+    })
+    .await;
+    set_device(&b, FCM, Value::Null, None).await;
+    let res = common::client()
+        .delete(format!("{}/connections/{c_id}", n.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    gate.add_permits(1);
+    let stale = |h: &Hit| {
+        let token = h.body["message"]["token"].as_str().or(h.body["token"].as_str());
+        matches!(token, Some("unregistered-meanwhile" | "deleted-meanwhile"))
+    };
+    let hits = eventually("both pushes skipped, or sent", || async {
+        let hits = si.state.hits("");
+        let skipped = metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"unregistered\"}").await;
+        (skipped >= 2.0 || hits.iter().any(stale)).then_some(hits)
+    })
+    .await;
+    let sent: Vec<String> = hits
+        .iter()
+        .filter(|h| stale(h))
+        .map(|h| format!("{}: {}", h.kind, h.body))
+        .collect();
+    assert!(sent.is_empty(), "pushed after unregistering or deletion: {sent:?}");
+    assert_eq!(si.state.hits("fcm:").len(), 1, "only the first wallet pushed");
 }
 
 /// The node that pushed first and scheduled the trailing push stops mid-window: the other

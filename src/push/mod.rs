@@ -22,8 +22,9 @@
 //! a push sent by a node that died before it ended its claim, or cut off at the end of its
 //! budget after the provider took it, goes out again. A
 //! node takes at most as many trailing pushes as it has free slots, so a push it claims starts
-//! at once. A trailing push checks again that no session appeared and that mail is still
-//! queued. A push is retried on 429/5xx with backoff (honouring `Retry-After`),
+//! at once. Just before the send, every push checks again that no session appeared, reads the
+//! registration again and skips a connection deleted or revoked since; a trailing push also
+//! checks that mail is still queued. A push is retried on 429/5xx with backoff (honouring `Retry-After`),
 //! and a token the provider calls dead is forgotten in the store. Nothing here touches the
 //! queue, and a push that is slow or fails never delays or fails a forward.
 //!
@@ -178,7 +179,9 @@ pub struct ProviderLabel {
 #[derive(Clone)]
 pub struct PushMetrics {
     /// Tries by provider and result: sent, retry, gave_up, dead_token, failed, no_provider,
-    /// revoked (skipped: the connection's mediation was revoked).
+    /// revoked (skipped: the connection's mediation was revoked), deleted (skipped: the
+    /// connection was deleted), unregistered (skipped: the device registration read for the
+    /// event was gone at the send).
     pub total: Family<ProviderResult, Counter>,
     /// Queued event to the provider's 2xx, seconds (retries included).
     pub latency: Family<ProviderLabel, Histogram, fn() -> Histogram>,
@@ -661,39 +664,58 @@ enum Ended {
 }
 
 /// Sends the push of one event, with retries, to the wallet's provider and the webhook; the
-/// caller holds a slot. `device` is the registration read for an immediate push; `None` for a
-/// trailing push, which goes out a window later and checks again.
-async fn push_one(ctx: &Ctx, conn: &str, at: Instant, device: Option<Device>) -> Ended {
-    let trailing = device.is_none();
-    // A trailing push goes out a window later: the wallet may be back, or have picked up.
-    if trailing && ctx.presence.online(conn).await {
+/// caller holds a slot. `read_before` is the registration read for an immediate push, `None`
+/// for a trailing push (which goes out a window later and must find mail still queued). Either
+/// way the session, the registration and the connection are read again here, just before the
+/// send: an event may wait long for its slot, and must not push a wallet that came back, a
+/// token the wallet unregistered or replaced, or a connection deleted or revoked meanwhile.
+/// Only if the store cannot be read again is an immediate push sent with `read_before`.
+async fn push_one(ctx: &Ctx, conn: &str, at: Instant, read_before: Option<Device>) -> Ended {
+    let trailing = read_before.is_none();
+    // The wallet may be back, or have picked up, since the event.
+    if ctx.presence.online(conn).await {
         return Ended::ForGood;
     }
     // In the store as an event is: trailing pushes taken by one poll are many at once.
     let Ok(turn) = ctx.lookups.acquire().await else {
         return Ended::Unsent;
     };
-    let device = match device {
-        Some(d) => d,
-        None => match ctx.store.device_of(conn).await {
-            Ok(Some(d)) => d,
-            Ok(None) => return Ended::ForGood,
-            Err(e) => {
-                tracing::warn!(connection = %conn, "push skipped: store unavailable: {e}");
-                ctx.metrics.count("store", "failed");
-                return Ended::Unsent;
-            }
-        },
+    let device = match (ctx.store.device_of(conn).await, read_before) {
+        (Ok(Some(d)), _) => d,
+        // Unregistered, or the connection deleted, since the event.
+        (Ok(None), Some(d)) => {
+            ctx.metrics.count(d.service.as_str(), "unregistered");
+            tracing::debug!(connection = %conn, "push skipped: unregistered since the event");
+            return Ended::ForGood;
+        }
+        (Ok(None), None) => return Ended::ForGood,
+        // Better a push too many than a wallet left asleep: its event is its only wake-up.
+        (Err(e), Some(d)) => {
+            tracing::debug!(connection = %conn, "registration not read again, pushing the one read for the event: {e}");
+            d
+        }
+        (Err(e), None) => {
+            tracing::warn!(connection = %conn, "push skipped: store unavailable: {e}");
+            ctx.metrics.count("store", "failed");
+            return Ended::Unsent;
+        }
     };
-    // The operator revoked its mediation after the mail was queued (the queue and the device
-    // are kept, pickup refuses it): a lease run out or a trailing push would wake a wallet
-    // that can take nothing. Unreadable, it is pushed: better a push too many.
-    if let Ok(Some(c)) = ctx.store.get_connection(conn).await {
-        if c.mediation == MediationState::Denied {
+    // The connection was deleted, or the operator revoked its mediation, after the mail was
+    // queued (on revocation the queue and the device are kept, pickup refuses it): a push
+    // would wake a wallet that can take nothing, and give a webhook a connection that is
+    // gone. Unreadable, it is pushed: better a push too many.
+    match ctx.store.get_connection(conn).await {
+        Ok(None) => {
+            ctx.metrics.count(device.service.as_str(), "deleted");
+            tracing::debug!(connection = %conn, "push skipped: connection deleted");
+            return Ended::ForGood;
+        }
+        Ok(Some(c)) if c.mediation == MediationState::Denied => {
             ctx.metrics.count(device.service.as_str(), "revoked");
             tracing::debug!(connection = %conn, "push skipped: mediation revoked");
             return Ended::ForGood;
         }
+        Ok(Some(_)) | Err(_) => {}
     }
     let count = match ctx.store.queue_stats(conn, crate::protocols::now_ms()).await {
         Ok(q) => q.pending + q.leased,
