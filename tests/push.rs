@@ -1255,6 +1255,12 @@ struct EventAnswerLost {
     /// Connection reads take this long (0: as the store answers), and how many are under way.
     slow_connection_ms: std::sync::atomic::AtomicU64,
     connection_reads: std::sync::atomic::AtomicUsize,
+    /// The connections whose device was looked up, in order (once the store answered).
+    looked_up: parking_lot::Mutex<Vec<String>>,
+    /// Device lookups begun; each waits for a read of `device_gate` (a test holds it
+    /// written to keep lookups from answering).
+    lookups_begun: std::sync::atomic::AtomicUsize,
+    device_gate: tokio::sync::RwLock<()>,
 }
 
 impl EventAnswerLost {
@@ -1271,9 +1277,21 @@ impl EventAnswerLost {
         Agent,
         KeyPair,
     ) {
+        let (dir, n, store) = EventAnswerLost::node(si.push_config(60, &["proj-a"], false), lose).await;
+        let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+        set_device(&a, FCM, json!(token), Some("android")).await;
+        (dir, n, store, a, k)
+    }
+
+    /// A node on this store with `[push]` as `pc`; push events' answers lost from the start
+    /// if `lose`.
+    async fn node(
+        pc: mailroom::push::PushConfig,
+        lose: bool,
+    ) -> (tempfile::TempDir, RunningNode, std::sync::Arc<EventAnswerLost>) {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
-        cfg.push = Some(si.push_config(60, &["proj-a"], false));
+        cfg.push = Some(pc);
         let store = std::sync::Arc::new(EventAnswerLost {
             inner: mailroom::node::open_store(&cfg).await.unwrap(),
             lose: std::sync::atomic::AtomicBool::new(lose),
@@ -1284,11 +1302,12 @@ impl EventAnswerLost {
             most_lookups: std::sync::atomic::AtomicUsize::new(0),
             slow_connection_ms: std::sync::atomic::AtomicU64::new(0),
             connection_reads: std::sync::atomic::AtomicUsize::new(0),
+            looked_up: parking_lot::Mutex::new(Vec::new()),
+            lookups_begun: std::sync::atomic::AtomicUsize::new(0),
+            device_gate: tokio::sync::RwLock::new(()),
         });
         let n = start_on(&cfg, store.clone());
-        let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
-        set_device(&a, FCM, json!(token), Some("android")).await;
-        (dir, n, store, a, k)
+        (dir, n, store)
     }
 }
 
@@ -1329,6 +1348,8 @@ impl mailroom::store::Store for EventAnswerLost {
             ));
         }
         use std::sync::atomic::Ordering::SeqCst;
+        self.lookups_begun.fetch_add(1, SeqCst);
+        let _gate = self.device_gate.read().await;
         let now = self.lookups.fetch_add(1, SeqCst) + 1;
         self.most_lookups.fetch_max(now, SeqCst);
         let slow = self.slow_device_ms.load(SeqCst);
@@ -1337,6 +1358,7 @@ impl mailroom::store::Store for EventAnswerLost {
         }
         let found = self.inner.device_of(conn).await;
         self.lookups.fetch_sub(1, SeqCst);
+        self.looked_up.lock().push(conn.to_string());
         found
     }
     async fn get_connection(&self, id: &str) -> mailroom::store::StoreResult<Option<mailroom::store::Connection>> {
@@ -1448,6 +1470,137 @@ async fn a_burst_of_events_takes_few_store_connections_at_once() {
     assert_eq!(wait_hits(&si, "fcm:", 1).await.len(), 1);
     let most = store.most_lookups.load(std::sync::atomic::Ordering::SeqCst);
     assert!((1..=8).contains(&most), "{most} device lookups at once");
+}
+
+/// The ids of the node's connections.
+async fn connection_ids(n: &RunningNode) -> Vec<String> {
+    let all = get_json(&format!("{}/connections", n.admin_url())).await;
+    all["connections"]
+        .as_array()
+        .expect("connections")
+        .iter()
+        .map(|c| c["id"].as_str().expect("an id").to_string())
+        .collect()
+}
+
+/// A wallet onboarded on `n` and registered for FCM with `token`, and its connection's id.
+async fn registered_wallet(n: &RunningNode, token: &str) -> (Agent, KeyPair, String) {
+    let before = connection_ids(n).await;
+    let (a, k) = Agent::onboard(&invitation(n).await).await.unwrap();
+    set_device(&a, FCM, json!(token), Some("android")).await;
+    let id = connection_ids(n)
+        .await
+        .into_iter()
+        .find(|id| !before.contains(id))
+        .expect("the new connection");
+    (a, k, id)
+}
+
+/// Events wait for the only send slot (`max_in_flight = 1`), held by another wallet's push
+/// the stand-in does not answer; meanwhile one wallet unregisters its token and another
+/// wallet's connection is deleted. Once the slot frees, neither is pushed, to FCM or to the
+/// webhook. Before, a push used the registration read when its event came and skipped only
+/// a revoked connection: both tokens went out, and the webhook was given the deleted
+/// connection.
+#[actix_rt::test]
+async fn a_push_waiting_for_a_slot_reads_the_registration_again() {
+    let si = StandIn::start();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    si.state.script(
+        "fcm:proj-a",
+        vec![Reply::new(200, json!({"name": "projects/p/messages/0"})).held(&gate)],
+    );
+    let mut pc = si.push_config(60, &["proj-a"], true);
+    pc.max_in_flight = 1;
+    let (_dir, n, store) = EventAnswerLost::node(pc, false).await;
+    let (a, ka, _) = registered_wallet(&n, "holds-the-slot").await;
+    let (b, kb, b_id) = registered_wallet(&n, "unregistered-meanwhile").await;
+    let (c, kc, c_id) = registered_wallet(&n, "deleted-meanwhile").await;
+    forward(&n, &a, &ka, "a").await;
+    eventually("the first push held at the stand-in", || async {
+        si.state.arrived.lock().iter().any(|k| k == "fcm:proj-a").then_some(())
+    })
+    .await;
+    let mark = store.looked_up.lock().len();
+    forward(&n, &b, &kb, "b").await;
+    forward(&n, &c, &kc, "c").await;
+    eventually("both events read their registration", || async {
+        let seen = store.looked_up.lock()[mark..].to_vec();
+        (seen.contains(&b_id) && seen.contains(&c_id)).then_some(())
+    })
+    .await;
+    set_device(&b, FCM, Value::Null, None).await;
+    let res = common::client()
+        .delete(format!("{}/connections/{c_id}", n.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    gate.add_permits(1);
+    let stale = |h: &Hit| {
+        let token = h.body["message"]["token"].as_str().or(h.body["token"].as_str());
+        matches!(token, Some("unregistered-meanwhile" | "deleted-meanwhile"))
+    };
+    let hits = eventually("both pushes skipped, or sent", || async {
+        let hits = si.state.hits("");
+        let skipped = metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"unregistered\"}").await;
+        (skipped >= 2.0 || hits.iter().any(stale)).then_some(hits)
+    })
+    .await;
+    let sent: Vec<String> = hits
+        .iter()
+        .filter(|h| stale(h))
+        .map(|h| format!("{}: {}", h.kind, h.body))
+        .collect();
+    assert!(sent.is_empty(), "pushed after unregistering or deletion: {sent:?}");
+    assert_eq!(si.state.hits("fcm:").len(), 1, "only the first wallet pushed");
+}
+
+/// A flood of forwards for three wallets while the store holds every device lookup: the
+/// worker starts one event per wallet and folds the others into it (it held every event in a
+/// task of its own before, each waiting for the store, without bound), and each wallet is
+/// pushed once, for all its mail.
+#[actix_rt::test]
+async fn a_flood_for_few_wallets_starts_one_event_per_wallet() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let si = StandIn::start();
+    let (_dir, n, store) = EventAnswerLost::node(si.push_config(60, &["proj-a"], false), false).await;
+    let tokens = ["flood-token-a", "flood-token-b", "flood-token-c"];
+    let mut wallets = Vec::new();
+    for t in tokens {
+        wallets.push(registered_wallet(&n, t).await);
+    }
+    let begun = store.lookups_begun.load(SeqCst);
+    let held = store.device_gate.write().await;
+    let texts: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
+    let url = [n.public_url()];
+    futures_util::future::join_all(wallets.iter().map(|(a, k, _)| forward_many_to(&url, a, k, &texts))).await;
+    eventually("57 of 60 events folded while the lookups are held", || async {
+        (metric(&n, "mailroom_push_coalesced_total").await == 57.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        store.lookups_begun.load(SeqCst) - begun,
+        3,
+        "one device lookup per wallet"
+    );
+    drop(held);
+    let hits = wait_hits(&si, "fcm:", 3).await;
+    assert_clean(&hits);
+    for t in tokens {
+        let mine: Vec<_> = hits.iter().filter(|h| h.body["message"]["token"] == t).collect();
+        assert_eq!(mine.len(), 1, "{t} pushed once");
+        assert_eq!(
+            mine[0].body["message"]["data"]["message_count"], "20",
+            "{t}: all its mail"
+        );
+    }
+    eventually("three pushes counted", || async {
+        (metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"sent\"}").await == 3.0).then_some(())
+    })
+    .await;
+    assert_eq!(si.state.hits("fcm:").len(), 3, "no push more");
+    assert_eq!(metric(&n, "mailroom_push_coalesced_total").await, 57.0);
 }
 
 /// The node that pushed first and scheduled the trailing push stops mid-window: the other

@@ -29,6 +29,8 @@ pub struct Reply {
     pub body: Value,
     /// How long the endpoint holds the request before it answers (a slow provider).
     pub delay: Option<std::time::Duration>,
+    /// FCM only: the request is held until the test adds a permit to this gate.
+    pub gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Reply {
@@ -38,7 +40,13 @@ impl Reply {
             retry_after: None,
             body,
             delay: None,
+            gate: None,
         }
+    }
+    /// Held until a permit is added to `gate` (FCM only).
+    pub fn held(mut self, gate: &Arc<tokio::sync::Semaphore>) -> Reply {
+        self.gate = Some(gate.clone());
+        self
     }
     pub fn delayed(mut self, d: std::time::Duration) -> Reply {
         self.delay = Some(d);
@@ -339,6 +347,7 @@ async fn fcm(req: HttpRequest, body: web::Bytes, st: web::Data<State>, project: 
         problems.push(format!("android block {}", m["android"]));
     }
     let kind = format!("fcm:{project}");
+    st.arrived.lock().push(kind.clone());
     let r = if !issued {
         Reply::new(401, json!({"error": {"code": 401, "status": "UNAUTHENTICATED"}}))
     } else if !problems.is_empty() {
@@ -349,6 +358,9 @@ async fn fcm(req: HttpRequest, body: web::Bytes, st: web::Data<State>, project: 
     } else {
         st.next(&kind)
     };
+    if let Some(g) = &r.gate {
+        let _ = g.acquire().await;
+    }
     if !issued {
         problems.push(format!("authorization {auth:?} is not an issued access token"));
     }
