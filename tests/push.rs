@@ -2222,3 +2222,30 @@ async fn through_nginx_in_front_of_three_nodes() {
     forward_many_to(&lb_urls, &a, &k, &["after-close".to_string()]).await;
     wait_hits(&si, "fcm:", before + 1).await;
 }
+
+/// Only a connection the mediator mediates for may register a device: one that never asked
+/// for mediation (or whose mediation was revoked) gets a problem report and registers
+/// nothing, so a stranger cannot have someone else's device pushed from connections of its own.
+#[actix_rt::test]
+async fn a_connection_without_mediation_registers_no_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(
+        dir.path(),
+        mailroom::config::Strategy::QueueAndLiveModeDelivery,
+    ));
+    let inv = invitation(&n).await;
+    let a = Agent::connect(&inv).await.expect("a connection, no mediation");
+    let r = set_device(&a, FCM, json!("someone-elses-token"), Some("android")).await;
+    assert!(r["@type"].as_str().unwrap_or("").ends_with("/problem-report"), "{r}");
+    assert!(
+        r["description"]["en"]
+            .as_str()
+            .unwrap_or("")
+            .contains("needs mediation"),
+        "{r}"
+    );
+    let conns = get_json(&format!("{}/connections", n.admin_url())).await;
+    let id = conns["connections"][0]["id"].as_str().unwrap().to_string();
+    let c = get_json(&format!("{}/connections/{id}", n.admin_url())).await;
+    assert!(c.get("push").is_some_and(Value::is_null), "a device registered: {c}");
+}

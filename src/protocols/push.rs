@@ -65,6 +65,16 @@ fn family_problem(ctx: &Inbound, code: &str, explain: &str) -> Outcome {
 
 pub async fn set_device_info(m: &Mediator, ctx: &Inbound, service: PushService) -> Result<Outcome, HandleError> {
     let conn = ctx.require_conn()?;
+    // A device is woken for the mail the mediator holds for it: a connection it does not
+    // mediate for has none, and letting any connection register any token would let a
+    // stranger have a device pushed from as many connections as it opens.
+    if conn.mediation != crate::store::MediationState::Granted {
+        return Ok(family_problem(
+            ctx,
+            "request_not_accepted",
+            "set-device-info needs mediation: this connection has none granted",
+        ));
+    }
     let token = match ctx.msg.get("device_token") {
         None => {
             return Ok(family_problem(
