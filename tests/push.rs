@@ -1255,12 +1255,8 @@ struct EventAnswerLost {
     /// Connection reads take this long (0: as the store answers), and how many are under way.
     slow_connection_ms: std::sync::atomic::AtomicU64,
     connection_reads: std::sync::atomic::AtomicUsize,
-    /// The connections whose device was looked up, in order (once the store answered).
+    /// The connections whose device was looked up, in order.
     looked_up: parking_lot::Mutex<Vec<String>>,
-    /// Device lookups begun; each waits for a read of `device_gate` (a test holds it
-    /// written to keep lookups from answering).
-    lookups_begun: std::sync::atomic::AtomicUsize,
-    device_gate: tokio::sync::RwLock<()>,
 }
 
 impl EventAnswerLost {
@@ -1303,8 +1299,6 @@ impl EventAnswerLost {
             slow_connection_ms: std::sync::atomic::AtomicU64::new(0),
             connection_reads: std::sync::atomic::AtomicUsize::new(0),
             looked_up: parking_lot::Mutex::new(Vec::new()),
-            lookups_begun: std::sync::atomic::AtomicUsize::new(0),
-            device_gate: tokio::sync::RwLock::new(()),
         });
         let n = start_on(&cfg, store.clone());
         (dir, n, store)
@@ -1348,8 +1342,6 @@ impl mailroom::store::Store for EventAnswerLost {
             ));
         }
         use std::sync::atomic::Ordering::SeqCst;
-        self.lookups_begun.fetch_add(1, SeqCst);
-        let _gate = self.device_gate.read().await;
         let now = self.lookups.fetch_add(1, SeqCst) + 1;
         self.most_lookups.fetch_max(now, SeqCst);
         let slow = self.slow_device_ms.load(SeqCst);
@@ -1554,53 +1546,6 @@ async fn a_push_waiting_for_a_slot_reads_the_registration_again() {
         .collect();
     assert!(sent.is_empty(), "pushed after unregistering or deletion: {sent:?}");
     assert_eq!(si.state.hits("fcm:").len(), 1, "only the first wallet pushed");
-}
-
-/// A flood of forwards for three wallets while the store holds every device lookup: the
-/// worker starts one event per wallet and folds the others into it (it held every event in a
-/// task of its own before, each waiting for the store, without bound), and each wallet is
-/// pushed once, for all its mail.
-#[actix_rt::test]
-async fn a_flood_for_few_wallets_starts_one_event_per_wallet() {
-    use std::sync::atomic::Ordering::SeqCst;
-    let si = StandIn::start();
-    let (_dir, n, store) = EventAnswerLost::node(si.push_config(60, &["proj-a"], false), false).await;
-    let tokens = ["flood-token-a", "flood-token-b", "flood-token-c"];
-    let mut wallets = Vec::new();
-    for t in tokens {
-        wallets.push(registered_wallet(&n, t).await);
-    }
-    let begun = store.lookups_begun.load(SeqCst);
-    let held = store.device_gate.write().await;
-    let texts: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
-    let url = [n.public_url()];
-    futures_util::future::join_all(wallets.iter().map(|(a, k, _)| forward_many_to(&url, a, k, &texts))).await;
-    eventually("57 of 60 events folded while the lookups are held", || async {
-        (metric(&n, "mailroom_push_coalesced_total").await == 57.0).then_some(())
-    })
-    .await;
-    assert_eq!(
-        store.lookups_begun.load(SeqCst) - begun,
-        3,
-        "one device lookup per wallet"
-    );
-    drop(held);
-    let hits = wait_hits(&si, "fcm:", 3).await;
-    assert_clean(&hits);
-    for t in tokens {
-        let mine: Vec<_> = hits.iter().filter(|h| h.body["message"]["token"] == t).collect();
-        assert_eq!(mine.len(), 1, "{t} pushed once");
-        assert_eq!(
-            mine[0].body["message"]["data"]["message_count"], "20",
-            "{t}: all its mail"
-        );
-    }
-    eventually("three pushes counted", || async {
-        (metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"sent\"}").await == 3.0).then_some(())
-    })
-    .await;
-    assert_eq!(si.state.hits("fcm:").len(), 3, "no push more");
-    assert_eq!(metric(&n, "mailroom_push_coalesced_total").await, 57.0);
 }
 
 /// The node that pushed first and scheduled the trailing push stops mid-window: the other

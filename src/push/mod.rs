@@ -57,14 +57,8 @@ use tokio::sync::mpsc;
 pub use config::{PushConfig, PushSettings};
 
 /// Events waiting for the worker; beyond it events are dropped and counted (the store still
-/// holds the mail, and the next event of that wallet pushes). The worker takes an event off
-/// this queue only when it has room for it (`max_in_flight` + [`EVENT_LOOKAHEAD`] events at
-/// once), so a flood of forwards waits here, in bounded memory, and not in the worker.
+/// holds the mail, and the next event of that wallet pushes).
 pub const EVENT_QUEUE: usize = 65_536;
-
-/// Events the worker holds beyond `max_in_flight`: reading the registration, recording the
-/// window, waiting for a send slot. More wait in the queue ([`EVENT_QUEUE`]).
-pub const EVENT_LOOKAHEAD: usize = 32;
 
 /// A device token as logs and the admin API show it: its first characters and its length.
 pub fn redact(token: &str) -> String {
@@ -193,8 +187,7 @@ pub struct PushMetrics {
     pub latency: Family<ProviderLabel, Histogram, fn() -> Histogram>,
     /// Events handed to the worker: queued mail for a wallet no node holds a session of.
     pub events: Counter,
-    /// Events folded into a trailing push, into a push another node sent since, or into an
-    /// event of the same wallet still waiting in the worker.
+    /// Events folded into a trailing push.
     pub coalesced: Counter,
     /// Tokens forgotten because the provider called them dead.
     pub dropped_tokens: Counter,
@@ -238,7 +231,7 @@ impl PushMetrics {
         );
         r.register(
             "push_coalesced",
-            "Queued messages folded into a wallet's trailing push, a push another node sent since, or an event of the wallet waiting in the worker",
+            "Queued messages folded into a wallet's trailing push, or into a push another node sent since",
             self.coalesced.clone(),
         );
         r.register(
@@ -278,17 +271,16 @@ impl PushMetrics {
     }
 }
 
-/// A message was queued for a wallet no node holds a session of.
-struct Queued {
-    conn: String,
-    at: Instant,
-    /// Only if the wallet was not pushed since (ms; see [`PushHandle::queued_unless_pushed_since`]).
-    unless_pushed_since_ms: Option<i64>,
+enum Cmd {
+    Queued {
+        conn: String,
+        at: Instant,
+        /// Only if the wallet was not pushed since (ms; see [`PushHandle::queued_unless_pushed_since`]).
+        unless_pushed_since_ms: Option<i64>,
+    },
+    /// Finish what is in flight (within [`STOP_GRACE`]), then answer whether all of it did.
+    Stop(tokio::sync::oneshot::Sender<bool>),
 }
-
-/// Finish the events handed over and what is in flight (within [`STOP_GRACE`]), then answer
-/// whether all of it did. Apart from the events, so that a full queue does not hold it up.
-type Stop = tokio::sync::oneshot::Sender<bool>;
 
 /// How long a stopping node gives the pushes it has started (a token grant, a provider's
 /// answer, a retry's back-off) before it abandons them. An immediate push is the wallet's only
@@ -329,8 +321,7 @@ pub fn claim_length(s: &PushSettings) -> Duration {
 /// The node's handle on its push worker. Cheap to clone; never blocks.
 #[derive(Clone)]
 pub struct PushHandle {
-    tx: mpsc::Sender<Queued>,
-    stop: mpsc::Sender<Stop>,
+    tx: mpsc::Sender<Cmd>,
     metrics: PushMetrics,
 }
 
@@ -344,7 +335,7 @@ impl PushHandle {
     /// already: with `Some(since_ms)`, not if the wallet's shared window says it was pushed
     /// at or after `since_ms` (without a window, `min_interval_secs = 0`, it is pushed).
     pub fn queued_unless_pushed_since(&self, conn: &str, unless_pushed_since_ms: Option<i64>) {
-        let cmd = Queued {
+        let cmd = Cmd::Queued {
             conn: conn.to_string(),
             at: Instant::now(),
             unless_pushed_since_ms,
@@ -361,7 +352,7 @@ impl PushHandle {
     /// abandoned, or the worker did not answer).
     pub async fn stop(&self) -> bool {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let handed = tokio::time::timeout(STOP_GRACE, self.stop.send(done_tx)).await;
+        let handed = tokio::time::timeout(STOP_GRACE, self.tx.send(Cmd::Stop(done_tx))).await;
         if !matches!(handed, Ok(Ok(()))) {
             return false;
         }
@@ -395,20 +386,19 @@ pub fn start(settings: PushSettings, deps: Deps) -> Result<PushHandle, String> {
         apns::Apns::new(a)?;
     }
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
-    let (stop, stop_rx) = mpsc::channel(1);
     let metrics = deps.metrics.clone();
     let arbiter = actix_rt::Arbiter::new();
     let handle = arbiter.handle();
     let ok = handle.spawn_fn(move || {
         actix_rt::spawn(async move {
-            worker(settings, deps, rx, stop_rx).await;
+            worker(settings, deps, rx).await;
             actix_rt::Arbiter::current().stop();
         });
     });
     if !ok {
         return Err("push worker thread did not start".into());
     }
-    Ok(PushHandle { tx, stop, metrics })
+    Ok(PushHandle { tx, metrics })
 }
 
 struct Ctx {
@@ -428,82 +418,13 @@ struct Ctx {
     /// events (a take-over, a crash wake, a broadcast) waits here, not on the store's pool,
     /// where each would time out and the forwards beside them too.
     lookups: tokio::sync::Semaphore,
-    /// Per wallet, the event of it the worker holds that has not recorded its window yet
-    /// (its mark, and its `unless_pushed_since_ms`): later events of the wallet are folded
-    /// into it ([`Pending`]).
-    pending: std::cell::RefCell<std::collections::HashMap<String, (u64, Option<i64>)>>,
-    /// The next mark of [`Ctx::pending`].
-    next_mark: std::cell::Cell<u64>,
-}
-
-/// A wallet's event held by the worker that has not recorded its window yet. While it lasts,
-/// a later event of the same wallet is not started but folded into it (with a window;
-/// without one, `min_interval_secs = 0`, every event pushes): its push (or the
-/// trailing push its window schedules) reads the queue later, so it counts the later mail
-/// too. Dropped (the window about to be recorded, the event given up or abandoned), it lets
-/// the wallet's next event in. It must not outlive the point where the event's push stops
-/// covering new mail.
-struct Pending {
-    ctx: Rc<Ctx>,
-    conn: String,
-    mark: u64,
-}
-
-impl Pending {
-    /// Whether an event already held (`held`, its `unless_pushed_since_ms`) covers a new one
-    /// with `unless`: the held one pushes whenever the new one would.
-    fn covers(held: Option<i64>, unless: Option<i64>) -> bool {
-        match (held, unless) {
-            (None, _) => true,
-            (Some(h), Some(u)) => u <= h,
-            (Some(_), None) => false,
-        }
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        let mut pending = self.ctx.pending.borrow_mut();
-        if pending.get(&self.conn).map(|p| p.0) == Some(self.mark) {
-            pending.remove(&self.conn);
-        }
-    }
-}
-
-/// Takes one event off the queue: folded into the wallet's event the worker holds if that
-/// one covers it, else started with `permit`, which it holds till it ends.
-fn take_event(
-    ctx: &Rc<Ctx>,
-    in_flight: &mut tokio::task::JoinSet<()>,
-    permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
-    ev: Queued,
-) {
-    // Without a window every event pushes, as the operator asked.
-    let folds = ctx.settings.min_interval_ms > 0;
-    let held = ctx.pending.borrow().get(&ev.conn).map(|p| p.1);
-    if folds && held.is_some_and(|h| Pending::covers(h, ev.unless_pushed_since_ms)) {
-        ctx.metrics.coalesced.inc();
-        return;
-    }
-    let Some(permit) = permit.take() else { return };
-    let mark = ctx.next_mark.get();
-    ctx.next_mark.set(mark.wrapping_add(1));
-    ctx.pending
-        .borrow_mut()
-        .insert(ev.conn.clone(), (mark, ev.unless_pushed_since_ms));
-    let pending = Pending {
-        ctx: ctx.clone(),
-        conn: ev.conn.clone(),
-        mark,
-    };
-    in_flight.spawn_local(on_event(ctx.clone(), ev, pending, permit));
 }
 
 /// Events of the push worker in the store at once (their device lookup, their window): a
 /// fraction of a PostgreSQL pool (16 by default), the rest left to forwards and deliveries.
 const STORE_LOOKUPS: usize = 8;
 
-async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queued>, mut stop_rx: mpsc::Receiver<Stop>) {
+async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>) {
     let built = (|| -> Result<Ctx, String> {
         let transport = Transport::new(&settings)?;
         Ok(Ctx {
@@ -517,8 +438,6 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
             node_id: deps.node_id.clone(),
             claim_ms: claim_length(&settings).as_millis().min(i64::MAX as u128) as i64,
             lookups: tokio::sync::Semaphore::new(STORE_LOOKUPS),
-            pending: Default::default(),
-            next_mark: std::cell::Cell::new(0),
             settings: settings.clone(),
         })
     })();
@@ -545,18 +464,14 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
     );
     // Every push this worker starts, so that a stop can let them finish.
     let mut in_flight = tokio::task::JoinSet::new();
-    // Room for the events the worker holds: one is taken off the queue only with a permit.
-    let room = Arc::new(tokio::sync::Semaphore::new(
-        settings.max_in_flight.saturating_add(EVENT_LOOKAHEAD),
-    ));
-    let mut permit = None;
     let done = loop {
         tokio::select! {
-            done = stop_rx.recv() => break done,
-            p = room.clone().acquire_owned(), if permit.is_none() => permit = p.ok(),
-            ev = rx.recv(), if permit.is_some() => match ev {
+            cmd = rx.recv() => match cmd {
                 None => break None,
-                Some(ev) => take_event(&ctx, &mut in_flight, &mut permit, ev),
+                Some(Cmd::Stop(done)) => break Some(done),
+                Some(Cmd::Queued { conn, at, unless_pushed_since_ms }) => {
+                    in_flight.spawn_local(on_event(ctx.clone(), conn, at, unless_pushed_since_ms));
+                }
             },
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
             _ = poll.tick(), if window > 0 => {
@@ -588,22 +503,7 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
             }
         }
     };
-    // The events handed over before the stop are handled too, as room frees.
-    rx.close();
-    let drained = tokio::time::timeout(STOP_GRACE, async {
-        loop {
-            tokio::select! {
-                p = room.clone().acquire_owned(), if permit.is_none() => permit = p.ok(),
-                ev = rx.recv(), if permit.is_some() => match ev {
-                    None => break,
-                    Some(ev) => take_event(&ctx, &mut in_flight, &mut permit, ev),
-                },
-                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-            }
-        }
-        while in_flight.join_next().await.is_some() {}
-    })
-    .await;
+    let drained = tokio::time::timeout(STOP_GRACE, async { while in_flight.join_next().await.is_some() {} }).await;
     let finished = drained.is_ok();
     if !finished {
         tracing::warn!(
@@ -627,15 +527,8 @@ const TAKE_DUE_BATCH: usize = 256;
 const DEVICE_LOOKUP_RETRIES: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(2)];
 
 /// One queued event: a wallet with a device registration gets a push now, or the event is
-/// folded into its window's trailing push (the window is shared by every node). `pending`
-/// folds the wallet's later events into this one until its window is recorded; `_room` is
-/// its room in the worker, held till it ends.
-async fn on_event(ctx: Rc<Ctx>, ev: Queued, pending: Pending, _room: tokio::sync::OwnedSemaphorePermit) {
-    let Queued {
-        conn,
-        at,
-        unless_pushed_since_ms,
-    } = ev;
+/// folded into its window's trailing push (the window is shared by every node).
+async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant, unless_pushed_since_ms: Option<i64>) {
     let mut retries = DEVICE_LOOKUP_RETRIES.iter();
     let device = loop {
         let found = {
@@ -680,9 +573,6 @@ async fn on_event(ctx: Rc<Ctx>, ev: Queued, pending: Pending, _room: tokio::sync
     let taken = tokio::time::Instant::now();
     let now = crate::protocols::now_ms();
     let new_claim = NewClaim::until(now.saturating_add(ctx.claim_ms));
-    // From here on a later event of the wallet records itself: it may fall after this push
-    // read the queue, and then needs a trailing push of its own.
-    drop(pending);
     let recorded = ctx
         .store
         .push_event(&conn, now, window, new_claim, unless_pushed_since_ms)
