@@ -7,21 +7,27 @@ use tracing_subscriber::EnvFilter;
 /// Targets logged at most at `info`, whatever `RUST_LOG` or `[log] level` asks: their debug
 /// and trace lines hold credentials. awc logs each request it sends whole at trace (the FCM
 /// access token and the APNs provider token in `authorization`, the APNs device token in the
-/// path), and h2 its frames at debug and trace. A level set for one of them is replaced.
-pub const CAPPED_AT_INFO: [&str; 3] = ["awc", "actix_http::client", "h2"];
+/// path), and h2 its frames at debug and trace. A target matches with its submodules.
+pub const CAPPED_AT_INFO: [&str; 2] = ["awc", "h2"];
 
-/// `filter` with [`CAPPED_AT_INFO`] applied: no credential of a push provider reaches the
-/// logs through the HTTP client, at any level.
-pub fn capped(filter: EnvFilter) -> EnvFilter {
-    CAPPED_AT_INFO
+/// Whether a line of `target` at `level` may be logged under [`CAPPED_AT_INFO`].
+fn within_cap(target: &str, level: &tracing::Level) -> bool {
+    let capped = CAPPED_AT_INFO
         .iter()
-        .fold(filter, |f, target| match format!("{target}=info").parse() {
-            Ok(d) => f.add_directive(d),
-            Err(_) => f,
-        })
+        .any(|t| target == *t || target.strip_prefix(t).is_some_and(|rest| rest.starts_with("::")));
+    !capped || *level <= tracing::Level::INFO
+}
+
+/// A global filter that every line must pass besides the level filter: no directive, however
+/// specific (`awc::client::h2proto=trace`, a span's), lets a capped target's debug or trace
+/// lines through, and a stricter level an operator sets for one (`awc=warn`) still holds.
+pub fn cap() -> tracing_subscriber::filter::FilterFn<impl Fn(&tracing::Metadata<'_>) -> bool> {
+    tracing_subscriber::filter::filter_fn(|m| within_cap(m.target(), m.level()))
 }
 
 pub fn init(cfg: &LogSection) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     // Validation refused a level that does not parse ([`LogSection::filter`]); a config built
     // in code that skipped it logs at `info` rather than errors only.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -33,13 +39,13 @@ pub fn init(cfg: &LogSection) {
     // Colours only on a terminal: log files and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(capped(filter))
+        .with_env_filter(filter)
         .with_target(false)
         .with_ansi(ansi);
     let res = if cfg.format == "json" {
-        builder.json().try_init()
+        builder.json().finish().with(cap()).try_init()
     } else {
-        builder.try_init()
+        builder.finish().with(cap()).try_init()
     };
     // A second init (tests starting several nodes) keeps the first subscriber.
     let _ = res;
@@ -67,26 +73,53 @@ mod tests {
     /// carry the providers' tokens) are not logged; its info lines and everything else are.
     #[test]
     fn the_http_client_is_never_logged_below_info() {
-        for level in ["trace", "trace,awc=trace,h2=trace"] {
+        use tracing_subscriber::layer::SubscriberExt;
+        for level in [
+            "trace",
+            "trace,awc=trace,h2=trace",
+            "trace,awc::client=trace,awc::client::h2proto=trace,h2::codec=trace",
+            "[request]=trace,trace",
+        ] {
             let buf = Buf::default();
             let out = buf.clone();
             let subscriber = tracing_subscriber::fmt()
-                .with_env_filter(capped(EnvFilter::new(level)))
+                .with_env_filter(EnvFilter::new(level))
                 .with_writer(move || out.clone())
-                .finish();
+                .finish()
+                .with(cap());
             tracing::subscriber::with_default(subscriber, || {
                 tracing::trace!(target: "awc::client::h2proto", "authorization: Bearer secret-1");
                 tracing::debug!(target: "h2::codec::framed_write", "path /3/device/secret-2");
-                tracing::trace!(target: "actix_http::client::pool", "secret-3");
+                tracing::trace!(target: "awc::client::h2proto", "secret-3");
+                tracing::trace!(target: "awcx", "kept-lookalike");
                 tracing::info!(target: "awc::client", "kept-info");
                 tracing::trace!(target: "mailroom::push", "kept-trace");
             });
             let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
             assert!(!text.contains("secret"), "{level}: {text}");
             assert!(
-                text.contains("kept-info") && text.contains("kept-trace"),
+                text.contains("kept-info") && text.contains("kept-trace") && text.contains("kept-lookalike"),
                 "{level}: {text}"
             );
         }
+    }
+
+    /// A stricter level an operator sets for a capped target holds: the cap never raises one.
+    #[test]
+    fn a_stricter_level_for_the_http_client_holds() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::new("info,awc=warn"))
+            .with_writer(move || out.clone())
+            .finish()
+            .with(cap());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: "awc::client", "dropped-info");
+            tracing::warn!(target: "awc::client", "kept-warn");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains("dropped-info") && text.contains("kept-warn"), "{text}");
     }
 }

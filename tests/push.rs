@@ -1504,6 +1504,8 @@ async fn a_push_waiting_for_a_slot_reads_the_registration_again() {
     );
     let mut pc = si.push_config(60, &["proj-a"], true);
     pc.max_in_flight = 1;
+    // The held push must not time out (and free the slot) while a loaded box sets the rest up.
+    pc.timeout_ms = 300_000;
     let (_dir, n, store) = EventAnswerLost::node(pc, false).await;
     let (a, ka, _) = registered_wallet(&n, "holds-the-slot").await;
     let (b, kb, b_id) = registered_wallet(&n, "unregistered-meanwhile").await;
