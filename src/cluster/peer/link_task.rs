@@ -91,6 +91,18 @@ pub(super) async fn run_link(
 
     // Install (or not). The writer reads the snapshot afterwards, with every change made from
     // now on queued on this link too.
+    // Left, and not shut down (as a crash is simulated: no `Leave`).
+    let left = shared.state.lock().left && !shared.stopped.load(Ordering::SeqCst);
+    if left {
+        // This node left while the link was being set up. The peer may have preferred this
+        // link to the one the `Leave` went out on (both sides dialled at once) and ignore
+        // frames of the other: tell it here too, or it finds this node down only at its
+        // failure timeout.
+        let (rd, wr) = stream.into_split();
+        let (_, mut wr) = channel.into_link(rd, BufWriter::new(wr));
+        let _ = tokio::time::timeout(shared.settings.heartbeat_interval, wr.send(&Frame::Leave)).await;
+        return;
+    }
     let mut room = None;
     let installed = {
         let mut st = shared.state.lock();
