@@ -428,6 +428,21 @@ async fn a_node_added_by_reload_gets_notifications() {
     assert!(peer_connected(&nodes[0], "n4").await);
 }
 
+/// Writes `cfg` to `path` and starts nodes n1.. on `ls` from it (on one shared store), as a
+/// reload reads it again.
+async fn start_from_file(
+    cfg: &mailroom::config::Config,
+    ls: Vec<mailroom::node::Listeners>,
+    path: &std::path::Path,
+) -> Vec<RunningNode> {
+    std::fs::write(path, toml::to_string(cfg).unwrap()).unwrap();
+    let store = open_shared_store(cfg).await;
+    ls.into_iter()
+        .enumerate()
+        .map(|(i, l)| start_node(cfg, &format!("n{}", i + 1), l, &store, Some(path.to_path_buf())))
+        .collect()
+}
+
 /// A rotated cluster secret, reloaded, is in use at once: the node closes its links (opened
 /// with the old one) and links again only with nodes that reloaded it too, so a holder of the
 /// old secret (a node removed for good) keeps no way in. Other changed `[cluster]` settings are
@@ -438,13 +453,7 @@ async fn a_rotated_secret_is_applied_at_the_reload_and_the_old_one_links_no_more
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cluster.toml");
     let (mut cfg, ls) = bind_cluster(2, &db.url, NO_SWEEP);
-    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-    let store = open_shared_store(&cfg).await;
-    let nodes: Vec<RunningNode> = ls
-        .into_iter()
-        .enumerate()
-        .map(|(i, l)| start_node(&cfg, &format!("n{}", i + 1), l, &store, Some(path.clone())))
-        .collect();
+    let nodes = start_from_file(&cfg, ls, &path).await;
     eventually("n1 linked to n2", || async {
         peer_connected(&nodes[0], "n2").await.then_some(())
     })
@@ -536,13 +545,7 @@ async fn the_admin_token_stays_on_its_node_and_a_reload_rotates_it() {
         cluster: Some(unused()),
         admin: snoop.local_addr().unwrap().to_string(),
     });
-    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-    let store = open_shared_store(&cfg).await;
-    let nodes: Vec<RunningNode> = ls
-        .into_iter()
-        .enumerate()
-        .map(|(i, l)| start_node(&cfg, &format!("n{}", i + 1), l, &store, Some(path.clone())))
-        .collect();
+    let nodes = start_from_file(&cfg, ls, &path).await;
     let history = format!("{}/history", nodes[0].admin_url());
     let (snooped, _) = tokio::join!(
         tokio::task::spawn_blocking(move || {
