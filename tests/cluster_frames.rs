@@ -832,3 +832,75 @@ async fn a_handshake_begun_before_a_rotation_installs_no_link() {
     assert!(ghost_link(addr, max).await.is_err());
     n1.shutdown().await;
 }
+
+/// Starts n1 with the ghost as its one peer, listening at `ghost` (n1 dials it).
+async fn node_dialing_ghost(ghost: SocketAddr) -> (ClusterHandle, mpsc::Receiver<ClusterEvent>, usize) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = ClusterConfig::new(
+        "n1",
+        "test",
+        "s3cret",
+        vec![PeerConfig {
+            id: "ghost".into(),
+            addr: ghost,
+        }],
+    );
+    cfg.heartbeat_interval = Duration::from_millis(100);
+    cfg.failure_timeout = Duration::from_secs(60);
+    let max = cfg.max_frame;
+    let (tx, ev) = mpsc::channel(1024);
+    (ClusterHandle::start(cfg, l, tx).await.unwrap(), ev, max)
+}
+
+/// Runs `leave` while the ghost completes the handshake n1 is in (`role` is the ghost's):
+/// returns the first frame n1 sends on the link.
+async fn leave_during_handshake(n1: &ClusterHandle, s: TcpStream, role: handshake::Role, max: usize) -> Frame {
+    // n1 is in its handshake once it has written its `Hello`.
+    s.peek(&mut [0u8; 1]).await.unwrap();
+    let mut leaving = Box::pin(n1.leave());
+    // One poll: n1 has begun to leave (the timer is polled after the future).
+    assert!(
+        tokio::time::timeout(Duration::ZERO, &mut leaving).await.is_err(),
+        "leave waits for the handshake under way"
+    );
+    let local = handshake::Local {
+        cluster: "test",
+        node: "ghost",
+        secret: b"s3cret",
+        max_frame: max,
+    };
+    let ghost = async {
+        let expected = (role == handshake::Role::Dialer).then_some("n1");
+        let mut link = link::open(s, &local, role, expected, |n| n == "n1")
+            .await
+            .expect("the handshake under way when n1 began to leave completes");
+        tokio::time::timeout(WAIT, link.reader.read_frame())
+            .await
+            .expect("n1 sends a frame or closes")
+    };
+    let ((), frame) = tokio::join!(leaving, ghost);
+    frame.expect("a frame").expect("n1 closed the link without a frame")
+}
+
+/// A link still in its handshake when the node leaves carries the `Leave` once it is up. When
+/// both nodes dial at once, the peer may keep that link and ignore the `Leave` sent on the
+/// other one. `leave` used to see no link open and stop at once, cutting off its own dial:
+/// the peer then found the node down only at its failure timeout
+/// (`cluster_tcp::leave_drops_entries_at_once` failed so under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_the_node_dialled_before_it_left_carries_the_leave() {
+    let ghost = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (n1, _ev, max) = node_dialing_ghost(ghost.local_addr().unwrap()).await;
+    let (s, _) = ghost.accept().await.unwrap();
+    let f = leave_during_handshake(&n1, s, handshake::Role::Acceptor, max).await;
+    assert_eq!(f, Frame::Leave);
+}
+
+/// The same for a link the peer dialled, its handshake ending after the leave began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_the_peer_dialled_before_the_node_left_carries_the_leave() {
+    let (n1, _ev, addr, max) = node_with_ghost(1024, |_| {}).await;
+    let s = TcpStream::connect(addr).await.unwrap();
+    let f = leave_during_handshake(&n1, s, handshake::Role::Dialer, max).await;
+    assert_eq!(f, Frame::Leave);
+}

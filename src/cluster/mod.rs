@@ -372,8 +372,9 @@ impl Drop for ShutdownOnDrop {
     }
 }
 
-/// How long `leave` waits for peers to be told, and `shutdown` for tasks to end.
-const LEAVE_GRACE: Duration = Duration::from_secs(1);
+/// How long `leave` waits for peers to be told (links open, and handshakes that may yet bring
+/// one up), and `shutdown` for tasks to end.
+const LEAVE_GRACE: Duration = Duration::from_secs(2);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 impl ClusterHandle {
@@ -624,7 +625,9 @@ impl ClusterHandle {
         let asked = self.shared.begin_leave();
         tracing::info!(links = asked, "leaving the cluster");
         let deadline = tokio::time::Instant::now() + LEAVE_GRACE;
-        while self.shared.links_open() > 0 {
+        // Handshakes first: one that ends after this read is installed (counted by
+        // `links_open`) or has already carried its `Leave`.
+        while self.shared.handshakes() > 0 || self.shared.links_open() > 0 {
             let ended = self.shared.link_ended().notified();
             if tokio::time::timeout_at(deadline, async {
                 tokio::select! {

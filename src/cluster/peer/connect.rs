@@ -39,9 +39,13 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 continue;
             }
         };
-        if shared.state.lock().left {
-            continue; // dropped: we are leaving
-        }
+        let counted = {
+            let st = shared.state.lock();
+            if st.left {
+                continue; // dropped: we are leaving
+            }
+            shared.handshaking()
+        };
         let source = addr.ip().to_canonical();
         let protected = shared
             .state
@@ -86,7 +90,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             match res {
                 Ok(Established { peer, channel }) => {
                     debug!(%addr, peer = %peer, "inbound cluster link authenticated");
-                    run_link(me, stream, channel, peer, false, gen).await;
+                    run_link(me, stream, channel, peer, false, gen, counted).await;
                 }
                 // A flood evicts many: counted, and not a warning each.
                 Err(HandshakeError::Evicted) => debug!(%addr, "pending cluster handshake evicted"),
@@ -129,10 +133,10 @@ pub(super) async fn dial_loop(shared: Arc<Shared>, peer: String, mut stop: watch
             if slot.link.is_some() {
                 None
             } else {
-                Some(slot.addr)
+                Some((slot.addr, shared.handshaking()))
             }
         };
-        let Some(addr) = addr else {
+        let Some((addr, counted)) = addr else {
             // An inbound link serves this peer; re-check when a link ends.
             tokio::select! {
                 _ = shared.link_ended.notified() => {}
@@ -155,7 +159,7 @@ pub(super) async fn dial_loop(shared: Arc<Shared>, peer: String, mut stop: watch
         match res {
             Ok((stream, est, gen)) => {
                 let t = Instant::now();
-                run_link(shared.clone(), stream, est.channel, peer.clone(), true, gen).await;
+                run_link(shared.clone(), stream, est.channel, peer.clone(), true, gen, counted).await;
                 // Only a link that held for a while proves the peer healthy; one that dies
                 // right after the handshake keeps backing off.
                 if t.elapsed() >= shared.settings.failure_timeout {
@@ -163,6 +167,7 @@ pub(super) async fn dial_loop(shared: Arc<Shared>, peer: String, mut stop: watch
                 }
             }
             Err(e) => {
+                drop(counted); // not through the backoff below
                 shared.count_handshake_error(&e);
                 if e.is_auth_failure() || e.is_bad_input() {
                     warn!(peer = %peer, %addr, reason = %e, "cluster peer refused");

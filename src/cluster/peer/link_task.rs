@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use parking_lot::MutexGuard;
 
 use super::room::{NoRoom, PeerRoom, HELD_PER_MESSAGE};
-use super::{bump, unix_ms, LinkHandle, Shared, DIR_SLICE, RECENT_CLOSE_TTL, WRITE_BATCH};
+use super::{bump, unix_ms, Handshaking, LinkHandle, Shared, DIR_SLICE, RECENT_CLOSE_TTL, WRITE_BATCH};
 use crate::cluster::codec::CodecError;
 use crate::cluster::directory::{plausible_epoch, DirEvent};
 use crate::cluster::link::{LinkReader, LinkWriter, SecureChannel};
@@ -72,8 +72,18 @@ impl Unconfirmed {
     }
 }
 
+/// What `run_link` found when it came to install its link.
+enum Admitted {
+    Up(Arc<PeerRoom>),
+    /// This node stopped: the link carries a `Leave` if it left (`true`), nothing after a
+    /// shutdown alone.
+    Left(bool),
+    Refused(&'static str),
+}
+
 /// Runs one authenticated link until it ends, then tells membership. Every frame goes through
-/// `channel`, the keys of this link's handshake.
+/// `channel`, the keys of this link's handshake. `pending` counts the handshake until the link
+/// is installed, refused, or has carried this node's `Leave`.
 pub(super) async fn run_link(
     shared: Arc<Shared>,
     stream: TcpStream,
@@ -81,6 +91,7 @@ pub(super) async fn run_link(
     peer: String,
     we_dialed: bool,
     secret_gen: u64,
+    pending: Handshaking,
 ) {
     let link = shared.next_link.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel(shared.settings.peer_queue);
@@ -91,82 +102,79 @@ pub(super) async fn run_link(
 
     // Install (or not). The writer reads the snapshot afterwards, with every change made from
     // now on queued on this link too.
-    // Left, and not shut down (as a crash is simulated: no `Leave`).
-    let left = shared.state.lock().left && !shared.stopped.load(Ordering::SeqCst);
-    if left {
-        // This node left while the link was being set up. The peer may have preferred this
-        // link to the one the `Leave` went out on (both sides dialled at once) and ignore
-        // frames of the other: tell it here too, or it finds this node down only at its
-        // failure timeout.
-        let (rd, wr) = stream.into_split();
-        let (_, mut wr) = channel.into_link(rd, BufWriter::new(wr));
-        let _ = tokio::time::timeout(shared.settings.heartbeat_interval, wr.send(&Frame::Leave)).await;
-        return;
-    }
-    let mut room = None;
-    let installed = {
+    let admitted = {
         let mut st = shared.state.lock();
         if st.left {
-            return;
-        }
-        // Its handshake proved a secret replaced meanwhile (`Shared::set_secret`): refused as
-        // the links opened with it were closed.
-        let stale = st.secret_gen != secret_gen;
-        let fx = if stale {
-            Vec::new()
+            Admitted::Left(st.leaving)
+        } else if st.secret_gen != secret_gen {
+            // Its handshake proved a secret replaced meanwhile (`Shared::set_secret`): refused
+            // as the links opened with it were closed.
+            Admitted::Refused("the cluster secret changed during the handshake")
         } else {
-            st.members.handle(
+            let fx = st.members.handle(
                 MemberEvent::LinkUp {
                     peer: peer.clone(),
                     link,
                     we_dialed,
                 },
                 Instant::now(),
-            )
-        };
-        let installed = fx
-            .iter()
-            .any(|e| matches!(e, MemberEffect::Install { link: l, .. } if *l == link));
-        // Close the replaced link first, then emit Up.
-        shared.apply_member_effects(&mut st, fx);
-        if installed {
-            if let Some(slot) = st.peers.get_mut(&peer) {
-                room = Some(slot.room.clone());
-                slot.link = Some(LinkHandle {
-                    id: link,
-                    tx: tx.clone(),
-                    resync: resync.clone(),
-                    leave: leave.clone(),
-                    _close: close_tx,
-                });
-            }
-            let now = Instant::now();
-            for (_, f) in st
-                .recent_closes
+            );
+            let installed = fx
                 .iter()
-                .filter(|(t, _)| now.duration_since(*t) <= RECENT_CLOSE_TTL)
-            {
-                if tx.try_send(f.clone()).is_err() {
-                    bump(&shared.counters.queue_drops);
+                .any(|e| matches!(e, MemberEffect::Install { link: l, .. } if *l == link));
+            // Close the replaced link first, then emit Up.
+            shared.apply_member_effects(&mut st, fx);
+            let mut room = None;
+            if installed {
+                if let Some(slot) = st.peers.get_mut(&peer) {
+                    room = Some(slot.room.clone());
+                    slot.link = Some(LinkHandle {
+                        id: link,
+                        tx: tx.clone(),
+                        resync: resync.clone(),
+                        leave: leave.clone(),
+                        _close: close_tx,
+                    });
+                }
+                let now = Instant::now();
+                for (_, f) in st
+                    .recent_closes
+                    .iter()
+                    .filter(|(t, _)| now.duration_since(*t) <= RECENT_CLOSE_TTL)
+                {
+                    if tx.try_send(f.clone()).is_err() {
+                        bump(&shared.counters.queue_drops);
+                    }
                 }
             }
+            room.map_or(Admitted::Refused("duplicate link"), Admitted::Up)
         }
-        (!stale).then_some(installed)
     };
     let (rd, wr) = stream.into_split();
     let (rd, mut wr) = channel.into_link(rd, BufWriter::new(wr));
-    let refused = match (installed, &room) {
-        (Some(true), Some(_)) => None,
-        (None, _) => Some("the cluster secret changed during the handshake"),
-        _ => Some("duplicate link"),
+    let room = match admitted {
+        Admitted::Up(room) => room,
+        // This node left while the link was being set up. The peer may have preferred this
+        // link to the one the `Leave` went out on (both sides dialled at once) and ignore frames
+        // of the other: tell it here too, or it finds this node down only at its failure
+        // timeout. After a shutdown alone (which stands for a crash) it is told nothing.
+        Admitted::Left(leaving) => {
+            if leaving {
+                let _ = tokio::time::timeout(shared.settings.heartbeat_interval, wr.send(&Frame::Leave)).await;
+            }
+            drop(pending);
+            return;
+        }
+        Admitted::Refused(reason) => {
+            drop(pending);
+            debug!(peer = %peer, link, reason, "cluster link closed");
+            let f = Frame::Refused { reason: reason.into() };
+            let _ = wr.send(&f).await;
+            return;
+        }
     };
-    if let Some(reason) = refused {
-        debug!(peer = %peer, link, reason, "cluster link closed");
-        let f = Frame::Refused { reason: reason.into() };
-        let _ = wr.send(&f).await;
-        return;
-    };
-    let room = room.expect("checked above");
+    // Installed: counted by `links_open` from here.
+    drop(pending);
     info!(peer = %peer, link, we_dialed, "cluster link up");
 
     let mut shutdown = shared.shutdown_rx.clone();

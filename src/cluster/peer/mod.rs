@@ -26,7 +26,7 @@ mod room;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -200,8 +200,11 @@ pub(crate) struct State {
     pub members: Membership,
     pub peers: HashMap<String, PeerSlot>,
     pub last_epoch: u64,
-    /// `leave()` was called: accept and dial nothing any more.
+    /// `leave()` or `shutdown()` was called: accept and dial nothing any more.
     pub left: bool,
+    /// `leave()` was called: a link that comes up from now on carries a `Leave`. After a
+    /// shutdown alone (which stands for a crash) it carries nothing.
+    pub leaving: bool,
     /// The cluster secret a handshake started now proves ([`Shared::set_secret`]).
     pub secret: Arc<zeroize::Zeroizing<Vec<u8>>>,
     /// Bumped when the secret changes: a handshake that started with an older one installs no
@@ -229,12 +232,28 @@ pub const RECENT_CLOSE_TTL: Duration = Duration::from_secs(600);
 /// Close requests kept for repetition at most (the oldest are forgotten first).
 pub const RECENT_CLOSE_MAX: usize = 1024;
 
+/// A handshake in progress ([`Shared::handshaking`]), counted until its link is installed,
+/// refused, or told `Leave`. `ClusterHandle::leave` waits for these as for open links: when both
+/// nodes dialled at once, the peer may install the link still in its handshake here and ignore
+/// the `Leave` sent on the other, and a stop that cut that handshake off would leave the peer to
+/// find this node down only at its failure timeout.
+pub(super) struct Handshaking(Arc<Shared>);
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.handshakes.fetch_sub(1, Ordering::SeqCst);
+        self.0.link_ended.notify_waiters();
+    }
+}
+
 pub(crate) struct Shared {
     pub settings: Settings,
     pub state: Mutex<State>,
     pub counters: Counters,
     events: mpsc::Sender<ClusterEvent>,
     next_link: AtomicU64,
+    /// Handshakes in progress ([`Handshaking`]).
+    handshakes: AtomicUsize,
     /// Woken when a link ends (dialers waiting for "no link" re-check).
     link_ended: Notify,
     /// Woken when directory sweeps are left to [`sweeper`].
@@ -267,6 +286,7 @@ impl Shared {
             peers: HashMap::new(),
             last_epoch: 0,
             left: false,
+            leaving: false,
             secret: Arc::new(zeroize::Zeroizing::new(secret)),
             secret_gen: 0,
             recent_closes: VecDeque::new(),
@@ -278,6 +298,7 @@ impl Shared {
             counters: Counters::default(),
             events,
             next_link: AtomicU64::new(1),
+            handshakes: AtomicUsize::new(0),
             link_ended: Notify::new(),
             sweep_wanted: Notify::new(),
             shutdown_tx,
@@ -721,6 +742,7 @@ impl Shared {
     pub fn begin_leave(&self) -> usize {
         let mut st = self.state.lock();
         st.left = true;
+        st.leaving = true;
         let mut n = 0;
         for slot in st.peers.values() {
             if let Some(l) = &slot.link {
@@ -729,6 +751,19 @@ impl Shared {
             }
         }
         n
+    }
+
+    /// Counts a handshake in progress until the guard is dropped. Take it under the state lock,
+    /// having seen `left` false: `begin_leave` sets `left` under the same lock, so a leave
+    /// either finds this handshake counted or stops it from starting.
+    pub(super) fn handshaking(self: &Arc<Self>) -> Handshaking {
+        self.handshakes.fetch_add(1, Ordering::SeqCst);
+        Handshaking(self.clone())
+    }
+
+    /// Handshakes in progress: links that may yet come up, and must then carry a `Leave`.
+    pub fn handshakes(&self) -> usize {
+        self.handshakes.load(Ordering::SeqCst)
     }
 
     pub fn links_open(&self) -> usize {
