@@ -790,8 +790,16 @@ async fn one_token_refresh_in_flight_and_renewal_before_expiry() {
     *si.state.expires_in.lock() = 306;
     let (_d, n, a, k) = push_node(&si, 0, &["proj-a"], false).await;
     set_device(&a, FCM, json!("token-refresh"), Some("android")).await;
-    let texts: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
-    forward_many(&[&n], &a, &k, &texts).await;
+    // Eight wallets, one message each: a wallet's own events fold while its push is under way.
+    let mut wallets = Vec::new();
+    for i in 0..7 {
+        let (a, k, _) = registered_wallet(&n, &format!("token-refresh-{i}")).await;
+        wallets.push((a, k));
+    }
+    wallets.push((a, k));
+    let n = &n;
+    futures_util::future::join_all(wallets.iter().map(|(a, k)| forward(n, a, k, "one"))).await;
+    let (a, k) = wallets.pop().unwrap();
     let hits = wait_hits(&si, "fcm:", 8).await;
     assert_clean(&hits);
     assert_eq!(si.state.hits("token").len(), 1, "eight concurrent pushes, one grant");
@@ -801,7 +809,7 @@ async fn one_token_refresh_in_flight_and_renewal_before_expiry() {
         (first.elapsed() > Duration::from_millis(7_000)).then_some(())
     })
     .await;
-    forward(&n, &a, &k, "later").await;
+    forward(n, &a, &k, "later").await;
     wait_hits(&si, "fcm:", 9).await;
     assert_eq!(si.state.hits("token").len(), 2, "renewed before it expires");
     assert_clean(&si.state.hits(""));
@@ -1424,13 +1432,15 @@ async fn a_push_event_whose_answer_was_lost_pushes_once() {
     assert_eq!(si.state.hits("fcm:").len(), 1);
 }
 
-/// The store fails the device lookup of a wallet's only event (a pool timeout): the lookup is
-/// tried again, and the wallet pushed. Before, the event was dropped and nothing woke it.
+/// The store fails the device lookup of a wallet's only event three times (a pool timeout, a
+/// failover): the lookup is tried again, 0.5 s, 1 s and 2 s later, and the wallet pushed.
+/// Before, the event was dropped, at first on the first failure, then on the third, and
+/// nothing woke the wallet.
 #[actix_rt::test]
 async fn a_device_lookup_the_store_failed_is_tried_again() {
     let si = StandIn::start();
     let (_dir, n, store, a, k) = EventAnswerLost::node_with_wallet(&si, false, "lookup-failed-token").await;
-    store.fail_device_lookups.store(2, std::sync::atomic::Ordering::SeqCst);
+    store.fail_device_lookups.store(3, std::sync::atomic::Ordering::SeqCst);
     forward(&n, &a, &k, "only").await;
     let hits = wait_hits(&si, "fcm:", 1).await;
     assert_clean(&hits);
@@ -1440,7 +1450,7 @@ async fn a_device_lookup_the_store_failed_is_tried_again() {
         let n = &n;
         async move { metric(n, &format!("mailroom_push_total{{provider=\"store\",result=\"{r}\"}}")).await }
     };
-    assert_eq!(store_results("retry").await, 2.0);
+    assert_eq!(store_results("retry").await, 3.0);
     assert_eq!(store_results("gave_up").await + store_results("failed").await, 0.0);
 }
 
@@ -1462,6 +1472,79 @@ async fn a_burst_of_events_takes_few_store_connections_at_once() {
     assert_eq!(wait_hits(&si, "fcm:", 1).await.len(), 1);
     let most = store.most_lookups.load(std::sync::atomic::Ordering::SeqCst);
     assert!((1..=8).contains(&most), "{most} device lookups at once");
+}
+
+/// A flood of forwards for one offline wallet while its event is slow in the store: the wallet
+/// holds one place in the push worker, and its repeats fold into one event waiting behind it.
+/// Before, each event was a task of its own with its own device lookup (200 here, 8 at once),
+/// and a flood grew the worker's tasks without bound.
+#[actix_rt::test]
+async fn a_flood_for_one_wallet_takes_one_place_in_the_push_worker() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let si = StandIn::start();
+    let (_dir, n, store, a, k) = EventAnswerLost::node_with_wallet(&si, false, "flood-token").await;
+    store.slow_device_ms.store(1000, SeqCst);
+    let texts: Vec<String> = (0..200).map(|i| format!("f{i}")).collect();
+    forward_many(&[&n], &a, &k, &texts).await;
+    eventually("every event handled", || async {
+        (metric(&n, "mailroom_push_coalesced_total").await == 199.0).then_some(())
+    })
+    .await;
+    assert_eq!(wait_hits(&si, "fcm:", 1).await.len(), 1);
+    let lookups = store.looked_up.lock().len();
+    assert!(lookups <= 10, "{lookups} device lookups for one wallet's 200 events");
+    assert_eq!(store.most_lookups.load(SeqCst), 1, "one wallet, one lookup at a time");
+    assert_eq!(metric(&n, "mailroom_push_waiting").await, 0.0);
+}
+
+/// Events for more wallets than the push worker runs at once (`max_in_flight` + 16 = 17 here)
+/// while the only send slot is held: the rest wait their turn in the worker, counted by
+/// `mailroom_push_waiting`, and each wallet is pushed once the slot frees. Before, every event
+/// became a task at once, waiting without bound.
+#[actix_rt::test]
+async fn events_past_what_the_push_worker_runs_wait_their_turn_and_each_is_pushed() {
+    let si = StandIn::start();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    si.state.script(
+        "fcm:proj-a",
+        vec![Reply::new(200, json!({"name": "projects/p/messages/0"})).held(&gate)],
+    );
+    let mut pc = si.push_config(60, &["proj-a"], false);
+    pc.max_in_flight = 1;
+    // The held push must not time out (and free the slot) while a loaded box sets the rest up.
+    pc.timeout_ms = 300_000;
+    let (_dir, n, _store) = EventAnswerLost::node(pc, false).await;
+    let mut wallets = Vec::new();
+    for i in 0..20 {
+        let (a, k, _) = registered_wallet(&n, &format!("waits-its-turn-{i}")).await;
+        wallets.push((a, k));
+    }
+    forward(&n, &wallets[0].0, &wallets[0].1, "holds the slot").await;
+    eventually("the first push held at the stand-in", || async {
+        si.state.arrived.lock().iter().any(|k| k == "fcm:proj-a").then_some(())
+    })
+    .await;
+    for (a, k) in &wallets[1..] {
+        forward(&n, a, k, "waits").await;
+    }
+    eventually("17 events run, 3 wait", || async {
+        (metric(&n, "mailroom_push_waiting").await == 3.0).then_some(())
+    })
+    .await;
+    gate.add_permits(1);
+    let hits = wait_hits(&si, "fcm:", 20).await;
+    assert_clean(&hits);
+    let mut tokens: Vec<&str> = hits
+        .iter()
+        .filter_map(|h| h.body["message"]["token"].as_str())
+        .collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 20, "each wallet pushed once: {tokens:?}");
+    eventually("none waiting", || async {
+        (metric(&n, "mailroom_push_waiting").await == 0.0).then_some(())
+    })
+    .await;
 }
 
 /// The ids of the node's connections.

@@ -6,7 +6,9 @@
 //! Flow: a forward is committed and answered 2xx; the node that accepted it finds no live
 //! session of the wallet on any node (its registry, then the cluster directory) and calls
 //! [`PushHandle::queued`], which never waits: the event goes through a bounded channel to the
-//! worker, which runs on a thread (actix arbiter) of its own with its own HTTP/2 client. There
+//! worker, which runs on a thread (actix arbiter) of its own with its own HTTP/2 client. The
+//! worker runs one event per wallet at a time, at most `max_in_flight` + 16 in all; the rest
+//! wait their turn, a wallet's repeats folded into one (`waiting.rs`). Then
 //! the wallet's push window, kept in the store and shared by every node
 //! ([`crate::store::Store::push_event`]), lets one push through at once and folds a burst into
 //! at most one trailing push per window, whichever nodes the forwards landed on. Every push is
@@ -41,6 +43,7 @@ pub mod apns;
 pub mod config;
 pub mod fcm;
 pub mod schedule;
+mod waiting;
 pub mod webhook;
 
 use crate::store::{Device, MediationState, NewClaim, PushClaim, PushService, PushSlot, Store};
@@ -48,7 +51,9 @@ use futures_util::future::BoxFuture;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,9 +61,14 @@ use tokio::sync::mpsc;
 
 pub use config::{PushConfig, PushSettings};
 
-/// Events waiting for the worker; beyond it events are dropped and counted (the store still
-/// holds the mail, and the next event of that wallet pushes).
+/// Events handed to the worker and not yet taken; beyond it events are dropped and counted
+/// (the store still holds the mail, and the next event of that wallet pushes). The worker takes
+/// them into [`WAITING_MAX`] wallets' events waiting for their turn, folding a wallet's repeats.
 pub const EVENT_QUEUE: usize = 65_536;
+
+/// Wallets whose event waits for its turn in the worker, at most: past it the worker takes no
+/// more off its channel until some start.
+pub const WAITING_MAX: usize = 65_536;
 
 /// A device token as logs and the admin API show it: its first characters and its length.
 pub fn redact(token: &str) -> String {
@@ -187,6 +197,9 @@ pub struct PushMetrics {
     pub latency: Family<ProviderLabel, Histogram, fn() -> Histogram>,
     /// Events handed to the worker: queued mail for a wallet no node holds a session of.
     pub events: Counter,
+    /// Wallets whose event waits for its turn in the worker (the worker runs at most
+    /// `max_in_flight` + 16 events, one per wallet, and folds a wallet's repeats meanwhile).
+    pub waiting: Gauge,
     /// Events folded into a trailing push.
     pub coalesced: Counter,
     /// Tokens forgotten because the provider called them dead.
@@ -204,6 +217,7 @@ impl Default for PushMetrics {
             total: Family::default(),
             latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16))),
             events: Counter::default(),
+            waiting: Gauge::default(),
             coalesced: Counter::default(),
             dropped_tokens: Counter::default(),
             overflow: Counter::default(),
@@ -228,6 +242,11 @@ impl PushMetrics {
             "push_events",
             "Queued mail for wallets no node holds a session of, handed to the push worker",
             self.events.clone(),
+        );
+        r.register(
+            "push_waiting",
+            "Wallets whose push event waits for its turn in the push worker",
+            self.waiting.clone(),
         );
         r.register(
             "push_coalesced",
@@ -271,16 +290,17 @@ impl PushMetrics {
     }
 }
 
-enum Cmd {
-    Queued {
-        conn: String,
-        at: Instant,
-        /// Only if the wallet was not pushed since (ms; see [`PushHandle::queued_unless_pushed_since`]).
-        unless_pushed_since_ms: Option<i64>,
-    },
-    /// Finish what is in flight (within [`STOP_GRACE`]), then answer whether all of it did.
-    Stop(tokio::sync::oneshot::Sender<bool>),
+/// A queued event handed to the worker.
+struct Queued {
+    conn: String,
+    at: Instant,
+    /// Only if the wallet was not pushed since (ms; see [`PushHandle::queued_unless_pushed_since`]).
+    unless_pushed_since_ms: Option<i64>,
 }
+
+/// Asks the worker to finish what it was handed and what is in flight (within
+/// [`STOP_GRACE`]), then to answer whether all of it did.
+type Stop = tokio::sync::oneshot::Sender<bool>;
 
 /// How long a stopping node gives the pushes it has started (a token grant, a provider's
 /// answer, a retry's back-off) before it abandons them. An immediate push is the wallet's only
@@ -321,7 +341,9 @@ pub fn claim_length(s: &PushSettings) -> Duration {
 /// The node's handle on its push worker. Cheap to clone; never blocks.
 #[derive(Clone)]
 pub struct PushHandle {
-    tx: mpsc::Sender<Cmd>,
+    tx: mpsc::Sender<Queued>,
+    /// Apart from the events, so that a full event channel does not hold up the stop.
+    stop_tx: mpsc::Sender<Stop>,
     metrics: PushMetrics,
 }
 
@@ -335,7 +357,7 @@ impl PushHandle {
     /// already: with `Some(since_ms)`, not if the wallet's shared window says it was pushed
     /// at or after `since_ms` (without a window, `min_interval_secs = 0`, it is pushed).
     pub fn queued_unless_pushed_since(&self, conn: &str, unless_pushed_since_ms: Option<i64>) {
-        let cmd = Cmd::Queued {
+        let cmd = Queued {
             conn: conn.to_string(),
             at: Instant::now(),
             unless_pushed_since_ms,
@@ -352,7 +374,7 @@ impl PushHandle {
     /// abandoned, or the worker did not answer).
     pub async fn stop(&self) -> bool {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let handed = tokio::time::timeout(STOP_GRACE, self.tx.send(Cmd::Stop(done_tx))).await;
+        let handed = tokio::time::timeout(STOP_GRACE, self.stop_tx.send(done_tx)).await;
         if !matches!(handed, Ok(Ok(()))) {
             return false;
         }
@@ -386,19 +408,20 @@ pub fn start(settings: PushSettings, deps: Deps) -> Result<PushHandle, String> {
         apns::Apns::new(a)?;
     }
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+    let (stop_tx, stop_rx) = mpsc::channel(1);
     let metrics = deps.metrics.clone();
     let arbiter = actix_rt::Arbiter::new();
     let handle = arbiter.handle();
     let ok = handle.spawn_fn(move || {
         actix_rt::spawn(async move {
-            worker(settings, deps, rx).await;
+            worker(settings, deps, rx, stop_rx).await;
             actix_rt::Arbiter::current().stop();
         });
     });
     if !ok {
         return Err("push worker thread did not start".into());
     }
-    Ok(PushHandle { tx, metrics })
+    Ok(PushHandle { tx, stop_tx, metrics })
 }
 
 struct Ctx {
@@ -424,7 +447,13 @@ struct Ctx {
 /// fraction of a PostgreSQL pool (16 by default), the rest left to forwards and deliveries.
 const STORE_LOOKUPS: usize = 8;
 
-async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>) {
+/// Events started and not ended, at most, beyond the pushes `max_in_flight` lets out at once:
+/// the events reading or recording in the store ([`STORE_LOOKUPS`]) and as many again ready to.
+fn events_running_max(s: &PushSettings) -> usize {
+    s.max_in_flight + 2 * STORE_LOOKUPS
+}
+
+async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queued>, mut stop_rx: mpsc::Receiver<Stop>) {
     let built = (|| -> Result<Ctx, String> {
         let transport = Transport::new(&settings)?;
         Ok(Ctx {
@@ -462,18 +491,45 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
         min_interval_ms = window,
         "push notifications on"
     );
-    // Every push this worker starts, so that a stop can let them finish.
-    let mut in_flight = tokio::task::JoinSet::new();
+    // Every push this worker starts, so that a stop can let them finish. Events wait in
+    // `waiting` (one per wallet) until fewer than `running_max` run: a flood of events is
+    // bounded there and in the channel, not in tasks waiting on the store or a send slot.
+    let mut in_flight: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
+    let mut waiting = waiting::Waiting::default();
+    let running_max = events_running_max(&settings);
+    // The wallet of each event task, by task id (a task that panicked is known by its id only).
+    let mut events: HashMap<tokio::task::Id, String> = HashMap::new();
+    let start_events = |waiting: &mut waiting::Waiting,
+                        events: &mut HashMap<tokio::task::Id, String>,
+                        in_flight: &mut tokio::task::JoinSet<()>| {
+        while waiting.running() < running_max {
+            let Some((conn, p)) = waiting.next() else { break };
+            let task = in_flight.spawn_local(on_event(ctx.clone(), conn.clone(), p.at, p.unless_pushed_since_ms));
+            events.insert(task.id(), conn);
+        }
+    };
+    let ended = |id: tokio::task::Id, waiting: &mut waiting::Waiting, events: &mut HashMap<tokio::task::Id, String>| {
+        if let Some(conn) = events.remove(&id) {
+            waiting.done(&conn);
+        }
+    };
     let done = loop {
+        start_events(&mut waiting, &mut events, &mut in_flight);
+        ctx.metrics.waiting.set(waiting.len() as i64);
         tokio::select! {
-            cmd = rx.recv() => match cmd {
+            stop = stop_rx.recv() => break stop,
+            ev = rx.recv(), if waiting.len() < WAITING_MAX => match ev {
                 None => break None,
-                Some(Cmd::Stop(done)) => break Some(done),
-                Some(Cmd::Queued { conn, at, unless_pushed_since_ms }) => {
-                    in_flight.spawn_local(on_event(ctx.clone(), conn, at, unless_pushed_since_ms));
+                Some(q) => {
+                    let p = waiting::Pending { at: q.at, unless_pushed_since_ms: q.unless_pushed_since_ms };
+                    if waiting.add(q.conn, p) {
+                        ctx.metrics.coalesced.inc();
+                    }
                 }
             },
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+            Some(r) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                ended(task_id(&r), &mut waiting, &mut events);
+            }
             _ = poll.tick(), if window > 0 => {
                 // A claim runs from the take: take only pushes that start at once, each with a
                 // free slot held from before the take (none free: only the idle windows go).
@@ -503,11 +559,32 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
             }
         }
     };
-    let drained = tokio::time::timeout(STOP_GRACE, async { while in_flight.join_next().await.is_some() {} }).await;
+    // The events handed over before the stop are handled too, as room frees, within the grace.
+    rx.close();
+    while let Ok(q) = rx.try_recv() {
+        let p = waiting::Pending {
+            at: q.at,
+            unless_pushed_since_ms: q.unless_pushed_since_ms,
+        };
+        if waiting.add(q.conn, p) {
+            ctx.metrics.coalesced.inc();
+        }
+    }
+    let drained = tokio::time::timeout(STOP_GRACE, async {
+        loop {
+            start_events(&mut waiting, &mut events, &mut in_flight);
+            match in_flight.join_next_with_id().await {
+                Some(r) => ended(task_id(&r), &mut waiting, &mut events),
+                None => break,
+            }
+        }
+    })
+    .await;
     let finished = drained.is_ok();
     if !finished {
         tracing::warn!(
             abandoned = in_flight.len(),
+            not_started = waiting.len(),
             "push worker stopped with pushes still in flight after {STOP_GRACE:?}"
         );
         in_flight.abort_all();
@@ -518,18 +595,35 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Cmd>)
     }
 }
 
+/// The id of the task a `join_next_with_id` answer is about, ended or panicked.
+fn task_id(r: &Result<(tokio::task::Id, ()), tokio::task::JoinError>) -> tokio::task::Id {
+    match r {
+        Ok((id, ())) => *id,
+        Err(e) => e.id(),
+    }
+}
+
 /// Trailing pushes one poll takes at most.
 const TAKE_DUE_BATCH: usize = 256;
 
-/// Pauses before the device lookup of an event is tried again after the store failed it (a
-/// pool timeout under load, a failover): the event is the wallet's only wake-up, and a later
-/// event may never come.
-const DEVICE_LOOKUP_RETRIES: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(2)];
+/// The pause before the device lookup of an event is tried again after the store failed it
+/// the `retry`th time (from 1; a pool timeout under load, a failover, an outage): 0.5 s, then
+/// twice the last, at most 30 s, for [`DEVICE_LOOKUP_RETRIES`] retries (about 3.5 minutes in
+/// all). The event is
+/// the wallet's only wake-up, and a later event may never come; meanwhile the wallet's later
+/// events fold into one waiting behind it, so an outage holds one event per wallet.
+fn device_lookup_pause(retry: u32) -> Duration {
+    let ms = 500u64.saturating_mul(2u64.saturating_pow(retry.saturating_sub(1)));
+    Duration::from_millis(ms.min(30_000))
+}
+
+/// Device lookups of one event the store may fail, after the first, before the event gives up.
+const DEVICE_LOOKUP_RETRIES: u32 = 12;
 
 /// One queued event: a wallet with a device registration gets a push now, or the event is
 /// folded into its window's trailing push (the window is shared by every node).
 async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant, unless_pushed_since_ms: Option<i64>) {
-    let mut retries = DEVICE_LOOKUP_RETRIES.iter();
+    let mut retries = 0u32;
     let device = loop {
         let found = {
             let Ok(_turn) = ctx.lookups.acquire().await else { return };
@@ -539,18 +633,18 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant, unless_pushed_since_m
             Ok(Some(d)) => break d,
             Ok(None) => return,
             // Only an unavailable store may answer later; a record it cannot read will not.
-            Err(e @ crate::store::StoreError::Unavailable(_)) => match retries.next() {
-                Some(pause) => {
-                    tracing::debug!(connection = %conn, "device lookup failed, tried again in {pause:?}: {e}");
-                    ctx.metrics.count("store", "retry");
-                    tokio::time::sleep(*pause).await;
-                }
-                None => {
-                    tracing::warn!(connection = %conn, "push skipped: store unavailable: {e}");
-                    ctx.metrics.count("store", "gave_up");
-                    return;
-                }
-            },
+            Err(e @ crate::store::StoreError::Unavailable(_)) if retries < DEVICE_LOOKUP_RETRIES => {
+                retries += 1;
+                let pause = device_lookup_pause(retries);
+                tracing::debug!(connection = %conn, "device lookup failed, tried again in {pause:?}: {e}");
+                ctx.metrics.count("store", "retry");
+                tokio::time::sleep(pause).await;
+            }
+            Err(e @ crate::store::StoreError::Unavailable(_)) => {
+                tracing::warn!(connection = %conn, "push skipped: store unavailable: {e}");
+                ctx.metrics.count("store", "gave_up");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(connection = %conn, "push skipped: device not read: {e}");
                 ctx.metrics.count("store", "failed");
