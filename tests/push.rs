@@ -284,6 +284,49 @@ async fn retries_honour_retry_after_then_succeed() {
     );
 }
 
+/// A push the provider keeps failing (503 on its only try) is not given up: its claim is left
+/// to run out and a poll takes the push again then, and sends it. Before, out of tries, the
+/// claim was ended and the wallet woken by nothing until its next message.
+#[actix_rt::test]
+async fn a_push_the_provider_kept_failing_is_sent_again_once_its_claim_ran_out() {
+    let si = StandIn::start();
+    let mut pc = si.push_config(60, &["proj-a"], false);
+    pc.max_attempts = 1;
+    pc.timeout_ms = 1000;
+    // 1 try × 2 requests × 1 s + 5 s.
+    let claim = mailroom::push::claim_length(&pc.load().unwrap());
+    assert_eq!(claim, Duration::from_secs(7));
+    si.state.script(
+        "fcm:proj-a",
+        vec![Reply::new(
+            503,
+            json!({"error": {"code": 503, "status": "UNAVAILABLE"}}),
+        )],
+    );
+    let (_dir, n, _store) = EventAnswerLost::node(pc, false).await;
+    let (a, k, _) = registered_wallet(&n, "kept-failing").await;
+    let sent = Instant::now();
+    forward(&n, &a, &k, "x").await;
+    let hits = wait_hits(&si, "fcm:", 2).await;
+    assert_clean(&hits);
+    assert_eq!((hits[0].status, hits[1].status), (503, 200));
+    assert!(
+        hits[1].at.duration_since(sent) >= claim - Duration::from_secs(1),
+        "taken again {:?} after the forward: before its claim ran out",
+        hits[1].at.duration_since(sent)
+    );
+    assert_eq!(hits[1].body["message"]["data"]["message_count"], "1");
+    let results = |r: &'static str| {
+        let n = &n;
+        async move { metric(n, &format!("mailroom_push_total{{provider=\"fcm\",result=\"{r}\"}}")).await }
+    };
+    assert_eq!(results("gave_up").await, 1.0);
+    eventually("sent counted", || async {
+        (results("sent").await == 1.0).then_some(())
+    })
+    .await;
+}
+
 /// FCM UNREGISTERED and APNs 410 make the mediator forget the token.
 #[actix_rt::test]
 async fn dead_tokens_are_forgotten() {

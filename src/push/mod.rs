@@ -16,7 +16,8 @@
 //! whose event it is, in the same step as the window's; every node polls for due trailing
 //! pushes, each taken by one node ([`crate::store::Store::push_take_due`]). The claim ends once
 //! the push is sent or given up for good ([`crate::store::Store::push_done`]); a claim that
-//! runs out first (its node died, was stopped mid-push, or could not read the registration) is
+//! runs out first (its node died, was stopped mid-push, could not read the registration, or
+//! the provider kept failing past `max_attempts` or asked for a wait past `retry_max_ms`) is
 //! taken again by any node's poll, so a node that dies leaves its pushes to the others. Without
 //! a window (`min_interval_secs = 0`) nothing is kept in the store and nothing claimed. A node
 //! whose window call fails pushes at once; the claim's token is made before the call, so that
@@ -751,9 +752,10 @@ async fn claimed_push(
 #[derive(Debug, PartialEq, Eq)]
 enum Ended {
     /// Sent, nothing to send (a session, no registration, no mail), or given up for good (the
-    /// provider refused it, called the token dead, or kept failing past the tries).
+    /// provider refused it or called the token dead).
     ForGood,
-    /// Not sent for a reason that may pass (the store did not answer, the budget ran out).
+    /// Not sent for a reason that may pass (the store did not answer, the budget ran out, the
+    /// provider kept failing past the tries).
     Unsent,
 }
 
@@ -838,17 +840,38 @@ async fn push_one(ctx: &Ctx, conn: &str, at: Instant, read_before: Option<Device
             None if ctx.settings.webhook.is_none() => {
                 ctx.metrics.count(device.service.as_str(), "no_provider");
                 tracing::debug!(connection = %conn, service = device.service.as_str(), "no provider configured for this device");
+                Tried::Done
             }
-            None => {}
+            None => Tried::Done,
         }
     };
     let hook = async {
-        if ctx.settings.webhook.is_some() {
-            with_retries(ctx, "webhook", &ev, at).await;
+        match ctx.settings.webhook {
+            Some(_) => with_retries(ctx, "webhook", &ev, at).await,
+            None => Tried::Done,
         }
     };
-    futures_util::join!(main, hook);
-    Ended::ForGood
+    let (main, hook) = futures_util::join!(main, hook);
+    // The webhook decides only when it is the wallet's one channel: beside a provider that took
+    // the push, taking it again would push the wallet twice.
+    let tried = if provider.is_some() { main } else { hook };
+    match tried {
+        Tried::Done => Ended::ForGood,
+        // The provider kept failing for reasons that may pass (429, 5xx, no answer), or asked
+        // for a wait past `retry_max_ms`: the wake-up is not given up, its claim is left to run
+        // out and a node's poll takes the push again then ([`claim_length`] after it was
+        // claimed; without a window there is no claim, and the wallet's next event pushes).
+        Tried::GaveUp => Ended::Unsent,
+    }
+}
+
+/// How a provider's tries ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Tried {
+    /// Sent, or refused for good (a dead token, a request it will never take).
+    Done,
+    /// Out of tries on failures that may pass, or told to wait past `retry_max_ms`.
+    GaveUp,
 }
 
 async fn try_once(ctx: &Ctx, provider: &str, ev: &Event) -> Outcome {
@@ -865,7 +888,7 @@ async fn try_once(ctx: &Ctx, provider: &str, ev: &Event) -> Outcome {
     }
 }
 
-async fn with_retries(ctx: &Ctx, provider: &str, ev: &Event, at: Instant) {
+async fn with_retries(ctx: &Ctx, provider: &str, ev: &Event, at: Instant) -> Tried {
     let s = &ctx.settings;
     let mut attempt = 0;
     loop {
@@ -880,7 +903,7 @@ async fn with_retries(ctx: &Ctx, provider: &str, ev: &Event, at: Instant) {
                     })
                     .observe(at.elapsed().as_secs_f64());
                 tracing::debug!(connection = %ev.conn, provider, count = ev.count, "push sent");
-                return;
+                return Tried::Done;
             }
             Outcome::Dead(reason) => {
                 ctx.metrics.count(provider, "dead_token");
@@ -893,12 +916,12 @@ async fn with_retries(ctx: &Ctx, provider: &str, ev: &Event, at: Instant) {
                     Ok(false) => {}
                     Err(e) => tracing::warn!(connection = %ev.conn, "dead device token not forgotten: {e}"),
                 }
-                return;
+                return Tried::Done;
             }
             Outcome::Failed(reason) => {
                 ctx.metrics.count(provider, "failed");
                 tracing::warn!(connection = %ev.conn, provider, "push failed: {reason}");
-                return;
+                return Tried::Done;
             }
             Outcome::Retry { retry_after_ms, reason } => {
                 let jitter: f64 = rand::random();
@@ -917,8 +940,8 @@ async fn with_retries(ctx: &Ctx, provider: &str, ev: &Event, at: Instant) {
                     }
                     None => {
                         ctx.metrics.count(provider, "gave_up");
-                        tracing::warn!(connection = %ev.conn, provider, attempt, "push given up: {reason}");
-                        return;
+                        tracing::warn!(connection = %ev.conn, provider, attempt, "push given up for now: {reason}");
+                        return Tried::GaveUp;
                     }
                 }
             }
