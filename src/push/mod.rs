@@ -54,7 +54,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -201,7 +201,8 @@ pub struct PushMetrics {
     /// Wallets whose event waits for its turn in the worker (the worker runs at most
     /// `max_in_flight` + 16 events, one per wallet, and folds a wallet's repeats meanwhile).
     pub waiting: Gauge,
-    /// Events folded into a trailing push.
+    /// Events folded into another push of their wallet (one sent at once, a trailing one, or
+    /// one another node sent since).
     pub coalesced: Counter,
     /// Tokens forgotten because the provider called them dead.
     pub dropped_tokens: Counter,
@@ -251,7 +252,7 @@ impl PushMetrics {
         );
         r.register(
             "push_coalesced",
-            "Queued messages folded into a wallet's trailing push, or into a push another node sent since",
+            "Queued messages folded into another push of their wallet: one sent at once, a trailing one, or one another node sent since",
             self.coalesced.clone(),
         );
         r.register(
@@ -479,7 +480,6 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
         }
     };
     let window = settings.min_interval_ms;
-    let claim_ms = ctx.claim_ms;
     // Windows idle this long are forgotten.
     let keep_ms = window.saturating_mul(2).max(deps.keep_windows_ms);
     // Trailing pushes are due at most this late (any node's poll may take them).
@@ -495,92 +495,52 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
     // Every push this worker starts, so that a stop can let them finish. Events wait in
     // `waiting` (one per wallet) until fewer than `running_max` run: a flood of events is
     // bounded there and in the channel, not in tasks waiting on the store or a send slot.
-    let mut in_flight: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
+    let mut in_flight: tokio::task::JoinSet<Next> = tokio::task::JoinSet::new();
     let mut waiting = waiting::Waiting::default();
     let running_max = events_running_max(&settings);
-    // The wallet of each event task, by task id (a task that panicked is known by its id only).
-    let mut events: HashMap<tokio::task::Id, String> = HashMap::new();
-    let start_events = |waiting: &mut waiting::Waiting,
-                        events: &mut HashMap<tokio::task::Id, String>,
-                        in_flight: &mut tokio::task::JoinSet<()>| {
-        while waiting.running() < running_max {
-            let Some((conn, p)) = waiting.next() else { break };
-            let task = in_flight.spawn_local(on_event(ctx.clone(), conn.clone(), p.at, p.unless_pushed_since_ms));
-            events.insert(task.id(), conn);
-        }
-    };
-    let ended = |id: tokio::task::Id, waiting: &mut waiting::Waiting, events: &mut HashMap<tokio::task::Id, String>| {
-        if let Some(conn) = events.remove(&id) {
-            waiting.done(&conn);
-        }
-    };
+    let claimed_max = settings.max_in_flight + CLAIMED_WAITING_MAX;
+    let mut tasks = Tasks::default();
     let done = loop {
-        start_events(&mut waiting, &mut events, &mut in_flight);
+        tasks.start_events(&ctx, &mut waiting, running_max, &mut in_flight);
         ctx.metrics.waiting.set(waiting.len() as i64);
         tokio::select! {
             stop = stop_rx.recv() => break stop,
             ev = rx.recv(), if waiting.len() < WAITING_MAX => match ev {
                 None => break None,
                 Some(q) => {
-                    let p = waiting::Pending { at: q.at, unless_pushed_since_ms: q.unless_pushed_since_ms };
-                    if waiting.add(q.conn, p) {
-                        ctx.metrics.coalesced.inc();
-                    }
+                    let p = q.pending();
+                    waiting.add(q.conn, p);
                 }
             },
             Some(r) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
-                ended(task_id(&r), &mut waiting, &mut events);
+                tasks.ended(&ctx, r, &mut waiting, claimed_max, &mut in_flight);
             }
-            _ = poll.tick(), if window > 0 => {
-                // A claim runs from the take: take only pushes that start at once, each with a
-                // free slot held from before the take (none free: only the idle windows go).
-                let mut slots = Vec::new();
-                while slots.len() < TAKE_DUE_BATCH {
-                    match ctx.slots.clone().try_acquire_owned() {
-                        Ok(p) => slots.push(p),
-                        Err(_) => break,
-                    }
-                }
-                // The claim runs from `now`, the push's budget from `taken`, both read before
-                // the take: a slow take shortens the budget, never outlasts the claim.
-                let taken = tokio::time::Instant::now();
-                let now = crate::protocols::now_ms();
-                let due = ctx
-                    .store
-                    .push_take_due(now, now.saturating_add(claim_ms), now.saturating_sub(keep_ms), slots.len())
-                    .await;
-                match due {
-                    Ok(due) => {
-                        for (claim, slot) in due.into_iter().zip(slots) {
-                            in_flight.spawn_local(claimed_push(ctx.clone(), claim, slot, taken, Instant::now(), None));
-                        }
-                    }
-                    Err(e) => tracing::warn!("push: trailing pushes not polled: {e}"),
-                }
+            // One poll at a time, in a task of its own: it waits for a send slot in line with
+            // the immediate pushes (a slot taken only when free would go to them first for as
+            // long as they keep coming, and the trailing pushes wait without end).
+            _ = poll.tick(), if window > 0 && tasks.poller.is_none() => {
+                let task = in_flight.spawn_local(poll_due(ctx.clone(), keep_ms));
+                tasks.poller = Some(task.id());
             }
         }
     };
     // The events handed over before the stop are handled too, as room frees, within the grace.
     rx.close();
     while let Ok(q) = rx.try_recv() {
-        let p = waiting::Pending {
-            at: q.at,
-            unless_pushed_since_ms: q.unless_pushed_since_ms,
-        };
-        if waiting.add(q.conn, p) {
-            ctx.metrics.coalesced.inc();
-        }
+        let p = q.pending();
+        waiting.add(q.conn, p);
     }
     let drained = tokio::time::timeout(STOP_GRACE, async {
         loop {
-            start_events(&mut waiting, &mut events, &mut in_flight);
+            tasks.start_events(&ctx, &mut waiting, running_max, &mut in_flight);
             match in_flight.join_next_with_id().await {
-                Some(r) => ended(task_id(&r), &mut waiting, &mut events),
+                Some(r) => tasks.ended(&ctx, r, &mut waiting, claimed_max, &mut in_flight),
                 None => break,
             }
         }
     })
     .await;
+    ctx.metrics.waiting.set(waiting.len() as i64);
     let finished = drained.is_ok();
     if !finished {
         tracing::warn!(
@@ -596,11 +556,98 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
     }
 }
 
-/// The id of the task a `join_next_with_id` answer is about, ended or panicked.
-fn task_id(r: &Result<(tokio::task::Id, ()), tokio::task::JoinError>) -> tokio::task::Id {
-    match r {
-        Ok((id, ())) => *id,
-        Err(e) => e.id(),
+impl Queued {
+    fn pending(&self) -> waiting::Pending {
+        waiting::Pending {
+            at: self.at,
+            unless_pushed_since_ms: self.unless_pushed_since_ms,
+            folded: 0,
+        }
+    }
+}
+
+/// The worker's tasks that count against a bound, by task id (a task that panicked is known
+/// by its id only): events in their turn, and claimed pushes waiting for a slot or being sent.
+#[derive(Default)]
+struct Tasks {
+    /// The wallet of each event task.
+    events: HashMap<tokio::task::Id, String>,
+    claimed: HashSet<tokio::task::Id>,
+    /// The poll for trailing pushes under way.
+    poller: Option<tokio::task::Id>,
+}
+
+type JoinAnswer = Result<(tokio::task::Id, Next), tokio::task::JoinError>;
+
+impl Tasks {
+    /// Starts the waiting events that may start, while fewer than `running_max` run.
+    fn start_events(
+        &mut self,
+        ctx: &Rc<Ctx>,
+        waiting: &mut waiting::Waiting,
+        running_max: usize,
+        in_flight: &mut tokio::task::JoinSet<Next>,
+    ) {
+        while waiting.running() < running_max {
+            let Some((conn, p)) = waiting.next() else { break };
+            let ctx = ctx.clone();
+            let event = conn.clone();
+            let task = in_flight.spawn_local(async move {
+                match on_event(ctx, event, p).await {
+                    Some(c) => Next::Claimed(c),
+                    None => Next::Nothing,
+                }
+            });
+            self.events.insert(task.id(), conn);
+        }
+    }
+
+    /// A task ended: an event frees its wallet's place, and the push it claimed, if any, waits
+    /// for its slot in a task of its own (at most `claimed_max` such; past it, left to its
+    /// claim); the trailing pushes a poll took start.
+    fn ended(
+        &mut self,
+        ctx: &Rc<Ctx>,
+        r: JoinAnswer,
+        waiting: &mut waiting::Waiting,
+        claimed_max: usize,
+        in_flight: &mut tokio::task::JoinSet<Next>,
+    ) {
+        let (id, next) = match r {
+            Ok((id, next)) => (id, next),
+            Err(e) => (e.id(), Next::Nothing),
+        };
+        if let Some(conn) = self.events.remove(&id) {
+            waiting.done(&conn);
+        }
+        self.claimed.remove(&id);
+        if self.poller == Some(id) {
+            self.poller = None;
+        }
+        let c = match next {
+            Next::Nothing => return,
+            Next::Claimed(c) => c,
+            Next::Due { due, taken } => {
+                for (claim, slot) in due {
+                    let push = claimed_push(ctx.clone(), claim, slot, taken, Instant::now(), None);
+                    in_flight.spawn_local(async move {
+                        push.await;
+                        Next::Nothing
+                    });
+                }
+                return;
+            }
+        };
+        if self.claimed.len() >= claimed_max {
+            tracing::warn!(connection = %c.claim.conn, "too many pushes waiting for a slot: this one left to its claim");
+            return;
+        }
+        let ctx = ctx.clone();
+        let task = in_flight.spawn_local(async move {
+            wait_and_push(ctx, c).await;
+            Next::Nothing
+        });
+        self.claimed.insert(task.id());
     }
 }
 
@@ -621,18 +668,102 @@ fn device_lookup_pause(retry: u32) -> Duration {
 /// Device lookups of one event the store may fail, after the first, before the event gives up.
 const DEVICE_LOOKUP_RETRIES: u32 = 12;
 
-/// One queued event: a wallet with a device registration gets a push now, or the event is
-/// folded into its window's trailing push (the window is shared by every node).
-async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant, unless_pushed_since_ms: Option<i64>) {
+/// An immediate push an event claimed in the store ([`PushSlot::Now`]), to be sent by a task
+/// of its own once a send slot frees ([`wait_and_push`]): the event's place in the worker is
+/// free by then. Its claim outlives it, so one abandoned (a stop, too many waiting) is taken
+/// again by a node's poll once the claim ran out.
+struct Claimed {
+    claim: PushClaim,
+    device: Device,
+    taken: tokio::time::Instant,
+    at: Instant,
+}
+
+/// Claimed pushes waiting for a send slot, at most; past it a claimed push is left to its claim
+/// (a node's poll sends it once the claim ran out).
+const CLAIMED_WAITING_MAX: usize = 8_192;
+
+/// What a worker task leaves for the worker to start.
+enum Next {
+    Nothing,
+    /// An event's immediate push, to wait for its slot.
+    Claimed(Claimed),
+    /// Trailing pushes a poll took, each with its slot, their budget running from `taken`.
+    Due {
+        due: Vec<(PushClaim, tokio::sync::OwnedSemaphorePermit)>,
+        taken: tokio::time::Instant,
+    },
+}
+
+/// Takes the trailing pushes that are due, as many as there are free send slots, waiting in
+/// line for the first slot. A claim runs from the take: only pushes that start at once are
+/// taken, each with its slot held from before the take. The idle windows (`keep_ms`) go too.
+async fn poll_due(ctx: Rc<Ctx>, keep_ms: i64) -> Next {
+    let Ok(first) = ctx.slots.clone().acquire_owned().await else {
+        return Next::Nothing;
+    };
+    let mut slots = vec![first];
+    while slots.len() < TAKE_DUE_BATCH {
+        match ctx.slots.clone().try_acquire_owned() {
+            Ok(p) => slots.push(p),
+            Err(_) => break,
+        }
+    }
+    // The claim runs from `now`, the push's budget from `taken`, both read before the take: a
+    // slow take shortens the budget, never outlasts the claim.
+    let taken = tokio::time::Instant::now();
+    let now = crate::protocols::now_ms();
+    let due = ctx
+        .store
+        .push_take_due(
+            now,
+            now.saturating_add(ctx.claim_ms),
+            now.saturating_sub(keep_ms),
+            slots.len(),
+        )
+        .await;
+    match due {
+        Ok(due) => Next::Due {
+            due: due.into_iter().zip(slots).collect(),
+            taken,
+        },
+        Err(e) => {
+            tracing::warn!("push: trailing pushes not polled: {e}");
+            Next::Nothing
+        }
+    }
+}
+
+/// Waits for a send slot within the push's budget, then sends the push ([`claimed_push`]).
+async fn wait_and_push(ctx: Rc<Ctx>, c: Claimed) {
+    let budget = push_budget(&ctx.settings);
+    let Ok(Ok(slot)) = tokio::time::timeout_at(c.taken + budget, ctx.slots.clone().acquire_owned()).await else {
+        // Not started within its budget (or the worker stops): its claim runs out and a node
+        // takes the push then.
+        tracing::warn!(connection = %c.claim.conn, "push not started within its budget: left to its claim");
+        return;
+    };
+    claimed_push(ctx, c.claim, slot, c.taken, c.at, Some(c.device)).await;
+}
+
+/// One waiting event (`p`, folded from `p.folded + 1` queued events): a wallet with a device
+/// registration gets a push now (returned as [`Claimed`] with a window, sent here without),
+/// or the event is folded into its window's trailing push (the window is shared by every
+/// node). Returns once the store has answered, with a window: the push then waits for its
+/// send slot outside the worker's places.
+async fn on_event(ctx: Rc<Ctx>, conn: String, p: waiting::Pending) -> Option<Claimed> {
+    let at = p.at;
     let mut retries = 0u32;
     let device = loop {
         let found = {
-            let Ok(_turn) = ctx.lookups.acquire().await else { return };
+            let Ok(_turn) = ctx.lookups.acquire().await else {
+                return None;
+            };
             ctx.store.device_of(&conn).await
         };
         match found {
             Ok(Some(d)) => break d,
-            Ok(None) => return,
+            Ok(None) => return None,
             // Only an unavailable store may answer later; a record it cannot read will not.
             Err(e @ crate::store::StoreError::Unavailable(_)) if retries < DEVICE_LOOKUP_RETRIES => {
                 retries += 1;
@@ -644,61 +775,66 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant, unless_pushed_since_m
             Err(e @ crate::store::StoreError::Unavailable(_)) => {
                 tracing::warn!(connection = %conn, "push skipped: store unavailable: {e}");
                 ctx.metrics.count("store", "gave_up");
-                return;
+                return None;
             }
             Err(e) => {
                 tracing::warn!(connection = %conn, "push skipped: device not read: {e}");
                 ctx.metrics.count("store", "failed");
-                return;
+                return None;
             }
         }
     };
+    // The events folded into this one go out with its push (or its window's trailing push).
+    let folded = || ctx.metrics.coalesced.inc_by(p.folded);
     let window = ctx.settings.min_interval_ms;
     if window == 0 {
-        // No window, so nothing in the store to claim the push with.
+        // No window, so nothing in the store to claim the push with: sent here.
         let Ok(_slot) = ctx.slots.acquire().await else {
-            return;
+            return None;
         };
+        folded();
         push_one(&ctx, &conn, at, Some(device)).await;
-        return;
+        return None;
     }
     // The claim runs from `now`, the push's budget from `taken`, both read before the event is
     // recorded: waiting for a slot shortens the budget, never outlasts the claim.
-    let Ok(turn) = ctx.lookups.acquire().await else { return };
+    let Ok(turn) = ctx.lookups.acquire().await else {
+        return None;
+    };
     let taken = tokio::time::Instant::now();
     let now = crate::protocols::now_ms();
     let new_claim = NewClaim::until(now.saturating_add(ctx.claim_ms));
     let recorded = ctx
         .store
-        .push_event(&conn, now, window, new_claim, unless_pushed_since_ms)
+        .push_event(&conn, now, window, new_claim, p.unless_pushed_since_ms)
         .await;
     drop(turn);
     match recorded {
         Ok(PushSlot::Now) => {
+            folded();
             let claim = PushClaim {
                 conn,
                 token: new_claim.token,
             };
-            let Ok(Ok(slot)) =
-                tokio::time::timeout_at(taken + push_budget(&ctx.settings), ctx.slots.clone().acquire_owned()).await
-            else {
-                // Not started within its budget (or the worker stops): its claim runs out and
-                // a node takes the push then.
-                tracing::warn!(connection = %claim.conn, "push not started within its budget: left to its claim");
-                return;
-            };
-            claimed_push(ctx, claim, slot, taken, at, Some(device)).await;
+            return Some(Claimed {
+                claim,
+                device,
+                taken,
+                at,
+            });
         }
         Ok(PushSlot::Trailing { .. }) | Ok(PushSlot::PushedSince) => {
             ctx.metrics.coalesced.inc();
+            folded();
         }
         Err(e) => {
             // Better a push too many than a wallet left asleep.
             tracing::warn!(connection = %conn, "push window unavailable, pushing: {e}");
             ctx.metrics.window_unavailable.inc();
             let Ok(slot) = ctx.slots.acquire().await else {
-                return;
+                return None;
             };
+            folded();
             let ended = push_one(&ctx, &conn, at, Some(device)).await;
             drop(slot);
             // The event may have been recorded all the same (a commit whose answer was lost):
@@ -711,6 +847,7 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, at: Instant, unless_pushed_since_m
             }
         }
     }
+    None
 }
 
 /// A push this node claimed (a trailing one from [`crate::store::Store::push_take_due`],

@@ -21,6 +21,8 @@ pub struct Pending {
     pub at: Instant,
     /// Push only if the wallet was not pushed at or after this (ms): `None` pushes.
     pub unless_pushed_since_ms: Option<i64>,
+    /// Events folded into it besides the first.
+    pub folded: u64,
 }
 
 impl Pending {
@@ -28,6 +30,7 @@ impl Pending {
     /// unconditionally, else the later bound: a push at or after it covers both).
     fn fold(&mut self, later: Pending) {
         self.at = self.at.min(later.at);
+        self.folded += 1 + later.folded;
         self.unless_pushed_since_ms = match (self.unless_pushed_since_ms, later.unless_pushed_since_ms) {
             (Some(a), Some(b)) => Some(a.max(b)),
             _ => None,
@@ -96,7 +99,12 @@ mod tests {
         Pending {
             at,
             unless_pushed_since_ms: since,
+            folded: 0,
         }
+    }
+
+    fn folded(p: Pending, n: u64) -> Pending {
+        Pending { folded: n, ..p }
     }
 
     #[test]
@@ -109,8 +117,8 @@ mod tests {
         assert_eq!(w.len(), 2);
         assert_eq!(
             w.next(),
-            Some(("a".into(), ev(t, None))),
-            "first come, earliest time kept"
+            Some(("a".into(), folded(ev(t, None), 1))),
+            "first come, earliest time kept, one folded"
         );
         let t2 = t + Duration::from_secs(2);
         assert!(
@@ -124,7 +132,7 @@ mod tests {
         w.done("b");
         assert_eq!(w.next(), None);
         w.done("a");
-        assert_eq!(w.next(), Some(("a".into(), ev(t2, None))));
+        assert_eq!(w.next(), Some(("a".into(), folded(ev(t2, None), 1))));
         w.done("a");
         assert_eq!((w.next(), w.len(), w.running()), (None, 0, 0));
         w.done("a");
