@@ -852,34 +852,24 @@ async fn node_dialing_ghost(ghost: SocketAddr) -> (ClusterHandle, mpsc::Receiver
     (ClusterHandle::start(cfg, l, tx).await.unwrap(), ev, max)
 }
 
-/// Runs `leave` while the ghost completes the handshake n1 is in (`role` is the ghost's):
-/// returns the first frame n1 sends on the link.
-async fn leave_during_handshake(n1: &ClusterHandle, s: TcpStream, role: handshake::Role, max: usize) -> Frame {
-    // n1 is in its handshake once it has written its `Hello`.
-    s.peek(&mut [0u8; 1]).await.unwrap();
+/// Polls `leave` once: n1 has begun to leave (the timer is polled after the future), and
+/// returns the rest of it.
+async fn begin_leave(n1: &ClusterHandle) -> std::pin::Pin<Box<impl std::future::Future<Output = ()> + '_>> {
     let mut leaving = Box::pin(n1.leave());
-    // One poll: n1 has begun to leave (the timer is polled after the future).
     assert!(
         tokio::time::timeout(Duration::ZERO, &mut leaving).await.is_err(),
-        "leave waits for the handshake under way"
+        "leave is not over at its first poll"
     );
-    let local = handshake::Local {
+    leaving
+}
+
+fn ghost_local(max: usize) -> handshake::Local<'static> {
+    handshake::Local {
         cluster: "test",
         node: "ghost",
         secret: b"s3cret",
         max_frame: max,
-    };
-    let ghost = async {
-        let expected = (role == handshake::Role::Dialer).then_some("n1");
-        let mut link = link::open(s, &local, role, expected, |n| n == "n1")
-            .await
-            .expect("the handshake under way when n1 began to leave completes");
-        tokio::time::timeout(WAIT, link.reader.read_frame())
-            .await
-            .expect("n1 sends a frame or closes")
-    };
-    let ((), frame) = tokio::join!(leaving, ghost);
-    frame.expect("a frame").expect("n1 closed the link without a frame")
+    }
 }
 
 /// A link still in its handshake when the node leaves carries the `Leave` once it is up. When
@@ -892,15 +882,34 @@ async fn a_link_the_node_dialled_before_it_left_carries_the_leave() {
     let ghost = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (n1, _ev, max) = node_dialing_ghost(ghost.local_addr().unwrap()).await;
     let (s, _) = ghost.accept().await.unwrap();
-    let f = leave_during_handshake(&n1, s, handshake::Role::Acceptor, max).await;
+    // n1 is in its handshake once it has written its `Hello`.
+    s.peek(&mut [0u8; 1]).await.unwrap();
+    let leaving = begin_leave(&n1).await;
+    let local = ghost_local(max);
+    let ghost = async {
+        let mut link = link::open(s, &local, handshake::Role::Acceptor, None, |n| n == "n1")
+            .await
+            .expect("the handshake under way when n1 began to leave completes");
+        tokio::time::timeout(WAIT, link.reader.read_frame())
+            .await
+            .expect("n1 sends a frame or closes")
+    };
+    let ((), frame) = tokio::join!(leaving, ghost);
+    let f = frame.expect("a frame").expect("n1 closed the link without a frame");
     assert_eq!(f, Frame::Leave);
 }
 
-/// The same for a link the peer dialled, its handshake ending after the leave began.
+/// A peer whose `Hello` reaches the node after it began to leave is refused: it can install no
+/// link the node would then leave without a word. Before, the handshake completed and the
+/// node dropped the link silently; the peer found it down only at its failure timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_link_the_peer_dialled_before_the_node_left_carries_the_leave() {
+async fn a_peer_saying_hello_after_the_node_began_to_leave_is_refused() {
     let (n1, _ev, addr, max) = node_with_ghost(1024, |_| {}).await;
     let s = TcpStream::connect(addr).await.unwrap();
-    let f = leave_during_handshake(&n1, s, handshake::Role::Dialer, max).await;
-    assert_eq!(f, Frame::Leave);
+    s.peek(&mut [0u8; 1]).await.unwrap();
+    let leaving = begin_leave(&n1).await;
+    let local = ghost_local(max);
+    let ghost = link::open(s, &local, handshake::Role::Dialer, Some("n1"), |n| n == "n1");
+    let ((), opened) = tokio::join!(leaving, ghost);
+    assert!(opened.is_err(), "a link was opened with a node that left");
 }

@@ -373,8 +373,9 @@ impl Drop for ShutdownOnDrop {
 }
 
 /// How long `leave` waits for peers to be told (links open, and handshakes that may yet bring
-/// one up), and `shutdown` for tasks to end.
+/// one up).
 const LEAVE_GRACE: Duration = Duration::from_secs(2);
+/// How long `shutdown` waits for the cluster's tasks to end.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 impl ClusterHandle {
@@ -638,7 +639,7 @@ impl ClusterHandle {
             .await
             .is_err()
             {
-                tracing::warn!("not every peer acknowledged our leave in time");
+                tracing::warn!("links or handshakes still open when the leave's grace ran out");
                 break;
             }
         }
@@ -698,5 +699,22 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("peer_queue"));
         c.peer_queue = ClusterConfig::MAX_PEER_QUEUE;
         assert!(c.validate().is_ok());
+    }
+
+    /// A socket that sits silent on the cluster port, or a peer whose address takes no
+    /// connection, is no handshake a leave waits for: only one whose `Hello` named a configured
+    /// peer, or a dial that reached its peer, is counted.
+    #[tokio::test]
+    async fn a_silent_socket_is_no_handshake_a_leave_waits_for() {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, _rx) = mpsc::channel(16);
+        let h = ClusterHandle::start(cfg(), l, tx).await.unwrap();
+        let mut stranger = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // n1 took the socket and began its side: it wrote its `Hello`.
+        stranger.read_exact(&mut [0u8; 1]).await.unwrap();
+        assert_eq!(h.shared.handshakes(), 0);
+        h.shutdown().await;
     }
 }

@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 
 use super::admission::{Admission, Admit};
 use super::link_task::run_link;
-use super::{bump, Shared, BACKOFF_CAP, BACKOFF_START, MAX_PENDING_HANDSHAKES};
+use super::{bump, Handshaking, Shared, BACKOFF_CAP, BACKOFF_START, MAX_PENDING_HANDSHAKES};
 use crate::cluster::codec::CodecError;
 use crate::cluster::handshake::{self, Established, HandshakeError, Role};
 use crate::cluster::membership::MemberEvent;
@@ -39,13 +39,9 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 continue;
             }
         };
-        let counted = {
-            let st = shared.state.lock();
-            if st.left {
-                continue; // dropped: we are leaving
-            }
-            shared.handshaking()
-        };
+        if shared.state.lock().left {
+            continue; // dropped: we are leaving
+        }
         let source = addr.ip().to_canonical();
         let protected = shared
             .state
@@ -73,9 +69,19 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             let _ = stream.set_nodelay(true);
             let mut stream = stream;
             let (gen, secret) = me.secret();
+            // Counted (for `leave`) once the peer's `Hello` names a configured node, not while a
+            // stranger's socket sits silent.
+            let counted = Mutex::new(None);
             let res = {
                 let local = local_params(&me, &secret);
-                let check = |n: &str| me.state.lock().members.is_configured(n);
+                let check = |n: &str| {
+                    let st = me.state.lock();
+                    let ok = !st.left && st.members.is_configured(n);
+                    if ok {
+                        *counted.lock() = Some(me.handshaking());
+                    }
+                    ok
+                };
                 let handshake = tokio::time::timeout(
                     me.settings.handshake_timeout,
                     handshake::run(&mut stream, &local, Role::Acceptor, None, check),
@@ -90,6 +96,8 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             match res {
                 Ok(Established { peer, channel }) => {
                     debug!(%addr, peer = %peer, "inbound cluster link authenticated");
+                    // Counted by `check`, which named this peer.
+                    let counted = counted.into_inner().unwrap_or_else(|| me.handshaking());
                     run_link(me, stream, channel, peer, false, gen, counted).await;
                 }
                 // A flood evicts many: counted, and not a warning each.
@@ -133,10 +141,10 @@ pub(super) async fn dial_loop(shared: Arc<Shared>, peer: String, mut stop: watch
             if slot.link.is_some() {
                 None
             } else {
-                Some((slot.addr, shared.handshaking()))
+                Some(slot.addr)
             }
         };
-        let Some((addr, counted)) = addr else {
+        let Some(addr) = addr else {
             // An inbound link serves this peer; re-check when a link ends.
             tokio::select! {
                 _ = shared.link_ended.notified() => {}
@@ -157,7 +165,7 @@ pub(super) async fn dial_loop(shared: Arc<Shared>, peer: String, mut stop: watch
             .members
             .handle(MemberEvent::DialAttempted { peer: peer.clone() }, Instant::now());
         match res {
-            Ok((stream, est, gen)) => {
+            Ok((stream, est, gen, counted)) => {
                 let t = Instant::now();
                 run_link(shared.clone(), stream, est.channel, peer.clone(), true, gen, counted).await;
                 // Only a link that held for a while proves the peer healthy; one that dies
@@ -167,7 +175,6 @@ pub(super) async fn dial_loop(shared: Arc<Shared>, peer: String, mut stop: watch
                 }
             }
             Err(e) => {
-                drop(counted); // not through the backoff below
                 shared.count_handshake_error(&e);
                 if e.is_auth_failure() || e.is_bad_input() {
                     warn!(peer = %peer, %addr, reason = %e, "cluster peer refused");
@@ -188,14 +195,28 @@ pub(super) async fn dial_loop(shared: Arc<Shared>, peer: String, mut stop: watch
 }
 
 /// A link to `peer` at `addr`, with the generation of the secret its handshake proved.
-async fn dial(shared: &Shared, peer: &str, addr: SocketAddr) -> Result<(TcpStream, Established, u64), HandshakeError> {
+/// The handshake is counted (for `leave`) from the TCP connect on: a peer that cannot be reached
+/// holds up no leave.
+async fn dial(
+    shared: &Arc<Shared>,
+    peer: &str,
+    addr: SocketAddr,
+) -> Result<(TcpStream, Established, u64, Handshaking), HandshakeError> {
     let fut = async {
         let mut stream = TcpStream::connect(addr).await.map_err(CodecError::from)?;
+        let counted = {
+            let st = shared.state.lock();
+            if st.left {
+                let left = std::io::Error::other("this node left the cluster");
+                return Err(CodecError::from(left).into());
+            }
+            shared.handshaking()
+        };
         let _ = stream.set_nodelay(true);
         let (gen, secret) = shared.secret();
         let local = local_params(shared, &secret);
         let est = handshake::run(&mut stream, &local, Role::Dialer, Some(peer), |n| n == peer).await?;
-        Ok((stream, est, gen))
+        Ok((stream, est, gen, counted))
     };
     tokio::time::timeout(shared.settings.handshake_timeout, fut)
         .await
