@@ -221,10 +221,32 @@ pub struct PushSettings {
     pub max_in_flight: usize,
 }
 
-fn check_url(what: &str, u: &str) -> Result<(), String> {
+/// Where a URL may be plain `http://`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Clear {
+    /// Anywhere (the webhook: its body is signed, and it may be a service of the operator's
+    /// own network).
+    Anywhere,
+    /// Only on this machine (a local stand-in): the URL is given a credential (the signed
+    /// grant of a service account, an access token, a provider token), which must not cross a
+    /// network in clear.
+    Loopback,
+}
+
+fn check_url(what: &str, u: &str, clear: Clear) -> Result<(), String> {
+    let loopback = |p: &url::Url| match p.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
+    };
     match url::Url::parse(u) {
-        Ok(p) if (p.scheme() == "https" || p.scheme() == "http") && p.host().is_some() => Ok(()),
-        _ => Err(format!("{what} {u:?} must be an https:// (or http://) URL")),
+        Ok(p) if p.scheme() == "https" && p.host().is_some() => Ok(()),
+        Ok(p) if p.scheme() == "http" && (clear == Clear::Anywhere || loopback(&p)) => Ok(()),
+        _ if clear == Clear::Anywhere => Err(format!("{what} {u:?} must be an https:// (or http://) URL")),
+        _ => Err(format!(
+            "{what} {u:?} must be an https:// URL (http:// only on this machine: it is given a credential)"
+        )),
     }
 }
 
@@ -266,7 +288,7 @@ pub fn parse_service_account(json: &str) -> Result<ServiceAccount, String> {
     let client_email = field("client_email")?;
     let private_key = field("private_key")?;
     let token_uri = field("token_uri")?;
-    check_url("token_uri", &token_uri)?;
+    check_url("token_uri", &token_uri, Clear::Loopback)?;
     jsonwebtoken::EncodingKey::from_rsa_pem(private_key.as_bytes())
         .map_err(|_| "`private_key` is not an RSA private key in PEM".to_string())?;
     Ok(ServiceAccount {
@@ -307,7 +329,7 @@ impl PushConfig {
             let what = format!("push.fcm[{i}].service_account");
             let json = read_source(&what, &f.service_account, &f.service_account_env)?;
             let account = parse_service_account(&json).map_err(|e| format!("{what}: {e}"))?;
-            check_url(&format!("push.fcm[{i}].base_url"), &f.base_url)?;
+            check_url(&format!("push.fcm[{i}].base_url"), &f.base_url, Clear::Loopback)?;
             if fcm
                 .iter()
                 .any(|p: &FcmProject| p.account.project_id == account.project_id)
@@ -344,7 +366,7 @@ impl PushConfig {
                         a.push_type
                     ));
                 }
-                check_url("push.apns.base_url", &a.base_url)?;
+                check_url("push.apns.base_url", &a.base_url, Clear::Loopback)?;
                 Some(ApnsCredentials {
                     key_pem: Secret(pem),
                     key_id: a.key_id.clone(),
@@ -360,7 +382,7 @@ impl PushConfig {
         let webhook = match &self.webhook {
             None => None,
             Some(w) => {
-                check_url("push.webhook.url", &w.url)?;
+                check_url("push.webhook.url", &w.url, Clear::Anywhere)?;
                 let secret = match (&w.secret, &w.secret_env) {
                     (Some(_), Some(_)) => return Err("push.webhook: set secret or secret_env, not both".into()),
                     (Some(s), None) => s.clone(),
@@ -426,6 +448,38 @@ mod tests {
             }
         }
         assert_eq!(n, 3, "one example per provider");
+    }
+
+    /// A URL given a credential (the grant, an access token) is https://, or http:// on this
+    /// machine only; the webhook's may be http:// anywhere.
+    #[test]
+    fn credentials_go_in_clear_to_this_machine_only() {
+        for ok in [
+            "https://oauth2.googleapis.com/token",
+            "http://127.0.0.1:8443/token",
+            "http://[::1]:1/t",
+            "http://localhost:9/t",
+        ] {
+            assert!(check_url("token_uri", ok, Clear::Loopback).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://oauth2.googleapis.com/token",
+            "http://10.0.0.5/token",
+            "ftp://127.0.0.1/t",
+            "https://",
+        ] {
+            let e = check_url("token_uri", bad, Clear::Loopback).unwrap_err();
+            assert!(e.contains("must be an https:// URL"), "{bad}: {e}");
+        }
+        assert!(check_url("push.webhook.url", "http://hooks.internal/x", Clear::Anywhere).is_ok());
+        let sa = |uri: &str| {
+            parse_service_account(&format!(
+                r#"{{"project_id":"p","client_email":"e@x","token_uri":"{uri}","private_key":"k"}}"#
+            ))
+        };
+        assert!(sa("http://oauth2.googleapis.com/token")
+            .unwrap_err()
+            .contains("https://"));
     }
 
     #[test]
