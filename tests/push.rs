@@ -858,6 +858,30 @@ async fn one_token_refresh_in_flight_and_renewal_before_expiry() {
     assert_clean(&si.state.hits(""));
 }
 
+/// While the token endpoint fails slowly (503 after 2 s), the pushes of five wallets waiting
+/// for the project's access token are answered the failure of the one request under way,
+/// instead of each making its own in turn behind the project's lock (five requests, 10 s).
+#[actix_rt::test]
+async fn a_failing_token_endpoint_is_asked_once_for_the_pushes_waiting_on_it() {
+    let si = StandIn::start();
+    let slow_503 = Reply::new(503, json!({"error": "unavailable"})).delayed(Duration::from_secs(2));
+    si.state.script("token", vec![slow_503; 5]);
+    let mut pc = si.push_config(0, &["proj-a"], false);
+    pc.max_attempts = 1;
+    let (_dir, n, _store) = EventAnswerLost::node(pc, false).await;
+    let mut wallets = Vec::new();
+    for i in 0..5 {
+        wallets.push(registered_wallet(&n, &format!("token-down-{i}")).await);
+    }
+    let n = &n;
+    futures_util::future::join_all(wallets.iter().map(|(a, k, _)| forward(n, a, k, "m"))).await;
+    eventually("five pushes given up", || async {
+        (metric(n, "mailroom_push_total{provider=\"fcm\",result=\"gave_up\"}").await == 5.0).then_some(())
+    })
+    .await;
+    assert_eq!(si.state.arrived.lock().iter().filter(|k| *k == "token").count(), 1);
+}
+
 /// `check-config` refuses a `[push]` section whose credentials are missing, unreadable or
 /// malformed, with exit 64 and the reason, and never prints the secret.
 #[test]

@@ -2,7 +2,11 @@
 //! OAuth2 access token got from the service account's `token_uri` by an RS256 JWT-bearer grant.
 //!
 //! Per project, the access token is cached until [`TOKEN_REFRESH_MARGIN`] before it expires,
-//! and one refresh at most is in flight (callers wait for it on the project's lock). With
+//! and one refresh at most is in flight (callers wait for it on the project's lock). A refresh
+//! that failed is answered to the callers that waited for it, and to those of the next
+//! [`TOKEN_FAILURE_KEPT`] (or the endpoint's `Retry-After`, at most 30 s), without a request
+//! each: an endpoint that is down does not make every push of the project wait its timeout in
+//! turn. With
 //! several projects (dev/stage/prod builds of the app), a token is tried on each until one
 //! accepts it; the project that did is remembered for that token.
 
@@ -15,6 +19,10 @@ use std::time::{Duration, Instant};
 
 /// An access token is renewed this long before it expires.
 pub const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(300);
+/// How long a failed token refresh is answered to callers without another request, unless the
+/// endpoint's `Retry-After` says longer (at most [`TOKEN_FAILURE_KEPT_MAX`]).
+pub const TOKEN_FAILURE_KEPT: Duration = Duration::from_secs(1);
+pub const TOKEN_FAILURE_KEPT_MAX: Duration = Duration::from_secs(30);
 /// Lifetime asked for in the JWT grant (Google's maximum).
 pub const ASSERTION_LIFETIME_S: u64 = 3600;
 /// Tokens whose accepting project is remembered; the map is cleared beyond this.
@@ -138,6 +146,8 @@ struct Project {
     key: jsonwebtoken::EncodingKey,
     /// (access token, renew after). Held across the refresh: one refresh in flight.
     token: tokio::sync::Mutex<Option<(String, Instant)>>,
+    /// The last refresh's failure, answered until the instant given.
+    failed: RefCell<Option<(Instant, Outcome)>>,
 }
 
 /// The FCM sender of one node (lives on the push thread; not `Send`).
@@ -159,6 +169,7 @@ impl Fcm {
                     cfg: p.clone(),
                     key,
                     token: tokio::sync::Mutex::new(None),
+                    failed: RefCell::new(None),
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -183,6 +194,33 @@ impl Fcm {
                 return Ok(tok.clone());
             }
         }
+        if let Some((until, why)) = p.failed.borrow().as_ref() {
+            if Instant::now() < *until {
+                return Err(why.clone());
+            }
+        }
+        let got = self.refresh(t, p).await;
+        match &got {
+            Ok(tok) => {
+                *p.failed.borrow_mut() = None;
+                *slot = Some(tok.clone());
+            }
+            Err(why) => {
+                let kept = match why {
+                    Outcome::Retry {
+                        retry_after_ms: Some(ms),
+                        ..
+                    } => Duration::from_millis(*ms).clamp(TOKEN_FAILURE_KEPT, TOKEN_FAILURE_KEPT_MAX),
+                    _ => TOKEN_FAILURE_KEPT,
+                };
+                *p.failed.borrow_mut() = Some((Instant::now() + kept, why.clone()));
+            }
+        }
+        got.map(|(tok, _)| tok)
+    }
+
+    /// One token request of project `p`: the access token and when to renew it.
+    async fn refresh(&self, t: &Transport, p: &Project) -> Result<(String, Instant), Outcome> {
         let now = super::unix_now_s();
         let assertion = grant_assertion(&p.cfg, &p.key, now).map_err(Outcome::Failed)?;
         self.token_refreshes.set(self.token_refreshes.get() + 1);
@@ -228,9 +266,8 @@ impl Fcm {
         // Bounded: an absurd lifetime would overflow the clock (Google grants an hour).
         let lifetime = Duration::from_secs(v["expires_in"].as_u64().unwrap_or(3600).clamp(60, 86_400));
         let renew_after = Instant::now() + lifetime.saturating_sub(TOKEN_REFRESH_MARGIN);
-        *slot = Some((tok.clone(), renew_after));
         tracing::debug!(project = %p.cfg.account.project_id, "FCM access token renewed");
-        Ok(tok)
+        Ok((tok, renew_after))
     }
 
     async fn send_to(&self, t: &Transport, i: usize, ev: &Event) -> FcmAnswer {
