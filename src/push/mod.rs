@@ -21,7 +21,9 @@
 //! taken again by any node's poll, so a node that dies leaves its pushes to the others. Without
 //! a window (`min_interval_secs = 0`) nothing is kept in the store and nothing claimed. A node
 //! whose window call fails pushes at once; the claim's token is made before the call, so that
-//! push ends the claim the store may have recorded all the same. The duplicates this allows:
+//! push ends the claim the store may have recorded all the same. Where no claim was recorded
+//! (no window, or a window call that failed before its commit), a push the provider kept
+//! failing is not taken again: the wallet's next message pushes. The duplicates this allows:
 //! a push sent by a node that died before it ended its claim, or cut off at the end of its
 //! budget after the provider took it, goes out again. A
 //! node takes at most as many trailing pushes as it has free slots, so a push it claims starts
@@ -267,7 +269,7 @@ impl PushMetrics {
         );
         r.register(
             "push_window_unavailable",
-            "Queued messages pushed at once because the shared push window was unavailable",
+            "Push events pushed at once because the shared push window was unavailable",
             self.window_unavailable.clone(),
         );
     }
@@ -443,6 +445,9 @@ struct Ctx {
     /// events (a take-over, a crash wake, a broadcast) waits here, not on the store's pool,
     /// where each would time out and the forwards beside them too.
     lookups: tokio::sync::Semaphore,
+    /// Set when the stop began: a poll takes no more trailing pushes (their claims would be
+    /// this node's while it stops, and kept from the other nodes until they ran out).
+    stopping: std::cell::Cell<bool>,
 }
 
 /// Events of the push worker in the store at once (their device lookup, their window): a
@@ -469,6 +474,7 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
             node_id: deps.node_id.clone(),
             claim_ms: claim_length(&settings).as_millis().min(i64::MAX as u128) as i64,
             lookups: tokio::sync::Semaphore::new(STORE_LOOKUPS),
+            stopping: std::cell::Cell::new(false),
             settings: settings.clone(),
         })
     })();
@@ -504,7 +510,10 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
         tasks.start_events(&ctx, &mut waiting, running_max, &mut in_flight);
         ctx.metrics.waiting.set(waiting.len() as i64);
         tokio::select! {
-            stop = stop_rx.recv() => break stop,
+            stop = stop_rx.recv() => {
+                ctx.stopping.set(true);
+                break stop;
+            }
             ev = rx.recv(), if waiting.len() < WAITING_MAX => match ev {
                 None => break None,
                 Some(q) => {
@@ -702,6 +711,9 @@ async fn poll_due(ctx: Rc<Ctx>, keep_ms: i64) -> Next {
     let Ok(first) = ctx.slots.clone().acquire_owned().await else {
         return Next::Nothing;
     };
+    if ctx.stopping.get() {
+        return Next::Nothing;
+    }
     let mut slots = vec![first];
     while slots.len() < TAKE_DUE_BATCH {
         match ctx.slots.clone().try_acquire_owned() {
@@ -828,23 +840,23 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, p: waiting::Pending) -> Option<Cla
             folded();
         }
         Err(e) => {
-            // Better a push too many than a wallet left asleep.
+            // Better a push too many than a wallet left asleep: pushed at once, as a claimed
+            // push. The event may have been recorded all the same (a commit whose answer was
+            // lost): its claim would push the wallet again once it ran out. The push ends it by
+            // the token made before the call, which ends nothing when the event was not
+            // recorded (and a push left unsent then has no claim to be taken again by).
             tracing::warn!(connection = %conn, "push window unavailable, pushing: {e}");
             ctx.metrics.window_unavailable.inc();
-            let Ok(slot) = ctx.slots.acquire().await else {
-                return None;
-            };
             folded();
-            let ended = push_one(&ctx, &conn, at, Some(device)).await;
-            drop(slot);
-            // The event may have been recorded all the same (a commit whose answer was lost):
-            // its claim would push the wallet again once it ran out. Ending it by the token
-            // made before the call ends nothing when the event was not recorded.
-            if ended == Ended::ForGood {
-                if let Err(e) = ctx.store.push_done(&conn, new_claim.token).await {
-                    tracing::debug!(connection = %conn, "push claim of a failed event not ended: {e}");
-                }
-            }
+            return Some(Claimed {
+                claim: PushClaim {
+                    conn,
+                    token: new_claim.token,
+                },
+                device,
+                taken,
+                at,
+            });
         }
     }
     None

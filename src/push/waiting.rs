@@ -4,8 +4,9 @@
 //! A wallet's later event folds into the one already waiting: both would read the same
 //! registration, window and queue when their turn came, and the push counts every message
 //! queued by then. A wallet's event does not start while another of its events runs (reads
-//! the store, waits for a send slot, is sent): its repeats fold while it runs, and one wallet
-//! never holds more than one of the worker's places. Only an event that has not started
+//! the store and records its window; without a window, also waits for a send slot and is
+//! sent): its repeats fold while it runs, and one wallet never holds more than one of the
+//! worker's places. Only an event that has not started
 //! folds; once its turn came (it left through [`Waiting::next`]) the wallet's next event
 //! waits on its own and starts when the running one is [`Waiting::done`], so nothing that
 //! happens to a running event (a store that fails its lookups, a stop) takes a later one with
