@@ -595,6 +595,45 @@ fn line_column(text: &str, at: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// `var`, or the contents of the file named by `var`_FILE when `from_file` (mounted secrets);
+/// not both. A set but empty one is refused with its name; one found is added to `applied`.
+fn env_value(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    from_file: bool,
+    applied: &mut Vec<&'static str>,
+) -> Result<Option<String>, ConfigError> {
+    let bad = |m: String| ConfigError::Invalid(m);
+    let direct = get(var);
+    let file_var = format!("{var}_FILE");
+    let file = if from_file { get(&file_var) } else { None };
+    let v = match (direct, file) {
+        (Some(_), Some(_)) => return Err(bad(format!("set {var} or {file_var}, not both"))),
+        (Some(v), None) => v,
+        (None, Some(path)) => {
+            if path.is_empty() {
+                return Err(bad(format!("{file_var} is set but empty")));
+            }
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| bad(format!("{file_var}: cannot read {path}: {e}")))?;
+            text.trim_end_matches(['\n', '\r']).to_string()
+        }
+        (None, None) => return Ok(None),
+    };
+    if v.trim().is_empty() {
+        return Err(bad(format!("{var} is set but empty")));
+    }
+    applied.push(var);
+    Ok(Some(v))
+}
+
+/// `v`, the value of `var`, is an IP:port address.
+fn env_addr(var: &str, v: &str) -> Result<(), ConfigError> {
+    v.parse::<SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| ConfigError::Invalid(format!("{var} = {v:?} is not an IP:port address")))
+}
+
 impl Config {
     /// The configuration of `mailroom run` with no arguments: one node, sled in
     /// `./mailroom-data`, public `127.0.0.1:8080`, admin `127.0.0.1:8081`.
@@ -994,35 +1033,7 @@ impl Config {
     ) -> Result<Vec<&'static str>, ConfigError> {
         let bad = |m: String| ConfigError::Invalid(m);
         let mut applied = Vec::new();
-        // VAR, or the contents of the file named by VAR_FILE (mounted secrets); not both.
-        let mut value = |var: &'static str, from_file: bool| -> Result<Option<String>, ConfigError> {
-            let direct = get(var);
-            let file_var = format!("{var}_FILE");
-            let file = if from_file { get(&file_var) } else { None };
-            let v = match (direct, file) {
-                (Some(_), Some(_)) => return Err(bad(format!("set {var} or {file_var}, not both"))),
-                (Some(v), None) => v,
-                (None, Some(path)) => {
-                    if path.is_empty() {
-                        return Err(bad(format!("{file_var} is set but empty")));
-                    }
-                    let text = std::fs::read_to_string(&path)
-                        .map_err(|e| bad(format!("{file_var}: cannot read {path}: {e}")))?;
-                    text.trim_end_matches(['\n', '\r']).to_string()
-                }
-                (None, None) => return Ok(None),
-            };
-            if v.trim().is_empty() {
-                return Err(bad(format!("{var} is set but empty")));
-            }
-            applied.push(var);
-            Ok(Some(v))
-        };
-        let addr = |var: &str, v: &str| -> Result<(), ConfigError> {
-            v.parse::<SocketAddr>()
-                .map(|_| ())
-                .map_err(|_| bad(format!("{var} = {v:?} is not an IP:port address")))
-        };
+        let mut value = |var: &'static str, from_file: bool| env_value(&get, var, from_file, &mut applied);
         let listen = value("MAILROOM_LISTEN", false)?;
         let admin = value("MAILROOM_ADMIN", false)?;
         let cluster = value("MAILROOM_CLUSTER_LISTEN", false)?;
@@ -1037,15 +1048,15 @@ impl Config {
             .find(|n| n.id == node_id)
             .ok_or_else(|| ConfigError::UnknownNode(node_id.into()))?;
         if let Some(v) = listen {
-            addr("MAILROOM_LISTEN", &v)?;
+            env_addr("MAILROOM_LISTEN", &v)?;
             node.listen = v;
         }
         if let Some(v) = admin {
-            addr("MAILROOM_ADMIN", &v)?;
+            env_addr("MAILROOM_ADMIN", &v)?;
             node.admin = v;
         }
         if let Some(v) = cluster {
-            addr("MAILROOM_CLUSTER_LISTEN", &v)?;
+            env_addr("MAILROOM_CLUSTER_LISTEN", &v)?;
             node.cluster = Some(v);
         }
         if let Some(v) = public_url {
@@ -1080,6 +1091,29 @@ impl Config {
         }
         self.validate()?;
         Ok(applied)
+    }
+
+    /// The admin URL and token of node `node_id` in the file at `path`, with `MAILROOM_ADMIN`
+    /// and `MAILROOM_ADMIN_TOKEN` (or `_FILE`) applied: all that `drain` and `undrain` need. The
+    /// rest of the file is parsed, not validated: the machine an operator drains from need not
+    /// hold the node's other secrets (the cluster's, the push credentials).
+    pub fn admin_of(
+        path: &Path,
+        node_id: &str,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<(String, Option<String>), ConfigError> {
+        let c = Self::load_unvalidated(path)?;
+        let mut applied = Vec::new();
+        let admin = match env_value(&get, "MAILROOM_ADMIN", false, &mut applied)? {
+            Some(v) => {
+                env_addr("MAILROOM_ADMIN", &v)?;
+                v
+            }
+            None => c.node(node_id)?.admin.clone(),
+        };
+        c.node(node_id)?;
+        let token = env_value(&get, "MAILROOM_ADMIN_TOKEN", true, &mut applied)?.or(c.admin.token);
+        Ok((format!("http://{admin}"), token))
     }
 
     pub fn node(&self, id: &str) -> Result<&NodeEntry, ConfigError> {

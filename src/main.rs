@@ -125,15 +125,11 @@ impl NodeTarget {
         let node = self
             .node
             .ok_or("name the node with --node ID (and --config FILE) or --admin URL")?;
-        // As `run` reads it: the environment's overrides (a secret, an admin address) applied
-        // before validation, so a file that leaves them to the environment is usable here too.
-        let (cfg, _, _) = Config::load_for_node(Some(&self.config), Some(&node), env_var)
-            .map_err(|e| format!("{}: {e}", self.config.display()))?;
-        let entry = cfg.node(&node).map_err(|e| e.to_string())?;
-        Ok((
-            format!("http://{}", entry.admin),
-            self.token.or(cfg.admin.token.clone()),
-        ))
+        // The node's admin address and token only (with their environment overrides): the
+        // machine an operator drains from need not hold the node's other secrets.
+        let (admin, token) =
+            Config::admin_of(&self.config, &node, env_var).map_err(|e| format!("{}: {e}", self.config.display()))?;
+        Ok((admin, self.token.or(token)))
     }
 }
 
