@@ -292,11 +292,14 @@ async fn read_loop(
                 return Ok("link replaced");
             }
             // Every frame naming a connection: ids are UUIDs, and an oversized one would travel
-            // on into events, logs and per-connection queues (claims are checked below).
+            // on into the directory, events, logs and per-connection queues (a resync's claims
+            // are checked where they are read).
             if let Frame::Queued { conn }
             | Frame::Deliver { conn, .. }
             | Frame::CloseSessions { conn, .. }
-            | Frame::RoutesChanged { conn, .. } = &frame
+            | Frame::RoutesChanged { conn, .. }
+            | Frame::Own { conn, .. }
+            | Frame::Disown { conn, .. } = &frame
             {
                 if conn.len() > MAX_CONN_ID {
                     bump(&shared.counters.frames_rejected);
@@ -333,15 +336,6 @@ async fn read_loop(
                     );
                 }
                 Frame::Own { conn, epoch } => {
-                    if conn.len() > MAX_CONN_ID {
-                        bump(&shared.counters.frames_rejected);
-                        warn!(
-                            peer,
-                            len = conn.len(),
-                            "claim with a connection id over {MAX_CONN_ID} bytes ignored"
-                        );
-                        continue;
-                    }
                     if !plausible_epoch(epoch, unix_ms()) {
                         bump(&shared.counters.frames_rejected);
                         warn!(peer, conn = %conn, epoch, "claim with an epoch from beyond a day ahead ignored");
@@ -362,15 +356,6 @@ async fn read_loop(
                     shared.apply_dir_effects(fx);
                 }
                 Frame::Disown { conn, epoch } => {
-                    if conn.len() > MAX_CONN_ID {
-                        bump(&shared.counters.frames_rejected);
-                        warn!(
-                            peer,
-                            len = conn.len(),
-                            "disown of a connection id over {MAX_CONN_ID} bytes ignored"
-                        );
-                        continue;
-                    }
                     st.dir.apply(DirEvent::Disown {
                         conn,
                         node: peer.to_string(),
