@@ -278,6 +278,8 @@ async fn a_full_queue_refuses_new_forwards_and_keeps_what_it_has() {
     let (st, body) = post_raw(&n.public_url(), "application/didcomm-envelope-enc", env).await;
     assert_eq!(st, 429, "{body}");
     assert!(body.contains("queue-full"), "{body}");
+    // An anonymous sender learns the queue is full, not how much it holds.
+    assert!(!body.contains("messages") && !body.contains("bytes"), "{body}");
     let d = a
         .request(&pickup("delivery-request", json!({"limit": 10})))
         .await

@@ -556,7 +556,16 @@ impl HandleError {
 
     /// The JSON body of an error answer on HTTP or a WebSocket error frame.
     pub fn body(&self) -> Value {
-        json!({ "error": self.code(), "reason": self.to_string() })
+        json!({ "error": self.code(), "reason": self.reason() })
+    }
+
+    /// The refusal's reason as its sender is told it: the log's, except that a full queue does
+    /// not say how much it holds (any sender, anonymous too, could read a wallet's backlog).
+    pub fn reason(&self) -> String {
+        match self {
+            HandleError::QueueFull { .. } => "queue full for this recipient: try later".into(),
+            e => e.to_string(),
+        }
     }
 }
 

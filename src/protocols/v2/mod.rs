@@ -440,7 +440,7 @@ fn refusal(m: &super::Mediator, ctx: &Inbound, e: HandleError) -> HandleError {
         "from": m.v2.did,
         "to": [sender],
         "created_time": now_ms() / 1000,
-        "body": { "code": code, "comment": e.to_string() },
+        "body": { "code": code, "comment": e.reason() },
     });
     tracing::info!(sender = %sender, r#type = %ctx.type_str, code, "v2 refused: {e}");
     let mut conn = ctx.conn.clone().unwrap_or_else(|| ephemeral(sender));
@@ -449,7 +449,7 @@ fn refusal(m: &super::Mediator, ctx: &Inbound, e: HandleError) -> HandleError {
         Ok(packed) => HandleError::Problem {
             status: e.http_status(),
             code: e.code(),
-            reason: e.to_string(),
+            reason: e.reason(),
             packed,
         },
         Err(_) => e,
