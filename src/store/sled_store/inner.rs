@@ -74,6 +74,9 @@ pub(super) struct Inner {
     /// Held by the writer over a whole batch (decide, write, publish) and by the removal of a
     /// queue: a removal never lands between a batch's decision and its publication.
     pub(super) batch_lock: Mutex<()>,
+    /// Held by [`crate::store::Store::prune_dedup`] from its read of the pruning order to its change of the
+    /// index: two prunes never read the same entries.
+    pub(super) prune_lock: Mutex<()>,
 }
 
 impl Inner {
@@ -110,6 +113,7 @@ impl Inner {
             queues: Mutex::new(Queues::default()),
             write_failed: std::sync::atomic::AtomicBool::new(false),
             batch_lock: Mutex::new(()),
+            prune_lock: Mutex::new(()),
         };
         inner.fold_verkey_index()?;
         inner.migrate_trees()?;

@@ -859,6 +859,41 @@ mod tests {
         assert_eq!(dup.id, second.id);
     }
 
+    /// A prune whose removal the queue log refuses (a full disk) changes nothing: the entries
+    /// stay held and counted, their records stay in the log, and the next prune removes both.
+    /// It never leaves records in the log that no entry names (kept until a restart, never
+    /// pruned) nor a count below what the log holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prune_the_log_refused_leaves_the_entries_held() {
+        let s = SledStore::temporary().await.unwrap();
+        let t0 = 1_700_000_000_000;
+        let batch: Vec<NewMessage> = (0..3).map(|i| new_msg("c", &format!("m{i}"), t0, Some(i))).collect();
+        s.enqueue(batch, &dedup_window(60_000)).await.unwrap();
+        let leased = s.lease("c", 10, "o", t0, t0 + 60_000).await.unwrap();
+        let ids: Vec<MessageId> = leased.iter().map(|m| m.id).collect();
+        assert_eq!(s.ack("c", &ids).await.unwrap(), 3);
+        assert_eq!(
+            s.dedup_tree_len_for_test(),
+            3,
+            "acknowledged in their window: records kept"
+        );
+
+        s.slot.log.fail_next_write();
+        assert!(s.prune_dedup(t0 + 1, 100).await.is_err());
+        assert_eq!(s.dedup_records().await.unwrap(), 3, "the failed prune dropped entries");
+        assert_eq!(s.dedup_tree_len_for_test(), 3);
+        let lim = dedup_window(60_000);
+        let dup = s
+            .enqueue(vec![new_msg("c", "m0", t0 + 10, Some(0))], &lim)
+            .await
+            .unwrap();
+        assert!(dup[0].as_ref().unwrap().duplicate, "still in its window");
+
+        assert_eq!(s.prune_dedup(t0 + 1, 100).await.unwrap(), 3, "the retry prunes them");
+        assert_eq!(s.dedup_records().await.unwrap(), 0);
+        assert_eq!(s.dedup_tree_len_for_test(), 0, "records left in the log");
+    }
+
     /// The pruning order rebuilt at open holds every entry once, oldest first, whatever the
     /// connections: a prune after a restart takes the oldest entries, up to its bound.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

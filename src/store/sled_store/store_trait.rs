@@ -572,38 +572,24 @@ impl Store for SledStore {
 
     async fn prune_dedup(&self, before_ms: i64, max: usize) -> StoreResult<u64> {
         self.blocking(move |inner| {
-            let (removed, newer_cutoff) = {
-                let mut guard = inner.queues.lock();
-                let q = &mut *guard;
-                let mut removed = Vec::new();
-                let newer_cutoff = before_ms > q.dedup_pruned_before;
-                q.dedup_pruned_before = q.dedup_pruned_before.max(before_ms);
-                // Entries skipped below are popped once each: the work stays linear in records.
-                while removed.len() < max {
-                    match q.dedup_order.front() {
-                        Some((at, _, _)) if *at < before_ms => {}
-                        _ => break,
-                    }
-                    let (at, conn, key) = q.dedup_order.pop_front().expect("front checked");
-                    let Some(d) = q.dedup.get_mut(&*conn) else { continue };
-                    // Replaced by a later copy: that one has its own entry further on.
-                    let id = match d.get(&key) {
-                        Some((id, a)) if *a == at => *id,
-                        _ => continue,
-                    };
-                    d.remove(&key);
-                    if d.is_empty() {
-                        q.dedup.remove(&*conn);
-                    }
-                    q.dedup_count -= 1;
-                    removed.push(id);
-                }
-                (removed, newer_cutoff)
-            };
-            let n = removed.len() as u64;
+            // One prune at a time: the entries it read at the front of the pruning order are
+            // still there when it drops them (enqueues only push at the back).
+            let _p = inner.prune_lock.lock();
+            // Read first, and the index changed only once the removal is in the queue log (as
+            // `ack_leased`, `remove_queue`): a failed append leaves every entry held, counted
+            // and pruned by the next call, not records in the log no index entry names.
+            let read = inner.queues.lock().dedup_due(before_ms, max);
+            let ids: Vec<MessageId> = read.iter().flatten().copied().collect();
             // Most entries are of queued messages and have no dedup record (removing a key that
             // is not in the queue log writes nothing).
-            inner.log_removal(&[], &[], &removed, false)?;
+            inner.log_removal(&[], &[], &ids, false)?;
+            let (n, newer_cutoff) = {
+                let mut q = inner.queues.lock();
+                let n = q.drop_dedup(&read);
+                let newer_cutoff = before_ms > q.dedup_pruned_before;
+                q.dedup_pruned_before = q.dedup_pruned_before.max(before_ms);
+                (n, newer_cutoff)
+            };
             if newer_cutoff {
                 // Not flushed: a cutoff lost in a crash only loads entries the next prune drops.
                 inner
