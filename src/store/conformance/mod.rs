@@ -263,6 +263,10 @@ macro_rules! conformance {
                 backend::run(super::pending_sweep_and_stats).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn pending_connections_page_through_many() {
+                backend::run(super::pending_connections_page_through_many).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn unstorable_input_is_refused_alone() {
                 backend::run(super::unstorable_input_is_refused_alone).await
             }

@@ -70,7 +70,11 @@ pub(super) type DedupEntries = HashMap<[u8; 32], (MessageId, i64)>;
 
 #[derive(Default, Debug)]
 pub(super) struct Queues {
-    pub(super) by_conn: HashMap<ConnId, ConnQueue>,
+    /// Queues with messages, in id order: a page of
+    /// [`Store::connections_with_pending`](crate::store::Store::connections_with_pending) is a
+    /// range read from its cursor (a hash map made every page a scan and a sort of every
+    /// queue: paging through them all cost their number squared).
+    pub(super) by_conn: BTreeMap<ConnId, ConnQueue>,
     pub(super) total: u64,
     /// conn -> dedup key -> (id, received_at_ms). The connection's name is shared with its
     /// `dedup_order` entries (one per forward in the window: a copy each cost ~60 bytes).

@@ -894,6 +894,37 @@ mod tests {
         assert_eq!(s.dedup_tree_len_for_test(), 0, "records left in the log");
     }
 
+    /// Paging through the connections with mail costs what its pages hold, not a scan of every
+    /// connection per page. Times printed, not asserted (`cargo test --lib
+    /// paging_through_many_connections -- --nocapture`); the results are checked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn paging_through_many_connections() {
+        const CONNS: usize = 20_000;
+        let s = SledStore::temporary().await.unwrap();
+        let t0 = 1_700_000_000_000;
+        let names: Vec<String> = (0..CONNS).map(|i| format!("conn-{i:05}")).collect();
+        for chunk in names.chunks(MAX_BATCH_MESSAGES) {
+            let batch = chunk.iter().map(|c| new_msg(c, "m", t0, None)).collect();
+            s.enqueue(batch, &EnqueueLimits::UNLIMITED).await.unwrap();
+        }
+        for page in [500, 100] {
+            let started = std::time::Instant::now();
+            let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+            loop {
+                let got = s.connections_with_pending(t0, after.as_deref(), page).await.unwrap();
+                let Some(last) = got.last() else { break };
+                after = Some(last.clone());
+                seen.extend(got);
+                pages += 1;
+            }
+            println!(
+                "connections_with_pending: {CONNS} connections, {pages} pages of {page}: {:?}",
+                started.elapsed()
+            );
+            assert_eq!(seen, names);
+        }
+    }
+
     /// The pruning order rebuilt at open holds every entry once, oldest first, whatever the
     /// connections: a prune after a restart takes the oldest entries, up to its bound.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

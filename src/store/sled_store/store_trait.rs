@@ -542,15 +542,18 @@ impl Store for SledStore {
         let after = after.map(str::to_owned);
         self.blocking(move |inner| {
             let q = inner.queues.lock();
-            let mut found: Vec<&str> = q
-                .by_conn
-                .iter()
-                .filter(|(c, _)| after.as_deref().map_or(true, |a| c.as_str() > a))
+            // From the cursor, in id order: a page reads its own queues and those it skips
+            // (nothing deliverable), not every queue.
+            let lower = match &after {
+                Some(a) => Bound::Excluded(a.as_str()),
+                None => Bound::Unbounded,
+            };
+            Ok(q.by_conn
+                .range::<str, _>((lower, Bound::Unbounded))
                 .filter(|(_, cq)| cq.msgs.values().any(|m| m.pending(now_ms)))
-                .map(|(c, _)| c.as_str())
-                .collect();
-            found.sort_unstable();
-            Ok(found.into_iter().take(limit).map(str::to_owned).collect())
+                .take(limit)
+                .map(|(c, _)| c.clone())
+                .collect())
         })
         .await
     }
