@@ -139,6 +139,10 @@ macro_rules! conformance {
                 backend::run(super::connection_crud_and_indexes).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn connection_by_thread_takes_the_latest_write() {
+                backend::run(super::connection_by_thread_takes_the_latest_write).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn connection_patches_do_not_overwrite_each_other() {
                 backend::run(super::connection_patches_do_not_overwrite_each_other).await
             }

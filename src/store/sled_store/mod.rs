@@ -5,7 +5,8 @@
 //! - `conns`: connection id -> JSON [`Connection`](super::Connection); `by_verkey`:
 //!   `len16(verkey) verkey id` -> write sequence; `by_thread`: `len16(thread) thread id` ->
 //!   write sequence. Written in the connection's transaction; several connections may share a
-//!   key, a lookup takes the most recently written one (as PostgreSQL does).
+//!   thread, a lookup takes the most recently written one (as PostgreSQL does: a patch or a
+//!   revocation stamps the thread entry again, as it bumps `written` there).
 //! - `keys`: routing key -> connection id; `conn_keys`: `len16(conn) conn key` -> () (keys_of).
 //! - `attempts`: id -> u32 BE, written when a message is leased (not flushed on its own).
 //! - `msgs`, `dedup`: where stores written before the queue log kept their messages and dedup

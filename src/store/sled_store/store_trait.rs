@@ -15,6 +15,21 @@ use crate::store::{
     PushSlot, QueueStats, QueueSummary, QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
 };
 
+/// Marks `c` as the most recently written holder of its thread id (`seq`, from
+/// `generate_id`), in the transaction that writes its record: every write of a connection
+/// (put, patch, revocation) counts, as PostgreSQL's `written` does, so both backends answer
+/// [`Store::connection_by_thread`] alike.
+fn stamp_thread(
+    by_thread: &sled::transaction::TransactionalTree,
+    c: &Connection,
+    seq: &[u8; 8],
+) -> Result<(), ConflictableTransactionError<StoreError>> {
+    if let Some(t) = &c.thread_id {
+        by_thread.insert(pair_key(t, &c.id), &seq[..])?;
+    }
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl Store for SledStore {
     fn backend(&self) -> &'static str {
@@ -162,7 +177,14 @@ impl Store for SledStore {
             };
             patch.apply(&mut c);
             let bytes = serde_json::to_vec(&c).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
-            inner.conns.insert(id.as_bytes(), bytes).map_err(unavailable)?;
+            let seq = inner.db.generate_id().map_err(unavailable)?.to_be_bytes();
+            (&inner.conns, &inner.by_thread)
+                .transaction(|(conns, by_thread)| {
+                    stamp_thread(by_thread, &c, &seq)?;
+                    conns.insert(id.as_bytes(), bytes.as_slice())?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(tx_err)?;
             inner.note_mediation(&id, Some(c.mediation));
             inner.flush()?;
             Ok(Some(c))
@@ -1013,8 +1035,10 @@ impl Store for SledStore {
                 let key = std::str::from_utf8(&k[prefix.len()..]).map_err(|_| corrupt("key"))?;
                 keys.push(key.to_owned());
             }
-            (&inner.conns, &inner.keys, &inner.conn_keys)
-                .transaction(|(conns, rkeys, conn_keys)| {
+            let seq = inner.db.generate_id().map_err(unavailable)?.to_be_bytes();
+            (&inner.conns, &inner.keys, &inner.conn_keys, &inner.by_thread)
+                .transaction(|(conns, rkeys, conn_keys, by_thread)| {
+                    stamp_thread(by_thread, &c, &seq)?;
                     for k in &keys {
                         // Only while it still names this connection (it always does under meta_lock).
                         if rkeys.get(k.as_bytes())?.is_some_and(|h| h.as_ref() == id.as_bytes()) {
