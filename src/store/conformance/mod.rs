@@ -299,6 +299,10 @@ macro_rules! conformance {
                 backend::run(super::push_event_unless_pushed_since).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn push_windows_survive_a_reopen() {
+                backend::run(super::push_windows_survive_a_reopen).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn group_commit_throughput() {
                 backend::run(super::group_commit_throughput).await
             }

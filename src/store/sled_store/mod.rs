@@ -9,6 +9,9 @@
 //!   revocation stamps the thread entry again, as it bumps `written` there).
 //! - `keys`: routing key -> connection id; `conn_keys`: `len16(conn) conn key` -> () (keys_of).
 //! - `attempts`: id -> u32 BE, written when a message is leased (not flushed on its own).
+//! - `devices`: connection id -> JSON [`Device`](super::Device); `push_windows`: connection id
+//!   -> its push window (`encode_push_window`), written by the push calls (a few per push, off
+//!   the forward path), kept in memory too (`Inner::push_windows`).
 //! - `msgs`, `dedup`: where stores written before the queue log kept their messages and dedup
 //!   records; moved into the log at open (`migrate_trees`), empty afterwards.
 //!
@@ -539,6 +542,47 @@ mod tests {
             Some(false),
             "the last run stopped cleanly"
         );
+    }
+
+    /// Push windows outlive a restart (the conformance check `push_windows_survive_a_reopen`),
+    /// but after a run that did not stop, `begin_run` forgets when they last pushed: the
+    /// node's wake-up pushes a wallet pushed just before the crash at once (its socket died
+    /// with the run), while a trailing push scheduled before the crash is still taken.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_forgets_the_last_pushes_not_the_trailing_ones() {
+        use crate::store::{NewClaim, PushSlot};
+        const WINDOW: i64 = 60_000;
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let claim = || NewClaim::until(t0 + 30_000);
+        {
+            let s = SledStore::open(dir.path()).await.unwrap();
+            assert_eq!(s.begin_run().await.unwrap(), Some(false));
+            let c = claim();
+            assert_eq!(
+                s.push_event("pushed", t0, WINDOW, c, None).await.unwrap(),
+                PushSlot::Now
+            );
+            assert!(s.push_done("pushed", c.token).await.unwrap());
+            let c = claim();
+            assert_eq!(
+                s.push_event("trailing", t0, WINDOW, c, None).await.unwrap(),
+                PushSlot::Now
+            );
+            assert!(s.push_done("trailing", c.token).await.unwrap());
+            let folded = s.push_event("trailing", t0 + 1, WINDOW, claim(), None).await.unwrap();
+            assert_eq!(folded, PushSlot::Trailing { due_ms: t0 + WINDOW });
+            // Dropped without end_run: a crash.
+        }
+        let s = SledStore::open(dir.path()).await.unwrap();
+        assert_eq!(s.begin_run().await.unwrap(), Some(true));
+        let c = claim();
+        let wake = s.push_event("pushed", t0 + 2, WINDOW, c, None).await.unwrap();
+        assert_eq!(wake, PushSlot::Now, "the wake-up after the crash is put off");
+        assert!(s.push_done("pushed", c.token).await.unwrap());
+        let due = s.push_take_due(t0 + WINDOW, t0 + 2 * WINDOW, 0, 10).await.unwrap();
+        let due: Vec<&str> = due.iter().map(|c| c.conn.as_str()).collect();
+        assert_eq!(due, vec!["trailing"], "the trailing push is lost");
     }
 
     /// A database written before the queue log kept its messages and dedup records in the

@@ -7,7 +7,9 @@ use sled::Transactional;
 
 use super::index::Owner;
 use super::inner::PushWindow;
-use super::records::{conn_key_entry, conn_prefix, decode_conn, decode_msg, encode_id, latest_of, pair_key, tx_err};
+use super::records::{
+    conn_key_entry, conn_prefix, decode_conn, decode_msg, encode_id, encode_push_window, latest_of, pair_key, tx_err,
+};
 use super::{corrupt, unavailable, SledStore, DEDUP_PRUNED_BEFORE_KEY, IDENTITY_KEY, RUNNING_KEY};
 use crate::store::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
@@ -652,6 +654,9 @@ impl Store for SledStore {
                 .insert(RUNNING_KEY, &[1u8][..])
                 .map_err(unavailable)?
                 .is_some();
+            if unfinished {
+                inner.forget_last_pushes()?;
+            }
             inner.meta.flush().map_err(unavailable)?;
             *runs = 1;
             Ok(Some(unfinished))
@@ -864,31 +869,49 @@ impl Store for SledStore {
         unless_pushed_since_ms: Option<i64>,
     ) -> StoreResult<PushSlot> {
         check_storable("connection id", conn)?;
-        let inner = self.slot.get()?;
-        let mut w = inner.push_windows.lock();
-        let old = w.get(conn).copied();
-        if let (Some(since), Some(p)) = (unless_pushed_since_ms, old) {
-            if p.last_push_ms >= since {
-                return Ok(PushSlot::PushedSince);
+        let conn = conn.to_owned();
+        self.blocking(move |inner| {
+            let (slot, changed) = {
+                let mut w = inner.push_windows.lock();
+                let old = w.get(&conn).copied();
+                if let (Some(since), Some(p)) = (unless_pushed_since_ms, old) {
+                    if p.last_push_ms >= since {
+                        return Ok(PushSlot::PushedSince);
+                    }
+                }
+                let state = old.map(|p| (p.last_push_ms, p.trailing_due_ms));
+                let ((last_push_ms, trailing_due_ms), due) = super::super::push_window_step(state, now_ms, window_ms);
+                // Folded: the claim of a push in flight is not the window's, kept as it is. Now:
+                // this push is claimed.
+                let (slot, claim) = match due {
+                    Some(due_ms) => (PushSlot::Trailing { due_ms }, old.and_then(|p| p.claim)),
+                    None => (PushSlot::Now, Some((claim.until_ms, claim.token))),
+                };
+                let new = PushWindow {
+                    last_push_ms,
+                    trailing_due_ms,
+                    claim,
+                };
+                // An event folded into a trailing push already scheduled changes nothing: no write.
+                let changed = old != Some(new);
+                if changed {
+                    inner
+                        .windows
+                        .insert(conn.as_bytes(), &encode_push_window(&new)[..])
+                        .map_err(unavailable)?;
+                    w.insert(conn, new);
+                }
+                (slot, changed)
+            };
+            if changed {
+                // Durable when it returns, as a device registration is: a push claimed or
+                // scheduled here is still taken after a crash. An error (the write may land all
+                // the same) makes the caller push at once and end its claim.
+                inner.flush()?;
             }
-        }
-        let state = old.map(|p| (p.last_push_ms, p.trailing_due_ms));
-        let ((last_push_ms, trailing_due_ms), due) = super::super::push_window_step(state, now_ms, window_ms);
-        // Folded: the claim of a push in flight is not the window's, kept as it is. Now: this
-        // push is claimed.
-        let (slot, claim) = match due {
-            Some(due_ms) => (PushSlot::Trailing { due_ms }, old.and_then(|p| p.claim)),
-            None => (PushSlot::Now, Some((claim.until_ms, claim.token))),
-        };
-        w.insert(
-            conn.to_owned(),
-            PushWindow {
-                last_push_ms,
-                trailing_due_ms,
-                claim,
-            },
-        );
-        Ok(slot)
+            Ok(slot)
+        })
+        .await
     }
 
     async fn push_take_due(
@@ -898,47 +921,89 @@ impl Store for SledStore {
         idle_before_ms: i64,
         limit: usize,
     ) -> StoreResult<Vec<PushClaim>> {
-        let inner = self.slot.get()?;
         let token = super::super::new_push_claim_token();
-        let mut w = inner.push_windows.lock();
-        // Due: scheduled by the window, or claimed by a caller that never said it was done.
-        let mut due: Vec<(i64, ConnId)> = w
-            .iter()
-            .filter_map(|(c, p)| {
-                let at = [p.trailing_due_ms, p.claim.map(|(until, _)| until)]
-                    .into_iter()
-                    .flatten()
-                    .filter(|t| *t <= now_ms)
-                    .min()?;
-                Some((at, c.clone()))
-            })
-            .collect();
-        due.sort();
-        due.truncate(limit);
-        for (_, c) in &due {
-            w.insert(
-                c.clone(),
-                PushWindow {
+        self.blocking(move |inner| {
+            let due = {
+                let mut w = inner.push_windows.lock();
+                // Due: scheduled by the window, or claimed by a caller that never said it was done.
+                let mut due: Vec<(i64, ConnId)> = w
+                    .iter()
+                    .filter_map(|(c, p)| {
+                        let at = [p.trailing_due_ms, p.claim.map(|(until, _)| until)]
+                            .into_iter()
+                            .flatten()
+                            .filter(|t| *t <= now_ms)
+                            .min()?;
+                        Some((at, c.clone()))
+                    })
+                    .collect();
+                due.sort();
+                due.truncate(limit);
+                let taken = PushWindow {
                     last_push_ms: now_ms,
                     trailing_due_ms: None,
                     claim: Some((claim_until_ms, token)),
-                },
-            );
-        }
-        w.retain(|_, p| p.trailing_due_ms.is_some() || p.claim.is_some() || p.last_push_ms >= idle_before_ms);
-        Ok(due.into_iter().map(|(_, conn)| PushClaim { conn, token }).collect())
+                };
+                // A window taken now is not idle (it holds a claim).
+                let idle: Vec<ConnId> = w
+                    .iter()
+                    .filter(|(_, p)| {
+                        p.trailing_due_ms.is_none() && p.claim.is_none() && p.last_push_ms < idle_before_ms
+                    })
+                    .map(|(c, _)| c.clone())
+                    .collect();
+                if !due.is_empty() || !idle.is_empty() {
+                    // One batch, before the memory changes: all of it or nothing.
+                    let mut b = sled::Batch::default();
+                    let record = encode_push_window(&taken);
+                    for (_, c) in &due {
+                        b.insert(c.as_bytes(), &record[..]);
+                    }
+                    for c in &idle {
+                        b.remove(c.as_bytes());
+                    }
+                    inner.windows.apply_batch(b).map_err(unavailable)?;
+                }
+                for (_, c) in &due {
+                    w.insert(c.clone(), taken);
+                }
+                for c in &idle {
+                    w.remove(c);
+                }
+                due
+            };
+            if !due.is_empty() {
+                // Durable when it returns (claims taken); forgetting idle windows alone is not
+                // flushed: one read back after a crash is forgotten again by the next poll.
+                inner.flush()?;
+            }
+            Ok(due.into_iter().map(|(_, conn)| PushClaim { conn, token }).collect())
+        })
+        .await
     }
 
     async fn push_done(&self, conn: &str, token: i64) -> StoreResult<bool> {
-        let inner = self.slot.get()?;
-        let mut w = inner.push_windows.lock();
-        match w.get_mut(conn) {
-            Some(p) if p.claim.is_some_and(|(_, t)| t == token) => {
-                p.claim = None;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        let conn = conn.to_owned();
+        self.blocking(move |inner| {
+            let mut w = inner.push_windows.lock();
+            let Some(p) = w
+                .get(&conn)
+                .copied()
+                .filter(|p| p.claim.is_some_and(|(_, t)| t == token))
+            else {
+                return Ok(false);
+            };
+            let ended = PushWindow { claim: None, ..p };
+            // Not flushed: an end lost in a crash lets the claim run out and the push go once
+            // more, as a node that died before ending it does (sled's own flush follows soon).
+            inner
+                .windows
+                .insert(conn.as_bytes(), &encode_push_window(&ended)[..])
+                .map_err(unavailable)?;
+            w.insert(conn, ended);
+            Ok(true)
+        })
+        .await
     }
 
     async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
@@ -962,6 +1027,8 @@ impl Store for SledStore {
             // an empty queue, which a retry removes. The other order could leave its messages
             // queued with no connection: never leased again, counted against the limits for ever.
             let (messages, dedup_records) = inner.remove_queue(&id, true)?;
+            // Held over the removal: an event cannot write the window back between the two.
+            let mut push_windows = inner.push_windows.lock();
             (
                 &inner.conns,
                 &inner.by_verkey,
@@ -969,8 +1036,9 @@ impl Store for SledStore {
                 &inner.keys,
                 &inner.conn_keys,
                 &inner.devices,
+                &inner.windows,
             )
-                .transaction(|(conns, by_verkey, by_thread, rkeys, conn_keys, devices)| {
+                .transaction(|(conns, by_verkey, by_thread, rkeys, conn_keys, devices, windows)| {
                     if let Some(old) = &old {
                         for k in &old.their_verkeys {
                             by_verkey.remove(pair_key(k, &id))?;
@@ -989,12 +1057,14 @@ impl Store for SledStore {
                         conn_keys.remove(entry)?;
                     }
                     devices.remove(id.as_bytes())?;
+                    windows.remove(id.as_bytes())?;
                     conns.remove(id.as_bytes())?;
                     Ok::<_, ConflictableTransactionError<StoreError>>(())
                 })
                 .map_err(tx_err)?;
             inner.note_mediation(&id, None);
-            inner.push_windows.lock().remove(&id);
+            push_windows.remove(&id);
+            drop(push_windows);
             inner.flush()?;
             Ok(Removed {
                 connection: old.is_some(),
