@@ -361,8 +361,9 @@ pub async fn run(
     // release: the run that ended without its stop left the wallets whose sessions were live
     // with mail delivered and not acknowledged, or not delivered yet, and woken by nobody
     // (their sockets died with it; an offline wallet wakes for a push). Every wallet with mail
-    // pending is woken or pushed (sled's push windows died with the run too: a wallet pushed
-    // just before the crash is pushed again). A clean stop gave its deliveries back and pushed
+    // pending is woken or pushed (sled's `begin_run` forgets when its push windows last
+    // pushed, keeping their trailing pushes: a wallet pushed just before the crash is pushed
+    // again at once). A clean stop gave its deliveries back and pushed
     // for them: nothing to do then. The mark stays until a stop that owes no wallet anything.
     let (run_begun, previous_run) = match store.begin_run().await {
         Ok(run) => (true, run),

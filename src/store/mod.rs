@@ -524,6 +524,10 @@ pub trait Store: Send + Sync + 'static {
     /// The connection one of whose `their_verkeys` is `verkey` (at most one: see
     /// [`Store::put_connection`]).
     async fn connection_by_their_verkey(&self, verkey: &str) -> StoreResult<Option<Connection>>;
+    /// The connection whose `thread_id` is `thid`. Thread ids come from the peer and may
+    /// repeat: of several connections naming it, the one most recently written (by
+    /// [`Store::put_connection`], [`Store::update_connection`] or [`Store::revoke_mediation`]),
+    /// on every backend.
     async fn connection_by_thread(&self, thid: &str) -> StoreResult<Option<Connection>>;
     /// Connections ordered by id, strictly after `after`, at most `limit` (pagination).
     async fn list_connections(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<Connection>>;

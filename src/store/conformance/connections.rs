@@ -119,6 +119,39 @@ pub async fn connection_crud_and_indexes(b: Arc<dyn Backend>) {
     assert_eq!(s.list_connections(None, 100).await.unwrap().len(), 9);
 }
 
+/// Several connections naming one thread (ids come from the peer): a lookup by thread
+/// answers the one most recently written, a patch and a revocation counting as writes, the
+/// same on every backend.
+pub async fn connection_by_thread_takes_the_latest_write(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let (x, y) = (new_id(), new_id());
+    let thread = format!("thread-{}", new_id());
+    let mut cx = conn(&x);
+    cx.thread_id = Some(thread.clone());
+    let mut cy = conn(&y);
+    cy.thread_id = Some(thread.clone());
+    let by_thread = || async { s.connection_by_thread(&thread).await.unwrap().map(|c| c.id) };
+    s.put_connection(&cx).await.unwrap();
+    s.put_connection(&cy).await.unwrap();
+    assert_eq!(by_thread().await, Some(y.clone()), "the later put");
+    let patch = ConnectionPatch {
+        state: Some("completed".into()),
+        updated_at_ms: T0 + 1,
+        ..ConnectionPatch::default()
+    };
+    s.update_connection(&x, &patch).await.unwrap().unwrap();
+    assert_eq!(by_thread().await, Some(x.clone()), "a patch is a write");
+    s.revoke_mediation(&y, T0 + 2).await.unwrap().unwrap();
+    assert_eq!(by_thread().await, Some(y.clone()), "a revocation is a write");
+    s.put_connection(&cx).await.unwrap();
+    assert_eq!(by_thread().await, Some(x.clone()));
+    s.delete_connection(&x).await.unwrap();
+    assert_eq!(by_thread().await, Some(y.clone()), "the other holder stays findable");
+    cy.thread_id = None;
+    s.put_connection(&cy).await.unwrap();
+    assert_eq!(by_thread().await, None);
+}
+
 /// Concurrent patches of different fields of one connection all land: none is overwritten
 /// by another's stale copy.
 pub async fn connection_patches_do_not_overwrite_each_other(b: Arc<dyn Backend>) {

@@ -518,3 +518,64 @@ pub async fn pending_sweep_and_stats(b: Arc<dyn Backend>) {
     assert_eq!(s.queue_stats(&new_id(), T0).await.unwrap(), QueueStats::default());
     s.flush().await.unwrap();
 }
+
+/// Paging through many connections with mail a few at a time reaches each exactly once, in id
+/// order (their bytes': ids of several shapes, upper and lower case), every page full but the
+/// last; fully leased queues and queues holding only expired messages are left out, a queue
+/// whose lease ran out is in, whatever page it falls on.
+pub async fn pending_connections_page_through_many(b: Arc<dyn Backend>) {
+    const CONNS: usize = 300;
+    const PAGE: usize = 7;
+    let s = b.open().await;
+    let now = T0 + 1_000;
+    let conns: Vec<String> = (0..CONNS)
+        .map(|i| match i % 4 {
+            0 => new_id(),
+            1 => new_id().to_uppercase(),
+            2 => format!("conn-{i}"),
+            _ => format!("Conn_{i:03}"),
+        })
+        .collect();
+    let batch = conns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match i % 5 {
+            3 => NewMessage {
+                expires_at_ms: Some(now),
+                ..msg(c, "expired", T0)
+            },
+            _ => msg(c, "m", T0),
+        })
+        .collect();
+    enqueue_ok(&s, batch).await;
+    for (i, c) in conns.iter().enumerate() {
+        let until = match i % 5 {
+            1 => now + 60_000,
+            2 => now,
+            _ => continue,
+        };
+        assert_eq!(s.lease(c, 10, "A", T0, until).await.unwrap().len(), 1);
+    }
+    let mut expect: Vec<String> = conns
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(i % 5, 0 | 2 | 4))
+        .map(|(_, c)| c.clone())
+        .collect();
+    expect.sort();
+    let (mut seen, mut sizes, mut after) = (Vec::new(), Vec::new(), None::<String>);
+    loop {
+        let page = s.connections_with_pending(now, after.as_deref(), PAGE).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.clone());
+        sizes.push(page.len());
+        seen.extend(page);
+    }
+    assert_eq!(seen.len(), expect.len(), "each connection once");
+    assert_eq!(seen, expect, "in id order");
+    let (last, full) = sizes.split_last().unwrap();
+    assert!(
+        full.iter().all(|n| *n == PAGE) && (1..=PAGE).contains(last),
+        "{sizes:?}"
+    );
+}

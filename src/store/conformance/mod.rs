@@ -139,6 +139,10 @@ macro_rules! conformance {
                 backend::run(super::connection_crud_and_indexes).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn connection_by_thread_takes_the_latest_write() {
+                backend::run(super::connection_by_thread_takes_the_latest_write).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn connection_patches_do_not_overwrite_each_other() {
                 backend::run(super::connection_patches_do_not_overwrite_each_other).await
             }
@@ -263,6 +267,10 @@ macro_rules! conformance {
                 backend::run(super::pending_sweep_and_stats).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn pending_connections_page_through_many() {
+                backend::run(super::pending_connections_page_through_many).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn unstorable_input_is_refused_alone() {
                 backend::run(super::unstorable_input_is_refused_alone).await
             }
@@ -289,6 +297,10 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn push_event_unless_pushed_since() {
                 backend::run(super::push_event_unless_pushed_since).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn push_windows_survive_a_reopen() {
+                backend::run(super::push_windows_survive_a_reopen).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn group_commit_throughput() {

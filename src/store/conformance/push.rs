@@ -354,3 +354,68 @@ pub async fn push_event_unless_pushed_since(b: Arc<dyn Backend>) {
         PushSlot::Trailing { due_ms: t + 1000 }
     );
 }
+
+/// Push windows outlive the store's handles (a node's restart): a wallet pushed a moment ago
+/// is not pushed again at once, a trailing push scheduled before is still taken when due, and
+/// a claim left unended (the node stopped mid-push) is taken again once it runs out.
+pub async fn push_windows_survive_a_reopen(b: Arc<dyn Backend>) {
+    const WINDOW: i64 = 10_000;
+    let (pushed, claimed, deleted) = (new_id(), new_id(), new_id());
+    {
+        let s = b.open().await;
+        let gone = NewClaim::until(T0 + 1_000);
+        assert_eq!(
+            s.push_event(&deleted, T0, WINDOW, gone, None).await.unwrap(),
+            PushSlot::Now
+        );
+        s.delete_connection(&deleted).await.unwrap();
+        let claim = NewClaim::until(T0 + 1_000);
+        assert_eq!(
+            s.push_event(&pushed, T0, WINDOW, claim, None).await.unwrap(),
+            PushSlot::Now
+        );
+        assert!(s.push_done(&pushed, claim.token).await.unwrap());
+        let later = s
+            .push_event(&pushed, T0 + 100, WINDOW, NewClaim::until(T0 + 1_100), None)
+            .await
+            .unwrap();
+        assert_eq!(later, PushSlot::Trailing { due_ms: T0 + WINDOW });
+        let unended = NewClaim::until(T0 + 5_000);
+        assert_eq!(
+            s.push_event(&claimed, T0, WINDOW, unended, None).await.unwrap(),
+            PushSlot::Now
+        );
+    }
+    let s = b.open().await;
+    let again = s
+        .push_event(&pushed, T0 + 200, WINDOW, NewClaim::until(T0 + 1_200), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        PushSlot::Trailing { due_ms: T0 + WINDOW },
+        "pushed again at once"
+    );
+    let claim = NewClaim::until(T0 + 1_300);
+    let fresh = s.push_event(&deleted, T0 + 300, WINDOW, claim, None).await.unwrap();
+    assert_eq!(fresh, PushSlot::Now, "the window of a deleted connection came back");
+    assert!(s.push_done(&deleted, claim.token).await.unwrap());
+    assert!(s
+        .push_take_due(T0 + 4_999, T0 + 70_000, 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let ran_out = s.push_take_due(T0 + 5_000, T0 + 70_000, 0, 10).await.unwrap();
+    assert_eq!(
+        ran_out.iter().map(|c| &c.conn).collect::<Vec<_>>(),
+        vec![&claimed],
+        "claim lost"
+    );
+    let due = s.push_take_due(T0 + WINDOW, T0 + 70_000, 0, 10).await.unwrap();
+    assert_eq!(
+        due.iter().map(|c| &c.conn).collect::<Vec<_>>(),
+        vec![&pushed],
+        "trailing push lost"
+    );
+    assert!(s.push_done(&pushed, due[0].token).await.unwrap());
+}

@@ -70,7 +70,11 @@ pub(super) type DedupEntries = HashMap<[u8; 32], (MessageId, i64)>;
 
 #[derive(Default, Debug)]
 pub(super) struct Queues {
-    pub(super) by_conn: HashMap<ConnId, ConnQueue>,
+    /// Queues with messages, in id order: a page of
+    /// [`Store::connections_with_pending`](crate::store::Store::connections_with_pending) is a
+    /// range read from its cursor (a hash map made every page a scan and a sort of every
+    /// queue: paging through them all cost their number squared).
+    pub(super) by_conn: BTreeMap<ConnId, ConnQueue>,
     pub(super) total: u64,
     /// conn -> dedup key -> (id, received_at_ms). The connection's name is shared with its
     /// `dedup_order` entries (one per forward in the window: a copy each cost ~60 bytes).
@@ -258,6 +262,51 @@ impl Queues {
         order.make_contiguous().sort_unstable_by_key(|e| e.0);
         self.dedup_count = total as u64;
         self.dedup_order = order;
+    }
+
+    /// What a prune with cutoff `before_ms` removes, at most `max` entries, read without
+    /// changing anything: for each entry it reads at the front of the pruning order, the id
+    /// of the record it removes, `None` for an entry replaced by a later copy or removed since
+    /// (skipped). The index changes only once the removal is in the queue log
+    /// ([`Queues::drop_dedup`]).
+    pub(super) fn dedup_due(&self, before_ms: i64, max: usize) -> Vec<Option<MessageId>> {
+        let mut read = Vec::new();
+        let mut n = 0;
+        for (at, conn, key) in &self.dedup_order {
+            if n >= max || *at >= before_ms {
+                break;
+            }
+            let id = match self.dedup.get(&**conn).and_then(|d| d.get(key)) {
+                Some((id, a)) if a == at => Some(*id),
+                _ => None,
+            };
+            n += usize::from(id.is_some());
+            read.push(id);
+        }
+        read
+    }
+
+    /// Drops the entries [`Queues::dedup_due`] read (`read`, the front of the pruning order:
+    /// only a prune pops it, one at a time), once their removal is in the queue log. An entry
+    /// replaced or removed meanwhile is left to what replaced it. Returns how many it dropped.
+    pub(super) fn drop_dedup(&mut self, read: &[Option<MessageId>]) -> u64 {
+        let mut n = 0;
+        for want in read {
+            let Some((at, conn, key)) = self.dedup_order.pop_front() else {
+                break;
+            };
+            let Some(d) = self.dedup.get_mut(&*conn) else { continue };
+            if !d.get(&key).is_some_and(|(id, a)| *a == at && Some(*id) == *want) {
+                continue;
+            }
+            d.remove(&key);
+            if d.is_empty() {
+                self.dedup.remove(&*conn);
+            }
+            self.dedup_count -= 1;
+            n += 1;
+        }
+        n
     }
 
     /// The dedup entries of `conn` (made empty when it has none) and the connection's name as

@@ -9,8 +9,8 @@ use parking_lot::{Mutex, RwLock};
 use super::index::{Meta, Queues};
 use super::queue_log::{Key, QueueLog};
 use super::records::{
-    decode_conn, decode_dedup_key, decode_dedup_record, decode_id, decode_mediation, decode_msg, dedup_record,
-    encode_id, msg_head_len, KIND_DEDUP, KIND_MSG,
+    decode_conn, decode_dedup_key, decode_dedup_record, decode_id, decode_mediation, decode_msg, decode_push_window,
+    dedup_record, encode_id, encode_push_window, msg_head_len, KIND_DEDUP, KIND_MSG,
 };
 use super::{corrupt, unavailable, DEDUP_PRUNED_BEFORE_KEY, NEVER};
 use crate::store::{ConnId, Connection, MediationState, MessageId, QueuedMessage, StoreError, StoreResult};
@@ -29,7 +29,7 @@ fn log_read_err(e: std::io::Error) -> StoreError {
 
 /// The push window of one connection ([`crate::store::push_window_step`]) and the claim of
 /// the trailing push a node took from it ([`crate::store::Store::push_take_due`]).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct PushWindow {
     pub(super) last_push_ms: i64,
     pub(super) trailing_due_ms: Option<i64>,
@@ -57,9 +57,14 @@ pub(super) struct Inner {
     pub(super) invitations: sled::Tree,
     /// connection id -> JSON [`Device`] (push registration).
     pub(super) devices: sled::Tree,
-    /// Push windows. Memory only (one process holds a sled store; in-process nodes share
-    /// it): a restart forgets a pending trailing push.
+    /// Push windows, as `windows` holds them (read back at open; in-process nodes share
+    /// them). Every change is written to `windows` first, under this lock: the disk holds them
+    /// in the order they were decided, and a write that fails changes nothing.
     pub(super) push_windows: Mutex<HashMap<ConnId, PushWindow>>,
+    /// connection id -> push window ([`super::records::encode_push_window`]): a restart keeps
+    /// the windows, so a wallet pushed a moment ago is not pushed again at once, and a
+    /// trailing push scheduled (or a claim held) is still taken.
+    pub(super) windows: sled::Tree,
     /// Serialises connection and key writes (transactions then never conflict).
     pub(super) meta_lock: Mutex<()>,
     /// Connections whose mediation is revoked ([`MediationState::Denied`]), as `conns` holds
@@ -74,6 +79,9 @@ pub(super) struct Inner {
     /// Held by the writer over a whole batch (decide, write, publish) and by the removal of a
     /// queue: a removal never lands between a batch's decision and its publication.
     pub(super) batch_lock: Mutex<()>,
+    /// Held by [`crate::store::Store::prune_dedup`] from its read of the pruning order to its change of the
+    /// index: two prunes never read the same entries.
+    pub(super) prune_lock: Mutex<()>,
 }
 
 impl Inner {
@@ -102,6 +110,7 @@ impl Inner {
             dedup: t("dedup")?,
             invitations: t("invitations")?,
             devices: t("devices")?,
+            windows: t("push_windows")?,
             log,
             push_windows: Mutex::new(HashMap::new()),
             db,
@@ -110,12 +119,52 @@ impl Inner {
             queues: Mutex::new(Queues::default()),
             write_failed: std::sync::atomic::AtomicBool::new(false),
             batch_lock: Mutex::new(()),
+            prune_lock: Mutex::new(()),
         };
         inner.fold_verkey_index()?;
         inner.migrate_trees()?;
         inner.rebuild_index()?;
         inner.load_denied()?;
+        inner.load_push_windows()?;
         Ok(inner)
+    }
+
+    /// After a run that did not stop (a crash): forgets when each window last pushed, keeps
+    /// its trailing push and claim (still owed). The node then wakes every wallet with mail
+    /// pending at once, as their sockets died with that run; a window remembering a push made
+    /// just before the crash would put that wake-up off to its trailing push, up to a window
+    /// later. Written before the memory changes, as every window change.
+    pub(super) fn forget_last_pushes(&self) -> StoreResult<()> {
+        let mut w = self.push_windows.lock();
+        let forgotten: Vec<(ConnId, PushWindow)> = w
+            .iter()
+            .map(|(c, p)| {
+                let p = PushWindow {
+                    last_push_ms: i64::MIN,
+                    ..*p
+                };
+                (c.clone(), p)
+            })
+            .collect();
+        let mut b = sled::Batch::default();
+        for (c, p) in &forgotten {
+            b.insert(c.as_bytes(), &encode_push_window(p)[..]);
+        }
+        self.windows.apply_batch(b).map_err(unavailable)?;
+        w.extend(forgotten);
+        Ok(())
+    }
+
+    /// Reads the push windows back from `windows`.
+    fn load_push_windows(&self) -> StoreResult<()> {
+        let mut windows = HashMap::new();
+        for kv in self.windows.iter() {
+            let (k, v) = kv.map_err(unavailable)?;
+            let conn = String::from_utf8(k.to_vec()).map_err(|_| corrupt("push window key"))?;
+            windows.insert(conn, decode_push_window(&v)?);
+        }
+        *self.push_windows.lock() = windows;
+        Ok(())
     }
 
     /// Reads which connections are denied (one pass over the connections, their mediation

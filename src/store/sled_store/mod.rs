@@ -5,9 +5,13 @@
 //! - `conns`: connection id -> JSON [`Connection`](super::Connection); `by_verkey`:
 //!   `len16(verkey) verkey id` -> write sequence; `by_thread`: `len16(thread) thread id` ->
 //!   write sequence. Written in the connection's transaction; several connections may share a
-//!   key, a lookup takes the most recently written one (as PostgreSQL does).
+//!   thread, a lookup takes the most recently written one (as PostgreSQL does: a patch or a
+//!   revocation stamps the thread entry again, as it bumps `written` there).
 //! - `keys`: routing key -> connection id; `conn_keys`: `len16(conn) conn key` -> () (keys_of).
 //! - `attempts`: id -> u32 BE, written when a message is leased (not flushed on its own).
+//! - `devices`: connection id -> JSON [`Device`](super::Device); `push_windows`: connection id
+//!   -> its push window (`encode_push_window`), written by the push calls (a few per push, off
+//!   the forward path), kept in memory too (`Inner::push_windows`).
 //! - `msgs`, `dedup`: where stores written before the queue log kept their messages and dedup
 //!   records; moved into the log at open (`migrate_trees`), empty afterwards.
 //!
@@ -540,6 +544,47 @@ mod tests {
         );
     }
 
+    /// Push windows outlive a restart (the conformance check `push_windows_survive_a_reopen`),
+    /// but after a run that did not stop, `begin_run` forgets when they last pushed: the
+    /// node's wake-up pushes a wallet pushed just before the crash at once (its socket died
+    /// with the run), while a trailing push scheduled before the crash is still taken.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_forgets_the_last_pushes_not_the_trailing_ones() {
+        use crate::store::{NewClaim, PushSlot};
+        const WINDOW: i64 = 60_000;
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let claim = || NewClaim::until(t0 + 30_000);
+        {
+            let s = SledStore::open(dir.path()).await.unwrap();
+            assert_eq!(s.begin_run().await.unwrap(), Some(false));
+            let c = claim();
+            assert_eq!(
+                s.push_event("pushed", t0, WINDOW, c, None).await.unwrap(),
+                PushSlot::Now
+            );
+            assert!(s.push_done("pushed", c.token).await.unwrap());
+            let c = claim();
+            assert_eq!(
+                s.push_event("trailing", t0, WINDOW, c, None).await.unwrap(),
+                PushSlot::Now
+            );
+            assert!(s.push_done("trailing", c.token).await.unwrap());
+            let folded = s.push_event("trailing", t0 + 1, WINDOW, claim(), None).await.unwrap();
+            assert_eq!(folded, PushSlot::Trailing { due_ms: t0 + WINDOW });
+            // Dropped without end_run: a crash.
+        }
+        let s = SledStore::open(dir.path()).await.unwrap();
+        assert_eq!(s.begin_run().await.unwrap(), Some(true));
+        let c = claim();
+        let wake = s.push_event("pushed", t0 + 2, WINDOW, c, None).await.unwrap();
+        assert_eq!(wake, PushSlot::Now, "the wake-up after the crash is put off");
+        assert!(s.push_done("pushed", c.token).await.unwrap());
+        let due = s.push_take_due(t0 + WINDOW, t0 + 2 * WINDOW, 0, 10).await.unwrap();
+        let due: Vec<&str> = due.iter().map(|c| c.conn.as_str()).collect();
+        assert_eq!(due, vec!["trailing"], "the trailing push is lost");
+    }
+
     /// A database written before the queue log kept its messages and dedup records in the
     /// `msgs` and `dedup` trees: the first open moves them into the log, empties the trees,
     /// and the store serves them as before (queue, dedup window, new ids after the old ones).
@@ -857,6 +902,72 @@ mod tests {
         let dup = dup[0].as_ref().unwrap();
         assert!(dup.duplicate);
         assert_eq!(dup.id, second.id);
+    }
+
+    /// A prune whose removal the queue log refuses (a full disk) changes nothing: the entries
+    /// stay held and counted, their records stay in the log, and the next prune removes both.
+    /// It never leaves records in the log that no entry names (kept until a restart, never
+    /// pruned) nor a count below what the log holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prune_the_log_refused_leaves_the_entries_held() {
+        let s = SledStore::temporary().await.unwrap();
+        let t0 = 1_700_000_000_000;
+        let batch: Vec<NewMessage> = (0..3).map(|i| new_msg("c", &format!("m{i}"), t0, Some(i))).collect();
+        s.enqueue(batch, &dedup_window(60_000)).await.unwrap();
+        let leased = s.lease("c", 10, "o", t0, t0 + 60_000).await.unwrap();
+        let ids: Vec<MessageId> = leased.iter().map(|m| m.id).collect();
+        assert_eq!(s.ack("c", &ids).await.unwrap(), 3);
+        assert_eq!(
+            s.dedup_tree_len_for_test(),
+            3,
+            "acknowledged in their window: records kept"
+        );
+
+        s.slot.log.fail_next_write();
+        assert!(s.prune_dedup(t0 + 1, 100).await.is_err());
+        assert_eq!(s.dedup_records().await.unwrap(), 3, "the failed prune dropped entries");
+        assert_eq!(s.dedup_tree_len_for_test(), 3);
+        let lim = dedup_window(60_000);
+        let dup = s
+            .enqueue(vec![new_msg("c", "m0", t0 + 10, Some(0))], &lim)
+            .await
+            .unwrap();
+        assert!(dup[0].as_ref().unwrap().duplicate, "still in its window");
+
+        assert_eq!(s.prune_dedup(t0 + 1, 100).await.unwrap(), 3, "the retry prunes them");
+        assert_eq!(s.dedup_records().await.unwrap(), 0);
+        assert_eq!(s.dedup_tree_len_for_test(), 0, "records left in the log");
+    }
+
+    /// Paging through the connections with mail costs what its pages hold, not a scan of every
+    /// connection per page. Times printed, not asserted (`cargo test --lib
+    /// paging_through_many_connections -- --nocapture`); the results are checked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn paging_through_many_connections() {
+        const CONNS: usize = 20_000;
+        let s = SledStore::temporary().await.unwrap();
+        let t0 = 1_700_000_000_000;
+        let names: Vec<String> = (0..CONNS).map(|i| format!("conn-{i:05}")).collect();
+        for chunk in names.chunks(MAX_BATCH_MESSAGES) {
+            let batch = chunk.iter().map(|c| new_msg(c, "m", t0, None)).collect();
+            s.enqueue(batch, &EnqueueLimits::UNLIMITED).await.unwrap();
+        }
+        for page in [500, 100] {
+            let started = std::time::Instant::now();
+            let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+            loop {
+                let got = s.connections_with_pending(t0, after.as_deref(), page).await.unwrap();
+                let Some(last) = got.last() else { break };
+                after = Some(last.clone());
+                seen.extend(got);
+                pages += 1;
+            }
+            println!(
+                "connections_with_pending: {CONNS} connections, {pages} pages of {page}: {:?}",
+                started.elapsed()
+            );
+            assert_eq!(seen, names);
+        }
     }
 
     /// The pruning order rebuilt at open holds every entry once, oldest first, whatever the

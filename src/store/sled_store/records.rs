@@ -1,7 +1,9 @@
-//! The records on disk: message ids, the message record layout, dedup and key entries.
+//! The records on disk: message ids, the message record layout, dedup and key entries, push
+//! windows.
 
 use sled::transaction::TransactionError;
 
+use super::inner::PushWindow;
 use super::queue_log::Body;
 use super::{corrupt, unavailable, MSG_FORMAT_V1, MSG_FORMAT_V2};
 use crate::store::{Connection, MediationState, MessageId, NewMessage, StoreError, StoreResult};
@@ -248,4 +250,36 @@ pub(super) fn tx_err(e: TransactionError<StoreError>) -> StoreError {
         TransactionError::Abort(e) => e,
         TransactionError::Storage(e) => unavailable(e),
     }
+}
+
+/// Bytes of a push window record: `last_push i64, flags u8, trailing_due i64, claimed_until
+/// i64, claim_token i64` (BE; flag 1: a trailing push is due, flag 2: a claim is held; the
+/// value of an absent one is 0).
+const PUSH_WINDOW_LEN: usize = 33;
+const PUSH_TRAILING: u8 = 1;
+const PUSH_CLAIMED: u8 = 2;
+
+pub(super) fn encode_push_window(w: &PushWindow) -> [u8; PUSH_WINDOW_LEN] {
+    let mut out = [0u8; PUSH_WINDOW_LEN];
+    let flags = w.trailing_due_ms.map_or(0, |_| PUSH_TRAILING) | w.claim.map_or(0, |_| PUSH_CLAIMED);
+    let (until, token) = w.claim.unwrap_or((0, 0));
+    out[..8].copy_from_slice(&w.last_push_ms.to_be_bytes());
+    out[8] = flags;
+    out[9..17].copy_from_slice(&w.trailing_due_ms.unwrap_or(0).to_be_bytes());
+    out[17..25].copy_from_slice(&until.to_be_bytes());
+    out[25..].copy_from_slice(&token.to_be_bytes());
+    out
+}
+
+pub(super) fn decode_push_window(v: &[u8]) -> StoreResult<PushWindow> {
+    if v.len() != PUSH_WINDOW_LEN {
+        return Err(corrupt("push window"));
+    }
+    let at = |i: usize| i64::from_be_bytes(v[i..i + 8].try_into().expect("length checked"));
+    let flags = v[8];
+    Ok(PushWindow {
+        last_push_ms: at(0),
+        trailing_due_ms: (flags & PUSH_TRAILING != 0).then(|| at(9)),
+        claim: (flags & PUSH_CLAIMED != 0).then(|| (at(17), at(25))),
+    })
 }

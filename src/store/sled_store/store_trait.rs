@@ -7,13 +7,30 @@ use sled::Transactional;
 
 use super::index::Owner;
 use super::inner::PushWindow;
-use super::records::{conn_key_entry, conn_prefix, decode_conn, decode_msg, encode_id, latest_of, pair_key, tx_err};
+use super::records::{
+    conn_key_entry, conn_prefix, decode_conn, decode_msg, encode_id, encode_push_window, latest_of, pair_key, tx_err,
+};
 use super::{corrupt, unavailable, SledStore, DEDUP_PRUNED_BEFORE_KEY, IDENTITY_KEY, RUNNING_KEY};
 use crate::store::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
     Identity, InvitationUse, KeyUpdate, MediationState, MessageId, NewClaim, NewMessage, PendingStats, PushClaim,
     PushSlot, QueueStats, QueueSummary, QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
 };
+
+/// Marks `c` as the most recently written holder of its thread id (`seq`, from
+/// `generate_id`), in the transaction that writes its record: every write of a connection
+/// (put, patch, revocation) counts, as PostgreSQL's `written` does, so both backends answer
+/// [`Store::connection_by_thread`] alike.
+fn stamp_thread(
+    by_thread: &sled::transaction::TransactionalTree,
+    c: &Connection,
+    seq: &[u8; 8],
+) -> Result<(), ConflictableTransactionError<StoreError>> {
+    if let Some(t) = &c.thread_id {
+        by_thread.insert(pair_key(t, &c.id), &seq[..])?;
+    }
+    Ok(())
+}
 
 #[async_trait::async_trait]
 impl Store for SledStore {
@@ -162,7 +179,14 @@ impl Store for SledStore {
             };
             patch.apply(&mut c);
             let bytes = serde_json::to_vec(&c).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
-            inner.conns.insert(id.as_bytes(), bytes).map_err(unavailable)?;
+            let seq = inner.db.generate_id().map_err(unavailable)?.to_be_bytes();
+            (&inner.conns, &inner.by_thread)
+                .transaction(|(conns, by_thread)| {
+                    stamp_thread(by_thread, &c, &seq)?;
+                    conns.insert(id.as_bytes(), bytes.as_slice())?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(tx_err)?;
             inner.note_mediation(&id, Some(c.mediation));
             inner.flush()?;
             Ok(Some(c))
@@ -542,15 +566,18 @@ impl Store for SledStore {
         let after = after.map(str::to_owned);
         self.blocking(move |inner| {
             let q = inner.queues.lock();
-            let mut found: Vec<&str> = q
-                .by_conn
-                .iter()
-                .filter(|(c, _)| after.as_deref().map_or(true, |a| c.as_str() > a))
+            // From the cursor, in id order: a page reads its own queues and those it skips
+            // (nothing deliverable), not every queue.
+            let lower = match &after {
+                Some(a) => Bound::Excluded(a.as_str()),
+                None => Bound::Unbounded,
+            };
+            Ok(q.by_conn
+                .range::<str, _>((lower, Bound::Unbounded))
                 .filter(|(_, cq)| cq.msgs.values().any(|m| m.pending(now_ms)))
-                .map(|(c, _)| c.as_str())
-                .collect();
-            found.sort_unstable();
-            Ok(found.into_iter().take(limit).map(str::to_owned).collect())
+                .take(limit)
+                .map(|(c, _)| c.clone())
+                .collect())
         })
         .await
     }
@@ -572,38 +599,24 @@ impl Store for SledStore {
 
     async fn prune_dedup(&self, before_ms: i64, max: usize) -> StoreResult<u64> {
         self.blocking(move |inner| {
-            let (removed, newer_cutoff) = {
-                let mut guard = inner.queues.lock();
-                let q = &mut *guard;
-                let mut removed = Vec::new();
-                let newer_cutoff = before_ms > q.dedup_pruned_before;
-                q.dedup_pruned_before = q.dedup_pruned_before.max(before_ms);
-                // Entries skipped below are popped once each: the work stays linear in records.
-                while removed.len() < max {
-                    match q.dedup_order.front() {
-                        Some((at, _, _)) if *at < before_ms => {}
-                        _ => break,
-                    }
-                    let (at, conn, key) = q.dedup_order.pop_front().expect("front checked");
-                    let Some(d) = q.dedup.get_mut(&*conn) else { continue };
-                    // Replaced by a later copy: that one has its own entry further on.
-                    let id = match d.get(&key) {
-                        Some((id, a)) if *a == at => *id,
-                        _ => continue,
-                    };
-                    d.remove(&key);
-                    if d.is_empty() {
-                        q.dedup.remove(&*conn);
-                    }
-                    q.dedup_count -= 1;
-                    removed.push(id);
-                }
-                (removed, newer_cutoff)
-            };
-            let n = removed.len() as u64;
+            // One prune at a time: the entries it read at the front of the pruning order are
+            // still there when it drops them (enqueues only push at the back).
+            let _p = inner.prune_lock.lock();
+            // Read first, and the index changed only once the removal is in the queue log (as
+            // `ack_leased`, `remove_queue`): a failed append leaves every entry held, counted
+            // and pruned by the next call, not records in the log no index entry names.
+            let read = inner.queues.lock().dedup_due(before_ms, max);
+            let ids: Vec<MessageId> = read.iter().flatten().copied().collect();
             // Most entries are of queued messages and have no dedup record (removing a key that
             // is not in the queue log writes nothing).
-            inner.log_removal(&[], &[], &removed, false)?;
+            inner.log_removal(&[], &[], &ids, false)?;
+            let (n, newer_cutoff) = {
+                let mut q = inner.queues.lock();
+                let n = q.drop_dedup(&read);
+                let newer_cutoff = before_ms > q.dedup_pruned_before;
+                q.dedup_pruned_before = q.dedup_pruned_before.max(before_ms);
+                (n, newer_cutoff)
+            };
             if newer_cutoff {
                 // Not flushed: a cutoff lost in a crash only loads entries the next prune drops.
                 inner
@@ -641,6 +654,9 @@ impl Store for SledStore {
                 .insert(RUNNING_KEY, &[1u8][..])
                 .map_err(unavailable)?
                 .is_some();
+            if unfinished {
+                inner.forget_last_pushes()?;
+            }
             inner.meta.flush().map_err(unavailable)?;
             *runs = 1;
             Ok(Some(unfinished))
@@ -853,31 +869,49 @@ impl Store for SledStore {
         unless_pushed_since_ms: Option<i64>,
     ) -> StoreResult<PushSlot> {
         check_storable("connection id", conn)?;
-        let inner = self.slot.get()?;
-        let mut w = inner.push_windows.lock();
-        let old = w.get(conn).copied();
-        if let (Some(since), Some(p)) = (unless_pushed_since_ms, old) {
-            if p.last_push_ms >= since {
-                return Ok(PushSlot::PushedSince);
+        let conn = conn.to_owned();
+        self.blocking(move |inner| {
+            let (slot, changed) = {
+                let mut w = inner.push_windows.lock();
+                let old = w.get(&conn).copied();
+                if let (Some(since), Some(p)) = (unless_pushed_since_ms, old) {
+                    if p.last_push_ms >= since {
+                        return Ok(PushSlot::PushedSince);
+                    }
+                }
+                let state = old.map(|p| (p.last_push_ms, p.trailing_due_ms));
+                let ((last_push_ms, trailing_due_ms), due) = super::super::push_window_step(state, now_ms, window_ms);
+                // Folded: the claim of a push in flight is not the window's, kept as it is. Now:
+                // this push is claimed.
+                let (slot, claim) = match due {
+                    Some(due_ms) => (PushSlot::Trailing { due_ms }, old.and_then(|p| p.claim)),
+                    None => (PushSlot::Now, Some((claim.until_ms, claim.token))),
+                };
+                let new = PushWindow {
+                    last_push_ms,
+                    trailing_due_ms,
+                    claim,
+                };
+                // An event folded into a trailing push already scheduled changes nothing: no write.
+                let changed = old != Some(new);
+                if changed {
+                    inner
+                        .windows
+                        .insert(conn.as_bytes(), &encode_push_window(&new)[..])
+                        .map_err(unavailable)?;
+                    w.insert(conn, new);
+                }
+                (slot, changed)
+            };
+            if changed {
+                // Durable when it returns, as a device registration is: a push claimed or
+                // scheduled here is still taken after a crash. An error (the write may land all
+                // the same) makes the caller push at once and end its claim.
+                inner.flush()?;
             }
-        }
-        let state = old.map(|p| (p.last_push_ms, p.trailing_due_ms));
-        let ((last_push_ms, trailing_due_ms), due) = super::super::push_window_step(state, now_ms, window_ms);
-        // Folded: the claim of a push in flight is not the window's, kept as it is. Now: this
-        // push is claimed.
-        let (slot, claim) = match due {
-            Some(due_ms) => (PushSlot::Trailing { due_ms }, old.and_then(|p| p.claim)),
-            None => (PushSlot::Now, Some((claim.until_ms, claim.token))),
-        };
-        w.insert(
-            conn.to_owned(),
-            PushWindow {
-                last_push_ms,
-                trailing_due_ms,
-                claim,
-            },
-        );
-        Ok(slot)
+            Ok(slot)
+        })
+        .await
     }
 
     async fn push_take_due(
@@ -887,47 +921,89 @@ impl Store for SledStore {
         idle_before_ms: i64,
         limit: usize,
     ) -> StoreResult<Vec<PushClaim>> {
-        let inner = self.slot.get()?;
         let token = super::super::new_push_claim_token();
-        let mut w = inner.push_windows.lock();
-        // Due: scheduled by the window, or claimed by a caller that never said it was done.
-        let mut due: Vec<(i64, ConnId)> = w
-            .iter()
-            .filter_map(|(c, p)| {
-                let at = [p.trailing_due_ms, p.claim.map(|(until, _)| until)]
-                    .into_iter()
-                    .flatten()
-                    .filter(|t| *t <= now_ms)
-                    .min()?;
-                Some((at, c.clone()))
-            })
-            .collect();
-        due.sort();
-        due.truncate(limit);
-        for (_, c) in &due {
-            w.insert(
-                c.clone(),
-                PushWindow {
+        self.blocking(move |inner| {
+            let due = {
+                let mut w = inner.push_windows.lock();
+                // Due: scheduled by the window, or claimed by a caller that never said it was done.
+                let mut due: Vec<(i64, ConnId)> = w
+                    .iter()
+                    .filter_map(|(c, p)| {
+                        let at = [p.trailing_due_ms, p.claim.map(|(until, _)| until)]
+                            .into_iter()
+                            .flatten()
+                            .filter(|t| *t <= now_ms)
+                            .min()?;
+                        Some((at, c.clone()))
+                    })
+                    .collect();
+                due.sort();
+                due.truncate(limit);
+                let taken = PushWindow {
                     last_push_ms: now_ms,
                     trailing_due_ms: None,
                     claim: Some((claim_until_ms, token)),
-                },
-            );
-        }
-        w.retain(|_, p| p.trailing_due_ms.is_some() || p.claim.is_some() || p.last_push_ms >= idle_before_ms);
-        Ok(due.into_iter().map(|(_, conn)| PushClaim { conn, token }).collect())
+                };
+                // A window taken now is not idle (it holds a claim).
+                let idle: Vec<ConnId> = w
+                    .iter()
+                    .filter(|(_, p)| {
+                        p.trailing_due_ms.is_none() && p.claim.is_none() && p.last_push_ms < idle_before_ms
+                    })
+                    .map(|(c, _)| c.clone())
+                    .collect();
+                if !due.is_empty() || !idle.is_empty() {
+                    // One batch, before the memory changes: all of it or nothing.
+                    let mut b = sled::Batch::default();
+                    let record = encode_push_window(&taken);
+                    for (_, c) in &due {
+                        b.insert(c.as_bytes(), &record[..]);
+                    }
+                    for c in &idle {
+                        b.remove(c.as_bytes());
+                    }
+                    inner.windows.apply_batch(b).map_err(unavailable)?;
+                }
+                for (_, c) in &due {
+                    w.insert(c.clone(), taken);
+                }
+                for c in &idle {
+                    w.remove(c);
+                }
+                due
+            };
+            if !due.is_empty() {
+                // Durable when it returns (claims taken); forgetting idle windows alone is not
+                // flushed: one read back after a crash is forgotten again by the next poll.
+                inner.flush()?;
+            }
+            Ok(due.into_iter().map(|(_, conn)| PushClaim { conn, token }).collect())
+        })
+        .await
     }
 
     async fn push_done(&self, conn: &str, token: i64) -> StoreResult<bool> {
-        let inner = self.slot.get()?;
-        let mut w = inner.push_windows.lock();
-        match w.get_mut(conn) {
-            Some(p) if p.claim.is_some_and(|(_, t)| t == token) => {
-                p.claim = None;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        let conn = conn.to_owned();
+        self.blocking(move |inner| {
+            let mut w = inner.push_windows.lock();
+            let Some(p) = w
+                .get(&conn)
+                .copied()
+                .filter(|p| p.claim.is_some_and(|(_, t)| t == token))
+            else {
+                return Ok(false);
+            };
+            let ended = PushWindow { claim: None, ..p };
+            // Not flushed: an end lost in a crash lets the claim run out and the push go once
+            // more, as a node that died before ending it does (sled's own flush follows soon).
+            inner
+                .windows
+                .insert(conn.as_bytes(), &encode_push_window(&ended)[..])
+                .map_err(unavailable)?;
+            w.insert(conn, ended);
+            Ok(true)
+        })
+        .await
     }
 
     async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
@@ -951,6 +1027,8 @@ impl Store for SledStore {
             // an empty queue, which a retry removes. The other order could leave its messages
             // queued with no connection: never leased again, counted against the limits for ever.
             let (messages, dedup_records) = inner.remove_queue(&id, true)?;
+            // Held over the removal: an event cannot write the window back between the two.
+            let mut push_windows = inner.push_windows.lock();
             (
                 &inner.conns,
                 &inner.by_verkey,
@@ -958,8 +1036,9 @@ impl Store for SledStore {
                 &inner.keys,
                 &inner.conn_keys,
                 &inner.devices,
+                &inner.windows,
             )
-                .transaction(|(conns, by_verkey, by_thread, rkeys, conn_keys, devices)| {
+                .transaction(|(conns, by_verkey, by_thread, rkeys, conn_keys, devices, windows)| {
                     if let Some(old) = &old {
                         for k in &old.their_verkeys {
                             by_verkey.remove(pair_key(k, &id))?;
@@ -978,12 +1057,14 @@ impl Store for SledStore {
                         conn_keys.remove(entry)?;
                     }
                     devices.remove(id.as_bytes())?;
+                    windows.remove(id.as_bytes())?;
                     conns.remove(id.as_bytes())?;
                     Ok::<_, ConflictableTransactionError<StoreError>>(())
                 })
                 .map_err(tx_err)?;
             inner.note_mediation(&id, None);
-            inner.push_windows.lock().remove(&id);
+            push_windows.remove(&id);
+            drop(push_windows);
             inner.flush()?;
             Ok(Removed {
                 connection: old.is_some(),
@@ -1024,8 +1105,10 @@ impl Store for SledStore {
                 let key = std::str::from_utf8(&k[prefix.len()..]).map_err(|_| corrupt("key"))?;
                 keys.push(key.to_owned());
             }
-            (&inner.conns, &inner.keys, &inner.conn_keys)
-                .transaction(|(conns, rkeys, conn_keys)| {
+            let seq = inner.db.generate_id().map_err(unavailable)?.to_be_bytes();
+            (&inner.conns, &inner.keys, &inner.conn_keys, &inner.by_thread)
+                .transaction(|(conns, rkeys, conn_keys, by_thread)| {
+                    stamp_thread(by_thread, &c, &seq)?;
                     for k in &keys {
                         // Only while it still names this connection (it always does under meta_lock).
                         if rkeys.get(k.as_bytes())?.is_some_and(|h| h.as_ref() == id.as_bytes()) {
