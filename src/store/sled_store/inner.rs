@@ -155,13 +155,31 @@ impl Inner {
         Ok(())
     }
 
-    /// Reads the push windows back from `windows`.
+    /// Reads the push windows back from `windows`. A record that cannot be read is left out
+    /// and removed, with a warning: losing one window costs at most a push too many (the
+    /// store still opens; a damaged window must not keep the node from starting).
     fn load_push_windows(&self) -> StoreResult<()> {
         let mut windows = HashMap::new();
+        let mut damaged = sled::Batch::default();
+        let mut n_damaged = 0usize;
         for kv in self.windows.iter() {
             let (k, v) = kv.map_err(unavailable)?;
-            let conn = String::from_utf8(k.to_vec()).map_err(|_| corrupt("push window key"))?;
-            windows.insert(conn, decode_push_window(&v)?);
+            match (String::from_utf8(k.to_vec()), decode_push_window(&v)) {
+                (Ok(conn), Ok(w)) => {
+                    windows.insert(conn, w);
+                }
+                (conn, w) => {
+                    let why = w.err().map_or_else(|| "key not UTF-8".to_string(), |e| e.to_string());
+                    tracing::warn!(connection = ?conn.ok(), error = %why, "sled: unreadable push window, forgotten");
+                    damaged.remove(k);
+                    n_damaged += 1;
+                }
+            }
+        }
+        if n_damaged > 0 {
+            if let Err(e) = self.windows.apply_batch(damaged) {
+                tracing::warn!(error = %e, "sled: unreadable push windows not removed (read past again at the next open)");
+            }
         }
         *self.push_windows.lock() = windows;
         Ok(())

@@ -585,6 +585,38 @@ mod tests {
         assert_eq!(due, vec!["trailing"], "the trailing push is lost");
     }
 
+    /// A push window record that cannot be read (a damaged value, a key that is not UTF-8) is
+    /// forgotten at open, with a warning, and removed: the store opens, and the wallet's next
+    /// event pushes at once. Before, the open failed and the node could not start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreadable_push_window_is_forgotten_not_fatal() {
+        use crate::store::{NewClaim, PushSlot};
+        let dir = tempfile::tempdir().unwrap();
+        drop(SledStore::open(dir.path()).await.unwrap());
+        {
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let t = db.open_tree("push_windows").unwrap();
+            t.insert(b"damaged", &b"not 33 bytes"[..]).unwrap();
+            t.insert(&[0xff, 0xfe][..], &[0u8; 33][..]).unwrap();
+            db.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path())
+            .await
+            .expect("opens past damaged push windows");
+        let now = 1_700_000_000_000;
+        let slot = s.push_event("damaged", now, 60_000, NewClaim::until(now + 1), None);
+        assert_eq!(slot.await.unwrap(), PushSlot::Now);
+        drop(s);
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let t = db.open_tree("push_windows").unwrap();
+        let keys: Vec<Vec<u8>> = t.iter().keys().map(|k| k.unwrap().to_vec()).collect();
+        assert_eq!(
+            keys,
+            vec![b"damaged".to_vec()],
+            "the unreadable records removed, the new one kept"
+        );
+    }
+
     /// A database written before the queue log kept its messages and dedup records in the
     /// `msgs` and `dedup` trees: the first open moves them into the log, empties the trees,
     /// and the store serves them as before (queue, dedup window, new ids after the old ones).
