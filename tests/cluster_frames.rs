@@ -52,23 +52,29 @@ async fn node_with_ghost(
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let ghost_addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let mut cfg = ghost_config(ghost_addr);
+    tune(&mut cfg);
+    let max = cfg.max_frame;
+    let (tx, ev) = mpsc::channel(events);
+    let n1 = ClusterHandle::start(cfg, l, tx).await.unwrap();
+    (n1, ev, addr, max)
+}
+
+/// n1's config, whose only peer is "ghost" at `ghost`.
+fn ghost_config(ghost: SocketAddr) -> ClusterConfig {
     let mut cfg = ClusterConfig::new(
         "n1",
         "test",
         "s3cret",
         vec![PeerConfig {
             id: "ghost".into(),
-            addr: ghost_addr,
+            addr: ghost,
         }],
     );
     cfg.heartbeat_interval = Duration::from_millis(100);
     // The test answers no pings: keep the link up for the whole test on a loaded machine.
     cfg.failure_timeout = Duration::from_secs(60);
-    tune(&mut cfg);
-    let max = cfg.max_frame;
-    let (tx, ev) = mpsc::channel(events);
-    let n1 = ClusterHandle::start(cfg, l, tx).await.unwrap();
-    (n1, ev, addr, max)
+    cfg
 }
 
 /// The ghost's link to n1 at `addr`, from 127.0.0.1.
@@ -836,17 +842,7 @@ async fn a_handshake_begun_before_a_rotation_installs_no_link() {
 /// Starts n1 with the ghost as its one peer, listening at `ghost` (n1 dials it).
 async fn node_dialing_ghost(ghost: SocketAddr) -> (ClusterHandle, mpsc::Receiver<ClusterEvent>, usize) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut cfg = ClusterConfig::new(
-        "n1",
-        "test",
-        "s3cret",
-        vec![PeerConfig {
-            id: "ghost".into(),
-            addr: ghost,
-        }],
-    );
-    cfg.heartbeat_interval = Duration::from_millis(100);
-    cfg.failure_timeout = Duration::from_secs(60);
+    let cfg = ghost_config(ghost);
     let max = cfg.max_frame;
     let (tx, ev) = mpsc::channel(1024);
     (ClusterHandle::start(cfg, l, tx).await.unwrap(), ev, max)

@@ -1574,6 +1574,16 @@ async fn a_flood_for_one_wallet_takes_one_place_in_the_push_worker() {
     assert_eq!(metric(&n, "mailroom_push_waiting").await, 0.0);
 }
 
+/// The stand-in holds the first FCM push until the test adds a permit to the gate returned.
+fn hold_first_fcm_push(si: &StandIn) -> std::sync::Arc<tokio::sync::Semaphore> {
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    si.state.script(
+        "fcm:proj-a",
+        vec![Reply::new(200, json!({"name": "projects/p/messages/0"})).held(&gate)],
+    );
+    gate
+}
+
 /// A node with one send slot (`max_in_flight = 1`: the worker runs 17 events at once) and
 /// 20 wallets registered.
 async fn one_slot_node_and_wallets(
@@ -1641,11 +1651,7 @@ async fn events_past_what_the_push_worker_runs_wait_their_turn_and_each_is_pushe
 #[actix_rt::test]
 async fn pushes_waiting_for_a_slot_leave_the_other_wallets_events_their_turn() {
     let si = StandIn::start();
-    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-    si.state.script(
-        "fcm:proj-a",
-        vec![Reply::new(200, json!({"name": "projects/p/messages/0"})).held(&gate)],
-    );
+    let gate = hold_first_fcm_push(&si);
     let (_dir, n, store, wallets) = one_slot_node_and_wallets(&si).await;
     forward(&n, &wallets[0].0, &wallets[0].1, "holds the slot").await;
     eventually("the first push held at the stand-in", || async {
@@ -1699,11 +1705,7 @@ async fn registered_wallet(n: &RunningNode, token: &str) -> (Agent, KeyPair, Str
 #[actix_rt::test]
 async fn a_push_waiting_for_a_slot_reads_the_registration_again() {
     let si = StandIn::start();
-    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-    si.state.script(
-        "fcm:proj-a",
-        vec![Reply::new(200, json!({"name": "projects/p/messages/0"})).held(&gate)],
-    );
+    let gate = hold_first_fcm_push(&si);
     let mut pc = si.push_config(60, &["proj-a"], true);
     pc.max_in_flight = 1;
     // The held push must not time out (and free the slot) while a loaded box sets the rest up.
