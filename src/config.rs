@@ -1103,15 +1103,15 @@ impl Config {
         get: impl Fn(&str) -> Option<String>,
     ) -> Result<(String, Option<String>), ConfigError> {
         let c = Self::load_unvalidated(path)?;
+        let node = c.node(node_id)?;
         let mut applied = Vec::new();
         let admin = match env_value(&get, "MAILROOM_ADMIN", false, &mut applied)? {
             Some(v) => {
                 env_addr("MAILROOM_ADMIN", &v)?;
                 v
             }
-            None => c.node(node_id)?.admin.clone(),
+            None => node.admin.clone(),
         };
-        c.node(node_id)?;
         let token = env_value(&get, "MAILROOM_ADMIN_TOKEN", true, &mut applied)?.or(c.admin.token);
         Ok((format!("http://{admin}"), token))
     }

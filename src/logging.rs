@@ -69,25 +69,32 @@ mod tests {
         }
     }
 
+    /// What `f` logs through the node's subscriber (filter `level`, then [`cap`]).
+    fn logged(level: &str, f: impl FnOnce()) -> String {
+        use tracing_subscriber::layer::SubscriberExt;
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::new(level))
+            .with_writer(move || out.clone())
+            .finish()
+            .with(cap());
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        text
+    }
+
     /// At `trace`, and with awc asked for by name, the HTTP client's request lines (which
     /// carry the providers' tokens) are not logged; its info lines and everything else are.
     #[test]
     fn the_http_client_is_never_logged_below_info() {
-        use tracing_subscriber::layer::SubscriberExt;
         for level in [
             "trace",
             "trace,awc=trace,h2=trace",
             "trace,awc::client=trace,awc::client::h2proto=trace,h2::codec=trace",
             "[request]=trace,trace",
         ] {
-            let buf = Buf::default();
-            let out = buf.clone();
-            let subscriber = tracing_subscriber::fmt()
-                .with_env_filter(EnvFilter::new(level))
-                .with_writer(move || out.clone())
-                .finish()
-                .with(cap());
-            tracing::subscriber::with_default(subscriber, || {
+            let text = logged(level, || {
                 tracing::trace!(target: "awc::client::h2proto", "authorization: Bearer secret-1");
                 tracing::debug!(target: "h2::codec::framed_write", "path /3/device/secret-2");
                 tracing::trace!(target: "awc::client::h2proto", "secret-3");
@@ -95,7 +102,6 @@ mod tests {
                 tracing::info!(target: "awc::client", "kept-info");
                 tracing::trace!(target: "mailroom::push", "kept-trace");
             });
-            let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
             assert!(!text.contains("secret"), "{level}: {text}");
             assert!(
                 text.contains("kept-info") && text.contains("kept-trace") && text.contains("kept-lookalike"),
@@ -107,19 +113,10 @@ mod tests {
     /// A stricter level an operator sets for a capped target holds: the cap never raises one.
     #[test]
     fn a_stricter_level_for_the_http_client_holds() {
-        use tracing_subscriber::layer::SubscriberExt;
-        let buf = Buf::default();
-        let out = buf.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(EnvFilter::new("info,awc=warn"))
-            .with_writer(move || out.clone())
-            .finish()
-            .with(cap());
-        tracing::subscriber::with_default(subscriber, || {
+        let text = logged("info,awc=warn", || {
             tracing::info!(target: "awc::client", "dropped-info");
             tracing::warn!(target: "awc::client", "kept-warn");
         });
-        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         assert!(!text.contains("dropped-info") && text.contains("kept-warn"), "{text}");
     }
 }

@@ -194,8 +194,7 @@ pub async fn write_out<E>(
                 "WebSocket closed at the node's stop: its client took none of our bytes {} s into it",
                 STOP_GRACE.as_secs()
             );
-            #[allow(deprecated)]
-            let _ = sock.set_linger(Some(Duration::ZERO));
+            reset(&sock);
             return false;
         }
         if e.kind() == io::ErrorKind::TimedOut {
@@ -204,10 +203,7 @@ pub async fn write_out<E>(
                 "WebSocket closed: its client took none of our bytes for {} ms (limits.ws_write_stall_ms)",
                 stall.as_millis()
             );
-            // Reset, not FIN: the kernel would keep the unsent bytes (megabytes) of a socket
-            // nobody reads until its own timers gave up.
-            #[allow(deprecated)]
-            let _ = sock.set_linger(Some(Duration::ZERO));
+            reset(&sock);
             return true;
         }
     }
@@ -262,6 +258,13 @@ fn writable_within<'a>(
             _ = node.stop_grace_over() => Err(io::Error::other(StopCut)),
         }
     })
+}
+
+/// Reset, not FIN: the kernel would keep the unsent bytes (megabytes) of a socket nobody
+/// reads until its own timers gave up.
+fn reset(sock: &TcpStream) {
+    #[allow(deprecated)]
+    let _ = sock.set_linger(Some(Duration::ZERO));
 }
 
 /// Ends our side (FIN after what was written), then waits a little for the peer's end, so

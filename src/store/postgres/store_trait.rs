@@ -1,6 +1,25 @@
 //! The [`Store`] trait on PostgreSQL.
 
 use super::bounded::{Conn, Failed};
+
+/// `$once` (a statement's future, made again for each try) run up to [`STATEMENT_TRIES`]
+/// times while it fails for a transient reason (a serialization failure, a deadlock, a
+/// connection lost); its last answer.
+macro_rules! retried {
+    ($what:literal, $once:expr) => {{
+        let mut tries = 1;
+        loop {
+            match $once.await {
+                Err(e) if tries < STATEMENT_TRIES && e.is_transient() => {
+                    tracing::warn!(error = %e, concat!("postgres ", $what, " retried"));
+                    tries += 1;
+                }
+                r => break r,
+            }
+        }
+    }};
+}
+
 use super::{decode_conn, json_err, lock_key, PgStore, KEY_LOCK_NS, LOCK_NS, PENDING_STATS_SQL, STATEMENT_TRIES};
 use crate::store::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
@@ -885,16 +904,7 @@ impl Store for PgStore {
         }
         // It deletes the connection's whole queue.
         let mut c = self.pool.get_bulk().await?;
-        let mut tries = 1;
-        loop {
-            match PgStore::delete_connection_once(&mut c, id).await {
-                Err(e) if tries < STATEMENT_TRIES && e.is_transient() => {
-                    tracing::warn!(error = %e, "postgres delete_connection retried");
-                    tries += 1;
-                }
-                r => return r.map_err(StoreError::from),
-            }
-        }
+        retried!("delete_connection", PgStore::delete_connection_once(&mut c, id)).map_err(StoreError::from)
     }
 
     async fn revoke_mediation(&self, id: &str, updated_at_ms: i64) -> StoreResult<Option<Vec<String>>> {
@@ -907,16 +917,7 @@ impl Store for PgStore {
             ..ConnectionPatch::default()
         };
         let mut c = self.client().await?;
-        let mut tries = 1;
-        loop {
-            match PgStore::revoke_mediation_once(&mut c, id, &patch).await {
-                Err(e) if tries < STATEMENT_TRIES && e.is_transient() => {
-                    tracing::warn!(error = %e, "postgres revoke_mediation retried");
-                    tries += 1;
-                }
-                r => return r.map_err(StoreError::from)?,
-            }
-        }
+        retried!("revoke_mediation", PgStore::revoke_mediation_once(&mut c, id, &patch)).map_err(StoreError::from)?
     }
 
     async fn drop_queue(&self, conn: &str) -> StoreResult<u64> {
@@ -924,16 +925,7 @@ impl Store for PgStore {
             return Ok(0);
         }
         let mut c = self.pool.get_bulk().await?;
-        let mut tries = 1;
-        loop {
-            match PgStore::drop_queue_once(&mut c, conn).await {
-                Err(e) if tries < STATEMENT_TRIES && e.is_transient() => {
-                    tracing::warn!(error = %e, "postgres drop_queue retried");
-                    tries += 1;
-                }
-                r => return r.map_err(StoreError::from),
-            }
-        }
+        retried!("drop_queue", PgStore::drop_queue_once(&mut c, conn)).map_err(StoreError::from)
     }
 
     async fn top_queues(&self, limit: usize) -> StoreResult<TopQueues> {
