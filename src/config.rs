@@ -27,6 +27,8 @@ pub mod bounds {
     pub const MESSAGE_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
     /// `limits.dedup_window_secs`: one day.
     pub const DEDUP_WINDOW_SECS: u64 = 24 * 3600;
+    /// `limits.replay_window_secs`: thirty days.
+    pub const REPLAY_WINDOW_SECS: u64 = 30 * 24 * 3600;
     /// `delivery.lease_ms`: one day.
     pub const LEASE_MS: u64 = 24 * 3600 * 1000;
     /// `delivery.sweep_interval_ms`: one hour (it bounds the delay a lost notification causes).
@@ -297,6 +299,11 @@ pub struct Limits {
     /// no dedup; at most [`bounds::DEDUP_WINDOW_SECS`]).
     #[serde(default = "default_dedup")]
     pub dedup_window_secs: u64,
+    /// An authenticated message is handled once: a copy of it (a replay of a captured
+    /// message) within this window is refused, seconds (0 = off; at most
+    /// [`bounds::REPLAY_WINDOW_SECS`]). See [`crate::protocols::replay`].
+    #[serde(default = "default_replay")]
+    pub replay_window_secs: u64,
     /// Messages of one WebSocket being handled at once; beyond it a frame is answered
     /// `{"error":"busy"}` and not handled (the sender retries).
     #[serde(default = "default_ws_inflight")]
@@ -439,6 +446,9 @@ fn default_ttl() -> u64 {
 fn default_dedup() -> u64 {
     300
 }
+fn default_replay() -> u64 {
+    24 * 3600
+}
 fn default_sled_cache_mib() -> u64 {
     64
 }
@@ -505,6 +515,11 @@ impl Limits {
     /// `dedup_window_secs` in milliseconds (saturating; 0 = no dedup).
     pub fn dedup_window_ms(&self) -> i64 {
         secs_to_ms(self.dedup_window_secs)
+    }
+
+    /// `replay_window_secs` in milliseconds (saturating; 0 = off).
+    pub fn replay_window_ms(&self) -> i64 {
+        secs_to_ms(self.replay_window_secs)
     }
 }
 
@@ -922,6 +937,12 @@ impl Config {
                 bounds::DEDUP_WINDOW_SECS
             ));
         }
+        if self.limits.replay_window_secs > bounds::REPLAY_WINDOW_SECS {
+            return bad(format!(
+                "limits.replay_window_secs must be 0..={} (thirty days; 0 = off)",
+                bounds::REPLAY_WINDOW_SECS
+            ));
+        }
         if self.log.format != "human" && self.log.format != "json" {
             return bad(format!("log.format {:?} is not \"human\" or \"json\"", self.log.format));
         }
@@ -1316,6 +1337,7 @@ mod tests {
             ("[limits]\nmessage_ttl_secs = 315360001\n", "limits.message_ttl_secs must be 0..=315360000"),
             ("[limits]\ndedup_window_secs = 10000000000000000\n", "limits.dedup_window_secs must be 0..=86400"),
             ("[limits]\ndedup_window_secs = 86401\n", "limits.dedup_window_secs must be 0..=86400"),
+            ("[limits]\nreplay_window_secs = 2592001\n", "limits.replay_window_secs must be 0..=2592000"),
             ("[delivery]\nlease_ms = 9223372036854775807\n", "delivery.lease_ms must be 100..=86400000"),
             ("[delivery]\nlease_ms = 86400001\n", "delivery.lease_ms must be 100..=86400000"),
             ("[delivery]\nsweep_interval_ms = 3600001\n", "delivery.sweep_interval_ms must be 10..=3600000"),
@@ -1358,7 +1380,8 @@ mod tests {
             assert!(err.contains(want), "{text}: {err:?} should mention {want:?}");
         }
         // The bounds themselves are accepted.
-        let at_bounds = "[limits]\nmessage_ttl_secs = 315360000\ndedup_window_secs = 86400\nmax_envelope_bytes = 1073741824\n\
+        let at_bounds = "[limits]\nmessage_ttl_secs = 315360000\ndedup_window_secs = 86400\nreplay_window_secs = 2592000\n\
+             max_envelope_bytes = 1073741824\n\
              [delivery]\nlease_ms = 86400000\nsweep_interval_ms = 3600000\nendpoint_timeout_ms = 600000\n\
              [store]\npool_size = 1000\nstatement_timeout_ms = 600000\n\
              [cluster]\nsecret = 'at-least-8'\nheartbeat_ms = 60000\nfailure_timeout_ms = 3600000\nmax_frame_bytes = 8388608\npeer_queue = 1048576\n";
@@ -1366,6 +1389,7 @@ mod tests {
         c.cluster_config("n1").unwrap().validate().unwrap();
         assert_eq!(c.limits.message_ttl_ms(), 315_360_000_000);
         assert_eq!(c.limits.dedup_window_ms(), 86_400_000);
+        assert_eq!(c.limits.replay_window_ms(), 2_592_000_000);
         assert_eq!(c.delivery.lease_ms_i64(), 86_400_000);
         assert_eq!(c.store.statement_timeout(), Duration::from_secs(600));
         let low = Config::parse(&format!("[store]\nstatement_timeout_ms = 1000\n{NODE}")).unwrap();

@@ -480,8 +480,8 @@ pub async fn run(
         });
     }
 
-    // Dedup records outlive their window by at most one period (a bounded batch at a time):
-    // memory and disk stay flat under steady traffic.
+    // Dedup and replay records outlive their window by at most one period (a bounded batch at
+    // a time): memory and disk stay flat under steady traffic.
     {
         let shared = shared.clone();
         let window_ms = cfg.limits.dedup_window_ms();
@@ -507,6 +507,17 @@ pub async fn run(
                 }
                 if let Ok(n) = store.dedup_records().await {
                     shared.metrics.dedup_records.set(n as i64);
+                }
+                // Replay records, as they run out (`limits.replay_window_secs`).
+                loop {
+                    match store.prune_sights(now_ms(), DEDUP_PRUNE_BATCH).await {
+                        Ok(n) if n as usize == DEDUP_PRUNE_BATCH => tokio::task::yield_now().await,
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!("replay record pruning: {e}");
+                            break;
+                        }
+                    }
                 }
             }
         });

@@ -316,9 +316,10 @@ async fn kill_9_gives_back_what_the_dead_node_delivered_unacknowledged() {
     let p2 = procs.pop().unwrap();
     let mut p1 = procs.pop().unwrap();
     let routing = a.grant.clone().unwrap().routing_keys;
-    let live = pickup("live-delivery-change", json!({"live_delivery": true}));
+    // A new message for each socket (a copy of one is refused as a replay).
+    let live = || pickup("live-delivery-change", json!({"live_delivery": true}));
     let mut ws = a.websocket(&p1.ws_url()).await.unwrap();
-    assert_eq!(type_name(&ws_request(&a, &mut ws, &live).await), "status");
+    assert_eq!(type_name(&ws_request(&a, &mut ws, &live()).await), "status");
 
     let s = Sender::new();
     let texts: Vec<String> = (0..6).map(|i| format!("in flight {i}")).collect();
@@ -337,7 +338,7 @@ async fn kill_9_gives_back_what_the_dead_node_delivered_unacknowledged() {
     drop(ws);
 
     let mut ws = a.websocket(&p2.ws_url()).await.unwrap();
-    ws.send_envelope(a.pack(&live).unwrap(), true).await.unwrap();
+    ws.send_envelope(a.pack(&live()).unwrap(), true).await.unwrap();
     receive_all(&a, &mut ws, &texts, "node 2 gave back what node 1 left unacknowledged").await;
     println!(
         "kill -9: {} unacknowledged deliveries given back {} ms after the kill (failure timeout 800 ms, lease 600 s)",
@@ -373,9 +374,10 @@ async fn a_node_restarted_after_kill_9_gives_back_its_own_deliveries() {
             .unwrap();
         assert_eq!(code, 202, "{t}");
     }
-    let live = pickup("live-delivery-change", json!({"live_delivery": true}));
+    // A new message for each socket (a copy of one is refused as a replay).
+    let live = || pickup("live-delivery-change", json!({"live_delivery": true}));
     let mut ws = a.websocket(&p1.ws_url()).await.unwrap();
-    ws.send_envelope(a.pack(&live).unwrap(), true).await.unwrap();
+    ws.send_envelope(a.pack(&live()).unwrap(), true).await.unwrap();
     receive_all(&a, &mut ws, &texts, "the session's first drain").await;
     p1.kill9();
     drop(ws);
@@ -383,7 +385,7 @@ async fn a_node_restarted_after_kill_9_gives_back_its_own_deliveries() {
     let p1 = NodeProcess::spawn(&config, &entries[0], &dir.path().join("n1-restarted.log"));
     wait_ready(&p1).await;
     let mut ws = a.websocket(&p1.ws_url()).await.unwrap();
-    ws.send_envelope(a.pack(&live).unwrap(), true).await.unwrap();
+    ws.send_envelope(a.pack(&live()).unwrap(), true).await.unwrap();
     receive_all(
         &a,
         &mut ws,

@@ -409,6 +409,7 @@ impl mailroom::store::Store for CommitsThenFails {
         total_queued, connections_with_pending, prune_dedup,
         dedup_records, queue_log, begin_run, end_run, lease_for_key, pending_stats, expire, expire_due, oldest_received_ms,
         flush, device_of, set_device, forget_device_token, push_event, push_take_due, push_done,
+        first_sight, forget_sight, prune_sights,
         delete_connection, revoke_mediation, drop_queue, top_queues,
     );
 }

@@ -433,8 +433,9 @@ async fn fragmented_frames_reassemble_and_oversized_ones_are_refused() {
     })
     .await;
     // A valid envelope in four fragments (text), then in two (binary): both answered.
-    let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "frag", "response_requested": true, "~transport": {"return_route": "all"}});
-    let env = Bytes::from(a.pack(&ping).unwrap());
+    // Each envelope its own message: a copy of one would be refused as a replay.
+    let ping = |id: &str| json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": id, "response_requested": true, "~transport": {"return_route": "all"}});
+    let env = Bytes::from(a.pack(&ping("frag")).unwrap());
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
     let q = env.len() / 4;
     ws.send_raw(awc::ws::Message::Continuation(Item::FirstText(env.slice(..q))))
@@ -452,6 +453,8 @@ async fn fragmented_frames_reassemble_and_oversized_ones_are_refused() {
     let pong = ws_next_message(&a, &mut ws).await;
     assert_eq!(type_name(&pong), "ping_response");
     assert_eq!(pong["~thread"]["thid"], "frag");
+    let env = Bytes::from(a.pack(&ping("frag-2")).unwrap());
+    let q = env.len() / 4;
     ws.send_raw(awc::ws::Message::Continuation(Item::FirstBinary(env.slice(..q))))
         .await
         .unwrap();
@@ -522,7 +525,7 @@ async fn fragmented_frames_reassemble_and_oversized_ones_are_refused() {
     assert_eq!(status_line(&mut rd).await, "HTTP/1.1 413 Payload Too Large");
     writer.abort();
     // The node serves on.
-    let pong = a.request(&ping).await.unwrap().unwrap();
+    let pong = a.request(&ping("after")).await.unwrap().unwrap();
     assert_eq!(type_name(&pong), "ping_response");
 }
 
@@ -542,7 +545,7 @@ fn keylist_update_msg(add: &[String], remove: &[String]) -> Value {
 
 async fn keylist_len(a: &Agent) -> usize {
     let list = a
-        .request(&json!({"@type": "https://didcomm.org/coordinate-mediation/1.0/keylist-query", "@id": "q", "~transport": {"return_route": "all"}}))
+        .request(&json!({"@type": "https://didcomm.org/coordinate-mediation/1.0/keylist-query", "@id": mailroom::didcomm::message::new_id(), "~transport": {"return_route": "all"}}))
         .await
         .unwrap()
         .unwrap();

@@ -5,7 +5,8 @@
 //!   takes over nothing: no socket is bound to the victim, nothing of its queue moves;
 //! - a handshake whose DID document lists the victim's key (beside the attacker's, or alone)
 //!   is refused, so the victim's own messages keep acting on the victim's connection;
-//! - a session that moved to another node stops taking deliveries on the old one.
+//! - a session that moved to another node stops taking deliveries on the old one;
+//! - a captured authenticated message, replayed on any node, acts once.
 
 mod common;
 
@@ -245,6 +246,17 @@ async fn cluster_attacks_from_another_node() {
     key_claims(&victim, &inv2.recipient_key, &n2.public_url(), &ws_url(n2)).await;
     // And the same from the victim's own node.
     complete_attacks(&victim, &attacker, &n1.public_url(), &ws_url(n1)).await;
+    // A copy of the victim's message replayed on the other node: the record is the store's.
+    let query = json!({
+        "@type": "https://didcomm.org/coordinate-mediation/1.0/keylist-query",
+        "@id": new_id(),
+        "~transport": { "return_route": "all" },
+    });
+    let env = victim.pack(&query).unwrap();
+    let (status, body) = post(&n1.public_url(), env.clone(), WAIT).await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (status, code) = refused_both_ways(env, &n2.public_url(), &ws_url(n2)).await;
+    assert_eq!((status, code.as_str()), (409, "replayed"));
     victim_is_intact(&mut victim, n2, "for the victim").await;
 }
 
@@ -260,13 +272,14 @@ async fn a_moved_session_stops_taking_deliveries_on_its_old_node() {
     let inv = invitation(n1).await;
     let (a, k) = Agent::onboard(&inv).await.unwrap();
     let conn = a_connection_id(n1).await;
-    let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": new_id(), "response_requested": false, "~transport": {"return_route": "all"}});
+    // Each ping its own message: a copy of one would be refused as a replay.
+    let ping = || json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": new_id(), "response_requested": false, "~transport": {"return_route": "all"}});
 
     let mut old = a.websocket(&ws_url(n1)).await.unwrap();
-    old.send_envelope(a.pack(&ping).unwrap(), true).await.unwrap();
+    old.send_envelope(a.pack(&ping()).unwrap(), true).await.unwrap();
     wait_owner(&[n1, n2], &conn, "n1").await;
     let mut new = a.websocket(&ws_url(n2)).await.unwrap();
-    new.send_envelope(a.pack(&ping).unwrap(), true).await.unwrap();
+    new.send_envelope(a.pack(&ping()).unwrap(), true).await.unwrap();
     wait_owner(&[n1, n2], &conn, "n2").await;
     eventually("n1 let go of the superseded session", || async {
         let v = get_json(&format!("{}/sessions", n1.admin_url())).await;
@@ -337,4 +350,123 @@ async fn a_handshake_holds_only_the_key_it_proved() {
     );
     let v = get_json(&format!("{}/connections", n.admin_url())).await;
     assert_eq!(v["connections"].as_array().unwrap().len(), 2, "{v}");
+}
+
+/// A captured authenticated message acts once. The attacker holds a copy of what the victim
+/// sent (a leaked log, a capture): a ping that bound the victim's socket, and a pickup 1.0
+/// `batch-pickup`, whose batch is removed once written back. Replayed over HTTP and on the
+/// attacker's own socket, each is refused before it acts: no socket is bound to the victim,
+/// nothing of its queue is taken, and its own socket still delivers.
+#[actix_rt::test]
+async fn a_replayed_message_acts_once() {
+    let (_d, n, mut victim, vk) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
+    let (http, ws) = (n.public_url(), ws_url(&n));
+    victim.endpoint = http.clone();
+
+    // The victim's batch-pickup over HTTP takes its one queued message.
+    queue_for(&victim, &vk, &n, "picked up").await;
+    let batch = json!({
+        "@type": "https://didcomm.org/messagepickup/1.0/batch-pickup",
+        "@id": new_id(),
+        "batch_size": 10,
+        "~transport": { "return_route": "all" },
+    });
+    let captured_batch = victim.pack(&batch).unwrap();
+    let (status, body) = post(&http, captured_batch.clone(), WAIT).await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (reply, _) = victim.unpack(&body).unwrap();
+    assert_eq!(reply["messages~attach"].as_array().map(Vec::len), Some(1), "{reply}");
+    // The victim's socket, bound by a ping with return route `all` (implicit pickup).
+    let ping = json!({
+        "@type": "https://didcomm.org/trust_ping/1.0/ping",
+        "@id": new_id(),
+        "response_requested": true,
+        "~transport": { "return_route": "all" },
+    });
+    let captured_ping = victim.pack(&ping).unwrap();
+    let mut vws = victim.websocket(&ws).await.unwrap();
+    vws.send_envelope(captured_ping.clone(), true).await.unwrap();
+    assert_eq!(type_name(&ws_next_message(&victim, &mut vws).await), "ping_response");
+
+    // Held while the victim's socket is open: raw pushes go to whichever socket is bound.
+    queue_for(&victim, &vk, &n, "first").await;
+    let first = ws_next_message(&victim, &mut vws).await;
+    assert_eq!(first["content"], "first", "{first}");
+    eventually("the pushed message removed", || async {
+        (queue_depth(&n).await == 0).then_some(())
+    })
+    .await;
+    // Two more queued while the socket is still the victim's, then the replays.
+    vws.close().await;
+    queue_for(&victim, &vk, &n, "kept 1").await;
+    queue_for(&victim, &vk, &n, "kept 2").await;
+    for env in [captured_ping, captured_batch] {
+        let (status, code) = refused_both_ways(env, &http, &ws).await;
+        assert_eq!((status, code.as_str()), (409, "replayed"));
+    }
+    assert_eq!(queue_depth(&n).await, 2, "nothing of the victim's queue was taken");
+
+    // The victim's own new messages act as before.
+    let mut vws = victim.websocket(&ws).await.unwrap();
+    let ping = json!({
+        "@type": "https://didcomm.org/trust_ping/1.0/ping",
+        "@id": new_id(),
+        "response_requested": false,
+        "~transport": { "return_route": "all" },
+    });
+    vws.send_envelope(victim.pack(&ping).unwrap(), true).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(
+            ws_next_message(&victim, &mut vws).await["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    got.sort();
+    assert_eq!(got, ["kept 1", "kept 2"]);
+    vws.close().await;
+}
+
+/// A message refused leaves no record: its sender's retry of the very same envelope is
+/// handled once the refusal's cause is gone (here a full queue), not refused as a replay. A
+/// copy of the forward that acted is then a duplicate.
+#[actix_rt::test]
+async fn a_refused_message_can_be_retried_and_then_acts_once() {
+    let (_d, n, victim, vk) = node_with_wallet(Strategy::QueueOnly, |c| c.limits.max_queue_messages = 1).await;
+    let (sender, _) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    queue_for(&victim, &vk, &n, "fills the queue").await;
+    // The sender's own connection authcrypts a forward to the victim's key.
+    let inner = Sender::new()
+        .forward_envelope(&basic_message("retried"), &vk.verkey(), &[])
+        .unwrap();
+    let forward = json!({
+        "@type": "https://didcomm.org/routing/1.0/forward",
+        "@id": new_id(),
+        "to": vk.verkey(),
+        "msg": serde_json::from_slice::<Value>(&inner).unwrap(),
+    });
+    let env = sender.pack(&forward).unwrap();
+    let (status, _) = post(&n.public_url(), env.clone(), WAIT).await.unwrap();
+    assert_eq!(status, 429, "the queue is full");
+    let (status, _) = post(&n.public_url(), env.clone(), WAIT).await.unwrap();
+    assert_eq!(status, 429, "refused for its own reason again, not as a replay");
+    let mut v = victim;
+    v.endpoint = n.public_url();
+    let d = v
+        .request(&pickup("delivery-request", json!({"limit": 10})))
+        .await
+        .unwrap()
+        .expect("a delivery");
+    assert_eq!(contents(&v, &d), ["fills the queue"]);
+    let ack = pickup("messages-received", json!({ "message_id_list": delivery_ids(&v, &d) }));
+    v.request(&ack).await.unwrap();
+    assert_eq!(queue_depth(&n).await, 0);
+    let (status, body) = post(&n.public_url(), env.clone(), WAIT).await.unwrap();
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+    // A copy of a forward that was queued: a duplicate, answered as one, queued once.
+    let (status, body) = post(&n.public_url(), env, WAIT).await.unwrap();
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(pick_up(&mut v, &n.public_url()).await, ["retried"]);
 }

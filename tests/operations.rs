@@ -442,6 +442,7 @@ impl Store for FailingRemovals {
         pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run, lease_for_key, pending_stats,
         expire, expire_due, oldest_received_ms, flush, device_of, set_device, forget_device_token,
         push_event, push_take_due, push_done, delete_connection, drop_queue, top_queues,
+        first_sight, forget_sight, prune_sights,
     );
 }
 
@@ -504,18 +505,12 @@ async fn a_revoked_connection_gets_nothing_of_its_queue_over_a_socket() {
     assert_eq!(forward(&n, &a, &k.verkey(), "before").await, 202);
     assert_eq!(revoke(&n, &id).await.0, 200);
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
-    let ping = json!({
-        "@type": "https://didcomm.org/trust_ping/1.0/ping",
-        "@id": mailroom::didcomm::message::new_id(),
-        "response_requested": true,
-        "~transport": {"return_route": "all"},
-    });
-    let reply = ws_request(&a, &mut ws, &ping).await;
+    let reply = ws_request(&a, &mut ws, &binding_ping()).await;
     assert_eq!(type_name(&reply), "ping_response", "{reply}");
     // A bound socket registers before its reply is written.
     let sessions = get_json(&format!("{}/sessions", n.admin_url())).await;
     assert_eq!(sessions["sessions"], json!([]), "the socket delivers for nobody");
-    let reply = ws_request(&a, &mut ws, &ping).await;
+    let reply = ws_request(&a, &mut ws, &binding_ping()).await;
     assert_eq!(
         type_name(&reply),
         "ping_response",

@@ -35,6 +35,7 @@ const CHECKS: &[&str] = &[
     "isolation-ack",
     "isolation-forward",
     "key-takeover",
+    "replay",
     "malformed-garbage",
     "malformed-truncated",
     "malformed-wrong-key",
@@ -198,6 +199,7 @@ impl Store for AckRemovesNothing {
         connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
         lease_for_key, pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
         forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        first_sight, forget_sight, prune_sights,
         drop_queue, top_queues,
     );
 }
@@ -229,6 +231,7 @@ impl Store for KeyAddsFail {
         connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
         lease_for_key, pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
         forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        first_sight, forget_sight, prune_sights,
         drop_queue, top_queues,
     );
 }
@@ -313,6 +316,7 @@ impl Store for FilterIgnoresConn {
         total_queued, connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log,
         begin_run, end_run, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
         forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        first_sight, forget_sight, prune_sights,
         drop_queue, top_queues,
     );
 }
@@ -434,6 +438,7 @@ impl Store for LateLeakToB {
         connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
         pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
         forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        first_sight, forget_sight, prune_sights,
         drop_queue, top_queues,
     );
 }
@@ -493,6 +498,7 @@ impl Store for NothingLeases {
         connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
         pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
         forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        first_sight, forget_sight, prune_sights,
         drop_queue, top_queues,
     );
 }
@@ -588,4 +594,21 @@ async fn no_wallet_onboarding_exits_1() {
         .lines()
         .all(|l| !l.starts_with("PASS ") && !l.starts_with("FAIL ")));
     assert_eq!(out.status.code(), Some(1));
+}
+
+/// The replay check FAILs a mediator that handles a copy of a wallet's message again: here
+/// mailroom with its replay window off (`limits.replay_window_secs = 0`).
+#[actix_rt::test]
+async fn replay_fails_a_mediator_that_answers_a_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.limits.replay_window_secs = 0;
+    let n = start(&cfg);
+    let url = format!("{}/invitation", n.public_url());
+    let out = probe(&[&url, "--only", "replay"]).await;
+    let stdout = shown(&out);
+    assert_eq!(verdict(&stdout, "replay"), Some("FAIL"), "{stdout}");
+    assert!(stdout.contains("answered again"), "{stdout}");
+    assert_eq!(out.status.code(), Some(1));
+    n.stop().unwrap();
 }

@@ -1459,8 +1459,8 @@ impl mailroom::store::Store for EventAnswerLost {
         list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, ack_leased, release,
         release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued, connections_with_pending,
         pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run, lease_for_key, pending_stats,
-        expire, expire_due, oldest_received_ms, flush, set_device, forget_device_token,
-        push_take_due, update_keys, revoke_mediation, delete_connection, drop_queue, top_queues,
+        expire, expire_due, oldest_received_ms, flush, set_device, forget_device_token, first_sight, forget_sight,
+        prune_sights, push_take_due, update_keys, revoke_mediation, delete_connection, drop_queue, top_queues,
     );
 }
 

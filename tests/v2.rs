@@ -346,8 +346,11 @@ async fn a_message_encrypted_for_others_too_must_name_the_mediator() {
     msg.as_object_mut().unwrap().remove("to");
     let (code, _) = post_raw(&a.mediator.http, TYP_ENCRYPTED, a.pack_also(&msg, &others).unwrap()).await;
     assert_eq!(code, 400, "a message for others too, without `to`, is refused");
+    // Each try its own message (a copy of one would be refused as a replay).
+    msg["id"] = json!(mailroom::didcomm::message::new_id());
     let (code, _) = post_raw(&a.mediator.http, TYP_ENCRYPTED, a.pack(&msg).unwrap()).await;
     assert_eq!(code, 200, "for the mediator alone it is answered");
+    msg["id"] = json!(mailroom::didcomm::message::new_id());
     msg["to"] = json!([a.mediator.did]);
     let (code, _) = post_raw(&a.mediator.http, TYP_ENCRYPTED, a.pack_also(&msg, &others).unwrap()).await;
     assert_eq!(code, 200, "naming the mediator, it is answered");
@@ -1182,4 +1185,53 @@ async fn a_signer_with_no_key_agreement_key_is_refused_before_anything_is_done()
         Some(0),
         "no mediation granted: {conns}"
     );
+}
+
+/// A v2 message acts once: its copy is refused (409, a report the sender opens) on the node it
+/// was sent to; `created_time` outside the replay window (older, or further ahead of the
+/// node's clock) and `expires_time` past are refused before anything acts; a `created_time`
+/// not written in seconds is not read (the record alone refuses its copy).
+#[actix_rt::test]
+async fn a_replayed_v2_message_acts_once_and_its_times_bound_it() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut a = V2Agent::new(m.clone()).unwrap();
+    a.onboard().await.unwrap();
+    let post = |env: Vec<u8>| {
+        let url = m.http.clone();
+        async move {
+            mailroom::client::post_typed(&url, env, TYP_ENCRYPTED, WAIT)
+                .await
+                .unwrap()
+        }
+    };
+    let status_request = || a.message("https://didcomm.org/messagepickup/3.0/status-request", json!({}));
+    let code = |body: &[u8]| a.unpack(body).unwrap()["body"]["code"].as_str().unwrap().to_string();
+
+    let env = a.pack(&status_request()).unwrap();
+    assert_eq!(post(env.clone()).await.0, 200);
+    let (st, body) = post(env.clone()).await;
+    assert_eq!((st, code(&body).as_str()), (409, "e.p.msg.replayed"));
+    // Packed again (new ciphertext), the same message is still the same message.
+    let same = status_request();
+    assert_eq!(a.post(&same).await.unwrap().0, 200);
+    assert_eq!(a.post(&same).await.unwrap().0, 409);
+
+    let now_s = mailroom::protocols::now_ms() / 1000;
+    for (created, what) in [(now_s - 2 * 86_400, "older"), (now_s + 2 * 86_400, "ahead")] {
+        let mut msg = status_request();
+        msg["created_time"] = json!(created);
+        let (st, body) = post(a.pack(&msg).unwrap()).await;
+        assert_eq!((st, code(&body).as_str()), (400, "e.p.msg.expired"), "{what}");
+    }
+    let mut msg = status_request();
+    msg["expires_time"] = json!(now_s - 1);
+    let (st, body) = post(a.pack(&msg).unwrap()).await;
+    assert_eq!((st, code(&body).as_str()), (400, "e.p.msg.expired"));
+    // Milliseconds in `created_time` (a sender's bug) are not read as a time far ahead.
+    let mut msg = status_request();
+    msg["created_time"] = json!(mailroom::protocols::now_ms());
+    let env = a.pack(&msg).unwrap();
+    assert_eq!(post(env.clone()).await.0, 200);
+    assert_eq!(post(env).await.0, 409);
 }

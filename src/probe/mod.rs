@@ -17,6 +17,7 @@ mod live;
 mod malformed;
 mod onboarding;
 mod pickup;
+mod replay;
 mod target;
 pub(crate) mod wallet;
 #[cfg(test)]
@@ -261,6 +262,7 @@ pub async fn run(target: &mut Target, opts: &Options, print: bool) -> Report {
             pickup::run(&mut r, target, opts).await;
             live::run(&mut r, target, opts).await;
             isolation::run(&mut r, target, opts).await;
+            replay::run(&mut r, target).await;
             malformed::run(&mut r, target, opts).await;
         }
         Err(no) => {
@@ -309,6 +311,7 @@ const DEPENDENT_CHECKS: &[&str] = &[
     "isolation-ack",
     "isolation-forward",
     "key-takeover",
+    "replay",
     "malformed-garbage",
     "malformed-truncated",
     "malformed-wrong-key",

@@ -16,6 +16,7 @@ pub mod oob;
 pub mod pickup;
 pub mod problem;
 pub mod push;
+pub mod replay;
 pub mod routing;
 pub mod trust_ping;
 pub mod v2;
@@ -92,6 +93,9 @@ pub struct Mediator {
     pub limits: crate::store::EnqueueLimits,
     /// `limits.max_keys_per_connection`.
     pub max_keys_per_connection: usize,
+    /// `limits.replay_window_secs` in ms: how long an authenticated message's record refuses
+    /// a copy of it ([`replay`]); 0 = off.
+    pub replay_window_ms: i64,
     /// The stable id of the public multi-use invitation.
     pub invitation_id: String,
     by_verkey: HashMap<String, KeyPair>,
@@ -184,6 +188,7 @@ impl Mediator {
                 dedup_window_ms: cfg.limits.dedup_window_ms(),
             },
             max_keys_per_connection: cfg.limits.max_keys_per_connection,
+            replay_window_ms: cfg.limits.replay_window_ms(),
             invitation_id,
             by_verkey,
             box_keys: envelope::BoxKeys::default(),
@@ -289,7 +294,19 @@ impl Mediator {
             lease_owner: lease_owner.to_string(),
             plaintext: unpacked.plaintext,
         };
-        let mut out = self.dispatch(&ctx).await?;
+        // An authenticated message acts once (a copy would act as its sender again).
+        let sight = match &ctx.sender_verkey {
+            Some(sk) => match replay::first_sight(self, replay::Version::V1, sk, &ctx.msg, &ctx.plaintext).await {
+                Err(HandleError::Replayed(_)) if ctx.mtype.as_ref().is_some_and(|t| t.is("routing", "forward")) => {
+                    return Ok(replay::forwarded_before());
+                }
+                r => r?,
+            },
+            None => None,
+        };
+        let result = self.dispatch(&ctx).await;
+        replay::settle(self, sight, &result).await;
+        let mut out = result?;
         out.return_route = ctx.return_route.clone();
         if out.connection.is_none() {
             out.connection = ctx.conn.clone();
@@ -488,6 +505,12 @@ pub enum HandleError {
     /// A DIDComm v2 `from_prior` (DID rotation) that does not prove the rotation it claims.
     #[error("DID rotation refused: {0}")]
     Rotation(String),
+    /// A copy of an authenticated message handled before ([`replay`]): it acts once.
+    #[error("message {0} from this sender was received before: a replay is not handled")]
+    Replayed(String),
+    /// A DIDComm v2 message refused by its `created_time` or `expires_time` ([`replay`]).
+    #[error("{0}")]
+    Stale(String),
     #[error("queue full for this recipient ({pending} messages, {bytes} bytes): try later")]
     QueueFull { pending: u64, bytes: u64 },
     #[error("store: {0}")]
@@ -524,7 +547,8 @@ impl HandleError {
         match self {
             HandleError::Envelope(_) | HandleError::BadMessage(_) => 400,
             HandleError::NoConnection | HandleError::Unproven | HandleError::Rotation(_) => 403,
-            HandleError::KeyTaken(_) => 409,
+            HandleError::KeyTaken(_) | HandleError::Replayed(_) => 409,
+            HandleError::Stale(_) => 400,
             HandleError::UnknownRecipient(_) => 404,
             HandleError::InvitationUsed(_) => 410,
             HandleError::QueueFull { .. } => 429,
@@ -544,6 +568,8 @@ impl HandleError {
             HandleError::Unproven => "no-proof-of-possession",
             HandleError::KeyTaken(_) => "key-taken",
             HandleError::Rotation(_) => "rotation-refused",
+            HandleError::Replayed(_) => "replayed",
+            HandleError::Stale(_) => "stale-message",
             HandleError::UnknownRecipient(_) => "unknown-recipient",
             HandleError::InvitationUsed(_) => "invitation-used",
             HandleError::QueueFull { .. } => "queue-full",

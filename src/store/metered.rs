@@ -243,6 +243,20 @@ impl Store for Metered {
     async fn push_done(&self, conn: &str, token: i64) -> StoreResult<bool> {
         self.timed("push_done", self.inner.push_done(conn, token)).await
     }
+
+    async fn first_sight(&self, digest: &[u8; 32], now_ms: i64, until_ms: i64) -> StoreResult<bool> {
+        self.timed("first_sight", self.inner.first_sight(digest, now_ms, until_ms))
+            .await
+    }
+
+    async fn forget_sight(&self, digest: &[u8; 32], until_ms: i64) -> StoreResult<()> {
+        self.timed("forget_sight", self.inner.forget_sight(digest, until_ms))
+            .await
+    }
+
+    async fn prune_sights(&self, now_ms: i64, max: usize) -> StoreResult<u64> {
+        self.timed("prune_sights", self.inner.prune_sights(now_ms, max)).await
+    }
     async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
         self.timed("delete_connection", self.inner.delete_connection(id)).await
     }

@@ -698,6 +698,24 @@ pub trait Store: Send + Sync + 'static {
     /// stays. Returns whether it ended one.
     async fn push_done(&self, conn: &str, token: i64) -> StoreResult<bool>;
 
+    // ---- replay protection ----
+
+    /// Records the sight of one authenticated message, named by `digest` (of its sender and
+    /// its id: [`crate::protocols::replay`]), to be kept until `until_ms`. `true` the first
+    /// time; `false` while a record of it is held that has not run out by `now_ms`: the
+    /// message was received before, and this is a replay (or a retry of one that was
+    /// handled). Atomic across callers and every node sharing the store: of concurrent calls
+    /// with one digest, one gets `true`. A record that ran out is replaced (`true`); a record
+    /// is never shortened by a later sight.
+    async fn first_sight(&self, digest: &[u8; 32], now_ms: i64, until_ms: i64) -> StoreResult<bool>;
+    /// Forgets the record of `digest` made until `until_ms`, only while it is still that
+    /// record: its message failed for a reason its sender may retry (the store was
+    /// unavailable), so the retry is handled, not refused as a replay.
+    async fn forget_sight(&self, digest: &[u8; 32], until_ms: i64) -> StoreResult<()>;
+    /// Deletes at most `max` records that ran out by `now_ms`, earliest first. Returns how
+    /// many; call again while it returns `max`.
+    async fn prune_sights(&self, now_ms: i64, max: usize) -> StoreResult<u64>;
+
     // ---- pickup filters (pickup 2.0 `recipient_key`, pickup 3.0 `recipient_did`) ----
 
     /// As [`Store::lease`], only messages of `conn` queued for `recipient_key`.

@@ -202,6 +202,16 @@ macro_rules! store_pass_through {
     (@method $i:ident push_done) => {
         $crate::store_pass_through!(@fn $i push_done (conn: &'a str, token: i64) ['a] -> bool);
     };
+    (@method $i:ident first_sight) => {
+        $crate::store_pass_through!(@fn $i first_sight (digest: &'a [u8; 32], now_ms: i64, until_ms: i64) ['a]
+            -> bool);
+    };
+    (@method $i:ident forget_sight) => {
+        $crate::store_pass_through!(@fn $i forget_sight (digest: &'a [u8; 32], until_ms: i64) ['a] -> ());
+    };
+    (@method $i:ident prune_sights) => {
+        $crate::store_pass_through!(@fn $i prune_sights (now_ms: i64, max: usize) [] -> u64);
+    };
     (@method $i:ident lease_for_key) => {
         $crate::store_pass_through!(@fn $i lease_for_key
             (conn: &'a str, recipient_key: &'b str, max: usize, owner: &'c str, now_ms: i64, until_ms: i64)

@@ -222,14 +222,26 @@ pub async fn handle(
         transport,
         lease_owner: lease_owner.to_string(),
     };
-    let result = if let Some(e) = refused {
-        Err(e)
+    let (result, sight) = if let Some(e) = refused {
+        (Err(e), None)
     } else {
-        match rotation::apply(m, &mut ctx).await {
-            Ok(()) => dispatch(m, &ctx).await,
-            Err(e) => Err(e),
+        match authenticated_once(m, &ctx, &unpacked.plaintext).await {
+            Err(HandleError::Replayed(_))
+                if (ctx.family.as_str(), ctx.major(), ctx.name.as_str()) == ("routing", 2, "forward") =>
+            {
+                return Ok(super::replay::forwarded_before());
+            }
+            Err(e) => (Err(e), None),
+            Ok(sight) => {
+                let result = match rotation::apply(m, &mut ctx).await {
+                    Ok(()) => dispatch(m, &ctx).await,
+                    Err(e) => Err(e),
+                };
+                (result, sight)
+            }
         }
     };
+    super::replay::settle(m, sight, &result).await;
     let mut out = match result {
         Ok(o) => o,
         Err(e) => return Err(refusal(m, &ctx, e)),
@@ -242,6 +254,20 @@ pub async fn handle(
         remember_dialect(c, ctx.dialect);
     }
     Ok(out)
+}
+
+/// An authenticated message acts once, and within its times ([`super::replay`]): refused by
+/// its `expires_time` or `created_time`, or as a copy of one handled before; else its record.
+async fn authenticated_once(
+    m: &super::Mediator,
+    ctx: &Inbound,
+    plaintext: &[u8],
+) -> Result<Option<super::replay::Sight>, HandleError> {
+    let Some(sender) = &ctx.sender else { return Ok(None) };
+    if let Some(why) = super::replay::refused_by_time(&ctx.msg, now_ms(), m.replay_window_ms) {
+        return Err(HandleError::Stale(why));
+    }
+    super::replay::first_sight(m, super::replay::Version::V2, sender, &ctx.msg, plaintext).await
 }
 
 /// Pickup 3.0's problem code for live delivery over a transport without a socket.
@@ -424,6 +450,8 @@ fn refusal(m: &super::Mediator, ctx: &Inbound, e: HandleError) -> HandleError {
     let code = match &e {
         HandleError::NoConnection | HandleError::Unproven | HandleError::Rotation(_) => "e.p.req.not-authorized",
         HandleError::KeyTaken(_) => "e.p.req.key-taken",
+        HandleError::Replayed(_) => "e.p.msg.replayed",
+        HandleError::Stale(_) => "e.p.msg.expired",
         HandleError::UnknownRecipient(_) => "e.p.msg.recipient-unknown",
         HandleError::QueueFull { .. } => "w.p.xfer.queue-full",
         HandleError::BadMessage(r) if r.starts_with("unsupported message type") => "e.p.msg.unsupported",

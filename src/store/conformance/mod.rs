@@ -100,6 +100,7 @@ mod pg_timeouts;
 mod pg_tls;
 mod push;
 mod queue;
+mod sights;
 pub mod sled_backend;
 
 use connections::*;
@@ -107,6 +108,7 @@ use expiry::*;
 use leases::*;
 use push::*;
 use queue::*;
+use sights::*;
 
 /// Runs `check` on its own task so that a failure still lets the caller clean up.
 async fn run_check<F, Fut>(b: Arc<dyn Backend>, check: F) -> Result<(), tokio::task::JoinError>
@@ -249,6 +251,18 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn dedup_records_are_pruned() {
                 backend::run(super::dedup_records_are_pruned).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_message_is_seen_once_within_its_record() {
+                backend::run(super::a_message_is_seen_once_within_its_record).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sights_survive_a_reopen() {
+                backend::run(super::sights_survive_a_reopen).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_sights_across_nodes() {
+                backend::run(super::concurrent_sights_across_nodes).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn peer_keys_are_unique_across_nodes() {

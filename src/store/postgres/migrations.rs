@@ -461,6 +461,16 @@ CREATE INDEX mailroom_messages_lease_until ON mailroom_messages (lease_until_ms)
     WHERE lease_until_ms > 0;
 "#,
     ),
+    (
+        15,
+        // Authenticated messages seen (their sender and id, hashed), shared by every node: a
+        // replayed message is refused on whichever node it is replayed to
+        // (`Store::first_sight`); pruned once run out.
+        r#"
+CREATE TABLE mailroom_sights (digest bytea PRIMARY KEY, until_ms bigint NOT NULL);
+CREATE INDEX mailroom_sights_until ON mailroom_sights (until_ms);
+"#,
+    ),
 ];
 
 /// Creates the database named in `cfg` through the `postgres` maintenance database, so a node

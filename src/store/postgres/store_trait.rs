@@ -898,6 +898,42 @@ impl Store for PgStore {
         Ok(n > 0)
     }
 
+    async fn first_sight(&self, digest: &[u8; 32], now_ms: i64, until_ms: i64) -> StoreResult<bool> {
+        // One statement, atomic across nodes: of concurrent sights one inserts (or replaces a
+        // record that ran out); the others find it held and change nothing.
+        let digest = &digest[..];
+        let n = self
+            .execute_retrying(
+                "INSERT INTO mailroom_sights (digest, until_ms) VALUES ($1, $3) \
+                 ON CONFLICT (digest) DO UPDATE SET until_ms = excluded.until_ms \
+                 WHERE mailroom_sights.until_ms <= $2",
+                &[&digest, &now_ms, &until_ms],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    async fn forget_sight(&self, digest: &[u8; 32], until_ms: i64) -> StoreResult<()> {
+        let digest = &digest[..];
+        self.execute_retrying(
+            "DELETE FROM mailroom_sights WHERE digest = $1 AND until_ms = $2",
+            &[&digest, &until_ms],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn prune_sights(&self, now_ms: i64, max: usize) -> StoreResult<u64> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        self.execute_retrying(
+            "DELETE FROM mailroom_sights WHERE ctid IN ( \
+               SELECT ctid FROM mailroom_sights WHERE until_ms <= $1 \
+               ORDER BY until_ms LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&now_ms, &max],
+        )
+        .await
+    }
+
     async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
         if !storable(id) {
             return Ok(Removed::default());

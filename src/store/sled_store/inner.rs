@@ -65,6 +65,14 @@ pub(super) struct Inner {
     /// the windows, so a wallet pushed a moment ago is not pushed again at once, and a
     /// trailing push scheduled (or a claim held) is still taken.
     pub(super) windows: sled::Tree,
+    /// Sights of authenticated messages ([`crate::store::Store::first_sight`]): digest ->
+    /// until_ms (big-endian).
+    pub(super) sights: sled::Tree,
+    /// The same records by when they run out: until_ms (big-endian) ++ digest -> nothing, for
+    /// [`crate::store::Store::prune_sights`].
+    pub(super) sights_due: sled::Tree,
+    /// Serialises the writes of `sights` and `sights_due` (one record is two keys).
+    pub(super) sights_lock: Mutex<()>,
     /// Serialises connection and key writes (transactions then never conflict).
     pub(super) meta_lock: Mutex<()>,
     /// Connections whose mediation is revoked ([`MediationState::Denied`]), as `conns` holds
@@ -111,6 +119,9 @@ impl Inner {
             invitations: t("invitations")?,
             devices: t("devices")?,
             windows: t("push_windows")?,
+            sights: t("sights")?,
+            sights_due: t("sights_due")?,
+            sights_lock: Mutex::new(()),
             log,
             push_windows: Mutex::new(HashMap::new()),
             db,

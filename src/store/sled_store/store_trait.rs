@@ -1005,6 +1005,90 @@ impl Store for SledStore {
         .await
     }
 
+    async fn first_sight(&self, digest: &[u8; 32], now_ms: i64, until_ms: i64) -> StoreResult<bool> {
+        let digest = *digest;
+        self.blocking(move |inner| {
+            let _g = inner.sights_lock.lock();
+            let held = match inner.sights.get(digest).map_err(unavailable)? {
+                Some(v) => Some(sight_until(&v)?),
+                None => None,
+            };
+            if held.is_some_and(|until| until > now_ms) {
+                return Ok(false);
+            }
+            // Not flushed: a sight lost in a crash lets one replay through in the moment before
+            // it (sled's own flush follows within its interval). The due key is written first
+            // and the replaced one removed last: a crash between leaves a due key too many
+            // (pruned), never a record no due key names (kept for ever).
+            inner
+                .sights_due
+                .insert(sight_due_key(until_ms, &digest), &[][..])
+                .map_err(unavailable)?;
+            inner
+                .sights
+                .insert(digest, &until_ms.to_be_bytes()[..])
+                .map_err(unavailable)?;
+            if let Some(old) = held.filter(|&old| old != until_ms) {
+                inner
+                    .sights_due
+                    .remove(sight_due_key(old, &digest))
+                    .map_err(unavailable)?;
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn forget_sight(&self, digest: &[u8; 32], until_ms: i64) -> StoreResult<()> {
+        let digest = *digest;
+        self.blocking(move |inner| {
+            let _g = inner.sights_lock.lock();
+            let Some(v) = inner.sights.get(digest).map_err(unavailable)? else {
+                return Ok(());
+            };
+            if sight_until(&v)? == until_ms {
+                inner.sights.remove(digest).map_err(unavailable)?;
+                inner
+                    .sights_due
+                    .remove(sight_due_key(until_ms, &digest))
+                    .map_err(unavailable)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn prune_sights(&self, now_ms: i64, max: usize) -> StoreResult<u64> {
+        self.blocking(move |inner| {
+            let _g = inner.sights_lock.lock();
+            // Keys sort by until_ms (big-endian, never negative for a real time): the records
+            // that ran out come first.
+            let mut pruned = 0u64;
+            for kv in inner.sights_due.iter().take(max) {
+                let (k, _) = kv.map_err(unavailable)?;
+                let (until, digest) = k.split_at(8);
+                let until = i64::from_be_bytes(until.try_into().map_err(|_| corrupt("sight due key"))?);
+                if until > now_ms {
+                    break;
+                }
+                // The record is this one unless a later sight replaced it (it then has its own
+                // due key).
+                if inner
+                    .sights
+                    .get(digest)
+                    .map_err(unavailable)?
+                    .is_some_and(|v| v.as_ref() == until.to_be_bytes())
+                {
+                    inner.sights.remove(digest).map_err(unavailable)?;
+                }
+                inner.sights_due.remove(&k).map_err(unavailable)?;
+                pruned += 1;
+            }
+            Ok(pruned)
+        })
+        .await
+    }
+
     async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
         if !storable(id) {
             return Ok(Removed::default());
@@ -1166,4 +1250,17 @@ impl Store for SledStore {
         oldest.truncate(limit);
         Ok(TopQueues { deepest, oldest })
     }
+}
+
+/// The `until_ms` of a sight record.
+fn sight_until(v: &[u8]) -> StoreResult<i64> {
+    Ok(i64::from_be_bytes(v.try_into().map_err(|_| corrupt("sight record"))?))
+}
+
+/// A sight's key in `sights_due`: until_ms (big-endian) ++ digest.
+fn sight_due_key(until_ms: i64, digest: &[u8; 32]) -> [u8; 40] {
+    let mut k = [0u8; 40];
+    k[..8].copy_from_slice(&until_ms.to_be_bytes());
+    k[8..].copy_from_slice(digest);
+    k
 }
