@@ -1234,4 +1234,16 @@ async fn a_replayed_v2_message_acts_once_and_its_times_bound_it() {
     let env = a.pack(&msg).unwrap();
     assert_eq!(post(env.clone()).await.0, 200);
     assert_eq!(post(env).await.0, 409);
+
+    // The first message of a rotated DID comes from a DID with no connection yet (its
+    // `from_prior` moves the wallet's to it): it is recorded all the same, so its copy does not
+    // act once the connection is the new DID's.
+    a.rotate().unwrap();
+    let env = a
+        .pack(&a.message("https://didcomm.org/messagepickup/3.0/status-request", json!({})))
+        .unwrap();
+    assert_eq!(post(env.clone()).await.0, 200);
+    let (st, body) = post(env).await;
+    let report = a.unpack(&body).unwrap();
+    assert_eq!((st, report["body"]["code"].as_str()), (409, Some("e.p.msg.replayed")));
 }

@@ -294,15 +294,20 @@ impl Mediator {
             lease_owner: lease_owner.to_string(),
             plaintext: unpacked.plaintext,
         };
-        // An authenticated message acts once (a copy would act as its sender again).
+        // An authenticated message acts once (a copy would act as its sender again): recorded
+        // when it can act on a connection, its sender's or one it starts.
         let sight = match &ctx.sender_verkey {
-            Some(sk) => match replay::first_sight(self, replay::Version::V1, sk, &ctx.msg, &ctx.plaintext).await {
-                Err(HandleError::Replayed(_)) if ctx.mtype.as_ref().is_some_and(|t| t.is("routing", "forward")) => {
-                    return Ok(replay::forwarded_before());
+            Some(sk) if ctx.conn.is_some() || ctx.mtype.as_ref().is_some_and(starts_a_connection) => {
+                match replay::first_sight(self, replay::Version::V1, sk, &ctx.msg, &ctx.plaintext).await {
+                    // A copy of a forward is queued as an anonymous forward is (the store's dedup
+                    // finds it a duplicate): it binds nothing to its sender's connection.
+                    Err(HandleError::Replayed(_)) if ctx.mtype.as_ref().is_some_and(|t| t.is("routing", "forward")) => {
+                        return routing::forward(self, &ctx).await;
+                    }
+                    r => r?,
                 }
-                r => r?,
-            },
-            None => None,
+            }
+            _ => None,
         };
         let result = self.dispatch(&ctx).await;
         replay::settle(self, sight, &result).await;
@@ -341,6 +346,11 @@ impl Mediator {
             _ => problem::unknown_type(self, ctx),
         }
     }
+}
+
+/// A handshake request: it creates the connection of its (authcrypting) sender.
+fn starts_a_connection(t: &MessageType) -> bool {
+    t.is("didexchange", "request") || t.is("connections", "request")
 }
 
 /// What the transport that carried a message can do with replies.

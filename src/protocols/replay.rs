@@ -20,8 +20,10 @@
 //!   again, not as a replay. Only a message that acted keeps its record, so a copy acts at
 //!   most once either way.
 //! - Anonymous messages leave no record: they act on no connection (a forward has its own
-//!   dedup window). A copy of an authenticated forward is answered as a duplicate (202) and
-//!   acts on nothing: its sender's retry after a lost answer is not refused.
+//!   dedup window). Nor do messages of a sender with no connection that cannot start one (a
+//!   ping, a problem report): they act on none, and anyone could make records with them. A
+//!   copy of an authenticated forward is queued as an anonymous forward is (the store's dedup
+//!   finds it a duplicate, 202) and binds nothing: its sender's retry is not refused.
 
 use super::{now_ms, HandleError, Mediator, Outcome};
 use serde_json::Value;
@@ -142,23 +144,22 @@ pub async fn first_sight(
         digest: digest(version, sender, id, plaintext),
         until_ms: from.saturating_add(window),
     };
-    if m.store.first_sight(&sight.digest, now, sight.until_ms).await? {
+    let first = match m.store.first_sight(&sight.digest, now, sight.until_ms).await {
+        Ok(first) => first,
+        Err(e) => {
+            // The write may have landed all the same (an answer lost at its deadline): the
+            // sender's retry must not find it.
+            let _ = m.store.forget_sight(&sight.digest, sight.until_ms).await;
+            return Err(e.into());
+        }
+    };
+    if first {
         Ok(Some(sight))
     } else {
         Err(HandleError::Replayed(
             id.map(|i| i.chars().take(80).collect())
                 .unwrap_or_else(|| "(without id)".into()),
         ))
-    }
-}
-
-/// The answer to a copy of an authenticated forward that was queued before: accepted as a
-/// duplicate (202, as a forward's dedup answers its sender's retry), acting on nothing (no
-/// socket bound to its sender's connection, nothing queued again).
-pub fn forwarded_before() -> Outcome {
-    Outcome {
-        forward: Some(super::ForwardResult::Queued { duplicate: true }),
-        ..Outcome::default()
     }
 }
 
@@ -241,5 +242,81 @@ mod tests {
         let expired = json!({ "expires_time": now_s });
         assert!(refused_by_time(&expired, NOW, 0).unwrap().contains("expired"));
         assert_eq!(refused_by_time(&json!({ "expires_time": now_s + 1 }), NOW, DAY), None);
+    }
+}
+
+#[cfg(test)]
+mod handled {
+    use super::super::{granted_connection_for_test, mediator_for_test, TransportKind};
+    use crate::didcomm::envelope;
+    use crate::didcomm::keys::KeyPair;
+    use serde_json::json;
+
+    /// A wallet's authcrypted forward, and its copy, on a socket: the copy is queued as an
+    /// anonymous forward is (a duplicate here) and names no connection, so no socket is bound
+    /// to the wallet's; the wallet's own message names its connection.
+    #[actix_rt::test]
+    async fn a_copy_of_an_authenticated_forward_binds_nothing() {
+        let (m, _) = mediator_for_test().await;
+        let wallet = KeyPair::generate();
+        let conn = granted_connection_for_test("w", "ours", &wallet.verkey());
+        m.store.put_connection(&conn).await.unwrap();
+        let recipient = KeyPair::generate().verkey();
+        m.store
+            .update_keys("c1", std::slice::from_ref(&recipient), &[])
+            .await
+            .unwrap();
+        let inner: serde_json::Value =
+            serde_json::from_slice(&envelope::pack(b"{}", std::slice::from_ref(&recipient), None).unwrap()).unwrap();
+        let forward = json!({
+            "@type": "https://didcomm.org/routing/1.0/forward",
+            "@id": crate::didcomm::message::new_id(),
+            "to": recipient,
+            "msg": inner,
+            "~transport": { "return_route": "all" },
+        });
+        let env = envelope::pack(
+            &serde_json::to_vec(&forward).unwrap(),
+            &[m.keys.routing.verkey()],
+            Some(&wallet),
+        )
+        .unwrap();
+        let first = m.handle(&env, TransportKind::WebSocket, "n1/ws/1/1").await.unwrap();
+        assert_eq!(first.connection.map(|c| c.id), Some("w".to_string()));
+        assert_eq!(
+            first.forward,
+            Some(super::super::ForwardResult::Queued { duplicate: false })
+        );
+        let copy = m.handle(&env, TransportKind::WebSocket, "n1/ws/2/1").await.unwrap();
+        assert!(copy.connection.is_none(), "a copy names no connection to bind");
+        assert_eq!(
+            copy.forward,
+            Some(super::super::ForwardResult::Queued { duplicate: true })
+        );
+        assert_eq!(m.store.total_queued().await.unwrap(), 1);
+    }
+
+    /// A sender with no connection leaves no record with a message that cannot start one: it
+    /// acts on nothing, and anyone could fill the store with such records.
+    #[actix_rt::test]
+    async fn only_messages_that_can_act_on_a_connection_are_recorded() {
+        let (m, _) = mediator_for_test().await;
+        let stranger = KeyPair::generate();
+        // A ping response is taken from anyone (and acts on nothing).
+        let ping = json!({
+            "@type": "https://didcomm.org/trust_ping/1.0/ping_response",
+            "@id": "one-response",
+            "~thread": { "thid": "a-ping" },
+        });
+        let env = envelope::pack(
+            &serde_json::to_vec(&ping).unwrap(),
+            &[m.keys.did_key.verkey()],
+            Some(&stranger),
+        )
+        .unwrap();
+        for _ in 0..2 {
+            let out = m.handle(&env, TransportKind::Http, "n1/http").await;
+            assert!(out.is_ok(), "taken, and no record refuses it: {:?}", out.err());
+        }
     }
 }

@@ -226,10 +226,12 @@ pub async fn handle(
         (Err(e), None)
     } else {
         match authenticated_once(m, &ctx, &unpacked.plaintext).await {
+            // A copy of a forward is queued as an anonymous forward is (the store's dedup finds
+            // it a duplicate): it binds nothing to its sender's connection.
             Err(HandleError::Replayed(_))
                 if (ctx.family.as_str(), ctx.major(), ctx.name.as_str()) == ("routing", 2, "forward") =>
             {
-                return Ok(super::replay::forwarded_before());
+                return routing::forward(m, &ctx).await;
             }
             Err(e) => (Err(e), None),
             Ok(sight) => {
@@ -258,6 +260,9 @@ pub async fn handle(
 
 /// An authenticated message acts once, and within its times ([`super::replay`]): refused by
 /// its `expires_time` or `created_time`, or as a copy of one handled before; else its record.
+/// Recorded when the message can act on a connection: its sender's, the one a mediate-request
+/// starts, or the one a `from_prior` moves to its sender (a sender with none gets answers, on
+/// no stored connection).
 async fn authenticated_once(
     m: &super::Mediator,
     ctx: &Inbound,
@@ -266,6 +271,10 @@ async fn authenticated_once(
     let Some(sender) = &ctx.sender else { return Ok(None) };
     if let Some(why) = super::replay::refused_by_time(&ctx.msg, now_ms(), m.replay_window_ms) {
         return Err(HandleError::Stale(why));
+    }
+    let starts_one = ctx.family == "coordinate-mediation" && ctx.name == "mediate-request";
+    if ctx.conn.is_none() && !starts_one && ctx.msg.get("from_prior").is_none() {
+        return Ok(None);
     }
     super::replay::first_sight(m, super::replay::Version::V2, sender, &ctx.msg, plaintext).await
 }

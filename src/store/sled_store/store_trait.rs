@@ -1060,31 +1060,40 @@ impl Store for SledStore {
 
     async fn prune_sights(&self, now_ms: i64, max: usize) -> StoreResult<u64> {
         self.blocking(move |inner| {
-            let _g = inner.sights_lock.lock();
             // Keys sort by until_ms (big-endian, never negative for a real time): the records
-            // that ran out come first.
-            let mut pruned = 0u64;
-            for kv in inner.sights_due.iter().take(max) {
-                let (k, _) = kv.map_err(unavailable)?;
-                let (until, digest) = k.split_at(8);
-                let until = i64::from_be_bytes(until.try_into().map_err(|_| corrupt("sight due key"))?);
-                if until > now_ms {
+            // that ran out come first. The lock is taken per chunk: sights wait for one chunk,
+            // not for the whole prune.
+            const CHUNK: usize = 256;
+            let mut pruned = 0usize;
+            while pruned < max {
+                let _g = inner.sights_lock.lock();
+                let mut in_chunk = 0;
+                for kv in inner.sights_due.iter().take(CHUNK.min(max - pruned)) {
+                    let (k, _) = kv.map_err(unavailable)?;
+                    let (until, digest) = k.split_at(8);
+                    let until = i64::from_be_bytes(until.try_into().map_err(|_| corrupt("sight due key"))?);
+                    if until > now_ms {
+                        break;
+                    }
+                    // The record is this one unless a later sight replaced it (it then has its
+                    // own due key).
+                    if inner
+                        .sights
+                        .get(digest)
+                        .map_err(unavailable)?
+                        .is_some_and(|v| v.as_ref() == until.to_be_bytes())
+                    {
+                        inner.sights.remove(digest).map_err(unavailable)?;
+                    }
+                    inner.sights_due.remove(&k).map_err(unavailable)?;
+                    in_chunk += 1;
+                }
+                pruned += in_chunk;
+                if in_chunk < CHUNK {
                     break;
                 }
-                // The record is this one unless a later sight replaced it (it then has its own
-                // due key).
-                if inner
-                    .sights
-                    .get(digest)
-                    .map_err(unavailable)?
-                    .is_some_and(|v| v.as_ref() == until.to_be_bytes())
-                {
-                    inner.sights.remove(digest).map_err(unavailable)?;
-                }
-                inner.sights_due.remove(&k).map_err(unavailable)?;
-                pruned += 1;
             }
-            Ok(pruned)
+            Ok(pruned as u64)
         })
         .await
     }
