@@ -286,11 +286,13 @@ async fn retries_honour_retry_after_then_succeed() {
 
 /// A push the provider keeps failing (503 on its only try) is not given up: its claim is left
 /// to run out and a poll takes the push again then, and sends it. Before, out of tries, the
-/// claim was ended and the wallet woken by nothing until its next message.
+/// claim was ended and the wallet woken by nothing until its next message. The webhook, which
+/// took the push the first time, gets it again with the same `event_id` (its receiver drops
+/// the repeat).
 #[actix_rt::test]
 async fn a_push_the_provider_kept_failing_is_sent_again_once_its_claim_ran_out() {
     let si = StandIn::start();
-    let mut pc = si.push_config(60, &["proj-a"], false);
+    let mut pc = si.push_config(60, &["proj-a"], true);
     pc.max_attempts = 1;
     pc.timeout_ms = 1000;
     // 1 try × 2 requests × 1 s + 5 s.
@@ -316,6 +318,13 @@ async fn a_push_the_provider_kept_failing_is_sent_again_once_its_claim_ran_out()
         hits[1].at.duration_since(sent)
     );
     assert_eq!(hits[1].body["message"]["data"]["message_count"], "1");
+    let hooks = wait_hits(&si, "hook", 2).await;
+    assert_eq!(hooks.len(), 2, "{hooks:?}");
+    assert!(hooks[0].body["event_id"].is_string(), "{:?}", hooks[0].body);
+    assert_eq!(
+        hooks[0].body["event_id"], hooks[1].body["event_id"],
+        "the push taken again is the same push"
+    );
     let results = |r: &'static str| {
         let n = &n;
         async move { metric(n, &format!("mailroom_push_total{{provider=\"fcm\",result=\"{r}\"}}")).await }
@@ -563,6 +572,13 @@ async fn cluster_session_on_another_node_means_no_push() {
     ws.close().await;
     eventually("n2 sees no owner", || async {
         owner_seen_by(&n2, &conn).await.is_none().then_some(())
+    })
+    .await;
+    // n1 is done with the closed session (its socket's slot goes last): a forward it found
+    // pending then would be one more event, and with no window (here) one more push.
+    eventually("n1 done with the session", || async {
+        let st = get_json(&format!("{}/status", n1.admin_url())).await;
+        (st["open_sockets"] == 0).then_some(())
     })
     .await;
     forward(&n2, &a, &k, "offline").await;

@@ -89,8 +89,8 @@ pub(crate) fn unix_now_s() -> u64 {
 /// One push to send.
 #[derive(Clone, Debug)]
 pub struct Event {
-    /// One id per push, the same on each of its tries (the webhook sends it: a receiver
-    /// drops a repeat by it).
+    /// One id per push, the same on each of its tries and on each retake of its claim, on any
+    /// node ([`event_id`]; the webhook sends it: a receiver drops a repeat by it).
     pub id: String,
     pub conn: String,
     pub service: PushService,
@@ -805,7 +805,7 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, p: waiting::Pending) -> Option<Cla
             return None;
         };
         folded();
-        push_one(&ctx, &conn, at, Some(device)).await;
+        push_one(&ctx, &conn, None, at, Some(device)).await;
         return None;
     }
     // The claim runs from `now`, the push's budget from `taken`, both read before the event is
@@ -827,6 +827,7 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, p: waiting::Pending) -> Option<Cla
             let claim = PushClaim {
                 conn,
                 token: new_claim.token,
+                push_id: new_claim.token,
             };
             return Some(Claimed {
                 claim,
@@ -852,6 +853,7 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, p: waiting::Pending) -> Option<Cla
                 claim: PushClaim {
                     conn,
                     token: new_claim.token,
+                    push_id: new_claim.token,
                 },
                 device,
                 taken,
@@ -877,7 +879,7 @@ async fn claimed_push(
     device: Option<Device>,
 ) {
     let budget = push_budget(&ctx.settings);
-    let push = push_one(&ctx, &claim.conn, at, device);
+    let push = push_one(&ctx, &claim.conn, Some(claim.push_id), at, device);
     let ended = match tokio::time::timeout_at(taken + budget, push).await {
         Ok(ended) => ended,
         // Cut off (a provider slow to answer, or the wait for a slot took most of the
@@ -915,7 +917,9 @@ enum Ended {
 /// send: an event may wait long for its slot, and must not push a wallet that came back, a
 /// token the wallet unregistered or replaced, or a connection deleted or revoked meanwhile.
 /// Only if the store cannot be read again is an immediate push sent with `read_before`.
-async fn push_one(ctx: &Ctx, conn: &str, at: Instant, read_before: Option<Device>) -> Ended {
+/// `push_id` names the push ([`PushClaim::push_id`]; `None` without a window): the event's id
+/// is derived from it, the same on each retake of the push.
+async fn push_one(ctx: &Ctx, conn: &str, push_id: Option<i64>, at: Instant, read_before: Option<Device>) -> Ended {
     let trailing = read_before.is_none();
     // The wallet may be back, or have picked up, since the event.
     if ctx.presence.online(conn).await {
@@ -971,7 +975,7 @@ async fn push_one(ctx: &Ctx, conn: &str, at: Instant, read_before: Option<Device
         return Ended::ForGood;
     }
     let ev = Event {
-        id: crate::didcomm::message::new_id(),
+        id: push_id.map_or_else(crate::didcomm::message::new_id, |p| event_id(conn, p)),
         conn: conn.to_owned(),
         service: device.service,
         token: device.token.clone(),
@@ -1012,6 +1016,21 @@ async fn push_one(ctx: &Ctx, conn: &str, at: Instant, read_before: Option<Device
         // claimed; without a window there is no claim, and the wallet's next event pushes).
         Tried::GaveUp => Ended::Unsent,
     }
+}
+
+/// The id of push `push_id` of `conn` ([`Event::id`]): a UUID derived from both, so every
+/// node that takes the push (again) sends the same one.
+pub fn event_id(conn: &str, push_id: i64) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"mailroom/push-event/1");
+    h.update((conn.len() as u64).to_be_bytes());
+    h.update(conn.as_bytes());
+    h.update(push_id.to_be_bytes());
+    let d = h.finalize();
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&d[..16]);
+    uuid::Builder::from_random_bytes(u).into_uuid().to_string()
 }
 
 /// How a provider's tries ended.

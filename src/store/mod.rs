@@ -254,6 +254,11 @@ pub struct PushClaim {
     /// Names this claim, and no later claim of the same wallet (by this node or another):
     /// [`Store::push_done`] ends the claim only while it is still this one.
     pub token: i64,
+    /// Names the push: the token of the claim that first took it. A claim that ran out and is
+    /// taken again, with no new event since, is the same push again and keeps it (the webhook's
+    /// `event_id` is derived from it, so a receiver drops the repeat); a push a new event asked
+    /// for is a new one.
+    pub push_id: i64,
 }
 
 /// A fresh [`PushClaim::token`] (random: claims of different nodes never share one).

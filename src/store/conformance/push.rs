@@ -167,6 +167,9 @@ pub async fn trailing_push_claims_run_out(b: Arc<dyn Backend>) {
     );
     let first = n1.push_take_due(due, due + LEASE, 0, 100).await.unwrap();
     assert_eq!(conns_of(&first), vec![c.clone()]);
+    // A trailing push is a new push: named by the claim that takes it.
+    assert_eq!(first[0].push_id, first[0].token);
+    let push_id = first[0].push_id;
     let first = first[0].token;
     // Claimed: not taken again while the claim lasts, by either node.
     assert!(n2
@@ -192,6 +195,7 @@ pub async fn trailing_push_claims_run_out(b: Arc<dyn Backend>) {
         vec![c.clone()],
         "a claim that ran out is taken again"
     );
+    assert_eq!(second[0].push_id, push_id, "the same push, taken again");
     let second = second[0].token;
     assert_ne!(second, first);
     // The first claimer finishing late does not end the second claim.
@@ -208,6 +212,7 @@ pub async fn trailing_push_claims_run_out(b: Arc<dyn Backend>) {
         .is_empty());
     let third = n1.push_take_due(t + LEASE, t + 2 * LEASE, 0, 100).await.unwrap();
     assert_eq!(conns_of(&third), vec![c.clone()], "the second claim stood and ran out");
+    assert_eq!(third[0].push_id, push_id, "still the same push");
     let third = third[0].token;
     // The take restarted the window: an event during the claim schedules the next trailing
     // push a window after it, as without a claim; it is taken when due, whatever the claim.
@@ -235,6 +240,7 @@ pub async fn trailing_push_claims_run_out(b: Arc<dyn Backend>) {
         vec![c.clone()],
         "the next trailing push is not held back"
     );
+    assert_eq!(fourth[0].push_id, fourth[0].token, "events since: a new push");
     let fourth = fourth[0].token;
     assert!(!n1.push_done(&c, third).await.unwrap(), "replaced by the fourth claim");
     // Done: the claim ends (once), and the push is not taken again.
@@ -289,6 +295,8 @@ pub async fn immediate_push_claims_run_out(b: Arc<dyn Backend>) {
     // e's trailing push is due; c's push claimed, not done, not yet run out.
     let taken = n2.push_take_due(T0 + 1000, T0 + 1000 + LEASE, 0, 100).await.unwrap();
     assert_eq!(conns_of(&taken), vec![e.clone()]);
+    assert_eq!(taken[0].push_id, taken[0].token, "a trailing push is a new push");
+    assert_ne!(taken[0].push_id, e_token);
     assert!(n2.push_done(&e, taken[0].token).await.unwrap());
     assert!(n2
         .push_take_due(T0 + LEASE - 1, T0 + 2 * LEASE, 0, 100)
@@ -298,6 +306,8 @@ pub async fn immediate_push_claims_run_out(b: Arc<dyn Backend>) {
     // c's node never said it was done: its claim ran out, another node takes the push.
     let again = n2.push_take_due(T0 + LEASE, T0 + 2 * LEASE, 0, 100).await.unwrap();
     assert_eq!(conns_of(&again), vec![c.clone()]);
+    assert_eq!(again[0].push_id, token, "the event's push, taken again: its id stays");
+    assert_ne!(again[0].token, token);
     assert!(!n1.push_done(&c, token).await.unwrap(), "the first claim was replaced");
     assert!(n2.push_done(&c, again[0].token).await.unwrap());
     assert!(n1
@@ -361,6 +371,7 @@ pub async fn push_event_unless_pushed_since(b: Arc<dyn Backend>) {
 pub async fn push_windows_survive_a_reopen(b: Arc<dyn Backend>) {
     const WINDOW: i64 = 10_000;
     let (pushed, claimed, deleted) = (new_id(), new_id(), new_id());
+    let unended = NewClaim::until(T0 + 5_000);
     {
         let s = b.open().await;
         let gone = NewClaim::until(T0 + 1_000);
@@ -380,7 +391,6 @@ pub async fn push_windows_survive_a_reopen(b: Arc<dyn Backend>) {
             .await
             .unwrap();
         assert_eq!(later, PushSlot::Trailing { due_ms: T0 + WINDOW });
-        let unended = NewClaim::until(T0 + 5_000);
         assert_eq!(
             s.push_event(&claimed, T0, WINDOW, unended, None).await.unwrap(),
             PushSlot::Now
@@ -411,6 +421,7 @@ pub async fn push_windows_survive_a_reopen(b: Arc<dyn Backend>) {
         vec![&claimed],
         "claim lost"
     );
+    assert_eq!(ran_out[0].push_id, unended.token, "the push it names, lost");
     let due = s.push_take_due(T0 + WINDOW, T0 + 70_000, 0, 10).await.unwrap();
     assert_eq!(
         due.iter().map(|c| &c.conn).collect::<Vec<_>>(),

@@ -471,6 +471,15 @@ CREATE TABLE mailroom_sights (digest bytea PRIMARY KEY, until_ms bigint NOT NULL
 CREATE INDEX mailroom_sights_until ON mailroom_sights (until_ms);
 "#,
     ),
+    (
+        16,
+        // The push a claim is of (`PushClaim::push_id`): kept when a claim that ran out is taken
+        // again with no event since, so the webhook's `event_id` is the same on the retake.
+        r#"
+ALTER TABLE mailroom_push_windows ADD COLUMN push_id bigint;
+UPDATE mailroom_push_windows SET push_id = claim_token WHERE claim_token IS NOT NULL;
+"#,
+    ),
 ];
 
 /// Creates the database named in `cfg` through the `postgres` maintenance database, so a node

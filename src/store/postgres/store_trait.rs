@@ -813,13 +813,14 @@ impl Store for PgStore {
         let q = c
             .run(c.prepare_cached(
                 "INSERT INTO mailroom_push_windows AS w \
-                     (conn_id, last_push_ms, trailing_due_ms, claimed_until_ms, claim_token) \
-                 VALUES ($1, $2, NULL, $4, $5) \
+                     (conn_id, last_push_ms, trailing_due_ms, claimed_until_ms, claim_token, push_id) \
+                 VALUES ($1, $2, NULL, $4, $5, $5) \
                  ON CONFLICT (conn_id) DO UPDATE SET \
                  trailing_due_ms = CASE WHEN $2 < w.last_push_ms + $3 \
                      THEN coalesce(w.trailing_due_ms, w.last_push_ms + $3) ELSE NULL END, \
                  claimed_until_ms = CASE WHEN $2 < w.last_push_ms + $3 THEN w.claimed_until_ms ELSE $4 END, \
                  claim_token = CASE WHEN $2 < w.last_push_ms + $3 THEN w.claim_token ELSE $5 END, \
+                 push_id = CASE WHEN $2 < w.last_push_ms + $3 THEN w.push_id ELSE $5 END, \
                  last_push_ms = CASE WHEN $2 < w.last_push_ms + $3 THEN w.last_push_ms ELSE $2 END \
                  WHERE $6::bigint IS NULL OR w.last_push_ms < $6 \
                  RETURNING trailing_due_ms",
@@ -868,11 +869,13 @@ impl Store for PgStore {
         let take = c
             .run(c.prepare_cached(
                 "UPDATE mailroom_push_windows \
-                 SET trailing_due_ms = NULL, last_push_ms = $1, claimed_until_ms = $3, claim_token = $4 \
+                 SET trailing_due_ms = NULL, last_push_ms = $1, claimed_until_ms = $3, claim_token = $4, \
+                     push_id = CASE WHEN trailing_due_ms IS NULL AND claimed_until_ms <= $1 \
+                         THEN coalesce(push_id, claim_token, $4) ELSE $4 END \
                  WHERE conn_id IN (SELECT conn_id FROM mailroom_push_windows \
                      WHERE trailing_due_ms <= $1 OR claimed_until_ms <= $1 \
                      ORDER BY least(trailing_due_ms, claimed_until_ms) LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                 RETURNING conn_id",
+                 RETURNING conn_id, push_id",
             ))
             .await?;
         let rows = c
@@ -881,7 +884,14 @@ impl Store for PgStore {
                 &[&now_ms, &(limit.min(i64::MAX as usize) as i64), &claim_until_ms, &token],
             ))
             .await?;
-        Ok(rows.iter().map(|r| PushClaim { conn: r.get(0), token }).collect())
+        Ok(rows
+            .iter()
+            .map(|r| PushClaim {
+                conn: r.get(0),
+                token,
+                push_id: r.get(1),
+            })
+            .collect())
     }
 
     async fn push_done(&self, conn: &str, token: i64) -> StoreResult<bool> {

@@ -35,6 +35,8 @@ pub(super) struct PushWindow {
     pub(super) trailing_due_ms: Option<i64>,
     /// (claimed until, claim token).
     pub(super) claim: Option<(i64, i64)>,
+    /// [`crate::store::PushClaim::push_id`] of the last push claimed (0 before the first).
+    pub(super) push_id: i64,
 }
 
 pub(super) struct Inner {

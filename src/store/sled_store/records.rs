@@ -253,9 +253,11 @@ pub(super) fn tx_err(e: TransactionError<StoreError>) -> StoreError {
 }
 
 /// Bytes of a push window record: `last_push i64, flags u8, trailing_due i64, claimed_until
-/// i64, claim_token i64` (BE; flag 1: a trailing push is due, flag 2: a claim is held; the
-/// value of an absent one is 0).
-const PUSH_WINDOW_LEN: usize = 33;
+/// i64, claim_token i64, push_id i64` (BE; flag 1: a trailing push is due, flag 2: a claim is
+/// held; the value of an absent one is 0). A record of [`PUSH_WINDOW_LEN_V1`] bytes (no
+/// `push_id`, written before it) reads as the claim's token.
+const PUSH_WINDOW_LEN: usize = 41;
+const PUSH_WINDOW_LEN_V1: usize = 33;
 const PUSH_TRAILING: u8 = 1;
 const PUSH_CLAIMED: u8 = 2;
 
@@ -267,19 +269,51 @@ pub(super) fn encode_push_window(w: &PushWindow) -> [u8; PUSH_WINDOW_LEN] {
     out[8] = flags;
     out[9..17].copy_from_slice(&w.trailing_due_ms.unwrap_or(0).to_be_bytes());
     out[17..25].copy_from_slice(&until.to_be_bytes());
-    out[25..].copy_from_slice(&token.to_be_bytes());
+    out[25..33].copy_from_slice(&token.to_be_bytes());
+    out[33..].copy_from_slice(&w.push_id.to_be_bytes());
     out
 }
 
 pub(super) fn decode_push_window(v: &[u8]) -> StoreResult<PushWindow> {
-    if v.len() != PUSH_WINDOW_LEN {
+    if v.len() != PUSH_WINDOW_LEN && v.len() != PUSH_WINDOW_LEN_V1 {
         return Err(corrupt("push window"));
     }
     let at = |i: usize| i64::from_be_bytes(v[i..i + 8].try_into().expect("length checked"));
     let flags = v[8];
+    let claim = (flags & PUSH_CLAIMED != 0).then(|| (at(17), at(25)));
     Ok(PushWindow {
         last_push_ms: at(0),
         trailing_due_ms: (flags & PUSH_TRAILING != 0).then(|| at(9)),
-        claim: (flags & PUSH_CLAIMED != 0).then(|| (at(17), at(25))),
+        claim,
+        push_id: if v.len() == PUSH_WINDOW_LEN {
+            at(33)
+        } else {
+            claim.map_or(0, |(_, token)| token)
+        },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A window written before records named their push (33 bytes) reads back with its claim's
+    /// token as its push; a new record round-trips.
+    #[test]
+    fn push_window_records_old_and_new() {
+        let w = PushWindow {
+            last_push_ms: 1_000,
+            trailing_due_ms: Some(2_000),
+            claim: Some((3_000, 77)),
+            push_id: 55,
+        };
+        let new = encode_push_window(&w);
+        assert_eq!(decode_push_window(&new).unwrap(), w);
+        let old = &new[..PUSH_WINDOW_LEN_V1];
+        assert_eq!(decode_push_window(old).unwrap(), PushWindow { push_id: 77, ..w });
+        let unclaimed = PushWindow { claim: None, ..w };
+        let old = encode_push_window(&unclaimed);
+        assert_eq!(decode_push_window(&old[..PUSH_WINDOW_LEN_V1]).unwrap().push_id, 0);
+        assert!(decode_push_window(&new[..40]).is_err());
+    }
 }

@@ -887,14 +887,19 @@ impl Store for SledStore {
                 let ((last_push_ms, trailing_due_ms), due) = super::super::push_window_step(state, now_ms, window_ms);
                 // Folded: the claim of a push in flight is not the window's, kept as it is. Now:
                 // this push is claimed.
-                let (slot, claim) = match due {
-                    Some(due_ms) => (PushSlot::Trailing { due_ms }, old.and_then(|p| p.claim)),
-                    None => (PushSlot::Now, Some((claim.until_ms, claim.token))),
+                let (slot, claim, push_id) = match due {
+                    Some(due_ms) => (
+                        PushSlot::Trailing { due_ms },
+                        old.and_then(|p| p.claim),
+                        old.map_or(0, |p| p.push_id),
+                    ),
+                    None => (PushSlot::Now, Some((claim.until_ms, claim.token)), claim.token),
                 };
                 let new = PushWindow {
                     last_push_ms,
                     trailing_due_ms,
                     claim,
+                    push_id,
                 };
                 // An event folded into a trailing push already scheduled changes nothing: no write.
                 let changed = old != Some(new);
@@ -940,11 +945,23 @@ impl Store for SledStore {
                     .collect();
                 due.sort();
                 due.truncate(limit);
-                let taken = PushWindow {
-                    last_push_ms: now_ms,
-                    trailing_due_ms: None,
-                    claim: Some((claim_until_ms, token)),
-                };
+                // A claim that ran out with no event since is the same push again; a trailing
+                // push is a new one.
+                let taken: Vec<(ConnId, PushWindow)> = due
+                    .iter()
+                    .map(|(_, c)| {
+                        let p = w[c];
+                        let same = p.trailing_due_ms.is_none() && p.claim.is_some_and(|(until, _)| until <= now_ms);
+                        let push_id = if same && p.push_id != 0 { p.push_id } else { token };
+                        let taken = PushWindow {
+                            last_push_ms: now_ms,
+                            trailing_due_ms: None,
+                            claim: Some((claim_until_ms, token)),
+                            push_id,
+                        };
+                        (c.clone(), taken)
+                    })
+                    .collect();
                 // A window taken now is not idle (it holds a claim).
                 let idle: Vec<ConnId> = w
                     .iter()
@@ -953,30 +970,36 @@ impl Store for SledStore {
                     })
                     .map(|(c, _)| c.clone())
                     .collect();
-                if !due.is_empty() || !idle.is_empty() {
+                if !taken.is_empty() || !idle.is_empty() {
                     // One batch, before the memory changes: all of it or nothing.
                     let mut b = sled::Batch::default();
-                    let record = encode_push_window(&taken);
-                    for (_, c) in &due {
-                        b.insert(c.as_bytes(), &record[..]);
+                    for (c, p) in &taken {
+                        b.insert(c.as_bytes(), &encode_push_window(p)[..]);
                     }
                     for c in &idle {
                         b.remove(c.as_bytes());
                     }
                     inner.windows.apply_batch(b).map_err(unavailable)?;
                 }
-                for (_, c) in &due {
-                    w.insert(c.clone(), taken);
+                for (c, p) in &taken {
+                    w.insert(c.clone(), *p);
                 }
                 for c in &idle {
                     w.remove(c);
                 }
-                due
+                taken
             };
             // Not flushed (as `push_event`): claims lost in a crash are pushed by the wake-all
             // after it; a flush failing after the claims were taken would lose them until they
             // ran out.
-            Ok(due.into_iter().map(|(_, conn)| PushClaim { conn, token }).collect())
+            Ok(due
+                .into_iter()
+                .map(|(conn, p)| PushClaim {
+                    conn,
+                    token,
+                    push_id: p.push_id,
+                })
+                .collect())
         })
         .await
     }
