@@ -87,17 +87,17 @@ pub(super) async fn gave_back(shared: &Arc<Shared>, conn: &str, released: StoreR
 /// session, so their forwards woke it and pushed nobody, yet never taken by it (a quiet
 /// session takes nothing, a live one waits on its window). Then they count as newly queued
 /// ([`Shared::queued_new`]): another session of the wallet is woken, or the wallet pushed;
-/// else, with no session anywhere, it would never be. Pushed only if nobody pushed the wallet
-/// since `ended_at_ms`, when the session let the wallet go: a forward queued after that was
-/// pushed by the node that took it (once the others knew the session gone), and what it woke
-/// the wallet for, the wallet finds with it.
-pub(super) async fn session_ended(shared: &Arc<Shared>, conn: &str, released: StoreResult<u64>, ended_at_ms: i64) {
+/// else, with no session anywhere, it would never be. (A forward another node took once the
+/// session was gone pushed the wallet already, and this may push it again. Not "unless
+/// pushed since the end": a push is recorded when it is claimed, and one claimed while the
+/// session still looked live is dropped unsent.)
+pub(super) async fn session_ended(shared: &Arc<Shared>, conn: &str, released: StoreResult<u64>) {
     if !matches!(released, Ok(0)) {
         return gave_back(shared, conn, released).await;
     }
     let conns = [conn.to_string()];
     match shared.mediator.store.pending_among(&conns, now_ms()).await {
-        Ok(pending) if !pending.is_empty() => shared.queued_new_unless_pushed_since(conn, Some(ended_at_ms)).await,
+        Ok(pending) if !pending.is_empty() => shared.queued_new(conn).await,
         Ok(_) => {}
         Err(e) => tracing::warn!(connection = %conn, "queue of a closed session not read, nobody woken: {e}"),
     }

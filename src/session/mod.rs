@@ -346,11 +346,7 @@ impl Shared {
 
     /// [`Shared::queued_new`], pushing only if the wallet was not pushed since
     /// `unless_pushed_since_ms` ([`crate::push::PushHandle::queued_unless_pushed_since`]).
-    pub(super) async fn queued_new_unless_pushed_since(
-        self: &Arc<Self>,
-        conn: &str,
-        unless_pushed_since_ms: Option<i64>,
-    ) {
+    async fn queued_new_unless_pushed_since(self: &Arc<Self>, conn: &str, unless_pushed_since_ms: Option<i64>) {
         if !self.reach(conn).await {
             if let Some(p) = self.push.get() {
                 p.queued_unless_pushed_since(conn, unless_pushed_since_ms);

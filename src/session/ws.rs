@@ -736,8 +736,6 @@ impl Actor for WsSession {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        // Before the wallet is let go (`session_ended` pushes only if nobody did since).
-        let ended_at_ms = crate::protocols::now_ms();
         // Before the release below: a lease in flight now gives its messages back itself.
         self.closed.store(true, Ordering::SeqCst);
         self.shared.registry.do_send(crate::registry::Gone { session: self.id });
@@ -777,7 +775,7 @@ impl Actor for WsSession {
             };
             let any = matches!(released, Ok(n) if n > 0);
             match &bound {
-                Some(c) if registered => session_ended(&shared, c, released, ended_at_ms).await,
+                Some(c) if registered => session_ended(&shared, c, released).await,
                 Some(c) => gave_back(&shared, c, released).await,
                 None => {
                     if let Err(e) = released {

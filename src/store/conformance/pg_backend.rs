@@ -462,6 +462,44 @@ async fn a_failed_idle_cleanup_claims_no_trailing_push() {
     }
 }
 
+/// A claim written by a node of an earlier version (`claim_token` without `push_claim`),
+/// taken again once it ran out, is a push of its own: it does not take the id of the push the
+/// window held before (a webhook receiver would drop it as a repeat of that one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_an_earlier_version_made_is_not_taken_as_an_earlier_push() {
+    let name = test_db_name();
+    let url = format!("{}/{name}", server_url());
+    let r = tokio::spawn(async move {
+        let s = open_postgres(&url, 2).await.unwrap();
+        let c = "upgraded-conn";
+        let first = NewClaim::until(T0 + 1_000);
+        s.push_event(c, T0, 1000, first, None).await.unwrap();
+        assert!(s.push_done(c, first.token).await.unwrap());
+        let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn_task);
+        // An earlier version's push_event: a new push claimed, push_id and push_claim untouched.
+        db.execute(
+            "UPDATE mailroom_push_windows SET last_push_ms = $2, claimed_until_ms = $3, claim_token = 4242 \
+             WHERE conn_id = $1",
+            &[&c, &(T0 + 5_000), &(T0 + 6_000)],
+        )
+        .await
+        .unwrap();
+        let taken = s.push_take_due(T0 + 6_000, T0 + 70_000, 0, 10).await.unwrap();
+        assert_eq!(taken.len(), 1);
+        assert_ne!(taken[0].push_id, first.token, "not the push before it");
+        assert_eq!(taken[0].push_id, taken[0].token);
+        // Taken again by this version, it is the same push.
+        let again = s.push_take_due(T0 + 70_000, T0 + 140_000, 0, 10).await.unwrap();
+        assert_eq!(again[0].push_id, taken[0].push_id);
+    })
+    .await;
+    drop_test_db(&name).await;
+    if let Err(e) = r {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
 /// `drop_queue` takes the connection's enqueue lock: a batch that has inserted its messages
 /// and not committed when the drop begins is waited for and dropped with the rest, never left
 /// behind a drop that said the queue was gone. The batch is a transaction holding the lock (as

@@ -475,9 +475,12 @@ CREATE INDEX mailroom_sights_until ON mailroom_sights (until_ms);
         16,
         // The push a claim is of (`PushClaim::push_id`): kept when a claim that ran out is taken
         // again with no event since, so the webhook's `event_id` is the same on the retake.
+        // `push_claim` is the claim it was written with: a node of an earlier version claims
+        // without writing it, and its claim, taken again, is then a push of its own.
         r#"
-ALTER TABLE mailroom_push_windows ADD COLUMN push_id bigint;
-UPDATE mailroom_push_windows SET push_id = claim_token WHERE claim_token IS NOT NULL;
+ALTER TABLE mailroom_push_windows ADD COLUMN push_id bigint, ADD COLUMN push_claim bigint;
+UPDATE mailroom_push_windows SET push_id = claim_token, push_claim = claim_token
+    WHERE claim_token IS NOT NULL;
 "#,
     ),
 ];

@@ -813,14 +813,15 @@ impl Store for PgStore {
         let q = c
             .run(c.prepare_cached(
                 "INSERT INTO mailroom_push_windows AS w \
-                     (conn_id, last_push_ms, trailing_due_ms, claimed_until_ms, claim_token, push_id) \
-                 VALUES ($1, $2, NULL, $4, $5, $5) \
+                     (conn_id, last_push_ms, trailing_due_ms, claimed_until_ms, claim_token, push_id, push_claim) \
+                 VALUES ($1, $2, NULL, $4, $5, $5, $5) \
                  ON CONFLICT (conn_id) DO UPDATE SET \
                  trailing_due_ms = CASE WHEN $2 < w.last_push_ms + $3 \
                      THEN coalesce(w.trailing_due_ms, w.last_push_ms + $3) ELSE NULL END, \
                  claimed_until_ms = CASE WHEN $2 < w.last_push_ms + $3 THEN w.claimed_until_ms ELSE $4 END, \
                  claim_token = CASE WHEN $2 < w.last_push_ms + $3 THEN w.claim_token ELSE $5 END, \
                  push_id = CASE WHEN $2 < w.last_push_ms + $3 THEN w.push_id ELSE $5 END, \
+                 push_claim = CASE WHEN $2 < w.last_push_ms + $3 THEN w.push_claim ELSE $5 END, \
                  last_push_ms = CASE WHEN $2 < w.last_push_ms + $3 THEN w.last_push_ms ELSE $2 END \
                  WHERE $6::bigint IS NULL OR w.last_push_ms < $6 \
                  RETURNING trailing_due_ms",
@@ -871,7 +872,8 @@ impl Store for PgStore {
                 "UPDATE mailroom_push_windows \
                  SET trailing_due_ms = NULL, last_push_ms = $1, claimed_until_ms = $3, claim_token = $4, \
                      push_id = CASE WHEN trailing_due_ms IS NULL AND claimed_until_ms <= $1 \
-                         THEN coalesce(push_id, claim_token, $4) ELSE $4 END \
+                         AND push_claim = claim_token THEN push_id ELSE $4 END, \
+                     push_claim = $4 \
                  WHERE conn_id IN (SELECT conn_id FROM mailroom_push_windows \
                      WHERE trailing_due_ms <= $1 OR claimed_until_ms <= $1 \
                      ORDER BY least(trailing_due_ms, claimed_until_ms) LIMIT $2 FOR UPDATE SKIP LOCKED) \
