@@ -517,3 +517,87 @@ async fn a_frozen_socket_does_not_hold_up_the_stop() {
         "the stop left the store marked as running"
     );
 }
+
+/// A live wallet that stops acknowledging while senders flood it: what its session holds back
+/// for the closed window is bounded (here 4 batches of 5), the rest goes back to the queue
+/// (counted as hand-offs `returned`), and once the wallet acknowledges every message reaches
+/// it, once, in the order the forwards were answered, those answered while the queue still
+/// held older ones too. Before, the session held every handed message in memory, up to the
+/// wallet's whole queue quota.
+#[actix_rt::test]
+async fn a_flood_for_a_wallet_that_does_not_acknowledge_is_held_back_bounded_and_in_order() {
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.delivery.batch_size = 5;
+        // Only an acknowledgement opens the window; no lease runs out during the test.
+        c.delivery.live_ack_wait_ms = 60_000;
+        c.delivery.lease_ms = 600_000;
+    })
+    .await;
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let sender = Sender::new();
+    let forward = |text: String| {
+        let (url, key, routing, sender) = (n.public_url(), k.verkey(), routing.clone(), &sender);
+        async move {
+            let st = sender
+                .forward(&url, &basic_message(&text), &key, &routing)
+                .await
+                .unwrap();
+            assert_eq!(st, 202, "{text}");
+        }
+    };
+    let mut ws = live_socket(&a, &n).await;
+    // The wallet acknowledges on its socket once, so the window applies; then m1 goes out and
+    // is not acknowledged: the window is closed.
+    forward("m0".into()).await;
+    let d0 = ws_next_message(&a, &mut ws).await;
+    assert_eq!(contents(&a, &d0), vec!["m0".to_string()]);
+    assert_eq!(
+        ack_on_socket(&a, &mut ws, &delivery_ids(&a, &d0)).await,
+        Vec::<Vec<String>>::new()
+    );
+    forward("m1".into()).await;
+    let d1 = ws_next_message(&a, &mut ws).await;
+    assert_eq!(contents(&a, &d1), vec!["m1".to_string()]);
+    for i in 2..=101 {
+        forward(format!("m{i}")).await;
+    }
+    eventually("all but 4 batches went back to the queue", || async {
+        let returned = metric(&n, r#"mailroom_handoffs_total{to="returned"}"#)
+            .await
+            .unwrap_or(0.0);
+        (returned >= 80.0).then_some(())
+    })
+    .await;
+    assert_eq!(queue_depth(&n).await, 101, "m1..m101 queued (m1 out, unacknowledged)");
+
+    // Acknowledged from now on. Forwards answered while older messages still wait in the
+    // queue go there too, not ahead of them.
+    let mut got = contents(&a, &d1);
+    let mut to_ack = delivery_ids(&a, &d1);
+    let mut more_sent = false;
+    while got.len() < 106 {
+        if got.len() > 1 && !more_sent {
+            more_sent = true;
+            for i in 102..=106 {
+                forward(format!("m{i}")).await;
+            }
+        }
+        if !to_ack.is_empty() {
+            let ack = pickup("messages-received", json!({ "message_id_list": to_ack }));
+            ws.send_envelope(a.pack(&ack).unwrap(), true).await.unwrap();
+            to_ack = Vec::new();
+        }
+        let m = ws_next_message(&a, &mut ws).await;
+        match type_name(&m) {
+            "delivery" => {
+                to_ack = delivery_ids(&a, &m);
+                got.extend(contents(&a, &m));
+            }
+            "status" => {}
+            other => panic!("unexpected {other}: {m}"),
+        }
+    }
+    let want: Vec<String> = (1..=106).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, want, "every message once, in the order the forwards were answered");
+    ws.close().await;
+}

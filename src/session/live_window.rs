@@ -112,9 +112,52 @@ pub fn hold_in_queue_order<T>(held: &mut Vec<T>, msgs: impl IntoIterator<Item = 
     }
 }
 
+/// Batches of handed messages a live session holds back while its window is closed.
+pub const HELD_BACK_BATCHES: usize = 4;
+/// Payload bytes a live session holds back while its window is closed.
+pub const HELD_BACK_MAX_BYTES: usize = 4 << 20;
+
+/// What of `held` (in queue order) passes the bounds: the newest messages past `max_msgs`, or
+/// past `max_bytes` of payload, taken out. A wallet that does not acknowledge must not make the
+/// node hold its whole queue in memory (up to its quota, 256 MiB by default); what is taken out
+/// goes back to the queue, leased again once the window opens, after the older ones held.
+pub fn take_excess<T>(held: &mut Vec<T>, max_msgs: usize, max_bytes: usize, bytes: impl Fn(&T) -> usize) -> Vec<T> {
+    let mut total = 0usize;
+    let keep = held
+        .iter()
+        .take(max_msgs)
+        .take_while(|m| {
+            total = total.saturating_add(bytes(m));
+            total <= max_bytes
+        })
+        .count();
+    held.split_off(keep)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_back_messages_are_bounded_newest_out() {
+        let mut held: Vec<(i64, usize)> = (1..=10).map(|i| (i, 100)).collect();
+        let out = take_excess(&mut held, 4, 10_000, |m| m.1);
+        assert_eq!(held.iter().map(|m| m.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(out.iter().map(|m| m.0).collect::<Vec<_>>(), vec![5, 6, 7, 8, 9, 10]);
+        let out = take_excess(&mut held, 4, 250, |m| m.1);
+        assert_eq!(held.iter().map(|m| m.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(out.len(), 2);
+        assert!(
+            take_excess(&mut held, 4, 250, |m| m.1).is_empty(),
+            "within bounds: nothing"
+        );
+        let mut big = vec![(1, 300)];
+        assert_eq!(
+            take_excess(&mut big, 4, 250, |m| m.1).len(),
+            1,
+            "one past the bytes alone"
+        );
+    }
 
     const WAIT: Duration = Duration::from_millis(250);
 

@@ -15,7 +15,7 @@
 //! `HEARTBEAT`, closed after `CLIENT_TIMEOUT` without a pong or frame.
 
 use super::give_back::{gave_back, give_back_msgs, release_all, session_ended};
-use super::live_window::{hold_in_queue_order, LiveWindow};
+use super::live_window::{hold_in_queue_order, take_excess, LiveWindow, HELD_BACK_BATCHES, HELD_BACK_MAX_BYTES};
 use super::upgrade::SocketSlot;
 use super::Shared;
 use crate::config::Strategy;
@@ -92,9 +92,21 @@ struct HandedHere {
     /// meanwhile release nothing).
     written: std::collections::VecDeque<(i64, i64)>,
     /// Handed in live mode, waiting for the live window, in queue order: they go out as it
-    /// opens, before anything is leased.
+    /// opens, before anything is leased. Bounded ([`take_excess`]): past the bounds the newest
+    /// go back to the queue.
     held_back: Vec<QueuedMessage>,
+    /// Some went back to the queue: later hand-offs follow them there (held here they would go
+    /// out before them), until a drain that began with none still going back finds the queue
+    /// caught up.
+    spilled: bool,
+    /// Hand-backs of this session not yet released in the store.
+    spills_in_flight: usize,
 }
+
+/// A hand-back of messages held back past the bounds was released in the store.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct SpillReleased;
 
 /// Why a drain leased nothing.
 enum Drained {
@@ -465,6 +477,9 @@ impl WsSession {
         }
         self.draining = true;
         self.wake_again = false;
+        // Nothing on its way back to the queue as this lease begins: if it comes back short,
+        // the queue has caught up with what went back.
+        let clean_start = self.handed.as_ref().map_or(true, |h| h.spills_in_flight == 0);
         let shared = self.shared.clone();
         let conn_id = self.conn.as_ref().expect("checked above").id.clone();
         let owner = self.owner();
@@ -536,6 +551,11 @@ impl WsSession {
                 }
             };
             let full = msgs.len() >= batch;
+            if clean_start && !full {
+                if let Some(h) = act.handed.as_mut() {
+                    h.spilled = false;
+                }
+            }
             let msgs = act.not_written_yet(msgs);
             if !msgs.is_empty() {
                 act.push(msgs, false, ctx);
@@ -797,6 +817,16 @@ impl Handler<Wake> for WsSession {
     }
 }
 
+impl Handler<SpillReleased> for WsSession {
+    type Result = ();
+    fn handle(&mut self, _: SpillReleased, ctx: &mut Self::Context) {
+        if let Some(h) = self.handed.as_mut() {
+            h.spills_in_flight = h.spills_in_flight.saturating_sub(1);
+        }
+        self.drain(ctx);
+    }
+}
+
 impl Handler<Signal> for WsSession {
     type Result = ();
     fn handle(&mut self, m: Signal, ctx: &mut Self::Context) {
@@ -833,13 +863,47 @@ impl WsSession {
             return;
         }
         if self.mode == Mode::Live {
+            let h = self.handed.get_or_insert_with(Box::default);
+            if h.spilled {
+                // Older ones wait in the queue: these go there too, and out in queue order.
+                self.spill(msgs, ctx);
+                return;
+            }
             // Through the window, as a lease's messages go.
-            let held = &mut self.handed.get_or_insert_with(Box::default).held_back;
-            hold_in_queue_order(held, msgs, |m| m.id);
+            hold_in_queue_order(&mut h.held_back, msgs, |m| m.id);
             self.send_held(ctx);
+            // What the closed window holds back is bounded (a wallet that does not acknowledge
+            // must not have its queue held in this node's memory): the newest past the bounds
+            // go back to the queue, leased once the window opens, after those held here.
+            let max = self.shared.mediator.batch_size.max(1) * HELD_BACK_BATCHES;
+            if let Some(h) = self.handed.as_mut() {
+                let out = take_excess(&mut h.held_back, max, HELD_BACK_MAX_BYTES, |m| m.payload.len());
+                if !out.is_empty() {
+                    h.spilled = true;
+                    self.spill(out, ctx);
+                }
+            }
             return;
         }
         self.push(msgs, true, ctx);
+    }
+
+    /// Hands messages handed to this session back to the queue (released from the node's
+    /// hand-off owner, in a task the stop waits for), then drains: the window leases them.
+    fn spill(&mut self, msgs: Vec<QueuedMessage>, ctx: &mut ws::WebsocketContext<Self>) {
+        let Some(conn) = msgs.first().map(|m| m.connection.clone()) else {
+            return;
+        };
+        let ids: Vec<i64> = msgs.iter().map(|m| m.id).collect();
+        if let Some(h) = self.handed.as_mut() {
+            h.spills_in_flight += 1;
+        }
+        let addr = ctx.address();
+        let shared = self.shared.clone();
+        self.shared.tracked.spawn(async move {
+            shared.hand_back(&shared.mediator.node_id, &conn, &ids).await;
+            addr.do_send(SpillReleased);
+        });
     }
 
     /// The ids of handed messages this session wrote or holds back (leased to the node's
