@@ -83,6 +83,11 @@ pub struct WsSession {
     /// A connection this socket leased for by request (pickup over return route `thread`,
     /// say) while not bound to it: its end releases the owner for it too.
     lent_to: Option<String>,
+    /// Hand-backs of held-back messages ([`WsSession::spill`]) begun and not yet released in
+    /// the store, and how many were ever begun: kept apart from `handed`, which a rebind drops
+    /// while they run.
+    spills_in_flight: usize,
+    spills_begun: u64,
 }
 
 /// Messages handed to a session, leased to the node's hand-off owner, not to the session.
@@ -96,11 +101,9 @@ struct HandedHere {
     /// go back to the queue.
     held_back: Vec<QueuedMessage>,
     /// Some went back to the queue: later hand-offs follow them there (held here they would go
-    /// out before them), until a drain that began with none still going back finds the queue
-    /// caught up.
+    /// out before them), until a drain that began with none still going back, and during which
+    /// none began, finds the queue caught up.
     spilled: bool,
-    /// Hand-backs of this session not yet released in the store.
-    spills_in_flight: usize,
 }
 
 /// A hand-back of messages held back past the bounds was released in the store.
@@ -138,6 +141,8 @@ impl WsSession {
             closed: Arc::default(),
             handed: None,
             lent_to: None,
+            spills_in_flight: 0,
+            spills_begun: 0,
         }
     }
 
@@ -477,11 +482,13 @@ impl WsSession {
         }
         self.draining = true;
         self.wake_again = false;
-        // Nothing on its way back to the queue as this lease begins: if it comes back short,
-        // the queue has caught up with what went back.
-        let clean_start = self.handed.as_ref().map_or(true, |h| h.spills_in_flight == 0);
+        // Nothing on its way back to the queue as this lease begins: if it comes back short
+        // and no hand-back began meanwhile, the queue has caught up with what went back.
+        let clean_start = self.spills_in_flight == 0;
+        let spills_before = self.spills_begun;
         let shared = self.shared.clone();
         let conn_id = self.conn.as_ref().expect("checked above").id.clone();
+        let leased_for = conn_id.clone();
         let owner = self.owner();
         let batch = shared.mediator.batch_size;
         let lease_ms = shared.mediator.lease_ms;
@@ -551,6 +558,22 @@ impl WsSession {
                 }
             };
             let full = msgs.len() >= batch;
+            if act.spills_begun != spills_before {
+                // Held-back messages went back to the queue while this lease ran: it may have
+                // read some, newer than those still held here. Given back, leased again after.
+                let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
+                if !ids.is_empty() {
+                    let (shared, owner) = (act.shared.clone(), act.owner());
+                    act.shared.tracked.spawn(async move {
+                        let released = shared.mediator.store.release(&leased_for, &ids, &owner).await;
+                        gave_back(&shared, &leased_for, released).await;
+                    });
+                }
+                if act.wake_again {
+                    ctx.notify(Wake);
+                }
+                return;
+            }
             if clean_start && !full {
                 if let Some(h) = act.handed.as_mut() {
                     h.spilled = false;
@@ -820,9 +843,7 @@ impl Handler<Wake> for WsSession {
 impl Handler<SpillReleased> for WsSession {
     type Result = ();
     fn handle(&mut self, _: SpillReleased, ctx: &mut Self::Context) {
-        if let Some(h) = self.handed.as_mut() {
-            h.spills_in_flight = h.spills_in_flight.saturating_sub(1);
-        }
+        self.spills_in_flight = self.spills_in_flight.saturating_sub(1);
         self.drain(ctx);
     }
 }
@@ -895,9 +916,8 @@ impl WsSession {
             return;
         };
         let ids: Vec<i64> = msgs.iter().map(|m| m.id).collect();
-        if let Some(h) = self.handed.as_mut() {
-            h.spills_in_flight += 1;
-        }
+        self.spills_in_flight += 1;
+        self.spills_begun += 1;
         let addr = ctx.address();
         let shared = self.shared.clone();
         self.shared.tracked.spawn(async move {
