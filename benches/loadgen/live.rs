@@ -11,8 +11,15 @@ use std::time::{Duration, Instant};
 // 5: delivered msg/s to one wallet in live mode
 // ---------------------------------------------------------------------------------------------
 
-pub(crate) async fn live_throughput(t: &mut Table, o: &Opts) -> Result<()> {
-    let node = ChildNode::start(None).await?;
+/// `replay_off`: the same with `limits.replay_window_secs = 0`, the cost of the replay record
+/// each acknowledgement (an authenticated message) writes, measured in the same run.
+pub(crate) async fn live_throughput(t: &mut Table, o: &Opts, replay_off: bool) -> Result<()> {
+    let extra = if replay_off {
+        "[limits]\nreplay_window_secs = 0\n"
+    } else {
+        ""
+    };
+    let node = ChildNode::start_with(None, extra).await?;
     let mut wallets = onboard_wallets(o.didcomm, &node.public_url(), &node.ws_url(), 1).await?;
     let w = wallets.pop().context("wallet")?;
     let n = o.live_msgs;
@@ -99,8 +106,9 @@ pub(crate) async fn live_throughput(t: &mut Table, o: &Opts) -> Result<()> {
     let t_acked = done_at.map(|d| d - t0).context("not every message was acknowledged")?;
     let left = wait_for("queue empty", Duration::from_secs(10), || queued(&admin)).await?;
     ws.close().await;
+    let off = if replay_off { ", replay window off" } else { "" };
     t.add(
-        &format!("live-mode delivery to one wallet{}", o.tag()),
+        &format!("live-mode delivery to one wallet{off}{}", o.tag()),
         format!("{:.0}", n as f64 / t_acked.as_secs_f64()),
         "msg/s",
         "",

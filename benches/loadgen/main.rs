@@ -220,8 +220,10 @@ pub(crate) fn main() {
         }
         if o.wants("live") {
             eprintln!("[live] live-mode delivery to one wallet");
-            if let Err(e) = live_throughput(&mut t, &o).await {
-                t.failed("live", &e);
+            for replay_off in [false, true] {
+                if let Err(e) = live_throughput(&mut t, &o, replay_off).await {
+                    t.failed("live", &e);
+                }
             }
         }
         // Not in the default run: it needs a mediator started outside (scripts/bench.sh peers).

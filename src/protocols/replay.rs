@@ -252,6 +252,11 @@ mod handled {
     use crate::didcomm::keys::KeyPair;
     use serde_json::json;
 
+    /// `msg` authcrypted from `from` for the mediator key `to`.
+    fn authcrypt(msg: &serde_json::Value, to: &str, from: &KeyPair) -> Vec<u8> {
+        envelope::pack(&serde_json::to_vec(msg).unwrap(), &[to.to_string()], Some(from)).unwrap()
+    }
+
     /// A wallet's authcrypted forward, and its copy, on a socket: the copy is queued as an
     /// anonymous forward is (a duplicate here) and names no connection, so no socket is bound
     /// to the wallet's; the wallet's own message names its connection.
@@ -275,12 +280,7 @@ mod handled {
             "msg": inner,
             "~transport": { "return_route": "all" },
         });
-        let env = envelope::pack(
-            &serde_json::to_vec(&forward).unwrap(),
-            &[m.keys.routing.verkey()],
-            Some(&wallet),
-        )
-        .unwrap();
+        let env = authcrypt(&forward, &m.keys.routing.verkey(), &wallet);
         let first = m.handle(&env, TransportKind::WebSocket, "n1/ws/1/1").await.unwrap();
         assert_eq!(first.connection.map(|c| c.id), Some("w".to_string()));
         assert_eq!(
@@ -308,12 +308,7 @@ mod handled {
             "@id": "one-response",
             "~thread": { "thid": "a-ping" },
         });
-        let env = envelope::pack(
-            &serde_json::to_vec(&ping).unwrap(),
-            &[m.keys.did_key.verkey()],
-            Some(&stranger),
-        )
-        .unwrap();
+        let env = authcrypt(&ping, &m.keys.did_key.verkey(), &stranger);
         for _ in 0..2 {
             let out = m.handle(&env, TransportKind::Http, "n1/http").await;
             assert!(out.is_ok(), "taken, and no record refuses it: {:?}", out.err());
