@@ -396,8 +396,14 @@ async fn a_replayed_message_acts_once() {
         (queue_depth(&n).await == 0).then_some(())
     })
     .await;
-    // Two more queued while the socket is still the victim's, then the replays.
+    // The victim's socket closed (and let go: a forward handed to it while it closed would
+    // be written there), two more queued, then the replays.
     vws.close().await;
+    eventually("the victim's socket let go", || async {
+        let v = get_json(&format!("{}/sessions", n.admin_url())).await;
+        v["sessions"].as_array().is_some_and(Vec::is_empty).then_some(())
+    })
+    .await;
     queue_for(&victim, &vk, &n, "kept 1").await;
     queue_for(&victim, &vk, &n, "kept 2").await;
     for env in [captured_ping, captured_batch] {

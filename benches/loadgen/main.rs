@@ -10,7 +10,8 @@
 //! - `samenode`: the same with the POSTs on the socket's own node (baseline for the hop).
 //! - `sweep`:    the same with the cluster link cut: delivery bounded by the sweep interval.
 //! - `sessions`: RSS per idle bound WebSocket session of a `mailroom` child process.
-//! - `live`:     delivered msg/s to one wallet in live mode (1,000 queued, delivered, acked).
+//! - `live`:     delivered msg/s to one wallet in live mode (1,000 queued, delivered, acked),
+//!   twice: with the replay window at its default and off (what its records cost the acks).
 //! - `peer`:     (only when named in LOADGEN_ONLY) the `sled` ingest load against any DIDComm v1
 //!   mediator from its invitation URL (LOADGEN_PEER_URL, LOADGEN_PEER_NAME, LOADGEN_PEER_PID).
 //! - `peer-backlog`, `peer-fanout`: (only when named) delivery against that mediator: one
@@ -222,7 +223,7 @@ pub(crate) fn main() {
             eprintln!("[live] live-mode delivery to one wallet");
             for replay_off in [false, true] {
                 if let Err(e) = live_throughput(&mut t, &o, replay_off).await {
-                    t.failed("live", &e);
+                    t.failed(if replay_off { "live (replay window off)" } else { "live" }, &e);
                 }
             }
         }

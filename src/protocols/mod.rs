@@ -299,8 +299,8 @@ impl Mediator {
         let sight = match &ctx.sender_verkey {
             Some(sk) if ctx.conn.is_some() || ctx.mtype.as_ref().is_some_and(starts_a_connection) => {
                 match replay::first_sight(self, replay::Version::V1, sk, &ctx.msg, &ctx.plaintext).await {
-                    // A copy of a forward is queued as an anonymous forward is (the store's dedup
-                    // finds it a duplicate): it binds nothing to its sender's connection.
+                    // A copy of a forward is queued as an anonymous forward is (within the dedup
+                    // window a duplicate): it binds nothing to its sender's connection.
                     Err(HandleError::Replayed(_)) if ctx.mtype.as_ref().is_some_and(|t| t.is("routing", "forward")) => {
                         return routing::forward(self, &ctx).await;
                     }

@@ -22,8 +22,9 @@
 //! - Anonymous messages leave no record: they act on no connection (a forward has its own
 //!   dedup window). Nor do messages of a sender with no connection that cannot start one (a
 //!   ping, a problem report): they act on none, and anyone could make records with them. A
-//!   copy of an authenticated forward is queued as an anonymous forward is (the store's dedup
-//!   finds it a duplicate, 202) and binds nothing: its sender's retry is not refused.
+//!   copy of an authenticated forward is queued as an anonymous forward is, and binds nothing:
+//!   within the dedup window the store finds it a duplicate (202), so its sender's retry is
+//!   not refused; after it, it is queued again, as any copy of a forward.
 
 use super::{now_ms, HandleError, Mediator, Outcome};
 use serde_json::Value;

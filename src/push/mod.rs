@@ -89,8 +89,9 @@ pub(crate) fn unix_now_s() -> u64 {
 /// One push to send.
 #[derive(Clone, Debug)]
 pub struct Event {
-    /// One id per push, the same on each of its tries and on each retake of its claim, on any
-    /// node ([`event_id`]; the webhook sends it: a receiver drops a repeat by it).
+    /// One id per push, the same on each of its tries and, with a push window, on each retake
+    /// of its claim, on any node ([`event_id`]; the webhook sends it: a receiver drops a repeat
+    /// by it). Without a window each push has an id of its own.
     pub id: String,
     pub conn: String,
     pub service: PushService,

@@ -232,7 +232,7 @@ impl WsSession {
                 if self.bad_frames >= MAX_BAD_FRAMES {
                     ctx.close(Some(ws::CloseReason {
                         code: ws::CloseCode::Policy,
-                        description: Some("too many unreadable messages".into()),
+                        description: Some("too many refused messages".into()),
                     }));
                     ctx.stop();
                 }

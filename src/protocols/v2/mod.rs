@@ -226,8 +226,8 @@ pub async fn handle(
         (Err(e), None)
     } else {
         match authenticated_once(m, &ctx, &unpacked.plaintext).await {
-            // A copy of a forward is queued as an anonymous forward is (the store's dedup finds
-            // it a duplicate): it binds nothing to its sender's connection.
+            // A copy of a forward is queued as an anonymous forward is (within the dedup window
+            // a duplicate): it binds nothing to its sender's connection.
             Err(HandleError::Replayed(_))
                 if (ctx.family.as_str(), ctx.major(), ctx.name.as_str()) == ("routing", 2, "forward") =>
             {
