@@ -123,6 +123,21 @@ where
     rethrow(r);
 }
 
+/// Runs `check` with the URL of a database of its own (a node's first open creates it), in a
+/// task of its own, so that a failed assertion still drops the database afterwards.
+async fn in_own_db<F, Fut>(check: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let name = test_db_name();
+    let r = tokio::spawn(check(format!("{}/{name}", server_url()))).await;
+    drop_test_db(&name).await;
+    if let Err(e) = r {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
 /// A node pointed at a database that does not exist yet creates it (several at once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_database_is_created() {
@@ -228,15 +243,13 @@ async fn migrate_to(c: &tokio_postgres::Client, version: i32) {
 /// record merely reads like a denied one (its label, its extra data, a NUL) is not refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_11_refuses_connections_denied_before_it() {
-    let name = test_db_name();
-    let url = format!("{}/{name}", server_url());
-    admin()
-        .await
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .expect("create test database");
-    // Spawned: a failed assertion still drops the database below.
-    let r = tokio::spawn(async move {
+    in_own_db(|url| async move {
+        let name = url.rsplit('/').next().expect("a database name");
+        admin()
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
         let (c, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(conn_task);
         migrate_to(&c, 10).await;
@@ -283,10 +296,6 @@ async fn migration_11_refuses_connections_denied_before_it() {
         assert_eq!(s.route("rk-denied").await.unwrap(), None);
     })
     .await;
-    drop_test_db(&name).await;
-    if let Err(e) = r {
-        std::panic::resume_unwind(e.into_panic());
-    }
 }
 
 /// A lease reads the connection's pending messages and its leases that ran out, never the
@@ -295,10 +304,7 @@ async fn migration_11_refuses_connections_denied_before_it() {
 /// `(conn_id, id)` index alone it read all 1,999 first, on every lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_never_reads_messages_leased_and_not_due() {
-    let name = test_db_name();
-    let url = format!("{}/{name}", server_url());
-    // Spawned: a failed assertion still drops the database below.
-    let r = tokio::spawn(async move {
+    in_own_db(|url| async move {
         let s = open_postgres(&url, 2).await.unwrap();
         let c = new_conn(&s).await;
         let m = (0..2000).map(|i| msg(&c, &format!("{i}"), T0)).collect();
@@ -334,10 +340,6 @@ async fn a_lease_never_reads_messages_leased_and_not_due() {
         assert!(due.iter().all(|q| q.attempts == 2));
     })
     .await;
-    drop_test_db(&name).await;
-    if let Err(e) = r {
-        std::panic::resume_unwind(e.into_panic());
-    }
 }
 
 /// The pickup status that answers every acknowledgement reads what a lease reads, never
@@ -345,10 +347,7 @@ async fn a_lease_never_reads_messages_leased_and_not_due() {
 /// its plan removes (almost) no row by filter. Counting the whole queue read all 1,999.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pickup_status_never_reads_messages_leased_and_not_due() {
-    let name = test_db_name();
-    let url = format!("{}/{name}", server_url());
-    // Spawned: a failed assertion still drops the database below.
-    let r = tokio::spawn(async move {
+    in_own_db(|url| async move {
         let s = open_postgres(&url, 2).await.unwrap();
         let c = new_conn(&s).await;
         let m = (0..2000).map(|i| msg(&c, &format!("{i}"), T0 + i)).collect();
@@ -377,10 +376,6 @@ async fn a_pickup_status_never_reads_messages_leased_and_not_due() {
         );
     })
     .await;
-    drop_test_db(&name).await;
-    if let Err(e) = r {
-        std::panic::resume_unwind(e.into_panic());
-    }
 }
 
 /// Several pools (nodes) open one fresh database at once: migrations apply once.
@@ -421,10 +416,7 @@ async fn concurrent_open_migrates_once() {
 /// ran out, minutes later).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_idle_cleanup_claims_no_trailing_push() {
-    let name = test_db_name();
-    let url = format!("{}/{name}", server_url());
-    // Spawned: a failed assertion still drops the database below.
-    let r = tokio::spawn(async move {
+    in_own_db(|url| async move {
         let s = open_postgres(&url, 2).await.unwrap();
         let c = "trailing-conn";
         s.push_event(c, T0, 1000, NewClaim::until(T0 + 60_000), None)
@@ -456,10 +448,6 @@ async fn a_failed_idle_cleanup_claims_no_trailing_push() {
         );
     })
     .await;
-    drop_test_db(&name).await;
-    if let Err(e) = r {
-        std::panic::resume_unwind(e.into_panic());
-    }
 }
 
 /// A claim written by a node of an earlier version (`claim_token` without `push_claim`),
@@ -467,9 +455,7 @@ async fn a_failed_idle_cleanup_claims_no_trailing_push() {
 /// window held before (a webhook receiver would drop it as a repeat of that one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_an_earlier_version_made_is_not_taken_as_an_earlier_push() {
-    let name = test_db_name();
-    let url = format!("{}/{name}", server_url());
-    let r = tokio::spawn(async move {
+    in_own_db(|url| async move {
         let s = open_postgres(&url, 2).await.unwrap();
         let c = "upgraded-conn";
         let first = NewClaim::until(T0 + 1_000);
@@ -494,10 +480,6 @@ async fn a_claim_an_earlier_version_made_is_not_taken_as_an_earlier_push() {
         assert_eq!(again[0].push_id, taken[0].push_id);
     })
     .await;
-    drop_test_db(&name).await;
-    if let Err(e) = r {
-        std::panic::resume_unwind(e.into_panic());
-    }
 }
 
 /// `drop_queue` takes the connection's enqueue lock: a batch that has inserted its messages
@@ -509,10 +491,7 @@ async fn a_claim_an_earlier_version_made_is_not_taken_as_an_earlier_push() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_queue_drops_a_batch_committing_meanwhile() {
     use super::super::postgres::{lock_key, LOCK_NS};
-    let name = test_db_name();
-    let url = format!("{}/{name}", server_url());
-    // Spawned: a failed assertion still drops the database below.
-    let r = tokio::spawn(async move {
+    in_own_db(|url| async move {
         let s = open_postgres(&url, 2).await.unwrap();
         let c = new_conn(&s).await;
         enqueue_ok(&s, vec![msg(&c, "before", T0)]).await;
@@ -559,8 +538,4 @@ async fn drop_queue_drops_a_batch_committing_meanwhile() {
         );
     })
     .await;
-    drop_test_db(&name).await;
-    if let Err(e) = r {
-        std::panic::resume_unwind(e.into_panic());
-    }
 }
