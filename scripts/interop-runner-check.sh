@@ -3,7 +3,9 @@
 # mediator: a few seconds, standard library only):
 #   1. SIGTERM, SIGINT and SIGHUP end every agent process the runner started, also when the
 #      signal interrupts a scenario's own cleanup (an agent slow to stop);
-#   2. scenario names that match nothing (INTEROP_SCENARIOS=nomatch) fail the run.
+#   2. scenario names that match nothing (INTEROP_SCENARIOS=nomatch) fail the run;
+#   3. a scenario whose peer died of a signal nobody sent it (a segfault) runs once more, and
+#      only once; a peer that exits with a code is a plain failure, not rerun.
 # Part of scripts/test.sh. Every process here is started by this script and ended by PID.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -65,7 +67,19 @@ echo 'READY {"control": "http://127.0.0.1:9"}'
 trap 'echo $$ >>"$CHECK_STOPPING"; sleep 8; exit 0' TERM
 while :; do sleep 0.2; done
 SH
-chmod +x "$WORK/starting.sh" "$WORK/slow.sh"
+# "segv" dies of SIGSEGV before it is ready (as a native crash in a peer's wallet would);
+# "exits" exits with code 3.
+cat >"$WORK/segv.sh" <<'SH'
+#!/usr/bin/env bash
+echo $$ >>"$CHECK_PIDS"
+exec python3 -c 'import os, signal; os.kill(os.getpid(), signal.SIGSEGV)'
+SH
+cat >"$WORK/exits.sh" <<'SH'
+#!/usr/bin/env bash
+echo $$ >>"$CHECK_PIDS"
+exit 3
+SH
+chmod +x "$WORK/starting.sh" "$WORK/slow.sh" "$WORK/segv.sh" "$WORK/exits.sh"
 
 # signal_check NAME FAKE SIGNAL WAIT_FOR: runs one Credo scenario with FAKE agents, sends
 # SIGNAL once WAIT_FOR is true, and requires the runner to exit with every agent ended.
@@ -115,6 +129,25 @@ for sel in nomatch "s1-PickUpV2LiveMode,nomatch"; do
     say "ok: INTEROP_SCENARIOS=$sel fails (exit $rc)"
   else
     fail "INTEROP_SCENARIOS=$sel: exit $rc, summary '$(cat "$d/summary" 2>/dev/null)'"; sed 's/^/    | /' "$d/out"
+  fi
+done
+
+# A peer's crash: one rerun, said on a RERUN line, and a second failure counts.
+for fake in segv exits; do
+  d="$WORK/crash-$fake"; mkdir -p "$d"; : >"$d/pids"
+  set +e
+  CHECK_PIDS="$d/pids" NODE="$WORK/$fake.sh" "$PY" "$RUNPY" --mediator-url "$MED_URL" \
+    --scenarios s1-PickUpV2LiveMode --work "$d/w" --summary-file "$d/summary" >"$d/out" 2>&1
+  rc=$?
+  set -e
+  reruns=$(grep -c '^RERUN s1-PickUpV2LiveMode: .*killed by SIGSEGV' "$d/out" || true)
+  want=1; [ "$fake" = exits ] && want=0
+  if [ "$rc" != 0 ] && [ "$reruns" = "$want" ] && [ "$(cat "$d/summary")" = "0 1 0" ] \
+    && grep -q '^FAIL s1-PickUpV2LiveMode' "$d/out"; then
+    say "ok: a peer that $([ "$fake" = segv ] && echo 'dies of SIGSEGV is rerun once' || echo 'exits with a code is not rerun')"
+  else
+    fail "$fake: exit $rc, $reruns RERUN lines (want $want), summary '$(cat "$d/summary" 2>/dev/null)'"
+    sed 's/^/    | /' "$d/out"
   fi
 done
 

@@ -143,6 +143,7 @@ def end_all(grace: float = 5.0) -> list[str]:
     for p in procs:
         if p.popen.poll() is None:
             ended.append(p.name)
+            p.ended_here = True
             try:
                 os.kill(p.pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -184,6 +185,7 @@ class Proc:
                 env=full_env, cwd=cwd, start_new_session=True,
             )
             self.pid = self.popen.pid
+            self.ended_here = False  # set before this harness signals it (stop, end_all)
             with _LIVE_LOCK:
                 _LIVE[self.pid] = self
         finally:
@@ -195,6 +197,26 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def exit_text(self) -> str:
+        """How the process ended: 'exited with code N' or 'killed by SIGNAME'."""
+        rc = self.popen.poll()
+        if rc is None:
+            return "still running"
+        if rc < 0:
+            try:
+                return f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                return f"killed by signal {-rc}"
+        return f"exited with code {rc}"
+
+    def crash(self) -> str | None:
+        """Why the process is gone when it died of a signal this harness did not send (a
+        segfault or abort in the peer's native code, the OOM killer); None otherwise."""
+        rc = self.popen.poll()
+        if rc is None or rc >= 0 or self.ended_here:
+            return None
+        return f"{self.name} {self.exit_text()}"
+
     def wait_line(self, prefix: str, timeout: float) -> str:
         """Waits for a stdout line starting with prefix; StepError if the process exits first."""
         deadline = time.monotonic() + timeout
@@ -203,7 +225,7 @@ class Proc:
                 if line.startswith(prefix):
                     return line
             if not self.alive():
-                raise StepError(f"{self.name} exited with {self.popen.returncode} before '{prefix}': {self.logs(12)}")
+                raise StepError(f"{self.name} {self.exit_text()} before '{prefix}': {self.logs(12)}")
             if time.monotonic() > deadline:
                 raise StepError(f"{self.name} not ready after {timeout:.0f}s: {self.logs(12)}")
             time.sleep(0.1)
@@ -248,6 +270,7 @@ class Proc:
 
     def stop(self, grace: float = 10.0):
         if self.alive():
+            self.ended_here = True
             try:
                 os.kill(self.pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -298,7 +321,7 @@ class CredoAgent:
             return http_json(method, self.control + path, body, timeout=timeout)
         except StepError as e:
             if not self.proc.alive():
-                raise StepError(f"{self.name} died: {self.proc.logs(12)}") from e
+                raise StepError(f"{self.name} died ({self.proc.exit_text()}): {self.proc.logs(12)}") from e
             raise
 
     def create_invitation(self) -> dict:
@@ -436,7 +459,7 @@ class AcaPy:
 
     def _check_alive(self):
         if not self.proc.alive():
-            raise StepError(f"{self.name} exited with {self.proc.popen.returncode}: {self.proc.logs(15)}")
+            raise StepError(f"{self.name} {self.proc.exit_text()}: {self.proc.logs(15)}")
         return False
 
     def _ready(self) -> bool:
@@ -450,7 +473,7 @@ class AcaPy:
             return http_json(method, self.admin + path, body, timeout=timeout)
         except StepError as e:
             if not self.proc.alive():
-                raise StepError(f"{self.name} died: {self.proc.logs(15)}") from e
+                raise StepError(f"{self.name} died ({self.proc.exit_text()}): {self.proc.logs(15)}") from e
             raise
 
     def create_invitation(self, multi_use: bool = False, mediation_id: str | None = None) -> dict:

@@ -498,6 +498,39 @@ def on_termination_signal(signum, _frame):
     sys.exit(128 + signum)
 
 
+def run_scenario(args, invitation_url: str, invitation: dict, root: Path, fn) -> tuple[bool, str, list[str]]:
+    """Runs one scenario in a Ctx of its own: (passed, reason, the peers that died of a signal this
+    harness did not send, read before the scenario's processes are ended)."""
+    ctx = Ctx(args, invitation_url, invitation, root)
+    ctx.start_watchdog(args.scenario_timeout)
+    crashes: list[str] = []
+    try:
+        reason = fn(ctx)
+        ok = not ctx.timed_out
+        if ctx.timed_out:
+            reason = f"scenario exceeded {args.scenario_timeout:.0f}s"
+    except StepError as e:
+        reason, ok = str(e), False
+        if ctx.timed_out:
+            reason = f"scenario exceeded {args.scenario_timeout:.0f}s (its agents were ended); then: {reason}"
+    except Exception as e:  # noqa: BLE001 - a harness bug is a FAIL with its trace, not a crash
+        reason, ok = f"harness error {type(e).__name__}: {e}\n{traceback.format_exc()}", False
+    finally:
+        if not ctx.timed_out:
+            crashes = [c for t in list(ctx.owned) if (p := getattr(t, "proc", None)) and (c := p.crash())]
+        ctx.close_all()
+    if not ok:
+        said = []
+        for t in ctx.owned:
+            if isinstance(t, CredoAgent):
+                errs = t.proc.credo_errors()
+                if errs:
+                    said.append(f"{t.name} logged: " + " | ".join(errs))
+        if said:
+            reason += "\n    " + "\n    ".join(said)
+    return ok, reason, crashes
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -592,31 +625,17 @@ def main() -> int:
             skipped += 1
             print(f"SKIP {name}: {why}", flush=True)
             continue
-        ctx = Ctx(args, invitation_url, invitation, root)
-        ctx.start_watchdog(args.scenario_timeout)
         t0 = time.monotonic()
-        try:
-            reason = fn(ctx)
-            ok = not ctx.timed_out
-            if ctx.timed_out:
-                reason = f"scenario exceeded {args.scenario_timeout:.0f}s"
-        except StepError as e:
-            reason, ok = str(e), False
-            if ctx.timed_out:
-                reason = f"scenario exceeded {args.scenario_timeout:.0f}s (its agents were ended); then: {reason}"
-        except Exception as e:  # noqa: BLE001 - a harness bug is a FAIL with its trace, not a crash
-            reason, ok = f"harness error {type(e).__name__}: {e}\n{traceback.format_exc()}", False
-        finally:
-            ctx.close_all()
-        if not ok:
-            said = []
-            for t in ctx.owned:
-                if isinstance(t, CredoAgent):
-                    errs = t.proc.credo_errors()
-                    if errs:
-                        said.append(f"{t.name} logged: " + " | ".join(errs))
-            if said:
-                reason += "\n    " + "\n    ".join(said)
+        ok, reason, crashes = run_scenario(args, invitation_url, invitation, root, fn)
+        if not ok and crashes:
+            # A peer killed by a signal it was not sent (a segfault in its native wallet code, the
+            # OOM killer) failed the run, not the mediator: said, and run once more. A second
+            # failure of any kind counts.
+            print(f"RERUN {name}: {'; '.join(crashes)} (a crash of the peer process); first run: "
+                  f"{reason.splitlines()[0][:300]}", flush=True)
+            ok, reason, again = run_scenario(args, invitation_url, invitation, root, fn)
+            reason += f" (second run; the first ended when {'; '.join(crashes)}"
+            reason += f"; in this one {'; '.join(again)})" if again else ")"
         dt = time.monotonic() - t0
         if ok:
             passed += 1

@@ -239,6 +239,8 @@ control.headersTimeout = 0
 process.on('SIGTERM', () => shutdownAndExit(0))
 process.on('SIGINT', () => shutdownAndExit(0))
 process.on('unhandledRejection', (e) => console.error(`unhandled rejection: ${errorText(e)}`))
+// An exit of Node's own (process.exit, an empty event loop) says so; a death by a signal cannot.
+process.on('exit', (code) => console.error(`exit: code ${code}`))
 
 try {
   const t0 = Date.now()

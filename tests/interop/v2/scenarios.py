@@ -50,7 +50,7 @@ class Peer:
                 if e.get("event") == "error" and name == "ready":
                     raise StepError(f"{self.name}: {e}")
             if not self.proc.alive():
-                raise StepError(f"{self.name} exited with {self.proc.popen.returncode} before '{name}': {self.proc.logs(12)}")
+                raise StepError(f"{self.name} {self.proc.exit_text()} before '{name}': {self.proc.logs(12)}")
             if time.monotonic() > deadline:
                 raise StepError(f"{self.name}: no '{name}' after {timeout:.0f}s: {self.proc.logs(12)}")
             time.sleep(0.1)
