@@ -1032,6 +1032,41 @@ mod tests {
         assert_eq!(times(&s), ((15..30).collect::<Vec<_>>(), 15));
     }
 
+    /// A prune walks a bounded run of the pruning order under the queues' lock: the entries of a
+    /// deleted connection (skipped, as it removed them) go a run at a time, and the entries
+    /// behind them are pruned by the calls that follow.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prune_skips_a_bounded_run_of_removed_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let lim = dedup_window(60_000);
+        let s = SledStore::open(dir.path()).await.unwrap();
+        s.put_connection(&connection("gone")).await.unwrap();
+        for i in 0..30u8 {
+            s.enqueue(
+                vec![new_msg("gone", &format!("m{i}"), t0 + i64::from(i), Some(i))],
+                &lim,
+            )
+            .await
+            .unwrap();
+        }
+        for i in 0..3u8 {
+            s.enqueue(vec![new_msg("kept", &format!("k{i}"), t0 + 100, Some(i))], &lim)
+                .await
+                .unwrap();
+        }
+        s.delete_connection("gone").await.unwrap();
+        let order_len = |s: &SledStore| s.slot.get().unwrap().queues.lock().dedup_order.len();
+        assert_eq!(order_len(&s), 33);
+        assert_eq!(s.prune_dedup(t0 + 1_000, 2).await.unwrap(), 0);
+        assert_eq!(order_len(&s), 33 - 2 * index::DEDUP_DUE_WALK, "one bounded walk");
+        let mut pruned = 0;
+        for _ in 0..10 {
+            pruned += s.prune_dedup(t0 + 1_000, 2).await.unwrap();
+        }
+        assert_eq!((pruned, order_len(&s)), (3, 0));
+    }
+
     /// A pickup filtered by recipient key reads the heads of the pending messages' records, not
     /// their payloads: its status, its lease and the acknowledgement of a message whose dedup
     /// record it keeps read about as much whatever the payloads' size (a wallet asks for a
