@@ -424,6 +424,124 @@ async fn a_flood_of_sockets_past_max_sessions_is_refused_and_live_wallets_keep_r
     assert_eq!(type_name(&pong), "ping_response");
 }
 
+/// The value of `mailroom_rejected_total` for `reason` (0 before the first).
+async fn rejected(n: &RunningNode, reason: &str) -> f64 {
+    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    let label = format!("reason=\"{reason}\"");
+    text.lines()
+        .filter(|l| l.starts_with("mailroom_rejected_total{") && l.contains(&label))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A message begun in fragments and never finished holds the node's memory only for
+/// `limits.ws_message_timeout_ms`, whatever pings keep its socket alive; and all unfinished
+/// messages of the node together hold at most 16 x `limits.max_ws_frame_bytes`: the fragment
+/// that would pass it closes its socket 1013, and the budget comes back as sockets let go.
+#[actix_rt::test]
+async fn unfinished_fragmented_messages_are_bounded_in_time_and_in_bytes() {
+    const LIMIT: usize = 64 << 10;
+    // In time: pings every 100 ms keep the socket alive, not its unfinished message.
+    let (_dir, n, a, _) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.ws_message_timeout_ms = 300;
+    })
+    .await;
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    ws.send_raw(awc::ws::Message::Continuation(Item::FirstBinary(Bytes::from(
+        vec![b'x'; 16 << 10],
+    ))))
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let closed = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "an unfinished message kept its socket open for 15 s with ws_message_timeout_ms = 300"
+        );
+        if ws.send_raw(awc::ws::Message::Ping(Bytes::new())).await.is_err() {
+            break ws.next(WAIT).await;
+        }
+        match ws.next(Duration::from_millis(100)).await {
+            Err(_) => continue,
+            other => break other,
+        }
+    };
+    match closed {
+        Ok(WsEvent::Closed(Some(r))) => {
+            assert_eq!(u16::from(r.code), 1008, "{r:?}");
+            assert!(format!("{r:?}").contains("ws_message_timeout_ms"), "{r:?}");
+        }
+        other => panic!("expected a close 1008, got {other:?}"),
+    }
+    assert_eq!(rejected(&n, "ws-message-timeout").await, 1.0);
+    drop(n);
+
+    // In bytes: 18 sockets each with 60 KiB of a message never finished, against a budget of
+    // 16 x 64 KiB: one of them (the one whose fragment would pass it) is closed 1013.
+    let (_dir, n, a, _) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.max_ws_frame_bytes = LIMIT;
+        c.limits.max_envelope_bytes = LIMIT;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..18 {
+        let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+        let parts = [
+            Item::FirstBinary(Bytes::from(vec![b'x'; 16 << 10])),
+            Item::Continue(Bytes::from(vec![b'x'; 16 << 10])),
+            Item::Continue(Bytes::from(vec![b'x'; 16 << 10])),
+            Item::Continue(Bytes::from(vec![b'x'; 12 << 10])),
+        ];
+        for part in parts {
+            if ws.send_raw(awc::ws::Message::Continuation(part)).await.is_err() {
+                break;
+            }
+        }
+        held.push(ws);
+    }
+    eventually("a socket closed for the node's budget", || async {
+        (rejected(&n, "ws-fragments-budget").await >= 1.0).then_some(())
+    })
+    .await;
+    let events = futures_util::future::join_all(held.iter_mut().map(|ws| ws.next(Duration::from_secs(2)))).await;
+    let closes: Vec<u16> = events
+        .iter()
+        .filter_map(|e| match e {
+            Ok(WsEvent::Closed(Some(r))) => Some(u16::from(r.code)),
+            Ok(WsEvent::Closed(None)) => Some(0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(closes, vec![1013], "{events:?}");
+    assert_eq!(rejected(&n, "ws-fragments-budget").await, 1.0);
+    // Every socket lets go: the budget is whole again, and a fragmented message of nearly the
+    // frame limit (more than 16 x 64 KiB less what the others held) is answered.
+    for ws in held {
+        ws.close().await;
+    }
+    let comment = "c".repeat(40 << 10);
+    let mut i = 0;
+    eventually("a fragmented message once the others let go", || {
+        i += 1;
+        let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": format!("after-{i}"), "comment": comment, "response_requested": true, "~transport": {"return_route": "all"}});
+        let a = &a;
+        let n = &n;
+        async move {
+            let env = Bytes::from(a.pack(&ping).unwrap());
+            assert!(env.len() > 48 << 10 && env.len() < LIMIT, "{}", env.len());
+            let mut ws = a.websocket(&ws_url(n)).await.unwrap();
+            let h = env.len() / 2;
+            ws.send_raw(awc::ws::Message::Continuation(Item::FirstText(env.slice(..h)))).await.ok()?;
+            ws.send_raw(awc::ws::Message::Continuation(Item::Last(env.slice(h..)))).await.ok()?;
+            match ws.next(WAIT).await {
+                Ok(WsEvent::Envelope(b)) => Some(a.unpack(&b).unwrap()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+}
+
 #[actix_rt::test]
 async fn fragmented_frames_reassemble_and_oversized_ones_are_refused() {
     const LIMIT: usize = 64 << 10;

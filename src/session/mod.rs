@@ -60,6 +60,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// WebSocket sessions open on this node (bound or not), for `limits.max_sessions`.
     pub open_sockets: AtomicUsize,
+    /// Bytes of WebSocket messages begun in fragments and not yet whole, all sessions of the
+    /// node together (bounded: see [`ws`]'s `FRAGMENTS_BUDGET_FRAMES`).
+    pub fragment_bytes: AtomicUsize,
     next_session: AtomicU64,
     /// Connections whose queue is being POSTed to their endpoint by this node.
     endpoint_busy: Mutex<HashSet<String>>,
@@ -128,6 +131,7 @@ impl Shared {
             cfg,
             metrics,
             open_sockets: AtomicUsize::new(0),
+            fragment_bytes: AtomicUsize::new(0),
             next_session: AtomicU64::new(1),
             endpoint_busy: Mutex::new(HashSet::new()),
             endpoint_cache: Mutex::new(std::collections::HashMap::new()),

@@ -35,6 +35,18 @@ const HEARTBEAT: Duration = Duration::from_secs(15);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Consecutive unreadable frames before the socket is closed (policy violation).
 const MAX_BAD_FRAMES: u32 = 20;
+/// The node-wide budget for WebSocket messages begun in fragments and not yet whole, in
+/// `limits.max_ws_frame_bytes`: 16 of them (64 MiB by default). Real clients send a message in
+/// one frame; a fragment that would take the node past the budget closes its socket (1013,
+/// try again later), so unfinished messages cannot hold the node's memory.
+const FRAGMENTS_BUDGET_FRAMES: usize = 16;
+
+/// A message begun in fragments: its bytes so far, counted in [`Shared::fragment_bytes`].
+struct Partial {
+    /// Which one it is on this socket (its deadline's check names it).
+    seq: u64,
+    buf: BytesMut,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
@@ -61,7 +73,10 @@ pub struct WsSession {
     draining: bool,
     wake_again: bool,
     bad_frames: u32,
-    partial: Option<(bool, BytesMut)>,
+    /// A message begun in fragments, if any ([`WsSession::on_frame_part`]).
+    partial: Option<Partial>,
+    /// Messages begun in fragments on this socket so far.
+    partial_seq: u64,
     /// Registered with the registry for `conn` (false once a newer session elsewhere
     /// superseded this one, until it binds again).
     registered: bool,
@@ -133,6 +148,7 @@ impl WsSession {
             wake_again: false,
             bad_frames: 0,
             partial: None,
+            partial_seq: 0,
             registered: false,
             inflight: 0,
             window: LiveWindow::new(live_ack_wait),
@@ -719,30 +735,73 @@ impl WsSession {
 
     fn on_frame_part(&mut self, item: actix_http::ws::Item, ctx: &mut ws::WebsocketContext<Self>) {
         let max = self.shared.cfg.limits.max_ws_frame_bytes;
-        match item {
-            actix_http::ws::Item::FirstText(b) => self.partial = Some((true, BytesMut::from(&b[..]))),
-            actix_http::ws::Item::FirstBinary(b) => self.partial = Some((false, BytesMut::from(&b[..]))),
-            item @ (actix_http::ws::Item::Continue(_) | actix_http::ws::Item::Last(_)) => {
-                let (last, b) = match item {
-                    actix_http::ws::Item::Last(b) => (true, b),
-                    actix_http::ws::Item::Continue(b) => (false, b),
-                    _ => unreachable!("matched above"),
-                };
-                let Some((_, buf)) = self.partial.as_mut() else {
-                    ctx.text(r#"{"error":"bad-frame","reason":"continuation without a first frame"}"#);
-                    return;
-                };
-                buf.extend_from_slice(&b);
-                if buf.len() > max {
-                    self.partial = None;
-                    self.close_too_big(ctx);
-                    return;
+        let (first, last, b) = match item {
+            actix_http::ws::Item::FirstText(b) | actix_http::ws::Item::FirstBinary(b) => (true, false, b),
+            actix_http::ws::Item::Continue(b) => (false, false, b),
+            actix_http::ws::Item::Last(b) => (false, true, b),
+        };
+        if first {
+            self.drop_partial();
+            self.partial_seq += 1;
+            let seq = self.partial_seq;
+            self.partial = Some(Partial {
+                seq,
+                buf: BytesMut::new(),
+            });
+            // Whole within `limits.ws_message_timeout_ms` of its first fragment, whatever
+            // else (pings) the socket sends meanwhile.
+            let timeout = Duration::from_millis(self.shared.cfg.limits.ws_message_timeout_ms);
+            ctx.run_later(timeout, move |act, ctx| {
+                if act.partial.as_ref().is_some_and(|p| p.seq == seq) {
+                    act.drop_partial();
+                    act.shared.metrics.rejected("ws-message-timeout", "unknown");
+                    ctx.close(Some(ws::CloseReason {
+                        code: ws::CloseCode::Policy,
+                        description: Some(format!(
+                            "a message sent in fragments was not whole within limits.ws_message_timeout_ms = {}",
+                            act.shared.cfg.limits.ws_message_timeout_ms
+                        )),
+                    }));
+                    ctx.stop();
                 }
-                if last {
-                    let (_, buf) = self.partial.take().expect("checked above");
-                    self.on_envelope(buf.freeze(), ctx);
-                }
-            }
+            });
+        } else if self.partial.is_none() {
+            ctx.text(r#"{"error":"bad-frame","reason":"continuation without a first frame"}"#);
+            return;
+        }
+        let held = self.partial.as_ref().map_or(0, |p| p.buf.len());
+        if held + b.len() > max {
+            self.drop_partial();
+            self.close_too_big(ctx);
+            return;
+        }
+        // The node-wide budget, taken before the bytes are kept.
+        let budget = max.saturating_mul(FRAGMENTS_BUDGET_FRAMES);
+        let taken = self.shared.fragment_bytes.fetch_add(b.len(), Ordering::Relaxed);
+        if taken + b.len() > budget {
+            self.shared.fragment_bytes.fetch_sub(b.len(), Ordering::Relaxed);
+            self.drop_partial();
+            self.shared.metrics.rejected("ws-fragments-budget", "unknown");
+            ctx.close(Some(ws::CloseReason {
+                code: ws::CloseCode::Again,
+                description: Some("the node holds as many unfinished fragmented messages as it takes: send again later, or in one frame".into()),
+            }));
+            ctx.stop();
+            return;
+        }
+        let p = self.partial.as_mut().expect("set or checked above");
+        p.buf.extend_from_slice(&b);
+        if last {
+            let p = self.partial.take().expect("checked above");
+            self.shared.fragment_bytes.fetch_sub(p.buf.len(), Ordering::Relaxed);
+            self.on_envelope(p.buf.freeze(), ctx);
+        }
+    }
+
+    /// Lets go of a message begun in fragments, and of its part of the node's budget.
+    fn drop_partial(&mut self) {
+        if let Some(p) = self.partial.take() {
+            self.shared.fragment_bytes.fetch_sub(p.buf.len(), Ordering::Relaxed);
         }
     }
 
@@ -781,6 +840,7 @@ impl Actor for WsSession {
     fn stopped(&mut self, _: &mut Self::Context) {
         // Before the release below: a lease in flight now gives its messages back itself.
         self.closed.store(true, Ordering::SeqCst);
+        self.drop_partial();
         self.shared.registry.do_send(crate::registry::Gone { session: self.id });
         let bound = self.conn.as_ref().map(|c| c.id.clone());
         if let Some(conn_id) = &bound {
