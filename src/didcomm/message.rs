@@ -79,6 +79,15 @@ fn parse_version(v: &str) -> Option<(u32, u32)> {
     Some((maj.parse().ok()?, min.parse().ok()?))
 }
 
+/// At most the first `max` characters of an untrusted string (never cut inside a
+/// character): what logs and error answers show of what a sender wrote.
+pub fn clip(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
 /// A fresh message id (UUID v4), as Credo and ACA-Py use.
 pub fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()

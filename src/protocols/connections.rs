@@ -3,7 +3,7 @@
 
 use super::didexchange::new_connection;
 use super::{HandleError, Inbound, Mediator, Outcome};
-use crate::didcomm::{did, jws};
+use crate::didcomm::{did, jws, message};
 use serde_json::json;
 
 pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
@@ -15,9 +15,12 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     let doc_json = c.get("DIDDoc").or_else(|| c.get("did_doc"));
     super::didexchange::before_resolving(ctx)?;
     let doc = did::resolve(their_did, doc_json)
-        .map_err(|e| HandleError::BadMessage(format!("cannot resolve {their_did}: {e}")))?;
+        .map_err(|e| HandleError::BadMessage(format!("cannot resolve {}: {e}", message::clip(their_did, 80))))?;
     if doc.recipient_keys.is_empty() {
-        return Err(HandleError::BadMessage(format!("{their_did} has no recipient keys")));
+        return Err(HandleError::BadMessage(format!(
+            "{} has no recipient keys",
+            message::clip(their_did, 80)
+        )));
     }
     let sender = super::didexchange::proven_unheld_sender(m, ctx, &doc).await?;
     super::oob::claim(m, ctx).await?;

@@ -12,6 +12,9 @@ use crate::store::{Connection, ConnectionPatch, MediationState};
 use base64::Engine;
 use serde_json::{json, Value};
 
+/// Characters of a peer's `label` kept with its connection (the rest is dropped).
+pub const MAX_LABEL_CHARS: usize = 256;
+
 /// Reads the DID document a request attaches (base64 or inline JSON), if any.
 pub(crate) fn attached_doc(att: &Value) -> Result<Option<Value>, HandleError> {
     if att.is_null() {
@@ -96,7 +99,10 @@ pub(crate) fn new_connection(
         updated_at_ms: now,
         state: "responded".into(),
         protocol: protocol.into(),
-        label: ctx.msg["label"].as_str().map(str::to_string),
+        // Shown in logs and on the admin pages: a label is a name, not a payload.
+        label: ctx.msg["label"]
+            .as_str()
+            .map(|l| message::clip(l, MAX_LABEL_CHARS).to_string()),
         our_verkey: m.keys.did_key.verkey(),
         our_did: None,
         their_did: Some(their_did.to_string()),
@@ -128,9 +134,12 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     let attached = attached_doc(&ctx.msg["did_doc~attach"])?;
     before_resolving(ctx)?;
     let doc = did::resolve(their_did, attached.as_ref())
-        .map_err(|e| HandleError::BadMessage(format!("cannot resolve {their_did}: {e}")))?;
+        .map_err(|e| HandleError::BadMessage(format!("cannot resolve {}: {e}", message::clip(their_did, 80))))?;
     if doc.recipient_keys.is_empty() {
-        return Err(HandleError::BadMessage(format!("{their_did} has no recipient keys")));
+        return Err(HandleError::BadMessage(format!(
+            "{} has no recipient keys",
+            message::clip(their_did, 80)
+        )));
     }
     let sender = proven_unheld_sender(m, ctx, &doc).await?;
     super::oob::claim(m, ctx).await?;
@@ -202,12 +211,9 @@ pub async fn complete(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleErro
     })
 }
 
-/// The first 48 characters of an untrusted string, for logs (never cut inside a character).
+/// The first 48 characters of an untrusted DID, for logs.
 fn short(did: &str) -> &str {
-    match did.char_indices().nth(48) {
-        Some((i, _)) => &did[..i],
-        None => did,
-    }
+    message::clip(did, 48)
 }
 
 #[cfg(test)]
@@ -309,6 +315,28 @@ mod tests {
             assert_eq!(out.replies.len(), 1, "{path}");
             assert_eq!(out.connection.unwrap().their_verkeys, vec![key.to_string()]);
         }
+    }
+
+    /// A label is kept to its first 256 characters (it is logged and shown on the admin
+    /// pages), and an unsupported `@type` is echoed in the refusal only in part.
+    #[tokio::test]
+    async fn a_long_label_or_type_is_kept_short() {
+        let m = mediator().await;
+        let path = "credo/didexchange_1.1_request.json";
+        let full = format!("{}/tests/fixtures/didcomm/{path}", env!("CARGO_MANIFEST_DIR"));
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&full).unwrap()).unwrap();
+        let mut msg = v.get("plaintext").unwrap_or(&v).clone();
+        msg["label"] = json!("é".repeat(100_000));
+        let key = "A755GLWNcun5UxspcZQBtncYVnFCp8TZqHcezFhodTfh";
+        let out = super::request(&m, &inbound(msg, Some(key))).await.unwrap();
+        assert_eq!(out.connection.unwrap().label, Some("é".repeat(super::MAX_LABEL_CHARS)));
+
+        let t = format!("https://didcomm.org/{}/1.0/x", "y".repeat(100_000));
+        let e = refused(crate::protocols::problem::unknown_type(
+            &m,
+            &inbound(json!({"@type": t}), None),
+        ));
+        assert!(e.to_string().len() < 400, "{} bytes", e.to_string().len());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! ([`Outcome::ack_on_return`]).
 
 use super::{now_ms, problem, rfc3339_ms, AckOnReturn, HandleError, Inbound, Mediator, Outcome, TransportKind};
-use crate::didcomm::message::ReturnRoute;
+use crate::didcomm::message::{self, ReturnRoute};
 use crate::store::{Connection, MediationState, QueuedMessage};
 use serde_json::{json, Value};
 
@@ -46,10 +46,8 @@ fn recipient_filter(ctx: &Inbound) -> Result<Option<String>, HandleError> {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(k)) => crate::didcomm::keys::normalize_verkey(k)
             .map(Some)
-            .map_err(|e| HandleError::BadMessage(format!("recipient_key {k:?}: {e}"))),
-        Some(other) => Err(HandleError::BadMessage(format!(
-            "recipient_key is not a string: {other}"
-        ))),
+            .map_err(|e| HandleError::BadMessage(format!("recipient_key {:?}: {e}", message::clip(k, 80)))),
+        Some(_) => Err(HandleError::BadMessage("recipient_key is not a string".into())),
     }
 }
 

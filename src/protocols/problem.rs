@@ -1,7 +1,7 @@
 //! report-problem 1.0: every refusal the peer can be told about, in one shape.
 
 use super::{HandleError, Inbound, Mediator, Outcome};
-use crate::didcomm::message::{DIDCOMM_PREFIX, LEGACY_PREFIX};
+use crate::didcomm::message::{self, DIDCOMM_PREFIX, LEGACY_PREFIX};
 use serde_json::json;
 
 /// A problem report answering `ctx`, with a code from RFC 0035 and an English explanation.
@@ -34,7 +34,7 @@ pub fn unknown_type(_m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     let what = if ctx.type_str.is_empty() {
         "the message has no @type".to_string()
     } else {
-        format!("unsupported message type {:?}", ctx.type_str)
+        format!("unsupported message type {:?}", message::clip(&ctx.type_str, 200))
     };
     if ctx.conn.is_none() {
         return Err(HandleError::BadMessage(what));
@@ -42,10 +42,21 @@ pub fn unknown_type(_m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     Ok(report(ctx, "unsupported-message-type", &what))
 }
 
+/// A peer's problem report: logged, its code and the start of its explanation only (anyone
+/// may send one, anoncrypted, up to a whole envelope).
 pub fn received(_m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
+    let d = &ctx.msg["description"];
+    let code = d["code"].as_str().or(ctx.msg["code"].as_str()).unwrap_or_default();
+    let explain = d["en"]
+        .as_str()
+        .or(ctx.msg["explain_ltxt"].as_str())
+        .or(ctx.msg["comment"].as_str())
+        .unwrap_or_default();
     tracing::warn!(
         connection = ctx.conn.as_ref().map(|c| c.id.as_str()).unwrap_or("-"),
-        report = %ctx.msg,
+        code = message::clip(code, 80),
+        explain = message::clip(explain, 200),
+        thid = message::clip(&ctx.thid(), 80),
         "peer sent a problem report"
     );
     Ok(Outcome::default())

@@ -3,7 +3,7 @@
 
 use super::{now_ms, ForwardResult, Handed, HandleError, Inbound, Mediator, Outcome};
 use crate::didcomm::keys::normalize_verkey;
-use crate::didcomm::message::MessageType;
+use crate::didcomm::message::{self, MessageType};
 use crate::store::{NewMessage, QueuedMessage, StoreError};
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
@@ -76,8 +76,10 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
 pub async fn queue(m: &Mediator, f: &RawForward<'_>) -> Result<Outcome, HandleError> {
     let to_sent = f.to()?;
     let raw_to = to_sent.as_ref();
-    let normalize =
-        |to: &str| normalize_verkey(to).map_err(|e| HandleError::BadMessage(format!("forward `to` {to:?}: {e}")));
+    let normalize = |to: &str| {
+        normalize_verkey(to)
+            .map_err(|e| HandleError::BadMessage(format!("forward `to` {:?}: {e}", message::clip(to, 80))))
+    };
     // A `to` in base58 is looked up as written (below) before it is decoded: decoding costs a
     // base58 round trip and an Ed25519 point decompression per forward.
     let plain = looks_base58(raw_to);
