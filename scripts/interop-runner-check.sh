@@ -72,6 +72,7 @@ SH
 cat >"$WORK/segv.sh" <<'SH'
 #!/usr/bin/env bash
 echo $$ >>"$CHECK_PIDS"
+ulimit -c 0
 exec python3 -c 'import os, signal; os.kill(os.getpid(), signal.SIGSEGV)'
 SH
 cat >"$WORK/exits.sh" <<'SH'
@@ -140,13 +141,15 @@ for fake in segv exits; do
     --scenarios s1-PickUpV2LiveMode --work "$d/w" --summary-file "$d/summary" >"$d/out" 2>&1
   rc=$?
   set -e
-  reruns=$(grep -c '^RERUN s1-PickUpV2LiveMode: .*killed by SIGSEGV' "$d/out" || true)
-  want=1; [ "$fake" = exits ] && want=0
-  if [ "$rc" != 0 ] && [ "$reruns" = "$want" ] && [ "$(cat "$d/summary")" = "0 1 0" ] \
-    && grep -q '^FAIL s1-PickUpV2LiveMode' "$d/out"; then
+  reruns=$(grep -c '^RERUN ' "$d/out" || true)
+  crashes=$(grep -c '^RERUN s1-PickUpV2LiveMode: .*killed by SIGSEGV' "$d/out" || true)
+  # Each run of the scenario starts two agents.
+  want=1 agents=4; [ "$fake" = exits ] && want=0 agents=2
+  if [ "$rc" != 0 ] && [ "$reruns" = "$want" ] && [ "$crashes" = "$want" ] && [ "$(wc -l <"$d/pids")" = "$agents" ] \
+    && [ "$(cat "$d/summary")" = "0 1 0" ] && grep -q '^FAIL s1-PickUpV2LiveMode' "$d/out"; then
     say "ok: a peer that $([ "$fake" = segv ] && echo 'dies of SIGSEGV is rerun once' || echo 'exits with a code is not rerun')"
   else
-    fail "$fake: exit $rc, $reruns RERUN lines (want $want), summary '$(cat "$d/summary" 2>/dev/null)'"
+    fail "$fake: exit $rc, $reruns RERUN lines (want $want), $(wc -l <"$d/pids") agents started (want $agents), summary '$(cat "$d/summary" 2>/dev/null)'"
     sed 's/^/    | /' "$d/out"
   fi
 done

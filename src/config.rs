@@ -327,13 +327,14 @@ pub struct Limits {
     /// off) for as long as the TCP connection lived.
     #[serde(default = "default_ws_write_stall")]
     pub ws_write_stall_ms: u64,
-    /// A WebSocket message sent in fragments must be whole within this long of its first
-    /// fragment, milliseconds, or the socket is closed (1008): pings between fragments keep a
-    /// socket alive, not its unfinished message. Together with the node-wide budget for
-    /// unfinished messages (16 x `max_ws_frame_bytes`; a fragment that would pass it closes its
-    /// socket 1013), a client cannot hold the node's memory with messages it never finishes.
-    #[serde(default = "default_ws_message_timeout")]
-    pub ws_message_timeout_ms: u64,
+    /// A message must be whole within this long of its start, milliseconds: a `POST /` body
+    /// from the end of its head (else 408), a WebSocket message sent in fragments from its
+    /// first fragment (else the socket is closed 1008; pings between fragments keep a socket
+    /// alive, not its unfinished message). Together with the node-wide budget for unfinished
+    /// WebSocket messages (16 x `max_ws_frame_bytes`; a fragment that would pass it closes its
+    /// socket 1013), a client cannot hold the node's memory with a message it never finishes.
+    #[serde(default = "default_message_timeout")]
+    pub message_timeout_ms: u64,
 }
 
 /// `Debug` shows every field but the token.
@@ -471,7 +472,7 @@ fn default_client_timeout() -> u64 {
 fn default_ws_write_stall() -> u64 {
     60_000
 }
-fn default_ws_message_timeout() -> u64 {
+fn default_message_timeout() -> u64 {
     60_000
 }
 fn default_log_format() -> String {
@@ -873,9 +874,9 @@ impl Config {
         if self.limits.max_keys_per_connection == 0 {
             return bad("limits.max_keys_per_connection must be at least 1 (0 would refuse every key: no wallet could be mediated)".into());
         }
-        if self.limits.ws_message_timeout_ms < 100 || self.limits.ws_message_timeout_ms > 3_600_000 {
+        if self.limits.message_timeout_ms < 100 || self.limits.message_timeout_ms > 3_600_000 {
             return bad(
-                "limits.ws_message_timeout_ms must be 100..=3600000 (how long a WebSocket message sent in fragments may take to be whole)"
+                "limits.message_timeout_ms must be 100..=3600000 (how long a POST body or a WebSocket message sent in fragments may take to be whole)"
                     .into(),
             );
         }
@@ -1267,7 +1268,7 @@ mod tests {
         assert_eq!(c.limits.max_keys_per_connection, 1000);
         assert_eq!(c.limits.client_timeout_ms, 5000);
         assert_eq!(c.limits.ws_write_stall_ms, 60_000);
-        assert_eq!(c.limits.ws_message_timeout_ms, 60_000);
+        assert_eq!(c.limits.message_timeout_ms, 60_000);
         assert_eq!(c.delivery.live_ack_wait_ms, 250);
     }
 
@@ -1293,7 +1294,7 @@ mod tests {
             ("[limits]\nmax_keys_per_connection=0\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.max_keys_per_connection must be at least 1"),
             ("[limits]\nclient_timeout_ms=0\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.client_timeout_ms must be 100..=600000"),
             ("[limits]\nws_write_stall_ms=99\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.ws_write_stall_ms must be 100..=3600000"),
-            ("[limits]\nws_message_timeout_ms=99\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.ws_message_timeout_ms must be 100..=3600000"),
+            ("[limits]\nmessage_timeout_ms=99\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.message_timeout_ms must be 100..=3600000"),
             ("[delivery]\nlive_ack_wait_ms=60001\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "delivery.live_ack_wait_ms must be 0..=60000"),
             (
                 "[[node]]\nid='n1'\nlisten='127.0.0.1:1'\ncluster='127.0.0.1:3'\nadmin='127.0.0.1:2'\n[[node]]\nid='n2'\nlisten='127.0.0.1:4'\ncluster='127.0.0.1:5'\nadmin='127.0.0.1:6'",

@@ -424,6 +424,47 @@ async fn a_flood_of_sockets_past_max_sessions_is_refused_and_live_wallets_keep_r
     assert_eq!(type_name(&pong), "ping_response");
 }
 
+/// A `POST /` body trickled a byte at a time is answered 408 once
+/// `limits.message_timeout_ms` has passed since its head, and its connection closed: it held
+/// its buffer and its connection for as long as it trickled. A body sent promptly is handled.
+#[actix_rt::test]
+async fn a_trickled_body_is_answered_408_after_the_message_timeout() {
+    let (_dir, n, a, _) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.message_timeout_ms = 500;
+    })
+    .await;
+    let mut s = TcpStream::connect(n.public_addr).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/didcomm-envelope-enc\r\nContent-Length: 100000\r\n\r\n")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    let answer = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "a body trickled for 20 s is still being read with message_timeout_ms = 500"
+        );
+        if s.write_all(b"x").await.is_err() {
+            break Vec::new();
+        }
+        match tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break Vec::new(),
+            Ok(Ok(k)) => break buf[..k].to_vec(),
+            Err(_) => {}
+        }
+    };
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body-timeout"), "{answer}");
+    let (_, closed) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(closed, "the connection of a timed-out body was kept");
+    assert_eq!(rejected(&n, "message-timeout").await, 1.0);
+    // A prompt one is handled as ever.
+    let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "prompt", "response_requested": true, "~transport": {"return_route": "all"}});
+    let reply = a.request(&ping).await.unwrap().expect("a ping response");
+    assert_eq!(type_name(&reply), "ping_response");
+}
+
 /// The value of `mailroom_rejected_total` for `reason` (0 before the first).
 async fn rejected(n: &RunningNode, reason: &str) -> f64 {
     let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
@@ -435,7 +476,7 @@ async fn rejected(n: &RunningNode, reason: &str) -> f64 {
 }
 
 /// A message begun in fragments and never finished holds the node's memory only for
-/// `limits.ws_message_timeout_ms`, whatever pings keep its socket alive; and all unfinished
+/// `limits.message_timeout_ms`, whatever pings keep its socket alive; and all unfinished
 /// messages of the node together hold at most 16 x `limits.max_ws_frame_bytes`: the fragment
 /// that would pass it closes its socket 1013, and the budget comes back as sockets let go.
 #[actix_rt::test]
@@ -443,7 +484,7 @@ async fn unfinished_fragmented_messages_are_bounded_in_time_and_in_bytes() {
     const LIMIT: usize = 64 << 10;
     // In time: pings every 100 ms keep the socket alive, not its unfinished message.
     let (_dir, n, a, _) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
-        c.limits.ws_message_timeout_ms = 300;
+        c.limits.message_timeout_ms = 300;
     })
     .await;
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
@@ -456,7 +497,7 @@ async fn unfinished_fragmented_messages_are_bounded_in_time_and_in_bytes() {
     let closed = loop {
         assert!(
             started.elapsed() < Duration::from_secs(15),
-            "an unfinished message kept its socket open for 15 s with ws_message_timeout_ms = 300"
+            "an unfinished message kept its socket open for 15 s with message_timeout_ms = 300"
         );
         if ws.send_raw(awc::ws::Message::Ping(Bytes::new())).await.is_err() {
             break ws.next(WAIT).await;
@@ -469,11 +510,11 @@ async fn unfinished_fragmented_messages_are_bounded_in_time_and_in_bytes() {
     match closed {
         Ok(WsEvent::Closed(Some(r))) => {
             assert_eq!(u16::from(r.code), 1008, "{r:?}");
-            assert!(format!("{r:?}").contains("ws_message_timeout_ms"), "{r:?}");
+            assert!(format!("{r:?}").contains("message_timeout_ms"), "{r:?}");
         }
         other => panic!("expected a close 1008, got {other:?}"),
     }
-    assert_eq!(rejected(&n, "ws-message-timeout").await, 1.0);
+    assert_eq!(rejected(&n, "message-timeout").await, 1.0);
     drop(n);
 
     // In bytes: 18 sockets each with 60 KiB of a message never finished, against a budget of
@@ -503,7 +544,7 @@ async fn unfinished_fragmented_messages_are_bounded_in_time_and_in_bytes() {
         (rejected(&n, "ws-fragments-budget").await >= 1.0).then_some(())
     })
     .await;
-    let events = futures_util::future::join_all(held.iter_mut().map(|ws| ws.next(Duration::from_secs(2)))).await;
+    let events = futures_util::future::join_all(held.iter_mut().map(|ws| ws.next(Duration::from_secs(5)))).await;
     let closes: Vec<u16> = events
         .iter()
         .filter_map(|e| match e {

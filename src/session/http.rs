@@ -122,7 +122,52 @@ pub fn error_response(e: &HandleError) -> HttpResponse {
     HttpResponse::build(status).json(e.body())
 }
 
-async fn post_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpResponse {
+/// Reads the body of `POST /`: whole within `limits.message_timeout_ms` of the request's head
+/// (a body trickled byte by byte would hold its buffer and its connection for as long as it
+/// trickled), and within `limits.max_envelope_bytes` (413, answered by [`too_large`]).
+async fn read_body(
+    req: &HttpRequest,
+    payload: web::Payload,
+    shared: &Shared,
+) -> actix_web::Result<Result<web::Bytes, HttpResponse>> {
+    let limit = std::time::Duration::from_millis(shared.cfg.limits.message_timeout_ms);
+    let mut payload = payload.into_inner();
+    match tokio::time::timeout(
+        limit,
+        <web::Bytes as actix_web::FromRequest>::from_request(req, &mut payload),
+    )
+    .await
+    {
+        Ok(body) => Ok(Ok(body?)),
+        Err(_) => {
+            shared.metrics.rejected("message-timeout", "unknown");
+            let body = json!({
+                "error": "body-timeout",
+                "reason": format!(
+                    "the body was not whole within limits.message_timeout_ms ({} ms) of the request's head",
+                    shared.cfg.limits.message_timeout_ms
+                ),
+            });
+            Ok(Err(HttpResponse::RequestTimeout()
+                .insert_header((actix_web::http::header::CONNECTION, "close"))
+                .json(body)))
+        }
+    }
+}
+
+async fn post_envelope(
+    req: HttpRequest,
+    payload: web::Payload,
+    shared: web::Data<Shared>,
+) -> actix_web::Result<HttpResponse> {
+    let body = match read_body(&req, payload, &shared).await? {
+        Ok(body) => body,
+        Err(timed_out) => return Ok(timed_out),
+    };
+    Ok(handle_envelope(body, shared).await)
+}
+
+async fn handle_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpResponse {
     let shared = shared.into_inner();
     let owner = shared.http_owner();
     let started = std::time::Instant::now();

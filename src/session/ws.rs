@@ -46,6 +46,9 @@ struct Partial {
     /// Which one it is on this socket (its deadline's check names it).
     seq: u64,
     buf: BytesMut,
+    /// Its deadline's timer, cancelled as soon as the message is whole or refused: one timer
+    /// per socket at most, not one per fragmented message for `limits.message_timeout_ms`.
+    deadline: SpawnHandle,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -741,29 +744,30 @@ impl WsSession {
             actix_http::ws::Item::Last(b) => (false, true, b),
         };
         if first {
-            self.drop_partial();
+            self.drop_partial(Some(ctx));
             self.partial_seq += 1;
             let seq = self.partial_seq;
-            self.partial = Some(Partial {
-                seq,
-                buf: BytesMut::new(),
-            });
-            // Whole within `limits.ws_message_timeout_ms` of its first fragment, whatever
+            // Whole within `limits.message_timeout_ms` of its first fragment, whatever
             // else (pings) the socket sends meanwhile.
-            let timeout = Duration::from_millis(self.shared.cfg.limits.ws_message_timeout_ms);
-            ctx.run_later(timeout, move |act, ctx| {
+            let timeout = Duration::from_millis(self.shared.cfg.limits.message_timeout_ms);
+            let deadline = ctx.run_later(timeout, move |act, ctx| {
                 if act.partial.as_ref().is_some_and(|p| p.seq == seq) {
-                    act.drop_partial();
-                    act.shared.metrics.rejected("ws-message-timeout", "unknown");
+                    act.drop_partial(None);
+                    act.shared.metrics.rejected("message-timeout", "unknown");
                     ctx.close(Some(ws::CloseReason {
                         code: ws::CloseCode::Policy,
                         description: Some(format!(
-                            "a message sent in fragments was not whole within limits.ws_message_timeout_ms = {}",
-                            act.shared.cfg.limits.ws_message_timeout_ms
+                            "a message sent in fragments was not whole within limits.message_timeout_ms = {}",
+                            act.shared.cfg.limits.message_timeout_ms
                         )),
                     }));
                     ctx.stop();
                 }
+            });
+            self.partial = Some(Partial {
+                seq,
+                buf: BytesMut::new(),
+                deadline,
             });
         } else if self.partial.is_none() {
             ctx.text(r#"{"error":"bad-frame","reason":"continuation without a first frame"}"#);
@@ -771,7 +775,7 @@ impl WsSession {
         }
         let held = self.partial.as_ref().map_or(0, |p| p.buf.len());
         if held + b.len() > max {
-            self.drop_partial();
+            self.drop_partial(Some(ctx));
             self.close_too_big(ctx);
             return;
         }
@@ -780,7 +784,7 @@ impl WsSession {
         let taken = self.shared.fragment_bytes.fetch_add(b.len(), Ordering::Relaxed);
         if taken + b.len() > budget {
             self.shared.fragment_bytes.fetch_sub(b.len(), Ordering::Relaxed);
-            self.drop_partial();
+            self.drop_partial(Some(ctx));
             self.shared.metrics.rejected("ws-fragments-budget", "unknown");
             ctx.close(Some(ws::CloseReason {
                 code: ws::CloseCode::Again,
@@ -794,14 +798,19 @@ impl WsSession {
         if last {
             let p = self.partial.take().expect("checked above");
             self.shared.fragment_bytes.fetch_sub(p.buf.len(), Ordering::Relaxed);
+            ctx.cancel_future(p.deadline);
             self.on_envelope(p.buf.freeze(), ctx);
         }
     }
 
-    /// Lets go of a message begun in fragments, and of its part of the node's budget.
-    fn drop_partial(&mut self) {
+    /// Lets go of a message begun in fragments, of its part of the node's budget and (given
+    /// the context: not once the actor has stopped) of its deadline's timer.
+    fn drop_partial(&mut self, ctx: Option<&mut ws::WebsocketContext<Self>>) {
         if let Some(p) = self.partial.take() {
             self.shared.fragment_bytes.fetch_sub(p.buf.len(), Ordering::Relaxed);
+            if let Some(ctx) = ctx {
+                ctx.cancel_future(p.deadline);
+            }
         }
     }
 
@@ -840,7 +849,7 @@ impl Actor for WsSession {
     fn stopped(&mut self, _: &mut Self::Context) {
         // Before the release below: a lease in flight now gives its messages back itself.
         self.closed.store(true, Ordering::SeqCst);
-        self.drop_partial();
+        self.drop_partial(None);
         self.shared.registry.do_send(crate::registry::Gone { session: self.id });
         let bound = self.conn.as_ref().map(|c| c.id.clone());
         if let Some(conn_id) = &bound {

@@ -632,7 +632,7 @@ def main() -> int:
             # OOM killer) failed the run, not the mediator: said, and run once more. A second
             # failure of any kind counts.
             print(f"RERUN {name}: {'; '.join(crashes)} (a crash of the peer process); first run: "
-                  f"{reason.splitlines()[0][:300]}", flush=True)
+                  f"{(reason.splitlines() or [''])[0][:300]}", flush=True)
             ok, reason, again = run_scenario(args, invitation_url, invitation, root, fn)
             reason += f" (second run; the first ended when {'; '.join(crashes)}"
             reason += f"; in this one {'; '.join(again)})" if again else ")"

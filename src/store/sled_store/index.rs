@@ -8,8 +8,10 @@ use super::NEVER;
 use crate::store::{ConnId, MessageId};
 
 /// How many entries of the pruning order [`Queues::dedup_due`] reads per entry it is asked for,
-/// at most (the rest of a walk is skipped entries, popped by the same prune).
+/// at most, and at least [`DEDUP_DUE_WALK_MIN`] (the rest of a walk is skipped entries, popped
+/// by the same prune).
 pub(super) const DEDUP_DUE_WALK: usize = 4;
+pub(super) const DEDUP_DUE_WALK_MIN: usize = 1024;
 /// A lease owner's name, shared by the messages it leased and [`Queues::by_owner`]: one
 /// pointer in each message's [`Meta`] (an `Arc<str>` is two), which keeps `Meta` at 48 bytes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -272,12 +274,13 @@ impl Queues {
     /// of the record it removes, `None` for an entry replaced by a later copy or removed since
     /// (skipped). The index changes only once the removal is in the queue log
     /// ([`Queues::drop_dedup`]). It reads at most [`DEDUP_DUE_WALK`] entries per entry asked
-    /// for: the entries of a deleted connection (up to a window's forwards) are skipped a
-    /// bounded run at a time, under the queues' lock, not in one walk.
+    /// for (at least [`DEDUP_DUE_WALK_MIN`]): the entries of a deleted connection (up to a
+    /// window's forwards) are skipped a bounded run at a time, not in one walk under the
+    /// queues' lock.
     pub(super) fn dedup_due(&self, before_ms: i64, max: usize) -> Vec<Option<MessageId>> {
         let mut read = Vec::new();
         let mut n = 0;
-        let walk = max.saturating_mul(DEDUP_DUE_WALK);
+        let walk = max.saturating_mul(DEDUP_DUE_WALK).max(DEDUP_DUE_WALK_MIN);
         for (at, conn, key) in &self.dedup_order {
             if n >= max || read.len() >= walk || *at >= before_ms {
                 break;

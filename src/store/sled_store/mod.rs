@@ -1032,39 +1032,42 @@ mod tests {
         assert_eq!(times(&s), ((15..30).collect::<Vec<_>>(), 15));
     }
 
-    /// A prune walks a bounded run of the pruning order under the queues' lock: the entries of a
-    /// deleted connection (skipped, as it removed them) go a run at a time, and the entries
-    /// behind them are pruned by the calls that follow.
+    /// A prune walks a bounded run of the pruning order under the queues' lock at a time: the
+    /// entries of a deleted connection (skipped, as it removed them) go a run at a time, and
+    /// one call still prunes up to its bound of the due entries behind them (less than its
+    /// bound means none is left, as the node's prune loop reads it).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_prune_skips_a_bounded_run_of_removed_entries() {
+    async fn a_prune_skips_a_bounded_run_of_removed_entries_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
         let t0 = 1_700_000_000_000;
         let lim = dedup_window(60_000);
         let s = SledStore::open(dir.path()).await.unwrap();
         s.put_connection(&connection("gone")).await.unwrap();
-        for i in 0..30u8 {
-            s.enqueue(
-                vec![new_msg("gone", &format!("m{i}"), t0 + i64::from(i), Some(i))],
-                &lim,
-            )
-            .await
-            .unwrap();
-        }
+        const GONE: usize = 3 * index::DEDUP_DUE_WALK_MIN;
+        let msgs = (0..GONE)
+            .map(|i| {
+                let mut m = new_msg("gone", &format!("m{i}"), t0 + i as i64, None);
+                let mut key = [0u8; 32];
+                key[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                m.dedup_key = Some(key);
+                m
+            })
+            .collect();
+        s.enqueue(msgs, &lim).await.unwrap();
         for i in 0..3u8 {
-            s.enqueue(vec![new_msg("kept", &format!("k{i}"), t0 + 100, Some(i))], &lim)
+            s.enqueue(vec![new_msg("kept", &format!("k{i}"), t0 + GONE as i64, Some(i))], &lim)
                 .await
                 .unwrap();
         }
         s.delete_connection("gone").await.unwrap();
-        let order_len = |s: &SledStore| s.slot.get().unwrap().queues.lock().dedup_order.len();
-        assert_eq!(order_len(&s), 33);
-        assert_eq!(s.prune_dedup(t0 + 1_000, 2).await.unwrap(), 0);
-        assert_eq!(order_len(&s), 33 - 2 * index::DEDUP_DUE_WALK, "one bounded walk");
-        let mut pruned = 0;
-        for _ in 0..10 {
-            pruned += s.prune_dedup(t0 + 1_000, 2).await.unwrap();
-        }
-        assert_eq!((pruned, order_len(&s)), (3, 0));
+        let inner = s.slot.get().unwrap();
+        let walked = inner.queues.lock().dedup_due(t0 + 1_000_000, 2);
+        assert_eq!(walked.len(), index::DEDUP_DUE_WALK_MIN, "one walk is bounded");
+        assert!(walked.iter().all(Option::is_none));
+        assert_eq!(s.prune_dedup(t0 + 1_000_000, 2).await.unwrap(), 2);
+        assert_eq!(inner.queues.lock().dedup_order.len(), 1);
+        assert_eq!(s.prune_dedup(t0 + 1_000_000, 2).await.unwrap(), 1);
+        assert_eq!(inner.queues.lock().dedup_order.len(), 0);
     }
 
     /// A pickup filtered by recipient key reads the heads of the pending messages' records, not

@@ -605,18 +605,26 @@ impl Store for SledStore {
             // Read first, and the index changed only once the removal is in the queue log (as
             // `ack_leased`, `remove_queue`): a failed append leaves every entry held, counted
             // and pruned by the next call, not records in the log no index entry names.
-            let read = inner.queues.lock().dedup_due(before_ms, max);
-            let ids: Vec<MessageId> = read.iter().flatten().copied().collect();
-            // Most entries are of queued messages and have no dedup record (removing a key that
-            // is not in the queue log writes nothing).
-            inner.log_removal(&[], &[], &ids, false)?;
-            let (n, newer_cutoff) = {
+            // Rounds of a bounded walk each (the entries of a deleted connection are skipped a
+            // run at a time, the queues' lock let go between runs), until `max` are pruned or
+            // none is due: less than `max` means nothing due is left, as the node's loop reads it.
+            let mut pruned = 0;
+            let mut newer_cutoff = false;
+            while (pruned as usize) < max {
+                let read = inner.queues.lock().dedup_due(before_ms, max - pruned as usize);
+                if read.is_empty() {
+                    break;
+                }
+                let ids: Vec<MessageId> = read.iter().flatten().copied().collect();
+                // Most entries are of queued messages and have no dedup record (removing a key
+                // that is not in the queue log writes nothing).
+                inner.log_removal(&[], &[], &ids, false)?;
                 let mut q = inner.queues.lock();
-                let n = q.drop_dedup(&read);
-                let newer_cutoff = before_ms > q.dedup_pruned_before;
+                pruned += q.drop_dedup(&read);
+                newer_cutoff |= before_ms > q.dedup_pruned_before;
                 q.dedup_pruned_before = q.dedup_pruned_before.max(before_ms);
-                (n, newer_cutoff)
-            };
+            }
+            let n = pruned;
             if newer_cutoff {
                 // Not flushed: a cutoff lost in a crash only loads entries the next prune drops.
                 inner
