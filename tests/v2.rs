@@ -313,6 +313,89 @@ async fn a_v2_socket_not_in_live_mode_gets_nothing_raw() {
 }
 
 /// Live delivery asked for over HTTP is refused with pickup 3.0's own problem code.
+/// A v2 wallet that turns live delivery off while its live window holds a handed message back
+/// finds it in its queue at once (status counts it, a delivery-request takes it), not when the
+/// hand-off's lease runs out; and once it acknowledged it there, turning live delivery on again
+/// never writes it again: the next live delivery is the next message.
+#[actix_rt::test]
+async fn live_delivery_turned_off_gives_back_what_the_window_held() {
+    let (n, _d) = node_with(|c| {
+        // Only an acknowledgement opens the window, and no lease runs out during the test.
+        c.delivery.live_ack_wait_ms = 60_000;
+        c.delivery.lease_ms = 600_000;
+    });
+    let mut a = V2Agent::new(v2_mediator(&n).await).unwrap();
+    let r = a.onboard().await.unwrap();
+    let s = V2Sender::new().unwrap();
+    let mut ws = a.live().await.unwrap();
+    let handed = || async {
+        metric(&n, r#"mailroom_handoffs_total{to="local"}"#)
+            .await
+            .unwrap_or(0.0)
+    };
+    // Acknowledged on the socket once (the window applies), then m1 is out, unacknowledged.
+    assert_eq!(s.forward(&r, &s.basic(&r, "m0")).await.unwrap(), 202);
+    assert_eq!(receive_live(&a, &mut ws, 1).await.0, vec!["m0".to_string()]);
+    assert_eq!(s.forward(&r, &s.basic(&r, "m1")).await.unwrap(), 202);
+    // (The status answering the acknowledgement may come first.)
+    let mut d = a.recv(&mut ws, WAIT).await.unwrap();
+    while kind(&d) == "status" {
+        d = a.recv(&mut ws, WAIT).await.unwrap();
+    }
+    assert_eq!(kind(&d), "delivery", "{d}");
+    // m2 is handed to the session and held back by the closed window.
+    assert_eq!(s.forward(&r, &s.basic(&r, "m2")).await.unwrap(), 202);
+    eventually("m2 handed to the session", || async {
+        (handed().await >= 3.0).then_some(())
+    })
+    .await;
+    let mut off = a.message(
+        "https://didcomm.org/messagepickup/3.0/live-delivery-change",
+        json!({"live_delivery": false}),
+    );
+    off.as_object_mut().map(|o| o.remove("return_route"));
+    a.send(&mut ws, &off).await.unwrap();
+    let mut st = a.recv(&mut ws, WAIT).await.unwrap();
+    while st["body"]["live_delivery"].is_null() {
+        st = a.recv(&mut ws, WAIT).await.unwrap();
+    }
+    assert_eq!(st["body"]["live_delivery"], json!(false), "{st}");
+    eventually("m2 back in the queue", || async {
+        (a.status(None).await.unwrap() == 1).then_some(())
+    })
+    .await;
+    let got = a.delivery(5, None).await.unwrap();
+    let contents: Vec<&str> = got
+        .iter()
+        .map(|(_, m)| m["body"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(contents, vec!["m2"]);
+    let ids: Vec<String> = got.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(a.ack(&ids).await.unwrap(), 0, "nothing left");
+    // Live again: m2, acknowledged, is not written again; m3 is.
+    let mut on = a.message(
+        "https://didcomm.org/messagepickup/3.0/live-delivery-change",
+        json!({"live_delivery": true}),
+    );
+    on.as_object_mut().map(|o| o.remove("return_route"));
+    a.send(&mut ws, &on).await.unwrap();
+    assert_eq!(s.forward(&r, &s.basic(&r, "m3")).await.unwrap(), 202);
+    loop {
+        let d = a.recv(&mut ws, WAIT).await.unwrap();
+        if kind(&d) != "delivery" {
+            continue;
+        }
+        let got: Vec<String> = a
+            .open_delivery(&d)
+            .unwrap()
+            .iter()
+            .map(|(_, m)| m["body"]["content"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(got, vec!["m3".to_string()], "an acknowledged message written again");
+        break;
+    }
+}
+
 #[actix_rt::test]
 async fn live_delivery_over_http_is_refused_with_pickup_3_0_s_code() {
     let (n, _d) = node();

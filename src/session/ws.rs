@@ -299,6 +299,7 @@ impl WsSession {
                 .as_ref()
                 .is_some_and(|c| self.conn.as_ref().is_some_and(|h| h.id == c.id));
         if let Some(live) = out.live_mode.filter(|_| bound_to_sender) {
+            let was_live = self.mode == Mode::Live;
             self.mode = if live {
                 Mode::Live
             } else {
@@ -307,6 +308,17 @@ impl WsSession {
             self.window.clear();
             if live {
                 ctx.notify(Wake);
+            } else if was_live && self.mode == Mode::Quiet {
+                // A quiet socket never writes what the live window held back: it goes back to
+                // the queue at once (status counts it, a delivery-request takes it), not at its
+                // hand-off lease's end, to be written after the wallet acknowledged it there.
+                // Later hand-offs follow it there once live mode is back, as after a spill.
+                let h = self.handed.get_or_insert_with(Box::default);
+                h.spilled = true;
+                let held = std::mem::take(&mut h.held_back);
+                if !held.is_empty() {
+                    self.spill(held, ctx);
+                }
             }
         }
         // Acknowledged on the socket that delivers: its window moves on. An acknowledgement
