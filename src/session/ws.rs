@@ -765,15 +765,11 @@ impl WsSession {
             let deadline = ctx.run_later(timeout, move |act, ctx| {
                 if act.partial.as_ref().is_some_and(|p| p.seq == seq) {
                     act.drop_partial(None);
-                    act.shared.metrics.rejected("message-timeout", "unknown");
-                    ctx.close(Some(ws::CloseReason {
-                        code: ws::CloseCode::Policy,
-                        description: Some(format!(
-                            "a message sent in fragments was not whole within limits.message_timeout_ms = {}",
-                            act.shared.cfg.limits.message_timeout_ms
-                        )),
-                    }));
-                    ctx.stop();
+                    let why = format!(
+                        "a message sent in fragments was not whole within limits.message_timeout_ms = {}",
+                        act.shared.cfg.limits.message_timeout_ms
+                    );
+                    act.refuse_and_close(ctx, "message-timeout", ws::CloseCode::Policy, why);
                 }
             });
             self.partial = Some(Partial {
@@ -797,12 +793,9 @@ impl WsSession {
         if taken + b.len() > budget {
             self.shared.fragment_bytes.fetch_sub(b.len(), Ordering::Relaxed);
             self.drop_partial(Some(ctx));
-            self.shared.metrics.rejected("ws-fragments-budget", "unknown");
-            ctx.close(Some(ws::CloseReason {
-                code: ws::CloseCode::Again,
-                description: Some("the node holds as many unfinished fragmented messages as it takes: send again later, or in one frame".into()),
-            }));
-            ctx.stop();
+            let why =
+                "the node holds as many unfinished fragmented messages as it takes: send again later, or in one frame";
+            self.refuse_and_close(ctx, "ws-fragments-budget", ws::CloseCode::Again, why.into());
             return;
         }
         let p = self.partial.as_mut().expect("set or checked above");
@@ -827,13 +820,25 @@ impl WsSession {
     }
 
     fn close_too_big(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        self.shared.metrics.rejected("frame-too-big", "unknown");
+        let why = format!(
+            "message larger than limits.max_ws_frame_bytes = {}",
+            self.shared.cfg.limits.max_ws_frame_bytes
+        );
+        self.refuse_and_close(ctx, "frame-too-big", ws::CloseCode::Size, why);
+    }
+
+    /// Closes the socket for what its client sent, counted under `reason`.
+    fn refuse_and_close(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        reason: &str,
+        code: ws::CloseCode,
+        why: String,
+    ) {
+        self.shared.metrics.rejected(reason, "unknown");
         ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::Size,
-            description: Some(format!(
-                "message larger than limits.max_ws_frame_bytes = {}",
-                self.shared.cfg.limits.max_ws_frame_bytes
-            )),
+            code,
+            description: Some(why),
         }));
         ctx.stop();
     }
