@@ -601,3 +601,61 @@ async fn a_flood_for_a_wallet_that_does_not_acknowledge_is_held_back_bounded_and
     assert_eq!(got, want, "every message once, in the order the forwards were answered");
     ws.close().await;
 }
+
+/// A wallet that comes back to a backlog gets it oldest first, and forwards answered while the
+/// backlog still drains come after it, not in between: live mode (a wallet that does not
+/// acknowledge on its socket gets every delivery at once) and implicit pickup alike.
+#[actix_rt::test]
+async fn forwards_answered_while_a_backlog_drains_come_after_it() {
+    for live in [true, false] {
+        let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+            c.delivery.batch_size = 5;
+            c.delivery.lease_ms = 600_000;
+        })
+        .await;
+        let routing = a.grant.clone().unwrap().routing_keys;
+        let sender = Sender::new();
+        let forward = |text: String| {
+            let (url, key, routing, sender) = (n.public_url(), k.verkey(), routing.clone(), &sender);
+            async move {
+                let st = sender
+                    .forward(&url, &basic_message(&text), &key, &routing)
+                    .await
+                    .unwrap();
+                assert_eq!(st, 202, "{text}");
+            }
+        };
+        for i in 0..60 {
+            forward(format!("m{i:03}")).await;
+        }
+        let mut ws = if live {
+            live_socket(&a, &n).await
+        } else {
+            // Bound by a message with return route `all`: implicit pickup.
+            let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+            let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": mailroom::didcomm::message::new_id(), "response_requested": true, "~transport": {"return_route": "all"}});
+            ws.send_envelope(a.pack(&ping).unwrap(), true).await.unwrap();
+            ws
+        };
+        let sending = async {
+            for i in 60..80 {
+                forward(format!("m{i:03}")).await;
+            }
+        };
+        let receiving = async {
+            let mut got = Vec::new();
+            while got.len() < 80 {
+                let m = ws_next_message(&a, &mut ws).await;
+                match type_name(&m) {
+                    "delivery" => got.extend(contents(&a, &m)),
+                    "message" => got.push(m["content"].as_str().unwrap().to_string()),
+                    _ => {}
+                }
+            }
+            got
+        };
+        let ((), got) = futures_util::join!(sending, receiving);
+        let want: Vec<String> = (0..80).map(|i| format!("m{i:03}")).collect();
+        assert_eq!(got, want, "live: {live}: every message once, oldest first");
+    }
+}

@@ -106,6 +106,9 @@ pub struct WsSession {
     /// while they run.
     spills_in_flight: usize,
     spills_begun: u64,
+    /// Times the session began delivering (bound, live mode turned on): a lease begun before
+    /// the last of them cannot tell that the queue caught up ([`HandedHere::catching_up`]).
+    queue_news: u64,
 }
 
 /// Messages handed to a session, leased to the node's hand-off owner, not to the session.
@@ -122,6 +125,11 @@ struct HandedHere {
     /// out before them), until a drain that began with none still going back, and during which
     /// none began, finds the queue caught up.
     spilled: bool,
+    /// The queue may hold messages older than those handed now (the backlog of a session that
+    /// began delivering: bound, or live mode turned on): handed messages are held back,
+    /// bounded, until a drain finds the queue caught up, and go out after it. Written at once
+    /// they would go out before the older ones.
+    catching_up: bool,
 }
 
 /// A hand-back of messages held back past the bounds was released in the store.
@@ -161,6 +169,7 @@ impl WsSession {
             handed: None,
             lent_to: None,
             spills_in_flight: 0,
+            queue_news: 0,
             spills_begun: 0,
         }
     }
@@ -307,6 +316,8 @@ impl WsSession {
             };
             self.window.clear();
             if live {
+                // What queued before live mode goes out before what is handed from now on.
+                self.catch_up();
                 ctx.notify(Wake);
             } else if was_live && self.mode == Mode::Quiet {
                 // A quiet socket never writes what the live window held back: it goes back to
@@ -443,8 +454,15 @@ impl WsSession {
         self.mediation_read_ms = 0;
         // After the `Register` above and before the drain below (see `LocalHolders`).
         self.shared.bound.count_in(&conn.id);
-        // Anything already queued goes out now.
+        // Anything already queued goes out now, before what is handed from now on.
+        self.catch_up();
         ctx.notify(Wake);
+    }
+
+    /// The queue may hold messages older than those handed from now on: they wait for it.
+    fn catch_up(&mut self) {
+        self.handed.get_or_insert_with(Box::default).catching_up = true;
+        self.queue_news += 1;
     }
 
     /// The socket delivers for another connection from now on: nothing of `old`'s delivery
@@ -488,7 +506,11 @@ impl WsSession {
     /// open (a full batch holds nothing back), even while a lease runs.
     fn send_held(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
         let batch = self.shared.mediator.batch_size.max(1);
-        while self.handed.as_ref().is_some_and(|h| !h.held_back.is_empty()) {
+        while self
+            .handed
+            .as_ref()
+            .is_some_and(|h| !h.held_back.is_empty() && !h.catching_up)
+        {
             if self.mode == Mode::Live && !self.window_open(ctx) {
                 return;
             }
@@ -517,6 +539,7 @@ impl WsSession {
         // and no hand-back began meanwhile, the queue has caught up with what went back.
         let clean_start = self.spills_in_flight == 0;
         let spills_before = self.spills_begun;
+        let news_before = self.queue_news;
         let shared = self.shared.clone();
         let conn_id = self.conn.as_ref().expect("checked above").id.clone();
         let leased_for = conn_id.clone();
@@ -605,14 +628,20 @@ impl WsSession {
                 }
                 return;
             }
-            if clean_start && !full {
+            let caught_up = clean_start && !full && act.queue_news == news_before;
+            if caught_up {
                 if let Some(h) = act.handed.as_mut() {
                     h.spilled = false;
+                    h.catching_up = false;
                 }
             }
             let msgs = act.not_written_yet(msgs);
             if !msgs.is_empty() {
                 act.push(msgs, false, ctx);
+            }
+            if caught_up {
+                // What was handed meanwhile is newer than anything the queue held: after it.
+                act.send_held(ctx);
             }
             if full || act.wake_again {
                 ctx.notify(Wake);
@@ -969,14 +998,19 @@ impl WsSession {
             self.shared.hand_back_later(conn, ids);
             return;
         }
-        if self.mode == Mode::Live {
+        {
             let h = self.handed.get_or_insert_with(Box::default);
             if h.spilled {
                 // Older ones wait in the queue: these go there too, and out in queue order.
                 self.spill(msgs, ctx);
                 return;
             }
-            // Through the window, as a lease's messages go.
+            if self.mode == Mode::Implicit && !h.catching_up && h.held_back.is_empty() {
+                // Nothing older in the queue nor held here: out at once.
+                self.push(msgs, true, ctx);
+                return;
+            }
+            // Through the window (live mode), after the queue caught up, as a lease's messages go.
             hold_in_queue_order(&mut h.held_back, msgs, |m| m.id);
             self.send_held(ctx);
             // What the closed window holds back is bounded (a wallet that does not acknowledge
@@ -990,9 +1024,7 @@ impl WsSession {
                     self.spill(out, ctx);
                 }
             }
-            return;
         }
-        self.push(msgs, true, ctx);
     }
 
     /// Hands messages handed to this session back to the queue (released from the node's
