@@ -1,10 +1,14 @@
 //! Routes cached on the node: a [`Store`] wrapper that answers [`Store::route`] from memory
 //! once a key was looked up, so a forward costs no store round trip for its route.
 //!
-//! The store stays the truth. Only positive answers are cached, and a cached route is only
-//! ever used through [`Store::enqueue_routed`], which the store refuses (`NoRoute`) when the
+//! The store stays the truth. Only positive answers are cached, and a forward uses a cached
+//! route only through [`Store::enqueue_routed`], which the store refuses (`NoRoute`) when the
 //! key no longer routes to that connection: a stale entry costs a second lookup, never a
-//! message queued for a connection that lost the key. Entries are forgotten when:
+//! message queued for a connection that lost the key. (Keylist handling that decides with a
+//! route, a proven DID's takeover, looks again when the store answers that the cached holder
+//! no longer holds the key.) Entries are forgotten when:
+//! - a keylist update here answers a key removed, not found, held by another connection or
+//!   already held;
 //! - this node removes keys ([`Store::update_keys`]), a connection
 //!   ([`Store::delete_connection`]) or a connection's mediation ([`Store::revoke_mediation`]):
 //!   the change is also handed to the publisher (the node sends it to every peer as a cluster
@@ -104,7 +108,8 @@ impl Store for RouteCache {
         remove: &[String],
     ) -> StoreResult<Vec<(String, KeyUpdate)>> {
         let r = self.inner.update_keys(conn, add, remove).await;
-        // Whatever the outcome (an error leaves it unknown), no removed key stays cached.
+        // Whatever the outcome (an error leaves it unknown), no removed key stays cached; the
+        // peers are told of those removed here.
         let gone: Vec<String> = match &r {
             Ok(out) => out
                 .iter()
@@ -113,8 +118,27 @@ impl Store for RouteCache {
                 .collect(),
             Err(_) => remove.to_vec(),
         };
+        // Nor does any key whose answer says the cache may be wrong about it: a removal that
+        // found nothing (the key moved on another node, and its `RoutesChanged` frame was
+        // lost), an addition refused as held by another connection or already held.
+        let doubtful: Vec<String> = match &r {
+            Ok(out) => out
+                .iter()
+                .filter(|(_, u)| {
+                    matches!(
+                        u,
+                        KeyUpdate::NotFound | KeyUpdate::HeldByOther | KeyUpdate::AlreadyAdded
+                    )
+                })
+                .map(|(k, _)| k.clone())
+                .chain(gone.iter().cloned())
+                .collect(),
+            Err(_) => remove.iter().chain(add).cloned().collect(),
+        };
+        if !doubtful.is_empty() {
+            self.forget(conn, &doubtful);
+        }
         if !gone.is_empty() {
-            self.forget(conn, &gone);
             self.publish(conn, &gone);
         }
         r

@@ -135,6 +135,19 @@ async fn add_refusal(m: &Mediator, conn: &str, r: &Recipient) -> Result<Option<S
 /// own DID `r` is keeps it (the caller refuses then, as before). Mail already queued for the
 /// squatter stays in its queue.
 pub(super) async fn take_proven(m: &Mediator, taker: &str, r: &Recipient) -> Result<(), HandleError> {
+    // A route cached on this node may name a connection that no longer holds the DID (it moved
+    // on another node): the removal then finds nothing, the cache forgets it, and the holder is
+    // looked up once more.
+    for _ in 0..2 {
+        if !take_from_holders(m, taker, r).await? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// One pass of [`take_proven`]: whether a holder it found no longer held the DID.
+async fn take_from_holders(m: &Mediator, taker: &str, r: &Recipient) -> Result<bool, HandleError> {
     let mut held = Vec::new();
     if let Some(c) = m.store.route(&r.canonical).await? {
         held.push((c, r.canonical.clone()));
@@ -142,6 +155,7 @@ pub(super) async fn take_proven(m: &Mediator, taker: &str, r: &Recipient) -> Res
     if let Some(hit) = super::routing::held_in_another_form(m, r).await? {
         held.push(hit);
     }
+    let mut stale = false;
     for (holder, form) in held {
         if holder == taker {
             continue;
@@ -156,10 +170,14 @@ pub(super) async fn take_proven(m: &Mediator, taker: &str, r: &Recipient) -> Res
         if owns {
             continue;
         }
-        m.store.update_keys(&holder, &[], std::slice::from_ref(&form)).await?;
+        let out = m.store.update_keys(&holder, &[], std::slice::from_ref(&form)).await?;
+        if out.iter().any(|(_, u)| *u == crate::store::KeyUpdate::NotFound) {
+            stale = true;
+            continue;
+        }
         tracing::warn!(connection = %holder, by = %taker, recipient = %r.named, "a recipient DID registered by a connection that never proved it was taken by the one that did");
     }
-    Ok(())
+    Ok(stale)
 }
 
 /// Every form of `r` connection `conn` may hold, to remove: [`Recipient::stored_forms`], and

@@ -522,9 +522,14 @@ impl Inner {
         let keep = self.kept_dedup(with_dedup)?;
         self.log_removal(&keep, ids, &[], false)?;
         // After the removal: a count left by a failure here is dropped at the next open, where
-        // one removed before a failed append would under-report a message still queued.
+        // one removed before a failed append would under-report a message still queued. Not an
+        // error once the removal is in the log: the caller must then drop the messages from the
+        // index, or they would stay counted against the queue's quota and leased for nothing.
         for id in ids {
-            self.attempts.remove(encode_id(*id)).map_err(unavailable)?;
+            if let Err(e) = self.attempts.remove(encode_id(*id)) {
+                tracing::warn!(error = %e, "sled: an attempt count of a removed message stays until the next open");
+                break;
+            }
         }
         Ok(())
     }
