@@ -603,7 +603,8 @@ async fn a_flood_for_a_wallet_that_does_not_acknowledge_is_held_back_bounded_and
 }
 
 /// A wallet that comes back to a backlog gets it oldest first, and forwards answered while the
-/// backlog still drains come after it, not in between: live mode (a wallet that does not
+/// backlog still drains come after it, not in between, also when there are more of them than
+/// a session holds (4 batches: the rest wait in the queue): live mode (a wallet that does not
 /// acknowledge on its socket gets every delivery at once) and implicit pickup alike.
 #[actix_rt::test]
 async fn forwards_answered_while_a_backlog_drains_come_after_it() {
@@ -625,7 +626,7 @@ async fn forwards_answered_while_a_backlog_drains_come_after_it() {
                 assert_eq!(st, 202, "{text}");
             }
         };
-        for i in 0..60 {
+        for i in 0..100 {
             forward(format!("m{i:03}")).await;
         }
         let mut ws = if live {
@@ -638,13 +639,13 @@ async fn forwards_answered_while_a_backlog_drains_come_after_it() {
             ws
         };
         let sending = async {
-            for i in 60..80 {
+            for i in 100..150 {
                 forward(format!("m{i:03}")).await;
             }
         };
         let receiving = async {
             let mut got = Vec::new();
-            while got.len() < 80 {
+            while got.len() < 150 {
                 let m = ws_next_message(&a, &mut ws).await;
                 match type_name(&m) {
                     "delivery" => got.extend(contents(&a, &m)),
@@ -655,7 +656,7 @@ async fn forwards_answered_while_a_backlog_drains_come_after_it() {
             got
         };
         let ((), got) = futures_util::join!(sending, receiving);
-        let want: Vec<String> = (0..80).map(|i| format!("m{i:03}")).collect();
+        let want: Vec<String> = (0..150).map(|i| format!("m{i:03}")).collect();
         assert_eq!(got, want, "live: {live}: every message once, oldest first");
     }
 }

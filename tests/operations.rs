@@ -532,6 +532,12 @@ fn binding_ping() -> Value {
 
 /// A socket of `a` bound (implicit pickup) on `n`, for connection `id`.
 async fn bound_socket(n: &mailroom::node::RunningNode, a: &Agent, id: &str) -> mailroom::client::WsClient {
+    let leases = || async {
+        metric(n, r#"mailroom_store_seconds_count{op="lease"}"#)
+            .await
+            .unwrap_or(0.0)
+    };
+    let before = leases().await;
     let mut ws = a.websocket(&ws_url(n)).await.unwrap();
     assert_eq!(
         type_name(&ws_request(a, &mut ws, &binding_ping()).await),
@@ -539,6 +545,12 @@ async fn bound_socket(n: &mailroom::node::RunningNode, a: &Agent, id: &str) -> m
     );
     let sessions = get_json(&format!("{}/sessions", n.admin_url())).await;
     assert_eq!(sessions["sessions"][0]["connection"], id, "bound");
+    // The bind's first drain has read the connection and leased: a change made after this is
+    // one it did not see (on a loaded machine it could run after the caller's next step).
+    eventually("the bind's first drain", || async {
+        (leases().await > before).then_some(())
+    })
+    .await;
     ws
 }
 

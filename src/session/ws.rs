@@ -319,6 +319,9 @@ impl WsSession {
                 // What queued before live mode goes out before what is handed from now on.
                 self.catch_up();
                 ctx.notify(Wake);
+            } else if was_live && self.mode == Mode::Implicit {
+                // What the live window held goes out raw now, not at the next hand-off.
+                ctx.notify(Wake);
             } else if was_live && self.mode == Mode::Quiet {
                 // A quiet socket never writes what the live window held back: it goes back to
                 // the queue at once (status counts it, a delivery-request takes it), not at its
@@ -603,6 +606,12 @@ impl WsSession {
                 }
                 Err(Drained::Store(e)) => {
                     tracing::warn!(connection = act.conn_id(), "drain: store: {e}");
+                    if act.handed.as_ref().is_some_and(|h| h.catching_up) {
+                        // What is handed meanwhile waits for a drain that finds the queue
+                        // caught up: tried again, not left to the next hand-off or its lease.
+                        let again = Duration::from_millis(act.shared.cfg.delivery.sweep_interval_ms);
+                        ctx.run_later(again, |_, ctx| ctx.notify(Wake));
+                    }
                     return;
                 }
                 Err(Drained::Revoked) => {
@@ -612,26 +621,51 @@ impl WsSession {
                 }
             };
             let full = msgs.len() >= batch;
+            // The oldest message held here, once held messages the queue got back meanwhile (a
+            // peer released a hand-off it could not confirm, or its hand-off lease ran out) are
+            // left to this lease: written from it, not from both.
+            let oldest_held = act.handed.as_mut().and_then(|h| {
+                if !msgs.is_empty() && !h.held_back.is_empty() {
+                    let leased: std::collections::HashSet<i64> = msgs.iter().map(|q| q.id).collect();
+                    h.held_back.retain(|m| !leased.contains(&m.id));
+                }
+                h.held_back.first().map(|m| m.id)
+            });
+            // Leased messages older than every held one go out now; the newer ones after the
+            // held ones (a spill only ever takes messages newer than those still held).
+            let (msgs, newer): (Vec<QueuedMessage>, Vec<QueuedMessage>) = match oldest_held {
+                Some(first) => msgs.into_iter().partition(|q| q.id < first),
+                None => (msgs, Vec::new()),
+            };
+            let mut newer = newer;
             if act.spills_begun != spills_before {
                 // Held-back messages went back to the queue while this lease ran: it may have
-                // read some, newer than those still held here. Given back, leased again after.
-                let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
-                if !ids.is_empty() {
-                    let (shared, owner) = (act.shared.clone(), act.owner());
-                    act.shared.tracked.spawn(async move {
-                        let released = shared.mediator.store.release(&leased_for, &ids, &owner).await;
-                        gave_back(&shared, &leased_for, released).await;
-                    });
+                // read some, newer than those still held here (and than the older ones it
+                // writes). Given back, leased again after.
+                if oldest_held.is_none() {
+                    newer.extend(msgs);
+                } else {
+                    let msgs = act.not_written_yet(msgs);
+                    if !msgs.is_empty() {
+                        act.push(msgs, false, ctx);
+                    }
                 }
+                act.give_back_leased(&leased_for, newer);
                 if act.wake_again {
                     ctx.notify(Wake);
                 }
                 return;
             }
-            let caught_up = clean_start && !full && act.queue_news == news_before;
-            if caught_up {
-                if let Some(h) = act.handed.as_mut() {
+            // Caught up: the queue had nothing more (a short lease, begun with nothing on its
+            // way back to it and before the session last began delivering), or it had nothing
+            // older than what is held here (the lease read past it).
+            let clean = clean_start && !full && act.queue_news == news_before;
+            let caught_up = clean || !newer.is_empty();
+            if let Some(h) = act.handed.as_mut() {
+                if clean {
                     h.spilled = false;
+                }
+                if caught_up {
                     h.catching_up = false;
                 }
             }
@@ -643,10 +677,33 @@ impl WsSession {
                 // What was handed meanwhile is newer than anything the queue held: after it.
                 act.send_held(ctx);
             }
+            if !newer.is_empty() {
+                if act.handed.as_ref().is_some_and(|h| !h.held_back.is_empty()) {
+                    // The window holds some of the held ones still: these follow them later.
+                    act.give_back_leased(&leased_for, newer);
+                } else {
+                    let newer = act.not_written_yet(newer);
+                    act.push(newer, false, ctx);
+                }
+            }
             if full || act.wake_again {
                 ctx.notify(Wake);
             }
         }));
+    }
+
+    /// Gives back messages this session leased for `conn` and will not write now: released,
+    /// and the session woken for them, in a task the stop waits for.
+    fn give_back_leased(&self, conn: &str, msgs: Vec<QueuedMessage>) {
+        if msgs.is_empty() {
+            return;
+        }
+        let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
+        let (shared, owner, conn) = (self.shared.clone(), self.owner(), conn.to_string());
+        self.shared.tracked.spawn(async move {
+            let released = shared.mediator.store.release(&conn, &ids, &owner).await;
+            gave_back(&shared, &conn, released).await;
+        });
     }
 
     /// Leased messages less those handed to this session and written less than half a lease
