@@ -11,9 +11,10 @@ use mailroom::client::{basic_message, Agent, Sender, WsEvent};
 use mailroom::config::Strategy;
 use mailroom::didcomm::envelope;
 use mailroom::didcomm::keys::KeyPair;
-use mailroom::store::{EnqueueLimits, NewMessage};
+use mailroom::store::{EnqueueLimits, NewMessage, QueuedMessage, Store, StoreResult};
 use serde_json::{json, Value};
 use std::collections::HashSet;
+use std::sync::Arc;
 
 /// A live wallet whose wake-up was lost (the message is written to the store behind the
 /// node's back, as when a notification is dropped or a lease runs out) is found by the next
@@ -603,60 +604,120 @@ async fn a_flood_for_a_wallet_that_does_not_acknowledge_is_held_back_bounded_and
 }
 
 /// A wallet that comes back to a backlog gets it oldest first, and forwards answered while the
-/// backlog still drains come after it, not in between, also when there are more of them than
-/// a session holds (4 batches: the rest wait in the queue): live mode (a wallet that does not
+/// backlog still drains come after it, not in between: live mode (a wallet that does not
 /// acknowledge on its socket gets every delivery at once) and implicit pickup alike.
 #[actix_rt::test]
 async fn forwards_answered_while_a_backlog_drains_come_after_it() {
     for live in [true, false] {
-        let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
-            c.delivery.batch_size = 5;
-            c.delivery.lease_ms = 600_000;
-        })
-        .await;
-        let routing = a.grant.clone().unwrap().routing_keys;
-        let sender = Sender::new();
-        let forward = |text: String| {
-            let (url, key, routing, sender) = (n.public_url(), k.verkey(), routing.clone(), &sender);
-            async move {
-                let st = sender
-                    .forward(&url, &basic_message(&text), &key, &routing)
-                    .await
-                    .unwrap();
-                assert_eq!(st, 202, "{text}");
-            }
-        };
-        for i in 0..100 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+        cfg.delivery.batch_size = 5;
+        cfg.delivery.lease_ms = 600_000;
+        let n = start(&cfg);
+        backlog_then_more(&n, live, 100, 50).await;
+    }
+}
+
+/// The same with a slow store (each lease takes 100 ms): more forwards are handed to the
+/// session while the backlog drains than it holds (4 batches), so the rest wait in the queue,
+/// behind the backlog and behind those it holds.
+#[actix_rt::test]
+async fn forwards_answered_while_a_slow_backlog_drains_come_after_it() {
+    for live in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+        cfg.delivery.batch_size = 5;
+        cfg.delivery.lease_ms = 600_000;
+        let store = Arc::new(SlowLeases {
+            inner: mailroom::store::open_sled(&dir.path().join("data")).await.unwrap(),
+            lease_ms: std::sync::atomic::AtomicU64::new(0),
+        });
+        let n = start_on(&cfg, store.clone());
+        store.lease_ms.store(100, std::sync::atomic::Ordering::SeqCst);
+        backlog_then_more(&n, live, 40, 40).await;
+    }
+}
+
+/// The node's store, except that each lease takes `lease_ms` longer.
+struct SlowLeases {
+    inner: Arc<dyn Store>,
+    lease_ms: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl Store for SlowLeases {
+    async fn lease(
+        &self,
+        conn: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        let slow = self.lease_ms.load(std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(slow)).await;
+        self.inner.lease(conn, max, owner, now_ms, until_ms).await
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, ack_leased, release,
+        release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued, connections_with_pending,
+        pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run, lease_for_key, pending_stats,
+        expire, expire_due, oldest_received_ms, flush, device_of, set_device, forget_device_token,
+        push_event, push_take_due, push_done, delete_connection, drop_queue, top_queues,
+        first_sight, forget_sight, prune_sights, update_keys, revoke_mediation,
+    );
+}
+
+/// A wallet onboarded on `n` gets `backlog` messages queued while it is away, connects (live
+/// mode, or implicit pickup), and `more` are forwarded one after the other while the backlog
+/// drains: it gets all of them once, in the order they were answered.
+async fn backlog_then_more(n: &mailroom::node::RunningNode, live: bool, backlog: usize, more: usize) {
+    let (a, k) = Agent::onboard(&invitation(n).await).await.expect("onboarding");
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let sender = Sender::new();
+    let forward = |text: String| {
+        let (url, key, routing, sender) = (n.public_url(), k.verkey(), routing.clone(), &sender);
+        async move {
+            let st = sender
+                .forward(&url, &basic_message(&text), &key, &routing)
+                .await
+                .unwrap();
+            assert_eq!(st, 202, "{text}");
+        }
+    };
+    for i in 0..backlog {
+        forward(format!("m{i:03}")).await;
+    }
+    let mut ws = if live {
+        live_socket(&a, n).await
+    } else {
+        // Bound by a message with return route `all`: implicit pickup.
+        let mut ws = a.websocket(&ws_url(n)).await.unwrap();
+        let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": mailroom::didcomm::message::new_id(), "response_requested": true, "~transport": {"return_route": "all"}});
+        ws.send_envelope(a.pack(&ping).unwrap(), true).await.unwrap();
+        ws
+    };
+    let total = backlog + more;
+    let sending = async {
+        for i in backlog..total {
             forward(format!("m{i:03}")).await;
         }
-        let mut ws = if live {
-            live_socket(&a, &n).await
-        } else {
-            // Bound by a message with return route `all`: implicit pickup.
-            let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
-            let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": mailroom::didcomm::message::new_id(), "response_requested": true, "~transport": {"return_route": "all"}});
-            ws.send_envelope(a.pack(&ping).unwrap(), true).await.unwrap();
-            ws
-        };
-        let sending = async {
-            for i in 100..150 {
-                forward(format!("m{i:03}")).await;
+    };
+    let receiving = async {
+        let mut got = Vec::new();
+        while got.len() < total {
+            let m = ws_next_message(&a, &mut ws).await;
+            match type_name(&m) {
+                "delivery" => got.extend(contents(&a, &m)),
+                "message" => got.push(m["content"].as_str().unwrap().to_string()),
+                _ => {}
             }
-        };
-        let receiving = async {
-            let mut got = Vec::new();
-            while got.len() < 150 {
-                let m = ws_next_message(&a, &mut ws).await;
-                match type_name(&m) {
-                    "delivery" => got.extend(contents(&a, &m)),
-                    "message" => got.push(m["content"].as_str().unwrap().to_string()),
-                    _ => {}
-                }
-            }
-            got
-        };
-        let ((), got) = futures_util::join!(sending, receiving);
-        let want: Vec<String> = (0..150).map(|i| format!("m{i:03}")).collect();
-        assert_eq!(got, want, "live: {live}: every message once, oldest first");
-    }
+        }
+        got
+    };
+    let ((), got) = futures_util::join!(sending, receiving);
+    let want: Vec<String> = (0..total).map(|i| format!("m{i:03}")).collect();
+    assert_eq!(got, want, "live: {live}: every message once, oldest first");
 }
