@@ -534,18 +534,8 @@ async fn a_flood_for_a_wallet_that_does_not_acknowledge_is_held_back_bounded_and
         c.delivery.lease_ms = 600_000;
     })
     .await;
-    let routing = a.grant.clone().unwrap().routing_keys;
     let sender = Sender::new();
-    let forward = |text: String| {
-        let (url, key, routing, sender) = (n.public_url(), k.verkey(), routing.clone(), &sender);
-        async move {
-            let st = sender
-                .forward(&url, &basic_message(&text), &key, &routing)
-                .await
-                .unwrap();
-            assert_eq!(st, 202, "{text}");
-        }
-    };
+    let forward = |text: String| forward_202(&n, &a, &k, &sender, text);
     let mut ws = live_socket(&a, &n).await;
     // The wallet acknowledges on its socket once, so the window applies; then m1 goes out and
     // is not acknowledged: the window is closed.
@@ -675,18 +665,8 @@ impl Store for SlowLeases {
 /// drains: it gets all of them once, in the order they were answered.
 async fn backlog_then_more(n: &mailroom::node::RunningNode, live: bool, backlog: usize, more: usize) {
     let (a, k) = Agent::onboard(&invitation(n).await).await.expect("onboarding");
-    let routing = a.grant.clone().unwrap().routing_keys;
     let sender = Sender::new();
-    let forward = |text: String| {
-        let (url, key, routing, sender) = (n.public_url(), k.verkey(), routing.clone(), &sender);
-        async move {
-            let st = sender
-                .forward(&url, &basic_message(&text), &key, &routing)
-                .await
-                .unwrap();
-            assert_eq!(st, 202, "{text}");
-        }
-    };
+    let forward = |text: String| forward_202(n, &a, &k, &sender, text);
     for i in 0..backlog {
         forward(format!("m{i:03}")).await;
     }
@@ -720,4 +700,14 @@ async fn backlog_then_more(n: &mailroom::node::RunningNode, live: bool, backlog:
     let ((), got) = futures_util::join!(sending, receiving);
     let want: Vec<String> = (0..total).map(|i| format!("m{i:03}")).collect();
     assert_eq!(got, want, "live: {live}: every message once, oldest first");
+}
+
+/// Forwards a basic message `text` to `a`'s key `k` through `n`, which must answer 202.
+async fn forward_202(n: &mailroom::node::RunningNode, a: &Agent, k: &KeyPair, sender: &Sender, text: String) {
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let st = sender
+        .forward(&n.public_url(), &basic_message(&text), &k.verkey(), &routing)
+        .await
+        .unwrap();
+    assert_eq!(st, 202, "{text}");
 }
