@@ -419,8 +419,16 @@ impl Shared {
     /// `node`'s hand-off owner), then whoever holds the wallet's session is woken, or the
     /// wallet pushed, as for a new message. Unreleased, they wait for their lease to run out.
     pub async fn hand_back(self: &Arc<Self>, node: &str, conn: &str, ids: &[i64]) {
+        self.hand_back_then(node, conn, ids, || {}).await
+    }
+
+    /// [`Shared::hand_back`], calling `released` once the store answered, before anyone is
+    /// woken.
+    pub async fn hand_back_then(self: &Arc<Self>, node: &str, conn: &str, ids: &[i64], released: impl FnOnce()) {
         self.metrics.handed("returned", ids.len() as u64);
-        match self.mediator.store.release(conn, ids, &handoff_owner(node)).await {
+        let r = self.mediator.store.release(conn, ids, &handoff_owner(node)).await;
+        released();
+        match r {
             Ok(n) if n > 0 => self.queued_new(conn).await,
             Ok(_) => {}
             Err(e) => tracing::warn!(connection = %conn, "hand-off not released (its lease runs out): {e}"),

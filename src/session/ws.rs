@@ -106,6 +106,12 @@ pub struct WsSession {
     /// while they run.
     spills_in_flight: usize,
     spills_begun: u64,
+    /// The lowest id of each hand-back still on its way to the queue (a spill, or leased
+    /// messages given back), counted: a lease may have read past those not yet released.
+    returning: std::collections::BTreeMap<i64, usize>,
+    /// The lowest id of the hand-backs on their way when the current drain's lease began, or
+    /// begun since: its leased messages from there on wait (given back) behind them.
+    returning_floor: i64,
     /// Times the session began delivering (bound, live mode turned on): a lease begun before
     /// the last of them cannot tell that the queue caught up ([`HandedHere::catching_up`]).
     queue_news: u64,
@@ -132,10 +138,13 @@ struct HandedHere {
     catching_up: bool,
 }
 
-/// A hand-back of messages held back past the bounds was released in the store.
+/// A hand-back ([`WsSession::spill`], [`WsSession::give_back_leased`]) was released in the
+/// store: the lowest id it took back.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct SpillReleased;
+struct SpillReleased {
+    lowest: i64,
+}
 
 /// Why a drain leased nothing.
 enum Drained {
@@ -169,6 +178,8 @@ impl WsSession {
             handed: None,
             lent_to: None,
             spills_in_flight: 0,
+            returning: std::collections::BTreeMap::new(),
+            returning_floor: i64::MAX,
             queue_news: 0,
             spills_begun: 0,
         }
@@ -542,6 +553,7 @@ impl WsSession {
         // and no hand-back began meanwhile, the queue has caught up with what went back.
         let clean_start = self.spills_in_flight == 0;
         let spills_before = self.spills_begun;
+        self.returning_floor = self.returning.keys().next().copied().unwrap_or(i64::MAX);
         let news_before = self.queue_news;
         let shared = self.shared.clone();
         let conn_id = self.conn.as_ref().expect("checked above").id.clone();
@@ -606,7 +618,7 @@ impl WsSession {
                 }
                 Err(Drained::Store(e)) => {
                     tracing::warn!(connection = act.conn_id(), "drain: store: {e}");
-                    if act.handed.as_ref().is_some_and(|h| h.catching_up) {
+                    if act.wake_again || act.handed.as_ref().is_some_and(|h| h.catching_up) {
                         // What is handed meanwhile waits for a drain that finds the queue
                         // caught up: tried again, not left to the next hand-off or its lease.
                         let again = Duration::from_millis(act.shared.cfg.delivery.sweep_interval_ms);
@@ -621,6 +633,7 @@ impl WsSession {
                 }
             };
             let full = msgs.len() >= batch;
+            let leased_max = msgs.iter().map(|q| q.id).max();
             // The oldest message held here, once held messages the queue got back meanwhile (a
             // peer released a hand-off it could not confirm, or its hand-off lease ran out) are
             // left to this lease: written from it, not from both.
@@ -631,36 +644,18 @@ impl WsSession {
                 }
                 h.held_back.first().map(|m| m.id)
             });
-            // Leased messages older than every held one go out now; the newer ones after the
-            // held ones (a spill only ever takes messages newer than those still held).
-            let (msgs, newer): (Vec<QueuedMessage>, Vec<QueuedMessage>) = match oldest_held {
-                Some(first) => msgs.into_iter().partition(|q| q.id < first),
-                None => (msgs, Vec::new()),
-            };
-            let mut newer = newer;
-            if act.spills_begun != spills_before {
-                // Held-back messages went back to the queue while this lease ran: it may have
-                // read some, newer than those still held here (and than the older ones it
-                // writes). Given back, leased again after.
-                if oldest_held.is_none() {
-                    newer.extend(msgs);
-                } else {
-                    let msgs = act.not_written_yet(msgs);
-                    if !msgs.is_empty() {
-                        act.push(msgs, false, ctx);
-                    }
-                }
-                act.give_back_leased(&leased_for, newer);
-                if act.wake_again {
-                    ctx.notify(Wake);
-                }
-                return;
-            }
+            // Leased messages older than every held one and than every hand-back on its way to
+            // the queue (this lease may have read past one not yet released) go out now; the
+            // others after those.
+            let floor = oldest_held.unwrap_or(i64::MAX).min(act.returning_floor);
+            let (msgs, newer): (Vec<QueuedMessage>, Vec<QueuedMessage>) = msgs.into_iter().partition(|q| q.id < floor);
             // Caught up: the queue had nothing more (a short lease, begun with nothing on its
-            // way back to it and before the session last began delivering), or it had nothing
-            // older than what is held here (the lease read past it).
-            let clean = clean_start && !full && act.queue_news == news_before;
-            let caught_up = clean || !newer.is_empty();
+            // way back to it, none begun since, and after the session last began delivering),
+            // or it had nothing older than what is held here (the lease read past it).
+            let news_same = act.queue_news == news_before;
+            let clean = clean_start && !full && news_same && act.spills_begun == spills_before;
+            let read_past_held = news_same && oldest_held.is_some_and(|h| leased_max.is_some_and(|m| m > h));
+            let caught_up = clean || read_past_held;
             if let Some(h) = act.handed.as_mut() {
                 if clean {
                     h.spilled = false;
@@ -677,10 +672,12 @@ impl WsSession {
                 // What was handed meanwhile is newer than anything the queue held: after it.
                 act.send_held(ctx);
             }
-            if !newer.is_empty() {
-                if act.handed.as_ref().is_some_and(|h| !h.held_back.is_empty()) {
-                    // The window holds some of the held ones still: these follow them later.
-                    act.give_back_leased(&leased_for, newer);
+            if let Some(first) = newer.first().map(|q| q.id) {
+                let held_left = act.handed.as_ref().is_some_and(|h| !h.held_back.is_empty());
+                if held_left || act.returning_floor <= first {
+                    // Held ones still wait for the window, or a hand-back older than these may
+                    // reach the queue after this lease read it: these follow them, leased again.
+                    act.give_back_leased(&leased_for, newer, ctx);
                 } else {
                     let newer = act.not_written_yet(newer);
                     act.push(newer, false, ctx);
@@ -693,17 +690,31 @@ impl WsSession {
     }
 
     /// Gives back messages this session leased for `conn` and will not write now: released,
-    /// and the session woken for them, in a task the stop waits for.
-    fn give_back_leased(&self, conn: &str, msgs: Vec<QueuedMessage>) {
-        if msgs.is_empty() {
+    /// and the session woken for them, in a task the stop waits for. On its way like a spill.
+    fn give_back_leased(&mut self, conn: &str, msgs: Vec<QueuedMessage>, ctx: &mut ws::WebsocketContext<Self>) {
+        let Some(lowest) = msgs.iter().map(|q| q.id).min() else {
             return;
-        }
+        };
         let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
+        self.returning_begins(lowest);
         let (shared, owner, conn) = (self.shared.clone(), self.owner(), conn.to_string());
+        let addr = ctx.address();
         self.shared.tracked.spawn(async move {
             let released = shared.mediator.store.release(&conn, &ids, &owner).await;
+            // Before the wake-up below: the drain it starts must not find it still on its way
+            // (and give back what it leases behind it again).
+            addr.do_send(SpillReleased { lowest });
             gave_back(&shared, &conn, released).await;
         });
+    }
+
+    /// A hand-back whose lowest id is `lowest` begins: until it is released, no lease counts
+    /// as finding the queue caught up, and none writes what it read from `lowest` on.
+    fn returning_begins(&mut self, lowest: i64) {
+        self.spills_in_flight += 1;
+        self.spills_begun += 1;
+        *self.returning.entry(lowest).or_default() += 1;
+        self.returning_floor = self.returning_floor.min(lowest);
     }
 
     /// Leased messages less those handed to this session and written less than half a lease
@@ -1014,8 +1025,14 @@ impl Handler<Wake> for WsSession {
 
 impl Handler<SpillReleased> for WsSession {
     type Result = ();
-    fn handle(&mut self, _: SpillReleased, ctx: &mut Self::Context) {
+    fn handle(&mut self, m: SpillReleased, ctx: &mut Self::Context) {
         self.spills_in_flight = self.spills_in_flight.saturating_sub(1);
+        if let std::collections::btree_map::Entry::Occupied(mut e) = self.returning.entry(m.lowest) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
         self.drain(ctx);
     }
 }
@@ -1091,13 +1108,16 @@ impl WsSession {
             return;
         };
         let ids: Vec<i64> = msgs.iter().map(|m| m.id).collect();
-        self.spills_in_flight += 1;
-        self.spills_begun += 1;
+        let lowest = ids.iter().copied().min().expect("not empty: checked above");
+        self.returning_begins(lowest);
         let addr = ctx.address();
         let shared = self.shared.clone();
         self.shared.tracked.spawn(async move {
-            shared.hand_back(&shared.mediator.node_id, &conn, &ids).await;
-            addr.do_send(SpillReleased);
+            // Told before the wake-up, as in `give_back_leased`.
+            let node = shared.mediator.node_id.clone();
+            shared
+                .hand_back_then(&node, &conn, &ids, || addr.do_send(SpillReleased { lowest }))
+                .await;
         });
     }
 
