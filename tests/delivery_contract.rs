@@ -600,9 +600,7 @@ async fn a_flood_for_a_wallet_that_does_not_acknowledge_is_held_back_bounded_and
 async fn forwards_answered_while_a_backlog_drains_come_after_it() {
     for live in [true, false] {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
-        cfg.delivery.batch_size = 5;
-        cfg.delivery.lease_ms = 600_000;
+        let cfg = backlog_config(dir.path());
         let n = start(&cfg);
         backlog_then_more(&n, live, 100, 50).await;
     }
@@ -615,9 +613,7 @@ async fn forwards_answered_while_a_backlog_drains_come_after_it() {
 async fn forwards_answered_while_a_slow_backlog_drains_come_after_it() {
     for live in [true, false] {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
-        cfg.delivery.batch_size = 5;
-        cfg.delivery.lease_ms = 600_000;
+        let cfg = backlog_config(dir.path());
         let store = Arc::new(SlowLeases {
             inner: mailroom::store::open_sled(&dir.path().join("data")).await.unwrap(),
             lease_ms: std::sync::atomic::AtomicU64::new(0),
@@ -626,6 +622,14 @@ async fn forwards_answered_while_a_slow_backlog_drains_come_after_it() {
         store.lease_ms.store(100, std::sync::atomic::Ordering::SeqCst);
         backlog_then_more(&n, live, 40, 40).await;
     }
+}
+
+/// The backlog tests' node: batches of 5, and no lease runs out during a test.
+fn backlog_config(dir: &std::path::Path) -> mailroom::config::Config {
+    let mut cfg = test_config(dir, Strategy::QueueAndLiveModeDelivery);
+    cfg.delivery.batch_size = 5;
+    cfg.delivery.lease_ms = 600_000;
+    cfg
 }
 
 /// The node's store, except that each lease takes `lease_ms` longer.
