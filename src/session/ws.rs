@@ -101,10 +101,8 @@ pub struct WsSession {
     /// A connection this socket leased for by request (pickup over return route `thread`,
     /// say) while not bound to it: its end releases the owner for it too.
     lent_to: Option<String>,
-    /// Hand-backs of held-back messages ([`WsSession::spill`]) begun and not yet released in
-    /// the store, and how many were ever begun: kept apart from `handed`, which a rebind drops
-    /// while they run.
-    spills_in_flight: usize,
+    /// How many hand-backs ([`WsSession::spill`], leased messages given back) were ever begun:
+    /// kept apart from `handed`, which a rebind drops while they run.
     spills_begun: u64,
     /// The lowest id of each hand-back still on its way to the queue (a spill, or leased
     /// messages given back), counted: a lease may have read past those not yet released.
@@ -177,7 +175,6 @@ impl WsSession {
             closed: Arc::default(),
             handed: None,
             lent_to: None,
-            spills_in_flight: 0,
             returning: std::collections::BTreeMap::new(),
             returning_floor: i64::MAX,
             queue_news: 0,
@@ -551,7 +548,7 @@ impl WsSession {
         self.wake_again = false;
         // Nothing on its way back to the queue as this lease begins: if it comes back short
         // and no hand-back began meanwhile, the queue has caught up with what went back.
-        let clean_start = self.spills_in_flight == 0;
+        let clean_start = self.returning.is_empty();
         let spills_before = self.spills_begun;
         self.returning_floor = self.returning.keys().next().copied().unwrap_or(i64::MAX);
         let news_before = self.queue_news;
@@ -711,7 +708,6 @@ impl WsSession {
     /// A hand-back whose lowest id is `lowest` begins: until it is released, no lease counts
     /// as finding the queue caught up, and none writes what it read from `lowest` on.
     fn returning_begins(&mut self, lowest: i64) {
-        self.spills_in_flight += 1;
         self.spills_begun += 1;
         *self.returning.entry(lowest).or_default() += 1;
         self.returning_floor = self.returning_floor.min(lowest);
@@ -1026,7 +1022,6 @@ impl Handler<Wake> for WsSession {
 impl Handler<SpillReleased> for WsSession {
     type Result = ();
     fn handle(&mut self, m: SpillReleased, ctx: &mut Self::Context) {
-        self.spills_in_flight = self.spills_in_flight.saturating_sub(1);
         if let std::collections::btree_map::Entry::Occupied(mut e) = self.returning.entry(m.lowest) {
             *e.get_mut() -= 1;
             if *e.get() == 0 {
