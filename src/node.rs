@@ -474,7 +474,7 @@ pub async fn run(
             loop {
                 tick.tick().await;
                 n += 1;
-                shared.sweep(n % 10 == 0).await;
+                shared.sweep(n % crate::session::ENDPOINT_RETRY_EVERY == 0).await;
                 shared.reclaim_expired_leases().await;
             }
         });

@@ -752,6 +752,156 @@ async fn endpoint_delivery_retries_until_accepted() {
     handle.stop(true).await;
 }
 
+/// A slow endpoint is not POSTed what its lease no longer covers: once the lease left is shorter
+/// than a POST may take, the rest of the batch goes back to the queue. Before, the drain POSTed
+/// its whole batch after the lease ran out, while the sweep had reclaimed those messages and the
+/// wallet had picked them up: each delivered twice.
+#[actix_rt::test]
+async fn a_slow_endpoint_is_not_posted_what_its_lease_no_longer_covers() {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    const N: usize = 8;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
+    cfg.delivery.lease_ms = 1_000;
+    cfg.delivery.endpoint_timeout_ms = 600;
+    let n = start(&cfg);
+    // Each POST takes 250 ms; the first waits until every forward is queued, so the drain's
+    // next lease takes all the others at once.
+    let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let all_queued = Arc::new(AtomicBool::new(false));
+    let (r, q) = (received.clone(), all_queued.clone());
+    let (endpoint, handle) = endpoint_stub(move |body| {
+        while !q.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        r.lock().unwrap().push(body);
+        200
+    });
+    let inv = invitation(&n).await;
+    let mut a = Agent::connect_with_endpoint(&inv, Some(&endpoint)).await.unwrap();
+    a.mediate().await.unwrap();
+    let k = a.new_recipient_key();
+    a.keylist_update(&[k.did_key()], &[]).await.unwrap();
+    for i in 0..N {
+        assert_eq!(forward_to(&n, &a, &k, &format!("m{i}")).await, 202);
+    }
+    all_queued.store(true, Ordering::SeqCst);
+    // Once the second batch is leased (its first POST arrived), the wallet also picks up, and
+    // acknowledges, whatever the queue gives it: what a lease that ran out would give.
+    eventually("the endpoint's second POST", || {
+        let received = received.clone();
+        async move { (received.lock().unwrap().len() >= 2).then_some(()) }
+    })
+    .await;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut picked = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let d = a
+            .request(&pickup("delivery-request", json!({"limit": 10})))
+            .await
+            .unwrap()
+            .unwrap();
+        if type_name(&d) == "delivery" {
+            let opened = a.open_delivery(&d).unwrap();
+            let ids: Vec<&str> = opened.iter().map(|(id, _)| id.as_str()).collect();
+            a.request(&pickup("messages-received", json!({"message_id_list": ids})))
+                .await
+                .unwrap();
+            for (_, m) in &opened {
+                *seen.entry(m["content"].as_str().unwrap().to_string()).or_default() += 1;
+                picked += 1;
+            }
+        }
+        if queue_depth(&n).await == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the queue never emptied");
+        actix_rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for body in received.lock().unwrap().iter() {
+        let (m, _) = a.unpack(body).unwrap();
+        *seen.entry(m["content"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), N, "every message delivered: {seen:?}");
+    assert!(
+        seen.values().all(|c| *c == 1),
+        "none delivered twice (endpoint {}, pickup {picked}): {seen:?}",
+        received.lock().unwrap().len()
+    );
+    handle.stop(true).await;
+}
+
+/// An endpoint that keeps failing costs one POST per try, not one per queued message, and the
+/// sweep's retries of it back off (period, then doubled per failure). Before, every retry
+/// period POSTed every message of a batch, for the queue's whole TTL. A new forward still
+/// tries at once, and delivers everything once the endpoint answers again.
+#[actix_rt::test]
+async fn a_failing_endpoint_is_retried_with_backoff_one_post_per_try() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    const N: usize = 5;
+
+    let dir = tempfile::tempdir().unwrap();
+    // The sweep every 100 ms retries endpoints every second; a POST's timeout well inside the
+    // lease, so a drain may POST its whole batch.
+    let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
+    cfg.delivery.endpoint_timeout_ms = 500;
+    let n = start(&cfg);
+    let posts = Arc::new(AtomicUsize::new(0));
+    let all_queued = Arc::new(AtomicBool::new(false));
+    let up = Arc::new(AtomicBool::new(false));
+    let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let (p, q, u, r) = (posts.clone(), all_queued.clone(), up.clone(), received.clone());
+    let (endpoint, handle) = endpoint_stub(move |body| {
+        while !q.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if !u.load(Ordering::SeqCst) {
+            p.fetch_add(1, Ordering::SeqCst);
+            return 503;
+        }
+        r.lock().unwrap().push(body);
+        200
+    });
+    let inv = invitation(&n).await;
+    let mut a = Agent::connect_with_endpoint(&inv, Some(&endpoint)).await.unwrap();
+    a.mediate().await.unwrap();
+    let k = a.new_recipient_key();
+    a.keylist_update(&[k.did_key()], &[]).await.unwrap();
+    for i in 0..N {
+        assert_eq!(forward_to(&n, &a, &k, &format!("m{i}")).await, 202);
+    }
+    all_queued.store(true, Ordering::SeqCst);
+    eventually("the first POST refused", || async {
+        (posts.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    let first = std::time::Instant::now();
+    // Retries 1 s, then 2 s, then 4 s after the failures before them: at most 3 tries in the
+    // 4.5 s after the first (6 s of retries, one per message each, without the backoff: ~20).
+    actix_rt::time::sleep(std::time::Duration::from_millis(4_500)).await;
+    let tried = posts.load(Ordering::SeqCst);
+    assert!(
+        (1..=3).contains(&tried),
+        "{tried} POSTs to a failing endpoint {:?} after its first failure",
+        first.elapsed()
+    );
+    assert_eq!(queue_depth(&n).await, N as u64, "nothing is lost meanwhile");
+    up.store(true, Ordering::SeqCst);
+    assert_eq!(forward_to(&n, &a, &k, "back").await, 202);
+    eventually("everything POSTed once the endpoint answers", || {
+        let received = received.clone();
+        async move { (received.lock().unwrap().len() == N + 1).then_some(()) }
+    })
+    .await;
+    handle.stop(true).await;
+}
+
 /// Every POST to an agent's endpoint so far, whatever its result.
 async fn endpoint_posts_done(n: &mailroom::node::RunningNode) -> u64 {
     let mut all = 0;

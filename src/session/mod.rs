@@ -41,6 +41,11 @@ const SWEEP_CHUNK: usize = 1_000;
 /// Connections with pending messages retried at their endpoints per sweep pass (a cursor
 /// walks the rest in later passes).
 const ENDPOINT_PAGE: usize = 10_000;
+/// Sweep passes per retry of endpoint delivery ([`Shared::sweep`] `with_endpoints`).
+pub const ENDPOINT_RETRY_EVERY: u64 = 10;
+/// The longest the sweep waits before it retries an endpoint whose drains keep failing
+/// (after drains that failed in a row): ten minutes.
+pub const ENDPOINT_RETRY_MAX_MS: i64 = 600_000;
 /// Most messages whose lease ran out taken back by one pass of the sweep (the rest at the next).
 const RECLAIM_BATCH: usize = 1_000;
 /// Deliveries of a message after which its lease running out pushes its wallet no more
@@ -83,6 +88,11 @@ pub struct Shared {
     stop_begun_at: std::sync::OnceLock<tokio::time::Instant>,
     /// Where the endpoint retry of the sweep goes on from (connection id order).
     endpoint_cursor: Mutex<Option<String>>,
+    /// connection -> (drains to its endpoint that failed in a row, when the sweep may retry
+    /// it): the retries of an endpoint that keeps failing back off, so a dead or hostile
+    /// endpoint is not POSTed every retry period for the queue's whole TTL. A forward still
+    /// tries at once. Cleared when it reaches `ENDPOINT_CACHE_MAX`.
+    endpoint_backoff: Mutex<std::collections::HashMap<String, (u32, i64)>>,
     /// The push worker, when `[push]` is configured (set once by the node at start).
     pub push: std::sync::OnceLock<crate::push::PushHandle>,
     /// How the run before this one on the store ended, as [`Store::begin_run`] answered it
@@ -140,6 +150,7 @@ impl Shared {
             stop_begun: tokio::sync::Notify::new(),
             stop_begun_at: std::sync::OnceLock::new(),
             endpoint_cursor: Mutex::new(None),
+            endpoint_backoff: Mutex::new(std::collections::HashMap::new()),
             push: std::sync::OnceLock::new(),
             previous_run: std::sync::OnceLock::new(),
             wake_owed: AtomicBool::new(false),
@@ -518,7 +529,10 @@ impl Shared {
                     .map(|c| c.map(|c| c.mediation != MediationState::Denied)),
             };
             match granted {
-                Ok(Some(true)) => outbound::drain_to_endpoint(&this, &conn, &endpoint).await,
+                Ok(Some(true)) => {
+                    let drained = outbound::drain_to_endpoint(&this, &conn, &endpoint).await;
+                    this.endpoint_tried(&conn, drained, now_ms());
+                }
                 Ok(_) => {
                     this.endpoint_cache.lock().insert(conn.clone(), None);
                 }
@@ -583,8 +597,40 @@ impl Shared {
         }
     }
 
+    /// Records how a drain to `conn`'s endpoint ended: after a failure the sweep waits its own
+    /// retry period, doubled for each failure in a row up to [`ENDPOINT_RETRY_MAX_MS`], before
+    /// it tries again; a drain that emptied the queue forgets the failures.
+    fn endpoint_tried(&self, conn: &str, drained: outbound::Drained, now: i64) {
+        let mut backoff = self.endpoint_backoff.lock();
+        if drained == outbound::Drained::Empty {
+            backoff.remove(conn);
+            return;
+        }
+        if backoff.len() >= ENDPOINT_CACHE_MAX && !backoff.contains_key(conn) {
+            backoff.clear();
+        }
+        let period = i64::try_from(self.cfg.delivery.sweep_interval_ms)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(ENDPOINT_RETRY_EVERY as i64);
+        let entry = backoff.entry(conn.to_string()).or_insert((0, now));
+        entry.0 = entry.0.saturating_add(1);
+        let wait = period
+            .saturating_mul(1i64 << (entry.0 - 1).min(30))
+            .min(ENDPOINT_RETRY_MAX_MS);
+        entry.1 = now.saturating_add(wait);
+    }
+
+    /// Whether the sweep should leave `conn`'s endpoint alone for now ([`Shared::endpoint_tried`]).
+    fn endpoint_backing_off(&self, conn: &str, now: i64) -> bool {
+        self.endpoint_backoff
+            .lock()
+            .get(conn)
+            .is_some_and(|(_, next)| *next > now)
+    }
+
     /// Retries endpoint delivery for a page of connections with pending messages that no
-    /// node holds a session of; the cursor goes round all of them over successive passes.
+    /// node holds a session of, except those backing off after failed drains; the cursor goes
+    /// round all of them over successive passes.
     async fn retry_endpoints(self: &Arc<Self>, now: i64) {
         let after = self.endpoint_cursor.lock().clone();
         let pending = match self
@@ -605,6 +651,9 @@ impl Shared {
             pending.last().cloned()
         };
         for conn in pending {
+            if self.endpoint_backing_off(&conn, now) {
+                continue;
+            }
             if self
                 .registry
                 .send(IsLocal { conn: conn.clone() })

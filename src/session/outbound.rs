@@ -45,6 +45,26 @@ impl PostError {
             _ => "failed",
         }
     }
+
+    /// Whether the endpoint, not the message, failed: no answer, a refused address, a 5xx,
+    /// 408 or 429. The rest of a batch is not tried after such a failure (each would fail
+    /// the same way, and a drain would cost the endpoint a POST per message); a 4xx answer
+    /// about one message does not stop the others.
+    fn endpoint_wide(&self) -> bool {
+        match self {
+            PostError::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
+            _ => true,
+        }
+    }
+}
+
+/// How a drain of a connection's queue to its endpoint ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// The queue had nothing more to lease (or the store could not be read).
+    Empty,
+    /// A POST failed: what is left stays queued for a later try.
+    Failed,
 }
 
 /// POSTs one envelope with the node's outbound client; Ok on a 2xx answer.
@@ -108,40 +128,44 @@ pub async fn send_replies(shared: &Arc<Shared>, conn: &Connection, replies: &[Va
 }
 
 /// Drains a connection's queue to its endpoint, a batch at a time, until it is empty or a
-/// POST fails.
-pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str) {
+/// POST fails (whatever the batch then left unsent is given back). A message is POSTed only while its lease outlasts the POST's timeout: one whose
+/// lease would run out meanwhile may be reclaimed and delivered by another node or session, so
+/// it is given back and leased again instead of sent twice.
+pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str) -> Drained {
     let store = &shared.mediator.store;
     let owner = crate::protocols::lease_owner(&shared.mediator.node_id, "endpoint");
+    let post_timeout_ms = i64::try_from(shared.cfg.delivery.endpoint_timeout_ms).unwrap_or(i64::MAX);
     loop {
         let now = now_ms();
-        let batch = match store
-            .lease(
-                conn,
-                shared.mediator.batch_size,
-                &owner,
-                now,
-                now.saturating_add(shared.mediator.lease_ms),
-            )
-            .await
-        {
+        let until = now.saturating_add(shared.mediator.lease_ms);
+        let batch = match store.lease(conn, shared.mediator.batch_size, &owner, now, until).await {
             Ok(b) if !b.is_empty() => b,
-            Ok(_) => return,
+            Ok(_) => return Drained::Empty,
             Err(e) => {
                 tracing::warn!(connection = %conn, "endpoint delivery: store: {e}");
-                return;
+                return Drained::Empty;
             }
         };
         let mut done = Vec::new();
         let mut failed = Vec::new();
+        let mut late = Vec::new();
         for (i, q) in batch.iter().enumerate() {
+            if i > 0 && now_ms().saturating_add(post_timeout_ms) >= until {
+                late.extend(batch[i..].iter().map(|q| q.id));
+                break;
+            }
             if q.attempts > 1 {
                 shared.metrics.redelivered.inc();
             }
             match post_counted(shared, endpoint, q.payload.clone()).await {
                 Ok(()) => done.push(q.id),
                 Err(e @ PostError::Refused { .. }) => {
-                    // The same for every message of the batch: none is tried.
                     tracing::warn!(connection = %conn, "endpoint delivery refused, kept queued: {e}");
+                    failed.extend(batch[i..].iter().map(|q| q.id));
+                    break;
+                }
+                Err(e) if e.endpoint_wide() => {
+                    tracing::info!(connection = %conn, "endpoint delivery failed, kept queued: {e}");
                     failed.extend(batch[i..].iter().map(|q| q.id));
                     break;
                 }
@@ -155,9 +179,13 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str)
             let _ = store.ack(conn, &done).await;
             shared.metrics.delivered("endpoint", "v1", done.len() as u64);
         }
+        if !late.is_empty() {
+            // Given back unsent: the next lease takes them again (or another holder has).
+            let _ = store.release(conn, &late, &owner).await;
+        }
         if !failed.is_empty() {
             let _ = store.release(conn, &failed, &owner).await;
-            return;
+            return Drained::Failed;
         }
     }
 }
