@@ -37,6 +37,10 @@ pub const MAX_SERVICES: usize = 16;
 pub const MAX_VERIFICATION_METHODS: usize = 32;
 /// Most keys we take from one service's `recipientKeys` / `routingKeys`.
 pub const MAX_KEYS_PER_SERVICE: usize = 8;
+/// Endpoints of a document kept (the first, by priority), and the longest kept: they are
+/// stored with the peer's connection, so a document cannot make its record megabytes.
+pub const MAX_ENDPOINTS: usize = 4;
+pub const MAX_ENDPOINT_LEN: usize = 2048;
 
 /// Service endpoint that means "no endpoint, queue at my mediator / use return route".
 pub const QUEUE_ENDPOINT: &str = "didcomm:transport/queue";
@@ -658,7 +662,11 @@ fn interpret(did: &str, doc: &Value, aliases: &[&str], depth: u8, work: &mut Wor
             push_unique(&mut routing_keys, keys::verkey_to_base58(&pk));
         }
         for uri in endpoint_uris(ep) {
-            if uri != QUEUE_ENDPOINT && !uri.is_empty() {
+            if uri != QUEUE_ENDPOINT
+                && !uri.is_empty()
+                && uri.len() <= MAX_ENDPOINT_LEN
+                && endpoints.len() < MAX_ENDPOINTS
+            {
                 push_unique(&mut endpoints, uri.to_owned());
             }
         }

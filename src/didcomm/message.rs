@@ -98,6 +98,10 @@ pub fn message_type(msg: &Value) -> Option<MessageType> {
     msg.get("@type")?.as_str().and_then(MessageType::parse)
 }
 
+/// Longest message or thread id kept with a record (a connection's thread, its invitation, a
+/// replay record's name): ids are UUIDs in practice, 36 characters.
+pub const MAX_ID_LEN: usize = 256;
+
 /// `@id` of a message, if it is a string.
 pub fn id(msg: &Value) -> Option<&str> {
     msg.get("@id")?.as_str()

@@ -44,11 +44,28 @@ pub fn decode_b64_any(s: &str) -> Option<Vec<u8>> {
 
 /// What a handshake request is refused for before its DID document is resolved (the one
 /// costly step of a handshake, and done before any proof): an anoncrypted request proves no
-/// key, so no document it presents could pass [`proven_sender`].
+/// key, so no document it presents could pass [`proven_sender`]; an `@id` or `~thread.pthid`
+/// longer than [`message::MAX_ID_LEN`] would be kept with the connection (its thread and its
+/// invitation) for as long as it lives.
 pub(crate) fn before_resolving(ctx: &Inbound) -> Result<(), HandleError> {
-    match &ctx.sender_verkey {
-        Some(_) => Ok(()),
-        None => Err(HandleError::Unproven),
+    if ctx.sender_verkey.is_none() {
+        return Err(HandleError::Unproven);
+    }
+    let long = |what: &str, s: &str| {
+        (s.len() > message::MAX_ID_LEN).then(|| {
+            HandleError::BadMessage(format!(
+                "{what} is longer than {} bytes ({})",
+                message::MAX_ID_LEN,
+                s.len()
+            ))
+        })
+    };
+    if let Some(e) = long("@id", &ctx.id()) {
+        return Err(e);
+    }
+    match message::pthid(&ctx.msg).and_then(|p| long("~thread.pthid", &p)) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
@@ -337,6 +354,46 @@ mod tests {
             &inbound(json!({"@type": t}), None),
         ));
         assert!(e.to_string().len() < 400, "{} bytes", e.to_string().len());
+    }
+
+    /// What a request makes its connection keep is bounded: an `@id` (the connection's thread)
+    /// or a `~thread.pthid` (its invitation) longer than an id is refused, and of the
+    /// document's endpoints only the first few of an URL's length are kept. Before, one request
+    /// could make a record of megabytes, read again on every message of its connection.
+    #[tokio::test]
+    async fn a_request_cannot_make_its_connection_record_large() {
+        let m = mediator().await;
+        let path = "credo/didexchange_1.1_request.json";
+        let full = format!("{}/tests/fixtures/didcomm/{path}", env!("CARGO_MANIFEST_DIR"));
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&full).unwrap()).unwrap();
+        let msg = v.get("plaintext").unwrap_or(&v).clone();
+        let key = "A755GLWNcun5UxspcZQBtncYVnFCp8TZqHcezFhodTfh";
+        let long = "i".repeat(crate::didcomm::message::MAX_ID_LEN + 1);
+        let mut req = msg.clone();
+        req["@id"] = json!(long);
+        let e = refused(super::request(&m, &inbound(req, Some(key))).await);
+        assert!(matches!(e, HandleError::BadMessage(ref r) if r.contains("@id")), "{e}");
+        let mut req = msg.clone();
+        req["~thread"]["pthid"] = json!(long);
+        let e = refused(super::request(&m, &inbound(req, Some(key))).await);
+        assert!(
+            matches!(e, HandleError::BadMessage(ref r) if r.contains("pthid")),
+            "{e}"
+        );
+
+        let kp = KeyPair::generate();
+        let legacy = crate::didcomm::did::legacy_did_from_verkey(&kp.public_bytes());
+        let mut endpoints = vec![format!("https://x.example/{}", "p".repeat(100_000))];
+        endpoints.extend((0..10).map(|i| format!("https://e{i}.example/")));
+        let doc = crate::didcomm::did::legacy_diddoc(&legacy, &kp.verkey(), &endpoints, &[]);
+        let req = json!({
+            "@type": "https://didcomm.org/didexchange/1.0/request", "@id": "1", "did": legacy,
+            "did_doc~attach": { "data": { "json": doc } },
+        });
+        let out = super::request(&m, &inbound(req, Some(&kp.verkey()))).await.unwrap();
+        let kept = out.connection.unwrap().their_endpoints;
+        assert_eq!(kept.len(), crate::didcomm::did::MAX_ENDPOINTS, "{kept:?}");
+        assert!(kept.iter().all(|e| e.len() < 100), "{kept:?}");
     }
 
     #[test]

@@ -37,9 +37,8 @@ pub enum Version {
     V2,
 }
 
-/// Longest message id that names a record; a longer one is named with the plaintext (ids are
-/// UUIDs in practice).
-const MAX_ID_LEN: usize = 256;
+/// Longest message id that names a record; a longer one is named with the plaintext.
+use crate::didcomm::message::MAX_ID_LEN;
 
 /// The record of one message ([`first_sight`]), forgotten again by [`settle`] when the
 /// message was refused.

@@ -82,7 +82,8 @@ async fn create(m: &Mediator, ctx: &Inbound, sender: &str) -> Result<Connection,
         their_routing_keys: vec![],
         mediation: MediationState::Granted,
         invitation_id: None,
-        thread_id: Some(ctx.thid()),
+        // Kept only when it is an id's length (it is informational for v2).
+        thread_id: Some(ctx.thid()).filter(|t| t.len() <= crate::didcomm::message::MAX_ID_LEN),
         extra: json!({ "didcomm": "v2" }),
     };
     match m.store.put_connection(&conn).await {
