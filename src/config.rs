@@ -29,6 +29,8 @@ pub mod bounds {
     pub const DEDUP_WINDOW_SECS: u64 = 24 * 3600;
     /// `limits.replay_window_secs`: thirty days.
     pub const REPLAY_WINDOW_SECS: u64 = 30 * 24 * 3600;
+    /// `limits.unmediated_connection_ttl_secs`: one year.
+    pub const UNMEDIATED_CONNECTION_TTL_SECS: u64 = 365 * 24 * 3600;
     /// `delivery.lease_ms`: one day.
     pub const LEASE_MS: u64 = 24 * 3600 * 1000;
     /// `delivery.sweep_interval_ms`: one hour (it bounds the delay a lost notification causes).
@@ -304,6 +306,12 @@ pub struct Limits {
     /// [`bounds::REPLAY_WINDOW_SECS`]). See [`crate::protocols::replay`].
     #[serde(default = "default_replay")]
     pub replay_window_secs: u64,
+    /// A connection that has not asked for mediation (nor been granted it) this long after it
+    /// was made is removed, seconds (0 = never; at most
+    /// [`bounds::UNMEDIATED_CONNECTION_TTL_SECS`]): anyone can make connections, and one
+    /// that never mediates is of no use to anybody.
+    #[serde(default = "default_unmediated_ttl")]
+    pub unmediated_connection_ttl_secs: u64,
     /// Messages of one WebSocket being handled at once; beyond it a frame is answered
     /// `{"error":"busy"}` and not handled (the sender retries).
     #[serde(default = "default_ws_inflight")]
@@ -457,6 +465,9 @@ fn default_dedup() -> u64 {
 fn default_replay() -> u64 {
     24 * 3600
 }
+fn default_unmediated_ttl() -> u64 {
+    24 * 3600
+}
 fn default_sled_cache_mib() -> u64 {
     64
 }
@@ -531,6 +542,11 @@ impl Limits {
     /// `replay_window_secs` in milliseconds (saturating; 0 = off).
     pub fn replay_window_ms(&self) -> i64 {
         secs_to_ms(self.replay_window_secs)
+    }
+
+    /// `unmediated_connection_ttl_secs` in milliseconds (saturating; 0 = never).
+    pub fn unmediated_connection_ttl_ms(&self) -> i64 {
+        secs_to_ms(self.unmediated_connection_ttl_secs)
     }
 }
 
@@ -960,6 +976,12 @@ impl Config {
                 bounds::REPLAY_WINDOW_SECS
             ));
         }
+        if self.limits.unmediated_connection_ttl_secs > bounds::UNMEDIATED_CONNECTION_TTL_SECS {
+            return bad(format!(
+                "limits.unmediated_connection_ttl_secs must be 0..={} (one year; 0 = never)",
+                bounds::UNMEDIATED_CONNECTION_TTL_SECS
+            ));
+        }
         if self.log.format != "human" && self.log.format != "json" {
             return bad(format!("log.format {:?} is not \"human\" or \"json\"", self.log.format));
         }
@@ -1357,6 +1379,10 @@ mod tests {
             ("[limits]\ndedup_window_secs = 10000000000000000\n", "limits.dedup_window_secs must be 0..=86400"),
             ("[limits]\ndedup_window_secs = 86401\n", "limits.dedup_window_secs must be 0..=86400"),
             ("[limits]\nreplay_window_secs = 2592001\n", "limits.replay_window_secs must be 0..=2592000"),
+            (
+                "[limits]\nunmediated_connection_ttl_secs = 31536001\n",
+                "limits.unmediated_connection_ttl_secs must be 0..=31536000",
+            ),
             ("[delivery]\nlease_ms = 9223372036854775807\n", "delivery.lease_ms must be 100..=86400000"),
             ("[delivery]\nlease_ms = 86400001\n", "delivery.lease_ms must be 100..=86400000"),
             ("[delivery]\nsweep_interval_ms = 3600001\n", "delivery.sweep_interval_ms must be 10..=3600000"),

@@ -115,6 +115,9 @@ async fn notified(shared: &Arc<Shared>, conn: String) {
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 /// Most expired messages deleted by one store call.
 const EXPIRY_BATCH: usize = 1_000;
+/// Pages of connections the collection of unmediated ones reads per period
+/// ([`crate::store::unmediated::collect`]): 10,000 connections.
+const UNMEDIATED_PAGES: usize = 20;
 
 /// The node's bound sockets.
 pub struct Listeners {
@@ -518,6 +521,29 @@ pub async fn run(
                             break;
                         }
                     }
+                }
+            }
+        });
+    }
+
+    // Connections nobody mediates for (`limits.unmediated_connection_ttl_secs`): a page walk
+    // per period, going round all of them.
+    if cfg.limits.unmediated_connection_ttl_secs > 0 {
+        let shared = shared.clone();
+        let ttl_ms = cfg.limits.unmediated_connection_ttl_ms();
+        let every = Duration::from_millis((ttl_ms as u64 / 4).clamp(100, 60_000));
+        actix_rt::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut cursor = None;
+            loop {
+                tick.tick().await;
+                let before = now_ms().saturating_sub(ttl_ms);
+                let store = shared.mediator.store.as_ref();
+                match crate::store::unmediated::collect(store, &mut cursor, before, UNMEDIATED_PAGES).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "removed connections that never asked for mediation"),
+                    Err(e) => tracing::warn!("collecting unmediated connections: {e}"),
                 }
             }
         });

@@ -411,7 +411,7 @@ impl mailroom::store::Store for CommitsThenFails {
         dedup_records, queue_log, begin_run, end_run, lease_for_key, pending_stats, expire, expire_due, oldest_received_ms,
         flush, device_of, set_device, forget_device_token, push_event, push_take_due, push_done,
         first_sight, forget_sight, prune_sights,
-        delete_connection, revoke_mediation, drop_queue, top_queues,
+        delete_connection, delete_unmediated, revoke_mediation, drop_queue, top_queues,
     );
 }
 
@@ -659,7 +659,7 @@ impl Store for SlowLeases {
         release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued, connections_with_pending,
         pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run, lease_for_key, pending_stats,
         expire, expire_due, oldest_received_ms, flush, device_of, set_device, forget_device_token,
-        push_event, push_take_due, push_done, delete_connection, drop_queue, top_queues,
+        push_event, push_take_due, push_done, delete_connection, delete_unmediated, drop_queue, top_queues,
         first_sight, forget_sight, prune_sights, update_keys, revoke_mediation,
     );
 }

@@ -93,7 +93,7 @@ impl Store for GatedLeases {
         dedup_records, queue_log, begin_run, end_run, lease_for_key, pending_stats, expire, expire_due, oldest_received_ms,
         flush, device_of, set_device, forget_device_token, push_event, push_take_due, push_done,
         first_sight, forget_sight, prune_sights,
-        delete_connection, revoke_mediation, drop_queue, top_queues,
+        delete_connection, delete_unmediated, revoke_mediation, drop_queue, top_queues,
     );
 }
 

@@ -198,7 +198,7 @@ impl Store for AckRemovesNothing {
         release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued,
         connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
         lease_for_key, pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
-        forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        forget_device_token, push_event, push_take_due, push_done, delete_connection, delete_unmediated, revoke_mediation,
         first_sight, forget_sight, prune_sights,
         drop_queue, top_queues,
     );
@@ -230,7 +230,7 @@ impl Store for KeyAddsFail {
         release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued,
         connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
         lease_for_key, pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
-        forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        forget_device_token, push_event, push_take_due, push_done, delete_connection, delete_unmediated, revoke_mediation,
         first_sight, forget_sight, prune_sights,
         drop_queue, top_queues,
     );
@@ -315,7 +315,7 @@ impl Store for FilterIgnoresConn {
         ack_leased, release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats,
         total_queued, connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log,
         begin_run, end_run, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
-        forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        forget_device_token, push_event, push_take_due, push_done, delete_connection, delete_unmediated, revoke_mediation,
         first_sight, forget_sight, prune_sights,
         drop_queue, top_queues,
     );
@@ -437,7 +437,7 @@ impl Store for LateLeakToB {
         release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued,
         connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
         pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
-        forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        forget_device_token, push_event, push_take_due, push_done, delete_connection, delete_unmediated, revoke_mediation,
         first_sight, forget_sight, prune_sights,
         drop_queue, top_queues,
     );
@@ -497,7 +497,7 @@ impl Store for NothingLeases {
         release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued,
         connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
         pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
-        forget_device_token, push_event, push_take_due, push_done, delete_connection, revoke_mediation,
+        forget_device_token, push_event, push_take_due, push_done, delete_connection, delete_unmediated, revoke_mediation,
         first_sight, forget_sight, prune_sights,
         drop_queue, top_queues,
     );

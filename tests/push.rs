@@ -1476,7 +1476,7 @@ impl mailroom::store::Store for EventAnswerLost {
         release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued, connections_with_pending,
         pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run, lease_for_key, pending_stats,
         expire, expire_due, oldest_received_ms, flush, set_device, forget_device_token, first_sight, forget_sight,
-        prune_sights, push_take_due, update_keys, revoke_mediation, delete_connection, drop_queue, top_queues,
+        prune_sights, push_take_due, update_keys, revoke_mediation, delete_connection, delete_unmediated, drop_queue, top_queues,
     );
 }
 

@@ -1348,3 +1348,37 @@ async fn private_endpoints_are_refused_when_the_operator_says_so() {
     assert_eq!(endpoint_posts(&n, "ok").await + endpoint_posts(&n, "failed").await, 0);
     drop(listener);
 }
+
+/// `limits.unmediated_connection_ttl_secs`: a connection that has not asked for mediation
+/// that long after it was made is removed (anyone can make connections; one that never
+/// mediates would stay for ever), and its sender is then a stranger. A mediated one stays.
+#[actix_rt::test]
+async fn connections_that_never_ask_for_mediation_are_removed_after_their_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.limits.unmediated_connection_ttl_secs = 1;
+    let n = start(&cfg);
+    let inv = invitation(&n).await;
+    let idle = Agent::connect(&inv).await.unwrap();
+    let mut wallet = Agent::connect(&inv).await.unwrap();
+    wallet.mediate().await.unwrap();
+    let listed = || async {
+        get_json(&format!("{}/connections", n.admin_url())).await["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["mediation"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    eventually("the unmediated connection removed", || async {
+        (listed().await == ["granted"]).then_some(())
+    })
+    .await;
+    let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": mailroom::didcomm::message::new_id(),
+        "response_requested": true, "~transport": {"return_route": "all"}});
+    let err = idle.request(&ping).await.unwrap_err().to_string();
+    assert!(err.contains("403"), "{err}");
+    let k = wallet.new_recipient_key();
+    wallet.keylist_update(&[k.did_key()], &[]).await.unwrap();
+    assert_eq!(forward_to(&n, &wallet, &k, "still mediated").await, 202);
+}

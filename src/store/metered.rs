@@ -260,6 +260,10 @@ impl Store for Metered {
     async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
         self.timed("delete_connection", self.inner.delete_connection(id)).await
     }
+    async fn delete_unmediated(&self, id: &str, created_before_ms: i64) -> StoreResult<bool> {
+        self.timed("delete_unmediated", self.inner.delete_unmediated(id, created_before_ms))
+            .await
+    }
     async fn revoke_mediation(&self, id: &str, updated_at_ms: i64) -> StoreResult<Option<Vec<String>>> {
         self.timed("revoke_mediation", self.inner.revoke_mediation(id, updated_at_ms))
             .await

@@ -83,6 +83,7 @@ pub mod pass_through;
 pub mod postgres;
 pub mod route_cache;
 pub mod sled_store;
+pub mod unmediated;
 
 pub use postgres::PgStore;
 pub use sled_store::SledStore;
@@ -745,6 +746,12 @@ pub trait Store: Send + Sync + 'static {
     /// respect to enqueues and key updates of the connection on every node sharing the store.
     /// Idempotent: removing a connection that does not exist (any more) returns zero counts.
     async fn delete_connection(&self, id: &str) -> StoreResult<Removed>;
+    /// [`Store::delete_connection`] of `id` only while it has no mediation
+    /// ([`MediationState::None`]: never granted, never revoked) and was made before
+    /// `created_before_ms`, checked under the same locks as the removal: a mediation granted
+    /// on any node meanwhile keeps it. Whether it was removed. The collection of connections
+    /// nobody uses (`limits.unmediated_connection_ttl_secs`).
+    async fn delete_unmediated(&self, id: &str, created_before_ms: i64) -> StoreResult<bool>;
     /// Revokes the mediation of connection `id` (the operator's action): its state becomes
     /// [`MediationState::Denied`] (final: see [`ConnectionPatch::apply`]) and every routing key
     /// it holds is removed, in one step that is atomic with respect to enqueues and key updates

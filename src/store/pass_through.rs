@@ -224,6 +224,9 @@ macro_rules! store_pass_through {
     (@method $i:ident delete_connection) => {
         $crate::store_pass_through!(@fn $i delete_connection (id: &'a str) ['a] -> $crate::store::Removed);
     };
+    (@method $i:ident delete_unmediated) => {
+        $crate::store_pass_through!(@fn $i delete_unmediated (id: &'a str, created_before_ms: i64) ['a] -> bool);
+    };
     (@method $i:ident revoke_mediation) => {
         $crate::store_pass_through!(@fn $i revoke_mediation (id: &'a str, updated_at_ms: i64) ['a]
             -> Option<Vec<String>>);

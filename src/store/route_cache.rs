@@ -185,6 +185,10 @@ impl Store for RouteCache {
         self.publish(id, &[]);
         r
     }
+    async fn delete_unmediated(&self, id: &str, created_before_ms: i64) -> StoreResult<bool> {
+        // A connection without mediation holds no routing key: nothing of it is cached.
+        self.inner.delete_unmediated(id, created_before_ms).await
+    }
     async fn revoke_mediation(&self, id: &str, updated_at_ms: i64) -> StoreResult<Option<Vec<String>>> {
         let r = self.inner.revoke_mediation(id, updated_at_ms).await;
         // Whatever the outcome: the store refuses the connection from now on anyway, this

@@ -599,6 +599,54 @@ pub async fn peer_keys_are_unique_across_nodes(b: Arc<dyn Backend>) {
     }
 }
 
+/// `delete_unmediated` removes a connection only while it has no mediation and was made
+/// before the cutoff, whatever was read of it before: a grant or a revocation keeps it.
+pub async fn unmediated_connections_are_collected_alone(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let old = new_conn(&s).await; // made at T0, no mediation
+    let granted = new_conn(&s).await;
+    let revoked = new_conn(&s).await;
+    let mut young = conn(&new_id());
+    young.created_at_ms = T0 + 10_000;
+    s.put_connection(&young).await.unwrap();
+    let grant = ConnectionPatch {
+        mediation: Some(MediationState::Granted),
+        updated_at_ms: T0 + 1,
+        ..ConnectionPatch::default()
+    };
+    s.update_connection(&granted, &grant).await.unwrap();
+    s.revoke_mediation(&revoked, T0 + 1).await.unwrap();
+
+    let cutoff = T0 + 5_000;
+    assert!(!s.delete_unmediated(&granted, cutoff).await.unwrap(), "granted: kept");
+    assert!(!s.delete_unmediated(&revoked, cutoff).await.unwrap(), "revoked: kept");
+    assert!(
+        !s.delete_unmediated(&young.id, cutoff).await.unwrap(),
+        "made after the cutoff: kept"
+    );
+    assert!(
+        !s.delete_unmediated(&old, T0).await.unwrap(),
+        "made at the cutoff: kept"
+    );
+    assert!(!s.delete_unmediated("missing", cutoff).await.unwrap());
+    assert!(!s.delete_unmediated("bad\0id", cutoff).await.unwrap());
+    for id in [&granted, &revoked, &young.id] {
+        assert!(s.get_connection(id).await.unwrap().is_some(), "{id} kept");
+    }
+    assert!(
+        s.delete_unmediated(&old, cutoff).await.unwrap(),
+        "unmediated and old: removed"
+    );
+    assert_eq!(s.get_connection(&old).await.unwrap(), None);
+    assert_eq!(
+        s.connection_by_their_verkey(&format!("theirs-{old}")).await.unwrap(),
+        None,
+        "its key is free again"
+    );
+    assert_eq!(s.connection_by_thread(&format!("thread-{old}")).await.unwrap(), None);
+    assert!(!s.delete_unmediated(&old, cutoff).await.unwrap(), "idempotent");
+}
+
 pub async fn operator_removals(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let a = new_conn(&s).await;

@@ -297,6 +297,10 @@ macro_rules! conformance {
                 backend::run(super::operator_removals).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn unmediated_connections_are_collected_alone() {
+                backend::run(super::unmediated_connections_are_collected_alone).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn push_windows_are_shared() {
                 backend::run(super::push_windows_are_shared).await
             }

@@ -952,7 +952,20 @@ impl Store for PgStore {
         }
         // It deletes the connection's whole queue.
         let mut c = self.pool.get_bulk().await?;
-        retried!("delete_connection", PgStore::delete_connection_once(&mut c, id)).map_err(StoreError::from)
+        retried!("delete_connection", PgStore::delete_connection_once(&mut c, id, None)).map_err(StoreError::from)
+    }
+
+    async fn delete_unmediated(&self, id: &str, created_before_ms: i64) -> StoreResult<bool> {
+        if !storable(id) {
+            return Ok(false);
+        }
+        let mut c = self.client().await?;
+        let removed = retried!(
+            "delete_unmediated",
+            PgStore::delete_connection_once(&mut c, id, Some(created_before_ms))
+        )
+        .map_err(StoreError::from)?;
+        Ok(removed.connection)
     }
 
     async fn revoke_mediation(&self, id: &str, updated_at_ms: i64) -> StoreResult<Option<Vec<String>>> {
@@ -1081,7 +1094,9 @@ impl PgStore {
         Ok(n)
     }
 
-    async fn delete_connection_once(c: &mut Conn, id: &str) -> Result<Removed, Failed> {
+    /// Removes connection `id` and everything of it; with `unmediated_before`, only while its
+    /// record (read under the row lock) has no mediation and was made before then.
+    async fn delete_connection_once(c: &mut Conn, id: &str, unmediated_before: Option<i64>) -> Result<Removed, Failed> {
         let b = c.bound();
         let tx = b.run(c.transaction()).await?;
         // The enqueue lock of the connection: no batch can add a message to it meanwhile.
@@ -1089,8 +1104,19 @@ impl PgStore {
             .await?;
         // The row lock: key updates (which share-lock the row) wait, then find no connection.
         let conn = b
-            .run(tx.query_opt("SELECT id FROM mailroom_connections WHERE id = $1 FOR UPDATE", &[&id]))
+            .run(tx.query_opt("SELECT data FROM mailroom_connections WHERE id = $1 FOR UPDATE", &[&id]))
             .await?;
+        if let Some(before) = unmediated_before {
+            // A record that does not read is not collected.
+            let collectable = conn.as_ref().is_some_and(|row| {
+                serde_json::from_str::<Connection>(row.get::<_, &str>(0))
+                    .is_ok_and(|c| c.mediation == MediationState::None && c.created_at_ms < before)
+            });
+            if !collectable {
+                b.run(tx.rollback()).await?;
+                return Ok(Removed::default());
+            }
+        }
         let peer_keys = b
             .run(tx.execute("DELETE FROM mailroom_connection_verkeys WHERE conn_id = $1", &[&id]))
             .await?;

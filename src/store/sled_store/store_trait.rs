@@ -1130,75 +1130,16 @@ impl Store for SledStore {
     }
 
     async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
-        if !storable(id) {
-            return Ok(Removed::default());
-        }
-        let id = id.to_owned();
-        self.blocking(move |inner| {
-            // Lock order: batch (enqueues) then meta (connection and key writes).
-            let _b = inner.batch_lock.lock();
-            let _g = inner.meta_lock.lock();
-            let old = inner.get_conn(&id)?;
-            let prefix = conn_prefix(&id);
-            let mut keys = Vec::new();
-            for kv in inner.conn_keys.scan_prefix(&prefix) {
-                let (k, _) = kv.map_err(unavailable)?;
-                keys.push(k[prefix.len()..].to_vec());
-            }
-            let had_device = inner.devices.contains_key(id.as_bytes()).map_err(unavailable)?;
-            // The queue first (its removal synced): a failure after it leaves the connection with
-            // an empty queue, which a retry removes. The other order could leave its messages
-            // queued with no connection: never leased again, counted against the limits for ever.
-            let (messages, dedup_records) = inner.remove_queue(&id, true)?;
-            // Held over the removal: an event cannot write the window back between the two.
-            let mut push_windows = inner.push_windows.lock();
-            (
-                &inner.conns,
-                &inner.by_verkey,
-                &inner.by_thread,
-                &inner.keys,
-                &inner.conn_keys,
-                &inner.devices,
-                &inner.windows,
-            )
-                .transaction(|(conns, by_verkey, by_thread, rkeys, conn_keys, devices, windows)| {
-                    if let Some(old) = &old {
-                        for k in &old.their_verkeys {
-                            by_verkey.remove(pair_key(k, &id))?;
-                        }
-                        if let Some(t) = &old.thread_id {
-                            by_thread.remove(pair_key(t, &id))?;
-                        }
-                    }
-                    for k in &keys {
-                        // Only while it still names this connection (it always does under meta_lock).
-                        if rkeys.get(k)?.is_some_and(|h| h.as_ref() == id.as_bytes()) {
-                            rkeys.remove(k.as_slice())?;
-                        }
-                        let mut entry = prefix.clone();
-                        entry.extend_from_slice(k);
-                        conn_keys.remove(entry)?;
-                    }
-                    devices.remove(id.as_bytes())?;
-                    windows.remove(id.as_bytes())?;
-                    conns.remove(id.as_bytes())?;
-                    Ok::<_, ConflictableTransactionError<StoreError>>(())
-                })
-                .map_err(tx_err)?;
-            inner.note_mediation(&id, None);
-            push_windows.remove(&id);
-            drop(push_windows);
-            inner.flush()?;
-            Ok(Removed {
-                connection: old.is_some(),
-                peer_keys: old.as_ref().map_or(0, |c| c.their_verkeys.len() as u64),
-                routing_keys: keys.len() as u64,
-                messages,
-                dedup_records,
-                device: had_device,
+        self.delete_connection_if(id, |_| true).await
+    }
+
+    async fn delete_unmediated(&self, id: &str, created_before_ms: i64) -> StoreResult<bool> {
+        let removed = self
+            .delete_connection_if(id, move |c| {
+                c.is_some_and(|c| c.mediation == MediationState::None && c.created_at_ms < created_before_ms)
             })
-        })
-        .await
+            .await?;
+        Ok(removed.connection)
     }
 
     async fn revoke_mediation(&self, id: &str, updated_at_ms: i64) -> StoreResult<Option<Vec<String>>> {
@@ -1303,4 +1244,87 @@ fn sight_due_key(until_ms: i64, digest: &[u8; 32]) -> [u8; 40] {
     k[..8].copy_from_slice(&until_ms.to_be_bytes());
     k[8..].copy_from_slice(digest);
     k
+}
+
+impl SledStore {
+    /// Removes connection `id` and everything of it, when `only` accepts the record as it is
+    /// under the locks of the removal ([`Store::delete_connection`], [`Store::delete_unmediated`]).
+    async fn delete_connection_if(
+        &self,
+        id: &str,
+        only: impl FnOnce(Option<&Connection>) -> bool + Send + 'static,
+    ) -> StoreResult<Removed> {
+        if !storable(id) {
+            return Ok(Removed::default());
+        }
+        let id = id.to_owned();
+        self.blocking(move |inner| {
+            // Lock order: batch (enqueues) then meta (connection and key writes).
+            let _b = inner.batch_lock.lock();
+            let _g = inner.meta_lock.lock();
+            let old = inner.get_conn(&id)?;
+            if !only(old.as_ref()) {
+                return Ok(Removed::default());
+            }
+            let prefix = conn_prefix(&id);
+            let mut keys = Vec::new();
+            for kv in inner.conn_keys.scan_prefix(&prefix) {
+                let (k, _) = kv.map_err(unavailable)?;
+                keys.push(k[prefix.len()..].to_vec());
+            }
+            let had_device = inner.devices.contains_key(id.as_bytes()).map_err(unavailable)?;
+            // The queue first (its removal synced): a failure after it leaves the connection with
+            // an empty queue, which a retry removes. The other order could leave its messages
+            // queued with no connection: never leased again, counted against the limits for ever.
+            let (messages, dedup_records) = inner.remove_queue(&id, true)?;
+            // Held over the removal: an event cannot write the window back between the two.
+            let mut push_windows = inner.push_windows.lock();
+            (
+                &inner.conns,
+                &inner.by_verkey,
+                &inner.by_thread,
+                &inner.keys,
+                &inner.conn_keys,
+                &inner.devices,
+                &inner.windows,
+            )
+                .transaction(|(conns, by_verkey, by_thread, rkeys, conn_keys, devices, windows)| {
+                    if let Some(old) = &old {
+                        for k in &old.their_verkeys {
+                            by_verkey.remove(pair_key(k, &id))?;
+                        }
+                        if let Some(t) = &old.thread_id {
+                            by_thread.remove(pair_key(t, &id))?;
+                        }
+                    }
+                    for k in &keys {
+                        // Only while it still names this connection (it always does under meta_lock).
+                        if rkeys.get(k)?.is_some_and(|h| h.as_ref() == id.as_bytes()) {
+                            rkeys.remove(k.as_slice())?;
+                        }
+                        let mut entry = prefix.clone();
+                        entry.extend_from_slice(k);
+                        conn_keys.remove(entry)?;
+                    }
+                    devices.remove(id.as_bytes())?;
+                    windows.remove(id.as_bytes())?;
+                    conns.remove(id.as_bytes())?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(tx_err)?;
+            inner.note_mediation(&id, None);
+            push_windows.remove(&id);
+            drop(push_windows);
+            inner.flush()?;
+            Ok(Removed {
+                connection: old.is_some(),
+                peer_keys: old.as_ref().map_or(0, |c| c.their_verkeys.len() as u64),
+                routing_keys: keys.len() as u64,
+                messages,
+                dedup_records,
+                device: had_device,
+            })
+        })
+        .await
+    }
 }
