@@ -55,12 +55,15 @@ async fn take_over(shared: Arc<Shared>, node: String, mut conns: Vec<String>, re
     wake_lost_sessions(shared, conns).await;
 }
 
-/// Releases what `node` had leased; returns the connections it released messages of.
+/// Releases what `node` had leased; returns the connections it released messages of. Only
+/// leases taken before it was found down (now): a lease runs out at most one lease after it
+/// was taken, and one the node took after a restart meanwhile runs out later, and is kept.
 async fn release_failed_peer(shared: &Arc<Shared>, node: &str) -> Vec<String> {
+    let taken_before = now_ms().saturating_add(shared.mediator.lease_ms);
     match shared
         .mediator
         .store
-        .release_owners_under(&crate::protocols::node_owners(node))
+        .release_owners_under(&crate::protocols::node_owners(node), taken_before)
         .await
     {
         Ok(conns) if conns.is_empty() => conns,
@@ -337,10 +340,13 @@ pub async fn run(
     };
     {
         let prefix = crate::protocols::node_owners(node_id);
+        // Only the leases of before this run: past `START_RELEASE_WAIT` this run serves while
+        // the release goes on, and its own leases, under the same owner names, run out later.
+        let taken_before = now_ms().saturating_add(shared.mediator.lease_ms);
         let (released_tx, released_rx) = tokio::sync::oneshot::channel::<()>();
         let s = shared.clone();
         actix_rt::spawn(async move {
-            let released = s.mediator.store.release_owners_under(&prefix).await;
+            let released = s.mediator.store.release_owners_under(&prefix, taken_before).await;
             let _ = released_tx.send(());
             match released {
                 Ok(conns) if conns.is_empty() => {}
@@ -730,7 +736,7 @@ pub async fn run(
     // and those wallets are woken or pushed (a peer taking over may have released them first,
     // and pushes then), before the push worker stops.
     let give_back = async {
-        match store.release_owners_under(&shared.http_owner()).await {
+        match store.release_owners_under(&shared.http_owner(), i64::MAX).await {
             Ok(conns) => wake_lost_sessions(shared.clone(), conns).await,
             Err(e) => tracing::warn!("leases not released on shutdown (they run out, and are taken back): {e}"),
         }

@@ -328,3 +328,86 @@ async fn a_drained_node_is_empty_only_once_its_sessions_leases_are_given_back() 
     assert_eq!(c["queue"]["pending"], 1, "pending again: {c}");
     assert_eq!(c["queue"]["in_flight"], 0, "leased to nobody: {c}");
 }
+
+/// The node's store, except that the first `release_owners_under` (the start's release of the
+/// leases of the run before) waits until the test opens it, then says it is done.
+struct SlowStartRelease {
+    inner: Arc<dyn Store>,
+    first: AtomicBool,
+    open: Notify,
+    done: Notify,
+}
+
+#[async_trait]
+impl Store for SlowStartRelease {
+    async fn release_owners_under(&self, prefix: &str, until_at_most_ms: i64) -> StoreResult<Vec<ConnId>> {
+        if !self.first.swap(false, Ordering::SeqCst) {
+            return self.inner.release_owners_under(prefix, until_at_most_ms).await;
+        }
+        self.open.notified().await;
+        let r = self.inner.release_owners_under(prefix, until_at_most_ms).await;
+        self.done.notify_one();
+        r
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, ack_leased,
+        release, release_owner, reclaim_expired_leases,
+        queue_stats, total_queued, connections_with_pending, pending_among, prune_dedup,
+        dedup_records, queue_log, begin_run, end_run, lease_for_key, pending_stats, expire, expire_due, oldest_received_ms,
+        flush, device_of, set_device, forget_device_token, push_event, push_take_due, push_done,
+        first_sight, forget_sight, prune_sights,
+        delete_connection, delete_unmediated, revoke_mediation, drop_queue, top_queues,
+    );
+}
+
+/// A store slow to release the leases of the run before a restart: the node serves after
+/// `START_RELEASE_WAIT` (5 s) while that release goes on, under the same owner names as its
+/// new sessions'. A message this run delivered on a live socket (leased to it, not yet
+/// acknowledged) stays leased when that release lands. Before, the release freed it too and
+/// the wake that follows wrote it to the wallet a second time.
+#[actix_rt::test]
+async fn the_start_release_of_the_run_before_leaves_this_runs_leases_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.delivery.lease_ms = 60_000;
+    let inner = open_sled(&dir.path().join("data")).await.unwrap();
+    let slow = Arc::new(SlowStartRelease {
+        inner: inner.clone(),
+        first: AtomicBool::new(true),
+        open: Notify::new(),
+        done: Notify::new(),
+    });
+    let n = start_on(&cfg, slow.clone());
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let mut ws = live_socket(&a, &n).await;
+    let g = a.grant.clone().unwrap();
+    Sender::new()
+        .forward(&n.public_url(), &basic_message("once"), &k.verkey(), &g.routing_keys)
+        .await
+        .unwrap();
+    let first = a.open_delivery(&ws_next_message(&a, &mut ws).await).unwrap();
+    assert_eq!(first[0].1["content"], "once");
+    let conn = inner
+        .connection_by_their_verkey(&a.key.verkey())
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+    assert_eq!(inner.queue_stats(&conn, now()).await.unwrap().leased, 1);
+
+    let done = slow.done.notified();
+    slow.open.notify_one();
+    done.await;
+    let st = inner.queue_stats(&conn, now()).await.unwrap();
+    assert_eq!(
+        (st.pending, st.leased),
+        (0, 1),
+        "the socket's lease, taken in this run, is not the run before's"
+    );
+}
+
+fn now() -> i64 {
+    mailroom::protocols::now_ms()
+}

@@ -137,9 +137,12 @@ impl Store for Metered {
     async fn release_owner(&self, owner: &str) -> StoreResult<u64> {
         self.timed("release_owner", self.inner.release_owner(owner)).await
     }
-    async fn release_owners_under(&self, prefix: &str) -> StoreResult<Vec<ConnId>> {
-        self.timed("release_owner", self.inner.release_owners_under(prefix))
-            .await
+    async fn release_owners_under(&self, prefix: &str, until_at_most_ms: i64) -> StoreResult<Vec<ConnId>> {
+        self.timed(
+            "release_owner",
+            self.inner.release_owners_under(prefix, until_at_most_ms),
+        )
+        .await
     }
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
         self.timed("queue_stats", self.inner.queue_stats(conn, now_ms)).await

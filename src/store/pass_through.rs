@@ -133,7 +133,7 @@ macro_rules! store_pass_through {
             -> Vec<$crate::store::Reclaimed>);
     };
     (@method $i:ident release_owners_under) => {
-        $crate::store_pass_through!(@fn $i release_owners_under (prefix: &'a str) ['a]
+        $crate::store_pass_through!(@fn $i release_owners_under (prefix: &'a str, until_at_most_ms: i64) ['a]
             -> Vec<$crate::store::ConnId>);
     };
     (@method $i:ident queue_stats) => {

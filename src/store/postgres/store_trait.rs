@@ -519,21 +519,23 @@ impl Store for PgStore {
             .collect())
     }
 
-    async fn release_owners_under(&self, prefix: &str) -> StoreResult<Vec<ConnId>> {
+    async fn release_owners_under(&self, prefix: &str, until_at_most_ms: i64) -> StoreResult<Vec<ConnId>> {
         if prefix.is_empty() || !storable(prefix) {
             return Ok(Vec::new());
         }
         // `starts_with`, not LIKE: node ids may hold `_`, a LIKE wildcard. The partial index
         // of leased rows bounds the scan to messages with an owner (in flight, or leased once
-        // and neither acknowledged nor leased again since: those are pending already).
+        // and neither acknowledged nor leased again since: those are pending already). A row
+        // leased again while this waits for its lock is read again, deadline included.
         let rows = self
             .query_retrying(
                 "WITH r AS (UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL WHERE id IN ( \
                    SELECT id FROM mailroom_messages \
-                   WHERE lease_owner IS NOT NULL AND starts_with(lease_owner, $1) ORDER BY id FOR UPDATE) \
+                   WHERE lease_owner IS NOT NULL AND starts_with(lease_owner, $1) AND lease_until_ms <= $2 \
+                   ORDER BY id FOR UPDATE) \
                  RETURNING conn_id) \
                  SELECT DISTINCT conn_id FROM r ORDER BY conn_id",
-                &[&prefix],
+                &[&prefix, &until_at_most_ms],
             )
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())

@@ -102,16 +102,24 @@ impl Queues {
     /// Returns every message leased by `owner` to pending; how many.
     pub(super) fn release_owner(&mut self, owner: &str) -> u64 {
         let mut n = 0;
-        self.release_owner_in(owner, |_, released| n += released);
+        self.release_owner_in(owner, i64::MAX, |_, released| n += released);
         n
     }
 
     /// As [`Queues::release_owner`], telling `released` each queue and how many it released
     /// there.
-    pub(super) fn release_owner_in(&mut self, owner: &str, mut released: impl FnMut(&ConnId, u64)) {
-        let Some(conns) = self.by_owner.remove(owner) else {
+    /// Only leases that run out at or before `until_at_most_ms` go back; the owner keeps the
+    /// others (and its entry in [`Queues::by_owner`] for their queues).
+    pub(super) fn release_owner_in(
+        &mut self,
+        owner: &str,
+        until_at_most_ms: i64,
+        mut released: impl FnMut(&ConnId, u64),
+    ) {
+        let Some((name, conns)) = self.by_owner.remove_entry(owner) else {
             return;
         };
+        let mut still = std::collections::HashSet::new();
         for c in conns {
             let Some(cq) = self.by_conn.get_mut(&c) else {
                 continue;
@@ -119,12 +127,19 @@ impl Queues {
             let mut n = 0;
             for m in cq.msgs.values_mut() {
                 if m.owner.as_deref() == Some(owner) {
-                    m.owner = None;
-                    m.lease_until_ms = 0;
-                    n += 1;
+                    if m.lease_until_ms <= until_at_most_ms {
+                        m.owner = None;
+                        m.lease_until_ms = 0;
+                        n += 1;
+                    } else {
+                        still.insert(c.clone());
+                    }
                 }
             }
             released(&c, n);
+        }
+        if !still.is_empty() {
+            self.by_owner.insert(name, still);
         }
     }
 

@@ -507,7 +507,7 @@ impl Store for SledStore {
         Ok(conns)
     }
 
-    async fn release_owners_under(&self, prefix: &str) -> StoreResult<Vec<ConnId>> {
+    async fn release_owners_under(&self, prefix: &str, until_at_most_ms: i64) -> StoreResult<Vec<ConnId>> {
         if prefix.is_empty() {
             return Ok(Vec::new());
         }
@@ -516,7 +516,7 @@ impl Store for SledStore {
         let owners: Vec<Owner> = q.by_owner.keys().filter(|o| o.starts_with(prefix)).cloned().collect();
         let mut conns = Vec::new();
         for o in &owners {
-            q.release_owner_in(o, |c, n| {
+            q.release_owner_in(o, until_at_most_ms, |c, n| {
                 if n > 0 {
                     conns.push(c.clone());
                 }
