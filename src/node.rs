@@ -45,10 +45,11 @@ const DEDUP_PRUNE_BATCH: usize = 10_000;
 /// within the failure timeout; this node's sessions are woken for them (other nodes' by their
 /// sweep), and the wallets without a session anywhere are woken by push. A peer that was only
 /// cut off may deliver some of them twice (at-least-once); a node that sees less than half the
-/// cluster up, more likely cut off itself, leaves them to their leases (`release_leases`).
-async fn take_over(shared: Arc<Shared>, node: String, mut conns: Vec<String>, release_leases: bool) {
-    if release_leases {
-        conns.extend(release_failed_peer(&shared, &node).await);
+/// cluster up, more likely cut off itself, leaves them to their leases (`release_leases`
+/// unset; set, it is when the peer was found down).
+async fn take_over(shared: Arc<Shared>, node: String, mut conns: Vec<String>, release_leases: Option<i64>) {
+    if let Some(found_down_ms) = release_leases {
+        conns.extend(release_failed_peer(&shared, &node, found_down_ms).await);
         conns.sort_unstable();
         conns.dedup();
     }
@@ -56,10 +57,10 @@ async fn take_over(shared: Arc<Shared>, node: String, mut conns: Vec<String>, re
 }
 
 /// Releases what `node` had leased; returns the connections it released messages of. Only
-/// leases taken before it was found down (now): a lease runs out at most one lease after it
-/// was taken, and one the node took after a restart meanwhile runs out later, and is kept.
-async fn release_failed_peer(shared: &Arc<Shared>, node: &str) -> Vec<String> {
-    let taken_before = now_ms().saturating_add(shared.mediator.lease_ms);
+/// leases taken before it was found down (`found_down_ms`): a lease runs out one lease after it
+/// was taken, and one the node took after a restart since runs out later, and is kept.
+async fn release_failed_peer(shared: &Arc<Shared>, node: &str, found_down_ms: i64) -> Vec<String> {
+    let taken_before = found_down_ms.saturating_add(shared.mediator.lease_ms);
     match shared
         .mediator
         .store
@@ -425,9 +426,11 @@ pub async fn run(
                         node,
                         conns,
                         release_leases,
+                        found_down_ms,
                     } => {
                         tracing::info!(node = %shared.mediator.node_id, peer = %node, sessions = conns.len(), release_leases, "taking over the sessions a failed or restarted peer left");
-                        actix_rt::spawn(take_over(shared.clone(), node, conns, release_leases));
+                        let release = release_leases.then_some(found_down_ms);
+                        actix_rt::spawn(take_over(shared.clone(), node, conns, release));
                     }
                     ClusterEvent::SessionMoved { conn, node } => {
                         tracing::debug!(connection = %conn, to = %node, "session moved");

@@ -902,6 +902,58 @@ async fn a_failing_endpoint_is_retried_with_backoff_one_post_per_try() {
     handle.stop(true).await;
 }
 
+/// A message the endpoint refuses alone (a 4xx about it) does not hold back the messages
+/// queued behind it: the drain goes on past it, and only it waits for a later try. Before, the
+/// drain ended at the refusal and the rest waited for the sweep's next retry of the endpoint.
+#[actix_rt::test]
+async fn a_message_the_endpoint_refuses_does_not_hold_back_the_others() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().unwrap();
+    // The sweep retries endpoints every 50 s: longer than the test waits.
+    let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
+    cfg.delivery.sweep_interval_ms = 5_000;
+    let n = start(&cfg);
+    let all_queued = Arc::new(AtomicBool::new(false));
+    let refused: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+    let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let (q, f, r) = (all_queued.clone(), refused.clone(), received.clone());
+    // The first message POSTed (once every forward is queued) is refused, every time.
+    let (endpoint, handle) = endpoint_stub(move |body| {
+        while !q.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let mut first = f.lock().unwrap();
+        match first.as_ref() {
+            Some(b) if *b != body => {}
+            _ => {
+                *first = Some(body);
+                return 400;
+            }
+        }
+        r.lock().unwrap().push(body);
+        200
+    });
+    let inv = invitation(&n).await;
+    let mut a = Agent::connect_with_endpoint(&inv, Some(&endpoint)).await.unwrap();
+    a.mediate().await.unwrap();
+    let k = a.new_recipient_key();
+    a.keylist_update(&[k.did_key()], &[]).await.unwrap();
+    for i in 0..4 {
+        assert_eq!(forward_to(&n, &a, &k, &format!("m{i}")).await, 202);
+    }
+    all_queued.store(true, Ordering::SeqCst);
+    eventually("the three others POSTed", || {
+        let received = received.clone();
+        async move { (received.lock().unwrap().len() == 3).then_some(()) }
+    })
+    .await;
+    assert!(refused.lock().unwrap().is_some());
+    assert_eq!(queue_depth(&n).await, 1, "the refused one stays queued");
+    handle.stop(true).await;
+}
+
 /// Every POST to an agent's endpoint so far, whatever its result.
 async fn endpoint_posts_done(n: &mailroom::node::RunningNode) -> u64 {
     let mut all = 0;

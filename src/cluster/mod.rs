@@ -239,11 +239,13 @@ pub enum ClusterEvent {
     /// have mail queued; sent once those claims are removed (not at all when none was left
     /// and no lease is to be released); with `release_leases` (this node sees half the cluster up:
     /// [`membership::Membership::sees_half`]) the messages leased to it (its sessions' and its
-    /// hand-offs') go back to pending first.
+    /// hand-offs') go back to pending first: those taken before `found_down_ms` (a lease
+    /// taken since, by the peer back from a restart, runs out later and is kept).
     SessionsLost {
         node: String,
         conns: Vec<String>,
         release_leases: bool,
+        found_down_ms: i64,
     },
     /// Another node took ownership of a conn we hold (a newer session there): close our
     /// session? The node decides.

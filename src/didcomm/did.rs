@@ -37,9 +37,9 @@ pub const MAX_SERVICES: usize = 16;
 pub const MAX_VERIFICATION_METHODS: usize = 32;
 /// Most keys we take from one service's `recipientKeys` / `routingKeys`.
 pub const MAX_KEYS_PER_SERVICE: usize = 8;
-/// Endpoints of a document kept (the first, by priority), and the longest kept: they are
-/// stored with the peer's connection, so a document cannot make its record megabytes.
-pub const MAX_ENDPOINTS: usize = 4;
+/// Endpoints read from one document (the first, by priority), and the longest read: a
+/// connection keeps some of them, so a document cannot make its record megabytes.
+pub const MAX_ENDPOINTS: usize = 16;
 pub const MAX_ENDPOINT_LEN: usize = 2048;
 
 /// Service endpoint that means "no endpoint, queue at my mediator / use return route".

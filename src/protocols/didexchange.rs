@@ -14,6 +14,9 @@ use serde_json::{json, Value};
 
 /// Characters of a peer's `label` kept with its connection (the rest is dropped).
 pub const MAX_LABEL_CHARS: usize = 256;
+/// Transport endpoints (http(s), ws(s)) of a peer's document kept with its connection, the
+/// first by priority.
+pub const MAX_KEPT_ENDPOINTS: usize = 4;
 
 /// Reads the DID document a request attaches (base64 or inline JSON), if any.
 pub(crate) fn attached_doc(att: &Value) -> Result<Option<Value>, HandleError> {
@@ -133,6 +136,7 @@ pub(crate) fn new_connection(
                     || e.starts_with("ws://")
                     || e.starts_with("wss://")
             })
+            .take(MAX_KEPT_ENDPOINTS)
             .cloned()
             .collect(),
         their_routing_keys: doc.routing_keys.clone(),
@@ -384,6 +388,7 @@ mod tests {
         let kp = KeyPair::generate();
         let legacy = crate::didcomm::did::legacy_did_from_verkey(&kp.public_bytes());
         let mut endpoints = vec![format!("https://x.example/{}", "p".repeat(100_000))];
+        endpoints.extend((0..4).map(|i| format!("didcomm:other/{i}")));
         endpoints.extend((0..10).map(|i| format!("https://e{i}.example/")));
         let doc = crate::didcomm::did::legacy_diddoc(&legacy, &kp.verkey(), &endpoints, &[]);
         let req = json!({
@@ -392,8 +397,8 @@ mod tests {
         });
         let out = super::request(&m, &inbound(req, Some(&kp.verkey()))).await.unwrap();
         let kept = out.connection.unwrap().their_endpoints;
-        assert_eq!(kept.len(), crate::didcomm::did::MAX_ENDPOINTS, "{kept:?}");
-        assert!(kept.iter().all(|e| e.len() < 100), "{kept:?}");
+        assert_eq!(kept.len(), super::MAX_KEPT_ENDPOINTS, "{kept:?}");
+        assert!(kept.iter().all(|e| e.starts_with("https://e")), "{kept:?}");
     }
 
     #[test]

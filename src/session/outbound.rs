@@ -127,23 +127,35 @@ pub async fn send_replies(shared: &Arc<Shared>, conn: &Connection, replies: &[Va
     }
 }
 
-/// Drains a connection's queue to its endpoint, a batch at a time, until it is empty or a
-/// POST fails (whatever the batch then left unsent is given back). A message is POSTed only while its lease outlasts the POST's timeout: one whose
-/// lease would run out meanwhile may be reclaimed and delivered by another node or session, so
-/// it is given back and leased again instead of sent twice.
+/// Drains a connection's queue to its endpoint, a batch at a time, until it is empty or the
+/// endpoint fails (no answer, a 5xx, 408 or 429: what the batch then left unsent is given
+/// back). A message the endpoint refuses alone (a 4xx about it) stays leased while the drain
+/// goes on past it, and is given back at the end: it does not hold the others back.
+///
+/// A message is POSTed only while its lease outlasts the POST's timeout: one whose lease would
+/// run out meanwhile may be reclaimed and delivered by another node or session, so it is given
+/// back and leased again instead of sent twice. (With `endpoint_timeout_ms` at or above
+/// `lease_ms` no lease covers a POST: each lease then takes one message.)
 pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str) -> Drained {
     let store = &shared.mediator.store;
     let owner = crate::protocols::lease_owner(&shared.mediator.node_id, "endpoint");
     let post_timeout_ms = i64::try_from(shared.cfg.delivery.endpoint_timeout_ms).unwrap_or(i64::MAX);
-    loop {
+    let batch_size = if post_timeout_ms >= shared.mediator.lease_ms {
+        1
+    } else {
+        shared.mediator.batch_size
+    };
+    // Refused alone: kept leased until the drain ends.
+    let mut rejected = Vec::new();
+    let ended = loop {
         let now = now_ms();
         let until = now.saturating_add(shared.mediator.lease_ms);
-        let batch = match store.lease(conn, shared.mediator.batch_size, &owner, now, until).await {
+        let batch = match store.lease(conn, batch_size, &owner, now, until).await {
             Ok(b) if !b.is_empty() => b,
-            Ok(_) => return Drained::Empty,
+            Ok(_) => break Drained::Empty,
             Err(e) => {
                 tracing::warn!(connection = %conn, "endpoint delivery: store: {e}");
-                return Drained::Empty;
+                break Drained::Empty;
             }
         };
         let mut done = Vec::new();
@@ -170,8 +182,8 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str)
                     break;
                 }
                 Err(e) => {
-                    tracing::info!(connection = %conn, "endpoint delivery failed, kept queued: {e}");
-                    failed.push(q.id);
+                    tracing::info!(connection = %conn, "endpoint refused a message, kept queued: {e}");
+                    rejected.push(q.id);
                 }
             }
         }
@@ -185,7 +197,13 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str)
         }
         if !failed.is_empty() {
             let _ = store.release(conn, &failed, &owner).await;
-            return Drained::Failed;
+            break Drained::Failed;
         }
+    };
+    if rejected.is_empty() {
+        return ended;
     }
+    let _ = store.release(conn, &rejected, &owner).await;
+    // Tried again after the sweep's backoff, as after a failure of the endpoint.
+    Drained::Failed
 }

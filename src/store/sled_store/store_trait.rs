@@ -1130,12 +1130,15 @@ impl Store for SledStore {
     }
 
     async fn delete_connection(&self, id: &str) -> StoreResult<Removed> {
-        self.delete_connection_if(id, |_| true).await
+        self.delete_connection_if(id, true, |_| true).await
     }
 
     async fn delete_unmediated(&self, id: &str, created_before_ms: i64) -> StoreResult<bool> {
         let removed = self
-            .delete_connection_if(id, move |c| {
+            // Not flushed on its own (sled's own flush follows within its period): a removal
+            // lost to a crash is made again by the next round, and under a stream of
+            // handshakes one sync per removal, under the enqueue lock, would stall forwards.
+            .delete_connection_if(id, false, move |c| {
                 c.is_some_and(|c| c.mediation == MediationState::None && c.created_at_ms < created_before_ms)
             })
             .await?;
@@ -1248,10 +1251,12 @@ fn sight_due_key(until_ms: i64, digest: &[u8; 32]) -> [u8; 40] {
 
 impl SledStore {
     /// Removes connection `id` and everything of it, when `only` accepts the record as it is
-    /// under the locks of the removal ([`Store::delete_connection`], [`Store::delete_unmediated`]).
+    /// under the locks of the removal ([`Store::delete_connection`], [`Store::delete_unmediated`]);
+    /// `flush`: on disk before it answers (its queue's removal always is).
     async fn delete_connection_if(
         &self,
         id: &str,
+        flush: bool,
         only: impl FnOnce(Option<&Connection>) -> bool + Send + 'static,
     ) -> StoreResult<Removed> {
         if !storable(id) {
@@ -1315,7 +1320,9 @@ impl SledStore {
             inner.note_mediation(&id, None);
             push_windows.remove(&id);
             drop(push_windows);
-            inner.flush()?;
+            if flush {
+                inner.flush()?;
+            }
             Ok(Removed {
                 connection: old.is_some(),
                 peer_keys: old.as_ref().map_or(0, |c| c.their_verkeys.len() as u64),
