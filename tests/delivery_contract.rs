@@ -194,6 +194,64 @@ async fn a_socket_that_takes_nothing_is_given_up_and_its_leases_go_back() {
     drop(frozen);
 }
 
+/// Forwards for a wallet whose socket takes nothing wait for its session in a budget
+/// (8 x `limits.max_envelope_bytes`, 2 of them per connection): past it they are queued for
+/// the session to lease, not held in memory. Before, every forward accepted while the session
+/// waited on its socket was held, with its payload, until the session took it: up to the
+/// connection's queue limit, for each such session. Nothing is lost either way.
+#[actix_rt::test]
+async fn hand_offs_waiting_for_a_frozen_socket_are_bounded() {
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.ws_write_stall_ms = 10_000;
+        c.limits.max_envelope_bytes = 128 * 1024;
+        c.delivery.lease_ms = 30_000;
+    })
+    .await;
+    let frozen = live_socket(&a, &n).await;
+    let g = a.grant.clone().expect("mediated");
+    let pad = "x".repeat(40_000);
+    let sender = Sender::new();
+    let total = 150;
+    for i in 0..total {
+        let m = basic_message(&format!("{i:03} {pad}"));
+        let st = sender
+            .forward(&n.public_url(), &m, &k.verkey(), &g.routing_keys)
+            .await
+            .unwrap();
+        assert_eq!(st, 202, "forward {i}");
+    }
+    let no_room = metric(&n, r#"mailroom_handoffs_total{to="no-room"}"#)
+        .await
+        .unwrap_or(0.0);
+    assert!(no_room > 0.0, "the frozen socket's hand-offs kept within the budget");
+
+    // Once the node gives the frozen socket up, everything reaches the next one, once.
+    let status = format!("{}/status", n.admin_url());
+    eventually("the frozen socket's session to end", || async {
+        (get_json(&status).await["sessions"] == 0).then_some(())
+    })
+    .await;
+    let mut ws = live_socket(&a, &n).await;
+    let mut seen = HashSet::new();
+    while seen.len() < total {
+        let m = ws_next_message(&a, &mut ws).await;
+        match type_name(&m) {
+            "delivery" => {
+                let mut ids = Vec::new();
+                for (id, inner) in a.open_delivery(&m).unwrap() {
+                    seen.insert(inner["content"].as_str().unwrap()[..3].to_string());
+                    ids.push(id);
+                }
+                let ack = pickup("messages-received", json!({ "message_id_list": ids }));
+                ws.send_envelope(a.pack(&ack).unwrap(), true).await.unwrap();
+            }
+            "status" => {}
+            other => panic!("unexpected {other}: {m}"),
+        }
+    }
+    drop(frozen);
+}
+
 /// One wallet that freezes its socket (open, reading nothing, its session waiting on it)
 /// delays no other wallet on the node: a second wallet's live delivery arrives while the
 /// first one's messages still wait behind its full socket.

@@ -306,6 +306,29 @@ impl Held {
     }
 }
 
+/// Room for hand-offs waiting for sessions on this node, as a peer's `Deliver` frames have on
+/// their link: a budget of 8 units, 2 of which one connection may hold. The forwards accepted here take room from one such budget
+/// ([`crate::session::Shared::hand_off_in_order`]): a session writing to a slow socket takes
+/// its hand-offs late, and without a budget what waits for it would only be bounded by its
+/// connection's queue limits, for every such session at once.
+pub struct Room(Arc<peer::PeerRoom>);
+
+impl Room {
+    /// A budget of 8 `unit`s (at most 64 MiB each).
+    pub fn new(unit: usize) -> Room {
+        Room(peer::PeerRoom::new(unit.clamp(1, 64 << 20)))
+    }
+
+    /// Room for messages of `conn` carrying `bytes` (payloads and recipient keys), if its
+    /// share and the budget have it now; given back when the [`Held`] is dropped.
+    pub fn try_hold(&self, conn: &str, bytes: usize, messages: usize) -> Option<Held> {
+        let need = self
+            .0
+            .need(bytes.saturating_add(messages.saturating_mul(peer::HELD_PER_MESSAGE)));
+        self.0.try_take(conn, need).ok().map(Held::room)
+    }
+}
+
 impl std::fmt::Debug for Held {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Held({} bytes)", self.bytes())

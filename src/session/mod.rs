@@ -113,6 +113,9 @@ pub struct Shared {
     pub egress: Arc<egress::Egress>,
     /// Hand-offs running, per connection: one at a time, in the order entered.
     handing: in_order::InOrder<handing::Entry>,
+    /// Room the hand-offs of forwards accepted here take while they wait for a session here
+    /// ([`crate::cluster::Room`], in units of `limits.max_envelope_bytes`).
+    local_room: crate::cluster::Room,
     /// What this node notified each peer of, to wake once the peer is found down
     /// ([`Shared::peer_down`]).
     notified: notified::Notified,
@@ -134,6 +137,7 @@ impl Shared {
         // A peer is found down at most a failure timeout (and a tick) after it died.
         let window_ms = 2 * cfg.cluster.failure_timeout_ms.min(i64::MAX as u64 / 4) as i64;
         let notified = notified::Notified::new(window_ms, NOTIFIED_MAX);
+        let local_room = crate::cluster::Room::new(cfg.limits.max_envelope_bytes);
         Shared {
             mediator,
             registry,
@@ -158,6 +162,7 @@ impl Shared {
             bound,
             egress: Arc::new(egress),
             handing: in_order::InOrder::default(),
+            local_room,
             notified,
             tracked: tracked::Tracked::on_current_arbiter(),
         }
@@ -308,8 +313,27 @@ impl Shared {
     /// Hands `h` off after the hand-offs of its connection entered before it
     /// (`session::in_order`): a task runs them one at a time, joining those for the same node into
     /// one hand-off of up to a batch, and for a peer up to one frame (`session::handing`).
+    ///
+    /// A hand-off to a session here holds room in the node's budget for them until it is
+    /// done; one that finds none (its connection holds its share, or the budget is spent:
+    /// sessions writing to slow sockets) goes back to the queue at once, and the session
+    /// leases it from there. (A hand-off to a peer holds room on that peer's side.)
     pub fn hand_off_in_order(self: &Arc<Self>, h: Handed) {
-        self.hand_off_held_in_order(h, Held::nothing());
+        if h.node != self.mediator.node_id {
+            return self.hand_off_held_in_order(h, Held::nothing());
+        }
+        let bytes = h.msgs.iter().map(|m| m.payload.len() + m.recipient_key.len()).sum();
+        match self.local_room.try_hold(&h.conn, bytes, h.msgs.len()) {
+            Some(held) => self.hand_off_held_in_order(h, held),
+            None => {
+                self.metrics.handed("no-room", h.msgs.len() as u64);
+                let s = self.clone();
+                self.tracked.spawn(async move {
+                    let ids: Vec<i64> = h.msgs.iter().map(|m| m.id).collect();
+                    s.hand_back(&h.node, &h.conn, &ids).await;
+                });
+            }
+        }
     }
 
     /// [`Shared::hand_off_in_order`] of messages a peer handed to this node, holding `held` (their

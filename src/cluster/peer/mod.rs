@@ -44,7 +44,7 @@ use connect::dial_loop;
 
 pub(crate) use connect::accept_loop;
 pub use link_task::resync_chunks;
-pub(crate) use room::HeldRoom;
+pub(crate) use room::{HeldRoom, PeerRoom, HELD_PER_MESSAGE};
 
 /// Connections accepted but not yet authenticated, at most (a flood of idle sockets must not
 /// starve real peers of file descriptors or tasks; `admission.rs` decides who waits).
