@@ -218,7 +218,9 @@ impl Shared {
     /// A pickup 1.0 batch ([`AckOnReturn`], leased to `owner`) after its transport wrote it
     /// back on the request's return route (`returned`): removed, as pickup 1.0 has no
     /// acknowledgement. Not written back (no route, not packed, the socket gone): given back
-    /// to the queue, and whoever holds the wallet's session woken.
+    /// to the queue, and whoever holds the wallet's session woken. Over HTTP a batch counts as
+    /// written back once it is in the response: a client that drops the response loses it
+    /// (pickup 1.0 has no acknowledgement; 2.0 and 3.0 have).
     pub async fn settle_batch(self: &Arc<Self>, batch: AckOnReturn, owner: &str, returned: bool) {
         let store = &self.mediator.store;
         let conn = batch.conn.as_str();
