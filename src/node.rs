@@ -45,26 +45,25 @@ const DEDUP_PRUNE_BATCH: usize = 10_000;
 /// within the failure timeout; this node's sessions are woken for them (other nodes' by their
 /// sweep), and the wallets without a session anywhere are woken by push. A peer that was only
 /// cut off may deliver some of them twice (at-least-once); a node that sees less than half the
-/// cluster up, more likely cut off itself, leaves them to their leases (`release_leases`
-/// unset; set, it is when the peer was found down).
-async fn take_over(shared: Arc<Shared>, node: String, mut conns: Vec<String>, release_leases: Option<i64>) {
-    if let Some(found_down_ms) = release_leases {
-        conns.extend(release_failed_peer(&shared, &node, found_down_ms).await);
+/// cluster up, more likely cut off itself, leaves them to their leases (`release_leases`).
+async fn take_over(shared: Arc<Shared>, node: String, mut conns: Vec<String>, release_leases: bool) {
+    if release_leases {
+        conns.extend(release_failed_peer(&shared, &node).await);
         conns.sort_unstable();
         conns.dedup();
     }
     wake_lost_sessions(shared, conns).await;
 }
 
-/// Releases what `node` had leased; returns the connections it released messages of. Only
-/// leases taken before it was found down (`found_down_ms`): a lease runs out one lease after it
-/// was taken, and one the node took after a restart since runs out later, and is kept.
-async fn release_failed_peer(shared: &Arc<Shared>, node: &str, found_down_ms: i64) -> Vec<String> {
-    let taken_before = found_down_ms.saturating_add(shared.mediator.lease_ms);
+/// Releases what `node` had leased, whatever its leases' length (nodes of a cluster may be
+/// configured with different `delivery.lease_ms`); returns the connections it released
+/// messages of. (A peer that restarted before it was found down may lose to this the leases it
+/// took since, and deliver those messages twice: at-least-once.)
+async fn release_failed_peer(shared: &Arc<Shared>, node: &str) -> Vec<String> {
     match shared
         .mediator
         .store
-        .release_owners_under(&crate::protocols::node_owners(node), taken_before)
+        .release_owners_under(&crate::protocols::node_owners(node), i64::MAX)
         .await
     {
         Ok(conns) if conns.is_empty() => conns,
@@ -343,6 +342,8 @@ pub async fn run(
         let prefix = crate::protocols::node_owners(node_id);
         // Only the leases of before this run: past `START_RELEASE_WAIT` this run serves while
         // the release goes on, and its own leases, under the same owner names, run out later.
+        // (A hand-off a peer leased here for longer, its `lease_ms` longer than ours, is left
+        // to run out: later, not lost.)
         let taken_before = now_ms().saturating_add(shared.mediator.lease_ms);
         let (released_tx, released_rx) = tokio::sync::oneshot::channel::<()>();
         let s = shared.clone();
@@ -426,11 +427,9 @@ pub async fn run(
                         node,
                         conns,
                         release_leases,
-                        found_down_ms,
                     } => {
                         tracing::info!(node = %shared.mediator.node_id, peer = %node, sessions = conns.len(), release_leases, "taking over the sessions a failed or restarted peer left");
-                        let release = release_leases.then_some(found_down_ms);
-                        actix_rt::spawn(take_over(shared.clone(), node, conns, release));
+                        actix_rt::spawn(take_over(shared.clone(), node, conns, release_leases));
                     }
                     ClusterEvent::SessionMoved { conn, node } => {
                         tracing::debug!(connection = %conn, to = %node, "session moved");

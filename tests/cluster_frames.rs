@@ -397,7 +397,6 @@ async fn sessions_a_resync_no_longer_names_are_taken_over() {
                 node,
                 conns,
                 release_leases,
-                ..
             })) => {
                 assert_eq!(node, "ghost");
                 assert_eq!(conns, ["lost"], "only the sessions it no longer names");

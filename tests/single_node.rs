@@ -903,22 +903,25 @@ async fn a_failing_endpoint_is_retried_with_backoff_one_post_per_try() {
 }
 
 /// A message the endpoint refuses alone (a 4xx about it) does not hold back the messages
-/// queued behind it: the drain goes on past it, and only it waits for a later try. Before, the
-/// drain ended at the refusal and the rest waited for the sweep's next retry of the endpoint.
+/// queued behind it: the drain goes on past it, and only it waits for a later try (its lease
+/// running out), not POSTed again by the drain the next forward starts. Before, the drain ended
+/// at the refusal and the rest waited for the sweep's next retry of the endpoint.
 #[actix_rt::test]
 async fn a_message_the_endpoint_refuses_does_not_hold_back_the_others() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
     let dir = tempfile::tempdir().unwrap();
     // The sweep retries endpoints every 50 s: longer than the test waits.
     let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
     cfg.delivery.sweep_interval_ms = 5_000;
+    cfg.delivery.lease_ms = 30_000;
     let n = start(&cfg);
     let all_queued = Arc::new(AtomicBool::new(false));
     let refused: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+    let refusals = Arc::new(AtomicUsize::new(0));
     let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-    let (q, f, r) = (all_queued.clone(), refused.clone(), received.clone());
+    let (q, f, r, c) = (all_queued.clone(), refused.clone(), received.clone(), refusals.clone());
     // The first message POSTed (once every forward is queued) is refused, every time.
     let (endpoint, handle) = endpoint_stub(move |body| {
         while !q.load(Ordering::SeqCst) {
@@ -929,6 +932,7 @@ async fn a_message_the_endpoint_refuses_does_not_hold_back_the_others() {
             Some(b) if *b != body => {}
             _ => {
                 *first = Some(body);
+                c.fetch_add(1, Ordering::SeqCst);
                 return 400;
             }
         }
@@ -951,6 +955,19 @@ async fn a_message_the_endpoint_refuses_does_not_hold_back_the_others() {
     .await;
     assert!(refused.lock().unwrap().is_some());
     assert_eq!(queue_depth(&n).await, 1, "the refused one stays queued");
+    // The next forward's drain POSTs the new one, not the refused one again.
+    assert_eq!(forward_to(&n, &a, &k, "m4").await, 202);
+    eventually("the next one POSTed", || {
+        let received = received.clone();
+        async move { (received.lock().unwrap().len() == 4).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        refusals.load(Ordering::SeqCst),
+        1,
+        "refused once, left for its lease to run out"
+    );
+    assert_eq!(queue_depth(&n).await, 1);
     handle.stop(true).await;
 }
 

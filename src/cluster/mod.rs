@@ -239,13 +239,11 @@ pub enum ClusterEvent {
     /// have mail queued; sent once those claims are removed (not at all when none was left
     /// and no lease is to be released); with `release_leases` (this node sees half the cluster up:
     /// [`membership::Membership::sees_half`]) the messages leased to it (its sessions' and its
-    /// hand-offs') go back to pending first: those taken before `found_down_ms` (a lease
-    /// taken since, by the peer back from a restart, runs out later and is kept).
+    /// hand-offs') go back to pending first.
     SessionsLost {
         node: String,
         conns: Vec<String>,
         release_leases: bool,
-        found_down_ms: i64,
     },
     /// Another node took ownership of a conn we hold (a newer session there): close our
     /// session? The node decides.
@@ -307,16 +305,21 @@ impl Held {
 }
 
 /// Room for hand-offs waiting for sessions on this node, as a peer's `Deliver` frames have on
-/// their link: a budget of 8 units, 2 of which one connection may hold. The forwards accepted here take room from one such budget
+/// their link: a budget of [`LOCAL_ROOM_UNITS`] units, 2 of which one connection may hold (so
+/// it takes 8 sessions on slow sockets to spend it; then every forward for a session here is
+/// queued for it to lease, one store round trip more, until one of them takes its own). The forwards accepted here take room from one such budget
 /// ([`crate::session::Shared::hand_off_in_order`]): a session writing to a slow socket takes
 /// its hand-offs late, and without a budget what waits for it would only be bounded by its
 /// connection's queue limits, for every such session at once.
 pub struct Room(Arc<peer::PeerRoom>);
 
+/// Units of [`Room`]'s budget.
+pub const LOCAL_ROOM_UNITS: usize = 16;
+
 impl Room {
-    /// A budget of 8 `unit`s (at most 64 MiB each).
+    /// A budget of [`LOCAL_ROOM_UNITS`] `unit`s (at most 16 MiB each, so 256 MiB in all).
     pub fn new(unit: usize) -> Room {
-        Room(peer::PeerRoom::new(unit.clamp(1, 64 << 20)))
+        Room(peer::PeerRoom::sized(unit.clamp(1, 16 << 20), LOCAL_ROOM_UNITS, 2))
     }
 
     /// Room for messages of `conn` carrying `bytes` (payloads and recipient keys), if its

@@ -19,6 +19,33 @@ use std::sync::Arc;
 pub(super) struct Entry {
     pub h: Handed,
     pub held: Vec<Held>,
+    /// Found no room ([`crate::cluster::Room`]): its messages (payloads dropped) go back to the
+    /// queue in their turn, after the hand-offs entered before them, instead of being handed.
+    pub release: bool,
+}
+
+impl Entry {
+    /// A hand-off of `h` holding `held`.
+    pub fn hand(h: Handed, held: Vec<Held>) -> Entry {
+        Entry {
+            h,
+            held,
+            release: false,
+        }
+    }
+
+    /// A hand-off that found no room: its messages' ids only, to release in their turn.
+    pub fn release(mut h: Handed) -> Entry {
+        for m in &mut h.msgs {
+            m.payload = Vec::new();
+            m.recipient_key = String::new();
+        }
+        Entry {
+            h,
+            held: Vec::new(),
+            release: true,
+        }
+    }
 }
 
 /// How far the runner joins consecutive hand-offs of one connection for the same node.
@@ -40,7 +67,10 @@ impl Join<'_> {
         while let Some(next) = waiting.front() {
             let more = carried(&next.h.msgs);
             let msgs = e.h.msgs.len() + next.h.msgs.len();
-            if next.h.node != e.h.node || !self.fits(&e.h.node, msgs, bytes.saturating_add(more)) {
+            if next.release != e.release
+                || next.h.node != e.h.node
+                || !self.fits(&e.h.node, msgs, bytes.saturating_add(more))
+            {
                 break;
             }
             let next = waiting.pop_front().expect("front checked");
@@ -128,7 +158,7 @@ mod tests {
     }
 
     fn entry(h: Handed) -> Entry {
-        Entry { h, held: Vec::new() }
+        Entry::hand(h, Vec::new())
     }
 
     /// The hand-offs `join` makes of `waiting`, each as the ids of its messages.

@@ -329,11 +329,9 @@ impl Shared {
             Some(held) => self.hand_off_held_in_order(h, held),
             None => {
                 self.metrics.handed("no-room", h.msgs.len() as u64);
-                let s = self.clone();
-                self.tracked.spawn(async move {
-                    let ids: Vec<i64> = h.msgs.iter().map(|m| m.id).collect();
-                    s.hand_back(&h.node, &h.conn, &ids).await;
-                });
+                // Released in its turn: not before the hand-offs entered before it reach the
+                // session (released now, a drain could write it ahead of them).
+                self.enter_hand_off(handing::Entry::release(h));
             }
         }
     }
@@ -341,9 +339,14 @@ impl Shared {
     /// [`Shared::hand_off_in_order`] of messages a peer handed to this node, holding `held` (their
     /// room in the budget of the link they came on) until they are handed.
     pub fn hand_off_held_in_order(self: &Arc<Self>, h: Handed, held: Held) {
-        let conn = h.conn.clone();
         let held = if held.bytes() == 0 { Vec::new() } else { vec![held] };
-        let Some(first) = self.handing.enter(&conn, handing::Entry { h, held }) else {
+        self.enter_hand_off(handing::Entry::hand(h, held));
+    }
+
+    /// Enters `entry` in its connection's hand-offs, starting their runner if none runs.
+    fn enter_hand_off(self: &Arc<Self>, entry: handing::Entry) {
+        let conn = entry.h.conn.clone();
+        let Some(first) = self.handing.enter(&conn, entry) else {
             return;
         };
         let s = self.clone();
@@ -355,7 +358,12 @@ impl Shared {
             };
             let mut run = s.run_of(conn, first);
             while let Some(e) = run.waiting().and_then(|w| join.take(w)) {
-                s.hand_off(e.h).await;
+                if e.release {
+                    let ids: Vec<i64> = e.h.msgs.iter().map(|m| m.id).collect();
+                    s.hand_back(&e.h.node, &e.h.conn, &ids).await;
+                } else {
+                    s.hand_off(e.h).await;
+                }
                 drop(e.held);
             }
         });

@@ -129,8 +129,9 @@ pub async fn send_replies(shared: &Arc<Shared>, conn: &Connection, replies: &[Va
 
 /// Drains a connection's queue to its endpoint, a batch at a time, until it is empty or the
 /// endpoint fails (no answer, a 5xx, 408 or 429: what the batch then left unsent is given
-/// back). A message the endpoint refuses alone (a 4xx about it) stays leased while the drain
-/// goes on past it, and is given back at the end: it does not hold the others back.
+/// back). A message the endpoint refuses alone (a 4xx about it) stays leased, and the drain
+/// goes on past it: it does not hold the others back, and is tried again when its lease runs
+/// out (not POSTed again by this drain, nor by the next forward's).
 ///
 /// A message is POSTed only while its lease outlasts the POST's timeout: one whose lease would
 /// run out meanwhile may be reclaimed and delivered by another node or session, so it is given
@@ -145,25 +146,29 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str)
     } else {
         shared.mediator.batch_size
     };
-    // Refused alone: kept leased until the drain ends.
-    let mut rejected = Vec::new();
-    let ended = loop {
+    // Refused alone: left leased (a lease that takes one again, its last run out meanwhile,
+    // does not POST it).
+    let mut rejected = std::collections::HashSet::new();
+    loop {
         let now = now_ms();
         let until = now.saturating_add(shared.mediator.lease_ms);
         let batch = match store.lease(conn, batch_size, &owner, now, until).await {
-            Ok(b) if !b.is_empty() => b,
-            Ok(_) => break Drained::Empty,
+            Ok(b) if b.iter().any(|q| !rejected.contains(&q.id)) => b,
+            Ok(_) => return Drained::Empty,
             Err(e) => {
                 tracing::warn!(connection = %conn, "endpoint delivery: store: {e}");
-                break Drained::Empty;
+                return Drained::Empty;
             }
         };
         let mut done = Vec::new();
         let mut failed = Vec::new();
         let mut late = Vec::new();
         for (i, q) in batch.iter().enumerate() {
+            if rejected.contains(&q.id) {
+                continue;
+            }
             if i > 0 && now_ms().saturating_add(post_timeout_ms) >= until {
-                late.extend(batch[i..].iter().map(|q| q.id));
+                late.extend(unrefused(&batch[i..], &rejected));
                 break;
             }
             if q.attempts > 1 {
@@ -173,17 +178,17 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str)
                 Ok(()) => done.push(q.id),
                 Err(e @ PostError::Refused { .. }) => {
                     tracing::warn!(connection = %conn, "endpoint delivery refused, kept queued: {e}");
-                    failed.extend(batch[i..].iter().map(|q| q.id));
+                    failed.extend(unrefused(&batch[i..], &rejected));
                     break;
                 }
                 Err(e) if e.endpoint_wide() => {
                     tracing::info!(connection = %conn, "endpoint delivery failed, kept queued: {e}");
-                    failed.extend(batch[i..].iter().map(|q| q.id));
+                    failed.extend(unrefused(&batch[i..], &rejected));
                     break;
                 }
                 Err(e) => {
                     tracing::info!(connection = %conn, "endpoint refused a message, kept queued: {e}");
-                    rejected.push(q.id);
+                    rejected.insert(q.id);
                 }
             }
         }
@@ -197,13 +202,12 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str)
         }
         if !failed.is_empty() {
             let _ = store.release(conn, &failed, &owner).await;
-            break Drained::Failed;
+            return Drained::Failed;
         }
-    };
-    if rejected.is_empty() {
-        return ended;
     }
-    let _ = store.release(conn, &rejected, &owner).await;
-    // Tried again after the sweep's backoff, as after a failure of the endpoint.
-    Drained::Failed
+}
+
+/// The ids of `left` but those `refused` alone (left leased: see [`drain_to_endpoint`]).
+fn unrefused(left: &[crate::store::QueuedMessage], refused: &std::collections::HashSet<i64>) -> Vec<i64> {
+    left.iter().map(|q| q.id).filter(|id| !refused.contains(id)).collect()
 }

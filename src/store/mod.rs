@@ -606,9 +606,8 @@ pub trait Store: Send + Sync + 'static {
     /// As [`Store::release_owner`] for every owner whose name starts with `prefix` (a node's
     /// owners are `<node>/...`: a failed node's leases, or this node's before it restarted),
     /// of the leases that run out at or before `until_at_most_ms` (`i64::MAX`: all of them).
-    /// Owner names repeat across a node's runs, so a lease taken since it restarted (or since
-    /// it was found down) must be told apart by its deadline: it runs out later than any lease
-    /// taken before, and is kept. An empty prefix releases nothing. Returns the connections
+    /// Owner names repeat across a node's runs, so a lease taken since it restarted must be
+    /// told apart by its deadline: it runs out later than any lease taken before, and is kept. An empty prefix releases nothing. Returns the connections
     /// whose messages it released, each once (their wallets are woken or pushed: nobody else
     /// will).
     async fn release_owners_under(&self, prefix: &str, until_at_most_ms: i64) -> StoreResult<Vec<ConnId>>;

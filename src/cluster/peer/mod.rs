@@ -225,9 +225,6 @@ pub(crate) struct State {
 pub(crate) struct Lost {
     pub conns: Vec<String>,
     pub release_leases: bool,
-    /// When the peer was found down (ms since the epoch): its leases of before then are the
-    /// ones released ([`ClusterEvent::SessionsLost`]).
-    pub found_down_ms: i64,
 }
 
 /// How long an operator close request is repeated to peers whose link comes up.
@@ -498,7 +495,6 @@ impl Shared {
                     node: node.to_string(),
                     conns: lost.conns,
                     release_leases: lost.release_leases,
-                    found_down_ms: lost.found_down_ms,
                 });
             }
         }
@@ -535,11 +531,7 @@ impl Shared {
                     // sweep removes), told when the sweep ends.
                     if st.members.takes_over() {
                         let release_leases = st.members.sees_half();
-                        let lost = st.lost.entry(peer.clone()).or_insert_with(|| Lost {
-                            found_down_ms: i64::try_from(unix_ms()).unwrap_or(i64::MAX),
-                            ..Lost::default()
-                        });
-                        lost.release_leases |= release_leases;
+                        st.lost.entry(peer.clone()).or_default().release_leases |= release_leases;
                     } else {
                         // Another node takes over: what an earlier resync of the peer left to
                         // tell (its sweep still running) is that node's to tell now.

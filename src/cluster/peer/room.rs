@@ -49,12 +49,17 @@ pub(crate) enum NoRoom {
 
 impl PeerRoom {
     pub fn new(max_frame: usize) -> Arc<PeerRoom> {
-        let budget = DELIVER_BUDGET_FRAMES * max_frame;
+        PeerRoom::sized(max_frame, DELIVER_BUDGET_FRAMES, CONN_SHARE_FRAMES)
+    }
+
+    /// A budget of `frames` units of `unit` bytes, `share_frames` of which one connection may hold.
+    pub fn sized(unit: usize, frames: usize, share_frames: usize) -> Arc<PeerRoom> {
+        let budget = frames * unit;
         Arc::new(PeerRoom {
             room: Arc::new(Semaphore::new(budget)),
             by_conn: Mutex::default(),
             budget,
-            share: CONN_SHARE_FRAMES * max_frame,
+            share: share_frames * unit,
         })
     }
 
