@@ -173,15 +173,22 @@ async fn a_socket_that_takes_nothing_is_given_up_and_its_leases_go_back() {
     .await;
 
     // Everything reaches the wallet's next socket, long before a lease could have run out.
-    let mut ws = live_socket(&a, &n).await;
+    receive_all(&n, &a, total, 4).await;
+    drop(frozen);
+}
+
+/// Reads `total` messages on a new live socket of `a`, acknowledging each delivery; they are
+/// told apart by the first `tag` characters of their content.
+async fn receive_all(n: &mailroom::node::RunningNode, a: &Agent, total: usize, tag: usize) {
+    let mut ws = live_socket(a, n).await;
     let mut seen = HashSet::new();
     while seen.len() < total {
-        let m = ws_next_message(&a, &mut ws).await;
+        let m = ws_next_message(a, &mut ws).await;
         match type_name(&m) {
             "delivery" => {
                 let mut ids = Vec::new();
                 for (id, inner) in a.open_delivery(&m).unwrap() {
-                    seen.insert(inner["content"].as_str().unwrap()[..4].to_string());
+                    seen.insert(inner["content"].as_str().unwrap()[..tag].to_string());
                     ids.push(id);
                 }
                 let ack = pickup("messages-received", json!({ "message_id_list": ids }));
@@ -191,7 +198,6 @@ async fn a_socket_that_takes_nothing_is_given_up_and_its_leases_go_back() {
             other => panic!("unexpected {other}: {m}"),
         }
     }
-    drop(frozen);
 }
 
 /// Forwards for a wallet whose socket takes nothing wait for its session in a budget
@@ -231,24 +237,7 @@ async fn hand_offs_waiting_for_a_frozen_socket_are_bounded() {
         (get_json(&status).await["sessions"] == 0).then_some(())
     })
     .await;
-    let mut ws = live_socket(&a, &n).await;
-    let mut seen = HashSet::new();
-    while seen.len() < total {
-        let m = ws_next_message(&a, &mut ws).await;
-        match type_name(&m) {
-            "delivery" => {
-                let mut ids = Vec::new();
-                for (id, inner) in a.open_delivery(&m).unwrap() {
-                    seen.insert(inner["content"].as_str().unwrap()[..3].to_string());
-                    ids.push(id);
-                }
-                let ack = pickup("messages-received", json!({ "message_id_list": ids }));
-                ws.send_envelope(a.pack(&ack).unwrap(), true).await.unwrap();
-            }
-            "status" => {}
-            other => panic!("unexpected {other}: {m}"),
-        }
-    }
+    receive_all(&n, &a, total, 3).await;
     drop(frozen);
 }
 

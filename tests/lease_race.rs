@@ -122,11 +122,7 @@ async fn a_lease_in_flight_when_its_session_closes_gives_the_message_back() {
 
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
     ws_request(&a, &mut ws, &live()).await;
-    let g = a.grant.clone().unwrap();
-    Sender::new()
-        .forward(&n.public_url(), &basic_message("once"), &k.verkey(), &g.routing_keys)
-        .await
-        .unwrap();
+    forward_one(&n, &a, &k, "once").await;
     let first = a.open_delivery(&ws_next_message(&a, &mut ws).await).unwrap();
     // The session leases again (live mode asked once more) and that lease is held until the
     // session has closed and released what it held, unacknowledged.
@@ -230,11 +226,7 @@ async fn a_lease_taken_by_a_request_after_its_session_closed_gives_the_message_b
     // the message back itself.
     let (_dir, n, gated) = gated_node(Strategy::QueueOnly).await;
     let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
-    let g = a.grant.clone().unwrap();
-    Sender::new()
-        .forward(&n.public_url(), &basic_message("asked"), &k.verkey(), &g.routing_keys)
-        .await
-        .unwrap();
+    forward_one(&n, &a, &k, "asked").await;
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
     // Bound (QueueOnly: nothing is pushed), so the session's end releases its owner.
     let pong = ws_request(&a, &mut ws, &ping("p")).await;
@@ -265,11 +257,7 @@ async fn a_delivery_over_a_socket_it_did_not_bind_comes_back_when_the_socket_clo
     // socket's end still gives back what it leased, as a bound socket's does.
     let (_dir, n, _gated) = gated_node(Strategy::QueueAndLiveModeDelivery).await;
     let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
-    let g = a.grant.clone().unwrap();
-    Sender::new()
-        .forward(&n.public_url(), &basic_message("lent"), &k.verkey(), &g.routing_keys)
-        .await
-        .unwrap();
+    forward_one(&n, &a, &k, "lent").await;
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
     let mut ask = pickup("delivery-request", json!({"limit": 10}));
     ask["~transport"] = json!({"return_route": "thread"});
@@ -295,11 +283,7 @@ async fn a_drained_node_is_empty_only_once_its_sessions_leases_are_given_back() 
     let (_dir, n, gated) = gated_node(Strategy::QueueAndLiveModeDelivery).await;
     let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
     let mut ws = live_socket(&a, &n).await;
-    let g = a.grant.clone().unwrap();
-    Sender::new()
-        .forward(&n.public_url(), &basic_message("unacked"), &k.verkey(), &g.routing_keys)
-        .await
-        .unwrap();
+    forward_one(&n, &a, &k, "unacked").await;
     let d = ws_next_message(&a, &mut ws).await;
     assert_eq!(contents(&a, &d), vec!["unacked"]);
     gated.hold_releases.store(true, Ordering::SeqCst);
@@ -382,11 +366,7 @@ async fn the_start_release_of_the_run_before_leaves_this_runs_leases_alone() {
     let n = start_on(&cfg, slow.clone());
     let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
     let mut ws = live_socket(&a, &n).await;
-    let g = a.grant.clone().unwrap();
-    Sender::new()
-        .forward(&n.public_url(), &basic_message("once"), &k.verkey(), &g.routing_keys)
-        .await
-        .unwrap();
+    forward_one(&n, &a, &k, "once").await;
     let first = a.open_delivery(&ws_next_message(&a, &mut ws).await).unwrap();
     assert_eq!(first[0].1["content"], "once");
     let conn = inner
@@ -410,4 +390,13 @@ async fn the_start_release_of_the_run_before_leaves_this_runs_leases_alone() {
 
 fn now() -> i64 {
     mailroom::protocols::now_ms()
+}
+
+/// Forwards `text` to `k` of `a` (answered, whatever the status).
+async fn forward_one(n: &node::RunningNode, a: &Agent, k: &mailroom::didcomm::keys::KeyPair, text: &str) {
+    let g = a.grant.clone().unwrap();
+    Sender::new()
+        .forward(&n.public_url(), &basic_message(text), &k.verkey(), &g.routing_keys)
+        .await
+        .unwrap();
 }

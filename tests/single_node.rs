@@ -727,11 +727,7 @@ async fn endpoint_delivery_retries_until_accepted() {
         202
     });
 
-    let inv = invitation(&n).await;
-    let mut a = Agent::connect_with_endpoint(&inv, Some(&endpoint)).await.unwrap();
-    a.mediate().await.unwrap();
-    let k = a.new_recipient_key();
-    a.keylist_update(&[k.did_key()], &[]).await.unwrap();
+    let (a, k) = wallet_at_endpoint(&n, &endpoint).await;
     assert_eq!(forward_to(&n, &a, &k, "to-endpoint").await, 202);
     let body = eventually("endpoint POST accepted", || {
         let received = received.clone();
@@ -774,21 +770,13 @@ async fn a_slow_endpoint_is_not_posted_what_its_lease_no_longer_covers() {
     let all_queued = Arc::new(AtomicBool::new(false));
     let (r, q) = (received.clone(), all_queued.clone());
     let (endpoint, handle) = endpoint_stub(move |body| {
-        while !q.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        wait_for(&q);
         std::thread::sleep(std::time::Duration::from_millis(250));
         r.lock().unwrap().push(body);
         200
     });
-    let inv = invitation(&n).await;
-    let mut a = Agent::connect_with_endpoint(&inv, Some(&endpoint)).await.unwrap();
-    a.mediate().await.unwrap();
-    let k = a.new_recipient_key();
-    a.keylist_update(&[k.did_key()], &[]).await.unwrap();
-    for i in 0..N {
-        assert_eq!(forward_to(&n, &a, &k, &format!("m{i}")).await, 202);
-    }
+    let (a, k) = wallet_at_endpoint(&n, &endpoint).await;
+    forward_many(&n, &a, &k, N).await;
     all_queued.store(true, Ordering::SeqCst);
     // Once the second batch is leased (its first POST arrived), the wallet also picks up, and
     // acknowledges, whatever the queue gives it: what a lease that ran out would give.
@@ -858,9 +846,7 @@ async fn a_failing_endpoint_is_retried_with_backoff_one_post_per_try() {
     let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
     let (p, q, u, r) = (posts.clone(), all_queued.clone(), up.clone(), received.clone());
     let (endpoint, handle) = endpoint_stub(move |body| {
-        while !q.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        wait_for(&q);
         if !u.load(Ordering::SeqCst) {
             p.fetch_add(1, Ordering::SeqCst);
             return 503;
@@ -868,14 +854,8 @@ async fn a_failing_endpoint_is_retried_with_backoff_one_post_per_try() {
         r.lock().unwrap().push(body);
         200
     });
-    let inv = invitation(&n).await;
-    let mut a = Agent::connect_with_endpoint(&inv, Some(&endpoint)).await.unwrap();
-    a.mediate().await.unwrap();
-    let k = a.new_recipient_key();
-    a.keylist_update(&[k.did_key()], &[]).await.unwrap();
-    for i in 0..N {
-        assert_eq!(forward_to(&n, &a, &k, &format!("m{i}")).await, 202);
-    }
+    let (a, k) = wallet_at_endpoint(&n, &endpoint).await;
+    forward_many(&n, &a, &k, N).await;
     all_queued.store(true, Ordering::SeqCst);
     eventually("the first POST refused", || async {
         (posts.load(Ordering::SeqCst) > 0).then_some(())
@@ -924,9 +904,7 @@ async fn a_message_the_endpoint_refuses_does_not_hold_back_the_others() {
     let (q, f, r, c) = (all_queued.clone(), refused.clone(), received.clone(), refusals.clone());
     // The first message POSTed (once every forward is queued) is refused, every time.
     let (endpoint, handle) = endpoint_stub(move |body| {
-        while !q.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        wait_for(&q);
         let mut first = f.lock().unwrap();
         match first.as_ref() {
             Some(b) if *b != body => {}
@@ -939,14 +917,8 @@ async fn a_message_the_endpoint_refuses_does_not_hold_back_the_others() {
         r.lock().unwrap().push(body);
         200
     });
-    let inv = invitation(&n).await;
-    let mut a = Agent::connect_with_endpoint(&inv, Some(&endpoint)).await.unwrap();
-    a.mediate().await.unwrap();
-    let k = a.new_recipient_key();
-    a.keylist_update(&[k.did_key()], &[]).await.unwrap();
-    for i in 0..4 {
-        assert_eq!(forward_to(&n, &a, &k, &format!("m{i}")).await, 202);
-    }
+    let (a, k) = wallet_at_endpoint(&n, &endpoint).await;
+    forward_many(&n, &a, &k, 4).await;
     all_queued.store(true, Ordering::SeqCst);
     eventually("the three others POSTed", || {
         let received = received.clone();
@@ -969,6 +941,33 @@ async fn a_message_the_endpoint_refuses_does_not_hold_back_the_others() {
     );
     assert_eq!(queue_depth(&n).await, 1);
     handle.stop(true).await;
+}
+
+/// A wallet of `n` whose DID document names `endpoint`, mediated, with one recipient key.
+async fn wallet_at_endpoint(
+    n: &mailroom::node::RunningNode,
+    endpoint: &str,
+) -> (Agent, mailroom::didcomm::keys::KeyPair) {
+    let inv = invitation(n).await;
+    let mut a = Agent::connect_with_endpoint(&inv, Some(endpoint)).await.unwrap();
+    a.mediate().await.unwrap();
+    let k = a.new_recipient_key();
+    a.keylist_update(&[k.did_key()], &[]).await.unwrap();
+    (a, k)
+}
+
+/// Forwards `m0`, `m1`, ... to `k`, each accepted.
+async fn forward_many(n: &mailroom::node::RunningNode, a: &Agent, k: &mailroom::didcomm::keys::KeyPair, count: usize) {
+    for i in 0..count {
+        assert_eq!(forward_to(n, a, k, &format!("m{i}")).await, 202);
+    }
+}
+
+/// Holds an endpoint stub's answer (its own thread) until the test sets `flag`.
+fn wait_for(flag: &std::sync::atomic::AtomicBool) {
+    while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// Every POST to an agent's endpoint so far, whatever its result.

@@ -338,17 +338,22 @@ mod tests {
         }
     }
 
+    /// Credo 0.6.3's captured didexchange 1.1 request, and the key that authcrypted it.
+    fn credo_request() -> (Value, &'static str) {
+        let path = "credo/didexchange_1.1_request.json";
+        let full = format!("{}/tests/fixtures/didcomm/{path}", env!("CARGO_MANIFEST_DIR"));
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&full).unwrap()).unwrap();
+        let msg = v.get("plaintext").unwrap_or(&v).clone();
+        (msg, "A755GLWNcun5UxspcZQBtncYVnFCp8TZqHcezFhodTfh")
+    }
+
     /// A label is kept to its first 256 characters (it is logged and shown on the admin
     /// pages), and an unsupported `@type` is echoed in the refusal only in part.
     #[tokio::test]
     async fn a_long_label_or_type_is_kept_short() {
         let m = mediator().await;
-        let path = "credo/didexchange_1.1_request.json";
-        let full = format!("{}/tests/fixtures/didcomm/{path}", env!("CARGO_MANIFEST_DIR"));
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&full).unwrap()).unwrap();
-        let mut msg = v.get("plaintext").unwrap_or(&v).clone();
+        let (mut msg, key) = credo_request();
         msg["label"] = json!("é".repeat(100_000));
-        let key = "A755GLWNcun5UxspcZQBtncYVnFCp8TZqHcezFhodTfh";
         let out = super::request(&m, &inbound(msg, Some(key))).await.unwrap();
         assert_eq!(out.connection.unwrap().label, Some("é".repeat(super::MAX_LABEL_CHARS)));
 
@@ -367,11 +372,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_cannot_make_its_connection_record_large() {
         let m = mediator().await;
-        let path = "credo/didexchange_1.1_request.json";
-        let full = format!("{}/tests/fixtures/didcomm/{path}", env!("CARGO_MANIFEST_DIR"));
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&full).unwrap()).unwrap();
-        let msg = v.get("plaintext").unwrap_or(&v).clone();
-        let key = "A755GLWNcun5UxspcZQBtncYVnFCp8TZqHcezFhodTfh";
+        let (msg, key) = credo_request();
         let long = "i".repeat(crate::didcomm::message::MAX_ID_LEN + 1);
         let mut req = msg.clone();
         req["@id"] = json!(long);
