@@ -307,7 +307,8 @@ impl Held {
 /// Room for hand-offs waiting for sessions on this node, as a peer's `Deliver` frames have on
 /// their link: a budget of [`LOCAL_ROOM_UNITS`] units, 2 of which one connection may hold (so
 /// it takes 8 sessions on slow sockets to spend it; then every forward for a session here is
-/// queued for it to lease, one store round trip more, until one of them takes its own). The forwards accepted here take room from one such budget
+/// queued for it to lease, one store round trip more, until one of them takes its own). The
+/// forwards accepted here take room from one such budget
 /// ([`crate::session::Shared::hand_off_in_order`]): a session writing to a slow socket takes
 /// its hand-offs late, and without a budget what waits for it would only be bounded by its
 /// connection's queue limits, for every such session at once.

@@ -125,7 +125,7 @@ pub(super) fn hand_back_abandoned(shared: Arc<Shared>, left: VecDeque<Entry>) {
 
 /// What messages carry in a `Deliver` frame, as a forward's hand-off is measured
 /// ([`crate::protocols::Holders::holder`]): payloads and recipient keys.
-fn carried(msgs: &[QueuedMessage]) -> usize {
+pub(super) fn carried(msgs: &[QueuedMessage]) -> usize {
     msgs.iter().map(|m| m.payload.len() + m.recipient_key.len()).sum()
 }
 

@@ -324,8 +324,10 @@ impl Shared {
         if h.node != self.mediator.node_id {
             return self.hand_off_held_in_order(h, Held::nothing());
         }
-        let bytes = h.msgs.iter().map(|m| m.payload.len() + m.recipient_key.len()).sum();
-        match self.local_room.try_hold(&h.conn, bytes, h.msgs.len()) {
+        match self
+            .local_room
+            .try_hold(&h.conn, handing::carried(&h.msgs), h.msgs.len())
+        {
             Some(held) => self.hand_off_held_in_order(h, held),
             None => {
                 self.metrics.handed("no-room", h.msgs.len() as u64);
