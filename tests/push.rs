@@ -336,6 +336,41 @@ async fn a_push_the_provider_kept_failing_is_sent_again_once_its_claim_ran_out()
     .await;
 }
 
+/// A provider's `Retry-After` longer than the node retries (FCM's 429 for a spent quota) is
+/// honoured across the push's claims: the push is taken again each time its claim runs out
+/// (7 s here), and asks FCM nothing until the 15 s it was told have passed. Before, each
+/// claim asked again: for an hour's `Retry-After`, ten requests per offline wallet.
+#[actix_rt::test]
+async fn a_long_retry_after_holds_the_push_across_its_claims() {
+    let si = StandIn::start();
+    let mut pc = si.push_config(60, &["proj-a"], false);
+    pc.max_attempts = 1;
+    pc.timeout_ms = 1000;
+    let claim = mailroom::push::claim_length(&pc.load().unwrap());
+    assert_eq!(claim, Duration::from_secs(7));
+    let told = Duration::from_secs(15);
+    si.state.script(
+        "fcm:proj-a",
+        vec![Reply::new(
+            429,
+            json!({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [{"errorCode": "QUOTA_EXCEEDED"}]}}),
+        )
+        .retry_after(&told.as_secs().to_string())],
+    );
+    let (_dir, n, _store) = EventAnswerLost::node(pc, false).await;
+    let (a, k, _) = registered_wallet(&n, "held-by-retry-after").await;
+    forward(&n, &a, &k, "x").await;
+    let hits = wait_hits(&si, "fcm:", 2).await;
+    assert_clean(&hits);
+    assert_eq!((hits[0].status, hits[1].status), (429, 200));
+    let waited = hits[1].at.duration_since(hits[0].at);
+    assert!(waited >= told, "asked again {waited:?} after a Retry-After of {told:?}");
+    assert!(
+        metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"held\"}").await >= 1.0,
+        "a claim taken again inside the wait was held"
+    );
+}
+
 /// FCM UNREGISTERED and APNs 410 make the mediator forget the token.
 #[actix_rt::test]
 async fn dead_tokens_are_forgotten() {
@@ -373,6 +408,54 @@ async fn dead_tokens_are_forgotten() {
     forward(&n, &a, &k, "z").await;
     let conns = get_json(&format!("{}/connections", n.admin_url())).await;
     assert!(conns["connections"][0]["push"].is_null());
+}
+
+/// A grant Google refuses (`invalid_grant`: a clock ahead of Google's, a key being rotated) or
+/// an APNs provider token Apple refuses (`InvalidProviderToken`, twice: the token reused and
+/// refused again) is the node's trouble, not the wallet's: the push is tried again and goes
+/// out once the credentials are taken. Before, the refusal ended the push for good and the
+/// wallet slept until its next message.
+#[actix_rt::test]
+async fn refused_credentials_do_not_lose_the_wake_up() {
+    let si = StandIn::start();
+    si.state.script(
+        "token",
+        vec![Reply::new(
+            400,
+            json!({"error": "invalid_grant", "error_description": "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe."}),
+        )],
+    );
+    let refused = || Reply::new(403, json!({"reason": "InvalidProviderToken"}));
+    si.state.script("apns", vec![refused(), refused()]);
+    let (_d, n, a, k) = push_node(&si, 0, &["proj-a"], false).await;
+    let (b, kb) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    set_device(&a, FCM, json!("grant-refused-token"), Some("android")).await;
+    set_device(&b, APNS, json!("a1b2c3d4e5f6"), None).await;
+    forward(&n, &a, &k, "x").await;
+    forward(&n, &b, &kb, "y").await;
+
+    let fcm = wait_hits(&si, "fcm:", 1).await;
+    assert_clean(&fcm);
+    let grants = si.state.hits("token");
+    assert_eq!(
+        grants.iter().map(|h| h.status).collect::<Vec<_>>(),
+        [400, 200],
+        "the refused grant asked again"
+    );
+    assert_clean(&grants);
+    let apns = wait_hits(&si, "apns", 3).await;
+    assert_clean(&apns);
+    assert_eq!(apns.iter().map(|h| h.status).collect::<Vec<_>>(), [403, 403, 200]);
+    eventually("both pushes counted sent", || async {
+        (metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"sent\"}").await == 1.0
+            && metric(&n, "mailroom_push_total{provider=\"apns\",result=\"sent\"}").await == 1.0)
+            .then_some(())
+    })
+    .await;
+    for p in ["fcm", "apns"] {
+        let failed = format!("mailroom_push_total{{provider=\"{p}\",result=\"failed\"}}");
+        assert_eq!(metric(&n, &failed).await, 0.0, "{p}: no push given up for good");
+    }
 }
 
 /// APNs over HTTP/2: the ES256 provider token verifies against the key's public half, the
@@ -919,6 +1002,17 @@ fn check_config_refuses_bad_push_credentials() {
         "-----BEGIN PRIVATE KEY-----\nMIGTsecret\n-----END PRIVATE KEY-----\n",
     )
     .unwrap();
+    // EC keys in PKCS#8 that parse as such, and do not sign APNs' ES256 (before, refused by
+    // every push, never at start).
+    let p384_p8 = dir.path().join("p384.p8");
+    let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let p384_pem = p384.serialize_pem();
+    std::fs::write(&p384_p8, &p384_pem).unwrap();
+    // An RSA PEM that parses (its DER is well formed) and signs no grant.
+    let unsigning_sa = dir.path().join("unsigning-key.json");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&good_sa).unwrap()).unwrap();
+    v["private_key"] = json!("-----BEGIN RSA PRIVATE KEY-----\nMAMCAQA=\n-----END RSA PRIVATE KEY-----\n");
+    std::fs::write(&unsigning_sa, v.to_string()).unwrap();
     // PEM that decodes, holding no certificate TLS takes.
     let bad_ca = dir.path().join("bad-ca.pem");
     std::fs::write(
@@ -935,6 +1029,16 @@ fn check_config_refuses_bad_push_credentials() {
         (format!("[[push.fcm]]\nservice_account = {not_json:?}\n"), "not JSON", "MIIsecret"),
         (format!("[[push.fcm]]\nservice_account = {bad_key_sa:?}\n"), "not an RSA private key", "secret-bytes"),
         (apns(&bad_p8), "not a P-256 private key", "MIGTsecret"),
+        (
+            apns(&p384_p8),
+            "push.apns.key_file: must be a P-256 key",
+            p384_pem.lines().nth(1).unwrap(),
+        ),
+        (
+            format!("[[push.fcm]]\nservice_account = {unsigning_sa:?}\n"),
+            "push.fcm[0].service_account: `private_key` must be an RSA key of at least 2048 bits",
+            "MAMCAQA",
+        ),
         (
             "[push.webhook]\nurl = 'https://push.example.org/mailroom'\nsecret_env = 'MAILROOM_TEST_UNSET_PUSH_SECRET'\n".into(),
             "MAILROOM_TEST_UNSET_PUSH_SECRET is not set",

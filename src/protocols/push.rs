@@ -65,16 +65,6 @@ fn family_problem(ctx: &Inbound, code: &str, explain: &str) -> Outcome {
 
 pub async fn set_device_info(m: &Mediator, ctx: &Inbound, service: PushService) -> Result<Outcome, HandleError> {
     let conn = ctx.require_conn()?;
-    // A device is woken for the mail the mediator holds for it: a connection it does not
-    // mediate for has none, and letting any connection register any token would let a
-    // stranger have a device pushed from as many connections as it opens.
-    if conn.mediation != crate::store::MediationState::Granted {
-        return Ok(family_problem(
-            ctx,
-            "request_not_accepted",
-            "set-device-info needs mediation: this connection has none granted",
-        ));
-    }
     let token = match ctx.msg.get("device_token") {
         None => {
             return Ok(family_problem(
@@ -101,6 +91,17 @@ pub async fn set_device_info(m: &Mediator, ctx: &Inbound, service: PushService) 
             ))
         }
     };
+    // A device is woken for the mail the mediator holds for it: a connection it does not
+    // mediate for has none, and letting any connection register any token would let a
+    // stranger have a device pushed from as many connections as it opens. Unregistering is
+    // always allowed: a wallet whose mediation was revoked can still take its token back.
+    if token.is_some() && conn.mediation != crate::store::MediationState::Granted {
+        return Ok(family_problem(
+            ctx,
+            "request_not_accepted",
+            "set-device-info needs mediation: this connection has none granted",
+        ));
+    }
     let platform = match ctx.msg.get("device_platform") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
@@ -165,6 +166,7 @@ pub async fn get_device_info(m: &Mediator, ctx: &Inbound, service: PushService) 
 mod tests {
     use super::*;
 
+    use crate::didcomm::message::new_id;
     use crate::store::Connection;
 
     use crate::protocols::mediator_for_test as mediator;
@@ -249,6 +251,25 @@ mod tests {
             assert_eq!(out.replies[0]["@type"], format!("{FCM}ack"));
             assert_eq!(m.store.device_of("c1").await.unwrap(), None);
         }
+    }
+
+    /// A connection whose mediation was revoked registers no device, and can still take back
+    /// the one it registered before (its token is the wallet's, not the mediator's to keep).
+    #[tokio::test]
+    async fn a_revoked_connection_unregisters_but_registers_nothing() {
+        let (m, mut c) = mediator().await;
+        let set =
+            |token: Value| json!({"@type": format!("{FCM}set-device-info"), "@id": new_id(), "device_token": token});
+        let out = run(&m, set(json!("tok-1")), Some(&c)).await.unwrap();
+        assert_eq!(out.replies[0]["@type"], format!("{FCM}ack"));
+        c.mediation = crate::store::MediationState::Denied;
+        m.store.put_connection(&c).await.unwrap();
+        let out = run(&m, set(json!("tok-2")), Some(&c)).await.unwrap();
+        assert_eq!(out.replies[0]["description"]["code"], "request_not_accepted");
+        assert_eq!(m.store.device_of("c1").await.unwrap().unwrap().token, "tok-1");
+        let out = run(&m, set(Value::Null), Some(&c)).await.unwrap();
+        assert_eq!(out.replies[0]["@type"], format!("{FCM}ack"), "{:?}", out.replies);
+        assert_eq!(m.store.device_of("c1").await.unwrap(), None);
     }
 
     #[tokio::test]

@@ -3,7 +3,10 @@
 //!
 //! Apple refuses a provider token older than an hour and one renewed more often than every
 //! 20 minutes (`TooManyProviderTokenUpdates`): the token is reused for [`TOKEN_REUSE`] and
-//! renewed early only when Apple calls it expired and it is at least [`TOKEN_MIN_AGE`] old.
+//! renewed early only when Apple refuses it (`ExpiredProviderToken`, `InvalidProviderToken`)
+//! and it is at least [`TOKEN_MIN_AGE`] old. A provider token Apple keeps refusing is the
+//! node's trouble (a key revoked, a key or team id mistyped, a clock far off), not the
+//! wallet's: the push is tried again later, never given up for good.
 
 use super::config::ApnsCredentials;
 use super::{Event, Outcome, Transport};
@@ -24,8 +27,9 @@ pub enum ApnsAnswer {
         reason: String,
     },
     Dead(String),
-    /// `ExpiredProviderToken`: renew it (if allowed) and try once more.
-    TokenExpired,
+    /// `ExpiredProviderToken` or `InvalidProviderToken`: renew it (if allowed) and try once
+    /// more; refused again, the push is retried later.
+    TokenRefused(String),
     Failed(String),
 }
 
@@ -39,7 +43,7 @@ pub fn classify(status: u16, retry_after_ms: Option<u64>, body: &[u8]) -> ApnsAn
     let why = format!("{status} {reason}");
     match (status, reason.as_str()) {
         (410, _) | (400, "BadDeviceToken") => ApnsAnswer::Dead(why),
-        (403, "ExpiredProviderToken") => ApnsAnswer::TokenExpired,
+        (403, "ExpiredProviderToken" | "InvalidProviderToken") => ApnsAnswer::TokenRefused(why),
         (429, _) | (500..=599, _) => ApnsAnswer::Retry {
             retry_after_ms,
             reason: why,
@@ -93,7 +97,7 @@ impl Apns {
                 return Ok(tok.clone());
             }
         }
-        let tok = provider_token(&self.cfg, &self.key, super::unix_now_s())?;
+        let tok = provider_token(&self.cfg, &self.key, super::issued_at_s())?;
         self.token_issues.set(self.token_issues.get() + 1);
         *slot = Some((tok.clone(), Instant::now()));
         Ok(tok)
@@ -132,11 +136,20 @@ impl Apns {
                 ApnsAnswer::Dead(r) => return Outcome::Dead(r),
                 ApnsAnswer::Retry { retry_after_ms, reason } => return Outcome::Retry { retry_after_ms, reason },
                 ApnsAnswer::Failed(r) => return Outcome::Failed(r),
-                ApnsAnswer::TokenExpired if !renew => renew = true,
-                ApnsAnswer::TokenExpired => return Outcome::Failed("403 ExpiredProviderToken".into()),
+                ApnsAnswer::TokenRefused(_) if !renew => renew = true,
+                ApnsAnswer::TokenRefused(why) => {
+                    tracing::warn!("APNs refuses the provider token (key_id {}): {why}", self.cfg.key_id);
+                    return Outcome::Retry {
+                        retry_after_ms: None,
+                        reason: why,
+                    };
+                }
             }
         }
-        Outcome::Failed("403 ExpiredProviderToken".into())
+        Outcome::Retry {
+            retry_after_ms: None,
+            reason: "403: the provider token refused twice".into(),
+        }
     }
 }
 
@@ -159,10 +172,14 @@ mod tests {
             classify(400, None, br#"{"reason":"BadCollapseId"}"#),
             ApnsAnswer::Failed(_)
         ));
-        assert_eq!(
+        assert!(matches!(
             classify(403, None, br#"{"reason":"ExpiredProviderToken"}"#),
-            ApnsAnswer::TokenExpired
-        );
+            ApnsAnswer::TokenRefused(_)
+        ));
+        assert!(matches!(
+            classify(403, None, br#"{"reason":"InvalidProviderToken"}"#),
+            ApnsAnswer::TokenRefused(_)
+        ));
         assert!(matches!(
             classify(429, Some(1000), br#"{"reason":"TooManyRequests"}"#),
             ApnsAnswer::Retry {

@@ -127,16 +127,18 @@ pub fn message_body(p: &FcmProject, ev: &Event) -> Value {
     json!({ "message": message })
 }
 
-/// The signed JWT of the grant: RS256, `iss` the service account, `aud` its `token_uri`.
-pub fn grant_assertion(p: &FcmProject, key: &jsonwebtoken::EncodingKey, now_unix_s: u64) -> Result<String, String> {
+/// The signed JWT of the grant: RS256, `iss` the service account, `aud` its `token_uri`,
+/// issued at `iat_unix_s` and good for [`ASSERTION_LIFETIME_S`] from then (Google refuses a
+/// longer one).
+pub fn grant_assertion(p: &FcmProject, key: &jsonwebtoken::EncodingKey, iat_unix_s: u64) -> Result<String, String> {
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
     header.kid = p.account.private_key_id.clone();
     let claims = json!({
         "iss": p.account.client_email,
         "scope": FCM_SCOPE,
         "aud": p.account.token_uri,
-        "iat": now_unix_s,
-        "exp": now_unix_s + ASSERTION_LIFETIME_S,
+        "iat": iat_unix_s,
+        "exp": iat_unix_s + ASSERTION_LIFETIME_S,
     });
     jsonwebtoken::encode(&header, &claims, key).map_err(|e| format!("signing the FCM grant: {e}"))
 }
@@ -195,8 +197,18 @@ impl Fcm {
             }
         }
         if let Some((until, why)) = p.failed.borrow().as_ref() {
-            if Instant::now() < *until {
-                return Err(why.clone());
+            let now = Instant::now();
+            if now < *until {
+                // A retry waits until a grant will be asked again: before, it would only be
+                // answered this same failure.
+                let left = (*until - now).as_millis().min(u64::MAX as u128) as u64;
+                return Err(match why.clone() {
+                    Outcome::Retry { retry_after_ms, reason } => Outcome::Retry {
+                        retry_after_ms: Some(retry_after_ms.unwrap_or(0).max(left)),
+                        reason,
+                    },
+                    other => other,
+                });
             }
         }
         let got = self.refresh(t, p).await;
@@ -221,8 +233,7 @@ impl Fcm {
 
     /// One token request of project `p`: the access token and when to renew it.
     async fn refresh(&self, t: &Transport, p: &Project) -> Result<(String, Instant), Outcome> {
-        let now = super::unix_now_s();
-        let assertion = grant_assertion(&p.cfg, &p.key, now).map_err(Outcome::Failed)?;
+        let assertion = grant_assertion(&p.cfg, &p.key, super::issued_at_s()).map_err(Outcome::Failed)?;
         self.token_refreshes.set(self.token_refreshes.get() + 1);
         let form = format!(
             "grant_type={}&assertion={}",
@@ -246,10 +257,22 @@ impl Fcm {
                 reason: format!("token endpoint answered {}", ans.status),
             });
         }
+        // Every other failure of the grant is the node's, not the wallet's: a service account
+        // whose key was revoked or rotated, a clock Google finds too far off (`invalid_grant`),
+        // a proxy answering in Google's place. The push is tried again (and, out of tries, its
+        // claim left to run out and the push taken again): an operator who mends the account
+        // or the clock loses no wallet's wake-up.
+        let node_side = |reason: String| {
+            tracing::warn!(project = %p.cfg.account.project_id, "FCM access token not granted: {reason}");
+            Outcome::Retry {
+                retry_after_ms: None,
+                reason,
+            }
+        };
         if !(200..300).contains(&ans.status) {
             // The body may say why (invalid_grant); it holds no secret of ours.
             let why: Value = serde_json::from_slice(&ans.body).unwrap_or(Value::Null);
-            return Err(Outcome::Failed(format!(
+            return Err(node_side(format!(
                 "token endpoint refused the grant of {}: {} {}",
                 p.cfg.account.client_email,
                 ans.status,
@@ -257,11 +280,11 @@ impl Fcm {
             )));
         }
         let v: Value = serde_json::from_slice(&ans.body)
-            .map_err(|_| Outcome::Failed("token endpoint answered something that is not JSON".into()))?;
+            .map_err(|_| node_side("token endpoint answered something that is not JSON".into()))?;
         let tok = v["access_token"]
             .as_str()
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| Outcome::Failed("token endpoint answer has no access_token".into()))?
+            .ok_or_else(|| node_side("token endpoint answer has no access_token".into()))?
             .to_string();
         // Bounded: an absurd lifetime would overflow the clock (Google grants an hour).
         let lifetime = Duration::from_secs(v["expires_in"].as_u64().unwrap_or(3600).clamp(60, 86_400));
@@ -306,11 +329,20 @@ impl Fcm {
             };
             match classify(ans.status, ans.retry_after_ms, &ans.body) {
                 FcmAnswer::Unauthorized if stale.is_none() => stale = Some(tok),
-                FcmAnswer::Unauthorized => return FcmAnswer::Failed("401 after a fresh access token".into()),
+                // Our credentials, not the push: tried again, as a refused grant is.
+                FcmAnswer::Unauthorized => {
+                    return FcmAnswer::Retry {
+                        retry_after_ms: None,
+                        reason: "401 after a fresh access token".into(),
+                    }
+                }
                 other => return other,
             }
         }
-        FcmAnswer::Failed("401".into())
+        FcmAnswer::Retry {
+            retry_after_ms: None,
+            reason: "401".into(),
+        }
     }
 
     /// Sends one push: the remembered project first, then the others. A project that fails
@@ -352,7 +384,9 @@ impl Fcm {
                 }
                 FcmAnswer::Failed(r) if Some(i) == first => return Outcome::Failed(r),
                 FcmAnswer::Failed(r) => failed.push(format!("{}: {r}", project(i))),
-                FcmAnswer::Unauthorized => failed.push(format!("{}: 401", project(i))),
+                FcmAnswer::Unauthorized => {
+                    retry.get_or_insert((None, format!("{}: 401", project(i))));
+                }
             }
         }
         if let Some((retry_after_ms, reason)) = retry {

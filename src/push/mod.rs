@@ -86,6 +86,16 @@ pub(crate) fn unix_now_s() -> u64 {
         .unwrap_or(0)
 }
 
+/// How far back the `iat` of the tokens we sign is set: a node whose clock runs a little ahead
+/// of the provider's would otherwise sign tokens "issued in the future", which Google's token
+/// endpoint (`invalid_grant`) and APNs (`InvalidProviderToken`) refuse.
+pub(crate) const ISSUED_AT_BACKDATE_S: u64 = 60;
+
+/// The `iat` of a token signed now ([`ISSUED_AT_BACKDATE_S`] back).
+pub(crate) fn issued_at_s() -> u64 {
+    unix_now_s().saturating_sub(ISSUED_AT_BACKDATE_S)
+}
+
 /// One push to send.
 #[derive(Clone, Debug)]
 pub struct Event {
@@ -192,7 +202,8 @@ pub struct ProviderLabel {
 /// `mailroom_push_*` metrics.
 #[derive(Clone)]
 pub struct PushMetrics {
-    /// Tries by provider and result: sent, retry, gave_up, dead_token, failed, no_provider,
+    /// Tries by provider and result: sent, retry, gave_up, held (not tried: a `Retry-After`
+    /// the provider gave this wallet's push has not passed), dead_token, failed, no_provider,
     /// revoked (skipped: the connection's mediation was revoked), deleted (skipped: the
     /// connection was deleted), unregistered (skipped: the device registration read for the
     /// event was gone at the send).
@@ -449,6 +460,45 @@ struct Ctx {
     /// Set when the stop began: a poll takes no more trailing pushes (their claims would be
     /// this node's while it stops, and kept from the other nodes until they ran out).
     stopping: std::cell::Cell<bool>,
+    /// (provider, connection) -> no request before then: a push given up on a `Retry-After`
+    /// (FCM's 429 for a spent quota says an hour) is taken again when its claim runs out,
+    /// every [`claim_length`]; until the wait the provider asked for has passed, that try
+    /// asks nothing of the provider. Per node: another node taking the push asks once.
+    held: std::cell::RefCell<HashMap<(&'static str, String), Instant>>,
+}
+
+/// The longest a provider's `Retry-After` holds a wallet's pushes on this node.
+const HOLD_MAX: Duration = Duration::from_secs(3600);
+/// Holds kept at most; beyond it, the ones over are dropped first, then no new one is kept
+/// (a push then tries again when its claim runs out, as without a hold).
+const HELD_MAX: usize = 100_000;
+
+impl Ctx {
+    /// The push of `conn` through `provider` must not ask before the returned instant.
+    fn held_until(&self, provider: &'static str, conn: &str) -> Option<Instant> {
+        let mut held = self.held.borrow_mut();
+        let key = (provider, conn.to_owned());
+        match held.get(&key) {
+            Some(until) if *until > Instant::now() => Some(*until),
+            Some(_) => {
+                held.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn hold(&self, provider: &'static str, conn: &str, retry_after_ms: u64) {
+        let until = Instant::now() + Duration::from_millis(retry_after_ms).min(HOLD_MAX);
+        let mut held = self.held.borrow_mut();
+        if held.len() >= HELD_MAX {
+            let now = Instant::now();
+            held.retain(|_, u| *u > now);
+        }
+        if held.len() < HELD_MAX {
+            held.insert((provider, conn.to_owned()), until);
+        }
+    }
 }
 
 /// Events of the push worker in the store at once (their device lookup, their window): a
@@ -476,6 +526,7 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
             claim_ms: claim_length(&settings).as_millis().min(i64::MAX as u128) as i64,
             lookups: tokio::sync::Semaphore::new(STORE_LOOKUPS),
             stopping: std::cell::Cell::new(false),
+            held: Default::default(),
             settings: settings.clone(),
         })
     })();
@@ -1043,7 +1094,7 @@ enum Tried {
     GaveUp,
 }
 
-async fn try_once(ctx: &Ctx, provider: &str, ev: &Event) -> Outcome {
+async fn try_once(ctx: &Ctx, provider: &'static str, ev: &Event) -> Outcome {
     match provider {
         "fcm" => ctx.fcm.send(&ctx.transport, ev).await,
         "apns" => match &ctx.apns {
@@ -1057,8 +1108,13 @@ async fn try_once(ctx: &Ctx, provider: &str, ev: &Event) -> Outcome {
     }
 }
 
-async fn with_retries(ctx: &Ctx, provider: &str, ev: &Event, at: Instant) -> Tried {
+async fn with_retries(ctx: &Ctx, provider: &'static str, ev: &Event, at: Instant) -> Tried {
     let s = &ctx.settings;
+    if let Some(until) = ctx.held_until(provider, &ev.conn) {
+        ctx.metrics.count(provider, "held");
+        tracing::debug!(connection = %ev.conn, provider, wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64, "push held: the provider asked for a wait");
+        return Tried::GaveUp;
+    }
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -1108,6 +1164,9 @@ async fn with_retries(ctx: &Ctx, provider: &str, ev: &Event, at: Instant) -> Tri
                         tokio::time::sleep(Duration::from_millis(d)).await;
                     }
                     None => {
+                        if let Some(ra) = retry_after_ms {
+                            ctx.hold(provider, &ev.conn, ra);
+                        }
                         ctx.metrics.count(provider, "gave_up");
                         tracing::warn!(connection = %ev.conn, provider, attempt, "push given up for now: {reason}");
                         return Tried::GaveUp;
