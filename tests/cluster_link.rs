@@ -638,6 +638,34 @@ async fn a_node_of_the_previous_version_is_refused_with_a_reason() {
     n1.shutdown().await;
 }
 
+/// A socket that opens and then says nothing is closed at the handshake's own bound, not at the
+/// failure timeout (300 s here; up to an hour is allowed): until then it holds one of the few
+/// slots of unauthenticated sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_socket_is_let_go_at_the_handshake_bound() {
+    let (l1, a1) = bind().await;
+    let (_l_peer, a_peer) = bind().await;
+    let (tx, _ev) = mpsc::channel(64);
+    let n1 = ClusterHandle::start(quiet_cfg("n1", peer("n2", a_peer)), l1, tx)
+        .await
+        .unwrap();
+    let mut s = TcpStream::connect(a1).await.unwrap();
+    let opened = Instant::now();
+    let mut sink = Vec::new();
+    // What the node sends first (its preamble and hello), then the close.
+    let read = tokio::time::timeout(
+        mailroom::cluster::HANDSHAKE_TIMEOUT_MAX + Duration::from_secs(5),
+        s.read_to_end(&mut sink),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "the silent socket was still open after {:?}",
+        opened.elapsed()
+    );
+    n1.shutdown().await;
+}
+
 // ---- secrets ----------------------------------------------------------------------------
 
 /// The secret, the PSK derived from it and the link keys appear in no log line (at TRACE)

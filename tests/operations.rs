@@ -172,6 +172,32 @@ async fn admin_token_is_required_when_configured() {
     assert_eq!(get_status(&format!("{admin}/ready"), None).await.0, 200);
 }
 
+/// `/ready` takes no token, and on PostgreSQL each store health check is a statement on the
+/// forwards' pool: a flood of probes asks the store about once a second, not once a probe.
+#[actix_rt::test]
+async fn a_flood_of_readiness_probes_asks_the_store_once_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let ready = format!("{}/ready", n.admin_url());
+    let checks = || async {
+        metric(&n, r#"mailroom_store_seconds_count{op="health"}"#)
+            .await
+            .unwrap_or(0.0)
+    };
+    assert_eq!(get_status(&ready, None).await.0, 200);
+    let before = checks().await;
+    let started = std::time::Instant::now();
+    let answers = futures_util::future::join_all((0..200).map(|_| get_status(&ready, None))).await;
+    let took = started.elapsed();
+    assert!(answers.iter().all(|(st, _)| *st == 200), "every probe ready");
+    let asked = checks().await - before;
+    let allowed = took.as_secs_f64().ceil() + 1.0;
+    assert!(
+        asked <= allowed,
+        "200 probes in {took:?} asked the store {asked} times (at most {allowed})"
+    );
+}
+
 /// A request to the admin listener with extra headers: (status, JSON body or Null).
 async fn admin_with(method: &str, url: &str, headers: &[(&str, String)]) -> (u16, Value) {
     let client = awc::Client::default();

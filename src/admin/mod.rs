@@ -32,7 +32,15 @@ pub struct AdminState {
     pub drained_at_ms: AtomicI64,
     /// Rates of the last hour (see [`history`]).
     pub history: Arc<history::History>,
+    /// The store's health as `/ready` last asked it, and when (see [`READY_HEALTH_KEPT`]).
+    ready_health: tokio::sync::Mutex<Option<(Instant, bool)>>,
 }
+
+/// How long `/ready` answers the store's health from its last check. `/ready` takes no token
+/// (load balancers probe it), and on PostgreSQL a health check is a statement on a connection
+/// of the pool that forwards use: without this, a flood of probes would take the pool from
+/// them. Concurrent probes wait for the one check under way.
+pub const READY_HEALTH_KEPT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl AdminState {
     pub fn new(
@@ -49,6 +57,7 @@ impl AdminState {
             reloader,
             drained_at_ms: AtomicI64::new(0),
             history: Arc::new(history::History::default()),
+            ready_health: tokio::sync::Mutex::new(None),
         }
     }
 }
@@ -132,7 +141,17 @@ async fn health() -> HttpResponse {
 }
 
 async fn ready(st: web::Data<AdminState>) -> HttpResponse {
-    let store_ok = st.shared.mediator.store.health().await.is_ok();
+    let store_ok = {
+        let mut kept = st.ready_health.lock().await;
+        match *kept {
+            Some((at, ok)) if at.elapsed() < READY_HEALTH_KEPT => ok,
+            _ => {
+                let ok = st.shared.mediator.store.health().await.is_ok();
+                *kept = Some((Instant::now(), ok));
+                ok
+            }
+        }
+    };
     let listening = st.ready.load(Ordering::SeqCst);
     let cluster_ok = st
         .shared

@@ -407,6 +407,12 @@ const LEAVE_GRACE: Duration = Duration::from_secs(2);
 /// How long `shutdown` waits for the cluster's tasks to end.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// The longest a link's handshake may take (a dial's TCP connect included), whatever the
+/// failure timeout: a socket that says nothing holds one of the few unauthenticated slots
+/// (and a dial to a peer that accepts and then hangs holds that peer's dial loop) no longer.
+/// A handshake is three messages; between cluster nodes it takes milliseconds.
+pub const HANDSHAKE_TIMEOUT_MAX: Duration = Duration::from_secs(5);
+
 impl ClusterHandle {
     /// Starts the listener on `listener`, dials every configured peer and returns at once
     /// (links come up in the background; see [`ClusterHandle::handshake_attempted`]).
@@ -423,7 +429,7 @@ impl ClusterHandle {
             heartbeat_interval: cfg.heartbeat_interval,
             failure_timeout: cfg.failure_timeout,
             // Long enough for a loaded peer, short enough that a silent socket is let go.
-            handshake_timeout: cfg.failure_timeout.max(Duration::from_secs(1)),
+            handshake_timeout: cfg.failure_timeout.clamp(Duration::from_secs(1), HANDSHAKE_TIMEOUT_MAX),
             max_frame: cfg.max_frame,
             peer_queue: cfg.peer_queue,
             max_peer_claims: cfg.max_peer_claims.max(1),
