@@ -669,6 +669,44 @@ fn env_value(
     Ok(Some(v))
 }
 
+/// Whether `u` holds only what a `cluster.public_url` may: visible ASCII URL characters (no
+/// space, control or non-ASCII character, none of `"` `\` `<` `>` `` ` `` `{` `}` `|` `^`).
+/// The URL goes out as written, in JSON too, where each of these would be escaped (a `"`
+/// doubles in length) or break the invitation. `setting` names where the value came from.
+fn public_url_chars(setting: &str, u: &str) -> Result<(), String> {
+    let refused = |c: char| !c.is_ascii_graphic() || matches!(c, '"' | '\\' | '<' | '>' | '`' | '{' | '}' | '|' | '^');
+    match u.char_indices().find(|&(_, c)| refused(c)) {
+        None => Ok(()),
+        Some((at, c)) => Err(format!(
+            "{setting} holds {c:?} at byte {at}: cluster.public_url may hold only visible ASCII URL \
+             characters (no space, control or non-ASCII character, none of \" \\ < > ` {{ }} | ^)"
+        )),
+    }
+}
+
+/// The mediator's did:peer:2 for the public URL `u` (a URL [`public_url_chars`] accepts, at
+/// most [`MAX_PUBLIC_URL_LEN`] bytes) can be derived: `Mediator::new` derives it from the
+/// stored identity at start and cannot run without it. Derived here as there, with stand-in
+/// keys: other keys change the DID's length by a character or two at most, and only the URL
+/// (which JSON carries byte for byte) could make it fail, by length. The longest URL accepted
+/// leaves the DID (~3 KiB) over 1 KiB under the cap.
+fn mediator_did_fits(u: &str) -> Result<(), ConfigError> {
+    use crate::didcomm::keys::KeyPair;
+    let bad = |e: String| {
+        ConfigError::Invalid(format!(
+            "cluster.public_url: the mediator's did:peer:2 cannot carry it: {e}"
+        ))
+    };
+    let keys = crate::protocols::MediatorKeys {
+        did_key: KeyPair::from_secret_bytes(&[1; 32]).map_err(|e| bad(e.to_string()))?,
+        routing: KeyPair::from_secret_bytes(&[2; 32]).map_err(|e| bad(e.to_string()))?,
+    };
+    let url = u.trim_end_matches('/');
+    crate::protocols::v2::V2Identity::derive(&keys, url, &ws_url(url))
+        .map(|_| ())
+        .map_err(bad)
+}
+
 /// `v`, the value of `var`, is an IP:port address.
 fn env_addr(var: &str, v: &str) -> Result<(), ConfigError> {
     v.parse::<SocketAddr>()
@@ -837,6 +875,9 @@ impl Config {
             return bad("set cluster.secret or cluster.secret_env, not both".into());
         }
         if let Some(u) = &self.cluster.public_url {
+            // Used as written (in invitations, in the mediator's DIDs), not as `Url` would
+            // normalise it: a space, a control character or a `"` would go out as it is.
+            public_url_chars("cluster.public_url", u).map_err(ConfigError::Invalid)?;
             // Invitations append `?oob=` to it and the WebSocket URL swaps its scheme: a query,
             // a fragment, credentials or a scheme in capitals would break both.
             match url::Url::parse(u) {
@@ -858,9 +899,15 @@ impl Config {
                     u.len()
                 ));
             }
+            mediator_did_fits(u)?;
         }
         self.validate_cluster()?;
         match self.store.backend.as_str() {
+            // The node would run on sled while its operator believes PostgreSQL (the
+            // environment's MAILROOM_STORE_URL sets the backend too).
+            "sled" if self.store.url.is_some() => {
+                return bad("store.url is set but store.backend is \"sled\" (set backend = \"postgres\")".into())
+            }
             "sled" => {}
             "postgres" => match &self.store.url {
                 // Read as the store reads it (no connection): a bad `sslmode` or unreadable
@@ -935,9 +982,10 @@ impl Config {
                 bounds::SWEEP_INTERVAL_MS
             ));
         }
-        if let Err(e) = self.delivery.extra_roots() {
-            return bad(e);
-        }
+        // PEM that decodes can still hold a certificate TLS will not take: refused here, not by
+        // the node's egress once the store is open (exit 1).
+        let roots = self.delivery.extra_roots().map_err(ConfigError::Invalid)?;
+        crate::tls::client_config(&roots, &[b"http/1.1"], "delivery.ca_file").map_err(ConfigError::Invalid)?;
         if self.delivery.endpoint_timeout_ms == 0 || self.delivery.endpoint_timeout_ms > bounds::ENDPOINT_TIMEOUT_MS {
             return bad(format!(
                 "delivery.endpoint_timeout_ms must be 1..={} (ten minutes: the timeout of one POST to an agent's endpoint)",
@@ -1120,6 +1168,7 @@ impl Config {
             node.cluster = Some(v);
         }
         if let Some(v) = public_url {
+            public_url_chars("MAILROOM_PUBLIC_URL (cluster.public_url)", &v).map_err(bad)?;
             match url::Url::parse(&v) {
                 Ok(u) if u.scheme() == "http" || u.scheme() == "https" => self.cluster.public_url = Some(v),
                 _ => {
@@ -1724,6 +1773,115 @@ mod tests {
             .expect_err("unknown node")
             .to_string();
         assert!(err.contains("n9"), "{err}");
+    }
+
+    /// The public URL goes out as written (invitations, the mediator's DIDs, as JSON): a space,
+    /// a control character, a `"` or the like is refused, from the file and from
+    /// MAILROOM_PUBLIC_URL, naming the setting. Before, `Url::parse` took them (it trims and
+    /// escapes what it reads), and 1000 `"` (JSON doubles each) made the did:peer:2 too long:
+    /// `run` panicked.
+    #[test]
+    fn a_public_url_holds_only_visible_url_characters() {
+        let quotes = format!("https://m.example/{}", "\"".repeat(1000));
+        let cases: &[(&str, &str)] = &[
+            ("https://m.example\n", "'\\n' at byte 17"),
+            ("https://m.example/a b", "' ' at byte 19"),
+            ("https://m.example/\t", "'\\t'"),
+            ("https://m.example/\u{1}", "'\\u{1}'"),
+            ("https://m.example/\u{7f}", "'\\u{7f}'"),
+            ("https://m.example/é", "'é'"),
+            ("https://m.example/\"x\"", "'\"' at byte 18"),
+            ("https://m.example/a\\b", "'\\\\'"),
+            ("https://m.example/<x>", "'<'"),
+            ("https://m.example/>", "'>'"),
+            ("https://m.example/`", "'`'"),
+            ("https://m.example/{x}", "'{'"),
+            ("https://m.example/}", "'}'"),
+            ("https://m.example/a|b", "'|'"),
+            ("https://m.example/a^b", "'^'"),
+            (&quotes, "'\"' at byte 18"),
+        ];
+        for (u, want) in cases {
+            // From the file (a TOML basic string holds any of them, escaped).
+            let toml_str: String = u
+                .chars()
+                .map(|c| match c {
+                    '"' => "\\\"".to_string(),
+                    '\\' => "\\\\".to_string(),
+                    c if c.is_control() => format!("\\u{:04X}", c as u32),
+                    c => c.to_string(),
+                })
+                .collect();
+            let text = format!("[cluster]\npublic_url = \"{toml_str}\"\n{NODE}");
+            let err = Config::parse(&text).expect_err(&text).to_string();
+            assert!(
+                err.contains("cluster.public_url holds") && err.contains(want),
+                "{u:?}: {err:?} should name the setting and {want:?}"
+            );
+            // From the environment.
+            let err = Config::single_node_default()
+                .apply_env("n1", env(&[("MAILROOM_PUBLIC_URL", u)]))
+                .expect_err(u)
+                .to_string();
+            assert!(
+                err.contains("MAILROOM_PUBLIC_URL (cluster.public_url) holds") && err.contains(want),
+                "{u:?}: {err:?} should name the variable, the setting and {want:?}"
+            );
+        }
+        // Every other visible ASCII character a URL's path takes, up to the longest URL
+        // accepted: the mediator's did:peer:2 (as `Mediator::new` derives it, from any keys)
+        // stays under the peer-DID cap, so no accepted URL can stop the node.
+        let longest: String = "https://m.example/"
+            .chars()
+            .chain("!$&'()*+,-./:;=@[]_~%aZ09".chars().cycle())
+            .take(MAX_PUBLIC_URL_LEN)
+            .collect();
+        let c = Config::parse(&format!("[cluster]\npublic_url = \"{longest}\"\n{NODE}")).unwrap();
+        assert_eq!(c.cluster.public_url.as_deref(), Some(longest.as_str()));
+        let mut e = Config::single_node_default();
+        e.apply_env("n1", env(&[("MAILROOM_PUBLIC_URL", &longest)])).unwrap();
+        assert_eq!(e.cluster.public_url.as_deref(), Some(longest.as_str()));
+        for _ in 0..8 {
+            let keys = crate::protocols::MediatorKeys::generate();
+            let v2 = crate::protocols::v2::V2Identity::derive(&keys, &longest, &ws_url(&longest)).unwrap();
+            // Over 1 KiB of room: the stand-in keys of validation are as good as any.
+            assert!(
+                v2.did.len() + 1024 <= crate::didcomm::did::MAX_PEER_DID_LEN,
+                "{}",
+                v2.did.len()
+            );
+        }
+    }
+
+    /// A `store.url` with the backend left at sled would be ignored: the node would run on
+    /// sled while its operator believes PostgreSQL. MAILROOM_STORE_URL sets both.
+    #[test]
+    fn a_store_url_on_sled_is_refused_unless_the_environment_switches_the_backend() {
+        let want = "store.url is set but store.backend is \"sled\" (set backend = \"postgres\")";
+        for store in [
+            "[store]\nurl = 'postgres://m:hunter2@db/m'\n",
+            "[store]\nbackend = 'sled'\nurl = 'postgres://m:hunter2@db/m'\n",
+        ] {
+            let text = format!("{store}{NODE}");
+            let err = Config::parse(&text).expect_err(&text).to_string();
+            assert!(err.contains(want) && !err.contains("hunter2"), "{err}");
+        }
+        Config::parse(&format!(
+            "[store]\nbackend = 'postgres'\nurl = 'postgres://db/m'\n{NODE}"
+        ))
+        .unwrap();
+        // The environment's URL switches the backend, over a file that names sled or a URL.
+        for store in [
+            "",
+            "[store]\nbackend = 'sled'\n",
+            "[store]\nurl = 'postgres://file-db/m'\n",
+        ] {
+            let mut c: Config = toml::from_str(&format!("{store}{NODE}")).unwrap();
+            c.apply_env("n1", env(&[("MAILROOM_STORE_URL", "postgres://env-db/m")]))
+                .unwrap_or_else(|e| panic!("{store:?}: {e}"));
+            assert_eq!(c.store.backend, "postgres");
+            assert_eq!(c.store.url.as_deref(), Some("postgres://env-db/m"));
+        }
     }
 
     #[test]

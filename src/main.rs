@@ -165,8 +165,10 @@ fn effective_config(
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        // `probe` promises 64 for bad arguments (clap's own code is 2); help and version exit 0.
-        Err(e) if std::env::args().nth(1).as_deref() == Some("probe") && e.use_stderr() => {
+        // A usage error (an unknown flag, a missing value or subcommand) exits 64, EX_USAGE, as
+        // a bad config does, from every command (clap's own code is 2); help and version, which
+        // clap reports as errors printed to stdout, exit 0.
+        Err(e) if e.use_stderr() => {
             let _ = e.print();
             return ExitCode::from(mailroom::probe::EXIT_USAGE);
         }

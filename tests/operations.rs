@@ -852,6 +852,45 @@ fn check_config_exits_64_with_the_reason() {
         // ends, so no client can present an empty token or one ending in a space.
         (format!("[admin]\ntoken = ''\n{node}"), "[admin] token is empty"),
         (format!("[admin]\ntoken = 'tok '\n{node}"), "[admin] token"),
+        // Was accepted and used as written (invitations, the mediator's DIDs): `Url::parse`
+        // trims and escapes what it reads. 1000 `"` (JSON doubles each) made the did:peer:2 too
+        // long: `run` panicked (101).
+        (
+            format!("[cluster]\npublic_url = \"https://m.example\\n\"\n{node}"),
+            "cluster.public_url holds '\\n' at byte 17",
+        ),
+        (
+            format!("[cluster]\npublic_url = 'https://m.example/a b'\n{node}"),
+            "cluster.public_url holds ' '",
+        ),
+        (
+            format!(
+                "[cluster]\npublic_url = \"https://m.example/{}\"\n{node}",
+                "\\\"".repeat(1000)
+            ),
+            "cluster.public_url holds '\"'",
+        ),
+        // Was accepted (the PEM decodes), then `run` exited 1: TLS takes no such certificate.
+        (
+            {
+                let bad_ca = dir.path().join("bad-ca.pem");
+                std::fs::write(
+                    &bad_ca,
+                    "-----BEGIN CERTIFICATE-----\nMIIBAAAA\n-----END CERTIFICATE-----\n",
+                )
+                .unwrap();
+                format!("[delivery]\nca_file = {bad_ca:?}\n{node}")
+            },
+            "delivery.ca_file",
+        ),
+        // Was ignored: the node ran on sled while its operator believed PostgreSQL.
+        (
+            node.replace(
+                "[store]\n",
+                "[store]\nurl = 'postgres://postgres@127.0.0.1:1/m'\n",
+            ),
+            "store.url is set but store.backend is \"sled\" (set backend = \"postgres\")",
+        ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad-{i}.toml"));
@@ -863,11 +902,133 @@ fn check_config_exits_64_with_the_reason() {
         }
     }
 
+    // The environment's public URL is held to the file's rule, by both commands.
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, &node).unwrap();
+    for cmd in ["check-config", "run"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+            .args([cmd, "--config"])
+            .arg(&good)
+            .env("MAILROOM_PUBLIC_URL", "https://m.example\n")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{cmd}: {err}");
+        assert!(
+            err.contains("MAILROOM_PUBLIC_URL (cluster.public_url) holds '\\n'"),
+            "{cmd}: {err}"
+        );
+    }
+
     // A TOML error names the place, not the line: that line may hold a secret.
     std::fs::write(&bad, "[cluster]\nsecret = \"hunter2hunter2\n").unwrap();
     let (code, err) = mailroom("check-config", &bad);
     assert_eq!(code, Some(64));
     assert!(err.contains("line 2") && !err.contains("hunter2"), "{err}");
+
+    // A usage error is EX_USAGE (64) from every command, as from `probe` (clap's own is 2);
+    // asking for help or the version is not an error.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+            .args(args)
+            .env_remove("MAILROOM_CONFIG")
+            .env_remove("MAILROOM_NODE")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let good = good.to_str().unwrap();
+    for args in [
+        &["run", "--confg", good][..],
+        &["run", "--config"],
+        &["run", "--config", good, "--node"],
+        &["check-config", "--confg", good],
+        &["check-config", "--config"],
+        &["check-config"],
+        &["healthcheck", "--timeout-ms", "soon"],
+        &["status", "--bogus"],
+        &["drain", "--bogus"],
+        &["probe"],
+        &["no-such-command"],
+        &[],
+    ] {
+        let (code, err) = cli(args);
+        assert_eq!(code, Some(64), "{args:?}: {err}");
+        assert!(err.contains("error:") || err.contains("Usage:"), "{args:?}: {err}");
+    }
+    for args in [
+        &["--help"][..],
+        &["--version"],
+        &["help"],
+        &["run", "--help"],
+        &["check-config", "--help"],
+        &["help", "check-config"],
+    ] {
+        assert_eq!(cli(args).0, Some(0), "{args:?}");
+    }
+}
+
+/// The longest public URL accepted (1024 bytes, every visible URL character the rules let
+/// through) is one the node starts with: the mediator's DIDs carry it and its ws twin, and
+/// `run` derives them at start (a did:peer:2 past its cap panicked there).
+#[actix_rt::test]
+async fn the_longest_accepted_public_url_starts_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let longest: String = "https://m.example/"
+        .chars()
+        .chain("!$&'()*+,-./:;=@[]_~%aZ09".chars().cycle())
+        .take(mailroom::config::MAX_PUBLIC_URL_LEN)
+        .collect();
+    let (listen, admin) = (common::ports::held_addr(), common::ports::held_addr());
+    let path = dir.path().join("mailroom.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[cluster]\npublic_url = \"{longest}\"\n[store]\npath = {:?}\n[[node]]\nid = \"solo\"\nlisten = \"{listen}\"\nadmin = \"{admin}\"\n",
+            dir.path().join("data")
+        ),
+    )
+    .unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"));
+    cmd.args(["run", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("err.log")).unwrap());
+    let _inherited = common::ports::inherit_systemd(&mut cmd, &[&listen, &admin]);
+    let child = std::cell::RefCell::new(cmd.spawn().unwrap());
+    let (child_ref, ready, log) = (&child, &format!("http://{admin}/ready"), &dir.path().join("err.log"));
+    eventually("the node ready, or its exit", || async move {
+        if let Some(status) = child_ref.borrow_mut().try_wait().unwrap() {
+            panic!(
+                "`run` exited {status:?}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        (get_status(ready, None).await.0 == 200).then_some(())
+    })
+    .await;
+    let mut child = child.into_inner();
+    let v2 = get_json(&format!("http://{listen}/invitation?didcomm=v2")).await;
+    let did = v2["did"].as_str().unwrap();
+    assert!(did.starts_with("did:peer:2.") && did.len() <= 4096, "{}", did.len());
+    let v1 = get_json(&format!("http://{listen}/invitation")).await;
+    assert!(
+        v1["invitation_url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}?oob=", longest.trim_end_matches('/'))),
+        "{v1}"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
 }
 
 /// A socket handed over by the service manager (systemd socket activation) that is none of the

@@ -268,7 +268,14 @@ fn read_file(what: &str, p: &Path) -> Result<String, String> {
     std::fs::read_to_string(p).map_err(|e| format!("{what}: cannot read {}: {e}", p.display()))
 }
 
-/// Parses Google's service-account JSON and checks its key signs.
+/// The time the credentials are test-signed at when loaded (a fixed one: only whether the key
+/// signs matters, not what it signed).
+const TEST_SIGNING_TIME_S: u64 = 1_700_000_000;
+
+/// Parses Google's service-account JSON and checks its key signs: a grant is signed once, as
+/// [`crate::push::fcm::grant_assertion`] signs it for the token endpoint (RS256), so a key
+/// that parses but does not sign (an RSA key shorter than 2048 bits, a malformed one) is
+/// refused here rather than by every push.
 pub fn parse_service_account(json: &str) -> Result<ServiceAccount, String> {
     let v: serde_json::Value =
         serde_json::from_str(json).map_err(|e| format!("not JSON (line {}, column {})", e.line(), e.column()))?;
@@ -289,15 +296,25 @@ pub fn parse_service_account(json: &str) -> Result<ServiceAccount, String> {
     let private_key = field("private_key")?;
     let token_uri = field("token_uri")?;
     check_url("token_uri", &token_uri, Clear::Loopback)?;
-    jsonwebtoken::EncodingKey::from_rsa_pem(private_key.as_bytes())
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(private_key.as_bytes())
         .map_err(|_| "`private_key` is not an RSA private key in PEM".to_string())?;
-    Ok(ServiceAccount {
+    let account = ServiceAccount {
         project_id,
         client_email,
         private_key_id: v.get("private_key_id").and_then(|x| x.as_str()).map(str::to_owned),
         private_key: Secret(private_key),
         token_uri,
-    })
+    };
+    let project = FcmProject {
+        account,
+        base_url: String::new(),
+        notification: None,
+        collapse_key: String::new(),
+    };
+    // The error is jsonwebtoken's kind of failure, never the key.
+    crate::push::fcm::grant_assertion(&project, &key, TEST_SIGNING_TIME_S)
+        .map_err(|e| format!("`private_key` must be an RSA key of at least 2048 bits: {e}"))?;
+    Ok(project.account)
 }
 
 impl PushConfig {
@@ -351,8 +368,13 @@ impl PushConfig {
             None => None,
             Some(a) => {
                 let pem = read_source("push.apns.key_file", &a.key_file, &a.key_env)?;
-                jsonwebtoken::EncodingKey::from_ec_pem(pem.as_bytes())
-                    .map_err(|_| "push.apns.key_file: not a P-256 private key in PEM (.p8)".to_string())?;
+                let what = if a.key_file.is_some() {
+                    "push.apns.key_file"
+                } else {
+                    "push.apns.key_env"
+                };
+                let key = jsonwebtoken::EncodingKey::from_ec_pem(pem.as_bytes())
+                    .map_err(|_| format!("{what}: not a P-256 private key in PEM (.p8)"))?;
                 let token_ok = |s: &str| !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_alphanumeric());
                 if !token_ok(&a.key_id) || !token_ok(&a.team_id) {
                     return Err("push.apns.key_id and team_id must be Apple's short alphanumeric ids".into());
@@ -367,7 +389,7 @@ impl PushConfig {
                     ));
                 }
                 check_url("push.apns.base_url", &a.base_url, Clear::Loopback)?;
-                Some(ApnsCredentials {
+                let credentials = ApnsCredentials {
                     key_pem: Secret(pem),
                     key_id: a.key_id.clone(),
                     team_id: a.team_id.clone(),
@@ -376,7 +398,13 @@ impl PushConfig {
                     push_type: a.push_type.clone(),
                     alert: (a.alert_title.clone(), a.alert_body.clone()),
                     collapse_id: a.collapse_id.clone(),
-                })
+                };
+                // Any EC key in PKCS#8 parses (P-384, secp256k1); only a P-256 one signs the
+                // ES256 provider token: signed once here, as the APNs sender signs it, so a
+                // wrong key is refused now rather than by every push.
+                super::apns::provider_token(&credentials, &key, TEST_SIGNING_TIME_S)
+                    .map_err(|e| format!("{what}: must be a P-256 key (Apple's .p8): {e}"))?;
+                Some(credentials)
             }
         };
         let webhook = match &self.webhook {
