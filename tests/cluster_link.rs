@@ -666,6 +666,67 @@ async fn a_silent_socket_is_let_go_at_the_handshake_bound() {
     n1.shutdown().await;
 }
 
+/// Strangers refused one after another (each naming another cluster, with a 1,000-character
+/// name) make one warning in the first ten seconds, not one each: the rest are logged at debug
+/// and counted. No line repeats the whole name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_strangers_make_one_warning_not_one_each() {
+    logs();
+    let (l1, a1) = bind().await;
+    let (_l_peer, a_peer) = bind().await;
+    let (tx, _ev) = mpsc::channel(64);
+    let n1 = ClusterHandle::start(quiet_cfg("n1", peer("n2", a_peer)), l1, tx)
+        .await
+        .unwrap();
+    let tag = format!("flood-{}", uuid_like());
+    let name = format!("{tag}{}", "x".repeat(1000));
+    let mut hello = proto::preamble().to_vec();
+    hello.extend(
+        codec::encode_record(
+            &Frame::Hello(Hello {
+                cluster: name.clone(),
+                node: "n2".into(),
+                nonce: [7; 32],
+            }),
+            1 << 20,
+        )
+        .unwrap(),
+    );
+    const STRANGERS: u64 = 200;
+    let before = n1.status().counters.auth_failures;
+    for _ in 0..STRANGERS {
+        let mut s = TcpStream::connect(a1).await.unwrap();
+        s.write_all(&hello).await.unwrap();
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut sink)).await;
+    }
+    wait_until("every stranger refused", || {
+        n1.status().counters.auth_failures >= before + STRANGERS
+    })
+    .await;
+    wait_until("every refusal logged", || {
+        captured().lines().filter(|l| l.contains(&tag)).count() as u64 >= STRANGERS
+    })
+    .await;
+    let logged = captured();
+    let ours: Vec<&str> = logged.lines().filter(|l| l.contains(&tag)).collect();
+    let warnings = ours.iter().filter(|l| l.contains(" WARN ")).count();
+    assert_eq!(warnings, 1, "one warning for {STRANGERS} refusals");
+    assert!(!logged.contains(&name), "a log line repeats the stranger's whole name");
+    n1.shutdown().await;
+}
+
+/// A name no other test of this binary logs.
+fn uuid_like() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
 // ---- secrets ----------------------------------------------------------------------------
 
 /// The secret, the PSK derived from it and the link keys appear in no log line (at TRACE)

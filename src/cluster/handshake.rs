@@ -57,6 +57,19 @@ pub enum Role {
     Acceptor,
 }
 
+/// Longest part of a name a peer claims (cluster, node id) that an error repeats: before it
+/// proved the secret, a peer is anyone, and its `Hello` may carry 16 KiB of them, for every
+/// log line and refusal that names it.
+const SHOWN_NAME_MAX: usize = 64;
+
+/// `name` as an error shows it: at most [`SHOWN_NAME_MAX`] characters, then `…`.
+fn shown(name: &str) -> String {
+    match name.char_indices().nth(SHOWN_NAME_MAX) {
+        Some((cut, _)) => format!("{}…", &name[..cut]),
+        None => name.to_owned(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
     #[error("not a mailroom cluster peer (bad magic)")]
@@ -229,7 +242,9 @@ where
         other => return Err(HandshakeError::Unexpected(other.kind())),
     };
     if peer.cluster != local.cluster {
-        let e = HandshakeError::WrongCluster { got: peer.cluster };
+        let e = HandshakeError::WrongCluster {
+            got: shown(&peer.cluster),
+        };
         return refuse(stream, local, e).await;
     }
     if peer.node == local.node {
@@ -239,13 +254,13 @@ where
         if peer.node != exp {
             let e = HandshakeError::UnexpectedNode {
                 expected: exp.to_string(),
-                got: peer.node,
+                got: shown(&peer.node),
             };
             return refuse(stream, local, e).await;
         }
     }
     if !accept_node(&peer.node) {
-        let e = HandshakeError::UnknownNode { got: peer.node };
+        let e = HandshakeError::UnknownNode { got: shown(&peer.node) };
         return refuse(stream, local, e).await;
     }
 

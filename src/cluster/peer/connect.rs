@@ -104,7 +104,15 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 Err(HandshakeError::Evicted) => debug!(%addr, "pending cluster handshake evicted"),
                 Err(e) => {
                     me.count_handshake_error(&e);
-                    warn!(%addr, reason = %e, "inbound cluster connection refused");
+                    match me.warn_refused_now() {
+                        Some(0) => warn!(%addr, reason = %e, "inbound cluster connection refused"),
+                        Some(n) => warn!(
+                            %addr,
+                            reason = %e,
+                            "inbound cluster connection refused ({n} more refused since the last warning)"
+                        ),
+                        None => debug!(%addr, reason = %e, "inbound cluster connection refused"),
+                    }
                 }
             }
         });
