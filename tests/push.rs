@@ -957,6 +957,23 @@ async fn one_token_refresh_in_flight_and_renewal_before_expiry() {
     assert_clean(&si.state.hits(""));
 }
 
+/// An access token granted for two minutes (less than the five the node renews ahead) is
+/// used for the pushes after the first, not renewed for each: before, it was due at once.
+#[actix_rt::test]
+async fn a_short_lived_access_token_is_reused() {
+    let si = StandIn::start();
+    *si.state.expires_in.lock() = 120;
+    let (_d, n, a, k) = push_node(&si, 0, &["proj-a"], false).await;
+    set_device(&a, FCM, json!("short-lived-token"), Some("android")).await;
+    let (b, kb, _) = registered_wallet(&n, "short-lived-token-2").await;
+    forward(&n, &a, &k, "one").await;
+    wait_hits(&si, "fcm:", 1).await;
+    forward(&n, &b, &kb, "two").await;
+    let hits = wait_hits(&si, "fcm:", 2).await;
+    assert_clean(&hits);
+    assert_eq!(si.state.hits("token").len(), 1, "one grant for both pushes");
+}
+
 /// While the token endpoint fails slowly (503 after 2 s), the pushes of five wallets waiting
 /// for the project's access token are answered the failure of the one request under way,
 /// instead of each making its own in turn behind the project's lock (five requests, 10 s).

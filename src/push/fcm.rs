@@ -288,7 +288,15 @@ impl Fcm {
             .to_string();
         // Bounded: an absurd lifetime would overflow the clock (Google grants an hour).
         let lifetime = Duration::from_secs(v["expires_in"].as_u64().unwrap_or(3600).clamp(60, 86_400));
-        let renew_after = Instant::now() + lifetime.saturating_sub(TOKEN_REFRESH_MARGIN);
+        // Renewed the margin ahead of its expiry; a token too short-lived for that (five
+        // minutes and a few seconds or less) at half its life: it would otherwise be due at
+        // once, and every push would ask for a new one.
+        let ahead = if lifetime > TOKEN_REFRESH_MARGIN + Duration::from_secs(5) {
+            TOKEN_REFRESH_MARGIN
+        } else {
+            lifetime / 2
+        };
+        let renew_after = Instant::now() + (lifetime - ahead);
         tracing::debug!(project = %p.cfg.account.project_id, "FCM access token renewed");
         Ok((tok, renew_after))
     }
