@@ -136,6 +136,7 @@ impl std::fmt::Debug for StoreSection {
             .field("pool_size", &self.pool_size)
             .field("statement_timeout_ms", &self.statement_timeout_ms)
             .field("sled_cache_mib", &self.sled_cache_mib)
+            .field("min_free_disk_mib", &self.min_free_disk_mib)
             .finish()
     }
 }
@@ -226,6 +227,11 @@ pub struct StoreSection {
     /// sled page cache, MiB (sled's own default, 1 GiB, lets a node's memory grow towards it).
     #[serde(default = "default_sled_cache_mib")]
     pub sled_cache_mib: u64,
+    /// sled: new messages are refused (507) while the disk holding `path` has less than this
+    /// free, MiB (0 = no reserve; at most 1048576): pickups and acknowledgements, which the
+    /// queue needs to empty, keep the room. Without it a full disk fails every write.
+    #[serde(default = "default_min_free_disk_mib")]
+    pub min_free_disk_mib: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -470,6 +476,9 @@ fn default_unmediated_ttl() -> u64 {
 }
 fn default_sled_cache_mib() -> u64 {
     64
+}
+fn default_min_free_disk_mib() -> u64 {
+    crate::store::sled_store::DEFAULT_MIN_FREE_BYTES >> 20
 }
 fn default_ws_inflight() -> usize {
     32
@@ -930,6 +939,9 @@ impl Config {
                 bounds::STATEMENT_TIMEOUT_MS_MIN,
                 bounds::STATEMENT_TIMEOUT_MS
             ));
+        }
+        if self.store.min_free_disk_mib > 1 << 20 {
+            return bad("store.min_free_disk_mib must be 0..=1048576 (MiB; 0 = no reserve)".into());
         }
         if self.store.sled_cache_mib == 0 || self.store.sled_cache_mib > 1 << 20 {
             return bad("store.sled_cache_mib must be 1..=1048576".into());

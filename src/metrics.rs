@@ -57,6 +57,10 @@ pub struct Metrics {
     pub queue_log_bytes: Gauge,
     pub queue_log_damaged_records: Gauge,
     pub queue_log_damaged_segments: Gauge,
+    /// Bytes free on the disk holding the sled store (0 on PostgreSQL or before a reading).
+    pub store_disk_free_bytes: Gauge,
+    /// 1 while the sled store refuses new messages (free disk under `store.min_free_disk_mib`).
+    pub store_refusing_new_messages: Gauge,
     /// Age of the oldest queued message, seconds (0 when the queue is empty).
     pub oldest_message_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub notifications_sent: Counter,
@@ -102,6 +106,8 @@ impl Metrics {
             queue_log_bytes: Gauge::default(),
             queue_log_damaged_records: Gauge::default(),
             queue_log_damaged_segments: Gauge::default(),
+            store_disk_free_bytes: Gauge::default(),
+            store_refusing_new_messages: Gauge::default(),
             oldest_message_age: Gauge::default(),
             notifications_sent: Counter::default(),
             notifications_received: Counter::default(),
@@ -177,6 +183,16 @@ impl Metrics {
             "queue_log_damaged_segments",
             "Segments of the sled store's queue log cut at a damaged record since the node started, the records after it lost (kept aside as NNNN.qlog.damaged; 0 on PostgreSQL)",
             m.queue_log_damaged_segments.clone(),
+        );
+        registry.register(
+            "store_disk_free_bytes",
+            "Bytes free on the disk holding the sled store, read every 200 ms (0 on PostgreSQL)",
+            m.store_disk_free_bytes.clone(),
+        );
+        registry.register(
+            "store_refusing_new_messages",
+            "1 while the sled store refuses new messages (507): its disk has less free space than store.min_free_disk_mib",
+            m.store_refusing_new_messages.clone(),
         );
         registry.register(
             "oldest_message_age_seconds",

@@ -375,6 +375,8 @@ async fn sled_disk_full_refuses_with_503_and_recovers_without_restart() {
     };
     let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
     cfg.store.path = fs.path.join("data");
+    // The disk filled past any reserve (a burst, or no reserve set): every write fails.
+    cfg.store.min_free_disk_mib = 0;
     let n = start(&cfg);
     let inv = invitation(&n).await;
     let (a, k) = Agent::onboard(&inv).await.expect("onboarding");
@@ -394,4 +396,110 @@ async fn sled_disk_full_refuses_with_503_and_recovers_without_restart() {
     // place (the node was not restarted, its socket stayed open and received everything).
     ws.close().await;
     n.stop().expect("a clean stop after the recovery");
+}
+
+/// Fills the filesystem holding `path` (a file `path`) until `left` bytes are free.
+fn fill_leaving(path: &std::path::Path, left: u64) {
+    use std::io::Write;
+    let dir = path.parent().unwrap();
+    let free = fs2::available_space(dir).unwrap();
+    let mut f = std::fs::File::create(path).unwrap();
+    let block = vec![0u8; 64 << 10];
+    let mut todo = free.saturating_sub(left);
+    while todo > 0 {
+        let n = todo.min(block.len() as u64) as usize;
+        f.write_all(&block[..n]).unwrap();
+        todo -= n as u64;
+    }
+    f.sync_all().unwrap();
+}
+
+/// Under the free-disk reserve (`store.min_free_disk_mib`), forwards are refused with 507 while
+/// the disk still has room, and the wallet picks up and acknowledges everything accepted
+/// before: its queue empties. Once space is back, forwards are accepted and delivered again.
+/// Before, a node wrote forwards until the disk was full, after which every write failed,
+/// acknowledgements too: the queue could not empty and the node waited for its operator.
+#[actix_rt::test]
+async fn under_the_disk_reserve_forwards_are_refused_and_the_queue_still_empties() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    let Some(fs) = Tmpfs::mount(&mnt, "32m") else {
+        panic!(
+            "cannot mount a tmpfs at {} (the disk-reserve test needs root)",
+            mnt.display()
+        );
+    };
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.store.path = fs.path.join("data");
+    cfg.store.min_free_disk_mib = 8;
+    let n = start(&cfg);
+    let inv = invitation(&n).await;
+    let (a, k) = Agent::onboard(&inv).await.expect("onboarding");
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let (sender, url) = (Sender::new(), n.public_url());
+    let forward = |text: String| {
+        let (sender, url, routing, to) = (&sender, &url, &routing, k.verkey());
+        async move {
+            let st = sender.forward(url, &basic_message(&text), &to, routing).await.unwrap();
+            (text, st)
+        }
+    };
+    let mut accepted = BTreeSet::new();
+    for i in 0..3 {
+        let (text, st) = forward(format!("before-{i}")).await;
+        assert_eq!(st, 202);
+        accepted.insert(text);
+    }
+
+    let filler = fs.path.join("filler");
+    fill_leaving(&filler, 3 << 20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for i in 0.. {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no forward refused 507 under the reserve"
+        );
+        let (text, st) = forward(format!("during-{i}")).await;
+        match st {
+            202 => accepted.insert(text),
+            507 => break,
+            other => panic!("{text}: {other}"),
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = get_json(&format!("{}/status", n.admin_url())).await;
+    assert_eq!(status["store"]["queue_log"]["refusing_new_messages"], true, "{status}");
+    assert_eq!(metric(&n, "mailroom_store_refusing_new_messages").await, Some(1.0));
+    assert_eq!(ready_status(&n).await, 200, "still serving what it holds");
+
+    // Everything accepted is delivered and acknowledged: the queue empties under the reserve.
+    let mut ws = live_socket(&a, &n).await;
+    let mut seen = BTreeSet::new();
+    drain_until(&a, &mut ws, &accepted, &mut seen).await;
+    eventually("the queue empty", || async {
+        let s = get_json(&format!("{}/status", n.admin_url())).await;
+        (s["queued"] == 0).then_some(())
+    })
+    .await;
+    assert_eq!(forward("still-refused".into()).await.1, 507);
+
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut after = BTreeSet::new();
+    for j in 0.. {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no forward accepted once space was back"
+        );
+        let (text, st) = forward(format!("after-{j}")).await;
+        if st == 202 {
+            after.insert(text);
+            break;
+        }
+        assert_eq!(st, 507, "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drain_until(&a, &mut ws, &after, &mut seen).await;
+    ws.close().await;
+    n.stop().expect("a clean stop");
 }

@@ -412,6 +412,12 @@ async fn metrics(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
         sh.metrics.queue_log_bytes.set(gauge(log.bytes));
         sh.metrics.queue_log_damaged_records.set(gauge(log.damaged_records));
         sh.metrics.queue_log_damaged_segments.set(gauge(log.damaged_segments));
+        sh.metrics
+            .store_disk_free_bytes
+            .set(gauge(log.disk_free_bytes.unwrap_or(0)));
+        sh.metrics
+            .store_refusing_new_messages
+            .set(i64::from(log.refusing_new_messages));
     }
     if let Ok(oldest) = sh.mediator.store.oldest_received_ms().await {
         let age = oldest.map(|o| (now_ms() - o).max(0) as f64 / 1000.0).unwrap_or(0.0);

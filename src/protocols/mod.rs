@@ -562,6 +562,9 @@ impl HandleError {
             HandleError::UnknownRecipient(_) => 404,
             HandleError::InvitationUsed(_) => 410,
             HandleError::QueueFull { .. } => 429,
+            // 507 Insufficient Storage: the node refuses new messages until its disk has room
+            // again; what it holds is still delivered.
+            HandleError::Store(StoreError::Full(_)) => 507,
             HandleError::Store(_) => 503,
             HandleError::Internal(_) => 500,
             HandleError::V2(_) => 400,
@@ -583,6 +586,7 @@ impl HandleError {
             HandleError::UnknownRecipient(_) => "unknown-recipient",
             HandleError::InvitationUsed(_) => "invitation-used",
             HandleError::QueueFull { .. } => "queue-full",
+            HandleError::Store(StoreError::Full(_)) => "store-full",
             HandleError::Store(_) => "store-unavailable",
             HandleError::Internal(_) => "internal",
             HandleError::V2(_) => "bad-envelope",

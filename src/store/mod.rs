@@ -231,6 +231,13 @@ pub struct QueueLogStats {
     /// Segments cut at a damaged record no whole record followed (the records after it
     /// lost; the segment as it was kept aside, `NNNN.qlog.damaged`).
     pub damaged_segments: u64,
+    /// Bytes free on the disk holding the store, as last read (every 200 ms).
+    pub disk_free_bytes: Option<u64>,
+    /// The free-disk reserve (`store.min_free_disk_mib`), bytes; 0: none.
+    pub disk_reserve_bytes: u64,
+    /// Whether new messages are refused ([`StoreError::Full`]): the disk's free space is
+    /// under the reserve.
+    pub refusing_new_messages: bool,
 }
 
 /// What a queued event does to a wallet's push window (see [`Store::push_event`]).
@@ -452,6 +459,11 @@ pub enum StoreError {
     /// The store is shutting down (its writer stopped).
     #[error("store closed")]
     Closed,
+    /// New messages are refused: the disk holding the store has less free space than its
+    /// reserve (sled, `store.min_free_disk_mib`). Pickups and acknowledgements go on, so the
+    /// queue can empty. Nothing was written.
+    #[error("store full: {0}")]
+    Full(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -809,6 +821,16 @@ pub async fn open_sled(path: &std::path::Path) -> StoreResult<std::sync::Arc<dyn
 /// As [`open_sled`] with sled's page cache bounded to `cache_bytes` (`store.sled_cache_mib`).
 pub async fn open_sled_with_cache(path: &std::path::Path, cache_bytes: u64) -> StoreResult<std::sync::Arc<dyn Store>> {
     Ok(SledStore::open_shared_with_cache(path, cache_bytes).await?)
+}
+
+/// As [`open_sled_with_cache`], refusing new messages while the disk has less than
+/// `min_free_bytes` free (`store.min_free_disk_mib`; 0: no reserve).
+pub async fn open_sled_with(
+    path: &std::path::Path,
+    cache_bytes: u64,
+    min_free_bytes: u64,
+) -> StoreResult<std::sync::Arc<dyn Store>> {
+    Ok(SledStore::open_shared_with(path, cache_bytes, min_free_bytes).await?)
 }
 
 /// Connects to PostgreSQL, applies migrations (idempotent, safe when nodes start together).

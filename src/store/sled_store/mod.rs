@@ -63,6 +63,7 @@ mod index;
 mod inner;
 mod queue_log;
 mod records;
+mod space;
 mod store_trait;
 mod supervisor;
 mod writer;
@@ -82,6 +83,7 @@ use index::Meta;
 use inner::Inner;
 use queue_log::QueueLog;
 use records::decode_msg;
+pub use space::DEFAULT_MIN_FREE_BYTES;
 use supervisor::{supervisor_loop, Slot};
 use writer::{writer_loop, EnqueueReq};
 
@@ -191,6 +193,14 @@ impl SledStore {
     /// As [`SledStore::open_shared`], with sled's page cache bounded to `cache_bytes` (sled's
     /// own default is 1 GiB: a node's memory would grow towards it under steady traffic).
     pub async fn open_shared_with_cache(path: &Path, cache_bytes: u64) -> StoreResult<Arc<SledStore>> {
+        Self::open_shared_with(path, cache_bytes, DEFAULT_MIN_FREE_BYTES).await
+    }
+
+    /// As [`SledStore::open_shared_with_cache`], refusing new messages while the disk holding
+    /// `path` has less than `min_free_bytes` free (0: no reserve; see
+    /// `store.min_free_disk_mib`). A store already open on `path` in this process keeps the
+    /// settings it was opened with.
+    pub async fn open_shared_with(path: &Path, cache_bytes: u64, min_free_bytes: u64) -> StoreResult<Arc<SledStore>> {
         let path = path.to_owned();
         let key = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&path)?;
@@ -205,7 +215,8 @@ impl SledStore {
         }
         let deadline = std::time::Instant::now() + REOPEN_WAIT;
         let store = loop {
-            match SledStore::open_config(sled::Config::new().path(&key).cache_capacity(cache_bytes)).await {
+            let cfg = sled::Config::new().path(&key).cache_capacity(cache_bytes);
+            match SledStore::open_config_with(cfg, queue_log::SEGMENT_BYTES, min_free_bytes).await {
                 Ok(s) => break s,
                 // The last handle of this path may be finishing its drop on another thread.
                 Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < deadline => {
@@ -243,14 +254,14 @@ impl SledStore {
     /// running store without writing 64 MiB segments).
     #[cfg(test)]
     pub(crate) async fn open_with_segment_bytes(path: &Path, segment_bytes: u64) -> StoreResult<SledStore> {
-        Self::open_config_with(sled::Config::new().path(path), segment_bytes).await
+        Self::open_config_with(sled::Config::new().path(path), segment_bytes, DEFAULT_MIN_FREE_BYTES).await
     }
 
     async fn open_config(cfg: sled::Config) -> StoreResult<SledStore> {
-        Self::open_config_with(cfg, queue_log::SEGMENT_BYTES).await
+        Self::open_config_with(cfg, queue_log::SEGMENT_BYTES, DEFAULT_MIN_FREE_BYTES).await
     }
 
-    async fn open_config_with(cfg: sled::Config, segment_bytes: u64) -> StoreResult<SledStore> {
+    async fn open_config_with(cfg: sled::Config, segment_bytes: u64, min_free_bytes: u64) -> StoreResult<SledStore> {
         let config = cfg.clone();
         let (inner, log) = tokio::task::spawn_blocking(move || -> StoreResult<(Inner, Arc<QueueLog>)> {
             let log = Arc::new(
@@ -275,8 +286,13 @@ impl SledStore {
             reopens: std::sync::atomic::AtomicU64::new(0),
             carried: Mutex::new(HashMap::new()),
             runs: Mutex::new(0),
+            space: space::Space::new(min_free_bytes),
             dir,
         });
+        // A store opened on a full disk refuses new messages from the start.
+        if let Some(d) = &slot.dir {
+            slot.space.sample(d);
+        }
         let (tx, rx) = mpsc::channel(WRITER_CHANNEL);
         let w = slot.clone();
         let writer = std::thread::Builder::new()

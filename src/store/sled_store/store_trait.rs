@@ -366,6 +366,7 @@ impl Store for SledStore {
     }
 
     async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        self.slot.space.check()?;
         self.submit(msgs, limits, false).await
     }
 
@@ -374,6 +375,7 @@ impl Store for SledStore {
         msgs: Vec<NewMessage>,
         limits: &EnqueueLimits,
     ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
+        self.slot.space.check()?;
         self.submit(msgs, limits, true).await
     }
 
@@ -641,10 +643,14 @@ impl Store for SledStore {
         // Memory only (the log's segment table).
         let log = &self.slot.log;
         let (damaged_records, damaged_segments) = log.damage();
+        let space = &self.slot.space;
         Ok(Some(crate::store::QueueLogStats {
             bytes: log.bytes(),
             damaged_records,
             damaged_segments,
+            disk_free_bytes: space.free(),
+            disk_reserve_bytes: space.reserve(),
+            refusing_new_messages: space.refusing(),
         }))
     }
 

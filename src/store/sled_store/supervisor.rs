@@ -51,6 +51,8 @@ pub(super) struct Slot {
     pub(super) carried: Mutex<Leases>,
     /// Nodes of this process running on the store ([`Store::begin_run`](crate::store::Store::begin_run)).
     pub(super) runs: Mutex<usize>,
+    /// The free-disk reserve, read every tick.
+    pub(super) space: super::space::Space,
 }
 
 impl Slot {
@@ -163,6 +165,9 @@ pub(super) fn supervisor_loop(slot: Arc<Slot>) {
     while !stop() {
         std::thread::park_timeout(SUPERVISE_EVERY);
         if !stop() {
+            if let Some(d) = &slot.dir {
+                slot.space.sample(d);
+            }
             slot.supervise();
             if slot.log.poisoned() {
                 // Not reopened yet (no space, or the reopen failed): the log refuses both.
