@@ -113,7 +113,7 @@ pub struct ClusterSection {
     /// Heartbeat period on cluster links, milliseconds (at most [`bounds::HEARTBEAT_MS`]).
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_ms: u64,
-    /// A peer silent for this long is considered down, milliseconds (above `heartbeat_ms`, at
+    /// A peer silent for this long is considered down, milliseconds (at least twice `heartbeat_ms`, at
     /// most [`bounds::FAILURE_TIMEOUT_MS`]).
     #[serde(default = "default_failure_ms")]
     pub failure_timeout_ms: u64,
@@ -1065,10 +1065,7 @@ impl Config {
                 bounds::CLUSTER_NAME_BYTES
             ));
         }
-        if c.heartbeat_ms == 0 || c.failure_timeout_ms <= c.heartbeat_ms {
-            return bad("cluster.failure_timeout_ms must exceed cluster.heartbeat_ms > 0".into());
-        }
-        if c.heartbeat_ms > bounds::HEARTBEAT_MS {
+        if c.heartbeat_ms == 0 || c.heartbeat_ms > bounds::HEARTBEAT_MS {
             return bad(format!(
                 "cluster.heartbeat_ms must be 1..={} (one minute)",
                 bounds::HEARTBEAT_MS
@@ -1078,6 +1075,15 @@ impl Config {
             return bad(format!(
                 "cluster.failure_timeout_ms must be at most {} (one hour)",
                 bounds::FAILURE_TIMEOUT_MS
+            ));
+        }
+        // A peer is found down after this long without a frame: under two heartbeats, one
+        // heartbeat a little late (a loaded peer, a GC pause of the network) finds a live peer
+        // down, and its take-over releases the leases its sessions are delivering.
+        if c.failure_timeout_ms < 2 * c.heartbeat_ms {
+            return bad(format!(
+                "cluster.failure_timeout_ms ({}) must be at least twice cluster.heartbeat_ms ({}): one late heartbeat would find a live peer down",
+                c.failure_timeout_ms, c.heartbeat_ms
             ));
         }
         if c.max_frame_bytes < 1024 || c.max_frame_bytes > crate::cluster::proto::MAX_FRAME_CEILING {
@@ -1261,6 +1267,22 @@ impl Config {
                 "http://{}",
                 bound.map(|a| a.to_string()).unwrap_or_else(|| node.listen.clone())
             ),
+        }
+    }
+
+    /// Why the URL a node listening on `bound` advertises in place of an unset
+    /// `cluster.public_url` ([`Config::public_url`]) will not serve wallets, if it will not.
+    /// Logged as a warning at start, not refused: a node on every interface behind a proxy
+    /// that rewrites nothing is a setup people test with.
+    pub fn advertised_url_problem(&self, bound: SocketAddr) -> Option<&'static str> {
+        if self.cluster.public_url.is_some() {
+            None
+        } else if bound.ip().is_unspecified() {
+            Some("invitations and the mediator's DIDs advertise the listener's address on every interface, which no wallet can reach")
+        } else if self.nodes.len() > 1 {
+            Some("each node of the cluster advertises its own listener in invitations and the mediator's DIDs, not the load balancer")
+        } else {
+            None
         }
     }
 
@@ -1462,6 +1484,8 @@ mod tests {
             ("[store]\nbackend='postgres'\nurl='postgres://u:hunter2@db/m?tcp_user_timeout=-5'\n", "store.url: tcp_user_timeout must be a whole number of milliseconds"),
             ("[cluster]\nheartbeat_ms = 60001\nfailure_timeout_ms = 120000\n", "cluster.heartbeat_ms must be 1..=60000"),
             ("[cluster]\nfailure_timeout_ms = 9223372036854775807\n", "cluster.failure_timeout_ms must be at most 3600000"),
+            ("[cluster]\nheartbeat_ms = 2000\n", "cluster.failure_timeout_ms (3000) must be at least twice cluster.heartbeat_ms (2000)"),
+            ("[cluster]\nheartbeat_ms = 0\n", "cluster.heartbeat_ms must be 1..=60000"),
             ("[cluster]\nmax_frame_bytes = 10\n", "cluster.max_frame_bytes must be 1024..=8388608"),
             ("[cluster]\nmax_frame_bytes = 8388609\n", "cluster.max_frame_bytes must be 1024..=8388608"),
             ("[cluster]\npeer_queue = 0\n", "cluster.peer_queue must be 1..=1048576"),
@@ -1863,6 +1887,25 @@ mod tests {
                 v2.did.len()
             );
         }
+    }
+
+    /// A node on every interface (the container image's config) or one of several, without
+    /// `cluster.public_url`, advertises an address wallets cannot use: said at start.
+    #[test]
+    fn an_unset_public_url_is_a_problem_only_where_the_listener_is_not_the_address() {
+        let one = Config::parse(NODE).unwrap();
+        let here: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let every: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        assert_eq!(one.advertised_url_problem(here), None);
+        assert!(one.advertised_url_problem(every).unwrap().contains("every interface"));
+        let mut set = one.clone();
+        set.cluster.public_url = Some("https://m.example".into());
+        assert_eq!(set.advertised_url_problem(every), None);
+        let mut two = one.clone();
+        let mut n2 = two.nodes[0].clone();
+        n2.id = "n2".into();
+        two.nodes.push(n2);
+        assert!(two.advertised_url_problem(here).unwrap().contains("each node"));
     }
 
     /// A `store.url` with the backend left at sled would be ignored: the node would run on

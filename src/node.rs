@@ -261,6 +261,9 @@ pub async fn run(
     let keys = MediatorKeys::from_identity(&identity).map_err(anyhow::Error::msg)?;
     let public_addr = listeners.public_addr();
     let public_url = cfg.public_url(&node, Some(public_addr));
+    if let Some(why) = cfg.advertised_url_problem(public_addr) {
+        tracing::warn!(%public_url, "cluster.public_url is not set: {why}; set cluster.public_url or MAILROOM_PUBLIC_URL to the address wallets use");
+    }
     let mediator = Arc::new(Mediator::new(store.clone(), keys, &cfg, node_id, &public_url));
 
     // Cluster: every other [[node]] is a peer.
