@@ -566,14 +566,32 @@ async fn an_observer_reads_no_connection_id() {
 fn old_hello(node: &str) -> Vec<u8> {
     // Version 2's preamble (the release before `Deliver`); its Hello has the same bytes in
     // every version.
-    let mut b = b"MLRM\x00\x02".to_vec();
+    hello_after(b"MLRM\x00\x02", CLUSTER, node)
+}
+
+/// `preamble`, then a `Hello` naming `cluster` and `node`: what a dialer sends first.
+fn hello_after(preamble: &[u8], cluster: &str, node: &str) -> Vec<u8> {
+    let mut b = preamble.to_vec();
     let hello = Frame::Hello(Hello {
-        cluster: CLUSTER.into(),
+        cluster: cluster.into(),
         node: node.into(),
         nonce: [9; 32],
     });
     b.extend(codec::encode_record(&hello, 1 << 20).unwrap());
     b
+}
+
+/// A node n1 whose one configured peer (`peer_id`, at the listener returned, which accepts
+/// nothing unless the test does) is never up: the node, its address to connect to, the
+/// peer's listener and the node's events (kept open while the test runs).
+async fn lone_node(peer_id: &str) -> (ClusterHandle, SocketAddr, TcpListener, mpsc::Receiver<ClusterEvent>) {
+    let (l1, a1) = bind().await;
+    let (l_peer, a_peer) = bind().await;
+    let (tx, ev) = mpsc::channel(64);
+    let n1 = ClusterHandle::start(quiet_cfg("n1", peer(peer_id, a_peer)), l1, tx)
+        .await
+        .unwrap();
+    (n1, a1, l_peer, ev)
 }
 
 /// Reads what a current node answers an old one: its preamble, its hello, then a refusal.
@@ -604,12 +622,7 @@ async fn read_refusal(s: &mut TcpStream) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_of_the_previous_version_is_refused_with_a_reason() {
     logs();
-    let (l_old, a_old) = bind().await;
-    let (l1, a1) = bind().await;
-    let (tx, _ev) = mpsc::channel(64);
-    let n1 = ClusterHandle::start(quiet_cfg("n1", peer("old", a_old)), l1, tx)
-        .await
-        .unwrap();
+    let (n1, a1, l_old, _ev) = lone_node("old").await;
 
     // The old node dials us.
     let mut s = TcpStream::connect(a1).await.unwrap();
@@ -643,12 +656,7 @@ async fn a_node_of_the_previous_version_is_refused_with_a_reason() {
 /// slots of unauthenticated sockets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_socket_is_let_go_at_the_handshake_bound() {
-    let (l1, a1) = bind().await;
-    let (_l_peer, a_peer) = bind().await;
-    let (tx, _ev) = mpsc::channel(64);
-    let n1 = ClusterHandle::start(quiet_cfg("n1", peer("n2", a_peer)), l1, tx)
-        .await
-        .unwrap();
+    let (n1, a1, _peer, _ev) = lone_node("n2").await;
     let mut s = TcpStream::connect(a1).await.unwrap();
     let opened = Instant::now();
     let mut sink = Vec::new();
@@ -672,26 +680,10 @@ async fn a_silent_socket_is_let_go_at_the_handshake_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_strangers_make_one_warning_not_one_each() {
     logs();
-    let (l1, a1) = bind().await;
-    let (_l_peer, a_peer) = bind().await;
-    let (tx, _ev) = mpsc::channel(64);
-    let n1 = ClusterHandle::start(quiet_cfg("n1", peer("n2", a_peer)), l1, tx)
-        .await
-        .unwrap();
+    let (n1, a1, _peer, _ev) = lone_node("n2").await;
     let tag = format!("flood-{}", uuid_like());
     let name = format!("{tag}{}", "x".repeat(1000));
-    let mut hello = proto::preamble().to_vec();
-    hello.extend(
-        codec::encode_record(
-            &Frame::Hello(Hello {
-                cluster: name.clone(),
-                node: "n2".into(),
-                nonce: [7; 32],
-            }),
-            1 << 20,
-        )
-        .unwrap(),
-    );
+    let hello = hello_after(&proto::preamble(), &name, "n2");
     const STRANGERS: u64 = 200;
     let before = n1.status().counters.auth_failures;
     for _ in 0..STRANGERS {
