@@ -411,6 +411,33 @@ async fn concurrent_open_migrates_once() {
     .await
 }
 
+/// The idle-window cleanup every trailing-push poll runs first reads the idle windows only
+/// (migration 17): with 2,000 windows holding a claim beside one idle, its plan removes no row
+/// by filter. Before, it read the whole table on every poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_window_cleanup_reads_only_idle_windows() {
+    in_own_db(|url| async move {
+        let s = open_postgres(&url, 2).await.unwrap();
+        for i in 0..2000 {
+            s.push_event(&format!("busy-{i}"), T0, 1000, NewClaim::until(T0 + 60_000), None)
+                .await
+                .unwrap();
+        }
+        let idle = NewClaim::until(T0 + 60_000);
+        s.push_event("idle", T0, 1000, idle, None).await.unwrap();
+        assert!(s.push_done("idle", idle.token).await.unwrap());
+        let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn_task);
+        db.batch_execute("ANALYZE mailroom_push_windows").await.unwrap();
+        let before = T0 + 1;
+        let (removed, plan) =
+            rows_removed_by_filter(&db, crate::store::postgres::FORGET_IDLE_PUSH_WINDOWS, &[&before]).await;
+        assert!(removed < 10, "{removed} rows read and dropped:\n{plan}");
+        assert!(plan.contains("mailroom_push_windows_idle"), "{plan}");
+    })
+    .await;
+}
+
 /// The trailing-push poll forgets idle windows before it claims: when that cleanup fails, no
 /// push is claimed (claimed and then failed, the claims would belong to no task until they
 /// ran out, minutes later).

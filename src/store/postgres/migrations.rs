@@ -483,6 +483,16 @@ UPDATE mailroom_push_windows SET push_id = claim_token, push_claim = claim_token
     WHERE claim_token IS NOT NULL;
 "#,
     ),
+    (
+        17,
+        // Idle push windows, for the cleanup every trailing-push poll runs first (once a second
+        // per node): without it that DELETE read the whole table, a row per wallet pushed
+        // within the idle period, on every poll. Built without CONCURRENTLY, as migration 9's.
+        r#"
+CREATE INDEX mailroom_push_windows_idle ON mailroom_push_windows (last_push_ms)
+    WHERE trailing_due_ms IS NULL AND claimed_until_ms IS NULL;
+"#,
+    ),
 ];
 
 /// Creates the database named in `cfg` through the `postgres` maintenance database, so a node

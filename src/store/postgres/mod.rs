@@ -107,6 +107,10 @@ pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// First key of every advisory lock this crate takes ("mail").
 pub(crate) const LOCK_NS: i32 = 0x6d61_696c;
+/// Forgets the push windows idle since before `$1` (nothing scheduled, no claim): run by every
+/// trailing-push poll, on the partial index of migration 17.
+pub(crate) const FORGET_IDLE_PUSH_WINDOWS: &str = "DELETE FROM mailroom_push_windows \
+     WHERE trailing_due_ms IS NULL AND claimed_until_ms IS NULL AND last_push_ms < $1";
 /// Second key of the migration lock (connection locks use a hash of the id).
 const MIGRATION_LOCK: i32 = 0;
 /// First key of routing-key locks (second: a hash of the key).

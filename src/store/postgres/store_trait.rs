@@ -860,12 +860,8 @@ impl Store for PgStore {
         let c = self.client().await?;
         // Idle windows first: a failure here claims nothing (after the claim, it would leave
         // the claimed pushes to no task until their claims ran out).
-        c.run(c.execute(
-            "DELETE FROM mailroom_push_windows \
-             WHERE trailing_due_ms IS NULL AND claimed_until_ms IS NULL AND last_push_ms < $1",
-            &[&idle_before_ms],
-        ))
-        .await?;
+        c.run(c.execute(super::FORGET_IDLE_PUSH_WINDOWS, &[&idle_before_ms]))
+            .await?;
         let token = crate::store::new_push_claim_token();
         // Due: scheduled by the window, or claimed by a node that never said it was done. The
         // claim is a column of its own: push_event writes it only for a push it lets through.
