@@ -338,7 +338,7 @@ async fn a_push_the_provider_kept_failing_is_sent_again_once_its_claim_ran_out()
 
 /// A provider's `Retry-After` longer than the node retries (FCM's 429 for a spent quota) is
 /// honoured across the push's claims: the push is taken again each time its claim runs out
-/// (7 s here), and asks FCM nothing until the 15 s it was told have passed. Before, each
+/// (7 s here), and asks FCM nothing until the 10 s it was told have passed. Before, each
 /// claim asked again: for an hour's `Retry-After`, ten requests per offline wallet.
 #[actix_rt::test]
 async fn a_long_retry_after_holds_the_push_across_its_claims() {
@@ -348,7 +348,8 @@ async fn a_long_retry_after_holds_the_push_across_its_claims() {
     pc.timeout_ms = 1000;
     let claim = mailroom::push::claim_length(&pc.load().unwrap());
     assert_eq!(claim, Duration::from_secs(7));
-    let told = Duration::from_secs(15);
+    // Past one claim (the retake at ~7 s is held), short of two (sent at the ~14 s retake).
+    let told = Duration::from_secs(10);
     si.state.script(
         "fcm:proj-a",
         vec![Reply::new(
@@ -446,6 +447,12 @@ async fn refused_credentials_do_not_lose_the_wake_up() {
     let apns = wait_hits(&si, "apns", 3).await;
     assert_clean(&apns);
     assert_eq!(apns.iter().map(|h| h.status).collect::<Vec<_>>(), [403, 403, 200]);
+    // Refused, the provider token is not tried again for a second (by this push or another).
+    let waited = apns[2].at.duration_since(apns[1].at);
+    assert!(
+        waited >= mailroom::push::apns::REFUSED_KEPT - Duration::from_millis(50),
+        "asked again {waited:?} after the refusal"
+    );
     eventually("both pushes counted sent", || async {
         (metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"sent\"}").await == 1.0
             && metric(&n, "mailroom_push_total{provider=\"apns\",result=\"sent\"}").await == 1.0)

@@ -15,6 +15,10 @@ use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 pub const TOKEN_REUSE: Duration = Duration::from_secs(50 * 60);
+/// How long a provider token Apple refused (after a renewal, where allowed) is answered to
+/// pushes without another request: a key id mistyped would otherwise have every offline
+/// wallet's every try ask Apple twice. As FCM's failed grant is kept.
+pub const REFUSED_KEPT: Duration = Duration::from_secs(1);
 pub const TOKEN_MIN_AGE: Duration = Duration::from_secs(20 * 60);
 /// The `@type` beside `aps` in the payload.
 pub const DATA_TYPE: &str = "https://didcomm.org/push-notifications-apns";
@@ -75,6 +79,8 @@ pub struct Apns {
     key: jsonwebtoken::EncodingKey,
     token: RefCell<Option<(String, Instant)>>,
     pub token_issues: std::cell::Cell<u64>,
+    /// Apple refused the provider token: until then, pushes are told to retry, unasked.
+    refused: RefCell<Option<(Instant, String)>>,
 }
 
 impl Apns {
@@ -86,6 +92,7 @@ impl Apns {
             key,
             token: RefCell::new(None),
             token_issues: std::cell::Cell::new(0),
+            refused: RefCell::new(None),
         })
     }
 
@@ -107,6 +114,15 @@ impl Apns {
         let url = format!("{}/3/device/{}", self.cfg.base_url, urlencoding::encode(&ev.token));
         let body = serde_json::to_vec(&payload(&self.cfg, ev)).unwrap_or_default();
         let priority = if self.cfg.push_type == "background" { "5" } else { "10" };
+        if let Some((until, why)) = self.refused.borrow().as_ref() {
+            let now = Instant::now();
+            if now < *until {
+                return Outcome::Retry {
+                    retry_after_ms: Some((*until - now).as_millis().min(u64::MAX as u128) as u64),
+                    reason: why.clone(),
+                };
+            }
+        }
         let mut renew = false;
         for _ in 0..2 {
             let tok = match self.token(renew) {
@@ -139,8 +155,9 @@ impl Apns {
                 ApnsAnswer::TokenRefused(_) if !renew => renew = true,
                 ApnsAnswer::TokenRefused(why) => {
                     tracing::warn!("APNs refuses the provider token (key_id {}): {why}", self.cfg.key_id);
+                    *self.refused.borrow_mut() = Some((Instant::now() + REFUSED_KEPT, why.clone()));
                     return Outcome::Retry {
-                        retry_after_ms: None,
+                        retry_after_ms: Some(REFUSED_KEPT.as_millis() as u64),
                         reason: why,
                     };
                 }

@@ -127,6 +127,20 @@ pub fn message_body(p: &FcmProject, ev: &Event) -> Value {
     json!({ "message": message })
 }
 
+/// A failed grant as a push is told it: a retry waits until a grant will be asked again
+/// (`left`; before, it would only be answered the same failure), and no longer: the token
+/// endpoint's own `Retry-After` (kept at most [`TOKEN_FAILURE_KEPT_MAX`]) is the project's,
+/// not this wallet's, and must not hold the wallet's push for longer.
+fn waiting_until(why: Outcome, left: Duration) -> Outcome {
+    match why {
+        Outcome::Retry { reason, .. } => Outcome::Retry {
+            retry_after_ms: Some(left.as_millis().min(u64::MAX as u128) as u64),
+            reason,
+        },
+        other => other,
+    }
+}
+
 /// The signed JWT of the grant: RS256, `iss` the service account, `aud` its `token_uri`,
 /// issued at `iat_unix_s` and good for [`ASSERTION_LIFETIME_S`] from then (Google refuses a
 /// longer one).
@@ -201,34 +215,27 @@ impl Fcm {
             if now < *until {
                 // A retry waits until a grant will be asked again: before, it would only be
                 // answered this same failure.
-                let left = (*until - now).as_millis().min(u64::MAX as u128) as u64;
-                return Err(match why.clone() {
-                    Outcome::Retry { retry_after_ms, reason } => Outcome::Retry {
-                        retry_after_ms: Some(retry_after_ms.unwrap_or(0).max(left)),
-                        reason,
-                    },
-                    other => other,
-                });
+                return Err(waiting_until(why.clone(), *until - now));
             }
         }
-        let got = self.refresh(t, p).await;
-        match &got {
+        match self.refresh(t, p).await {
             Ok(tok) => {
                 *p.failed.borrow_mut() = None;
                 *slot = Some(tok.clone());
+                Ok(tok.0)
             }
             Err(why) => {
                 let kept = match why {
                     Outcome::Retry {
                         retry_after_ms: Some(ms),
                         ..
-                    } => Duration::from_millis(*ms).clamp(TOKEN_FAILURE_KEPT, TOKEN_FAILURE_KEPT_MAX),
+                    } => Duration::from_millis(ms).clamp(TOKEN_FAILURE_KEPT, TOKEN_FAILURE_KEPT_MAX),
                     _ => TOKEN_FAILURE_KEPT,
                 };
                 *p.failed.borrow_mut() = Some((Instant::now() + kept, why.clone()));
+                Err(waiting_until(why, kept))
             }
         }
-        got.map(|(tok, _)| tok)
     }
 
     /// One token request of project `p`: the access token and when to renew it.

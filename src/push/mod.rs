@@ -465,6 +465,8 @@ struct Ctx {
     /// every [`claim_length`]; until the wait the provider asked for has passed, that try
     /// asks nothing of the provider. Per node: another node taking the push asks once.
     held: std::cell::RefCell<HashMap<(&'static str, String), Instant>>,
+    /// When [`Ctx::held`] was last swept of holds that ran out (at most once a second).
+    held_swept: std::cell::Cell<Instant>,
 }
 
 /// The longest a provider's `Retry-After` holds a wallet's pushes on this node.
@@ -489,11 +491,17 @@ impl Ctx {
     }
 
     fn hold(&self, provider: &'static str, conn: &str, retry_after_ms: u64) {
-        let until = Instant::now() + Duration::from_millis(retry_after_ms).min(HOLD_MAX);
+        // Without a window there is no claim to take the push again: a hold would only drop
+        // the wallet's next events too.
+        if self.settings.min_interval_ms == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let until = now + Duration::from_millis(retry_after_ms).min(HOLD_MAX);
         let mut held = self.held.borrow_mut();
-        if held.len() >= HELD_MAX {
-            let now = Instant::now();
+        if held.len() >= HELD_MAX && now.duration_since(self.held_swept.get()) >= Duration::from_secs(1) {
             held.retain(|_, u| *u > now);
+            self.held_swept.set(now);
         }
         if held.len() < HELD_MAX {
             held.insert((provider, conn.to_owned()), until);
@@ -527,6 +535,7 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
             lookups: tokio::sync::Semaphore::new(STORE_LOOKUPS),
             stopping: std::cell::Cell::new(false),
             held: Default::default(),
+            held_swept: std::cell::Cell::new(Instant::now()),
             settings: settings.clone(),
         })
     })();

@@ -253,10 +253,12 @@ impl WsSession {
                     }
                     _ => ctx.text(e.body().to_string()),
                 }
-                if matches!(e, crate::protocols::HandleError::Store(_)) && !self.registered {
+                let outage = matches!(&e, crate::protocols::HandleError::Store(s) if !matches!(s, crate::store::StoreError::Full(_)));
+                if outage && !self.registered {
                     // Nothing is bound to this socket yet (its binding message is the one
                     // refused): a wallet would wait on it for deliveries that never come.
-                    // 1013 (try again later) makes it reconnect and ask again.
+                    // 1013 (try again later) makes it reconnect and ask again. A forward
+                    // refused for the disk reserve binds nothing, and closing would not help.
                     ctx.close(Some(ws::CloseReason {
                         code: ws::CloseCode::Again,
                         description: Some("store unavailable: reconnect and try again".into()),

@@ -268,14 +268,15 @@ pub(crate) struct Shared {
     /// The runtime `start` ran on. Every task goes there, whichever thread calls the handle
     /// (an actix arbiter's runtime, or no runtime at all).
     rt: tokio::runtime::Handle,
-    /// When a refused inbound connection was last logged as a warning, and how many were
-    /// refused since without one ([`Shared::warn_refused_now`]).
-    refused_warned: Mutex<(Option<Instant>, u64)>,
+    /// By kind of refusal: when an inbound connection refused so was last logged as a
+    /// warning, and how many were refused so since without one ([`Shared::warn_refused_now`]).
+    refused_warned: Mutex<HashMap<std::mem::Discriminant<HandshakeError>, (Instant, u64)>>,
 }
 
-/// Refused inbound connections are logged as warnings at most this often (the others at
-/// debug, counted in the counters and in the next warning): anyone who can reach the cluster
-/// port can have one refused per connection it opens.
+/// Refused inbound connections are logged as warnings at most this often for each kind of
+/// refusal (the others at debug, counted in the counters and in the next warning): anyone who
+/// can reach the cluster port can have one refused per connection it opens. By kind, so that a
+/// flood of strangers does not hide a configured peer refused for its secret or version.
 pub(super) const REFUSED_WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl Shared {
@@ -316,24 +317,32 @@ impl Shared {
             stopped: AtomicBool::new(false),
             started: Instant::now(),
             rt: tokio::runtime::Handle::current(),
-            refused_warned: Mutex::new((None, 0)),
+            refused_warned: Mutex::new(HashMap::new()),
         });
         shared.add_peers(peers);
         shared
     }
 
-    /// Whether this refused inbound connection is logged as a warning (the first in
-    /// [`REFUSED_WARN_EVERY`]), with how many were refused since the last warning.
-    pub(super) fn warn_refused_now(&self) -> Option<u64> {
-        let mut w = self.refused_warned.lock();
+    /// Whether an inbound connection refused with `e` is logged as a warning (the first of its
+    /// kind in [`REFUSED_WARN_EVERY`]), with how many of its kind were refused since the last
+    /// such warning.
+    pub(super) fn warn_refused_now(&self, e: &HandshakeError) -> Option<u64> {
+        let mut warned = self.refused_warned.lock();
         let now = Instant::now();
-        if w.0.is_some_and(|at| now.duration_since(at) < REFUSED_WARN_EVERY) {
-            w.1 += 1;
-            return None;
+        match warned.get_mut(&std::mem::discriminant(e)) {
+            Some((at, since)) if now.duration_since(*at) < REFUSED_WARN_EVERY => {
+                *since += 1;
+                None
+            }
+            Some((at, since)) => {
+                *at = now;
+                Some(std::mem::take(since))
+            }
+            None => {
+                warned.insert(std::mem::discriminant(e), (now, 0));
+                Some(0)
+            }
         }
-        let since = std::mem::take(&mut w.1);
-        w.0 = Some(now);
-        Some(since)
     }
 
     /// Spawns a task that `shutdown` will wait for. After shutdown began, does nothing.

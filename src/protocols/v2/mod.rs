@@ -467,6 +467,7 @@ fn refusal(m: &super::Mediator, ctx: &Inbound, e: HandleError) -> HandleError {
         // Pickup 3.0's own code for live delivery asked of a transport that cannot carry it.
         HandleError::BadMessage(r) if r.starts_with(LIVE_MODE_NOT_SUPPORTED) => LIVE_MODE_NOT_SUPPORTED,
         HandleError::BadMessage(_) | HandleError::V2(_) => "e.p.msg.invalid",
+        HandleError::Store(crate::store::StoreError::Full(_)) => "e.p.me.res.storage",
         HandleError::Store(_) | HandleError::Internal(_) => "e.p.me.res.unavailable",
         _ => "e.p.msg",
     };

@@ -9,7 +9,10 @@
 //!
 //! The reading is the filesystem's space available to the process (`statvfs`), taken by the
 //! supervisor every [`super::supervisor`] tick (200 ms) and at open: a burst between two
-//! readings writes into the reserve, which is why it is one.
+//! readings writes into the reserve, which is why it is one. Refused once under the reserve,
+//! new messages are accepted again only over it by an eighth more, so a disk at the edge
+//! does not flip at every reading. On a small volume the reserve is at most a quarter of it
+//! (said once): 128 MiB of a 100 MiB volume would refuse everything.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
@@ -24,8 +27,11 @@ pub const DEFAULT_MIN_FREE_BYTES: u64 = 128 << 20;
 const UNKNOWN: u64 = u64::MAX;
 
 pub(super) struct Space {
-    /// Bytes that must stay free; 0: no reserve.
-    reserve: u64,
+    /// Bytes configured to stay free; 0: no reserve.
+    configured: u64,
+    /// The reserve in force: `configured`, at most a quarter of the volume (set at the first
+    /// reading).
+    reserve: AtomicU64,
     /// The last reading, bytes available ([`UNKNOWN`] before one).
     free: AtomicU64,
     /// Whether new messages are refused (the last reading was under the reserve).
@@ -35,7 +41,8 @@ pub(super) struct Space {
 impl Space {
     pub(super) fn new(reserve: u64) -> Space {
         Space {
-            reserve,
+            configured: reserve,
+            reserve: AtomicU64::new(reserve),
             free: AtomicU64::new(UNKNOWN),
             refusing: AtomicBool::new(false),
         }
@@ -44,26 +51,50 @@ impl Space {
     /// Reads the space available on the filesystem holding `dir`. A failed reading changes
     /// nothing (the store's own writes will say what is wrong).
     pub(super) fn sample(&self, dir: &Path) {
+        if self.free.load(SeqCst) == UNKNOWN {
+            if let Ok(total) = fs2::total_space(dir) {
+                self.size_for(total);
+            }
+        }
         match fs2::available_space(dir) {
             Ok(free) => self.record(free),
             Err(e) => tracing::debug!(error = %e, "sled: free disk space not read"),
         }
     }
 
+    /// Bounds the reserve to a quarter of a volume of `total` bytes.
+    fn size_for(&self, total: u64) {
+        let reserve = self.configured.min(total / 4);
+        if reserve < self.configured {
+            tracing::warn!(
+                volume_bytes = total,
+                reserve_bytes = reserve,
+                "sled: store.min_free_disk_mib is more than a quarter of the store's volume: the reserve is a quarter of it"
+            );
+        }
+        self.reserve.store(reserve, SeqCst);
+    }
+
     fn record(&self, free: u64) {
         self.free.store(free, SeqCst);
-        let refuse = free < self.reserve;
-        let was = self.refusing.swap(refuse, SeqCst);
+        let reserve = self.reserve.load(SeqCst);
+        let was = self.refusing.load(SeqCst);
+        let refuse = if was {
+            free < reserve.saturating_add(reserve / 8)
+        } else {
+            free < reserve
+        };
+        self.refusing.store(refuse, SeqCst);
         if refuse && !was {
             tracing::error!(
                 free_bytes = free,
-                reserve_bytes = self.reserve,
+                reserve_bytes = reserve,
                 "sled: free disk space under the reserve (store.min_free_disk_mib): new messages refused (507), pickups and acknowledgements go on"
             );
         } else if was && !refuse {
             tracing::warn!(
                 free_bytes = free,
-                reserve_bytes = self.reserve,
+                reserve_bytes = reserve,
                 "sled: free disk space back over the reserve: new messages accepted again"
             );
         }
@@ -77,7 +108,7 @@ impl Space {
         Err(StoreError::Full(format!(
             "{} bytes free on the store's disk, under the reserve of {} (store.min_free_disk_mib)",
             self.free.load(SeqCst),
-            self.reserve
+            self.reserve.load(SeqCst)
         )))
     }
 
@@ -87,7 +118,7 @@ impl Space {
     }
 
     pub(super) fn reserve(&self) -> u64 {
-        self.reserve
+        self.reserve.load(SeqCst)
     }
 
     pub(super) fn refusing(&self) -> bool {
@@ -112,9 +143,22 @@ mod tests {
             matches!(e, StoreError::Full(ref m) if m.contains("99 bytes free")),
             "{e}"
         );
+        s.record(110);
+        assert!(s.check().is_err(), "refused until an eighth over the reserve");
+        s.record(112);
+        assert!(s.check().is_ok());
+        s.record(105);
+        assert!(s.check().is_ok(), "accepted down to the reserve itself");
         s.record(1_000);
         assert!(s.check().is_ok());
         assert_eq!(s.free(), Some(1_000));
+        let small = Space::new(100);
+        small.size_for(200);
+        assert_eq!(small.reserve(), 50, "a quarter of a small volume");
+        small.record(60);
+        assert!(small.check().is_ok());
+        small.size_for(1 << 40);
+        assert_eq!(small.reserve(), 100);
         let off = Space::new(0);
         off.record(0);
         assert!(off.check().is_ok(), "no reserve: never refused here");
