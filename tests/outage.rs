@@ -362,24 +362,38 @@ fn fill(path: &std::path::Path) {
     let _ = f.sync_all();
 }
 
-#[actix_rt::test]
-async fn sled_disk_full_refuses_with_503_and_recovers_without_restart() {
+/// A node whose sled store is on a tmpfs of `size` (its own filesystem, to fill), with a disk
+/// reserve of `reserve_mib`, and a wallet onboarded: the directory (the tmpfs is mounted in
+/// it), the tmpfs, the node, the wallet and its key.
+async fn onboarded_on_tmpfs(
+    size: &str,
+    reserve_mib: u64,
+) -> (
+    tempfile::TempDir,
+    Tmpfs,
+    RunningNode,
+    Agent,
+    mailroom::didcomm::keys::KeyPair,
+) {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("mnt");
-    let Some(fs) = Tmpfs::mount(&mnt, "16m") else {
+    let Some(fs) = Tmpfs::mount(&mnt, size) else {
         // Mounting needs root (CI here runs as root); say so rather than pass quietly.
-        panic!(
-            "cannot mount a tmpfs at {} (the disk-full test needs root)",
-            mnt.display()
-        );
+        panic!("cannot mount a tmpfs at {} (the disk tests need root)", mnt.display());
     };
     let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
     cfg.store.path = fs.path.join("data");
-    // The disk filled past any reserve (a burst, or no reserve set): every write fails.
-    cfg.store.min_free_disk_mib = 0;
+    cfg.store.min_free_disk_mib = reserve_mib;
     let n = start(&cfg);
     let inv = invitation(&n).await;
     let (a, k) = Agent::onboard(&inv).await.expect("onboarding");
+    (dir, fs, n, a, k)
+}
+
+#[actix_rt::test]
+async fn sled_disk_full_refuses_with_503_and_recovers_without_restart() {
+    // The disk filled past any reserve (a burst, or no reserve set): every write fails.
+    let (_dir, fs, n, a, k) = onboarded_on_tmpfs("16m", 0).await;
     let filler = fs.path.join("filler");
     let f2 = filler.clone();
     let (_, ws) = outage_under_stream(
@@ -421,20 +435,7 @@ fn fill_leaving(path: &std::path::Path, left: u64) {
 /// acknowledgements too: the queue could not empty and the node waited for its operator.
 #[actix_rt::test]
 async fn under_the_disk_reserve_forwards_are_refused_and_the_queue_still_empties() {
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
-    let Some(fs) = Tmpfs::mount(&mnt, "32m") else {
-        panic!(
-            "cannot mount a tmpfs at {} (the disk-reserve test needs root)",
-            mnt.display()
-        );
-    };
-    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
-    cfg.store.path = fs.path.join("data");
-    cfg.store.min_free_disk_mib = 8;
-    let n = start(&cfg);
-    let inv = invitation(&n).await;
-    let (a, k) = Agent::onboard(&inv).await.expect("onboarding");
+    let (_dir, fs, n, a, k) = onboarded_on_tmpfs("32m", 8).await;
     let routing = a.grant.clone().unwrap().routing_keys;
     let (sender, url) = (Sender::new(), n.public_url());
     let forward = |text: String| {
