@@ -581,12 +581,17 @@ fn hello_after(preamble: &[u8], cluster: &str, node: &str) -> Vec<u8> {
     b
 }
 
+/// Where [`lone_node`]'s peer is.
+const PEER_IP: &str = "127.0.0.2";
+
 /// A node n1 whose one configured peer (`peer_id`, at the listener returned, which accepts
 /// nothing unless the test does) is never up: the node, its address to connect to, the
 /// peer's listener and the node's events (kept open while the test runs).
 async fn lone_node(peer_id: &str) -> (ClusterHandle, SocketAddr, TcpListener, mpsc::Receiver<ClusterEvent>) {
     let (l1, a1) = bind().await;
-    let (l_peer, a_peer) = bind().await;
+    // The peer on an address of its own: strangers connect from 127.0.0.1.
+    let l_peer = TcpListener::bind(PEER_IP.to_string() + ":0").await.unwrap();
+    let a_peer = l_peer.local_addr().unwrap();
     let (tx, ev) = mpsc::channel(64);
     let n1 = ClusterHandle::start(quiet_cfg("n1", peer(peer_id, a_peer)), l1, tx)
         .await
@@ -676,8 +681,8 @@ async fn a_silent_socket_is_let_go_at_the_handshake_bound() {
 
 /// Strangers refused one after another (each naming another cluster, with a 1,000-character
 /// name) make one warning in the first ten seconds, not one each: the rest are logged at debug
-/// and counted. A refusal of another kind is still warned at once. No line repeats the whole
-/// name.
+/// and counted. A refusal of another kind, or from a configured peer's address, is still
+/// warned at once. No line repeats the whole name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_strangers_make_one_warning_not_one_each() {
     logs();
@@ -703,6 +708,16 @@ async fn refused_strangers_make_one_warning_not_one_each() {
     })
     .await;
     let took = flood.elapsed();
+    // The same refusal from the configured peer's address: warned whatever the flood.
+    let from_peer = format!("{tag}-peer");
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{PEER_IP}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(a1).await.unwrap();
+    s.write_all(&hello_after(&proto::preamble(), &from_peer, "n2"))
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut sink)).await;
     // Refused for another reason (our cluster, a node id not configured): warned at once,
     // whatever the flood before it.
     let other = format!("{tag}-other");
@@ -713,14 +728,16 @@ async fn refused_strangers_make_one_warning_not_one_each() {
     let mut sink = Vec::new();
     let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut sink)).await;
     let warned = |l: &str| l.contains(" WARN ");
-    wait_until("the other refusal warned", || {
-        captured().lines().any(|l| l.contains(&other) && warned(l))
-    })
-    .await;
+    for (what, mark) in [("the other refusal", &other), ("the peer's refusal", &from_peer)] {
+        wait_until(&format!("{what} warned"), || {
+            captured().lines().any(|l| l.contains(mark.as_str()) && warned(l))
+        })
+        .await;
+    }
     let logged = captured();
     let ours: Vec<&str> = logged
         .lines()
-        .filter(|l| l.contains(&tag) && !l.contains(&other))
+        .filter(|l| l.contains(&tag) && !l.contains(&other) && !l.contains(&from_peer))
         .collect();
     let warnings = ours.iter().filter(|l| warned(l)).count() as u64;
     // One per ten seconds: one, unless the box was slow enough to take ten seconds.

@@ -320,6 +320,35 @@ async fn a_full_queue_refuses_new_forwards_and_keeps_what_it_has() {
     );
 }
 
+/// A sender forwarding over its WebSocket to a wallet whose queue is full is answered
+/// `queue-full` each time and its socket stays open: a refusal for the node's state is not a
+/// bad frame of the client's (20 of those in a row close the socket 1008).
+#[actix_rt::test]
+async fn forwards_refused_for_a_full_queue_do_not_close_the_senders_socket() {
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |c| {
+        c.limits.max_queue_messages = 1;
+    })
+    .await;
+    assert_eq!(forward(&n, &a, &k.verkey(), "the one").await, 202);
+    let g = a.grant.clone().unwrap();
+    let sender = Sender::new();
+    let mut ws = mailroom::client::websocket(&ws_url(&n)).await.unwrap();
+    for i in 0..30 {
+        let env = sender
+            .forward_envelope(&basic_message(&format!("over-{i}")), &k.verkey(), &g.routing_keys)
+            .unwrap();
+        ws.send_envelope(env, true).await.unwrap();
+        match ws.next(WAIT).await.unwrap() {
+            mailroom::client::WsEvent::Envelope(b) => {
+                let answer = String::from_utf8_lossy(&b);
+                assert!(answer.contains("queue-full"), "forward {i}: {answer}");
+            }
+            other => panic!("forward {i}: {other:?}"),
+        }
+    }
+    ws.close().await;
+}
+
 #[actix_rt::test]
 async fn queue_bytes_limit_refuses_too() {
     let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |c| {

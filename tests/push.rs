@@ -338,7 +338,7 @@ async fn a_push_the_provider_kept_failing_is_sent_again_once_its_claim_ran_out()
 
 /// A provider's `Retry-After` longer than the node retries (FCM's 429 for a spent quota) is
 /// honoured across the push's claims: the push is taken again each time its claim runs out
-/// (7 s here), and asks FCM nothing until the 10 s it was told have passed. Before, each
+/// (7 s here), and asks FCM nothing until the 12 s it was told have passed. Before, each
 /// claim asked again: for an hour's `Retry-After`, ten requests per offline wallet.
 #[actix_rt::test]
 async fn a_long_retry_after_holds_the_push_across_its_claims() {
@@ -348,8 +348,8 @@ async fn a_long_retry_after_holds_the_push_across_its_claims() {
     pc.timeout_ms = 1000;
     let claim = mailroom::push::claim_length(&pc.load().unwrap());
     assert_eq!(claim, Duration::from_secs(7));
-    // Past one claim (the retake at ~7 s is held), short of two (sent at the ~14 s retake).
-    let told = Duration::from_secs(10);
+    // Past one claim (the retake at 7-8 s is held), short of two (sent at the 14-15 s retake).
+    let told = Duration::from_secs(12);
     si.state.script(
         "fcm:proj-a",
         vec![Reply::new(
@@ -361,7 +361,16 @@ async fn a_long_retry_after_holds_the_push_across_its_claims() {
     let (_dir, n, _store) = EventAnswerLost::node(pc, false).await;
     let (a, k, _) = registered_wallet(&n, "held-by-retry-after").await;
     forward(&n, &a, &k, "x").await;
-    let hits = wait_hits(&si, "fcm:", 2).await;
+    // Longer than `wait_hits` waits: the push goes out at the second retake, ~15 s in.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let hits = loop {
+        let hits = si.state.hits("fcm:");
+        if hits.len() >= 2 {
+            break hits;
+        }
+        assert!(Instant::now() < deadline, "no second FCM request: {hits:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_clean(&hits);
     assert_eq!((hits[0].status, hits[1].status), (429, 200));
     let waited = hits[1].at.duration_since(hits[0].at);

@@ -117,8 +117,12 @@ impl Apns {
         if let Some((until, why)) = self.refused.borrow().as_ref() {
             let now = Instant::now();
             if now < *until {
+                // Spread over another second: the pushes told this all come back at once
+                // otherwise, and each would ask Apple again.
+                let left = (*until - now).as_millis().min(u64::MAX as u128) as u64;
+                let spread = rand::random::<u64>() % (REFUSED_KEPT.as_millis() as u64 + 1);
                 return Outcome::Retry {
-                    retry_after_ms: Some((*until - now).as_millis().min(u64::MAX as u128) as u64),
+                    retry_after_ms: Some(left + spread),
                     reason: why.clone(),
                 };
             }

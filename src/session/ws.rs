@@ -266,7 +266,17 @@ impl WsSession {
                     ctx.stop();
                     return;
                 }
-                self.bad_frames += 1;
+                // Refusals for the node's state (a full queue, the disk reserve) are not the
+                // client's bad frames: a sender forwarding over its socket through such an
+                // episode is answered each time, never closed for it.
+                let ours = matches!(
+                    &e,
+                    crate::protocols::HandleError::QueueFull { .. }
+                        | crate::protocols::HandleError::Store(crate::store::StoreError::Full(_))
+                );
+                if !ours {
+                    self.bad_frames += 1;
+                }
                 if self.bad_frames >= MAX_BAD_FRAMES {
                     ctx.close(Some(ws::CloseReason {
                         code: ws::CloseCode::Policy,

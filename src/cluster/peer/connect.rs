@@ -104,7 +104,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 Err(HandshakeError::Evicted) => debug!(%addr, "pending cluster handshake evicted"),
                 Err(e) => {
                     me.count_handshake_error(&e);
-                    match me.warn_refused_now(&e) {
+                    match me.warn_refused_now(addr.ip(), &e) {
                         Some(0) => warn!(%addr, reason = %e, "inbound cluster connection refused"),
                         Some(n) => warn!(
                             %addr,

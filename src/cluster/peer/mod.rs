@@ -323,10 +323,14 @@ impl Shared {
         shared
     }
 
-    /// Whether an inbound connection refused with `e` is logged as a warning (the first of its
-    /// kind in [`REFUSED_WARN_EVERY`]), with how many of its kind were refused since the last
-    /// such warning.
-    pub(super) fn warn_refused_now(&self, e: &HandshakeError) -> Option<u64> {
+    /// Whether an inbound connection from `from` refused with `e` is logged as a warning:
+    /// always from the address of a configured peer (a peer refused for its secret or version
+    /// must be seen, whoever floods the port), else the first of its kind in
+    /// [`REFUSED_WARN_EVERY`]. With how many of its kind were refused since the last warning.
+    pub(super) fn warn_refused_now(&self, from: std::net::IpAddr, e: &HandshakeError) -> Option<u64> {
+        if self.state.lock().peers.values().any(|p| p.addr.ip() == from) {
+            return Some(0);
+        }
         let mut warned = self.refused_warned.lock();
         let now = Instant::now();
         match warned.get_mut(&std::mem::discriminant(e)) {

@@ -29,7 +29,7 @@ const UNKNOWN: u64 = u64::MAX;
 pub(super) struct Space {
     /// Bytes configured to stay free; 0: no reserve.
     configured: u64,
-    /// The reserve in force: `configured`, at most a quarter of the volume (set at the first
+    /// The reserve in force: `configured`, at most a quarter of the volume (set at each
     /// reading).
     reserve: AtomicU64,
     /// The last reading, bytes available ([`UNKNOWN`] before one).
@@ -51,28 +51,35 @@ impl Space {
     /// Reads the space available on the filesystem holding `dir`. A failed reading changes
     /// nothing (the store's own writes will say what is wrong).
     pub(super) fn sample(&self, dir: &Path) {
-        if self.free.load(SeqCst) == UNKNOWN {
-            if let Ok(total) = fs2::total_space(dir) {
-                self.size_for(total);
+        let read = || -> std::io::Result<(u64, u64, u64)> {
+            Ok((
+                fs2::total_space(dir)?,
+                fs2::free_space(dir)?,
+                fs2::available_space(dir)?,
+            ))
+        };
+        match read() {
+            Ok((total, free, available)) => {
+                // What the process can fill: the volume less the blocks kept for root.
+                self.size_for(total.saturating_sub(free.saturating_sub(available)));
+                self.record(available);
             }
-        }
-        match fs2::available_space(dir) {
-            Ok(free) => self.record(free),
             Err(e) => tracing::debug!(error = %e, "sled: free disk space not read"),
         }
     }
 
-    /// Bounds the reserve to a quarter of a volume of `total` bytes.
-    fn size_for(&self, total: u64) {
-        let reserve = self.configured.min(total / 4);
-        if reserve < self.configured {
+    /// Bounds the reserve to a quarter of a volume of which `fillable` bytes can be written
+    /// (read again each time: a volume may grow). Said when the bound changes.
+    fn size_for(&self, fillable: u64) {
+        let reserve = self.configured.min(fillable / 4);
+        let was = self.reserve.swap(reserve, SeqCst);
+        if reserve != was && reserve < self.configured {
             tracing::warn!(
-                volume_bytes = total,
+                volume_bytes = fillable,
                 reserve_bytes = reserve,
                 "sled: store.min_free_disk_mib is more than a quarter of the store's volume: the reserve is a quarter of it"
             );
         }
-        self.reserve.store(reserve, SeqCst);
     }
 
     fn record(&self, free: u64) {
