@@ -381,6 +381,54 @@ async fn a_long_retry_after_holds_the_push_across_its_claims() {
     );
 }
 
+/// A wallet pushed, then back (a live session) when its trailing push comes due, then gone
+/// again: the trailing push sends nothing and does not count as a push, so the next message
+/// wakes the wallet at once. Before, the window counted it, and that message waited for the
+/// window's end (4 s here; a minute by default).
+#[actix_rt::test]
+async fn a_trailing_push_that_finds_the_wallet_back_does_not_delay_the_next_one() {
+    use std::sync::atomic::Ordering::SeqCst;
+    const WINDOW: Duration = Duration::from_secs(4);
+    let si = StandIn::start();
+    let pc = si.push_config(WINDOW.as_secs(), &["proj-a"], false);
+    let (_dir, n, store) = EventAnswerLost::node(pc, false).await;
+    let (a, k, _) = registered_wallet(&n, "back-and-gone").await;
+    forward(&n, &a, &k, "one").await;
+    wait_hits(&si, "fcm:", 1).await;
+    // Folded into the trailing push, due a window after the first.
+    forward(&n, &a, &k, "two").await;
+    eventually("the first push ended", || async {
+        (store.claims_ended.load(SeqCst) >= 1).then_some(())
+    })
+    .await;
+    let mut ws = live_socket(&a, &n).await;
+    let mut got = 0;
+    while got < 2 {
+        got += receive_and_ack(&a, &mut ws).await;
+    }
+    // The trailing push comes due while the wallet is here: it ends, sending nothing.
+    eventually("the trailing push ended", || async {
+        (store.claims_ended.load(SeqCst) >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(si.state.hits("fcm:").len(), 1, "no push while the wallet was here");
+    ws.close().await;
+    eventually("session gone", || async {
+        let v = get_json(&format!("{}/status", n.admin_url())).await;
+        (v["sessions"] == 0).then_some(())
+    })
+    .await;
+    let sent = Instant::now();
+    forward(&n, &a, &k, "three").await;
+    let hits = wait_hits(&si, "fcm:", 2).await;
+    assert_clean(&hits);
+    let waited = hits[1].at.duration_since(sent);
+    assert!(
+        waited < WINDOW / 2,
+        "the next message's push came {waited:?} after it, not at once"
+    );
+}
+
 /// FCM UNREGISTERED and APNs 410 make the mediator forget the token.
 #[actix_rt::test]
 async fn dead_tokens_are_forgotten() {
@@ -1599,8 +1647,8 @@ impl mailroom::store::Store for EventAnswerLost {
         }
         self.inner.get_connection(id).await
     }
-    async fn push_done(&self, conn: &str, token: i64) -> mailroom::store::StoreResult<bool> {
-        let ended = self.inner.push_done(conn, token).await?;
+    async fn push_done(&self, conn: &str, token: i64, reopen_ms: Option<i64>) -> mailroom::store::StoreResult<bool> {
+        let ended = self.inner.push_done(conn, token, reopen_ms).await?;
         if ended {
             self.claims_ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }

@@ -952,20 +952,27 @@ async fn claimed_push(
         }
     };
     drop(slot);
-    if ended == Ended::ForGood {
-        if let Err(e) = ctx.store.push_done(&claim.conn, claim.token).await {
-            // Its claim runs out: another node (or this one) pushes again then.
-            tracing::warn!(connection = %claim.conn, "push not marked done: {e}");
-        }
+    let reopen = match ended {
+        Ended::ForGood => None,
+        // Not a push: the window is as if it had not been taken.
+        Ended::Nothing => Some(ctx.settings.min_interval_ms),
+        Ended::Unsent => return,
+    };
+    if let Err(e) = ctx.store.push_done(&claim.conn, claim.token, reopen).await {
+        // Its claim runs out: another node (or this one) pushes again then.
+        tracing::warn!(connection = %claim.conn, "push not marked done: {e}");
     }
 }
 
 /// How a push ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Ended {
-    /// Sent, nothing to send (a session, no registration, no mail), or given up for good (the
-    /// provider refused it or called the token dead).
+    /// Sent, nothing to send (no registration, the connection deleted or revoked), or given
+    /// up for good (the provider refused it or called the token dead).
     ForGood,
+    /// Nothing sent because nothing was to be woken: the wallet is back (a session), or a
+    /// trailing push found no mail queued. The window reopens ([`Store::push_done`]).
+    Nothing,
     /// Not sent for a reason that may pass (the store did not answer, the budget ran out, the
     /// provider kept failing past the tries).
     Unsent,
@@ -984,7 +991,7 @@ async fn push_one(ctx: &Ctx, conn: &str, push_id: Option<i64>, at: Instant, read
     let trailing = read_before.is_none();
     // The wallet may be back, or have picked up, since the event.
     if ctx.presence.online(conn).await {
-        return Ended::ForGood;
+        return Ended::Nothing;
     }
     // In the store as an event is: trailing pushes taken by one poll are many at once.
     let Ok(turn) = ctx.lookups.acquire().await else {
@@ -1033,7 +1040,7 @@ async fn push_one(ctx: &Ctx, conn: &str, push_id: Option<i64>, at: Instant, read
     };
     drop(turn);
     if trailing && count == 0 {
-        return Ended::ForGood;
+        return Ended::Nothing;
     }
     let ev = Event {
         id: push_id.map_or_else(crate::didcomm::message::new_id, |p| event_id(conn, p)),

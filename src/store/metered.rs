@@ -243,8 +243,9 @@ impl Store for Metered {
         )
         .await
     }
-    async fn push_done(&self, conn: &str, token: i64) -> StoreResult<bool> {
-        self.timed("push_done", self.inner.push_done(conn, token)).await
+    async fn push_done(&self, conn: &str, token: i64, reopen_ms: Option<i64>) -> StoreResult<bool> {
+        self.timed("push_done", self.inner.push_done(conn, token, reopen_ms))
+            .await
     }
 
     async fn first_sight(&self, digest: &[u8; 32], now_ms: i64, until_ms: i64) -> StoreResult<bool> {

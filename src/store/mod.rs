@@ -717,7 +717,13 @@ pub trait Store: Send + Sync + 'static {
     /// Ends the claim `token` on the push of `conn` (the push was sent, or given up for
     /// good), only while it is still that claim: a later claim, by this node or another,
     /// stays. Returns whether it ended one.
-    async fn push_done(&self, conn: &str, token: i64) -> StoreResult<bool>;
+    ///
+    /// With `reopen_ms` (the window's length): the push sent nothing (the wallet was back, or
+    /// had nothing queued), so it does not count as one. The window's last push moves back by
+    /// `reopen_ms` (the next event pushes at once, as if this push had not been taken), and a
+    /// trailing push scheduled since is due at once. Without it, a wallet that came back and
+    /// went again waited up to a window for the wake-up of its next message.
+    async fn push_done(&self, conn: &str, token: i64, reopen_ms: Option<i64>) -> StoreResult<bool>;
 
     // ---- replay protection ----
 

@@ -200,7 +200,7 @@ macro_rules! store_pass_through {
             -> Vec<$crate::store::PushClaim>);
     };
     (@method $i:ident push_done) => {
-        $crate::store_pass_through!(@fn $i push_done (conn: &'a str, token: i64) ['a] -> bool);
+        $crate::store_pass_through!(@fn $i push_done (conn: &'a str, token: i64, reopen_ms: Option<i64>) ['a] -> bool);
     };
     (@method $i:ident first_sight) => {
         $crate::store_pass_through!(@fn $i first_sight (digest: &'a [u8; 32], now_ms: i64, until_ms: i64) ['a]

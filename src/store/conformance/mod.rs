@@ -305,6 +305,10 @@ macro_rules! conformance {
                 backend::run(super::push_windows_are_shared).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_push_that_sent_nothing_reopens_its_window() {
+                backend::run(super::a_push_that_sent_nothing_reopens_its_window).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn trailing_push_claims_run_out() {
                 backend::run(super::trailing_push_claims_run_out).await
             }

@@ -425,7 +425,7 @@ async fn the_idle_window_cleanup_reads_only_idle_windows() {
         }
         let idle = NewClaim::until(T0 + 60_000);
         s.push_event("idle", T0, 1000, idle, None).await.unwrap();
-        assert!(s.push_done("idle", idle.token).await.unwrap());
+        assert!(s.push_done("idle", idle.token, None).await.unwrap());
         let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(conn_task);
         db.batch_execute("ANALYZE mailroom_push_windows").await.unwrap();
@@ -487,7 +487,7 @@ async fn a_claim_an_earlier_version_made_is_not_taken_as_an_earlier_push() {
         let c = "upgraded-conn";
         let first = NewClaim::until(T0 + 1_000);
         s.push_event(c, T0, 1000, first, None).await.unwrap();
-        assert!(s.push_done(c, first.token).await.unwrap());
+        assert!(s.push_done(c, first.token, None).await.unwrap());
         let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(conn_task);
         // An earlier version's push_event: a new push claimed, push_id and push_claim untouched.

@@ -56,6 +56,66 @@ pub async fn device_registrations(b: Arc<dyn Backend>) {
     assert_eq!(s.device_of("bad\0id").await.unwrap(), None);
 }
 
+/// A push that sent nothing (the wallet was back, or a trailing push found no mail) ends its
+/// claim and reopens the window: the next event pushes at once, and a trailing push scheduled
+/// meanwhile is due at once. Ended as sent, the window counts it.
+pub async fn a_push_that_sent_nothing_reopens_its_window(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    const W: i64 = 1000;
+    // Pushed at T0; an event inside the window schedules the trailing push at T0 + W.
+    let (c, other) = (new_id(), new_id());
+    for x in [&c, &other] {
+        assert_eq!(
+            s.push_event(x, T0, W, NewClaim::until(T0 + LEASE), None).await.unwrap(),
+            PushSlot::Now
+        );
+        assert!(matches!(
+            s.push_event(x, T0 + 10, W, NewClaim::until(T0 + LEASE), None)
+                .await
+                .unwrap(),
+            PushSlot::Trailing { .. }
+        ));
+    }
+    let due = T0 + W;
+    let taken = s.push_take_due(due, due + LEASE, 0, 100).await.unwrap();
+    assert_eq!(taken.len(), 2);
+    let token_of = |x: &str| taken.iter().find(|t| t.conn == x).unwrap().token;
+    // An event while the trailing pushes are under way: inside their (restarted) window.
+    for x in [&c, &other] {
+        assert_eq!(
+            s.push_event(x, due + 5, W, NewClaim::until(due + 5 + LEASE), None)
+                .await
+                .unwrap(),
+            PushSlot::Trailing { due_ms: due + W }
+        );
+    }
+    // `c`'s sent nothing: due at once, and the event after it pushes now.
+    assert!(s.push_done(&c, token_of(&c), Some(W)).await.unwrap());
+    assert!(!s.push_done(&c, token_of(&c), Some(W)).await.unwrap(), "ended once");
+    // `other`'s was sent: its trailing push waits for the window.
+    assert!(s.push_done(&other, token_of(&other), None).await.unwrap());
+    let again = s.push_take_due(due + 6, due + 6 + LEASE, 0, 100).await.unwrap();
+    assert_eq!(
+        conns_of(&again),
+        vec![c.clone()],
+        "only the reopened window's push is due"
+    );
+    assert!(s.push_done(&c, again[0].token, Some(W)).await.unwrap());
+    assert_eq!(
+        s.push_event(&c, due + 7, W, NewClaim::until(due + 7 + LEASE), None)
+            .await
+            .unwrap(),
+        PushSlot::Now,
+        "after a push that sent nothing, the next event pushes at once"
+    );
+    assert!(matches!(
+        s.push_event(&other, due + 7, W, NewClaim::until(due + 7 + LEASE), None)
+            .await
+            .unwrap(),
+        PushSlot::Trailing { .. }
+    ));
+}
+
 pub async fn push_windows_are_shared(b: Arc<dyn Backend>) {
     let n1 = b.open().await;
     let n2 = b.open().await;
@@ -100,7 +160,7 @@ pub async fn push_windows_are_shared(b: Arc<dyn Backend>) {
         .await
         .unwrap()
         .is_empty());
-    assert!(n2.push_done(&c, taken[0].token).await.unwrap(), "sent");
+    assert!(n2.push_done(&c, taken[0].token, None).await.unwrap(), "sent");
     // The trailing push restarted the window.
     assert_eq!(
         n2.push_event(&c, due + 1, 1000, NewClaim::until(due + 1 + LEASE), None)
@@ -199,9 +259,12 @@ pub async fn trailing_push_claims_run_out(b: Arc<dyn Backend>) {
     let second = second[0].token;
     assert_ne!(second, first);
     // The first claimer finishing late does not end the second claim.
-    assert!(!n1.push_done(&c, first).await.unwrap(), "a later claim is not ended");
     assert!(
-        !n1.push_done(&other, second).await.unwrap(),
+        !n1.push_done(&c, first, None).await.unwrap(),
+        "a later claim is not ended"
+    );
+    assert!(
+        !n1.push_done(&other, second, None).await.unwrap(),
         "another wallet's claim is not ended"
     );
     let t = due + LEASE;
@@ -242,10 +305,13 @@ pub async fn trailing_push_claims_run_out(b: Arc<dyn Backend>) {
     );
     assert_eq!(fourth[0].push_id, fourth[0].token, "events since: a new push");
     let fourth = fourth[0].token;
-    assert!(!n1.push_done(&c, third).await.unwrap(), "replaced by the fourth claim");
+    assert!(
+        !n1.push_done(&c, third, None).await.unwrap(),
+        "replaced by the fourth claim"
+    );
     // Done: the claim ends (once), and the push is not taken again.
-    assert!(n2.push_done(&c, fourth).await.unwrap());
-    assert!(!n2.push_done(&c, fourth).await.unwrap());
+    assert!(n2.push_done(&c, fourth, None).await.unwrap());
+    assert!(!n2.push_done(&c, fourth, None).await.unwrap());
     let t = t + 1000;
     assert!(n1
         .push_take_due(t + 10 * LEASE, t + 11 * LEASE, 0, 100)
@@ -286,7 +352,7 @@ pub async fn immediate_push_claims_run_out(b: Arc<dyn Backend>) {
             .unwrap(),
         PushSlot::Trailing { due_ms: T0 + 1000 }
     );
-    assert!(n1.push_done(&e, e_token).await.unwrap(), "e's push was sent");
+    assert!(n1.push_done(&e, e_token, None).await.unwrap(), "e's push was sent");
     assert!(n2
         .push_take_due(T0 + 1, T0 + 1 + LEASE, i64::MAX, 100)
         .await
@@ -297,7 +363,7 @@ pub async fn immediate_push_claims_run_out(b: Arc<dyn Backend>) {
     assert_eq!(conns_of(&taken), vec![e.clone()]);
     assert_eq!(taken[0].push_id, taken[0].token, "a trailing push is a new push");
     assert_ne!(taken[0].push_id, e_token);
-    assert!(n2.push_done(&e, taken[0].token).await.unwrap());
+    assert!(n2.push_done(&e, taken[0].token, None).await.unwrap());
     assert!(n2
         .push_take_due(T0 + LEASE - 1, T0 + 2 * LEASE, 0, 100)
         .await
@@ -308,8 +374,11 @@ pub async fn immediate_push_claims_run_out(b: Arc<dyn Backend>) {
     assert_eq!(conns_of(&again), vec![c.clone()]);
     assert_eq!(again[0].push_id, token, "the event's push, taken again: its id stays");
     assert_ne!(again[0].token, token);
-    assert!(!n1.push_done(&c, token).await.unwrap(), "the first claim was replaced");
-    assert!(n2.push_done(&c, again[0].token).await.unwrap());
+    assert!(
+        !n1.push_done(&c, token, None).await.unwrap(),
+        "the first claim was replaced"
+    );
+    assert!(n2.push_done(&c, again[0].token, None).await.unwrap());
     assert!(n1
         .push_take_due(T0 + 10 * LEASE, T0 + 11 * LEASE, 0, 100)
         .await
@@ -385,7 +454,7 @@ pub async fn push_windows_survive_a_reopen(b: Arc<dyn Backend>) {
             s.push_event(&pushed, T0, WINDOW, claim, None).await.unwrap(),
             PushSlot::Now
         );
-        assert!(s.push_done(&pushed, claim.token).await.unwrap());
+        assert!(s.push_done(&pushed, claim.token, None).await.unwrap());
         let later = s
             .push_event(&pushed, T0 + 100, WINDOW, NewClaim::until(T0 + 1_100), None)
             .await
@@ -409,7 +478,7 @@ pub async fn push_windows_survive_a_reopen(b: Arc<dyn Backend>) {
     let claim = NewClaim::until(T0 + 1_300);
     let fresh = s.push_event(&deleted, T0 + 300, WINDOW, claim, None).await.unwrap();
     assert_eq!(fresh, PushSlot::Now, "the window of a deleted connection came back");
-    assert!(s.push_done(&deleted, claim.token).await.unwrap());
+    assert!(s.push_done(&deleted, claim.token, None).await.unwrap());
     assert!(s
         .push_take_due(T0 + 4_999, T0 + 70_000, 0, 10)
         .await
@@ -428,5 +497,5 @@ pub async fn push_windows_survive_a_reopen(b: Arc<dyn Backend>) {
         vec![&pushed],
         "trailing push lost"
     );
-    assert!(s.push_done(&pushed, due[0].token).await.unwrap());
+    assert!(s.push_done(&pushed, due[0].token, None).await.unwrap());
 }

@@ -894,15 +894,19 @@ impl Store for PgStore {
             .collect())
     }
 
-    async fn push_done(&self, conn: &str, token: i64) -> StoreResult<bool> {
+    async fn push_done(&self, conn: &str, token: i64, reopen_ms: Option<i64>) -> StoreResult<bool> {
         if !storable(conn) {
             return Ok(false);
         }
+        // Every SET reads the row as it was (the last push of the claim, for the trailing push).
         let n = self
             .execute_retrying(
-                "UPDATE mailroom_push_windows SET claimed_until_ms = NULL, claim_token = NULL \
+                "UPDATE mailroom_push_windows SET claimed_until_ms = NULL, claim_token = NULL, \
+                     last_push_ms = CASE WHEN $3::bigint IS NULL THEN last_push_ms ELSE last_push_ms - $3 END, \
+                     trailing_due_ms = CASE WHEN $3::bigint IS NULL OR trailing_due_ms IS NULL THEN trailing_due_ms \
+                         ELSE LEAST(trailing_due_ms, last_push_ms) END \
                  WHERE conn_id = $1 AND claim_token = $2",
-                &[&conn, &token],
+                &[&conn, &token, &reopen_ms],
             )
             .await?;
         Ok(n > 0)

@@ -579,13 +579,13 @@ mod tests {
                 s.push_event("pushed", t0, WINDOW, c, None).await.unwrap(),
                 PushSlot::Now
             );
-            assert!(s.push_done("pushed", c.token).await.unwrap());
+            assert!(s.push_done("pushed", c.token, None).await.unwrap());
             let c = claim();
             assert_eq!(
                 s.push_event("trailing", t0, WINDOW, c, None).await.unwrap(),
                 PushSlot::Now
             );
-            assert!(s.push_done("trailing", c.token).await.unwrap());
+            assert!(s.push_done("trailing", c.token, None).await.unwrap());
             let folded = s.push_event("trailing", t0 + 1, WINDOW, claim(), None).await.unwrap();
             assert_eq!(folded, PushSlot::Trailing { due_ms: t0 + WINDOW });
             // Dropped without end_run: a crash.
@@ -595,7 +595,7 @@ mod tests {
         let c = claim();
         let wake = s.push_event("pushed", t0 + 2, WINDOW, c, None).await.unwrap();
         assert_eq!(wake, PushSlot::Now, "the wake-up after the crash is put off");
-        assert!(s.push_done("pushed", c.token).await.unwrap());
+        assert!(s.push_done("pushed", c.token, None).await.unwrap());
         let due = s.push_take_due(t0 + WINDOW, t0 + 2 * WINDOW, 0, 10).await.unwrap();
         let due: Vec<&str> = due.iter().map(|c| c.conn.as_str()).collect();
         assert_eq!(due, vec!["trailing"], "the trailing push is lost");

@@ -1018,7 +1018,7 @@ impl Store for SledStore {
         .await
     }
 
-    async fn push_done(&self, conn: &str, token: i64) -> StoreResult<bool> {
+    async fn push_done(&self, conn: &str, token: i64, reopen_ms: Option<i64>) -> StoreResult<bool> {
         let conn = conn.to_owned();
         self.blocking(move |inner| {
             let mut w = inner.push_windows.lock();
@@ -1029,7 +1029,15 @@ impl Store for SledStore {
             else {
                 return Ok(false);
             };
-            let ended = PushWindow { claim: None, ..p };
+            let ended = match reopen_ms {
+                None => PushWindow { claim: None, ..p },
+                Some(r) => PushWindow {
+                    claim: None,
+                    last_push_ms: p.last_push_ms.saturating_sub(r),
+                    trailing_due_ms: p.trailing_due_ms.map(|d| d.min(p.last_push_ms)),
+                    ..p
+                },
+            };
             // Not flushed: an end lost in a crash lets the claim run out and the push go once
             // more, as a node that died before ending it does (sled's own flush follows soon).
             inner
