@@ -954,8 +954,12 @@ async fn claimed_push(
     drop(slot);
     let reopen = match ended {
         Ended::ForGood => None,
-        // Not a push: the window is as if it had not been taken.
-        Ended::Nothing => Some(ctx.settings.min_interval_ms),
+        // Not a push: the window is as if it had not been taken. Unless this claim took the
+        // push again after an earlier claim ran out (its `push_id` is that claim's token): the
+        // earlier one may have sent it just before its node died or its budget ended, and the
+        // window must count that push.
+        Ended::Nothing if claim.push_id == claim.token => Some(ctx.settings.min_interval_ms),
+        Ended::Nothing => None,
         Ended::Unsent => return,
     };
     if let Err(e) = ctx.store.push_done(&claim.conn, claim.token, reopen).await {

@@ -722,7 +722,9 @@ pub trait Store: Send + Sync + 'static {
     /// had nothing queued), so it does not count as one. The window's last push moves back by
     /// `reopen_ms` (the next event pushes at once, as if this push had not been taken), and a
     /// trailing push scheduled since is due at once. Without it, a wallet that came back and
-    /// went again waited up to a window for the wake-up of its next message.
+    /// went again waited up to a window for the wake-up of its next message. (`reopen_ms` is
+    /// the caller's window length: during a rolling change of `min_interval_secs` a window
+    /// moves back by the new length.)
     async fn push_done(&self, conn: &str, token: i64, reopen_ms: Option<i64>) -> StoreResult<bool>;
 
     // ---- replay protection ----
