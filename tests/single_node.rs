@@ -901,21 +901,40 @@ async fn a_message_the_endpoint_refuses_does_not_hold_back_the_others() {
     let refused: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
     let refusals = Arc::new(AtomicUsize::new(0));
     let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-    let (q, f, r, c) = (all_queued.clone(), refused.clone(), received.clone(), refusals.clone());
+    // Every POST the stub answered: when, which body (its length and last bytes), what answer
+    // (shown if the test fails: it failed once, in CI, with the refused message POSTed twice).
+    let answered: Arc<Mutex<Vec<String>>> = Arc::default();
+    let started = std::time::Instant::now();
+    let (q, f, r, c, log) = (
+        all_queued.clone(),
+        refused.clone(),
+        received.clone(),
+        refusals.clone(),
+        answered.clone(),
+    );
     // The first message POSTed (once every forward is queued) is refused, every time.
     let (endpoint, handle) = endpoint_stub(move |body| {
+        let arrived = started.elapsed();
         wait_for(&q);
+        let tail = hex::encode(&body[body.len().saturating_sub(8)..]);
         let mut first = f.lock().unwrap();
-        match first.as_ref() {
-            Some(b) if *b != body => {}
-            _ => {
-                *first = Some(body);
-                c.fetch_add(1, Ordering::SeqCst);
-                return 400;
+        let status = match first.as_ref() {
+            Some(b) if *b != body => {
+                r.lock().unwrap().push(body.clone());
+                200
             }
-        }
-        r.lock().unwrap().push(body);
-        200
+            _ => {
+                *first = Some(body.clone());
+                c.fetch_add(1, Ordering::SeqCst);
+                400
+            }
+        };
+        log.lock().unwrap().push(format!(
+            "arrived {arrived:?}, answered {:?}: {} bytes ..{tail} -> {status}",
+            started.elapsed(),
+            body.len()
+        ));
+        status
     });
     let (a, k) = wallet_at_endpoint(&n, &endpoint).await;
     forward_many(&n, &a, &k, 4).await;
@@ -934,10 +953,12 @@ async fn a_message_the_endpoint_refuses_does_not_hold_back_the_others() {
         async move { (received.lock().unwrap().len() == 4).then_some(()) }
     })
     .await;
+    let posts = (endpoint_posts(&n, "ok").await, endpoint_posts(&n, "failed").await);
+    let answers = answered.lock().unwrap().join("\n");
     assert_eq!(
         refusals.load(Ordering::SeqCst),
         1,
-        "refused once, left for its lease to run out"
+        "refused once, left for its lease to run out; the stub answered:\n{answers}\nthe node's POSTs (ok, failed): {posts:?}"
     );
     assert_eq!(queue_depth(&n).await, 1);
     handle.stop(true).await;
