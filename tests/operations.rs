@@ -1024,13 +1024,7 @@ async fn the_longest_accepted_public_url_starts_the_node() {
         .output()
         .unwrap();
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"));
-    cmd.args(["run", "--config"])
-        .arg(&path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("err.log")).unwrap());
-    let _inherited = common::ports::inherit_systemd(&mut cmd, &[&listen, &admin]);
-    let child = std::cell::RefCell::new(cmd.spawn().unwrap());
+    let child = std::cell::RefCell::new(spawn_run(&path, &dir.path().join("err.log"), &[&listen, &admin]));
     let (child_ref, ready, log) = (&child, &format!("http://{admin}/ready"), &dir.path().join("err.log"));
     eventually("the node ready, or its exit", || async move {
         if let Some(status) = child_ref.borrow_mut().try_wait().unwrap() {
@@ -1086,6 +1080,18 @@ fn an_inherited_socket_the_config_does_not_name_is_refused() {
     assert!(err.contains("LISTEN_FDS") && err.contains(&stray), "{err}");
 }
 
+/// `mailroom run --config path`, its standard error in `err_log`, handed the held sockets of
+/// `addrs` (as systemd hands them).
+fn spawn_run(path: &std::path::Path, err_log: &std::path::Path, addrs: &[&str]) -> std::process::Child {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"));
+    cmd.args(["run", "--config"])
+        .arg(path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(err_log).unwrap());
+    let _inherited = common::ports::inherit_systemd(&mut cmd, addrs);
+    cmd.spawn().unwrap()
+}
+
 /// Why an operator hands the node its sockets: they outlive the process. A request made while
 /// no node runs (killed, about to be restarted by systemd) waits in the socket's backlog and is
 /// answered by the next node, instead of being refused.
@@ -1109,13 +1115,7 @@ async fn a_request_made_between_two_nodes_on_a_handed_over_socket_is_answered() 
     let start = || {
         common::ports::hold(public.try_clone().unwrap());
         common::ports::hold(admin.try_clone().unwrap());
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"));
-        cmd.args(["run", "--config"])
-            .arg(&path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("err.log")).unwrap());
-        let _inherited = common::ports::inherit_systemd(&mut cmd, &[&listen, &admin_addr]);
-        cmd.spawn().unwrap()
+        spawn_run(&path, &dir.path().join("err.log"), &[&listen, &admin_addr])
     };
     let invitation = format!("http://{listen}/invitation");
     let mut first = start();

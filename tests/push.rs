@@ -284,6 +284,17 @@ async fn retries_honour_retry_after_then_succeed() {
     );
 }
 
+/// `[push]` at `si` (a 60 s window, the webhook if `webhook`) with one try of 1 s per push, and
+/// the claim that gives: 1 try × 2 requests × 1 s + 5 s = 7 s.
+fn one_try(si: &StandIn, webhook: bool) -> (mailroom::push::PushConfig, Duration) {
+    let mut pc = si.push_config(60, &["proj-a"], webhook);
+    pc.max_attempts = 1;
+    pc.timeout_ms = 1000;
+    let claim = mailroom::push::claim_length(&pc.load().unwrap());
+    assert_eq!(claim, Duration::from_secs(7));
+    (pc, claim)
+}
+
 /// A push the provider keeps failing (503 on its only try) is not given up: its claim is left
 /// to run out and a poll takes the push again then, and sends it. Before, out of tries, the
 /// claim was ended and the wallet woken by nothing until its next message. The webhook, which
@@ -292,12 +303,7 @@ async fn retries_honour_retry_after_then_succeed() {
 #[actix_rt::test]
 async fn a_push_the_provider_kept_failing_is_sent_again_once_its_claim_ran_out() {
     let si = StandIn::start();
-    let mut pc = si.push_config(60, &["proj-a"], true);
-    pc.max_attempts = 1;
-    pc.timeout_ms = 1000;
-    // 1 try × 2 requests × 1 s + 5 s.
-    let claim = mailroom::push::claim_length(&pc.load().unwrap());
-    assert_eq!(claim, Duration::from_secs(7));
+    let (pc, claim) = one_try(&si, true);
     si.state.script(
         "fcm:proj-a",
         vec![Reply::new(
@@ -343,11 +349,7 @@ async fn a_push_the_provider_kept_failing_is_sent_again_once_its_claim_ran_out()
 #[actix_rt::test]
 async fn a_long_retry_after_holds_the_push_across_its_claims() {
     let si = StandIn::start();
-    let mut pc = si.push_config(60, &["proj-a"], false);
-    pc.max_attempts = 1;
-    pc.timeout_ms = 1000;
-    let claim = mailroom::push::claim_length(&pc.load().unwrap());
-    assert_eq!(claim, Duration::from_secs(7));
+    let (pc, _claim) = one_try(&si, false);
     // Past one claim (the retake at 7-8 s is held), short of two (sent at the 14-15 s retake).
     let told = Duration::from_secs(12);
     si.state.script(

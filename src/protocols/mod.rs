@@ -166,8 +166,8 @@ impl Mediator {
         // The public invitation's id is derived from the identity so every node serves the same.
         let invitation_id = uuid_from_bytes(&keys.did_key.public_bytes());
         // Infallible for keys read from an identity record (32-byte seeds) and a public URL the
-        // config accepts (at most `config::MAX_PUBLIC_URL_LEN`, so the DID is under the peer-DID
-        // cap: tested in `didcomm::v2`).
+        // config accepts (at most `config::MAX_PUBLIC_URL_LEN` bytes, each one byte in JSON, so
+        // the DID is under the peer-DID cap: tested in `didcomm::v2` and `config`).
         let v2 = v2::V2Identity::derive(&keys, &public_url, &public_ws_url).expect("v2 identity from valid seeds");
         if !crate::didcomm::v2::did::veramo_readable(&v2.did) {
             tracing::warn!(did = %v2.did, "public_url makes a did:peer:2 Veramo cannot resolve (avoid ?, > and ~ in it)");

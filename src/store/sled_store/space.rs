@@ -51,18 +51,13 @@ impl Space {
     /// Reads the space available on the filesystem holding `dir`. A failed reading changes
     /// nothing (the store's own writes will say what is wrong).
     pub(super) fn sample(&self, dir: &Path) {
-        let read = || -> std::io::Result<(u64, u64, u64)> {
-            Ok((
-                fs2::total_space(dir)?,
-                fs2::free_space(dir)?,
-                fs2::available_space(dir)?,
-            ))
-        };
-        match read() {
-            Ok((total, free, available)) => {
+        // One `statvfs` for the three figures.
+        match fs2::statvfs(dir) {
+            Ok(st) => {
                 // What the process can fill: the volume less the blocks kept for root.
-                self.size_for(total.saturating_sub(free.saturating_sub(available)));
-                self.record(available);
+                let kept_for_root = st.free_space().saturating_sub(st.available_space());
+                self.size_for(st.total_space().saturating_sub(kept_for_root));
+                self.record(st.available_space());
             }
             Err(e) => tracing::debug!(error = %e, "sled: free disk space not read"),
         }
