@@ -2578,6 +2578,50 @@ async fn through_nginx_in_front_of_three_nodes() {
     wait_hits(&si, "fcm:", before + 1).await;
 }
 
+/// Two wallets of one mediator: each message acts on the connection of the key that
+/// authcrypted it. B reads only its own registration and replaces only its own; an anoncrypted
+/// `set-device-info` (nobody's key) acts on no connection and is refused. A's token stays A's.
+#[actix_rt::test]
+async fn a_wallet_reads_and_replaces_only_its_own_device_registration() {
+    let si = StandIn::start();
+    let (_d, n, a, _k) = push_node(&si, 60, &["proj-a"], false).await;
+    let (b, _kb) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    set_device(&a, FCM, json!("token-of-a"), Some("android")).await;
+    let seen_by_b = get_device(&b, FCM).await;
+    assert_eq!(
+        seen_by_b["description"]["code"], "not-registered-for-push-notifications",
+        "B sees no registration, not A's: {seen_by_b}"
+    );
+    assert_eq!(type_name(&set_device(&b, FCM, json!("token-of-b"), None).await), "ack");
+    assert_eq!(
+        set_device(&b, FCM, json!(""), None).await["@type"]
+            .as_str()
+            .map(|t| t.ends_with("/ack")),
+        Some(true)
+    );
+    // Anoncrypted to the mediator: no sender key, so no connection to act on.
+    let anon = json!({
+        "@type": format!("https://didcomm.org/{FCM}/1.0/set-device-info"),
+        "@id": new_id(),
+        "device_token": "token-of-a-stranger",
+        "device_platform": "android",
+        "~transport": { "return_route": "all" },
+    });
+    let env = mailroom::didcomm::envelope::pack(
+        &serde_json::to_vec(&anon).unwrap(),
+        std::slice::from_ref(&a.mediator_verkey),
+        None,
+    )
+    .unwrap();
+    let (status, _) = post_raw(&n.public_url(), "application/didcomm-envelope-enc", env).await;
+    assert!(
+        (400..500).contains(&status),
+        "an anoncrypted registration answered {status}"
+    );
+    let info = get_device(&a, FCM).await;
+    assert_eq!(info["device_token"], "token-of-a", "{info}");
+}
+
 /// Only a connection the mediator mediates for may register a device: one that never asked
 /// for mediation (or whose mediation was revoked) gets a problem report and registers
 /// nothing, so a stranger cannot have someone else's device pushed from connections of its own.
