@@ -449,6 +449,9 @@ struct FailingRemovals {
     /// Routed enqueues (forwards) take this long, and how many are under way.
     slow_forwards_ms: std::sync::atomic::AtomicU64,
     forwards_under_way: std::sync::atomic::AtomicUsize,
+    /// The next lookup of a connection by this peer key deletes the connection it finds
+    /// once it has been read: the operator's `DELETE /connections/{id}` landing just after.
+    delete_after_lookup: std::sync::Mutex<Option<String>>,
 }
 
 impl FailingRemovals {
@@ -489,9 +492,20 @@ impl Store for FailingRemovals {
         self.forwards_under_way.fetch_sub(1, Ordering::SeqCst);
         r
     }
+    async fn connection_by_their_verkey(&self, verkey: &str) -> StoreResult<Option<Connection>> {
+        let found = self.inner.connection_by_their_verkey(verkey).await?;
+        let armed = {
+            let mut d = self.delete_after_lookup.lock().unwrap();
+            (d.as_deref() == Some(verkey)).then(|| d.take())
+        };
+        if let (Some(_), Some(c)) = (armed, &found) {
+            self.inner.delete_connection(&c.id).await?;
+        }
+        Ok(found)
+    }
     mailroom::store_pass_through!(inner:
         backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
-        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        use_invitation, update_connection, connection_by_thread,
         list_connections, keys_of, route, route_long_forms, enqueue, lease, ack_leased, release,
         release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued, connections_with_pending,
         pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run, lease_for_key, pending_stats,
@@ -526,11 +540,50 @@ async fn node_on_failing_removals_with(strategy: Strategy) -> NodeOnFailingRemov
         fail_removals: AtomicBool::new(false),
         slow_forwards_ms: Default::default(),
         forwards_under_way: Default::default(),
+        delete_after_lookup: Default::default(),
     });
     let n = start_on(&cfg, store.clone());
     let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
     let id = common::cluster::a_connection_id(&n).await;
     (dir, n, store, a, k, id)
+}
+
+/// A DIDComm v2 wallet rotates its DID (`from_prior`) while the operator deletes its
+/// connection: the delete lands after the rotation read the connection. The rotation wrote
+/// back the record it had read, and the deleted wallet was back, with its mediation granted
+/// and its new DID routed. It is a patch of the stored record now, which finds nothing.
+#[actix_rt::test]
+async fn a_rotation_racing_the_operators_delete_does_not_bring_the_connection_back() {
+    let (_dir, n, store, _a, _k, _id) = node_on_failing_removals_with(Strategy::QueueAndLiveModeDelivery).await;
+    let v = get_json(&format!("{}/invitation?didcomm=v2", n.public_url())).await;
+    let m = mailroom::client::v2::V2Mediator::from_invitation_url(v["invitation_url"].as_str().unwrap()).unwrap();
+    let mut w = mailroom::client::v2::V2Agent::new(m).unwrap();
+    w.onboard().await.unwrap();
+    let old = w.did.clone();
+    let up = w.update("3.0", std::slice::from_ref(&old), &[]).await.unwrap();
+    assert_eq!(up[0]["result"], "success", "{up:?}");
+    let id = store.connection_by_their_verkey(&old).await.unwrap().unwrap().id;
+
+    let new = w.rotate().unwrap();
+    *store.delete_after_lookup.lock().unwrap() = Some(old.clone());
+    let status = w.message("https://didcomm.org/messagepickup/3.0/status-request", json!({}));
+    let (st, report) = w.post(&status).await.unwrap();
+    assert!(
+        store.delete_after_lookup.lock().unwrap().is_none(),
+        "the rotation read the connection"
+    );
+    assert_eq!(st, 403, "{report:?}");
+    assert_eq!(
+        store.get_connection(&id).await.unwrap(),
+        None,
+        "the deleted connection is back"
+    );
+    assert_eq!(store.connection_by_their_verkey(&new).await.unwrap(), None);
+    assert_eq!(store.route(&new).await.unwrap(), None, "the new DID routes nowhere");
+    assert_eq!(store.route(&old).await.unwrap(), None);
+    // Its next message finds no connection either.
+    let (st, _) = w.post(&status).await.unwrap();
+    assert_eq!(st, 403);
 }
 
 async fn revoke(n: &mailroom::node::RunningNode, id: &str) -> (u16, Value) {

@@ -546,6 +546,9 @@ impl From<StoreError> for HandleError {
         match e {
             StoreError::QueueFull { pending, bytes } => HandleError::QueueFull { pending, bytes },
             StoreError::KeyTaken(k) => HandleError::KeyTaken(k),
+            // The connection the message acts on was deleted while it was handled (the
+            // operator's `DELETE /connections/{id}`): no retry will find it.
+            StoreError::NotFound => HandleError::NoConnection,
             other => HandleError::Store(other),
         }
     }

@@ -121,11 +121,7 @@ pub async fn set_device_info(m: &Mediator, ctx: &Inbound, service: PushService) 
         platform: if service == PushService::Apns { None } else { platform },
         updated_at_ms: now_ms(),
     });
-    match m.store.set_device(&conn.id, device.as_ref()).await {
-        Ok(()) => {}
-        Err(crate::store::StoreError::NotFound) => return Err(HandleError::NoConnection),
-        Err(e) => return Err(e.into()),
-    }
+    m.store.set_device(&conn.id, device.as_ref()).await?;
     tracing::info!(
         connection = %conn.id,
         service = service.as_str(),

@@ -108,6 +108,12 @@ pub struct Identity {
 pub struct ConnectionPatch {
     pub state: Option<String>,
     pub mediation: Option<MediationState>,
+    /// A DID rotation (DIDComm v2 `from_prior`), `(old, new)`: the peer's DID becomes `new`,
+    /// which replaces `old` among its peer keys (or joins them). The peer-key index follows;
+    /// a `new` another connection holds refuses the whole patch with
+    /// [`StoreError::KeyTaken`]. Made here, not by writing back a record read before, so a
+    /// connection deleted meanwhile stays deleted.
+    pub rotate_did: Option<(String, String)>,
     pub updated_at_ms: i64,
 }
 
@@ -115,6 +121,20 @@ impl ConnectionPatch {
     pub fn apply(&self, c: &mut Connection) {
         if let Some(s) = &self.state {
             c.state = s.clone();
+        }
+        if let Some((old, new)) = &self.rotate_did {
+            c.their_did = Some(new.clone());
+            let mut keys: Vec<String> = Vec::with_capacity(c.their_verkeys.len() + 1);
+            for k in c.their_verkeys.drain(..) {
+                let k = if k == *old { new.clone() } else { k };
+                if !keys.contains(&k) {
+                    keys.push(k);
+                }
+            }
+            if !keys.contains(new) {
+                keys.push(new.clone());
+            }
+            c.their_verkeys = keys;
         }
         // A revocation is final: a grant read before it (a mediate-request racing with the
         // operator's `POST /connections/{id}/mediation`) does not undo it. Applied under the
@@ -537,7 +557,10 @@ pub trait Store: Send + Sync + 'static {
     /// Claims an invitation for a handshake; a single-use one is claimed once, atomically
     /// across every node sharing the store.
     async fn use_invitation(&self, id: &str) -> StoreResult<InvitationUse>;
-    /// Applies `patch` to the stored connection atomically; `None` when there is none.
+    /// Applies `patch` to the stored connection atomically; `None` when there is none
+    /// (nothing written: a patch never creates a connection). Its peer keys changed by the
+    /// patch move in the peer-key index as [`Store::put_connection`] moves them, and the same
+    /// [`StoreError::KeyTaken`] refuses it (nothing written).
     async fn update_connection(&self, id: &str, patch: &ConnectionPatch) -> StoreResult<Option<Connection>>;
     /// The connection one of whose `their_verkeys` is `verkey` (at most one: see
     /// [`Store::put_connection`]).

@@ -15,7 +15,7 @@ use super::Inbound;
 use crate::didcomm::v2::did::{self, Purpose};
 use crate::didcomm::v2::jws;
 use crate::protocols::{now_ms, HandleError, Mediator};
-use crate::store::KeyUpdate;
+use crate::store::{ConnectionPatch, KeyUpdate};
 
 fn refused(why: impl Into<String>) -> HandleError {
     HandleError::Rotation(why.into())
@@ -101,23 +101,25 @@ pub async fn apply(m: &Mediator, ctx: &mut Inbound) -> Result<(), HandleError> {
             return Err(refused("the new DID is registered by another connection"));
         }
     }
-    let mut c = old.clone();
-    c.their_did = Some(new_did.clone());
-    c.their_verkeys = c
-        .their_verkeys
-        .iter()
-        .map(|k| if *k == old_did { new_did.clone() } else { k.clone() })
-        .collect();
-    if !c.their_verkeys.contains(&new_did) {
-        c.their_verkeys.push(new_did.clone());
-    }
-    c.updated_at_ms = now_ms();
-    if let Err(e) = m.store.put_connection(&c).await {
-        if let Some((add, _)) = &moved {
-            let _ = m.store.update_keys(&old.id, &[], std::slice::from_ref(add)).await;
+    // A patch of the stored record, not the copy read above written back: a connection the
+    // operator deleted meanwhile is not put back, and a change made meanwhile stays.
+    let patch = ConnectionPatch {
+        rotate_did: Some((old_did.clone(), new_did.clone())),
+        updated_at_ms: now_ms(),
+        ..ConnectionPatch::default()
+    };
+    let c = match m.store.update_connection(&old.id, &patch).await {
+        Ok(Some(c)) => c,
+        gone_or_failed => {
+            if let Some((add, _)) = &moved {
+                let _ = m.store.update_keys(&old.id, &[], std::slice::from_ref(add)).await;
+            }
+            return Err(match gone_or_failed {
+                Err(e) => e.into(),
+                Ok(_) => HandleError::NoConnection,
+            });
         }
-        return Err(e.into());
-    }
+    };
     if let Some((_, remove)) = &moved {
         m.store.update_keys(&old.id, &[], remove).await?;
     }

@@ -568,6 +568,72 @@ pub async fn revoking_mediation_is_one_step(b: Arc<dyn Backend>) {
     assert_eq!(s.route(&ke).await.unwrap(), None);
 }
 
+/// A DID rotation is a patch of the stored record: the peer-key index follows it, a new DID
+/// another connection holds refuses it whole, and a connection deleted before it is not put
+/// back (a rotation racing the operator's `DELETE /connections/{id}`).
+pub async fn a_rotation_patch_moves_peer_keys_and_creates_nothing(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let id = new_id();
+    let mut c = conn(&id);
+    c.their_did = Some("did:old".into());
+    c.their_verkeys = vec!["did:old".into(), "kept".into()];
+    s.put_connection(&c).await.unwrap();
+    let rotate = |old: &str, new: &str| ConnectionPatch {
+        rotate_did: Some((old.into(), new.into())),
+        updated_at_ms: T0 + 5,
+        ..ConnectionPatch::default()
+    };
+    let holder = |k: &'static str| {
+        let s = s.clone();
+        async move { s.connection_by_their_verkey(k).await.unwrap().map(|c| c.id) }
+    };
+    let after = s
+        .update_connection(&id, &rotate("did:old", "did:new"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.their_did.as_deref(), Some("did:new"));
+    assert_eq!(after.their_verkeys, vec!["did:new".to_string(), "kept".into()]);
+    assert_eq!(s.get_connection(&id).await.unwrap(), Some(after.clone()));
+    assert_eq!(holder("did:new").await, Some(id.clone()));
+    assert_eq!(holder("did:old").await, None);
+    assert_eq!(holder("kept").await, Some(id.clone()));
+    // Again (a wallet repeats its from_prior until it hears from the new DID): no change.
+    let again = s
+        .update_connection(&id, &rotate("did:old", "did:new"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.their_verkeys, after.their_verkeys);
+
+    // Onto a DID another connection holds: refused, nothing written.
+    let other = new_conn(&s).await;
+    let taken = format!("theirs-{other}");
+    match s.update_connection(&id, &rotate("did:new", &taken)).await {
+        Err(StoreError::KeyTaken(k)) => assert_eq!(k, taken),
+        r => panic!("a rotation onto another connection's key: {r:?}"),
+    }
+    assert_eq!(
+        s.get_connection(&id).await.unwrap().map(|c| c.their_verkeys),
+        Some(again.their_verkeys)
+    );
+    assert_eq!(holder("did:new").await, Some(id.clone()));
+    assert_eq!(
+        s.connection_by_their_verkey(&taken).await.unwrap().map(|c| c.id),
+        Some(other)
+    );
+
+    // Deleted first: the rotation finds nothing and writes nothing.
+    assert!(s.delete_connection(&id).await.unwrap().connection);
+    assert_eq!(
+        s.update_connection(&id, &rotate("did:new", "did:newer")).await.unwrap(),
+        None
+    );
+    assert_eq!(s.get_connection(&id).await.unwrap(), None);
+    assert_eq!(holder("did:newer").await, None);
+    assert_eq!(holder("did:new").await, None);
+}
+
 /// A peer key is claimed by one connection across every handle (node) of the store, even
 /// when two claim it at once.
 pub async fn peer_keys_are_unique_across_nodes(b: Arc<dyn Backend>) {

@@ -149,6 +149,10 @@ macro_rules! conformance {
                 backend::run(super::connection_patches_do_not_overwrite_each_other).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_rotation_patch_moves_peer_keys_and_creates_nothing() {
+                backend::run(super::a_rotation_patch_moves_peer_keys_and_creates_nothing).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn single_use_invitations_are_claimed_once() {
                 backend::run(super::single_use_invitations_are_claimed_once).await
             }

@@ -180,13 +180,42 @@ impl Store for PgStore {
         };
         let data: String = row.get(0);
         let mut conn: Connection = serde_json::from_str(&data).map_err(json_err)?;
+        let before = conn.their_verkeys.clone();
         patch.apply(&mut conn);
+        check_connection(&conn)?;
         let data = serde_json::to_string(&conn).map_err(json_err)?;
         b.run(tx.execute(
             "UPDATE mailroom_connections SET data = $2, written = nextval('mailroom_connection_writes') WHERE id = $1",
             &[&id, &data],
         ))
         .await?;
+        let gone: Vec<&str> = before
+            .iter()
+            .filter(|k| !conn.their_verkeys.contains(k))
+            .map(String::as_str)
+            .collect();
+        let added: Vec<&String> = conn.their_verkeys.iter().filter(|k| !before.contains(k)).collect();
+        if !gone.is_empty() {
+            b.run(tx.execute(
+                "DELETE FROM mailroom_connection_verkeys WHERE conn_id = $1 AND verkey = ANY($2)",
+                &[&id, &gone],
+            ))
+            .await?;
+        }
+        for k in added {
+            // As in `put_connection`: the key's primary key makes the claim atomic across
+            // nodes; dropping the transaction rolls the whole patch back.
+            let n = b
+                .run(tx.execute(
+                    "INSERT INTO mailroom_connection_verkeys (verkey, conn_id) VALUES ($1, $2) \
+                     ON CONFLICT (verkey) DO NOTHING",
+                    &[k, &id],
+                ))
+                .await?;
+            if n == 0 {
+                return Err(StoreError::KeyTaken(k.clone()));
+            }
+        }
         b.run(tx.commit()).await?;
         Ok(Some(conn))
     }

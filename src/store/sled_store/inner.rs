@@ -397,6 +397,19 @@ impl Inner {
         i64::try_from(id + 1).map_err(|_| corrupt("id space exhausted"))
     }
 
+    /// Whether a connection other than `id` holds peer key `key` (read under `meta_lock`, the
+    /// lock of every connection write, for the answer to hold until the caller writes).
+    pub(super) fn holder_other_than(&self, key: &str, id: &str) -> StoreResult<bool> {
+        let prefix = super::records::conn_prefix(key);
+        for kv in self.by_verkey.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(unavailable)?;
+            if &k[prefix.len()..] != id.as_bytes() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     pub(super) fn get_conn(&self, id: &str) -> StoreResult<Option<Connection>> {
         match self.conns.get(id.as_bytes()).map_err(unavailable)? {
             Some(v) => Ok(Some(decode_conn(&v)?)),

@@ -84,12 +84,8 @@ impl Store for SledStore {
             let _g = inner.meta_lock.lock();
             // Every connection write holds meta_lock: the check and the write are one step.
             for k in &c.their_verkeys {
-                let prefix = conn_prefix(k);
-                for kv in inner.by_verkey.scan_prefix(&prefix) {
-                    let (key, _) = kv.map_err(unavailable)?;
-                    if &key[prefix.len()..] != c.id.as_bytes() {
-                        return Err(StoreError::KeyTaken(k.clone()));
-                    }
+                if inner.holder_other_than(k, &c.id)? {
+                    return Err(StoreError::KeyTaken(k.clone()));
                 }
             }
             let old = inner.get_conn(&c.id)?;
@@ -177,11 +173,26 @@ impl Store for SledStore {
             let Some(mut c) = inner.get_conn(&id)? else {
                 return Ok(None);
             };
+            let before = c.their_verkeys.clone();
             patch.apply(&mut c);
+            let gone: Vec<&String> = before.iter().filter(|k| !c.their_verkeys.contains(k)).collect();
+            let added: Vec<&String> = c.their_verkeys.iter().filter(|k| !before.contains(k)).collect();
+            check_connection(&c)?;
+            for k in &added {
+                if inner.holder_other_than(k, &id)? {
+                    return Err(StoreError::KeyTaken((*k).clone()));
+                }
+            }
             let bytes = serde_json::to_vec(&c).map_err(|e| StoreError::Corrupt(format!("connection: {e}")))?;
             let seq = inner.db.generate_id().map_err(unavailable)?.to_be_bytes();
-            (&inner.conns, &inner.by_thread)
-                .transaction(|(conns, by_thread)| {
+            (&inner.conns, &inner.by_verkey, &inner.by_thread)
+                .transaction(|(conns, by_verkey, by_thread)| {
+                    for k in &gone {
+                        by_verkey.remove(pair_key(k, &id))?;
+                    }
+                    for k in &added {
+                        by_verkey.insert(pair_key(k, &id), &seq[..])?;
+                    }
                     stamp_thread(by_thread, &c, &seq)?;
                     conns.insert(id.as_bytes(), bytes.as_slice())?;
                     Ok::<_, ConflictableTransactionError<StoreError>>(())
