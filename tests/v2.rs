@@ -1035,6 +1035,81 @@ async fn a_key_registered_in_one_did_key_form_cannot_be_claimed_in_another() {
     assert_eq!(attacker.status(None).await.unwrap(), 0);
 }
 
+/// The X25519 did:key of the Ed25519 did:key `dk`.
+fn x25519_did_key(dk: &str) -> String {
+    let x = mailroom::didcomm::v2::keys::did_key_equivalents(dk)
+        .into_iter()
+        .find(|d| d.starts_with("did:key:z6LS"));
+    x.unwrap_or_else(|| panic!("no X25519 form of {dk}"))
+}
+
+/// pickup 2.0 status-request of a v1 wallet -> message_count.
+async fn v1_pending(a: &Agent) -> u64 {
+    let st = a.request(&pickup("status-request", json!({}))).await.unwrap();
+    let st = st.expect("a status");
+    st["message_count"].as_u64().unwrap_or_else(|| panic!("{st}"))
+}
+
+/// DIDComm v1 stores a recipient key as its base58 verkey, v2 as a did:key: one Ed25519 key,
+/// two strings. A key one wallet registered over one version is refused to another
+/// connection over the other, in any form (did:key with or without a fragment, its X25519
+/// did:key, base58), both ways; and forwards to it reach its wallet, never the other.
+#[actix_rt::test]
+async fn a_key_registered_over_one_didcomm_version_cannot_be_claimed_over_the_other() {
+    use mailroom::didcomm::keys::KeyPair;
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let v1s = mailroom::client::Sender::new();
+
+    // v1 first: a v1 wallet registered its key (stored base58); a v2 connection claims it.
+    let (v1, k1) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let mut attacker = V2Agent::new(m.clone()).unwrap();
+    let own = attacker.onboard().await.unwrap();
+    let dk = k1.did_key();
+    for form in [
+        dk.clone(),
+        format!("{dk}#{}", &dk["did:key:".len()..]),
+        x25519_did_key(&dk),
+    ] {
+        let up = attacker.update("3.0", std::slice::from_ref(&form), &[]).await.unwrap();
+        assert_eq!(up[0]["result"], "client_error", "{form}: {up:?}");
+    }
+    assert_eq!(recipient_dids(&attacker).await, vec![own]);
+    let routing = v1.grant.clone().unwrap().routing_keys;
+    let url = n.public_url();
+    let code = v1s.forward(&url, &basic_message("to-v1"), &k1.verkey(), &routing).await;
+    assert_eq!(code.unwrap(), 202);
+    assert_eq!(forward_opaque(&m, &dk, "to-v1-as-did").await, 404, "no v2 route");
+    assert_eq!(v1_pending(&v1).await, 1);
+    assert_eq!(attacker.status(None).await.unwrap(), 0);
+
+    // v2 first: a v2 wallet registered a key as its did:key and another as its X25519
+    // did:key; a v1 connection claims them (base58 or did:key, stored base58).
+    let mut victim = V2Agent::new(m.clone()).unwrap();
+    victim.onboard().await.unwrap();
+    let (ed, xk) = (KeyPair::generate(), KeyPair::generate());
+    let (ded, dx) = (ed.did_key(), x25519_did_key(&xk.did_key()));
+    let up = victim.update("3.0", &[ded.clone(), dx.clone()], &[]).await.unwrap();
+    assert!(up.iter().all(|u| u["result"] == "success"), "{up:?}");
+    let (v1_attacker, _) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    for key in [ed.verkey(), ded.clone(), xk.verkey(), xk.did_key()] {
+        let up = v1_attacker
+            .keylist_update(std::slice::from_ref(&key), &[])
+            .await
+            .unwrap();
+        assert_eq!(up[0]["result"], "client_error", "{key}: {up:?}");
+    }
+    assert_eq!(forward_opaque(&m, &ded, "to-v2-ed").await, 202);
+    assert_eq!(forward_opaque(&m, &dx, "to-v2-x").await, 202);
+    assert_eq!(victim.status(None).await.unwrap(), 2);
+    let routing = v1_attacker.grant.clone().unwrap().routing_keys;
+    for key in [ed.verkey(), xk.verkey()] {
+        let code = v1s.forward(&url, &basic_message("to-v2-over-v1"), &key, &routing).await;
+        assert_eq!(code.unwrap(), 404, "no v1 route to {key}");
+    }
+    assert_eq!(v1_pending(&v1_attacker).await, 0);
+}
+
 /// A did:peer:4 (long form, short form) with a made-up document: a recipient DID as a wallet
 /// registers it (the mediator reads nothing in it but its hash).
 fn peer4() -> (String, String) {

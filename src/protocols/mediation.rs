@@ -2,8 +2,10 @@
 //! keylist-update-response, keylist-query -> keylist.
 //!
 //! A key another connection already holds is refused (`client_error`): Credo's and ACA-Py's
-//! mediators accept it and then drop every forward to it while the sender gets 200.
+//! mediators accept it and then drop every forward to it while the sender gets 200. So is one
+//! a DIDComm v2 connection holds as a did:key (in any of its forms).
 
+use super::v2::routing::held_as_did_key;
 use super::{problem, HandleError, Inbound, Mediator, Outcome};
 use crate::didcomm::keys::normalize_verkey;
 use crate::store::{ConnectionPatch, KeyUpdate, MediationState};
@@ -122,9 +124,20 @@ pub async fn keylist_update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, Hand
         let norm = normalize_verkey(&raw).map_err(|e| e.to_string());
         items.push((raw, norm, action));
     }
+    // A key another connection holds as a DIDComm v2 recipient DID (a did:key form of it) is
+    // refused as one it holds in base58 (the store sees only the exact string).
+    // Looked up on adds only, never on a forward.
+    let (mut checked, mut held_as_did) = (HashSet::new(), HashSet::new());
+    for (_, n, a) in &items {
+        if let (Ok(k), "add") = (n, a.as_str()) {
+            if checked.insert(k) && held_as_did_key(m, &conn.id, k).await?.is_some() {
+                held_as_did.insert(k.clone());
+            }
+        }
+    }
     let add: Vec<String> = items
         .iter()
-        .filter(|(_, n, a)| a == "add" && n.is_ok())
+        .filter(|(_, n, a)| a == "add" && n.as_ref().is_ok_and(|k| !held_as_did.contains(k)))
         .filter_map(|(_, n, _)| n.clone().ok())
         .collect();
     let remove: Vec<String> = items
@@ -155,6 +168,10 @@ pub async fn keylist_update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, Hand
         let result = match (norm, action.as_str()) {
             (Err(_), _) => "client_error",
             (Ok(_), a) if a != "add" && a != "remove" => "client_error",
+            (Ok(k), "add") if held_as_did.contains(k) => {
+                tracing::warn!(connection = %conn.id, key = %k, "keylist-update refused: key held by another connection as a DID");
+                "client_error"
+            }
             (Ok(k), _) => match results.iter().find(|(rk, _)| rk == k).map(|(_, r)| r) {
                 Some(KeyUpdate::Added) | Some(KeyUpdate::Removed) => "success",
                 Some(KeyUpdate::AlreadyAdded) | Some(KeyUpdate::NotFound) => "no_change",
@@ -209,4 +226,67 @@ pub async fn keylist_query(m: &Mediator, ctx: &Inbound) -> Result<Outcome, Handl
         replies: vec![reply],
         ..Outcome::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::didcomm::keys::KeyPair;
+    use crate::protocols::{granted_connection_for_test, mediator_for_test};
+
+    /// A keylist-update of `conn` adding `key`: its result.
+    async fn add(m: &Mediator, conn: &crate::store::Connection, key: &str) -> String {
+        let msg = json!({
+            "@type": "https://didcomm.org/coordinate-mediation/1.0/keylist-update",
+            "@id": "u-1",
+            "updates": [{ "recipient_key": key, "action": "add" }],
+        });
+        let ctx = Inbound::for_test(msg, Some("theirs"), Some(conn));
+        let out = keylist_update(m, &ctx).await.unwrap();
+        out.replies[0]["updated"][0]["result"].as_str().unwrap().to_string()
+    }
+
+    /// A key a connection holds as a DIDComm v2 recipient DID, in any did:key form of it, is
+    /// refused to another connection in base58 (the form v1 stores); the holder itself may
+    /// add it.
+    #[actix_rt::test]
+    async fn a_key_held_as_a_did_key_by_another_connection_is_refused() {
+        let (m, c1) = mediator_for_test().await;
+        let c2 = granted_connection_for_test("c2", "ours", "theirs-2");
+        m.store.put_connection(&c2).await.unwrap();
+        let keys: Vec<KeyPair> = (0..3).map(|_| KeyPair::generate()).collect();
+        let held = |k: &KeyPair, i: usize| {
+            let dk = k.did_key();
+            match i {
+                0 => dk,
+                1 => format!("{dk}#{}", &dk["did:key:".len()..]),
+                _ => crate::didcomm::v2::keys::did_key_equivalents(&dk)
+                    .into_iter()
+                    .find(|d| d.starts_with("did:key:z6LS"))
+                    .unwrap(),
+            }
+        };
+        for (i, k) in keys.iter().enumerate() {
+            let form = held(k, i);
+            let r = m
+                .store
+                .update_keys(&c1.id, std::slice::from_ref(&form), &[])
+                .await
+                .unwrap();
+            assert_eq!(r[0].1, KeyUpdate::Added, "{form}");
+            for key in [k.verkey(), k.did_key()] {
+                assert_eq!(add(&m, &c2, &key).await, "client_error", "{form}: {key}");
+            }
+            assert_eq!(add(&m, &c1, &k.verkey()).await, "success", "{form}");
+        }
+        assert!(m.store.keys_of(&c2.id).await.unwrap().is_empty());
+        // Free once the holder dropped it.
+        let form = held(&keys[0], 0);
+        m.store
+            .update_keys(&c1.id, &[], std::slice::from_ref(&form))
+            .await
+            .unwrap();
+        m.store.update_keys(&c1.id, &[], &[keys[0].verkey()]).await.unwrap();
+        assert_eq!(add(&m, &c2, &keys[0].verkey()).await, "success");
+    }
 }

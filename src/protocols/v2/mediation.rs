@@ -110,8 +110,9 @@ fn granted(ctx: &Inbound) -> Result<&Connection, HandleError> {
 
 /// Why adding `r` for connection `conn` is refused before the store sees it, if it is: a
 /// did:peer:3, or a DID another connection holds in another form (a long form an earlier
-/// version stored, too: [`super::routing::held_in_another_form`]; the store refuses one held
-/// in the form `r` is stored under).
+/// version stored, too: [`super::routing::held_in_another_form`]; a did:key's key held as a
+/// DIDComm v1 verkey: [`super::routing::held_as_verkey`]; the store refuses one held in the
+/// form `r` is stored under).
 async fn add_refusal(m: &Mediator, conn: &str, r: &Recipient) -> Result<Option<String>, HandleError> {
     if r.unlinkable() {
         return Ok(Some(
@@ -119,13 +120,18 @@ async fn add_refusal(m: &Mediator, conn: &str, r: &Recipient) -> Result<Option<S
                 .into(),
         ));
     }
-    Ok(match super::routing::held_in_another_form(m, r).await? {
-        Some((c, form)) if c != conn => Some(format!(
+    let held = match super::routing::held_in_another_form(m, r).await? {
+        Some((c, form)) if c != conn => Some(form),
+        _ => super::routing::held_as_verkey(m, conn, &r.canonical)
+            .await?
+            .map(|(_, verkey)| verkey),
+    };
+    Ok(held.map(|form| {
+        format!(
             "the DID is registered by another connection as {}",
             form.chars().take(80).collect::<String>()
-        )),
-        _ => None,
-    })
+        )
+    }))
 }
 
 /// Takes the recipient DID `r`, which the sender of this message proved it controls (it
@@ -154,6 +160,10 @@ async fn take_from_holders(m: &Mediator, taker: &str, r: &Recipient) -> Result<b
         held.push((c, r.canonical.clone()));
     }
     if let Some(hit) = super::routing::held_in_another_form(m, r).await? {
+        held.push(hit);
+    }
+    // Its key as a DIDComm v1 wallet registered it (a did:key proven is its key's).
+    if let Some(hit) = super::routing::held_as_verkey(m, taker, &r.canonical).await? {
         held.push(hit);
     }
     let mut stale = false;
@@ -448,6 +458,27 @@ mod tests {
         // Free now.
         let got = recipient_update(&m, &c2, &[(&short, "add")]).await.unwrap();
         assert_eq!(got, [answered(&short, "success")]);
+    }
+
+    /// A did:key whose Ed25519 key another connection holds as a DIDComm v1 base58 verkey is
+    /// refused, in its Ed25519 and its X25519 form; the holder itself may add it.
+    #[actix_rt::test]
+    async fn a_did_key_whose_key_another_connection_holds_in_base58_is_refused() {
+        let (m, c1) = mediator_for_test().await;
+        let c2 = granted_connection_for_test("c2", "ours", "theirs-2");
+        m.store.put_connection(&c2).await.unwrap();
+        let k = KeyPair::generate();
+        m.store.update_keys(&c1.id, &[k.verkey()], &[]).await.unwrap();
+        let dk = k.did_key();
+        let dx = crate::didcomm::v2::keys::did_key_equivalents(&dk)
+            .into_iter()
+            .find(|d| d.starts_with("did:key:z6LS"))
+            .unwrap();
+        let got = recipient_update(&m, &c2, &[(&dk, "add"), (&dx, "add")]).await.unwrap();
+        assert_eq!(got, [answered(&dk, "client_error"), answered(&dx, "client_error")]);
+        assert!(m.store.keys_of(&c2.id).await.unwrap().is_empty());
+        let got = recipient_update(&m, &c1, &[(&dk, "add")]).await.unwrap();
+        assert_eq!(got, [answered(&dk, "success")]);
     }
 
     /// A DID holding a NUL (which the store cannot hold) is that entry's client_error: the

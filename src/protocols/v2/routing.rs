@@ -8,6 +8,7 @@
 
 use super::recipient::{is_long_form_of, refuse_control_characters, Recipient};
 use super::Inbound;
+use crate::didcomm::keys::{normalize_verkey, parse_verkey, verkey_to_did_key};
 use crate::didcomm::v2::{did, keys};
 use crate::protocols::{now_ms, ForwardResult, Handed, HandleError, Mediator, Outcome};
 use crate::store::{MessageId, NewMessage, QueuedMessage, StoreError};
@@ -97,15 +98,72 @@ async fn held_in_legacy_form(m: &Mediator, r: &Recipient) -> Result<Option<(Stri
 /// The connection holding `did` (a did:key) registered in another of its forms
 /// ([`keys::did_key_equivalents`]), with or without a fragment, and the form it registered.
 async fn held_in_did_key_form(m: &Mediator, did: &str) -> Result<Option<(String, String)>, HandleError> {
-    for alt in keys::did_key_equivalents(did) {
-        let mb = alt.trim_start_matches("did:key:").to_string();
-        for form in [format!("{alt}#{mb}"), alt] {
-            if let Some(c) = m.store.route(&form).await? {
-                return Ok(Some((c, form)));
+    held_among(m, keys::did_key_equivalents(did), None).await
+}
+
+/// The first of the did:keys `dids` held by a connection other than `except`, with or without
+/// a fragment (as an older client registered it), and the form it holds.
+async fn held_among(
+    m: &Mediator,
+    dids: Vec<String>,
+    except: Option<&str>,
+) -> Result<Option<(String, String)>, HandleError> {
+    for did in dids {
+        let mb = did.trim_start_matches("did:key:").to_string();
+        for form in [format!("{did}#{mb}"), did] {
+            match m.store.route(&form).await? {
+                Some(c) if except != Some(c.as_str()) => return Ok(Some((c, form))),
+                _ => {}
             }
         }
     }
     Ok(None)
+}
+
+/// The connection other than `conn` holding an Ed25519 key of the did:key `did` (its own, or
+/// one of [`keys::did_key_equivalents`]: an X25519 did:key names two) as the base58 verkey
+/// DIDComm v1 stores, and that verkey. v1 and v2 keep one keylist, but each stores a key in its
+/// own form: without this, a v2 connection could register a v1 wallet's key as a did:key and
+/// take the v2 forwards to it. Looked up for keylist adds only, never on a forward.
+pub(super) async fn held_as_verkey(
+    m: &Mediator,
+    conn: &str,
+    did: &str,
+) -> Result<Option<(String, String)>, HandleError> {
+    if !did.starts_with("did:key:") {
+        return Ok(None);
+    }
+    let mut dids = vec![did.to_string()];
+    dids.extend(keys::did_key_equivalents(did));
+    for d in dids {
+        // An X25519 did:key has no verkey of its own.
+        let Ok(verkey) = normalize_verkey(&d) else {
+            continue;
+        };
+        match m.store.route(&verkey).await? {
+            Some(c) if c != conn => return Ok(Some((c, verkey))),
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+/// [`held_as_verkey`] the other way: the connection other than `conn` holding the Ed25519 key
+/// `verkey` (base58, as DIDComm v1 stores it) as a DIDComm v2 recipient DID, in any did:key form
+/// of it (its did:key, its X25519 did:key, the other Ed25519 did:key converting to that; each
+/// with or without a fragment), and that form. For v1 keylist adds only, never on a forward.
+pub(crate) async fn held_as_did_key(
+    m: &Mediator,
+    conn: &str,
+    verkey: &str,
+) -> Result<Option<(String, String)>, HandleError> {
+    let Ok(pk) = parse_verkey(verkey) else {
+        return Ok(None);
+    };
+    let did = verkey_to_did_key(&pk);
+    let mut dids = keys::did_key_equivalents(&did);
+    dids.insert(0, did);
+    held_among(m, dids, Some(conn)).await
 }
 
 /// `expires_time` (seconds since the epoch) of a message, in ms.
