@@ -1279,4 +1279,49 @@ mod tests {
             "the acknowledged message's entry stays"
         );
     }
+
+    /// A route read that fails in the writer (a sled I/O error) answers that message
+    /// `Unavailable` (503: sent again), not `NoRoute` (404: final for a sender, the mail lost),
+    /// and queues nothing for it; the other messages of the batch are decided as before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_route_read_in_the_writer_is_unavailable_not_no_route() {
+        let s = SledStore::temporary().await.unwrap();
+        let t0 = 1_700_000_000_000;
+        let lim = EnqueueLimits::UNLIMITED;
+        let unreadable = format!("unreadable-{}", uuid::Uuid::new_v4());
+        let readable = format!("readable-{}", uuid::Uuid::new_v4());
+        for (c, k) in [("c", &unreadable), ("d", &readable)] {
+            s.put_connection(&connection(c)).await.unwrap();
+            s.update_keys(c, std::slice::from_ref(k), &[]).await.unwrap();
+        }
+        let routed = |conn: &str, key: &str, p: &str| NewMessage {
+            recipient_key: key.to_owned(),
+            ..new_msg(conn, p, t0, None)
+        };
+        let batch = || {
+            vec![
+                routed("c", &unreadable, "to c"),
+                routed("d", &readable, "to d"),
+                routed("c", &readable, "not c's"),
+            ]
+        };
+        let hook = || {
+            writer::FAIL_ROUTE_READS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        hook().push(unreadable.clone());
+        let r = s.enqueue_routed(batch(), &lim).await;
+        hook().retain(|k| k != &unreadable);
+        let r = r.unwrap();
+        assert!(matches!(r[0], Err(StoreError::Unavailable(_))), "{:?}", r[0]);
+        assert!(r[1].is_ok(), "{:?}", r[1]);
+        assert!(matches!(r[2], Err(StoreError::NoRoute)), "{:?}", r[2]);
+        assert_eq!(s.queue_stats("c", t0).await.unwrap().pending, 0, "nothing queued for c");
+        assert_eq!(s.queue_stats("d", t0).await.unwrap().pending, 1);
+        // Readable again: the route was not forgotten.
+        let r = s.enqueue_routed(batch(), &lim).await.unwrap();
+        assert!(r[0].is_ok(), "{:?}", r[0]);
+        assert_eq!(s.queue_stats("c", t0).await.unwrap().pending, 1);
+    }
 }

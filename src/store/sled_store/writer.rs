@@ -22,7 +22,36 @@ pub(super) struct EnqueueReq {
     pub(super) reply: oneshot::Sender<StoreResult<Vec<StoreResult<Enqueued>>>>,
 }
 
+/// The route check of one message of a routed enqueue.
+enum Route {
+    /// Its recipient key routes to its connection (or the enqueue is not routed).
+    Held,
+    /// The key routes elsewhere or nowhere, or the connection's mediation is revoked.
+    Gone,
+    /// The key could not be read: no answer either way.
+    Unreadable(StoreError),
+}
+
+/// Recipient keys whose route read fails in the writer (tests: a sled read error). Keyed by
+/// the key, not a flag on the store, so tests running beside it in this process are untouched.
+#[cfg(test)]
+pub(super) static FAIL_ROUTE_READS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
 impl Inner {
+    /// The connection holding `key`, read for the writer's route check.
+    fn route_read(&self, key: &str) -> sled::Result<Option<sled::IVec>> {
+        #[cfg(test)]
+        if FAIL_ROUTE_READS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(|k| k == key)
+        {
+            return Err(sled::Error::Io(std::io::Error::other("route read fails (test)")));
+        }
+        self.keys.get(key.as_bytes())
+    }
+
     /// One batch of the writer: decide, write, flush once, publish, answer.
     fn write_batch(&self, batch: Vec<EnqueueReq>) {
         enum Slot {
@@ -35,22 +64,39 @@ impl Inner {
         // 0. Routes asked for, read before the index lock (sled serves them from memory): the
         // key is still the connection's, and its mediation is not revoked (a revocation holds
         // `batch_lock`: it lands wholly before or after this batch).
+        // A read that fails is no answer: that message is `Unavailable` (503, sent again), not
+        // `NoRoute` (404, final for the sender: the mail would be lost); the others go on.
         let denied = self.denied.read();
-        let routes_gone: Vec<Vec<bool>> = batch
+        let routes: Vec<Vec<Route>> = batch
             .iter()
             .map(|req| {
                 req.msgs
                     .iter()
                     .map(|m| {
-                        req.routed
-                            && (!matches!(self.keys.get(m.recipient_key.as_bytes()),
-                                Ok(Some(holder)) if holder.as_ref() == m.connection.as_bytes())
-                                || (!denied.is_empty() && denied.contains(m.connection.as_str())))
+                        if !req.routed {
+                            return Route::Held;
+                        }
+                        match self.route_read(&m.recipient_key) {
+                            Err(e) => Route::Unreadable(unavailable(e)),
+                            Ok(Some(holder)) if holder.as_ref() == m.connection.as_bytes() => {
+                                if !denied.is_empty() && denied.contains(m.connection.as_str()) {
+                                    Route::Gone
+                                } else {
+                                    Route::Held
+                                }
+                            }
+                            Ok(_) => Route::Gone,
+                        }
                     })
                     .collect()
             })
             .collect();
         drop(denied);
+        if routes.iter().flatten().any(|r| matches!(r, Route::Unreadable(_))) {
+            tracing::error!("sled: a route read failed in the writer; its messages answered 503");
+            // As a failed read of `Inner::run`: the supervisor probes the handle.
+            self.write_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         // 1. Decide under the index lock (memory only), counting the batch's own additions.
         let mut slots: Vec<Vec<Slot>> = Vec::with_capacity(batch.len());
         let mut accepted: Vec<&NewMessage> = Vec::new();
@@ -58,17 +104,24 @@ impl Inner {
             let q = self.queues.lock();
             let mut added: HashMap<&str, (u64, u64)> = HashMap::new();
             let mut local_dedup: HashMap<(&str, [u8; 32]), (usize, i64)> = HashMap::new();
-            for (req, gone) in batch.iter().zip(&routes_gone) {
+            for (req, routes) in batch.iter().zip(routes) {
                 let mut out = Vec::with_capacity(req.msgs.len());
-                for (m, gone) in req.msgs.iter().zip(gone) {
+                for (m, route) in req.msgs.iter().zip(routes) {
                     let conn = m.connection.as_str();
                     if let Err(e) = check_message(m) {
                         out.push(Slot::Done(Err(e)));
                         continue;
                     }
-                    if *gone {
-                        out.push(Slot::Done(Err(StoreError::NoRoute)));
-                        continue;
+                    match route {
+                        Route::Held => {}
+                        Route::Gone => {
+                            out.push(Slot::Done(Err(StoreError::NoRoute)));
+                            continue;
+                        }
+                        Route::Unreadable(e) => {
+                            out.push(Slot::Done(Err(e)));
+                            continue;
+                        }
                     }
                     // Dedup first: a duplicate is answered even when the queue is full.
                     if let (Some(dk), true) = (m.dedup_key, req.limits.dedup_window_ms > 0) {
