@@ -818,3 +818,50 @@ async fn keylist_past_max_keys_per_connection_is_refused_whole_v2() {
         .unwrap();
     assert_eq!(q["body"]["keys"].as_array().unwrap().len(), MAX, "{q}");
 }
+
+/// An agent whose DID document names an endpoint that accepts connections and never answers
+/// sends trust pings without a return route: each is answered by a POST to that endpoint,
+/// which holds a socket for `delivery.endpoint_timeout_ms`. Those POSTs had no bound: a
+/// stream of pings held a socket each until the node ran out of descriptors and refused its
+/// wallets. A connection now has at most 16 reply sends waiting or under way; the rest of its
+/// replies are dropped (counted), and other wallets are served.
+#[actix_rt::test]
+async fn replies_to_an_endpoint_that_never_answers_hold_a_bounded_number_of_sockets() {
+    const PINGS: u64 = 120;
+    let tarpit = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/", tarpit.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = accepted.clone();
+    let pit = actix_rt::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = tarpit.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    // Longer than the test: a POST to the tarpit is under way until the node stops.
+    cfg.delivery.endpoint_timeout_ms = 600_000;
+    let n = start(&cfg);
+    let inv = invitation(&n).await;
+    let a = Agent::connect_with_endpoint(&inv, Some(&endpoint)).await.unwrap();
+    for i in 0..PINGS {
+        let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": format!("p{i}"), "response_requested": true});
+        assert_eq!(a.send(&ping).await.unwrap(), 202);
+    }
+    // Every ping handled: 16 replies under way, the rest dropped.
+    eventually("the pings' replies sent or dropped", || async {
+        (endpoint_posts(&n, "dropped").await == PINGS - 16).then_some(())
+    })
+    .await;
+    let open = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        open <= 16,
+        "{open} sockets held open at the endpoint by one connection's replies"
+    );
+    // A wallet is served all the while.
+    let (w, k) = Agent::onboard(&inv).await.unwrap();
+    assert_eq!(forward_to(&n, &w, &k, "served").await, 202);
+    pit.abort();
+}

@@ -12,17 +12,50 @@ use crate::store::{QueuedMessage, StoreResult};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// What a socket's requests, run apart from it ([`handle_detached`]), and the socket's own
+/// end (`stopped`) tell each other, whichever comes first.
+#[derive(Default)]
+pub(super) struct SocketEnd {
+    /// Set by the session's `stopped`, before it releases its owner's leases.
+    pub(super) closed: AtomicBool,
+    /// The connections requests of this socket leased for, recorded before they look at
+    /// `closed`: the socket's end releases its owner for them, and wakes them, even when a
+    /// request's answer never reached the session (it stopped first).
+    lent: parking_lot::Mutex<Vec<String>>,
+}
+
+impl SocketEnd {
+    pub(super) fn closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Marks the socket closed and takes what its requests leased for.
+    pub(super) fn close(&self) -> Vec<String> {
+        self.closed.store(true, Ordering::SeqCst);
+        std::mem::take(&mut *self.lent.lock())
+    }
+
+    fn lent_for(&self, conn: &str) {
+        let mut lent = self.lent.lock();
+        if !lent.iter().any(|c| c == conn) {
+            lent.push(conn.to_owned());
+        }
+    }
+}
+
 /// Handles one envelope read from a socket whose lease owner is `owner`, in a task of its own
 /// started now. The forwards it queued wake their wallets' sessions whatever becomes of the
-/// socket (they are taken out of the outcome). `closed` is set by the session's `stopped`,
+/// socket (they are taken out of the outcome). `end.closed` is set by the session's `stopped`,
 /// before it releases `owner`: a request ending after that releases `owner` again, or
-/// what it leased would stay leased to a gone socket until the lease ran out. `slot`, the
-/// socket's place under `limits.max_sessions`, is held until the request ends.
+/// what it leased would stay leased to a gone socket until the lease ran out. A request ending
+/// before it records what it leased for in `end`, for `stopped` to release (its answer may
+/// never reach a session that stops first). `slot`, the socket's place under
+/// `limits.max_sessions`, is held until the request ends.
 pub(super) fn handle_detached(
     shared: Arc<Shared>,
     bytes: bytes::Bytes,
     owner: String,
-    closed: Arc<AtomicBool>,
+    end: Arc<SocketEnd>,
     slot: Arc<SocketSlot>,
 ) -> impl std::future::Future<Output = Result<Outcome, HandleError>> {
     let task = actix_rt::spawn(async move {
@@ -30,8 +63,11 @@ pub(super) fn handle_detached(
         let mut res = shared.mediator.handle(&bytes, TransportKind::WebSocket, &owner).await;
         if let Ok(out) = &mut res {
             forwarded(&shared, out);
+            if let (false, Some(c)) = (out.leased.is_empty(), &out.connection) {
+                end.lent_for(&c.id);
+            }
         }
-        if closed.load(Ordering::SeqCst) {
+        if end.closed() {
             let conn = res
                 .as_ref()
                 .ok()

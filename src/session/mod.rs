@@ -111,6 +111,8 @@ pub struct Shared {
     pub bound: Arc<LocalHolders>,
     /// Outbound POSTs to agents' endpoints: where they may connect, and their client.
     pub egress: Arc<egress::Egress>,
+    /// The bound on replies POSTed to agents' endpoints.
+    pub replies: outbound::ReplySlots,
     /// Hand-offs running, per connection: one at a time, in the order entered.
     handing: in_order::InOrder<handing::Entry>,
     /// Room the hand-offs of forwards accepted here take while they wait for a session here
@@ -161,6 +163,7 @@ impl Shared {
             held: held::Held::default(),
             bound,
             egress: Arc::new(egress),
+            replies: outbound::ReplySlots::default(),
             handing: in_order::InOrder::default(),
             local_room,
             notified,

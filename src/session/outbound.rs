@@ -104,13 +104,89 @@ async fn post_counted(shared: &Shared, url: &str, body: Vec<u8>) -> Result<(), P
     res
 }
 
+/// Reply POSTs under way on the node at once ([`ReplySlots`]): each may hold a socket for
+/// `delivery.endpoint_timeout_ms`.
+pub const REPLY_POSTS_MAX: usize = 256;
+/// Reply sends one connection may have waiting or under way ([`ReplySlots`]).
+pub const REPLIES_PER_CONNECTION: usize = 16;
+
+/// The bound on replies POSTed to agents' endpoints. Every message that asks for a reply
+/// without a return route (a trust ping, say) is answered by a POST that may hold a socket
+/// for the endpoint's timeout: an endpoint that accepts and never answers, and a stream of
+/// pings, held a socket each without bound, until the node ran out of descriptors and
+/// refused its wallets. A connection has at most [`REPLIES_PER_CONNECTION`] sends waiting or
+/// under way (past that its replies are dropped, counted as `dropped` in
+/// `mailroom_endpoint_posts_total`), and the node at most [`REPLY_POSTS_MAX`] POSTs.
+pub struct ReplySlots {
+    posts: tokio::sync::Semaphore,
+    per_conn: parking_lot::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl Default for ReplySlots {
+    fn default() -> Self {
+        ReplySlots {
+            posts: tokio::sync::Semaphore::new(REPLY_POSTS_MAX),
+            per_conn: Default::default(),
+        }
+    }
+}
+
+/// A connection's place among its reply sends; given back on drop.
+struct ReplyTurn<'a> {
+    slots: &'a ReplySlots,
+    conn: &'a str,
+}
+
+impl ReplySlots {
+    fn enter<'a>(&'a self, conn: &'a str) -> Option<ReplyTurn<'a>> {
+        let mut m = self.per_conn.lock();
+        let n = m.entry(conn.to_owned()).or_default();
+        if *n >= REPLIES_PER_CONNECTION {
+            return None;
+        }
+        *n += 1;
+        Some(ReplyTurn { slots: self, conn })
+    }
+
+    /// Connections with reply sends waiting or under way (tests).
+    pub fn busy_connections(&self) -> usize {
+        self.per_conn.lock().len()
+    }
+}
+
+impl Drop for ReplyTurn<'_> {
+    fn drop(&mut self) {
+        let mut m = self.slots.per_conn.lock();
+        if let Some(n) = m.get_mut(self.conn) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(self.conn);
+            }
+        }
+    }
+}
+
 /// Sends replies that could not go back on the inbound transport (no return-route) to the
-/// connection's own endpoint. Agents without one (wallets) only ever use return-route.
+/// connection's own endpoint, within the node's [`ReplySlots`]. Agents without one (wallets)
+/// only ever use return-route.
 pub async fn send_replies(shared: &Arc<Shared>, conn: &Connection, replies: &[Value]) {
     let Some(endpoint) = http_endpoint(conn) else {
         if !replies.is_empty() {
             tracing::debug!(connection = %conn.id, "no return route and no endpoint: {} replies dropped", replies.len());
         }
+        return;
+    };
+    if replies.is_empty() {
+        return;
+    }
+    let Some(_turn) = shared.replies.enter(&conn.id) else {
+        for _ in replies {
+            shared.metrics.endpoint_post("dropped");
+        }
+        tracing::debug!(connection = %conn.id, "{REPLIES_PER_CONNECTION} reply sends of this connection under way: {} replies dropped", replies.len());
+        return;
+    };
+    let Ok(_post) = shared.replies.posts.acquire().await else {
         return;
     };
     for r in replies {

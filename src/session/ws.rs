@@ -14,7 +14,7 @@
 //! Binary and text frames are accepted; replies are text frames. Heartbeats: a ping every
 //! `HEARTBEAT`, closed after `CLIENT_TIMEOUT` without a pong or frame.
 
-use super::give_back::{gave_back, give_back_msgs, release_all, session_ended};
+use super::give_back::{gave_back, give_back_msgs, release_all, session_ended, SocketEnd};
 use super::live_window::{hold_in_queue_order, take_excess, LiveWindow, HELD_BACK_BATCHES, HELD_BACK_MAX_BYTES};
 use super::upgrade::SocketSlot;
 use super::Shared;
@@ -93,14 +93,13 @@ pub struct WsSession {
     /// after it): a socket closed and reopened does not multiply the work in flight.
     slot: Arc<SocketSlot>,
     /// Set when the session has stopped: a lease still in flight then gives its messages back
-    /// (see [`WsSession::drain`]).
-    closed: Arc<std::sync::atomic::AtomicBool>,
+    /// (see [`WsSession::drain`]); and what its requests leased for (a pickup over return
+    /// route `thread`, say, while not bound to that connection): its end releases the owner
+    /// for those too.
+    end: Arc<SocketEnd>,
     /// What was handed to this session ([`Signal::HandOff`]); boxed, and only once something
     /// is: an idle session holds one pointer for it.
     handed: Option<Box<HandedHere>>,
-    /// A connection this socket leased for by request (pickup over return route `thread`,
-    /// say) while not bound to it: its end releases the owner for it too.
-    lent_to: Option<String>,
     /// How many hand-backs ([`WsSession::spill`], leased messages given back) were ever begun:
     /// kept apart from `handed`, which a rebind drops while they run.
     spills_begun: u64,
@@ -172,9 +171,8 @@ impl WsSession {
             window: LiveWindow::new(live_ack_wait),
             window_timer: false,
             slot: Arc::new(slot),
-            closed: Arc::default(),
+            end: Arc::default(),
             handed: None,
-            lent_to: None,
             returning: std::collections::BTreeMap::new(),
             returning_floor: i64::MAX,
             queue_news: 0,
@@ -216,7 +214,7 @@ impl WsSession {
             self.shared.clone(),
             bytes,
             self.owner(),
-            self.closed.clone(),
+            self.end.clone(),
             self.slot.clone(),
         );
         // ctx.spawn, not ctx.wait: heartbeats and deliveries go on while the store works.
@@ -300,9 +298,6 @@ impl WsSession {
                 .map(crate::protocols::v2::version_label)
                 .unwrap_or("v1");
             shared.metrics.delivered("pickup", v, out.leased.len() as u64);
-            if let Some(c) = &out.connection {
-                self.lent_to = Some(c.id.clone());
-            }
         }
         // Replies come back here with any return route; only `all` (RFC 0092: every message
         // for the sender) makes the socket a delivery channel. `thread` asks for that thread's
@@ -570,7 +565,7 @@ impl WsSession {
         let owner = self.owner();
         let batch = shared.mediator.batch_size;
         let lease_ms = shared.mediator.lease_ms;
-        let closed = self.closed.clone();
+        let end = self.end.clone();
         // A revocation this node missed (its close frame lost to a cut link) is found here,
         // reading the connection in the store at most once per half lease: deliveries in
         // flight at the revocation that come back when their lease runs out find it (those
@@ -602,7 +597,7 @@ impl WsSession {
                     .lease(&conn_id, batch, &owner, now, now.saturating_add(lease_ms))
                     .await;
                 if let Ok(msgs) = &r {
-                    if !msgs.is_empty() && closed.load(Ordering::SeqCst) {
+                    if !msgs.is_empty() && end.closed() {
                         let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
                         let released = store.release(&conn_id, &ids, &owner).await;
                         gave_back(&shared, &conn_id, released).await;
@@ -970,7 +965,7 @@ impl Actor for WsSession {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         // Before the release below: a lease in flight now gives its messages back itself.
-        self.closed.store(true, Ordering::SeqCst);
+        let lent = self.end.close();
         self.drop_partial(None);
         self.shared.registry.do_send(crate::registry::Gone { session: self.id });
         let bound = self.conn.as_ref().map(|c| c.id.clone());
@@ -986,8 +981,8 @@ impl Actor for WsSession {
             });
             tracing::info!(connection = %conn_id, session = self.id, "session closed");
         }
-        let lent = self.lent_to.take().filter(|c| bound.as_ref() != Some(c));
-        if bound.is_none() && lent.is_none() {
+        let lent: Vec<String> = lent.into_iter().filter(|c| bound.as_ref() != Some(c)).collect();
+        if bound.is_none() && lent.is_empty() {
             return;
         }
         // Unacknowledged deliveries become deliverable again at once; a session that held the
@@ -1017,8 +1012,8 @@ impl Actor for WsSession {
                     }
                 }
             }
-            if let Some(c) = lent.filter(|_| any) {
-                shared.queued_new(&c).await;
+            for c in lent.iter().filter(|_| any) {
+                shared.queued_new(c).await;
             }
         });
     }
@@ -1154,7 +1149,7 @@ impl WsSession {
         let Some(conn) = self.conn.as_ref().map(|c| c.id.clone()) else {
             return;
         };
-        tracing::info!(connection = %conn, session = self.id, "superseded by a newer session on another node: delivery stopped here");
+        tracing::info!(connection = %conn, session = self.id, "superseded by a newer session: delivery stopped here");
         // Leases of this session go back at once, and the new owner is told.
         let owner = self.owner();
         let shared = self.shared.clone();
