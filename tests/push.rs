@@ -342,6 +342,35 @@ async fn a_push_the_provider_kept_failing_is_sent_again_once_its_claim_ran_out()
     .await;
 }
 
+/// The webhook gets every push event, whatever the provider. One the webhook gave up on (its
+/// only try answered 503) while FCM took the push was lost: the provider's success ended the
+/// push. Now its claim is left to run out, and the push taken again goes to the webhook with
+/// the same event id, and not to FCM a second time (the same node takes it).
+#[actix_rt::test]
+async fn the_webhook_gets_an_event_it_missed_while_the_provider_took_the_push() {
+    let si = StandIn::start();
+    let (pc, claim) = one_try(&si, true);
+    si.state.script("hook", vec![Reply::new(503, json!({}))]);
+    let (_dir, n, _store) = EventAnswerLost::node(pc, false).await;
+    let (a, k, _) = registered_wallet(&n, "webhook-missed").await;
+    let sent = Instant::now();
+    forward(&n, &a, &k, "x").await;
+    let hooks = wait_hits(&si, "hook", 2).await;
+    assert_eq!((hooks[0].status, hooks[1].status), (503, 200));
+    assert_eq!(
+        hooks[0].body["event_id"], hooks[1].body["event_id"],
+        "the push taken again is the same push"
+    );
+    assert!(
+        hooks[1].at.duration_since(sent) >= claim - Duration::from_secs(1),
+        "taken again {:?} after the forward: before its claim ran out",
+        hooks[1].at.duration_since(sent)
+    );
+    let fcm = si.state.hits("fcm:");
+    assert_clean(&fcm);
+    assert_eq!(fcm.len(), 1, "the wallet is pushed once: {fcm:?}");
+}
+
 /// A provider's `Retry-After` longer than the node retries (FCM's 429 for a spent quota) is
 /// honoured across the push's claims: the push is taken again each time its claim runs out
 /// (7 s here), and asks FCM nothing until the 12 s it was told have passed. Before, each

@@ -467,6 +467,11 @@ struct Ctx {
     held: std::cell::RefCell<HashMap<(&'static str, String), Instant>>,
     /// When [`Ctx::held`] was last swept of holds that ran out (at most once a second).
     held_swept: std::cell::Cell<Instant>,
+    /// (connection, push id) -> kept until: pushes the wallet's provider took while the
+    /// webhook gave up on them. The claim is left to run out so the webhook gets the event
+    /// when the push is taken again ([`push_one`]); taken here, the provider is not asked a
+    /// second time. Per node: another node taking it pushes the wallet again.
+    provider_sent: std::cell::RefCell<HashMap<(String, i64), Instant>>,
 }
 
 /// The longest a provider's `Retry-After` holds a wallet's pushes on this node.
@@ -509,6 +514,32 @@ impl Ctx {
     }
 }
 
+impl Ctx {
+    /// Whether the provider took push `push_id` of `conn` on this node already (its webhook
+    /// did not): forgotten as it is asked, the push ends either way this time.
+    fn provider_took(&self, conn: &str, push_id: i64) -> bool {
+        let now = Instant::now();
+        self.provider_sent
+            .borrow_mut()
+            .remove(&(conn.to_owned(), push_id))
+            .is_some_and(|until| until > now)
+    }
+
+    /// The provider took push `push_id` of `conn`, the webhook gave up on it: kept for two
+    /// claim lengths (the push is taken again one claim length after it was claimed).
+    fn note_provider_took(&self, conn: &str, push_id: i64) {
+        let now = Instant::now();
+        let ms = u64::try_from(self.claim_ms).unwrap_or(0).saturating_mul(2);
+        let mut sent = self.provider_sent.borrow_mut();
+        if sent.len() >= HELD_MAX {
+            sent.retain(|_, u| *u > now);
+        }
+        if sent.len() < HELD_MAX {
+            sent.insert((conn.to_owned(), push_id), now + Duration::from_millis(ms));
+        }
+    }
+}
+
 /// Events of the push worker in the store at once (their device lookup, their window): a
 /// fraction of a PostgreSQL pool (16 by default), the rest left to forwards and deliveries.
 const STORE_LOOKUPS: usize = 8;
@@ -536,6 +567,7 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
             stopping: std::cell::Cell::new(false),
             held: Default::default(),
             held_swept: std::cell::Cell::new(Instant::now()),
+            provider_sent: Default::default(),
             settings: settings.clone(),
         })
     })();
@@ -1059,8 +1091,12 @@ async fn push_one(ctx: &Ctx, conn: &str, push_id: Option<i64>, at: Instant, read
         (PushService::Apns, _, true) => Some("apns"),
         _ => None,
     };
+    // Taken again after the provider took it and the webhook did not: the webhook only.
+    let provider_took =
+        provider.is_some() && ctx.settings.webhook.is_some() && push_id.is_some_and(|p| ctx.provider_took(conn, p));
     let main = async {
         match provider {
+            Some(_) if provider_took => Tried::Done,
             Some(p) => with_retries(ctx, p, &ev, at).await,
             None if ctx.settings.webhook.is_none() => {
                 ctx.metrics.count(device.service.as_str(), "no_provider");
@@ -1077,9 +1113,21 @@ async fn push_one(ctx: &Ctx, conn: &str, push_id: Option<i64>, at: Instant, read
         }
     };
     let (main, hook) = futures_util::join!(main, hook);
-    // The webhook decides only when it is the wallet's one channel: beside a provider that took
-    // the push, taking it again would push the wallet twice.
-    let tried = if provider.is_some() { main } else { hook };
+    // The webhook gets every push event, whatever the provider: one it gave up on while the
+    // provider took the push is left to its claim, to be taken again (with a window; without
+    // one there is no claim, and the wallet's next event is the webhook's next). Taken again
+    // on this node, the provider is not asked twice.
+    let tried = match (provider, main, hook) {
+        (None, _, hook) => hook,
+        (Some(_), Tried::Done, Tried::GaveUp) => match push_id {
+            Some(p) => {
+                ctx.note_provider_took(conn, p);
+                Tried::GaveUp
+            }
+            None => Tried::Done,
+        },
+        (Some(_), main, _) => main,
+    };
     match tried {
         Tried::Done => Ended::ForGood,
         // The provider kept failing for reasons that may pass (429, 5xx, no answer), or asked
