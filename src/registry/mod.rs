@@ -204,20 +204,6 @@ impl Handler<Register> for Registry {
         if entries.iter().any(|e| e.session == m.session) {
             return;
         }
-        // One session delivers for a connection, the newest, here as across nodes
-        // ([`SessionMoved`]): an older one (a half-open socket the wallet left behind as its
-        // network changed) went on being woken, and in implicit mode wrote the queue to a
-        // socket nobody reads and removed it. It stops delivering and gives back its leases;
-        // speaking again with return route, it binds anew.
-        let older = std::mem::take(entries);
-        self.sessions -= older.len();
-        for e in &older {
-            // Past a full mailbox, as `SessionMoved` sends it.
-            e.to.do_send(Signal::Superseded);
-        }
-        if !older.is_empty() {
-            tracing::info!(connection = %m.conn, sessions = older.len(), "older sessions superseded by a newer one on this node");
-        }
         entries.push(Entry {
             session: m.session,
             to: m.to,
@@ -613,48 +599,6 @@ mod tests {
         );
         assert!(received(&got_closed, "close").await, "{:?}", got_closed.lock().unwrap());
         assert!(received(&got_all, "close").await, "{:?}", got_all.lock().unwrap());
-    }
-
-    /// A wallet's newer socket on this node supersedes its older one, as one on another node
-    /// does: only the newest is woken. A half-open socket left behind as the wallet's network
-    /// changed went on being woken, and in implicit mode wrote the queue to nobody.
-    #[actix_rt::test]
-    async fn a_newer_session_of_a_connection_here_supersedes_the_older_one() {
-        let registry = Registry::new(None).start();
-        let register = |session, to| Register {
-            conn: "c".into(),
-            session,
-            to,
-        };
-        let (older, go_older, got_older) = stalled();
-        let (newer, go_newer, got_newer) = stalled();
-        registry.send(register(1, older)).await.unwrap();
-        registry.send(register(2, newer)).await.unwrap();
-        go_older.send(()).unwrap();
-        go_newer.send(()).unwrap();
-        assert!(
-            received(&got_older, "superseded").await,
-            "{:?}",
-            got_older.lock().unwrap()
-        );
-        assert_eq!(registry.send(Count).await.unwrap(), 1);
-        assert!(registry.send(WakeLocal { conn: "c".into() }).await.unwrap());
-        assert!(received(&got_newer, "wake").await);
-        assert!(
-            !got_older.lock().unwrap().contains(&"wake"),
-            "{:?}",
-            got_older.lock().unwrap()
-        );
-        assert!(!got_newer.lock().unwrap().contains(&"superseded"));
-        // The older one's end removes nothing of the newer one's.
-        registry
-            .send(Unregister {
-                conn: "c".into(),
-                session: 1,
-            })
-            .await
-            .unwrap();
-        assert_eq!(registry.send(Count).await.unwrap(), 1);
     }
 
     /// A session that checked the drain flag just before a drain began registers after the
