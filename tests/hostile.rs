@@ -207,20 +207,6 @@ async fn slow_loris_on_a_kept_alive_connection_is_dropped_and_busy_clients_are_n
     assert_eq!(type_name(&ws_request(&a, &mut ws, &ping).await), "ping_response");
 }
 
-/// A WebSocket opened by hand on a socket with a 4 KiB receive buffer, never read after
-/// the handshake.
-async fn deaf_socket(addr: std::net::SocketAddr) -> TcpStream {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut s = sock.connect(addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
-        .await
-        .unwrap();
-    let head = read_until(&mut s, b"\r\n\r\n", "handshake answer").await;
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    s
-}
-
 /// The `in_flight` (leased) and `depth` counts of the node's only connection.
 async fn lease_counts(n: &RunningNode) -> (u64, u64) {
     let v = get_json(&format!("{}/connections", n.admin_url())).await;

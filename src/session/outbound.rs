@@ -107,19 +107,23 @@ async fn post_counted(shared: &Shared, url: &str, body: Vec<u8>) -> Result<(), P
 /// Reply POSTs under way on the node at once ([`ReplySlots`]): each may hold a socket for
 /// `delivery.endpoint_timeout_ms`.
 pub const REPLY_POSTS_MAX: usize = 256;
+/// Reply POSTs one connection may have under way at once ([`ReplySlots`]).
+pub const REPLY_POSTS_PER_CONNECTION: usize = 2;
 /// Reply sends one connection may have waiting or under way ([`ReplySlots`]).
-pub const REPLIES_PER_CONNECTION: usize = 16;
+pub const REPLIES_PER_CONNECTION: usize = 256;
 
 /// The bound on replies POSTed to agents' endpoints. Every message that asks for a reply
-/// without a return route (a trust ping, say) is answered by a POST that may hold a socket
-/// for the endpoint's timeout: an endpoint that accepts and never answers, and a stream of
-/// pings, held a socket each without bound, until the node ran out of descriptors and
-/// refused its wallets. A connection has at most [`REPLIES_PER_CONNECTION`] sends waiting or
-/// under way (past that its replies are dropped, counted as `dropped` in
-/// `mailroom_endpoint_posts_total`), and the node at most [`REPLY_POSTS_MAX`] POSTs.
+/// without a return route (a trust ping, say; ACA-Py's whole onboarding) is answered by a
+/// POST that may hold a socket for the endpoint's timeout: an endpoint that accepts and never
+/// answers, and a stream of pings, held a socket each without bound, until the node ran out
+/// of descriptors and refused its wallets. A connection has at most
+/// [`REPLY_POSTS_PER_CONNECTION`] POSTs under way (the rest of its replies wait their turn, in
+/// order) and [`REPLIES_PER_CONNECTION`] sends waiting or under way (past that its replies are
+/// dropped, counted as `dropped` in `mailroom_endpoint_posts_total`); the node at most
+/// [`REPLY_POSTS_MAX`] POSTs, so one tarpit takes two of them, not all.
 pub struct ReplySlots {
     posts: tokio::sync::Semaphore,
-    per_conn: parking_lot::Mutex<std::collections::HashMap<String, usize>>,
+    per_conn: parking_lot::Mutex<std::collections::HashMap<String, (usize, Arc<tokio::sync::Semaphore>)>>,
 }
 
 impl Default for ReplySlots {
@@ -135,29 +139,32 @@ impl Default for ReplySlots {
 struct ReplyTurn<'a> {
     slots: &'a ReplySlots,
     conn: &'a str,
+    /// The connection's POSTs under way.
+    posts: Arc<tokio::sync::Semaphore>,
 }
 
 impl ReplySlots {
     fn enter<'a>(&'a self, conn: &'a str) -> Option<ReplyTurn<'a>> {
         let mut m = self.per_conn.lock();
-        let n = m.entry(conn.to_owned()).or_default();
+        let (n, posts) = m
+            .entry(conn.to_owned())
+            .or_insert_with(|| (0, Arc::new(tokio::sync::Semaphore::new(REPLY_POSTS_PER_CONNECTION))));
         if *n >= REPLIES_PER_CONNECTION {
             return None;
         }
         *n += 1;
-        Some(ReplyTurn { slots: self, conn })
-    }
-
-    /// Connections with reply sends waiting or under way (tests).
-    pub fn busy_connections(&self) -> usize {
-        self.per_conn.lock().len()
+        Some(ReplyTurn {
+            slots: self,
+            conn,
+            posts: posts.clone(),
+        })
     }
 }
 
 impl Drop for ReplyTurn<'_> {
     fn drop(&mut self) {
         let mut m = self.slots.per_conn.lock();
-        if let Some(n) = m.get_mut(self.conn) {
+        if let Some((n, _)) = m.get_mut(self.conn) {
             *n -= 1;
             if *n == 0 {
                 m.remove(self.conn);
@@ -179,14 +186,16 @@ pub async fn send_replies(shared: &Arc<Shared>, conn: &Connection, replies: &[Va
     if replies.is_empty() {
         return;
     }
-    let Some(_turn) = shared.replies.enter(&conn.id) else {
+    let Some(turn) = shared.replies.enter(&conn.id) else {
         for _ in replies {
             shared.metrics.endpoint_post("dropped");
         }
         tracing::debug!(connection = %conn.id, "{REPLIES_PER_CONNECTION} reply sends of this connection under way: {} replies dropped", replies.len());
         return;
     };
-    let Ok(_post) = shared.replies.posts.acquire().await else {
+    // The connection's turn first, then the node's: a connection waiting for its own turn
+    // holds none of the node's.
+    let (Ok(_mine), Ok(_node)) = (turn.posts.acquire().await, shared.replies.posts.acquire().await) else {
         return;
     };
     for r in replies {
