@@ -101,6 +101,21 @@ pub async fn read_until(s: &mut (impl tokio::io::AsyncReadExt + Unpin), end: &[u
     got
 }
 
+/// A WebSocket opened by hand on a socket with a 4 KiB receive buffer, never read after
+/// the handshake.
+pub async fn deaf_socket(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_until(&mut s, b"\r\n\r\n", "handshake answer").await;
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
 /// Polls `f` until it returns Some, or panics after `WAIT`.
 pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where
