@@ -344,8 +344,8 @@ async fn a_push_the_provider_kept_failing_is_sent_again_once_its_claim_ran_out()
 
 /// The webhook gets every push event, whatever the provider. One the webhook gave up on (its
 /// only try answered 503) while FCM took the push was lost: the provider's success ended the
-/// push. Now its claim is left to run out, and the push taken again goes to the webhook with
-/// the same event id, and not to FCM a second time (the same node takes it).
+/// push. Now the node owes it to the webhook and sends it again a claim length later, with
+/// the same event id; FCM is not asked again.
 #[actix_rt::test]
 async fn the_webhook_gets_an_event_it_missed_while_the_provider_took_the_push() {
     let si = StandIn::start();
@@ -363,7 +363,7 @@ async fn the_webhook_gets_an_event_it_missed_while_the_provider_took_the_push() 
     );
     assert!(
         hooks[1].at.duration_since(sent) >= claim - Duration::from_secs(1),
-        "taken again {:?} after the forward: before its claim ran out",
+        "sent again {:?} after the forward: before a claim length",
         hooks[1].at.duration_since(sent)
     );
     let fcm = si.state.hits("fcm:");

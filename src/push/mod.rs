@@ -467,12 +467,25 @@ struct Ctx {
     held: std::cell::RefCell<HashMap<(&'static str, String), Instant>>,
     /// When [`Ctx::held`] was last swept of holds that ran out (at most once a second).
     held_swept: std::cell::Cell<Instant>,
-    /// (connection, push id) -> kept until: pushes the wallet's provider took while the
-    /// webhook gave up on them. The claim is left to run out so the webhook gets the event
-    /// when the push is taken again ([`push_one`]); taken here, the provider is not asked a
-    /// second time. Per node: another node taking it pushes the wallet again.
-    provider_sent: std::cell::RefCell<HashMap<(String, i64), Instant>>,
+    /// Webhook events the webhook failed on while the wallet's provider took their push
+    /// ([`push_one`]): sent again by [`webhook_owed`], every [`claim_length`], in
+    /// [`WEBHOOK_ROUNDS`] more rounds of tries. Per node, in memory: a node that stops drops
+    /// what it still owes.
+    owed: std::cell::RefCell<std::collections::VecDeque<Owed>>,
 }
+
+/// A webhook event owed ([`Ctx::owed`]): the event, when it is tried again, the rounds left.
+struct Owed {
+    ev: Event,
+    due: Instant,
+    rounds: u32,
+}
+
+/// Rounds of tries a webhook event owed gets after its first ([`Ctx::owed`]): with the
+/// default claim length (345 s) about an hour.
+const WEBHOOK_ROUNDS: u32 = 10;
+/// Webhook events owed at most; past it, one more is given up.
+const OWED_MAX: usize = 10_000;
 
 /// The longest a provider's `Retry-After` holds a wallet's pushes on this node.
 const HOLD_MAX: Duration = Duration::from_secs(3600);
@@ -515,27 +528,46 @@ impl Ctx {
 }
 
 impl Ctx {
-    /// Whether the provider took push `push_id` of `conn` on this node already (its webhook
-    /// did not): forgotten as it is asked, the push ends either way this time.
-    fn provider_took(&self, conn: &str, push_id: i64) -> bool {
-        let now = Instant::now();
-        self.provider_sent
-            .borrow_mut()
-            .remove(&(conn.to_owned(), push_id))
-            .is_some_and(|until| until > now)
-    }
-
-    /// The provider took push `push_id` of `conn`, the webhook gave up on it: kept for two
-    /// claim lengths (the push is taken again one claim length after it was claimed).
-    fn note_provider_took(&self, conn: &str, push_id: i64) {
-        let now = Instant::now();
-        let ms = u64::try_from(self.claim_ms).unwrap_or(0).saturating_mul(2);
-        let mut sent = self.provider_sent.borrow_mut();
-        if sent.len() >= HELD_MAX {
-            sent.retain(|_, u| *u > now);
+    /// The webhook failed on `ev` (out of tries) whose push the wallet's provider took: the
+    /// webhook is owed it ([`Ctx::owed`]), for `rounds` more rounds of tries.
+    fn owe_webhook(&self, ev: Event, rounds: u32) {
+        let mut owed = self.owed.borrow_mut();
+        if rounds == 0 || owed.len() >= OWED_MAX {
+            tracing::warn!(connection = %ev.conn, event = %ev.id, "webhook event given up for good");
+            return;
         }
-        if sent.len() < HELD_MAX {
-            sent.insert((conn.to_owned(), push_id), now + Duration::from_millis(ms));
+        let due = Instant::now() + Duration::from_millis(u64::try_from(self.claim_ms).unwrap_or(0));
+        owed.push_back(Owed { ev, due, rounds });
+    }
+}
+
+/// Sends the webhook events owed ([`Ctx::owed`]) as they come due, each in a send slot, until
+/// the worker stops.
+async fn webhook_owed(ctx: Rc<Ctx>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !ctx.stopping.get() {
+        tick.tick().await;
+        let now = Instant::now();
+        loop {
+            let due = {
+                let mut owed = ctx.owed.borrow_mut();
+                match owed.front() {
+                    Some(o) if o.due <= now => owed.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some(o) = due else { break };
+            let Ok(slot) = ctx.slots.clone().acquire_owned().await else {
+                return;
+            };
+            let ctx = ctx.clone();
+            tokio::task::spawn_local(async move {
+                let _slot = slot;
+                if with_retries(&ctx, "webhook", &o.ev, Instant::now()).await == Tried::GaveUp {
+                    ctx.owe_webhook(o.ev, o.rounds - 1);
+                }
+            });
         }
     }
 }
@@ -567,7 +599,7 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
             stopping: std::cell::Cell::new(false),
             held: Default::default(),
             held_swept: std::cell::Cell::new(Instant::now()),
-            provider_sent: Default::default(),
+            owed: Default::default(),
             settings: settings.clone(),
         })
     })();
@@ -599,6 +631,10 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
     let running_max = events_running_max(&settings);
     let claimed_max = settings.max_in_flight + CLAIMED_WAITING_MAX;
     let mut tasks = Tasks::default();
+    let owed = settings
+        .webhook
+        .is_some()
+        .then(|| tokio::task::spawn_local(webhook_owed(ctx.clone())));
     let done = loop {
         tasks.start_events(&ctx, &mut waiting, running_max, &mut in_flight);
         ctx.metrics.waiting.set(waiting.len() as i64);
@@ -643,6 +679,9 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
     })
     .await;
     ctx.metrics.waiting.set(waiting.len() as i64);
+    if let Some(owed) = owed {
+        owed.abort();
+    }
     let finished = drained.is_ok();
     if !finished {
         tracing::warn!(
@@ -1091,12 +1130,8 @@ async fn push_one(ctx: &Ctx, conn: &str, push_id: Option<i64>, at: Instant, read
         (PushService::Apns, _, true) => Some("apns"),
         _ => None,
     };
-    // Taken again after the provider took it and the webhook did not: the webhook only.
-    let provider_took =
-        provider.is_some() && ctx.settings.webhook.is_some() && push_id.is_some_and(|p| ctx.provider_took(conn, p));
     let main = async {
         match provider {
-            Some(_) if provider_took => Tried::Done,
             Some(p) => with_retries(ctx, p, &ev, at).await,
             None if ctx.settings.webhook.is_none() => {
                 ctx.metrics.count(device.service.as_str(), "no_provider");
@@ -1113,19 +1148,16 @@ async fn push_one(ctx: &Ctx, conn: &str, push_id: Option<i64>, at: Instant, read
         }
     };
     let (main, hook) = futures_util::join!(main, hook);
-    // The webhook gets every push event, whatever the provider: one it gave up on while the
-    // provider took the push is left to its claim, to be taken again (with a window; without
-    // one there is no claim, and the wallet's next event is the webhook's next). Taken again
-    // on this node, the provider is not asked twice.
+    // The webhook decides only when it is the wallet's one channel: beside a provider that took
+    // the push, taking it again would push the wallet twice. The webhook gets every push event
+    // all the same: one it failed on while the provider took the push is owed to it, and sent
+    // again later by this node ([`Ctx::owed`]).
     let tried = match (provider, main, hook) {
         (None, _, hook) => hook,
-        (Some(_), Tried::Done, Tried::GaveUp) => match push_id {
-            Some(p) => {
-                ctx.note_provider_took(conn, p);
-                Tried::GaveUp
-            }
-            None => Tried::Done,
-        },
+        (Some(_), Tried::Done, Tried::GaveUp) => {
+            ctx.owe_webhook(ev, WEBHOOK_ROUNDS);
+            Tried::Done
+        }
         (Some(_), main, _) => main,
     };
     match tried {
