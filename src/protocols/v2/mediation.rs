@@ -44,7 +44,8 @@ async fn mediate_request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleE
                 },
             )
             .await?
-            .unwrap_or_else(|| c.clone()),
+            // Deleted by the operator while this was handled: no grant for it.
+            .ok_or(HandleError::NoConnection)?,
         None => create(m, ctx, &sender).await?,
     };
     if conn.mediation == MediationState::Denied {
@@ -181,7 +182,15 @@ async fn take_from_holders(m: &Mediator, taker: &str, r: &Recipient) -> Result<b
         if owns {
             continue;
         }
-        let out = m.store.update_keys(&holder, &[], std::slice::from_ref(&form)).await?;
+        // The holder (read from the node's route cache) may be gone, deleted meanwhile: a
+        // stale route, not this sender's fault.
+        let out = match m.store.update_keys(&holder, &[], std::slice::from_ref(&form)).await {
+            Err(crate::store::StoreError::NotFound) => {
+                stale = true;
+                continue;
+            }
+            r => r?,
+        };
         if out.iter().any(|(_, u)| *u == crate::store::KeyUpdate::NotFound) {
             stale = true;
             continue;

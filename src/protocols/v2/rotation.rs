@@ -91,6 +91,9 @@ pub async fn apply(m: &Mediator, ctx: &mut Inbound) -> Result<(), HandleError> {
     // Signed by the old DID, sent as the new one: this wallet controls both, and no other
     // connection that merely registered the new one keeps it.
     super::mediation::take_proven(m, &old.id, &new_r).await?;
+    // Whether the new DID's entry is this rotation's (to take back if the rotation fails),
+    // not one the connection held already.
+    let mut added = false;
     if let Some((add, _)) = &moved {
         let elsewhere = super::routing::held_in_another_form(m, &new_r).await?;
         if elsewhere.is_some_and(|(c, _)| c != old.id) {
@@ -100,6 +103,7 @@ pub async fn apply(m: &Mediator, ctx: &mut Inbound) -> Result<(), HandleError> {
         if r.iter().any(|(_, u)| *u == KeyUpdate::HeldByOther) {
             return Err(refused("the new DID is registered by another connection"));
         }
+        added = r.iter().any(|(_, u)| *u == KeyUpdate::Added);
     }
     // A patch of the stored record, not the copy read above written back: a connection the
     // operator deleted meanwhile is not put back, and a change made meanwhile stays.
@@ -111,7 +115,7 @@ pub async fn apply(m: &Mediator, ctx: &mut Inbound) -> Result<(), HandleError> {
     let c = match m.store.update_connection(&old.id, &patch).await {
         Ok(Some(c)) => c,
         gone_or_failed => {
-            if let Some((add, _)) = &moved {
+            if let Some((add, _)) = moved.as_ref().filter(|_| added) {
                 let _ = m.store.update_keys(&old.id, &[], std::slice::from_ref(add)).await;
             }
             return Err(match gone_or_failed {
