@@ -597,3 +597,86 @@ pub async fn pending_connections_page_through_many(b: Arc<dyn Backend>) {
         "{sizes:?}"
     );
 }
+
+/// The oldest-message figures of the queues: `oldest_received_ms`, `top_queues`' oldest list
+/// and `queue_stats` of those of `conns` with messages, as (connection, oldest); `top_queues`'
+/// deepest list must name the same as `queue_stats`.
+async fn oldest_figures(
+    s: &Arc<dyn Store>,
+    conns: &[&str],
+) -> (Option<i64>, Vec<(ConnId, Option<i64>)>, Vec<(ConnId, Option<i64>)>) {
+    let top = s.top_queues(10).await.unwrap();
+    let mut deepest: Vec<(ConnId, Option<i64>)> = top
+        .deepest
+        .iter()
+        .map(|q| (q.connection.clone(), q.oldest_received_ms))
+        .collect();
+    deepest.sort();
+    let mut stats = Vec::new();
+    for c in conns {
+        let q = s.queue_stats(c, T0 + 100).await.unwrap();
+        if q.oldest_received_ms.is_some() {
+            stats.push(((*c).to_owned(), q.oldest_received_ms));
+        }
+    }
+    stats.sort();
+    assert_eq!(deepest, stats, "top_queues and queue_stats name the same oldest");
+    let oldest = top
+        .oldest
+        .iter()
+        .map(|q| (q.connection.clone(), q.oldest_received_ms))
+        .collect();
+    (s.oldest_received_ms().await.unwrap(), oldest, stats)
+}
+
+/// A queue's oldest message is the one received first, whatever its id: ids follow the order
+/// messages reach the store (concurrent forwards, retries, hand-backs), not the order they
+/// were received. The queue-age gauge (`oldest_received_ms`), the status page's lists
+/// (`top_queues`) and `queue_stats` agree, as messages leave and across a reopen.
+pub async fn oldest_is_the_earliest_received(b: Arc<dyn Backend>) {
+    let (a, other, queued) = {
+        let s = b.open().await;
+        let (a, other) = (new_conn(&s).await, new_conn(&s).await);
+        let mut queued = enqueue_ok(&s, vec![msg(&a, "50", T0 + 50)]).await;
+        enqueue_ok(&s, vec![msg(&other, "30", T0 + 30)]).await;
+        queued.extend(enqueue_ok(&s, vec![msg(&a, "10", T0 + 10)]).await);
+        assert!(queued[0] < queued[1], "received later, queued first");
+        let (oldest, top, _) = oldest_figures(&s, &[&a, &other]).await;
+        assert_eq!(oldest, Some(T0 + 10));
+        assert_eq!(top, vec![(a.clone(), Some(T0 + 10)), (other.clone(), Some(T0 + 30))]);
+        assert_eq!(
+            s.queue_stats(&a, T0 + 100).await.unwrap().oldest_received_ms,
+            Some(T0 + 10)
+        );
+        // Once more each way: one in order after them, one older than all.
+        queued.extend(enqueue_ok(&s, vec![msg(&a, "60", T0 + 60), msg(&a, "5", T0 + 5)]).await);
+        let (oldest, top, _) = oldest_figures(&s, &[&a, &other]).await;
+        assert_eq!(oldest, Some(T0 + 5));
+        assert_eq!(top[0], (a.clone(), Some(T0 + 5)));
+        (a, other, queued)
+    };
+    let s = b.open().await;
+    let (oldest, top, _) = oldest_figures(&s, &[&a, &other]).await;
+    assert_eq!(oldest, Some(T0 + 5), "after a reopen");
+    assert_eq!(top, vec![(a.clone(), Some(T0 + 5)), (other.clone(), Some(T0 + 30))]);
+    let leased = s.lease(&a, 10, "o", T0 + 100, T0 + 60_000).await.unwrap();
+    assert_eq!(ids(&leased), queued, "leased in id order");
+    // The oldest leaves: the next oldest, not the first id, is the queue's oldest.
+    assert_eq!(s.ack_leased(&a, &[queued[3]]).await.unwrap().len(), 1);
+    let (oldest, top, _) = oldest_figures(&s, &[&a, &other]).await;
+    assert_eq!(oldest, Some(T0 + 10));
+    assert_eq!(top[0], (a.clone(), Some(T0 + 10)));
+    assert_eq!(s.ack_leased(&a, &[queued[1]]).await.unwrap().len(), 1);
+    let (oldest, top, stats) = oldest_figures(&s, &[&a, &other]).await;
+    assert_eq!(oldest, Some(T0 + 30), "the other queue's");
+    assert_eq!(top, vec![(other.clone(), Some(T0 + 30)), (a.clone(), Some(T0 + 50))]);
+    assert!(stats.contains(&(a.clone(), Some(T0 + 50))), "{stats:?}");
+    // The first id leaves too.
+    assert_eq!(s.ack_leased(&a, &[queued[0]]).await.unwrap().len(), 1);
+    let (_, top, _) = oldest_figures(&s, &[&a, &other]).await;
+    assert_eq!(top[1], (a.clone(), Some(T0 + 60)));
+    assert_eq!(s.ack_leased(&a, &[queued[2]]).await.unwrap().len(), 1);
+    let (oldest, top, _) = oldest_figures(&s, &[&a, &other]).await;
+    assert_eq!(oldest, Some(T0 + 30));
+    assert_eq!(top, vec![(other.clone(), Some(T0 + 30))]);
+}

@@ -185,6 +185,10 @@ macro_rules! conformance {
                 backend::run(super::queued_leased).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn oldest_is_the_earliest_received() {
+                backend::run(super::oldest_is_the_earliest_received).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn release_owners_under() {
                 backend::run(super::release_owners_under).await
             }

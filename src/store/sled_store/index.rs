@@ -1,7 +1,7 @@
 //! The in-memory queue index: per connection, message id -> size, time, lease; the dedup
 //! entries and their pruning order; leases by owner; sender expiries.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::NEVER;
@@ -68,6 +68,72 @@ impl Meta {
 pub(super) struct ConnQueue {
     pub(super) msgs: BTreeMap<MessageId, Meta>,
     pub(super) bytes: u64,
+    /// The highest (id, received_at_ms) a message taken in order had (kept when it leaves).
+    /// The messages in order (those of `msgs` not in `late`) were received in id order, so the
+    /// first of them is their oldest ([`ConnQueue::oldest_received_ms`]).
+    in_order_to: Option<(MessageId, i64)>,
+    /// (received_at_ms, id) of the queued messages not taken in order: received before one
+    /// with a lower id (concurrent forwards, retries, hand-backs reach the writer out of
+    /// receive order). Few (one clock for the whole store; a clock stepped back makes those
+    /// received until it catches up late): an empty set allocates nothing.
+    late: BTreeSet<(i64, MessageId)>,
+}
+
+/// Files message `id` received at `received_ms` in its queue's `in_order_to` and `late`: in
+/// order when its id and time are at least those of every message taken in order before it,
+/// else late.
+fn file(
+    in_order_to: &mut Option<(MessageId, i64)>,
+    late: &mut BTreeSet<(i64, MessageId)>,
+    id: MessageId,
+    received_ms: i64,
+) {
+    match *in_order_to {
+        Some((last_id, last_ms)) if id <= last_id || received_ms < last_ms => {
+            late.insert((received_ms, id));
+        }
+        _ => *in_order_to = Some((id, received_ms)),
+    }
+}
+
+impl ConnQueue {
+    /// Files every message of the queue again, in id order: at open, the queue log gives them
+    /// in the order it holds them, and compaction copies the oldest forward (filed in that
+    /// order, a backlog copied forward would all be late).
+    fn file_in_id_order(&mut self) {
+        let ConnQueue {
+            msgs,
+            in_order_to,
+            late,
+            ..
+        } = self;
+        late.clear();
+        *in_order_to = None;
+        for (id, m) in msgs.iter() {
+            file(in_order_to, late, *id, m.received_at_ms);
+        }
+    }
+
+    /// Messages not taken in order (tests).
+    #[cfg(test)]
+    pub(super) fn late_len(&self) -> usize {
+        self.late.len()
+    }
+
+    /// When the oldest queued message (leased or not) was received, `None` when there is none,
+    /// without reading the whole queue (the queue-age gauge and the status page read it for
+    /// every queue). Ids follow the order messages reach the writer, not receive order, so the
+    /// first id is not always the oldest: the oldest is the first message's time or the oldest
+    /// late one's. (Ids grow as messages are filed, so every message in order after the first
+    /// was received no earlier than it, or than any late one filed before it.)
+    pub(super) fn oldest_received_ms(&self) -> Option<i64> {
+        let first = self.msgs.first_key_value().map(|(_, m)| m.received_at_ms);
+        let late = self.late.first().map(|(at, _)| *at);
+        match (first, late) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// One connection's dedup entries: dedup key -> (id, received_at_ms).
@@ -90,6 +156,11 @@ pub(super) struct Queues {
     pub(super) dedup_count: u64,
     /// The latest cutoff of [`Store::prune_dedup`] (persisted as `DEDUP_PRUNED_BEFORE_KEY`).
     pub(super) dedup_pruned_before: i64,
+    /// The connection whose dedup entries a removal of its queue is dropping
+    /// (`Inner::remove_queue`, one at a time under the batch lock): set before that removal
+    /// is appended to the queue log, cleared when the index drops them. No record of them is
+    /// held meanwhile ([`Queues::holds_dedup`]).
+    pub(super) dedup_dropping: Option<ConnId>,
     /// owner -> connections where it leased messages (a superset: pruned by `expire` and
     /// `release_owner`), so `release_owner` scans only those queues.
     pub(super) by_owner: HashMap<Owner, std::collections::HashSet<ConnId>>,
@@ -210,6 +281,24 @@ impl Queues {
     }
 
     pub(super) fn insert(&mut self, conn: &str, id: MessageId, meta: Meta) {
+        self.insert_filed(conn, id, meta, true);
+    }
+
+    /// As [`Queues::insert`], for the index's rebuild at open: the message is not filed in
+    /// its queue's receive order until [`Queues::file_in_id_order`], once all are read.
+    pub(super) fn insert_unfiled(&mut self, conn: &str, id: MessageId, meta: Meta) {
+        self.insert_filed(conn, id, meta, false);
+    }
+
+    /// Files every queue in receive order ([`ConnQueue::oldest_received_ms`]), in id order,
+    /// after the messages were inserted with [`Queues::insert_unfiled`].
+    pub(super) fn file_in_id_order(&mut self) {
+        for cq in self.by_conn.values_mut() {
+            cq.file_in_id_order();
+        }
+    }
+
+    fn insert_filed(&mut self, conn: &str, id: MessageId, meta: Meta, filed: bool) {
         let q = match self.by_conn.get_mut(conn) {
             Some(q) => q,
             None => self.by_conn.entry(conn.to_owned()).or_default(),
@@ -218,8 +307,15 @@ impl Queues {
         if meta.expires_at_ms != NEVER {
             self.expiring.insert((meta.expires_at_ms, id), conn.to_owned());
         }
-        if q.msgs.insert(id, meta).is_none() {
-            self.total += 1;
+        let received_ms = meta.received_at_ms;
+        match q.msgs.insert(id, meta) {
+            None => self.total += 1,
+            Some(old) => {
+                q.late.remove(&(old.received_at_ms, id));
+            }
+        }
+        if filed {
+            file(&mut q.in_order_to, &mut q.late, id, received_ms);
         }
     }
 
@@ -333,6 +429,20 @@ impl Queues {
         n
     }
 
+    /// Whether the dedup entry of `key` in `conn` is held for message `id`, so the dedup record
+    /// of that message belongs in the queue log: not pruned, not replaced by a later copy,
+    /// and its connection's entries not being dropped ([`Queues::dedup_dropping`]). Asked by a
+    /// removal before it writes the record and again once it is written (the entry may go in
+    /// between: the record is then removed again).
+    pub(super) fn holds_dedup(&self, conn: &str, key: &[u8; 32], id: MessageId) -> bool {
+        self.dedup_dropping.as_deref() != Some(conn)
+            && self
+                .dedup
+                .get(conn)
+                .and_then(|d| d.get(key))
+                .is_some_and(|(held, _)| *held == id)
+    }
+
     /// The dedup entries of `conn` (made empty when it has none) and the connection's name as
     /// they hold it, for its `dedup_order` entries.
     pub(super) fn dedup_of(&mut self, conn: &str) -> (Arc<str>, &mut DedupEntries) {
@@ -351,6 +461,7 @@ impl Queues {
         let cq = self.by_conn.get_mut(conn)?;
         let m = cq.msgs.remove(&id)?;
         cq.bytes -= m.size;
+        cq.late.remove(&(m.received_at_ms, id));
         if cq.msgs.is_empty() {
             self.by_conn.remove(conn);
         }

@@ -27,6 +27,42 @@ fn log_read_err(e: std::io::Error) -> StoreError {
     }
 }
 
+/// A dedup record a removal writes for a message leaving the queue inside its window
+/// ([`Inner::kept_dedup`]): key `(KIND_DEDUP, id)`, body `record`.
+pub(super) struct Kept {
+    pub(super) id: MessageId,
+    pub(super) conn: ConnId,
+    pub(super) key: [u8; 32],
+    pub(super) record: Vec<u8>,
+}
+
+/// Test hook points (see [`TEST_HOOKS`]): an acknowledgement has decided to write a dedup
+/// record and not yet appended it; a queue's removal is in the log, not yet out of the index.
+#[cfg(test)]
+pub(super) const KEPT_DEDUP_CHECKED: &str = "kept dedup checked";
+#[cfg(test)]
+pub(super) const QUEUE_REMOVAL_LOGGED: &str = "queue removal logged";
+
+/// Run once, the first time their point is reached for their connection (tests: a race made
+/// deterministic). Keyed by connection, so tests running beside it in this process are
+/// untouched.
+#[cfg(test)]
+#[allow(clippy::type_complexity)]
+pub(super) static TEST_HOOKS: std::sync::Mutex<Vec<(&'static str, String, Box<dyn FnOnce() + Send>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+#[cfg(test)]
+fn test_hook(point: &'static str, conn: &str) {
+    let hook = {
+        let mut hooks = TEST_HOOKS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let at = hooks.iter().position(|(p, c, _)| *p == point && c == conn);
+        at.map(|i| hooks.remove(i).2)
+    };
+    if let Some(f) = hook {
+        f();
+    }
+}
+
 /// The push window of one connection ([`crate::store::push_window_step`]) and the claim of
 /// the trailing push a node took from it ([`crate::store::Store::push_take_due`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -348,7 +384,7 @@ impl Inner {
                                 stale.push((KIND_DEDUP, old));
                             }
                         }
-                        q.insert(
+                        q.insert_unfiled(
                             m.connection,
                             id,
                             Meta {
@@ -387,6 +423,7 @@ impl Inner {
             self.attempts.remove(encode_id(*id)).map_err(unavailable)?;
         }
         q.order_dedup();
+        q.file_in_id_order();
         *self.queues.lock() = q;
         Ok(())
     }
@@ -471,12 +508,12 @@ impl Inner {
     /// else not synced (see `forget_acked`).
     pub(super) fn log_removal(
         &self,
-        keep: &[(Key, Vec<u8>)],
+        keep: &[Kept],
         msgs: &[MessageId],
         dedups: &[MessageId],
         sync: bool,
     ) -> StoreResult<()> {
-        let puts: Vec<(Key, &[u8])> = keep.iter().map(|(k, v)| (*k, &v[..])).collect();
+        let puts: Vec<(Key, &[u8])> = keep.iter().map(|k| ((KIND_DEDUP, k.id), &k.record[..])).collect();
         let removes: Vec<Key> = msgs
             .iter()
             .map(|id| (KIND_MSG, *id))
@@ -518,6 +555,8 @@ impl Inner {
     /// Removes acknowledged messages from disk, not synced (an acknowledgement lost in a crash
     /// redelivers: at-least-once). The caller drops them from the index only once this
     /// succeeded: a message whose removal failed (a full disk) must stay queued and counted.
+    /// Returns the dedup records it wrote: the caller checks them against the index once it
+    /// holds the queues' lock again ([`Queues::holds_dedup`], [`Inner::drop_unheld`]).
     ///
     /// Attempt counts are single sled records, not a `sled::Batch`: sled 0.34 writes out and
     /// syncs its current log buffer before and after every batch (`PageCache::pin_log`), two
@@ -528,11 +567,15 @@ impl Inner {
     ///
     /// `with_dedup`: those of `ids` whose record holds a dedup key ([`Meta::dedup`]); their
     /// dedup records are written in the same append, before the removals (`kept_dedup`).
-    pub(super) fn forget_acked(&self, ids: &[MessageId], with_dedup: &[MessageId]) -> StoreResult<()> {
+    pub(super) fn forget_acked(&self, ids: &[MessageId], with_dedup: &[MessageId]) -> StoreResult<Vec<Kept>> {
         if ids.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let keep = self.kept_dedup(with_dedup)?;
+        #[cfg(test)]
+        for k in &keep {
+            test_hook(KEPT_DEDUP_CHECKED, &k.conn);
+        }
         self.log_removal(&keep, ids, &[], false)?;
         // After the removal: a count left by a failure here is dropped at the next open, where
         // one removed before a failed append would under-report a message still queued. Not an
@@ -544,7 +587,23 @@ impl Inner {
                 break;
             }
         }
-        Ok(())
+        Ok(keep)
+    }
+
+    /// Removes from the queue log the dedup records a removal wrote ([`Inner::forget_acked`])
+    /// that the index no longer holds once they were written (`unheld`, found under the queues'
+    /// lock after the append): the connection was deleted, the entry pruned or replaced between
+    /// the check and the append. Else such a record would be in no index (never pruned, copied
+    /// forward by compaction) and come back at the next open, a deleted connection's included.
+    /// Not synced, as the append it undoes. A failure is not the removal's: logged, and the
+    /// record is dropped by the next open (older than the prune cutoff) or pruned after it.
+    pub(super) fn drop_unheld(&self, unheld: &[MessageId]) {
+        if unheld.is_empty() {
+            return;
+        }
+        if let Err(e) = self.log_removal(&[], &[], unheld, false) {
+            tracing::warn!(error = %e, "sled: dedup records of removed entries stay until the next open");
+        }
     }
 
     /// The dedup records of messages about to leave the queue (acknowledged, expired by their
@@ -555,9 +614,10 @@ impl Inner {
     /// it) never has one. Written in the append that removes the messages: the queue log
     /// recovers a prefix, so a removal that survives a crash has its dedup record.
     ///
-    /// A prune that lands between the check and the append leaves a record with no entry;
-    /// the next open removes it (older than the persisted prune cutoff).
-    pub(super) fn kept_dedup(&self, ids: &[MessageId]) -> StoreResult<Vec<(Key, Vec<u8>)>> {
+    /// A removal of the entry (a prune, a deletion of the connection, a later copy) that lands
+    /// between the check and the append leaves a record with no entry: the caller checks again
+    /// after the append and removes it ([`Inner::drop_unheld`]).
+    pub(super) fn kept_dedup(&self, ids: &[MessageId]) -> StoreResult<Vec<Kept>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -572,15 +632,13 @@ impl Inner {
         for (id, v) in &records {
             let m = decode_msg(v)?;
             let Some(dk) = m.dedup_key else { continue };
-            if q.dedup
-                .get(m.connection)
-                .and_then(|d| d.get(&dk))
-                .is_some_and(|(held, _)| held == id)
-            {
-                keep.push((
-                    (KIND_DEDUP, *id),
-                    dedup_record(m.connection, &dk, *id, m.received_at_ms),
-                ));
+            if q.holds_dedup(m.connection, &dk, *id) {
+                keep.push(Kept {
+                    id: *id,
+                    conn: m.connection.to_owned(),
+                    key: dk,
+                    record: dedup_record(m.connection, &dk, *id, m.received_at_ms),
+                });
             }
         }
         Ok(keep)
@@ -596,7 +654,12 @@ impl Inner {
         // a failed append must not leave messages live in the log and missing from the index
         // (uncounted, never delivered, and skipped by a retry of this call).
         let (ids, with_dedup, dedup_ids) = {
-            let q = self.queues.lock();
+            let mut q = self.queues.lock();
+            if dedup {
+                // Until the index drops them: an acknowledgement appending one of their
+                // records meanwhile (after this removal's append) removes it again.
+                q.dedup_dropping = Some(conn.to_owned());
+            }
             let (mut ids, mut with_dedup) = (Vec::new(), Vec::new());
             if let Some(cq) = q.by_conn.get(conn) {
                 for (id, m) in &cq.msgs {
@@ -614,12 +677,20 @@ impl Inner {
         };
         // Without `dedup` the queue goes and its dedup entries stay (as after an
         // acknowledgement).
-        let keep = if dedup {
-            Vec::new()
+        let logged = if dedup {
+            self.log_removal(&[], &ids, &dedup_ids, true)
         } else {
-            self.kept_dedup(&with_dedup)?
+            self.kept_dedup(&with_dedup)
+                .and_then(|keep| self.log_removal(&keep, &ids, &dedup_ids, true))
         };
-        self.log_removal(&keep, &ids, &dedup_ids, true)?;
+        if let Err(e) = logged {
+            if dedup {
+                self.queues.lock().dedup_dropping = None;
+            }
+            return Err(e);
+        }
+        #[cfg(test)]
+        test_hook(QUEUE_REMOVAL_LOGGED, conn);
         let removed = self.unindex_queue(conn, dedup);
         let mut a = sled::Batch::default();
         for id in &ids {
@@ -645,6 +716,7 @@ impl Inner {
         }
         let mut entries = 0;
         if dedup {
+            q.dedup_dropping = None;
             if let Some(d) = q.dedup.remove(conn) {
                 entries = d.len() as u64;
                 q.dedup_count -= entries;

@@ -1324,4 +1324,161 @@ mod tests {
         assert!(r[0].is_ok(), "{:?}", r[0]);
         assert_eq!(s.queue_stats("c", t0).await.unwrap().pending, 1);
     }
+
+    /// The index's rebuild at open files each queue's messages in id order, not in the order
+    /// the queue log holds them (compaction copies the oldest records forward, behind newer
+    /// ones): such a backlog is not taken as received out of order, each of its messages held
+    /// a second time in memory and read past by every `oldest_received_ms`. The one message
+    /// received before lower ids is still found the oldest.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_open_files_each_queue_in_id_order() {
+        use super::records::KIND_MSG;
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let (c, first) = ("filed", 1_000_000);
+        let s = SledStore::open(dir.path()).await.unwrap();
+        let log = s.slot.get().unwrap().log.clone();
+        // Highest id first; the seventh received before the six ids below it.
+        for i in (0..10).rev() {
+            let at = if i == 6 { t0 - 5 } else { t0 + i };
+            let record = encode_msg(&new_msg(c, "m", at, None));
+            log.append(&[((KIND_MSG, first + i), record)], &[], true).unwrap();
+        }
+        drop(log);
+        drop(s);
+        let s = SledStore::open(dir.path()).await.unwrap();
+        let late = || s.slot.get().unwrap().queues.lock().by_conn[c].late_len();
+        assert_eq!(late(), 1, "only the message received out of order");
+        assert_eq!(s.oldest_received_ms().await.unwrap(), Some(t0 - 5));
+        assert_eq!(
+            s.top_queues(1).await.unwrap().oldest[0].oldest_received_ms,
+            Some(t0 - 5)
+        );
+        assert_eq!(s.lease(c, 10, "o", t0, t0 + 60_000).await.unwrap().len(), 10);
+        assert_eq!(s.ack(c, &[first + 6, first]).await.unwrap(), 2);
+        assert_eq!(late(), 0);
+        assert_eq!(s.oldest_received_ms().await.unwrap(), Some(t0 + 1));
+    }
+
+    /// Where a removal of a message in its dedup window is held while its connection is deleted
+    /// (see [`a_dedup_record_written_while_its_connection_is_deleted_does_not_come_back`]).
+    #[derive(Clone, Copy, Debug)]
+    enum Race {
+        /// The deletion runs whole between the removal's check and its append.
+        DeleteBetweenCheckAndAppend,
+        /// The removal appends and checks again after the deletion's append, before the
+        /// deletion drops the entries from the index.
+        AppendBetweenDeleteLogAndIndex,
+    }
+
+    /// Holds the next time `point` is reached for `conn`: returns (reached, let it go on).
+    fn hold_at(point: &'static str, conn: &str) -> (tokio::sync::oneshot::Receiver<()>, std::sync::mpsc::Sender<()>) {
+        let (reached, reached_rx) = tokio::sync::oneshot::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let hook: Box<dyn FnOnce() + Send> = Box::new(move || {
+            let _ = reached.send(());
+            let _ = go_rx.recv();
+        });
+        inner::TEST_HOOKS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((point, conn.to_owned(), hook));
+        (reached_rx, go)
+    }
+
+    /// One run of the race: an acknowledgement (or, `by_expiry`, a sender's expiry) of a
+    /// connection's message inside its dedup window decides to write the message's dedup
+    /// record while `delete_connection` removes the connection and its dedup records.
+    async fn dedup_record_race(race: Race, by_expiry: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let lim = dedup_window(60_000);
+        // Unique names: the hooks are the whole process's.
+        let gone = format!("gone-{}", uuid::Uuid::new_v4());
+        let other = format!("other-{}", uuid::Uuid::new_v4());
+        let s = Arc::new(SledStore::open(dir.path()).await.unwrap());
+        for c in [&gone, &other] {
+            s.put_connection(&connection(c)).await.unwrap();
+        }
+        let doomed = NewMessage {
+            expires_at_ms: Some(t0 + 1_000),
+            ..new_msg(&gone, "g", t0, Some(1))
+        };
+        let batch = vec![
+            doomed,
+            new_msg(&other, "o1", t0, Some(2)),
+            new_msg(&other, "o2", t0, Some(3)),
+        ];
+        s.enqueue(batch, &lim).await.unwrap();
+        let leased = s.lease(&gone, 10, "o", t0, t0 + 60_000).await.unwrap();
+        assert_eq!(leased.len(), 1);
+        assert_eq!(s.dedup_records().await.unwrap(), 3);
+
+        let (checked, go_on) = hold_at(inner::KEPT_DEDUP_CHECKED, &gone);
+        let removal = {
+            let (s, gone, id) = (s.clone(), gone.clone(), leased[0].id);
+            tokio::spawn(async move {
+                match by_expiry {
+                    true => s.expire_due(t0 + 1_000, 10).await.unwrap(),
+                    false => s.ack(&gone, &[id]).await.unwrap(),
+                }
+            })
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), checked)
+            .await
+            .expect("the removal reached its hook within 30 s")
+            .expect("the removal writes the message's dedup record");
+        let removed = match race {
+            Race::DeleteBetweenCheckAndAppend => {
+                let removed = s.delete_connection(&gone).await.unwrap();
+                go_on.send(()).unwrap();
+                removal.await.unwrap();
+                removed
+            }
+            Race::AppendBetweenDeleteLogAndIndex => {
+                let (logged, delete_on) = hold_at(inner::QUEUE_REMOVAL_LOGGED, &gone);
+                let delete = {
+                    let (s, gone) = (s.clone(), gone.clone());
+                    tokio::spawn(async move { s.delete_connection(&gone).await.unwrap() })
+                };
+                tokio::time::timeout(std::time::Duration::from_secs(30), logged)
+                    .await
+                    .expect("the deletion reached its hook within 30 s")
+                    .expect("the deletion's removal is in the log");
+                go_on.send(()).unwrap();
+                removal.await.unwrap();
+                delete_on.send(()).unwrap();
+                delete.await.unwrap()
+            }
+        };
+        assert!(removed.connection);
+        assert_eq!(removed.dedup_records, 1);
+        assert_eq!(s.dedup_records().await.unwrap(), 2, "{race:?}: the other connection's");
+        assert_eq!(
+            s.dedup_tree_len_for_test(),
+            0,
+            "{race:?}: a dedup record no entry names is in the queue log"
+        );
+        drop(s);
+        let s = SledStore::open(dir.path()).await.unwrap();
+        assert_eq!(
+            s.dedup_records().await.unwrap(),
+            2,
+            "{race:?}: the deleted connection's dedup record came back"
+        );
+    }
+
+    /// `ack_leased` and `expire_due` do not hold the batch lock `delete_connection` holds: the
+    /// dedup record one of them writes for a message of a connection being deleted may reach
+    /// the queue log after the deletion's removal. It is removed again (the removal checks the
+    /// index once more after its append), so it does not come back at the next open as a dedup
+    /// entry of the deleted connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dedup_record_written_while_its_connection_is_deleted_does_not_come_back() {
+        for race in [Race::DeleteBetweenCheckAndAppend, Race::AppendBetweenDeleteLogAndIndex] {
+            for by_expiry in [false, true] {
+                dedup_record_race(race, by_expiry).await;
+            }
+        }
+    }
 }

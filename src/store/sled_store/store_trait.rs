@@ -475,13 +475,23 @@ impl Store for SledStore {
                 }
                 (queued, with_dedup)
             };
-            inner.forget_acked(&queued, &with_dedup)?;
+            let kept = inner.forget_acked(&queued, &with_dedup)?;
             let mut q = inner.queues.lock();
-            Ok(queued
+            // Checked again once written, under the lock that drops entries: a record whose
+            // entry went meanwhile (its connection deleted, pruned, replaced) is removed again.
+            let unheld: Vec<MessageId> = kept
+                .iter()
+                .filter(|k| !q.holds_dedup(&conn, &k.key, k.id))
+                .map(|k| k.id)
+                .collect();
+            let leases = queued
                 .into_iter()
                 .filter_map(|id| q.remove_msg(&conn, id))
                 .map(|m| m.lease_until_ms)
-                .collect())
+                .collect();
+            drop(q);
+            inner.drop_unheld(&unheld);
+            Ok(leases)
         })
         .await
     }
@@ -799,8 +809,14 @@ impl Store for SledStore {
                 (due, with_dedup)
             };
             let ids: Vec<MessageId> = due.iter().map(|(_, id, _)| *id).collect();
-            inner.forget_acked(&ids, &with_dedup)?;
+            let kept = inner.forget_acked(&ids, &with_dedup)?;
             let mut q = inner.queues.lock();
+            // As `ack_leased`: records whose entry went while they were written are removed.
+            let unheld: Vec<MessageId> = kept
+                .iter()
+                .filter(|k| !q.holds_dedup(&k.conn, &k.key, k.id))
+                .map(|k| k.id)
+                .collect();
             let mut removed = 0;
             for (at, id, conn) in due {
                 match q.remove_msg(&conn, id) {
@@ -812,19 +828,18 @@ impl Store for SledStore {
                     }
                 }
             }
+            drop(q);
+            inner.drop_unheld(&unheld);
             Ok(removed)
         })
         .await
     }
 
     async fn oldest_received_ms(&self) -> StoreResult<Option<i64>> {
-        // Memory only; each queue's first entry is its oldest (ids grow with arrival).
+        // Memory only; each queue keeps what finds its oldest without reading all of it.
         let inner = self.slot.get()?;
         let q = inner.queues.lock();
-        Ok(q.by_conn
-            .values()
-            .filter_map(|cq| cq.msgs.values().next().map(|m| m.received_at_ms))
-            .min())
+        Ok(q.by_conn.values().filter_map(|cq| cq.oldest_received_ms()).min())
     }
 
     async fn flush(&self) -> StoreResult<()> {
@@ -1243,7 +1258,7 @@ impl Store for SledStore {
             .map(|(c, cq)| QueueSummary {
                 connection: c.clone(),
                 depth: cq.msgs.len() as u64,
-                oldest_received_ms: cq.msgs.values().next().map(|m| m.received_at_ms),
+                oldest_received_ms: cq.oldest_received_ms(),
             })
             .collect();
         drop(q);
