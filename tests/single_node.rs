@@ -190,6 +190,30 @@ async fn pickup_v2_over_http_leases_until_messages_received() {
 }
 
 #[actix_rt::test]
+async fn pickup_v2_delivery_request_a_wallet_sends_without_return_route_leases_nothing() {
+    // Without a return route a delivery would go to the wallet's endpoint, and a wallet has
+    // none: leased, the message would look gone from the queue for the lease (60 s here).
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.delivery.lease_ms = 60_000;
+    })
+    .await;
+    assert_eq!(forward_to(&n, &a, &k, "kept").await, 202);
+    // `pickup` asks for return route `all`: this one asks for none.
+    let mut no_route = pickup("delivery-request", json!({"limit": 10}));
+    no_route.as_object_mut().unwrap().remove("~transport");
+    assert_eq!(a.send(&no_route).await.unwrap(), 202);
+    let status = a.request(&pickup("status-request", json!({}))).await.unwrap().unwrap();
+    assert_eq!(status["message_count"], 1, "still pending: {status}");
+    let d = a
+        .request(&pickup("delivery-request", json!({"limit": 10})))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(type_name(&d), "delivery", "{d}");
+    assert_eq!(contents(&a, &d), vec!["kept"]);
+}
+
+#[actix_rt::test]
 async fn unacknowledged_http_delivery_comes_back_after_the_lease() {
     let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
     forward_to(&n, &a, &k, "again").await;

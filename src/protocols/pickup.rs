@@ -112,6 +112,16 @@ async fn lease_requested(
 }
 
 async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
+    // Without a return route the delivery would be POSTed to the connection's endpoint; a
+    // wallet has none, so it would go nowhere while its messages, leased, looked gone from the
+    // queue for `delivery.lease_ms`. Refused as batch-pickup refuses it: nothing leased.
+    if ctx.return_route == ReturnRoute::None && !has_http_endpoint(conn) {
+        return Ok(problem::report(
+            ctx,
+            "delivery_not_possible",
+            "delivery-request needs ~transport.return_route from a connection without an HTTP endpoint: its delivery could not be sent anywhere",
+        ));
+    }
     let msgs = lease_requested(m, ctx, conn, "limit").await?;
     if msgs.is_empty() {
         return Ok(Outcome {
@@ -124,6 +134,14 @@ async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Res
         leased: msgs.iter().map(|q| q.id).collect(),
         ..Outcome::default()
     })
+}
+
+/// Whether replies without a return route can reach `conn`: they are POSTed to its HTTP(S)
+/// endpoint (`session::outbound::http_endpoint`), and a wallet has none.
+fn has_http_endpoint(conn: &Connection) -> bool {
+    conn.their_endpoints
+        .iter()
+        .any(|e| e.starts_with("http://") || e.starts_with("https://"))
 }
 
 async fn messages_received(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
@@ -339,5 +357,32 @@ mod tests {
         assert_eq!((back.conn.as_str(), back.ids.len()), ("c1", 2));
         assert_eq!((stats(&m).await.pending, stats(&m).await.leased), (0, 2));
         assert_eq!(m.store.release_owner("n1/http").await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_delivery_request_with_nowhere_to_send_its_delivery_leases_nothing() {
+        let (m, c) = mediator().await;
+        queue(&m, &c, 2).await;
+        let leased = |m: &Mediator| {
+            let store = m.store.clone();
+            async move { store.queue_stats("c1", now_ms()).await.unwrap().leased }
+        };
+        // No return route and no endpoint (a wallet): refused, nothing leased.
+        let ctx = inbound("2.0/delivery-request", ReturnRoute::None, TransportKind::Http, &c);
+        let out = handle(&m, &ctx).await.unwrap();
+        assert!(is_problem(&out) && out.leased.is_empty(), "{:?}", out.replies);
+        assert_eq!(leased(&m).await, 0);
+        // An agent with an HTTP endpoint gets its delivery POSTed there: leased until
+        // messages-received, as over a return route.
+        let mut agent = c.clone();
+        agent.their_endpoints = vec!["didcomm:transport/queue".into(), "https://agent.example/didcomm".into()];
+        let ctx = inbound("2.0/delivery-request", ReturnRoute::None, TransportKind::Http, &agent);
+        let out = handle(&m, &ctx).await.unwrap();
+        assert_eq!((out.leased.len(), leased(&m).await), (2, 2), "{:?}", out.replies);
+        assert_eq!(m.store.release_owner("n1/http").await.unwrap(), 2);
+        // A return route: leased for it.
+        let ctx = inbound("2.0/delivery-request", ReturnRoute::All, TransportKind::Http, &c);
+        let out = handle(&m, &ctx).await.unwrap();
+        assert_eq!(out.leased.len(), 2, "{:?}", out.replies);
     }
 }
