@@ -3,7 +3,8 @@
 //! message again for the gone socket, where it would stay until the lease ran out. A store
 //! wrapper holds one session's lease until that release has happened (or until the test opens
 //! it), so the race is played every time. Also: a socket rebound to another connection while
-//! it holds or leases messages of the first.
+//! it holds or leases messages of the first, and a request's lease whose answer never reached
+//! its session (stopped first, at a write stall).
 
 mod common;
 
@@ -17,6 +18,8 @@ use mailroom::store::*;
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
 /// The node's store, except that once armed, the next `lease` waits for a `release_owner` (or
@@ -273,6 +276,117 @@ async fn a_delivery_over_a_socket_it_did_not_bind_comes_back_when_the_socket_clo
     })
     .await;
     assert_eq!(again, delivery_ids(&a, &d));
+}
+
+/// `mailroom_rejected_total` summed over the series of `reason` (0 before the first).
+async fn rejected(n: &node::RunningNode, reason: &str) -> f64 {
+    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    let label = format!("reason=\"{reason}\"");
+    text.lines()
+        .filter(|l| l.starts_with("mailroom_rejected_total{") && l.contains(&label))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The `in_flight` (leased) count of connection `conn`.
+async fn in_flight(n: &node::RunningNode, conn: &str) -> u64 {
+    let c = get_json(&format!("{}/connections/{conn}", n.admin_url())).await;
+    c["queue"]["in_flight"].as_u64().expect("in_flight")
+}
+
+#[actix_rt::test]
+async fn a_lease_whose_answer_never_reached_its_stalled_session_goes_back_at_its_end() {
+    // A delivery-request over return route `thread` leases on a socket it does not bind. Its
+    // answer waits for the session's actor, which runs no more: its writer is blocked on a
+    // client that reads nothing. The write stall then drops the session before the answer is
+    // applied. The request recorded the connection it leased for as it ended, so the session's
+    // end gives the lease back; before, only the applied answer recorded it, and the message
+    // stayed leased to the gone socket for `lease_ms`.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.delivery.lease_ms = 600_000;
+    // Long enough for the test to see the writer blocked and open the gate before it.
+    cfg.limits.ws_write_stall_ms = 5_000;
+    // The held delivery-request is the socket's one request in flight: every frame after it
+    // is answered `busy` on the socket at once, unhandled (nothing else leases, nothing else's
+    // answer needs the actor).
+    cfg.limits.max_ws_inflight = 1;
+    let gated = Arc::new(GatedLeases {
+        inner: open_sled(&dir.path().join("data")).await.unwrap(),
+        armed: AtomicBool::new(false),
+        gate: Arc::default(),
+        hold_releases: AtomicBool::new(false),
+    });
+    let mut l = node::bind_ephemeral(&mut cfg, "n1", false).unwrap();
+    // A small send buffer (accepted sockets inherit it), as in hostile.rs: the socket is full
+    // after little of the node's output.
+    let public = tokio::net::TcpSocket::new_v4().unwrap();
+    public.set_send_buffer_size(4 << 10).unwrap();
+    public.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    l.public = public.listen(1024).unwrap().into_std().unwrap();
+    l.public.set_nonblocking(false).unwrap();
+    cfg.nodes[0].listen = l.public.local_addr().unwrap().to_string();
+    let opts = node::NodeOptions {
+        store: Some(gated.clone()),
+        config_path: None,
+    };
+    let n = node::spawn(cfg, "n1", l, opts).unwrap();
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    forward_one(&n, &a, &k, "lent").await;
+    let conn = common::cluster::a_connection_id(&n).await;
+
+    let mut deaf = deaf_socket(n.public_addr).await;
+    gated.armed.store(true, Ordering::SeqCst);
+    let mut ask = pickup("delivery-request", json!({"limit": 10}));
+    ask["~transport"] = json!({"return_route": "thread"});
+    deaf.write_all(&masked_frame(&a.pack(&ask).unwrap())).await.unwrap();
+    tokio::time::timeout(WAIT, gated.gate.gated_lease_started.notified())
+        .await
+        .expect("the delivery-request leases");
+    // Frames of one byte, each answered `busy` (about 100 bytes): far more than the socket's
+    // buffers hold. Written by a task (the node stops reading them once its writer blocks),
+    // which keeps the socket open until the end of the test.
+    const FRAMES: usize = 20_000;
+    let frames: Vec<u8> = (0..FRAMES).flat_map(|_| masked_frame(b"x")).collect();
+    let flood = tokio::spawn(async move {
+        let _ = deaf.write_all(&frames).await;
+        deaf
+    });
+    // The actor answers busy frames only while its writer takes its output: the count stops
+    // short of them all once the writer is blocked.
+    let answered = eventually("the session's writer to block on the full socket", || async {
+        let before = rejected(&n, "busy").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after = rejected(&n, "busy").await;
+        (before > 0.0 && before == after).then_some(after)
+    })
+    .await;
+    assert!(
+        answered < FRAMES as f64,
+        "every frame was answered: the socket never filled ({answered})"
+    );
+    println!("busy answers before the writer blocked: {answered}");
+    // The held lease lands now, its answer queued for an actor that will not run again.
+    gated.gate.released.notify_one();
+    tokio::time::timeout(WAIT, gated.gate.gated_lease_done.notified())
+        .await
+        .expect("the held lease ran");
+    eventually("the session dropped at the write stall", || async {
+        (rejected(&n, "ws-write-stall").await >= 1.0).then_some(())
+    })
+    .await;
+    // Well before lease_ms (600 s): given back by the session's end.
+    eventually("the lease given back by the stalled session's end", || async {
+        (in_flight(&n, &conn).await == 0).then_some(())
+    })
+    .await;
+    let d = a
+        .request(&pickup("delivery-request", json!({"limit": 10})))
+        .await
+        .unwrap()
+        .expect("an answer");
+    assert_eq!(contents(&a, &d), vec!["lent"], "{d}");
+    drop(flood);
 }
 
 /// A drained node says `empty` only once the leases of its closed sessions are given back: an
