@@ -451,16 +451,6 @@ async fn a_trickled_body_is_answered_408_after_the_message_timeout() {
     assert_eq!(type_name(&reply), "ping_response");
 }
 
-/// The value of `mailroom_rejected_total` for `reason` (0 before the first).
-async fn rejected(n: &RunningNode, reason: &str) -> f64 {
-    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
-    let label = format!("reason=\"{reason}\"");
-    text.lines()
-        .filter(|l| l.starts_with("mailroom_rejected_total{") && l.contains(&label))
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A message begun in fragments and never finished holds the node's memory only for
 /// `limits.message_timeout_ms`, whatever pings keep its socket alive; and all unfinished
 /// messages of the node together hold at most 16 x `limits.max_ws_frame_bytes`: the fragment

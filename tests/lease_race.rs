@@ -278,16 +278,6 @@ async fn a_delivery_over_a_socket_it_did_not_bind_comes_back_when_the_socket_clo
     assert_eq!(again, delivery_ids(&a, &d));
 }
 
-/// `mailroom_rejected_total` summed over the series of `reason` (0 before the first).
-async fn rejected(n: &node::RunningNode, reason: &str) -> f64 {
-    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
-    let label = format!("reason=\"{reason}\"");
-    text.lines()
-        .filter(|l| l.starts_with("mailroom_rejected_total{") && l.contains(&label))
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .sum()
-}
-
 /// The `in_flight` (leased) count of connection `conn`.
 async fn in_flight(n: &node::RunningNode, conn: &str) -> u64 {
     let c = get_json(&format!("{}/connections/{conn}", n.admin_url())).await;

@@ -209,6 +209,16 @@ pub async fn connect_replying_to(n: &RunningNode, endpoint: &str) -> Agent {
     a
 }
 
+/// `mailroom_rejected_total` summed over the series of `reason` (0 before the first).
+pub async fn rejected(n: &RunningNode, reason: &str) -> f64 {
+    let (_, text) = get_status(&format!("{}/metrics", n.admin_url()), None).await;
+    let label = format!("reason=\"{reason}\"");
+    text.lines()
+        .filter(|l| l.starts_with("mailroom_rejected_total{") && l.contains(&label))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum()
+}
+
 /// `mailroom_endpoint_posts_total{result=...}`, 0 before the first.
 pub async fn endpoint_posts(n: &RunningNode, result: &str) -> u64 {
     metric(n, &format!("mailroom_endpoint_posts_total{{result=\"{result}\"}}"))
