@@ -541,15 +541,24 @@ impl Ctx {
     }
 }
 
-/// Sends the webhook events owed ([`Ctx::owed`]) as they come due, each in a send slot, until
-/// the worker stops.
+/// Sends the webhook events owed ([`Ctx::owed`]) as they come due, at most
+/// [`owed_sends_max`] at once: apart from the send slots of the pushes, which a webhook that
+/// stays down would otherwise fill (each owed send may retry for minutes). An event whose
+/// connection was deleted, or whose mediation was revoked, since is dropped. Aborted, with the
+/// sends under way, when the worker's stop begins: what is still owed is dropped.
 async fn webhook_owed(ctx: Rc<Ctx>) {
+    let room = Arc::new(tokio::sync::Semaphore::new(owed_sends_max(&ctx.settings)));
+    let mut sends = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while !ctx.stopping.get() {
+    loop {
         tick.tick().await;
+        while sends.try_join_next().is_some() {}
         let now = Instant::now();
-        loop {
+        while !ctx.stopping.get() {
+            let Ok(turn) = room.clone().try_acquire_owned() else {
+                break;
+            };
             let due = {
                 let mut owed = ctx.owed.borrow_mut();
                 match owed.front() {
@@ -558,18 +567,27 @@ async fn webhook_owed(ctx: Rc<Ctx>) {
                 }
             };
             let Some(o) = due else { break };
-            let Ok(slot) = ctx.slots.clone().acquire_owned().await else {
-                return;
-            };
             let ctx = ctx.clone();
-            tokio::task::spawn_local(async move {
-                let _slot = slot;
+            sends.spawn_local(async move {
+                let _turn = turn;
+                match ctx.store.get_connection(&o.ev.conn).await {
+                    Ok(None) => return,
+                    Ok(Some(c)) if c.mediation == MediationState::Denied => return,
+                    // Unreadable: sent, as a push would be.
+                    Ok(Some(_)) | Err(_) => {}
+                }
                 if with_retries(&ctx, "webhook", &o.ev, Instant::now()).await == Tried::GaveUp {
                     ctx.owe_webhook(o.ev, o.rounds - 1);
                 }
             });
         }
     }
+}
+
+/// Owed webhook events sent at once ([`webhook_owed`]): an eighth of `max_in_flight`, at
+/// least one.
+fn owed_sends_max(s: &PushSettings) -> usize {
+    (s.max_in_flight / 8).max(1)
 }
 
 /// Events of the push worker in the store at once (their device lookup, their window): a
@@ -631,6 +649,8 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
     let running_max = events_running_max(&settings);
     let claimed_max = settings.max_in_flight + CLAIMED_WAITING_MAX;
     let mut tasks = Tasks::default();
+    // Aborted as the stop begins, with its sends: what the webhook is still owed is dropped
+    // (the stop's grace is the pushes').
     let owed = settings
         .webhook
         .is_some()
@@ -662,6 +682,10 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
             }
         }
     };
+    // (Also when the channel closed.)
+    if let Some(owed) = &owed {
+        owed.abort();
+    }
     // The events handed over before the stop are handled too, as room frees, within the grace.
     rx.close();
     while let Ok(q) = rx.try_recv() {
@@ -679,9 +703,6 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
     })
     .await;
     ctx.metrics.waiting.set(waiting.len() as i64);
-    if let Some(owed) = owed {
-        owed.abort();
-    }
     let finished = drained.is_ok();
     if !finished {
         tracing::warn!(
