@@ -111,6 +111,9 @@ pub const REPLY_POSTS_MAX: usize = 256;
 pub const REPLY_POSTS_PER_CONNECTION: usize = 2;
 /// Reply sends one connection may have waiting or under way ([`ReplySlots`]).
 pub const REPLIES_PER_CONNECTION: usize = 256;
+/// Reply sends the node may have waiting or under way, all connections together
+/// ([`ReplySlots`]).
+pub const REPLIES_MAX: usize = 4096;
 
 /// The bound on replies POSTed to agents' endpoints. Every message that asks for a reply
 /// without a return route (a trust ping, say; ACA-Py's whole onboarding) is answered by a
@@ -120,10 +123,13 @@ pub const REPLIES_PER_CONNECTION: usize = 256;
 /// [`REPLY_POSTS_PER_CONNECTION`] POSTs under way (the rest of its replies wait their turn, in
 /// order) and [`REPLIES_PER_CONNECTION`] sends waiting or under way (past that its replies are
 /// dropped, counted as `dropped` in `mailroom_endpoint_posts_total`); the node at most
-/// [`REPLY_POSTS_MAX`] POSTs, so one tarpit takes two of them, not all.
+/// [`REPLY_POSTS_MAX`] POSTs, so one tarpit takes two of them, not all, and
+/// [`REPLIES_MAX`] sends waiting or under way.
 pub struct ReplySlots {
     posts: tokio::sync::Semaphore,
     per_conn: parking_lot::Mutex<std::collections::HashMap<String, (usize, Arc<tokio::sync::Semaphore>)>>,
+    /// Sends waiting or under way, all connections together (changed under `per_conn`'s lock).
+    total: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for ReplySlots {
@@ -131,6 +137,7 @@ impl Default for ReplySlots {
         ReplySlots {
             posts: tokio::sync::Semaphore::new(REPLY_POSTS_MAX),
             per_conn: Default::default(),
+            total: Default::default(),
         }
     }
 }
@@ -146,6 +153,9 @@ struct ReplyTurn<'a> {
 impl ReplySlots {
     fn enter<'a>(&'a self, conn: &'a str) -> Option<ReplyTurn<'a>> {
         let mut m = self.per_conn.lock();
+        if self.total.load(std::sync::atomic::Ordering::Relaxed) >= REPLIES_MAX {
+            return None;
+        }
         let (n, posts) = m
             .entry(conn.to_owned())
             .or_insert_with(|| (0, Arc::new(tokio::sync::Semaphore::new(REPLY_POSTS_PER_CONNECTION))));
@@ -153,6 +163,7 @@ impl ReplySlots {
             return None;
         }
         *n += 1;
+        self.total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Some(ReplyTurn {
             slots: self,
             conn,
@@ -164,6 +175,7 @@ impl ReplySlots {
 impl Drop for ReplyTurn<'_> {
     fn drop(&mut self) {
         let mut m = self.slots.per_conn.lock();
+        self.slots.total.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if let Some((n, _)) = m.get_mut(self.conn) {
             *n -= 1;
             if *n == 0 {
@@ -190,7 +202,7 @@ pub async fn send_replies(shared: &Arc<Shared>, conn: &Connection, replies: &[Va
         for _ in replies {
             shared.metrics.endpoint_post("dropped");
         }
-        tracing::debug!(connection = %conn.id, "{REPLIES_PER_CONNECTION} reply sends of this connection under way: {} replies dropped", replies.len());
+        tracing::debug!(connection = %conn.id, "reply sends at their bound (this connection's {REPLIES_PER_CONNECTION}, the node's {REPLIES_MAX}): {} replies dropped", replies.len());
         return;
     };
     // The connection's turn first, then the node's: a connection waiting for its own turn
