@@ -69,7 +69,8 @@ pub struct Metrics {
     /// Forwards queued leased to their live session's node and handed to it, by outcome.
     pub handoffs: Family<HandoffLabel, Counter>,
     /// POSTs to agents' own endpoints (replies and queued messages), by result (`dropped`: a
-    /// reply past its connection's bound, not sent: [`crate::session::outbound::ReplySlots`]).
+    /// reply past its connection's or the node's bound, not sent:
+    /// [`crate::session::outbound::ReplySlots`]).
     pub endpoint_posts: Family<ResultLabel, Counter>,
     /// Time to accept one forward durably: unpack, route, commit.
     pub forward_seconds: Histogram,

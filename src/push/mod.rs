@@ -570,9 +570,20 @@ async fn webhook_owed(ctx: Rc<Ctx>) {
             let ctx = ctx.clone();
             sends.spawn_local(async move {
                 let _turn = turn;
-                match ctx.store.get_connection(&o.ev.conn).await {
-                    Ok(None) => return,
-                    Ok(Some(c)) if c.mediation == MediationState::Denied => return,
+                // In line with the events' reads ([`STORE_LOOKUPS`]): a burst of owed events
+                // after a webhook outage does not take the store's pool.
+                let Ok(read) = ctx.lookups.acquire().await else { return };
+                let conn = ctx.store.get_connection(&o.ev.conn).await;
+                drop(read);
+                match conn {
+                    Ok(None) => {
+                        ctx.metrics.count("webhook", "deleted");
+                        return;
+                    }
+                    Ok(Some(c)) if c.mediation == MediationState::Denied => {
+                        ctx.metrics.count("webhook", "revoked");
+                        return;
+                    }
                     // Unreadable: sent, as a push would be.
                     Ok(Some(_)) | Err(_) => {}
                 }

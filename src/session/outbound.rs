@@ -114,6 +114,9 @@ pub const REPLIES_PER_CONNECTION: usize = 256;
 /// Reply sends the node may have waiting or under way, all connections together
 /// ([`ReplySlots`]).
 pub const REPLIES_MAX: usize = 4096;
+/// Reply sends a connection may have waiting or under way whatever the node's
+/// [`REPLIES_MAX`] ([`ReplySlots`]).
+pub const REPLIES_ALWAYS: usize = 4;
 
 /// The bound on replies POSTed to agents' endpoints. Every message that asks for a reply
 /// without a return route (a trust ping, say; ACA-Py's whole onboarding) is answered by a
@@ -124,7 +127,8 @@ pub const REPLIES_MAX: usize = 4096;
 /// order) and [`REPLIES_PER_CONNECTION`] sends waiting or under way (past that its replies are
 /// dropped, counted as `dropped` in `mailroom_endpoint_posts_total`); the node at most
 /// [`REPLY_POSTS_MAX`] POSTs, so one tarpit takes two of them, not all, and
-/// [`REPLIES_MAX`] sends waiting or under way.
+/// [`REPLIES_MAX`] sends waiting or under way, past which a connection with
+/// [`REPLIES_ALWAYS`] sends of its own gets no more.
 pub struct ReplySlots {
     posts: tokio::sync::Semaphore,
     per_conn: parking_lot::Mutex<std::collections::HashMap<String, (usize, Arc<tokio::sync::Semaphore>)>>,
@@ -153,7 +157,10 @@ struct ReplyTurn<'a> {
 impl ReplySlots {
     fn enter<'a>(&'a self, conn: &'a str) -> Option<ReplyTurn<'a>> {
         let mut m = self.per_conn.lock();
-        if self.total.load(std::sync::atomic::Ordering::Relaxed) >= REPLIES_MAX {
+        // Past the node's bound only a connection with few sends of its own gets in: a few
+        // connections holding their 256 each do not drop everyone else's replies.
+        let own = m.get(conn).map_or(0, |(n, _)| *n);
+        if own >= REPLIES_ALWAYS && self.total.load(std::sync::atomic::Ordering::Relaxed) >= REPLIES_MAX {
             return None;
         }
         let (n, posts) = m
@@ -202,7 +209,7 @@ pub async fn send_replies(shared: &Arc<Shared>, conn: &Connection, replies: &[Va
         for _ in replies {
             shared.metrics.endpoint_post("dropped");
         }
-        tracing::debug!(connection = %conn.id, "reply sends at their bound (this connection's {REPLIES_PER_CONNECTION}, the node's {REPLIES_MAX}): {} replies dropped", replies.len());
+        tracing::debug!(connection = %conn.id, "reply sends at their bound (this connection's {REPLIES_PER_CONNECTION}, or the node's {REPLIES_MAX}): {} replies dropped", replies.len());
         return;
     };
     // The connection's turn first, then the node's: a connection waiting for its own turn
