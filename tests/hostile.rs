@@ -220,15 +220,9 @@ async fn a_wallet_that_never_reads_holds_a_bounded_share_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
     cfg.delivery.lease_ms = 600_000;
-    let mut l = mailroom::node::bind_ephemeral(&mut cfg, "n1", false).unwrap();
-    // The kernel's share is bounded by its send buffer (autotuned up to megabytes): pin it
-    // small (accepted sockets inherit it) so what the node itself holds shows plainly.
-    let public = tokio::net::TcpSocket::new_v4().unwrap();
-    public.set_send_buffer_size(16 << 10).unwrap();
-    public.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    l.public = public.listen(1024).unwrap().into_std().unwrap();
-    l.public.set_nonblocking(false).unwrap();
-    cfg.nodes[0].listen = l.public.local_addr().unwrap().to_string();
+    // The kernel's share is bounded by its send buffer (autotuned up to megabytes): pinned
+    // small so what the node itself holds shows plainly.
+    let l = listeners_with_small_send_buffer(&mut cfg, 16 << 10);
     let n = mailroom::node::spawn(cfg, "n1", l, Default::default()).unwrap();
     let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
     // A backlog waits for the wallet: 250 messages of 16 KiB.

@@ -307,15 +307,8 @@ async fn a_lease_whose_answer_never_reached_its_stalled_session_goes_back_at_its
         gate: Arc::default(),
         hold_releases: AtomicBool::new(false),
     });
-    let mut l = node::bind_ephemeral(&mut cfg, "n1", false).unwrap();
-    // A small send buffer (accepted sockets inherit it), as in hostile.rs: the socket is full
-    // after little of the node's output.
-    let public = tokio::net::TcpSocket::new_v4().unwrap();
-    public.set_send_buffer_size(4 << 10).unwrap();
-    public.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    l.public = public.listen(1024).unwrap().into_std().unwrap();
-    l.public.set_nonblocking(false).unwrap();
-    cfg.nodes[0].listen = l.public.local_addr().unwrap().to_string();
+    // The socket is full after little of the node's output.
+    let l = listeners_with_small_send_buffer(&mut cfg, 4 << 10);
     let opts = node::NodeOptions {
         store: Some(gated.clone()),
         config_path: None,

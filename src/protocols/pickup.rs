@@ -115,7 +115,7 @@ async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Res
     // Without a return route the delivery would be POSTed to the connection's endpoint; a
     // wallet has none, so it would go nowhere while its messages, leased, looked gone from the
     // queue for `delivery.lease_ms`. Refused as batch-pickup refuses it: nothing leased.
-    if ctx.return_route == ReturnRoute::None && !has_http_endpoint(conn) {
+    if ctx.return_route == ReturnRoute::None && conn.http_endpoint().is_none() {
         return Ok(problem::report(
             ctx,
             "delivery_not_possible",
@@ -134,14 +134,6 @@ async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Res
         leased: msgs.iter().map(|q| q.id).collect(),
         ..Outcome::default()
     })
-}
-
-/// Whether replies without a return route can reach `conn`: they are POSTed to its HTTP(S)
-/// endpoint (`session::outbound::http_endpoint`), and a wallet has none.
-fn has_http_endpoint(conn: &Connection) -> bool {
-    conn.their_endpoints
-        .iter()
-        .any(|e| e.starts_with("http://") || e.starts_with("https://"))
 }
 
 async fn messages_received(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {

@@ -535,7 +535,8 @@ impl Shared {
                 let Ok(Some(c)) = self.mediator.store.get_connection(conn).await else {
                     return;
                 };
-                let e = outbound::http_endpoint(&c)
+                let e = c
+                    .http_endpoint()
                     .filter(|_| c.mediation != MediationState::Denied)
                     .map(str::to_string);
                 let mut cache = self.endpoint_cache.lock();

@@ -15,14 +15,6 @@ use std::sync::Arc;
 
 pub const ENVELOPE_CONTENT_TYPE: &str = "application/didcomm-envelope-enc";
 
-/// The agent's own HTTP(S) endpoint, if its DID document has one (wallets have none).
-pub fn http_endpoint(conn: &Connection) -> Option<&str> {
-    conn.their_endpoints
-        .iter()
-        .map(String::as_str)
-        .find(|e| e.starts_with("http://") || e.starts_with("https://"))
-}
-
 /// Why a POST to an agent's endpoint did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum PostError {
@@ -196,7 +188,7 @@ impl Drop for ReplyTurn<'_> {
 /// connection's own endpoint, within the node's [`ReplySlots`]. Agents without one (wallets)
 /// only ever use return-route.
 pub async fn send_replies(shared: &Arc<Shared>, conn: &Connection, replies: &[Value]) {
-    let Some(endpoint) = http_endpoint(conn) else {
+    let Some(endpoint) = conn.http_endpoint() else {
         if !replies.is_empty() {
             tracing::debug!(connection = %conn.id, "no return route and no endpoint: {} replies dropped", replies.len());
         }

@@ -1149,7 +1149,7 @@ impl WsSession {
         let Some(conn) = self.conn.as_ref().map(|c| c.id.clone()) else {
             return;
         };
-        tracing::info!(connection = %conn, session = self.id, "superseded by a newer session: delivery stopped here");
+        tracing::info!(connection = %conn, session = self.id, "superseded by a newer session on another node: delivery stopped here");
         // Leases of this session go back at once, and the new owner is told.
         let owner = self.owner();
         let shared = self.shared.clone();

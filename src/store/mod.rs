@@ -117,6 +117,17 @@ pub struct ConnectionPatch {
     pub updated_at_ms: i64,
 }
 
+impl Connection {
+    /// The agent's own HTTP(S) endpoint, if its DID document has one (wallets have none):
+    /// where what has no return route is POSTed.
+    pub fn http_endpoint(&self) -> Option<&str> {
+        self.their_endpoints
+            .iter()
+            .map(String::as_str)
+            .find(|e| e.starts_with("http://") || e.starts_with("https://"))
+    }
+}
+
 impl ConnectionPatch {
     pub fn apply(&self, c: &mut Connection) {
         if let Some(s) = &self.state {

@@ -116,6 +116,19 @@ pub async fn deaf_socket(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
     s
 }
 
+/// A single node's listeners on 127.0.0.1:0, its public one with a send buffer pinned to
+/// `bytes` (accepted sockets inherit it): a client that reads nothing fills it soon.
+pub fn listeners_with_small_send_buffer(cfg: &mut Config, bytes: u32) -> node::Listeners {
+    let mut l = node::bind_ephemeral(cfg, "n1", false).unwrap();
+    let public = tokio::net::TcpSocket::new_v4().unwrap();
+    public.set_send_buffer_size(bytes).unwrap();
+    public.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    l.public = public.listen(1024).unwrap().into_std().unwrap();
+    l.public.set_nonblocking(false).unwrap();
+    cfg.nodes[0].listen = l.public.local_addr().unwrap().to_string();
+    l
+}
+
 /// Polls `f` until it returns Some, or panics after `WAIT`.
 pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where
