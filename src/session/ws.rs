@@ -106,8 +106,9 @@ pub struct WsSession {
     /// The lowest id of each hand-back still on its way to the queue (a spill, or leased
     /// messages given back), counted: a lease may have read past those not yet released.
     returning: std::collections::BTreeMap<i64, usize>,
-    /// The lowest id of the hand-backs on their way when the current drain's lease began, or
-    /// begun since: its leased messages from there on wait (given back) behind them.
+    /// The lowest id of the hand-backs begun since the current drain began: its leased
+    /// messages from there on wait (given back) behind them, as behind those on their way
+    /// when it began ([`lease_floor`]).
     returning_floor: i64,
     /// Times the session began delivering (bound, live mode turned on): a lease begun before
     /// the last of them cannot tell that the queue caught up ([`HandedHere::catching_up`]).
@@ -557,7 +558,8 @@ impl WsSession {
         // and no hand-back began meanwhile, the queue has caught up with what went back.
         let clean_start = self.returning.is_empty();
         let spills_before = self.spills_begun;
-        self.returning_floor = self.returning.keys().next().copied().unwrap_or(i64::MAX);
+        let returning_at_start: Vec<i64> = self.returning.keys().copied().collect();
+        self.returning_floor = i64::MAX;
         let news_before = self.queue_news;
         let shared = self.shared.clone();
         let conn_id = self.conn.as_ref().expect("checked above").id.clone();
@@ -651,7 +653,8 @@ impl WsSession {
             // Leased messages older than every held one and than every hand-back on its way to
             // the queue (this lease may have read past one not yet released) go out now; the
             // others after those.
-            let floor = oldest_held.unwrap_or(i64::MAX).min(act.returning_floor);
+            let returning = lease_floor(&returning_at_start, act.returning_floor, &msgs);
+            let floor = oldest_held.unwrap_or(i64::MAX).min(returning);
             let (msgs, newer): (Vec<QueuedMessage>, Vec<QueuedMessage>) = msgs.into_iter().partition(|q| q.id < floor);
             // Caught up: the queue had nothing more (a short lease, begun with nothing on its
             // way back to it, none begun since, and after the session last began delivering),
@@ -678,7 +681,8 @@ impl WsSession {
             }
             if let Some(first) = newer.first().map(|q| q.id) {
                 let held_left = act.handed.as_ref().is_some_and(|h| !h.held_back.is_empty());
-                if held_left || act.returning_floor <= first {
+                // (A hand-back begun since the floor was read counts too.)
+                if held_left || returning.min(act.returning_floor) <= first {
                     // Held ones still wait for the window, or a hand-back older than these may
                     // reach the queue after this lease read it: these follow them, leased again.
                     act.give_back_leased(&leased_for, newer, ctx);
@@ -1195,5 +1199,51 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
             }
             ws::Message::Nop => {}
         }
+    }
+}
+
+/// The lowest id a drain's leased messages must stay under: that of every hand-back on its way
+/// to the queue when the drain began (`at_start`) whose lowest message the lease did not read,
+/// and of those begun since (`begun_since`). A hand-back is one store write: a lease that read
+/// its lowest message read it after the hand-back reached the queue, so it holds nothing back
+/// (its `SpillReleased` may not be handled yet). Counted, it had the lease give back what it
+/// read, and the next drain, begun with that give-back on its way, read the same message and
+/// gave it back again: a loop that wrote nothing (a v2 wallet turning live delivery off and
+/// on while a message was handed to it, seen once in CI).
+fn lease_floor(at_start: &[i64], begun_since: i64, leased: &[QueuedMessage]) -> i64 {
+    at_start
+        .iter()
+        .copied()
+        .filter(|lowest| !leased.iter().any(|q| q.id == *lowest))
+        .fold(begun_since, i64::min)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(ids: &[i64]) -> Vec<QueuedMessage> {
+        ids.iter()
+            .map(|&id| QueuedMessage {
+                id,
+                connection: "c".into(),
+                recipient_key: "k".into(),
+                payload: Vec::new(),
+                received_at_ms: 0,
+                attempts: 1,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_hand_back_the_lease_read_holds_nothing_back() {
+        // Given back (lowest 112) and read again by the next lease: it reached the queue.
+        assert_eq!(lease_floor(&[112], i64::MAX, &queued(&[112, 113, 114])), i64::MAX);
+        // One whose lowest message the lease did not read may still be on its way.
+        assert_eq!(lease_floor(&[112], i64::MAX, &queued(&[113, 114])), 112);
+        assert_eq!(lease_floor(&[100, 112], i64::MAX, &queued(&[112, 113])), 100);
+        // Begun while the lease ran: always waited for.
+        assert_eq!(lease_floor(&[112], 90, &queued(&[112])), 90);
+        assert_eq!(lease_floor(&[], i64::MAX, &queued(&[1])), i64::MAX);
     }
 }
