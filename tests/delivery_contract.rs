@@ -762,3 +762,55 @@ async fn forward_202(n: &mailroom::node::RunningNode, a: &Agent, k: &KeyPair, se
         .unwrap();
     assert_eq!(st, 202, "{text}");
 }
+
+/// A ping with return route `all`: what binds a socket to its sender's connection (implicit
+/// pickup under the default strategy).
+fn binding_ping() -> Value {
+    json!({
+        "@type": "https://didcomm.org/trust_ping/1.0/ping",
+        "@id": mailroom::didcomm::message::new_id(),
+        "response_requested": true,
+        "~transport": {"return_route": "all"},
+    })
+}
+
+/// Implicit pickup has no acknowledgement, yet a wallet whose socket is gone while the node's
+/// writes to it still succeed (half-open after a network change, the app frozen) loses
+/// nothing written to it: a message is removed only once the wallet's end answered a ping
+/// sent after it, and a socket that ends first gives it back. Before, it was removed as soon
+/// as it was written, and a wallet lost all its mail until the node timed the socket out.
+#[actix_rt::test]
+async fn an_implicit_socket_that_reads_nothing_loses_nothing() {
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
+    let sender = Sender::new();
+    let mut gone = a.websocket(&ws_url(&n)).await.unwrap();
+    assert_eq!(
+        type_name(&ws_request(&a, &mut gone, &binding_ping()).await),
+        "ping_response"
+    );
+    // From here on the socket reads nothing (nor answers a ping).
+    for i in 0..5 {
+        forward_202(&n, &a, &k, &sender, format!("m{i}")).await;
+    }
+    let written = r#"mailroom_delivered_total{path="implicit",didcomm="v1"}"#;
+    eventually("all five written down the socket", || async {
+        (metric(&n, written).await == Some(5.0)).then_some(())
+    })
+    .await;
+    drop(gone);
+
+    // The wallet's next socket gets them all.
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    ws.send_envelope(a.pack(&binding_ping()).unwrap(), true).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let m = ws_next_message(&a, &mut ws).await;
+        if type_name(&m) == "message" {
+            got.push(m["content"].as_str().unwrap().to_string());
+        }
+    }
+    got.sort();
+    assert_eq!(got, ["m0", "m1", "m2", "m3", "m4"]);
+    // Read on (the pings answered): confirmed, and removed.
+    read_on_until_depth(&n, &mut ws, 0, "the messages read removed").await;
+}

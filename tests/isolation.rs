@@ -392,10 +392,7 @@ async fn a_replayed_message_acts_once() {
     queue_for(&victim, &vk, &n, "first").await;
     let first = ws_next_message(&victim, &mut vws).await;
     assert_eq!(first["content"], "first", "{first}");
-    eventually("the pushed message removed", || async {
-        (queue_depth(&n).await == 0).then_some(())
-    })
-    .await;
+    read_on_until_depth(&n, &mut vws, 0, "the pushed message removed").await;
     // The victim's socket closed (and let go: a forward handed to it while it closed would
     // be written there), two more queued, then the replays.
     vws.close().await;

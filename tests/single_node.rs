@@ -293,7 +293,7 @@ async fn pickup_v1_batch_without_a_return_route_deletes_nothing() {
 }
 
 #[actix_rt::test]
-async fn pickup_v1_batch_over_a_socket_is_removed_once_written() {
+async fn pickup_v1_batch_over_a_socket_is_removed_once_read() {
     // QueueOnly: the socket pushes nothing itself, the batch is all it carries.
     let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |c| c.delivery.lease_ms = 60_000).await;
     for i in 0..3 {
@@ -304,12 +304,40 @@ async fn pickup_v1_batch_over_a_socket_is_removed_once_written() {
     let batch = ws_request(&a, &mut ws, &bp).await;
     assert_eq!(type_name(&batch), "batch", "{batch}");
     assert_eq!(contents(&a, &batch), vec!["w0", "w1"]);
-    eventually("the written batch removed", || async {
-        (queue_depth(&n).await == 1).then_some(())
-    })
-    .await;
+    // Removed once the socket answered the ping that followed it: as the wallet reads on.
+    read_on_until_depth(&n, &mut ws, 1, "the batch read removed").await;
     let status = a.request(&pickup("status-request", json!({}))).await.unwrap().unwrap();
     assert_eq!(status["message_count"], 1, "{status}");
+}
+
+/// A pickup 1.0 batch written to a socket whose wallet never reads it (gone, its socket left
+/// half-open) is not lost: pickup 1.0 has no acknowledgement, but the batch stays leased until
+/// a ping sent after it is answered, and the socket's end gives it back. Before, it was removed
+/// as soon as it was written.
+#[actix_rt::test]
+async fn pickup_v1_batch_written_to_a_socket_that_never_reads_it_comes_back() {
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |c| c.delivery.lease_ms = 60_000).await;
+    for i in 0..3 {
+        forward_to(&n, &a, &k, &format!("w{i}")).await;
+    }
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let bp = json!({"@type": "https://didcomm.org/messagepickup/1.0/batch-pickup", "@id": "bp", "batch_size": 2, "~transport": {"return_route": "all"}});
+    ws.send_envelope(a.pack(&bp).unwrap(), true).await.unwrap();
+    let written = r#"mailroom_delivered_total{path="pickup",didcomm="v1"}"#;
+    eventually("the batch written to the socket", || async {
+        (metric(&n, written).await == Some(2.0)).then_some(())
+    })
+    .await;
+    drop(ws);
+    eventually("the batch given back with the socket", || async {
+        let status = a.request(&pickup("status-request", json!({}))).await.ok()??;
+        (status["message_count"] == 3).then_some(())
+    })
+    .await;
+    let mut again = bp.clone();
+    again["@id"] = json!("bp-again");
+    let batch = a.request(&again).await.unwrap().unwrap();
+    assert_eq!(contents(&a, &batch), vec!["w0", "w1"]);
 }
 
 #[actix_rt::test]
@@ -479,10 +507,7 @@ async fn implicit_pickup_on_a_return_route_socket() {
         got.push(m["content"].as_str().unwrap().to_string());
     }
     assert_eq!(got, vec!["i0", "i1", "i2"]);
-    eventually("implicit deliveries removed", || async {
-        (queue_depth(&n).await == 0).then_some(())
-    })
-    .await;
+    read_on_until_depth(&n, &mut ws, 0, "implicit deliveries read removed").await;
 }
 
 /// Forwards answered one after the other reach an implicit-pickup socket in that order: their

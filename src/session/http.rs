@@ -211,6 +211,9 @@ async fn handle_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpRes
     let batch = out.ack_on_return.take();
     let (res, returned) = answer(&shared, out);
     if let Some(b) = batch {
+        if returned {
+            shared.metrics.delivered("pickup", "v1", b.ids.len() as u64);
+        }
         shared.settle_batch(b, &owner, returned).await;
     }
     res

@@ -6,6 +6,7 @@
 //! limits and metrics. Its [`Shared::queued_new`] decides how a newly queued message reaches its
 //! wallet: a local session, the owning node over the cluster, or the agent's own endpoint.
 
+mod confirm;
 pub mod egress;
 mod give_back;
 mod handing;

@@ -6,7 +6,8 @@
 //! message is queued. A woken session drains from the store itself:
 //! - pickup 2.0 live mode: `delivery` messages, leased until messages-received;
 //! - otherwise (implicit pickup, `DirectDelivery`): the raw forwarded messages, deleted once
-//!   written to the socket.
+//!   the wallet's end answered a ping sent after them (`session/confirm.rs`), as is a pickup 1.0
+//!   batch written back on the socket.
 //!
 //! The handshake and the socket are not here: [`super::upgrade`] accepts the socket, and
 //! [`super::wsio`] reads its frames (the context's `StreamHandler`) and writes its output.
@@ -14,6 +15,7 @@
 //! Binary and text frames are accepted; replies are text frames. Heartbeats: a ping every
 //! `HEARTBEAT`, closed after `CLIENT_TIMEOUT` without a pong or frame.
 
+use super::confirm::Confirming;
 use super::give_back::{gave_back, give_back_msgs, release_all, session_ended, SocketEnd};
 use super::live_window::{hold_in_queue_order, take_excess, LiveWindow, HELD_BACK_BATCHES, HELD_BACK_MAX_BYTES};
 use super::upgrade::SocketSlot;
@@ -113,6 +115,9 @@ pub struct WsSession {
     /// Times the session began delivering (bound, live mode turned on): a lease begun before
     /// the last of them cannot tell that the queue caught up ([`HandedHere::catching_up`]).
     queue_news: u64,
+    /// Written with no acknowledgement to wait for (implicit pickup, a pickup 1.0 batch), and
+    /// removed once a ping sent after it is answered; boxed, and only once something is.
+    confirming: Option<Box<Confirming>>,
 }
 
 /// Messages handed to a session, leased to the node's hand-off owner, not to the session.
@@ -177,6 +182,7 @@ impl WsSession {
             returning: std::collections::BTreeMap::new(),
             returning_floor: i64::MAX,
             queue_news: 0,
+            confirming: None,
             spills_begun: 0,
         }
     }
@@ -379,13 +385,20 @@ impl WsSession {
             }
         }
         if let Some(b) = out.ack_on_return {
-            let owner = self.owner();
-            // Holds the socket's slot: a stopping node waits for it.
-            let slot = self.slot.clone();
-            actix_rt::spawn(async move {
-                let _slot = slot;
-                shared.settle_batch(b, &owner, returned).await
-            });
+            if returned {
+                // Removed once the wallet's end confirms it read it; given back with the
+                // socket's leases (or those of its requests) if it never does.
+                shared.metrics.delivered("pickup", "v1", b.ids.len() as u64);
+                self.confirm_written(&b.conn, b.ids, ctx);
+            } else {
+                let owner = self.owner();
+                // Holds the socket's slot: a stopping node waits for it.
+                let slot = self.slot.clone();
+                actix_rt::spawn(async move {
+                    let _slot = slot;
+                    shared.settle_batch(b, &owner, false).await
+                });
+            }
         }
         if revoked_here {
             self.close_revoked(ctx);
@@ -782,9 +795,9 @@ impl WsSession {
         let redelivered = msgs.iter().filter(|q| q.attempts > 1).count() as u64;
         shared.metrics.redelivered.inc_by(redelivered);
         let mode = if self.registered { self.mode } else { Mode::Quiet };
-        if handed && mode == Mode::Live {
+        if handed && mode != Mode::Quiet {
             // Given back when the session ends, written or not (a lease of the session's own
-            // goes back with its owner).
+            // goes back with its owner; one acknowledged or confirmed meanwhile is gone).
             let now = now_ms();
             let written = &mut self.handed.get_or_insert_with(Box::default).written;
             while written.front().is_some_and(|(_, until)| *until <= now) {
@@ -821,15 +834,10 @@ impl WsSession {
                     crate::protocols::v2::version_label(&conn),
                     msgs.len() as u64,
                 );
-                // Implicit pickup has no acknowledgement: handed to the socket is delivered.
+                // Implicit pickup has no acknowledgement: removed once a ping sent after the
+                // messages is answered (a half-open socket swallows nothing).
                 let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
-                let store = shared.mediator.store.clone();
-                let c = conn.id.clone();
-                shared.tracked.spawn(async move {
-                    if let Err(e) = store.ack(&c, &ids).await {
-                        tracing::warn!(connection = %c, "implicit delivery not removed: {e}");
-                    }
-                });
+                self.confirm_written(&conn.id, ids, ctx);
             }
             Mode::Quiet if handed => {
                 let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
@@ -849,6 +857,37 @@ impl WsSession {
                     gave_back(&s, &c, released).await;
                 });
             }
+        }
+    }
+
+    /// `ids` of `conn` were written with no acknowledgement to wait for: a ping follows them
+    /// (unless one is on its way already: its pong sends the next), and its pong removes them.
+    fn confirm_written(&mut self, conn: &str, ids: Vec<i64>, ctx: &mut ws::WebsocketContext<Self>) {
+        let c = self.confirming.get_or_insert_with(Box::default);
+        if let Some(ping) = c.written(conn, ids, Instant::now()) {
+            ctx.ping(&ping);
+        }
+    }
+
+    /// A pong: what the ping it answers followed was read by the wallet's end, and is removed.
+    fn on_pong(&mut self, payload: &[u8], ctx: &mut ws::WebsocketContext<Self>) {
+        let Some(c) = self.confirming.as_mut() else {
+            return;
+        };
+        let (done, next) = c.pong(payload, Instant::now());
+        if let Some(ping) = next {
+            ctx.ping(&ping);
+        }
+        if c.is_empty() {
+            self.confirming = None;
+        }
+        for (conn, ids) in done {
+            let store = self.shared.mediator.store.clone();
+            self.shared.tracked.spawn(async move {
+                if let Err(e) = store.ack(&conn, &ids).await {
+                    tracing::warn!(connection = %conn, "delivery not removed (delivered again as its lease runs out): {e}");
+                }
+            });
         }
     }
 
@@ -955,6 +994,26 @@ impl Actor for WsSession {
         ctx.run_interval(HEARTBEAT, |act, ctx| {
             if act.last_seen.elapsed() > CLIENT_TIMEOUT {
                 tracing::info!(connection = act.conn_id(), session = act.id, "session timed out");
+                ctx.stop();
+                return;
+            }
+            // A client that talks but never answers the ping confirming what it was written
+            // would hold those messages leased, and delivered again, for as long as it talks.
+            if act
+                .confirming
+                .as_ref()
+                .and_then(|c| c.waiting_since())
+                .is_some_and(|t| t.elapsed() > CLIENT_TIMEOUT)
+            {
+                tracing::info!(
+                    connection = act.conn_id(),
+                    session = act.id,
+                    "pings not answered: socket closed"
+                );
+                ctx.close(Some(ws::CloseReason {
+                    code: ws::CloseCode::Policy,
+                    description: Some("pings not answered (RFC 6455 5.5.2)".into()),
+                }));
                 ctx.stop();
                 return;
             }
@@ -1192,7 +1251,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
             ws::Message::Binary(b) => self.on_envelope(b, ctx),
             ws::Message::Continuation(item) => self.on_frame_part(item, ctx),
             ws::Message::Ping(p) => ctx.pong(&p),
-            ws::Message::Pong(_) => {}
+            ws::Message::Pong(p) => self.on_pong(&p, ctx),
             ws::Message::Close(reason) => {
                 ctx.close(reason);
                 ctx.stop();

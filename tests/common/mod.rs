@@ -245,6 +245,21 @@ pub async fn queue_depth(n: &RunningNode) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// Reads on `ws`, answering the node's pings, until `n` holds `depth` messages (or panics
+/// after `WAIT`, or when anything but a ping comes): what a socket was written without an
+/// acknowledgement (implicit pickup, a pickup 1.0 batch) is removed once the wallet's end
+/// answered a ping sent after it, and a client answers as it reads.
+pub async fn read_on_until_depth(n: &RunningNode, ws: &mut WsClient, depth: u64, what: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while queue_depth(n).await != depth {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        match ws.next(Duration::from_millis(50)).await {
+            Err(_) => {}
+            Ok(e) => panic!("waiting for {what}, nothing else expected: {e:?}"),
+        }
+    }
+}
+
 /// The queue ids of a delivery's messages, in order (what messages-received lists).
 pub fn delivery_ids(a: &Agent, delivery: &Value) -> Vec<String> {
     a.open_delivery(delivery)

@@ -1,0 +1,119 @@
+//! What a WebSocket wrote without an acknowledgement to wait for (implicit pickup's raw
+//! messages, a pickup 1.0 batch) is removed once the wallet's end answered a ping sent after
+//! it: frames arrive in order, and a client answers a ping as it reads it, so the pong proves
+//! the wallet's WebSocket read everything written before that ping. Until then the messages
+//! stay leased: a socket that is gone (half-open after a network change, say) gives them back
+//! when it ends, or their lease runs out, instead of swallowing them.
+//!
+//! One ping at a time is on its way: what is written meanwhile waits for the next, sent when
+//! the pong comes. The pings are the session's to send; this is the bookkeeping alone.
+
+use std::time::Instant;
+
+/// A confirming ping's payload: this prefix and the ping's number (the heartbeat's is empty).
+const PREFIX: &[u8; 4] = b"mrcf";
+
+/// The ping payload for number `seq`.
+pub(super) type Payload = [u8; 12];
+
+/// Messages written for one connection.
+pub(super) type Written = (String, Vec<i64>);
+
+#[derive(Default)]
+pub(super) struct Confirming {
+    /// The last ping's number.
+    seq: u64,
+    /// The ping on its way: its number, when it was sent, and what its pong confirms.
+    awaiting: Option<(u64, Instant, Vec<Written>)>,
+    /// Written since that ping was sent: the next ping confirms them.
+    next: Vec<Written>,
+}
+
+impl Confirming {
+    /// `ids` of `conn` were written to the socket. Returns the ping to send now, when none is
+    /// on its way (else the next one, sent at its pong, confirms them).
+    pub(super) fn written(&mut self, conn: &str, ids: Vec<i64>, now: Instant) -> Option<Payload> {
+        if ids.is_empty() {
+            return None;
+        }
+        match self.next.last_mut() {
+            Some((c, held)) if c == conn => held.extend(ids),
+            _ => self.next.push((conn.to_owned(), ids)),
+        }
+        if self.awaiting.is_some() {
+            return None;
+        }
+        Some(self.send_next(now))
+    }
+
+    /// A pong came with `payload`. Returns what it confirms (empty for a heartbeat's pong or
+    /// one that is not the awaited ping's) and the next ping to send, if anything waits for one.
+    pub(super) fn pong(&mut self, payload: &[u8], now: Instant) -> (Vec<Written>, Option<Payload>) {
+        let Some(seq) = parse(payload) else {
+            return (Vec::new(), None);
+        };
+        if self.awaiting.as_ref().map(|(s, _, _)| *s) != Some(seq) {
+            return (Vec::new(), None);
+        }
+        let (_, _, done) = self.awaiting.take().expect("checked above");
+        let ping = (!self.next.is_empty()).then(|| self.send_next(now));
+        (done, ping)
+    }
+
+    /// Since when a ping has waited for its pong, if one does.
+    pub(super) fn waiting_since(&self) -> Option<Instant> {
+        self.awaiting.as_ref().map(|(_, at, _)| *at)
+    }
+
+    /// Nothing written waits for a pong.
+    pub(super) fn is_empty(&self) -> bool {
+        self.awaiting.is_none() && self.next.is_empty()
+    }
+
+    fn send_next(&mut self, now: Instant) -> Payload {
+        self.seq += 1;
+        self.awaiting = Some((self.seq, now, std::mem::take(&mut self.next)));
+        payload(self.seq)
+    }
+}
+
+fn payload(seq: u64) -> Payload {
+    let mut p = [0u8; 12];
+    p[..4].copy_from_slice(PREFIX);
+    p[4..].copy_from_slice(&seq.to_be_bytes());
+    p
+}
+
+fn parse(p: &[u8]) -> Option<u64> {
+    let rest = p.strip_prefix(PREFIX.as_slice())?;
+    Some(u64::from_be_bytes(rest.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pong_confirms_what_was_written_before_its_ping_and_nothing_after() {
+        let now = Instant::now();
+        let mut c = Confirming::default();
+        let p1 = c.written("a", vec![1, 2], now).expect("the first write sends a ping");
+        // Written while that ping is on its way: the next ping's.
+        assert_eq!(c.written("a", vec![3], now), None);
+        assert_eq!(c.written("b", vec![4], now), None);
+        assert_eq!(c.waiting_since(), Some(now));
+        // A heartbeat's pong, or a stray one, confirms nothing.
+        assert_eq!(c.pong(b"", now), (Vec::new(), None));
+        assert_eq!(c.pong(&payload(7), now), (Vec::new(), None));
+        let (done, p2) = c.pong(&p1, now);
+        assert_eq!(done, vec![("a".to_string(), vec![1, 2])]);
+        let p2 = p2.expect("what waits gets its ping");
+        // The first ping's pong again: already answered.
+        assert_eq!(c.pong(&p1, now), (Vec::new(), None));
+        let (done, p3) = c.pong(&p2, now);
+        assert_eq!(done, vec![("a".to_string(), vec![3]), ("b".to_string(), vec![4])]);
+        assert_eq!(p3, None);
+        assert!(c.is_empty());
+        assert_eq!(c.waiting_since(), None);
+    }
+}
