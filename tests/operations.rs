@@ -1379,3 +1379,92 @@ async fn a_forward_read_from_a_socket_just_before_the_stop_is_queued() {
     let q = store.queue_stats(&id, mailroom::protocols::now_ms()).await.unwrap();
     assert_eq!(q.pending + q.leased, 1, "the forward is queued: {q:?}");
 }
+
+/// The store of a node whose last run did not stop cleanly ([`Store::begin_run`] says so):
+/// the first page of wallets with mail pending its wake-up asks for is a full one (of made-up
+/// connections), held until the test lets it go; the page after it fails once (the store
+/// went away); every page the wake-up asks for is recorded with its cursor.
+struct UncleanRun {
+    inner: Arc<dyn Store>,
+    first_page: tokio::sync::Semaphore,
+    pages: std::sync::Mutex<Vec<Option<String>>>,
+}
+
+#[async_trait::async_trait]
+impl Store for UncleanRun {
+    async fn begin_run(&self) -> StoreResult<Option<bool>> {
+        self.inner.begin_run().await?;
+        Ok(Some(true))
+    }
+    async fn connections_with_pending(
+        &self,
+        now_ms: i64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<ConnId>> {
+        // The wake-up's pages are of 500; the sweep's endpoint retries, of 10,000, are not
+        // the test's.
+        if limit != 500 {
+            return self.inner.connections_with_pending(now_ms, after, limit).await;
+        }
+        let call = {
+            let mut pages = self.pages.lock().unwrap();
+            pages.push(after.map(str::to_owned));
+            pages.len()
+        };
+        match call {
+            1 => {
+                let _held = self.first_page.acquire().await.unwrap();
+                Ok((0..limit).map(|i| format!("gone-{i:06}")).collect())
+            }
+            2 => Err(StoreError::Unavailable("injected: the store went away".into())),
+            _ => self.inner.connections_with_pending(now_ms, after, limit).await,
+        }
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_thread, connection_by_their_verkey,
+        list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, ack_leased, release,
+        release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued,
+        pending_among, prune_dedup, dedup_records, queue_log, end_run, lease_for_key, pending_stats,
+        expire, expire_due, oldest_received_ms, flush, device_of, set_device, forget_device_token,
+        push_event, push_take_due, push_done, delete_connection, delete_unmediated, drop_queue, top_queues,
+        first_sight, forget_sight, prune_sights, update_keys, revoke_mediation,
+    );
+}
+
+/// After a run that did not stop cleanly, a node pages through every wallet with mail pending
+/// and wakes it (their sockets died with the run; nothing else tells them). An operator's drain
+/// meanwhile (a rolling restart begins) and a store that fails for a moment do not end that:
+/// it goes on from where it was. Before, either ended it for good, and the wallets on the pages
+/// not reached waited for their next message or the next restart.
+#[actix_rt::test]
+async fn waking_every_wallet_after_an_unclean_stop_outlasts_a_drain_and_a_store_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    let store = Arc::new(UncleanRun {
+        inner: open_sled(&dir.path().join("data")).await.unwrap(),
+        first_page: tokio::sync::Semaphore::new(0),
+        pages: Default::default(),
+    });
+    let n = start_on(&cfg, store.clone());
+    let pages = || store.pages.lock().unwrap().clone();
+    eventually("the first page asked for", || async {
+        (pages().len() == 1).then_some(())
+    })
+    .await;
+    let (st, _) = post_raw(&format!("{}/drain", n.admin_url()), "application/json", Vec::new()).await;
+    assert_eq!(st, 200);
+    store.first_page.add_permits(1);
+    let asked = eventually("the pages after the first asked for, the failed one again", || async {
+        let p = pages();
+        (p.len() >= 3).then_some(p)
+    })
+    .await;
+    assert_eq!(asked[0], None);
+    // After the first page's last, and asked again from there once the store came back.
+    assert!(asked[1].as_deref().is_some_and(|a| a.starts_with("gone-")), "{asked:?}");
+    assert_eq!(asked[1], asked[2]);
+    let (st, _) = post_raw(&format!("{}/undrain", n.admin_url()), "application/json", Vec::new()).await;
+    assert_eq!(st, 200);
+}

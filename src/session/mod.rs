@@ -771,14 +771,19 @@ pub async fn wake_pending(shared: &Arc<Shared>, conns: &[String]) {
 /// Every wallet with mail pending and mediation not revoked, each treated as if a message
 /// were queued now, as [`wake_pending`] does: after a run of this node that ended without its
 /// stop, on a store that kept its deliveries in memory (sled), nothing tells whose sessions
-/// were live, and their sockets died with it. Returns how many wallets it woke, and whether
-/// it reached them all (false: the store failed meanwhile, or the node began to stop).
+/// were live, and their sockets died with it. Nothing else will wake those wallets, so a
+/// store that fails is tried again (every `delivery.sweep_interval_ms`, from where it
+/// failed), and an operator's drain does not end it (it wakes sessions elsewhere, or pushes):
+/// only the node's stop does. Returns how many wallets it woke, and whether it reached them
+/// all (false: the node began to stop).
 pub async fn wake_all_pending(shared: &Arc<Shared>) -> (usize, bool) {
     let mut after: Option<String> = None;
     let mut woken = 0;
     let store = &shared.mediator.store;
+    let again = std::time::Duration::from_millis(shared.cfg.delivery.sweep_interval_ms);
+    let stopping = || shared.stopping.load(Ordering::SeqCst);
     loop {
-        if shared.draining.load(Ordering::SeqCst) {
+        if stopping() {
             return (woken, false);
         }
         let page = match store
@@ -787,19 +792,31 @@ pub async fn wake_all_pending(shared: &Arc<Shared>) -> (usize, bool) {
         {
             Ok(page) => page,
             Err(e) => {
-                tracing::warn!(woken, "wallets with mail pending left untold: store unavailable: {e}");
-                return (woken, false);
+                tracing::warn!(
+                    woken,
+                    "wallets with mail pending: store unavailable, tried again in {again:?}: {e}"
+                );
+                tokio::time::sleep(again).await;
+                continue;
             }
         };
         for c in &page {
-            // A revoked connection keeps its queue and its device: pickup refuses it.
-            match store.get_connection(c).await {
-                Ok(Some(conn)) if conn.mediation == MediationState::Denied => continue,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(woken, "wallets with mail pending left untold: store unavailable: {e}");
-                    return (woken, false);
+            let conn = loop {
+                match store.get_connection(c).await {
+                    Ok(conn) => break conn,
+                    Err(_) if stopping() => return (woken, false),
+                    Err(e) => {
+                        tracing::warn!(
+                            woken,
+                            "wallets with mail pending: store unavailable, tried again in {again:?}: {e}"
+                        );
+                        tokio::time::sleep(again).await;
+                    }
                 }
+            };
+            // A revoked connection keeps its queue and its device: pickup refuses it.
+            if conn.is_some_and(|conn| conn.mediation == MediationState::Denied) {
+                continue;
             }
             shared.queued_new(c).await;
             woken += 1;
