@@ -33,7 +33,8 @@ pub const MAX_FRAME_CEILING: usize = 8 * 1024 * 1024;
 
 /// bincode's own allocation/read budget while decoding one frame. It counts in-memory sizes,
 /// which exceed encoded sizes (a varint u64 is claimed as 8 bytes), hence the headroom over
-/// [`MAX_FRAME_CEILING`]; the input slice itself is already capped by the codec.
+/// [`MAX_FRAME_CEILING`]; the input slice itself is already capped by the codec. A frame is
+/// decoded under the smallest of [`decode`]'s tiers that fits its length.
 const DECODE_LIMIT: usize = 64 * 1024 * 1024;
 
 /// Length of the handshake nonce.
@@ -189,9 +190,27 @@ pub fn encoded_len(frame: &Frame) -> Result<usize, ProtoError> {
 
 /// Decodes exactly one frame from `bytes`; any leftover byte is an error (a frame is the whole
 /// payload of one length-prefixed record).
+///
+/// bincode allocates a string or byte buffer of the length the input claims once that length
+/// is within its limit, before it finds the input too short for it: under one 64 MiB limit,
+/// six bytes from a stranger at the cluster port (a `Hello` whose name claims 63 MiB) had the
+/// node allocate and zero 63 MiB. Nothing a frame of `n` bytes holds claims more than `8 n`
+/// (a one-byte varint is claimed as its 8-byte integer), so each frame is decoded under the
+/// first limit of 8 times a tier that its length fits.
 pub fn decode(bytes: &[u8]) -> Result<Frame, ProtoError> {
+    const KIB: usize = 1024;
+    match bytes.len() {
+        n if n <= KIB => decode_under::<{ 8 * KIB }>(bytes),
+        n if n <= 16 * KIB => decode_under::<{ 128 * KIB }>(bytes),
+        n if n <= 256 * KIB => decode_under::<{ 2 * KIB * KIB }>(bytes),
+        _ => decode_under::<DECODE_LIMIT>(bytes),
+    }
+}
+
+fn decode_under<const LIMIT: usize>(bytes: &[u8]) -> Result<Frame, ProtoError> {
+    let config = bincode::config::standard().with_limit::<LIMIT>();
     let (frame, used): (Frame, usize) =
-        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| ProtoError::Malformed(e.to_string()))?;
+        bincode::serde::decode_from_slice(bytes, config).map_err(|e| ProtoError::Malformed(e.to_string()))?;
     if used != bytes.len() {
         return Err(ProtoError::TrailingBytes(bytes.len() - used));
     }
