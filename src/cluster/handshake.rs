@@ -62,12 +62,33 @@ pub enum Role {
 /// log line and refusal that names it.
 const SHOWN_NAME_MAX: usize = 64;
 
-/// `name` as an error shows it: at most [`SHOWN_NAME_MAX`] characters, then `…`.
+/// Longest part of a peer's `Refused` reason an error repeats (ours are under it).
+const SHOWN_REASON_MAX: usize = 256;
+
+/// `name` as an error shows it: at most [`SHOWN_NAME_MAX`] characters, then `…`
+/// ([`shown_upto`]).
 fn shown(name: &str) -> String {
-    match name.char_indices().nth(SHOWN_NAME_MAX) {
-        Some((cut, _)) => format!("{}…", &name[..cut]),
-        None => name.to_owned(),
+    shown_upto(name, SHOWN_NAME_MAX)
+}
+
+/// What a peer sent, as an error (and so a log line) shows it: at most `max` characters, then
+/// `…`, with control characters escaped: a peer that has not proved the secret is anyone, and
+/// a newline of its own would start a log line it wrote.
+fn shown_upto(text: &str, max: usize) -> String {
+    let (kept, more) = match text.char_indices().nth(max) {
+        Some((cut, _)) => (&text[..cut], "…"),
+        None => (text, ""),
+    };
+    let mut out = String::with_capacity(kept.len() + more.len());
+    for c in kept.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
     }
+    out.push_str(more);
+    out
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -316,7 +337,7 @@ where
             peer: peer.node,
             channel,
         }),
-        Ok(Some(Frame::Refused { reason })) => Err(HandshakeError::PeerRefused(reason)),
+        Ok(Some(Frame::Refused { reason })) => Err(HandshakeError::PeerRefused(shown_upto(&reason, SHOWN_REASON_MAX))),
         Ok(Some(other)) => Err(HandshakeError::Unexpected(other.kind())),
         Ok(None) => Err(HandshakeError::Closed),
         // The peer holds other keys: it did not derive them from our handshake.
@@ -334,7 +355,7 @@ pub const HANDSHAKE_FRAME_MAX: usize = 16 * 1024;
 async fn next<S: AsyncRead + Unpin>(stream: &mut S, local: &Local<'_>) -> Result<Frame, HandshakeError> {
     match codec::read_frame(stream, local.max_frame.min(HANDSHAKE_FRAME_MAX)).await? {
         None => Err(HandshakeError::Closed),
-        Some(Frame::Refused { reason }) => Err(HandshakeError::PeerRefused(reason)),
+        Some(Frame::Refused { reason }) => Err(HandshakeError::PeerRefused(shown_upto(&reason, SHOWN_REASON_MAX))),
         Some(f) => Ok(f),
     }
 }
@@ -388,6 +409,30 @@ mod tests {
         let ta = tokio::spawn(async move { run(&mut sa, &a, Role::Dialer, Some(expected_b), |_| true).await });
         let tb = tokio::spawn(async move { run(&mut sb, &b, Role::Acceptor, None, |n| known_by_b.contains(&n)).await });
         (ta.await.unwrap(), tb.await.unwrap())
+    }
+
+    /// A stranger's `Refused` reaches the logs cut short, on one line: before, 16 KiB of its
+    /// text, newlines included, went into the node's warning as it was sent.
+    #[tokio::test]
+    async fn a_strangers_refusal_is_shown_short_and_on_one_line() {
+        let (mut ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        let me = Local {
+            max_frame: HANDSHAKE_FRAME_MAX,
+            ..local("c", "n1", b"s")
+        };
+        let dial = tokio::spawn(async move { run(&mut ours, &me, Role::Dialer, Some("n2"), |_| true).await });
+        let reason = format!("x\nFORGED {}", "A".repeat(16_000));
+        codec::write_preamble(&mut theirs).await.unwrap();
+        codec::write_frame(&mut theirs, &Frame::Refused { reason }, HANDSHAKE_FRAME_MAX)
+            .await
+            .unwrap();
+        let Err(HandshakeError::PeerRefused(shown)) = dial.await.unwrap() else {
+            panic!("refused");
+        };
+        assert!(shown.starts_with("x\\nFORGED AAA"), "{shown:.80}");
+        assert!(!shown.contains('\n'));
+        // The newline shown as two characters, then `…`.
+        assert_eq!(shown.chars().count(), SHOWN_REASON_MAX + 2, "cut, then …");
     }
 
     #[tokio::test]
