@@ -918,3 +918,52 @@ async fn a_peer_saying_hello_after_the_node_began_to_leave_is_refused() {
     let ((), opened) = tokio::join!(leaving, ghost);
     assert!(opened.is_err(), "a link was opened with a node that left");
 }
+
+/// A peer that makes ownership changes as fast as it writes frames (an `Own` and a `Disown` of
+/// a session held here, again and again) while the node takes no events: past a bound the
+/// changes are dropped and counted, as wake-ups are. Before, each one the full channel could
+/// not take waited in a task of its own, so a peer could grow the node's tasks and memory
+/// without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ownership_changes_a_peer_floods_wait_in_bounded_numbers() {
+    // Room for one event, never read.
+    let (n1, _ev, addr, max) = node_with_ghost(1, |_| {}).await;
+    let mut link = ghost_link(addr, max).await.unwrap();
+    n1.announce_session("c");
+    let base = now_epoch() + (1 << 20);
+    const PAIRS: u64 = 10_000;
+    for i in 0..PAIRS {
+        let epoch = base + 2 * i;
+        link.writer
+            .write_frame(&Frame::Own {
+                conn: "c".into(),
+                epoch,
+            })
+            .await
+            .unwrap();
+        link.writer
+            .write_frame(&Frame::Disown {
+                conn: "c".into(),
+                epoch,
+            })
+            .await
+            .unwrap();
+    }
+    let last = Frame::Own {
+        conn: "marker".into(),
+        epoch: base + 2 * PAIRS,
+    };
+    link.writer.write_frame(&last).await.unwrap();
+    link.writer.flush().await.unwrap();
+    // Frames are handled in order: the marker's claim means every pair was.
+    let deadline = Instant::now() + WAIT;
+    while n1.owner_of("marker").is_none() {
+        assert!(Instant::now() < deadline, "the peer's frames handled within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dropped = n1.status().counters.events_dropped;
+    assert!(
+        dropped >= PAIRS - 4_096 - 2,
+        "past the bound the changes are dropped, not each held in a task: {dropped} dropped"
+    );
+}

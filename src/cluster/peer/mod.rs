@@ -268,10 +268,17 @@ pub(crate) struct Shared {
     /// The runtime `start` ran on. Every task goes there, whichever thread calls the handle
     /// (an actix arbiter's runtime, or no runtime at all).
     rt: tokio::runtime::Handle,
+    /// Events waiting for room in the node's channel, each in a task of its own
+    /// ([`Shared::emit`]).
+    emit_waiting: Arc<AtomicUsize>,
     /// By kind of refusal: when an inbound connection refused so was last logged as a
     /// warning, and how many were refused so since without one ([`Shared::warn_refused_now`]).
     refused_warned: Mutex<HashMap<std::mem::Discriminant<HandshakeError>, (Instant, u64)>>,
 }
+
+/// Events that wait for room in the node's full event channel, past which those a peer's
+/// frames bring (ownership changes, hand-offs returned) are dropped ([`Shared::emit`]).
+const EMIT_WAITING_MAX: usize = 4096;
 
 /// Refused inbound connections are logged as warnings at most this often for each kind of
 /// refusal (the others at debug, counted in the counters and in the next warning): anyone who
@@ -317,6 +324,7 @@ impl Shared {
             stopped: AtomicBool::new(false),
             started: Instant::now(),
             rt: tokio::runtime::Handle::current(),
+            emit_waiting: Arc::default(),
             refused_warned: Mutex::new(HashMap::new()),
         });
         shared.add_peers(peers);
@@ -475,10 +483,26 @@ impl Shared {
                     debug!("cluster event channel full, notification dropped");
                 } else {
                     // Membership and ownership changes are rare and matter: wait for room,
-                    // off the caller's path (may reorder with later events).
-                    let tx = self.events.clone();
+                    // off the caller's path (may reorder with later events). A peer's frames
+                    // can make ownership changes as fast as it writes them (an `Own` and a
+                    // `Disown` of a session held here, again and again): past a bound those
+                    // are dropped, as a wake-up is, rather than each holding a task. A
+                    // membership change always waits (there are as many as links go down).
+                    let membership = matches!(
+                        ev,
+                        ClusterEvent::PeerUp { .. } | ClusterEvent::PeerDown { .. } | ClusterEvent::SessionsLost { .. }
+                    );
+                    let waiting = self.emit_waiting.fetch_add(1, Ordering::SeqCst);
+                    if waiting >= EMIT_WAITING_MAX && !membership {
+                        self.emit_waiting.fetch_sub(1, Ordering::SeqCst);
+                        bump(&self.counters.events_dropped);
+                        debug!("cluster event channel full, {waiting} events waiting for it: event dropped");
+                        return;
+                    }
+                    let (tx, count) = (self.events.clone(), self.emit_waiting.clone());
                     self.rt.spawn(async move {
                         let _ = tx.send(ev).await;
+                        count.fetch_sub(1, Ordering::SeqCst);
                     });
                 }
             }
