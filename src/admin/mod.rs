@@ -461,6 +461,21 @@ async fn node_history_json(st: &AdminState) -> Value {
     })
 }
 
+/// Where this node reaches a peer's admin listener configured at `admin`: a peer that binds
+/// it on every address (`0.0.0.0:9002`, `[::]:9002`) is reached at the address its cluster
+/// link is dialed at (`cluster`), on the admin port. Dialed as written, `0.0.0.0` is this
+/// machine, not the peer's.
+fn peer_admin_addr(admin: &str, cluster: Option<&str>) -> String {
+    let cluster = cluster.and_then(|c| c.parse::<std::net::SocketAddr>().ok());
+    match (admin.parse::<std::net::SocketAddr>(), cluster) {
+        (Ok(mut a), Some(c)) if a.ip().is_unspecified() && !c.ip().is_unspecified() => {
+            a.set_ip(c.ip());
+            a.to_string()
+        }
+        _ => admin.to_owned(),
+    }
+}
+
 /// The path of a node's own history, which peers read ([`cluster::admin_read`]).
 ///
 /// [`cluster::admin_read`]: crate::cluster::admin_read
@@ -471,6 +486,7 @@ const NODE_HISTORY: &str = "/history?scope=node";
 /// the admin token: whatever listens at the address configured gets nothing it can use.
 async fn peer_history(id: &str, admin: &str, cluster: &crate::cluster::ClusterHandle) -> Value {
     let url = format!("http://{admin}{NODE_HISTORY}");
+    // (`admin` is where this node reaches the peer's admin listener: [`peer_admin_addr`].)
     let client = awc::Client::builder()
         .timeout(std::time::Duration::from_secs(2))
         .finish();
@@ -521,13 +537,17 @@ async fn history_view(req: HttpRequest, st: web::Data<AdminState>, q: web::Query
     }
     let sh = &st.shared;
     let nodes = st.reloader.live().nodes;
-    let fetched = match &sh.cluster {
-        Some(c) => {
-            let peers = nodes.iter().filter(|n| n.id != sh.mediator.node_id);
-            futures_util::future::join_all(peers.map(|n| peer_history(&n.id, &n.admin, c))).await
-        }
-        None => Vec::new(),
-    };
+    let fetched =
+        match &sh.cluster {
+            Some(c) => {
+                let peers = nodes.iter().filter(|n| n.id != sh.mediator.node_id);
+                futures_util::future::join_all(peers.map(|n| async move {
+                    peer_history(&n.id, &peer_admin_addr(&n.admin, n.cluster.as_deref()), c).await
+                }))
+                .await
+            }
+            None => Vec::new(),
+        };
     let mut nodes = vec![me];
     nodes.extend(fetched);
     let parsed: Vec<history::NodeHistory> = nodes
@@ -579,4 +599,19 @@ async fn history_view(req: HttpRequest, st: web::Data<AdminState>, q: web::Query
         "queues": queues,
         "links": links,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peer_admin_addr;
+
+    #[test]
+    fn a_peers_admin_bound_on_every_address_is_reached_where_its_link_is() {
+        assert_eq!(peer_admin_addr("0.0.0.0:9002", Some("10.0.0.2:7002")), "10.0.0.2:9002");
+        assert_eq!(peer_admin_addr("[::]:9002", Some("[fd00::2]:7002")), "[fd00::2]:9002");
+        // As written otherwise.
+        assert_eq!(peer_admin_addr("10.0.0.9:9002", Some("10.0.0.2:7002")), "10.0.0.9:9002");
+        assert_eq!(peer_admin_addr("0.0.0.0:9002", Some("0.0.0.0:7002")), "0.0.0.0:9002");
+        assert_eq!(peer_admin_addr("0.0.0.0:9002", None), "0.0.0.0:9002");
+    }
 }
