@@ -1468,3 +1468,39 @@ async fn waking_every_wallet_after_an_unclean_stop_outlasts_a_drain_and_a_store_
     let (st, _) = post_raw(&format!("{}/undrain", n.admin_url()), "application/json", Vec::new()).await;
     assert_eq!(st, 200);
 }
+
+/// A wallet asks for mediation again while the operator deletes its connection (the delete
+/// lands after the request read the connection): it gets no grant, over DIDComm v1 or v2.
+/// Before, a connection granted already was granted again from the copy read, although it no
+/// longer existed.
+#[actix_rt::test]
+async fn a_mediate_request_racing_the_operators_delete_is_not_granted() {
+    let (_dir, n, store, mut a, _k, id) = node_on_failing_removals_with(Strategy::QueueAndLiveModeDelivery).await;
+    *store.delete_after_lookup.lock().unwrap() = Some(a.key.verkey());
+    let err = a.mediate().await.expect_err("no grant for a deleted connection");
+    assert!(
+        store.delete_after_lookup.lock().unwrap().is_none(),
+        "the request read the connection"
+    );
+    assert!(err.to_string().contains("403"), "{err:#}");
+    assert_eq!(store.get_connection(&id).await.unwrap(), None);
+
+    let v = get_json(&format!("{}/invitation?didcomm=v2", n.public_url())).await;
+    let m = mailroom::client::v2::V2Mediator::from_invitation_url(v["invitation_url"].as_str().unwrap()).unwrap();
+    let mut w = mailroom::client::v2::V2Agent::new(m).unwrap();
+    w.onboard().await.unwrap();
+    let id = store.connection_by_their_verkey(&w.did).await.unwrap().unwrap().id;
+
+    *store.delete_after_lookup.lock().unwrap() = Some(w.did.clone());
+    let again = w.message(
+        "https://didcomm.org/coordinate-mediation/3.0/mediate-request",
+        json!({}),
+    );
+    let (st, answer) = w.post(&again).await.unwrap();
+    assert!(
+        store.delete_after_lookup.lock().unwrap().is_none(),
+        "the request read the connection"
+    );
+    assert_eq!(st, 403, "no grant for a deleted connection: {answer:?}");
+    assert_eq!(store.get_connection(&id).await.unwrap(), None);
+}

@@ -50,7 +50,12 @@ pub fn over_limit_reason(would_hold: usize, max: usize) -> String {
 pub async fn mediate_request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     let conn = ctx.require_conn()?;
     let conn = if matches!(conn.mediation, MediationState::Granted | MediationState::Denied) {
-        conn.clone()
+        // Read again (a wallet asks once per start): a connection the operator deleted or
+        // revoked while this was handled gets no grant.
+        m.store
+            .get_connection(&conn.id)
+            .await?
+            .ok_or(HandleError::NoConnection)?
     } else {
         let patch = ConnectionPatch {
             mediation: Some(MediationState::Granted),

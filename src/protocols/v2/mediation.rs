@@ -31,7 +31,11 @@ pub async fn handle(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError>
 async fn mediate_request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     let sender = ctx.sender.clone().ok_or(HandleError::Unproven)?;
     let conn = match &ctx.conn {
-        Some(c) if matches!(c.mediation, MediationState::Granted | MediationState::Denied) => c.clone(),
+        // Read again (a wallet asks once per start): a connection the operator deleted or
+        // revoked while this was handled gets no grant.
+        Some(c) if matches!(c.mediation, MediationState::Granted | MediationState::Denied) => {
+            m.store.get_connection(&c.id).await?.ok_or(HandleError::NoConnection)?
+        }
         // The stored state after the patch: a revocation that landed meanwhile stands.
         Some(c) => m
             .store
