@@ -814,3 +814,62 @@ async fn an_implicit_socket_that_reads_nothing_loses_nothing() {
     // Read on (the pings answered): confirmed, and removed.
     read_on_until_depth(&n, &mut ws, 0, "the messages read removed").await;
 }
+
+/// What an implicit-pickup socket was written and has not confirmed reading is bounded (1,000
+/// messages or 1 MiB): a wallet that comes back to a backlog over a slow link gets it as it
+/// reads, not all at once. Before, the whole backlog was leased and written at once, and a
+/// wallet that could not read it before its leases ran out got it again (and the socket was
+/// closed when the confirming pong took longer than 60 s).
+#[actix_rt::test]
+async fn an_implicit_socket_gets_a_backlog_as_it_confirms_reading_it() {
+    let (dir, n, a, _k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.ws_write_stall_ms = 60_000;
+    })
+    .await;
+    let conn = common::cluster::a_connection_id(&n).await;
+    let store = mailroom::store::open_sled(&dir.path().join("data")).await.unwrap();
+    const BACKLOG: usize = 1_500;
+    let now = mailroom::protocols::now_ms();
+    let backlog: Vec<NewMessage> = (0..BACKLOG)
+        .map(|i| NewMessage {
+            connection: conn.clone(),
+            recipient_key: "k".into(),
+            payload: format!("{{\"n\":{i}}}").into_bytes(),
+            received_at_ms: now,
+            dedup_key: None,
+            expires_at_ms: None,
+            lease: None,
+        })
+        .collect();
+    for r in store.enqueue(backlog, &EnqueueLimits::UNLIMITED).await.unwrap() {
+        r.unwrap();
+    }
+
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let mut ping = binding_ping();
+    ping["response_requested"] = json!(false);
+    ws.send_envelope(a.pack(&ping).unwrap(), true).await.unwrap();
+    let written = r#"mailroom_delivered_total{path="implicit",didcomm="v1"}"#;
+    let count = || async { metric(&n, written).await.unwrap_or(0.0) as usize };
+    eventually("the backlog written up to the bound", || async {
+        (count().await >= 1_000).then_some(())
+    })
+    .await;
+    // Read nothing, confirm nothing: nothing more is written (a while to be sure of it).
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let before_reading = count().await;
+    assert!(before_reading < BACKLOG, "{before_reading} written unconfirmed");
+
+    // Read (the pings answered as they come): the rest follows, each message once.
+    let mut seen = HashSet::new();
+    while seen.len() < BACKLOG {
+        match ws.next(WAIT).await.unwrap() {
+            WsEvent::Envelope(e) => {
+                let m: Value = serde_json::from_slice(&e).unwrap();
+                assert!(seen.insert(m["n"].as_u64().unwrap()), "{m} twice");
+            }
+            WsEvent::Closed(r) => panic!("closed: {r:?}"),
+        }
+    }
+    read_on_until_depth(&n, &mut ws, 0, "the backlog read removed").await;
+}

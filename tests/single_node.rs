@@ -314,6 +314,27 @@ async fn pickup_v1_batch_over_a_socket_is_removed_once_read() {
 /// half-open) is not lost: pickup 1.0 has no acknowledgement, but the batch stays leased until
 /// a ping sent after it is answered, and the socket's end gives it back. Before, it was removed
 /// as soon as it was written.
+/// The same over return route `thread`, on a socket that is no session (not bound to the
+/// wallet's connection): the batch the socket was written, and never confirmed, goes back as
+/// the socket ends, not once its lease (60 s here) runs out.
+#[actix_rt::test]
+async fn pickup_v1_batch_on_a_thread_route_goes_back_when_its_socket_ends() {
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |c| c.delivery.lease_ms = 60_000).await;
+    for i in 0..3 {
+        forward_to(&n, &a, &k, &format!("t{i}")).await;
+    }
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let bp = json!({"@type": "https://didcomm.org/messagepickup/1.0/batch-pickup", "@id": "bp-thread", "batch_size": 2, "~transport": {"return_route": "thread"}});
+    let batch = ws_request(&a, &mut ws, &bp).await;
+    assert_eq!(contents(&a, &batch), vec!["t0", "t1"]);
+    drop(ws);
+    eventually("the batch given back with the socket", || async {
+        let status = a.request(&pickup("status-request", json!({}))).await.ok()??;
+        (status["message_count"] == 3).then_some(())
+    })
+    .await;
+}
+
 #[actix_rt::test]
 async fn pickup_v1_batch_written_to_a_socket_that_never_reads_it_comes_back() {
     let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |c| c.delivery.lease_ms = 60_000).await;

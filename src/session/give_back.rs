@@ -63,7 +63,10 @@ pub(super) fn handle_detached(
         let mut res = shared.mediator.handle(&bytes, TransportKind::WebSocket, &owner).await;
         if let Ok(out) = &mut res {
             forwarded(&shared, out);
-            if let (false, Some(c)) = (out.leased.is_empty(), &out.connection) {
+            // Leased for the socket's owner: a pickup 2.0 delivery, or a pickup 1.0 batch
+            // (removed once the socket confirms it read it, given back if it ends first).
+            let leased = !out.leased.is_empty() || out.ack_on_return.is_some();
+            if let (true, Some(c)) = (leased, &out.connection) {
                 end.lent_for(&c.id);
             }
         }

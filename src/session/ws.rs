@@ -118,6 +118,8 @@ pub struct WsSession {
     /// Written with no acknowledgement to wait for (implicit pickup, a pickup 1.0 batch), and
     /// removed once a ping sent after it is answered; boxed, and only once something is.
     confirming: Option<Box<Confirming>>,
+    /// A drain waits for a pong: as much as may be is written and unconfirmed.
+    wake_on_pong: bool,
 }
 
 /// Messages handed to a session, leased to the node's hand-off owner, not to the session.
@@ -183,6 +185,7 @@ impl WsSession {
             returning_floor: i64::MAX,
             queue_news: 0,
             confirming: None,
+            wake_on_pong: false,
             spills_begun: 0,
         }
     }
@@ -363,8 +366,10 @@ impl WsSession {
             self.window.acknowledged(out.acked);
             ctx.notify(Wake);
         }
-        // Whether `replies[0]` went out on this socket: a pickup 1.0 batch is removed only then.
+        // Whether `replies[0]` went out on this socket (a pickup 1.0 batch is removed only
+        // then, once confirmed read), and its size.
         let mut returned = false;
+        let mut returned_bytes = 0;
         if let Some(conn) = out.connection.clone() {
             if wants_route {
                 // A stopping socket writes nothing more.
@@ -372,8 +377,11 @@ impl WsSession {
                 for (i, r) in out.replies.iter().enumerate() {
                     match shared.mediator.pack_for(&conn, r) {
                         Ok(p) => {
+                            if i == 0 && open {
+                                returned = true;
+                                returned_bytes = p.len();
+                            }
                             ctx.text(String::from_utf8_lossy(&p).into_owned());
-                            returned |= i == 0 && open;
                         }
                         Err(e) => tracing::warn!(connection = %conn.id, "reply not packed: {e}"),
                     }
@@ -389,7 +397,7 @@ impl WsSession {
                 // Removed once the wallet's end confirms it read it; given back with the
                 // socket's leases (or those of its requests) if it never does.
                 shared.metrics.delivered("pickup", "v1", b.ids.len() as u64);
-                self.confirm_written(&b.conn, b.ids, ctx);
+                self.confirm_written(&b.conn, b.ids, returned_bytes, ctx);
             } else {
                 let owner = self.owner();
                 // Holds the socket's slot: a stopping node waits for it.
@@ -563,6 +571,12 @@ impl WsSession {
             return;
         }
         if self.mode == Mode::Live && !self.window_open(ctx) {
+            return;
+        }
+        if self.mode == Mode::Implicit && self.confirming.as_ref().is_some_and(|c| c.full()) {
+            // As much as may be is written and unconfirmed: the pong that confirms some of
+            // it drains again ([`WsSession::on_pong`]).
+            self.wake_on_pong = true;
             return;
         }
         self.draining = true;
@@ -837,7 +851,8 @@ impl WsSession {
                 // Implicit pickup has no acknowledgement: removed once a ping sent after the
                 // messages is answered (a half-open socket swallows nothing).
                 let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
-                self.confirm_written(&conn.id, ids, ctx);
+                let bytes = msgs.iter().map(|q| q.payload.len()).sum();
+                self.confirm_written(&conn.id, ids, bytes, ctx);
             }
             Mode::Quiet if handed => {
                 let ids: Vec<i64> = msgs.iter().map(|q| q.id).collect();
@@ -862,9 +877,9 @@ impl WsSession {
 
     /// `ids` of `conn` were written with no acknowledgement to wait for: a ping follows them
     /// (unless one is on its way already: its pong sends the next), and its pong removes them.
-    fn confirm_written(&mut self, conn: &str, ids: Vec<i64>, ctx: &mut ws::WebsocketContext<Self>) {
+    fn confirm_written(&mut self, conn: &str, ids: Vec<i64>, bytes: usize, ctx: &mut ws::WebsocketContext<Self>) {
         let c = self.confirming.get_or_insert_with(Box::default);
-        if let Some(ping) = c.written(conn, ids, Instant::now()) {
+        if let Some(ping) = c.written(conn, ids, bytes, Instant::now()) {
             ctx.ping(&ping);
         }
     }
@@ -878,8 +893,12 @@ impl WsSession {
         if let Some(ping) = next {
             ctx.ping(&ping);
         }
+        let room = !c.full();
         if c.is_empty() {
             self.confirming = None;
+        }
+        if room && std::mem::take(&mut self.wake_on_pong) {
+            ctx.notify(Wake);
         }
         for (conn, ids) in done {
             let store = self.shared.mediator.store.clone();
@@ -1017,7 +1036,11 @@ impl Actor for WsSession {
                 ctx.stop();
                 return;
             }
-            ctx.ping(b"");
+            // The confirming ping again, if one waits: a client may answer only the latest.
+            match act.confirming.as_ref().and_then(|c| c.awaited()) {
+                Some(p) => ctx.ping(&p),
+                None => ctx.ping(b""),
+            }
         });
         self.shared.registry.do_send(crate::registry::Opened {
             session: self.id,
