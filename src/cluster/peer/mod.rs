@@ -276,8 +276,8 @@ pub(crate) struct Shared {
     refused_warned: Mutex<HashMap<std::mem::Discriminant<HandshakeError>, (Instant, u64)>>,
 }
 
-/// Events that wait for room in the node's full event channel, past which those a peer's
-/// frames bring (ownership changes, hand-offs returned) are dropped ([`Shared::emit`]).
+/// Events that wait for room in the node's full event channel, past which the ownership
+/// changes a peer's frames bring are dropped ([`Shared::emit`]).
 const EMIT_WAITING_MAX: usize = 4096;
 
 /// Refused inbound connections are logged as warnings at most this often for each kind of
@@ -486,14 +486,13 @@ impl Shared {
                     // off the caller's path (may reorder with later events). A peer's frames
                     // can make ownership changes as fast as it writes them (an `Own` and a
                     // `Disown` of a session held here, again and again): past a bound those
-                    // are dropped, as a wake-up is, rather than each holding a task. A
-                    // membership change always waits (there are as many as links go down).
-                    let membership = matches!(
-                        ev,
-                        ClusterEvent::PeerUp { .. } | ClusterEvent::PeerDown { .. } | ClusterEvent::SessionsLost { .. }
-                    );
+                    // are dropped, as a wake-up is, rather than each holding a task (the
+                    // session they would stop gives back what it holds when it ends). The
+                    // others always wait: there are as many as links go down, and as this
+                    // node's own hand-offs come back.
+                    let droppable = matches!(ev, ClusterEvent::SessionMoved { .. });
                     let waiting = self.emit_waiting.fetch_add(1, Ordering::SeqCst);
-                    if waiting >= EMIT_WAITING_MAX && !membership {
+                    if waiting >= EMIT_WAITING_MAX && droppable {
                         self.emit_waiting.fetch_sub(1, Ordering::SeqCst);
                         bump(&self.counters.events_dropped);
                         debug!("cluster event channel full, {waiting} events waiting for it: event dropped");
