@@ -466,12 +466,16 @@ async fn node_history_json(st: &AdminState) -> Value {
 /// link is dialed at (`cluster`), on the admin port. Dialed as written, `0.0.0.0` is this
 /// machine, not the peer's.
 fn peer_admin_addr(admin: &str, cluster: Option<&str>) -> String {
-    let cluster = cluster.and_then(|c| c.parse::<std::net::SocketAddr>().ok());
-    match (admin.parse::<std::net::SocketAddr>(), cluster) {
-        (Ok(mut a), Some(c)) if a.ip().is_unspecified() && !c.ip().is_unspecified() => {
-            a.set_ip(c.ip());
-            a.to_string()
-        }
+    let unspecified = admin
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_unspecified());
+    // The cluster address's host, as written: an IP (`[v6]` with its brackets) or a name.
+    let host = cluster
+        .and_then(|c| c.rsplit_once(':'))
+        .map(|(host, _)| host)
+        .filter(|h| !h.is_empty() && !matches!(*h, "0.0.0.0" | "[::]"));
+    match (unspecified, host, admin.rsplit_once(':')) {
+        (true, Some(host), Some((_, port))) => format!("{host}:{port}"),
         _ => admin.to_owned(),
     }
 }
@@ -613,5 +617,10 @@ mod tests {
         assert_eq!(peer_admin_addr("10.0.0.9:9002", Some("10.0.0.2:7002")), "10.0.0.9:9002");
         assert_eq!(peer_admin_addr("0.0.0.0:9002", Some("0.0.0.0:7002")), "0.0.0.0:9002");
         assert_eq!(peer_admin_addr("0.0.0.0:9002", None), "0.0.0.0:9002");
+        // A name, as in a container network.
+        assert_eq!(
+            peer_admin_addr("0.0.0.0:9002", Some("mailroom-2:7002")),
+            "mailroom-2:9002"
+        );
     }
 }
