@@ -244,6 +244,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     ready_flag: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
+    // First: opening the store may take a while, and until a handler is in place a SIGHUP (an
+    // operator adding a node: `scripts/cluster.sh reload`) ends the process, its default
+    // action. One that comes while the node starts is handled once it runs.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let store = opts.store.clone();
     let cfg = Arc::new(cfg);
     let node = cfg.node(node_id)?.clone();
@@ -641,11 +645,20 @@ pub async fn run(
     {
         let reloader = reloader.clone();
         actix_rt::spawn(async move {
-            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-                return;
+            let mut hup = match hup {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!("SIGHUP not handled (reload with POST /reload): {e}");
+                    return;
+                }
             };
             while hup.recv().await.is_some() {
-                match reloader.reload() {
+                // Off this thread: a reload reads files and test-signs push credentials.
+                let r = reloader.clone();
+                let reloaded = actix_web::web::block(move || r.reload())
+                    .await
+                    .unwrap_or_else(|e| Err(anyhow::anyhow!("reload task: {e}")));
+                match reloaded {
                     Ok(r) => tracing::info!(
                         peers = r.peers,
                         secret_changed = r.secret_changed,

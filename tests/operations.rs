@@ -1504,3 +1504,55 @@ async fn a_mediate_request_racing_the_operators_delete_is_not_granted() {
     assert_eq!(st, 403, "no grant for a deleted connection: {answer:?}");
     assert_eq!(store.get_connection(&id).await.unwrap(), None);
 }
+
+/// A SIGHUP (an operator adding a node: `scripts/cluster.sh reload` signals every node) that
+/// comes while a node is still starting (its store slow to answer) leaves it running: it is
+/// handled once the node runs. Before, the handler was set only after the store opened, and
+/// until then the signal's default action ended the process.
+#[test]
+fn a_sighup_while_the_node_starts_does_not_end_it() {
+    // A "PostgreSQL" that takes connections and never answers: the node waits in its start.
+    let db = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("slow-store.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[store]\nbackend = \"postgres\"\nurl = \"postgres://postgres@{}/mailroom?sslmode=disable\"\n\n\
+             [[node]]\nid = \"n1\"\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n",
+            db.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut node = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    db.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let _held = loop {
+        match db.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(std::time::Instant::now() < deadline, "the node opened its store");
+                assert!(node.try_wait().unwrap().is_none(), "the node ended before its store");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let pid = i32::try_from(node.id()).unwrap();
+    // SAFETY: signals the process this test started, by its PID.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    // Ended by the signal, it would be gone at once.
+    let watch = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while std::time::Instant::now() < watch {
+        assert_eq!(node.try_wait().unwrap(), None, "the node ended at the SIGHUP");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    node.kill().unwrap();
+    node.wait().unwrap();
+}
