@@ -700,6 +700,23 @@ fn env_addr(var: &str, v: &str) -> Result<(), ConfigError> {
         .map_err(|_| ConfigError::Invalid(format!("{var} = {v:?} is not an IP:port address")))
 }
 
+/// Open files a node keeps for itself at most, beyond its WebSocket sessions: its store, its
+/// listeners, its cluster links, the POSTs and pushes it sends (at most half the limit).
+pub const OPEN_FILES_RESERVE: u64 = 1024;
+
+impl Limits {
+    /// Fits `max_sessions` to a process that may hold `open_files` files, keeping
+    /// [`OPEN_FILES_RESERVE`] (or half, under a small limit) for everything else: past that,
+    /// the node would run out of files before it refused a session (its accept loop pausing on
+    /// both listeners, `/health` going dark) instead of answering 503. Returns the value it
+    /// lowered, if it did.
+    pub fn fit_sessions_to(&mut self, open_files: u64) -> Option<usize> {
+        let room = open_files.saturating_sub(OPEN_FILES_RESERVE.min(open_files / 2)).max(1);
+        let room = usize::try_from(room).unwrap_or(usize::MAX);
+        (self.max_sessions > room).then(|| std::mem::replace(&mut self.max_sessions, room))
+    }
+}
+
 impl Config {
     /// The configuration of `mailroom run` with no arguments: one node, sled in
     /// `./mailroom-data`, public `127.0.0.1:8080`, admin `127.0.0.1:8081`.
@@ -1309,6 +1326,24 @@ pub fn ws_url(http_url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sessions_are_fitted_to_the_open_files_a_process_may_hold() {
+        let fit = |max_sessions: usize, open_files: u64| {
+            let mut l = Config::single_node_default().limits;
+            l.max_sessions = max_sessions;
+            (l.fit_sessions_to(open_files), l.max_sessions)
+        };
+        // This machine's cap: the default of 100,000 is lowered, with 1,024 files kept.
+        assert_eq!(fit(100_000, 20_000), (Some(100_000), 18_976));
+        // A small limit (systemd's soft 1,024): half kept.
+        assert_eq!(fit(100_000, 1_024), (Some(100_000), 512));
+        assert_eq!(fit(100_000, 256), (Some(100_000), 128));
+        // Under the room: as configured.
+        assert_eq!(fit(5_000, 20_000), (None, 5_000));
+        assert_eq!(fit(100_000, 1 << 20), (None, 100_000));
+        assert_eq!(fit(10, 0), (Some(10), 1));
+    }
 
     #[test]
     fn debug_output_shows_no_admin_token_store_password_or_cluster_secret() {

@@ -162,6 +162,31 @@ fn effective_config(
     Config::load_for_node(path, node.as_deref(), env_var)
 }
 
+/// The open files this process may hold, its soft limit raised to the hard one first (the
+/// soft limit is often 1,024, far below what a mediator's sessions need).
+fn open_files_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write only the `rlimit` passed by reference.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return None;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                r.rlim_cur = r.rlim_max;
+            }
+        }
+    }
+    Some(r.rlim_cur)
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -231,8 +256,19 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return bad_config(e),
             };
+            let mut cfg = cfg;
             let entry = cfg.node(&node_id).expect("checked by effective_config").clone();
             mailroom::logging::init(&cfg.log);
+            if let Some(open_files) = open_files_limit() {
+                if let Some(configured) = cfg.limits.fit_sessions_to(open_files) {
+                    tracing::warn!(
+                        configured,
+                        open_files,
+                        max_sessions = cfg.limits.max_sessions,
+                        "limits.max_sessions lowered to what the process's open-file limit (ulimit -n, LimitNOFILE) leaves room for: raise that limit for more sessions"
+                    );
+                }
+            }
             if !applied.is_empty() {
                 tracing::info!(node = %node_id, "from the environment: {}", applied.join(", "));
             }

@@ -1556,3 +1556,78 @@ fn a_sighup_while_the_node_starts_does_not_end_it() {
     node.kill().unwrap();
     node.wait().unwrap();
 }
+
+/// A node whose process may hold few files (`ulimit -n 256`; systemd's default soft limit is
+/// 1,024) fits its session limit to them: sockets past it are refused 503 `session-limit`,
+/// and the admin listener goes on answering. Before, the default of 100,000 sessions stood,
+/// the process ran out of files first, and its accept loops paused: sockets hung unanswered
+/// and `/health` went dark.
+#[actix_rt::test]
+async fn sockets_past_what_the_open_file_limit_leaves_room_for_are_refused_503() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let entry = mailroom::config::NodeEntry {
+        id: "n1".into(),
+        listen: common::cluster::free_addr(),
+        cluster: None,
+        admin: common::cluster::free_addr(),
+    };
+    let path = dir.path().join("mailroom.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[store]\nbackend = \"sled\"\npath = {:?}\n\n[[node]]\nid = \"n1\"\nlisten = \"{}\"\nadmin = \"{}\"\n",
+            dir.path().join("data"),
+            entry.listen,
+            entry.admin
+        ),
+    )
+    .unwrap();
+    let p = common::cluster::NodeProcess::spawn_with(&path, &entry, &dir.path().join("n1.log"), |cmd| {
+        // SAFETY: between fork and exec, one async-signal-safe call on a local value.
+        unsafe {
+            cmd.pre_exec(|| {
+                let r = libc::rlimit {
+                    rlim_cur: 256,
+                    rlim_max: 256,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    wait_ok("the node ready", &format!("{}/ready", p.admin_url())).await;
+    let (a, _) = Agent::onboard(&invitation_at(&p.public_url()).await).await.unwrap();
+
+    let mut open = Vec::new();
+    let refused = loop {
+        assert!(open.len() < 256, "no socket refused");
+        let tried = tokio::time::timeout(std::time::Duration::from_secs(3), a.websocket(&p.ws_url())).await;
+        match tried {
+            Ok(Ok(ws)) => open.push(ws),
+            Ok(Err(e)) => break e,
+            Err(_) => panic!(
+                "socket {} neither opened nor refused: the node ran out of files",
+                open.len() + 1
+            ),
+        }
+    };
+    // Half of 256 kept for the node's own files.
+    assert_eq!(open.len(), 128, "{refused:#}");
+    let mut res = awc::Client::default()
+        .get(p.ws_url().replace("ws://", "http://"))
+        .insert_header(("Upgrade", "websocket"))
+        .insert_header(("Connection", "Upgrade"))
+        .insert_header(("Sec-WebSocket-Version", "13"))
+        .insert_header(("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 503);
+    let body = res.body().await.unwrap();
+    assert!(String::from_utf8_lossy(&body).contains("session-limit"));
+    let (st, _) = get_status(&format!("{}/health", p.admin_url()), None).await;
+    assert_eq!(st, 200);
+}

@@ -403,6 +403,17 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     pub fn spawn(config: &std::path::Path, entry: &NodeEntry, log: &std::path::Path) -> NodeProcess {
+        Self::spawn_with(config, entry, log, |_| {})
+    }
+
+    /// [`NodeProcess::spawn`], `tune` adjusting the command first (its environment, a
+    /// `pre_exec` of its own).
+    pub fn spawn_with(
+        config: &std::path::Path,
+        entry: &NodeEntry,
+        log: &std::path::Path,
+        tune: impl FnOnce(&mut std::process::Command),
+    ) -> NodeProcess {
         let out = std::fs::File::create(log).unwrap();
         let err = out.try_clone().unwrap();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"));
@@ -415,6 +426,7 @@ impl NodeProcess {
         let mut addrs = vec![entry.listen.as_str(), entry.admin.as_str()];
         addrs.extend(entry.cluster.as_deref());
         let _inherited = super::ports::inherit_systemd(&mut cmd, &addrs);
+        tune(&mut cmd);
         let child = cmd.spawn().expect("spawn mailroom");
         NodeProcess {
             child,
