@@ -603,11 +603,44 @@ fn parse_error(path: String, text: &str, e: &toml::de::Error) -> ConfigError {
     let message = match e.span() {
         Some(span) => {
             let (line, column) = line_column(text, span.start);
-            format!("line {line}, column {column}: {what}")
+            match key_at(text, span.start) {
+                Some(key) => format!("line {line}, column {column} ({key}): {what}"),
+                None => format!("line {line}, column {column}: {what}"),
+            }
         }
         None => what,
     };
     ConfigError::Parse { path, message }
+}
+
+/// The dotted key of the TOML line holding byte `at` (`limits.max_sessions` for
+/// `max_sessions = "lots"` under `[limits]`; `node` for a `[node]` table where `[[node]]` is
+/// meant), when that line is a table header or a `key = value` line: toml's message names
+/// no key. Keys only, never values (a value may be a secret).
+fn key_at(text: &str, at: usize) -> Option<String> {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let bare = |k: &str| {
+        let k = k.trim();
+        (!k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || "_-.\"' ".contains(c)))
+            .then(|| k.replace(['"', '\'', ' '], ""))
+    };
+    let header = |line: &str| {
+        let line = line.trim();
+        let inner = line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]"));
+        let inner = inner.or_else(|| line.strip_prefix('[').and_then(|l| l.strip_suffix(']')));
+        inner.and_then(bare)
+    };
+    let line = text[start..].lines().next().unwrap_or("");
+    if let Some(table) = header(line) {
+        return Some(table);
+    }
+    let key = bare(line.split_once('=')?.0)?;
+    let table = text[..start].lines().rev().find_map(header);
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key,
+    })
 }
 
 /// serde's `invalid type: integer `12345678`, expected a string` without the value: a secret
@@ -891,9 +924,12 @@ impl Config {
                         && p.username().is_empty()
                         && p.password().is_none() => {}
                 _ => {
+                    // A password in it is not echoed (the error goes to stderr and to the
+                    // `POST /reload` answer).
                     return bad(format!(
-                        "cluster.public_url {u:?} must be an http:// or https:// URL (lowercase scheme) with no query, fragment or credentials"
-                    ))
+                        "cluster.public_url {:?} must be an http:// or https:// URL (lowercase scheme) with no query, fragment or credentials",
+                        without_password(u)
+                    ));
                 }
             }
             if u.len() > MAX_PUBLIC_URL_LEN {
@@ -1328,6 +1364,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_key() {
+        let err = |text: &str| Config::parse(text).unwrap_err().to_string();
+        let e = err("[limits]\nmax_sessions = \"lots\"\n");
+        assert!(e.contains("(limits.max_sessions)"), "{e}");
+        // `[node]` where `[[node]]` is meant.
+        let e = err("[node]\nid = 'n1'\nlisten = '127.0.0.1:1'\nadmin = '127.0.0.1:2'\n");
+        assert!(e.contains("(node)"), "{e}");
+        let e = err("[[node]]\nid = 'n1'\nlisten = 1\nadmin = '127.0.0.1:2'\n");
+        assert!(e.contains("(node.listen)"), "{e}");
+        // Never a value: a secret written unquoted is not echoed.
+        let e = err("[cluster]\nsecret = 12345678\n");
+        assert!(e.contains("(cluster.secret)") && !e.contains("12345678"), "{e}");
+    }
+
+    #[test]
     fn sessions_are_fitted_to_the_open_files_a_process_may_hold() {
         let fit = |max_sessions: usize, open_files: u64| {
             let mut l = Config::single_node_default().limits;
@@ -1399,6 +1450,7 @@ mod tests {
             ("[cluster]\npublic_url='https://m.example/#f'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "no query, fragment or credentials"),
             ("[cluster]\npublic_url='HTTPS://m.example'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "lowercase scheme"),
             ("[cluster]\npublic_url='https://u:p@m.example'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "no query, fragment or credentials"),
+            ("[cluster]\npublic_url='https://u:hunter2@m.example'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "https://u:redacted@m.example"),
             ("", "at least one [[node]]"),
             ("[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='0.0.0.0:2'", "token (or MAILROOM_ADMIN_TOKEN) is required"),
             ("[store]\nbackend='postgres'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "store.url"),

@@ -240,12 +240,23 @@ fn check_url(what: &str, u: &str, clear: Clear) -> Result<(), String> {
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
         None => false,
     };
-    match url::Url::parse(u) {
+    let parsed = url::Url::parse(u);
+    // Its scheme, host and port only: a webhook's path or query, or its user part, may hold a
+    // token, and the error goes to stderr and to the `POST /reload` answer.
+    let shown = match &parsed {
+        Ok(p) => match (p.host_str(), p.port()) {
+            (Some(h), Some(port)) => format!("{}://{h}:{port}/…", p.scheme()),
+            (Some(h), None) => format!("{}://{h}/…", p.scheme()),
+            (None, _) => format!("{}:…", p.scheme()),
+        },
+        Err(_) => "(not a URL)".into(),
+    };
+    match parsed {
         Ok(p) if p.scheme() == "https" && p.host().is_some() => Ok(()),
         Ok(p) if p.scheme() == "http" && (clear == Clear::Anywhere || loopback(&p)) => Ok(()),
-        _ if clear == Clear::Anywhere => Err(format!("{what} {u:?} must be an https:// (or http://) URL")),
+        _ if clear == Clear::Anywhere => Err(format!("{what} {shown} must be an https:// (or http://) URL")),
         _ => Err(format!(
-            "{what} {u:?} must be an https:// URL (http:// only on this machine: it is given a credential)"
+            "{what} {shown} must be an https:// URL (http:// only on this machine: it is given a credential)"
         )),
     }
 }
@@ -499,6 +510,17 @@ mod tests {
             let e = check_url("token_uri", bad, Clear::Loopback).unwrap_err();
             assert!(e.contains("must be an https:// URL"), "{bad}: {e}");
         }
+        // What may hold a credential is not echoed.
+        let e = check_url(
+            "push.webhook.url",
+            "ftp://u:pw@h.example/hook/s3cret?token=s3cret",
+            Clear::Anywhere,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("ftp://h.example/…") && !e.contains("s3cret") && !e.contains("pw"),
+            "{e}"
+        );
         assert!(check_url("push.webhook.url", "http://hooks.internal/x", Clear::Anywhere).is_ok());
         let sa = |uri: &str| {
             parse_service_account(&format!(
