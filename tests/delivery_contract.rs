@@ -763,17 +763,6 @@ async fn forward_202(n: &mailroom::node::RunningNode, a: &Agent, k: &KeyPair, se
     assert_eq!(st, 202, "{text}");
 }
 
-/// A ping with return route `all`: what binds a socket to its sender's connection (implicit
-/// pickup under the default strategy).
-fn binding_ping() -> Value {
-    json!({
-        "@type": "https://didcomm.org/trust_ping/1.0/ping",
-        "@id": mailroom::didcomm::message::new_id(),
-        "response_requested": true,
-        "~transport": {"return_route": "all"},
-    })
-}
-
 /// Implicit pickup has no acknowledgement, yet a wallet whose socket is gone while the node's
 /// writes to it still succeed (half-open after a network change, the app frozen) loses
 /// nothing written to it: a message is removed only once the wallet's end answered a ping

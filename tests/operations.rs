@@ -426,8 +426,13 @@ async fn sessions_beyond_the_limit_are_refused() {
         "a second socket must be refused"
     );
     // The refusal is a 503 with the reason, for an operator reading the wallet's logs.
+    assert_session_limit_refusal(&ws_url(&n)).await;
+}
+
+/// A WebSocket upgrade at `ws_url` is refused 503 `session-limit`.
+async fn assert_session_limit_refusal(ws_url: &str) {
     let mut res = awc::Client::default()
-        .get(ws_url(&n).replace("ws://", "http://"))
+        .get(ws_url.replace("ws://", "http://"))
         .insert_header(("Upgrade", "websocket"))
         .insert_header(("Connection", "Upgrade"))
         .insert_header(("Sec-WebSocket-Version", "13"))
@@ -626,16 +631,6 @@ async fn a_revoked_connection_gets_nothing_of_its_queue_over_a_socket() {
     );
     assert_eq!(connection(&n, &id).await["queue"]["depth"], 1, "kept queued");
     ws.close().await;
-}
-
-/// A ping with return route `all`, the message that binds a socket (implicit pickup).
-fn binding_ping() -> Value {
-    json!({
-        "@type": "https://didcomm.org/trust_ping/1.0/ping",
-        "@id": mailroom::didcomm::message::new_id(),
-        "response_requested": true,
-        "~transport": {"return_route": "all"},
-    })
 }
 
 /// A socket of `a` bound (implicit pickup) on `n`, for connection `id`.
@@ -1616,18 +1611,7 @@ async fn sockets_past_what_the_open_file_limit_leaves_room_for_are_refused_503()
     };
     // Half of 256 kept for the node's own files.
     assert_eq!(open.len(), 128, "{refused:#}");
-    let mut res = awc::Client::default()
-        .get(p.ws_url().replace("ws://", "http://"))
-        .insert_header(("Upgrade", "websocket"))
-        .insert_header(("Connection", "Upgrade"))
-        .insert_header(("Sec-WebSocket-Version", "13"))
-        .insert_header(("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status().as_u16(), 503);
-    let body = res.body().await.unwrap();
-    assert!(String::from_utf8_lossy(&body).contains("session-limit"));
+    assert_session_limit_refusal(&p.ws_url()).await;
     let (st, _) = get_status(&format!("{}/health", p.admin_url()), None).await;
     assert_eq!(st, 200);
 }

@@ -245,6 +245,17 @@ pub async fn queue_depth(n: &RunningNode) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// A ping with return route `all`: what binds a socket to its sender's connection (implicit
+/// pickup under the default strategy).
+pub fn binding_ping() -> Value {
+    serde_json::json!({
+        "@type": "https://didcomm.org/trust_ping/1.0/ping",
+        "@id": mailroom::didcomm::message::new_id(),
+        "response_requested": true,
+        "~transport": {"return_route": "all"},
+    })
+}
+
 /// Reads on `ws`, answering the node's pings, until `n` holds `depth` messages (or panics
 /// after `WAIT`, or when anything but a ping comes): what a socket was written without an
 /// acknowledgement (implicit pickup, a pickup 1.0 batch) is removed once the wallet's end
