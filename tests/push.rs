@@ -554,6 +554,39 @@ async fn refused_credentials_do_not_lose_the_wake_up() {
     }
 }
 
+/// A send refused for the operator's setup (FCM: the service account lacks the role, or the
+/// API is disabled, 403 PERMISSION_DENIED; APNs: a topic the key may not push to,
+/// `TopicDisallowed`) is tried again, not given up for good: an operator who mends the setup
+/// wakes the wallets queued meanwhile. Before, each such push ended for good, and its wallet
+/// slept until its next message.
+#[actix_rt::test]
+async fn a_push_refused_for_the_operators_setup_is_tried_again() {
+    let si = StandIn::start();
+    si.state.script(
+        "fcm:proj-a",
+        vec![Reply::new(
+            403,
+            json!({"error": {"code": 403, "status": "PERMISSION_DENIED", "message": "The caller does not have permission"}}),
+        )],
+    );
+    si.state
+        .script("apns", vec![Reply::new(400, json!({"reason": "TopicDisallowed"}))]);
+    let (_d, n, a, k) = push_node(&si, 0, &["proj-a"], false).await;
+    let (b, kb) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    set_device(&a, FCM, json!("setup-refused-token"), Some("android")).await;
+    set_device(&b, APNS, json!("a1b2c3d4e5f6"), None).await;
+    forward(&n, &a, &k, "x").await;
+    forward(&n, &b, &kb, "y").await;
+    for (kind, provider) in [("fcm:", "fcm"), ("apns", "apns")] {
+        let hits = wait_hits(&si, kind, 2).await;
+        assert_clean(&hits);
+        assert_eq!(hits.iter().map(|h| h.status).collect::<Vec<_>>(), [hits[0].status, 200]);
+        assert!(hits[0].status == 403 || hits[0].status == 400);
+        let failed = format!("mailroom_push_total{{provider=\"{provider}\",result=\"failed\"}}");
+        assert_eq!(metric(&n, &failed).await, 0.0, "{provider}: no push given up for good");
+    }
+}
+
 /// APNs over HTTP/2: the ES256 provider token verifies against the key's public half, the
 /// headers are there, and the token is reused for the next push.
 #[actix_rt::test]

@@ -52,6 +52,15 @@ pub fn classify(status: u16, retry_after_ms: Option<u64>, body: &[u8]) -> ApnsAn
             retry_after_ms,
             reason: why,
         },
+        // The operator's setup (the key's team or environment, the topic, the collapse id,
+        // the alert's size), not the wallet's token: tried again, then left to the push's
+        // claim (retaken later), so the wake-up outlives the fix instead of being lost.
+        (403, "MissingProviderToken" | "BadCertificate" | "BadCertificateEnvironment" | "Forbidden")
+        | (400, "TopicDisallowed" | "BadTopic" | "MissingTopic" | "BadCollapseId")
+        | (413, _) => ApnsAnswer::Retry {
+            retry_after_ms,
+            reason: format!("{why}: the APNs setup (key, team, topic, collapse id, alert size)"),
+        },
         _ => ApnsAnswer::Failed(why),
     }
 }
@@ -191,6 +200,15 @@ mod tests {
         ));
         assert!(matches!(
             classify(400, None, br#"{"reason":"BadCollapseId"}"#),
+            ApnsAnswer::Retry { .. }
+        ));
+        assert!(matches!(
+            classify(400, None, br#"{"reason":"TopicDisallowed"}"#),
+            ApnsAnswer::Retry { .. }
+        ));
+        // The wallet's own: given up.
+        assert!(matches!(
+            classify(400, None, br#"{"reason":"DeviceTokenNotForTopic"}"#),
             ApnsAnswer::Failed(_)
         ));
         assert!(matches!(

@@ -69,9 +69,14 @@ pub fn classify(status: u16, retry_after_ms: Option<u64>, body: &[u8]) -> FcmAns
         return FcmAnswer::Retry { retry_after_ms, reason };
     }
     // The Firebase project's own APNs credentials are missing or refused (iOS tokens): not
-    // our access token, which a fresh grant would not mend.
+    // our access token, which a fresh grant would not mend. The operator's to mend, as is a
+    // setup refused below: tried again, then left to the push's claim (retaken later), so the
+    // wake-up outlives the fix instead of being lost.
     if has("THIRD_PARTY_AUTH_ERROR") {
-        return FcmAnswer::Failed(format!("{reason}: the Firebase project's APNs key or certificate"));
+        return FcmAnswer::Retry {
+            retry_after_ms,
+            reason: format!("{reason}: the Firebase project's APNs key or certificate"),
+        };
     }
     if status == 401 {
         return FcmAnswer::Unauthorized;
@@ -86,6 +91,16 @@ pub fn classify(status: u16, retry_after_ms: Option<u64>, body: &[u8]) -> FcmAns
     }
     if status == 400 && has("INVALID_ARGUMENT") && message.to_ascii_lowercase().contains("registration token") {
         return FcmAnswer::Dead(reason);
+    }
+    // The service account may not send (its role, the API disabled), or the project id is
+    // wrong (a bare 404): the operator's setup, not the wallet's token.
+    if status == 403 || status == 404 {
+        return FcmAnswer::Retry {
+            retry_after_ms,
+            reason: format!(
+                "{reason}: the Firebase project's setup (project id, the service account's role, the FCM API enabled)"
+            ),
+        };
     }
     FcmAnswer::Failed(reason)
 }
@@ -440,11 +455,14 @@ mod tests {
         // A 404 that is not FCM's UNREGISTERED (a wrong project id, a proxy) forgets no token.
         let no_such_project =
             br#"{"error":{"code":404,"message":"Requested entity was not found.","status":"NOT_FOUND"}}"#;
-        assert!(matches!(classify(404, None, no_such_project), FcmAnswer::Failed(_)));
+        // The operator's setup: tried again (then left to the claim), not given up for good.
+        assert!(matches!(classify(404, None, no_such_project), FcmAnswer::Retry { .. }));
+        let denied = br#"{"error":{"code":403,"status":"PERMISSION_DENIED"}}"#;
+        assert!(matches!(classify(403, None, denied), FcmAnswer::Retry { reason, .. } if reason.contains("role")));
         // The project's APNs credentials, not our access token: no second grant.
         let apns_auth =
             br#"{"error":{"code":401,"status":"UNAUTHENTICATED","details":[{"errorCode":"THIRD_PARTY_AUTH_ERROR"}]}}"#;
-        assert!(matches!(classify(401, None, apns_auth), FcmAnswer::Failed(r) if r.contains("APNs")));
+        assert!(matches!(classify(401, None, apns_auth), FcmAnswer::Retry { reason, .. } if reason.contains("APNs")));
         assert!(matches!(
             classify(
                 429,
