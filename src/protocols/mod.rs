@@ -568,6 +568,9 @@ impl HandleError {
             // 507 Insufficient Storage: the node refuses new messages until its disk has room
             // again; what it holds is still delivered.
             HandleError::Store(StoreError::Full(_)) => 507,
+            // Input the store cannot hold (a NUL, a key too long for its index): the sender's
+            // to change, not to retry.
+            HandleError::Store(StoreError::Invalid(_)) => 400,
             HandleError::Store(_) => 503,
             HandleError::Internal(_) => 500,
             HandleError::V2(_) => 400,
@@ -590,6 +593,7 @@ impl HandleError {
             HandleError::InvitationUsed(_) => "invitation-used",
             HandleError::QueueFull { .. } => "queue-full",
             HandleError::Store(StoreError::Full(_)) => "store-full",
+            HandleError::Store(StoreError::Invalid(_)) => "unstorable",
             HandleError::Store(_) => "store-unavailable",
             HandleError::Internal(_) => "internal",
             HandleError::V2(_) => "bad-envelope",

@@ -675,7 +675,8 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes at most `max` dedup records made before `before_ms` (their window has passed).
     /// Returns how many were deleted; call again while it returns `max`.
     async fn prune_dedup(&self, before_ms: i64, max: usize) -> StoreResult<u64>;
-    /// Dedup records held (the `mailroom_dedup_records` gauge).
+    /// Dedup records held (the `mailroom_dedup_records` gauge; PostgreSQL: its estimate past
+    /// 100,000).
     async fn dedup_records(&self) -> StoreResult<u64>;
     /// The queue on this node's own disk: the sled store's queue log (the
     /// `mailroom_queue_log_*` gauges, `/status`); `None` where the queue is not on this node

@@ -172,9 +172,13 @@ impl Store for RouteCache {
             .map(|m| (m.connection.clone(), m.recipient_key.clone()))
             .collect();
         let out = self.inner.enqueue_routed(msgs, limits).await?;
-        for ((conn, key), r) in sent.iter().zip(&out) {
+        for ((conn, _), r) in sent.iter().zip(&out) {
             if matches!(r, Err(StoreError::NoRoute)) {
-                self.forget(conn, std::slice::from_ref(key));
+                // Every route of that connection, not only the refused one: a change this node
+                // missed (its `RoutesChanged` frame lost) may have moved its other keys too
+                // (a DID's other form), and a forward's retry must find them fresh, or it
+                // answers the sender 404 and the mail is lost. Rare: the frames keep it fresh.
+                self.forget(conn, &[]);
             }
         }
         Ok(out)

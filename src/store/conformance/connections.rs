@@ -361,6 +361,24 @@ pub async fn routing_keys(b: Arc<dyn Backend>) {
 /// [`Store::route_long_forms`]: the keys `short:...` exactly (not `short` itself, nor a key
 /// that merely starts with `short`), in key order, at most `limit`, never one held by a
 /// connection whose mediation is revoked (whatever a granted connection's label says).
+/// A key as long as a did:peer:2 with a few services (8,000 bytes of text that does not
+/// compress) is stored and routed, or refused as the client's input (`Invalid`: 400), never a
+/// store failure (503: the wallet would retry for ever). PostgreSQL's index takes at most
+/// ~2.7 KB an entry; before, its error was answered 503.
+pub async fn a_key_too_long_to_index_is_the_clients_input(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let long: String = (0..250).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
+    match s.update_keys(&c, std::slice::from_ref(&long), &[]).await {
+        Ok(out) => {
+            assert_eq!(out, vec![(long.clone(), KeyUpdate::Added)]);
+            assert_eq!(s.route(&long).await.unwrap(), Some(c));
+        }
+        Err(StoreError::Invalid(_)) => {}
+        Err(e) => panic!("a key the store cannot index is the client's input, not a store failure: {e}"),
+    }
+}
+
 pub async fn routing_keys_by_long_form_prefix(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let short = format!("did:peer:4zQm{}", new_id().replace('-', ""));

@@ -161,6 +161,10 @@ macro_rules! conformance {
                 backend::run(super::routing_keys).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_key_too_long_to_index_is_the_clients_input() {
+                backend::run(super::a_key_too_long_to_index_is_the_clients_input).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn routing_keys_by_long_form_prefix() {
                 backend::run(super::routing_keys_by_long_form_prefix).await
             }

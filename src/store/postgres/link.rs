@@ -138,19 +138,24 @@ pub(super) fn idle_in_transaction_timeout(statement_timeout: Duration) -> Durati
 }
 
 /// The `SET`s every new connection of the store's pool runs: the server-side timeouts above,
-/// but those the URL's `options` set. Empty when it sets both.
+/// and `synchronous_commit = on` (a forward answered 2xx must survive the server's crash: a
+/// database or role set to `off`, a common tuning, would lose the last ones silently; the one
+/// statement that may lose its write, a lease, sets it off for itself), but those the URL's
+/// `options` set (the operator's word). Empty when it sets all three.
 pub(super) fn session_setup(cfg: &tokio_postgres::Config, statement_timeout: Duration) -> String {
     let options = cfg.get_options().unwrap_or("");
+    let ms = |d: Duration| d.as_millis().max(1).to_string();
     [
-        ("lock_timeout", lock_timeout(statement_timeout)),
+        ("lock_timeout", ms(lock_timeout(statement_timeout))),
         (
             "idle_in_transaction_session_timeout",
-            idle_in_transaction_timeout(statement_timeout),
+            ms(idle_in_transaction_timeout(statement_timeout)),
         ),
+        ("synchronous_commit", "on".to_string()),
     ]
     .into_iter()
     .filter(|(name, _)| !options_set(options, name))
-    .map(|(name, d)| format!("SET {name} = {}", d.as_millis().max(1)))
+    .map(|(name, v)| format!("SET {name} = {v}"))
     .collect::<Vec<_>>()
     .join("; ")
 }
@@ -227,15 +232,15 @@ mod tests {
         let t = Duration::from_secs(10);
         assert_eq!(
             session_setup(&cfg("postgres://h/db"), t),
-            "SET lock_timeout = 5000; SET idle_in_transaction_session_timeout = 30000"
+            "SET lock_timeout = 5000; SET idle_in_transaction_session_timeout = 30000; SET synchronous_commit = on"
         );
         assert_eq!(
             session_setup(&cfg("postgres://h/db?options=-c%20lock_timeout%3D1s"), t),
-            "SET idle_in_transaction_session_timeout = 30000"
+            "SET idle_in_transaction_session_timeout = 30000; SET synchronous_commit = on"
         );
         assert_eq!(
             session_setup(
-                &cfg("postgres://h/db?options=--idle-in-transaction-session-timeout%3D0%20-clock_timeout%3D0"),
+                &cfg("postgres://h/db?options=--idle-in-transaction-session-timeout%3D0%20-clock_timeout%3D0%20-csynchronous_commit%3Doff"),
                 t
             ),
             ""

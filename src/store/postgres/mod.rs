@@ -118,6 +118,11 @@ const KEY_LOCK_NS: i32 = LOCK_NS + 1;
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
+        // A value past one of PostgreSQL's own limits (a key longer than a btree entry holds,
+        // ~2.7 KB): the input's, and no retry will store it.
+        Some(db) if *db.code() == tokio_postgres::error::SqlState::PROGRAM_LIMIT_EXCEEDED => StoreError::Invalid(
+            format!("too long for PostgreSQL: {} ({})", db.message(), db.code().code()),
+        ),
         Some(db) => StoreError::Unavailable(format!("postgres: {} ({})", db.message(), db.code().code())),
         None => StoreError::Unavailable(format!("postgres: {e}{}", causes(&e))),
     }
