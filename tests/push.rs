@@ -587,6 +587,29 @@ async fn a_push_refused_for_the_operators_setup_is_tried_again() {
     }
 }
 
+/// A push that waits to be tried again (FCM answered 503, try again in 3 s) finds the wallet
+/// back meanwhile (a live socket): it is dropped, not sent to a wallet that is awake. Before,
+/// only the first try looked, and the retry pushed a wallet reading its mail.
+#[actix_rt::test]
+async fn a_push_retried_after_the_wallet_came_back_is_not_sent() {
+    let si = StandIn::start();
+    let busy = Reply::new(503, json!({"error": {"status": "UNAVAILABLE"}})).retry_after("3");
+    si.state.script("fcm:proj-a", vec![busy]);
+    let (_d, n, a, k) = push_node(&si, 0, &["proj-a"], false).await;
+    set_device(&a, FCM, json!("back-meanwhile-token"), Some("android")).await;
+    forward(&n, &a, &k, "x").await;
+    let first = wait_hits(&si, "fcm:", 1).await;
+    assert_eq!(first[0].status, 503);
+    let mut ws = live_socket_at(&a, &ws_url(&n)).await;
+    let d = ws_next_message(&a, &mut ws).await;
+    assert_eq!(type_name(&d), "delivery", "the wallet back: {d}");
+    eventually("the retry finding the wallet back", || async {
+        (metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"online\"}").await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(si.state.hits("fcm:").len(), 1, "no push to a wallet that is back");
+}
+
 /// APNs over HTTP/2: the ES256 provider token verifies against the key's public half, the
 /// headers are there, and the token is reused for the next push.
 #[actix_rt::test]

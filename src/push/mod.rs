@@ -1294,6 +1294,13 @@ async fn with_retries(ctx: &Ctx, provider: &'static str, ev: &Event, at: Instant
                         ctx.metrics.count(provider, "retry");
                         tracing::debug!(connection = %ev.conn, provider, attempt, delay_ms = d, "push retried: {reason}");
                         tokio::time::sleep(Duration::from_millis(d)).await;
+                        // Back meanwhile (a wait may last a minute): its session takes the mail,
+                        // and a push now would wake a wallet that is awake.
+                        if ctx.presence.online(&ev.conn).await {
+                            ctx.metrics.count(provider, "online");
+                            tracing::debug!(connection = %ev.conn, provider, "push dropped: the wallet came back while it was retried");
+                            return Tried::Done;
+                        }
                     }
                     None => {
                         if let Some(ra) = retry_after_ms {
