@@ -1230,6 +1230,27 @@ fn check_config_refuses_bad_push_credentials() {
             "base_url",
             "-",
         ),
+        // Values every push would then fail on (before, accepted: the providers refused each).
+        (
+            format!("{}alert_body = '{}'\n", apns(&si.apns_key_file), "x".repeat(5000)),
+            "push.apns.alert_title and alert_body are 5000 bytes together",
+            "-",
+        ),
+        (
+            format!("{}collapse_id = '{}'\n", apns(&si.apns_key_file), "c".repeat(65)),
+            "push.apns.collapse_id is 65 bytes long, at most 64",
+            "-",
+        ),
+        (
+            apns(&si.apns_key_file).replace("topic = 'org.example.wallet'", "topic = \"org.example\\nwallet\""),
+            "push.apns.topic must be visible ASCII",
+            "-",
+        ),
+        (
+            format!("[[push.fcm]]\nservice_account = {good_sa:?}\nnotification_body = '{}'\n", "y".repeat(4000)),
+            "push.fcm[0].notification_title and notification_body are 4000 bytes together",
+            "-",
+        ),
     ];
     let run = |toml: &str| {
         let f = dir.path().join("cluster.toml");

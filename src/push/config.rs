@@ -233,6 +233,35 @@ enum Clear {
     Loopback,
 }
 
+/// APNs refuses a longer `apns-collapse-id`.
+const APNS_COLLAPSE_ID_MAX: usize = 64;
+/// Bytes of a notification's title and body together, at most: both providers take 4 KiB of
+/// payload, and the rest of ours (type, count, JSON) stays well under the difference.
+const ALERT_MAX_BYTES: usize = 3_072;
+
+/// `v` can go out as an HTTP header value: visible ASCII and spaces (no control character, no
+/// newline), at most `max` bytes (0: no bound of its own).
+fn header_value(what: &str, v: &str, max: usize) -> Result<(), String> {
+    if !v.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+        return Err(format!("{what} must be visible ASCII (it is sent as an HTTP header)"));
+    }
+    if max > 0 && v.len() > max {
+        return Err(format!("{what} is {} bytes long, at most {max}", v.len()));
+    }
+    Ok(())
+}
+
+/// A notification's `title` and `body` fit the providers' 4 KiB payload.
+fn alert_fits(what: &str, title: &str, body: &str) -> Result<(), String> {
+    let n = title.len() + body.len();
+    if n > ALERT_MAX_BYTES {
+        return Err(format!(
+            "{what} are {n} bytes together, at most {ALERT_MAX_BYTES} (the providers refuse a payload over 4 KiB)"
+        ));
+    }
+    Ok(())
+}
+
 fn check_url(what: &str, u: &str, clear: Clear) -> Result<(), String> {
     let loopback = |p: &url::Url| match p.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
@@ -368,6 +397,10 @@ impl PushConfig {
                 (None, None) => None,
                 (t, b) => Some((t.clone().unwrap_or_default(), b.clone().unwrap_or_default())),
             };
+            if let Some((t, b)) = &notification {
+                alert_fits(&format!("push.fcm[{i}].notification_title and notification_body"), t, b)?;
+            }
+            header_value(&format!("push.fcm[{i}].collapse_key"), &f.collapse_key, 0)?;
             fcm.push(FcmProject {
                 account,
                 base_url: f.base_url.trim_end_matches('/').to_string(),
@@ -393,6 +426,15 @@ impl PushConfig {
                 if a.topic.is_empty() {
                     return Err("push.apns.topic (the app's bundle id) is required".into());
                 }
+                // Sent as headers, and the alert in a payload of at most 4 KiB: a value APNs
+                // refuses would fail every push (tried again for ever), so it is refused here.
+                header_value("push.apns.topic", &a.topic, 0)?;
+                header_value("push.apns.collapse_id", &a.collapse_id, APNS_COLLAPSE_ID_MAX)?;
+                alert_fits(
+                    "push.apns.alert_title and alert_body",
+                    a.alert_title.as_deref().unwrap_or_default(),
+                    a.alert_body.as_deref().unwrap_or_default(),
+                )?;
                 if a.push_type != "alert" && a.push_type != "background" {
                     return Err(format!(
                         "push.apns.push_type {:?} is not \"alert\" or \"background\"",
