@@ -610,30 +610,6 @@ async fn a_push_retried_after_the_wallet_came_back_is_not_sent() {
     assert_eq!(si.state.hits("fcm:").len(), 1, "no push to a wallet that is back");
 }
 
-/// Someone who learned a wallet's device token registers it on connections of their own and
-/// forwards to each: the device is pushed once a window (`min_interval_secs`), not once per
-/// connection. Before, every connection had a window of its own, and the phone was pushed as
-/// often as the attacker opened connections.
-#[actix_rt::test]
-async fn a_device_token_registered_by_many_connections_is_pushed_once_a_window() {
-    let si = StandIn::start();
-    let (_d, n, a, k) = push_node(&si, 60, &["proj-a"], false).await;
-    let (b, kb) = Agent::onboard(&invitation(&n).await).await.unwrap();
-    let (c, kc) = Agent::onboard(&invitation(&n).await).await.unwrap();
-    for w in [&a, &b, &c] {
-        set_device(w, FCM, json!("the-victims-token"), Some("android")).await;
-    }
-    forward(&n, &a, &k, "x").await;
-    wait_hits(&si, "fcm:", 1).await;
-    forward(&n, &b, &kb, "y").await;
-    forward(&n, &c, &kc, "z").await;
-    eventually("both later pushes held back", || async {
-        (metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"token_window\"}").await == 2.0).then_some(())
-    })
-    .await;
-    assert_eq!(si.state.hits("fcm:").len(), 1, "the device pushed once");
-}
-
 /// APNs over HTTP/2: the ES256 provider token verifies against the key's public half, the
 /// headers are there, and the token is reused for the next push.
 #[actix_rt::test]

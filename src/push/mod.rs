@@ -472,43 +472,6 @@ struct Ctx {
     /// [`WEBHOOK_ROUNDS`] more rounds of tries. Per node, in memory: a node that stops drops
     /// what it still owes.
     owed: std::cell::RefCell<std::collections::VecDeque<Owed>>,
-    /// Device token -> when this node last pushed it, and for which connection: one device is
-    /// pushed at most once a window (`min_interval_secs`) whichever connections registered its
-    /// token ([`Ctx::token_free`]).
-    token_pushed: std::cell::RefCell<HashMap<String, (Instant, String)>>,
-}
-
-/// Tokens [`Ctx::token_pushed`] remembers at most; past it, those out of their window go.
-const TOKENS_REMEMBERED_MAX: usize = 100_000;
-
-impl Ctx {
-    /// Whether `token` may be pushed for `conn` now, recorded as pushed if so. A connection's
-    /// own pushes are spaced by its window already (in the store); this keeps a device from
-    /// being pushed once a window by each of many connections that registered its token: anyone
-    /// who learned a wallet's token could open connections, register it on each, and have the
-    /// mediator push the phone as often as they forward. Per node. A push it holds back is
-    /// left to its claim, and goes out when the claim is taken again, after the window.
-    fn token_free(&self, token: &str, conn: &str) -> bool {
-        let window = Duration::from_millis(u64::try_from(self.settings.min_interval_ms).unwrap_or(0));
-        if window.is_zero() {
-            return true;
-        }
-        let now = Instant::now();
-        let mut pushed = self.token_pushed.borrow_mut();
-        if let Some((at, by)) = pushed.get(token) {
-            if by != conn && now.duration_since(*at) < window {
-                return false;
-            }
-        }
-        if pushed.len() >= TOKENS_REMEMBERED_MAX {
-            pushed.retain(|_, (at, _)| now.duration_since(*at) < window);
-            if pushed.len() >= TOKENS_REMEMBERED_MAX {
-                pushed.clear();
-            }
-        }
-        pushed.insert(token.to_owned(), (now, conn.to_owned()));
-        true
-    }
 }
 
 /// A webhook event owed ([`Ctx::owed`]): the event, when it is tried again, the rounds left.
@@ -666,7 +629,6 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
             held: Default::default(),
             held_swept: std::cell::Cell::new(Instant::now()),
             owed: Default::default(),
-            token_pushed: Default::default(),
             settings: settings.clone(),
         })
     })();
@@ -1186,11 +1148,6 @@ async fn push_one(ctx: &Ctx, conn: &str, push_id: Option<i64>, at: Instant, read
     drop(turn);
     if trailing && count == 0 {
         return Ended::Nothing;
-    }
-    if !ctx.token_free(&device.token, conn) {
-        ctx.metrics.count(device.service.as_str(), "token_window");
-        tracing::debug!(connection = %conn, "push held back: its device was pushed for another connection within the window");
-        return Ended::Unsent;
     }
     let ev = Event {
         id: push_id.map_or_else(crate::didcomm::message::new_id, |p| event_id(conn, p)),
