@@ -349,6 +349,11 @@ pub struct Limits {
     /// socket 1013), a client cannot hold the node's memory with a message it never finishes.
     #[serde(default = "default_message_timeout")]
     pub message_timeout_ms: u64,
+    /// The open files the process may hold, when `max_sessions` was fitted to them
+    /// ([`Limits::fit_sessions_to`]): a reload fits the file it reads the same way before it
+    /// compares it with the running config. Not a setting.
+    #[serde(skip)]
+    pub fitted_to_open_files: Option<u64>,
 }
 
 /// `Debug` shows every field but the token.
@@ -733,24 +738,45 @@ fn env_addr(var: &str, v: &str) -> Result<(), ConfigError> {
         .map_err(|_| ConfigError::Invalid(format!("{var} = {v:?} is not an IP:port address")))
 }
 
-/// Open files a node keeps for itself at most, beyond its WebSocket sessions: its store, its
-/// listeners, its cluster links, the POSTs and pushes it sends (at most half the limit).
-pub const OPEN_FILES_RESERVE: u64 = 1024;
+/// Open files a node keeps for itself, beyond its WebSocket sessions and what its config
+/// names ([`Config::files_reserved`]): listeners, store files, threads, endpoint drains, HTTP
+/// keep-alive connections.
+pub const OPEN_FILES_SLACK: u64 = 1024;
 
 impl Limits {
-    /// Fits `max_sessions` to a process that may hold `open_files` files, keeping
-    /// [`OPEN_FILES_RESERVE`] (or half, under a small limit) for everything else: past that,
-    /// the node would run out of files before it refused a session (its accept loop pausing on
-    /// both listeners, `/health` going dark) instead of answering 503. Returns the value it
-    /// lowered, if it did.
-    pub fn fit_sessions_to(&mut self, open_files: u64) -> Option<usize> {
-        let room = open_files.saturating_sub(OPEN_FILES_RESERVE.min(open_files / 2)).max(1);
+    /// Fits `max_sessions` to a process that may hold `open_files` files, `reserved` of them
+    /// (or half, under a small limit) kept for everything else: past that, the node would run
+    /// out of files before it refused a session (its accept loop pausing on both listeners,
+    /// `/health` going dark) instead of answering 503. Returns the value it lowered, if it did.
+    pub fn fit_sessions_to(&mut self, open_files: u64, reserved: u64) -> Option<usize> {
+        self.fitted_to_open_files = Some(open_files);
+        let room = open_files.saturating_sub(reserved.min(open_files / 2)).max(1);
         let room = usize::try_from(room).unwrap_or(usize::MAX);
         (self.max_sessions > room).then(|| std::mem::replace(&mut self.max_sessions, room))
     }
 }
 
 impl Config {
+    /// Open files a node of this config keeps beside its sessions: its store's pool, the
+    /// pushes it may send at once, the 256 reply POSTs, two links a peer, and
+    /// [`OPEN_FILES_SLACK`].
+    pub fn files_reserved(&self) -> u64 {
+        let pool = if self.store.backend == "postgres" {
+            self.store.pool_size
+        } else {
+            0
+        };
+        let pushes = self.push.as_ref().map_or(0, |p| p.max_in_flight);
+        let links = 2 * self.nodes.len();
+        (pool + pushes + 256 + links) as u64 + OPEN_FILES_SLACK
+    }
+
+    /// [`Limits::fit_sessions_to`] with [`Config::files_reserved`].
+    pub fn fit_sessions_to(&mut self, open_files: u64) -> Option<usize> {
+        let reserved = self.files_reserved();
+        self.limits.fit_sessions_to(open_files, reserved)
+    }
+
     /// The configuration of `mailroom run` with no arguments: one node, sled in
     /// `./mailroom-data`, public `127.0.0.1:8080`, admin `127.0.0.1:8081`.
     pub fn single_node_default() -> Config {
@@ -1381,12 +1407,13 @@ mod tests {
     #[test]
     fn sessions_are_fitted_to_the_open_files_a_process_may_hold() {
         let fit = |max_sessions: usize, open_files: u64| {
-            let mut l = Config::single_node_default().limits;
-            l.max_sessions = max_sessions;
-            (l.fit_sessions_to(open_files), l.max_sessions)
+            let mut c = Config::single_node_default();
+            c.limits.max_sessions = max_sessions;
+            (c.fit_sessions_to(open_files), c.limits.max_sessions)
         };
-        // This machine's cap: the default of 100,000 is lowered, with 1,024 files kept.
-        assert_eq!(fit(100_000, 20_000), (Some(100_000), 18_976));
+        // This machine's cap: the default of 100,000 is lowered, with 256 reply POSTs, 2 links
+        // and 1,024 files more kept.
+        assert_eq!(fit(100_000, 20_000), (Some(100_000), 18_718));
         // A small limit (systemd's soft 1,024): half kept.
         assert_eq!(fit(100_000, 1_024), (Some(100_000), 512));
         assert_eq!(fit(100_000, 256), (Some(100_000), 128));
@@ -1394,6 +1421,18 @@ mod tests {
         assert_eq!(fit(5_000, 20_000), (None, 5_000));
         assert_eq!(fit(100_000, 1 << 20), (None, 100_000));
         assert_eq!(fit(10, 0), (Some(10), 1));
+        // What the config may open itself is kept too: a PostgreSQL pool, the pushes at once.
+        let mut c = Config::single_node_default();
+        c.store.backend = "postgres".into();
+        c.store.pool_size = 200;
+        c.push = Some(
+            toml::from_str(
+                "max_in_flight = 5000\n[webhook]\nurl = 'https://h.example/x'\nsecret = 'hunter2hunter2hunter2'\n",
+            )
+            .unwrap(),
+        );
+        c.fit_sessions_to(20_000);
+        assert_eq!(c.limits.max_sessions, 20_000 - (200 + 5_000 + 256 + 2 + 1_024));
     }
 
     #[test]

@@ -260,7 +260,7 @@ fn main() -> ExitCode {
             let entry = cfg.node(&node_id).expect("checked by effective_config").clone();
             mailroom::logging::init(&cfg.log);
             if let Some(open_files) = open_files_limit() {
-                if let Some(configured) = cfg.limits.fit_sessions_to(open_files) {
+                if let Some(configured) = cfg.fit_sessions_to(open_files) {
                     tracing::warn!(
                         configured,
                         open_files,

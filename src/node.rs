@@ -910,8 +910,13 @@ impl Reloader {
             .context("this node was not started from a config file")?;
         // The same environment overrides as at start, read the same way (a token or secret
         // may live only there).
-        let (cfg, _, _) = Config::load_for_node(Some(path), Some(&self.node_id), crate::config::env_var)
+        let (mut cfg, _, _) = Config::load_for_node(Some(path), Some(&self.node_id), crate::config::env_var)
             .with_context(|| format!("the new file, for this node ({})", self.node_id))?;
+        // Fitted to the open-file limit as at start (`mailroom run`), or every reload would
+        // call the lowered `limits.max_sessions` a change.
+        if let Some(open_files) = self.started.limits.fitted_to_open_files {
+            cfg.fit_sessions_to(open_files);
+        }
         token_kept_off_loopback(&self.started, &self.node_id, &cfg)?;
         let cc = match &self.cluster {
             Some(_) => Some(cluster_config(&cfg, &self.node_id)?),

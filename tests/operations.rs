@@ -1614,4 +1614,9 @@ async fn sockets_past_what_the_open_file_limit_leaves_room_for_are_refused_503()
     assert_session_limit_refusal(&p.ws_url()).await;
     let (st, _) = get_status(&format!("{}/health", p.admin_url()), None).await;
     assert_eq!(st, 200);
+    // A reload of the same file changes nothing: the limit lowered at start is no change.
+    let (st, body) = post_raw(&format!("{}/reload", p.admin_url()), "application/json", Vec::new()).await;
+    assert_eq!(st, 200, "{body}");
+    let r: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["restart_needed"], json!([]), "{r}");
 }
