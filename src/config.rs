@@ -625,13 +625,18 @@ fn parse_error(path: String, text: &str, e: &toml::de::Error) -> ConfigError {
 fn key_at(text: &str, at: usize) -> Option<String> {
     let at = at.min(text.len());
     let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    // Inside a multi-line string, a line that looks like `key = ...` is part of a value.
+    if text[..start].matches("\"\"\"").count() % 2 == 1 || text[..start].matches("'''").count() % 2 == 1 {
+        return None;
+    }
     let bare = |k: &str| {
         let k = k.trim();
         (!k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || "_-.\"' ".contains(c)))
             .then(|| k.replace(['"', '\'', ' '], ""))
     };
     let header = |line: &str| {
-        let line = line.trim();
+        // A comment may follow a table header.
+        let line = line.split('#').next().unwrap_or("").trim();
         let inner = line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]"));
         let inner = inner.or_else(|| line.strip_prefix('[').and_then(|l| l.strip_suffix(']')));
         inner.and_then(bare)
@@ -1402,6 +1407,12 @@ mod tests {
         // Never a value: a secret written unquoted is not echoed.
         let e = err("[cluster]\nsecret = 12345678\n");
         assert!(e.contains("(cluster.secret)") && !e.contains("12345678"), "{e}");
+        // A header with a comment after it.
+        let e = err("[store]\nbackend = 'sled'\n[limits] # ours\nmax_sessions = 'lots'\n");
+        assert!(e.contains("(limits.max_sessions)"), "{e}");
+        // A line inside an unfinished multi-line string names nothing (it is a value's).
+        let e = err("[cluster]\nsecret = \"\"\"\nab12 = cd");
+        assert!(!e.contains("ab12"), "{e}");
     }
 
     #[test]

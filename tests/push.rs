@@ -1252,6 +1252,11 @@ fn check_config_refuses_bad_push_credentials() {
             "push.fcm[0].notification_title and notification_body are 4000 bytes together",
             "-",
         ),
+        (
+            format!("[[push.fcm]]\nservice_account = {good_sa:?}\ncollapse_key = '{}'\n", "k".repeat(65)),
+            "push.fcm[0].collapse_key is 65 bytes long, at most 64",
+            "-",
+        ),
     ];
     let run = |toml: &str| {
         let f = dir.path().join("cluster.toml");

@@ -251,9 +251,11 @@ fn header_value(what: &str, v: &str, max: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// A notification's `title` and `body` fit the providers' 4 KiB payload.
+/// A notification's `title` and `body` fit the providers' 4 KiB payload, as JSON (quotes and
+/// control characters escaped).
 fn alert_fits(what: &str, title: &str, body: &str) -> Result<(), String> {
-    let n = title.len() + body.len();
+    let json_len = |s: &str| serde_json::to_string(s).map_or(usize::MAX, |j| j.len() - 2);
+    let n = json_len(title).saturating_add(json_len(body));
     if n > ALERT_MAX_BYTES {
         return Err(format!(
             "{what} are {n} bytes together, at most {ALERT_MAX_BYTES} (the providers refuse a payload over 4 KiB)"
@@ -400,7 +402,12 @@ impl PushConfig {
             if let Some((t, b)) = &notification {
                 alert_fits(&format!("push.fcm[{i}].notification_title and notification_body"), t, b)?;
             }
-            header_value(&format!("push.fcm[{i}].collapse_key"), &f.collapse_key, 0)?;
+            // FCM hands it to APNs as `apns-collapse-id` for iOS devices.
+            header_value(
+                &format!("push.fcm[{i}].collapse_key"),
+                &f.collapse_key,
+                APNS_COLLAPSE_ID_MAX,
+            )?;
             fcm.push(FcmProject {
                 account,
                 base_url: f.base_url.trim_end_matches('/').to_string(),

@@ -1199,6 +1199,7 @@ async fn push_one(ctx: &Ctx, conn: &str, push_id: Option<i64>, at: Instant, read
         // out and a node's poll takes the push again then ([`claim_length`] after it was
         // claimed; without a window there is no claim, and the wallet's next event pushes).
         Tried::GaveUp => Ended::Unsent,
+        Tried::Back => Ended::Nothing,
     }
 }
 
@@ -1224,6 +1225,9 @@ enum Tried {
     Done,
     /// Out of tries on failures that may pass, or told to wait past `retry_max_ms`.
     GaveUp,
+    /// The wallet came back while the push waited to be tried again: not pushed, as if it
+    /// had been back at the first try.
+    Back,
 }
 
 async fn try_once(ctx: &Ctx, provider: &'static str, ev: &Event) -> Outcome {
@@ -1299,7 +1303,7 @@ async fn with_retries(ctx: &Ctx, provider: &'static str, ev: &Event, at: Instant
                         if ctx.presence.online(&ev.conn).await {
                             ctx.metrics.count(provider, "online");
                             tracing::debug!(connection = %ev.conn, provider, "push dropped: the wallet came back while it was retried");
-                            return Tried::Done;
+                            return Tried::Back;
                         }
                     }
                     None => {

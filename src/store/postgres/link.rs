@@ -137,25 +137,33 @@ pub(super) fn idle_in_transaction_timeout(statement_timeout: Duration) -> Durati
     statement_timeout * 3
 }
 
-/// The `SET`s every new connection of the store's pool runs: the server-side timeouts above,
-/// and `synchronous_commit = on` (a forward answered 2xx must survive the server's crash: a
-/// database or role set to `off`, a common tuning, would lose the last ones silently; the one
-/// statement that may lose its write, a lease, sets it off for itself), but those the URL's
-/// `options` set (the operator's word). Empty when it sets all three.
+/// Raises `synchronous_commit` to `on` where the database or role set it `off` (a common
+/// tuning): a forward answered 2xx must survive the server's crash, and with `off` the last
+/// ones would be lost silently. A stronger setting (`remote_apply`) or a deliberate `local` is
+/// kept; the one statement that may lose its write, a lease, sets it off for itself.
+const DURABLE_COMMITS: &str =
+    "SELECT set_config('synchronous_commit', 'on', false) WHERE current_setting('synchronous_commit') = 'off'";
+
+/// What every new connection of the store's pool runs: the server-side timeouts above and
+/// [`DURABLE_COMMITS`], but those the URL's `options` set (the operator's word). Empty when it
+/// sets all three.
 pub(super) fn session_setup(cfg: &tokio_postgres::Config, statement_timeout: Duration) -> String {
     let options = cfg.get_options().unwrap_or("");
-    let ms = |d: Duration| d.as_millis().max(1).to_string();
+    let set = |name: &str, d: Duration| format!("SET {name} = {}", d.as_millis().max(1));
     [
-        ("lock_timeout", ms(lock_timeout(statement_timeout))),
+        ("lock_timeout", set("lock_timeout", lock_timeout(statement_timeout))),
         (
             "idle_in_transaction_session_timeout",
-            ms(idle_in_transaction_timeout(statement_timeout)),
+            set(
+                "idle_in_transaction_session_timeout",
+                idle_in_transaction_timeout(statement_timeout),
+            ),
         ),
-        ("synchronous_commit", "on".to_string()),
+        ("synchronous_commit", DURABLE_COMMITS.to_string()),
     ]
     .into_iter()
     .filter(|(name, _)| !options_set(options, name))
-    .map(|(name, v)| format!("SET {name} = {v}"))
+    .map(|(_, statement)| statement)
     .collect::<Vec<_>>()
     .join("; ")
 }
@@ -232,11 +240,11 @@ mod tests {
         let t = Duration::from_secs(10);
         assert_eq!(
             session_setup(&cfg("postgres://h/db"), t),
-            "SET lock_timeout = 5000; SET idle_in_transaction_session_timeout = 30000; SET synchronous_commit = on"
+            format!("SET lock_timeout = 5000; SET idle_in_transaction_session_timeout = 30000; {DURABLE_COMMITS}")
         );
         assert_eq!(
             session_setup(&cfg("postgres://h/db?options=-c%20lock_timeout%3D1s"), t),
-            "SET idle_in_transaction_session_timeout = 30000; SET synchronous_commit = on"
+            format!("SET idle_in_transaction_session_timeout = 30000; {DURABLE_COMMITS}")
         );
         assert_eq!(
             session_setup(
