@@ -862,3 +862,66 @@ async fn an_implicit_socket_gets_a_backlog_as_it_confirms_reading_it() {
     }
     read_on_until_depth(&n, &mut ws, 0, "the backlog read removed").await;
 }
+
+/// Forwards handed to an implicit socket as they arrive, not leased by its drain, keep within
+/// the same bound of written and unconfirmed: held back until the pong that makes room (and
+/// past what may be held, back to the queue). Before, each was written at once, however much
+/// the wallet had not confirmed, and a slow link was written more than it could read in a lease.
+#[actix_rt::test]
+async fn forwards_handed_to_an_implicit_socket_that_reads_nothing_are_bounded_too() {
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.ws_write_stall_ms = 60_000;
+        // Longer than the forwards take: none is written again for a lease run out unread.
+        c.delivery.lease_ms = 120_000;
+    })
+    .await;
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    ws.send_envelope(a.pack(&binding_ping()).unwrap(), true).await.unwrap();
+    // The ping's response: bound, and caught up (an empty queue), so forwards are handed.
+    let pong = ws_next_message(&a, &mut ws).await;
+    assert!(pong["@type"].as_str().unwrap().ends_with("ping_response"), "{pong}");
+
+    // About 3 KB each: the 1 MiB bound is reached at about 350.
+    const TOTAL: usize = 600;
+    let g = a.grant.clone().expect("mediated");
+    let sender = Sender::new();
+    let pad = "x".repeat(2_000);
+    for i in 0..TOTAL {
+        let m = basic_message(&format!("{i:03} {pad}"));
+        let st = sender
+            .forward(&n.public_url(), &m, &k.verkey(), &g.routing_keys)
+            .await
+            .unwrap();
+        assert_eq!(st, 202, "forward {i}");
+    }
+    let handed = |to: &'static str| {
+        let n = &n;
+        async move {
+            metric(n, &format!("mailroom_handoffs_total{{to=\"{to}\"}}"))
+                .await
+                .unwrap_or(0.0) as usize
+        }
+    };
+    eventually("every forward handed to the session or queued for it", || async {
+        (handed("local").await + handed("no-room").await >= TOTAL).then_some(())
+    })
+    .await;
+    let written = metric(&n, r#"mailroom_delivered_total{path="implicit",didcomm="v1"}"#)
+        .await
+        .unwrap_or(0.0) as usize;
+    assert!(written < TOTAL, "all {written} handed written at once, none confirmed");
+
+    // Read (the pings answered as they come): everything arrives, each message once.
+    let mut seen = HashSet::new();
+    while seen.len() < TOTAL {
+        match ws.next(WAIT).await.unwrap() {
+            WsEvent::Envelope(e) => {
+                let m = a.unpack(&e).unwrap().0;
+                let n: usize = m["content"].as_str().unwrap()[..3].parse().unwrap();
+                assert!(seen.insert(n), "{n} twice");
+            }
+            WsEvent::Closed(r) => panic!("closed: {r:?}"),
+        }
+    }
+    read_on_until_depth(&n, &mut ws, 0, "everything read removed").await;
+}

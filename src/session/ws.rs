@@ -267,11 +267,7 @@ impl WsSession {
                     // refused): a wallet would wait on it for deliveries that never come.
                     // 1013 (try again later) makes it reconnect and ask again. A forward
                     // refused for the disk reserve binds nothing, and closing would not help.
-                    ctx.close(Some(ws::CloseReason {
-                        code: ws::CloseCode::Again,
-                        description: Some("store unavailable: reconnect and try again".into()),
-                    }));
-                    ctx.stop();
+                    close_with(ctx, ws::CloseCode::Again, "store unavailable: reconnect and try again");
                     return;
                 }
                 // Refusals for the node's state (a full queue, the disk reserve) are not the
@@ -286,11 +282,7 @@ impl WsSession {
                     self.bad_frames += 1;
                 }
                 if self.bad_frames >= MAX_BAD_FRAMES {
-                    ctx.close(Some(ws::CloseReason {
-                        code: ws::CloseCode::Policy,
-                        description: Some("too many refused messages".into()),
-                    }));
-                    ctx.stop();
+                    close_with(ctx, ws::CloseCode::Policy, "too many refused messages");
                 }
             }
         }
@@ -415,11 +407,11 @@ impl WsSession {
 
     /// Closes the socket of a connection whose mediation was revoked, as the revocation does.
     fn close_revoked(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::from(crate::admin::OPERATOR_CLOSE_CODE),
-            description: Some("mediation revoked (or the connection removed) by the mediator's operator".into()),
-        }));
-        ctx.stop();
+        close_with(
+            ctx,
+            ws::CloseCode::from(crate::admin::OPERATOR_CLOSE_CODE),
+            "mediation revoked (or the connection removed) by the mediator's operator",
+        );
     }
 
     /// What this socket pushes for `conn` when not in live mode, by strategy. A DIDComm v2
@@ -440,11 +432,7 @@ impl WsSession {
     fn bind(&mut self, conn: &Connection, ctx: &mut ws::WebsocketContext<Self>) {
         if self.shared.draining.load(Ordering::Relaxed) && !self.registered {
             // The node drains: no new session here; the wallet reconnects elsewhere.
-            ctx.close(Some(ws::CloseReason {
-                code: ws::CloseCode::Away,
-                description: Some("mediator node draining: reconnect".into()),
-            }));
-            ctx.stop();
+            close_with(ctx, ws::CloseCode::Away, "mediator node draining: reconnect");
             return;
         }
         let same = self.conn.as_ref().map(|c| c.id == conn.id).unwrap_or(false);
@@ -554,6 +542,10 @@ impl WsSession {
             if self.mode == Mode::Live && !self.window_open(ctx) {
                 return;
             }
+            if self.unconfirmed_full() {
+                self.wake_on_pong = true;
+                return;
+            }
             let held = &mut self.handed.as_mut().expect("checked above").held_back;
             let msgs: Vec<QueuedMessage> = held.drain(..held.len().min(batch)).collect();
             self.push(msgs, true, ctx);
@@ -573,7 +565,7 @@ impl WsSession {
         if self.mode == Mode::Live && !self.window_open(ctx) {
             return;
         }
-        if self.mode == Mode::Implicit && self.confirming.as_ref().is_some_and(|c| c.full()) {
+        if self.unconfirmed_full() {
             // As much as may be is written and unconfirmed: the pong that confirms some of
             // it drains again ([`WsSession::on_pong`]).
             self.wake_on_pong = true;
@@ -875,6 +867,12 @@ impl WsSession {
         }
     }
 
+    /// An implicit socket has as much written and unconfirmed as may be
+    /// ([`Confirming::full`]): nothing more goes out to it, leased or handed, until a pong.
+    fn unconfirmed_full(&self) -> bool {
+        self.mode == Mode::Implicit && self.confirming.as_ref().is_some_and(|c| c.full())
+    }
+
     /// `ids` of `conn` were written with no acknowledgement to wait for: a ping follows them
     /// (unless one is on its way already: its pong sends the next), and its pong removes them.
     fn confirm_written(&mut self, conn: &str, ids: Vec<i64>, bytes: usize, ctx: &mut ws::WebsocketContext<Self>) {
@@ -1029,11 +1027,7 @@ impl Actor for WsSession {
                     session = act.id,
                     "pings not answered: socket closed"
                 );
-                ctx.close(Some(ws::CloseReason {
-                    code: ws::CloseCode::Policy,
-                    description: Some("pings not answered (RFC 6455 5.5.2)".into()),
-                }));
-                ctx.stop();
+                close_with(ctx, ws::CloseCode::Policy, "pings not answered (RFC 6455 5.5.2)");
                 return;
             }
             // The confirming ping again, if one waits: a client may answer only the latest.
@@ -1133,11 +1127,7 @@ impl Handler<Signal> for WsSession {
             Signal::HandOff(msgs) => self.take_handed(msgs, ctx),
             Signal::Superseded => self.superseded(),
             Signal::Close(c) => {
-                ctx.close(Some(ws::CloseReason {
-                    code: ws::CloseCode::from(c.code),
-                    description: Some(c.reason),
-                }));
-                ctx.stop();
+                close_with(ctx, ws::CloseCode::from(c.code), c.reason);
             }
         }
     }
@@ -1161,14 +1151,16 @@ impl WsSession {
             return;
         }
         {
+            let room = !self.unconfirmed_full();
             let h = self.handed.get_or_insert_with(Box::default);
             if h.spilled {
                 // Older ones wait in the queue: these go there too, and out in queue order.
                 self.spill(msgs, ctx);
                 return;
             }
-            if self.mode == Mode::Implicit && !h.catching_up && h.held_back.is_empty() {
-                // Nothing older in the queue nor held here: out at once.
+            if self.mode == Mode::Implicit && room && !h.catching_up && h.held_back.is_empty() {
+                // Nothing older in the queue nor held here, and room unconfirmed: out at once
+                // (else held back, as a drain waits, for the pong that makes room).
                 self.push(msgs, true, ctx);
                 return;
             }
@@ -1260,11 +1252,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
                     session = self.id,
                     "WebSocket protocol error: {e}"
                 );
-                ctx.close(Some(ws::CloseReason {
-                    code: ws::CloseCode::Protocol,
-                    description: Some(e.to_string()),
-                }));
-                ctx.stop();
+                close_with(ctx, ws::CloseCode::Protocol, e.to_string());
                 return;
             }
         };
@@ -1292,6 +1280,15 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
 /// read, and the next drain, begun with that give-back on its way, read the same message and
 /// gave it back again: a loop that wrote nothing (a v2 wallet turning live delivery off and
 /// on while a message was handed to it, seen once in CI).
+/// Closes the socket with `code` and `why`, and stops the session.
+fn close_with(ctx: &mut ws::WebsocketContext<WsSession>, code: ws::CloseCode, why: impl Into<String>) {
+    ctx.close(Some(ws::CloseReason {
+        code,
+        description: Some(why.into()),
+    }));
+    ctx.stop();
+}
+
 fn lease_floor(at_start: &[i64], begun_since: i64, leased: &[QueuedMessage]) -> i64 {
     at_start
         .iter()
