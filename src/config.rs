@@ -349,6 +349,22 @@ pub struct Limits {
     /// socket 1013), a client cannot hold the node's memory with a message it never finishes.
     #[serde(default = "default_message_timeout")]
     pub message_timeout_ms: u64,
+    /// The slowest a client may take what the node writes to it, bytes per second: a reply
+    /// (an HTTP response, a WebSocket write) has its size over this rate, on top of
+    /// `client_timeout_ms` (HTTP) or `ws_write_stall_ms` (WebSocket), to be taken whole, else
+    /// its connection is reset. Without it a client reading a byte now and then held a reply
+    /// (megabytes of a pickup batch), its socket and, on a WebSocket, its session (which runs
+    /// nothing else while it writes: no heartbeat, no pushes for its wallet) for as long as it
+    /// liked.
+    #[serde(default = "default_min_write_rate")]
+    pub min_write_bytes_per_sec: u64,
+    /// A WebSocket bound to no connection (no wallet's message bound it) that has forwarded
+    /// no new mail for this long is closed 1008, seconds: a sender forwarding over its socket
+    /// keeps it, and reconnects when it has mail again. Without it a client holding sockets
+    /// open with a ping now and then kept `max_sessions` full, and every wallet out, for as
+    /// long as it liked.
+    #[serde(default = "default_unbound_socket_idle")]
+    pub unbound_socket_idle_secs: u64,
     /// The open files the process may hold, when `max_sessions` was fitted to them
     /// ([`Limits::fit_sessions_to`]): a reload fits the file it reads the same way before it
     /// compares it with the running config. Not a setting.
@@ -499,6 +515,12 @@ fn default_ws_write_stall() -> u64 {
 }
 fn default_message_timeout() -> u64 {
     60_000
+}
+fn default_min_write_rate() -> u64 {
+    8 * 1024
+}
+fn default_unbound_socket_idle() -> u64 {
+    300
 }
 fn default_log_format() -> String {
     "human".into()
@@ -1009,6 +1031,17 @@ impl Config {
         if self.limits.max_keys_per_connection == 0 {
             return bad("limits.max_keys_per_connection must be at least 1 (0 would refuse every key: no wallet could be mediated)".into());
         }
+        if !(1..=86_400).contains(&self.limits.unbound_socket_idle_secs) {
+            return bad(
+                "limits.unbound_socket_idle_secs must be 1..=86400 (how long a socket bound to no connection is kept without new mail)".into(),
+            );
+        }
+        if !(512..=1 << 30).contains(&self.limits.min_write_bytes_per_sec) {
+            return bad(
+                "limits.min_write_bytes_per_sec must be 512..=1073741824 (the slowest a client may take a reply)"
+                    .into(),
+            );
+        }
         if self.limits.message_timeout_ms < 100 || self.limits.message_timeout_ms > 3_600_000 {
             return bad(
                 "limits.message_timeout_ms must be 100..=3600000 (how long a POST body or a WebSocket message sent in fragments may take to be whole)"
@@ -1486,6 +1519,8 @@ mod tests {
         assert_eq!(c.limits.client_timeout_ms, 5000);
         assert_eq!(c.limits.ws_write_stall_ms, 60_000);
         assert_eq!(c.limits.message_timeout_ms, 60_000);
+        assert_eq!(c.limits.min_write_bytes_per_sec, 8192);
+        assert_eq!(c.limits.unbound_socket_idle_secs, 300);
         assert_eq!(c.delivery.live_ack_wait_ms, 250);
     }
 
@@ -1513,6 +1548,8 @@ mod tests {
             ("[limits]\nclient_timeout_ms=0\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.client_timeout_ms must be 100..=600000"),
             ("[limits]\nws_write_stall_ms=99\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.ws_write_stall_ms must be 100..=3600000"),
             ("[limits]\nmessage_timeout_ms=99\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.message_timeout_ms must be 100..=3600000"),
+            ("[limits]\nunbound_socket_idle_secs=0\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.unbound_socket_idle_secs must be 1..=86400"),
+            ("[limits]\nmin_write_bytes_per_sec=511\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.min_write_bytes_per_sec must be 512..=1073741824"),
             ("[delivery]\nlive_ack_wait_ms=60001\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "delivery.live_ack_wait_ms must be 0..=60000"),
             (
                 "[[node]]\nid='n1'\nlisten='127.0.0.1:1'\ncluster='127.0.0.1:3'\nadmin='127.0.0.1:2'\n[[node]]\nid='n2'\nlisten='127.0.0.1:4'\ncluster='127.0.0.1:5'\nadmin='127.0.0.1:6'",

@@ -302,6 +302,177 @@ async fn a_wallet_that_never_reads_holds_a_bounded_share_and_loses_nothing() {
     .await;
 }
 
+/// A wallet's live socket read a trickle at a time (a segment now and then: progress, so
+/// never a stall) is closed once its writes take longer than `limits.min_write_bytes_per_sec`
+/// allows, and what it was leased goes back. Before, each byte taken started the stall's
+/// wait again: the session ran nothing else (no heartbeat, no pushes for its wallet) and held
+/// its batch for as long as the client trickled.
+#[actix_rt::test]
+async fn a_live_socket_read_a_trickle_at_a_time_is_closed_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.limits.ws_write_stall_ms = 5_000;
+    cfg.limits.min_write_bytes_per_sec = 32 << 10;
+    let l = listeners_with_small_send_buffer(&mut cfg, 16 << 10);
+    let n = mailroom::node::spawn(cfg, "n1", l, Default::default()).unwrap();
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    // Batches of 10 x 16 KiB: 160 KiB a frame, 10 s allowed; the trickle (2 KiB every 200 ms
+    // at best: progress well within the stall's 5 s) takes 20 s or more for one.
+    const N: usize = 40;
+    let big = "x".repeat(16 << 10);
+    for i in 0..N {
+        assert_eq!(forward_to(&n, &a, &k, &format!("{i}:{big}")).await, 202);
+    }
+    let mut slow = deaf_socket(n.public_addr).await;
+    let env = a
+        .pack(&pickup("live-delivery-change", json!({"live_delivery": true})))
+        .unwrap();
+    slow.write_all(&common::masked_frame(&env)).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 2048];
+    let closed = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a socket read a trickle at a time kept for 30 s"
+        );
+        match tokio::time::timeout(Duration::from_millis(200), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break started.elapsed(),
+            Ok(Ok(_)) | Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    println!("trickled socket closed after {closed:?}");
+    assert!(rejected(&n, "ws-write-slow").await >= 1.0);
+    // Its leases went back: everything is still queued, and nothing leased.
+    eventually("the slow socket's leases back", || async {
+        (lease_counts(&n).await == (0, N as u64)).then_some(())
+    })
+    .await;
+}
+
+/// An HTTP response its client does not read is given up once it has taken longer than
+/// `limits.client_timeout_ms` plus its size over `limits.min_write_bytes_per_sec`: the
+/// connection goes, with its descriptor and the response it held. Before, actix-http kept
+/// both for as long as the client liked (it has no write timeout), and enough such requests
+/// took every file the process may open.
+#[actix_rt::test]
+async fn a_response_its_client_never_reads_is_given_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.limits.client_timeout_ms = 1_000;
+    cfg.limits.min_write_bytes_per_sec = 256 << 10;
+    let l = listeners_with_small_send_buffer(&mut cfg, 16 << 10);
+    let n = mailroom::node::spawn(cfg, "n1", l, Default::default()).unwrap();
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let big = "x".repeat(16 << 10);
+    for i in 0..30 {
+        assert_eq!(forward_to(&n, &a, &k, &format!("{i}:{big}")).await, 202);
+    }
+    // A delivery of 30 x 16 KiB (about 650 KiB packed: 3.5 s allowed), asked for on a
+    // socket with a small receive buffer, and not read.
+    let env = a.pack(&pickup("delivery-request", json!({"limit": 30}))).unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(n.public_addr).await.unwrap();
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/didcomm-envelope-enc\r\nContent-Length: {}\r\n\r\n",
+        env.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&env).await.unwrap();
+    eventually("the unread response given up", || async {
+        (rejected(&n, "http-write-slow").await >= 1.0).then_some(())
+    })
+    .await;
+    // What reaches the client is cut short of the length its head announced.
+    let (got, closed) = read_until_closed(&mut s, WAIT).await;
+    assert!(closed, "the connection closed");
+    let text = String::from_utf8_lossy(&got);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let announced: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("a content-length");
+    assert!(body.len() < announced, "{} of {announced} bytes", body.len());
+    // The node serves others meanwhile.
+    assert_eq!(forward_to(&n, &a, &k, "after").await, 202);
+}
+
+/// A masked ping frame, as a client sends it.
+fn masked_ping() -> [u8; 6] {
+    [0x89, 0x80, 1, 2, 3, 4]
+}
+
+/// Sockets bound to no connection that only ping are closed after
+/// `limits.unbound_socket_idle_secs`, so a client cannot hold `max_sessions` with them;
+/// a wallet's bound socket, idle as long, and a sender's socket that forwards, are kept.
+#[actix_rt::test]
+async fn sockets_that_only_ping_are_closed_and_bound_or_forwarding_ones_are_kept() {
+    const MAX: usize = 6;
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.max_sessions = MAX;
+        c.limits.unbound_socket_idle_secs = 2;
+    })
+    .await;
+    // The wallet's socket, bound by its ping; and a sender forwarding over its own socket.
+    let mut wallet = a.websocket(&ws_url(&n)).await.unwrap();
+    let pong = ws_request(&a, &mut wallet, &binding_ping()).await;
+    assert_eq!(type_name(&pong), "ping_response");
+    let (b, kb) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let gb = b.grant.clone().unwrap();
+    let sender = Sender::new();
+    let mut sending = websocket(&ws_url(&n)).await.unwrap();
+    // The other places: sockets that only ping.
+    let mut pinging = Vec::new();
+    for _ in 0..MAX - 2 {
+        let (code, s) = raw_upgrade(n.public_addr, true).await;
+        assert_eq!(code, 101);
+        pinging.push(s);
+    }
+    assert!(websocket(&ws_url(&n)).await.is_err(), "full");
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 256];
+    let mut open = pinging.len();
+    let mut forwarded = 0;
+    while open > 0 {
+        assert!(started.elapsed() < WAIT, "{open} pinging sockets kept");
+        for s in pinging.iter_mut() {
+            let _ = s.write_all(&masked_ping()).await;
+            if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+                open -= 1;
+            }
+        }
+        let env = sender
+            .forward_envelope(&basic_message(&format!("f{forwarded}")), &kb.verkey(), &gb.routing_keys)
+            .unwrap();
+        sending.send_envelope(env, false).await.unwrap();
+        forwarded += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_secs(2), "closed before their time");
+    assert!(rejected(&n, "ws-unbound-idle").await >= MAX as f64 - 2.0);
+    // Places again; the wallet's socket, idle all along, still gets its mail live, and the
+    // sender's socket still forwards.
+    let _newcomer = websocket(&ws_url(&n))
+        .await
+        .expect("a place once the pinging sockets went");
+    assert_eq!(forward_to(&n, &a, &k, "still bound").await, 202);
+    let m = ws_next_message(&a, &mut wallet).await;
+    assert_eq!(m["content"], "still bound", "{m}");
+    let env = sender
+        .forward_envelope(&basic_message("last"), &kb.verkey(), &gb.routing_keys)
+        .unwrap();
+    sending.send_envelope(env, false).await.unwrap();
+    eventually("every forward on the sender's socket queued", || async {
+        (queue_depth(&n).await >= forwarded as u64 + 1).then_some(())
+    })
+    .await;
+}
+
 /// An upgrade request straight on TCP; the status line's code.
 async fn raw_upgrade(addr: std::net::SocketAddr, with_key: bool) -> (u16, TcpStream) {
     let mut s = TcpStream::connect(addr).await.unwrap();

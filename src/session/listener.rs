@@ -26,7 +26,11 @@ pub fn serve(
     grace: Duration,
 ) -> std::io::Result<Server> {
     let addr = listener.local_addr()?;
-    let on_connect = Arc::new(watchdog::on_connect(client_timeout, shared.metrics.clone()));
+    let pace = super::pace::Pace {
+        base: client_timeout,
+        min_rate: shared.cfg.limits.min_write_bytes_per_sec,
+    };
+    let on_connect = Arc::new(watchdog::on_connect(pace, shared.metrics.clone()));
     let builder = Server::build();
     let shutdown = builder.graceful_shutdown_signal();
     Ok(builder

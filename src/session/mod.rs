@@ -17,6 +17,7 @@ pub mod listener;
 pub mod live_window;
 pub mod notified;
 pub mod outbound;
+pub mod pace;
 pub mod tracked;
 pub mod upgrade;
 pub mod watchdog;

@@ -129,7 +129,10 @@ async fn upgrade(shared: Arc<Shared>, req: Request, framed: Framed<TcpStream, h1
     drop(head);
     let sock = Rc::new(sock);
     let max_frame = shared.cfg.limits.max_ws_frame_bytes;
-    let stall = std::time::Duration::from_millis(shared.cfg.limits.ws_write_stall_ms);
+    let pace = super::pace::Pace {
+        base: std::time::Duration::from_millis(shared.cfg.limits.ws_write_stall_ms),
+        min_rate: shared.cfg.limits.min_write_bytes_per_sec,
+    };
     let metrics = shared.metrics.clone();
     let node = shared.clone();
     let reader = super::wsio::Reader::new(sock.clone(), &early, max_frame);
@@ -144,8 +147,8 @@ async fn upgrade(shared: Arc<Shared>, req: Request, framed: Framed<TcpStream, h1
             WsSession::new(shared, slot)
         },
     );
-    if super::wsio::write_out(sock, out, stall, &node).await {
-        metrics.rejected("ws-write-stall", "unknown");
+    if let Some(reason) = super::wsio::write_out(sock, out, pace, &node).await {
+        metrics.rejected(reason, "unknown");
     }
 }
 

@@ -16,9 +16,16 @@
 //! WebSocket sessions and slow handlers are never cut by it. Keep-alive stays on for clients
 //! that send their requests promptly.
 //!
+//! A response being written has its own bound: `limits.client_timeout_ms` plus its size over
+//! `limits.min_write_bytes_per_sec` ([`Pace`]); past it the connection is reset. actix-http
+//! has no write timeout: a client that never read its reply (a pickup batch of megabytes, a
+//! long keylist) held the reply and the connection's descriptor for as long as it liked, and
+//! twenty thousand such requests took every file the process may open.
+//!
 //! Must not: hold the duplicate descriptor past the connection (it lives in the connection's
 //! data, dropped with the dispatcher; requests returned to actix's pool let go of it).
 
+use super::pace::Pace;
 use crate::metrics::Metrics;
 use actix_web::body::{BodySize, BoxBody, MessageBody};
 use actix_web::dev::{Extensions, Service, ServiceRequest, ServiceResponse};
@@ -39,6 +46,10 @@ struct State {
     busy: Cell<u32>,
     /// When the connection last became idle (its opening, or the last response's end).
     idle_since: Cell<Instant>,
+    /// Responses being written: (their number, by when they must be taken whole).
+    writing: RefCell<Vec<(u64, Instant)>>,
+    /// The last response's number.
+    responses: Cell<u64>,
     /// A duplicate of the connection's socket, to shut it down with; given back (closed) once
     /// the connection is upgraded to a WebSocket, so a session holds one descriptor, not two.
     socket: RefCell<Option<std::net::TcpStream>>,
@@ -58,10 +69,7 @@ impl Drop for Conn {
 
 /// The `HttpServer::on_connect` callback of the public listener: starts a watchdog for each
 /// accepted TCP connection.
-pub fn on_connect(
-    limit: Duration,
-    metrics: Arc<Metrics>,
-) -> impl Fn(&dyn std::any::Any, &mut Extensions) + Send + Sync {
+pub fn on_connect(pace: Pace, metrics: Arc<Metrics>) -> impl Fn(&dyn std::any::Any, &mut Extensions) + Send + Sync {
     move |io, data| {
         use std::os::fd::AsFd;
         let Some(tcp) = io.downcast_ref::<tokio::net::TcpStream>() else {
@@ -77,14 +85,18 @@ pub fn on_connect(
         let state = Rc::new(State {
             busy: Cell::new(0),
             idle_since: Cell::new(Instant::now()),
+            writing: RefCell::new(Vec::new()),
+            responses: Cell::new(0),
             socket: RefCell::new(Some(socket)),
         });
-        let task = actix_rt::spawn(watch(Rc::downgrade(&state), limit, metrics.clone()));
+        let task = actix_rt::spawn(watch(Rc::downgrade(&state), pace.base, metrics.clone()));
+        data.insert(Pace::clone(&pace));
         data.insert(Conn { state, task });
     }
 }
 
-/// Closes the connection once it has been idle (no busy request) for `limit`.
+/// Closes the connection once it has been idle (no busy request) for `limit`, or once a
+/// response has taken longer to write than its pace allows.
 async fn watch(state: Weak<State>, limit: Duration, metrics: Arc<Metrics>) {
     loop {
         let deadline = {
@@ -92,8 +104,22 @@ async fn watch(state: Weak<State>, limit: Duration, metrics: Arc<Metrics>) {
             if s.socket.borrow().is_none() {
                 return; // upgraded to a WebSocket: no next request to wait for
             }
+            let written_by = s.writing.borrow().iter().map(|(_, by)| *by).min();
+            if written_by.is_some_and(|by| by <= Instant::now()) {
+                tracing::debug!(
+                    "closing a connection whose client reads its response too slowly (limits.min_write_bytes_per_sec)"
+                );
+                metrics.rejected("http-write-slow", "unknown");
+                // The dispatcher's next write fails, and it drops the response and the
+                // connection (its descriptor with it).
+                if let Some(sock) = s.socket.borrow().as_ref() {
+                    let _ = sock.shutdown(std::net::Shutdown::Both);
+                }
+                return;
+            }
             if s.busy.get() > 0 {
-                Instant::now() + limit
+                let next = Instant::now() + limit;
+                written_by.map_or(next, |by| by.min(next))
             } else if s.idle_since.get() + limit <= Instant::now() {
                 tracing::debug!(
                     "closing a connection without a complete request for {} ms (limits.client_timeout_ms)",
@@ -113,22 +139,39 @@ async fn watch(state: Weak<State>, limit: Duration, metrics: Arc<Metrics>) {
 }
 
 /// Marks a request busy while it lives; its drop makes the connection idle from now.
-struct Busy(Option<Rc<State>>);
+struct Busy {
+    state: Option<Rc<State>>,
+    /// Its response's number, once it is being written ([`Busy::writing`]).
+    response: Option<u64>,
+}
 
 impl Busy {
     fn of(req: &ServiceRequest) -> Busy {
-        Busy(req.request().conn_data::<Conn>().map(|c| {
+        let state = req.request().conn_data::<Conn>().map(|c| {
             c.state.busy.set(c.state.busy.get() + 1);
             c.state.clone()
-        }))
+        });
+        Busy { state, response: None }
+    }
+
+    /// Its response is being written from now, and must be taken whole within `allowed`.
+    fn writing(&mut self, allowed: Duration) {
+        let Some(s) = &self.state else { return };
+        let n = s.responses.get() + 1;
+        s.responses.set(n);
+        s.writing.borrow_mut().push((n, Instant::now() + allowed));
+        self.response = Some(n);
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        if let Some(s) = &self.0 {
+        if let Some(s) = &self.state {
             s.busy.set(s.busy.get().saturating_sub(1));
             s.idle_since.set(Instant::now());
+            if let Some(n) = self.response {
+                s.writing.borrow_mut().retain(|(m, _)| *m != n);
+            }
         }
     }
 }
@@ -159,7 +202,8 @@ pub fn track<S>(
 where
     S: Service<ServiceRequest, Response = ServiceResponse<BoxBody>, Error = actix_web::Error>,
 {
-    let busy = Busy::of(&req);
+    let mut busy = Busy::of(&req);
+    let pace = req.request().conn_data::<Pace>().copied();
     let fut = srv.call(req);
     async move {
         let res = fut.await?;
@@ -167,9 +211,15 @@ where
             // A WebSocket: one request for the connection's whole life, never a next head.
             // Its descriptor's duplicate goes back now (20,000 files per process here: a
             // session must cost one, not two). A refused upgrade keeps the watchdog.
-            if let Some(s) = &busy.0 {
+            if let Some(s) = &busy.state {
                 s.socket.borrow_mut().take();
             }
+        } else if let Some(pace) = pace {
+            let bytes = match res.response().body().size() {
+                BodySize::Sized(n) => n,
+                BodySize::None | BodySize::Stream => 0,
+            };
+            busy.writing(pace.allowed(bytes));
         }
         Ok(res.map_body(|_, inner| Tracked { inner, _busy: busy }))
     }

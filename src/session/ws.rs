@@ -72,6 +72,10 @@ pub struct WsSession {
     /// Use the legacy `did:sov:` prefix for pushed deliveries (the wallet used it).
     legacy: bool,
     last_seen: Instant,
+    /// When a forward on this socket last queued new mail (or the socket opened): a socket
+    /// bound to no connection is closed once this is `limits.unbound_socket_idle_secs` old
+    /// ([`WsSession::watch_unbound`]).
+    last_forward: Instant,
     /// When the bound connection's mediation was last read in the store (`now_ms`): a drain
     /// reads it again once half a lease has passed ([`WsSession::drain`]).
     mediation_read_ms: i64,
@@ -168,6 +172,7 @@ impl WsSession {
             mode: Mode::Quiet,
             legacy: false,
             last_seen: Instant::now(),
+            last_forward: Instant::now(),
             mediation_read_ms: 0,
             draining: false,
             wake_again: false,
@@ -244,6 +249,9 @@ impl WsSession {
         match res {
             Ok(out) => {
                 self.bad_frames = 0;
+                if out.forward == Some(crate::protocols::ForwardResult::Queued { duplicate: false }) {
+                    self.last_forward = Instant::now();
+                }
                 self.apply(out, ctx);
             }
             Err(e) => {
@@ -867,6 +875,30 @@ impl WsSession {
         }
     }
 
+    /// Closes the socket once it has been bound to no connection, and forwarded no new mail,
+    /// for `limits.unbound_socket_idle_secs`; a bound socket is a wallet's, idle as long as it
+    /// likes. Pings keep a socket open against the heartbeat's timeout, not against this: a
+    /// client holding sockets with pings alone kept `max_sessions` full, and every wallet out.
+    fn watch_unbound(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        let idle = Duration::from_secs(self.shared.cfg.limits.unbound_socket_idle_secs);
+        let wait = idle.saturating_sub(self.last_forward.elapsed());
+        ctx.run_later(wait, move |act, ctx| {
+            if act.conn.is_some() {
+                return;
+            }
+            if act.last_forward.elapsed() < idle {
+                return act.watch_unbound(ctx);
+            }
+            act.shared.metrics.rejected("ws-unbound-idle", "unknown");
+            tracing::info!(session = act.id, "socket bound to no connection closed: no new mail forwarded for {} s (limits.unbound_socket_idle_secs)", idle.as_secs());
+            let why = format!(
+                "bound to no connection, and no new mail forwarded, for {} s: reconnect with a message to send",
+                idle.as_secs()
+            );
+            close_with(ctx, ws::CloseCode::Policy, why);
+        });
+    }
+
     /// An implicit socket has as much written and unconfirmed as may be
     /// ([`Confirming::full`]): nothing more goes out to it, leased or handed, until a pong.
     fn unconfirmed_full(&self) -> bool {
@@ -1008,6 +1040,7 @@ impl Actor for WsSession {
     type Context = ws::WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.watch_unbound(ctx);
         ctx.run_interval(HEARTBEAT, |act, ctx| {
             if act.last_seen.elapsed() > CLIENT_TIMEOUT {
                 tracing::info!(connection = act.conn_id(), session = act.id, "session timed out");

@@ -12,8 +12,10 @@
 //! writer polls it only once the previous chunk is in the kernel; a wallet that never reads
 //! stops its session (and its leases) where its socket is full. A session held there does
 //! not run its heartbeat either, so the writer itself gives a socket up once it has taken none
-//! of the pending bytes for `limits.ws_write_stall_ms`: the session then stops as on any
-//! write error (its leases go back, the wallet is woken elsewhere or pushed).
+//! of the pending bytes for `limits.ws_write_stall_ms`, or has taken a chunk slower than
+//! `limits.min_write_bytes_per_sec` allows ([`Pace`]: a client reading a segment now and then
+//! makes progress, and held its session otherwise): the session then stops as on any write
+//! error (its leases go back, the wallet is woken elsewhere or pushed).
 //!
 //! Must not: allocate per idle session; buffer a frame whose header declares more than
 //! `limits.max_ws_frame_bytes` (refused from its header, as `ws::ProtocolError::Overflow`:
@@ -29,6 +31,7 @@ use std::rc::Rc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use super::pace::Pace;
 use super::Shared;
 use tokio::net::TcpStream;
 
@@ -175,19 +178,33 @@ impl std::fmt::Display for StopCut {
 
 impl std::error::Error for StopCut {}
 
+/// Why a write gave a socket up: its client took its bytes slower than
+/// `limits.min_write_bytes_per_sec` allows ([`Pace`]).
+#[derive(Debug)]
+struct TooSlow;
+
+impl std::fmt::Display for TooSlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "client reads too slowly")
+    }
+}
+
+impl std::error::Error for TooSlow {}
+
 /// Writes the actor's output to the socket until the actor stops (its output ends) or the
-/// socket fails or takes nothing for `stall` (the output is dropped, which stops the actor),
-/// or for [`STOP_GRACE`] once `node` stops; then closes the connection. Whether it gave the
-/// socket up for taking nothing.
+/// socket fails, takes nothing for `pace.base` (`limits.ws_write_stall_ms`) or takes a chunk
+/// slower than `pace` allows (the output is dropped, which stops the actor), or for
+/// [`STOP_GRACE`] once `node` stops; then closes the connection. When it gave the socket up
+/// for its client's reading, the reason (a `_rejected_total` label).
 pub async fn write_out<E>(
     sock: Rc<TcpStream>,
     out: impl Stream<Item = Result<Bytes, E>>,
-    stall: Duration,
+    pace: Pace,
     node: &Shared,
-) -> bool {
+) -> Option<&'static str> {
     // `pump` owns the context (and the reader in it): once it returns, this is the socket's
     // last owner.
-    if let Err(e) = pump(&sock, out, stall, node).await {
+    if let Err(e) = pump(&sock, out, pace, node).await {
         if e.get_ref().is_some_and(|r| r.is::<StopCut>()) {
             tracing::info!(
                 peer = ?sock.peer_addr().ok(),
@@ -195,46 +212,57 @@ pub async fn write_out<E>(
                 STOP_GRACE.as_secs()
             );
             reset(&sock);
-            return false;
+            return None;
+        }
+        if e.get_ref().is_some_and(|r| r.is::<TooSlow>()) {
+            tracing::info!(
+                peer = ?sock.peer_addr().ok(),
+                "WebSocket closed: its client took our bytes slower than {} bytes/s (limits.min_write_bytes_per_sec)",
+                pace.min_rate
+            );
+            reset(&sock);
+            return Some("ws-write-slow");
         }
         if e.kind() == io::ErrorKind::TimedOut {
             tracing::info!(
                 peer = ?sock.peer_addr().ok(),
                 "WebSocket closed: its client took none of our bytes for {} ms (limits.ws_write_stall_ms)",
-                stall.as_millis()
+                pace.base.as_millis()
             );
             reset(&sock);
-            return true;
+            return Some("ws-write-stall");
         }
     }
     if let Ok(sock) = Rc::try_unwrap(sock) {
         close(sock).await;
     }
-    false
+    None
 }
 
 async fn pump<E>(
     sock: &TcpStream,
     out: impl Stream<Item = Result<Bytes, E>>,
-    stall: Duration,
+    pace: Pace,
     node: &Shared,
 ) -> io::Result<()> {
     let mut out = std::pin::pin!(out);
     while let Some(Ok(chunk)) = out.next().await {
-        write_all(sock, &chunk, stall, node).await?;
+        write_all(sock, &chunk, pace, node).await?;
     }
     Ok(())
 }
 
-/// `stall`: the longest wait for the socket to take more (any progress starts it again).
-async fn write_all(sock: &TcpStream, mut data: &[u8], stall: Duration, node: &Shared) -> io::Result<()> {
+/// Writes `data` whole: at most `pace.base` without progress (any progress starts it again),
+/// and at most what `pace` allows its size in all.
+async fn write_all(sock: &TcpStream, mut data: &[u8], pace: Pace, node: &Shared) -> io::Result<()> {
+    let deadline = tokio::time::Instant::now() + pace.allowed(data.len() as u64);
     while !data.is_empty() {
         // Tried first: a socket with room takes the chunk at once, and the wait below (with
         // its timer) exists only while it is full.
         match sock.try_write(data) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable_within(sock, stall, node).await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable_within(sock, pace.base, deadline, node).await?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -242,19 +270,25 @@ async fn write_all(sock: &TcpStream, mut data: &[u8], stall: Duration, node: &Sh
     Ok(())
 }
 
-/// Waits until `sock` takes more, at most `stall` ([`STOP_GRACE`] once `node` stops). Boxed:
-/// its timers and readiness wait live on the heap while a socket is full, not in every idle
-/// session's task (+200 bytes each inline: 7.4 -> 7.6 KiB per idle session).
+/// Waits until `sock` takes more, at most `stall` and not past `deadline` ([`STOP_GRACE`] once
+/// `node` stops). Boxed: its timers and readiness wait live on the heap while a socket is
+/// full, not in every idle session's task (+200 bytes each inline: 7.4 -> 7.6 KiB per idle
+/// session).
 fn writable_within<'a>(
     sock: &'a TcpStream,
     stall: Duration,
+    deadline: tokio::time::Instant,
     node: &'a Shared,
 ) -> Pin<Box<dyn std::future::Future<Output = io::Result<()>> + 'a>> {
     Box::pin(async move {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let (wait, late) = if left < stall {
+            (left, io::Error::new(io::ErrorKind::TimedOut, TooSlow))
+        } else {
+            (stall, io::Error::from(io::ErrorKind::TimedOut))
+        };
         tokio::select! {
-            r = tokio::time::timeout(stall, sock.writable()) => {
-                r.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
-            }
+            r = tokio::time::timeout(wait, sock.writable()) => r.map_err(|_| late)?,
             _ = node.stop_grace_over() => Err(io::Error::other(StopCut)),
         }
     })
