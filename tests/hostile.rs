@@ -473,6 +473,83 @@ async fn sockets_that_only_ping_are_closed_and_bound_or_forwarding_ones_are_kept
     .await;
 }
 
+/// Frames and `POST /` bodies begun and never finished, on many connections, hold at most the
+/// node's budget for unfinished messages (16 x the larger message limit): the frame or body
+/// that would pass it is refused (a socket closed 1013, a body 503), small messages are never
+/// counted, and the budget comes back as connections let go. Before, only messages sent in
+/// fragments were counted: each connection held a limit's worth of one unfinished frame or
+/// body, gigabytes across the sessions a node takes.
+#[actix_rt::test]
+async fn unfinished_frames_and_bodies_share_the_nodes_budget() {
+    const LIMIT: usize = 64 << 10;
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.max_ws_frame_bytes = LIMIT;
+        c.limits.max_envelope_bytes = LIMIT;
+    })
+    .await;
+    // 18 sockets each begin a 60 KiB frame and send half of it: 17 fit in 16 x 64 KiB.
+    let frame = common::masked_frame(&vec![b'x'; 60 << 10]);
+    let mut sockets = Vec::new();
+    for _ in 0..18 {
+        let (code, mut s) = raw_upgrade(n.public_addr, true).await;
+        assert_eq!(code, 101);
+        s.write_all(&frame[..30 << 10]).await.unwrap();
+        sockets.push(s);
+    }
+    eventually("a frame refused for the budget", || async {
+        (rejected(&n, "ws-fragments-budget").await >= 1.0).then_some(())
+    })
+    .await;
+    let mut closed_1013 = 0;
+    for s in sockets.iter_mut() {
+        let (got, _) = read_until_closed(s, Duration::from_millis(300)).await;
+        // A close frame (0x88) with code 1013 (0x03f5).
+        if got.windows(4).any(|w| w[0] == 0x88 && w[2..] == [0x03, 0xf5]) {
+            closed_1013 += 1;
+        }
+    }
+    assert_eq!(closed_1013, 1, "the one frame past the budget");
+    // A body begun meanwhile is refused too; a small forward is not counted, and served.
+    let env = vec![b'{'; 60 << 10];
+    let mut post = TcpStream::connect(n.public_addr).await.unwrap();
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/didcomm-envelope-enc\r\nContent-Length: {}\r\n\r\n",
+        env.len()
+    );
+    post.write_all(head.as_bytes()).await.unwrap();
+    post.write_all(&env[..1000]).await.unwrap();
+    assert!(status_line(&mut post).await.contains(" 503 "));
+    assert_eq!(rejected(&n, "body-budget").await, 1.0);
+    assert_eq!(forward_to(&n, &a, &k, "small").await, 202);
+    // The sockets go: the budget is whole again, and 17 bodies of 60 KiB begun at once fit.
+    drop(sockets);
+    drop(post);
+    let first = eventually("the budget back", || async {
+        let mut s = TcpStream::connect(n.public_addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&env[..1000]).await.unwrap();
+        match tokio::time::timeout(Duration::from_millis(200), status_line(&mut s)).await {
+            Err(_) => Some(s),
+            Ok(_) => None,
+        }
+    })
+    .await;
+    let mut bodies = vec![first];
+    for _ in 0..16 {
+        let mut s = TcpStream::connect(n.public_addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&env[..1000]).await.unwrap();
+        bodies.push(s);
+    }
+    // The bodies finished: each is read whole and answered (a 400: not an envelope).
+    for mut s in bodies {
+        s.write_all(&env[1000..]).await.unwrap();
+        let line = status_line(&mut s).await;
+        assert!(line.contains(" 400 "), "{line}");
+    }
+    assert_eq!(rejected(&n, "body-budget").await, 1.0);
+}
+
 /// An upgrade request straight on TCP; the status line's code.
 async fn raw_upgrade(addr: std::net::SocketAddr, with_key: bool) -> (u16, TcpStream) {
     let mut s = TcpStream::connect(addr).await.unwrap();

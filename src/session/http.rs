@@ -160,10 +160,28 @@ async fn post_envelope(
     payload: web::Payload,
     shared: web::Data<Shared>,
 ) -> actix_web::Result<HttpResponse> {
+    // The body's share of the node's budget for unfinished messages, held while it is read:
+    // its declared length (one without a length may grow to the limit).
+    let declared = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .unwrap_or(shared.cfg.limits.max_envelope_bytes)
+        .min(shared.cfg.limits.max_envelope_bytes);
+    let Some(share) = super::unfinished::Share::take(&shared.unfinished, declared) else {
+        shared.metrics.rejected("body-budget", "unknown");
+        return Ok(HttpResponse::ServiceUnavailable()
+            .insert_header((actix_web::http::header::RETRY_AFTER, "1"))
+            .json(json!({
+                "error": "busy",
+                "reason": "the node holds as many unfinished messages as it takes: send again later",
+            })));
+    };
     let body = match read_body(&req, payload, &shared).await? {
         Ok(body) => body,
         Err(timed_out) => return Ok(timed_out),
     };
+    drop(share);
     Ok(handle_envelope(body, shared).await)
 }
 

@@ -19,6 +19,7 @@ pub mod notified;
 pub mod outbound;
 pub mod pace;
 pub mod tracked;
+pub mod unfinished;
 pub mod upgrade;
 pub mod watchdog;
 pub mod ws;
@@ -67,9 +68,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// WebSocket sessions open on this node (bound or not), for `limits.max_sessions`.
     pub open_sockets: AtomicUsize,
-    /// Bytes of WebSocket messages begun in fragments and not yet whole, all sessions of the
-    /// node together (bounded: see [`ws`]'s `FRAGMENTS_BUDGET_FRAMES`).
-    pub fragment_bytes: AtomicUsize,
+    /// Bytes of messages not yet whole (POST bodies, WebSocket frames and fragmented
+    /// messages), all connections of the node together ([`unfinished`]).
+    pub unfinished: Arc<unfinished::Unfinished>,
     next_session: AtomicU64,
     /// Connections whose queue is being POSTed to their endpoint by this node.
     endpoint_busy: Mutex<HashSet<String>>,
@@ -142,6 +143,8 @@ impl Shared {
         let window_ms = 2 * cfg.cluster.failure_timeout_ms.min(i64::MAX as u64 / 4) as i64;
         let notified = notified::Notified::new(window_ms, NOTIFIED_MAX);
         let local_room = crate::cluster::Room::new(cfg.limits.max_envelope_bytes);
+        let largest = cfg.limits.max_envelope_bytes.max(cfg.limits.max_ws_frame_bytes);
+        let unfinished = Arc::new(unfinished::Unfinished::new(largest));
         Shared {
             mediator,
             registry,
@@ -149,7 +152,7 @@ impl Shared {
             cfg,
             metrics,
             open_sockets: AtomicUsize::new(0),
-            fragment_bytes: AtomicUsize::new(0),
+            unfinished,
             next_session: AtomicU64::new(1),
             endpoint_busy: Mutex::new(HashSet::new()),
             endpoint_cache: Mutex::new(std::collections::HashMap::new()),

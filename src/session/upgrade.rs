@@ -135,7 +135,7 @@ async fn upgrade(shared: Arc<Shared>, req: Request, framed: Framed<TcpStream, h1
     };
     let metrics = shared.metrics.clone();
     let node = shared.clone();
-    let reader = super::wsio::Reader::new(sock.clone(), &early, max_frame);
+    let reader = super::wsio::Reader::new(sock.clone(), &early, max_frame, shared.unfinished.clone());
     drop(early);
     // The context's own input stays empty: frames come decoded from the reader, whose
     // buffer is released between frames (the context's decoder would keep its last one).

@@ -37,13 +37,10 @@ const HEARTBEAT: Duration = Duration::from_secs(15);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Consecutive unreadable frames before the socket is closed (policy violation).
 const MAX_BAD_FRAMES: u32 = 20;
-/// The node-wide budget for WebSocket messages begun in fragments and not yet whole, in
-/// `limits.max_ws_frame_bytes`: 16 of them (64 MiB by default). Real clients send a message in
-/// one frame; a fragment that would take the node past the budget closes its socket (1013,
-/// try again later), so unfinished messages cannot hold the node's memory.
-const FRAGMENTS_BUDGET_FRAMES: usize = 16;
-
-/// A message begun in fragments: its bytes so far, counted in [`Shared::fragment_bytes`].
+/// A message begun in fragments: its bytes so far, counted in the node's budget for
+/// unfinished messages ([`super::unfinished`]; 16 x the larger message limit, 64 MiB by
+/// default). Real clients send a message in one frame; a fragment that would take the node
+/// past the budget closes its socket (1013, try again later).
 struct Partial {
     /// Which one it is on this socket (its deadline's check names it).
     seq: u64,
@@ -980,10 +977,7 @@ impl WsSession {
             return;
         }
         // The node-wide budget, taken before the bytes are kept.
-        let budget = max.saturating_mul(FRAGMENTS_BUDGET_FRAMES);
-        let taken = self.shared.fragment_bytes.fetch_add(b.len(), Ordering::Relaxed);
-        if taken + b.len() > budget {
-            self.shared.fragment_bytes.fetch_sub(b.len(), Ordering::Relaxed);
+        if !self.shared.unfinished.try_take(b.len()) {
             self.drop_partial(Some(ctx));
             let why =
                 "the node holds as many unfinished fragmented messages as it takes: send again later, or in one frame";
@@ -994,7 +988,7 @@ impl WsSession {
         p.buf.extend_from_slice(&b);
         if last {
             let p = self.partial.take().expect("checked above");
-            self.shared.fragment_bytes.fetch_sub(p.buf.len(), Ordering::Relaxed);
+            self.shared.unfinished.give(p.buf.len());
             ctx.cancel_future(p.deadline);
             self.on_envelope(p.buf.freeze(), ctx);
         }
@@ -1004,7 +998,7 @@ impl WsSession {
     /// the context: not once the actor has stopped) of its deadline's timer.
     fn drop_partial(&mut self, ctx: Option<&mut ws::WebsocketContext<Self>>) {
         if let Some(p) = self.partial.take() {
-            self.shared.fragment_bytes.fetch_sub(p.buf.len(), Ordering::Relaxed);
+            self.shared.unfinished.give(p.buf.len());
             if let Some(ctx) = ctx {
                 ctx.cancel_future(p.deadline);
             }
@@ -1277,6 +1271,10 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
             Ok(m) => m,
             Err(ws::ProtocolError::Overflow) => {
                 self.close_too_big(ctx);
+                return;
+            }
+            Err(ws::ProtocolError::Io(e)) if e.get_ref().is_some_and(|r| r.is::<super::wsio::BudgetSpent>()) => {
+                self.refuse_and_close(ctx, "ws-fragments-budget", ws::CloseCode::Again, e.to_string());
                 return;
             }
             Err(e) => {

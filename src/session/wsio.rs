@@ -32,7 +32,9 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use super::pace::Pace;
+use super::unfinished::{Unfinished, FREE_BYTES};
 use super::Shared;
+use std::sync::Arc;
 use tokio::net::TcpStream;
 
 /// Bytes read per system call (on the stack; a larger frame takes several).
@@ -50,17 +52,50 @@ pub struct Reader {
     buf: BytesMut,
     max_frame: usize,
     done: bool,
+    /// The node's budget for unfinished messages, and what the frame in `buf` took of it.
+    budget: Arc<Unfinished>,
+    charged: usize,
 }
 
 impl Reader {
     /// `early`: bytes the client sent right after its handshake, read with it.
-    pub fn new(sock: Rc<TcpStream>, early: &[u8], max_frame: usize) -> Reader {
+    pub fn new(sock: Rc<TcpStream>, early: &[u8], max_frame: usize, budget: Arc<Unfinished>) -> Reader {
         Reader {
             sock,
             codec: Codec::new().max_size(max_frame),
             buf: BytesMut::from(early),
             max_frame,
             done: false,
+            budget,
+            charged: 0,
+        }
+    }
+
+    /// A frame larger than [`FREE_BYTES`] whose header is in and whose bytes are not all
+    /// takes its whole size from the node's budget for unfinished messages, and has room
+    /// for it reserved (no doubling growth past it); given back once it is decoded. Without
+    /// it a client opening many sockets held a frame limit's worth on each, never finished.
+    fn charge(&mut self) -> Result<(), ProtocolError> {
+        if self.charged > 0 {
+            return Ok(());
+        }
+        let Some(total) = frame_len(&self.buf).and_then(|n| usize::try_from(n).ok()) else {
+            return Ok(());
+        };
+        if total <= FREE_BYTES || self.buf.len() >= total {
+            return Ok(());
+        }
+        if !self.budget.try_take(total) {
+            return Err(ProtocolError::Io(io::Error::other(BudgetSpent)));
+        }
+        self.charged = total;
+        self.buf.reserve(total - self.buf.len());
+        Ok(())
+    }
+
+    fn uncharge(&mut self) {
+        if self.charged > 0 {
+            self.budget.give(std::mem::take(&mut self.charged));
         }
     }
 
@@ -74,7 +109,11 @@ impl Reader {
         if declared_len(&self.buf).is_some_and(|n| n > self.max_frame as u64) {
             return Err(ProtocolError::Overflow);
         }
+        self.charge()?;
         let frame = self.codec.decode_frame(&mut self.buf)?;
+        if frame.is_some() {
+            self.uncharge();
+        }
         if self.buf.is_empty() {
             // Let go of the read allocation: the frame's bytes keep only their own part alive,
             // until the actor is done with them.
@@ -93,6 +132,41 @@ fn declared_len(buf: &[u8]) -> Option<u64> {
             .get(2..10)
             .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))),
         n => Some(n as u64),
+    }
+}
+
+/// The whole length of the frame at the start of `buf` (header, mask and payload), once its
+/// length bytes are in.
+fn frame_len(buf: &[u8]) -> Option<u64> {
+    let payload = declared_len(buf)?;
+    let ext = match buf[1] & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let mask = if buf[1] & 0x80 != 0 { 4 } else { 0 };
+    Some(payload.saturating_add(2 + ext + mask))
+}
+
+/// Why a frame was refused: the node holds as many unfinished messages as it takes
+/// ([`super::unfinished`]); the session closes 1013, try again later.
+#[derive(Debug)]
+pub struct BudgetSpent;
+
+impl std::fmt::Display for BudgetSpent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the node holds as many unfinished messages as it takes: send again later"
+        )
+    }
+}
+
+impl std::error::Error for BudgetSpent {}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.uncharge();
     }
 }
 
@@ -136,6 +210,7 @@ impl Stream for Reader {
                 Err(e) => {
                     this.done = true;
                     this.buf = BytesMut::new();
+                    this.uncharge();
                     return Poll::Ready(Some(Err(e)));
                 }
             }
@@ -145,8 +220,12 @@ impl Stream for Reader {
             }
             let mut chunk = [0u8; READ_CHUNK];
             match this.sock.try_read(&mut chunk) {
-                // EOF: a frame left incomplete is dropped with the socket.
-                Ok(0) => this.done = true,
+                // EOF: a frame left incomplete is dropped, and its share of the budget.
+                Ok(0) => {
+                    this.done = true;
+                    this.buf = BytesMut::new();
+                    this.uncharge();
+                }
                 Ok(n) => this.buf.extend_from_slice(&chunk[..n]),
                 // Readiness was stale: try_read cleared it; poll_read_ready registers again.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
