@@ -470,6 +470,34 @@ impl Queues {
         Some(m)
     }
 
+    /// Removes message `id` of `conn`, lost (its record does not read back), as
+    /// [`Queues::remove_msg`] does, and its dedup entry: a copy the sender sends again is then
+    /// queued, not taken for a duplicate of a message never delivered. Its entry is found by a
+    /// scan of the connection's entries (rare: damage on the disk).
+    pub(super) fn remove_lost(&mut self, conn: &str, id: MessageId) -> Option<Meta> {
+        let m = self.remove_msg(conn, id)?;
+        if m.dedup {
+            if let Some(d) = self.dedup.get_mut(conn) {
+                let before = d.len();
+                d.retain(|_, (held, _)| *held != id);
+                self.dedup_count -= (before - d.len()) as u64;
+                if d.is_empty() {
+                    self.dedup.remove(conn);
+                }
+            }
+        }
+        Some(m)
+    }
+
+    /// The connection whose queue holds message `id`, by a scan of the queues (for a message
+    /// the queue log lost, known by its id alone).
+    pub(super) fn conn_of(&self, id: MessageId) -> Option<ConnId> {
+        self.by_conn
+            .iter()
+            .find(|(_, cq)| cq.msgs.contains_key(&id))
+            .map(|(conn, _)| conn.clone())
+    }
+
     /// Drops the expiry entry of a message just removed from its queue.
     pub(super) fn unindex(&mut self, id: MessageId, meta: &Meta) {
         if meta.expires_at_ms != NEVER {

@@ -27,6 +27,16 @@ fn log_read_err(e: std::io::Error) -> StoreError {
     }
 }
 
+/// Logs a message leaving the queue whose record's head does not read back: it leaves
+/// without the dedup record it may have kept ([`Inner::kept_dedup`]).
+fn unreadable_dedup(id: MessageId, why: &str) {
+    tracing::warn!(
+        id,
+        error = why,
+        "sled: a message leaving the queue does not read back: no dedup record kept for it"
+    );
+}
+
 /// A dedup record a removal writes for a message leaving the queue inside its window
 /// ([`Inner::kept_dedup`]): key `(KIND_DEDUP, id)`, body `record`.
 pub(super) struct Kept {
@@ -368,6 +378,7 @@ impl Inner {
         };
         q.dedup_pruned_before = pruned_before;
         let mut stale = Vec::new();
+        let mut unreadable = Vec::new();
         let mut attempts: HashMap<MessageId, u32> = HashMap::new();
         for kv in self.attempts.iter() {
             let (k, v) = kv.map_err(unavailable)?;
@@ -410,12 +421,15 @@ impl Inner {
                     }),
                     other => Err(corrupt(&format!("queue log record kind {other}"))),
                 };
-                r.map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+                if let Err(e) = r {
+                    unreadable.push(((kind, id), e));
+                }
+                Ok(())
             })
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::InvalidData => StoreError::Corrupt(format!("sled: {e}")),
-                _ => unavailable(e),
-            })?;
+            .map_err(log_read_err)?;
+        for (key, e) in &unreadable {
+            self.skip_unreadable(*key, e);
+        }
         self.log.remove(&stale).map_err(unavailable)?;
         // Attempt counts of messages gone (their removal reached the queue log, the count's
         // removal did not reach sled before a crash).
@@ -426,6 +440,22 @@ impl Inner {
         q.file_in_id_order();
         *self.queues.lock() = q;
         Ok(())
+    }
+
+    /// Leaves out of the index a queue log record that reads back whole (its CRC matches) but
+    /// that this version cannot decode: a kind or a message format it does not know (written
+    /// by a newer version), or a body it cannot parse. Logged and counted
+    /// ([`QueueLog::note_unreadable`]), as an unreadable push window is: one such record must
+    /// not keep the store from opening, and the node from starting. The record stays in the
+    /// log (a newer version opened again reads it), found again at each open.
+    fn skip_unreadable(&self, (kind, id): Key, e: &StoreError) {
+        tracing::warn!(
+            kind,
+            id,
+            error = %e,
+            "sled: a queue log record this version cannot read: left out of the queue (kept in the log)"
+        );
+        self.log.note_unreadable((kind, id));
     }
 
     pub(super) fn next_id(&self) -> StoreResult<MessageId> {
@@ -503,6 +533,17 @@ impl Inner {
         }
     }
 
+    /// Whether message `id` of `conn` is for recipient key `key`, read from its record's head
+    /// ([`Inner::msg_head`]); false when it is gone, or was set aside as unreadable
+    /// ([`Inner::or_set_aside`]): a pickup filtered by key goes on with the other messages.
+    pub(super) fn is_for_key(&self, conn: &str, id: MessageId, key: &str) -> StoreResult<bool> {
+        let Some(Some(v)) = self.or_set_aside(conn, id, self.msg_head(id))? else {
+            return Ok(false);
+        };
+        let m = self.or_set_aside(conn, id, decode_msg(&v))?;
+        Ok(m.is_some_and(|m| m.recipient_key == key))
+    }
+
     /// Appends dedup records `keep` and removes `msgs` and `dedups` (message ids) from the
     /// queue log, in this order and in one write; with `sync`, returns once they are on disk,
     /// else not synced (see `forget_acked`).
@@ -526,15 +567,19 @@ impl Inner {
         r.map_err(unavailable)
     }
 
-    /// Reads the messages just leased (id, attempts) and records their attempt counts.
-    pub(super) fn load_leased(&self, picked: Vec<(MessageId, u32)>) -> StoreResult<Vec<QueuedMessage>> {
+    /// Reads the messages of `conn` just leased (id, attempts) and records their attempt
+    /// counts. A message whose record does not read back is set aside
+    /// ([`Inner::or_set_aside`]) and the others are returned.
+    pub(super) fn load_leased(&self, conn: &str, picked: Vec<(MessageId, u32)>) -> StoreResult<Vec<QueuedMessage>> {
         let mut out = Vec::with_capacity(picked.len());
         for (id, n) in picked {
             // A message acked or expired meanwhile is simply not returned.
-            let Some(v) = self.msg_record(id)? else {
+            let Some(Some(v)) = self.or_set_aside(conn, id, self.msg_record(id))? else {
                 continue;
             };
-            let m = decode_msg(&v)?;
+            let Some(m) = self.or_set_aside(conn, id, decode_msg(&v))? else {
+                continue;
+            };
             out.push(QueuedMessage {
                 id,
                 connection: m.connection.to_owned(),
@@ -550,6 +595,91 @@ impl Inner {
                 .map_err(unavailable)?;
         }
         Ok(out)
+    }
+
+    /// `read`, a read of message `id` of `conn` (its record, its head, or their decoding), or
+    /// `None` when it failed as [`StoreError::Corrupt`] and the message was set aside
+    /// ([`Inner::set_aside_unreadable`]): the caller goes on with the other messages.
+    pub(super) fn or_set_aside<T>(&self, conn: &str, id: MessageId, read: StoreResult<T>) -> StoreResult<Option<T>> {
+        match read {
+            Err(StoreError::Corrupt(why)) => {
+                self.set_aside_unreadable(conn, id, &why)?;
+                Ok(None)
+            }
+            read => read.map(Some),
+        }
+    }
+
+    /// Takes message `id` of `conn`, whose record did not read back (`why`), out of its queue.
+    /// Else one unreadable record fails every lease of the queue for good: a lease picks the
+    /// lowest pending ids, the same ones each time, and its caller cannot release ids it never
+    /// got, so the other messages of the batch are never delivered.
+    ///
+    /// A record damaged on the disk is removed from the queue log too (a tombstone: a reopen
+    /// agrees) and counted as damage ([`QueueLog::drop_damaged`]). One that reads back whole
+    /// but does not decode (a format this version does not know) stays in the log, as at
+    /// open ([`Inner::skip_unreadable`]), and is counted. Nothing changes when it reads back
+    /// and decodes now (a read that failed once: the message is delivered when its lease runs
+    /// out), or when it is gone (acknowledged meanwhile). Its dedup entry goes with it: a copy
+    /// sent again is queued, not taken for a duplicate of what was lost.
+    fn set_aside_unreadable(&self, conn: &str, id: MessageId, why: &str) -> StoreResult<()> {
+        let key = (KIND_MSG, id);
+        if !self.log.drop_damaged(key).map_err(unavailable)? {
+            match self.msg_record(id) {
+                Ok(Some(v)) if decode_msg(&v).is_err() => self.log.note_unreadable(key),
+                Ok(_) | Err(StoreError::Corrupt(_)) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        tracing::error!(
+            connection = conn,
+            id,
+            error = why,
+            "sled: a queued message does not read back: taken out of its queue (lost), the others are delivered"
+        );
+        self.queues.lock().remove_lost(conn, id);
+        self.forget_attempts(&[id]);
+        Ok(())
+    }
+
+    /// Drops from the index the messages the queue log dropped as damaged on its own
+    /// (compaction found their records damaged: [`QueueLog::take_lost`]): nothing of them can
+    /// be delivered, and else they would stay counted and leased for nothing. Their queue is
+    /// found by a scan of the queues (rare: damage on the disk). A message not in the index
+    /// (removed meanwhile) is passed over.
+    pub(super) fn forget_lost(&self, lost: &[Key]) {
+        let ids: Vec<MessageId> = lost
+            .iter()
+            .filter(|(kind, _)| *kind == KIND_MSG)
+            .map(|(_, id)| *id)
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        {
+            let mut q = self.queues.lock();
+            for id in &ids {
+                if let Some(conn) = q.conn_of(*id) {
+                    q.remove_lost(&conn, *id);
+                }
+            }
+        }
+        tracing::error!(
+            messages = ids.len(),
+            "sled: queued messages whose records were damaged on the disk taken out of their queues (lost)"
+        );
+        self.forget_attempts(&ids);
+    }
+
+    /// Removes the attempt counts of messages gone for good; a failure is logged only (a count
+    /// whose message is gone is dropped at the next open).
+    fn forget_attempts(&self, ids: &[MessageId]) {
+        for id in ids {
+            if let Err(e) = self.attempts.remove(encode_id(*id)) {
+                tracing::warn!(error = %e, "sled: an attempt count of a removed message stays until the next open");
+                break;
+            }
+        }
     }
 
     /// Removes acknowledged messages from disk, not synced (an acknowledgement lost in a crash
@@ -581,12 +711,7 @@ impl Inner {
         // one removed before a failed append would under-report a message still queued. Not an
         // error once the removal is in the log: the caller must then drop the messages from the
         // index, or they would stay counted against the queue's quota and leased for nothing.
-        for id in ids {
-            if let Err(e) = self.attempts.remove(encode_id(*id)) {
-                tracing::warn!(error = %e, "sled: an attempt count of a removed message stays until the next open");
-                break;
-            }
-        }
+        self.forget_attempts(ids);
         Ok(keep)
     }
 
@@ -623,14 +748,25 @@ impl Inner {
         }
         let mut records = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(v) = self.msg_head(*id)? {
-                records.push((*id, v));
+            match self.msg_head(*id) {
+                Ok(Some(v)) => records.push((*id, v)),
+                Ok(None) => {}
+                // Leaving the queue anyway: without its dedup record, not stuck in the queue
+                // (every removal of it, and of the messages removed with it, would fail).
+                Err(StoreError::Corrupt(why)) => unreadable_dedup(*id, &why),
+                Err(e) => return Err(e),
             }
         }
         let q = self.queues.lock();
         let mut keep = Vec::with_capacity(records.len());
         for (id, v) in &records {
-            let m = decode_msg(v)?;
+            let m = match decode_msg(v) {
+                Ok(m) => m,
+                Err(e) => {
+                    unreadable_dedup(*id, &e.to_string());
+                    continue;
+                }
+            };
             let Some(dk) = m.dedup_key else { continue };
             if q.holds_dedup(m.connection, &dk, *id) {
                 keep.push(Kept {

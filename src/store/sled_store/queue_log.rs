@@ -23,6 +23,12 @@
 //!   in place on the disk: when a whole record follows at the length its header gives, it
 //!   alone is skipped, not the segment's rest (logged as an error; what a cut there drops is
 //!   copied aside first, `NNNN.qlog.damaged`).
+//! - **Damage found while running is never copied.** Compaction checks each record it copies
+//!   forward: one that no longer reads back (damaged on the disk since replay) would become a
+//!   bad record in the current segment, where the next open takes it for a torn append and
+//!   cuts every record after it. It is dropped from the live set instead (a tombstone, its
+//!   segment kept aside as `NNNN.qlog.damaged`, counted as damage), and so is a record a read
+//!   finds damaged ([`QueueLog::drop_damaged`]).
 //! - **A failed sync poisons the log.** Linux reports a failed writeback to one `fsync` and
 //!   forgets it: a later sync of the file succeeds though the pages never reach the disk, and
 //!   replay would stop at them and cut every record after them. So syncs are made one at a
@@ -193,21 +199,31 @@ struct State {
     /// The current segment may end in a torn record (a failed append could not truncate it):
     /// the next append starts a new segment.
     roll: bool,
-    /// Damage on the disk that replays found since this handle opened.
+    /// Damage on the disk found since this handle opened (by replays, compaction, reads).
     damage: Damage,
+    /// Keys compaction dropped from the live set as damaged, for the store to drop from its
+    /// index ([`QueueLog::take_lost`]). Emptied by a reopen: the index is rebuilt then.
+    lost: Vec<Key>,
 }
 
 /// Damage on the disk found by replay in segments before the last (synced whole, so not a torn
 /// append; but for an append that failed and could not be cut either, which the log rolls
-/// past: it was never answered as durable), each counted once however many replays (reopens)
-/// of this handle find it again. A new handle (a restart) counts what it finds: a record
+/// past: it was never answered as durable), or by compaction and reads while the log runs,
+/// and records the store cannot decode: each counted once however many replays (reopens) of
+/// this handle find it again. A new handle (a restart) counts what it finds: a record
 /// skipped again, a segment cut before no more (its copy aside stays).
 #[derive(Default)]
 struct Damage {
-    /// (segment, offset) of each record skipped: a queued message or a removal lost.
+    /// (segment, offset) of each record skipped: a queued message or a removal lost. Also
+    /// those found damaged while the log runs, by compaction or a read
+    /// ([`QueueLog::drop_damaged`]).
     skipped: std::collections::BTreeSet<(u64, u64)>,
     /// Segments cut at a damaged record no whole record followed (kept aside first).
     cut: std::collections::BTreeSet<u64>,
+    /// Records that read back whole but that the store could not decode (a kind or format
+    /// this version does not know: [`QueueLog::note_unreadable`]), by key: found again at
+    /// every rebuild of the index, and moved by compaction, each is counted once.
+    unreadable: std::collections::BTreeSet<Key>,
 }
 
 pub(super) struct QueueLog {
@@ -334,6 +350,34 @@ fn read_back<'a>(buf: &'a [u8], at: usize, key: Key, loc: &Loc) -> io::Result<&'
             loc.seg, loc.off
         ))),
     }
+}
+
+/// Records of a segment read for compaction to copy ([`read_for_copy`]).
+struct ReadForCopy {
+    /// Those that read back, with their bytes.
+    whole: Vec<(Key, Loc, Vec<u8>)>,
+    /// Those that do not: damaged on the disk since replay checked them.
+    damaged: Vec<(Key, Loc)>,
+}
+
+/// Reads the records `chunk` locates in `file` (a segment that is not current, whose records
+/// never change: read outside the log's lock) for compaction to copy, each checked as
+/// [`read_back`] does.
+fn read_for_copy(file: &File, chunk: &[(Key, Loc)]) -> io::Result<ReadForCopy> {
+    let mut read = ReadForCopy {
+        whole: Vec::with_capacity(chunk.len()),
+        damaged: Vec::new(),
+    };
+    for (key, loc) in chunk {
+        let mut rec = vec![0u8; loc.size() as usize];
+        file.read_exact_at(&mut rec, loc.off())?;
+        if read_back(&rec, 0, *key, loc).is_ok() {
+            read.whole.push((*key, *loc, rec));
+        } else {
+            read.damaged.push((*key, *loc));
+        }
+    }
+    Ok(read)
 }
 
 /// A stretch of a segment file read into memory, [`COPY_CHUNK`] bytes at a time: replay at open
@@ -493,6 +537,7 @@ impl QueueLog {
             current: 0,
             roll: false,
             damage: Damage::default(),
+            lost: Vec::new(),
         };
         for &n in numbers {
             let last = numbers.last() == Some(&n);
@@ -983,6 +1028,7 @@ impl QueueLog {
         // Damage found before stays counted (a cut segment is not found again).
         replayed.damage.skipped.append(&mut st.damage.skipped);
         replayed.damage.cut.append(&mut st.damage.cut);
+        replayed.damage.unreadable.append(&mut st.damage.unreadable);
         *st = replayed;
         self.start_segment(&mut st)?;
         self.unsynced.store(false, SeqCst);
@@ -1106,11 +1152,102 @@ impl QueueLog {
         self.state.lock().segments.values().map(|s| s.bytes).sum()
     }
 
-    /// The damage on the disk replay found since this handle opened: (records skipped,
-    /// segments cut).
+    /// The damage on the disk found since this handle opened: (records lost or unreadable,
+    /// segments cut). Records: those replay skipped, those compaction or a read found damaged
+    /// ([`QueueLog::drop_damaged`]), and those the store could not decode
+    /// ([`QueueLog::note_unreadable`]).
     pub(super) fn damage(&self) -> (u64, u64) {
         let st = self.state.lock();
-        (st.damage.skipped.len() as u64, st.damage.cut.len() as u64)
+        let records = st.damage.skipped.len() + st.damage.unreadable.len();
+        (records as u64, st.damage.cut.len() as u64)
+    }
+
+    /// Counts `key`, a record that reads back whole but that the store cannot decode (a kind
+    /// or format this version does not know), once for this handle.
+    pub(super) fn note_unreadable(&self, key: Key) {
+        self.state.lock().damage.unreadable.insert(key);
+    }
+
+    /// The keys compaction dropped as damaged since the last call: the store drops their
+    /// messages from its index (nothing of them can be delivered).
+    pub(super) fn take_lost(&self) -> Vec<Key> {
+        std::mem::take(&mut self.state.lock().lost)
+    }
+
+    /// Removes `key` from the live set when its record does not read back (damaged on the disk
+    /// since replay or this handle's append checked it): a read of it would fail every time,
+    /// and compaction could not copy it. A tombstone is appended (not synced, as removals:
+    /// replay never takes a record failing its CRC for a live one, so a lost tombstone loses
+    /// nothing), and the record is counted as damage. Returns whether it did: false when the
+    /// key is not live or its record reads back whole (read again here, under the lock).
+    ///
+    /// In the current segment, replay at the next open would take the damaged record for a
+    /// torn append and cut every record after it: the log moves on to a new segment first
+    /// (the tombstone goes there), so the damaged one is no longer the last and replay skips
+    /// the record alone.
+    pub(super) fn drop_damaged(&self, key: Key) -> io::Result<bool> {
+        let mut st = self.state.lock();
+        let Some(loc) = st.live.get(key) else {
+            return Ok(false);
+        };
+        let file = st
+            .segments
+            .get(&loc.seg())
+            .expect("a live record's segment")
+            .file
+            .clone();
+        let mut rec = vec![0u8; loc.size() as usize];
+        file.read_exact_at(&mut rec, loc.off())?;
+        if read_back(&rec, 0, key, &loc).is_ok() {
+            return Ok(false);
+        }
+        if loc.seg() == st.current {
+            st.roll = true;
+        }
+        let mut tombstone = Vec::with_capacity(HEADER);
+        encode(&mut tombstone, key.0 | TOMBSTONE, key.1, &[0u8; 0]);
+        self.write(&mut st, &tombstone)?;
+        self.unsynced.store(true, SeqCst);
+        self.forget_damaged(&mut st, key, loc);
+        Ok(true)
+    }
+
+    /// Drops `key`, live at `loc` where its record does not read back, from the live set and
+    /// counts it as damage (its tombstone is written).
+    fn forget_damaged(&self, st: &mut State, key: Key, loc: Loc) {
+        self.set_live(st, key, None);
+        st.damage.skipped.insert((loc.seg(), loc.off()));
+        tracing::error!(
+            segment = loc.seg(),
+            offset = loc.off(),
+            kind = key.0,
+            id = key.1,
+            "queue log: a record no longer reads back (damaged on the disk): removed (a queued message or a dedup record is lost)"
+        );
+    }
+
+    /// Copies segment `n`, which holds a damaged record about to be dropped, aside as
+    /// `NNNN.qlog.damaged` (as replay keeps a segment it cuts), unless a copy is already there
+    /// (an earlier one holds at least as much). A copy that fails is logged only: the record
+    /// cannot be delivered either way, and the segment must not stay for ever.
+    fn keep_aside(&self, n: u64) {
+        let path = segment_path(&self.dir, n);
+        let aside = path.with_extension("qlog.damaged");
+        if aside.exists() {
+            return;
+        }
+        match std::fs::copy(&path, &aside) {
+            Ok(_) => tracing::error!(
+                segment = %path.display(),
+                copy = %aside.display(),
+                "queue log: a segment holding a damaged record is kept aside"
+            ),
+            Err(e) => tracing::warn!(
+                segment = %path.display(),
+                error = %e,
+                "queue log: could not keep aside a segment holding a damaged record"
+            ),
+        }
     }
 
     /// (segments, bytes in them, bytes of live records).
@@ -1198,7 +1335,10 @@ impl QueueLog {
 
     /// Copies those of `locs` (records of `file`, the oldest segment) still live there to the
     /// end of the log, makes the copies live and syncs them; `moved`: (key, original, copy) of
-    /// each record made live at its copy, also when it fails.
+    /// each record made live at its copy, also when it fails. A record that no longer reads
+    /// back is not copied (the next open would cut the current segment at it, and the records
+    /// appended after it with it): it is dropped from the live set with a tombstone, counted
+    /// as damage, and left for the store to drop from its index ([`QueueLog::take_lost`]).
     fn copy_forward(
         &self,
         locs: &[(Key, Loc)],
@@ -1220,12 +1360,9 @@ impl QueueLog {
                 .count();
             let (chunk, tail) = rest.split_at(n);
             rest = tail;
-            // Read outside the lock: the records of a segment that is not current never change.
-            let mut read = Vec::with_capacity(chunk.len());
-            for (key, loc) in chunk {
-                let mut rec = vec![0u8; loc.size() as usize];
-                file.read_exact_at(&mut rec, loc.off())?;
-                read.push((*key, *loc, rec));
+            let ReadForCopy { whole: read, damaged } = read_for_copy(file, chunk)?;
+            if let Some((_, loc)) = damaged.first() {
+                self.keep_aside(loc.seg());
             }
             let mut st = self.state.lock();
             if self.epoch.load(SeqCst) != epoch {
@@ -1233,20 +1370,29 @@ impl QueueLog {
             }
             // Only those still live where they were read: a record removed meanwhile has its
             // tombstone written, and a copy after it would bring it back at the next open.
-            let still: Vec<&(Key, Loc, Vec<u8>)> = read
-                .iter()
-                .filter(|(k, l, _)| st.live.get(*k).is_some_and(|now| now == *l))
-                .collect();
-            let buf: Vec<u8> = still.iter().flat_map(|(_, _, rec)| rec.iter().copied()).collect();
+            let live_at = |st: &State, k: Key, l: Loc| st.live.get(k).is_some_and(|now| now == l);
+            let still: Vec<&(Key, Loc, Vec<u8>)> = read.iter().filter(|(k, l, _)| live_at(&st, *k, *l)).collect();
+            let lost: Vec<(Key, Loc)> = damaged.into_iter().filter(|(k, l)| live_at(&st, *k, *l)).collect();
+            let mut buf: Vec<u8> = still.iter().flat_map(|(_, _, rec)| rec.iter().copied()).collect();
+            // After the copies, a tombstone for each damaged record: the live set stays what a
+            // replay of the files gives, whether or not its segment is deleted.
+            for (key, _) in &lost {
+                encode(&mut buf, key.0 | TOMBSTONE, key.1, &[0u8; 0]);
+            }
             if buf.is_empty() {
                 continue;
             }
-            let (seg, f, mut off) = self.write(&mut st, &buf)?;
+            let (seg, f, base) = self.write(&mut st, &buf)?;
+            let mut off = base;
             for (key, old, _) in still {
                 let loc = Loc::new(seg, off, old.len).expect("write keeps locations within 32 bits");
                 off += loc.size();
                 self.set_live(&mut st, *key, Some(loc));
                 moved.push((*key, *old, loc));
+            }
+            for (key, loc) in lost {
+                self.forget_damaged(&mut st, key, loc);
+                st.lost.push(key);
             }
             if let Some((prev, end)) = copied_to.take() {
                 if !Arc::ptr_eq(&prev, &f) {
@@ -1254,7 +1400,7 @@ impl QueueLog {
                     self.sync_to(&prev, end, epoch)?;
                 }
             }
-            copied_to = Some((f, off));
+            copied_to = Some((f, base + buf.len() as u64));
         }
         if let Some((f, end)) = copied_to {
             // The copies are on disk before their originals' segment can go.
@@ -1814,6 +1960,88 @@ mod tests {
         let got = records_on_disk(dir.path(), 200);
         assert!(!got.contains_key(&0) && !got.contains_key(&2), "{:?}", got.keys());
         assert_eq!(std::fs::read(&aside).unwrap(), bytes, "the damaged segment, kept aside");
+    }
+
+    /// Changes one byte of the body of the live record `key` in its segment file, as damage on
+    /// the disk while the log is open (the log reads it through the same page cache).
+    fn damage_body(log: &QueueLog, key: Key) {
+        let (loc, _) = log.locate(key).expect("a live record");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(segment_path(&log.dir, loc.seg()))
+            .unwrap();
+        let at = loc.off() + HEADER as u64 + 3;
+        let mut byte = [0u8];
+        f.read_exact_at(&mut byte, at).unwrap();
+        f.write_all_at(&[byte[0] ^ 0x5a], at).unwrap();
+    }
+
+    /// A live record of the oldest segment damaged on the disk while the log runs is not copied
+    /// forward by compaction: a bad record in the current segment would have the next open
+    /// cut every record appended after it. It is dropped (a tombstone), counted, handed to
+    /// the store's index ([`QueueLog::take_lost`]), and its segment kept aside.
+    #[test]
+    fn compaction_drops_a_damaged_record_and_the_appends_after_it_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg_bytes = 4096;
+        let mut want = std::collections::BTreeMap::new();
+        {
+            let log = QueueLog::open_with(dir.path(), seg_bytes, false).unwrap();
+            // 117-byte records, 35 to a segment; the first three stay live, in segment 1.
+            for i in 1..=100i64 {
+                log.append(&[((MSG, i), &body(i, 100))], &[], true).unwrap();
+            }
+            let dead: Vec<Key> = (4..=100).map(|i| (MSG, i)).collect();
+            log.remove(&dead).unwrap();
+            damage_body(&log, (MSG, 2));
+            compact_all(&log);
+            assert!(!segment_path(dir.path(), 1).exists(), "segment 1 compacted away");
+            assert_eq!(log.take_lost(), vec![(MSG, 2)]);
+            assert!(log.take_lost().is_empty(), "taken once");
+            assert_eq!(log.damage(), (1, 0));
+            assert_eq!(log.get((MSG, 2)).unwrap(), None);
+            assert!(segment_path(dir.path(), 1).with_extension("qlog.damaged").exists());
+            for i in [1, 3] {
+                want.insert(i, body(i, 100));
+            }
+            for i in 200..220i64 {
+                log.append(&[((MSG, i), &body(i, 10))], &[], true).unwrap();
+                want.insert(i, body(i, 10));
+            }
+        }
+        assert_eq!(records_on_disk(dir.path(), seg_bytes), want, "records lost");
+    }
+
+    /// A record found damaged by a read ([`QueueLog::drop_damaged`]) leaves the live set with
+    /// a tombstone and is counted; in the current segment the log first moves on to a new one,
+    /// so the next open skips the damaged record alone instead of cutting the segment there
+    /// (and the records after it). A record that reads back is left alone.
+    #[test]
+    fn a_damaged_record_a_read_finds_is_dropped_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut want = std::collections::BTreeMap::new();
+        {
+            let log = QueueLog::open(dir.path()).unwrap();
+            for i in 1..=3i64 {
+                log.append(&[((MSG, i), &body(i, 50))], &[], true).unwrap();
+            }
+            assert!(!log.drop_damaged((MSG, 2)).unwrap(), "reads back: kept");
+            assert!(!log.drop_damaged((MSG, 9)).unwrap(), "not live");
+            damage_body(&log, (MSG, 2));
+            assert!(log.get((MSG, 2)).is_err());
+            let (seg, _) = log.tail_for_test();
+            assert!(log.drop_damaged((MSG, 2)).unwrap());
+            assert_ne!(log.tail_for_test().0, seg, "moved on to a new segment");
+            assert_eq!(log.get((MSG, 2)).unwrap(), None);
+            assert_eq!(log.damage(), (1, 0));
+            assert!(log.take_lost().is_empty(), "the reader drops it from the index itself");
+            log.append(&[((MSG, 4), &body(4, 50))], &[], true).unwrap();
+            for i in [1, 3, 4] {
+                want.insert(i, body(i, 50));
+            }
+        }
+        assert_eq!(records_on_disk(dir.path(), SEGMENT_BYTES), want);
     }
 
     /// What a disk that lost the pages of `from..to` of `path` (a failed writeback) holds: the

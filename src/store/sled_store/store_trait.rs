@@ -8,7 +8,7 @@ use sled::Transactional;
 use super::index::Owner;
 use super::inner::PushWindow;
 use super::records::{
-    conn_key_entry, conn_prefix, decode_conn, decode_msg, encode_id, encode_push_window, latest_of, pair_key, tx_err,
+    conn_key_entry, conn_prefix, decode_conn, encode_id, encode_push_window, latest_of, pair_key, tx_err,
 };
 use super::{corrupt, unavailable, SledStore, DEDUP_PRUNED_BEFORE_KEY, IDENTITY_KEY, RUNNING_KEY};
 use crate::store::{
@@ -435,13 +435,11 @@ impl Store for SledStore {
             (pending.collect(), key.to_owned())
         };
         // A filter: each pending message's recipient key is on disk, in its record's head.
+        let conn = conn.to_owned();
         self.blocking(move |inner| {
             let mut s = PendingStats::default();
             for (id, received) in pending {
-                let Some(v) = inner.msg_head(id)? else {
-                    continue;
-                };
-                if decode_msg(&v)?.recipient_key == key {
+                if inner.is_for_key(&conn, id, &key)? {
                     s = s.and(received);
                 }
             }

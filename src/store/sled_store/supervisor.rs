@@ -141,6 +141,18 @@ impl Slot {
         *self.current.write() = Some(Arc::new(inner));
     }
 
+    /// Drops from the index the messages compaction found damaged ([`QueueLog::take_lost`]).
+    /// A handle being reopened needs nothing: its index is rebuilt from the log.
+    fn forget_lost(&self) {
+        let lost = self.log.take_lost();
+        if lost.is_empty() {
+            return;
+        }
+        if let Some(inner) = self.current.read().clone() {
+            inner.forget_lost(&lost);
+        }
+    }
+
     /// Whether the database's file system takes [`REOPEN_SPACE`] bytes again (a probe file
     /// written, synced and removed).
     fn space_back(&self) -> bool {
@@ -158,8 +170,9 @@ impl Slot {
     }
 }
 
-/// Supervises, compacts the queue log (`QueueLog::compact`) and syncs its removals
-/// (`QueueLog::sync_if_unsynced`) every [`SUPERVISE_EVERY`] until the store is dropped.
+/// Supervises, compacts the queue log (`QueueLog::compact`, then drops from the index what
+/// it found damaged) and syncs its removals (`QueueLog::sync_if_unsynced`) every
+/// [`SUPERVISE_EVERY`] until the store is dropped.
 pub(super) fn supervisor_loop(slot: Arc<Slot>) {
     let stop = || slot.stop.load(std::sync::atomic::Ordering::SeqCst);
     while !stop() {
@@ -176,6 +189,8 @@ pub(super) fn supervisor_loop(slot: Arc<Slot>) {
             if let Err(e) = slot.log.compact(&stop) {
                 tracing::warn!(error = %e, "queue log: compaction failed (tried again shortly)");
             }
+            // Also after a step that failed: it may have dropped damaged records before.
+            slot.forget_lost();
             if let Err(e) = slot.log.sync_if_unsynced() {
                 tracing::warn!(error = %e, "queue log: sync of removals failed (tried again shortly)");
             }
