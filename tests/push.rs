@@ -610,6 +610,47 @@ async fn a_push_retried_after_the_wallet_came_back_is_not_sent() {
     assert_eq!(si.state.hits("fcm:").len(), 1, "no push to a wallet that is back");
 }
 
+/// Someone who learned a wallet's device token registers it on connections of their own and
+/// forwards to each, and mail for the wallet arrives too: the device is pushed once a window
+/// (`min_interval_secs`), not once per connection, and every connection's push still goes out,
+/// each put off to a later window's end (not to its claim's, minutes away). Before, every
+/// connection had a window of its own, and the phone was pushed as often as connections were
+/// opened (and the provider's per-device limit then throttled the wallet's own wake-ups).
+#[actix_rt::test]
+async fn a_device_token_registered_by_many_connections_is_pushed_once_a_window() {
+    const WINDOW: u64 = 3;
+    let si = StandIn::start();
+    let (_d, n, wallet, kw) = push_node(&si, WINDOW, &["proj-a"], false).await;
+    let token = json!("the-wallets-device-token");
+    set_device(&wallet, FCM, token.clone(), Some("android")).await;
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+        set_device(&a, FCM, token.clone(), Some("android")).await;
+        others.push((a, k));
+    }
+    for (a, k) in &others {
+        forward(&n, a, k, "spam").await;
+    }
+    forward(&n, &wallet, &kw, "for the wallet").await;
+    eventually("three pushes put off", || async {
+        (metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"device_pushed\"}").await >= 3.0).then_some(())
+    })
+    .await;
+    assert_eq!(si.state.hits("fcm:").len(), 1, "the device pushed once");
+    // Each connection's push goes out in turn, a window apart.
+    let hits = wait_hits(&si, "fcm:", 4).await;
+    assert_clean(&hits);
+    for pair in hits.windows(2) {
+        let gap = pair[1].at.duration_since(pair[0].at);
+        assert!(
+            gap >= Duration::from_millis(WINDOW * 1000 - 300),
+            "pushed {gap:?} after the last: {:?}",
+            hits.iter().map(|h| h.at.duration_since(hits[0].at)).collect::<Vec<_>>()
+        );
+    }
+}
+
 /// APNs over HTTP/2: the ES256 provider token verifies against the key's public half, the
 /// headers are there, and the token is reused for the next push.
 #[actix_rt::test]
@@ -1772,9 +1813,9 @@ impl mailroom::store::Store for EventAnswerLost {
     mailroom::store_pass_through!(inner:
         backend, health, identity_get_or_create, put_connection, put_invitation,
         use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
-        list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, ack_leased, release,
+        list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, lease_upto, ack_leased, release,
         release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued, connections_with_pending,
-        pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run, lease_for_key, pending_stats,
+        pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run, lease_for_key, lease_for_key_upto, pending_stats,
         expire, expire_due, oldest_received_ms, flush, set_device, forget_device_token, first_sight, forget_sight,
         prune_sights, push_take_due, update_keys, revoke_mediation, delete_connection, delete_unmediated, drop_queue, top_queues,
     );

@@ -44,6 +44,7 @@
 
 pub mod apns;
 pub mod config;
+mod devices;
 pub mod fcm;
 pub mod schedule;
 mod waiting;
@@ -472,6 +473,9 @@ struct Ctx {
     /// [`WEBHOOK_ROUNDS`] more rounds of tries. Per node, in memory: a node that stops drops
     /// what it still owes.
     owed: std::cell::RefCell<std::collections::VecDeque<Owed>>,
+    /// Devices a provider accepted a push to lately, and for which connection: a device is
+    /// pushed once a window whichever connections registered its token ([`devices`]).
+    devices: std::cell::RefCell<devices::Devices>,
 }
 
 /// A webhook event owed ([`Ctx::owed`]): the event, when it is tried again, the rounds left.
@@ -629,6 +633,7 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
             held: Default::default(),
             held_swept: std::cell::Cell::new(Instant::now()),
             owed: Default::default(),
+            devices: Default::default(),
             settings: settings.clone(),
         })
     })();
@@ -1064,10 +1069,40 @@ async fn claimed_push(
         Ended::Nothing if claim.push_id == claim.token => Some(ctx.settings.min_interval_ms),
         Ended::Nothing => None,
         Ended::Unsent => return,
+        Ended::PutOff => return put_off(&ctx, &claim).await,
     };
     if let Err(e) = ctx.store.push_done(&claim.conn, claim.token, reopen).await {
         // Its claim runs out: another node (or this one) pushes again then.
         tracing::warn!(connection = %claim.conn, "push not marked done: {e}");
+    }
+}
+
+/// A push folded into another connection's push to the same device ([`devices`]) goes out at
+/// its window's end instead: its claim ends as a push (the window counts it), and an event
+/// recorded now schedules the window's trailing push, taken by any node when due. Then it is
+/// sent unless the wallet came back or picked up, or the device was pushed again meanwhile
+/// (put off once more). Not left to its claim: that would hold the wallet's wake-up for a
+/// claim's length (minutes), not a window's.
+async fn put_off(ctx: &Ctx, claim: &PushClaim) {
+    if let Err(e) = ctx.store.push_done(&claim.conn, claim.token, None).await {
+        // Its claim runs out: a node takes the push again then.
+        tracing::warn!(connection = %claim.conn, "push put off, not marked done: {e}");
+        return;
+    }
+    let now = crate::protocols::now_ms();
+    let again = NewClaim::until(now.saturating_add(ctx.claim_ms));
+    match ctx
+        .store
+        .push_event(&claim.conn, now, ctx.settings.min_interval_ms, again, None)
+        .await
+    {
+        Ok(PushSlot::Trailing { .. }) | Ok(PushSlot::PushedSince) => {}
+        // The window passed meanwhile (a push held up for long): claimed by this node, and
+        // taken again by a poll once the claim runs out.
+        Ok(PushSlot::Now) => tracing::debug!(connection = %claim.conn, "put-off push claimed again: left to its claim"),
+        Err(e) => {
+            tracing::warn!(connection = %claim.conn, "push put off and not scheduled (the wallet's next message pushes): {e}")
+        }
     }
 }
 
@@ -1083,6 +1118,9 @@ enum Ended {
     /// Not sent for a reason that may pass (the store did not answer, the budget ran out, the
     /// provider kept failing past the tries).
     Unsent,
+    /// Not sent to the provider: the device was pushed for another connection within the
+    /// window ([`devices`]). Put off to the window's end, as a trailing push.
+    PutOff,
 }
 
 /// Sends the push of one event, with retries, to the wallet's provider and the webhook; the
@@ -1162,9 +1200,18 @@ async fn push_one(ctx: &Ctx, conn: &str, push_id: Option<i64>, at: Instant, read
         (PushService::Apns, _, true) => Some("apns"),
         _ => None,
     };
+    let window = Duration::from_millis(u64::try_from(ctx.settings.min_interval_ms).unwrap_or(0));
     let main = async {
         match provider {
-            Some(p) => with_retries(ctx, p, &ev, at).await,
+            Some(p) => match devices::begin(&ctx.devices, ev.service, &ev.token, conn, window, Instant::now()) {
+                // Ends with the push (sent, failed or cut off).
+                Some(_flight) => with_retries(ctx, p, &ev, at).await,
+                None => {
+                    ctx.metrics.count(p, "device_pushed");
+                    tracing::debug!(connection = %conn, provider = p, "push put off: its device was pushed for another connection within the window");
+                    Tried::Folded
+                }
+            },
             None if ctx.settings.webhook.is_none() => {
                 ctx.metrics.count(device.service.as_str(), "no_provider");
                 tracing::debug!(connection = %conn, service = device.service.as_str(), "no provider configured for this device");
@@ -1186,14 +1233,15 @@ async fn push_one(ctx: &Ctx, conn: &str, push_id: Option<i64>, at: Instant, read
     // again later by this node ([`Ctx::owed`]).
     let tried = match (provider, main, hook) {
         (None, _, hook) => hook,
-        (Some(_), Tried::Done, Tried::GaveUp) => {
+        (Some(_), main @ (Tried::Done | Tried::Folded), Tried::GaveUp) => {
             ctx.owe_webhook(ev, WEBHOOK_ROUNDS);
-            Tried::Done
+            main
         }
         (Some(_), main, _) => main,
     };
     match tried {
         Tried::Done => Ended::ForGood,
+        Tried::Folded => Ended::PutOff,
         // The provider kept failing for reasons that may pass (429, 5xx, no answer), or asked
         // for a wait past `retry_max_ms`: the wake-up is not given up, its claim is left to run
         // out and a node's poll takes the push again then ([`claim_length`] after it was
@@ -1228,6 +1276,9 @@ enum Tried {
     /// The wallet came back while the push waited to be tried again: not pushed, as if it
     /// had been back at the first try.
     Back,
+    /// Not asked: the device was pushed for another connection within the window
+    /// ([`devices`]).
+    Folded,
 }
 
 async fn try_once(ctx: &Ctx, provider: &'static str, ev: &Event) -> Outcome {
@@ -1257,6 +1308,12 @@ async fn with_retries(ctx: &Ctx, provider: &'static str, ev: &Event, at: Instant
         match try_once(ctx, provider, ev).await {
             Outcome::Sent => {
                 ctx.metrics.count(provider, "sent");
+                if provider != "webhook" {
+                    let window = Duration::from_millis(u64::try_from(s.min_interval_ms).unwrap_or(0));
+                    ctx.devices
+                        .borrow_mut()
+                        .accepted(ev.service, &ev.token, &ev.conn, window, Instant::now());
+                }
                 ctx.metrics
                     .latency
                     .get_or_create(&ProviderLabel {
