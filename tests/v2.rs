@@ -620,6 +620,30 @@ async fn refusals_are_4xx_with_a_problem_report_and_the_node_serves_on() {
     );
 }
 
+/// A `type` and a `thid` of 100 KB are answered by their first 200 characters, as v1 answers
+/// an `@type`: the refusal (and its log line) does not carry back what the sender wrote there.
+#[actix_rt::test]
+async fn a_refusal_shows_only_the_start_of_a_long_type_or_thread() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let a = V2Agent::new(m.clone()).unwrap();
+    let long_type = format!("https://didcomm.org/{}/1.0/what", "t".repeat(100 * 1024));
+    let mut msg = a.message(&long_type, json!({}));
+    msg["thid"] = json!("h".repeat(100 * 1024));
+    let (st, rep) = a.post(&msg).await.unwrap();
+    assert_eq!(st, 400);
+    let rep = rep.unwrap();
+    assert_eq!(rep["body"]["code"], "e.p.msg.unsupported");
+    let comment = rep["body"]["comment"].as_str().unwrap();
+    assert!(comment.len() <= 300, "a comment of {} bytes", comment.len());
+    assert!(
+        comment.contains("unsupported message type \"https://didcomm.org/ttt"),
+        "{comment:.80}"
+    );
+    let pthid = rep["pthid"].as_str().unwrap();
+    assert_eq!(pthid, "h".repeat(200));
+}
+
 #[actix_rt::test]
 async fn isolation_a_wallet_picks_up_only_its_own_queue() {
     let (n, _d) = node();

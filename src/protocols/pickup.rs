@@ -97,7 +97,7 @@ pub fn external_id(id: i64) -> String {
 }
 
 fn attachment(q: &QueuedMessage) -> Value {
-    json!({ "@id": external_id(q.id), "lastmod_time": rfc3339_ms(q.received_at_ms), "data": attachment_data(&q.payload, false) })
+    json!({ "@id": external_id(q.id), "lastmod_time": rfc3339_ms(q.received_at_ms), "data": attachment_data(&q.payload) })
 }
 
 /// Leases the messages the request asks for (`field`: its count) to the transport's owner.
@@ -183,8 +183,8 @@ async fn batch_pickup(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<
     batch["messages~attach"] = Value::Array(
         msgs.iter()
             .map(|q| {
-                let message = serde_json::from_slice::<Value>(&q.payload)
-                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&q.payload).into_owned()));
+                let message = payload_tree(&q.payload)
+                    .unwrap_or_else(|| Value::String(String::from_utf8_lossy(&q.payload).into_owned()));
                 // RFC 0212 names the id `@id`; Credo reads (and validates) `id`: write both.
                 json!({ "@id": external_id(q.id), "id": external_id(q.id), "message": message })
             })
@@ -206,12 +206,25 @@ async fn batch_pickup(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<
 // only in the shapes of their messages, not in what they do to the queue.
 // ---------------------------------------------------------------------------------------------
 
-/// A queued payload as an attachment's `data`: `json` when it parses (as a JSON object only,
-/// with `objects_only`: v2's attachments), else unpadded base64url.
-pub(crate) fn attachment_data(payload: &[u8], objects_only: bool) -> Value {
-    match serde_json::from_slice::<Value>(payload) {
-        Ok(v) if v.is_object() || !objects_only => json!({ "json": v }),
-        _ => json!({ "base64": crate::didcomm::b64::encode(payload) }),
+/// Most JSON values of a queued payload embedded in a v1 delivery as JSON: a v1 JWE holds 5,
+/// and what is queued is a JWE. A payload read into a tree costs 16-32 times its bytes, and
+/// anyone can queue one (an anonymous forward): past this it goes as base64 (a batch's
+/// `message`: as text), which is the same payload to the wallet, for a few bytes of it.
+/// (v2 deliveries embed the payload as it is: `v2::raw`; v1's are packed by code that
+/// takes a tree.)
+pub const MAX_PAYLOAD_VALUES: usize = 1024;
+
+/// A queued payload as a tree, if it is JSON of at most [`MAX_PAYLOAD_VALUES`] values.
+fn payload_tree(payload: &[u8]) -> Option<Value> {
+    crate::didcomm::v2::json::value_within(payload, MAX_PAYLOAD_VALUES)
+}
+
+/// A queued payload as a v1 attachment's `data`: `json` when it is JSON of a few values
+/// ([`MAX_PAYLOAD_VALUES`]), else unpadded base64url.
+pub(crate) fn attachment_data(payload: &[u8]) -> Value {
+    match payload_tree(payload) {
+        Some(v) => json!({ "json": v }),
+        None => json!({ "base64": crate::didcomm::b64::encode(payload) }),
     }
 }
 
@@ -309,6 +322,26 @@ mod tests {
 
     fn is_problem(out: &Outcome) -> bool {
         out.replies.len() == 1 && out.replies[0]["@type"].as_str().unwrap().ends_with("/problem-report")
+    }
+
+    /// A queued JWE goes as `data.json`; a payload of more JSON values than a JWE ever holds
+    /// (queued by anyone with an anonymous forward) as base64, never read into a tree.
+    #[test]
+    fn a_payload_of_many_json_values_is_delivered_as_base64() {
+        let jwe = br#"{"protected":"p","iv":"i","ciphertext":"c","tag":"t"}"#;
+        assert_eq!(
+            attachment_data(jwe),
+            json!({ "json": serde_json::from_slice::<Value>(jwe).unwrap() })
+        );
+        let many = format!(r#"{{"ciphertext":"c","a":[{}0]}}"#, "0,".repeat(MAX_PAYLOAD_VALUES));
+        assert_eq!(
+            attachment_data(many.as_bytes()),
+            json!({ "base64": crate::didcomm::b64::encode(many.as_bytes()) })
+        );
+        assert_eq!(
+            attachment_data(b"not json"),
+            json!({ "base64": crate::didcomm::b64::encode(b"not json") })
+        );
     }
 
     #[tokio::test]

@@ -10,6 +10,9 @@
 //!   of the sorted recipient kids joined by `.`). Veramo sends neither: absent is accepted.
 //! - Veramo's `ECDH-ES+XC20PKW` / `ECDH-1PU+XC20PKW` are not DIDComm v2: refused.
 //!
+//! Read as typed members borrowed from the envelope, never as a JSON tree ([`super::json`]);
+//! one recipient entry is tried per key of ours, whatever number name it.
+//!
 //! The AEAD's associated data is the `protected` member as sent (ASCII). Packing writes general
 //! JSON with one `epk` in the protected header, `apv` always, `apu` for authcrypt; whether the
 //! tag feeds the 1PU KDF is the caller's choice ([`Dialect`]) so a reply opens for its peer.
@@ -19,13 +22,15 @@ use askar_crypto::buffer::SecretBytes;
 use askar_crypto::encrypt::KeyAeadInPlace;
 use askar_crypto::kdf::concat::{ConcatKDFHash, ConcatKDFParams};
 use askar_crypto::repr::ToSecretBytes;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use super::keys::{self, Agreement, Key};
-use super::{V2Error, TYP_ENCRYPTED};
+use super::{json, V2Error, TYP_ENCRYPTED};
 use crate::didcomm::b64;
 
 /// Most recipients read from one JWE.
@@ -133,26 +138,109 @@ pub struct Opened {
     pub for_others: bool,
 }
 
-struct RecipientIn {
-    kid: String,
-    encrypted_key: Vec<u8>,
-    epk: Option<Value>,
+/// A JWE as sent, its members borrowed from its bytes: each checked to be JSON, none built
+/// into a tree (a member of megabytes of `[0,0,...]` costs its own bytes, not 16-32 times
+/// them). `header` and `encrypted_key` are the flattened form's one recipient.
+#[derive(serde::Deserialize)]
+struct JweIn<'a> {
+    #[serde(borrow)]
+    protected: Option<&'a RawValue>,
+    #[serde(borrow)]
+    recipients: Option<&'a RawValue>,
+    #[serde(borrow)]
+    header: Option<&'a RawValue>,
+    #[serde(borrow)]
+    encrypted_key: Option<&'a RawValue>,
+    #[serde(borrow)]
+    iv: Option<&'a RawValue>,
+    #[serde(borrow)]
+    ciphertext: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tag: Option<&'a RawValue>,
 }
+
+/// One entry of `recipients`.
+#[derive(serde::Deserialize, Default)]
+struct RecipientJson<'a> {
+    #[serde(borrow)]
+    header: Option<&'a RawValue>,
+    #[serde(borrow)]
+    encrypted_key: Option<&'a RawValue>,
+}
+
+/// A recipient's unprotected header.
+#[derive(serde::Deserialize, Default)]
+struct HeaderJson<'a> {
+    #[serde(borrow)]
+    kid: Option<&'a RawValue>,
+    #[serde(borrow)]
+    alg: Option<&'a RawValue>,
+    #[serde(borrow)]
+    epk: Option<&'a RawValue>,
+}
+
+/// The protected header: what it says, borrowed from its decoded bytes.
+#[derive(serde::Deserialize, Default)]
+struct ProtectedJson<'a> {
+    #[serde(borrow)]
+    alg: Option<&'a RawValue>,
+    #[serde(borrow)]
+    enc: Option<&'a RawValue>,
+    #[serde(borrow)]
+    apu: Option<&'a RawValue>,
+    #[serde(borrow)]
+    apv: Option<&'a RawValue>,
+    #[serde(borrow)]
+    skid: Option<&'a RawValue>,
+    #[serde(borrow)]
+    epk: Option<&'a RawValue>,
+}
+
+struct RecipientIn<'a> {
+    kid: Cow<'a, str>,
+    alg: Option<Cow<'a, str>>,
+    encrypted_key: Vec<u8>,
+    epk: Option<&'a RawValue>,
+}
+
+/// Longest `epk` JWK read (JSON text): a P-384 key is about 200 bytes.
+const MAX_EPK_LEN: usize = 4 * 1024;
 
 fn malformed(s: impl Into<String>) -> V2Error {
     V2Error::Malformed(s.into())
 }
 
-fn b64_field(v: &Value, name: &str) -> Result<Vec<u8>, V2Error> {
-    let s = v
-        .get(name)
-        .and_then(Value::as_str)
-        .ok_or_else(|| malformed(format!("missing {name}")))?;
-    b64::decode(s).ok_or_else(|| malformed(format!("{name} is not base64url")))
+/// A member's string decoded from base64url; refused when missing or not a string.
+fn b64_member(raw: Option<&RawValue>, name: &str) -> Result<Vec<u8>, V2Error> {
+    let s = json::opt_str(raw).ok_or_else(|| malformed(format!("missing {name}")))?;
+    b64::decode(&s).ok_or_else(|| malformed(format!("{name} is not base64url")))
 }
 
-fn header_str<'a>(h: &'a Value, name: &str) -> Option<&'a str> {
-    h.get(name).and_then(Value::as_str)
+/// An `epk` JWK (a short object, so its tree is small).
+fn epk_key(raw: &RawValue) -> Result<Key, V2Error> {
+    if raw.get().len() > MAX_EPK_LEN {
+        return Err(V2Error::BadKey("epk JWK too long".into()));
+    }
+    let jwk: Value = serde_json::from_str(raw.get()).map_err(|e| malformed(format!("epk: {e}")))?;
+    keys::epk_from_jwk(&jwk)
+}
+
+/// The ciphertext decoded (as [`b64::decode`] reads base64) into a buffer with room for `room`
+/// bytes more: the tag is appended for the in-place decryption without copying a ciphertext
+/// of megabytes again.
+fn decode_with_room(s: &str, room: usize) -> Option<Vec<u8>> {
+    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+    use base64::engine::DecodePaddingMode;
+    use base64::{alphabet, Engine};
+    let config = GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    let mut out = Vec::with_capacity(base64::decoded_len_estimate(s.len()) + room + 1);
+    for alphabet in [&alphabet::URL_SAFE, &alphabet::STANDARD] {
+        out.clear();
+        if GeneralPurpose::new(alphabet, config).decode_vec(s, &mut out).is_ok() {
+            return Some(out);
+        }
+    }
+    None
 }
 
 /// `apv` as DIDComm v2 defines it: b64url(SHA-256(sorted kids joined by '.')).
@@ -162,7 +250,9 @@ pub fn apv_for(kids: &[&str]) -> Vec<u8> {
     Sha256::digest(sorted.join(".").as_bytes()).to_vec()
 }
 
-/// Opens a JWE given as bytes.
+/// Opens a JWE (JSON, general or flattened) given as bytes. `our_key` gives our private key
+/// for a kid; `sender_key` resolves an authcrypt `skid` to the sender's public key agreement
+/// key (an error if the DID has no such key).
 pub fn unpack(
     bytes: &[u8],
     our_key: &dyn Fn(&str) -> Option<Agreement>,
@@ -171,77 +261,69 @@ pub fn unpack(
     if bytes.len() > super::MAX_ENVELOPE_LEN {
         return Err(V2Error::TooLarge(bytes.len()));
     }
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| malformed(format!("not JSON: {e}")))?;
-    unpack_value(&v, our_key, sender_key)
-}
-
-/// Opens a parsed JWE. `our_key` gives our private key for a kid; `sender_key` resolves an
-/// authcrypt `skid` to the sender's public key agreement key (an error if the DID has no
-/// such key).
-pub fn unpack_value(
-    v: &Value,
-    our_key: &dyn Fn(&str) -> Option<Agreement>,
-    sender_key: &dyn Fn(&str) -> Result<Key, V2Error>,
-) -> Result<Opened, V2Error> {
-    let protected_b64 = v
-        .get("protected")
-        .and_then(Value::as_str)
-        .ok_or_else(|| malformed("missing protected"))?;
+    if !json::looks_like_object(bytes) {
+        return Err(malformed("not a JSON object"));
+    }
+    let v: JweIn = serde_json::from_slice(bytes).map_err(|e| malformed(format!("not JSON: {e}")))?;
+    let protected_b64 = json::opt_str(v.protected).ok_or_else(|| malformed("missing protected"))?;
     if protected_b64.len() > MAX_PROTECTED_LEN {
         return Err(malformed("protected header too long"));
     }
-    let protected: Value = b64::decode(protected_b64)
-        .and_then(|raw| serde_json::from_slice(&raw).ok())
-        .filter(Value::is_object)
+    let protected_raw = b64::decode(&protected_b64)
+        .filter(|raw| json::looks_like_object(raw))
         .ok_or_else(|| malformed("protected is not base64url JSON"))?;
+    let protected: ProtectedJson =
+        serde_json::from_slice(&protected_raw).map_err(|_| malformed("protected is not base64url JSON"))?;
 
     // Recipients: general (`recipients`) or flattened (`header` + `encrypted_key`).
     let mut recipients = Vec::new();
-    if let Some(list) = v.get("recipients") {
-        let list = list.as_array().ok_or_else(|| malformed("recipients is not an array"))?;
-        if list.len() > MAX_RECIPIENTS {
-            return Err(V2Error::TooManyRecipients(list.len()));
+    if let Some(list) = v.recipients {
+        let list = json::list(list, MAX_RECIPIENTS).ok_or_else(|| malformed("recipients is not an array"))?;
+        if list.len > MAX_RECIPIENTS {
+            return Err(V2Error::TooManyRecipients(list.len));
         }
-        for r in list {
-            recipients.push(read_recipient(r)?);
+        for r in list.first {
+            let r: RecipientJson = json::object_or_default(r).map_err(|e| malformed(format!("recipient: {e}")))?;
+            recipients.push(read_recipient(r.header, r.encrypted_key)?);
         }
-    } else if v.get("encrypted_key").is_some() {
-        recipients.push(read_recipient(v)?);
+    } else if v.encrypted_key.is_some() {
+        recipients.push(read_recipient(v.header, v.encrypted_key)?);
     }
-    if recipients.is_empty() {
+    let Some(first) = recipients.first() else {
         return Err(malformed("no recipients"));
-    }
+    };
 
-    let alg_label = header_str(&protected, "alg")
-        .or_else(|| v["recipients"][0]["header"]["alg"].as_str())
-        .or_else(|| v["header"]["alg"].as_str())
+    let alg_label = json::opt_str(protected.alg)
+        .or_else(|| first.alg.clone())
         .ok_or_else(|| malformed("missing alg"))?;
-    let alg = match alg_label {
+    let alg = match alg_label.as_ref() {
         ALG_ANON => Alg::EcdhEsA256Kw,
         ALG_AUTH => Alg::Ecdh1PuA256Kw,
         other => return Err(V2Error::UnsupportedAlg(other.chars().take(40).collect())),
     };
-    let enc_label = header_str(&protected, "enc").ok_or_else(|| malformed("missing enc"))?;
-    let enc = Enc::parse(enc_label).ok_or_else(|| V2Error::UnsupportedAlg(enc_label.chars().take(40).collect()))?;
+    let enc_label = json::opt_str(protected.enc).ok_or_else(|| malformed("missing enc"))?;
+    let enc = Enc::parse(&enc_label).ok_or_else(|| V2Error::UnsupportedAlg(enc_label.chars().take(40).collect()))?;
 
-    let apu = match header_str(&protected, "apu") {
-        Some(s) => Some(b64::decode(s).ok_or_else(|| malformed("apu is not base64url"))?),
+    let apu = match json::opt_str(protected.apu) {
+        Some(s) => Some(b64::decode(&s).ok_or_else(|| malformed("apu is not base64url"))?),
         None => None,
     };
-    let apv = match header_str(&protected, "apv") {
-        Some(s) => Some(b64::decode(s).ok_or_else(|| malformed("apv is not base64url"))?),
+    let apv = match json::opt_str(protected.apv) {
+        Some(s) => Some(b64::decode(&s).ok_or_else(|| malformed("apv is not base64url"))?),
         None => None,
     };
     if let Some(apv) = &apv {
-        let kids: Vec<&str> = recipients.iter().map(|r| r.kid.as_str()).collect();
+        let kids: Vec<&str> = recipients.iter().map(|r| r.kid.as_ref()).collect();
         if *apv != apv_for(&kids) {
             return Err(V2Error::ApvMismatch);
         }
     }
 
-    let iv = b64_field(v, "iv")?;
-    let ciphertext = b64_field(v, "ciphertext")?;
-    let tag = b64_field(v, "tag")?;
+    let iv = b64_member(v.iv, "iv")?;
+    // Checked now, decoded once a content key is unwrapped: an envelope not for us, or whose
+    // key does not unwrap, costs no copy of its ciphertext.
+    let ciphertext_b64 = json::opt_str(v.ciphertext).ok_or_else(|| malformed("missing ciphertext"))?;
+    let tag = b64_member(v.tag, "tag")?;
     let (nonce_len, tag_len) = enc.sizes();
     if iv.len() != nonce_len {
         return Err(malformed(format!("iv must be {nonce_len} bytes for {}", enc.label())));
@@ -252,24 +334,23 @@ pub fn unpack_value(
 
     // Which recipients are ours, before anything of the sender is resolved: an envelope that
     // is not for us costs no DID resolution, whatever its `skid` names.
-    let held: Vec<(&RecipientIn, Agreement)> = recipients.iter().filter_map(|r| Some((r, our_key(&r.kid)?))).collect();
+    let (held, for_others) = ours_to_try(&recipients, our_key);
     if held.is_empty() {
         return Err(V2Error::UnknownKid);
     }
-    let for_others = held.len() < recipients.len();
 
     // The sender, for authcrypt: skid (or apu) names a key agreement key of the sender's DID.
     let sender = match alg {
         Alg::EcdhEsA256Kw => None,
         Alg::Ecdh1PuA256Kw => {
-            let skid = match (header_str(&protected, "skid"), &apu) {
+            let skid = match (json::opt_str(protected.skid), &apu) {
                 (Some(s), Some(apu)) => {
                     if apu.as_slice() != s.as_bytes() {
                         return Err(V2Error::ApuMismatch);
                     }
-                    s.to_string()
+                    s.into_owned()
                 }
-                (Some(s), None) => s.to_string(),
+                (Some(s), None) => s.into_owned(),
                 (None, Some(apu)) => String::from_utf8(apu.clone()).map_err(|_| V2Error::ApuMismatch)?,
                 (None, None) => return Err(malformed("authcrypt without skid")),
             };
@@ -288,12 +369,8 @@ pub fn unpack_value(
                 enc: enc.label().to_string(),
             });
         }
-        let epk_json = r
-            .epk
-            .as_ref()
-            .or_else(|| protected.get("epk"))
-            .ok_or_else(|| malformed("missing epk"))?;
-        let epk = keys::epk_from_jwk(epk_json)?;
+        let epk_json = r.epk.or(protected.epk).ok_or_else(|| malformed("missing epk"))?;
+        let epk = epk_key(epk_json)?;
         let curve = ours.key().algorithm();
         if epk.algorithm() != curve {
             return Err(V2Error::CurveMismatch(format!(
@@ -324,7 +401,7 @@ pub fn unpack_value(
         };
         for &with_tag in attempts {
             let cc = if with_tag { tag.as_slice() } else { &[] };
-            let kek = kek(&z, alg_label, apu_b, apv_b, cc)?;
+            let kek = kek(&z, &alg_label, apu_b, apv_b, cc)?;
             let mut cek = SecretBytes::from_slice(&r.encrypted_key);
             if kek.decrypt_in_place(&mut cek, &[], &[]).is_err() {
                 last_err = V2Error::Decrypt;
@@ -335,15 +412,17 @@ pub fn unpack_value(
                     alg: alg_label.to_string(),
                     enc: enc.label().to_string(),
                 })?;
-            let mut buf = SecretBytes::with_capacity(ciphertext.len() + tag.len());
-            buf.extend_from_slice(&ciphertext);
+            let mut buf =
+                decode_with_room(&ciphertext_b64, tag.len()).ok_or_else(|| malformed("ciphertext is not base64url"))?;
             buf.extend_from_slice(&tag);
+            // Decrypted in place: the plaintext is the ciphertext's own buffer.
+            let mut buf = SecretBytes::from(buf);
             if cek.decrypt_in_place(&mut buf, &iv, protected_b64.as_bytes()).is_err() {
                 return Err(V2Error::Decrypt);
             }
             return Ok(Opened {
-                plaintext: buf.as_ref().to_vec(),
-                recipient_kid: r.kid.clone(),
+                plaintext: buf.into_vec(),
+                recipient_kid: r.kid.to_string(),
                 sender_kid: sender.as_ref().map(|(s, _)| s.clone()),
                 dialect: Dialect {
                     alg,
@@ -358,22 +437,64 @@ pub fn unpack_value(
     Err(last_err)
 }
 
-fn read_recipient(r: &Value) -> Result<RecipientIn, V2Error> {
-    let header = r.get("header").ok_or_else(|| malformed("recipient without header"))?;
-    let kid = header_str(header, "kid")
-        .ok_or_else(|| malformed("recipient without kid"))?
-        .to_string();
+/// The entries to try, each with our key it names, and whether some entry names a key not
+/// ours (others can open the envelope too). Each kid is looked up once, and one entry is
+/// tried per key of ours (the first naming it): a sender wraps the content key once for each
+/// key, so a second entry for a key already tried is only a copy that costs a key exchange
+/// (or two, for authcrypt) and opens nothing. Without this, an envelope of 32 entries naming
+/// our key with made-up wrapped keys cost 32 exchanges (64 for authcrypt), anonymously.
+fn ours_to_try<'r, 'a>(
+    recipients: &'r [RecipientIn<'a>],
+    our_key: &dyn Fn(&str) -> Option<Agreement>,
+) -> (Vec<(&'r RecipientIn<'a>, Agreement)>, bool) {
+    let mut looked_up: Vec<(&str, Option<Agreement>)> = Vec::new();
+    let mut held: Vec<(&RecipientIn, Agreement)> = Vec::new();
+    let mut for_others = false;
+    for r in recipients {
+        let ours = match looked_up.iter().find(|(kid, _)| *kid == r.kid.as_ref()) {
+            Some((_, ours)) => ours.clone(),
+            None => {
+                let ours = our_key(&r.kid);
+                looked_up.push((&r.kid, ours.clone()));
+                ours
+            }
+        };
+        match ours {
+            None => for_others = true,
+            Some(k) if !held.iter().any(|(_, h)| same_key(h, &k)) => held.push((r, k)),
+            Some(_) => {}
+        }
+    }
+    (held, for_others)
+}
+
+/// Whether two of our keys are one (looked up under two of its names).
+fn same_key(a: &Agreement, b: &Agreement) -> bool {
+    use askar_crypto::repr::ToPublicBytes;
+    Arc::ptr_eq(a.key(), b.key())
+        || matches!((a.key().to_public_bytes(), b.key().to_public_bytes()), (Ok(x), Ok(y)) if x == y)
+}
+
+fn read_recipient<'a>(
+    header: Option<&'a RawValue>,
+    encrypted_key: Option<&'a RawValue>,
+) -> Result<RecipientIn<'a>, V2Error> {
+    let header = header.ok_or_else(|| malformed("recipient without header"))?;
+    let header: HeaderJson =
+        json::object_or_default(header).map_err(|e| malformed(format!("recipient header: {e}")))?;
+    let kid = json::opt_str(header.kid).ok_or_else(|| malformed("recipient without kid"))?;
     if kid.len() > crate::didcomm::did::MAX_DID_LEN {
         return Err(malformed("kid too long"));
     }
-    let encrypted_key = b64_field(r, "encrypted_key")?;
+    let encrypted_key = b64_member(encrypted_key, "encrypted_key")?;
     if encrypted_key.len() > 128 {
         return Err(malformed("encrypted_key too long"));
     }
     Ok(RecipientIn {
         kid,
+        alg: json::opt_str(header.alg),
         encrypted_key,
-        epk: header.get("epk").cloned(),
+        epk: header.epk,
     })
 }
 
@@ -409,6 +530,25 @@ pub(super) fn kek(z: &[u8], alg: &str, apu: &[u8], apv: &[u8], cc_tag: &[u8]) ->
 /// `sender` (skid, private key) makes it authcrypt (`dialect.alg` must then be 1PU).
 pub fn pack(
     plaintext: &[u8],
+    recipients: &[(String, Key)],
+    sender: Option<(&str, &Agreement)>,
+    dialect: Dialect,
+) -> Result<Vec<u8>, V2Error> {
+    let mut owned = Vec::with_capacity(plaintext.len() + PACK_ROOM);
+    owned.extend_from_slice(plaintext);
+    pack_owned(owned, recipients, sender, dialect)
+}
+
+/// Room a plaintext buffer needs past its end for [`pack_owned`] to encrypt it in place: the
+/// padding of A256CBC-HS512 (up to 16 bytes) and the longest tag (32).
+pub const PACK_ROOM: usize = 64;
+
+/// [`pack`] of a plaintext the caller gives up: encrypted in its own buffer (give it
+/// [`PACK_ROOM`] bytes of spare capacity, or the buffer grows by a copy), and the ciphertext
+/// written into the JWE as base64 without a string of its own. A delivery of megabytes is
+/// packed with its plaintext and the JWE alive at once, nothing more.
+pub fn pack_owned(
+    plaintext: Vec<u8>,
     recipients: &[(String, Key)],
     sender: Option<(&str, &Agreement)>,
     dialect: Dialect,
@@ -459,7 +599,7 @@ pub fn pack(
     let (nonce_len, tag_len) = dialect.enc.sizes();
     let mut nonce = vec![0u8; nonce_len];
     askar_crypto::random::fill_random(&mut nonce);
-    let mut buf = SecretBytes::from_slice(plaintext);
+    let mut buf = SecretBytes::from(plaintext);
     let ct_len = cek
         .encrypt_in_place(&mut buf, &nonce, protected_b64.as_bytes())
         .map_err(|e| V2Error::Crypto(e.to_string()))?;
@@ -486,14 +626,37 @@ pub fn pack(
             .map_err(|e| V2Error::Crypto(format!("key wrap: {e}")))?;
         out_recipients.push(json!({ "header": { "kid": kid }, "encrypted_key": b64::encode(wrapped.as_ref()) }));
     }
-    let jwe = json!({
-        "protected": protected_b64,
-        "recipients": out_recipients,
-        "iv": b64::encode(&nonce),
-        "ciphertext": b64::encode(ct),
-        "tag": b64::encode(tag),
-    });
-    serde_json::to_vec(&jwe).map_err(|e| V2Error::Crypto(e.to_string()))
+    let jwe = JweOut {
+        ciphertext: Base64(ct),
+        iv: b64::encode(&nonce),
+        protected: &protected_b64,
+        recipients: out_recipients,
+        tag: b64::encode(tag),
+    };
+    let mut out = Vec::with_capacity(ct.len() / 3 * 4 + 4 + protected_b64.len() + 256 * (1 + recipients.len()));
+    serde_json::to_writer(&mut out, &jwe).map_err(|e| V2Error::Crypto(e.to_string()))?;
+    Ok(out)
+}
+
+/// A packed JWE, its members in the order a JSON object of them was always written in (sorted).
+#[derive(serde::Serialize)]
+struct JweOut<'a> {
+    ciphertext: Base64<'a>,
+    iv: String,
+    protected: &'a str,
+    recipients: Vec<Value>,
+    tag: String,
+}
+
+/// Bytes written as an unpadded base64url string straight into the output (serde_json's
+/// `collect_str` streams a `Display`), never as a `String` of their own.
+struct Base64<'a>(&'a [u8]);
+
+impl serde::Serialize for Base64<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        s.collect_str(&base64::display::Base64Display::new(self.0, &URL_SAFE_NO_PAD))
+    }
 }
 
 /// The kids a JWE is addressed to (for routing decisions before decrypting).

@@ -3,10 +3,12 @@
 
 use askar_crypto::alg::{EcCurves, KeyAlg};
 use askar_crypto::sign::{KeySigVerify, KeySign};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use std::borrow::Cow;
 
 use super::keys::Key;
-use super::{V2Error, TYP_SIGNED};
+use super::{json, V2Error, TYP_SIGNED};
 use crate::didcomm::b64;
 
 /// Most signatures read from one JWS.
@@ -37,6 +39,67 @@ fn key_jws_alg(alg: KeyAlg) -> Option<&'static str> {
     }
 }
 
+/// One signature of a JWS: its members as strings (absent when missing or not strings).
+struct SigIn<'a> {
+    protected: Option<Cow<'a, str>>,
+    signature: Option<Cow<'a, str>>,
+    /// `header.kid`, where the protected header names none.
+    header_kid: Option<Cow<'a, str>>,
+}
+
+impl<'a> SigIn<'a> {
+    fn of_value(s: &'a Value) -> SigIn<'a> {
+        let str_of = |v: &'a Value| v.as_str().map(Cow::Borrowed);
+        SigIn {
+            protected: s.get("protected").and_then(str_of),
+            signature: s.get("signature").and_then(str_of),
+            header_kid: s.get("header").and_then(|h| h.get("kid")).and_then(str_of),
+        }
+    }
+}
+
+/// A JWS as sent (general with `signatures`, or flattened), its members borrowed from its
+/// bytes: checked to be JSON, none built into a tree.
+#[derive(serde::Deserialize, Default)]
+struct JwsIn<'a> {
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow)]
+    signatures: Option<&'a RawValue>,
+    #[serde(borrow)]
+    protected: Option<&'a RawValue>,
+    #[serde(borrow)]
+    signature: Option<&'a RawValue>,
+    #[serde(borrow)]
+    header: Option<&'a RawValue>,
+}
+
+/// A signature's unprotected header, or the protected one: the members read here.
+#[derive(serde::Deserialize, Default)]
+struct HeaderIn<'a> {
+    #[serde(borrow)]
+    alg: Option<&'a RawValue>,
+    #[serde(borrow)]
+    kid: Option<&'a RawValue>,
+}
+
+/// `raw` read as `T` if it is a JSON object, else `T`'s default (nothing in it).
+fn read_or_default<'a, T: serde::Deserialize<'a> + Default>(raw: Option<&'a RawValue>) -> T {
+    raw.and_then(|r| json::object_or_default(r).ok()).unwrap_or_default()
+}
+
+impl<'a> JwsIn<'a> {
+    /// This JWS's own members read as its one signature (the flattened form).
+    fn flattened(&self) -> SigIn<'a> {
+        let header: HeaderIn = read_or_default(self.header);
+        SigIn {
+            protected: json::opt_str(self.protected),
+            signature: json::opt_str(self.signature),
+            header_kid: json::opt_str(header.kid),
+        }
+    }
+}
+
 /// Verifies a JWS; returns the payload and the kid of the (first valid) signature.
 /// `resolve` finds the signer's public key by its kid (a DID URL).
 pub fn verify(jws: &Value, resolve: &dyn Fn(&str) -> Result<Key, V2Error>) -> Result<(Vec<u8>, String), V2Error> {
@@ -44,12 +107,46 @@ pub fn verify(jws: &Value, resolve: &dyn Fn(&str) -> Result<Key, V2Error>) -> Re
         .get("payload")
         .and_then(Value::as_str)
         .ok_or_else(|| sig_err("missing payload"))?;
-    let payload = b64::decode(payload_b64).ok_or_else(|| sig_err("payload is not base64url"))?;
-    let sigs: Vec<&Value> = match jws.get("signatures") {
-        Some(Value::Array(a)) => a.iter().take(MAX_SIGNATURES + 1).collect(),
+    let sigs: Vec<SigIn> = match jws.get("signatures") {
+        Some(Value::Array(a)) => a.iter().take(MAX_SIGNATURES + 1).map(SigIn::of_value).collect(),
         Some(_) => return Err(sig_err("signatures is not an array")),
-        None => vec![jws],
+        None => vec![SigIn::of_value(jws)],
     };
+    verify_signatures(payload_b64, &sigs, resolve)
+}
+
+/// [`verify`] of a JWS given as bytes, read without a JSON tree.
+pub fn verify_slice(
+    bytes: &[u8],
+    resolve: &dyn Fn(&str) -> Result<Key, V2Error>,
+) -> Result<(Vec<u8>, String), V2Error> {
+    if !json::looks_like_object(bytes) {
+        return Err(sig_err("not a JSON object"));
+    }
+    let jws: JwsIn = serde_json::from_slice(bytes).map_err(|e| sig_err(format!("not JSON: {e}")))?;
+    let payload_b64 = json::opt_str(jws.payload).ok_or_else(|| sig_err("missing payload"))?;
+    let sigs: Vec<SigIn> = match jws.signatures {
+        Some(raw) => {
+            let list = json::list(raw, MAX_SIGNATURES + 1).ok_or_else(|| sig_err("signatures is not an array"))?;
+            list.first
+                .into_iter()
+                .map(|s| {
+                    let s: JwsIn = read_or_default(Some(s));
+                    s.flattened()
+                })
+                .collect()
+        }
+        None => vec![jws.flattened()],
+    };
+    verify_signatures(&payload_b64, &sigs, resolve)
+}
+
+fn verify_signatures(
+    payload_b64: &str,
+    sigs: &[SigIn],
+    resolve: &dyn Fn(&str) -> Result<Key, V2Error>,
+) -> Result<(Vec<u8>, String), V2Error> {
+    let payload = b64::decode(payload_b64).ok_or_else(|| sig_err("payload is not base64url"))?;
     if sigs.is_empty() || sigs.len() > MAX_SIGNATURES {
         return Err(sig_err("between 1 and 8 signatures required"));
     }
@@ -63,31 +160,28 @@ pub fn verify(jws: &Value, resolve: &dyn Fn(&str) -> Result<Key, V2Error>) -> Re
     Err(last)
 }
 
-fn verify_one(payload_b64: &str, s: &Value, resolve: &dyn Fn(&str) -> Result<Key, V2Error>) -> Result<String, V2Error> {
-    let protected_b64 = s
-        .get("protected")
-        .and_then(Value::as_str)
-        .ok_or_else(|| sig_err("missing protected"))?;
-    let protected: Value = b64::decode(protected_b64)
-        .and_then(|raw| serde_json::from_slice(&raw).ok())
-        .filter(Value::is_object)
+fn verify_one(payload_b64: &str, s: &SigIn, resolve: &dyn Fn(&str) -> Result<Key, V2Error>) -> Result<String, V2Error> {
+    let protected_b64 = s.protected.as_deref().ok_or_else(|| sig_err("missing protected"))?;
+    let protected_raw = b64::decode(protected_b64)
+        .filter(|raw| json::looks_like_object(raw))
         .ok_or_else(|| sig_err("protected is not base64url JSON"))?;
-    let alg = protected["alg"].as_str().ok_or_else(|| sig_err("missing alg"))?;
-    let want = alg_key(alg).ok_or_else(|| V2Error::UnsupportedAlg(alg.chars().take(40).collect()))?;
-    let kid = protected["kid"]
-        .as_str()
-        .or_else(|| s["header"]["kid"].as_str())
+    let protected: HeaderIn =
+        serde_json::from_slice(&protected_raw).map_err(|_| sig_err("protected is not base64url JSON"))?;
+    let alg = json::opt_str(protected.alg).ok_or_else(|| sig_err("missing alg"))?;
+    let want = alg_key(&alg).ok_or_else(|| V2Error::UnsupportedAlg(alg.chars().take(40).collect()))?;
+    let kid = json::opt_str(protected.kid)
+        .or_else(|| s.header_kid.clone())
         .ok_or_else(|| sig_err("missing kid"))?;
     // Everything that can be checked without the signer's key is, before its DID is resolved.
     let sig = s
-        .get("signature")
-        .and_then(Value::as_str)
+        .signature
+        .as_deref()
         .and_then(b64::decode)
         .ok_or_else(|| sig_err("signature is not base64url"))?;
     if sig.len() != SIGNATURE_LEN {
         return Err(sig_err(format!("an {alg} signature is {SIGNATURE_LEN} bytes")));
     }
-    let key = resolve(kid)?;
+    let key = resolve(&kid)?;
     if key.algorithm() != want {
         return Err(sig_err(format!(
             "{alg} signature by a {} key",
@@ -96,7 +190,7 @@ fn verify_one(payload_b64: &str, s: &Value, resolve: &dyn Fn(&str) -> Result<Key
     }
     let input = format!("{protected_b64}.{payload_b64}");
     match key.verify_signature(input.as_bytes(), &sig, None) {
-        Ok(true) => Ok(kid.to_string()),
+        Ok(true) => Ok(kid.into_owned()),
         _ => Err(sig_err(format!("signature by {kid} does not verify"))),
     }
 }

@@ -6,6 +6,7 @@
 //! `tests/fixtures/didcomm/v2/`, and what each needs in `tests/interop/v2/README.md`.
 
 pub mod did;
+pub mod json;
 pub mod jwe;
 pub mod jws;
 pub mod keys;
@@ -80,12 +81,15 @@ pub struct Unpacked {
 }
 
 impl Unpacked {
-    /// The DID that authenticated the message (authcrypt sender or signer), if any.
+    /// The DID that authenticated the message (authcrypt sender or signer), if any: the DID
+    /// alone, as its key was resolved ([`did::did_of`]). A kid `X?anything` names X's key as
+    /// `X#key-1` does; kept whole, one key would speak as any number of DIDs (each its own
+    /// connection and replay identity).
     pub fn authenticated_did(&self) -> Option<&str> {
         self.sender_kid
             .as_deref()
             .or(self.signer_kid.as_deref())
-            .map(|k| k.split('#').next().unwrap_or(k))
+            .map(did::did_of)
     }
 
     /// Whether an authcrypted message proves its sender to this recipient, not only to
@@ -132,7 +136,9 @@ pub fn is_v2(bytes: &[u8]) -> bool {
     }
 }
 
-/// Unpacks any v2 form: JWE (possibly wrapping a JWS), JWS, or plaintext.
+/// Unpacks any v2 form: JWE (possibly wrapping a JWS), JWS, or plaintext. Read without a
+/// JSON tree of the envelope or its plaintext ([`json`]): anyone can send one, and a tree of
+/// `[0,0,...]` is 16-32 times the bytes it is read from.
 ///
 /// `our_key` looks up our private key by kid; `resolve_key` finds a peer's public key by DID URL
 /// (authcrypt `skid` in keyAgreement, JWS `kid` in authentication).
@@ -144,42 +150,40 @@ pub fn unpack(
     if bytes.len() > MAX_ENVELOPE_LEN {
         return Err(V2Error::TooLarge(bytes.len()));
     }
-    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| V2Error::NotV2(format!("not JSON: {e}")))?;
-    if v.get("ciphertext").is_some() {
-        let opened = jwe::unpack_value(&v, our_key, &|k| resolve_key(k, did::Purpose::KeyAgreement))?;
-        let mut out = Unpacked {
-            plaintext: opened.plaintext,
-            recipient_kid: Some(opened.recipient_kid),
-            sender_kid: opened.sender_kid,
-            signer_kid: None,
-            dialect: Some(opened.dialect),
-            recipients_bound: opened.recipients_bound,
-            for_others: opened.for_others,
-        };
-        // Sign-then-encrypt: the JWE may carry a JWS.
-        if let Ok(inner) = serde_json::from_slice::<serde_json::Value>(&out.plaintext) {
-            if inner.get("payload").is_some() {
-                let (payload, kid) = jws::verify(&inner, &|k| resolve_key(k, did::Purpose::Authentication))?;
+    match Form::of(bytes)? {
+        Form::Jwe => {
+            let opened = jwe::unpack(bytes, our_key, &|k| resolve_key(k, did::Purpose::KeyAgreement))?;
+            let mut out = Unpacked {
+                plaintext: opened.plaintext,
+                recipient_kid: Some(opened.recipient_kid),
+                sender_kid: opened.sender_kid,
+                signer_kid: None,
+                dialect: Some(opened.dialect),
+                recipients_bound: opened.recipients_bound,
+                for_others: opened.for_others,
+            };
+            // Sign-then-encrypt: the JWE may carry a JWS.
+            if matches!(Form::of(&out.plaintext), Ok(Form::Jws)) {
+                let (payload, kid) =
+                    jws::verify_slice(&out.plaintext, &|k| resolve_key(k, did::Purpose::Authentication))?;
                 out.plaintext = payload;
                 out.signer_kid = Some(kid);
             }
+            Ok(out)
         }
-        return Ok(out);
-    }
-    if v.get("payload").is_some() {
-        let (payload, kid) = jws::verify(&v, &|k| resolve_key(k, did::Purpose::Authentication))?;
-        return Ok(Unpacked {
-            plaintext: payload,
-            recipient_kid: None,
-            sender_kid: None,
-            signer_kid: Some(kid),
-            dialect: None,
-            recipients_bound: false,
-            for_others: false,
-        });
-    }
-    if v.get("type").and_then(|t| t.as_str()).is_some() {
-        return Ok(Unpacked {
+        Form::Jws => {
+            let (payload, kid) = jws::verify_slice(bytes, &|k| resolve_key(k, did::Purpose::Authentication))?;
+            Ok(Unpacked {
+                plaintext: payload,
+                recipient_kid: None,
+                sender_kid: None,
+                signer_kid: Some(kid),
+                dialect: None,
+                recipients_bound: false,
+                for_others: false,
+            })
+        }
+        Form::Plain => Ok(Unpacked {
             plaintext: bytes.to_vec(),
             recipient_kid: None,
             sender_kid: None,
@@ -187,7 +191,46 @@ pub fn unpack(
             dialect: None,
             recipients_bound: false,
             for_others: false,
-        });
+        }),
     }
-    Err(V2Error::NotV2("neither JWE, JWS nor a plaintext message".into()))
+}
+
+/// Which of the three v2 forms a JSON object is: a JWE has `ciphertext`, a JWS `payload`, a
+/// plaintext message a string `type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    Jwe,
+    Jws,
+    Plain,
+}
+
+impl Form {
+    /// Reads the top-level members only (every other member is checked to be JSON, not built).
+    fn of(bytes: &[u8]) -> Result<Form, V2Error> {
+        use serde::de::IgnoredAny;
+        #[derive(serde::Deserialize)]
+        struct Probe<'a> {
+            ciphertext: Option<IgnoredAny>,
+            payload: Option<IgnoredAny>,
+            #[serde(rename = "type", borrow)]
+            typ: Option<&'a serde_json::value::RawValue>,
+        }
+        let neither = || V2Error::NotV2("neither JWE, JWS nor a plaintext message".into());
+        if !json::looks_like_object(bytes) {
+            return match serde_json::from_slice::<IgnoredAny>(bytes) {
+                Ok(_) => Err(neither()),
+                Err(e) => Err(V2Error::NotV2(format!("not JSON: {e}"))),
+            };
+        }
+        let p: Probe = serde_json::from_slice(bytes).map_err(|e| V2Error::NotV2(format!("not JSON: {e}")))?;
+        if p.ciphertext.is_some() {
+            Ok(Form::Jwe)
+        } else if p.payload.is_some() {
+            Ok(Form::Jws)
+        } else if p.typ.is_some_and(|t| json::str_of(t).is_some()) {
+            Ok(Form::Plain)
+        } else {
+            Err(neither())
+        }
+    }
 }

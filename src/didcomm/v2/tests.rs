@@ -962,3 +962,129 @@ fn a_peer_did_with_a_small_order_x25519_key_is_refused() {
     assert!(keys::from_multibase(&keys::to_multibase(&good).unwrap()).is_ok());
     assert!(keys::from_jwk(&keys::to_public_jwk(&good).unwrap()).is_ok());
 }
+
+// ---------------------------------------------------------------------------------------------
+// What one envelope can make us compute
+
+/// An anoncrypt JWE for Bob's key under each of `kids` (all naming that key), with every
+/// entry's wrapped key but the last replaced by random bytes of the right length: only the
+/// last opens. Returns the envelope and Bob's key.
+fn many_entries_for_one_key(kids: &[&str]) -> (Vec<u8>, Key) {
+    let bob = keypair(KeyAlg::X25519);
+    let bob_pub = keys::from_jwk(&keys::to_public_jwk(&bob).unwrap()).unwrap();
+    let recips: Vec<(String, Key)> = kids.iter().map(|k| (k.to_string(), bob_pub.clone())).collect();
+    let env = jwe::pack(br#"{"id":"1","type":"t"}"#, &recips, None, Dialect::ANONCRYPT).unwrap();
+    let mut v: Value = serde_json::from_slice(&env).unwrap();
+    let entries = v["recipients"].as_array_mut().unwrap();
+    let last = entries.len() - 1;
+    for e in &mut entries[..last] {
+        let mut junk = [0u8; 72];
+        askar_crypto::random::fill_random(&mut junk);
+        e["encrypted_key"] = json!(crate::didcomm::b64::encode(&junk));
+    }
+    (serde_json::to_vec(&v).unwrap(), bob)
+}
+
+/// 32 recipient entries naming our key, their wrapped keys made up: each was a key exchange
+/// (two for authcrypt) before the envelope was refused, ~30 times a real envelope's cost, from
+/// anyone. Each kid is looked up once and one entry is tried per key of ours, so the one entry
+/// that would open, last, is never reached.
+#[test]
+fn a_jwe_naming_our_key_many_times_costs_one_key_exchange() {
+    let one = vec!["did:example:bob#1"; jwe::MAX_RECIPIENTS];
+    let two: Vec<&str> = (0..jwe::MAX_RECIPIENTS)
+        .map(|i| {
+            if i % 2 == 0 {
+                "did:example:bob#1"
+            } else {
+                "did:example:bob#x"
+            }
+        })
+        .collect();
+    for (kids, distinct) in [(one, 1), (two, 2)] {
+        let (env, bob) = many_entries_for_one_key(&kids);
+        let lookups = std::cell::Cell::new(0);
+        let ours = |kid: &str| {
+            lookups.set(lookups.get() + 1);
+            kid.starts_with("did:example:bob#").then(|| Agreement::new(bob.clone()))
+        };
+        let e = jwe::unpack(&env, &ours, &|_| unreachable!()).unwrap_err();
+        assert_eq!(e, V2Error::Decrypt, "{distinct} kids");
+        assert_eq!(lookups.get(), distinct, "each kid is looked up once");
+    }
+    // The same envelope whose first entry is the good one opens, as any real one does.
+    let (env, bob) = many_entries_for_one_key(&["did:example:bob#1"]);
+    let u = jwe::unpack(&env, &|_| Some(Agreement::new(bob.clone())), &|_| unreachable!()).unwrap();
+    assert_eq!(u.plaintext, br#"{"id":"1","type":"t"}"#);
+    assert!(!u.for_others);
+}
+
+/// A kid `X?anything` (no fragment) resolves to X's first key of the purpose, so the message
+/// is X's: its sender is X, not a new identity per query string that X's one key could make.
+#[test]
+fn a_kid_with_a_query_authenticates_as_the_did_alone() {
+    let alice_x = keypair(KeyAlg::X25519);
+    let alice_ed = keypair(KeyAlg::Ed25519);
+    let alice = did::create_peer2(std::slice::from_ref(&alice_x), std::slice::from_ref(&alice_ed), &[]).unwrap();
+    let bob = keypair(KeyAlg::X25519);
+    let bob_pub = keys::from_jwk(&keys::to_public_jwk(&bob).unwrap()).unwrap();
+    let ours: HashMap<String, Key> = [("did:example:bob#1".to_string(), bob)].into();
+    let msg = br#"{"id":"1","type":"t"}"#;
+    let queried = format!("{alice}?anything=1");
+
+    // Authcrypt whose skid carries the query.
+    let env = jwe::pack(
+        msg,
+        &[("did:example:bob#1".to_string(), bob_pub)],
+        Some((&queried, &Agreement::new(alice_x))),
+        Dialect::AUTHCRYPT,
+    )
+    .unwrap();
+    let u = open(&env, &ours).unwrap();
+    assert_eq!(u.sender_kid.as_deref(), Some(queried.as_str()));
+    assert_eq!(u.authenticated_did(), Some(alice.as_str()));
+
+    // A JWS whose kid carries it.
+    let jws = jws::sign(msg, &queried, &alice_ed).unwrap();
+    let u = open(&serde_json::to_vec(&jws).unwrap(), &ours).unwrap();
+    assert_eq!(u.signer_kid.as_deref(), Some(queried.as_str()));
+    assert_eq!(u.authenticated_did(), Some(alice.as_str()));
+}
+
+/// Envelopes are read member by member, never into a JSON tree: a member that is not one the
+/// reading needs (here a list of a million numbers beside a JWE, a JWS and a plaintext) is
+/// skipped, and what is read is what a tree would give.
+#[test]
+fn an_envelope_is_read_by_the_members_it_needs_and_the_rest_skipped() {
+    let zeros = format!("[{}0]", "0,".repeat(1_000_000));
+    let with_pad = |env: &[u8]| {
+        let text = std::str::from_utf8(env).unwrap();
+        format!(r#"{{"pad": {zeros}, {}"#, &text.trim_start()[1..]).into_bytes()
+    };
+    let (env, ours) = x25519_env(Enc::A256CbcHs512);
+    let u = open(&with_pad(&env), &ours).unwrap();
+    assert_eq!(plain(&u)["id"], "1");
+    let k = keypair(KeyAlg::Ed25519);
+    let kk = k.clone();
+    let jws = serde_json::to_vec(&jws::sign(br#"{"id":"2","type":"t"}"#, "did:example:a#1", &k).unwrap()).unwrap();
+    let (payload, kid) = jws::verify_slice(&with_pad(&jws), &move |_| Ok(kk.clone())).unwrap();
+    assert_eq!(
+        (payload.as_slice(), kid.as_str()),
+        (&br#"{"id":"2","type":"t"}"#[..], "did:example:a#1")
+    );
+    let u = open(&with_pad(br#"{"id":"3","type":"t"}"#), &ours).unwrap();
+    assert_eq!(plain(&u)["id"], "3");
+    // Members of the wrong shape are refused as before, and an array is no JWE.
+    let mut v: Value = serde_json::from_slice(&env).unwrap();
+    v["recipients"] = json!({ "header": {} });
+    assert_eq!(
+        open(&serde_json::to_vec(&v).unwrap(), &ours).unwrap_err(),
+        V2Error::Malformed("recipients is not an array".into())
+    );
+    v["recipients"] = json!([["did:example:bob#1"]]);
+    assert!(matches!(
+        open(&serde_json::to_vec(&v).unwrap(), &ours),
+        Err(V2Error::Malformed(_))
+    ));
+    assert!(matches!(open(b"[\"ciphertext\"]", &ours), Err(V2Error::NotV2(_))));
+}

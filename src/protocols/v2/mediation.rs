@@ -21,10 +21,7 @@ pub async fn handle(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError>
         (_, "mediate-request") => mediate_request(m, ctx).await,
         (2, "keylist-update") | (3, "recipient-update") => update(m, ctx).await,
         (2, "keylist-query") | (3, "recipient-query") => query(m, ctx).await,
-        _ => Err(HandleError::BadMessage(format!(
-            "unsupported message type {:?}",
-            ctx.type_str
-        ))),
+        _ => Err(ctx.unsupported()),
     }
 }
 
@@ -359,7 +356,7 @@ fn over_limit(m: &Mediator, ctx: &Inbound, updates: &[Value], would_hold: usize)
     if let Some(o) = report.as_object_mut() {
         o.remove("thid");
     }
-    report["pthid"] = json!(ctx.thid());
+    report["pthid"] = json!(ctx.shown_thid());
     Outcome {
         replies: vec![ctx.reply(m, name, body), report],
         ..Outcome::default()
@@ -400,8 +397,10 @@ mod tests {
             .map(|(d, a)| json!({ "recipient_did": d, "action": a }))
             .collect();
         let type_str = "https://didcomm.org/coordinate-mediation/3.0/recipient-update";
+        let msg = json!({ "id": "u-1", "type": type_str, "body": { "updates": updates } });
         let ctx = Inbound {
-            msg: json!({ "id": "u-1", "type": type_str, "body": { "updates": updates } }),
+            plaintext: serde_json::to_vec(&msg).unwrap(),
+            msg,
             type_str: type_str.into(),
             family: "coordinate-mediation".into(),
             version: "3.0".into(),

@@ -19,12 +19,13 @@
 
 pub mod mediation;
 pub mod pickup;
+pub mod raw;
 pub mod recipient;
 pub mod rotation;
 pub mod routing;
 
 use super::{now_ms, HandleError, MediatorKeys, Outcome, TransportKind};
-use crate::didcomm::message::ReturnRoute;
+use crate::didcomm::message::{clip, ReturnRoute};
 use crate::didcomm::v2::did::{self, Purpose};
 use crate::didcomm::v2::jwe::{Alg, Dialect, Enc};
 use crate::didcomm::v2::keys::{self, Agreement, Key};
@@ -97,9 +98,23 @@ impl V2Identity {
     }
 }
 
+/// Most JSON values of a plaintext message read into [`Inbound::msg`], its attachments left
+/// out: the largest messages a mediator reads (100 recipient updates, 1,000 ids received) hold
+/// a few thousand. A tree costs 16-32 times the bytes it is read from, and anyone can send a
+/// message (a forward or a report needs no sender).
+pub const MAX_MESSAGE_VALUES: usize = 16 * 1024;
+
+/// Most characters of a sender's `type` or thread id that logs and problem reports show, as
+/// v1 shows of an `@type` (`problem::unknown_type`): a refusal does not carry back, or log,
+/// the 100 KB a sender wrote there.
+pub const SHOWN_CHARS: usize = 200;
+
 /// One unpacked inbound v2 message with what is known about its sender.
 pub struct Inbound {
+    /// The message's members but `attachments` ([`read_message`]).
     pub msg: Value,
+    /// The message as it came, where its attachments are read (routing's forward, as sent).
+    pub plaintext: Vec<u8>,
     pub type_str: String,
     pub family: String,
     pub version: String,
@@ -119,6 +134,19 @@ impl Inbound {
     }
     pub fn thid(&self) -> String {
         self.msg["thid"].as_str().unwrap_or(self.id()).to_string()
+    }
+    /// The thread a problem report names as its parent (`pthid`), and logs show: [`Self::thid`]
+    /// clipped to [`SHOWN_CHARS`] (an id is a UUID; a sender's 100 KB one is not repeated).
+    pub fn shown_thid(&self) -> String {
+        clip(&self.thid(), SHOWN_CHARS).to_string()
+    }
+    /// This message's `type`, clipped for logs and refusals.
+    pub fn shown_type(&self) -> &str {
+        clip(&self.type_str, SHOWN_CHARS)
+    }
+    /// The refusal of a message type this mediator does not handle.
+    pub fn unsupported(&self) -> HandleError {
+        HandleError::BadMessage(format!("unsupported message type {:?}", self.shown_type()))
     }
     /// A reply of the given name in this message's family and version, threaded.
     pub fn reply(&self, m: &super::Mediator, name: &str, body: Value) -> Value {
@@ -140,6 +168,21 @@ impl Inbound {
     }
     pub fn major(&self) -> u32 {
         self.version.split('.').next().and_then(|v| v.parse().ok()).unwrap_or(0)
+    }
+}
+
+/// A plaintext message read into a tree ([`Inbound::msg`]) of at most [`MAX_MESSAGE_VALUES`]
+/// values, but its `attachments`: checked to be JSON here, read as sent where they are used
+/// (a forward's, megabytes, are queued; no other message's are read).
+fn read_message(plaintext: &[u8]) -> Result<Value, HandleError> {
+    use crate::didcomm::v2::json::{object_without, TreeError};
+    match object_without(plaintext, "attachments", MAX_MESSAGE_VALUES) {
+        Ok(m) => Ok(Value::Object(m)),
+        Err(TreeError::NotJson(e)) => Err(HandleError::BadMessage(format!("plaintext is not JSON: {e}"))),
+        Err(TreeError::NotObject) => Err(HandleError::BadMessage("plaintext is not a JSON object".into())),
+        Err(TreeError::TooManyValues(n)) => Err(HandleError::BadMessage(format!(
+            "plaintext holds more than {n} JSON values outside its attachments"
+        ))),
     }
 }
 
@@ -177,11 +220,7 @@ pub async fn handle(
         let kids = did::EnvelopeKeys::new(Some(&m.v2_docs));
         dv2::unpack(env, &|kid| m.v2.key_for(kid), &|kid, p| kids.resolve_key(kid, p))?
     };
-    let msg: Value = serde_json::from_slice(&unpacked.plaintext)
-        .map_err(|e| HandleError::BadMessage(format!("plaintext is not JSON: {e}")))?;
-    if !msg.is_object() {
-        return Err(HandleError::BadMessage("plaintext is not a JSON object".into()));
-    }
+    let msg = read_message(&unpacked.plaintext)?;
     // An authcrypt that a co-recipient could have forged proves no sender (unless the operator
     // accepts Veramo's form): it may still forward, as anoncrypt does, or be proven by a
     // signature inside it.
@@ -212,6 +251,7 @@ pub async fn handle(
     let (family, version, name) = parse_type(&type_str).unwrap_or_default();
     let mut ctx = Inbound {
         msg,
+        plaintext: unpacked.plaintext,
         type_str,
         family,
         version,
@@ -225,7 +265,7 @@ pub async fn handle(
     let (result, sight) = if let Some(e) = refused {
         (Err(e), None)
     } else {
-        match authenticated_once(m, &ctx, &unpacked.plaintext).await {
+        match authenticated_once(m, &ctx).await {
             // A copy of a forward is queued as an anonymous forward is (within the dedup window
             // a duplicate): it binds nothing to its sender's connection.
             Err(HandleError::Replayed(_))
@@ -263,11 +303,7 @@ pub async fn handle(
 /// Recorded when the message can act on a connection: its sender's, the one a mediate-request
 /// starts, or the one a `from_prior` moves to its sender (a sender with none gets answers, on
 /// no stored connection).
-async fn authenticated_once(
-    m: &super::Mediator,
-    ctx: &Inbound,
-    plaintext: &[u8],
-) -> Result<Option<super::replay::Sight>, HandleError> {
+async fn authenticated_once(m: &super::Mediator, ctx: &Inbound) -> Result<Option<super::replay::Sight>, HandleError> {
     let Some(sender) = &ctx.sender else { return Ok(None) };
     if let Some(why) = super::replay::refused_by_time(&ctx.msg, now_ms(), m.replay_window_ms) {
         return Err(HandleError::Stale(why));
@@ -276,7 +312,7 @@ async fn authenticated_once(
     if ctx.conn.is_none() && !starts_one && ctx.msg.get("from_prior").is_none() {
         return Ok(None);
     }
-    super::replay::first_sight(m, super::replay::Version::V2, sender, &ctx.msg, plaintext).await
+    super::replay::first_sight(m, super::replay::Version::V2, sender, &ctx.msg, &ctx.plaintext).await
 }
 
 /// Pickup 3.0's problem code for live delivery over a transport without a socket.
@@ -382,10 +418,7 @@ async fn dispatch(m: &super::Mediator, ctx: &Inbound) -> Result<Outcome, HandleE
         ("discover-features", 2, "queries") => Ok(discover(m, ctx)),
         ("coordinate-mediation", 2 | 3, _) => mediation::handle(m, ctx).await,
         ("messagepickup" | "message-pickup", 3 | 4, _) => pickup::handle(m, ctx).await,
-        _ => Err(HandleError::BadMessage(format!(
-            "unsupported message type {:?}",
-            ctx.type_str
-        ))),
+        _ => Err(ctx.unsupported()),
     }
 }
 
@@ -474,13 +507,13 @@ fn refusal(m: &super::Mediator, ctx: &Inbound, e: HandleError) -> HandleError {
     let report = json!({
         "id": crate::didcomm::message::new_id(),
         "type": format!("{PREFIX}report-problem/2.0/problem-report"),
-        "pthid": ctx.thid(),
+        "pthid": ctx.shown_thid(),
         "from": m.v2.did,
         "to": [sender],
         "created_time": now_ms() / 1000,
         "body": { "code": code, "comment": e.reason() },
     });
-    tracing::info!(sender = %sender, r#type = %ctx.type_str, code, "v2 refused: {e}");
+    tracing::info!(sender = %sender, r#type = %ctx.shown_type(), code, "v2 refused: {e}");
     let mut conn = ctx.conn.clone().unwrap_or_else(|| ephemeral(sender));
     remember_dialect(&mut conn, ctx.dialect);
     match pack(m, &conn, &report) {
@@ -494,7 +527,8 @@ fn refusal(m: &super::Mediator, ctx: &Inbound, e: HandleError) -> HandleError {
     }
 }
 
-/// Packs a plaintext v2 message for a v2 connection: authcrypt from the mediator's X25519
+/// Packs a plaintext v2 message for a v2 connection (queued payloads embedded by [`raw`]
+/// written as they are): authcrypt from the mediator's X25519
 /// key to the peer DID's X25519 keyAgreement keys (A256CBC-HS512; the 1PU KDF with or without
 /// the tag, as the peer wrote it); anoncrypt (A256CBC-HS512) to the first key's curve when
 /// the peer has no X25519 key.
@@ -514,12 +548,13 @@ pub fn pack(m: &super::Mediator, conn: &Connection, msg: &Value) -> Result<Vec<u
         .filter(|(_, k)| k.algorithm() == KeyAlg::X25519)
         .cloned()
         .collect();
-    let body = serde_json::to_vec(msg).map_err(|e| HandleError::Internal(e.to_string()))?;
+    // Queued payloads in it are written as they are ([`raw`]); encrypted in this buffer.
+    let body = raw::to_vec(msg, dv2::jwe::PACK_ROOM).map_err(|e| HandleError::Internal(e.to_string()))?;
     let packed = if x.is_empty() {
         let curve = first.1.algorithm();
         let same: Vec<(String, Key)> = all.iter().filter(|(_, k)| k.algorithm() == curve).cloned().collect();
-        dv2::jwe::pack(
-            &body,
+        dv2::jwe::pack_owned(
+            body,
             &same,
             None,
             Dialect {
@@ -530,8 +565,8 @@ pub fn pack(m: &super::Mediator, conn: &Connection, msg: &Value) -> Result<Vec<u
         )
     } else {
         let tag_in_kdf = conn.extra[EXTRA_TAG_IN_KDF].as_bool().unwrap_or(true);
-        dv2::jwe::pack(
-            &body,
+        dv2::jwe::pack_owned(
+            body,
             &x,
             Some((&m.v2.agreement_kid, &m.v2.agreement)),
             Dialect {

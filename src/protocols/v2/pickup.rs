@@ -7,7 +7,7 @@
 
 use super::recipient::Recipient;
 use super::Inbound;
-use crate::protocols::pickup::{ack_received, attachment_data, external_id, lease_batch};
+use crate::protocols::pickup::{ack_received, external_id, lease_batch};
 use crate::protocols::{now_ms, HandleError, Mediator, Outcome, TransportKind};
 use crate::store::{Connection, MediationState, QueuedMessage};
 use serde_json::{json, Value};
@@ -27,10 +27,7 @@ pub async fn handle(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError>
         "delivery-request" => delivery_request(m, ctx, &conn).await,
         "messages-received" => messages_received(m, ctx, &conn).await,
         "live-delivery-change" => live_delivery_change(m, ctx, &conn).await,
-        _ => Err(HandleError::BadMessage(format!(
-            "unsupported message type {:?}",
-            ctx.type_str
-        ))),
+        _ => Err(ctx.unsupported()),
     }
 }
 
@@ -78,8 +75,10 @@ async fn status(m: &Mediator, ctx: &Inbound, conn: &Connection, live: Option<boo
     Ok(ctx.reply(m, "status", body))
 }
 
+/// A queued message as a delivery's attachment: its payload embedded as it is ([`super::raw`]),
+/// never as a tree of its JSON.
 fn attachment(q: &QueuedMessage) -> Value {
-    json!({ "id": external_id(q.id), "media_type": crate::didcomm::v2::TYP_ENCRYPTED, "data": attachment_data(&q.payload, true) })
+    json!({ "id": external_id(q.id), "media_type": crate::didcomm::v2::TYP_ENCRYPTED, "data": super::raw::attachment_data(&q.payload) })
 }
 
 /// A standalone `delivery` pushed in live mode.

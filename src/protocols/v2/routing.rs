@@ -9,11 +9,13 @@
 use super::recipient::{is_long_form_of, refuse_control_characters, Recipient};
 use super::Inbound;
 use crate::didcomm::keys::{normalize_verkey, parse_verkey, verkey_to_did_key};
-use crate::didcomm::v2::{did, keys};
+use crate::didcomm::v2::{did, json, keys};
 use crate::protocols::{now_ms, ForwardResult, Handed, HandleError, Mediator, Outcome};
 use crate::store::{MessageId, NewMessage, QueuedMessage, StoreError};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 
 /// Most attachments queued from one forward.
 pub const MAX_ATTACHMENTS: usize = 16;
@@ -193,6 +195,69 @@ fn earliest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
     }
 }
 
+/// A forward's `attachments`, read from its plaintext as sent: no JSON tree of them is built
+/// (a megabyte of `[0,0,...]` read as one takes 16-32 megabytes, from anyone).
+#[derive(serde::Deserialize)]
+struct ForwardIn<'a> {
+    #[serde(borrow)]
+    attachments: Option<&'a RawValue>,
+}
+
+/// An attachment's `data`, as sent.
+#[derive(serde::Deserialize, Default)]
+struct DataIn<'a> {
+    #[serde(borrow)]
+    json: Option<&'a RawValue>,
+    #[serde(borrow)]
+    base64: Option<&'a RawValue>,
+}
+
+/// An attachment of a forward, as sent.
+#[derive(serde::Deserialize, Default)]
+struct AttachmentIn<'a> {
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// What a forward queues: each attachment's `data.json` (an object) as the sender wrote it,
+/// byte for byte (never a re-serialization) and borrowed from the plaintext, or its
+/// `data.base64` decoded.
+fn attachment_payloads(plaintext: &[u8]) -> Result<Vec<Cow<'_, [u8]>>, HandleError> {
+    let f: ForwardIn =
+        serde_json::from_slice(plaintext).map_err(|e| HandleError::BadMessage(format!("forward: {e}")))?;
+    let atts = f
+        .attachments
+        .and_then(|a| json::list(a, MAX_ATTACHMENTS))
+        .filter(|l| l.len > 0)
+        .ok_or_else(|| HandleError::BadMessage("forward has no attachments".into()))?;
+    if atts.len > MAX_ATTACHMENTS {
+        return Err(HandleError::BadMessage(format!(
+            "at most {MAX_ATTACHMENTS} attachments per forward"
+        )));
+    }
+    atts.first.into_iter().map(attachment_payload).collect()
+}
+
+/// One attachment's payload: `data.json` if it is an object, else `data.base64` if it is a
+/// string.
+fn attachment_payload(a: &RawValue) -> Result<Cow<'_, [u8]>, HandleError> {
+    let neither = || HandleError::BadMessage("forward attachment has neither data.json nor data.base64".into());
+    let a: AttachmentIn = json::object_or_default(a).map_err(|_| neither())?;
+    let data: DataIn = a
+        .data
+        .map(json::object_or_default)
+        .transpose()
+        .map_err(|_| neither())?
+        .unwrap_or_default();
+    match (data.json.filter(|j| json::is_object(j)), json::opt_str(data.base64)) {
+        (Some(j), _) => Ok(Cow::Borrowed(j.get().as_bytes())),
+        (None, Some(b)) => crate::didcomm::b64::decode(&b)
+            .map(Cow::Owned)
+            .ok_or_else(|| HandleError::BadMessage("forward attachment base64 is not base64".into())),
+        (None, None) => Err(neither()),
+    }
+}
+
 pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     let next = ctx.msg["body"]["next"]
         .as_str()
@@ -210,32 +275,7 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
             )));
         }
     }
-    let atts = ctx.msg["attachments"]
-        .as_array()
-        .filter(|a| !a.is_empty())
-        .ok_or_else(|| HandleError::BadMessage("forward has no attachments".into()))?;
-    if atts.len() > MAX_ATTACHMENTS {
-        return Err(HandleError::BadMessage(format!(
-            "at most {MAX_ATTACHMENTS} attachments per forward"
-        )));
-    }
-    let mut payloads = Vec::with_capacity(atts.len());
-    for a in atts {
-        let data = &a["data"];
-        let p = match (data.get("json"), data.get("base64").and_then(Value::as_str)) {
-            (Some(j @ Value::Object(_)), _) => {
-                serde_json::to_vec(j).map_err(|e| HandleError::Internal(e.to_string()))?
-            }
-            (_, Some(b)) => crate::didcomm::b64::decode(b)
-                .ok_or_else(|| HandleError::BadMessage("forward attachment base64 is not base64".into()))?,
-            _ => {
-                return Err(HandleError::BadMessage(
-                    "forward attachment has neither data.json nor data.base64".into(),
-                ))
-            }
-        };
-        payloads.push(p);
-    }
+    let payloads = attachment_payloads(&ctx.plaintext)?;
     // As routing 1.0: a cached route refused at queue time (`NoRoute`) is looked up again once.
     let mut tries = 0;
     let queued = loop {
@@ -253,7 +293,7 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
                 recipient_key: recipient.clone(),
                 dedup_key: Some(Sha256::digest(payload).into()),
                 expires_at_ms: earliest(forward_expires, attachment_expires_ms(payload)),
-                payload: payload.clone(),
+                payload: payload.to_vec(),
                 received_at_ms: now,
                 lease: handoff.as_ref().map(|(_, l)| l.clone()),
             })
@@ -306,7 +346,7 @@ pub async fn forward(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
                 id: e.id,
                 connection: conn.clone(),
                 recipient_key: recipient.clone(),
-                payload,
+                payload: payload.into_owned(),
                 received_at_ms: now,
                 attempts: 1,
             });
@@ -355,6 +395,53 @@ mod tests {
 
     fn hit(c: &str, form: &str) -> Option<(String, String)> {
         Some((c.to_string(), form.to_string()))
+    }
+
+    fn forward_with(attachments: &str) -> Vec<u8> {
+        format!(r#"{{"id": "f", "type": "https://didcomm.org/routing/2.0/forward", "attachments": {attachments}}}"#)
+            .into_bytes()
+    }
+
+    fn refusal(plaintext: &[u8]) -> String {
+        match attachment_payloads(plaintext) {
+            Err(HandleError::BadMessage(why)) => why,
+            other => panic!("{:?}", other.map(|p| p.len())),
+        }
+    }
+
+    #[test]
+    fn a_forward_queues_each_attachment_as_the_sender_wrote_it() {
+        // Not in serde_json's key order, with spaces: a re-serialization would change it.
+        let jwe = r#"{ "protected": "p", "iv": "i",  "ciphertext": "c", "tag": "t" }"#;
+        let b64 = crate::didcomm::b64::encode(b"opaque");
+        let pt = forward_with(&format!(
+            r#"[{{"id": "a", "data": {{"json": {jwe}}}}}, {{"data": {{"json": "s", "base64": "{b64}"}}}}]"#
+        ));
+        let got = attachment_payloads(&pt).unwrap();
+        assert_eq!(got.len(), 2);
+        assert!(matches!(&got[0], Cow::Borrowed(b) if *b == jwe.as_bytes()));
+        assert_eq!(&*got[1], b"opaque");
+    }
+
+    #[test]
+    fn a_forward_without_attachments_it_can_queue_is_refused() {
+        for (atts, why) in [
+            ("[]", "no attachments"),
+            ("null", "no attachments"),
+            (r#"{"data": {}}"#, "no attachments"),
+            ("[7]", "neither data.json nor data.base64"),
+            (r#"[["data"]]"#, "neither data.json nor data.base64"),
+            (r#"[{"data": {"json": [1]}}]"#, "neither data.json nor data.base64"),
+            (r#"[{"data": 7}]"#, "neither data.json nor data.base64"),
+            (r#"[{"data": {"base64": "!!"}}]"#, "not base64"),
+        ] {
+            let got = refusal(&forward_with(atts));
+            assert!(got.contains(why), "{atts}: {got}");
+        }
+        let many = format!("[{}]", vec![r#"{"data": {"json": {}}}"#; MAX_ATTACHMENTS + 1].join(","));
+        assert!(refusal(&forward_with(&many)).contains("at most 16"));
+        let no_member = br#"{"id": "f", "type": "https://didcomm.org/routing/2.0/forward"}"#;
+        assert!(refusal(no_member).contains("no attachments"));
     }
 
     #[actix_rt::test]

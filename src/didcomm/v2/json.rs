@@ -1,0 +1,330 @@
+//! Reading JSON from the network without building what it describes: a `serde_json::Value`
+//! costs 32 bytes a value, so `[0,0,0,...]` (two bytes a value) read as a tree takes 16 to 32
+//! times its own size, and anyone can send one. Envelopes and messages are read here as typed
+//! fields borrowed from the bytes ([`RawValue`]: checked to be JSON, never built), as lists
+//! of which only the first few elements are kept ([`list`]), or as a tree with a bounded
+//! number of values ([`object_without`], [`value_within`]).
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::cell::Cell;
+use std::fmt;
+
+/// A JSON value's string, if it is one: borrowed from the input unless it holds escapes.
+/// Anything else (a number, an object, `null`) is `None`, as `Value::as_str` reads it.
+pub fn str_of(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let s = raw.get();
+    if !s.starts_with('"') {
+        return None;
+    }
+    match serde_json::from_str::<&str>(s) {
+        Ok(b) => Some(Cow::Borrowed(b)),
+        Err(_) => serde_json::from_str::<String>(s).ok().map(Cow::Owned),
+    }
+}
+
+/// [`str_of`] a member that may be absent.
+pub fn opt_str<'a>(raw: Option<&'a RawValue>) -> Option<Cow<'a, str>> {
+    raw.and_then(str_of)
+}
+
+/// Whether JSON text (checked to be JSON already) is an object.
+pub fn is_object(raw: &RawValue) -> bool {
+    raw.get().starts_with('{')
+}
+
+/// `raw` read as the struct `T` if it is a JSON object, else `T`'s default (every member
+/// absent): serde's derived structs would read an array's elements as their members.
+pub fn object_or_default<'a, T: serde::Deserialize<'a> + Default>(raw: &'a RawValue) -> serde_json::Result<T> {
+    if is_object(raw) {
+        serde_json::from_str(raw.get())
+    } else {
+        Ok(T::default())
+    }
+}
+
+/// Whether `bytes` start (after whitespace) as a JSON object does. serde's derived structs
+/// also read an array as a struct's fields in order: a message or an envelope is an object.
+pub fn looks_like_object(bytes: &[u8]) -> bool {
+    bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
+/// The first elements of a JSON array, and how many it holds.
+pub struct List<'a> {
+    /// At most the `keep` first elements, as sent.
+    pub first: Vec<&'a RawValue>,
+    /// How many elements the array holds (those past `keep` counted, never kept).
+    pub len: usize,
+}
+
+/// `raw` read as a list keeping its `keep` first elements; `None` if it is not an array. The
+/// rest are skipped (their count is known): a list of a million elements costs no million
+/// entries before its length is refused.
+pub fn list(raw: &RawValue, keep: usize) -> Option<List<'_>> {
+    struct Keep(usize);
+    impl<'de> Visitor<'de> for Keep {
+        type Value = List<'de>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<List<'de>, A::Error> {
+            let mut out = List {
+                first: Vec::new(),
+                len: 0,
+            };
+            loop {
+                let more = if out.first.len() < self.0 {
+                    seq.next_element::<&'de RawValue>()?.map(|r| out.first.push(r))
+                } else {
+                    seq.next_element::<IgnoredAny>()?.map(|_| ())
+                };
+                if more.is_none() {
+                    return Ok(out);
+                }
+                out.len += 1;
+            }
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    let l = de::Deserializer::deserialize_seq(&mut de, Keep(keep)).ok()?;
+    de.end().ok()?;
+    Some(l)
+}
+
+/// Why JSON was not read into a tree.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TreeError {
+    #[error("not JSON: {0}")]
+    NotJson(String),
+    #[error("not a JSON object")]
+    NotObject,
+    #[error("more than {0} JSON values")]
+    TooManyValues(usize),
+}
+
+/// A JSON object read into a map, with at most `max_values` values in all: every member but
+/// `skip`, whose value is checked to be JSON and never built (a forward's attachments: read as
+/// sent where they are used).
+pub fn object_without(bytes: &[u8], skip: &str, max_values: usize) -> Result<Map<String, Value>, TreeError> {
+    if !looks_like_object(bytes) {
+        return Err(match serde_json::from_slice::<IgnoredAny>(bytes) {
+            Ok(_) => TreeError::NotObject,
+            Err(e) => TreeError::NotJson(e.to_string()),
+        });
+    }
+    let budget = Budget::new(max_values);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let read = de::Deserializer::deserialize_map(&mut de, Members { skip, budget: &budget }).and_then(|m| {
+        de.end()?;
+        Ok(m)
+    });
+    read.map_err(|e| budget.error(max_values, e))
+}
+
+/// Any JSON value read into a tree of at most `max_values` values; `None` if it is not JSON or
+/// holds more.
+pub fn value_within(bytes: &[u8], max_values: usize) -> Option<Value> {
+    let budget = Budget::new(max_values);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let v = Bounded(&budget).deserialize(&mut de).ok()?;
+    de.end().ok()?;
+    Some(v)
+}
+
+/// The values a tree may still take, and whether one more was refused.
+struct Budget {
+    left: Cell<usize>,
+    exceeded: Cell<bool>,
+}
+
+impl Budget {
+    fn new(max: usize) -> Budget {
+        Budget {
+            left: Cell::new(max),
+            exceeded: Cell::new(false),
+        }
+    }
+
+    /// Counts one value, or refuses it.
+    fn take<E: de::Error>(&self) -> Result<(), E> {
+        match self.left.get().checked_sub(1) {
+            Some(n) => {
+                self.left.set(n);
+                Ok(())
+            }
+            None => {
+                self.exceeded.set(true);
+                Err(E::custom("too many JSON values"))
+            }
+        }
+    }
+
+    fn error(&self, max: usize, e: serde_json::Error) -> TreeError {
+        if self.exceeded.get() {
+            TreeError::TooManyValues(max)
+        } else {
+            TreeError::NotJson(e.to_string())
+        }
+    }
+}
+
+/// The members of the top-level object, but `skip`.
+struct Members<'b> {
+    skip: &'b str,
+    budget: &'b Budget,
+}
+
+impl<'de> Visitor<'de> for Members<'_> {
+    type Value = Map<String, Value>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        self.budget.take()?;
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if key == self.skip {
+                map.next_value::<IgnoredAny>()?;
+            } else {
+                let v = map.next_value_seed(Bounded(self.budget))?;
+                out.insert(key, v);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One value of a tree, counted against the budget (serde_json bounds its depth).
+#[derive(Clone, Copy)]
+struct Bounded<'b>(&'b Budget);
+
+impl<'de> DeserializeSeed<'de> for Bounded<'_> {
+    type Value = Value;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Bounded<'_> {
+    type Value = Value;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<Value, E> {
+        self.0.take()?;
+        Ok(Value::Bool(b))
+    }
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Value, E> {
+        self.0.take()?;
+        Ok(Value::from(n))
+    }
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Value, E> {
+        self.0.take()?;
+        Ok(Value::from(n))
+    }
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Value, E> {
+        self.0.take()?;
+        Ok(Value::from(n))
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Value, E> {
+        self.0.take()?;
+        Ok(Value::String(s.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, s: String) -> Result<Value, E> {
+        self.0.take()?;
+        Ok(Value::String(s))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        self.0.take()?;
+        Ok(Value::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+        self.visit_unit()
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.0.take()?;
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(self)? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.0.take()?;
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let v = map.next_value_seed(self)?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn raw(s: &str) -> &RawValue {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn a_string_is_borrowed_unless_escaped_and_anything_else_is_none() {
+        assert!(matches!(str_of(raw(r#""abc""#)), Some(Cow::Borrowed("abc"))));
+        assert_eq!(str_of(raw(r#""a\nb""#)).as_deref(), Some("a\nb"));
+        for not in ["7", "null", "{}", r#"["a"]"#, "true"] {
+            assert_eq!(str_of(raw(not)), None, "{not}");
+        }
+    }
+
+    #[test]
+    fn a_list_keeps_its_first_elements_and_counts_the_rest() {
+        let l = list(raw(r#"[1, {"a": [2]}, 3, 4]"#), 2).unwrap();
+        assert_eq!(l.len, 4);
+        assert_eq!(
+            l.first.iter().map(|r| r.get()).collect::<Vec<_>>(),
+            ["1", r#"{"a": [2]}"#]
+        );
+        assert_eq!(list(raw("[]"), 2).unwrap().len, 0);
+        assert!(list(raw(r#"{"a": 1}"#), 2).is_none());
+        assert!(list(raw(r#""[]""#), 2).is_none());
+    }
+
+    #[test]
+    fn an_object_is_read_without_its_skipped_member_and_within_its_budget() {
+        let text = br#"{"type": "t", "body": {"n": [1, 2]}, "attachments": [[[0, 0, 0]]]}"#;
+        let m = object_without(text, "attachments", 6).unwrap();
+        assert_eq!(Value::Object(m), json!({"type": "t", "body": {"n": [1, 2]}}));
+        // Six values: the object, "t", the body, its list and two numbers.
+        assert_eq!(object_without(text, "attachments", 5), Err(TreeError::TooManyValues(5)));
+        // The skipped member is still checked to be JSON.
+        assert!(matches!(
+            object_without(br#"{"attachments": [1,}"#, "attachments", 7),
+            Err(TreeError::NotJson(_))
+        ));
+        assert_eq!(object_without(b" [1, 2]", "x", 7), Err(TreeError::NotObject));
+        assert!(matches!(object_without(b"nope", "x", 7), Err(TreeError::NotJson(_))));
+        assert!(matches!(
+            object_without(br#"{"a": 1} x"#, "x", 7),
+            Err(TreeError::NotJson(_))
+        ));
+    }
+
+    #[test]
+    fn a_value_within_its_budget_is_read_and_a_larger_one_is_not() {
+        let zeros = format!("{{\"a\": [{}0]}}", "0,".repeat(99));
+        assert_eq!(
+            value_within(zeros.as_bytes(), 102).unwrap()["a"]
+                .as_array()
+                .unwrap()
+                .len(),
+            100
+        );
+        assert_eq!(value_within(zeros.as_bytes(), 101), None);
+        assert_eq!(value_within(b"\"s\"", 1), Some(json!("s")));
+        assert_eq!(value_within(b"{", 10), None);
+    }
+}

@@ -1,0 +1,124 @@
+//! Queued payloads inside v2 replies as the JSON text they are, never as a tree: a delivery
+//! embeds each queued JWE as its attachment's `data.json`, and a payload read into a
+//! `serde_json::Value` costs 16-32 times its bytes (a 4 MiB attachment of `[0,0,...]`, queued
+//! by anyone, became 64-128 MB each time it was delivered).
+//!
+//! Replies are `Value`s (every transport packs them through [`super::pack`]), so the text rides
+//! in one as a marked string, [`json`], and [`to_vec`] writes it in place, as it is, when the
+//! reply is packed. Owns that marking only; what is embedded is the callers' choice.
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::value::RawValue;
+use serde_json::{json, Map, Value};
+
+/// The one member of an object standing for JSON text written in its place. No peer's object
+/// is ever put in a reply, and the text is checked to be JSON again when it is written.
+const MARK: &str = "$mailroom:raw-json";
+
+/// `text` (JSON, checked) as a value of a reply being built, written as it is by [`to_vec`].
+pub fn json(text: &RawValue) -> Value {
+    json!({ MARK: text.get() })
+}
+
+/// A queued payload as a v2 attachment's `data`: `json`, the payload as it is, when it is a
+/// JSON object (a JWE, as every sender forwards one); else unpadded base64url. Checked to be
+/// JSON without building it.
+pub fn attachment_data(payload: &[u8]) -> Value {
+    match serde_json::from_slice::<&RawValue>(payload) {
+        Ok(raw) if raw.get().starts_with('{') => json!({ "json": json(raw) }),
+        _ => json!({ "base64": crate::didcomm::b64::encode(payload) }),
+    }
+}
+
+/// A reply serialized as `serde_json::to_vec` would, each [`json`] written as its text, into a
+/// buffer of exactly its length plus `spare` bytes of capacity (measured first: growing a
+/// buffer of megabytes by doubling copies it and leaves up to twice its size allocated).
+pub fn to_vec(msg: &Value, spare: usize) -> serde_json::Result<Vec<u8>> {
+    let mut len = Count(0);
+    serde_json::to_writer(&mut len, &Spliced(msg))?;
+    let mut out = Vec::with_capacity(len.0 + spare);
+    serde_json::to_writer(&mut out, &Spliced(msg))?;
+    Ok(out)
+}
+
+/// The text a value stands for, if it is a marked one holding JSON.
+fn text_of(m: &Map<String, Value>) -> Option<&RawValue> {
+    match (m.len(), m.get(MARK)) {
+        (1, Some(Value::String(s))) => serde_json::from_str::<&RawValue>(s).ok(),
+        _ => None,
+    }
+}
+
+/// A value serialized with its marked texts written as they are.
+struct Spliced<'a>(&'a Value);
+
+impl Serialize for Spliced<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::Object(m) => match text_of(m) {
+                Some(text) => text.serialize(s),
+                None => {
+                    let mut map = s.serialize_map(Some(m.len()))?;
+                    for (k, v) in m {
+                        map.serialize_entry(k, &Spliced(v))?;
+                    }
+                    map.end()
+                }
+            },
+            Value::Array(a) => s.collect_seq(a.iter().map(Spliced)),
+            v => v.serialize(s),
+        }
+    }
+}
+
+/// An `io::Write` that only counts.
+struct Count(usize);
+
+impl std::io::Write for Count {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0 += b.len();
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_is_written_byte_for_byte_where_a_tree_of_it_would_be() {
+        // Not in serde_json's key order, with spaces: a tree would sort and compact it.
+        let jwe = br#"{ "protected": "p", "iv": "i", "ciphertext": "c", "tag": "t" }"#;
+        let reply = json!({ "id": "1", "attachments": [{ "id": "a", "data": attachment_data(jwe) }] });
+        let out = to_vec(&reply, 0).unwrap();
+        let want = format!(
+            r#"{{"attachments":[{{"data":{{"json":{}}},"id":"a"}}],"id":"1"}}"#,
+            std::str::from_utf8(jwe).unwrap()
+        );
+        assert_eq!(String::from_utf8(out.clone()).unwrap(), want);
+        assert_eq!(out.capacity(), out.len());
+        // Read back, it is the payload's own JSON.
+        let back: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(back["attachments"][0]["data"]["json"]["ciphertext"], "c");
+        // A reply without any is what serde_json writes.
+        let plain = json!({ "b": [1, "x", null], "a": { "c": true } });
+        assert_eq!(to_vec(&plain, 8).unwrap(), serde_json::to_vec(&plain).unwrap());
+    }
+
+    #[test]
+    fn what_is_not_a_json_object_is_embedded_as_base64() {
+        for p in [&b"[1, 2]"[..], b"\"s\"", b"not json", b"{\"a\": 1", &[0xff, 0xfe]] {
+            let d = attachment_data(p);
+            assert_eq!(d["base64"], crate::didcomm::b64::encode(p), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn a_marked_string_that_is_not_json_is_written_as_the_object_it_is() {
+        let forged = json!({ "x": { MARK: "{not json" } });
+        assert_eq!(to_vec(&forged, 0).unwrap(), serde_json::to_vec(&forged).unwrap());
+    }
+}
