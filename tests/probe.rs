@@ -194,10 +194,10 @@ impl Store for AckRemovesNothing {
     mailroom::store_pass_through!(inner:
         backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
         use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
-        list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease,
+        list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, lease_upto,
         release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued,
         connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
-        lease_for_key, pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
+        lease_for_key, lease_for_key_upto, pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
         forget_device_token, push_event, push_take_due, push_done, delete_connection, delete_unmediated, revoke_mediation,
         first_sight, forget_sight, prune_sights,
         drop_queue, top_queues,
@@ -226,10 +226,10 @@ impl Store for KeyAddsFail {
     mailroom::store_pass_through!(inner:
         backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
         use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
-        list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, ack_leased,
+        list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, lease_upto, ack_leased,
         release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued,
         connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
-        lease_for_key, pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
+        lease_for_key, lease_for_key_upto, pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
         forget_device_token, push_event, push_take_due, push_done, delete_connection, delete_unmediated, revoke_mediation,
         first_sight, forget_sight, prune_sights,
         drop_queue, top_queues,
@@ -311,13 +311,13 @@ impl Store for FilterIgnoresConn {
     mailroom::store_pass_through!(inner:
         backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
         use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
-        list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease,
+        list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, lease_upto,
         ack_leased, release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats,
         total_queued, connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log,
         begin_run, end_run, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
         forget_device_token, push_event, push_take_due, push_done, delete_connection, delete_unmediated, revoke_mediation,
         first_sight, forget_sight, prune_sights,
-        drop_queue, top_queues,
+        drop_queue, top_queues, lease_for_key_upto,
     );
 }
 
@@ -439,7 +439,7 @@ impl Store for LateLeakToB {
         pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
         forget_device_token, push_event, push_take_due, push_done, delete_connection, delete_unmediated, revoke_mediation,
         first_sight, forget_sight, prune_sights,
-        drop_queue, top_queues,
+        drop_queue, top_queues, lease_upto, lease_for_key_upto,
     );
 }
 
@@ -499,7 +499,7 @@ impl Store for NothingLeases {
         pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
         forget_device_token, push_event, push_take_due, push_done, delete_connection, delete_unmediated, revoke_mediation,
         first_sight, forget_sight, prune_sights,
-        drop_queue, top_queues,
+        drop_queue, top_queues, lease_upto, lease_for_key_upto,
     );
 }
 

@@ -1813,9 +1813,9 @@ impl mailroom::store::Store for EventAnswerLost {
     mailroom::store_pass_through!(inner:
         backend, health, identity_get_or_create, put_connection, put_invitation,
         use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
-        list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, ack_leased, release,
+        list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, lease_upto, ack_leased, release,
         release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued, connections_with_pending,
-        pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run, lease_for_key, pending_stats,
+        pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run, lease_for_key, lease_for_key_upto, pending_stats,
         expire, expire_due, oldest_received_ms, flush, set_device, forget_device_token, first_sight, forget_sight,
         prune_sights, push_take_due, update_keys, revoke_mediation, delete_connection, delete_unmediated, drop_queue, top_queues,
     );

@@ -117,6 +117,8 @@ impl Store for Metered {
     ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
         self.timed("enqueue", self.inner.enqueue_routed(msgs, limits)).await
     }
+    // `lease` and `lease_for_key` are passed on as themselves (a store under this one may
+    // have its own), and timed under the same labels as the `_upto` calls.
     async fn lease(
         &self,
         conn: &str,
@@ -127,6 +129,21 @@ impl Store for Metered {
     ) -> StoreResult<Vec<QueuedMessage>> {
         self.timed("lease", self.inner.lease(conn, max, owner, now_ms, until_ms))
             .await
+    }
+    async fn lease_upto(
+        &self,
+        conn: &str,
+        max: usize,
+        max_bytes: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        self.timed(
+            "lease",
+            self.inner.lease_upto(conn, max, max_bytes, owner, now_ms, until_ms),
+        )
+        .await
     }
     async fn ack_leased(&self, conn: &str, ids: &[MessageId]) -> StoreResult<Vec<i64>> {
         self.timed("ack", self.inner.ack_leased(conn, ids)).await
@@ -186,6 +203,23 @@ impl Store for Metered {
             "lease_for_key",
             self.inner
                 .lease_for_key(conn, recipient_key, max, owner, now_ms, until_ms),
+        )
+        .await
+    }
+    async fn lease_for_key_upto(
+        &self,
+        conn: &str,
+        recipient_key: &str,
+        max: usize,
+        max_bytes: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        self.timed(
+            "lease_for_key",
+            self.inner
+                .lease_for_key_upto(conn, recipient_key, max, max_bytes, owner, now_ms, until_ms),
         )
         .await
     }

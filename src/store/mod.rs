@@ -400,7 +400,7 @@ pub struct Enqueued {
     pub duplicate: bool,
 }
 
-/// A message handed out by [`Store::lease`].
+/// A message handed out by [`Store::lease_upto`] (and [`Store::lease`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct QueuedMessage {
     pub id: MessageId,
@@ -619,11 +619,30 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<StoreResult<Enqueued>>>;
 
     /// Leases up to `max` pending messages of `conn`, oldest first, to `owner` until `until_ms`.
-    /// Concurrent leasers (tasks or nodes) never get the same message.
+    /// Concurrent leasers (tasks or nodes) never get the same message. Bounded by count only:
+    /// [`Store::lease_upto`] with no byte budget.
     async fn lease(
         &self,
         conn: &str,
         max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        self.lease_upto(conn, max, usize::MAX, owner, now_ms, until_ms).await
+    }
+    /// As [`Store::lease`], stopping before the first message whose payload would take the
+    /// payload bytes leased past `max_bytes`, but always leasing one message when any is
+    /// pending (a message larger than `max_bytes` goes alone). A delivery holds what it leases
+    /// in memory, and copies it as it packs it: counted in messages only, one delivery-request
+    /// could load a whole queue (limits.max_queue_bytes) of large payloads. The messages after
+    /// the stop are not leased, not read and their attempts not counted; being oldest first,
+    /// the stop never skips a message to take a smaller one behind it.
+    async fn lease_upto(
+        &self,
+        conn: &str,
+        max: usize,
+        max_bytes: usize,
         owner: &str,
         now_ms: i64,
         until_ms: i64,
@@ -782,12 +801,29 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- pickup filters (pickup 2.0 `recipient_key`, pickup 3.0 `recipient_did`) ----
 
-    /// As [`Store::lease`], only messages of `conn` queued for `recipient_key`.
+    /// As [`Store::lease`], only messages of `conn` queued for `recipient_key`: bounded by
+    /// count only, [`Store::lease_for_key_upto`] with no byte budget.
     async fn lease_for_key(
         &self,
         conn: &str,
         recipient_key: &str,
         max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        self.lease_for_key_upto(conn, recipient_key, max, usize::MAX, owner, now_ms, until_ms)
+            .await
+    }
+    /// As [`Store::lease_upto`], only messages of `conn` queued for `recipient_key`: the
+    /// budget counts those alone, and messages for other keys are never touched.
+    #[allow(clippy::too_many_arguments)]
+    async fn lease_for_key_upto(
+        &self,
+        conn: &str,
+        recipient_key: &str,
+        max: usize,
+        max_bytes: usize,
         owner: &str,
         now_ms: i64,
         until_ms: i64,

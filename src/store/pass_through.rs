@@ -112,10 +112,19 @@ macro_rules! store_pass_through {
             (msgs: Vec<$crate::store::NewMessage>, limits: &'a $crate::store::EnqueueLimits) ['a]
             -> Vec<$crate::store::StoreResult<$crate::store::Enqueued>>);
     };
+    // `lease` and `lease_for_key` are provided (they call the `_upto` methods with no byte
+    // budget). A wrapper passes them as well as the `_upto` ones: left to the provided
+    // methods, a call of them would go to the wrapped store's `_upto` method and miss a
+    // `lease` of its own (a test's wrapper under this one).
     (@method $i:ident lease) => {
         $crate::store_pass_through!(@fn $i lease
             (conn: &'a str, max: usize, owner: &'b str, now_ms: i64, until_ms: i64) ['a, 'b]
             -> Vec<$crate::store::QueuedMessage>);
+    };
+    (@method $i:ident lease_upto) => {
+        $crate::store_pass_through!(@fn $i lease_upto
+            (conn: &'a str, max: usize, max_bytes: usize, owner: &'b str, now_ms: i64, until_ms: i64)
+            ['a, 'b] -> Vec<$crate::store::QueuedMessage>);
     };
     (@method $i:ident ack_leased) => {
         $crate::store_pass_through!(@fn $i ack_leased
@@ -215,6 +224,12 @@ macro_rules! store_pass_through {
     (@method $i:ident lease_for_key) => {
         $crate::store_pass_through!(@fn $i lease_for_key
             (conn: &'a str, recipient_key: &'b str, max: usize, owner: &'c str, now_ms: i64, until_ms: i64)
+            ['a, 'b, 'c] -> Vec<$crate::store::QueuedMessage>);
+    };
+    (@method $i:ident lease_for_key_upto) => {
+        $crate::store_pass_through!(@fn $i lease_for_key_upto
+            (conn: &'a str, recipient_key: &'b str, max: usize, max_bytes: usize, owner: &'c str,
+             now_ms: i64, until_ms: i64)
             ['a, 'b, 'c] -> Vec<$crate::store::QueuedMessage>);
     };
     (@method $i:ident pending_stats) => {

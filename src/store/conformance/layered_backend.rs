@@ -96,3 +96,78 @@ async fn a_stale_route_refused_forgets_the_holders_other_routes() {
         "read again, not the stale a"
     );
 }
+
+/// A store whose own `lease` and `lease_for_key` count their calls (as a test's fault injector
+/// holds or hides them): the rest is the store it wraps.
+struct CountsLeases {
+    inner: Arc<dyn Store>,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Store for CountsLeases {
+    async fn lease(
+        &self,
+        conn: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.lease(conn, max, owner, now_ms, until_ms).await
+    }
+    async fn lease_for_key(
+        &self,
+        conn: &str,
+        recipient_key: &str,
+        max: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner
+            .lease_for_key(conn, recipient_key, max, owner, now_ms, until_ms)
+            .await
+    }
+    crate::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease_upto,
+        ack_leased, release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats,
+        total_queued, connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log,
+        begin_run, end_run, lease_for_key_upto, pending_stats, expire, expire_due, oldest_received_ms, flush,
+        device_of, set_device, forget_device_token, push_event, push_take_due, push_done, first_sight,
+        forget_sight, prune_sights, delete_connection, delete_unmediated, revoke_mediation, drop_queue,
+        top_queues,
+    );
+}
+
+/// `lease` and `lease_for_key` are provided methods (no byte budget), yet the node's wrappers
+/// pass them on as themselves: a store under the stack with a `lease` of its own (the tests'
+/// fault injectors) still gets the calls made to `lease`, while `lease_upto` reaches the
+/// store's own `lease_upto`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_s_wrappers_pass_lease_on_as_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let counted = Arc::new(CountsLeases {
+        inner: sled_backend::SledBackend { dir }.open().await,
+        calls: Default::default(),
+    });
+    let stack = route_cache::RouteCache::wrap(metered::Metered::wrap(counted.clone(), metered::latency_family()));
+    let c = new_conn(&counted.inner).await;
+    let id = enqueue_ok(&counted.inner, (0..3).map(|i| msg(&c, &format!("m{i}"), T0)).collect()).await;
+    let calls = || counted.calls.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        ids(&stack.lease(&c, 1, "o", T0, T0 + 1_000).await.unwrap()),
+        vec![id[0]]
+    );
+    let key = format!("rk-{c}");
+    let l = stack.lease_for_key(&c, &key, 1, "o", T0, T0 + 1_000).await.unwrap();
+    assert_eq!(ids(&l), vec![id[1]]);
+    assert_eq!(calls(), 2);
+    let l = stack.lease_upto(&c, 10, 1, "o", T0, T0 + 1_000).await.unwrap();
+    assert_eq!(ids(&l), vec![id[2]]);
+    assert_eq!(calls(), 2, "lease_upto is a method of its own");
+}

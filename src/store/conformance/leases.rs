@@ -480,6 +480,115 @@ pub async fn recipient_key_filters(b: Arc<dyn Backend>) {
     assert_eq!(s.release_owner("o").await.unwrap(), 2);
 }
 
+const KIB: usize = 1024;
+
+/// A message of `kib` KiB of payload for recipient key `key`.
+fn of_kib(conn: &str, key: &str, kib: usize, at: i64) -> NewMessage {
+    NewMessage {
+        recipient_key: key.to_owned(),
+        payload: vec![b'x'; kib * KIB],
+        ..msg(conn, "", at)
+    }
+}
+
+/// Payload sizes of a lease, in KiB, and whether each is its first delivery.
+fn kib_first(v: &[QueuedMessage]) -> Vec<(usize, bool)> {
+    v.iter().map(|m| (m.payload.len() / KIB, m.attempts == 1)).collect()
+}
+
+/// A lease with a byte budget (a pickup's delivery holds what it leases in memory) takes its
+/// messages oldest first and stops before the one that would take the payload bytes past the
+/// budget; a message larger than the budget still goes, alone. What it did not take is left
+/// pending and untouched (its attempts are not counted), whichever way a message came to be
+/// pending (never leased, released, or its lease ran out).
+pub async fn leases_stop_at_their_byte_budget(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let id = enqueue_ok(&s, [1, 3, 1, 10, 1].map(|k| of_kib(&c, "rk", k, T0)).to_vec()).await;
+    let until = T0 + 1_000;
+    let lease = |budget: usize, now: i64| s.lease_upto(&c, 10, budget, "A", now, until.max(now + 1_000));
+    let l = lease(4 * KIB, T0).await.unwrap();
+    assert_eq!(ids(&l), id[0..2].to_vec(), "1 + 3 KiB: exactly the budget");
+    let st = s.queue_stats(&c, T0).await.unwrap();
+    assert_eq!((st.pending, st.leased), (3, 2), "the rest is left pending");
+    let l = lease(4 * KIB, T0).await.unwrap();
+    assert_eq!(kib_first(&l), vec![(1, true)], "the 10 KiB one would pass the budget");
+    let l = lease(4 * KIB, T0).await.unwrap();
+    assert_eq!(kib_first(&l), vec![(10, true)], "larger than the budget: alone");
+    let l = lease(4 * KIB, T0).await.unwrap();
+    assert_eq!(kib_first(&l), vec![(1, true)]);
+    assert!(lease(4 * KIB, T0).await.unwrap().is_empty());
+    // Released (pending again) and run out (due again) are taken in one order, one budget.
+    assert_eq!(s.release(&c, &[id[1]], "A").await.unwrap(), 1);
+    let l = lease(5 * KIB, until).await.unwrap();
+    assert_eq!(ids(&l), id[0..3].to_vec(), "1 + 3 + 1 KiB");
+    assert!(l.iter().all(|m| m.attempts == 2));
+    let l = lease(5 * KIB, until).await.unwrap();
+    assert_eq!(ids(&l), vec![id[3]]);
+    // The count still bounds a lease, and a budget of nothing still takes one message.
+    let l = s
+        .lease_upto(&c, 1, usize::MAX, "A", until, until + 1_000)
+        .await
+        .unwrap();
+    assert_eq!(ids(&l), vec![id[4]]);
+    s.release_owner("A").await.unwrap();
+    let l = s.lease_upto(&c, 10, 0, "A", until, until + 1_000).await.unwrap();
+    assert_eq!(ids(&l), vec![id[0]]);
+    // No budget: the whole queue.
+    let l = s.lease(&c, 10, "B", until, until + 1_000).await.unwrap();
+    assert_eq!(ids(&l), id[1..].to_vec());
+}
+
+/// As [`leases_stop_at_their_byte_budget`], for one recipient key of a queue holding two: the
+/// budget counts that key's messages alone, and the other key's are never touched.
+pub async fn leases_for_a_key_stop_at_their_byte_budget(b: Arc<dyn Backend>) {
+    let s = b.open().await;
+    let c = new_conn(&s).await;
+    let queued = [
+        ("ka", 1),
+        ("kb", 1),
+        ("ka", 3),
+        ("kb", 10),
+        ("ka", 1),
+        ("ka", 10),
+        ("kb", 1),
+        ("ka", 1),
+    ];
+    let id = enqueue_ok(&s, queued.map(|(k, n)| of_kib(&c, k, n, T0)).to_vec()).await;
+    let lease = |key: &'static str| s.lease_for_key_upto(&c, key, 10, 4 * KIB, "A", T0, T0 + 1_000);
+    let l = lease("ka").await.unwrap();
+    assert_eq!(
+        ids(&l),
+        vec![id[0], id[2]],
+        "1 + 3 KiB of ka; kb's between them do not count"
+    );
+    assert_eq!(s.pending_stats(&c, Some("kb"), T0).await.unwrap().count, 3);
+    let l = lease("ka").await.unwrap();
+    assert_eq!((ids(&l), kib_first(&l)), (vec![id[4]], vec![(1, true)]));
+    let l = lease("ka").await.unwrap();
+    assert_eq!((ids(&l), kib_first(&l)), (vec![id[5]], vec![(10, true)]), "alone");
+    let l = lease("ka").await.unwrap();
+    assert_eq!((ids(&l), kib_first(&l)), (vec![id[7]], vec![(1, true)]));
+    assert!(lease("ka").await.unwrap().is_empty());
+    let st = s.queue_stats(&c, T0).await.unwrap();
+    assert_eq!((st.pending, st.leased), (3, 5), "kb's are all left pending");
+    let l = lease("kb").await.unwrap();
+    assert_eq!(
+        (ids(&l), kib_first(&l)),
+        (vec![id[1]], vec![(1, true)]),
+        "1 + 10 KiB would pass"
+    );
+    let l = lease("kb").await.unwrap();
+    assert_eq!((ids(&l), kib_first(&l)), (vec![id[3]], vec![(10, true)]));
+    let l = lease("kb").await.unwrap();
+    assert_eq!((ids(&l), kib_first(&l)), (vec![id[6]], vec![(1, true)]));
+    assert!(lease("kb").await.unwrap().is_empty());
+    // No budget: every message of the key.
+    s.release_owner("A").await.unwrap();
+    let l = s.lease_for_key(&c, "ka", 10, "B", T0, T0 + 1_000).await.unwrap();
+    assert_eq!(ids(&l), vec![id[0], id[2], id[4], id[5], id[7]]);
+}
+
 pub async fn pending_sweep_and_stats(b: Arc<dyn Backend>) {
     let s = b.open().await;
     let busy = new_conn(&s).await; // everything leased

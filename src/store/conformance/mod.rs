@@ -261,6 +261,14 @@ macro_rules! conformance {
                 backend::run(super::recipient_key_filters).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn leases_stop_at_their_byte_budget() {
+                backend::run(super::leases_stop_at_their_byte_budget).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn leases_for_a_key_stop_at_their_byte_budget() {
+                backend::run(super::leases_for_a_key_stop_at_their_byte_budget).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn dedup_records_are_pruned() {
                 backend::run(super::dedup_records_are_pruned).await
             }

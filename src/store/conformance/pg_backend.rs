@@ -322,6 +322,7 @@ async fn a_lease_never_reads_messages_leased_and_not_due() {
                 &vec![T0 + 1],
                 &vec![T0 + 1000],
                 &vec!["B"],
+                &vec![i64::MAX],
             ],
         )
         .await;

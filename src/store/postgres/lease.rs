@@ -9,6 +9,8 @@ pub(super) struct LeaseReq {
     pub(super) conn: String,
     pub(super) key: Option<String>,
     pub(super) max: i64,
+    /// The byte budget of [`Store::lease_upto`](crate::store::Store::lease_upto).
+    pub(super) max_bytes: i64,
     pub(super) owner: String,
     pub(super) now_ms: i64,
     pub(super) until_ms: i64,
@@ -87,36 +89,44 @@ pub(crate) const PENDING_STATS_SQL: &str = "SELECT count(*), min(received_at_ms)
        WHERE m.conn_id = $1 AND m.lease_until_ms > 0 AND m.lease_until_ms <= $2) p \
      WHERE (p.expires_at_ms IS NULL OR p.expires_at_ms > $2) AND ($3::text IS NULL OR p.recipient_key = $3)";
 
-/// The statement of [`lease_batch`]: one row per request in `$1..$6` (connection, recipient
-/// key or NULL, limit, now, lease deadline, owner). `cfg` runs first (every request row joins
-/// it); `set_config(.., true)` lasts until this statement's own commit, which then does not
-/// wait for the flush. Each request takes its oldest pending messages (index `pending`) and its
-/// oldest leases that ran out (index `lease_due`), at most its limit of each, skipping rows
-/// another statement holds; the oldest `limit` of those are leased. Messages leased and not yet
-/// due are never read (migration 9).
+/// The statement of [`lease_batch`]: one row per request in `$1..$7` (connection, recipient
+/// key or NULL, limit, now, lease deadline, owner, byte budget). `cfg` runs first (every request
+/// row joins it); `set_config(.., true)` lasts until this statement's own commit, which then does
+/// not wait for the flush. Each request takes its oldest pending messages (index `pending`) and
+/// its oldest leases that ran out (index `lease_due`), at most its limit of each, skipping rows
+/// another statement holds; of those, oldest first, it leases at most its limit, stopping before
+/// the first whose payload (`size`, its stored length) would take the running sum past its
+/// budget, but always the first. The running sum is a window function, which PostgreSQL
+/// refuses beside `FOR UPDATE` in one query level: the candidates are locked in `cand`, summed
+/// in `picked`. A candidate locked and not picked is left as it was (its lock ends with the
+/// statement), and no payload is read but those leased (`RETURNING`). Messages leased and not
+/// yet due are never read (migration 9).
 pub(crate) const LEASE_SQL: &str =
     "WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS v), \
              req AS ( \
-               SELECT r.* FROM cfg, unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[]) \
-               WITH ORDINALITY AS r(conn, key, lim, now_ms, until_ms, owner, i)), \
+               SELECT r.* FROM cfg, unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[], \
+                 $7::int8[]) WITH ORDINALITY AS r(conn, key, lim, now_ms, until_ms, owner, max_bytes, i)), \
              cand AS ( \
-               SELECT p.id, req.i, req.lim, req.until_ms, req.owner FROM req CROSS JOIN LATERAL ( \
-                 SELECT m.id FROM mailroom_messages m \
+               SELECT p.id, p.size, req.i, req.lim, req.max_bytes, req.until_ms, req.owner \
+               FROM req CROSS JOIN LATERAL ( \
+                 SELECT m.id, m.size FROM mailroom_messages m \
                  WHERE m.conn_id = req.conn AND m.lease_until_ms = 0 \
                    AND (req.key IS NULL OR m.recipient_key = req.key) \
                    AND (m.expires_at_ms IS NULL OR m.expires_at_ms > req.now_ms) \
                  ORDER BY m.id LIMIT req.lim FOR UPDATE SKIP LOCKED) p \
                UNION ALL \
-               SELECT d.id, req.i, req.lim, req.until_ms, req.owner FROM req CROSS JOIN LATERAL ( \
-                 SELECT m.id FROM mailroom_messages m \
+               SELECT d.id, d.size, req.i, req.lim, req.max_bytes, req.until_ms, req.owner \
+               FROM req CROSS JOIN LATERAL ( \
+                 SELECT m.id, m.size FROM mailroom_messages m \
                  WHERE m.conn_id = req.conn AND m.lease_until_ms > 0 AND m.lease_until_ms <= req.now_ms \
                    AND (req.key IS NULL OR m.recipient_key = req.key) \
                    AND (m.expires_at_ms IS NULL OR m.expires_at_ms > req.now_ms) \
                  ORDER BY m.id LIMIT req.lim FOR UPDATE SKIP LOCKED) d), \
              picked AS ( \
                SELECT id, i, until_ms, owner FROM ( \
-                 SELECT cand.*, row_number() OVER (PARTITION BY i ORDER BY id) AS n FROM cand) c \
-               WHERE n <= lim) \
+                 SELECT cand.*, row_number() OVER w AS n, sum(cand.size) OVER w AS bytes FROM cand \
+                 WINDOW w AS (PARTITION BY i ORDER BY id ROWS UNBOUNDED PRECEDING)) c \
+               WHERE n <= lim AND (n = 1 OR bytes <= max_bytes)) \
              UPDATE mailroom_messages m \
              SET lease_until_ms = picked.until_ms, lease_owner = picked.owner, attempts = m.attempts + 1 \
              FROM picked WHERE m.id = picked.id \
@@ -133,10 +143,11 @@ async fn lease_batch(pool: &BoundedPool, batch: &[LeaseReq]) -> StoreResult<Vec<
     let nows: Vec<i64> = batch.iter().map(|r| r.now_ms).collect();
     let untils: Vec<i64> = batch.iter().map(|r| r.until_ms).collect();
     let owners: Vec<&str> = batch.iter().map(|r| r.owner.as_str()).collect();
+    let budgets: Vec<i64> = batch.iter().map(|r| r.max_bytes).collect();
     let mut tries = 1;
     let rows = loop {
         match c
-            .run(c.query(&q, &[&conns, &keys, &lims, &nows, &untils, &owners]))
+            .run(c.query(&q, &[&conns, &keys, &lims, &nows, &untils, &owners, &budgets]))
             .await
         {
             Ok(rows) => break rows,

@@ -8,6 +8,9 @@
 //!
 //! Concurrency across nodes:
 //! - `lease` picks rows with `FOR UPDATE SKIP LOCKED`: two leasers never get the same message.
+//!   Its byte budget (`lease_upto`) is a running sum of the rows' stored `size` over the rows
+//!   it locked: those past the budget stay locked, untouched, until its commit, and a leaser of
+//!   the same connection on another node meanwhile skips them.
 //! - `enqueue` takes a transaction-scoped advisory lock per connection (in sorted order, so
 //!   batches never deadlock) before checking limits and dedup and allocating ids: limits and
 //!   dedup hold across nodes, and ids of one connection grow in commit order.
@@ -370,13 +373,15 @@ impl PgStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// `lease` and `lease_for_key`: hands the request to the lease task, which leases every
-    /// request waiting in one statement (see [`lease_task`]).
+    /// `lease_upto` and `lease_for_key_upto`: hands the request to the lease task, which leases
+    /// every request waiting in one statement (see [`lease_task`]).
+    #[allow(clippy::too_many_arguments)]
     async fn lease_filtered(
         &self,
         conn: &str,
         recipient_key: Option<&str>,
         max: usize,
+        max_bytes: usize,
         owner: &str,
         now_ms: i64,
         until_ms: i64,
@@ -391,6 +396,7 @@ impl PgStore {
             conn: conn.to_owned(),
             key: recipient_key.map(str::to_owned),
             max: i64::try_from(max).unwrap_or(i64::MAX),
+            max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
             owner: owner.to_owned(),
             now_ms,
             until_ms,

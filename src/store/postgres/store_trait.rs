@@ -432,27 +432,30 @@ impl Store for PgStore {
         self.submit(msgs, limits, true).await
     }
 
-    async fn lease(
+    async fn lease_upto(
         &self,
         conn: &str,
         max: usize,
+        max_bytes: usize,
         owner: &str,
         now_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<QueuedMessage>> {
-        self.lease_filtered(conn, None, max, owner, now_ms, until_ms).await
+        self.lease_filtered(conn, None, max, max_bytes, owner, now_ms, until_ms)
+            .await
     }
 
-    async fn lease_for_key(
+    async fn lease_for_key_upto(
         &self,
         conn: &str,
         recipient_key: &str,
         max: usize,
+        max_bytes: usize,
         owner: &str,
         now_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<QueuedMessage>> {
-        self.lease_filtered(conn, Some(recipient_key), max, owner, now_ms, until_ms)
+        self.lease_filtered(conn, Some(recipient_key), max, max_bytes, owner, now_ms, until_ms)
             .await
     }
 

@@ -64,6 +64,47 @@ impl Meta {
     }
 }
 
+/// What one lease may still take ([`Store::lease_upto`](crate::store::Store::lease_upto)): at
+/// most `max` messages whose payloads sum to at most `max_bytes`, but always a first one (a
+/// message larger than the budget goes alone). Sizes come from [`Meta::size`], so a lease
+/// decides without reading a payload it will not hand out.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct LeaseBudget {
+    messages_left: usize,
+    max_bytes: u64,
+    bytes: u64,
+    taken: bool,
+}
+
+impl LeaseBudget {
+    pub(super) fn new(max: usize, max_bytes: usize) -> LeaseBudget {
+        LeaseBudget {
+            messages_left: max,
+            max_bytes: u64::try_from(max_bytes).unwrap_or(u64::MAX),
+            bytes: 0,
+            taken: false,
+        }
+    }
+
+    /// No message more fits, whatever its size.
+    pub(super) fn spent(&self) -> bool {
+        self.messages_left == 0
+    }
+
+    /// Whether a message of `size` payload bytes fits next. A lease stops at the first that
+    /// does not (oldest first: it never skips one to take a smaller one behind it).
+    pub(super) fn admits(&self, size: u64) -> bool {
+        !self.spent() && (!self.taken || self.bytes.saturating_add(size) <= self.max_bytes)
+    }
+
+    /// Counts a message of `size` bytes taken (after [`LeaseBudget::admits`] said it fits).
+    pub(super) fn take(&mut self, size: u64) {
+        self.messages_left = self.messages_left.saturating_sub(1);
+        self.bytes = self.bytes.saturating_add(size);
+        self.taken = true;
+    }
+}
+
 #[derive(Default, Debug)]
 pub(super) struct ConnQueue {
     pub(super) msgs: BTreeMap<MessageId, Meta>,
@@ -508,3 +549,45 @@ impl Queues {
 
 /// Leases of messages (id -> lease until, owner, attempts), carried over a reopen.
 pub(super) type Leases = HashMap<MessageId, (i64, Option<Owner>, u32)>;
+
+#[cfg(test)]
+mod tests {
+    use super::LeaseBudget;
+
+    /// Takes sizes from `sizes` while the budget admits them: what a lease of them leases.
+    fn taken(mut b: LeaseBudget, sizes: &[u64]) -> Vec<u64> {
+        let mut out = Vec::new();
+        for &size in sizes {
+            if !b.admits(size) {
+                break;
+            }
+            b.take(size);
+            out.push(size);
+        }
+        out
+    }
+
+    #[test]
+    fn a_lease_budget_stops_before_the_message_that_would_pass_it() {
+        assert_eq!(taken(LeaseBudget::new(10, 4), &[1, 3, 1, 10]), vec![1, 3]);
+        assert_eq!(taken(LeaseBudget::new(10, 4), &[1, 10, 1]), vec![1]);
+    }
+
+    #[test]
+    fn a_lease_budget_always_admits_a_first_message_however_large() {
+        assert_eq!(taken(LeaseBudget::new(10, 4), &[10, 1]), vec![10]);
+        assert_eq!(taken(LeaseBudget::new(10, 0), &[0, 0]), vec![0, 0]);
+        assert_eq!(taken(LeaseBudget::new(10, 4), &[10, 0]), vec![10], "already past it");
+    }
+
+    #[test]
+    fn a_lease_budget_keeps_its_message_count_and_no_count_takes_nothing() {
+        assert_eq!(taken(LeaseBudget::new(2, usize::MAX), &[1, 1, 1]), vec![1, 1]);
+        assert!(taken(LeaseBudget::new(0, usize::MAX), &[1]).is_empty());
+        assert_eq!(
+            taken(LeaseBudget::new(3, usize::MAX), &[u64::MAX, u64::MAX, 1]),
+            vec![u64::MAX, u64::MAX, 1],
+            "no budget: sizes never overflow it"
+        );
+    }
+}

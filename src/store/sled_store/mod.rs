@@ -34,18 +34,20 @@
 //! from the queue log and `attempts` at open. sled allows one process per database, so this
 //! process's memory is the only place leases live: they are deliberately not persisted, a
 //! restart makes every message pending again (at-least-once). `lease`, `ack`, `release` only
-//! take the in-memory lock for their decision and never wait for a disk flush.
+//! take the in-memory lock for their decision and never wait for a disk flush. A lease's byte
+//! budget (`lease_upto`) is decided on the sizes the index holds: it reads the payloads it
+//! leases and no other.
 //!
 //! Write path: every `enqueue` goes through one writer thread (`writer_loop`) that drains the
 //! waiting requests (up to [`MAX_BATCH_MESSAGES`]), decides limits and dedup for all of them,
 //! writes them, flushes once, publishes them in the index and answers every caller.
 //!
-//! Live path: leases and acknowledgements (`lease`, `ack_leased`) run on one thread of their
-//! own (`live_loop`), in turn, as they come: under load it stays awake and takes the next job,
-//! where `spawn_blocking` woke and parked a pool thread per call (the pool grew to ~200 threads
-//! under a fan-out to 100 wallets, and they queued on sled's write lock while the writer
-//! applied a batch). `lease_for_key`, which may read the heads of many records from disk (their
-//! recipient keys, never their payloads), stays on the blocking pool.
+//! Live path: leases and acknowledgements (`lease_upto`, `ack_leased`) run on one thread of
+//! their own (`live_loop`), in turn, as they come: under load it stays awake and takes the next
+//! job, where `spawn_blocking` woke and parked a pool thread per call (the pool grew to ~200
+//! threads under a fan-out to 100 wallets, and they queued on sled's write lock while the
+//! writer applied a batch). `lease_for_key_upto`, which may read the heads of many records from
+//! disk (their recipient keys, never their payloads), stays on the blocking pool.
 //!
 //! Must not: run sled calls on an async runtime thread (they go to the live thread, to
 //! `spawn_blocking` or to the writer thread). Calls that touch only the in-memory index
@@ -79,12 +81,50 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     check_storable, storable, EnqueueLimits, Enqueued, MessageId, NewMessage, QueuedMessage, StoreError, StoreResult,
 };
-use index::Meta;
+use index::{LeaseBudget, Meta};
 use inner::Inner;
 use queue_log::QueueLog;
 pub use space::DEFAULT_MIN_FREE_BYTES;
 use supervisor::{supervisor_loop, Slot};
 use writer::{writer_loop, EnqueueReq};
+
+/// The pending messages of `conn` queued for `key` that a lease within `budget` takes, oldest
+/// first: their keys are read from disk (the heads of their records, [`Inner::msg_head`]), as
+/// many as it takes to fill the budget and no more, outside the index's lock. Sizes come from
+/// the index.
+fn matching_key(
+    inner: &Inner,
+    conn: &str,
+    key: &str,
+    now_ms: i64,
+    mut budget: LeaseBudget,
+) -> StoreResult<Vec<MessageId>> {
+    let pending: Vec<(MessageId, u64)> = {
+        let q = inner.queues.lock();
+        let Some(cq) = q.by_conn.get(conn) else {
+            return Ok(Vec::new());
+        };
+        cq.msgs
+            .iter()
+            .filter(|(_, m)| m.pending(now_ms))
+            .map(|(id, m)| (*id, m.size))
+            .collect()
+    };
+    let mut matching = Vec::new();
+    for (id, size) in pending {
+        if budget.spent() {
+            break;
+        }
+        if inner.is_for_key(conn, id, key)? {
+            if !budget.admits(size) {
+                break;
+            }
+            budget.take(size);
+            matching.push(id);
+        }
+    }
+    Ok(matching)
+}
 
 /// Most messages the writer puts in one flush. Bounds the latency of the first caller of a
 /// batch and the memory of one batch.
@@ -325,15 +365,18 @@ impl SledStore {
         })
     }
 
-    /// `lease` and `lease_for_key`. Recipient keys live on disk only (the index holds sizes
-    /// and leases): with a key, the pending ids are picked first, their keys read outside the
-    /// lock (the heads of their records, [`Inner::msg_head`]), then those still pending
-    /// leased; without one, the first pending ids are leased in one pass under the lock.
+    /// `lease_upto` and `lease_for_key_upto`. Recipient keys live on disk only (the index
+    /// holds sizes and leases): with a key, the pending ids are picked first, their keys read
+    /// outside the lock ([`matching_key`]), then those still pending leased; without one, the
+    /// first pending ids are leased in one pass under the lock. Either way the byte budget is
+    /// decided on the sizes the index holds: only the payloads leased are read.
+    #[allow(clippy::too_many_arguments)]
     async fn lease_filtered(
         &self,
         conn: &str,
         recipient_key: Option<&str>,
         max: usize,
+        max_bytes: usize,
         owner: &str,
         now_ms: i64,
         until_ms: i64,
@@ -346,31 +389,10 @@ impl SledStore {
         let owner = owner.to_owned();
         let filtered = key.is_some();
         let job = move |inner: &Inner| {
+            let budget = LeaseBudget::new(max, max_bytes);
             let matching: Option<Vec<MessageId>> = match &key {
                 None => None,
-                Some(key) => {
-                    let pending: Vec<MessageId> = {
-                        let q = inner.queues.lock();
-                        let Some(cq) = q.by_conn.get(&conn) else {
-                            return Ok(Vec::new());
-                        };
-                        cq.msgs
-                            .iter()
-                            .filter(|(_, m)| m.pending(now_ms))
-                            .map(|(id, _)| *id)
-                            .collect()
-                    };
-                    let mut matching = Vec::new();
-                    for id in pending {
-                        if matching.len() >= max {
-                            break;
-                        }
-                        if inner.is_for_key(&conn, id, key)? {
-                            matching.push(id);
-                        }
-                    }
-                    Some(matching)
-                }
+                Some(key) => Some(matching_key(inner, &conn, key, now_ms, budget)?),
             };
             let picked: Vec<(MessageId, u32)> = {
                 let mut q = inner.queues.lock();
@@ -385,20 +407,27 @@ impl SledStore {
                         m.owner = Some(owner.clone());
                         m.attempts = m.attempts.saturating_add(1);
                         picked.push((id, m.attempts));
-                        return 1;
                     }
-                    0
                 };
                 match matching {
                     None => {
-                        let mut n = 0;
+                        let mut budget = budget;
                         for (id, m) in cq.msgs.iter_mut() {
-                            if n >= max {
+                            if budget.spent() {
                                 break;
                             }
-                            n += take(*id, m);
+                            if !m.pending(now_ms) {
+                                continue;
+                            }
+                            if !budget.admits(m.size) {
+                                break;
+                            }
+                            budget.take(m.size);
+                            take(*id, m);
                         }
                     }
+                    // Within the budget together (a message's size never changes); those
+                    // leased by another meanwhile are left, and the lease takes fewer.
                     Some(ids) => {
                         for id in ids {
                             if let Some(m) = cq.msgs.get_mut(&id) {
