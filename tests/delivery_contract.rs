@@ -687,17 +687,20 @@ struct SlowLeases {
 
 #[async_trait::async_trait]
 impl Store for SlowLeases {
-    async fn lease(
+    async fn lease_upto(
         &self,
         conn: &str,
         max: usize,
+        max_bytes: usize,
         owner: &str,
         now_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<QueuedMessage>> {
         let slow = self.lease_ms.load(std::sync::atomic::Ordering::SeqCst);
         tokio::time::sleep(std::time::Duration::from_millis(slow)).await;
-        self.inner.lease(conn, max, owner, now_ms, until_ms).await
+        self.inner
+            .lease_upto(conn, max, max_bytes, owner, now_ms, until_ms)
+            .await
     }
     mailroom::store_pass_through!(inner:
         backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
@@ -707,8 +710,7 @@ impl Store for SlowLeases {
         pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run, lease_for_key, lease_for_key_upto, pending_stats,
         expire, expire_due, oldest_received_ms, flush, device_of, set_device, forget_device_token,
         push_event, push_take_due, push_done, delete_connection, delete_unmediated, drop_queue, top_queues,
-        first_sight, forget_sight, prune_sights, update_keys, revoke_mediation, lease_upto,
-    );
+        first_sight, forget_sight, prune_sights, update_keys, revoke_mediation, );
 }
 
 /// A wallet onboarded on `n` gets `backlog` messages queued while it is away, connects (live

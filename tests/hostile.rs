@@ -550,6 +550,57 @@ async fn unfinished_frames_and_bodies_share_the_nodes_budget() {
     assert_eq!(rejected(&n, "body-budget").await, 1.0);
 }
 
+/// A delivery holds at most twice the largest message the node takes in payload bytes (and at
+/// least one message), whatever number the wallet asks for: before, one delivery-request could
+/// load its connection's whole queue (up to 100 messages of 4 MiB) and pack copies of it.
+/// Everything still arrives, each message once, a delivery at a time.
+#[actix_rt::test]
+async fn a_delivery_is_bounded_in_bytes_as_well_as_in_messages() {
+    const LIMIT: usize = 64 << 10;
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.limits.max_envelope_bytes = LIMIT;
+        c.limits.max_ws_frame_bytes = LIMIT;
+        c.delivery.lease_ms = 60_000;
+    })
+    .await;
+    // Ten messages of 25 KB queued (about 34 KB each once packed): a delivery of 128 KiB
+    // takes three of them.
+    let pad = "x".repeat(25_000);
+    for i in 0..10 {
+        assert_eq!(forward_to(&n, &a, &k, &format!("{i}:{pad}")).await, 202);
+    }
+    let mut got = HashSet::new();
+    let mut deliveries = 0;
+    while got.len() < 10 {
+        let d = a
+            .request(&pickup("delivery-request", json!({"limit": 10})))
+            .await
+            .unwrap()
+            .expect("a delivery");
+        assert_eq!(type_name(&d), "delivery", "{d}");
+        let items = contents(&a, &d);
+        assert!(
+            (1..=3).contains(&items.len()),
+            "{} messages of 25 KB in one delivery",
+            items.len()
+        );
+        for c in items {
+            assert!(
+                got.insert(c.split(':').next().unwrap().to_string()),
+                "twice: {}",
+                &c[..8]
+            );
+        }
+        let ids = delivery_ids(&a, &d);
+        a.request(&pickup("messages-received", json!({"message_id_list": ids})))
+            .await
+            .unwrap();
+        deliveries += 1;
+    }
+    assert!(deliveries >= 4, "{deliveries} deliveries");
+    assert_eq!(queue_depth(&n).await, 0);
+}
+
 /// An upgrade request straight on TCP; the status line's code.
 async fn raw_upgrade(addr: std::net::SocketAddr, with_key: bool) -> (u16, TcpStream) {
     let mut s = TcpStream::connect(addr).await.unwrap();

@@ -45,16 +45,20 @@ struct Gate {
 
 #[async_trait]
 impl Store for GatedLeases {
-    async fn lease(
+    async fn lease_upto(
         &self,
         conn: &str,
         max: usize,
+        max_bytes: usize,
         owner: &str,
         now_ms: i64,
         until_ms: i64,
     ) -> StoreResult<Vec<QueuedMessage>> {
         if !self.armed.swap(false, Ordering::SeqCst) {
-            return self.inner.lease(conn, max, owner, now_ms, until_ms).await;
+            return self
+                .inner
+                .lease_upto(conn, max, max_bytes, owner, now_ms, until_ms)
+                .await;
         }
         // Like the real stores (a thread of their own), the held lease happens whether or not
         // its caller still waits for it.
@@ -63,7 +67,7 @@ impl Store for GatedLeases {
         gate.gated_lease_started.notify_one();
         tokio::spawn(async move {
             gate.released.notified().await;
-            let r = inner.lease(&conn, max, &owner, now_ms, until_ms).await;
+            let r = inner.lease_upto(&conn, max, max_bytes, &owner, now_ms, until_ms).await;
             gate.gated_lease_done.notify_one();
             r
         })
@@ -96,8 +100,7 @@ impl Store for GatedLeases {
         dedup_records, queue_log, begin_run, end_run, lease_for_key, lease_for_key_upto, pending_stats, expire, expire_due, oldest_received_ms,
         flush, device_of, set_device, forget_device_token, push_event, push_take_due, push_done,
         first_sight, forget_sight, prune_sights,
-        delete_connection, delete_unmediated, revoke_mediation, drop_queue, top_queues, lease_upto,
-    );
+        delete_connection, delete_unmediated, revoke_mediation, drop_queue, top_queues, );
 }
 
 /// A node on a [`GatedLeases`] store (unarmed), with leases of 60 s: only a release can give

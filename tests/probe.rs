@@ -285,11 +285,12 @@ impl FilterIgnoresConn {
 
 #[async_trait::async_trait]
 impl Store for FilterIgnoresConn {
-    async fn lease_for_key(
+    async fn lease_for_key_upto(
         &self,
         conn: &str,
         key: &str,
         max: usize,
+        max_bytes: usize,
         owner: &str,
         now_ms: i64,
         until_ms: i64,
@@ -299,7 +300,9 @@ impl Store for FilterIgnoresConn {
         } else {
             conn.to_string()
         };
-        self.inner.lease_for_key(&conn, key, max, owner, now_ms, until_ms).await
+        self.inner
+            .lease_for_key_upto(&conn, key, max, max_bytes, owner, now_ms, until_ms)
+            .await
     }
     async fn pending_stats(&self, conn: &str, key: Option<&str>, now_ms: i64) -> StoreResult<PendingStats> {
         let conn = match key {
@@ -317,8 +320,7 @@ impl Store for FilterIgnoresConn {
         begin_run, end_run, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
         forget_device_token, push_event, push_take_due, push_done, delete_connection, delete_unmediated, revoke_mediation,
         first_sight, forget_sight, prune_sights,
-        drop_queue, top_queues, lease_for_key_upto,
-    );
+        drop_queue, top_queues, );
 }
 
 /// B asking with `recipient_key` set to A's key, while A's message waits, must see nothing: a
@@ -403,10 +405,11 @@ impl Store for LateLeakToB {
         }
         Ok(queued)
     }
-    async fn lease(
+    async fn lease_upto(
         &self,
         conn: &str,
         max: usize,
+        max_bytes: usize,
         owner: &str,
         now: i64,
         until: i64,
@@ -414,13 +417,14 @@ impl Store for LateLeakToB {
         if self.hides(conn) {
             return Ok(Vec::new());
         }
-        self.inner.lease(conn, max, owner, now, until).await
+        self.inner.lease_upto(conn, max, max_bytes, owner, now, until).await
     }
-    async fn lease_for_key(
+    async fn lease_for_key_upto(
         &self,
         conn: &str,
         key: &str,
         max: usize,
+        max_bytes: usize,
         owner: &str,
         now: i64,
         until: i64,
@@ -428,7 +432,9 @@ impl Store for LateLeakToB {
         if self.hides(conn) {
             return Ok(Vec::new());
         }
-        self.inner.lease_for_key(conn, key, max, owner, now, until).await
+        self.inner
+            .lease_for_key_upto(conn, key, max, max_bytes, owner, now, until)
+            .await
     }
     mailroom::store_pass_through!(inner:
         backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
@@ -439,8 +445,7 @@ impl Store for LateLeakToB {
         pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
         forget_device_token, push_event, push_take_due, push_done, delete_connection, delete_unmediated, revoke_mediation,
         first_sight, forget_sight, prune_sights,
-        drop_queue, top_queues, lease_upto, lease_for_key_upto,
-    );
+        drop_queue, top_queues, );
 }
 
 /// isolation-forward and key-takeover watch B for a fixed window; a leak delivered after it
@@ -476,13 +481,22 @@ struct NothingLeases {
 
 #[async_trait::async_trait]
 impl Store for NothingLeases {
-    async fn lease(&self, _: &str, _: usize, _: &str, _: i64, _: i64) -> StoreResult<Vec<QueuedMessage>> {
+    async fn lease_upto(
+        &self,
+        _: &str,
+        _: usize,
+        _: usize,
+        _: &str,
+        _: i64,
+        _: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
         Ok(Vec::new())
     }
-    async fn lease_for_key(
+    async fn lease_for_key_upto(
         &self,
         _: &str,
         _: &str,
+        _: usize,
         _: usize,
         _: &str,
         _: i64,
@@ -499,8 +513,7 @@ impl Store for NothingLeases {
         pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
         forget_device_token, push_event, push_take_due, push_done, delete_connection, delete_unmediated, revoke_mediation,
         first_sight, forget_sight, prune_sights,
-        drop_queue, top_queues, lease_upto, lease_for_key_upto,
-    );
+        drop_queue, top_queues, );
 }
 
 /// RFC 0685: what arrives while live mode is off MUST be queued (Credo's mediator does that, and

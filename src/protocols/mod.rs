@@ -90,6 +90,14 @@ pub struct Mediator {
     pub strategy: Strategy,
     pub lease_ms: i64,
     pub batch_size: usize,
+    /// The payload bytes one delivery (a pickup batch, a live push, an endpoint POST run)
+    /// leases at most, beside its count (at least one message is always leased): twice the
+    /// largest message the node takes. Without it one delivery-request loaded up to its
+    /// connection's whole queue (256 MiB) and packed copies of it.
+    pub delivery_max_bytes: usize,
+    /// The largest queued payload: the larger of `limits.max_envelope_bytes` and
+    /// `limits.max_ws_frame_bytes` (a forward's inner message is smaller than its envelope).
+    pub largest_message: usize,
     pub limits: crate::store::EnqueueLimits,
     /// `limits.max_keys_per_connection`.
     pub max_keys_per_connection: usize,
@@ -152,6 +160,13 @@ pub struct Handed {
 }
 
 impl Mediator {
+    /// Whether a lease of `n` messages and `bytes` payload bytes, taken with at most `batch`
+    /// messages and [`Mediator::delivery_max_bytes`], may have left messages behind: it took
+    /// its count, or its bytes leave less room than the largest message may need.
+    pub fn lease_may_be_cut(&self, n: usize, bytes: usize, batch: usize) -> bool {
+        n >= batch || bytes.saturating_add(self.largest_message) > self.delivery_max_bytes
+    }
+
     pub fn new(store: Arc<dyn Store>, keys: MediatorKeys, cfg: &Config, node_id: &str, public_url: &str) -> Mediator {
         let public_url = public_url.trim_end_matches('/').to_string();
         let public_ws_url = crate::config::ws_url(&public_url);
@@ -172,6 +187,7 @@ impl Mediator {
         if !crate::didcomm::v2::did::veramo_readable(&v2.did) {
             tracing::warn!(did = %v2.did, "public_url makes a did:peer:2 Veramo cannot resolve (avoid ?, > and ~ in it)");
         }
+        let largest_message = cfg.limits.max_envelope_bytes.max(cfg.limits.max_ws_frame_bytes);
         Mediator {
             store,
             node_id: node_id.to_string(),
@@ -182,6 +198,8 @@ impl Mediator {
             strategy: cfg.delivery.strategy,
             lease_ms: cfg.delivery.lease_ms_i64(),
             batch_size: cfg.delivery.batch_size,
+            delivery_max_bytes: largest_message.saturating_mul(2),
+            largest_message,
             limits: crate::store::EnqueueLimits {
                 max_messages: cfg.limits.max_queue_messages,
                 max_bytes: cfg.limits.max_queue_bytes,

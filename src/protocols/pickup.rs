@@ -229,7 +229,8 @@ pub(crate) fn attachment_data(payload: &[u8]) -> Value {
 }
 
 /// Leases up to `limit` messages (the client's number, else the configured batch size;
-/// capped at [`MAX_BATCH`]) to the transport's owner; with a filter only that recipient's
+/// capped at [`MAX_BATCH`]), and at most [`Mediator::delivery_max_bytes`] of them (at least
+/// one), to the transport's owner; with a filter only that recipient's
 /// messages are leased: the others are neither touched nor counted as attempts.
 pub(crate) async fn lease_batch(
     m: &Mediator,
@@ -242,8 +243,16 @@ pub(crate) async fn lease_batch(
     let now = now_ms();
     let until = now.saturating_add(m.lease_ms);
     Ok(match filter {
-        Some(k) => m.store.lease_for_key(&conn.id, k, n, owner, now, until).await?,
-        None => m.store.lease(&conn.id, n, owner, now, until).await?,
+        Some(k) => {
+            m.store
+                .lease_for_key_upto(&conn.id, k, n, m.delivery_max_bytes, owner, now, until)
+                .await?
+        }
+        None => {
+            m.store
+                .lease_upto(&conn.id, n, m.delivery_max_bytes, owner, now, until)
+                .await?
+        }
     })
 }
 

@@ -248,7 +248,8 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str)
     loop {
         let now = now_ms();
         let until = now.saturating_add(shared.mediator.lease_ms);
-        let batch = match store.lease(conn, batch_size, &owner, now, until).await {
+        let max_bytes = shared.mediator.delivery_max_bytes;
+        let batch = match store.lease_upto(conn, batch_size, max_bytes, &owner, now, until).await {
             Ok(b) if b.iter().any(|q| !rejected.contains(&q.id)) => b,
             Ok(_) => return Drained::Empty,
             Err(e) => {

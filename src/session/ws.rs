@@ -619,8 +619,9 @@ impl WsSession {
                     }
                 }
                 let now = now_ms();
+                let max_bytes = shared.mediator.delivery_max_bytes;
                 let r = store
-                    .lease(&conn_id, batch, &owner, now, now.saturating_add(lease_ms))
+                    .lease_upto(&conn_id, batch, max_bytes, &owner, now, now.saturating_add(lease_ms))
                     .await;
                 if let Ok(msgs) = &r {
                     if !msgs.is_empty() && end.closed() {
@@ -662,7 +663,9 @@ impl WsSession {
                     return;
                 }
             };
-            let full = msgs.len() >= batch;
+            // Full: it took its count or its bytes, and more may wait.
+            let bytes: usize = msgs.iter().map(|q| q.payload.len()).sum();
+            let full = act.shared.mediator.lease_may_be_cut(msgs.len(), bytes, batch);
             let leased_max = msgs.iter().map(|q| q.id).max();
             // The oldest message held here, once held messages the queue got back meanwhile (a
             // peer released a hand-off it could not confirm, or its hand-off lease ran out) are
@@ -827,7 +830,10 @@ impl WsSession {
                 match shared.mediator.pack_for(&conn, &delivery) {
                     Ok(p) => {
                         ctx.text(String::from_utf8_lossy(&p).into_owned());
-                        let partial = msgs.len() < shared.mediator.batch_size;
+                        let bytes = msgs.iter().map(|q| q.payload.len()).sum();
+                        let partial = !shared
+                            .mediator
+                            .lease_may_be_cut(msgs.len(), bytes, shared.mediator.batch_size);
                         self.window.sent(Instant::now(), msgs.len() as u64, partial);
                         shared
                             .metrics
