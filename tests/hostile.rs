@@ -475,10 +475,11 @@ async fn sockets_that_only_ping_are_closed_and_bound_or_forwarding_ones_are_kept
 
 /// Frames and `POST /` bodies begun and never finished, on many connections, hold at most the
 /// node's budget for unfinished messages (16 x the larger message limit): the frame or body
-/// that would pass it is refused (a socket closed 1013, a body 503), small messages are never
-/// counted, and the budget comes back as connections let go. Before, only messages sent in
-/// fragments were counted: each connection held a limit's worth of one unfinished frame or
-/// body, gigabytes across the sessions a node takes.
+/// whose bytes would pass it is refused (a socket closed 1013, a body 503), and the budget
+/// comes back as connections let go. Only bytes received count: headers declaring large
+/// messages that never come take nothing, and small messages are never counted. Before, only
+/// messages sent in fragments were counted: each connection held a limit's worth of one
+/// unfinished frame or body, gigabytes across the sessions a node takes.
 #[actix_rt::test]
 async fn unfinished_frames_and_bodies_share_the_nodes_budget() {
     const LIMIT: usize = 64 << 10;
@@ -487,66 +488,71 @@ async fn unfinished_frames_and_bodies_share_the_nodes_budget() {
         c.limits.max_envelope_bytes = LIMIT;
     })
     .await;
-    // 18 sockets each begin a 60 KiB frame and send half of it: 17 fit in 16 x 64 KiB.
     let frame = common::masked_frame(&vec![b'x'; 60 << 10]);
-    let mut sockets = Vec::new();
-    for _ in 0..18 {
-        let (code, mut s) = raw_upgrade(n.public_addr, true).await;
-        assert_eq!(code, 101);
-        s.write_all(&frame[..30 << 10]).await.unwrap();
-        sockets.push(s);
-    }
-    eventually("a frame refused for the budget", || async {
-        (rejected(&n, "ws-fragments-budget").await >= 1.0).then_some(())
-    })
-    .await;
-    let mut closed_1013 = 0;
-    for s in sockets.iter_mut() {
-        let (got, _) = read_until_closed(s, Duration::from_millis(300)).await;
-        // A close frame (0x88) with code 1013 (0x03f5).
-        if got.windows(4).any(|w| w[0] == 0x88 && w[2..] == [0x03, 0xf5]) {
-            closed_1013 += 1;
-        }
-    }
-    assert_eq!(closed_1013, 1, "the one frame past the budget");
-    // A body begun meanwhile is refused too; a small forward is not counted, and served.
-    let env = vec![b'{'; 60 << 10];
-    let mut post = TcpStream::connect(n.public_addr).await.unwrap();
+    let body = vec![b'{'; 60 << 10];
     let head = format!(
         "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/didcomm-envelope-enc\r\nContent-Length: {}\r\n\r\n",
-        env.len()
+        body.len()
     );
+    // Headers alone, declaring 60 KiB each, on 20 sockets and 20 POSTs: nothing held.
+    let mut declared = Vec::new();
+    for _ in 0..20 {
+        let (code, mut s) = raw_upgrade(n.public_addr, true).await;
+        assert_eq!(code, 101);
+        s.write_all(&frame[..14]).await.unwrap();
+        declared.push(s);
+        let mut p = TcpStream::connect(n.public_addr).await.unwrap();
+        p.write_all(head.as_bytes()).await.unwrap();
+        declared.push(p);
+    }
+    // Large messages of others are served meanwhile: a 40 KB forward, a 40 KB message on a socket.
+    let pad = "x".repeat(30_000);
+    assert_eq!(forward_to(&n, &a, &k, &format!("big:{pad}")).await, 202);
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let mut ping = binding_ping();
+    ping["comment"] = json!(pad);
+    let reply = ws_request(&a, &mut ws, &ping).await;
+    assert_eq!(type_name(&reply), "ping_response");
+    assert_eq!(rejected(&n, "ws-fragments-budget").await, 0.0);
+    assert_eq!(rejected(&n, "body-budget").await, 0.0);
+    drop(declared);
+
+    // Real bytes: sockets each with 56 KiB of a 60 KiB frame. Within about 16 of them the
+    // budget is spent, and the frame whose bytes pass it closes its socket 1013.
+    let mut held = Vec::new();
+    let refused_at = loop {
+        assert!(held.len() < 40, "40 unfinished frames of 56 KiB held");
+        let (code, mut s) = raw_upgrade(n.public_addr, true).await;
+        assert_eq!(code, 101);
+        s.write_all(&frame[..56 << 10]).await.unwrap();
+        let (got, _) = read_until_closed(&mut s, Duration::from_millis(300)).await;
+        // A close frame (0x88) with code 1013 (0x03f5).
+        if got.windows(4).any(|w| w[0] == 0x88 && w[2..] == [0x03, 0xf5]) {
+            break held.len();
+        }
+        held.push(s);
+    };
+    assert!((14..=18).contains(&refused_at), "refused after {refused_at} frames");
+    assert_eq!(rejected(&n, "ws-fragments-budget").await, 1.0);
+    // A body sent meanwhile is refused too, once its bytes pass what is left.
+    let mut post = TcpStream::connect(n.public_addr).await.unwrap();
     post.write_all(head.as_bytes()).await.unwrap();
-    post.write_all(&env[..1000]).await.unwrap();
+    let _ = post.write_all(&body[..56 << 10]).await;
     assert!(status_line(&mut post).await.contains(" 503 "));
     assert_eq!(rejected(&n, "body-budget").await, 1.0);
+    // Small messages are not counted: served.
     assert_eq!(forward_to(&n, &a, &k, "small").await, 202);
-    // The sockets go: the budget is whole again, and 17 bodies of 60 KiB begun at once fit.
-    drop(sockets);
+    // The sockets go: the budget is whole again, and a whole 60 KiB body is read and answered
+    // (400: not an envelope).
+    drop(held);
     drop(post);
-    let first = eventually("the budget back", || async {
+    eventually("the budget back", || async {
         let mut s = TcpStream::connect(n.public_addr).await.unwrap();
         s.write_all(head.as_bytes()).await.unwrap();
-        s.write_all(&env[..1000]).await.unwrap();
-        match tokio::time::timeout(Duration::from_millis(200), status_line(&mut s)).await {
-            Err(_) => Some(s),
-            Ok(_) => None,
-        }
+        s.write_all(&body).await.unwrap();
+        status_line(&mut s).await.contains(" 400 ").then_some(())
     })
     .await;
-    let mut bodies = vec![first];
-    for _ in 0..16 {
-        let mut s = TcpStream::connect(n.public_addr).await.unwrap();
-        s.write_all(head.as_bytes()).await.unwrap();
-        s.write_all(&env[..1000]).await.unwrap();
-        bodies.push(s);
-    }
-    // The bodies finished: each is read whole and answered (a 400: not an envelope).
-    for mut s in bodies {
-        s.write_all(&env[1000..]).await.unwrap();
-        let line = status_line(&mut s).await;
-        assert!(line.contains(" 400 "), "{line}");
-    }
     assert_eq!(rejected(&n, "body-budget").await, 1.0);
 }
 

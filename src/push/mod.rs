@@ -1048,29 +1048,39 @@ async fn claimed_push(
     device: Option<Device>,
 ) {
     let budget = push_budget(&ctx.settings);
-    let push = push_one(&ctx, &claim.conn, Some(claim.push_id), at, device);
-    let ended = match tokio::time::timeout_at(taken + budget, push).await {
-        Ok(ended) => ended,
-        // Cut off (a provider slow to answer, or the wait for a slot took most of the
-        // budget): the claim runs out and a node takes the push again. A push too many (the
-        // provider may have taken the one cut off) rather than a wallet left asleep.
-        Err(_) => {
-            tracing::warn!(connection = %claim.conn, "push cut off after {budget:?}: left to its claim");
-            Ended::Unsent
-        }
+    let (mut claim, mut device) = (claim, device);
+    let reopen = loop {
+        let push = push_one(&ctx, &claim.conn, Some(claim.push_id), at, device.take());
+        let ended = match tokio::time::timeout_at(taken + budget, push).await {
+            Ok(ended) => ended,
+            // Cut off (a provider slow to answer, or the wait for a slot took most of the
+            // budget): the claim runs out and a node takes the push again. A push too many (the
+            // provider may have taken the one cut off) rather than a wallet left asleep.
+            Err(_) => {
+                tracing::warn!(connection = %claim.conn, "push cut off after {budget:?}: left to its claim");
+                Ended::Unsent
+            }
+        };
+        break match ended {
+            Ended::ForGood => None,
+            // Not a push: the window is as if it had not been taken. Unless this claim took the
+            // push again after an earlier claim ran out (its `push_id` is that claim's token):
+            // the earlier one may have sent it just before its node died or its budget ended,
+            // and the window must count that push.
+            Ended::Nothing if claim.push_id == claim.token => Some(ctx.settings.min_interval_ms),
+            Ended::Nothing => None,
+            Ended::Unsent => return,
+            Ended::PutOff => match put_off(&ctx, &claim).await {
+                // The window passed meanwhile: the push's claim is this node's again, now.
+                Some(again) => {
+                    claim = again;
+                    continue;
+                }
+                None => return,
+            },
+        };
     };
     drop(slot);
-    let reopen = match ended {
-        Ended::ForGood => None,
-        // Not a push: the window is as if it had not been taken. Unless this claim took the
-        // push again after an earlier claim ran out (its `push_id` is that claim's token): the
-        // earlier one may have sent it just before its node died or its budget ended, and the
-        // window must count that push.
-        Ended::Nothing if claim.push_id == claim.token => Some(ctx.settings.min_interval_ms),
-        Ended::Nothing => None,
-        Ended::Unsent => return,
-        Ended::PutOff => return put_off(&ctx, &claim).await,
-    };
     if let Err(e) = ctx.store.push_done(&claim.conn, claim.token, reopen).await {
         // Its claim runs out: another node (or this one) pushes again then.
         tracing::warn!(connection = %claim.conn, "push not marked done: {e}");
@@ -1078,17 +1088,14 @@ async fn claimed_push(
 }
 
 /// A push folded into another connection's push to the same device ([`devices`]) goes out at
-/// its window's end instead: its claim ends as a push (the window counts it), and an event
-/// recorded now schedules the window's trailing push, taken by any node when due. Then it is
-/// sent unless the wallet came back or picked up, or the device was pushed again meanwhile
-/// (put off once more). Not left to its claim: that would hold the wallet's wake-up for a
-/// claim's length (minutes), not a window's.
-async fn put_off(ctx: &Ctx, claim: &PushClaim) {
-    if let Err(e) = ctx.store.push_done(&claim.conn, claim.token, None).await {
-        // Its claim runs out: a node takes the push again then.
-        tracing::warn!(connection = %claim.conn, "push put off, not marked done: {e}");
-        return;
-    }
+/// its window's end instead: an event recorded now schedules the window's trailing push (taken
+/// by any node when due), and only then does its claim end, as a push (the window counts it).
+/// The trailing push is sent unless the wallet came back or picked up, or the device was
+/// pushed again meanwhile (put off once more). Not left to its claim: that would hold the
+/// wallet's wake-up for a claim's length (minutes), not a window's. If the event cannot be
+/// recorded, the claim is left to run out (a node takes the push again then); if the window
+/// passed meanwhile, the event took a new claim for this node: returned, to push now.
+async fn put_off(ctx: &Ctx, claim: &PushClaim) -> Option<PushClaim> {
     let now = crate::protocols::now_ms();
     let again = NewClaim::until(now.saturating_add(ctx.claim_ms));
     match ctx
@@ -1096,12 +1103,21 @@ async fn put_off(ctx: &Ctx, claim: &PushClaim) {
         .push_event(&claim.conn, now, ctx.settings.min_interval_ms, again, None)
         .await
     {
-        Ok(PushSlot::Trailing { .. }) | Ok(PushSlot::PushedSince) => {}
-        // The window passed meanwhile (a push held up for long): claimed by this node, and
-        // taken again by a poll once the claim runs out.
-        Ok(PushSlot::Now) => tracing::debug!(connection = %claim.conn, "put-off push claimed again: left to its claim"),
+        Ok(PushSlot::Trailing { .. }) | Ok(PushSlot::PushedSince) => {
+            if let Err(e) = ctx.store.push_done(&claim.conn, claim.token, None).await {
+                // Its claim runs out and a node pushes again then: a push too many at worst.
+                tracing::warn!(connection = %claim.conn, "put-off push not marked done: {e}");
+            }
+            None
+        }
+        Ok(PushSlot::Now) => Some(PushClaim {
+            conn: claim.conn.clone(),
+            token: again.token,
+            push_id: again.token,
+        }),
         Err(e) => {
-            tracing::warn!(connection = %claim.conn, "push put off and not scheduled (the wallet's next message pushes): {e}")
+            tracing::warn!(connection = %claim.conn, "push put off and not scheduled: left to its claim: {e}");
+            None
         }
     }
 }

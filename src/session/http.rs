@@ -5,6 +5,7 @@
 //! in the response body (Credo 0.6.3 sends pickup messages this way even while its socket is
 //! open); without, replies go to the sender's own endpoint.
 
+use super::unfinished::Share;
 use super::{outbound, Shared};
 use crate::didcomm::message::ReturnRoute;
 use crate::protocols::{oob, ForwardResult, HandleError, TransportKind};
@@ -12,8 +13,13 @@ use actix_web::dev::ServiceResponse;
 use actix_web::http::StatusCode;
 use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::Stream;
 use serde_json::json;
+use std::cell::Cell;
+use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 pub fn configure(cfg: &mut web::ServiceConfig, shared: Arc<Shared>) {
     let limit = shared.cfg.limits.max_envelope_bytes;
@@ -124,20 +130,62 @@ pub fn error_response(e: &HandleError) -> HttpResponse {
 
 /// Reads the body of `POST /`: whole within `limits.message_timeout_ms` of the request's head
 /// (a body trickled byte by byte would hold its buffer and its connection for as long as it
-/// trickled), and within `limits.max_envelope_bytes` (413, answered by [`too_large`]).
+/// trickled), within `limits.max_envelope_bytes` (413, answered by [`too_large`]), and within
+/// the node's budget for unfinished messages ([`Charged`]; 503 past it).
+/// A request body's bytes charged to the node's budget for unfinished messages as they arrive
+/// (as received, before any decompression: the bytes a client must send to hold them); past
+/// the budget the body ends in an error and `over` says why. The share goes back when the
+/// body is read (or dropped).
+struct Charged {
+    inner: actix_web::dev::Payload,
+    share: Share,
+    over: Rc<Cell<bool>>,
+}
+
+impl Stream for Charged {
+    type Item = Result<web::Bytes, actix_web::error::PayloadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(b))) if !this.share.grow(b.len()) => {
+                this.over.set(true);
+                Poll::Ready(Some(Err(actix_web::error::PayloadError::Overflow)))
+            }
+            other => other,
+        }
+    }
+}
+
 async fn read_body(
     req: &HttpRequest,
     payload: web::Payload,
     shared: &Shared,
 ) -> actix_web::Result<Result<web::Bytes, HttpResponse>> {
     let limit = std::time::Duration::from_millis(shared.cfg.limits.message_timeout_ms);
-    let mut payload = payload.into_inner();
+    let over = Rc::new(Cell::new(false));
+    let charged = Charged {
+        inner: payload.into_inner(),
+        share: Share::of(&shared.unfinished),
+        over: over.clone(),
+    };
+    let mut payload = actix_web::dev::Payload::from(Box::pin(charged) as actix_http::BoxedPayloadStream);
     match tokio::time::timeout(
         limit,
         <web::Bytes as actix_web::FromRequest>::from_request(req, &mut payload),
     )
     .await
     {
+        Ok(Err(_)) if over.get() => {
+            shared.metrics.rejected("body-budget", "unknown");
+            Ok(Err(HttpResponse::ServiceUnavailable()
+                .insert_header((actix_web::http::header::RETRY_AFTER, "1"))
+                .insert_header((actix_web::http::header::CONNECTION, "close"))
+                .json(json!({
+                    "error": "busy",
+                    "reason": "the node holds as many unfinished messages as it takes: send again later",
+                }))))
+        }
         Ok(body) => Ok(Ok(body?)),
         Err(_) => {
             shared.metrics.rejected("message-timeout", "unknown");
@@ -160,28 +208,10 @@ async fn post_envelope(
     payload: web::Payload,
     shared: web::Data<Shared>,
 ) -> actix_web::Result<HttpResponse> {
-    // The body's share of the node's budget for unfinished messages, held while it is read:
-    // its declared length (one without a length may grow to the limit).
-    let declared = req
-        .headers()
-        .get(actix_web::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        .unwrap_or(shared.cfg.limits.max_envelope_bytes)
-        .min(shared.cfg.limits.max_envelope_bytes);
-    let Some(share) = super::unfinished::Share::take(&shared.unfinished, declared) else {
-        shared.metrics.rejected("body-budget", "unknown");
-        return Ok(HttpResponse::ServiceUnavailable()
-            .insert_header((actix_web::http::header::RETRY_AFTER, "1"))
-            .json(json!({
-                "error": "busy",
-                "reason": "the node holds as many unfinished messages as it takes: send again later",
-            })));
-    };
     let body = match read_body(&req, payload, &shared).await? {
         Ok(body) => body,
-        Err(timed_out) => return Ok(timed_out),
+        Err(refused) => return Ok(refused),
     };
-    drop(share);
     Ok(handle_envelope(body, shared).await)
 }
 

@@ -55,29 +55,58 @@ impl Unfinished {
     }
 }
 
-/// A share of the budget, given back when dropped.
+/// One message's share of the budget: the bytes it holds, charged once they pass
+/// [`FREE_BYTES`] (all of them then), as they arrive, never what a header merely declares
+/// (sixteen headers declaring 4 MiB each, and never followed by their bytes, took the whole
+/// budget for the cost of a few hundred bytes). Given back when dropped or cleared.
 pub struct Share {
     of: Arc<Unfinished>,
-    bytes: usize,
+    /// Bytes held by the message.
+    held: usize,
+    /// Bytes taken from the budget for it: 0, or `held` once it passed [`FREE_BYTES`].
+    charged: usize,
 }
 
 impl Share {
-    /// `bytes` of `of` for one message (nothing taken for one of at most [`FREE_BYTES`]);
-    /// `None` when the budget does not have them.
-    pub fn take(of: &Arc<Unfinished>, bytes: usize) -> Option<Share> {
-        let bytes = if bytes > FREE_BYTES { bytes } else { 0 };
-        if bytes > 0 && !of.try_take(bytes) {
-            return None;
+    /// A share of `of` for one message, holding nothing yet.
+    pub fn of(of: &Arc<Unfinished>) -> Share {
+        Share {
+            of: of.clone(),
+            held: 0,
+            charged: 0,
         }
-        Some(Share { of: of.clone(), bytes })
+    }
+
+    /// The message holds `total` bytes now (more or fewer than before); false when the budget
+    /// does not have them (the share stays as it was).
+    pub fn hold(&mut self, total: usize) -> bool {
+        let want = if total > FREE_BYTES { total } else { 0 };
+        if want > self.charged {
+            if !self.of.try_take(want - self.charged) {
+                return false;
+            }
+        } else {
+            self.of.give(self.charged - want);
+        }
+        self.held = total;
+        self.charged = want;
+        true
+    }
+
+    /// `n` more bytes of the message arrived ([`Share::hold`]).
+    pub fn grow(&mut self, n: usize) -> bool {
+        self.hold(self.held.saturating_add(n))
+    }
+
+    /// The message is whole (or dropped): its bytes are given back.
+    pub fn clear(&mut self) {
+        self.hold(0);
     }
 }
 
 impl Drop for Share {
     fn drop(&mut self) {
-        if self.bytes > 0 {
-            self.of.give(self.bytes);
-        }
+        self.clear();
     }
 }
 
@@ -86,18 +115,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shares_come_out_of_one_budget_and_go_back_when_dropped() {
+    fn shares_are_charged_what_they_hold_past_the_free_bytes_and_give_it_back() {
         let b = Arc::new(Unfinished::new(100 << 10));
-        let small = Share::take(&b, FREE_BYTES).expect("small messages are free");
+        let mut small = Share::of(&b);
+        assert!(small.hold(FREE_BYTES), "small messages are free");
         assert_eq!(b.held(), 0);
-        let shares: Vec<Share> = (0..BUDGET_MESSAGES)
-            .map(|_| Share::take(&b, 100 << 10).expect("within the budget"))
+        let mut shares: Vec<Share> = (0..BUDGET_MESSAGES)
+            .map(|_| {
+                let mut s = Share::of(&b);
+                assert!(s.grow(60 << 10) && s.grow(40 << 10), "within the budget");
+                s
+            })
             .collect();
-        assert!(Share::take(&b, FREE_BYTES + 1).is_none(), "past it");
+        assert_eq!(b.held(), BUDGET_MESSAGES * (100 << 10));
+        let mut more = Share::of(&b);
+        assert!(more.grow(FREE_BYTES), "free");
+        assert!(!more.grow(1), "past the budget");
         assert_eq!(b.held(), BUDGET_MESSAGES * (100 << 10), "a refusal takes nothing");
+        shares[0].clear();
+        assert!(more.grow(1), "room again");
         drop(shares);
-        drop(small);
+        drop(more);
+        small.clear();
         assert_eq!(b.held(), 0);
-        assert!(Share::take(&b, 100 << 10).is_some());
     }
 }

@@ -1309,14 +1309,6 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
     }
 }
 
-/// The lowest id a drain's leased messages must stay under: that of every hand-back on its way
-/// to the queue when the drain began (`at_start`) whose lowest message the lease did not read,
-/// and of those begun since (`begun_since`). A hand-back is one store write: a lease that read
-/// its lowest message read it after the hand-back reached the queue, so it holds nothing back
-/// (its `SpillReleased` may not be handled yet). Counted, it had the lease give back what it
-/// read, and the next drain, begun with that give-back on its way, read the same message and
-/// gave it back again: a loop that wrote nothing (a v2 wallet turning live delivery off and
-/// on while a message was handed to it, seen once in CI).
 /// Closes the socket with `code` and `why`, and stops the session.
 fn close_with(ctx: &mut ws::WebsocketContext<WsSession>, code: ws::CloseCode, why: impl Into<String>) {
     ctx.close(Some(ws::CloseReason {
@@ -1325,6 +1317,15 @@ fn close_with(ctx: &mut ws::WebsocketContext<WsSession>, code: ws::CloseCode, wh
     }));
     ctx.stop();
 }
+
+/// The lowest id a drain's leased messages must stay under: that of every hand-back on its way
+/// to the queue when the drain began (`at_start`) whose lowest message the lease did not read,
+/// and of those begun since (`begun_since`). A hand-back is one store write: a lease that read
+/// its lowest message read it after the hand-back reached the queue, so it holds nothing back
+/// (its `SpillReleased` may not be handled yet). Counted, it had the lease give back what it
+/// read, and the next drain, begun with that give-back on its way, read the same message and
+/// gave it back again: a loop that wrote nothing (a v2 wallet turning live delivery off and
+/// on while a message was handed to it, seen once in CI).
 
 fn lease_floor(at_start: &[i64], begun_since: i64, leased: &[QueuedMessage]) -> i64 {
     at_start

@@ -32,7 +32,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use super::pace::Pace;
-use super::unfinished::{Unfinished, FREE_BYTES};
+use super::unfinished::{Share, Unfinished};
 use super::Shared;
 use std::sync::Arc;
 use tokio::net::TcpStream;
@@ -52,9 +52,9 @@ pub struct Reader {
     buf: BytesMut,
     max_frame: usize,
     done: bool,
-    /// The node's budget for unfinished messages, and what the frame in `buf` took of it.
-    budget: Arc<Unfinished>,
-    charged: usize,
+    /// What the bytes of a frame not yet whole take of the node's budget for unfinished
+    /// messages.
+    share: Share,
 }
 
 impl Reader {
@@ -66,37 +66,24 @@ impl Reader {
             buf: BytesMut::from(early),
             max_frame,
             done: false,
-            budget,
-            charged: 0,
+            share: Share::of(&budget),
         }
     }
 
-    /// A frame larger than [`FREE_BYTES`] whose header is in and whose bytes are not all
-    /// takes its whole size from the node's budget for unfinished messages, and has room
-    /// for it reserved (no doubling growth past it); given back once it is decoded. Without
-    /// it a client opening many sockets held a frame limit's worth on each, never finished.
+    /// The bytes received of a frame not yet whole are charged to the node's budget for
+    /// unfinished messages, as they arrive: without it a client opening many sockets held a
+    /// frame limit's worth on each, never finished. (Received, not allocated: the codec
+    /// reserves room for a frame's declared length once its header is in, which costs no
+    /// memory until bytes fill it, and a header alone must not take the budget.)
     fn charge(&mut self) -> Result<(), ProtocolError> {
-        if self.charged > 0 {
+        if self.share.hold(self.buf.len()) {
             return Ok(());
         }
-        let Some(total) = frame_len(&self.buf).and_then(|n| usize::try_from(n).ok()) else {
-            return Ok(());
-        };
-        if total <= FREE_BYTES || self.buf.len() >= total {
-            return Ok(());
-        }
-        if !self.budget.try_take(total) {
-            return Err(ProtocolError::Io(io::Error::other(BudgetSpent)));
-        }
-        self.charged = total;
-        self.buf.reserve(total - self.buf.len());
-        Ok(())
+        Err(ProtocolError::Io(io::Error::other(BudgetSpent)))
     }
 
     fn uncharge(&mut self) {
-        if self.charged > 0 {
-            self.budget.give(std::mem::take(&mut self.charged));
-        }
+        self.share.clear();
     }
 
     /// The next complete frame in `buf`, if there is one.
@@ -133,19 +120,6 @@ fn declared_len(buf: &[u8]) -> Option<u64> {
             .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))),
         n => Some(n as u64),
     }
-}
-
-/// The whole length of the frame at the start of `buf` (header, mask and payload), once its
-/// length bytes are in.
-fn frame_len(buf: &[u8]) -> Option<u64> {
-    let payload = declared_len(buf)?;
-    let ext = match buf[1] & 0x7f {
-        126 => 2,
-        127 => 8,
-        _ => 0,
-    };
-    let mask = if buf[1] & 0x80 != 0 { 4 } else { 0 };
-    Some(payload.saturating_add(2 + ext + mask))
 }
 
 /// Why a frame was refused: the node holds as many unfinished messages as it takes
