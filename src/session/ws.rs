@@ -1326,7 +1326,6 @@ fn close_with(ctx: &mut ws::WebsocketContext<WsSession>, code: ws::CloseCode, wh
 /// read, and the next drain, begun with that give-back on its way, read the same message and
 /// gave it back again: a loop that wrote nothing (a v2 wallet turning live delivery off and
 /// on while a message was handed to it, seen once in CI).
-
 fn lease_floor(at_start: &[i64], begun_since: i64, leased: &[QueuedMessage]) -> i64 {
     at_start
         .iter()

@@ -111,7 +111,7 @@ pub const SHOWN_CHARS: usize = 200;
 
 /// One unpacked inbound v2 message with what is known about its sender.
 pub struct Inbound {
-    /// The message's members but `attachments` ([`read_message`]).
+    /// The message's members but `attachments` (see `read_message`).
     pub msg: Value,
     /// The message as it came, where its attachments are read (routing's forward, as sent).
     pub plaintext: Vec<u8>,
