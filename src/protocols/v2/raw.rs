@@ -4,7 +4,7 @@
 //! by anyone, became 64-128 MB each time it was delivered).
 //!
 //! Replies are `Value`s (every transport packs them through [`super::pack`]), so the text rides
-//! in one as a marked string, [`json`], and [`to_vec`] writes it in place, as it is, when the
+//! in one as a marked string, [`json()`], and [`to_vec`] writes it in place, as it is, when the
 //! reply is packed. Owns that marking only; what is embedded is the callers' choice.
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
@@ -30,7 +30,7 @@ pub fn attachment_data(payload: &[u8]) -> Value {
     }
 }
 
-/// A reply serialized as `serde_json::to_vec` would, each [`json`] written as its text, into a
+/// A reply serialized as `serde_json::to_vec` would, each [`json()`] written as its text, into a
 /// buffer of exactly its length plus `spare` bytes of capacity (measured first: growing a
 /// buffer of megabytes by doubling copies it and leaves up to twice its size allocated).
 pub fn to_vec(msg: &Value, spare: usize) -> serde_json::Result<Vec<u8>> {
