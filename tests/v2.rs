@@ -1428,3 +1428,50 @@ async fn a_replayed_v2_message_acts_once_and_its_times_bound_it() {
     let report = a.unpack(&body).unwrap();
     assert_eq!((st, report["body"]["code"].as_str()), (409, Some("e.p.msg.replayed")));
 }
+
+/// A forward anoncrypted to the mediator carrying `attachment`, JSON text as written (which a
+/// `Value` may not hold), as `data.json`.
+fn forward_of_text(m: &V2Mediator, next: &str, attachment: &str) -> Vec<u8> {
+    use mailroom::didcomm::v2::jwe::{self, Dialect};
+    let head = json!({
+        "id": mailroom::didcomm::message::new_id(), "type": "https://didcomm.org/routing/2.0/forward", "to": [m.did],
+        "body": { "next": next },
+    })
+    .to_string();
+    let plaintext = format!(
+        r#"{},"attachments":[{{"id":"a0","data":{{"json":{attachment}}}}}]}}"#,
+        head.strip_suffix('}').unwrap()
+    );
+    let mdoc = did::resolve(&m.did).unwrap();
+    jwe::pack(plaintext.as_bytes(), &mdoc.agreement_keys(), None, Dialect::ANONCRYPT).unwrap()
+}
+
+/// JSON's grammar allows a lone surrogate, a number out of range and nesting of any depth;
+/// parsers (serde_json's, the wallet's) refuse them. Queued and written into deliveries as it
+/// was, such an attachment made every delivery of its wallet unreadable: never acknowledged,
+/// it came back first in every batch. Refused as other malformed forwards are; the wallet
+/// reads the rest of its mail.
+#[actix_rt::test]
+async fn a_forward_whose_json_a_parser_refuses_is_not_queued() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut a = V2Agent::new(m.clone()).unwrap();
+    let r = a.onboard().await.unwrap();
+    let s = V2Sender::new().unwrap();
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    for bad in [
+        r#"{"ciphertext": "c", "n": 1e400}"#.to_string(),
+        r#"{"ciphertext": "\ud800"}"#.to_string(),
+        format!(r#"{{"ciphertext": "c", "a": {deep}}}"#),
+    ] {
+        let (status, body) = post_raw(&m.http, TYP_ENCRYPTED, forward_of_text(&m, &r, &bad)).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    assert_eq!(queue_depth(&n).await, 0);
+    let good = serde_json::to_string(&encrypted_for(&s, &a, "readable")).unwrap();
+    let (status, body) = post_raw(&m.http, TYP_ENCRYPTED, forward_of_text(&m, &r, &good)).await;
+    assert_eq!(status, 202, "{body}");
+    let got = a.delivery(10, None).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1["body"]["content"], "readable");
+}

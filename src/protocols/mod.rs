@@ -248,7 +248,9 @@ impl Mediator {
         if conn.their_verkeys.is_empty() {
             return Err(HandleError::Internal(format!("connection {} has no keys", conn.id)));
         }
-        let body = serde_json::to_vec(msg).map_err(|e| HandleError::Internal(e.to_string()))?;
+        // Queued payloads embedded as their text ([`v2::raw`]: a 1.0 batch, a 2.0 delivery)
+        // are written in place; any other reply is what `serde_json::to_vec` writes.
+        let body = v2::raw::to_vec(msg, 0).map_err(|e| HandleError::Internal(e.to_string()))?;
         let packed = envelope::pack_cached(
             &body,
             &conn.their_verkeys[..1],

@@ -6,6 +6,7 @@
 //! (return route), and deleted once the transport has written them there
 //! ([`Outcome::ack_on_return`]).
 
+use super::v2::raw;
 use super::{now_ms, problem, rfc3339_ms, AckOnReturn, HandleError, Inbound, Mediator, Outcome, TransportKind};
 use crate::didcomm::message::{self, ReturnRoute};
 use crate::store::{Connection, MediationState, QueuedMessage};
@@ -183,7 +184,9 @@ async fn batch_pickup(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<
     batch["messages~attach"] = Value::Array(
         msgs.iter()
             .map(|q| {
-                let message = payload_tree(&q.payload)
+                // Not JSON a parser reads (queued before forwards were checked strictly):
+                // as text, as before.
+                let message = payload_json(&q.payload)
                     .unwrap_or_else(|| Value::String(String::from_utf8_lossy(&q.payload).into_owned()));
                 // RFC 0212 names the id `@id`; Credo reads (and validates) `id`: write both.
                 json!({ "@id": external_id(q.id), "id": external_id(q.id), "message": message })
@@ -206,23 +209,28 @@ async fn batch_pickup(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<
 // only in the shapes of their messages, not in what they do to the queue.
 // ---------------------------------------------------------------------------------------------
 
-/// Most JSON values of a queued payload embedded in a v1 delivery as JSON: a v1 JWE holds 5,
+/// Most JSON values of a queued payload embedded in a v1 delivery as a tree: a v1 JWE holds 5,
 /// and what is queued is a JWE. A payload read into a tree costs 16-32 times its bytes, and
-/// anyone can queue one (an anonymous forward): past this it goes as base64 (a batch's
-/// `message`: as text), which is the same payload to the wallet, for a few bytes of it.
-/// (v2 deliveries embed the payload as it is: `v2::raw`; v1's are packed by code that
-/// takes a tree.)
+/// anyone can queue one (an anonymous forward): past this it is embedded as the text it is
+/// ([`raw`], written in place when the reply is packed), never as a tree. Up to it, as a tree:
+/// what every v1 delivery wrote before, byte for byte (members sorted, no spaces).
 pub const MAX_PAYLOAD_VALUES: usize = 1024;
 
-/// A queued payload as a tree, if it is JSON of at most [`MAX_PAYLOAD_VALUES`] values.
-fn payload_tree(payload: &[u8]) -> Option<Value> {
+/// A queued payload as JSON to embed in a v1 delivery, if it is JSON a parser reads: a tree
+/// of at most [`MAX_PAYLOAD_VALUES`] values, else its text as it is ([`raw::json`]). A 1.0
+/// batch's `message` and a 2.0 attachment's `data.json` stay JSON past that size: Credo
+/// validates `message` as an object and refuses a whole batch over one string, and a batch
+/// is removed once written back, so its other messages were lost with it.
+fn payload_json(payload: &[u8]) -> Option<Value> {
     crate::didcomm::v2::json::value_within(payload, MAX_PAYLOAD_VALUES)
+        .or_else(|| crate::didcomm::v2::json::strict(payload).ok().map(raw::json))
 }
 
-/// A queued payload as a v1 attachment's `data`: `json` when it is JSON of a few values
-/// ([`MAX_PAYLOAD_VALUES`]), else unpadded base64url.
+/// A queued payload as a v1 attachment's `data`: `json` when it is JSON a parser reads
+/// ([`payload_json`]), else unpadded base64url (not JSON, or queued before forwards were
+/// checked strictly: [`crate::didcomm::v2::json::strict`]).
 pub(crate) fn attachment_data(payload: &[u8]) -> Value {
-    match payload_tree(payload) {
+    match payload_json(payload) {
         Some(v) => json!({ "json": v }),
         None => json!({ "base64": crate::didcomm::b64::encode(payload) }),
     }
@@ -333,24 +341,127 @@ mod tests {
         out.replies.len() == 1 && out.replies[0]["@type"].as_str().unwrap().ends_with("/problem-report")
     }
 
-    /// A queued JWE goes as `data.json`; a payload of more JSON values than a JWE ever holds
-    /// (queued by anyone with an anonymous forward) as base64, never read into a tree.
+    /// A JWE object as a sender wrote it: not in serde_json's key order, with spaces.
+    const JWE: &str = r#"{ "protected": "p", "iv": "i", "ciphertext": "c", "tag": "t" }"#;
+
+    /// A JWE-shaped payload holding 2,000 JSON values: more than is ever read into a tree.
+    fn many_values() -> String {
+        format!(r#"{{"ciphertext": "c", "a": [{}0]}}"#, "0,".repeat(1997))
+    }
+
+    /// Text of JSON's grammar that parsers refuse, as forwards queued before they were checked
+    /// strictly may hold (one past the tree's size, too).
+    fn unreadable() -> Vec<String> {
+        vec![
+            r#"{"ciphertext": "c", "n": 1e400}"#.into(),
+            format!(r#"{{"ciphertext": "\ud800", "a": [{}0]}}"#, "0,".repeat(1997)),
+        ]
+    }
+
+    /// A queued payload alone in `n` messages with ids 1, 2, ...: `payloads` in order.
+    async fn queue_payloads(m: &Mediator, conn: &Connection, payloads: &[&str]) {
+        let msgs = payloads
+            .iter()
+            .map(|p| NewMessage {
+                connection: conn.id.clone(),
+                recipient_key: "rk".into(),
+                payload: p.as_bytes().to_vec(),
+                received_at_ms: now_ms(),
+                dedup_key: None,
+                expires_at_ms: None,
+                lease: None,
+            })
+            .collect();
+        let limits = crate::store::EnqueueLimits::UNLIMITED;
+        for r in m.store.enqueue(msgs, &limits).await.unwrap() {
+            r.unwrap();
+        }
+    }
+
+    /// `reply` as its wallet reads it: packed for it by [`Mediator::pack_for`], opened.
+    fn as_delivered(m: &Mediator, c: &Connection, reply: &Value) -> Value {
+        let wallet = crate::didcomm::keys::KeyPair::generate();
+        let mut conn = c.clone();
+        conn.their_verkeys = vec![wallet.verkey()];
+        let packed = m.pack_for(&conn, reply).unwrap();
+        let opened =
+            crate::didcomm::envelope::unpack(&packed, &|k| (k == wallet.verkey()).then(|| wallet.clone())).unwrap();
+        serde_json::from_slice(&opened.plaintext).expect("the wallet parses what it gets")
+    }
+
+    /// A queued JWE goes as `data.json`, a tree as it always went (same bytes); one of more
+    /// JSON values than a JWE ever holds (queued by anyone with an anonymous forward) as its
+    /// own text, never read into a tree; what is not JSON a parser reads as base64.
     #[test]
-    fn a_payload_of_many_json_values_is_delivered_as_base64() {
-        let jwe = br#"{"protected":"p","iv":"i","ciphertext":"c","tag":"t"}"#;
-        assert_eq!(
-            attachment_data(jwe),
-            json!({ "json": serde_json::from_slice::<Value>(jwe).unwrap() })
-        );
-        let many = format!(r#"{{"ciphertext":"c","a":[{}0]}}"#, "0,".repeat(MAX_PAYLOAD_VALUES));
-        assert_eq!(
-            attachment_data(many.as_bytes()),
-            json!({ "base64": crate::didcomm::b64::encode(many.as_bytes()) })
-        );
-        assert_eq!(
-            attachment_data(b"not json"),
-            json!({ "base64": crate::didcomm::b64::encode(b"not json") })
-        );
+    fn a_payload_is_embedded_as_json_a_tree_only_when_small() {
+        let tree = serde_json::from_str::<Value>(JWE).unwrap();
+        assert_eq!(attachment_data(JWE.as_bytes()), json!({ "json": tree }));
+        let reply = json!({ "~attach": [{ "data": attachment_data(JWE.as_bytes()) }] });
+        assert_eq!(raw::to_vec(&reply, 0).unwrap(), serde_json::to_vec(&reply).unwrap());
+
+        let many = many_values();
+        let reply = json!({ "~attach": [{ "data": attachment_data(many.as_bytes()) }] });
+        let out = String::from_utf8(raw::to_vec(&reply, 0).unwrap()).unwrap();
+        assert_eq!(out, format!(r#"{{"~attach":[{{"data":{{"json":{many}}}}}]}}"#));
+
+        for p in unreadable().iter().map(String::as_bytes).chain([&b"not json"[..]]) {
+            assert_eq!(attachment_data(p), json!({ "base64": crate::didcomm::b64::encode(p) }));
+        }
+    }
+
+    /// Credo 0.6.3 validates each `message` of a batch as an object: one string refused the
+    /// whole batch, and a batch is removed once written back, so the others were lost.
+    #[tokio::test]
+    async fn every_message_of_a_batch_is_an_object_however_many_values_it_holds() {
+        let (m, c) = mediator().await;
+        let many = many_values();
+        queue_payloads(&m, &c, &[&many, JWE]).await;
+        let ctx = inbound("1.0/batch-pickup", ReturnRoute::All, TransportKind::Http, &c);
+        let out = handle(&m, &ctx).await.unwrap();
+        let batch = as_delivered(&m, &c, &out.replies[0]);
+        let got = batch["messages~attach"].as_array().unwrap();
+        assert_eq!(got.len(), 2, "{batch}");
+        assert!(got.iter().all(|a| a["message"].is_object()), "{batch}");
+        assert_eq!(got[0]["message"], serde_json::from_str::<Value>(&many).unwrap());
+        assert_eq!(got[1]["message"], serde_json::from_str::<Value>(JWE).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_delivery_embeds_a_payload_of_many_values_as_json() {
+        let (m, c) = mediator().await;
+        let many = many_values();
+        queue_payloads(&m, &c, &[&many, JWE]).await;
+        let ctx = inbound("2.0/delivery-request", ReturnRoute::All, TransportKind::Http, &c);
+        let out = handle(&m, &ctx).await.unwrap();
+        let delivery = as_delivered(&m, &c, &out.replies[0]);
+        let got = delivery["~attach"].as_array().unwrap();
+        assert_eq!(got.len(), 2, "{delivery}");
+        assert_eq!(got[0]["data"]["json"], serde_json::from_str::<Value>(&many).unwrap());
+        assert_eq!(got[1]["data"]["json"], serde_json::from_str::<Value>(JWE).unwrap());
+    }
+
+    /// Queued before forwards were checked strictly: delivered as base64 (2.0) or as the text
+    /// a batch always carried it as (1.0), in a reply the wallet still parses.
+    #[tokio::test]
+    async fn a_payload_a_parser_refuses_is_never_written_as_json() {
+        let (m, c) = mediator().await;
+        let bad = unreadable();
+        queue_payloads(&m, &c, &[&bad[0], &bad[1], JWE]).await;
+        let ctx = inbound("2.0/delivery-request", ReturnRoute::All, TransportKind::Http, &c);
+        let out = handle(&m, &ctx).await.unwrap();
+        let delivery = as_delivered(&m, &c, &out.replies[0]);
+        for (i, p) in bad.iter().enumerate() {
+            let b64 = delivery["~attach"][i]["data"]["base64"].as_str().unwrap();
+            assert_eq!(crate::didcomm::b64::decode(b64).unwrap(), p.as_bytes());
+        }
+        assert_eq!(m.store.release_owner("n1/http").await.unwrap(), 3);
+        let ctx = inbound("1.0/batch-pickup", ReturnRoute::All, TransportKind::Http, &c);
+        let out = handle(&m, &ctx).await.unwrap();
+        let batch = as_delivered(&m, &c, &out.replies[0]);
+        for (i, p) in bad.iter().enumerate() {
+            assert_eq!(batch["messages~attach"][i]["message"], json!(p));
+        }
+        assert!(batch["messages~attach"][2]["message"].is_object());
     }
 
     #[tokio::test]

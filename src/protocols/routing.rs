@@ -4,6 +4,7 @@
 use super::{now_ms, ForwardResult, Handed, HandleError, Inbound, Mediator, Outcome};
 use crate::didcomm::keys::normalize_verkey;
 use crate::didcomm::message::{self, MessageType};
+use crate::didcomm::v2::json;
 use crate::store::{NewMessage, QueuedMessage, StoreError};
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
@@ -44,26 +45,40 @@ impl<'a> RawForward<'a> {
     }
 
     /// What is queued: `msg`, a JWE as an object (with `ciphertext` or `protected`) or as a
-    /// non-empty string.
+    /// string holding one. Either is JSON a parser reads ([`json::strict`]): `msg` was read
+    /// only for its grammar, which passes a lone surrogate, a number out of range and nesting
+    /// of any depth; queued, such a payload made every delivery holding it unreadable to the
+    /// wallet (a 1.0 batch embeds it as JSON, or else as a string Credo refuses the batch for).
     fn payload(&self) -> Result<Vec<u8>, HandleError> {
-        #[derive(serde::Deserialize)]
-        struct Jwe {
-            ciphertext: Option<IgnoredAny>,
-            protected: Option<IgnoredAny>,
-        }
         let bad = || HandleError::BadMessage("forward `msg` is not an encrypted message".into());
         let raw = self.msg.ok_or_else(bad)?.get();
         match raw.as_bytes().first() {
-            Some(b'{') => match serde_json::from_str::<Jwe>(raw) {
-                Ok(j) if j.ciphertext.is_some() || j.protected.is_some() => Ok(raw.as_bytes().to_vec()),
-                _ => Err(bad()),
-            },
+            Some(b'{') => jwe(raw.as_bytes()).map(|()| raw.as_bytes().to_vec()),
             Some(b'"') => match serde_json::from_str::<Cow<'_, str>>(raw) {
-                Ok(s) if !s.is_empty() => Ok(s.into_owned().into_bytes()),
+                Ok(s) => jwe(s.as_bytes()).map(|()| s.into_owned().into_bytes()),
                 _ => Err(bad()),
             },
             _ => Err(bad()),
         }
+    }
+}
+
+/// Whether `text` is a JWE object (with `ciphertext` or `protected`) that a parser reads.
+fn jwe(text: &[u8]) -> Result<(), HandleError> {
+    #[derive(serde::Deserialize)]
+    struct Jwe {
+        ciphertext: Option<IgnoredAny>,
+        protected: Option<IgnoredAny>,
+    }
+    let bad = || HandleError::BadMessage("forward `msg` is not an encrypted message".into());
+    let text = json::strict(text)
+        .map_err(|e| HandleError::BadMessage(format!("forward `msg` is not JSON a parser reads: {e}")))?;
+    if !json::is_object(text.raw()) {
+        return Err(bad());
+    }
+    match serde_json::from_str::<Jwe>(text.get()) {
+        Ok(j) if j.ciphertext.is_some() || j.protected.is_some() => Ok(()),
+        _ => Err(bad()),
     }
 }
 
@@ -239,15 +254,40 @@ mod tests {
     }
 
     #[test]
-    fn deep_nesting_is_read_without_recursion() {
-        // serde_json skips raw and ignored values with a loop, not the stack: a plaintext
-        // nested 200,000 deep (inside a MiB envelope) is read, not a stack overflow.
+    fn deep_nesting_is_refused_without_recursion() {
+        // serde_json skips raw and ignored values with a loop, and reads the strict check's
+        // values only 128 deep: a plaintext nested 200,000 deep (inside a MiB envelope) is
+        // refused, not a stack overflow.
         let deep = format!(r#"{{"ciphertext": {}{}}}"#, "[".repeat(200_000), "]".repeat(200_000));
         let pt = plaintext(FORWARD, "\"k\"", &deep);
         let f = RawForward::peek(&pt).unwrap();
-        assert_eq!(f.payload().unwrap(), deep.as_bytes());
+        assert!(matches!(f.payload(), Err(HandleError::BadMessage(why)) if why.contains("parser reads")));
         let pt = plaintext(FORWARD, &"[".repeat(200_000), JWE);
         assert!(RawForward::peek(&pt).is_none());
+    }
+
+    #[test]
+    fn a_msg_a_parser_refuses_is_not_queued_as_an_object_or_inside_a_string() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        for bad in [
+            r#"{"ciphertext": "\ud800", "protected": "p"}"#.to_string(),
+            r#"{"ciphertext": "c", "n": 1e400}"#.to_string(),
+            format!(r#"{{"ciphertext": "c", "a": {deep}}}"#),
+        ] {
+            assert!(serde_json::from_str::<&RawValue>(&bad).is_ok(), "{bad}");
+            for msg in [bad.clone(), serde_json::to_string(&bad).unwrap()] {
+                let pt = plaintext(FORWARD, "\"k\"", &msg);
+                match RawForward::peek(&pt).unwrap().payload() {
+                    Err(HandleError::BadMessage(why)) => assert!(why.contains("parser reads"), "{msg}: {why}"),
+                    other => panic!("{msg}: {:?}", other.map(|p| p.len())),
+                }
+            }
+        }
+        // A string holding what is not a JWE object is not one either.
+        for inner in ["not json", "[1, 2]", r#"{"hello": 1}"#] {
+            let pt = plaintext(FORWARD, "\"k\"", &serde_json::to_string(inner).unwrap());
+            assert!(RawForward::peek(&pt).unwrap().payload().is_err(), "{inner}");
+        }
     }
 
     /// Anoncrypted (read by `peek`) and authcrypted (through the dispatch) forwards queue the

@@ -3,7 +3,8 @@
 //! times its own size, and anyone can send one. Envelopes and messages are read here as typed
 //! fields borrowed from the bytes ([`RawValue`]: checked to be JSON, never built), as lists
 //! of which only the first few elements are kept ([`list`]), or as a tree with a bounded
-//! number of values ([`object_without`], [`value_within`]).
+//! number of values ([`object_without`], [`value_within`]). JSON passed on as it was sent is
+//! first read in full as a parser would, and dropped as it is read ([`strict`]).
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
@@ -91,6 +92,96 @@ pub fn list(raw: &RawValue, keep: usize) -> Option<List<'_>> {
     let l = de::Deserializer::deserialize_seq(&mut de, Keep(keep)).ok()?;
     de.end().ok()?;
     Some(l)
+}
+
+/// JSON text that a real parse reads (serde_json into a `Value`, Python's `json`, a wallet's
+/// JSON.parse into objects it then uses): checked by [`strict`], never built.
+#[derive(Clone, Copy, Debug)]
+pub struct Strict<'a>(&'a RawValue);
+
+impl<'a> Strict<'a> {
+    /// The text, without the whitespace around it.
+    pub fn get(self) -> &'a str {
+        self.0.get()
+    }
+
+    /// The text as a [`RawValue`], written as it is where it is serialized.
+    pub fn raw(self) -> &'a RawValue {
+        self.0
+    }
+}
+
+/// `bytes` as JSON that a real parse reads, or why not. [`RawValue`] and [`IgnoredAny`] only
+/// check JSON's grammar: they pass a lone surrogate (`"\ud800"`), a number out of range
+/// (`1e400`) and nesting of any depth, all of which serde_json refuses to read into a
+/// `Value`, as other parsers do. Such text queued and written into a delivery byte for byte
+/// makes the whole delivery unreadable to the wallet: it never acknowledges it, and gets the
+/// same message back first in every batch. Read here as a `Value` would be (serde_json's
+/// unescaping, number parsing and depth limit of 128), every value dropped as soon as it is
+/// read: no tree, nothing allocated beyond serde_json's scratch buffer.
+pub fn strict(bytes: &[u8]) -> Result<Strict<'_>, serde_json::Error> {
+    let raw: &RawValue = serde_json::from_slice(bytes)?;
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    Discard.deserialize(&mut de)?;
+    de.end()?;
+    Ok(Strict(raw))
+}
+
+/// Any JSON value, read in full and dropped ([`strict`]). Calls `deserialize_any` (never
+/// `deserialize_ignored_any`, which serde_json skips lexically) down to every leaf.
+#[derive(Clone, Copy)]
+struct Discard;
+
+impl<'de> DeserializeSeed<'de> for Discard {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Discard {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_borrowed_str<E: de::Error>(self, _: &'de str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_string<E: de::Error>(self, _: String) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(self)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        // Keys through the same seed: a key is a string, unescaped as any other.
+        while map.next_key_seed(self)?.is_some() {
+            map.next_value_seed(self)?;
+        }
+        Ok(())
+    }
 }
 
 /// Why JSON was not read into a tree.
@@ -311,6 +402,54 @@ mod tests {
             object_without(br#"{"a": 1} x"#, "x", 7),
             Err(TreeError::NotJson(_))
         ));
+    }
+
+    fn nested(depth: usize) -> String {
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn the_strict_check_refuses_what_a_real_parse_refuses_and_lexical_checks_pass() {
+        let deep = nested(200);
+        let deep_in_object = format!(r#"{{"ciphertext": "c", "a": {deep}}}"#);
+        for bad in [
+            r#""\ud800""#,
+            r#"{"ciphertext": "\ud800x"}"#,
+            r#"{"\udc00": 1}"#,
+            "1e400",
+            r#"{"ciphertext": "c", "n": [-1e400]}"#,
+            deep.as_str(),
+            deep_in_object.as_str(),
+        ] {
+            // What the check before it passed, and serde_json into a tree refuses.
+            assert!(serde_json::from_str::<&RawValue>(bad).is_ok(), "{bad}");
+            assert!(serde_json::from_str::<IgnoredAny>(bad).is_ok(), "{bad}");
+            assert!(serde_json::from_str::<Value>(bad).is_err(), "{bad}");
+            assert!(strict(bad.as_bytes()).is_err(), "{bad}");
+        }
+        for not_json in ["", "{", r#"{"a": 1} x"#, "[1,]"] {
+            assert!(strict(not_json.as_bytes()).is_err(), "{not_json}");
+        }
+        assert!(strict(&[b'"', 0xff, b'"']).is_err());
+    }
+
+    #[test]
+    fn the_strict_check_passes_what_a_real_parse_reads_as_it_was_written() {
+        let jwe = r#" { "protected": "eyJ0eXAiOiJKV00vMS4wIn0", "iv": "aXY", "ciphertext": "Y3Q", "tag": "dGFn",
+            "recipients": [{ "encrypted_key": "ZWs", "header": { "kid": "did:key:z6LS#z6LS" } }] } "#;
+        let zeros = format!("[{}0]", "0,".repeat(100_000));
+        let deep_enough = nested(100);
+        for good in [
+            jwe,
+            r#""\ud83d\ude00 \u00e9 \n""#,
+            r#"{"\ud83d\ude00": [1.5e300, -0, 18446744073709551615, 1e-400, true, null]}"#,
+            zeros.as_str(),
+            deep_enough.as_str(),
+        ] {
+            assert!(serde_json::from_str::<Value>(good).is_ok(), "{good}");
+            let s = strict(good.as_bytes()).unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(s.get(), good.trim());
+        }
     }
 
     #[test]

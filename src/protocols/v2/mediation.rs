@@ -331,7 +331,8 @@ fn over_limit(m: &Mediator, ctx: &Inbound, updates: &[Value], would_hold: usize)
                 .as_str()
                 .or_else(|| u["recipient_key"].as_str())
                 .unwrap_or_default();
-            json!({ "recipient_did": raw, "action": u["action"], "result": "server_error" })
+            // The action as a string, or null: never whatever the sender wrote there.
+            json!({ "recipient_did": raw, "action": u["action"].as_str(), "result": "server_error" })
         })
         .collect();
     let why = super::super::mediation::over_limit_reason(would_hold, m.max_keys_per_connection);
@@ -396,9 +397,23 @@ mod tests {
             .iter()
             .map(|(d, a)| json!({ "recipient_did": d, "action": a }))
             .collect();
+        let out = update(m, &recipient_update_of(conn, updates)).await?;
+        Ok(out.replies[0]["body"]["updated"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| {
+                let s = |k: &str| u[k].as_str().unwrap().to_string();
+                (s("recipient_did"), s("result"))
+            })
+            .collect())
+    }
+
+    /// A recipient-update 3.0 of `conn`'s wallet holding `updates` as they are.
+    fn recipient_update_of(conn: &Connection, updates: Vec<Value>) -> Inbound {
         let type_str = "https://didcomm.org/coordinate-mediation/3.0/recipient-update";
         let msg = json!({ "id": "u-1", "type": type_str, "body": { "updates": updates } });
-        let ctx = Inbound {
+        Inbound {
             plaintext: serde_json::to_vec(&msg).unwrap(),
             msg,
             type_str: type_str.into(),
@@ -410,17 +425,30 @@ mod tests {
             dialect: None,
             transport: TransportKind::Http,
             lease_owner: "n1/test".into(),
-        };
-        let out = update(m, &ctx).await?;
-        Ok(out.replies[0]["body"]["updated"]
+        }
+    }
+
+    /// An update refused for the key limit echoes each action as a string or null, never what
+    /// the sender wrote there (an object written into the reply as it is).
+    #[actix_rt::test]
+    async fn an_update_over_the_key_limit_echoes_only_string_actions() {
+        let (m, c1) = mediator_for_test().await;
+        let forged = json!({ "$mailroom:raw-json": "{\"ciphertext\": 1e400}" });
+        let dk = "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK";
+        let updates = vec![
+            json!({ "recipient_did": dk, "action": "add" }),
+            json!({ "recipient_did": dk, "action": forged }),
+            json!({ "recipient_did": dk, "action": [1, 2] }),
+        ];
+        let ctx = recipient_update_of(&c1, updates.clone());
+        let out = over_limit(&m, &ctx, &updates, m.max_keys_per_connection + 1);
+        let actions: Vec<&Value> = out.replies[0]["body"]["updated"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|u| {
-                let s = |k: &str| u[k].as_str().unwrap().to_string();
-                (s("recipient_did"), s("result"))
-            })
-            .collect())
+            .map(|u| &u["action"])
+            .collect();
+        assert_eq!(actions, [&json!("add"), &Value::Null, &Value::Null]);
     }
 
     fn answered(d: &str, result: &str) -> (String, String) {

@@ -3,29 +3,40 @@
 //! `serde_json::Value` costs 16-32 times its bytes (a 4 MiB attachment of `[0,0,...]`, queued
 //! by anyone, became 64-128 MB each time it was delivered).
 //!
-//! Replies are `Value`s (every transport packs them through [`super::pack`]), so the text rides
-//! in one as a marked string, [`json()`], and [`to_vec`] writes it in place, as it is, when the
-//! reply is packed. Owns that marking only; what is embedded is the callers' choice.
+//! Replies are `Value`s (every transport packs them through [`super::pack`], and v1's through
+//! [`crate::protocols::Mediator::pack_for`]), so the text rides in one as a marked string,
+//! [`json()`], and [`to_vec`] writes it in place, as it is, when the reply is packed. Owns that
+//! marking only; what is embedded is the callers' choice.
 
+use crate::didcomm::v2::json::{self as djson, Strict};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
+use std::sync::LazyLock;
 
-/// The one member of an object standing for JSON text written in its place. No peer's object
-/// is ever put in a reply, and the text is checked to be JSON again when it is written.
-const MARK: &str = "$mailroom:raw-json";
+/// The one member of an object standing for JSON text written in its place: a name drawn at
+/// random for each process. A fixed one could be written by a sender into anything a reply
+/// echoes, and its text would then be spliced into the reply as it is (checked only against
+/// JSON's grammar); nobody outside the process knows this one, and it is never written out
+/// (every marked object is replaced by its text).
+static MARK: LazyLock<String> = LazyLock::new(|| format!("$mailroom:raw-json:{:032x}", rand::random::<u128>()));
 
-/// `text` (JSON, checked) as a value of a reply being built, written as it is by [`to_vec`].
-pub fn json(text: &RawValue) -> Value {
-    json!({ MARK: text.get() })
+/// `text` (JSON a real parse reads: [`djson::strict`]) as a value of a reply being built,
+/// written as it is by [`to_vec`]. Only such text is ever spliced: text that a lexical check
+/// passes but a parser refuses would make the whole reply unreadable.
+pub fn json(text: Strict<'_>) -> Value {
+    let mut m = Map::new();
+    m.insert(MARK.clone(), Value::String(text.get().to_owned()));
+    Value::Object(m)
 }
 
 /// A queued payload as a v2 attachment's `data`: `json`, the payload as it is, when it is a
-/// JSON object (a JWE, as every sender forwards one); else unpadded base64url. Checked to be
-/// JSON without building it.
+/// JSON object (a JWE, as every sender forwards one) that a real parse reads; else unpadded
+/// base64url (what was queued before forwards were checked strictly, or not JSON at all).
+/// Checked without building it.
 pub fn attachment_data(payload: &[u8]) -> Value {
-    match serde_json::from_slice::<&RawValue>(payload) {
-        Ok(raw) if raw.get().starts_with('{') => json!({ "json": json(raw) }),
+    match djson::strict(payload) {
+        Ok(text) if text.get().starts_with('{') => json!({ "json": json(text) }),
         _ => json!({ "base64": crate::didcomm::b64::encode(payload) }),
     }
 }
@@ -41,9 +52,11 @@ pub fn to_vec(msg: &Value, spare: usize) -> serde_json::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// The text a value stands for, if it is a marked one holding JSON.
+/// The text a value stands for, if it is a marked one holding JSON. Only [`json()`] writes the
+/// mark, from text checked strictly already: checked here only to be JSON (cheaply, twice per
+/// reply), not strictly again.
 fn text_of(m: &Map<String, Value>) -> Option<&RawValue> {
-    match (m.len(), m.get(MARK)) {
+    match (m.len(), m.get(MARK.as_str())) {
         (1, Some(Value::String(s))) => serde_json::from_str::<&RawValue>(s).ok(),
         _ => None,
     }
@@ -118,7 +131,64 @@ mod tests {
 
     #[test]
     fn a_marked_string_that_is_not_json_is_written_as_the_object_it_is() {
-        let forged = json!({ "x": { MARK: "{not json" } });
+        let forged = json!({ "x": { MARK.as_str(): "{not json" } });
         assert_eq!(to_vec(&forged, 0).unwrap(), serde_json::to_vec(&forged).unwrap());
+    }
+
+    /// Text that JSON's grammar allows and parsers refuse: a lone surrogate, a number out of
+    /// range, nesting past serde_json's limit (what forwards queued before they were checked
+    /// strictly may hold).
+    fn unreadable() -> Vec<String> {
+        vec![
+            r#"{"ciphertext": "\ud800"}"#.into(),
+            r#"{"ciphertext": "c", "n": 1e400}"#.into(),
+            format!(r#"{{"ciphertext": "c", "a": {}{}}}"#, "[".repeat(200), "]".repeat(200)),
+        ]
+    }
+
+    #[test]
+    fn a_payload_a_parser_refuses_is_embedded_as_base64() {
+        for p in unreadable() {
+            assert!(serde_json::from_str::<&RawValue>(&p).is_ok(), "{p}");
+            let d = attachment_data(p.as_bytes());
+            assert_eq!(d, json!({ "base64": crate::didcomm::b64::encode(p.as_bytes()) }), "{p}");
+        }
+    }
+
+    #[test]
+    fn a_reply_delivering_a_payload_a_parser_refuses_is_read_by_a_parser() {
+        let jwe = r#"{"protected": "p", "ciphertext": "c"}"#;
+        let mut atts = vec![json!({ "id": "ok", "data": attachment_data(jwe.as_bytes()) })];
+        atts.extend(
+            unreadable()
+                .iter()
+                .map(|p| json!({ "id": "bad", "data": attachment_data(p.as_bytes()) })),
+        );
+        let reply = json!({ "id": "1", "attachments": atts });
+        let out = to_vec(&reply, 0).unwrap();
+        let back: Value = serde_json::from_slice(&out).expect("the delivery parses");
+        assert_eq!(back["attachments"][0]["data"]["json"]["ciphertext"], "c");
+        for (i, p) in unreadable().iter().enumerate() {
+            let b64 = back["attachments"][i + 1]["data"]["base64"].as_str().unwrap();
+            assert_eq!(crate::didcomm::b64::decode(b64).unwrap(), p.as_bytes());
+        }
+    }
+
+    #[test]
+    fn a_sender_written_object_under_the_old_mark_is_written_as_that_object_not_spliced() {
+        // What `{"$mailroom:raw-json": ...}` echoed from a message would have become: its text
+        // spliced unchecked (here a lone surrogate that makes the reply unreadable).
+        for forged in [
+            json!({ "$mailroom:raw-json": r#""\ud800""# }),
+            json!({ "$mailroom:raw-json": r#"{"ciphertext": "c", "n": 1e400}"# }),
+        ] {
+            let reply = json!({ "id": "1", "body": { "updated": [{ "action": forged.clone() }] } });
+            let out = String::from_utf8(to_vec(&reply, 0).unwrap()).unwrap();
+            assert_eq!(out, serde_json::to_string(&reply).unwrap());
+            let back: Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(back["body"]["updated"][0]["action"], forged);
+        }
+        // The mark of this process is another name, nobody else's to know.
+        assert!(MARK.starts_with("$mailroom:raw-json:") && MARK.len() > "$mailroom:raw-json:".len() + 16);
     }
 }

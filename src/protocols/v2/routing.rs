@@ -239,7 +239,9 @@ fn attachment_payloads(plaintext: &[u8]) -> Result<Vec<Cow<'_, [u8]>>, HandleErr
 }
 
 /// One attachment's payload: `data.json` if it is an object, else `data.base64` if it is a
-/// string.
+/// string. A `data.json` that parsers refuse (a lone surrogate, a number out of range, nesting
+/// past 128: [`json::strict`]) is refused: written byte for byte into every delivery of the
+/// wallet, it would make each unreadable, and come back first in every batch.
 fn attachment_payload(a: &RawValue) -> Result<Cow<'_, [u8]>, HandleError> {
     let neither = || HandleError::BadMessage("forward attachment has neither data.json nor data.base64".into());
     let a: AttachmentIn = json::object_or_default(a).map_err(|_| neither())?;
@@ -250,7 +252,11 @@ fn attachment_payload(a: &RawValue) -> Result<Cow<'_, [u8]>, HandleError> {
         .map_err(|_| neither())?
         .unwrap_or_default();
     match (data.json.filter(|j| json::is_object(j)), json::opt_str(data.base64)) {
-        (Some(j), _) => Ok(Cow::Borrowed(j.get().as_bytes())),
+        (Some(j), _) => json::strict(j.get().as_bytes())
+            .map(|j| Cow::Borrowed(j.get().as_bytes()))
+            .map_err(|e| {
+                HandleError::BadMessage(format!("forward attachment data.json is not JSON a parser reads: {e}"))
+            }),
         (None, Some(b)) => crate::didcomm::b64::decode(&b)
             .map(Cow::Owned)
             .ok_or_else(|| HandleError::BadMessage("forward attachment base64 is not base64".into())),
@@ -442,6 +448,21 @@ mod tests {
         assert!(refusal(&forward_with(&many)).contains("at most 16"));
         let no_member = br#"{"id": "f", "type": "https://didcomm.org/routing/2.0/forward"}"#;
         assert!(refusal(no_member).contains("no attachments"));
+    }
+
+    #[test]
+    fn a_forward_whose_json_a_parser_refuses_is_refused_whole() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        for bad in [
+            r#"{"ciphertext": "c", "n": 1e400}"#.to_string(),
+            r#"{"ciphertext": "\ud800"}"#.to_string(),
+            format!(r#"{{"ciphertext": "c", "a": {deep}}}"#),
+        ] {
+            // Beside a good one: nothing of the forward is queued.
+            let atts = format!(r#"[{{"data": {{"json": {{"ciphertext": "ok"}}}}}}, {{"data": {{"json": {bad}}}}}]"#);
+            let got = refusal(&forward_with(&atts));
+            assert!(got.contains("not JSON a parser reads"), "{bad}: {got}");
+        }
     }
 
     #[actix_rt::test]
