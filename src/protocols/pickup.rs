@@ -222,8 +222,10 @@ pub const MAX_PAYLOAD_VALUES: usize = 1024;
 /// validates `message` as an object and refuses a whole batch over one string, and a batch
 /// is removed once written back, so its other messages were lost with it.
 fn payload_json(payload: &[u8]) -> Option<Value> {
-    crate::didcomm::v2::json::value_within(payload, MAX_PAYLOAD_VALUES)
-        .or_else(|| crate::didcomm::v2::json::strict(payload).ok().map(raw::json))
+    // Strictly first (depth included: a tree of few values may still nest too deep for the
+    // wallet's parser once the delivery wraps it), then as a tree when small.
+    let strict = crate::didcomm::v2::json::strict(payload).ok()?;
+    crate::didcomm::v2::json::value_within(payload, MAX_PAYLOAD_VALUES).or_else(|| Some(raw::json(strict)))
 }
 
 /// A queued payload as a v1 attachment's `data`: `json` when it is JSON a parser reads

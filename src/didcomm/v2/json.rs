@@ -119,18 +119,38 @@ impl<'a> Strict<'a> {
 /// same message back first in every batch. Read here as a `Value` would be (serde_json's
 /// unescaping, number parsing and depth limit of 128), every value dropped as soon as it is
 /// read: no tree, nothing allocated beyond serde_json's scratch buffer.
+///
+/// Nested at most [`MAX_DEPTH`] deep, far below serde_json's 128: a delivery wraps the payload
+/// in a few levels of its own (`attachments`, `data`, `json`), and a payload nested 127 deep,
+/// read alone, made the delivery too deep for the wallet's parser.
 pub fn strict(bytes: &[u8]) -> Result<Strict<'_>, serde_json::Error> {
     let raw: &RawValue = serde_json::from_slice(bytes)?;
     let mut de = serde_json::Deserializer::from_str(raw.get());
-    Discard.deserialize(&mut de)?;
+    Discard { depth: 0 }.deserialize(&mut de)?;
     de.end()?;
     Ok(Strict(raw))
 }
 
+/// How deep a payload [`strict`] passes may nest (a JWE nests 3 deep).
+pub const MAX_DEPTH: usize = 64;
+
 /// Any JSON value, read in full and dropped ([`strict`]). Calls `deserialize_any` (never
-/// `deserialize_ignored_any`, which serde_json skips lexically) down to every leaf.
+/// `deserialize_ignored_any`, which serde_json skips lexically) down to every leaf; `depth`:
+/// the arrays and objects around it.
 #[derive(Clone, Copy)]
-struct Discard;
+struct Discard {
+    depth: usize,
+}
+
+impl Discard {
+    /// The seed for what an array or object holds, or an error past [`MAX_DEPTH`].
+    fn inside<E: de::Error>(self) -> Result<Discard, E> {
+        if self.depth >= MAX_DEPTH {
+            return Err(E::custom(format!("nested more than {MAX_DEPTH} deep")));
+        }
+        Ok(Discard { depth: self.depth + 1 })
+    }
+}
 
 impl<'de> DeserializeSeed<'de> for Discard {
     type Value = ();
@@ -172,13 +192,15 @@ impl<'de> Visitor<'de> for Discard {
         Ok(())
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(self)?.is_some() {}
+        let inner = self.inside()?;
+        while seq.next_element_seed(inner)?.is_some() {}
         Ok(())
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let inner = self.inside()?;
         // Keys through the same seed: a key is a string, unescaped as any other.
-        while map.next_key_seed(self)?.is_some() {
-            map.next_value_seed(self)?;
+        while map.next_key_seed(inner)?.is_some() {
+            map.next_value_seed(inner)?;
         }
         Ok(())
     }
@@ -438,7 +460,7 @@ mod tests {
         let jwe = r#" { "protected": "eyJ0eXAiOiJKV00vMS4wIn0", "iv": "aXY", "ciphertext": "Y3Q", "tag": "dGFn",
             "recipients": [{ "encrypted_key": "ZWs", "header": { "kid": "did:key:z6LS#z6LS" } }] } "#;
         let zeros = format!("[{}0]", "0,".repeat(100_000));
-        let deep_enough = nested(100);
+        let deep_enough = nested(MAX_DEPTH);
         for good in [
             jwe,
             r#""\ud83d\ude00 \u00e9 \n""#,
@@ -450,6 +472,25 @@ mod tests {
             let s = strict(good.as_bytes()).unwrap_or_else(|e| panic!("{good}: {e}"));
             assert_eq!(s.get(), good.trim());
         }
+    }
+
+    /// A payload a parser reads alone may be too deep once a delivery wraps it (three or four
+    /// levels): past [`MAX_DEPTH`] it is refused, and one at the bound wrapped in a delivery
+    /// still parses.
+    #[test]
+    fn the_strict_check_leaves_room_for_the_levels_a_delivery_adds() {
+        let too_deep = format!(r#"{{"ciphertext": "c", "a": {}}}"#, nested(125));
+        assert!(serde_json::from_str::<Value>(&too_deep).is_ok(), "read alone");
+        let wrapped = format!(r#"{{"attachments": [{{"data": {{"json": {too_deep}}}}}]}}"#);
+        assert!(
+            serde_json::from_str::<Value>(&wrapped).is_err(),
+            "too deep in a delivery"
+        );
+        assert!(strict(too_deep.as_bytes()).is_err());
+        let at_bound = format!(r#"{{"ciphertext": "c", "a": {}}}"#, nested(MAX_DEPTH - 1));
+        assert!(strict(at_bound.as_bytes()).is_ok());
+        let wrapped = format!(r#"{{"attachments": [{{"data": {{"json": {at_bound}}}}}]}}"#);
+        assert!(serde_json::from_str::<Value>(&wrapped).is_ok());
     }
 
     #[test]
