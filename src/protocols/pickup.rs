@@ -222,10 +222,14 @@ pub const MAX_PAYLOAD_VALUES: usize = 1024;
 /// validates `message` as an object and refuses a whole batch over one string, and a batch
 /// is removed once written back, so its other messages were lost with it.
 fn payload_json(payload: &[u8]) -> Option<Value> {
-    // Strictly first (depth included: a tree of few values may still nest too deep for the
-    // wallet's parser once the delivery wraps it), then as a tree when small.
-    let strict = crate::didcomm::v2::json::strict(payload).ok()?;
-    crate::didcomm::v2::json::value_within(payload, MAX_PAYLOAD_VALUES).or_else(|| Some(raw::json(strict)))
+    use crate::didcomm::v2::json::{strict, value_within, within_depth};
+    // One read per payload on every delivery: a small one as a tree (a real parse), its depth
+    // then checked on the tree (a tree of few values may still nest too deep for the wallet's
+    // parser once the delivery wraps it); a larger one strictly, without a tree.
+    match value_within(payload, MAX_PAYLOAD_VALUES) {
+        Some(tree) => within_depth(&tree).then_some(tree),
+        None => strict(payload).ok().map(raw::json),
+    }
 }
 
 /// A queued payload as a v1 attachment's `data`: `json` when it is JSON a parser reads

@@ -134,6 +134,19 @@ pub fn strict(bytes: &[u8]) -> Result<Strict<'_>, serde_json::Error> {
 /// How deep a payload [`strict`] passes may nest (a JWE nests 3 deep).
 pub const MAX_DEPTH: usize = 64;
 
+/// Whether a tree already read (so by a real parse) nests at most [`MAX_DEPTH`] deep: what
+/// [`strict`] checks, without reading the text again.
+pub fn within_depth(v: &Value) -> bool {
+    fn deepest(v: &Value, depth: usize) -> bool {
+        match v {
+            Value::Array(a) => depth < MAX_DEPTH && a.iter().all(|x| deepest(x, depth + 1)),
+            Value::Object(m) => depth < MAX_DEPTH && m.values().all(|x| deepest(x, depth + 1)),
+            _ => true,
+        }
+    }
+    deepest(v, 0)
+}
+
 /// Any JSON value, read in full and dropped ([`strict`]). Calls `deserialize_any` (never
 /// `deserialize_ignored_any`, which serde_json skips lexically) down to every leaf; `depth`:
 /// the arrays and objects around it.
@@ -491,6 +504,15 @@ mod tests {
         assert!(strict(at_bound.as_bytes()).is_ok());
         let wrapped = format!(r#"{{"attachments": [{{"data": {{"json": {at_bound}}}}}]}}"#);
         assert!(serde_json::from_str::<Value>(&wrapped).is_ok());
+    }
+
+    #[test]
+    fn a_tree_read_is_within_depth_as_strict_says() {
+        for depth in [1, 2, MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1, 100] {
+            let text = nested(depth);
+            let tree: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(within_depth(&tree), strict(text.as_bytes()).is_ok(), "{depth}");
+        }
     }
 
     #[test]

@@ -35,8 +35,10 @@ pub fn json(text: Strict<'_>) -> Value {
 /// base64url (what was queued before forwards were checked strictly, or not JSON at all).
 /// Checked without building it.
 pub fn attachment_data(payload: &[u8]) -> Value {
-    match djson::strict(payload) {
-        Ok(text) if text.get().starts_with('{') => json!({ "json": json(text) }),
+    // An object or nothing: what does not start as one is not read at all.
+    let object = payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    match object.then(|| djson::strict(payload)) {
+        Some(Ok(text)) => json!({ "json": json(text) }),
         _ => json!({ "base64": crate::didcomm::b64::encode(payload) }),
     }
 }
