@@ -287,15 +287,15 @@ pub async fn run(
             c.routes_changed(conn, keys);
         }));
     }
-    let registry = Registry::new(cluster.clone());
+    let registry = Registry::new(cluster.clone()).start();
     let bound = Arc::new(crate::registry::LocalHolders::default());
     let _ = mediator.holders.set(Arc::new(crate::session::NodeHolders {
         node_id: node_id.to_string(),
         cluster: cluster.clone(),
         local: bound.clone(),
         strategy: cfg.delivery.strategy,
+        registry: registry.clone(),
     }));
-    let registry = registry.start();
     // Agents' endpoints must not reach an admin listener of this cluster (this node's, bound
     // where it is even when the config says port 0, and every [[node]]'s) nor metadata services.
     let admin_addr = listeners.admin.local_addr()?;
@@ -478,6 +478,7 @@ pub async fn run(
                                 conn,
                                 code: crate::admin::OPERATOR_CLOSE_CODE,
                                 reason,
+                                except: None,
                             })
                             .await;
                     }

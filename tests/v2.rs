@@ -668,6 +668,94 @@ async fn isolation_a_wallet_picks_up_only_its_own_queue() {
 /// through n1, each once.
 #[actix_rt::test]
 async fn cluster_socket_on_n1_forward_to_n2_delivered_live() {
+    let (_db, nodes, [on_n1, _]) = v2_pair().await;
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    let mut a = V2Agent::new(on_n1).unwrap();
+    let r = a.onboard().await.unwrap();
+    let mut sock = a.live().await.unwrap();
+    let conn = a_connection_id(n1).await;
+    wait_owner(&[n2], &conn, "n1").await;
+    let s = V2Sender::new().unwrap();
+    for i in 0..10 {
+        assert_eq!(
+            s.forward_via(&n2.public_url(), &r, &s.basic(&r, &format!("via-n2-{i}")))
+                .await
+                .unwrap(),
+            202
+        );
+    }
+    let (got, dups) = receive_live(&a, &mut sock, 10).await;
+    assert_eq!(dups, 0, "{got:?}");
+    eventually("queue drained", || async { (queue_depth(n1).await == 0).then_some(()) }).await;
+}
+
+/// A DID rotated away (`from_prior`) takes its sockets with it: a socket bound by the old DID
+/// before the rotation (whoever holds the old keys) is closed, on the node the rotation came
+/// to and on the others, and gets none of the mail that follows; the socket that carried the
+/// rotation keeps delivering. Before, such a socket went on getting the wallet's mail, packed
+/// for the old DID, until it closed by itself.
+#[actix_rt::test]
+async fn sockets_bound_by_a_did_that_rotated_away_are_closed_on_every_node() {
+    let (_db, nodes, [on_n1, on_n2]) = v2_pair().await;
+    let n1 = nodes[0].public_url();
+    let s = V2Sender::new().unwrap();
+    // A's own socket and a copy of its old DID's (whoever holds the old keys) are both on n1,
+    // bound by the old DID; A's rotation comes on its own socket, which keeps delivering.
+    let mut a = V2Agent::new(on_n1.clone()).unwrap();
+    let ra = a.onboard().await.unwrap();
+    let mut old = a.live().await.unwrap();
+    let mut own = a.live().await.unwrap();
+    assert_eq!(s.forward_via(&n1, &ra, &s.basic(&ra, "a-before")).await.unwrap(), 202);
+    let mut got = Vec::new();
+    while got.is_empty() {
+        for sock in [&mut old, &mut own] {
+            if let Ok(d) = a.recv(sock, std::time::Duration::from_millis(100)).await {
+                if kind(&d) == "delivery" {
+                    got.extend(a.open_delivery(&d).unwrap().into_iter().map(|(id, _)| id));
+                }
+            }
+        }
+    }
+    a.rotate().unwrap();
+    let ack = a.message(
+        "https://didcomm.org/messagepickup/3.0/messages-received",
+        json!({ "message_id_list": got }),
+    );
+    a.send(&mut own, &ack).await.unwrap();
+    assert_closed_as_rotated(&a, &mut old, "n1, the node of the rotation").await;
+    assert_eq!(s.forward_via(&n1, &ra, &s.basic(&ra, "a-after")).await.unwrap(), 202);
+    assert_eq!(receive_live(&a, &mut own, 1).await.0, ["a-after"]);
+
+    // B's old socket is on n2; B rotates over HTTP on n1.
+    let mut b = V2Agent::new(on_n2.clone()).unwrap();
+    let rb = b.onboard().await.unwrap();
+    let mut old = b.live().await.unwrap();
+    b.rotate().unwrap();
+    b.mediator = on_n1.clone();
+    assert_eq!(b.status(None).await.unwrap(), 0);
+    assert_closed_as_rotated(&b, &mut old, "n2, another node").await;
+    assert_eq!(s.forward_via(&n1, &rb, &s.basic(&rb, "b-after")).await.unwrap(), 202);
+    let got = b.delivery(10, None).await.unwrap();
+    assert_eq!(got.len(), 1, "{got:?}");
+}
+
+/// `old` closes (after what it was sent before) with the reason a rotation gives.
+async fn assert_closed_as_rotated(a: &V2Agent, old: &mut V2Socket, name: &str) {
+    let closed = loop {
+        match a.recv(old, WAIT).await {
+            Ok(_) => continue,
+            Err(e) => break format!("{e:#}"),
+        }
+    };
+    assert!(
+        closed.contains("socket closed") && closed.contains("rotated"),
+        "{name}: {closed}"
+    );
+}
+
+/// Two nodes of one cluster on a fresh PostgreSQL database, linked, with the v2 mediator as
+/// seen through each.
+async fn v2_pair() -> (FreshDb, Vec<RunningNode>, [V2Mediator; 2]) {
     let db = FreshDb::create().await;
     let (mut cfg, ls) = bind_cluster(2, &db.url, 600_000);
     // The load balancer's URL: what the mediator's DID advertises on every node.
@@ -692,23 +780,12 @@ async fn cluster_socket_on_n1_forward_to_n2_delivered_live() {
         http: n1.public_url(),
         ws: Some(ws_url(n1)),
     };
-    let mut a = V2Agent::new(on_n1).unwrap();
-    let r = a.onboard().await.unwrap();
-    let mut sock = a.live().await.unwrap();
-    let conn = a_connection_id(n1).await;
-    wait_owner(&[n2], &conn, "n1").await;
-    let s = V2Sender::new().unwrap();
-    for i in 0..10 {
-        assert_eq!(
-            s.forward_via(&n2.public_url(), &r, &s.basic(&r, &format!("via-n2-{i}")))
-                .await
-                .unwrap(),
-            202
-        );
-    }
-    let (got, dups) = receive_live(&a, &mut sock, 10).await;
-    assert_eq!(dups, 0, "{got:?}");
-    eventually("queue drained", || async { (queue_depth(n1).await == 0).then_some(()) }).await;
+    let on_n2 = V2Mediator {
+        did: m2.did.clone(),
+        http: n2.public_url(),
+        ws: Some(ws_url(n2)),
+    };
+    (db, nodes, [on_n1, on_n2])
 }
 
 /// The basic message `content` from `s` for `to`, anoncrypted to `to`'s keys (what a

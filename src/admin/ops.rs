@@ -62,6 +62,7 @@ async fn close_everywhere(st: &AdminState, conn: &str, reason: &str) -> (usize, 
             conn: conn.to_string(),
             code: OPERATOR_CLOSE_CODE,
             reason: reason.to_string(),
+            except: None,
         })
         .await
         .unwrap_or(0);

@@ -130,6 +130,13 @@ pub trait Holders: Send + Sync {
     /// hand-off repeats per message) may be handed to it there; `None` queues them pending
     /// and wakes whoever holds the session, as before.
     fn holder(&self, conn: &str, len: usize) -> Option<String>;
+
+    /// `conn`'s peer is another DID now (a DIDComm v2 `from_prior`): the sessions bound to it
+    /// by the old DID, on every node, are closed, so whoever holds the old DID's keys stops
+    /// getting the wallet's mail on a socket opened before the rotation. `kept_owner`, the
+    /// lease owner of the transport that carried the rotation (it proved the new DID), keeps
+    /// its session.
+    fn rotated(&self, conn: &str, kept_owner: &str);
 }
 
 /// The lease owner of messages queued leased to `node`'s live sessions ([`Outcome::handed`]):

@@ -457,6 +457,8 @@ pub struct CloseConn {
     pub conn: String,
     pub code: u16,
     pub reason: String,
+    /// A session left open (the one that carried a DID rotation).
+    pub except: Option<SessionId>,
 }
 
 impl Handler<CloseConn> for Registry {
@@ -465,15 +467,16 @@ impl Handler<CloseConn> for Registry {
         let Some(entries) = self.by_conn.get(&m.conn) else {
             return 0;
         };
-        for e in entries {
+        let closing: Vec<&Entry> = entries.iter().filter(|e| Some(e.session) != m.except).collect();
+        for e in &closing {
             // Past a full mailbox, as every control signal: see `SessionMoved`.
             e.to.do_send(Signal::Close(Close {
                 code: m.code,
                 reason: m.reason.clone(),
             }));
         }
-        tracing::info!(connection = %m.conn, sessions = entries.len(), reason = %m.reason, "sessions closed by an operator action");
-        entries.len()
+        tracing::info!(connection = %m.conn, sessions = closing.len(), reason = %m.reason, "sessions closed");
+        closing.len()
     }
 }
 
@@ -580,6 +583,7 @@ mod tests {
             conn: "c2".into(),
             code: 1000,
             reason: "removed".into(),
+            except: None,
         };
         assert_eq!(registry.send(close).await.unwrap(), 1);
         let shutdown = CloseAll {

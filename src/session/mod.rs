@@ -29,7 +29,9 @@ use crate::cluster::{ClusterHandle, Held, NotifyOutcome};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocols::{handoff_owner, now_ms, AckOnReturn, Handed, Mediator};
-use crate::registry::{IsLocal, LocalConns, LocalHolders, Registry, SessionFor, Signal, WakeLocal, WakeMany};
+use crate::registry::{
+    CloseConn, IsLocal, LocalConns, LocalHolders, Registry, SessionFor, Signal, WakeLocal, WakeMany,
+};
 use crate::store::{MediationState, QueuedMessage};
 use actix::Addr;
 use parking_lot::Mutex;
@@ -725,6 +727,20 @@ pub struct NodeHolders {
     pub cluster: Option<ClusterHandle>,
     pub local: Arc<LocalHolders>,
     pub strategy: crate::config::Strategy,
+    /// Where a rotation's closes go ([`crate::protocols::Holders::rotated`]).
+    pub registry: Addr<Registry>,
+}
+
+/// Why a session bound by a DID that rotated away is closed (1008, as an operator's close: the
+/// socket must not carry on as it was; the wallet reconnects as its new DID).
+pub const ROTATED_REASON: &str = "the DID of this connection rotated: reconnect as the new DID";
+
+/// The session whose lease owner is `owner` ([`Shared::session_owner`]) on `node`, if it is
+/// one of this process's WebSocket sessions.
+pub fn session_of_owner(node: &str, owner: &str) -> Option<u64> {
+    let holder = owner.strip_prefix(&crate::protocols::node_owners(node))?;
+    let session = holder.strip_prefix(&format!("ws/{}/", std::process::id()))?;
+    session.parse().ok()
 }
 
 impl crate::protocols::Holders for NodeHolders {
@@ -735,6 +751,20 @@ impl crate::protocols::Holders for NodeHolders {
         match &self.cluster {
             Some(c) => c.holder(conn, len),
             None => self.local.holds(conn).then(|| self.node_id.clone()),
+        }
+    }
+
+    fn rotated(&self, conn: &str, kept_owner: &str) {
+        self.registry.do_send(CloseConn {
+            conn: conn.to_string(),
+            code: crate::admin::OPERATOR_CLOSE_CODE,
+            reason: ROTATED_REASON.into(),
+            except: session_of_owner(&self.node_id, kept_owner),
+        });
+        // The transport that carried the rotation is on this node: every session elsewhere
+        // was bound by the old DID.
+        if let Some(c) = &self.cluster {
+            c.close_sessions_everywhere(conn, ROTATED_REASON);
         }
     }
 }

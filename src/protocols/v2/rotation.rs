@@ -128,6 +128,11 @@ pub async fn apply(m: &Mediator, ctx: &mut Inbound) -> Result<(), HandleError> {
         m.store.update_keys(&old.id, &[], remove).await?;
     }
     tracing::info!(connection = %c.id, old = %old_did, new = %new_did, "v2 wallet rotated its DID (from_prior)");
+    // Sockets bound by the old DID (here or on other nodes) would go on delivering the
+    // connection's mail packed for it: whoever holds the old keys kept a socket's worth.
+    if let Some(h) = m.holders.get() {
+        h.rotated(&c.id, &ctx.lease_owner);
+    }
     ctx.conn = Some(c);
     Ok(())
 }
