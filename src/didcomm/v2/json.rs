@@ -147,7 +147,98 @@ pub fn within_depth(v: &Value) -> bool {
     deepest(v, 0)
 }
 
-/// Any JSON value, read in full and dropped ([`strict`]). Calls `deserialize_any` (never
+/// Whether `bytes` is JSON a parser reads ([`strict`]) and a JSON object, and which of
+/// `names` are its members and not `null` (bit `i` for `names[i]`), in one pass: a forward's `msg` is checked
+/// for its depth, its escapes and numbers and for `ciphertext`/`protected` together. `None`:
+/// strict JSON, but not an object. A name given twice is refused, as a typed read refuses it.
+pub fn strict_members(bytes: &[u8], names: &[&str]) -> Result<Option<u64>, serde_json::Error> {
+    debug_assert!(names.len() <= 64);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let found = TopMembers { names }.deserialize(&mut de)?;
+    de.end()?;
+    Ok(found)
+}
+
+/// The top level of [`strict_members`]: an object's keys compared with `names` (unescaped, as a
+/// typed read compares them), every value read by [`Discard`].
+#[derive(Clone, Copy)]
+struct TopMembers<'n> {
+    names: &'n [&'n str],
+}
+
+/// A key of [`TopMembers`]: the index of the name it is, if any.
+struct Key<'n>(&'n [&'n str]);
+
+impl<'de> DeserializeSeed<'de> for Key<'_> {
+    type Value = Option<usize>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key<'_> {
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a member name")
+    }
+    fn visit_str<E: de::Error>(self, k: &str) -> Result<Option<usize>, E> {
+        Ok(self.0.iter().position(|n| *n == k))
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for TopMembers<'_> {
+    type Value = Option<u64>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<u64>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TopMembers<'_> {
+    type Value = Option<u64>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Option<u64>, E> {
+        Ok(None)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Option<u64>, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Option<u64>, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Option<u64>, E> {
+        Ok(None)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Option<u64>, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Option<u64>, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Option<u64>, A::Error> {
+        Discard { depth: 0 }.visit_seq(seq).map(|_| None)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<u64>, A::Error> {
+        let inner = Discard { depth: 0 }.inside()?;
+        let (mut found, mut seen) = (0u64, 0u64);
+        while let Some(key) = map.next_key_seed(Key(self.names))? {
+            let null = map.next_value_seed(inner)?;
+            if let Some(i) = key {
+                if seen & (1 << i) != 0 {
+                    return Err(de::Error::custom(format!("duplicate field `{}`", self.names[i])));
+                }
+                // Present but `null` is absent, as a typed read of an `Option` reads it; it
+                // still counts once for the duplicate check.
+                found |= (!null as u64) << i;
+                seen |= 1 << i;
+            }
+        }
+        Ok(Some(found))
+    }
+}
+
+/// Any JSON value, read in full and dropped ([`strict`]); `true` if it was `null`. Calls `deserialize_any` (never
 /// `deserialize_ignored_any`, which serde_json skips lexically) down to every leaf; `depth`:
 /// the arrays and objects around it.
 #[derive(Clone, Copy)]
@@ -166,56 +257,56 @@ impl Discard {
 }
 
 impl<'de> DeserializeSeed<'de> for Discard {
-    type Value = ();
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+    type Value = bool;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
         d.deserialize_any(self)
     }
 }
 
 impl<'de> Visitor<'de> for Discard {
-    type Value = ();
+    type Value = bool;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON value")
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Ok(())
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
     }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Ok(())
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<bool, E> {
+        Ok(false)
     }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Ok(())
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<bool, E> {
+        Ok(false)
     }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Ok(())
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<bool, E> {
+        Ok(false)
     }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        Ok(())
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<bool, E> {
+        Ok(false)
     }
-    fn visit_borrowed_str<E: de::Error>(self, _: &'de str) -> Result<(), E> {
-        Ok(())
+    fn visit_borrowed_str<E: de::Error>(self, _: &'de str) -> Result<bool, E> {
+        Ok(false)
     }
-    fn visit_string<E: de::Error>(self, _: String) -> Result<(), E> {
-        Ok(())
+    fn visit_string<E: de::Error>(self, _: String) -> Result<bool, E> {
+        Ok(false)
     }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
+    fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
+        Ok(true)
     }
-    fn visit_none<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
+    fn visit_none<E: de::Error>(self) -> Result<bool, E> {
+        Ok(true)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
         let inner = self.inside()?;
         while seq.next_element_seed(inner)?.is_some() {}
-        Ok(())
+        Ok(false)
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
         let inner = self.inside()?;
         // Keys through the same seed: a key is a string, unescaped as any other.
         while map.next_key_seed(inner)?.is_some() {
             map.next_value_seed(inner)?;
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -461,11 +552,17 @@ mod tests {
             assert!(serde_json::from_str::<IgnoredAny>(bad).is_ok(), "{bad}");
             assert!(serde_json::from_str::<Value>(bad).is_err(), "{bad}");
             assert!(strict(bad.as_bytes()).is_err(), "{bad}");
+            assert!(strict_members(bad.as_bytes(), &["ciphertext"]).is_err(), "{bad}");
         }
-        for not_json in ["", "{", r#"{"a": 1} x"#, "[1,]"] {
+        for not_json in ["", "{", r#"{"a": 1} x"#, "[1,]", r#"{"a" 1}"#] {
             assert!(strict(not_json.as_bytes()).is_err(), "{not_json}");
+            assert!(strict_members(not_json.as_bytes(), &["a"]).is_err(), "{not_json}");
         }
-        assert!(strict(&[b'"', 0xff, b'"']).is_err());
+        let bad_utf8: [&[u8]; 3] = [b"\"\xff\"", b"{\"ciphertext\": \"\xff\"}", b"{\"\xc3\": 1}"];
+        for bytes in bad_utf8 {
+            assert!(strict(bytes).is_err());
+            assert!(strict_members(bytes, &["ciphertext"]).is_err());
+        }
     }
 
     #[test]
@@ -484,6 +581,7 @@ mod tests {
             assert!(serde_json::from_str::<Value>(good).is_ok(), "{good}");
             let s = strict(good.as_bytes()).unwrap_or_else(|e| panic!("{good}: {e}"));
             assert_eq!(s.get(), good.trim());
+            assert!(strict_members(good.as_bytes(), &["ciphertext"]).is_ok(), "{good}");
         }
     }
 
@@ -512,7 +610,34 @@ mod tests {
             let text = nested(depth);
             let tree: Value = serde_json::from_str(&text).unwrap();
             assert_eq!(within_depth(&tree), strict(text.as_bytes()).is_ok(), "{depth}");
+            let member = format!(r#"{{"ciphertext": "c", "a": {}}}"#, nested(depth - 1));
+            assert_eq!(
+                strict(member.as_bytes()).is_ok(),
+                strict_members(member.as_bytes(), &["ciphertext"]).is_ok(),
+                "{depth}"
+            );
         }
+    }
+
+    /// The one pass over a forward's `msg`: which names are members of the object itself,
+    /// unescaped as a typed read compares them, and nothing nested counts.
+    #[test]
+    fn the_members_of_an_object_are_found_in_the_strict_pass() {
+        let names = &["ciphertext", "protected"];
+        let found = |text: &str| strict_members(text.as_bytes(), names).unwrap();
+        assert_eq!(found(r#"{"protected": "p", "iv": "i", "ciphertext": "c"}"#), Some(0b11));
+        assert_eq!(found(r#"{"cipher\u0074ext": "c"}"#), Some(0b01));
+        assert_eq!(found(r#"{"protected": {"ciphertext": "c"}}"#), Some(0b10));
+        assert_eq!(found(r#"{"a": {"ciphertext": "c"}, "b": [{"protected": 1}]}"#), Some(0));
+        assert_eq!(found("{}"), Some(0));
+        assert_eq!(found(r#"{"ciphertext": null, "protected": "p"}"#), Some(0b10));
+        for not_object in [r#""{\"ciphertext\": 1}""#, "[{\"ciphertext\": 1}]", "1", "null", "true"] {
+            assert_eq!(found(not_object), None, "{not_object}");
+        }
+        let twice = strict_members(br#"{"ciphertext": "a", "iv": "", "ciphertext": "b"}"#, names);
+        assert!(twice.unwrap_err().to_string().contains("duplicate field `ciphertext`"));
+        let twice = strict_members(br#"{"ciphertext": null, "ciphertext": "b"}"#, names);
+        assert!(twice.is_err());
     }
 
     #[test]
