@@ -457,7 +457,7 @@ pub enum KeyUpdate {
     Revoked,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The backend cannot be reached or failed (I/O, pool, connection lost).
     #[error("store unavailable: {0}")]
@@ -549,7 +549,9 @@ pub trait Store: Send + Sync + 'static {
     /// "sled" | "postgres"
     fn backend(&self) -> &'static str;
 
-    /// Ok when the backend answers (PostgreSQL: a round trip; sled: the writer is alive).
+    /// Ok when the backend answers (PostgreSQL: a round trip, and the node's clock within
+    /// [`postgres::MAX_CLOCK_SKEW`] of the server's: leases are timed by the nodes' clocks; sled: the
+    /// writer is alive).
     async fn health(&self) -> StoreResult<()>;
 
     /// Returns the stored identity, storing `candidate` first if there is none. Race-free: when

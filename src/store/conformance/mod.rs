@@ -96,6 +96,7 @@ mod expiry;
 pub mod layered_backend;
 mod leases;
 pub mod pg_backend;
+mod pg_guards;
 mod pg_timeouts;
 mod pg_tls;
 mod push;

@@ -125,7 +125,7 @@ where
 
 /// Runs `check` with the URL of a database of its own (a node's first open creates it), in a
 /// task of its own, so that a failed assertion still drops the database afterwards.
-async fn in_own_db<F, Fut>(check: F)
+pub(super) async fn in_own_db<F, Fut>(check: F)
 where
     F: FnOnce(String) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,

@@ -1,6 +1,9 @@
 //! The live path's leases: one task that leases for every waiting session in one statement.
 
-use tokio::sync::{mpsc, oneshot};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::{BoundedPool, STATEMENT_TRIES};
 use crate::store::{QueuedMessage, StoreError, StoreResult};
@@ -18,13 +21,112 @@ pub(super) struct LeaseReq {
     /// As an enqueue's ([`super::writer::EnqueueReq`]): still waiting a statement timeout
     /// after it came, it is answered `Unavailable` without being sent.
     pub(super) deadline: tokio::time::Instant,
+    /// Its connection's place among the [`MAX_WAITING_PER_CONN`] it may have in the task's
+    /// window: held until the request is answered (or dropped), not until its caller stops
+    /// waiting, so callers that went away cannot fill the window with their requests.
+    pub(super) _turn: Turn,
+}
+
+/// Lease requests of one connection that may wait in the lease task (its channel and its
+/// window) at once; more wait in the lease gate (`LeaseGate::enter`), in their callers, for
+/// one of these to be answered.
+///
+/// Why: the window holds at most `2 * MAX_LEASE_BATCH` requests and a statement serves one
+/// request per connection (two rows of one connection in one statement would lease the same
+/// messages). One wallet sending hundreds of delivery-requests at once would otherwise fill
+/// the window with its own connection, each statement serving one of them, and every other
+/// wallet's lease would wait behind hundreds of statements, past its deadline. The extra
+/// requests cannot be answered at once instead: [`Store::lease_upto`] leases at least one
+/// message whenever one is pending, so an empty answer would break it; and merging them into
+/// one row would mix their budgets, keys and owners. So they keep their place in line (the gate
+/// is first come, first served) outside the shared window, and fail `Unavailable` only if their
+/// deadline passes there, as they would have in the window.
+///
+/// [`Store::lease_upto`]: crate::store::Store::lease_upto
+pub const MAX_WAITING_PER_CONN: usize = 4;
+
+/// The per-connection bound of lease requests in the lease task ([`MAX_WAITING_PER_CONN`]):
+/// one semaphore per connection that has a request in flight, forgotten with its last one.
+#[derive(Default)]
+pub(super) struct LeaseGate {
+    conns: parking_lot::Mutex<HashMap<String, GateSlot>>,
+}
+
+struct GateSlot {
+    /// Callers holding or waiting for one of `turns`.
+    users: usize,
+    turns: Arc<Semaphore>,
+}
+
+/// A connection's use of the [`LeaseGate`]: while it lives its connection's slot is kept; once
+/// it holds a permit, the request it goes with may be handed to the lease task.
+pub(super) struct Turn {
+    gate: Arc<LeaseGate>,
+    conn: String,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl LeaseGate {
+    /// A turn of `conn` to hand a lease request over, waiting (first come, first served) while
+    /// the connection already has [`MAX_WAITING_PER_CONN`] requests in the lease task; by
+    /// `deadline`, or `Unavailable`.
+    pub(super) async fn enter(self: &Arc<Self>, conn: &str, deadline: tokio::time::Instant) -> StoreResult<Turn> {
+        let turns = {
+            let mut conns = self.conns.lock();
+            let slot = conns.entry(conn.to_owned()).or_insert_with(|| GateSlot {
+                users: 0,
+                turns: Arc::new(Semaphore::new(MAX_WAITING_PER_CONN)),
+            });
+            slot.users += 1;
+            slot.turns.clone()
+        };
+        let mut turn = Turn {
+            gate: self.clone(),
+            conn: conn.to_owned(),
+            permit: None,
+        };
+        match tokio::time::timeout_at(deadline, turns.acquire_owned()).await {
+            Ok(Ok(p)) => {
+                turn.permit = Some(p);
+                Ok(turn)
+            }
+            // The semaphore is never closed.
+            Ok(Err(_)) => Err(StoreError::Closed),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "postgres: this connection had {MAX_WAITING_PER_CONN} lease requests waiting for the \
+                 whole store.statement_timeout_ms (it asks faster than the server answers)"
+            ))),
+        }
+    }
+
+    /// Connections with a request in flight (a test's view).
+    #[cfg(test)]
+    pub(super) fn conns_in_flight(&self) -> usize {
+        self.conns.lock().len()
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut conns = self.gate.conns.lock();
+        if let Some(slot) = conns.get_mut(&self.conn) {
+            slot.users -= 1;
+            if slot.users == 0 {
+                conns.remove(&self.conn);
+            }
+        }
+    }
 }
 
 /// Leases every request waiting (at most [`MAX_LEASE_BATCH`], one per connection: a second
 /// request for a connection waits for the next statement) in ONE statement, committed without
 /// waiting for its WAL flush: leases are hints (a lease lost in a crash makes its message
 /// pending again, delivered again: at-least-once, never a loss), so live delivery to many
-/// wallets costs neither a statement nor a flush per wallet.
+/// wallets costs neither a statement nor a flush per wallet. The window holds at most
+/// `2 * MAX_LEASE_BATCH` requests, of which at most [`MAX_WAITING_PER_CONN`] of one connection
+/// ([`LeaseGate`]): every statement serves at least `2 * MAX_LEASE_BATCH / MAX_WAITING_PER_CONN`
+/// connections when that many wait. A request whose caller went away is dropped unserved.
 pub(super) async fn lease_task(pool: BoundedPool, mut rx: mpsc::Receiver<LeaseReq>) {
     let mut waiting: std::collections::VecDeque<LeaseReq> = std::collections::VecDeque::new();
     loop {
@@ -45,7 +147,10 @@ pub(super) async fn lease_task(pool: BoundedPool, mut rx: mpsc::Receiver<LeaseRe
         let mut conns: std::collections::HashSet<String> = std::collections::HashSet::new();
         let now = tokio::time::Instant::now();
         while let Some(r) = waiting.pop_front() {
-            if now >= r.deadline {
+            if r.reply.is_closed() {
+                // Its caller went away: leasing for nobody would only hold messages up.
+                continue;
+            } else if now >= r.deadline {
                 let _ = r.reply.send(Err(StoreError::Unavailable(
                     "postgres: the lease queue did not reach this request within store.statement_timeout_ms (the server is slow or unreachable)".into(),
                 )));

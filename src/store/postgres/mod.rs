@@ -46,16 +46,23 @@
 //! in input order, inserts the accepted ones
 //! (`unnest` arrays) and their dedup records; the counter trigger runs inside the same
 //! statement. One round trip and one commit per batch; every caller is answered after that
-//! commit, and a failed batch fails every caller in it.
+//! commit, and a failed batch fails every caller in it with the class of its error (a batch
+//! refused as `Invalid`, one request's value past a limit of PostgreSQL's, is tried again
+//! request by request, so that only that request is refused). A request is measured before
+//! it joins a batch: no batch passes [`MAX_BATCH_MESSAGES`] or [`MAX_BATCH_BYTES`] unless it
+//! holds that request alone.
 //!
 //! Must not: block the runtime (everything is async over a deadpool pool).
 //!
 //! Files: `migrations.rs` (the schema), `writer.rs` (the write path), `lease.rs` (the live
 //! path's leases), `store_trait.rs` (the [`Store`](super::Store) trait), `tls.rs` (the link's
 //! TLS), `link.rs` (the link's socket and session timeouts), `bounded.rs` (the bound of every
-//! call); this file holds the handle, its tasks and the errors and locks they share.
+//! call), `clock.rs` (the node's clock against the server's, checked by the health check and
+//! reported past [`MAX_CLOCK_SKEW`]); this file holds the handle, its tasks and the errors and
+//! locks they share.
 
 mod bounded;
+mod clock;
 mod lease;
 mod link;
 mod migrations;
@@ -74,7 +81,9 @@ use super::{
 };
 use bounded::BoundedPool;
 pub use bounded::BULK_TIMEOUT;
-use lease::{lease_task, LeaseReq};
+use clock::Clock;
+pub use clock::MAX_CLOCK_SKEW;
+use lease::{lease_task, LeaseGate, LeaseReq};
 pub use link::{KEEPALIVES_COUNT, KEEPALIVES_IDLE, KEEPALIVES_INTERVAL, TCP_USER_TIMEOUT};
 use migrations::{create_database, migrate};
 #[cfg(test)]
@@ -85,8 +94,8 @@ use writer::{writer_task, EnqueueReq};
 
 #[cfg(test)]
 pub(crate) use lease::LEASE_SQL;
-pub use lease::MAX_LEASE_BATCH;
 pub(crate) use lease::PENDING_STATS_SQL;
+pub use lease::{MAX_LEASE_BATCH, MAX_WAITING_PER_CONN};
 #[cfg(test)]
 pub(crate) use migrations::MIGRATIONS;
 
@@ -255,6 +264,10 @@ pub struct PgStore {
     pool: BoundedPool,
     tx: mpsc::Sender<EnqueueReq>,
     lease_tx: mpsc::Sender<LeaseReq>,
+    /// At most [`MAX_WAITING_PER_CONN`] lease requests of one connection in the lease task.
+    lease_gate: Arc<LeaseGate>,
+    /// The node's clock against the server's, checked with every health check.
+    clock: Clock,
 }
 
 impl PgStore {
@@ -320,7 +333,17 @@ impl PgStore {
         }
         let (lease_tx, lease_rx) = mpsc::channel(WRITER_CHANNEL);
         tokio::spawn(lease_task(pool.clone(), lease_rx));
-        Ok(PgStore { pool, tx, lease_tx })
+        let store = PgStore {
+            pool,
+            tx,
+            lease_tx,
+            lease_gate: Arc::default(),
+            clock: Clock::default(),
+        };
+        // A skewed clock is logged by the check and reported by every health check until it
+        // is fixed; a failed round trip shows in the first health check too.
+        let _ = store.check_clock().await;
+        Ok(store)
     }
 
     /// The connection pool of a store link; each new connection runs `setup` (the session's
@@ -390,8 +413,9 @@ impl PgStore {
         if !storable(conn) || !recipient_key.map_or(true, storable) || max == 0 {
             return Ok(Vec::new());
         }
-        let (reply, rx) = oneshot::channel();
         let deadline = tokio::time::Instant::now() + self.pool.statement_timeout();
+        let turn = self.lease_gate.enter(conn, deadline).await?;
+        let (reply, rx) = oneshot::channel();
         let req = LeaseReq {
             conn: conn.to_owned(),
             key: recipient_key.map(str::to_owned),
@@ -402,6 +426,7 @@ impl PgStore {
             until_ms,
             reply,
             deadline,
+            _turn: turn,
         };
         hand_over(&self.lease_tx, req, deadline, "lease").await?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -412,6 +437,26 @@ impl PgStore {
     #[cfg(test)]
     pub(crate) async fn session_for_test(&self) -> deadpool_postgres::Object {
         self.pool.get_unbounded().await
+    }
+
+    /// One round trip: the server answers, and the node's clock is within [`MAX_CLOCK_SKEW`]
+    /// of the server's (`clock.rs`), else `Unavailable` saying which.
+    async fn check_clock(&self) -> StoreResult<()> {
+        let c = self.client().await?;
+        self.clock.check(&c).await
+    }
+
+    /// Moves this store's view of the node's clock by `ms` (a node whose clock is off): what
+    /// the clock check compares with the server's.
+    #[cfg(test)]
+    pub(crate) fn shift_clock_for_test(&self, ms: i64) {
+        self.clock.shift_for_test(ms);
+    }
+
+    /// Connections with lease requests in flight (the lease gate forgets the others).
+    #[cfg(test)]
+    pub(crate) fn lease_gate_conns_for_test(&self) -> usize {
+        self.lease_gate.conns_in_flight()
     }
 
     /// A pooled connection for one call, bounded by the statement timeout.

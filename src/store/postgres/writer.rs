@@ -21,6 +21,11 @@ pub(super) struct EnqueueReq {
 }
 
 impl EnqueueReq {
+    /// Its messages and their payload bytes.
+    fn size(&self) -> (usize, usize) {
+        (self.msgs.len(), self.msgs.iter().map(|m| m.payload.len()).sum())
+    }
+
     /// Answers `self` if its turn came too late; gives it back otherwise.
     fn in_time(self) -> Option<EnqueueReq> {
         if tokio::time::Instant::now() < self.deadline {
@@ -38,32 +43,23 @@ pub(super) async fn writer_task(pool: BoundedPool, rx: Arc<AsyncMutex<mpsc::Rece
     // that holds them finds them free: later batches skip them at once instead of waiting for
     // the lock timeout again.
     let mut stuck: HashSet<i32> = HashSet::new();
+    // The request that did not fit in the last batch: the first of the next one.
+    let mut carried: Option<EnqueueReq> = None;
     loop {
         let batch = {
             let mut rx = rx.lock().await;
-            let first = loop {
-                let Some(r) = rx.recv().await else {
-                    return;
-                };
-                if let Some(r) = r.in_time() {
-                    break r;
-                }
-            };
-            let mut n = first.msgs.len();
-            let mut bytes: usize = first.msgs.iter().map(|m| m.payload.len()).sum();
-            let mut batch = vec![first];
-            while n < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(r) => {
-                        let Some(r) = r.in_time() else { continue };
-                        n += r.msgs.len();
-                        bytes += r.msgs.iter().map(|m| m.payload.len()).sum::<usize>();
-                        batch.push(r);
+            let first = match carried.take().and_then(EnqueueReq::in_time) {
+                Some(r) => r,
+                None => loop {
+                    let Some(r) = rx.recv().await else {
+                        return;
+                    };
+                    if let Some(r) = r.in_time() {
+                        break r;
                     }
-                    Err(_) => break,
-                }
-            }
-            batch
+                },
+            };
+            gather(first, &mut rx, &mut carried)
         };
         match commit_batch(&pool, &batch, &mut stuck).await {
             Ok(outcomes) => {
@@ -71,15 +67,56 @@ pub(super) async fn writer_task(pool: BoundedPool, rx: Arc<AsyncMutex<mpsc::Rece
                     let _ = req.reply.send(Ok(out));
                 }
             }
+            // The input of one request (a value past one of PostgreSQL's own limits) failed
+            // the whole statement: each request alone, so that one sender's bad input is
+            // refused to that sender only, and the others are queued.
+            Err(StoreError::Invalid(e)) if batch.len() > 1 => {
+                tracing::warn!(error = %e, requests = batch.len(), "postgres enqueue batch refused as invalid: each request again alone");
+                for req in batch {
+                    let out = commit_batch(&pool, std::slice::from_ref(&req), &mut stuck)
+                        .await
+                        .and_then(|mut o| {
+                            o.pop()
+                                .ok_or_else(|| StoreError::Corrupt("postgres: outcomes missing".into()))
+                        });
+                    if let Err(e) = &out {
+                        tracing::warn!(error = %e, "postgres enqueue request failed");
+                    }
+                    let _ = req.reply.send(out);
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "postgres enqueue batch failed");
-                let msg = e.to_string();
                 for req in batch {
-                    let _ = req.reply.send(Err(StoreError::Unavailable(msg.clone())));
+                    // Its class kept: an `Invalid` batch is not the server's failure, nor worth a retry.
+                    let _ = req.reply.send(Err(e.clone()));
                 }
             }
         }
     }
+}
+
+/// The requests of one batch: `first`, then those waiting in `rx` while they fit within
+/// [`MAX_BATCH_MESSAGES`] and [`MAX_BATCH_BYTES`] (a request is measured before it joins,
+/// so one large forward never takes a batch past them: with `store.max_envelope_bytes` raised,
+/// a batch could otherwise near PostgreSQL's 1 GB limit on a parameter). A request that does
+/// not fit is left in `carried`, the first of the next batch; one larger than the limits
+/// alone is a batch of its own. Requests whose deadline passed are answered on the way.
+fn gather(first: EnqueueReq, rx: &mut mpsc::Receiver<EnqueueReq>, carried: &mut Option<EnqueueReq>) -> Vec<EnqueueReq> {
+    let mut size = first.size();
+    let mut batch = vec![first];
+    while size.0 < MAX_BATCH_MESSAGES && size.1 < MAX_BATCH_BYTES {
+        let Ok(r) = rx.try_recv() else { break };
+        let Some(r) = r.in_time() else { continue };
+        let (n, bytes) = r.size();
+        if size.0.saturating_add(n) > MAX_BATCH_MESSAGES || size.1.saturating_add(bytes) > MAX_BATCH_BYTES {
+            *carried = Some(r);
+            break;
+        }
+        size = (size.0 + n, size.1 + bytes);
+        batch.push(r);
+    }
+    batch
 }
 
 /// A whole batch in one statement, `mailroom_enqueue` (migration 8), run outside an explicit
@@ -367,4 +404,106 @@ fn fill(
                 .collect()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A forward request of `payload` bytes, answered into the receiver it comes with.
+    fn req(payload: usize) -> (EnqueueReq, oneshot::Receiver<StoreResult<Vec<StoreResult<Enqueued>>>>) {
+        let (reply, rx) = oneshot::channel();
+        let m = NewMessage {
+            connection: "c".into(),
+            recipient_key: "k".into(),
+            payload: vec![0; payload],
+            received_at_ms: 0,
+            dedup_key: None,
+            expires_at_ms: None,
+            lease: None,
+        };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3600);
+        let r = EnqueueReq {
+            msgs: vec![m],
+            limits: EnqueueLimits::UNLIMITED,
+            routed: false,
+            reply,
+            deadline,
+        };
+        (r, rx)
+    }
+
+    /// Every batch the writer would take from `sizes` (payload bytes of one-message requests,
+    /// all waiting at once), as the payload sizes of each.
+    fn batches(sizes: &[usize]) -> Vec<Vec<usize>> {
+        let (tx, mut rx) = mpsc::channel(sizes.len().max(1));
+        let mut answers = Vec::new();
+        for &n in sizes {
+            let (r, a) = req(n);
+            answers.push(a);
+            tx.try_send(r)
+                .unwrap_or_else(|_| panic!("the channel holds every request"));
+        }
+        let mut carried = None;
+        let mut out = Vec::new();
+        loop {
+            let first = match carried.take() {
+                Some(r) => r,
+                None => match rx.try_recv() {
+                    Ok(r) => r,
+                    Err(_) => break,
+                },
+            };
+            let batch = gather(first, &mut rx, &mut carried);
+            out.push(batch.iter().map(|r| r.size().1).collect());
+        }
+        out
+    }
+
+    /// About 15 MiB of forwards, then one larger than the rest of the batch's room, then more:
+    /// the large one starts the next batch instead of taking this one past
+    /// [`MAX_BATCH_BYTES`]; one larger than the limit alone is a batch of its own; nothing is
+    /// lost or reordered.
+    #[test]
+    fn a_batch_never_grows_past_its_byte_limit() {
+        const MIB: usize = 1 << 20;
+        let mut sizes = vec![MIB; 15];
+        sizes.push(3 * MIB);
+        sizes.push(MIB);
+        sizes.push(MAX_BATCH_BYTES + MIB);
+        sizes.push(MIB);
+        let got = batches(&sizes);
+        for b in &got {
+            let bytes: usize = b.iter().sum();
+            assert!(
+                bytes <= MAX_BATCH_BYTES || b.len() == 1,
+                "a batch of {bytes} bytes (limit {MAX_BATCH_BYTES}): {got:?}"
+            );
+        }
+        assert_eq!(got.concat(), sizes, "every request, in order");
+        assert_eq!(
+            got,
+            vec![
+                vec![MIB; 15],
+                vec![3 * MIB, MIB],
+                vec![MAX_BATCH_BYTES + MIB],
+                vec![MIB]
+            ]
+        );
+    }
+
+    /// The same bound in messages: a request is counted before it joins.
+    #[test]
+    fn a_batch_never_grows_past_its_message_limit() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let (mut a, _a) = req(1);
+        a.msgs = vec![a.msgs[0].clone(); MAX_BATCH_MESSAGES - 1];
+        let (mut b, _b) = req(1);
+        b.msgs = vec![b.msgs[0].clone(); 2];
+        tx.try_send(b).unwrap_or_else(|_| panic!("room for one"));
+        let mut carried = None;
+        let batch = gather(a, &mut rx, &mut carried);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(carried.map(|r| r.msgs.len()), Some(2));
+    }
 }
