@@ -7,6 +7,7 @@ mod common;
 use common::cluster::*;
 use common::*;
 use mailroom::client::{basic_message, Agent, Sender, WsClient, WsEvent};
+use mailroom::cluster::proto::Frame;
 use mailroom::didcomm::keys::KeyPair;
 use mailroom::node::RunningNode;
 use serde_json::json;
@@ -804,4 +805,128 @@ async fn handed_deliveries_reach_only_their_own_wallet() {
     assert_eq!(cluster_counter(n2, "handoffs_sent").await, 10);
     wa.ws.close().await;
     ws_b.close().await;
+}
+
+/// n1 of a two-node cluster whose n2 is the test (a link as n2 over the real handshake; n2's
+/// own listeners dropped), and a wallet onboarded on n1.
+struct PeerLinked {
+    db: FreshDb,
+    store: std::sync::Arc<dyn mailroom::store::Store>,
+    n1: RunningNode,
+    n2: mailroom::cluster::link::Link<tokio::net::TcpStream>,
+    a: Agent,
+    k: KeyPair,
+    conn: String,
+}
+
+/// [`PeerLinked`], with `tweak` applied to the config. n2 answers no heartbeats: n1 keeps its
+/// link up for a minute.
+async fn node_with_peer_link(tweak: impl FnOnce(&mut mailroom::config::Config)) -> PeerLinked {
+    let db = FreshDb::create().await;
+    let (mut cfg, ls) = bind_cluster(2, &db.url, NO_SWEEP);
+    cfg.cluster.failure_timeout_ms = 60_000;
+    tweak(&mut cfg);
+    let store = open_shared_store(&cfg).await;
+    let mut ls = ls.into_iter();
+    let n1 = start_node(&cfg, "n1", ls.next().unwrap(), &store, None);
+    drop(ls);
+    let (a, k) = Agent::onboard(&invitation(&n1).await).await.unwrap();
+    let conn = a_connection_id(&n1).await;
+    let n2 = link_as_peer(&cfg, &n1, "n2").await;
+    PeerLinked {
+        db,
+        store,
+        n1,
+        n2,
+        a,
+        k,
+        conn,
+    }
+}
+
+/// A peer takes a wallet's session, then reads nothing more from its link (its own sockets
+/// stalled, say). This node hands it the wallet's forwards only until the peer's send budget
+/// is spent (a few 64 KiB frames), not until its queue of 4096 frames is (each up to
+/// `max_frame`, 4 GiB at the defaults); past it, they go back to the store, pending, for the
+/// wallet's next session to take. Nothing is lost: those handed off are leased to n2's
+/// hand-off owner (and given back when its link ends), the others are pending.
+#[actix_rt::test]
+async fn forwards_for_a_peer_that_reads_nothing_go_back_to_the_store() {
+    const FORWARDS: u64 = 160;
+    let PeerLinked {
+        db,
+        store,
+        n1,
+        mut n2,
+        a,
+        k,
+        conn,
+    } = node_with_peer_link(|c| c.cluster.max_frame_bytes = 64 * 1024).await;
+    let routing = a.grant.clone().unwrap().routing_keys;
+    let epoch = (mailroom::protocols::now_ms() as u64) << 16;
+    n2.writer
+        .send(&Frame::Own {
+            conn: conn.clone(),
+            epoch,
+        })
+        .await
+        .unwrap();
+    wait_owner(&[&n1], &conn, "n2").await;
+    // ~56 KB inner envelopes: one per `Deliver` frame of at most 64 KiB.
+    let text = "x".repeat(40_000);
+    for i in 0..FORWARDS {
+        assert_eq!(forward_via(&n1, &routing, &k, &format!("{i} {text}")).await, 202);
+    }
+    let (sent, failed) = eventually("every forward handed off or given back", || async {
+        let sent = cluster_counter(&n1, "handoffs_sent").await;
+        let failed = cluster_counter(&n1, "handoffs_failed").await;
+        (sent + failed == FORWARDS).then_some((sent, failed))
+    })
+    .await;
+    eprintln!("{sent} of {FORWARDS} forwards handed to a peer that reads nothing");
+    assert!(
+        failed > 0,
+        "all {FORWARDS} forwards queued for a peer that reads nothing"
+    );
+    eventually("the forwards not handed off are pending again", || async {
+        let q = store.queue_stats(&conn, mailroom::protocols::now_ms()).await.unwrap();
+        (q.pending == failed && q.leased == sent).then_some(())
+    })
+    .await;
+    let now = mailroom::protocols::now_ms();
+    let leased = store.lease(&conn, 1_000, "test", now, now + 600_000).await.unwrap();
+    assert_eq!(leased.len() as u64, failed, "what is pending is leasable");
+    drop((n1, n2));
+    let _ = db;
+}
+
+/// A peer's operator closes a wallet's sessions everywhere with a reason of its own, as long as
+/// a frame allows: the wallet's socket here closes with a valid close frame, its reason cut to
+/// the 123 bytes a close frame carries. Before, the whole reason went into the frame, a control
+/// frame of 10 KB that the wallet's client refused.
+#[actix_rt::test]
+async fn a_peers_long_close_reason_closes_the_wallets_socket_with_a_valid_frame() {
+    let PeerLinked {
+        db,
+        n1,
+        mut n2,
+        a,
+        conn,
+        ..
+    } = node_with_peer_link(|_| {}).await;
+    let mut ws = live_socket(&a, &n1).await;
+    let reason = format!("revoked: {}", "é".repeat(5_000));
+    n2.writer.send(&Frame::CloseSessions { conn, reason }).await.unwrap();
+    let closed = loop {
+        match ws.next(WAIT).await.expect("a valid close frame") {
+            WsEvent::Closed(r) => break r.expect("a close reason"),
+            WsEvent::Envelope(_) => continue,
+        }
+    };
+    assert_eq!(u16::from(closed.code), mailroom::admin::OPERATOR_CLOSE_CODE);
+    let why = closed.description.unwrap_or_default();
+    assert!(why.len() <= 123, "a close reason of {} bytes", why.len());
+    assert!(why.starts_with("revoked: é") && why.ends_with('…'), "{why:?}");
+    drop((n1, n2));
+    let _ = db;
 }

@@ -605,8 +605,9 @@ async fn a_peers_hand_offs_waiting_on_the_node_stay_within_its_budget_and_a_slow
     const BUDGET: usize = 8 * FRAME;
     const SHARE: usize = 2 * FRAME;
     const PAYLOAD: usize = 12 * 1024;
-    // What the node counts a frame as: payload, key, and its per-message allowance.
-    const NEED: usize = PAYLOAD + 3 + 128;
+    // What the node counts a frame as: payload, key, connection id ("slow", the longest here)
+    // and its per-message allowance.
+    const NEED: usize = PAYLOAD + 3 + 4 + 128;
     const FRAMES: i64 = 60;
     let (n1, mut ev, link) = ghost_and_node(|c| c.max_frame = FRAME).await;
     // Every other message is for one wallet ("slow"), the rest spread over five.
@@ -966,4 +967,115 @@ async fn ownership_changes_a_peer_floods_wait_in_bounded_numbers() {
         dropped >= PAIRS - 4_096 - 2,
         "past the bound the changes are dropped, not each held in a task: {dropped} dropped"
     );
+}
+
+/// A hand-off of one message `id` of `payload` bytes (what the node's forwards make of one).
+fn handed(id: i64, payload: usize) -> Vec<mailroom::cluster::proto::HandedMsg> {
+    vec![mailroom::cluster::proto::HandedMsg {
+        id,
+        recipient_key: "key".into(),
+        payload: vec![7; payload],
+        received_at_ms: 1,
+    }]
+}
+
+/// Frame size and message size of the send-budget tests: one ~60 KB message per frame.
+const SEND_FRAME: usize = 64 * 1024;
+const SEND_PAYLOAD: usize = 60_000;
+
+/// n1 with the ghost holding a session of "c" and then reading nothing from its link (its own
+/// wallets' sockets stalled, say): everything n1 sends it stays in n1's queue and socket.
+async fn ghost_holding_c_reading_nothing() -> (ClusterHandle, mpsc::Receiver<ClusterEvent>, GhostLink) {
+    let (n1, ev, mut link) = ghost_and_node(|c| {
+        c.max_frame = SEND_FRAME;
+        c.peer_queue = 4096;
+    })
+    .await;
+    link.writer
+        .send(&Frame::Own {
+            conn: "c".into(),
+            epoch: now_epoch(),
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while n1.owner_of("c").as_deref() != Some("ghost") {
+        assert!(Instant::now() < deadline, "the ghost's claim taken within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (n1, ev, link)
+}
+
+/// This node's queue to a peer is bounded in bytes, not only in frames: a peer that reads
+/// nothing had it hold `peer_queue` (4096) hand-offs of up to `max_frame` each (4 GiB at the
+/// defaults). Now the hand-offs waiting for it hold a send budget of a few frames
+/// (`SEND_BUDGET_FRAMES` of `max_frame`, given back as each is written), and past it
+/// `hand_off` refuses, counted in `handoffs_failed`: the caller releases the messages to the
+/// store, as for a full queue (`cluster::forwards_for_a_peer_that_reads_nothing_go_back_to_the_store`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_reads_nothing_holds_a_bounded_number_of_bytes_of_hand_offs() {
+    const HAND_OFFS: i64 = 1024;
+    /// The budget (8 frames) and the frame being written, as the loop runs faster than the
+    /// writer: the first refusal comes within a few dozen.
+    const FIRST_REFUSAL_BY: i64 = 48;
+    /// What may be queued in all: the budget, given back as the writer moves frames into the
+    /// socket, whose buffers take in up to ~4 MB on Linux (`tcp_wmem`'s ceiling) before the
+    /// write blocks: some 80 frames of ~60 KB.
+    const AT_MOST: usize = 160;
+    let (n1, _ev, link) = ghost_holding_c_reading_nothing().await;
+    let failed_before = n1.status().counters.handoffs_failed;
+    let mut queued = Vec::new();
+    let mut first_refused = None;
+    for id in 1..=HAND_OFFS {
+        if n1.hand_off("ghost", "c", handed(id, SEND_PAYLOAD)) {
+            queued.push(id);
+        } else {
+            first_refused.get_or_insert(id);
+        }
+    }
+    let first = first_refused.expect("a refusal: all 1024 hand-offs queued for a peer that reads nothing");
+    eprintln!(
+        "first hand-off refused: #{first}; {} of {HAND_OFFS} queued",
+        queued.len()
+    );
+    assert!(first <= FIRST_REFUSAL_BY, "the first refusal came at hand-off #{first}");
+    assert!(queued.len() <= AT_MOST, "{} hand-offs queued", queued.len());
+    assert_eq!(
+        n1.status().counters.handoffs_failed - failed_before,
+        HAND_OFFS as u64 - queued.len() as u64,
+        "every refusal counted"
+    );
+    drop(link);
+    n1.shutdown().await;
+}
+
+/// A peer removed from the config by a reload took the hand-offs still queued for it along with
+/// its slot: the end of its link gave back only those written to the socket, and the queued
+/// ones stayed leased to its hand-off owner until the lease ran out. Every one comes back now
+/// (`HandOffReturned`), written or still queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_offs_queued_for_a_peer_removed_by_a_reload_come_back() {
+    let (n1, mut ev, link) = ghost_holding_c_reading_nothing().await;
+    let queued: std::collections::BTreeSet<i64> = (1..=200)
+        .filter(|&id| n1.hand_off("ghost", "c", handed(id, SEND_PAYLOAD)))
+        .collect();
+    assert!(!queued.is_empty());
+    n1.update_peers(vec![]);
+    let mut back = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while back != queued {
+        match tokio::time::timeout_at(deadline, ev.recv()).await {
+            Ok(Some(ClusterEvent::HandOffReturned { node, conn, ids })) => {
+                assert_eq!((node.as_str(), conn.as_str()), ("ghost", "c"));
+                back.extend(ids);
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => {
+                let lost: Vec<_> = queued.difference(&back).collect();
+                panic!("hand-offs never given back: {lost:?}");
+            }
+        }
+    }
+    drop(link);
+    n1.shutdown().await;
 }

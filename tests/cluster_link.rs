@@ -890,3 +890,119 @@ async fn throughput_of_one_link() {
     n1.shutdown().await;
     n2.shutdown().await;
 }
+
+// ---- text and clocks of authenticated peers ---------------------------------------------
+
+/// A link to `n1` at `addr` as its configured peer `node` (the test speaks for it).
+async fn link_as(addr: SocketAddr, node: &str) -> link::Link<TcpStream> {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let local = handshake::Local {
+        cluster: CLUSTER,
+        node,
+        secret: SECRET.as_bytes(),
+        max_frame: ClusterConfig::DEFAULT_MAX_FRAME,
+    };
+    link::open(s, &local, handshake::Role::Dialer, Some("n1"), |_| true)
+        .await
+        .unwrap()
+}
+
+/// Sends a `Queued` for `marker` and waits for the node to pass it on: frames are handled in
+/// order, so every frame sent before it was.
+async fn handled_up_to(link: &mut link::Link<TcpStream>, ev: &mut mpsc::Receiver<ClusterEvent>, marker: &str) {
+    link.writer.send(&Frame::Queued { conn: marker.into() }).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, ev.recv()).await {
+            Ok(Some(ClusterEvent::MessageQueued { conn })) if conn == marker => return,
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => panic!("{marker} not handled within {WAIT:?}"),
+        }
+    }
+}
+
+/// A node whose clock is more than a day behind sees every claim of its healthy peers as
+/// from over a day ahead, and ignores them all. It used to warn once per `Own` (once per
+/// session a peer opened), each time blaming the peer, and said nothing of a resync's. Now a
+/// resync whose every claim is so makes one error per link naming this node's clock, the
+/// `Own`s after it at most one warning a minute, and every claim so ignored is counted
+/// (`claims_ahead`, in the admin `/cluster` view's counters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_clock_is_behind_says_so_once_per_link() {
+    logs();
+    const PEER: &str = "clock-ahead";
+    let (n1, a1, _peer, mut ev) = lone_node(PEER).await;
+    let mut link = link_as(a1, PEER).await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let in_two_days = (now_ms + 2 * 24 * 3600 * 1000) << 16;
+    let resync = || Frame::Resync {
+        claims: (0..50)
+            .map(|i| proto::Claim {
+                conn: format!("c{i}"),
+                epoch: in_two_days + i,
+            })
+            .collect(),
+        last: true,
+    };
+    let started = Instant::now();
+    link.writer.send(&resync()).await.unwrap();
+    for i in 0..20 {
+        let own = Frame::Own {
+            conn: format!("o{i}"),
+            epoch: in_two_days,
+        };
+        link.writer.write_frame(&own).await.unwrap();
+    }
+    // Again: said once per link.
+    link.writer.send(&resync()).await.unwrap();
+    handled_up_to(&mut link, &mut ev, "clock-marker").await;
+    assert!(directory(&n1).is_empty(), "{:?}", directory(&n1));
+    assert_eq!(n1.status().counters.claims_ahead, 120, "every claim ignored is counted");
+    let logged = captured();
+    let of_peer: Vec<&str> = logged
+        .lines()
+        .filter(|l| l.contains(&format!("peer=\"{PEER}\"")))
+        .collect();
+    let errors: Vec<&&str> = of_peer.iter().filter(|l| l.contains(" ERROR ")).collect();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].contains("this node's clock may be behind"), "{}", errors[0]);
+    let warnings = of_peer
+        .iter()
+        .filter(|l| l.contains(" WARN ") && l.contains("day ahead"))
+        .count() as u64;
+    let allowed = 1 + started.elapsed().as_secs() / 60;
+    assert!(
+        (1..=allowed).contains(&warnings),
+        "{warnings} warnings for 20 claims from over a day ahead"
+    );
+    n1.shutdown().await;
+}
+
+/// A peer's `Refused` after the handshake (a frame of up to `max_frame` bytes of its text) is
+/// logged as refusals in the handshake are: cut, its control characters escaped, so a newline
+/// of its own starts no log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_after_the_handshake_is_logged_cut_and_escaped() {
+    logs();
+    const PEER: &str = "refuser";
+    let (n1, a1, _peer, _ev) = lone_node(PEER).await;
+    let mut link = link_as(a1, PEER).await;
+    let tag = uuid_like();
+    let reason = format!("{tag}\nFORGED-{tag} a line of the peer's own{}", "y".repeat(10_000));
+    link.writer.send(&Frame::Refused { reason }).await.unwrap();
+    wait_until("the link's end logged", || {
+        captured().contains(&format!("peer closed the link: {tag}"))
+    })
+    .await;
+    let logged = captured();
+    assert!(
+        !logged.lines().any(|l| l.starts_with(&format!("FORGED-{tag}"))),
+        "the peer's newline started a log line"
+    );
+    assert!(logged.contains(&format!("{tag}\\nFORGED-{tag}")), "escaped");
+    assert!(!logged.contains(&"y".repeat(1_000)), "logged whole");
+    n1.shutdown().await;
+}

@@ -63,7 +63,7 @@ pub enum Role {
 const SHOWN_NAME_MAX: usize = 64;
 
 /// Longest part of a peer's `Refused` reason an error repeats (ours are under it).
-const SHOWN_REASON_MAX: usize = 256;
+pub(crate) const SHOWN_REASON_MAX: usize = 256;
 
 /// `name` as an error shows it: at most [`SHOWN_NAME_MAX`] characters, then `…`
 /// ([`shown_upto`]).
@@ -74,7 +74,7 @@ fn shown(name: &str) -> String {
 /// What a peer sent, as an error (and so a log line) shows it: at most `max` characters, then
 /// `…`, with control characters escaped: a peer that has not proved the secret is anyone, and
 /// a newline of its own would start a log line it wrote.
-fn shown_upto(text: &str, max: usize) -> String {
+pub(crate) fn shown_upto(text: &str, max: usize) -> String {
     let (kept, more) = match text.char_indices().nth(max) {
         Some((cut, _)) => (&text[..cut], "…"),
         None => (text, ""),

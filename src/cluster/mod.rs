@@ -18,7 +18,10 @@
 //!   failure-detector tick) that feed those state machines and carry out their effects.
 //!
 //! Limits: frame size (`max_frame`, at most [`proto::MAX_FRAME_CEILING`]), per-link send queue
-//! (`peer_queue`; full queues drop and count, directory changes then fall back to a resync),
+//! (`peer_queue` frames; full queues drop and count, directory changes then fall back to a
+//! resync; of them, this node's hand-offs not yet written hold at most 8 frames of `max_frame`
+//! bytes per peer, `peer::SEND_BUDGET_FRAMES`, past which a hand-off is refused and its
+//! messages released to the store),
 //! pending handshakes (64, at most 8 per source address; a newcomer evicts the oldest of the
 //! busiest source, never a configured peer's for an unknown source), claims per peer (1,000,000) and bytes per claimed connection id
 //! ([`proto::MAX_CONN_ID`], 128: longer claims are ignored), directory work per hold of the
@@ -324,11 +327,11 @@ impl Room {
     }
 
     /// Room for messages of `conn` carrying `bytes` (payloads and recipient keys), if its
-    /// share and the budget have it now; given back when the [`Held`] is dropped.
+    /// share and the budget have it now; given back when the [`Held`] is dropped. Each message
+    /// is counted with its record and its own copy of `conn`, as a peer's are.
     pub fn try_hold(&self, conn: &str, bytes: usize, messages: usize) -> Option<Held> {
-        let need = self
-            .0
-            .need(bytes.saturating_add(messages.saturating_mul(peer::HELD_PER_MESSAGE)));
+        let per_message = peer::HELD_PER_MESSAGE.saturating_add(conn.len());
+        let need = self.0.need(bytes.saturating_add(messages.saturating_mul(per_message)));
         self.0.try_take(conn, need).ok().map(Held::room)
     }
 }
@@ -502,8 +505,10 @@ impl ClusterHandle {
     }
 
     /// Sends messages of `conn`, queued leased to `node`'s hand-off owner, to `node` (a
-    /// peer). False when the frame could not be queued (no link, queue full, or larger than
-    /// `max_frame`): the caller releases them.
+    /// peer). False when the frame could not be queued (no link, queue full, larger than
+    /// `max_frame`, or the peer's send budget spent: the hand-offs queued for it and not yet
+    /// written hold 8 frames of `max_frame` bytes, a link that is not read holds no more):
+    /// the caller releases them.
     pub fn hand_off(&self, node: &str, conn: &str, msgs: Vec<proto::HandedMsg>) -> bool {
         self.shared.hand_off(node, conn, msgs)
     }

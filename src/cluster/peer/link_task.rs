@@ -9,14 +9,18 @@ use tokio::io::{AsyncWrite, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use parking_lot::MutexGuard;
 
-use super::room::{NoRoom, PeerRoom, HELD_PER_MESSAGE};
-use super::{bump, unix_ms, Handshaking, LinkHandle, Shared, DIR_SLICE, RECENT_CLOSE_TTL, WRITE_BATCH};
+use super::room::{held_bytes, NoRoom, PeerRoom};
+use super::{
+    bump, unix_ms, Handshaking, LinkHandle, Outgoing, Shared, AHEAD_WARN_EVERY, DIR_SLICE, RECENT_CLOSE_TTL,
+    WRITE_BATCH,
+};
 use crate::cluster::codec::CodecError;
 use crate::cluster::directory::{plausible_epoch, DirEvent};
+use crate::cluster::handshake::{shown_upto, SHOWN_REASON_MAX};
 use crate::cluster::link::{LinkReader, LinkWriter, SecureChannel};
 use crate::cluster::membership::{LinkId, MemberEffect, MemberEvent};
 use crate::cluster::proto::{Claim, Frame, MAX_CONN_ID};
@@ -71,6 +75,100 @@ impl Unconfirmed {
         }
     }
 }
+
+/// What one link saw of its peer's claims from over a day ahead of this node's clock
+/// ([`plausible_epoch`]). A node whose clock is more than a day behind sees every healthy peer's
+/// claims so: that is said once per link, and the claims it ignores are warned of at most every
+/// [`AHEAD_WARN_EVERY`] (and counted, `claims_ahead`), not once per session a peer opens.
+#[derive(Default)]
+struct Ahead {
+    /// Claims of the resync in progress kept, and ignored as from over a day ahead.
+    resync_kept: usize,
+    resync_ahead: usize,
+    /// That this node's clock may be behind the peer's was logged (once per link).
+    said_behind: bool,
+    /// When an `Own` from over a day ahead was last warned of, and how many were ignored since.
+    warned: Option<Instant>,
+    since: u64,
+}
+
+impl Ahead {
+    /// Whether an `Own` from over a day ahead is warned of now; if so, with how many were
+    /// ignored since the last warning.
+    fn warn_now(&mut self, now: Instant) -> Option<u64> {
+        match self.warned {
+            Some(at) if now.duration_since(at) < AHEAD_WARN_EVERY => {
+                self.since += 1;
+                None
+            }
+            _ => {
+                self.warned = Some(now);
+                Some(std::mem::take(&mut self.since))
+            }
+        }
+    }
+
+    /// Counts one frame of a resync: `kept` claims, `ahead` ignored as from over a day ahead.
+    fn resync_frame(&mut self, first: bool, kept: usize, ahead: usize) {
+        if first {
+            (self.resync_kept, self.resync_ahead) = (0, 0);
+        }
+        self.resync_kept += kept;
+        self.resync_ahead += ahead;
+    }
+
+    /// The resync ended: when every claim of it was from over a day ahead, it is this node's
+    /// clock that is most likely wrong (a peer's own sessions cannot all be from tomorrow).
+    fn resync_ended(&mut self, peer: &str) {
+        let (kept, ahead) = (
+            std::mem::take(&mut self.resync_kept),
+            std::mem::take(&mut self.resync_ahead),
+        );
+        if ahead == 0 {
+            return;
+        }
+        if kept > 0 {
+            warn!(
+                peer,
+                ignored = ahead,
+                kept,
+                "resync claims with an epoch over a day ahead of this node's clock ignored: the peer's clock runs ahead, or this node's is behind"
+            );
+        } else if !std::mem::replace(&mut self.said_behind, true) {
+            error!(
+                peer,
+                claims = ahead,
+                "every claim of the peer's resync has an epoch over a day ahead of this node's clock: this node's clock may be behind the peer's (check its time sync); until then the sessions the peer holds are ignored here"
+            );
+        } else {
+            debug!(
+                peer,
+                claims = ahead,
+                "every claim of the peer's resync is from over a day ahead, again"
+            );
+        }
+    }
+}
+
+/// What a peer's close reason becomes in the close frames of its wallets' sockets (and logs):
+/// control characters escaped ([`shown_upto`]), at most [`MAX_CLOSE_REASON`] bytes, cut on a
+/// character boundary (a WebSocket close frame is a control frame of at most 125 bytes, 2 of
+/// them the code, and actix-http writes a longer one as given: an invalid frame).
+fn close_reason(reason: &str) -> String {
+    let mut shown = shown_upto(reason, MAX_CLOSE_REASON);
+    if shown.len() > MAX_CLOSE_REASON {
+        let cut = (0..=MAX_CLOSE_REASON - '…'.len_utf8())
+            .rev()
+            .find(|&i| shown.is_char_boundary(i))
+            .unwrap_or(0);
+        shown.truncate(cut);
+        shown.push('…');
+    }
+    shown
+}
+
+/// The longest close reason a WebSocket close frame carries, in bytes (RFC 6455 5.5).
+const MAX_CLOSE_REASON: usize = 123;
 
 /// What `run_link` found when it came to install its link.
 enum Admitted {
@@ -142,7 +240,7 @@ pub(super) async fn run_link(
                     .iter()
                     .filter(|(t, _)| now.duration_since(*t) <= RECENT_CLOSE_TTL)
                 {
-                    if tx.try_send(f.clone()).is_err() {
+                    if tx.try_send(f.clone().into()).is_err() {
                         bump(&shared.counters.queue_drops);
                     }
                 }
@@ -200,30 +298,34 @@ pub(super) async fn run_link(
             },
             Instant::now(),
         );
-        if let Some(slot) = st.peers.get_mut(&peer) {
+        // Replaced by another link: the link that takes over, if any. None when the link just
+        // ended, or the peer was removed from the config (its slot is gone, and with it
+        // whatever would have sent what is left here).
+        let next = st.peers.get_mut(&peer).and_then(|slot| {
             if slot.link.as_ref().is_some_and(|l| l.id == link) {
                 slot.link = None;
             }
-            // Replaced by another link: hand it the wake-ups and hand-offs we did not get to
-            // send (directory frames are covered by the resync the new link starts with).
-            rx.close();
-            while let Ok(f) = rx.try_recv() {
-                if !matches!(f, Frame::Queued { .. } | Frame::Deliver { .. }) {
-                    continue;
+            slot.link.as_ref().map(|l| l.tx.clone())
+        });
+        // Hand the next link the wake-ups and hand-offs we did not get to send (directory
+        // frames are covered by the resync the new link starts with); with none, they go back.
+        rx.close();
+        while let Ok(o) = rx.try_recv() {
+            if !matches!(o.frame, Frame::Queued { .. } | Frame::Deliver { .. }) {
+                continue;
+            }
+            let back = match &next {
+                Some(tx) => tx.try_send(o).err().map(|e| e.into_inner()),
+                None => Some(o),
+            };
+            match back.map(|o| o.frame) {
+                None => {}
+                Some(Frame::Deliver { conn, msgs }) => {
+                    let n = msgs.len() as u64;
+                    shared.counters.handoffs_failed.fetch_add(n, Ordering::Relaxed);
+                    returned.push((conn, msgs.into_iter().map(|m| m.id).collect()));
                 }
-                let back = match slot.link.as_ref() {
-                    Some(l) => l.tx.try_send(f).err().map(|e| e.into_inner()),
-                    None => Some(f),
-                };
-                match back {
-                    None => {}
-                    Some(Frame::Deliver { conn, msgs }) => {
-                        let n = msgs.len() as u64;
-                        shared.counters.handoffs_failed.fetch_add(n, Ordering::Relaxed);
-                        returned.push((conn, msgs.into_iter().map(|m| m.id).collect()));
-                    }
-                    Some(_) => bump(&shared.counters.notifications_failed),
-                }
+                Some(_) => bump(&shared.counters.notifications_failed),
             }
         }
     }
@@ -256,12 +358,13 @@ async fn read_loop(
     mut rd: LinkReader<OwnedReadHalf>,
     peer: &str,
     link: LinkId,
-    tx: mpsc::Sender<Frame>,
+    tx: mpsc::Sender<Outgoing>,
     unconfirmed: &parking_lot::Mutex<Unconfirmed>,
     room: &Arc<PeerRoom>,
 ) -> Result<&'static str, String> {
     // Claims taken in the peer's resync in progress, if one is.
     let mut resync: Option<usize> = None;
+    let mut ahead = Ahead::default();
     loop {
         let frame = match rd.read_frame().await {
             Ok(Some(f)) => f,
@@ -276,7 +379,7 @@ async fn read_loop(
         };
         if let Frame::Resync { claims, last } = frame {
             // Slice by slice, the lock released in between.
-            if let Some(why) = take_resync(shared, peer, link, &mut resync, claims, last).await? {
+            if let Some(why) = take_resync(shared, peer, link, &mut resync, &mut ahead, claims, last).await? {
                 return Ok(why);
             }
             continue;
@@ -315,7 +418,7 @@ async fn read_loop(
             match frame {
                 Frame::Ping { t } => {
                     // If the queue is full the peer still hears our own pings.
-                    let _ = tx.try_send(Frame::Pong { t });
+                    let _ = tx.try_send(Frame::Pong { t }.into());
                 }
                 // A pong answers a ping this node sent: one from its future would confirm (and so
                 // never give back) every hand-off not yet answered.
@@ -338,7 +441,16 @@ async fn read_loop(
                 Frame::Own { conn, epoch } => {
                     if !plausible_epoch(epoch, unix_ms()) {
                         bump(&shared.counters.frames_rejected);
-                        warn!(peer, conn = %conn, epoch, "claim with an epoch from beyond a day ahead ignored");
+                        bump(&shared.counters.claims_ahead);
+                        if let Some(since) = ahead.warn_now(now) {
+                            warn!(
+                                peer,
+                                conn = %shown_upto(&conn, MAX_CONN_ID),
+                                epoch,
+                                ignored_since_last_warning = since,
+                                "claim with an epoch over a day ahead of this node's clock ignored: the peer's clock runs ahead, or this node's is behind"
+                            );
+                        }
                         continue;
                     }
                     let (claims, has) = st.dir.claims_by(peer, &conn);
@@ -380,6 +492,8 @@ async fn read_loop(
                     });
                 }
                 Frame::CloseSessions { conn, reason } => {
+                    // Goes into the close frames of the wallets' sockets, and into logs.
+                    let reason = close_reason(&reason);
                     for_node = Some(ClusterEvent::CloseSessions { conn, reason });
                 }
                 Frame::RoutesChanged { conn, keys } => {
@@ -398,7 +512,10 @@ async fn read_loop(
                     return Ok("peer left the cluster");
                 }
                 Frame::Refused { reason } => {
-                    return Err(format!("peer closed the link: {reason}"));
+                    return Err(format!(
+                        "peer closed the link: {}",
+                        shown_upto(&reason, SHOWN_REASON_MAX)
+                    ));
                 }
                 other @ (Frame::Hello(_) | Frame::Proof { .. } | Frame::Welcome | Frame::Noise { .. }) => {
                     bump(&shared.counters.frames_rejected);
@@ -434,10 +551,7 @@ async fn to_node(
     mut ev: ClusterEvent,
 ) -> Result<(), String> {
     if let ClusterEvent::Delivered { conn, msgs, held } = &mut ev {
-        let bytes: usize = msgs
-            .iter()
-            .map(|m| m.payload.len() + m.recipient_key.len() + HELD_PER_MESSAGE)
-            .sum();
+        let bytes = held_bytes(conn, msgs);
         let need = room.need(bytes);
         let taken = match room.try_take(conn, need) {
             Ok(r) => r,
@@ -546,6 +660,7 @@ async fn take_resync(
     peer: &str,
     link: LinkId,
     taken: &mut Option<usize>,
+    ahead: &mut Ahead,
     claims: Vec<Claim>,
     last: bool,
 ) -> Result<Option<&'static str>, String> {
@@ -575,7 +690,12 @@ async fn take_resync(
     // Counted, not precise per claim: one frame held implausible epochs, or long ids.
     if implausible > 0 {
         bump(&shared.counters.frames_rejected);
+        shared
+            .counters
+            .claims_ahead
+            .fetch_add(implausible as u64, Ordering::Relaxed);
     }
+    ahead.resync_frame(taken.is_none(), kept.len(), implausible);
     if long > 0 {
         bump(&shared.counters.frames_rejected);
         warn!(
@@ -639,6 +759,7 @@ async fn take_resync(
     }
     if last {
         *taken = None;
+        ahead.resync_ended(peer);
         {
             let mut st = shared.state.lock();
             if !heard(&mut st, peer, link) {
@@ -704,7 +825,7 @@ async fn write_loop(
     shared: &Shared,
     peer: &str,
     wr: &mut Writer,
-    rx: &mut mpsc::Receiver<Frame>,
+    rx: &mut mpsc::Receiver<Outgoing>,
     resync: &Notify,
     leave: &Notify,
     unconfirmed: &parking_lot::Mutex<Unconfirmed>,
@@ -728,12 +849,14 @@ async fn write_loop(
     hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            f = rx.recv() => {
-                let Some(f) = f else { return Ok("link handle dropped") };
-                write_tracked(wr, unconfirmed, returned, &f).await?;
+            o = rx.recv() => {
+                let Some(o) = o else { return Ok("link handle dropped") };
+                // Each frame's room in the send budget is given back once it is written.
+                write_tracked(wr, unconfirmed, returned, &o.frame).await?;
+                drop(o);
                 for _ in 1..WRITE_BATCH {
                     match rx.try_recv() {
-                        Ok(f) => write_tracked(wr, unconfirmed, returned, &f).await?,
+                        Ok(o) => write_tracked(wr, unconfirmed, returned, &o.frame).await?,
                         Err(_) => break,
                     }
                 }
@@ -747,25 +870,25 @@ async fn write_loop(
                 // Queued directory frames predate the snapshot read after: drop them, keep
                 // the rest. Frames queued from now on are written after the snapshot.
                 let mut keep = Vec::new();
-                while let Ok(f) = rx.try_recv() {
-                    if !matches!(f, Frame::Own { .. } | Frame::Disown { .. } | Frame::Resync { .. }) {
-                        keep.push(f);
+                while let Ok(o) = rx.try_recv() {
+                    if !matches!(o.frame, Frame::Own { .. } | Frame::Disown { .. } | Frame::Resync { .. }) {
+                        keep.push(o);
                     }
                 }
                 // Out of the queue, so noted at once: if the link ends before they are
                 // written, they are released with the rest, not left to their lease.
-                for f in &keep {
-                    unconfirmed.lock().written(f);
+                for o in &keep {
+                    unconfirmed.lock().written(&o.frame);
                 }
                 write_resync(wr, local_claims(shared).await, max).await?;
-                for f in &keep {
-                    write_noted(wr, unconfirmed, returned, f).await?;
+                for o in keep {
+                    write_noted(wr, unconfirmed, returned, &o.frame).await?;
                 }
                 wr.flush().await?;
             }
             _ = leave.notified() => {
-                while let Ok(f) = rx.try_recv() {
-                    write_tracked(wr, unconfirmed, returned, &f).await?;
+                while let Ok(o) = rx.try_recv() {
+                    write_tracked(wr, unconfirmed, returned, &o.frame).await?;
                 }
                 write_tracked(wr, unconfirmed, returned, &Frame::Leave).await?;
                 wr.flush().await?;
@@ -985,6 +1108,29 @@ mod tests {
             seen.extend(claims.iter().map(|c| (c.conn.clone(), c.epoch)));
         }
         assert_eq!(seen, claims);
+    }
+
+    /// A peer's close reason fits a WebSocket close frame: at most 123 bytes whatever its
+    /// characters, cut on a character boundary, its control characters escaped.
+    #[test]
+    fn a_peers_close_reason_fits_a_close_frame() {
+        assert_eq!(close_reason("removed by the operator"), "removed by the operator");
+        for long in [
+            "x".repeat(10_000),
+            "é".repeat(5_000),
+            "\n".repeat(300),
+            format!("{}€", "x".repeat(122)),
+        ] {
+            let r = close_reason(&long);
+            assert!(r.len() <= MAX_CLOSE_REASON, "{} bytes", r.len());
+            assert!(r.ends_with('…') && r.len() > MAX_CLOSE_REASON - 4, "{r:?}");
+            assert!(!r.contains('\n'));
+        }
+        assert_eq!(
+            close_reason(&"x".repeat(123)),
+            "x".repeat(123),
+            "one that fits is kept whole"
+        );
     }
 
     #[test]

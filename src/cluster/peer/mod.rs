@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, MutexGuard};
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info};
 
 use super::directory::{DirEffect, DirEvent, Directory};
@@ -45,6 +45,16 @@ use connect::dial_loop;
 pub(crate) use connect::accept_loop;
 pub use link_task::resync_chunks;
 pub(crate) use room::{HeldRoom, PeerRoom, HELD_PER_MESSAGE};
+
+/// Frames of this node's `Deliver`s (`max_frame` bytes each) that may wait in one peer's send
+/// queue, in bytes: `peer_queue` bounds the queue in frames, and a `Deliver` may take up to
+/// `max_frame` (1 MiB by default), so a peer whose link stops reading (its wallets' sockets
+/// stalled) would otherwise have this node hold `peer_queue` of them (4 GiB at the defaults).
+/// The peer itself takes no more than [`room::DELIVER_BUDGET_FRAMES`] frames of them into its
+/// room at a time (then its link waits): more queued here would only wait behind them. Past
+/// it, `hand_off` refuses and the caller releases the messages to the store, as for a full
+/// queue. Kept in the peer's slot, across its links.
+pub(crate) const SEND_BUDGET_FRAMES: usize = room::DELIVER_BUDGET_FRAMES;
 
 /// Connections accepted but not yet authenticated, at most (a flood of idle sockets must not
 /// starve real peers of file descriptors or tasks; `admission.rs` decides who waits).
@@ -90,6 +100,7 @@ pub(crate) struct Counters {
     pub handshakes_evicted: AtomicU64,
     pub link_waits: AtomicU64,
     pub handoffs_refused: AtomicU64,
+    pub claims_ahead: AtomicU64,
 }
 
 /// A snapshot of the link's counters (`Counters`) for status output.
@@ -115,8 +126,8 @@ pub struct CounterSnapshot {
     pub handoffs_sent: u64,
     pub handoffs_received: u64,
     /// Messages whose `Deliver` frame could not be queued (no link, queue full, over
-    /// `max_frame`) or sent: the sender released them and woke the owner as for any new
-    /// message.
+    /// `max_frame`, the peer's send budget of 8 frames spent: its link is not read) or sent:
+    /// the sender released them and woke the owner as for any new message.
     pub handoffs_failed: u64,
     /// Messages in `Deliver` frames written to a link that ended before the peer answered a
     /// later ping: the peer may never have read them, so the sender released them (a release
@@ -136,6 +147,13 @@ pub struct CounterSnapshot {
     /// peer's room on this node (its session slow to take them): released to the store at
     /// once (the wallet woken, its session drains them), not waited for.
     pub handoffs_refused: u64,
+    /// Peers' claims (`Own` frames, claims of resyncs) ignored for an epoch over a day ahead
+    /// of this node's clock (`directory::plausible_epoch`; also counted in
+    /// `frames_rejected`): a peer whose clock runs ahead, or, when they come from every peer,
+    /// this node's clock running behind (its sessions' wallets are then not reached from the
+    /// others' nodes). Logged as a warning at most once a minute per link, and as an error
+    /// once per link when every claim of a peer's resync is so.
+    pub claims_ahead: u64,
 }
 
 impl Counters {
@@ -158,6 +176,7 @@ impl Counters {
             handshakes_evicted: g(&self.handshakes_evicted),
             link_waits: g(&self.link_waits),
             handoffs_refused: g(&self.handoffs_refused),
+            claims_ahead: g(&self.claims_ahead),
         }
     }
 }
@@ -173,10 +192,27 @@ fn bump(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
 }
 
+/// How often a link warns of peers' claims from over a day ahead ([`CounterSnapshot::claims_ahead`]):
+/// a node whose clock is behind gets one with every session a peer opens.
+pub(crate) const AHEAD_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// A frame queued for a link, with the room a `Deliver` holds in its peer's send budget
+/// ([`SEND_BUDGET_FRAMES`]): given back when the frame is dropped, once written (or given up).
+pub(crate) struct Outgoing {
+    pub frame: Frame,
+    _room: Option<OwnedSemaphorePermit>,
+}
+
+impl From<Frame> for Outgoing {
+    fn from(frame: Frame) -> Outgoing {
+        Outgoing { frame, _room: None }
+    }
+}
+
 /// The installed link of a peer, as seen by everyone but its own task.
 pub(crate) struct LinkHandle {
     pub id: LinkId,
-    pub tx: mpsc::Sender<Frame>,
+    pub tx: mpsc::Sender<Outgoing>,
     /// Set when a directory frame could not be queued: the writer then replaces the queued
     /// directory frames with a full resync.
     resync: Arc<Notify>,
@@ -191,6 +227,10 @@ pub(crate) struct PeerSlot {
     pub link: Option<LinkHandle>,
     /// Room for the peer's hand-offs waiting here, kept across its links.
     pub room: Arc<room::PeerRoom>,
+    /// Room for this node's hand-offs waiting in the peer's send queue, in bytes
+    /// ([`SEND_BUDGET_FRAMES`]), kept across its links (a frame moved from a replaced link
+    /// to the new one keeps its room).
+    pub sending: Arc<Semaphore>,
     /// Dropped when the peer is removed from the config: stops its dialer.
     _dialer_stop: watch::Sender<()>,
 }
@@ -406,6 +446,7 @@ impl Shared {
                         addr: p.addr,
                         link: None,
                         room: room::PeerRoom::new(self.settings.max_frame),
+                        sending: Arc::new(Semaphore::new(SEND_BUDGET_FRAMES * self.settings.max_frame)),
                         _dialer_stop: stop_tx,
                     },
                 );
@@ -684,7 +725,7 @@ impl Shared {
     fn broadcast_dir(&self, st: &State, f: Frame) {
         for (id, slot) in &st.peers {
             if let Some(link) = &slot.link {
-                if let Err(mpsc::error::TrySendError::Full(_)) = link.tx.try_send(f.clone()) {
+                if let Err(mpsc::error::TrySendError::Full(_)) = link.tx.try_send(f.clone().into()) {
                     bump(&self.counters.queue_drops);
                     debug!(peer = %id, "peer queue full, directory frame replaced by a resync");
                     link.resync.notify_one();
@@ -721,7 +762,11 @@ impl Shared {
     fn queue_on_links(st: &State, frame: &Frame) -> Vec<String> {
         st.peers
             .iter()
-            .filter(|(_, s)| s.link.as_ref().is_some_and(|l| l.tx.try_send(frame.clone()).is_ok()))
+            .filter(|(_, s)| {
+                s.link
+                    .as_ref()
+                    .is_some_and(|l| l.tx.try_send(frame.clone().into()).is_ok())
+            })
             .map(|(id, _)| id.to_string())
             .collect()
     }
@@ -741,7 +786,7 @@ impl Shared {
             .peers
             .get(&owner)
             .and_then(|s| s.link.as_ref())
-            .is_some_and(|l| l.tx.try_send(Frame::Queued { conn: conn.to_string() }).is_ok());
+            .is_some_and(|l| l.tx.try_send(Frame::Queued { conn: conn.to_string() }.into()).is_ok());
         if sent {
             bump(&self.counters.notifications_sent);
             NotifyOutcome::Sent(owner)
@@ -767,7 +812,8 @@ impl Shared {
     }
 
     /// Queues a `Deliver` frame to `node`; false when it cannot be queued (no link, queue
-    /// full, or the frame over `max_frame`), and the caller releases the messages.
+    /// full, the frame over `max_frame`, or the peer's send budget spent: [`SEND_BUDGET_FRAMES`]),
+    /// and the caller releases the messages.
     pub fn hand_off(&self, node: &str, conn: &str, msgs: Vec<super::proto::HandedMsg>) -> bool {
         let n = msgs.len() as u64;
         let frame = Frame::Deliver {
@@ -783,11 +829,24 @@ impl Shared {
         }
         let st = self.state.lock();
         let sent = fits
-            && st
-                .peers
-                .get(node)
-                .and_then(|s| s.link.as_ref())
-                .is_some_and(|l| l.tx.try_send(frame).is_ok());
+            && st.peers.get(node).is_some_and(|s| {
+                let Some(l) = &s.link else { return false };
+                // Its room in the peer's send budget travels with it and is given back once it
+                // is written: a peer that reads nothing holds that much here, not `peer_queue`
+                // frames of `max_frame` bytes.
+                let room = u32::try_from(len)
+                    .ok()
+                    .and_then(|n| s.sending.clone().try_acquire_many_owned(n).ok());
+                let Some(room) = room else {
+                    debug!(peer = %node, len, "peer's send budget spent (its link is not read), hand-off released");
+                    return false;
+                };
+                l.tx.try_send(Outgoing {
+                    frame,
+                    _room: Some(room),
+                })
+                .is_ok()
+            });
         let c = if sent {
             &self.counters.handoffs_sent
         } else {

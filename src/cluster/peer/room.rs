@@ -24,10 +24,23 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub(crate) const DELIVER_BUDGET_FRAMES: usize = 8;
 /// Frames of that budget one connection may hold.
 pub(crate) const CONN_SHARE_FRAMES: usize = 2;
-/// What a message of a `Deliver` frame takes on this node beside its payload and recipient
-/// key (its record, its connection id, the vector's slot): a frame of many empty messages is
-/// not free.
+/// What a message of a `Deliver` frame takes on this node beside its payload, its recipient
+/// key and its copy of the connection id (its record, the vector's slot): a frame of many
+/// empty messages is not free.
 pub(crate) const HELD_PER_MESSAGE: usize = 128;
+
+/// The bytes the messages `msgs` of a `Deliver` frame for `conn` take on this node while they
+/// wait for their session: payloads, recipient keys, and per message [`HELD_PER_MESSAGE`] and
+/// the connection id, which the node copies into every message it makes of them (a peer's
+/// frame of many empty messages for a 128-byte id is not 128 bytes).
+pub(crate) fn held_bytes(conn: &str, msgs: &[crate::cluster::proto::HandedMsg]) -> usize {
+    msgs.iter().fold(0usize, |n, m| {
+        n.saturating_add(m.payload.len())
+            .saturating_add(m.recipient_key.len())
+            .saturating_add(conn.len())
+            .saturating_add(HELD_PER_MESSAGE)
+    })
+}
 
 /// One peer's budget.
 pub(crate) struct PeerRoom {
@@ -157,6 +170,25 @@ mod tests {
             r.by_conn.lock().is_empty(),
             "no entry left for a connection holding nothing"
         );
+    }
+
+    /// Every message is counted with its own copy of the connection id: the node clones it
+    /// into each (`node.rs`, the `Delivered` event), so 1,000 empty messages for a 128-byte id
+    /// hold 128 KB of ids beside their records.
+    #[test]
+    fn a_deliver_frame_is_counted_with_the_connection_id_of_every_message() {
+        let msg = |payload: usize, key: &str| crate::cluster::proto::HandedMsg {
+            id: 1,
+            recipient_key: key.into(),
+            payload: vec![0; payload],
+            received_at_ms: 1,
+        };
+        let conn = "c".repeat(128);
+        assert_eq!(held_bytes(&conn, &[]), 0);
+        assert_eq!(held_bytes(&conn, &[msg(10, "key")]), 10 + 3 + 128 + HELD_PER_MESSAGE);
+        let empty: Vec<_> = (0..1000).map(|_| msg(0, "")).collect();
+        assert_eq!(held_bytes(&conn, &empty), 1000 * (128 + HELD_PER_MESSAGE));
+        assert_eq!(held_bytes("c", &empty), 1000 * (1 + HELD_PER_MESSAGE));
     }
 
     #[test]
