@@ -739,6 +739,46 @@ async fn sockets_bound_by_a_did_that_rotated_away_are_closed_on_every_node() {
     assert_eq!(got.len(), 1, "{got:?}");
 }
 
+/// A socket bound by a DID that rotated away and that missed the rotation's close (its node
+/// missed the frame, or it bound with a record read before the rotation committed) closes at
+/// its drain's next read of the connection: it does not go on taking the wallet's mail.
+#[actix_rt::test]
+async fn a_socket_that_missed_its_rotations_close_closes_at_its_next_read() {
+    // Queue-only: forwards wake the socket's drain, which reads the connection again (a
+    // message handed to a live session is written without that read).
+    let (_db, store, nodes, [on_n1, _]) = v2_pair_with(|c| {
+        c.delivery.lease_ms = 2_000;
+        c.delivery.strategy = Strategy::QueueOnly;
+    })
+    .await;
+    let n1 = nodes[0].public_url();
+    let s = V2Sender::new().unwrap();
+    let mut a = V2Agent::new(on_n1).unwrap();
+    let ra = a.onboard().await.unwrap();
+    let mut old = a.live().await.unwrap();
+    let conn = a_connection_id(&nodes[0]).await;
+    // The rotation as the store has it, and no close sent (as if its frame were lost).
+    let old_did = a.did.clone();
+    let new_did = a.rotate().unwrap();
+    let patch = mailroom::store::ConnectionPatch {
+        rotate_did: Some((old_did, new_did)),
+        updated_at_ms: mailroom::protocols::now_ms(),
+        ..Default::default()
+    };
+    assert!(store.update_connection(&conn, &patch).await.unwrap().is_some());
+    // Each forward wakes the socket; its drain half a lease after the last read reads again.
+    let deadline = std::time::Instant::now() + WAIT;
+    let closed = loop {
+        assert!(std::time::Instant::now() < deadline, "the socket stayed open");
+        assert_eq!(s.forward_via(&n1, &ra, &s.basic(&ra, "m")).await.unwrap(), 202);
+        match a.recv(&mut old, std::time::Duration::from_millis(300)).await {
+            Err(e) if format!("{e:#}").contains("socket closed") => break format!("{e:#}"),
+            _ => continue,
+        }
+    };
+    assert!(closed.contains("rotated"), "{closed}");
+}
+
 /// `old` closes (after what it was sent before) with the reason a rotation gives.
 async fn assert_closed_as_rotated(a: &V2Agent, old: &mut V2Socket, name: &str) {
     let closed = loop {
@@ -756,8 +796,22 @@ async fn assert_closed_as_rotated(a: &V2Agent, old: &mut V2Socket, name: &str) {
 /// Two nodes of one cluster on a fresh PostgreSQL database, linked, with the v2 mediator as
 /// seen through each.
 async fn v2_pair() -> (FreshDb, Vec<RunningNode>, [V2Mediator; 2]) {
+    let (db, _, nodes, on) = v2_pair_with(|_| {}).await;
+    (db, nodes, on)
+}
+
+/// [`v2_pair`] of a config `edit` changed, with the store the nodes share.
+async fn v2_pair_with(
+    edit: impl FnOnce(&mut mailroom::config::Config),
+) -> (
+    FreshDb,
+    std::sync::Arc<dyn mailroom::store::Store>,
+    Vec<RunningNode>,
+    [V2Mediator; 2],
+) {
     let db = FreshDb::create().await;
     let (mut cfg, ls) = bind_cluster(2, &db.url, 600_000);
+    edit(&mut cfg);
     // The load balancer's URL: what the mediator's DID advertises on every node.
     cfg.cluster.public_url = Some("http://127.0.0.1:9".into());
     let store = open_shared_store(&cfg).await;
@@ -785,7 +839,7 @@ async fn v2_pair() -> (FreshDb, Vec<RunningNode>, [V2Mediator; 2]) {
         http: n2.public_url(),
         ws: Some(ws_url(n2)),
     };
-    (db, nodes, [on_n1, on_n2])
+    (db, store, nodes, [on_n1, on_n2])
 }
 
 /// The basic message `content` from `s` for `to`, anoncrypted to `to`'s keys (what a

@@ -528,6 +528,16 @@ impl ClusterHandle {
         })
     }
 
+    /// Asks every connected peer, once, to close `conn`'s sessions: not repeated on links that
+    /// come up later, as [`Self::close_sessions_everywhere`] is (a DID rotation's close,
+    /// repeated minutes later, would close the wallet's sockets of its new DID).
+    pub fn close_sessions_once(&self, conn: &str, reason: &str) -> Vec<String> {
+        self.shared.broadcast(&proto::Frame::CloseSessions {
+            conn: conn.to_string(),
+            reason: reason.to_string(),
+        })
+    }
+
     /// Tells every connected peer that `conn` lost routing `keys` (all of its keys when
     /// empty), so their route caches forget them. Best effort: a peer that misses it finds out
     /// when its stale route is refused at queue time.

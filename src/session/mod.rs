@@ -762,9 +762,11 @@ impl crate::protocols::Holders for NodeHolders {
             except: session_of_owner(&self.node_id, kept_owner),
         });
         // The transport that carried the rotation is on this node: every session elsewhere
-        // was bound by the old DID.
+        // was bound by the old DID. Once, not repeated to links that come up later; a session
+        // that missed it (or bound by the old DID after it) closes at its drain's re-read of
+        // the connection (`ws.rs`, `Drained::Rotated`).
         if let Some(c) = &self.cluster {
-            c.close_sessions_everywhere(conn, ROTATED_REASON);
+            c.close_sessions_once(conn, ROTATED_REASON);
         }
     }
 }

@@ -157,6 +157,9 @@ enum Drained {
     Store(crate::store::StoreError),
     /// The bound connection's mediation was revoked (read in the store).
     Revoked,
+    /// The bound connection's peer DID is another one now (a DIDComm v2 rotation): this
+    /// socket was bound by the old one.
+    Rotated,
 }
 
 impl WsSession {
@@ -587,6 +590,7 @@ impl WsSession {
         let news_before = self.queue_news;
         let shared = self.shared.clone();
         let conn_id = self.conn.as_ref().expect("checked above").id.clone();
+        let bound_did = self.conn.as_ref().and_then(|c| c.their_did.clone());
         let leased_for = conn_id.clone();
         let owner = self.owner();
         let batch = shared.mediator.batch_size;
@@ -613,8 +617,12 @@ impl WsSession {
                 if read_mediation {
                     let at = now_ms();
                     match store.get_connection(&conn_id).await {
-                        Ok(Some(c)) if c.mediation != MediationState::Denied => read_at = Some(at),
-                        Ok(_) => return Err(Drained::Revoked),
+                        Ok(Some(c)) if c.mediation == MediationState::Denied => return Err(Drained::Revoked),
+                        // Bound by a DID the connection rotated away from: its close went
+                        // missing, or the socket bound with a record read before the rotation.
+                        Ok(Some(c)) if c.their_did != bound_did => return Err(Drained::Rotated),
+                        Ok(Some(_)) => read_at = Some(at),
+                        Ok(None) => return Err(Drained::Revoked),
                         Err(e) => return Err(Drained::Store(e)),
                     }
                 }
@@ -660,6 +668,15 @@ impl WsSession {
                 Err(Drained::Revoked) => {
                     tracing::info!(connection = act.conn_id(), "mediation revoked: socket closed");
                     act.close_revoked(ctx);
+                    return;
+                }
+                Err(Drained::Rotated) => {
+                    tracing::info!(connection = act.conn_id(), "bound by a DID rotated away: socket closed");
+                    close_with(
+                        ctx,
+                        ws::CloseCode::from(crate::admin::OPERATOR_CLOSE_CODE),
+                        super::ROTATED_REASON,
+                    );
                     return;
                 }
             };
