@@ -37,6 +37,9 @@ pub mod bounds {
     pub const SWEEP_INTERVAL_MS: u64 = 3600 * 1000;
     /// `delivery.endpoint_timeout_ms`: ten minutes.
     pub const ENDPOINT_TIMEOUT_MS: u64 = 600 * 1000;
+    /// `limits.max_endpoint_drains`: within the open files a node keeps for itself
+    /// ([`super::OPEN_FILES_SLACK`]), each drain holding one socket.
+    pub const ENDPOINT_DRAINS: usize = 1024;
     /// `cluster.heartbeat_ms`: one minute.
     pub const HEARTBEAT_MS: u64 = 60 * 1000;
     /// `cluster.failure_timeout_ms`: one hour.
@@ -329,6 +332,13 @@ pub struct Limits {
     /// keylist-query answer) without bound.
     #[serde(default = "default_max_keys")]
     pub max_keys_per_connection: usize,
+    /// Drains of queues to agents' own endpoints under way on the node at once (1 to
+    /// [`bounds::ENDPOINT_DRAINS`]). Each holds a socket for up to
+    /// `delivery.endpoint_timeout_ms` and a batch of leased payload (up to twice the larger
+    /// message limit): without a bound, connections whose endpoints accept and never answer
+    /// held one each. A drain that finds none free is left to the sweep.
+    #[serde(default = "default_max_endpoint_drains")]
+    pub max_endpoint_drains: usize,
     /// A client must send a request's headers (WebSocket handshakes included) within this
     /// long of connecting, milliseconds; a slow-loris client is dropped after it.
     #[serde(default = "default_client_timeout")]
@@ -506,6 +516,9 @@ fn default_ws_inflight() -> usize {
 }
 fn default_max_keys() -> usize {
     1000
+}
+fn default_max_endpoint_drains() -> usize {
+    64
 }
 fn default_client_timeout() -> u64 {
     5_000
@@ -770,6 +783,12 @@ fn env_addr(var: &str, v: &str) -> Result<(), ConfigError> {
 /// keep-alive connections.
 pub const OPEN_FILES_SLACK: u64 = 1024;
 
+/// Connections the admin listener serves at once; past it, new ones wait in its backlog. Each
+/// holds two open files (its socket and the slow-client watchdog's duplicate of it), which
+/// [`Config::files_reserved`] keeps: unbounded, slow clients of the admin port took the files
+/// the node keeps for itself, and the listener (`/ready` with it) went dark.
+pub const ADMIN_MAX_CONNECTIONS: usize = 256;
+
 impl Limits {
     /// Fits `max_sessions` to a process that may hold `open_files` files, `reserved` of them
     /// (or half, under a small limit) kept for everything else: past that, the node would run
@@ -785,8 +804,9 @@ impl Limits {
 
 impl Config {
     /// Open files a node of this config keeps beside its sessions: its store's pool, the
-    /// pushes it may send at once, the 256 reply POSTs, two links a peer, and
-    /// [`OPEN_FILES_SLACK`].
+    /// pushes it may send at once, the 256 reply POSTs, the drains to agents' endpoints
+    /// (`limits.max_endpoint_drains`, a socket each), two links a peer, two files for each of
+    /// the admin listener's [`ADMIN_MAX_CONNECTIONS`], and [`OPEN_FILES_SLACK`].
     pub fn files_reserved(&self) -> u64 {
         let pool = if self.store.backend == "postgres" {
             self.store.pool_size
@@ -795,7 +815,9 @@ impl Config {
         };
         let pushes = self.push.as_ref().map_or(0, |p| p.max_in_flight);
         let links = 2 * self.nodes.len();
-        (pool + pushes + 256 + links) as u64 + OPEN_FILES_SLACK
+        let admin = 2 * ADMIN_MAX_CONNECTIONS;
+        let drains = self.limits.max_endpoint_drains;
+        (pool + pushes + 256 + drains + links + admin) as u64 + OPEN_FILES_SLACK
     }
 
     /// [`Limits::fit_sessions_to`] with [`Config::files_reserved`].
@@ -1062,6 +1084,12 @@ impl Config {
         }
         if self.limits.max_ws_inflight == 0 {
             return bad("limits.max_ws_inflight must be at least 1".into());
+        }
+        if !(1..=bounds::ENDPOINT_DRAINS).contains(&self.limits.max_endpoint_drains) {
+            return bad(format!(
+                "limits.max_endpoint_drains must be 1..={} (drains to agents' endpoints under way at once; 0 would deliver nothing to them)",
+                bounds::ENDPOINT_DRAINS
+            ));
         }
         if self.delivery.batch_size == 0 || self.delivery.batch_size > 1000 {
             return bad("delivery.batch_size must be 1..=1000".into());
@@ -1455,9 +1483,10 @@ mod tests {
             c.limits.max_sessions = max_sessions;
             (c.fit_sessions_to(open_files), c.limits.max_sessions)
         };
-        // This machine's cap: the default of 100,000 is lowered, with 256 reply POSTs, 2 links
-        // and 1,024 files more kept.
-        assert_eq!(fit(100_000, 20_000), (Some(100_000), 18_718));
+        // This machine's cap: the default of 100,000 is lowered, with 256 reply POSTs, 64
+        // endpoint drains, 2 links, 512 for the admin listener's connections and 1,024 files
+        // more kept.
+        assert_eq!(fit(100_000, 20_000), (Some(100_000), 18_142));
         // A small limit (systemd's soft 1,024): half kept.
         assert_eq!(fit(100_000, 1_024), (Some(100_000), 512));
         assert_eq!(fit(100_000, 256), (Some(100_000), 128));
@@ -1476,7 +1505,10 @@ mod tests {
             .unwrap(),
         );
         c.fit_sessions_to(20_000);
-        assert_eq!(c.limits.max_sessions, 20_000 - (200 + 5_000 + 256 + 2 + 1_024));
+        assert_eq!(
+            c.limits.max_sessions,
+            20_000 - (200 + 5_000 + 256 + 64 + 2 + 512 + 1_024)
+        );
     }
 
     #[test]
@@ -1516,6 +1548,7 @@ mod tests {
         assert_eq!(c.limits.max_envelope_bytes, 4 << 20);
         assert_eq!(c.delivery.sweep_interval_ms, 2000);
         assert_eq!(c.limits.max_keys_per_connection, 1000);
+        assert_eq!(c.limits.max_endpoint_drains, 64);
         assert_eq!(c.limits.client_timeout_ms, 5000);
         assert_eq!(c.limits.ws_write_stall_ms, 60_000);
         assert_eq!(c.limits.message_timeout_ms, 60_000);
@@ -1545,6 +1578,8 @@ mod tests {
             ("[store]\nbackend='postgres'\nurl='postgres://db/m?sslcert=/c.pem'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "store.url: invalid connection string: unknown option"),
             ("[delivery]\nstrategy='Sometimes'\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "Sometimes"),
             ("[limits]\nmax_keys_per_connection=0\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.max_keys_per_connection must be at least 1"),
+            ("[limits]\nmax_endpoint_drains=0\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.max_endpoint_drains must be 1..=1024"),
+            ("[limits]\nmax_endpoint_drains=1025\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.max_endpoint_drains must be 1..=1024"),
             ("[limits]\nclient_timeout_ms=0\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.client_timeout_ms must be 100..=600000"),
             ("[limits]\nws_write_stall_ms=99\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.ws_write_stall_ms must be 100..=3600000"),
             ("[limits]\nmessage_timeout_ms=99\n[[node]]\nid='n1'\nlisten='127.0.0.1:1'\nadmin='127.0.0.1:2'", "limits.message_timeout_ms must be 100..=3600000"),

@@ -223,7 +223,7 @@ impl Metrics {
         );
         registry.register(
             "endpoint_posts",
-            "POSTs to agents' own endpoints, replies and queued messages (result: ok, failed, refused)",
+            "POSTs to agents' own endpoints, replies and queued messages (result: ok, failed, refused; deferred: a try put off, no drain slot free or the endpoint backing off)",
             m.endpoint_posts.clone(),
         );
         registry.register(

@@ -13,7 +13,6 @@ use crate::registry::{CloseAll, CloseConn, Registry, SessionMoved, WakeLocal};
 use crate::session::Shared;
 use crate::store::{self, Store};
 use actix::Actor;
-use actix_web::{App, HttpServer};
 use anyhow::Context as _;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -272,6 +271,7 @@ pub async fn run(
 
     // Cluster: every other [[node]] is a peer.
     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel::<ClusterEvent>(4096);
+    let cluster_addr = listeners.cluster.as_ref().map(|l| l.local_addr()).transpose()?;
     let cluster = match listeners.cluster {
         Some(l) => {
             l.set_nonblocking(true)?;
@@ -296,12 +296,12 @@ pub async fn run(
         strategy: cfg.delivery.strategy,
         registry: registry.clone(),
     }));
-    // Agents' endpoints must not reach an admin listener of this cluster (this node's, bound
-    // where it is even when the config says port 0, and every [[node]]'s) nor metadata services.
+    // Agents' endpoints must not reach an admin or cluster listener of this cluster (this
+    // node's, bound where they are even when the config says port 0, and every [[node]]'s), the
+    // store, nor metadata services.
     let admin_addr = listeners.admin.local_addr()?;
     let egress = crate::session::egress::Egress::new(
-        crate::session::egress::EgressPolicy::new(admin_addr, cfg.nodes.iter().map(|n| n.admin.as_str()))
-            .refusing_private(!cfg.delivery.allow_private_endpoints),
+        crate::session::egress::EgressPolicy::for_node(&cfg, admin_addr, cluster_addr),
         Duration::from_millis(cfg.delivery.endpoint_timeout_ms),
         &cfg.delivery.extra_roots().map_err(std::io::Error::other)?,
     )
@@ -670,16 +670,12 @@ pub async fn run(
             }
         });
     }
-    let admin_server = {
-        let st = admin_state.clone();
-        HttpServer::new(move || App::new().configure(|c| admin::configure(c, st.clone())))
-            .tcp_nodelay(true)
-            .listen(listeners.admin)?
-            .disable_signals()
-            .workers(1)
-            .shutdown_timeout(2)
-            .run()
-    };
+    // Slow clients and the connection cap as on the public listener (see admin::serve).
+    let admin_server = admin::serve(
+        admin_state.clone(),
+        listeners.admin,
+        Duration::from_millis(cfg.limits.client_timeout_ms),
+    )?;
     let admin_handle = admin_server.handle();
     let public_task = actix_rt::spawn(public_server);
     let admin_task = actix_rt::spawn(admin_server);
@@ -930,7 +926,7 @@ impl Reloader {
                 "reload: these settings changed in the file and take effect at the next restart"
             );
         }
-        self.egress.refuse_admins(cfg.nodes.iter().map(|n| n.admin.as_str()));
+        self.egress.refuse_nodes(&cfg.nodes);
         let admin_token_changed = {
             let mut live = self.live.write();
             let changed = live.admin.token != cfg.admin.token || live.admin.token_label != cfg.admin.token_label;

@@ -203,6 +203,7 @@ async fn admin_with(method: &str, url: &str, headers: &[(&str, String)]) -> (u16
     let client = awc::Client::default();
     let mut req = match method {
         "POST" => client.post(url),
+        "DELETE" => client.delete(url),
         _ => client.get(url),
     };
     for (k, v) in headers {
@@ -217,9 +218,10 @@ async fn admin_with(method: &str, url: &str, headers: &[(&str, String)]) -> (u16
 }
 
 /// Without a token the admin listener trusts loopback, so a browser on the same machine must
-/// not be able to drive it: a page's no-cors POST (its `Origin`) and DNS rebinding (its name
-/// in `Host`) get 403; the CLI, the status page and local tools (loopback Host) still work. A
-/// token-guarded listener is unchanged.
+/// not be able to drive it: a page's no-cors POST (its `Origin`, its `Sec-Fetch-Site`) and DNS
+/// rebinding (its name in `Host`) get 403, a page of another local server (a dev server on
+/// the next port) as much as one on the internet; the CLI, the status page and local tools
+/// (loopback Host) still work. A token-guarded listener is unchanged.
 #[actix_rt::test]
 async fn a_tokenless_admin_answers_only_loopback_hosts_and_no_foreign_origin() {
     let dir = tempfile::tempdir().unwrap();
@@ -229,6 +231,9 @@ async fn a_tokenless_admin_answers_only_loopback_hosts_and_no_foreign_origin() {
     let ready = format!("{admin}/ready");
     let host = |h: &str| ("Host", h.to_string());
     let origin = |o: &str| ("Origin", o.to_string());
+    let fetch_site = |s: &str| ("Sec-Fetch-Site", s.to_string());
+    let own_host = format!("127.0.0.1:{port}");
+    let next_port = port.checked_add(1).unwrap_or(port - 1);
 
     for headers in [
         vec![host("evil.example")],
@@ -239,6 +244,14 @@ async fn a_tokenless_admin_answers_only_loopback_hosts_and_no_foreign_origin() {
             host(&format!("localhost:{port}")),
             origin("http://127.0.0.1.evil.example"),
         ],
+        // Another local server's page: another port, scheme or name of this machine.
+        vec![host(&own_host), origin(&format!("http://127.0.0.1:{next_port}"))],
+        vec![host(&own_host), origin(&format!("https://127.0.0.1:{port}"))],
+        vec![host(&own_host), origin(&format!("http://localhost:{port}"))],
+        vec![host(&own_host), origin("http://localhost:3000")],
+        // A page of another site, whatever else it sends.
+        vec![host(&own_host), fetch_site("cross-site")],
+        vec![host(&own_host), fetch_site("same-site")],
     ] {
         let (st, body) = admin_with("POST", &format!("{admin}/drain"), &headers).await;
         assert_eq!(st, 403, "{headers:?}: {body}");
@@ -252,12 +265,19 @@ async fn a_tokenless_admin_answers_only_loopback_hosts_and_no_foreign_origin() {
         assert_eq!(st, 403, "GET {path}");
     }
 
-    // Loopback names, with or without port; a same-origin page's Origin.
+    // Loopback names, with or without port; a same-origin page's Origin; what a browser
+    // sends from the status page or the address bar.
     for headers in [
         vec![host(&format!("localhost:{port}"))],
         vec![host("localhost")],
         vec![host("127.0.0.1")],
         vec![origin(&admin)],
+        vec![
+            host(&format!("localhost:{port}")),
+            origin(&format!("http://localhost:{port}")),
+        ],
+        vec![origin(&admin), fetch_site("same-origin")],
+        vec![fetch_site("none")],
     ] {
         let (st, body) = admin_with("GET", &format!("{admin}/status"), &headers).await;
         assert_eq!(st, 200, "{headers:?}: {body}");
@@ -286,6 +306,273 @@ async fn a_tokenless_admin_answers_only_loopback_hosts_and_no_foreign_origin() {
     .await;
     assert_eq!(st, 200);
     assert_eq!(get_status(&format!("{}/ready", t.admin_url()), None).await.0, 200);
+}
+
+/// A reverse proxy on the same machine reaches a tokenless admin listener from loopback with
+/// anyone's request (and may pass the loopback `Host` along): without a token, a request
+/// carrying a proxy's headers is refused. With a token, the token decides.
+#[actix_rt::test]
+async fn a_tokenless_admin_refuses_requests_that_came_through_a_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let admin = n.admin_url();
+    let ready = format!("{admin}/ready");
+    let own_host = ("Host", format!("127.0.0.1:{}", n.admin_addr.port()));
+    for (name, value) in [
+        ("X-Forwarded-For", "203.0.113.9"),
+        ("Forwarded", "for=203.0.113.9"),
+        ("X-Real-IP", "203.0.113.9"),
+        ("Via", "1.1 proxy"),
+    ] {
+        let headers = [own_host.clone(), (name, value.to_string())];
+        let (st, body) = admin_with("POST", &format!("{admin}/drain"), &headers).await;
+        assert_eq!(st, 403, "{name}: {body}");
+        assert_eq!(body["error"], "forbidden", "{body}");
+        assert!(body["reason"].as_str().is_some_and(|r| r.contains("proxy")), "{body}");
+        assert_eq!(get_status(&ready, None).await.0, 200, "not drained through {name}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.admin.token = Some("s3cret-token".into());
+    let t = start(&cfg);
+    let headers = [
+        ("X-Forwarded-For", "203.0.113.9".to_string()),
+        ("Authorization", "Bearer s3cret-token".to_string()),
+    ];
+    let (st, body) = admin_with("GET", &format!("{}/status", t.admin_url()), &headers).await;
+    assert_eq!(st, 200, "{body}");
+}
+
+/// Every operator action on a token-guarded admin listener is refused 401 without the token
+/// and with a wrong one, and changes nothing.
+#[actix_rt::test]
+async fn every_operator_action_needs_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.admin.token = Some("s3cret-token".into());
+    let n = start(&cfg);
+    let admin = n.admin_url();
+    let (_a, _k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let token = |t: &str| ("Authorization", format!("Bearer {t}"));
+    let (_, list) = admin_with("GET", &format!("{admin}/connections"), &[token("s3cret-token")]).await;
+    let id = list["connections"][0]["id"].as_str().expect("a connection").to_string();
+    let denied = r#"{"state": "denied"}"#;
+    let actions = [
+        ("DELETE", format!("/connections/{id}"), ""),
+        ("DELETE", format!("/connections/{id}/queue"), ""),
+        ("POST", format!("/connections/{id}/mediation"), denied),
+        ("POST", "/drain".to_string(), ""),
+        ("POST", "/undrain".to_string(), ""),
+        ("POST", "/reload".to_string(), ""),
+        ("POST", "/invitations".to_string(), r#"{"multi_use": true}"#),
+    ];
+    for (method, path, body) in &actions {
+        for auth in [None, Some(token("wrong-token")), Some(token("s3cret-tokenX"))] {
+            let req = match *method {
+                "DELETE" => client().delete(format!("{admin}{path}")),
+                _ => client().post(format!("{admin}{path}")),
+            };
+            let req = match &auth {
+                Some(h) => req.insert_header(h.clone()),
+                None => req,
+            };
+            let res = req
+                .insert_header(("Content-Type", "application/json"))
+                .send_body(body.to_string())
+                .await
+                .expect("admin request");
+            assert_eq!(res.status().as_u16(), 401, "{method} {path} with {auth:?}");
+            assert!(res.headers().contains_key("www-authenticate"), "{method} {path}");
+        }
+    }
+    // Nothing was done: still ready, the connection still there and mediated.
+    assert_eq!(get_status(&format!("{admin}/ready"), None).await.0, 200);
+    let (st, c) = admin_with("GET", &format!("{admin}/connections/{id}"), &[token("s3cret-token")]).await;
+    assert_eq!((st, c["mediation"].as_str()), (200, Some("granted")), "{c}");
+}
+
+/// Reads one answer (head and `Content-Length` body) from a raw kept-alive connection; its
+/// status line.
+async fn read_answer(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let head = String::from_utf8_lossy(&read_until(s, b"\r\n\r\n", "an answer's head").await).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no content-length: {head}"));
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(WAIT, s.read_exact(&mut body))
+        .await
+        .expect("the answer's body in time")
+        .unwrap();
+    head.lines().next().unwrap_or_default().to_string()
+}
+
+/// Whether the node closes `s` (EOF or reset) within `within`, reading and dropping whatever
+/// else it sends.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The admin listener guards its connections as the public one does: a kept-alive
+/// connection whose next request head never ends (one byte of it, then silence) is closed
+/// once `limits.client_timeout_ms` passed. actix times only a connection's first head, so
+/// before, this held a connection of the admin's only worker forever, and enough of them took
+/// the listener (and `/ready`) down.
+#[actix_rt::test]
+async fn a_slow_client_on_a_kept_alive_admin_connection_is_dropped() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.limits.client_timeout_ms = 500;
+    let n = start(&cfg);
+    let mut s = tokio::net::TcpStream::connect(n.admin_addr).await.unwrap();
+    let host = format!("127.0.0.1:{}", n.admin_addr.port());
+    s.write_all(format!("GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_answer(&mut s).await, "HTTP/1.1 200 OK");
+    // After the answer: the byte ends actix's keep-alive wait, and no head timer runs.
+    s.write_all(b"G").await.unwrap();
+    let started = std::time::Instant::now();
+    // Without the watchdog, held for as long as the client stays (WAIT here).
+    assert!(
+        closed_within(&mut s, WAIT).await,
+        "a kept-alive admin connection with one byte of its next head was held {:?}",
+        started.elapsed()
+    );
+    // Well before actix's own 5 s keep-alive would have ended it.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "held {:?} with limits.client_timeout_ms = 500",
+        started.elapsed()
+    );
+    // The listener goes on serving.
+    assert_eq!(get_status(&format!("{}/ready", n.admin_url()), None).await.0, 200);
+}
+
+/// The admin listener serves at most `ADMIN_MAX_CONNECTIONS` connections at once (each holds
+/// two of the files the node keeps for itself): one more waits in the backlog, unanswered,
+/// until one of them ends.
+#[actix_rt::test]
+async fn the_admin_listener_serves_at_most_its_connection_cap() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    // Idle connections are held for the test's length, not closed as slow.
+    cfg.limits.client_timeout_ms = 120_000;
+    let n = start(&cfg);
+    let mut held = Vec::new();
+    for _ in 0..mailroom::config::ADMIN_MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(n.admin_addr).await.unwrap());
+    }
+    // Each of them is being served: the last one answers.
+    let host = format!("127.0.0.1:{}", n.admin_addr.port());
+    let health = format!("GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let last = held.last_mut().unwrap();
+    last.write_all(health.as_bytes()).await.unwrap();
+    assert_eq!(read_answer(last).await, "HTTP/1.1 200 OK");
+    let mut one_more = tokio::net::TcpStream::connect(n.admin_addr).await.unwrap();
+    one_more.write_all(health.as_bytes()).await.unwrap();
+    let mut b = [0u8; 1];
+    let early = tokio::time::timeout(std::time::Duration::from_millis(500), one_more.peek(&mut b)).await;
+    assert!(early.is_err(), "a connection past the cap was served: {early:?}");
+    drop(held.remove(0));
+    assert_eq!(read_answer(&mut one_more).await, "HTTP/1.1 200 OK");
+}
+
+/// A peer's admin listener answering the node's read of its history with a redirect does not
+/// send the node elsewhere: the redirect's target gets no request (the node's signed read,
+/// sent from inside the cluster's network, would go wherever the answer names), and the peer
+/// shows unreachable.
+#[actix_rt::test]
+async fn a_peers_history_is_read_without_following_its_redirect() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.cluster.secret = Some("operations-test-secret".into());
+    let l = mailroom::node::bind_ephemeral(&mut cfg, "n1", true).unwrap();
+    // The peer n2 runs no node: its configured admin address answers every request with a
+    // redirect to the recorder, which must never be asked anything.
+    let peer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let recorder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    recorder.set_nonblocking(true).unwrap();
+    let recorder_addr = recorder.local_addr().unwrap();
+    cfg.nodes.push(mailroom::config::NodeEntry {
+        id: "n2".into(),
+        listen: common::cluster::free_addr(),
+        cluster: Some(common::cluster::free_addr()),
+        admin: peer.local_addr().unwrap().to_string(),
+    });
+    let n = mailroom::node::spawn(cfg, "n1", l, Default::default()).expect("node starts");
+    let history_url = format!("{}/history", n.admin_url());
+    let (asked, history) = tokio::join!(
+        tokio::task::spawn_blocking(move || {
+            // The request's head, read to its blank line, answered with a redirect.
+            peer.set_nonblocking(true).unwrap();
+            let deadline = std::time::Instant::now() + WAIT;
+            let mut s = loop {
+                match peer.accept() {
+                    Ok((s, _)) => break s,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(20))
+                    }
+                    Err(e) => panic!("n1 never read n2's history: {e}"),
+                }
+            };
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            let (mut head, mut buf) = (Vec::new(), [0u8; 1024]);
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            write!(
+                s,
+                "HTTP/1.1 302 Found\r\nLocation: http://{recorder_addr}/history?scope=node\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            String::from_utf8_lossy(&head).into_owned()
+        }),
+        get_json(&history_url)
+    );
+    let asked = asked.unwrap().to_lowercase();
+    assert!(asked.starts_with("get /history?scope=node"), "{asked}");
+    let n2 = history["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == "n2")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(n2["reachable"], false, "{history}");
+    assert!(
+        n2["error"].as_str().is_some_and(|e| e.contains("302")),
+        "a redirect is the peer unreachable: {n2}"
+    );
+    // A redirect followed would have connected (the kernel completes it, into the backlog)
+    // before n1 answered.
+    match recorder.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the redirect was followed to the recorder: {other:?}"),
+    }
 }
 
 #[actix_rt::test]
@@ -1284,6 +1571,17 @@ async fn the_binary_serves_logs_json_and_status_reads_it() {
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(64), "an unknown node is a usage error");
+    // Refusals are operator actions too: the queue of a connection that does not exist (404),
+    // then, once a reload set a token, a drain with a wrong one (401).
+    let (st, body) = admin_with("DELETE", &format!("http://{admin}/connections/no-such-id/queue"), &[]).await;
+    assert_eq!(st, 404, "{body}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{text}[admin]\ntoken = \"audit-token\"\n")).unwrap();
+    let (st, body) = admin_with("POST", &format!("http://{admin}/reload"), &[]).await;
+    assert_eq!((st, &body["admin_token_changed"]), (200, &json!(true)), "{body}");
+    let wrong = [("Authorization", "Bearer not-the-token".to_string())];
+    let (st, _) = admin_with("POST", &format!("http://{admin}/drain"), &wrong).await;
+    assert_eq!(st, 401);
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -1308,11 +1606,29 @@ async fn the_binary_serves_logs_json_and_status_reads_it() {
     let actions: Vec<&str> = audits.iter().map(|a| a["fields"]["action"].as_str().unwrap()).collect();
     assert_eq!(
         actions,
-        ["drain", "undrain", "undrain", "drain", "undrain"],
+        [
+            "drain",
+            "undrain",
+            "undrain",
+            "drain",
+            "undrain",
+            "drop-queue",
+            "reload",
+            "drain"
+        ],
         "one audit line per action:\n{logs}"
     );
     assert!(audits[0]["fields"]["who"].as_str().unwrap().starts_with("127.0.0.1:"));
     assert!(audits[0]["fields"]["at_ms"].as_i64().is_some());
+    let statuses: Vec<i64> = audits[5..]
+        .iter()
+        .map(|a| a["fields"]["status"].as_i64().unwrap())
+        .collect();
+    assert_eq!(statuses, [404, 200, 401], "{logs}");
+    assert_eq!(audits[5]["fields"]["connection"], "no-such-id");
+    assert!(audits[5]["fields"]["outcome"].as_str().unwrap().contains("not-found"));
+    let who = audits[7]["fields"]["who"].as_str().unwrap();
+    assert!(who.starts_with("unauthenticated (127.0.0.1:"), "{who}");
 }
 
 /// A node that is stopping cannot be undrained: `POST /undrain` reopened it on its way down

@@ -906,8 +906,9 @@ async fn a_slow_endpoint_is_not_posted_what_its_lease_no_longer_covers() {
 
 /// An endpoint that keeps failing costs one POST per try, not one per queued message, and the
 /// sweep's retries of it back off (period, then doubled per failure). Before, every retry
-/// period POSTed every message of a batch, for the queue's whole TTL. A new forward still
-/// tries at once, and delivers everything once the endpoint answers again.
+/// period POSTed every message of a batch, for the queue's whole TTL. A new forward waits
+/// for the next retry too (it is not POSTed at once while the endpoint backs off), which
+/// delivers everything once the endpoint answers again.
 #[actix_rt::test]
 async fn a_failing_endpoint_is_retried_with_backoff_one_post_per_try() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

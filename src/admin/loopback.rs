@@ -1,13 +1,19 @@
 //! What an admin listener without a token answers: only requests that name it by a loopback
-//! host, and none a web page on another origin sent.
+//! host, sent by no web page of another origin and through no proxy.
 //!
 //! Without a token the listener trusts whoever reaches it, which the config allows only on
 //! loopback. A browser on the same machine reaches loopback too: a page anywhere can POST to
-//! `http://127.0.0.1:8081/drain` (a "no-cors" request still arrives, with the page's `Origin`),
-//! or rebind its own name to 127.0.0.1 and read `/connections` (the request then carries the
-//! page's name in `Host`). So `Host` must name a loopback address or `localhost`, and an
-//! `Origin`, when present, must too; anything else is 403. With a token, none of this applies:
-//! the token guards the listener (see `unauthorized`). Owns no state.
+//! `http://127.0.0.1:8081/drain` (a "simple" request: no preflight, it arrives with the page's
+//! `Origin`), or rebind its own name to 127.0.0.1 and read `/connections` (the request then
+//! carries the page's name in `Host`). A page of another local server (a dev server on
+//! `localhost:3000`) is another origin as much as one on the internet. So `Host` must name a
+//! loopback address or `localhost`, an `Origin`, when present, must be this listener's own
+//! (`http://` and the request's `Host`), and a `Sec-Fetch-Site`, when present, must say the
+//! request comes from the listener's own pages or from no page (`same-origin`, `none`). A
+//! proxy on the same machine would make every client look local: a request that carries a
+//! proxy's headers (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`, `Via`) is refused too.
+//! Anything else is 403. With a token, none of this applies: the token guards the listener
+//! (see `unauthorized`). Owns no state.
 
 use super::AdminState;
 use actix_web::body::{EitherBody, MessageBody};
@@ -42,24 +48,74 @@ pub async fn guard(
     Ok(next.call(req).await?.map_into_left_body())
 }
 
+/// Headers only a proxy adds: a request carrying one came through something that may
+/// relay anyone's request from loopback.
+const PROXY_HEADERS: [&str; 6] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "via",
+];
+
+/// Where a browser says which site sent the request (Fetch Metadata; actix names no constant).
+const SEC_FETCH_SITE: &str = "sec-fetch-site";
+
+/// The `Sec-Fetch-Site` values of requests a tokenless listener answers: from its own pages,
+/// or from no page (typed in the address bar, a bookmark). Tools send no such header.
+const FETCH_SITES_ALLOWED: [&str; 2] = ["same-origin", "none"];
+
 /// Why a tokenless admin listener refuses a request with these headers, if it does.
 pub fn refusal(headers: &HeaderMap) -> Option<&'static str> {
-    let mut hosts = headers.get_all(HOST).peekable();
-    if hosts.peek().is_none() {
+    let host = match one_host(headers) {
+        Ok(host) => host,
+        Err(reason) => return Some(reason),
+    };
+    if PROXY_HEADERS.iter().any(|h| headers.contains_key(*h)) {
         return Some(
-            "without an admin token, requests must carry a Host header naming a loopback address or localhost",
+            "without an admin token, requests through a proxy are refused (Forwarded, X-Forwarded-*, \
+             X-Real-IP or Via present): set [admin] token to put the admin listener behind one",
         );
-    }
-    if !hosts.all(|h| h.to_str().is_ok_and(is_loopback_host)) {
-        return Some("without an admin token, the Host header must name a loopback address or localhost");
     }
     if !headers
         .get_all(ORIGIN)
-        .all(|o| o.to_str().is_ok_and(is_loopback_origin))
+        .all(|o| o.to_str().is_ok_and(|o| is_own_origin(o, host)))
     {
         return Some("without an admin token, requests from pages of another origin are refused");
     }
+    if !headers
+        .get_all(SEC_FETCH_SITE)
+        .all(|s| s.to_str().is_ok_and(|s| FETCH_SITES_ALLOWED.contains(&s)))
+    {
+        return Some("without an admin token, requests sent by pages of another site are refused");
+    }
     None
+}
+
+/// The request's only `Host`, when it names a loopback address or `localhost`: two would
+/// leave open which one an `Origin` is checked against.
+fn one_host(headers: &HeaderMap) -> Result<&str, &'static str> {
+    let mut hosts = headers.get_all(HOST);
+    let (Some(host), None) = (hosts.next(), hosts.next()) else {
+        return Err(
+            "without an admin token, requests must carry one Host header naming a loopback address or localhost",
+        );
+    };
+    match host.to_str() {
+        Ok(h) if is_loopback_host(h) => Ok(h),
+        _ => Err("without an admin token, the Host header must name a loopback address or localhost"),
+    }
+}
+
+/// Whether `origin` is the listener's own, reached at `host`: `http://` (the admin listener
+/// has no TLS) and the same host and port as the request names, so a page of another local
+/// server (another port, `localhost` for `127.0.0.1`) is another origin. ASCII case aside: a
+/// host name's case means nothing, and browsers write origins in lower case.
+pub fn is_own_origin(origin: &str, host: &str) -> bool {
+    origin
+        .strip_prefix("http://")
+        .is_some_and(|rest| rest.eq_ignore_ascii_case(host))
 }
 
 /// `localhost` or a loopback IP literal, with or without a port (`[::1]:8081` for IPv6).
@@ -81,20 +137,6 @@ pub fn is_loopback_host(host: &str) -> bool {
         None => host,
     };
     name.eq_ignore_ascii_case("localhost") || name.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-/// An `Origin` (`scheme://host[:port]`) whose host is loopback or `localhost`; `null` (sandboxed
-/// frames, local files) and anything unparsable is not.
-pub fn is_loopback_origin(origin: &str) -> bool {
-    let Ok(u) = url::Url::parse(origin) else {
-        return false;
-    };
-    match u.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => is_loopback_ip(IpAddr::V6(ip)),
-        None => false,
-    }
 }
 
 /// A loopback address, an IPv4-mapped one (`::ffff:127.0.0.1`) included.
@@ -147,24 +189,32 @@ mod tests {
     }
 
     #[test]
-    fn loopback_origins() {
-        for o in [
-            "http://127.0.0.1:8081",
-            "http://localhost",
-            "https://localhost:3000",
-            "http://[::1]:8081",
+    fn only_the_listeners_own_origin_is_its_own() {
+        for (o, host) in [
+            ("http://127.0.0.1:8081", "127.0.0.1:8081"),
+            ("http://localhost", "localhost"),
+            ("http://localhost:8081", "LocalHost:8081"),
+            ("http://[::1]:8081", "[::1]:8081"),
         ] {
-            assert!(is_loopback_origin(o), "{o}");
+            assert!(is_own_origin(o, host), "{o} at {host}");
         }
-        for o in [
-            "https://evil.example",
-            "http://127.0.0.1.nip.io",
-            "null",
-            "",
-            "file://",
-            "chrome-extension://abc",
+        for (o, host) in [
+            // Another local server: another port, another name of the same machine.
+            ("http://127.0.0.1:8082", "127.0.0.1:8081"),
+            ("http://127.0.0.1", "127.0.0.1:8081"),
+            ("http://localhost:8081", "127.0.0.1:8081"),
+            ("http://localhost:3000", "localhost:8081"),
+            // Not the admin's scheme (it has no TLS).
+            ("https://127.0.0.1:8081", "127.0.0.1:8081"),
+            ("https://evil.example", "127.0.0.1:8081"),
+            ("http://127.0.0.1:8081.evil.example", "127.0.0.1:8081"),
+            ("http://127.0.0.1:8081/", "127.0.0.1:8081"),
+            ("null", "127.0.0.1:8081"),
+            ("", "127.0.0.1:8081"),
+            ("file://", "127.0.0.1:8081"),
+            ("chrome-extension://abc", "127.0.0.1:8081"),
         ] {
-            assert!(!is_loopback_origin(o), "{o}");
+            assert!(!is_own_origin(o, host), "{o} at {host}");
         }
     }
 
@@ -189,11 +239,56 @@ mod tests {
         assert!(refusal(&headers(&[])).is_some());
         assert!(refusal(&headers(&[("host", "evil.example")])).is_some());
         assert!(refusal(&headers(&[("host", "127.0.0.1:8081"), ("host", "evil.example")])).is_some());
+        assert!(refusal(&headers(&[("host", "127.0.0.1:8081"), ("host", "127.0.0.1:8081")])).is_some());
         assert!(refusal(&headers(&[
             ("host", "127.0.0.1:8081"),
             ("origin", "https://evil.example")
         ]))
         .is_some());
         assert!(refusal(&headers(&[("host", "127.0.0.1:8081"), ("origin", "null")])).is_some());
+        // A page of another local server is another origin.
+        assert!(refusal(&headers(&[
+            ("host", "127.0.0.1:8081"),
+            ("origin", "http://127.0.0.1:8082")
+        ]))
+        .is_some());
+        assert!(refusal(&headers(&[
+            ("host", "localhost:8081"),
+            ("origin", "https://localhost:8081")
+        ]))
+        .is_some());
+    }
+
+    #[test]
+    fn refusal_takes_fetch_metadata_from_the_listeners_own_pages_or_none() {
+        for site in ["same-origin", "none"] {
+            assert_eq!(
+                refusal(&headers(&[("host", "127.0.0.1:8081"), ("sec-fetch-site", site)])),
+                None,
+                "{site}"
+            );
+        }
+        for site in ["same-site", "cross-site", "", "Same-Origin"] {
+            assert!(
+                refusal(&headers(&[("host", "127.0.0.1:8081"), ("sec-fetch-site", site)])).is_some(),
+                "{site}"
+            );
+        }
+        assert!(refusal(&headers(&[
+            ("host", "127.0.0.1:8081"),
+            ("sec-fetch-site", "none"),
+            ("sec-fetch-site", "cross-site")
+        ]))
+        .is_some());
+    }
+
+    #[test]
+    fn refusal_turns_away_what_came_through_a_proxy() {
+        for h in PROXY_HEADERS {
+            let mut map = headers(&[("host", "127.0.0.1:8081")]);
+            map.append(h.parse().unwrap(), HeaderValue::from_static("203.0.113.9"));
+            let reason = refusal(&map).unwrap_or_else(|| panic!("{h} let through"));
+            assert!(reason.contains("proxy"), "{h}: {reason}");
+        }
     }
 }

@@ -4,14 +4,18 @@
 //! A bearer token (`[admin] token`) guards every route but `/health`, `/ready` and the status
 //! page `/` (whose data calls are guarded) when set;
 //! the config refuses an admin address off loopback without one. Without a token, every route
-//! answers only requests naming a loopback host and sent by no page of another origin
-//! ([`loopback`]).
+//! answers only requests naming a loopback host, sent by no page of another origin and
+//! through no proxy ([`loopback`]). The listener's server, with its slow-client protection
+//! and connection cap, is [`serve`]'s.
 
 pub mod history;
 pub mod loopback;
 pub mod page;
+mod server;
 
-use crate::protocols::{now_ms, oob};
+pub use server::serve;
+
+use crate::protocols::now_ms;
 use crate::registry::{Count, ListSessions};
 use crate::session::Shared;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -85,8 +89,8 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/history", web::get().to(history_view))
         .route("/drain", web::post().to(ops::drain))
         .route("/undrain", web::post().to(ops::undrain))
-        .route("/invitations", web::post().to(new_invitation))
-        .route("/reload", web::post().to(reload))
+        .route("/invitations", web::post().to(ops::new_invitation))
+        .route("/reload", web::post().to(ops::reload))
         .route("/metrics", web::get().to(metrics));
 }
 
@@ -353,54 +357,6 @@ async fn connection(req: HttpRequest, st: web::Data<AdminState>, id: web::Path<S
     }
 }
 
-#[derive(Deserialize, Default)]
-struct NewInvitation {
-    /// Multi-use invitations admit any number of connections; single-use (the default) one.
-    #[serde(default)]
-    multi_use: bool,
-}
-
-async fn new_invitation(req: HttpRequest, st: web::Data<AdminState>, body: web::Bytes) -> HttpResponse {
-    guard!(req, st);
-    let opts: NewInvitation = if body.is_empty() {
-        NewInvitation::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(o) => o,
-            Err(e) => return HttpResponse::BadRequest().json(json!({"error": "bad-request", "reason": e.to_string()})),
-        }
-    };
-    let m = &st.shared.mediator;
-    let id = uuid::Uuid::new_v4().to_string();
-    if let Err(e) = m.store.put_invitation(&id, !opts.multi_use, now_ms()).await {
-        return HttpResponse::ServiceUnavailable().json(json!({"error": "store-unavailable", "reason": e.to_string()}));
-    }
-    let inv = oob::invitation(m, &id);
-    HttpResponse::Created().json(json!({
-        "invitation_url": oob::invitation_url(m, &inv),
-        "invitation": inv,
-        "multi_use": opts.multi_use,
-    }))
-}
-
-/// Re-reads the peer list from the config file (as SIGHUP does).
-async fn reload(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
-    guard!(req, st);
-    // It reads the file (and the push credentials): off the admin listener's only worker.
-    let reloader = st.reloader.clone();
-    let res = web::block(move || reloader.reload()).await;
-    match res.map_err(|e| anyhow::anyhow!("{e}")).and_then(|r| r) {
-        Ok(r) => HttpResponse::Ok().json(json!({
-            "reloaded": true,
-            "peers": r.peers,
-            "secret_changed": r.secret_changed,
-            "admin_token_changed": r.admin_token_changed,
-            "restart_needed": r.restart_needed,
-        })),
-        Err(e) => HttpResponse::BadRequest().json(json!({"error": "reload-refused", "reason": format!("{e:#}")})),
-    }
-}
-
 async fn metrics(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
     guard!(req, st);
     let sh = &st.shared;
@@ -487,12 +443,16 @@ const NODE_HISTORY: &str = "/history?scope=node";
 
 /// A peer's own history from its admin listener, or why it could not be read. The request
 /// carries this node's signature ([`crate::cluster::ClusterHandle::sign_admin_read`]), never
-/// the admin token: whatever listens at the address configured gets nothing it can use.
+/// the admin token: whatever listens at the address configured gets nothing it can use. Any
+/// answer but a 2xx (a redirect included) is the peer unreachable: a redirect is not
+/// followed, or whatever listens there would aim this node's signed read, from inside the
+/// cluster's network, at any address it names.
 async fn peer_history(id: &str, admin: &str, cluster: &crate::cluster::ClusterHandle) -> Value {
     let url = format!("http://{admin}{NODE_HISTORY}");
     // (`admin` is where this node reaches the peer's admin listener: [`peer_admin_addr`].)
     let client = awc::Client::builder()
         .timeout(std::time::Duration::from_secs(2))
+        .disable_redirects()
         .finish();
     let req = client.get(&url).insert_header((
         crate::cluster::admin_read::HEADER,

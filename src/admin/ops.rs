@@ -1,28 +1,92 @@
 //! Operator actions on the admin listener (issue 11): remove a connection everywhere in the
-//! cluster, drop its queue, revoke its mediation, drain and undrain the node.
+//! cluster, drop its queue, revoke its mediation, drain and undrain the node, mint an
+//! invitation, reload the config.
 //!
-//! Every action writes one audit line (tracing target `mailroom::audit`): who (the token's
-//! label when a token guards the listener, else the peer address), what, on which connection,
-//! the outcome and when.
+//! Every action writes one audit line (tracing target `mailroom::audit`) whatever it answers,
+//! a refusal (401 without the token), a failure (404, 400, 415, 503) or a success: who (the
+//! token's label when a token guards the listener, else the peer address; `unauthenticated`
+//! on a 401), what, on which connection, the status, the outcome and when. Each action is
+//! written as a function of the state that returns its [`Outcome`]; [`operator`] checks the
+//! token, runs it and writes the line, so no return path can skip it.
 
 use super::{unauthorized, AdminState};
-use crate::protocols::now_ms;
+use crate::protocols::{now_ms, oob};
 use crate::registry::{CloseAll, CloseConn, Count, OpenAgain};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpMessage as _, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::future::Future;
 use std::sync::atomic::Ordering;
 
 /// WebSocket close code for sessions an operator action ends (1008: policy violation; the
 /// wallet must not simply reconnect and carry on).
 pub const OPERATOR_CLOSE_CODE: u16 = 1008;
 
-/// Who acts: the token's label when a token guards the listener, else the peer address.
-fn who(req: &HttpRequest, st: &AdminState) -> String {
+/// What an operator action answered: its status and JSON body, as its audit line records them.
+pub struct Outcome {
+    status: StatusCode,
+    body: Value,
+    /// What the audit line records instead of `body`, when the body holds what a log must not
+    /// (a fresh invitation: whoever reads it can connect).
+    logged: Option<Value>,
+}
+
+impl Outcome {
+    fn ok(body: Value) -> Outcome {
+        Outcome::new(StatusCode::OK, body)
+    }
+
+    fn new(status: StatusCode, body: Value) -> Outcome {
+        Outcome {
+            status,
+            body,
+            logged: None,
+        }
+    }
+
+    /// An answer `{"error": error, "reason": reason}`.
+    fn refused(status: StatusCode, error: &str, reason: impl std::fmt::Display) -> Outcome {
+        Outcome::new(status, json!({"error": error, "reason": reason.to_string()}))
+    }
+
+    fn not_found(id: &str) -> Outcome {
+        Outcome::refused(StatusCode::NOT_FOUND, "not-found", format!("no connection {id}"))
+    }
+}
+
+/// Runs the operator action `action` (on `connection`, if it acts on one): 401 without the
+/// listener's token, else what `act` answers. Either way it writes the action's audit line:
+/// a refused or failed action is an operator's act too, and a run of 401s is someone trying
+/// tokens. `act` is not polled before the token is checked.
+async fn operator(
+    req: &HttpRequest,
+    st: &AdminState,
+    action: &str,
+    connection: Option<&str>,
+    act: impl Future<Output = Outcome>,
+) -> HttpResponse {
+    if let Some(refused) = unauthorized(req, st) {
+        let outcome = json!({"error": "unauthorized"});
+        audit(req, st, false, action, connection, StatusCode::UNAUTHORIZED, &outcome);
+        return refused;
+    }
+    let outcome = act.await;
+    let logged = outcome.logged.as_ref().unwrap_or(&outcome.body);
+    audit(req, st, true, action, connection, outcome.status, logged);
+    HttpResponse::build(outcome.status).json(outcome.body)
+}
+
+/// Who acts: the token's label when a token guards the listener, else the peer address; one
+/// who showed no valid token is `unauthenticated`, whatever the listener's token.
+fn who(req: &HttpRequest, st: &AdminState, authenticated: bool) -> String {
     let peer = req
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|| "unknown".into());
+    if !authenticated {
+        return format!("unauthenticated ({peer})");
+    }
     let admin = st.reloader.live().admin;
     match admin.token.filter(|t| !t.is_empty()) {
         Some(_) => format!("{} ({peer})", admin.token_label.as_deref().unwrap_or("admin-token")),
@@ -30,12 +94,21 @@ fn who(req: &HttpRequest, st: &AdminState) -> String {
     }
 }
 
-fn audit(req: &HttpRequest, st: &AdminState, action: &str, connection: Option<&str>, outcome: &Value) {
+fn audit(
+    req: &HttpRequest,
+    st: &AdminState,
+    authenticated: bool,
+    action: &str,
+    connection: Option<&str>,
+    status: StatusCode,
+    outcome: &Value,
+) {
     tracing::info!(
         target: "mailroom::audit",
-        who = %who(req, st),
+        who = %who(req, st, authenticated),
         action,
         connection = connection.unwrap_or("-"),
+        status = status.as_u16(),
         outcome = %outcome,
         at_ms = now_ms(),
         node = %st.shared.mediator.node_id,
@@ -43,12 +116,10 @@ fn audit(req: &HttpRequest, st: &AdminState, action: &str, connection: Option<&s
     );
 }
 
-fn store_error(e: crate::store::StoreError) -> HttpResponse {
+fn store_error(e: crate::store::StoreError) -> Outcome {
     match e {
-        crate::store::StoreError::Invalid(r) => {
-            HttpResponse::BadRequest().json(json!({"error": "bad-request", "reason": r}))
-        }
-        e => HttpResponse::ServiceUnavailable().json(json!({"error": "store-unavailable", "reason": e.to_string()})),
+        crate::store::StoreError::Invalid(r) => Outcome::refused(StatusCode::BAD_REQUEST, "bad-request", r),
+        e => Outcome::refused(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", e),
     }
 }
 
@@ -78,42 +149,40 @@ async fn close_everywhere(st: &AdminState, conn: &str, reason: &str) -> (usize, 
 /// `DELETE /connections/{id}`: the connection, its keys, queue, dedup records and device
 /// registration leave the store; its sessions close on every node. Idempotent.
 pub async fn delete_connection(req: HttpRequest, st: web::Data<AdminState>, id: web::Path<String>) -> HttpResponse {
-    guard!(req, st);
-    let removed = match st.shared.mediator.store.delete_connection(&id).await {
+    operator(&req, &st, "delete-connection", Some(&id), remove_connection(&st, &id)).await
+}
+
+async fn remove_connection(st: &AdminState, id: &str) -> Outcome {
+    let removed = match st.shared.mediator.store.delete_connection(id).await {
         Ok(r) => r,
         Err(e) => return store_error(e),
     };
     // After the store: a session that reconnects meanwhile finds no connection any more.
-    let (here, peers) = close_everywhere(&st, &id, "connection removed by the mediator's operator").await;
-    let body = json!({
-        "id": id.as_str(),
+    let (here, peers) = close_everywhere(st, id, "connection removed by the mediator's operator").await;
+    Outcome::ok(json!({
+        "id": id,
         "removed": removed,
         "sessions_closed_here": here,
         "close_requested_on": peers,
-    });
-    audit(&req, &st, "delete-connection", Some(&id), &body);
-    HttpResponse::Ok().json(body)
+    }))
 }
 
 /// `DELETE /connections/{id}/queue`: drops its queued messages (counted, not shown).
 pub async fn drop_queue(req: HttpRequest, st: web::Data<AdminState>, id: web::Path<String>) -> HttpResponse {
-    guard!(req, st);
+    operator(&req, &st, "drop-queue", Some(&id), empty_queue(&st, &id)).await
+}
+
+async fn empty_queue(st: &AdminState, id: &str) -> Outcome {
     let store = &st.shared.mediator.store;
-    match store.get_connection(&id).await {
+    match store.get_connection(id).await {
         Ok(Some(_)) => {}
-        Ok(None) => {
-            return HttpResponse::NotFound()
-                .json(json!({"error": "not-found", "reason": format!("no connection {id}")}))
-        }
+        Ok(None) => return Outcome::not_found(id),
         Err(e) => return store_error(e),
     }
-    let dropped = match store.drop_queue(&id).await {
-        Ok(n) => n,
-        Err(e) => return store_error(e),
-    };
-    let body = json!({"id": id.as_str(), "dropped": dropped});
-    audit(&req, &st, "drop-queue", Some(&id), &body);
-    HttpResponse::Ok().json(body)
+    match store.drop_queue(id).await {
+        Ok(dropped) => Outcome::ok(json!({"id": id, "dropped": dropped})),
+        Err(e) => store_error(e),
+    }
 }
 
 #[derive(Deserialize)]
@@ -122,49 +191,65 @@ struct MediationChange {
     state: String,
 }
 
-/// `POST /connections/{id}/mediation` with `{"state": "denied"}`: revokes mediation. Its
-/// routing keys go with the state, in one store step (forwards to them get 404 from then on),
-/// keylist-update and pickup get problem reports, a new mediate-request is denied, and its
-/// sessions close on every node.
+/// `POST /connections/{id}/mediation` with `{"state": "denied"}` (as `application/json`):
+/// revokes mediation. Its routing keys go with the state, in one store step (forwards to them
+/// get 404 from then on), keylist-update and pickup get problem reports, a new mediate-request
+/// is denied, and its sessions close on every node.
 pub async fn set_mediation(
     req: HttpRequest,
     st: web::Data<AdminState>,
     id: web::Path<String>,
     body: web::Bytes,
 ) -> HttpResponse {
-    guard!(req, st);
-    let change: MediationChange = match serde_json::from_slice(&body) {
+    let json = req.content_type().eq_ignore_ascii_case("application/json");
+    operator(&req, &st, "revoke-mediation", Some(&id), revoke(&st, &id, json, &body)).await
+}
+
+/// The revocation `body` asks for; `json`: whether it came as `application/json`. Anything
+/// else is refused (415): a web page can send a form or `text/plain` to another origin
+/// without asking, but JSON only after a CORS preflight the admin never answers.
+async fn revoke(st: &AdminState, id: &str, json: bool, body: &[u8]) -> Outcome {
+    if !json {
+        return Outcome::refused(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "send {\"state\": \"denied\"} as Content-Type: application/json",
+        );
+    }
+    let change: MediationChange = match serde_json::from_slice(body) {
         Ok(c) => c,
         Err(e) => {
-            return HttpResponse::BadRequest()
-                .json(json!({"error": "bad-request", "reason": format!("expected {{\"state\": \"denied\"}}: {e}")}))
+            return Outcome::refused(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                format!("expected {{\"state\": \"denied\"}}: {e}"),
+            )
         }
     };
     if change.state != "denied" {
-        return HttpResponse::BadRequest().json(json!({"error": "bad-request", "reason": format!("state {:?} cannot be set by an operator: only \"denied\"", change.state)}));
+        return Outcome::refused(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            format!("state {:?} cannot be set by an operator: only \"denied\"", change.state),
+        );
     }
     // One store step: the state and the keys change together, under the connection's enqueue
     // lock. A forward decided before it was queued before it; every later one finds no route
     // (404), on every node, whatever its route cache holds. A failure (503) is all or
     // nothing: never a denied connection that still takes forwards; trying again is safe.
-    let removed = match st.shared.mediator.store.revoke_mediation(&id, now_ms()).await {
+    let removed = match st.shared.mediator.store.revoke_mediation(id, now_ms()).await {
         Ok(Some(keys)) => keys.len(),
-        Ok(None) => {
-            return HttpResponse::NotFound()
-                .json(json!({"error": "not-found", "reason": format!("no connection {id}")}))
-        }
+        Ok(None) => return Outcome::not_found(id),
         Err(e) => return store_error(e),
     };
-    let (here, peers) = close_everywhere(&st, &id, "mediation revoked by the mediator's operator").await;
-    let body = json!({
-        "id": id.as_str(),
+    let (here, peers) = close_everywhere(st, id, "mediation revoked by the mediator's operator").await;
+    Outcome::ok(json!({
+        "id": id,
         "mediation": "denied",
         "routing_keys_removed": removed,
         "sessions_closed_here": here,
         "close_requested_on": peers,
-    });
-    audit(&req, &st, "revoke-mediation", Some(&id), &body);
-    HttpResponse::Ok().json(body)
+    }))
 }
 
 /// The drain state for `/status`.
@@ -187,7 +272,10 @@ pub async fn drain_json(st: &AdminState) -> Value {
 /// HTTP POSTs are still answered. `/status` `drain.empty` says when no session is left and the
 /// closed sessions' leases are given back (each socket's slot is held until then).
 pub async fn drain(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
-    guard!(req, st);
+    operator(&req, &st, "drain", None, drain_now(&st)).await
+}
+
+async fn drain_now(st: &AdminState) -> Outcome {
     let was = st.shared.draining.swap(true, Ordering::SeqCst);
     if !was {
         st.drained_at_ms.store(now_ms(), Ordering::SeqCst);
@@ -202,17 +290,24 @@ pub async fn drain(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse 
         })
         .await
         .unwrap_or(0);
-    let mut body = drain_json(&st).await;
+    let mut body = drain_json(st).await;
     body["sessions_closed"] = json!(closed);
-    audit(&req, &st, "drain", None, &body);
-    HttpResponse::Ok().json(body)
+    Outcome::ok(body)
 }
 
 /// `POST /undrain`: ready again, accepts sessions again; `409` once the node is stopping (an
 /// undrain then reopened a node on its way down: sessions bound on it were dropped unclosed).
 pub async fn undrain(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
-    guard!(req, st);
-    let stopping = || HttpResponse::Conflict().json(json!({"error": "the node is stopping: it cannot be undrained"}));
+    operator(&req, &st, "undrain", None, undrain_now(&st)).await
+}
+
+async fn undrain_now(st: &AdminState) -> Outcome {
+    let stopping = || {
+        Outcome::new(
+            StatusCode::CONFLICT,
+            json!({"error": "the node is stopping: it cannot be undrained"}),
+        )
+    };
     if st.shared.stopping.load(Ordering::SeqCst) {
         return stopping();
     }
@@ -225,7 +320,68 @@ pub async fn undrain(req: HttpRequest, st: web::Data<AdminState>) -> HttpRespons
     }
     st.drained_at_ms.store(0, Ordering::SeqCst);
     let _ = st.shared.registry.send(OpenAgain).await;
-    let body = drain_json(&st).await;
-    audit(&req, &st, "undrain", None, &body);
-    HttpResponse::Ok().json(body)
+    Outcome::ok(drain_json(st).await)
+}
+
+#[derive(Deserialize, Default)]
+struct NewInvitation {
+    /// Multi-use invitations admit any number of connections; single-use (the default) one.
+    #[serde(default)]
+    multi_use: bool,
+}
+
+/// `POST /invitations`: a fresh out-of-band invitation, single-use unless the body asks
+/// `{"multi_use": true}`.
+pub async fn new_invitation(req: HttpRequest, st: web::Data<AdminState>, body: web::Bytes) -> HttpResponse {
+    operator(&req, &st, "create-invitation", None, mint_invitation(&st, &body)).await
+}
+
+/// The invitation goes in the answer only: its audit line names its id, not its URL (whoever
+/// reads the log could otherwise take a single-use invitation first).
+async fn mint_invitation(st: &AdminState, body: &[u8]) -> Outcome {
+    let opts: NewInvitation = if body.is_empty() {
+        NewInvitation::default()
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(o) => o,
+            Err(e) => return Outcome::refused(StatusCode::BAD_REQUEST, "bad-request", e),
+        }
+    };
+    let m = &st.shared.mediator;
+    let id = uuid::Uuid::new_v4().to_string();
+    if let Err(e) = m.store.put_invitation(&id, !opts.multi_use, now_ms()).await {
+        return Outcome::refused(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", e);
+    }
+    let inv = oob::invitation(m, &id);
+    let mut outcome = Outcome::new(
+        StatusCode::CREATED,
+        json!({
+            "invitation_url": oob::invitation_url(m, &inv),
+            "invitation": inv,
+            "multi_use": opts.multi_use,
+        }),
+    );
+    outcome.logged = Some(json!({"invitation": id, "multi_use": opts.multi_use}));
+    outcome
+}
+
+/// `POST /reload`: re-reads the peer list from the config file (as SIGHUP does).
+pub async fn reload(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
+    operator(&req, &st, "reload", None, reload_now(&st)).await
+}
+
+async fn reload_now(st: &AdminState) -> Outcome {
+    // It reads the file (and the push credentials): off the admin listener's only worker.
+    let reloader = st.reloader.clone();
+    let res = web::block(move || reloader.reload()).await;
+    match res.map_err(|e| anyhow::anyhow!("{e}")).and_then(|r| r) {
+        Ok(r) => Outcome::ok(json!({
+            "reloaded": true,
+            "peers": r.peers,
+            "secret_changed": r.secret_changed,
+            "admin_token_changed": r.admin_token_changed,
+            "restart_needed": r.restart_needed,
+        })),
+        Err(e) => Outcome::refused(StatusCode::BAD_REQUEST, "reload-refused", format!("{e:#}")),
+    }
 }

@@ -8,12 +8,16 @@
 //! that resolves elsewhere the second time (DNS rebinding), and a redirect would skip it, so
 //! redirects are never followed either.
 //!
-//! Refused always: an admin listener of this cluster's nodes (its exact address, or its port
-//! on loopback or the unspecified address), link-local addresses (169.254.0.0/16, fe80::/10:
-//! metadata services; no agent lives there), and the two metadata services outside them
-//! ([`METADATA`]). Loopback and private addresses are
-//! otherwise allowed: agents on the same host or network are normal (the interop suite runs
-//! its ACA-Py agents on 127.0.0.1). Owns the policy and the client; no store, no protocol.
+//! Refused always, whatever `delivery.allow_private_endpoints` says: the listeners of this
+//! cluster's nodes that are not for agents (every node's admin and `cluster` listeners, this
+//! node's as bound) and the store (the PostgreSQL servers of `store.url`, a named one at the
+//! addresses its name resolves to), each at its exact address or its port on loopback or the
+//! unspecified address; link-local addresses (169.254.0.0/16, fe80::/10: metadata services; no
+//! agent lives there), and the two metadata services outside them ([`METADATA`]). An
+//! IPv4-mapped (`::ffff:a.b.c.d`) or NAT64 (`64:ff9b::a.b.c.d`) address is judged as the IPv4
+//! address it reaches. Loopback and private addresses are otherwise allowed: agents on the
+//! same host or network are normal (the interop suite runs its ACA-Py agents on 127.0.0.1).
+//! Owns the policy and the client; no store, no protocol.
 
 use actix_rt::net::TcpStream;
 use actix_service::Service;
@@ -23,7 +27,7 @@ use awc::http::Uri;
 use futures_util::future::LocalBoxFuture;
 use parking_lot::RwLock;
 use std::cell::RefCell;
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -40,6 +44,10 @@ pub const METADATA: [IpAddr; 2] = [
 pub enum Refusal {
     #[error("{0} is an admin listener of this cluster")]
     AdminListener(SocketAddr),
+    #[error("{0} is a cluster listener of this cluster")]
+    ClusterListener(SocketAddr),
+    #[error("{0} is the store (store.url)")]
+    Store(SocketAddr),
     #[error("{0} is link-local (metadata services, never an agent)")]
     LinkLocal(SocketAddr),
     #[error("{0} is a cloud metadata service")]
@@ -60,13 +68,36 @@ fn list(reasons: &[Refusal]) -> String {
     reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
-/// The addresses outbound POSTs may not reach (see the module header). Pure: no I/O.
+/// What an address refused whatever the operator allows is ([`EgressPolicy::check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Internal {
+    Admin,
+    Cluster,
+    Store,
+}
+
+impl Internal {
+    fn refusal(self, addr: SocketAddr) -> Refusal {
+        match self {
+            Internal::Admin => Refusal::AdminListener(addr),
+            Internal::Cluster => Refusal::ClusterListener(addr),
+            Internal::Store => Refusal::Store(addr),
+        }
+    }
+}
+
+/// The addresses outbound POSTs may not reach (see the module header). Pure: no I/O (a store
+/// named by a host name is resolved by the connector as it dials).
 #[derive(Debug, Clone, Default)]
 pub struct EgressPolicy {
-    /// Ports of the admin listeners of every node in the config, and the one this node bound.
-    admin_ports: BTreeSet<u16>,
-    /// The admin listeners' exact addresses.
-    admin_addrs: BTreeSet<SocketAddr>,
+    /// Ports of the cluster's own listeners (admin, cluster) and of the store: refused on
+    /// loopback and the unspecified address, where any of them may listen.
+    this_host_ports: BTreeMap<u16, Internal>,
+    /// Their exact addresses.
+    internal_addrs: BTreeMap<SocketAddr, Internal>,
+    /// The store's servers named by a host name (`store.url`), with their ports: refused at
+    /// the addresses the name resolves to ([`StoreNames`]).
+    store_names: Vec<(String, u16)>,
     /// Loopback, private and shared (CGNAT) addresses refused too: a mediator facing the
     /// internet whose agents all have public endpoints.
     refuse_private: bool,
@@ -93,9 +124,69 @@ impl EgressPolicy {
     }
 
     fn add_admin(&mut self, a: SocketAddr) {
+        self.add_internal(a, Internal::Admin);
+    }
+
+    /// The policy of a node of `cfg` whose admin listener is bound at `own_admin` and cluster
+    /// listener, if any, at `own_cluster`: every `[[node]]`'s admin and cluster listeners,
+    /// the store's servers (PostgreSQL), and loopback and private addresses when
+    /// `delivery.allow_private_endpoints` is off.
+    pub fn for_node(
+        cfg: &crate::config::Config,
+        own_admin: SocketAddr,
+        own_cluster: Option<SocketAddr>,
+    ) -> EgressPolicy {
+        let mut p = EgressPolicy::default();
+        p.add_admin(own_admin);
+        p.add_nodes(&cfg.nodes);
+        if let Some(c) = own_cluster {
+            p.add_internal(c, Internal::Cluster);
+        }
+        if cfg.store.backend == "postgres" {
+            if let Some(url) = &cfg.store.url {
+                p.add_store(url);
+            }
+        }
+        p.refusing_private(!cfg.delivery.allow_private_endpoints)
+    }
+
+    /// Refuses the admin and cluster listeners of these `[[node]]` entries too (as written in
+    /// the config; the ones that are not addresses name nothing dialable here and are
+    /// skipped). Nothing is ever taken out: a node removed from the file may still be running.
+    pub fn add_nodes(&mut self, nodes: &[crate::config::NodeEntry]) {
+        self.add_admins(nodes.iter().map(|n| n.admin.as_str()));
+        for c in nodes
+            .iter()
+            .filter_map(|n| n.cluster.as_deref()?.parse::<SocketAddr>().ok())
+        {
+            self.add_internal(c, Internal::Cluster);
+        }
+    }
+
+    /// Refuses the PostgreSQL servers `url` (`store.url`) names: an IP literal (or
+    /// `localhost`) here, a name at the addresses it resolves to when dialled
+    /// (every minute at most). A Unix socket needs nothing: no POST goes there.
+    pub fn add_store(&mut self, url: &str) {
+        for (host, port) in store_hosts(url) {
+            let literal = host.trim_start_matches('[').trim_end_matches(']');
+            if let Ok(ip) = literal.parse::<IpAddr>() {
+                self.add_internal(SocketAddr::new(ip, port), Internal::Store);
+            } else if host.eq_ignore_ascii_case("localhost") {
+                self.add_internal(SocketAddr::from(([127, 0, 0, 1], port)), Internal::Store);
+            } else if !self.store_names.contains(&(host.clone(), port)) {
+                self.store_names.push((host, port));
+            }
+        }
+    }
+
+    /// Refuses `a` (its exact address, and its port on loopback or the unspecified address,
+    /// where a listener of this host may be reached whatever address it bound) as `kind`.
+    fn add_internal(&mut self, a: SocketAddr, kind: Internal) {
         if a.port() != 0 {
-            self.admin_ports.insert(a.port());
-            self.admin_addrs.insert(SocketAddr::new(canonical(a.ip()), a.port()));
+            self.this_host_ports.entry(a.port()).or_insert(kind);
+            self.internal_addrs
+                .entry(SocketAddr::new(canonical(a.ip()), a.port()))
+                .or_insert(kind);
         }
     }
 
@@ -115,10 +206,13 @@ impl EgressPolicy {
             return Err(Refusal::Metadata(addr));
         }
         let this_host = is_loopback_or_unspecified(ip);
-        if self.admin_addrs.contains(&SocketAddr::new(ip, addr.port()))
-            || (this_host && self.admin_ports.contains(&addr.port()))
-        {
-            return Err(Refusal::AdminListener(addr));
+        let internal = match self.internal_addrs.get(&SocketAddr::new(ip, addr.port())) {
+            Some(kind) => Some(kind),
+            None if this_host => self.this_host_ports.get(&addr.port()),
+            None => None,
+        };
+        if let Some(kind) = internal {
+            return Err(kind.refusal(addr));
         }
         if self.refuse_private && (this_host || is_private(ip)) {
             return Err(Refusal::Private(addr));
@@ -140,11 +234,91 @@ impl EgressPolicy {
     }
 }
 
-/// An IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) reaches the IPv4 one: judge that.
+/// An IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) reaches the IPv4 one, and so does one of
+/// the NAT64 well-known prefix (`64:ff9b::/96`, RFC 6052: `64:ff9b::a9fe:a9fe` is
+/// 169.254.169.254 behind a NAT64 gateway): judge that.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None if v6.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0] => {
+                let o = v6.octets();
+                IpAddr::V4(std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]))
+            }
+            None => ip,
+        },
         v4 => v4,
+    }
+}
+
+/// The TCP servers a PostgreSQL URL names, as (host as written, port): its hosts and
+/// `hostaddr`s, with their ports (one for all, one each, or 5432). Unix sockets are left out;
+/// so is everything of a URL that does not parse (the store refuses it too).
+fn store_hosts(url: &str) -> Vec<(String, u16)> {
+    // The query holds nothing of the address, and options tokio-postgres does not know
+    // (`sslmode=verify-full`) that the store takes out before it parses the rest.
+    let text = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        url.split(['?', '#']).next().unwrap_or(url)
+    } else {
+        url
+    };
+    let Ok(cfg) = text.parse::<tokio_postgres::Config>() else {
+        return Vec::new();
+    };
+    let ports = cfg.get_ports();
+    let port = |i: usize| match ports {
+        [] => 5432,
+        [p] => *p,
+        _ => ports.get(i).copied().unwrap_or(5432),
+    };
+    let mut out = Vec::new();
+    for (i, h) in cfg.get_hosts().iter().enumerate() {
+        if let tokio_postgres::config::Host::Tcp(name) = h {
+            out.push((name.clone(), port(i)));
+        }
+    }
+    for (i, ip) in cfg.get_hostaddrs().iter().enumerate() {
+        out.push((ip.to_string(), port(i)));
+    }
+    out
+}
+
+/// How long the addresses of a store named by a host name are trusted before a dial resolves
+/// the name again ([`StoreNames`]).
+const STORE_NAMES_REFRESH: Duration = Duration::from_secs(60);
+
+/// The store's servers named by host names ([`EgressPolicy::add_store`]): resolved before a
+/// dial when last resolved [`STORE_NAMES_REFRESH`] ago or never, and every address found
+/// refused from then on (never taken out: the server may still answer there). A dial waits
+/// for a resolution under way, so none goes out before the first one is known.
+struct StoreNames {
+    names: Vec<(String, u16)>,
+    resolved_at: tokio::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl StoreNames {
+    async fn refresh(&self, policy: &RwLock<EgressPolicy>) {
+        if self.names.is_empty() {
+            return;
+        }
+        let mut at = self.resolved_at.lock().await;
+        if at.is_some_and(|t| t.elapsed() < STORE_NAMES_REFRESH) {
+            return;
+        }
+        for (host, port) in &self.names {
+            match tokio::net::lookup_host((host.as_str(), *port)).await {
+                Ok(addrs) => {
+                    let mut p = policy.write();
+                    for a in addrs {
+                        p.add_internal(a, Internal::Store);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%host, "the store's name did not resolve (its addresses known so far are refused to endpoints): {e}")
+                }
+            }
+        }
+        *at = Some(std::time::Instant::now());
     }
 }
 
@@ -180,6 +354,7 @@ fn is_link_local(ip: IpAddr) -> bool {
 #[derive(Clone)]
 struct GuardedConnector {
     policy: Arc<RwLock<EgressPolicy>>,
+    store_names: Arc<StoreNames>,
     resolver: ResolverService,
     tcp: TcpConnectorService,
 }
@@ -193,10 +368,12 @@ impl Service<ConnectInfo<Uri>> for GuardedConnector {
 
     fn call(&self, req: ConnectInfo<Uri>) -> Self::Future {
         let policy = self.policy.clone();
+        let store_names = self.store_names.clone();
         let resolve = self.resolver.call(req);
         let tcp = self.tcp;
         Box::pin(async move {
             let mut req = resolve.await?;
+            store_names.refresh(&policy).await;
             let (ok, reasons) = policy.read().filter(req.take_addrs());
             if ok.is_empty() {
                 let refused = Refused {
@@ -220,8 +397,10 @@ impl Service<ConnectInfo<Uri>> for GuardedConnector {
 /// built from it is kept per thread ([`Egress::client`]): awc clients are not `Send`.
 pub struct Egress {
     /// Shared with every thread's connector: a reload that adds nodes refuses their admin
-    /// listeners on every client at once.
+    /// and cluster listeners on every client at once.
     policy: Arc<RwLock<EgressPolicy>>,
+    /// The store's servers named by host names, resolved by the connectors.
+    store_names: Arc<StoreNames>,
     timeout: Duration,
     /// `https://` endpoints: the webpki roots and `delivery.ca_file`'s.
     tls: Arc<rustls::ClientConfig>,
@@ -235,17 +414,23 @@ thread_local! {
 impl Egress {
     /// `extra_roots`: DER certificates trusted beside the webpki roots (`delivery.ca_file`).
     pub fn new(policy: EgressPolicy, timeout: Duration, extra_roots: &[Vec<u8>]) -> Result<Egress, String> {
+        let store_names = Arc::new(StoreNames {
+            names: policy.store_names.clone(),
+            resolved_at: tokio::sync::Mutex::new(None),
+        });
         Ok(Egress {
             policy: Arc::new(RwLock::new(policy)),
+            store_names,
             timeout,
             tls: crate::tls::client_config(extra_roots, &[b"http/1.1"], "delivery.ca_file")?,
         })
     }
 
-    /// Refuses the admin listeners of `[[node]]` entries the config gained since start
-    /// (`POST /reload`, SIGHUP): a node that joins later is no less reachable by an endpoint.
-    pub fn refuse_admins<'a>(&self, admins: impl IntoIterator<Item = &'a str>) {
-        self.policy.write().add_admins(admins);
+    /// Refuses the admin and cluster listeners of `[[node]]` entries the config gained since
+    /// start (`POST /reload`, SIGHUP): a node that joins later is no less reachable by an
+    /// endpoint.
+    pub fn refuse_nodes(&self, nodes: &[crate::config::NodeEntry]) {
+        self.policy.write().add_nodes(nodes);
     }
 
     /// This node's client on this thread, made on first use.
@@ -267,13 +452,15 @@ impl Egress {
         let connector = awc::Connector::new()
             .connector(GuardedConnector {
                 policy: self.policy.clone(),
+                store_names: self.store_names.clone(),
                 resolver: ResolverService::default(),
                 tcp: TcpConnectorService::default(),
             })
             // The TLS handshake runs over what the guarded connector dialled.
             .rustls_0_23(self.tls.clone())
             // No pool limit, as with the client per POST this replaces: concurrency is bounded
-            // by the callers (one drain per connection and node, replies per inbound request).
+            // by the callers (drains by `limits.max_endpoint_drains` and one per connection,
+            // replies by `outbound::ReplySlots`).
             .limit(0);
         awc::Client::builder()
             .connector(connector)
@@ -407,6 +594,142 @@ mod tests {
         }
         // By default they are reached (agents on this host, as in the interop suite).
         assert_eq!(policy().check(a("10.0.0.5:443")), Ok(()));
+    }
+
+    /// A cluster of two nodes on a private network, with its store on another host.
+    fn cluster_config(store_url: &str) -> crate::config::Config {
+        let mut cfg = crate::config::Config::single_node_default();
+        cfg.nodes[0].cluster = Some("10.0.0.1:7001".into());
+        cfg.nodes.push(crate::config::NodeEntry {
+            id: "n2".into(),
+            listen: "10.0.0.2:8000".into(),
+            cluster: Some("10.0.0.2:7002".into()),
+            admin: "10.0.0.2:9002".into(),
+        });
+        cfg.store.backend = "postgres".into();
+        cfg.store.url = Some(store_url.into());
+        cfg
+    }
+
+    #[test]
+    fn the_store_is_refused_whatever_private_endpoints_allow() {
+        let cfg = cluster_config("postgres://mailroom:secret@10.0.0.9:5433/mailroom?sslmode=verify-full");
+        assert!(
+            cfg.delivery.allow_private_endpoints,
+            "the default, and what this is about"
+        );
+        let p = EgressPolicy::for_node(&cfg, a("127.0.0.1:9001"), None);
+        for addr in [
+            "10.0.0.9:5433",
+            "[::ffff:10.0.0.9]:5433",
+            "[64:ff9b::a00:9]:5433",
+            "127.0.0.1:5433",
+            "[::1]:5433",
+        ] {
+            assert_eq!(p.check(a(addr)), Err(Refusal::Store(a(addr))), "{addr}");
+        }
+        // The store's host is reached on its other ports: an agent may live there.
+        assert_eq!(p.check(a("10.0.0.9:8020")), Ok(()));
+        assert_eq!(
+            Refusal::Store(a("10.0.0.9:5433")).to_string(),
+            "10.0.0.9:5433 is the store (store.url)"
+        );
+        // A store on this host, by name: every loopback spelling of its port.
+        let p = EgressPolicy::for_node(
+            &cluster_config("postgres://mailroom@localhost/mailroom"),
+            a("127.0.0.1:9001"),
+            None,
+        );
+        for addr in ["127.0.0.1:5432", "[::1]:5432", "0.0.0.0:5432"] {
+            assert_eq!(p.check(a(addr)), Err(Refusal::Store(a(addr))), "{addr}");
+        }
+        // A sled store names no server.
+        let mut sled = cluster_config("postgres://mailroom@localhost/mailroom");
+        sled.store.backend = "sled".into();
+        assert_eq!(
+            EgressPolicy::for_node(&sled, a("127.0.0.1:9001"), None).check(a("127.0.0.1:5432")),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn the_servers_of_a_store_url_are_read_as_postgres_reads_them() {
+        let hosts = |u: &str| store_hosts(u);
+        assert_eq!(
+            hosts("postgres://u:p@10.0.0.9/db"),
+            vec![("10.0.0.9".to_string(), 5432)]
+        );
+        assert_eq!(
+            hosts("postgresql://u@db1.internal:6432,db2.internal:6433/db?sslmode=verify-ca&sslrootcert=/x.pem"),
+            vec![("db1.internal".to_string(), 6432), ("db2.internal".to_string(), 6433)]
+        );
+        assert_eq!(hosts("postgres://u@[fd00::5]:5433/db")[0].1, 5433);
+        assert_eq!(hosts("postgres://u@%2Frun%2Fpostgresql/db"), vec![], "a Unix socket");
+        assert_eq!(hosts("not a url"), vec![]);
+        // Names wait for the connector to resolve them; literals are refused at once.
+        let mut p = EgressPolicy::default();
+        p.add_store("postgres://u@db.internal:6432,[fd00::5]:5433/db");
+        assert_eq!(p.store_names, vec![("db.internal".to_string(), 6432)]);
+        assert_eq!(p.check(a("[fd00::5]:5433")), Err(Refusal::Store(a("[fd00::5]:5433"))));
+    }
+
+    #[test]
+    fn every_cluster_listener_is_refused_whatever_private_endpoints_allow() {
+        let cfg = cluster_config("postgres://mailroom@10.0.0.9/mailroom");
+        // This node's own, bound on every interface (the config may say port 0).
+        let p = EgressPolicy::for_node(&cfg, a("127.0.0.1:9001"), Some(a("0.0.0.0:7100")));
+        for addr in [
+            // The peer's, as the config names it.
+            "10.0.0.2:7002",
+            "[::ffff:10.0.0.2]:7002",
+            "[64:ff9b::a00:2]:7002",
+            // This node's in the config, and as bound.
+            "10.0.0.1:7001",
+            "127.0.0.1:7001",
+            "127.0.0.1:7100",
+            "[::1]:7100",
+        ] {
+            assert_eq!(p.check(a(addr)), Err(Refusal::ClusterListener(a(addr))), "{addr}");
+        }
+        // The peer's admin listener too, and its public listener is an agent's like any other.
+        assert_eq!(
+            p.check(a("10.0.0.2:9002")),
+            Err(Refusal::AdminListener(a("10.0.0.2:9002")))
+        );
+        assert_eq!(p.check(a("10.0.0.2:8000")), Ok(()));
+        // A node a reload adds.
+        let mut p = p;
+        p.add_nodes(&[crate::config::NodeEntry {
+            id: "n3".into(),
+            listen: "10.0.0.3:8000".into(),
+            cluster: Some("10.0.0.3:7003".into()),
+            admin: "10.0.0.3:9003".into(),
+        }]);
+        assert_eq!(
+            p.check(a("10.0.0.3:7003")),
+            Err(Refusal::ClusterListener(a("10.0.0.3:7003")))
+        );
+    }
+
+    #[test]
+    fn nat64_addresses_are_judged_as_the_ipv4_address_inside() {
+        let p = policy();
+        let metadata = "[64:ff9b::a9fe:a9fe]:80";
+        assert_eq!(p.check(a(metadata)), Err(Refusal::LinkLocal(a(metadata))));
+        let alibaba = "[64:ff9b::6464:64c8]:80";
+        assert_eq!(p.check(a(alibaba)), Err(Refusal::Metadata(a(alibaba))));
+        let admin = "[64:ff9b::7f00:1]:9001";
+        assert_eq!(p.check(a(admin)), Err(Refusal::AdminListener(a(admin))));
+        let private = "[64:ff9b::a00:5]:443";
+        assert_eq!(
+            p.clone().refusing_private(true).check(a(private)),
+            Err(Refusal::Private(a(private)))
+        );
+        // A public IPv4 address behind NAT64 is an agent like any other.
+        assert_eq!(
+            policy().refusing_private(true).check(a("[64:ff9b::5db8:d822]:443")),
+            Ok(())
+        );
     }
 
     #[test]

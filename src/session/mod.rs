@@ -62,6 +62,40 @@ const WAKE_PENDING_CHUNK: usize = 500;
 /// notification pushes at once (a push too many, never none).
 const NOTIFIED_MAX: usize = 100_000;
 
+/// Why a connection's queue is tried at its endpoint ([`Shared::deliver_to_endpoint`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EndpointTry {
+    /// New mail: a forward queued it, or a session, a hand-off or a node left it. Waits
+    /// while the endpoint itself keeps failing; while it only refuses messages, goes at once
+    /// with the messages never tried ([`outbound::drain_to_endpoint`]'s `new_only`).
+    New,
+    /// Mail tried before: leases that ran out, the sweep. Waits while the endpoint backs off.
+    Again,
+}
+
+/// Whether [`Shared::deliver_to_endpoint`] started a drain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EndpointStart {
+    /// Started, or nothing to start: no endpoint, or a drain of the connection under way here.
+    Done,
+    /// Put off: the endpoint backs off after failed drains. The sweep tries it when that ends.
+    BackingOff,
+    /// Put off: the node's `limits.max_endpoint_drains` are all under way. The sweep tries it.
+    NoSlot,
+}
+
+/// How an endpoint's drains have gone lately ([`Shared::endpoint_tried`]).
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    /// Drains that failed (or had messages refused) in a row.
+    failures: u32,
+    /// When the sweep may try the endpoint again.
+    next: i64,
+    /// The last failure was the endpoint's own (no answer, 5xx, 408, 429), not a refusal of
+    /// some messages: new mail waits too.
+    endpoint_wide: bool,
+}
+
 pub struct Shared {
     pub mediator: Arc<Mediator>,
     pub registry: Addr<Registry>,
@@ -76,6 +110,12 @@ pub struct Shared {
     next_session: AtomicU64,
     /// Connections whose queue is being POSTed to their endpoint by this node.
     endpoint_busy: Mutex<HashSet<String>>,
+    /// Drains to endpoints under way on this node, all connections together
+    /// (`limits.max_endpoint_drains`): each holds a socket for up to
+    /// `delivery.endpoint_timeout_ms` and a batch of leased payload. Taken with `try_acquire`:
+    /// a drain that finds none is not started (its messages stay queued, not leased) and left
+    /// to the sweep, so a flood of endpoints that never answer holds at most this many.
+    endpoint_drains: Arc<tokio::sync::Semaphore>,
     /// connection -> its own HTTP endpoint, if any. Endpoints are fixed when a connection is
     /// made, so this never goes stale; it spares a store read on every forward to an offline
     /// wallet (almost every forward). A revoked connection's is forgotten when a drain finds
@@ -93,11 +133,12 @@ pub struct Shared {
     stop_begun_at: std::sync::OnceLock<tokio::time::Instant>,
     /// Where the endpoint retry of the sweep goes on from (connection id order).
     endpoint_cursor: Mutex<Option<String>>,
-    /// connection -> (drains to its endpoint that failed in a row, when the sweep may retry
-    /// it): the retries of an endpoint that keeps failing back off, so a dead or hostile
-    /// endpoint is not POSTed every retry period for the queue's whole TTL. A forward still
-    /// tries at once. Cleared when it reaches `ENDPOINT_CACHE_MAX`.
-    endpoint_backoff: Mutex<std::collections::HashMap<String, (u32, i64)>>,
+    /// connection -> how its endpoint's drains have gone lately: the retries of an endpoint
+    /// that keeps failing (or refusing messages) back off, so a dead or hostile endpoint is
+    /// not POSTed every retry period, nor every lease period, for the queue's whole TTL. Leases
+    /// that run out wait for it as the sweep does, and so do forwards while the endpoint
+    /// itself fails ([`EndpointTry`]). Cleared when it reaches `ENDPOINT_CACHE_MAX`.
+    endpoint_backoff: Mutex<std::collections::HashMap<String, Backoff>>,
     /// The push worker, when `[push]` is configured (set once by the node at start).
     pub push: std::sync::OnceLock<crate::push::PushHandle>,
     /// How the run before this one on the store ended, as [`Store::begin_run`] answered it
@@ -147,6 +188,7 @@ impl Shared {
         let local_room = crate::cluster::Room::new(cfg.limits.max_envelope_bytes);
         let largest = cfg.limits.max_envelope_bytes.max(cfg.limits.max_ws_frame_bytes);
         let unfinished = Arc::new(unfinished::Unfinished::new(largest));
+        let endpoint_drains = Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_endpoint_drains));
         Shared {
             mediator,
             registry,
@@ -157,6 +199,7 @@ impl Shared {
             unfinished,
             next_session: AtomicU64::new(1),
             endpoint_busy: Mutex::new(HashSet::new()),
+            endpoint_drains,
             endpoint_cache: Mutex::new(std::collections::HashMap::new()),
             draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -244,7 +287,7 @@ impl Shared {
             // Woken, not pushed: the wallet asked for the batch just now (a batch-pickup with
             // no return route would otherwise push it at every poll).
             Ok(n) if n > 0 => {
-                self.reach(conn).await;
+                self.reach(conn, EndpointTry::New).await;
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(connection = %conn, "batch not given back (its lease runs out): {e}"),
@@ -402,13 +445,19 @@ impl Shared {
     /// its session, and when no node holds one, push the wallet. Only the node that queued the
     /// message, or that it woke or notified, calls this, so one node pushes per queued event.
     pub async fn queued_new(self: &Arc<Self>, conn: &str) {
-        self.queued_new_unless_pushed_since(conn, None).await;
+        self.queued_new_unless_pushed_since(conn, None, EndpointTry::New).await;
     }
 
     /// [`Shared::queued_new`], pushing only if the wallet was not pushed since
-    /// `unless_pushed_since_ms` ([`crate::push::PushHandle::queued_unless_pushed_since`]).
-    async fn queued_new_unless_pushed_since(self: &Arc<Self>, conn: &str, unless_pushed_since_ms: Option<i64>) {
-        if !self.reach(conn).await {
+    /// `unless_pushed_since_ms` ([`crate::push::PushHandle::queued_unless_pushed_since`]);
+    /// `why` the mail is tried at an endpoint.
+    async fn queued_new_unless_pushed_since(
+        self: &Arc<Self>,
+        conn: &str,
+        unless_pushed_since_ms: Option<i64>,
+        why: EndpointTry,
+    ) {
+        if !self.reach(conn, why).await {
             if let Some(p) = self.push.get() {
                 p.queued_unless_pushed_since(conn, unless_pushed_since_ms);
             }
@@ -493,9 +542,10 @@ impl Shared {
     }
 
     /// Wakes the session of `conn` here or on its owner node; else delivers to the agent's
-    /// own endpoint, if any. Whether some node holds a session of it. The registry is asked
-    /// only when a session here is counted in for `conn` ([`LocalHolders`]).
-    async fn reach(self: &Arc<Self>, conn: &str) -> bool {
+    /// own endpoint, if any (`why`: see [`EndpointTry`]). Whether some node holds a session of
+    /// it. The registry is asked only when a session here is counted in for `conn`
+    /// ([`LocalHolders`]).
+    async fn reach(self: &Arc<Self>, conn: &str, why: EndpointTry) -> bool {
         if self.bound.holds(conn)
             && self
                 .registry
@@ -526,13 +576,16 @@ impl Shared {
                 NotifyOutcome::Local | NotifyOutcome::NoOwner => {}
             }
         }
-        self.deliver_to_endpoint(conn).await;
+        self.deliver_to_endpoint(conn, why).await;
         false
     }
 
     /// POSTs a connection's queue to its own HTTP endpoint, if it has one (ACA-Py-style
-    /// mediation clients). One drain per connection per node at a time; leases keep nodes apart.
-    pub async fn deliver_to_endpoint(self: &Arc<Self>, conn: &str) {
+    /// mediation clients). One drain per connection per node at a time; leases keep nodes
+    /// apart. Put off, the messages staying queued for the sweep, while the endpoint backs off
+    /// ([`EndpointTry`]) or while the node's `limits.max_endpoint_drains` are all under way
+    /// (counted as `deferred` in `mailroom_endpoint_posts_total`).
+    async fn deliver_to_endpoint(self: &Arc<Self>, conn: &str, why: EndpointTry) -> EndpointStart {
         let cached = self.endpoint_cache.lock().get(conn).cloned();
         // Whether the connection's mediation must still be read (a cached endpoint).
         let read = cached.is_some();
@@ -540,7 +593,7 @@ impl Shared {
             Some(e) => e,
             None => {
                 let Ok(Some(c)) = self.mediator.store.get_connection(conn).await else {
-                    return;
+                    return EndpointStart::Done;
                 };
                 let e = c
                     .http_endpoint()
@@ -555,14 +608,28 @@ impl Shared {
             }
         };
         let Some(endpoint) = endpoint else {
-            return;
+            return EndpointStart::Done;
+        };
+        let new_only = match self.endpoint_gate(conn, why, now_ms()) {
+            Some(new_only) => new_only,
+            None => {
+                self.metrics.endpoint_post("deferred");
+                return EndpointStart::BackingOff;
+            }
         };
         if !self.endpoint_busy.lock().insert(conn.to_string()) {
-            return;
+            return EndpointStart::Done;
         }
+        let Ok(slot) = self.endpoint_drains.clone().try_acquire_owned() else {
+            self.endpoint_busy.lock().remove(conn);
+            self.metrics.endpoint_post("deferred");
+            tracing::debug!(connection = %conn, "endpoint delivery put off: the node's {} drains are under way (limits.max_endpoint_drains)", self.cfg.limits.max_endpoint_drains);
+            return EndpointStart::NoSlot;
+        };
         let this = self.clone();
         let conn = conn.to_string();
         actix_rt::spawn(async move {
+            let _slot = slot;
             // A connection whose mediation was revoked (on any node, after its endpoint was
             // cached here) gets nothing of its queue, as pickup refuses it: read in the store,
             // once per drain. Revocation is for good, so its endpoint is forgotten here.
@@ -577,8 +644,8 @@ impl Shared {
             };
             match granted {
                 Ok(Some(true)) => {
-                    let drained = outbound::drain_to_endpoint(&this, &conn, &endpoint).await;
-                    this.endpoint_tried(&conn, drained, now_ms());
+                    let drained = outbound::drain_to_endpoint(&this, &conn, &endpoint, new_only).await;
+                    this.endpoint_tried(&conn, drained, new_only, now_ms());
                 }
                 Ok(_) => {
                     this.endpoint_cache.lock().insert(conn.clone(), None);
@@ -587,6 +654,7 @@ impl Shared {
             }
             this.endpoint_busy.lock().remove(&conn);
         });
+        EndpointStart::Done
     }
 
     /// Messages delivered and never acknowledged whose lease ran out (picked up over HTTP by a
@@ -605,11 +673,13 @@ impl Shared {
             .await
         {
             Ok(reclaimed) => {
+                // Tried before: an endpoint that backs off is not tried again every lease.
                 for r in reclaimed {
                     if r.attempts <= RECLAIM_PUSHES {
-                        self.queued_new(&r.conn).await;
+                        self.queued_new_unless_pushed_since(&r.conn, None, EndpointTry::Again)
+                            .await;
                     } else {
-                        self.reach(&r.conn).await;
+                        self.reach(&r.conn, EndpointTry::Again).await;
                     }
                 }
             }
@@ -644,40 +714,62 @@ impl Shared {
         }
     }
 
-    /// Records how a drain to `conn`'s endpoint ended: after a failure the sweep waits its own
-    /// retry period, doubled for each failure in a row up to [`ENDPOINT_RETRY_MAX_MS`], before
-    /// it tries again; a drain that emptied the queue forgets the failures.
-    fn endpoint_tried(&self, conn: &str, drained: outbound::Drained, now: i64) {
+    /// Records how a drain to `conn`'s endpoint ended: after a failure (or messages refused)
+    /// the sweep waits its own retry period, doubled for each one in a row up to
+    /// [`ENDPOINT_RETRY_MAX_MS`], before it tries again; a drain that emptied the queue
+    /// forgets them. A drain of new messages only (`new_only`) that delivered them changes
+    /// nothing: the messages tried before it left alone (or still leased, refused) wait for
+    /// their retry.
+    fn endpoint_tried(&self, conn: &str, drained: outbound::Drained, new_only: bool, now: i64) {
         let mut backoff = self.endpoint_backoff.lock();
-        if drained == outbound::Drained::Empty {
-            backoff.remove(conn);
-            return;
-        }
+        let endpoint_wide = match drained {
+            outbound::Drained::Empty | outbound::Drained::Held if new_only => return,
+            outbound::Drained::Empty | outbound::Drained::Held => {
+                backoff.remove(conn);
+                return;
+            }
+            outbound::Drained::Refused => false,
+            outbound::Drained::Failed => true,
+        };
         if backoff.len() >= ENDPOINT_CACHE_MAX && !backoff.contains_key(conn) {
             backoff.clear();
         }
         let period = i64::try_from(self.cfg.delivery.sweep_interval_ms)
             .unwrap_or(i64::MAX)
             .saturating_mul(ENDPOINT_RETRY_EVERY as i64);
-        let entry = backoff.entry(conn.to_string()).or_insert((0, now));
-        entry.0 = entry.0.saturating_add(1);
+        let entry = backoff.entry(conn.to_string()).or_insert(Backoff {
+            failures: 0,
+            next: now,
+            endpoint_wide,
+        });
+        entry.failures = entry.failures.saturating_add(1);
         let wait = period
-            .saturating_mul(1i64 << (entry.0 - 1).min(30))
+            .saturating_mul(1i64 << (entry.failures - 1).min(30))
             .min(ENDPOINT_RETRY_MAX_MS);
-        entry.1 = now.saturating_add(wait);
+        entry.next = now.saturating_add(wait);
+        entry.endpoint_wide = endpoint_wide;
     }
 
     /// Whether the sweep should leave `conn`'s endpoint alone for now ([`Shared::endpoint_tried`]).
     fn endpoint_backing_off(&self, conn: &str, now: i64) -> bool {
-        self.endpoint_backoff
-            .lock()
-            .get(conn)
-            .is_some_and(|(_, next)| *next > now)
+        self.endpoint_backoff.lock().get(conn).is_some_and(|b| b.next > now)
+    }
+
+    /// Whether `conn`'s endpoint may be tried now for `why`: `None` while it backs off
+    /// ([`Shared::endpoint_tried`]), but for new mail to an endpoint that only refused
+    /// messages, which goes at once with the messages never tried (`Some(true)`: the drain's
+    /// `new_only`); `Some(false)`: a drain of everything.
+    fn endpoint_gate(&self, conn: &str, why: EndpointTry, now: i64) -> Option<bool> {
+        match self.endpoint_backoff.lock().get(conn) {
+            Some(b) if b.next > now => (why == EndpointTry::New && !b.endpoint_wide).then_some(true),
+            _ => Some(false),
+        }
     }
 
     /// Retries endpoint delivery for a page of connections with pending messages that no
     /// node holds a session of, except those backing off after failed drains; the cursor goes
-    /// round all of them over successive passes.
+    /// round all of them over successive passes. A pass that finds every drain slot of the
+    /// node taken (`limits.max_endpoint_drains`) stops there, and the next goes on from it.
     async fn retry_endpoints(self: &Arc<Self>, now: i64) {
         let after = self.endpoint_cursor.lock().clone();
         let pending = match self
@@ -692,13 +784,16 @@ impl Shared {
                 return;
             }
         };
-        *self.endpoint_cursor.lock() = if pending.len() < ENDPOINT_PAGE {
+        let mut next = if pending.len() < ENDPOINT_PAGE {
             None
         } else {
             pending.last().cloned()
         };
+        // The last connection of the page dealt with, for a pass that stops short.
+        let mut last = after;
         for conn in pending {
             if self.endpoint_backing_off(&conn, now) {
+                last = Some(conn);
                 continue;
             }
             if self
@@ -707,15 +802,24 @@ impl Shared {
                 .await
                 .unwrap_or(false)
             {
+                last = Some(conn);
                 continue;
             }
             if let Some(c) = &self.cluster {
                 if c.owner_of(&conn).is_some() {
+                    last = Some(conn);
                     continue;
                 }
             }
-            self.deliver_to_endpoint(&conn).await;
+            if self.deliver_to_endpoint(&conn, EndpointTry::Again).await == EndpointStart::NoSlot {
+                // Every drain slot is taken: the next pass goes on from this connection, not
+                // past the rest of the page.
+                next = last;
+                break;
+            }
+            last = Some(conn);
         }
+        *self.endpoint_cursor.lock() = next;
     }
 }
 
@@ -870,7 +974,9 @@ async fn wake_pending_with(shared: &Arc<Shared>, conns: &[String], since: impl F
         match shared.mediator.store.pending_among(chunk, now_ms()).await {
             Ok(pending) => {
                 for c in pending {
-                    shared.queued_new_unless_pushed_since(&c, since(&c)).await;
+                    shared
+                        .queued_new_unless_pushed_since(&c, since(&c), EndpointTry::New)
+                        .await;
                 }
             }
             Err(e) => {

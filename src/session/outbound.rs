@@ -1,10 +1,10 @@
 //! Outbound HTTP: replies and queued messages POSTed to an agent's own endpoint.
 //!
 //! A queued message stays in the store until its POST succeeds (2xx): it is leased while
-//! in flight and acknowledged after, or released on failure for the sweep to retry. Every POST
-//! goes through the node's [`egress`] client: no redirect is followed, and an
-//! endpoint resolving only to addresses the node may not reach (an admin listener, link-local)
-//! fails like an unreachable one.
+//! in flight and acknowledged right after its 2xx, or released on failure for the sweep to
+//! retry. Every POST goes through the node's [`egress`] client: no redirect is followed, and
+//! an endpoint resolving only to addresses the node may not reach (a listener of the cluster,
+//! the store, link-local) fails like an unreachable one.
 
 use super::egress::{self, Egress};
 use super::Shared;
@@ -53,9 +53,16 @@ impl PostError {
 /// How a drain of a connection's queue to its endpoint ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Drained {
-    /// The queue had nothing more to lease (or the store could not be read).
+    /// The queue had nothing more to lease (or the store could not be read), and everything
+    /// the drain leased was delivered.
     Empty,
-    /// A POST failed: what is left stays queued for a later try.
+    /// The queue had nothing more to lease, but a drain of new messages only left messages
+    /// tried before leased, unsent ([`drain_to_endpoint`]): they wait for the sweep.
+    Held,
+    /// The endpoint refused messages alone (a 4xx about each): they stay leased, to be tried
+    /// again once their lease has run out, on the sweep's schedule.
+    Refused,
+    /// The endpoint itself failed: what is left stays queued for a later try.
     Failed,
 }
 
@@ -225,15 +232,22 @@ pub async fn send_replies(shared: &Arc<Shared>, conn: &Connection, replies: &[Va
 
 /// Drains a connection's queue to its endpoint, a batch at a time, until it is empty or the
 /// endpoint fails (no answer, a 5xx, 408 or 429: what the batch then left unsent is given
-/// back). A message the endpoint refuses alone (a 4xx about it) stays leased, and the drain
-/// goes on past it: it does not hold the others back, and is tried again when its lease runs
-/// out (not POSTed again by this drain, nor by the next forward's).
+/// back). Each message is acknowledged as soon as the endpoint answers it 2xx: a batch whose
+/// later POSTs are slow does not leave a delivered message to be leased again. A message the
+/// endpoint refuses alone (a 4xx about it) stays leased, and the drain goes on past it: it
+/// does not hold the others back, and is tried again when its lease runs out (not POSTed
+/// again by this drain, nor by the next forward's).
+///
+/// `new_only` (a forward to a connection whose endpoint refused messages lately): only
+/// messages on their first delivery are POSTed; those tried before are left leased, unsent,
+/// for the sweep to try on its schedule ([`Drained::Held`]), so that forwards do not make the
+/// endpoint refuse them again at their pace.
 ///
 /// A message is POSTed only while its lease outlasts the POST's timeout: one whose lease would
 /// run out meanwhile may be reclaimed and delivered by another node or session, so it is given
 /// back and leased again instead of sent twice. (With `endpoint_timeout_ms` at or above
 /// `lease_ms` no lease covers a POST: each lease then takes one message.)
-pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str) -> Drained {
+pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str, new_only: bool) -> Drained {
     let store = &shared.mediator.store;
     let owner = crate::protocols::lease_owner(&shared.mediator.node_id, "endpoint");
     let post_timeout_ms = i64::try_from(shared.cfg.delivery.endpoint_timeout_ms).unwrap_or(i64::MAX);
@@ -242,26 +256,33 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str)
     } else {
         shared.mediator.batch_size
     };
-    // Refused alone: left leased (a lease that takes one again, its last run out meanwhile,
-    // does not POST it).
+    // Refused alone, or held back (`new_only`): left leased (a lease that takes one again, its
+    // last run out meanwhile, does not POST it).
     let mut rejected = std::collections::HashSet::new();
+    let (mut refused_any, mut held_any) = (false, false);
     loop {
         let now = now_ms();
         let until = now.saturating_add(shared.mediator.lease_ms);
         let max_bytes = shared.mediator.delivery_max_bytes;
         let batch = match store.lease_upto(conn, batch_size, max_bytes, &owner, now, until).await {
             Ok(b) if b.iter().any(|q| !rejected.contains(&q.id)) => b,
+            Ok(_) if refused_any => return Drained::Refused,
+            Ok(_) if held_any => return Drained::Held,
             Ok(_) => return Drained::Empty,
             Err(e) => {
                 tracing::warn!(connection = %conn, "endpoint delivery: store: {e}");
-                return Drained::Empty;
+                return if refused_any { Drained::Refused } else { Drained::Empty };
             }
         };
-        let mut done = Vec::new();
         let mut failed = Vec::new();
         let mut late = Vec::new();
         for (i, q) in batch.iter().enumerate() {
             if rejected.contains(&q.id) {
+                continue;
+            }
+            if new_only && q.attempts > 1 {
+                rejected.insert(q.id);
+                held_any = true;
                 continue;
             }
             if i > 0 && now_ms().saturating_add(post_timeout_ms) >= until {
@@ -272,7 +293,13 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str)
                 shared.metrics.redelivered.inc();
             }
             match post_counted(shared, endpoint, q.payload.clone()).await {
-                Ok(()) => done.push(q.id),
+                Ok(()) => {
+                    // At once: the rest of the batch may take its POSTs' whole timeouts.
+                    if let Err(e) = store.ack(conn, &[q.id]).await {
+                        tracing::warn!(connection = %conn, "delivered at the endpoint but not removed (delivered again as its lease runs out): {e}");
+                    }
+                    shared.metrics.delivered("endpoint", "v1", 1);
+                }
                 Err(e @ PostError::Refused { .. }) => {
                     tracing::warn!(connection = %conn, "endpoint delivery refused, kept queued: {e}");
                     failed.extend(unrefused(&batch[i..], &rejected));
@@ -286,12 +313,9 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str)
                 Err(e) => {
                     tracing::info!(connection = %conn, "endpoint refused a message, kept queued: {e}");
                     rejected.insert(q.id);
+                    refused_any = true;
                 }
             }
-        }
-        if !done.is_empty() {
-            let _ = store.ack(conn, &done).await;
-            shared.metrics.delivered("endpoint", "v1", done.len() as u64);
         }
         if !late.is_empty() {
             // Given back unsent: the next lease takes them again (or another holder has).
