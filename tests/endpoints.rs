@@ -194,6 +194,105 @@ async fn drains_to_endpoints_that_never_answer_hold_at_most_the_nodes_drain_slot
     );
 }
 
+/// Connections put off for want of a drain slot (a backlog after a restart, an outage, or
+/// endpoints slower than the forwards) were tried again only at the sweep's next endpoint
+/// pass, every tenth pass: `limits.max_endpoint_drains` connections an endpoint pass (64 per
+/// 20 s by default), however fast the endpoints answered. Now every sweep pass goes on with
+/// them while drains are lacking.
+#[actix_rt::test]
+async fn connections_put_off_for_a_drain_slot_are_served_as_slots_free_not_an_endpoint_pass_each() {
+    const CONNECTIONS: usize = 6;
+    let (answer, answering) = tokio::sync::watch::channel(false);
+    let (endpoint, pit) = tarpit(answering).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
+    cfg.limits.max_endpoint_drains = 1;
+    cfg.delivery.endpoint_timeout_ms = 600_000;
+    cfg.delivery.lease_ms = 1_200_000;
+    // A sweep pass a second, an endpoint pass every ten: five connections served an endpoint
+    // pass each would take 50 s, past the test's wait.
+    cfg.delivery.sweep_interval_ms = 1_000;
+    let n = start(&cfg);
+    let mut wallets = Vec::new();
+    for _ in 0..CONNECTIONS {
+        wallets.push(wallet_at_endpoint(&n, &endpoint).await);
+    }
+    for (i, (a, k)) in wallets.iter().enumerate() {
+        assert_eq!(forward_to(&n, a, k, &format!("m{i}")).await, 202);
+    }
+    eventually("one drain at the endpoint, the others put off", || async {
+        (pit.open.load(Ordering::SeqCst) == 1 && deferred(&n).await >= (CONNECTIONS - 1) as u64).then_some(())
+    })
+    .await;
+    answer.send(true).unwrap();
+    eventually("every message delivered, a sweep pass or so each", || async {
+        (pit.answered.load(Ordering::SeqCst) >= CONNECTIONS && queue_depth(&n).await == 0).then_some(())
+    })
+    .await;
+    assert!(pit.most.load(Ordering::SeqCst) <= 1, "within the one drain slot");
+}
+
+/// A forward to a connection whose endpoint refused a message lately drains only messages on
+/// their first delivery: the others it leases are held back. They stayed leased, so a forward
+/// every few seconds kept them leased, and the sweep's retry at the end of the backoff missed
+/// them (for as long as forwards came). They are given back when that drain ends.
+#[actix_rt::test]
+async fn messages_a_forwards_drain_holds_back_are_given_back_when_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
+    // Endpoint retries every 10 s; a held-back lease would hold its message 6 s.
+    cfg.delivery.sweep_interval_ms = 1_000;
+    cfg.delivery.lease_ms = 6_000;
+    cfg.delivery.endpoint_timeout_ms = 500;
+    let n = start(&cfg);
+    let requests = Arc::new(AtomicUsize::new(0));
+    let r = requests.clone();
+    // The first message is refused (a 4xx about it), the rest taken.
+    let (endpoint, handle) = endpoint_stub(move |_| {
+        if r.fetch_add(1, Ordering::SeqCst) == 0 {
+            400
+        } else {
+            200
+        }
+    });
+    let (a, k) = wallet_at_endpoint(&n, &endpoint).await;
+    let queue = || async {
+        let v = get_json(&format!("{}/connections", n.admin_url())).await;
+        let q = &v["connections"][0]["queue"];
+        (q["depth"].as_u64().unwrap_or(99), q["in_flight"].as_u64().unwrap_or(99))
+    };
+    assert_eq!(forward_to(&n, &a, &k, "m0").await, 202);
+    eventually("m0 refused", || async {
+        (requests.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
+    // m0's lease runs out and the sweep takes it back (not POSTed: the endpoint backs off).
+    eventually("m0 taken back, pending", || async {
+        (queue().await == (1, 0)).then_some(())
+    })
+    .await;
+    // A forward: its drain leases m0 (tried before: held back) and m1, POSTs m1.
+    assert_eq!(forward_to(&n, &a, &k, "m1").await, 202);
+    eventually("m1 taken", || async {
+        (requests.load(Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await;
+    // m0 is given back as the drain ends, long before the 6 s lease it took would run out.
+    let given_back = Instant::now() + Duration::from_millis(2_500);
+    loop {
+        let (depth, in_flight) = queue().await;
+        if in_flight == 0 && depth <= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < given_back,
+            "m0 still leased by the forward's drain that held it back ({depth} queued, {in_flight} in flight)"
+        );
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    handle.stop(true).await;
+}
+
 /// An endpoint that always answers 500: its message is released for the sweep, which retries
 /// it on a doubling schedule. Forwards and leases that ran out each tried it at once, whatever
 /// that schedule: a steady stream of forwards, or a message leased and never acknowledged

@@ -80,7 +80,8 @@ enum EndpointStart {
     Done,
     /// Put off: the endpoint backs off after failed drains. The sweep tries it when that ends.
     BackingOff,
-    /// Put off: the node's `limits.max_endpoint_drains` are all under way. The sweep tries it.
+    /// Put off: the node's `limits.max_endpoint_drains` are all under way. The sweep's next
+    /// pass tries it (and goes on each pass while drains are lacking).
     NoSlot,
 }
 
@@ -133,6 +134,11 @@ pub struct Shared {
     stop_begun_at: std::sync::OnceLock<tokio::time::Instant>,
     /// Where the endpoint retry of the sweep goes on from (connection id order).
     endpoint_cursor: Mutex<Option<String>>,
+    /// The last endpoint retry stopped short, every drain slot taken: the next sweep pass goes
+    /// on with it, not the next endpoint pass ([`ENDPOINT_RETRY_EVERY`] passes later), so a
+    /// backlog of connections (after a restart or an outage) is served at the pace drains
+    /// finish, not `limits.max_endpoint_drains` connections an endpoint pass.
+    endpoint_pass_unfinished: AtomicBool,
     /// connection -> how its endpoint's drains have gone lately: the retries of an endpoint
     /// that keeps failing (or refusing messages) back off, so a dead or hostile endpoint is
     /// not POSTed every retry period, nor every lease period, for the queue's whole TTL. Leases
@@ -206,6 +212,7 @@ impl Shared {
             stop_begun: tokio::sync::Notify::new(),
             stop_begun_at: std::sync::OnceLock::new(),
             endpoint_cursor: Mutex::new(None),
+            endpoint_pass_unfinished: AtomicBool::new(false),
             endpoint_backoff: Mutex::new(std::collections::HashMap::new()),
             push: std::sync::OnceLock::new(),
             previous_run: std::sync::OnceLock::new(),
@@ -623,6 +630,8 @@ impl Shared {
         let Ok(slot) = self.endpoint_drains.clone().try_acquire_owned() else {
             self.endpoint_busy.lock().remove(conn);
             self.metrics.endpoint_post("deferred");
+            // The next sweep pass tries again, not the next endpoint pass.
+            self.endpoint_pass_unfinished.store(true, Ordering::Relaxed);
             tracing::debug!(connection = %conn, "endpoint delivery put off: the node's {} drains are under way (limits.max_endpoint_drains)", self.cfg.limits.max_endpoint_drains);
             return EndpointStart::NoSlot;
         };
@@ -709,7 +718,7 @@ impl Shared {
                 }
             }
         }
-        if with_endpoints {
+        if with_endpoints || self.endpoint_pass_unfinished.load(Ordering::Relaxed) {
             self.retry_endpoints(now).await;
         }
     }
@@ -791,6 +800,7 @@ impl Shared {
         };
         // The last connection of the page dealt with, for a pass that stops short.
         let mut last = after;
+        let mut unfinished = false;
         for conn in pending {
             if self.endpoint_backing_off(&conn, now) {
                 last = Some(conn);
@@ -815,11 +825,13 @@ impl Shared {
                 // Every drain slot is taken: the next pass goes on from this connection, not
                 // past the rest of the page.
                 next = last;
+                unfinished = true;
                 break;
             }
             last = Some(conn);
         }
         *self.endpoint_cursor.lock() = next;
+        self.endpoint_pass_unfinished.store(unfinished, Ordering::Relaxed);
     }
 }
 

@@ -239,17 +239,39 @@ pub async fn send_replies(shared: &Arc<Shared>, conn: &Connection, replies: &[Va
 /// again by this drain, nor by the next forward's).
 ///
 /// `new_only` (a forward to a connection whose endpoint refused messages lately): only
-/// messages on their first delivery are POSTed; those tried before are left leased, unsent,
-/// for the sweep to try on its schedule ([`Drained::Held`]), so that forwards do not make the
-/// endpoint refuse them again at their pace.
+/// messages on their first delivery are POSTed; those tried before are given back unsent when
+/// the drain ends, for the sweep to try on its schedule ([`Drained::Held`]), so that forwards
+/// do not make the endpoint refuse them again at their pace. (Left leased, as they were, a
+/// forward every few seconds kept them leased, and the sweep's drain at the end of the backoff
+/// missed them.)
 ///
 /// A message is POSTed only while its lease outlasts the POST's timeout: one whose lease would
 /// run out meanwhile may be reclaimed and delivered by another node or session, so it is given
 /// back and leased again instead of sent twice. (With `endpoint_timeout_ms` at or above
 /// `lease_ms` no lease covers a POST: each lease then takes one message.)
 pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str, new_only: bool) -> Drained {
-    let store = &shared.mediator.store;
     let owner = crate::protocols::lease_owner(&shared.mediator.node_id, "endpoint");
+    let mut held_back = Vec::new();
+    let drained = drain_leasing(shared, conn, endpoint, new_only, &owner, &mut held_back).await;
+    if !held_back.is_empty() {
+        if let Err(e) = shared.mediator.store.release(conn, &held_back, &owner).await {
+            tracing::warn!(connection = %conn, "endpoint delivery: messages held back stay leased until their lease runs out: {e}");
+        }
+    }
+    drained
+}
+
+/// [`drain_to_endpoint`], leasing to `owner`; the messages a `new_only` drain held back are
+/// left leased in `held_back`, for the caller to give back.
+async fn drain_leasing(
+    shared: &Arc<Shared>,
+    conn: &str,
+    endpoint: &str,
+    new_only: bool,
+    owner: &str,
+    held_back: &mut Vec<i64>,
+) -> Drained {
+    let store = &shared.mediator.store;
     let post_timeout_ms = i64::try_from(shared.cfg.delivery.endpoint_timeout_ms).unwrap_or(i64::MAX);
     let batch_size = if post_timeout_ms >= shared.mediator.lease_ms {
         1
@@ -264,7 +286,7 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str,
         let now = now_ms();
         let until = now.saturating_add(shared.mediator.lease_ms);
         let max_bytes = shared.mediator.delivery_max_bytes;
-        let batch = match store.lease_upto(conn, batch_size, max_bytes, &owner, now, until).await {
+        let batch = match store.lease_upto(conn, batch_size, max_bytes, owner, now, until).await {
             Ok(b) if b.iter().any(|q| !rejected.contains(&q.id)) => b,
             Ok(_) if refused_any => return Drained::Refused,
             Ok(_) if held_any => return Drained::Held,
@@ -282,6 +304,7 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str,
             }
             if new_only && q.attempts > 1 {
                 rejected.insert(q.id);
+                held_back.push(q.id);
                 held_any = true;
                 continue;
             }
@@ -319,10 +342,10 @@ pub async fn drain_to_endpoint(shared: &Arc<Shared>, conn: &str, endpoint: &str,
         }
         if !late.is_empty() {
             // Given back unsent: the next lease takes them again (or another holder has).
-            let _ = store.release(conn, &late, &owner).await;
+            let _ = store.release(conn, &late, owner).await;
         }
         if !failed.is_empty() {
-            let _ = store.release(conn, &failed, &owner).await;
+            let _ = store.release(conn, &failed, owner).await;
             return Drained::Failed;
         }
     }
