@@ -6,33 +6,13 @@
 mod common;
 
 use common::*;
-use mailroom::client::{basic_message, Agent, Sender};
 use mailroom::config::Strategy;
-use mailroom::didcomm::keys::KeyPair;
 use mailroom::node::RunningNode;
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A wallet of `n` whose DID document names `endpoint`, mediated, with one recipient key.
-async fn wallet_at_endpoint(n: &RunningNode, endpoint: &str) -> (Agent, KeyPair) {
-    let inv = invitation(n).await;
-    let mut a = Agent::connect_with_endpoint(&inv, Some(endpoint)).await.unwrap();
-    a.mediate().await.unwrap();
-    let k = a.new_recipient_key();
-    a.keylist_update(&[k.did_key()], &[]).await.unwrap();
-    (a, k)
-}
-
-async fn forward_to(n: &RunningNode, a: &Agent, key: &KeyPair, text: &str) -> u16 {
-    let g = a.grant.clone().expect("mediated");
-    Sender::new()
-        .forward(&n.public_url(), &basic_message(text), &key.verkey(), &g.routing_keys)
-        .await
-        .expect("forward POST")
-}
 
 /// Tries of a connection's queue at its endpoint put off (the endpoint backing off, or the
 /// node's drain slots all taken), left to the sweep.

@@ -19,14 +19,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-async fn forward_to(n: &RunningNode, a: &Agent, key: &KeyPair, text: &str) -> u16 {
-    let g = a.grant.clone().expect("mediated");
-    Sender::new()
-        .forward(&n.public_url(), &basic_message(text), &key.verkey(), &g.routing_keys)
-        .await
-        .expect("forward POST")
-}
-
 /// What a raw connection saw before `deadline`: the bytes it read, and whether the node
 /// closed it.
 async fn read_until_closed(s: &mut TcpStream, within: Duration) -> (Vec<u8>, bool) {

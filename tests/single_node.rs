@@ -11,19 +11,6 @@ use mailroom::config::Strategy;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 
-async fn forward_to(
-    n: &mailroom::node::RunningNode,
-    a: &Agent,
-    key: &mailroom::didcomm::keys::KeyPair,
-    text: &str,
-) -> u16 {
-    let g = a.grant.clone().expect("mediated");
-    Sender::new()
-        .forward(&n.public_url(), &basic_message(text), &key.verkey(), &g.routing_keys)
-        .await
-        .expect("forward POST")
-}
-
 #[actix_rt::test]
 async fn onboarding_mediation_and_keylist() {
     let dir = tempfile::tempdir().unwrap();
@@ -1043,19 +1030,6 @@ async fn a_message_the_endpoint_refuses_does_not_hold_back_the_others() {
     );
     assert_eq!(queue_depth(&n).await, 1);
     handle.stop(true).await;
-}
-
-/// A wallet of `n` whose DID document names `endpoint`, mediated, with one recipient key.
-async fn wallet_at_endpoint(
-    n: &mailroom::node::RunningNode,
-    endpoint: &str,
-) -> (Agent, mailroom::didcomm::keys::KeyPair) {
-    let inv = invitation(n).await;
-    let mut a = Agent::connect_with_endpoint(&inv, Some(endpoint)).await.unwrap();
-    a.mediate().await.unwrap();
-    let k = a.new_recipient_key();
-    a.keylist_update(&[k.did_key()], &[]).await.unwrap();
-    (a, k)
 }
 
 /// Forwards `m0`, `m1`, ... to `k`, each accepted.

@@ -375,3 +375,28 @@ pub fn endpoint_stub(
     actix_rt::spawn(server);
     (endpoint, handle)
 }
+
+/// A basic message `text` forwarded to `key` of mediated wallet `a` through `n`'s routing
+/// keys; the forward POST's status.
+pub async fn forward_to(n: &RunningNode, a: &Agent, key: &mailroom::didcomm::keys::KeyPair, text: &str) -> u16 {
+    let g = a.grant.clone().expect("mediated");
+    mailroom::client::Sender::new()
+        .forward(
+            &n.public_url(),
+            &mailroom::client::basic_message(text),
+            &key.verkey(),
+            &g.routing_keys,
+        )
+        .await
+        .expect("forward POST")
+}
+
+/// A wallet of `n` whose DID document names `endpoint`, mediated, with one recipient key.
+pub async fn wallet_at_endpoint(n: &RunningNode, endpoint: &str) -> (Agent, mailroom::didcomm::keys::KeyPair) {
+    let inv = invitation(n).await;
+    let mut a = Agent::connect_with_endpoint(&inv, Some(endpoint)).await.unwrap();
+    a.mediate().await.unwrap();
+    let k = a.new_recipient_key();
+    a.keylist_update(&[k.did_key()], &[]).await.unwrap();
+    (a, k)
+}
