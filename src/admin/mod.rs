@@ -13,7 +13,7 @@ pub mod loopback;
 pub mod page;
 mod server;
 
-pub use server::serve;
+pub use server::{serve, MIN_CLIENT_TIMEOUT};
 
 use crate::protocols::now_ms;
 use crate::registry::{Count, ListSessions};
