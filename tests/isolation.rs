@@ -352,6 +352,57 @@ async fn a_handshake_holds_only_the_key_it_proved() {
     assert_eq!(v["connections"].as_array().unwrap().len(), 2, "{v}");
 }
 
+/// A handshake request from a key that already has a connection is refused (409 `key-taken`)
+/// before its invitation is claimed: a single-use invitation it names stays usable by the
+/// client it was made for. Before, the key check skipped the sender's own key (the one key a
+/// handshake stores), so the invitation was used up and then the store refused the key: the
+/// invitation's client got 410 `invitation-used`. A wallet with a connection (or anyone who
+/// held its key and knew the invitation's id) could burn invitations the operator minted.
+#[actix_rt::test]
+async fn a_handshake_from_a_key_with_a_connection_leaves_a_single_use_invitation_unused() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let (a, _) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let legacy = did::legacy_did_from_verkey(&a.key.public_bytes());
+    let doc = did::legacy_diddoc(&legacy, &a.key.verkey(), &["http://127.0.0.1:9/".into()], &[]);
+    for protocol in ["didexchange", "connections"] {
+        let (st, body) = post_raw(&format!("{}/invitations", n.admin_url()), "application/json", vec![]).await;
+        assert_eq!(st, 201, "{body}");
+        let minted: Value = serde_json::from_str(&body).unwrap();
+        let inv = mailroom::client::Invitation::from_url(minted["invitation_url"].as_str().unwrap()).unwrap();
+        let req = if protocol == "didexchange" {
+            json!({
+                "@type": format!("{DIDEXCHANGE}/request"),
+                "@id": new_id(),
+                "label": "again",
+                "did": legacy,
+                "did_doc~attach": { "@id": new_id(), "mime-type": "application/json", "data": { "base64": b64(&doc) } },
+                "~thread": { "pthid": inv.id },
+                "~transport": { "return_route": "all" },
+            })
+        } else {
+            json!({
+                "@type": "https://didcomm.org/connections/1.0/request",
+                "@id": new_id(),
+                "label": "again",
+                "connection": { "DID": legacy, "DIDDoc": doc },
+                "~thread": { "pthid": inv.id },
+                "~transport": { "return_route": "all" },
+            })
+        };
+        let (status, code) = refused_both_ways(
+            pack(&req, &inv.recipient_key, Some(&a.key)),
+            &n.public_url(),
+            &ws_url(&n),
+        )
+        .await;
+        assert_eq!((status, code.as_str()), (409, "key-taken"), "{protocol}");
+        Agent::connect(&inv)
+            .await
+            .unwrap_or_else(|e| panic!("the invitation's own client, after a refused {protocol} request: {e}"));
+    }
+}
+
 /// A captured authenticated message acts once. The attacker holds a copy of what the victim
 /// sent (a leaked log, a capture): a ping that bound the victim's socket, and a pickup 1.0
 /// `batch-pickup`, whose batch is removed once written back. Replayed over HTTP and on the

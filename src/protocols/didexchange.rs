@@ -82,15 +82,21 @@ pub(crate) fn proven_sender(ctx: &Inbound, doc: &ResolvedDoc) -> Result<String, 
     }
 }
 
-/// The proven sender key of a handshake request ([`proven_sender`]), once no other key its
-/// document lists belongs to another connection (409 `key-taken`): checked before the
-/// invitation is claimed, so a refused request leaves a single-use invitation unused.
+/// The proven sender key of a handshake request ([`proven_sender`]), once no key its document
+/// lists, the sender's own included, belongs to a connection (409 `key-taken`): checked before
+/// the invitation is claimed, so a refused request leaves a single-use invitation unused. The
+/// sender's key is the one a handshake stores: skipped here, the store refused it only after
+/// the claim, and a key that already had a connection used up the invitation it named.
 pub(crate) async fn proven_unheld_sender(
     m: &Mediator,
     ctx: &Inbound,
     doc: &ResolvedDoc,
 ) -> Result<String, HandleError> {
     let sender = proven_sender(ctx, doc)?;
+    // The sender's connection, if it has one, was found by its key before the handler ran.
+    if ctx.conn.is_some() {
+        return Err(HandleError::KeyTaken(sender));
+    }
     for k in doc.recipient_keys.iter().filter(|k| **k != sender) {
         if m.store.connection_by_their_verkey(k).await?.is_some() {
             return Err(HandleError::KeyTaken(k.clone()));
