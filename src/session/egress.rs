@@ -29,6 +29,7 @@ use parking_lot::RwLock;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -283,30 +284,86 @@ fn store_hosts(url: &str) -> Vec<(String, u16)> {
     out
 }
 
-/// How long the addresses of a store named by a host name are trusted before a dial resolves
-/// the name again ([`StoreNames`]).
+/// How long the addresses of a store named by a host name are trusted before they are
+/// resolved again ([`StoreNames`]).
 const STORE_NAMES_REFRESH: Duration = Duration::from_secs(60);
 
-/// The store's servers named by host names ([`EgressPolicy::add_store`]): resolved before a
-/// dial when last resolved [`STORE_NAMES_REFRESH`] ago or never, and every address found
-/// refused from then on (never taken out: the server may still answer there). A dial waits
-/// for a resolution under way, so none goes out before the first one is known.
+/// The longest a background resolution of the store's names may take before the next dial
+/// may start another (the system resolver's own timeouts end it well before).
+const STORE_NAMES_LOOKUP_LIMIT: Duration = Duration::from_secs(60);
+
+/// How a store's name is resolved: the system resolver, or a test's.
+type Lookup = Arc<dyn Fn(String, u16) -> LocalBoxFuture<'static, std::io::Result<Vec<SocketAddr>>> + Send + Sync>;
+
+fn system_lookup() -> Lookup {
+    Arc::new(|host, port| Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) }))
+}
+
+/// The store's servers named by host names ([`EgressPolicy::add_store`]), and every address
+/// they were found at, refused from then on (never taken out: the server may still answer
+/// there).
+///
+/// The first dial waits for the first resolution, so none goes out before the store's
+/// addresses are known. After it, a dial never waits on DNS: once the addresses are
+/// [`STORE_NAMES_REFRESH`] old, the next dial starts one resolution in the background and goes
+/// on with what is known. Resolved inside every dial under a lock, a slow resolver for the
+/// store's name had held every endpoint POST of the node for as long as it took, every minute.
 struct StoreNames {
     names: Vec<(String, u16)>,
-    resolved_at: tokio::sync::Mutex<Option<std::time::Instant>>,
+    lookup: Lookup,
+    refresh_every: Duration,
+    /// Held by the dial that makes the first resolution; `true` once it is made.
+    first: tokio::sync::Mutex<bool>,
+    first_made: AtomicBool,
+    /// When the last resolution ended.
+    resolved_at: parking_lot::Mutex<Option<std::time::Instant>>,
+    /// A background resolution is under way.
+    refreshing: AtomicBool,
 }
 
 impl StoreNames {
-    async fn refresh(&self, policy: &RwLock<EgressPolicy>) {
+    fn new(names: Vec<(String, u16)>, lookup: Lookup, refresh_every: Duration) -> StoreNames {
+        StoreNames {
+            names,
+            lookup,
+            refresh_every,
+            first: tokio::sync::Mutex::new(false),
+            first_made: AtomicBool::new(false),
+            resolved_at: parking_lot::Mutex::new(None),
+            refreshing: AtomicBool::new(false),
+        }
+    }
+
+    /// Run by every dial once its own host is resolved, before its addresses are judged.
+    async fn before_dial(self: &Arc<Self>, policy: &Arc<RwLock<EgressPolicy>>) {
         if self.names.is_empty() {
             return;
         }
-        let mut at = self.resolved_at.lock().await;
-        if at.is_some_and(|t| t.elapsed() < STORE_NAMES_REFRESH) {
+        if !self.first_made.load(Ordering::Acquire) {
+            let mut made = self.first.lock().await;
+            if !*made {
+                self.resolve(policy).await;
+                *made = true;
+                self.first_made.store(true, Ordering::Release);
+            }
             return;
         }
+        let stale = self
+            .resolved_at
+            .lock()
+            .map_or(true, |t| t.elapsed() >= self.refresh_every);
+        if stale && !self.refreshing.swap(true, Ordering::AcqRel) {
+            let (me, policy) = (self.clone(), policy.clone());
+            actix_rt::spawn(async move {
+                let _ = tokio::time::timeout(STORE_NAMES_LOOKUP_LIMIT, me.resolve(&policy)).await;
+                me.refreshing.store(false, Ordering::Release);
+            });
+        }
+    }
+
+    async fn resolve(&self, policy: &RwLock<EgressPolicy>) {
         for (host, port) in &self.names {
-            match tokio::net::lookup_host((host.as_str(), *port)).await {
+            match (self.lookup)(host.clone(), *port).await {
                 Ok(addrs) => {
                     let mut p = policy.write();
                     for a in addrs {
@@ -318,7 +375,7 @@ impl StoreNames {
                 }
             }
         }
-        *at = Some(std::time::Instant::now());
+        *self.resolved_at.lock() = Some(std::time::Instant::now());
     }
 }
 
@@ -373,7 +430,7 @@ impl Service<ConnectInfo<Uri>> for GuardedConnector {
         let tcp = self.tcp;
         Box::pin(async move {
             let mut req = resolve.await?;
-            store_names.refresh(&policy).await;
+            store_names.before_dial(&policy).await;
             let (ok, reasons) = policy.read().filter(req.take_addrs());
             if ok.is_empty() {
                 let refused = Refused {
@@ -414,10 +471,11 @@ thread_local! {
 impl Egress {
     /// `extra_roots`: DER certificates trusted beside the webpki roots (`delivery.ca_file`).
     pub fn new(policy: EgressPolicy, timeout: Duration, extra_roots: &[Vec<u8>]) -> Result<Egress, String> {
-        let store_names = Arc::new(StoreNames {
-            names: policy.store_names.clone(),
-            resolved_at: tokio::sync::Mutex::new(None),
-        });
+        let store_names = Arc::new(StoreNames::new(
+            policy.store_names.clone(),
+            system_lookup(),
+            STORE_NAMES_REFRESH,
+        ));
         Ok(Egress {
             policy: Arc::new(RwLock::new(policy)),
             store_names,
@@ -730,6 +788,80 @@ mod tests {
             policy().refusing_private(true).check(a("[64:ff9b::5db8:d822]:443")),
             Ok(())
         );
+    }
+
+    /// A store name's lookups: the first answers `first` at once; each later one waits for
+    /// `later` to be notified and answers `then`. Counts the lookups.
+    fn scripted_lookup(
+        first: &str,
+        then: &str,
+        later: Arc<tokio::sync::Notify>,
+    ) -> (Lookup, Arc<std::sync::atomic::AtomicUsize>) {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (first, then, counted) = (a(first), a(then), calls.clone());
+        let lookup: Lookup = Arc::new(move |_, _| {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            let later = later.clone();
+            Box::pin(async move {
+                if n == 0 {
+                    return Ok(vec![first]);
+                }
+                later.notified().await;
+                Ok(vec![then])
+            })
+        });
+        (lookup, calls)
+    }
+
+    /// The first dial waits for the store's name to be resolved; later ones never wait on DNS:
+    /// a stale answer starts one resolution in the background, whose addresses are refused
+    /// once it ends. Resolved inside every dial, a resolver that took its time held every
+    /// endpoint POST of the node as long (here: for ever).
+    #[actix_rt::test]
+    async fn a_dial_never_waits_on_a_refresh_of_the_stores_name() {
+        let later = Arc::new(tokio::sync::Notify::new());
+        let (lookup, calls) = scripted_lookup("10.0.0.5:6432", "10.0.0.6:6432", later.clone());
+        let names = Arc::new(StoreNames::new(
+            vec![("db.internal".into(), 6432)],
+            lookup,
+            Duration::ZERO,
+        ));
+        let policy = Arc::new(RwLock::new(EgressPolicy::default()));
+        names.before_dial(&policy).await;
+        assert_eq!(
+            policy.read().check(a("10.0.0.5:6432")),
+            Err(Refusal::Store(a("10.0.0.5:6432"))),
+            "the first dial goes out once the store's addresses are known"
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        for round in 0..6 {
+            tokio::time::timeout(Duration::from_secs(10), names.before_dial(&policy))
+                .await
+                .expect("a dial waited on the resolution of the store's name");
+            if round == 2 {
+                // The background resolution has begun (it is stuck in the resolver).
+                while calls.load(Ordering::SeqCst) < 2 {
+                    assert!(tokio::time::Instant::now() < deadline, "no refresh was started");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "one resolution under way, not one per dial"
+        );
+        assert_eq!(policy.read().check(a("10.0.0.6:6432")), Ok(()));
+        later.notify_one();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while policy.read().check(a("10.0.0.6:6432")).is_ok() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the refresh's address was never refused"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[test]
