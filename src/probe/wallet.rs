@@ -756,9 +756,12 @@ mod tests {
         let stub = ws_stub::start(Behaviour::Ping(Duration::from_millis(300))).await;
         let w = offline_wallet();
         let mut s = w.socket(&stub.url).await.unwrap();
-        // The check's gap: over a second (four pings) in which nothing reads the socket.
-        wait_for("four pings, or the socket dropped", || {
-            stub.pings() >= 4 || stub.dropped()
+        // The check's gap: over two seconds (eight pings) in which nothing reads the socket,
+        // longer than the stub lets pongs stop (MISSED_PONGS pings) before it drops a client.
+        const PINGS: usize = 8;
+        const _: () = assert!(PINGS > ws_stub::MISSED_PONGS + 1);
+        wait_for("eight pings, or the socket dropped", || {
+            stub.pings() >= PINGS || stub.dropped()
         })
         .await;
         assert!(!stub.dropped(), "the stub closed the socket for a missed pong");

@@ -1,6 +1,6 @@
 //! A stand-in for a mediator's WebSocket in the probe's unit tests: a server on 127.0.0.1:0,
 //! written on the WebSocket codec alone (no session code), that behaves as the test asks:
-//! pings on a period and drops a client that misses a pong (as ACA-Py does), or sends bytes
+//! pings on a period and drops a client whose pongs stop (as ACA-Py does), or sends bytes
 //! the probe cannot read. Test-only.
 
 use actix_http::ws;
@@ -14,8 +14,9 @@ use tokio::net::{TcpListener, TcpStream};
 /// What the stub does once a client's socket is open.
 #[derive(Clone)]
 pub(crate) enum Behaviour {
-    /// Pings every period and echoes text and binary frames; a ping still unanswered when
-    /// the next one is due closes the socket (policy violation).
+    /// Pings every period and echoes text and binary frames; [`MISSED_PONGS`] pings in a row
+    /// unanswered when the next one is due close the socket (policy violation): no pong for
+    /// that many periods, as ACA-Py (1.5 s) with a period of 300 ms.
     Ping(Duration),
     /// Writes these bytes as they are (a frame of the test's making), then only reads.
     Raw(Vec<u8>),
@@ -105,27 +106,36 @@ async fn handshake(tcp: &mut TcpStream) -> Option<()> {
     tcp.write_all(answer.as_bytes()).await.ok()
 }
 
+/// Pings in a row a client may leave unanswered before the next tick drops it. More than one:
+/// the stub shares a thread with the client, and after a stall of the thread its tick may run
+/// before the client's pong (already on the socket) is read; a client that answers none is
+/// dropped all the same.
+pub(crate) const MISSED_PONGS: usize = 5;
+
 async fn ping(tcp: TcpStream, every: Duration, pings: &AtomicUsize, dropped: &AtomicBool) {
     let mut framed = actix_codec::Framed::new(tcp, ws::Codec::new());
     let mut tick = tokio::time::interval(every);
-    let mut unanswered = false;
+    // After a stall, one tick at once and then a period apart (not a burst of the missed ones):
+    // the client gets a period to answer each ping.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut unanswered = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if unanswered {
+                if unanswered >= MISSED_PONGS {
                     dropped.store(true, Ordering::SeqCst);
                     let reason = (ws::CloseCode::Policy, "missed pong").into();
                     let _ = framed.send(ws::Message::Close(Some(reason))).await;
                     return;
                 }
-                unanswered = true;
+                unanswered += 1;
                 pings.fetch_add(1, Ordering::SeqCst);
                 if framed.send(ws::Message::Ping("stub".into())).await.is_err() {
                     return;
                 }
             }
             frame = framed.next() => match frame {
-                Some(Ok(ws::Frame::Pong(_))) => unanswered = false,
+                Some(Ok(ws::Frame::Pong(_))) => unanswered = 0,
                 Some(Ok(ws::Frame::Text(t))) => {
                     let _ = framed.send(ws::Message::Text(String::from_utf8_lossy(&t).into_owned().into())).await;
                 }
@@ -136,5 +146,31 @@ async fn ping(tcp: TcpStream, every: Duration, pings: &AtomicUsize, dropped: &At
                 Some(Ok(_)) => {}
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::wallet::wait_for;
+
+    /// A client that answers no ping is dropped once [`MISSED_PONGS`] pings went unanswered
+    /// (what makes the wallet's test of a socket kept open able to fail).
+    #[actix_rt::test]
+    async fn a_client_that_never_answers_is_dropped() {
+        let stub = start(Behaviour::Ping(Duration::from_millis(100))).await;
+        let mut tcp = TcpStream::connect(stub.url.trim_start_matches("ws://").trim_end_matches('/'))
+            .await
+            .unwrap();
+        // The upgrade, then nothing: the client never reads, so never answers a ping.
+        tcp.write_all(
+            b"GET / HTTP/1.1\r\nHost: stub\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        wait_for("the silent client dropped", || stub.dropped()).await;
+        assert_eq!(stub.pings(), MISSED_PONGS, "dropped after as many unanswered pings");
+        drop(tcp);
     }
 }
