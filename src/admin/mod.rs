@@ -38,6 +38,8 @@ pub struct AdminState {
     pub history: Arc<history::History>,
     /// The store's health as `/ready` last asked it, and when (see [`READY_HEALTH_KEPT`]).
     ready_health: tokio::sync::Mutex<Option<(Instant, bool)>>,
+    /// How many audit lines of refused (401) operator actions may be written now.
+    refused_audit: ops::RefusedAudit,
 }
 
 /// How long `/ready` answers the store's health from its last check. `/ready` takes no token
@@ -62,6 +64,7 @@ impl AdminState {
             drained_at_ms: AtomicI64::new(0),
             history: Arc::new(history::History::default()),
             ready_health: tokio::sync::Mutex::new(None),
+            refused_audit: ops::RefusedAudit::default(),
         }
     }
 }

@@ -67,14 +67,62 @@ async fn operator(
     act: impl Future<Output = Outcome>,
 ) -> HttpResponse {
     if let Some(refused) = unauthorized(req, st) {
-        let outcome = json!({"error": "unauthorized"});
-        audit(req, st, false, action, connection, StatusCode::UNAUTHORIZED, &outcome);
+        st.shared.metrics.rejected("admin-unauthorized", "none");
+        if let Some(not_written) = st.refused_audit.admit(std::time::Instant::now()) {
+            let mut outcome = json!({"error": "unauthorized"});
+            if not_written > 0 {
+                outcome["refused_not_written_before"] = json!(not_written);
+            }
+            audit(req, st, false, action, connection, StatusCode::UNAUTHORIZED, &outcome);
+        }
         return refused;
     }
     let outcome = act.await;
     let logged = outcome.logged.as_ref().unwrap_or(&outcome.body);
     audit(req, st, true, action, connection, outcome.status, logged);
     HttpResponse::build(outcome.status).json(outcome.body)
+}
+
+/// Audit lines of refused (401) actions written at most: a burst of this many, then one a
+/// second ([`RefusedAudit`]).
+const REFUSED_AUDIT_BURST: u32 = 20;
+const REFUSED_AUDIT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The budget of audit lines for refused actions. Anyone who reaches the admin listener can
+/// send 401s as fast as it answers them, and each wrote a line: a loop of wrong tokens filled
+/// the node's log (and its disk) at thousands of lines a second. Lines beyond the budget are
+/// counted, and the next line written says how many were not (`refused_not_written_before`);
+/// every refusal also counts in `mailroom_rejected_total{reason="admin-unauthorized"}`.
+/// Actions that showed the token are always written.
+#[derive(Default)]
+pub(super) struct RefusedAudit(parking_lot::Mutex<RefusedBudget>);
+
+#[derive(Default)]
+struct RefusedBudget {
+    /// Lines written at once from here: refilled one per [`REFUSED_AUDIT_EVERY`] since `at`.
+    spent: u32,
+    at: Option<std::time::Instant>,
+    not_written: u64,
+}
+
+impl RefusedAudit {
+    /// Whether a refused action's line is written at `now`: `Some(lines not written since the
+    /// last one)`, or `None` (counted).
+    pub(super) fn admit(&self, now: std::time::Instant) -> Option<u64> {
+        let mut b = self.0.lock();
+        let at = *b.at.get_or_insert(now);
+        let refilled = (now.saturating_duration_since(at).as_millis() / REFUSED_AUDIT_EVERY.as_millis()) as u32;
+        if refilled > 0 {
+            b.spent = b.spent.saturating_sub(refilled);
+            b.at = Some(at + REFUSED_AUDIT_EVERY * refilled);
+        }
+        if b.spent >= REFUSED_AUDIT_BURST {
+            b.not_written += 1;
+            return None;
+        }
+        b.spent += 1;
+        Some(std::mem::take(&mut b.not_written))
+    }
 }
 
 /// Who acts: the token's label when a token guards the listener, else the peer address; one
@@ -383,5 +431,33 @@ async fn reload_now(st: &AdminState) -> Outcome {
             "restart_needed": r.restart_needed,
         })),
         Err(e) => Outcome::refused(StatusCode::BAD_REQUEST, "reload-refused", format!("{e:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn refused_actions_are_written_in_a_burst_then_one_a_second_and_the_rest_counted() {
+        let audit = RefusedAudit::default();
+        let t0 = Instant::now();
+        for i in 0..REFUSED_AUDIT_BURST {
+            assert_eq!(audit.admit(t0), Some(0), "line {i} of the burst");
+        }
+        for _ in 0..10 {
+            assert_eq!(audit.admit(t0 + Duration::from_millis(999)), None);
+        }
+        // A second on: one line, which says how many were not written.
+        assert_eq!(audit.admit(t0 + Duration::from_secs(1)), Some(10));
+        assert_eq!(audit.admit(t0 + Duration::from_millis(1_500)), None);
+        assert_eq!(audit.admit(t0 + Duration::from_secs(2)), Some(1));
+        // Quiet for a while: a whole burst again.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..REFUSED_AUDIT_BURST {
+            assert_eq!(audit.admit(later), Some(0));
+        }
+        assert_eq!(audit.admit(later), None);
     }
 }
