@@ -224,7 +224,10 @@ async fn burst_gives_one_push_now_and_one_trailing() {
         hits[1].at >= started + window - Duration::from_millis(50),
         "the trailing push waits for the window"
     );
-    if burst < window {
+    // The window runs from the node's first event, later than `started`, and an event is
+    // recorded after its forward was answered: only a burst well inside the window is sure
+    // to have been folded whole.
+    if burst < window / 2 {
         assert_eq!(
             hits[1].body["message"]["data"]["message_count"], "30",
             "the trailing push counts every message"
@@ -242,9 +245,10 @@ async fn burst_gives_one_push_now_and_one_trailing() {
         tokio::time::sleep(window + Duration::from_millis(500)).await;
         assert_eq!(si.state.hits("fcm:").len(), 2, "one push now, one trailing, no more");
     } else {
-        // A slow machine stretched the burst over several windows: one push per window at most.
+        // A slow machine stretched the burst over several windows: one push per window at most
+        // (and one more for events recorded after the window the test's clock put them in).
         tokio::time::sleep(window + Duration::from_millis(500)).await;
-        let max = 2 + burst.as_millis() / window.as_millis();
+        let max = 3 + burst.as_millis() / window.as_millis();
         assert!(si.state.hits("fcm:").len() as u128 <= max);
     }
 }
@@ -285,13 +289,14 @@ async fn retries_honour_retry_after_then_succeed() {
 }
 
 /// `[push]` at `si` (a 60 s window, the webhook if `webhook`) with one try of 1 s per push, and
-/// the claim that gives: 1 try × 2 requests × 1 s + 5 s = 7 s.
+/// the claim that gives: 1 try × 4 requests (grant, send, and both again after a 401) × 1 s +
+/// 5 s = 9 s.
 fn one_try(si: &StandIn, webhook: bool) -> (mailroom::push::PushConfig, Duration) {
     let mut pc = si.push_config(60, &["proj-a"], webhook);
     pc.max_attempts = 1;
     pc.timeout_ms = 1000;
     let claim = mailroom::push::claim_length(&pc.load().unwrap());
-    assert_eq!(claim, Duration::from_secs(7));
+    assert_eq!(claim, Duration::from_secs(9));
     (pc, claim)
 }
 
@@ -371,16 +376,164 @@ async fn the_webhook_gets_an_event_it_missed_while_the_provider_took_the_push() 
     assert_eq!(fcm.len(), 1, "the wallet is pushed once: {fcm:?}");
 }
 
+/// The `n`th request of `kind` at the stand-in, waited for until `deadline`.
+async fn wait_hits_until(si: &StandIn, kind: &str, n: usize, deadline: Instant) -> Vec<Hit> {
+    loop {
+        let hits = si.state.hits(kind);
+        if hits.len() >= n {
+            return hits;
+        }
+        assert!(Instant::now() < deadline, "{n} {kind} request(s) awaited: {hits:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The webhook sends its answer's head and never its body while FCM takes the push: the
+/// webhook's request ends at `timeout_ms` as one unanswered does, the event is owed to the
+/// webhook (sent again a claim length later, with the same id), and the wallet is pushed once.
+/// Before, awc's timeout ended at the head and the body was waited for without end: the push
+/// was cut off at its budget as unsent, its claim ran out and was taken again, and the wallet
+/// was pushed through FCM again every claim length.
+#[actix_rt::test]
+async fn a_webhook_that_never_sends_its_answers_body_does_not_push_the_wallet_again() {
+    let si = StandIn::start();
+    let (pc, claim) = one_try(&si, true);
+    si.state.script("hook", vec![Reply::new(200, json!({})).stalled_body()]);
+    let (_dir, n, _store) = EventAnswerLost::node(pc, false).await;
+    let (a, k, _) = registered_wallet(&n, "webhook-stalled").await;
+    let sent = Instant::now();
+    forward(&n, &a, &k, "x").await;
+    let hooks = wait_hits_until(&si, "hook", 2, sent + claim + WAIT).await;
+    assert_clean(&hooks);
+    assert_eq!(
+        hooks[0].body["event_id"], hooks[1].body["event_id"],
+        "the webhook gets the same push again"
+    );
+    assert!(
+        hooks[1].at.duration_since(sent) >= claim - Duration::from_secs(1),
+        "sent again {:?} after the forward: before a claim length",
+        hooks[1].at.duration_since(sent)
+    );
+    // A push taken again would have asked FCM beside the webhook: give it room to show.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let fcm = si.state.hits("fcm:");
+    assert_clean(&fcm);
+    assert_eq!(fcm.len(), 1, "the wallet is pushed once: {fcm:?}");
+    assert_eq!(si.state.hits("hook").len(), 2);
+    assert_eq!(
+        metric(&n, "mailroom_push_total{provider=\"webhook\",result=\"gave_up\"}").await,
+        1.0,
+        "the stalled answer ended the webhook's only try"
+    );
+}
+
+/// Without a window (`min_interval_secs = 0`) and with one send slot, FCM sends the head of the
+/// first push's answer and never its body: the request ends at `timeout_ms` and the push is
+/// tried again, and the next wallet's push goes out. Before, the first push waited for the body
+/// without end, holding the node's only send slot: no push of the node went out again.
+#[actix_rt::test]
+async fn a_provider_that_never_sends_its_answers_body_does_not_hold_the_send_slot() {
+    let si = StandIn::start();
+    si.state.script(
+        "fcm:proj-a",
+        vec![Reply::new(200, json!({"name": "projects/p/messages/0"})).stalled_body()],
+    );
+    let mut pc = si.push_config(0, &["proj-a"], false);
+    pc.max_in_flight = 1;
+    pc.timeout_ms = 1000;
+    pc.max_attempts = 2;
+    let (_dir, n, _store) = EventAnswerLost::node(pc, false).await;
+    let (a, ka, _) = registered_wallet(&n, "stalled-first").await;
+    let (b, kb, _) = registered_wallet(&n, "pushed-next").await;
+    forward(&n, &a, &ka, "a").await;
+    eventually("the first push's answer stalled at the stand-in", || async {
+        si.state.arrived.lock().iter().any(|k| k == "fcm:proj-a").then_some(())
+    })
+    .await;
+    forward(&n, &b, &kb, "b").await;
+    let hits = eventually("the stalled push tried again and the next wallet pushed", || async {
+        let hits = si.state.hits("fcm:");
+        let of = |t: &str| hits.iter().filter(|h| h.body["message"]["token"] == t).count();
+        (of("stalled-first") >= 2 && of("pushed-next") >= 1).then_some(hits)
+    })
+    .await;
+    assert_clean(&hits);
+    eventually("both pushes counted sent", || async {
+        (metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"sent\"}").await == 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"retry\"}").await,
+        1.0,
+        "the stalled answer retried once"
+    );
+}
+
+/// A push whose access token FCM refuses (401: a token revoked before its expiry) takes four
+/// requests: the grant, the send answered 401, a new grant, the send again. With slow
+/// endpoints (each answers after 1.2 s, `timeout_ms = 2000`, one try) that is about 4.8 s,
+/// within a budget that counts four requests per FCM project (8 s). Before, the budget counted
+/// two (4 s): the push was cut off during its second send, and the wallet was pushed only once
+/// its claim had run out and the push was taken again (a third send).
+#[actix_rt::test]
+async fn a_push_sent_again_after_a_401_fits_its_budget() {
+    let si = StandIn::start();
+    let slow = Duration::from_millis(1200);
+    si.state
+        .script("token", vec![Reply::new(200, json!({})).delayed(slow); 2]);
+    si.state.script(
+        "fcm:proj-a",
+        vec![
+            Reply::new(401, json!({"error": {"code": 401, "status": "UNAUTHENTICATED"}})).delayed(slow),
+            Reply::new(200, json!({"name": "projects/p/messages/0"})).delayed(slow),
+        ],
+    );
+    let mut pc = si.push_config(60, &["proj-a"], false);
+    pc.max_attempts = 1;
+    pc.timeout_ms = 2000;
+    let claim = mailroom::push::claim_length(&pc.load().unwrap());
+    let (_dir, n, _store) = EventAnswerLost::node(pc, false).await;
+    let (a, k, _) = registered_wallet(&n, "revoked-access-token").await;
+    let sent = Instant::now();
+    forward(&n, &a, &k, "x").await;
+    let deadline = sent + claim + WAIT;
+    loop {
+        if metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"sent\"}").await == 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the push was never sent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = sent.elapsed();
+    let arrived = |kind: &str| si.state.arrived.lock().iter().filter(|k| *k == kind).count();
+    assert_eq!(
+        (arrived("token"), arrived("fcm:proj-a")),
+        (2, 2),
+        "two grants and two sends, no push taken again ({took:?})"
+    );
+    assert!(
+        took < claim - Duration::from_secs(1),
+        "sent {took:?} after the forward: not before its claim ({claim:?}) ran out"
+    );
+    let hits = si.state.hits("fcm:");
+    assert_clean(&hits);
+    assert_eq!(hits.iter().map(|h| h.status).collect::<Vec<_>>(), [401, 200]);
+    assert_eq!(
+        metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"gave_up\"}").await,
+        0.0
+    );
+}
+
 /// A provider's `Retry-After` longer than the node retries (FCM's 429 for a spent quota) is
 /// honoured across the push's claims: the push is taken again each time its claim runs out
-/// (7 s here), and asks FCM nothing until the 12 s it was told have passed. Before, each
+/// (9 s here), and asks FCM nothing until the 14 s it was told have passed. Before, each
 /// claim asked again: for an hour's `Retry-After`, ten requests per offline wallet.
 #[actix_rt::test]
 async fn a_long_retry_after_holds_the_push_across_its_claims() {
     let si = StandIn::start();
     let (pc, _claim) = one_try(&si, false);
-    // Past one claim (the retake at 7-8 s is held), short of two (sent at the 14-15 s retake).
-    let told = Duration::from_secs(12);
+    // Past one claim (the retake at 9-10 s is held), short of two (sent at the 18-19 s retake).
+    let told = Duration::from_secs(14);
     si.state.script(
         "fcm:proj-a",
         vec![Reply::new(
@@ -392,7 +545,7 @@ async fn a_long_retry_after_holds_the_push_across_its_claims() {
     let (_dir, n, _store) = EventAnswerLost::node(pc, false).await;
     let (a, k, _) = registered_wallet(&n, "held-by-retry-after").await;
     forward(&n, &a, &k, "x").await;
-    // Longer than `wait_hits` waits: the push goes out at the second retake, ~15 s in.
+    // Longer than `wait_hits` waits: the push goes out at the second retake, ~19 s in.
     let deadline = Instant::now() + Duration::from_secs(60);
     let hits = loop {
         let hits = si.state.hits("fcm:");
@@ -587,15 +740,18 @@ async fn a_push_refused_for_the_operators_setup_is_tried_again() {
     }
 }
 
-/// A push that waits to be tried again (FCM answered 503, try again in 3 s) finds the wallet
+/// A push that waits to be tried again (FCM answered 503, try again in 10 s) finds the wallet
 /// back meanwhile (a live socket): it is dropped, not sent to a wallet that is awake. Before,
 /// only the first try looked, and the retry pushed a wallet reading its mail.
 #[actix_rt::test]
 async fn a_push_retried_after_the_wallet_came_back_is_not_sent() {
     let si = StandIn::start();
-    let busy = Reply::new(503, json!({"error": {"status": "UNAVAILABLE"}})).retry_after("3");
+    // Ten seconds for the wallet to come back on a loaded box, taken as a wait, not a give-up.
+    let busy = Reply::new(503, json!({"error": {"status": "UNAVAILABLE"}})).retry_after("10");
     si.state.script("fcm:proj-a", vec![busy]);
-    let (_d, n, a, k) = push_node(&si, 0, &["proj-a"], false).await;
+    let mut pc = si.push_config(0, &["proj-a"], false);
+    pc.retry_max_ms = 20_000;
+    let (_d, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, move |c| c.push = Some(pc)).await;
     set_device(&a, FCM, json!("back-meanwhile-token"), Some("android")).await;
     forward(&n, &a, &k, "x").await;
     let first = wait_hits(&si, "fcm:", 1).await;
@@ -603,10 +759,17 @@ async fn a_push_retried_after_the_wallet_came_back_is_not_sent() {
     let mut ws = live_socket_at(&a, &ws_url(&n)).await;
     let d = ws_next_message(&a, &mut ws).await;
     assert_eq!(type_name(&d), "delivery", "the wallet back: {d}");
-    eventually("the retry finding the wallet back", || async {
-        (metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"online\"}").await == 1.0).then_some(())
-    })
-    .await;
+    assert!(
+        first[0].at.elapsed() < Duration::from_secs(10),
+        "the wallet came back after the retry was due ({:?}): the test proves nothing",
+        first[0].at.elapsed()
+    );
+    // The retry is due 10 s after the 503, a wait of its own beyond `eventually`'s.
+    let deadline = first[0].at + Duration::from_secs(10) + WAIT;
+    while metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"online\"}").await != 1.0 {
+        assert!(Instant::now() < deadline, "no retry found the wallet back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(si.state.hits("fcm:").len(), 1, "no push to a wallet that is back");
 }
 
@@ -1121,9 +1284,9 @@ async fn a_quiet_session_closing_with_mail_queued_pushes() {
 #[actix_rt::test]
 async fn one_token_refresh_in_flight_and_renewal_before_expiry() {
     let si = StandIn::start();
-    // Renewed 300 s before expiry: a 306 s token is good for six seconds (room for the eight
+    // Renewed 300 s before expiry: a 310 s token is good for ten seconds (room for the eight
     // pushes to start on a loaded box before it is due).
-    *si.state.expires_in.lock() = 306;
+    *si.state.expires_in.lock() = 310;
     let (_d, n, a, k) = push_node(&si, 0, &["proj-a"], false).await;
     set_device(&a, FCM, json!("token-refresh"), Some("android")).await;
     // Eight wallets, one message each: a wallet's own events fold while its push is under way.
@@ -1140,9 +1303,9 @@ async fn one_token_refresh_in_flight_and_renewal_before_expiry() {
     assert_clean(&hits);
     assert_eq!(si.state.hits("token").len(), 1, "eight concurrent pushes, one grant");
     let first = si.state.hits("token")[0].at;
-    // A second past the six: the node counts them from when it read the answer.
+    // Two seconds past the ten: the node counts them from when it read the answer.
     eventually("the access token is due for renewal", || async {
-        (first.elapsed() > Duration::from_millis(7_000)).then_some(())
+        (first.elapsed() > Duration::from_millis(12_000)).then_some(())
     })
     .await;
     forward(n, &a, &k, "later").await;
@@ -1558,7 +1721,9 @@ async fn cluster_burst_over_nodes_gives_one_push_and_one_trailing() {
     })
     .await;
     let (hits, early, unavailable, seen) = burst_pushes(&si, &[&n1, &n2], started, trailing_from, burst).await;
-    if burst < window {
+    // Only a burst well inside the window (which runs from the node's first event) is sure to
+    // have been folded whole.
+    if burst < window / 2 {
         assert_eq!(
             hits.len(),
             early + 1,
@@ -2521,7 +2686,8 @@ async fn wait_process_ready(p: &NodeProcess) {
 async fn kill_9_of_the_session_node_still_wakes_the_wallet_once() {
     const WINDOW_SECS: u64 = 3;
     // Room for the burst of 20 forwards through two nodes on one shared pool, loaded.
-    const FAILURE_TIMEOUT_MS: u64 = 6_000;
+    const FAILURE_TIMEOUT_MS: u64 = 10_000;
+    const FAILURE_TIMEOUT: Duration = Duration::from_millis(FAILURE_TIMEOUT_MS);
     let si = StandIn::start();
     let db = FreshDb::create().await;
     let dir = tempfile::tempdir().unwrap();
@@ -2571,18 +2737,23 @@ async fn kill_9_of_the_session_node_still_wakes_the_wallet_once() {
         burst < Duration::from_millis(FAILURE_TIMEOUT_MS),
         "the burst ({burst:?}) must land before n1 is found dead"
     );
-    let hits = wait_hits(&si, "fcm:", 1).await;
+    // n1 is found dead a failure timeout after the kill; then n2 takes it over and pushes.
+    let hits = wait_hits_until(&si, "fcm:", 1, killed + FAILURE_TIMEOUT + WAIT).await;
     assert_clean(&hits);
-    let hooks = wait_hits(&si, "hook", 1).await;
+    let hooks = wait_hits_until(&si, "hook", 1, killed + FAILURE_TIMEOUT + WAIT).await;
     assert_eq!(hooks[0].body["node"], "n2", "the lowest node left takes over");
     // Nothing more within the window, nor at its end (no trailing push: no later event).
     tokio::time::sleep(Duration::from_millis(WINDOW_SECS * 1000 + 1_500)).await;
     // n3 notified n1 of the burst: once n3 has found n1 down, it wakes the wallet for it,
     // two failure timeouts later, and finds it pushed since (by n2's take-over).
-    eventually("n3's wake-up for what it notified n1 of", || async {
-        (metric(&n3, "mailroom_push_coalesced_total").await >= 1.0).then_some(())
-    })
-    .await;
+    let deadline = killed + 3 * FAILURE_TIMEOUT + WAIT;
+    while metric(&n3, "mailroom_push_coalesced_total").await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no wake-up from n3 for what it notified n1 of"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(si.state.hits("fcm:").len(), 1, "one push, not one per node");
     assert_eq!(metric(&n3, "mailroom_push_total").await, 0.0, "n3 sent nothing");
     assert_eq!(hits[0].body["message"]["data"]["message_count"], "20");
@@ -2624,7 +2795,9 @@ async fn forwards_per_node(nodes: &[RunningNode]) -> Vec<f64> {
 async fn through_nginx_in_front_of_three_nodes() {
     use common::nginx::Nginx;
     let si = StandIn::start();
-    let window = Duration::from_secs(3);
+    // Roomy: `burst_pushes` wants a single push before the window's end, which a burst longer
+    // than the window (a loaded box) would give more of.
+    let window = Duration::from_secs(6);
     let mut lb = None;
     let c = cluster_with(3, 100, |cfg| {
         cfg.push = Some(si.push_config(window.as_secs(), &["proj-a"], true));
@@ -2660,7 +2833,9 @@ async fn through_nginx_in_front_of_three_nodes() {
     .await;
     let nodes_ref: Vec<&RunningNode> = nodes.iter().collect();
     let (hits, early, _, seen) = burst_pushes(&si, &nodes_ref, started, trailing_from, burst).await;
-    if burst < window {
+    // Only a burst well inside the window (which runs from the node's first event) is sure to
+    // have been folded whole.
+    if burst < window / 2 {
         assert_eq!(
             hits.len(),
             early + 1,

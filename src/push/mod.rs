@@ -135,6 +135,9 @@ pub struct HttpAnswer {
 /// The HTTP client of the push thread (HTTP/2 over TLS where the server offers it).
 pub struct Transport {
     client: awc::Client,
+    /// The longest one request takes, from its send to the last byte of its answer's body
+    /// (`timeout_ms`).
+    timeout: Duration,
 }
 
 impl Transport {
@@ -150,19 +153,33 @@ impl Transport {
             .timeout(timeout)
             .disable_redirects()
             .finish();
-        Ok(Transport { client })
+        Ok(Transport { client, timeout })
     }
 
+    /// One `POST`, bounded as a whole by `timeout_ms`: awc's own timeouts end at the answer's
+    /// head, and an endpoint that sends its head and then never its body would otherwise hold
+    /// the request (its send slot, an FCM project's token lock, a webhook turn) for good.
     pub async fn post(&self, url: &str, headers: Vec<(String, String)>, body: Vec<u8>) -> Result<HttpAnswer, String> {
+        match tokio::time::timeout(self.timeout, self.post_unbounded(url, headers, body)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(format!("{}: no whole answer within {:?}", host_of(url), self.timeout)),
+        }
+    }
+
+    async fn post_unbounded(
+        &self,
+        url: &str,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    ) -> Result<HttpAnswer, String> {
         let mut req = self.client.post(url);
         for (k, v) in &headers {
             req = req.insert_header((k.as_str(), v.as_str()));
         }
-        let host = url::Url::parse(url)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_owned))
-            .unwrap_or_default();
-        let mut resp = req.send_body(body).await.map_err(|e| format!("{host}: {e}"))?;
+        let mut resp = req
+            .send_body(body)
+            .await
+            .map_err(|e| format!("{}: {e}", host_of(url)))?;
         let status = resp.status().as_u16();
         let retry_after_ms = resp
             .headers()
@@ -181,6 +198,14 @@ impl Transport {
             body,
         })
     }
+}
+
+/// The host of `url`, for messages ("" if it has none).
+fn host_of(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// Whether a wallet has a live session anywhere in the cluster (implemented by the node over
@@ -331,16 +356,17 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 pub const CLAIM_MARGIN: Duration = Duration::from_secs(5);
 
 /// The longest a trailing push runs once it holds a slot; past it the push is cut off and its
-/// claim left to run out (a node takes it again). `max_attempts` tries, each at most `2 × max(1, FCM projects)` provider
-/// requests of at most `timeout_ms` (FCM: an access-token grant and the send, per project
-/// tried; APNs: the send and once more on an expired provider token; the webhook, sent beside
-/// the provider: one), and the `max_attempts - 1` waits between tries, each at most
+/// claim left to run out (a node takes it again). `max_attempts` tries, each at most
+/// `max(4 × FCM projects, 2)` provider requests of at most `timeout_ms` (FCM, per project
+/// tried: an access-token grant and the send, and both again when the send is answered 401;
+/// APNs: the send and once more on an expired provider token; the webhook, sent beside the
+/// provider: one), and the `max_attempts - 1` waits between tries, each at most
 /// `retry_max_ms` (a longer `Retry-After` gives up). The checks before the send (session,
 /// registration, queue) count against it too. Defaults, one FCM project:
-/// 5 × 2 × 10 s + 4 × 60 s = 340 s.
+/// 5 × 4 × 10 s + 4 × 60 s = 440 s (APNs or the webhook alone: 5 × 2 × 10 s + 4 × 60 s = 340 s).
 pub fn push_budget(s: &PushSettings) -> Duration {
     let attempts = u64::from(s.max_attempts.max(1));
-    let requests = 2 * (s.fcm.len().max(1) as u64);
+    let requests = (4 * s.fcm.len() as u64).max(2);
     let ms = attempts
         .saturating_mul(requests)
         .saturating_mul(s.timeout_ms)
@@ -349,7 +375,7 @@ pub fn push_budget(s: &PushSettings) -> Duration {
 }
 
 /// How long a node's claim on a trailing push lasts: [`push_budget`] + [`CLAIM_MARGIN`]
-/// (345 s with the defaults). A trailing push whose node died, stopped or failed before
+/// (445 s with the defaults and one FCM project). A trailing push whose node died, stopped or failed before
 /// sending it is taken by another node this long after it was claimed.
 pub fn claim_length(s: &PushSettings) -> Duration {
     push_budget(s) + CLAIM_MARGIN
@@ -486,7 +512,7 @@ struct Owed {
 }
 
 /// Rounds of tries a webhook event owed gets after its first ([`Ctx::owed`]): with the
-/// default claim length (345 s) about an hour.
+/// default claim length (445 s with one FCM project, 345 s without) an hour or so.
 const WEBHOOK_ROUNDS: u32 = 10;
 /// Webhook events owed at most; past it, one more is given up.
 const OWED_MAX: usize = 10_000;
@@ -974,7 +1000,15 @@ async fn on_event(ctx: Rc<Ctx>, conn: String, p: waiting::Pending) -> Option<Cla
             return None;
         };
         folded();
-        push_one(&ctx, &conn, None, at, Some(device)).await;
+        // Bounded as a claimed push is: a push that outlived its budget would keep its slot,
+        // and `max_in_flight` of them every push of the node.
+        let budget = push_budget(&ctx.settings);
+        if tokio::time::timeout(budget, push_one(&ctx, &conn, None, at, Some(device)))
+            .await
+            .is_err()
+        {
+            tracing::warn!(connection = %conn, "push cut off after {budget:?}");
+        }
         return None;
     }
     // The claim runs from `now`, the push's budget from `taken`, both read before the event is
@@ -1397,7 +1431,7 @@ async fn with_retries(ctx: &Ctx, provider: &'static str, ev: &Event, at: Instant
 mod tests {
     use super::*;
 
-    /// The figures the docs and the README give for the defaults.
+    /// The figures the docs and the README give for the defaults without FCM.
     #[test]
     fn a_claim_outlasts_the_push_budget() {
         let c: PushConfig =
@@ -1409,5 +1443,35 @@ mod tests {
         two.max_attempts = 1;
         let s = two.load().unwrap();
         assert_eq!(push_budget(&s), Duration::from_secs(20), "one try: no wait");
+    }
+
+    /// An FCM project may take four requests a try (grant, send answered 401, grant, send);
+    /// a budget of two cut such a push off before its second send.
+    #[test]
+    fn the_push_budget_counts_four_requests_per_fcm_project() {
+        let c: PushConfig =
+            toml::from_str("[webhook]\nurl = \"https://h.example/x\"\nsecret = \"hunter2hunter2hunter2\"\n").unwrap();
+        let mut s = c.load().unwrap();
+        let project = config::FcmProject {
+            account: config::ServiceAccount {
+                project_id: "p".into(),
+                client_email: "e@x".into(),
+                private_key_id: None,
+                private_key: config::Secret(String::new()),
+                token_uri: "https://oauth2.googleapis.com/token".into(),
+            },
+            base_url: "https://fcm.googleapis.com".into(),
+            notification: None,
+            collapse_key: "mailroom".into(),
+        };
+        s.fcm = vec![project.clone()];
+        // The README's figures for the defaults with one FCM project.
+        assert_eq!(push_budget(&s), Duration::from_secs(440));
+        assert_eq!(claim_length(&s), Duration::from_secs(445));
+        s.fcm = vec![project.clone(), project];
+        assert_eq!(push_budget(&s), Duration::from_secs(5 * 8 * 10 + 4 * 60));
+        s.max_attempts = 1;
+        s.fcm.truncate(1);
+        assert_eq!(push_budget(&s), Duration::from_secs(40), "one try: four requests");
     }
 }

@@ -31,6 +31,9 @@ pub struct Reply {
     pub delay: Option<std::time::Duration>,
     /// FCM only: the request is held until the test adds a permit to this gate.
     pub gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// FCM and the webhook: the answer's head (the status, a `Content-Length` of 10) is sent,
+    /// its body never.
+    pub stall_body: bool,
 }
 
 impl Reply {
@@ -41,7 +44,13 @@ impl Reply {
             body,
             delay: None,
             gate: None,
+            stall_body: false,
         }
+    }
+    /// The head sent, the body never (FCM and the webhook): an endpoint that hangs mid-answer.
+    pub fn stalled_body(mut self) -> Reply {
+        self.stall_body = true;
+        self
     }
     /// Held until a permit is added to `gate` (FCM only).
     pub fn held(mut self, gate: &Arc<tokio::sync::Semaphore>) -> Reply {
@@ -259,6 +268,13 @@ fn answer(r: &Reply) -> HttpResponse {
     if let Some(ra) = &r.retry_after {
         b.insert_header(("Retry-After", ra.as_str()));
     }
+    if r.stall_body {
+        // Ten bytes announced, none ever sent: the stream stays open until the client leaves.
+        let never = futures_util::stream::pending::<Result<bytes::Bytes, std::io::Error>>();
+        return b
+            .content_type("application/json")
+            .body(actix_web::body::SizedStream::new(10, never));
+    }
     b.json(&r.body)
 }
 
@@ -360,6 +376,9 @@ async fn fcm(req: HttpRequest, body: web::Bytes, st: web::Data<State>, project: 
     };
     if let Some(g) = &r.gate {
         let _ = g.acquire().await;
+    }
+    if let Some(d) = r.delay {
+        actix_rt::time::sleep(d).await;
     }
     if !issued {
         problems.push(format!("authorization {auth:?} is not an issued access token"));
