@@ -1326,13 +1326,34 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
     }
 }
 
-/// Closes the socket with `code` and `why`, and stops the session.
+/// Closes the socket with `code` and `why` (cut to fit: [`fit_close_reason`]), and stops the
+/// session.
 fn close_with(ctx: &mut ws::WebsocketContext<WsSession>, code: ws::CloseCode, why: impl Into<String>) {
     ctx.close(Some(ws::CloseReason {
         code,
-        description: Some(why.into()),
+        description: Some(fit_close_reason(why.into())),
     }));
     ctx.stop();
+}
+
+/// The longest close reason a WebSocket close frame carries, in bytes (RFC 6455 5.5: a control
+/// frame holds at most 125 bytes, 2 of them the code).
+pub(crate) const MAX_CLOSE_REASON: usize = 123;
+
+/// `why`, cut on a character boundary to [`MAX_CLOSE_REASON`] bytes with an ellipsis when it
+/// is longer: actix-http writes a longer reason as given, an invalid frame the wallet's library
+/// may fail the connection on (reasons come from operators, peers and errors, not only from
+/// constants).
+pub(crate) fn fit_close_reason(mut why: String) -> String {
+    if why.len() > MAX_CLOSE_REASON {
+        let cut = (0..=MAX_CLOSE_REASON - '…'.len_utf8())
+            .rev()
+            .find(|&i| why.is_char_boundary(i))
+            .unwrap_or(0);
+        why.truncate(cut);
+        why.push('…');
+    }
+    why
 }
 
 /// The lowest id a drain's leased messages must stay under: that of every hand-back on its way
@@ -1354,6 +1375,20 @@ fn lease_floor(at_start: &[i64], begun_since: i64, leased: &[QueuedMessage]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_close_reason_is_cut_to_what_a_close_frame_carries() {
+        assert_eq!(
+            fit_close_reason("x".repeat(123)),
+            "x".repeat(123),
+            "one that fits is kept"
+        );
+        for long in ["x".repeat(124), "é".repeat(100), format!("{}€", "x".repeat(122))] {
+            let r = fit_close_reason(long.clone());
+            assert!(r.len() <= MAX_CLOSE_REASON, "{} bytes", r.len());
+            assert!(r.ends_with('…') && long.starts_with(r.trim_end_matches('…')), "{r:?}");
+        }
+    }
 
     fn queued(ids: &[i64]) -> Vec<QueuedMessage> {
         ids.iter()

@@ -25,6 +25,7 @@ use crate::cluster::link::{LinkReader, LinkWriter, SecureChannel};
 use crate::cluster::membership::{LinkId, MemberEffect, MemberEvent};
 use crate::cluster::proto::{Claim, Frame, MAX_CONN_ID};
 use crate::cluster::{ClusterEvent, Held};
+use crate::session::ws::{fit_close_reason, MAX_CLOSE_REASON};
 
 /// `Deliver` frames written to one link and not yet known to be read: the peer reads frames in
 /// order and answers each ping, so a pong proves it read every frame written before its ping.
@@ -151,24 +152,11 @@ impl Ahead {
 }
 
 /// What a peer's close reason becomes in the close frames of its wallets' sockets (and logs):
-/// control characters escaped ([`shown_upto`]), at most [`MAX_CLOSE_REASON`] bytes, cut on a
-/// character boundary (a WebSocket close frame is a control frame of at most 125 bytes, 2 of
-/// them the code, and actix-http writes a longer one as given: an invalid frame).
+/// control characters escaped ([`shown_upto`]), cut to what a close frame carries
+/// ([`fit_close_reason`]).
 fn close_reason(reason: &str) -> String {
-    let mut shown = shown_upto(reason, MAX_CLOSE_REASON);
-    if shown.len() > MAX_CLOSE_REASON {
-        let cut = (0..=MAX_CLOSE_REASON - '…'.len_utf8())
-            .rev()
-            .find(|&i| shown.is_char_boundary(i))
-            .unwrap_or(0);
-        shown.truncate(cut);
-        shown.push('…');
-    }
-    shown
+    fit_close_reason(shown_upto(reason, MAX_CLOSE_REASON))
 }
-
-/// The longest close reason a WebSocket close frame carries, in bytes (RFC 6455 5.5).
-const MAX_CLOSE_REASON: usize = 123;
 
 /// What `run_link` found when it came to install its link.
 enum Admitted {
