@@ -31,6 +31,30 @@ fn pack(msg: &Value, to: &str, from: Option<&KeyPair>) -> Vec<u8> {
     envelope::pack(&serde_json::to_vec(msg).unwrap(), &[to.to_string()], from).unwrap()
 }
 
+/// A handshake request, `didexchange` or `connections` 1.0, presenting `did` and its `doc`,
+/// answered on the return route; under the invitation `pthid` when given.
+fn handshake_request(protocol: &str, did: &str, doc: &Value, pthid: Option<&str>) -> Value {
+    let mut req = if protocol == "didexchange" {
+        json!({
+            "@type": "https://didcomm.org/didexchange/1.0/request",
+            "did": did,
+            "did_doc~attach": { "@id": new_id(), "mime-type": "application/json", "data": { "base64": b64(doc) } },
+        })
+    } else {
+        json!({
+            "@type": "https://didcomm.org/connections/1.0/request",
+            "connection": { "DID": did, "DIDDoc": doc },
+        })
+    };
+    req["@id"] = json!(new_id());
+    req["label"] = json!("handshake");
+    req["~transport"] = json!({ "return_route": "all" });
+    if let Some(pthid) = pthid {
+        req["~thread"] = json!({ "pthid": pthid });
+    }
+    req
+}
+
 /// Sends `env` over HTTP to `http` and over a fresh WebSocket to `ws`; returns the HTTP
 /// status and the `error` code of the first frame the socket answers with (the frame must be
 /// an error, not a delivery).
@@ -104,32 +128,13 @@ async fn key_claims(victim: &Agent, inv_key: &str, http: &str, ws: &str) {
     };
     let both = doc_with(vec![attacker.verkey(), victim.key.verkey()]);
     let only_victim = doc_with(vec![victim.key.verkey()]);
-    let didexchange = |doc: &Value| {
-        json!({
-            "@type": "https://didcomm.org/didexchange/1.0/request",
-            "@id": new_id(),
-            "label": "attacker",
-            "did": legacy,
-            "did_doc~attach": { "@id": new_id(), "mime-type": "application/json", "data": { "base64": b64(doc) } },
-            "~transport": { "return_route": "all" },
-        })
-    };
-    let connections = |doc: &Value| {
-        json!({
-            "@type": "https://didcomm.org/connections/1.0/request",
-            "@id": new_id(),
-            "label": "attacker",
-            "connection": { "DID": legacy, "DIDDoc": doc },
-            "~transport": { "return_route": "all" },
-        })
-    };
-    for req in [didexchange(&both), connections(&both)] {
+    for req in ["didexchange", "connections"].map(|p| handshake_request(p, &legacy, &both, None)) {
         // Authcrypted with a key of the document (proof of possession), but the document
         // also lists the victim's key: refused, nothing stored.
         let (status, code) = refused_both_ways(pack(&req, inv_key, Some(&attacker)), http, ws).await;
         assert_eq!((status, code.as_str()), (409, "key-taken"), "{req}");
     }
-    for req in [didexchange(&only_victim), connections(&only_victim)] {
+    for req in ["didexchange", "connections"].map(|p| handshake_request(p, &legacy, &only_victim, None)) {
         // The sender's key is not in the document it presents.
         let (status, code) = refused_both_ways(pack(&req, inv_key, Some(&attacker)), http, ws).await;
         assert_eq!((status, code.as_str()), (403, "no-proof-of-possession"), "{req}");
@@ -323,15 +328,7 @@ async fn a_handshake_holds_only_the_key_it_proved() {
         let legacy = did::legacy_did_from_verkey(&signer.public_bytes());
         let mut doc = did::legacy_diddoc(&legacy, &signer.verkey(), &["http://127.0.0.1:9/".into()], &[]);
         doc["service"][0]["recipientKeys"] = json!(keys);
-        json!({
-            "@type": "https://didcomm.org/didexchange/1.0/request",
-            "@id": new_id(),
-            "label": "handshake",
-            "did": legacy,
-            "did_doc~attach": { "@id": new_id(), "mime-type": "application/json", "data": { "base64": b64(&doc) } },
-            "~thread": { "pthid": inv.id },
-            "~transport": { "return_route": "all" },
-        })
+        handshake_request("didexchange", &legacy, &doc, Some(&inv.id))
     };
     let req = request(&attacker, vec![attacker.verkey(), bystander.verkey()]);
     let (status, body) = post(&n.public_url(), pack(&req, &inv.recipient_key, Some(&attacker)), WAIT)
@@ -370,26 +367,7 @@ async fn a_handshake_from_a_key_with_a_connection_leaves_a_single_use_invitation
         assert_eq!(st, 201, "{body}");
         let minted: Value = serde_json::from_str(&body).unwrap();
         let inv = mailroom::client::Invitation::from_url(minted["invitation_url"].as_str().unwrap()).unwrap();
-        let req = if protocol == "didexchange" {
-            json!({
-                "@type": format!("{DIDEXCHANGE}/request"),
-                "@id": new_id(),
-                "label": "again",
-                "did": legacy,
-                "did_doc~attach": { "@id": new_id(), "mime-type": "application/json", "data": { "base64": b64(&doc) } },
-                "~thread": { "pthid": inv.id },
-                "~transport": { "return_route": "all" },
-            })
-        } else {
-            json!({
-                "@type": "https://didcomm.org/connections/1.0/request",
-                "@id": new_id(),
-                "label": "again",
-                "connection": { "DID": legacy, "DIDDoc": doc },
-                "~thread": { "pthid": inv.id },
-                "~transport": { "return_route": "all" },
-            })
-        };
+        let req = handshake_request(protocol, &legacy, &doc, Some(&inv.id));
         let (status, code) = refused_both_ways(
             pack(&req, &inv.recipient_key, Some(&a.key)),
             &n.public_url(),

@@ -428,6 +428,23 @@ async fn closed_within(s: &mut tokio::net::TcpStream, within: std::time::Duratio
     }
 }
 
+/// A node whose public head timeout (`limits.client_timeout_ms`) is 500 ms, a raw connection
+/// to its admin listener, and the `Host` that listener accepts.
+async fn raw_admin_connection() -> (
+    tempfile::TempDir,
+    mailroom::node::RunningNode,
+    tokio::net::TcpStream,
+    String,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.limits.client_timeout_ms = 500;
+    let n = start(&cfg);
+    let s = tokio::net::TcpStream::connect(n.admin_addr).await.unwrap();
+    let host = format!("127.0.0.1:{}", n.admin_addr.port());
+    (dir, n, s, host)
+}
+
 /// The admin listener guards its connections as the public one does: a kept-alive
 /// connection whose next request head never ends (one byte of it, then silence) is closed
 /// once `limits.client_timeout_ms` passed. actix times only a connection's first head, so
@@ -437,12 +454,7 @@ async fn closed_within(s: &mut tokio::net::TcpStream, within: std::time::Duratio
 #[actix_rt::test]
 async fn a_slow_client_on_a_kept_alive_admin_connection_is_dropped() {
     use tokio::io::AsyncWriteExt;
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
-    cfg.limits.client_timeout_ms = 500;
-    let n = start(&cfg);
-    let mut s = tokio::net::TcpStream::connect(n.admin_addr).await.unwrap();
-    let host = format!("127.0.0.1:{}", n.admin_addr.port());
+    let (_dir, n, mut s, host) = raw_admin_connection().await;
     s.write_all(format!("GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
         .await
         .unwrap();
@@ -474,12 +486,7 @@ async fn a_slow_client_on_a_kept_alive_admin_connection_is_dropped() {
 #[actix_rt::test]
 async fn a_health_check_slower_than_the_public_head_timeout_is_answered() {
     use tokio::io::AsyncWriteExt;
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
-    cfg.limits.client_timeout_ms = 500;
-    let n = start(&cfg);
-    let mut s = tokio::net::TcpStream::connect(n.admin_addr).await.unwrap();
-    let host = format!("127.0.0.1:{}", n.admin_addr.port());
+    let (_dir, _n, mut s, host) = raw_admin_connection().await;
     s.write_all(b"GET /ready HTTP/1.1\r\n").await.unwrap();
     // Past the public limit, well inside the admin's.
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
@@ -1612,7 +1619,7 @@ async fn the_binary_serves_logs_json_and_status_reads_it() {
     }
     let (_, metrics) = get_status(&format!("http://{admin}/metrics"), Some("audit-token")).await;
     assert!(
-        metrics.contains(r#"mailroom_rejected_total{reason="admin-unauthorized",didcomm="none"} 61"#),
+        metrics.contains(r#"mailroom_rejected_total{reason="admin-unauthorized",didcomm="unknown"} 61"#),
         "{metrics}"
     );
     eventually("a refused action written again", || async {

@@ -97,7 +97,9 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics));
 }
 
-/// `None` when the request may proceed, else the 401 to send.
+/// `None` when the request may proceed, else the 401 to send (counted in
+/// `mailroom_rejected_total{reason="admin-unauthorized"}`: someone trying tokens shows there,
+/// on reads as on operator actions).
 fn unauthorized(req: &HttpRequest, st: &AdminState) -> Option<HttpResponse> {
     // The token in force: a reload may have replaced the start's.
     let token = st.reloader.admin_token()?;
@@ -109,6 +111,7 @@ fn unauthorized(req: &HttpRequest, st: &AdminState) -> Option<HttpResponse> {
     if given.is_some_and(|g| same_secret(g, &token)) {
         None
     } else {
+        st.shared.metrics.rejected("admin-unauthorized", "unknown");
         Some(
             HttpResponse::Unauthorized()
                 .insert_header(("WWW-Authenticate", "Bearer"))

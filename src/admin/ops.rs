@@ -67,7 +67,6 @@ async fn operator(
     act: impl Future<Output = Outcome>,
 ) -> HttpResponse {
     if let Some(refused) = unauthorized(req, st) {
-        st.shared.metrics.rejected("admin-unauthorized", "none");
         if let Some(not_written) = st.refused_audit.admit(std::time::Instant::now()) {
             let mut outcome = json!({"error": "unauthorized"});
             if not_written > 0 {
@@ -92,7 +91,8 @@ const REFUSED_AUDIT_EVERY: std::time::Duration = std::time::Duration::from_secs(
 /// send 401s as fast as it answers them, and each wrote a line: a loop of wrong tokens filled
 /// the node's log (and its disk) at thousands of lines a second. Lines beyond the budget are
 /// counted, and the next line written says how many were not (`refused_not_written_before`);
-/// every refusal also counts in `mailroom_rejected_total{reason="admin-unauthorized"}`.
+/// every refusal also counts in `mailroom_rejected_total{reason="admin-unauthorized"}`
+/// ([`super::unauthorized`]).
 /// Actions that showed the token are always written.
 #[derive(Default)]
 pub(super) struct RefusedAudit(parking_lot::Mutex<RefusedBudget>);

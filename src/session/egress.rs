@@ -321,6 +321,15 @@ struct StoreNames {
     refreshing: AtomicBool,
 }
 
+/// Clears [`StoreNames::refreshing`] when dropped.
+struct Refreshing<'a>(&'a AtomicBool);
+
+impl Drop for Refreshing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 impl StoreNames {
     fn new(names: Vec<(String, u16)>, lookup: Lookup, refresh_every: Duration) -> StoreNames {
         StoreNames {
@@ -355,8 +364,10 @@ impl StoreNames {
         if stale && !self.refreshing.swap(true, Ordering::AcqRel) {
             let (me, policy) = (self.clone(), policy.clone());
             actix_rt::spawn(async move {
+                // Cleared however the task ends: dropped with a stopping worker too, or no
+                // dial of this node would start a refresh again.
+                let _refreshing = Refreshing(&me.refreshing);
                 let _ = tokio::time::timeout(STORE_NAMES_LOOKUP_LIMIT, me.resolve(&policy)).await;
-                me.refreshing.store(false, Ordering::Release);
             });
         }
     }
