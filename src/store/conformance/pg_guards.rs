@@ -168,3 +168,26 @@ async fn a_node_whose_clock_is_off_reports_its_store_not_ready() {
     })
     .await;
 }
+
+/// A node whose clock runs ahead takes back no lease: every deadline looks run out to it, so
+/// its sweep took back the live leases of other nodes' sessions (their messages went out
+/// twice). Nodes whose clocks agree with the server's do the taking back meanwhile.
+#[tokio::test]
+async fn a_node_whose_clock_is_ahead_takes_back_no_lease_another_node_holds() {
+    in_own_db(|url| async move {
+        let ahead = PgStore::open(&url, 2).await.unwrap();
+        let other: Arc<dyn Store> = Arc::new(PgStore::open(&url, 2).await.unwrap());
+        let x = new_conn(&other).await;
+        enqueue_ok(&other, vec![msg(&x, "x", T0)]).await;
+        let t = T0 + 1_000;
+        assert_eq!(other.lease(&x, 1, "n2/x", t, t + 30_000).await.unwrap().len(), 1);
+        let hour = 3_600_000;
+        ahead.shift_clock_for_test(hour);
+        // The sweep of the node an hour ahead: the lease has an hour to go, it reads it run out.
+        assert_eq!(ahead.reclaim_expired_leases(t + hour, 100).await.unwrap().len(), 0);
+        // Its clock fixed, the same call would take it (what the refusal stands between).
+        ahead.shift_clock_for_test(0);
+        assert_eq!(ahead.reclaim_expired_leases(t + hour, 100).await.unwrap().len(), 1);
+    })
+    .await;
+}

@@ -4,8 +4,9 @@
 //! (the messages go out twice), and one behind them has its own taken back early. The server's
 //! `clock_timestamp()` is the one clock every node can see, so each node measures its own
 //! against it: at open, and with every health check (which `/ready` polls, so a node whose clock
-//! drifts is taken out of the load balancer), in the round trip the health check makes anyway.
-//! Leases themselves cost nothing more.
+//! drifts is taken out of the load balancer), in the round trip the health check makes anyway,
+//! and before each pass of the sweep, which takes back no lease while the clock is off (leases
+//! others hold would look run out to a clock ahead). Leases themselves cost nothing more.
 //!
 //! Must not: correct the callers' times (the trait's `now_ms` is the caller's to give).
 
@@ -55,6 +56,11 @@ impl Clock {
         self.shift_ms.store(ms, Ordering::SeqCst);
     }
 
+    /// Whether the last check found the node's clock off.
+    pub(super) fn is_skewed(&self) -> bool {
+        self.skewed.load(Ordering::SeqCst)
+    }
+
     /// Reads the server's clock on `c` and compares it with the node's: `Unavailable`, naming
     /// the skew, when it is past [`MAX_CLOCK_SKEW`] (logged as an error when it becomes so).
     pub(super) async fn check(&self, c: &Conn) -> StoreResult<()> {
@@ -93,7 +99,10 @@ impl Clock {
             },
         );
         if !self.skewed.swap(true, Ordering::SeqCst) {
-            tracing::error!(skew_ms = skew, "{why}; the store reports itself not ready");
+            tracing::error!(
+                skew_ms = skew,
+                "{why}; the store reports itself not ready, and this node's sweep takes back no lease"
+            );
         }
         Err(StoreError::Unavailable(why))
     }

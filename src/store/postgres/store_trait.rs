@@ -525,6 +525,14 @@ impl Store for PgStore {
     }
 
     async fn reclaim_expired_leases(&self, now_ms: i64, max: usize) -> StoreResult<Vec<crate::store::Reclaimed>> {
+        // Deadlines are judged on this node's clock: one ahead of the others would take back
+        // their live leases (the messages go out twice). While it is off (logged once as it
+        // turns, and `/ready` fails), leases are left to the nodes whose clocks agree with the
+        // server's. One round trip per sweep pass.
+        match self.check_clock().await {
+            Err(StoreError::Unavailable(_)) if self.clock.is_skewed() => return Ok(Vec::new()),
+            r => r?,
+        }
         let max = i64::try_from(max).unwrap_or(i64::MAX);
         let c = self.client().await?;
         // Rows another statement holds (a lease taking them again, an acknowledgement) are
