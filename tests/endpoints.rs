@@ -220,10 +220,11 @@ async fn connections_put_off_for_a_drain_slot_are_served_as_slots_free_not_an_en
 async fn messages_a_forwards_drain_holds_back_are_given_back_when_it_ends() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
-    // Endpoint retries every 10 s; a held-back lease would hold its message 6 s.
+    // Endpoint retries every 10 s; a held-back lease would hold its message 6 s. A POST may
+    // take 2 s (a timed-out one gives m1 back too).
     cfg.delivery.sweep_interval_ms = 1_000;
     cfg.delivery.lease_ms = 6_000;
-    cfg.delivery.endpoint_timeout_ms = 500;
+    cfg.delivery.endpoint_timeout_ms = 2_000;
     let n = start(&cfg);
     let requests = Arc::new(AtomicUsize::new(0));
     let r = requests.clone();
@@ -257,8 +258,9 @@ async fn messages_a_forwards_drain_holds_back_are_given_back_when_it_ends() {
         (requests.load(Ordering::SeqCst) >= 2).then_some(())
     })
     .await;
-    // m0 is given back as the drain ends, long before the 6 s lease it took would run out.
-    let given_back = Instant::now() + Duration::from_millis(2_500);
+    // m0 is given back as the drain ends, long before the 6 s lease it took would run out
+    // (4 s: 2 s short of it, for the drain to end on a loaded box).
+    let given_back = Instant::now() + Duration::from_millis(4_000);
     loop {
         let (depth, in_flight) = queue().await;
         if in_flight == 0 && depth <= 1 {
@@ -354,10 +356,13 @@ async fn a_message_its_endpoint_refuses_is_posted_again_on_the_backoff_schedule_
     const FORWARDS: usize = 3;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
-    // As above: endpoint retries every 20 s, leases run out at the next sweep.
-    cfg.delivery.sweep_interval_ms = 2_000;
-    cfg.delivery.lease_ms = 300;
-    cfg.delivery.endpoint_timeout_ms = 200;
+    // Endpoint retries every 30 s (ten sweeps); a lease runs out at the first or second sweep
+    // after it is taken (5.5 s at most: the three rounds end well inside the retry period). A
+    // POST may take 2 s: one timed out is an endpoint-wide failure, and the next new message
+    // would not be POSTed at once.
+    cfg.delivery.sweep_interval_ms = 3_000;
+    cfg.delivery.lease_ms = 2_500;
+    cfg.delivery.endpoint_timeout_ms = 2_000;
     let period = Duration::from_millis(cfg.delivery.sweep_interval_ms * 10);
     let n = start(&cfg);
     let requests = Arc::new(AtomicUsize::new(0));

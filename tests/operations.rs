@@ -1973,7 +1973,9 @@ async fn sockets_past_what_the_open_file_limit_leaves_room_for_are_refused_503()
     let mut open = Vec::new();
     let refused = loop {
         assert!(open.len() < 256, "no socket refused");
-        let tried = tokio::time::timeout(std::time::Duration::from_secs(3), a.websocket(&p.ws_url())).await;
+        // WAIT, not a few seconds: a handshake to a child process on a loaded box may take
+        // them; one the node cannot answer (out of files) hangs past any bound.
+        let tried = tokio::time::timeout(WAIT, a.websocket(&p.ws_url())).await;
         match tried {
             Ok(Ok(ws)) => open.push(ws),
             Ok(Err(e)) => break e,

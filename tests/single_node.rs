@@ -431,9 +431,11 @@ async fn live_mode_over_websocket_with_acks_over_http() {
 
 #[actix_rt::test]
 async fn live_messages_wait_for_the_socket_acknowledgement_and_a_backlog_streams() {
-    // batch_size 10; the wait long enough that only an acknowledgement can end it in the test.
+    // batch_size 10; the wait long enough that only an acknowledgement can end it in the test,
+    // and the lease too: m1, left unacknowledged while 25 forwards go in, is not delivered again.
     let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
         c.delivery.live_ack_wait_ms = 60_000;
+        c.delivery.lease_ms = 60_000;
     })
     .await;
     let mut ws = live_socket(&a, &n).await;
@@ -498,7 +500,12 @@ async fn live_delivery_unacknowledged_comes_back_on_a_new_session() {
 
 #[actix_rt::test]
 async fn implicit_pickup_on_a_return_route_socket() {
-    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
+    // i0 is confirmed only by the pong this socket sends as it reads on, after the next two
+    // forwards: a lease running out meanwhile would write it again.
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.delivery.lease_ms = 30_000;
+    })
+    .await;
     forward_to(&n, &a, &k, "i0").await;
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
     // Text frames work as well as binary ones.
@@ -522,7 +529,12 @@ async fn implicit_pickup_on_a_return_route_socket() {
 /// hand-offs run on whichever HTTP workers took them, and used to race to the session.
 #[actix_rt::test]
 async fn implicit_pickup_writes_forwards_in_the_order_they_were_answered() {
-    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
+    // A lease that ran out before the socket's pong confirmed its message would have it
+    // written again: out of order, twice. 30 s: longer than a loaded box takes to confirm.
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |c| {
+        c.delivery.lease_ms = 30_000;
+    })
+    .await;
     let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
     let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "p", "response_requested": false, "~transport": {"return_route": "all"}});
     ws.send_envelope(a.pack(&ping).unwrap(), true).await.unwrap();
@@ -532,7 +544,7 @@ async fn implicit_pickup_writes_forwards_in_the_order_they_were_answered() {
     assert_eq!(m["content"], "first");
     // Read on while the forwards go in, as a wallet does: what is written is removed once the
     // socket answers the ping after it, and a socket that reads nothing for longer than a
-    // lease (2 s here) would have it written again.
+    // lease would have it written again.
     let mut ws = ws.spawn_reader();
     let g = a.grant.clone().unwrap();
     let sender = Sender::new();
@@ -828,24 +840,32 @@ async fn a_slow_endpoint_is_not_posted_what_its_lease_no_longer_covers() {
 
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
-    cfg.delivery.lease_ms = 1_000;
-    cfg.delivery.endpoint_timeout_ms = 600;
+    // Each POST takes 1.5 s, 2 s inside its timeout. A lease covers two: the second starts at
+    // 1.5 s with 4.5 s of the lease left (the timeout and 1 s to spare), the third would start
+    // at 3 s with 3 s left, so it and the rest are given back. POSTing the batch regardless,
+    // the drain would still be at it when the lease runs out at 6 s.
+    cfg.delivery.lease_ms = 6_000;
+    cfg.delivery.endpoint_timeout_ms = 3_500;
     let n = start(&cfg);
-    // Each POST takes 250 ms; the first waits until every forward is queued, so the drain's
-    // next lease takes all the others at once.
+    // Until every forward is queued the endpoint answers 503 at once, taking nothing (the
+    // sweep tries again 1 s, 2 s, ... later): the first POST it takes comes from a drain that
+    // leased them all. A POST is recorded as it arrives: sent is delivered, however late the
+    // drain goes on.
     let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
     let all_queued = Arc::new(AtomicBool::new(false));
     let (r, q) = (received.clone(), all_queued.clone());
     let (endpoint, handle) = endpoint_stub(move |body| {
-        wait_for(&q);
-        std::thread::sleep(std::time::Duration::from_millis(250));
+        if !q.load(Ordering::SeqCst) {
+            return 503;
+        }
         r.lock().unwrap().push(body);
+        std::thread::sleep(std::time::Duration::from_millis(1_500));
         200
     });
     let (a, k) = wallet_at_endpoint(&n, &endpoint).await;
     forward_many(&n, &a, &k, N).await;
     all_queued.store(true, Ordering::SeqCst);
-    // Once the second batch is leased (its first POST arrived), the wallet also picks up, and
+    // Once the batch is leased and its second POST under way, the wallet also picks up, and
     // acknowledges, whatever the queue gives it: what a lease that ran out would give.
     eventually("the endpoint's second POST", || {
         let received = received.clone();
@@ -898,17 +918,22 @@ async fn a_slow_endpoint_is_not_posted_what_its_lease_no_longer_covers() {
 /// delivers everything once the endpoint answers again.
 #[actix_rt::test]
 async fn a_failing_endpoint_is_retried_with_backoff_one_post_per_try() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
     const N: usize = 5;
 
     let dir = tempfile::tempdir().unwrap();
-    // The sweep every 100 ms retries endpoints every second; a POST's timeout well inside the
-    // lease, so a drain may POST its whole batch.
+    // The sweep every 100 ms retries endpoints every second. The first POST waits at the stub
+    // until every forward is queued: its timeout outlasts that, so it fails by the 503, not by
+    // timing out while the stub holds the retries behind it (answered, and counted, at once).
+    // Well inside the lease, so a drain may POST its whole batch.
     let mut cfg = test_config(dir.path(), Strategy::QueueOnly);
-    cfg.delivery.endpoint_timeout_ms = 500;
+    cfg.delivery.endpoint_timeout_ms = 10_000;
+    cfg.delivery.lease_ms = 30_000;
     let n = start(&cfg);
-    let posts = Arc::new(AtomicUsize::new(0));
+    // When the stub refused each POST, on its own clock.
+    let posts: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let all_queued = Arc::new(AtomicBool::new(false));
     let up = Arc::new(AtomicBool::new(false));
     let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
@@ -916,7 +941,7 @@ async fn a_failing_endpoint_is_retried_with_backoff_one_post_per_try() {
     let (endpoint, handle) = endpoint_stub(move |body| {
         wait_for(&q);
         if !u.load(Ordering::SeqCst) {
-            p.fetch_add(1, Ordering::SeqCst);
+            p.lock().unwrap().push(Instant::now());
             return 503;
         }
         r.lock().unwrap().push(body);
@@ -925,19 +950,26 @@ async fn a_failing_endpoint_is_retried_with_backoff_one_post_per_try() {
     let (a, k) = wallet_at_endpoint(&n, &endpoint).await;
     forward_many(&n, &a, &k, N).await;
     all_queued.store(true, Ordering::SeqCst);
-    eventually("the first POST refused", || async {
-        (posts.load(Ordering::SeqCst) > 0).then_some(())
+    let first = eventually("the first POST refused", || async {
+        posts.lock().unwrap().first().copied()
     })
     .await;
-    let first = std::time::Instant::now();
     // Retries 1 s, then 2 s, then 4 s after the failures before them: at most 3 tries in the
-    // 4.5 s after the first (6 s of retries, one per message each, without the backoff: ~20).
-    actix_rt::time::sleep(std::time::Duration::from_millis(4_500)).await;
-    let tried = posts.load(Ordering::SeqCst);
+    // 4 s after the first, counted on the stub's clock (however late this test looks, a 4th
+    // comes 7 s after the first at the earliest: 3 s to spare). Without the backoff, one POST
+    // per message each try: 5 at the first, ~20 in the window.
+    let window = Duration::from_secs(4);
+    actix_rt::time::sleep_until((first + window).into()).await;
+    let tried = posts.lock().unwrap().iter().filter(|t| **t < first + window).count();
     assert!(
         (1..=3).contains(&tried),
-        "{tried} POSTs to a failing endpoint {:?} after its first failure",
-        first.elapsed()
+        "{tried} POSTs to a failing endpoint in the {window:?} after its first failure: {:?}",
+        posts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| t.duration_since(first))
+            .collect::<Vec<_>>()
     );
     assert_eq!(queue_depth(&n).await, N as u64, "nothing is lost meanwhile");
     up.store(true, Ordering::SeqCst);
