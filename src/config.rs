@@ -889,6 +889,21 @@ impl Config {
                 c.nodes.len()
             )));
         }
+        if c.store.backend == "sled" {
+            // Found by `run` only as it opened the store (exit 1): a bad directory is the file's.
+            let p = &c.store.path;
+            if p.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid(
+                    "store.path is empty: the sled store needs a directory".into(),
+                ));
+            }
+            if p.exists() && !p.is_dir() {
+                return Err(ConfigError::Invalid(format!(
+                    "store.path {} is not a directory (the sled store's)",
+                    p.display()
+                )));
+            }
+        }
         Ok((c, node_id, applied))
     }
 

@@ -62,7 +62,7 @@ enum Cmd {
     },
     /// Show a node's and its cluster's status from its admin endpoint.
     Status {
-        #[arg(long, default_value = "http://127.0.0.1:8081")]
+        #[arg(long, default_value = "http://127.0.0.1:8081", value_parser = admin_url)]
         admin: String,
         #[arg(long, env = "MAILROOM_ADMIN_TOKEN")]
         token: Option<String>,
@@ -85,16 +85,16 @@ enum Cmd {
         /// WebSocket endpoint, when neither the invitation nor the mediator's DID names one.
         #[arg(long)]
         ws: Option<String>,
-        /// Longest wait for one reply or delivery, in seconds.
-        #[arg(long, default_value_t = 10)]
+        /// Longest wait for one reply or delivery, in seconds (1..=3600).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout_secs: u64,
         /// Longest wait for an unacknowledged delivery to be offered again (a mediator's
-        /// lease: mailroom's `delivery.lease_ms` is 30 s by default), in seconds.
-        #[arg(long, default_value_t = 40)]
+        /// lease: mailroom's `delivery.lease_ms` is 30 s by default), in seconds (0..=86400).
+        #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(0..=86_400))]
         redelivery_wait_secs: u64,
-        /// Size in bytes of the oversized body of `malformed-huge`.
-        #[arg(long, default_value_t = 8 << 20)]
-        huge_bytes: usize,
+        /// Size in bytes of the oversized body of `malformed-huge` (1..=1 GiB).
+        #[arg(long, default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+        huge_bytes: u64,
         /// Run only the checks whose names start with one of these (comma-separated).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
@@ -109,11 +109,20 @@ struct NodeTarget {
     #[arg(long, default_value = "cluster.toml")]
     config: PathBuf,
     /// The admin URL, instead of --node.
-    #[arg(long)]
+    #[arg(long, value_parser = admin_url, conflicts_with = "node")]
     admin: Option<String>,
     /// Bearer token (default: [admin] token of --config).
     #[arg(long, env = "MAILROOM_ADMIN_TOKEN")]
     token: Option<String>,
+}
+
+/// An `--admin` value: an `http://` or `https://` URL with a host (else a usage error, 64).
+fn admin_url(s: &str) -> Result<String, String> {
+    match url::Url::parse(s) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(s.to_string()),
+        Ok(_) => Err("an http:// or https:// URL of the node's admin listener".into()),
+        Err(e) => Err(format!("not a URL ({e})")),
+    }
 }
 
 impl NodeTarget {
@@ -313,9 +322,9 @@ fn main() -> ExitCode {
         } => {
             let mut opts = mailroom::probe::Options::new(&url);
             opts.ws = ws;
-            opts.timeout = Duration::from_secs(timeout_secs.max(1));
+            opts.timeout = Duration::from_secs(timeout_secs);
             opts.redelivery_wait = Duration::from_secs(redelivery_wait_secs);
-            opts.huge_bytes = huge_bytes;
+            opts.huge_bytes = usize::try_from(huge_bytes).unwrap_or(usize::MAX);
             opts.only = only;
             let sys = actix_rt::System::new();
             ExitCode::from(sys.block_on(mailroom::probe::main(opts)))

@@ -1177,6 +1177,18 @@ fn check_config_exits_64_with_the_reason() {
     let example = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/cluster.toml"));
     let (code, err) = mailroom("check-config", example);
     assert_eq!(code, Some(0), "{err}");
+    // A sled directory that is a file, or none: found by the check, not by `run` opening it.
+    let file_dir = dir.path().join("bad-dir.toml");
+    for (path, words) in [(bad.display().to_string(), "not a directory"), (String::new(), "empty")] {
+        std::fs::write(
+            &file_dir,
+            format!("[[node]]\nid = 'n1'\nlisten = '127.0.0.1:1'\nadmin = '127.0.0.1:2'\n[store]\npath = '{path}'\n"),
+        )
+        .unwrap();
+        let (code, err) = mailroom("check-config", &file_dir);
+        assert_eq!(code, Some(64), "{err}");
+        assert!(err.contains("store.path") && err.contains(words), "{err}");
+    }
 
     // `run` refuses a bad file the same way, before binding anything.
     assert_eq!(mailroom("run", &bad).0, Some(64));
@@ -1341,6 +1353,11 @@ fn check_config_exits_64_with_the_reason() {
         &["healthcheck", "--timeout-ms", "soon"],
         &["status", "--bogus"],
         &["drain", "--bogus"],
+        // An admin URL that is none, and two targets at once.
+        &["status", "--admin", "not a url"],
+        &["drain", "--admin", "127.0.0.1:8081"],
+        &["undrain", "--admin", "ftp://127.0.0.1/"],
+        &["drain", "--admin", "http://127.0.0.1:9/", "--node", "n1"],
         &["probe"],
         &["no-such-command"],
         &[],

@@ -135,6 +135,10 @@ async fn bad_urls_and_arguments_exit_64() {
         &["http://127.0.0.1:9/?oob=bm90IGpzb24"][..],
         &[][..],
         &["http://127.0.0.1:9/", "--timeout-secs", "soon"][..],
+        // Past what the probe's waits and body can hold (they overflowed, or took all memory).
+        &["http://127.0.0.1:9/", "--redelivery-wait-secs", "18446744073709551615"][..],
+        &["http://127.0.0.1:9/", "--timeout-secs", "0"][..],
+        &["http://127.0.0.1:9/", "--huge-bytes", "18446744073709551615"][..],
     ] {
         let out = probe(args).await;
         assert_eq!(
