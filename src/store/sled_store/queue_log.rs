@@ -16,17 +16,22 @@
 //! - **Order is the truth.** Replaying the segments in order (a record puts its key, a
 //!   tombstone removes it) gives the live records. Every append and every change of the live
 //!   set happen under one lock, so the files' order is the order of the changes.
-//! - **A torn tail is dropped.** Replay stops a segment at its first record that is cut short
-//!   or fails its CRC (a crash mid-append; nothing after it was ever answered as durable: a
-//!   failed append truncates its segment back, or the log moves to a new segment). In a
-//!   segment before the last (synced whole before the log moved on) such a record was damaged
-//!   in place on the disk: when a whole record follows at the length its header gives, it
-//!   alone is skipped, not the segment's rest (logged as an error; what a cut there drops is
-//!   copied aside first, `NNNN.qlog.damaged`).
+//! - **A torn tail is dropped; damage is counted.** A record cut short or failing its CRC with
+//!   no whole record anywhere after it, in the last segment, is an append a crash tore
+//!   (nothing after it was ever answered as durable: a failed append truncates its segment
+//!   back, or the log moves to a new segment): replay cuts the segment there, a warning only.
+//!   Anywhere else, or with a whole record after it, it was damaged in place on the disk (a
+//!   segment before the last was synced whole before the log moved on; and a crash leaves no
+//!   whole record after the append it tore but, rarely, one of that same append written out
+//!   of page order, never answered as durable): when a whole record follows at the length its
+//!   header gives, it alone is skipped, not the segment's rest; else the segment is cut there,
+//!   copied aside first (`NNNN.qlog.damaged`). Both are logged as errors and counted
+//!   ([`QueueLog::damage`]), and so is a segment number missing between two others (only the
+//!   oldest segment is ever deleted).
 //! - **Damage found while running is never copied.** Compaction checks each record it copies
 //!   forward: one that no longer reads back (damaged on the disk since replay) would become a
-//!   bad record in the current segment, where the next open takes it for a torn append and
-//!   cuts every record after it. It is dropped from the live set instead (a tombstone, its
+//!   bad record in the current segment, where the next open takes it for a torn append (when
+//!   it is the last record: not counted) or damage found only then. It is dropped from the live set instead (a tombstone, its
 //!   segment kept aside as `NNNN.qlog.damaged`, counted as damage), and so is a record a read
 //!   finds damaged ([`QueueLog::drop_damaged`]).
 //! - **A failed sync poisons the log.** Linux reports a failed writeback to one `fsync` and
@@ -206,9 +211,10 @@ struct State {
     lost: Vec<Key>,
 }
 
-/// Damage on the disk found by replay in segments before the last (synced whole, so not a torn
-/// append; but for an append that failed and could not be cut either, which the log rolls
-/// past: it was never answered as durable), or by compaction and reads while the log runs,
+/// Damage on the disk found by replay (a bad record in a segment before the last, synced whole,
+/// so not a torn append, but for an append that failed and could not be cut either, which the
+/// log rolls past: it was never answered as durable; one with a whole record after it in the
+/// last segment; a segment missing), or by compaction and reads while the log runs,
 /// and records the store cannot decode: each counted once however many replays (reopens) of
 /// this handle find it again. A new handle (a restart) counts what it finds: a record
 /// skipped again, a segment cut before no more (its copy aside stays).
@@ -218,8 +224,12 @@ struct Damage {
     /// those found damaged while the log runs, by compaction or a read
     /// ([`QueueLog::drop_damaged`]).
     skipped: std::collections::BTreeSet<(u64, u64)>,
-    /// Segments cut at a damaged record no whole record followed (kept aside first).
+    /// Segments cut at a damaged record no whole record followed at the length its header
+    /// gives (kept aside first).
     cut: std::collections::BTreeSet<u64>,
+    /// Segments missing between two others, (first, last) of each gap in the numbers: each
+    /// number counts as a damaged segment.
+    missing: std::collections::BTreeSet<(u64, u64)>,
     /// Records that read back whole but that the store could not decode (a kind or format
     /// this version does not know: [`QueueLog::note_unreadable`]), by key: found again at
     /// every rebuild of the index, and moved by compaction, each is counted once.
@@ -256,6 +266,9 @@ pub(super) struct QueueLog {
     /// The next write fails as a `pwrite` on a full disk would, writing nothing (tests).
     #[cfg(test)]
     fail_write: AtomicBool,
+    /// The next deletion of a segment fails as an unlink reporting an I/O error would (tests).
+    #[cfg(test)]
+    fail_remove: AtomicBool,
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
@@ -339,6 +352,45 @@ fn whole_record_at(window: &mut Window<'_>, off: u64) -> io::Result<bool> {
     };
     Ok(decode(rec, 0).is_some_and(|(_, id, _, _)| check_id(id).is_ok()))
 }
+
+/// Whether a whole record ([`whole_record_at`]) starts anywhere past `off` of the file `window`
+/// reads: what tells damage in the last segment from a torn tail, after which a crash leaves
+/// none. Only at a damaged record replay could not skip, over the segment's rest (the records
+/// of an append torn, then the zeros of the room written ahead, up to [`PREALLOC_BYTES`]).
+/// Bytes that only look like a header cost the read of the record they claim: past
+/// [`SCAN_BUDGET`] such bytes it answers true (counted as damage: a false alarm, never a
+/// silent loss).
+fn whole_record_after(window: &mut Window<'_>, off: u64) -> io::Result<bool> {
+    let mut read = 0u64;
+    let mut at = off;
+    while let Some(next) = at.checked_add(1) {
+        at = next;
+        let Some(h) = window.get(at, HEADER as u64)? else {
+            return Ok(false);
+        };
+        // What no record of the log has (an id past the live set's, a tombstone with a body,
+        // a body past the file's end) is not read further.
+        let id = i64::from_le_bytes(h[5..13].try_into().expect("8 bytes"));
+        let body_len = u64::from(u32::from_le_bytes(h[13..17].try_into().expect("4 bytes")));
+        if check_id(id).is_err()
+            || (h[4] & TOMBSTONE != 0 && body_len > 0)
+            || at + HEADER as u64 + body_len > window.len
+        {
+            continue;
+        }
+        read += HEADER as u64 + body_len;
+        if read > SCAN_BUDGET {
+            return Ok(true);
+        }
+        if whole_record_at(window, at)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Bytes of candidate records [`whole_record_after`] reads at most.
+const SCAN_BUDGET: u64 = 64 * COPY_CHUNK as u64;
 
 /// The body of the record of `key` at `at` of `buf` (read from `loc`), or an error naming it
 /// when what is there is not that record.
@@ -518,6 +570,8 @@ impl QueueLog {
             read_bytes: AtomicU64::new(0),
             #[cfg(test)]
             fail_write: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_remove: AtomicBool::new(false),
         };
         // Appends never go to a segment written before: a new one for this handle.
         {
@@ -539,6 +593,20 @@ impl QueueLog {
             damage: Damage::default(),
             lost: Vec::new(),
         };
+        // Segment numbers are contiguous: a new one is the last plus one, and only the oldest
+        // is ever deleted. A number missing between two segments is a segment lost (deleted
+        // by hand, or by a file system that lost it): its records and its removals are gone.
+        for w in numbers.windows(2) {
+            if w[1] > w[0] + 1 {
+                let (first, end) = (w[0] + 1, w[1] - 1);
+                tracing::error!(
+                    first = %segment_path(dir, first).display(),
+                    last = %segment_path(dir, end).display(),
+                    "queue log: segments missing between two others (queued messages or removals are lost)"
+                );
+                state.damage.missing.insert((first, end));
+            }
+        }
         for &n in numbers {
             let last = numbers.last() == Some(&n);
             let path = segment_path(dir, n);
@@ -552,16 +620,22 @@ impl QueueLog {
                     break;
                 };
                 let Some((kind, id, _, size)) = decode(rec, 0) else {
-                    // A record that fails its CRC in a segment before the last: every byte of it
-                    // was synced before the log moved on (only the last segment holds bytes no
-                    // sync covered), so this is damage in place on the disk, not a torn append.
-                    // When a whole record follows at the length its header reads, it alone is
-                    // lost and the records after it are kept. In the last segment it may be an
-                    // append torn out of page order, whose later records must not outlive it
-                    // (a removal's dedup records come before its tombstones): the tail is cut,
-                    // as is anything else.
+                    // A record that fails its CRC. In a segment before the last, every byte of
+                    // it was synced before the log moved on (only the last segment holds bytes
+                    // no sync covered): damage in place on the disk. In the last one it may
+                    // also be an append a crash tore; but the bytes of such an append are the
+                    // log's last, and a crash leaves no whole record after them (but for one
+                    // written out of page order in the same crash, never answered as durable).
+                    // So in any segment, when a whole record follows at the length its header
+                    // reads, the bad one alone is lost, counted, and the records after it are
+                    // kept: a bit flipped in a record synced days ago must not cut the newest
+                    // queued mail after it. (After a crash that tore an append out of page
+                    // order, this keeps some of its records, never answered as durable, and
+                    // counts the tear as damage: a false alarm, not a loss; at worst a removal
+                    // stays without the dedup record written before it, so a resend of that
+                    // message inside its window is queued again, as after any machine crash.)
                     let next = off + HEADER as u64 + u64::from(body_len);
-                    if last || !whole_record_at(&mut window, next)? {
+                    if !whole_record_at(&mut window, next)? {
                         break;
                     }
                     tracing::error!(
@@ -589,38 +663,44 @@ impl QueueLog {
                             s.live -= old.size();
                         }
                     }
-                    state
-                        .segments
-                        .entry(n)
-                        .or_insert_with(|| Segment {
-                            file: SegFile::new(file.try_clone().expect("clone of an open file"), 0),
+                    let seg = match state.segments.entry(n) {
+                        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                        // May fail (no descriptor left): an error, not a panic.
+                        std::collections::btree_map::Entry::Vacant(e) => e.insert(Segment {
+                            file: SegFile::new(file.try_clone()?, 0),
                             bytes: 0,
                             zeroed: 0,
                             live: 0,
-                        })
-                        .live += loc.size();
+                        }),
+                    };
+                    seg.live += loc.size();
                 }
                 off += size as u64;
             }
             if off < len {
                 // Zeros are the segment's room written ahead of its appends, not damage.
                 if !window.zeros_from(off)? {
-                    if last {
+                    // In the last segment, a torn append after a crash when no whole record
+                    // follows anywhere. One that does (the damaged record's length is what
+                    // changed, so it does not point at it) shows damage, as in any other.
+                    if last && !whole_record_after(&mut window, off)? {
                         tracing::warn!(
                             segment = %path.display(),
                             dropped = len - off,
                             "queue log: dropped a torn or corrupt tail (a crash mid-append)"
                         );
                     } else {
-                        // Synced once, so damaged on the disk: what is cut is kept aside.
+                        // Synced once (or whole records follow), so damaged on the disk: what
+                        // is cut is kept aside.
                         let aside = path.with_extension("qlog.damaged");
                         std::fs::copy(&path, &aside)?;
                         state.damage.cut.insert(n);
                         tracing::error!(
                             segment = %path.display(),
+                            offset = off,
                             dropped = len - off,
                             copy = %aside.display(),
-                            "queue log: cut a segment at a damaged record no whole record follows (queued messages or removals are lost); the segment as it was is kept aside"
+                            "queue log: cut a segment at a damaged record no whole record follows where its length points (queued messages or removals are lost); the segment as it was is kept aside"
                         );
                     }
                 }
@@ -1028,6 +1108,7 @@ impl QueueLog {
         // Damage found before stays counted (a cut segment is not found again).
         replayed.damage.skipped.append(&mut st.damage.skipped);
         replayed.damage.cut.append(&mut st.damage.cut);
+        replayed.damage.missing.append(&mut st.damage.missing);
         replayed.damage.unreadable.append(&mut st.damage.unreadable);
         *st = replayed;
         self.start_segment(&mut st)?;
@@ -1059,6 +1140,12 @@ impl QueueLog {
     #[cfg(test)]
     pub(super) fn fail_next_write(&self) {
         self.fail_write.store(true, SeqCst);
+    }
+
+    /// The next deletion of a segment fails with EIO and deletes nothing (tests).
+    #[cfg(test)]
+    pub(super) fn fail_next_remove(&self) {
+        self.fail_remove.store(true, SeqCst);
     }
 
     /// The current segment's file, its append offset and how much of it a sync covered
@@ -1163,13 +1250,19 @@ impl QueueLog {
     }
 
     /// The damage on the disk found since this handle opened: (records lost or unreadable,
-    /// segments cut). Records: those replay skipped, those compaction or a read found damaged
-    /// ([`QueueLog::drop_damaged`]), and those the store could not decode
-    /// ([`QueueLog::note_unreadable`]).
+    /// segments cut or missing). Records: those replay skipped, those compaction or a read found
+    /// damaged ([`QueueLog::drop_damaged`]), and those the store could not decode
+    /// ([`QueueLog::note_unreadable`]). Segments: those replay cut at damage (kept aside), and
+    /// each number missing between two segments.
     pub(super) fn damage(&self) -> (u64, u64) {
         let st = self.state.lock();
         let records = st.damage.skipped.len() + st.damage.unreadable.len();
-        (records as u64, st.damage.cut.len() as u64)
+        let missing = st
+            .damage
+            .missing
+            .iter()
+            .fold(0u64, |sum, (first, last)| sum.saturating_add(last - first + 1));
+        (records as u64, (st.damage.cut.len() as u64).saturating_add(missing))
     }
 
     /// Counts `key`, a record that reads back whole but that the store cannot decode (a kind
@@ -1191,10 +1284,10 @@ impl QueueLog {
     /// nothing), and the record is counted as damage. Returns whether it did: false when the
     /// key is not live or its record reads back whole (read again here, under the lock).
     ///
-    /// In the current segment, replay at the next open would take the damaged record for a
-    /// torn append and cut every record after it: the log moves on to a new segment first
-    /// (the tombstone goes there), so the damaged one is no longer the last and replay skips
-    /// the record alone.
+    /// In the current segment, replay at the next open could take the damaged record for a
+    /// torn append (when no whole record follows it) and cut it without counting: the log
+    /// moves on to a new segment first (the tombstone goes there), so the damaged one is no
+    /// longer in the last and replay skips the record alone.
     pub(super) fn drop_damaged(&self, key: Key) -> io::Result<bool> {
         let mut st = self.state.lock();
         let Some(loc) = st.live.get(key) else {
@@ -1270,24 +1363,49 @@ impl QueueLog {
 
     /// Deletes the oldest segments while they hold no live record (never the current one).
     /// Returns whether it deleted any.
+    ///
+    /// A segment leaves the list only once its file is gone: one whose deletion failed stays
+    /// the oldest, and nothing after it is deleted (its tombstones may remove records of it:
+    /// deleted without it, they would come back at the next open).
     fn delete_empty_oldest(&self) -> io::Result<bool> {
         let mut deleted = false;
+        let mut failed = None;
         loop {
-            let n = {
-                let mut st = self.state.lock();
-                let Some((&n, s)) = st.segments.iter().next() else {
-                    break;
-                };
-                // Poisoned: a live set that says a segment holds nothing may rest on copies
-                // that are not on disk.
-                if n == st.current || s.live > 0 || self.poisoned() {
+            let mut st = self.state.lock();
+            let Some((&n, s)) = st.segments.iter().next() else {
+                break;
+            };
+            // Poisoned: a live set that says a segment holds nothing may rest on copies
+            // that are not on disk.
+            if n == st.current || s.live > 0 || self.poisoned() {
+                break;
+            }
+            let path = segment_path(&self.dir, n);
+            #[cfg(test)]
+            let removed = if self.fail_remove.swap(false, SeqCst) {
+                // EIO, as an unlink on a failing disk reports it.
+                Err(io::Error::from_raw_os_error(5))
+            } else {
+                std::fs::remove_file(&path)
+            };
+            #[cfg(not(test))]
+            let removed = std::fs::remove_file(&path);
+            match removed {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    tracing::error!(
+                        segment = %path.display(),
+                        error = %e,
+                        "queue log: could not delete an emptied segment: it and the segments after it stay (tried again at the next compaction)"
+                    );
+                    failed = Some(e);
                     break;
                 }
-                st.segments.remove(&n);
-                n
-            };
-            std::fs::remove_file(segment_path(&self.dir, n))?;
-            deleted = true;
+                // Deleted, or already gone (not by this log): what was wanted.
+                _ => {
+                    st.segments.remove(&n);
+                    deleted = true;
+                }
+            }
         }
         if deleted {
             // A deletion lost in a crash could bring back records whose tombstones are in
@@ -1297,11 +1415,12 @@ impl QueueLog {
                 return Err(e);
             }
         }
-        Ok(deleted)
+        failed.map_or(Ok(deleted), Err)
     }
 
     /// One step of compaction: deletes the oldest segments that hold nothing live, and while
-    /// the log holds more dead bytes than `max(live bytes, one segment)`, copies the live
+    /// the log holds more dead bytes than `max(live bytes, one segment)`, or more segments than
+    /// `2 + 2 * bytes / segment bytes`, copies the live
     /// records of the oldest segment to the end of the log (in chunks of [`COPY_CHUNK`] bytes,
     /// the lock taken for each), syncs them, and deletes the segment. Returns whether it did
     /// anything. A step that fails puts the records it moved back where they were (their
@@ -1318,7 +1437,12 @@ impl QueueLog {
             let Some((&oldest, seg)) = st.segments.iter().next() else {
                 return Ok(deleted);
             };
-            if oldest == st.current || bytes - live <= live.max(self.segment_bytes) {
+            // Also while there are more segments than the bytes fill (2 + 2 per segment's
+            // worth): every open starts a segment, and those a restart left empty (or nearly)
+            // go only once the oldest does, which a live record may hold for ever (a crash loop
+            // would run the process out of descriptors, one per segment).
+            let many = st.segments.len() as u64 > 2 + 2 * (bytes / self.segment_bytes.max(1));
+            if oldest == st.current || (bytes - live <= live.max(self.segment_bytes) && !many) {
                 return Ok(deleted);
             }
             // One pass over the live set for the whole segment.
@@ -1346,8 +1470,8 @@ impl QueueLog {
     /// Copies those of `locs` (records of `file`, the oldest segment) still live there to the
     /// end of the log, makes the copies live and syncs them; `moved`: (key, original, copy) of
     /// each record made live at its copy, also when it fails. A record that no longer reads
-    /// back is not copied (the next open would cut the current segment at it, and the records
-    /// appended after it with it): it is dropped from the live set with a tombstone, counted
+    /// back is not copied (the next open would find a bad record in the current segment, and
+    /// cut it uncounted when nothing follows it): it is dropped from the live set with a tombstone, counted
     /// as damage, and left for the store to drop from its index ([`QueueLog::take_lost`]).
     fn copy_forward(
         &self,
@@ -1553,6 +1677,7 @@ mod tests {
         assert_eq!(log.get((MSG, 1)).unwrap(), Some(b"one".to_vec()));
         assert_eq!(log.get((MSG, 2)).unwrap(), Some(b"two".to_vec()));
         assert_eq!(log.get((MSG, 3)).unwrap(), None);
+        assert_eq!(log.damage(), (0, 0), "a torn tail is no damage");
         assert_eq!(std::fs::metadata(&seg).unwrap().len() as usize, 2 * HEADER + 6);
         // Appends after the reopen go to a new segment and survive the next one.
         log.append(&[((MSG, 4), b"four")], &[], true).unwrap();
@@ -1578,6 +1703,7 @@ mod tests {
         let log = QueueLog::open(dir.path()).unwrap();
         assert_eq!(log.get((MSG, 1)).unwrap(), Some(b"one".to_vec()));
         assert_eq!(log.get((MSG, 2)).unwrap(), None);
+        assert_eq!(log.damage(), (0, 0), "nothing whole follows: a torn tail");
     }
 
     /// The current segment is written with zeros ahead of its appends (so a synced append does
@@ -1854,12 +1980,13 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
 
-        /// Whatever happens to the end of a segment (cut anywhere, a byte changed anywhere, the
+        /// Whatever happens to the last segment (cut anywhere, a byte changed anywhere, the
         /// room written ahead kept or lost), an open never fails nor panics, and yields exactly
-        /// the records of the appends that ended before the first damaged byte: replay keeps a
-        /// prefix.
+        /// the records the damage spared: those before it, and those after a damaged record
+        /// when an intact one follows it (counted); a torn tail alone is no damage. (It asserted
+        /// a prefix: the records after a damaged one were cut, uncounted.)
         #[test]
-        fn a_damaged_segment_replays_the_prefix_before_the_damage(
+        fn a_damaged_last_segment_keeps_the_records_the_damage_spares(
             ops in arb_ops(),
             cut in proptest::prelude::any::<proptest::sample::Index>(),
             flip in proptest::option::of((proptest::prelude::any::<proptest::sample::Index>(), 1u8..=255)),
@@ -1901,19 +2028,55 @@ mod tests {
             if room {
                 bytes.resize(orig.len(), 0);
             }
-            // The first byte that is not what the appends wrote.
-            let damage = orig
-                .iter()
-                .zip(&bytes)
-                .position(|(a, b)| a != b)
-                .unwrap_or(bytes.len().min(orig.len()));
             std::fs::write(&seg, &bytes).unwrap();
-            let want = ends
-                .iter()
-                .rev()
-                .find(|(end, _)| *end as usize <= damage)
-                .map(|(_, live)| live.clone())
-                .unwrap_or_default();
+            // The records the appends wrote (a removal of a key not live writes none), and
+            // whether each is still there as written.
+            let mut recs: Vec<(usize, usize, &Op)> = Vec::new();
+            let mut start = 0;
+            for (op, (end, _)) in ops.iter().zip(&ends) {
+                let end = *end as usize;
+                if end > start {
+                    recs.push((start, end, op));
+                    start = end;
+                }
+            }
+            let intact = |&(s, e, _): &(usize, usize, &Op)| e <= bytes.len() && bytes[s..e] == orig[s..e];
+            // Replay by the log's rules: a damaged record is skipped (counted) when an intact
+            // one starts where its header's length points; else the segment ends there, a cut
+            // counted when an intact record follows anywhere, a torn tail when none does.
+            let mut want = std::collections::BTreeMap::new();
+            let (mut skipped, mut cut_counted) = (0u64, 0u64);
+            let mut i = 0;
+            while i < recs.len() {
+                let (s, _, op) = recs[i];
+                if !intact(&recs[i]) {
+                    let points = bytes
+                        .get(s + 13..s + HEADER)
+                        .map(|l| s + HEADER + u32::from_le_bytes(l.try_into().unwrap()) as usize)
+                        .filter(|next| *next <= bytes.len());
+                    let rest = &recs[i + 1..];
+                    match points.and_then(|next| rest.iter().position(|r| r.0 == next && intact(r))) {
+                        Some(k) => {
+                            skipped += 1;
+                            i += 1 + k;
+                            continue;
+                        }
+                        None => {
+                            cut_counted = u64::from(rest.iter().any(intact));
+                            break;
+                        }
+                    }
+                }
+                match op {
+                    Op::Put(id, b) => {
+                        want.insert(*id, b.clone());
+                    }
+                    Op::Remove(id) => {
+                        want.remove(id);
+                    }
+                }
+                i += 1;
+            }
             let log = QueueLog::open(dir.path()).unwrap();
             let mut have = std::collections::BTreeMap::new();
             log.for_each(|(kind, id), b| {
@@ -1923,12 +2086,14 @@ mod tests {
             })
             .unwrap();
             proptest::prop_assert_eq!(have, want);
+            proptest::prop_assert_eq!(log.damage(), (skipped, cut_counted));
         }
     }
 
     /// A byte changed on the disk in a record of an older segment (synced whole) loses that
-    /// record, not the records after it; in the last segment (which may end in an append torn
-    /// out of page order) replay keeps the prefix before it, as for a torn tail.
+    /// record, not the records after it; so it does in the last segment when a whole record
+    /// follows it (this test used to assert the last segment cut there: the newest records
+    /// lost, uncounted).
     #[test]
     fn a_record_damaged_in_an_older_segment_loses_only_itself() {
         let dir = tempfile::tempdir().unwrap();
@@ -1947,14 +2112,10 @@ mod tests {
             std::fs::write(&seg, &bytes).unwrap();
         }
         let log = QueueLog::open_with(dir.path(), 200, false).unwrap();
-        assert_eq!(
-            log.damage(),
-            (1, 0),
-            "one record skipped; the last segment's cut is no damage"
-        );
+        assert_eq!(log.damage(), (2, 0), "one record skipped in each segment");
         drop(log);
         let got = records_on_disk(dir.path(), 200);
-        assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![0, 2, 3]);
+        assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![0, 2, 3, 5]);
         assert_eq!(got[&2], vec![2u8; 40]);
         let aside = segment_path(dir.path(), 1).with_extension("qlog.damaged");
         assert!(!aside.exists());
@@ -1965,11 +2126,136 @@ mod tests {
         bytes[13] ^= 0x01;
         std::fs::write(&seg, &bytes).unwrap();
         let log = QueueLog::open_with(dir.path(), 200, false).unwrap();
-        assert_eq!(log.damage(), (0, 1), "one segment cut");
+        assert_eq!(
+            log.damage(),
+            (1, 1),
+            "one segment cut (and segment 2's damaged record skipped again)"
+        );
         drop(log);
         let got = records_on_disk(dir.path(), 200);
         assert!(!got.contains_key(&0) && !got.contains_key(&2), "{:?}", got.keys());
         assert_eq!(std::fs::read(&aside).unwrap(), bytes, "the damaged segment, kept aside");
+    }
+
+    /// Changes byte `at` of segment `n` of the log in `dir` (damage on the disk).
+    fn flip(dir: &Path, n: u64, at: usize) {
+        let seg = segment_path(dir, n);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[at] ^= 0x5a;
+        std::fs::write(&seg, &bytes).unwrap();
+    }
+
+    /// A byte changed on the disk in a record of the last segment (the one the run before was
+    /// writing, synced long ago) is damage, not a torn append, when a whole record follows it:
+    /// that record alone is lost, counted, and the newer records after it stay. Where a whole
+    /// record follows but not where the damaged length points, the segment is cut there,
+    /// counted and kept aside, as an older one would be.
+    #[test]
+    fn a_record_damaged_in_the_last_segment_loses_only_itself() {
+        // 57-byte records: id 1's at 57, its length at 57 + 13, its body from 57 + HEADER.
+        let write = |dir: &Path| {
+            let log = QueueLog::open(dir).unwrap();
+            for id in 0..6i64 {
+                log.append(&[((MSG, id), &[id as u8; 40][..])], &[], true).unwrap();
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path());
+        flip(dir.path(), 1, 57 + HEADER + 5);
+        let log = QueueLog::open(dir.path()).unwrap();
+        assert_eq!(log.damage(), (1, 0), "one record skipped, counted");
+        for id in [0, 2, 3, 4, 5] {
+            assert_eq!(log.get((MSG, id)).unwrap(), Some(vec![id as u8; 40]), "id {id}");
+        }
+        assert_eq!(log.get((MSG, 1)).unwrap(), None);
+        drop(log);
+        let got = records_on_disk(dir.path(), SEGMENT_BYTES);
+        assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![0, 2, 3, 4, 5]);
+
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path());
+        flip(dir.path(), 1, 57 + 13);
+        let log = QueueLog::open(dir.path()).unwrap();
+        assert_eq!(log.damage(), (0, 1), "a segment cut, counted");
+        assert_eq!(log.count(MSG), 1);
+        let aside = segment_path(dir.path(), 1).with_extension("qlog.damaged");
+        let kept = std::fs::read(&aside).unwrap();
+        assert!(
+            decode(&kept, 5 * 57).is_some_and(|(_, id, _, _)| id == 5),
+            "the segment as it was, kept aside"
+        );
+    }
+
+    /// A segment missing between two others (segments are numbered in order and deleted oldest
+    /// first) lost records or removals: counted as a damaged segment at every open.
+    #[test]
+    fn a_missing_segment_is_counted_as_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        // 57-byte records, three to a 200-byte segment: segments 1, 2 and 3.
+        {
+            let log = QueueLog::open_with(dir.path(), 200, false).unwrap();
+            for id in 0..9i64 {
+                log.append(&[((MSG, id), &[id as u8; 40][..])], &[], true).unwrap();
+            }
+        }
+        std::fs::remove_file(segment_path(dir.path(), 2)).unwrap();
+        let log = QueueLog::open_with(dir.path(), 200, false).unwrap();
+        assert_eq!(log.damage(), (0, 1), "segment 2 missing");
+        assert_eq!(log.count(MSG), 6);
+        drop(log);
+        let log = QueueLog::open_with(dir.path(), 200, false).unwrap();
+        assert_eq!(log.damage(), (0, 1), "still missing at the next open");
+    }
+
+    /// A segment whose deletion failed stays in the list (and on disk), and no segment after
+    /// it is deleted before it: one holding the tombstones of its records would bring them
+    /// back at the next open.
+    #[test]
+    fn a_segment_whose_deletion_failed_is_deleted_before_those_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // One record a segment: 1 is put in segment 1, removed in segment 2, and 2 is put
+            // in segment 3 (the current one).
+            let log = QueueLog::open_with(dir.path(), 16, false).unwrap();
+            log.append(&[((MSG, 1), b"acknowledged")], &[], true).unwrap();
+            log.append::<&[u8]>(&[], &[(MSG, 1)], true).unwrap();
+            log.append(&[((MSG, 2), b"queued")], &[], true).unwrap();
+            assert_eq!(log.usage().0, 3);
+            log.fail_next_remove();
+            log.compact_step().unwrap_err();
+            assert!(segment_path(dir.path(), 1).exists());
+            assert_eq!(log.usage().0, 3, "still listed");
+            compact_all(&log);
+            assert_eq!(log.usage().0, 1);
+        }
+        let log = QueueLog::open_with(dir.path(), 16, false).unwrap();
+        assert_eq!(log.get((MSG, 1)).unwrap(), None, "an acknowledged record came back");
+        assert_eq!(log.get((MSG, 2)).unwrap().as_deref(), Some(&b"queued"[..]));
+        assert_eq!(log.damage(), (0, 0));
+    }
+
+    /// Every open starts a segment: restarts while the oldest holds a live record leave empty
+    /// ones behind it, which compaction takes away (copying the oldest's records forward)
+    /// instead of keeping one descriptor each for ever.
+    #[test]
+    fn restarts_leave_no_segments_behind_for_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        QueueLog::open(dir.path())
+            .unwrap()
+            .append(&[((MSG, 1), b"queued")], &[], true)
+            .unwrap();
+        for _ in 0..50 {
+            drop(QueueLog::open(dir.path()).unwrap());
+        }
+        let log = QueueLog::open(dir.path()).unwrap();
+        assert!(log.usage().0 > 50);
+        compact_all(&log);
+        assert!(log.usage().0 <= 3, "{} segments left", log.usage().0);
+        assert_eq!(log.get((MSG, 1)).unwrap().as_deref(), Some(&b"queued"[..]));
+        drop(log);
+        let log = QueueLog::open(dir.path()).unwrap();
+        assert_eq!(log.get((MSG, 1)).unwrap().as_deref(), Some(&b"queued"[..]));
+        assert_eq!(log.damage(), (0, 0));
     }
 
     /// A record damaged on the disk while the log is open is left out of a walk of the live
@@ -2010,8 +2296,8 @@ mod tests {
     }
 
     /// A live record of the oldest segment damaged on the disk while the log runs is not copied
-    /// forward by compaction: a bad record in the current segment would have the next open
-    /// cut every record appended after it. It is dropped (a tombstone), counted, handed to
+    /// forward by compaction: a bad record in the current segment is one the next open could
+    /// take for a torn append. It is dropped (a tombstone), counted, handed to
     /// the store's index ([`QueueLog::take_lost`]), and its segment kept aside.
     #[test]
     fn compaction_drops_a_damaged_record_and_the_appends_after_it_survive_a_reopen() {
