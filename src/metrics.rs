@@ -183,7 +183,7 @@ impl Metrics {
         );
         registry.register(
             "queue_log_damaged_segments",
-            "Segments of the sled store's queue log cut at a damaged record since the node started, the records after it lost (kept aside as NNNN.qlog.damaged; 0 on PostgreSQL)",
+            "Segments of the sled store's queue log found damaged since the node started: cut at a damaged record, the records after it lost (the segment as it was kept aside as NNNN.qlog.damaged when the copy could be made), or missing between two others (0 on PostgreSQL)",
             m.queue_log_damaged_segments.clone(),
         );
         registry.register(

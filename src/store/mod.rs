@@ -257,10 +257,13 @@ pub struct QueueLogStats {
     /// Bytes of its segments.
     pub bytes: u64,
     /// Records found damaged on the disk since the node started and skipped (each a queued
-    /// message or a removal lost), in segments synced whole before the log moved on.
+    /// message or a removal lost), in any segment (in the last one, when a whole record
+    /// follows: not a torn append), or found damaged while the log runs.
     pub damaged_records: u64,
-    /// Segments cut at a damaged record no whole record followed (the records after it
-    /// lost; the segment as it was kept aside, `NNNN.qlog.damaged`).
+    /// Segments found damaged: cut at a damaged record no whole record followed where its
+    /// length points (the records after it lost; the segment as it was kept aside,
+    /// `NNNN.qlog.damaged`, when the copy could be made), or missing between two others (no
+    /// copy: each missing number counts).
     pub damaged_segments: u64,
     /// Bytes free on the disk holding the store, as last read (every 200 ms).
     pub disk_free_bytes: Option<u64>,

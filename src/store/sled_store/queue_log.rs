@@ -25,7 +25,10 @@
 //!   whole record after the append it tore but, rarely, one of that same append written out
 //!   of page order, never answered as durable): when a whole record follows at the length its
 //!   header gives, it alone is skipped, not the segment's rest; else the segment is cut there,
-//!   copied aside first (`NNNN.qlog.damaged`). Both are logged as errors and counted
+//!   copied aside first (`NNNN.qlog.damaged`, best effort). In the last segment a bad record
+//!   with an all-zero header, or with an all-zero 4 KiB page before the next whole record, is
+//!   a torn append all the same (a power loss during a sync spanning pages: the pages the disk
+//!   never got still read as the zeros written ahead). Both are logged as errors and counted
 //!   ([`QueueLog::damage`]), and so is a segment number missing between two others (only the
 //!   oldest segment is ever deleted).
 //! - **Damage found while running is never copied.** Compaction checks each record it copies
@@ -225,7 +228,7 @@ struct Damage {
     /// ([`QueueLog::drop_damaged`]).
     skipped: std::collections::BTreeSet<(u64, u64)>,
     /// Segments cut at a damaged record no whole record followed at the length its header
-    /// gives (kept aside first).
+    /// gives (kept aside first, when the copy can be made).
     cut: std::collections::BTreeSet<u64>,
     /// Segments missing between two others, (first, last) of each gap in the numbers: each
     /// number counts as a damaged segment.
@@ -266,9 +269,19 @@ pub(super) struct QueueLog {
     /// The next write fails as a `pwrite` on a full disk would, writing nothing (tests).
     #[cfg(test)]
     fail_write: AtomicBool,
+    /// The segment whose deletion failed last, and how, until one succeeds: a failure is
+    /// logged as an error once, not at every compaction tick while it lasts. Lock order:
+    /// `state`, then this.
+    unlink_failing: Mutex<Option<(u64, io::ErrorKind)>>,
     /// The next deletion of a segment fails as an unlink reporting an I/O error would (tests).
     #[cfg(test)]
     fail_remove: AtomicBool,
+    /// Every deletion of a segment fails so (tests).
+    #[cfg(test)]
+    fail_remove_always: AtomicBool,
+    /// Failed deletions logged as errors ([`QueueLog::unlink_failing`]) (tests).
+    #[cfg(test)]
+    unlink_errors_logged: AtomicU64,
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
@@ -359,15 +372,29 @@ fn whole_record_at(window: &mut Window<'_>, off: u64) -> io::Result<bool> {
 /// of an append torn, then the zeros of the room written ahead, up to [`PREALLOC_BYTES`]).
 /// Bytes that only look like a header cost the read of the record they claim: past
 /// [`SCAN_BUDGET`] such bytes it answers true (counted as damage: a false alarm, never a
-/// silent loss).
+/// silent loss). An all-zero header costs nothing (no record has one: the CRC of zeros is not
+/// 0), so a hole of zeros cannot spend the budget.
+///
+/// It answers false at an all-zero [`PAGE`]-aligned block before any whole record: the old
+/// content of a page an append spanned whose write a crash lost while a later page's reached
+/// the disk (the room ahead of the appends is zeros). A whole record after such a block is
+/// of that same append, never answered as durable: a torn append, not damage. (Real damage
+/// before a record whose body holds a whole aligned block of zeros is then taken for a torn
+/// append: the price of never counting, nor keeping aside, an ordinary power loss.)
 fn whole_record_after(window: &mut Window<'_>, off: u64) -> io::Result<bool> {
     let mut read = 0u64;
     let mut at = off;
     while let Some(next) = at.checked_add(1) {
         at = next;
+        if at % PAGE == 0 && window.get(at, PAGE)?.is_some_and(|b| b.iter().all(|x| *x == 0)) {
+            return Ok(false);
+        }
         let Some(h) = window.get(at, HEADER as u64)? else {
             return Ok(false);
         };
+        if h.iter().all(|x| *x == 0) {
+            continue;
+        }
         // What no record of the log has (an id past the live set's, a tombstone with a body,
         // a body past the file's end) is not read further.
         let id = i64::from_le_bytes(h[5..13].try_into().expect("8 bytes"));
@@ -391,6 +418,10 @@ fn whole_record_after(window: &mut Window<'_>, off: u64) -> io::Result<bool> {
 
 /// Bytes of candidate records [`whole_record_after`] reads at most.
 const SCAN_BUDGET: u64 = 64 * COPY_CHUNK as u64;
+
+/// The page size a torn append is judged by ([`whole_record_after`]): what a disk writes
+/// whole or not at all (at least), and the kernel's page.
+const PAGE: u64 = 4096;
 
 /// The body of the record of `key` at `at` of `buf` (read from `loc`), or an error naming it
 /// when what is there is not that record.
@@ -570,15 +601,26 @@ impl QueueLog {
             read_bytes: AtomicU64::new(0),
             #[cfg(test)]
             fail_write: AtomicBool::new(false),
+            unlink_failing: Mutex::new(None),
             #[cfg(test)]
             fail_remove: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_remove_always: AtomicBool::new(false),
+            #[cfg(test)]
+            unlink_errors_logged: AtomicU64::new(0),
         };
         // Appends never go to a segment written before: a new one for this handle.
         {
             let mut st = log.state.lock();
             log.start_segment(&mut st)?;
         }
-        log.delete_empty_oldest()?;
+        // A segment that cannot be deleted (logged) is tried again by compaction: no reason
+        // not to start. A failed sync of the directory poisons the log: that one fails.
+        if let Err(e) = log.delete_empty_oldest() {
+            if log.poisoned() {
+                return Err(e);
+            }
+        }
         Ok(log)
     }
 
@@ -682,8 +724,15 @@ impl QueueLog {
                 if !window.zeros_from(off)? {
                     // In the last segment, a torn append after a crash when no whole record
                     // follows anywhere. One that does (the damaged record's length is what
-                    // changed, so it does not point at it) shows damage, as in any other.
-                    if last && !whole_record_after(&mut window, off)? {
+                    // changed, so it does not point at it) shows damage, as in any other;
+                    // but not after an all-zero header, nor past an all-zero page
+                    // ([`whole_record_after`]): an append spanning pages whose sync a power
+                    // loss cut short leaves the pages it never wrote as they were (zeros, the
+                    // room written ahead), and the later ones it wrote hold whole records.
+                    let zero_header = window
+                        .get(off, HEADER as u64)?
+                        .is_some_and(|h| h.iter().all(|x| *x == 0));
+                    if last && (zero_header || !whole_record_after(&mut window, off)?) {
                         tracing::warn!(
                             segment = %path.display(),
                             dropped = len - off,
@@ -692,8 +741,10 @@ impl QueueLog {
                     } else {
                         // Synced once (or whole records follow), so damaged on the disk: what
                         // is cut is kept aside.
+                        // Best effort (as [`QueueLog::keep_aside`]): a full disk or a name
+                        // taken must not stop the log from opening.
                         let aside = path.with_extension("qlog.damaged");
-                        std::fs::copy(&path, &aside)?;
+                        let copied = std::fs::copy(&path, &aside);
                         state.damage.cut.insert(n);
                         tracing::error!(
                             segment = %path.display(),
@@ -702,6 +753,14 @@ impl QueueLog {
                             copy = %aside.display(),
                             "queue log: cut a segment at a damaged record no whole record follows where its length points (queued messages or removals are lost); the segment as it was is kept aside"
                         );
+                        if let Err(e) = copied {
+                            tracing::error!(
+                                segment = %path.display(),
+                                copy = %aside.display(),
+                                error = %e,
+                                "queue log: could not keep aside a segment cut at a damaged record (what was cut is lost)"
+                            );
+                        }
                     }
                 }
                 file.set_len(off)?;
@@ -1148,6 +1207,12 @@ impl QueueLog {
         self.fail_remove.store(true, SeqCst);
     }
 
+    /// Every deletion of a segment fails with EIO (`true`) until called with `false` (tests).
+    #[cfg(test)]
+    pub(super) fn fail_removes(&self, on: bool) {
+        self.fail_remove_always.store(on, SeqCst);
+    }
+
     /// The current segment's file, its append offset and how much of it a sync covered
     /// (tests: what a power loss now would keep).
     #[cfg(test)]
@@ -1366,7 +1431,9 @@ impl QueueLog {
     ///
     /// A segment leaves the list only once its file is gone: one whose deletion failed stays
     /// the oldest, and nothing after it is deleted (its tombstones may remove records of it:
-    /// deleted without it, they would come back at the next open).
+    /// deleted without it, they would come back at the next open). A failed deletion is an
+    /// error (logged) the first time for that segment and error; while the same failure
+    /// lasts, not again: `Ok` with what was deleted before it.
     fn delete_empty_oldest(&self) -> io::Result<bool> {
         let mut deleted = false;
         let mut failed = None;
@@ -1382,7 +1449,7 @@ impl QueueLog {
             }
             let path = segment_path(&self.dir, n);
             #[cfg(test)]
-            let removed = if self.fail_remove.swap(false, SeqCst) {
+            let removed = if self.fail_remove.swap(false, SeqCst) || self.fail_remove_always.load(SeqCst) {
                 // EIO, as an unlink on a failing disk reports it.
                 Err(io::Error::from_raw_os_error(5))
             } else {
@@ -1392,17 +1459,37 @@ impl QueueLog {
             let removed = std::fs::remove_file(&path);
             match removed {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    tracing::error!(
-                        segment = %path.display(),
-                        error = %e,
-                        "queue log: could not delete an emptied segment: it and the segments after it stay (tried again at the next compaction)"
-                    );
-                    failed = Some(e);
+                    // Once per failure (segment, error kind): compaction tries again every
+                    // tick, and waits for it meanwhile (nothing after it can go).
+                    let mut failing = self.unlink_failing.lock();
+                    if *failing != Some((n, e.kind())) {
+                        *failing = Some((n, e.kind()));
+                        tracing::error!(
+                            segment = %path.display(),
+                            error = %e,
+                            "queue log: could not delete an emptied segment: it and the segments after it stay, compaction waits for it (tried again at each compaction; logged again when the error changes or once it is deleted)"
+                        );
+                        #[cfg(test)]
+                        self.unlink_errors_logged.fetch_add(1, SeqCst);
+                        failed = Some(e);
+                    } else {
+                        tracing::debug!(segment = %path.display(), error = %e, "queue log: still cannot delete an emptied segment");
+                    }
                     break;
                 }
                 // Deleted, or already gone (not by this log): what was wanted.
                 _ => {
-                    st.segments.remove(&n);
+                    if let Some((m, _)) = self.unlink_failing.lock().take() {
+                        tracing::info!(
+                            segment = %segment_path(&self.dir, m).display(),
+                            "queue log: a segment whose deletion failed is deleted now; compaction goes on"
+                        );
+                    }
+                    // Its last handle closed (the file's blocks freed: up to a segment's worth)
+                    // outside the lock every append takes.
+                    let gone = st.segments.remove(&n);
+                    drop(st);
+                    drop(gone);
                     deleted = true;
                 }
             }
@@ -1442,7 +1529,9 @@ impl QueueLog {
             // go only once the oldest does, which a live record may hold for ever (a crash loop
             // would run the process out of descriptors, one per segment).
             let many = st.segments.len() as u64 > 2 + 2 * (bytes / self.segment_bytes.max(1));
-            if oldest == st.current || (bytes - live <= live.max(self.segment_bytes) && !many) {
+            // An oldest holding nothing live is one whose deletion just failed (logged):
+            // nothing to copy, and nothing after it can go before it.
+            if oldest == st.current || seg.live == 0 || (bytes - live <= live.max(self.segment_bytes) && !many) {
                 return Ok(deleted);
             }
             // One pass over the live set for the whole segment.
@@ -1983,14 +2072,18 @@ mod tests {
         /// Whatever happens to the last segment (cut anywhere, a byte changed anywhere, the
         /// room written ahead kept or lost), an open never fails nor panics, and yields exactly
         /// the records the damage spared: those before it, and those after a damaged record
-        /// when an intact one follows it (counted); a torn tail alone is no damage. (It asserted
-        /// a prefix: the records after a damaged one were cut, uncounted.)
+        /// when an intact one follows it (counted); a torn tail alone is no damage, and so is
+        /// a bad record whose header reads as zeros or that a zero 4 KiB page follows before
+        /// the next intact one (a page a power loss kept from the disk: `hole` zeros bytes from
+        /// a record's start). (It asserted a prefix: the records after a damaged one were cut,
+        /// uncounted.)
         #[test]
         fn a_damaged_last_segment_keeps_the_records_the_damage_spares(
             ops in arb_ops(),
             cut in proptest::prelude::any::<proptest::sample::Index>(),
             flip in proptest::option::of((proptest::prelude::any::<proptest::sample::Index>(), 1u8..=255)),
             room in proptest::prelude::any::<bool>(),
+            hole in proptest::option::of((proptest::prelude::any::<proptest::sample::Index>(), 1usize..200)),
         ) {
             let dir = tempfile::tempdir().unwrap();
             // Where each append ended in the segment, and the live set after it.
@@ -2024,6 +2117,18 @@ mod tests {
                     bytes[at] ^= x;
                 }
             }
+            // A page the disk never got, from a record's start: the zeros written ahead.
+            if let Some((at, n)) = hole {
+                let starts: Vec<usize> = std::iter::once(0)
+                    .chain(ends.iter().map(|(e, _)| *e as usize))
+                    .filter(|s| *s < bytes.len())
+                    .collect();
+                if !starts.is_empty() {
+                    let s = starts[at.index(starts.len())];
+                    let e = (s + n).min(bytes.len());
+                    bytes[s..e].fill(0);
+                }
+            }
             // A torn write inside the room: what it did not reach still reads as zeros.
             if room {
                 bytes.resize(orig.len(), 0);
@@ -2043,7 +2148,8 @@ mod tests {
             let intact = |&(s, e, _): &(usize, usize, &Op)| e <= bytes.len() && bytes[s..e] == orig[s..e];
             // Replay by the log's rules: a damaged record is skipped (counted) when an intact
             // one starts where its header's length points; else the segment ends there, a cut
-            // counted when an intact record follows anywhere, a torn tail when none does.
+            // counted when an intact record follows anywhere, a torn tail when none does, or
+            // when its header is all zeros, or an all-zero 4 KiB page lies before the next.
             let mut want = std::collections::BTreeMap::new();
             let (mut skipped, mut cut_counted) = (0u64, 0u64);
             let mut i = 0;
@@ -2062,7 +2168,14 @@ mod tests {
                             continue;
                         }
                         None => {
-                            cut_counted = u64::from(rest.iter().any(intact));
+                            let zero = |b: &[u8]| b.iter().all(|x| *x == 0);
+                            let zero_header = bytes.get(s..s + HEADER).is_some_and(zero);
+                            let zero_page = |r: usize| {
+                                (s + 1..=r).any(|a| a % 4096 == 0 && bytes.get(a..a + 4096).is_some_and(zero))
+                            };
+                            cut_counted = u64::from(
+                                rest.iter().find(|r| intact(r)).is_some_and(|r| !zero_header && !zero_page(r.0)),
+                            );
                             break;
                         }
                     }
@@ -2186,6 +2299,63 @@ mod tests {
         );
     }
 
+    /// A power loss during the sync of an append spanning pages: the disk got a later page but
+    /// not an earlier one, which still reads as the zeros written ahead of the appends. The
+    /// whole records of that later page are of the torn append (never answered as durable):
+    /// a torn tail, not damage, neither counted nor kept aside, and what came before stays.
+    #[test]
+    fn a_power_loss_mid_sync_across_pages_is_a_torn_append_not_damage() {
+        // A: one 117-byte record (0..117). B: four 3017-byte records, at 117, 3134, 6151 and
+        // 9168: across the pages 0..4096, 4096..8192 and 8192..12288.
+        let write = |dir: &Path| {
+            let log = QueueLog::open(dir).unwrap();
+            log.append(&[((MSG, 1), &body(1, 100))], &[], true).unwrap();
+            let b: Vec<(Key, Vec<u8>)> = (10..14i64).map(|i| ((MSG, i), body(i, 3000))).collect();
+            log.append(&b, &[], true).unwrap();
+        };
+        for (lost, kept) in [
+            // B's first page lost (its first record's header reads as zeros).
+            ((117u64, 4096u64), vec![1i64]),
+            // The page in the middle lost: B's second record is bad, its header intact.
+            ((4096, 8192), vec![1, 10]),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path());
+            let seg = segment_path(dir.path(), 1);
+            lose(&seg, lost.0, lost.1);
+            let log = QueueLog::open(dir.path()).unwrap();
+            assert_eq!(log.damage(), (0, 0), "a torn append is no damage ({lost:?})");
+            assert!(!seg.with_extension("qlog.damaged").exists(), "nothing kept aside");
+            let mut have = Vec::new();
+            log.for_each(|(_, id), b| {
+                assert_eq!(b, body(id, if id == 1 { 100 } else { 3000 }));
+                have.push(id);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(have, kept, "{lost:?}");
+        }
+    }
+
+    /// The copy aside of a segment cut at a damaged record is best effort: when it cannot be
+    /// made (here its name is taken by a directory; a full disk does the same) the open goes on.
+    #[test]
+    fn a_failed_copy_aside_does_not_stop_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = QueueLog::open(dir.path()).unwrap();
+            for id in 0..6i64 {
+                log.append(&[((MSG, id), &[id as u8; 40][..])], &[], true).unwrap();
+            }
+        }
+        std::fs::create_dir(segment_path(dir.path(), 1).with_extension("qlog.damaged")).unwrap();
+        // id 1's length: whole records follow, but not where it points: a cut, with a copy.
+        flip(dir.path(), 1, 57 + 13);
+        let log = QueueLog::open(dir.path()).unwrap();
+        assert_eq!(log.damage(), (0, 1), "a segment cut, counted");
+        assert_eq!(log.get((MSG, 0)).unwrap(), Some(vec![0u8; 40]));
+    }
+
     /// A segment missing between two others (segments are numbered in order and deleted oldest
     /// first) lost records or removals: counted as a damaged segment at every open.
     #[test]
@@ -2232,6 +2402,36 @@ mod tests {
         assert_eq!(log.get((MSG, 1)).unwrap(), None, "an acknowledged record came back");
         assert_eq!(log.get((MSG, 2)).unwrap().as_deref(), Some(&b"queued"[..]));
         assert_eq!(log.damage(), (0, 0));
+    }
+
+    /// A deletion that keeps failing is logged (and returned as an error) once, not at every
+    /// compaction tick; compaction waits quietly meanwhile, appends go on, and once it is
+    /// deleted compaction goes on (a new failure is logged again).
+    #[test]
+    fn a_deletion_that_keeps_failing_is_logged_once_and_appends_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = QueueLog::open_with(dir.path(), 16, false).unwrap();
+        log.append(&[((MSG, 1), b"acknowledged")], &[], true).unwrap();
+        log.append::<&[u8]>(&[], &[(MSG, 1)], true).unwrap();
+        log.append(&[((MSG, 2), b"queued")], &[], true).unwrap();
+        log.fail_removes(true);
+        log.compact_step().unwrap_err();
+        for _ in 0..5 {
+            assert!(!log.compact_step().unwrap(), "the same failure: quiet, nothing done");
+        }
+        assert_eq!(log.unlink_errors_logged.load(SeqCst), 1, "logged once");
+        assert!(segment_path(dir.path(), 1).exists());
+        log.append(&[((MSG, 3), b"more")], &[], true).unwrap();
+        assert_eq!(log.get((MSG, 3)).unwrap().as_deref(), Some(&b"more"[..]));
+        log.fail_removes(false);
+        compact_all(&log);
+        assert!(!segment_path(dir.path(), 1).exists());
+        assert_eq!(log.get((MSG, 1)).unwrap(), None);
+        // Fails again after a success: logged again.
+        log.append::<&[u8]>(&[], &[(MSG, 2), (MSG, 3)], true).unwrap();
+        log.fail_removes(true);
+        let _ = log.compact_step();
+        assert_eq!(log.unlink_errors_logged.load(SeqCst), 2);
     }
 
     /// Every open starts a segment: restarts while the oldest holds a live record leave empty
