@@ -375,20 +375,17 @@ fn whole_record_at(window: &mut Window<'_>, off: u64) -> io::Result<bool> {
 /// silent loss). An all-zero header costs nothing (no record has one: the CRC of zeros is not
 /// 0), so a hole of zeros cannot spend the budget.
 ///
-/// It answers false at an all-zero [`PAGE`]-aligned block before any whole record: the old
-/// content of a page an append spanned whose write a crash lost while a later page's reached
-/// the disk (the room ahead of the appends is zeros). A whole record after such a block is
-/// of that same append, never answered as durable: a torn append, not damage. (Real damage
-/// before a record whose body holds a whole aligned block of zeros is then taken for a torn
-/// append: the price of never counting, nor keeping aside, an ordinary power loss.)
+/// A power loss during the sync of an append spanning pages may save a later page of it and
+/// not an earlier one (which reads as the zero room written ahead): its whole records after
+/// the hole are then found, and the tear is counted and kept aside like damage. That is a
+/// false alarm, never a loss (nothing of that append was answered as durable); telling it
+/// from a page of synced records lost on the disk, which must never be cut silently, needs a
+/// marker of the synced length the log does not write.
 fn whole_record_after(window: &mut Window<'_>, off: u64) -> io::Result<bool> {
     let mut read = 0u64;
     let mut at = off;
     while let Some(next) = at.checked_add(1) {
         at = next;
-        if at % PAGE == 0 && window.get(at, PAGE)?.is_some_and(|b| b.iter().all(|x| *x == 0)) {
-            return Ok(false);
-        }
         let Some(h) = window.get(at, HEADER as u64)? else {
             return Ok(false);
         };
@@ -418,10 +415,6 @@ fn whole_record_after(window: &mut Window<'_>, off: u64) -> io::Result<bool> {
 
 /// Bytes of candidate records [`whole_record_after`] reads at most.
 const SCAN_BUDGET: u64 = 64 * COPY_CHUNK as u64;
-
-/// The page size a torn append is judged by ([`whole_record_after`]): what a disk writes
-/// whole or not at all (at least), and the kernel's page.
-const PAGE: u64 = 4096;
 
 /// The body of the record of `key` at `at` of `buf` (read from `loc`), or an error naming it
 /// when what is there is not that record.
@@ -724,15 +717,11 @@ impl QueueLog {
                 if !window.zeros_from(off)? {
                     // In the last segment, a torn append after a crash when no whole record
                     // follows anywhere. One that does (the damaged record's length is what
-                    // changed, so it does not point at it) shows damage, as in any other;
-                    // but not after an all-zero header, nor past an all-zero page
-                    // ([`whole_record_after`]): an append spanning pages whose sync a power
-                    // loss cut short leaves the pages it never wrote as they were (zeros, the
-                    // room written ahead), and the later ones it wrote hold whole records.
-                    let zero_header = window
-                        .get(off, HEADER as u64)?
-                        .is_some_and(|h| h.iter().all(|x| *x == 0));
-                    if last && (zero_header || !whole_record_after(&mut window, off)?) {
+                    // changed, so it does not point at it) shows damage, as in any other (or,
+                    // rarely, a power loss that saved a later page of an append and not an
+                    // earlier one: counted too, a false alarm rather than a silent cut of
+                    // synced records; see [`whole_record_after`]).
+                    if last && !whole_record_after(&mut window, off)? {
                         tracing::warn!(
                             segment = %path.display(),
                             dropped = len - off,
@@ -2168,14 +2157,7 @@ mod tests {
                             continue;
                         }
                         None => {
-                            let zero = |b: &[u8]| b.iter().all(|x| *x == 0);
-                            let zero_header = bytes.get(s..s + HEADER).is_some_and(zero);
-                            let zero_page = |r: usize| {
-                                (s + 1..=r).any(|a| a % 4096 == 0 && bytes.get(a..a + 4096).is_some_and(zero))
-                            };
-                            cut_counted = u64::from(
-                                rest.iter().find(|r| intact(r)).is_some_and(|r| !zero_header && !zero_page(r.0)),
-                            );
+                            cut_counted = u64::from(rest.iter().any(intact));
                             break;
                         }
                     }
@@ -2299,12 +2281,14 @@ mod tests {
         );
     }
 
-    /// A power loss during the sync of an append spanning pages: the disk got a later page but
-    /// not an earlier one, which still reads as the zeros written ahead of the appends. The
-    /// whole records of that later page are of the torn append (never answered as durable):
-    /// a torn tail, not damage, neither counted nor kept aside, and what came before stays.
+    /// A page of the last segment that reads as zeros, whole records after it: records synced
+    /// long ago whose page the disk lost, or a power loss that saved a later page of an append
+    /// and not an earlier one. Nothing on the disk tells the two apart, so it is counted and
+    /// kept aside, never cut silently: a false alarm after such a power loss, never a silent
+    /// loss of synced mail (a rule taking an all-zero header or page for a torn append cut
+    /// synced records past it without a word).
     #[test]
-    fn a_power_loss_mid_sync_across_pages_is_a_torn_append_not_damage() {
+    fn a_page_lost_in_the_last_segment_is_counted_and_kept_aside_never_cut_silently() {
         // A: one 117-byte record (0..117). B: four 3017-byte records, at 117, 3134, 6151 and
         // 9168: across the pages 0..4096, 4096..8192 and 8192..12288.
         let write = |dir: &Path| {
@@ -2324,8 +2308,8 @@ mod tests {
             let seg = segment_path(dir.path(), 1);
             lose(&seg, lost.0, lost.1);
             let log = QueueLog::open(dir.path()).unwrap();
-            assert_eq!(log.damage(), (0, 0), "a torn append is no damage ({lost:?})");
-            assert!(!seg.with_extension("qlog.damaged").exists(), "nothing kept aside");
+            assert_eq!(log.damage(), (0, 1), "a lost page is counted ({lost:?})");
+            assert!(seg.with_extension("qlog.damaged").exists(), "the segment kept aside");
             let mut have = Vec::new();
             log.for_each(|(_, id), b| {
                 assert_eq!(b, body(id, if id == 1 { 100 } else { 3000 }));
