@@ -105,29 +105,7 @@ async fn keep_alive_request(s: &mut TcpStream) -> String {
     s.write_all(b"GET /invitation HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match tokio::time::timeout(WAIT, s.read(&mut b)).await {
-            Ok(Ok(1)) => head.push(b[0]),
-            other => panic!("no answer: {other:?} after {:?}", String::from_utf8_lossy(&head)),
-        }
-    }
-    let head = String::from_utf8_lossy(&head).to_string();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length:")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no content-length: {head}"));
-    let mut body = vec![0u8; len];
-    tokio::time::timeout(WAIT, s.read_exact(&mut body))
-        .await
-        .unwrap()
-        .unwrap();
-    head.lines().next().unwrap().to_string()
+    read_answer(s).await
 }
 
 #[actix_rt::test]

@@ -392,27 +392,6 @@ async fn every_operator_action_needs_the_token() {
     assert_eq!((st, c["mediation"].as_str()), (200, Some("granted")), "{c}");
 }
 
-/// Reads one answer (head and `Content-Length` body) from a raw kept-alive connection; its
-/// status line.
-async fn read_answer(s: &mut tokio::net::TcpStream) -> String {
-    use tokio::io::AsyncReadExt;
-    let head = String::from_utf8_lossy(&read_until(s, b"\r\n\r\n", "an answer's head").await).into_owned();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length:")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no content-length: {head}"));
-    let mut body = vec![0u8; len];
-    tokio::time::timeout(WAIT, s.read_exact(&mut body))
-        .await
-        .expect("the answer's body in time")
-        .unwrap();
-    head.lines().next().unwrap_or_default().to_string()
-}
-
 /// Whether the node closes `s` (EOF or reset) within `within`, reading and dropping whatever
 /// else it sends.
 async fn closed_within(s: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {

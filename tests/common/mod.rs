@@ -101,6 +101,27 @@ pub async fn read_until(s: &mut (impl tokio::io::AsyncReadExt + Unpin), end: &[u
     got
 }
 
+/// Reads one answer (head and `Content-Length` body) from a raw kept-alive connection; its
+/// status line.
+pub async fn read_answer(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let head = String::from_utf8_lossy(&read_until(s, b"\r\n\r\n", "an answer's head").await).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no content-length: {head}"));
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(WAIT, s.read_exact(&mut body))
+        .await
+        .expect("the answer's body in time")
+        .unwrap();
+    head.lines().next().unwrap_or_default().to_string()
+}
+
 /// A WebSocket opened by hand on a socket with a 4 KiB receive buffer, never read after
 /// the handshake.
 pub async fn deaf_socket(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
