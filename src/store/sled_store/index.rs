@@ -12,6 +12,10 @@ use crate::store::{ConnId, MessageId};
 /// by the same prune).
 pub(super) const DEDUP_DUE_WALK: usize = 4;
 pub(super) const DEDUP_DUE_WALK_MIN: usize = 1024;
+/// How far (ms) a dedup record may be older than the one made before it with the pruning
+/// order left as it is ([`Queues::push_dedup`]): forwards of one batch, or of two writers,
+/// taken with the same clock a moment apart. Their pruning waits at most this long.
+pub(super) const DEDUP_ORDER_SLACK_MS: i64 = 1_000;
 /// A lease owner's name, shared by the messages it leased and [`Queues::by_owner`]: one
 /// pointer in each message's [`Meta`] (an `Arc<str>` is two), which keeps `Meta` at 48 bytes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -194,6 +198,10 @@ pub(super) struct Queues {
     /// Dedup records in the order they were made, for [`Store::prune_dedup`]. An entry whose
     /// record was replaced (a later copy) or removed since is skipped when it is reached.
     pub(super) dedup_order: VecDeque<(i64, Arc<str>, [u8; 32])>,
+    /// An entry was pushed more than [`DEDUP_ORDER_SLACK_MS`] older than the one before it
+    /// (the wall clock was stepped back, or had been ahead): the next prune sorts the order
+    /// first ([`Queues::sort_dedup_if_stepped`]).
+    pub(super) dedup_unsorted: bool,
     pub(super) dedup_count: u64,
     /// The latest cutoff of [`Store::prune_dedup`] (persisted as `DEDUP_PRUNED_BEFORE_KEY`).
     pub(super) dedup_pruned_before: i64,
@@ -419,6 +427,38 @@ impl Queues {
         order.make_contiguous().sort_unstable_by_key(|e| e.0);
         self.dedup_count = total as u64;
         self.dedup_order = order;
+        self.dedup_unsorted = false;
+    }
+
+    /// Adds a dedup record made at `at` (its message's `received_at_ms`) to the end of the
+    /// pruning order. A prune stops at the first entry not yet due, so the order must stay
+    /// oldest first: an entry older than the last by more than [`DEDUP_ORDER_SLACK_MS`] (the
+    /// wall clock stepped back) marks the order for a sort. Without it, the entries made before
+    /// the step (or while the clock ran ahead) held back the pruning of every entry behind
+    /// them for as long as the step: memory grew by that much of the window's forwards.
+    pub(super) fn push_dedup(&mut self, at: i64, name: Arc<str>, key: [u8; 32]) {
+        if self
+            .dedup_order
+            .back()
+            .is_some_and(|(last, _, _)| at < last.saturating_sub(DEDUP_ORDER_SLACK_MS))
+        {
+            self.dedup_unsorted = true;
+        }
+        self.dedup_order.push_back((at, name, key));
+    }
+
+    /// Sorts the pruning order, oldest first, when a step of the clock left it out of order
+    /// ([`Queues::push_dedup`]): once per step, not per entry. Called by a prune before it
+    /// reads the order, under its lock (a sort between its read and its drop would pop
+    /// entries it did not read).
+    pub(super) fn sort_dedup_if_stepped(&mut self) {
+        if std::mem::take(&mut self.dedup_unsorted) {
+            tracing::info!(
+                entries = self.dedup_order.len(),
+                "sled: the wall clock stepped back: the dedup records' pruning order is sorted again"
+            );
+            self.dedup_order.make_contiguous().sort_unstable_by_key(|e| e.0);
+        }
     }
 
     /// What a prune with cutoff `before_ms` removes, at most `max` entries, read without

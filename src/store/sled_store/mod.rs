@@ -1198,6 +1198,35 @@ mod tests {
         assert_eq!(times(&s), ((15..30).collect::<Vec<_>>(), 15));
     }
 
+    /// A wall clock stepped back an hour: the forwards made after the step are pruned when
+    /// their window ends, not an hour later behind those made before it (a prune stops at the
+    /// first entry not yet due). Small disorder (within the slack) leaves the order as it is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dedup_records_made_after_the_clock_stepped_back_are_pruned_in_their_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let hour = 3_600_000;
+        let lim = dedup_window(60_000);
+        let s = SledStore::open(dir.path()).await.unwrap();
+        for i in 0..6u8 {
+            let at = if i < 3 { t0 + hour } else { t0 };
+            let m = new_msg("a", &format!("m{i}"), at + i64::from(i), Some(i));
+            s.enqueue(vec![m], &lim).await.unwrap();
+        }
+        assert_eq!(s.prune_dedup(t0 + 100, 100).await.unwrap(), 3, "the 3 made after the step");
+        assert_eq!(s.prune_dedup(t0 + hour + 100, 100).await.unwrap(), 3);
+        // Within the slack: no sort, the later entries wait at most that long.
+        let t1 = t0 + 10 * hour;
+        for (i, back) in [(6u8, 0), (7, index::DEDUP_ORDER_SLACK_MS)] {
+            s.enqueue(vec![new_msg("a", &format!("m{i}"), t1 - back, Some(i))], &lim)
+                .await
+                .unwrap();
+        }
+        let inner = s.slot.get().unwrap();
+        assert!(!inner.queues.lock().dedup_unsorted);
+        assert_eq!(s.prune_dedup(t1 + 1, 100).await.unwrap(), 2);
+    }
+
     /// A prune walks a bounded run of the pruning order under the queues' lock at a time: the
     /// entries of a deleted connection (skipped, as it removed them) go a run at a time, and
     /// one call still prunes up to its bound of the due entries behind them (less than its

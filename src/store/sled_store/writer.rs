@@ -230,7 +230,7 @@ impl Inner {
                         None => q.dedup_count += 1,
                         Some((old, _)) => superseded.push((KIND_DEDUP, old)),
                     }
-                    q.dedup_order.push_back((m.received_at_ms, name, dk));
+                    q.push_dedup(m.received_at_ms, name, dk);
                 }
             }
         }
