@@ -1128,6 +1128,40 @@ async fn unacknowledged_deliveries_on_close_wake_the_wallet() {
     assert_eq!(hits[0].body["message"]["data"]["message_count"], "1");
 }
 
+/// A socket that delivered A's queued mail (its own drain's lease, not a hand-off) and was then
+/// rebound by B (a message of B's with return route) gives A's unacknowledged delivery back as
+/// it closes, and A is pushed at once. Before, the release woke only B, the connection bound
+/// at the end: A's message was pending again with nobody told until new mail came (the lease,
+/// here two minutes, was not left to run out, so no reclaim pushed either).
+#[actix_rt::test]
+async fn a_socket_rebound_to_another_connection_wakes_the_one_it_left_as_it_closes() {
+    let si = StandIn::start();
+    let pc = si.push_config(0, &["proj-a"], false);
+    let (_d, n, a, k) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, move |c| {
+        c.push = Some(pc);
+        c.delivery.lease_ms = 120_000;
+    })
+    .await;
+    let (b, _) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    set_device(&a, FCM, json!("left-token"), Some("android")).await;
+    forward(&n, &a, &k, "drained").await;
+    wait_hits(&si, "fcm:", 1).await;
+    let mut ws = live_socket(&a, &n).await;
+    loop {
+        if type_name(&ws_next_message(&a, &mut ws).await) == "delivery" {
+            break;
+        }
+    }
+    let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": new_id(),
+        "response_requested": true, "~transport": {"return_route": "all"}});
+    let pong = ws_request(&b, &mut ws, &ping).await;
+    assert_eq!(type_name(&pong), "ping_response", "on B's socket: {pong}");
+    ws.close().await;
+    let hits = wait_hits(&si, "fcm:", 2).await;
+    assert_clean(&hits);
+    assert_eq!(hits[1].body["message"]["data"]["message_count"], "1");
+}
+
 /// A wallet that picked up over HTTP and went away before acknowledging hears of its mail
 /// again: once the lease runs out, the messages go back to the queue and the wallet is pushed
 /// (it holds no session, so nobody else would tell it). A message delivered

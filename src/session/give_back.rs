@@ -35,7 +35,9 @@ impl SocketEnd {
         std::mem::take(&mut *self.lent.lock())
     }
 
-    fn lent_for(&self, conn: &str) {
+    /// Records `conn` as one this socket's owner holds leases for: the socket's end releases
+    /// them and wakes `conn` (its wallet is told of the messages given back).
+    pub(super) fn lent_for(&self, conn: &str) {
         let mut lent = self.lent.lock();
         if !lent.iter().any(|c| c == conn) {
             lent.push(conn.to_owned());

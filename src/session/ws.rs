@@ -505,10 +505,14 @@ impl WsSession {
     /// carries over (its live window, its mode: the new connection did not ask for live mode),
     /// and the messages handed to this socket for `old`, written or held back, go back to it
     /// at once. (Deliveries this session leased for `old` go back as their lease runs out or
-    /// the session ends; one still being leased goes back as it lands, see `push`.)
+    /// the session ends; one still being leased goes back as it lands, see `push`.) `old` is
+    /// recorded as lent for: the session's end, which releases every lease of its owner,
+    /// wakes `old` too, else a wallet given back a delivery it never acknowledged would not be
+    /// told (pushed) until new mail came.
     fn leave(&mut self, old: &str) {
         self.window.clear();
         self.mode = Mode::Quiet;
+        self.end.lent_for(old);
         let ids = self.handed_ids();
         if !ids.is_empty() {
             self.shared.hand_back_later(old.to_string(), ids);
