@@ -19,7 +19,8 @@ use crate::store::{ConnId, Connection, MediationState, MessageId, QueuedMessage,
 /// connection ids and keys; a longer head takes one more read.
 const HEAD_READ: usize = 256;
 
-/// A read of the queue log as a store error: what does not read back is `Corrupt`.
+/// A read of the queue log as a store error: what does not read back, or does not read at all
+/// (a bad sector: [`QueueLog::get`]), is `Corrupt`; anything else is transient.
 fn log_read_err(e: std::io::Error) -> StoreError {
     match e.kind() {
         std::io::ErrorKind::InvalidData => StoreError::Corrupt(format!("sled: {e}")),
@@ -568,10 +569,12 @@ impl Inner {
     }
 
     /// Reads the messages of `conn` just leased (id, attempts) and records their attempt
-    /// counts. A message whose record does not read back is set aside
-    /// ([`Inner::or_set_aside`]) and the others are returned.
+    /// counts. A message whose record does not read back (or does not read: a bad sector) is
+    /// set aside ([`Inner::or_set_aside`]) and the others are returned. An attempt count that
+    /// cannot be written is logged, not the lease's failure: the messages read are delivered.
     pub(super) fn load_leased(&self, conn: &str, picked: Vec<(MessageId, u32)>) -> StoreResult<Vec<QueuedMessage>> {
         let mut out = Vec::with_capacity(picked.len());
+        let mut counting = true;
         for (id, n) in picked {
             // A message acked or expired meanwhile is simply not returned.
             let Some(Some(v)) = self.or_set_aside(conn, id, self.msg_record(id))? else {
@@ -589,10 +592,14 @@ impl Inner {
                 attempts: n,
             });
             // One record each, not a `sled::Batch`: see `forget_acked`. Not flushed: losing
-            // an attempt count only under-reports redeliveries.
-            self.attempts
-                .insert(encode_id(id), &n.to_be_bytes())
-                .map_err(unavailable)?;
+            // an attempt count only under-reports redeliveries (so a failure is logged once,
+            // and the lease's other counts are not tried).
+            if counting {
+                if let Err(e) = self.attempts.insert(encode_id(id), &n.to_be_bytes()) {
+                    tracing::warn!(error = %e, "sled: attempt counts of leased messages not recorded");
+                    counting = false;
+                }
+            }
         }
         Ok(out)
     }
@@ -752,7 +759,8 @@ impl Inner {
                 Ok(Some(v)) => records.push((*id, v)),
                 Ok(None) => {}
                 // Leaving the queue anyway: without its dedup record, not stuck in the queue
-                // (every removal of it, and of the messages removed with it, would fail).
+                // (every removal of it, and of the messages removed with it, would fail). A
+                // head on a bad sector arrives here too ([`QueueLog::get_head`]).
                 Err(StoreError::Corrupt(why)) => unreadable_dedup(*id, &why),
                 Err(e) => return Err(e),
             }

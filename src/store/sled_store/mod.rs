@@ -911,6 +911,97 @@ mod tests {
         got.iter().map(|m| m.id).collect()
     }
 
+    /// The ids queued for `conn`, lowest first (read from the index: no record is read).
+    fn queued_ids(s: &SledStore, conn: &str) -> Vec<MessageId> {
+        let inner = s.slot.get().unwrap();
+        let q = inner.queues.lock();
+        q.by_conn
+            .get(conn)
+            .map_or(Vec::new(), |cq| cq.msgs.keys().copied().collect())
+    }
+
+    /// A queued message whose record no longer reads (EIO: a bad sector) is set aside as one
+    /// failing its CRC is: the lease returns the others, it is counted, and a reopen agrees.
+    /// Before, the lease failed as unavailable, and every later one picked the same ids and
+    /// failed again: the queue was stalled for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_on_a_bad_sector_is_set_aside_and_the_lease_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let s = SledStore::open(dir.path()).await.unwrap();
+        enqueue_each(&s, &["A", "B", "C"], false).await;
+        let b = queued_ids(&s, "c")[1];
+        s.slot.log.fail_reads_at((records::KIND_MSG, b), true);
+        let got = s.lease("c", 3, "o", t0, t0 + 1_000).await.unwrap();
+        assert_eq!(payloads(&got), [b"A", b"C"]);
+        let log = s.queue_log().await.unwrap().unwrap();
+        assert_eq!((log.damaged_records, log.damaged_segments), (1, 0), "{log:?}");
+        assert_eq!(s.total_queued().await.unwrap(), 2);
+        let again = s.lease("c", 3, "o", t0 + 1_000, t0 + 2_000).await.unwrap();
+        assert_eq!(payloads(&again), [b"A", b"C"], "the lease after expiry");
+        drop(s);
+        let s = SledStore::open(dir.path()).await.unwrap();
+        assert_eq!(s.total_queued().await.unwrap(), 2);
+    }
+
+    /// A pickup filtered by key reads the heads of the pending messages: one whose head does
+    /// not read (EIO) is set aside, and the others are counted and delivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_head_on_a_bad_sector_does_not_stall_a_pickup_filtered_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let s = SledStore::open(dir.path()).await.unwrap();
+        enqueue_each(&s, &["A", "B", "C"], false).await;
+        let b = queued_ids(&s, "c")[1];
+        s.slot.log.fail_reads_at((records::KIND_MSG, b), true);
+        let stats = s.pending_stats("c", Some("rk-c"), t0).await.unwrap();
+        assert_eq!(stats.count, 2, "{stats:?}");
+        let got = s.lease_for_key("c", "rk-c", 3, "o", t0, t0 + 1_000).await.unwrap();
+        assert_eq!(payloads(&got), [b"A", b"C"]);
+        assert_eq!(s.queue_log().await.unwrap().unwrap().damaged_records, 1);
+    }
+
+    /// A message leaving the queue (acknowledged, expired) whose head does not read (EIO)
+    /// leaves without its dedup record: before, every acknowledgement of its batch and every
+    /// expiry failed for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_on_a_bad_sector_can_still_be_acknowledged_or_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let s = SledStore::open(dir.path()).await.unwrap();
+        enqueue_each(&s, &["A", "B"], true).await;
+        let expiring = NewMessage {
+            expires_at_ms: Some(t0 + 10),
+            ..new_msg("c", "X", t0, Some(9))
+        };
+        s.enqueue(vec![expiring], &dedup_window(60_000)).await.unwrap();
+        let ids = queued_ids(&s, "c");
+        let got = s.lease("c", 2, "o", t0, t0 + 1_000).await.unwrap();
+        assert_eq!(payloads(&got), [b"A", b"B"]);
+        for id in &ids[1..] {
+            s.slot.log.fail_reads_at((records::KIND_MSG, *id), true);
+        }
+        assert_eq!(s.ack_leased("c", &ids_of(&got)).await.unwrap().len(), 2);
+        assert_eq!(s.expire_due(t0 + 20, 10).await.unwrap(), 1);
+        assert_eq!(s.total_queued().await.unwrap(), 0);
+        assert_eq!(s.dedup_tree_len_for_test(), 1, "A's dedup record; none for B or X");
+    }
+
+    /// A read that fails once (a transient error) is tried again: the message is delivered,
+    /// not set aside.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_that_fails_once_still_delivers_the_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let s = SledStore::open(dir.path()).await.unwrap();
+        enqueue_each(&s, &["A", "B", "C"], false).await;
+        let b = queued_ids(&s, "c")[1];
+        s.slot.log.fail_next_read_at((records::KIND_MSG, b));
+        let got = s.lease("c", 3, "o", t0, t0 + 1_000).await.unwrap();
+        assert_eq!(payloads(&got), [b"A", b"B", b"C"]);
+        assert_eq!(s.queue_log().await.unwrap().unwrap().damaged_records, 0);
+    }
+
     /// A queue log record that reads back whole but is of a kind, or a message format, this
     /// version does not know (a newer version wrote it) no longer keeps the store from opening:
     /// it is left out of the queue with a warning and counted, as an unreadable push window
@@ -1213,7 +1304,11 @@ mod tests {
             let m = new_msg("a", &format!("m{i}"), at + i64::from(i), Some(i));
             s.enqueue(vec![m], &lim).await.unwrap();
         }
-        assert_eq!(s.prune_dedup(t0 + 100, 100).await.unwrap(), 3, "the 3 made after the step");
+        assert_eq!(
+            s.prune_dedup(t0 + 100, 100).await.unwrap(),
+            3,
+            "the 3 made after the step"
+        );
         assert_eq!(s.prune_dedup(t0 + hour + 100, 100).await.unwrap(), 3);
         // Within the slack: no sort, the later entries wait at most that long.
         let t1 = t0 + 10 * hour;

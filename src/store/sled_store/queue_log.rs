@@ -269,6 +269,8 @@ pub(super) struct QueueLog {
     /// The next write fails as a `pwrite` on a full disk would, writing nothing (tests).
     #[cfg(test)]
     fail_write: AtomicBool,
+    /// Record reads made to fail (tests; nothing otherwise).
+    faults: ReadFaults,
     /// The segment whose deletion failed last, and how, until one succeeds: a failure is
     /// logged as an error once, not at every compaction tick while it lasts. Lock order:
     /// `state`, then this.
@@ -428,26 +430,113 @@ fn read_back<'a>(buf: &'a [u8], at: usize, key: Key, loc: &Loc) -> io::Result<&'
     }
 }
 
+/// Record reads made to fail as on a bad sector (tests: [`QueueLog::fail_reads_at`]); holds
+/// nothing outside tests, where [`ReadFaults::check`] is a no-op.
+#[derive(Default)]
+struct ReadFaults {
+    #[cfg(test)]
+    at: Mutex<Vec<Fault>>,
+}
+
+/// Bytes `from..to` of segment `seg` fail to read `left` more times (`None`: always).
+#[cfg(test)]
+struct Fault {
+    seg: u64,
+    from: u64,
+    to: u64,
+    left: Option<u32>,
+}
+
+impl ReadFaults {
+    /// EIO for a read of `n` bytes at `off` of segment `seg` that overlaps bytes made to fail.
+    #[cfg_attr(not(test), allow(unused_variables))]
+    fn check(&self, seg: u64, off: u64, n: usize) -> io::Result<()> {
+        #[cfg(test)]
+        {
+            let end = off + n as u64;
+            let mut at = self.at.lock();
+            let hit = at
+                .iter_mut()
+                .find(|f| f.seg == seg && off < f.to && end > f.from && f.left != Some(0));
+            if let Some(f) = hit {
+                if let Some(left) = &mut f.left {
+                    *left -= 1;
+                }
+                return Err(io::Error::from_raw_os_error(5));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads `buf.len()` bytes at `off` of segment `seg` (`file`), once.
+fn read_at(file: &File, buf: &mut [u8], seg: u64, off: u64, faults: &ReadFaults) -> io::Result<()> {
+    faults.check(seg, off, buf.len())?;
+    file.read_exact_at(buf, off)
+}
+
+/// Whether a read error says the bytes are gone from the medium, not that the read could not
+/// be made now: EIO (a bad sector), EBADMSG (ext4's checksum error), EUCLEAN (XFS's
+/// corruption error), or a file shorter than the record (truncated under the log).
+fn medium_error(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EIO | libc::EBADMSG | libc::EUCLEAN))
+        || e.kind() == io::ErrorKind::UnexpectedEof
+}
+
+/// Reads the first `buf.len()` bytes of the record of `key` at `loc`, the one way a record is
+/// read: a failed read is tried twice more (after 1 ms and 10 ms: only error paths wait, on
+/// blocking or compaction threads), and one that still fails on the medium
+/// ([`medium_error`]) is an `InvalidData` error naming the record, as a record failing its
+/// CRC is: the callers' recovery for damage (set aside, dropped by compaction, left out of a
+/// walk) then covers a bad sector, which otherwise failed every lease of the queue, or every
+/// compaction, for good. Any other error is returned as it is (a transient one: retried by
+/// whoever asked).
+fn read_record(file: &File, key: Key, loc: &Loc, buf: &mut [u8], faults: &ReadFaults) -> io::Result<()> {
+    let mut waits = [1, 10].into_iter();
+    loop {
+        let e = match read_at(file, buf, loc.seg(), loc.off(), faults) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        match waits.next() {
+            Some(ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
+            None if medium_error(&e) => {
+                return Err(corrupt(format!(
+                    "queue log: record {key:?} at {}:{} does not read: {e}",
+                    loc.seg, loc.off
+                )))
+            }
+            None => return Err(e),
+        }
+    }
+}
+
 /// Records of a segment read for compaction to copy ([`read_for_copy`]).
 struct ReadForCopy {
     /// Those that read back, with their bytes.
     whole: Vec<(Key, Loc, Vec<u8>)>,
-    /// Those that do not: damaged on the disk since replay checked them.
+    /// Those that do not, or do not read at all ([`read_record`]): damaged on the disk since
+    /// replay checked them.
     damaged: Vec<(Key, Loc)>,
 }
 
 /// Reads the records `chunk` locates in `file` (a segment that is not current, whose records
 /// never change: read outside the log's lock) for compaction to copy, each checked as
-/// [`read_back`] does.
-fn read_for_copy(file: &File, chunk: &[(Key, Loc)]) -> io::Result<ReadForCopy> {
+/// [`read_back`] does. A record on a bad sector is damaged too: else every compaction step
+/// failed on it, the oldest segment stayed, and no segment was ever deleted again.
+fn read_for_copy(file: &File, chunk: &[(Key, Loc)], faults: &ReadFaults) -> io::Result<ReadForCopy> {
     let mut read = ReadForCopy {
         whole: Vec::with_capacity(chunk.len()),
         damaged: Vec::new(),
     };
     for (key, loc) in chunk {
         let mut rec = vec![0u8; loc.size() as usize];
-        file.read_exact_at(&mut rec, loc.off())?;
-        if read_back(&rec, 0, *key, loc).is_ok() {
+        let whole = match read_record(file, *key, loc, &mut rec, faults) {
+            Ok(()) => read_back(&rec, 0, *key, loc).is_ok(),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => false,
+            Err(e) => return Err(e),
+        };
+        if whole {
             read.whole.push((*key, *loc, rec));
         } else {
             read.damaged.push((*key, *loc));
@@ -460,6 +549,8 @@ fn read_for_copy(file: &File, chunk: &[(Key, Loc)]) -> io::Result<ReadForCopy> {
 /// holds one chunk of a segment, not the whole segment (64 MiB), whatever the segment's size.
 struct Window<'a> {
     file: &'a File,
+    /// The file's path, for the errors of its reads.
+    path: &'a Path,
     /// The file's length.
     len: u64,
     /// Offset in the file of `buf[0]`.
@@ -468,9 +559,10 @@ struct Window<'a> {
 }
 
 impl<'a> Window<'a> {
-    fn new(file: &'a File, len: u64) -> Self {
+    fn new(file: &'a File, path: &'a Path, len: u64) -> Self {
         Window {
             file,
+            path,
             len,
             start: 0,
             buf: Vec::new(),
@@ -486,7 +578,13 @@ impl<'a> Window<'a> {
         if off < self.start || off + n > self.start + self.buf.len() as u64 {
             let read = n.max(COPY_CHUNK as u64).min(self.len - off);
             self.buf.resize(read as usize, 0);
-            self.file.read_exact_at(&mut self.buf, off)?;
+            // Named: a read that fails here fails the open, and the operator must know where.
+            self.file.read_exact_at(&mut self.buf, off).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("queue log: {} does not read at offset {off}: {e}", self.path.display()),
+                )
+            })?;
             self.start = off;
         }
         let at = (off - self.start) as usize;
@@ -594,6 +692,7 @@ impl QueueLog {
             read_bytes: AtomicU64::new(0),
             #[cfg(test)]
             fail_write: AtomicBool::new(false),
+            faults: ReadFaults::default(),
             unlink_failing: Mutex::new(None),
             #[cfg(test)]
             fail_remove: AtomicBool::new(false),
@@ -647,7 +746,7 @@ impl QueueLog {
             let path = segment_path(dir, n);
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
             let len = file.metadata()?.len();
-            let mut window = Window::new(&file, len);
+            let mut window = Window::new(&file, &path, len);
             let mut off = 0u64;
             while let Some(h) = window.get(off, HEADER as u64)? {
                 let body_len = u32::from_le_bytes(h[13..17].try_into().expect("4 bytes"));
@@ -984,13 +1083,14 @@ impl QueueLog {
         Some((loc, file))
     }
 
-    /// The body of a live record.
+    /// The body of a live record; an `InvalidData` error when it does not read back, or does
+    /// not read at all ([`read_record`]).
     pub(super) fn get(&self, key: Key) -> io::Result<Option<Vec<u8>>> {
         let Some((loc, file)) = self.locate(key) else {
             return Ok(None);
         };
         let mut rec = vec![0u8; loc.size() as usize];
-        file.read_exact_at(&mut rec, loc.off())?;
+        read_record(&file, key, &loc, &mut rec, &self.faults)?;
         self.note_read(rec.len());
         read_back(&rec, 0, key, &loc).map(|body| Some(body.to_vec()))
     }
@@ -1008,7 +1108,7 @@ impl QueueLog {
             return Ok(None);
         };
         let mut rec = vec![0u8; HEADER + n.min(loc.len as usize)];
-        file.read_exact_at(&mut rec, loc.off())?;
+        read_record(&file, key, &loc, &mut rec, &self.faults)?;
         self.note_read(rec.len());
         let id = i64::from_le_bytes(rec[5..13].try_into().expect("8 bytes"));
         if (rec[4], id) != key {
@@ -1196,6 +1296,32 @@ impl QueueLog {
         self.fail_remove.store(true, SeqCst);
     }
 
+    /// Every read overlapping the bytes of live record `key` where it is now fails with EIO
+    /// (`true`), as on a bad sector, until called with `false` (tests).
+    #[cfg(test)]
+    pub(super) fn fail_reads_at(&self, key: Key, on: bool) {
+        self.fail_reads(key, on.then_some(None));
+    }
+
+    /// The next read overlapping the bytes of live record `key` fails with EIO, the reads
+    /// after it do not (tests: a transient error).
+    #[cfg(test)]
+    pub(super) fn fail_next_read_at(&self, key: Key) {
+        self.fail_reads(key, Some(Some(1)));
+    }
+
+    /// Reads of `key`'s bytes fail (`Some(times)`: `None` for all) or no longer do (`None`).
+    #[cfg(test)]
+    fn fail_reads(&self, key: Key, times: Option<Option<u32>>) {
+        let (loc, _) = self.locate(key).expect("a live record");
+        let (seg, from, to) = (loc.seg(), loc.off(), loc.off() + loc.size());
+        let mut at = self.faults.at.lock();
+        at.retain(|f| (f.seg, f.from, f.to) != (seg, from, to));
+        if let Some(left) = times {
+            at.push(Fault { seg, from, to, left });
+        }
+    }
+
     /// Every deletion of a segment fails with EIO (`true`) until called with `false` (tests).
     #[cfg(test)]
     pub(super) fn fail_removes(&self, on: bool) {
@@ -1244,7 +1370,7 @@ impl QueueLog {
     /// Calls `f` with every record live when it is called, in the order they were written
     /// (the index's rebuild at open). Records are read in stretches of up to [`COPY_CHUNK`]
     /// bytes, one read for records that lie close together, not one read (and one buffer)
-    /// each.
+    /// each; a stretch that does not read is read again one record at a time ([`read_record`]).
     pub(super) fn for_each(&self, mut f: impl FnMut(Key, &[u8]) -> io::Result<()>) -> io::Result<()> {
         /// Dead bytes a stretch reads past rather than start another read.
         const GAP: u64 = 64 << 10;
@@ -1273,23 +1399,56 @@ impl QueueLog {
                 .count();
             let file = files.get(&seg).expect("a live record's segment");
             buf.resize((end - start) as usize, 0);
-            file.read_exact_at(&mut buf, start)?;
-            for (key, loc) in &rest[..n] {
-                match read_back(&buf, (loc.off() - start) as usize, *key, loc) {
-                    Ok(body) => f(*key, body)?,
-                    // Damaged on the disk since replay or its append checked it: left out and
-                    // counted (compaction drops it as it copies its segment), not a store that
-                    // cannot open: the supervisor's reopen after a failed write rebuilds the
-                    // index through here without a replay, and failed for good on it.
-                    Err(e) => {
-                        tracing::warn!("{e}: left out");
-                        self.note_unreadable(*key);
+            let stretch = &rest[..n];
+            match read_at(file, &mut buf, seg, start, &self.faults) {
+                Ok(()) => {
+                    for (key, loc) in stretch {
+                        let body = read_back(&buf, (loc.off() - start) as usize, *key, loc);
+                        self.walk_one(*key, body, &mut f)?;
+                    }
+                }
+                // A bad sector (or a transient error) somewhere in the stretch: its records are
+                // read one by one, so that one that does not read is left out alone.
+                Err(e) => {
+                    tracing::warn!(
+                        segment = seg,
+                        offset = start,
+                        error = %e,
+                        "queue log: a stretch of records does not read: read one by one"
+                    );
+                    for (key, loc) in stretch {
+                        let mut rec = vec![0u8; loc.size() as usize];
+                        let body = read_record(file, *key, loc, &mut rec, &self.faults)
+                            .and_then(|()| read_back(&rec, 0, *key, loc));
+                        self.walk_one(*key, body, &mut f)?;
                     }
                 }
             }
             rest = &rest[n..];
         }
         Ok(())
+    }
+
+    /// Calls `f` with the body of the record of `key` a walk read ([`QueueLog::for_each`]).
+    /// One damaged on the disk since replay or its append checked it (`InvalidData`: it fails
+    /// its CRC or does not read) is left out and counted (compaction drops it as it copies its
+    /// segment), not a store that cannot open: the supervisor's reopen after a failed write
+    /// rebuilds the index through here without a replay, and failed for good on it.
+    fn walk_one(
+        &self,
+        key: Key,
+        body: io::Result<&[u8]>,
+        f: &mut impl FnMut(Key, &[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        match body {
+            Ok(body) => f(key, body),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                tracing::warn!("{e}: left out");
+                self.note_unreadable(key);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Live records of `kind`.
@@ -1332,11 +1491,13 @@ impl QueueLog {
     }
 
     /// Removes `key` from the live set when its record does not read back (damaged on the disk
-    /// since replay or this handle's append checked it): a read of it would fail every time,
-    /// and compaction could not copy it. A tombstone is appended (not synced, as removals:
-    /// replay never takes a record failing its CRC for a live one, so a lost tombstone loses
-    /// nothing), and the record is counted as damage. Returns whether it did: false when the
-    /// key is not live or its record reads back whole (read again here, under the lock).
+    /// since replay or this handle's append checked it), or does not read at all (a bad
+    /// sector: [`read_record`]): a read of it would fail every time, and compaction could not
+    /// copy it. A tombstone is appended (not synced, as removals: replay never takes a record
+    /// failing its CRC for a live one, so a lost tombstone loses nothing; one on a sector that
+    /// reads again is delivered again, at-least-once), and the record is counted as damage.
+    /// Returns whether it did: false when the key is not live or its record reads back whole
+    /// (read again here, under the lock).
     ///
     /// In the current segment, replay at the next open could take the damaged record for a
     /// torn append (when no whole record follows it) and cut it without counting: the log
@@ -1354,8 +1515,13 @@ impl QueueLog {
             .file
             .clone();
         let mut rec = vec![0u8; loc.size() as usize];
-        file.read_exact_at(&mut rec, loc.off())?;
-        if read_back(&rec, 0, key, &loc).is_ok() {
+        // Damaged: it fails its CRC, or does not read at all (a bad sector).
+        let damaged = match read_record(&file, key, &loc, &mut rec, &self.faults) {
+            Ok(()) => read_back(&rec, 0, key, &loc).is_err(),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => true,
+            Err(e) => return Err(e),
+        };
+        if !damaged {
             return Ok(false);
         }
         if loc.seg() == st.current {
@@ -1572,7 +1738,7 @@ impl QueueLog {
                 .count();
             let (chunk, tail) = rest.split_at(n);
             rest = tail;
-            let ReadForCopy { whole: read, damaged } = read_for_copy(file, chunk)?;
+            let ReadForCopy { whole: read, damaged } = read_for_copy(file, chunk, &self.faults)?;
             if let Some((_, loc)) = damaged.first() {
                 self.keep_aside(loc.seg());
             }
@@ -2544,6 +2710,83 @@ mod tests {
             }
         }
         assert_eq!(records_on_disk(dir.path(), SEGMENT_BYTES), want);
+    }
+
+    /// A live record of the oldest segment on a sector that no longer reads (EIO) is dropped
+    /// by compaction as a damaged one is (a tombstone, counted, handed to the index), and the
+    /// segment is deleted: before, every compaction step failed on it, the oldest segment
+    /// stayed, and no segment was freed again until the disk was full.
+    #[test]
+    fn compaction_drops_a_record_that_does_not_read_and_deletes_its_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg_bytes = 4096;
+        let mut want = std::collections::BTreeMap::new();
+        {
+            let log = QueueLog::open_with(dir.path(), seg_bytes, false).unwrap();
+            // 117-byte records, 35 to a segment; the first three stay live, in segment 1.
+            for i in 1..=100i64 {
+                log.append(&[((MSG, i), &body(i, 100))], &[], true).unwrap();
+            }
+            let dead: Vec<Key> = (4..=100).map(|i| (MSG, i)).collect();
+            log.remove(&dead).unwrap();
+            log.fail_reads_at((MSG, 2), true);
+            compact_all(&log);
+            assert!(!segment_path(dir.path(), 1).exists(), "segment 1 compacted away");
+            assert_eq!(log.take_lost(), vec![(MSG, 2)]);
+            assert_eq!(log.damage(), (1, 0));
+            for i in [1, 3] {
+                want.insert(i, body(i, 100));
+            }
+        }
+        assert_eq!(records_on_disk(dir.path(), seg_bytes), want, "records lost");
+    }
+
+    /// A walk of the live records whose stretch holds a record that does not read (EIO) reads
+    /// the stretch again record by record: the others are walked, that one is left out and
+    /// counted. Before, the walk (the index's rebuild) failed as a whole.
+    #[test]
+    fn a_walk_leaves_out_a_record_that_does_not_read_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = QueueLog::open(dir.path()).unwrap();
+        for id in 0..3i64 {
+            log.append(&[((MSG, id), &[id as u8; 40][..])], &[], true).unwrap();
+        }
+        log.fail_reads_at((MSG, 1), true);
+        let mut walked = Vec::new();
+        log.for_each(|(_, id), _| {
+            walked.push(id);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(walked, [0, 2]);
+        assert_eq!(log.damage().0, 1, "counted");
+    }
+
+    /// A read that fails once (a transient error) is tried again: the record is read, walked,
+    /// compacted forward, not dropped as damaged.
+    #[test]
+    fn a_read_that_fails_once_is_tried_again_and_nothing_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = QueueLog::open_with(dir.path(), 4096, false).unwrap();
+        for i in 1..=100i64 {
+            log.append(&[((MSG, i), &body(i, 100))], &[], true).unwrap();
+        }
+        log.remove(&(4..=100).map(|i| (MSG, i)).collect::<Vec<_>>()).unwrap();
+        log.fail_next_read_at((MSG, 2));
+        assert_eq!(log.get((MSG, 2)).unwrap(), Some(body(2, 100)));
+        log.fail_next_read_at((MSG, 2));
+        let mut walked = Vec::new();
+        log.for_each(|(_, id), _| {
+            walked.push(id);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(walked, [1, 2, 3]);
+        log.fail_next_read_at((MSG, 2));
+        compact_all(&log);
+        assert!(!segment_path(dir.path(), 1).exists(), "segment 1 compacted away");
+        assert_eq!(log.get((MSG, 2)).unwrap(), Some(body(2, 100)));
+        assert_eq!(log.damage(), (0, 0));
     }
 
     /// What a disk that lost the pages of `from..to` of `path` (a failed writeback) holds: the
