@@ -139,6 +139,8 @@ pub(super) struct Inner {
     /// Held by [`crate::store::Store::prune_dedup`] from its read of the pruning order to its change of the
     /// index: two prunes never read the same entries.
     pub(super) prune_lock: Mutex<()>,
+    /// The highest message id handed out, or found in the queue log at open ([`Inner::next_id`]).
+    pub(super) last_id: std::sync::atomic::AtomicI64,
 }
 
 impl Inner {
@@ -180,6 +182,7 @@ impl Inner {
             write_failed: std::sync::atomic::AtomicBool::new(false),
             batch_lock: Mutex::new(()),
             prune_lock: Mutex::new(()),
+            last_id: std::sync::atomic::AtomicI64::new(0),
         };
         inner.fold_verkey_index()?;
         inner.migrate_trees()?;
@@ -387,8 +390,10 @@ impl Inner {
             let n = u32::from_be_bytes(v.as_ref().try_into().map_err(|_| corrupt("attempts"))?);
             attempts.insert(id, n);
         }
+        let mut last_id = 0;
         self.log
             .for_each(|(kind, id), v| {
+                last_id = last_id.max(id);
                 let r = match kind {
                     KIND_MSG => decode_msg(v).map(|m| {
                         if let Some(dk) = m.dedup_key.filter(|_| m.received_at_ms >= pruned_before) {
@@ -440,6 +445,14 @@ impl Inner {
         q.order_dedup();
         q.file_in_id_order();
         *self.queues.lock() = q;
+        if self.last_id.fetch_max(last_id, std::sync::atomic::Ordering::SeqCst) < last_id
+            && self.db.generate_id().map_err(unavailable)? < last_id as u64
+        {
+            tracing::warn!(
+                last_id,
+                "sled: the database is older than the queue log (restored or removed without queue/): new message ids go past the log's"
+            );
+        }
         Ok(())
     }
 
@@ -459,10 +472,22 @@ impl Inner {
         self.log.note_unreadable((kind, id));
     }
 
+    /// A new message id. sled persists its id generator and skips ahead after a crash, so its
+    /// ids never repeat; but its files may be older than the queue log's (restored from a
+    /// backup, or removed, without `queue/`): its ids would then start again below the ids of
+    /// messages still queued, and a new message would replace one in the log (lost) or share
+    /// its id with another connection's (delivered to it, acknowledged by it). So an id is
+    /// also above every id the log held at open ([`Inner::rebuild_index`]) and every id handed
+    /// out since: sled's while it is, else the next one past them.
     pub(super) fn next_id(&self) -> StoreResult<MessageId> {
-        // sled persists its id generator and skips ahead after a crash: ids never repeat.
+        use std::sync::atomic::Ordering::SeqCst;
         let id = self.db.generate_id().map_err(unavailable)?;
-        i64::try_from(id + 1).map_err(|_| corrupt("id space exhausted"))
+        let id = i64::try_from(id + 1).map_err(|_| corrupt("id space exhausted"))?;
+        // Every id handed out is at most `last_id` once it is handed out: one above it is new.
+        if self.last_id.fetch_max(id, SeqCst) < id {
+            return Ok(id);
+        }
+        Ok(self.last_id.fetch_add(1, SeqCst) + 1)
     }
 
     /// Whether a connection other than `id` holds peer key `key` (read under `meta_lock`, the

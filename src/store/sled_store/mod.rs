@@ -920,6 +920,46 @@ mod tests {
             .map_or(Vec::new(), |cq| cq.msgs.keys().copied().collect())
     }
 
+    /// sled's files older than the queue log's (restored from a backup, or removed, without
+    /// `queue/`): its id generator starts again, below the ids of the messages still queued.
+    /// New messages get ids past them: before, the first new one took id 1 and replaced the
+    /// queued message with that id in the log (lost), or shared it with another connection's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn messages_queued_after_sleds_files_were_reset_do_not_reuse_the_logs_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        {
+            let s = SledStore::open(dir.path()).await.unwrap();
+            enqueue_each(&s, &["A", "B", "C"], false).await;
+        }
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.file_name() != Some(std::ffi::OsStr::new(QUEUE_LOG_DIR)) {
+                match path.is_dir() {
+                    true => std::fs::remove_dir_all(&path).unwrap(),
+                    false => std::fs::remove_file(&path).unwrap(),
+                }
+            }
+        }
+        let before = {
+            let s = SledStore::open(dir.path()).await.unwrap();
+            let before = queued_ids(&s, "c");
+            assert_eq!(before.len(), 3);
+            enqueue_each(&s, &["D", "E"], false).await;
+            let got = s.lease("c", 10, "o", t0, t0 + 1_000).await.unwrap();
+            assert_eq!(payloads(&got), [b"A", b"B", b"C", b"D", b"E"]);
+            before
+        };
+        // And after another restart (sled's generator still behind): no id taken twice.
+        let s = SledStore::open(dir.path()).await.unwrap();
+        enqueue_each(&s, &["F"], false).await;
+        let ids = queued_ids(&s, "c");
+        assert_eq!(&ids[..3], &before[..]);
+        assert_eq!(ids.len(), 6, "{ids:?}");
+        let got = s.lease("c", 10, "o", t0 + 2_000, t0 + 3_000).await.unwrap();
+        assert_eq!(payloads(&got), [b"A", b"B", b"C", b"D", b"E", b"F"]);
+    }
+
     /// A queued message whose record no longer reads (EIO: a bad sector) is set aside as one
     /// failing its CRC is: the lease returns the others, it is counted, and a reopen agrees.
     /// Before, the lease failed as unavailable, and every later one picked the same ids and
