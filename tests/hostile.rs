@@ -740,6 +740,39 @@ async fn a_trickled_body_is_answered_408_after_the_message_timeout() {
     assert_eq!(type_name(&reply), "ping_response");
 }
 
+/// A `POST /` body with a `Content-Encoding` is refused 415 before any of it is read, and its
+/// connection closed. Before, actix-web inflated gzip and deflate bodies: a few KiB of gzip
+/// held a whole envelope's memory for `limits.message_timeout_ms` while the budget for
+/// unfinished messages counted the few KiB (nothing, under 16 KiB). `identity` is no coding.
+#[actix_rt::test]
+async fn a_compressed_body_is_refused_before_it_is_read() {
+    let (_dir, n, a, _) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
+    for coding in ["gzip", "deflate", "br, gzip"] {
+        let mut s = TcpStream::connect(n.public_addr).await.unwrap();
+        // The head declares a body never sent: the answer does not wait for it.
+        let head = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/didcomm-envelope-enc\r\nContent-Encoding: {coding}\r\nContent-Length: 4000\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let (answer, closed) = read_until_closed(&mut s, WAIT).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 415"), "{coding}: {answer}");
+        assert!(answer.contains("\"content-encoding\""), "{coding}: {answer}");
+        assert!(closed, "{coding}: the connection is closed");
+    }
+    assert_eq!(rejected(&n, "content-encoding").await, 3.0);
+    let ping = json!({"@type": "https://didcomm.org/trust_ping/1.0/ping", "@id": "plain", "response_requested": true, "~transport": {"return_route": "all"}});
+    let envelope = a.pack(&ping).unwrap();
+    let mut res = client()
+        .post(n.public_url())
+        .insert_header(("Content-Type", "application/didcomm-envelope-enc"))
+        .insert_header(("Content-Encoding", "identity"))
+        .send_body(envelope)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{:?}", res.body().await);
+}
+
 /// A message begun in fragments and never finished holds the node's memory only for
 /// `limits.message_timeout_ms`, whatever pings keep its socket alive; and all unfinished
 /// messages of the node together hold at most 16 x `limits.max_ws_frame_bytes`: the fragment

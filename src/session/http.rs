@@ -162,6 +162,9 @@ async fn read_body(
     payload: web::Payload,
     shared: &Shared,
 ) -> actix_web::Result<Result<web::Bytes, HttpResponse>> {
+    if let Some(refused) = encoded(req, shared) {
+        return Ok(Err(refused));
+    }
     let limit = std::time::Duration::from_millis(shared.cfg.limits.message_timeout_ms);
     let over = Rc::new(Cell::new(false));
     let charged = Charged {
@@ -201,6 +204,27 @@ async fn read_body(
                 .json(body)))
         }
     }
+}
+
+/// A 415 for a `POST /` whose body comes with a `Content-Encoding` (other than `identity`),
+/// before any of it is read. An envelope is encrypted, so compressing it gains nothing, and a
+/// compressed body's bytes are not what it holds in memory: a few KiB of gzip inflate to a
+/// whole envelope, so the budget for unfinished messages, charged as bytes arrive, would hold
+/// a thousand times what it counts.
+fn encoded(req: &HttpRequest, shared: &Shared) -> Option<HttpResponse> {
+    let coding = req.headers().get(actix_web::http::header::CONTENT_ENCODING)?;
+    if coding.as_bytes().eq_ignore_ascii_case(b"identity") {
+        return None;
+    }
+    shared.metrics.rejected("content-encoding", "unknown");
+    Some(
+        HttpResponse::UnsupportedMediaType()
+            .insert_header((actix_web::http::header::CONNECTION, "close"))
+            .json(json!({
+                "error": "content-encoding",
+                "reason": "send the envelope as it is, without a Content-Encoding (it is encrypted: compression gains nothing)",
+            })),
+    )
 }
 
 async fn post_envelope(
