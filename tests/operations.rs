@@ -424,6 +424,44 @@ async fn raw_admin_connection() -> (
     (dir, n, s, host)
 }
 
+/// An operator action whose body never comes holds no admin connection: without the token
+/// it is refused 401 at once (its body is not read), and with it the body must be whole within
+/// `admin::MIN_CLIENT_TIMEOUT` (408). Before, the body was read before the token was checked,
+/// with no time limit: anyone who reached the listener held its connections (256 of them took
+/// `/health` and `/ready` down) with heads that declared a body they never sent.
+#[actix_rt::test]
+async fn an_operator_actions_body_that_never_comes_holds_no_admin_connection() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.admin.token = Some("s3cret-token".into());
+    let n = start(&cfg);
+    let host = format!("127.0.0.1:{}", n.admin_addr.port());
+    for path in ["/invitations", "/connections/some-id/mediation"] {
+        for (auth, status) in [("", "401"), ("Authorization: Bearer s3cret-token\r\n", "408")] {
+            let mut s = tokio::net::TcpStream::connect(n.admin_addr).await.unwrap();
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\nContent-Length: 10\r\n\r\n"
+            );
+            s.write_all(head.as_bytes()).await.unwrap();
+            let line = read_answer(&mut s).await;
+            assert!(
+                line.starts_with(&format!("HTTP/1.1 {status}")),
+                "{path} {auth:?}: {line}"
+            );
+            assert!(closed_within(&mut s, WAIT).await, "{path}: the connection is let go");
+        }
+    }
+    let with = |t: &str| ("Authorization", format!("Bearer {t}"));
+    let (status, _) = admin_with(
+        "POST",
+        &format!("{}/invitations", n.admin_url()),
+        &[with("s3cret-token")],
+    )
+    .await;
+    assert_eq!(status, 201, "an action without a body is still served");
+}
+
 /// The admin listener guards its connections as the public one does: a kept-alive
 /// connection whose next request head never ends (one byte of it, then silence) is closed
 /// once `limits.client_timeout_ms` passed. actix times only a connection's first head, so

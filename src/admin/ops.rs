@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::future::Future;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 /// WebSocket close code for sessions an operator action ends (1008: policy violation; the
 /// wallet must not simply reconnect and carry on).
@@ -247,10 +248,47 @@ pub async fn set_mediation(
     req: HttpRequest,
     st: web::Data<AdminState>,
     id: web::Path<String>,
-    body: web::Bytes,
+    body: web::Payload,
 ) -> HttpResponse {
     let json = req.content_type().eq_ignore_ascii_case("application/json");
-    operator(&req, &st, "revoke-mediation", Some(&id), revoke(&st, &id, json, &body)).await
+    let act = async {
+        match action_body(&st, body).await {
+            Ok(body) => revoke(&st, &id, json, &body).await,
+            Err(refused) => refused,
+        }
+    };
+    operator(&req, &st, "revoke-mediation", Some(&id), act).await
+}
+
+/// Bytes an operator action's body may hold (`{"state": "denied"}`, `{"multi_use": true}`).
+const ACTION_BODY_MAX: usize = 4096;
+
+/// Reads an operator action's body, once [`operator`] checked the token (the action's future is
+/// not polled before): whole within [`super::MIN_CLIENT_TIMEOUT`] (or `limits.client_timeout_ms`
+/// when longer), at most [`ACTION_BODY_MAX`] bytes. Before, the handlers took the body as an
+/// extractor, read before the handler ran: anyone who reached the listener could send a head
+/// declaring a body and never send it, and hold one of its connections for as long as they
+/// liked; the listener's 256 held that way, `/health` and `/ready` went unanswered and the
+/// load balancer or orchestrator took the node out.
+async fn action_body(st: &AdminState, body: web::Payload) -> Result<web::Bytes, Outcome> {
+    let limit = Duration::from_millis(st.shared.cfg.limits.client_timeout_ms).max(super::MIN_CLIENT_TIMEOUT);
+    match tokio::time::timeout(limit, body.to_bytes_limited(ACTION_BODY_MAX)).await {
+        Ok(Ok(Ok(bytes))) => Ok(bytes),
+        Ok(Ok(Err(_))) => Err(Outcome::refused(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            format!("an operator action's body is at most {ACTION_BODY_MAX} bytes"),
+        )),
+        Ok(Err(e)) => Err(Outcome::refused(StatusCode::BAD_REQUEST, "bad-request", e)),
+        Err(_) => Err(Outcome::refused(
+            StatusCode::REQUEST_TIMEOUT,
+            "body-timeout",
+            format!(
+                "the body was not whole within {} ms of the request's head",
+                limit.as_millis()
+            ),
+        )),
+    }
 }
 
 /// The revocation `body` asks for; `json`: whether it came as `application/json`. Anything
@@ -380,8 +418,14 @@ struct NewInvitation {
 
 /// `POST /invitations`: a fresh out-of-band invitation, single-use unless the body asks
 /// `{"multi_use": true}`.
-pub async fn new_invitation(req: HttpRequest, st: web::Data<AdminState>, body: web::Bytes) -> HttpResponse {
-    operator(&req, &st, "create-invitation", None, mint_invitation(&st, &body)).await
+pub async fn new_invitation(req: HttpRequest, st: web::Data<AdminState>, body: web::Payload) -> HttpResponse {
+    let act = async {
+        match action_body(&st, body).await {
+            Ok(body) => mint_invitation(&st, &body).await,
+            Err(refused) => refused,
+        }
+    };
+    operator(&req, &st, "create-invitation", None, act).await
 }
 
 /// The invitation goes in the answer only: its audit line names its id, not its URL (whoever
