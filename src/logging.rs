@@ -7,8 +7,10 @@ use tracing_subscriber::EnvFilter;
 /// Targets logged at most at `info`, whatever `RUST_LOG` or `[log] level` asks: their debug
 /// and trace lines hold credentials. awc logs each request it sends whole at trace (the FCM
 /// access token and the APNs provider token in `authorization`, the APNs device token in the
-/// path), and h2 its frames at debug and trace. A target matches with its submodules.
-pub const CAPPED_AT_INFO: [&str; 2] = ["awc", "h2"];
+/// path), h2 its frames at debug and trace, and tokio-postgres each statement with its
+/// parameters' values at debug (the mediator's key seeds as the identity is first written, a
+/// single-use invitation's id, a wallet's device token). A target matches with its submodules.
+pub const CAPPED_AT_INFO: [&str; 3] = ["awc", "h2", "tokio_postgres"];
 
 /// Whether a line of `target` at `level` may be logged under [`CAPPED_AT_INFO`].
 fn within_cap(target: &str, level: &tracing::Level) -> bool {
@@ -85,7 +87,8 @@ mod tests {
     }
 
     /// At `trace`, and with awc asked for by name, the HTTP client's request lines (which
-    /// carry the providers' tokens) are not logged; its info lines and everything else are.
+    /// carry the providers' tokens) and PostgreSQL's statement parameters are not logged;
+    /// their info lines and everything else are.
     #[test]
     fn the_http_client_is_never_logged_below_info() {
         for level in [
@@ -98,6 +101,7 @@ mod tests {
                 tracing::trace!(target: "awc::client::h2proto", "authorization: Bearer secret-1");
                 tracing::debug!(target: "h2::codec::framed_write", "path /3/device/secret-2");
                 tracing::trace!(target: "awc::client::h2proto", "secret-3");
+                tracing::debug!(target: "tokio_postgres::query", "parameters: [\"secret-4\"]");
                 tracing::trace!(target: "awcx", "kept-lookalike");
                 tracing::info!(target: "awc::client", "kept-info");
                 tracing::trace!(target: "mailroom::push", "kept-trace");
