@@ -800,7 +800,10 @@ async fn a_device_token_registered_by_many_connections_is_pushed_once_a_window()
         (metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"device_pushed\"}").await >= 3.0).then_some(())
     })
     .await;
-    assert_eq!(si.state.hits("fcm:").len(), 1, "the device pushed once");
+    // The device counts as pushed once its push is on its way: on a loaded box the request
+    // may not have reached the stand-in yet (it asks for an access token first). The gaps
+    // below show the device pushed once a window, whatever the first request's pace.
+    wait_hits(&si, "fcm:", 1).await;
     // Each connection's push goes out in turn, a window apart.
     let hits = wait_hits(&si, "fcm:", 4).await;
     assert_clean(&hits);
