@@ -767,3 +767,72 @@ async fn a_hand_off_too_large_for_one_frame_is_refused_at_once() {
     n1.h.shutdown().await;
     n2.h.shutdown().await;
 }
+
+/// Idle sockets per round of [`flooding_proxy`]: one more than the 8 pending handshakes a
+/// source address may hold unnamed (`PER_SOURCE` in `admission.rs`).
+const FLOOD_ROUND: usize = 9;
+
+/// A proxy to `target` standing for a flood from the dialer's own address (127.0.0.1, as
+/// every node on loopback, a NAT or a container gateway) that reconnects faster than a
+/// handshake runs, at its worst and without a race: it passes the dialer's `Hello` on, reads
+/// the target's, then opens [`FLOOD_ROUND`] idle sockets to `target` and waits until the
+/// target evicted the first of them (so every older unnamed handshake from 127.0.0.1 too),
+/// and only then lets the handshake go on. Abort it to close every socket it holds.
+fn flooding_proxy(l: TcpListener, target: SocketAddr) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut idle = Vec::new();
+        while let Ok((mut from, _)) = l.accept().await {
+            let Ok(mut to) = TcpStream::connect(target).await else {
+                continue;
+            };
+            // The dialer's preamble and `Hello`: it sends nothing more before the answer.
+            let mut hello = [0u8; 4096];
+            let mut answer = [0u8; 4096];
+            let Ok(n @ 1..) = from.read(&mut hello).await else {
+                continue;
+            };
+            if to.write_all(&hello[..n]).await.is_err() {
+                continue;
+            }
+            // The target's preamble and `Hello`: it reads the dialer's right after writing it.
+            let Ok(m @ 1..) = to.read(&mut answer).await else {
+                continue;
+            };
+            let round = idle.len();
+            for _ in 0..FLOOD_ROUND {
+                idle.push(TcpStream::connect(target).await.unwrap());
+            }
+            // At the latest after the wait; the test checks that the target evicted some.
+            closed_by_server(&mut idle[round]).await;
+            if from.write_all(&answer[..m]).await.is_ok() {
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut from, &mut to).await;
+                });
+            }
+        }
+    })
+}
+
+/// A peer sharing its address with a flood of idle sockets still links. Before, its
+/// handshake became that address's oldest pending one within milliseconds and a flood
+/// reconnecting faster than `PER_SOURCE` per handshake evicted it every time: once links
+/// dropped, none came back. Now its `Hello`, naming a configured peer, keeps its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_links_through_a_flood_from_its_own_address() {
+    let (l1, _) = bind().await;
+    let (l2, a2) = bind().await;
+    let (lp, ap) = bind().await;
+    // n2 cannot dial n1 (nothing listens there): only n1's dials, through the flood, link.
+    let dead = bind().await.1;
+    let flood = flooding_proxy(lp, a2);
+    let n1 = start(cfg("n1", peers(&[("n2", ap)])), l1).await;
+    let n2 = start(cfg("n2", peers(&[("n1", dead)])), l2).await;
+    wait_until("n1 <-> n2 through the flood", || {
+        connected(&n1, "n2") && connected(&n2, "n1")
+    })
+    .await;
+    assert!(n2.h.status().counters.handshakes_evicted >= 1, "the flood ran");
+    flood.abort();
+    n1.h.shutdown().await;
+    n2.h.shutdown().await;
+}

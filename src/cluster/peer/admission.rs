@@ -5,23 +5,33 @@
 //! the handshake timeout before it is dropped. With a plain bound (refuse when full), 64
 //! such sockets, reopened as they time out, kept every real peer out: no link, so no live
 //! hand-off and no directory between nodes. The table makes that flood cost its sender:
-//! - **A source address holds at most [`PER_SOURCE`] slots.** A newcomer over it takes the
-//!   slot of that address's oldest pending socket: one host floods only itself, and a real
-//!   peer sharing its address (NAT, the same machine) still gets in, its handshake being the
-//!   newest for the few milliseconds it lasts.
-//! - **When the table is full, a newcomer takes the oldest slot of the address holding the
-//!   most**, so every new address gets in while any address holds more than one.
+//! - **A source address holds at most [`PER_SOURCE`] unnamed slots.** A newcomer over it
+//!   takes the slot of that address's oldest unnamed socket: one host floods only itself.
+//! - **A slot whose `Hello` named a configured peer is named** ([`Admission::name`]), and no
+//!   newcomer takes it from its source's share: a real peer sharing its address with a flood
+//!   (NAT, the same machine, every node on loopback, a container gateway) keeps its handshake
+//!   however fast the flood reconnects. Before, its handshake became its address's oldest
+//!   within milliseconds and was evicted, so once its links dropped none came back. A named
+//!   slot has not proven the secret yet: it still must within the handshake timeout, and a
+//!   source holds at most one per peer id, a newer `Hello` naming the same peer replacing
+//!   the older (so named slots are bounded by the configured peers, and one stalled
+//!   `Hello` keeps no peer out).
+//! - **When the table is full, a newcomer takes the oldest unnamed slot of the address
+//!   holding the most**, so every new address gets in while any address holds more than one.
 //! - **Configured peers' addresses are protected**: a socket from an address no configured
-//!   peer has never takes a slot from one that is, so a flood from many other addresses
-//!   cannot evict a real peer's handshake, only each other's.
+//!   peer has never takes a slot from one that is, nor a named slot, so a flood from many
+//!   other addresses cannot evict a real peer's handshake, only each other's. A socket from
+//!   a peer's address may take, in this order, another address's unnamed then named slot,
+//!   then a peer address's unnamed slot; never a peer address's named slot.
 //!
 //! Pure: no sockets, no clock (the order of admission is the age). The caller keeps one
 //! value `T` per slot (a cancel handle) and drops the socket of every evicted slot.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-/// Pending handshakes per source address, at most.
+/// Pending unnamed handshakes per source address, at most.
 pub(crate) const PER_SOURCE: usize = 8;
 
 /// A slot's handle, to release it when its handshake ends.
@@ -33,13 +43,16 @@ pub(crate) enum Admit<T> {
     /// The socket may run its handshake; `evicted` is the handle of the slot it took, whose
     /// socket the caller must drop.
     Yes { id: SlotId, evicted: Option<T> },
-    /// Every slot is held by configured peers' addresses and the newcomer is not one.
+    /// Every slot this newcomer may take is held: by configured peers' addresses (and it is
+    /// not one), or named.
     No,
 }
 
 struct Slot<T> {
     source: IpAddr,
     protected: bool,
+    /// The configured peer its `Hello` named, once it did.
+    named: Option<String>,
     handle: T,
 }
 
@@ -50,6 +63,7 @@ pub(crate) struct Admission<T> {
     next: SlotId,
     /// Slots in admission order (the id grows), so the first of a source is its oldest.
     slots: BTreeMap<SlotId, Slot<T>>,
+    /// Unnamed slots per source: the share [`PER_SOURCE`] bounds.
     per_source: HashMap<IpAddr, usize>,
 }
 
@@ -68,7 +82,7 @@ impl<T> Admission<T> {
     pub fn admit(&mut self, source: IpAddr, protected: bool, handle: T) -> Admit<T> {
         let source = source.to_canonical();
         let evicted = if self.held_by(source) >= PER_SOURCE {
-            self.oldest_of(source)
+            self.oldest_unnamed_of(source)
         } else if self.slots.len() >= self.capacity {
             match self.victim(protected) {
                 Some(id) => Some(id),
@@ -85,6 +99,7 @@ impl<T> Admission<T> {
             Slot {
                 source,
                 protected,
+                named: None,
                 handle,
             },
         );
@@ -92,15 +107,35 @@ impl<T> Admission<T> {
         Admit::Yes { id, evicted }
     }
 
+    /// Marks slot `id` as named: its `Hello` named `peer`, a configured node of this
+    /// cluster. It leaves its source's share, so a flood of newer sockets from the same
+    /// address no longer evicts it. Returns the handle of the slot of the same source that
+    /// named `peer` before, which it replaces (the caller drops its socket): a source holds
+    /// one named slot per peer. Nothing if `id` is no longer held or was named already.
+    pub fn name(&mut self, id: SlotId, peer: &str) -> Option<T> {
+        let source = match self.slots.get(&id) {
+            Some(slot) if slot.named.is_none() => slot.source,
+            _ => return None,
+        };
+        let older = self
+            .slots
+            .iter()
+            .find(|(_, s)| s.source == source && s.named.as_deref() == Some(peer))
+            .map(|(older, _)| *older);
+        let evicted = older.and_then(|older| self.release(older));
+        self.leave_share(source);
+        if let Some(slot) = self.slots.get_mut(&id) {
+            slot.named = Some(peer.to_string());
+        }
+        evicted
+    }
+
     /// Frees a slot (its handshake ended, or it was evicted); returns its handle if it was
     /// still held.
     pub fn release(&mut self, id: SlotId) -> Option<T> {
         let slot = self.slots.remove(&id)?;
-        if let Some(n) = self.per_source.get_mut(&slot.source) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_source.remove(&slot.source);
-            }
+        if slot.named.is_none() {
+            self.leave_share(slot.source);
         }
         Some(slot.handle)
     }
@@ -111,27 +146,56 @@ impl<T> Admission<T> {
         self.slots.len()
     }
 
+    /// Unnamed slots held by `source`: its share.
     fn held_by(&self, source: IpAddr) -> usize {
         self.per_source.get(&source).copied().unwrap_or(0)
     }
 
-    fn oldest_of(&self, source: IpAddr) -> Option<SlotId> {
-        self.slots.iter().find(|(_, s)| s.source == source).map(|(id, _)| *id)
+    /// Takes one unnamed slot off `source`'s share.
+    fn leave_share(&mut self, source: IpAddr) {
+        if let Some(n) = self.per_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&source);
+            }
+        }
     }
 
-    /// The slot a newcomer takes from a full table: the oldest of the source holding the
-    /// most slots, among unprotected sources first; a protected source's only when the
-    /// newcomer is protected too.
+    fn oldest_unnamed_of(&self, source: IpAddr) -> Option<SlotId> {
+        self.slots
+            .iter()
+            .find(|(_, s)| s.source == source && s.named.is_none())
+            .map(|(id, _)| *id)
+    }
+
+    /// The slot a newcomer takes from a full table: unnamed slots of unprotected sources
+    /// first; then, for a protected newcomer only, named slots of unprotected sources, then
+    /// unnamed slots of protected ones. Never a protected source's named slot: that may be a
+    /// real peer's handshake under way, and only the handshake timeout or a newer `Hello`
+    /// naming the same peer from the same address ends it.
     fn victim(&self, newcomer_protected: bool) -> Option<SlotId> {
-        let busiest = |protected: bool| {
-            self.slots
-                .values()
-                .filter(|s| s.protected == protected)
-                .map(|s| s.source)
-                .max_by_key(|ip| (self.held_by(*ip), std::cmp::Reverse(self.oldest_of(*ip))))
+        // (protected, named) of the slots each tier holds, in the order they are taken.
+        let tiers: &[(bool, bool)] = if newcomer_protected {
+            &[(false, false), (false, true), (true, false)]
+        } else {
+            &[(false, false)]
         };
-        let source = busiest(false).or_else(|| newcomer_protected.then(|| busiest(true)).flatten())?;
-        self.oldest_of(source)
+        tiers.iter().find_map(|&(protected, named)| {
+            self.oldest_of_busiest(|s| s.protected == protected && s.named.is_some() == named)
+        })
+    }
+
+    /// Among the slots `in_tier`, the oldest of the source holding the most of them; a tie
+    /// goes to the source whose oldest is older.
+    fn oldest_of_busiest(&self, in_tier: impl Fn(&Slot<T>) -> bool) -> Option<SlotId> {
+        // Per source: slots in the tier and the oldest of them (ids come in admission order).
+        let mut held: HashMap<IpAddr, (usize, SlotId)> = HashMap::new();
+        for (id, slot) in self.slots.iter().filter(|(_, s)| in_tier(s)) {
+            held.entry(slot.source).or_insert((0, *id)).0 += 1;
+        }
+        held.into_values()
+            .max_by_key(|&(n, oldest)| (n, Reverse(oldest)))
+            .map(|(_, oldest)| oldest)
     }
 }
 
@@ -204,6 +268,74 @@ mod tests {
             Some(1),
             "the oldest of the busiest"
         );
+    }
+
+    /// A peer sharing its address with a flood (every node on loopback, NAT, a container
+    /// gateway): before, its handshake became that address's oldest slot within
+    /// milliseconds and the flood evicted it, so the peer never linked again. Once its
+    /// `Hello` named a configured peer, only unnamed sockets of the flood are evicted.
+    #[test]
+    fn a_named_slot_outlasts_a_flood_from_its_own_address() {
+        let mut t = Admission::new(64);
+        let shared_ip = ip(1);
+        for h in 0..PER_SOURCE as u32 {
+            admitted(t.admit(shared_ip, true, h));
+        }
+        // The peer's socket: over the share, it takes the oldest idle slot, then names n1.
+        let (peer_slot, evicted) = admitted(t.admit(shared_ip, true, 900));
+        assert_eq!(evicted, Some(0));
+        assert_eq!(t.name(peer_slot, "n1"), None);
+        // Named, it left the share: the first idle socket takes its place there, and every
+        // later one evicts the oldest idle socket.
+        assert_eq!(admitted(t.admit(shared_ip, true, 1000)).1, None);
+        for h in 1..10 * PER_SOURCE as u32 {
+            let (_, evicted) = admitted(t.admit(shared_ip, true, 1000 + h));
+            assert!(
+                evicted.is_some_and(|e| e != 900),
+                "an idle socket is evicted in its place, not {evicted:?}"
+            );
+        }
+        assert_eq!(t.len(), PER_SOURCE + 1, "the share still bounds the unnamed ones");
+        assert_eq!(t.release(peer_slot), Some(900), "the named handshake was never evicted");
+    }
+
+    #[test]
+    fn a_source_names_each_peer_once_the_newest_hello_winning() {
+        let mut t = Admission::new(64);
+        let a = admitted(t.admit(ip(1), true, 1)).0;
+        let b = admitted(t.admit(ip(1), true, 2)).0;
+        let c = admitted(t.admit(ip(1), true, 3)).0;
+        let other = admitted(t.admit(ip(2), false, 4)).0;
+        assert_eq!(t.name(a, "n1"), None);
+        assert_eq!(t.name(b, "n2"), None, "another peer: both stay");
+        assert_eq!(t.name(other, "n1"), None, "another source: both stay");
+        assert_eq!(t.name(c, "n1"), Some(1), "the newer Hello naming n1 replaces the older");
+        assert_eq!(t.name(c, "n3"), None, "named once");
+        assert_eq!(t.name(a, "n3"), None, "no longer held");
+        assert_eq!(t.len(), 3);
+        for id in [b, c, other] {
+            assert!(t.release(id).is_some());
+        }
+        assert!(t.per_source.is_empty(), "a named slot left its share once");
+    }
+
+    #[test]
+    fn a_full_table_gives_named_slots_only_to_a_peers_address() {
+        let mut t = Admission::new(3);
+        let stranger = admitted(t.admit(ip(1), false, 1)).0;
+        let peer = admitted(t.admit(ip(9), true, 2)).0;
+        admitted(t.admit(ip(9), true, 3));
+        t.name(stranger, "n1");
+        t.name(peer, "n1");
+        // Named, or a peer's address: nothing a stranger may take.
+        assert_eq!(t.admit(ip(2), false, 4), Admit::No);
+        // A peer's address takes a stranger's named slot before its own unnamed one...
+        assert_eq!(admitted(t.admit(ip(8), true, 5)).1, Some(1));
+        // ...then the unnamed ones, and never a peer address's named slot.
+        assert_eq!(admitted(t.admit(ip(8), true, 6)).1, Some(3));
+        assert_eq!(admitted(t.admit(ip(8), true, 7)).1, Some(5));
+        assert_eq!(admitted(t.admit(ip(8), true, 8)).1, Some(6));
+        assert_eq!(t.release(peer), Some(2));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, warn};
 
-use super::admission::{Admission, Admit};
+use super::admission::{Admission, Admit, SlotId};
 use super::link_task::run_link;
 use super::{bump, Handshaking, Shared, BACKOFF_CAP, BACKOFF_START, MAX_PENDING_HANDSHAKES};
 use crate::cluster::codec::CodecError;
@@ -75,10 +75,17 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             let res = {
                 let local = local_params(&me, &secret);
                 let check = |n: &str| {
-                    let st = me.state.lock();
-                    let ok = !st.left && st.members.is_configured(n);
+                    let ok = {
+                        // Counted under the lock `leave` sets `left` under.
+                        let st = me.state.lock();
+                        let ok = !st.left && st.members.is_configured(n);
+                        if ok {
+                            *counted.lock() = Some(me.handshaking());
+                        }
+                        ok
+                    };
                     if ok {
-                        *counted.lock() = Some(me.handshaking());
+                        name_slot(&me, &pending, slot, n);
                     }
                     ok
                 };
@@ -116,6 +123,20 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 }
             }
         });
+    }
+}
+
+/// Marks the pending handshake in `slot` as naming configured peer `peer` (its `Hello` did),
+/// so idle sockets from the same address no longer evict it (`admission.rs`); drops the
+/// older handshake from that address that named the same peer, which it replaces.
+fn name_slot(shared: &Shared, pending: &Mutex<Admission<oneshot::Sender<()>>>, slot: SlotId, peer: &str) {
+    let replaced = pending.lock().name(slot, peer);
+    if replaced.is_some() {
+        bump(&shared.counters.handshakes_evicted);
+        debug!(
+            peer,
+            "cluster handshake naming a peer replaced an older one from the same address"
+        );
     }
 }
 

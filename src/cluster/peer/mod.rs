@@ -135,7 +135,8 @@ pub struct CounterSnapshot {
     pub handoffs_unconfirmed: u64,
     /// Pending inbound handshakes closed to make room for a newer connection: the source
     /// address held too many, or the table was full (a flood of idle sockets on the
-    /// cluster port, when it grows).
+    /// cluster port, when it grows), or a newer `Hello` from the same address named the same
+    /// peer.
     pub handshakes_evicted: u64,
     /// Times a link stopped reading until this node had room for what its peer sent: the
     /// messages of `Deliver` frames not yet taken by their sessions held the peer's budget
