@@ -1606,3 +1606,116 @@ async fn a_forward_whose_json_a_parser_refuses_is_not_queued() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].1["body"]["content"], "readable");
 }
+
+/// `msg` (an envelope's bytes) anoncrypted to the mediator `m`: the outer layer of DIDComm
+/// v2's sender identity protection.
+fn anoncrypted(m: &V2Mediator, msg: &[u8]) -> Vec<u8> {
+    use mailroom::didcomm::v2::jwe::{self, Dialect};
+    jwe::pack(msg, &m.keys().unwrap(), None, Dialect::ANONCRYPT).unwrap()
+}
+
+/// `zip` and `crit` are refused before anything is decrypted, 400 with the header named:
+/// a compressed plaintext was refused as "not JSON" with no word of why, and a `crit` names
+/// an extension the recipient must understand or refuse (none is implemented).
+#[actix_rt::test]
+async fn a_jwe_with_zip_or_crit_is_refused_naming_it() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let (n, _d) = node();
+    let mut a = V2Agent::new(v2_mediator(&n).await).unwrap();
+    a.mediate("3.0").await.unwrap();
+    let env = a
+        .pack(&a.message("https://didcomm.org/messagepickup/3.0/status-request", json!({})))
+        .unwrap();
+    for (name, value) in [("zip", json!("DEF")), ("crit", json!(["exp"]))] {
+        let mut v: Value = serde_json::from_slice(&env).unwrap();
+        let raw = URL_SAFE_NO_PAD.decode(v["protected"].as_str().unwrap()).unwrap();
+        let mut p: Value = serde_json::from_slice(&raw).unwrap();
+        p[name] = value;
+        v["protected"] = json!(URL_SAFE_NO_PAD.encode(p.to_string().as_bytes()));
+        let (status, body) = post_raw(&a.mediator.http, TYP_ENCRYPTED, serde_json::to_vec(&v).unwrap()).await;
+        assert_eq!(status, 400, "{name}: {body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"], "bad-envelope", "{body}");
+        assert!(body["reason"].as_str().unwrap().contains(name), "{body}");
+    }
+    // The node serves on.
+    assert_eq!(a.status(None).await.unwrap(), 0);
+}
+
+/// DIDComm v2's sender identity protection (an authcrypt anoncrypted again, so the sender's
+/// `skid` is not on the wire) acts as the inner authcrypt's sender: a status-request is
+/// answered for that wallet's connection (it was refused 403, "no proof of possession": the
+/// inner JWE was read as the message). Any other nesting is refused 400 saying why, and an
+/// anoncrypt never acts on a connection.
+#[actix_rt::test]
+async fn a_sender_protected_authcrypt_acts_as_its_inner_sender() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut a = V2Agent::new(m.clone()).unwrap();
+    let r = a.onboard().await.unwrap();
+    let s = V2Sender::new().unwrap();
+    assert_eq!(s.forward(&r, &s.basic(&r, "queued")).await.unwrap(), 202);
+    let status_request = || a.message("https://didcomm.org/messagepickup/3.0/status-request", json!({}));
+
+    let env = anoncrypted(&m, &a.pack(&status_request()).unwrap());
+    let (status, body) = post_raw(&m.http, TYP_ENCRYPTED, env).await;
+    assert_eq!(status, 200, "{body}");
+    let reply = a.unpack(body.as_bytes()).unwrap();
+    assert_eq!(kind(&reply), "status", "{reply}");
+    assert_eq!(reply["body"]["message_count"], 1, "{reply}");
+
+    // Anoncrypt in anoncrypt: nobody is proven.
+    let plain = serde_json::to_vec(&status_request()).unwrap();
+    let env = anoncrypted(&m, &anoncrypted(&m, &plain));
+    // Authcrypt around anoncrypt: the outer layer must be the anonymous one.
+    let anon: Value = serde_json::from_slice(&anoncrypted(&m, &plain)).unwrap();
+    let auth_anon = a.pack(&anon).unwrap();
+    // A third layer.
+    let inner: Value = serde_json::from_slice(&anoncrypted(&m, &a.pack(&status_request()).unwrap())).unwrap();
+    let three = anoncrypted(&m, &a.pack(&inner).unwrap());
+    for (env, why) in [
+        (env, "inner layer must be authcrypt"),
+        (auth_anon, "outer layer must be anoncrypt"),
+        (three, "third JWE layer"),
+    ] {
+        let (status, body) = post_raw(&m.http, TYP_ENCRYPTED, env).await;
+        assert_eq!(status, 400, "{why}: {body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        let reason = body["reason"].as_str().unwrap();
+        assert!(reason.contains("nested JWE") && reason.contains(why), "{reason}");
+    }
+    // Nothing was taken from the queue.
+    assert_eq!(a.status(None).await.unwrap(), 1);
+}
+
+/// A recipient-update (3.0) or keylist-update (2.0) past `limits.max_keys_per_connection` is
+/// refused whole, and the wallet over HTTP reads why in its one reply (the problem report
+/// after it has no endpoint to go to). Nothing is registered.
+#[actix_rt::test]
+async fn an_update_over_the_key_limit_says_why_over_http() {
+    let (n, _d) = node_with(|c| c.limits.max_keys_per_connection = 1);
+    let mut a = V2Agent::new(v2_mediator(&n).await).unwrap();
+    a.mediate("3.0").await.unwrap();
+    let two: Vec<Value> = (0..2)
+        .map(|_| {
+            let other = V2Agent::new(a.mediator.clone()).unwrap();
+            json!({ "recipient_did": other.did, "action": "add" })
+        })
+        .collect();
+    for (version, name) in [("3.0", "recipient-update"), ("2.0", "keylist-update")] {
+        let msg = a.message(
+            &format!("https://didcomm.org/coordinate-mediation/{version}/{name}"),
+            json!({ "updates": two }),
+        );
+        let reply = a.request(&msg, &format!("{name}-response")).await.unwrap();
+        let updated = reply["body"]["updated"].as_array().unwrap();
+        assert!(updated.iter().all(|u| u["result"] == "server_error"), "{reply}");
+        let comment = reply["body"]["comment"].as_str().unwrap_or_default();
+        assert!(
+            comment.contains("limits.max_keys_per_connection = 1") && comment.contains("nothing applied"),
+            "{version}: {reply}"
+        );
+    }
+    assert!(recipient_dids(&a).await.is_empty());
+}

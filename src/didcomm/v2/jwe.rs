@@ -9,6 +9,8 @@
 //! - `apu` (when present) must be b64url(`skid`); `apv` (when present) must be b64url(SHA-256
 //!   of the sorted recipient kids joined by `.`). Veramo sends neither: absent is accepted.
 //! - Veramo's `ECDH-ES+XC20PKW` / `ECDH-1PU+XC20PKW` are not DIDComm v2: refused.
+//! - `zip` and `crit` are refused in any header: nothing here decompresses, and no JWE
+//!   extension is implemented (RFC 7516 sections 4.1.3, 4.1.13).
 //!
 //! Read as typed members borrowed from the envelope, never as a JSON tree ([`super::json`]);
 //! one recipient entry is tried per key of ours, whatever number name it.
@@ -157,6 +159,9 @@ struct JweIn<'a> {
     ciphertext: Option<&'a RawValue>,
     #[serde(borrow)]
     tag: Option<&'a RawValue>,
+    /// The shared unprotected header: read only for what [`refuse_unimplemented`] refuses.
+    #[serde(borrow)]
+    unprotected: Option<&'a RawValue>,
 }
 
 /// One entry of `recipients`.
@@ -177,6 +182,19 @@ struct HeaderJson<'a> {
     alg: Option<&'a RawValue>,
     #[serde(borrow)]
     epk: Option<&'a RawValue>,
+    #[serde(borrow)]
+    zip: Option<&'a RawValue>,
+    #[serde(borrow)]
+    crit: Option<&'a RawValue>,
+}
+
+/// The shared unprotected header: only what is refused there.
+#[derive(serde::Deserialize, Default)]
+struct UnprotectedJson<'a> {
+    #[serde(borrow)]
+    zip: Option<&'a RawValue>,
+    #[serde(borrow)]
+    crit: Option<&'a RawValue>,
 }
 
 /// The protected header: what it says, borrowed from its decoded bytes.
@@ -194,6 +212,10 @@ struct ProtectedJson<'a> {
     skid: Option<&'a RawValue>,
     #[serde(borrow)]
     epk: Option<&'a RawValue>,
+    #[serde(borrow)]
+    zip: Option<&'a RawValue>,
+    #[serde(borrow)]
+    crit: Option<&'a RawValue>,
 }
 
 struct RecipientIn<'a> {
@@ -208,6 +230,24 @@ const MAX_EPK_LEN: usize = 4 * 1024;
 
 fn malformed(s: impl Into<String>) -> V2Error {
     V2Error::Malformed(s.into())
+}
+
+/// Refuses the header parameters this reader does not implement, in any header they appear
+/// in: `zip` (RFC 7516 section 4.1.3) compresses the plaintext, which would be read as
+/// "not JSON" with no word of why; `crit` (section 4.1.13) names extensions a recipient must
+/// understand or refuse the JWE, and none is implemented here, so any `crit` is refused.
+fn refuse_unimplemented(zip: Option<&RawValue>, crit: Option<&RawValue>) -> Result<(), V2Error> {
+    if zip.is_some() {
+        return Err(V2Error::UnsupportedAlg(
+            "zip (a compressed plaintext is not read: send it uncompressed)".into(),
+        ));
+    }
+    if crit.is_some() {
+        return Err(V2Error::UnsupportedAlg(
+            "crit (no JWE extension is implemented: send the JWE without crit)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// A member's string decoded from base64url; refused when missing or not a string.
@@ -274,6 +314,11 @@ pub fn unpack(
         .ok_or_else(|| malformed("protected is not base64url JSON"))?;
     let protected: ProtectedJson =
         serde_json::from_slice(&protected_raw).map_err(|_| malformed("protected is not base64url JSON"))?;
+    refuse_unimplemented(protected.zip, protected.crit)?;
+    if let Some(u) = v.unprotected {
+        let u: UnprotectedJson = json::object_or_default(u).map_err(|e| malformed(format!("unprotected: {e}")))?;
+        refuse_unimplemented(u.zip, u.crit)?;
+    }
 
     // Recipients: general (`recipients`) or flattened (`header` + `encrypted_key`).
     let mut recipients = Vec::new();
@@ -482,6 +527,7 @@ fn read_recipient<'a>(
     let header = header.ok_or_else(|| malformed("recipient without header"))?;
     let header: HeaderJson =
         json::object_or_default(header).map_err(|e| malformed(format!("recipient header: {e}")))?;
+    refuse_unimplemented(header.zip, header.crit)?;
     let kid = json::opt_str(header.kid).ok_or_else(|| malformed("recipient without kid"))?;
     if kid.len() > crate::didcomm::did::MAX_DID_LEN {
         return Err(malformed("kid too long"));

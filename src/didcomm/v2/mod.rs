@@ -59,6 +59,10 @@ pub enum V2Error {
     Did(String),
     #[error("encryption failed: {0}")]
     Crypto(String),
+    /// A JWE inside a JWE that is not DIDComm v2's sender-protected authcrypt (an authcrypt
+    /// anoncrypted once more), or whose inner layer does not open.
+    #[error("nested JWE: {0}")]
+    Nested(String),
 }
 
 /// What an inbound v2 envelope turned out to be, unwrapped down to the plaintext message.
@@ -68,15 +72,18 @@ pub struct Unpacked {
     pub plaintext: Vec<u8>,
     /// Which of our keys opened the outermost JWE (`None` for a bare JWS or plaintext).
     pub recipient_kid: Option<String>,
-    /// The authcrypt sender's key id (`skid`), when the JWE was authcrypted.
+    /// The authcrypt sender's key id (`skid`), when the JWE was authcrypted (the inner JWE's,
+    /// for a sender-protected authcrypt: never the outer anoncrypt's, which has none).
     pub sender_kid: Option<String>,
     /// The JWS signer's key id, when the message was signed.
     pub signer_kid: Option<String>,
-    /// How the JWE was made, so a reply can be packed in the dialect the peer opens.
+    /// How the JWE was made, so a reply can be packed in the dialect the peer opens (the
+    /// inner authcrypt's, for a sender-protected one).
     pub dialect: Option<jwe::Dialect>,
-    /// The outermost JWE's `apv` named its recipients ([`jwe::Opened::recipients_bound`]).
+    /// The authcrypt's (else the outermost JWE's) `apv` named its recipients
+    /// ([`jwe::Opened::recipients_bound`]): what binds the sender is the layer that names it.
     pub recipients_bound: bool,
-    /// The outermost JWE was for others too ([`jwe::Opened::for_others`]).
+    /// Some layer of the JWE was for others too ([`jwe::Opened::for_others`]).
     pub for_others: bool,
 }
 
@@ -136,7 +143,8 @@ pub fn is_v2(bytes: &[u8]) -> bool {
     }
 }
 
-/// Unpacks any v2 form: JWE (possibly wrapping a JWS), JWS, or plaintext. Read without a
+/// Unpacks any v2 form: JWE (possibly wrapping a JWS, or an authcrypt JWE: the spec's
+/// sender-protected authcrypt, see `sender_protected`), JWS, or plaintext. Read without a
 /// JSON tree of the envelope or its plaintext ([`json`]): anyone can send one, and a tree of
 /// `[0,0,...]` is 16-32 times the bytes it is read from.
 ///
@@ -153,14 +161,18 @@ pub fn unpack(
     match Form::of(bytes)? {
         Form::Jwe => {
             let opened = jwe::unpack(bytes, our_key, &|k| resolve_key(k, did::Purpose::KeyAgreement))?;
-            let mut out = Unpacked {
-                plaintext: opened.plaintext,
-                recipient_kid: Some(opened.recipient_kid),
-                sender_kid: opened.sender_kid,
-                signer_kid: None,
-                dialect: Some(opened.dialect),
-                recipients_bound: opened.recipients_bound,
-                for_others: opened.for_others,
+            let mut out = if matches!(Form::of(&opened.plaintext), Ok(Form::Jwe)) {
+                sender_protected(opened, our_key, resolve_key)?
+            } else {
+                Unpacked {
+                    plaintext: opened.plaintext,
+                    recipient_kid: Some(opened.recipient_kid),
+                    sender_kid: opened.sender_kid,
+                    signer_kid: None,
+                    dialect: Some(opened.dialect),
+                    recipients_bound: opened.recipients_bound,
+                    for_others: opened.for_others,
+                }
             };
             // Sign-then-encrypt: the JWE may carry a JWS.
             if matches!(Form::of(&out.plaintext), Ok(Form::Jws)) {
@@ -193,6 +205,57 @@ pub fn unpack(
             for_others: false,
         }),
     }
+}
+
+/// DIDComm v2's sender identity protection: an authcrypt JWE anoncrypted to the same
+/// recipient again, so its `skid` is not on the wire. `outer` is the opened anoncrypt; its
+/// plaintext is opened once more, as a top-level authcrypt is (for one of our keys, `skid`
+/// resolved and checked the same way), and the sender is the inner layer's alone.
+///
+/// Exactly this shape is read, anything else refused: an outer authcrypt (whose sender would
+/// have to agree with the inner one's, for no protection), an inner anoncrypt (a JWE in a JWE
+/// that proves no sender: it must not look like one that does), and a third layer (one
+/// layer of nesting is all the spec makes; more would only cost decryptions).
+fn sender_protected(
+    outer: jwe::Opened,
+    our_key: &dyn Fn(&str) -> Option<keys::Agreement>,
+    resolve_key: &dyn Fn(&str, did::Purpose) -> Result<Key, V2Error>,
+) -> Result<Unpacked, V2Error> {
+    if outer.dialect.alg != jwe::Alg::EcdhEsA256Kw {
+        return Err(V2Error::Nested(format!(
+            "the outer layer must be anoncrypt ({}), not {}: a JWE nested in a JWE is read only as a \
+             sender-protected authcrypt",
+            jwe::ALG_ANON,
+            outer.dialect.alg.label()
+        )));
+    }
+    let inner = jwe::unpack(&outer.plaintext, our_key, &|k| {
+        resolve_key(k, did::Purpose::KeyAgreement)
+    })
+    .map_err(|e| V2Error::Nested(format!("inner layer: {e}")))?;
+    if inner.dialect.alg != jwe::Alg::Ecdh1PuA256Kw || inner.sender_kid.is_none() {
+        return Err(V2Error::Nested(format!(
+            "the inner layer must be authcrypt ({}), not {}: a JWE nested in a JWE is read only as a \
+             sender-protected authcrypt",
+            jwe::ALG_AUTH,
+            inner.dialect.alg.label()
+        )));
+    }
+    if matches!(Form::of(&inner.plaintext), Ok(Form::Jwe)) {
+        return Err(V2Error::Nested(
+            "a third JWE layer: a sender-protected authcrypt is one anoncrypt around one authcrypt".into(),
+        ));
+    }
+    Ok(Unpacked {
+        plaintext: inner.plaintext,
+        recipient_kid: Some(outer.recipient_kid),
+        sender_kid: inner.sender_kid,
+        signer_kid: None,
+        dialect: Some(inner.dialect),
+        recipients_bound: inner.recipients_bound,
+        // Either layer's other recipients could send it on.
+        for_others: outer.for_others || inner.for_others,
+    })
 }
 
 /// Which of the three v2 forms a JSON object is: a JWE has `ciphertext`, a JWS `payload`, a

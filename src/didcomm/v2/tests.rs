@@ -450,6 +450,128 @@ fn bad_inputs_are_refused_with_clear_errors() {
     ));
 }
 
+/// `env` (anoncrypt to one recipient whose key `ours` holds) sealed again with its protected
+/// header changed by `edit`: unlike [`with_protected`], a JWE that decrypts, so what a header
+/// says is tested, not the tag.
+fn resealed(env: &[u8], ours: &HashMap<String, Key>, edit: impl FnOnce(&mut Value)) -> Vec<u8> {
+    use askar_crypto::alg::{AnyKey, AnyKeyCreate};
+    use askar_crypto::buffer::SecretBytes;
+    use askar_crypto::encrypt::KeyAeadInPlace;
+    use std::sync::Arc;
+    let b64 = crate::didcomm::b64::encode;
+    let unb64 = |v: &Value| crate::didcomm::b64::decode(v.as_str().unwrap()).unwrap();
+    let mut v: Value = serde_json::from_slice(env).unwrap();
+    let mut p: Value = serde_json::from_slice(&unb64(&v["protected"])).unwrap();
+    let ours = Agreement::new(ours[v["recipients"][0]["header"]["kid"].as_str().unwrap()].clone());
+    let z = ours.exchange(&keys::from_jwk(&p["epk"]).unwrap()).unwrap();
+    let kek = jwe::kek(&z, jwe::ALG_ANON, &[], &unb64(&p["apv"]), &[]).unwrap();
+    let mut cek = SecretBytes::from_slice(&unb64(&v["recipients"][0]["encrypted_key"]));
+    kek.decrypt_in_place(&mut cek, &[], &[]).unwrap();
+    let enc = Enc::parse(p["enc"].as_str().unwrap()).unwrap();
+    let cek = Arc::<AnyKey>::from_secret_bytes(enc.key_alg(), cek.as_ref()).unwrap();
+    let iv = unb64(&v["iv"]);
+    let mut buf = SecretBytes::from_slice(&[unb64(&v["ciphertext"]), unb64(&v["tag"])].concat());
+    cek.decrypt_in_place(&mut buf, &iv, v["protected"].as_str().unwrap().as_bytes())
+        .unwrap();
+    edit(&mut p);
+    let protected = b64(p.to_string().as_bytes());
+    let ct_len = cek.encrypt_in_place(&mut buf, &iv, protected.as_bytes()).unwrap();
+    let (ct, tag) = buf.as_ref().split_at(ct_len);
+    v["protected"] = json!(protected);
+    v["ciphertext"] = json!(b64(ct));
+    v["tag"] = json!(b64(tag));
+    serde_json::to_vec(&v).unwrap()
+}
+
+/// `zip` and `crit` are refused, not ignored, in whichever header they come: a compressed
+/// plaintext opened as it is was refused as "not JSON" with no word of why, and RFC 7516
+/// section 4.1.13 has a recipient refuse a `crit` naming what it does not understand (all of
+/// it: no extension is implemented here). Each of these JWEs decrypts; only its header stops it.
+#[test]
+fn zip_and_crit_are_refused_in_every_header() {
+    let (env, ours) = x25519_env(Enc::A256CbcHs512);
+    assert!(open(&resealed(&env, &ours, |_| {}), &ours).is_ok(), "resealed opens");
+    let refused_for = |e: V2Error, name: &str| {
+        assert!(
+            matches!(e, V2Error::UnsupportedAlg(ref a) if a.starts_with(name)),
+            "{name}: {e}"
+        );
+        assert!(e.to_string().contains(name), "{e}");
+    };
+    // In the protected header.
+    let zipped = resealed(&env, &ours, |p| p["zip"] = json!("DEF"));
+    refused_for(open(&zipped, &ours).unwrap_err(), "zip");
+    for crit in [json!(["exp"]), json!(["b64"]), json!([])] {
+        let e = open(&resealed(&env, &ours, |p| p["crit"] = crit.clone()), &ours).unwrap_err();
+        refused_for(e, "crit");
+    }
+    // In a recipient's header, or the shared unprotected one (RFC 7516 wants both protected:
+    // refused there too, not read as absent).
+    for (name, place) in [
+        ("zip", "recipient"),
+        ("crit", "recipient"),
+        ("zip", "unprotected"),
+        ("crit", "unprotected"),
+    ] {
+        let mut v: Value = serde_json::from_slice(&env).unwrap();
+        let value = if name == "zip" { json!("DEF") } else { json!(["exp"]) };
+        if place == "recipient" {
+            v["recipients"][0]["header"][name] = value;
+        } else {
+            v["unprotected"] = json!({ name: value });
+        }
+        let e = open(&serde_json::to_vec(&v).unwrap(), &ours).unwrap_err();
+        refused_for(e, name);
+    }
+}
+
+/// DIDComm v2's sender identity protection (an authcrypt anoncrypted again) opens as the
+/// inner authcrypt's sender, bound as a top-level one is, and answered in its dialect. Every
+/// other nesting is refused saying which layer is wrong: an anoncrypt inside proves nobody
+/// and must not pass for a sender-protected message; a third layer is not read; the inner
+/// layer opens only with our keys.
+#[test]
+fn a_sender_protected_authcrypt_opens_as_its_inner_sender_and_no_other_nesting() {
+    let a = Agreement::new(keypair(KeyAlg::X25519));
+    let a_did = did::create_peer2(std::slice::from_ref(a.key()), &[], &[]).unwrap();
+    let skid = format!("{a_did}#key-1");
+    let r = keypair(KeyAlg::X25519);
+    let to = [("r#1".to_string(), r.clone())];
+    let ours: HashMap<String, Key> = [("r#1".to_string(), r)].into();
+    let auth_to = |p: &[u8], to: &[(String, Key)]| jwe::pack(p, to, Some((&skid, &a)), Dialect::AUTHCRYPT).unwrap();
+    let auth = |p: &[u8]| auth_to(p, &to);
+    let anon = |p: &[u8]| jwe::pack(p, &to, None, Dialect::ANONCRYPT).unwrap();
+    let msg = br#"{"id":"1","type":"t"}"#;
+
+    let u = unpack_with(&anon(&auth(msg)), &ours).unwrap();
+    assert_eq!(plain(&u)["id"], "1");
+    assert_eq!(u.sender_kid.as_deref(), Some(skid.as_str()));
+    assert_eq!(u.authenticated_did(), Some(a_did.as_str()));
+    assert_eq!(u.recipient_kid.as_deref(), Some("r#1"));
+    assert_eq!(u.dialect, Some(Dialect::AUTHCRYPT));
+    assert!(u.authcrypt_binds_sender() && !u.for_others);
+
+    let nested = |env: Vec<u8>, why: &str| {
+        let e = unpack_with(&env, &ours).unwrap_err();
+        assert!(matches!(e, V2Error::Nested(ref m) if m.contains(why)), "{why}: {e}");
+    };
+    nested(anon(&anon(msg)), "inner layer must be authcrypt");
+    nested(anon(&anon(&auth(msg))), "inner layer must be authcrypt");
+    nested(auth(&auth(msg)), "outer layer must be anoncrypt");
+    nested(auth(&anon(msg)), "outer layer must be anoncrypt");
+    nested(anon(&auth(&anon(msg))), "third JWE layer");
+    nested(anon(&auth(&anon(&auth(msg)))), "third JWE layer");
+    let elsewhere = keypair(KeyAlg::X25519);
+    let not_ours = auth_to(msg, &[("x#1".to_string(), elsewhere.clone())]);
+    nested(anon(&not_ours), "inner layer: no recipient kid");
+    // Either layer for others too: others could send it on.
+    let both = [to[0].clone(), ("x#1".to_string(), elsewhere)];
+    let u = unpack_with(&anon(&auth_to(msg, &both)), &ours).unwrap();
+    assert!(u.for_others);
+    let outer_both = jwe::pack(&auth(msg), &both, None, Dialect::ANONCRYPT).unwrap();
+    assert!(unpack_with(&outer_both, &ours).unwrap().for_others);
+}
+
 #[test]
 fn skid_must_be_a_key_agreement_key_of_the_senders_did() {
     // Veramo's authcrypt (no apu): point skid at the sender's Ed25519 authentication key, then

@@ -322,7 +322,10 @@ async fn update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
 }
 
 /// An update that would pass `limits.max_keys_per_connection`, refused whole: every update
-/// answered `server_error`, then a problem-report 2.0 saying why.
+/// answered `server_error`, the response's `comment` saying why, then a problem-report 2.0
+/// saying it too. The response is what a wallet over HTTP gets: its one reply goes in the
+/// HTTP response and the report, with no endpoint to post it to, is dropped; over a
+/// WebSocket both arrive.
 fn over_limit(m: &Mediator, ctx: &Inbound, updates: &[Value], would_hold: usize) -> Outcome {
     let updated: Vec<Value> = updates
         .iter()
@@ -343,9 +346,9 @@ fn over_limit(m: &Mediator, ctx: &Inbound, updates: &[Value], would_hold: usize)
         "recipient-update-response"
     };
     let body = if ctx.major() == 2 {
-        json!({ "updated": updated })
+        json!({ "updated": updated, "comment": why })
     } else {
-        json!({ "updated": updated, "updates": updated })
+        json!({ "updated": updated, "updates": updated, "comment": why })
     };
     let mut report = ctx.reply(
         m,
