@@ -842,31 +842,39 @@ mod tests {
     }
 
     /// A queued message whose record was damaged on the disk while the store runs (its CRC no
-    /// longer matches) is taken out of its queue by the lease that reads it, and counted: the
-    /// lease returns the messages before and after it, and so does the next one once their
-    /// lease runs out. Before, the lease failed as a whole, every later lease picked the same
-    /// lowest ids and failed again: the queue was stalled for good. A reopen agrees.
+    /// longer matches, or it no longer reads at all: EIO, a bad sector) is taken out of its
+    /// queue by the lease that reads it, and counted: the lease returns the messages before and
+    /// after it, and so does the next one once their lease runs out. Before, the lease failed
+    /// as a whole, every later lease picked the same lowest ids and failed again: the queue
+    /// was stalled for good. A reopen agrees.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_message_damaged_while_running_is_set_aside_and_the_lease_goes_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let t0 = 1_700_000_000_000;
-        let s = SledStore::open(dir.path()).await.unwrap();
-        let at = enqueue_each(&s, &["A", "B", "C"], false).await;
-        // A byte of B's payload, the last of its record.
-        let (seg, b_at) = &at[1];
-        damage_record(seg, *b_at, 1 + 8 + 2 + 1 + 2 + 4 + 1, 0x5a);
-        let got = s.lease("c", 3, "o", t0, t0 + 1_000).await.unwrap();
-        assert_eq!(payloads(&got), [b"A", b"C"]);
-        let log = s.queue_log().await.unwrap().unwrap();
-        assert_eq!((log.damaged_records, log.damaged_segments), (1, 0), "{log:?}");
-        assert_eq!(s.total_queued().await.unwrap(), 2);
-        let again = s.lease("c", 3, "o", t0 + 1_000, t0 + 2_000).await.unwrap();
-        assert_eq!(payloads(&again), [b"A", b"C"], "the lease after expiry");
-        drop(s);
-        let s = SledStore::open(dir.path()).await.unwrap();
-        assert_eq!(s.total_queued().await.unwrap(), 2);
-        let got = s.lease("c", 3, "o", t0, t0 + 1_000).await.unwrap();
-        assert_eq!(payloads(&got), [b"A", b"C"]);
+        for bad_sector in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let t0 = 1_700_000_000_000;
+            let s = SledStore::open(dir.path()).await.unwrap();
+            let at = enqueue_each(&s, &["A", "B", "C"], false).await;
+            if bad_sector {
+                let b = queued_ids(&s, "c")[1];
+                s.slot.log.fail_reads_at((records::KIND_MSG, b), true);
+            } else {
+                // A byte of B's payload, the last of its record.
+                let (seg, b_at) = &at[1];
+                damage_record(seg, *b_at, 1 + 8 + 2 + 1 + 2 + 4 + 1, 0x5a);
+            }
+            let got = s.lease("c", 3, "o", t0, t0 + 1_000).await.unwrap();
+            assert_eq!(payloads(&got), [b"A", b"C"]);
+            let log = s.queue_log().await.unwrap().unwrap();
+            assert_eq!((log.damaged_records, log.damaged_segments), (1, 0), "{log:?}");
+            assert_eq!(s.total_queued().await.unwrap(), 2);
+            let again = s.lease("c", 3, "o", t0 + 1_000, t0 + 2_000).await.unwrap();
+            assert_eq!(payloads(&again), [b"A", b"C"], "the lease after expiry");
+            drop(s);
+            let s = SledStore::open(dir.path()).await.unwrap();
+            assert_eq!(s.total_queued().await.unwrap(), 2);
+            let got = s.lease("c", 3, "o", t0, t0 + 1_000).await.unwrap();
+            assert_eq!(payloads(&got), [b"A", b"C"]);
+        }
     }
 
     /// A lease and a pending count filtered by recipient key read only the heads of the
@@ -958,30 +966,6 @@ mod tests {
         assert_eq!(ids.len(), 6, "{ids:?}");
         let got = s.lease("c", 10, "o", t0 + 2_000, t0 + 3_000).await.unwrap();
         assert_eq!(payloads(&got), [b"A", b"B", b"C", b"D", b"E", b"F"]);
-    }
-
-    /// A queued message whose record no longer reads (EIO: a bad sector) is set aside as one
-    /// failing its CRC is: the lease returns the others, it is counted, and a reopen agrees.
-    /// Before, the lease failed as unavailable, and every later one picked the same ids and
-    /// failed again: the queue was stalled for good.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_message_on_a_bad_sector_is_set_aside_and_the_lease_goes_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let t0 = 1_700_000_000_000;
-        let s = SledStore::open(dir.path()).await.unwrap();
-        enqueue_each(&s, &["A", "B", "C"], false).await;
-        let b = queued_ids(&s, "c")[1];
-        s.slot.log.fail_reads_at((records::KIND_MSG, b), true);
-        let got = s.lease("c", 3, "o", t0, t0 + 1_000).await.unwrap();
-        assert_eq!(payloads(&got), [b"A", b"C"]);
-        let log = s.queue_log().await.unwrap().unwrap();
-        assert_eq!((log.damaged_records, log.damaged_segments), (1, 0), "{log:?}");
-        assert_eq!(s.total_queued().await.unwrap(), 2);
-        let again = s.lease("c", 3, "o", t0 + 1_000, t0 + 2_000).await.unwrap();
-        assert_eq!(payloads(&again), [b"A", b"C"], "the lease after expiry");
-        drop(s);
-        let s = SledStore::open(dir.path()).await.unwrap();
-        assert_eq!(s.total_queued().await.unwrap(), 2);
     }
 
     /// A pickup filtered by key reads the heads of the pending messages: one whose head does

@@ -2645,40 +2645,46 @@ mod tests {
         f.write_all_at(&[byte[0] ^ 0x5a], at).unwrap();
     }
 
-    /// A live record of the oldest segment damaged on the disk while the log runs is not copied
-    /// forward by compaction: a bad record in the current segment is one the next open could
-    /// take for a torn append. It is dropped (a tombstone), counted, handed to
-    /// the store's index ([`QueueLog::take_lost`]), and its segment kept aside.
+    /// A live record of the oldest segment damaged on the disk while the log runs (its CRC no
+    /// longer matches, or it no longer reads at all: a bad sector) is not copied forward by
+    /// compaction: a bad record in the current segment is one the next open could take for a
+    /// torn append. It is dropped (a tombstone), counted, handed to the store's index
+    /// ([`QueueLog::take_lost`]), and its segment kept aside and deleted. Before, a record that
+    /// did not read failed every compaction step: the oldest segment stayed, and no segment
+    /// was freed again until the disk was full.
     #[test]
     fn compaction_drops_a_damaged_record_and_the_appends_after_it_survive_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let seg_bytes = 4096;
-        let mut want = std::collections::BTreeMap::new();
-        {
-            let log = QueueLog::open_with(dir.path(), seg_bytes, false).unwrap();
-            // 117-byte records, 35 to a segment; the first three stay live, in segment 1.
-            for i in 1..=100i64 {
-                log.append(&[((MSG, i), &body(i, 100))], &[], true).unwrap();
+        let unreadable = |log: &QueueLog, key: Key| log.fail_reads_at(key, true);
+        for damage in [damage_body as fn(&QueueLog, Key), unreadable] {
+            let dir = tempfile::tempdir().unwrap();
+            let seg_bytes = 4096;
+            let mut want = std::collections::BTreeMap::new();
+            {
+                let log = QueueLog::open_with(dir.path(), seg_bytes, false).unwrap();
+                // 117-byte records, 35 to a segment; the first three stay live, in segment 1.
+                for i in 1..=100i64 {
+                    log.append(&[((MSG, i), &body(i, 100))], &[], true).unwrap();
+                }
+                let dead: Vec<Key> = (4..=100).map(|i| (MSG, i)).collect();
+                log.remove(&dead).unwrap();
+                damage(&log, (MSG, 2));
+                compact_all(&log);
+                assert!(!segment_path(dir.path(), 1).exists(), "segment 1 compacted away");
+                assert_eq!(log.take_lost(), vec![(MSG, 2)]);
+                assert!(log.take_lost().is_empty(), "taken once");
+                assert_eq!(log.damage(), (1, 0));
+                assert_eq!(log.get((MSG, 2)).unwrap(), None);
+                assert!(segment_path(dir.path(), 1).with_extension("qlog.damaged").exists());
+                for i in [1, 3] {
+                    want.insert(i, body(i, 100));
+                }
+                for i in 200..220i64 {
+                    log.append(&[((MSG, i), &body(i, 10))], &[], true).unwrap();
+                    want.insert(i, body(i, 10));
+                }
             }
-            let dead: Vec<Key> = (4..=100).map(|i| (MSG, i)).collect();
-            log.remove(&dead).unwrap();
-            damage_body(&log, (MSG, 2));
-            compact_all(&log);
-            assert!(!segment_path(dir.path(), 1).exists(), "segment 1 compacted away");
-            assert_eq!(log.take_lost(), vec![(MSG, 2)]);
-            assert!(log.take_lost().is_empty(), "taken once");
-            assert_eq!(log.damage(), (1, 0));
-            assert_eq!(log.get((MSG, 2)).unwrap(), None);
-            assert!(segment_path(dir.path(), 1).with_extension("qlog.damaged").exists());
-            for i in [1, 3] {
-                want.insert(i, body(i, 100));
-            }
-            for i in 200..220i64 {
-                log.append(&[((MSG, i), &body(i, 10))], &[], true).unwrap();
-                want.insert(i, body(i, 10));
-            }
+            assert_eq!(records_on_disk(dir.path(), seg_bytes), want, "records lost");
         }
-        assert_eq!(records_on_disk(dir.path(), seg_bytes), want, "records lost");
     }
 
     /// A record found damaged by a read ([`QueueLog::drop_damaged`]) leaves the live set with
@@ -2710,35 +2716,6 @@ mod tests {
             }
         }
         assert_eq!(records_on_disk(dir.path(), SEGMENT_BYTES), want);
-    }
-
-    /// A live record of the oldest segment on a sector that no longer reads (EIO) is dropped
-    /// by compaction as a damaged one is (a tombstone, counted, handed to the index), and the
-    /// segment is deleted: before, every compaction step failed on it, the oldest segment
-    /// stayed, and no segment was freed again until the disk was full.
-    #[test]
-    fn compaction_drops_a_record_that_does_not_read_and_deletes_its_segment() {
-        let dir = tempfile::tempdir().unwrap();
-        let seg_bytes = 4096;
-        let mut want = std::collections::BTreeMap::new();
-        {
-            let log = QueueLog::open_with(dir.path(), seg_bytes, false).unwrap();
-            // 117-byte records, 35 to a segment; the first three stay live, in segment 1.
-            for i in 1..=100i64 {
-                log.append(&[((MSG, i), &body(i, 100))], &[], true).unwrap();
-            }
-            let dead: Vec<Key> = (4..=100).map(|i| (MSG, i)).collect();
-            log.remove(&dead).unwrap();
-            log.fail_reads_at((MSG, 2), true);
-            compact_all(&log);
-            assert!(!segment_path(dir.path(), 1).exists(), "segment 1 compacted away");
-            assert_eq!(log.take_lost(), vec![(MSG, 2)]);
-            assert_eq!(log.damage(), (1, 0));
-            for i in [1, 3] {
-                want.insert(i, body(i, 100));
-            }
-        }
-        assert_eq!(records_on_disk(dir.path(), seg_bytes), want, "records lost");
     }
 
     /// A walk of the live records whose stretch holds a record that does not read (EIO) reads
