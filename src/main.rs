@@ -291,6 +291,10 @@ fn main() -> ExitCode {
             };
             let sys = actix_rt::System::new();
             let res = sys.block_on(async move {
+                // First, before the node starts: from here SIGTERM and SIGINT stop it, while it
+                // starts as while it serves, rather than end the process by their default action;
+                // a second one ends the stop at once.
+                let shutdown = mailroom::signals::shutdown_signal();
                 node::run(
                     cfg,
                     &node_id,
@@ -299,7 +303,7 @@ fn main() -> ExitCode {
                         store: None,
                         config_path: config,
                     },
-                    mailroom::signals::shutdown_signal(),
+                    shutdown,
                     Arc::new(AtomicBool::new(false)),
                 )
                 .await

@@ -16,6 +16,7 @@ use actix::Actor;
 use anyhow::Context as _;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -234,33 +235,83 @@ pub struct NodeOptions {
     pub config_path: Option<std::path::PathBuf>,
 }
 
-/// Runs one node until `shutdown` resolves. Must be called inside an actix `System`.
+/// `step`, or what `stop` resolves to if it resolves first (a stop already asked wins).
+async fn unless_stopped<T, S>(step: impl Future<Output = T>, stop: Pin<&mut impl Future<Output = S>>) -> Result<T, S> {
+    tokio::select! {
+        biased;
+        s = stop => Err(s),
+        t = step => Ok(t),
+    }
+}
+
+/// A stop asked for while the node started, before it marked the store as running
+/// ([`Store::begin_run`]) and served anything: what had started stops (the cluster is left, the
+/// push worker stopped, the store flushed) and the node ends as a stop does, `Ok`. The store's
+/// mark is the run before's, untouched, and a release of the leases of before the restart that
+/// the stop cut short is the next start's to do.
+async fn stopped_starting(
+    node_id: &str,
+    cause: impl std::fmt::Display,
+    store: Option<&Arc<dyn Store>>,
+    cluster: Option<&ClusterHandle>,
+    shared: Option<&Shared>,
+) -> anyhow::Result<()> {
+    tracing::info!(node = node_id, "{cause} received during start-up: stopping");
+    if let Some(c) = cluster {
+        c.leave().await;
+    }
+    if let Some(p) = shared.and_then(|s| s.push.get()) {
+        let _ = tokio::time::timeout(crate::push::STOP_GRACE + Duration::from_secs(1), p.stop()).await;
+    }
+    if let Some(s) = store {
+        match tokio::time::timeout(STOP_TAIL, s.flush()).await {
+            Ok(r) => r?,
+            Err(_) => tracing::warn!("the store's flush did not finish within {STOP_TAIL:?}"),
+        }
+    }
+    tracing::info!(node = node_id, "stopped during start-up");
+    Ok(())
+}
+
+/// Runs one node until `shutdown` resolves (to what asked for the stop: `SIGTERM`, say); one
+/// that resolves while the node starts stops the start. Must be called inside an actix
+/// `System`.
 pub async fn run(
     cfg: Config,
     node_id: &str,
     listeners: Listeners,
     opts: NodeOptions,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = impl std::fmt::Display>,
     ready_flag: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     // First: opening the store may take a while, and until a handler is in place a SIGHUP (an
     // operator adding a node: `scripts/cluster.sh reload`) ends the process, its default
-    // action. One that comes while the node starts is handled once it runs.
+    // action. One that comes while the node starts is handled once it runs. (SIGTERM's and
+    // SIGINT's handlers are in place already: `signals::shutdown_signal` installs them as it
+    // makes `shutdown`, which the start races its waits against.)
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let mut shutdown = std::pin::pin!(shutdown);
     let store = opts.store.clone();
     let cfg = Arc::new(cfg);
     let node = cfg.node(node_id)?.clone();
     let metrics = Arc::new(Metrics::new());
     let store = match store {
         Some(s) => s,
-        None => open_store(&cfg).await?,
+        // PostgreSQL's pool connect and migrations, sled's wait for its file lock.
+        None => match unless_stopped(open_store(&cfg), shutdown.as_mut()).await {
+            Ok(s) => s?,
+            Err(cause) => return stopped_starting(node_id, cause, None, None, None).await,
+        },
     };
     let store = crate::store::metered::Metered::wrap(store, metrics.store_latency.clone());
     // Routes cached on this node; peers' keylist removals reach it as cluster frames.
     let routes = crate::store::route_cache::RouteCache::wrap(store);
     let store: Arc<dyn Store> = routes.clone();
     let candidate = MediatorKeys::generate().to_identity(now_ms());
-    let identity = store.identity_get_or_create(candidate).await?;
+    let identity = match unless_stopped(store.identity_get_or_create(candidate), shutdown.as_mut()).await {
+        Ok(i) => i?,
+        Err(cause) => return stopped_starting(node_id, cause, Some(&store), None, None).await,
+    };
     let keys = MediatorKeys::from_identity(&identity).map_err(anyhow::Error::msg)?;
     let public_addr = listeners.public_addr();
     let public_url = cfg.public_url(&node, Some(public_addr));
@@ -375,10 +426,19 @@ pub async fn run(
                 Err(e) => tracing::warn!("deliveries of before the restart not released (their leases run out): {e}"),
             }
         });
-        if tokio::time::timeout(START_RELEASE_WAIT, released_rx).await.is_err() {
-            tracing::warn!("the release of this node's deliveries of before the restart takes over {START_RELEASE_WAIT:?}: serving meanwhile");
+        // A stop during this wait leaves the release to finish (or not) as the process ends:
+        // what it does not release, the next start does.
+        match unless_stopped(tokio::time::timeout(START_RELEASE_WAIT, released_rx), shutdown.as_mut()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => tracing::warn!("the release of this node's deliveries of before the restart takes over {START_RELEASE_WAIT:?}: serving meanwhile"),
+            Err(cause) => return stopped_starting(node_id, cause, Some(&store), cluster.as_ref(), Some(shared.as_ref())).await,
         }
     }
+
+    // From here the start does not wait on the stop: `begin_run` marks the store (cut short, it
+    // would leave unknown whether it did, and lose what the run before left owed), and what
+    // follows waits on nothing. A stop asked for meanwhile is the ordinary stop below, once the
+    // node serves, which clears the mark when the run owes nothing.
 
     // A store that keeps deliveries in memory (sled) has nothing in flight after a crash to
     // release: the run that ended without its stop left the wallets whose sessions were live
@@ -691,7 +751,8 @@ pub async fn run(
         crate::protocols::v2::invitation_url(&mediator, &crate::protocols::v2::invitation(&mediator))
     );
 
-    shutdown.await;
+    let cause = shutdown.await;
+    tracing::info!("{cause} received");
 
     // Ordered teardown: stop accepting sockets, close sessions with 1001 so wallets reconnect
     // elsewhere, leave the cluster, finish in-flight requests and pushes, hand leases back,
@@ -1097,6 +1158,7 @@ pub fn spawn(cfg: Config, node_id: &str, listeners: Listeners, opts: NodeOptions
                     opts,
                     async {
                         let _ = stop_rx.await;
+                        "stop request"
                     },
                     r2,
                 )

@@ -395,3 +395,168 @@ async fn a_node_restarted_after_kill_9_gives_back_its_own_deliveries() {
     .await;
     drop(p1);
 }
+
+/// Sends `sig` (`TERM`, `INT`) to the node process `p`, the child this test started.
+fn send_signal(p: &NodeProcess, sig: &str) {
+    let pid = p.child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -{sig} {pid} failed: {sent:?}");
+}
+
+/// The exit of `p`, which must come within `bound` (`what` names what it waits for).
+async fn exit_within(p: &mut NodeProcess, bound: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + bound;
+    loop {
+        if let Some(s) = p.child.try_wait().expect("try_wait") {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {} still running {bound:?} after {what}",
+            p.child.id()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (bounded) until the node's log at `log` holds `needle`; the log's text.
+async fn log_shows(log: &std::path::Path, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node's log never said {needle:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGTERM to a node still starting (a rolling update, `podman stop` of a node whose store is
+/// slow to open) stops the start and exits 0, saying so; until the handlers were installed
+/// before the start, the signal's default action ended the process (no exit code), and a
+/// store already marked as running took that for a crash at the next start. The store here is
+/// a server that accepts the connection and never answers: the node waits in its store's open
+/// (PostgreSQL's pool waits 10 s), and the test signals it once it has connected.
+#[actix_rt::test]
+async fn sigterm_during_start_up_stops_the_start_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("postgres://postgres@{}/mailroom", silent.local_addr().unwrap());
+    let entry = NodeEntry {
+        id: "n1".into(),
+        listen: free_addr(),
+        cluster: Some(free_addr()),
+        admin: free_addr(),
+    };
+    let config = write_config(dir.path(), &url, std::slice::from_ref(&entry), 30_000);
+    let log = dir.path().join("n1.log");
+    let mut p = NodeProcess::spawn(&config, &entry, &log);
+    // The node has connected to its store: it is opening it, well before it serves.
+    let (_held, _) = tokio::time::timeout(Duration::from_secs(60), silent.accept())
+        .await
+        .expect("the node connects to its store within 60 s")
+        .unwrap();
+    send_signal(&p, "TERM");
+    let status = exit_within(&mut p, Duration::from_secs(30), "SIGTERM during start-up").await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM during start-up exits 0, not by the signal nor by the store's failure: {status:?}\n{text}"
+    );
+    assert!(
+        text.contains("SIGTERM received during start-up: stopping"),
+        "the node's log does not say it stopped during start-up:\n{text}"
+    );
+    assert!(!text.contains("mailroom node ready"), "it never served:\n{text}");
+}
+
+/// A TCP relay to the test's PostgreSQL that can be frozen: from then on nothing passes either
+/// way and every connection, old or new, is held open unanswered (a server that hangs, not one
+/// that is down).
+struct FreezableRelay {
+    addr: std::net::SocketAddr,
+    freeze: tokio::sync::watch::Sender<bool>,
+}
+
+impl FreezableRelay {
+    async fn start(upstream: &'static str) -> FreezableRelay {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (freeze, frozen) = tokio::sync::watch::channel(false);
+        actix_rt::spawn(async move {
+            while let Ok((mut inbound, _)) = l.accept().await {
+                let mut frozen = frozen.clone();
+                actix_rt::spawn(async move {
+                    if !*frozen.borrow() {
+                        if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
+                            tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut inbound, &mut up) => return,
+                                _ = frozen.wait_for(|f| *f) => {}
+                            }
+                            // Frozen: both ends stay open, silent, until the test ends.
+                            std::future::pending::<()>().await;
+                            drop(up);
+                        }
+                    }
+                    std::future::pending::<()>().await;
+                    drop(inbound);
+                });
+            }
+        });
+        FreezableRelay { addr, freeze }
+    }
+
+    fn freeze(&self) {
+        self.freeze.send_replace(true);
+    }
+}
+
+/// A second SIGTERM while the node stops ends the process at once, exit 143 (128 + SIGTERM),
+/// with a line in its log, instead of waiting out a stop held up by its store. The store
+/// hangs (its link frozen) once the node serves, so the stop's give-back waits for its 10 s
+/// grace: without the second signal the process would run that long.
+#[actix_rt::test]
+async fn a_second_sigterm_during_the_stop_exits_at_once_with_143() {
+    let db = FreshDb::create().await;
+    let relay = FreezableRelay::start("127.0.0.1:5432").await;
+    let url = format!("postgres://postgres@{}/{}", relay.addr, db.name);
+    let dir = tempfile::tempdir().unwrap();
+    let entry = NodeEntry {
+        id: "n1".into(),
+        listen: free_addr(),
+        cluster: Some(free_addr()),
+        admin: free_addr(),
+    };
+    let config = write_config(dir.path(), &url, std::slice::from_ref(&entry), 30_000);
+    let log = dir.path().join("n1.log");
+    let mut p = NodeProcess::spawn(&config, &entry, &log);
+    wait_ready(&p).await;
+    relay.freeze();
+    send_signal(&p, "TERM");
+    // The first signal was taken: the stop has begun (and waits on the frozen store).
+    log_shows(&log, "shutting down").await;
+    assert!(
+        p.child.try_wait().expect("try_wait").is_none(),
+        "the stop did not wait for the frozen store"
+    );
+    send_signal(&p, "TERM");
+    let status = exit_within(&mut p, Duration::from_secs(5), "a second SIGTERM").await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        status.code(),
+        Some(143),
+        "a second SIGTERM exits 143: {status:?}\n{text}"
+    );
+    assert!(
+        text.contains("second SIGTERM received"),
+        "the node's log does not show the second SIGTERM:\n{text}"
+    );
+}
