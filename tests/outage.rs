@@ -82,7 +82,10 @@ async fn drain_until(a: &Agent, ws: &mut WsClient, want: &BTreeSet<String>, seen
             WsEvent::Envelope(e) => e,
             WsEvent::Closed(r) => panic!("the session was closed: {r:?}"),
         };
-        let m = a.unpack(&env).expect("unpacks").0;
+        let m = match a.unpack(&env) {
+            Ok((m, _)) => m,
+            Err(e) => panic!("{e}: {}", String::from_utf8_lossy(&env)),
+        };
         if type_name(&m) != "delivery" {
             continue;
         }

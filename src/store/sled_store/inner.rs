@@ -595,11 +595,9 @@ impl Inner {
 
     /// Reads the messages of `conn` just leased (id, attempts) and records their attempt
     /// counts. A message whose record does not read back (or does not read: a bad sector) is
-    /// set aside ([`Inner::or_set_aside`]) and the others are returned. An attempt count that
-    /// cannot be written is logged, not the lease's failure: the messages read are delivered.
+    /// set aside ([`Inner::or_set_aside`]) and the others are returned.
     pub(super) fn load_leased(&self, conn: &str, picked: Vec<(MessageId, u32)>) -> StoreResult<Vec<QueuedMessage>> {
         let mut out = Vec::with_capacity(picked.len());
-        let mut counting = true;
         for (id, n) in picked {
             // A message acked or expired meanwhile is simply not returned.
             let Some(Some(v)) = self.or_set_aside(conn, id, self.msg_record(id))? else {
@@ -617,14 +615,14 @@ impl Inner {
                 attempts: n,
             });
             // One record each, not a `sled::Batch`: see `forget_acked`. Not flushed: losing
-            // an attempt count only under-reports redeliveries (so a failure is logged once,
-            // and the lease's other counts are not tried).
-            if counting {
-                if let Err(e) = self.attempts.insert(encode_id(id), &n.to_be_bytes()) {
-                    tracing::warn!(error = %e, "sled: attempt counts of leased messages not recorded");
-                    counting = false;
-                }
-            }
+            // an attempt count only under-reports redeliveries. A count that cannot be written
+            // fails the lease (its messages go back as it runs out): sled 0.34 latches an I/O
+            // error until it is reopened, and a failed call is what has the supervisor reopen
+            // it. Logged and let go instead, the node went on delivering on a latched sled, and
+            // after a full disk a wallet's acknowledgements piled up unanswered (tests/outage.rs).
+            self.attempts
+                .insert(encode_id(id), &n.to_be_bytes())
+                .map_err(unavailable)?;
         }
         Ok(out)
     }
