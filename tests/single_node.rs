@@ -1045,6 +1045,9 @@ async fn a_message_the_endpoint_refuses_does_not_hold_back_the_others() {
     })
     .await;
     assert!(refused.lock().unwrap().is_some());
+    // The stub records a body before it answers: the node removes a message once it has read
+    // the 2xx (and counts it delivered after that).
+    wait_endpoint_delivered(&n, 3).await;
     assert_eq!(queue_depth(&n).await, 1, "the refused one stays queued");
     // The next forward's drain POSTs the new one, not the refused one again.
     assert_eq!(forward_to(&n, &a, &k, "m4").await, 202);
@@ -1060,8 +1063,19 @@ async fn a_message_the_endpoint_refuses_does_not_hold_back_the_others() {
         1,
         "refused once, left for its lease to run out; the stub answered:\n{answers}\nthe node's POSTs (ok, failed): {posts:?}"
     );
+    wait_endpoint_delivered(&n, 4).await;
     assert_eq!(queue_depth(&n).await, 1);
     handle.stop(true).await;
+}
+
+/// Waits until the node counts `count` messages delivered to endpoints: each removed from the
+/// queue first (the count follows the removal).
+async fn wait_endpoint_delivered(n: &mailroom::node::RunningNode, count: u64) {
+    let name = r#"mailroom_delivered_total{path="endpoint",didcomm="v1"}"#;
+    eventually(&format!("{count} messages delivered to the endpoint"), || async {
+        (metric(n, name).await.unwrap_or(0.0) as u64 >= count).then_some(())
+    })
+    .await;
 }
 
 /// Forwards `m0`, `m1`, ... to `k`, each accepted.

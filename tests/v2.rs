@@ -730,10 +730,17 @@ async fn sockets_bound_by_a_did_that_rotated_away_are_closed_on_every_node() {
     let mut b = V2Agent::new(on_n2.clone()).unwrap();
     let rb = b.onboard().await.unwrap();
     let mut old = b.live().await.unwrap();
+    let conn_b = connection_of(&nodes[0], &b.did).await;
+    wait_owner(&[&nodes[0]], &conn_b, "n2").await;
     b.rotate().unwrap();
     b.mediator = on_n1.clone();
     assert_eq!(b.status(None).await.unwrap(), 0);
     assert_closed_as_rotated(&b, &mut old, "n2, another node").await;
+    // Until n1 hears that n2's socket closed, a forward to n1 goes to n2 (and comes back).
+    eventually("n1 names no owner of B once its old socket closed", || async {
+        owner_seen_by(&nodes[0], &conn_b).await.is_none().then_some(())
+    })
+    .await;
     assert_eq!(s.forward_via(&n1, &rb, &s.basic(&rb, "b-after")).await.unwrap(), 202);
     let got = b.delivery(10, None).await.unwrap();
     assert_eq!(got.len(), 1, "{got:?}");
@@ -791,6 +798,17 @@ async fn assert_closed_as_rotated(a: &V2Agent, old: &mut V2Socket, name: &str) {
         closed.contains("socket closed") && closed.contains("rotated"),
         "{name}: {closed}"
     );
+}
+
+/// The id of the connection whose wallet talks as `did`, as `n` lists them.
+async fn connection_of(n: &RunningNode, did: &str) -> String {
+    let v = get_json(&format!("{}/connections", n.admin_url())).await;
+    let list = v["connections"].as_array().unwrap();
+    let c = list.iter().find(|c| c["their_did"] == did);
+    c.unwrap_or_else(|| panic!("no connection of {did}: {v}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// Two nodes of one cluster on a fresh PostgreSQL database, linked, with the v2 mediator as
