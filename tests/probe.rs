@@ -118,6 +118,16 @@ async fn every_check_passes_against_mailroom() {
         Some(format!("{} passed, 0 failed, 0 skipped", CHECKS.len()).as_str())
     );
     assert_eq!(out.status.code(), Some(0));
+    // The probe tidies after itself: every key it registered removed, every message it was
+    // handed acknowledged; only the connections stay (DIDComm v1 cannot end one).
+    let left = lines
+        .iter()
+        .find(|l| l.starts_with("left on the mediator: "))
+        .expect("a line saying what the probe left");
+    assert!(
+        left.contains("; 0 of ") && left.contains(" 0 message(s) handed out and not acknowledged, 0 waiting"),
+        "{left}"
+    );
     // The node is still serving after the malformed inputs.
     let inv = common::invitation(&n).await;
     mailroom::client::Agent::onboard(&inv)
@@ -628,4 +638,177 @@ async fn replay_fails_a_mediator_that_answers_a_copy() {
     assert!(stdout.contains("answered again"), "{stdout}");
     assert_eq!(out.status.code(), Some(1));
     n.stop().unwrap();
+}
+
+/// How a wrapped store call fails: at once (the node answers 5xx), or after longer than the
+/// probe waits for an answer (a timeout, then the error).
+#[derive(Clone, Copy, Debug)]
+enum Breaks {
+    Errs,
+    Hangs(Duration),
+}
+
+impl Breaks {
+    async fn fail<T>(self, what: &str) -> StoreResult<T> {
+        if let Breaks::Hangs(d) = self {
+            tokio::time::sleep(d).await;
+        }
+        Err(StoreError::Unavailable(format!("injected: {what}")))
+    }
+}
+
+/// A store on which a connection adding a key another connection holds (key-takeover's B)
+/// errs or hangs, instead of the refusal mailroom answers; every other call goes through.
+struct TakeoverBreaks {
+    inner: Arc<dyn Store>,
+    how: Breaks,
+}
+
+#[async_trait::async_trait]
+impl Store for TakeoverBreaks {
+    async fn update_keys(
+        &self,
+        conn: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> StoreResult<Vec<(String, KeyUpdate)>> {
+        for k in add {
+            if self.inner.route(k).await?.is_some_and(|holder| holder != conn) {
+                return self.how.fail("an add of a key another connection holds").await;
+            }
+        }
+        self.inner.update_keys(conn, add, remove).await
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, lease_upto, ack_leased,
+        release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued,
+        connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
+        lease_for_key, lease_for_key_upto, pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
+        forget_device_token, push_event, push_take_due, push_done, delete_connection, delete_unmediated, revoke_mediation,
+        first_sight, forget_sight, prune_sights,
+        drop_queue, top_queues,
+    );
+}
+
+/// B's keylist-update adding A's key that fails (a 5xx) or is never answered (a timeout) is no
+/// refusal: key-takeover must not pass on it, although forwards to A's key still reach A.
+#[actix_rt::test]
+async fn a_takeover_attempt_that_errs_or_times_out_does_not_pass_key_takeover() {
+    for how in [Breaks::Errs, Breaks::Hangs(Duration::from_secs(5))] {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node_on(dir.path(), |inner| Arc::new(TakeoverBreaks { inner, how })).await;
+        let url = format!("{}/invitation", n.public_url());
+        let out = probe(&[&url, "--only", "key-takeover", "--timeout-secs", "3"]).await;
+        let stdout = shown(&out);
+        assert_eq!(verdict(&stdout, "key-takeover"), Some("FAIL"), "{how:?}");
+        assert!(stdout.contains("not answered"), "{how:?}: {stdout}");
+        assert_eq!(out.status.code(), Some(1), "{how:?}");
+        n.stop().unwrap();
+    }
+}
+
+/// A store on which acknowledging messages the connection never leased (isolation-ack's B
+/// acknowledging A's ids) errs or hangs; the connection's own acknowledgements go through.
+struct ForeignAckBreaks {
+    inner: Arc<dyn Store>,
+    how: Breaks,
+    leased: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<MessageId>>>,
+}
+
+impl ForeignAckBreaks {
+    fn leased(&self, conn: &str, msgs: &[QueuedMessage]) {
+        let mut l = self.leased.lock().unwrap();
+        l.entry(conn.to_string()).or_default().extend(msgs.iter().map(|m| m.id));
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for ForeignAckBreaks {
+    async fn lease_upto(
+        &self,
+        conn: &str,
+        max: usize,
+        max_bytes: usize,
+        owner: &str,
+        now: i64,
+        until: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        let got = self.inner.lease_upto(conn, max, max_bytes, owner, now, until).await?;
+        self.leased(conn, &got);
+        Ok(got)
+    }
+    async fn lease_for_key_upto(
+        &self,
+        conn: &str,
+        key: &str,
+        max: usize,
+        max_bytes: usize,
+        owner: &str,
+        now: i64,
+        until: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        let got = self
+            .inner
+            .lease_for_key_upto(conn, key, max, max_bytes, owner, now, until)
+            .await?;
+        self.leased(conn, &got);
+        Ok(got)
+    }
+    async fn ack_leased(&self, conn: &str, ids: &[MessageId]) -> StoreResult<Vec<i64>> {
+        let own = {
+            let l = self.leased.lock().unwrap();
+            l.get(conn).is_some_and(|mine| ids.iter().any(|i| mine.contains(i)))
+        };
+        if !own && !ids.is_empty() {
+            return self.how.fail("an ack of messages the connection never leased").await;
+        }
+        self.inner.ack_leased(conn, ids).await
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease,
+        release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued,
+        connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
+        lease_for_key, pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
+        forget_device_token, push_event, push_take_due, push_done, delete_connection, delete_unmediated, revoke_mediation,
+        first_sight, forget_sight, prune_sights,
+        drop_queue, top_queues,
+    );
+}
+
+/// B's messages-received with A's ids that fails (a 5xx) or is never answered (a timeout) says
+/// nothing of what the mediator did with it: isolation-ack must not pass on it.
+#[actix_rt::test]
+async fn a_foreign_ack_that_errs_or_times_out_does_not_pass_isolation_ack() {
+    for how in [Breaks::Errs, Breaks::Hangs(Duration::from_secs(5))] {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node_on(dir.path(), |inner| {
+            Arc::new(ForeignAckBreaks {
+                inner,
+                how,
+                leased: Default::default(),
+            })
+        })
+        .await;
+        let url = format!("{}/invitation", n.public_url());
+        let out = probe(&[
+            &url,
+            "--only",
+            "isolation-read,isolation-ack",
+            "--timeout-secs",
+            "3",
+            "--redelivery-wait-secs",
+            "15",
+        ])
+        .await;
+        let stdout = shown(&out);
+        assert_eq!(verdict(&stdout, "isolation-read"), Some("PASS"), "{how:?}");
+        assert_eq!(verdict(&stdout, "isolation-ack"), Some("FAIL"), "{how:?}");
+        assert!(stdout.contains("not answered"), "{how:?}: {stdout}");
+        assert_eq!(out.status.code(), Some(1), "{how:?}");
+        n.stop().unwrap();
+    }
 }

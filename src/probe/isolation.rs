@@ -11,10 +11,11 @@
 use super::pickup::not_advertised;
 use super::target::Target;
 use super::wallet::{
-    contents, declined, keylist_update, nonce, poll, routed, trust_ping, update_result, Incoming, Socket, SocketClosed,
-    Wallet,
+    contents, declined, is_type, nonce, poll, problem, routed, show, trust_ping, update_result, Incoming, Socket,
+    SocketClosed, Wallet,
 };
 use super::{fail, fresh_wallet, is_blocked, pass, pass_note, skip, Options, Runner, Verdict};
+use crate::client::HttpStatus;
 use serde_json::json;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -246,10 +247,20 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
                 };
             };
             let before = a.status().await?;
-            // B acknowledges A's message ids (its reply is B's own status, whatever it says).
-            let _ = b.ack(&ids).await;
-            let after = a.status().await?;
-            if after < before {
+            // B acknowledges A's message ids. Whatever the answer says (B's own status, a
+            // problem report, a 4xx, nothing), it must be an answer: a mediator that times out
+            // or fails on it may have acted on it, or not, and nothing below could tell.
+            if let Err(why) = answered(b.agent.request(&messages_received(&ids)).await) {
+                return fail(format!("B's messages-received with A's ids: {why}"));
+            }
+            // A mediator may act on an ack after answering it: A's count is read again for a
+            // short while, and must not drop below what it was.
+            let dropped = poll(ACK_SETTLE, Duration::from_millis(250), || async {
+                let n = a.status().await?;
+                Ok((n < before).then_some(n))
+            })
+            .await?;
+            if let Some(after) = dropped {
                 return fail(format!(
                     "B's messages-received with A's ids dropped A's message_count from {before} to {after}"
                 ));
@@ -337,13 +348,16 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
         let mut a = Receiver::open(t, "A", a_ways).await?;
         let mut b = Receiver::open(t, "B", b_ways).await?;
         let a_key = a.w.key.clone();
-        let answer = match keylist_update(&b.w.agent, &[a_key.did_key()], &[]).await {
-            Ok(updated) => {
-                update_result(&updated, &a_key.verkey()).unwrap_or_else(|| "(key not in the response)".into())
-            }
-            Err(e) => format!("refused: {e:#}"),
-        };
-        let accepted = answer == "success";
+        let update = routed(
+            "coordinate-mediation/1.0",
+            "keylist-update",
+            json!({ "updates": [{ "recipient_key": a_key.did_key(), "action": "add" }] }),
+        );
+        let answer = takeover_answer(b.w.agent.request(&update).await, &a_key.verkey());
+        if !matches!(answer, Takeover::Refused(_)) {
+            // B may hold A's key now: B removes it when the run ends.
+            super::tidy::remember(t, &b.w.agent, &a_key, &Default::default());
+        }
         let content = nonce("takeover");
         a.w.forward_to(&a_key.verkey(), &content).await?;
         let seen = watch(&mut a, &mut b, t.timeout, |g| contents(g).0.contains(&content)).await?;
@@ -351,29 +365,116 @@ pub(crate) async fn run(r: &mut Runner, t: &Target, opts: &Options) {
         b.close().await;
         if contents(&seen.b_got).1.contains(&a_key.verkey()) {
             return fail(format!(
-                "B registered A's key (keylist-update result {answer:?}) and a forward to it reached B"
+                "B's keylist-update adding A's key ({answer}) and a forward to that key reached B"
             ));
         }
         if seen.b_left > 0 {
             return fail(format!(
-                "after B's keylist-update adding A's key (result {answer:?}) and a forward to that key, B's status-request counted {} message(s) once the watch was over (B has no mail of its own)",
+                "after B's keylist-update adding A's key ({answer}) and a forward to that key, B's status-request counted {} message(s) once the watch was over (B has no mail of its own)",
                 seen.b_left
             ));
         }
         if !contents(&seen.a_got).0.contains(&content) {
             return fail(format!(
-                "after B's keylist-update adding A's key (result {answer:?}) a forward to that key reached neither A (waited {:?}) nor B: another wallet can cut A off{}",
+                "after B's keylist-update adding A's key ({answer}) a forward to that key reached neither A (waited {:?}) nor B: another wallet can cut A off{}",
                 t.timeout,
                 a_closed(&a)
             ));
         }
-        if accepted {
-            pass_note("B's keylist-update of A's key answered success, but forwards to it still reach A only")
-        } else {
-            pass_note(format!("refused ({})", super::one_line(&answer)))
+        match answer {
+            Takeover::Refused(why) => pass_note(format!("refused ({why})")),
+            Takeover::Accepted => {
+                pass_note("B's keylist-update of A's key answered success, but forwards to it still reach A only")
+            }
+            Takeover::Unclear(why) => pass_note(format!(
+                "B's keylist-update of A's key was not refused ({why}), but forwards to it still reach A only"
+            )),
+            // A mediator failing on the attack shows no refusal: what it did to the key is
+            // unknown (a later retry, another node, may register it).
+            Takeover::Broken(why) => fail(format!(
+                "B's keylist-update adding A's key was not answered ({why}): a failure is not a refusal (forwards to A's key still reached A only)"
+            )),
         }
     })
     .await;
+}
+
+/// How long isolation-ack reads A's count again after B's ack was answered.
+const ACK_SETTLE: Duration = Duration::from_secs(1);
+
+/// pickup 2.0 messages-received for `ids`.
+fn messages_received(ids: &[String]) -> serde_json::Value {
+    routed(
+        "messagepickup/2.0",
+        "messages-received",
+        json!({ "message_id_list": ids }),
+    )
+}
+
+/// Whether a request was answered, and how: any readable reply (a status, a problem report),
+/// a 4xx, or a 2xx with an empty body (pickup 2.0 lets a mediator answer messages-received
+/// with nothing). `Err` for no answer: a timeout, a 5xx, a dropped connection, an unreadable
+/// reply.
+fn answered(r: anyhow::Result<Option<serde_json::Value>>) -> Result<String, String> {
+    match r {
+        Ok(Some(reply)) => Ok(show(&reply)),
+        Ok(None) => Ok("HTTP 2xx with an empty body".into()),
+        Err(e) => match e.downcast_ref::<HttpStatus>() {
+            Some(h) if (400..500).contains(&h.status) => Ok(format!("HTTP {}", h.status)),
+            _ => Err(format!("not answered: {e:#}")),
+        },
+    }
+}
+
+/// How the mediator answered B's keylist-update adding A's key.
+#[derive(Debug)]
+enum Takeover {
+    /// A keylist-update-response with a result other than `success` for the key, a problem
+    /// report, a 4xx.
+    Refused(String),
+    /// `success` for the key.
+    Accepted,
+    /// An answer that neither refuses nor accepts: no reply, another message, a response
+    /// without the key.
+    Unclear(String),
+    /// No answer: a timeout, a 5xx, a dropped connection, an unreadable reply.
+    Broken(String),
+}
+
+impl std::fmt::Display for Takeover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Takeover::Refused(why) => write!(f, "refused: {why}"),
+            Takeover::Accepted => write!(f, "result \"success\""),
+            Takeover::Unclear(why) | Takeover::Broken(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+/// Reads the answer to B's keylist-update adding `key` (A's, base58).
+fn takeover_answer(r: anyhow::Result<Option<serde_json::Value>>, key: &str) -> Takeover {
+    let reply = match r {
+        Ok(Some(reply)) => reply,
+        Ok(None) => return Takeover::Unclear("no reply on the return route".into()),
+        Err(e) => {
+            return match e.downcast_ref::<HttpStatus>() {
+                Some(h) if (400..500).contains(&h.status) => Takeover::Refused(format!("HTTP {}", h.status)),
+                _ => Takeover::Broken(super::one_line(&format!("{e:#}"))),
+            }
+        }
+    };
+    if let Some(p) = problem(&reply) {
+        return Takeover::Refused(p);
+    }
+    if !is_type(&reply, "coordinate-mediation", "keylist-update-response") {
+        return Takeover::Unclear(format!("answered with {}", show(&reply)));
+    }
+    let updated = reply["updated"].as_array().cloned().unwrap_or_default();
+    match update_result(&updated, key).as_deref() {
+        Some("success") => Takeover::Accepted,
+        Some(other) => Takeover::Refused(format!("result {other:?}")),
+        None => Takeover::Unclear("the keylist-update-response has no result for the key".into()),
+    }
 }
 
 /// While A's message is pending, B asks for mail every way pickup lets a wallet ask: a
@@ -508,6 +609,46 @@ mod tests {
             let why = format!("{:#}", res.unwrap_err());
             assert!(why.starts_with("B's socket"), "{what}: {why}");
         }
+    }
+
+    /// Only an answer that says no refuses B's takeover: a timeout, a 5xx or a dropped
+    /// connection is no answer, and must not read as one.
+    #[test]
+    fn only_an_answer_refuses_a_takeover() {
+        let key = crate::didcomm::keys::KeyPair::generate();
+        let http = |status: u16| -> anyhow::Result<Option<serde_json::Value>> {
+            Err(anyhow::Error::new(HttpStatus {
+                status,
+                body: "x".into(),
+            })
+            .context("keylist-update: request failed"))
+        };
+        let response = |result: &str| {
+            Ok(Some(json!({
+                "@type": "https://didcomm.org/coordinate-mediation/1.0/keylist-update-response",
+                "updated": [{ "recipient_key": key.did_key(), "action": "add", "result": result }],
+            })))
+        };
+        let report = Ok(Some(json!({
+            "@type": "https://didcomm.org/coordinate-mediation/1.0/problem-report",
+            "description": { "code": "denied", "en": "no" },
+        })));
+        for (what, r, want) in [
+            ("client_error", response("client_error"), "Refused"),
+            ("success", response("success"), "Accepted"),
+            ("a problem report", report, "Refused"),
+            ("a 403", http(403), "Refused"),
+            ("a 503", http(503), "Broken"),
+            ("a timeout", Err(anyhow::anyhow!("timed out")), "Broken"),
+            ("nothing", Ok(None), "Unclear"),
+        ] {
+            let got = format!("{:?}", takeover_answer(r, &key.verkey()));
+            assert!(got.starts_with(want), "{what}: {got}");
+        }
+        assert!(answered(http(500)).is_err());
+        assert!(answered(Err(anyhow::anyhow!("timed out"))).is_err());
+        assert!(answered(http(400)).is_ok());
+        assert!(answered(Ok(None)).is_ok());
     }
 
     /// The mediator closing B's socket stays a close (the check says so only if it mattered).

@@ -61,6 +61,7 @@ async fn register(t: &Target) -> anyhow::Result<Result<Registered, String>> {
             other => return Ok(Err(format!("add {}: result {other:?}", k.did_key()))),
         }
     }
+    super::tidy::remember(t, &agent, &kept, &Default::default());
     let dropped = keylist_update(&agent, &[], &[removed.did_key()]).await?;
     match update_result(&dropped, &removed.verkey()).as_deref() {
         Some("success") => Ok(Ok(Registered { agent, kept, removed })),

@@ -19,6 +19,7 @@ mod onboarding;
 mod pickup;
 mod replay;
 mod target;
+mod tidy;
 pub(crate) mod wallet;
 #[cfg(test)]
 mod ws_stub;
@@ -97,6 +98,8 @@ pub struct Report {
     /// Why no wallet could onboard (no handshake worked, or mediation failed): nothing past
     /// onboarding was checked, so the run fails even when every line is a SKIP.
     pub no_wallet: Option<String>,
+    /// What the run left on the mediator after tidying (one line; None when nothing was made).
+    pub leftovers: Option<String>,
 }
 
 impl Report {
@@ -264,6 +267,7 @@ pub async fn run(target: &mut Target, opts: &Options, print: bool) -> Report {
             isolation::run(&mut r, target, opts).await;
             replay::run(&mut r, target).await;
             malformed::run(&mut r, target, opts).await;
+            r.report.leftovers = Some(tidy::tidy(target).await);
         }
         Err(no) => {
             for name in DEPENDENT_CHECKS {
@@ -275,6 +279,9 @@ pub async fn run(target: &mut Target, opts: &Options, print: bool) -> Report {
                 }
             }
             r.report.no_wallet = Some(no.why);
+            if no.connected {
+                r.report.leftovers = Some(tidy::tidy(target).await);
+            }
         }
     }
     r.report
@@ -290,6 +297,7 @@ fn unreachable(e: &TargetError) -> Report {
             elapsed: Duration::ZERO,
         }],
         no_wallet: None,
+        leftovers: None,
     }
 }
 
@@ -343,6 +351,9 @@ pub async fn main(opts: Options) -> u8 {
             one_line(why)
         );
     }
+    if let Some(left) = &report.leftovers {
+        println!("{left}");
+    }
     println!("{}", report.summary());
     u8::from(report.failed())
 }
@@ -386,6 +397,7 @@ mod tests {
                 elapsed: Duration::ZERO,
             }],
             no_wallet: Some("no handshake worked".into()),
+            leftovers: None,
         };
         assert_eq!(report.count(), (0, 0, 1));
         assert!(report.failed());

@@ -32,13 +32,12 @@ pub(crate) async fn run(r: &mut Runner, t: &mut Target) -> Result<(), NoWallet> 
         let v = r
             .check(name, async {
                 let c = connect(t, hs).await?;
-                let note = format!(
-                    "{}{}",
-                    hs.protocol(),
-                    c.note.as_deref().map(|n| format!("; {n}")).unwrap_or_default()
-                );
+                let unsigned = c.unsigned.clone();
                 conn = Some(c);
-                pass_note(note)
+                match unsigned {
+                    Some(why) => fail(format!("{}: {why}", hs.protocol())),
+                    None => pass_note(hs.protocol()),
+                }
             })
             .await;
         if let (Some(Verdict::Pass(_)), Some(c)) = (v, conn) {

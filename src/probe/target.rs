@@ -58,6 +58,8 @@ pub struct Target {
     /// The handshake the first wallet onboarded with (later wallets use it).
     pub handshake: Option<Handshake>,
     pub timeout: Duration,
+    /// What the run made on the mediator, to tidy at the end (shared by clones).
+    pub(crate) left: super::tidy::Shared,
 }
 
 impl Target {
@@ -177,6 +179,7 @@ impl Target {
             features: None,
             handshake: None,
             timeout,
+            left: Default::default(),
         })
     }
 

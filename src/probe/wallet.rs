@@ -118,14 +118,18 @@ pub struct Wallet {
     /// The recipient key registered with the mediator.
     pub key: KeyPair,
     pub timeout: Duration,
+    /// Attachment ids handed to this wallet and not acknowledged yet (acknowledged when the
+    /// run ends: [`super::tidy`]).
+    pub unacked: super::tidy::Unacked,
 }
 
 /// A connection made by a handshake: the agent, and the mediator DID's endpoints.
 pub struct Connected {
     pub agent: Agent,
     pub endpoints: Vec<String>,
-    /// What is worth saying about the exchange (e.g. an unsigned DID rotation).
-    pub note: Option<String>,
+    /// Why the mediator's DID is not bound to the invitation key (a didexchange response
+    /// whose DID nothing signs): onboarding FAILs on it, later wallets still use the connection.
+    pub unsigned: Option<String>,
 }
 
 /// An answer that says "not this" rather than "broken": a problem report, a reply of another
@@ -162,10 +166,12 @@ pub async fn ask(a: &Agent, m: &Value, what: &str) -> anyhow::Result<Value> {
 
 /// didexchange 1.1 / 1.0 or connections 1.0 with the mediator, over HTTP with return-route.
 pub async fn connect(t: &Target, hs: Handshake) -> anyhow::Result<Connected> {
-    match hs {
+    let c = match hs {
         Handshake::DidExchange11 | Handshake::DidExchange10 => didexchange(t, hs).await,
         Handshake::Connections => connections(t).await,
-    }
+    }?;
+    super::tidy::connected(t);
+    Ok(c)
 }
 
 fn fresh_agent(t: &Target, key: KeyPair, did: String) -> Agent {
@@ -199,16 +205,13 @@ async fn didexchange(t: &Target, hs: Handshake) -> anyhow::Result<Connected> {
     }
     let their_did = response["did"].as_str().context("didexchange response without did")?;
     let attached = attached_doc(&response["did_doc~attach"])?;
-    let mut note = None;
-    let rotate = &response["did_rotate~attach"]["data"];
-    if let (Some(b64), Some(sig)) = (rotate["base64"].as_str(), rotate.get("jws")) {
-        let signer = jws::verify_attachment_base64(b64, sig).map_err(|e| anyhow!("did_rotate~attach: {e}"))?;
-        if signer != t.recipient_key {
-            bail!("did_rotate~attach signed by {signer}, not by the invitation key");
-        }
-    } else if attached.is_none() {
-        note = Some("the response's DID is not signed (no did_rotate~attach jws)".to_string());
-    }
+    let unsigned = match signed_did(&response, their_did, &t.recipient_key)? {
+        Some(_) => None,
+        None => Some(
+            "the response's DID is not signed by the invitation key (neither did_rotate~attach nor did_doc~attach has a jws)"
+                .to_string(),
+        ),
+    };
     let doc = did::resolve(their_did, attached.as_ref()).map_err(|e| anyhow!("resolve {their_did}: {e}"))?;
     a.mediator_verkey = doc
         .recipient_keys
@@ -224,7 +227,44 @@ async fn didexchange(t: &Target, hs: Handshake) -> anyhow::Result<Connected> {
     Ok(Connected {
         agent: a,
         endpoints: doc.endpoints,
-        note,
+        unsigned,
+    })
+}
+
+/// Checks the signatures binding a didexchange response's `did` to the invitation key:
+/// `did_rotate~attach` (1.1) must sign exactly `their_did`, `did_doc~attach` (1.0) must sign
+/// the attached document, each by the invitation key (`invitation_key`, base58). Returns
+/// which attachments are signed (`None`: neither carries a jws); an error for a signature
+/// that does not verify, a signer other than the invitation key, a signed DID other than the
+/// response's, or a jws without the data it signs.
+fn signed_did(response: &Value, their_did: &str, invitation_key: &str) -> anyhow::Result<Option<&'static str>> {
+    let mut signed = Vec::new();
+    for name in ["did_rotate~attach", "did_doc~attach"] {
+        let data = &response[name]["data"];
+        let Some(sig) = data.get("jws") else { continue };
+        let b64 = data["base64"]
+            .as_str()
+            .with_context(|| format!("{name}: a jws without data.base64 to sign"))?;
+        let signer = jws::verify_attachment_base64(b64, sig).map_err(|e| anyhow!("{name}: {e}"))?;
+        if signer != invitation_key {
+            bail!("{name} signed by {signer}, not by the invitation key");
+        }
+        if name == "did_rotate~attach" {
+            let payload = crate::protocols::decode_b64_any(b64).context("did_rotate~attach is not base64")?;
+            if payload != their_did.as_bytes() {
+                bail!(
+                    "did_rotate~attach signs {:?}, not the response's did {:?}",
+                    super::one_line(&String::from_utf8_lossy(&payload)),
+                    super::one_line(their_did)
+                );
+            }
+        }
+        signed.push(name);
+    }
+    Ok(match signed.as_slice() {
+        [] => None,
+        [one] => Some(one),
+        _ => Some("did_rotate~attach and did_doc~attach"),
     })
 }
 
@@ -285,7 +325,7 @@ async fn connections(t: &Target) -> anyhow::Result<Connected> {
     Ok(Connected {
         agent: a,
         endpoints: doc.endpoints,
-        note: None,
+        unsigned: None,
     })
 }
 
@@ -360,7 +400,9 @@ impl Wallet {
     /// A new wallet: handshake, mediation, one recipient key registered
     /// ([`client::onboard_any`]).
     pub async fn onboard(t: &Target) -> anyhow::Result<Wallet> {
-        Ok(Self::from_onboarded(client::onboard_any(t).await?, t.timeout))
+        let w = Self::from_onboarded(client::onboard_any(t).await?, t.timeout);
+        super::tidy::remember(t, &w.agent, &w.key, &w.unacked);
+        Ok(w)
     }
 
     fn from_onboarded(o: client::Onboarded, timeout: Duration) -> Wallet {
@@ -369,6 +411,15 @@ impl Wallet {
             grant: o.grant,
             key: o.key,
             timeout,
+            unacked: Default::default(),
+        }
+    }
+
+    /// `ids` were acknowledged (nothing left to acknowledge when the run ends).
+    fn acked(&self, ids: &[String]) {
+        let mut u = self.unacked.lock().unwrap();
+        for id in ids {
+            u.remove(id);
         }
     }
 
@@ -493,6 +544,7 @@ impl Wallet {
             .request(&received)
             .await
             .context("messages-received: request failed")?;
+        self.acked(ids);
         match reply {
             Some(r) => status_count(&r),
             None => self.status().await,
@@ -504,9 +556,14 @@ impl Wallet {
         Ok(self.open_ids(delivery)?.into_iter().map(|(_, m)| m).collect())
     }
 
+    /// Every id is remembered as handed out until acknowledged ([`Wallet::ack`]).
     pub fn open_ids(&self, delivery: &Value) -> anyhow::Result<Vec<(String, Incoming)>> {
-        client::delivery_envelopes(delivery)?
-            .into_iter()
+        let got = client::delivery_envelopes(delivery)?;
+        self.unacked
+            .lock()
+            .unwrap()
+            .extend(got.iter().map(|(id, _)| id.clone()));
+        got.into_iter()
             .map(|(id, env)| Ok((id, self.classify(&env)?)))
             .collect()
     }
@@ -674,6 +731,7 @@ impl Socket {
             json!({ "message_id_list": ids }),
         );
         self.send(w, &received).await?;
+        w.acked(ids);
         let answer = |i: &Incoming| match i {
             Incoming::Reply(r) if is_type(r, "messagepickup", "status") || problem(r).is_some() => Some(r.clone()),
             _ => None,
@@ -730,6 +788,7 @@ pub(crate) fn offline_wallet() -> Wallet {
         },
         key: KeyPair::generate(),
         timeout: Duration::from_secs(5),
+        unacked: Default::default(),
     }
 }
 
@@ -747,6 +806,91 @@ pub(crate) async fn wait_for(what: &str, cond: impl Fn() -> bool) {
 mod tests {
     use super::*;
     use crate::probe::ws_stub::{self, Behaviour};
+
+    /// A didexchange 1.1 response whose `did_rotate~attach` signs `signed_did` with `signer`.
+    fn rotated(did: &str, signed_did: &str, signer: &KeyPair) -> Value {
+        use base64::Engine;
+        let data = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signed_did);
+        json!({
+            "@type": "https://didcomm.org/didexchange/1.1/response",
+            "did": did,
+            "did_rotate~attach": { "data": { "base64": data, "jws": jws::sign_attachment_base64(&data, signer) } },
+        })
+    }
+
+    /// A didexchange 1.0 response whose `did_doc~attach` carries `doc`, signed by `signer` when given.
+    fn with_doc(did: &str, doc: &Value, signer: Option<&KeyPair>) -> Value {
+        use base64::Engine;
+        let data = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(doc.to_string());
+        let mut att = json!({ "data": { "base64": data } });
+        if let Some(k) = signer {
+            att["data"]["jws"] = jws::sign_attachment_base64(&data, k);
+        }
+        json!({ "@type": "https://didcomm.org/didexchange/1.0/response", "did": did, "did_doc~attach": att })
+    }
+
+    /// The invitation key's signature binds the response's DID: a signature over another DID
+    /// (a response spliced from another exchange), or a document signed by another key, is no
+    /// binding however valid the signature.
+    #[test]
+    fn the_response_s_did_is_what_the_invitation_key_signed() {
+        let inv = KeyPair::generate();
+        let other = KeyPair::generate();
+        let did = did::create_peer4(&KeyPair::generate().verkey(), &[], &[]);
+        let elsewhere = did::create_peer4(&KeyPair::generate().verkey(), &[], &[]);
+        let key = inv.verkey();
+
+        let ok = rotated(&did, &did, &inv);
+        assert_eq!(signed_did(&ok, &did, &key).unwrap(), Some("did_rotate~attach"));
+        let spliced = rotated(&did, &elsewhere, &inv);
+        let why = format!("{:#}", signed_did(&spliced, &did, &key).unwrap_err());
+        assert!(why.contains("not the response's did"), "{why}");
+        let foreign = rotated(&did, &did, &other);
+        let why = format!("{:#}", signed_did(&foreign, &did, &key).unwrap_err());
+        assert!(why.contains("not by the invitation key"), "{why}");
+
+        let legacy = did::legacy_did_from_verkey(&other.public_bytes());
+        let doc = did::legacy_diddoc(&legacy, &other.verkey(), &["http://127.0.0.1:9/".to_string()], &[]);
+        let signed = with_doc(&legacy, &doc, Some(&inv));
+        assert_eq!(signed_did(&signed, &legacy, &key).unwrap(), Some("did_doc~attach"));
+        let by_other = with_doc(&legacy, &doc, Some(&other));
+        let why = format!("{:#}", signed_did(&by_other, &legacy, &key).unwrap_err());
+        assert!(why.contains("did_doc~attach signed by"), "{why}");
+        // A jws whose signature is over other data than the attached document.
+        let mut tampered = signed.clone();
+        let forged = json!({ "id": legacy, "service": [] }).to_string();
+        tampered["did_doc~attach"]["data"]["base64"] = json!(crate::didcomm::b64::encode(forged.as_bytes()));
+        assert!(signed_did(&tampered, &legacy, &key).is_err());
+        // Nothing signed: not an error here, the onboarding check FAILs on it.
+        let unsigned = with_doc(&legacy, &doc, None);
+        assert_eq!(signed_did(&unsigned, &legacy, &key).unwrap(), None);
+        assert_eq!(signed_did(&json!({ "did": did }), &did, &key).unwrap(), None);
+    }
+
+    /// What Credo 0.6.3 (general JWS, the signature twice, unpadded base64) and ACA-Py 1.7.0
+    /// (flattened, padded) send passes, signed by the key their JWS names (their invitation key).
+    #[test]
+    fn credo_s_and_aca_py_s_real_responses_pass() {
+        let credo: Value = serde_json::from_str(include_str!(
+            "../../tests/fixtures/didcomm/credo/didexchange_1.1_response.json"
+        ))
+        .unwrap();
+        let acapy: Value = serde_json::from_str(include_str!(
+            "../../tests/fixtures/didcomm/acapy/recipient_in_01_didexchange-1.1-response.json"
+        ))
+        .unwrap();
+        for (who, r) in [("credo", &credo["plaintext"]), ("acapy", &acapy)] {
+            let jws = &r["did_rotate~attach"]["data"]["jws"];
+            let kid = jws["header"]["kid"]
+                .as_str()
+                .or_else(|| jws["signatures"][0]["header"]["kid"].as_str())
+                .unwrap();
+            let key = normalize_verkey(kid).unwrap();
+            let did = r["did"].as_str().unwrap();
+            assert_eq!(signed_did(r, did, &key).unwrap(), Some("did_rotate~attach"), "{who}");
+            assert!(signed_did(r, "did:peer:4other", &key).is_err(), "{who}");
+        }
+    }
 
     /// ACA-Py closes a socket whose pongs stop for 1.5 s. A check that does something else for
     /// a while (onboards wallet B, posts a forward) while wallet A's socket is open must not
