@@ -1707,6 +1707,32 @@ async fn a_sender_protected_authcrypt_acts_as_its_inner_sender() {
     assert_eq!(a.status(None).await.unwrap(), 1);
 }
 
+/// Another client that captured a wallet's authcrypted message and sends it again inside an
+/// anoncrypt of its own (sender protection's form) sends the same message: it is refused as
+/// a replay, as the bare copy is (the replay record is the inner message's); the outer layer
+/// proves nothing of its own and acts for nobody.
+#[actix_rt::test]
+async fn a_captured_authcrypt_wrapped_in_another_clients_anoncrypt_is_a_replay() {
+    let (n, _d) = node();
+    let m = v2_mediator(&n).await;
+    let mut a = V2Agent::new(m.clone()).unwrap();
+    a.onboard().await.unwrap();
+    let captured = a
+        .pack(&a.message("https://didcomm.org/messagepickup/3.0/status-request", json!({})))
+        .unwrap();
+    let (status, body) = post_raw(&m.http, TYP_ENCRYPTED, captured.clone()).await;
+    assert_eq!(status, 200, "the wallet's own: {body}");
+    for (copy, what) in [
+        (captured.clone(), "the bare copy"),
+        (anoncrypted(&m, &captured), "the wrapped copy"),
+    ] {
+        let (status, body) = post_raw(&m.http, TYP_ENCRYPTED, copy).await;
+        assert!((400..500).contains(&status), "{what}: {status} {body}");
+        let report = a.unpack(body.as_bytes()).unwrap();
+        assert_eq!(report["body"]["code"], "e.p.msg.replayed", "{what}: {report}");
+    }
+}
+
 /// A recipient-update (3.0) or keylist-update (2.0) past `limits.max_keys_per_connection` is
 /// refused whole, and the wallet over HTTP reads why in its one reply (the problem report
 /// after it has no endpoint to go to). Nothing is registered.
