@@ -857,6 +857,12 @@ mod tests {
             if bad_sector {
                 let b = queued_ids(&s, "c")[1];
                 s.slot.log.fail_reads_at((records::KIND_MSG, b), true);
+                // Within the grace a record that does not read fails the lease, and is kept.
+                assert!(s.lease("c", 3, "o", t0 - 2_000, t0 - 1_000).await.is_err());
+                let log = s.queue_log().await.unwrap().unwrap();
+                assert_eq!(log.damaged_records, 0, "{log:?}");
+                assert_eq!(s.total_queued().await.unwrap(), 3);
+                s.slot.log.set_unreadable_grace(std::time::Duration::ZERO);
             } else {
                 // A byte of B's payload, the last of its record.
                 let (seg, b_at) = &at[1];
@@ -978,6 +984,7 @@ mod tests {
         enqueue_each(&s, &["A", "B", "C"], false).await;
         let b = queued_ids(&s, "c")[1];
         s.slot.log.fail_reads_at((records::KIND_MSG, b), true);
+        s.slot.log.set_unreadable_grace(std::time::Duration::ZERO);
         let stats = s.pending_stats("c", Some("rk-c"), t0).await.unwrap();
         assert_eq!(stats.count, 2, "{stats:?}");
         let got = s.lease_for_key("c", "rk-c", 3, "o", t0, t0 + 1_000).await.unwrap();

@@ -64,6 +64,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 
@@ -275,6 +276,12 @@ pub(super) struct QueueLog {
     /// logged as an error once, not at every compaction tick while it lasts. Lock order:
     /// `state`, then this.
     unlink_failing: Mutex<Option<(u64, io::ErrorKind)>>,
+    /// Records that did not read on the medium ([`read_record`]), with when they first and
+    /// last failed: one is dropped as damage only once it has failed for
+    /// `unreadable_grace_ms` ([`QueueLog::lost_for_good`]). Lock order: `state`, then this.
+    unreadable: Mutex<HashMap<Key, (Instant, Instant)>>,
+    /// [`UNREADABLE_GRACE`], in ms (tests shorten it).
+    unreadable_grace_ms: AtomicU64,
     /// The next deletion of a segment fails as an unlink reporting an I/O error would (tests).
     #[cfg(test)]
     fail_remove: AtomicBool,
@@ -511,6 +518,13 @@ fn read_record(file: &File, key: Key, loc: &Loc, buf: &mut [u8], faults: &ReadFa
     }
 }
 
+/// How long a record must keep failing to read on the medium (EIO and the like, each time
+/// after [`read_record`]'s tries) before it is dropped as damage: a device that returns EIO for
+/// a while (an NFS soft timeout, a multipath failover, a drive's own retries) must not cost a
+/// message answered 2xx. Until then the lease or compaction step that read it fails and is
+/// tried again; a walk leaves it out (it stays in the log).
+const UNREADABLE_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Records of a segment read for compaction to copy ([`read_for_copy`]).
 struct ReadForCopy {
     /// Those that read back, with their bytes.
@@ -522,9 +536,15 @@ struct ReadForCopy {
 
 /// Reads the records `chunk` locates in `file` (a segment that is not current, whose records
 /// never change: read outside the log's lock) for compaction to copy, each checked as
-/// [`read_back`] does. A record on a bad sector is damaged too: else every compaction step
-/// failed on it, the oldest segment stayed, and no segment was ever deleted again.
-fn read_for_copy(file: &File, chunk: &[(Key, Loc)], faults: &ReadFaults) -> io::Result<ReadForCopy> {
+/// [`read_back`] does. A record on a bad sector is damaged too once it has failed for the
+/// grace (`lost_for_good`): else every compaction step failed on it, the oldest segment
+/// stayed, and no segment was ever deleted again. Before that, the step fails.
+fn read_for_copy(
+    file: &File,
+    chunk: &[(Key, Loc)],
+    faults: &ReadFaults,
+    lost_for_good: &dyn Fn(Key) -> bool,
+) -> io::Result<ReadForCopy> {
     let mut read = ReadForCopy {
         whole: Vec::with_capacity(chunk.len()),
         damaged: Vec::new(),
@@ -533,8 +553,8 @@ fn read_for_copy(file: &File, chunk: &[(Key, Loc)], faults: &ReadFaults) -> io::
         let mut rec = vec![0u8; loc.size() as usize];
         let whole = match read_record(file, *key, loc, &mut rec, faults) {
             Ok(()) => read_back(&rec, 0, *key, loc).is_ok(),
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => false,
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData && lost_for_good(*key) => false,
+            Err(e) => return Err(io::Error::other(e)),
         };
         if whole {
             read.whole.push((*key, *loc, rec));
@@ -694,6 +714,8 @@ impl QueueLog {
             fail_write: AtomicBool::new(false),
             faults: ReadFaults::default(),
             unlink_failing: Mutex::new(None),
+            unreadable: Mutex::new(HashMap::new()),
+            unreadable_grace_ms: AtomicU64::new(UNREADABLE_GRACE.as_millis() as u64),
             #[cfg(test)]
             fail_remove: AtomicBool::new(false),
             #[cfg(test)]
@@ -1490,6 +1512,36 @@ impl QueueLog {
         std::mem::take(&mut self.state.lock().lost)
     }
 
+    /// Whether record `key`, which did not read on the medium just now ([`read_record`]), has
+    /// kept failing for the grace ([`UNREADABLE_GRACE`]): then it is lost for good and dropped
+    /// as damage. A failure long after the last one (twice the grace) starts the count again:
+    /// a device's second blip does not drop what its first did not.
+    fn lost_for_good(&self, key: Key) -> bool {
+        let grace = std::time::Duration::from_millis(self.unreadable_grace_ms.load(SeqCst));
+        let now = Instant::now();
+        let mut unreadable = self.unreadable.lock();
+        let (first, last) = unreadable.entry(key).or_insert((now, now));
+        if now.saturating_duration_since(*last) > 2 * grace {
+            *first = now;
+        }
+        *last = now;
+        let lost = now.saturating_duration_since(*first) >= grace;
+        if !lost {
+            tracing::warn!(
+                kind = key.0,
+                id = key.1,
+                "queue log: a record does not read: tried again until it has failed for {grace:?}, then dropped as damage"
+            );
+        }
+        lost
+    }
+
+    /// How long a record must keep failing to read before it is dropped (tests).
+    #[cfg(test)]
+    pub(super) fn set_unreadable_grace(&self, grace: std::time::Duration) {
+        self.unreadable_grace_ms.store(grace.as_millis() as u64, SeqCst);
+    }
+
     /// Removes `key` from the live set when its record does not read back (damaged on the disk
     /// since replay or this handle's append checked it), or does not read at all (a bad
     /// sector: [`read_record`]): a read of it would fail every time, and compaction could not
@@ -1515,11 +1567,12 @@ impl QueueLog {
             .file
             .clone();
         let mut rec = vec![0u8; loc.size() as usize];
-        // Damaged: it fails its CRC, or does not read at all (a bad sector).
+        // Damaged: it fails its CRC, or has not read at all for the grace (a bad sector);
+        // within the grace the caller's read fails and is tried again later.
         let damaged = match read_record(&file, key, &loc, &mut rec, &self.faults) {
             Ok(()) => read_back(&rec, 0, key, &loc).is_err(),
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => true,
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData && self.lost_for_good(key) => true,
+            Err(e) => return Err(io::Error::other(e)),
         };
         if !damaged {
             return Ok(false);
@@ -1539,6 +1592,7 @@ impl QueueLog {
     /// counts it as damage (its tombstone is written).
     fn forget_damaged(&self, st: &mut State, key: Key, loc: Loc) {
         self.set_live(st, key, None);
+        self.unreadable.lock().remove(&key);
         st.damage.skipped.insert((loc.seg(), loc.off()));
         tracing::error!(
             segment = loc.seg(),
@@ -1738,7 +1792,8 @@ impl QueueLog {
                 .count();
             let (chunk, tail) = rest.split_at(n);
             rest = tail;
-            let ReadForCopy { whole: read, damaged } = read_for_copy(file, chunk, &self.faults)?;
+            let ReadForCopy { whole: read, damaged } =
+                read_for_copy(file, chunk, &self.faults, &|key| self.lost_for_good(key))?;
             if let Some((_, loc)) = damaged.first() {
                 self.keep_aside(loc.seg());
             }
@@ -2654,7 +2709,10 @@ mod tests {
     /// was freed again until the disk was full.
     #[test]
     fn compaction_drops_a_damaged_record_and_the_appends_after_it_survive_a_reopen() {
-        let unreadable = |log: &QueueLog, key: Key| log.fail_reads_at(key, true);
+        let unreadable = |log: &QueueLog, key: Key| {
+            log.set_unreadable_grace(std::time::Duration::ZERO);
+            log.fail_reads_at(key, true)
+        };
         for damage in [damage_body as fn(&QueueLog, Key), unreadable] {
             let dir = tempfile::tempdir().unwrap();
             let seg_bytes = 4096;
@@ -2716,6 +2774,31 @@ mod tests {
             }
         }
         assert_eq!(records_on_disk(dir.path(), SEGMENT_BYTES), want);
+    }
+
+    /// A record that does not read for a moment (a device's blip: three tries of one read)
+    /// is not dropped by compaction: the step fails and the record is copied once it reads
+    /// again. Only one that keeps failing for the grace is lost for good.
+    #[test]
+    fn compaction_keeps_a_record_that_does_not_read_for_a_moment() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg_bytes = 4096;
+        let log = QueueLog::open_with(dir.path(), seg_bytes, false).unwrap();
+        for i in 1..=100i64 {
+            log.append(&[((MSG, i), &body(i, 100))], &[], true).unwrap();
+        }
+        let dead: Vec<Key> = (4..=100).map(|i| (MSG, i)).collect();
+        log.remove(&dead).unwrap();
+        log.fail_reads((MSG, 2), Some(Some(3)));
+        assert!(
+            log.compact_step().is_err(),
+            "the step fails while the record does not read"
+        );
+        compact_all(&log);
+        assert!(!segment_path(dir.path(), 1).exists(), "segment 1 compacted away");
+        assert_eq!(log.damage(), (0, 0));
+        assert!(log.take_lost().is_empty());
+        assert_eq!(log.get((MSG, 2)).unwrap(), Some(body(2, 100)));
     }
 
     /// A walk of the live records whose stretch holds a record that does not read (EIO) reads
