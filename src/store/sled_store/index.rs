@@ -16,6 +16,9 @@ pub(super) const DEDUP_DUE_WALK_MIN: usize = 1024;
 /// order left as it is ([`Queues::push_dedup`]): forwards of one batch, or of two writers,
 /// taken with the same clock a moment apart. Their pruning waits at most this long.
 pub(super) const DEDUP_ORDER_SLACK_MS: i64 = 1_000;
+/// How often a prune sorts the pruning order at most, while a step of the clock keeps it out
+/// of order ([`Queues::sort_dedup_if_stepped`]).
+pub(super) const DEDUP_RESORT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// A lease owner's name, shared by the messages it leased and [`Queues::by_owner`]: one
 /// pointer in each message's [`Meta`] (an `Arc<str>` is two), which keeps `Meta` at 48 bytes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -199,9 +202,11 @@ pub(super) struct Queues {
     /// record was replaced (a later copy) or removed since is skipped when it is reached.
     pub(super) dedup_order: VecDeque<(i64, Arc<str>, [u8; 32])>,
     /// An entry was pushed more than [`DEDUP_ORDER_SLACK_MS`] older than the one before it
-    /// (the wall clock was stepped back, or had been ahead): the next prune sorts the order
-    /// first ([`Queues::sort_dedup_if_stepped`]).
+    /// (the wall clock was stepped back, or had been ahead): a prune sorts the order first
+    /// ([`Queues::sort_dedup_if_stepped`]).
     pub(super) dedup_unsorted: bool,
+    /// When a prune last sorted the pruning order ([`Queues::sort_dedup_if_stepped`]).
+    pub(super) dedup_sorted_at: Option<std::time::Instant>,
     pub(super) dedup_count: u64,
     /// The latest cutoff of [`Store::prune_dedup`] (persisted as `DEDUP_PRUNED_BEFORE_KEY`).
     pub(super) dedup_pruned_before: i64,
@@ -448,11 +453,18 @@ impl Queues {
     }
 
     /// Sorts the pruning order, oldest first, when a step of the clock left it out of order
-    /// ([`Queues::push_dedup`]): once per step, not per entry. Called by a prune before it
-    /// reads the order, under its lock (a sort between its read and its drop would pop
-    /// entries it did not read).
-    pub(super) fn sort_dedup_if_stepped(&mut self) {
-        if std::mem::take(&mut self.dedup_unsorted) {
+    /// ([`Queues::push_dedup`]), at most once per [`DEDUP_RESORT_EVERY`]: until the wall
+    /// clock passes the entries made before a step back, every entry pushed is older than
+    /// them, so a sort at every prune would sort the whole order every few seconds for as
+    /// long as the step; at most once a minute, the entries held back past their window are
+    /// at most a minute's. Called by a prune before it reads the order, under its lock (a sort
+    /// between its read and its drop would pop entries it did not read).
+    pub(super) fn sort_dedup_if_stepped(&mut self, now: std::time::Instant) {
+        let due = self
+            .dedup_sorted_at
+            .map_or(true, |at| now.saturating_duration_since(at) >= DEDUP_RESORT_EVERY);
+        if due && std::mem::take(&mut self.dedup_unsorted) {
+            self.dedup_sorted_at = Some(now);
             tracing::info!(
                 entries = self.dedup_order.len(),
                 "sled: the wall clock stepped back: the dedup records' pruning order is sorted again"
@@ -592,7 +604,30 @@ pub(super) type Leases = HashMap<MessageId, (i64, Option<Owner>, u32)>;
 
 #[cfg(test)]
 mod tests {
-    use super::LeaseBudget;
+    use super::{LeaseBudget, Queues, DEDUP_RESORT_EVERY};
+    use std::time::{Duration, Instant};
+
+    /// While a step of the clock keeps every new entry older than those made before it, a
+    /// prune sorts the pruning order at most once per `DEDUP_RESORT_EVERY`, not at every prune
+    /// (a sort of the whole order every few seconds, for as long as the step).
+    #[test]
+    fn the_pruning_order_is_sorted_at_most_once_a_minute_while_the_clock_catches_up() {
+        let mut q = Queues::default();
+        let name: std::sync::Arc<str> = "c".into();
+        let times = |q: &Queues| q.dedup_order.iter().map(|e| e.0).collect::<Vec<_>>();
+        q.push_dedup(10_000, name.clone(), [1; 32]);
+        q.push_dedup(0, name.clone(), [2; 32]);
+        let t0 = Instant::now();
+        q.sort_dedup_if_stepped(t0);
+        assert_eq!(times(&q), [0, 10_000]);
+        q.push_dedup(1, name.clone(), [3; 32]);
+        assert!(q.dedup_unsorted, "still older than the entry made before the step");
+        q.sort_dedup_if_stepped(t0 + Duration::from_secs(5));
+        assert_eq!(times(&q), [0, 10_000, 1], "not sorted again within the minute");
+        q.sort_dedup_if_stepped(t0 + DEDUP_RESORT_EVERY);
+        assert_eq!(times(&q), [0, 1, 10_000]);
+        assert!(!q.dedup_unsorted);
+    }
 
     /// Takes sizes from `sizes` while the budget admits them: what a lease of them leases.
     fn taken(mut b: LeaseBudget, sizes: &[u64]) -> Vec<u64> {

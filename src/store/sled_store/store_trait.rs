@@ -626,7 +626,7 @@ impl Store for SledStore {
             // One prune at a time: the entries it read at the front of the pruning order are
             // still there when it drops them (enqueues only push at the back).
             let _p = inner.prune_lock.lock();
-            inner.queues.lock().sort_dedup_if_stepped();
+            inner.queues.lock().sort_dedup_if_stepped(std::time::Instant::now());
             // Read first, and the index changed only once the removal is in the queue log (as
             // `ack_leased`, `remove_queue`): a failed append leaves every entry held, counted
             // and pruned by the next call, not records in the log no index entry names.
