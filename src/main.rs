@@ -308,6 +308,11 @@ fn main() -> ExitCode {
                 )
                 .await
             });
+            if res.is_ok() && node::STOPPED_STARTING.load(std::sync::atomic::Ordering::SeqCst) {
+                // Not `sys`'s drop: it would wait for a store's open still running on a
+                // blocking thread (nothing of it was served or needs finishing).
+                std::process::exit(0);
+            }
             match res {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -244,6 +244,12 @@ async fn unless_stopped<T, S>(step: impl Future<Output = T>, stop: Pin<&mut impl
     }
 }
 
+/// Set when [`run`] returned because a stop came while the node started: the store's open
+/// may still be running on a blocking thread (sled replaying its queue log, say), and the
+/// runtime's drop would wait for it, the process up and deaf to a second signal. The binary
+/// then exits at once instead (`main.rs`).
+pub static STOPPED_STARTING: AtomicBool = AtomicBool::new(false);
+
 /// A stop asked for while the node started, before it marked the store as running
 /// ([`Store::begin_run`]) and served anything: what had started stops (the cluster is left, the
 /// push worker stopped, the store flushed) and the node ends as a stop does, `Ok`. The store's
@@ -257,6 +263,7 @@ async fn stopped_starting(
     shared: Option<&Shared>,
 ) -> anyhow::Result<()> {
     tracing::info!(node = node_id, "{cause} received during start-up: stopping");
+    STOPPED_STARTING.store(true, Ordering::SeqCst);
     if let Some(c) = cluster {
         c.leave().await;
     }
