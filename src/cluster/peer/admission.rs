@@ -19,8 +19,9 @@
 //! - **When the table is full, a newcomer takes the oldest unnamed slot of the address
 //!   holding the most**, so every new address gets in while any address holds more than one.
 //! - **Configured peers' addresses are protected**: a socket from an address no configured
-//!   peer has never takes a slot from one that is, nor a named slot, so a flood from many
-//!   other addresses cannot evict a real peer's handshake, only each other's. A socket from
+//!   peer has never takes a slot from one that is (it may take another such address's named
+//!   slot), so a flood from many other addresses cannot evict a real peer's handshake, only
+//!   each other's. A socket from
 //!   a peer's address may take, in this order, another address's unnamed then named slot,
 //!   then a peer address's unnamed slot; never a peer address's named slot.
 //!
@@ -169,16 +170,20 @@ impl<T> Admission<T> {
     }
 
     /// The slot a newcomer takes from a full table: unnamed slots of unprotected sources
-    /// first; then, for a protected newcomer only, named slots of unprotected sources, then
-    /// unnamed slots of protected ones. Never a protected source's named slot: that may be a
-    /// real peer's handshake under way, and only the handshake timeout or a newer `Hello`
-    /// naming the same peer from the same address ends it.
+    /// first, then their named slots; then, for a protected newcomer only, unnamed slots of
+    /// protected ones. Never a protected source's named slot: that may be a real peer's
+    /// handshake under way, and only the handshake timeout or a newer `Hello` naming the same
+    /// peer from the same address ends it. An unprotected newcomer may take an unprotected
+    /// named slot: a `Hello` naming a peer proves nothing yet, and else stalled `Hello`s from
+    /// many addresses that are no peer's filled the table for good, and a real peer dialing
+    /// from an address other than its configured one (a pod behind a service address, NAT)
+    /// was refused every time.
     fn victim(&self, newcomer_protected: bool) -> Option<SlotId> {
         // (protected, named) of the slots each tier holds, in the order they are taken.
         let tiers: &[(bool, bool)] = if newcomer_protected {
             &[(false, false), (false, true), (true, false)]
         } else {
-            &[(false, false)]
+            &[(false, false), (false, true)]
         };
         tiers.iter().find_map(|&(protected, named)| {
             self.oldest_of_busiest(|s| s.protected == protected && s.named.is_some() == named)
@@ -327,15 +332,28 @@ mod tests {
         admitted(t.admit(ip(9), true, 3));
         t.name(stranger, "n1");
         t.name(peer, "n1");
-        // Named, or a peer's address: nothing a stranger may take.
-        assert_eq!(t.admit(ip(2), false, 4), Admit::No);
         // A peer's address takes a stranger's named slot before its own unnamed one...
         assert_eq!(admitted(t.admit(ip(8), true, 5)).1, Some(1));
         // ...then the unnamed ones, and never a peer address's named slot.
         assert_eq!(admitted(t.admit(ip(8), true, 6)).1, Some(3));
         assert_eq!(admitted(t.admit(ip(8), true, 7)).1, Some(5));
         assert_eq!(admitted(t.admit(ip(8), true, 8)).1, Some(6));
+        // Named, or a peer's address: nothing a stranger may take but a stranger's.
+        assert_eq!(t.admit(ip(2), false, 9), Admit::No);
         assert_eq!(t.release(peer), Some(2));
+    }
+
+    /// Stalled `Hello`s naming peers, from addresses that are no peer's, do not fill the
+    /// table for good: a newcomer from another such address (a real peer dialing from an
+    /// address other than its configured one) takes the oldest of them.
+    #[test]
+    fn named_slots_of_strangers_do_not_lock_the_table() {
+        let mut t = Admission::new(4);
+        for i in 0..4u8 {
+            let id = admitted(t.admit(ip(i + 1), false, u32::from(i))).0;
+            t.name(id, "n1");
+        }
+        assert_eq!(admitted(t.admit(ip(50), false, 99)).1, Some(0));
     }
 
     #[test]
