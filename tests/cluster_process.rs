@@ -438,6 +438,20 @@ async fn log_shows(log: &std::path::Path, needle: &str) -> String {
     }
 }
 
+/// A one-node cluster on the store at `url`, its config and log in `dir`, started as a
+/// process: the process and its log file.
+fn spawn_lone_node(dir: &std::path::Path, url: &str) -> (NodeProcess, std::path::PathBuf) {
+    let entry = NodeEntry {
+        id: "n1".into(),
+        listen: free_addr(),
+        cluster: Some(free_addr()),
+        admin: free_addr(),
+    };
+    let config = write_config(dir, url, std::slice::from_ref(&entry), 30_000);
+    let log = dir.join("n1.log");
+    (NodeProcess::spawn(&config, &entry, &log), log)
+}
+
 /// SIGTERM to a node still starting (a rolling update, `podman stop` of a node whose store is
 /// slow to open) stops the start and exits 0, saying so; until the handlers were installed
 /// before the start, the signal's default action ended the process (no exit code), and a
@@ -449,15 +463,7 @@ async fn sigterm_during_start_up_stops_the_start_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("postgres://postgres@{}/mailroom", silent.local_addr().unwrap());
-    let entry = NodeEntry {
-        id: "n1".into(),
-        listen: free_addr(),
-        cluster: Some(free_addr()),
-        admin: free_addr(),
-    };
-    let config = write_config(dir.path(), &url, std::slice::from_ref(&entry), 30_000);
-    let log = dir.path().join("n1.log");
-    let mut p = NodeProcess::spawn(&config, &entry, &log);
+    let (mut p, log) = spawn_lone_node(dir.path(), &url);
     // The node has connected to its store: it is opening it, well before it serves.
     let (_held, _) = tokio::time::timeout(Duration::from_secs(60), silent.accept())
         .await
@@ -529,15 +535,7 @@ async fn a_second_sigterm_during_the_stop_exits_at_once_with_143() {
     let relay = FreezableRelay::start("127.0.0.1:5432").await;
     let url = format!("postgres://postgres@{}/{}", relay.addr, db.name);
     let dir = tempfile::tempdir().unwrap();
-    let entry = NodeEntry {
-        id: "n1".into(),
-        listen: free_addr(),
-        cluster: Some(free_addr()),
-        admin: free_addr(),
-    };
-    let config = write_config(dir.path(), &url, std::slice::from_ref(&entry), 30_000);
-    let log = dir.path().join("n1.log");
-    let mut p = NodeProcess::spawn(&config, &entry, &log);
+    let (mut p, log) = spawn_lone_node(dir.path(), &url);
     wait_ready(&p).await;
     relay.freeze();
     send_signal(&p, "TERM");

@@ -218,38 +218,6 @@ impl Store for AckRemovesNothing {
     );
 }
 
-/// A store whose keylist-update adds fail (removals still work), as when the database refuses
-/// writes: every wallet connects and gets mediation, none can register a key.
-struct KeyAddsFail {
-    inner: Arc<dyn Store>,
-}
-
-#[async_trait::async_trait]
-impl Store for KeyAddsFail {
-    async fn update_keys(
-        &self,
-        conn: &str,
-        add: &[String],
-        remove: &[String],
-    ) -> StoreResult<Vec<(String, KeyUpdate)>> {
-        if !add.is_empty() {
-            return Err(StoreError::Unavailable("injected: key adds fail".into()));
-        }
-        self.inner.update_keys(conn, add, remove).await
-    }
-    mailroom::store_pass_through!(inner:
-        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
-        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
-        list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, lease_upto, ack_leased,
-        release, release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued,
-        connections_with_pending, pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run,
-        lease_for_key, lease_for_key_upto, pending_stats, expire, expire_due, oldest_received_ms, flush, device_of, set_device,
-        forget_device_token, push_event, push_take_due, push_done, delete_connection, delete_unmediated, revoke_mediation,
-        first_sight, forget_sight, prune_sights,
-        drop_queue, top_queues,
-    );
-}
-
 /// A node on `wrap(its own sled store)`, with the test config's 2 s leases.
 async fn node_on(
     dir: &std::path::Path,
@@ -573,7 +541,14 @@ async fn a_mediator_that_queues_for_pickup_instead_of_pushing_skips_implicit_ws(
 #[actix_rt::test]
 async fn key_adds_that_fail_fail_every_check_past_onboarding() {
     let dir = tempfile::tempdir().unwrap();
-    let n = node_on(dir.path(), |inner| Arc::new(KeyAddsFail { inner })).await;
+    let n = node_on(dir.path(), |inner| {
+        Arc::new(KeyAddsBreak {
+            inner,
+            only_held_keys: false,
+            how: Breaks::Errs,
+        })
+    })
+    .await;
     let url = format!("{}/invitation", n.public_url());
     let out = probe(&[&url, "--redelivery-wait-secs", "15"]).await;
     let stdout = shown(&out);
@@ -657,15 +632,19 @@ impl Breaks {
     }
 }
 
-/// A store on which a connection adding a key another connection holds (key-takeover's B)
-/// errs or hangs, instead of the refusal mailroom answers; every other call goes through.
-struct TakeoverBreaks {
+/// A store whose keylist-update adds break (err or hang, `how`): every add (as when the
+/// database refuses writes: every wallet connects and gets mediation, none can register a
+/// key), or with `only_held_keys` only an add of a key another connection holds
+/// (key-takeover's B), instead of the refusal mailroom answers. Removals and every other call
+/// go through.
+struct KeyAddsBreak {
     inner: Arc<dyn Store>,
+    only_held_keys: bool,
     how: Breaks,
 }
 
 #[async_trait::async_trait]
-impl Store for TakeoverBreaks {
+impl Store for KeyAddsBreak {
     async fn update_keys(
         &self,
         conn: &str,
@@ -673,8 +652,8 @@ impl Store for TakeoverBreaks {
         remove: &[String],
     ) -> StoreResult<Vec<(String, KeyUpdate)>> {
         for k in add {
-            if self.inner.route(k).await?.is_some_and(|holder| holder != conn) {
-                return self.how.fail("an add of a key another connection holds").await;
+            if !self.only_held_keys || self.inner.route(k).await?.is_some_and(|holder| holder != conn) {
+                return self.how.fail("a key add").await;
             }
         }
         self.inner.update_keys(conn, add, remove).await
@@ -698,7 +677,14 @@ impl Store for TakeoverBreaks {
 async fn a_takeover_attempt_that_errs_or_times_out_does_not_pass_key_takeover() {
     for how in [Breaks::Errs, Breaks::Hangs(Duration::from_secs(5))] {
         let dir = tempfile::tempdir().unwrap();
-        let n = node_on(dir.path(), |inner| Arc::new(TakeoverBreaks { inner, how })).await;
+        let n = node_on(dir.path(), |inner| {
+            Arc::new(KeyAddsBreak {
+                inner,
+                only_held_keys: true,
+                how,
+            })
+        })
+        .await;
         let url = format!("{}/invitation", n.public_url());
         let out = probe(&[&url, "--only", "key-takeover", "--timeout-secs", "3"]).await;
         let stdout = shown(&out);
