@@ -743,8 +743,8 @@ fn env_value(
             if path.is_empty() {
                 return Err(bad(format!("{file_var} is set but empty")));
             }
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| bad(format!("{file_var}: cannot read {path}: {e}")))?;
+            let text = read_small_file(Path::new(&path), SECRET_FILE_MAX_BYTES)
+                .map_err(|e| bad(format!("{file_var}: cannot read {path}: {e}")))?;
             text.trim_end_matches(['\n', '\r']).to_string()
         }
         (None, None) => return Ok(None),
@@ -769,6 +769,37 @@ fn public_url_chars(setting: &str, u: &str) -> Result<(), String> {
              characters (no space, control or non-ASCII character, none of \" \\ < > ` {{ }} | ^)"
         )),
     }
+}
+
+/// The most a `MAILROOM_*_FILE` secret or a push credential file may hold: a PEM key, a
+/// service account's JSON or a token is a few KiB.
+pub const SECRET_FILE_MAX_BYTES: u64 = 64 << 10;
+
+/// The most a config file may hold.
+pub const CONFIG_FILE_MAX_BYTES: u64 = 1 << 20;
+
+/// Reads a regular file of at most `max` bytes as UTF-8. A start-up reads its config and its
+/// secrets from paths an operator (or a mount) gives: a FIFO held the start forever (its open
+/// waits for a writer), `/dev/zero` or a log file named by mistake grew the process until it
+/// ran out of memory. Refused up front instead, naming what the path is.
+pub fn read_small_file(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    // Before the open: opening a FIFO blocks until a writer comes.
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
+        return Err(Error::new(ErrorKind::InvalidInput, what));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)?.take(max + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > max {
+        return Err(Error::new(ErrorKind::InvalidInput, format!("larger than {max} bytes")));
+    }
+    Ok(text)
 }
 
 /// `v`, the value of `var`, is an IP:port address.
@@ -848,7 +879,7 @@ impl Config {
     /// Reads and parses a file without [`Config::validate`] (the caller validates, e.g. after
     /// [`Config::apply_env`]).
     fn load_unvalidated(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = read_small_file(path, CONFIG_FILE_MAX_BYTES).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
@@ -878,7 +909,12 @@ impl Config {
             }
         };
         c.node(&node_id)?;
-        let applied = c.apply_env(&node_id, get)?;
+        // Checked here, not at `logging::init`: a filter that does not parse left the node
+        // logging at `log.level` with no word of it.
+        if let Some(v) = get("RUST_LOG") {
+            crate::logging::env_filter(&v).map_err(ConfigError::Invalid)?;
+        }
+        let applied = c.apply_env(&node_id, &get)?;
         // One node per process here: nodes on sled would each open their own store (their own
         // mediator identity, connections and queue), or fail on its lock on one machine. Only
         // nodes inside one process (tests, through the library) can share a sled store.
@@ -904,6 +940,7 @@ impl Config {
                 )));
             }
         }
+        c.check_peer_addresses(&node_id)?;
         Ok((c, node_id, applied))
     }
 
@@ -1252,6 +1289,31 @@ impl Config {
             self.cluster_config(&n.id)?
                 .validate()
                 .map_err(|e| ConfigError::Invalid(format!("node {}: {e}", n.id)))?;
+        }
+        Ok(())
+    }
+
+    /// Every other node's `cluster` address is one this node can dial. `0.0.0.0:7000` is
+    /// where a node listens on every interface, not an address to reach it at: dialed, it is
+    /// this machine (the node links to nothing, or to itself); port 0 is no port. Each node
+    /// of such a file started, with its dials failing at debug level and `/ready` at 200: a
+    /// cluster split with no word of it. A node's own address may be a wildcard (it only
+    /// binds it), as `MAILROOM_CLUSTER_LISTEN` sets it in a container.
+    fn check_peer_addresses(&self, node_id: &str) -> Result<(), ConfigError> {
+        for n in self.nodes.iter().filter(|n| n.id != node_id) {
+            let Some(c) = &n.cluster else { continue };
+            let Ok(a) = c.parse::<SocketAddr>() else {
+                continue; // named by `validate` with its own reason
+            };
+            if a.ip().is_unspecified() || a.port() == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "node {}: cluster = {c:?} is not an address node {node_id} can dial: every other \
+                     node dials the address written here, so write the one {} is reached at \
+                     (an IP and a port; a wildcard listener goes in MAILROOM_CLUSTER_LISTEN on \
+                     that node)",
+                    n.id, n.id
+                )));
+            }
         }
         Ok(())
     }
@@ -2186,5 +2248,90 @@ mod tests {
         .unwrap();
         assert_eq!(first, "a");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+    /// A file of several nodes whose other nodes' `cluster` addresses no node can dial: each
+    /// node started and dialed its own machine, a cluster split with `/ready` at 200.
+    #[test]
+    fn a_peer_address_no_node_can_dial_is_refused_and_a_nodes_own_wildcard_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.toml");
+        let file = |a: &str, b: &str| {
+            format!(
+                "[cluster]\nsecret='secret-of-8'\n[store]\nbackend='postgres'\nurl='postgres://m@10.0.0.9/m'\n\
+                 [[node]]\nid='a'\nlisten='127.0.0.1:8080'\ncluster='{a}'\nadmin='127.0.0.1:8081'\n\
+                 [[node]]\nid='b'\nlisten='127.0.0.1:8090'\ncluster='{b}'\nadmin='127.0.0.1:8091'\n"
+            )
+        };
+        for (a, b, refused_at) in [
+            ("0.0.0.0:7001", "127.0.0.1:7002", "b"),
+            ("[::]:7001", "127.0.0.1:7002", "b"),
+            ("127.0.0.1:7001", "127.0.0.1:0", "a"),
+        ] {
+            std::fs::write(&path, file(a, b)).unwrap();
+            let err = Config::load_for_node(Some(&path), Some(refused_at), env(&[]))
+                .expect_err(a)
+                .to_string();
+            assert!(err.contains("cluster =") && err.contains("can dial"), "{err}");
+            // The node whose own address it is only binds it.
+            let own = if refused_at == "a" { "b" } else { "a" };
+            Config::load_for_node(Some(&path), Some(own), env(&[])).unwrap_or_else(|e| panic!("{a} {b}: {e}"));
+        }
+        // A wildcard listener from the environment is the node's own: its peers read the file.
+        std::fs::write(&path, file("127.0.0.1:7001", "127.0.0.1:7002")).unwrap();
+        Config::load_for_node(
+            Some(&path),
+            Some("a"),
+            env(&[("MAILROOM_CLUSTER_LISTEN", "0.0.0.0:7001")]),
+        )
+        .unwrap();
+    }
+
+    /// `RUST_LOG` that does not parse was dropped for `log.level` with no word; an empty one
+    /// (a compose file's `${RUST_LOG}` unset) logged nothing at all.
+    #[test]
+    fn rust_log_is_refused_when_it_does_not_parse_and_ignored_when_blank() {
+        let err = Config::load_for_node(None, None, env(&[("RUST_LOG", "mailroom=loud")]))
+            .expect_err("a bad filter")
+            .to_string();
+        assert!(err.contains("RUST_LOG") && err.contains("loud"), "{err}");
+        Config::load_for_node(None, None, env(&[("RUST_LOG", "warn,mailroom=debug")])).unwrap();
+        Config::load_for_node(None, None, env(&[("RUST_LOG", " ")])).unwrap();
+        assert!(crate::logging::env_filter("").unwrap().is_none());
+        assert!(crate::logging::env_filter("info").unwrap().is_some());
+    }
+
+    /// A secret or config path naming a FIFO held the start forever (its open waits for a
+    /// writer); one naming a huge file grew the process until it ran out of memory.
+    #[test]
+    fn secret_and_config_files_must_be_small_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success(), "mkfifo");
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'x'; SECRET_FILE_MAX_BYTES as usize + 1]).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (f, b, d) = (fifo.clone(), big.clone(), dir.path().to_path_buf());
+        std::thread::spawn(move || {
+            let get = |var: &str, path: &Path| {
+                let v = path.to_str().unwrap().to_string();
+                Config::load_for_node(None, None, move |k| (k == var).then(|| v.clone()))
+                    .expect_err("refused")
+                    .to_string()
+            };
+            let _ = tx.send([
+                get("MAILROOM_CLUSTER_SECRET_FILE", &f),
+                get("MAILROOM_ADMIN_TOKEN_FILE", &b),
+                get("MAILROOM_ADMIN_TOKEN_FILE", &d),
+                Config::load_for_node(Some(&f), None, env(&[])).unwrap_err().to_string(),
+            ]);
+        });
+        let errs = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a FIFO held the read");
+        assert!(errs[0].contains("not a regular file"), "{}", errs[0]);
+        assert!(errs[1].contains("larger than 65536 bytes"), "{}", errs[1]);
+        assert!(errs[2].contains("a directory"), "{}", errs[2]);
+        assert!(errs[3].contains("not a regular file"), "{}", errs[3]);
     }
 }

@@ -27,12 +27,30 @@ pub fn cap() -> tracing_subscriber::filter::FilterFn<impl Fn(&tracing::Metadata<
     tracing_subscriber::filter::filter_fn(|m| within_cap(m.target(), m.level()))
 }
 
+/// `RUST_LOG`'s value as a filter; `None` when blank, which leaves `log.level` in force (a
+/// compose file's `RUST_LOG: ${RUST_LOG}` with nothing set is an empty string, and an empty
+/// filter logged nothing at all, errors and `mailroom::audit` lines included). A value that
+/// does not parse is an error naming it (the binary refuses it at start, exit 64).
+pub fn env_filter(value: &str) -> Result<Option<EnvFilter>, String> {
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    EnvFilter::builder()
+        .parse(value)
+        .map(Some)
+        .map_err(|e| format!("RUST_LOG {value:?} is not a tracing filter: {e}"))
+}
+
 pub fn init(cfg: &LogSection) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    // Validation refused a level that does not parse ([`LogSection::filter`]); a config built
-    // in code that skipped it logs at `info` rather than errors only.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+    // Validation refused a level or a `RUST_LOG` that does not parse ([`LogSection::filter`],
+    // [`env_filter`]); a config built in code that skipped it logs at `info` rather than
+    // errors only.
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| env_filter(&v).ok().flatten());
+    let filter = from_env.unwrap_or_else(|| {
         cfg.filter().unwrap_or_else(|e| {
             eprintln!("mailroom: {e}; logging at info");
             EnvFilter::new("info")

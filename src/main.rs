@@ -54,10 +54,10 @@ enum Cmd {
         #[arg(long, env = "MAILROOM_NODE")]
         node: Option<String>,
         /// Admin base URL, e.g. http://127.0.0.1:8081 (default: from the config).
-        #[arg(long)]
+        #[arg(long, value_parser = admin_url)]
         admin: Option<String>,
-        /// Give up after this many milliseconds.
-        #[arg(long, default_value_t = 5000)]
+        /// Give up after this many milliseconds (1..=3600000).
+        #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
         timeout_ms: u64,
     },
     /// Show a node's and its cluster's status from its admin endpoint.
@@ -106,7 +106,8 @@ struct NodeTarget {
     /// The [[node]] whose admin listener to call (from --config).
     #[arg(long)]
     node: Option<String>,
-    #[arg(long, default_value = "cluster.toml")]
+    /// The config the node runs with (the image sets MAILROOM_CONFIG).
+    #[arg(long, env = "MAILROOM_CONFIG", default_value = "cluster.toml")]
     config: PathBuf,
     /// The admin URL, instead of --node.
     #[arg(long, value_parser = admin_url, conflicts_with = "node")]

@@ -1368,6 +1368,9 @@ fn check_config_exits_64_with_the_reason() {
         &["check-config", "--config"],
         &["check-config"],
         &["healthcheck", "--timeout-ms", "soon"],
+        // Was 1, "unhealthy": an admin address that is no URL, a timeout that always fails.
+        &["healthcheck", "--admin", "127.0.0.1:8081"],
+        &["healthcheck", "--timeout-ms", "0"],
         &["status", "--bogus"],
         &["drain", "--bogus"],
         // An admin URL that is none, and two targets at once.
@@ -1383,6 +1386,18 @@ fn check_config_exits_64_with_the_reason() {
         assert_eq!(code, Some(64), "{args:?}: {err}");
         assert!(err.contains("error:") || err.contains("Usage:"), "{args:?}: {err}");
     }
+    // `drain` reads the config `run` reads: in the image, MAILROOM_CONFIG (it read
+    // ./cluster.toml, which the image's working directory does not hold).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+        .args(["drain", "--node", "n9"])
+        .env("MAILROOM_CONFIG", good)
+        .env_remove("MAILROOM_NODE")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains(good) && err.contains("n9"), "{err}");
     for args in [
         &["--help"][..],
         &["--version"],

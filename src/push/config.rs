@@ -307,7 +307,8 @@ fn read_source(what: &str, file: &Option<PathBuf>, env: &Option<String>) -> Resu
 }
 
 fn read_file(what: &str, p: &Path) -> Result<String, String> {
-    std::fs::read_to_string(p).map_err(|e| format!("{what}: cannot read {}: {e}", p.display()))
+    crate::config::read_small_file(p, crate::config::SECRET_FILE_MAX_BYTES)
+        .map_err(|e| format!("{what}: cannot read {}: {e}", p.display()))
 }
 
 /// The time the credentials are test-signed at when loaded (a fixed one: only whether the key
