@@ -13,8 +13,12 @@ use mailroom::client::{basic_message, Agent};
 use mailroom::config::Strategy;
 use mailroom::didcomm::v2::{did, TYP_ENCRYPTED};
 use mailroom::node::RunningNode;
+use mailroom::store::{Connection, Store, StoreResult};
 use serde_json::{json, Value};
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use tokio::sync::{watch, Notify};
 
 fn node() -> (RunningNode, tempfile::TempDir) {
     node_with(|_| {})
@@ -784,6 +788,102 @@ async fn a_socket_that_missed_its_rotations_close_closes_at_its_next_read() {
         }
     };
     assert!(closed.contains("rotated"), "{closed}");
+}
+
+/// The node's store, except that once armed, the next read of the watched connection
+/// (`get_connection`) waits until the test opens the gate. Reads of it are counted.
+struct GatedReads {
+    inner: Arc<dyn Store>,
+    /// The connection watched, once it exists.
+    conn: OnceLock<String>,
+    armed: AtomicBool,
+    /// Told as the armed read begins waiting.
+    held: Notify,
+    open: Notify,
+    /// Reads of the watched connection begun so far.
+    reads: watch::Sender<usize>,
+}
+
+#[async_trait::async_trait]
+impl Store for GatedReads {
+    async fn get_connection(&self, id: &str) -> StoreResult<Option<Connection>> {
+        if self.conn.get().is_some_and(|c| c == id) {
+            self.reads.send_modify(|n| *n += 1);
+            if self.armed.swap(false, Ordering::SeqCst) {
+                self.held.notify_one();
+                self.open.notified().await;
+            }
+        }
+        self.inner.get_connection(id).await
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, lease_upto, ack_leased,
+        release, release_owner, release_owners_under, reclaim_expired_leases,
+        queue_stats, total_queued, connections_with_pending, pending_among, prune_dedup,
+        dedup_records, queue_log, begin_run, end_run, lease_for_key, lease_for_key_upto, pending_stats, expire, expire_due, oldest_received_ms,
+        flush, device_of, set_device, forget_device_token, push_event, push_take_due, push_done,
+        first_sight, forget_sight, prune_sights,
+        delete_connection, delete_unmediated, revoke_mediation, drop_queue, top_queues,
+    );
+}
+
+/// A drain of the socket that carries a rotation, begun before the rotation and reading the
+/// connection after it, finds the new DID where the socket was bound by the old one: by then
+/// that socket is bound by the new DID (the rotation's handler rebound it), so it stays open
+/// and keeps delivering. Before, that drain closed it as bound by a DID rotated away.
+#[actix_rt::test]
+async fn a_drain_begun_before_its_sockets_rotation_leaves_that_socket_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.delivery.lease_ms = 30_000;
+    let gated = Arc::new(GatedReads {
+        inner: mailroom::store::open_sled(&dir.path().join("data")).await.unwrap(),
+        conn: OnceLock::new(),
+        armed: AtomicBool::new(false),
+        held: Notify::new(),
+        open: Notify::new(),
+        reads: watch::channel(0).0,
+    });
+    let n = start_on(&cfg, gated.clone());
+    let m = v2_mediator(&n).await;
+    let s = V2Sender::new().unwrap();
+    let mut a = V2Agent::new(m).unwrap();
+    let ra = a.onboard().await.unwrap();
+    let conn = a_connection_id(&n).await;
+    gated.conn.set(conn.clone()).unwrap();
+    let mut reads = gated.reads.subscribe();
+    // The first drain after the socket binds reads the connection: it waits there, begun
+    // while the socket is bound by the old DID.
+    gated.armed.store(true, Ordering::SeqCst);
+    let mut own = a.live().await.unwrap();
+    tokio::time::timeout(WAIT, gated.held.notified())
+        .await
+        .expect("the drain reads the connection");
+    let before = *reads.borrow();
+    // The rotation comes on that socket; its reply comes once the socket is rebound.
+    let new_did = a.rotate().unwrap();
+    let req = a.message("https://didcomm.org/messagepickup/3.0/status-request", json!({}));
+    a.send(&mut own, &req).await.unwrap();
+    let st = a.recv(&mut own, WAIT).await.unwrap();
+    assert_eq!(kind(&st), "status", "{st}");
+    let stored = gated.inner.get_connection(&conn).await.unwrap().unwrap();
+    assert_eq!(stored.their_did.as_deref(), Some(new_did.as_str()));
+    // The drain reads the new DID. The socket's next drain reading the connection again
+    // shows this one ended without closing it.
+    gated.open.notify_one();
+    tokio::select! {
+        r = reads.wait_for(|n| *n > before) => { r.unwrap(); }
+        r = a.recv(&mut own, WAIT) => panic!("the socket that carried the rotation: {r:?}"),
+    }
+    assert_eq!(
+        s.forward_via(&n.public_url(), &ra, &s.basic(&ra, "after"))
+            .await
+            .unwrap(),
+        202
+    );
+    assert_eq!(receive_live(&a, &mut own, 1).await.0, ["after"]);
 }
 
 /// `old` closes (after what it was sent before) with the reason a rotation gives.

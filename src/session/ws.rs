@@ -158,8 +158,8 @@ enum Drained {
     /// The bound connection's mediation was revoked (read in the store).
     Revoked,
     /// The bound connection's peer DID is another one now (a DIDComm v2 rotation): this
-    /// socket was bound by the old one.
-    Rotated,
+    /// socket was bound by the old one. Holds the DID the store names now.
+    Rotated(Option<String>),
 }
 
 impl WsSession {
@@ -624,7 +624,7 @@ impl WsSession {
                         Ok(Some(c)) if c.mediation == MediationState::Denied => return Err(Drained::Revoked),
                         // Bound by a DID the connection rotated away from: its close went
                         // missing, or the socket bound with a record read before the rotation.
-                        Ok(Some(c)) if c.their_did != bound_did => return Err(Drained::Rotated),
+                        Ok(Some(c)) if c.their_did != bound_did => return Err(Drained::Rotated(c.their_did)),
                         Ok(Some(_)) => read_at = Some(at),
                         Ok(None) => return Err(Drained::Revoked),
                         Err(e) => return Err(Drained::Store(e)),
@@ -674,7 +674,14 @@ impl WsSession {
                     act.close_revoked(ctx);
                     return;
                 }
-                Err(Drained::Rotated) => {
+                // The socket that carried the rotation is bound by the new DID since this drain
+                // began (its handler wrote the store, then rebound it): it was not bound by the
+                // old one, it stays; what it did not lease is leased by the next drain.
+                Err(Drained::Rotated(now)) if act.conn.as_ref().is_some_and(|c| c.their_did == now) => {
+                    ctx.notify(Wake);
+                    return;
+                }
+                Err(Drained::Rotated(_)) => {
                     tracing::info!(connection = act.conn_id(), "bound by a DID rotated away: socket closed");
                     close_with(
                         ctx,
