@@ -2045,3 +2045,149 @@ async fn sockets_past_what_the_open_file_limit_leaves_room_for_are_refused_503()
     let r: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(r["restart_needed"], json!([]), "{r}");
 }
+
+/// `drain` of `/status`.
+async fn drain_state(n: &mailroom::node::RunningNode) -> Value {
+    get_json(&format!("{}/status", n.admin_url())).await["drain"].clone()
+}
+
+/// A drained node is `empty` only once what a pickup over HTTP delivered there is
+/// acknowledged (or its lease ran out): nothing then waits on the node, and a stop gives
+/// nothing back. Before, `empty` counted sessions only, and said so while the message was
+/// leased to the node's HTTP owner: a stop then either gave it back, as a delivery to make
+/// again to a wallet about to acknowledge it (and pushed it), or, unless graceful, left it
+/// to its lease.
+#[actix_rt::test]
+async fn a_drained_node_is_not_empty_while_a_pickup_over_http_awaits_its_acknowledgement() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    // Longer than the test: only the acknowledgement ends the lease.
+    cfg.delivery.lease_ms = 120_000;
+    let n = start(&cfg);
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    // Another wallet, live on a socket the drain closes.
+    let (b, _) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let _ws = common::cluster::live_socket(&b, &n).await;
+    assert_eq!(forward(&n, &a, &k.verkey(), "picked-up").await, 202);
+    let d = a
+        .request(&pickup("delivery-request", json!({"limit": 10})))
+        .await
+        .unwrap()
+        .expect("a delivery");
+    assert_eq!(contents(&a, &d), vec!["picked-up"]);
+    let (st, body) = post_raw(&format!("{}/drain", n.admin_url()), "application/json", Vec::new()).await;
+    assert_eq!(st, 200, "{body}");
+    let held = eventually("the session and its socket gone", || async {
+        let s = drain_state(&n).await;
+        (s["sessions"] == 0 && s["open_sockets"] == 0).then_some(s)
+    })
+    .await;
+    assert_eq!(held["empty"], false, "the HTTP delivery is still leased: {held}");
+    assert_eq!(held["http_leases_held"], true, "{held}");
+    // A drained node still answers HTTP: the wallet acknowledges there.
+    let ids = delivery_ids(&a, &d);
+    a.request(&pickup("messages-received", json!({ "message_id_list": ids })))
+        .await
+        .unwrap();
+    let s = eventually("empty once acknowledged", || async {
+        let s = drain_state(&n).await;
+        (s["empty"] == true).then_some(s)
+    })
+    .await;
+    assert_eq!(s["http_leases_held"], false, "{s}");
+    assert_eq!(queue_depth(&n).await, 0);
+}
+
+/// A store whose next `lease_upto` after `hold` is set, once it has leased, waits until
+/// `open` says true: a pickup over HTTP held between its lease and its answer.
+struct HeldPickup {
+    inner: Arc<dyn Store>,
+    hold: AtomicBool,
+    leased: AtomicBool,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+#[async_trait::async_trait]
+impl Store for HeldPickup {
+    async fn lease_upto(
+        &self,
+        conn: &str,
+        max: usize,
+        max_bytes: usize,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<Vec<QueuedMessage>> {
+        let r = self
+            .inner
+            .lease_upto(conn, max, max_bytes, owner, now_ms, until_ms)
+            .await;
+        if self.hold.swap(false, Ordering::SeqCst) {
+            self.leased.store(true, Ordering::SeqCst);
+            let _ = self.open.subscribe().wait_for(|open| *open).await;
+        }
+        r
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, ack_leased, release,
+        release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued, connections_with_pending,
+        pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run, lease_for_key, lease_for_key_upto, pending_stats,
+        expire, expire_due, oldest_received_ms, flush, device_of, set_device, forget_device_token,
+        push_event, push_take_due, push_done, update_keys, revoke_mediation, delete_connection, delete_unmediated,
+        drop_queue, top_queues, first_sight, forget_sight, prune_sights,
+    );
+}
+
+/// A pickup over HTTP that has leased and not yet answered keeps a drained node from being
+/// `empty` too: stopped then, the node would take the answer down with it, and the message
+/// would wait for its lease.
+#[actix_rt::test]
+async fn a_drained_node_is_not_empty_while_a_pickup_over_http_is_being_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.delivery.lease_ms = 120_000;
+    let store = Arc::new(HeldPickup {
+        inner: open_sled(&dir.path().join("data")).await.unwrap(),
+        hold: AtomicBool::new(false),
+        leased: AtomicBool::new(false),
+        open: tokio::sync::watch::channel(false).0,
+    });
+    let n = start_on(&cfg, store.clone());
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    assert_eq!(forward(&n, &a, &k.verkey(), "in-flight").await, 202);
+    store.hold.store(true, Ordering::SeqCst);
+    let operator = async {
+        eventually("the pickup's lease taken", || async {
+            store.leased.load(Ordering::SeqCst).then_some(())
+        })
+        .await;
+        let (st, body) = post_raw(&format!("{}/drain", n.admin_url()), "application/json", Vec::new()).await;
+        let during = drain_state(&n).await;
+        // Opened before any assertion: a failing test must not leave the request waiting.
+        store.open.send_replace(true);
+        assert_eq!(st, 200, "{body}");
+        during
+    };
+    let request = pickup("delivery-request", json!({"limit": 10}));
+    let (delivered, during) = tokio::join!(a.request(&request), operator);
+    assert_eq!(
+        (during["sessions"].clone(), during["open_sockets"].clone()),
+        (json!(0), json!(0)),
+        "{during}"
+    );
+    assert_eq!(during["http_requests"], 1, "{during}");
+    assert_eq!(during["empty"], false, "a pickup is being answered: {during}");
+    let d = delivered.unwrap().expect("a delivery");
+    assert_eq!(contents(&a, &d), vec!["in-flight"]);
+    assert_eq!(drain_state(&n).await["empty"], false, "delivered, not acknowledged");
+    let ids = delivery_ids(&a, &d);
+    a.request(&pickup("messages-received", json!({ "message_id_list": ids })))
+        .await
+        .unwrap();
+    eventually("empty once acknowledged", || async {
+        (drain_state(&n).await["empty"] == true).then_some(())
+    })
+    .await;
+}

@@ -338,25 +338,39 @@ async fn revoke(st: &AdminState, id: &str, json: bool, body: &[u8]) -> Outcome {
     }))
 }
 
-/// The drain state for `/status`.
+/// The drain state for `/status`. `empty` once nothing waits on the node: no session, no
+/// socket (each holds its slot until its leases are given back), no HTTP request being
+/// answered, and nothing its HTTP pickups delivered still leased awaiting acknowledgement
+/// (`http_leases_held`, read in the store only while draining; see
+/// [`crate::session::HttpLeases`]).
 pub async fn drain_json(st: &AdminState) -> Value {
     let since = st.drained_at_ms.load(Ordering::SeqCst);
     let draining = st.shared.draining.load(Ordering::SeqCst);
     let sessions = st.shared.registry.send(Count).await.unwrap_or(0);
     let sockets = st.shared.open_sockets.load(Ordering::Relaxed);
+    let http = &st.shared.http_leases;
+    let http_requests = http.requests();
+    let http_held = if draining {
+        Some(http.held(st.shared.mediator.store.as_ref(), now_ms()).await)
+    } else {
+        None
+    };
     json!({
         "draining": draining,
         "since_ms": if since > 0 { Some(since) } else { None },
         "sessions": sessions,
         "open_sockets": sockets,
-        "empty": draining && sessions == 0 && sockets == 0,
+        "http_requests": http_requests,
+        "http_leases_held": http_held,
+        "empty": draining && sessions == 0 && sockets == 0 && http_held == Some(false),
     })
 }
 
 /// `POST /drain`: not ready on `/ready`, no new WebSockets, every WebSocket closed with 1001
 /// (wallets reconnect through the load balancer to another node); requests in flight and
-/// HTTP POSTs are still answered. `/status` `drain.empty` says when no session is left and the
-/// closed sessions' leases are given back (each socket's slot is held until then).
+/// HTTP POSTs are still answered. `/status` `drain.empty` says when no session is left, the
+/// closed sessions' leases are given back (each socket's slot is held until then), and what
+/// HTTP pickups here delivered is acknowledged or its lease ran out.
 pub async fn drain(req: HttpRequest, st: web::Data<AdminState>) -> HttpResponse {
     operator(&req, &st, "drain", None, drain_now(&st)).await
 }

@@ -242,6 +242,8 @@ async fn post_envelope(
 async fn handle_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpResponse {
     let shared = shared.into_inner();
     let owner = shared.http_owner();
+    // Counted until what it leased is recorded below: a drained node is not empty meanwhile.
+    let _counted = shared.http_leases.request();
     let started = std::time::Instant::now();
     let mut out = match shared.mediator.handle(&body, TransportKind::Http, &owner).await {
         Ok(out) => out,
@@ -274,6 +276,11 @@ async fn handle_envelope(body: web::Bytes, shared: web::Data<Shared>) -> HttpRes
             .map(crate::protocols::v2::version_label)
             .unwrap_or("v1");
         shared.metrics.delivered("pickup", v, out.leased.len() as u64);
+        if let Some(c) = &out.connection {
+            let now = crate::protocols::now_ms();
+            let until = now.saturating_add(shared.mediator.lease_ms);
+            shared.http_leases.leased(&c.id, until, now);
+        }
     }
     // Wake whoever holds the wallet's session; new messages may also wake the wallet by push
     // (no session anywhere). An acknowledgement wakes nobody: leases are per message with no

@@ -25,6 +25,8 @@ pub mod watchdog;
 pub mod ws;
 pub mod wsio;
 
+pub use give_back::HttpLeases;
+
 use crate::cluster::{ClusterHandle, Held, NotifyOutcome};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -176,6 +178,9 @@ pub struct Shared {
     /// Work a request or a socket starts that must outlive it (wake-ups, hand-offs,
     /// give-backs): counted, and waited for at the stop (see [`tracked`]).
     pub tracked: tracked::Tracked,
+    /// The HTTP requests being answered and what their pickups leased: a drained node is
+    /// empty only once none is left.
+    pub http_leases: HttpLeases,
 }
 
 impl Shared {
@@ -225,6 +230,7 @@ impl Shared {
             local_room,
             notified,
             tracked: tracked::Tracked::on_current_arbiter(),
+            http_leases: HttpLeases::default(),
         }
     }
 
