@@ -1167,3 +1167,147 @@ async fn replies_to_an_endpoint_that_never_answers_hold_a_bounded_number_of_sock
     assert_eq!(forward_to(&n, &w, &k, "served").await, 202);
     pit.abort();
 }
+
+/// A handshake request (`didexchange` 1.1, or `connections` 1.0) from a fresh key presenting a
+/// legacy DID whose two services list `routing` keys between them (one list holds at most
+/// eight), authcrypted for the invitation key; answered on the return route.
+fn handshake_with_routing_keys(protocol: &str, routing: &[String]) -> (KeyPair, Value) {
+    let key = KeyPair::generate();
+    let legacy = mailroom::didcomm::did::legacy_did_from_verkey(&key.public_bytes());
+    let endpoints = ["http://127.0.0.1:9/".to_string(), "http://127.0.0.1:9/b".to_string()];
+    let mut doc = mailroom::didcomm::did::legacy_diddoc(&legacy, &key.verkey(), &endpoints, &[]);
+    let (first, second) = routing.split_at(routing.len() / 2);
+    doc["service"][0]["routingKeys"] = json!(first);
+    doc["service"][1]["routingKeys"] = json!(second);
+    let mut req = if protocol == "didexchange" {
+        json!({
+            "@type": "https://didcomm.org/didexchange/1.1/request",
+            "did": legacy,
+            "did_doc~attach": { "@id": "d", "mime-type": "application/json", "data": { "json": doc } },
+        })
+    } else {
+        json!({
+            "@type": "https://didcomm.org/connections/1.0/request",
+            "connection": { "DID": legacy, "DIDDoc": doc },
+        })
+    };
+    req["@id"] = json!(mailroom::didcomm::message::new_id());
+    req["label"] = json!("routed");
+    req["~transport"] = json!({ "return_route": "all" });
+    (key, req)
+}
+
+/// A handshake whose DID document lists more routing keys than a reply can be wrapped for
+/// (`envelope::MAX_ROUTING_KEYS`, 8) is refused (400, saying why) before a connection is
+/// stored. Before, the connection was stored with them all and every reply to it failed to
+/// pack: its handshake response and each later return-route reply answered 500, its socket
+/// deliveries were dropped. Eight are taken, and replies are wrapped for them.
+#[actix_rt::test]
+async fn a_handshake_with_more_routing_keys_than_a_reply_can_carry_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let inv = invitation(&n).await;
+    let routing = |count: usize| (0..count).map(|_| KeyPair::generate().verkey()).collect::<Vec<_>>();
+    let connections = || async {
+        let v = get_json(&format!("{}/connections", n.admin_url())).await;
+        v["connections"].as_array().unwrap().len()
+    };
+    for protocol in ["didexchange", "connections"] {
+        let (key, req) = handshake_with_routing_keys(protocol, &routing(9));
+        let env = mailroom::didcomm::envelope::pack(
+            &serde_json::to_vec(&req).unwrap(),
+            std::slice::from_ref(&inv.recipient_key),
+            Some(&key),
+        )
+        .unwrap();
+        let (status, body) = post_raw(&n.public_url(), "application/didcomm-envelope-enc", env).await;
+        assert_eq!(status, 400, "{protocol}: {body}");
+        assert!(
+            body.contains("lists 9 routing keys") && body.contains("at most 8"),
+            "{protocol}: {body}"
+        );
+        assert_eq!(connections().await, 0, "{protocol}: no connection stored");
+    }
+    for protocol in ["didexchange", "connections"] {
+        let (key, req) = handshake_with_routing_keys(protocol, &routing(8));
+        let env = mailroom::didcomm::envelope::pack(
+            &serde_json::to_vec(&req).unwrap(),
+            std::slice::from_ref(&inv.recipient_key),
+            Some(&key),
+        )
+        .unwrap();
+        let (status, body) = mailroom::client::post(&n.public_url(), env, WAIT).await.unwrap();
+        assert_eq!(status, 200, "{protocol}: {}", String::from_utf8_lossy(&body));
+        // The response, wrapped in a forward for the outermost mediator of the eight.
+        let kids = mailroom::didcomm::envelope::recipient_kids(&body).unwrap();
+        assert_eq!(kids.len(), 1, "{protocol}");
+        assert!(
+            !kids.contains(&key.verkey()),
+            "{protocol}: wrapped, not packed for the wallet"
+        );
+    }
+    assert_eq!(connections().await, 2);
+}
+
+/// The store applies a keylist update's adds before its removes, whatever their order: a
+/// wallet's `[remove K, add K]` on its registered K left K unregistered while both entries
+/// were answered `no_change`, so the wallet believed K routed and forwards to K were refused
+/// (404). An update naming one key twice, in any form, is now refused whole with a reason, in
+/// DIDComm v1 and v2; K stays routed and its forwards queued for the wallet.
+#[actix_rt::test]
+async fn a_keylist_update_naming_a_key_twice_is_refused_and_the_key_stays_routed() {
+    let (_dir, n, mut a, k) = node_with_wallet(Strategy::QueueOnly, |_| {}).await;
+    a.endpoint = n.public_url();
+    for (first, second) in [(k.did_key(), k.did_key()), (k.verkey(), k.did_key())] {
+        let mut msg = keylist_update_msg(&[], &[first]);
+        msg["updates"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({ "recipient_key": second, "action": "add" }));
+        let r = a.request(&msg).await.unwrap().expect("a reply");
+        assert_eq!(type_name(&r), "problem-report", "{r}");
+        let why = r["description"]["en"].as_str().unwrap();
+        assert!(
+            why.contains("more than once") && why.contains("nothing applied"),
+            "{why}"
+        );
+    }
+    assert_eq!(keylist_len(&a).await, 1);
+    assert_eq!(forward_to(&n, &a, &k, "still routed").await, 202);
+    let d = a
+        .request(&pickup("delivery-request", json!({"limit": 10})))
+        .await
+        .unwrap()
+        .expect("a delivery");
+    assert_eq!(contents(&a, &d), ["still routed"]);
+
+    // DIDComm v2: keylist-update 2.0 and recipient-update 3.0 alike.
+    let v = get_json(&format!("{}/invitation?didcomm=v2", n.public_url())).await;
+    let m = V2Mediator::from_invitation_url(v["invitation_url"].as_str().unwrap()).unwrap();
+    let mut w = V2Agent::new(m).unwrap();
+    let r = w.onboard().await.unwrap();
+    for (typ, field) in [
+        (
+            "https://didcomm.org/coordinate-mediation/2.0/keylist-update",
+            "recipient_did",
+        ),
+        (
+            "https://didcomm.org/coordinate-mediation/3.0/recipient-update",
+            "recipient_did",
+        ),
+    ] {
+        let updates = json!([{ field: r, "action": "remove" }, { field: r, "action": "add" }]);
+        let (status, reply) = w.post(&w.message(typ, json!({ "updates": updates }))).await.unwrap();
+        assert_eq!(status, 400, "{typ}: {reply:?}");
+        let reply = reply.expect("a problem report");
+        assert!(reply["type"].as_str().unwrap().ends_with("/problem-report"), "{reply}");
+        let comment = reply["body"]["comment"].as_str().unwrap();
+        assert!(comment.contains("more than once"), "{comment}");
+    }
+    let sender = mailroom::client::v2::V2Sender::new().unwrap();
+    assert_eq!(
+        sender.forward(&r, &sender.basic(&r, "v2 still routed")).await.unwrap(),
+        202
+    );
+    assert_eq!(w.status(None).await.unwrap(), 1);
+}

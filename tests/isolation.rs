@@ -502,3 +502,128 @@ async fn a_refused_message_can_be_retried_and_then_acts_once() {
     assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
     assert_eq!(pick_up(&mut v, &n.public_url()).await, ["retried"]);
 }
+
+/// What `co` (a co-recipient of the authcrypt `env`) can write: `msg` under `env`'s protected
+/// header (the payload's AAD, naming the sender and sealing its key for every recipient),
+/// encrypted with the content key `co` opens from its own recipient entry. Every recipient of
+/// an RFC 0019 envelope gets the same content key.
+fn rewritten_by_co_recipient(env: &[u8], co: &KeyPair, msg: &Value) -> Vec<u8> {
+    use askar_crypto::alg::chacha20::{Chacha20Key, C20P};
+    use askar_crypto::alg::ed25519::Ed25519KeyPair;
+    use askar_crypto::buffer::SecretBytes;
+    use askar_crypto::encrypt::crypto_box::{crypto_box_open, crypto_box_seal_open};
+    use askar_crypto::encrypt::KeyAeadInPlace;
+    use askar_crypto::repr::{KeyPublicBytes, KeySecretBytes};
+    use base64::Engine;
+    let b64d = |s: &Value| mailroom::protocols::decode_b64_any(s.as_str().unwrap()).unwrap();
+    let b64e = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let outer: Value = serde_json::from_slice(env).unwrap();
+    let protected: Value = serde_json::from_slice(&b64d(&outer["protected"])).unwrap();
+    let entry = protected["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["header"]["kid"] == co.verkey())
+        .expect("co is a recipient");
+    let co_x = Ed25519KeyPair::from_secret_bytes(&co.secret_bytes())
+        .unwrap()
+        .to_x25519_keypair();
+    let sender = crypto_box_seal_open(&co_x, &b64d(&entry["header"]["sender"])).unwrap();
+    let sender_pk = mailroom::didcomm::keys::parse_verkey(std::str::from_utf8(sender.as_ref()).unwrap()).unwrap();
+    let sender_x = Ed25519KeyPair::from_public_bytes(&sender_pk)
+        .unwrap()
+        .to_x25519_keypair();
+    let mut cek = SecretBytes::from_slice(&b64d(&entry["encrypted_key"]));
+    crypto_box_open(&co_x, &sender_x, &mut cek, &b64d(&entry["header"]["iv"])).unwrap();
+    let nonce = [7u8; 12];
+    let mut buf = SecretBytes::from_slice(&serde_json::to_vec(msg).unwrap());
+    Chacha20Key::<C20P>::from_secret_bytes(cek.as_ref())
+        .unwrap()
+        .encrypt_in_place(&mut buf, &nonce, outer["protected"].as_str().unwrap().as_bytes())
+        .unwrap();
+    let (ciphertext, tag) = buf.as_ref().split_at(buf.len() - 16);
+    serde_json::to_vec(&json!({
+        "protected": outer["protected"],
+        "iv": b64e(&nonce),
+        "ciphertext": b64e(ciphertext),
+        "tag": b64e(tag),
+    }))
+    .unwrap()
+}
+
+/// A DIDComm v1 authcrypt packed for several recipients proves no sender: each recipient gets
+/// the same content key, and the protected header (with the sender's sealed key for the
+/// mediator) stays valid under any payload. A wallet's message packed for the mediator and
+/// someone else let that someone (here another wallet of the same mediator) write any message
+/// as the wallet: before, its `keylist-update` removing the wallet's key was applied and its
+/// `batch-pickup` took the wallet's queue, with a fresh `@id` each (no replay record stops
+/// that). Now such an envelope acts on no connection, from whoever it comes (they cannot be
+/// told apart), with a refusal that says why; a forward in one still queues (it needs no
+/// sender).
+#[actix_rt::test]
+async fn an_authcrypt_for_several_recipients_acts_on_no_connection() {
+    let (_d, n, mut victim, vk) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
+    let (http, ws) = (n.public_url(), ws_url(&n));
+    victim.endpoint = http.clone();
+    let (co, _) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    queue_for(&victim, &vk, &n, "for the victim").await;
+    let shared_with_co = |msg: &Value| {
+        let to = [victim.mediator_verkey.clone(), co.key.verkey()];
+        envelope::pack(&serde_json::to_vec(msg).unwrap(), &to, Some(&victim.key)).unwrap()
+    };
+    let message = |typ: &str, body: Value| {
+        let mut m = json!({ "@type": typ, "@id": new_id(), "~transport": { "return_route": "all" } });
+        m.as_object_mut().unwrap().extend(body.as_object().unwrap().clone());
+        m
+    };
+    let query = || message("https://didcomm.org/coordinate-mediation/1.0/keylist-query", json!({}));
+    // The victim's own keylist-query, sent to the mediator and copied to `co`.
+    let seen = shared_with_co(&query());
+    let forged = [
+        message(
+            "https://didcomm.org/coordinate-mediation/1.0/keylist-update",
+            json!({ "updates": [{ "recipient_key": vk.did_key(), "action": "remove" }] }),
+        ),
+        message(
+            "https://didcomm.org/messagepickup/1.0/batch-pickup",
+            json!({ "batch_size": 10 }),
+        ),
+    ];
+    for msg in &forged {
+        let env = rewritten_by_co_recipient(&seen, &co.key, msg);
+        let (status, code) = refused_both_ways(env, &http, &ws).await;
+        assert_eq!((status, code.as_str()), (403, "shared-authcrypt"), "{msg}");
+    }
+    // The victim's own multi-recipient message is refused the same way, saying why.
+    let (status, body) = post(&http, seen.clone(), WAIT).await.unwrap();
+    let refusal: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 403, "{refusal}");
+    assert_eq!(refusal["error"], "shared-authcrypt");
+    let reason = refusal["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("packed for 2 recipients proves no sender") && reason.contains("mediator's key alone"),
+        "{reason}"
+    );
+    let (status, code) = refused_both_ways(seen, &http, &ws).await;
+    assert_eq!((status, code.as_str()), (403, "shared-authcrypt"));
+
+    // Nothing acted: the victim's key is registered and its message queued.
+    let list = victim.request(&query()).await.unwrap().expect("a keylist");
+    assert_eq!(list["keys"], json!([{ "recipient_key": vk.did_key() }]), "{list}");
+    assert_eq!(queue_depth(&n).await, 1);
+    // A forward needs no sender: one packed for several recipients is queued.
+    let inner = Sender::new()
+        .forward_envelope(&basic_message("forwarded"), &vk.verkey(), &[])
+        .unwrap();
+    let forward = json!({
+        "@type": "https://didcomm.org/routing/1.0/forward",
+        "@id": new_id(),
+        "to": vk.verkey(),
+        "msg": serde_json::from_slice::<Value>(&inner).unwrap(),
+    });
+    let (status, body) = post(&http, shared_with_co(&forward), WAIT).await.unwrap();
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+    let mut got = pick_up(&mut victim, &http).await;
+    got.sort();
+    assert_eq!(got, ["for the victim", "forwarded"]);
+}

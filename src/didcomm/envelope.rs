@@ -76,6 +76,12 @@ pub struct Unpacked {
     pub recipient_verkey: String,
     /// Base58 verkey of the sender for authcrypt; `None` for anoncrypt.
     pub sender_verkey: Option<String>,
+    /// How many recipients the envelope was packed for. Every recipient of an envelope gets
+    /// the same content key, and the `protected` header (the payload's AAD) does not change
+    /// with the payload: any co-recipient can write a new payload under the sender's header,
+    /// which still opens as the sender's. An authcrypt proves its sender only to the one
+    /// recipient of a single-recipient envelope.
+    pub recipients: usize,
 }
 
 #[derive(Serialize)]
@@ -313,6 +319,7 @@ pub fn unpack_cached(
         plaintext: buf,
         recipient_verkey: key.verkey(),
         sender_verkey,
+        recipients: recipients.len(),
     })
 }
 

@@ -16,12 +16,7 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     super::didexchange::before_resolving(ctx)?;
     let doc = did::resolve(their_did, doc_json)
         .map_err(|e| HandleError::BadMessage(format!("cannot resolve {}: {e}", message::clip(their_did, 80))))?;
-    if doc.recipient_keys.is_empty() {
-        return Err(HandleError::BadMessage(format!(
-            "{} has no recipient keys",
-            message::clip(their_did, 80)
-        )));
-    }
+    super::didexchange::usable_doc(their_did, &doc)?;
     let sender = super::didexchange::proven_unheld_sender(m, ctx, &doc).await?;
     super::oob::claim(m, ctx).await?;
     let mut conn = new_connection(m, ctx, "connections/1.0", their_did, &doc, &sender);

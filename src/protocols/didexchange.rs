@@ -7,7 +7,7 @@
 
 use super::{now_ms, HandleError, Inbound, Mediator, Outcome};
 use crate::didcomm::did::{self, ResolvedDoc};
-use crate::didcomm::{jws, message};
+use crate::didcomm::{envelope, jws, message};
 use crate::store::{Connection, ConnectionPatch, MediationState};
 use base64::Engine;
 use serde_json::{json, Value};
@@ -46,13 +46,17 @@ pub fn decode_b64_any(s: &str) -> Option<Vec<u8>> {
 }
 
 /// What a handshake request is refused for before its DID document is resolved (the one
-/// costly step of a handshake, and done before any proof): an anoncrypted request proves no
-/// key, so no document it presents could pass [`proven_sender`]; an `@id` or `~thread.pthid`
+/// costly step of a handshake, and done before any proof): an anoncrypted request (or one
+/// authcrypted for several recipients, [`HandleError::SharedAuthcrypt`]) proves no key, so no
+/// document it presents could pass [`proven_sender`]; an `@id` or `~thread.pthid`
 /// longer than [`message::MAX_ID_LEN`] would be kept with the connection (its thread and its
 /// invitation) for as long as it lives.
 pub(crate) fn before_resolving(ctx: &Inbound) -> Result<(), HandleError> {
     if ctx.sender_verkey.is_none() {
-        return Err(HandleError::Unproven);
+        return Err(match ctx.shared_authcrypt {
+            Some(n) => HandleError::SharedAuthcrypt(n),
+            None => HandleError::Unproven,
+        });
     }
     let long = |what: &str, s: &str| {
         (s.len() > message::MAX_ID_LEN).then(|| {
@@ -70,6 +74,28 @@ pub(crate) fn before_resolving(ctx: &Inbound) -> Result<(), HandleError> {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// What a resolved DID document must offer before a connection is made with it: a key to pack
+/// replies for, and no more routing keys than a reply can be wrapped for
+/// ([`envelope::MAX_ROUTING_KEYS`]). Stored with more, every reply to the connection failed
+/// to pack (500 on its return route, dropped on its socket) for as long as it lived.
+pub(crate) fn usable_doc(their_did: &str, doc: &ResolvedDoc) -> Result<(), HandleError> {
+    if doc.recipient_keys.is_empty() {
+        return Err(HandleError::BadMessage(format!(
+            "{} has no recipient keys",
+            message::clip(their_did, 80)
+        )));
+    }
+    if doc.routing_keys.len() > envelope::MAX_ROUTING_KEYS {
+        return Err(HandleError::BadMessage(format!(
+            "{} lists {} routing keys: replies can be wrapped for at most {}",
+            message::clip(their_did, 80),
+            doc.routing_keys.len(),
+            envelope::MAX_ROUTING_KEYS
+        )));
+    }
+    Ok(())
 }
 
 /// The authcrypt sender key of a handshake request, when the DID document it presents lists
@@ -162,12 +188,7 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
     before_resolving(ctx)?;
     let doc = did::resolve(their_did, attached.as_ref())
         .map_err(|e| HandleError::BadMessage(format!("cannot resolve {}: {e}", message::clip(their_did, 80))))?;
-    if doc.recipient_keys.is_empty() {
-        return Err(HandleError::BadMessage(format!(
-            "{} has no recipient keys",
-            message::clip(their_did, 80)
-        )));
-    }
+    usable_doc(their_did, &doc)?;
     let sender = proven_unheld_sender(m, ctx, &doc).await?;
     super::oob::claim(m, ctx).await?;
     let mut conn = new_connection(m, ctx, &format!("didexchange/{version}"), their_did, &doc, &sender);

@@ -283,13 +283,21 @@ impl Mediator {
     ) -> Result<Outcome, HandleError> {
         // A v1 envelope is unpacked without a probe first: only one that v1 cannot open is
         // asked whether it is DIDComm v2 (no v2 form has the v1 protected header's recipients).
-        let unpacked = match self.unpack(env) {
+        let mut unpacked = match self.unpack(env) {
             Ok(u) => u,
             Err(_) if crate::didcomm::v2::is_v2(env) => {
                 return v2::handle(self, env, transport, lease_owner).await;
             }
             Err(e) => return Err(HandleError::Envelope(e)),
         };
+        // An authcrypt packed for several recipients proves no sender: each of them holds the
+        // content key and can write any payload under the sender's header
+        // ([`envelope::Unpacked::recipients`]). It is read as an anoncrypt is (a forward needs
+        // no sender), and what needs its sender's connection is refused saying why.
+        let shared_authcrypt = (unpacked.sender_verkey.is_some() && unpacked.recipients > 1).then(|| {
+            unpacked.sender_verkey = None;
+            unpacked.recipients
+        });
         // An anoncrypted forward (what senders send a mediator) is read without a JSON tree: it
         // acts on no connection, so it needs none of what the dispatch looks up.
         if unpacked.sender_verkey.is_none() {
@@ -320,6 +328,7 @@ impl Mediator {
             transport,
             lease_owner: lease_owner.to_string(),
             plaintext: unpacked.plaintext,
+            shared_authcrypt,
         };
         // An authenticated message acts once (a copy would act as its sender again): recorded
         // when it can act on a connection, its sender's or one it starts.
@@ -404,6 +413,9 @@ pub struct Inbound {
     pub lease_owner: String,
     /// The unpacked plaintext `msg` was read from (a forward queues its `msg` as sent).
     pub plaintext: Vec<u8>,
+    /// The message came authcrypted for this many recipients: it was read as anoncrypted
+    /// (`sender_verkey` and `conn` are `None`), and a refusal for want of a sender says why.
+    pub shared_authcrypt: Option<usize>,
 }
 
 #[cfg(test)]
@@ -423,6 +435,7 @@ impl Inbound {
             transport: TransportKind::Http,
             lease_owner: "n1/http".into(),
             plaintext: Vec::new(),
+            shared_authcrypt: None,
         }
     }
 }
@@ -436,7 +449,16 @@ impl Inbound {
     }
     /// The connection, or a refusal for messages that need one.
     pub fn require_conn(&self) -> Result<&Connection, HandleError> {
-        self.conn.as_ref().ok_or(HandleError::NoConnection)
+        self.conn.as_ref().ok_or_else(|| self.no_sender())
+    }
+    /// Why a message that needs a proven sender has none: it came anoncrypted, or authcrypted
+    /// for several recipients ([`HandleError::SharedAuthcrypt`]), or from a key no connection
+    /// holds.
+    pub fn no_sender(&self) -> HandleError {
+        match self.shared_authcrypt {
+            Some(n) => HandleError::SharedAuthcrypt(n),
+            None => HandleError::NoConnection,
+        }
     }
     /// A reply to this message of the given name, in the same family, version and prefix.
     pub fn reply(&self, name: &str) -> Value {
@@ -536,6 +558,13 @@ pub enum HandleError {
     /// is anoncrypted): nothing proves the sender holds the keys it claims.
     #[error("no proof of possession: the request must be authcrypted with a key of the DID document it presents")]
     Unproven,
+    /// An authcrypt packed for several recipients: any of them could have written it under its
+    /// sender's header, so it proves no sender and acts on no connection.
+    #[error(
+        "an authcrypt packed for {0} recipients proves no sender (any recipient could have written it): \
+         pack for the mediator's key alone"
+    )]
+    SharedAuthcrypt(usize),
     /// A handshake presenting a key another connection holds.
     #[error("key {0} belongs to another connection")]
     KeyTaken(String),
@@ -586,7 +615,10 @@ impl HandleError {
     pub fn http_status(&self) -> u16 {
         match self {
             HandleError::Envelope(_) | HandleError::BadMessage(_) => 400,
-            HandleError::NoConnection | HandleError::Unproven | HandleError::Rotation(_) => 403,
+            HandleError::NoConnection
+            | HandleError::Unproven
+            | HandleError::SharedAuthcrypt(_)
+            | HandleError::Rotation(_) => 403,
             HandleError::KeyTaken(_) | HandleError::Replayed(_) => 409,
             HandleError::Stale(_) => 400,
             HandleError::UnknownRecipient(_) => 404,
@@ -612,6 +644,7 @@ impl HandleError {
             HandleError::BadMessage(_) => "bad-message",
             HandleError::NoConnection => "no-connection",
             HandleError::Unproven => "no-proof-of-possession",
+            HandleError::SharedAuthcrypt(_) => "shared-authcrypt",
             HandleError::KeyTaken(_) => "key-taken",
             HandleError::Rotation(_) => "rotation-refused",
             HandleError::Replayed(_) => "replayed",

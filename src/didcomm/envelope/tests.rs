@@ -724,3 +724,64 @@ fn remembered_sealed_senders_still_prove_nothing_alone() {
     unpack_cached(&from_a[0], &mine, Some(&node)).unwrap();
     assert_eq!(node.senders_len(), 0, "the node keeps no sealed senders");
 }
+
+/// What co-recipient `c` of an authcrypt `env` can write: `payload` under `env`'s protected
+/// header, encrypted with the content key `c` opens from its own recipient entry.
+fn rewritten_by_co_recipient(env: &[u8], c: &KeyPair, payload: &[u8]) -> Vec<u8> {
+    let outer: serde_json::Value = serde_json::from_slice(env).unwrap();
+    let protected = outer["protected"].as_str().unwrap();
+    let prot = protected_json(env);
+    let mine = prot["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["header"]["kid"] == c.verkey())
+        .unwrap();
+    let field = |f: &str| b64::decode(mine["header"][f].as_str().unwrap()).unwrap();
+    let sender = nacl::seal_open(c.x25519_secret(), c.x25519_public(), &field("sender")).unwrap();
+    let sender_pk = keys::parse_verkey(std::str::from_utf8(&sender).unwrap()).unwrap();
+    let encrypted_key = b64::decode(mine["encrypted_key"].as_str().unwrap()).unwrap();
+    let cek = box_keys::Pair::derive(c, &sender_pk)
+        .unwrap()
+        .open(&encrypted_key, &field("iv"))
+        .unwrap();
+    let nonce = [9u8; 12];
+    let mut buf = payload.to_vec();
+    Chacha20Key::<C20P>::from_secret_bytes(&cek)
+        .unwrap()
+        .encrypt_in_place(&mut buf, &nonce, protected.as_bytes())
+        .unwrap();
+    let tag = buf.split_off(buf.len() - TAG_LEN);
+    serde_json::to_vec(&serde_json::json!({
+        "protected": protected,
+        "iv": b64::encode(&nonce),
+        "ciphertext": b64::encode(&buf),
+        "tag": b64::encode(&tag),
+    }))
+    .unwrap()
+}
+
+/// An authcrypt for several recipients opens, for each of them, as its sender's whoever wrote
+/// its payload: any co-recipient holds the content key and the header stays valid. So an
+/// unpack says how many recipients an envelope had: only a single-recipient authcrypt proves
+/// its sender to the one that opens it.
+#[test]
+fn a_co_recipient_can_write_any_payload_under_the_senders_header() {
+    let (a, m, c) = (kp(61), kp(62), kp(63));
+    let mine = finder(std::slice::from_ref(&m));
+    let alone = pack(b"{\"n\":1}", &[m.verkey()], Some(&a)).unwrap();
+    let u = unpack(&alone, &mine).unwrap();
+    assert_eq!((u.sender_verkey, u.recipients), (Some(a.verkey()), 1));
+
+    let shared = pack(b"{\"n\":1}", &[m.verkey(), c.verkey()], Some(&a)).unwrap();
+    let forged = rewritten_by_co_recipient(&shared, &c, b"{\"evil\":1}");
+    for env in [&shared, &forged] {
+        let u = unpack(env, &mine).unwrap();
+        assert_eq!(u.sender_verkey, Some(a.verkey()), "read as a's either way");
+        assert_eq!(u.recipients, 2);
+    }
+    assert_eq!(unpack(&forged, &mine).unwrap().plaintext, b"{\"evil\":1}");
+    // Anoncrypt counts its recipients the same way.
+    let anon = pack(b"{}", &[m.verkey(), c.verkey(), a.verkey()], None).unwrap();
+    assert_eq!(unpack(&anon, &mine).unwrap().recipients, 3);
+}

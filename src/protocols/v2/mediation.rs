@@ -259,6 +259,21 @@ async fn update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
             "at most {MAX_UPDATES} updates per message"
         )));
     }
+    // The store applies every add, then every remove: an update naming a DID twice (in any
+    // form) is refused before any of it acts (as v1's is).
+    let mut named = std::collections::HashSet::new();
+    for u in updates {
+        let raw = u["recipient_did"].as_str().or_else(|| u["recipient_key"].as_str());
+        if let (Some(Ok(r)), Some("add" | "remove")) = (raw.map(Recipient::parse), u["action"].as_str()) {
+            if !named.insert(r.canonical) {
+                return Err(HandleError::BadMessage(format!(
+                    "the update names {} more than once (adds are applied before removes, not in order): send one \
+                     update per DID",
+                    r.named.chars().take(80).collect::<String>()
+                )));
+            }
+        }
+    }
     let (mut add, mut remove, mut bad) = (Vec::new(), Vec::new(), Vec::new());
     // The sender's own DID, which this message proved it controls.
     let own = ctx.sender.as_deref().and_then(|s| Recipient::parse(s).ok());
@@ -473,16 +488,11 @@ mod tests {
             .await
             .unwrap();
 
-        let got = recipient_update(&m, &c2, &[(&short, "add"), (&format!("{short}#key-1"), "add")])
-            .await
-            .unwrap();
-        assert_eq!(
-            got,
-            [
-                answered(&short, "client_error"),
-                answered(&format!("{short}#key-1"), "client_error")
-            ]
-        );
+        // One form per update: an update naming a DID twice is refused whole.
+        for form in [short.clone(), format!("{short}#key-1")] {
+            let got = recipient_update(&m, &c2, &[(&form, "add")]).await.unwrap();
+            assert_eq!(got, [answered(&form, "client_error")]);
+        }
         assert!(m.store.keys_of(&c2.id).await.unwrap().is_empty());
 
         let got = recipient_update(&m, &c1, &[(&short, "add")]).await.unwrap();
