@@ -2161,8 +2161,10 @@ async fn one_slot_node_and_wallets(
 ) {
     let mut pc = si.push_config(60, &["proj-a"], false);
     pc.max_in_flight = 1;
-    // A held push must not time out (and free the slot) while a loaded box sets the rest up.
+    // A held push must not time out (and free the slot) while a loaded box sets the rest up;
+    // two tries keep the claim within the hour the configuration allows.
     pc.timeout_ms = 300_000;
+    pc.max_attempts = 2;
     let (dir, n, store) = EventAnswerLost::node(pc, false).await;
     let mut wallets = Vec::new();
     for i in 0..20 {
@@ -2273,8 +2275,10 @@ async fn a_push_waiting_for_a_slot_reads_the_registration_again() {
     let gate = hold_first_fcm_push(&si);
     let mut pc = si.push_config(60, &["proj-a"], true);
     pc.max_in_flight = 1;
-    // The held push must not time out (and free the slot) while a loaded box sets the rest up.
+    // The held push must not time out (and free the slot) while a loaded box sets the rest up;
+    // two tries keep the claim within the hour the configuration allows.
     pc.timeout_ms = 300_000;
+    pc.max_attempts = 2;
     let (_dir, n, store) = EventAnswerLost::node(pc, false).await;
     let (a, ka, _) = registered_wallet(&n, "holds-the-slot").await;
     let (b, kb, b_id) = registered_wallet(&n, "unregistered-meanwhile").await;
@@ -2346,12 +2350,13 @@ async fn trailing_push_survives_the_node_that_scheduled_it() {
     assert_clean(&wait_hits(&si, "fcm:", 2).await);
 }
 
-/// Push settings with a window of `window` s and the webhook, whose pushes are tried three
-/// times 8 s apart: a node stopped while it retries is still retrying when its stop gives up
-/// on the push (its stop closes sessions, leaves the cluster and stops its listeners first: 8 s
-/// is room for that on a loaded machine).
+/// Push settings with a window of `window` s and the webhook as the wallets' one channel (no
+/// FCM project: beside a provider the webhook is sent apart, and does not hold the push),
+/// whose pushes are tried three times 8 s apart: a node stopped while it retries is still
+/// retrying when its stop gives up on the push (its stop closes sessions, leaves the cluster
+/// and stops its listeners first: 8 s is room for that on a loaded machine).
 fn retrying_push_config(si: &StandIn, window: u64) -> mailroom::push::PushConfig {
-    let mut push = si.push_config(window, &["proj-a"], true);
+    let mut push = si.push_config(window, &[], true);
     push.timeout_ms = 1000;
     push.max_attempts = 3;
     push.retry_max_ms = 8000;
@@ -3018,4 +3023,251 @@ async fn a_connection_without_mediation_registers_no_device() {
     let id = conns["connections"][0]["id"].as_str().unwrap().to_string();
     let c = get_json(&format!("{}/connections/{id}", n.admin_url())).await;
     assert!(c.get("push").is_some_and(Value::is_null), "a device registered: {c}");
+}
+
+/// A webhook that answers 503 with `Retry-After: 60` (waited for: `retry_max_ms` is the
+/// default minute) beside FCM, which takes every push, on a node with one send slot: wallets A
+/// and B each get a forward, back to back, and B's push goes out at once, each wallet pushed
+/// once. Before, a push waited for the webhook beside its provider: A's push held the slot for
+/// its webhook's five tries (four minutes), B's push waited that long, and, its budget (440 s)
+/// running from its event, was cut off while its webhook still retried and pushed again once
+/// its claim ran out.
+#[actix_rt::test]
+async fn a_webhook_asking_for_long_waits_holds_up_no_providers_push() {
+    let si = StandIn::start();
+    let wait_a_minute = Reply::new(503, json!({})).retry_after("60");
+    si.state.script("hook", vec![wait_a_minute; 20]);
+    let mut pc = si.push_config(60, &["proj-a"], true);
+    pc.max_in_flight = 1;
+    pc.retry_max_ms = 60_000;
+    let (_dir, n, _store) = EventAnswerLost::node(pc, false).await;
+    let (a, ka, _) = registered_wallet(&n, "pushed-first").await;
+    let (b, kb, _) = registered_wallet(&n, "pushed-second").await;
+    forward(&n, &a, &ka, "a").await;
+    forward(&n, &b, &kb, "b").await;
+    // Far short of the minute the webhook asks A's push to wait, were B's push behind it.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let hits = loop {
+        let hits = si.state.hits("fcm:");
+        if hits.iter().any(|h| h.body["message"]["token"] == "pushed-second") {
+            break hits;
+        }
+        assert!(Instant::now() < deadline, "B's push waits behind A's webhook: {hits:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_clean(&hits);
+    let of = |t: &str| hits.iter().filter(|h| h.body["message"]["token"] == t).count();
+    assert_eq!((of("pushed-first"), of("pushed-second")), (1, 1), "{hits:?}");
+    // The webhook still got A's event (and waits to try it again).
+    let hooks = wait_hits(&si, "hook", 1).await;
+    assert_eq!(hooks[0].status, 503);
+    eventually("both pushes counted sent", || async {
+        (metric(&n, "mailroom_push_total{provider=\"fcm\",result=\"sent\"}").await == 2.0).then_some(())
+    })
+    .await;
+}
+
+/// The webhook is the wallet's one channel (no provider serves its device) and refuses for its
+/// setup (401 and 403: a secret rotated on one side first; 404: a wrong path; 408: a proxy's
+/// timeout): the push is tried again, as FCM's and APNs' setup errors are, and goes out once
+/// the webhook takes it, with the same event id on every try. Before, the first such answer
+/// gave the push up for good and the wallet slept until its next message.
+#[actix_rt::test]
+async fn a_webhook_refusing_for_its_setup_is_tried_again() {
+    let si = StandIn::start();
+    si.state.script(
+        "hook",
+        [401, 403, 404, 408]
+            .into_iter()
+            .map(|s| Reply::new(s, json!({})))
+            .collect(),
+    );
+    let (_d, n, a, k) = push_node(&si, 60, &[], true).await;
+    set_device(&a, FCM, json!("webhook-only-token"), Some("android")).await;
+    forward(&n, &a, &k, "x").await;
+    let hooks = wait_hits(&si, "hook", 5).await;
+    assert_clean(&hooks);
+    let statuses: Vec<u16> = hooks.iter().map(|h| h.status).collect();
+    assert_eq!(statuses, [401, 403, 404, 408, 200]);
+    assert!(
+        hooks.iter().all(|h| h.body["event_id"] == hooks[0].body["event_id"]),
+        "one push, tried five times: {hooks:?}"
+    );
+    assert_eq!(hooks[4].body["token"], "webhook-only-token");
+}
+
+/// APNs answers 400 `BadDeviceToken` for a token of the other environment too (a sandbox
+/// token pushed to production, `base_url` mixed up): the push fails and the token is kept.
+/// Before, it was forgotten: a configuration slip deleted every APNs registration it pushed
+/// to, and each wallet slept until it registered again.
+#[actix_rt::test]
+async fn an_apns_bad_device_token_is_not_forgotten() {
+    let si = StandIn::start();
+    let (_d, n, a, k) = push_node(&si, 0, &["proj-a"], false).await;
+    set_device(&a, APNS, json!("sandbox-token"), None).await;
+    si.state
+        .script("apns", vec![Reply::new(400, json!({"reason": "BadDeviceToken"}))]);
+    forward(&n, &a, &k, "x").await;
+    let hits = wait_hits(&si, "apns", 1).await;
+    assert_clean(&hits);
+    eventually("the push counted failed", || async {
+        (metric(&n, "mailroom_push_total{provider=\"apns\",result=\"failed\"}").await == 1.0).then_some(())
+    })
+    .await;
+    let info = get_device(&a, APNS).await;
+    assert_eq!(info["device_token"], "sandbox-token", "{info}");
+    assert_eq!(metric(&n, "mailroom_push_dropped_tokens_total").await, 0.0);
+}
+
+/// A store whose give-backs fail as a transient error does: the release of a WebSocket
+/// session's own leases (`release_owner` of a `ws` owner) while `fail_own`, that of the
+/// messages handed to it (`release` by the hand-off owner) while `fail_handed`.
+struct FailingGiveBack {
+    inner: std::sync::Arc<dyn mailroom::store::Store>,
+    fail_own: std::sync::atomic::AtomicBool,
+    fail_handed: std::sync::atomic::AtomicBool,
+}
+
+impl FailingGiveBack {
+    /// A node on this store under `strategy`, pushing at once to FCM at `si`, with leases
+    /// longer than the test (no lease runs out to wake the wallet instead), and a wallet
+    /// registered for push.
+    async fn node_with_wallet(
+        si: &StandIn,
+        strategy: Strategy,
+    ) -> (
+        tempfile::TempDir,
+        RunningNode,
+        std::sync::Arc<FailingGiveBack>,
+        Agent,
+        KeyPair,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = test_config(dir.path(), strategy);
+        cfg.push = Some(si.push_config(0, &["proj-a"], false));
+        cfg.delivery.lease_ms = 120_000;
+        let store = std::sync::Arc::new(FailingGiveBack {
+            inner: mailroom::node::open_store(&cfg).await.unwrap(),
+            fail_own: Default::default(),
+            fail_handed: Default::default(),
+        });
+        let n = start_on(&cfg, store.clone());
+        let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+        set_device(&a, FCM, json!("give-back-token"), Some("android")).await;
+        (dir, n, store, a, k)
+    }
+
+    fn injected(what: &str) -> mailroom::store::StoreError {
+        mailroom::store::StoreError::Unavailable(format!("injected: {what} timed out"))
+    }
+}
+
+#[async_trait::async_trait]
+impl mailroom::store::Store for FailingGiveBack {
+    async fn release_owner(&self, owner: &str) -> mailroom::store::StoreResult<u64> {
+        if self.fail_own.load(std::sync::atomic::Ordering::SeqCst) && owner.contains("/ws/") {
+            return Err(FailingGiveBack::injected("release_owner"));
+        }
+        self.inner.release_owner(owner).await
+    }
+    async fn release(&self, conn: &str, ids: &[i64], owner: &str) -> mailroom::store::StoreResult<u64> {
+        if self.fail_handed.load(std::sync::atomic::Ordering::SeqCst) && owner.ends_with("/handoff") {
+            return Err(FailingGiveBack::injected("release"));
+        }
+        self.inner.release(conn, ids, owner).await
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, lease_upto, ack_leased,
+        release_owners_under, reclaim_expired_leases, queue_stats, total_queued, connections_with_pending,
+        pending_among, prune_dedup, dedup_records, queue_log, begin_run, end_run, lease_for_key, lease_for_key_upto, pending_stats,
+        expire, expire_due, oldest_received_ms, flush, device_of, set_device, forget_device_token, push_event,
+        push_take_due, push_done, first_sight, forget_sight, prune_sights, update_keys, revoke_mediation,
+        delete_connection, delete_unmediated, drop_queue, top_queues,
+    );
+}
+
+/// Reads on a live socket until a delivery comes, not acknowledged; returns its contents.
+async fn next_delivery(a: &Agent, ws: &mut WsClient) -> Vec<String> {
+    loop {
+        let d = ws_next_message(a, ws).await;
+        if type_name(&d) == "delivery" {
+            return contents(a, &d);
+        }
+    }
+}
+
+/// A live session closes with a delivery handed to it unacknowledged, and the store fails
+/// the release of the session's own leases (a pool timeout). The handed message goes back
+/// all the same, and the wallet is pushed for it. Before, the first failure ended the
+/// give-back: the handed message stayed leased, and nobody was told until its lease ran out.
+#[actix_rt::test]
+async fn a_failed_release_of_a_sessions_own_leases_still_gives_back_and_pushes_for_the_rest() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let si = StandIn::start();
+    let (_d, n, store, a, k) = FailingGiveBack::node_with_wallet(&si, Strategy::QueueAndLiveModeDelivery).await;
+    let mut ws = live_socket(&a, &n).await;
+    forward(&n, &a, &k, "handed").await;
+    assert_eq!(next_delivery(&a, &mut ws).await, vec!["handed"]);
+    assert_eq!(
+        metric(&n, "mailroom_handoffs_total{to=\"local\"}").await,
+        1.0,
+        "handed to the session"
+    );
+    store.fail_own.store(true, SeqCst);
+    ws.close().await;
+    let hits = wait_hits(&si, "fcm:", 1).await;
+    assert_clean(&hits);
+    assert_eq!(hits[0].body["message"]["data"]["message_count"], "1");
+}
+
+/// ... and the other way round: the session's own lease (a message queued before it went
+/// live) goes back while the release of what was handed to it fails, and the wallet is pushed
+/// for what went back. Before, the error threw away the count of what did: no push.
+#[actix_rt::test]
+async fn a_failed_release_of_handed_messages_still_pushes_for_what_went_back() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let si = StandIn::start();
+    let (_d, n, store, a, k) = FailingGiveBack::node_with_wallet(&si, Strategy::QueueAndLiveModeDelivery).await;
+    forward(&n, &a, &k, "queued").await;
+    wait_hits(&si, "fcm:", 1).await;
+    let mut ws = live_socket(&a, &n).await;
+    assert_eq!(next_delivery(&a, &mut ws).await, vec!["queued"]);
+    forward(&n, &a, &k, "handed").await;
+    assert_eq!(next_delivery(&a, &mut ws).await, vec!["handed"]);
+    store.fail_handed.store(true, SeqCst);
+    ws.close().await;
+    let hits = wait_hits(&si, "fcm:", 2).await;
+    assert_clean(&hits);
+    // The queue's count: the message that went back, and the handed one, still leased.
+    assert_eq!(hits[1].body["message"]["data"]["message_count"], "2");
+    let c = get_json(&format!("{}/connections", n.admin_url())).await["connections"][0]["queue"].clone();
+    assert_eq!(
+        (c["pending"].clone(), c["in_flight"].clone()),
+        (json!(1), json!(1)),
+        "{c}"
+    );
+}
+
+/// A quiet session (it takes nothing) closes with mail pending, and the store fails its
+/// release. The mail it never took still wakes the wallet: before, a failed release skipped
+/// the look at what was pending, and nothing woke the wallet again until new mail came.
+#[actix_rt::test]
+async fn a_quiet_session_whose_release_fails_still_pushes_for_the_mail_it_never_took() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let si = StandIn::start();
+    let (_d, n, store, a, k) = FailingGiveBack::node_with_wallet(&si, Strategy::QueueOnly).await;
+    forward(&n, &a, &k, "pending").await;
+    wait_hits(&si, "fcm:", 1).await;
+    // The wallet, pushed, opens a socket and asks for its status, then goes away.
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    let st = ws_request(&a, &mut ws, &pickup("status-request", json!({}))).await;
+    assert_eq!(st["message_count"], 1, "{st}");
+    store.fail_own.store(true, SeqCst);
+    ws.close().await;
+    let hits = wait_hits(&si, "fcm:", 2).await;
+    assert_clean(&hits);
+    assert_eq!(hits[1].body["message"]["data"]["message_count"], "1");
+    assert_eq!(queue_depth(&n).await, 1, "the quiet session took nothing");
 }

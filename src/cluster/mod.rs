@@ -479,6 +479,12 @@ impl ClusterHandle {
         self.shared.state.lock().dir.owner(conn).map(|(n, _)| n.to_string())
     }
 
+    /// [`ClusterHandle::owner_of`], but none where the directory still names a peer found
+    /// down or removed (its claims not all swept yet): whether a live session is anywhere.
+    pub fn live_owner_of(&self, conn: &str) -> Option<String> {
+        self.shared.live_owner(conn)
+    }
+
     /// Records that `node` claims `conn` with an epoch above every other claim, as its `Own`
     /// frame would (tests of what this node does when a session moves away).
     #[cfg(test)]

@@ -31,6 +31,11 @@ pub enum ApnsAnswer {
         reason: String,
     },
     Dead(String),
+    /// 400 `BadDeviceToken`: a malformed token, or one of the other environment (a sandbox
+    /// token sent to production, or the other way round). Given up, the token kept: Apple says
+    /// the same of every token when `base_url` names the wrong environment, and forgetting
+    /// them would delete every registration a configuration slip pushes to.
+    BadDeviceToken(String),
     /// `ExpiredProviderToken` or `InvalidProviderToken`: renew it (if allowed) and try once
     /// more; refused again, the push is retried later.
     TokenRefused(String),
@@ -46,7 +51,9 @@ pub fn classify(status: u16, retry_after_ms: Option<u64>, body: &[u8]) -> ApnsAn
     let reason = v["reason"].as_str().unwrap_or_default().to_string();
     let why = format!("{status} {reason}");
     match (status, reason.as_str()) {
-        (410, _) | (400, "BadDeviceToken") => ApnsAnswer::Dead(why),
+        // Only Apple's word that the token is no longer active forgets it.
+        (410, _) | (_, "Unregistered") => ApnsAnswer::Dead(why),
+        (400, "BadDeviceToken") => ApnsAnswer::BadDeviceToken(why),
         (403, "ExpiredProviderToken" | "InvalidProviderToken") => ApnsAnswer::TokenRefused(why),
         (429, _) | (500..=599, _) => ApnsAnswer::Retry {
             retry_after_ms,
@@ -163,6 +170,14 @@ impl Apns {
             match classify(ans.status, ans.retry_after_ms, &ans.body) {
                 ApnsAnswer::Sent => return Outcome::Sent,
                 ApnsAnswer::Dead(r) => return Outcome::Dead(r),
+                ApnsAnswer::BadDeviceToken(r) => {
+                    tracing::error!(
+                        token = %super::redact(&ev.token),
+                        "APNs refuses the device token ({r}): a sandbox token sent to production or the other way round? push.apns.base_url is {}; the token is kept",
+                        self.cfg.base_url
+                    );
+                    return Outcome::Failed(r);
+                }
                 ApnsAnswer::Retry { retry_after_ms, reason } => return Outcome::Retry { retry_after_ms, reason },
                 ApnsAnswer::Failed(r) => return Outcome::Failed(r),
                 ApnsAnswer::TokenRefused(_) if !renew => renew = true,
@@ -194,8 +209,13 @@ mod tests {
             classify(410, None, br#"{"reason":"Unregistered","timestamp":1}"#),
             ApnsAnswer::Dead(_)
         ));
+        // Also a token of the other environment (sandbox, production): not forgotten.
         assert!(matches!(
             classify(400, None, br#"{"reason":"BadDeviceToken"}"#),
+            ApnsAnswer::BadDeviceToken(_)
+        ));
+        assert!(matches!(
+            classify(410, None, br#"{"reason":"ExpiredToken"}"#),
             ApnsAnswer::Dead(_)
         ));
         assert!(matches!(

@@ -19,6 +19,10 @@ pub const MAX_IN_FLIGHT: usize = 10_000;
 pub const MAX_TIMEOUT_MS: u64 = 600_000;
 /// Longest `retry_max_ms`: one hour.
 pub const MAX_RETRY_MS: u64 = 3_600_000;
+/// Longest claim a push may be sent under ([`crate::push::claim_length`]): one hour. A node
+/// that dies mid-push leaves its wake-up to the others only once the claim ran out; the
+/// settings each within their bounds multiply out to days.
+pub const MAX_CLAIM: std::time::Duration = std::time::Duration::from_secs(3600);
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -495,7 +499,7 @@ impl PushConfig {
         // PEM that decodes can still hold a certificate TLS will not take: refused here (and
         // so by check-config), not by a push worker that then never starts.
         crate::tls::client_config(&extra_roots, &[], "push.ca_file")?;
-        Ok(PushSettings {
+        let settings = PushSettings {
             min_interval_ms: (self.min_interval_secs * 1000) as i64,
             fcm,
             apns,
@@ -506,8 +510,34 @@ impl PushConfig {
             retry_base_ms: self.retry_base_ms,
             retry_max_ms: self.retry_max_ms,
             max_in_flight: self.max_in_flight,
-        })
+        };
+        claim_within_bound(&settings)?;
+        Ok(settings)
     }
+}
+
+/// A push's claim ([`crate::push::claim_length`]) lasts at most [`MAX_CLAIM`]; the error names
+/// the settings it is the product of.
+fn claim_within_bound(s: &PushSettings) -> Result<(), String> {
+    let claim = crate::push::claim_length(s);
+    if claim <= MAX_CLAIM {
+        return Ok(());
+    }
+    let requests = (4 * s.fcm.len() as u64).max(2);
+    Err(format!(
+        "[push]: a push's claim would last {} s, more than {} s (one hour): push.max_attempts {} \
+         x {requests} requests (4 per [[push.fcm]] project, {} here; at least 2) x push.timeout_ms {} \
+         + {} waits x push.retry_max_ms {} + {} s; a node that dies mid-push leaves its wake-up \
+         that long: lower max_attempts, timeout_ms or retry_max_ms",
+        claim.as_secs() + u64::from(claim.subsec_nanos() > 0),
+        MAX_CLAIM.as_secs(),
+        s.max_attempts,
+        s.fcm.len(),
+        s.timeout_ms,
+        s.max_attempts.saturating_sub(1),
+        s.retry_max_ms,
+        crate::push::CLAIM_MARGIN.as_secs(),
+    ))
 }
 
 #[cfg(test)]
@@ -580,6 +610,36 @@ mod tests {
         assert!(sa("http://oauth2.googleapis.com/token")
             .unwrap_err()
             .contains("https://"));
+    }
+
+    /// Settings each within their bounds may multiply out to a claim of days: refused past an
+    /// hour, with the product named.
+    #[test]
+    fn a_claim_longer_than_an_hour_is_refused() {
+        let hook = "[webhook]\nurl = \"https://h.example/x\"\nsecret = \"hunter2hunter2hunter2\"\n";
+        let c: PushConfig = toml::from_str(hook).unwrap();
+        // The defaults: 5 x 2 x 10 s + 4 x 60 s + 5 s.
+        assert!(c.load().is_ok());
+        let mut long = c.clone();
+        long.max_attempts = 20;
+        long.timeout_ms = MAX_TIMEOUT_MS;
+        long.retry_max_ms = MAX_RETRY_MS;
+        let e = long.load().unwrap_err();
+        assert!(
+            e.contains("push.max_attempts 20")
+                && e.contains("push.timeout_ms 600000")
+                && e.contains("push.retry_max_ms 3600000")
+                && e.contains("one hour"),
+            "{e}"
+        );
+        // Just within: 3600 s = 2 x 2 x 600 s + 1 x 1195 s + 5 s.
+        let mut edge = c.clone();
+        edge.max_attempts = 2;
+        edge.timeout_ms = 600_000;
+        edge.retry_max_ms = 1_195_000;
+        assert!(edge.load().is_ok());
+        edge.retry_max_ms += 1;
+        assert!(edge.load().unwrap_err().contains("would last 3601 s"));
     }
 
     #[test]

@@ -33,6 +33,13 @@
 //! and a token the provider calls dead is forgotten in the store. Nothing here touches the
 //! queue, and a push that is slow or fails never delays or fails a forward.
 //!
+//! Where a provider (FCM, APNs) serves the device, the push is the provider's: it ends, with
+//! its claim and its slot, on the provider's answer, and the webhook gets the event from a
+//! sender of its own (`webhook_sender`), with its own bound and its own HTTP client. A
+//! webhook that hangs or asks for long waits then holds up no push, and never makes a push the
+//! provider took run past its budget and go out again. Where no provider serves the device, the
+//! webhook is the push.
+//!
 //! Exactly one node sends for a queued event: only the node that accepted the forward (or
 //! took back the lease that ran out, or was given back a session's leases) calls `queued`, and
 //! only when no node holds a session; the shared window folds the events of several nodes.
@@ -132,7 +139,8 @@ pub struct HttpAnswer {
     pub body: Vec<u8>,
 }
 
-/// The HTTP client of the push thread (HTTP/2 over TLS where the server offers it).
+/// An HTTP client of the push thread (HTTP/2 over TLS where the server offers it): one for the
+/// providers, one for the webhook, each with its own connections.
 pub struct Transport {
     client: awc::Client,
     /// The longest one request takes, from its send to the last byte of its answer's body
@@ -141,13 +149,14 @@ pub struct Transport {
 }
 
 impl Transport {
-    pub fn new(s: &PushSettings) -> Result<Transport, String> {
+    /// A client of at most `connections` connections at once.
+    pub fn new(s: &PushSettings, connections: usize) -> Result<Transport, String> {
         let tls = crate::tls::client_config(&s.extra_roots, &[b"h2", b"http/1.1"], "push.ca_file")?;
         let timeout = Duration::from_millis(s.timeout_ms);
         let connector = awc::Connector::new()
             .rustls_0_23(tls)
             .timeout(timeout)
-            .limit(s.max_in_flight.max(16));
+            .limit(connections.max(16));
         let client = awc::Client::builder()
             .connector(connector)
             .timeout(timeout)
@@ -359,8 +368,9 @@ pub const CLAIM_MARGIN: Duration = Duration::from_secs(5);
 /// claim left to run out (a node takes it again). `max_attempts` tries, each at most
 /// `max(4 × FCM projects, 2)` provider requests of at most `timeout_ms` (FCM, per project
 /// tried: an access-token grant and the send, and both again when the send is answered 401;
-/// APNs: the send and once more on an expired provider token; the webhook, sent beside the
-/// provider: one), and the `max_attempts - 1` waits between tries, each at most
+/// APNs: the send and once more on an expired provider token; the webhook, where it is the
+/// push: one; beside a provider it is sent apart, by a sender of its own), and the
+/// `max_attempts - 1` waits between tries, each at most
 /// `retry_max_ms` (a longer `Retry-After` gives up). The checks before the send (session,
 /// registration, queue) count against it too. Defaults, one FCM project:
 /// 5 × 4 × 10 s + 4 × 60 s = 440 s (APNs or the webhook alone: 5 × 2 × 10 s + 4 × 60 s = 340 s).
@@ -473,7 +483,11 @@ struct Ctx {
     presence: Arc<dyn Presence>,
     metrics: PushMetrics,
     node_id: String,
+    /// The providers' client.
     transport: Transport,
+    /// The webhook's client (with a webhook configured), apart from the providers': a webhook
+    /// that holds its connections takes none of theirs.
+    hook_transport: Option<Transport>,
     fcm: fcm::Fcm,
     apns: Option<apns::Apns>,
     /// Pushes being sent; a trailing push holds its slot from before it is claimed.
@@ -487,6 +501,9 @@ struct Ctx {
     /// Set when the stop began: a poll takes no more trailing pushes (their claims would be
     /// this node's while it stops, and kept from the other nodes until they ran out).
     stopping: std::cell::Cell<bool>,
+    /// Set once the stop's pushes have all ended: no more webhook events come beside them, and
+    /// [`webhook_sender`] ends once it sent those it has.
+    pushes_ended: std::cell::Cell<bool>,
     /// (provider, connection) -> no request before then: a push given up on a `Retry-After`
     /// (FCM's 429 for a spent quota says an hour) is taken again when its claim runs out,
     /// every [`claim_length`]; until the wait the provider asked for has passed, that try
@@ -494,10 +511,14 @@ struct Ctx {
     held: std::cell::RefCell<HashMap<(&'static str, String), Instant>>,
     /// When [`Ctx::held`] was last swept of holds that ran out (at most once a second).
     held_swept: std::cell::Cell<Instant>,
-    /// Webhook events the webhook failed on while the wallet's provider took their push
-    /// ([`push_one`]): sent again by [`webhook_owed`], every [`claim_length`], in
-    /// [`WEBHOOK_ROUNDS`] more rounds of tries. Per node, in memory: a node that stops drops
-    /// what it still owes.
+    /// Webhook events of pushes a provider serves ([`push_one`]), waiting for their turn in
+    /// [`webhook_sender`] (at most [`BESIDE_WAITING_MAX`]), with when their event was queued.
+    beside: std::cell::RefCell<std::collections::VecDeque<(Event, Instant)>>,
+    /// Wakes [`webhook_sender`]: an event in [`Ctx::beside`], or the stop.
+    hook_wake: tokio::sync::Notify,
+    /// Webhook events the webhook failed on (out of tries) beside a provider: sent again by
+    /// [`webhook_sender`], every [`claim_length`], in [`WEBHOOK_ROUNDS`] more rounds of tries.
+    /// Per node, in memory: a node that stops drops what it still owes.
     owed: std::cell::RefCell<std::collections::VecDeque<Owed>>,
     /// Devices a provider accepted a push to lately, and for which connection: a device is
     /// pushed once a window whichever connections registered its token ([`devices`]).
@@ -516,6 +537,9 @@ struct Owed {
 const WEBHOOK_ROUNDS: u32 = 10;
 /// Webhook events owed at most; past it, one more is given up.
 const OWED_MAX: usize = 10_000;
+/// Webhook events beside a provider waiting for their turn ([`Ctx::beside`]) at most; past
+/// it, one more is owed (tried a claim length later) instead.
+const BESIDE_WAITING_MAX: usize = 10_000;
 
 /// The longest a provider's `Retry-After` holds a wallet's pushes on this node.
 const HOLD_MAX: Duration = Duration::from_secs(3600);
@@ -558,8 +582,26 @@ impl Ctx {
 }
 
 impl Ctx {
-    /// The webhook failed on `ev` (out of tries) whose push the wallet's provider took: the
-    /// webhook is owed it ([`Ctx::owed`]), for `rounds` more rounds of tries.
+    /// The webhook's copy of a push a provider serves: sent by [`webhook_sender`], never
+    /// waited for by the push.
+    fn webhook_beside(&self, ev: Event, at: Instant) {
+        {
+            let mut beside = self.beside.borrow_mut();
+            if beside.len() >= BESIDE_WAITING_MAX {
+                drop(beside);
+                self.owe_webhook(ev, WEBHOOK_ROUNDS);
+                return;
+            }
+            beside.push_back((ev, at));
+        }
+        self.hook_wake.notify_one();
+    }
+
+    /// The webhook failed on `ev` (out of tries), whose push a provider serves: the webhook is
+    /// owed it ([`Ctx::owed`]), for `rounds` more rounds of tries. Owed whatever the provider
+    /// made of the push: one the provider failed too is taken again once its claim runs out,
+    /// and the webhook may then get it twice, with the same event id (its receiver drops the
+    /// repeat).
     fn owe_webhook(&self, ev: Event, rounds: u32) {
         let mut owed = self.owed.borrow_mut();
         if rounds == 0 || owed.len() >= OWED_MAX {
@@ -571,22 +613,54 @@ impl Ctx {
     }
 }
 
-/// Sends the webhook events owed ([`Ctx::owed`]) as they come due, at most
-/// [`owed_sends_max`] at once: apart from the send slots of the pushes, which a webhook that
-/// stays down would otherwise fill (each owed send may retry for minutes). An event whose
-/// connection was deleted, or whose mediation was revoked, since is dropped. Aborted, with the
-/// sends under way, when the worker's stop begins: what is still owed is dropped.
-async fn webhook_owed(ctx: Rc<Ctx>) {
-    let room = Arc::new(tokio::sync::Semaphore::new(owed_sends_max(&ctx.settings)));
-    let mut sends = tokio::task::JoinSet::new();
+/// Sends the webhook's events of the pushes a provider serves ([`Ctx::beside`]), at most
+/// [`beside_sends_max`] at once, each within [`push_budget`]; one the webhook failed on is
+/// owed. Sends the events owed ([`Ctx::owed`]) as they come due, at most [`owed_sends_max`]
+/// at once; an event whose connection was deleted, or whose mediation was revoked, since is
+/// dropped. Apart from the send slots of the pushes, which a webhook that stays down or asks
+/// for long waits would otherwise fill (each send may retry for minutes). When the worker's
+/// stop begins, the owed sends are aborted (what is still owed is dropped) and the events
+/// beside pushes are still sent, within the stop's grace: returns once none is left.
+async fn webhook_sender(ctx: Rc<Ctx>) {
+    let beside_room = Arc::new(tokio::sync::Semaphore::new(beside_sends_max(&ctx.settings)));
+    let owed_room = Arc::new(tokio::sync::Semaphore::new(owed_sends_max(&ctx.settings)));
+    let mut beside = tokio::task::JoinSet::new();
+    let mut owed_sends = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        while sends.try_join_next().is_some() {}
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = ctx.hook_wake.notified() => {}
+            Some(_) = beside.join_next(), if !beside.is_empty() => {}
+        }
+        while beside.try_join_next().is_some() {}
+        while owed_sends.try_join_next().is_some() {}
+        while let Ok(turn) = beside_room.clone().try_acquire_owned() {
+            let Some((ev, at)) = ctx.beside.borrow_mut().pop_front() else {
+                break;
+            };
+            let ctx = ctx.clone();
+            beside.spawn_local(async move {
+                let _turn = turn;
+                // Bounded as a push is: with_retries ends within it, short of a hung store.
+                let budget = push_budget(&ctx.settings);
+                match tokio::time::timeout(budget, with_retries(&ctx, "webhook", &ev, at)).await {
+                    Ok(Tried::GaveUp) | Err(_) => ctx.owe_webhook(ev, WEBHOOK_ROUNDS),
+                    Ok(Tried::Done | Tried::Back | Tried::Folded) => {}
+                }
+            });
+        }
+        if ctx.stopping.get() {
+            owed_sends.abort_all();
+            if ctx.pushes_ended.get() && beside.is_empty() && ctx.beside.borrow().is_empty() {
+                return;
+            }
+            continue;
+        }
         let now = Instant::now();
-        while !ctx.stopping.get() {
-            let Ok(turn) = room.clone().try_acquire_owned() else {
+        loop {
+            let Ok(turn) = owed_room.clone().try_acquire_owned() else {
                 break;
             };
             let due = {
@@ -598,7 +672,7 @@ async fn webhook_owed(ctx: Rc<Ctx>) {
             };
             let Some(o) = due else { break };
             let ctx = ctx.clone();
-            sends.spawn_local(async move {
+            owed_sends.spawn_local(async move {
                 let _turn = turn;
                 // In line with the events' reads ([`STORE_LOOKUPS`]): a burst of owed events
                 // after a webhook outage does not take the store's pool.
@@ -625,7 +699,21 @@ async fn webhook_owed(ctx: Rc<Ctx>) {
     }
 }
 
-/// Owed webhook events sent at once ([`webhook_owed`]): an eighth of `max_in_flight`, at
+/// Webhook events beside a provider's pushes sent at once ([`webhook_sender`]): as many as
+/// the node's pushes at once, `max_in_flight`.
+fn beside_sends_max(s: &PushSettings) -> usize {
+    s.max_in_flight
+}
+
+/// Connections of the webhook's client: the pushes whose one channel it is, its events beside
+/// a provider and its owed events, all at once.
+fn webhook_connections(s: &PushSettings) -> usize {
+    s.max_in_flight
+        .saturating_add(beside_sends_max(s))
+        .saturating_add(owed_sends_max(s))
+}
+
+/// Owed webhook events sent at once ([`webhook_sender`]): an eighth of `max_in_flight`, at
 /// least one.
 fn owed_sends_max(s: &PushSettings) -> usize {
     (s.max_in_flight / 8).max(1)
@@ -643,12 +731,17 @@ fn events_running_max(s: &PushSettings) -> usize {
 
 async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queued>, mut stop_rx: mpsc::Receiver<Stop>) {
     let built = (|| -> Result<Ctx, String> {
-        let transport = Transport::new(&settings)?;
+        let transport = Transport::new(&settings, settings.max_in_flight)?;
+        let hook_transport = match settings.webhook {
+            Some(_) => Some(Transport::new(&settings, webhook_connections(&settings))?),
+            None => None,
+        };
         Ok(Ctx {
             fcm: fcm::Fcm::new(&settings.fcm)?,
             apns: settings.apns.as_ref().map(apns::Apns::new).transpose()?,
             slots: Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight)),
             transport,
+            hook_transport,
             store: deps.store.clone(),
             presence: deps.presence.clone(),
             metrics: deps.metrics.clone(),
@@ -656,8 +749,11 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
             claim_ms: claim_length(&settings).as_millis().min(i64::MAX as u128) as i64,
             lookups: tokio::sync::Semaphore::new(STORE_LOOKUPS),
             stopping: std::cell::Cell::new(false),
+            pushes_ended: std::cell::Cell::new(false),
             held: Default::default(),
             held_swept: std::cell::Cell::new(Instant::now()),
+            beside: Default::default(),
+            hook_wake: tokio::sync::Notify::new(),
             owed: Default::default(),
             devices: Default::default(),
             settings: settings.clone(),
@@ -691,12 +787,12 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
     let running_max = events_running_max(&settings);
     let claimed_max = settings.max_in_flight + CLAIMED_WAITING_MAX;
     let mut tasks = Tasks::default();
-    // Aborted as the stop begins, with its sends: what the webhook is still owed is dropped
-    // (the stop's grace is the pushes').
-    let owed = settings
+    // As the stop begins it drops what the webhook is still owed (the stop's grace is the
+    // pushes'), and sends the events of the pushes, within the grace.
+    let mut hooks = settings
         .webhook
         .is_some()
-        .then(|| tokio::task::spawn_local(webhook_owed(ctx.clone())));
+        .then(|| tokio::task::spawn_local(webhook_sender(ctx.clone())));
     let done = loop {
         tasks.start_events(&ctx, &mut waiting, running_max, &mut in_flight);
         ctx.metrics.waiting.set(waiting.len() as i64);
@@ -725,16 +821,16 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
         }
     };
     // (Also when the channel closed.)
-    if let Some(owed) = &owed {
-        owed.abort();
-    }
+    ctx.stopping.set(true);
+    ctx.hook_wake.notify_one();
     // The events handed over before the stop are handled too, as room frees, within the grace.
     rx.close();
     while let Ok(q) = rx.try_recv() {
         let p = q.pending();
         waiting.add(q.conn, p);
     }
-    let drained = tokio::time::timeout(STOP_GRACE, async {
+    let grace_ends = tokio::time::Instant::now() + STOP_GRACE;
+    let drained = tokio::time::timeout_at(grace_ends, async {
         loop {
             tasks.start_events(&ctx, &mut waiting, running_max, &mut in_flight);
             match in_flight.join_next_with_id().await {
@@ -753,6 +849,18 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
             "push worker stopped with pushes still in flight after {STOP_GRACE:?}"
         );
         in_flight.abort_all();
+    }
+    // No push is left to hand the webhook an event: its sender ends once it sent those it has,
+    // within what is left of the grace. Not counted in `finished`, as the events still owed
+    // are not: those pushes' wake-ups went through their providers, and a webhook event left
+    // unsent leaves no wallet asleep.
+    ctx.pushes_ended.set(true);
+    ctx.hook_wake.notify_one();
+    if let Some(hooks) = hooks.as_mut() {
+        if tokio::time::timeout_at(grace_ends, &mut *hooks).await.is_err() {
+            tracing::warn!("push worker stopped with webhook events unsent after {STOP_GRACE:?}");
+            hooks.abort();
+        }
     }
     tracing::info!("push worker stopped");
     if let Some(done) = done {
@@ -1173,7 +1281,8 @@ enum Ended {
     PutOff,
 }
 
-/// Sends the push of one event, with retries, to the wallet's provider and the webhook; the
+/// Sends the push of one event, with retries, to the wallet's provider (handing the webhook
+/// its copy, [`webhook_sender`]), or to the webhook where no provider serves the device; the
 /// caller holds a slot. `read_before` is the registration read for an immediate push, `None`
 /// for a trailing push (which goes out a window later and must find mail still queued). Either
 /// way the session, the registration and the connection are read again here, just before the
@@ -1251,9 +1360,15 @@ async fn push_one(ctx: &Ctx, conn: &str, push_id: Option<i64>, at: Instant, read
         _ => None,
     };
     let window = Duration::from_millis(u64::try_from(ctx.settings.min_interval_ms).unwrap_or(0));
-    let main = async {
-        match provider {
-            Some(p) => match devices::begin(&ctx.devices, ev.service, &ev.token, conn, window, Instant::now()) {
+    let tried = match provider {
+        Some(p) => {
+            // The webhook gets every push event, beside the provider, which alone decides the
+            // push: a webhook that hangs or asks for long waits must not hold this push (its
+            // slot, its claim) and run it past its budget, to be taken again and pushed twice.
+            if ctx.settings.webhook.is_some() {
+                ctx.webhook_beside(ev.clone(), at);
+            }
+            match devices::begin(&ctx.devices, ev.service, &ev.token, conn, window, Instant::now()) {
                 // Ends with the push (sent, failed or cut off).
                 Some(_flight) => with_retries(ctx, p, &ev, at).await,
                 None => {
@@ -1261,33 +1376,15 @@ async fn push_one(ctx: &Ctx, conn: &str, push_id: Option<i64>, at: Instant, read
                     tracing::debug!(connection = %conn, provider = p, "push put off: its device was pushed for another connection within the window");
                     Tried::Folded
                 }
-            },
-            None if ctx.settings.webhook.is_none() => {
-                ctx.metrics.count(device.service.as_str(), "no_provider");
-                tracing::debug!(connection = %conn, service = device.service.as_str(), "no provider configured for this device");
-                Tried::Done
             }
-            None => Tried::Done,
         }
-    };
-    let hook = async {
-        match ctx.settings.webhook {
-            Some(_) => with_retries(ctx, "webhook", &ev, at).await,
-            None => Tried::Done,
+        None if ctx.settings.webhook.is_none() => {
+            ctx.metrics.count(device.service.as_str(), "no_provider");
+            tracing::debug!(connection = %conn, service = device.service.as_str(), "no provider configured for this device");
+            Tried::Done
         }
-    };
-    let (main, hook) = futures_util::join!(main, hook);
-    // The webhook decides only when it is the wallet's one channel: beside a provider that took
-    // the push, taking it again would push the wallet twice. The webhook gets every push event
-    // all the same: one it failed on while the provider took the push is owed to it, and sent
-    // again later by this node ([`Ctx::owed`]).
-    let tried = match (provider, main, hook) {
-        (None, _, hook) => hook,
-        (Some(_), main @ (Tried::Done | Tried::Folded), Tried::GaveUp) => {
-            ctx.owe_webhook(ev, WEBHOOK_ROUNDS);
-            main
-        }
-        (Some(_), main, _) => main,
+        // The wallet's one channel: the webhook is the push.
+        None => with_retries(ctx, "webhook", &ev, at).await,
     };
     match tried {
         Tried::Done => Ended::ForGood,
@@ -1338,9 +1435,9 @@ async fn try_once(ctx: &Ctx, provider: &'static str, ev: &Event) -> Outcome {
             Some(a) => a.send(&ctx.transport, ev).await,
             None => Outcome::Failed("APNs not configured".into()),
         },
-        _ => match &ctx.settings.webhook {
-            Some(w) => webhook::send(&ctx.transport, w, &ctx.node_id, ev).await,
-            None => Outcome::Failed("webhook not configured".into()),
+        _ => match (&ctx.settings.webhook, &ctx.hook_transport) {
+            (Some(w), Some(t)) => webhook::send(t, w, &ctx.node_id, ev).await,
+            _ => Outcome::Failed("webhook not configured".into()),
         },
     }
 }
@@ -1443,6 +1540,36 @@ mod tests {
         two.max_attempts = 1;
         let s = two.load().unwrap();
         assert_eq!(push_budget(&s), Duration::from_secs(20), "one try: no wait");
+    }
+
+    /// A session of a node this node sees down (its claims not swept from the directory yet)
+    /// died with it: its wallet has no live session, as a notification finds it, and is
+    /// pushed. Before, the push read the directory's raw owner and found the wallet online:
+    /// nothing woke it.
+    #[actix_rt::test]
+    async fn a_session_of_a_node_found_down_is_not_presence() {
+        use actix::Actor;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = crate::cluster::PeerConfig {
+            id: "n2".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+        };
+        let cfg = crate::cluster::ClusterConfig::new("n1", "c", "s", vec![peer]);
+        let (events, _events_rx) = mpsc::channel(16);
+        let cluster = crate::cluster::ClusterHandle::start(cfg, listener, events)
+            .await
+            .unwrap();
+        let presence = crate::session::NodePresence {
+            registry: crate::registry::Registry::new(Some(cluster.clone())).start(),
+            cluster: Some(cluster.clone()),
+        };
+        // n2 takes no link (nothing listens at its address): down, its claim still listed.
+        cluster.claim_for_test("gone", "n2");
+        assert_eq!(cluster.owner_of("gone").as_deref(), Some("n2"));
+        assert!(!presence.online("gone").await, "a down node's session counted as live");
+        cluster.claim_for_test("here", "n1");
+        assert!(presence.online("here").await, "this node's own claim");
+        cluster.shutdown().await;
     }
 
     /// An FCM project may take four requests a try (grant, send answered 401, grant, send);

@@ -53,11 +53,24 @@ pub async fn send(t: &Transport, w: &WebhookCredentials, node: &str, ev: &Event)
             }
         }
     };
-    match ans.status {
+    classify(ans.status, ans.retry_after_ms)
+}
+
+/// Reads the webhook's answer (pure).
+pub fn classify(status: u16, retry_after_ms: Option<u64>) -> Outcome {
+    match status {
         200..=299 => Outcome::Sent,
         429 | 500..=599 => Outcome::Retry {
-            retry_after_ms: ans.retry_after_ms,
-            reason: format!("webhook answered {}", ans.status),
+            retry_after_ms,
+            reason: format!("webhook answered {status}"),
+        },
+        // The operator's setup, not the event: a secret rotated on one side first (401, 403),
+        // a wrong path (404), a proxy's timeout (408). Tried again, then left to the push's
+        // claim (retaken later) or owed, as FCM's and APNs' setup errors are: the wake-ups
+        // outlive the fix instead of being lost meanwhile.
+        401 | 403 | 404 | 408 => Outcome::Retry {
+            retry_after_ms,
+            reason: format!("webhook answered {status}: the webhook's setup (its URL, the shared secret)"),
         },
         s => Outcome::Failed(format!("webhook answered {s}")),
     }
@@ -65,6 +78,28 @@ pub async fn send(t: &Transport, w: &WebhookCredentials, node: &str, ev: &Event)
 
 #[cfg(test)]
 mod tests {
+    use super::{classify, Outcome};
+
+    /// Only the event's own refusal gives it up; the receiver's setup is tried again.
+    #[test]
+    fn a_setup_error_is_tried_again() {
+        assert_eq!(classify(204, None), Outcome::Sent);
+        for s in [401, 403, 404, 408, 429, 500, 503] {
+            assert!(
+                matches!(
+                    classify(s, Some(7)),
+                    Outcome::Retry {
+                        retry_after_ms: Some(7),
+                        ..
+                    }
+                ),
+                "{s}"
+            );
+        }
+        assert!(matches!(classify(400, None), Outcome::Failed(_)));
+        assert!(matches!(classify(413, None), Outcome::Failed(_)));
+    }
+
     #[test]
     fn signature_is_rfc2104_hmac_sha256() {
         // RFC 4231 test case 2.

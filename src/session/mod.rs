@@ -911,9 +911,11 @@ impl crate::push::Presence for NodePresence {
             {
                 return true;
             }
+            // As a notification finds it: a session of a node found down or removed (its claims
+            // not all swept from the directory yet) died with it, and its wallet needs a push.
             self.cluster
                 .as_ref()
-                .map(|c| c.owner_of(conn).is_some())
+                .map(|c| c.live_owner_of(conn).is_some())
                 .unwrap_or(false)
         })
     }

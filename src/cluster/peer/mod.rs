@@ -772,16 +772,26 @@ impl Shared {
             .collect()
     }
 
+    /// The node holding `conn`'s live session, this one included: the directory's owner,
+    /// unless that is a peer found down (its claims not all swept from the directory yet) or
+    /// removed from the peer list, whose sessions are gone with it.
+    pub fn live_owner(&self, conn: &str) -> Option<String> {
+        let st = self.state.lock();
+        Self::live_owner_in(&st, &self.settings.node_id, conn).map(str::to_owned)
+    }
+
+    fn live_owner_in<'a>(st: &'a State, me: &str, conn: &str) -> Option<&'a str> {
+        let (n, _) = st.dir.owner(conn)?;
+        (n == me || (st.members.is_up(n) && st.peers.contains_key(n))).then_some(n)
+    }
+
     pub fn notify(&self, conn: &str) -> super::NotifyOutcome {
         use super::NotifyOutcome;
         let st = self.state.lock();
-        let owner = match st.dir.owner(conn) {
+        let owner = match Self::live_owner_in(&st, &self.settings.node_id, conn) {
             None => return NotifyOutcome::NoOwner,
-            Some((n, _)) if n == self.settings.node_id => return NotifyOutcome::Local,
-            // Found down (its claims not all swept from the directory yet) or removed from
-            // the peer list: its sessions are gone with it, nobody holds this one.
-            Some((n, _)) if !st.members.is_up(n) || !st.peers.contains_key(n) => return NotifyOutcome::NoOwner,
-            Some((n, _)) => n.to_string(),
+            Some(n) if n == self.settings.node_id => return NotifyOutcome::Local,
+            Some(n) => n.to_string(),
         };
         let sent = st
             .peers
