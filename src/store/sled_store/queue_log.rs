@@ -1079,40 +1079,33 @@ impl QueueLog {
             // The segment ends at a record that does not read on the medium: what is cut is
             // damage, whatever follows it.
             let mut cut_unreadable = false;
+            // Past bytes that do not read at `from` (the record at `off` of length `len`, when
+            // its header read): resume, stop at the room written ahead, or cut.
+            macro_rules! past_unreadable {
+                ($len:expr, $from:expr) => {
+                    match past_unreadable(&mut window, &path, off, $len, $from, &mut state.damage)? {
+                        Past::Resume(next) => {
+                            off = next;
+                            continue;
+                        }
+                        Past::Room => break,
+                        Past::Cut => {
+                            cut_unreadable = true;
+                            break;
+                        }
+                    }
+                };
+            }
             loop {
                 let body_len = match window.get(off, HEADER as u64)? {
                     Got::Bytes(h) => u32::from_le_bytes(h[13..17].try_into().expect("4 bytes")),
                     Got::End => break,
-                    Got::Unreadable(from, _) => {
-                        match past_unreadable(&mut window, &path, off, None, from, &mut state.damage)? {
-                            Past::Resume(next) => {
-                                off = next;
-                                continue;
-                            }
-                            Past::Room => break,
-                            Past::Cut => {
-                                cut_unreadable = true;
-                                break;
-                            }
-                        }
-                    }
+                    Got::Unreadable(from, _) => past_unreadable!(None, from),
                 };
                 let rec = match window.get(off, HEADER as u64 + u64::from(body_len))? {
                     Got::Bytes(rec) => rec,
                     Got::End => break,
-                    Got::Unreadable(from, _) => {
-                        match past_unreadable(&mut window, &path, off, Some(body_len), from, &mut state.damage)? {
-                            Past::Resume(next) => {
-                                off = next;
-                                continue;
-                            }
-                            Past::Room => break,
-                            Past::Cut => {
-                                cut_unreadable = true;
-                                break;
-                            }
-                        }
-                    }
+                    Got::Unreadable(from, _) => past_unreadable!(Some(body_len), from),
                 };
                 let Some((kind, id, _, size)) = decode(rec, 0) else {
                     // A record that fails its CRC. In a segment before the last, every byte of
