@@ -470,15 +470,7 @@ async fn a_refused_message_can_be_retried_and_then_acts_once() {
     let (sender, _) = Agent::onboard(&invitation(&n).await).await.unwrap();
     queue_for(&victim, &vk, &n, "fills the queue").await;
     // The sender's own connection authcrypts a forward to the victim's key.
-    let inner = Sender::new()
-        .forward_envelope(&basic_message("retried"), &vk.verkey(), &[])
-        .unwrap();
-    let forward = json!({
-        "@type": "https://didcomm.org/routing/1.0/forward",
-        "@id": new_id(),
-        "to": vk.verkey(),
-        "msg": serde_json::from_slice::<Value>(&inner).unwrap(),
-    });
+    let forward = forward_to(&vk, "retried");
     let env = sender.pack(&forward).unwrap();
     let (status, _) = post(&n.public_url(), env.clone(), WAIT).await.unwrap();
     assert_eq!(status, 429, "the queue is full");
@@ -612,18 +604,24 @@ async fn an_authcrypt_for_several_recipients_acts_on_no_connection() {
     assert_eq!(list["keys"], json!([{ "recipient_key": vk.did_key() }]), "{list}");
     assert_eq!(queue_depth(&n).await, 1);
     // A forward needs no sender: one packed for several recipients is queued.
-    let inner = Sender::new()
-        .forward_envelope(&basic_message("forwarded"), &vk.verkey(), &[])
-        .unwrap();
-    let forward = json!({
-        "@type": "https://didcomm.org/routing/1.0/forward",
-        "@id": new_id(),
-        "to": vk.verkey(),
-        "msg": serde_json::from_slice::<Value>(&inner).unwrap(),
-    });
+    let forward = forward_to(&vk, "forwarded");
     let (status, body) = post(&http, shared_with_co(&forward), WAIT).await.unwrap();
     assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
     let mut got = pick_up(&mut victim, &http).await;
     got.sort();
     assert_eq!(got, ["for the victim", "forwarded"]);
+}
+
+/// A routing 1.0 `forward` to `vk` of a basic message `text`, anoncrypted to it, as a plain
+/// JSON message (for a sender to pack as it likes).
+fn forward_to(vk: &KeyPair, text: &str) -> Value {
+    let inner = Sender::new()
+        .forward_envelope(&basic_message(text), &vk.verkey(), &[])
+        .unwrap();
+    json!({
+        "@type": "https://didcomm.org/routing/1.0/forward",
+        "@id": new_id(),
+        "to": vk.verkey(),
+        "msg": serde_json::from_slice::<Value>(&inner).unwrap(),
+    })
 }
