@@ -739,7 +739,10 @@ impl<'a> Window<'a> {
         while page < to {
             let (a, b) = (page.max(from), (page + PAGE).min(to));
             let buf = &mut self.buf[at(a)..at(b)];
-            match read_tried(self.file, buf, self.seg, a, self.faults) {
+            // Once each: the whole read was tried three times already, and a reopen replays
+            // under the log's lock, so a bad stretch of pages must not cost each one three
+            // tries and their waits (the drive's own retries are slow enough).
+            match read_at(self.file, buf, self.seg, a, self.faults) {
                 Ok(()) => {}
                 Err(e) if medium_error(&e) => {
                     // A read that failed may have filled some of it.
@@ -758,7 +761,7 @@ impl<'a> Window<'a> {
                 offset,
                 pages = lost,
                 error = %e,
-                "queue log: pages of a segment do not read on the medium (each tried three times)"
+                "queue log: pages of a segment do not read on the medium"
             );
         }
         Ok(())
@@ -849,8 +852,8 @@ enum Past {
 /// bytes from `from` on do not read on the medium (after the window's tries: a bad sector);
 /// `body_len` is its length when its header reads.
 ///
-/// Zeros from `off` up to those bytes are the room written ahead of the appends, past the last
-/// record (a header of zeros is no record's): nothing was lost there. Else the record is lost,
+/// Zeros from `off` up to those bytes, its kind byte among them, are the room written ahead of
+/// the appends, past the last record (a header of zeros is no record's): nothing was lost there. Else the record is lost,
 /// and replay resumes at the next whole record: the one where its length points, or the first
 /// past it anywhere (whatever does not read looked past), as for a record failing its CRC
 /// ([`whole_record_at`], [`next_whole_record`]); what lies between is lost too, counted once a
@@ -865,7 +868,10 @@ fn past_unreadable(
     from: u64,
     damage: &mut Damage,
 ) -> io::Result<Past> {
-    if body_len.is_none() && from > off {
+    // Its kind byte (after the 4 bytes of the CRC) must read as 0: no record has kind 0, while
+    // a CRC may be all zeros, and a record whose kind is on the bad page would be cut with no
+    // word (the room is not damage).
+    if body_len.is_none() && from > off + 4 {
         if let Got::Bytes(b) = window.get(off, from - off)? {
             if b.iter().all(|x| *x == 0) {
                 return Ok(Past::Room);
@@ -3469,6 +3475,26 @@ mod tests {
             }
             assert_eq!(std::fs::metadata(&seg).unwrap().len(), end, "the room cut off");
             assert!(!seg.with_extension("qlog.damaged").exists());
+        }
+    }
+
+    /// Zeros that stop short of a header's kind byte, then a page that does not read, prove no
+    /// room: a record's CRC may be zeros, and its kind byte on the bad page. Counted as a cut
+    /// (a false alarm at worst, where the room it was), never the silent cut of a record.
+    #[test]
+    fn zeros_short_of_a_kind_byte_before_a_bad_sector_are_not_taken_for_room() {
+        let page = 20480u64;
+        for short in 1..=4u64 {
+            let dir = tempfile::tempdir().unwrap();
+            let n = (page - short) as usize - HEADER;
+            {
+                let log = QueueLog::open(dir.path()).unwrap();
+                log.append(&[((MSG, 0), &body(0, n))], &[], true).unwrap();
+            }
+            let log =
+                QueueLog::open_failing(dir.path(), SEGMENT_BYTES, bad_sector(1, page, page + PAGE, None)).unwrap();
+            assert_eq!(log.damage(), (0, 1), "{short} bytes of zeros before the bad page");
+            assert_eq!(log.get((MSG, 0)).unwrap(), Some(body(0, n)));
         }
     }
 
