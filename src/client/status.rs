@@ -54,13 +54,20 @@ pub fn render_drain(d: &Value) -> String {
         return "drain: no (accepting sessions)".into();
     }
     format!(
-        "drain: DRAINING since {}  sessions {}  open sockets {}  {}",
+        "drain: DRAINING since {}  sessions {}  open sockets {}  http requests {}  http leases {}  {}",
         d["since_ms"]
             .as_i64()
             .map(|t| format!("{}s ago", (crate::protocols::now_ms() - t).max(0) / 1000))
             .unwrap_or_else(|| "shutdown".into()),
         d["sessions"],
         d["open_sockets"],
+        d["http_requests"],
+        // What HTTP pickups here delivered and no one acknowledged yet: `empty` waits for it.
+        match d["http_leases_held"].as_bool() {
+            Some(true) => "held",
+            Some(false) => "none",
+            None => "?",
+        },
         if d["empty"].as_bool() == Some(true) {
             "EMPTY: safe to stop"
         } else {

@@ -19,6 +19,10 @@ pub const MAX_UPDATES: usize = 1000;
 /// Keys of one keylist-update looked up at once for whether another connection holds them as
 /// a did:key ([`held_as_did_key`]).
 const HELD_LOOKUPS_AT_ONCE: usize = 4;
+/// Keys over the limit an update may be and still have its adds looked up: a few of them may be
+/// held by another connection (refused on their own, not counted); past that many over, it is
+/// refused without a lookup.
+const LIMIT_RECHECK_MAX: usize = 8;
 
 /// The number of keys `conn` would hold after `add` and `remove`, when that passes
 /// `limits.max_keys_per_connection` and grows the list (a list already over a lowered limit may
@@ -162,42 +166,57 @@ pub async fn keylist_update(m: &Mediator, ctx: &Inbound) -> Result<Outcome, Hand
             .collect()
     };
     let (adds, remove) = (named_by("add"), named_by("remove"));
-    // The limit first, from the keys the connection holds (read once): an update it refuses
-    // looks nothing else up.
     let current: HashSet<String> = if adds.is_empty() {
         HashSet::new()
     } else {
         m.store.keys_of(&conn.id).await?.into_iter().collect()
     };
-    if let Some(would_hold) = over_limit_from(&current, &adds, &remove, m.max_keys_per_connection) {
-        // Refused whole: every update `server_error` (RFC 0211), then a report saying why.
-        let updated: Vec<Value> = items
-            .iter()
-            .map(|(raw, _, action)| json!({ "recipient_key": raw, "action": action, "result": "server_error" }))
-            .collect();
-        let mut reply = ctx.reply("keylist-update-response");
-        reply["updated"] = Value::Array(updated);
-        let why = over_limit_reason(would_hold, m.max_keys_per_connection);
-        let report = problem::report(ctx, "keylist_limit", &why);
-        let mut replies = vec![reply];
-        replies.extend(report.replies);
-        return Ok(Outcome {
-            replies,
-            ..Outcome::default()
-        });
-    }
     // A key another connection holds as a DIDComm v2 recipient DID (a did:key form of it) is
     // refused as one it holds in base58 (the store sees only the exact string). Looked up on
     // adds only, never on a forward; not for a key this connection holds already (its add
     // changes nothing). A key costs six lookups, which the route cache answers only for a held
     // key: a few keys are looked up at once, and only a few, so that one update does not take
     // the store's pool to itself.
-    let held_as_did: HashSet<&String> = futures_util::stream::iter(adds.iter().filter(|k| !current.contains(*k)))
-        .map(|k| async move { Ok::<_, HandleError>(held_as_did_key(m, &conn.id, k).await?.map(|_| k)) })
-        .buffer_unordered(HELD_LOOKUPS_AT_ONCE)
-        .try_filter_map(|held| async move { Ok(held) })
-        .try_collect()
-        .await?;
+    let held_elsewhere = || {
+        futures_util::stream::iter(adds.iter().filter(|k| !current.contains(*k)))
+            .map(|k| async move { Ok::<_, HandleError>(held_as_did_key(m, &conn.id, k).await?.map(|_| k)) })
+            .buffer_unordered(HELD_LOOKUPS_AT_ONCE)
+            .try_filter_map(|held| async move { Ok(held) })
+            .try_collect::<HashSet<&String>>()
+    };
+    // The limit first, from the keys the connection holds (read once): an update well over it
+    // looks nothing else up. One a few keys over is looked up first: the keys it names that
+    // another connection holds are refused on their own, and do not count.
+    let max = m.max_keys_per_connection;
+    let held_as_did = match over_limit_from(&current, &adds, &remove, max) {
+        None => held_elsewhere().await?,
+        Some(would_hold) => {
+            let held = if would_hold - max <= LIMIT_RECHECK_MAX {
+                held_elsewhere().await?
+            } else {
+                HashSet::new()
+            };
+            let left: Vec<String> = adds.iter().filter(|k| !held.contains(k)).cloned().collect();
+            match over_limit_from(&current, &left, &remove, max) {
+                None => held,
+                Some(would_hold) => {
+                    // Refused whole: every update `server_error` (RFC 0211), then a report saying why.
+                    let refused = |(raw, _, action): &(String, Result<String, String>, String)| json!({ "recipient_key": raw, "action": action, "result": "server_error" });
+                    let updated: Vec<Value> = items.iter().map(refused).collect();
+                    let mut reply = ctx.reply("keylist-update-response");
+                    reply["updated"] = Value::Array(updated);
+                    let why = over_limit_reason(would_hold, m.max_keys_per_connection);
+                    let report = problem::report(ctx, "keylist_limit", &why);
+                    let mut replies = vec![reply];
+                    replies.extend(report.replies);
+                    return Ok(Outcome {
+                        replies,
+                        ..Outcome::default()
+                    });
+                }
+            }
+        }
+    };
     let add: Vec<String> = adds.iter().filter(|k| !held_as_did.contains(k)).cloned().collect();
     let results = m.store.update_keys(&conn.id, &add, &remove).await?;
     // Every add's result, then every remove's; each key is named once, so each entry finds its own.
@@ -372,12 +391,37 @@ mod tests {
             assert_eq!(results(&r[0]), ["no_change"; 8]);
             assert_eq!(lookups(), 0, "a re-add of the connection's own keys looks nothing up");
         }
+        let far: Vec<(&str, String)> = (0..2 + LIMIT_RECHECK_MAX + 1)
+            .map(|_| ("add", KeyPair::generate().verkey()))
+            .collect();
+        let r = keylist(&m, &c1, &far).await;
+        assert_eq!(results(&r[0]), vec!["server_error"; far.len()]);
+        assert_eq!(crate::client::type_name(&r[1]), "problem-report", "{}", r[1]);
+        assert_eq!(lookups(), 0, "an update well over the limit looks nothing up");
+        // A few over: looked up, and refused as no key it names is held elsewhere.
         let more: Vec<(&str, String)> = (0..3).map(|_| ("add", KeyPair::generate().verkey())).collect();
         let r = keylist(&m, &c1, &more).await;
         assert_eq!(results(&r[0]), ["server_error"; 3]);
-        assert_eq!(crate::client::type_name(&r[1]), "problem-report", "{}", r[1]);
-        assert_eq!(lookups(), 0, "an update refused for the limit looks nothing up");
         assert_eq!(m.store.keys_of(&c1.id).await.unwrap().len(), 8);
+    }
+
+    /// A key another connection holds as a DID is refused on its own and does not count
+    /// towards the limit: an update one key under it with such a key and a new one adds the
+    /// new one. (Checking the limit before the lookups refused both for a while.)
+    #[actix_rt::test]
+    async fn a_key_held_elsewhere_as_a_did_does_not_count_towards_the_limit() {
+        let (m, c1) = mediator_for_test().await;
+        let c2 = granted_connection_for_test("c2", "ours2", "theirs2");
+        m.store.put_connection(&c2).await.unwrap();
+        let max = m.max_keys_per_connection;
+        let held: Vec<String> = (0..max - 1).map(|_| KeyPair::generate().verkey()).collect();
+        m.store.update_keys(&c1.id, &held, &[]).await.unwrap();
+        let theirs = KeyPair::generate();
+        m.store.update_keys(&c2.id, &[theirs.did_key()], &[]).await.unwrap();
+        let new = KeyPair::generate();
+        let r = keylist(&m, &c1, &[("add", new.verkey()), ("add", theirs.verkey())]).await;
+        assert_eq!(results(&r[0]), ["success", "client_error"], "{r:?}");
+        assert_eq!(m.store.keys_of(&c1.id).await.unwrap().len(), max);
     }
 
     /// The store applies an update's adds before its removes, whatever their order:

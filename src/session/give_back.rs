@@ -212,6 +212,9 @@ const HTTP_LEASES_MAX: usize = 100_000;
 /// pickups, not every connection that ever picked up over HTTP.
 const HTTP_LEASES_PRUNE_EVERY_MS: i64 = 1_000;
 const HTTP_LEASES_PRUNE_FROM: usize = 1_024;
+/// Store reads one [`HttpLeases::held`] makes at most: a `/status` during a drain answers in
+/// the time of a few reads, not one per wallet that picked up over HTTP in the last lease.
+const HTTP_LEASES_READS_MAX: usize = 64;
 
 /// What this node's HTTP requests hold: the requests being answered, and the connections
 /// whose messages their pickups leased (pickup 2.0 and 3.0 deliveries over HTTP, leased to
@@ -314,7 +317,8 @@ impl HttpLeases {
         let Some(conns) = self.outstanding(now_ms) else {
             return true;
         };
-        for (conn, until) in conns {
+        let more = conns.len() > HTTP_LEASES_READS_MAX;
+        for (conn, until) in conns.into_iter().take(HTTP_LEASES_READS_MAX) {
             match store.queue_stats(&conn, now_ms).await {
                 Ok(q) if q.leased == 0 => self.forget(&conn, until),
                 Ok(_) => return true,
@@ -324,7 +328,9 @@ impl HttpLeases {
                 }
             }
         }
-        false
+        // Those not read yet are held as far as this call knows; the next reads on from here
+        // (each one found acknowledged is forgotten).
+        more
     }
 }
 
@@ -380,5 +386,20 @@ mod tests {
         drop(r);
         drop(r2);
         assert_eq!(h.requests(), 0);
+    }
+
+    /// A drain's `/status` reads at most [`HTTP_LEASES_READS_MAX`] connections: with more
+    /// recorded, it answers held and the next one reads on from there.
+    #[actix_rt::test]
+    async fn held_reads_a_bounded_number_of_connections_a_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open_sled(&dir.path().join("data")).await.unwrap();
+        let h = HttpLeases::default();
+        for i in 0..HTTP_LEASES_READS_MAX + 10 {
+            h.leased(&format!("c{i}"), 10_000, 0);
+        }
+        assert!(h.held(store.as_ref(), 1).await, "10 not read yet");
+        assert_eq!(h.outstanding(1).unwrap().len(), 10, "those read forgotten");
+        assert!(!h.held(store.as_ref(), 1).await);
     }
 }
