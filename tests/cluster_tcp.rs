@@ -836,3 +836,57 @@ async fn a_peer_links_through_a_flood_from_its_own_address() {
     n1.h.shutdown().await;
     n2.h.shutdown().await;
 }
+
+/// n2 fails and n3 leaves its take-over to n1 (the lowest id up); n1 then fails too, before
+/// it took n2 over (its events here are never acted on). Once n3 finds n1 down it is the
+/// lowest id up, and takes over n2 as well as n1: the wallet whose session n2 held is woken,
+/// and n2's leases are released (n3 sees n4: half the cluster), rather than left to nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_peer_is_taken_over_when_the_node_it_fell_to_fails_too() {
+    let (mut nodes, _) = mesh(&["n1", "n2", "n3", "n4"]).await;
+    wait_until("full mesh", || all_connected(&nodes)).await;
+    nodes[1].h.announce_session("w");
+    wait_until("everyone sees n2 owning w", || {
+        [0, 2, 3].iter().all(|&i| owner_is(&nodes[i], "w", Some("n2")))
+    })
+    .await;
+
+    nodes[1].h.shutdown().await;
+    wait_event(
+        &mut nodes[2].ev,
+        "PeerDown n2 on n3, left to n1",
+        |e| matches!(e, ClusterEvent::PeerDown { node, taken_over_here: false } if node == "n2"),
+    )
+    .await;
+    assert!(owner_is(&nodes[2], "w", None), "n2's claims swept on n3");
+    nodes[0].h.shutdown().await;
+
+    wait_event(
+        &mut nodes[2].ev,
+        "PeerDown n1 on n3, taken over there",
+        |e| matches!(e, ClusterEvent::PeerDown { node, taken_over_here: true } if node == "n1"),
+    )
+    .await;
+    let ev = wait_event(
+        &mut nodes[2].ev,
+        "SessionsLost n2 on n3",
+        |e| matches!(e, ClusterEvent::SessionsLost { node, .. } if node == "n2"),
+    )
+    .await;
+    let ClusterEvent::SessionsLost {
+        conns, release_leases, ..
+    } = ev
+    else {
+        unreachable!()
+    };
+    assert_eq!(conns, vec!["w".to_string()]);
+    assert!(release_leases, "n3 sees n4 up: half the cluster");
+    wait_event(
+        &mut nodes[3].ev,
+        "PeerDown n1 on n4, left to n3",
+        |e| matches!(e, ClusterEvent::PeerDown { node, taken_over_here: false } if node == "n1"),
+    )
+    .await;
+    nodes[2].h.shutdown().await;
+    nodes[3].h.shutdown().await;
+}

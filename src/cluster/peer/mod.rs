@@ -259,6 +259,12 @@ pub(crate) struct State {
     /// are being swept: the sessions left with no owner so far. [`ClusterEvent::SessionsLost`]
     /// goes out when the sweep ends, if it left any (or leases are to be released).
     pub lost: HashMap<String, Lost>,
+    /// Peers found down whose take-over fell to another node (a lower id up then), with what
+    /// they left, for [`UNCLAIMED_KEPT_TIMEOUTS`] failure timeouts: should that node fail too
+    /// before it took them over, nobody else would, and once this node takes over
+    /// ([`Shared::take_over_unclaimed`]) it takes them over as well. One per configured peer,
+    /// with no more conns than the peer's claims.
+    pub unclaimed: HashMap<String, Unclaimed>,
 }
 
 /// What a failed peer left, gathered while its claims are swept.
@@ -267,6 +273,20 @@ pub(crate) struct Lost {
     pub conns: Vec<String>,
     pub release_leases: bool,
 }
+
+/// What a failed peer taken over elsewhere left ([`State::unclaimed`]): when this node found it
+/// down, and the sessions its sweep left with no owner.
+pub(crate) struct Unclaimed {
+    since: Instant,
+    conns: Vec<String>,
+}
+
+/// Failure timeouts a peer's [`Unclaimed`] record is kept. The node it fell to finds the peer
+/// down about when this one does (both time the same silence, a heartbeat or a tick apart),
+/// then takes it over in a sweep and a few store calls: one still up this long after did it,
+/// one found down sooner may not have (a take-over done twice is harmless: the releases find
+/// nothing left, the wallets may be pushed twice).
+const UNCLAIMED_KEPT_TIMEOUTS: u32 = 4;
 
 /// How long an operator close request is repeated to peers whose link comes up.
 pub const RECENT_CLOSE_TTL: Duration = Duration::from_secs(600);
@@ -348,6 +368,7 @@ impl Shared {
             secret_gen: 0,
             recent_closes: VecDeque::new(),
             lost: HashMap::new(),
+            unclaimed: HashMap::new(),
         };
         let shared = Arc::new(Shared {
             settings,
@@ -583,20 +604,51 @@ impl Shared {
             node: node.to_string(),
             max: DIR_SLICE,
         });
-        if let Some(lost) = st.lost.get_mut(node) {
-            for e in fx {
-                if let DirEffect::Orphaned { conn, .. } = e {
+        for e in fx {
+            if let DirEffect::Orphaned { conn, .. } = e {
+                if let Some(lost) = st.lost.get_mut(node) {
                     lost.conns.push(conn);
+                } else if let Some(left) = st.unclaimed.get_mut(node) {
+                    left.conns.push(conn);
                 }
             }
         }
         if !st.dir.sweeping(node) {
-            if let Some(lost) = st.lost.remove(node).filter(|l| l.release_leases || !l.conns.is_empty()) {
-                self.emit(ClusterEvent::SessionsLost {
-                    node: node.to_string(),
-                    conns: lost.conns,
-                    release_leases: lost.release_leases,
-                });
+            self.tell_lost(st, node);
+        }
+    }
+
+    /// Tells the node what `node`, taken over here and its claims all swept, left.
+    fn tell_lost(&self, st: &mut State, node: &str) {
+        if let Some(lost) = st.lost.remove(node).filter(|l| l.release_leases || !l.conns.is_empty()) {
+            self.emit(ClusterEvent::SessionsLost {
+                node: node.to_string(),
+                conns: lost.conns,
+                release_leases: lost.release_leases,
+            });
+        }
+    }
+
+    /// This node takes over now (every lower id is down): the peers found down before, whose
+    /// take-over fell to one of those, are taken over here too, as that node may have failed
+    /// before it did (found down a moment after them: a correlated failure). Their leases are
+    /// released if this node sees half the cluster up now.
+    fn take_over_unclaimed(&self, st: &mut State) {
+        let keep = self.settings.failure_timeout.saturating_mul(UNCLAIMED_KEPT_TIMEOUTS);
+        let release_leases = st.members.sees_half();
+        for (node, left) in std::mem::take(&mut st.unclaimed) {
+            // Up again: it restarted and released its own leases; taking it over would take
+            // those of its new sessions.
+            if left.since.elapsed() > keep || st.members.is_up(&node) {
+                continue;
+            }
+            info!(peer = %node, "cluster peer found down earlier, its take-over left to a node down now: taken over here");
+            let lost = st.lost.entry(node.clone()).or_default();
+            lost.conns.extend(left.conns);
+            lost.release_leases |= release_leases;
+            // A sweep still running tells when it ends, with the rest of its conns.
+            if !st.dir.sweeping(&node) {
+                self.tell_lost(st, &node);
             }
         }
     }
@@ -616,6 +668,7 @@ impl Shared {
                 }
                 MemberEffect::Up { peer } => {
                     info!(peer = %peer, "cluster peer up");
+                    st.unclaimed.remove(&peer);
                     self.emit(ClusterEvent::PeerUp { node: peer });
                 }
                 MemberEffect::Down { peer } => {
@@ -631,14 +684,20 @@ impl Shared {
                     // wallets left without a session anywhere (the conns whose last claim its
                     // sweep removes), told when the sweep ends.
                     if st.members.takes_over() {
+                        st.unclaimed.remove(&peer);
                         let release_leases = st.members.sees_half();
                         st.lost.entry(peer.clone()).or_default().release_leases |= release_leases;
+                        self.sweep_first(st, &peer);
+                        self.take_over_unclaimed(st);
                     } else {
                         // Another node takes over: what an earlier resync of the peer left to
-                        // tell (its sweep still running) is that node's to tell now.
-                        st.lost.remove(&peer);
+                        // tell (its sweep still running) is that node's to tell now. This one
+                        // keeps it, and what the sweep leaves, in case that node fails first.
+                        let conns = st.lost.remove(&peer).map(|l| l.conns).unwrap_or_default();
+                        let since = Instant::now();
+                        st.unclaimed.insert(peer.clone(), Unclaimed { since, conns });
+                        self.sweep_first(st, &peer);
                     }
-                    self.sweep_first(st, &peer);
                 }
                 MemberEffect::Install { .. } | MemberEffect::Reject { .. } => {}
             }
@@ -672,6 +731,8 @@ impl Shared {
         let mut st = self.state.lock();
         let fx = st.members.handle(MemberEvent::Tick, Instant::now());
         self.apply_member_effects(&mut st, fx);
+        let keep = self.settings.failure_timeout.saturating_mul(UNCLAIMED_KEPT_TIMEOUTS);
+        st.unclaimed.retain(|_, left| left.since.elapsed() <= keep);
     }
 
     // ---- directory operations from the handle -----------------------------------------
