@@ -630,8 +630,10 @@ async fn a_peers_hand_offs_waiting_on_the_node_stay_within_its_budget_and_a_slow
     let mut delivered = std::collections::BTreeMap::<String, Vec<i64>>::new();
     let mut returned = Vec::new();
     let mut waited = false;
-    // What was held when the test last handed everything on, until the next delivery: a frame
-    // the node judged (and returned) just before that moment reports after it.
+    // What was held when the test last handed everything on, until it next does: a frame the
+    // node judged (and returned) just before that moment reports after it, and may report
+    // after a delivery the node judged once the room came (the two are told apart, not in
+    // the order they were judged).
     let mut before_clear: Vec<(String, usize)> = Vec::new();
     while (delivered.values().map(Vec::len).sum::<usize>() + returned.len()) < FRAMES as usize {
         assert!(
@@ -645,7 +647,6 @@ async fn a_peers_hand_offs_waiting_on_the_node_stay_within_its_budget_and_a_slow
                     .entry(conn.clone())
                     .or_default()
                     .extend(msgs.iter().map(|m| m.id));
-                before_clear.clear();
                 held.push((conn.clone(), bytes, room));
                 let all: usize = held.iter().map(|(_, b, _)| b).sum();
                 let of_conn: usize = held.iter().filter(|(c, _, _)| *c == conn).map(|(_, b, _)| b).sum();
