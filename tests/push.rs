@@ -3278,3 +3278,88 @@ async fn a_quiet_session_whose_release_fails_still_pushes_for_the_mail_it_never_
     assert_eq!(hits[1].body["message"]["data"]["message_count"], "1");
     assert_eq!(queue_depth(&n).await, 1, "the quiet session took nothing");
 }
+
+/// Three nodes; only the n2<->n3 link breaks (n3 stays up, and a closed link finds no peer
+/// down before the failure timeout). The wallet's only session, on n3, ends meanwhile: n3's
+/// `Disown` reaches n1, not n2. A forward to n2 finds n3 named there and no link to it: the
+/// notification fails and n2 pushes nobody. Once the link is back, n3's resync drops the claim
+/// on n2, which is not the node that takes n3 over (n1 is) and tells nobody. Before, nobody
+/// ever pushed the wallet: n2 forgot the failed notification on its next one to n3, and no
+/// node held a session of it for a sweep to find. Now n2 notifies again what it could not send
+/// once the link is back, and the wallet is pushed.
+#[actix_rt::test]
+async fn a_notification_lost_with_a_link_is_pushed_once_the_link_is_back() {
+    let si = StandIn::start();
+    let db = FreshDb::create().await;
+    let (mut cfg, ls) = bind_cluster(3, &db.url, 100);
+    cfg.push = Some(si.push_config(0, &["proj-a"], false));
+    // The cut lasts well within it: n2 and n3 keep each other up, only their link is gone.
+    cfg.cluster.failure_timeout_ms = 120_000;
+    let store = open_shared_store(&cfg).await;
+    let real = |i: usize| -> std::net::SocketAddr { cfg.nodes[i].cluster.clone().unwrap().parse().unwrap() };
+    // n2's way to n3 and n3's way to n2 go through a proxy each; n1 reaches both directly.
+    let (to_n3, to_n2) = (Proxy::start(real(2)).await, Proxy::start(real(1)).await);
+    let mut cfg2 = cfg.clone();
+    cfg2.nodes[2].cluster = Some(to_n3.addr.to_string());
+    let mut cfg3 = cfg.clone();
+    cfg3.nodes[1].cluster = Some(to_n2.addr.to_string());
+    let mut it = ls.into_iter();
+    let n1 = start_node(&cfg, "n1", it.next().unwrap(), &store, None);
+    let n2 = start_node(&cfg2, "n2", it.next().unwrap(), &store, None);
+    let n3 = start_node(&cfg3, "n3", it.next().unwrap(), &store, None);
+    for (x, y) in [
+        (&n1, "n2"),
+        (&n1, "n3"),
+        (&n2, "n1"),
+        (&n2, "n3"),
+        (&n3, "n1"),
+        (&n3, "n2"),
+    ] {
+        eventually("link up", || async { peer_connected(x, y).await.then_some(()) }).await;
+    }
+    let (a, k) = Agent::onboard(&invitation(&n3).await).await.unwrap();
+    set_device(&a, FCM, json!("lost-link-token"), Some("android")).await;
+    let conn = a_connection_id(&n3).await;
+    let ws = live_socket(&a, &n3).await;
+    wait_owner(&[&n1, &n2], &conn, "n3").await;
+
+    to_n3.cut();
+    to_n2.cut();
+    eventually("n2 and n3 unlinked", || async {
+        (!peer_connected(&n2, "n3").await && !peer_connected(&n3, "n2").await).then_some(())
+    })
+    .await;
+    ws.close().await;
+    eventually("n1 sees no owner", || async {
+        owner_seen_by(&n1, &conn).await.is_none().then_some(())
+    })
+    .await;
+    eventually("n3 done with the session", || async {
+        let st = get_json(&format!("{}/status", n3.admin_url())).await;
+        (st["open_sockets"] == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        owner_seen_by(&n2, &conn).await.as_deref(),
+        Some("n3"),
+        "n3's Disown was lost with the link"
+    );
+    let failed = "mailroom_cluster_notifications_failed_total";
+    let failed_before = metric(&n2, failed).await;
+    forward(&n2, &a, &k, "while-cut").await;
+    eventually("n2's notification to n3 failed", || async {
+        (metric(&n2, failed).await > failed_before).then_some(())
+    })
+    .await;
+    assert!(si.state.hits("fcm:").is_empty(), "n2 counts on n3 for the wallet");
+
+    to_n3.restore();
+    to_n2.restore();
+    let hits = wait_hits(&si, "fcm:", 1).await;
+    assert_clean(&hits);
+    assert_eq!(hits[0].body["message"]["data"]["message_count"], "1");
+    eventually("n2 sees no owner once n3's resync is in", || async {
+        owner_seen_by(&n2, &conn).await.is_none().then_some(())
+    })
+    .await;
+}

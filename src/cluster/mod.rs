@@ -220,21 +220,16 @@ fn validate_peers(node_id: &str, peers: &[PeerConfig]) -> Result<(), String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClusterEvent {
     /// A peer queued a message for `conn`, whose session this node holds: drain its queue.
-    MessageQueued {
-        conn: String,
-    },
-    PeerUp {
-        node: String,
-    },
+    MessageQueued { conn: String },
+    /// A link to the peer came up: the peer up again, or its link back after one closed while
+    /// the peer stayed up (what was notified to it meanwhile may never have reached it).
+    PeerUp { node: String },
     /// The peer is gone (silent past the failure timeout, left, or removed); its sessions
     /// are dropped from the directory (at once for a few thousand, else in slices in the
     /// background, see `peer::DIR_SLICE`). `taken_over_here`: this node takes over what the
     /// peer left (a [`ClusterEvent::SessionsLost`] follows when the peer left sessions no
     /// node holds, or leases to release).
-    PeerDown {
-        node: String,
-        taken_over_here: bool,
-    },
+    PeerDown { node: String, taken_over_here: bool },
     /// A peer failed, or its resync no longer named sessions it had claimed (it restarted
     /// before it was found failed), and this node is the one that takes over what it left
     /// (see [`membership::Membership::takes_over`]): the wallets of `conns`, whose sessions it
@@ -250,20 +245,11 @@ pub enum ClusterEvent {
     },
     /// Another node took ownership of a conn we hold (a newer session there): close our
     /// session? The node decides.
-    SessionMoved {
-        conn: String,
-        node: String,
-    },
+    SessionMoved { conn: String, node: String },
     /// A peer's operator removed `conn` or revoked its mediation: close its sessions here.
-    CloseSessions {
-        conn: String,
-        reason: String,
-    },
+    CloseSessions { conn: String, reason: String },
     /// A peer removed routing `keys` of `conn` (all of them when empty): forget cached routes.
-    RoutesChanged {
-        conn: String,
-        keys: Vec<String>,
-    },
+    RoutesChanged { conn: String, keys: Vec<String> },
     /// A peer handed messages of `conn` to this node's session ([`proto::Frame::Deliver`]):
     /// they are leased to this node's hand-off owner; write them out, or release them. Keep
     /// `held` until a session took them (or they were released): it holds their room in the
@@ -275,11 +261,7 @@ pub enum ClusterEvent {
     },
     /// Messages this node handed to `node` never left (the link closed first): release
     /// them (leased to `node`'s hand-off owner) and wake whoever holds `conn` now.
-    HandOffReturned {
-        node: String,
-        conn: String,
-        ids: Vec<i64>,
-    },
+    HandOffReturned { node: String, conn: String, ids: Vec<i64> },
 }
 
 /// The room the messages of one `Deliver` frame take in its link's budget
@@ -360,9 +342,10 @@ pub enum NotifyOutcome {
     /// The notification is on its way to the owner.
     Sent(String),
     /// The owner is up but unreachable right now (no link, or its queue is full): counted in
-    /// `notifications_failed`; the owner's sweep delivers, or, the owner found down later,
-    /// the node that notified wakes the wallet (`Shared::peer_down`), or the node that takes
-    /// the owner over does.
+    /// `notifications_failed`; the node that notified notifies it again with its next
+    /// notification to the owner or once its link is back (`Shared::peer_up`), or, the owner
+    /// found down later, wakes the wallet (`Shared::peer_down`), or the node that takes the
+    /// owner over does.
     Failed(String),
 }
 

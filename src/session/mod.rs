@@ -247,9 +247,28 @@ impl Shared {
         conns
     }
 
-    /// `peer` is up again: its own sweep wakes its sessions.
-    pub fn peer_up(&self, peer: &str) {
-        self.notified.up(peer);
+    /// A link to `peer` came up (the peer up again, or its link back after one closed while
+    /// it stayed up): what this node could not notify it of, or queued on a link that then
+    /// closed, is notified again now ([`notified::Notified::relinked`]). The peer's sweep
+    /// wakes only the sessions it still holds: one that ended meanwhile, its `Disown` lost
+    /// with the link, leaves a wallet that nobody would wake or push.
+    pub fn peer_up(self: &Arc<Self>, peer: &str) {
+        self.wake_again(self.notified.relinked(peer, now_ms()));
+    }
+
+    /// Treats the wallets of `conns` that have mail pending as queued now (their session
+    /// woken, or the wallet pushed unless pushed since the time given with it), off the
+    /// caller's path.
+    fn wake_again(self: &Arc<Self>, conns: Vec<(String, i64)>) {
+        if conns.is_empty() {
+            return;
+        }
+        let s = self.clone();
+        self.tracked.spawn(async move {
+            let latest: std::collections::HashMap<String, i64> = conns.into_iter().collect();
+            let ids: Vec<String> = latest.keys().cloned().collect();
+            wake_pending_with(&s, &ids, |c| latest.get(c).copied()).await;
+        });
     }
 
     /// Wakes the wallets of `conns` (each with the time this node last notified a peer now
@@ -573,15 +592,18 @@ impl Shared {
             match c.notify_queued(conn) {
                 NotifyOutcome::Sent(peer) => {
                     self.metrics.notifications_sent.inc();
-                    // Not kept (the peer was found down meanwhile): pushed now.
-                    if self.notified.sent(&peer, conn, now_ms(), epoch) {
+                    // Not kept (the peer was found down meanwhile): pushed now. What could
+                    // not be sent to it before is notified again now that one goes out.
+                    if let Some(unsent) = self.notified.sent(&peer, conn, now_ms(), epoch) {
+                        self.wake_again(unsent);
                         return true;
                     }
                 }
                 NotifyOutcome::Failed(peer) => {
                     self.metrics.notifications_failed.inc();
-                    // Alive, the peer's sweep wakes the session; failed, it is woken from
-                    // here once the peer is found down.
+                    // Notified again with the next notification that goes out to the peer
+                    // or when its link comes back; failed, woken from here once it is found
+                    // down.
                     if self.notified.failed(&peer, conn, now_ms(), epoch) {
                         return true;
                     }

@@ -4,6 +4,13 @@
 //! failed peer over wakes every wallet the peer held, but only with what was queued before
 //! it did; the other nodes find the peer down a little later (up to a heartbeat apart), and
 //! what they notified it of meanwhile is theirs to wake ([`Notified::down`]).
+//!
+//! A peer reached again is no proof that it got what it missed: its session of the wallet
+//! may have ended meanwhile, with its `Disown` lost on the same link, and then no sweep of
+//! its own wakes or pushes anyone. What a notification to it could not carry is notified
+//! again (a session woken, or the wallet pushed) on the next one that goes out
+//! ([`Notified::sent`]), and what it was told lately too once its link comes back
+//! ([`Notified::relinked`]): a notification queued on a link that then closed was lost too.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,6 +64,19 @@ impl State {
 }
 
 impl Notes {
+    /// The failed notifications, and those sent since `since`: each connection once, sorted,
+    /// with its latest time.
+    fn into_wake(self, since: i64) -> Vec<(String, i64)> {
+        let mut latest = self.failed;
+        for (c, at) in self.sent.into_iter().filter(|(_, at)| *at >= since) {
+            let t = latest.entry(c).or_insert(at);
+            *t = (*t).max(at);
+        }
+        let mut conns: Vec<(String, i64)> = latest.into_iter().collect();
+        conns.sort_unstable();
+        conns
+    }
+
     /// Drops the oldest sent notification.
     fn drop_oldest(&mut self) {
         if let Some((at, c)) = self.order.pop_front() {
@@ -84,22 +104,24 @@ impl Notified {
     }
 
     /// A notification of `conn` went out to `peer` at `now_ms` (its outcome read after
-    /// `epoch`). The peer is reachable: what could not be sent to it before is its own sweep's
-    /// to deliver. The oldest are dropped past `max` within the window. Whether it is kept:
-    /// `false` when the peer was found down meanwhile, and the caller pushes the wallet now.
-    pub fn sent(&self, peer: &str, conn: &str, now_ms: i64, epoch: u64) -> bool {
+    /// `epoch`). The oldest are dropped past `max` within the window. `None` when it is not
+    /// kept: the peer was found down meanwhile, and the caller pushes the wallet now. Else the
+    /// connections whose notification to the peer could not be sent before (other than
+    /// `conn`), sorted, each with its latest time, taken out: the caller notifies them again, now
+    /// that one goes out (see the module).
+    pub fn sent(&self, peer: &str, conn: &str, now_ms: i64, epoch: u64) -> Option<Vec<(String, i64)>> {
         let mut st = self.state.lock();
-        let Some(notes) = st.notes(peer, epoch) else {
-            return false;
-        };
-        notes.failed.clear();
+        let notes = st.notes(peer, epoch)?;
+        notes.failed.remove(conn);
+        let mut unsent: Vec<(String, i64)> = notes.failed.drain().collect();
+        unsent.sort_unstable();
         let before = now_ms.saturating_sub(self.window_ms);
         while notes.order.front().is_some_and(|(at, _)| *at < before) || notes.order.len() >= self.max {
             notes.drop_oldest();
         }
         notes.sent.insert(conn.to_string(), now_ms);
         notes.order.push_back((now_ms, conn.to_string()));
-        true
+        Some(unsent)
     }
 
     /// A notification of `conn` to `peer` could not be sent at `now_ms` (its outcome read
@@ -132,20 +154,18 @@ impl Notified {
             return Vec::new();
         };
         drop(st);
-        let since = now_ms.saturating_sub(self.window_ms);
-        let mut latest = notes.failed;
-        for (c, at) in notes.sent.into_iter().filter(|(_, at)| *at >= since) {
-            let t = latest.entry(c).or_insert(at);
-            *t = (*t).max(at);
-        }
-        let mut conns: Vec<(String, i64)> = latest.into_iter().collect();
-        conns.sort_unstable();
-        conns
+        notes.into_wake(now_ms.saturating_sub(self.window_ms))
     }
 
-    /// Drops the notes of `peer`, up again: its own sweep wakes its sessions.
-    pub fn up(&self, peer: &str) {
-        self.state.lock().by_peer.remove(peer);
+    /// A link to `peer` came up at `now_ms` (the peer up again, or its link back after one
+    /// closed while it stayed up): the connections to notify again, as [`Notified::down`]
+    /// returns them, since what could not be sent, and what was queued on a link that then
+    /// closed, never reached it. The peer's notes are dropped; notifying again keeps them anew.
+    pub fn relinked(&self, peer: &str, now_ms: i64) -> Vec<(String, i64)> {
+        let Some(notes) = self.state.lock().by_peer.remove(peer) else {
+            return Vec::new();
+        };
+        notes.into_wake(now_ms.saturating_sub(self.window_ms))
     }
 }
 
@@ -161,10 +181,10 @@ mod tests {
     fn a_peer_found_down_wakes_what_it_failed_to_take_and_what_it_took_lately() {
         let n = Notified::new(1_000, 3);
         let e = n.epoch();
-        assert!(n.sent("p", "early", 0, e));
-        assert!(n.sent("p", "late", 5_000, e));
+        assert!(n.sent("p", "early", 0, e).is_some());
+        assert!(n.sent("p", "late", 5_000, e).is_some());
         assert!(n.failed("q", "unsent", 7, e) && n.failed("q", "unsent", 9, e));
-        assert!(n.sent("p", "late", 5_500, e));
+        assert!(n.sent("p", "late", 5_500, e).is_some());
         assert_eq!(
             n.down("p", 5_800),
             [at("late", 5_500)],
@@ -182,29 +202,55 @@ mod tests {
     fn a_notification_that_raced_the_peer_found_down_is_not_kept() {
         let n = Notified::new(1_000, 10);
         let before = n.epoch();
-        assert!(n.sent("p", "a", 0, before));
+        assert!(n.sent("p", "a", 0, before).is_some());
         assert_eq!(n.down("p", 10), [at("a", 0)]);
         assert!(
-            !n.sent("p", "b", 11, before),
+            n.sent("p", "b", 11, before).is_none(),
             "read before it was found down: pushed now"
         );
         assert!(!n.failed("p", "b", 11, before));
         let after = n.epoch();
-        assert!(n.sent("p", "c", 12, after), "read after: kept (the peer is up again)");
-        assert!(n.sent("q", "d", 12, before), "another peer's down changes nothing here");
+        assert!(
+            n.sent("p", "c", 12, after).is_some(),
+            "read after: kept (the peer is up again)"
+        );
+        assert!(
+            n.sent("q", "d", 12, before).is_some(),
+            "another peer's down changes nothing here"
+        );
     }
 
     #[test]
-    fn a_peer_reached_again_or_up_again_is_forgotten() {
+    fn what_could_not_be_sent_is_notified_again_by_the_next_that_goes_out() {
         let n = Notified::new(1_000, 10);
         let e = n.epoch();
-        assert!(n.failed("p", "a", 0, e));
-        assert!(n.sent("p", "b", 10, e));
-        assert_eq!(n.down("p", 20), [at("b", 10)], "reached again: its sweep wakes a");
+        assert!(n.failed("p", "a", 0, e) && n.failed("p", "b", 3, e) && n.failed("q", "c", 4, e));
+        assert_eq!(
+            n.sent("p", "b", 10, e),
+            Some(vec![at("a", 0)]),
+            "a, not b, which this one carries; not q's"
+        );
+        assert_eq!(n.sent("p", "d", 11, e), Some(vec![]), "taken once");
+        assert_eq!(n.down("p", 20), [at("b", 10), at("d", 11)], "a is the caller's now");
+        assert_eq!(n.down("q", 20), [at("c", 4)]);
+    }
+
+    #[test]
+    fn a_link_back_notifies_again_what_failed_and_what_went_out_lately() {
+        let n = Notified::new(1_000, 10);
         let e = n.epoch();
-        assert!(n.failed("p", "c", 30, e));
-        n.up("p");
-        assert!(n.down("p", 40).is_empty());
+        assert!(n.sent("p", "old", 0, e).is_some());
+        assert!(n.sent("p", "lost", 5_000, e).is_some());
+        assert!(n.failed("p", "unsent", 5_100, e));
+        assert!(n.failed("q", "other", 5_100, e));
+        assert_eq!(
+            n.relinked("p", 5_200),
+            [at("lost", 5_000), at("unsent", 5_100)],
+            "what went out a window ago reached the peer before its link closed"
+        );
+        assert!(n.relinked("p", 5_300).is_empty(), "dropped");
+        assert!(n.down("p", 5_300).is_empty());
+        assert_eq!(n.down("q", 5_300), [at("other", 5_100)]);
     }
 
     #[test]
@@ -213,10 +259,15 @@ mod tests {
         let e = n.epoch();
         assert!(n.failed("p", "a", 0, e) && n.failed("p", "b", 0, e) && n.failed("p", "a", 0, e));
         assert!(!n.failed("p", "c", 0, e), "full: the caller pushes now");
-        assert!(n.sent("q", "x", 0, e) && n.sent("q", "y", 5, e));
-        assert!(n.sent("q", "z", 6, e), "full within the window: the oldest dropped");
+        assert!(n.sent("q", "x", 0, e).is_some() && n.sent("q", "y", 5, e).is_some());
+        assert!(
+            n.sent("q", "z", 6, e).is_some(),
+            "full within the window: the oldest dropped"
+        );
         assert_eq!(n.down("q", 7), [at("y", 5), at("z", 6)]);
-        assert!(n.sent("r", "x", 0, e) && n.sent("r", "x", 1, e) && n.sent("r", "y", 20, e));
+        assert!(
+            n.sent("r", "x", 0, e).is_some() && n.sent("r", "x", 1, e).is_some() && n.sent("r", "y", 20, e).is_some()
+        );
         assert_eq!(n.down("r", 21), [at("y", 20)], "out of the window: dropped");
     }
 }

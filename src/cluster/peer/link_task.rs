@@ -197,6 +197,8 @@ pub(super) async fn run_link(
             // as the links opened with it were closed.
             Admitted::Refused("the cluster secret changed during the handshake")
         } else {
+            // The peer had no link (a closed one, or none yet), before this one came up.
+            let unlinked = st.peers.get(&peer).is_some_and(|slot| slot.link.is_none());
             let fx = st.members.handle(
                 MemberEvent::LinkUp {
                     peer: peer.clone(),
@@ -208,6 +210,14 @@ pub(super) async fn run_link(
             let installed = fx
                 .iter()
                 .any(|e| matches!(e, MemberEffect::Install { link: l, .. } if *l == link));
+            // Back after a link closed while the peer stayed up (a closed link finds it down
+            // only at the failure timeout): the node is told, as of a peer up again, so it
+            // notifies again what it could not send the peer, or queued on the link that closed
+            // (its queue dropped below with nobody to take it). That peer's session may have
+            // ended meanwhile, its `Disown` lost with the link: the peer's sweep would not
+            // wake that wallet, and the resync that drops its claim tells only the node that
+            // takes a failed peer over.
+            let relinked = installed && unlinked && !fx.iter().any(|e| matches!(e, MemberEffect::Up { .. }));
             // Close the replaced link first, then emit Up.
             shared.apply_member_effects(&mut st, fx);
             let mut room = None;
@@ -223,6 +233,9 @@ pub(super) async fn run_link(
                     });
                 }
                 let now = Instant::now();
+                if relinked {
+                    shared.emit(ClusterEvent::PeerUp { node: peer.clone() });
+                }
                 for (_, f) in st
                     .recent_closes
                     .iter()
@@ -313,6 +326,8 @@ pub(super) async fn run_link(
                     shared.counters.handoffs_failed.fetch_add(n, Ordering::Relaxed);
                     returned.push((conn, msgs.into_iter().map(|m| m.id).collect()));
                 }
+                // A wake-up: the node notifies it again when a link to the peer comes back
+                // (`PeerUp`), or wakes it once the peer is found down.
                 Some(_) => bump(&shared.counters.notifications_failed),
             }
         }
