@@ -47,6 +47,10 @@ struct Notes {
     sent: HashMap<String, i64>,
     /// The same, in the order sent, to drop them as they leave the window.
     order: VecDeque<(i64, String)>,
+    /// When [`Notified::sent`] last took the failed ones out to notify again: at most once a
+    /// window, or a link whose queue stays full would have every notification that gets through
+    /// start another round of retries (a store read each), which refill it.
+    retried_at: Option<i64>,
 }
 
 impl State {
@@ -107,14 +111,20 @@ impl Notified {
     /// `epoch`). The oldest are dropped past `max` within the window. `None` when it is not
     /// kept: the peer was found down meanwhile, and the caller pushes the wallet now. Else the
     /// connections whose notification to the peer could not be sent before (other than
-    /// `conn`), sorted, each with its latest time, taken out: the caller notifies them again, now
-    /// that one goes out (see the module).
+    /// `conn`), each with its latest time, taken out at most once a window: the caller notifies
+    /// them again, now that one goes out (see the module).
     pub fn sent(&self, peer: &str, conn: &str, now_ms: i64, epoch: u64) -> Option<Vec<(String, i64)>> {
         let mut st = self.state.lock();
         let notes = st.notes(peer, epoch)?;
         notes.failed.remove(conn);
-        let mut unsent: Vec<(String, i64)> = notes.failed.drain().collect();
-        unsent.sort_unstable();
+        // Nothing to hash or free on the way of a forward when none failed.
+        let due = !matches!(notes.retried_at, Some(t) if now_ms.saturating_sub(t) < self.window_ms);
+        let unsent: Vec<(String, i64)> = if notes.failed.is_empty() || !due {
+            Vec::new()
+        } else {
+            notes.retried_at = Some(now_ms);
+            std::mem::take(&mut notes.failed).into_iter().collect()
+        };
         let before = now_ms.saturating_sub(self.window_ms);
         while notes.order.front().is_some_and(|(at, _)| *at < before) || notes.order.len() >= self.max {
             notes.drop_oldest();
@@ -231,7 +241,20 @@ mod tests {
             "a, not b, which this one carries; not q's"
         );
         assert_eq!(n.sent("p", "d", 11, e), Some(vec![]), "taken once");
-        assert_eq!(n.down("p", 20), [at("b", 10), at("d", 11)], "a is the caller's now");
+        // Failed again within the window: left for the next round (a queue that stays full
+        // must not start a round at each notification that gets through).
+        assert!(n.failed("p", "e", 12, e));
+        assert_eq!(
+            n.sent("p", "f", 13, e),
+            Some(vec![]),
+            "within a window of the last round"
+        );
+        assert_eq!(n.sent("p", "g", 1_010, e), Some(vec![at("e", 12)]), "a window on");
+        assert_eq!(
+            n.down("p", 1_020),
+            [at("g", 1_010)],
+            "a and e are the caller's now; b, d and f left the window"
+        );
         assert_eq!(n.down("q", 20), [at("c", 4)]);
     }
 

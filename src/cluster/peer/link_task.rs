@@ -197,8 +197,6 @@ pub(super) async fn run_link(
             // as the links opened with it were closed.
             Admitted::Refused("the cluster secret changed during the handshake")
         } else {
-            // The peer had no link (a closed one, or none yet), before this one came up.
-            let unlinked = st.peers.get(&peer).is_some_and(|slot| slot.link.is_none());
             let fx = st.members.handle(
                 MemberEvent::LinkUp {
                     peer: peer.clone(),
@@ -217,7 +215,10 @@ pub(super) async fn run_link(
             // ended meanwhile, its `Disown` lost with the link: the peer's sweep would not
             // wake that wallet, and the resync that drops its claim tells only the node that
             // takes a failed peer over.
-            let relinked = installed && unlinked && !fx.iter().any(|e| matches!(e, MemberEffect::Up { .. }));
+            // A link replacing one still installed too (a half-open socket the peer redialed
+            // first, or both sides dialing at once): what was written on the one replaced may
+            // not have been read.
+            let relinked = installed && !fx.iter().any(|e| matches!(e, MemberEffect::Up { .. }));
             // Close the replaced link first, then emit Up.
             shared.apply_member_effects(&mut st, fx);
             let mut room = None;

@@ -631,11 +631,12 @@ impl Shared {
 
     /// This node takes over now (every lower id is down): the peers found down before, whose
     /// take-over fell to one of those, are taken over here too, as that node may have failed
-    /// before it did (found down a moment after them: a correlated failure). Their leases are
-    /// released if this node sees half the cluster up now.
+    /// before it did (found down a moment after them: a correlated failure). Their wallets are
+    /// woken; their leases are left to run out: this node found the peer down alone, maybe
+    /// across a link cut between the two while the peer lives on for the rest of the cluster,
+    /// and a release would deliver again what the peer's live sessions are delivering.
     fn take_over_unclaimed(&self, st: &mut State) {
         let keep = self.settings.failure_timeout.saturating_mul(UNCLAIMED_KEPT_TIMEOUTS);
-        let release_leases = st.members.sees_half();
         for (node, left) in std::mem::take(&mut st.unclaimed) {
             // Up again: it restarted and released its own leases; taking it over would take
             // those of its new sessions.
@@ -645,7 +646,6 @@ impl Shared {
             info!(peer = %node, "cluster peer found down earlier, its take-over left to a node down now: taken over here");
             let lost = st.lost.entry(node.clone()).or_default();
             lost.conns.extend(left.conns);
-            lost.release_leases |= release_leases;
             // A sweep still running tells when it ends, with the rest of its conns.
             if !st.dir.sweeping(&node) {
                 self.tell_lost(st, &node);
