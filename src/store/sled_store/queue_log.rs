@@ -1172,19 +1172,12 @@ impl QueueLog {
                 off += size as u64;
             }
             if off < len {
-                if cut_unreadable {
+                // Why the segment is cut at `off` as damage, if it is.
+                let cut = if cut_unreadable {
                     // Bytes that do not read where a record was, and no whole record after
                     // them ([`past_unreadable`]): the segment ends there. Whatever follows, it
                     // is damage (a crash tears an append, it does not make a sector unreadable).
-                    let aside = keep_aside_at_open(&mut window, &path);
-                    state.damage.cut.insert(n);
-                    tracing::error!(
-                        segment = %path.display(),
-                        offset = off,
-                        dropped = len - off,
-                        copy = %aside.display(),
-                        "queue log: cut a segment at a record that does not read on the medium, no whole record after it (queued messages or removals are lost); the segment as it reads is kept aside"
-                    );
+                    Some("a record that does not read on the medium, no whole record after it")
                 } else if !window.zeros_from(off)? {
                     // Zeros are the segment's room written ahead of its appends, not damage.
                     // In the last segment, a torn append after a crash when no whole record
@@ -1200,19 +1193,25 @@ impl QueueLog {
                             dropped = len - off,
                             "queue log: dropped a torn or corrupt tail (a crash mid-append)"
                         );
+                        None
                     } else {
-                        // Synced once (or whole records follow), so damaged on the disk: what
-                        // is cut is kept aside.
-                        let aside = keep_aside_at_open(&mut window, &path);
-                        state.damage.cut.insert(n);
-                        tracing::error!(
-                            segment = %path.display(),
-                            offset = off,
-                            dropped = len - off,
-                            copy = %aside.display(),
-                            "queue log: cut a segment at a damaged record no whole record follows where its length points (queued messages or removals are lost); the segment as it was is kept aside"
-                        );
+                        // Synced once (or whole records follow), so damaged on the disk.
+                        Some("a damaged record no whole record follows where its length points")
                     }
+                } else {
+                    None
+                };
+                if let Some(at) = cut {
+                    // What is cut is kept aside, as it reads.
+                    let aside = keep_aside_at_open(&mut window, &path);
+                    state.damage.cut.insert(n);
+                    tracing::error!(
+                        segment = %path.display(),
+                        offset = off,
+                        dropped = len - off,
+                        copy = %aside.display(),
+                        "queue log: cut a segment at {at} (queued messages or removals are lost); the segment as it reads is kept aside"
+                    );
                 } else if window.unreadable_past(off) {
                     // Pages of the room past the last record: never a record there, nothing lost
                     // (but the disk is failing).
