@@ -34,17 +34,60 @@ pub fn retry_delay(
     }
 }
 
-/// Parses `Retry-After` as delay-seconds (the form FCM and APNs stand-ins send) or an HTTP
-/// date, relative to `now` (Unix seconds).
+/// Parses `Retry-After` as delay-seconds (the form FCM and APNs send) or an HTTP date in any
+/// of the three forms RFC 9110 (5.6.7) has recipients accept: IMF-fixdate, and the obsolete
+/// RFC 850 and asctime forms a proxy or an old server in front of a webhook may still send.
+/// The wait is relative to `now` (Unix seconds); a date in the past is no wait.
 pub fn parse_retry_after(v: &str, now_unix_s: u64) -> Option<u64> {
     let v = v.trim();
     if let Ok(s) = v.parse::<u64>() {
         return Some(s.saturating_mul(1000));
     }
     let fmt = time::format_description::well_known::Rfc2822;
-    let t = time::OffsetDateTime::parse(v, &fmt).ok()?;
-    let at = t.unix_timestamp().max(0) as u64;
-    Some(at.saturating_sub(now_unix_s).saturating_mul(1000))
+    let at = match time::OffsetDateTime::parse(v, &fmt) {
+        Ok(t) => t.unix_timestamp(),
+        Err(_) => obsolete_http_date(v, now_unix_s)?,
+    };
+    Some((at.max(0) as u64).saturating_sub(now_unix_s).saturating_mul(1000))
+}
+
+/// An RFC 850 date (`Sunday, 06-Nov-94 08:49:37 GMT`) or an asctime one (`Sun Nov  6 08:49:37
+/// 1994`), as Unix seconds. RFC 850's two-digit year is the latest year ending in those digits
+/// that is not more than 50 years after `now` (RFC 9110).
+fn obsolete_http_date(v: &str, now_unix_s: u64) -> Option<i64> {
+    let parts: Vec<&str> = v.split_ascii_whitespace().collect();
+    let (day, month, year, clock) = match parts.as_slice() {
+        [weekday, date, clock, "GMT"] if weekday.ends_with(',') => {
+            let mut d = date.split('-');
+            let (day, month, yy) = (d.next()?, d.next()?, d.next()?);
+            if d.next().is_some() || yy.len() != 2 {
+                return None;
+            }
+            let yy: i32 = yy.parse().ok()?;
+            let now_year = time::OffsetDateTime::from_unix_timestamp(now_unix_s.min(253_402_300_799) as i64)
+                .ok()?
+                .year();
+            let mut year = now_year - now_year.rem_euclid(100) + yy;
+            if year > now_year + 50 {
+                year -= 100;
+            }
+            (day, month, year, *clock)
+        }
+        [_weekday, month, day, clock, year] => (*day, *month, year.parse().ok()?, *clock),
+        _ => return None,
+    };
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| *m == month)? as u8 + 1;
+    let date = time::Date::from_calendar_date(year, time::Month::try_from(month).ok()?, day.parse().ok()?).ok()?;
+    let mut hms = clock.split(':').map(|x| x.parse::<u8>().ok());
+    let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
+    if hms.next().is_some() {
+        return None;
+    }
+    let time = time::Time::from_hms(h, m, s).ok()?;
+    Some(time::PrimitiveDateTime::new(date, time).assume_utc().unix_timestamp())
 }
 
 #[cfg(test)]
@@ -110,5 +153,22 @@ mod tests {
             Some(10_000)
         );
         assert_eq!(parse_retry_after("soon", 0), None);
+        // The obsolete forms RFC 9110 has recipients accept, the same instant as above.
+        assert_eq!(
+            parse_retry_after("Tuesday, 15-Nov-94 08:12:31 GMT", 784_887_141),
+            Some(10_000)
+        );
+        assert_eq!(parse_retry_after("Tue Nov 15 08:12:31 1994", 784_887_141), Some(10_000));
+        assert_eq!(parse_retry_after("Sat Nov  5 08:12:31 1994", 0), Some(784_023_151_000));
+        // RFC 850's two-digit year: at most 50 years ahead of now, else the century before.
+        let now_2026 = 1_796_083_200; // 2026-12-01
+        assert_eq!(
+            parse_retry_after("Monday, 07-Dec-26 00:00:10 GMT", now_2026),
+            Some((1_796_601_610 - now_2026) * 1000)
+        );
+        assert_eq!(parse_retry_after("Sunday, 06-Nov-94 08:49:37 GMT", now_2026), Some(0));
+        assert_eq!(parse_retry_after("Sunday, 06-Nov-1994 08:49:37 GMT", 0), None);
+        assert_eq!(parse_retry_after("Sun Nov 31 08:49:37 1994", 0), None);
+        assert_eq!(parse_retry_after("Sun Nov 6 25:49:37 1994", 0), None);
     }
 }
