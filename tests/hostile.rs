@@ -279,6 +279,88 @@ async fn a_wallet_that_never_reads_holds_a_bounded_share_and_loses_nothing() {
     .await;
 }
 
+/// A wallet whose phone changed networks leaves a socket that takes no bytes (no FIN): the
+/// session there runs only when its socket takes some, so a forward handed to it waits. Before,
+/// the connection's later hand-offs waited behind it, each leased to the node's hand-off
+/// owner: the wallet, back on a new socket, got nothing live until the old socket's write
+/// stall gave it up (a minute by default; here longer than the test). Now a hand-off the
+/// session does not take within `HAND_LOCAL_WAIT` goes back to the queue, with the later
+/// ones, and the new socket leases them.
+#[actix_rt::test]
+async fn a_socket_that_stopped_reading_holds_no_hand_offs_from_the_wallet_s_new_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.delivery.lease_ms = 600_000;
+    cfg.limits.ws_write_stall_ms = 600_000;
+    let l = listeners_with_small_send_buffer(&mut cfg, 16 << 10);
+    let n = mailroom::node::spawn(cfg, "n1", l, Default::default()).unwrap();
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let big = "x".repeat(16 << 10);
+    for i in 0..60 {
+        assert_eq!(forward_to(&n, &a, &k, &format!("backlog {i}:{big}")).await, 202);
+    }
+    // The old socket in live mode fills with the backlog and is read no more.
+    let mut deaf = deaf_socket(n.public_addr).await;
+    let env = a
+        .pack(&pickup("live-delivery-change", json!({"live_delivery": true})))
+        .unwrap();
+    deaf.write_all(&common::masked_frame(&env)).await.unwrap();
+    eventually("the deaf session's leases to settle", || async {
+        let first = lease_counts(&n).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let second = lease_counts(&n).await;
+        (first == second && first.0 > 0).then_some(())
+    })
+    .await;
+    // Mail arriving now is handed to that session, which does not run.
+    for i in 0..3 {
+        assert_eq!(forward_to(&n, &a, &k, &format!("handed {i}:{big}")).await, 202);
+    }
+    // The wallet is back on a new socket, in live mode; then one more message.
+    let mut ws = a.websocket(&ws_url(&n)).await.unwrap();
+    ws_request(
+        &a,
+        &mut ws,
+        &pickup("live-delivery-change", json!({"live_delivery": true})),
+    )
+    .await;
+    assert_eq!(forward_to(&n, &a, &k, "after the move").await, 202);
+    // It arrives on the new socket well before either the lease or the stall runs out.
+    let mut got = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !got.contains("after the move") {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let d = match ws.next(left).await {
+            Ok(WsEvent::Envelope(e)) => a.unpack(&e).expect("reply unpacks").0,
+            other => panic!("the last message not delivered on the new socket within 60 s ({other:?}); got {got:?}"),
+        };
+        if type_name(&d) == "status" {
+            continue;
+        }
+        assert_eq!(type_name(&d), "delivery", "{d}");
+        let items = a.open_delivery(&d).unwrap();
+        let ids: Vec<String> = items.iter().map(|(id, _)| id.clone()).collect();
+        for (_, m) in items {
+            let c = m["content"].as_str().unwrap();
+            got.insert(c.split(':').next().unwrap().to_string());
+        }
+        ws.send_envelope(
+            a.pack(&pickup("messages-received", json!({"message_id_list": ids})))
+                .unwrap(),
+            true,
+        )
+        .await
+        .unwrap();
+    }
+    for i in 0..3 {
+        assert!(
+            got.contains(&format!("handed {i}")),
+            "handed {i} not delivered: {got:?}"
+        );
+    }
+    drop(deaf);
+}
+
 /// A wallet's live socket read a trickle at a time (a segment now and then: progress, so
 /// never a stall) is closed once its writes take longer than `limits.min_write_bytes_per_sec`
 /// allows, and what it was leased goes back. Before, each byte taken started the stall's

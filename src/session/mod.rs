@@ -58,6 +58,19 @@ const RECLAIM_BATCH: usize = 1_000;
 /// Deliveries of a message after which its lease running out pushes its wallet no more
 /// ([`Shared::reclaim_expired_leases`]).
 pub const RECLAIM_PUSHES: u32 = 3;
+/// How long a hand-off waits for the session here to take it ([`Shared::hand_local`]): a
+/// session that runs takes it within milliseconds; one held by a socket its wallet stopped
+/// reading does not until its write stall (`limits.ws_write_stall_ms`) gives it up.
+pub const HAND_LOCAL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How a hand-off went, for the run of its connection's hand-offs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handing {
+    /// Taken by a session or a link, or released.
+    Done,
+    /// The session here did not take it within [`HAND_LOCAL_WAIT`]; released.
+    Slow,
+}
 /// Connections asked about in one store call by [`wake_pending`].
 const WAKE_PENDING_CHUNK: usize = 500;
 /// Most connections [`Shared::notified`] keeps per peer, of each kind; past it, a failed
@@ -444,12 +457,15 @@ impl Shared {
                 max_frame: s.cluster.as_ref().map(ClusterHandle::max_frame),
             };
             let mut run = s.run_of(conn, first);
+            // Set once the session here did not take a hand-off within [`HAND_LOCAL_WAIT`]:
+            // the run's later ones for it go back to the queue without waiting too.
+            let mut slow_here = false;
             while let Some(e) = run.waiting().and_then(|w| join.take(w)) {
-                if e.release {
+                if e.release || (slow_here && e.h.node == s.mediator.node_id) {
                     let ids: Vec<i64> = e.h.msgs.iter().map(|m| m.id).collect();
                     s.hand_back(&e.h.node, &e.h.conn, &ids).await;
-                } else {
-                    s.hand_off(e.h).await;
+                } else if s.hand_off(e.h).await == Handing::Slow {
+                    slow_here = true;
                 }
                 drop(e.held);
             }
@@ -499,7 +515,7 @@ impl Shared {
     /// Forwards queued leased to the node of their wallet's live session
     /// ([`crate::protocols::Outcome::handed`]) go to it: to the session here, or in a `Deliver`
     /// frame to the peer. What no session takes is released and woken as any new message.
-    pub async fn hand_off(self: &Arc<Self>, h: Handed) {
+    pub async fn hand_off(self: &Arc<Self>, h: Handed) -> Handing {
         let Handed { node, conn, msgs } = h;
         if node == self.mediator.node_id {
             return self.hand_local(&conn, msgs).await;
@@ -519,23 +535,39 @@ impl Shared {
         } else {
             self.hand_back(&node, &conn, &ids).await;
         }
+        Handing::Done
     }
 
     /// Messages of `conn` handed to this node (by a forward here or a peer's `Deliver`): to
-    /// the session that holds it here, else released.
-    pub async fn hand_local(self: &Arc<Self>, conn: &str, msgs: Vec<QueuedMessage>) {
+    /// the session that holds it here, else released. [`Handing::Slow`]: the session did not
+    /// take them within [`HAND_LOCAL_WAIT`] (they were released).
+    pub async fn hand_local(self: &Arc<Self>, conn: &str, msgs: Vec<QueuedMessage>) -> Handing {
         let ids: Vec<i64> = msgs.iter().map(|m| m.id).collect();
-        // Sent and awaited, not tried: a session's full mailbox makes this wait (it writes to
-        // a slow socket), and a mailbox dropped with its session answers an error, so every
-        // message is either in a session's hands or released below.
+        // Sent and awaited, not tried: a mailbox dropped with its session answers an error, so
+        // every message is either in a session's hands or released below. Awaited within a
+        // bound: a session runs only when its socket takes bytes (`wsio`), and one whose
+        // wallet stopped reading (a phone that changed networks without a FIN) would hold
+        // this connection's later hand-offs behind it, to this node's session and to peers
+        // alike, in memory, until its write stall gave it up: its wallet, back on another
+        // socket, would get nothing live meanwhile. Released after the bound, the messages
+        // are leased by whichever session holds the wallet; should the slow session still
+        // take them once its socket moves, a copy may be written twice (at least once).
         let session = self
             .registry
             .send(SessionFor { conn: conn.to_string() })
             .await
             .ok()
             .flatten();
+        let mut handing = Handing::Done;
         let taken = match session {
-            Some(s) => s.send(Signal::HandOff(msgs)).await.is_ok(),
+            Some(s) => match tokio::time::timeout(HAND_LOCAL_WAIT, s.send(Signal::HandOff(msgs))).await {
+                Ok(r) => r.is_ok(),
+                Err(_) => {
+                    handing = Handing::Slow;
+                    self.metrics.handed("slow", ids.len() as u64);
+                    false
+                }
+            },
             None => false,
         };
         if taken {
@@ -543,6 +575,7 @@ impl Shared {
         } else {
             self.hand_back(&self.mediator.node_id, conn, &ids).await;
         }
+        handing
     }
 
     /// [`Shared::hand_back`] of messages handed to this node, in a task of its own that the
