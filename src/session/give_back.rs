@@ -45,6 +45,12 @@ impl SocketEnd {
             lent.push(conn.to_owned());
         }
     }
+
+    /// The connections recorded so far ([`SocketEnd::lent_for`]) but `bound`, kept: a
+    /// superseded socket gives back its owner's leases and goes on (it may lease again).
+    pub(super) fn lent_besides(&self, bound: &str) -> Vec<String> {
+        self.lent.lock().iter().filter(|c| *c != bound).cloned().collect()
+    }
 }
 
 /// Handles one envelope read from a socket whose lease owner is `owner`, in a task of its own
@@ -144,11 +150,55 @@ pub(super) async fn session_ended(shared: &Arc<Shared>, conn: &str, released: St
         // error at the end of a quiet session left its wallet unwoken.
         Err(e) => tracing::warn!(connection = %conn, "leases not released (they expire): {e}"),
     }
+    wake_if_pending(shared, conn).await;
+}
+
+/// A socket rebound from `conn` to another connection: the messages handed to it for `conn`
+/// (`handed`, leased to the node's hand-off owner) go back, and `conn` is dealt with as at a
+/// session's end ([`session_ended`]; `held`: the socket held the wallet's session, else as
+/// [`gave_back`]). Before, only what was handed went back and
+/// woke anyone: mail queued for `conn` while the socket held it and never taken (a quiet
+/// socket, or spilled back) woke this socket, pushed nobody, and after the rebind nobody
+/// until new mail came. (Its own leases for `conn` stay until they are acknowledged, run out,
+/// or the socket gives back its owner's: `conn` is recorded for that, see `lent_besides`.)
+pub(super) async fn left(shared: &Arc<Shared>, conn: &str, handed: &[i64], held: bool) {
+    let released = match handed {
+        [] => Ok(0),
+        ids => {
+            shared.metrics.handed("returned", ids.len() as u64);
+            let handoff = crate::protocols::handoff_owner(&shared.mediator.node_id);
+            shared.mediator.store.release(conn, ids, &handoff).await
+        }
+    };
+    if held {
+        session_ended(shared, conn, released).await
+    } else {
+        gave_back(shared, conn, released).await
+    }
+}
+
+/// A socket's owner gave back its leases (`released`): the connections other than the bound
+/// one that it leased for (`lent`: [`SocketEnd::lent_for`]) are woken too when anything went
+/// back (the store does not say whose), or pushed. Before, a superseded socket woke only its
+/// bound connection: one it had left (rebound) got its delivery back pending with nobody
+/// told, and no lease's reclaim to tell it either, until new mail came.
+pub(super) async fn wake_lent(shared: &Arc<Shared>, lent: &[String], released: &StoreResult<u64>) {
+    if matches!(released, Ok(n) if *n > 0) {
+        for c in lent {
+            shared.queued_new(c).await;
+        }
+    }
+}
+
+/// Whoever holds `conn` is woken, or its wallet pushed, if messages of it are pending.
+async fn wake_if_pending(shared: &Arc<Shared>, conn: &str) {
     let conns = [conn.to_string()];
     match shared.mediator.store.pending_among(&conns, now_ms()).await {
         Ok(pending) if !pending.is_empty() => shared.queued_new(conn).await,
         Ok(_) => {}
-        Err(e) => tracing::warn!(connection = %conn, "queue of a closed session not read, nobody woken: {e}"),
+        Err(e) => {
+            tracing::warn!(connection = %conn, "queue of a session that ended (or left it) not read, nobody woken: {e}")
+        }
     }
 }
 

@@ -16,7 +16,7 @@
 //! `HEARTBEAT`, closed after `CLIENT_TIMEOUT` without a pong or frame.
 
 use super::confirm::Confirming;
-use super::give_back::{gave_back, give_back_msgs, release_all, session_ended, SocketEnd};
+use super::give_back::{gave_back, give_back_msgs, left, release_all, session_ended, wake_lent, SocketEnd};
 use super::live_window::{hold_in_queue_order, take_excess, LiveWindow, HELD_BACK_BATCHES, HELD_BACK_MAX_BYTES};
 use super::upgrade::SocketSlot;
 use super::Shared;
@@ -66,7 +66,9 @@ pub struct WsSession {
     /// The bound connection: one copy per node, shared by its sessions ([`super::held`]).
     conn: Option<Arc<Connection>>,
     mode: Mode,
-    /// Use the legacy `did:sov:` prefix for pushed deliveries (the wallet used it).
+    /// Use the legacy `did:sov:` prefix for live deliveries: the wallet turned live mode on
+    /// with it (read off the status answering it, whose prefix mirrors the request's as every
+    /// reply's does, `Inbound::reply`).
     legacy: bool,
     last_seen: Instant,
     /// When a forward on this socket last queued new mail (or the socket opened): a socket
@@ -341,6 +343,7 @@ impl WsSession {
             };
             self.window.clear();
             if live {
+                self.legacy = replies_legacy(&out.replies);
                 // What queued before live mode goes out before what is handed from now on.
                 self.catch_up();
                 ctx.notify(Wake);
@@ -504,19 +507,28 @@ impl WsSession {
     /// The socket delivers for another connection from now on: nothing of `old`'s delivery
     /// carries over (its live window, its mode: the new connection did not ask for live mode),
     /// and the messages handed to this socket for `old`, written or held back, go back to it
-    /// at once. (Deliveries this session leased for `old` go back as their lease runs out or
-    /// the session ends; one still being leased goes back as it lands, see `push`.) `old` is
-    /// recorded as lent for: the session's end, which releases every lease of its owner,
-    /// wakes `old` too, else a wallet given back a delivery it never acknowledged would not be
-    /// told (pushed) until new mail came.
+    /// at once; when it held `old`'s session (registered), `old` is woken if mail is pending
+    /// for it, as at a session's end ([`left`]). (Deliveries this session leased for `old` go
+    /// back as their lease runs out or the session ends or is superseded; one still being
+    /// leased goes back as it lands, see `push`.) `old` is recorded as lent for: the session's
+    /// end, or its supersession, which releases every lease of its owner, wakes `old` too,
+    /// else a wallet given back a delivery it never acknowledged would not be told (pushed)
+    /// until new mail came.
     fn leave(&mut self, old: &str) {
         self.window.clear();
         self.mode = Mode::Quiet;
         self.end.lent_for(old);
         let ids = self.handed_ids();
-        if !ids.is_empty() {
-            self.shared.hand_back_later(old.to_string(), ids);
+        let held = self.registered;
+        if ids.is_empty() && !held {
+            return;
         }
+        let (shared, old) = (self.shared.clone(), old.to_string());
+        // After the `Unregister` sent for `old` (and its count out, in `bind`): the wake-up
+        // finds no session of it here.
+        self.shared
+            .tracked
+            .spawn(async move { left(&shared, &old, &ids, held).await });
     }
 
     /// Gives the bound connection's shared copy back (the last session of it frees it).
@@ -1127,7 +1139,8 @@ impl Actor for WsSession {
             return;
         }
         // Unacknowledged deliveries become deliverable again at once; a session that held the
-        // wallet's session (registered) leaves nothing pending unwoken (`session_ended`).
+        // wallet's session (registered) leaves nothing pending unwoken (`session_ended`); the
+        // other connections it leased for are woken too (`wake_lent`).
         let registered = self.registered;
         let owner = self.owner();
         let shared = self.shared.clone();
@@ -1143,7 +1156,7 @@ impl Actor for WsSession {
                 Some(c) => release_all(&shared, c, &owner, &handed).await,
                 None => shared.mediator.store.release_owner(&owner).await,
             };
-            let any = matches!(released, Ok(n) if n > 0);
+            wake_lent(&shared, &lent, &released).await;
             match &bound {
                 Some(c) if registered => session_ended(&shared, c, released).await,
                 Some(c) => gave_back(&shared, c, released).await,
@@ -1152,9 +1165,6 @@ impl Actor for WsSession {
                         tracing::warn!("leases of a closed session not released (they expire): {e}");
                     }
                 }
-            }
-            for c in lent.iter().filter(|_| any) {
-                shared.queued_new(c).await;
             }
         });
     }
@@ -1289,11 +1299,15 @@ impl WsSession {
             return;
         };
         tracing::info!(connection = %conn, session = self.id, "superseded by a newer session on another node: delivery stopped here");
-        // Leases of this session go back at once, and the new owner is told.
+        // Leases of this session go back at once, and the new owner is told; so are the
+        // other connections it leased for (`leave`, a pickup over return route `thread`):
+        // every lease of its owner goes back, theirs too.
         let owner = self.owner();
         let shared = self.shared.clone();
+        let lent = self.end.lent_besides(&conn);
         self.shared.tracked.spawn(async move {
             let released = release_all(&shared, &conn, &owner, &handed).await;
+            wake_lent(&shared, &lent, &released).await;
             gave_back(&shared, &conn, released).await;
         });
     }
@@ -1365,6 +1379,16 @@ pub(crate) fn fit_close_reason(mut why: String) -> String {
         why.push('…');
     }
     why
+}
+
+/// Whether replies use the legacy `did:sov:...;spec/` prefix (they mirror the message they
+/// answer: [`crate::protocols::Inbound::reply`]).
+fn replies_legacy(replies: &[serde_json::Value]) -> bool {
+    replies.iter().any(|r| {
+        r["@type"]
+            .as_str()
+            .is_some_and(|t| t.starts_with(crate::didcomm::message::LEGACY_PREFIX))
+    })
 }
 
 /// The lowest id a drain's leased messages must stay under: that of every hand-back on its way
