@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mailroom::cluster::proto::HandedMsg;
-use mailroom::cluster::{handshake, ClusterConfig, ClusterEvent, ClusterHandle, NotifyOutcome, PeerConfig};
+use mailroom::cluster::proto::{self, Frame, HandedMsg, Hello};
+use mailroom::cluster::{codec, handshake, ClusterConfig, ClusterEvent, ClusterHandle, NotifyOutcome, PeerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -832,6 +832,103 @@ async fn a_peer_links_through_a_flood_from_its_own_address() {
     })
     .await;
     assert!(n2.h.status().counters.handshakes_evicted >= 1, "the flood ran");
+    flood.abort();
+    n1.h.shutdown().await;
+    n2.h.shutdown().await;
+}
+
+/// `Hello`s naming the dialer per round of [`hello_flooding_proxy`]: more than one address
+/// may hold pending for one peer, named (`NAMED_PER_PEER` in `admission.rs`, 4) and unnamed
+/// (`PER_SOURCE`, 8) together.
+const HELLO_ROUND: usize = 16;
+
+/// A proxy to `target` standing for a host sharing the dialer's address (127.0.0.1: every
+/// node on loopback, a NAT, a container gateway) that sends `Hello`s naming the dialer, in
+/// clear as the dialer does (node ids are no secret: every acceptor sends its own). At its
+/// worst and without a race: it passes the handshake on until the target answered the
+/// dialer's Noise message (so it read and named the dialer's `Hello`), and holds that answer
+/// while it sends [`HELLO_ROUND`] `Hello`s naming `dialer`, keeping every other socket open
+/// and closing the rest once sent, waiting until the target let each go (so it read its
+/// `Hello`). Only then does the handshake go on. Counts its rounds in `rounds`.
+fn hello_flooding_proxy(
+    l: TcpListener,
+    target: SocketAddr,
+    dialer: &'static str,
+    rounds: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let forged = Frame::Hello(Hello {
+            cluster: "test".into(),
+            node: dialer.into(),
+            nonce: [7; 32],
+        });
+        let mut hello = proto::preamble().to_vec();
+        hello.extend(codec::encode_record(&forged, 1 << 20).unwrap());
+        let mut held = Vec::new();
+        'accept: while let Ok((mut from, _)) = l.accept().await {
+            let Ok(mut to) = TcpStream::connect(target).await else {
+                continue;
+            };
+            let mut buf = [0u8; 4096];
+            // Each side sends nothing more before the other's answer: the dialer's preamble
+            // and `Hello`, the target's, the dialer's Noise message, the target's.
+            for step in 0..3 {
+                let (r, w) = if step % 2 == 0 {
+                    (&mut from, &mut to)
+                } else {
+                    (&mut to, &mut from)
+                };
+                let Ok(n @ 1..) = r.read(&mut buf).await else {
+                    continue 'accept;
+                };
+                if w.write_all(&buf[..n]).await.is_err() {
+                    continue 'accept;
+                }
+            }
+            let Ok(answer @ 1..) = to.read(&mut buf).await else {
+                continue;
+            };
+            for i in 0..HELLO_ROUND {
+                let mut s = TcpStream::connect(target).await.unwrap();
+                s.write_all(&hello).await.unwrap();
+                if i % 2 == 0 {
+                    held.push(s);
+                } else {
+                    let _ = s.shutdown().await;
+                    closed_by_server(&mut s).await;
+                }
+            }
+            rounds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if from.write_all(&buf[..answer]).await.is_ok() {
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut from, &mut to).await;
+                });
+            }
+        }
+    })
+}
+
+/// A host sharing a peer's address that sends `Hello`s naming that peer does not keep it
+/// out. Before, each such `Hello` replaced the peer's pending handshake (a source held one
+/// named slot per peer, the newest winning): a loop of them evicted the peer's handshake
+/// within every round trip, the link never came up, and after the failure timeout each node
+/// took the other over. A `Hello` proves nothing: now it never takes a named slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hellos_naming_a_peer_from_its_address_do_not_keep_it_out() {
+    let (l1, _) = bind().await;
+    let (l2, a2) = bind().await;
+    let (lp, ap) = bind().await;
+    // n2 cannot dial n1 (nothing listens there): only n1's dials, through the flood, link.
+    let dead = bind().await.1;
+    let rounds = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let flood = hello_flooding_proxy(lp, a2, "n1", rounds.clone());
+    let n1 = start(cfg("n1", peers(&[("n2", ap)])), l1).await;
+    let n2 = start(cfg("n2", peers(&[("n1", dead)])), l2).await;
+    wait_until("n1 <-> n2 through the Hellos naming n1", || {
+        connected(&n1, "n2") && connected(&n2, "n1")
+    })
+    .await;
+    assert!(rounds.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the flood ran");
     flood.abort();
     n1.h.shutdown().await;
     n2.h.shutdown().await;

@@ -11,11 +11,17 @@
 //!   newcomer takes it from its source's share: a real peer sharing its address with a flood
 //!   (NAT, the same machine, every node on loopback, a container gateway) keeps its handshake
 //!   however fast the flood reconnects. Before, its handshake became its address's oldest
-//!   within milliseconds and was evicted, so once its links dropped none came back. A named
-//!   slot has not proven the secret yet: it still must within the handshake timeout, and a
-//!   source holds at most one per peer id, a newer `Hello` naming the same peer replacing
-//!   the older (so named slots are bounded by the configured peers, and one stalled
-//!   `Hello` keeps no peer out).
+//!   within milliseconds and was evicted, so once its links dropped none came back.
+//! - **An unproven `Hello` never takes a named slot**: a `Hello` is sent in clear and proves
+//!   nothing (node ids are no secret: every acceptor sends its own in clear), so a source
+//!   holds at most [`NAMED_PER_PEER`] named slots per peer id, and a `Hello` past them leaves
+//!   its socket unnamed, in its source's share (evicted as its oldest unnamed socket would
+//!   be), rather than replacing an older one. Before, a newer `Hello` replaced the older: a
+//!   socket from a peer's address looping `Hello`s naming it evicted the peer's handshake
+//!   within every round trip, so the link never came up and each node took the other over.
+//!   Named slots are still bounded (by the table, and per source by the configured peers),
+//!   a named slot still must prove the secret within the handshake timeout, and a stalled
+//!   `Hello` keeps no peer out (its retry takes another named slot, or waits unnamed).
 //! - **When the table is full, a newcomer takes the oldest unnamed slot of the address
 //!   holding the most**, so every new address gets in while any address holds more than one.
 //! - **Configured peers' addresses are protected**: a socket from an address no configured
@@ -34,6 +40,11 @@ use std::net::IpAddr;
 
 /// Pending unnamed handshakes per source address, at most.
 pub(crate) const PER_SOURCE: usize = 8;
+
+/// Pending handshakes one source address may hold named for one peer id, at most: a real
+/// peer has one dial under way at a time (two while a stalled one times out); more room
+/// lets a stalled or forged `Hello` keep none of it out.
+pub(crate) const NAMED_PER_PEER: usize = 4;
 
 /// A slot's handle, to release it when its handshake ends.
 pub(crate) type SlotId = u64;
@@ -110,25 +121,27 @@ impl<T> Admission<T> {
 
     /// Marks slot `id` as named: its `Hello` named `peer`, a configured node of this
     /// cluster. It leaves its source's share, so a flood of newer sockets from the same
-    /// address no longer evicts it. Returns the handle of the slot of the same source that
-    /// named `peer` before, which it replaces (the caller drops its socket): a source holds
-    /// one named slot per peer. Nothing if `id` is no longer held or was named already.
-    pub fn name(&mut self, id: SlotId, peer: &str) -> Option<T> {
+    /// address no longer evicts it. Unless that source holds [`NAMED_PER_PEER`] slots named
+    /// `peer` already: then it stays unnamed (false), and evicts none of them, since a
+    /// `Hello` proves nothing. False too if `id` is no longer held or was named already.
+    pub fn name(&mut self, id: SlotId, peer: &str) -> bool {
         let source = match self.slots.get(&id) {
             Some(slot) if slot.named.is_none() => slot.source,
-            _ => return None,
+            _ => return false,
         };
-        let older = self
+        let named = self
             .slots
-            .iter()
-            .find(|(_, s)| s.source == source && s.named.as_deref() == Some(peer))
-            .map(|(older, _)| *older);
-        let evicted = older.and_then(|older| self.release(older));
+            .values()
+            .filter(|s| s.source == source && s.named.as_deref() == Some(peer))
+            .count();
+        if named >= NAMED_PER_PEER {
+            return false;
+        }
         self.leave_share(source);
         if let Some(slot) = self.slots.get_mut(&id) {
             slot.named = Some(peer.to_string());
         }
-        evicted
+        true
     }
 
     /// Frees a slot (its handshake ended, or it was evicted); returns its handle if it was
@@ -172,8 +185,8 @@ impl<T> Admission<T> {
     /// The slot a newcomer takes from a full table: unnamed slots of unprotected sources
     /// first, then their named slots; then, for a protected newcomer only, unnamed slots of
     /// protected ones. Never a protected source's named slot: that may be a real peer's
-    /// handshake under way, and only the handshake timeout or a newer `Hello` naming the same
-    /// peer from the same address ends it. An unprotected newcomer may take an unprotected
+    /// handshake under way, and only its own end (proof, refusal, the handshake timeout)
+    /// ends it. An unprotected newcomer may take an unprotected
     /// named slot: a `Hello` naming a peer proves nothing yet, and else stalled `Hello`s from
     /// many addresses that are no peer's filled the table for good, and a real peer dialing
     /// from an address other than its configured one (a pod behind a service address, NAT)
@@ -289,7 +302,7 @@ mod tests {
         // The peer's socket: over the share, it takes the oldest idle slot, then names n1.
         let (peer_slot, evicted) = admitted(t.admit(shared_ip, true, 900));
         assert_eq!(evicted, Some(0));
-        assert_eq!(t.name(peer_slot, "n1"), None);
+        assert!(t.name(peer_slot, "n1"));
         // Named, it left the share: the first idle socket takes its place there, and every
         // later one evicts the oldest idle socket.
         assert_eq!(admitted(t.admit(shared_ip, true, 1000)).1, None);
@@ -304,23 +317,63 @@ mod tests {
         assert_eq!(t.release(peer_slot), Some(900), "the named handshake was never evicted");
     }
 
+    /// A `Hello` is sent in clear: anyone sharing a peer's address can send one naming it
+    /// (node ids are no secret). Before, each newer one replaced the older named slot, so a
+    /// loop of them evicted the peer's handshake within every round trip and the link never
+    /// came up. Now a `Hello` past the source's room for that peer takes nothing: its socket
+    /// stays unnamed, in its source's share, and newer sockets evict it, not a named one.
     #[test]
-    fn a_source_names_each_peer_once_the_newest_hello_winning() {
+    fn an_unproven_hello_never_evicts_a_named_slot() {
+        let mut t = Admission::new(64);
+        let real = admitted(t.admit(ip(1), true, 900)).0;
+        assert!(t.name(real, "n2"));
+        for h in 1..NAMED_PER_PEER as u32 {
+            let id = admitted(t.admit(ip(1), true, 900 + h)).0;
+            assert!(t.name(id, "n2"), "room for {NAMED_PER_PEER} naming n2");
+        }
+        // A flood of `Hello`s naming n2 from the same address: none is named, none evicts a
+        // named slot; they evict each other within the address's unnamed share.
+        for h in 0..10 * PER_SOURCE as u32 {
+            let (id, evicted) = admitted(t.admit(ip(1), true, h));
+            assert!(!t.name(id, "n2"), "no room left for n2 at this address");
+            assert!(
+                !matches!(evicted, Some(e) if e >= 900),
+                "an unnamed socket of the flood is evicted, not {evicted:?}"
+            );
+        }
+        assert_eq!(t.len(), NAMED_PER_PEER + PER_SOURCE);
+        // Another peer id or another address has room of its own.
+        let other_peer = admitted(t.admit(ip(1), true, 50)).0;
+        assert!(t.name(other_peer, "n3"));
+        let other_source = admitted(t.admit(ip(2), true, 51)).0;
+        assert!(t.name(other_source, "n2"));
+        assert!(!t.name(other_source, "n3"), "named once");
+        assert_eq!(
+            t.release(real),
+            Some(900),
+            "the first handshake naming n2 was never evicted"
+        );
+        // Its end makes room for the next `Hello` naming n2.
+        let next = admitted(t.admit(ip(1), true, 60)).0;
+        assert!(t.name(next, "n2"));
+        assert!(!t.name(real, "n2"), "no longer held");
+        for id in [next, other_peer, other_source] {
+            assert!(t.release(id).is_some());
+        }
+    }
+
+    #[test]
+    fn named_slots_leave_the_share_once() {
         let mut t = Admission::new(64);
         let a = admitted(t.admit(ip(1), true, 1)).0;
         let b = admitted(t.admit(ip(1), true, 2)).0;
-        let c = admitted(t.admit(ip(1), true, 3)).0;
-        let other = admitted(t.admit(ip(2), false, 4)).0;
-        assert_eq!(t.name(a, "n1"), None);
-        assert_eq!(t.name(b, "n2"), None, "another peer: both stay");
-        assert_eq!(t.name(other, "n1"), None, "another source: both stay");
-        assert_eq!(t.name(c, "n1"), Some(1), "the newer Hello naming n1 replaces the older");
-        assert_eq!(t.name(c, "n3"), None, "named once");
-        assert_eq!(t.name(a, "n3"), None, "no longer held");
-        assert_eq!(t.len(), 3);
-        for id in [b, c, other] {
+        assert!(t.name(a, "n1"));
+        assert!(t.name(b, "n1"));
+        assert!(!t.name(a, "n1"), "named once");
+        for id in [a, b] {
             assert!(t.release(id).is_some());
         }
+        assert_eq!(t.len(), 0);
         assert!(t.per_source.is_empty(), "a named slot left its share once");
     }
 

@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 
 use super::admission::{Admission, Admit, SlotId};
 use super::link_task::run_link;
-use super::{bump, Handshaking, Shared, BACKOFF_CAP, BACKOFF_START, MAX_PENDING_HANDSHAKES};
+use super::{bump, Handshaking, Refusal, Shared, BACKOFF_CAP, BACKOFF_START, MAX_PENDING_HANDSHAKES};
 use crate::cluster::codec::CodecError;
 use crate::cluster::handshake::{self, Established, HandshakeError, Role};
 use crate::cluster::membership::MemberEvent;
@@ -59,7 +59,8 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 id
             }
             Admit::No => {
-                warn!(%addr, "every pending cluster handshake is a configured peer's, connection dropped");
+                let why = "every pending cluster handshake is a configured peer's";
+                log_refused(&shared, addr, Refusal::NoSlot, &why);
                 continue;
             }
         };
@@ -85,7 +86,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                         ok
                     };
                     if ok {
-                        name_slot(&me, &pending, slot, n);
+                        name_slot(&pending, slot, n);
                     }
                     ok
                 };
@@ -111,15 +112,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 Err(HandshakeError::Evicted) => debug!(%addr, "pending cluster handshake evicted"),
                 Err(e) => {
                     me.count_handshake_error(&e);
-                    match me.warn_refused_now(addr.ip(), &e) {
-                        Some(0) => warn!(%addr, reason = %e, "inbound cluster connection refused"),
-                        Some(n) => warn!(
-                            %addr,
-                            reason = %e,
-                            "inbound cluster connection refused ({n} more refused since the last warning)"
-                        ),
-                        None => debug!(%addr, reason = %e, "inbound cluster connection refused"),
-                    }
+                    log_refused(&me, addr, Refusal::from(&e), &e);
                 }
             }
         });
@@ -127,16 +120,32 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 /// Marks the pending handshake in `slot` as naming configured peer `peer` (its `Hello` did),
-/// so idle sockets from the same address no longer evict it (`admission.rs`); drops the
-/// older handshake from that address that named the same peer, which it replaces.
-fn name_slot(shared: &Shared, pending: &Mutex<Admission<oneshot::Sender<()>>>, slot: SlotId, peer: &str) {
-    let replaced = pending.lock().name(slot, peer);
-    if replaced.is_some() {
-        bump(&shared.counters.handshakes_evicted);
+/// so idle sockets from the same address no longer evict it (`admission.rs`). Unless that
+/// address holds as many naming `peer` as it may: it then stays unnamed, and takes the place
+/// of none of them (a `Hello` proves nothing).
+fn name_slot(pending: &Mutex<Admission<oneshot::Sender<()>>>, slot: SlotId, peer: &str) {
+    if !pending.lock().name(slot, peer) {
         debug!(
             peer,
-            "cluster handshake naming a peer replaced an older one from the same address"
+            "cluster handshake naming a peer left unnamed: its address holds as many naming it as it may"
         );
+    }
+}
+
+/// Logs an inbound connection from `addr` refused for `why` (`reason`): as a warning at most
+/// once a second per kind from a configured peer's address, once in ten seconds per kind from
+/// any other ([`Shared::warn_refused_now`]), else at debug. Whoever can reach the cluster port
+/// can have one refused per connection it opens, from a peer's address too (its machine, its
+/// NAT, every node on loopback).
+fn log_refused(shared: &Shared, addr: SocketAddr, why: Refusal, reason: &dyn std::fmt::Display) {
+    match shared.warn_refused_now(addr.ip(), why) {
+        Some(0) => warn!(%addr, %reason, "inbound cluster connection refused"),
+        Some(n) => warn!(
+            %addr,
+            %reason,
+            "inbound cluster connection refused ({n} more refused since the last warning)"
+        ),
+        None => debug!(%addr, %reason, "inbound cluster connection refused"),
     }
 }
 

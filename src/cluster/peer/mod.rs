@@ -25,7 +25,7 @@ mod link_task;
 mod room;
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -134,9 +134,9 @@ pub struct CounterSnapshot {
     /// gives back only what is still leased to the peer's hand-off owner).
     pub handoffs_unconfirmed: u64,
     /// Pending inbound handshakes closed to make room for a newer connection: the source
-    /// address held too many, or the table was full (a flood of idle sockets on the
-    /// cluster port, when it grows), or a newer `Hello` from the same address named the same
-    /// peer.
+    /// address held too many unnamed, or the table was full (a flood of idle sockets on the
+    /// cluster port, when it grows). A newer `Hello` takes no handshake's place: it proves
+    /// nothing.
     pub handshakes_evicted: u64,
     /// Times a link stopped reading until this node had room for what its peer sent: the
     /// messages of `Deliver` frames not yet taken by their sessions held the peer's budget
@@ -332,9 +332,9 @@ pub(crate) struct Shared {
     /// Events waiting for room in the node's channel, each in a task of its own
     /// ([`Shared::emit`]).
     emit_waiting: Arc<AtomicUsize>,
-    /// By kind of refusal: when an inbound connection refused so was last logged as a
-    /// warning, and how many were refused so since without one ([`Shared::warn_refused_now`]).
-    refused_warned: Mutex<HashMap<std::mem::Discriminant<HandshakeError>, (Instant, u64)>>,
+    /// When inbound connections refused so were last logged as a warning, and how many since
+    /// ([`Shared::warn_refused_now`]).
+    refused_warned: Mutex<RefusalWarnings>,
 }
 
 /// Events that wait for room in the node's full event channel, past which the ownership
@@ -346,6 +346,64 @@ const EMIT_WAITING_MAX: usize = 4096;
 /// can reach the cluster port can have one refused per connection it opens. By kind, so that a
 /// flood of strangers does not hide a configured peer refused for its secret or version.
 pub(super) const REFUSED_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// The same for connections from a configured peer's address, per address and kind: a peer
+/// refused for its secret or version is seen within a second, whoever floods the port, and
+/// a flood from its address (any process on its machine, its NAT) makes a line a second, not
+/// one per connection.
+pub(super) const PEER_REFUSED_WARN_EVERY: Duration = Duration::from_secs(1);
+
+/// Why an inbound connection was refused, as its warnings are rate-limited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Refusal {
+    /// Its handshake failed so.
+    Handshake(std::mem::Discriminant<HandshakeError>),
+    /// Every pending handshake it could have taken the place of was a configured peer's
+    /// (`admission.rs`).
+    NoSlot,
+}
+
+impl From<&HandshakeError> for Refusal {
+    fn from(e: &HandshakeError) -> Refusal {
+        Refusal::Handshake(std::mem::discriminant(e))
+    }
+}
+
+/// When refused inbound connections were last warned of, per key: (the source address, for a
+/// configured peer's; kind). Holds at most the kinds times one more than the configured
+/// peers' addresses (those of peers removed since stay, a few bytes each).
+#[derive(Default)]
+pub(super) struct RefusalWarnings {
+    last: HashMap<(Option<IpAddr>, Refusal), (Instant, u64)>,
+}
+
+impl RefusalWarnings {
+    /// Whether a connection from `from` (`peer`: a configured peer's address) refused for
+    /// `why` at `now` is warned of: the first of its kind from that peer's address in
+    /// [`PEER_REFUSED_WARN_EVERY`], or from any other address in [`REFUSED_WARN_EVERY`]. With
+    /// how many were refused so since the last warning, without one.
+    fn note(&mut self, from: IpAddr, peer: bool, why: Refusal, now: Instant) -> Option<u64> {
+        let (key, every) = if peer {
+            ((Some(from), why), PEER_REFUSED_WARN_EVERY)
+        } else {
+            ((None, why), REFUSED_WARN_EVERY)
+        };
+        match self.last.get_mut(&key) {
+            Some((at, since)) if now.saturating_duration_since(*at) < every => {
+                *since += 1;
+                None
+            }
+            Some((at, since)) => {
+                *at = now;
+                Some(std::mem::take(since))
+            }
+            None => {
+                self.last.insert(key, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
 
 impl Shared {
     /// Must be called from within a tokio runtime (`ClusterHandle::start` is async).
@@ -387,36 +445,26 @@ impl Shared {
             started: Instant::now(),
             rt: tokio::runtime::Handle::current(),
             emit_waiting: Arc::default(),
-            refused_warned: Mutex::new(HashMap::new()),
+            refused_warned: Mutex::default(),
         });
         shared.add_peers(peers);
         shared
     }
 
-    /// Whether an inbound connection from `from` refused with `e` is logged as a warning:
-    /// always from the address of a configured peer (a peer refused for its secret or version
-    /// must be seen, whoever floods the port), else the first of its kind in
-    /// [`REFUSED_WARN_EVERY`]. With how many of its kind were refused since the last warning.
-    pub(super) fn warn_refused_now(&self, from: std::net::IpAddr, e: &HandshakeError) -> Option<u64> {
-        if self.state.lock().peers.values().any(|p| p.addr.ip() == from) {
-            return Some(0);
-        }
-        let mut warned = self.refused_warned.lock();
-        let now = Instant::now();
-        match warned.get_mut(&std::mem::discriminant(e)) {
-            Some((at, since)) if now.duration_since(*at) < REFUSED_WARN_EVERY => {
-                *since += 1;
-                None
-            }
-            Some((at, since)) => {
-                *at = now;
-                Some(std::mem::take(since))
-            }
-            None => {
-                warned.insert(std::mem::discriminant(e), (now, 0));
-                Some(0)
-            }
-        }
+    /// Whether an inbound connection from `from` refused for `why` is logged as a warning:
+    /// the first of its kind from that configured peer's address in
+    /// [`PEER_REFUSED_WARN_EVERY`] (a peer refused for its secret or version must be seen,
+    /// whoever floods the port), or from any other address in [`REFUSED_WARN_EVERY`]. With
+    /// how many were refused so since the last warning (counted in the counters all the same).
+    pub(super) fn warn_refused_now(&self, from: IpAddr, why: Refusal) -> Option<u64> {
+        let from = from.to_canonical();
+        let peer = self
+            .state
+            .lock()
+            .peers
+            .values()
+            .any(|p| p.addr.ip().to_canonical() == from);
+        self.refused_warned.lock().note(from, peer, why, Instant::now())
     }
 
     /// Spawns a task that `shutdown` will wait for. After shutdown began, does nothing.
@@ -977,5 +1025,51 @@ impl Shared {
         } else if e.is_bad_input() {
             bump(&self.counters.frames_rejected);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Refused connections are warned of at most once per interval and key, the next
+    /// warning saying how many were refused since; keys are counted apart. Before, every
+    /// connection from a configured peer's address refused made a warning: a flood from that
+    /// address (its machine, its NAT, every node on loopback) made one line per connection.
+    #[test]
+    fn refusals_are_warned_once_per_interval_and_key() {
+        let mut w = RefusalWarnings::default();
+        let t0 = Instant::now();
+        let every = PEER_REFUSED_WARN_EVERY;
+        let peer: IpAddr = [10, 0, 0, 2].into();
+        let other_peer: IpAddr = [10, 0, 0, 3].into();
+        let stranger: IpAddr = [10, 0, 0, 9].into();
+        let closed = Refusal::from(&HandshakeError::Closed);
+        let timeout = Refusal::from(&HandshakeError::Timeout);
+        assert_eq!(closed, Refusal::from(&HandshakeError::Closed), "one kind per variant");
+        assert_eq!(w.note(peer, true, closed, t0), Some(0), "the first is warned of");
+        for i in 1..=1000 {
+            let at = t0 + every.mul_f64(0.999 * f64::from(i) / 1000.0);
+            assert_eq!(
+                w.note(peer, true, closed, at),
+                None,
+                "refusal {i} from the peer's address"
+            );
+        }
+        // Another kind, another peer's address or a stranger: warned of apart.
+        assert_eq!(w.note(peer, true, timeout, t0), Some(0));
+        assert_eq!(w.note(other_peer, true, closed, t0), Some(0));
+        assert_eq!(w.note(stranger, false, closed, t0), Some(0));
+        assert_eq!(w.note(stranger, false, Refusal::NoSlot, t0), Some(0));
+        // A second on, the next from the peer's address is warned of, with how many were not.
+        assert_eq!(w.note(peer, true, closed, t0 + every), Some(1000));
+        assert_eq!(w.note(peer, true, closed, t0 + every), None);
+        assert_eq!(w.note(peer, true, closed, t0 + 2 * every), Some(1));
+        // A clock read out of order (two threads) counts, and warns of nothing early.
+        assert_eq!(w.note(peer, true, closed, t0), None);
+        // Strangers share one key per kind, whatever their address, for ten seconds.
+        assert_eq!(w.note([10, 0, 0, 10].into(), false, closed, t0 + every), None);
+        assert_eq!(w.note(stranger, false, closed, t0 + REFUSED_WARN_EVERY), Some(1));
+        assert_eq!(w.last.len(), 5, "one entry per key");
     }
 }
