@@ -433,6 +433,31 @@ pub struct NodeEntry {
     pub admin: String,
 }
 
+/// A cluster secret shorter than this is warned about ([`cluster_secret_warning`]); 8 is
+/// refused, but files in use hold such secrets, so shorter ones still run.
+pub const CLUSTER_SECRET_WARN_LEN: usize = 16;
+
+/// Secrets printed in this project's documentation and examples: as guessable as short ones.
+const EXAMPLE_SECRETS: &[&str] = &["change-me", "change-me-please"];
+
+/// Why `secret` is a cluster secret an offline guesser finds, if it is: shorter than
+/// [`CLUSTER_SECRET_WARN_LEN`] bytes, or an example's. A warning (at start, on reload, in
+/// `check-config`), not an error: whoever records one handshake on the cluster port, or one
+/// signed admin read, can test guesses of it offline (each at Argon2id's cost), and with the
+/// secret join the cluster as any node.
+pub fn cluster_secret_warning(secret: &str) -> Option<String> {
+    let why = if EXAMPLE_SECRETS.contains(&secret) {
+        "is an example's value"
+    } else if secret.len() < CLUSTER_SECRET_WARN_LEN {
+        "is shorter than 16 bytes"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "cluster.secret {why}: whoever records one cluster handshake (or one signed admin read between nodes) can guess it offline, and with it join the cluster as any node; use a long random one, e.g. `openssl rand -base64 32`"
+    ))
+}
+
 fn default_cluster_name() -> String {
     "local".into()
 }
@@ -1446,6 +1471,16 @@ impl Config {
             .iter()
             .find(|n| n.id == id)
             .ok_or_else(|| ConfigError::UnknownNode(id.into()))
+    }
+
+    /// What `check-config` prints as warnings about a file that is valid: a cluster secret
+    /// guessable offline ([`cluster_secret_warning`]), where a node has a cluster address.
+    pub fn warnings(&self) -> Vec<String> {
+        let clustered = self.nodes.iter().any(|n| n.cluster.is_some());
+        match self.cluster_secret() {
+            Ok(secret) if clustered => cluster_secret_warning(&secret).into_iter().collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// The shared secret, from `secret` or the variable named by `secret_env`.

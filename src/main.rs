@@ -224,6 +224,9 @@ fn main() -> ExitCode {
                         format!("; node {node_id} with {} from the environment", applied.join(", "))
                     }
                 );
+                for w in c.warnings() {
+                    eprintln!("mailroom: warning: {w}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => bad_config(e),

@@ -564,9 +564,9 @@ async fn an_observer_reads_no_connection_id() {
 // ---- versions ---------------------------------------------------------------------------
 
 fn old_hello(node: &str) -> Vec<u8> {
-    // Version 2's preamble (the release before `Deliver`); its Hello has the same bytes in
-    // every version.
-    hello_after(b"MLRM\x00\x02", CLUSTER, node)
+    // Version 3's preamble (the release before the stretched PSK); its Hello has the same
+    // bytes in every version.
+    hello_after(b"MLRM\x00\x03", CLUSTER, node)
 }
 
 /// `preamble`, then a `Hello` naming `cluster` and `node`: what a dialer sends first.
@@ -622,7 +622,7 @@ async fn read_refusal(s: &mut TcpStream) -> String {
     tokio::time::timeout(WAIT, read).await.expect("an answer in time")
 }
 
-/// A node of the previous protocol version (2) is refused with a reason both sides can read, in either
+/// A node of the previous protocol version (3) is refused with a reason both sides can read, in either
 /// direction, logged and counted; nothing it says after its preamble is read as a frame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_of_the_previous_version_is_refused_with_a_reason() {
@@ -633,7 +633,7 @@ async fn a_node_of_the_previous_version_is_refused_with_a_reason() {
     let mut s = TcpStream::connect(a1).await.unwrap();
     s.write_all(&old_hello("old")).await.unwrap();
     let reason = read_refusal(&mut s).await;
-    assert!(reason.contains("this node speaks 3, you speak 2"), "{reason}");
+    assert!(reason.contains("this node speaks 4, you speak 3"), "{reason}");
     wait_until("counted", || n1.status().counters.version_mismatches >= 1).await;
 
     // We dial the old node.
@@ -641,7 +641,7 @@ async fn a_node_of_the_previous_version_is_refused_with_a_reason() {
     let (mut s, _) = l_old.accept().await.unwrap();
     s.write_all(&old_hello("old")).await.unwrap();
     let reason = read_refusal(&mut s).await;
-    assert!(reason.contains("this node speaks 3, you speak 2"), "{reason}");
+    assert!(reason.contains("this node speaks 4, you speak 3"), "{reason}");
     wait_until("counted", || n1.status().counters.version_mismatches > before).await;
     let c = n1.status().counters;
     assert!(
@@ -650,7 +650,7 @@ async fn a_node_of_the_previous_version_is_refused_with_a_reason() {
     );
     assert!(!connected(&n1, "old"));
     wait_until("logged", || {
-        captured().contains("peer speaks cluster protocol version 2, this node speaks 3")
+        captured().contains("peer speaks cluster protocol version 3, this node speaks 4")
     })
     .await;
     n1.shutdown().await;
@@ -826,7 +826,7 @@ async fn the_secret_never_appears_in_logs() {
         "capture works"
     );
     assert!(log.contains("<redacted>"));
-    let psk = handshake::derive_psk(SECRET.as_bytes(), CLUSTER);
+    let psk = *handshake::keys_for(SECRET.as_bytes(), CLUSTER).psk();
     use base64::Engine as _;
     for needle in [
         SECRET.to_string(),

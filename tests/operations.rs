@@ -1410,6 +1410,50 @@ fn check_config_exits_64_with_the_reason() {
     }
 }
 
+/// A cluster secret an offline guesser finds (shorter than 16 bytes, or an example's) is
+/// warned about by `check-config`, with how to make a good one, and still accepted (exit 0:
+/// files in use hold such secrets). A long one, or a file with no cluster address, says
+/// nothing.
+#[test]
+fn check_config_warns_of_a_guessable_cluster_secret_and_still_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let check = |secret: &str, cluster: bool| {
+        let addr = if cluster { "cluster = '127.0.0.1:7001'\n" } else { "" };
+        std::fs::write(
+            &path,
+            format!(
+                "[cluster]\nsecret = {secret:?}\n[store]\npath = {:?}\n[[node]]\nid = 'n1'\nlisten = '127.0.0.1:8001'\n{addr}admin = '127.0.0.1:9001'\n",
+                dir.path().join("data")
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailroom"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env_remove("MAILROOM_CLUSTER_SECRET")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for weak in ["12345678", "fifteen-bytes-x", "change-me"] {
+        let (code, err) = check(weak, true);
+        assert_eq!(code, Some(0), "{weak}: {err}");
+        assert!(
+            err.contains("warning: cluster.secret")
+                && err.contains("offline")
+                && err.contains("openssl rand -base64 32"),
+            "{weak}: {err}"
+        );
+        assert!(!err.contains(weak), "the warning does not repeat the secret: {err}");
+    }
+    for (secret, cluster) in [("sixteen-bytes-xx", true), ("12345678", false)] {
+        let (code, err) = check(secret, cluster);
+        assert_eq!(code, Some(0), "{secret}: {err}");
+        assert!(!err.contains("warning"), "{secret}: {err}");
+    }
+}
+
 /// The longest public URL accepted (1024 bytes, every visible URL character the rules let
 /// through) is one the node starts with: the mediator's DIDs carry it and its ws twin, and
 /// `run` derives them at start (a did:peer:2 past its cap panicked there).

@@ -449,7 +449,10 @@ const NODE_HISTORY: &str = "/history?scope=node";
 
 /// A peer's own history from its admin listener, or why it could not be read. The request
 /// carries this node's signature ([`crate::cluster::ClusterHandle::sign_admin_read`]), never
-/// the admin token: whatever listens at the address configured gets nothing it can use. Any
+/// the admin token: whatever listens at the address configured (over plain http) gets no
+/// credential it can replay elsewhere, but can test guesses of the cluster secret offline
+/// against the signature, each at Argon2id's cost (`cluster::handshake::ClusterKeys`): a
+/// short secret is still found, hence the warning about one. Any
 /// answer but a 2xx (a redirect included) is the peer unreachable: a redirect is not
 /// followed, or whatever listens there would aim this node's signed read, from inside the
 /// cluster's network, at any address it names.

@@ -9,8 +9,11 @@
 //! address cannot replay it to the others), and nothing once [`MAX_SKEW_MS`] has passed.
 //!
 //! Format of the `x-mailroom-peer` header: `<node> <unix ms> <hex HMAC-SHA256>`, the MAC over
-//! `node \n target \n ms \n path` under a key derived from the secret and the cluster's
-//! name; `target` is the node read, which the reader checks is itself.
+//! `node \n target \n ms \n path` under the cluster's admin-read key
+//! ([`ClusterKeys::admin_read`]: from the secret stretched with Argon2id and the cluster's
+//! name, so a header seen by whatever listens at a peer's admin address lets it test guesses
+//! of the secret only at Argon2's cost); `target` is the node read, which the reader checks is
+//! itself.
 //!
 //! Must not: accept a signature for another path or another node, from a node not configured
 //! here, from another cluster, or older (or further ahead) than [`MAX_SKEW_MS`]; compare MACs
@@ -19,6 +22,8 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use super::handshake::ClusterKeys;
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// The request header carrying the signature.
@@ -26,15 +31,8 @@ pub const HEADER: &str = "x-mailroom-peer";
 /// How far a signature's time may be from the reader's clock.
 pub const MAX_SKEW_MS: u64 = 30_000;
 
-fn key(secret: &[u8], cluster: &str) -> [u8; 32] {
-    let mut m = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
-    m.update(b"mailroom admin read v1\0");
-    m.update(cluster.as_bytes());
-    m.finalize().into_bytes().into()
-}
-
-fn mac(secret: &[u8], cluster: &str, node: &str, target: &str, ms: u64, path: &str) -> HmacSha256 {
-    let mut m = HmacSha256::new_from_slice(&key(secret, cluster)).expect("HMAC takes any key length");
+fn mac(keys: &ClusterKeys, node: &str, target: &str, ms: u64, path: &str) -> HmacSha256 {
+    let mut m = HmacSha256::new_from_slice(keys.admin_read()).expect("HMAC takes any key length");
     m.update(node.as_bytes());
     m.update(b"\n");
     m.update(target.as_bytes());
@@ -46,18 +44,16 @@ fn mac(secret: &[u8], cluster: &str, node: &str, target: &str, ms: u64, path: &s
 }
 
 /// The header value signing `node`'s read of `path` on `target` at `ms`.
-pub fn sign(secret: &[u8], cluster: &str, node: &str, target: &str, ms: u64, path: &str) -> String {
-    let tag = mac(secret, cluster, node, target, ms, path).finalize().into_bytes();
+pub fn sign(keys: &ClusterKeys, node: &str, target: &str, ms: u64, path: &str) -> String {
+    let tag = mac(keys, node, target, ms, path).finalize().into_bytes();
     format!("{node} {ms} {}", hex::encode(tag))
 }
 
 /// The node whose valid signature `header` is for `path` on `me`, read at `now_ms`; `None` if
 /// it is none (`configured` says which nodes may sign).
-#[allow(clippy::too_many_arguments)]
 pub fn verify<'h>(
     header: &'h str,
-    secret: &[u8],
-    cluster: &str,
+    keys: &ClusterKeys,
     me: &str,
     path: &str,
     now_ms: u64,
@@ -73,7 +69,7 @@ pub fn verify<'h>(
         return None;
     }
     let tag = hex::decode(tag).ok()?;
-    mac(secret, cluster, node, me, ms, path).verify_slice(&tag).ok()?;
+    mac(keys, node, me, ms, path).verify_slice(&tag).ok()?;
     Some(node)
 }
 
@@ -84,8 +80,16 @@ mod tests {
     const PATH: &str = "/history?scope=node";
     const NOW: u64 = 1_765_000_000_000;
 
+    fn keys(secret: &[u8], cluster: &str) -> std::sync::Arc<ClusterKeys> {
+        super::super::handshake::keys_for(secret, cluster)
+    }
+
     fn ok(header: &str, path: &str, now: u64) -> bool {
-        verify(header, b"s3cret", "prod", "n1", path, now, |n| n == "n2").is_some()
+        verify(header, &keys(b"s3cret", "prod"), "n1", path, now, |n| n == "n2").is_some()
+    }
+
+    fn sign(secret: &[u8], cluster: &str, node: &str, target: &str, ms: u64, path: &str) -> String {
+        super::sign(&keys(secret, cluster), node, target, ms, path)
     }
 
     #[test]

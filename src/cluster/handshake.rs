@@ -10,8 +10,8 @@
 //!    or unexpected node id, or our own id (with a `Refused { reason }` frame, in clear, that
 //!    a node of any version can read);
 //! 3. run `Noise_NNpsk0_25519_ChaChaPoly_SHA256` (the dialer initiates) inside
-//!    `Frame::Noise` records: `-> psk, e` then `<- e, ee`. The PSK is
-//!    `HMAC-SHA256(secret, "mailroom-cluster-v2 psk" || cluster)`; the prologue binds the
+//!    `Frame::Noise` records: `-> psk, e` then `<- e, ee`. The PSK comes from the secret
+//!    through [`ClusterKeys`] (Argon2id, then HMAC-SHA256); the prologue binds the
 //!    protocol version, the cluster name, both node ids in dialer/acceptor order and both
 //!    nonces, so a side whose view of the `Hello`s differs, or that lacks the secret, fails to
 //!    open the other's Noise message and refuses with "authentication failed";
@@ -23,15 +23,19 @@
 //! on-path attacker without it can neither complete a handshake nor alter the ids in one.
 //! The secret and the PSK never travel; the ephemeral Diffie-Hellman makes the link keys
 //! fresh per link (and secret even from a later thief of the secret, for links it only
-//! recorded). A recorded handshake tells an offline guesser as much as before (one PSK-keyed
-//! tag per handshake): choose a long random secret.
+//! recorded). A recorded handshake still lets an offline guesser test guesses of the secret
+//! (one PSK-keyed tag per handshake), but each guess costs an Argon2id evaluation (19 MiB,
+//! two passes) rather than one HMAC: billions a second become tens per core. A short or
+//! well-known secret is still found (`Config::warnings` says so): choose a long random one.
 
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use zeroize::Zeroizing;
 
 use super::codec::{self, CodecError};
 use super::link::SecureChannel;
@@ -39,8 +43,149 @@ use super::proto::{self, Frame, Hello, PreambleCheck, NONCE_LEN};
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Binds every derivation to this protocol version.
+/// The prologue's label (unchanged since version 2: the version itself is in the preamble,
+/// which both sides check before the handshake).
 const DOMAIN: &[u8] = b"mailroom-cluster-v2";
+
+/// The Argon2id salt's label (the cluster name follows it, length-prefixed), and the labels of
+/// the keys expanded from the master key: [`ClusterKeys`].
+const MASTER_LABEL: &[u8] = b"mailroom-cluster-v4 master key";
+const PSK_LABEL: &[u8] = b"mailroom-cluster-v4 noise psk";
+const ADMIN_READ_LABEL: &[u8] = b"mailroom-cluster-v4 admin read";
+
+/// Argon2id's cost: OWASP's recommendation (m = 19 MiB, t = 2, p = 1). Tens of milliseconds,
+/// paid once per (secret, cluster) by a node: at start and when a reload changes the secret.
+const ARGON2_M_KIB: u32 = 19 * 1024;
+const ARGON2_T: u32 = 2;
+const ARGON2_P: u32 = 1;
+
+/// The keys a cluster's secret yields, from one master key: `Argon2id(secret, salt =
+/// MASTER_LABEL || u32 len || cluster)`, stretched so that a recorded Noise message or an
+/// `x-mailroom-peer` header lets an offline guesser test a few dozen guesses a second per
+/// core, not billions; then one HMAC-SHA256 of it per key, each under its own label. The
+/// master key is zeroized once the keys are expanded; the keys when the last holder drops
+/// them. `Debug` shows none of them.
+pub struct ClusterKeys {
+    psk: Zeroizing<[u8; 32]>,
+    admin_read: Zeroizing<[u8; 32]>,
+}
+
+impl fmt::Debug for ClusterKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClusterKeys(<redacted>)")
+    }
+}
+
+impl ClusterKeys {
+    /// Derives the keys of `cluster` from `secret`: an Argon2id evaluation (tens of ms, 19 MiB),
+    /// so not on an async worker, and once, not per handshake or request: see [`keys_for`].
+    pub fn derive(secret: &[u8], cluster: &str) -> ClusterKeys {
+        let mut salt = Vec::with_capacity(MASTER_LABEL.len() + 4 + cluster.len());
+        salt.extend_from_slice(MASTER_LABEL);
+        salt.extend_from_slice(&(cluster.len() as u32).to_be_bytes());
+        salt.extend_from_slice(cluster.as_bytes());
+        // Constants within Argon2's ranges; the salt is longer than its 8-byte minimum and the
+        // secret and salt shorter than its 4 GiB maximum (a config file's string).
+        let params = argon2::Params::new(ARGON2_M_KIB, ARGON2_T, ARGON2_P, Some(32)).expect("valid Argon2 parameters");
+        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params.clone());
+        // Its working memory holds what the master key is computed from: zeroized after.
+        let mut memory = Zeroizing::new(vec![argon2::Block::default(); params.block_count()]);
+        let mut master = Zeroizing::new([0u8; 32]);
+        argon
+            .hash_password_into_with_memory(secret, &salt, &mut master[..], memory.as_mut_slice())
+            .expect("Argon2 takes this secret and salt");
+        ClusterKeys {
+            psk: expand(&master, PSK_LABEL),
+            admin_read: expand(&master, ADMIN_READ_LABEL),
+        }
+    }
+
+    /// The Noise PSK of the cluster's links.
+    pub fn psk(&self) -> &[u8; 32] {
+        &self.psk
+    }
+
+    /// The key of the signatures on peers' admin reads ([`super::admin_read`]).
+    pub fn admin_read(&self) -> &[u8; 32] {
+        &self.admin_read
+    }
+}
+
+fn expand(master: &[u8; 32], label: &[u8]) -> Zeroizing<[u8; 32]> {
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(master).expect("HMAC takes any key length");
+    mac.update(label);
+    Zeroizing::new(mac.finalize().into_bytes().into())
+}
+
+/// Keys derived lately, by (secret, cluster), the most recently used last. The node's state
+/// holds the secret only (`peer::Shared`, read by each handshake as `Local::secret`); this is
+/// where its keys wait, put here when the cluster starts and when a reload changes the secret
+/// ([`keys_for`]), so that a handshake or an admin read finds them at the cost of a lookup.
+/// Several entries: tests run several nodes, and programs (`link::open`), in one process.
+struct Derived {
+    secret: Zeroizing<Vec<u8>>,
+    cluster: String,
+    keys: Arc<ClusterKeys>,
+}
+
+/// Entries kept in [`DERIVED`]: a node needs one (two while a reload swaps them).
+const DERIVED_MAX: usize = 8;
+
+static DERIVED: Mutex<Vec<Derived>> = Mutex::new(Vec::new());
+
+fn derived() -> std::sync::MutexGuard<'static, Vec<Derived>> {
+    // A panic while it was held left a valid list (each change is one push or remove).
+    DERIVED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The keys of (`secret`, `cluster`) if derived lately.
+pub fn cached_keys(secret: &[u8], cluster: &str) -> Option<Arc<ClusterKeys>> {
+    let mut d = derived();
+    let i = d
+        .iter()
+        .position(|e| e.secret.as_slice() == secret && e.cluster == cluster)?;
+    let e = d.remove(i);
+    let keys = e.keys.clone();
+    d.push(e);
+    Some(keys)
+}
+
+/// The keys of (`secret`, `cluster`): cached, or derived now ([`ClusterKeys::derive`], tens of
+/// milliseconds: call it where blocking is allowed) and kept for the next caller.
+pub fn keys_for(secret: &[u8], cluster: &str) -> Arc<ClusterKeys> {
+    if let Some(k) = cached_keys(secret, cluster) {
+        return k;
+    }
+    let keys = Arc::new(ClusterKeys::derive(secret, cluster));
+    let mut d = derived();
+    if !d.iter().any(|e| e.secret.as_slice() == secret && e.cluster == cluster) {
+        if d.len() >= DERIVED_MAX {
+            d.remove(0);
+        }
+        d.push(Derived {
+            secret: Zeroizing::new(secret.to_vec()),
+            cluster: cluster.to_string(),
+            keys: keys.clone(),
+        });
+    }
+    keys
+}
+
+/// Drops the cached keys of (`secret`, `cluster`): a secret rotated away is not kept.
+pub fn forget_keys(secret: &[u8], cluster: &str) {
+    derived().retain(|e| !(e.secret.as_slice() == secret && e.cluster == cluster));
+}
+
+/// [`keys_for`] from async code: a cache hit at once, a miss derived on the blocking pool.
+async fn keys_off_thread(secret: &[u8], cluster: &str) -> Result<Arc<ClusterKeys>, HandshakeError> {
+    if let Some(k) = cached_keys(secret, cluster) {
+        return Ok(k);
+    }
+    let (secret, cluster) = (Zeroizing::new(secret.to_vec()), cluster.to_string());
+    tokio::task::spawn_blocking(move || keys_for(&secret, &cluster))
+        .await
+        .map_err(|e| HandshakeError::Noise(format!("deriving the cluster keys: {e}")))
+}
 
 /// The Noise protocol of the link. NN: no static keys (the nodes have none); psk0: both sides
 /// must hold the cluster's PSK from the first message on.
@@ -183,18 +328,6 @@ pub struct Established {
     pub channel: SecureChannel,
 }
 
-/// The 32-byte Noise PSK of a cluster: HMAC-SHA256 keyed with the secret (any length), over a
-/// label and the cluster name, so two clusters sharing a secret still have distinct keys.
-pub fn derive_psk(secret: &[u8], cluster: &str) -> [u8; 32] {
-    // HMAC accepts keys of any length; `new_from_slice` cannot fail for HMAC.
-    let mut mac = <HmacSha256 as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
-    mac.update(DOMAIN);
-    mac.update(b" psk");
-    mac.update(&(cluster.len() as u32).to_be_bytes());
-    mac.update(cluster.as_bytes());
-    mac.finalize().into_bytes().into()
-}
-
 /// The Noise prologue: what both sides saw in clear, which the handshake then authenticates.
 /// Variable fields are length-prefixed so ("ab","c") and ("a","bc") differ.
 pub fn prologue(
@@ -228,6 +361,23 @@ fn noise_err(e: snow::Error) -> HandshakeError {
 pub async fn run<S, F>(
     stream: &mut S,
     local: &Local<'_>,
+    role: Role,
+    expected: Option<&str>,
+    accept_node: F,
+) -> Result<Established, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(&str) -> bool,
+{
+    run_keyed(stream, local, None, role, expected, accept_node).await
+}
+
+/// [`run`], with the PSK `psk` in place of the one `local.secret` yields when given (tests of
+/// a peer whose keys come from the same secret another way).
+async fn run_keyed<S, F>(
+    stream: &mut S,
+    local: &Local<'_>,
+    psk: Option<&[u8; 32]>,
     role: Role,
     expected: Option<&str>,
     accept_node: F,
@@ -290,10 +440,19 @@ where
         Role::Acceptor => (peer.node.as_str(), local.node, &peer.nonce, &nonce),
     };
     let prologue = prologue(local.cluster, dialer, acceptor, dn, an);
-    let psk = zeroize::Zeroizing::new(derive_psk(local.secret, local.cluster));
+    // A node's keys were derived when its cluster started (or its secret was reloaded): a
+    // lookup. A program's (`link::open`) are derived on its first handshake, off this thread.
+    let keys;
+    let psk = match psk {
+        Some(psk) => psk,
+        None => {
+            keys = keys_off_thread(local.secret, local.cluster).await?;
+            keys.psk()
+        }
+    };
     let builder = snow::Builder::new(NOISE_PARAMS.parse().map_err(noise_err)?)
         .prologue(&prologue)
-        .psk(0, &psk[..]);
+        .psk(0, psk);
     let mut msg = [0u8; NOISE_MSG_MAX];
     let mut payload = [0u8; NOISE_MSG_MAX];
     let hs = match role {
@@ -478,7 +637,7 @@ mod tests {
     async fn debug_output_hides_the_secret() {
         let l = local("c", "n1", b"hunter2-hunter2");
         assert!(!format!("{l:?}").contains("hunter2"));
-        let psk = derive_psk(b"hunter2-hunter2", "c");
+        let psk = *keys_for(b"hunter2-hunter2", "c").psk();
         let (a, _) = pair(
             local("c", "n1", b"hunter2-hunter2"),
             local("c", "n2", b"hunter2-hunter2"),
@@ -595,7 +754,7 @@ mod tests {
         assert!(wire.len() > 2 * (6 + 32 + 32));
         assert!(!wire.windows(SECRET.len()).any(|w| w == SECRET));
         assert!(!wire.windows(8).any(|w| w == &SECRET[..8]));
-        let psk = derive_psk(SECRET, "c");
+        let psk = *keys_for(SECRET, "c").psk();
         assert!(!wire.windows(8).any(|w| w == &psk[..8]));
     }
 
@@ -608,7 +767,70 @@ mod tests {
         assert_ne!(base, prologue("c", "b", "a", &n1, &n2));
         assert_ne!(base, prologue("c", "a", "b", &n2, &n1));
         assert_ne!(prologue("c", "ab", "c", &n1, &n2), prologue("ca", "b", "c", &n1, &n2));
-        assert_ne!(derive_psk(b"s", "c"), derive_psk(b"t", "c"));
-        assert_ne!(derive_psk(b"s", "c"), derive_psk(b"s", "d"));
+    }
+
+    /// The PSK of protocol version 3: one HMAC of the secret, which a recorded handshake let
+    /// an offline guesser test at billions of guesses a second.
+    fn v3_psk(secret: &[u8], cluster: &str) -> [u8; 32] {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(secret).unwrap();
+        mac.update(b"mailroom-cluster-v2 psk");
+        mac.update(&(cluster.len() as u32).to_be_bytes());
+        mac.update(cluster.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    #[test]
+    fn the_keys_are_stretched_and_bound_to_secret_and_cluster() {
+        let k = ClusterKeys::derive(b"s", "c");
+        // Pinned: a change to the key schedule is a change of protocol version. Checked against
+        // the reference implementation (libargon2 through Python's argon2-cffi, then hmac).
+        assert_eq!(
+            hex::encode(k.psk()),
+            "04df1b2c66013a6a273e787b6d34c769666d62853165c52d67a541119600668a"
+        );
+        assert_ne!(k.psk(), ClusterKeys::derive(b"t", "c").psk(), "another secret");
+        assert_ne!(k.psk(), ClusterKeys::derive(b"s", "d").psk(), "another cluster");
+        assert_ne!(
+            ClusterKeys::derive(b"s", "ab").psk(),
+            ClusterKeys::derive(b"sa", "b").psk(),
+            "the cluster name is length-prefixed"
+        );
+        assert_ne!(k.psk(), &v3_psk(b"s", "c"), "not version 3's unstretched PSK");
+        assert_ne!(k.psk(), k.admin_read(), "one key per use");
+        assert_eq!(keys_for(b"s", "c").psk(), k.psk());
+        assert_eq!(format!("{k:?}"), "ClusterKeys(<redacted>)");
+    }
+
+    /// A peer holding the same secret whose keys come from it another way (a version-3 node's
+    /// unstretched PSK, past the preamble) is refused: both sides fail each other's proof.
+    #[tokio::test]
+    async fn a_peer_with_the_v3_psk_of_the_same_secret_cannot_link() {
+        let (mut sa, mut sb) = tokio::io::duplex(4096);
+        let old = v3_psk(b"s", "c");
+        let ta = tokio::spawn(async move {
+            let l = local("c", "n1", b"s");
+            run_keyed(&mut sa, &l, Some(&old), Role::Dialer, Some("n2"), |_| true).await
+        });
+        let tb = tokio::spawn(async move {
+            let l = local("c", "n2", b"s");
+            run(&mut sb, &l, Role::Acceptor, None, |n| n == "n1").await
+        });
+        assert!(matches!(tb.await.unwrap(), Err(HandshakeError::BadProof)));
+        assert!(matches!(
+            ta.await.unwrap(),
+            Err(HandshakeError::BadProof) | Err(HandshakeError::PeerRefused(_))
+        ));
+    }
+
+    #[test]
+    fn the_key_cache_is_bounded_and_forgets_a_rotated_secret() {
+        let first = keys_for(b"cache-test-0", "cache");
+        assert!(Arc::ptr_eq(&first, &keys_for(b"cache-test-0", "cache")), "derived once");
+        forget_keys(b"cache-test-0", "cache");
+        assert!(cached_keys(b"cache-test-0", "cache").is_none());
+        for i in 0..DERIVED_MAX + 2 {
+            keys_for(format!("cache-test-{i}").as_bytes(), "cache");
+        }
+        assert!(derived().len() <= DERIVED_MAX);
     }
 }

@@ -420,6 +420,18 @@ impl ClusterHandle {
             peer_queue: cfg.peer_queue,
             max_peer_claims: cfg.max_peer_claims.max(1),
         };
+        if let Some(w) = crate::config::cluster_secret_warning(&cfg.secret) {
+            tracing::warn!("{w}");
+        }
+        // The keys, derived now and off this thread (Argon2id, tens of ms): every handshake
+        // and admin read of this node finds them ([`handshake::keys_for`]).
+        let (secret, cluster) = (
+            zeroize::Zeroizing::new(cfg.secret.clone().into_bytes()),
+            cfg.cluster_name.clone(),
+        );
+        tokio::task::spawn_blocking(move || drop(handshake::keys_for(&secret, &cluster)))
+            .await
+            .map_err(std::io::Error::other)?;
         let shared = Shared::new(settings, cfg.secret.clone().into_bytes(), &cfg.peers, events);
         shared.spawn(peer::accept_loop(shared.clone(), listener));
         shared.spawn(shared.clone().sweeper());
@@ -553,37 +565,51 @@ impl ClusterHandle {
     /// This node's signature on its read of `peer`'s admin API at `path` ([`admin_read`]): the
     /// value of the [`admin_read::HEADER`] header.
     pub fn sign_admin_read(&self, peer: &str, path: &str) -> String {
-        let (_, secret) = self.shared.secret();
         let s = &self.shared.settings;
-        admin_read::sign(&secret, &s.cluster_name, &s.node_id, peer, peer::unix_ms(), path)
+        admin_read::sign(&self.keys(), &s.node_id, peer, peer::unix_ms(), path)
+    }
+
+    /// The keys of the secret in use: derived when the cluster started or the secret was
+    /// reloaded, so a lookup ([`handshake::keys_for`] derives them again only if a process
+    /// running more clusters than it caches pushed them out).
+    fn keys(&self) -> Arc<handshake::ClusterKeys> {
+        let (_, secret) = self.shared.secret();
+        handshake::keys_for(&secret, &self.shared.settings.cluster_name)
     }
 
     /// The configured peer whose valid signature `header` is on a read of `path` now.
     pub fn verify_admin_read(&self, header: &str, path: &str) -> Option<String> {
-        let (_, secret) = self.shared.secret();
         let s = &self.shared.settings;
         let configured = |n: &str| n != s.node_id && self.shared.state.lock().peers.contains_key(n);
-        admin_read::verify(
-            header,
-            &secret,
-            &s.cluster_name,
-            &s.node_id,
-            path,
-            peer::unix_ms(),
-            configured,
-        )
-        .map(str::to_owned)
+        admin_read::verify(header, &self.keys(), &s.node_id, path, peer::unix_ms(), configured).map(str::to_owned)
     }
 
     /// Makes `secret` the cluster secret (a rotated one, reloaded): handshakes from now on
     /// prove it, and every link up now is closed (opened with the old one); peers link again
     /// once they have it too. False, and nothing done, when it is the secret in use. An empty
     /// secret is refused (false).
+    ///
+    /// Derives the new secret's keys before it returns (Argon2id: tens of ms, 19 MiB), so the
+    /// handshakes after it find them: call it where blocking is allowed (a reload runs on the
+    /// blocking pool, `web::block`); a test's call from an async one costs that once.
     pub fn set_secret(&self, secret: &str) -> bool {
         if secret.is_empty() || self.shared.stopped.load(Ordering::SeqCst) {
             return false;
         }
-        self.shared.set_secret(secret.as_bytes().to_vec())
+        let (_, old) = self.shared.secret();
+        if old.as_slice() == secret.as_bytes() {
+            return false;
+        }
+        if let Some(w) = crate::config::cluster_secret_warning(secret) {
+            tracing::warn!("{w}");
+        }
+        let cluster = &self.shared.settings.cluster_name;
+        drop(handshake::keys_for(secret.as_bytes(), cluster));
+        let changed = self.shared.set_secret(secret.as_bytes().to_vec());
+        if changed {
+            handshake::forget_keys(&old, cluster);
+        }
+        changed
     }
 
     /// What this node knows of the cluster. The directory is read a slice at a time (not

@@ -20,9 +20,11 @@ pub const MAGIC: [u8; 4] = *b"MLRM";
 /// History: 1 = HMAC challenge-response, then plain frames; 2 = Noise NNpsk0 handshake, then
 /// every frame encrypted and authenticated (`link.rs`); 3 = `Deliver` (messages handed to the
 /// node of their wallet's session, sent for every such forward: a version-2 node would close
-/// the link on each). A node refuses any other version with a `Refused` frame naming both
+/// the link on each); 4 = the PSK from the secret stretched with Argon2id
+/// (`handshake::ClusterKeys`; a version-3 node's PSK is one HMAC of the secret, so the two
+/// could not link anyway). A node refuses any other version with a `Refused` frame naming both
 /// versions.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The raw preamble: magic + big-endian version. Kept outside bincode so a peer speaking a
 /// different format version is still recognised and refused with a clear reason.
@@ -252,11 +254,11 @@ mod tests {
         encode(f).expect("encodable")
     }
 
-    // Fixed bytes: these pin the wire format of PROTOCOL_VERSION 3. If one fails, the format
+    // Fixed bytes: these pin the wire format of PROTOCOL_VERSION 4. If one fails, the format
     // changed: bump PROTOCOL_VERSION and update the vectors deliberately.
     #[test]
     fn preamble_bytes() {
-        assert_eq!(preamble(), [b'M', b'L', b'R', b'M', 0, 3]);
+        assert_eq!(preamble(), [b'M', b'L', b'R', b'M', 0, 4]);
         assert_eq!(check_preamble(&preamble()), PreambleCheck::Ok);
         assert_eq!(check_preamble(b"GET / "), PreambleCheck::BadMagic);
         // A version-1 node (plain frames after an HMAC handshake) is refused, not misread.
@@ -269,9 +271,14 @@ mod tests {
             check_preamble(&[b'M', b'L', b'R', b'M', 0, 2]),
             PreambleCheck::Version(2)
         );
+        // A version-3 node (its PSK one HMAC of the secret), and a later one.
         assert_eq!(
-            check_preamble(&[b'M', b'L', b'R', b'M', 0, 4]),
-            PreambleCheck::Version(4)
+            check_preamble(&[b'M', b'L', b'R', b'M', 0, 3]),
+            PreambleCheck::Version(3)
+        );
+        assert_eq!(
+            check_preamble(&[b'M', b'L', b'R', b'M', 0, 5]),
+            PreambleCheck::Version(5)
         );
     }
 
