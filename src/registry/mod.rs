@@ -10,6 +10,7 @@
 
 use actix::prelude::*;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::cluster::ClusterHandle;
 use crate::store::QueuedMessage;
@@ -46,7 +47,25 @@ pub enum Signal {
     Superseded,
     /// Messages queued leased to this node's hand-off owner
     /// ([`crate::protocols::handoff_owner`]): write them out, or release them.
-    HandOff(Vec<QueuedMessage>),
+    HandOff(Offered),
+}
+
+/// Messages handed to a session ([`Signal::HandOff`]) that the sender can take back until the
+/// session takes them: a session runs only when its socket takes bytes, so one whose wallet
+/// stopped reading may not take them for a minute or more, and what sat in its mailbox
+/// meanwhile (payloads included) would be outside every budget of the node.
+#[derive(Clone)]
+pub struct Offered(Arc<parking_lot::Mutex<Option<Vec<QueuedMessage>>>>);
+
+impl Offered {
+    pub fn new(msgs: Vec<QueuedMessage>) -> Offered {
+        Offered(Arc::new(parking_lot::Mutex::new(Some(msgs))))
+    }
+
+    /// The messages, if nobody took them yet: the session's, or the sender's taking them back.
+    pub fn take(&self) -> Option<Vec<QueuedMessage>> {
+        self.0.lock().take()
+    }
 }
 
 /// The connections this node holds bound sessions of, readable without a message to the

@@ -183,10 +183,20 @@ pub(super) async fn left(shared: &Arc<Shared>, conn: &str, handed: &[i64], held:
 /// bound connection: one it had left (rebound) got its delivery back pending with nobody
 /// told, and no lease's reclaim to tell it either, until new mail came.
 pub(super) async fn wake_lent(shared: &Arc<Shared>, lent: &[String], released: &StoreResult<u64>) {
-    if matches!(released, Ok(n) if *n > 0) {
-        for c in lent {
-            shared.queued_new(c).await;
+    if lent.is_empty() || !matches!(released, Ok(n) if *n > 0) {
+        return;
+    }
+    // Only those with mail pending now: the release was of the owner's leases, whoever's they
+    // were, and a wallet with nothing given back is not pushed (a count of 0).
+    let pending = match shared.mediator.store.pending_among(lent, now_ms()).await {
+        Ok(pending) => pending,
+        Err(e) => {
+            tracing::warn!("queues of connections a socket left not read, each woken: {e}");
+            lent.to_vec()
         }
+    };
+    for c in &pending {
+        shared.queued_new(c).await;
     }
 }
 

@@ -32,10 +32,10 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocols::{handoff_owner, now_ms, AckOnReturn, Handed, Mediator};
 use crate::registry::{
-    CloseConn, IsLocal, LocalConns, LocalHolders, Registry, SessionFor, Signal, WakeLocal, WakeMany,
+    CloseConn, IsLocal, LocalConns, LocalHolders, Offered, Registry, SessionFor, Signal, WakeLocal, WakeMany,
 };
 use crate::store::{MediationState, QueuedMessage};
-use actix::Addr;
+use actix::{Addr, Recipient};
 use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -64,12 +64,12 @@ pub const RECLAIM_PUSHES: u32 = 3;
 pub const HAND_LOCAL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How a hand-off went, for the run of its connection's hand-offs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Handing {
     /// Taken by a session or a link, or released.
     Done,
-    /// The session here did not take it within [`HAND_LOCAL_WAIT`]; released.
-    Slow,
+    /// This session here did not take it within [`HAND_LOCAL_WAIT`] (or did not take an
+    /// earlier one): released.
+    Slow(Recipient<Signal>),
 }
 /// Connections asked about in one store call by [`wake_pending`].
 const WAKE_PENDING_CHUNK: usize = 500;
@@ -457,15 +457,16 @@ impl Shared {
                 max_frame: s.cluster.as_ref().map(ClusterHandle::max_frame),
             };
             let mut run = s.run_of(conn, first);
-            // Set once the session here did not take a hand-off within [`HAND_LOCAL_WAIT`]:
-            // the run's later ones for it go back to the queue without waiting too.
-            let mut slow_here = false;
+            // The session here that did not take a hand-off within [`HAND_LOCAL_WAIT`]: the
+            // run's later ones for it go back to the queue without waiting too (a newer
+            // session of the wallet here is tried as usual).
+            let mut slow: Option<Recipient<Signal>> = None;
             while let Some(e) = run.waiting().and_then(|w| join.take(w)) {
-                if e.release || (slow_here && e.h.node == s.mediator.node_id) {
+                if e.release {
                     let ids: Vec<i64> = e.h.msgs.iter().map(|m| m.id).collect();
                     s.hand_back(&e.h.node, &e.h.conn, &ids).await;
-                } else if s.hand_off(e.h).await == Handing::Slow {
-                    slow_here = true;
+                } else if let Handing::Slow(session) = s.hand_off(e.h, slow.as_ref()).await {
+                    slow = Some(session);
                 }
                 drop(e.held);
             }
@@ -515,10 +516,12 @@ impl Shared {
     /// Forwards queued leased to the node of their wallet's live session
     /// ([`crate::protocols::Outcome::handed`]) go to it: to the session here, or in a `Deliver`
     /// frame to the peer. What no session takes is released and woken as any new message.
-    pub async fn hand_off(self: &Arc<Self>, h: Handed) -> Handing {
+    /// `slow`: a session here that did not take an earlier one in time ([`Handing::Slow`]),
+    /// not waited for again.
+    pub async fn hand_off(self: &Arc<Self>, h: Handed, slow: Option<&Recipient<Signal>>) -> Handing {
         let Handed { node, conn, msgs } = h;
         if node == self.mediator.node_id {
-            return self.hand_local(&conn, msgs).await;
+            return self.hand_local(&conn, msgs, slow).await;
         }
         let ids: Vec<i64> = msgs.iter().map(|m| m.id).collect();
         let frame = msgs
@@ -539,19 +542,16 @@ impl Shared {
     }
 
     /// Messages of `conn` handed to this node (by a forward here or a peer's `Deliver`): to
-    /// the session that holds it here, else released. [`Handing::Slow`]: the session did not
-    /// take them within [`HAND_LOCAL_WAIT`] (they were released).
-    pub async fn hand_local(self: &Arc<Self>, conn: &str, msgs: Vec<QueuedMessage>) -> Handing {
+    /// the session that holds it here, else released. [`Handing::Slow`]: that session did not
+    /// take them within [`HAND_LOCAL_WAIT`] (they were taken back and released), or it is
+    /// `slow` (they were released without asking it).
+    pub async fn hand_local(
+        self: &Arc<Self>,
+        conn: &str,
+        msgs: Vec<QueuedMessage>,
+        slow: Option<&Recipient<Signal>>,
+    ) -> Handing {
         let ids: Vec<i64> = msgs.iter().map(|m| m.id).collect();
-        // Sent and awaited, not tried: a mailbox dropped with its session answers an error, so
-        // every message is either in a session's hands or released below. Awaited within a
-        // bound: a session runs only when its socket takes bytes (`wsio`), and one whose
-        // wallet stopped reading (a phone that changed networks without a FIN) would hold
-        // this connection's later hand-offs behind it, to this node's session and to peers
-        // alike, in memory, until its write stall gave it up: its wallet, back on another
-        // socket, would get nothing live meanwhile. Released after the bound, the messages
-        // are leased by whichever session holds the wallet; should the slow session still
-        // take them once its socket moves, a copy may be written twice (at least once).
         let session = self
             .registry
             .send(SessionFor { conn: conn.to_string() })
@@ -560,14 +560,32 @@ impl Shared {
             .flatten();
         let mut handing = Handing::Done;
         let taken = match session {
-            Some(s) => match tokio::time::timeout(HAND_LOCAL_WAIT, s.send(Signal::HandOff(msgs))).await {
-                Ok(r) => r.is_ok(),
-                Err(_) => {
-                    handing = Handing::Slow;
-                    self.metrics.handed("slow", ids.len() as u64);
-                    false
+            Some(s) if slow == Some(&s) => {
+                self.metrics.handed("slow", ids.len() as u64);
+                handing = Handing::Slow(s);
+                false
+            }
+            Some(s) => {
+                // Offered, and taken back unless the session took them within the bound: a
+                // session runs only when its socket takes bytes (`wsio`), and one whose wallet
+                // stopped reading (a phone that changed networks without a FIN) would hold this
+                // connection's later hand-offs behind it, to this node's session and to peers
+                // alike, until its write stall gave it up: its wallet, back on another socket,
+                // would get nothing live meanwhile. Taken back, they are released, and whichever
+                // session holds the wallet leases them. A mailbox dropped with its session
+                // answers an error: every message is either in a session's hands or released.
+                let offered = Offered::new(msgs);
+                match tokio::time::timeout(HAND_LOCAL_WAIT, s.send(Signal::HandOff(offered.clone()))).await {
+                    Ok(r) => r.is_ok() && offered.take().is_none(),
+                    Err(_) if offered.take().is_some() => {
+                        self.metrics.handed("slow", ids.len() as u64);
+                        handing = Handing::Slow(s);
+                        false
+                    }
+                    // Taken just as the wait ended.
+                    Err(_) => true,
                 }
-            },
+            }
             None => false,
         };
         if taken {

@@ -1195,7 +1195,11 @@ impl Handler<Signal> for WsSession {
     fn handle(&mut self, m: Signal, ctx: &mut Self::Context) {
         match m {
             Signal::Wake => self.drain(ctx),
-            Signal::HandOff(msgs) => self.take_handed(msgs, ctx),
+            Signal::HandOff(offered) => {
+                if let Some(msgs) = offered.take() {
+                    self.take_handed(msgs, ctx);
+                }
+            }
             Signal::Superseded => self.superseded(),
             Signal::Close(c) => {
                 close_with(ctx, ws::CloseCode::from(c.code), c.reason);
