@@ -113,9 +113,12 @@ pub const REPLIES_PER_CONNECTION: usize = 256;
 /// Reply sends the node may have waiting or under way, all connections together
 /// ([`ReplySlots`]).
 pub const REPLIES_MAX: usize = 4096;
-/// Reply sends a connection may have waiting or under way whatever the node's
+/// Reply sends a connection may have waiting or under way in the last quarter of the node's
 /// [`REPLIES_MAX`] ([`ReplySlots`]).
 pub const REPLIES_ALWAYS: usize = 4;
+/// Past this many reply sends on the node, only a connection with fewer than
+/// [`REPLIES_ALWAYS`] of its own gets in (up to [`REPLIES_MAX`]).
+const REPLIES_SHARED: usize = REPLIES_MAX / 4 * 3;
 
 /// The bound on replies POSTed to agents' endpoints. Every message that asks for a reply
 /// without a return route (a trust ping, say; ACA-Py's whole onboarding) is answered by a
@@ -126,8 +129,12 @@ pub const REPLIES_ALWAYS: usize = 4;
 /// order) and [`REPLIES_PER_CONNECTION`] sends waiting or under way (past that its replies are
 /// dropped, counted as `dropped` in `mailroom_endpoint_posts_total`); the node at most
 /// [`REPLY_POSTS_MAX`] POSTs, so one tarpit takes two of them, not all, and
-/// [`REPLIES_MAX`] sends waiting or under way, past which a connection with
-/// [`REPLIES_ALWAYS`] sends of its own gets no more.
+/// [`REPLIES_MAX`] sends waiting or under way, of which the last quarter only for connections
+/// with fewer than [`REPLIES_ALWAYS`] sends of their own. The node's bound holds whatever the
+/// number of connections: it let every connection with fewer than [`REPLIES_ALWAYS`] in past
+/// it, and connections are free to make (a didexchange request each, naming an endpoint that
+/// never answers): a flood of them grew the waiting sends, each a task holding its
+/// connection and replies, without bound.
 pub struct ReplySlots {
     posts: tokio::sync::Semaphore,
     per_conn: parking_lot::Mutex<std::collections::HashMap<String, (usize, Arc<tokio::sync::Semaphore>)>>,
@@ -159,7 +166,8 @@ impl ReplySlots {
         // Past the node's bound only a connection with few sends of its own gets in: a few
         // connections holding their 256 each do not drop everyone else's replies.
         let own = m.get(conn).map_or(0, |(n, _)| *n);
-        if own >= REPLIES_ALWAYS && self.total.load(std::sync::atomic::Ordering::Relaxed) >= REPLIES_MAX {
+        let total = self.total.load(std::sync::atomic::Ordering::Relaxed);
+        if total >= REPLIES_MAX || (own >= REPLIES_ALWAYS && total >= REPLIES_SHARED) {
             return None;
         }
         let (n, posts) = m
@@ -354,4 +362,39 @@ async fn drain_leasing(
 /// The ids of `left` but those `refused` alone (left leased: see [`drain_to_endpoint`]).
 fn unrefused(left: &[crate::store::QueuedMessage], refused: &std::collections::HashSet<i64>) -> Vec<i64> {
     left.iter().map(|q| q.id).filter(|id| !refused.contains(id)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The node's bound holds however many connections ask: before, every connection with
+    /// fewer than `REPLIES_ALWAYS` sends got in past it, and connections are free to make.
+    #[test]
+    fn reply_sends_stay_within_the_node_bound_whatever_the_connections() {
+        let slots = ReplySlots::default();
+        let conns: Vec<String> = (0..2 * REPLIES_MAX).map(|i| format!("c{i}")).collect();
+        let mut turns = Vec::new();
+        for c in &conns {
+            for _ in 0..REPLIES_ALWAYS {
+                if let Some(t) = slots.enter(c) {
+                    turns.push(t);
+                }
+            }
+        }
+        assert_eq!(turns.len(), REPLIES_MAX);
+        drop(turns);
+        // One connection alone fills the shared part only; the rest stays for connections
+        // with few sends of their own.
+        let busy: Vec<_> = (0..REPLIES_PER_CONNECTION)
+            .flat_map(|_| conns[..REPLIES_MAX / REPLIES_PER_CONNECTION].iter())
+            .filter_map(|c| slots.enter(c))
+            .collect();
+        assert_eq!(busy.len(), REPLIES_SHARED);
+        assert!(
+            slots.enter(&conns[0]).is_none(),
+            "a busy connection waits past the shared part"
+        );
+        assert!(slots.enter("quiet").is_some(), "a quiet one gets in");
+    }
 }
