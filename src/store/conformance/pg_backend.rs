@@ -540,9 +540,13 @@ async fn drop_queue_drops_a_batch_committing_meanwhile() {
             let (s, c) = (s.clone(), c.clone());
             async move { s.drop_queue(&c).await.unwrap() }
         });
+        // Watched from a session outside any transaction: `db`'s would read the others'
+        // activity once, at its first look, for the rest of its transaction.
+        let (watch, watch_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(watch_task);
         let deadline = Instant::now() + std::time::Duration::from_secs(20);
         while !dropping.is_finished() {
-            let waiting: i64 = db
+            let waiting: i64 = watch
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
                      AND datname = current_database() AND pid <> pg_backend_pid()",
@@ -564,6 +568,252 @@ async fn drop_queue_drops_a_batch_committing_meanwhile() {
             0,
             "a message survived the drop"
         );
+    })
+    .await;
+}
+
+/// A database of the test's own whose default isolation level an operator raised (`ALTER
+/// DATABASE ... SET default_transaction_isolation = 'repeatable read'`, for other clients): its
+/// URL.
+async fn repeatable_read_db(url: &str) {
+    let name = url.rsplit('/').next().expect("a database name");
+    let admin = admin().await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} SET default_transaction_isolation = 'repeatable read'"
+        ))
+        .await
+        .unwrap();
+}
+
+/// Waits until `n` sessions of the database at `url` wait on a lock, while none of `tasks` has
+/// finished. Asked on a connection of its own, outside any transaction: a session reads the
+/// activity of the others once per transaction.
+async fn until_waiting_on_a_lock(url: &str, n: i64, tasks: &[&tokio::task::JoinHandle<impl Sized>]) {
+    let (watch, conn_task) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn_task);
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        assert!(
+            tasks.iter().all(|t| !t.is_finished()),
+            "finished without waiting for the lock"
+        );
+        let waiting: i64 = watch
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{waiting} of {n} sessions wait for the lock");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Under a repeatable-read default, a forward whose batch waits for the connection's lock while
+/// the connection's mediation is revoked (the revocation holds that lock, as
+/// `revoke_mediation` does) finds no route once it has the lock. Its route check read a
+/// snapshot of before the lock: it was queued, answered 2xx, and never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_holds_under_a_repeatable_read_default() {
+    use super::super::postgres::{lock_key, LOCK_NS};
+    in_own_db(|url| async move {
+        repeatable_read_db(&url).await;
+        let s = open_postgres(&url, 2).await.unwrap();
+        let c = new_conn(&s).await;
+        s.update_keys(&c, &[format!("rk-{c}")], &[]).await.unwrap();
+        let mut denied = s.get_connection(&c).await.unwrap().unwrap();
+        denied.mediation = MediationState::Denied;
+        let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn_task);
+        db.batch_execute("BEGIN").await.unwrap();
+        db.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(&c)])
+            .await
+            .unwrap();
+        let forward = tokio::spawn({
+            let (s, c) = (s.clone(), c.clone());
+            async move {
+                s.enqueue_routed(vec![msg(&c, "after the revocation", T0)], &EnqueueLimits::UNLIMITED)
+                    .await
+            }
+        });
+        until_waiting_on_a_lock(&url, 1, &[&forward]).await;
+        db.execute(
+            "UPDATE mailroom_connections SET data = $2 WHERE id = $1",
+            &[&c, &serde_json::to_string(&denied).unwrap()],
+        )
+        .await
+        .unwrap();
+        db.execute("DELETE FROM mailroom_routing_keys WHERE conn_id = $1", &[&c])
+            .await
+            .unwrap();
+        db.batch_execute("COMMIT").await.unwrap();
+        let r = forward.await.unwrap().unwrap();
+        assert!(matches!(r[0], Err(StoreError::NoRoute)), "{:?}", r[0]);
+        assert_eq!(s.total_queued().await.unwrap(), 0, "queued for a denied connection");
+    })
+    .await;
+}
+
+/// Under a repeatable-read default, two nodes opening a fresh database at once both start: the
+/// one that waited for the other's migrations reads the schema's version after the lock. From
+/// a snapshot of before it, it applied migration 1 again ("relation already exists").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_under_a_repeatable_read_default() {
+    use super::super::postgres::{LOCK_NS, MIGRATION_LOCK};
+    in_own_db(|url| async move {
+        repeatable_read_db(&url).await;
+        let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn_task);
+        db.batch_execute("BEGIN").await.unwrap();
+        db.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &MIGRATION_LOCK])
+            .await
+            .unwrap();
+        let open = || {
+            let url = url.clone();
+            tokio::spawn(async move { open_postgres(&url, 2).await })
+        };
+        let (a, b) = (open(), open());
+        until_waiting_on_a_lock(&url, 2, &[&a, &b]).await;
+        db.batch_execute("COMMIT").await.unwrap();
+        for s in [a.await.unwrap(), b.await.unwrap()] {
+            let s = s.expect("a node opening the store beside another");
+            s.health().await.unwrap();
+        }
+    })
+    .await;
+}
+
+/// A node's leases past one batch of `release_owners_under` all go back, and the connections
+/// of every batch are named: 25,000 leases of `n1/` owners (10,000 a batch), the second
+/// connection's all after the first 15,000, beside one lease of another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_owners_under_releases_past_one_batch() {
+    in_own_db(|url| async move {
+        let s = open_postgres(&url, 2).await.unwrap();
+        let (a, b) = (new_conn(&s).await, new_conn(&s).await);
+        let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn_task);
+        db.execute(
+            "INSERT INTO mailroom_messages \
+               (id, conn_id, recipient_key, payload, size, received_at_ms, lease_until_ms, lease_owner, attempts) \
+             SELECT nextval('mailroom_message_ids'), CASE WHEN i <= 15000 THEN $1 ELSE $2 END, 'k', '\\x00', 1, $3::int8, \
+               $3::int8 + 60000, CASE WHEN i = 20000 THEN 'n2/http' ELSE 'n1/ws/' || i END, 1 \
+             FROM generate_series(1, 25001) i",
+            &[&a, &b, &T0],
+        )
+        .await
+        .unwrap();
+        let mut both = vec![a.clone(), b.clone()];
+        both.sort();
+        assert_eq!(s.release_owners_under("n1/", i64::MAX).await.unwrap(), both);
+        let owners: Vec<String> = db
+            .query(
+                "SELECT lease_owner FROM mailroom_messages WHERE lease_owner IS NOT NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(
+            owners,
+            vec!["n2/http".to_owned()],
+            "every n1/ lease released, n2's kept"
+        );
+        assert_eq!(s.queue_stats(&b, T0).await.unwrap().pending, 10_000);
+    })
+    .await;
+}
+
+/// The status page's lists (`top_queues`, asked every 10 s) read one message per connection
+/// with mail, never a whole queue: with 2,000 messages queued for one connection beside two
+/// small queues, each statement's plan reads at most three rows of the messages (returned or
+/// filtered out). Before, the
+/// oldest list grouped every queued message and the deepest one took a minimum over each deep
+/// queue's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_lists_read_one_message_per_queue() {
+    in_own_db(|url| async move {
+        let s = open_postgres(&url, 2).await.unwrap();
+        let (deep, old, young) = (new_conn(&s).await, new_conn(&s).await, new_conn(&s).await);
+        enqueue_ok(
+            &s,
+            (0..1999).map(|i| msg(&deep, &format!("{i}"), T0 + 10 + i)).collect(),
+        )
+        .await;
+        // Queued last, received before the others of its queue.
+        enqueue_ok(&s, vec![msg(&deep, "late", T0 + 5)]).await;
+        enqueue_ok(&s, vec![msg(&old, "a", T0), msg(&old, "b", T0 + 1)]).await;
+        enqueue_ok(&s, vec![msg(&young, "c", T0 + 5000)]).await;
+        let top = s.top_queues(10).await.unwrap();
+        let summary = |v: &[QueueSummary]| {
+            v.iter()
+                .map(|q| (q.connection.clone(), q.depth, q.oldest_received_ms))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            summary(&top.deepest),
+            vec![
+                (deep.clone(), 2000, Some(T0 + 5)),
+                (old.clone(), 2, Some(T0)),
+                (young.clone(), 1, Some(T0 + 5000))
+            ]
+        );
+        assert_eq!(
+            summary(&top.oldest),
+            vec![
+                (old.clone(), 2, Some(T0)),
+                (deep.clone(), 2000, Some(T0 + 5)),
+                (young.clone(), 1, Some(T0 + 5000))
+            ]
+        );
+        let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn_task);
+        db.batch_execute("ANALYZE mailroom_messages; ANALYZE mailroom_queue_counts")
+            .await
+            .unwrap();
+        for sql in [
+            super::super::postgres::TOP_DEEPEST_SQL,
+            super::super::postgres::TOP_OLDEST_SQL,
+        ] {
+            let plan: Vec<String> = db
+                .query(&format!("EXPLAIN (ANALYZE, FORMAT TEXT) {sql}"), &[&10i64])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            // Rows the plan's scans of the messages read (returned, or removed by a filter),
+            // over all their loops.
+            let field = |l: &str, name: &str| -> u64 {
+                let v = &l[l.find(name).unwrap() + name.len()..];
+                v[..v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len())]
+                    .parse()
+                    .unwrap()
+            };
+            let (mut read, mut loops) = (0, None);
+            for l in &plan {
+                if l.contains("(actual") {
+                    let actual = &l[l.find("(actual").unwrap()..];
+                    loops = l.contains(" on mailroom_messages ").then(|| field(actual, " loops="));
+                    read += loops.map_or(0, |n| n * field(actual, " rows="));
+                } else if l.contains("Rows Removed by Filter: ") {
+                    read += loops.map_or(0, |n| n * field(l, "Rows Removed by Filter: "));
+                }
+            }
+            assert!(read <= 3, "{read} messages read:\n{}", plan.join("\n"));
+        }
     })
     .await;
 }

@@ -9,7 +9,8 @@
 //! (or tokio-postgres's `keepalives_retries`) and `tcp_user_timeout` win, with libpq's meaning:
 //! `tcp_user_timeout` in milliseconds (tokio-postgres would read seconds), 0 for the system's
 //! default. So do `lock_timeout` and `idle_in_transaction_session_timeout` set by its
-//! `options` (`-c name=value`).
+//! `options` (`-c name=value`). The sessions' isolation level is READ COMMITTED whatever the
+//! database, role or `options` say (the store's locking needs it: see [`READ_COMMITTED`]).
 //!
 //! Must not: open sockets, read the TLS parameters (`tls.rs`).
 
@@ -144,28 +145,43 @@ pub(super) fn idle_in_transaction_timeout(statement_timeout: Duration) -> Durati
 const DURABLE_COMMITS: &str =
     "SELECT set_config('synchronous_commit', 'on', false) WHERE current_setting('synchronous_commit') = 'off'";
 
-/// What every new connection of the store's pool runs: the server-side timeouts above and
-/// [`DURABLE_COMMITS`], but those the URL's `options` set (the operator's word). Empty when it
-/// sets all three.
+/// READ COMMITTED for every transaction of the store's sessions, whatever the database's or
+/// role's `default_transaction_isolation` (an `ALTER DATABASE/ROLE ... SET` an operator may
+/// have made for other clients). The store's writes take an advisory lock and then read what
+/// the lock's holder wrote: a revocation or a removal then an enqueue's route check, a node's
+/// migrations then another's read of the schema version. Under REPEATABLE READ or SERIALIZABLE
+/// a transaction reads a snapshot from its first statement, taken before the lock: a forward
+/// racing a revocation was queued (2xx) for a connection that never gets it, a second node
+/// migrating at once applied migration 1 again and failed to start, and `FOR UPDATE SKIP
+/// LOCKED` raised serialization failures (leases answered `Unavailable`). Not the operator's
+/// to change through the URL's `options` either: set after them.
+const READ_COMMITTED: &str = "SET default_transaction_isolation = 'read committed'";
+
+/// What every new connection of the store's pool runs: [`READ_COMMITTED`], the server-side
+/// timeouts above and [`DURABLE_COMMITS`], but those the URL's `options` set (the operator's
+/// word).
 pub(super) fn session_setup(cfg: &tokio_postgres::Config, statement_timeout: Duration) -> String {
     let options = cfg.get_options().unwrap_or("");
     let set = |name: &str, d: Duration| format!("SET {name} = {}", d.as_millis().max(1));
-    [
-        ("lock_timeout", set("lock_timeout", lock_timeout(statement_timeout))),
-        (
-            "idle_in_transaction_session_timeout",
-            set(
-                "idle_in_transaction_session_timeout",
-                idle_in_transaction_timeout(statement_timeout),
-            ),
-        ),
-        ("synchronous_commit", DURABLE_COMMITS.to_string()),
-    ]
-    .into_iter()
-    .filter(|(name, _)| !options_set(options, name))
-    .map(|(_, statement)| statement)
-    .collect::<Vec<_>>()
-    .join("; ")
+    std::iter::once(READ_COMMITTED.to_string())
+        .chain(
+            [
+                ("lock_timeout", set("lock_timeout", lock_timeout(statement_timeout))),
+                (
+                    "idle_in_transaction_session_timeout",
+                    set(
+                        "idle_in_transaction_session_timeout",
+                        idle_in_transaction_timeout(statement_timeout),
+                    ),
+                ),
+                ("synchronous_commit", DURABLE_COMMITS.to_string()),
+            ]
+            .into_iter()
+            .filter(|(name, _)| !options_set(options, name))
+            .map(|(_, statement)| statement),
+        )
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Whether PostgreSQL's command-line `options` (`-c name=value`, `-cname=value`,
@@ -240,18 +256,29 @@ mod tests {
         let t = Duration::from_secs(10);
         assert_eq!(
             session_setup(&cfg("postgres://h/db"), t),
-            format!("SET lock_timeout = 5000; SET idle_in_transaction_session_timeout = 30000; {DURABLE_COMMITS}")
+            format!(
+                "{READ_COMMITTED}; SET lock_timeout = 5000; SET idle_in_transaction_session_timeout = 30000; \
+                 {DURABLE_COMMITS}"
+            )
         );
         assert_eq!(
             session_setup(&cfg("postgres://h/db?options=-c%20lock_timeout%3D1s"), t),
-            format!("SET idle_in_transaction_session_timeout = 30000; {DURABLE_COMMITS}")
+            format!("{READ_COMMITTED}; SET idle_in_transaction_session_timeout = 30000; {DURABLE_COMMITS}")
         );
         assert_eq!(
             session_setup(
                 &cfg("postgres://h/db?options=--idle-in-transaction-session-timeout%3D0%20-clock_timeout%3D0%20-csynchronous_commit%3Doff"),
                 t
             ),
-            ""
+            READ_COMMITTED
+        );
+        // The isolation level is the store's own: the options do not change it.
+        assert_eq!(
+            session_setup(
+                &cfg("postgres://h/db?options=-c%20default_transaction_isolation%3Dserializable%20-clock_timeout%3D0%20-c%20idle_in_transaction_session_timeout%3D0%20-csynchronous_commit%3Don"),
+                t
+            ),
+            READ_COMMITTED
         );
         // deadlock_timeout is another setting.
         assert!(session_setup(&cfg("postgres://h/db?options=-c%20deadlock_timeout%3D2s"), t).contains("lock_timeout"));

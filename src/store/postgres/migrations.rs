@@ -493,6 +493,17 @@ CREATE INDEX mailroom_push_windows_idle ON mailroom_push_windows (last_push_ms)
     WHERE trailing_due_ms IS NULL AND claimed_until_ms IS NULL;
 "#,
     ),
+    (
+        18,
+        // Each queue's oldest message, for the status page's lists (`top_queues`, asked every
+        // 10 s): one probe per connection. Ids do not follow receive times (concurrent
+        // forwards, nodes' clocks, retries), so the first by id is not the oldest, and a
+        // minimum over the queue read every queued message, past the statement timeout on a
+        // large queue. Built without CONCURRENTLY, as migration 9's.
+        r#"
+CREATE INDEX mailroom_messages_conn_received ON mailroom_messages (conn_id, received_at_ms);
+"#,
+    ),
 ];
 
 /// Creates the database named in `cfg` through the `postgres` maintenance database, so a node
@@ -530,7 +541,16 @@ pub(super) async fn create_database(cfg: &tokio_postgres::Config, tls: super::tl
 }
 
 pub(super) async fn migrate(mut client: deadpool_postgres::Object) -> StoreResult<()> {
-    let tx = client.transaction().await.map_err(pg_err)?;
+    // READ COMMITTED, as every session of the store (`link.rs`), whatever the database's
+    // default: the schema version is read after the lock, so a node that waited for another's
+    // migrations sees them applied (from a snapshot taken before the lock it applied
+    // migration 1 again and failed to start).
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .await
+        .map_err(pg_err)?;
     // Another node applying a migration holds the lock (and a migration's DDL waits on
     // writers) for as long as it takes: the session's `lock_timeout` (`link.rs`) is not for
     // that wait.

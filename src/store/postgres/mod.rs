@@ -98,6 +98,8 @@ pub(crate) use lease::PENDING_STATS_SQL;
 pub use lease::{MAX_LEASE_BATCH, MAX_WAITING_PER_CONN};
 #[cfg(test)]
 pub(crate) use migrations::MIGRATIONS;
+#[cfg(test)]
+pub(crate) use store_trait::{TOP_DEEPEST_SQL, TOP_OLDEST_SQL};
 
 /// Most messages in one enqueue transaction.
 pub const MAX_BATCH_MESSAGES: usize = 1024;
@@ -124,7 +126,7 @@ pub(crate) const LOCK_NS: i32 = 0x6d61_696c;
 pub(crate) const FORGET_IDLE_PUSH_WINDOWS: &str = "DELETE FROM mailroom_push_windows \
      WHERE trailing_due_ms IS NULL AND claimed_until_ms IS NULL AND last_push_ms < $1";
 /// Second key of the migration lock (connection locks use a hash of the id).
-const MIGRATION_LOCK: i32 = 0;
+pub(crate) const MIGRATION_LOCK: i32 = 0;
 /// First key of routing-key locks (second: a hash of the key).
 const KEY_LOCK_NS: i32 = LOCK_NS + 1;
 
@@ -347,7 +349,7 @@ impl PgStore {
     }
 
     /// The connection pool of a store link; each new connection runs `setup` (the session's
-    /// server-side timeouts) before its first use.
+    /// isolation level and server-side timeouts) before its first use.
     fn pool(cfg: &tokio_postgres::Config, tls: &tls::PgTls, pool_size: usize, setup: &Arc<str>) -> StoreResult<Pool> {
         let mgr = Manager::from_config(
             cfg.clone(),
@@ -475,13 +477,14 @@ impl PgStore {
         Self::execute_retrying_on(self.client().await?, sql, params).await
     }
 
-    /// As [`PgStore::execute_retrying`], for a statement that returns rows.
-    async fn query_retrying(
+    /// As [`PgStore::execute_retrying`], for a statement that returns rows and may write many
+    /// ([`BULK_TIMEOUT`]).
+    async fn query_retrying_bulk(
         &self,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> StoreResult<Vec<tokio_postgres::Row>> {
-        let c = self.client().await?;
+        let c = self.pool.get_bulk().await?;
         let obj: &deadpool_postgres::Object = &c;
         Self::retrying_on(&c, sql, |q| async move { obj.query(&q, params).await }).await
     }

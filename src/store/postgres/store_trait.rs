@@ -27,7 +27,30 @@ use crate::store::{
     PushSlot, QueueStats, QueueSummary, QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
 };
 
-/// Rows one statement of [`Store::expire`] deletes at most.
+/// [`Store::top_queues`]'s deepest queues (`$1` of them), from the counters, each with its
+/// oldest message: the first row of the connection in the (conn_id, received_at_ms) index
+/// (migration 18), read as the first of a range of connection ids that holds one. With an
+/// equality the planner may walk the index of every message's receive time instead, filtering
+/// on the connection (it does when the statistics find few connections), which reads through
+/// every message of the other queues received before this one's oldest.
+pub(crate) const TOP_DEEPEST_SQL: &str = "SELECT q.conn_id, q.n, f.at FROM ( \
+         SELECT conn_id, n FROM mailroom_queue_counts WHERE n > 0 \
+         ORDER BY n DESC, conn_id LIMIT $1) q \
+     LEFT JOIN LATERAL (SELECT m.received_at_ms AS at FROM mailroom_messages m \
+         WHERE m.conn_id >= q.conn_id AND m.conn_id <= q.conn_id \
+         ORDER BY m.conn_id, m.received_at_ms LIMIT 1) f ON true \
+     ORDER BY q.n DESC, q.conn_id";
+
+/// [`Store::top_queues`]'s queues whose oldest message is oldest (`$1` of them): one probe of
+/// the (conn_id, received_at_ms) index per connection with mail, as [`TOP_DEEPEST_SQL`]'s.
+pub(crate) const TOP_OLDEST_SQL: &str = "SELECT q.conn_id, q.n, f.at FROM mailroom_queue_counts q \
+     CROSS JOIN LATERAL (SELECT m.received_at_ms AS at FROM mailroom_messages m \
+         WHERE m.conn_id >= q.conn_id AND m.conn_id <= q.conn_id \
+         ORDER BY m.conn_id, m.received_at_ms LIMIT 1) f \
+     WHERE q.n > 0 ORDER BY f.at, q.conn_id LIMIT $1";
+
+/// Rows one statement of [`Store::expire`] deletes, or of [`Store::release_owners_under`]
+/// releases, at most.
 const EXPIRE_BATCH: i64 = 10_000;
 
 #[async_trait::async_trait]
@@ -567,18 +590,51 @@ impl Store for PgStore {
         // of leased rows bounds the scan to messages with an owner (in flight, or leased once
         // and neither acknowledged nor leased again since: those are pending already). A row
         // leased again while this waits for its lock is read again, deadline included.
-        let rows = self
-            .query_retrying(
-                "WITH r AS (UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL WHERE id IN ( \
-                   SELECT id FROM mailroom_messages \
-                   WHERE lease_owner IS NOT NULL AND starts_with(lease_owner, $1) AND lease_until_ms <= $2 \
-                   ORDER BY id FOR UPDATE) \
-                 RETURNING conn_id) \
-                 SELECT DISTINCT conn_id FROM r ORDER BY conn_id",
-                &[&prefix, &until_at_most_ms],
-            )
-            .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        //
+        // In batches of [`EXPIRE_BATCH`], in id order from where the last one ended: one
+        // statement over every lease of a node that held many (a node serving thousands of
+        // wallets, its deliveries lagging) locked them all at once and, past its timeout,
+        // rolled all of it back, at every try. A batch that fails after others committed ends
+        // the call with what those released (their wallets are woken; the rest run out and are
+        // taken back, waking theirs), never with an error that would leave them unwoken.
+        let batch = EXPIRE_BATCH;
+        let mut after = i64::MIN;
+        let mut released: std::collections::BTreeSet<ConnId> = std::collections::BTreeSet::new();
+        loop {
+            let rows = match self
+                .query_retrying_bulk(
+                    "WITH r AS (UPDATE mailroom_messages SET lease_until_ms = 0, lease_owner = NULL WHERE id IN ( \
+                       SELECT id FROM mailroom_messages \
+                       WHERE lease_owner IS NOT NULL AND starts_with(lease_owner, $1) AND lease_until_ms <= $2 \
+                         AND id > $3 \
+                       ORDER BY id LIMIT $4 FOR UPDATE) \
+                     RETURNING id, conn_id) \
+                     SELECT conn_id, count(*)::int8, max(id) FROM r GROUP BY conn_id",
+                    &[&prefix, &until_at_most_ms, &after, &batch],
+                )
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) if !released.is_empty() => {
+                    tracing::warn!(
+                        wallets = released.len(),
+                        "leases released in part (the rest run out and are taken back): {e}"
+                    );
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            let mut n = 0;
+            for r in &rows {
+                n += r.get::<_, i64>(1);
+                after = after.max(r.get(2));
+                released.insert(r.get(0));
+            }
+            if n < batch {
+                break;
+            }
+        }
+        Ok(released.into_iter().collect())
     }
 
     async fn queue_stats(&self, conn: &str, now_ms: i64) -> StoreResult<QueueStats> {
@@ -1042,25 +1098,15 @@ impl Store for PgStore {
     async fn top_queues(&self, limit: usize) -> StoreResult<TopQueues> {
         let limit = limit.min(1000) as i64;
         let c = self.client().await?;
-        // The counters give the deepest queues without counting rows; the oldest message of
-        // each connection comes from the (conn_id, id) index (ids grow with arrival).
-        let deepest = c
-            .run(c.query(
-                "SELECT q.conn_id, q.n, (SELECT min(received_at_ms) FROM mailroom_messages m \
-                     WHERE m.conn_id = q.conn_id) \
-                 FROM mailroom_queue_counts q WHERE q.n > 0 ORDER BY q.n DESC, q.conn_id LIMIT $1",
-                &[&limit],
-            ))
-            .await?;
-        let oldest = c
-            .run(c.query(
-                "SELECT o.conn_id, coalesce(q.n, 0), o.at FROM ( \
-                     SELECT conn_id, min(received_at_ms) AS at FROM mailroom_messages \
-                     GROUP BY conn_id ORDER BY at, conn_id LIMIT $1) o \
-                 LEFT JOIN mailroom_queue_counts q ON q.conn_id = o.conn_id ORDER BY o.at, o.conn_id",
-                &[&limit],
-            ))
-            .await?;
+        // Both lists from the counters (one row per connection that ever had mail), never a
+        // scan of the queue: the status page asks every 10 s, and a GROUP BY over the messages
+        // (or a minimum over a deep queue's rows) passed the statement timeout on millions of
+        // them, and went on running on the server at every poll. Each queue's oldest message
+        // is one probe of an index (migration 18). The oldest list probes every connection
+        // with mail, once each: its cost grows with those connections (~30 µs each), not with
+        // their messages.
+        let deepest = c.run(c.query(TOP_DEEPEST_SQL, &[&limit])).await?;
+        let oldest = c.run(c.query(TOP_OLDEST_SQL, &[&limit])).await?;
         let summary = |r: &tokio_postgres::Row| QueueSummary {
             connection: r.get(0),
             depth: r.get::<_, i64>(1).max(0) as u64,
