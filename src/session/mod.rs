@@ -105,8 +105,10 @@ enum EndpointStart {
 struct Backoff {
     /// Drains that failed (or had messages refused) in a row.
     failures: u32,
-    /// When the sweep may try the endpoint again.
-    next: i64,
+    /// When the sweep may try the endpoint again: an `Instant`, as it never leaves the node
+    /// (a wall clock stepped back an hour held every endpoint that failed just before for an
+    /// hour more).
+    next: std::time::Instant,
     /// The last failure was the endpoint's own (no answer, 5xx, 408, 429), not a refusal of
     /// some messages: new mail waits too.
     endpoint_wide: bool,
@@ -696,7 +698,7 @@ impl Shared {
         let Some(endpoint) = endpoint else {
             return EndpointStart::Done;
         };
-        let new_only = match self.endpoint_gate(conn, why, now_ms()) {
+        let new_only = match self.endpoint_gate(conn, why) {
             Some(new_only) => new_only,
             None => {
                 self.metrics.endpoint_post("deferred");
@@ -733,7 +735,7 @@ impl Shared {
             match granted {
                 Ok(Some(true)) => {
                     let drained = outbound::drain_to_endpoint(&this, &conn, &endpoint, new_only).await;
-                    this.endpoint_tried(&conn, drained, new_only, now_ms());
+                    this.endpoint_tried(&conn, drained, new_only);
                 }
                 Ok(_) => {
                     this.endpoint_cache.lock().insert(conn.clone(), None);
@@ -808,7 +810,8 @@ impl Shared {
     /// forgets them. A drain of new messages only (`new_only`) that delivered them changes
     /// nothing: the messages tried before it left alone (or still leased, refused) wait for
     /// their retry.
-    fn endpoint_tried(&self, conn: &str, drained: outbound::Drained, new_only: bool, now: i64) {
+    fn endpoint_tried(&self, conn: &str, drained: outbound::Drained, new_only: bool) {
+        let now = std::time::Instant::now();
         let mut backoff = self.endpoint_backoff.lock();
         let endpoint_wide = match drained {
             outbound::Drained::Empty | outbound::Drained::Held if new_only => return,
@@ -834,12 +837,13 @@ impl Shared {
         let wait = period
             .saturating_mul(1i64 << (entry.failures - 1).min(30))
             .min(ENDPOINT_RETRY_MAX_MS);
-        entry.next = now.saturating_add(wait);
+        entry.next = now + std::time::Duration::from_millis(wait.max(0) as u64);
         entry.endpoint_wide = endpoint_wide;
     }
 
     /// Whether the sweep should leave `conn`'s endpoint alone for now ([`Shared::endpoint_tried`]).
-    fn endpoint_backing_off(&self, conn: &str, now: i64) -> bool {
+    fn endpoint_backing_off(&self, conn: &str) -> bool {
+        let now = std::time::Instant::now();
         self.endpoint_backoff.lock().get(conn).is_some_and(|b| b.next > now)
     }
 
@@ -847,7 +851,8 @@ impl Shared {
     /// ([`Shared::endpoint_tried`]), but for new mail to an endpoint that only refused
     /// messages, which goes at once with the messages never tried (`Some(true)`: the drain's
     /// `new_only`); `Some(false)`: a drain of everything.
-    fn endpoint_gate(&self, conn: &str, why: EndpointTry, now: i64) -> Option<bool> {
+    fn endpoint_gate(&self, conn: &str, why: EndpointTry) -> Option<bool> {
+        let now = std::time::Instant::now();
         match self.endpoint_backoff.lock().get(conn) {
             Some(b) if b.next > now => (why == EndpointTry::New && !b.endpoint_wide).then_some(true),
             _ => Some(false),
@@ -881,7 +886,7 @@ impl Shared {
         let mut last = after;
         let mut unfinished = false;
         for conn in pending {
-            if self.endpoint_backing_off(&conn, now) {
+            if self.endpoint_backing_off(&conn) {
                 last = Some(conn);
                 continue;
             }
