@@ -826,7 +826,7 @@ async fn the_secret_never_appears_in_logs() {
         "capture works"
     );
     assert!(log.contains("<redacted>"));
-    let psk = *handshake::keys_for(SECRET.as_bytes(), CLUSTER).psk();
+    let psk = *handshake::ClusterKeys::derive(SECRET.as_bytes(), CLUSTER).psk();
     use base64::Engine as _;
     for needle in [
         SECRET.to_string(),

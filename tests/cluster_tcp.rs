@@ -934,6 +934,81 @@ async fn hellos_naming_a_peer_from_its_address_do_not_keep_it_out() {
     n2.h.shutdown().await;
 }
 
+/// `Hello`s naming a peer held per address at once (`NAMED_PER_PEER` in `admission.rs`).
+const STALLED: usize = 4;
+
+/// Keeps `n` sockets to `target` that each sent a `Hello` naming `dialer` (in clear, as anyone
+/// sharing the dialer's address can) and then stall, reopened as the target closes them (at
+/// its handshake timeout). `held` counts those whose `Hello` the target answered. Abort it to
+/// close them.
+fn stalled_hellos(
+    target: SocketAddr,
+    dialer: &'static str,
+    n: usize,
+    held: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let forged = Frame::Hello(Hello {
+        cluster: "test".into(),
+        node: dialer.into(),
+        nonce: [9; 32],
+    });
+    let mut hello = proto::preamble().to_vec();
+    hello.extend(codec::encode_record(&forged, 1 << 20).unwrap());
+    tokio::spawn(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let (hello, held) = (hello.clone(), held.clone());
+            tasks.spawn(async move {
+                loop {
+                    let mut s = TcpStream::connect(target).await.unwrap();
+                    s.write_all(&hello).await.unwrap();
+                    // The target's preamble and `Hello`: it reads ours right after.
+                    let mut buf = [0u8; 1024];
+                    if !matches!(s.read(&mut buf).await, Ok(1..)) {
+                        continue;
+                    }
+                    held.fetch_add(1, SeqCst);
+                    closed_by_server(&mut s).await;
+                    held.fetch_sub(1, SeqCst);
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    })
+}
+
+/// `Hello`s naming a peer from its address that stall (held until the handshake timeout,
+/// then reopened), sent before the peer dials, together with a flood of idle sockets from
+/// the address, do not keep it out. Before, they held every named slot its address may hold
+/// for it, so its `Hello` stayed unnamed, among the idle sockets, and the flood evicted it
+/// before its Noise round trip ended: the link never came up. Now its `Hello` takes the
+/// oldest of them (none proved the secret).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_hellos_naming_a_peer_before_it_dials_do_not_keep_it_out() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (l1, _) = bind().await;
+    let (l2, a2) = bind().await;
+    let (lp, ap) = bind().await;
+    // n2 cannot dial n1 (nothing listens there): only n1's dials, through the flood, link.
+    let dead = bind().await.1;
+    let n2 = start(cfg("n2", peers(&[("n1", dead)])), l2).await;
+    let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stalled = stalled_hellos(a2, "n1", STALLED, held.clone());
+    wait_until("the stalled Hellos naming n1 are held", || held.load(SeqCst) == STALLED).await;
+    let flood = flooding_proxy(lp, a2);
+    let n1 = start(cfg("n1", peers(&[("n2", ap)])), l1).await;
+    wait_until("n1 <-> n2 through the stalled Hellos and the flood", || {
+        connected(&n1, "n2") && connected(&n2, "n1")
+    })
+    .await;
+    assert!(n2.h.status().counters.handshakes_evicted >= 1, "the flood ran");
+    flood.abort();
+    stalled.abort();
+    n1.h.shutdown().await;
+    n2.h.shutdown().await;
+}
+
 /// n2 fails and n3 leaves its take-over to n1 (the lowest id up); n1 then fails too, before
 /// it took n2 over (its events here are never acted on). Once n3 finds n1 down it is the
 /// lowest id up, and takes over n2 as well as n1: the wallet whose session n2 held is woken,

@@ -80,16 +80,21 @@ mod tests {
     const PATH: &str = "/history?scope=node";
     const NOW: u64 = 1_765_000_000_000;
 
-    fn keys(secret: &[u8], cluster: &str) -> std::sync::Arc<ClusterKeys> {
-        super::super::handshake::keys_for(secret, cluster)
+    /// The reader's keys, derived once for the test.
+    fn ours() -> &'static ClusterKeys {
+        static KEYS: std::sync::OnceLock<ClusterKeys> = std::sync::OnceLock::new();
+        KEYS.get_or_init(|| ClusterKeys::derive(b"s3cret", "prod"))
     }
 
     fn ok(header: &str, path: &str, now: u64) -> bool {
-        verify(header, &keys(b"s3cret", "prod"), "n1", path, now, |n| n == "n2").is_some()
+        verify(header, ours(), "n1", path, now, |n| n == "n2").is_some()
     }
 
     fn sign(secret: &[u8], cluster: &str, node: &str, target: &str, ms: u64, path: &str) -> String {
-        super::sign(&keys(secret, cluster), node, target, ms, path)
+        if (secret, cluster) == (&b"s3cret"[..], "prod") {
+            return super::sign(ours(), node, target, ms, path);
+        }
+        super::sign(&ClusterKeys::derive(secret, cluster), node, target, ms, path)
     }
 
     #[test]

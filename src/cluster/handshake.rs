@@ -29,7 +29,7 @@
 //! well-known secret is still found (`Config::warnings` says so): choose a long random one.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -78,8 +78,18 @@ impl fmt::Debug for ClusterKeys {
 
 impl ClusterKeys {
     /// Derives the keys of `cluster` from `secret`: an Argon2id evaluation (tens of ms, 19 MiB),
-    /// so not on an async worker, and once, not per handshake or request: see [`keys_for`].
+    /// so not on an async worker, and once, not per handshake or request: a node's state holds
+    /// the keys of its secret (`peer::Shared::secret`), derived when its cluster starts or a
+    /// reload changes the secret, never on a remote party's behalf.
     pub fn derive(secret: &[u8], cluster: &str) -> ClusterKeys {
+        #[cfg(test)]
+        {
+            let mut d = DERIVATIONS.lock().unwrap_or_else(|e| e.into_inner());
+            match d.iter_mut().find(|(c, _)| c == cluster) {
+                Some((_, n)) => *n += 1,
+                None => d.push((cluster.to_string(), 1)),
+            }
+        }
         let mut salt = Vec::with_capacity(MASTER_LABEL.len() + 4 + cluster.len());
         salt.extend_from_slice(MASTER_LABEL);
         salt.extend_from_slice(&(cluster.len() as u32).to_be_bytes());
@@ -117,74 +127,25 @@ fn expand(master: &[u8; 32], label: &[u8]) -> Zeroizing<[u8; 32]> {
     Zeroizing::new(mac.finalize().into_bytes().into())
 }
 
-/// Keys derived lately, by (secret, cluster), the most recently used last. The node's state
-/// holds the secret only (`peer::Shared`, read by each handshake as `Local::secret`); this is
-/// where its keys wait, put here when the cluster starts and when a reload changes the secret
-/// ([`keys_for`]), so that a handshake or an admin read finds them at the cost of a lookup.
-/// Several entries: tests run several nodes, and programs (`link::open`), in one process.
-struct Derived {
-    secret: Zeroizing<Vec<u8>>,
-    cluster: String,
-    keys: Arc<ClusterKeys>,
+/// Derivations of each cluster name so far (tests: a handshake or an admin read of a node
+/// derives nothing, whoever dials it and whenever its secret is reloaded).
+#[cfg(test)]
+static DERIVATIONS: std::sync::Mutex<Vec<(String, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// How many times keys of `cluster` were derived in this process ([`ClusterKeys::derive`]).
+#[cfg(test)]
+pub(crate) fn derivations(cluster: &str) -> usize {
+    let d = DERIVATIONS.lock().unwrap_or_else(|e| e.into_inner());
+    d.iter().find(|(c, _)| c == cluster).map_or(0, |(_, n)| *n)
 }
 
-/// Entries kept in [`DERIVED`]: a node needs one (two while a reload swaps them).
-const DERIVED_MAX: usize = 8;
-
-static DERIVED: Mutex<Vec<Derived>> = Mutex::new(Vec::new());
-
-fn derived() -> std::sync::MutexGuard<'static, Vec<Derived>> {
-    // A panic while it was held left a valid list (each change is one push or remove).
-    DERIVED.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The keys of (`secret`, `cluster`) if derived lately.
-pub fn cached_keys(secret: &[u8], cluster: &str) -> Option<Arc<ClusterKeys>> {
-    let mut d = derived();
-    let i = d
-        .iter()
-        .position(|e| e.secret.as_slice() == secret && e.cluster == cluster)?;
-    let e = d.remove(i);
-    let keys = e.keys.clone();
-    d.push(e);
-    Some(keys)
-}
-
-/// The keys of (`secret`, `cluster`): cached, or derived now ([`ClusterKeys::derive`], tens of
-/// milliseconds: call it where blocking is allowed) and kept for the next caller.
-pub fn keys_for(secret: &[u8], cluster: &str) -> Arc<ClusterKeys> {
-    if let Some(k) = cached_keys(secret, cluster) {
-        return k;
-    }
-    let keys = Arc::new(ClusterKeys::derive(secret, cluster));
-    let mut d = derived();
-    if !d.iter().any(|e| e.secret.as_slice() == secret && e.cluster == cluster) {
-        if d.len() >= DERIVED_MAX {
-            d.remove(0);
-        }
-        d.push(Derived {
-            secret: Zeroizing::new(secret.to_vec()),
-            cluster: cluster.to_string(),
-            keys: keys.clone(),
-        });
-    }
-    keys
-}
-
-/// Drops the cached keys of (`secret`, `cluster`): a secret rotated away is not kept.
-pub fn forget_keys(secret: &[u8], cluster: &str) {
-    derived().retain(|e| !(e.secret.as_slice() == secret && e.cluster == cluster));
-}
-
-/// [`keys_for`] from async code: a cache hit at once, a miss derived on the blocking pool.
-async fn keys_off_thread(secret: &[u8], cluster: &str) -> Result<Arc<ClusterKeys>, HandshakeError> {
-    if let Some(k) = cached_keys(secret, cluster) {
-        return Ok(k);
-    }
+/// [`ClusterKeys::derive`] on the blocking pool, for async code: a node's when its cluster
+/// starts, a program's (`Local::secret`, [`run`]) for each handshake.
+pub async fn derive_off_thread(secret: &[u8], cluster: &str) -> std::io::Result<Arc<ClusterKeys>> {
     let (secret, cluster) = (Zeroizing::new(secret.to_vec()), cluster.to_string());
-    tokio::task::spawn_blocking(move || keys_for(&secret, &cluster))
+    tokio::task::spawn_blocking(move || Arc::new(ClusterKeys::derive(&secret, &cluster)))
         .await
-        .map_err(|e| HandshakeError::Noise(format!("deriving the cluster keys: {e}")))
+        .map_err(std::io::Error::other)
 }
 
 /// The Noise protocol of the link. NN: no static keys (the nodes have none); psk0: both sides
@@ -358,6 +319,10 @@ fn noise_err(e: snow::Error) -> HandshakeError {
 ///
 /// On refusal it tries to tell the peer why with a `Refused` frame, then returns the error;
 /// the caller logs it and drops the connection. No timeout inside: wrap it.
+///
+/// The keys of `local.secret` are derived for this call, once the peer's `Hello` is accepted
+/// (Argon2id, on the blocking pool): for programs and tests. A node holds its keys and calls
+/// [`run_with_keys`].
 pub async fn run<S, F>(
     stream: &mut S,
     local: &Local<'_>,
@@ -372,8 +337,24 @@ where
     run_keyed(stream, local, None, role, expected, accept_node).await
 }
 
-/// [`run`], with the PSK `psk` in place of the one `local.secret` yields when given (tests of
-/// a peer whose keys come from the same secret another way).
+/// [`run`] with `keys`, those of `local.secret` derived beforehand: derives nothing.
+pub async fn run_with_keys<S, F>(
+    stream: &mut S,
+    local: &Local<'_>,
+    keys: &ClusterKeys,
+    role: Role,
+    expected: Option<&str>,
+    accept_node: F,
+) -> Result<Established, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(&str) -> bool,
+{
+    run_keyed(stream, local, Some(keys.psk()), role, expected, accept_node).await
+}
+
+/// [`run`], with the PSK `psk` in place of the one `local.secret` yields when given (a node's,
+/// [`run_with_keys`]; tests of a peer whose keys come from the same secret another way).
 async fn run_keyed<S, F>(
     stream: &mut S,
     local: &Local<'_>,
@@ -385,6 +366,43 @@ async fn run_keyed<S, F>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: Fn(&str) -> bool,
+{
+    run_noted(stream, local, psk, role, expected, accept_node, || {}).await
+}
+
+/// [`run_with_keys`] as the acceptor, calling `proven` once the dialer's first Noise message
+/// opened: the dialer holds the secret (a recorded message does not open, as the prologue
+/// binds this side's fresh nonce). The accept loop gives a pending handshake standing then.
+pub(crate) async fn accept_with_keys<S, F, P>(
+    stream: &mut S,
+    local: &Local<'_>,
+    keys: &ClusterKeys,
+    accept_node: F,
+    proven: P,
+) -> Result<Established, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(&str) -> bool,
+    P: FnOnce(),
+{
+    let psk = Some(keys.psk());
+    run_noted(stream, local, psk, Role::Acceptor, None, accept_node, proven).await
+}
+
+/// [`run_keyed`], calling `proven` as [`accept_with_keys`] says (an acceptor only).
+async fn run_noted<S, F, P>(
+    stream: &mut S,
+    local: &Local<'_>,
+    psk: Option<&[u8; 32]>,
+    role: Role,
+    expected: Option<&str>,
+    accept_node: F,
+    proven: P,
+) -> Result<Established, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(&str) -> bool,
+    P: FnOnce(),
 {
     let mut nonce = [0u8; NONCE_LEN];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
@@ -440,13 +458,15 @@ where
         Role::Acceptor => (peer.node.as_str(), local.node, &peer.nonce, &nonce),
     };
     let prologue = prologue(local.cluster, dialer, acceptor, dn, an);
-    // A node's keys were derived when its cluster started (or its secret was reloaded): a
-    // lookup. A program's (`link::open`) are derived on its first handshake, off this thread.
+    // A node's keys were derived when its cluster started (or its secret was reloaded). A
+    // program's (`link::open`) are derived for this handshake, off this thread.
     let keys;
     let psk = match psk {
         Some(psk) => psk,
         None => {
-            keys = keys_off_thread(local.secret, local.cluster).await?;
+            keys = derive_off_thread(local.secret, local.cluster)
+                .await
+                .map_err(|e| HandshakeError::Noise(format!("deriving the cluster keys: {e}")))?;
             keys.psk()
         }
     };
@@ -478,6 +498,7 @@ where
             if theirs.len() > NOISE_MSG_MAX || hs.read_message(&theirs, &mut payload).is_err() {
                 return refuse(stream, local, HandshakeError::BadProof).await;
             }
+            proven();
             let n = hs.write_message(&[], &mut msg).map_err(noise_err)?;
             send(stream, local, &Frame::Noise { msg: msg[..n].to_vec() }).await?;
             hs
@@ -637,7 +658,7 @@ mod tests {
     async fn debug_output_hides_the_secret() {
         let l = local("c", "n1", b"hunter2-hunter2");
         assert!(!format!("{l:?}").contains("hunter2"));
-        let psk = *keys_for(b"hunter2-hunter2", "c").psk();
+        let psk = *ClusterKeys::derive(b"hunter2-hunter2", "c").psk();
         let (a, _) = pair(
             local("c", "n1", b"hunter2-hunter2"),
             local("c", "n2", b"hunter2-hunter2"),
@@ -754,7 +775,7 @@ mod tests {
         assert!(wire.len() > 2 * (6 + 32 + 32));
         assert!(!wire.windows(SECRET.len()).any(|w| w == SECRET));
         assert!(!wire.windows(8).any(|w| w == &SECRET[..8]));
-        let psk = *keys_for(SECRET, "c").psk();
+        let psk = *ClusterKeys::derive(SECRET, "c").psk();
         assert!(!wire.windows(8).any(|w| w == &psk[..8]));
     }
 
@@ -797,7 +818,11 @@ mod tests {
         );
         assert_ne!(k.psk(), &v3_psk(b"s", "c"), "not version 3's unstretched PSK");
         assert_ne!(k.psk(), k.admin_read(), "one key per use");
-        assert_eq!(keys_for(b"s", "c").psk(), k.psk());
+        assert_eq!(
+            ClusterKeys::derive(b"s", "c").psk(),
+            k.psk(),
+            "the same secret, the same keys"
+        );
         assert_eq!(format!("{k:?}"), "ClusterKeys(<redacted>)");
     }
 
@@ -820,17 +845,5 @@ mod tests {
             ta.await.unwrap(),
             Err(HandshakeError::BadProof) | Err(HandshakeError::PeerRefused(_))
         ));
-    }
-
-    #[test]
-    fn the_key_cache_is_bounded_and_forgets_a_rotated_secret() {
-        let first = keys_for(b"cache-test-0", "cache");
-        assert!(Arc::ptr_eq(&first, &keys_for(b"cache-test-0", "cache")), "derived once");
-        forget_keys(b"cache-test-0", "cache");
-        assert!(cached_keys(b"cache-test-0", "cache").is_none());
-        for i in 0..DERIVED_MAX + 2 {
-            keys_for(format!("cache-test-{i}").as_bytes(), "cache");
-        }
-        assert!(derived().len() <= DERIVED_MAX);
     }
 }

@@ -423,16 +423,10 @@ impl ClusterHandle {
         if let Some(w) = crate::config::cluster_secret_warning(&cfg.secret) {
             tracing::warn!("{w}");
         }
-        // The keys, derived now and off this thread (Argon2id, tens of ms): every handshake
-        // and admin read of this node finds them ([`handshake::keys_for`]).
-        let (secret, cluster) = (
-            zeroize::Zeroizing::new(cfg.secret.clone().into_bytes()),
-            cfg.cluster_name.clone(),
-        );
-        tokio::task::spawn_blocking(move || drop(handshake::keys_for(&secret, &cluster)))
-            .await
-            .map_err(std::io::Error::other)?;
-        let shared = Shared::new(settings, cfg.secret.clone().into_bytes(), &cfg.peers, events);
+        // The keys, derived now and off this thread (Argon2id, tens of ms), held beside the
+        // secret: every handshake and admin read of this node takes them from there.
+        let keys = handshake::derive_off_thread(cfg.secret.as_bytes(), &cfg.cluster_name).await?;
+        let shared = Shared::new(settings, cfg.secret.clone().into_bytes(), keys, &cfg.peers, events);
         shared.spawn(peer::accept_loop(shared.clone(), listener));
         shared.spawn(shared.clone().sweeper());
         let ticker = shared.clone();
@@ -569,12 +563,10 @@ impl ClusterHandle {
         admin_read::sign(&self.keys(), &s.node_id, peer, peer::unix_ms(), path)
     }
 
-    /// The keys of the secret in use: derived when the cluster started or the secret was
-    /// reloaded, so a lookup ([`handshake::keys_for`] derives them again only if a process
-    /// running more clusters than it caches pushed them out).
+    /// The keys of the secret in use, derived when the cluster started or the secret was
+    /// reloaded: held by the node's state, never derived here.
     fn keys(&self) -> Arc<handshake::ClusterKeys> {
-        let (_, secret) = self.shared.secret();
-        handshake::keys_for(&secret, &self.shared.settings.cluster_name)
+        self.shared.secret().keys
     }
 
     /// The configured peer whose valid signature `header` is on a read of `path` now.
@@ -589,27 +581,22 @@ impl ClusterHandle {
     /// once they have it too. False, and nothing done, when it is the secret in use. An empty
     /// secret is refused (false).
     ///
-    /// Derives the new secret's keys before it returns (Argon2id: tens of ms, 19 MiB), so the
-    /// handshakes after it find them: call it where blocking is allowed (a reload runs on the
-    /// blocking pool, `web::block`); a test's call from an async one costs that once.
+    /// Derives the new secret's keys before it swaps them in with it (Argon2id: tens of ms,
+    /// 19 MiB), so the handshakes and admin reads after it find them: call it where blocking is
+    /// allowed (a reload runs on the blocking pool, `web::block`); a test's call from an async
+    /// one costs that once. The old secret's keys go with it.
     pub fn set_secret(&self, secret: &str) -> bool {
         if secret.is_empty() || self.shared.stopped.load(Ordering::SeqCst) {
             return false;
         }
-        let (_, old) = self.shared.secret();
-        if old.as_slice() == secret.as_bytes() {
+        if self.shared.secret().secret.as_slice() == secret.as_bytes() {
             return false;
         }
         if let Some(w) = crate::config::cluster_secret_warning(secret) {
             tracing::warn!("{w}");
         }
-        let cluster = &self.shared.settings.cluster_name;
-        drop(handshake::keys_for(secret.as_bytes(), cluster));
-        let changed = self.shared.set_secret(secret.as_bytes().to_vec());
-        if changed {
-            handshake::forget_keys(&old, cluster);
-        }
-        changed
+        let keys = handshake::ClusterKeys::derive(secret.as_bytes(), &self.shared.settings.cluster_name);
+        self.shared.set_secret(secret.as_bytes().to_vec(), Arc::new(keys))
     }
 
     /// What this node knows of the cluster. The directory is read a slice at a time (not
@@ -780,6 +767,58 @@ mod tests {
         // n1 took the socket and began its side: it wrote its `Hello`.
         stranger.read_exact(&mut [0u8; 1]).await.unwrap();
         assert_eq!(h.shared.handshakes(), 0);
+        h.shutdown().await;
+    }
+
+    /// Keys are derived at start and on a reload that changes the secret, nowhere else: not by
+    /// a handshake that read the secret before the reload (before, it missed a cache the reload
+    /// had emptied and derived again, one Argon2id per such socket, and put the old secret's
+    /// keys back), nor by one after it, nor by an admin read.
+    #[tokio::test]
+    async fn handshakes_and_admin_reads_across_a_reload_derive_nothing() {
+        use handshake::{run_with_keys, ClusterKeys, Local, Role};
+        const CLUSTER: &str = "derive-count";
+        let (old, new) = ("an-old-cluster-secret", "a-new-cluster-secret");
+        let (old_keys, new_keys) = (
+            ClusterKeys::derive(old.as_bytes(), CLUSTER),
+            ClusterKeys::derive(new.as_bytes(), CLUSTER),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, _rx) = mpsc::channel(16);
+        let mut c = cfg();
+        c.cluster_name = CLUSTER.into();
+        c.secret = old.into();
+        let before = handshake::derivations(CLUSTER);
+        let h = ClusterHandle::start(c.clone(), l, tx).await.unwrap();
+        assert_eq!(handshake::derivations(CLUSTER), before + 1, "at start");
+        let n2 = |secret: &'static str| Local {
+            cluster: CLUSTER,
+            node: "n2",
+            secret: secret.as_bytes(),
+            max_frame: c.max_frame,
+        };
+
+        // A socket whose handshake read the old secret (n1 sent its `Hello`), then a reload.
+        let mut early = tokio::net::TcpStream::connect(addr).await.unwrap();
+        early.peek(&mut [0u8; 1]).await.unwrap();
+        assert!(h.set_secret(new));
+        assert_eq!(handshake::derivations(CLUSTER), before + 2, "the reload's");
+        // It runs to its end with the old keys (and installs no link: the generation moved).
+        let r = run_with_keys(&mut early, &n2(old), &old_keys, Role::Dialer, Some("n1"), |n| n == "n1").await;
+        assert!(r.is_ok(), "{r:?}");
+        // A handshake begun after the reload proves the new secret.
+        let mut late = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let r = run_with_keys(&mut late, &n2(new), &new_keys, Role::Dialer, Some("n1"), |n| n == "n1").await;
+        assert!(r.is_ok(), "{r:?}");
+        // Admin reads, both ways, with the new keys.
+        let theirs = admin_read::sign(&new_keys, "n2", "n1", peer::unix_ms(), "/status");
+        assert_eq!(h.verify_admin_read(&theirs, "/status").as_deref(), Some("n2"));
+        let ours = h.sign_admin_read("n2", "/status");
+        assert!(admin_read::verify(&ours, &new_keys, "n2", "/status", peer::unix_ms(), |n| n == "n1").is_some());
+        assert_eq!(handshake::derivations(CLUSTER), before + 2, "nothing more");
+        // The old secret's keys are gone from the node's state.
+        assert_eq!(h.shared.secret().keys.psk(), new_keys.psk());
         h.shutdown().await;
     }
 }

@@ -12,16 +12,20 @@
 //!   (NAT, the same machine, every node on loopback, a container gateway) keeps its handshake
 //!   however fast the flood reconnects. Before, its handshake became its address's oldest
 //!   within milliseconds and was evicted, so once its links dropped none came back.
-//! - **An unproven `Hello` never takes a named slot**: a `Hello` is sent in clear and proves
-//!   nothing (node ids are no secret: every acceptor sends its own in clear), so a source
-//!   holds at most [`NAMED_PER_PEER`] named slots per peer id, and a `Hello` past them leaves
-//!   its socket unnamed, in its source's share (evicted as its oldest unnamed socket would
-//!   be), rather than replacing an older one. Before, a newer `Hello` replaced the older: a
-//!   socket from a peer's address looping `Hello`s naming it evicted the peer's handshake
-//!   within every round trip, so the link never came up and each node took the other over.
-//!   Named slots are still bounded (by the table, and per source by the configured peers),
-//!   a named slot still must prove the secret within the handshake timeout, and a stalled
-//!   `Hello` keeps no peer out (its retry takes another named slot, or waits unnamed).
+//! - **A named slot gains standing once its handshake proves the secret** ([`Admission::prove`]:
+//!   the acceptor opened the dialer's first Noise message); until then a `Hello`, sent in
+//!   clear, proves nothing (node ids are no secret: every acceptor sends its own). A source
+//!   holds at most [`NAMED_PER_PEER`] named slots per peer id and [`NAMED_PER_SOURCE`] in
+//!   all; a `Hello` past either takes the oldest *unproven* named slot in its way (naming
+//!   that peer; past the source's bound, naming the peer it names most), never a proven one,
+//!   and stays unnamed, in its source's share, if every one is proven. So `Hello`s that stall
+//!   after naming a peer keep it out no longer than its next dial: its `Hello` takes the
+//!   oldest of them. Before, a `Hello` past the bound stayed unnamed behind them, and a flood
+//!   of idle sockets from the address evicted it before its Noise round trip ended: the link
+//!   never came up. (Before that, each newer `Hello` replaced the older: looping them evicted
+//!   the peer's handshake within every round trip.) What remains: a host sharing the peer's
+//!   address that sends [`NAMED_PER_PEER`] `Hello`s naming it between the peer's `Hello` and
+//!   its first Noise message (about one round trip) still evicts that handshake.
 //! - **When the table is full, a newcomer takes the oldest unnamed slot of the address
 //!   holding the most**, so every new address gets in while any address holds more than one.
 //! - **Configured peers' addresses are protected**: a socket from an address no configured
@@ -42,9 +46,16 @@ use std::net::IpAddr;
 pub(crate) const PER_SOURCE: usize = 8;
 
 /// Pending handshakes one source address may hold named for one peer id, at most: a real
-/// peer has one dial under way at a time (two while a stalled one times out); more room
-/// lets a stalled or forged `Hello` keep none of it out.
+/// peer has one dial under way at a time (two while a stalled one times out); past it the
+/// oldest unproven one gives way.
 pub(crate) const NAMED_PER_PEER: usize = 4;
+
+/// Pending handshakes one source address may hold named, at most, for every peer id
+/// together: a quarter of the cluster port's table (64), so one address (its named and its
+/// [`PER_SOURCE`] unnamed slots) cannot fill it, and room for 16 peers sharing an address
+/// (every node on one host) to dial at once. Past it the oldest unproven slot naming the
+/// peer the address names most gives way.
+pub(crate) const NAMED_PER_SOURCE: usize = 16;
 
 /// A slot's handle, to release it when its handshake ends.
 pub(crate) type SlotId = u64;
@@ -60,11 +71,25 @@ pub(crate) enum Admit<T> {
     No,
 }
 
+/// The outcome of [`Admission::name`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Named<T> {
+    /// The slot is named; `evicted` is the handle of the unproven named slot it took, whose
+    /// socket the caller must drop.
+    Yes { evicted: Option<T> },
+    /// The slot stays unnamed: no longer held, named already, or every named slot in its
+    /// way is proven.
+    No,
+}
+
 struct Slot<T> {
     source: IpAddr,
     protected: bool,
     /// The configured peer its `Hello` named, once it did.
     named: Option<String>,
+    /// Its handshake proved the secret ([`Admission::prove`]): no `Hello` and no newcomer
+    /// takes it.
+    proven: bool,
     handle: T,
 }
 
@@ -112,6 +137,7 @@ impl<T> Admission<T> {
                 source,
                 protected,
                 named: None,
+                proven: false,
                 handle,
             },
         );
@@ -121,27 +147,61 @@ impl<T> Admission<T> {
 
     /// Marks slot `id` as named: its `Hello` named `peer`, a configured node of this
     /// cluster. It leaves its source's share, so a flood of newer sockets from the same
-    /// address no longer evicts it. Unless that source holds [`NAMED_PER_PEER`] slots named
-    /// `peer` already: then it stays unnamed (false), and evicts none of them, since a
-    /// `Hello` proves nothing. False too if `id` is no longer held or was named already.
-    pub fn name(&mut self, id: SlotId, peer: &str) -> bool {
+    /// address no longer evicts it. If that source holds [`NAMED_PER_PEER`] slots named
+    /// `peer`, the oldest unproven of them gives way; else if it holds [`NAMED_PER_SOURCE`]
+    /// named slots, the oldest unproven naming the peer it names most (ties: the older).
+    /// If every one in the way is proven, the slot stays unnamed ([`Named::No`]).
+    pub fn name(&mut self, id: SlotId, peer: &str) -> Named<T> {
         let source = match self.slots.get(&id) {
             Some(slot) if slot.named.is_none() => slot.source,
-            _ => return false,
+            _ => return Named::No,
         };
-        let named = self
-            .slots
-            .values()
-            .filter(|s| s.source == source && s.named.as_deref() == Some(peer))
-            .count();
-        if named >= NAMED_PER_PEER {
-            return false;
+        // Per peer id this source names: its named slots, and its oldest unproven one.
+        let mut named: HashMap<&str, (usize, Option<SlotId>)> = HashMap::new();
+        let mut all = 0;
+        for (sid, s) in self.slots.iter().filter(|(_, s)| s.source == source) {
+            if let Some(p) = s.named.as_deref() {
+                all += 1;
+                let e = named.entry(p).or_insert((0, None));
+                e.0 += 1;
+                if !s.proven && e.1.is_none() {
+                    e.1 = Some(*sid);
+                }
+            }
         }
+        let in_way = match named.get(peer) {
+            Some(&(n, oldest)) if n >= NAMED_PER_PEER => Some(oldest),
+            _ if all >= NAMED_PER_SOURCE => Some(
+                named
+                    .values()
+                    .filter_map(|&(n, oldest)| Some((n, oldest?)))
+                    .max_by_key(|&(n, oldest)| (n, Reverse(oldest)))
+                    .map(|(_, oldest)| oldest),
+            ),
+            _ => None,
+        };
+        let evicted = match in_way {
+            None => None,
+            Some(None) => return Named::No,
+            Some(Some(victim)) => self.release(victim),
+        };
         self.leave_share(source);
         if let Some(slot) = self.slots.get_mut(&id) {
             slot.named = Some(peer.to_string());
         }
-        true
+        Named::Yes { evicted }
+    }
+
+    /// Marks named slot `id` as proven: its handshake proved the secret, so no newer `Hello`
+    /// and no newcomer takes it. False if `id` is no longer held or not named.
+    pub fn prove(&mut self, id: SlotId) -> bool {
+        match self.slots.get_mut(&id) {
+            Some(slot) if slot.named.is_some() => {
+                slot.proven = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Frees a slot (its handshake ended, or it was evicted); returns its handle if it was
@@ -184,7 +244,7 @@ impl<T> Admission<T> {
 
     /// The slot a newcomer takes from a full table: unnamed slots of unprotected sources
     /// first, then their named slots; then, for a protected newcomer only, unnamed slots of
-    /// protected ones. Never a protected source's named slot: that may be a real peer's
+    /// protected ones. Never a proven slot, nor a protected source's named slot: that may be a real peer's
     /// handshake under way, and only its own end (proof, refusal, the handshake timeout)
     /// ends it. An unprotected newcomer may take an unprotected
     /// named slot: a `Hello` naming a peer proves nothing yet, and else stalled `Hello`s from
@@ -199,7 +259,7 @@ impl<T> Admission<T> {
             &[(false, false), (false, true)]
         };
         tiers.iter().find_map(|&(protected, named)| {
-            self.oldest_of_busiest(|s| s.protected == protected && s.named.is_some() == named)
+            self.oldest_of_busiest(|s| s.protected == protected && s.named.is_some() == named && !s.proven)
         })
     }
 
@@ -229,6 +289,17 @@ mod tests {
         match a {
             Admit::Yes { id, evicted } => (id, evicted),
             Admit::No => panic!("refused"),
+        }
+    }
+
+    /// Names slot `id`, taking no other slot: whether it is named.
+    fn named(t: &mut Admission<u32>, id: SlotId, peer: &str) -> bool {
+        match t.name(id, peer) {
+            Named::Yes { evicted } => {
+                assert_eq!(evicted, None, "naming {id} took another named slot");
+                true
+            }
+            Named::No => false,
         }
     }
 
@@ -302,7 +373,7 @@ mod tests {
         // The peer's socket: over the share, it takes the oldest idle slot, then names n1.
         let (peer_slot, evicted) = admitted(t.admit(shared_ip, true, 900));
         assert_eq!(evicted, Some(0));
-        assert!(t.name(peer_slot, "n1"));
+        assert!(named(&mut t, peer_slot, "n1"));
         // Named, it left the share: the first idle socket takes its place there, and every
         // later one evicts the oldest idle socket.
         assert_eq!(admitted(t.admit(shared_ip, true, 1000)).1, None);
@@ -320,22 +391,24 @@ mod tests {
     /// A `Hello` is sent in clear: anyone sharing a peer's address can send one naming it
     /// (node ids are no secret). Before, each newer one replaced the older named slot, so a
     /// loop of them evicted the peer's handshake within every round trip and the link never
-    /// came up. Now a `Hello` past the source's room for that peer takes nothing: its socket
-    /// stays unnamed, in its source's share, and newer sockets evict it, not a named one.
+    /// came up. Now a `Hello` past the source's room for that peer never takes a proven slot:
+    /// its socket stays unnamed, in its source's share, and newer sockets evict it.
     #[test]
-    fn an_unproven_hello_never_evicts_a_named_slot() {
+    fn an_unproven_hello_never_evicts_a_proven_slot() {
         let mut t = Admission::new(64);
         let real = admitted(t.admit(ip(1), true, 900)).0;
-        assert!(t.name(real, "n2"));
+        assert!(named(&mut t, real, "n2"));
+        assert!(t.prove(real));
         for h in 1..NAMED_PER_PEER as u32 {
             let id = admitted(t.admit(ip(1), true, 900 + h)).0;
-            assert!(t.name(id, "n2"), "room for {NAMED_PER_PEER} naming n2");
+            assert!(named(&mut t, id, "n2"), "room for {NAMED_PER_PEER} naming n2");
+            assert!(t.prove(id));
         }
         // A flood of `Hello`s naming n2 from the same address: none is named, none evicts a
-        // named slot; they evict each other within the address's unnamed share.
+        // proven slot; they evict each other within the address's unnamed share.
         for h in 0..10 * PER_SOURCE as u32 {
             let (id, evicted) = admitted(t.admit(ip(1), true, h));
-            assert!(!t.name(id, "n2"), "no room left for n2 at this address");
+            assert!(!named(&mut t, id, "n2"), "no room left for n2 at this address");
             assert!(
                 !matches!(evicted, Some(e) if e >= 900),
                 "an unnamed socket of the flood is evicted, not {evicted:?}"
@@ -344,10 +417,10 @@ mod tests {
         assert_eq!(t.len(), NAMED_PER_PEER + PER_SOURCE);
         // Another peer id or another address has room of its own.
         let other_peer = admitted(t.admit(ip(1), true, 50)).0;
-        assert!(t.name(other_peer, "n3"));
+        assert!(named(&mut t, other_peer, "n3"));
         let other_source = admitted(t.admit(ip(2), true, 51)).0;
-        assert!(t.name(other_source, "n2"));
-        assert!(!t.name(other_source, "n3"), "named once");
+        assert!(named(&mut t, other_source, "n2"));
+        assert!(!named(&mut t, other_source, "n3"), "named once");
         assert_eq!(
             t.release(real),
             Some(900),
@@ -355,8 +428,10 @@ mod tests {
         );
         // Its end makes room for the next `Hello` naming n2.
         let next = admitted(t.admit(ip(1), true, 60)).0;
-        assert!(t.name(next, "n2"));
-        assert!(!t.name(real, "n2"), "no longer held");
+        assert!(named(&mut t, next, "n2"));
+        assert!(!named(&mut t, real, "n2"), "no longer held");
+        assert!(!t.prove(real), "no longer held");
+        assert!(!t.prove(other_peer - 1), "not named");
         for id in [next, other_peer, other_source] {
             assert!(t.release(id).is_some());
         }
@@ -367,9 +442,9 @@ mod tests {
         let mut t = Admission::new(64);
         let a = admitted(t.admit(ip(1), true, 1)).0;
         let b = admitted(t.admit(ip(1), true, 2)).0;
-        assert!(t.name(a, "n1"));
-        assert!(t.name(b, "n1"));
-        assert!(!t.name(a, "n1"), "named once");
+        assert!(named(&mut t, a, "n1"));
+        assert!(named(&mut t, b, "n1"));
+        assert!(!named(&mut t, a, "n1"), "named once");
         for id in [a, b] {
             assert!(t.release(id).is_some());
         }
@@ -383,8 +458,8 @@ mod tests {
         let stranger = admitted(t.admit(ip(1), false, 1)).0;
         let peer = admitted(t.admit(ip(9), true, 2)).0;
         admitted(t.admit(ip(9), true, 3));
-        t.name(stranger, "n1");
-        t.name(peer, "n1");
+        named(&mut t, stranger, "n1");
+        named(&mut t, peer, "n1");
         // A peer's address takes a stranger's named slot before its own unnamed one...
         assert_eq!(admitted(t.admit(ip(8), true, 5)).1, Some(1));
         // ...then the unnamed ones, and never a peer address's named slot.
@@ -404,7 +479,7 @@ mod tests {
         let mut t = Admission::new(4);
         for i in 0..4u8 {
             let id = admitted(t.admit(ip(i + 1), false, u32::from(i))).0;
-            t.name(id, "n1");
+            named(&mut t, id, "n1");
         }
         assert_eq!(admitted(t.admit(ip(50), false, 99)).1, Some(0));
     }
@@ -428,5 +503,124 @@ mod tests {
         t.release(PER_SOURCE as SlotId + 1);
         assert_eq!(t.len(), 0);
         assert!(t.per_source.is_empty());
+    }
+
+    /// `Hello`s from a peer's address that named it and then stalled (held open until the
+    /// handshake timeout, reopened) keep it out no longer: the peer's `Hello` takes the
+    /// oldest of them. Before, it stayed unnamed behind them, and a flood of idle sockets from
+    /// the address evicted it before its Noise round trip ended: the link never came up.
+    #[test]
+    fn a_hello_takes_the_oldest_unproven_slot_naming_its_peer() {
+        let mut t = Admission::new(64);
+        let stalled: Vec<SlotId> = (0..NAMED_PER_PEER as u32)
+            .map(|h| {
+                let id = admitted(t.admit(ip(1), true, h)).0;
+                assert!(named(&mut t, id, "n1"));
+                id
+            })
+            .collect();
+        let real = admitted(t.admit(ip(1), true, 900)).0;
+        assert_eq!(
+            t.name(real, "n1"),
+            Named::Yes { evicted: Some(0) },
+            "the oldest gives way"
+        );
+        // A flood of idle sockets from the address does not take it.
+        for h in 0..10 * PER_SOURCE as u32 {
+            let (_, evicted) = admitted(t.admit(ip(1), true, 1000 + h));
+            assert!(!matches!(evicted, Some(e) if e < 1000), "{evicted:?}");
+        }
+        // Proven, no `Hello` takes it: the stalled ones give way in their order, then none.
+        assert!(t.prove(real));
+        for h in 1..NAMED_PER_PEER as u32 {
+            let id = admitted(t.admit(ip(1), true, 100 + h)).0;
+            assert_eq!(t.name(id, "n1"), Named::Yes { evicted: Some(h) });
+            assert!(t.prove(id));
+        }
+        let late = admitted(t.admit(ip(1), true, 200)).0;
+        assert_eq!(t.name(late, "n1"), Named::No, "every slot naming n1 is proven");
+        assert_eq!(t.release(real), Some(900));
+        assert!(t.release(stalled[0]).is_none(), "taken");
+    }
+
+    /// One address cannot fill the table with named slots: 64 pending handshakes naming 16
+    /// peers (4 each) from one address (every node on loopback) refused every other address.
+    /// Past [`NAMED_PER_SOURCE`] a `Hello` takes the oldest unproven slot naming the peer the
+    /// address names most, so a flood naming other peers keeps no peer out either.
+    #[test]
+    fn a_source_holds_at_most_its_named_slots() {
+        let mut t = Admission::new(64);
+        let peers: Vec<String> = (0..NAMED_PER_SOURCE).map(|p| format!("n{p}")).collect();
+        let mut h = 0;
+        for _ in 0..NAMED_PER_PEER {
+            for p in &peers {
+                let id = admitted(t.admit(ip(1), true, h)).0;
+                h += 1;
+                let r = t.name(id, p);
+                if id < NAMED_PER_SOURCE as SlotId {
+                    assert_eq!(r, Named::Yes { evicted: None });
+                } else {
+                    // Every peer has one: the oldest gives way.
+                    assert_eq!(
+                        r,
+                        Named::Yes {
+                            evicted: Some(h - 1 - NAMED_PER_SOURCE as u32)
+                        }
+                    );
+                }
+            }
+        }
+        // Named and unnamed together, one address holds a bounded part of the table.
+        for _ in 0..PER_SOURCE {
+            admitted(t.admit(ip(1), true, h));
+            h += 1;
+        }
+        assert_eq!(t.len(), NAMED_PER_SOURCE + PER_SOURCE);
+        for a in 2..=40 {
+            assert!(matches!(t.admit(ip(a), true, 5000), Admit::Yes { evicted: None, .. }));
+        }
+        // Past the bound, the peer named most gives way first: a peer named once keeps its
+        // slot while another is named more.
+        let mut t = Admission::new(64);
+        let real = admitted(t.admit(ip(1), true, 900)).0;
+        assert!(named(&mut t, real, "n1"));
+        for h in 0..NAMED_PER_SOURCE as u32 - 1 {
+            let id = admitted(t.admit(ip(1), true, h)).0;
+            assert!(named(&mut t, id, &format!("p{}", h % 4)));
+        }
+        for h in 0..4 * NAMED_PER_SOURCE as u32 {
+            let id = admitted(t.admit(ip(1), true, 100 + h)).0;
+            let Named::Yes { evicted } = t.name(id, &format!("p{}", h % 4)) else {
+                panic!("an unproven slot gives way");
+            };
+            assert!(evicted.is_some_and(|e| e != 900), "{evicted:?}");
+        }
+        assert_eq!(t.release(real), Some(900), "n1's handshake was never taken");
+        // Proven, none gives way.
+        let mut t = Admission::new(64);
+        for h in 0..NAMED_PER_SOURCE as u32 {
+            let id = admitted(t.admit(ip(1), true, h)).0;
+            assert!(named(&mut t, id, &format!("p{h}")));
+            assert!(t.prove(id));
+        }
+        let id = admitted(t.admit(ip(1), true, 99)).0;
+        assert_eq!(t.name(id, "n1"), Named::No);
+    }
+
+    /// A newcomer to a full table never takes a proven slot, even a stranger's.
+    #[test]
+    fn a_full_table_spares_proven_slots() {
+        let mut t = Admission::new(2);
+        let a = admitted(t.admit(ip(1), false, 1)).0;
+        let b = admitted(t.admit(ip(2), false, 2)).0;
+        assert!(named(&mut t, a, "n1"));
+        assert!(named(&mut t, b, "n1"));
+        assert!(t.prove(a));
+        let (c, evicted) = admitted(t.admit(ip(3), false, 3));
+        assert_eq!(evicted, Some(2), "the unproven one");
+        assert!(!t.prove(b), "taken");
+        assert!(named(&mut t, c, "n1"));
+        assert!(t.prove(c));
+        assert_eq!(t.admit(ip(4), false, 4), Admit::No);
     }
 }

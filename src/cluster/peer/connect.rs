@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, warn};
 
-use super::admission::{Admission, Admit, SlotId};
+use super::admission::{Admission, Admit, Named, SlotId};
 use super::link_task::run_link;
 use super::{bump, Handshaking, Refusal, Shared, BACKOFF_CAP, BACKOFF_START, MAX_PENDING_HANDSHAKES};
 use crate::cluster::codec::CodecError;
@@ -69,12 +69,13 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         shared.spawn(async move {
             let _ = stream.set_nodelay(true);
             let mut stream = stream;
-            let (gen, secret) = me.secret();
+            let now = me.secret();
+            let gen = now.gen;
             // Counted (for `leave`) once the peer's `Hello` names a configured node, not while a
             // stranger's socket sits silent.
             let counted = Mutex::new(None);
             let res = {
-                let local = local_params(&me, &secret);
+                let local = local_params(&me, &now.secret);
                 let check = |n: &str| {
                     let ok = {
                         // Counted under the lock `leave` sets `left` under.
@@ -86,13 +87,17 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                         ok
                     };
                     if ok {
-                        name_slot(&pending, slot, n);
+                        name_slot(&me, &pending, slot, n);
                     }
                     ok
                 };
+                // The dialer proved the secret: no newer `Hello` or socket takes its slot.
+                let proven = || {
+                    pending.lock().prove(slot);
+                };
                 let handshake = tokio::time::timeout(
                     me.settings.handshake_timeout,
-                    handshake::run(&mut stream, &local, Role::Acceptor, None, check),
+                    handshake::accept_with_keys(&mut stream, &local, &now.keys, check, proven),
                 );
                 tokio::select! {
                     r = handshake => r.unwrap_or(Err(HandshakeError::Timeout)),
@@ -120,15 +125,25 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 /// Marks the pending handshake in `slot` as naming configured peer `peer` (its `Hello` did),
-/// so idle sockets from the same address no longer evict it (`admission.rs`). Unless that
-/// address holds as many naming `peer` as it may: it then stays unnamed, and takes the place
-/// of none of them (a `Hello` proves nothing).
-fn name_slot(pending: &Mutex<Admission<oneshot::Sender<()>>>, slot: SlotId, peer: &str) {
-    if !pending.lock().name(slot, peer) {
-        debug!(
+/// so idle sockets from the same address no longer evict it (`admission.rs`). If that
+/// address holds as many named as it may, the oldest of them not yet proven gives way (its
+/// socket closes: a `Hello` proves nothing); if every one is proven, it stays unnamed.
+fn name_slot(shared: &Shared, pending: &Mutex<Admission<oneshot::Sender<()>>>, slot: SlotId, peer: &str) {
+    let named = pending.lock().name(slot, peer);
+    match named {
+        // Dropping the evicted slot's cancel sender (here, out of the lock) ends its handshake.
+        Named::Yes { evicted: Some(_) } => {
+            bump(&shared.counters.handshakes_evicted);
+            debug!(
+                peer,
+                "cluster handshake naming a peer took an older one's unproven slot"
+            );
+        }
+        Named::Yes { evicted: None } => {}
+        Named::No => debug!(
             peer,
-            "cluster handshake naming a peer left unnamed: its address holds as many naming it as it may"
-        );
+            "cluster handshake naming a peer left unnamed: every one its address may hold is proven"
+        ),
     }
 }
 
@@ -150,7 +165,7 @@ fn log_refused(shared: &Shared, addr: SocketAddr, why: Refusal, reason: &dyn std
 }
 
 /// This node's side of a handshake, proving `secret` ([`Shared::secret`], read as the
-/// handshake starts).
+/// handshake starts, with the keys the handshake is run with: `handshake::run_with_keys`).
 fn local_params<'a>(shared: &'a Shared, secret: &'a [u8]) -> handshake::Local<'a> {
     handshake::Local {
         cluster: &shared.settings.cluster_name,
@@ -251,9 +266,11 @@ async fn dial(
             shared.handshaking()
         };
         let _ = stream.set_nodelay(true);
-        let (gen, secret) = shared.secret();
-        let local = local_params(shared, &secret);
-        let est = handshake::run(&mut stream, &local, Role::Dialer, Some(peer), |n| n == peer).await?;
+        let now = shared.secret();
+        let gen = now.gen;
+        let local = local_params(shared, &now.secret);
+        let accept = |n: &str| n == peer;
+        let est = handshake::run_with_keys(&mut stream, &local, &now.keys, Role::Dialer, Some(peer), accept).await?;
         Ok((stream, est, gen, counted))
     };
     tokio::time::timeout(shared.settings.handshake_timeout, fut)

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore}
 use tracing::{debug, info};
 
 use super::directory::{DirEffect, DirEvent, Directory};
-use super::handshake::HandshakeError;
+use super::handshake::{ClusterKeys, HandshakeError};
 use super::membership::{LinkId, MemberEffect, MemberEvent, Membership};
 use super::proto::Frame;
 use super::{ClusterEvent, PeerConfig};
@@ -248,6 +248,9 @@ pub(crate) struct State {
     pub leaving: bool,
     /// The cluster secret a handshake started now proves ([`Shared::set_secret`]).
     pub secret: Arc<zeroize::Zeroizing<Vec<u8>>>,
+    /// Its keys, derived before they were set here: handshakes and admin reads take them from
+    /// here and derive nothing.
+    pub keys: Arc<ClusterKeys>,
     /// Bumped when the secret changes: a handshake that started with an older one installs no
     /// link.
     pub secret_gen: u64,
@@ -405,11 +408,19 @@ impl RefusalWarnings {
     }
 }
 
+/// The cluster secret in use, its generation and its keys, read at once ([`Shared::secret`]).
+pub struct SecretNow {
+    pub gen: u64,
+    pub secret: Arc<zeroize::Zeroizing<Vec<u8>>>,
+    pub keys: Arc<ClusterKeys>,
+}
+
 impl Shared {
     /// Must be called from within a tokio runtime (`ClusterHandle::start` is async).
     pub fn new(
         settings: Settings,
         secret: Vec<u8>,
+        keys: Arc<ClusterKeys>,
         peers: &[PeerConfig],
         events: mpsc::Sender<ClusterEvent>,
     ) -> Arc<Shared> {
@@ -423,6 +434,7 @@ impl Shared {
             left: false,
             leaving: false,
             secret: Arc::new(zeroize::Zeroizing::new(secret)),
+            keys,
             secret_gen: 0,
             recent_closes: VecDeque::new(),
             lost: HashMap::new(),
@@ -532,24 +544,31 @@ impl Shared {
 
     /// Replaces the peer set: adds new peers, removes missing ones (closing their link and
     /// forgetting their sessions), leaves the others' links untouched.
-    /// The secret a handshake started now proves, and its generation (for
-    /// [`link_task::run_link`]: a link whose handshake proved an older one is not installed).
-    pub fn secret(&self) -> (u64, Arc<zeroize::Zeroizing<Vec<u8>>>) {
+    /// The secret a handshake started now proves, its generation (for
+    /// [`link_task::run_link`]: a link whose handshake proved an older one is not installed)
+    /// and its keys: one snapshot.
+    pub fn secret(&self) -> SecretNow {
         let st = self.state.lock();
-        (st.secret_gen, st.secret.clone())
+        SecretNow {
+            gen: st.secret_gen,
+            secret: st.secret.clone(),
+            keys: st.keys.clone(),
+        }
     }
 
     /// Replaces the cluster secret (a reload of a rotated one): handshakes from now on prove
     /// the new one, every link up now (opened with the old one) is closed, and a handshake
     /// still running with the old one installs no link, so that a holder of the old secret (a
     /// node removed from the cluster, say) keeps no way in; peers link again once they have
-    /// the new secret too. False, and nothing done, when it is the same secret.
-    pub fn set_secret(&self, secret: Vec<u8>) -> bool {
+    /// the new secret too. False, and nothing done, when it is the same secret. `keys` are the
+    /// new secret's, derived by the caller: the old ones are dropped here with the old secret.
+    pub fn set_secret(&self, secret: Vec<u8>, keys: Arc<ClusterKeys>) -> bool {
         let mut st = self.state.lock();
         if st.secret.as_slice() == secret.as_slice() {
             return false;
         }
         st.secret = Arc::new(zeroize::Zeroizing::new(secret));
+        st.keys = keys;
         st.secret_gen += 1;
         for (peer, slot) in st.peers.iter_mut() {
             // Dropping the handle ends the link task (its end is handled as any link's).
