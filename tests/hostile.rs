@@ -191,6 +191,28 @@ async fn lease_counts(n: &RunningNode) -> (u64, u64) {
     (q["in_flight"].as_u64().unwrap(), q["depth"].as_u64().unwrap())
 }
 
+/// Records in `got` what delivery `d` carries (each content up to its `:`) and acknowledges
+/// it; a status (the answer to an acknowledgement) carries nothing.
+async fn ack_delivery(a: &Agent, ws: &mut mailroom::client::WsClient, d: &Value, got: &mut HashSet<String>) {
+    if type_name(d) == "status" {
+        return;
+    }
+    assert_eq!(type_name(d), "delivery", "{d}");
+    let items = a.open_delivery(d).unwrap();
+    let ids: Vec<String> = items.iter().map(|(id, _)| id.clone()).collect();
+    for (_, m) in items {
+        let c = m["content"].as_str().unwrap();
+        got.insert(c.split(':').next().unwrap().to_string());
+    }
+    ws.send_envelope(
+        a.pack(&pickup("messages-received", json!({"message_id_list": ids})))
+            .unwrap(),
+        true,
+    )
+    .await
+    .unwrap();
+}
+
 #[actix_rt::test]
 async fn a_wallet_that_never_reads_holds_a_bounded_share_and_loses_nothing() {
     // Leases outlive the test: only the session's end gives them back.
@@ -254,23 +276,7 @@ async fn a_wallet_that_never_reads_holds_a_bounded_share_and_loses_nothing() {
     let mut got = HashSet::new();
     while got.len() < N {
         let d = ws_next_message(&a, &mut ws).await;
-        if type_name(&d) == "status" {
-            continue; // the answer to an acknowledgement
-        }
-        assert_eq!(type_name(&d), "delivery", "{d}");
-        let items = a.open_delivery(&d).unwrap();
-        let ids: Vec<String> = items.iter().map(|(id, _)| id.clone()).collect();
-        for (_, m) in items {
-            let c = m["content"].as_str().unwrap();
-            got.insert(c.split(':').next().unwrap().to_string());
-        }
-        ws.send_envelope(
-            a.pack(&pickup("messages-received", json!({"message_id_list": ids})))
-                .unwrap(),
-            true,
-        )
-        .await
-        .unwrap();
+        ack_delivery(&a, &mut ws, &d, &mut got).await;
     }
     assert_eq!(got, sent, "every message delivered once the wallet reads");
     eventually("the queue to empty", || async {
@@ -336,23 +342,7 @@ async fn a_socket_that_stopped_reading_holds_no_hand_offs_from_the_wallet_s_new_
             Ok(WsEvent::Envelope(e)) => a.unpack(&e).expect("reply unpacks").0,
             other => panic!("not all of {wanted:?} delivered on the new socket within 60 s ({other:?}); got {got:?}"),
         };
-        if type_name(&d) == "status" {
-            continue;
-        }
-        assert_eq!(type_name(&d), "delivery", "{d}");
-        let items = a.open_delivery(&d).unwrap();
-        let ids: Vec<String> = items.iter().map(|(id, _)| id.clone()).collect();
-        for (_, m) in items {
-            let c = m["content"].as_str().unwrap();
-            got.insert(c.split(':').next().unwrap().to_string());
-        }
-        ws.send_envelope(
-            a.pack(&pickup("messages-received", json!({"message_id_list": ids})))
-                .unwrap(),
-            true,
-        )
-        .await
-        .unwrap();
+        ack_delivery(&a, &mut ws, &d, &mut got).await;
     }
     drop(deaf);
 }
