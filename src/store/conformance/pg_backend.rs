@@ -4,6 +4,7 @@
 //! of a lease and a pickup status.
 
 use super::*;
+use crate::store::postgres::MAX_CLOCK_SKEW;
 
 /// Server URL without database; the checks make their own database on it.
 pub(super) fn server_url() -> String {
@@ -813,6 +814,134 @@ async fn the_status_lists_read_one_message_per_queue() {
                 }
             }
             assert!(read <= 3, "{read} messages read:\n{}", plan.join("\n"));
+        }
+    })
+    .await;
+}
+
+/// The node's clock now, as the store's callers read it (PostgreSQL runs on this machine).
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A node whose clock steps (an hour ahead, ten minutes behind) acts on no row every node
+/// shares by it, from its next call on (no health check between): the passes that delete by
+/// the node's clock delete nothing, and leases, hand-off leases, push windows and replay
+/// records answer `Unavailable` as in an outage. Before, a node stepped ahead deleted dedup and replay
+/// records and messages early and took other nodes' live leases. Within the bound, or once
+/// its clock is fixed, each call does its work (what the refusal stands between).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_clock_steps_acts_on_no_shared_row_by_it() {
+    in_own_db(|url| async move {
+        let pg = Arc::new(PgStore::open(&url, 2).await.unwrap());
+        let s: Arc<dyn Store> = pg.clone();
+        let x = new_conn(&s).await;
+        let bare = new_conn(&s).await;
+        let expiring = NewMessage {
+            expires_at_ms: Some(T0 + 10),
+            ..dmsg(&x, "a", T0, 1)
+        };
+        enqueue_ok(&s, vec![expiring, msg(&x, "b", T0)]).await;
+        assert!(s.first_sight(&[7; 32], T0, T0 + 10).await.unwrap());
+        let later = T0 + 1_000_000;
+        let handed = || NewMessage {
+            lease: Some(LeaseTo {
+                owner: "handoff:n2".into(),
+                until_ms: later + 30_000,
+            }),
+            ..msg(&x, "c", later)
+        };
+        let bound = i64::try_from(MAX_CLOCK_SKEW.as_millis()).unwrap();
+        for shift in [3_600_000, -600_000] {
+            pg.shift_clock_for_test(shift);
+            assert_eq!(s.prune_dedup(later, 100).await.unwrap(), 0, "{shift}: dedup");
+            assert_eq!(s.prune_sights(later, 100).await.unwrap(), 0, "{shift}: sights");
+            assert_eq!(s.expire_due(later, 100).await.unwrap(), 0, "{shift}: expires_time");
+            assert_eq!(s.expire(later).await.unwrap(), 0, "{shift}: TTL");
+            assert!(!s.delete_unmediated(&bare, later).await.unwrap(), "{shift}: unmediated");
+            let unavailable = |what: &str, r: StoreResult<String>| match r {
+                Err(StoreError::Unavailable(why)) => assert!(why.contains("clock skew"), "{why}"),
+                r => panic!("{shift}: {what}: {r:?}"),
+            };
+            let lease = s.lease(&x, 10, "n1/x", later, later + 30_000).await;
+            unavailable("lease", lease.map(|v| format!("{v:?}")));
+            let hand = s.enqueue(vec![handed()], &EnqueueLimits::UNLIMITED).await;
+            unavailable("hand-off", hand.map(|v| format!("{v:?}")));
+            let push = s
+                .push_event(&x, later, 60_000, NewClaim::until(later + 30_000), None)
+                .await;
+            unavailable("push_event", push.map(|v| format!("{v:?}")));
+            let take = s.push_take_due(later, later + 30_000, 0, 10).await;
+            unavailable("push_take_due", take.map(|v| format!("{v:?}")));
+            let sight = s.first_sight(&[7; 32], later, later + 10).await;
+            unavailable("first_sight", sight.map(|v| format!("{v:?}")));
+        }
+        // Off by less than the bound: a synced node is never refused.
+        pg.shift_clock_for_test(bound / 2);
+        assert_eq!(s.prune_dedup(later, 100).await.unwrap(), 1);
+        assert!(s.first_sight(&[8; 32], later, later + 10).await.unwrap());
+        assert_eq!(s.prune_sights(later, 100).await.unwrap(), 1);
+        assert_eq!(s.expire_due(later, 100).await.unwrap(), 1);
+        assert_eq!(s.lease(&x, 10, "n1/x", later, later + 30_000).await.unwrap().len(), 1);
+        enqueue_ok(&s, vec![handed()]).await;
+        assert!(s.delete_unmediated(&bare, later).await.unwrap());
+        assert_eq!(s.expire(later + 1).await.unwrap(), 2);
+        assert!(matches!(
+            s.push_event(&x, later, 60_000, NewClaim::until(later + 30_000), None)
+                .await,
+            Ok(PushSlot::Now)
+        ));
+        s.push_take_due(later, later + 30_000, 0, 10).await.unwrap();
+    })
+    .await;
+}
+
+/// A push window never holds a last push past the server's clock plus [`MAX_CLOCK_SKEW`]: a
+/// node that ran ahead wrote its own time there, and once back every event read the wallet as
+/// pushed in the future, its trailing push an hour out (an offline wallet left unwoken for an
+/// hour). Neither a time given ahead (the event that pushes) nor one already held (written
+/// before) puts the next event's trailing push past the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_window_written_ahead_does_not_silence_the_wallet() {
+    in_own_db(|url| async move {
+        let pg = Arc::new(PgStore::open(&url, 2).await.unwrap());
+        let s: Arc<dyn Store> = pg.clone();
+        let (x, y) = (new_conn(&s).await, new_conn(&s).await);
+        let (hour, window) = (3_600_000, 60_000);
+        let slack = i64::try_from(MAX_CLOCK_SKEW.as_millis()).unwrap() + 5_000;
+        // The event that pushes, given a time an hour ahead.
+        let ahead = wall_ms() + hour;
+        let r = s.push_event(&x, ahead, window, NewClaim::until(ahead + 1), None).await;
+        assert!(matches!(r, Ok(PushSlot::Now)), "{r:?}");
+        // A window written an hour ahead before (by a node whose clock was).
+        let db = pg.session_for_test().await;
+        db.execute(
+            "INSERT INTO mailroom_push_windows (conn_id, last_push_ms) VALUES ($1, $2)",
+            &[&y, &(wall_ms() + hour)],
+        )
+        .await
+        .unwrap();
+        for c in [&x, &y] {
+            let now = wall_ms();
+            match s.push_event(c, now, window, NewClaim::until(now + 1), None).await {
+                Ok(PushSlot::Trailing { due_ms }) => {
+                    assert!(due_ms <= now + window + slack, "{c}: due {} ms out", due_ms - now)
+                }
+                Ok(PushSlot::Now) => {}
+                r => panic!("{c}: {r:?}"),
+            }
+        }
+        // A take given a time an hour ahead.
+        let now = wall_ms();
+        let taken = s.push_take_due(now + hour, now + hour + 1, 0, 10).await.unwrap();
+        assert_eq!(taken.len(), 2, "both trailing pushes taken");
+        let now = wall_ms();
+        match s.push_event(&x, now, window, NewClaim::until(now + 1), None).await {
+            Ok(PushSlot::Trailing { due_ms }) => assert!(due_ms <= now + window + slack, "due {} ms out", due_ms - now),
+            r => panic!("after a take ahead: {r:?}"),
         }
     })
     .await;

@@ -8,12 +8,23 @@
 //! and before each pass of the sweep, which takes back no lease while the clock is off (leases
 //! others hold would look run out to a clock ahead). Leases themselves cost nothing more.
 //!
+//! Between checks, the node's clock is followed against its monotonic one: a step (an operator's
+//! `date`, a VM resumed, NTP stepping) moves the two apart by the step, so the skew the last
+//! check measured plus what the clock moved since is known at every call, with no round trip:
+//! a node whose clock steps is caught at its next statement. A check runs every
+//! [`CLOCK_CHECK_EVERY`] besides (a server whose clock steps, a slow drift). While the skew is
+//! past the bound, the statements that judge or write times every node shares by the node's
+//! clock (leases, push windows, replay records) answer `Unavailable` as in an outage, and the
+//! passes that delete by it (expiry, dedup and replay records, unmediated connections) delete
+//! nothing.
+//!
 //! Must not: correct the callers' times (the trait's `now_ms` is the caller's to give).
 
 #[cfg(test)]
 use std::sync::atomic::AtomicI64;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use super::bounded::Conn;
 use crate::store::{StoreError, StoreResult};
@@ -25,6 +36,10 @@ use crate::store::{StoreError, StoreResult};
 /// round trip's own time is never counted as skew (see `skew_ms`).
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(2);
 
+/// How often the store checks its clock against the server's besides its health checks and
+/// sweeps (one round trip each): a drift or a step of the server's is found within it.
+pub const CLOCK_CHECK_EVERY: Duration = Duration::from_secs(2);
+
 /// The server's clock, in ms since the epoch (one simple-query round trip).
 const SERVER_NOW_SQL: &str = "SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::int8";
 
@@ -33,6 +48,9 @@ const SERVER_NOW_SQL: &str = "SELECT floor(extract(epoch FROM clock_timestamp())
 pub(super) struct Clock {
     /// The last check found the clock past [`MAX_CLOCK_SKEW`] (logged once as it turns).
     skewed: AtomicBool,
+    /// The last check that read the server's clock: when (monotonic), the node's clock then,
+    /// and the skew it found.
+    last: Mutex<Option<(Instant, i64, i64)>>,
     /// Added to the node's clock: a test's node whose clock is off.
     #[cfg(test)]
     shift_ms: AtomicI64,
@@ -56,9 +74,36 @@ impl Clock {
         self.shift_ms.store(ms, Ordering::SeqCst);
     }
 
-    /// Whether the last check found the node's clock off.
+    /// The node's skew now: the last check's, moved by what the node's clock moved since apart
+    /// from the monotonic clock (a step). `None` before any check read the server's clock.
+    fn skew_now(&self) -> Option<i64> {
+        let (at, wall, skew) = (*self.last.lock().unwrap_or_else(|e| e.into_inner()))?;
+        let elapsed = i64::try_from(at.elapsed().as_millis()).unwrap_or(i64::MAX);
+        let stepped = self.now_ms().saturating_sub(wall).saturating_sub(elapsed);
+        Some(skew.saturating_add(stepped))
+    }
+
+    /// Whether the node's clock is off from the server's by more than [`MAX_CLOCK_SKEW`]: as
+    /// the last check found it, or since moved there (a step).
     pub(super) fn is_skewed(&self) -> bool {
-        self.skewed.load(Ordering::SeqCst)
+        let bound = i64::try_from(MAX_CLOCK_SKEW.as_millis()).unwrap_or(i64::MAX);
+        self.skew_now().is_some_and(|s| s.unsigned_abs() > bound.unsigned_abs())
+    }
+
+    /// `Unavailable` while [`Clock::is_skewed`]: what a statement that judges or writes a
+    /// time every node shares answers then, as in a store outage (the caller tries later).
+    pub(super) fn guard(&self, what: &str) -> StoreResult<()> {
+        if !self.is_skewed() {
+            return Ok(());
+        }
+        let skew = self.skew_now().unwrap_or(0);
+        Err(StoreError::Unavailable(format!(
+            "clock skew: this node's clock is {} ms {} PostgreSQL's (at most {} ms allowed); \
+             no {what} by it until its time sync (NTP) is fixed",
+            skew.unsigned_abs(),
+            if skew > 0 { "ahead of" } else { "behind" },
+            MAX_CLOCK_SKEW.as_millis(),
+        )))
     }
 
     /// Reads the server's clock on `c` and compares it with the node's: `Unavailable`, naming
@@ -76,6 +121,7 @@ impl Clock {
             .and_then(|v| v.parse::<i64>().ok())
             .ok_or_else(|| StoreError::Corrupt("postgres: clock_timestamp() gave no time".into()))?;
         let skew = skew_ms(before, after, server);
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), after, skew));
         let bound = i64::try_from(MAX_CLOCK_SKEW.as_millis()).unwrap_or(i64::MAX);
         if skew.unsigned_abs() <= bound.unsigned_abs() {
             if self.skewed.swap(false, Ordering::SeqCst) {

@@ -57,8 +57,9 @@
 //! Files: `migrations.rs` (the schema), `writer.rs` (the write path), `lease.rs` (the live
 //! path's leases), `store_trait.rs` (the [`Store`](super::Store) trait), `tls.rs` (the link's
 //! TLS), `link.rs` (the link's socket and session timeouts), `bounded.rs` (the bound of every
-//! call), `clock.rs` (the node's clock against the server's, checked by the health check and
-//! reported past [`MAX_CLOCK_SKEW`]); this file holds the handle, its tasks and the errors and
+//! call), `clock.rs` (the node's clock against the server's, checked by the health check, the
+//! sweep and a task of its own, followed between checks, reported past [`MAX_CLOCK_SKEW`], and
+//! refusing leases and push windows meanwhile); this file holds the handle, its tasks and the errors and
 //! locks they share.
 
 mod bounded;
@@ -261,6 +262,22 @@ async fn hand_over<R>(tx: &mpsc::Sender<R>, req: R, deadline: tokio::time::Insta
     }
 }
 
+/// Checks the node's clock every [`clock::CLOCK_CHECK_EVERY`] while the store is open: a
+/// drift, or a step of the server's clock, is found within it even on a node nobody polls.
+async fn clock_task(pool: BoundedPool, clock: std::sync::Weak<Clock>) {
+    let mut tick = tokio::time::interval(clock::CLOCK_CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(clock) = clock.upgrade() else { return };
+        // A failed round trip is the health check's to report.
+        if let Ok(c) = pool.get().await {
+            let _ = clock.check(&c).await;
+        }
+    }
+}
+
 /// The PostgreSQL [`Store`](super::Store).
 pub struct PgStore {
     pool: BoundedPool,
@@ -268,8 +285,9 @@ pub struct PgStore {
     lease_tx: mpsc::Sender<LeaseReq>,
     /// At most [`MAX_WAITING_PER_CONN`] lease requests of one connection in the lease task.
     lease_gate: Arc<LeaseGate>,
-    /// The node's clock against the server's, checked with every health check.
-    clock: Clock,
+    /// The node's clock against the server's, checked with every health check and every
+    /// [`clock::CLOCK_CHECK_EVERY`] (a task holding it weakly: it ends with the store).
+    clock: Arc<Clock>,
 }
 
 impl PgStore {
@@ -340,11 +358,12 @@ impl PgStore {
             tx,
             lease_tx,
             lease_gate: Arc::default(),
-            clock: Clock::default(),
+            clock: Arc::default(),
         };
         // A skewed clock is logged by the check and reported by every health check until it
         // is fixed; a failed round trip shows in the first health check too.
         let _ = store.check_clock().await;
+        tokio::spawn(clock_task(store.pool.clone(), Arc::downgrade(&store.clock)));
         Ok(store)
     }
 
@@ -385,6 +404,10 @@ impl PgStore {
         if msgs.is_empty() {
             return Ok(Vec::new());
         }
+        // A hand-off's lease (`NewMessage::lease`) is a deadline by this node's clock, as any.
+        if msgs.iter().any(|m| m.lease.is_some()) {
+            self.clock.guard("hand-off lease")?;
+        }
         let (reply, rx) = oneshot::channel();
         let deadline = tokio::time::Instant::now() + self.pool.statement_timeout();
         let req = EnqueueReq {
@@ -415,6 +438,9 @@ impl PgStore {
         if !storable(conn) || !recipient_key.map_or(true, storable) || max == 0 {
             return Ok(Vec::new());
         }
+        // Deadlines every node compares, judged and written by this node's clock: one ahead
+        // takes others' live leases, one behind writes deadlines already run out for them.
+        self.clock.guard("lease")?;
         let deadline = tokio::time::Instant::now() + self.pool.statement_timeout();
         let turn = self.lease_gate.enter(conn, deadline).await?;
         let (reply, rx) = oneshot::channel();

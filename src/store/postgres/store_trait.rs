@@ -49,6 +49,32 @@ pub(crate) const TOP_OLDEST_SQL: &str = "SELECT q.conn_id, q.n, f.at FROM mailro
          ORDER BY m.conn_id, m.received_at_ms LIMIT 1) f \
      WHERE q.n > 0 ORDER BY f.at, q.conn_id LIMIT $1";
 
+/// The server's clock plus the skew allowed a node (`$n`, [`max_skew_ms`]), in ms: the latest
+/// push a window may record. A node whose clock ran ahead wrote its own time there, and once
+/// back every event read the wallet as pushed in the future (its trailing push due that far
+/// out): what the windows hold or are given is read and written as at most this.
+macro_rules! server_cap {
+    ($n:literal) => {
+        concat!(
+            "(floor(extract(epoch FROM statement_timestamp()) * 1000)::int8 + $",
+            $n,
+            ")"
+        )
+    };
+}
+
+/// A window's last push as [`server_cap`] bounds it (`w` the row as it was).
+macro_rules! last_push {
+    ($n:literal) => {
+        concat!("LEAST(w.last_push_ms, ", server_cap!($n), ")")
+    };
+}
+
+/// [`super::MAX_CLOCK_SKEW`] in ms, the parameter of [`server_cap`].
+fn max_skew_ms() -> i64 {
+    i64::try_from(super::MAX_CLOCK_SKEW.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// Rows one statement of [`Store::expire`] deletes, or of [`Store::release_owners_under`]
 /// releases, at most.
 const EXPIRE_BATCH: i64 = 10_000;
@@ -630,7 +656,9 @@ impl Store for PgStore {
                 after = after.max(r.get(2));
                 released.insert(r.get(0));
             }
-            if n < batch {
+            // Until a batch finds none: one can come back short with more after it (a row
+            // leased again while it waited for the lock drops out of the update).
+            if n == 0 {
                 break;
             }
         }
@@ -730,6 +758,11 @@ impl Store for PgStore {
     }
 
     async fn prune_dedup(&self, before_ms: i64, max: usize) -> StoreResult<u64> {
+        // `before_ms` is this node's clock: one ahead would delete records every node still
+        // counts on (a sender's retry queued twice). While it is off the others prune.
+        if self.clock.is_skewed() {
+            return Ok(0);
+        }
         let max = i64::try_from(max).unwrap_or(i64::MAX);
         self.execute_retrying(
             "DELETE FROM mailroom_dedup WHERE ctid IN ( \
@@ -769,6 +802,10 @@ impl Store for PgStore {
     }
 
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64> {
+        // By this node's clock: one ahead would delete messages early. The others expire.
+        if self.clock.is_skewed() {
+            return Ok(0);
+        }
         // In batches: one statement over everything expired (a TTL shortened, a sweep that
         // was down) locked every row at once, and past its timeout rolled all of it back,
         // at every call. Rows locked by a leaser or an ack right now are skipped, never
@@ -806,6 +843,9 @@ impl Store for PgStore {
     }
 
     async fn expire_due(&self, now_ms: i64, max: usize) -> StoreResult<u64> {
+        if self.clock.is_skewed() {
+            return Ok(0);
+        }
         let max = i64::try_from(max).unwrap_or(i64::MAX);
         // As `expire`: rows locked right now go at the next call.
         self.execute_retrying(
@@ -913,25 +953,51 @@ impl Store for PgStore {
         unless_pushed_since_ms: Option<i64>,
     ) -> StoreResult<PushSlot> {
         check_storable("connection id", conn)?;
+        // The window is every node's, read and written by this node's clock.
+        self.clock.guard("push window")?;
         let c = self.client().await?;
         // push_window_step in one statement: the row lock orders concurrent events. An event
         // that pushes now claims the push (every SET reads the row as it was).
         let q = c
-            .run(c.prepare_cached(
+            .run(c.prepare_cached(concat!(
                 "INSERT INTO mailroom_push_windows AS w \
                      (conn_id, last_push_ms, trailing_due_ms, claimed_until_ms, claim_token, push_id, push_claim) \
-                 VALUES ($1, $2, NULL, $4, $5, $5, $5) \
+                 VALUES ($1, LEAST($2, ",
+                server_cap!(7),
+                "), NULL, $4, $5, $5, $5) \
                  ON CONFLICT (conn_id) DO UPDATE SET \
-                 trailing_due_ms = CASE WHEN $2 < w.last_push_ms + $3 \
-                     THEN coalesce(w.trailing_due_ms, w.last_push_ms + $3) ELSE NULL END, \
-                 claimed_until_ms = CASE WHEN $2 < w.last_push_ms + $3 THEN w.claimed_until_ms ELSE $4 END, \
-                 claim_token = CASE WHEN $2 < w.last_push_ms + $3 THEN w.claim_token ELSE $5 END, \
-                 push_id = CASE WHEN $2 < w.last_push_ms + $3 THEN w.push_id ELSE $5 END, \
-                 push_claim = CASE WHEN $2 < w.last_push_ms + $3 THEN w.push_claim ELSE $5 END, \
-                 last_push_ms = CASE WHEN $2 < w.last_push_ms + $3 THEN w.last_push_ms ELSE $2 END \
+                 trailing_due_ms = CASE WHEN $2 < ",
+                last_push!(7),
+                " + $3 \
+                     THEN LEAST(coalesce(w.trailing_due_ms, ",
+                last_push!(7),
+                " + $3), ",
+                server_cap!(7),
+                " + $3) \
+                     ELSE NULL END, \
+                 claimed_until_ms = CASE WHEN $2 < ",
+                last_push!(7),
+                " + $3 THEN w.claimed_until_ms ELSE $4 END, \
+                 claim_token = CASE WHEN $2 < ",
+                last_push!(7),
+                " + $3 THEN w.claim_token ELSE $5 END, \
+                 push_id = CASE WHEN $2 < ",
+                last_push!(7),
+                " + $3 THEN w.push_id ELSE $5 END, \
+                 push_claim = CASE WHEN $2 < ",
+                last_push!(7),
+                " + $3 THEN w.push_claim ELSE $5 END, \
+                 last_push_ms = CASE WHEN $2 < ",
+                last_push!(7),
+                " + $3 THEN ",
+                last_push!(7),
+                " \
+                     ELSE LEAST($2, ",
+                server_cap!(7),
+                ") END \
                  WHERE $6::bigint IS NULL OR w.last_push_ms < $6 \
-                 RETURNING trailing_due_ms",
-            ))
+                 RETURNING trailing_due_ms"
+            )))
             .await?;
         let row = c
             .run(c.query_opt(
@@ -943,6 +1009,7 @@ impl Store for PgStore {
                     &claim.until_ms,
                     &claim.token,
                     &unless_pushed_since_ms,
+                    &max_skew_ms(),
                 ],
             ))
             .await?;
@@ -961,6 +1028,8 @@ impl Store for PgStore {
         idle_before_ms: i64,
         limit: usize,
     ) -> StoreResult<Vec<PushClaim>> {
+        // Claims and windows every node reads, written by this node's clock.
+        self.clock.guard("push window")?;
         let c = self.client().await?;
         // Idle windows first: a failure here claims nothing (after the claim, it would leave
         // the claimed pushes to no task until their claims ran out).
@@ -970,22 +1039,31 @@ impl Store for PgStore {
         // Due: scheduled by the window, or claimed by a node that never said it was done. The
         // claim is a column of its own: push_event writes it only for a push it lets through.
         let take = c
-            .run(c.prepare_cached(
+            .run(c.prepare_cached(concat!(
                 "UPDATE mailroom_push_windows \
-                 SET trailing_due_ms = NULL, last_push_ms = $1, claimed_until_ms = $3, claim_token = $4, \
+                 SET trailing_due_ms = NULL, last_push_ms = LEAST($1, ",
+                server_cap!(5),
+                "), \
+                     claimed_until_ms = $3, claim_token = $4, \
                      push_id = CASE WHEN trailing_due_ms IS NULL AND claimed_until_ms <= $1 \
                          AND push_claim = claim_token THEN push_id ELSE $4 END, \
                      push_claim = $4 \
                  WHERE conn_id IN (SELECT conn_id FROM mailroom_push_windows \
                      WHERE trailing_due_ms <= $1 OR claimed_until_ms <= $1 \
                      ORDER BY least(trailing_due_ms, claimed_until_ms) LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                 RETURNING conn_id, push_id",
-            ))
+                 RETURNING conn_id, push_id"
+            )))
             .await?;
         let rows = c
             .run(c.query(
                 &take,
-                &[&now_ms, &(limit.min(i64::MAX as usize) as i64), &claim_until_ms, &token],
+                &[
+                    &now_ms,
+                    &(limit.min(i64::MAX as usize) as i64),
+                    &claim_until_ms,
+                    &token,
+                    &max_skew_ms(),
+                ],
             ))
             .await?;
         Ok(rows
@@ -1018,7 +1096,10 @@ impl Store for PgStore {
 
     async fn first_sight(&self, digest: &[u8; 32], now_ms: i64, until_ms: i64) -> StoreResult<bool> {
         // One statement, atomic across nodes: of concurrent sights one inserts (or replaces a
-        // record that ran out); the others find it held and change nothing.
+        // record that ran out); the others find it held and change nothing. Run out by this
+        // node's clock: one ahead would take a record still held as run out (a captured
+        // message acts again).
+        self.clock.guard("replay record")?;
         let digest = &digest[..];
         let n = self
             .execute_retrying(
@@ -1042,6 +1123,10 @@ impl Store for PgStore {
     }
 
     async fn prune_sights(&self, now_ms: i64, max: usize) -> StoreResult<u64> {
+        // One ahead would forget replay records still held (a captured message acts again).
+        if self.clock.is_skewed() {
+            return Ok(0);
+        }
         let max = i64::try_from(max).unwrap_or(i64::MAX);
         self.execute_retrying(
             "DELETE FROM mailroom_sights WHERE ctid IN ( \
@@ -1062,7 +1147,7 @@ impl Store for PgStore {
     }
 
     async fn delete_unmediated(&self, id: &str, created_before_ms: i64) -> StoreResult<bool> {
-        if !storable(id) {
+        if !storable(id) || self.clock.is_skewed() {
             return Ok(false);
         }
         let mut c = self.client().await?;
