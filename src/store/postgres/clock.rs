@@ -109,6 +109,7 @@ impl Clock {
     /// Reads the server's clock on `c` and compares it with the node's: `Unavailable`, naming
     /// the skew, when it is past [`MAX_CLOCK_SKEW`] (logged as an error when it becomes so).
     pub(super) async fn check(&self, c: &Conn) -> StoreResult<()> {
+        let began = Instant::now();
         let before = self.now_ms();
         let msgs = c.run(c.simple_query(SERVER_NOW_SQL)).await?;
         let after = self.now_ms();
@@ -121,7 +122,10 @@ impl Clock {
             .and_then(|v| v.parse::<i64>().ok())
             .ok_or_else(|| StoreError::Corrupt("postgres: clock_timestamp() gave no time".into()))?;
         let skew = skew_ms(before, after, server);
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), after, skew));
+        // Followed from the trip's start: a step during the trip puts the server's time inside
+        // [before, after] (no skew found), and is seen as the clock moving apart from the
+        // monotonic one since `began`.
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((began, before, skew));
         let bound = i64::try_from(MAX_CLOCK_SKEW.as_millis()).unwrap_or(i64::MAX);
         if skew.unsigned_abs() <= bound.unsigned_abs() {
             if self.skewed.swap(false, Ordering::SeqCst) {
