@@ -627,6 +627,23 @@ mod tests {
         assert_eq!(due, vec!["trailing"], "the trailing push is lost");
     }
 
+    /// The database at `dir` opened raw, once the store dropped just before has let go of its
+    /// lock: sled's flusher thread holds it a moment after the last handle is dropped (an open
+    /// right then failed with WouldBlock, seen once under load).
+    fn open_raw_when_free(dir: &std::path::Path) -> sled::Db {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => return db,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("the database lock was not let go within 20 s: {e}"),
+            }
+        }
+    }
+
     /// A push window record that cannot be read (a damaged value, a key that is not UTF-8) is
     /// forgotten at open, with a warning, and removed: the store opens, and the wallet's next
     /// event pushes at once. Before, the open failed and the node could not start.
@@ -636,7 +653,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         drop(SledStore::open(dir.path()).await.unwrap());
         {
-            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let db = open_raw_when_free(dir.path());
             let t = db.open_tree("push_windows").unwrap();
             t.insert(b"damaged", &b"not 33 bytes"[..]).unwrap();
             t.insert(&[0xff, 0xfe][..], &[0u8; 33][..]).unwrap();
@@ -649,7 +666,7 @@ mod tests {
         let slot = s.push_event("damaged", now, 60_000, NewClaim::until(now + 1), None);
         assert_eq!(slot.await.unwrap(), PushSlot::Now);
         drop(s);
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let db = open_raw_when_free(dir.path());
         let t = db.open_tree("push_windows").unwrap();
         let keys: Vec<Vec<u8>> = t.iter().keys().map(|k| k.unwrap().to_vec()).collect();
         assert_eq!(
