@@ -191,6 +191,17 @@ async fn lease_counts(n: &RunningNode) -> (u64, u64) {
     (q["in_flight"].as_u64().unwrap(), q["depth"].as_u64().unwrap())
 }
 
+/// A socket of `a`'s in live mode that reads nothing more (a small receive buffer, so the
+/// node meets a full socket soon).
+async fn deaf_live_socket(n: &RunningNode, a: &Agent) -> TcpStream {
+    let mut s = deaf_socket(n.public_addr).await;
+    let env = a
+        .pack(&pickup("live-delivery-change", json!({"live_delivery": true})))
+        .unwrap();
+    s.write_all(&common::masked_frame(&env)).await.unwrap();
+    s
+}
+
 /// Records in `got` what delivery `d` carries (each content up to its `:`) and acknowledges
 /// it; a status (the answer to an acknowledgement) carries nothing.
 async fn ack_delivery(a: &Agent, ws: &mut mailroom::client::WsClient, d: &Value, got: &mut HashSet<String>) {
@@ -235,11 +246,7 @@ async fn a_wallet_that_never_reads_holds_a_bounded_share_and_loses_nothing() {
     }
     // It comes back in live mode on a socket it then never reads (a small receive buffer,
     // so the node meets a full socket soon), and more mail arrives live.
-    let mut deaf = deaf_socket(n.public_addr).await;
-    let env = a
-        .pack(&pickup("live-delivery-change", json!({"live_delivery": true})))
-        .unwrap();
-    deaf.write_all(&common::masked_frame(&env)).await.unwrap();
+    let deaf = deaf_live_socket(&n, &a).await;
     for i in BACKLOG..N {
         assert_eq!(forward_to(&n, &a, &k, &format!("{i}:{big}")).await, 202);
         sent.insert(i.to_string());
@@ -306,11 +313,7 @@ async fn a_socket_that_stopped_reading_holds_no_hand_offs_from_the_wallet_s_new_
         assert_eq!(forward_to(&n, &a, &k, &format!("backlog {i}:{big}")).await, 202);
     }
     // The old socket in live mode fills with the backlog and is read no more.
-    let mut deaf = deaf_socket(n.public_addr).await;
-    let env = a
-        .pack(&pickup("live-delivery-change", json!({"live_delivery": true})))
-        .unwrap();
-    deaf.write_all(&common::masked_frame(&env)).await.unwrap();
+    let deaf = deaf_live_socket(&n, &a).await;
     eventually("the deaf session's leases to settle", || async {
         let first = lease_counts(&n).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -368,11 +371,7 @@ async fn a_live_socket_read_a_trickle_at_a_time_is_closed_and_loses_nothing() {
     for i in 0..N {
         assert_eq!(forward_to(&n, &a, &k, &format!("{i}:{big}")).await, 202);
     }
-    let mut slow = deaf_socket(n.public_addr).await;
-    let env = a
-        .pack(&pickup("live-delivery-change", json!({"live_delivery": true})))
-        .unwrap();
-    slow.write_all(&common::masked_frame(&env)).await.unwrap();
+    let mut slow = deaf_live_socket(&n, &a).await;
     let started = tokio::time::Instant::now();
     let mut buf = [0u8; 2048];
     let closed = loop {

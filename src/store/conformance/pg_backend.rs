@@ -517,19 +517,26 @@ async fn a_claim_an_earlier_version_made_is_not_taken_as_an_earlier_push() {
 /// `mailroom_enqueue` does) with one message inserted, committed once the drop has either
 /// finished or waits for a lock (the enqueue lock; without it, the queue counter's row the
 /// insert updated, after which its DELETE's snapshot missed the message).
+/// A raw client of `url` holding `conn`'s advisory lock (the one a batch, a revocation or a
+/// removal takes) in a transaction it leaves open: `COMMIT` or `ROLLBACK` on it lets go.
+async fn holding_conn_lock(url: &str, conn: &str) -> tokio_postgres::Client {
+    use super::super::postgres::{lock_key, LOCK_NS};
+    let (db, conn_task) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn_task);
+    db.batch_execute("BEGIN").await.unwrap();
+    db.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(conn)])
+        .await
+        .unwrap();
+    db
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_queue_drops_a_batch_committing_meanwhile() {
-    use super::super::postgres::{lock_key, LOCK_NS};
     in_own_db(|url| async move {
         let s = open_postgres(&url, 2).await.unwrap();
         let c = new_conn(&s).await;
         enqueue_ok(&s, vec![msg(&c, "before", T0)]).await;
-        let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn_task);
-        db.batch_execute("BEGIN").await.unwrap();
-        db.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(&c)])
-            .await
-            .unwrap();
+        let db = holding_conn_lock(&url, &c).await;
         db.execute(
             "INSERT INTO mailroom_messages (id, conn_id, recipient_key, payload, size, received_at_ms) \
              VALUES (nextval('mailroom_message_ids'), $1, 'k', '\\x00', 1, $2)",
@@ -626,7 +633,6 @@ async fn until_waiting_on_a_lock(url: &str, n: i64, tasks: &[&tokio::task::JoinH
 /// snapshot of before the lock: it was queued, answered 2xx, and never delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_holds_under_a_repeatable_read_default() {
-    use super::super::postgres::{lock_key, LOCK_NS};
     in_own_db(|url| async move {
         repeatable_read_db(&url).await;
         let s = open_postgres(&url, 2).await.unwrap();
@@ -634,12 +640,7 @@ async fn a_revocation_holds_under_a_repeatable_read_default() {
         s.update_keys(&c, &[format!("rk-{c}")], &[]).await.unwrap();
         let mut denied = s.get_connection(&c).await.unwrap().unwrap();
         denied.mediation = MediationState::Denied;
-        let (db, conn_task) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn_task);
-        db.batch_execute("BEGIN").await.unwrap();
-        db.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&LOCK_NS, &lock_key(&c)])
-            .await
-            .unwrap();
+        let db = holding_conn_lock(&url, &c).await;
         let forward = tokio::spawn({
             let (s, c) = (s.clone(), c.clone());
             async move {
