@@ -921,8 +921,14 @@ async fn unfinished_fragmented_messages_are_bounded_in_time_and_in_bytes() {
             _ => None,
         })
         .collect();
-    assert_eq!(closes, vec![1013], "{events:?}");
-    assert_eq!(rejected(&n, "ws-fragments-budget").await, 1.0);
+    // One, or two when the node reads the last two sockets out of order: the socket refused
+    // first holds its share until it has closed, and the next one's fragment may pass the
+    // budget meanwhile (seen in CI). Never more, and each refusal is counted.
+    assert!(
+        (1..=2).contains(&closes.len()) && closes.iter().all(|c| *c == 1013),
+        "{closes:?} {events:?}"
+    );
+    assert_eq!(rejected(&n, "ws-fragments-budget").await, closes.len() as f64);
     // Every socket lets go: the budget is whole again, and a fragmented message of nearly the
     // frame limit (more than 16 x 64 KiB less what the others held) is answered.
     for ws in held {
