@@ -381,6 +381,61 @@ async fn a_handshake_from_a_key_with_a_connection_leaves_a_single_use_invitation
     }
 }
 
+/// Handshake requests refused for what they carry make no connection and leave a single-use
+/// invitation they name usable by its own client, over HTTP and WebSocket, for both protocols:
+/// - an `@id` holding a NUL (stored as the connection's thread id): the store refused it only
+///   after the invitation was claimed, so the invitation was used up by nothing;
+/// - a DID document whose routing key is a point of small order (the Ed25519 identity, whose
+///   X25519 form is all zeros): stored, every reply to the connection failed to seal (500 on its
+///   return route, dropped on its socket) and its key was taken for good;
+/// - a `didexchange/2.0/request`, another protocol than 1.x (RFC 0003): it was handled as 1.x,
+///   made a connection and left no replay record.
+#[actix_rt::test]
+async fn handshakes_refused_for_what_they_carry_make_nothing_and_use_no_invitation() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let small_order = "4uQeVj5tqViQh7yWWGStvkEG1Zmhx6uasJtWCJziofM";
+    let connections = || async {
+        let v = get_json(&format!("{}/connections", n.admin_url())).await;
+        v["connections"].as_array().unwrap().len()
+    };
+    let mut made = 0;
+    for protocol in ["didexchange", "connections"] {
+        for case in ["nul-id", "small-order-routing-key", "major-version-2"] {
+            if case == "major-version-2" && protocol == "connections" {
+                continue;
+            }
+            let (st, body) = post_raw(&format!("{}/invitations", n.admin_url()), "application/json", vec![]).await;
+            assert_eq!(st, 201, "{body}");
+            let minted: Value = serde_json::from_str(&body).unwrap();
+            let inv = mailroom::client::Invitation::from_url(minted["invitation_url"].as_str().unwrap()).unwrap();
+            let key = KeyPair::generate();
+            let legacy = did::legacy_did_from_verkey(&key.public_bytes());
+            let routing = if case == "small-order-routing-key" {
+                vec![small_order.to_string()]
+            } else {
+                vec![]
+            };
+            let doc = did::legacy_diddoc(&legacy, &key.verkey(), &["http://127.0.0.1:9/".into()], &routing);
+            let mut req = handshake_request(protocol, &legacy, &doc, Some(&inv.id));
+            match case {
+                "nul-id" => req["@id"] = json!("a\u{0}b"),
+                "major-version-2" => req["@type"] = json!("https://didcomm.org/didexchange/2.0/request"),
+                _ => {}
+            }
+            let (status, _) =
+                refused_both_ways(pack(&req, &inv.recipient_key, Some(&key)), &n.public_url(), &ws_url(&n)).await;
+            assert_eq!(status, 400, "{protocol} {case}");
+            assert_eq!(connections().await, made, "{protocol} {case}: no connection stored");
+            Agent::connect(&inv)
+                .await
+                .unwrap_or_else(|e| panic!("the invitation's own client, after a refused {protocol} {case}: {e}"));
+            made += 1;
+            assert_eq!(connections().await, made, "{protocol} {case}");
+        }
+    }
+}
+
 /// A captured authenticated message acts once. The attacker holds a copy of what the victim
 /// sent (a leaked log, a capture): a ping that bound the victim's socket, and a pickup 1.0
 /// `batch-pickup`, whose batch is removed once written back. Replayed over HTTP and on the

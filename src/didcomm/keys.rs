@@ -199,6 +199,18 @@ pub(crate) fn ed_to_x25519_public(pk: &[u8; 32]) -> Result<X25519KeyPair, KeyErr
     Ok(ed.to_x25519_keypair())
 }
 
+/// Whether a message can be sealed to `verkey` (any form [`parse_verkey`] takes): false for a
+/// key that does not parse, and for an Ed25519 point of small order, which passes
+/// [`parse_verkey`] but whose X25519 form makes an all-zero shared secret that
+/// [`super::nacl::seal`] refuses (the identity point among them). One X25519 agreement: for
+/// keys a peer names once (a DID document's routing keys), not for every forward.
+pub fn sealable(verkey: &str) -> bool {
+    let Ok(pk) = parse_verkey(verkey) else {
+        return false;
+    };
+    ed_to_x25519_public(&pk).is_ok_and(|x| super::nacl::seal(&x25519_public_bytes(&x), b"").is_some())
+}
+
 pub(crate) fn x25519_public_bytes(x: &X25519KeyPair) -> [u8; 32] {
     x.with_public_bytes(to_array32).unwrap_or([0; 32])
 }
@@ -235,6 +247,18 @@ mod tests {
     // RFC 8032 test vector 1.
     const SEED: &str = "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60";
     const PUB: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+
+    /// The Ed25519 identity point parses (it is on the curve) and converts to the all-zero
+    /// X25519 key: nothing can be sealed to it. A real key can.
+    #[test]
+    fn a_key_of_small_order_is_not_sealable() {
+        let identity = "4uQeVj5tqViQh7yWWGStvkEG1Zmhx6uasJtWCJziofM";
+        assert!(parse_verkey(identity).is_ok());
+        assert!(!sealable(identity));
+        assert!(!sealable(&verkey_to_did_key(&parse_verkey(identity).unwrap())));
+        assert!(!sealable("not a key"));
+        assert!(sealable(&KeyPair::generate().verkey()));
+    }
 
     #[test]
     fn rfc8032_vector_and_forms() {

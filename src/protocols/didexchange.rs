@@ -7,8 +7,8 @@
 
 use super::{now_ms, HandleError, Inbound, Mediator, Outcome};
 use crate::didcomm::did::{self, ResolvedDoc};
-use crate::didcomm::{envelope, jws, message};
-use crate::store::{Connection, ConnectionPatch, MediationState};
+use crate::didcomm::{envelope, jws, keys, message};
+use crate::store::{self, Connection, ConnectionPatch, MediationState};
 use base64::Engine;
 use serde_json::{json, Value};
 
@@ -70,10 +70,16 @@ pub(crate) fn before_resolving(ctx: &Inbound) -> Result<(), HandleError> {
     if let Some(e) = long("@id", &ctx.id()) {
         return Err(e);
     }
-    match message::pthid(&ctx.msg).and_then(|p| long("~thread.pthid", &p)) {
-        Some(e) => Err(e),
-        None => Ok(()),
+    if let Some(e) = message::pthid(&ctx.msg).and_then(|p| long("~thread.pthid", &p)) {
+        return Err(e);
     }
+    // The request's @id is stored as the connection's thread id; a NUL there (PostgreSQL text
+    // holds none) was refused by the store only after the invitation was claimed, and a
+    // single-use invitation was used up by a request that made no connection.
+    if !store::storable(&ctx.id()) {
+        return Err(HandleError::BadMessage("@id contains a NUL character".into()));
+    }
+    Ok(())
 }
 
 /// What a resolved DID document must offer before a connection is made with it: a key to pack
@@ -93,6 +99,16 @@ pub(crate) fn usable_doc(their_did: &str, doc: &ResolvedDoc) -> Result<(), Handl
             message::clip(their_did, 80),
             doc.routing_keys.len(),
             envelope::MAX_ROUTING_KEYS
+        )));
+    }
+    // A routing key no one can seal to (a point of small order: its X25519 form makes an
+    // all-zero shared secret, refused by `nacl::seal`) failed every reply to the connection
+    // as surely as too many keys did.
+    if let Some(k) = doc.routing_keys.iter().find(|k| !keys::sealable(k)) {
+        return Err(HandleError::BadMessage(format!(
+            "{} lists the routing key {}, which no message can be sealed to (a point of small order)",
+            message::clip(their_did, 80),
+            message::clip(k, 60)
         )));
     }
     Ok(())

@@ -359,23 +359,30 @@ impl Mediator {
         let Some(t) = &ctx.mtype else {
             return problem::unknown_type(self, ctx);
         };
+        // A major version other than the one a family is implemented in is another protocol
+        // (RFC 0003): answered as an unknown type, never handled as if it were this one (a
+        // `didexchange/2.0/request` made a connection, and left no replay record, which only
+        // major version 1 gets: `starts_a_connection`). Pickup (1.0 and 2.0) and
+        // discover-features (1.0 `query`, 2.0 `queries`) dispatch on their versions themselves.
+        let v1 = t.version_numbers().0 == 1;
         match (t.family.as_str(), t.name.as_str()) {
-            ("routing", "forward") => routing::forward(self, ctx).await,
-            ("didexchange", "request") => didexchange::request(self, ctx).await,
-            ("didexchange", "complete") => didexchange::complete(self, ctx).await,
             // Any family's problem report (Credo sends `notification/1.0/problem-report`) is
             // logged, never answered: answering would ping-pong reports forever.
             (_, "problem-report") | (_, "problem_report") => problem::received(self, ctx),
+            ("messagepickup", _) => pickup::handle(self, ctx).await,
+            ("discover-features", "query") | ("discover-features", "queries") => discover::query(self, ctx),
+            _ if !v1 => problem::unknown_type(self, ctx),
+            ("routing", "forward") => routing::forward(self, ctx).await,
+            ("didexchange", "request") => didexchange::request(self, ctx).await,
+            ("didexchange", "complete") => didexchange::complete(self, ctx).await,
             ("connections", "request") => connections::request(self, ctx).await,
             ("out-of-band", "handshake-reuse") => oob::handshake_reuse(self, ctx),
             ("coordinate-mediation", "mediate-request") => mediation::mediate_request(self, ctx).await,
             ("coordinate-mediation", "keylist-update") => mediation::keylist_update(self, ctx).await,
             ("coordinate-mediation", "keylist-query") => mediation::keylist_query(self, ctx).await,
-            ("messagepickup", _) => pickup::handle(self, ctx).await,
             ("trust_ping", "ping") => trust_ping::ping(self, ctx),
             ("trust_ping", "ping_response") => Ok(Outcome::default()),
-            ("discover-features", "query") | ("discover-features", "queries") => discover::query(self, ctx),
-            (family, _) if push::service_of(family).is_some() && t.version_numbers().0 == 1 => {
+            (family, _) if push::service_of(family).is_some() => {
                 let service = push::service_of(family).expect("checked by the guard");
                 push::handle(self, ctx, service).await
             }

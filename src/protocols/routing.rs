@@ -25,11 +25,12 @@ pub struct RawForward<'a> {
 
 impl<'a> RawForward<'a> {
     /// `plaintext` read as a forward, if it is a JSON object whose `@type` is routing's
-    /// `forward` (any version and prefix [`MessageType::parse`] reads, as the dispatch does).
+    /// `forward` of major version 1 (any minor version and prefix [`MessageType::parse`]
+    /// reads, as the dispatch does).
     pub fn peek(plaintext: &'a [u8]) -> Option<RawForward<'a>> {
         let f: RawForward<'a> = serde_json::from_slice(plaintext).ok()?;
         let t = MessageType::parse(f.type_.as_deref()?)?;
-        (t.family == "routing" && t.name == "forward").then_some(f)
+        t.is("routing", "forward").then_some(f)
     }
 
     /// The forward in `plaintext`, whatever its `@type` says (the dispatch has read it).
@@ -201,6 +202,13 @@ mod tests {
         assert!(RawForward::peek(&plaintext(legacy, key, JWE)).is_some());
         let ping = "https://didcomm.org/trust_ping/1.0/ping";
         assert!(RawForward::peek(&plaintext(ping, key, JWE)).is_none());
+        let minor = "https://didcomm.org/routing/1.3/forward";
+        assert!(RawForward::peek(&plaintext(minor, key, JWE)).is_some());
+        let major = "https://didcomm.org/routing/2.0/forward";
+        assert!(
+            RawForward::peek(&plaintext(major, key, JWE)).is_none(),
+            "another protocol"
+        );
         assert!(RawForward::peek(br#"{"@type": 7, "to": "k", "msg": {}}"#).is_none());
         assert!(RawForward::peek(br#"{"to": "k", "msg": {}}"#).is_none());
         assert!(RawForward::peek(b"[1, 2]").is_none());
