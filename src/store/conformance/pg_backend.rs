@@ -954,3 +954,62 @@ async fn a_push_window_written_ahead_does_not_silence_the_wallet() {
     })
     .await;
 }
+
+/// A node whose clock is off past the bound still queues forwards (refusing them would stop
+/// every one), but writes their received time in the server's time: behind by more than the
+/// message TTL, its message is not deleted at once by a synced node's TTL sweep (lost after
+/// its sender was answered) and is leased from there, and its dedup record is found by a copy
+/// the synced node queues now; ahead, its dedup record does not make a copy queued by a
+/// synced node after the window a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_clock_is_off_queues_messages_in_the_servers_time() {
+    in_own_db(|url| async move {
+        let skewed = Arc::new(PgStore::open(&url, 2).await.unwrap());
+        let a: Arc<dyn Store> = skewed.clone();
+        let b: Arc<dyn Store> = Arc::new(PgStore::open(&url, 2).await.unwrap());
+        let x = new_conn(&b).await;
+        let (ttl, hour, window) = (30 * 24 * 3_600_000_i64, 3_600_000_i64, 60_000_i64);
+        let limits = EnqueueLimits {
+            dedup_window_ms: window,
+            ..EnqueueLimits::UNLIMITED
+        };
+        let slack = i64::try_from(MAX_CLOCK_SKEW.as_millis()).unwrap() + 5_000;
+        // Behind by the TTL and an hour: the times it reads are a TTL and an hour old.
+        let behind = -(ttl + hour);
+        skewed.shift_clock_for_test(behind);
+        let late = a
+            .enqueue(vec![dmsg(&x, "late", wall_ms() + behind, 1)], &limits)
+            .await
+            .unwrap();
+        assert!(matches!(late[..], [Ok(Enqueued { duplicate: false, .. })]), "{late:?}");
+        assert_eq!(
+            b.expire(wall_ms() - ttl).await.unwrap(),
+            0,
+            "the synced node's TTL sweep"
+        );
+        let now = wall_ms();
+        let copy = b.enqueue(vec![dmsg(&x, "late", now, 1)], &limits).await.unwrap();
+        assert!(
+            matches!(copy[..], [Ok(Enqueued { duplicate: true, .. })]),
+            "a copy now: {copy:?}"
+        );
+        let leased = b.lease(&x, 10, "n2/x", now, now + 30_000).await.unwrap();
+        assert_eq!(leased.iter().map(|m| &m.payload[..]).collect::<Vec<_>>(), [b"late"]);
+        let at = leased[0].received_at_ms;
+        assert!(
+            (at - now).abs() <= slack,
+            "received {} ms from the server's time",
+            at - now
+        );
+        // Ahead by an hour: a copy the synced node queues once the window has passed is queued.
+        skewed.shift_clock_for_test(hour);
+        enqueue_ok(&a, vec![dmsg(&x, "early", wall_ms() + hour, 2)]).await;
+        let after = wall_ms() + window + slack;
+        let copy = b.enqueue(vec![dmsg(&x, "early", after, 2)], &limits).await.unwrap();
+        assert!(
+            matches!(copy[..], [Ok(Enqueued { duplicate: false, .. })]),
+            "after the window: {copy:?}"
+        );
+    })
+    .await;
+}

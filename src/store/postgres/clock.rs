@@ -18,7 +18,14 @@
 //! passes that delete by it (expiry, dedup and replay records, unmediated connections) delete
 //! nothing.
 //!
-//! Must not: correct the callers' times (the trait's `now_ms` is the caller's to give).
+//! One time is written in the server's time instead: a message's `received_at_ms`, queued
+//! while the skew is past the bound ([`Clock::server_time_of`]). Refusing every forward then
+//! would cost availability, and the skew is measured; written as the node read it, a message
+//! from a node behind by the TTL would be deleted at once by another node's TTL sweep (lost
+//! after a 2xx), and one from a node ahead would hold its dedup record past the window.
+//!
+//! Must not: correct the callers' other times (the trait's `now_ms` is the caller's to give:
+//! what judges or writes by it is refused while skewed, as above).
 
 #[cfg(test)]
 use std::sync::atomic::AtomicI64;
@@ -86,8 +93,22 @@ impl Clock {
     /// Whether the node's clock is off from the server's by more than [`MAX_CLOCK_SKEW`]: as
     /// the last check found it, or since moved there (a step).
     pub(super) fn is_skewed(&self) -> bool {
-        let bound = i64::try_from(MAX_CLOCK_SKEW.as_millis()).unwrap_or(i64::MAX);
-        self.skew_now().is_some_and(|s| s.unsigned_abs() > bound.unsigned_abs())
+        self.skew_now().is_some_and(past_bound)
+    }
+
+    /// `node_ms`, a time read on the node's clock now, in the server's time while the clock is
+    /// past [`MAX_CLOCK_SKEW`] (the node's time less the skew); as given otherwise.
+    ///
+    /// Only past the bound: within it the store trusts every node's clock as it is (leases and
+    /// sweeps are judged by it), so nothing compares finer than the bound and a correction
+    /// would buy nothing; a synced node's times, and a caller's fixed ones, are written exactly
+    /// as given; and the few milliseconds each check measures on a synced node do not move
+    /// every write a little.
+    pub(super) fn server_time_of(&self, node_ms: i64) -> i64 {
+        match self.skew_now() {
+            Some(skew) if past_bound(skew) => node_ms.saturating_sub(skew),
+            _ => node_ms,
+        }
     }
 
     /// `Unavailable` while [`Clock::is_skewed`]: what a statement that judges or writes a
@@ -126,8 +147,8 @@ impl Clock {
         // [before, after] (no skew found), and is seen as the clock moving apart from the
         // monotonic one since `began`.
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((began, before, skew));
-        let bound = i64::try_from(MAX_CLOCK_SKEW.as_millis()).unwrap_or(i64::MAX);
-        if skew.unsigned_abs() <= bound.unsigned_abs() {
+        let bound = MAX_CLOCK_SKEW.as_millis();
+        if !past_bound(skew) {
             if self.skewed.swap(false, Ordering::SeqCst) {
                 tracing::info!(
                     skew_ms = skew,
@@ -156,6 +177,11 @@ impl Clock {
         }
         Err(StoreError::Unavailable(why))
     }
+}
+
+/// Whether `skew` (ms, either way) is past [`MAX_CLOCK_SKEW`].
+fn past_bound(skew: i64) -> bool {
+    skew.unsigned_abs() > u64::try_from(MAX_CLOCK_SKEW.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// How far the node's clock is ahead of the server's (negative: behind), given the node's

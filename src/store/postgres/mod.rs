@@ -59,8 +59,8 @@
 //! TLS), `link.rs` (the link's socket and session timeouts), `bounded.rs` (the bound of every
 //! call), `clock.rs` (the node's clock against the server's, checked by the health check, the
 //! sweep and a task of its own, followed between checks, reported past [`MAX_CLOCK_SKEW`], and
-//! refusing leases and push windows meanwhile); this file holds the handle, its tasks and the errors and
-//! locks they share.
+//! refusing leases and push windows meanwhile, and writing queued messages' received times in the
+//! server's); this file holds the handle, its tasks and the errors and locks they share.
 
 mod bounded;
 mod clock;
@@ -395,9 +395,17 @@ impl PgStore {
     }
 
     /// Hands messages to the writer task and waits for their batch to commit.
+    ///
+    /// While the node's clock is past [`MAX_CLOCK_SKEW`], each message's `received_at_ms` is
+    /// written in the server's time ([`Clock::server_time_of`]): every node's TTL sweep deletes
+    /// by it, and `mailroom_enqueue` compares it with the dedup records (and writes it into
+    /// them). As read on a node behind by the TTL, another node's sweep would delete the
+    /// message at once, after its sender was answered; ahead, a later copy from a synced node
+    /// would be taken for a duplicate past the window. Queued messages, unlike leases, are
+    /// not refused meanwhile: the skew is measured, and refusing would stop every forward.
     async fn submit(
         &self,
-        msgs: Vec<NewMessage>,
+        mut msgs: Vec<NewMessage>,
         limits: &EnqueueLimits,
         routed: bool,
     ) -> StoreResult<Vec<StoreResult<Enqueued>>> {
@@ -407,6 +415,9 @@ impl PgStore {
         // A hand-off's lease (`NewMessage::lease`) is a deadline by this node's clock, as any.
         if msgs.iter().any(|m| m.lease.is_some()) {
             self.clock.guard("hand-off lease")?;
+        }
+        for m in &mut msgs {
+            m.received_at_ms = self.clock.server_time_of(m.received_at_ms);
         }
         let (reply, rx) = oneshot::channel();
         let deadline = tokio::time::Instant::now() + self.pool.statement_timeout();
