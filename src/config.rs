@@ -140,6 +140,7 @@ impl std::fmt::Debug for StoreSection {
             .field("statement_timeout_ms", &self.statement_timeout_ms)
             .field("sled_cache_mib", &self.sled_cache_mib)
             .field("min_free_disk_mib", &self.min_free_disk_mib)
+            .field("max_queued_messages", &self.max_queued_messages)
             .finish()
     }
 }
@@ -235,6 +236,13 @@ pub struct StoreSection {
     /// queue needs to empty, keep the room. Without it a full disk fails every write.
     #[serde(default = "default_min_free_disk_mib")]
     pub min_free_disk_mib: u64,
+    /// sled: new messages are refused (507) while the node holds this many queued (at least
+    /// 1): each costs ~250-350 bytes of RAM in the queue's index, and nothing else bounds
+    /// their sum (anyone may open connections and fill each one's queue). Pickups and
+    /// acknowledgements go on and make room. Ignored with PostgreSQL (its queue is not in the
+    /// node's memory).
+    #[serde(default = "default_max_queued_messages")]
+    pub max_queued_messages: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -535,6 +543,9 @@ fn default_sled_cache_mib() -> u64 {
 }
 fn default_min_free_disk_mib() -> u64 {
     crate::store::sled_store::DEFAULT_MIN_FREE_BYTES >> 20
+}
+fn default_max_queued_messages() -> u64 {
+    crate::store::sled_store::DEFAULT_MAX_QUEUED_MESSAGES
 }
 fn default_ws_inflight() -> usize {
     32
@@ -1124,6 +1135,9 @@ impl Config {
         if self.store.min_free_disk_mib > 1 << 20 {
             return bad("store.min_free_disk_mib must be 0..=1048576 (MiB; 0 = no reserve)".into());
         }
+        if self.store.max_queued_messages == 0 {
+            return bad("store.max_queued_messages must be at least 1 (0 would refuse every message; raise it with the node's RAM, ~350 bytes each)".into());
+        }
         if self.store.sled_cache_mib == 0 || self.store.sled_cache_mib > 1 << 20 {
             return bad("store.sled_cache_mib must be 1..=1048576".into());
         }
@@ -1651,6 +1665,7 @@ mod tests {
         assert_eq!(c.store.backend, "sled");
         assert_eq!(c.store.path, PathBuf::from("./mailroom-data"));
         assert_eq!(c.store.statement_timeout_ms, 10_000);
+        assert_eq!(c.store.max_queued_messages, 10_000_000);
         assert_eq!(
             c.store.statement_timeout(),
             crate::store::postgres::DEFAULT_STATEMENT_TIMEOUT
@@ -1774,6 +1789,7 @@ mod tests {
             ("[limits]\nmax_ws_frame_bytes = 9223372036854775807\n", "must be at most 1073741824"),
             ("[store]\npool_size = 9223372036854775807\n", "store.pool_size must be 1..=1000"),
             ("[store]\nstatement_timeout_ms = 0\n", "store.statement_timeout_ms must be 1000..=600000"),
+            ("[store]\nmax_queued_messages = 0\n", "store.max_queued_messages must be at least 1"),
             ("[store]\nstatement_timeout_ms = 999\n", "store.statement_timeout_ms must be 1000..=600000"),
             ("[store]\nstatement_timeout_ms = 600001\n", "store.statement_timeout_ms must be 1000..=600000"),
             ("[store]\nstatement_timeout_ms = 9223372036854775807\n", "store.statement_timeout_ms must be 1000..=600000"),
@@ -1810,7 +1826,7 @@ mod tests {
         let at_bounds = "[limits]\nmessage_ttl_secs = 315360000\ndedup_window_secs = 86400\nreplay_window_secs = 2592000\n\
              max_envelope_bytes = 1073741824\n\
              [delivery]\nlease_ms = 86400000\nsweep_interval_ms = 3600000\nendpoint_timeout_ms = 600000\n\
-             [store]\npool_size = 1000\nstatement_timeout_ms = 600000\n\
+             [store]\npool_size = 1000\nstatement_timeout_ms = 600000\nmax_queued_messages = 1\n\
              [cluster]\nsecret = 'at-least-8'\nheartbeat_ms = 60000\nfailure_timeout_ms = 3600000\nmax_frame_bytes = 8388608\npeer_queue = 1048576\n";
         let c = Config::parse(&format!("{at_bounds}{CLUSTER_NODE}")).unwrap();
         c.cluster_config("n1").unwrap().validate().unwrap();

@@ -221,6 +221,7 @@ pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
             &cfg.store.path,
             cfg.store.sled_cache_mib << 20,
             cfg.store.min_free_disk_mib << 20,
+            cfg.store.max_queued_messages,
         )
         .await?),
     }

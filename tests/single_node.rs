@@ -657,6 +657,54 @@ async fn duplicate_forward_is_queued_once() {
     assert_eq!(queue_depth(&n).await, 1);
 }
 
+/// At the node's bound on queued messages (`store.max_queued_messages`, sled), a new forward is
+/// refused 507 naming the setting, from any sender for any wallet; a copy of a message already
+/// queued is still answered 202 (nothing new is queued); the wallet picks up and acknowledges
+/// as ever, and each acknowledged message makes room for the next forward. Without it, every
+/// connection anyone opens could fill its own queue and the node's memory had no bound.
+#[actix_rt::test]
+async fn at_the_node_s_bound_on_queued_messages_forwards_are_refused_until_a_pickup_makes_room() {
+    let (_dir, n, a, k) = node_with_wallet(Strategy::QueueOnly, |c| {
+        c.store.max_queued_messages = 3;
+    })
+    .await;
+    let s = Sender::new();
+    let g = a.grant.clone().unwrap();
+    let first = s
+        .forward_envelope(&basic_message("m0"), &k.verkey(), &g.routing_keys)
+        .unwrap();
+    let (st, body) = post_raw(&n.public_url(), "application/didcomm-envelope-enc", first.clone()).await;
+    assert_eq!(st, 202, "{body}");
+    for i in 1..3 {
+        assert_eq!(forward_to(&n, &a, &k, &format!("m{i}")).await, 202);
+    }
+    let env = s
+        .forward_envelope(&basic_message("over"), &k.verkey(), &g.routing_keys)
+        .unwrap();
+    let (st, body) = post_raw(&n.public_url(), "application/didcomm-envelope-enc", env).await;
+    assert_eq!(st, 507, "{body}");
+    assert!(body.contains("store.max_queued_messages"), "{body}");
+    let (st, body) = post_raw(&n.public_url(), "application/didcomm-envelope-enc", first).await;
+    assert_eq!(
+        st, 202,
+        "a copy of a queued message is a duplicate, not refused: {body}"
+    );
+    assert_eq!(queue_depth(&n).await, 3);
+
+    let delivery = a
+        .request(&pickup("delivery-request", json!({"limit": 1})))
+        .await
+        .unwrap()
+        .unwrap();
+    let opened = a.open_delivery(&delivery).unwrap();
+    assert_eq!(opened.len(), 1);
+    a.request(&pickup("messages-received", json!({"message_id_list": [opened[0].0]})))
+        .await
+        .unwrap();
+    assert_eq!(forward_to(&n, &a, &k, "after-room").await, 202);
+    assert_eq!(forward_to(&n, &a, &k, "over-again").await, 507);
+}
+
 #[actix_rt::test]
 async fn bad_inputs_get_clear_errors_and_the_node_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();

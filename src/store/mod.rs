@@ -494,7 +494,8 @@ pub enum StoreError {
     #[error("store closed")]
     Closed,
     /// New messages are refused: the disk holding the store has less free space than its
-    /// reserve (sled, `store.min_free_disk_mib`). Pickups and acknowledgements go on, so the
+    /// reserve (sled, `store.min_free_disk_mib`), or the node holds as many queued messages as
+    /// it may (sled, `store.max_queued_messages`). Pickups and acknowledgements go on, so the
     /// queue can empty. Nothing was written.
     #[error("store full: {0}")]
     Full(String),
@@ -607,8 +608,9 @@ pub trait Store: Send + Sync + 'static {
     async fn route_long_forms(&self, short: &str, limit: usize) -> StoreResult<Vec<(String, ConnId)>>;
 
     /// Queues messages, each for its own connection, FIFO by arrival. One outcome per message,
-    /// in input order: `Ok(Enqueued)` or `Err(QueueFull)`. Every `Ok` is durable when this
-    /// returns. The outer `Err` means nothing is known to be durable.
+    /// in input order: `Ok(Enqueued)`, `Err(QueueFull)`, or (sled, the node-wide bound)
+    /// `Err(Full)`. Every `Ok` is durable when this returns. The outer `Err` means nothing is
+    /// known to be durable.
     async fn enqueue(&self, msgs: Vec<NewMessage>, limits: &EnqueueLimits) -> StoreResult<Vec<StoreResult<Enqueued>>>;
     /// As [`Store::enqueue`], for messages whose connection came from [`Store::route`] of
     /// their `recipient_key` (possibly a cached, stale answer): each is queued only if that key
@@ -908,13 +910,15 @@ pub async fn open_sled_with_cache(path: &std::path::Path, cache_bytes: u64) -> S
 }
 
 /// As [`open_sled_with_cache`], refusing new messages while the disk has less than
-/// `min_free_bytes` free (`store.min_free_disk_mib`; 0: no reserve).
+/// `min_free_bytes` free (`store.min_free_disk_mib`; 0: no reserve) or while the node holds
+/// `max_queued_messages` queued (`store.max_queued_messages`).
 pub async fn open_sled_with(
     path: &std::path::Path,
     cache_bytes: u64,
     min_free_bytes: u64,
+    max_queued_messages: u64,
 ) -> StoreResult<std::sync::Arc<dyn Store>> {
-    Ok(SledStore::open_shared_with(path, cache_bytes, min_free_bytes).await?)
+    Ok(SledStore::open_shared_with(path, cache_bytes, min_free_bytes, max_queued_messages).await?)
 }
 
 /// Connects to PostgreSQL, applies migrations (idempotent, safe when nodes start together).

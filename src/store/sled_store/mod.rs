@@ -61,6 +61,7 @@
 //! log's compaction), `store_trait.rs` (the [`Store`](super::Store) trait on all of it); this
 //! file holds the handle, its threads and how calls reach them.
 
+mod cap;
 mod index;
 mod inner;
 mod queue_log;
@@ -81,6 +82,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     check_storable, storable, EnqueueLimits, Enqueued, MessageId, NewMessage, QueuedMessage, StoreError, StoreResult,
 };
+pub use cap::DEFAULT_MAX_QUEUED_MESSAGES;
 use index::{LeaseBudget, Meta};
 use inner::Inner;
 use queue_log::QueueLog;
@@ -232,14 +234,20 @@ impl SledStore {
     /// As [`SledStore::open_shared`], with sled's page cache bounded to `cache_bytes` (sled's
     /// own default is 1 GiB: a node's memory would grow towards it under steady traffic).
     pub async fn open_shared_with_cache(path: &Path, cache_bytes: u64) -> StoreResult<Arc<SledStore>> {
-        Self::open_shared_with(path, cache_bytes, DEFAULT_MIN_FREE_BYTES).await
+        Self::open_shared_with(path, cache_bytes, DEFAULT_MIN_FREE_BYTES, DEFAULT_MAX_QUEUED_MESSAGES).await
     }
 
     /// As [`SledStore::open_shared_with_cache`], refusing new messages while the disk holding
     /// `path` has less than `min_free_bytes` free (0: no reserve; see
-    /// `store.min_free_disk_mib`). A store already open on `path` in this process keeps the
-    /// settings it was opened with.
-    pub async fn open_shared_with(path: &Path, cache_bytes: u64, min_free_bytes: u64) -> StoreResult<Arc<SledStore>> {
+    /// `store.min_free_disk_mib`) or while the node holds `max_queued_messages` queued (at
+    /// least 1; see `store.max_queued_messages`). A store already open on `path` in this
+    /// process keeps the settings it was opened with.
+    pub async fn open_shared_with(
+        path: &Path,
+        cache_bytes: u64,
+        min_free_bytes: u64,
+        max_queued_messages: u64,
+    ) -> StoreResult<Arc<SledStore>> {
         let path = path.to_owned();
         let key = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&path)?;
@@ -255,7 +263,9 @@ impl SledStore {
         let deadline = std::time::Instant::now() + REOPEN_WAIT;
         let store = loop {
             let cfg = sled::Config::new().path(&key).cache_capacity(cache_bytes);
-            match SledStore::open_config_with(cfg, queue_log::SEGMENT_BYTES, min_free_bytes).await {
+            let opened =
+                SledStore::open_config_with(cfg, queue_log::SEGMENT_BYTES, min_free_bytes, max_queued_messages);
+            match opened.await {
                 Ok(s) => break s,
                 // The last handle of this path may be finishing its drop on another thread.
                 Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < deadline => {
@@ -293,14 +303,21 @@ impl SledStore {
     /// running store without writing 64 MiB segments).
     #[cfg(test)]
     pub(crate) async fn open_with_segment_bytes(path: &Path, segment_bytes: u64) -> StoreResult<SledStore> {
-        Self::open_config_with(sled::Config::new().path(path), segment_bytes, DEFAULT_MIN_FREE_BYTES).await
+        let cfg = sled::Config::new().path(path);
+        Self::open_config_with(cfg, segment_bytes, DEFAULT_MIN_FREE_BYTES, DEFAULT_MAX_QUEUED_MESSAGES).await
     }
 
     async fn open_config(cfg: sled::Config) -> StoreResult<SledStore> {
-        Self::open_config_with(cfg, queue_log::SEGMENT_BYTES, DEFAULT_MIN_FREE_BYTES).await
+        let segment_bytes = queue_log::SEGMENT_BYTES;
+        Self::open_config_with(cfg, segment_bytes, DEFAULT_MIN_FREE_BYTES, DEFAULT_MAX_QUEUED_MESSAGES).await
     }
 
-    async fn open_config_with(cfg: sled::Config, segment_bytes: u64, min_free_bytes: u64) -> StoreResult<SledStore> {
+    async fn open_config_with(
+        cfg: sled::Config,
+        segment_bytes: u64,
+        min_free_bytes: u64,
+        max_queued_messages: u64,
+    ) -> StoreResult<SledStore> {
         let config = cfg.clone();
         let (inner, log) = tokio::task::spawn_blocking(move || -> StoreResult<(Inner, Arc<QueueLog>)> {
             let log = Arc::new(
@@ -326,6 +343,7 @@ impl SledStore {
             carried: Mutex::new(HashMap::new()),
             runs: Mutex::new(0),
             space: space::Space::new(min_free_bytes),
+            cap: cap::QueueCap::new(max_queued_messages),
             dir,
         });
         // A store opened on a full disk refuses new messages from the start.
@@ -1802,5 +1820,55 @@ mod tests {
                 dedup_record_race(race, by_expiry).await;
             }
         }
+    }
+
+    /// At `store.max_queued_messages` (5 here) the node refuses new messages, whatever their
+    /// connection, with `Full` naming the setting (507); a batch that would pass the bound has
+    /// the messages past it refused, each in its place. A duplicate is still answered as one,
+    /// pickups go on, and an acknowledgement or a sender's expiry makes room for the next.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_node_wide_bound_refuses_new_messages_until_room_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open_shared_with(dir.path(), DEFAULT_CACHE_BYTES, 0, 5)
+            .await
+            .unwrap();
+        let lim = dedup_window(600_000);
+        let t0 = 1_700_000_000_000;
+        let full = |r: &StoreResult<Enqueued>| matches!(r, Err(StoreError::Full(m)) if m.contains("store.max_queued_messages = 5"));
+        for i in 0..3u8 {
+            let expiring = NewMessage {
+                expires_at_ms: (i == 2).then_some(t0 + 10),
+                ..new_msg("a", &format!("a{i}"), t0, Some(i))
+            };
+            let out = s.enqueue(vec![expiring], &lim).await.unwrap();
+            assert!(matches!(out[0], Ok(Enqueued { duplicate: false, .. })), "{out:?}");
+        }
+        let batch: Vec<NewMessage> = (0..3u8).map(|i| new_msg("b", &format!("b{i}"), t0, Some(i))).collect();
+        let out = s.enqueue(batch.clone(), &lim).await.unwrap();
+        assert!(out[0].is_ok() && out[1].is_ok() && full(&out[2]), "{out:?}");
+        assert_eq!(s.total_queued().await.unwrap(), 5);
+        let sixth = s.enqueue(vec![new_msg("c", "c0", t0, Some(9))], &lim).await.unwrap();
+        assert!(full(&sixth[0]), "the sixth message, another connection's: {sixth:?}");
+        let dup = s
+            .enqueue(vec![new_msg("a", "a0", t0 + 1, Some(0))], &lim)
+            .await
+            .unwrap();
+        assert!(
+            matches!(dup[0], Ok(Enqueued { duplicate: true, .. })),
+            "at the bound: {dup:?}"
+        );
+        let leased = s.lease("a", 1, "node-1/ws-1", t0, t0 + 60_000).await.unwrap();
+        assert_eq!(leased.len(), 1, "pickups go on at the bound");
+        assert_eq!(s.ack("a", &[leased[0].id]).await.unwrap(), 1);
+        let next = s.enqueue(vec![new_msg("c", "c0", t0, Some(9))], &lim).await.unwrap();
+        assert!(
+            matches!(next[0], Ok(Enqueued { duplicate: false, .. })),
+            "after an ack: {next:?}"
+        );
+        assert!(full(&s.enqueue(batch[2..].to_vec(), &lim).await.unwrap()[0]));
+        assert_eq!(s.expire_due(t0 + 10, 10).await.unwrap(), 1);
+        let after_expiry = s.enqueue(batch[2..].to_vec(), &lim).await.unwrap();
+        assert!(after_expiry[0].is_ok(), "after an expiry: {after_expiry:?}");
+        assert_eq!(s.total_queued().await.unwrap(), 5);
     }
 }

@@ -53,6 +53,8 @@ pub(super) struct Slot {
     pub(super) runs: Mutex<usize>,
     /// The free-disk reserve, read every tick.
     pub(super) space: super::space::Space,
+    /// The bound on queued messages (`store.max_queued_messages`), decided by the writer.
+    pub(super) cap: super::cap::QueueCap,
 }
 
 impl Slot {
@@ -141,6 +143,19 @@ impl Slot {
         *self.current.write() = Some(Arc::new(inner));
     }
 
+    /// Says when the queue is back under its bound's seven eighths ([`super::cap::QueueCap`])
+    /// without waiting for the next enqueue. Takes the index lock only while the bound is
+    /// reached.
+    fn observe_room(&self) {
+        if !self.cap.reached() {
+            return;
+        }
+        if let Some(inner) = self.current.read().clone() {
+            let queued = inner.queues.lock().total;
+            self.cap.observe(queued);
+        }
+    }
+
     /// Drops from the index the messages compaction found damaged ([`QueueLog::take_lost`]).
     /// A handle being reopened needs nothing: its index is rebuilt from the log.
     fn forget_lost(&self) {
@@ -182,6 +197,7 @@ pub(super) fn supervisor_loop(slot: Arc<Slot>) {
                 slot.space.sample(d);
             }
             slot.supervise();
+            slot.observe_room();
             if slot.log.poisoned() {
                 // Not reopened yet (no space, or the reopen failed): the log refuses both.
                 continue;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::cap::QueueCap;
 use super::index::{Meta, Owner};
 use super::inner::Inner;
 use super::records::{MsgBody, KIND_DEDUP, KIND_MSG};
@@ -52,8 +53,10 @@ impl Inner {
         self.keys.get(key.as_bytes())
     }
 
-    /// One batch of the writer: decide, write, flush once, publish, answer.
-    fn write_batch(&self, batch: Vec<EnqueueReq>) {
+    /// One batch of the writer: decide, write, flush once, publish, answer. A message is
+    /// refused ([`StoreError::Full`]) when the node already holds `cap`'s bound, counting the
+    /// messages accepted before it in this batch; duplicates queue nothing and pass.
+    fn write_batch(&self, batch: Vec<EnqueueReq>, cap: &QueueCap) {
         enum Slot {
             Done(StoreResult<Enqueued>),
             /// Accepted: index into `accepted`.
@@ -153,6 +156,11 @@ impl Inner {
                         out.push(Slot::Done(Err(StoreError::QueueFull { pending: n, bytes: b })));
                         continue;
                     }
+                    // Node-wide (after the connection's own bound, which says more to the sender).
+                    if let Err(e) = cap.admit(q.total + accepted.len() as u64) {
+                        out.push(Slot::Done(Err(e)));
+                        continue;
+                    }
                     added.0 += 1;
                     added.1 += size;
                     if let Some(dk) = m.dedup_key {
@@ -163,6 +171,7 @@ impl Inner {
                 }
                 slots.push(out);
             }
+            cap.observe(q.total + accepted.len() as u64);
         }
 
         // 2. Ids, write, one flush: without the index lock (leases and acks go on meanwhile).
@@ -342,7 +351,7 @@ pub(super) fn writer_loop(slot: Arc<Slot>, mut rx: mpsc::Receiver<EnqueueReq>) {
             }
         };
         let _g = inner.batch_lock.lock();
-        inner.write_batch(batch);
+        inner.write_batch(batch, &slot.cap);
         busy = !rx.is_empty();
     }
     if let Ok(inner) = slot.get() {
