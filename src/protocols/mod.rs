@@ -305,11 +305,7 @@ impl Mediator {
                 return routing::queue(self, &f).await;
             }
         }
-        let msg: Value = serde_json::from_slice(&unpacked.plaintext)
-            .map_err(|e| HandleError::BadMessage(format!("plaintext is not JSON: {e}")))?;
-        if !msg.is_object() {
-            return Err(HandleError::BadMessage("plaintext is not a JSON object".into()));
-        }
+        let msg = read_message(&unpacked.plaintext)?;
         let type_str = msg["@type"].as_str().unwrap_or_default().to_string();
         let mtype = MessageType::parse(&type_str);
         let return_route = message::return_route(&msg);
@@ -388,6 +384,23 @@ impl Mediator {
             }
             _ => problem::unknown_type(self, ctx),
         }
+    }
+}
+
+/// A DIDComm v1 plaintext read into a tree of at most [`v2::MAX_MESSAGE_VALUES`] values, as
+/// v2's is: anyone may send one (anoncrypted to the mediator's key), and a 4 MiB body of
+/// `[0,0,0,...]` read without a bound built a tree of ~100 MB before it was refused. The
+/// largest v1 message a mediator takes (a keylist update of 1,000 keys, a messages-received of
+/// 1,000 ids) holds a few thousand.
+fn read_message(plaintext: &[u8]) -> Result<Value, HandleError> {
+    use crate::didcomm::v2::json::{object_within, TreeError};
+    match object_within(plaintext, v2::MAX_MESSAGE_VALUES) {
+        Ok(m) => Ok(Value::Object(m)),
+        Err(TreeError::NotJson(e)) => Err(HandleError::BadMessage(format!("plaintext is not JSON: {e}"))),
+        Err(TreeError::NotObject) => Err(HandleError::BadMessage("plaintext is not a JSON object".into())),
+        Err(TreeError::TooManyValues(n)) => Err(HandleError::BadMessage(format!(
+            "plaintext holds more than {n} JSON values"
+        ))),
     }
 }
 
@@ -745,6 +758,27 @@ pub(crate) fn granted_connection_for_test(id: &str, our_verkey: &str, their_verk
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A v1 plaintext is read within the values a mediator's largest message needs: a list of
+    /// zeros past them is refused saying why, before a tree of it is built; a keylist update
+    /// of 1,000 keys (the most a connection holds by default) is read.
+    #[test]
+    fn a_plaintext_is_read_within_a_bound_on_its_values() {
+        let zeros = format!(r#"{{"@type": "x", "a": [{}0]}}"#, "0,".repeat(v2::MAX_MESSAGE_VALUES));
+        match read_message(zeros.as_bytes()) {
+            Err(HandleError::BadMessage(why)) => assert!(why.contains("more than"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let updates: Vec<Value> = (0..1000)
+            .map(|i| json!({"recipient_key": format!("did:key:z{i}"), "action": "add"}))
+            .collect();
+        let update =
+            json!({"@type": "https://didcomm.org/coordinate-mediation/1.0/keylist-update", "updates": updates});
+        let read = read_message(update.to_string().as_bytes()).unwrap();
+        assert_eq!(read["updates"].as_array().unwrap().len(), 1000);
+        assert!(matches!(read_message(b"[1]"), Err(HandleError::BadMessage(_))));
+        assert!(matches!(read_message(b"{"), Err(HandleError::BadMessage(_))));
+    }
 
     #[test]
     fn rfc3339_has_millis() {

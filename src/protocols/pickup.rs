@@ -270,6 +270,23 @@ pub(crate) async fn lease_batch(
     })
 }
 
+/// The queue ids of a `message_id_list` (strings or numbers; others ignored), the first
+/// 10 x [`MAX_BATCH`] of them, each once: on sled every id acknowledged reads its message's
+/// head from disk and logs a record, and a list naming one leased id a thousand times cost a
+/// thousand of each.
+fn received_ids(message_id_list: &Value) -> Vec<i64> {
+    let mut ids: Vec<i64> = message_id_list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().and_then(|s| s.parse().ok()).or_else(|| v.as_i64()))
+        .take(10 * MAX_BATCH)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// messages-received: deletes the messages of `message_id_list` (queue ids as strings or
 /// numbers, at most 10 x [`MAX_BATCH`]) leased on `conn`. Returns the [`Outcome`] fields it
 /// fills: how many were acknowledged, and each one's delivery -> acknowledgement lag.
@@ -278,13 +295,7 @@ pub(crate) async fn ack_received(
     conn: &Connection,
     message_id_list: &Value,
 ) -> Result<Outcome, HandleError> {
-    let ids: Vec<i64> = message_id_list
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str().and_then(|s| s.parse().ok()).or_else(|| v.as_i64()))
-        .take(10 * MAX_BATCH)
-        .collect();
+    let ids = received_ids(message_id_list);
     let leases = if ids.is_empty() {
         Vec::new()
     } else {
@@ -311,6 +322,16 @@ mod tests {
     use crate::store::NewMessage;
 
     use crate::protocols::mediator_for_test as mediator;
+
+    /// An id named again and again is acknowledged once; strings and numbers name the same id;
+    /// what is neither is ignored.
+    #[test]
+    fn received_ids_name_each_message_once() {
+        let many: Vec<Value> = (0..1000).map(|_| json!("7")).collect();
+        assert_eq!(received_ids(&json!(many)), vec![7]);
+        assert_eq!(received_ids(&json!(["3", 1, 3, "x", null, 2, "1"])), vec![1, 2, 3]);
+        assert_eq!(received_ids(&json!("7")), Vec::<i64>::new());
+    }
 
     async fn queue(m: &Mediator, conn: &Connection, n: usize) {
         let msgs = (0..n)

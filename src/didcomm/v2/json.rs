@@ -325,6 +325,16 @@ pub enum TreeError {
 /// `skip`, whose value is checked to be JSON and never built (a forward's attachments: read as
 /// sent where they are used).
 pub fn object_without(bytes: &[u8], skip: &str, max_values: usize) -> Result<Map<String, Value>, TreeError> {
+    object_of(bytes, Some(skip), max_values)
+}
+
+/// A JSON object read into a map, with at most `max_values` values in all (a DIDComm v1
+/// plaintext: nothing in it is skipped).
+pub fn object_within(bytes: &[u8], max_values: usize) -> Result<Map<String, Value>, TreeError> {
+    object_of(bytes, None, max_values)
+}
+
+fn object_of(bytes: &[u8], skip: Option<&str>, max_values: usize) -> Result<Map<String, Value>, TreeError> {
     if !looks_like_object(bytes) {
         return Err(match serde_json::from_slice::<IgnoredAny>(bytes) {
             Ok(_) => TreeError::NotObject,
@@ -389,7 +399,7 @@ impl Budget {
 
 /// The members of the top-level object, but `skip`.
 struct Members<'b> {
-    skip: &'b str,
+    skip: Option<&'b str>,
     budget: &'b Budget,
 }
 
@@ -402,7 +412,7 @@ impl<'de> Visitor<'de> for Members<'_> {
         self.budget.take()?;
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            if key == self.skip {
+            if self.skip == Some(key.as_str()) {
                 map.next_value::<IgnoredAny>()?;
             } else {
                 let v = map.next_value_seed(Bounded(self.budget))?;
