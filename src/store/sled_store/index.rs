@@ -56,6 +56,23 @@ pub(super) struct Meta {
     pub(super) expires_at_ms: i64,
     /// The message record holds a dedup key (see `keep_dedup`).
     pub(super) dedup: bool,
+    /// [`key_tag`] of the message's recipient key: a pickup filtered by recipient key reads
+    /// from disk only the heads whose tag matches (one in 65,536 of the others), where it read
+    /// every pending message's head for each status or delivery request. In the padding
+    /// `Meta` had: it stays 48 bytes.
+    pub(super) key_tag: u16,
+}
+
+// One per queued message: its size is the index's memory per message.
+const _: () = assert!(std::mem::size_of::<Meta>() == 48);
+
+/// A 16-bit tag of a recipient key ([`Meta::key_tag`]), keyed once per process (the index is
+/// built again from disk at every open, so no tag outlives the process): a sender cannot pick
+/// keys whose tags collide with another's.
+pub(super) fn key_tag(key: &str) -> u16 {
+    use std::hash::BuildHasher;
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> = std::sync::OnceLock::new();
+    KEYS.get_or_init(Default::default).hash_one(key) as u16
 }
 
 impl Meta {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use super::index::{Meta, Queues};
+use super::index::{key_tag, Meta, Queues};
 use super::queue_log::{Key, QueueLog};
 use super::records::{
     decode_conn, decode_dedup_key, decode_dedup_record, decode_id, decode_mediation, decode_msg, decode_push_window,
@@ -413,6 +413,7 @@ impl Inner {
                                 attempts: attempts.remove(&id).unwrap_or(0),
                                 expires_at_ms: m.expires_at_ms.unwrap_or(NEVER),
                                 dedup: m.dedup_key.is_some(),
+                                key_tag: key_tag(&m.recipient_key),
                             },
                         );
                     }),

@@ -91,9 +91,9 @@ use supervisor::{supervisor_loop, Slot};
 use writer::{writer_loop, EnqueueReq};
 
 /// The pending messages of `conn` queued for `key` that a lease within `budget` takes, oldest
-/// first: their keys are read from disk (the heads of their records, [`Inner::msg_head`]), as
-/// many as it takes to fill the budget and no more, outside the index's lock. Sizes come from
-/// the index.
+/// first: the keys of those whose tag matches ([`index::key_tag`]) are read from disk (the
+/// heads of their records, [`Inner::msg_head`]), as many as it takes to fill the budget and no
+/// more, outside the index's lock. Sizes come from the index.
 fn matching_key(
     inner: &Inner,
     conn: &str,
@@ -101,6 +101,7 @@ fn matching_key(
     now_ms: i64,
     mut budget: LeaseBudget,
 ) -> StoreResult<Vec<MessageId>> {
+    let tag = index::key_tag(key);
     let pending: Vec<(MessageId, u64)> = {
         let q = inner.queues.lock();
         let Some(cq) = q.by_conn.get(conn) else {
@@ -108,7 +109,7 @@ fn matching_key(
         };
         cq.msgs
             .iter()
-            .filter(|(_, m)| m.pending(now_ms))
+            .filter(|(_, m)| m.pending(now_ms) && m.key_tag == tag)
             .map(|(id, m)| (*id, m.size))
             .collect()
     };
@@ -384,8 +385,9 @@ impl SledStore {
     }
 
     /// `lease_upto` and `lease_for_key_upto`. Recipient keys live on disk only (the index
-    /// holds sizes and leases): with a key, the pending ids are picked first, their keys read
-    /// outside the lock ([`matching_key`]), then those still pending leased; without one, the
+    /// holds sizes, leases and a 16-bit tag of the key): with a key, the pending ids whose tag
+    /// matches are picked first, their keys read outside the lock ([`matching_key`]), then
+    /// those still pending leased; without one, the
     /// first pending ids are leased in one pass under the lock. Either way the byte budget is
     /// decided on the sizes the index holds: only the payloads leased are read.
     #[allow(clippy::too_many_arguments)]
@@ -1025,6 +1027,46 @@ mod tests {
         let got = s.lease_for_key("c", "rk-c", 3, "o", t0, t0 + 1_000).await.unwrap();
         assert_eq!(payloads(&got), [b"A", b"C"]);
         assert_eq!(s.queue_log().await.unwrap().unwrap().damaged_records, 1);
+    }
+
+    /// A pickup filtered by recipient key reads from disk only the heads of messages whose key
+    /// tag matches: the other key's messages, whose reads would all fail here, are never read
+    /// (none set aside as damaged), and the filter's answers are those of the key's messages.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pickup_filtered_by_key_reads_no_head_of_another_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_700_000_000_000;
+        let s = SledStore::open(dir.path()).await.unwrap();
+        let for_key = |key: &str, payload: &str| NewMessage {
+            recipient_key: key.to_owned(),
+            ..new_msg("c", payload, t0, None)
+        };
+        // Tags are keyed per process: the other key is one whose tag differs (1 in 65,536 don't).
+        let other = (0..)
+            .map(|i| format!("k-other-{i}"))
+            .find(|k| index::key_tag(k) != index::key_tag("k-mine"))
+            .unwrap();
+        let msgs = vec![
+            for_key(&other, "o1"),
+            for_key("k-mine", "A"),
+            for_key(&other, "o2"),
+            for_key("k-mine", "B"),
+            for_key(&other, "o3"),
+        ];
+        for r in s.enqueue(msgs, &dedup_window(60_000)).await.unwrap() {
+            r.unwrap();
+        }
+        s.slot.log.set_unreadable_grace(std::time::Duration::ZERO);
+        for (i, id) in queued_ids(&s, "c").into_iter().enumerate() {
+            if i % 2 == 0 {
+                s.slot.log.fail_reads_at((records::KIND_MSG, id), true);
+            }
+        }
+        let stats = s.pending_stats("c", Some("k-mine"), t0).await.unwrap();
+        assert_eq!(stats.count, 2, "{stats:?}");
+        let got = s.lease_for_key("c", "k-mine", 10, "o", t0, t0 + 1_000).await.unwrap();
+        assert_eq!(payloads(&got), [b"A", b"B"]);
+        assert_eq!(s.queue_log().await.unwrap().unwrap().damaged_records, 0);
     }
 
     /// A message leaving the queue (acknowledged, expired) whose head does not read (EIO)

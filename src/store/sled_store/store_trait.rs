@@ -435,9 +435,16 @@ impl Store for SledStore {
             let Some(key) = recipient_key else {
                 return Ok(pending.fold(PendingStats::default(), |s, (_, received)| s.and(received)));
             };
-            (pending.collect(), key.to_owned())
+            let tag = super::index::key_tag(key);
+            let tagged = cq
+                .msgs
+                .iter()
+                .filter(|(_, m)| m.pending(now_ms) && m.key_tag == tag)
+                .map(|(id, m)| (*id, m.received_at_ms));
+            (tagged.collect(), key.to_owned())
         };
-        // A filter: each pending message's recipient key is on disk, in its record's head.
+        // A filter: the recipient key of each pending message whose tag matches is on disk, in
+        // its record's head (the tag tells the others apart in memory).
         let conn = conn.to_owned();
         self.blocking(move |inner| {
             let mut s = PendingStats::default();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use super::cap::QueueCap;
-use super::index::{Meta, Owner};
+use super::index::{key_tag, Meta, Owner};
 use super::inner::Inner;
 use super::records::{MsgBody, KIND_DEDUP, KIND_MSG};
 use super::supervisor::Slot;
@@ -225,6 +225,7 @@ impl Inner {
                     attempts: u32::from(m.lease.is_some()),
                     expires_at_ms: m.expires_at_ms.unwrap_or(NEVER),
                     dedup: m.dedup_key.is_some(),
+                    key_tag: key_tag(&m.recipient_key),
                 };
                 q.insert(&m.connection, *id, meta);
                 if let Some(o) = owner {
