@@ -413,7 +413,7 @@ impl Inner {
                                 attempts: attempts.remove(&id).unwrap_or(0),
                                 expires_at_ms: m.expires_at_ms.unwrap_or(NEVER),
                                 dedup: m.dedup_key.is_some(),
-                                key_tag: key_tag(&m.recipient_key),
+                                key_tag: key_tag(m.recipient_key),
                             },
                         );
                     }),
