@@ -1863,3 +1863,41 @@ async fn an_update_over_the_key_limit_says_why_over_http() {
     }
     assert!(recipient_dids(&a).await.is_empty());
 }
+
+/// keylist-query and recipient-query answer a page of `body.paginate` (`limit`, `offset`), the
+/// answer's `body.pagination` saying `count`, `offset` and `remaining`: a wallet pages through
+/// its keylist over HTTP, every DID once.
+#[actix_rt::test]
+async fn a_keylist_is_answered_a_page_at_a_time() {
+    use mailroom::didcomm::keys::KeyPair;
+    let (n, _d) = node();
+    let mut a = V2Agent::new(v2_mediator(&n).await).unwrap();
+    let own = a.onboard().await.unwrap();
+    let more: Vec<String> = (0..4).map(|_| KeyPair::generate().did_key()).collect();
+    let up = a.update("3.0", &more, &[]).await.unwrap();
+    assert!(up.iter().all(|u| u["result"] == "success"), "{up:?}");
+    let mut want: Vec<String> = more.iter().cloned().chain([own]).collect();
+    want.sort();
+    for (version, name, answer, list) in [
+        ("2.0", "keylist-query", "keylist", "keys"),
+        ("3.0", "recipient-query", "recipient", "dids"),
+    ] {
+        let (mut got, mut offset) = (Vec::new(), 0);
+        for remaining in [3, 1, 0] {
+            let body = json!({ "paginate": { "limit": 2, "offset": offset } });
+            let typ = format!("https://didcomm.org/coordinate-mediation/{version}/{name}");
+            let r = a.request(&a.message(&typ, body), answer).await.unwrap();
+            let page = r["body"][list].as_array().unwrap();
+            let count = page.len();
+            assert_eq!(
+                r["body"]["pagination"],
+                json!({ "count": count, "offset": offset, "remaining": remaining }),
+                "{version}: {r}"
+            );
+            got.extend(page.iter().map(|d| d["recipient_did"].as_str().unwrap().to_string()));
+            offset += count;
+        }
+        got.sort();
+        assert_eq!(got, want, "{version}");
+    }
+}

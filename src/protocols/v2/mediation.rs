@@ -5,7 +5,7 @@
 //! routed under ([`Recipient`]: a DID URL as its DID, a did:peer:4 as its short form).
 //! recipient-update answers each DID as the wallet named it; recipient-query and
 //! keylist-query list the stored forms (the short form of a did:peer:4 is in its own
-//! document's `alsoKnownAs`: the wallet knows it).
+//! document's `alsoKnownAs`: the wallet knows it), a page at a time (`paginate`).
 
 use super::recipient::Recipient;
 use super::{Inbound, PROTOCOL};
@@ -382,15 +382,72 @@ fn over_limit(m: &Mediator, ctx: &Inbound, updates: &[Value], would_hold: usize)
     }
 }
 
+/// Keys a keylist-query / recipient-query answer lists when its `paginate` names no limit.
+/// The answer's `pagination.remaining` tells a wallet that reads only the first page that
+/// there are more.
+pub const DEFAULT_PAGE: usize = 100;
+/// Most keys one answer lists, whatever `paginate.limit` asks: the default
+/// `limits.max_keys_per_connection`, so a wallet of ordinary DIDs (a did:key is ~56 bytes)
+/// may read its whole keylist in one query, as it could before answers were paged.
+pub const MAX_PAGE: usize = 1000;
+/// Most bytes one answer's list holds (its entries as JSON). Keys are recipient DIDs of up to
+/// `did::MAX_DID_LEN` (8 KiB) each: 1,000 of them made one ~300-byte query an ~8 MB reply
+/// (~11 MB encrypted), repeatable at will. 512 KiB is some 60 of the longest DIDs (thousands
+/// of did:keys, so [`MAX_PAGE`] is what binds for usual keylists) and stays under ~1 MB once
+/// encrypted (base64url adds a third).
+pub const MAX_PAGE_BYTES: usize = 512 * 1024;
+
+/// The `body.paginate` of a keylist-query or recipient-query: `(offset, limit)`, the limit
+/// at most [`MAX_PAGE`]. A value that is not a non-negative integer (negative, a string, a
+/// fraction) is ignored, the default taken, as DIDComm v1's keylist-query does: the answer's
+/// `pagination` says what the page is, so a wallet can page on from it.
+fn paginate(body: &Value) -> (usize, usize) {
+    let read = |k: &str| {
+        body["paginate"][k]
+            .as_u64()
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+    };
+    let offset = read("offset").unwrap_or(0);
+    let limit = read("limit").unwrap_or(DEFAULT_PAGE).min(MAX_PAGE);
+    (offset, limit)
+}
+
+/// The page of `keys` (sorted, as the store lists them) from `offset`: at most `limit`
+/// entries and [`MAX_PAGE_BYTES`] of them, but at least one while any remain and `limit` is
+/// not 0 (one DID is far under the bound: paging always moves on). With it the `pagination`
+/// object of coordinate-mediation 2.0 and 3.0: `count` listed here, the `offset` asked, and
+/// the keys `remaining` after this page (the next page's offset is `offset + count`). An
+/// offset past the end is an empty page with none remaining, as in v1.
+fn page(keys: &[String], offset: usize, limit: usize) -> (Vec<Value>, Value) {
+    let mut list = Vec::new();
+    // The list's brackets.
+    let mut bytes = 2;
+    for k in keys.iter().skip(offset).take(limit) {
+        let entry = json!({ "recipient_did": k });
+        // Its JSON and the comma after it.
+        let size = entry.to_string().len() + 1;
+        if !list.is_empty() && bytes + size > MAX_PAGE_BYTES {
+            break;
+        }
+        bytes += size;
+        list.push(entry);
+    }
+    let remaining = keys.len().saturating_sub(offset.saturating_add(list.len()));
+    let pagination = json!({ "count": list.len(), "offset": offset, "remaining": remaining });
+    (list, pagination)
+}
+
+/// keylist-query (2.0) and recipient-query (3.0): one page of the connection's keys (see
+/// [`page`]), never the whole keylist at once.
 async fn query(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError> {
     let conn = granted(ctx)?;
     let keys = m.store.keys_of(&conn.id).await?;
+    let (offset, limit) = paginate(&ctx.msg["body"]);
+    let (list, pagination) = page(&keys, offset, limit);
     let reply = if ctx.major() == 2 {
-        let list: Vec<Value> = keys.iter().map(|k| json!({ "recipient_did": k })).collect();
-        ctx.reply(m, "keylist", json!({ "keys": list }))
+        ctx.reply(m, "keylist", json!({ "keys": list, "pagination": pagination }))
     } else {
-        let list: Vec<Value> = keys.iter().map(|k| json!({ "recipient_did": k })).collect();
-        ctx.reply(m, "recipient", json!({ "dids": list }))
+        ctx.reply(m, "recipient", json!({ "dids": list, "pagination": pagination }))
     };
     Ok(Outcome {
         replies: vec![reply],
@@ -444,6 +501,171 @@ mod tests {
             transport: TransportKind::Http,
             lease_owner: "n1/test".into(),
         }
+    }
+
+    /// A keylist-query (`major` 2) or recipient-query (3) of `conn`'s wallet with `body`.
+    fn query_of(conn: &Connection, major: u32, body: Value) -> Inbound {
+        let (version, name) = if major == 2 {
+            ("2.0", "keylist-query")
+        } else {
+            ("3.0", "recipient-query")
+        };
+        let type_str = format!("https://didcomm.org/coordinate-mediation/{version}/{name}");
+        let msg = json!({ "id": "q-1", "type": type_str, "body": body });
+        Inbound {
+            plaintext: serde_json::to_vec(&msg).unwrap(),
+            msg,
+            type_str,
+            family: "coordinate-mediation".into(),
+            version: version.into(),
+            name: name.into(),
+            sender: Some("did:example:wallet".into()),
+            conn: Some(conn.clone()),
+            dialect: None,
+            transport: TransportKind::Http,
+            lease_owner: "n1/test".into(),
+        }
+    }
+
+    /// A query of `conn` with `body`, answered: the DIDs listed, the `pagination` object, and
+    /// the list's size as JSON.
+    async fn queried(m: &Mediator, conn: &Connection, major: u32, body: Value) -> (Vec<String>, Value, usize) {
+        let out = query(m, &query_of(conn, major, body)).await.unwrap();
+        let reply = &out.replies[0];
+        let (name, list) = if major == 2 {
+            ("keylist", "keys")
+        } else {
+            ("recipient", "dids")
+        };
+        assert!(reply["type"].as_str().unwrap().ends_with(name), "{}", reply["type"]);
+        let list = &reply["body"][list];
+        let dids = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["recipient_did"].as_str().unwrap().to_string())
+            .collect();
+        (dids, reply["body"]["pagination"].clone(), list.to_string().len())
+    }
+
+    /// `conn` holding `n` recipient DIDs `did:example:NNNN<pad>`: them, sorted as stored.
+    async fn holding(m: &Mediator, conn: &Connection, n: usize, pad: usize) -> Vec<String> {
+        let keys: Vec<String> = (0..n)
+            .map(|i| format!("did:example:{i:04}{}", "x".repeat(pad)))
+            .collect();
+        m.store.update_keys(&conn.id, &keys, &[]).await.unwrap();
+        let stored = m.store.keys_of(&conn.id).await.unwrap();
+        assert_eq!(stored.len(), n);
+        stored
+    }
+
+    /// Pages through `conn`'s keylist `limit` at a time (None: the default page), checking
+    /// each page's `pagination`: every DID listed, in order.
+    async fn paged_through(m: &Mediator, conn: &Connection, major: u32, limit: Option<usize>) -> Vec<String> {
+        let (mut all, mut offset) = (Vec::new(), 0);
+        loop {
+            let body = match limit {
+                Some(l) => json!({ "paginate": { "limit": l, "offset": offset } }),
+                None => json!({ "paginate": { "offset": offset } }),
+            };
+            let (dids, p, _) = queried(m, conn, major, body).await;
+            assert_eq!(p["offset"], offset, "{p}");
+            assert_eq!(p["count"], dids.len(), "{p}");
+            assert!(
+                !dids.is_empty() || p["remaining"] == 0,
+                "an empty page while keys remain: {p}"
+            );
+            offset += dids.len();
+            all.extend(dids);
+            if p["remaining"] == 0 {
+                return all;
+            }
+            assert!(all.len() <= 10_000, "paging does not end");
+        }
+    }
+
+    /// A query names no `paginate`: one page of the default size, saying how many remain (a
+    /// connection of 1,000 DIDs of 8 KiB answered every one, ~8 MB for a ~300-byte query).
+    #[actix_rt::test]
+    async fn a_query_answers_one_page_and_says_what_remains() {
+        let (m, c1) = mediator_for_test().await;
+        let keys = holding(&m, &c1, 250, 0).await;
+        for major in [2, 3] {
+            let (dids, p, _) = queried(&m, &c1, major, json!({})).await;
+            assert_eq!(dids, keys[..DEFAULT_PAGE], "{major}.0");
+            assert_eq!(p, json!({ "count": 100, "offset": 0, "remaining": 150 }), "{major}.0");
+            let (dids, p, _) = queried(&m, &c1, major, json!({ "paginate": { "limit": 30, "offset": 30 } })).await;
+            assert_eq!(dids, keys[30..60], "{major}.0");
+            assert_eq!(p, json!({ "count": 30, "offset": 30, "remaining": 190 }), "{major}.0");
+        }
+    }
+
+    /// Paging through with offsets lists every DID exactly once, in the 2.0 and 3.0 forms, at
+    /// any page size (one past the keylist's size too).
+    #[actix_rt::test]
+    async fn paging_through_lists_every_key_exactly_once() {
+        let (m, c1) = mediator_for_test().await;
+        let keys = holding(&m, &c1, 250, 0).await;
+        for major in [2, 3] {
+            for limit in [None, Some(1), Some(70), Some(100), Some(251), Some(5000)] {
+                let got = paged_through(&m, &c1, major, limit).await;
+                assert_eq!(got, keys, "{major}.0, limit {limit:?}");
+            }
+        }
+    }
+
+    /// A page of the longest DIDs stays within [`MAX_PAGE_BYTES`], even the default page of
+    /// 100 (~800 KiB of them), and paging through still lists every one.
+    #[actix_rt::test]
+    async fn a_page_of_long_dids_stays_within_the_byte_bound() {
+        let (m, c1) = mediator_for_test().await;
+        let long = crate::didcomm::did::MAX_DID_LEN - "did:example:0000".len();
+        let keys = holding(&m, &c1, 100, long).await;
+        assert_eq!(keys[0].len(), crate::didcomm::did::MAX_DID_LEN);
+        for major in [2, 3] {
+            for body in [json!({}), json!({ "paginate": { "limit": MAX_PAGE, "offset": 0 } })] {
+                let (dids, p, bytes) = queried(&m, &c1, major, body).await;
+                assert!(bytes <= MAX_PAGE_BYTES, "{major}.0: a list of {bytes} bytes");
+                assert!(!dids.is_empty() && dids.len() < 100, "{major}.0: {} listed", dids.len());
+                assert_eq!(p["remaining"], 100 - dids.len(), "{p}");
+            }
+            assert_eq!(paged_through(&m, &c1, major, Some(MAX_PAGE)).await, keys, "{major}.0");
+        }
+    }
+
+    /// `paginate` values that are not non-negative integers are ignored (the default taken),
+    /// as v1's keylist-query ignores them; an offset past the end is an empty page with none
+    /// remaining; a limit of 0 lists nothing and says how many there are; a limit over
+    /// [`MAX_PAGE`] lists at most that.
+    #[actix_rt::test]
+    async fn bad_paginate_values_answer_as_in_v1() {
+        let (m, c1) = mediator_for_test().await;
+        let keys = holding(&m, &c1, 250, 0).await;
+        let first = json!({ "count": 100, "offset": 0, "remaining": 150 });
+        for major in [2, 3] {
+            for paginate in [
+                json!({ "limit": -5, "offset": -1 }),
+                json!({ "limit": "all", "offset": "0" }),
+                json!({ "limit": 1.5, "offset": null }),
+                json!("everything"),
+            ] {
+                let (dids, p, _) = queried(&m, &c1, major, json!({ "paginate": paginate })).await;
+                assert_eq!((dids.as_slice(), &p), (&keys[..100], &first), "{major}.0: {paginate}");
+            }
+            let (dids, p, _) = queried(&m, &c1, major, json!({ "paginate": { "limit": 10, "offset": 9999 } })).await;
+            assert!(dids.is_empty());
+            assert_eq!(p, json!({ "count": 0, "offset": 9999, "remaining": 0 }));
+            let past = json!({ "paginate": { "limit": 10, "offset": u64::MAX } });
+            assert_eq!(queried(&m, &c1, major, past).await.1["remaining"], 0);
+            let (dids, p, _) = queried(&m, &c1, major, json!({ "paginate": { "limit": 0, "offset": 0 } })).await;
+            assert!(dids.is_empty());
+            assert_eq!(p, json!({ "count": 0, "offset": 0, "remaining": 250 }));
+        }
+        let many: Vec<String> = (0..MAX_PAGE + 200).map(|i| format!("did:example:{i:05}")).collect();
+        let (offset, limit) = paginate(&json!({ "paginate": { "limit": 100_000, "offset": 0 } }));
+        let (list, p) = page(&many, offset, limit);
+        assert_eq!(list.len(), MAX_PAGE);
+        assert_eq!(p, json!({ "count": MAX_PAGE, "offset": 0, "remaining": 200 }));
     }
 
     /// An update refused for the key limit echoes each action as a string or null, never what
