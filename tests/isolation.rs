@@ -387,7 +387,8 @@ async fn a_handshake_from_a_key_with_a_connection_leaves_a_single_use_invitation
 ///   after the invitation was claimed, so the invitation was used up by nothing;
 /// - a DID document whose routing key is a point of small order (the Ed25519 identity, whose
 ///   X25519 form is all zeros): stored, every reply to the connection failed to seal (500 on its
-///   return route, dropped on its socket) and its key was taken for good;
+///   return route, dropped on its socket, before replies there were no longer wrapped for
+///   routing keys; still every reply sent to its endpoint) and its key was taken for good;
 /// - a `didexchange/2.0/request`, another protocol than 1.x (RFC 0003): it was handled as 1.x,
 ///   made a connection and left no replay record.
 #[actix_rt::test]

@@ -705,6 +705,66 @@ async fn at_the_node_s_bound_on_queued_messages_forwards_are_refused_until_a_pic
     assert_eq!(forward_to(&n, &a, &k, "over-again").await, 507);
 }
 
+/// A wallet whose DID document lists routing keys (it has a mediator of its own) reads what it
+/// is sent on its own transport: replies on its return route, and pickups, are packed for its
+/// key, never wrapped in forwards for its mediators, which it could not open (Credo packs a
+/// return route's replies for the sender's key with no routing keys). A reply sent to its
+/// endpoint (no return route) goes through its mediators: wrapped for the outermost routing
+/// key. Before, return-route replies were wrapped too, and each wrap grew a pickup by a third.
+#[actix_rt::test]
+async fn return_route_replies_are_for_the_wallet_and_endpoint_replies_for_its_mediators() {
+    use mailroom::didcomm::{did, envelope, keys::KeyPair};
+    let (_dir, n, ..) = node_with_wallet(Strategy::QueueAndLiveModeDelivery, |_| {}).await;
+    let (inner, outer) = (KeyPair::generate(), KeyPair::generate());
+    let routing = [inner.verkey(), outer.verkey()];
+    let posted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let p = posted.clone();
+    let (endpoint, handle) = endpoint_stub(move |body| {
+        p.lock().unwrap().push(body);
+        202
+    });
+    let request = |my_did: &str, id: &str, pthid: &str| {
+        json!({
+            "@type": "https://didcomm.org/didexchange/1.1/request",
+            "@id": id,
+            "label": "behind-a-mediator",
+            "did": my_did,
+            "~thread": { "pthid": pthid },
+        })
+    };
+
+    // On the return route: the response, then a mediation grant, each opened with the key.
+    let inv = invitation(&n).await;
+    let key = KeyPair::generate();
+    let my_did = did::create_peer4(&key.verkey(), std::slice::from_ref(&endpoint), &routing);
+    let mut a = Agent::from_parts(key, my_did.clone(), inv.recipient_key.clone(), n.public_url());
+    let mut req = request(&my_did, "on-the-return-route", &inv.id);
+    req["~transport"] = json!({ "return_route": "all" });
+    let (status, body) = mailroom::client::post(&n.public_url(), a.pack(&req).unwrap(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(envelope::recipient_kids(&body).unwrap(), [a.key.verkey()]);
+    assert_eq!(type_name(&a.unpack(&body).unwrap().0), "response");
+    a.mediate().await.expect("a grant the wallet can open");
+
+    // To the endpoint: wrapped for the outermost of its mediators.
+    let inv = invitation(&n).await;
+    let key = KeyPair::generate();
+    let my_did = did::create_peer4(&key.verkey(), &[endpoint], &routing);
+    let b = Agent::from_parts(key, my_did.clone(), inv.recipient_key.clone(), n.public_url());
+    assert_eq!(
+        b.send(&request(&my_did, "to-the-endpoint", &inv.id)).await.unwrap(),
+        202
+    );
+    let body = eventually("the response POSTed to the endpoint", || async {
+        posted.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(envelope::recipient_kids(&body).unwrap(), [outer.verkey()]);
+    handle.stop(true).await;
+}
+
 #[actix_rt::test]
 async fn bad_inputs_get_clear_errors_and_the_node_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();

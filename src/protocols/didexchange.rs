@@ -83,9 +83,9 @@ pub(crate) fn before_resolving(ctx: &Inbound) -> Result<(), HandleError> {
 }
 
 /// What a resolved DID document must offer before a connection is made with it: a key to pack
-/// replies for, and no more routing keys than a reply can be wrapped for
-/// ([`envelope::MAX_ROUTING_KEYS`]). Stored with more, every reply to the connection failed
-/// to pack (500 on its return route, dropped on its socket) for as long as it lived.
+/// replies for, and no more routing keys than a reply sent to its endpoint can be wrapped for
+/// ([`envelope::MAX_ROUTING_KEYS`]). Stored with more, every such reply failed to pack for as
+/// long as the connection lived.
 pub(crate) fn usable_doc(their_did: &str, doc: &ResolvedDoc) -> Result<(), HandleError> {
     if doc.recipient_keys.is_empty() {
         return Err(HandleError::BadMessage(format!(
@@ -102,8 +102,8 @@ pub(crate) fn usable_doc(their_did: &str, doc: &ResolvedDoc) -> Result<(), Handl
         )));
     }
     // A routing key no one can seal to (a point of small order: its X25519 form makes an
-    // all-zero shared secret, refused by `nacl::seal`) failed every reply to the connection
-    // as surely as too many keys did.
+    // all-zero shared secret, refused by `nacl::seal`) failed every reply sent to the
+    // connection's endpoint as surely as too many keys did.
     if let Some(k) = doc.routing_keys.iter().find(|k| !keys::sealable(k)) {
         return Err(HandleError::BadMessage(format!(
             "{} lists the routing key {}, which no message can be sealed to (a point of small order)",

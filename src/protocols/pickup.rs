@@ -115,12 +115,16 @@ async fn lease_requested(
 async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
     // Without a return route the delivery would be POSTed to the connection's endpoint; a
     // wallet has none, so it would go nowhere while its messages, leased, looked gone from the
-    // queue for `delivery.lease_ms`. Refused as batch-pickup refuses it: nothing leased.
-    if ctx.return_route == ReturnRoute::None && conn.http_endpoint().is_none() {
+    // queue for `delivery.lease_ms`. Refused as batch-pickup refuses it: nothing leased. So
+    // too for a connection whose DID document lists routing keys: its endpoint is its own
+    // mediator's, the delivery would be wrapped for each (a third larger at each wrap: up to
+    // ~10x `delivery_max_bytes` per request for eight) and queued there again, not picked up.
+    if ctx.return_route == ReturnRoute::None && (conn.http_endpoint().is_none() || !conn.their_routing_keys.is_empty())
+    {
         return Ok(problem::report(
             ctx,
             "delivery_not_possible",
-            "delivery-request needs ~transport.return_route from a connection without an HTTP endpoint: its delivery could not be sent anywhere",
+            "delivery-request needs ~transport.return_route from a connection without an HTTP endpoint, or one reached through mediators (routing keys): its delivery could not reach the wallet",
         ));
     }
     let msgs = lease_requested(m, ctx, conn, "limit").await?;
@@ -552,6 +556,14 @@ mod tests {
         let out = handle(&m, &ctx).await.unwrap();
         assert_eq!((out.leased.len(), leased(&m).await), (2, 2), "{:?}", out.replies);
         assert_eq!(m.store.release_owner("n1/http").await.unwrap(), 2);
+        // The same agent reached through mediators (routing keys): its endpoint is its own
+        // mediator's, where a delivery wrapped for each is queued again: refused, nothing leased.
+        let mut behind = agent.clone();
+        behind.their_routing_keys = vec![crate::didcomm::keys::KeyPair::generate().verkey()];
+        let ctx = inbound("2.0/delivery-request", ReturnRoute::None, TransportKind::Http, &behind);
+        let out = handle(&m, &ctx).await.unwrap();
+        assert!(is_problem(&out) && out.leased.is_empty(), "{:?}", out.replies);
+        assert_eq!(leased(&m).await, 0);
         // A return route: leased for it.
         let ctx = inbound("2.0/delivery-request", ReturnRoute::All, TransportKind::Http, &c);
         let out = handle(&m, &ctx).await.unwrap();

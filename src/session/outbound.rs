@@ -225,7 +225,7 @@ pub async fn send_replies(shared: &Arc<Shared>, conn: &Connection, replies: &[Va
         return;
     };
     for r in replies {
-        match shared.mediator.pack_for(conn, r) {
+        match shared.mediator.pack_for_endpoint(conn, r) {
             Ok(packed) => match post_counted(shared, endpoint, packed).await {
                 Ok(()) => {}
                 Err(e @ PostError::Refused { .. }) => {
