@@ -410,15 +410,20 @@ impl Mediator {
 /// largest v1 message a mediator takes (a keylist update of 1,000 keys, a messages-received of
 /// 1,000 ids) holds a few thousand.
 fn read_message(plaintext: &[u8]) -> Result<Value, HandleError> {
-    use crate::didcomm::v2::json::{object_within, TreeError};
-    match object_within(plaintext, v2::MAX_MESSAGE_VALUES) {
-        Ok(m) => Ok(Value::Object(m)),
-        Err(TreeError::NotJson(e)) => Err(HandleError::BadMessage(format!("plaintext is not JSON: {e}"))),
-        Err(TreeError::NotObject) => Err(HandleError::BadMessage("plaintext is not a JSON object".into())),
-        Err(TreeError::TooManyValues(n)) => Err(HandleError::BadMessage(format!(
-            "plaintext holds more than {n} JSON values"
-        ))),
-    }
+    crate::didcomm::v2::json::object_within(plaintext, v2::MAX_MESSAGE_VALUES)
+        .map(Value::Object)
+        .map_err(|e| unreadable(e, ""))
+}
+
+/// Why a plaintext was not read ([`read_message`], and v2's): `besides` names what the bound
+/// on its values did not count.
+pub(crate) fn unreadable(e: crate::didcomm::v2::json::TreeError, besides: &str) -> HandleError {
+    use crate::didcomm::v2::json::TreeError;
+    HandleError::BadMessage(match e {
+        TreeError::NotJson(e) => format!("plaintext is not JSON: {e}"),
+        TreeError::NotObject => "plaintext is not a JSON object".into(),
+        TreeError::TooManyValues(n) => format!("plaintext holds more than {n} JSON values{besides}"),
+    })
 }
 
 /// A handshake request: it creates the connection of its (authcrypting) sender.

@@ -175,15 +175,9 @@ impl Inbound {
 /// values, but its `attachments`: checked to be JSON here, read as sent where they are used
 /// (a forward's, megabytes, are queued; no other message's are read).
 fn read_message(plaintext: &[u8]) -> Result<Value, HandleError> {
-    use crate::didcomm::v2::json::{object_without, TreeError};
-    match object_without(plaintext, "attachments", MAX_MESSAGE_VALUES) {
-        Ok(m) => Ok(Value::Object(m)),
-        Err(TreeError::NotJson(e)) => Err(HandleError::BadMessage(format!("plaintext is not JSON: {e}"))),
-        Err(TreeError::NotObject) => Err(HandleError::BadMessage("plaintext is not a JSON object".into())),
-        Err(TreeError::TooManyValues(n)) => Err(HandleError::BadMessage(format!(
-            "plaintext holds more than {n} JSON values outside its attachments"
-        ))),
-    }
+    crate::didcomm::v2::json::object_without(plaintext, "attachments", MAX_MESSAGE_VALUES)
+        .map(Value::Object)
+        .map_err(|e| super::unreadable(e, " outside its attachments"))
 }
 
 fn parse_type(t: &str) -> Option<(String, String, String)> {
