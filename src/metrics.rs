@@ -193,7 +193,7 @@ impl Metrics {
         );
         registry.register(
             "store_refusing_new_messages",
-            "1 while the sled store refuses new messages (507): its disk has less free space than store.min_free_disk_mib",
+            "1 while the sled store refuses new messages (507): its disk has less free space than store.min_free_disk_mib, or it holds store.max_queued_messages",
             m.store_refusing_new_messages.clone(),
         );
         registry.register(

@@ -690,6 +690,11 @@ async fn at_the_node_s_bound_on_queued_messages_forwards_are_refused_until_a_pic
         "a copy of a queued message is a duplicate, not refused: {body}"
     );
     assert_eq!(queue_depth(&n).await, 3);
+    let refusing = || async {
+        let s = get_json(&format!("{}/status", n.admin_url())).await;
+        s["store"]["queue_log"]["refusing_new_messages"].as_bool()
+    };
+    assert_eq!(refusing().await, Some(true), "said on /status");
 
     let delivery = a
         .request(&pickup("delivery-request", json!({"limit": 1})))
@@ -701,6 +706,7 @@ async fn at_the_node_s_bound_on_queued_messages_forwards_are_refused_until_a_pic
     a.request(&pickup("messages-received", json!({"message_id_list": [opened[0].0]})))
         .await
         .unwrap();
+    assert_eq!(refusing().await, Some(false), "room for one");
     assert_eq!(forward_to(&n, &a, &k, "after-room").await, 202);
     assert_eq!(forward_to(&n, &a, &k, "over-again").await, 507);
 }

@@ -270,7 +270,7 @@ pub struct QueueLogStats {
     /// The free-disk reserve (`store.min_free_disk_mib`), bytes; 0: none.
     pub disk_reserve_bytes: u64,
     /// Whether new messages are refused ([`StoreError::Full`]): the disk's free space is
-    /// under the reserve.
+    /// under the reserve, or the node holds `store.max_queued_messages`.
     pub refusing_new_messages: bool,
 }
 

@@ -76,6 +76,11 @@ impl QueueCap {
         }
     }
 
+    /// Whether a new message would be refused beside the `queued` ones now.
+    pub(super) fn refuses(&self, queued: u64) -> bool {
+        queued >= self.max
+    }
+
     /// Whether the bound was reached and the queue has not gone back under seven eighths of it.
     pub(super) fn reached(&self) -> bool {
         self.reached.load(SeqCst)

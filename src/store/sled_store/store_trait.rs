@@ -670,17 +670,23 @@ impl Store for SledStore {
     }
 
     async fn queue_log(&self) -> StoreResult<Option<crate::store::QueueLogStats>> {
-        // Memory only (the log's segment table).
+        // Memory only (the log's segment table, the index's count).
         let log = &self.slot.log;
         let (damaged_records, damaged_segments) = log.damage();
         let space = &self.slot.space;
+        // The index's count, under its lock for a moment: at the node's bound on queued
+        // messages new ones are refused as under the disk reserve.
+        let at_bound = self
+            .slot
+            .get()
+            .is_ok_and(|inner| self.slot.cap.refuses(inner.queues.lock().total));
         Ok(Some(crate::store::QueueLogStats {
             bytes: log.bytes(),
             damaged_records,
             damaged_segments,
             disk_free_bytes: space.free(),
             disk_reserve_bytes: space.reserve(),
-            refusing_new_messages: space.refusing(),
+            refusing_new_messages: space.refusing() || at_bound,
         }))
     }
 
