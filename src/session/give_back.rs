@@ -14,6 +14,10 @@ use crate::store::{QueuedMessage, StoreResult};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+/// Most connections a socket records as lent for ([`SocketEnd::lent_for`]): a wallet's socket
+/// serves one connection, or a few sharing it.
+pub(super) const MAX_LENT: usize = 64;
+
 /// What a socket's requests, run apart from it ([`handle_detached`]), and the socket's own
 /// end (`stopped`) tell each other, whichever comes first.
 #[derive(Default)]
@@ -38,10 +42,16 @@ impl SocketEnd {
     }
 
     /// Records `conn` as one this socket's owner holds leases for: the socket's end releases
-    /// them and wakes `conn` (its wallet is told of the messages given back).
+    /// them and wakes `conn` (its wallet is told of the messages given back). At most
+    /// [`MAX_LENT`] are recorded: the release at the end is by owner and takes every lease
+    /// whatever the list holds; only connections past it are not woken at once (a session of
+    /// theirs is woken by the sweep, `delivery.sweep_interval_ms`; one without a session is not
+    /// pushed for what was given back). No wallet's socket serves that many; a socket rebound
+    /// from connection to connection (anyone may make thousands) grew the list without bound,
+    /// and the check of each rebind along with it.
     pub(super) fn lent_for(&self, conn: &str) {
         let mut lent = self.lent.lock();
-        if !lent.iter().any(|c| c == conn) {
+        if lent.len() < MAX_LENT && !lent.iter().any(|c| c == conn) {
             lent.push(conn.to_owned());
         }
     }
@@ -397,6 +407,20 @@ impl HttpLeases {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket records each connection it leased for once, and at most [`MAX_LENT`] of them.
+    #[test]
+    fn a_socket_records_at_most_max_lent_connections() {
+        let end = SocketEnd::default();
+        for i in 0..3 * MAX_LENT {
+            end.lent_for(&format!("c{}", i % (2 * MAX_LENT)));
+            end.lent_for("c0");
+        }
+        let lent = end.lent_besides("c1");
+        assert_eq!(lent.len(), MAX_LENT - 1);
+        assert_eq!(lent[0], "c0");
+        assert_eq!(end.close().len(), MAX_LENT);
+    }
 
     #[test]
     fn an_http_lease_is_outstanding_until_it_runs_out_and_the_latest_counts() {
