@@ -951,6 +951,11 @@ async fn unfinished_fragmented_messages_are_bounded_in_time_and_in_bytes() {
     }
     assert_eq!(closes, vec![(19, 1013)], "refused: (socket, close code)");
     assert_eq!(rejected(&n, "ws-fragments-budget").await, 1.0);
+    // The others are open still, each answering a ping.
+    for s in &mut held[..19] {
+        s.write_all(&client_frame(0x89, b"still")).await.unwrap();
+        assert_eq!(pong_or_close(s).await, None);
+    }
     // Every socket lets go: the budget is whole again, and a fragmented message of nearly the
     // frame limit (more than 16 x 64 KiB less what the others held) is answered.
     drop(held);

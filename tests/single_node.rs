@@ -712,8 +712,8 @@ async fn at_the_node_s_bound_on_queued_messages_forwards_are_refused_until_a_pic
 }
 
 /// A wallet whose DID document lists routing keys (it has a mediator of its own) reads what it
-/// is sent on its own transport: replies on its return route, and pickups, are packed for its
-/// key, never wrapped in forwards for its mediators, which it could not open (Credo packs a
+/// is sent on its own transport: replies on its return route (pickups among them) are packed
+/// for its key, never wrapped in forwards for its mediators, which it could not open (Credo packs a
 /// return route's replies for the sender's key with no routing keys). A reply sent to its
 /// endpoint (no return route) goes through its mediators: wrapped for the outermost routing
 /// key. Before, return-route replies were wrapped too, and each wrap grew a pickup by a third.

@@ -382,13 +382,11 @@ fn over_limit(m: &Mediator, ctx: &Inbound, updates: &[Value], would_hold: usize)
     }
 }
 
-/// Keys a keylist-query / recipient-query answer lists when its `paginate` names no limit.
-/// The answer's `pagination.remaining` tells a wallet that reads only the first page that
-/// there are more.
-pub const DEFAULT_PAGE: usize = 100;
-/// Most keys one answer lists, whatever `paginate.limit` asks: the default
-/// `limits.max_keys_per_connection`, so a wallet of ordinary DIDs (a did:key is ~56 bytes)
-/// may read its whole keylist in one query, as it could before answers were paged.
+/// Most keys one answer lists, whatever `paginate.limit` asks, and what it lists when it asks
+/// none (the spec sets no default page): the default `limits.max_keys_per_connection`, so a
+/// wallet of ordinary DIDs (a did:key is ~56 bytes) reads its whole keylist in one query
+/// without paging, as before answers were paged. What bounds an answer is
+/// [`MAX_PAGE_BYTES`]; the answer's `pagination.remaining` says when more are left.
 pub const MAX_PAGE: usize = 1000;
 /// Most bytes one answer's list holds (its entries as JSON). Keys are recipient DIDs of up to
 /// `did::MAX_DID_LEN` (8 KiB) each: 1,000 of them made one ~300-byte query an ~8 MB reply
@@ -398,9 +396,9 @@ pub const MAX_PAGE: usize = 1000;
 pub const MAX_PAGE_BYTES: usize = 512 * 1024;
 
 /// The `body.paginate` of a keylist-query or recipient-query: `(offset, limit)`, the limit
-/// at most [`MAX_PAGE`]. A value that is not a non-negative integer (negative, a string, a
-/// fraction) is ignored, the default taken, as DIDComm v1's keylist-query does: the answer's
-/// `pagination` says what the page is, so a wallet can page on from it.
+/// at most [`MAX_PAGE`], and that when none is asked. A value that is not a non-negative
+/// integer (negative, a string, a fraction) is ignored (as DIDComm v1's keylist-query ignores
+/// it): the answer's `pagination` says what the page is, so a wallet can page on from it.
 fn paginate(body: &Value) -> (usize, usize) {
     let read = |k: &str| {
         body["paginate"][k]
@@ -408,7 +406,7 @@ fn paginate(body: &Value) -> (usize, usize) {
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
     };
     let offset = read("offset").unwrap_or(0);
-    let limit = read("limit").unwrap_or(DEFAULT_PAGE).min(MAX_PAGE);
+    let limit = read("limit").unwrap_or(MAX_PAGE).min(MAX_PAGE);
     (offset, limit)
 }
 
@@ -584,19 +582,27 @@ mod tests {
         }
     }
 
-    /// A query names no `paginate`: one page of the default size, saying how many remain (a
-    /// connection of 1,000 DIDs of 8 KiB answered every one, ~8 MB for a ~300-byte query).
+    /// A query names no `paginate`: one page of at most [`MAX_PAGE`], saying how many remain
+    /// (a connection of 1,000 DIDs of 8 KiB answered every one, ~8 MB for a ~300-byte query).
     #[actix_rt::test]
     async fn a_query_answers_one_page_and_says_what_remains() {
         let (m, c1) = mediator_for_test().await;
-        let keys = holding(&m, &c1, 250, 0).await;
+        let keys = holding(&m, &c1, MAX_PAGE + 250, 0).await;
         for major in [2, 3] {
             let (dids, p, _) = queried(&m, &c1, major, json!({})).await;
-            assert_eq!(dids, keys[..DEFAULT_PAGE], "{major}.0");
-            assert_eq!(p, json!({ "count": 100, "offset": 0, "remaining": 150 }), "{major}.0");
+            assert_eq!(dids, keys[..MAX_PAGE], "{major}.0");
+            assert_eq!(
+                p,
+                json!({ "count": MAX_PAGE, "offset": 0, "remaining": 250 }),
+                "{major}.0"
+            );
             let (dids, p, _) = queried(&m, &c1, major, json!({ "paginate": { "limit": 30, "offset": 30 } })).await;
             assert_eq!(dids, keys[30..60], "{major}.0");
-            assert_eq!(p, json!({ "count": 30, "offset": 30, "remaining": 190 }), "{major}.0");
+            assert_eq!(
+                p,
+                json!({ "count": 30, "offset": 30, "remaining": MAX_PAGE + 190 }),
+                "{major}.0"
+            );
         }
     }
 
@@ -633,15 +639,15 @@ mod tests {
         }
     }
 
-    /// `paginate` values that are not non-negative integers are ignored (the default taken),
-    /// as v1's keylist-query ignores them; an offset past the end is an empty page with none
+    /// `paginate` values that are not non-negative integers are ignored (every key listed, up
+    /// to [`MAX_PAGE`]), as v1's keylist-query ignores them; an offset past the end is an empty page with none
     /// remaining; a limit of 0 lists nothing and says how many there are; a limit over
     /// [`MAX_PAGE`] lists at most that.
     #[actix_rt::test]
     async fn bad_paginate_values_answer_as_in_v1() {
         let (m, c1) = mediator_for_test().await;
         let keys = holding(&m, &c1, 250, 0).await;
-        let first = json!({ "count": 100, "offset": 0, "remaining": 150 });
+        let first = json!({ "count": 250, "offset": 0, "remaining": 0 });
         for major in [2, 3] {
             for paginate in [
                 json!({ "limit": -5, "offset": -1 }),
@@ -650,7 +656,7 @@ mod tests {
                 json!("everything"),
             ] {
                 let (dids, p, _) = queried(&m, &c1, major, json!({ "paginate": paginate })).await;
-                assert_eq!((dids.as_slice(), &p), (&keys[..100], &first), "{major}.0: {paginate}");
+                assert_eq!((dids.as_slice(), &p), (&keys[..], &first), "{major}.0: {paginate}");
             }
             let (dids, p, _) = queried(&m, &c1, major, json!({ "paginate": { "limit": 10, "offset": 9999 } })).await;
             assert!(dids.is_empty());
