@@ -466,6 +466,50 @@ pub fn cluster_secret_warning(secret: &str) -> Option<String> {
     ))
 }
 
+/// RSS a queued message holds on a sled node at most (its index entry, its record's place in
+/// the queue log, its dedup and expiry entries: ~250-350 bytes, docs/BENCHMARKS.md).
+pub const SLED_BYTES_PER_QUEUED_MESSAGE: u64 = 350;
+
+/// A warning when a sled node holding `store.max_queued_messages` would need more than three
+/// quarters of `memory` (the machine's, or its container's limit): it would be killed for its
+/// memory before the bound refused anything. `None` on PostgreSQL, whose queue is not in the
+/// node's memory, and when the memory is not known.
+pub fn queued_memory_warning(store: &StoreSection, memory: Option<u64>) -> Option<String> {
+    let memory = memory.filter(|_| store.backend == "sled")?;
+    let at_bound = store.max_queued_messages.saturating_mul(SLED_BYTES_PER_QUEUED_MESSAGE);
+    if at_bound <= memory / 4 * 3 {
+        return None;
+    }
+    let fits = memory / 4 * 3 / SLED_BYTES_PER_QUEUED_MESSAGE;
+    Some(format!(
+        "store.max_queued_messages = {} holds up to ~{} MiB of RAM at the bound (~{SLED_BYTES_PER_QUEUED_MESSAGE} bytes each), more than three quarters of this machine's {} MiB: the node would run out of memory before the bound refused anything; set it to at most ~{fits}",
+        store.max_queued_messages,
+        at_bound >> 20,
+        memory >> 20
+    ))
+}
+
+/// The memory this process may use: the machine's (`MemTotal`), or its cgroup's limit
+/// (`memory.max`, cgroup v2) when lower. `None` when neither can be read.
+pub fn memory_available() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let kib = m.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+        kib.trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .map(|k| k << 10)
+    });
+    let limit = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    match (total, limit) {
+        (Some(t), Some(l)) => Some(t.min(l)),
+        (t, l) => t.or(l),
+    }
+}
+
 fn default_cluster_name() -> String {
     "local".into()
 }
@@ -1488,13 +1532,16 @@ impl Config {
     }
 
     /// What `check-config` prints as warnings about a file that is valid: a cluster secret
-    /// guessable offline ([`cluster_secret_warning`]), where a node has a cluster address.
+    /// guessable offline ([`cluster_secret_warning`]), where a node has a cluster address; a
+    /// bound on queued messages this machine's memory cannot hold ([`queued_memory_warning`]).
     pub fn warnings(&self) -> Vec<String> {
         let clustered = self.nodes.iter().any(|n| n.cluster.is_some());
-        match self.cluster_secret() {
+        let mut out: Vec<String> = match self.cluster_secret() {
             Ok(secret) if clustered => cluster_secret_warning(&secret).into_iter().collect(),
             _ => Vec::new(),
-        }
+        };
+        out.extend(queued_memory_warning(&self.store, memory_available()));
+        out
     }
 
     /// The shared secret, from `secret` or the variable named by `secret_env`.
@@ -1766,6 +1813,28 @@ mod tests {
     /// Values the node's arithmetic would overflow on (a TTL that wraps negative expires every
     /// queued message at start; a dedup window that does turns dedup off; `now + lease` wraps)
     /// or that panic where they are used, each refused with the setting's name and range.
+    /// A sled bound the machine's memory cannot hold is warned about, saying what would fit;
+    /// one it can, a PostgreSQL store, or an unknown memory are not.
+    #[test]
+    fn a_bound_on_queued_messages_past_the_memory_is_warned_about() {
+        let mut c = Config::single_node_default();
+        let gib = 1u64 << 30;
+        assert_eq!(c.store.max_queued_messages, 10_000_000);
+        assert!(queued_memory_warning(&c.store, Some(24 * gib)).is_none());
+        let w = queued_memory_warning(&c.store, Some(2 * gib)).expect("3.3 GiB at the bound on 2 GiB");
+        assert!(
+            w.contains("store.max_queued_messages = 10000000") && w.contains("at most ~4601"),
+            "{w}"
+        );
+        assert!(queued_memory_warning(&c.store, None).is_none());
+        c.store.max_queued_messages = 4_000_000;
+        assert!(queued_memory_warning(&c.store, Some(2 * gib)).is_none());
+        c.store.max_queued_messages = 10_000_000;
+        c.store.backend = "postgres".into();
+        assert!(queued_memory_warning(&c.store, Some(2 * gib)).is_none());
+        assert!(memory_available().is_some_and(|m| m > 64 << 20), "read on Linux");
+    }
+
     #[test]
     fn out_of_range_numbers_are_refused_with_the_setting_and_its_bounds() {
         let cases = [

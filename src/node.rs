@@ -217,13 +217,18 @@ pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
             let url = cfg.store.url.as_deref().context("store.url is required for postgres")?;
             Ok(store::open_postgres_with(url, cfg.store.pool_size, cfg.store.statement_timeout()).await?)
         }
-        _ => Ok(store::open_sled_with(
-            &cfg.store.path,
-            cfg.store.sled_cache_mib << 20,
-            cfg.store.min_free_disk_mib << 20,
-            cfg.store.max_queued_messages,
-        )
-        .await?),
+        _ => {
+            if let Some(w) = crate::config::queued_memory_warning(&cfg.store, crate::config::memory_available()) {
+                tracing::warn!("{w}");
+            }
+            Ok(store::open_sled_with(
+                &cfg.store.path,
+                cfg.store.sled_cache_mib << 20,
+                cfg.store.min_free_disk_mib << 20,
+                cfg.store.max_queued_messages,
+            )
+            .await?)
+        }
     }
 }
 
