@@ -427,21 +427,17 @@ impl Store for SledStore {
             let Some(cq) = q.by_conn.get(conn) else {
                 return Ok(PendingStats::default());
             };
+            // With a key, only the messages whose tag matches it can be for it.
+            let tag = recipient_key.map(super::index::key_tag);
             let pending = cq
                 .msgs
                 .iter()
-                .filter(|(_, m)| m.pending(now_ms))
+                .filter(|(_, m)| m.pending(now_ms) && tag.map_or(true, |t| m.key_tag == t))
                 .map(|(id, m)| (*id, m.received_at_ms));
             let Some(key) = recipient_key else {
                 return Ok(pending.fold(PendingStats::default(), |s, (_, received)| s.and(received)));
             };
-            let tag = super::index::key_tag(key);
-            let tagged = cq
-                .msgs
-                .iter()
-                .filter(|(_, m)| m.pending(now_ms) && m.key_tag == tag)
-                .map(|(id, m)| (*id, m.received_at_ms));
-            (tagged.collect(), key.to_owned())
+            (pending.collect(), key.to_owned())
         };
         // A filter: the recipient key of each pending message whose tag matches is on disk, in
         // its record's head (the tag tells the others apart in memory).
