@@ -2530,39 +2530,43 @@ fn write_mixed_cluster(
 /// 60 s, FCM), with its config and data in a directory of its own: started again on the same.
 struct SledProcess {
     dir: tempfile::TempDir,
-    path: std::path::PathBuf,
-    entry: mailroom::config::NodeEntry,
+    /// The config without its `[[node]]`: each run names addresses of its own.
+    config: String,
 }
 
 impl SledProcess {
     fn new(si: &StandIn) -> SledProcess {
         let dir = tempfile::tempdir().unwrap();
+        let push = si
+            .push_toml(60, &["proj-a"], false)
+            .replace("[[fcm]]", "[[push.fcm]]")
+            .replace("[apns]", "[push.apns]");
+        let config = format!(
+            "[store]\nbackend = \"sled\"\npath = {:?}\n\n[delivery]\nlease_ms = 600000\n\n[push]\n{push}\n",
+            dir.path().join("data"),
+        );
+        SledProcess { dir, config }
+    }
+
+    /// Start `i` (its own log and config), once ready. Each run listens on addresses held for
+    /// it until it inherits them (`free_addr`): a restart on the addresses the run before had
+    /// bound them itself, and a port freed by the stop could be taken by any other socket on
+    /// the machine meanwhile (the node then never came up: "not ready after 90 s", seen in CI).
+    async fn run(&self, i: usize) -> NodeProcess {
         let entry = mailroom::config::NodeEntry {
             id: "n1".into(),
             listen: free_addr(),
             cluster: None,
             admin: free_addr(),
         };
-        let push = si
-            .push_toml(60, &["proj-a"], false)
-            .replace("[[fcm]]", "[[push.fcm]]")
-            .replace("[apns]", "[push.apns]");
         let text = format!(
-            "[store]\nbackend = \"sled\"\npath = {:?}\n\n[delivery]\nlease_ms = 600000\n\n\
-             [[node]]\nid = \"n1\"\nlisten = \"{}\"\nadmin = \"{}\"\n\n[push]\n{push}",
-            dir.path().join("data"),
-            entry.listen,
-            entry.admin,
+            "[[node]]\nid = \"n1\"\nlisten = \"{}\"\nadmin = \"{}\"\n\n{}",
+            entry.listen, entry.admin, self.config
         );
-        let path = dir.path().join("mailroom.toml");
+        let path = self.dir.path().join(format!("mailroom-{i}.toml"));
         std::fs::write(&path, &text).unwrap();
-        SledProcess { dir, path, entry }
-    }
-
-    /// Start `i` (its own log), once ready.
-    async fn run(&self, i: usize) -> NodeProcess {
         let log = self.dir.path().join(format!("n1-{i}.log"));
-        let p = NodeProcess::spawn(&self.path, &self.entry, &log);
+        let p = NodeProcess::spawn(&path, &entry, &log);
         wait_process_ready(&p).await;
         p
     }
