@@ -790,6 +790,9 @@ struct FailingRemovals {
     /// The next lookup of a connection by this peer key deletes the connection it finds
     /// once it has been read: the operator's `DELETE /connections/{id}` landing just after.
     delete_after_lookup: std::sync::Mutex<Option<String>>,
+    /// Once set, the next connection write fails (as a store going away in the middle of a
+    /// handshake, after its invitation was claimed).
+    fail_next_connection_write: AtomicBool,
 }
 
 impl FailingRemovals {
@@ -818,6 +821,12 @@ impl Store for FailingRemovals {
         self.check()?;
         self.inner.revoke_mediation(id, updated_at_ms).await
     }
+    async fn put_connection(&self, c: &Connection) -> StoreResult<()> {
+        if self.fail_next_connection_write.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected: the store went away".into()));
+        }
+        self.inner.put_connection(c).await
+    }
     async fn enqueue_routed(
         &self,
         msgs: Vec<mailroom::store::NewMessage>,
@@ -842,7 +851,7 @@ impl Store for FailingRemovals {
         Ok(found)
     }
     mailroom::store_pass_through!(inner:
-        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        backend, health, identity_get_or_create, get_connection, put_invitation,
         use_invitation, update_connection, connection_by_thread,
         list_connections, keys_of, route, route_long_forms, enqueue, lease, lease_upto, ack_leased, release,
         release_owner, release_owners_under, reclaim_expired_leases, queue_stats, total_queued, connections_with_pending,
@@ -879,11 +888,68 @@ async fn node_on_failing_removals_with(strategy: Strategy) -> NodeOnFailingRemov
         slow_forwards_ms: Default::default(),
         forwards_under_way: Default::default(),
         delete_after_lookup: Default::default(),
+        fail_next_connection_write: AtomicBool::new(false),
     });
     let n = start_on(&cfg, store.clone());
     let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
     let id = common::cluster::a_connection_id(&n).await;
     (dir, n, store, a, k, id)
+}
+
+/// The store fails the connection write of a handshake after its single-use invitation was
+/// claimed (503): the wallet's retry with the same key gets its connection, and the invitation
+/// stays refused to anyone else. Before, the claim was spent on the failed attempt and the
+/// wallet the operator minted the invitation for got 410 `invitation-used` for good.
+#[actix_rt::test]
+async fn a_handshake_the_store_failed_after_the_claim_is_retried_by_its_wallet_alone() {
+    use mailroom::didcomm::{did, envelope, keys::KeyPair, message::new_id};
+    let (_dir, n, store, _a, _k, _id) = node_on_failing_removals().await;
+    let (st, body) = post_raw(&format!("{}/invitations", n.admin_url()), "application/json", vec![]).await;
+    assert_eq!(st, 201, "{body}");
+    let minted: Value = serde_json::from_str(&body).unwrap();
+    let inv = mailroom::client::Invitation::from_url(minted["invitation_url"].as_str().unwrap()).unwrap();
+    let key = KeyPair::generate();
+    let wallet_did = did::create_peer4(&key.verkey(), &["didcomm:transport/queue".into()], &[]);
+    let request = || {
+        let req = json!({
+            "@type": "https://didcomm.org/didexchange/1.1/request",
+            "@id": new_id(),
+            "label": "retried",
+            "did": wallet_did,
+            "~thread": { "pthid": inv.id },
+            "~transport": { "return_route": "all" },
+        });
+        envelope::pack(
+            &serde_json::to_vec(&req).unwrap(),
+            std::slice::from_ref(&inv.recipient_key),
+            Some(&key),
+        )
+        .unwrap()
+    };
+    store.fail_next_connection_write.store(true, Ordering::SeqCst);
+    let (status, body) = mailroom::client::post(&inv.http, request(), WAIT).await.unwrap();
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    let connections = || async {
+        let v = get_json(&format!("{}/connections", n.admin_url())).await;
+        v["connections"].as_array().unwrap().len()
+    };
+    assert_eq!(connections().await, 1, "the failed handshake made nothing");
+    // Someone else first: the claim is the wallet's.
+    let other = mailroom::client::Agent::connect(&inv)
+        .await
+        .err()
+        .expect("the invitation is claimed")
+        .to_string();
+    assert!(other.contains("410") && other.contains("invitation-used"), "{other}");
+    let (status, body) = mailroom::client::post(&inv.http, request(), WAIT).await.unwrap();
+    assert_eq!(status, 200, "the wallet's retry: {}", String::from_utf8_lossy(&body));
+    assert_eq!(connections().await, 2);
+    let after = mailroom::client::Agent::connect(&inv)
+        .await
+        .err()
+        .expect("still single-use")
+        .to_string();
+    assert!(after.contains("410") && after.contains("invitation-used"), "{after}");
 }
 
 /// A DIDComm v2 wallet rotates its DID (`from_prior`) while the operator deletes its

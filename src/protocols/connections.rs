@@ -18,7 +18,7 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
         .map_err(|e| HandleError::BadMessage(format!("cannot resolve {}: {e}", message::clip(their_did, 80))))?;
     super::didexchange::usable_doc(their_did, &doc)?;
     let sender = super::didexchange::proven_unheld_sender(m, ctx, &doc).await?;
-    super::oob::claim(m, ctx).await?;
+    super::oob::claim(m, ctx, &sender).await?;
     let mut conn = new_connection(m, ctx, "connections/1.0", their_did, &doc, &sender);
     let ours = did::legacy_did_from_verkey(&m.keys.did_key.public_bytes());
     let our_doc = did::legacy_diddoc(

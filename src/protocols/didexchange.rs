@@ -206,7 +206,7 @@ pub async fn request(m: &Mediator, ctx: &Inbound) -> Result<Outcome, HandleError
         .map_err(|e| HandleError::BadMessage(format!("cannot resolve {}: {e}", message::clip(their_did, 80))))?;
     usable_doc(their_did, &doc)?;
     let sender = proven_unheld_sender(m, ctx, &doc).await?;
-    super::oob::claim(m, ctx).await?;
+    super::oob::claim(m, ctx, &sender).await?;
     let mut conn = new_connection(m, ctx, &format!("didexchange/{version}"), their_did, &doc, &sender);
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let mut response = ctx.reply("response");

@@ -52,13 +52,15 @@ pub fn public_invitation(m: &Mediator) -> Value {
     invitation(m, &m.invitation_id)
 }
 
-/// Claims the invitation a handshake request names (`~thread.pthid`): refused when it was
-/// single-use and is taken. Requests naming no invitation, or the public one, pass.
-pub async fn claim(m: &Mediator, ctx: &Inbound) -> Result<(), HandleError> {
+/// Claims the invitation a handshake request names (`~thread.pthid`) for the key the
+/// handshake proved (`claimant`): refused when it was single-use and someone else took it.
+/// Requests naming no invitation, or the public one, pass. The claim stays its claimant's, so
+/// a handshake whose connection was not written after it (a store failure) may be retried.
+pub async fn claim(m: &Mediator, ctx: &Inbound, claimant: &str) -> Result<(), HandleError> {
     let Some(p) = crate::didcomm::message::pthid(&ctx.msg) else {
         return Ok(());
     };
-    match m.store.use_invitation(&p).await? {
+    match m.store.use_invitation(&p, claimant).await? {
         crate::store::InvitationUse::AlreadyUsed => Err(HandleError::InvitationUsed(p)),
         _ => Ok(()),
     }

@@ -69,8 +69,9 @@ impl Store for Metered {
         )
         .await
     }
-    async fn use_invitation(&self, id: &str) -> StoreResult<InvitationUse> {
-        self.timed("use_invitation", self.inner.use_invitation(id)).await
+    async fn use_invitation(&self, id: &str, claimant: &str) -> StoreResult<InvitationUse> {
+        self.timed("use_invitation", self.inner.use_invitation(id, claimant))
+            .await
     }
     async fn update_connection(&self, id: &str, patch: &ConnectionPatch) -> StoreResult<Option<Connection>> {
         self.timed("update_connection", self.inner.update_connection(id, patch))

@@ -166,7 +166,7 @@ pub enum InvitationUse {
     Unknown,
     /// A recorded multi-use invitation.
     MultiUse,
-    /// A single-use invitation, claimed now by this handshake.
+    /// A single-use invitation, claimed now by this handshake (or before by the same key).
     FirstUse,
     /// A single-use invitation someone already used: refuse.
     AlreadyUsed,
@@ -571,9 +571,12 @@ pub trait Store: Send + Sync + 'static {
     async fn get_connection(&self, id: &str) -> StoreResult<Option<Connection>>;
     /// Records an invitation the admin API issued.
     async fn put_invitation(&self, id: &str, single_use: bool, created_at_ms: i64) -> StoreResult<()>;
-    /// Claims an invitation for a handshake; a single-use one is claimed once, atomically
-    /// across every node sharing the store.
-    async fn use_invitation(&self, id: &str) -> StoreResult<InvitationUse>;
+    /// Claims an invitation for a handshake by `claimant` (the key the handshake proved); a
+    /// single-use one is claimed once, atomically across every node sharing the store, and
+    /// stays its first claimant's: the same claimant claiming again gets
+    /// [`InvitationUse::FirstUse`] (the retry of a handshake whose connection was not written,
+    /// a store failure after the claim), anyone else [`InvitationUse::AlreadyUsed`].
+    async fn use_invitation(&self, id: &str, claimant: &str) -> StoreResult<InvitationUse>;
     /// Applies `patch` to the stored connection atomically; `None` when there is none
     /// (nothing written: a patch never creates a connection). Its peer keys changed by the
     /// patch move in the peer-key index as [`Store::put_connection`] moves them, and the same

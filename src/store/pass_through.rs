@@ -66,7 +66,7 @@ macro_rules! store_pass_through {
             (id: &'a str, single_use: bool, created_at_ms: i64) ['a] -> ());
     };
     (@method $i:ident use_invitation) => {
-        $crate::store_pass_through!(@fn $i use_invitation (id: &'a str) ['a]
+        $crate::store_pass_through!(@fn $i use_invitation (id: &'a str, claimant: &'b str) ['a, 'b]
             -> $crate::store::InvitationUse);
     };
     (@method $i:ident update_connection) => {

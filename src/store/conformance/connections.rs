@@ -199,7 +199,9 @@ pub async fn connection_patches_do_not_overwrite_each_other(b: Arc<dyn Backend>)
     assert_eq!(s.connection_by_their_verkey(&vk).await.unwrap().unwrap().id, id);
 }
 
-/// A single-use invitation is claimed once, even by racing handshakes on several nodes.
+/// A single-use invitation is claimed once, even by racing handshakes on several nodes, and
+/// stays its claimant's: the claimant's retry (its connection not written after the claim)
+/// claims it again, on any node; nobody else ever does.
 pub async fn single_use_invitations_are_claimed_once(b: Arc<dyn Backend>) {
     let s1 = b.open().await;
     let s2 = b.open().await;
@@ -208,23 +210,51 @@ pub async fn single_use_invitations_are_claimed_once(b: Arc<dyn Backend>) {
     let mut tasks = Vec::new();
     for i in 0..10 {
         let s = if i % 2 == 0 { s1.clone() } else { s2.clone() };
-        tasks.push(tokio::spawn(
-            async move { s.use_invitation("inv-single").await.unwrap() },
-        ));
+        tasks.push(tokio::spawn(async move {
+            let claimant = format!("key-{i}");
+            (
+                claimant.clone(),
+                s.use_invitation("inv-single", &claimant).await.unwrap(),
+            )
+        }));
     }
     let mut uses = Vec::new();
     for t in tasks {
         uses.push(t.await.unwrap());
     }
+    let first: Vec<_> = uses.iter().filter(|(_, u)| *u == InvitationUse::FirstUse).collect();
+    assert_eq!(first.len(), 1, "{uses:?}");
+    assert_eq!(uses.iter().filter(|(_, u)| *u == InvitationUse::AlreadyUsed).count(), 9);
+    let winner = first[0].0.clone();
+    for s in [&s1, &s2] {
+        assert_eq!(
+            s.use_invitation("inv-single", &winner).await.unwrap(),
+            InvitationUse::FirstUse,
+            "the claimant's retry"
+        );
+        for (other, _) in uses.iter().filter(|(k, _)| *k != winner) {
+            assert_eq!(
+                s.use_invitation("inv-single", other).await.unwrap(),
+                InvitationUse::AlreadyUsed
+            );
+        }
+        assert_eq!(
+            s.use_invitation("inv-single", "").await.unwrap(),
+            InvitationUse::AlreadyUsed
+        );
+    }
     assert_eq!(
-        uses.iter().filter(|u| **u == InvitationUse::FirstUse).count(),
-        1,
-        "{uses:?}"
+        s2.use_invitation("inv-multi", "key-0").await.unwrap(),
+        InvitationUse::MultiUse
     );
-    assert_eq!(uses.iter().filter(|u| **u == InvitationUse::AlreadyUsed).count(), 9);
-    assert_eq!(s2.use_invitation("inv-multi").await.unwrap(), InvitationUse::MultiUse);
-    assert_eq!(s2.use_invitation("inv-multi").await.unwrap(), InvitationUse::MultiUse);
-    assert_eq!(s1.use_invitation("never-issued").await.unwrap(), InvitationUse::Unknown);
+    assert_eq!(
+        s2.use_invitation("inv-multi", "key-1").await.unwrap(),
+        InvitationUse::MultiUse
+    );
+    assert_eq!(
+        s1.use_invitation("never-issued", "key-0").await.unwrap(),
+        InvitationUse::Unknown
+    );
 }
 
 pub async fn routing_keys(b: Arc<dyn Backend>) {

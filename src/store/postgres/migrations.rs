@@ -504,6 +504,15 @@ CREATE INDEX mailroom_push_windows_idle ON mailroom_push_windows (last_push_ms)
 CREATE INDEX mailroom_messages_conn_received ON mailroom_messages (conn_id, received_at_ms);
 "#,
     ),
+    (
+        19,
+        // The key that claimed a single-use invitation: its handshake's retry (the connection
+        // not written after the claim, a store failure) claims it again; anyone else is
+        // refused. NULL on a claim of an earlier version.
+        r#"
+ALTER TABLE mailroom_invitations ADD COLUMN claimed_by text;
+"#,
+    ),
 ];
 
 /// Creates the database named in `cfg` through the `postgres` maintenance database, so a node

@@ -188,16 +188,18 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn use_invitation(&self, id: &str) -> StoreResult<InvitationUse> {
+    async fn use_invitation(&self, id: &str, claimant: &str) -> StoreResult<InvitationUse> {
         if !storable(id) {
             return Ok(InvitationUse::Unknown);
         }
         let c = self.client().await?;
-        // One statement: the claim of a single-use invitation is atomic across nodes.
+        // One statement: the claim of a single-use invitation is atomic across nodes; its
+        // first claimant's retry claims it again (a claim of an earlier version names none).
         let claimed = c
             .run(c.execute(
-                "UPDATE mailroom_invitations SET used = true WHERE id = $1 AND single_use AND NOT used",
-                &[&id],
+                "UPDATE mailroom_invitations SET used = true, claimed_by = $2 \
+                 WHERE id = $1 AND single_use AND (NOT used OR claimed_by = $2)",
+                &[&id, &claimant],
             ))
             .await?;
         if claimed == 1 {

@@ -136,23 +136,27 @@ impl Store for SledStore {
         .await
     }
 
-    async fn use_invitation(&self, id: &str) -> StoreResult<InvitationUse> {
+    async fn use_invitation(&self, id: &str, claimant: &str) -> StoreResult<InvitationUse> {
         if !storable(id) {
             return Ok(InvitationUse::Unknown);
         }
-        let id = id.to_owned();
+        let (id, claimant) = (id.to_owned(), claimant.to_owned());
         self.blocking(move |inner| {
             let _g = inner.meta_lock.lock();
             let Some(v) = inner.invitations.get(id.as_bytes()).map_err(unavailable)? else {
                 return Ok(InvitationUse::Unknown);
             };
+            // [single_use, used, the first claimant's key...] (a claim of an earlier version
+            // names no claimant: nobody's retry).
             match (v.first().copied(), v.get(1).copied()) {
                 (Some(1), Some(0)) => {
-                    inner
-                        .invitations
-                        .insert(id.as_bytes(), &[1u8, 1][..])
-                        .map_err(unavailable)?;
+                    let mut claimed = vec![1u8, 1];
+                    claimed.extend_from_slice(claimant.as_bytes());
+                    inner.invitations.insert(id.as_bytes(), claimed).map_err(unavailable)?;
                     inner.flush()?;
+                    Ok(InvitationUse::FirstUse)
+                }
+                (Some(1), _) if !claimant.is_empty() && v.get(2..) == Some(claimant.as_bytes()) => {
                     Ok(InvitationUse::FirstUse)
                 }
                 (Some(1), _) => Ok(InvitationUse::AlreadyUsed),
