@@ -374,7 +374,11 @@ async fn read_loop(
             Ok(Some(f)) => f,
             Ok(None) => return Ok("peer closed the connection"),
             Err(e) => {
-                if e.is_bad_input() {
+                if let CodecError::TooLarge { max, .. } = e {
+                    // A peer sends frames up to its own limit: the link fails again at each redial.
+                    bump(&shared.counters.frames_rejected);
+                    warn!(peer = %peer, reason = %e, "cluster frame from peer over this node's cluster.max_frame_bytes ({max}), closing link: every node of a cluster must have the same cluster.max_frame_bytes");
+                } else if e.is_bad_input() {
                     bump(&shared.counters.frames_rejected);
                     warn!(peer = %peer, reason = %e, "bad frame from cluster peer, closing link");
                 }
