@@ -14,6 +14,16 @@
 //! accepted for: registering a wallet's token under another service, or pushes that fail,
 //! hold nothing back. The webhook is per connection and never folded.
 //!
+//! A push is folded only into one the provider was asked for alike ([`Device`]): not just to
+//! the same token, but built the same way. FCM gives a token registered with the platform
+//! `ios` the APNs block that wakes an iPhone app in the background; one registered as
+//! `android` (or with none) goes without it, and FCM accepts it all the same but the iPhone
+//! app is not woken. Folded together, a stranger who registered a wallet's FCM token as
+//! `android` on a connection of their own and had it pushed once a window put off every push
+//! of the wallet's own, for good. APNs tokens are hex, which Apple reads in either case: one
+//! device whatever the case it was registered in (else the same token in as many cases as
+//! connections would be pushed once a window per connection).
+//!
 //! Per node, in memory: a cluster of N nodes pushes a device at most N times a window.
 
 use crate::store::PushService;
@@ -25,7 +35,36 @@ use std::time::{Duration, Instant};
 /// push is not remembered (nothing is folded by it: a push too many, not a wallet asleep).
 const DEVICES_MAX: usize = 100_000;
 
-type Device = (PushService, String);
+/// A device as its provider is asked to push it: pushes to one [`Device`] are alike but for
+/// what the fold leaves aside (the message count, the event id: the app picks up all it holds).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct Device {
+    service: PushService,
+    /// The token as the provider reads it: an APNs token in lower case.
+    token: String,
+    /// FCM: the push carries the APNs block of an iPhone app ([`super::fcm::via_apns`]).
+    via_apns: bool,
+}
+
+impl Device {
+    /// The device a push of a registration of `token` under `service`, with `platform`, goes to.
+    pub(super) fn of(service: PushService, token: &str, platform: Option<&str>) -> Device {
+        match service {
+            PushService::Fcm => Device {
+                service,
+                // FCM tokens are case-sensitive: kept as they are.
+                token: token.to_owned(),
+                via_apns: super::fcm::via_apns(platform),
+            },
+            // Hex, read by Apple in either case; the payload has no platform.
+            PushService::Apns => Device {
+                service,
+                token: token.to_ascii_lowercase(),
+                via_apns: false,
+            },
+        }
+    }
+}
 
 #[derive(Default)]
 pub(super) struct Devices {
@@ -49,8 +88,8 @@ impl Devices {
         sending || accepted
     }
 
-    /// A provider accepted a push of `conn` to `token` under `service` at `now`.
-    pub(super) fn accepted(&mut self, service: PushService, token: &str, conn: &str, window: Duration, now: Instant) {
+    /// A provider accepted a push of `conn` to `device` at `now`.
+    pub(super) fn accepted(&mut self, device: Device, conn: &str, window: Duration, now: Instant) {
         if window.is_zero() {
             return;
         }
@@ -61,8 +100,7 @@ impl Devices {
                 return;
             }
         }
-        self.accepted
-            .insert((service, token.to_owned()), (now, conn.to_owned()));
+        self.accepted.insert(device, (now, conn.to_owned()));
     }
 }
 
@@ -85,13 +123,12 @@ impl Drop for Flight<'_> {
     }
 }
 
-/// Begins a push of `conn` to `token` under `service`; `None` when it is folded into another
-/// connection's push to the device, accepted less than `window` ago or being sent. Without
-/// a window nothing is folded.
+/// Begins a push of `conn` to `device`; `None` when it is folded into another connection's
+/// push to the device, accepted less than `window` ago or being sent. Without a window
+/// nothing is folded.
 pub(super) fn begin<'a>(
     devices: &'a RefCell<Devices>,
-    service: PushService,
-    token: &str,
+    device: Device,
     conn: &str,
     window: Duration,
     now: Instant,
@@ -104,7 +141,6 @@ pub(super) fn begin<'a>(
     if window.is_zero() {
         return Some(flight);
     }
-    let device = (service, token.to_owned());
     let mut d = devices.borrow_mut();
     if d.folds(&device, conn, window, now) {
         return None;
@@ -120,18 +156,22 @@ mod tests {
 
     const W: Duration = Duration::from_secs(60);
 
+    fn dev(service: PushService, token: &str) -> Device {
+        Device::of(service, token, None)
+    }
+
     fn folded(d: &RefCell<Devices>, service: PushService, token: &str, conn: &str, at: Instant) -> bool {
-        begin(d, service, token, conn, W, at).is_none()
+        begin(d, dev(service, token), conn, W, at).is_none()
     }
 
     #[test]
     fn a_device_pushed_for_one_connection_folds_the_others_for_a_window() {
         let d = RefCell::new(Devices::default());
         let t0 = Instant::now();
-        let f = begin(&d, PushService::Fcm, "tok", "a", W, t0).expect("the first push");
+        let f = begin(&d, dev(PushService::Fcm, "tok"), "a", W, t0).expect("the first push");
         // While it is being sent, another connection's push to the device is folded.
         assert!(folded(&d, PushService::Fcm, "tok", "b", t0));
-        d.borrow_mut().accepted(PushService::Fcm, "tok", "a", W, t0);
+        d.borrow_mut().accepted(dev(PushService::Fcm, "tok"), "a", W, t0);
         drop(f);
         let soon = t0 + Duration::from_secs(10);
         assert!(folded(&d, PushService::Fcm, "tok", "b", soon));
@@ -143,18 +183,65 @@ mod tests {
         // After the window, pushed again.
         assert!(!folded(&d, PushService::Fcm, "tok", "b", t0 + W));
         // Without a window nothing is folded nor kept.
-        assert!(begin(&d, PushService::Fcm, "tok", "b", Duration::ZERO, soon).is_some());
+        assert!(begin(&d, dev(PushService::Fcm, "tok"), "b", Duration::ZERO, soon).is_some());
         let none = RefCell::new(Devices::default());
         none.borrow_mut()
-            .accepted(PushService::Fcm, "tok", "a", Duration::ZERO, t0);
+            .accepted(dev(PushService::Fcm, "tok"), "a", Duration::ZERO, t0);
         assert!(none.borrow().accepted.is_empty());
+    }
+
+    /// A stranger registered an iPhone wallet's FCM token as `android` on a connection of
+    /// their own and had it pushed: FCM accepted that push (without the APNs block, it wakes
+    /// no iPhone app), and every push of the wallet's own was folded into it, put off again
+    /// and again while the stranger kept it pushed. Only pushes built alike fold.
+    #[test]
+    fn an_fcm_push_folds_only_into_one_built_alike() {
+        let d = RefCell::new(Devices::default());
+        let t0 = Instant::now();
+        let android = Device::of(PushService::Fcm, "tok", Some("android"));
+        let f = begin(&d, android.clone(), "a", W, t0).expect("the stranger's push");
+        let ios = Device::of(PushService::Fcm, "tok", Some("ios"));
+        // Neither while the stranger's push is being sent, nor once FCM accepted it.
+        assert!(
+            begin(&d, ios.clone(), "b", W, t0).is_some(),
+            "an iPhone's push folded while sending"
+        );
+        d.borrow_mut().accepted(android, "a", W, t0);
+        drop(f);
+        let soon = t0 + Duration::from_secs(10);
+        assert!(
+            begin(&d, ios.clone(), "b", W, soon).is_some(),
+            "an iPhone's push folded"
+        );
+        assert!(begin(&d, Device::of(PushService::Fcm, "tok", None), "c", W, soon).is_none());
+        // The platform's case makes no other push (FCM's payload reads it so).
+        d.borrow_mut().accepted(ios, "b", W, soon);
+        assert!(begin(&d, Device::of(PushService::Fcm, "tok", Some("iOS")), "c", W, soon).is_none());
+        // FCM tokens are case-sensitive: another case is another device.
+        assert!(begin(&d, Device::of(PushService::Fcm, "TOK", Some("ios")), "c", W, soon).is_some());
+    }
+
+    /// APNs device tokens are hex, which Apple reads in either case: the same token in as
+    /// many cases as connections would have been pushed once a window per connection.
+    #[test]
+    fn an_apns_token_is_one_device_in_either_case() {
+        let d = RefCell::new(Devices::default());
+        let t0 = Instant::now();
+        d.borrow_mut().accepted(dev(PushService::Apns, "ab12cd"), "a", W, t0);
+        assert!(folded(&d, PushService::Apns, "AB12CD", "b", t0));
+        assert!(folded(&d, PushService::Apns, "aB12Cd", "c", t0));
+        // The platform plays no part in an APNs push.
+        assert!(begin(&d, Device::of(PushService::Apns, "AB12cd", Some("android")), "c", W, t0).is_none());
+        let d = RefCell::new(Devices::default());
+        d.borrow_mut().accepted(dev(PushService::Apns, "AB12CD"), "a", W, t0);
+        assert!(folded(&d, PushService::Apns, "ab12cd", "b", t0));
     }
 
     #[test]
     fn a_push_that_fails_holds_nothing_back() {
         let d = RefCell::new(Devices::default());
         let t0 = Instant::now();
-        let f = begin(&d, PushService::Fcm, "tok", "a", W, t0).unwrap();
+        let f = begin(&d, dev(PushService::Fcm, "tok"), "a", W, t0).unwrap();
         drop(f); // refused, or cut off: not accepted
         assert!(!folded(&d, PushService::Fcm, "tok", "b", t0));
         assert!(d.borrow().in_flight.is_empty());
@@ -165,14 +252,14 @@ mod tests {
         let mut d = Devices::default();
         let t0 = Instant::now();
         for i in 0..DEVICES_MAX {
-            d.accepted(PushService::Fcm, &format!("t{i}"), "a", W, t0);
+            d.accepted(dev(PushService::Fcm, &format!("t{i}")), "a", W, t0);
         }
         // Full, none out of its window: not remembered (fails open).
-        d.accepted(PushService::Fcm, "new", "a", W, t0);
-        let new = (PushService::Fcm, "new".to_string());
+        d.accepted(dev(PushService::Fcm, "new"), "a", W, t0);
+        let new = dev(PushService::Fcm, "new");
         assert!(!d.folds(&new, "b", W, t0));
         // Once the window passed, the old ones make room.
-        d.accepted(PushService::Fcm, "new", "a", W, t0 + W);
+        d.accepted(new.clone(), "a", W, t0 + W);
         assert_eq!(d.accepted.len(), 1);
         assert!(d.folds(&new, "b", W, t0 + W));
     }

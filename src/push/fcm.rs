@@ -105,6 +105,13 @@ pub fn classify(status: u16, retry_after_ms: Option<u64>, body: &[u8]) -> FcmAns
     FcmAnswer::Failed(reason)
 }
 
+/// Whether a push to a token registered with `platform` carries the APNs block (FCM delivers
+/// it through APNs to an iPhone app, which only that block wakes in the background). Pushes
+/// are folded per device only where this is alike (`devices::Device`).
+pub fn via_apns(platform: Option<&str>) -> bool {
+    platform.is_some_and(|s| s.eq_ignore_ascii_case("ios"))
+}
+
 /// The message FCM is asked to send.
 pub fn message_body(p: &FcmProject, ev: &Event) -> Value {
     let mut message = json!({
@@ -123,12 +130,7 @@ pub fn message_body(p: &FcmProject, ev: &Event) -> Value {
         message["notification"] = json!({ "title": title, "body": body });
     }
     // iOS tokens registered through FCM are delivered by APNs: give it its headers.
-    if ev
-        .platform
-        .as_deref()
-        .map(|s| s.eq_ignore_ascii_case("ios"))
-        .unwrap_or(false)
-    {
+    if via_apns(ev.platform.as_deref()) {
         let visible = p.notification.is_some();
         message["apns"] = json!({
             "headers": {

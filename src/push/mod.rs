@@ -525,6 +525,40 @@ struct Ctx {
     devices: std::cell::RefCell<devices::Devices>,
 }
 
+impl Ctx {
+    /// The worker's context, its providers' clients built (fails on credentials that do not
+    /// load).
+    fn new(settings: &PushSettings, deps: &Deps) -> Result<Ctx, String> {
+        let transport = Transport::new(settings, settings.max_in_flight)?;
+        let hook_transport = match settings.webhook {
+            Some(_) => Some(Transport::new(settings, webhook_connections(settings))?),
+            None => None,
+        };
+        Ok(Ctx {
+            fcm: fcm::Fcm::new(&settings.fcm)?,
+            apns: settings.apns.as_ref().map(apns::Apns::new).transpose()?,
+            slots: Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight)),
+            transport,
+            hook_transport,
+            store: deps.store.clone(),
+            presence: deps.presence.clone(),
+            metrics: deps.metrics.clone(),
+            node_id: deps.node_id.clone(),
+            claim_ms: claim_length(settings).as_millis().min(i64::MAX as u128) as i64,
+            lookups: tokio::sync::Semaphore::new(STORE_LOOKUPS),
+            stopping: std::cell::Cell::new(false),
+            pushes_ended: std::cell::Cell::new(false),
+            held: Default::default(),
+            held_swept: std::cell::Cell::new(Instant::now()),
+            beside: Default::default(),
+            hook_wake: tokio::sync::Notify::new(),
+            owed: Default::default(),
+            devices: Default::default(),
+            settings: settings.clone(),
+        })
+    }
+}
+
 /// A webhook event owed ([`Ctx::owed`]): the event, when it is tried again, the rounds left.
 struct Owed {
     ev: Event,
@@ -730,35 +764,7 @@ fn events_running_max(s: &PushSettings) -> usize {
 }
 
 async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queued>, mut stop_rx: mpsc::Receiver<Stop>) {
-    let built = (|| -> Result<Ctx, String> {
-        let transport = Transport::new(&settings, settings.max_in_flight)?;
-        let hook_transport = match settings.webhook {
-            Some(_) => Some(Transport::new(&settings, webhook_connections(&settings))?),
-            None => None,
-        };
-        Ok(Ctx {
-            fcm: fcm::Fcm::new(&settings.fcm)?,
-            apns: settings.apns.as_ref().map(apns::Apns::new).transpose()?,
-            slots: Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight)),
-            transport,
-            hook_transport,
-            store: deps.store.clone(),
-            presence: deps.presence.clone(),
-            metrics: deps.metrics.clone(),
-            node_id: deps.node_id.clone(),
-            claim_ms: claim_length(&settings).as_millis().min(i64::MAX as u128) as i64,
-            lookups: tokio::sync::Semaphore::new(STORE_LOOKUPS),
-            stopping: std::cell::Cell::new(false),
-            pushes_ended: std::cell::Cell::new(false),
-            held: Default::default(),
-            held_swept: std::cell::Cell::new(Instant::now()),
-            beside: Default::default(),
-            hook_wake: tokio::sync::Notify::new(),
-            owed: Default::default(),
-            devices: Default::default(),
-            settings: settings.clone(),
-        })
-    })();
+    let built = Ctx::new(&settings, &deps);
     let ctx = match built {
         Ok(c) => Rc::new(c),
         Err(e) => {
@@ -1267,11 +1273,12 @@ async fn put_off(ctx: &Ctx, claim: &PushClaim) -> Option<PushClaim> {
 /// How a push ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Ended {
-    /// Sent, nothing to send (no registration, the connection deleted or revoked), or given
-    /// up for good (the provider refused it or called the token dead).
+    /// Sent, nothing to send (the connection deleted or revoked, no provider for the device),
+    /// or given up for good (the provider refused it or called the token dead).
     ForGood,
-    /// Nothing sent because nothing was to be woken: the wallet is back (a session), or a
-    /// trailing push found no mail queued. The window reopens ([`Store::push_done`]).
+    /// Nothing sent because nothing was to be woken: the wallet is back (a session), its
+    /// registration is gone, or a trailing push found no mail queued. The window reopens
+    /// ([`Store::push_done`]).
     Nothing,
     /// Not sent for a reason that may pass (the store did not answer, the budget ran out, the
     /// provider kept failing past the tries).
@@ -1303,13 +1310,15 @@ async fn push_one(ctx: &Ctx, conn: &str, push_id: Option<i64>, at: Instant, read
     };
     let device = match (ctx.store.device_of(conn).await, read_before) {
         (Ok(Some(d)), _) => d,
-        // Unregistered, or the connection deleted, since the event.
+        // Unregistered, or the connection deleted, since the event: nothing to wake, and not a
+        // push. The window reopens: a wallet that turns its notifications off and on again
+        // (a new token) within it has its next message pushed at once, not a window later.
         (Ok(None), Some(d)) => {
             ctx.metrics.count(d.service.as_str(), "unregistered");
             tracing::debug!(connection = %conn, "push skipped: unregistered since the event");
-            return Ended::ForGood;
+            return Ended::Nothing;
         }
-        (Ok(None), None) => return Ended::ForGood,
+        (Ok(None), None) => return Ended::Nothing,
         // Better a push too many than a wallet left asleep: its event is its only wake-up.
         (Err(e), Some(d)) => {
             tracing::debug!(connection = %conn, "registration not read again, pushing the one read for the event: {e}");
@@ -1368,7 +1377,8 @@ async fn push_one(ctx: &Ctx, conn: &str, push_id: Option<i64>, at: Instant, read
             if ctx.settings.webhook.is_some() {
                 ctx.webhook_beside(ev.clone(), at);
             }
-            match devices::begin(&ctx.devices, ev.service, &ev.token, conn, window, Instant::now()) {
+            let to = devices::Device::of(ev.service, &ev.token, ev.platform.as_deref());
+            match devices::begin(&ctx.devices, to, conn, window, Instant::now()) {
                 // Ends with the push (sent, failed or cut off).
                 Some(_flight) => with_retries(ctx, p, &ev, at).await,
                 None => {
@@ -1457,9 +1467,8 @@ async fn with_retries(ctx: &Ctx, provider: &'static str, ev: &Event, at: Instant
                 ctx.metrics.count(provider, "sent");
                 if provider != "webhook" {
                     let window = Duration::from_millis(u64::try_from(s.min_interval_ms).unwrap_or(0));
-                    ctx.devices
-                        .borrow_mut()
-                        .accepted(ev.service, &ev.token, &ev.conn, window, Instant::now());
+                    let to = devices::Device::of(ev.service, &ev.token, ev.platform.as_deref());
+                    ctx.devices.borrow_mut().accepted(to, &ev.conn, window, Instant::now());
                 }
                 ctx.metrics
                     .latency
@@ -1600,5 +1609,87 @@ mod tests {
         s.max_attempts = 1;
         s.fcm.truncate(1);
         assert_eq!(push_budget(&s), Duration::from_secs(40), "one try: four requests");
+    }
+
+    struct Away;
+
+    impl Presence for Away {
+        fn online<'a>(&'a self, _: &'a str) -> BoxFuture<'a, bool> {
+            Box::pin(async { false })
+        }
+    }
+
+    /// A registration gone between the event and the send (a wallet that turned its
+    /// notifications off, to turn them on again with a new token) is nothing to wake, not a
+    /// push: the window reopens. Before, the push ended for good, the window stayed closed, and
+    /// the wallet's next message, to its new token, waited for the window's trailing push.
+    #[actix_rt::test]
+    async fn a_registration_gone_before_the_send_reopens_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open_sled(dir.path()).await.unwrap();
+        let c: PushConfig =
+            toml::from_str("[webhook]\nurl = \"https://h.example/x\"\nsecret = \"hunter2hunter2hunter2\"\n").unwrap();
+        let settings = c.load().unwrap();
+        let window = settings.min_interval_ms;
+        assert!(window > 0);
+        let deps = Deps {
+            store: store.clone(),
+            presence: Arc::new(Away),
+            metrics: PushMetrics::default(),
+            node_id: "n1".into(),
+            keep_windows_ms: 0,
+        };
+        let ctx = Rc::new(Ctx::new(&settings, &deps).unwrap());
+        let device = Device {
+            service: PushService::Fcm,
+            token: "tok".into(),
+            platform: Some("ios".into()),
+            updated_at_ms: 0,
+        };
+        let conn = crate::protocols::granted_connection_for_test("w", "our-key", "their-key");
+        store.put_connection(&conn).await.unwrap();
+        store.set_device("w", Some(&device)).await.unwrap();
+        // The event finds the registration and claims the push.
+        let now = crate::protocols::now_ms();
+        let claim = NewClaim::until(now + ctx.claim_ms);
+        let slot = store.push_event("w", now, window, claim, None).await.unwrap();
+        assert!(matches!(slot, PushSlot::Now), "{slot:?}");
+        // The wallet unregisters before the send.
+        store.set_device("w", None).await.unwrap();
+        let at = Instant::now();
+        assert_eq!(
+            push_one(&ctx, "w", Some(claim.token), at, Some(device.clone())).await,
+            Ended::Nothing
+        );
+        assert_eq!(
+            push_one(&ctx, "w", Some(claim.token), at, None).await,
+            Ended::Nothing,
+            "trailing"
+        );
+        let permit = ctx.slots.clone().acquire_owned().await.unwrap();
+        let claim = PushClaim {
+            conn: "w".into(),
+            token: claim.token,
+            push_id: claim.token,
+        };
+        claimed_push(
+            ctx.clone(),
+            claim,
+            permit,
+            tokio::time::Instant::now(),
+            at,
+            Some(device.clone()),
+        )
+        .await;
+        // Registered again with a new token: its next message is pushed at once.
+        let new = Device {
+            token: "tok-2".into(),
+            ..device
+        };
+        store.set_device("w", Some(&new)).await.unwrap();
+        let now = crate::protocols::now_ms();
+        let again = NewClaim::until(now + ctx.claim_ms);
+        let slot = store.push_event("w", now, window, again, None).await.unwrap();
+        assert!(matches!(slot, PushSlot::Now), "the window stayed closed: {slot:?}");
     }
 }
