@@ -1730,6 +1730,85 @@ async fn a_stopping_node_pushes_for_the_pickups_it_gives_back() {
     assert_eq!(hits[1].body["message"]["data"]["message_count"], "1");
 }
 
+/// The node's store, except that once armed, the next `pending_among` fails (a failover).
+struct PendingAmongFailsOnce {
+    inner: std::sync::Arc<dyn mailroom::store::Store>,
+    armed: std::sync::atomic::AtomicBool,
+    failed: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl mailroom::store::Store for PendingAmongFailsOnce {
+    async fn pending_among(
+        &self,
+        conns: &[mailroom::store::ConnId],
+        now_ms: i64,
+    ) -> mailroom::store::StoreResult<Vec<mailroom::store::ConnId>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.armed.swap(false, SeqCst) {
+            self.failed.fetch_add(1, SeqCst);
+            return Err(mailroom::store::StoreError::Unavailable(
+                "injected: the database fails over".into(),
+            ));
+        }
+        self.inner.pending_among(conns, now_ms).await
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, lease_upto, ack_leased,
+        release, release_owner, release_owners_under, reclaim_expired_leases,
+        queue_stats, total_queued, connections_with_pending, prune_dedup,
+        dedup_records, queue_log, begin_run, end_run, lease_for_key, lease_for_key_upto, pending_stats, expire, expire_due, oldest_received_ms,
+        flush, device_of, set_device, forget_device_token, push_event, push_take_due, push_done,
+        first_sight, forget_sight, prune_sights,
+        delete_connection, delete_unmediated, revoke_mediation, drop_queue, top_queues,
+    );
+}
+
+/// A message the run before left leased (under this node's owners, unacknowledged) goes back
+/// to pending as the node starts again, and its wallet, with no session anywhere, is pushed
+/// for it, though the store fails the first time the node asks whose mail is pending. Before,
+/// that failure dropped the wake-up: the message was pending with no lease (no reclaim to
+/// find it), the sweep looks only at the node's sessions, and the wallet was never pushed.
+#[actix_rt::test]
+async fn a_wake_up_after_the_start_release_survives_a_store_failure() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let si = StandIn::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    cfg.push = Some(si.push_config(0, &["proj-a"], false));
+    cfg.delivery.lease_ms = 60_000;
+    let store = std::sync::Arc::new(PendingAmongFailsOnce {
+        inner: mailroom::node::open_store(&cfg).await.unwrap(),
+        armed: std::sync::atomic::AtomicBool::new(false),
+        failed: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let n = start_on(&cfg, store.clone());
+    let (a, k, conn) = registered_wallet(&n, "start-release-token").await;
+    forward(&n, &a, &k, "left-leased").await;
+    wait_hits(&si, "fcm:", 1).await;
+    n.stop().unwrap();
+    // As a session of the run before would have left it: delivered, never acknowledged (its
+    // lease runs out long after the test).
+    let now = mailroom::protocols::now_ms();
+    let owner = mailroom::protocols::lease_owner("n1", "ws/1/1");
+    let leased = store.inner.lease(&conn, 10, &owner, now, now + 30_000).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    store.armed.store(true, SeqCst);
+    let _n = start_on(&cfg, store.clone());
+    let hits = wait_hits(&si, "fcm:", 2).await;
+    assert_eq!(store.failed.load(SeqCst), 1, "the store failed the wake-up's question");
+    assert_clean(&hits);
+    assert_eq!(hits[1].body["message"]["data"]["message_count"], "1");
+    let st = store
+        .inner
+        .queue_stats(&conn, mailroom::protocols::now_ms())
+        .await
+        .unwrap();
+    assert_eq!((st.pending, st.leased), (1, 0), "given back by the start's release");
+}
+
 /// A burst of 100 forwards spread over two nodes (PostgreSQL) to an offline wallet: one push now and one
 /// trailing push for the whole cluster, not one pair per node.
 #[actix_rt::test]

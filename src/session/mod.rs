@@ -1001,7 +1001,9 @@ impl crate::push::Presence for NodePresence {
 
 /// The wallets of `conns` that have mail pending, each treated as if a message were queued now
 /// ([`Shared::queued_new`]: its session woken wherever it is, else the wallet pushed): what a
-/// failed peer, a restart or a failed notification left with nobody told.
+/// failed peer, a restart or a failed notification left with nobody told. A store that fails
+/// is asked again, every `delivery.sweep_interval_ms`, until the node begins to stop: nothing
+/// else would wake those wallets.
 pub async fn wake_pending(shared: &Arc<Shared>, conns: &[String]) {
     wake_pending_with(shared, conns, |_| None).await;
 }
@@ -1018,39 +1020,20 @@ pub async fn wake_all_pending(shared: &Arc<Shared>) -> (usize, bool) {
     let mut after: Option<String> = None;
     let mut woken = 0;
     let store = &shared.mediator.store;
-    let again = std::time::Duration::from_millis(shared.cfg.delivery.sweep_interval_ms);
-    let stopping = || shared.stopping.load(Ordering::SeqCst);
     loop {
-        if stopping() {
+        if shared.stopping.load(Ordering::SeqCst) {
             return (woken, false);
         }
-        let page = match store
-            .connections_with_pending(now_ms(), after.as_deref(), WAKE_PENDING_CHUNK)
-            .await
-        {
-            Ok(page) => page,
-            Err(e) => {
-                tracing::warn!(
-                    woken,
-                    "wallets with mail pending: store unavailable, tried again in {again:?}: {e}"
-                );
-                tokio::time::sleep(again).await;
-                continue;
-            }
+        let asked = asked_until_answered(shared, "wallets with mail pending", || {
+            store.connections_with_pending(now_ms(), after.as_deref(), WAKE_PENDING_CHUNK)
+        });
+        let Some(page) = asked.await else {
+            return (woken, false);
         };
         for c in &page {
-            let conn = loop {
-                match store.get_connection(c).await {
-                    Ok(conn) => break conn,
-                    Err(_) if stopping() => return (woken, false),
-                    Err(e) => {
-                        tracing::warn!(
-                            woken,
-                            "wallets with mail pending: store unavailable, tried again in {again:?}: {e}"
-                        );
-                        tokio::time::sleep(again).await;
-                    }
-                }
+            let asked = asked_until_answered(shared, "wallets with mail pending", || store.get_connection(c));
+            let Some(conn) = asked.await else {
+                return (woken, false);
             };
             // A revoked connection keeps its queue and its device: pickup refuses it.
             if conn.is_some_and(|conn| conn.mediation == MediationState::Denied) {
@@ -1066,21 +1049,52 @@ pub async fn wake_all_pending(shared: &Arc<Shared>) -> (usize, bool) {
     }
 }
 
-/// [`wake_pending`], each wallet pushed only if not pushed since `since(conn)`, if any.
-async fn wake_pending_with(shared: &Arc<Shared>, conns: &[String], since: impl Fn(&str) -> Option<i64>) {
-    for chunk in conns.chunks(WAKE_PENDING_CHUNK) {
-        match shared.mediator.store.pending_among(chunk, now_ms()).await {
-            Ok(pending) => {
-                for c in pending {
-                    shared
-                        .queued_new_unless_pushed_since(&c, since(&c), EndpointTry::New)
-                        .await;
+/// What `ask` gets from the store, asked again every `delivery.sweep_interval_ms` while the
+/// store fails (a failover, a pool timeout), from the wake-ups nothing else would do: None
+/// once the node begins to stop.
+async fn asked_until_answered<T, F, Fut>(shared: &Shared, what: &str, mut ask: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::store::StoreResult<T>>,
+{
+    let again = std::time::Duration::from_millis(shared.cfg.delivery.sweep_interval_ms);
+    loop {
+        match ask().await {
+            Ok(answer) => return Some(answer),
+            Err(e) => {
+                // The wait ends as the stop begins (the stop waits for the wake-ups it
+                // tracks), registered before the flag is read: a stop in between ends it too.
+                let begun = shared.stop_begun.notified();
+                tokio::pin!(begun);
+                begun.as_mut().enable();
+                if shared.stopping.load(Ordering::SeqCst) {
+                    return None;
+                }
+                tracing::warn!("{what}: store unavailable, tried again in {again:?}: {e}");
+                tokio::select! {
+                    _ = begun => return None,
+                    _ = tokio::time::sleep(again) => {}
                 }
             }
-            Err(e) => {
-                tracing::warn!(wallets = conns.len(), "wallets left untold: store unavailable: {e}");
-                return;
-            }
+        }
+    }
+}
+
+/// [`wake_pending`], each wallet pushed only if not pushed since `since(conn)`, if any.
+async fn wake_pending_with(shared: &Arc<Shared>, conns: &[String], since: impl Fn(&str) -> Option<i64>) {
+    let store = &shared.mediator.store;
+    for chunk in conns.chunks(WAKE_PENDING_CHUNK) {
+        // Asked again while the store fails: these wallets' mail is pending with no lease (a
+        // failed peer's, or the run before's, given back), and no other wake-up reaches them.
+        let asked = asked_until_answered(shared, "wallets to wake", || store.pending_among(chunk, now_ms()));
+        let Some(pending) = asked.await else {
+            tracing::warn!(wallets = conns.len(), "wallets left untold: the node stops");
+            return;
+        };
+        for c in pending {
+            shared
+                .queued_new_unless_pushed_since(&c, since(&c), EndpointTry::New)
+                .await;
         }
     }
 }
