@@ -509,3 +509,82 @@ async fn under_the_disk_reserve_forwards_are_refused_and_the_queue_still_empties
     ws.close().await;
     n.stop().expect("a clean stop");
 }
+
+/// A sled store whose replay records fail as unavailable while `down` is set: an outage that
+/// begins after the message's sender was looked up (the first store call every message
+/// makes, which an outage from the start refuses unwrapped). What a v2 refusal of a known
+/// sender is: a report-problem packed for it.
+struct DownAfterLookup {
+    inner: Arc<dyn mailroom::store::Store>,
+    down: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl mailroom::store::Store for DownAfterLookup {
+    async fn first_sight(&self, digest: &[u8; 32], now_ms: i64, until_ms: i64) -> mailroom::store::StoreResult<bool> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(mailroom::store::StoreError::Unavailable("the test took it away".into()));
+        }
+        self.inner.first_sight(digest, now_ms, until_ms).await
+    }
+    mailroom::store_pass_through!(inner:
+        backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+        use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+        list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease, lease_upto,
+        ack_leased, release, release_owner, release_owners_under, reclaim_expired_leases,
+        total_queued, connections_with_pending, pending_among, queue_stats, prune_dedup,
+        dedup_records, queue_log, begin_run, end_run, lease_for_key, lease_for_key_upto, pending_stats, expire,
+        expire_due, oldest_received_ms, flush, device_of, set_device, forget_device_token, push_event, push_take_due,
+        push_done, forget_sight, prune_sights,
+        delete_connection, delete_unmediated, revoke_mediation, drop_queue, top_queues,
+    );
+}
+
+/// As `a_socket_whose_binding_is_refused_by_an_outage_is_closed_to_try_again`, for a v2
+/// wallet: its refusal (a report-problem packed for it, `e.p.me.res.unavailable`) keeps the
+/// refusal's kind, and the socket it would have bound closes with 1013 as v1's does (not left
+/// open, bound to nothing, counting the node's fault as the wallet's bad frame).
+#[actix_rt::test]
+async fn a_v2_socket_whose_binding_is_refused_by_an_outage_is_closed_to_try_again() {
+    use mailroom::client::v2::{V2Agent, V2Mediator};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    let store = Arc::new(DownAfterLookup {
+        inner: mailroom::store::open_sled(&dir.path().join("data")).await.unwrap(),
+        down: Default::default(),
+    });
+    let n = start_on(&cfg, store.clone());
+    let v = get_json(&format!("{}/invitation?didcomm=v2", n.public_url())).await;
+    let m = V2Mediator::from_invitation_url(v["invitation_url"].as_str().unwrap()).unwrap();
+    let mut a = V2Agent::new(m).unwrap();
+    a.onboard().await.unwrap();
+
+    store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut s = a.socket().await.unwrap();
+    let mut live = a.message(
+        "https://didcomm.org/messagepickup/3.0/live-delivery-change",
+        json!({ "live_delivery": true }),
+    );
+    // As Indicio: no return_route on the socket; the socket is the route.
+    live.as_object_mut().unwrap().remove("return_route");
+    s.ws.send_envelope(a.pack(&live).unwrap(), true).await.unwrap();
+    let mut reported = false;
+    let closed = loop {
+        match s.ws.next(WAIT).await.expect("the refusal, then a close") {
+            WsEvent::Envelope(e) => {
+                let r = a.unpack(&e).unwrap();
+                assert_eq!(r["body"]["code"], "e.p.me.res.unavailable", "{r}");
+                reported = true;
+            }
+            WsEvent::Closed(r) => break r,
+        }
+    };
+    assert!(reported, "the refusal came before the close");
+    let closed = closed.expect("a close reason");
+    assert_eq!(u16::from(closed.code), 1013, "{closed:?}");
+
+    // Back: the wallet's new socket is bound and live.
+    store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    a.live().await.unwrap().ws.close().await;
+    n.stop().expect("a clean stop");
+}

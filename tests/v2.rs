@@ -134,6 +134,43 @@ async fn mediation_forward_and_pickup_over_http() {
     assert_eq!(a.status(None).await.unwrap(), 1);
 }
 
+/// A node's v2 DID names its public URLs: a node started again under another one (here a new
+/// bound address, as a new port or container IP gives a node without `public_url`; or an
+/// operator's new `cluster.public_url`) hands out a new DID of the same keys. The DID every
+/// wallet was given before (its routing DID, in every peer DID it handed out) is still the
+/// node's: a forward packed to it is queued, and the wallet's own messages naming it in `to`
+/// are answered.
+#[actix_rt::test]
+async fn the_did_given_under_an_earlier_public_url_is_still_the_mediators() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = test_config(dir.path(), Strategy::QueueAndLiveModeDelivery);
+    let store = mailroom::store::open_sled(&dir.path().join("data")).await.unwrap();
+    let n1 = start_on(&cfg, store.clone());
+    let before = v2_mediator(&n1).await;
+    let mut a = V2Agent::new(before.clone()).unwrap();
+    let r = a.onboard().await.unwrap();
+    assert_eq!(a.routing_did.as_deref(), Some(before.did.as_str()));
+    n1.stop().unwrap();
+
+    // The same store (the same keys) behind another address: another DID.
+    let n2 = start_on(&cfg, store.clone());
+    let after = v2_mediator(&n2).await;
+    assert_ne!(after.did, before.did);
+    let s = V2Sender::new().unwrap();
+    // Anoncrypted to the routing DID the wallet was given (kid `<before>#key-1`).
+    let (_, env) = s.forward_envelope(&r, &s.basic(&r, "still here")).unwrap();
+    let (status, body) = post_raw(&n2.public_url(), TYP_ENCRYPTED, env).await;
+    assert_eq!(status, 202, "{body}");
+
+    // The wallet, authcrypting to the DID it knows and naming it in `to`, at the new address.
+    a.mediator.http = n2.public_url();
+    assert_eq!(a.message("x", json!({}))["to"], json!([before.did]));
+    assert_eq!(a.status(None).await.unwrap(), 1);
+    let got = a.delivery(10, None).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1["body"]["content"], "still here");
+}
+
 /// By default an authcrypt in Veramo's form (A256GCM, no tag in the 1PU key derivation, no
 /// `apv`) proves no sender: a co-recipient of a wallet's message can forge one
 /// (`didcomm::v2::tests::a_co_recipient_forges_an_authcrypt_that_binds_no_sender`). It is
@@ -1531,6 +1568,34 @@ async fn an_attachment_queued_before_a_refusal_is_delivered_at_once() {
     assert_eq!(status, 429, "{body}");
     let (got, dups) = receive_live(&a, &mut sock, 1).await;
     assert_eq!((got, dups), (vec!["first".to_string()], 0));
+}
+
+/// A refusal for the node's state (a full queue) is no bad frame of the sender's, over v2 as
+/// over v1: a known sender's refusal (a report-problem packed for it) keeps its kind, and a
+/// sender forwarding over its socket into a full queue is answered each time, never closed
+/// for it (20 bad frames close a socket).
+#[actix_rt::test]
+async fn a_v2_sender_forwarding_into_a_full_queue_over_its_socket_is_not_closed_for_it() {
+    let (n, _d) = node_with(|c| c.limits.max_queue_messages = 1);
+    let m = v2_mediator(&n).await;
+    let mut a = V2Agent::new(m.clone()).unwrap();
+    let r = a.onboard().await.unwrap();
+    let mut s = V2Sender::new().unwrap();
+    assert_eq!(s.forward(&r, &s.basic(&r, "fills it")).await.unwrap(), 202);
+    // Authcrypted: the refusal is packed for the sender, as every refusal to a known sender is.
+    s.authcrypt_forward = true;
+    let mut ws = mailroom::client::websocket(m.ws.as_deref().unwrap()).await.unwrap();
+    for i in 0..25 {
+        let (_, env) = s.forward_envelope(&r, &s.basic(&r, &format!("refused-{i}"))).unwrap();
+        ws.send_envelope(env, false).await.unwrap();
+        match ws.next(WAIT).await.unwrap() {
+            mailroom::client::WsEvent::Envelope(e) => {
+                assert!(serde_json::from_slice::<Value>(&e).unwrap()["ciphertext"].is_string());
+            }
+            mailroom::client::WsEvent::Closed(why) => panic!("closed after {i} refusals: {why:?}"),
+        }
+    }
+    assert_eq!(a.status(None).await.unwrap(), 1);
 }
 
 /// A signature says who wrote a message, not for whom: B holds a ping A signed for B, and sends

@@ -271,7 +271,11 @@ impl WsSession {
                     }
                     _ => ctx.text(e.body().to_string()),
                 }
-                let outage = matches!(&e, crate::protocols::HandleError::Store(s) if !matches!(s, crate::store::StoreError::Full(_)));
+                // Decided on the refusal's kind by its code, which a DIDComm v2 refusal (a
+                // `Problem`: the report packed for its sender) keeps from the error it reports.
+                // Input the store cannot hold (`unstorable`) is the sender's, no outage.
+                let code = e.code();
+                let outage = code == "store-unavailable";
                 if outage && !self.registered {
                     // Nothing is bound to this socket yet (its binding message is the one
                     // refused): a wallet would wait on it for deliveries that never come.
@@ -283,11 +287,7 @@ impl WsSession {
                 // Refusals for the node's state (a full queue, the disk reserve) are not the
                 // client's bad frames: a sender forwarding over its socket through such an
                 // episode is answered each time, never closed for it.
-                let ours = matches!(
-                    &e,
-                    crate::protocols::HandleError::QueueFull { .. }
-                        | crate::protocols::HandleError::Store(crate::store::StoreError::Full(_))
-                );
+                let ours = matches!(code, "queue-full" | "store-full");
                 if !ours {
                     self.bad_frames += 1;
                 }

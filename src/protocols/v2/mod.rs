@@ -57,6 +57,11 @@ pub const PROTOCOLS: &[&str] = &[
 /// Ed25519 authentication key (`#key-2`) and one `DIDCommMessaging` service per public URI
 /// (http first, then ws). Derived from the store's identity record, so every node of a
 /// cluster has the same DID.
+///
+/// The DID names the public URLs too, so a new `public_url` (or, without one, a new bound
+/// address) makes a new DID of the same keys. `did` is the one handed out; the DIDs wallets
+/// were given before (their routing DIDs, built into every peer DID they handed out) are
+/// still this mediator's: any did:peer:2 whose keys are all ours ([`V2Identity::is_ours`]).
 #[derive(Clone)]
 pub struct V2Identity {
     pub did: String,
@@ -65,6 +70,9 @@ pub struct V2Identity {
     pub auth: Key,
     pub auth_kid: String,
     doc: did::Doc,
+    /// The did:peer:2 elements of our keys (`E` + X25519 multibase, `V` + Ed25519 multibase).
+    agreement_element: String,
+    auth_element: String,
 }
 
 impl V2Identity {
@@ -80,6 +88,8 @@ impl V2Identity {
         Ok(V2Identity {
             agreement_kid: format!("{did}#key-1"),
             auth_kid: format!("{did}#key-2"),
+            agreement_element: format!("E{}", keys::to_multibase(&agreement).map_err(|e| e.to_string())?),
+            auth_element: format!("V{}", keys::to_multibase(&auth).map_err(|e| e.to_string())?),
             did,
             agreement: Agreement::new(agreement),
             auth,
@@ -87,15 +97,67 @@ impl V2Identity {
         })
     }
 
-    /// Our private key for a kid (any of its names).
+    /// Our private key for a kid (any of its names), in our DID or in another DID of ours
+    /// ([`V2Identity::is_ours`]): a forward packed to the routing DID a wallet was given
+    /// before the public URL changed.
     pub fn key_for(&self, kid: &str) -> Option<Agreement> {
-        self.doc.key(kid, Purpose::KeyAgreement).map(|_| self.agreement.clone())
+        if self.doc.key(kid, Purpose::KeyAgreement).is_some() {
+            return Some(self.agreement.clone());
+        }
+        let doc = self.other_doc(did::did_of(kid))?;
+        let named = doc.key(kid, Purpose::KeyAgreement)?;
+        same_key(&named.key, self.agreement.key()).then(|| self.agreement.clone())
+    }
+
+    /// Whether `did` is this mediator's: its DID (`did`), or a did:peer:2 of our keys alone
+    /// whatever its services (the DID of our keys under other public URLs). Never a DID that
+    /// holds a key of someone else's beside ours: its holder could open, and send on, what is
+    /// written to it.
+    pub fn is_ours(&self, did: &str) -> bool {
+        self.doc.is(did) || self.other_doc(did).is_some()
+    }
+
+    /// The document of `did` when it is a did:peer:2 other than ours whose every key is one of
+    /// ours, our agreement key among its key agreement keys. Read from the DID alone (no
+    /// store), and resolved only once its key elements are seen to be our keys' own: a DID of
+    /// anyone else's costs a scan of its text.
+    fn other_doc(&self, did: &str) -> Option<did::Doc> {
+        let body = did.strip_prefix("did:peer:2.")?;
+        if did == self.did || did.len() > crate::didcomm::did::MAX_PEER_DID_LEN {
+            return None;
+        }
+        let mut names_agreement = false;
+        for element in body.split('.') {
+            match element.chars().next() {
+                Some('S') => {}
+                _ if element == self.agreement_element => names_agreement = true,
+                _ if element == self.auth_element => {}
+                _ => return None,
+            }
+        }
+        if !names_agreement {
+            return None;
+        }
+        let doc = did::resolve(did).ok()?;
+        let x = self.agreement.key();
+        let all_ours = doc
+            .methods
+            .iter()
+            .all(|m| same_key(&m.key, x) || same_key(&m.key, &self.auth));
+        let agrees = doc.agreement_keys().iter().any(|(_, k)| same_key(k, x));
+        (all_ours && agrees).then_some(doc)
     }
 
     /// The mediator's DID document.
     pub fn doc_json(&self) -> Value {
         did::to_json(&self.doc)
     }
+}
+
+/// Whether two public keys are one (same algorithm, same bytes).
+fn same_key(a: &Key, b: &Key) -> bool {
+    use askar_crypto::repr::ToPublicBytes;
+    a.algorithm() == b.algorithm() && matches!((a.to_public_bytes(), b.to_public_bytes()), (Ok(x), Ok(y)) if x == y)
 }
 
 /// Most JSON values of a plaintext message read into [`Inbound::msg`], its attachments left
@@ -358,9 +420,11 @@ fn refused_before_handling(
     let s = sender?;
     let to = &msg["to"];
     if !to.is_null() {
-        let ours = to
-            .as_array()
-            .is_some_and(|to| to.iter().filter_map(Value::as_str).any(|d| m.v2.doc.is(did::did_of(d))));
+        let ours = to.as_array().is_some_and(|to| {
+            to.iter()
+                .filter_map(Value::as_str)
+                .any(|d| m.v2.is_ours(did::did_of(d)))
+        });
         if !ours {
             return Some(HandleError::BadMessage("`to` does not name this mediator".into()));
         }
@@ -638,4 +702,43 @@ pub fn invitation_url(m: &super::Mediator, inv: &Value) -> String {
         m.public_url,
         crate::didcomm::b64::encode(inv.to_string().as_bytes())
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocols::MediatorKeys;
+
+    /// The DID of the same keys under other public URLs is ours, its agreement key ours to open
+    /// with; a DID holding our keys beside another's is not, nor a kid in it naming our key.
+    #[test]
+    fn a_did_of_our_keys_under_other_urls_is_ours_and_no_other() {
+        let keys = MediatorKeys::generate();
+        let now = V2Identity::derive(&keys, "https://new.example", "wss://new.example").unwrap();
+        let before = V2Identity::derive(&keys, "http://10.0.0.7:8080", "ws://10.0.0.7:8080").unwrap();
+        assert_ne!(now.did, before.did);
+        assert!(now.is_ours(&now.did) && now.is_ours(&before.did));
+        for kid in [format!("{}#key-1", before.did), before.agreement_kid.clone()] {
+            assert!(now.key_for(&kid).is_some(), "{kid}");
+        }
+        // Its authentication key is no key agreement key.
+        assert!(now.key_for(&before.auth_kid).is_none());
+
+        let other = keys::generate(KeyAlg::X25519).unwrap();
+        let services = [("https://evil.example".to_string(), vec![])];
+        let x = now.agreement.key().clone();
+        let mixed = did::create_peer2(&[x.clone(), other], std::slice::from_ref(&now.auth), &services).unwrap();
+        assert!(!now.is_ours(&mixed));
+        assert!(now.key_for(&format!("{mixed}#key-1")).is_none());
+        // Our keys alone, but not our agreement key: nothing to open with, nor ours.
+        let auth_only = did::create_peer2(&[], std::slice::from_ref(&now.auth), &services).unwrap();
+        assert!(!now.is_ours(&auth_only));
+        // Our agreement key alone, any services: ours.
+        let x_only = did::create_peer2(std::slice::from_ref(&x), &[], &services).unwrap();
+        assert!(now.is_ours(&x_only));
+        assert!(now.key_for(&format!("{x_only}#key-1")).is_some());
+        // Another mediator's DID is not ours.
+        let theirs = V2Identity::derive(&MediatorKeys::generate(), "https://new.example", "wss://new.example").unwrap();
+        assert!(!now.is_ours(&theirs.did) && now.key_for(&theirs.agreement_kid).is_none());
+    }
 }

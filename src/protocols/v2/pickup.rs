@@ -61,6 +61,17 @@ async fn queued_form(m: &Mediator, conn: &Connection, r: &Recipient) -> Result<S
 
 async fn status(m: &Mediator, ctx: &Inbound, conn: &Connection, live: Option<bool>) -> Result<Value, HandleError> {
     let filter = recipient_filter(m, ctx, conn).await?;
+    status_of(m, ctx, conn, filter, live).await
+}
+
+/// A status of `conn`'s queue, narrowed to `filter` ([`recipient_filter`]).
+async fn status_of(
+    m: &Mediator,
+    ctx: &Inbound,
+    conn: &Connection,
+    filter: Option<String>,
+    live: Option<bool>,
+) -> Result<Value, HandleError> {
     let stats = m.store.pending_stats(&conn.id, filter.as_deref(), now_ms()).await?;
     let mut body = json!({ "message_count": stats.count });
     if let Some(o) = stats.oldest_received_ms {
@@ -126,12 +137,25 @@ async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Res
     })
 }
 
+/// Deletes the messages acknowledged, answered with a status. What the status needs of the
+/// message (its `recipient_did`) is read first: a refusal deletes nothing. Once the messages
+/// are deleted the answer says so (`acked`: a socket's window frees them), whatever the
+/// status: one the store cannot give now is left out, not made a refusal of what was done.
 async fn messages_received(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
+    let filter = recipient_filter(m, ctx, conn).await?;
     let acked = ack_received(m, conn, &ctx.msg["body"]["message_id_list"]).await?;
-    Ok(Outcome {
-        replies: vec![status(m, ctx, conn, None).await?],
-        ..acked
-    })
+    let replies = match status_of(m, ctx, conn, filter, None).await {
+        Ok(s) => vec![s],
+        Err(e) => {
+            tracing::warn!(
+                connection = %conn.id,
+                acked = acked.acked,
+                "v2 messages-received acknowledged, its status not read: {e}"
+            );
+            vec![]
+        }
+    };
+    Ok(Outcome { replies, ..acked })
 }
 
 async fn live_delivery_change(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
@@ -159,6 +183,123 @@ mod tests {
     use crate::didcomm::did::{create_peer4, peer4_short_form};
     use crate::didcomm::keys::KeyPair;
     use crate::protocols::mediator_for_test;
+    use crate::store::{NewMessage, Store, StoreError, StoreResult};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// A messages-received 3.0 of `conn`'s wallet with `body`.
+    fn received_of(conn: &Connection, body: Value) -> Inbound {
+        let type_str = "https://didcomm.org/messagepickup/3.0/messages-received";
+        let msg = json!({ "id": "r-1", "type": type_str, "body": body });
+        Inbound {
+            plaintext: serde_json::to_vec(&msg).unwrap(),
+            msg,
+            type_str: type_str.into(),
+            family: "messagepickup".into(),
+            version: "3.0".into(),
+            name: "messages-received".into(),
+            sender: Some("did:example:wallet".into()),
+            conn: Some(conn.clone()),
+            dialect: None,
+            transport: TransportKind::WebSocket,
+            lease_owner: "n1/test".into(),
+        }
+    }
+
+    /// One message queued for `conn` and delivered (leased): its external id.
+    async fn delivered_one(m: &Mediator, conn: &Connection) -> String {
+        let msg = NewMessage {
+            connection: conn.id.clone(),
+            recipient_key: "did:example:r".into(),
+            payload: b"{}".to_vec(),
+            received_at_ms: now_ms(),
+            dedup_key: None,
+            expires_at_ms: None,
+            lease: None,
+        };
+        let limits = crate::store::EnqueueLimits::UNLIMITED;
+        for r in m.store.enqueue(vec![msg], &limits).await.unwrap() {
+            r.unwrap();
+        }
+        let leased = lease_batch(m, conn, None, None, "n1/test").await.unwrap();
+        assert_eq!(leased.len(), 1);
+        external_id(leased[0].id)
+    }
+
+    /// A messages-received whose `recipient_did` is refused deletes nothing: the wallet's
+    /// corrected acknowledgement still finds its messages.
+    #[actix_rt::test]
+    async fn a_refused_messages_received_deletes_nothing() {
+        let (m, conn) = mediator_for_test().await;
+        let id = delivered_one(&m, &conn).await;
+        let bad = received_of(&conn, json!({ "message_id_list": [id], "recipient_did": "x" }));
+        match handle(&m, &bad).await {
+            Err(HandleError::BadMessage(why)) => assert!(why.contains("not a DID"), "{why}"),
+            other => panic!("{:?}", other.map(|o| o.acked)),
+        }
+        let out = handle(&m, &received_of(&conn, json!({ "message_id_list": [id] })))
+            .await
+            .unwrap();
+        assert_eq!(out.acked, 1, "the message was still there to acknowledge");
+        assert_eq!(out.replies[0]["body"]["message_count"], 0);
+    }
+
+    /// A sled store whose `pending_stats` fails while `down` is set.
+    struct StatsDown {
+        inner: Arc<dyn Store>,
+        down: AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for StatsDown {
+        async fn pending_stats(
+            &self,
+            conn: &str,
+            recipient_key: Option<&str>,
+            now_ms: i64,
+        ) -> StoreResult<crate::store::PendingStats> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("the test took it away".into()));
+            }
+            self.inner.pending_stats(conn, recipient_key, now_ms).await
+        }
+        crate::store_pass_through!(inner:
+            backend, health, identity_get_or_create, put_connection, get_connection, put_invitation,
+            use_invitation, update_connection, connection_by_their_verkey, connection_by_thread,
+            list_connections, update_keys, keys_of, route, route_long_forms, enqueue, enqueue_routed, lease,
+            lease_upto, ack_leased, release, release_owner, release_owners_under, reclaim_expired_leases,
+            total_queued, connections_with_pending, pending_among, queue_stats, prune_dedup,
+            dedup_records, queue_log, begin_run, end_run, lease_for_key, lease_for_key_upto, expire,
+            expire_due, oldest_received_ms, flush, device_of, set_device, forget_device_token, push_event,
+            push_take_due, push_done, first_sight, forget_sight, prune_sights,
+            delete_connection, delete_unmediated, revoke_mediation, drop_queue, top_queues,
+        );
+    }
+
+    /// Messages acknowledged are answered as acknowledged (a socket's window frees them) when
+    /// the status after it cannot be read: the answer leaves the status out.
+    #[actix_rt::test]
+    async fn an_acknowledgement_whose_status_fails_is_still_an_acknowledgement() {
+        let (m0, conn) = mediator_for_test().await;
+        let store = Arc::new(StatsDown {
+            inner: m0.store.clone(),
+            down: AtomicBool::new(false),
+        });
+        let cfg = crate::config::Config::single_node_default();
+        let m = Mediator::new(store.clone(), m0.keys.clone(), &cfg, "n1", "http://127.0.0.1:1");
+        let id = delivered_one(&m, &conn).await;
+        store.down.store(true, Ordering::SeqCst);
+        let out = handle(&m, &received_of(&conn, json!({ "message_id_list": [id] })))
+            .await
+            .unwrap();
+        assert_eq!(out.acked, 1);
+        assert!(out.replies.is_empty(), "{:?}", out.replies);
+        store.down.store(false, Ordering::SeqCst);
+        let out = handle(&m, &received_of(&conn, json!({ "message_id_list": [id] })))
+            .await
+            .unwrap();
+        assert_eq!((out.acked, &out.replies[0]["body"]["message_count"]), (0, &json!(0)));
+    }
 
     #[actix_rt::test]
     async fn a_did_peer_4_filter_names_the_form_its_messages_are_queued_under() {
