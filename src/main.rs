@@ -374,11 +374,20 @@ fn healthcheck_admin_url(cfg: &Config, node_id: &str) -> Result<String, ConfigEr
     Ok(format!("http://{a}"))
 }
 
-/// GET {base}/ready: Ok(body) on 200, Err(reason) otherwise.
+/// GET {base}/ready: Ok(body) on 200, Err(reason) otherwise, within `timeout` as a whole:
+/// awc's own timeout ends at the answer's head, and a listener that sent a head and then no
+/// body would otherwise hold the check (and the orchestrator's probe) for good.
 async fn ready(base: &str, timeout: Duration) -> Result<String, String> {
     let url = format!("{}/ready", base.trim_end_matches('/'));
+    match tokio::time::timeout(timeout, ready_unbounded(&url, timeout)).await {
+        Ok(res) => res,
+        Err(_) => Err(format!("GET {url}: no whole answer within {timeout:?}")),
+    }
+}
+
+async fn ready_unbounded(url: &str, timeout: Duration) -> Result<String, String> {
     let client = awc::Client::builder().timeout(timeout).finish();
-    let mut res = client.get(&url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
+    let mut res = client.get(url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
     let body = res.body().limit(64 << 10).await.unwrap_or_default();
     let body = String::from_utf8_lossy(&body).trim().to_string();
     if res.status().as_u16() == 200 {

@@ -4,6 +4,9 @@
 //!
 //! Needs `/usr/bin/chromium` (`scripts/install-chromium.sh` installs it) and PostgreSQL on
 //! 127.0.0.1:5432 (`scripts/ensure-postgres.sh`).
+//!
+//! Also, without Chromium: the reads behind the page and `mailroom healthcheck` end in time
+//! when what answers them sends a head and then never its body.
 
 mod common;
 
@@ -379,4 +382,173 @@ async fn with_an_admin_token_the_page_asks_for_it_and_then_shows_the_node() {
         "a lone node says it has no cluster:\n{dom}"
     );
     assert!(dom.contains("sled"), "{dom}");
+}
+
+/// A listener on 127.0.0.1:0 that answers every request with the head of a 200 whose 100-byte
+/// body never comes (one byte of it, then the socket held open): an admin listener stuck, or
+/// something hostile at a peer's admin address. Returns its address and how many requests it
+/// took.
+async fn head_then_no_body() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let asked = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = asked.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = l.accept().await {
+            read_until(&mut s, b"\r\n\r\n", "a request's head").await;
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+                .await
+                .unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    (addr, asked)
+}
+
+/// How long a read that must end in time may take here: the peer's 2 s, with room for a
+/// loaded box, well short of forever.
+const ANSWERS_WITHIN: Duration = Duration::from_secs(15);
+
+/// A peer's admin address where a head comes and its body never does: n1's `GET /history`
+/// still answers, in time, with that peer unreachable (it hung for good before).
+#[actix_rt::test]
+async fn history_answers_when_a_peer_sends_a_head_and_no_body() {
+    let db = FreshDb::create().await;
+    let (mut cfg, mut ls) = bind_cluster(2, &db.url, 1_000);
+    // n2 does not run: its listeners are closed, and its admin address is the stuck one.
+    drop(ls.pop());
+    let (stuck, asked) = head_then_no_body().await;
+    cfg.nodes[1].admin = stuck.to_string();
+    let store = open_shared_store(&cfg).await;
+    let n1 = start_node(&cfg, "n1", ls.pop().unwrap(), &store, None);
+
+    let started = std::time::Instant::now();
+    let h = tokio::time::timeout(ANSWERS_WITHIN, get_json(&format!("{}/history", n1.admin_url())))
+        .await
+        .unwrap_or_else(|_| panic!("GET /history did not answer within {ANSWERS_WITHIN:?}"));
+    assert!(
+        asked.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "n1 asked the stuck address: {h:#}"
+    );
+    let nodes = h["nodes"].as_array().expect("nodes");
+    let n2 = nodes
+        .iter()
+        .find(|n| n["id"] == "n2")
+        .unwrap_or_else(|| panic!("n2 listed: {h:#}"));
+    assert_eq!(n2["reachable"], false, "{h:#}");
+    assert!(n2["error"].as_str().is_some_and(|e| !e.is_empty()), "{h:#}");
+    let me = nodes.iter().find(|n| n["id"] == "n1").expect("n1 listed");
+    assert_eq!(me["reachable"], true, "{h:#}");
+    eprintln!(
+        "GET /history with a stuck peer: {:?}, {}",
+        started.elapsed(),
+        n2["error"]
+    );
+}
+
+/// `mailroom healthcheck --timeout-ms` bounds the whole check: a head with no body after it
+/// is unhealthy once the time is up, not a probe that never ends.
+#[actix_rt::test]
+async fn healthcheck_gives_up_on_a_head_without_its_body() {
+    let (stuck, asked) = head_then_no_body().await;
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailroom"));
+    cmd.args([
+        "healthcheck",
+        "--admin",
+        &format!("http://{stuck}"),
+        "--timeout-ms",
+        "1000",
+    ])
+    .env_remove("MAILROOM_CONFIG")
+    .env_remove("MAILROOM_NODE")
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(ANSWERS_WITHIN, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("mailroom healthcheck did not end within {ANSWERS_WITHIN:?}"))
+        .expect("mailroom healthcheck runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a head without its body is not healthy: {stderr}"
+    );
+    assert!(stderr.contains("unhealthy"), "{stderr}");
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1, "{stderr}");
+}
+
+/// Lines logged by the admin listener's loopback guard (`mailroom::admin::loopback`), counted
+/// by a subscriber set once for this test binary (its other tests log no such line).
+fn loopback_lines() -> &'static std::sync::atomic::AtomicUsize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tracing_subscriber::layer::SubscriberExt;
+    static LINES: AtomicUsize = AtomicUsize::new(0);
+    static SET: std::sync::Once = std::sync::Once::new();
+    struct Count;
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Count {
+        fn on_event(&self, e: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            if e.metadata().target() == "mailroom::admin::loopback" {
+                LINES.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+    SET.call_once(|| {
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Count))
+            .expect("no other subscriber in this test binary");
+    });
+    &LINES
+}
+
+/// A page in a local browser looping cross-site requests at a tokenless admin listener: each
+/// is refused (403), and the log takes a burst of lines and then one a second, not a line
+/// per request.
+#[actix_rt::test]
+async fn refused_cross_site_requests_are_logged_within_a_budget() {
+    use std::sync::atomic::Ordering;
+    let lines = loopback_lines();
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let url = format!("{}/status", n.admin_url());
+    let before = lines.load(Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    const REQUESTS: usize = 100;
+    for _ in 0..REQUESTS {
+        let res = client()
+            .get(&url)
+            .insert_header(("Origin", "http://evil.example"))
+            .insert_header(("Sec-Fetch-Site", "cross-site"))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(res.status().as_u16(), 403);
+    }
+    let logged = lines.load(Ordering::SeqCst) - before;
+    // A burst of 20, then one a second.
+    let budget = 20 + started.elapsed().as_secs() as usize + 1;
+    assert!(logged >= 1, "the first refusals are logged");
+    assert!(
+        logged <= budget,
+        "{logged} lines for {REQUESTS} refused requests in {:?}",
+        started.elapsed()
+    );
+}
+
+/// `mailroom status` gives up too (its reads are bounded as a whole, 5 s each).
+#[actix_rt::test]
+async fn status_gives_up_on_a_head_without_its_body() {
+    let (stuck, asked) = head_then_no_body().await;
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailroom"));
+    cmd.args(["status", "--admin", &format!("http://{stuck}")])
+        .env_remove("MAILROOM_ADMIN_TOKEN")
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(ANSWERS_WITHIN, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("mailroom status did not end within {ANSWERS_WITHIN:?}"))
+        .expect("mailroom status runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("no whole answer"), "{stderr}");
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1, "{stderr}");
 }

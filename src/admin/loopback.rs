@@ -20,31 +20,44 @@ use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderMap, HOST, ORIGIN};
 use actix_web::middleware::Next;
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpMessage as _, HttpResponse};
 use serde_json::json;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Middleware of every admin route: lets a request through when the listener has a token, or
 /// when [`refusal`] finds nothing wrong with it; else answers 403.
+///
+/// It reads the token in force once, and leaves that reading in the request
+/// ([`super::RequestToken`]) for the handler's token check: read twice, a reload removing the
+/// token between the two readings would let the request through with neither check.
+///
+/// A refusal is logged within a budget ([`super::ops::RefusedAudit`]: a burst, then one line
+/// a second, the next line saying how many were not written): a page in a local browser can
+/// loop cross-site requests as fast as they are answered.
 pub async fn guard(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
-    let tokenless = req
-        .app_data::<web::Data<AdminState>>()
-        .map(|st| st.reloader.admin_token().is_none())
-        .unwrap_or(true);
-    if tokenless {
+    let st = req.app_data::<web::Data<AdminState>>().cloned();
+    let token = st.as_ref().and_then(|st| st.reloader.admin_token());
+    if token.is_none() {
         if let Some(reason) = refusal(req.headers()) {
-            tracing::info!(
-                peer = %req.peer_addr().map_or_else(|| "unknown".to_string(), |a| a.to_string()),
-                path = req.path(),
-                "admin request refused: {reason}"
-            );
+            let admitted = st
+                .as_ref()
+                .map_or(Some(0), |st| st.refused_loopback.admit(std::time::Instant::now()));
+            if let Some(not_written) = admitted {
+                tracing::info!(
+                    peer = %req.peer_addr().map_or_else(|| "unknown".to_string(), |a| a.to_string()),
+                    path = req.path(),
+                    refused_not_written_before = not_written,
+                    "admin request refused: {reason}"
+                );
+            }
             let res = HttpResponse::Forbidden().json(json!({"error": "forbidden", "reason": reason}));
             return Ok(req.into_response(res).map_into_right_body());
         }
     }
+    req.extensions_mut().insert(super::RequestToken(token));
     Ok(next.call(req).await?.map_into_left_body())
 }
 

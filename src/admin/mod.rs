@@ -18,7 +18,7 @@ pub use server::{serve, MIN_CLIENT_TIMEOUT};
 use crate::protocols::now_ms;
 use crate::registry::{Count, ListSessions};
 use crate::session::Shared;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpMessage as _, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -40,6 +40,10 @@ pub struct AdminState {
     ready_health: tokio::sync::Mutex<Option<(Instant, bool)>>,
     /// How many audit lines of refused (401) operator actions may be written now.
     refused_audit: ops::RefusedAudit,
+    /// How many lines of requests a tokenless listener refused (403, [`loopback`]) may be
+    /// written now: a budget of its own, so a page looping cross-site requests does not take
+    /// the 401 audit lines' one.
+    refused_loopback: ops::RefusedAudit,
 }
 
 /// How long `/ready` answers the store's health from its last check. `/ready` takes no token
@@ -65,6 +69,7 @@ impl AdminState {
             history: Arc::new(history::History::default()),
             ready_health: tokio::sync::Mutex::new(None),
             refused_audit: ops::RefusedAudit::default(),
+            refused_loopback: ops::RefusedAudit::default(),
         }
     }
 }
@@ -97,12 +102,29 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics));
 }
 
+/// The admin token in force for one request, as [`loopback::guard`] read it when the request
+/// came in (kept in the request's extensions). Every check of the request uses this one
+/// reading: read again, a reload between the guard and the handler that removed the token
+/// would let the request through with neither check (the guard skipped the loopback checks
+/// for the token, the handler then found no token to ask for).
+#[derive(Clone)]
+struct RequestToken(Option<String>);
+
+/// The admin token in force for `req`: the guard's reading ([`RequestToken`]); read now only
+/// for a request the guard did not see (none: it wraps every route).
+fn request_token(req: &HttpRequest, st: &AdminState) -> Option<String> {
+    match req.extensions().get::<RequestToken>() {
+        Some(RequestToken(t)) => t.clone(),
+        None => st.reloader.admin_token(),
+    }
+}
+
 /// `None` when the request may proceed, else the 401 to send (counted in
 /// `mailroom_rejected_total{reason="admin-unauthorized"}`: someone trying tokens shows there,
 /// on reads as on operator actions).
 fn unauthorized(req: &HttpRequest, st: &AdminState) -> Option<HttpResponse> {
-    // The token in force: a reload may have replaced the start's.
-    let token = st.reloader.admin_token()?;
+    // The token in force when the request came in: a reload may have replaced the start's.
+    let token = request_token(req, st)?;
     let given = req
         .headers()
         .get("authorization")
@@ -447,6 +469,9 @@ fn peer_admin_addr(admin: &str, cluster: Option<&str>) -> String {
 /// [`cluster::admin_read`]: crate::cluster::admin_read
 const NODE_HISTORY: &str = "/history?scope=node";
 
+/// The longest this node waits for a peer's whole history ([`peer_history`]).
+const PEER_HISTORY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A peer's own history from its admin listener, or why it could not be read. The request
 /// carries this node's signature ([`crate::cluster::ClusterHandle::sign_admin_read`]), never
 /// the admin token: whatever listens at the address configured (over plain http) gets no
@@ -456,25 +481,33 @@ const NODE_HISTORY: &str = "/history?scope=node";
 /// answer but a 2xx (a redirect included) is the peer unreachable: a redirect is not
 /// followed, or whatever listens there would aim this node's signed read, from inside the
 /// cluster's network, at any address it names.
+///
+/// The whole read, from the connection to the body's last byte, takes at most
+/// [`PEER_HISTORY_TIMEOUT`]: awc's own timeout ends at the answer's head, and a peer (or
+/// whatever listens at its address) that sent a head and then no body would hold this
+/// node's `GET /history` for good.
 async fn peer_history(id: &str, admin: &str, cluster: &crate::cluster::ClusterHandle) -> Value {
     let url = format!("http://{admin}{NODE_HISTORY}");
     // (`admin` is where this node reaches the peer's admin listener: [`peer_admin_addr`].)
     let client = awc::Client::builder()
-        .timeout(std::time::Duration::from_secs(2))
+        .timeout(PEER_HISTORY_TIMEOUT)
         .disable_redirects()
         .finish();
     let req = client.get(&url).insert_header((
         crate::cluster::admin_read::HEADER,
         cluster.sign_admin_read(id, NODE_HISTORY),
     ));
-    let res = async {
+    let read = async {
         let mut r = req.send().await.map_err(|e| e.to_string())?;
         if !r.status().is_success() {
             return Err(format!("HTTP {}", r.status()));
         }
         r.json::<Value>().limit(4 << 20).await.map_err(|e| e.to_string())
-    }
-    .await;
+    };
+    let res = match tokio::time::timeout(PEER_HISTORY_TIMEOUT, read).await {
+        Ok(res) => res,
+        Err(_) => Err(format!("no whole answer within {PEER_HISTORY_TIMEOUT:?}")),
+    };
     match res {
         Ok(v) => v,
         Err(e) => json!({"id": id, "reachable": false, "error": e}),
