@@ -14,6 +14,11 @@
 //! - At most one link per peer. When both nodes dial each other at once, the link dialed by
 //!   the lower node id is kept on both sides; otherwise a newer link replaces an older one
 //!   (the peer reconnected, the old one is dead or dying).
+//! - The link dialed by the lower id is kept against a newer one only while it is alive: heard
+//!   within [`Membership::alive_within`]. A peer dials only when it holds no link, so its new
+//!   link while ours stays silent means ours is half-open (the peer died without a FIN or RST,
+//!   and restarted): refusing the new link would leave the peer unheard until the failure
+//!   timeout, then found down, and what its new sessions took given back.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -101,16 +106,37 @@ struct Peer {
 pub struct Membership {
     local: String,
     failure_timeout: Duration,
+    /// How long the installed link may be silent and still be preferred to a newer one.
+    alive_within: Duration,
     peers: BTreeMap<String, Peer>,
 }
 
 impl Membership {
+    /// A third of `failure_timeout` is the window in which an installed link counts as alive
+    /// (two heartbeats at the default ratio); [`Membership::with_heartbeat`] sets it from the
+    /// heartbeat interval.
     pub fn new(local: impl Into<String>, failure_timeout: Duration) -> Self {
         Membership {
             local: local.into(),
             failure_timeout,
+            alive_within: failure_timeout / 3,
             peers: BTreeMap::new(),
         }
+    }
+
+    /// Counts an installed link as alive while it was heard within two heartbeats (a live
+    /// peer sends one every `interval`, a late one is tolerated), half the failure timeout at
+    /// most: a peer that restarted keeps dialing (with backoff), and its link must be taken
+    /// well before the failure timeout finds it down.
+    pub fn with_heartbeat(mut self, interval: Duration) -> Self {
+        self.alive_within = interval.saturating_mul(2).min(self.failure_timeout / 2);
+        self
+    }
+
+    /// How long an installed link may be silent and still count as alive: the link dialed
+    /// by the lower id is kept against a newer one only while it was heard within this.
+    pub fn alive_within(&self) -> Duration {
+        self.alive_within
     }
 
     pub fn is_configured(&self, peer: &str) -> bool {
@@ -205,6 +231,7 @@ impl Membership {
             }
             MemberEvent::LinkUp { peer, link, we_dialed } => {
                 let local_lower = self.local < peer;
+                let alive_within = self.alive_within;
                 let Some(p) = self.peers.get_mut(&peer) else {
                     fx.push(MemberEffect::Reject { peer, link });
                     return fx;
@@ -213,7 +240,16 @@ impl Membership {
                 // Preferred: dialed by the lower node id. Both sides compute the same answer.
                 let preferred = we_dialed == local_lower;
                 if let Some(old) = p.link {
-                    if old.preferred && !preferred {
+                    // `last_heard` is the installed link's: set when it was installed, then
+                    // by its frames only. Silent for longer, it is most likely half-open: the
+                    // peer dialed because it holds no link (it restarted, or closed ours), and
+                    // keeping ours would leave it unheard until found down at the failure
+                    // timeout. Both dialing at once, the preferred link was installed just now
+                    // on both sides, and is kept.
+                    let old_alive = p
+                        .last_heard
+                        .is_some_and(|t| now.saturating_duration_since(t) < alive_within);
+                    if old.preferred && !preferred && old_alive {
                         fx.push(MemberEffect::Reject { peer, link });
                         return fx;
                     }
@@ -484,6 +520,109 @@ mod tests {
                 assert_eq!(s2.link_of("n1"), Some(la));
             }
         }
+    }
+
+    const HB: Duration = Duration::from_millis(500);
+
+    fn heard(peer: &str, link: LinkId) -> MemberEvent {
+        MemberEvent::Heard {
+            peer: peer.into(),
+            link,
+        }
+    }
+
+    /// n1 dialed n2 (link 1, preferred). n2 dies without a FIN and restarts: link 1 is
+    /// half-open at n1, and n2 dials n1 (link 2). Link 1 silent for two heartbeats, link 2
+    /// replaces it on n1 and n2 stays up: its new claims are heard, nothing of it is given
+    /// back at the failure timeout.
+    #[test]
+    fn silent_preferred_link_gives_way_to_a_restarted_peers_link() {
+        let t0 = Instant::now();
+        let mut n1 = m("n1", &["n2"]).with_heartbeat(HB);
+        n1.handle(up("n2", 1, true), t0);
+        n1.handle(heard("n2", 1), t0 + HB);
+        // n2 restarted: it has no link, dials.
+        let t1 = t0 + HB + 2 * HB;
+        let mut n2 = m("n2", &["n1"]).with_heartbeat(HB);
+        let fx = n2.handle(up("n1", 2, true), t1);
+        assert!(fx.contains(&MemberEffect::Install {
+            peer: "n1".into(),
+            link: 2
+        }));
+        let fx = n1.handle(up("n2", 2, false), t1);
+        assert_eq!(
+            fx,
+            vec![
+                MemberEffect::Close {
+                    peer: "n2".into(),
+                    link: 1
+                },
+                MemberEffect::Install {
+                    peer: "n2".into(),
+                    link: 2
+                },
+            ]
+        );
+        assert_eq!(n1.link_of("n2"), Some(2));
+        assert_eq!(n2.link_of("n1"), Some(2));
+        // Heard on the new link: not found down when link 1's silence passes the timeout.
+        n1.handle(heard("n2", 2), t1 + HB);
+        assert!(n1.handle(MemberEvent::Tick, t0 + HB + T).is_empty());
+        assert!(n1.is_up("n2"));
+        // Frames of the closed link no longer count.
+        n1.handle(heard("n2", 1), t1 + 2 * HB);
+        assert_eq!(n1.view("n2").and_then(|v| v.last_heard), Some(t1 + HB));
+    }
+
+    /// Both links alive (the installed one heard just now, on both sides): the link dialed
+    /// by the lower id is kept on both, the newer one refused, as when both dial at once.
+    /// Silent for the whole window, it gives way.
+    #[test]
+    fn preferred_link_heard_within_two_heartbeats_is_kept() {
+        let t0 = Instant::now();
+        let window = 2 * HB;
+        for (local, other, a_dialed_here) in [("n1", "n2", true), ("n2", "n1", false)] {
+            let mut s = m(local, &[other]).with_heartbeat(HB);
+            s.handle(up(other, 1, a_dialed_here), t0);
+            let t1 = t0 + 3 * HB;
+            s.handle(heard(other, 1), t1);
+            // Link 2 dialed by n2.
+            let late = t1 + window - Duration::from_millis(1);
+            assert_eq!(
+                s.handle(up(other, 2, !a_dialed_here), late),
+                vec![MemberEffect::Reject {
+                    peer: other.into(),
+                    link: 2
+                }],
+                "{local}"
+            );
+            assert_eq!(s.link_of(other), Some(1));
+            let fx = s.handle(up(other, 3, !a_dialed_here), t1 + window);
+            assert_eq!(
+                fx,
+                vec![
+                    MemberEffect::Close {
+                        peer: other.into(),
+                        link: 1
+                    },
+                    MemberEffect::Install {
+                        peer: other.into(),
+                        link: 3
+                    },
+                ],
+                "{local}"
+            );
+        }
+    }
+
+    /// Two heartbeats, half the failure timeout at most; a third of it when the heartbeat is
+    /// not given.
+    #[test]
+    fn alive_window_from_heartbeat_and_failure_timeout() {
+        assert_eq!(Membership::new("n1", T).alive_within(), Duration::from_secs(1));
+        assert_eq!(Membership::new("n1", T).with_heartbeat(HB).alive_within(), 2 * HB);
+        let capped = Membership::new("n1", T).with_heartbeat(Duration::from_secs(1));
+        assert_eq!(capped.alive_within(), T / 2);
     }
 
     #[test]

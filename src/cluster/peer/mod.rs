@@ -428,7 +428,8 @@ impl Shared {
         let (done_tx, done_rx) = mpsc::channel(1);
         let state = State {
             dir: Directory::new(settings.node_id.clone()),
-            members: Membership::new(settings.node_id.clone(), settings.failure_timeout),
+            members: Membership::new(settings.node_id.clone(), settings.failure_timeout)
+                .with_heartbeat(settings.heartbeat_interval),
             peers: HashMap::new(),
             last_epoch: 0,
             left: false,
