@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,13 +46,40 @@ const DEDUP_PRUNE_BATCH: usize = 10_000;
 /// sweep), and the wallets without a session anywhere are woken by push. A peer that was only
 /// cut off may deliver some of them twice (at-least-once); a node that sees less than half the
 /// cluster up, more likely cut off itself, leaves them to their leases (`release_leases`).
-async fn take_over(shared: Arc<Shared>, node: String, mut conns: Vec<String>, release_leases: bool) {
+///
+/// Then the wallets owed a wake-up ([`crate::session::owed::wake_owed`], on a store that
+/// tracks them: PostgreSQL): the push events the peer held in memory when it died were never
+/// written, and a peer that never comes back would wake nobody for them. `owing` counts the
+/// wake-ups of this kind not finished (the stop then leaves this node's run marked: its next
+/// start wakes them).
+async fn take_over(
+    shared: Arc<Shared>,
+    node: String,
+    mut conns: Vec<String>,
+    release_leases: bool,
+    unrouted: Arc<dyn Store>,
+    owing: Arc<AtomicUsize>,
+) {
     if release_leases {
         conns.extend(release_failed_peer(&shared, &node).await);
         conns.sort_unstable();
         conns.dedup();
     }
-    wake_lost_sessions(shared, conns).await;
+    wake_lost_sessions(shared.clone(), conns).await;
+    owing.fetch_add(1, Ordering::SeqCst);
+    match crate::session::owed::wake_owed(&shared, &unrouted).await {
+        Some((woken, complete)) => {
+            if complete {
+                owing.fetch_sub(1, Ordering::SeqCst);
+            }
+            if woken > 0 || !complete {
+                tracing::info!(peer = %node, wallets = woken, complete, "wallets owed a wake-up woken after a failed peer");
+            }
+        }
+        None => {
+            owing.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 /// Releases what `node` had leased, whatever its leases' length (nodes of a cluster may be
@@ -317,6 +344,11 @@ pub async fn run(
         },
     };
     let store = crate::store::metered::Metered::wrap(store, metrics.store_latency.clone());
+    // The store below the route cache, which passes on only the methods it lists: the run's
+    // mark and the wallets owed a wake-up are asked of this one.
+    let unrouted = store.clone();
+    // Wake-ups of the wallets owed one after a failed peer, not finished ([`take_over`]).
+    let owing = Arc::new(AtomicUsize::new(0));
     // Routes cached on this node; peers' keylist removals reach it as cluster frames.
     let routes = crate::store::route_cache::RouteCache::wrap(store);
     let store: Arc<dyn Store> = routes.clone();
@@ -461,29 +493,35 @@ pub async fn run(
     // pushed, keeping their trailing pushes: a wallet pushed just before the crash is pushed
     // again at once). A clean stop gave its deliveries back and pushed
     // for them: nothing to do then. The mark stays until a stop that owes no wallet anything.
-    let (run_begun, previous_run) = match store.begin_run().await {
+    //
+    // PostgreSQL marks each node's run apart (by its id), and its leases outlived the run
+    // (released above); what the run left in its memory only are push events not yet written
+    // to their windows: the wallets owed a wake-up are woken ([`crate::session::owed`]).
+    let tracks_owed = store.backend() == "postgres";
+    let (run_begun, previous_run) = match unrouted.begin_node_run(node_id).await {
         Ok(run) => (true, run),
         Err(e) => {
-            tracing::warn!("the store did not say how the run before this one ended (left marked): {e}");
+            tracing::warn!("the store did not say how the run before this one ended (this run not marked): {e}");
             (false, None)
         }
     };
     let _ = shared.previous_run.set(previous_run);
     if previous_run == Some(true) {
-        tracing::warn!("the run before this one did not stop cleanly (a crash, kill -9, power lost): waking every wallet with mail pending");
+        if tracks_owed {
+            tracing::warn!("the run before this one did not stop cleanly (a crash, kill -9, power lost): waking the wallets owed a wake-up");
+        } else {
+            tracing::warn!("the run before this one did not stop cleanly (a crash, kill -9, power lost): waking every wallet with mail pending");
+        }
         shared.wake_owed.store(true, Ordering::SeqCst);
         let s = shared.clone();
+        let unrouted = unrouted.clone();
         actix_rt::spawn(async move {
             tokio::time::sleep(settle).await;
-            let (woken, complete) = crate::session::wake_all_pending(&s).await;
+            let (woken, complete) = crate::session::owed::wake_after_unclean_stop(&s, &unrouted).await;
             if complete {
                 s.wake_owed.store(false, Ordering::SeqCst);
             }
-            tracing::info!(
-                wallets = woken,
-                complete,
-                "wallets with mail pending woken after the unclean stop"
-            );
+            tracing::info!(wallets = woken, complete, "wallets woken after the unclean stop");
         });
     }
 
@@ -491,6 +529,7 @@ pub async fn run(
     {
         let shared = shared.clone();
         let routes = routes.clone();
+        let (unrouted, owing) = (unrouted.clone(), owing.clone());
         actix_rt::spawn(async move {
             while let Some(ev) = events_rx.recv().await {
                 match ev {
@@ -514,7 +553,14 @@ pub async fn run(
                         release_leases,
                     } => {
                         tracing::info!(node = %shared.mediator.node_id, peer = %node, sessions = conns.len(), release_leases, "taking over the sessions a failed or restarted peer left");
-                        actix_rt::spawn(take_over(shared.clone(), node, conns, release_leases));
+                        actix_rt::spawn(take_over(
+                            shared.clone(),
+                            node,
+                            conns,
+                            release_leases,
+                            unrouted.clone(),
+                            owing.clone(),
+                        ));
                     }
                     ClusterEvent::SessionMoved { conn, node } => {
                         tracing::debug!(connection = %conn, to = %node, "session moved");
@@ -872,19 +918,26 @@ pub async fn run(
         }
     }
     // Last, and only when no wallet is owed a wake-up (the start-up one unfinished, a push
-    // abandoned, a give-back unfinished) and the run was marked: a stop that fails before
-    // this, or that owes, leaves the store marked, and the next start wakes every wallet.
-    if owes || !run_begun {
-        tracing::warn!("the store is left marked as running: the next start wakes every wallet with mail pending");
+    // abandoned, a give-back unfinished, one after a failed peer unfinished) and the run was
+    // marked: a stop that fails before this, or that owes, leaves the run marked, and the next
+    // start (of this node, on PostgreSQL) wakes every wallet with mail pending (sled) or every
+    // wallet owed a wake-up (PostgreSQL).
+    // (Read last: a take-over that began during the stop ends at once, unfinished.)
+    owes |= owing.load(Ordering::SeqCst) > 0;
+    let next_start = if tracks_owed {
+        "the next start of this node wakes the wallets owed a wake-up"
     } else {
-        match tokio::time::timeout(tail(), store.end_run()).await {
+        "the next start wakes every wallet with mail pending"
+    };
+    if !run_begun {
+        tracing::warn!("this run was not marked in the store (its start failed to): its stop is not recorded");
+    } else if owes {
+        tracing::warn!("the store is left marked as running: {next_start}");
+    } else {
+        match tokio::time::timeout(tail(), unrouted.end_node_run(node_id)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(
-                "the clean stop not recorded (the next start wakes every wallet with mail pending): {e}"
-            ),
-            Err(_) => tracing::warn!(
-                "the clean stop not recorded within the stop's deadline (the next start wakes every wallet with mail pending)"
-            ),
+            Ok(Err(e)) => tracing::warn!("the clean stop not recorded ({next_start}): {e}"),
+            Err(_) => tracing::warn!("the clean stop not recorded within the stop's deadline ({next_start})"),
         }
     }
     if let Some(c) = &cluster {

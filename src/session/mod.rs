@@ -17,6 +17,7 @@ pub mod listener;
 pub mod live_window;
 pub mod notified;
 pub mod outbound;
+pub mod owed;
 pub mod pace;
 pub mod tracked;
 pub mod unfinished;
@@ -1052,7 +1053,7 @@ pub async fn wake_all_pending(shared: &Arc<Shared>) -> (usize, bool) {
 /// What `ask` gets from the store, asked again every `delivery.sweep_interval_ms` while the
 /// store fails (a failover, a pool timeout), from the wake-ups nothing else would do: None
 /// once the node begins to stop.
-async fn asked_until_answered<T, F, Fut>(shared: &Shared, what: &str, mut ask: F) -> Option<T>
+pub(super) async fn asked_until_answered<T, F, Fut>(shared: &Shared, what: &str, mut ask: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = crate::store::StoreResult<T>>,

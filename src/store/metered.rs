@@ -48,7 +48,11 @@ impl Metered {
 #[async_trait::async_trait]
 impl Store for Metered {
     // Gauges and names, not store work: passed on untimed.
-    crate::store_pass_through!(inner: backend, dedup_records, queue_log, begin_run, end_run);
+    crate::store_pass_through!(inner: backend, dedup_records, queue_log, begin_run, end_run, begin_node_run, end_node_run);
+    async fn owed_wakes(&self, now_ms: i64, after: Option<&str>, limit: usize) -> StoreResult<Option<OwedPage>> {
+        self.timed("owed_wakes", self.inner.owed_wakes(now_ms, after, limit))
+            .await
+    }
     async fn health(&self) -> StoreResult<()> {
         self.timed("health", self.inner.health()).await
     }

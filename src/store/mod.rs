@@ -716,10 +716,42 @@ pub trait Store: Send + Sync + 'static {
     /// delivering was never acknowledged, nor its wallets woken. `None`: not tracked, as the
     /// store's leases outlive the process (PostgreSQL: [`Store::release_owners_under`]
     /// finds what a node had in flight). Several nodes of one process on one store count as
-    /// one run.
+    /// one run. A node calls [`Store::begin_node_run`], which names it: PostgreSQL keeps a
+    /// mark per node there, and answers `None` here.
     async fn begin_run(&self) -> StoreResult<Option<bool>>;
     /// The running node stops cleanly (called last, once it gave back what it delivered).
     async fn end_run(&self) -> StoreResult<()>;
+    /// [`Store::begin_run`] for the node `node_id`, the call a node makes. By default
+    /// [`Store::begin_run`] (sled: one mark for the store, every node of the process one run).
+    /// PostgreSQL marks the run of `node_id`, durably, apart from every other node's (several
+    /// nodes, of one process or many, share one database): `Some(true)` when the last run of
+    /// `node_id` never ended by [`Store::end_node_run`] (a crash, `kill -9`, a host lost): push
+    /// events its forwards left in its memory were never written, and the wallets owed a
+    /// wake-up ([`Store::owed_wakes`]) are woken; `Some(false)` otherwise.
+    async fn begin_node_run(&self, _node_id: &str) -> StoreResult<Option<bool>> {
+        self.begin_run().await
+    }
+    /// [`Store::end_run`] for the node `node_id`: clears the mark [`Store::begin_node_run`]
+    /// set. By default [`Store::end_run`].
+    async fn end_node_run(&self, _node_id: &str) -> StoreResult<()> {
+        self.end_run().await
+    }
+    /// The wallets owed a wake-up, a page of them: connections with a device registration
+    /// whose newest message deliverable at `now_ms` (pending, or its lease run out; not past
+    /// its sender's expiry) was received after their push window's last push (or that were
+    /// never pushed, or whose window was forgotten), with no trailing push due and no push
+    /// claimed in their window (a claim or a due push is any node's to send), and mediation
+    /// not revoked. Such a wallet's push event was in a node's memory only (its push channel,
+    /// waiting for its turn, its device lookup) when that node died: nobody else would wake it.
+    ///
+    /// A cursor over the registrations in connection id order: at most `limit` of them are
+    /// read after `after` (one bounded statement), and [`OwedPage::next`] says where the next
+    /// page starts (`None`: the last page). `Ok(None)`: the store does not track what is owed
+    /// (the default; sled, whose node wakes every wallet with mail pending after a run that
+    /// did not stop, as its `begin_run` asks, and is not shared by nodes that take over a peer).
+    async fn owed_wakes(&self, _now_ms: i64, _after: Option<&str>, _limit: usize) -> StoreResult<Option<OwedPage>> {
+        Ok(None)
+    }
     /// Deletes messages received before `received_before_ms` (leased or not) and dedup records
     /// as old. Returns how many messages were deleted.
     async fn expire(&self, received_before_ms: i64) -> StoreResult<u64>;
@@ -892,6 +924,23 @@ pub struct QueueSummary {
     /// Queued messages, pending and leased.
     pub depth: u64,
     pub oldest_received_ms: Option<i64>,
+}
+
+/// A wallet owed a wake-up ([`Store::owed_wakes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owed {
+    pub connection: ConnId,
+    /// When its newest deliverable message was received: it is pushed unless pushed since.
+    pub newest_received_ms: i64,
+}
+
+/// A page of [`Store::owed_wakes`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwedPage {
+    /// The wallets owed a wake-up among the registrations read, in connection id order.
+    pub owed: Vec<Owed>,
+    /// The last registration read, where the next page starts; `None` once every one was.
+    pub next: Option<ConnId>,
 }
 
 /// See [`Store::top_queues`].

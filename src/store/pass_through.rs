@@ -175,6 +175,16 @@ macro_rules! store_pass_through {
     (@method $i:ident end_run) => {
         $crate::store_pass_through!(@fn $i end_run () [] -> ());
     };
+    (@method $i:ident begin_node_run) => {
+        $crate::store_pass_through!(@fn $i begin_node_run (node_id: &'a str) ['a] -> Option<bool>);
+    };
+    (@method $i:ident end_node_run) => {
+        $crate::store_pass_through!(@fn $i end_node_run (node_id: &'a str) ['a] -> ());
+    };
+    (@method $i:ident owed_wakes) => {
+        $crate::store_pass_through!(@fn $i owed_wakes (now_ms: i64, after: Option<&'a str>, limit: usize) ['a]
+            -> Option<$crate::store::OwedPage>);
+    };
     (@method $i:ident expire) => {
         $crate::store_pass_through!(@fn $i expire (received_before_ms: i64) [] -> u64);
     };

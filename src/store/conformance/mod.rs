@@ -97,6 +97,7 @@ pub mod layered_backend;
 mod leases;
 pub mod pg_backend;
 mod pg_guards;
+mod pg_owed;
 mod pg_timeouts;
 mod pg_tls;
 mod push;

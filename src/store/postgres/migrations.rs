@@ -513,6 +513,19 @@ CREATE INDEX mailroom_messages_conn_received ON mailroom_messages (conn_id, rece
 ALTER TABLE mailroom_invitations ADD COLUMN claimed_by text;
 "#,
     ),
+    (
+        20,
+        // A node's run, marked while it runs (`Store::begin_node_run`, one row per node id)
+        // and cleared by its clean stop: a row found at its next start is a run that died
+        // (kill -9, OOM, a host lost), whose push events in memory were never written, and the
+        // wallets owed a wake-up are woken (`Store::owed_wakes`).
+        r#"
+CREATE TABLE mailroom_node_runs (
+    node_id text COLLATE "C" PRIMARY KEY,
+    began_at timestamptz NOT NULL DEFAULT now()
+);
+"#,
+    ),
 ];
 
 /// Creates the database named in `cfg` through the `postgres` maintenance database, so a node

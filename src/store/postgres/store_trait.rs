@@ -23,8 +23,8 @@ macro_rules! retried {
 use super::{decode_conn, json_err, lock_key, PgStore, KEY_LOCK_NS, LOCK_NS, PENDING_STATS_SQL, STATEMENT_TRIES};
 use crate::store::{
     check_connection, check_storable, storable, ConnId, Connection, ConnectionPatch, Device, EnqueueLimits, Enqueued,
-    Identity, InvitationUse, KeyUpdate, MediationState, MessageId, NewClaim, NewMessage, PendingStats, PushClaim,
-    PushSlot, QueueStats, QueueSummary, QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
+    Identity, InvitationUse, KeyUpdate, MediationState, MessageId, NewClaim, NewMessage, Owed, OwedPage, PendingStats,
+    PushClaim, PushSlot, QueueStats, QueueSummary, QueuedMessage, Removed, Store, StoreError, StoreResult, TopQueues,
 };
 
 /// [`Store::top_queues`]'s deepest queues (`$1` of them), from the counters, each with its
@@ -48,6 +48,28 @@ pub(crate) const TOP_OLDEST_SQL: &str = "SELECT q.conn_id, q.n, f.at FROM mailro
          WHERE m.conn_id >= q.conn_id AND m.conn_id <= q.conn_id \
          ORDER BY m.conn_id, m.received_at_ms LIMIT 1) f \
      WHERE q.n > 0 ORDER BY f.at, q.conn_id LIMIT $1";
+
+/// [`Store::owed_wakes`]: `$2` device registrations after `$1` in id order, each with the
+/// receipt of its newest message deliverable at `$3` when its wallet is owed a wake-up (else
+/// NULL). One probe of the (conn_id, received_at_ms) index (migration 18) per registration,
+/// newest first, stopping at the first deliverable message (past the newest ones leased to a
+/// session), and none for a window with a push due or claimed; a bounded statement whatever the
+/// queues' depths. The revocation is read only for a wallet otherwise owed.
+pub(crate) const OWED_WAKES_SQL: &str = "SELECT d.conn_id, \
+         CASE WHEN f.at IS NOT NULL AND (w.last_push_ms IS NULL OR f.at > w.last_push_ms) \
+             AND NOT EXISTS (SELECT 1 FROM mailroom_connections c \
+                 WHERE c.id = d.conn_id AND mailroom_mediation_denied(c.data)) \
+         THEN f.at END \
+     FROM (SELECT conn_id FROM mailroom_devices WHERE ($1::text IS NULL OR conn_id > $1) \
+         ORDER BY conn_id LIMIT $2) d \
+     LEFT JOIN mailroom_push_windows w ON w.conn_id = d.conn_id \
+     LEFT JOIN LATERAL (SELECT m.received_at_ms AS at FROM mailroom_messages m \
+         WHERE m.conn_id >= d.conn_id AND m.conn_id <= d.conn_id \
+             AND w.trailing_due_ms IS NULL AND w.claimed_until_ms IS NULL \
+             AND (m.lease_until_ms = 0 OR m.lease_until_ms <= $3) \
+             AND (m.expires_at_ms IS NULL OR m.expires_at_ms > $3) \
+         ORDER BY m.conn_id DESC, m.received_at_ms DESC LIMIT 1) f ON true \
+     ORDER BY d.conn_id";
 
 /// The server's clock plus the skew allowed a node (`$n`, [`max_skew_ms`]), in ms: the latest
 /// push a window may record. A node whose clock ran ahead wrote its own time there, and once
@@ -787,6 +809,49 @@ impl Store for PgStore {
 
     async fn end_run(&self) -> StoreResult<()> {
         Ok(())
+    }
+
+    async fn begin_node_run(&self, node_id: &str) -> StoreResult<Option<bool>> {
+        check_storable("node id", node_id)?;
+        // The mark of this node's run, kept until its clean stop: found here, the run before
+        // died. (A retry whose first try committed finds its own mark: one wake-up too many.)
+        let marked = self
+            .execute_retrying(
+                "INSERT INTO mailroom_node_runs (node_id) VALUES ($1) ON CONFLICT (node_id) DO NOTHING",
+                &[&node_id],
+            )
+            .await?;
+        Ok(Some(marked == 0))
+    }
+
+    async fn end_node_run(&self, node_id: &str) -> StoreResult<()> {
+        check_storable("node id", node_id)?;
+        self.execute_retrying("DELETE FROM mailroom_node_runs WHERE node_id = $1", &[&node_id])
+            .await?;
+        Ok(())
+    }
+
+    async fn owed_wakes(&self, now_ms: i64, after: Option<&str>, limit: usize) -> StoreResult<Option<OwedPage>> {
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        // No stored id holds a NUL: cutting `after` there keeps the same order position.
+        let after = after.map(|a| a.split('\0').next().unwrap_or(""));
+        let c = self.client().await?;
+        let q = c.run(c.prepare_cached(OWED_WAKES_SQL)).await?;
+        let rows = c.run(c.query(&q, &[&after, &limit, &now_ms])).await?;
+        let next = match rows.last() {
+            Some(r) if rows.len() as i64 == limit => Some(r.get::<_, String>(0)),
+            _ => None,
+        };
+        let owed = rows
+            .iter()
+            .filter_map(|r| {
+                r.get::<_, Option<i64>>(1).map(|at| Owed {
+                    connection: r.get(0),
+                    newest_received_ms: at,
+                })
+            })
+            .collect();
+        Ok(Some(OwedPage { owed, next }))
     }
 
     async fn dedup_records(&self) -> StoreResult<u64> {
