@@ -34,26 +34,6 @@ fn write_config(dir: &std::path::Path, db_url: &str, nodes: &[NodeEntry], lease_
     path
 }
 
-/// A child process on a fresh database (migrations first) while the 2-core box is busy: a
-/// generous bound of its own, longer than the shared `eventually`'s.
-async fn wait_ready(p: &NodeProcess) {
-    let url = format!("{}/ready", p.admin_url());
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Ok(res) = awc::Client::default().get(&url).send().await {
-            if res.status().is_success() {
-                return;
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} not ready after 90 s (log in the test's temp dir)",
-            p.entry.id
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Sends SIGTERM to `p` and waits (bounded) for it to exit 0, then checks that the node really
 /// received the signal: its log says so. A signal that was never delivered, or a node that
 /// exits for another reason, fails here rather than passing as a "graceful shutdown".
@@ -113,7 +93,7 @@ impl Nodes {
             .map(|e| NodeProcess::spawn(&config, e, &dir.path().join(format!("{}.log", e.id))))
             .collect();
         for p in &procs {
-            wait_ready(p).await;
+            p.wait_ready().await;
         }
         let inv = {
             let v = get_json(&format!("{}/invitation", procs[0].public_url())).await;
@@ -383,7 +363,7 @@ async fn a_node_restarted_after_kill_9_gives_back_its_own_deliveries() {
     drop(ws);
 
     let p1 = NodeProcess::spawn(&config, &entries[0], &dir.path().join("n1-restarted.log"));
-    wait_ready(&p1).await;
+    p1.wait_ready().await;
     let mut ws = a.websocket(&p1.ws_url()).await.unwrap();
     ws.send_envelope(a.pack(&live()).unwrap(), true).await.unwrap();
     receive_all(
@@ -536,7 +516,7 @@ async fn a_second_sigterm_during_the_stop_exits_at_once_with_143() {
     let url = format!("postgres://postgres@{}/{}", relay.addr, db.name);
     let dir = tempfile::tempdir().unwrap();
     let (mut p, log) = spawn_lone_node(dir.path(), &url);
-    wait_ready(&p).await;
+    p.wait_ready().await;
     relay.freeze();
     send_signal(&p, "TERM");
     // The first signal was taken: the stop has begun (and waits on the frozen store).

@@ -2646,7 +2646,7 @@ impl SledProcess {
         std::fs::write(&path, &text).unwrap();
         let log = self.dir.path().join(format!("n1-{i}.log"));
         let p = NodeProcess::spawn(&path, &entry, &log);
-        wait_process_ready(&p).await;
+        p.wait_ready().await;
         p
     }
 }
@@ -2794,21 +2794,6 @@ async fn a_stop_that_abandons_the_wake_up_push_leaves_the_store_marked() {
     assert_eq!(sent.body["message"]["token"], "owed-token");
 }
 
-/// A `mailroom` process on a fresh database while the box is busy: a bound of its own.
-async fn wait_process_ready(p: &NodeProcess) {
-    let url = format!("{}/ready", p.admin_url());
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Ok(res) = awc::Client::default().get(&url).send().await {
-            if res.status().is_success() {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{} not ready after 90 s", p.entry.id);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Three PostgreSQL nodes; the wallet's live session is on n1, a real process. n1 is killed
 /// with SIGKILL and a burst of forwards lands on n2 and n3 before anyone notices: they notify
 /// n1 (gone) and wake nobody. Once n1 is found dead, the wallet, with no session anywhere, gets
@@ -2841,7 +2826,7 @@ async fn kill_9_of_the_session_node_still_wakes_the_wallet_once() {
     let store = open_shared_store(&cfg).await;
     let n2 = start_node(&cfg, "n2", l2, &store, Some(path.clone()));
     let n3 = start_node(&cfg, "n3", l3, &store, Some(path.clone()));
-    wait_process_ready(&p1).await;
+    p1.wait_ready().await;
     for (x, y) in [(&n2, "n1"), (&n2, "n3"), (&n3, "n1"), (&n3, "n2")] {
         eventually("link up", || async { peer_connected(x, y).await.then_some(()) }).await;
     }

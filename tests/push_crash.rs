@@ -59,22 +59,6 @@ fn entry(id: &str, cluster: bool) -> NodeEntry {
     }
 }
 
-/// A child process on a fresh database (migrations first) while the box is busy: a bound of
-/// its own.
-async fn wait_ready(p: &NodeProcess) {
-    let url = format!("{}/ready", p.admin_url());
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Ok(res) = awc::Client::default().get(&url).send().await {
-            if res.status().is_success() {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{} not ready after 90 s", p.entry.id);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn connect(url: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
@@ -202,7 +186,7 @@ async fn a_node_restarted_after_kill_9_pushes_the_wallet_whose_event_died_with_i
     let first = entry("n1", false);
     let config = write_config(dir.path(), "first", &db.url, &si, std::slice::from_ref(&first));
     let mut p = NodeProcess::spawn(&config, &first, &dir.path().join("n1-first.log"));
-    wait_ready(&p).await;
+    p.wait_ready().await;
     let w = registered_wallet(&p, &db.url).await;
     kill_with_the_push_event_unwritten(&mut p, &db.url, &si, &w).await;
 
@@ -211,7 +195,7 @@ async fn a_node_restarted_after_kill_9_pushes_the_wallet_whose_event_died_with_i
     let config = write_config(dir.path(), "again", &db.url, &si, std::slice::from_ref(&again));
     let log = dir.path().join("n1-again.log");
     let mut p = NodeProcess::spawn(&config, &again, &log);
-    wait_ready(&p).await;
+    p.wait_ready().await;
     pushed(&si).await;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
@@ -239,8 +223,8 @@ async fn the_peer_that_takes_over_a_node_killed_9_pushes_the_wallet_whose_event_
     let config = write_config(dir.path(), "cluster", &db.url, &si, &nodes);
     let mut n1 = NodeProcess::spawn(&config, &nodes[0], &dir.path().join("n1.log"));
     let mut n2 = NodeProcess::spawn(&config, &nodes[1], &dir.path().join("n2.log"));
-    wait_ready(&n1).await;
-    wait_ready(&n2).await;
+    n1.wait_ready().await;
+    n2.wait_ready().await;
     let w = registered_wallet(&n2, &db.url).await;
     kill_with_the_push_event_unwritten(&mut n1, &db.url, &si, &w).await;
     pushed(&si).await;

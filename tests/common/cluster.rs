@@ -434,6 +434,27 @@ impl NodeProcess {
         }
     }
 
+    /// Waits until the node answers `/ready`: a child process on a fresh database (migrations
+    /// first) while the 2-core box is busy gets a generous bound of its own, longer than the
+    /// shared `eventually`'s.
+    pub async fn wait_ready(&self) {
+        let url = format!("{}/ready", self.admin_url());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        loop {
+            if let Ok(res) = awc::Client::default().get(&url).send().await {
+                if res.status().is_success() {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} not ready after 90 s (log in the test's temp dir)",
+                self.entry.id
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn public_url(&self) -> String {
         format!("http://{}", self.entry.listen)
     }
