@@ -1056,6 +1056,40 @@ async fn bound_socket(n: &mailroom::node::RunningNode, a: &Agent, id: &str) -> m
     ws
 }
 
+/// A wallet's live session holds a message handed to it while an earlier delivery waits for
+/// its acknowledgement (the live window). The operator drops the queue (the held message being
+/// most often the one the wallet cannot take): the session is closed, and nothing dropped is
+/// written to the wallet. Before, the drop answered "dropped" and the held message went out
+/// as soon as the wallet acknowledged the first.
+#[actix_rt::test]
+async fn dropping_a_queue_closes_the_sessions_holding_what_it_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(&test_config(dir.path(), Strategy::QueueAndLiveModeDelivery));
+    let (a, k) = Agent::onboard(&invitation(&n).await).await.unwrap();
+    let id = common::cluster::a_connection_id(&n).await;
+    let mut ws = common::cluster::live_socket(&a, &n).await;
+    // A wallet that acknowledges on its socket: its window applies.
+    assert_eq!(forward_to(&n, &a, &k, "warm").await, 202);
+    let warm = ws_next_message(&a, &mut ws).await;
+    assert_eq!(contents(&a, &warm), ["warm"]);
+    assert!(ack_on_socket(&a, &mut ws, &delivery_ids(&a, &warm)).await.is_empty());
+    assert_eq!(forward_to(&n, &a, &k, "first").await, 202);
+    let first = ws_next_message(&a, &mut ws).await;
+    assert_eq!(contents(&a, &first), ["first"]);
+    // Not acknowledged: the next one is held by the session.
+    assert_eq!(forward_to(&n, &a, &k, "poison").await, 202);
+    eventually("the poison handed to the session", || async {
+        let c = connection(&n, &id).await;
+        (c["queue"]["depth"] == 2).then_some(())
+    })
+    .await;
+    let (st, body) = admin_with("DELETE", &format!("{}/connections/{id}/queue", n.admin_url()), &[]).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["dropped"], 2, "{body}");
+    assert_eq!(body["sessions_closed_here"], 1, "{body}");
+    closed_as_revoked(&mut ws).await;
+}
+
 /// The next thing on `ws` is its close with the revocation's code, nothing written before.
 async fn closed_as_revoked(ws: &mut mailroom::client::WsClient) {
     match ws.next(WAIT).await {

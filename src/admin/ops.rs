@@ -216,7 +216,11 @@ async fn remove_connection(st: &AdminState, id: &str) -> Outcome {
     }))
 }
 
-/// `DELETE /connections/{id}/queue`: drops its queued messages (counted, not shown).
+/// `DELETE /connections/{id}/queue`: drops its queued messages (counted, not shown), and
+/// closes its sessions on every node: a live session holds what was handed to it (leased to
+/// its node, written once the wallet acknowledges what it has) and would still deliver it,
+/// the message an operator drops being most often the one the wallet cannot take. The wallet
+/// reconnects to the queue as dropped.
 pub async fn drop_queue(req: HttpRequest, st: web::Data<AdminState>, id: web::Path<String>) -> HttpResponse {
     operator(&req, &st, "drop-queue", Some(&id), empty_queue(&st, &id)).await
 }
@@ -228,10 +232,17 @@ async fn empty_queue(st: &AdminState, id: &str) -> Outcome {
         Ok(None) => return Outcome::not_found(id),
         Err(e) => return store_error(e),
     }
-    match store.drop_queue(id).await {
-        Ok(dropped) => Outcome::ok(json!({"id": id, "dropped": dropped})),
-        Err(e) => store_error(e),
-    }
+    let dropped = match store.drop_queue(id).await {
+        Ok(dropped) => dropped,
+        Err(e) => return store_error(e),
+    };
+    let (here, peers) = close_everywhere(st, id, "queue dropped by the mediator's operator").await;
+    Outcome::ok(json!({
+        "id": id,
+        "dropped": dropped,
+        "sessions_closed_here": here,
+        "close_requested_on": peers,
+    }))
 }
 
 #[derive(Deserialize)]
