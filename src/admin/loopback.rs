@@ -28,10 +28,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// when [`refusal`] finds nothing wrong with it; else answers 403.
 ///
 /// It reads the token in force once, and leaves that reading in the request
-/// ([`super::RequestToken`]) for the handler's token check: read twice, a reload removing the
+/// (`RequestToken`) for the handler's token check: read twice, a reload removing the
 /// token between the two readings would let the request through with neither check.
 ///
-/// A refusal is logged within a budget ([`super::ops::RefusedAudit`]: a burst, then one line
+/// A refusal is logged within a budget (`RefusedAudit`: a burst, then one line
 /// a second, the next line saying how many were not written): a page in a local browser can
 /// loop cross-site requests as fast as they are answered.
 pub async fn guard(
