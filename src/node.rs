@@ -50,8 +50,8 @@ const DEDUP_PRUNE_BATCH: usize = 10_000;
 /// Then the wallets owed a wake-up ([`crate::session::owed::wake_owed`], on a store that
 /// tracks them: PostgreSQL): the push events the peer held in memory when it died were never
 /// written, and a peer that never comes back would wake nobody for them. `owing` counts the
-/// wake-ups of this kind not finished (the stop then leaves this node's run marked: its next
-/// start wakes them).
+/// wake-ups of this kind not finished, counted by the caller before this is spawned (a stop
+/// meanwhile leaves this node's run marked: its next start wakes them).
 async fn take_over(
     shared: Arc<Shared>,
     node: String,
@@ -66,7 +66,6 @@ async fn take_over(
         conns.dedup();
     }
     wake_lost_sessions(shared.clone(), conns).await;
-    owing.fetch_add(1, Ordering::SeqCst);
     match crate::session::owed::wake_owed(&shared, &unrouted).await {
         Some((woken, complete)) => {
             if complete {
@@ -553,6 +552,7 @@ pub async fn run(
                         release_leases,
                     } => {
                         tracing::info!(node = %shared.mediator.node_id, peer = %node, sessions = conns.len(), release_leases, "taking over the sessions a failed or restarted peer left");
+                        owing.fetch_add(1, Ordering::SeqCst);
                         actix_rt::spawn(take_over(
                             shared.clone(),
                             node,

@@ -67,12 +67,17 @@ async fn connect(url: &str) -> tokio_postgres::Client {
 
 /// A wallet onboarded through `p`, its device registered (FCM, [`TOKEN`]), offline.
 async fn registered_wallet(p: &NodeProcess, url: &str) -> Wallet {
+    registered_wallet_with(p, url, TOKEN).await
+}
+
+/// [`registered_wallet`] with the device token `token`.
+async fn registered_wallet_with(p: &NodeProcess, url: &str, token: &str) -> Wallet {
     let (a, k) = Agent::onboard(&invitation_at(&p.public_url()).await).await.unwrap();
     let ack: Value = a
         .request(&json!({
             "@type": "https://didcomm.org/push-notifications-fcm/1.0/set-device-info",
             "@id": new_id(),
-            "device_token": TOKEN,
+            "device_token": token,
             "device_platform": "android",
             "~transport": { "return_route": "all" },
         }))
@@ -85,7 +90,7 @@ async fn registered_wallet(p: &NodeProcess, url: &str) -> Wallet {
     );
     let conn: String = connect(url)
         .await
-        .query_one("SELECT conn_id FROM mailroom_devices WHERE token = $1", &[&TOKEN])
+        .query_one("SELECT conn_id FROM mailroom_devices WHERE token = $1", &[&token])
         .await
         .unwrap()
         .get(0);
@@ -159,18 +164,31 @@ async fn kill_with_the_push_event_unwritten(p: &mut NodeProcess, url: &str, si: 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(si.state.hits("fcm:").is_empty(), "nobody pushed the wallet yet");
+    assert!(tokens_pushed(si, TOKEN) == 0, "nobody pushed the wallet yet");
     holder.batch_execute("ROLLBACK").await.unwrap();
+}
+
+/// Pushes the stand-in received for `token`.
+fn tokens_pushed(si: &StandIn, token: &str) -> usize {
+    si.state
+        .hits("fcm:")
+        .iter()
+        .filter(|h| h.body["message"]["token"] == token)
+        .count()
 }
 
 /// The push at the stand-in, for [`TOKEN`].
 async fn pushed(si: &StandIn) {
     let hits = eventually("the wallet's push at the stand-in", || async {
-        let h = si.state.hits("fcm:");
+        let h: Vec<_> = si
+            .state
+            .hits("fcm:")
+            .into_iter()
+            .filter(|h| h.body["message"]["token"] == TOKEN)
+            .collect();
         (!h.is_empty()).then_some(h)
     })
     .await;
-    assert_eq!(hits[0].body["message"]["token"], TOKEN);
     assert!(hits[0].problems.is_empty(), "{:?}", hits[0].problems);
 }
 
@@ -226,7 +244,52 @@ async fn the_peer_that_takes_over_a_node_killed_9_pushes_the_wallet_whose_event_
     n1.wait_ready().await;
     n2.wait_ready().await;
     let w = registered_wallet(&n2, &db.url).await;
+    // A wallet asleep for long: pushed once for its mail, which it never fetched, its push
+    // window since forgotten as idle (as after 2 minutes): nothing says it was pushed, and
+    // its mail is old. It is owed nothing: pushed at each take-over, every such wallet of a
+    // cluster would be woken again for old mail at each deploy step.
+    let sleeper = registered_wallet_with(&n2, &db.url, "asleep-for-long").await;
+    let routing = sleeper.agent.grant.clone().unwrap().routing_keys;
+    let code = Sender::new()
+        .forward(
+            &n2.public_url(),
+            &basic_message("old mail"),
+            &sleeper.key.verkey(),
+            &routing,
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, 202);
+    eventually("the sleeper's push", || async {
+        (tokens_pushed(&si, "asleep-for-long") == 1).then_some(())
+    })
+    .await;
+    let sql = connect(&db.url).await;
+    sql.execute("DELETE FROM mailroom_push_windows WHERE conn_id = $1", &[&sleeper.conn])
+        .await
+        .unwrap();
+    sql.execute(
+        "UPDATE mailroom_messages SET received_at_ms = received_at_ms - 3600000 WHERE conn_id = $1",
+        &[&sleeper.conn],
+    )
+    .await
+    .unwrap();
     kill_with_the_push_event_unwritten(&mut n1, &db.url, &si, &w).await;
     pushed(&si).await;
+    // The take-over's wake-up is over once it says how many it woke: one.
+    let log = dir.path().join("n2.log");
+    let line = eventually("n2's owed wake-up done", || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .find(|l| l.contains("wallets owed a wake-up woken after a failed peer"))
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(line.contains("wallets=1"), "{line}");
+    assert_eq!(
+        tokens_pushed(&si, "asleep-for-long"),
+        1,
+        "the sleeper is not pushed again"
+    );
     n2.kill9();
 }

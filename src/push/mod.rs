@@ -398,9 +398,23 @@ pub struct PushHandle {
     /// Apart from the events, so that a full event channel does not hold up the stop.
     stop_tx: mpsc::Sender<Stop>,
     metrics: PushMetrics,
+    /// How long an idle push window is kept ([`windows_kept_ms`]).
+    windows_kept_ms: i64,
+}
+
+/// How long a push window idle since its last push is kept (then forgotten, as if the wallet
+/// had never been pushed): twice the window, and at least `keep_windows_ms`.
+fn windows_kept_ms(settings: &PushSettings, deps: &Deps) -> i64 {
+    settings.min_interval_ms.saturating_mul(2).max(deps.keep_windows_ms)
 }
 
 impl PushHandle {
+    /// How long an idle push window is kept: a wallet pushed for mail received less than this
+    /// ago still has its window (what `session::owed` relies on).
+    pub fn windows_kept_ms(&self) -> i64 {
+        self.windows_kept_ms
+    }
+
     /// A message was queued for `conn` and no node holds a session of it.
     pub fn queued(&self, conn: &str) {
         self.queued_unless_pushed_since(conn, None);
@@ -463,6 +477,7 @@ pub fn start(settings: PushSettings, deps: Deps) -> Result<PushHandle, String> {
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
     let (stop_tx, stop_rx) = mpsc::channel(1);
     let metrics = deps.metrics.clone();
+    let windows_kept_ms = windows_kept_ms(&settings, &deps);
     let arbiter = actix_rt::Arbiter::new();
     let handle = arbiter.handle();
     let ok = handle.spawn_fn(move || {
@@ -474,7 +489,12 @@ pub fn start(settings: PushSettings, deps: Deps) -> Result<PushHandle, String> {
     if !ok {
         return Err("push worker thread did not start".into());
     }
-    Ok(PushHandle { tx, stop_tx, metrics })
+    Ok(PushHandle {
+        tx,
+        stop_tx,
+        metrics,
+        windows_kept_ms,
+    })
 }
 
 struct Ctx {
@@ -774,7 +794,7 @@ async fn worker(settings: PushSettings, deps: Deps, mut rx: mpsc::Receiver<Queue
     };
     let window = settings.min_interval_ms;
     // Windows idle this long are forgotten.
-    let keep_ms = window.saturating_mul(2).max(deps.keep_windows_ms);
+    let keep_ms = windows_kept_ms(&settings, &deps);
     // Trailing pushes are due at most this late (any node's poll may take them).
     let mut poll = tokio::time::interval(Duration::from_millis((window as u64 / 4).clamp(50, 1000)));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -7,6 +7,19 @@
 //! or claimed) and woken: by the node's own start after such a run
 //! ([`wake_after_unclean_stop`]), and by the node that takes over a failed peer
 //! ([`wake_owed`]), for a peer that never comes back.
+//!
+//! Only for mail received lately: within the time an idle push window is kept
+//! ([`crate::push::PushHandle::windows_kept_ms`], 2 minutes by default) less a margin for
+//! the nodes' clocks (`CLOCK_MARGIN_MS`).
+//! A wallet pushed for such mail still has its window, which says so; past that, a wallet
+//! without a window may have been pushed long ago (its window forgotten), and every sleeping
+//! wallet with old mail would be pushed again at each take-over. An event is in a node's memory
+//! for seconds (minutes only while the store does not answer its device lookup), and a failed
+//! peer is taken over within `cluster.failure_timeout_ms`; a node restarted later than that
+//! after its crash, with no peer to take it over, leaves older events unwoken.
+
+/// Taken off the windows' keep: the nodes' clocks may differ by up to the store's bound on skew.
+const CLOCK_MARGIN_MS: i64 = 5_000;
 
 use super::{asked_until_answered, wake_all_pending, EndpointTry, Shared, WAKE_PENDING_CHUNK};
 use crate::protocols::now_ms;
@@ -26,6 +39,12 @@ use std::sync::Arc;
 pub async fn wake_owed(shared: &Arc<Shared>, store: &Arc<dyn Store>) -> Option<(usize, bool)> {
     let mut after: Option<String> = None;
     let mut woken = 0;
+    // Without push, no window is written: every wallet with mail is one nobody pushed.
+    let recent_ms = shared
+        .push
+        .get()
+        .map_or(i64::MAX, |p| p.windows_kept_ms().saturating_sub(CLOCK_MARGIN_MS).max(0));
+    let since = now_ms().saturating_sub(recent_ms);
     loop {
         if shared.stopping.load(Ordering::SeqCst) {
             return Some((woken, false));
@@ -38,7 +57,7 @@ pub async fn wake_owed(shared: &Arc<Shared>, store: &Arc<dyn Store>) -> Option<(
             Some(None) => return None,
             None => return Some((woken, false)),
         };
-        for o in &page.owed {
+        for o in page.owed.iter().filter(|o| o.newest_received_ms > since) {
             shared
                 .queued_new_unless_pushed_since(&o.connection, Some(o.newest_received_ms), EndpointTry::New)
                 .await;
