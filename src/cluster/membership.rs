@@ -82,6 +82,8 @@ pub enum MemberEffect {
 struct Link {
     id: LinkId,
     preferred: bool,
+    /// When it was installed.
+    since: Instant,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -232,6 +234,7 @@ impl Membership {
             MemberEvent::LinkUp { peer, link, we_dialed } => {
                 let local_lower = self.local < peer;
                 let alive_within = self.alive_within;
+                let settling = self.failure_timeout / 2;
                 let Some(p) = self.peers.get_mut(&peer) else {
                     fx.push(MemberEffect::Reject { peer, link });
                     return fx;
@@ -244,11 +247,13 @@ impl Membership {
                     // by its frames only. Silent for longer, it is most likely half-open: the
                     // peer dialed because it holds no link (it restarted, or closed ours), and
                     // keeping ours would leave it unheard until found down at the failure
-                    // timeout. Both dialing at once, the preferred link was installed just now
-                    // on both sides, and is kept.
+                    // timeout. Both dialing at once, the preferred link was installed lately
+                    // on both sides (half the failure timeout: the other side may install it,
+                    // and speak on it, well after this one on a loaded machine), and is kept.
                     let old_alive = p
                         .last_heard
-                        .is_some_and(|t| now.saturating_duration_since(t) < alive_within);
+                        .is_some_and(|t| now.saturating_duration_since(t) < alive_within)
+                        || now.saturating_duration_since(old.since) < settling;
                     if old.preferred && !preferred && old_alive {
                         fx.push(MemberEffect::Reject { peer, link });
                         return fx;
@@ -258,7 +263,11 @@ impl Membership {
                         link: old.id,
                     });
                 }
-                p.link = Some(Link { id: link, preferred });
+                p.link = Some(Link {
+                    id: link,
+                    preferred,
+                    since: now,
+                });
                 p.last_heard = Some(now);
                 fx.push(MemberEffect::Install {
                     peer: peer.clone(),
@@ -612,6 +621,31 @@ mod tests {
                 ],
                 "{local}"
             );
+        }
+    }
+
+    /// Both nodes dial at once: the preferred link is installed here, the other side installs
+    /// it (and speaks on it) only after its own dial came up and was refused there; on a
+    /// loaded machine that is more than two heartbeats later. The newer link, arriving while
+    /// the preferred one was never heard, is refused: replaced, each side would keep the link
+    /// the other closed, and both would dial again.
+    #[test]
+    fn a_preferred_link_installed_lately_is_kept_though_not_heard_yet() {
+        let t0 = Instant::now();
+        for (local, other, a_dialed_here) in [("n1", "n2", true), ("n2", "n1", false)] {
+            let mut s = m(local, &[other]).with_heartbeat(HB);
+            s.handle(up(other, 1, a_dialed_here), t0);
+            let late = t0 + T / 2 - Duration::from_millis(1);
+            assert!(late > t0 + s.alive_within(), "later than the alive window");
+            assert_eq!(
+                s.handle(up(other, 2, !a_dialed_here), late),
+                vec![MemberEffect::Reject {
+                    peer: other.into(),
+                    link: 2
+                }],
+                "{local}"
+            );
+            assert_eq!(s.link_of(other), Some(1), "{local}");
         }
     }
 
