@@ -140,7 +140,8 @@ async fn delivery_request(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Res
 /// Deletes the messages acknowledged, answered with a status. What the status needs of the
 /// message (its `recipient_did`) is read first: a refusal deletes nothing. Once the messages
 /// are deleted the answer says so (`acked`: a socket's window frees them), whatever the
-/// status: one the store cannot give now is left out, not made a refusal of what was done.
+/// status: one the store cannot give now is not made a refusal of what was done, and the
+/// wallet (waiting for an answer) gets a problem report saying so in its place.
 async fn messages_received(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Result<Outcome, HandleError> {
     let filter = recipient_filter(m, ctx, conn).await?;
     let acked = ack_received(m, conn, &ctx.msg["body"]["message_id_list"]).await?;
@@ -152,7 +153,21 @@ async fn messages_received(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Re
                 acked = acked.acked,
                 "v2 messages-received acknowledged, its status not read: {e}"
             );
-            vec![]
+            let mut report = json!({
+                "id": crate::didcomm::message::new_id(),
+                "type": format!("{}report-problem/2.0/problem-report", super::PREFIX),
+                "pthid": ctx.shown_thid(),
+                "from": m.v2.did,
+                "created_time": now_ms() / 1000,
+                "body": {
+                    "code": "e.p.me.res.unavailable",
+                    "comment": format!("{} message(s) acknowledged; the queue's status could not be read", acked.acked),
+                },
+            });
+            if let Some(t) = &conn.their_did {
+                report["to"] = json!([t]);
+            }
+            vec![report]
         }
     };
     Ok(Outcome { replies, ..acked })
@@ -277,7 +292,7 @@ mod tests {
     }
 
     /// Messages acknowledged are answered as acknowledged (a socket's window frees them) when
-    /// the status after it cannot be read: the answer leaves the status out.
+    /// the status after it cannot be read: a problem report saying so answers in its place.
     #[actix_rt::test]
     async fn an_acknowledgement_whose_status_fails_is_still_an_acknowledgement() {
         let (m0, conn) = mediator_for_test().await;
@@ -293,7 +308,12 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(out.acked, 1);
-        assert!(out.replies.is_empty(), "{:?}", out.replies);
+        assert_eq!(out.replies.len(), 1, "the wallet is answered: {:?}", out.replies);
+        assert_eq!(
+            out.replies[0]["body"]["code"], "e.p.me.res.unavailable",
+            "{}",
+            out.replies[0]
+        );
         store.down.store(false, Ordering::SeqCst);
         let out = handle(&m, &received_of(&conn, json!({ "message_id_list": [id] })))
             .await
