@@ -543,6 +543,22 @@ fn remember_dialect(c: &mut Connection, d: Option<Dialect>) {
     }
 }
 
+/// A problem-report 2.0 about `ctx`'s message, from the mediator, to `to` when known.
+pub(super) fn problem_report(m: &super::Mediator, ctx: &Inbound, to: Option<&str>, code: &str, comment: &str) -> Value {
+    let mut report = json!({
+        "id": crate::didcomm::message::new_id(),
+        "type": format!("{PREFIX}report-problem/2.0/problem-report"),
+        "pthid": ctx.shown_thid(),
+        "from": m.v2.did,
+        "created_time": now_ms() / 1000,
+        "body": { "code": code, "comment": comment },
+    });
+    if let Some(to) = to {
+        report["to"] = json!([to]);
+    }
+    report
+}
+
 /// A problem-report 2.0 for a refusal, packed for the sender when we know who it is: the
 /// transport answers it with the refusal's status.
 fn refusal(m: &super::Mediator, ctx: &Inbound, e: HandleError) -> HandleError {
@@ -562,15 +578,7 @@ fn refusal(m: &super::Mediator, ctx: &Inbound, e: HandleError) -> HandleError {
         HandleError::Store(_) | HandleError::Internal(_) => "e.p.me.res.unavailable",
         _ => "e.p.msg",
     };
-    let report = json!({
-        "id": crate::didcomm::message::new_id(),
-        "type": format!("{PREFIX}report-problem/2.0/problem-report"),
-        "pthid": ctx.shown_thid(),
-        "from": m.v2.did,
-        "to": [sender],
-        "created_time": now_ms() / 1000,
-        "body": { "code": code, "comment": e.reason() },
-    });
+    let report = problem_report(m, ctx, Some(sender), code, &e.reason());
     tracing::info!(sender = %sender, r#type = %ctx.shown_type(), code, "v2 refused: {e}");
     let mut conn = ctx.conn.clone().unwrap_or_else(|| ephemeral(sender));
     remember_dialect(&mut conn, ctx.dialect);

@@ -153,21 +153,17 @@ async fn messages_received(m: &Mediator, ctx: &Inbound, conn: &Connection) -> Re
                 acked = acked.acked,
                 "v2 messages-received acknowledged, its status not read: {e}"
             );
-            let mut report = json!({
-                "id": crate::didcomm::message::new_id(),
-                "type": format!("{}report-problem/2.0/problem-report", super::PREFIX),
-                "pthid": ctx.shown_thid(),
-                "from": m.v2.did,
-                "created_time": now_ms() / 1000,
-                "body": {
-                    "code": "e.p.me.res.unavailable",
-                    "comment": format!("{} message(s) acknowledged; the queue's status could not be read", acked.acked),
-                },
-            });
-            if let Some(t) = &conn.their_did {
-                report["to"] = json!([t]);
-            }
-            vec![report]
+            let comment = format!(
+                "{} message(s) acknowledged; the queue's status could not be read",
+                acked.acked
+            );
+            vec![super::problem_report(
+                m,
+                ctx,
+                conn.their_did.as_deref(),
+                "e.p.me.res.unavailable",
+                &comment,
+            )]
         }
     };
     Ok(Outcome { replies, ..acked })
